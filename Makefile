@@ -1,0 +1,70 @@
+# queue-bridge developer commands. `make help` lists them.
+SHELL := /bin/bash
+PY := .venv/bin/python
+STATE := deploy/local/state
+# The test command that README.md shows and .ci/run runs.
+PYTEST := .venv/bin/pytest -p no:cacheprovider
+
+.PHONY: help venv run bridge demo test test-unit lint typecheck check bench bench-quick keyring clean \
+	stack-up stack-down stack-status
+
+help:
+	@echo "make run         start RabbitMQ + Cassandra, the bridge and the demo engine/worker"
+	@echo "make test        start the stack and run the whole test suite against it"
+	@echo "make lint        ruff + mypy (strict on bridge/)"
+	@echo "make bench       benchmark suite (add --quick via make bench-quick)"
+	@echo "make stack-up | stack-down | stack-status"
+
+venv: .venv/.synced
+.venv/.synced: pyproject.toml uv.lock
+	bash deploy/local/python.sh
+	@touch $@
+
+keyring: $(STATE)/keyring.json
+$(STATE)/keyring.json: | venv
+	@mkdir -p $(STATE)
+	$(PY) -c "from pathlib import Path; from bridge.crypto import generate_keyring, write_keyring; \
+write_keyring(Path('$@'), generate_keyring(['engine', 'worker-a', 'worker-b', 'guest']))"
+	@echo "dev key-ring written to $@"
+
+# The bridge alone, in the foreground, against the local stack.
+bridge: venv stack-up keyring
+	BRIDGE_KEYRING=$(STATE)/keyring.json BRIDGE_TRUSTED_USERS=engine $(PY) -m bridge run
+
+# Everything a newcomer needs to see tasks flow.
+run: venv stack-up keyring
+	BRIDGE_KEYRING=$(STATE)/keyring.json $(PY) examples/run_demo.py
+
+test: venv stack-up
+	$(PYTEST)
+
+test-unit: venv
+	$(PYTEST) tests/unit
+
+lint: venv
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+typecheck: venv
+	.venv/bin/mypy bridge
+
+check: lint typecheck
+
+bench: venv stack-up keyring
+	$(PY) -m benchmarks.run
+
+bench-quick: venv stack-up keyring
+	$(PY) -m benchmarks.run --quick
+
+clean:
+	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache
+
+# ---- local stack (deploy/local: RabbitMQ + Cassandra), see deploy/local/README.md ----
+stack-up:
+	bash deploy/local/stack.sh up
+
+stack-down:
+	bash deploy/local/stack.sh down
+
+stack-status:
+	bash deploy/local/stack.sh status

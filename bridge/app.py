@@ -1,0 +1,112 @@
+"""Wiring: settings -> storage, keys, queue, scheduler, transport; start, run, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from contextlib import suppress
+from typing import Any
+
+from bridge.config import Settings
+from bridge.crypto import CachingKeyProvider, HttpKeyProvider, KeyProvider, KeyringFileProvider
+from bridge.domain.clock import Clock, SystemClock
+from bridge.domain.queue import Metrics, WorkQueue
+from bridge.domain.scheduler import RecoveryScheduler
+from bridge.storage.cassandra import CassandraSession
+from bridge.storage.repository import TaskRepository
+from bridge.transport.amqp import AmqpTransport, Observer
+
+log = logging.getLogger("bridge.app")
+
+
+def build_key_provider(settings: Settings) -> KeyProvider:
+    upstream: KeyProvider
+    if settings.key_server_url:
+        token = settings.key_server_token.get_secret_value() if settings.key_server_token else None
+        upstream = HttpKeyProvider(settings.key_server_url, token=token)
+    elif settings.keyring is not None:
+        upstream = KeyringFileProvider(settings.keyring)
+    else:
+        raise ValueError("no key source: set BRIDGE_KEYRING or BRIDGE_KEY_SERVER_URL")
+    return CachingKeyProvider(upstream, max_entries=settings.key_cache_size, max_age=settings.key_cache_seconds)
+
+
+class Bridge:
+    """One bridge process: owns every long-lived resource and their order of start and stop."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        metrics: Metrics | None = None,
+        observe: Observer | None = None,
+    ) -> None:
+        self.settings = settings
+        self.db = CassandraSession(settings)
+        self.repo = TaskRepository(self.db)
+        self.keys = build_key_provider(settings)
+        self.queue = WorkQueue(
+            self.repo,
+            self.keys,
+            clock or SystemClock(),
+            task_ttl_s=settings.task_ttl_seconds,
+            default_ttr_ms=settings.default_time_to_recover_ms,
+            max_ttr_ms=settings.max_time_to_recover_ms,
+            settle_ms=int(settings.clock_skew_margin * 1000),
+            metrics=metrics,
+        )
+        self.transport = AmqpTransport(settings, self.queue, observe)
+        self.queue.results = self.transport
+        self.scheduler = RecoveryScheduler(
+            self.queue,
+            interval_s=settings.scheduler_interval,
+            late_ms=int(max(5.0, settings.clock_skew_margin * 5) * 1000),
+            republish_after_ms=int(settings.result_republish_after * 1000),
+        )
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    async def start(self) -> None:
+        await self.db.connect()
+        await self.repo.create_schema(self.settings)
+        await self.repo.prepare()
+        await self.transport.start()
+        self._tasks.append(asyncio.create_task(self.scheduler.run(self._stop), name="scheduler"))
+        log.info("bridge started")
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stop.wait()
+
+    async def stop(self) -> None:
+        """Graceful: stop consuming, finish in-flight requests, flush results, then close."""
+        self._stop.set()
+        grace = self.settings.shutdown_grace
+        await self.transport.pause()
+        if not await self.transport.wait_idle(grace):
+            log.warning("in-flight requests did not finish within %.1fs", grace)
+        await self.queue.drain_background(timeout=max(1.0, grace))
+        for task in self._tasks:
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+        await self.transport.close()
+        await self.keys.close()
+        await self.db.close()
+        log.info("bridge stopped")
+
+
+async def run_forever(settings: Settings, extra: list[Any] | None = None) -> None:
+    bridge = Bridge(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, bridge.request_stop)
+    await bridge.start()
+    try:
+        await bridge.wait_stopped()
+    finally:
+        await bridge.stop()

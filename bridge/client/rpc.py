@@ -1,0 +1,266 @@
+"""RPC over RabbitMQ direct reply-to, and the Engine / Worker façades."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Self
+from urllib.parse import unquote, urlparse
+
+import aio_pika
+import orjson
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+
+from bridge.client.errors import RequestTimeout, error_from_reply
+
+REPLY_TO = "amq.rabbitmq.reply-to"
+
+
+def user_of(url: str) -> str:
+    parsed = urlparse(url)
+    return unquote(parsed.username or "guest")
+
+
+class RpcClient:
+    """Publishes requests to the bridge's exchange and awaits replies on direct reply-to.
+
+    Direct reply-to is at-most-once: a reply can be lost if the connection drops. Every bridge
+    RPC is safe to repeat (fetch returns the held task again, a repeated ack of a completed task
+    is answered true), so callers retry on :class:`RequestTimeout`.
+    """
+
+    def __init__(self, url: str, *, exchange: str = "queue-bridge", timeout: float = 10.0) -> None:
+        self.url = url
+        self.exchange_name = exchange
+        self.timeout = timeout
+        self.user = user_of(url)
+        self.connection: AbstractRobustConnection | None = None
+        self.channel: AbstractChannel | None = None
+        self._pending: dict[str, asyncio.Future[Any]] = {}
+
+    async def open(self) -> None:
+        self.connection = await aio_pika.connect_robust(self.url)
+        self.connection.reconnect_callbacks.add(self._on_reconnect)
+        await self._open_channel()
+
+    async def _open_channel(self) -> None:
+        assert self.connection is not None
+        self.channel = await self.connection.channel(publisher_confirms=False)
+        # Direct reply-to: consume the pseudo-queue (no-ack) on the channel we publish on.
+        reply_queue = await self.channel.get_queue(REPLY_TO, ensure=False)
+        await reply_queue.consume(self._on_reply, no_ack=True)
+
+    def _on_reconnect(self, *_: Any) -> None:
+        # Replies to the old connection are gone: fail what was waiting so callers retry.
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(RequestTimeout("connection to RabbitMQ was lost; retry the request"))
+        self._pending.clear()
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            await self.connection.close()
+            self.connection = None
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        fut = self._pending.pop(message.correlation_id or "", None)
+        if fut is not None and not fut.done():
+            fut.set_result((orjson.loads(message.body), dict(message.headers or {})))
+
+    async def publish(
+        self,
+        method: str,
+        body: Any,
+        *,
+        reply: bool = True,
+        owner: str | None = None,
+        message_id: str | None = None,
+        headers: dict[str, Any] | None = None,
+        raw: bytes | None = None,
+    ) -> asyncio.Future[Any] | None:
+        if self.channel is None:
+            raise RuntimeError("client is not open")
+        hdrs: dict[str, Any] = dict(headers or {})
+        if owner is not None:
+            hdrs["x-owner"] = owner
+        correlation_id = uuid.uuid4().hex
+        fut: asyncio.Future[Any] | None = None
+        if reply:
+            fut = asyncio.get_running_loop().create_future()
+            self._pending[correlation_id] = fut
+        message = aio_pika.Message(
+            raw if raw is not None else orjson.dumps(body),
+            content_type="application/json",
+            correlation_id=correlation_id,
+            reply_to=REPLY_TO if reply else None,
+            user_id=self.user,
+            message_id=message_id,
+            headers=hdrs,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        exchange = await self.channel.get_exchange(self.exchange_name, ensure=False)
+        await exchange.publish(message, routing_key=method)
+        return fut
+
+    async def call_raw(self, method: str, body: Any, **kw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Send a request and return (reply body, reply headers) without interpreting errors."""
+        fut = await self.publish(method, body, **kw)
+        assert fut is not None
+        try:
+            async with asyncio.timeout(self.timeout):
+                reply: tuple[dict[str, Any], dict[str, Any]] = await fut
+                return reply
+        except TimeoutError:
+            raise RequestTimeout(f"no reply to {method} within {self.timeout}s") from None
+        finally:
+            for cid, pending in list(self._pending.items()):
+                if pending is fut:
+                    del self._pending[cid]
+
+    async def call(self, method: str, body: Any, **kw: Any) -> dict[str, Any]:
+        reply, headers = await self.call_raw(method, body, **kw)
+        if "error" in reply:
+            raise error_from_reply(reply["error"])
+        reply["_headers"] = headers
+        return reply
+
+
+class Engine(RpcClient):
+    """The workflow-engine side: add tasks (optionally for another owner, if the bridge trusts us)."""
+
+    def __init__(self, url: str, *, owner: str | None = None, **kw: Any) -> None:
+        super().__init__(url, **kw)
+        self.owner = owner
+
+    @classmethod
+    def connect(cls, url: str, *, owner: str | None = None, **kw: Any) -> Self:
+        return cls(url, owner=owner, **kw)
+
+    async def add(
+        self,
+        service: str,
+        value: Any,
+        *,
+        token: Any = None,
+        message_id: str | None = None,
+        traceparent: str | None = None,
+        wait: bool = True,
+    ) -> str | None:
+        """Add a task. ``message_id`` (default: a fresh uuid) makes retries idempotent."""
+        body: dict[str, Any] = {"serviceId": service, "value": value}
+        if token is not None:
+            body["token"] = token
+        headers = {"traceparent": traceparent} if traceparent else None
+        mid = message_id or uuid.uuid4().hex
+        if not wait:
+            await self.publish("add", body, reply=False, owner=self.owner, message_id=mid, headers=headers)
+            return None
+        reply = await self.call("add", body, owner=self.owner, message_id=mid, headers=headers)
+        return str(reply["task"]["id"])
+
+
+@dataclass
+class Task:
+    worker: Worker
+    id: str
+    value: Any
+    deliveries: int
+    lease_expires_at: str
+    headers: dict[str, Any] = field(default_factory=dict)
+
+    async def ack(self, result: Any = None) -> bool:
+        return await self.worker.ack(result=result)
+
+    async def fail(self, error: Any) -> bool:
+        return await self.worker.ack(error=error)
+
+
+class Worker(RpcClient):
+    """An external worker: ``async for task in worker`` fetches until the loop is left."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        service: str,
+        worker_id: str,
+        time_to_recover_ms: int | None = None,
+        poll_interval: float = 0.2,
+        **kw: Any,
+    ) -> None:
+        super().__init__(url, **kw)
+        self.service = service
+        self.worker_id = worker_id
+        self.time_to_recover_ms = time_to_recover_ms
+        self.poll_interval = poll_interval
+
+    @classmethod
+    def connect(cls, url: str, *, service: str, worker_id: str, **kw: Any) -> Self:
+        return cls(url, service=service, worker_id=worker_id, **kw)
+
+    async def fetch(self, time_to_recover_ms: int | None = None) -> Task | None:
+        body: dict[str, Any] = {"serviceId": self.service, "workerId": self.worker_id}
+        ttr = time_to_recover_ms or self.time_to_recover_ms
+        if ttr is not None:
+            body["timeToRecover"] = ttr
+        reply = await self.call("fetch", body)
+        if reply.get("result") is None and "task" not in reply:
+            return None
+        t = reply["task"]
+        return Task(self, t["id"], reply["result"], t["deliveries"], t["leaseExpiresAt"], reply["_headers"])
+
+    async def ack(self, *, result: Any = None, error: Any = None) -> bool:
+        body: dict[str, Any] = {"serviceId": self.service, "workerId": self.worker_id}
+        if error is not None:
+            body["error"] = error
+        else:
+            body["result"] = result
+        reply = await self.call("ack", body)
+        return bool(reply["result"])
+
+    async def __aiter__(self) -> AsyncIterator[Task]:
+        while True:
+            try:
+                task = await self.fetch()
+            except RequestTimeout:
+                continue
+            if task is None:
+                await asyncio.sleep(self.poll_interval)
+                continue
+            yield task
+
+
+@contextlib.asynccontextmanager
+async def results_consumer(
+    url: str, *, exchange: str = "queue-bridge.results", routing_key: str = "#"
+) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
+    """Consume result messages into an asyncio queue (an exclusive, auto-deleted queue)."""
+    connection = await aio_pika.connect_robust(url)
+    try:
+        channel = await connection.channel()
+        ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(ex, routing_key=routing_key)
+        out: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            body = orjson.loads(message.body)
+            body["_message_id"] = message.message_id
+            body["_headers"] = dict(message.headers or {})
+            await out.put(body)
+            await message.ack()
+
+        await queue.consume(on_message)
+        yield out
+    finally:
+        await connection.close()

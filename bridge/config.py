@@ -1,0 +1,155 @@
+"""Settings: one object, read from ``BRIDGE_*`` environment variables (and an optional ``.env`` file).
+
+Invalid configuration fails at start with a message that names the variable, because
+pydantic-settings reports the field and we map the field back to its variable name.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "BRIDGE_"
+
+
+class ConfigError(Exception):
+    """Raised with a human-readable message naming the offending ``BRIDGE_*`` variable(s)."""
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+    )
+
+    # --- transport -------------------------------------------------------------------------
+    amqp_url: SecretStr = Field(SecretStr("amqp://guest:guest@127.0.0.1:5672/"), description="RabbitMQ connection URL.")
+    exchange: str = Field("queue-bridge", min_length=1, description="Direct exchange for add/fetch/ack.")
+    results_exchange: str = Field(
+        "queue-bridge.results",
+        min_length=1,
+        description="Topic exchange for results (routing key = serviceId).",
+    )
+    queue_prefix: str = Field("queue-bridge", min_length=1, description="Prefix of the bridge's queue names.")
+    trusted_users: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["engine"],
+        description="AMQP users (comma separated) allowed to name the owner in the x-owner header.",
+    )
+    prefetch: int = Field(64, ge=1, le=10_000, description="AMQP prefetch per consumer.")
+    max_value_bytes: int = Field(1_048_576, ge=1, description="Largest accepted request body, in bytes.")
+
+    # --- storage ---------------------------------------------------------------------------
+    cassandra_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.1"], description="Cassandra contact points (comma separated)."
+    )
+    cassandra_port: int = Field(9042, ge=1, le=65535)
+    cassandra_keyspace: str = Field("queue_bridge", pattern=r"^[A-Za-z][A-Za-z0-9_]{0,47}$")
+    cassandra_replication: str = Field(
+        "{'class': 'SimpleStrategy', 'replication_factor': 1}",
+        description="Replication map used when the bridge creates its keyspace.",
+    )
+    cassandra_local_dc: str | None = Field(None, description="Local data centre for the load balancing policy.")
+    cassandra_username: str | None = None
+    cassandra_password: SecretStr | None = None
+    cassandra_consistency: Literal["LOCAL_QUORUM", "QUORUM", "ONE", "LOCAL_ONE"] = "LOCAL_QUORUM"
+    cassandra_serial_consistency: Literal["SERIAL", "LOCAL_SERIAL"] = "SERIAL"
+    cassandra_timeout: float = Field(5.0, gt=0, description="Per-request timeout in seconds.")
+
+    # --- keys ------------------------------------------------------------------------------
+    keyring: Path | None = Field(None, description="Key-ring JSON file (owner -> keys).")
+    key_server_url: str | None = Field(None, description="HTTP key server base URL (instead of a key-ring).")
+    key_server_token: SecretStr | None = None
+    key_cache_seconds: float = Field(300.0, gt=0)
+    key_cache_size: int = Field(1024, ge=1)
+
+    # --- queue semantics -------------------------------------------------------------------
+    task_ttl: timedelta = Field(timedelta(days=7), description="Lifetime of a task (ISO 8601 or seconds).")
+    default_time_to_recover_ms: int = Field(60_000, ge=100)
+    max_time_to_recover_ms: int = Field(12 * 3600 * 1000, ge=1000)
+    scheduler_interval: float = Field(0.1, gt=0, le=5, description="Recovery scheduler tick, seconds.")
+    clock_skew_margin: float = Field(
+        1.0, ge=0, le=60, description="Assumed bound on clock skew between hosts plus write latency, seconds."
+    )
+    result_republish_after: float = Field(
+        10.0, gt=0, description="A result still unpublished after this many seconds is re-published."
+    )
+
+    # --- operations ------------------------------------------------------------------------
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(8080, ge=0, le=65535, description="Health and metrics port (0 disables).")
+    shutdown_grace: float = Field(10.0, ge=0)
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    instance_id: str | None = Field(None, description="Name of this bridge instance in logs and metrics.")
+
+    _split_lists = field_validator("trusted_users", "cassandra_hosts", mode="before")(_split_csv)
+
+    @field_validator("task_ttl")
+    @classmethod
+    def _ttl_positive(cls, value: timedelta) -> timedelta:
+        if value.total_seconds() < 1:
+            raise ValueError("must be at least 1 second")
+        if value.total_seconds() > 630_720_000:  # Cassandra's maximum TTL (20 years)
+            raise ValueError("must be at most 20 years (Cassandra's TTL limit)")
+        return value
+
+    @field_validator("cassandra_hosts")
+    @classmethod
+    def _hosts_not_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("needs at least one host")
+        return value
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> Settings:
+        if self.keyring is not None and self.key_server_url is not None:
+            raise ValueError("set BRIDGE_KEYRING or BRIDGE_KEY_SERVER_URL, not both")
+        return self
+
+    @property
+    def task_ttl_seconds(self) -> int:
+        return int(self.task_ttl.total_seconds())
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration as ``BRIDGE_*`` -> value, secrets masked (for ``queue-bridge config``)."""
+        out: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                shown: Any = "**********"
+            elif name == "amqp_url":
+                shown = value
+            elif isinstance(value, Path):
+                shown = str(value)
+            elif isinstance(value, timedelta):
+                shown = int(value.total_seconds())
+            else:
+                shown = value
+            out[ENV_PREFIX + name.upper()] = shown
+        return out
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings, turning validation errors into a ConfigError naming each variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = [str(part) for part in err["loc"] if isinstance(part, str)]
+            var = ENV_PREFIX + loc[0].upper() if loc else "configuration"
+            lines.append(f"{var}: {err['msg']}")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,38 @@
+"""Exceptions raised by :mod:`bridge.crypto`.
+
+Every error derives from :class:`CryptoError`.  How callers are expected to map them:
+
+* :class:`KeyUnavailable` -- the key provider is down, slow or misbehaving.  Transient: answer
+  ``unavailable`` and let the client retry.
+* :class:`UnknownOwner` -- the provider has no keys at all for this owner: answer
+  ``unauthorized`` / ``unknown_owner``.
+* :class:`UnknownKey` -- the owner exists but the requested key id does not (never existed or was
+  revoked).  Data sealed under it can no longer be opened.
+* :class:`TamperedCiphertext` -- authentication failed.  No plaintext is ever returned in that case.
+
+Messages may name owners and key ids but never contain key material or plaintext.
+"""
+
+from __future__ import annotations
+
+__all__ = ["CryptoError", "KeyUnavailable", "TamperedCiphertext", "UnknownKey", "UnknownOwner"]
+
+
+class CryptoError(Exception):
+    """Base class of every error raised by :mod:`bridge.crypto`."""
+
+
+class KeyUnavailable(CryptoError):
+    """The key provider is unreachable, timed out, or answered something unusable (transient)."""
+
+
+class UnknownOwner(CryptoError):
+    """The key provider has no keys for this owner."""
+
+
+class UnknownKey(CryptoError):
+    """The key id is not known for this owner (never existed, or revoked)."""
+
+
+class TamperedCiphertext(CryptoError):
+    """Authenticated decryption failed: wrong key, wrong context (AAD) or modified data."""

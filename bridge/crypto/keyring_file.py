@@ -1,0 +1,297 @@
+"""A :class:`~bridge.crypto.keys.KeyProvider` backed by a local JSON keyring file.
+
+File format::
+
+    {"owners": {"<owner>": {"current": "<key id>",
+                            "keys": {"<key id>": "<base64 of 32 bytes>", ...}}}}
+
+The whole file is validated on load; a :class:`ValueError` names the owner / key and what is
+wrong (never the key material).  The file is re-read when it changes (mtime, size or inode, checked
+at most once per ``check_interval`` seconds), so operators can rotate keys without a restart:
+add a key, point ``current`` at it, keep the old ids so existing data stays readable.  A reload
+that fails keeps the previous keyring and logs a warning; it is retried when the file changes again.
+
+Dev tooling (``make run``): :func:`generate_keyring` + :func:`write_keyring`, or the CLI::
+
+    python -m bridge.crypto.keyring_file generate OUT.json --owners a,b [--force]
+    python -m bridge.crypto.keyring_file rotate OUT.json --owner a
+
+(runpy prints a harmless RuntimeWarning because the package ``__init__`` imports this module.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import json
+import logging
+import os
+import secrets
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bridge.crypto.errors import UnknownKey, UnknownOwner
+from bridge.crypto.keys import KEY_SIZE, OwnerKey
+
+__all__ = [
+    "KeyringFileProvider",
+    "generate_keyring",
+    "load_keyring",
+    "new_key_id",
+    "parse_keyring",
+    "rotate_keyring",
+    "write_keyring",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _OwnerRing:
+    current: OwnerKey
+    keys: Mapping[str, OwnerKey]
+
+
+_Ring = Mapping[str, _OwnerRing]
+_Signature = tuple[int, int, int]  # (st_mtime_ns, st_size, st_ino)
+
+
+def new_key_id() -> str:
+    """A fresh, unique key id (timestamp for readability + random suffix for uniqueness)."""
+    return f"k{time.strftime('%Y%m%d', time.gmtime())}-{secrets.token_hex(4)}"
+
+
+def _new_secret_b64() -> str:
+    return base64.b64encode(secrets.token_bytes(KEY_SIZE)).decode("ascii")
+
+
+def generate_keyring(owners: Sequence[str]) -> dict[str, Any]:
+    """A new keyring document with one fresh random key per owner (dev tooling and tests)."""
+    if isinstance(owners, str):
+        raise TypeError("owners must be a list of owner names, not a string")
+    doc: dict[str, Any] = {"owners": {}}
+    for owner in owners:
+        if not owner:
+            raise ValueError("owner names must be non-empty")
+        if owner in doc["owners"]:
+            raise ValueError(f"duplicate owner {owner!r}")
+        key_id = new_key_id()
+        doc["owners"][owner] = {"current": key_id, "keys": {key_id: _new_secret_b64()}}
+    return doc
+
+
+def rotate_keyring(doc: dict[str, Any], owner: str) -> str:
+    """Add a fresh key for ``owner`` to ``doc`` (in place), make it current, return its id.
+
+    Old keys are kept so existing data stays readable.  Creates the owner if missing.
+    """
+    entry = doc.setdefault("owners", {}).setdefault(owner, {"current": None, "keys": {}})
+    key_id = new_key_id()
+    while key_id in entry["keys"]:
+        key_id = new_key_id()
+    entry["keys"][key_id] = _new_secret_b64()
+    entry["current"] = key_id
+    return key_id
+
+
+def write_keyring(path: Path, doc: Mapping[str, Any]) -> None:
+    """Validate ``doc`` and write it atomically (temp file + rename) with mode 0600."""
+    parse_keyring(doc, source=str(path))
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(doc, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def parse_keyring(doc: object, *, source: str = "keyring") -> dict[str, _OwnerRing]:
+    """Validate a keyring document; raise ValueError naming the owner/key and the problem."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"{source}: top level must be a JSON object")
+    owners = doc.get("owners")
+    if not isinstance(owners, dict):
+        raise ValueError(f"{source}: missing or invalid 'owners' object")
+    ring: dict[str, _OwnerRing] = {}
+    for owner, entry in owners.items():
+        where = f"{source}: owner {owner!r}"
+        if not owner:
+            raise ValueError(f"{source}: empty owner name")
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: entry must be an object with 'current' and 'keys'")
+        keys_doc = entry.get("keys")
+        if not isinstance(keys_doc, dict) or not keys_doc:
+            raise ValueError(f"{where}: 'keys' must be a non-empty object of key id -> base64 key")
+        keys: dict[str, OwnerKey] = {}
+        for key_id, encoded in keys_doc.items():
+            if not key_id:
+                raise ValueError(f"{where}: empty key id")
+            if not isinstance(encoded, str):
+                raise ValueError(f"{where}: key {key_id!r} must be a base64 string")
+            try:
+                secret = base64.b64decode(encoded.strip(), validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError(f"{where}: key {key_id!r} is not valid base64") from None
+            if len(secret) != KEY_SIZE:
+                raise ValueError(f"{where}: key {key_id!r} decodes to {len(secret)} bytes, expected {KEY_SIZE}")
+            keys[key_id] = OwnerKey(owner=owner, key_id=key_id, secret=secret)
+        current = entry.get("current")
+        if not isinstance(current, str) or not current:
+            raise ValueError(f"{where}: 'current' must be a key id string")
+        if current not in keys:
+            raise ValueError(f"{where}: current key id {current!r} is missing from 'keys'")
+        ring[owner] = _OwnerRing(current=keys[current], keys=keys)
+    return ring
+
+
+def load_keyring(path: Path) -> dict[str, _OwnerRing]:
+    """Read and validate a keyring file (ValueError on invalid content, OSError on I/O)."""
+    raw = Path(path).read_bytes()
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        # The message of a JSON error quotes no document content beyond a position.
+        raise ValueError(f"{path}: not valid JSON ({exc.__class__.__name__} at {_position(exc)})") from None
+    return parse_keyring(doc, source=str(path))
+
+
+def _position(exc: Exception) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"line {exc.lineno} column {exc.colno}"
+    return "unknown position"
+
+
+def _signature(path: Path) -> _Signature:
+    st = path.stat()
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+class KeyringFileProvider:
+    """Serve owner keys from a JSON keyring file, reloading it when it changes.
+
+    Construction loads the file and raises ValueError/OSError if it is unusable.  Change checks
+    are a ``stat`` at most once per ``check_interval`` seconds (``clock`` is injectable for tests);
+    the file is only read when its signature (mtime, size, inode) changed.  This small synchronous
+    I/O happens on the calling thread, which is fine for a local file.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        check_interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._path = Path(path)
+        self._check_interval = check_interval
+        self._clock = clock
+        signature = _signature(self._path)
+        self._ring: _Ring = load_keyring(self._path)
+        self._signature: _Signature | None = signature
+        self._last_check = clock()
+        self.reloads = 0
+        self.failed_reloads = 0
+
+    generate_keyring = staticmethod(generate_keyring)
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def owners(self) -> frozenset[str]:
+        return frozenset(self._ring)
+
+    def __repr__(self) -> str:
+        return f"KeyringFileProvider({str(self._path)!r}, owners={len(self._ring)})"
+
+    async def current_key(self, owner: str) -> OwnerKey:
+        return self._owner(owner).current
+
+    async def key_by_id(self, owner: str, key_id: str) -> OwnerKey:
+        try:
+            return self._owner(owner).keys[key_id]
+        except KeyError:
+            raise UnknownKey(f"owner {owner!r} has no key {key_id!r}") from None
+
+    async def close(self) -> None:
+        return None
+
+    def _owner(self, owner: str) -> _OwnerRing:
+        self.maybe_reload()
+        try:
+            return self._ring[owner]
+        except KeyError:
+            raise UnknownOwner(f"no keys for owner {owner!r}") from None
+
+    def maybe_reload(self, *, force: bool = False) -> bool:
+        """Reload the file if it changed (rate-limited unless ``force``); True if reloaded."""
+        now = self._clock()
+        if not force and now - self._last_check < self._check_interval:
+            return False
+        self._last_check = now
+        try:
+            signature: _Signature | None = _signature(self._path)
+        except OSError as exc:
+            if self._signature is not None:  # warn once per disappearance, not every second
+                log.warning("keyring %s: cannot stat (%s); keeping the previous keyring", self._path, exc)
+                self.failed_reloads += 1
+            self._signature = None
+            return False
+        if signature == self._signature and not force:
+            return False
+        self._signature = signature  # retry only after the next change, whatever the outcome
+        try:
+            ring = load_keyring(self._path)
+        except (OSError, ValueError) as exc:
+            self.failed_reloads += 1
+            log.warning("keyring reload failed, keeping the previous keyring: %s", exc)
+            return False
+        self._ring = ring
+        self.reloads += 1
+        log.info("keyring %s reloaded (%d owners)", self._path, len(ring))
+        return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bridge.crypto.keyring_file", description="Create or rotate a dev keyring file."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="write a new keyring with one key per owner")
+    gen.add_argument("path", type=Path)
+    gen.add_argument("--owners", required=True, help="comma-separated owner names")
+    gen.add_argument("--force", action="store_true", help="overwrite an existing file")
+    rot = sub.add_parser("rotate", help="add a new current key for an owner (old keys are kept)")
+    rot.add_argument("path", type=Path)
+    rot.add_argument("--owner", required=True)
+    args = parser.parse_args(argv)
+
+    if args.command == "generate":
+        if args.path.exists() and not args.force:
+            print(f"{args.path} exists (use --force to overwrite)", file=sys.stderr)
+            return 1
+        owners = [o.strip() for o in args.owners.split(",") if o.strip()]
+        write_keyring(args.path, generate_keyring(owners))
+        print(f"wrote {args.path} with owners: {', '.join(owners)}")
+    else:
+        doc = json.loads(args.path.read_text(encoding="utf-8"))
+        key_id = rotate_keyring(doc, args.owner)
+        write_keyring(args.path, doc)
+        print(f"owner {args.owner!r}: new current key {key_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

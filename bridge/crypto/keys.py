@@ -1,0 +1,210 @@
+"""Owner keys, the :class:`KeyProvider` protocol and a caching, coalescing wrapper.
+
+Every owner (tenant) has one *current* key, used to seal new data, and any number of older keys
+that stay readable by id until they are revoked.  Providers:
+
+* :class:`bridge.crypto.keyring_file.KeyringFileProvider` -- a local JSON keyring (dev, small
+  deployments);
+* :class:`bridge.crypto.keyserver.HttpKeyProvider` -- a remote key server over HTTP;
+* :class:`CachingKeyProvider` -- wraps either one with a bounded, time-limited LRU cache and
+  single-flight coalescing of concurrent misses.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import anyio
+
+__all__ = ["KEY_SIZE", "CachingKeyProvider", "KeyProvider", "OwnerKey"]
+
+KEY_SIZE = 32
+"""Length in bytes of every owner secret (AES-256)."""
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerKey:
+    """One key of one owner.  ``secret`` is the raw 32-byte AES-256 key and never appears in repr."""
+
+    owner: str
+    key_id: str
+    secret: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.owner:
+            raise ValueError("OwnerKey.owner must be a non-empty string")
+        if not self.key_id:
+            raise ValueError(f"OwnerKey.key_id must be a non-empty string (owner {self.owner!r})")
+        if not isinstance(self.secret, bytes) or len(self.secret) != KEY_SIZE:
+            size = len(self.secret) if isinstance(self.secret, bytes | bytearray) else "?"
+            raise ValueError(
+                f"key {self.key_id!r} of owner {self.owner!r}: secret must be {KEY_SIZE} bytes, got {size}"
+            )
+
+
+@runtime_checkable
+class KeyProvider(Protocol):
+    """Source of owner keys.
+
+    ``current_key`` returns the key new data must be sealed with; ``key_by_id`` returns the key a
+    stored value names.  Both raise :class:`~bridge.crypto.errors.UnknownOwner`,
+    :class:`~bridge.crypto.errors.UnknownKey` (``key_by_id`` only) or
+    :class:`~bridge.crypto.errors.KeyUnavailable`.
+    """
+
+    async def current_key(self, owner: str) -> OwnerKey: ...
+
+    async def key_by_id(self, owner: str, key_id: str) -> OwnerKey: ...
+
+    async def close(self) -> None: ...
+
+
+# Cache slot: (owner, key id), or (owner, None) for the owner's current key -- None cannot collide
+# with any key id string.
+_CacheKey = tuple[str, str | None]
+
+
+class _Flight:
+    """One upstream fetch that concurrent callers for the same cache key wait on."""
+
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.result: OwnerKey | None = None
+        self.error: Exception | None = None
+
+
+class CachingKeyProvider:
+    """Bounded LRU cache with a maximum age in front of any :class:`KeyProvider`.
+
+    * Current keys and keys-by-id share one LRU of at most ``max_entries`` entries, each valid for
+      ``max_age`` seconds (measured with ``clock``, default :func:`time.monotonic`).  A key id's
+      secret never changes, but revocation upstream must take effect eventually, so by-id entries
+      expire too.  A fetched current key also fills the by-id slot of its id.
+    * Concurrent misses for the same ``(owner, current)`` or ``(owner, key_id)`` are coalesced
+      into a single upstream call (single flight); its result or error is shared by all waiters.
+      If the caller that started the fetch is cancelled, one of the waiters retries.
+    * Errors are never cached and there is no stale serving: when the upstream raises
+      (:class:`~bridge.crypto.errors.KeyUnavailable` included) the error propagates, even if an
+      expired entry for that key was cached.  Simple and predictable; revocation cannot be masked.
+    * Counters for metrics: ``hits`` (answered from the cache), ``misses`` (upstream calls made),
+      ``coalesced`` (answered by joining another caller's upstream call).
+    * Rotation: a rotated current key is picked up after at most ``max_age`` seconds, or at once
+      after :meth:`invalidate`.
+    """
+
+    def __init__(
+        self,
+        upstream: KeyProvider,
+        *,
+        max_entries: int = 1024,
+        max_age: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be >= 1")
+        if max_age <= 0:
+            raise ValueError("max_age must be > 0")
+        self._upstream = upstream
+        self._max_entries = max_entries
+        self._max_age = max_age
+        self._clock = clock
+        self._entries: OrderedDict[_CacheKey, tuple[OwnerKey, float]] = OrderedDict()
+        self._flights: dict[_CacheKey, _Flight] = {}
+        self._generation = 0
+        self.hits = 0
+        self.misses = 0
+        self.coalesced = 0
+
+    @property
+    def upstream(self) -> KeyProvider:
+        return self._upstream
+
+    def __len__(self) -> int:
+        """Number of cache entries (expired ones included until they are next looked up)."""
+        return len(self._entries)
+
+    async def current_key(self, owner: str) -> OwnerKey:
+        return await self._get((owner, None), lambda: self._upstream.current_key(owner))
+
+    async def key_by_id(self, owner: str, key_id: str) -> OwnerKey:
+        return await self._get((owner, key_id), lambda: self._upstream.key_by_id(owner, key_id))
+
+    def invalidate(self, owner: str | None = None) -> None:
+        """Forget cached keys of ``owner`` (all owners if None).  Fetches in flight are not cached."""
+        self._generation += 1
+        if owner is None:
+            self._entries.clear()
+        else:
+            for slot in [slot for slot in self._entries if slot[0] == owner]:
+                del self._entries[slot]
+
+    async def close(self) -> None:
+        """Drop the cache and close the upstream provider."""
+        self.invalidate()
+        await self._upstream.close()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _lookup(self, slot: _CacheKey) -> OwnerKey | None:
+        entry = self._entries.get(slot)
+        if entry is None:
+            return None
+        key, stored_at = entry
+        if self._clock() - stored_at >= self._max_age:
+            del self._entries[slot]
+            return None
+        self._entries.move_to_end(slot)
+        return key
+
+    def _store(self, slot: _CacheKey, key: OwnerKey, now: float) -> None:
+        self._entries[slot] = (key, now)
+        self._entries.move_to_end(slot)
+        while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+
+    async def _get(self, slot: _CacheKey, fetch: Callable[[], Awaitable[OwnerKey]]) -> OwnerKey:
+        while True:
+            key = self._lookup(slot)
+            if key is not None:
+                self.hits += 1
+                return key
+            flight = self._flights.get(slot)
+            if flight is None:
+                return await self._lead(slot, fetch)
+            await flight.done.wait()
+            if flight.result is not None:
+                self.coalesced += 1
+                return flight.result
+            if flight.error is not None:
+                self.coalesced += 1
+                raise flight.error
+            # The leader was cancelled before it got an answer: loop and try again ourselves.
+
+    async def _lead(self, slot: _CacheKey, fetch: Callable[[], Awaitable[OwnerKey]]) -> OwnerKey:
+        flight = _Flight()
+        self._flights[slot] = flight
+        generation = self._generation
+        self.misses += 1
+        try:
+            key = await fetch()
+        except Exception as exc:
+            flight.error = exc
+            raise
+        else:
+            flight.result = key
+            if generation == self._generation:  # not invalidated meanwhile
+                now = self._clock()
+                self._store(slot, key, now)
+                owner, key_id = slot
+                if key_id is None and key.owner == owner:
+                    self._store((owner, key.key_id), key, now)
+            return key
+        finally:
+            del self._flights[slot]
+            flight.done.set()

@@ -1,0 +1,182 @@
+"""A :class:`~bridge.crypto.keys.KeyProvider` that asks a remote key server over HTTP.
+
+Protocol (all bodies JSON; ``{owner}`` and ``{key_id}`` are percent-encoded path segments)::
+
+    GET {base}/owners/{owner}/keys/current     the owner's current key
+    GET {base}/owners/{owner}/keys/{key_id}    a specific key of the owner
+
+    200 {"id": "<key id>", "key": "<base64 of 32 bytes>"}
+    404 {"error": "unknown_owner"}             the server has no keys for this owner
+    404 {"error": "unknown_key"}               the owner exists, the key id does not
+
+When a token is configured every request carries ``Authorization: Bearer <token>``.  The key id
+``current`` is therefore reserved and can never name a specific key.
+
+Error mapping:
+
+* connection errors, timeouts (``timeout`` seconds per attempt), 5xx, 401/403, any other status,
+  a 404 without one of the two error codes (wrong base URL?) and malformed bodies raise
+  :class:`~bridge.crypto.errors.KeyUnavailable` -- none of these is the owner's fault;
+* 404 ``unknown_owner`` raises :class:`~bridge.crypto.errors.UnknownOwner`;
+* 404 ``unknown_key`` raises :class:`~bridge.crypto.errors.UnknownKey`.
+
+A request that fails with a connection error (refused, reset, server disconnected -- typically a
+stale keep-alive connection) is retried once; timeouts are not retried.  Wrap the provider in
+:class:`~bridge.crypto.keys.CachingKeyProvider` for production use.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from bridge.crypto.errors import KeyUnavailable, UnknownKey, UnknownOwner
+from bridge.crypto.keys import KEY_SIZE, OwnerKey
+
+__all__ = ["HttpKeyProvider"]
+
+_CURRENT = "current"
+
+
+def _segment(value: str) -> str:
+    """Percent-encode one path segment, including '/' and the dot segments '.' and '..'."""
+    quoted = quote(value, safe="")
+    if quoted in {".", ".."}:
+        quoted = quoted.replace(".", "%2E")
+    return quoted
+
+
+class HttpKeyProvider:
+    """Key provider speaking the HTTP protocol described in this module's docstring.
+
+    One :class:`aiohttp.ClientSession` is created lazily on first use (inside the running event
+    loop) and closed by :meth:`close`; after ``close`` every call raises ``KeyUnavailable``.
+    """
+
+    def __init__(self, base_url: str, *, token: str | None = None, timeout: float = 2.0) -> None:
+        url = URL(base_url)
+        if url.scheme not in {"http", "https"} or not url.host:
+            raise ValueError(f"key server URL must be http(s)://host[:port][/prefix], got {base_url!r}")
+        if timeout <= 0:
+            raise ValueError("timeout must be > 0")
+        self._base = base_url.rstrip("/")
+        self._token = token
+        self._timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    @property
+    def base_url(self) -> str:
+        return self._base
+
+    def __repr__(self) -> str:  # never show the token
+        return f"HttpKeyProvider({self._base!r}, token={'set' if self._token else 'none'})"
+
+    async def current_key(self, owner: str) -> OwnerKey:
+        return await self._fetch(owner, None)
+
+    async def key_by_id(self, owner: str, key_id: str) -> OwnerKey:
+        if not key_id or key_id == _CURRENT:
+            raise UnknownKey(f"owner {owner!r} has no key {key_id!r} (reserved or empty key id)")
+        return await self._fetch(owner, key_id)
+
+    async def close(self) -> None:
+        self._closed = True
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise KeyUnavailable("HttpKeyProvider is closed")
+        if self._session is None:
+            headers = {"Accept": "application/json"}
+            if self._token is not None:
+                headers["Authorization"] = f"Bearer {self._token}"
+            self._session = aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=self._timeout))
+        return self._session
+
+    async def _fetch(self, owner: str, key_id: str | None) -> OwnerKey:
+        if not owner:
+            raise UnknownOwner("empty owner name")
+        what = f"owner {owner!r} " + ("current key" if key_id is None else f"key {key_id!r}")
+        url = URL(
+            f"{self._base}/owners/{_segment(owner)}/keys/{_CURRENT if key_id is None else _segment(key_id)}",
+            encoded=True,
+        )
+        status, body = await self._get(url, what)
+        if status == 200:
+            return self._parse_key(owner, key_id, body, what)
+        if status == 404:
+            error = _error_code(body)
+            if error == "unknown_owner":
+                raise UnknownOwner(f"key server has no keys for owner {owner!r}")
+            if error == "unknown_key":
+                raise UnknownKey(f"key server has no {what}")
+            raise KeyUnavailable(f"key server answered 404 without an error code for {what} (wrong URL?)")
+        if status in {401, 403}:
+            raise KeyUnavailable(f"key server refused our credentials (HTTP {status}) for {what}")
+        raise KeyUnavailable(f"key server answered HTTP {status} for {what}")
+
+    async def _get(self, url: URL, what: str) -> tuple[int, bytes]:
+        session = self._client()
+        for attempt in (1, 2):
+            try:
+                async with session.get(url, allow_redirects=False) as resp:
+                    return resp.status, await resp.read()
+            except TimeoutError as exc:
+                raise KeyUnavailable(f"key server timed out after {self._timeout}s fetching {what}") from exc
+            except aiohttp.ClientConnectionError as exc:
+                if attempt == 1:
+                    continue
+                raise KeyUnavailable(f"key server unreachable fetching {what}: {exc!r}") from exc
+            except aiohttp.ClientError as exc:
+                raise KeyUnavailable(f"key server request failed fetching {what}: {exc!r}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _parse_key(owner: str, key_id: str | None, body: bytes, what: str) -> OwnerKey:
+        # Never echo the body: it may carry key material.
+        try:
+            doc: Any = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise KeyUnavailable(f"malformed key server response for {what}: not JSON") from None
+        if not isinstance(doc, dict):
+            raise KeyUnavailable(f"malformed key server response for {what}: not a JSON object")
+        got_id = doc.get("id")
+        encoded = doc.get("key")
+        if not isinstance(got_id, str) or not got_id:
+            raise KeyUnavailable(f"malformed key server response for {what}: missing 'id'")
+        if key_id is not None and got_id != key_id:
+            raise KeyUnavailable(f"malformed key server response for {what}: it names key {got_id!r}")
+        if not isinstance(encoded, str):
+            raise KeyUnavailable(f"malformed key server response for {what}: missing 'key'")
+        try:
+            secret = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise KeyUnavailable(f"malformed key server response for {what}: 'key' is not base64") from None
+        if len(secret) != KEY_SIZE:
+            raise KeyUnavailable(
+                f"malformed key server response for {what}: key is {len(secret)} bytes, expected {KEY_SIZE}"
+            )
+        return OwnerKey(owner=owner, key_id=got_id, secret=secret)
+
+
+def _error_code(body: bytes) -> str | None:
+    try:
+        doc: Any = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(doc, dict):
+        error = doc.get("error")
+        if isinstance(error, str):
+            return error
+    return None

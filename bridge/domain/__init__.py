@@ -1,0 +1,1 @@
+"""Queue semantics: add, fetch, ack, recovery and result delivery, independent of AMQP."""

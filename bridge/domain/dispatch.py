@@ -1,0 +1,162 @@
+"""Finding the next claimable task of a queue without scanning consumed ones again.
+
+Each bridge instance keeps, per (queue, lane), a small in-memory buffer of candidates read from
+the ``ready`` index, and a *position*: every entry at or before it is known to be claimed. The
+buffer is only a hint. The lightweight transaction on ``leases`` decides who gets a task, so
+several instances with stale buffers stay correct; they just lose a claim race now and then.
+
+The position never moves past ``now - settle`` in time: an add computes its task id (its place in
+the queue) before its write lands, and an instance's clock may lag another's. Entries younger
+than the settle window are therefore re-read on later scans instead of being skipped for good.
+The position is persisted in ``cursors`` (monotonic: the greatest row wins) so that restarts and
+other instances start from it rather than from the beginning of the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from bridge.storage.repository import QueueKey, ReadyEntry, TaskRepository
+from bridge.storage.schema import LANE_RECOVERED, READY_BUCKET_MS
+from bridge.storage.timeuuid import ms_of
+
+SCAN_LIMIT = 64
+BUFFER_MAX_AGE_MS = 2_000
+PERSIST_EVERY_MS = 1_000
+EMPTY_RESCAN_MS = {LANE_RECOVERED: 100, 1: 0}
+RECOVERED_EXTRA_SETTLE_MS = 2_000
+
+
+@dataclass
+class _Lane:
+    position: tuple[int, uuid.UUID | None] | None = None  # (bucket, last seq) ; None seq = bucket start
+    loaded: bool = False
+    buffer: deque[ReadyEntry] = field(default_factory=deque)
+    # seqs seen or tried after the position that are known to be taken; pruned as the position moves
+    taken: set[uuid.UUID] = field(default_factory=set)
+    # seqs handed to a fetch whose claim is still running: not offered twice, position stops before
+    inflight: set[uuid.UUID] = field(default_factory=set)
+    scanned_at_ms: int = 0
+    persisted_at_ms: int = 0
+    persisted: tuple[int, uuid.UUID | None] | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        repo: TaskRepository,
+        now_ms: Callable[[], int],
+        settle_ms: int,
+        ttl_for: Callable[[uuid.UUID], int],
+    ) -> None:
+        self.repo = repo
+        self.now_ms = now_ms
+        self.settle_ms = settle_ms
+        self.ttl_for = ttl_for
+        self._lanes: dict[tuple[QueueKey, int], _Lane] = {}
+
+    def _lane(self, q: QueueKey, lane: int) -> _Lane:
+        key = (q, lane)
+        st = self._lanes.get(key)
+        if st is None:
+            st = self._lanes[key] = _Lane()
+        return st
+
+    async def next_candidate(self, q: QueueKey, lane: int, *, spread: bool) -> ReadyEntry | None:
+        """Pop a candidate of the lane. ``spread`` picks at random among the first few to dodge a race."""
+        st = self._lane(q, lane)
+        now = self.now_ms()
+        if st.buffer and now - st.scanned_at_ms > BUFFER_MAX_AGE_MS:
+            st.buffer.clear()
+        if not st.buffer:
+            if now - st.scanned_at_ms < EMPTY_RESCAN_MS.get(lane, 0):
+                return None
+            async with st.lock:
+                if not st.buffer:  # another fetch may have refilled it while we waited
+                    await self._refill(q, lane, st)
+        if not st.buffer:
+            return None
+        if spread and len(st.buffer) > 1:
+            i = random.randrange(min(len(st.buffer), 8))
+            entry = st.buffer[i]
+            del st.buffer[i]
+        else:
+            entry = st.buffer.popleft()
+        st.inflight.add(entry.seq)
+        return entry
+
+    def taken(self, q: QueueKey, entry: ReadyEntry) -> None:
+        """The entry's task was claimed (by us or by someone else): never offer it again."""
+        st = self._lane(q, entry.lane)
+        st.inflight.discard(entry.seq)
+        st.taken.add(entry.seq)
+
+    def release(self, q: QueueKey, entry: ReadyEntry) -> None:
+        """The claim attempt failed for a transient reason: a later scan offers the entry again."""
+        self._lane(q, entry.lane).inflight.discard(entry.seq)
+
+    async def _refill(self, q: QueueKey, lane: int, st: _Lane) -> None:
+        now = self.now_ms()
+        # Recovered entries carry an id up to a second older than their write (see scheduler).
+        settled_until = now - self.settle_ms - (RECOVERED_EXTRA_SETTLE_MS if lane == LANE_RECOVERED else 0)
+        if not st.loaded:
+            cur = await self.repo.cursor(q, lane)
+            st.position = (cur[0], cur[1]) if cur else None
+            st.persisted = st.position
+            st.loaded = True
+        start_bucket = st.position[0] if st.position else 0
+        buckets = await self.repo.buckets_from(q, lane, start_bucket, 4)
+        found: list[ReadyEntry] = []
+        position = st.position
+        movable = True  # the position may still advance: nothing unclaimed or unsettled seen yet
+        budget = SCAN_LIMIT
+        for bucket in buckets:
+            after = position[1] if position and position[0] == bucket else None
+            rows = await self.repo.scan(q, lane, bucket, after, budget)
+            budget -= len(rows)
+            for row in rows:
+                is_taken = row.claimed or row.seq in st.taken
+                if not is_taken and row.seq not in st.inflight:
+                    found.append(row)
+                if movable and is_taken and ms_of(row.seq) < settled_until:
+                    position = (bucket, row.seq)
+                    st.taken.discard(row.seq)
+                else:
+                    movable = False
+            if budget <= 0 or found:
+                break
+            bucket_end = (bucket + 1) * READY_BUCKET_MS
+            if movable and bucket_end < settled_until:
+                # Bucket drained and closed: start the next scan after it.
+                position = (bucket + 1, None)
+            else:
+                movable = False
+        st.buffer.extend(found)
+        st.scanned_at_ms = now
+        if position != st.position:
+            st.position = position
+        await self._maybe_persist(q, lane, st, now)
+
+    async def _maybe_persist(self, q: QueueKey, lane: int, st: _Lane, now: int) -> None:
+        if st.position is None or st.position == st.persisted or now - st.persisted_at_ms < PERSIST_EVERY_MS:
+            return
+        bucket, seq = st.position
+        if seq is None:
+            # Persist "start of bucket" as the minimal id so that the greatest-row rule still orders it.
+            from bridge.storage.timeuuid import MIN_TIMEUUID
+
+            seq = MIN_TIMEUUID
+        ttl = max(60, self.ttl_for(seq) if seq.version == 1 and ms_of(seq) > 0 else self.ttl_for(uuid.uuid1()))
+        await self.repo.advance_cursor(q, lane, bucket, seq, ttl)
+        st.persisted = st.position
+        st.persisted_at_ms = now
+
+    def forget(self, q: QueueKey) -> None:
+        for lane in (0, 1):
+            self._lanes.pop((q, lane), None)

@@ -1,0 +1,66 @@
+"""The three requests of wire contract v1, validated strictly (no silent coercion of types)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+
+from bridge.domain.errors import BadRequest
+
+Identifier = Annotated[StrictStr, Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f]+$")]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+
+class AddCommand(_Request):
+    service_id: Identifier = Field(alias="serviceId")
+    value: Any = Field(...)  # any JSON value, null included
+    token: Any = None
+
+
+class FetchRequest(_Request):
+    service_id: Identifier = Field(alias="serviceId")
+    worker_id: Identifier = Field(alias="workerId")
+    time_to_recover: StrictInt | None = Field(None, alias="timeToRecover", ge=100)
+
+
+class AckRequest(_Request):
+    service_id: Identifier = Field(alias="serviceId")
+    worker_id: Identifier = Field(alias="workerId")
+    result: Any = None
+    error: Any = None
+
+    @property
+    def outcome(self) -> dict[str, Any]:
+        """What goes back to the engine. Falsy results (0, false, "") are results."""
+        if "error" in self.model_fields_set and self.error is not None:
+            return {"error": self.error}
+        return {"result": self.result}
+
+
+def parse(model: type[_Request], body: Any) -> Any:
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False, include_input=False):
+            where = ".".join(str(p) for p in err["loc"]) or "body"
+            problems.append(f"{where}: {err['msg']}")
+        raise BadRequest("; ".join(problems)) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A task handed to a worker."""
+
+    task_id: str
+    value: Any
+    deliveries: int
+    lease_expires_at_ms: int
+    traceparent: str | None

@@ -1,0 +1,436 @@
+"""The work queue: add, fetch and ack with at-least-once delivery across bridge instances.
+
+Invariants (each is argued in docs/storage.md and tested against a real Cassandra):
+- A task is claimed only by a lightweight transaction on its own ``leases`` partition; every
+  claim increments ``epoch`` (the fencing token), and ack/extend are conditional on it, so a worker
+  that lost its lease can never complete or extend the task.
+- The lease deadline is written to ``expiries`` *before* the claim, so a crash between the claim
+  and the reply never strands a task: the recovery scheduler will find it.
+- A completion's result is written to ``outbox`` *before* the completing transaction, and
+  published after it; the scheduler re-publishes what a crash left pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+
+from bridge.crypto import (
+    KeyProvider,
+    KeyUnavailable,
+    OwnerKey,
+    Sealed,
+    TamperedCiphertext,
+    UnknownKey,
+    open_sealed,
+    seal,
+)
+from bridge.crypto import UnknownOwner as NoKeysForOwner
+from bridge.domain.clock import Clock
+from bridge.domain.dispatch import Dispatcher
+from bridge.domain.errors import IntegrityError, Unavailable, UnknownOwner
+from bridge.domain.models import AckRequest, AddCommand, Delivery, FetchRequest
+from bridge.storage.errors import StorageUnavailable, UnknownOutcome
+from bridge.storage.repository import (
+    ExpiryEntry,
+    OutboxEntry,
+    Payload,
+    QueueKey,
+    ReadyEntry,
+    TaskRepository,
+    WorkerPointer,
+)
+from bridge.storage.schema import LANE_FRESH, LANE_RECOVERED
+from bridge.storage.timeuuid import (
+    bucket_of_task,
+    expiry_bucket,
+    ms_of,
+    new_task_id,
+    outbox_bucket,
+    to_datetime,
+    to_ms,
+)
+
+log = logging.getLogger("bridge.queue")
+
+MAX_CLAIM_ATTEMPTS = 8
+# A freshly recorded message_id whose task row is not visible yet is assumed to be mid-write by
+# another consumer; only after this long is it treated as a crashed first attempt and replaced.
+IDEMPOTENCY_SETTLE_MS = 30_000
+
+
+@dataclass(frozen=True, slots=True)
+class ResultMessage:
+    owner: str
+    service: str
+    task_id: str
+    completion_id: str
+    token: Any
+    outcome: dict[str, Any]  # {"result": ...} or {"error": ...}
+    traceparent: str | None
+
+
+class ResultSink(Protocol):
+    async def publish_result(self, message: ResultMessage) -> None:
+        """Publish durably (persistent + publisher confirm); raise if not confirmed."""
+
+
+class Metrics(Protocol):
+    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None: ...
+
+
+class _NoMetrics:
+    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
+        return None
+
+
+def _dumps(value: Any) -> bytes:
+    return orjson.dumps(value)
+
+
+class WorkQueue:
+    def __init__(
+        self,
+        repo: TaskRepository,
+        keys: KeyProvider,
+        clock: Clock,
+        *,
+        task_ttl_s: int,
+        default_ttr_ms: int,
+        max_ttr_ms: int,
+        settle_ms: int,
+        results: ResultSink | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.repo = repo
+        self.keys = keys
+        self.clock = clock
+        self.task_ttl_s = task_ttl_s
+        self.default_ttr_ms = default_ttr_ms
+        self.max_ttr_ms = max_ttr_ms
+        self.results = results
+        self.metrics: Metrics = metrics or _NoMetrics()
+        self.dispatcher = Dispatcher(repo, clock.now_ms, settle_ms, self.ttl_for)
+        self._registered: set[tuple[QueueKey, int, int]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- helpers -----------------------------------------------------------------------------
+    def ttl_for(self, task_id: uuid.UUID) -> int:
+        """Seconds left in the task's life: every row about a task expires at the same moment."""
+        left = self.task_ttl_s - (self.clock.now_ms() - ms_of(task_id)) // 1000
+        return int(max(1, left))
+
+    def _spawn(self, coro: Awaitable[Any], what: str) -> None:
+        async def run() -> None:
+            try:
+                await coro
+            except Exception as exc:  # background work is best effort; correctness never depends on it
+                log.warning("background %s failed: %s", what, type(exc).__name__)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain_background(self, timeout: float) -> None:
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=timeout)
+
+    async def _current_key(self, owner: str) -> OwnerKey:
+        try:
+            return await self.keys.current_key(owner)
+        except NoKeysForOwner:
+            raise UnknownOwner(f"no encryption key is configured for owner {owner!r}") from None
+        except KeyUnavailable as exc:
+            raise Unavailable(f"key provider unavailable: {exc}") from None
+
+    async def _key_by_id(self, owner: str, key_id: str) -> OwnerKey:
+        try:
+            return await self.keys.key_by_id(owner, key_id)
+        except (NoKeysForOwner, UnknownKey):
+            raise IntegrityError(f"the key {key_id!r} that sealed this task is not known any more") from None
+        except KeyUnavailable as exc:
+            raise Unavailable(f"key provider unavailable: {exc}") from None
+
+    async def _register_bucket(self, q: QueueKey, lane: int, bucket: int, ttl: int) -> None:
+        key = (q, lane, bucket)
+        if key in self._registered:
+            return
+        await self.repo.register_bucket(q, lane, bucket, ttl + 60)
+        if len(self._registered) > 100_000:
+            self._registered.clear()
+        self._registered.add(key)
+
+    # -- add ---------------------------------------------------------------------------------
+    async def add(self, owner: str, cmd: AddCommand, *, message_id: str | None, traceparent: str | None) -> str:
+        q = QueueKey(owner, cmd.service_id)
+        key = await self._current_key(owner)
+        now = self.clock.now_ms()
+        task_id = new_task_id(now)
+        ttl = self.task_ttl_s
+        try:
+            if message_id:
+                existing = await self.repo.claim_message_id(q, message_id, task_id, ttl)
+                if existing is not None:
+                    if await self.repo.task_exists(q, existing):
+                        # A redelivery or a retried publish: same task. Re-register its bucket in
+                        # case the first attempt died between its two writes.
+                        await self.repo.register_bucket(q, LANE_FRESH, bucket_of_task(existing), self.ttl_for(existing))
+                        self.metrics.inc("adds_deduplicated")
+                        return str(existing)
+                    if now - ms_of(existing) < IDEMPOTENCY_SETTLE_MS:
+                        raise Unavailable("an add with this message_id is still being stored; retry later")
+                    if not await self.repo.replace_message_id(q, message_id, existing, task_id, ttl):
+                        raise Unavailable("concurrent add with the same message_id; retry later")
+            payload = self._seal_task(key, q, task_id, cmd, traceparent, now)
+            await self._register_bucket(q, LANE_FRESH, bucket_of_task(task_id), ttl)
+            await self.repo.insert_task(q, task_id, payload, ttl)
+        except (StorageUnavailable, UnknownOutcome) as exc:
+            raise Unavailable(f"storage unavailable: {exc}") from None
+        self.metrics.inc("tasks_added")
+        return str(task_id)
+
+    def _seal_task(
+        self,
+        key: OwnerKey,
+        q: QueueKey,
+        task_id: uuid.UUID,
+        cmd: AddCommand,
+        traceparent: str | None,
+        now: int,
+    ) -> Payload:
+        tid = str(task_id)
+        value = seal(key, _dumps(cmd.value), service=q.service, task_id=tid, field="value")
+        token = (
+            seal(key, _dumps(cmd.token), service=q.service, task_id=tid, field="token")
+            if cmd.token is not None
+            else None
+        )
+        return Payload(
+            key_id=key.key_id,
+            value_nonce=value.nonce,
+            value_ct=value.ciphertext,
+            token_nonce=token.nonce if token else None,
+            token_ct=token.ciphertext if token else None,
+            traceparent=traceparent,
+            created_at=to_datetime(now),
+        )
+
+    # -- fetch -------------------------------------------------------------------------------
+    async def fetch(self, owner: str, req: FetchRequest) -> Delivery | None:
+        q = QueueKey(owner, req.service_id)
+        ttr = min(req.time_to_recover or self.default_ttr_ms, self.max_ttr_ms)
+        try:
+            held = await self.repo.worker(q, req.worker_id)
+            if held is not None:
+                delivery = await self._resend(q, req.worker_id, held, ttr)
+                if delivery is not None:
+                    return delivery
+            return await self._claim_next(q, req.worker_id, ttr, stale_pointer=held is not None)
+        except (StorageUnavailable, UnknownOutcome) as exc:
+            raise Unavailable(f"storage unavailable: {exc}") from None
+
+    async def _resend(self, q: QueueKey, worker: str, held: WorkerPointer, ttr: int) -> Delivery | None:
+        """The worker has not acked its task: give it the same task again, with a fresh lease."""
+        now = self.clock.now_ms()
+        until = now + ttr
+        ttl = self.ttl_for(held.task_id)
+        res = await self.repo.extend(q, held.task_id, held.epoch, worker, to_datetime(until), to_datetime(now), ttl)
+        if res.applied:
+            # The scheduler will meet the old deadline, see the later one, and re-arm itself.
+            self.metrics.inc("tasks_redelivered", kind="resend")
+            return await self._deliver(q, worker, held.task_id, held.epoch, until)
+        cur = res.current
+        if cur is not None and cur.state == "leased" and cur.epoch == held.epoch and cur.worker == worker:
+            # Our lease ran out but nobody took the task yet: take it again (a new epoch).
+            entry = ReadyEntry(LANE_RECOVERED, 0, held.task_id, held.task_id, held.epoch, held.has_token, False)
+            return await self._try_claim(q, worker, entry, ttr, now)
+        return None
+
+    async def _claim_next(self, q: QueueKey, worker: str, ttr: int, *, stale_pointer: bool) -> Delivery | None:
+        spread = False
+        attempted = False
+        for _ in range(MAX_CLAIM_ATTEMPTS):
+            entry = await self.dispatcher.next_candidate(q, LANE_RECOVERED, spread=spread)
+            if entry is None:
+                entry = await self.dispatcher.next_candidate(q, LANE_FRESH, spread=spread)
+            if entry is None:
+                break
+            attempted = True
+            try:
+                delivery = await self._try_claim(q, worker, entry, ttr, self.clock.now_ms())
+            except BaseException:
+                self.dispatcher.release(q, entry)
+                raise
+            self.dispatcher.taken(q, entry)  # claimed by us, or it was not claimable
+            if delivery is not None:
+                self._spawn(self.repo.mark_claimed(q, entry, self.ttl_for(entry.task_id)), "mark claimed")
+                return delivery
+            spread = True  # lost a race: another worker or instance reads the same head
+        if stale_pointer or attempted:
+            # Our write-ahead pointer names a task we did not get: drop it.
+            await self.repo.clear_worker(q, worker)
+        return None
+
+    async def _try_claim(self, q: QueueKey, worker: str, entry: ReadyEntry, ttr: int, now: int) -> Delivery | None:
+        task_id = entry.task_id
+        ttl = self.ttl_for(task_id)
+        recovered = entry.lane == LANE_RECOVERED
+        epoch = (entry.epoch or 0) + 1 if recovered else 1
+        until = now + ttr
+        claim_id = uuid.uuid4()
+        expiry = ExpiryEntry(to_datetime(until), q, task_id, epoch, entry.has_token)
+        # Write-ahead: the deadline and the worker's pointer exist before the claim can.
+        await asyncio.gather(
+            self.repo.insert_expiry(expiry_bucket(until), expiry, ttl),
+            self.repo.set_worker(q, worker, WorkerPointer(task_id, epoch, entry.has_token), ttl),
+        )
+        if recovered:
+            assert entry.epoch is not None
+            res = await self.repo.claim_expired(
+                q, task_id, entry.epoch, worker, to_datetime(until), to_datetime(now), claim_id, ttl
+            )
+        else:
+            res = await self.repo.claim_new(q, task_id, worker, to_datetime(until), claim_id, ttl)
+        if not res.applied:
+            cur = res.current
+            if (
+                recovered
+                and cur is not None
+                and cur.state == "leased"
+                and cur.epoch == entry.epoch
+                and to_ms(cur.lease_until) > now
+            ):
+                # The holder extended its lease after the scheduler re-exposed the task: make sure
+                # the new deadline is watched, or the task could be stranded if the holder dies.
+                later = to_ms(cur.lease_until)
+                await self.repo.insert_expiry(
+                    expiry_bucket(later),
+                    ExpiryEntry(cur.lease_until, q, task_id, cur.epoch, entry.has_token),
+                    ttl,
+                )
+            self.metrics.inc("claim_conflicts")
+            return None
+        self.metrics.inc("tasks_delivered" if not recovered or epoch == 1 else "tasks_redelivered", kind="claim")
+        return await self._deliver(q, worker, task_id, epoch, until)
+
+    async def _deliver(self, q: QueueKey, worker: str, task_id: uuid.UUID, epoch: int, until: int) -> Delivery:
+        payload = await self.repo.payload(q, task_id)
+        now = self.clock.now_ms()
+        if payload is None:
+            # Expired between claim and read (TTL): nothing to hand out.
+            raise Unavailable("the task expired while being fetched; fetch again")
+        key = await self._key_by_id(q.owner, payload.key_id)
+        sealed = Sealed(payload.key_id, payload.value_nonce, payload.value_ct)
+        try:
+            plain = open_sealed(key, sealed, service=q.service, task_id=str(task_id), field="value")
+        except TamperedCiphertext:
+            log.error("task %s of service %s failed authentication: dead-lettered", task_id, q.service)
+            await self.repo.kill(q, task_id, epoch, worker, to_datetime(now), self.ttl_for(task_id))
+            await self.repo.clear_worker(q, worker)
+            self.metrics.inc("tasks_dead_lettered", reason="integrity")
+            raise IntegrityError(f"task {task_id} failed authentication and was dead-lettered") from None
+        return Delivery(
+            task_id=str(task_id),
+            value=orjson.loads(plain),
+            deliveries=epoch,
+            lease_expires_at_ms=until,
+            traceparent=payload.traceparent,
+        )
+
+    # -- ack ---------------------------------------------------------------------------------
+    async def ack(self, owner: str, req: AckRequest) -> bool:
+        q = QueueKey(owner, req.service_id)
+        try:
+            held = await self.repo.worker(q, req.worker_id)
+            if held is None:
+                return False
+            now = self.clock.now_ms()
+            ttl = self.ttl_for(held.task_id)
+            completion_id = uuid.uuid4()
+            intent: OutboxEntry | None = None
+            if held.has_token:
+                key = await self._current_key(owner)
+                sealed = seal(key, _dumps(req.outcome), service=q.service, task_id=str(held.task_id), field="result")
+                intent = OutboxEntry(
+                    outbox_bucket(now),
+                    q,
+                    held.task_id,
+                    completion_id,
+                    sealed.key_id,
+                    sealed.nonce,
+                    sealed.ciphertext,
+                    False,
+                )
+                await self.repo.insert_outbox(intent, ttl)
+            res = await self.repo.complete(
+                q, held.task_id, held.epoch, req.worker_id, to_datetime(now), completion_id, ttl
+            )
+            if not res.applied:
+                if intent is not None:
+                    await self.repo.mark_published(intent, ttl)  # void: this completion did not happen
+                cur = res.current
+                again = (
+                    cur is not None and cur.state == "done" and cur.epoch == held.epoch and cur.worker == req.worker_id
+                )
+                # A retried ack of a completion that already happened is still a success.
+                await self.repo.clear_worker(q, req.worker_id)
+                return again
+            await self.repo.clear_worker(q, req.worker_id)
+        except (StorageUnavailable, UnknownOutcome) as exc:
+            raise Unavailable(f"storage unavailable: {exc}") from None
+        self.metrics.inc("tasks_completed", outcome="error" if "error" in req.outcome else "result")
+        if intent is not None:
+            self._spawn(self.publish(intent), "publish result")
+        return True
+
+    # -- results -----------------------------------------------------------------------------
+    async def publish(self, entry: OutboxEntry) -> None:
+        """Publish one completion's result to the engine, then mark the outbox entry done."""
+        if self.results is None:
+            return
+        q = entry.queue
+        payload = await self.repo.payload(q, entry.task_id)
+        if payload is None or payload.token_ct is None or payload.token_nonce is None:
+            await self.repo.mark_published(entry, self.ttl_for(entry.task_id))
+            return
+        tid = str(entry.task_id)
+        token_key = await self._key_by_id(q.owner, payload.key_id)
+        result_key = token_key if entry.key_id == payload.key_id else await self._key_by_id(q.owner, entry.key_id)
+        try:
+            token = orjson.loads(
+                open_sealed(
+                    token_key,
+                    Sealed(payload.key_id, payload.token_nonce, payload.token_ct),
+                    service=q.service,
+                    task_id=tid,
+                    field="token",
+                )
+            )
+            outcome = orjson.loads(
+                open_sealed(
+                    result_key,
+                    Sealed(entry.key_id, entry.result_nonce, entry.result_ct),
+                    service=q.service,
+                    task_id=tid,
+                    field="result",
+                )
+            )
+        except TamperedCiphertext:
+            log.error("result of task %s failed authentication: not published", tid)
+            await self.repo.mark_published(entry, self.ttl_for(entry.task_id))
+            self.metrics.inc("results_dropped", reason="integrity")
+            return
+        await self.results.publish_result(
+            ResultMessage(q.owner, q.service, tid, str(entry.completion_id), token, outcome, payload.traceparent)
+        )
+        await self.repo.mark_published(entry, self.ttl_for(entry.task_id))
+        self.metrics.inc("results_published")
+
+
+RetryHook = Callable[[], Awaitable[None]]

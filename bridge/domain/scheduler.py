@@ -1,0 +1,172 @@
+"""The recovery scheduler and the result relay: two loops every bridge instance runs.
+
+Both walk time-bucketed tables (``expiries``, ``outbox``) from a persisted cursor. Several
+instances may walk the same buckets: every action they take is idempotent or fenced by a
+lightweight transaction, so the only cost of running N instances is N times the reads.
+
+Recovery: a bucket of lease deadlines is read once its time has passed (first pass, for speed)
+and once more ``late_ms`` later (second pass, for deadlines whose write-ahead landed late); then
+the cursor moves past it. An expired lease is re-exposed by writing a lane-0 ``ready`` entry that
+points at the task; the next fetch of any worker claims it with ``epoch + 1``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+from bridge.domain.queue import WorkQueue
+from bridge.storage.errors import StorageError
+from bridge.storage.repository import ExpiryEntry, TaskRepository
+from bridge.storage.schema import EXPIRY_BUCKET_MS, LANE_RECOVERED, OUTBOX_BUCKET_MS
+from bridge.storage.timeuuid import deterministic_timeuuid, expiry_bucket, outbox_bucket, ready_bucket, to_ms
+
+log = logging.getLogger("bridge.scheduler")
+
+EXPIRY_CURSOR = "expiries"
+OUTBOX_CURSOR = "outbox"
+CURSOR_TTL_S = 30 * 24 * 3600
+
+
+@dataclass
+class SchedulerState:
+    last_tick_monotonic: float = field(default_factory=time.monotonic)
+    lag_ms: int = 0
+    recovered: int = 0
+    republished: int = 0
+
+
+class RecoveryScheduler:
+    def __init__(
+        self,
+        queue: WorkQueue,
+        *,
+        interval_s: float,
+        late_ms: int,
+        republish_after_ms: int,
+    ) -> None:
+        self.queue = queue
+        self.repo: TaskRepository = queue.repo
+        self.interval_s = interval_s
+        self.late_ms = late_ms
+        self.republish_after_ms = republish_after_ms
+        self.state = SchedulerState()
+        self._expiry_next: int | None = None  # first bucket not yet read at all
+        self._expiry_confirmed: int | None = None  # first bucket not yet read for the second time
+        self._handled: dict[int, set[tuple[str, str, object, int]]] = {}
+        self._outbox_next: int | None = None
+        self._last_outbox_ms = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.tick()
+            except StorageError as exc:
+                log.warning("scheduler tick failed: %s", exc)
+            except Exception:
+                log.exception("scheduler tick crashed; continuing")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.interval_s)
+
+    async def tick(self) -> None:
+        now = self.queue.clock.now_ms()
+        await self._recover(now)
+        if now - self._last_outbox_ms >= 1000:
+            await self._relay(now)
+            self._last_outbox_ms = now
+        self.state.last_tick_monotonic = time.monotonic()
+
+    # -- recovery ----------------------------------------------------------------------------
+    async def _recover(self, now: int) -> None:
+        if self._expiry_next is None:
+            saved = await self.repo.scheduler_cursor(EXPIRY_CURSOR)
+            start = saved if saved is not None else expiry_bucket(now) - 1
+            self._expiry_next = start
+            self._expiry_confirmed = start
+        assert self._expiry_confirmed is not None
+        due = expiry_bucket(now)  # buckets strictly below this one have fully passed
+        # First pass over newly passed buckets: bounded per tick so a long outage catches up in steps.
+        batch = 0
+        while self._expiry_next < due and batch < 400:
+            await self._process_bucket(self._expiry_next, now)
+            self._expiry_next += 1
+            batch += 1
+        self.state.lag_ms = max(0, now - self._expiry_next * EXPIRY_BUCKET_MS)
+        # Second pass, then persist the cursor: nothing can still arrive in these buckets.
+        confirm_due = expiry_bucket(now - self.late_ms)
+        moved = False
+        while self._expiry_confirmed < min(confirm_due, self._expiry_next):
+            await self._process_bucket(self._expiry_confirmed, now)
+            self._handled.pop(self._expiry_confirmed, None)
+            self._expiry_confirmed += 1
+            moved = True
+        if moved:
+            await self.repo.advance_scheduler_cursor(EXPIRY_CURSOR, self._expiry_confirmed, CURSOR_TTL_S)
+
+    async def _process_bucket(self, bucket: int, now: int) -> None:
+        entries = await self.repo.expiries(bucket)
+        handled = self._handled.setdefault(bucket, set())
+        for entry in entries:
+            key = (entry.queue.owner, entry.queue.service, entry.task_id, entry.epoch)
+            if key in handled:
+                continue
+            if await self._handle(entry, now):
+                handled.add(key)
+
+    async def _handle(self, entry: ExpiryEntry, now: int) -> bool:
+        q = entry.queue
+        lease = await self.repo.lease(q, entry.task_id, serial=False)
+        if lease is None or lease.state != "leased" or lease.epoch != entry.epoch:
+            return True  # completed, re-claimed, expired by TTL, or a claim that never applied
+        until = to_ms(lease.lease_until)
+        ttl = self.queue.ttl_for(entry.task_id)
+        if until > now:
+            # The lease was extended: watch its new deadline instead (idempotent row).
+            await self.repo.insert_expiry(
+                expiry_bucket(until),
+                ExpiryEntry(lease.lease_until, q, entry.task_id, lease.epoch, entry.has_token),
+                ttl,
+            )
+            return True
+        # Expired: re-expose it in the recovered lane. The id is derived from (task, epoch, time
+        # of this second) so instances running the same pass write the same row.
+        seq_ms = max(until, now - now % 1000)
+        seq = deterministic_timeuuid(seq_ms, str(entry.task_id), entry.epoch)
+        rbucket = ready_bucket(seq_ms)
+        await self.queue._register_bucket(q, LANE_RECOVERED, rbucket, ttl)
+        await self.repo.insert_recovered(q, rbucket, seq, entry.task_id, entry.epoch, entry.has_token, ttl)
+        self.state.recovered += 1
+        self.queue.metrics.inc("tasks_recovered")
+        log.info("lease of task %s (epoch %d) expired: re-exposed", entry.task_id, entry.epoch)
+        return True
+
+    # -- result relay ------------------------------------------------------------------------
+    async def _relay(self, now: int) -> None:
+        if self._outbox_next is None:
+            saved = await self.repo.scheduler_cursor(OUTBOX_CURSOR)
+            self._outbox_next = saved if saved is not None else outbox_bucket(now) - 1
+        # Only buckets old enough that their normal publish must have happened are swept.
+        limit = outbox_bucket(now - self.republish_after_ms)
+        moved = False
+        while self._outbox_next < limit:
+            for entry in await self.repo.outbox(self._outbox_next):
+                if entry.published:
+                    continue
+                lease = await self.repo.lease(entry.queue, entry.task_id, serial=True)
+                if lease is not None and lease.state == "done" and lease.completion_id == entry.completion_id:
+                    log.info("re-publishing the pending result of task %s", entry.task_id)
+                    await self.queue.publish(entry)
+                    self.state.republished += 1
+                    self.queue.metrics.inc("results_republished")
+                else:
+                    await self.repo.mark_published(entry, self.queue.ttl_for(entry.task_id))
+            self._outbox_next += 1
+            moved = True
+        if moved:
+            await self.repo.advance_scheduler_cursor(OUTBOX_CURSOR, self._outbox_next, CURSOR_TTL_S)
+
+
+__all__ = ["OUTBOX_BUCKET_MS", "RecoveryScheduler"]

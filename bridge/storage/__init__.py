@@ -1,0 +1,1 @@
+"""Cassandra storage: schema, session, and every query the bridge runs."""

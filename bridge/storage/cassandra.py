@@ -1,0 +1,184 @@
+"""Cassandra session setup and the bridge from the driver's callback futures to asyncio.
+
+cassandra-driver has no native asyncio API: ``execute_async`` returns a ResponseFuture whose
+callbacks run on the driver's I/O thread, so results are handed to the event loop with
+``call_soon_threadsafe``. Nothing here blocks the event loop except connect/close, which run in a
+worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import anyio.to_thread
+from cassandra import (
+    ConsistencyLevel,
+    DriverException,
+    OperationTimedOut,
+    RequestExecutionException,
+    RequestValidationException,
+    Unavailable,
+    WriteTimeout,
+)
+from cassandra.auth import PlainTextAuthProvider
+from cassandra.cluster import (
+    EXEC_PROFILE_DEFAULT,
+    Cluster,
+    ExecutionProfile,
+    NoHostAvailable,
+    ResponseFuture,
+    Session,
+)
+from cassandra.policies import DCAwareRoundRobinPolicy, RoundRobinPolicy, TokenAwarePolicy
+from cassandra.query import PreparedStatement, dict_factory
+
+from bridge.config import Settings
+from bridge.storage.errors import StorageUnavailable, UnknownOutcome
+
+_CL = {
+    "LOCAL_QUORUM": ConsistencyLevel.LOCAL_QUORUM,
+    "QUORUM": ConsistencyLevel.QUORUM,
+    "ONE": ConsistencyLevel.ONE,
+    "LOCAL_ONE": ConsistencyLevel.LOCAL_ONE,
+    "SERIAL": ConsistencyLevel.SERIAL,
+    "LOCAL_SERIAL": ConsistencyLevel.LOCAL_SERIAL,
+}
+
+Row = dict[str, Any]
+
+
+def _to_asyncio(rf: ResponseFuture, loop: asyncio.AbstractEventLoop) -> asyncio.Future[list[Row]]:
+    fut: asyncio.Future[list[Row]] = loop.create_future()
+    rows: list[Row] = []
+
+    def _set(setter: Any, value: Any) -> None:
+        if not fut.done():
+            setter(value)
+
+    def on_ok(page: Sequence[Row] | None) -> None:
+        try:
+            if page:  # None for schema changes and other results without rows
+                rows.extend(page)
+            more = rf.has_more_pages
+        except BaseException as exc:  # never leave the asyncio future pending
+            loop.call_soon_threadsafe(_set, fut.set_exception, exc)
+            return
+        if more:
+            rf.start_fetching_next_page()
+        else:
+            loop.call_soon_threadsafe(_set, fut.set_result, rows)
+
+    def on_err(exc: BaseException) -> None:
+        loop.call_soon_threadsafe(_set, fut.set_exception, exc)
+
+    rf.add_callbacks(on_ok, on_err)
+    return fut
+
+
+class CassandraSession:
+    """One driver Cluster/Session per process, with prepared statements and async execution."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.keyspace = settings.cassandra_keyspace
+        self._cluster: Cluster | None = None
+        self._session: Session | None = None
+        self._prepared: dict[str, PreparedStatement] = {}
+        self.consistency = _CL[settings.cassandra_consistency]
+        self.serial_consistency = _CL[settings.cassandra_serial_consistency]
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def connect(self) -> None:
+        await anyio.to_thread.run_sync(self._connect_blocking)
+
+    def _connect_blocking(self) -> None:
+        s = self.settings
+        lb = (
+            TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=s.cassandra_local_dc))
+            if s.cassandra_local_dc
+            else TokenAwarePolicy(RoundRobinPolicy())
+        )
+        profile = ExecutionProfile(
+            load_balancing_policy=lb,
+            consistency_level=self.consistency,
+            serial_consistency_level=self.serial_consistency,
+            request_timeout=s.cassandra_timeout,
+            row_factory=dict_factory,
+        )
+        auth = None
+        if s.cassandra_username:
+            password = s.cassandra_password.get_secret_value() if s.cassandra_password else ""
+            auth = PlainTextAuthProvider(username=s.cassandra_username, password=password)
+        cluster = Cluster(
+            contact_points=s.cassandra_hosts,
+            port=s.cassandra_port,
+            execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+            auth_provider=auth,
+            protocol_version=5,
+            connect_timeout=s.cassandra_timeout,
+            idle_heartbeat_interval=10,
+            reconnection_policy=None,
+        )
+        self._cluster = cluster
+        self._session = cluster.connect()
+
+    async def close(self) -> None:
+        cluster = self._cluster
+        self._cluster = None
+        self._session = None
+        self._prepared.clear()
+        if cluster is not None:
+            await anyio.to_thread.run_sync(cluster.shutdown)
+
+    @property
+    def session(self) -> Session:
+        if self._session is None:
+            raise StorageUnavailable("not connected to Cassandra")
+        return self._session
+
+    # -- statements ------------------------------------------------------------------------
+    async def prepare(self, name: str, cql: str, *, idempotent: bool) -> None:
+        stmt = await anyio.to_thread.run_sync(self.session.prepare, cql.replace("{ks}", self.keyspace))
+        # LWTs must not be retried blindly or speculatively: their outcome is resolved by reading.
+        stmt.is_idempotent = idempotent
+        self._prepared[name] = stmt
+
+    async def execute(
+        self,
+        name: str,
+        params: Sequence[Any] = (),
+        *,
+        serial_read: bool = False,
+        fetch_size: int | None = None,
+    ) -> list[Row]:
+        stmt = self._prepared[name]
+        bound = stmt.bind(params)
+        if serial_read:
+            bound.consistency_level = self.serial_consistency
+        if fetch_size is not None:
+            bound.fetch_size = fetch_size
+        lwt = not stmt.is_idempotent
+        try:
+            rf = self.session.execute_async(bound)
+            return await _to_asyncio(rf, asyncio.get_running_loop())
+        except RequestValidationException:
+            raise  # a bug in our CQL or bind values, not an outage
+        except NoHostAvailable as exc:
+            # Never sent anywhere: not applied, whatever the statement.
+            raise StorageUnavailable("cassandra unavailable: no host available") from exc
+        except (WriteTimeout, OperationTimedOut, Unavailable) as exc:
+            if lwt and not isinstance(exc, Unavailable):
+                # A conditional write that timed out may still be applied later (CASSANDRA-9328).
+                raise UnknownOutcome(f"{type(exc).__name__}: {exc}") from exc
+            raise StorageUnavailable(f"cassandra unavailable: {type(exc).__name__}") from exc
+        except (RequestExecutionException, DriverException) as exc:
+            if lwt:
+                raise UnknownOutcome(f"{type(exc).__name__}: {exc}") from exc
+            raise StorageUnavailable(f"cassandra error: {type(exc).__name__}: {exc}") from exc
+
+    async def execute_raw(self, cql: str) -> list[Row]:
+        """Run unprepared CQL (schema changes, admin); not for the hot path."""
+        rf = self.session.execute_async(cql.replace("{ks}", self.keyspace), timeout=60)
+        return await _to_asyncio(rf, asyncio.get_running_loop())

@@ -1,0 +1,102 @@
+"""The Cassandra schema, as CQL. ``docs/storage.md`` explains every table and why it is shaped so.
+
+Layout rules that every statement in ``repository.py`` follows:
+- ``ready`` rows are written once (plain INSERT) and never deleted: consuming a task never creates a
+  tombstone on the hot read path. Partitions are time buckets, so they stay bounded.
+- ``leases`` holds all mutable task state, one partition per task, and is written ONLY with
+  lightweight transactions (Paxos), so claims of different tasks never contend.
+- Everything carries a TTL so that a task, its lease, its pointers and its outbox entry all vanish
+  together when the task's lifetime ends.
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+# Time-bucket widths. They are part of the data layout: changing one needs a migration.
+READY_BUCKET_MS = 10_000
+EXPIRY_BUCKET_MS = 250
+OUTBOX_BUCKET_MS = 10_000
+
+LANE_RECOVERED = 0  # tasks re-exposed by the recovery scheduler: served before fresh tasks
+LANE_FRESH = 1
+
+
+def keyspace_cql(keyspace: str, replication: str) -> str:
+    return f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = {replication} AND durable_writes = true"
+
+
+def table_cql(keyspace: str, ttl_seconds: int) -> list[str]:
+    twcs = (
+        "compaction = {'class': 'TimeWindowCompactionStrategy', "
+        "'compaction_window_unit': 'HOURS', 'compaction_window_size': 6}"
+    )
+    ttl = f"default_time_to_live = {ttl_seconds}"
+    ks = keyspace
+    return [
+        # Fresh tasks (lane 1, payload here) and re-exposed ones (lane 0, pointing at lane 1).
+        f"""CREATE TABLE IF NOT EXISTS {ks}.ready (
+            owner text, service text, lane tinyint, bucket bigint, seq timeuuid,
+            task_id timeuuid, epoch int,
+            key_id text, value_nonce blob, value_ct blob, token_nonce blob, token_ct blob,
+            traceparent text, created_at timestamp,
+            claimed boolean,
+            PRIMARY KEY ((owner, service, lane, bucket), seq)
+        ) WITH {twcs} AND {ttl}""",
+        # Which buckets of a lane hold entries, so a scan jumps over empty time.
+        f"""CREATE TABLE IF NOT EXISTS {ks}.ready_buckets (
+            owner text, service text, lane tinyint, bucket bigint,
+            PRIMARY KEY ((owner, service, lane), bucket)
+        ) WITH {ttl}""",
+        # Monotonic cursor: each advance inserts a row, the effective cursor is the greatest one,
+        # so concurrent writers can never move it backwards (no read-modify-write, no LWT).
+        f"""CREATE TABLE IF NOT EXISTS {ks}.cursors (
+            owner text, service text, lane tinyint, bucket bigint, seq timeuuid,
+            PRIMARY KEY ((owner, service, lane), bucket, seq)
+        ) WITH CLUSTERING ORDER BY (bucket DESC, seq DESC) AND {ttl}""",
+        # Mutable task state. One partition per task; written only by LWT. `epoch` is the fencing
+        # token (+1 on every claim); `claim_id` resolves an LWT whose outcome was unknown.
+        f"""CREATE TABLE IF NOT EXISTS {ks}.leases (
+            owner text, service text, task_id timeuuid,
+            state text, epoch int, worker text, lease_until timestamp,
+            claim_id uuid, completed_at timestamp, completion_id uuid,
+            PRIMARY KEY ((owner, service, task_id))
+        ) WITH {ttl}""",
+        # What each worker holds: a hint, always verified by the LWT on `leases`.
+        f"""CREATE TABLE IF NOT EXISTS {ks}.workers (
+            owner text, service text, worker text,
+            task_id timeuuid, epoch int, has_token boolean,
+            PRIMARY KEY ((owner, service, worker))
+        ) WITH {ttl}""",
+        # Lease deadlines, written BEFORE the claim so a crash can never strand a leased task.
+        f"""CREATE TABLE IF NOT EXISTS {ks}.expiries (
+            bucket bigint, lease_until timestamp, owner text, service text, task_id timeuuid, epoch int,
+            has_token boolean,
+            PRIMARY KEY ((bucket), lease_until, owner, service, task_id, epoch)
+        ) WITH {twcs} AND {ttl}""",
+        # Results to publish to the engine, written BEFORE the completing LWT (transactional outbox).
+        f"""CREATE TABLE IF NOT EXISTS {ks}.outbox (
+            bucket bigint, owner text, service text, task_id timeuuid, completion_id uuid,
+            key_id text, result_nonce blob, result_ct blob,
+            published boolean,
+            PRIMARY KEY ((bucket), owner, service, task_id, completion_id)
+        ) WITH {twcs} AND {ttl}""",
+        # Progress of the scheduler loops (same monotonic-max trick as `cursors`).
+        f"""CREATE TABLE IF NOT EXISTS {ks}.scheduler_cursors (
+            name text, pos bigint,
+            PRIMARY KEY ((name), pos)
+        ) WITH CLUSTERING ORDER BY (pos DESC) AND {ttl}""",
+        # add with a message_id: the first writer wins (LWT), later copies map to the same task.
+        f"""CREATE TABLE IF NOT EXISTS {ks}.idempotency (
+            owner text, service text, message_id text, task_id timeuuid,
+            PRIMARY KEY ((owner, service, message_id))
+        ) WITH {ttl}""",
+        f"""CREATE TABLE IF NOT EXISTS {ks}.schema_meta (
+            name text PRIMARY KEY, version int, ready_bucket_ms int, expiry_bucket_ms int,
+            outbox_bucket_ms int
+        )""",
+    ]
+
+
+def all_cql(keyspace: str, replication: str, ttl_seconds: int) -> list[str]:
+    return [keyspace_cql(keyspace, replication), *table_cql(keyspace, ttl_seconds)]

@@ -1,0 +1,84 @@
+"""Time-based UUIDs and bucket arithmetic.
+
+A task id is a version-1 (time) UUID: Cassandra sorts ``timeuuid`` by its timestamp, so the id is
+also the task's place in its queue, and the bucket of a task is derived from its id alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import uuid
+from datetime import UTC, datetime
+
+from bridge.storage.schema import EXPIRY_BUCKET_MS, OUTBOX_BUCKET_MS, READY_BUCKET_MS
+
+# 100-ns intervals between the UUID epoch (1582-10-15) and the Unix epoch.
+_UUID_EPOCH_OFFSET = 0x01B21DD213814000
+
+MIN_TIMEUUID = uuid.UUID("00000000-0000-1000-8080-808080808080")  # Cassandra's minTimeuuid(0) shape
+
+
+def timeuuid_from_ms(ms: int, *, node: int | None = None, clock_seq: int | None = None) -> uuid.UUID:
+    ticks = ms * 10_000 + _UUID_EPOCH_OFFSET
+    if node is None:
+        node = random.getrandbits(48) | 0x010000000000  # multicast bit: never a real MAC
+    if clock_seq is None:
+        clock_seq = random.getrandbits(14)
+    time_low = ticks & 0xFFFFFFFF
+    time_mid = (ticks >> 32) & 0xFFFF
+    time_hi_version = ((ticks >> 48) & 0x0FFF) | 0x1000
+    clock_seq_low = clock_seq & 0xFF
+    clock_seq_hi_variant = ((clock_seq >> 8) & 0x3F) | 0x80
+    return uuid.UUID(
+        fields=(
+            time_low,
+            time_mid,
+            time_hi_version,
+            clock_seq_hi_variant,
+            clock_seq_low,
+            node & 0xFFFFFFFFFFFF,
+        )
+    )
+
+
+def new_task_id(now_ms: int) -> uuid.UUID:
+    return timeuuid_from_ms(now_ms)
+
+
+def deterministic_timeuuid(ms: int, *parts: object) -> uuid.UUID:
+    """The same inputs give the same id: lets every bridge instance write the same row, idempotently."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    value = int.from_bytes(digest, "big")
+    return timeuuid_from_ms(ms, node=(value & 0xFFFFFFFFFFFF) | 0x010000000000, clock_seq=(value >> 48) & 0x3FFF)
+
+
+def ms_of(task_id: uuid.UUID) -> int:
+    return (task_id.time - _UUID_EPOCH_OFFSET) // 10_000
+
+
+def bucket_of_task(task_id: uuid.UUID) -> int:
+    return ms_of(task_id) // READY_BUCKET_MS
+
+
+def ready_bucket(ms: int) -> int:
+    return ms // READY_BUCKET_MS
+
+
+def expiry_bucket(ms: int) -> int:
+    return ms // EXPIRY_BUCKET_MS
+
+
+def outbox_bucket(ms: int) -> int:
+    return ms // OUTBOX_BUCKET_MS
+
+
+def to_datetime(ms: int) -> datetime:
+    """Naive UTC datetime, the form cassandra-driver reads and writes for `timestamp`."""
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).replace(tzinfo=None)
+
+
+def to_ms(value: datetime) -> int:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return int(value.timestamp() * 1000)

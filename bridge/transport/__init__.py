@@ -1,0 +1,1 @@
+"""AMQP transport: consumers for add/fetch/ack, replies, and the results publisher."""

@@ -1,0 +1,375 @@
+"""AMQP 0-9-1 transport: topology, the add/fetch/ack consumers, replies, dead-lettering.
+
+Every request delivery is acknowledged only after its outcome is settled:
+- success: reply (when ``reply_to`` is set), then ``basic.ack``;
+- bad input: error reply (when possible), then ``basic.reject(requeue=False)`` so RabbitMQ
+  dead-letters the original message to ``<exchange>.dead`` (nothing is silently dropped);
+- Cassandra or the key provider down: RPCs get an ``unavailable`` reply; an add is retried with
+  backoff while the delivery is held, then requeued, never dead-lettered and never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import orjson
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from pamqp.common import FieldTable
+
+from bridge.config import Settings
+from bridge.domain.errors import BadRequest, BridgeError, PayloadTooLarge, Unauthorized
+from bridge.domain.models import AckRequest, AddCommand, FetchRequest, parse
+from bridge.domain.queue import ResultMessage, WorkQueue
+
+log = logging.getLogger("bridge.amqp")
+
+METHODS = ("add", "fetch", "ack")
+JSON = "application/json"
+ADD_RETRY_BUDGET_S = 30.0
+
+
+class Identity:
+    """Who sent a message: the broker-validated ``user_id``, or the owner a trusted engine names."""
+
+    def __init__(self, trusted_users: list[str]) -> None:
+        self.trusted = frozenset(trusted_users)
+
+    def owner_of(self, message: AbstractIncomingMessage) -> str:
+        user = message.user_id
+        header = (message.headers or {}).get("x-owner")
+        named = header.decode() if isinstance(header, bytes) else header
+        if not user:
+            raise Unauthorized("the message has no user_id property; set it to your AMQP user name")
+        if named is not None and not isinstance(named, str):
+            raise BadRequest("the x-owner header must be a string")
+        if user in self.trusted:
+            return named or user
+        if named is not None and named != user:
+            raise Unauthorized(f"user {user!r} may not act for owner {named!r}")
+        return user
+
+
+def _reply_body(result: Any = None, *, error: BridgeError | None = None, extra: dict[str, Any] | None = None) -> bytes:
+    if error is not None:
+        return orjson.dumps({"error": {"code": error.code, "message": error.message}})
+    body: dict[str, Any] = {"result": result}
+    if extra:
+        body.update(extra)
+    return orjson.dumps(body)
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+Observer = Callable[[str, str, float], None]  # (method, outcome, seconds)
+
+
+class AmqpTransport:
+    def __init__(self, settings: Settings, queue: WorkQueue, observe: Observer | None = None) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.identity = Identity(settings.trusted_users)
+        self.observe = observe or (lambda method, outcome, seconds: None)
+        self.connection: AbstractRobustConnection | None = None
+        self._consume_channel: AbstractChannel | None = None
+        self._publish_channel: AbstractChannel | None = None
+        self._results_exchange: AbstractExchange | None = None
+        self._queues: dict[str, AbstractQueue] = {}
+        self._consumer_tags: dict[str, str] = {}
+        self._inflight: set[asyncio.Task[Any]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- names -------------------------------------------------------------------------------
+    def queue_name(self, method: str) -> str:
+        return f"{self.settings.queue_prefix}.{method}"
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        return f"{self.settings.exchange}.dead"
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"{self.settings.queue_prefix}.dead-letter"
+
+    @property
+    def unrouted_exchange(self) -> str:
+        return f"{self.settings.exchange}.unrouted"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.connection = await aio_pika.connect_robust(
+            self.settings.amqp_url.get_secret_value(), client_properties={"connection_name": "queue-bridge"}
+        )
+        self._consume_channel = await self.connection.channel(publisher_confirms=False)
+        await self._consume_channel.set_qos(prefetch_count=self.settings.prefetch)
+        self._publish_channel = await self.connection.channel(publisher_confirms=True)
+        await self._declare_topology()
+        await self.resume()
+
+    async def _declare_topology(self) -> None:
+        ch = self._consume_channel
+        assert ch is not None
+        s = self.settings
+        dlx = await ch.declare_exchange(self.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+        dlq = await ch.declare_queue(self.dead_letter_queue, durable=True)
+        await dlq.bind(dlx)
+        unrouted = await ch.declare_exchange(self.unrouted_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+        main = await ch.declare_exchange(
+            s.exchange,
+            aio_pika.ExchangeType.DIRECT,
+            durable=True,
+            arguments={"alternate-exchange": self.unrouted_exchange},
+        )
+        args: FieldTable = {"x-dead-letter-exchange": self.dead_letter_exchange}
+        for method in METHODS:
+            q = await ch.declare_queue(self.queue_name(method), durable=True, arguments=args)
+            await q.bind(main, routing_key=method)
+            self._queues[method] = q
+        unrouted_q = await ch.declare_queue(self.queue_name("unrouted"), durable=True, arguments=args)
+        await unrouted_q.bind(unrouted)
+        self._queues["unrouted"] = unrouted_q
+        assert self._publish_channel is not None
+        self._results_exchange = await self._publish_channel.declare_exchange(
+            s.results_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+
+    async def resume(self) -> None:
+        handlers: dict[str, Callable[[AbstractIncomingMessage], Awaitable[None]]] = {
+            "add": self._on_add,
+            "fetch": self._on_fetch,
+            "ack": self._on_ack,
+            "unrouted": self._on_unrouted,
+        }
+        for method, handler in handlers.items():
+            if method not in self._consumer_tags:
+                self._consumer_tags[method] = await self._queues[method].consume(self._tracked(handler))
+
+    async def pause(self) -> None:
+        """Stop taking new requests (shutdown step one); in-flight ones go on."""
+        for method, tag in list(self._consumer_tags.items()):
+            try:
+                await self._queues[method].cancel(tag)
+            except Exception as exc:  # channel already gone: nothing to cancel
+                log.debug("cancel %s: %s", method, exc)
+            del self._consumer_tags[method]
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            await self.connection.close()
+            self.connection = None
+
+    def is_ready(self) -> bool:
+        conn = self.connection
+        ch = self._consume_channel
+        return bool(
+            conn is not None
+            and not conn.is_closed
+            and ch is not None
+            and not ch.is_closed
+            and len(self._consumer_tags) == len(METHODS) + 1
+        )
+
+    def _tracked(
+        self, handler: Callable[[AbstractIncomingMessage], Awaitable[None]]
+    ) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+        async def run(message: AbstractIncomingMessage) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._inflight.add(task)
+            self._idle.clear()
+            try:
+                await handler(message)
+            finally:
+                self._inflight.discard(task)
+                if not self._inflight:
+                    self._idle.set()
+
+        return run
+
+    # -- replies -----------------------------------------------------------------------------
+    async def _reply(
+        self,
+        request: AbstractIncomingMessage,
+        body: bytes,
+        *,
+        is_error: bool,
+        headers: dict[str, Any] | None = None,
+    ) -> None:
+        if not request.reply_to or self._publish_channel is None:
+            return
+        message = aio_pika.Message(
+            body,
+            content_type=JSON,
+            correlation_id=request.correlation_id,
+            type="error" if is_error else "result",
+            headers=headers or {},
+            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+        )
+        try:
+            await self._publish_channel.default_exchange.publish(message, routing_key=request.reply_to)
+        except Exception as exc:
+            # The requester is gone (or its reply queue is). It will retry; the state is in Cassandra.
+            log.warning("reply to %s not delivered: %s", request.reply_to, type(exc).__name__)
+
+    async def _reject(self, message: AbstractIncomingMessage, error: BridgeError, method: str) -> None:
+        log.warning(
+            "rejected %s request: %s (%s)",
+            method,
+            error.code,
+            error.message,
+            extra={"correlation_id": message.correlation_id},
+        )
+        await self._reply(message, _reply_body(error=error), is_error=True)
+        await message.reject(requeue=False)  # -> dead-letter exchange, with x-death headers
+
+    def _body(self, message: AbstractIncomingMessage) -> Any:
+        limit = self.settings.max_value_bytes + 65_536
+        if len(message.body) > limit:
+            raise PayloadTooLarge(f"the message body is {len(message.body)} bytes; the limit is {limit}")
+        try:
+            return orjson.loads(message.body)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(f"the body is not valid JSON: {exc}") from None
+
+    # -- handlers ----------------------------------------------------------------------------
+    async def _on_add(self, message: AbstractIncomingMessage) -> None:
+        started = time.perf_counter()
+        try:
+            owner = self.identity.owner_of(message)
+            cmd: AddCommand = parse(AddCommand, self._body(message))
+            size = len(orjson.dumps(cmd.value))
+            if size > self.settings.max_value_bytes:
+                raise PayloadTooLarge(f"value is {size} bytes; the limit is {self.settings.max_value_bytes}")
+        except BridgeError as exc:
+            self.observe("add", exc.code, time.perf_counter() - started)
+            await self._reject(message, exc, "add")
+            return
+        traceparent = (message.headers or {}).get("traceparent")
+        tp = traceparent.decode() if isinstance(traceparent, bytes) else traceparent
+        delay = 0.1
+        deadline = time.monotonic() + ADD_RETRY_BUDGET_S
+        while True:
+            try:
+                task_id = await self.queue.add(
+                    owner, cmd, message_id=message.message_id, traceparent=tp if isinstance(tp, str) else None
+                )
+                break
+            except BridgeError as exc:
+                if not exc.transient:
+                    self.observe("add", exc.code, time.perf_counter() - started)
+                    await self._reject(message, exc, "add")
+                    return
+                if time.monotonic() + delay > deadline or not self._consumer_tags:
+                    # Give it back to RabbitMQ for later (or for another instance); never lose it.
+                    self.observe("add", exc.code, time.perf_counter() - started)
+                    await self._reply(message, _reply_body(error=exc), is_error=True)
+                    await message.nack(requeue=True)
+                    return
+                log.warning("add failed (%s), retrying in %.1fs", exc.message, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        await self._reply(message, _reply_body(True, extra={"task": {"id": task_id}}), is_error=False)
+        await message.ack()
+        self.observe("add", "ok", time.perf_counter() - started)
+
+    async def _rpc(
+        self,
+        message: AbstractIncomingMessage,
+        method: str,
+        call: Callable[[str, Any], Awaitable[tuple[bytes, dict[str, Any] | None]]],
+        model: type[Any],
+    ) -> None:
+        started = time.perf_counter()
+        try:
+            if not message.reply_to:
+                raise BadRequest(f"{method} is an RPC: set reply_to (and correlation_id)")
+            owner = self.identity.owner_of(message)
+            request = parse(model, self._body(message))
+        except BridgeError as exc:
+            self.observe(method, exc.code, time.perf_counter() - started)
+            await self._reject(message, exc, method)
+            return
+        try:
+            body, headers = await call(owner, request)
+        except BridgeError as exc:
+            self.observe(method, exc.code, time.perf_counter() - started)
+            await self._reply(message, _reply_body(error=exc), is_error=True)
+            await message.ack()  # the error was answered; the request itself was well formed
+            return
+        except Exception:
+            log.exception("%s failed unexpectedly", method)
+            err = BridgeError("internal error; see the bridge log")
+            self.observe(method, err.code, time.perf_counter() - started)
+            await self._reply(message, _reply_body(error=err), is_error=True)
+            await message.ack()
+            return
+        await self._reply(message, body, is_error=False, headers=headers)
+        await message.ack()
+        self.observe(method, "ok", time.perf_counter() - started)
+
+    async def _fetch(self, owner: str, req: FetchRequest) -> tuple[bytes, dict[str, Any] | None]:
+        delivery = await self.queue.fetch(owner, req)
+        if delivery is None:
+            return _reply_body(None), None
+        task = {
+            "id": delivery.task_id,
+            "deliveries": delivery.deliveries,
+            "leaseExpiresAt": _iso(delivery.lease_expires_at_ms),
+        }
+        headers = {"traceparent": delivery.traceparent} if delivery.traceparent else None
+        return _reply_body(delivery.value, extra={"task": task}), headers
+
+    async def _ack(self, owner: str, req: AckRequest) -> tuple[bytes, dict[str, Any] | None]:
+        return _reply_body(await self.queue.ack(owner, req)), None
+
+    async def _on_fetch(self, message: AbstractIncomingMessage) -> None:
+        await self._rpc(message, "fetch", self._fetch, FetchRequest)
+
+    async def _on_ack(self, message: AbstractIncomingMessage) -> None:
+        await self._rpc(message, "ack", self._ack, AckRequest)
+
+    async def _on_unrouted(self, message: AbstractIncomingMessage) -> None:
+        err = BadRequest(f"unknown method {message.routing_key!r}; use one of {', '.join(METHODS)}")
+        self.observe("unknown", err.code, 0.0)
+        await self._reject(message, err, "unknown")
+
+    # -- results -----------------------------------------------------------------------------
+    async def publish_result(self, result: ResultMessage) -> None:
+        if self._results_exchange is None:
+            raise RuntimeError("transport not started")
+        body: dict[str, Any] = {"token": result.token, "serviceId": result.service, "taskId": result.task_id}
+        body.update(result.outcome)
+        headers: dict[str, Any] = {"x-owner": result.owner}
+        if result.traceparent:
+            headers["traceparent"] = result.traceparent
+        message = aio_pika.Message(
+            orjson.dumps(body),
+            content_type=JSON,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=f"{result.task_id}:{result.completion_id}",  # consumers may de-duplicate on it
+            headers=headers,
+            type="result",
+        )
+        # Publisher confirm: raises unless the broker took responsibility for the message.
+        await self._results_exchange.publish(message, routing_key=result.service)

@@ -1,0 +1,318 @@
+#!/usr/bin/env bash
+# Local RabbitMQ (Debian's rabbitmq-server package) for queue-bridge.
+#
+#   deploy/local/rabbitmq.sh start|wait|users|stop|status|install
+#
+# stack.sh sources this file and calls the rabbitmq_* functions; it can also be run by itself.
+# The broker runs as the `rabbitmq` user (the Debian wrapper su's to it) with its data, logs,
+# pid file, config and enabled-plugins file under $QB_STATE_DIR/rabbitmq.
+# Env: QB_STATE_DIR, QB_AMQP_HOST (127.0.0.1), QB_AMQP_PORT (5672), QB_RABBITMQ_WAIT (120 s),
+#      QB_RABBITMQ_MANAGEMENT (1 = enable the management UI on 127.0.0.1:15672),
+#      QB_RABBITMQ_MGMT_PORT (15672), QB_RABBITMQ_USERS ("engine worker-a worker-b").
+
+QB_LOCAL_DIR=${QB_LOCAL_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}
+QB_STATE_DIR=${QB_STATE_DIR:-$QB_LOCAL_DIR/state}
+: "${QB_T0:=$EPOCHSECONDS}"
+export QB_T0
+if ! declare -F qb_log >/dev/null; then
+  qb_log() { printf '[stack +%ds] %s\n' "$((EPOCHSECONDS - QB_T0))" "$*"; }
+  qb_die() { printf '[stack +%ds] ERROR: %s\n' "$((EPOCHSECONDS - QB_T0))" "$*" >&2; exit 1; }
+fi
+if ! declare -F qb_apt_install >/dev/null; then
+  # qb_apt_install LOGFILE PACKAGE...: apt-get update (once per run) + install, as root, with a
+  # temporary policy-rc.d that forbids service starts (a package's postinst would otherwise start
+  # its service through invoke-rc.d, or fail on a machine without an init system).
+  qb_apt_install() {
+    local log=$1 policy=/usr/sbin/policy-rc.d rc=0
+    shift
+    [[ $EUID == 0 ]] || qb_die "need root to apt-get install $*"
+    mkdir -p "$(dirname "$log")"
+    (
+      created=0
+      if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\n# temporary (queue-bridge deploy/local): no service starts during apt-get\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        created=1
+      fi
+      trap '[[ $created == 1 ]] && rm -f "$policy"' EXIT
+      export DEBIAN_FRONTEND=noninteractive
+      if [[ -z ${QB_APT_UPDATED:-} ]]; then
+        apt-get update -q
+      fi
+      apt-get install -y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "$@" \
+        || dpkg --configure -a
+    ) >>"$log" 2>&1 || rc=$?
+    QB_APT_UPDATED=1
+    export QB_APT_UPDATED
+    return "$rc"
+  }
+fi
+
+# rabbitmq-server/rabbitmqctl live in /usr/sbin, which a trimmed PATH may lack.
+case ":$PATH:" in *:/usr/sbin:*) ;; *) PATH=$PATH:/usr/sbin ;; esac
+
+QB_AMQP_HOST=${QB_AMQP_HOST:-127.0.0.1}
+QB_AMQP_PORT=${QB_AMQP_PORT:-5672}
+QB_RABBITMQ_WAIT=${QB_RABBITMQ_WAIT:-120}
+QB_RABBITMQ_MANAGEMENT=${QB_RABBITMQ_MANAGEMENT:-1}
+QB_RABBITMQ_MGMT_PORT=${QB_RABBITMQ_MGMT_PORT:-15672}
+QB_RABBITMQ_USERS=${QB_RABBITMQ_USERS:-engine worker-a worker-b}
+
+rabbitmq_paths() {
+  mkdir -p "$QB_STATE_DIR"
+  QB_STATE_DIR=$(cd "$QB_STATE_DIR" && pwd)
+  R_DIR=$QB_STATE_DIR/rabbitmq
+  R_MNESIA=$R_DIR/mnesia
+  R_LOGS=$R_DIR/logs
+  R_PIDFILE=$R_DIR/rabbitmq.pid
+  R_OWNER=$R_DIR/owner                         # "started" (by these scripts) or "external"
+}
+rabbitmq_paths
+
+# --- helpers -------------------------------------------------------------------------------------
+
+rabbitmq_amqp_once() {
+  python3 "$QB_LOCAL_DIR/amqp_ready.py" --host "$QB_AMQP_HOST" --port "$QB_AMQP_PORT" --once --io-timeout 2 "$@"
+}
+
+# The broker's pid if the pid file names a live beam.smp that runs on our state folder.
+rabbitmq_pid() {
+  local pid
+  [[ -f $R_PIDFILE ]] || return 1
+  pid=$(tr -dc '0-9' <"$R_PIDFILE")
+  [[ -n $pid && -r /proc/$pid/cmdline ]] || return 1
+  grep -q beam "/proc/$pid/cmdline" 2>/dev/null || return 1
+  tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qxF "RABBITMQ_MNESIA_BASE=$R_MNESIA" || return 1
+  [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) != Z ]] || return 1
+  echo "$pid"
+}
+
+rabbitmq_rss_mib() {
+  local kib
+  kib=$(ps -o rss= -p "$1" 2>/dev/null | tr -d ' ') || true
+  echo $(( ${kib:-0} / 1024 ))
+}
+
+rabbitmq_log_file() {
+  local f
+  for f in "$R_LOGS"/rabbit@*.log; do
+    [[ -f $f && $f != *_upgrade.log ]] && { echo "$f"; return 0; }
+  done
+  return 1
+}
+
+rabbitmq_print_log_tail() {
+  local log
+  if log=$(rabbitmq_log_file) && [[ -s $log ]]; then
+    echo "----- last 40 lines of $log -----" >&2
+    tail -n 40 "$log" >&2
+    echo "-----" >&2
+  fi
+  if [[ -s $R_LOGS/startup.log ]]; then
+    echo "----- last 20 lines of $R_LOGS/startup.log -----" >&2
+    tail -n 20 "$R_LOGS/startup.log" >&2
+    echo "-----" >&2
+  fi
+}
+
+# --- install -------------------------------------------------------------------------------------
+
+# apt-get installs rabbitmq-server if it is missing (see qb_apt_install: the package's postinst
+# does not get to start the broker with Debian's own data dir; these scripts start it).
+rabbitmq_install() {
+  if command -v rabbitmq-server >/dev/null || [[ -x /usr/sbin/rabbitmq-server ]]; then
+    return 0
+  fi
+  mkdir -p "$R_DIR"
+  local t0=$EPOCHSECONDS
+  qb_log "rabbitmq: rabbitmq-server missing: apt-get update + install (log $R_DIR/apt.log)..."
+  if ! qb_apt_install "$R_DIR/apt.log" rabbitmq-server || ! [[ -x /usr/sbin/rabbitmq-server ]]; then
+    tail -n 30 "$R_DIR/apt.log" >&2
+    qb_die "rabbitmq: apt-get install rabbitmq-server failed (see $R_DIR/apt.log)"
+  fi
+  # shellcheck disable=SC2016  # ${Version} is dpkg-query's field, not a shell expansion
+  qb_log "rabbitmq: installed rabbitmq-server $(dpkg-query -W -f='${Version}' rabbitmq-server) in $((EPOCHSECONDS - t0))s"
+}
+
+# --- commands ------------------------------------------------------------------------------------
+
+rabbitmq_prepare_state() {
+  mkdir -p "$R_MNESIA" "$R_LOGS"
+  {
+    echo "# Rendered by deploy/local/rabbitmq.sh; edits are overwritten."
+    echo "listeners.tcp.default = $QB_AMQP_HOST:$QB_AMQP_PORT"
+    if [[ $QB_RABBITMQ_MANAGEMENT == 1 ]]; then
+      echo "management.tcp.ip = 127.0.0.1"
+      echo "management.tcp.port = $QB_RABBITMQ_MGMT_PORT"
+    fi
+  } >"$R_DIR/rabbitmq.conf"
+  if [[ $QB_RABBITMQ_MANAGEMENT == 1 ]]; then
+    echo '[rabbitmq_management].' >"$R_DIR/enabled_plugins"
+  else
+    echo '[].' >"$R_DIR/enabled_plugins"
+  fi
+  chown -R rabbitmq:rabbitmq "$R_DIR"
+  # The broker runs as `rabbitmq`: every folder above the state dir must let it through.
+  su rabbitmq -s /bin/sh -c "test -w '$R_MNESIA' && test -w '$R_LOGS'" \
+    || qb_die "rabbitmq: user 'rabbitmq' cannot write $R_DIR (a parent folder is not world-executable?); set QB_STATE_DIR elsewhere, e.g. /var/tmp/qb-state"
+}
+
+# Starts the broker unless ours already runs or something already answers AMQP on the port
+# (external: used as is). Does not wait: see rabbitmq_wait.
+rabbitmq_start() {
+  local pid
+  mkdir -p "$R_DIR"
+  if pid=$(rabbitmq_pid); then
+    qb_log "rabbitmq: already running (pid $pid, started by these scripts)"
+    echo started >"$R_OWNER"
+    return 0
+  fi
+  if rabbitmq_amqp_once --quiet; then
+    qb_log "rabbitmq: something already answers AMQP on $QB_AMQP_HOST:$QB_AMQP_PORT: using it, not starting ours"
+    echo external >"$R_OWNER"
+    return 0
+  fi
+  (exec 3<>"/dev/tcp/$QB_AMQP_HOST/$QB_AMQP_PORT") 2>/dev/null \
+    && qb_die "rabbitmq: $QB_AMQP_HOST:$QB_AMQP_PORT is taken by something that does not speak AMQP 0-9-1"
+  rabbitmq_install
+  rabbitmq_prepare_state
+  rm -f "$R_PIDFILE"
+  # shellcheck disable=SC2016  # ${Version} is dpkg-query's field, not a shell expansion
+  qb_log "rabbitmq: starting rabbitmq-server $(dpkg-query -W -f='${Version}' rabbitmq-server 2>/dev/null) on $QB_AMQP_HOST:$QB_AMQP_PORT$([[ $QB_RABBITMQ_MANAGEMENT == 1 ]] && echo ", management on 127.0.0.1:$QB_RABBITMQ_MGMT_PORT")"
+  # As root the Debian wrapper runs the broker as user rabbitmq (su keeps these variables).
+  R_LAUNCHED_AT=$EPOCHSECONDS
+  if ! (cd /tmp && env \
+      RABBITMQ_MNESIA_BASE="$R_MNESIA" \
+      RABBITMQ_LOG_BASE="$R_LOGS" \
+      RABBITMQ_PID_FILE="$R_PIDFILE" \
+      RABBITMQ_CONFIG_FILE="$R_DIR/rabbitmq.conf" \
+      RABBITMQ_ENABLED_PLUGINS_FILE="$R_DIR/enabled_plugins" \
+      ERL_EPMD_ADDRESS=127.0.0.1 \
+      RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
+      rabbitmq-server -detached) >"$R_LOGS/startup.log" 2>&1; then
+    rabbitmq_print_log_tail
+    qb_die "rabbitmq: rabbitmq-server -detached failed"
+  fi
+  echo started >"$R_OWNER"
+}
+
+# Waits for Connection.Start on the AMQP port, then `rabbitmqctl await_startup`.
+rabbitmq_wait() {
+  local owner deadline pid=""
+  owner=$(cat "$R_OWNER" 2>/dev/null || true)
+  rabbitmq_amqp_once --quiet || qb_log "rabbitmq: waiting for AMQP on $QB_AMQP_HOST:$QB_AMQP_PORT (timeout ${QB_RABBITMQ_WAIT}s)"
+  deadline=$((EPOCHSECONDS + QB_RABBITMQ_WAIT))
+  until rabbitmq_amqp_once --quiet; do
+    if [[ $owner == started ]] && ! pid=$(rabbitmq_pid); then
+      # -detached returns before the pid file exists: allow a few seconds before calling it dead.
+      if ((EPOCHSECONDS - ${R_LAUNCHED_AT:-0} > 15)) || ! pgrep -u rabbitmq -f "beam.*rabbit" >/dev/null; then
+        rabbitmq_print_log_tail
+        qb_die "rabbitmq: the broker exited during startup"
+      fi
+    fi
+    if ((EPOCHSECONDS >= deadline)); then
+      rabbitmq_print_log_tail
+      qb_die "rabbitmq: no AMQP Connection.Start on $QB_AMQP_HOST:$QB_AMQP_PORT within ${QB_RABBITMQ_WAIT}s"
+    fi
+    sleep 0.5
+  done
+  if ! timeout 60 rabbitmqctl await_startup >/dev/null 2>&1; then
+    if [[ $owner == started ]]; then
+      rabbitmq_print_log_tail
+      qb_die "rabbitmq: rabbitmqctl await_startup failed"
+    fi
+    qb_log "rabbitmq: rabbitmqctl cannot reach the external broker (AMQP answers, so going on)"
+    return 0
+  fi
+  pid=$(rabbitmq_pid) || true
+  if [[ -n $pid ]]; then
+    qb_log "rabbitmq: ready${R_LAUNCHED_AT:+ in $((EPOCHSECONDS - R_LAUNCHED_AT))s} (pid $pid, rss $(rabbitmq_rss_mib "$pid") MiB)"
+  else
+    qb_log "rabbitmq: ready (external broker on $QB_AMQP_HOST:$QB_AMQP_PORT)"
+  fi
+}
+
+# Test users (password = user name, full permissions on vhost /); guest is kept. Idempotent.
+rabbitmq_users() {
+  local users perms u added=() granted=()
+  if ! users=$(rabbitmqctl list_users --silent 2>&1); then
+    if [[ $(cat "$R_OWNER" 2>/dev/null) == external ]]; then
+      qb_log "rabbitmq: cannot run rabbitmqctl against the external broker: create users $QB_RABBITMQ_USERS yourself"
+      return 0
+    fi
+    echo "$users" >&2
+    qb_die "rabbitmq: rabbitmqctl list_users failed"
+  fi
+  users=$(awk '{print $1}' <<<"$users")
+  perms=$(rabbitmqctl list_permissions -p / --silent)
+  for u in $QB_RABBITMQ_USERS; do
+    if ! grep -qxF "$u" <<<"$users"; then
+      rabbitmqctl add_user "$u" "$u" >/dev/null
+      added+=("$u")
+    fi
+    if ! grep -qxF "$(printf '%s\t.*\t.*\t.*' "$u")" <<<"$perms"; then
+      rabbitmqctl set_permissions -p / "$u" '.*' '.*' '.*' >/dev/null
+      granted+=("$u")
+    fi
+  done
+  if ((${#added[@]} + ${#granted[@]})); then
+    qb_log "rabbitmq: users: added [${added[*]}], granted / to [${granted[*]}] (password = user name; guest kept)"
+  else
+    qb_log "rabbitmq: users $QB_RABBITMQ_USERS already set up"
+  fi
+}
+
+# Stops the broker only if these scripts started it.
+rabbitmq_stop() {
+  local owner pid
+  owner=$(cat "$R_OWNER" 2>/dev/null || true)
+  if [[ $owner == external ]]; then
+    qb_log "rabbitmq: not started by these scripts (external broker): leaving it running"
+    rm -f "$R_OWNER"
+    return 0
+  fi
+  if ! pid=$(rabbitmq_pid); then
+    qb_log "rabbitmq: not running"
+    rm -f "$R_OWNER"
+    return 0
+  fi
+  qb_log "rabbitmq: stopping pid $pid (rabbitmqctl stop)"
+  timeout 60 rabbitmqctl stop "$R_PIDFILE" >/dev/null 2>&1 || true
+  if rabbitmq_pid >/dev/null; then
+    qb_log "rabbitmq: still alive after rabbitmqctl stop: SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+    sleep 1
+  fi
+  rm -f "$R_OWNER" "$R_PIDFILE"
+  qb_log "rabbitmq: stopped"
+}
+
+rabbitmq_status() {
+  local pid owner amqp
+  owner=$(cat "$R_OWNER" 2>/dev/null || true)
+  if amqp=$(rabbitmq_amqp_once 2>&1); then amqp="answers AMQP (${amqp#*(}"; amqp=${amqp%)}")"; else amqp="no AMQP answer"; fi
+  if pid=$(rabbitmq_pid); then
+    echo "rabbitmq:  running, started by these scripts, pid $pid, rss $(rabbitmq_rss_mib "$pid") MiB, $QB_AMQP_HOST:$QB_AMQP_PORT $amqp"
+    echo "           data $R_MNESIA, log $(rabbitmq_log_file || echo "$R_LOGS")"
+    [[ $amqp == answers* ]]
+  elif [[ $amqp == answers* ]]; then
+    echo "rabbitmq:  external broker (not started by these scripts) on $QB_AMQP_HOST:$QB_AMQP_PORT, $amqp${owner:+ [owner file: $owner]}"
+  else
+    echo "rabbitmq:  not running ($QB_AMQP_HOST:$QB_AMQP_PORT $amqp)"
+    return 1
+  fi
+}
+
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
+  set -euo pipefail
+  case ${1:-} in
+    install) rabbitmq_install ;;
+    start) rabbitmq_start ;;
+    wait) rabbitmq_wait ;;
+    users) rabbitmq_users ;;
+    up) rabbitmq_start; rabbitmq_wait; rabbitmq_users ;;
+    stop | down) rabbitmq_stop ;;
+    status) rabbitmq_status ;;
+    *) echo "usage: $0 install|start|wait|users|up|stop|status" >&2; exit 2 ;;
+  esac
+fi

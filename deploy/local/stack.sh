@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# queue-bridge local stack: RabbitMQ (AMQP 127.0.0.1:5672) + Cassandra 5.0.8 (CQL 127.0.0.1:9042).
+#
+#   deploy/local/stack.sh up       start what is not running yet, wait until both answer (idempotent)
+#   deploy/local/stack.sh down     stop only what these scripts started
+#   deploy/local/stack.sh status   one line per server; exit 0 only if both answer
+#   deploy/local/stack.sh wait     wait until both answer (starts nothing)
+#
+# Servers that already answer on those ports (the real protocol handshake) are used as they are
+# and never stopped by `down`. State lives in deploy/local/state (QB_STATE_DIR). See README.md.
+# shellcheck source-path=SCRIPTDIR
+set -euo pipefail
+
+QB_LOCAL_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+QB_STATE_DIR=${QB_STATE_DIR:-$QB_LOCAL_DIR/state}
+QB_T0=$EPOCHSECONDS
+export QB_LOCAL_DIR QB_STATE_DIR QB_T0
+
+qb_log() { printf '[stack +%ds] %s\n' "$((EPOCHSECONDS - QB_T0))" "$*"; }
+qb_die() { printf '[stack +%ds] ERROR: %s\n' "$((EPOCHSECONDS - QB_T0))" "$*" >&2; exit 1; }
+
+source "$QB_LOCAL_DIR/cassandra.sh"
+source "$QB_LOCAL_DIR/rabbitmq.sh"
+
+stack_preflight() {
+  command -v python3 >/dev/null || qb_die "python3 is needed for the readiness checks"
+  command -v setsid >/dev/null || qb_die "setsid (util-linux) is needed"
+}
+
+stack_up() {
+  stack_preflight
+  qb_log "up: state in $QB_STATE_DIR"
+  # Cassandra first (jar download + a JVM that boots for a few seconds), RabbitMQ while it boots.
+  cassandra_start
+  rabbitmq_start
+  rabbitmq_wait
+  rabbitmq_users
+  cassandra_wait
+  qb_log "up: done in $((EPOCHSECONDS - QB_T0))s: CQL $QB_CASSANDRA_HOST:$QB_CASSANDRA_PORT," \
+    "AMQP amqp://guest:guest@$QB_AMQP_HOST:$QB_AMQP_PORT/ (users: $QB_RABBITMQ_USERS, password = name)"
+}
+
+stack_down() {
+  local rc=0 cpid
+  # Both in parallel: Cassandra drains in a few seconds, RabbitMQ stops in a few seconds.
+  cassandra_stop &
+  cpid=$!
+  rabbitmq_stop || rc=$?
+  wait "$cpid" || rc=$?
+  return "$rc"
+}
+
+stack_status() {
+  local rc=0
+  cassandra_status || rc=1
+  rabbitmq_status || rc=1
+  return "$rc"
+}
+
+stack_wait() {
+  stack_preflight
+  rabbitmq_wait
+  cassandra_wait
+}
+
+case ${1:-} in
+  up) stack_up ;;
+  down) stack_down ;;
+  status) stack_status ;;
+  wait) stack_wait ;;
+  *)
+    echo "usage: $0 up|down|status|wait" >&2
+    exit 2
+    ;;
+esac

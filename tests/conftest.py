@@ -1,0 +1,281 @@
+"""Fixtures: real RabbitMQ and Cassandra endpoints, a key-ring, and bridges (in-process or processes).
+
+Where the servers come from (the tests never change):
+1. ``QB_TEST_AMQP_URL`` / ``QB_TEST_CASSANDRA_HOSTS`` if set;
+2. else the local stack on 127.0.0.1 (``make stack-up``), if it answers;
+3. else, if a Docker engine is available, RabbitMQ and Cassandra started with testcontainers.
+Otherwise the session fails with a message saying how to get servers: integration tests are
+never silently skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.client import Engine, Worker
+from bridge.config import Settings
+from bridge.crypto import generate_keyring, write_keyring
+
+ROOT = Path(__file__).resolve().parent.parent
+ENGINE_USER = "engine"
+OWNERS = ("worker-a", "worker-b")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _docker_available() -> bool:
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@dataclass
+class Servers:
+    amqp_host: str
+    amqp_port: int
+    cassandra_hosts: list[str]
+    cassandra_port: int
+    keyspace: str
+    stop: list[Callable[[], Any]] = field(default_factory=list)
+
+    def amqp_url(self, user: str = "guest", password: str | None = None) -> str:
+        return f"amqp://{user}:{password or user}@{self.amqp_host}:{self.amqp_port}/"
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[Servers]:
+    keyspace = f"qb_test_{uuid.uuid4().hex[:8]}"
+    url = os.environ.get("QB_TEST_AMQP_URL")
+    hosts = os.environ.get("QB_TEST_CASSANDRA_HOSTS")
+    if url or hosts:
+        from urllib.parse import urlparse
+
+        p = urlparse(url or "amqp://127.0.0.1:5672/")
+        yield Servers(p.hostname or "127.0.0.1", p.port or 5672, (hosts or "127.0.0.1").split(","), 9042, keyspace)
+        return
+    if _port_open("127.0.0.1", 5672) and _port_open("127.0.0.1", 9042):
+        yield Servers("127.0.0.1", 5672, ["127.0.0.1"], 9042, keyspace)
+        return
+    if _docker_available():
+        yield from _testcontainers(keyspace)
+        return
+    pytest.fail(
+        "no RabbitMQ on 127.0.0.1:5672 / Cassandra on 127.0.0.1:9042 and no Docker engine: run `make stack-up`",
+        pytrace=False,
+    )
+
+
+def _testcontainers(keyspace: str) -> Iterator[Servers]:  # pragma: no cover - needs Docker
+    from testcontainers.cassandra import CassandraContainer
+    from testcontainers.rabbitmq import RabbitMqContainer
+
+    rabbit = RabbitMqContainer("rabbitmq:3.13-management")
+    cassandra = CassandraContainer("cassandra:5.0")
+    rabbit.start()
+    cassandra.start()
+    for user in (ENGINE_USER, *OWNERS):
+        rabbit.exec(f"rabbitmqctl add_user {user} {user}")
+        rabbit.exec(f'rabbitmqctl set_permissions -p / {user} ".*" ".*" ".*"')
+    try:
+        yield Servers(
+            rabbit.get_container_host_ip(),
+            int(rabbit.get_exposed_port(5672)),
+            [cassandra.get_container_host_ip()],
+            int(cassandra.get_exposed_port(9042)),
+            keyspace,
+        )
+    finally:
+        rabbit.stop()
+        cassandra.stop()
+
+
+@pytest.fixture(scope="session")
+def keyring_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("keys") / "keyring.json"
+    write_keyring(path, generate_keyring([*OWNERS, ENGINE_USER, "guest"]))
+    return path
+
+
+@pytest.fixture
+def names() -> dict[str, str]:
+    """Per-test exchange and queue names, so tests never see each other's messages."""
+    suffix = uuid.uuid4().hex[:8]
+    return {
+        "exchange": f"qb-test-{suffix}",
+        "results_exchange": f"qb-test-{suffix}.results",
+        "queue_prefix": f"qb-test-{suffix}",
+    }
+
+
+@pytest.fixture
+def bridge_env(servers: Servers, keyring_path: Path, names: dict[str, str]) -> dict[str, str]:
+    """The BRIDGE_* environment of a bridge for this test (used in-process and by subprocesses)."""
+    return {
+        "BRIDGE_AMQP_URL": servers.amqp_url("guest"),
+        "BRIDGE_CASSANDRA_HOSTS": ",".join(servers.cassandra_hosts),
+        "BRIDGE_CASSANDRA_PORT": str(servers.cassandra_port),
+        "BRIDGE_CASSANDRA_KEYSPACE": servers.keyspace,
+        "BRIDGE_KEYRING": str(keyring_path),
+        "BRIDGE_EXCHANGE": names["exchange"],
+        "BRIDGE_RESULTS_EXCHANGE": names["results_exchange"],
+        "BRIDGE_QUEUE_PREFIX": names["queue_prefix"],
+        "BRIDGE_TRUSTED_USERS": ENGINE_USER,
+        "BRIDGE_HTTP_PORT": "0",
+        "BRIDGE_LOG_FORMAT": "json",
+    }
+
+
+def settings_from(env: dict[str, str], **overrides: Any) -> Settings:
+    values: dict[str, Any] = {k.removeprefix("BRIDGE_").lower(): v for k, v in env.items()}
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+async def bridge(bridge_env: dict[str, str]) -> AsyncIterator[Any]:
+    from bridge.app import Bridge
+
+    b = Bridge(settings_from(bridge_env))
+    await b.start()
+    try:
+        yield b
+    finally:
+        await b.stop()
+
+
+@pytest.fixture
+async def make_bridge(bridge_env: dict[str, str]) -> AsyncIterator[Callable[..., Any]]:
+    """Start extra in-process bridges (same exchange, same keyspace) with setting overrides."""
+    from bridge.app import Bridge
+
+    started: list[Bridge] = []
+
+    async def make(**overrides: Any) -> Bridge:
+        b = Bridge(settings_from(bridge_env, **overrides))
+        await b.start()
+        started.append(b)
+        return b
+
+    yield make
+    for b in started:
+        await b.stop()
+
+
+class BridgeProcess:
+    """A bridge as a real OS process (for crash and multi-instance tests)."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = {**os.environ, **env}
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bridge", "run"], env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+        )
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        self.proc.terminate()
+        return self.proc.wait(timeout)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+@pytest.fixture
+def bridge_processes(bridge_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., BridgeProcess]]:
+    procs: list[BridgeProcess] = []
+
+    def spawn(**extra_env: str) -> BridgeProcess:
+        p = BridgeProcess({**bridge_env, **extra_env}, tmp_path / f"bridge-{len(procs)}.log")
+        p.start()
+        procs.append(p)
+        return p
+
+    yield spawn
+    for p in procs:
+        if p.alive():
+            p.kill()
+
+
+@pytest.fixture
+async def engine(servers: Servers, names: dict[str, str]) -> AsyncIterator[Engine]:
+    async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"]) as e:
+        yield e
+
+
+@pytest.fixture
+def worker_factory(servers: Servers, names: dict[str, str]) -> Callable[..., Any]:
+    opened: list[Worker] = []
+
+    async def make(service: str, worker_id: str | None = None, *, user: str = OWNERS[0], **kw: Any) -> Worker:
+        w = Worker(
+            servers.amqp_url(user),
+            service=service,
+            worker_id=worker_id or uuid.uuid4().hex[:8],
+            exchange=names["exchange"],
+            **kw,
+        )
+        await w.open()
+        opened.append(w)
+        return w
+
+    make.opened = opened  # type: ignore[attr-defined]
+    return make
+
+
+@pytest.fixture
+async def workers(worker_factory: Any) -> AsyncIterator[Callable[..., Any]]:
+    """Async wrapper that closes the workers opened by ``worker_factory`` in the test's loop."""
+    yield worker_factory
+    for w in worker_factory.opened:
+        await w.close()
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "") -> Any:
+    """Poll an (async or sync) condition until it is truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        await asyncio.sleep(interval)
+
+
+def service_id() -> str:
+    return f"svc-{uuid.uuid4().hex[:10]}"

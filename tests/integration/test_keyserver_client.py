@@ -1,0 +1,347 @@
+"""HttpKeyProvider (and CachingKeyProvider on top of it) against the real in-process KeyServer."""
+
+from __future__ import annotations
+
+import base64
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import pytest
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from bridge.crypto import (
+    CachingKeyProvider,
+    HttpKeyProvider,
+    KeyUnavailable,
+    OwnerKey,
+    UnknownKey,
+    UnknownOwner,
+    open_sealed,
+    seal,
+)
+from tests.keyserver import KeyServer
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[KeyServer]:
+    async with KeyServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+async def provider(server: KeyServer) -> AsyncIterator[HttpKeyProvider]:
+    prov = HttpKeyProvider(server.url)
+    yield prov
+    await prov.close()
+
+
+async def test_current_and_by_id(server: KeyServer, provider: HttpKeyProvider) -> None:
+    key_id = server.add_owner("acme")
+    key = await provider.current_key("acme")
+    assert key == OwnerKey(owner="acme", key_id=key_id, secret=server.secret("acme", key_id))
+    assert await provider.key_by_id("acme", key_id) == key
+    assert server.paths == ["/owners/acme/keys/current", f"/owners/acme/keys/{key_id}"]
+
+
+async def test_rotation(server: KeyServer, provider: HttpKeyProvider) -> None:
+    old_id = server.add_owner("acme")
+    old = await provider.current_key("acme")
+    sealed = seal(old, b"before rotation", service="svc", task_id="t1", field="value")
+    new_id = server.rotate("acme")
+    new = await provider.current_key("acme")
+    assert new.key_id == new_id != old_id
+    assert new.secret == server.secret("acme", new_id)
+    # Old data is still readable through the id it names.
+    by_id = await provider.key_by_id("acme", sealed.key_id)
+    assert open_sealed(by_id, sealed, service="svc", task_id="t1", field="value") == b"before rotation"
+
+
+async def test_unknown_owner(server: KeyServer, provider: HttpKeyProvider) -> None:
+    server.add_owner("acme")
+    with pytest.raises(UnknownOwner, match="nobody"):
+        await provider.current_key("nobody")
+    with pytest.raises(UnknownOwner, match="nobody"):
+        await provider.key_by_id("nobody", "k1")
+
+
+async def test_unknown_key(server: KeyServer, provider: HttpKeyProvider) -> None:
+    old_id = server.add_owner("acme")
+    with pytest.raises(UnknownKey, match="no-such-key"):
+        await provider.key_by_id("acme", "no-such-key")
+    server.rotate("acme")
+    server.revoke("acme", old_id)
+    with pytest.raises(UnknownKey, match=old_id):
+        await provider.key_by_id("acme", old_id)
+
+
+async def test_reserved_key_id_current_is_never_requested(server: KeyServer, provider: HttpKeyProvider) -> None:
+    server.add_owner("acme")
+    with pytest.raises(UnknownKey):
+        await provider.key_by_id("acme", "current")
+    assert server.requests == 0
+
+
+async def test_owner_and_key_id_are_url_quoted(server: KeyServer, provider: HttpKeyProvider) -> None:
+    owner = "team/a b?x=1#frag%2F.."
+    key_id = server.add_owner(owner)
+    server.add_owner("team")  # a naive client would hit /owners/team/...
+    key = await provider.current_key(owner)
+    assert key.owner == owner
+    assert key.secret == server.secret(owner, key_id)
+    for odd in (".", ".."):
+        odd_id = server.add_owner(odd)
+        assert (await provider.current_key(odd)).key_id == odd_id
+    assert all(path.startswith("/owners/") and path.count("/") == 4 for path in server.paths)
+    # Dot segments are percent-encoded so no proxy or server can normalise them away.
+    assert "/owners/%2E/keys/current" in server.paths
+    assert "/owners/%2E%2E/keys/current" in server.paths
+
+
+async def test_503_is_key_unavailable(server: KeyServer, provider: HttpKeyProvider) -> None:
+    server.add_owner("acme")
+    server.fail = True
+    with pytest.raises(KeyUnavailable, match="503"):
+        await provider.current_key("acme")
+    assert server.requests == 1  # HTTP errors are not retried
+    server.fail = False
+    assert (await provider.current_key("acme")).owner == "acme"  # transient: recovers
+
+
+async def test_server_stopped_is_key_unavailable(server: KeyServer, provider: HttpKeyProvider) -> None:
+    server.add_owner("acme")
+    await provider.current_key("acme")  # a keep-alive connection now exists
+    await server.stop()
+    with pytest.raises(KeyUnavailable, match="unreachable"):
+        await provider.current_key("acme")
+
+
+async def test_nothing_listening_is_key_unavailable() -> None:
+    with socket.socket() as sock:  # find a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    prov = HttpKeyProvider(f"http://127.0.0.1:{port}", timeout=1.0)
+    try:
+        with pytest.raises(KeyUnavailable, match="unreachable"):
+            await prov.current_key("acme")
+    finally:
+        await prov.close()
+
+
+async def test_timeout_is_key_unavailable(server: KeyServer) -> None:
+    server.add_owner("acme")
+    server.delay = 1.0
+    prov = HttpKeyProvider(server.url, timeout=0.2)
+    try:
+        with anyio.fail_after(5):
+            with pytest.raises(KeyUnavailable, match="timed out"):
+                await prov.current_key("acme")
+    finally:
+        await prov.close()
+    assert server.requests == 1  # timeouts are not retried
+
+
+def _dropping_handler(drops: int, secret: bytes) -> tuple[Handler, list[int]]:
+    """A handler that kills the first ``drops`` connections without answering, then serves a key."""
+    attempts = [0]
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        attempts[0] += 1
+        if attempts[0] <= drops:
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response()
+        return web.json_response({"id": "k1", "key": base64.b64encode(secret).decode()})
+
+    return handler, attempts
+
+
+async def test_retries_after_connection_error() -> None:
+    # aiohttp itself re-sends an idempotent request once when the connection drops; the provider
+    # retries once more on top.  Two dropped connections are therefore survived -- without the
+    # provider's own retry this raises KeyUnavailable.
+    secret = b"\x05" * 32
+    handler, attempts = _dropping_handler(2, secret)
+    async with _custom_server(handler) as url:
+        prov = HttpKeyProvider(url)
+        try:
+            key = await prov.key_by_id("acme", "k1")
+        finally:
+            await prov.close()
+    assert key.secret == secret
+    assert attempts[0] == 3
+
+
+async def test_retry_is_bounded() -> None:
+    handler, attempts = _dropping_handler(1000, b"\x05" * 32)
+    async with _custom_server(handler) as url:
+        prov = HttpKeyProvider(url)
+        try:
+            with pytest.raises(KeyUnavailable, match="unreachable"):
+                await prov.key_by_id("acme", "k1")
+        finally:
+            await prov.close()
+    assert 2 <= attempts[0] <= 4  # one retry by the provider (x aiohttp's own single re-send)
+
+
+async def test_bearer_token_required() -> None:
+    async with KeyServer(token="t0ps3cret") as server:
+        key_id = server.add_owner("acme")
+        anonymous = HttpKeyProvider(server.url)
+        wrong = HttpKeyProvider(server.url, token="guess")
+        right = HttpKeyProvider(server.url, token="t0ps3cret")
+        try:
+            with pytest.raises(KeyUnavailable, match="401"):
+                await anonymous.current_key("acme")
+            with pytest.raises(KeyUnavailable, match="401"):
+                await wrong.current_key("acme")
+            assert (await right.current_key("acme")).key_id == key_id
+            assert "t0ps3cret" not in repr(right)
+        finally:
+            for prov in (anonymous, wrong, right):
+                await prov.close()
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "error"),
+    [
+        (200, b"not json", "not JSON"),
+        (200, b"[]", "not a JSON object"),
+        (200, b'{"key": "AAAA"}', "missing 'id'"),
+        (200, b'{"id": "k1"}', "missing 'key'"),
+        (200, b'{"id": "k1", "key": "***"}', "not base64"),
+        (200, b'{"id": "k1", "key": "AAAA"}', "3 bytes, expected 32"),
+        (200, b'{"id": "other", "key": "' + base64.b64encode(b"x" * 32) + b'"}', "names key 'other'"),
+        (404, b"404: Not Found", "404 without an error code"),
+        (500, b"boom", "HTTP 500"),
+        (302, b"", "HTTP 302"),
+    ],
+)
+async def test_malformed_answers_are_key_unavailable(status: int, body: bytes, error: str) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        headers = {"Location": "http://127.0.0.1:1/"} if status == 302 else None
+        return web.Response(status=status, body=body, headers=headers, content_type="application/json")
+
+    async with _custom_server(handler) as url:
+        prov = HttpKeyProvider(url)
+        try:
+            with pytest.raises(KeyUnavailable, match=error) as info:
+                await prov.key_by_id("acme", "k1")
+        finally:
+            await prov.close()
+    assert "eHh4" not in str(info.value)  # the body (key material) is never echoed
+
+
+async def test_closed_provider_is_unavailable(server: KeyServer) -> None:
+    server.add_owner("acme")
+    prov = HttpKeyProvider(server.url)
+    await prov.current_key("acme")
+    await prov.close()
+    await prov.close()  # idempotent
+    with pytest.raises(KeyUnavailable, match="closed"):
+        await prov.current_key("acme")
+
+
+def test_rejects_bad_base_url() -> None:
+    with pytest.raises(ValueError, match="http"):
+        HttpKeyProvider("ftp://example.org")
+    with pytest.raises(ValueError, match="http"):
+        HttpKeyProvider("localhost:8089")
+
+
+async def test_base_url_with_trailing_slash(server: KeyServer) -> None:
+    key_id = server.add_owner("acme")
+    prov = HttpKeyProvider(server.url + "/")
+    try:
+        assert (await prov.current_key("acme")).key_id == key_id
+    finally:
+        await prov.close()
+
+
+# -- CachingKeyProvider over the real server -----------------------------------------------------
+
+
+async def test_concurrent_current_key_calls_are_coalesced(server: KeyServer, provider: HttpKeyProvider) -> None:
+    key_id = server.add_owner("acme")
+    server.delay = 0.05  # keep the single upstream request in flight while the others arrive
+    cache = CachingKeyProvider(provider)
+    results: list[OwnerKey] = []
+
+    async def get() -> None:
+        results.append(await cache.current_key("acme"))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(50):
+            tg.start_soon(get)
+    assert server.requests == 1
+    assert len(results) == 50
+    assert {key.key_id for key in results} == {key_id}
+    assert (cache.misses, cache.coalesced, cache.hits) == (1, 49, 0)
+
+    # Cached now: no further request, and the by-id slot was filled too.
+    await cache.current_key("acme")
+    await cache.key_by_id("acme", key_id)
+    assert server.requests == 1
+    assert cache.hits == 2
+
+
+async def test_coalesced_by_id_and_unavailable(server: KeyServer, provider: HttpKeyProvider) -> None:
+    key_id = server.add_owner("acme")
+    server.delay = 0.05
+    server.fail = True
+    cache = CachingKeyProvider(provider)
+    failures: list[KeyUnavailable] = []
+
+    async def get() -> None:
+        try:
+            await cache.key_by_id("acme", key_id)
+        except KeyUnavailable as exc:
+            failures.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(10):
+            tg.start_soon(get)
+    assert len(failures) == 10
+    assert server.requests == 1
+    server.fail = False  # errors are not cached: the next call succeeds
+    assert (await cache.key_by_id("acme", key_id)).key_id == key_id
+    assert server.requests == 2
+
+
+async def test_caching_expiry_against_server(server: KeyServer, provider: HttpKeyProvider) -> None:
+    now = [0.0]
+    server.add_owner("acme")
+    cache = CachingKeyProvider(provider, max_age=30, clock=lambda: now[0])
+    first = await cache.current_key("acme")
+    new_id = server.rotate("acme")
+    assert (await cache.current_key("acme")).key_id == first.key_id
+    assert server.requests == 1
+    now[0] = 31.0
+    assert (await cache.current_key("acme")).key_id == new_id
+    assert server.requests == 2
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def _custom_server(handler: Handler) -> AsyncIterator[str]:
+    """Serve one handler for every GET path on a free port; yield the base URL."""
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,112 @@
+"""The seed's semantics end to end, through AMQP as a client would, on the real servers."""
+
+from __future__ import annotations
+
+import pytest
+
+from bridge.client.rpc import results_consumer
+from tests.conftest import OWNERS, service_id, wait_for
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+
+async def test_seed_usage_example(bridge, engine, workers, servers, names):
+    svc = service_id()
+    async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
+        task_id = await engine.add(svc, {"msg": "say hello to the world"}, token={"processId": "p-1"})
+        worker = await workers(svc, "my external worker id")
+        task = await worker.fetch()
+        assert task is not None
+        assert task.value == {"msg": "say hello to the world"}
+        assert task.id == task_id
+        assert task.deliveries == 1
+        assert "token" not in str(task.value)
+        assert await task.ack("this is the result of the service") is True
+        published = await wait_for(lambda: not results.empty(), 10, what="result message")
+        assert published
+        msg = results.get_nowait()
+        assert msg["token"] == {"processId": "p-1"}
+        assert msg["taskId"] == task_id
+        assert msg["serviceId"] == svc
+        assert msg["result"] == "this is the result of the service"
+        assert msg["_headers"]["x-owner"] == OWNERS[0]
+
+
+async def test_fifo_order_and_fetch_repeats_until_ack(bridge, engine, workers):
+    svc = service_id()
+    for i in range(5):
+        await engine.add(svc, {"i": i})
+    w = await workers(svc)
+    seen = []
+    for _ in range(5):
+        first = await w.fetch()
+        again = await w.fetch()
+        assert first is not None and again is not None
+        assert again.id == first.id, "a worker's fetch returns the same task until it acks it"
+        assert again.deliveries == first.deliveries
+        seen.append(first.value["i"])
+        assert await first.ack({"done": first.value["i"]}) is True
+    assert seen == [0, 1, 2, 3, 4]
+    assert await w.fetch() is None
+
+
+async def test_ack_without_a_task_is_false(bridge, workers):
+    w = await workers(service_id())
+    assert await w.ack(result=1) is False
+
+
+async def test_two_workers_get_different_tasks(bridge, engine, workers):
+    svc = service_id()
+    await engine.add(svc, "a")
+    await engine.add(svc, "b")
+    wa, wb = await workers(svc, "A"), await workers(svc, "B")
+    ta, tb = await wa.fetch(), await wb.fetch()
+    assert ta is not None and tb is not None
+    assert {ta.value, tb.value} == {"a", "b"}
+    assert ta.id != tb.id
+    assert await wb.fetch() is not None and (await wb.fetch()).id == tb.id
+
+
+@pytest.mark.parametrize("falsy", [0, False, "", None, [], {}])
+async def test_falsy_results_are_published(bridge, engine, workers, servers, names, falsy):
+    svc = service_id()
+    async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
+        await engine.add(svc, "v", token={"processId": "p"})
+        w = await workers(svc)
+        assert await w.fetch() is not None
+        assert await w.ack(result=falsy) is True
+        await wait_for(lambda: not results.empty(), 10, what="result")
+        msg = results.get_nowait()
+        assert "result" in msg and msg["result"] == falsy
+        assert "error" not in msg
+
+
+async def test_error_is_published_back(bridge, engine, workers, servers, names):
+    svc = service_id()
+    async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
+        await engine.add(svc, "v", token={"processId": "p"})
+        w = await workers(svc)
+        assert await w.fetch() is not None
+        assert await w.ack(error={"msg": "an error has occured"}) is True
+        await wait_for(lambda: not results.empty(), 10, what="result")
+        msg = results.get_nowait()
+        assert msg["error"] == {"msg": "an error has occured"}
+        assert "result" not in msg
+
+
+async def test_task_without_token_publishes_nothing(bridge, engine, workers, servers, names):
+    svc = service_id()
+    async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
+        await engine.add(svc, "no token")
+        await engine.add(svc, "with token", token={"t": 1})
+        w = await workers(svc)
+        t1 = await w.fetch()
+        assert t1 is not None and t1.value == "no token"
+        await t1.ack("r1")
+        t2 = await w.fetch()
+        assert t2 is not None
+        await t2.ack("r2")
+        await wait_for(lambda: not results.empty(), 10, what="result")
+        msg = results.get_nowait()
+        assert msg["result"] == "r2"
+        assert results.empty()

@@ -1,0 +1,609 @@
+"""KeyringFileProvider (load, validation, rotation, reload) and CachingKeyProvider (unit level)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from bridge.crypto import (
+    CachingKeyProvider,
+    KeyProvider,
+    KeyringFileProvider,
+    KeyUnavailable,
+    OwnerKey,
+    UnknownKey,
+    UnknownOwner,
+    generate_keyring,
+    open_sealed,
+    rotate_keyring,
+    seal,
+    write_keyring,
+)
+from bridge.crypto.keyring_file import main as keyring_main
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _write(path: Path, doc: dict[str, Any], *, bump_mtime: bool = True) -> None:
+    """Write ``doc`` and make sure the mtime differs from the previous one (coarse filesystems)."""
+    before = path.stat().st_mtime_ns if path.exists() else 0
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    if bump_mtime:
+        st = path.stat()
+        if st.st_mtime_ns <= before:
+            os.utime(path, ns=(st.st_atime_ns, before + 1_000_000_000))
+
+
+def _replace_keeping_mtime(path: Path, doc: dict[str, Any]) -> None:
+    before = path.stat()
+    write_keyring(path, doc)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_mtime_ns == before.st_mtime_ns
+
+
+def _delete(path: Path) -> None:
+    path.unlink()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def ring_doc() -> dict[str, Any]:
+    return generate_keyring(["acme", "globex"])
+
+
+@pytest.fixture
+def ring_path(tmp_path: Path, ring_doc: dict[str, Any]) -> Path:
+    path = tmp_path / "keyring.json"
+    _write(path, ring_doc)
+    return path
+
+
+# -- generate / load ---------------------------------------------------------------------------
+
+
+def test_generate_keyring_shape() -> None:
+    doc = generate_keyring(["a", "b"])
+    assert set(doc["owners"]) == {"a", "b"}
+    ids = set()
+    for entry in doc["owners"].values():
+        assert entry["current"] in entry["keys"]
+        assert len(base64.b64decode(entry["keys"][entry["current"]], validate=True)) == 32
+        ids.add(entry["current"])
+        assert set(entry["keys"]) == {entry["current"]}
+    assert len(ids) == 2
+    a1, a2 = generate_keyring(["a"]), generate_keyring(["a"])
+    assert a1["owners"]["a"]["keys"] != a2["owners"]["a"]["keys"]  # fresh random keys
+
+
+def test_generate_keyring_rejects_duplicates_and_strings() -> None:
+    with pytest.raises(ValueError, match="duplicate owner 'a'"):
+        generate_keyring(["a", "a"])
+    with pytest.raises(TypeError):
+        generate_keyring("ab")
+
+
+@pytest.mark.anyio
+async def test_load_serves_current_and_by_id(ring_path: Path, ring_doc: dict[str, Any]) -> None:
+    provider = KeyringFileProvider(ring_path)
+    entry = ring_doc["owners"]["acme"]
+    key = await provider.current_key("acme")
+    assert key.owner == "acme"
+    assert key.key_id == entry["current"]
+    assert key.secret == base64.b64decode(entry["keys"][entry["current"]])
+    assert await provider.key_by_id("acme", key.key_id) == key
+    other = await provider.current_key("globex")
+    assert other.secret != key.secret
+    assert provider.owners == {"acme", "globex"}
+    await provider.close()
+
+
+@pytest.mark.anyio
+async def test_unknown_owner_and_key(ring_path: Path) -> None:
+    provider = KeyringFileProvider(ring_path)
+    with pytest.raises(UnknownOwner, match="nobody"):
+        await provider.current_key("nobody")
+    with pytest.raises(UnknownOwner, match="nobody"):
+        await provider.key_by_id("nobody", "k1")
+    with pytest.raises(UnknownKey, match="no-such-key"):
+        await provider.key_by_id("acme", "no-such-key")
+    # A key id of another owner is not visible through this owner.
+    globex = await provider.current_key("globex")
+    with pytest.raises(UnknownKey):
+        await provider.key_by_id("acme", globex.key_id)
+
+
+def test_provider_satisfies_protocol(ring_path: Path) -> None:
+    assert isinstance(KeyringFileProvider(ring_path), KeyProvider)
+
+
+# -- validation ----------------------------------------------------------------------------------
+
+_GOOD = base64.b64encode(b"\x07" * 32).decode()
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ([], "top level must be a JSON object"),
+        ({}, "missing or invalid 'owners'"),
+        ({"owners": []}, "missing or invalid 'owners'"),
+        ({"owners": {"acme": "x"}}, "owner 'acme': entry must be an object"),
+        ({"owners": {"acme": {"current": "k1"}}}, "owner 'acme': 'keys' must be a non-empty object"),
+        ({"owners": {"acme": {"current": "k1", "keys": {}}}}, "owner 'acme': 'keys' must be a non-empty"),
+        (
+            {"owners": {"acme": {"current": "k1", "keys": {"k1": "not base64!!"}}}},
+            "owner 'acme': key 'k1' is not valid base64",
+        ),
+        (
+            # decodes to 32 bytes if non-alphabet characters were silently dropped
+            {"owners": {"acme": {"current": "k1", "keys": {"k1": _GOOD[:8] + "!" + _GOOD[8:]}}}},
+            "owner 'acme': key 'k1' is not valid base64",
+        ),
+        (
+            {"owners": {"acme": {"current": "k1", "keys": {"k1": base64.b64encode(b"short").decode()}}}},
+            "owner 'acme': key 'k1' decodes to 5 bytes, expected 32",
+        ),
+        (
+            {"owners": {"acme": {"current": "k1", "keys": {"k1": base64.b64encode(b"x" * 33).decode()}}}},
+            "owner 'acme': key 'k1' decodes to 33 bytes, expected 32",
+        ),
+        (
+            {"owners": {"acme": {"current": "k1", "keys": {"k1": 12345}}}},
+            "owner 'acme': key 'k1' must be a base64 string",
+        ),
+        (
+            {"owners": {"acme": {"current": "k2", "keys": {"k1": _GOOD}}}},
+            "owner 'acme': current key id 'k2' is missing from 'keys'",
+        ),
+        (
+            {"owners": {"acme": {"keys": {"k1": _GOOD}}}},
+            "owner 'acme': 'current' must be a key id string",
+        ),
+        (
+            {
+                "owners": {
+                    "good": {"current": "k1", "keys": {"k1": _GOOD}},
+                    "bad": {"current": "k9", "keys": {"k1": _GOOD}},
+                }
+            },
+            "owner 'bad': current key id 'k9'",
+        ),
+    ],
+)
+def test_validation_errors_name_the_problem(tmp_path: Path, doc: object, message: str) -> None:
+    path = tmp_path / "ring.json"
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    with pytest.raises(ValueError, match=message) as info:
+        KeyringFileProvider(path)
+    assert str(path) in str(info.value)
+    assert _GOOD not in str(info.value)  # never echo key material
+
+
+def test_invalid_json_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "ring.json"
+    path.write_text('{"owners": {', encoding="utf-8")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        KeyringFileProvider(path)
+
+
+def test_missing_file_raises_oserror(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        KeyringFileProvider(tmp_path / "absent.json")
+
+
+# -- rotation and reload -------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_rotation_via_reload(ring_path: Path, ring_doc: dict[str, Any], clock: FakeClock) -> None:
+    provider = KeyringFileProvider(ring_path, clock=clock)
+    old = await provider.current_key("acme")
+    sealed = seal(old, b"sealed before rotation", service="s", task_id="t", field="value")
+
+    new_id = rotate_keyring(ring_doc, "acme")
+    _write(ring_path, ring_doc)
+    clock.advance(1.01)
+
+    new = await provider.current_key("acme")
+    assert new.key_id == new_id
+    assert new.key_id != old.key_id
+    assert new.secret != old.secret
+    assert provider.reloads == 1
+    # The old id stays readable, so data sealed before the rotation still opens.
+    assert await provider.key_by_id("acme", old.key_id) == old
+    assert open_sealed(
+        await provider.key_by_id("acme", sealed.key_id), sealed, service="s", task_id="t", field="value"
+    ) == (b"sealed before rotation")
+    # Other owners are untouched.
+    assert (await provider.current_key("globex")).key_id == ring_doc["owners"]["globex"]["current"]
+
+
+@pytest.mark.anyio
+async def test_reload_is_checked_at_most_once_per_second(
+    ring_path: Path, ring_doc: dict[str, Any], clock: FakeClock
+) -> None:
+    provider = KeyringFileProvider(ring_path, clock=clock)
+    old = await provider.current_key("acme")
+    new_id = rotate_keyring(ring_doc, "acme")
+    _write(ring_path, ring_doc)
+
+    clock.advance(0.5)
+    assert (await provider.current_key("acme")).key_id == old.key_id  # not checked yet
+    clock.advance(0.6)
+    assert (await provider.current_key("acme")).key_id == new_id
+
+
+@pytest.mark.anyio
+async def test_unchanged_file_is_not_reread(ring_path: Path, clock: FakeClock) -> None:
+    provider = KeyringFileProvider(ring_path, clock=clock)
+    for _ in range(5):
+        clock.advance(2)
+        await provider.current_key("acme")
+    assert provider.reloads == 0
+
+
+@pytest.mark.anyio
+async def test_reload_picks_up_atomic_replace(ring_path: Path, ring_doc: dict[str, Any], clock: FakeClock) -> None:
+    provider = KeyringFileProvider(ring_path, clock=clock)
+    rotate_keyring(ring_doc, "globex")
+    ring_doc["owners"].pop("acme")
+    write_keyring(ring_path, ring_doc)  # temp file + rename
+    clock.advance(1.5)
+    with pytest.raises(UnknownOwner):
+        await provider.current_key("acme")  # removed owner: revocation takes effect
+    assert (await provider.current_key("globex")).key_id == ring_doc["owners"]["globex"]["current"]
+
+
+@pytest.mark.anyio
+async def test_failed_reload_keeps_old_ring_and_warns(
+    ring_path: Path, ring_doc: dict[str, Any], clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    provider = KeyringFileProvider(ring_path, clock=clock)
+    old = await provider.current_key("acme")
+
+    broken = json.loads(json.dumps(ring_doc))
+    new_id = rotate_keyring(broken, "acme")
+    broken["owners"]["acme"]["keys"][new_id] = base64.b64encode(b"too short").decode()
+    _write(ring_path, broken)
+    clock.advance(1.5)
+    with caplog.at_level(logging.WARNING, logger="bridge.crypto.keyring_file"):
+        assert await provider.current_key("acme") == old
+    assert provider.failed_reloads == 1
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    text = warnings[0].getMessage()
+    assert "keeping the previous keyring" in text
+    assert f"key {new_id!r} decodes to 9 bytes" in text
+    for entry in broken["owners"].values():  # no key material in logs
+        for secret in entry["keys"].values():
+            assert secret not in caplog.text
+
+    # The broken file is not retried every second...
+    clock.advance(1.5)
+    await provider.current_key("acme")
+    assert provider.failed_reloads == 1
+    # ...but a fixed file is picked up.
+    rotate_keyring(ring_doc, "acme")
+    _write(ring_path, ring_doc)
+    clock.advance(1.5)
+    assert (await provider.current_key("acme")).key_id == ring_doc["owners"]["acme"]["current"]
+
+
+@pytest.mark.anyio
+async def test_deleted_file_keeps_old_ring(ring_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    provider = KeyringFileProvider(ring_path, clock=clock)
+    old = await provider.current_key("acme")
+    _delete(ring_path)
+    clock.advance(1.5)
+    with caplog.at_level(logging.WARNING, logger="bridge.crypto.keyring_file"):
+        assert await provider.current_key("acme") == old
+        clock.advance(1.5)
+        assert await provider.current_key("acme") == old
+    assert len([r for r in caplog.records if "cannot stat" in r.getMessage()]) == 1
+
+
+@pytest.mark.anyio
+async def test_reload_detects_change_with_preserved_mtime(
+    ring_path: Path, ring_doc: dict[str, Any], clock: FakeClock
+) -> None:
+    # e.g. `cp -p` or a restored backup: the mtime is unchanged but size/inode are not.
+    provider = KeyringFileProvider(ring_path, clock=clock)
+    new_id = rotate_keyring(ring_doc, "acme")
+    _replace_keeping_mtime(ring_path, ring_doc)
+    clock.advance(1.5)
+    assert (await provider.current_key("acme")).key_id == new_id
+
+
+def test_keyring_cli_generate_and_rotate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "dev.json"
+    assert keyring_main(["generate", str(path), "--owners", "a,b"]) == 0
+    assert path.stat().st_mode & 0o777 == 0o600
+    doc = json.loads(path.read_text())
+    assert set(doc["owners"]) == {"a", "b"}
+    assert keyring_main(["generate", str(path), "--owners", "c"]) == 1  # refuses to overwrite
+    old_current = doc["owners"]["a"]["current"]
+    assert keyring_main(["rotate", str(path), "--owner", "a"]) == 0
+    doc = json.loads(path.read_text())
+    assert doc["owners"]["a"]["current"] != old_current
+    assert old_current in doc["owners"]["a"]["keys"]
+    out = capsys.readouterr().out
+    for secret in doc["owners"]["a"]["keys"].values():
+        assert secret not in out
+
+
+# -- CachingKeyProvider ------------------------------------------------------------------------
+
+
+class CountingProvider:
+    """Wraps a provider, counts upstream calls, optionally blocks them until released."""
+
+    def __init__(self, inner: KeyProvider) -> None:
+        self.inner = inner
+        self.calls: list[tuple[str, str | None]] = []
+        self.gate: anyio.Event | None = None
+        self.error: Exception | None = None
+        self.closed = False
+
+    async def _wait(self) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.error is not None:
+            raise self.error
+
+    async def current_key(self, owner: str) -> OwnerKey:
+        self.calls.append((owner, None))
+        await self._wait()
+        return await self.inner.current_key(owner)
+
+    async def key_by_id(self, owner: str, key_id: str) -> OwnerKey:
+        self.calls.append((owner, key_id))
+        await self._wait()
+        return await self.inner.key_by_id(owner, key_id)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def upstream(ring_path: Path) -> CountingProvider:
+    return CountingProvider(KeyringFileProvider(ring_path))
+
+
+@pytest.mark.anyio
+async def test_cache_counts_hits_and_misses(upstream: CountingProvider, clock: FakeClock) -> None:
+    cache = CachingKeyProvider(upstream, clock=clock)
+    first = await cache.current_key("acme")
+    assert (cache.hits, cache.misses) == (0, 1)
+    assert await cache.current_key("acme") == first
+    assert await cache.current_key("acme") == first
+    assert (cache.hits, cache.misses) == (2, 1)
+    # The current key also primed the by-id slot: opening data needs no upstream call.
+    assert await cache.key_by_id("acme", first.key_id) == first
+    assert (cache.hits, cache.misses) == (3, 1)
+    await cache.current_key("globex")
+    assert (cache.hits, cache.misses) == (3, 2)
+    assert upstream.calls == [("acme", None), ("globex", None)]
+
+
+@pytest.mark.anyio
+async def test_cache_by_id_and_errors_not_cached(upstream: CountingProvider, ring_doc: dict[str, Any]) -> None:
+    cache = CachingKeyProvider(upstream)
+    kid = ring_doc["owners"]["acme"]["current"]
+    await cache.key_by_id("acme", kid)
+    await cache.key_by_id("acme", kid)
+    assert (cache.hits, cache.misses) == (1, 1)
+    for _ in range(2):
+        with pytest.raises(UnknownKey):
+            await cache.key_by_id("acme", "nope")
+        with pytest.raises(UnknownOwner):
+            await cache.current_key("nobody")
+    assert cache.misses == 5  # errors are never cached
+    assert len(upstream.calls) == 5
+
+
+@pytest.mark.anyio
+async def test_cache_max_age_expiry(upstream: CountingProvider, clock: FakeClock) -> None:
+    cache = CachingKeyProvider(upstream, max_age=300, clock=clock)
+    key = await cache.current_key("acme")
+    clock.advance(299.9)
+    await cache.current_key("acme")
+    await cache.key_by_id("acme", key.key_id)
+    assert len(upstream.calls) == 1
+    clock.advance(0.2)  # 300.1 s after the fetch: both slots expired
+    await cache.current_key("acme")
+    assert len(upstream.calls) == 2
+    clock.advance(10)
+    await cache.key_by_id("acme", key.key_id)  # refreshed by the current-key fetch
+    assert len(upstream.calls) == 2
+    clock.advance(300)
+    await cache.key_by_id("acme", key.key_id)
+    assert upstream.calls[-1] == ("acme", key.key_id)
+    assert len(upstream.calls) == 3
+
+
+@pytest.mark.anyio
+async def test_cache_picks_up_rotation_after_max_age(
+    ring_path: Path, ring_doc: dict[str, Any], clock: FakeClock
+) -> None:
+    file_clock = FakeClock()
+    cache = CachingKeyProvider(KeyringFileProvider(ring_path, clock=file_clock), max_age=60, clock=clock)
+    old = await cache.current_key("acme")
+    new_id = rotate_keyring(ring_doc, "acme")
+    _write(ring_path, ring_doc)
+    file_clock.advance(2)
+    assert (await cache.current_key("acme")).key_id == old.key_id  # still cached
+    clock.advance(61)
+    assert (await cache.current_key("acme")).key_id == new_id
+    cache.invalidate("acme")
+    assert (await cache.current_key("acme")).key_id == new_id
+
+
+@pytest.mark.anyio
+async def test_cache_invalidate(upstream: CountingProvider, ring_doc: dict[str, Any], ring_path: Path) -> None:
+    cache = CachingKeyProvider(upstream)
+    old = await cache.current_key("acme")
+    await cache.current_key("globex")
+    new_id = rotate_keyring(ring_doc, "acme")
+    _write(ring_path, ring_doc)
+    upstream.inner = KeyringFileProvider(ring_path)
+    assert (await cache.current_key("acme")).key_id == old.key_id  # cached
+    cache.invalidate("acme")
+    assert (await cache.current_key("acme")).key_id == new_id  # at once
+    await cache.current_key("globex")  # other owners stay cached
+    assert upstream.calls == [("acme", None), ("globex", None), ("acme", None)]
+    cache.invalidate()
+    assert len(cache) == 0
+
+
+@pytest.mark.anyio
+async def test_cache_invalidate_during_fetch_does_not_store_stale_key(upstream: CountingProvider) -> None:
+    cache = CachingKeyProvider(upstream)
+    upstream.gate = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cache.current_key, "acme")
+        await anyio.wait_all_tasks_blocked()
+        cache.invalidate("acme")  # e.g. revocation noticed while the fetch is in flight
+        upstream.gate.set()
+    assert len(cache) == 0
+    upstream.gate = None
+    await cache.current_key("acme")
+    assert len(upstream.calls) == 2
+
+
+@pytest.mark.anyio
+async def test_cache_lru_bound(upstream: CountingProvider, ring_doc: dict[str, Any], ring_path: Path) -> None:
+    old_acme = ring_doc["owners"]["acme"]["current"]
+    new_acme = rotate_keyring(ring_doc, "acme")
+    _write(ring_path, ring_doc)
+    upstream.inner = KeyringFileProvider(ring_path)
+    globex = ring_doc["owners"]["globex"]["current"]
+    cache = CachingKeyProvider(upstream, max_entries=2)
+
+    await cache.key_by_id("acme", old_acme)  # miss: [old]
+    await cache.key_by_id("globex", globex)  # miss: [old, globex]
+    await cache.key_by_id("acme", old_acme)  # hit, becomes most recent: [globex, old]
+    assert len(upstream.calls) == 2
+    await cache.key_by_id("acme", new_acme)  # miss, evicts the least recently used: [old, new]
+    assert len(cache) == 2
+    assert len(upstream.calls) == 3
+    await cache.key_by_id("acme", old_acme)  # still cached: [new, old]
+    assert len(upstream.calls) == 3
+    await cache.key_by_id("globex", globex)  # was evicted: [old, globex]
+    assert upstream.calls[-1] == ("globex", globex)
+    assert len(upstream.calls) == 4
+    assert len(cache) == 2
+    # A current-key fetch fills two slots (current + by id) and still respects the bound.
+    await cache.current_key("acme")
+    assert len(cache) == 2
+    assert (cache.hits, cache.misses) == (2, 5)
+
+
+@pytest.mark.anyio
+async def test_cache_coalesces_concurrent_misses(upstream: CountingProvider) -> None:
+    cache = CachingKeyProvider(upstream)
+    upstream.gate = anyio.Event()
+    results: list[OwnerKey] = []
+
+    async def get() -> None:
+        results.append(await cache.current_key("acme"))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(20):
+            tg.start_soon(get)
+        await anyio.wait_all_tasks_blocked()
+        assert upstream.calls == [("acme", None)]
+        upstream.gate.set()
+    assert len(results) == 20
+    assert len(set(results)) == 1
+    assert (cache.misses, cache.coalesced, cache.hits) == (1, 19, 0)
+
+
+@pytest.mark.anyio
+async def test_cache_coalesced_error_reaches_every_waiter(upstream: CountingProvider) -> None:
+    cache = CachingKeyProvider(upstream)
+    upstream.gate = anyio.Event()
+    upstream.error = KeyUnavailable("down")
+    errors: list[Exception] = []
+
+    async def get() -> None:
+        try:
+            await cache.key_by_id("acme", "whatever")
+        except KeyUnavailable as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(get)
+        await anyio.wait_all_tasks_blocked()
+        upstream.gate.set()
+    assert len(errors) == 5
+    assert len(upstream.calls) == 1
+    upstream.error = None
+    upstream.gate = None
+    with pytest.raises(UnknownKey):  # the error was not cached: a new call goes upstream
+        await cache.key_by_id("acme", "whatever")
+    assert len(upstream.calls) == 2
+
+
+@pytest.mark.anyio
+async def test_cache_cancelled_leader_hands_over(upstream: CountingProvider) -> None:
+    cache = CachingKeyProvider(upstream)
+    upstream.gate = anyio.Event()
+    results: list[OwnerKey] = []
+
+    async def waiter() -> None:
+        results.append(await cache.current_key("acme"))
+
+    async with anyio.create_task_group() as outer:
+        async with anyio.create_task_group() as leader_group:
+            leader_group.start_soon(cache.current_key, "acme")
+            await anyio.wait_all_tasks_blocked()
+            outer.start_soon(waiter)
+            await anyio.wait_all_tasks_blocked()
+            leader_group.cancel_scope.cancel()  # the leader goes away without an answer
+        await anyio.wait_all_tasks_blocked()
+        assert len(upstream.calls) == 2  # the waiter started its own fetch
+        upstream.gate.set()
+    assert len(results) == 1
+    assert results[0].owner == "acme"
+
+
+@pytest.mark.anyio
+async def test_cache_close_closes_upstream(upstream: CountingProvider) -> None:
+    cache = CachingKeyProvider(upstream)
+    await cache.current_key("acme")
+    await cache.close()
+    assert upstream.closed
+    assert len(cache) == 0
+
+
+def test_cache_rejects_bad_limits(upstream: CountingProvider) -> None:
+    with pytest.raises(ValueError, match="max_entries"):
+        CachingKeyProvider(upstream, max_entries=0)
+    with pytest.raises(ValueError, match="max_age"):
+        CachingKeyProvider(upstream, max_age=0)
