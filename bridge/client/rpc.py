@@ -219,7 +219,7 @@ class Worker(RpcClient):
         t = reply["task"]
         return Task(self, t["id"], reply["result"], t["deliveries"], t["leaseExpiresAt"], reply["_headers"])
 
-    async def ack(self, *, result: Any = None, error: Any = None) -> bool:
+    async def ack(self, result: Any = None, *, error: Any = None) -> bool:
         body: dict[str, Any] = {"serviceId": self.service, "workerId": self.worker_id}
         if error is not None:
             body["error"] = error

@@ -304,6 +304,7 @@ class WorkQueue:
                 and cur is not None
                 and cur.state == "leased"
                 and cur.epoch == entry.epoch
+                and cur.lease_until is not None
                 and to_ms(cur.lease_until) > now
             ):
                 # The holder extended its lease after the scheduler re-exposed the task: make sure

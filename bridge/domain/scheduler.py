@@ -119,7 +119,7 @@ class RecoveryScheduler:
     async def _handle(self, entry: ExpiryEntry, now: int) -> bool:
         q = entry.queue
         lease = await self.repo.lease(q, entry.task_id, serial=False)
-        if lease is None or lease.state != "leased" or lease.epoch != entry.epoch:
+        if lease is None or lease.state != "leased" or lease.epoch != entry.epoch or lease.lease_until is None:
             return True  # completed, re-claimed, expired by TTL, or a claim that never applied
         until = to_ms(lease.lease_until)
         ttl = self.queue.ttl_for(entry.task_id)

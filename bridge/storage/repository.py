@@ -58,8 +58,8 @@ class Payload:
 class Lease:
     state: str
     epoch: int
-    worker: str
-    lease_until: datetime
+    worker: str | None
+    lease_until: datetime | None  # absent from an LWT's "not applied" row unless it was in the condition
     claim_id: uuid.UUID | None
     completion_id: uuid.UUID | None
 
@@ -237,8 +237,8 @@ def _lease(row: Row) -> Lease | None:
     return Lease(
         state=row["state"],
         epoch=row["epoch"],
-        worker=row["worker"],
-        lease_until=row["lease_until"],
+        worker=row.get("worker"),
+        lease_until=row.get("lease_until"),
         claim_id=row.get("claim_id"),
         completion_id=row.get("completion_id"),
     )
@@ -476,6 +476,7 @@ class TaskRepository:
                 and current.state == "leased"
                 and current.epoch == epoch
                 and current.worker == worker
+                and current.lease_until is not None
                 and current.lease_until >= lease_until.replace(tzinfo=None)
             )
             return CasResult(applied=ok, current=None if ok else current)

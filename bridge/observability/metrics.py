@@ -1,0 +1,243 @@
+"""Prometheus metrics of one bridge, in a registry of its own.
+
+``BridgeMetrics`` is both the queue's ``Metrics`` (``inc(name, amount, **labels)``) and the
+transport's ``Observer`` (``observe(method, outcome, seconds)``). Every name the queue and the
+scheduler pass to ``inc`` is mapped to a Prometheus counter in ``ROUTES``; an unknown name, an
+undeclared label or a missing label raises ``KeyError`` so that a typo fails the unit tests
+(``tests/unit/test_metrics.py`` calls every name the domain code uses) instead of silently
+losing a series.
+
+Labels are bounded on purpose (method, outcome code, kind, reason): never an owner, a service,
+a task id or a correlation id.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+PREFIX = "queue_bridge"
+
+# Request latency: from a cache-hot fetch (~0.5 ms) to a slow LWT round or a timeout (~5 s).
+REQUEST_BUCKETS: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+
+METHODS = frozenset({"add", "fetch", "ack", "unknown"})
+_OUTCOME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where one ``inc`` name goes: a counter (name without ``_total``) and the labels it keeps.
+
+    ``dropped`` are labels the caller passes that this counter deliberately does not keep
+    (for example ``kind`` on ``tasks_delivered``, whose only value is ``claim``).
+    """
+
+    metric: str
+    help: str
+    labels: tuple[str, ...] = ()
+    dropped: frozenset[str] = frozenset()
+
+
+# The one table from the queue's names to the exported counters.
+ROUTES: dict[str, Route] = {
+    "tasks_added": Route("tasks_added", "Tasks accepted by add (excluding deduplicated retries)."),
+    "adds_deduplicated": Route("tasks_deduplicated", "Adds answered from an earlier add with the same message id."),
+    "tasks_delivered": Route(
+        "tasks_delivered", "Tasks handed to a worker for the first time.", dropped=frozenset({"kind"})
+    ),
+    "tasks_redelivered": Route(
+        "tasks_redelivered",
+        "Tasks handed out again: kind=claim after a lease expired, kind=resend for a repeated fetch.",
+        labels=("kind",),
+    ),
+    "tasks_recovered": Route("tasks_recovered", "Expired leases re-exposed by the recovery scheduler."),
+    "tasks_completed": Route("tasks_completed", "Tasks acked by their worker, by outcome.", labels=("outcome",)),
+    "tasks_dead_lettered": Route(
+        "tasks_dead_lettered", "Tasks removed without a result, by reason.", labels=("reason",)
+    ),
+    "claim_conflicts": Route("claim_conflicts", "Claims lost to a concurrent claim (lightweight transaction)."),
+    "results_published": Route("results_published", "Results published and confirmed by the broker."),
+    "results_republished": Route("results_republished", "Pending results re-published by the scheduler."),
+    "results_dropped": Route("results_dropped", "Results that could not be published, by reason.", labels=("reason",)),
+}
+
+
+class CacheCounters(Protocol):
+    """What the key cache exposes (``CachingKeyProvider``): monotonically increasing counts."""
+
+    @property
+    def hits(self) -> int: ...
+
+    @property
+    def misses(self) -> int: ...
+
+
+class SchedulerStateView(Protocol):
+    """What the recovery scheduler exposes (``RecoveryScheduler.state``)."""
+
+    @property
+    def last_tick_monotonic(self) -> float: ...
+
+    @property
+    def lag_ms(self) -> int: ...
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("queue-bridge")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class _CallbackCollector(Collector):
+    """Values read at scrape time from the key cache and the scheduler (bound after construction)."""
+
+    def __init__(self, monotonic: Callable[[], float]) -> None:
+        self.key_cache: CacheCounters | None = None
+        self.scheduler: SchedulerStateView | None = None
+        self._monotonic = monotonic
+
+    def describe(self) -> Iterable[Metric]:
+        # Names only, so that the registry rejects a clash at registration time.
+        return [
+            CounterMetricFamily(f"{PREFIX}_key_cache_hits", ""),
+            CounterMetricFamily(f"{PREFIX}_key_cache_misses", ""),
+            CounterMetricFamily(f"{PREFIX}_key_cache_coalesced", ""),
+            GaugeMetricFamily(f"{PREFIX}_scheduler_lag_seconds", ""),
+            GaugeMetricFamily(f"{PREFIX}_scheduler_last_tick_age_seconds", ""),
+        ]
+
+    def collect(self) -> Iterable[Metric]:
+        cache = self.key_cache
+        if cache is not None:
+            yield CounterMetricFamily(
+                f"{PREFIX}_key_cache_hits", "Key lookups answered from the key cache.", value=cache.hits
+            )
+            yield CounterMetricFamily(
+                f"{PREFIX}_key_cache_misses", "Key lookups that called the key source.", value=cache.misses
+            )
+            coalesced = getattr(cache, "coalesced", None)
+            if isinstance(coalesced, int):
+                yield CounterMetricFamily(
+                    f"{PREFIX}_key_cache_coalesced",
+                    "Key lookups that joined another caller's call to the key source.",
+                    value=coalesced,
+                )
+        state = self.scheduler
+        if state is not None:
+            yield GaugeMetricFamily(
+                f"{PREFIX}_scheduler_lag_seconds",
+                "How far the recovery scheduler's first pass is behind the clock.",
+                value=state.lag_ms / 1000.0,
+            )
+            yield GaugeMetricFamily(
+                f"{PREFIX}_scheduler_last_tick_age_seconds",
+                "Seconds since the recovery scheduler last finished a tick.",
+                value=max(0.0, self._monotonic() - state.last_tick_monotonic),
+            )
+
+
+class BridgeMetrics:
+    """All metrics of one bridge; ``registry`` is private to this object (never the global one)."""
+
+    def __init__(
+        self,
+        *,
+        instance: str,
+        version: str | None = None,
+        key_cache: CacheCounters | None = None,
+        scheduler: SchedulerStateView | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            f"{PREFIX}_requests",
+            "AMQP requests handled, by method and outcome (ok or an error code).",
+            ("method", "outcome"),
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "Time from receiving an AMQP request to acking it, by method.",
+            ("method",),
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self._counters: dict[str, Counter] = {}
+        for route in ROUTES.values():
+            if route.metric not in self._counters:
+                self._counters[route.metric] = Counter(f"{PREFIX}_{route.metric}", route.help, route.labels, registry=r)
+        self.results_pending = Gauge(
+            f"{PREFIX}_results_pending", "Results written to the outbox and not yet published.", registry=r
+        )
+        self.info = Info(PREFIX, "Build and instance of this bridge.", registry=r)
+        self.info.info({"version": version or package_version(), "instance": instance})
+        self._callbacks = _CallbackCollector(monotonic)
+        r.register(self._callbacks)
+        if key_cache is not None:
+            self.bind_key_cache(key_cache)
+        if scheduler is not None:
+            self.bind_scheduler(scheduler)
+
+    # -- late binding (the key cache and the scheduler are built after the queue) -------------
+    def bind_key_cache(self, cache: CacheCounters) -> None:
+        self._callbacks.key_cache = cache
+
+    def bind_scheduler(self, state: SchedulerStateView) -> None:
+        self._callbacks.scheduler = state
+
+    # -- the queue's Metrics protocol ---------------------------------------------------------
+    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
+        route = ROUTES[name]  # KeyError on an unknown name: a typo in the caller
+        unexpected = labels.keys() - set(route.labels) - route.dropped
+        if unexpected:
+            raise KeyError(f"metric {name!r} does not take labels {sorted(unexpected)}")
+        counter = self._counters[route.metric]
+        if route.labels:
+            missing = [label for label in route.labels if label not in labels]
+            if missing:
+                raise KeyError(f"metric {name!r} needs labels {missing}")
+            counter.labels(*(labels[label] for label in route.labels)).inc(amount)
+        else:
+            counter.inc(amount)
+
+    # -- the transport's Observer ---------------------------------------------------------------
+    def observe(self, method: str, outcome: str, seconds: float) -> None:
+        if method not in METHODS:
+            method = "unknown"
+        if not _OUTCOME.match(outcome):
+            outcome = "other"
+        self.requests.labels(method, outcome).inc()
+        self.request_duration.labels(method).observe(max(0.0, seconds))
+
+    # -- gauges set by the code that knows ------------------------------------------------------
+    def set_results_pending(self, n: int) -> None:
+        self.results_pending.set(n)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of this bridge's registry."""
+        return generate_latest(self.registry)

@@ -1,0 +1,121 @@
+"""Leases, recovery and fencing: a task not acked in time goes to the next worker; the old one loses it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from bridge.client.rpc import results_consumer
+from tests.conftest import service_id, wait_for
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+
+async def test_abandoned_task_goes_to_next_worker_and_late_ack_loses(bridge, engine, workers, servers, names):
+    svc = service_id()
+    async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
+        task_id = await engine.add(svc, {"job": 1}, token={"processId": "p"})
+        first, second = await workers(svc, "first"), await workers(svc, "second")
+        lost = await first.fetch(time_to_recover_ms=500)
+        assert lost is not None and lost.id == task_id
+        fetched_at = time.monotonic()
+        # The first worker vanishes. The second polls until it gets the task.
+        got = await wait_for(second.fetch, 1.5, interval=0.02, what="recovered task")
+        assert got.id == task_id
+        assert got.deliveries == 2
+        assert time.monotonic() - fetched_at <= 1.5
+        # The stale worker's ack cannot complete a task it lost, and publishes nothing.
+        assert await first.ack(result="late") is False
+        assert await got.ack("on time") is True
+        await wait_for(lambda: not results.empty(), 10, what="result")
+        msg = results.get_nowait()
+        assert msg["result"] == "on time"
+        await asyncio.sleep(0)  # nothing else may be queued
+        assert results.empty()
+
+
+async def test_lease_is_not_handed_out_before_it_expires(bridge, engine, workers):
+    svc = service_id()
+    await engine.add(svc, "only")
+    a, b = await workers(svc, "a"), await workers(svc, "b")
+    held = await a.fetch(time_to_recover_ms=3000)
+    assert held is not None
+    # While the lease runs, nobody else gets it.
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        assert await b.fetch() is None
+    assert await a.ack("done") is True
+    assert await b.fetch() is None
+
+
+async def test_resend_extends_the_lease(bridge, engine, workers):
+    """Seed bug G: a worker that keeps re-fetching its task keeps its lease."""
+    svc = service_id()
+    await engine.add(svc, "mine")
+    a, b = await workers(svc, "a"), await workers(svc, "b")
+    first = await a.fetch(time_to_recover_ms=700)
+    assert first is not None
+    for _ in range(4):  # 4 x 400 ms = well past the first 700 ms lease
+        await asyncio.sleep(0.4)
+        again = await a.fetch(time_to_recover_ms=700)
+        assert again is not None and again.id == first.id
+        assert await b.fetch() is None
+    assert await a.ack("kept") is True
+
+
+async def test_own_expired_task_comes_back_to_the_same_worker_if_nobody_took_it(bridge, engine, workers):
+    svc = service_id()
+    await engine.add(svc, "x")
+    a = await workers(svc, "a")
+    first = await a.fetch(time_to_recover_ms=200)
+    assert first is not None
+    await asyncio.sleep(0.5)
+    again = await a.fetch(time_to_recover_ms=5000)
+    assert again is not None and again.id == first.id
+    assert again.deliveries == 2  # a new lease, fenced with a new epoch
+    assert await a.ack("ok") is True
+
+
+async def test_recovery_does_not_lose_the_requesters_own_task(bridge, engine, workers):
+    """Seed bug B: recovering someone else's task must not overwrite the requester's own lease."""
+    svc = service_id()
+    await engine.add(svc, "t0")
+    await engine.add(svc, "t1")
+    a, b = await workers(svc, "a"), await workers(svc, "b")
+    t0 = await a.fetch(time_to_recover_ms=300)  # A takes t0 and dies
+    t1 = await b.fetch(time_to_recover_ms=60_000)  # B takes t1
+    assert t0 is not None and t1 is not None
+    await asyncio.sleep(0.6)
+    # B's fetch returns its own task, never t0 in its place.
+    assert (await b.fetch()).id == t1.id
+    c = await workers(svc, "c")
+    recovered = await wait_for(c.fetch, 2.0, interval=0.02, what="t0 recovered")
+    assert recovered.id == t0.id
+    assert await b.ack("r1") is True
+    assert await c.ack("r0") is True
+
+
+async def test_recovered_tasks_are_served_before_the_backlog(bridge, engine, workers):
+    """Seed bug C: recovery never moves the queue backwards or stalls it, and the recovered task is next."""
+    svc = service_id()
+    for i in range(30):
+        await engine.add(svc, i)
+    dead, busy = await workers(svc, "dead"), await workers(svc, "busy")
+    assert (await dead.fetch(time_to_recover_ms=300)).value == 0
+    seen = []
+    for _ in range(20):
+        t = await busy.fetch()
+        seen.append(t.value)
+        await t.ack(None)
+    assert seen == list(range(1, 21))
+    await asyncio.sleep(0.8)
+    t = await wait_for(busy.fetch, 2.0, what="task 0 recovered")
+    assert t.value == 0
+    await t.ack(None)
+    rest = []
+    while (t := await busy.fetch()) is not None:
+        rest.append(t.value)
+        await t.ack(None)
+    assert rest == list(range(21, 30)), "the queue must not stall after a recovery"
