@@ -279,3 +279,48 @@ async def wait_for(predicate: Callable[[], Any], timeout: float, interval: float
 
 def service_id() -> str:
     return f"svc-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def cql(servers: Servers) -> Iterator[Any]:
+    """A plain synchronous driver session, to look at (or tamper with) the raw rows."""
+    from cassandra.cluster import Cluster
+    from cassandra.query import dict_factory
+
+    cluster = Cluster(servers.cassandra_hosts, port=servers.cassandra_port, protocol_version=5)
+    session = cluster.connect()
+    session.row_factory = dict_factory
+    yield session
+    cluster.shutdown()
+
+
+class DeadLetters:
+    """Reads what RabbitMQ dead-lettered for this test's bridge."""
+
+    def __init__(self, url: str, queue: str) -> None:
+        self.url = url
+        self.queue = queue
+
+    async def drain(self, expect: int, timeout: float = 10.0) -> list[Any]:
+        import aio_pika
+
+        got: list[Any] = []
+        conn = await aio_pika.connect_robust(self.url)
+        try:
+            ch = await conn.channel()
+            q = await ch.declare_queue(self.queue, durable=True)
+            deadline = time.monotonic() + timeout
+            while len(got) < expect and time.monotonic() < deadline:
+                msg = await q.get(fail=False, no_ack=True)
+                if msg is None:
+                    await asyncio.sleep(0.05)
+                    continue
+                got.append(msg)
+        finally:
+            await conn.close()
+        return got
+
+
+@pytest.fixture
+def dead_letters(servers: Servers, names: dict[str, str]) -> DeadLetters:
+    return DeadLetters(servers.amqp_url("guest"), f"{names['queue_prefix']}.dead-letter")

@@ -172,7 +172,7 @@ class BridgeMetrics:
         scheduler: SchedulerStateView | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
             f"{PREFIX}_requests",

@@ -1,0 +1,118 @@
+"""Encryption at rest, tampering, owner isolation and the identity rules, on the real servers."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from bridge.client import Engine, UnauthorizedError, Worker
+from bridge.client.errors import BridgeClientError
+from tests.conftest import ENGINE_USER, OWNERS, service_id
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+SECRET = "canary-7f3a9c-plaintext-must-never-be-stored"
+
+
+def raw_rows(cql, keyspace: str, table: str, owner: str | None = None, service: str | None = None) -> list[dict]:
+    rows = list(cql.execute(f"SELECT * FROM {keyspace}.{table}"))
+    if owner is not None:
+        rows = [r for r in rows if r.get("owner") == owner and (service is None or r.get("service") == service)]
+    return rows
+
+
+async def test_nothing_of_value_or_token_is_stored_in_clear(bridge, engine, workers, cql, servers):
+    svc = service_id()
+    await engine.add(svc, {"secret": SECRET}, token={"processId": SECRET})
+    w = await workers(svc)
+    task = await w.fetch()
+    assert task.value == {"secret": SECRET}
+    await task.ack({"echo": SECRET})
+    ks = servers.keyspace
+    checked = 0
+    for table in ("ready", "leases", "workers", "outbox", "expiries", "idempotency"):
+        for row in cql.execute(f"SELECT * FROM {ks}.{table}"):
+            for value in row.values():
+                blob = value if isinstance(value, bytes) else str(value).encode()
+                assert SECRET.encode() not in blob, f"plaintext found in {table}"
+            checked += 1
+    assert checked > 0
+    ready = raw_rows(cql, ks, "ready", OWNERS[0], svc)
+    assert ready and ready[0]["value_ct"] and ready[0]["key_id"]
+
+
+async def test_tampered_ciphertext_is_reported_and_dead_lettered_never_returned(bridge, engine, workers, cql, servers):
+    svc = service_id()
+    bad_id = await engine.add(svc, {"n": 1})
+    await engine.add(svc, {"n": 2})
+    ks = servers.keyspace
+    row = next(r for r in raw_rows(cql, ks, "ready", OWNERS[0], svc) if str(r["seq"]) == bad_id)
+    flipped = bytes([row["value_ct"][0] ^ 0x01]) + row["value_ct"][1:]
+    cql.execute(
+        f"UPDATE {ks}.ready SET value_ct = %s WHERE owner = %s AND service = %s AND lane = 1 AND bucket = %s "
+        "AND seq = %s",
+        (flipped, row["owner"], row["service"], row["bucket"], row["seq"]),
+    )
+    w = await workers(svc)
+    with pytest.raises(BridgeClientError) as err:
+        await w.fetch()
+    assert err.value.code == "integrity_error"
+    assert bad_id in err.value.message
+    lease = cql.execute(
+        f"SELECT state FROM {ks}.leases WHERE owner = %s AND service = %s AND task_id = %s",
+        (OWNERS[0], svc, uuid.UUID(bad_id)),
+    ).one()
+    assert lease["state"] == "dead"
+    nxt = await w.fetch()  # the queue goes on with the next task
+    assert nxt.value == {"n": 2}
+
+
+async def test_owners_never_see_each_others_tasks(bridge, servers, names, workers):
+    svc = service_id()
+    async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"]) as ea:
+        await ea.add(svc, "for a")
+    other = await workers(svc, "same-worker-id", user=OWNERS[1])
+    assert await other.fetch() is None
+    assert await other.ack("x") is False
+    mine = await workers(svc, "same-worker-id", user=OWNERS[0])
+    assert (await mine.fetch()).value == "for a"
+
+
+async def test_only_trusted_users_may_name_another_owner(bridge, servers, names):
+    svc = service_id()
+    async with Engine(servers.amqp_url(OWNERS[1]), owner=OWNERS[0], exchange=names["exchange"]) as impostor:
+        with pytest.raises(UnauthorizedError):
+            await impostor.add(svc, "sneaky")
+    async with Engine(servers.amqp_url(OWNERS[1]), exchange=names["exchange"]) as own:
+        assert await own.add(svc, "own") is not None  # no x-owner: the user is the owner
+
+
+async def test_message_without_user_id_is_unauthorized(bridge, servers, names):
+    async with Worker(servers.amqp_url(OWNERS[0]), service="s", worker_id="w", exchange=names["exchange"]) as w:
+        w.user = None  # type: ignore[assignment]  # publish without the user_id property
+        reply, _ = await w.call_raw("fetch", {"serviceId": "s", "workerId": "w"})
+        assert reply["error"]["code"] == "unauthorized"
+
+
+async def test_unknown_owner_gets_a_clear_error(bridge, servers, names):
+    async with Engine(servers.amqp_url(ENGINE_USER), owner="nobody-has-keys", exchange=names["exchange"]) as e:
+        reply, _ = await e.call_raw("add", {"serviceId": "s", "value": 1}, owner="nobody-has-keys")
+        assert reply["error"]["code"] == "unknown_owner"
+
+
+async def test_add_with_same_message_id_creates_one_task(bridge, engine, workers, cql, servers):
+    svc = service_id()
+    first = await engine.add(svc, "once", message_id="m-1")
+    again = await engine.add(svc, "once", message_id="m-1")
+    other = await engine.add(svc, "twice", message_id="m-2")
+    assert first == again
+    assert other != first
+    assert len(raw_rows(cql, servers.keyspace, "ready", OWNERS[0], svc)) == 2
+    w = await workers(svc)
+    got = []
+    while (t := await w.fetch()) is not None:
+        got.append(t.value)
+        await t.ack(None)
+    assert got == ["once", "twice"]
+    assert await engine.add(svc, "once", message_id="m-1") == first, "idempotent for as long as the task lives"
