@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
+import time
 from contextlib import suppress
 from typing import Any
 
@@ -13,6 +15,8 @@ from bridge.crypto import CachingKeyProvider, HttpKeyProvider, KeyProvider, Keyr
 from bridge.domain.clock import Clock, SystemClock
 from bridge.domain.queue import Metrics, WorkQueue
 from bridge.domain.scheduler import RecoveryScheduler
+from bridge.observability.http import OpsServer
+from bridge.observability.metrics import BridgeMetrics
 from bridge.storage.cassandra import CassandraSession
 from bridge.storage.repository import TaskRepository
 from bridge.transport.amqp import AmqpTransport, Observer
@@ -47,6 +51,9 @@ class Bridge:
         self.db = CassandraSession(settings)
         self.repo = TaskRepository(self.db)
         self.keys = build_key_provider(settings)
+        self.metrics = BridgeMetrics(instance=settings.instance_id or socket.gethostname())
+        if isinstance(self.keys, CachingKeyProvider):
+            self.metrics.bind_key_cache(self.keys)
         self.queue = WorkQueue(
             self.repo,
             self.keys,
@@ -55,9 +62,9 @@ class Bridge:
             default_ttr_ms=settings.default_time_to_recover_ms,
             max_ttr_ms=settings.max_time_to_recover_ms,
             settle_ms=int(settings.clock_skew_margin * 1000),
-            metrics=metrics,
+            metrics=metrics or self.metrics,
         )
-        self.transport = AmqpTransport(settings, self.queue, observe)
+        self.transport = AmqpTransport(settings, self.queue, observe or self.metrics.observe)
         self.queue.results = self.transport
         self.scheduler = RecoveryScheduler(
             self.queue,
@@ -65,16 +72,41 @@ class Bridge:
             late_ms=int(max(5.0, settings.clock_skew_margin * 5) * 1000),
             republish_after_ms=int(settings.result_republish_after * 1000),
         )
+        self.metrics.bind_scheduler(self.scheduler.state)
+        self.ops = OpsServer(
+            self.metrics,
+            {"amqp": self._amqp_ready, "cassandra": self._cassandra_ready, "scheduler": self._scheduler_ready},
+        )
+        self.http_port: int | None = None  # the bound port once started (BRIDGE_HTTP_PORT=0: no HTTP)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
 
+    # -- readiness checks (GET /health/ready) ----------------------------------------------------
+    async def _amqp_ready(self) -> bool:
+        return self.transport.is_ready()
+
+    async def _cassandra_ready(self) -> bool:
+        await asyncio.wait_for(self.repo.ping(), timeout=1.0)
+        return True
+
+    async def _scheduler_ready(self) -> bool:
+        max_age = max(5.0, 20 * self.settings.scheduler_interval)
+        return time.monotonic() - self.scheduler.state.last_tick_monotonic < max_age
+
     async def start(self) -> None:
-        await self.db.connect()
-        await self.repo.create_schema(self.settings)
-        await self.repo.prepare()
-        await self.transport.start()
-        self._tasks.append(asyncio.create_task(self.scheduler.run(self._stop), name="scheduler"))
-        log.info("bridge started")
+        # HTTP first: liveness answers while we connect; readiness stays 503 until everything is up.
+        if self.settings.http_port:
+            self.http_port = await self.ops.start(self.settings.http_host, self.settings.http_port)
+        try:
+            await self.db.connect()
+            await self.repo.create_schema(self.settings)
+            await self.repo.prepare()
+            await self.transport.start()
+            self._tasks.append(asyncio.create_task(self.scheduler.run(self._stop), name="scheduler"))
+        except BaseException:
+            await self.ops.stop()
+            raise
+        log.info("bridge started", extra={"http_port": self.http_port})
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -97,6 +129,7 @@ class Bridge:
         await self.transport.close()
         await self.keys.close()
         await self.db.close()
+        await self.ops.stop()  # liveness answers through the grace period; readiness went 503 at pause()
         log.info("bridge stopped")
 
 

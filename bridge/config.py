@@ -43,13 +43,21 @@ class Settings(BaseSettings):
         min_length=1,
         description="Topic exchange for results (routing key = serviceId).",
     )
+    results_queue: str | None = Field(
+        "queue-bridge.results",
+        description="Durable queue bound to the results exchange ('#') for the engine; empty: declare none.",
+    )
     queue_prefix: str = Field("queue-bridge", min_length=1, description="Prefix of the bridge's queue names.")
     trusted_users: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["engine"],
         description="AMQP users (comma separated) allowed to name the owner in the x-owner header.",
     )
     prefetch: int = Field(64, ge=1, le=10_000, description="AMQP prefetch per consumer.")
-    max_value_bytes: int = Field(1_048_576, ge=1, description="Largest accepted request body, in bytes.")
+    max_value_bytes: int = Field(
+        1_048_576,
+        ge=1,
+        description="Largest accepted task value (or ack result), as JSON bytes; request bodies may be 64 KiB larger.",
+    )
 
     # --- storage ---------------------------------------------------------------------------
     cassandra_hosts: Annotated[list[str], NoDecode] = Field(
@@ -94,6 +102,11 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     instance_id: str | None = Field(None, description="Name of this bridge instance in logs and metrics.")
+
+    @field_validator("results_queue", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
 
     _split_lists = field_validator("trusted_users", "cassandra_hosts", mode="before")(_split_csv)
 

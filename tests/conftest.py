@@ -143,6 +143,7 @@ def bridge_env(servers: Servers, keyring_path: Path, names: dict[str, str]) -> d
         "BRIDGE_EXCHANGE": names["exchange"],
         "BRIDGE_RESULTS_EXCHANGE": names["results_exchange"],
         "BRIDGE_QUEUE_PREFIX": names["queue_prefix"],
+        "BRIDGE_RESULTS_QUEUE": names["queue_prefix"] + ".results",
         "BRIDGE_TRUSTED_USERS": ENGINE_USER,
         "BRIDGE_HTTP_PORT": "0",
         "BRIDGE_LOG_FORMAT": "json",

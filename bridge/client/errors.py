@@ -29,12 +29,35 @@ class UnavailableError(BridgeClientError):
     code = "unavailable"
 
 
+class UnknownOwnerError(BridgeClientError):
+    code = "unknown_owner"
+
+
+class IntegrityError(BridgeClientError):
+    """The task's stored ciphertext failed authentication; the bridge dead-lettered it."""
+
+    code = "integrity_error"
+
+
+class InternalError(BridgeClientError):
+    code = "internal"
+
+
 class RequestTimeout(BridgeClientError):
     code = "timeout"
 
 
 _BY_CODE: dict[str, type[BridgeClientError]] = {
-    cls.code: cls for cls in (BadRequestError, PayloadTooLargeError, UnauthorizedError, UnavailableError)
+    cls.code: cls
+    for cls in (
+        BadRequestError,
+        PayloadTooLargeError,
+        UnauthorizedError,
+        UnavailableError,
+        UnknownOwnerError,
+        IntegrityError,
+        InternalError,
+    )
 }
 
 

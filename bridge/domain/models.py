@@ -5,15 +5,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from bridge.domain.errors import BadRequest
 
-Identifier = Annotated[StrictStr, Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f]+$")]
+
+def _fits_routing_key(value: str) -> str:
+    # The serviceId is the routing key of result messages, which AMQP limits to 255 bytes.
+    if len(value.encode()) > 255:
+        raise ValueError("must be at most 255 bytes in UTF-8")
+    return value
+
+
+Identifier = Annotated[
+    StrictStr,
+    Field(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f]+$"),
+    AfterValidator(_fits_routing_key),
+]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
 
 class AddCommand(_Request):

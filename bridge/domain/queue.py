@@ -153,7 +153,9 @@ class WorkQueue:
         try:
             return await self.keys.key_by_id(owner, key_id)
         except (NoKeysForOwner, UnknownKey):
-            raise IntegrityError(f"the key {key_id!r} that sealed this task is not known any more") from None
+            raise IntegrityError(
+                f"the key {key_id!r} that sealed this task is not known any more; dead-lettered"
+            ) from None
         except KeyUnavailable as exc:
             raise Unavailable(f"key provider unavailable: {exc}") from None
 
@@ -227,11 +229,12 @@ class WorkQueue:
         ttr = min(req.time_to_recover or self.default_ttr_ms, self.max_ttr_ms)
         try:
             held = await self.repo.worker(q, req.worker_id)
-            if held is not None:
+            if held is not None and not held.done:
                 delivery = await self._resend(q, req.worker_id, held, ttr)
                 if delivery is not None:
                     return delivery
-            return await self._claim_next(q, req.worker_id, ttr, stale_pointer=held is not None)
+            stale = held is not None and not held.done
+            return await self._claim_next(q, req.worker_id, ttr, stale_pointer=stale)
         except (StorageUnavailable, UnknownOutcome) as exc:
             raise Unavailable(f"storage unavailable: {exc}") from None
 
@@ -322,20 +325,25 @@ class WorkQueue:
 
     async def _deliver(self, q: QueueKey, worker: str, task_id: uuid.UUID, epoch: int, until: int) -> Delivery:
         payload = await self.repo.payload(q, task_id)
-        now = self.clock.now_ms()
         if payload is None:
             # Expired between claim and read (TTL): nothing to hand out.
             raise Unavailable("the task expired while being fetched; fetch again")
-        key = await self._key_by_id(q.owner, payload.key_id)
-        sealed = Sealed(payload.key_id, payload.value_nonce, payload.value_ct)
         try:
-            plain = open_sealed(key, sealed, service=q.service, task_id=str(task_id), field="value")
-        except TamperedCiphertext:
-            log.error("task %s of service %s failed authentication: dead-lettered", task_id, q.service)
+            key = await self._key_by_id(q.owner, payload.key_id)
+            sealed = Sealed(payload.key_id, payload.value_nonce, payload.value_ct)
+            try:
+                plain = open_sealed(key, sealed, service=q.service, task_id=str(task_id), field="value")
+            except TamperedCiphertext:
+                raise IntegrityError(f"task {task_id} failed authentication and was dead-lettered") from None
+        except IntegrityError as exc:
+            # It can never be delivered: dead-letter it (kept until its TTL for inspection) so the
+            # worker, and the queue, move on instead of being handed the same broken task forever.
+            log.error("task %s of service %s dead-lettered: %s", task_id, q.service, exc.message)
+            now = self.clock.now_ms()
             await self.repo.kill(q, task_id, epoch, worker, to_datetime(now), self.ttl_for(task_id))
             await self.repo.clear_worker(q, worker)
             self.metrics.inc("tasks_dead_lettered", reason="integrity")
-            raise IntegrityError(f"task {task_id} failed authentication and was dead-lettered") from None
+            raise
         return Delivery(
             task_id=str(task_id),
             value=orjson.loads(plain),
@@ -351,6 +359,13 @@ class WorkQueue:
             held = await self.repo.worker(q, req.worker_id)
             if held is None:
                 return False
+            if held.done:
+                # The worker's last task is complete: a repeated ack (a retry after a lost reply)
+                # gets the same answer, and nothing is completed or published twice.
+                cur = await self.repo.lease(q, held.task_id, serial=False)
+                return (
+                    cur is not None and cur.state == "done" and cur.epoch == held.epoch and cur.worker == req.worker_id
+                )
             now = self.clock.now_ms()
             ttl = self.ttl_for(held.task_id)
             completion_id = uuid.uuid4()
@@ -380,9 +395,12 @@ class WorkQueue:
                     cur is not None and cur.state == "done" and cur.epoch == held.epoch and cur.worker == req.worker_id
                 )
                 # A retried ack of a completion that already happened is still a success.
-                await self.repo.clear_worker(q, req.worker_id)
+                if again:
+                    await self.repo.finish_worker(q, req.worker_id, ttl)
+                else:
+                    await self.repo.clear_worker(q, req.worker_id)
                 return again
-            await self.repo.clear_worker(q, req.worker_id)
+            await self.repo.finish_worker(q, req.worker_id, ttl)
         except (StorageUnavailable, UnknownOutcome) as exc:
             raise Unavailable(f"storage unavailable: {exc}") from None
         self.metrics.inc("tasks_completed", outcome="error" if "error" in req.outcome else "result")

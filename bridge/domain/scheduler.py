@@ -152,21 +152,33 @@ class RecoveryScheduler:
         limit = outbox_bucket(now - self.republish_after_ms)
         moved = False
         while self._outbox_next < limit:
-            for entry in await self.repo.outbox(self._outbox_next):
-                if entry.published:
-                    continue
-                lease = await self.repo.lease(entry.queue, entry.task_id, serial=True)
-                if lease is not None and lease.state == "done" and lease.completion_id == entry.completion_id:
-                    log.info("re-publishing the pending result of task %s", entry.task_id)
-                    await self.queue.publish(entry)
-                    self.state.republished += 1
-                    self.queue.metrics.inc("results_republished")
-                else:
-                    await self.repo.mark_published(entry, self.queue.ttl_for(entry.task_id))
+            if not await self._relay_bucket(self._outbox_next):
+                break  # something could not be published yet: retry this bucket on a later tick
             self._outbox_next += 1
             moved = True
         if moved:
             await self.repo.advance_scheduler_cursor(OUTBOX_CURSOR, self._outbox_next, CURSOR_TTL_S)
+
+    async def _relay_bucket(self, bucket: int) -> bool:
+        complete = True
+        for entry in await self.repo.outbox(bucket):
+            if entry.published:
+                continue
+            lease = await self.repo.lease(entry.queue, entry.task_id, serial=True)
+            if lease is None or lease.state != "done" or lease.completion_id != entry.completion_id:
+                # The completing transaction never applied (or the task expired): nothing to send.
+                await self.repo.mark_published(entry, self.queue.ttl_for(entry.task_id))
+                continue
+            log.info("re-publishing the pending result of task %s", entry.task_id)
+            try:
+                await self.queue.publish(entry)
+            except Exception as exc:  # broker down, no queue bound, ...: keep it pending
+                log.warning("result of task %s still not published: %s", entry.task_id, type(exc).__name__)
+                complete = False
+                continue
+            self.state.republished += 1
+            self.queue.metrics.inc("results_republished")
+        return complete
 
 
 __all__ = ["OUTBOX_BUCKET_MS", "RecoveryScheduler"]

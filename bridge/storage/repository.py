@@ -15,6 +15,7 @@ from bridge.config import Settings
 from bridge.storage.cassandra import CassandraSession, Row
 from bridge.storage.errors import UnknownOutcome
 from bridge.storage.schema import (
+    ADDED_COLUMNS,
     EXPIRY_BUCKET_MS,
     LANE_FRESH,
     LANE_RECOVERED,
@@ -69,6 +70,7 @@ class WorkerPointer:
     task_id: uuid.UUID
     epoch: int
     has_token: bool
+    done: bool = False  # the worker acked this task; kept so that a retried ack is answered true
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,12 +177,16 @@ _STATEMENTS: dict[str, tuple[str, bool]] = {
         False,
     ),
     "worker.get": (
-        "SELECT task_id, epoch, has_token FROM {ks}.workers WHERE owner = ? AND service = ? AND worker = ?",
+        "SELECT task_id, epoch, has_token, done FROM {ks}.workers WHERE owner = ? AND service = ? AND worker = ?",
         True,
     ),
     "worker.set": (
-        "INSERT INTO {ks}.workers (owner, service, worker, task_id, epoch, has_token) VALUES (?, ?, ?, ?, ?, ?) "
-        "USING TTL ?",
+        "INSERT INTO {ks}.workers (owner, service, worker, task_id, epoch, has_token, done) "
+        "VALUES (?, ?, ?, ?, ?, ?, false) USING TTL ?",
+        True,
+    ),
+    "worker.finish": (
+        "UPDATE {ks}.workers USING TTL ? SET done = true WHERE owner = ? AND service = ? AND worker = ?",
         True,
     ),
     "worker.clear": (
@@ -258,6 +264,13 @@ class TaskRepository:
     async def create_schema(self, settings: Settings) -> None:
         for cql in all_cql(settings.cassandra_keyspace, settings.cassandra_replication, settings.task_ttl_seconds):
             await self.db.execute_raw(cql)
+        for table, column, cql_type in ADDED_COLUMNS:
+            rows = await self.db.execute_raw(
+                "SELECT column_name FROM system_schema.columns WHERE keyspace_name = '{ks}' "
+                f"AND table_name = '{table}' AND column_name = '{column}'"
+            )
+            if not rows:
+                await self.db.execute_raw(f"ALTER TABLE {{ks}}.{table} ADD {column} {cql_type}")
         await self.db.execute_raw(
             "INSERT INTO {ks}.schema_meta (name, version, ready_bucket_ms, expiry_bucket_ms, outbox_bucket_ms) "
             f"VALUES ('queue-bridge', {SCHEMA_VERSION}, {READY_BUCKET_MS}, {EXPIRY_BUCKET_MS}, "
@@ -511,10 +524,15 @@ class TaskRepository:
         if not rows or rows[0]["task_id"] is None:
             return None
         r = rows[0]
-        return WorkerPointer(task_id=r["task_id"], epoch=r["epoch"], has_token=bool(r["has_token"]))
+        return WorkerPointer(
+            task_id=r["task_id"], epoch=r["epoch"], has_token=bool(r["has_token"]), done=bool(r["done"])
+        )
 
     async def set_worker(self, q: QueueKey, worker: str, ptr: WorkerPointer, ttl: int) -> None:
         await self.db.execute("worker.set", (q.owner, q.service, worker, ptr.task_id, ptr.epoch, ptr.has_token, ttl))
+
+    async def finish_worker(self, q: QueueKey, worker: str, ttl: int) -> None:
+        await self.db.execute("worker.finish", (ttl, q.owner, q.service, worker))
 
     async def clear_worker(self, q: QueueKey, worker: str) -> None:
         await self.db.execute("worker.clear", (q.owner, q.service, worker))

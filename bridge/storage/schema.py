@@ -65,7 +65,7 @@ def table_cql(keyspace: str, ttl_seconds: int) -> list[str]:
         # What each worker holds: a hint, always verified by the LWT on `leases`.
         f"""CREATE TABLE IF NOT EXISTS {ks}.workers (
             owner text, service text, worker text,
-            task_id timeuuid, epoch int, has_token boolean,
+            task_id timeuuid, epoch int, has_token boolean, done boolean,
             PRIMARY KEY ((owner, service, worker))
         ) WITH {ttl}""",
         # Lease deadlines, written BEFORE the claim so a crash can never strand a leased task.
@@ -96,6 +96,13 @@ def table_cql(keyspace: str, ttl_seconds: int) -> list[str]:
             outbox_bucket_ms int
         )""",
     ]
+
+
+# Columns added after a table was first released: (table, column, CQL type). `create_schema` adds
+# the missing ones with ALTER TABLE, so upgrading a running cluster needs no manual step.
+ADDED_COLUMNS: list[tuple[str, str, str]] = [
+    ("workers", "done", "boolean"),
+]
 
 
 def all_cql(keyspace: str, replication: str, ttl_seconds: int) -> list[str]:

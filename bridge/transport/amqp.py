@@ -116,7 +116,9 @@ class AmqpTransport:
         )
         self._consume_channel = await self.connection.channel(publisher_confirms=False)
         await self._consume_channel.set_qos(prefetch_count=self.settings.prefetch)
-        self._publish_channel = await self.connection.channel(publisher_confirms=True)
+        # Confirms + mandatory: a result that no queue takes comes back as an error, so it stays
+        # pending in the outbox instead of being confirmed into the void.
+        self._publish_channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         await self._declare_topology()
         await self.resume()
 
@@ -146,6 +148,10 @@ class AmqpTransport:
         self._results_exchange = await self._publish_channel.declare_exchange(
             s.results_exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
+        if s.results_queue:
+            # A durable queue for the engine, so results published while it is down wait for it.
+            results_q = await ch.declare_queue(s.results_queue, durable=True)
+            await results_q.bind(s.results_exchange, routing_key="#")
 
     async def resume(self) -> None:
         handlers: dict[str, Callable[[AbstractIncomingMessage], Awaitable[None]]] = {
@@ -282,13 +288,21 @@ class AmqpTransport:
                     return
                 if time.monotonic() + delay > deadline or not self._consumer_tags:
                     # Give it back to RabbitMQ for later (or for another instance); never lose it.
+                    # No reply now: the add is not over, and its one reply comes when it is.
                     self.observe("add", exc.code, time.perf_counter() - started)
-                    await self._reply(message, _reply_body(error=exc), is_error=True)
+                    log.warning("add still failing (%s): requeued", exc.message)
                     await message.nack(requeue=True)
                     return
                 log.warning("add failed (%s), retrying in %.1fs", exc.message, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+            except Exception:
+                # A bug, not bad input: keep the message (dead-letter queue) and say so.
+                log.exception("add failed unexpectedly")
+                err = BridgeError("internal error; the message was dead-lettered, see the bridge log")
+                self.observe("add", err.code, time.perf_counter() - started)
+                await self._reject(message, err, "add")
+                return
         await self._reply(message, _reply_body(True, extra={"task": {"id": task_id}}), is_error=False)
         await message.ack()
         self.observe("add", "ok", time.perf_counter() - started)
@@ -341,6 +355,9 @@ class AmqpTransport:
         return _reply_body(delivery.value, extra={"task": task}), headers
 
     async def _ack(self, owner: str, req: AckRequest) -> tuple[bytes, dict[str, Any] | None]:
+        size = len(orjson.dumps(req.outcome))
+        if size > self.settings.max_value_bytes:
+            raise PayloadTooLarge(f"the result is {size} bytes; the limit is {self.settings.max_value_bytes}")
         return _reply_body(await self.queue.ack(owner, req)), None
 
     async def _on_fetch(self, message: AbstractIncomingMessage) -> None:
@@ -372,4 +389,4 @@ class AmqpTransport:
             type="result",
         )
         # Publisher confirm: raises unless the broker took responsibility for the message.
-        await self._results_exchange.publish(message, routing_key=result.service)
+        await self._results_exchange.publish(message, routing_key=result.service, mandatory=True)

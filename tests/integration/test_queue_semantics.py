@@ -110,3 +110,20 @@ async def test_task_without_token_publishes_nothing(bridge, engine, workers, ser
         msg = results.get_nowait()
         assert msg["result"] == "r2"
         assert results.empty()
+
+
+async def test_repeated_ack_is_idempotent_and_publishes_once(bridge, engine, workers, servers, names):
+    """A worker whose ack reply was lost retries the ack: same answer, one completion, one result."""
+    svc = service_id()
+    async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
+        await engine.add(svc, "once", token={"p": 1})
+        await engine.add(svc, "next")
+        w = await workers(svc)
+        assert (await w.fetch()).value == "once"
+        assert await w.ack("r") is True
+        assert await w.ack("r") is True
+        await wait_for(lambda: not results.empty(), 10, what="result")
+        nxt = await w.fetch()
+        assert nxt.value == "next"
+        assert await nxt.ack("r2") is True
+        assert results.qsize() == 1

@@ -79,7 +79,7 @@ def value(m: BridgeMetrics, name: str, **labels: str) -> float:
 
 
 def test_the_scan_finds_the_documented_names() -> None:
-    assert DOCUMENTED <= set(domain_inc_calls())
+    assert set(domain_inc_calls()) >= DOCUMENTED
 
 
 def test_every_name_the_domain_uses_is_routed_and_counted(metrics: BridgeMetrics) -> None:
@@ -230,7 +230,7 @@ def test_exposition_has_every_metric_name() -> None:
     m.observe("ack", "ok", 0.01)
     text = m.render().decode()
     for metric, _ in EXPECTED_COUNTERS.values():
-        assert f"# TYPE {metric.removesuffix('_total')} counter" in text
+        assert f"# TYPE {metric} counter" in text
     for name in (
         "queue_bridge_requests_total",
         "queue_bridge_request_duration_seconds_bucket",

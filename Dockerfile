@@ -1,0 +1,78 @@
+# syntax=docker/dockerfile:1
+#
+# queue-bridge container image.
+#
+#   docker build -t queue-bridge .
+#   docker run --rm queue-bridge config        # effective settings (BRIDGE_* env), secrets masked
+#   docker run --rm -e BRIDGE_... queue-bridge  # = queue-bridge run
+#
+# Two stages on the same Python image: the builder resolves the locked dependencies (uv.lock) into
+# /app/.venv; the runtime image gets only that venv (and examples/), runs as uid 10001, and has
+# no build tools. docker-compose.yml and deploy/kubernetes/ use this image.
+
+############################ builder ############################
+FROM python:3.11-slim-bookworm AS builder
+
+ARG UV_VERSION=0.13.9
+ENV UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_PYTHON=/usr/local/bin/python3.11 \
+    UV_PROJECT_ENVIRONMENT=/app/.venv \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+
+RUN pip install "uv==${UV_VERSION}"
+
+WORKDIR /app
+
+# 1. Dependencies only. This layer is rebuilt only when pyproject.toml or uv.lock change.
+COPY pyproject.toml uv.lock ./
+RUN --mount=type=cache,target=/root/.cache/uv \
+    uv sync --frozen --no-dev --no-install-project --no-editable --extra fast
+
+# 2. The project itself, installed as a regular package (not editable), so the venv needs no
+#    source tree at runtime. examples/ is copied to the runtime image for the compose demo;
+#    the mkdir keeps that COPY working when a checkout has no examples/.
+COPY . .
+RUN --mount=type=cache,target=/root/.cache/uv \
+    uv sync --frozen --no-dev --no-editable --extra fast \
+ && mkdir -p /app/examples
+
+############################ runtime ############################
+FROM python:3.11-slim-bookworm AS runtime
+
+LABEL org.opencontainers.image.title="queue-bridge" \
+      org.opencontainers.image.description="Persistent work queue: AMQP in front, Apache Cassandra behind, tasks encrypted per owner." \
+      org.opencontainers.image.licenses="MIT"
+
+# An unprivileged user with a fixed uid (deploy/kubernetes/deployment.yaml sets runAsUser: 10001).
+# /keys is owned by it, so a named volume mounted there (the compose dev key-ring) is writable.
+RUN groupadd --gid 10001 bridge \
+ && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin bridge \
+ && mkdir -p /keys \
+ && chown 10001:10001 /keys
+
+ENV PATH=/app/.venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+WORKDIR /app
+COPY --from=builder /app/.venv /app/.venv
+COPY --from=builder /app/examples /app/examples
+
+USER 10001:10001
+
+# Health (/health/live, /health/ready) and Prometheus metrics (/metrics): BRIDGE_HTTP_PORT, 8080.
+EXPOSE 8080
+
+# No curl in the slim image: the standard library does the probe. urlopen raises on a refused
+# connection or an HTTP status >= 400, so python exits 1 = unhealthy.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health/ready' % os.environ.get('BRIDGE_HTTP_PORT', '8080'), timeout=4)"]
+
+# Exec form: queue-bridge is PID 1 and receives SIGTERM itself (graceful stop, BRIDGE_SHUTDOWN_GRACE).
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["queue-bridge"]
+CMD ["run"]

@@ -1,0 +1,1 @@
+"""The queue-bridge benchmark suite: ``python -m benchmarks.run`` (``make bench``), see docs/performance.md."""

@@ -1,0 +1,266 @@
+"""One benchmark run: its names, its keyspace, its processes, and what it has measured so far."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+
+from benchmarks.procs import CpuMeter, Managed, server_pids, start_bridge, start_echo
+from benchmarks.progress import say
+from benchmarks.stats import Figure, Sample, Target
+from bridge.config import Settings
+from bridge.crypto import generate_keyring, write_keyring
+from bridge.storage.cassandra import CassandraSession
+
+HOST = "127.0.0.1"  # benchmarks never target anything else
+KEYSPACE = "qb_bench"
+ENGINE_USER = "engine"
+OWNER = "worker-a"
+OWNERS = ("engine", "worker-a", "worker-b", "guest")
+
+# Tables for B-lwt and B-write, shaped like the bridge's `leases` and `ready` rows.
+BENCH_TABLES = (
+    """CREATE TABLE IF NOT EXISTS {ks}.bench_lwt (
+        owner text, service text, task_id timeuuid, state text, epoch int, worker text,
+        lease_until timestamp, claim_id uuid,
+        PRIMARY KEY ((owner, service, task_id)))""",
+    """CREATE TABLE IF NOT EXISTS {ks}.bench_write (
+        owner text, service text, lane tinyint, bucket bigint, seq timeuuid, task_id timeuuid,
+        key_id text, value_nonce blob, value_ct blob, created_at timestamp,
+        PRIMARY KEY ((owner, service, lane, bucket), seq))""",
+)
+
+
+@dataclass
+class Plan:
+    """How much of everything a run does (the default run and ``--quick`` differ only here)."""
+
+    quick: bool
+    base_seq: int  # sequential (single-request) operations per baseline
+    base_conc: int  # operations per baseline at the workloads' concurrency
+    add_seq: int  # sequential adds (latency)
+    adds: int  # pipelined adds (throughput); they also fill W-cycle's queue
+    add_window: int
+    cycle_seq: int  # sequential fetch/ack cycles (latency) before W-cycle's 16 workers
+    workers: int
+    e2e_rates: tuple[int, ...]
+    e2e_seconds: float
+    recover_tasks: int
+    recover_ttr_ms: int
+    scale_bridges: tuple[int, ...]
+    scale_tasks: int
+    memory_tasks: int
+    memory_repeat_tasks: int
+    caps: dict[str, float] = field(default_factory=dict)  # seconds, per phase
+
+    @classmethod
+    def default(cls) -> Plan:
+        return cls(
+            quick=False,
+            base_seq=400,
+            base_conc=4000,
+            add_seq=300,
+            adds=20_000,
+            add_window=64,
+            cycle_seq=300,
+            workers=16,
+            e2e_rates=(200,),
+            e2e_seconds=15.0,
+            recover_tasks=1000,
+            recover_ttr_ms=1000,
+            scale_bridges=(1, 2, 4),
+            scale_tasks=3000,
+            memory_tasks=100_000,
+            memory_repeat_tasks=2000,
+            caps={"adds": 60, "cycle": 75, "recover": 40, "scale": 20, "memory": 90},
+        )
+
+    @classmethod
+    def quick_plan(cls) -> Plan:
+        return cls(
+            quick=True,
+            base_seq=150,
+            base_conc=1500,
+            add_seq=100,
+            adds=2000,
+            add_window=64,
+            cycle_seq=100,
+            workers=16,
+            e2e_rates=(200,),
+            e2e_seconds=5.0,
+            recover_tasks=200,
+            recover_ttr_ms=1000,
+            scale_bridges=(1, 2),
+            scale_tasks=800,
+            memory_tasks=10_000,
+            memory_repeat_tasks=500,
+            caps={"adds": 15, "cycle": 15, "recover": 15, "scale": 8, "memory": 20},
+        )
+
+
+class Bench:
+    def __init__(self, plan: Plan, *, bridges: int, profile_dir: Path | None = None) -> None:
+        self.plan = plan
+        self.bridges_wanted = bridges
+        self.profile_dir = profile_dir
+        self.run_id = uuid.uuid4().hex[:8]
+        self.exchange = f"qb-bench-{self.run_id}"
+        self.results_exchange = f"qb-bench-{self.run_id}.results"
+        self.queue_prefix = f"qb-bench-{self.run_id}"
+        self.echo_exchange = f"qb-bench-{self.run_id}.echo"
+        self.echo_queue = f"qb-bench-{self.run_id}.echo"
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"qb-bench-{self.run_id}-"))
+        self.keyring = self.workdir / "keyring.json"
+        self.bridges: list[Managed] = []
+        self._bridge_seq = 0
+        self.echo: Managed | None = None
+        self.db = CassandraSession(
+            Settings(
+                cassandra_hosts=[HOST],
+                cassandra_port=9042,
+                cassandra_keyspace=KEYSPACE,
+                keyring=None,
+                key_server_url=None,
+            )
+        )
+        self.figures: list[Figure] = []
+        self.targets: list[Target] = []
+        self.baselines: dict[str, Sample] = {}
+        self.sections: dict[str, Any] = {"cpu": {}}
+        self.cycle_queue: tuple[str, int] | None = None  # (service, tasks waiting) left by W-add
+        self.failed = False
+
+    # -- names and environments --------------------------------------------------------------
+    @staticmethod
+    def amqp_url(user: str) -> str:
+        return f"amqp://{user}:{user}@{HOST}:5672/"
+
+    def bridge_env(self, name: str) -> dict[str, str]:
+        return {
+            "BRIDGE_AMQP_URL": self.amqp_url("guest"),
+            "BRIDGE_CASSANDRA_HOSTS": HOST,
+            "BRIDGE_CASSANDRA_PORT": "9042",
+            "BRIDGE_CASSANDRA_KEYSPACE": KEYSPACE,
+            "BRIDGE_KEYRING": str(self.keyring),
+            "BRIDGE_EXCHANGE": self.exchange,
+            "BRIDGE_RESULTS_EXCHANGE": self.results_exchange,
+            "BRIDGE_QUEUE_PREFIX": self.queue_prefix,
+            "BRIDGE_TRUSTED_USERS": ENGINE_USER,
+            "BRIDGE_HTTP_PORT": "0",
+            "BRIDGE_LOG_FORMAT": "json",
+            "BRIDGE_INSTANCE_ID": name,
+        }
+
+    def service(self, what: str) -> str:
+        return f"bench-{what}-{uuid.uuid4().hex[:6]}"
+
+    # -- setup and teardown -------------------------------------------------------------------
+    async def setup(self) -> None:
+        write_keyring(self.keyring, generate_keyring(list(OWNERS)))
+        say(f"run {self.run_id}: exchange {self.exchange}, keyspace {KEYSPACE}, logs in {self.workdir}")
+        await self.db.connect()
+        say(f"resetting keyspace {KEYSPACE} (dropped and re-created for every run)")
+        await self.db.execute_raw(f"DROP KEYSPACE IF EXISTS {KEYSPACE}")
+        await self.db.execute_raw(
+            f"CREATE KEYSPACE {KEYSPACE} WITH replication = {{'class': 'SimpleStrategy', 'replication_factor': 1}}"
+        )
+        for cql in BENCH_TABLES:
+            await self.db.execute_raw(cql.replace("{ks}", KEYSPACE))
+        await self.ensure_bridges(self.bridges_wanted)
+
+    async def ensure_bridges(self, n: int) -> None:
+        """Start or stop bridge processes until ``n`` run (the first one is never stopped here)."""
+        while len(self.bridges) > max(n, 1):
+            b = self.bridges.pop()
+            say(f"stopping {b.name}")
+            await b.stop()
+        while len(self.bridges) < n:
+            name = f"bridge-{self._bridge_seq}"
+            self._bridge_seq += 1
+            prof = self.profile_dir / f"{name}.prof" if self.profile_dir else None
+            say(f"starting {name}" + (f" under cProfile -> {prof}" if prof else ""))
+            # One at a time: the first one creates the schema.
+            b = await start_bridge(name, self.bridge_env(name), self.workdir / f"{name}.log", prof)
+            self.bridges.append(b)
+
+    async def ensure_echo(self) -> None:
+        if self.echo is None:
+            env = {
+                "QB_ECHO_URL": self.amqp_url("guest"),
+                "QB_ECHO_EXCHANGE": self.echo_exchange,
+                "QB_ECHO_QUEUE": self.echo_queue,
+                "QB_ECHO_PREFETCH": "64",  # the bridge's default BRIDGE_PREFETCH
+            }
+            say("starting the echo server (B-rpc)")
+            self.echo = await start_echo(env, self.workdir / "echo.log")
+
+    def check_processes(self) -> None:
+        for b in self.bridges:
+            b.check()
+
+    def cpu_meter(self) -> CpuMeter:
+        import os
+
+        pids: dict[str, list[int]] = {"bridges": [b.pid for b in self.bridges]}
+        for name, pid in server_pids().items():
+            pids[name] = [pid]
+        pids["generator"] = [os.getpid()]
+        if self.echo is not None:
+            pids["echo"] = [self.echo.pid]
+        return CpuMeter(pids).start()
+
+    async def teardown(self) -> None:
+        for b in reversed(self.bridges):
+            with contextlib.suppress(Exception):
+                await b.stop()
+        if self.echo is not None:
+            with contextlib.suppress(Exception):
+                await self.echo.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._delete_amqp_entities(), 20)
+        with contextlib.suppress(Exception):
+            await self.db.close()
+        if self.failed:
+            say(f"logs kept in {self.workdir}")
+        else:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    async def _delete_amqp_entities(self) -> None:
+        """Remove this run's queues and exchanges from RabbitMQ (they are durable)."""
+        conn = await aio_pika.connect(self.amqp_url("guest"))
+        try:
+            queues = [f"{self.queue_prefix}.{m}" for m in ("add", "fetch", "ack", "unrouted", "dead-letter")]
+            exchanges = [
+                self.exchange,
+                f"{self.exchange}.dead",
+                f"{self.exchange}.unrouted",
+                self.results_exchange,
+                self.echo_exchange,
+            ]
+            for q in [*queues, self.echo_queue]:
+                ch = await conn.channel()
+                with contextlib.suppress(Exception):
+                    await ch.queue_delete(q)
+            for ex in exchanges:
+                ch = await conn.channel()
+                with contextlib.suppress(Exception):
+                    await ch.exchange_delete(ex)
+        finally:
+            await conn.close()
+
+    # -- results -------------------------------------------------------------------------------
+    def figure(self, fig: Figure) -> Figure:
+        self.figures.append(fig)
+        return fig
+
+    def target(self, t: Target) -> Target:
+        self.targets.append(t)
+        return t

@@ -1,0 +1,69 @@
+"""B-rpc's echo server: the bridge's AMQP request/reply path with no work in between.
+
+It mirrors ``bridge.transport.amqp.AmqpTransport``: a consuming channel with the bridge's prefetch
+and no confirms, a durable queue bound to a direct exchange, and a publisher-confirm channel on
+which the reply goes to the request's ``reply_to`` (direct reply-to) before the request is acked.
+The client side is ``bridge.client.RpcClient`` itself, so B-rpc is the floor of any fetch or ack.
+
+Run by the benchmark runner as ``python -m benchmarks.echo`` with QB_ECHO_* in the environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
+
+async def serve(url: str, exchange: str, queue: str, prefetch: int) -> None:
+    connection = await aio_pika.connect_robust(url, client_properties={"connection_name": "qb-bench-echo"})
+    consume = await connection.channel(publisher_confirms=False)
+    await consume.set_qos(prefetch_count=prefetch)
+    publish = await connection.channel(publisher_confirms=True)
+    ex = await consume.declare_exchange(exchange, aio_pika.ExchangeType.DIRECT, durable=True)
+    q = await consume.declare_queue(queue, durable=True)
+    await q.bind(ex, routing_key="echo")
+
+    async def on_request(message: AbstractIncomingMessage) -> None:
+        if message.reply_to:
+            reply = aio_pika.Message(
+                message.body,
+                content_type="application/json",
+                correlation_id=message.correlation_id,
+                type="result",
+                headers={},
+                delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+            )
+            await publish.default_exchange.publish(reply, routing_key=message.reply_to)
+        await message.ack()
+
+    await q.consume(on_request)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print("echo ready", flush=True)
+    await stop.wait()
+    await connection.close()
+
+
+def main() -> None:
+    coro = serve(
+        os.environ["QB_ECHO_URL"],
+        os.environ["QB_ECHO_EXCHANGE"],
+        os.environ["QB_ECHO_QUEUE"],
+        int(os.environ.get("QB_ECHO_PREFETCH", "64")),
+    )
+    try:
+        import uvloop
+
+        uvloop.run(coro)
+    except ImportError:
+        asyncio.run(coro)
+
+
+if __name__ == "__main__":
+    main()

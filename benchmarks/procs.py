@@ -1,0 +1,217 @@
+"""The processes a benchmark run starts (bridges, the echo server) and what /proc says about them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STATE = ROOT / "deploy" / "local" / "state"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class ProcessFailed(RuntimeError):
+    pass
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def status_kib(pid: int, field: str = "VmRSS") -> int | None:
+    """A ``kB`` field of /proc/<pid>/status (VmRSS: resident now; VmHWM: resident peak)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process, in seconds (threads included)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            raw = fh.read()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def _pid_file(path: Path) -> int | None:
+    try:
+        pid = int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if Path(f"/proc/{pid}").exists() else None
+
+
+def _beam_child(pid: int) -> int | None:
+    """Debian's rabbitmq-server wrapper may be the recorded pid; the Erlang VM is a child of it."""
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
+    if comm.startswith("beam"):
+        return pid
+    for task in Path("/proc").iterdir():
+        if not task.name.isdigit():
+            continue
+        try:
+            stat = (task / "stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            if ppid == pid and (task / "comm").read_text().startswith("beam"):
+                return int(task.name)
+        except (OSError, ValueError):
+            continue
+    return pid
+
+
+def server_pids() -> dict[str, int]:
+    """Cassandra's and RabbitMQ's pids as recorded by deploy/local (read only; absent if unknown)."""
+    out: dict[str, int] = {}
+    cass = _pid_file(STATE / "cassandra" / "cassandra.pid")
+    if cass:
+        out["cassandra"] = cass
+    rmq = _pid_file(STATE / "rabbitmq" / "rabbitmq.pid")
+    if rmq:
+        beam = _beam_child(rmq)
+        if beam:
+            out["rabbitmq"] = beam
+    return out
+
+
+class CpuMeter:
+    """CPU used by named processes between start() and stop(), as % of one core."""
+
+    def __init__(self, pids: dict[str, list[int]]) -> None:
+        self.pids = pids
+        self._t0 = 0.0
+        self._c0: dict[str, float] = {}
+
+    def _now(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, pids in self.pids.items():
+            total = 0.0
+            for pid in pids:
+                if pid == os.getpid():
+                    t = os.times()
+                    total += t.user + t.system
+                else:
+                    total += cpu_seconds(pid) or 0.0
+            out[name] = total
+        return out
+
+    def start(self) -> CpuMeter:
+        self._t0 = time.perf_counter()
+        self._c0 = self._now()
+        return self
+
+    def stop(self) -> dict[str, float]:
+        wall = time.perf_counter() - self._t0
+        c1 = self._now()
+        if wall <= 0:
+            return {}
+        return {name: round(100.0 * (c1[name] - self._c0.get(name, 0.0)) / wall, 1) for name in c1}
+
+
+@dataclass
+class Managed:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def rss_mib(self) -> float | None:
+        kib = status_kib(self.pid)
+        return None if kib is None else kib / 1024.0
+
+    def hwm_mib(self) -> float | None:
+        kib = status_kib(self.pid, "VmHWM")
+        return None if kib is None else kib / 1024.0
+
+    def check(self) -> None:
+        if not self.alive():
+            raise ProcessFailed(
+                f"{self.name} exited with {self.proc.returncode}; "
+                f"last lines of {self.log_path}:\n{_tail(self.log_path)}"
+            )
+
+    async def wait_for_line(self, needle: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check()
+            try:
+                if needle in self.log_path.read_text(errors="replace"):
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise ProcessFailed(
+                    f"{self.name} not ready after {timeout:.0f}s; "
+                    f"last lines of {self.log_path}:\n{_tail(self.log_path)}"
+                )
+            await asyncio.sleep(0.1)
+
+    async def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (graceful), then SIGKILL after ``timeout``."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self.proc.wait), timeout)
+            except TimeoutError:
+                self.proc.kill()
+        return self.proc.wait(10)
+
+
+def spawn(name: str, argv: list[str], env: dict[str, str], log_path: Path) -> Managed:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            argv, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, stdin=subprocess.DEVNULL
+        )
+    return Managed(name, proc, log_path)
+
+
+def bridge_argv(profile_out: Path | None = None) -> list[str]:
+    if profile_out is None:
+        return [sys.executable, "-m", "bridge", "run"]
+    return [sys.executable, "-m", "cProfile", "-o", str(profile_out), "-m", "bridge", "run"]
+
+
+async def start_bridge(name: str, env: dict[str, str], log_path: Path, profile_out: Path | None = None) -> Managed:
+    m = spawn(name, bridge_argv(profile_out), env, log_path)
+    try:
+        await m.wait_for_line("bridge started", timeout=90)
+    except BaseException:
+        await m.stop(5)
+        raise
+    return m
+
+
+async def start_echo(env: dict[str, str], log_path: Path) -> Managed:
+    m = spawn("echo", [sys.executable, "-m", "benchmarks.echo"], env, log_path)
+    try:
+        await m.wait_for_line("echo ready", timeout=30)
+    except BaseException:
+        await m.stop(5)
+        raise
+    return m

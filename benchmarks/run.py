@@ -1,0 +1,164 @@
+"""The benchmark runner: ``python -m benchmarks.run [--quick] [--only W-cycle,...] [--bridges N] [--out PATH]``.
+
+It starts bridge processes (``python -m bridge run``) against the local stack on 127.0.0.1, measures
+the baselines and the workloads in one run, prints a table and writes a JSON file. A run uses its
+own exchange and queue prefix (``qb-bench-<id>``) and the keyspace ``qb_bench``, which it drops and
+re-creates first, so it never touches the tests' names or an earlier run's state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from benchmarks import baselines, workloads
+from benchmarks.context import Bench, Plan
+from benchmarks.procs import ROOT
+from benchmarks.progress import say
+from benchmarks.report import git_commit, machine, now_iso, render, to_json, write_json
+
+WORKLOADS = ["W-add", "W-cycle", "W-e2e", "W-recover", "W-scale", "Memory"]
+BASELINES = ["B-rpc", "B-lwt", "B-write"]
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "latest.json"
+
+
+def needed_baselines(selected: list[str], plan: Plan) -> dict[str, list[int]]:
+    """Which baselines (and at which concurrencies) the selected workloads are compared with."""
+    c, win = plan.workers, plan.add_window
+    need: dict[str, set[int]] = {name: set() for name in BASELINES}
+    for name in selected:
+        if name == "B-rpc":
+            need["B-rpc"] |= {1, c}
+        elif name == "B-lwt":
+            need["B-lwt"] |= {1, c}
+        elif name == "B-write":
+            need["B-write"] |= {1, win}
+        elif name == "W-add":
+            need["B-rpc"].add(1)
+            need["B-write"] |= {1, win}
+        elif name == "W-cycle":
+            need["B-rpc"] |= {1, c}
+            need["B-lwt"] |= {1, c}
+        elif name == "W-e2e":
+            need["B-rpc"].add(1)
+            need["B-write"].add(1)
+            need["B-lwt"].add(1)
+        elif name == "W-scale":
+            need["B-lwt"].add(c)
+    return {k: sorted(v) for k, v in need.items() if v}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="scaled-down counts (< 60 s); says so in the output")
+    ap.add_argument(
+        "--only",
+        default="",
+        help=f"comma-separated subset of {', '.join(BASELINES + WORKLOADS)} "
+        "(the baselines a workload is compared with always run)",
+    )
+    ap.add_argument("--bridges", type=int, default=1, help="bridge processes for the workloads (default 1)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results file (default {DEFAULT_OUT})")
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="run the bridges under cProfile and write DIR/bridge-N.prof (slows them down: not for figures)",
+    )
+    args = ap.parse_args(argv)
+    known = {n.lower(): n for n in BASELINES + WORKLOADS}
+    selected = []
+    for raw in filter(None, (p.strip() for p in args.only.split(","))):
+        if raw.lower() not in known:
+            ap.error(f"unknown name {raw!r} in --only; use {', '.join(BASELINES + WORKLOADS)}")
+        selected.append(known[raw.lower()])
+    args.selected = selected or WORKLOADS
+    if args.bridges < 1 or args.bridges > 8:
+        ap.error("--bridges must be between 1 and 8")
+    return args
+
+
+async def run(args: argparse.Namespace) -> int:
+    plan = Plan.quick_plan() if args.quick else Plan.default()
+    selected: list[str] = args.selected
+    started = time.monotonic()
+    date = now_iso()
+    meta_machine = machine()
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    needs_bridge = any(name in WORKLOADS for name in selected)
+    bench = Bench(plan, bridges=args.bridges if needs_bridge else 0, profile_dir=args.profile)
+    say(
+        f"queue-bridge benchmarks ({'--quick' if plan.quick else 'default'}): "
+        + ", ".join(n for n in BASELINES + WORKLOADS if n in selected)
+        + f"; budget {'60 s' if plan.quick else '5 min'}"
+    )
+    if meta_machine["loadavg_at_start"][0] > 1.0:
+        say(f"warning: load average {meta_machine['loadavg_at_start'][0]:.2f} at start; figures will be noisy")
+    steps: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+    for name, concurrencies in needed_baselines(selected, plan).items():
+        if name == "B-rpc":
+            steps.append((name, lambda cs=concurrencies: baselines.b_rpc(bench, cs)))
+        else:
+            steps.append((name, lambda n=name, cs=concurrencies: baselines.b_cassandra(bench, n, cs)))
+    table: dict[str, Callable[[Bench], Awaitable[None]]] = {
+        "W-add": workloads.w_add,
+        "W-cycle": workloads.w_cycle,
+        "W-e2e": workloads.w_e2e,
+        "W-recover": workloads.w_recover,
+        "W-scale": workloads.w_scale,
+        "Memory": workloads.memory,
+    }
+    for name in WORKLOADS:
+        if name in selected:
+            steps.append((name, lambda fn=table[name]: fn(bench)))
+    try:
+        await bench.setup()
+        for name, step in steps:
+            say(f"== {name}")
+            await step()
+        if needs_bridge:
+            workloads.final_memory(bench)
+    except BaseException:
+        bench.failed = True
+        raise
+    finally:
+        await bench.teardown()
+    meta = {
+        "date": date,
+        "run_id": bench.run_id,
+        "quick": plan.quick,
+        "selected": selected,
+        "bridges": args.bridges,
+        "commit": git_commit(),
+        "machine": meta_machine,
+        "plan": dataclasses.asdict(plan),
+        "elapsed_s": time.monotonic() - started,
+        "command": " ".join(["python -m benchmarks.run", *sys.argv[1:]]),
+    }
+    print(render(bench, meta), flush=True)
+    write_json(args.out, to_json(bench, meta))
+    say(f"results written to {args.out}")
+    if args.profile:
+        say(f"profiles in {args.profile} (python -m pstats {args.profile}/bridge-0.prof)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        import uvloop
+
+        return uvloop.run(run(args))
+    except ImportError:
+        return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,633 @@
+"""The workloads: W-add, W-cycle, W-e2e, W-recover, W-scale and Memory (see docs/performance.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from benchmarks.baselines import key
+from benchmarks.clients import AddPublisher, closed_loop, pipelined_adds, task_value
+from benchmarks.context import ENGINE_USER, OWNER, Bench
+from benchmarks.progress import Progress, say
+from benchmarks.stats import Figure, Sample, Target
+from bridge.client import Engine, Worker
+
+POLL_S = 0.05  # a worker's pause after an empty fetch (W-e2e, W-recover)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def p50(bench: Bench, name: str, c: int) -> float:
+    s = bench.baselines.get(key(name, c))
+    return s.p(50) if s else math.nan
+
+
+def thr(bench: Bench, name: str, c: int) -> float:
+    s = bench.baselines.get(key(name, c))
+    return s.throughput if s else math.nan
+
+
+def _div(a: float, b: float) -> float:
+    return a / b if b and not math.isnan(b) and not math.isnan(a) else math.nan
+
+
+def deadline(bench: Bench, cap: str) -> float:
+    return time.monotonic() + bench.plan.caps[cap]
+
+
+async def open_publisher(bench: Bench) -> AddPublisher:
+    return await AddPublisher(bench.amqp_url(ENGINE_USER), exchange=bench.exchange, owner=OWNER).open()
+
+
+async def open_workers(bench: Bench, service: str, n: int, prefix: str) -> list[Worker]:
+    workers = [
+        Worker(bench.amqp_url(OWNER), service=service, worker_id=f"{prefix}-{i}", exchange=bench.exchange)
+        for i in range(n)
+    ]
+    await asyncio.gather(*(w.open() for w in workers))
+    return workers
+
+
+async def close_all(clients: list[Worker] | list[Engine]) -> None:
+    await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+
+
+async def prefill(bench: Bench, service: str, count: int, label: str, cap: str) -> int:
+    """Fill a queue through the bridge with pipelined adds (not measured); returns how many were stored."""
+    pub = await open_publisher(bench)
+    try:
+        async with Progress(f"{label}: filling the queue", total=count, unit="adds") as p:
+            s = await pipelined_adds(
+                pub, service, count, window=bench.plan.add_window, progress=p, deadline=deadline(bench, cap)
+            )
+    finally:
+        await pub.close()
+    if s.count < count:
+        say(f"{label}: time cap reached, {s.count:,} of {count:,} tasks stored")
+    return s.count
+
+
+@dataclass
+class Cycles:
+    fetch: Sample = field(default_factory=Sample)
+    ack: Sample = field(default_factory=Sample)
+    acked: int = 0
+    ack_false: int = 0
+    empty: int = 0
+    errors: int = 0
+    elapsed: float = 0.0
+
+    @property
+    def throughput(self) -> float:
+        return self.acked / self.elapsed if self.elapsed > 0 else math.nan
+
+
+async def drive_cycles(
+    workers: list[Worker],
+    expected: int,
+    *,
+    until: float,
+    progress: Progress | None = None,
+    idle_timeout: float = 3.0,
+    poll: float = 0.01,
+) -> Cycles:
+    """Every worker loops fetch -> ack until ``expected`` tasks are acked, the queue stays empty for
+    ``idle_timeout`` seconds, or ``until`` (time.monotonic()) passes."""
+    st = Cycles()
+    started = time.perf_counter()
+    last = started
+
+    async def loop(w: Worker) -> None:
+        nonlocal last
+        while st.acked < expected and time.monotonic() < until:
+            t0 = time.perf_counter()
+            try:
+                task = await w.fetch()
+            except Exception:
+                st.errors += 1
+                if progress:
+                    progress.error()
+                continue
+            t1 = time.perf_counter()
+            if task is None:
+                st.empty += 1
+                if t1 - last > idle_timeout:
+                    return
+                await asyncio.sleep(poll)
+                continue
+            st.fetch.add(t1 - t0)
+            try:
+                ok = await w.ack(result={"ok": task.value.get("i") if isinstance(task.value, dict) else None})
+            except Exception:
+                st.errors += 1
+                if progress:
+                    progress.error()
+                continue
+            t2 = time.perf_counter()
+            st.ack.add(t2 - t1)
+            if ok:
+                st.acked += 1
+                if progress:
+                    progress.advance()
+            else:
+                st.ack_false += 1
+            last = t2
+
+    await asyncio.gather(*(loop(w) for w in workers))
+    st.elapsed = last - started
+    st.fetch.elapsed = st.ack.elapsed = st.elapsed
+    return st
+
+
+def _latency_targets(bench: Bench, label: str, fetch: Sample, ack: Sample, c: int) -> None:
+    floor = 1.5 * (p50(bench, "B-rpc", c) + p50(bench, "B-lwt", c))
+    where = "single request" if c == 1 else f"c={c}"
+    for op, s in (("fetch", fetch), ("ack", ack)):
+        bench.target(
+            Target(
+                f"{op} p50 ({where})",
+                f"<= 1.5 x (B-rpc p50 + B-lwt p50), both c={c}",
+                s.p(50),
+                floor,
+                "ms",
+                note=label,
+            )
+        )
+
+
+# -- W-add ------------------------------------------------------------------------------------
+async def w_add(bench: Bench) -> None:
+    plan = bench.plan
+    svc = bench.service("cycle")
+    say(f"W-add: {plan.add_seq} sequential adds (Engine.add), then {plan.adds:,} pipelined (window {plan.add_window})")
+    engine = Engine(bench.amqp_url(ENGINE_USER), owner=OWNER, exchange=bench.exchange)
+    await engine.open()
+    try:
+        warm = await closed_loop(lambda _s, i: engine.add(svc, task_value(i)), concurrency=1, count=20)
+        meter = bench.cpu_meter()
+        async with Progress("W-add sequential", total=plan.add_seq, unit="adds") as p:
+            seq = await closed_loop(
+                lambda _s, i: engine.add(svc, task_value(100 + i)), concurrency=1, count=plan.add_seq, progress=p
+            )
+        bench.sections["cpu"]["W-add sequential"] = meter.stop()
+    finally:
+        await engine.close()
+    pub = await open_publisher(bench)
+    try:
+        meter = bench.cpu_meter()
+        async with Progress("W-add pipelined", total=plan.adds, unit="adds") as p:
+            pipe = await pipelined_adds(
+                pub, svc, plan.adds, window=plan.add_window, progress=p, deadline=deadline(bench, "adds"), first=10_000
+            )
+        bench.sections["cpu"]["W-add pipelined"] = meter.stop()
+    finally:
+        await pub.close()
+    bench.check_processes()
+    stored = warm.count + seq.count + pipe.count
+    bench.cycle_queue = (svc, stored)
+    capped = f"time-capped: {pipe.count:,} of {plan.adds:,}" if pipe.count < plan.adds else ""
+
+    floor = p50(bench, "B-rpc", 1) + p50(bench, "B-write", 1)
+    bench.figure(
+        Figure.of(
+            "W-add add (single request)",
+            "W-add",
+            seq,
+            baseline="B-rpc + B-write p50 (c=1)",
+            ratio=_div(seq.p(50), floor),
+            ratio_of="p50",
+        )
+    )
+    bw = thr(bench, "B-write", plan.add_window)
+    bench.figure(
+        Figure.of(
+            f"W-add pipelined (window {plan.add_window})",
+            "W-add",
+            pipe,
+            baseline=f"B-write throughput (c={plan.add_window})",
+            ratio=_div(pipe.throughput, bw),
+            ratio_of="throughput",
+            note=capped or f"errors {pipe.errors}" if pipe.errors else capped,
+            unit="tasks/s",
+        )
+    )
+    bench.target(Target("add p50 (single request)", "<= B-rpc p50 + B-write p50 (c=1)", seq.p(50), floor, "ms"))
+    bench.target(
+        Target(
+            "W-add throughput",
+            f">= 50% of B-write throughput (c={plan.add_window})",
+            pipe.throughput,
+            0.5 * bw,
+            "tasks/s",
+            higher_is_better=True,
+            note=capped,
+        )
+    )
+
+
+# -- W-cycle ----------------------------------------------------------------------------------
+async def w_cycle(bench: Bench) -> None:
+    plan = bench.plan
+    if bench.cycle_queue is None:
+        svc = bench.service("cycle")
+        stored = await prefill(bench, svc, plan.adds, "W-cycle", "adds")
+    else:
+        svc, stored = bench.cycle_queue
+        bench.cycle_queue = None
+    say(f"W-cycle: {stored:,} tasks queued; {plan.cycle_seq} cycles by 1 worker, then {plan.workers} workers drain")
+    solo = await open_workers(bench, svc, 1, "solo")
+    try:
+        await drive_cycles(solo, 20, until=time.monotonic() + 30)  # warm-up
+        meter = bench.cpu_meter()
+        async with Progress("W-cycle 1 worker", total=plan.cycle_seq, unit="tasks") as p:
+            one = await drive_cycles(solo, plan.cycle_seq, until=deadline(bench, "cycle"), progress=p)
+        bench.sections["cpu"]["W-cycle 1 worker"] = meter.stop()
+    finally:
+        await close_all(solo)
+    remaining = stored - 20 - one.acked
+    workers = await open_workers(bench, svc, plan.workers, "w")
+    try:
+        meter = bench.cpu_meter()
+        async with Progress(f"W-cycle {plan.workers} workers", total=remaining, unit="tasks") as p:
+            many = await drive_cycles(workers, remaining, until=deadline(bench, "cycle"), progress=p)
+        bench.sections["cpu"][f"W-cycle {plan.workers} workers"] = meter.stop()
+    finally:
+        await close_all(workers)
+    bench.check_processes()
+    capped = f"time-capped: {many.acked:,} of {remaining:,}" if many.acked < remaining else ""
+
+    c = plan.workers
+    floor1 = p50(bench, "B-rpc", 1) + p50(bench, "B-lwt", 1)
+    floorc = p50(bench, "B-rpc", c) + p50(bench, "B-lwt", c)
+    for op, s1, sc in (("fetch", one.fetch, many.fetch), ("ack", one.ack, many.ack)):
+        bench.figure(
+            Figure.of(
+                f"W-cycle {op} (single request)",
+                "W-cycle",
+                s1,
+                throughput=False,
+                baseline="B-rpc + B-lwt p50 (c=1)",
+                ratio=_div(s1.p(50), floor1),
+                ratio_of="p50",
+            )
+        )
+        bench.figure(
+            Figure.of(
+                f"W-cycle {op} ({c} workers)",
+                "W-cycle",
+                sc,
+                throughput=False,
+                baseline=f"B-rpc + B-lwt p50 (c={c})",
+                ratio=_div(sc.p(50), floorc),
+                ratio_of="p50",
+            )
+        )
+    bl = thr(bench, "B-lwt", c)
+    bench.figure(
+        Figure(
+            f"W-cycle fetch+ack ({c} workers)",
+            "W-cycle",
+            count=many.acked,
+            p50_ms=many.fetch.p(50) + many.ack.p(50),
+            p99_ms=percentile_of_sum(many),
+            throughput=many.throughput,
+            unit="tasks/s",
+            baseline=f"B-lwt throughput (c={c})",
+            ratio=_div(many.throughput, bl),
+            ratio_of="throughput",
+            note=capped or (f"errors {many.errors}" if many.errors else ""),
+            extra={"empty_fetches": many.empty, "ack_false": many.ack_false, "errors": many.errors},
+        )
+    )
+    _latency_targets(bench, "W-cycle, 1 worker", one.fetch, one.ack, 1)
+    _latency_targets(bench, f"W-cycle, {c} workers", many.fetch, many.ack, c)
+    bench.target(
+        Target(
+            "W-cycle throughput",
+            f">= 33% of B-lwt throughput (c={c})",
+            many.throughput,
+            0.33 * bl,
+            "tasks/s",
+            higher_is_better=True,
+            note=capped,
+        )
+    )
+
+
+def percentile_of_sum(c: Cycles) -> float:
+    """p99 of fetch+ack per task (pairs are recorded in order per worker, so zip is approximate)."""
+    pairs = [f + a for f, a in zip(c.fetch.latencies, c.ack.latencies, strict=False)]
+    s = Sample(pairs)
+    return s.p(99)
+
+
+# -- W-e2e ------------------------------------------------------------------------------------
+async def w_e2e(bench: Bench) -> None:
+    plan = bench.plan
+    for rate in plan.e2e_rates:
+        await _e2e_at(bench, rate, plan.e2e_seconds)
+
+
+async def _e2e_at(bench: Bench, rate: int, seconds: float) -> None:
+    plan = bench.plan
+    svc = bench.service(f"e2e{rate}")
+    total = int(rate * seconds)
+    say(f"W-e2e: the engine adds {rate}/s for {seconds:.0f}s ({total:,} tasks) while {plan.workers} workers consume")
+    published: dict[int, float] = {}
+    latency = Sample()
+    acked: set[int] = set()
+    dup = 0
+    add_errors = 0
+    pub = await open_publisher(bench)
+    workers = await open_workers(bench, svc, plan.workers, f"e2e{rate}")
+    adding = True
+    last_ack = time.perf_counter()
+
+    async def consume(w: Worker) -> None:
+        nonlocal dup, last_ack
+        while True:
+            if not adding and len(acked) >= len(published) - add_errors:
+                return
+            if not adding and time.perf_counter() - last_ack > 10.0:
+                return  # left behind: reported below
+            try:
+                task = await w.fetch()
+            except Exception:
+                continue
+            t = time.perf_counter()
+            if task is None:
+                await asyncio.sleep(POLL_S)
+                continue
+            i = task.value["i"]
+            if i in acked:
+                dup += 1
+            elif i in published:
+                latency.add(t - published[i])
+            try:
+                if await task.ack({"i": i}):
+                    acked.add(i)
+                    last_ack = time.perf_counter()
+                    progress.advance()
+            except Exception:
+                continue
+
+    async def add_one(i: int) -> None:
+        nonlocal add_errors
+        published[i] = time.perf_counter()
+        try:
+            await pub.add(svc, task_value(i))
+        except Exception:
+            add_errors += 1
+
+    meter = bench.cpu_meter()
+    async with Progress(f"W-e2e {rate}/s consumed", total=total, unit="tasks") as progress:
+        consumers = [asyncio.create_task(consume(w)) for w in workers]
+        adds: list[asyncio.Task[None]] = []
+        t0 = time.perf_counter()
+        for i in range(total):
+            delay = t0 + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            adds.append(asyncio.create_task(add_one(i)))
+        add_secs = time.perf_counter() - t0
+        await asyncio.gather(*adds)
+        adding = False
+        await asyncio.gather(*consumers)
+        consumed_secs = time.perf_counter() - t0
+    bench.sections["cpu"][f"W-e2e {rate}/s"] = meter.stop()
+    # Is anything still in the queue? One more fetch must come back empty.
+    probe = await open_workers(bench, svc, 1, "probe")
+    leftover = await probe[0].fetch()
+    await close_all(probe)
+    await close_all(workers)
+    await pub.close()
+    bench.check_processes()
+    stored = total - add_errors
+    left = stored - len(acked)
+    achieved = total / add_secs if add_secs > 0 else math.nan
+    latency.elapsed = consumed_secs
+    floor = 2 * p50(bench, "B-rpc", 1) + p50(bench, "B-write", 1) + p50(bench, "B-lwt", 1)
+    bench.figure(
+        Figure.of(
+            f"W-e2e add->fetch @{rate}/s",
+            "W-e2e",
+            latency,
+            unit="tasks/s",
+            baseline="2 x B-rpc + B-write + B-lwt p50 (c=1)",
+            ratio=_div(latency.p(50), floor),
+            ratio_of="p50",
+            note=f"adds at {achieved:.0f}/s; left behind {left}; duplicates {dup}; add errors {add_errors}"
+            + ("; a final fetch still found a task" if leftover is not None else ""),
+            extra={"rate": rate, "achieved_rate": achieved, "left_behind": left, "duplicates": dup},
+        )
+    )
+    bench.target(
+        Target(
+            f"W-e2e @{rate}/s: nothing left behind",
+            "tasks added but never fetched+acked == 0",
+            float(left + (1 if leftover is not None else 0)),
+            0.0,
+            "tasks",
+        )
+    )
+
+
+# -- W-recover --------------------------------------------------------------------------------
+async def w_recover(bench: Bench) -> None:
+    plan = bench.plan
+    n, ttr = plan.recover_tasks, plan.recover_ttr_ms
+    svc = bench.service("recover")
+    stored = await prefill(bench, svc, n, "W-recover", "recover")
+    say(
+        f"W-recover: {plan.workers} loops fetch {stored:,} tasks with timeToRecover {ttr} ms and abandon them; "
+        "the same loops take every redelivery and ack it"
+    )
+    # Every fetch uses a new worker id: a first delivery is abandoned (that worker never comes back),
+    # a redelivery (deliveries >= 2) is measured against the abandoned lease's expiry and acked.
+    expiry: dict[str, float] = {}
+    delay = Sample()
+    redelivered: set[str] = set()
+    early = 0
+    clients = await open_workers(bench, svc, plan.workers, "rec")
+    until = deadline(bench, "recover")
+
+    async def loop(w: Worker) -> None:
+        nonlocal early
+        while len(redelivered) < stored and time.monotonic() < until:
+            w.worker_id = f"rec-{uuid.uuid4().hex[:12]}"
+            try:
+                task = await w.fetch(time_to_recover_ms=ttr)
+            except Exception:
+                continue
+            now = time.time()
+            if task is None:
+                await asyncio.sleep(POLL_S)
+                continue
+            if task.deliveries <= 1:
+                expiry[task.id] = datetime.fromisoformat(task.lease_expires_at.replace("Z", "+00:00")).timestamp()
+                progress.advance()
+                continue
+            if task.id in expiry and task.id not in redelivered:
+                d = now - expiry[task.id]
+                if d < 0:
+                    early += 1
+                delay.add(max(d, 0.0))
+            redelivered.add(task.id)
+            try:
+                await task.ack({"recovered": True})
+            except Exception:
+                continue
+            progress.advance()
+
+    meter = bench.cpu_meter()
+    t0 = time.perf_counter()
+    async with Progress("W-recover abandoned+redelivered", total=2 * stored, unit="deliveries") as progress:
+        await asyncio.gather(*(loop(w) for w in clients))
+    delay.elapsed = time.perf_counter() - t0
+    bench.sections["cpu"]["W-recover"] = meter.stop()
+    await close_all(clients)
+    bench.check_processes()
+    missing = stored - len(redelivered)
+    bench.figure(
+        Figure.of(
+            f"W-recover expiry->redelivery (ttr {ttr} ms)",
+            "W-recover",
+            delay,
+            throughput=False,
+            note=f"{len(redelivered):,} of {stored:,} redelivered"
+            + (f"; {missing} not within the cap" if missing else "")
+            + (f"; {early} before expiry (clock)" if early else ""),
+            extra={"stored": stored, "redelivered": len(redelivered), "early": early},
+        )
+    )
+    bench.target(Target("W-recover redelivery p99", "<= 1000 ms after lease expiry", delay.p(99), 1000.0, "ms"))
+    bench.target(
+        Target("W-recover: every task redelivered", "tasks not redelivered == 0", float(missing), 0.0, "tasks")
+    )
+
+
+# -- W-scale ----------------------------------------------------------------------------------
+async def w_scale(bench: Bench) -> None:
+    plan = bench.plan
+    curve: list[dict[str, object]] = []
+    bl = thr(bench, "B-lwt", plan.workers)
+    for n in plan.scale_bridges:
+        await bench.ensure_bridges(n)
+        svc = bench.service(f"scale{n}")
+        stored = await prefill(bench, svc, plan.scale_tasks, f"W-scale {n} bridge(s)", "scale")
+        workers = await open_workers(bench, svc, plan.workers, f"s{n}")
+        try:
+            await drive_cycles(workers, min(50, stored // 10), until=time.monotonic() + 20)  # warm-up
+            meter = bench.cpu_meter()
+            async with Progress(f"W-scale {n} bridge(s)", total=stored, unit="tasks") as p:
+                res = await drive_cycles(workers, stored, until=deadline(bench, "scale"), progress=p)
+            cpu = meter.stop()
+        finally:
+            await close_all(workers)
+        bench.check_processes()
+        bench.sections["cpu"][f"W-scale {n} bridge(s)"] = cpu
+        point = {
+            "bridges": n,
+            "tasks": res.acked,
+            "throughput": res.throughput,
+            "fetch_p50_ms": res.fetch.p(50),
+            "ack_p50_ms": res.ack.p(50),
+            "cpu_percent": cpu,
+        }
+        curve.append(point)
+        bench.figure(
+            Figure(
+                f"W-scale {n} bridge(s), {plan.workers} workers",
+                "W-scale",
+                count=res.acked,
+                p50_ms=res.fetch.p(50) + res.ack.p(50),
+                p99_ms=percentile_of_sum(res),
+                throughput=res.throughput,
+                unit="tasks/s",
+                baseline=f"B-lwt throughput (c={plan.workers})",
+                ratio=_div(res.throughput, bl),
+                ratio_of="throughput",
+                note=f"cpu% bridges {cpu.get('bridges', 0):.0f} cassandra {cpu.get('cassandra', 0):.0f} "
+                f"rabbitmq {cpu.get('rabbitmq', 0):.0f} generator {cpu.get('generator', 0):.0f}",
+            )
+        )
+    base = curve[0]["throughput"] if curve else math.nan
+    for point in curve:
+        point["speedup"] = _div(point["throughput"], base)  # type: ignore[arg-type]
+    bench.sections["scale"] = curve
+    await bench.ensure_bridges(bench.bridges_wanted)
+
+
+# -- Memory -----------------------------------------------------------------------------------
+def _rss(bench: Bench) -> float:
+    values = [b.rss_mib() or math.nan for b in bench.bridges]
+    return max(values) if values else math.nan
+
+
+async def memory(bench: Bench) -> None:
+    plan = bench.plan
+    await bench.ensure_bridges(bench.bridges_wanted)
+    mem: dict[str, object] = {"bridges": [b.name for b in bench.bridges]}
+    mem["rss_before_mib"] = _rss(bench)
+    svc = bench.service("memory")
+    say(f"Memory: {plan.memory_tasks:,} tasks queued through the bridge, then RSS (VmRSS of the bridge process)")
+    stored = await prefill(bench, svc, plan.memory_tasks, "Memory", "memory")
+    # Let the bridge touch the deep queue: a few cycles from its head.
+    workers = await open_workers(bench, svc, 4, "mem")
+    try:
+        await drive_cycles(workers, 200, until=time.monotonic() + 20)
+    finally:
+        await close_all(workers)
+    mem["queued_tasks"] = stored - 200
+    mem["rss_holding_mib"] = _rss(bench)
+    say(f"Memory: RSS {mem['rss_holding_mib']:.1f} MiB holding {stored - 200:,} queued tasks")
+    # The same small add+cycle run twice: the second must not leave the bridge bigger than the first.
+    reps: list[float] = []
+    for rep in (1, 2):
+        rsvc = bench.service(f"rep{rep}")
+        n = await prefill(bench, rsvc, plan.memory_repeat_tasks, f"Memory repeat {rep}", "memory")
+        workers = await open_workers(bench, rsvc, plan.workers, f"rep{rep}")
+        try:
+            async with Progress(f"Memory repeat {rep} cycles", total=n, unit="tasks") as p:
+                await drive_cycles(workers, n, until=time.monotonic() + 60, progress=p)
+        finally:
+            await close_all(workers)
+        await asyncio.sleep(1.0)
+        reps.append(_rss(bench))
+        say(f"Memory: RSS {reps[-1]:.1f} MiB after repeat {rep}")
+    bench.check_processes()
+    mem["rss_after_repeat_mib"] = reps
+    mem["growth_mib"] = reps[1] - reps[0]
+    mem["hwm_mib"] = max((b.hwm_mib() or math.nan) for b in bench.bridges)
+    bench.sections["memory"] = mem
+    bench.target(
+        Target(
+            f"bridge RSS holding {stored - 200:,} queued tasks",
+            "<= 150 MiB",
+            float(mem["rss_holding_mib"]),  # type: ignore[arg-type]
+            150.0,
+            "MiB",
+        )
+    )
+    bench.target(
+        Target(
+            "bridge RSS growth across a repeated run",
+            "<= 2 MiB (RSS after repeat 2 - after repeat 1)",
+            float(mem["growth_mib"]),  # type: ignore[arg-type]
+            2.0,
+            "MiB",
+        )
+    )
+
+
+def final_memory(bench: Bench) -> None:
+    """RSS after the whole run (called last, before the bridges stop)."""
+    if not bench.bridges:
+        return
+    rss = _rss(bench)
+    bench.sections.setdefault("memory", {})["rss_after_run_mib"] = rss
+    bench.sections["memory"]["hwm_after_run_mib"] = max((b.hwm_mib() or math.nan) for b in bench.bridges)
+    bench.target(Target("bridge RSS after the run", "<= 150 MiB", rss, 150.0, "MiB"))

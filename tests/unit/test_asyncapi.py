@@ -1,0 +1,650 @@
+"""The AsyncAPI wire contract (docs/asyncapi.yaml) checked against the implementation.
+
+Structural checks of the document itself (version, channels, local ``$ref``s, operations), then
+the contract against the code: request schemas against the pydantic models, error codes against
+``bridge.domain.errors``, names and topology against ``Settings`` and ``AmqpTransport``, and the
+messages the transport really publishes (replies, results, dead-lettering) against the schemas.
+No broker is needed: the transport runs against small in-memory fakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import aio_pika
+import orjson
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from bridge.config import ENV_PREFIX, Settings
+from bridge.domain.errors import BridgeError, Unavailable
+from bridge.domain.models import AckRequest, AddCommand, Delivery, FetchRequest, parse
+from bridge.domain.queue import ResultMessage
+from bridge.transport.amqp import METHODS, AmqpTransport
+
+DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "asyncapi.yaml"
+
+# channel key -> (request message key, pydantic model, reply message key)
+REQUESTS: dict[str, tuple[str, type[BaseModel], str]] = {
+    "add": ("addRequest", AddCommand, "addReply"),
+    "fetch": ("fetchRequest", FetchRequest, "fetchReply"),
+    "ack": ("ackRequest", AckRequest, "ackReply"),
+}
+# operation id -> (action, channel key)
+OPERATIONS = {
+    "sendAdd": ("send", "add"),
+    "sendFetch": ("send", "fetch"),
+    "sendAck": ("send", "ack"),
+    "sendResult": ("send", "results"),
+    "sendDeadLetter": ("send", "deadLetter"),
+}
+TASK_ID = "6a1b7c2e-9d3f-11ef-8a2b-0242ac120002"
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+# -- document helpers --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def doc() -> dict[str, Any]:
+    with DOC_PATH.open(encoding="utf-8") as fh:
+        loaded = yaml.safe_load(fh)
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+@pytest.fixture
+def settings(monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The defaults: no BRIDGE_* variables, no .env file."""
+    for name in list(os.environ):
+        if name.startswith(ENV_PREFIX):
+            monkeypatch.delenv(name)
+    return Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+def resolve(doc: dict[str, Any], ref: str) -> Any:
+    assert ref.startswith("#/"), f"only local references are used: {ref}"
+    node: Any = doc
+    for raw in ref[2:].split("/"):
+        key = raw.replace("~1", "/").replace("~0", "~")
+        assert isinstance(node, dict) and key in node, f"unresolvable $ref {ref!r} (at {key!r})"
+        node = node[key]
+    return node
+
+
+def deref(doc: dict[str, Any], node: Any) -> Any:
+    seen = 0
+    while isinstance(node, dict) and "$ref" in node:
+        node = resolve(doc, node["$ref"])
+        seen += 1
+        assert seen < 20, "reference cycle"
+    return node
+
+
+def all_refs(node: Any, path: str = "#") -> Iterator[tuple[str, str]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "$ref":
+                yield path, value
+            else:
+                yield from all_refs(value, f"{path}/{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from all_refs(value, f"{path}/{i}")
+
+
+def message(doc: dict[str, Any], key: str) -> dict[str, Any]:
+    msg = deref(doc, doc["components"]["messages"][key])
+    assert isinstance(msg, dict)
+    return msg
+
+
+def header_pointer(location: str) -> str:
+    prefix = "$message.header#/"
+    assert location.startswith(prefix), location
+    return location[len(prefix) :]
+
+
+# -- a small validator for the JSON Schema subset the document uses ----------------------------
+_JSON_TYPES: dict[str, Any] = {
+    "null": lambda v: v is None,
+    "boolean": lambda v: isinstance(v, bool),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "string": lambda v: isinstance(v, str),
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+}
+_KNOWN_KEYWORDS = {
+    "$ref", "type", "const", "enum", "required", "properties", "additionalProperties", "oneOf", "not",
+    "items", "minimum", "minLength", "maxLength", "pattern", "format", "default", "description", "title",
+}  # fmt: skip
+_DATE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
+
+
+def errors_of(doc: dict[str, Any], schema: Any, value: Any, where: str = "$") -> list[str]:
+    schema = deref(doc, schema)
+    assert isinstance(schema, dict), f"{where}: schema is not an object"
+    unknown = set(schema) - _KNOWN_KEYWORDS
+    assert not unknown, f"{where}: the test's validator does not know {unknown}; extend it"
+    out: list[str] = []
+    if "type" in schema:
+        types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        if not any(_JSON_TYPES[t](value) for t in types):
+            return [f"{where}: {value!r} is not of type {types}"]
+    if "const" in schema and (value != schema["const"] or type(value) is not type(schema["const"])):
+        out.append(f"{where}: {value!r} is not {schema['const']!r}")
+    if "enum" in schema and value not in schema["enum"]:
+        out.append(f"{where}: {value!r} not in {schema['enum']}")
+    if isinstance(value, str):
+        if len(value) < schema.get("minLength", 0) or len(value) > schema.get("maxLength", len(value)):
+            out.append(f"{where}: length {len(value)} out of bounds")
+        if "pattern" in schema and not re.search(schema["pattern"], value):
+            out.append(f"{where}: {value!r} does not match {schema['pattern']!r}")
+        if schema.get("format") == "date-time" and not _DATE_TIME.match(value):
+            out.append(f"{where}: {value!r} is not a date-time")
+        if schema.get("format") == "uuid":
+            try:
+                uuid.UUID(value)
+            except ValueError:
+                out.append(f"{where}: {value!r} is not a uuid")
+    if _JSON_TYPES["number"](value) and "minimum" in schema and value < schema["minimum"]:
+        out.append(f"{where}: {value!r} < {schema['minimum']}")
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        out += [f"{where}: missing {name!r}" for name in schema.get("required", []) if name not in value]
+        for name, item in value.items():
+            if name in props:
+                out += errors_of(doc, props[name], item, f"{where}.{name}")
+            elif schema.get("additionalProperties") is False:
+                out.append(f"{where}: unexpected property {name!r}")
+    if isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            out += errors_of(doc, schema["items"], item, f"{where}[{i}]")
+    if "oneOf" in schema:
+        matching = sum(1 for branch in schema["oneOf"] if not errors_of(doc, branch, value, where))
+        if matching != 1:
+            out.append(f"{where}: {value!r} matches {matching} of the oneOf branches, not exactly one")
+    if "not" in schema and not errors_of(doc, schema["not"], value, where):
+        out.append(f"{where}: {value!r} must not match {schema['not']!r}")
+    return out
+
+
+def assert_valid(doc: dict[str, Any], schema: Any, value: Any, what: str) -> None:
+    problems = errors_of(doc, schema, value)
+    assert not problems, f"{what}: " + "; ".join(problems)
+
+
+def test_validator_rejects_what_it_should(doc: dict[str, Any]) -> None:
+    payload = doc["components"]["schemas"]["FetchRequestPayload"]
+    assert errors_of(doc, payload, {"serviceId": "a\x01", "workerId": "w"})
+    assert errors_of(doc, payload, {"serviceId": "a", "workerId": "w", "timeToRecover": 99})
+    assert errors_of(doc, payload, {"serviceId": "a"})
+    result = doc["components"]["schemas"]["ResultPayload"]
+    both = {"token": 1, "serviceId": "s", "taskId": TASK_ID, "result": 1, "error": 2}
+    assert errors_of(doc, result, both)
+    assert errors_of(doc, result, {"token": None, "serviceId": "s", "taskId": TASK_ID, "result": 1})
+
+
+# -- the document's structure ------------------------------------------------------------------
+def test_asyncapi_version_is_3(doc: dict[str, Any]) -> None:
+    assert str(doc["asyncapi"]).startswith("3.")
+    assert doc["info"]["title"] and doc["info"]["version"]
+    server = doc["servers"]["rabbitmq"]
+    assert server["protocol"] == "amqp"
+    assert server["protocolVersion"] == "0-9-1"
+
+
+def test_channels_exist(doc: dict[str, Any]) -> None:
+    channels = doc["channels"]
+    for key in ("add", "fetch", "ack", "results", "deadLetter", "reply"):
+        assert key in channels, f"channel {key!r} is missing"
+    assert {channels[m]["address"] for m in REQUESTS} == set(METHODS), "one channel per routing key"
+    assert channels["reply"]["address"] is None, "the reply queue is known only at run time"
+
+
+def test_every_local_ref_resolves(doc: dict[str, Any]) -> None:
+    refs = list(all_refs(doc))
+    assert refs
+    for where, ref in refs:
+        assert isinstance(ref, str), where
+        resolve(doc, ref)
+
+
+def test_operations_reference_their_channels_and_messages(doc: dict[str, Any]) -> None:
+    assert set(doc["operations"]) == set(OPERATIONS)
+    for op_id, op in doc["operations"].items():
+        action, channel_key = OPERATIONS[op_id]
+        assert op["action"] == action, op_id
+        assert op["channel"]["$ref"] == f"#/channels/{channel_key}", op_id
+        channel = resolve(doc, op["channel"]["$ref"])
+        assert op["messages"], op_id
+        for ref in op["messages"]:
+            assert ref["$ref"].startswith(f"#/channels/{channel_key}/messages/"), f"{op_id}: {ref}"
+            assert deref(doc, ref) is deref(doc, channel["messages"][ref["$ref"].rsplit("/", 1)[1]])
+        if "reply" in op:
+            reply = op["reply"]
+            assert reply["channel"]["$ref"] == "#/channels/reply", op_id
+            reply_channel = resolve(doc, reply["channel"]["$ref"])
+            for ref in reply["messages"]:
+                assert ref["$ref"].startswith("#/channels/reply/messages/"), f"{op_id}: {ref}"
+                assert ref["$ref"].rsplit("/", 1)[1] in reply_channel["messages"]
+            assert reply_channel["address"] is not None or "address" in reply, f"{op_id}: no reply address"
+
+
+def test_rpc_operations_reply_with_result_or_error(doc: dict[str, Any]) -> None:
+    for channel_key, (_, _, reply_key) in REQUESTS.items():
+        op = doc["operations"][f"send{channel_key.capitalize()}"]
+        replies = {ref["$ref"].rsplit("/", 1)[1] for ref in op["reply"]["messages"]}
+        assert replies == {reply_key, "errorReply"}
+
+
+def test_runtime_expressions_point_at_defined_headers(doc: dict[str, Any]) -> None:
+    for key in doc["components"]["messages"]:
+        msg = message(doc, key)
+        if "correlationId" in msg:
+            location = deref(doc, msg["correlationId"])["location"]
+            assert location == "$message.header#/correlation_id"
+            assert header_pointer(location) in deref(doc, msg["headers"])["properties"], key
+    for channel_key, (request_key, _, _) in REQUESTS.items():
+        op = doc["operations"][f"send{channel_key.capitalize()}"]
+        location = op["reply"]["address"]["location"]
+        assert location == "$message.header#/replyTo"
+        headers = deref(doc, message(doc, request_key)["headers"])
+        assert header_pointer(location) in headers["properties"], request_key
+    for name, param in doc["channels"]["results"]["parameters"].items():
+        assert param["location"] == f"$message.payload#/{name}"
+        assert name in deref(doc, message(doc, "result")["payload"])["properties"]
+
+
+def test_amqp_bindings_are_version_0_3_0(doc: dict[str, Any]) -> None:
+    def amqp_bindings(node: Any) -> Iterator[dict[str, Any]]:
+        if isinstance(node, dict):
+            if isinstance(node.get("bindings"), dict) and "amqp" in node["bindings"]:
+                yield node["bindings"]["amqp"]
+            for value in node.values():
+                yield from amqp_bindings(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from amqp_bindings(value)
+
+    bindings = list(amqp_bindings(doc))
+    assert len(bindings) >= len(doc["channels"])
+    assert all(b["bindingVersion"] == "0.3.0" for b in bindings)
+    assert all("bindings" in channel for channel in doc["channels"].values())
+    for op in doc["operations"].values():
+        assert "replyTo" not in op.get("bindings", {}).get("amqp", {}), "0.3.0 has no replyTo: use reply"
+
+
+def test_every_message_has_valid_examples(doc: dict[str, Any]) -> None:
+    for key in doc["components"]["messages"]:
+        msg = message(doc, key)
+        assert msg.get("examples"), f"message {key!r} has no example"
+        for example in msg["examples"]:
+            assert "payload" in example, key
+            assert_valid(doc, msg["payload"], example["payload"], f"{key} example {example.get('name')}")
+            if "headers" in example:
+                assert_valid(doc, msg["headers"], example["headers"], f"{key} example headers")
+
+
+# -- the contract against the code -------------------------------------------------------------
+def _json_constraints(prop: dict[str, Any]) -> dict[str, Any]:
+    """Types and constraints of a property, with pydantic's ``anyOf`` flattened."""
+    branches = prop.get("anyOf", [prop])
+    types: set[str] = set()
+    merged: dict[str, Any] = {}
+    for branch in branches:
+        branch_type = branch.get("type", [])
+        types |= set(branch_type if isinstance(branch_type, list) else [branch_type])
+        merged |= {k: branch[k] for k in ("minLength", "maxLength", "pattern", "minimum") if k in branch}
+    return {"types": types, **merged}
+
+
+@pytest.mark.parametrize("channel_key", list(REQUESTS))
+def test_request_schema_matches_model(doc: dict[str, Any], channel_key: str) -> None:
+    message_key, model, _ = REQUESTS[channel_key]
+    schema = deref(doc, message(doc, message_key)["payload"])
+    wire_names = {field.alias or name for name, field in model.model_fields.items()}
+    required = {field.alias or name for name, field in model.model_fields.items() if field.is_required()}
+    assert set(schema["properties"]) == wire_names
+    assert set(schema.get("required", [])) == required
+    assert schema.get("additionalProperties", True) is (model.model_config.get("extra") != "forbid")
+    generated = model.model_json_schema(by_alias=True)["properties"]
+    for name, prop in generated.items():
+        documented = deref(doc, schema["properties"][name])
+        assert _json_constraints(deref(doc, documented)) == _json_constraints(prop), f"{message_key}.{name}"
+
+
+def test_time_to_recover_default_matches_settings(doc: dict[str, Any], settings: Settings) -> None:
+    ttr = doc["components"]["schemas"]["FetchRequestPayload"]["properties"]["timeToRecover"]
+    assert ttr["default"] == settings.default_time_to_recover_ms
+
+
+@pytest.mark.parametrize("channel_key", list(REQUESTS))
+def test_request_examples_are_accepted_by_the_models(doc: dict[str, Any], channel_key: str) -> None:
+    message_key, model, _ = REQUESTS[channel_key]
+    for example in message(doc, message_key)["examples"]:
+        parse(model, example["payload"])
+
+
+def _subclasses(cls: type[BridgeError]) -> Iterator[type[BridgeError]]:
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+def test_error_codes_match_the_domain(doc: dict[str, Any]) -> None:
+    codes = {BridgeError.code, "internal"} | {cls.code for cls in _subclasses(BridgeError)}
+    assert set(doc["components"]["schemas"]["ErrorCode"]["enum"]) == codes
+
+
+def _transport(settings: Settings, queue: Any = None) -> AmqpTransport:
+    return AmqpTransport(settings, cast(Any, queue))
+
+
+def test_names_match_settings_defaults(doc: dict[str, Any], settings: Settings) -> None:
+    transport = _transport(settings)
+    channels = doc["channels"]
+    for method in METHODS:
+        assert channels[method]["address"] == method
+        assert channels[method]["bindings"]["amqp"]["exchange"]["name"] == settings.exchange
+        assert transport.queue_name(method) in channels[method]["description"]
+    assert channels["results"]["bindings"]["amqp"]["exchange"]["name"] == settings.results_exchange
+    dead = channels["deadLetter"]
+    assert dead["address"] == dead["bindings"]["amqp"]["queue"]["name"] == transport.dead_letter_queue
+    assert transport.dead_letter_exchange in dead["description"]
+    unrouted = channels["unrouted"]
+    assert unrouted["address"] == unrouted["bindings"]["amqp"]["queue"]["name"] == transport.queue_name("unrouted")
+
+
+# -- the topology the transport declares ---------------------------------------------------------
+class _Exchange:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class _Queue:
+    def __init__(self, name: str, bindings: set[tuple[str, str, str | None]]) -> None:
+        self.name = name
+        self._bindings = bindings
+
+    async def bind(self, exchange: _Exchange, routing_key: str | None = None, **_: Any) -> None:
+        self._bindings.add((exchange.name, self.name, routing_key))
+
+
+class _TopologyChannel:
+    def __init__(self) -> None:
+        self.exchanges: dict[str, dict[str, Any]] = {}
+        self.queues: dict[str, dict[str, Any]] = {}
+        self.bindings: set[tuple[str, str, str | None]] = set()
+
+    async def declare_exchange(
+        self, name: str, kind: Any, *, durable: bool = False, arguments: dict[str, Any] | None = None, **_: Any
+    ) -> _Exchange:
+        self.exchanges[name] = {"type": getattr(kind, "value", kind), "durable": durable, "arguments": arguments or {}}
+        return _Exchange(name)
+
+    async def declare_queue(
+        self, name: str, *, durable: bool = False, arguments: dict[str, Any] | None = None, **_: Any
+    ) -> _Queue:
+        self.queues[name] = {"durable": durable, "arguments": arguments or {}}
+        return _Queue(name, self.bindings)
+
+
+def test_topology_matches_what_the_transport_declares(doc: dict[str, Any], settings: Settings) -> None:
+    transport = _transport(settings)
+    channel = _TopologyChannel()
+    transport._consume_channel = cast(Any, channel)
+    transport._publish_channel = cast(Any, channel)
+    asyncio.run(transport._declare_topology())
+
+    topology = doc["x-topology"]
+    exchanges = {
+        e["name"]: {"type": e["type"], "durable": e["durable"], "arguments": e.get("arguments", {})}
+        for e in topology["exchanges"]
+    }
+    queues = {q["name"]: {"durable": q["durable"], "arguments": q.get("arguments", {})} for q in topology["queues"]}
+    bindings = {(b["exchange"], b["queue"], b.get("routingKey")) for b in topology["bindings"]}
+    assert exchanges == channel.exchanges
+    assert queues == channel.queues
+    assert bindings == channel.bindings
+
+    # The channel bindings say the same as the declared topology.
+    for key, ch in doc["channels"].items():
+        amqp = ch["bindings"]["amqp"]
+        if amqp["is"] == "queue":
+            assert channel.queues[amqp["queue"]["name"]]["durable"] is amqp["queue"]["durable"], key
+        elif amqp["exchange"]["type"] != "default":
+            declared = channel.exchanges[amqp["exchange"]["name"]]
+            assert (declared["type"], declared["durable"]) == (amqp["exchange"]["type"], amqp["exchange"]["durable"])
+    for method in METHODS:
+        assert (settings.exchange, transport.queue_name(method), method) in channel.bindings
+
+
+# -- what the transport publishes ----------------------------------------------------------------
+class _Recorder:
+    def __init__(self) -> None:
+        self.published: list[tuple[aio_pika.Message, str]] = []
+
+    async def publish(self, message: aio_pika.Message, routing_key: str, **_: Any) -> None:
+        self.published.append((message, routing_key))
+
+
+class _PublishChannel:
+    def __init__(self) -> None:
+        self.default_exchange = _Recorder()
+
+
+class _Incoming:
+    """Just enough of an aio_pika incoming message for the handlers."""
+
+    def __init__(
+        self,
+        body: Any,
+        *,
+        routing_key: str,
+        user_id: str | None = "worker-a",
+        reply_to: str | None = "amq.rabbitmq.reply-to.test",
+        headers: dict[str, Any] | None = None,
+        message_id: str | None = None,
+    ) -> None:
+        self.body = body if isinstance(body, bytes) else orjson.dumps(body)
+        self.routing_key = routing_key
+        self.user_id = user_id
+        self.reply_to = reply_to
+        self.correlation_id = uuid.uuid4().hex
+        self.headers = headers or {}
+        self.message_id = message_id
+        self.settled: list[tuple[str, bool]] = []
+
+    async def ack(self) -> None:
+        self.settled.append(("ack", False))
+
+    async def reject(self, requeue: bool = False) -> None:
+        self.settled.append(("reject", requeue))
+
+    async def nack(self, requeue: bool = True) -> None:
+        self.settled.append(("nack", requeue))
+
+
+class _WorkQueue:
+    def __init__(self) -> None:
+        self.error: Exception | None = None
+        self.delivery: Delivery | None = None
+        self.acked = True
+
+    async def add(self, owner: str, cmd: AddCommand, *, message_id: str | None, traceparent: str | None) -> str:
+        if self.error is not None:
+            raise self.error
+        return TASK_ID
+
+    async def fetch(self, owner: str, req: FetchRequest) -> Delivery | None:
+        if self.error is not None:
+            raise self.error
+        return self.delivery
+
+    async def ack(self, owner: str, req: AckRequest) -> bool:
+        if self.error is not None:
+            raise self.error
+        return self.acked
+
+
+def _handle(settings: Settings, queue: _WorkQueue, request: _Incoming) -> list[tuple[aio_pika.Message, str]]:
+    transport = _transport(settings, queue)
+    channel = _PublishChannel()
+    transport._publish_channel = cast(Any, channel)
+    handler = {"add": transport._on_add, "fetch": transport._on_fetch, "ack": transport._on_ack}.get(
+        request.routing_key, transport._on_unrouted
+    )
+    asyncio.run(handler(cast(Any, request)))
+    return channel.default_exchange.published
+
+
+def _assert_reply(
+    doc: dict[str, Any], published: list[tuple[aio_pika.Message, str]], request: _Incoming, message_key: str
+) -> dict[str, Any]:
+    assert len(published) == 1
+    msg, routing_key = published[0]
+    spec = message(doc, message_key)
+    assert routing_key == request.reply_to, "replies go to reply_to on the default exchange"
+    assert msg.correlation_id == request.correlation_id
+    assert msg.content_type == spec["contentType"]
+    assert msg.type == spec["bindings"]["amqp"]["messageType"]
+    headers = {**(msg.headers or {}), "correlation_id": msg.correlation_id, "type": msg.type}
+    assert_valid(doc, spec["headers"], headers, f"{message_key} headers")
+    body = orjson.loads(msg.body)
+    assert_valid(doc, spec["payload"], body, f"{message_key} payload")
+    assert isinstance(body, dict)
+    return body
+
+
+def test_add_reply_matches_the_document(doc: dict[str, Any], settings: Settings) -> None:
+    request = _Incoming(
+        {"serviceId": "billing", "value": {"n": 1}, "token": {"p": 1}},
+        routing_key="add",
+        user_id="engine",
+        headers={"x-owner": "worker-a", "traceparent": TRACEPARENT},
+        message_id="m-1",
+    )
+    body = _assert_reply(doc, _handle(settings, _WorkQueue(), request), request, "addReply")
+    assert body["task"]["id"] == TASK_ID
+    assert request.settled == [("ack", False)]
+
+
+def test_fetch_replies_match_the_document(doc: dict[str, Any], settings: Settings) -> None:
+    queue = _WorkQueue()
+    queue.delivery = Delivery(TASK_ID, None, 2, 1_735_732_800_123, TRACEPARENT)
+    request = _Incoming({"serviceId": "billing", "workerId": "w-1", "timeToRecover": 100}, routing_key="fetch")
+    published = _handle(settings, queue, request)
+    body = _assert_reply(doc, published, request, "fetchReply")
+    assert body == {
+        "result": None,
+        "task": {"id": TASK_ID, "deliveries": 2, "leaseExpiresAt": "2025-01-01T12:00:00.123Z"},
+    }
+    assert (published[0][0].headers or {}).get("traceparent") == TRACEPARENT
+    queue.delivery = None
+    request = _Incoming({"serviceId": "billing", "workerId": "w-1"}, routing_key="fetch")
+    assert _assert_reply(doc, _handle(settings, queue, request), request, "fetchReply") == {"result": None}
+
+
+@pytest.mark.parametrize("acked", [True, False])
+def test_ack_reply_matches_the_document(doc: dict[str, Any], settings: Settings, acked: bool) -> None:
+    queue = _WorkQueue()
+    queue.acked = acked
+    request = _Incoming({"serviceId": "billing", "workerId": "w-1", "result": 0}, routing_key="ack")
+    assert _assert_reply(doc, _handle(settings, queue, request), request, "ackReply") == {"result": acked}
+
+
+@pytest.mark.parametrize(
+    ("request_kw", "code"),
+    [
+        ({"body": b"not json", "routing_key": "add"}, "bad_request"),
+        ({"body": [1], "routing_key": "fetch"}, "bad_request"),
+        ({"body": {"serviceId": "billing"}, "routing_key": "fetch"}, "bad_request"),
+        ({"body": {"serviceId": "s", "workerId": "w", "timeToRecover": 99}, "routing_key": "fetch"}, "bad_request"),
+        ({"body": {"serviceId": "s", "workerId": "w"}, "routing_key": "ack", "user_id": None}, "unauthorized"),
+        ({"body": {"serviceId": "s", "value": 1}, "routing_key": "add", "headers": {"x-owner": "b"}}, "unauthorized"),
+        ({"body": {"serviceId": "s", "value": "x" * 1_048_577}, "routing_key": "add"}, "payload_too_large"),
+        ({"body": {"serviceId": "s", "workerId": "w"}, "routing_key": "fecth"}, "bad_request"),
+    ],
+)
+def test_bad_input_is_answered_then_dead_lettered(
+    doc: dict[str, Any], settings: Settings, request_kw: dict[str, Any], code: str
+) -> None:
+    request = _Incoming(**request_kw)
+    body = _assert_reply(doc, _handle(settings, _WorkQueue(), request), request, "errorReply")
+    assert body["error"]["code"] == code
+    assert request.settled == [("reject", False)], "rejected without requeue: RabbitMQ dead-letters it"
+
+
+def test_rpc_without_reply_to_is_dead_lettered_silently(settings: Settings) -> None:
+    request = _Incoming({"serviceId": "s", "workerId": "w"}, routing_key="fetch", reply_to=None)
+    assert _handle(settings, _WorkQueue(), request) == []
+    assert request.settled == [("reject", False)]
+
+
+@pytest.mark.parametrize("method", ["fetch", "ack"])
+def test_unavailable_rpc_is_answered_and_not_dead_lettered(
+    doc: dict[str, Any], settings: Settings, method: str
+) -> None:
+    queue = _WorkQueue()
+    queue.error = Unavailable("storage unavailable: test")
+    request = _Incoming({"serviceId": "s", "workerId": "w"}, routing_key=method)
+    body = _assert_reply(doc, _handle(settings, queue, request), request, "errorReply")
+    assert body["error"]["code"] == "unavailable"
+    assert request.settled == [("ack", False)]
+
+
+def test_unavailable_add_is_answered_and_requeued(doc: dict[str, Any], settings: Settings) -> None:
+    queue = _WorkQueue()
+    queue.error = Unavailable("storage unavailable: test")
+    request = _Incoming({"serviceId": "s", "value": 1}, routing_key="add", message_id="m-1")
+    # No consumers are registered on this transport, so the add is handed back at once
+    # instead of being retried for ADD_RETRY_BUDGET_S first.
+    body = _assert_reply(doc, _handle(settings, queue, request), request, "errorReply")
+    assert body["error"]["code"] == "unavailable"
+    assert request.settled == [("nack", True)], "requeued, never dead-lettered"
+
+
+def test_unexpected_rpc_failure_is_internal(doc: dict[str, Any], settings: Settings) -> None:
+    queue = _WorkQueue()
+    queue.error = RuntimeError("boom")
+    request = _Incoming({"serviceId": "s", "workerId": "w"}, routing_key="ack")
+    body = _assert_reply(doc, _handle(settings, queue, request), request, "errorReply")
+    assert body["error"]["code"] == "internal"
+
+
+@pytest.mark.parametrize(
+    ("outcome", "traceparent"),
+    [({"result": 0}, TRACEPARENT), ({"result": None}, None), ({"error": {"msg": "no"}}, None)],
+)
+def test_result_message_matches_the_document(
+    doc: dict[str, Any], settings: Settings, outcome: dict[str, Any], traceparent: str | None
+) -> None:
+    transport = _transport(settings)
+    exchange = _Recorder()
+    transport._results_exchange = cast(Any, exchange)
+    completion = str(uuid.uuid4())
+    result = ResultMessage("worker-a", "billing", TASK_ID, completion, {"p": 1}, outcome, traceparent)
+    asyncio.run(transport.publish_result(result))
+
+    assert len(exchange.published) == 1
+    msg, routing_key = exchange.published[0]
+    spec = message(doc, "result")
+    body = orjson.loads(msg.body)
+    assert_valid(doc, spec["payload"], body, "result payload")
+    assert body == {"token": {"p": 1}, "serviceId": "billing", "taskId": TASK_ID, **outcome}
+    assert routing_key == body["serviceId"], "routing key = serviceId"
+    headers = {**(msg.headers or {}), "message_id": msg.message_id, "type": msg.type}
+    assert_valid(doc, spec["headers"], headers, "result headers")
+    assert msg.message_id == f"{TASK_ID}:{completion}"
+    assert (msg.headers or {}).get("x-owner") == "worker-a"
+    assert (msg.headers or {}).get("traceparent") == traceparent
+    assert msg.content_type == spec["contentType"]
+    assert msg.type == spec["bindings"]["amqp"]["messageType"]
+    assert msg.delivery_mode == doc["operations"]["sendResult"]["bindings"]["amqp"]["deliveryMode"]

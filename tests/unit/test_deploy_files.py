@@ -1,0 +1,565 @@
+"""Static checks of the deployment files: Dockerfile, docker-compose.yml (+ deploy/compose/), deploy/kubernetes/.
+
+No Docker engine or cluster is needed: the files are parsed and cross-checked against the code
+(``bridge.config.Settings``, ``pyproject.toml``, the CLI, the key-ring format) and against each other,
+so a renamed setting, a broken healthcheck or a mismatched password fails here.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import shlex
+import tomllib
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from bridge.cli import app as cli_app
+from bridge.config import Settings
+from bridge.crypto.keyring_file import load_keyring, parse_keyring
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+RABBIT_DEFINITIONS = ROOT / "deploy" / "compose" / "rabbitmq-definitions.json"
+RABBIT_CONF = ROOT / "deploy" / "compose" / "rabbitmq.conf"
+K8S_DIR = ROOT / "deploy" / "kubernetes"
+
+CORE_SERVICES = ("rabbitmq", "cassandra", "bridge")
+DEV_USERS = {"guest", "engine", "worker-a", "worker-b"}  # password = name
+ENV_PREFIX = "BRIDGE_"
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _field(env_name: str) -> str:
+    return env_name.removeprefix(ENV_PREFIX).lower()
+
+
+def _assert_settings_env(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, where: str) -> Settings:
+    """Every BRIDGE_* name is a Settings field, and the values together form valid Settings."""
+    names = [name for name in env if name.startswith(ENV_PREFIX)]
+    unknown = [name for name in names if _field(name) not in Settings.model_fields]
+    assert not unknown, f"{where}: not a bridge setting (no field in bridge.config.Settings): {unknown}"
+    for name in list(os.environ):
+        if name.startswith(ENV_PREFIX):
+            monkeypatch.delenv(name)
+    for name in names:
+        monkeypatch.setenv(name, env[name])
+    return Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+def _verify_rabbit_hash(password_hash: str, password: str) -> bool:
+    """rabbit_password_hashing_sha256: base64(salt(4) + sha256(salt + utf-8 password))."""
+    raw = base64.b64decode(password_hash, validate=True)
+    salt, digest = raw[:4], raw[4:]
+    return len(raw) == 4 + 32 and hashlib.sha256(salt + password.encode("utf-8")).digest() == digest
+
+
+def _python_code(argv: list[str]) -> str:
+    """The code of a ``python -c CODE`` argv, compiled to prove it is valid Python."""
+    assert "-c" in argv, f"expected a `python -c` command, got {argv}"
+    assert PurePosixPath(argv[0]).name.startswith("python"), argv
+    code = argv[argv.index("-c") + 1]
+    compile(code, "<healthcheck>", "exec")
+    return code
+
+
+# --------------------------------------------------------------------------------------------- Dockerfile
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) per logical line: continuations joined, comments dropped."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for raw in DOCKERFILE.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        logical = pending + line
+        pending = ""
+        keyword, _, args = logical.partition(" ")
+        instructions.append((keyword.upper(), args.strip()))
+    assert not pending, "Dockerfile ends inside a line continuation"
+    return instructions
+
+
+def _stages() -> list[list[tuple[str, str]]]:
+    stages: list[list[tuple[str, str]]] = []
+    for keyword, args in _dockerfile_instructions():
+        if keyword == "FROM":
+            stages.append([])
+        assert stages, f"{keyword} before the first FROM"
+        stages[-1].append((keyword, args))
+    return stages
+
+
+def _exec_form(args: str) -> list[str]:
+    try:
+        value = json.loads(args)
+    except json.JSONDecodeError:
+        pytest.fail(f"not an exec-form (JSON array) instruction: {args}")
+    assert isinstance(value, list), args
+    assert value, args
+    assert all(isinstance(item, str) for item in value), args
+    return value
+
+
+def _dockerfile_uid() -> int:
+    users = [args for keyword, args in _stages()[-1] if keyword == "USER"]
+    assert users, "the runtime stage has no USER: the container would run as root"
+    uid = users[-1].split(":")[0]
+    assert uid.isdigit(), f"USER {users[-1]}: use a numeric uid so Kubernetes can verify runAsNonRoot"
+    return int(uid)
+
+
+def _pyproject() -> dict[str, Any]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+def test_dockerfile_builder_and_runtime_use_the_same_python() -> None:
+    stages = _stages()
+    assert len(stages) >= 2, "expected a multi-stage build (builder + runtime)"
+    images = [args.split()[0] for stage in stages for keyword, args in stage if keyword == "FROM"]
+    assert len(set(images)) == 1, f"builder and runtime images differ: {images}"
+    match = re.fullmatch(r"python:(\d+\.\d+)[-.\w]*", images[0])
+    assert match, f"expected an official python image, got {images[0]}"
+    assert match.group(1) == _pyproject()["tool"]["mypy"]["python_version"]
+
+
+def test_dockerfile_runs_as_a_non_root_user() -> None:
+    assert _dockerfile_uid() != 0
+
+
+def test_dockerfile_entrypoint_is_exec_form_console_script() -> None:
+    runtime = _stages()[-1]
+    entrypoints = [args for keyword, args in runtime if keyword == "ENTRYPOINT"]
+    assert entrypoints, "the runtime stage has no ENTRYPOINT"
+    entrypoint = _exec_form(entrypoints[-1])
+    assert entrypoint[0] in _pyproject()["project"]["scripts"]
+    cmds = [args for keyword, args in runtime if keyword == "CMD"]
+    assert cmds, "the runtime stage has no CMD"
+    commands = {info.name or info.callback.__name__ for info in cli_app.registered_commands if info.callback}
+    assert _exec_form(cmds[-1])[0] in commands
+    stopsignals = [args for keyword, args in runtime if keyword == "STOPSIGNAL"]
+    assert stopsignals in ([], ["SIGTERM"])
+
+
+def test_dockerfile_healthcheck_probes_readiness() -> None:
+    checks = [args for keyword, args in _stages()[-1] if keyword == "HEALTHCHECK"]
+    assert checks, "the runtime stage has no HEALTHCHECK"
+    options, sep, command = checks[-1].partition("CMD ")
+    assert sep, f"HEALTHCHECK without CMD: {checks[-1]}"
+    code = _python_code(_exec_form(command))
+    assert "/health/ready" in code
+    assert "127.0.0.1" in code
+    assert str(Settings.model_fields["http_port"].default) in code
+    assert "--timeout=" in options
+
+
+def test_dockerfile_runtime_environment() -> None:
+    runtime = _stages()[-1]
+    env: dict[str, str] = {}
+    for keyword, args in runtime:
+        if keyword == "ENV":
+            for item in shlex.split(args):
+                name, _, value = item.partition("=")
+                env[name] = value
+    assert env.get("PYTHONUNBUFFERED") == "1"
+    assert env.get("PATH", "").startswith("/app/.venv/bin:")
+    copies = [args for keyword, args in runtime if keyword == "COPY"]
+    assert any("--from=builder" in args and "/app/.venv" in args for args in copies), copies
+    exposed = " ".join(args for keyword, args in runtime if keyword == "EXPOSE").split()
+    assert str(Settings.model_fields["http_port"].default) in exposed
+
+
+def test_dockerfile_installs_locked_dependencies_before_the_project() -> None:
+    builder = _stages()[0]
+    syncs = [i for i, (keyword, args) in enumerate(builder) if keyword == "RUN" and "uv sync" in args]
+    assert len(syncs) >= 2, "expected a dependency layer and a project layer (two `uv sync`)"
+    extras = _pyproject()["project"]["optional-dependencies"]
+    for i in syncs:
+        args = builder[i][1]
+        assert "--frozen" in args or "--locked" in args, args
+        assert "--no-dev" in args, args
+        for extra in re.findall(r"--extra[ =](\S+)", args):
+            assert extra in extras, f"unknown extra {extra!r} in: {args}"
+    assert "--no-install-project" in builder[syncs[0]][1]
+    copied_first = [args for keyword, args in builder[: syncs[0]] if keyword == "COPY"]
+    sources = {src for args in copied_first for src in args.split()[:-1] if not src.startswith("--")}
+    assert sources == {"pyproject.toml", "uv.lock"}, f"the dependency layer must depend only on them: {sources}"
+
+
+def test_dockerignore_excludes_local_state() -> None:
+    patterns = {line.strip().rstrip("/") for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()}
+    for needed in (".venv", ".git", "deploy/local/state", "benchmarks/results"):
+        assert needed in patterns, f".dockerignore should exclude {needed}"
+
+
+# --------------------------------------------------------------------------------------------- compose
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    doc = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
+    assert isinstance(doc, dict)
+    assert isinstance(doc.get("services"), dict)
+    return doc
+
+
+@pytest.fixture(scope="module")
+def definitions() -> dict[str, Any]:
+    doc = json.loads(RABBIT_DEFINITIONS.read_text(encoding="utf-8"))
+    assert isinstance(doc, dict)
+    return doc
+
+
+def _service_env(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        pairs = [item.partition("=") for item in env]
+        return {name: value for name, _, value in pairs}
+    return {name: "" if value is None else str(value) for name, value in env.items()}
+
+
+def _mounts(service: dict[str, Any]) -> list[tuple[str, str]]:
+    """(source, target) of each short-syntax volume entry."""
+    out = []
+    for entry in service.get("volumes") or []:
+        assert isinstance(entry, str), f"use the short volume syntax: {entry}"
+        source, target = entry.split(":")[:2]
+        out.append((source, target))
+    return out
+
+
+def _depends_on(service: dict[str, Any]) -> dict[str, Any]:
+    deps = service.get("depends_on") or {}
+    assert isinstance(deps, dict), "depends_on needs the long syntax to carry a condition"
+    return deps
+
+
+def test_compose_core_services_have_healthchecks(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name in CORE_SERVICES:
+        assert name in services, f"docker-compose.yml has no service {name!r}"
+        check = services[name].get("healthcheck") or {}
+        assert not check.get("disable"), name
+        assert check.get("test"), f"service {name!r} has no healthcheck test"
+
+
+def test_compose_bridge_waits_for_healthy_dependencies(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    deps = _depends_on(services["bridge"])
+    for name in ("rabbitmq", "cassandra"):
+        assert (deps.get(name) or {}).get("condition") == "service_healthy", f"bridge -> {name}"
+    for name, dep in deps.items():
+        assert name in services, f"bridge depends on an undefined service {name!r}"
+        if dep.get("condition") == "service_completed_successfully":
+            assert services[name].get("restart") in (None, "no"), f"one-shot {name!r} must not restart"
+    assert (deps.get("keyinit") or {}).get("condition") == "service_completed_successfully"
+
+
+def test_compose_bridge_is_built_from_this_repository(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    bridge = services["bridge"]
+    build = bridge.get("build")
+    assert build, "the bridge service must build the image from the Dockerfile"
+    context = build if isinstance(build, str) else build.get("context", ".")
+    dockerfile = "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")
+    assert ((ROOT / context).resolve() / dockerfile) == DOCKERFILE
+    image = bridge.get("image")
+    users = [name for name, svc in services.items() if name != "bridge" and svc.get("image") == image]
+    assert {"keyinit", "demo-engine", "demo-worker"} <= set(users), "they run from the bridge's image"
+    for name in users:
+        assert "build" in services[name] or services[name].get("pull_policy") == "never", (
+            f"{name}: the image is built by the bridge service, not pulled"
+        )
+
+
+def test_compose_bridge_env_is_valid_settings(compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = 0
+    for name, service in compose["services"].items():
+        env = _service_env(service)
+        if any(key.startswith(ENV_PREFIX) for key in env):
+            seen += 1
+            _assert_settings_env(env, monkeypatch, f"docker-compose.yml service {name!r}")
+    assert seen, "no service sets BRIDGE_* variables"
+
+
+def test_compose_amqp_urls_use_users_from_the_definitions(compose: dict[str, Any], definitions: dict[str, Any]) -> None:
+    users = {user["name"]: user for user in definitions["users"]}
+    urls = [
+        (service_name, value)
+        for service_name, service in compose["services"].items()
+        for value in _service_env(service).values()
+        if value.startswith(("amqp://", "amqps://"))
+    ]
+    assert {name for name, _ in urls} >= {"bridge", "demo-engine", "demo-worker"}
+    for service_name, url in urls:
+        parts = urlsplit(url)
+        assert parts.hostname in compose["services"], f"{service_name}: {url} points outside the stack"
+        assert parts.username in users, f"{service_name}: AMQP user {parts.username!r} is not in the definitions"
+        assert parts.password is not None
+        assert _verify_rabbit_hash(users[parts.username]["password_hash"], parts.password), (
+            f"{service_name}: the password in {url} does not match the definitions' hash"
+        )
+    trusted = _service_env(compose["services"]["bridge"]).get("BRIDGE_TRUSTED_USERS", "")
+    for user in filter(None, (part.strip() for part in trusted.split(","))):
+        assert user in users, f"trusted user {user!r} does not exist in RabbitMQ"
+
+
+def test_compose_bridge_healthcheck_matches_its_http_port(compose: dict[str, Any]) -> None:
+    bridge = compose["services"]["bridge"]
+    port = _service_env(bridge).get("BRIDGE_HTTP_PORT") or str(Settings.model_fields["http_port"].default)
+    test = bridge["healthcheck"]["test"]
+    assert isinstance(test, list), "use the exec form (no shell, no curl in the image)"
+    assert test[0] == "CMD"
+    code = _python_code(test[1:])
+    assert f"127.0.0.1:{port}/health/ready" in code
+    published = [str(entry).rsplit(":", 1)[-1] for entry in bridge.get("ports") or []]
+    assert port in published
+    assert "no-new-privileges:true" in (bridge.get("security_opt") or [])
+
+
+def test_compose_files_and_volumes_exist(compose: dict[str, Any]) -> None:
+    declared = set(compose.get("volumes") or {})
+    for name, service in compose["services"].items():
+        for source, _ in _mounts(service):
+            if source.startswith((".", "/")):
+                assert (ROOT / source).is_file(), f"{name}: bind-mounted {source} does not exist"
+            else:
+                assert source in declared, f"{name}: named volume {source!r} is not declared"
+
+
+def test_compose_keyinit_writes_the_bridges_keyring_once(
+    compose: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    services = compose["services"]
+    keyinit, bridge = services["keyinit"], services["bridge"]
+    keyring = PurePosixPath(_service_env(bridge)["BRIDGE_KEYRING"])
+    shared = {src for src, dst in _mounts(keyinit) if dst == str(keyring.parent)}
+    assert shared, f"keyinit does not mount {keyring.parent}"
+    assert shared & {src for src, dst in _mounts(bridge) if dst == str(keyring.parent)}, "not the same volume"
+
+    argv = list(keyinit.get("entrypoint") or []) + list(keyinit.get("command") or [])
+    code = _python_code(argv)
+    assert str(keyring) in code, "keyinit writes somewhere else than BRIDGE_KEYRING"
+    code = code.replace(str(keyring), str(tmp_path / keyring.name))
+    chowns: list[tuple[str, int, int]] = []
+    monkeypatch.setattr(os, "chown", lambda path, uid, gid: chowns.append((str(path), uid, gid)))
+
+    exec(compile(code, "<keyinit>", "exec"), {"__name__": "__main__"})
+    written = tmp_path / keyring.name
+    first = written.read_bytes()
+    owners = set(load_keyring(written))
+    assert owners >= DEV_USERS
+    demo_owners = {_service_env(services[name]).get("QB_OWNER") for name in ("demo-engine", "demo-worker")}
+    assert demo_owners - {None} <= owners
+
+    exec(compile(code, "<keyinit>", "exec"), {"__name__": "__main__"})
+    assert written.read_bytes() == first, "keyinit must keep an existing key-ring"
+    uid = _dockerfile_uid()
+    assert (str(written), uid, uid) in chowns, "the key-ring must belong to the image's user"
+
+
+def test_compose_demo_services_wait_for_the_bridge(compose: dict[str, Any]) -> None:
+    for name in ("demo-engine", "demo-worker"):
+        service = compose["services"][name]
+        assert _depends_on(service)["bridge"]["condition"] == "service_healthy"
+        env = _service_env(service)
+        assert env.get("QB_AMQP_URL")
+        assert env.get("QB_SERVICE")
+
+
+# --------------------------------------------------------------------------------------------- RabbitMQ
+
+
+def test_rabbitmq_definitions_create_the_dev_users(definitions: dict[str, Any]) -> None:
+    users = {user["name"]: user for user in definitions["users"]}
+    assert set(users) == DEV_USERS
+    for name, user in users.items():
+        assert user.get("hashing_algorithm") == "rabbit_password_hashing_sha256", name
+        assert "password" not in user, f"{name}: plain-text password in the definitions"
+        assert "tags" in user, f"{name}: RabbitMQ rejects a user without tags"
+        assert _verify_rabbit_hash(user["password_hash"], name), f"{name}: hash does not match password {name!r}"
+        assert not _verify_rabbit_hash(user["password_hash"], name + "x")
+    assert {"name": "/"} in definitions["vhosts"]
+    granted = {p["user"] for p in definitions["permissions"] if p["vhost"] == "/" and p["configure"] == ".*"}
+    granted &= {p["user"] for p in definitions["permissions"] if p["write"] == ".*" and p["read"] == ".*"}
+    assert granted == DEV_USERS
+
+
+def test_rabbitmq_conf_loads_the_mounted_definitions(compose: dict[str, Any]) -> None:
+    settings = {}
+    for line in RABBIT_CONF.read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            key, sep, value = line.partition("=")
+            assert sep, f"rabbitmq.conf: not `key = value`: {line}"
+            settings[key.strip()] = value.strip()
+    assert settings.get("loopback_users") == "none"
+    mounts = {target: source for source, target in _mounts(compose["services"]["rabbitmq"])}
+    target = settings.get("load_definitions")
+    assert target in mounts, "load_definitions must name the path the definitions file is mounted at"
+    assert (ROOT / mounts[target]).resolve() == RABBIT_DEFINITIONS
+    conf_targets = [t for t, s in mounts.items() if (ROOT / s).resolve() == RABBIT_CONF]
+    assert conf_targets, "rabbitmq.conf is not mounted"
+    assert all(
+        t == "/etc/rabbitmq/rabbitmq.conf" or (t.startswith("/etc/rabbitmq/conf.d/") and t.endswith(".conf"))
+        for t in conf_targets
+    ), conf_targets
+
+
+# --------------------------------------------------------------------------------------------- Kubernetes
+
+
+@pytest.fixture(scope="module")
+def k8s() -> dict[str, dict[str, Any]]:
+    """Every document of every deploy/kubernetes/*.yaml, by kind (one of each kind expected)."""
+    by_kind: dict[str, dict[str, Any]] = {}
+    for path in sorted(K8S_DIR.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
+            if doc is None:
+                continue
+            assert isinstance(doc, dict), path
+            assert doc.get("apiVersion") and doc.get("kind"), f"{path.name}: apiVersion and kind are required"
+            if doc["kind"] != "Kustomization":
+                assert doc.get("metadata", {}).get("name"), f"{path.name}: {doc['kind']} without a name"
+            assert doc["kind"] not in by_kind, f"more than one {doc['kind']}"
+            by_kind[doc["kind"]] = {**doc, "_file": path.name}
+    return by_kind
+
+
+def _configmap_data(k8s: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    data: dict[str, Any] = k8s["ConfigMap"]["data"]
+    return data
+
+
+def _secret_data(k8s: dict[str, dict[str, Any]]) -> dict[str, str]:
+    secret = k8s["Secret"]
+    data = dict(secret.get("stringData") or {})
+    data.update({key: base64.b64decode(value).decode() for key, value in (secret.get("data") or {}).items()})
+    return data
+
+
+def _sidecar(k8s: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    pod = k8s["Deployment"]["spec"]["template"]["spec"]
+    sidecars = [c for c in pod.get("initContainers") or [] if c.get("restartPolicy") == "Always"]
+    assert len(sidecars) == 1, "expected queue-bridge as one native sidecar (initContainer, restartPolicy: Always)"
+    sidecar: dict[str, Any] = sidecars[0]
+    return sidecar
+
+
+def test_k8s_kustomization_lists_every_manifest(k8s: dict[str, dict[str, Any]]) -> None:
+    assert {"ConfigMap", "Secret", "Deployment", "Kustomization"} <= set(k8s)
+    resources = k8s["Kustomization"]["resources"]
+    on_disk = {path.name for path in K8S_DIR.glob("*.yaml")} - {"kustomization.yaml"}
+    assert sorted(resources) == sorted(on_disk)
+
+
+def test_k8s_configmap_holds_valid_bridge_settings(
+    k8s: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _configmap_data(k8s)
+    assert data
+    not_strings = [key for key, value in data.items() if not isinstance(value, str)]
+    assert not not_strings, f"ConfigMap values must be strings (quote them): {not_strings}"
+    assert all(key.startswith(ENV_PREFIX) for key in data), "the ConfigMap is loaded with envFrom"
+    secret = _secret_data(k8s)
+    env = {**data, **{key: value for key, value in secret.items() if key.startswith(ENV_PREFIX)}}
+    _assert_settings_env(env, monkeypatch, "deploy/kubernetes")
+
+
+def test_k8s_secret_keyring_is_a_placeholder_that_cannot_be_used(k8s: dict[str, dict[str, Any]]) -> None:
+    keyring = _configmap_data(k8s)["BRIDGE_KEYRING"]
+    doc = json.loads(_secret_data(k8s)[PurePosixPath(keyring).name])
+    assert "owners" in doc, "the placeholder should show the key-ring format"
+    with pytest.raises(ValueError, match="base64"):
+        parse_keyring(doc)  # a real key here would be a published key
+
+
+def test_k8s_deployment_runs_the_bridge_as_a_native_sidecar(k8s: dict[str, dict[str, Any]]) -> None:
+    deployment = k8s["Deployment"]
+    template = deployment["spec"]["template"]
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= template["metadata"]["labels"].items()
+    pod = template["spec"]
+    assert pod.get("containers"), "the worker (app) container is missing"
+    sidecar = _sidecar(k8s)
+    assert "queue-bridge" in sidecar["image"]
+
+    config = _configmap_data(k8s)
+    http_port = int(config.get("BRIDGE_HTTP_PORT", Settings.model_fields["http_port"].default))
+    named_ports = {p["name"]: p["containerPort"] for p in sidecar.get("ports") or [] if "name" in p}
+    expected = {"startupProbe": "/health/ready", "readinessProbe": "/health/ready", "livenessProbe": "/health/live"}
+    for probe_name, path in expected.items():
+        probe = sidecar.get(probe_name)
+        assert probe, f"sidecar has no {probe_name}"
+        assert probe["httpGet"]["path"] == path, probe_name
+        port = probe["httpGet"]["port"]
+        assert named_ports.get(port, port) == http_port, f"{probe_name} does not probe BRIDGE_HTTP_PORT"
+
+    grace = float(config.get("BRIDGE_SHUTDOWN_GRACE", Settings.model_fields["shutdown_grace"].default))
+    assert pod.get("terminationGracePeriodSeconds", 30) > grace
+
+    resources = sidecar.get("resources") or {}
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(resources.get(kind) or {}), f"sidecar resources.{kind}"
+
+
+def test_k8s_sidecar_is_hardened(k8s: dict[str, dict[str, Any]]) -> None:
+    pod = k8s["Deployment"]["spec"]["template"]["spec"]
+    pod_ctx = pod.get("securityContext") or {}
+    ctx = {**pod_ctx, **(_sidecar(k8s).get("securityContext") or {})}
+    assert ctx.get("runAsNonRoot") is True
+    assert ctx.get("runAsUser") == _dockerfile_uid()
+    assert ctx.get("readOnlyRootFilesystem") is True
+    assert ctx.get("allowPrivilegeEscalation") is False
+    assert "ALL" in (ctx.get("capabilities") or {}).get("drop", [])
+    assert (ctx.get("seccompProfile") or {}).get("type") == "RuntimeDefault"
+
+
+def test_k8s_sidecar_takes_config_and_keys_from_the_manifests(
+    k8s: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sidecar = _sidecar(k8s)
+    pod = k8s["Deployment"]["spec"]["template"]["spec"]
+    configmap, secret = k8s["ConfigMap"]["metadata"]["name"], k8s["Secret"]["metadata"]["name"]
+    secret_data = _secret_data(k8s)
+
+    refs = [src["configMapRef"]["name"] for src in sidecar.get("envFrom") or [] if "configMapRef" in src]
+    assert configmap in refs, "the sidecar does not load the ConfigMap (envFrom)"
+    env_names = [item["name"] for item in sidecar.get("env") or []]
+    unknown = [n for n in env_names if n.startswith(ENV_PREFIX) and _field(n) not in Settings.model_fields]
+    assert not unknown, f"not bridge settings: {unknown}"
+    for item in sidecar.get("env") or []:
+        ref = (item.get("valueFrom") or {}).get("secretKeyRef")
+        if ref:
+            assert ref["name"] == secret, item
+            assert ref["key"] in secret_data, f"the Secret has no key {ref['key']!r}"
+    assert "BRIDGE_AMQP_URL" in env_names or "BRIDGE_AMQP_URL" in _configmap_data(k8s)
+
+    keyring = PurePosixPath(_configmap_data(k8s)["BRIDGE_KEYRING"])
+    mounts = {m["mountPath"]: m for m in sidecar.get("volumeMounts") or []}
+    mount = mounts.get(str(keyring.parent))
+    assert mount, f"nothing mounted at {keyring.parent}"
+    assert "subPath" not in mount, "a subPath mount never sees Secret updates (no key rotation)"
+    volumes = {v["name"]: v for v in pod.get("volumes") or []}
+    source = volumes[mount["name"]].get("secret")
+    assert source, "the key-ring must come from a Secret"
+    assert source["secretName"] == secret
+    items = {item["path"]: item["key"] for item in source.get("items") or []}
+    key = items.get(keyring.name, keyring.name)
+    assert key in secret_data, f"the Secret has no {key!r} for {keyring}"
