@@ -93,10 +93,10 @@ async def _measure(bench: Bench, name: str, concurrency: int, op: object) -> Sam
     meter = bench.cpu_meter()
     async with Progress(f"{name} c={concurrency}", total=count) as p:
         sample = await closed_loop(op, concurrency=concurrency, count=count, progress=p)  # type: ignore[arg-type]
-    bench.sections["cpu"][key(name, concurrency)] = meter.stop()
+    bench.record_cpu(key(name, concurrency), meter, sample.throughput)
     if sample.errors:
         say(f"{name} c={concurrency}: {sample.errors} errors")
     bench.baselines[key(name, concurrency)] = sample
     what = "single request" if concurrency == 1 else f"{concurrency} in flight"
-    bench.figure(Figure.of(f"{name} ({what})", name, sample, note=f"c={concurrency}"))
+    bench.figure(Figure.of(f"{name} ({what})", name, sample))
     return sample

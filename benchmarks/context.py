@@ -60,6 +60,7 @@ class Plan:
     memory_tasks: int
     memory_repeat_tasks: int
     caps: dict[str, float] = field(default_factory=dict)  # seconds, per phase
+    budget_s: float = 290.0  # a step that would start later than this is skipped (and reported)
 
     @classmethod
     def default(cls) -> Plan:
@@ -79,8 +80,9 @@ class Plan:
             scale_bridges=(1, 2, 4),
             scale_tasks=3000,
             memory_tasks=100_000,
-            memory_repeat_tasks=2000,
-            caps={"adds": 60, "cycle": 75, "recover": 40, "scale": 20, "memory": 90},
+            memory_repeat_tasks=1000,
+            caps={"adds": 60, "cycle": 80, "e2e_drain": 15, "recover": 40, "scale": 15, "memory": 60},
+            budget_s=290,
         )
 
     @classmethod
@@ -95,22 +97,27 @@ class Plan:
             cycle_seq=100,
             workers=16,
             e2e_rates=(200,),
-            e2e_seconds=5.0,
+            e2e_seconds=4.0,
             recover_tasks=200,
             recover_ttr_ms=1000,
             scale_bridges=(1, 2),
             scale_tasks=800,
             memory_tasks=10_000,
-            memory_repeat_tasks=500,
-            caps={"adds": 15, "cycle": 15, "recover": 15, "scale": 8, "memory": 20},
+            memory_repeat_tasks=300,
+            caps={"adds": 12, "cycle": 10, "e2e_drain": 5, "recover": 10, "scale": 5, "memory": 10},
+            budget_s=57,
         )
 
 
 class Bench:
-    def __init__(self, plan: Plan, *, bridges: int, profile_dir: Path | None = None) -> None:
+    def __init__(
+        self, plan: Plan, *, bridges: int, profile_dir: Path | None = None, profile_clock: str = "wall"
+    ) -> None:
         self.plan = plan
         self.bridges_wanted = bridges
         self.profile_dir = profile_dir
+        self.profile_clock = profile_clock
+        self.profiles: list[Path] = []
         self.run_id = uuid.uuid4().hex[:8]
         self.exchange = f"qb-bench-{self.run_id}"
         self.results_exchange = f"qb-bench-{self.run_id}.results"
@@ -120,6 +127,7 @@ class Bench:
         self.workdir = Path(tempfile.mkdtemp(prefix=f"qb-bench-{self.run_id}-"))
         self.keyring = self.workdir / "keyring.json"
         self.bridges: list[Managed] = []
+        self.bridge_logs: list[Path] = []
         self._bridge_seq = 0
         self.echo: Managed | None = None
         self.db = CassandraSession(
@@ -136,6 +144,8 @@ class Bench:
         self.baselines: dict[str, Sample] = {}
         self.sections: dict[str, Any] = {"cpu": {}}
         self.cycle_queue: tuple[str, int] | None = None  # (service, tasks waiting) left by W-add
+        self.filler: Any = None  # benchmarks.fill.DirectFiller, opened on first use
+        self.skipped: list[str] = []
         self.failed = False
 
     # -- names and environments --------------------------------------------------------------
@@ -186,9 +196,14 @@ class Bench:
             name = f"bridge-{self._bridge_seq}"
             self._bridge_seq += 1
             prof = self.profile_dir / f"{name}.prof" if self.profile_dir else None
-            say(f"starting {name}" + (f" under cProfile -> {prof}" if prof else ""))
+            say(f"starting {name}" + (f" under cProfile ({self.profile_clock} clock) -> {prof}" if prof else ""))
+            if prof:
+                self.profiles.append(prof)
             # One at a time: the first one creates the schema.
-            b = await start_bridge(name, self.bridge_env(name), self.workdir / f"{name}.log", prof)
+            log = self.workdir / f"{name}.log"
+            self.bridge_logs.append(log)
+            b = await start_bridge(name, self.bridge_env(name), log, prof, self.profile_clock)
+            b.started_rss_mib = b.rss_mib()
             self.bridges.append(b)
 
     async def ensure_echo(self) -> None:
@@ -226,6 +241,9 @@ class Bench:
                 await self.echo.stop()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._delete_amqp_entities(), 20)
+        if self.filler is not None:
+            with contextlib.suppress(Exception):
+                await self.filler.close()
         with contextlib.suppress(Exception):
             await self.db.close()
         if self.failed:
@@ -257,6 +275,12 @@ class Bench:
             await conn.close()
 
     # -- results -------------------------------------------------------------------------------
+    def record_cpu(self, phase: str, meter: CpuMeter, ops_per_s: float) -> dict[str, float]:
+        """CPU % of one core per process group during a phase, and the phase's operation rate."""
+        cpu = meter.stop()
+        self.sections["cpu"][phase] = {**cpu, "ops_per_s": ops_per_s}
+        return cpu
+
     def figure(self, fig: Figure) -> Figure:
         self.figures.append(fig)
         return fig

@@ -132,6 +132,7 @@ class Managed:
     name: str
     proc: subprocess.Popen[bytes]
     log_path: Path
+    started_rss_mib: float | None = None
 
     @property
     def pid(self) -> int:
@@ -191,14 +192,18 @@ def spawn(name: str, argv: list[str], env: dict[str, str], log_path: Path) -> Ma
     return Managed(name, proc, log_path)
 
 
-def bridge_argv(profile_out: Path | None = None) -> list[str]:
+def bridge_argv(profile_out: Path | None = None, clock: str = "wall") -> list[str]:
     if profile_out is None:
         return [sys.executable, "-m", "bridge", "run"]
+    if clock == "cpu":
+        return [sys.executable, "-m", "benchmarks.cpuprofile", str(profile_out)]
     return [sys.executable, "-m", "cProfile", "-o", str(profile_out), "-m", "bridge", "run"]
 
 
-async def start_bridge(name: str, env: dict[str, str], log_path: Path, profile_out: Path | None = None) -> Managed:
-    m = spawn(name, bridge_argv(profile_out), env, log_path)
+async def start_bridge(
+    name: str, env: dict[str, str], log_path: Path, profile_out: Path | None = None, clock: str = "wall"
+) -> Managed:
+    m = spawn(name, bridge_argv(profile_out, clock), env, log_path)
     try:
         await m.wait_for_line("bridge started", timeout=90)
     except BaseException:
@@ -215,3 +220,20 @@ async def start_echo(env: dict[str, str], log_path: Path) -> Managed:
         await m.stop(5)
         raise
     return m
+
+
+def other_activity() -> list[str]:
+    """Other bridges or test runs on this machine (they share the 2 cores: the figures get noisy)."""
+    found = []
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        cmd = " ".join(a.decode(errors="replace") for a in argv if a)
+        if ("-m bridge run" in cmd or "pytest" in cmd or "benchmarks.run" in cmd) and "benchmarks.echo" not in cmd:
+            found.append(f"{entry.name}: {cmd[:100]}")
+    return found

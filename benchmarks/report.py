@@ -107,8 +107,16 @@ def targets_table(targets: list[Target]) -> str:
 
 def cpu_table(cpu: dict[str, dict[str, float]]) -> str:
     cols = ["bridges", "cassandra", "rabbitmq", "generator", "echo"]
-    rows = [[phase, *[_num(v.get(c, math.nan), 0) for c in cols]] for phase, v in cpu.items()]
-    return _table(["phase (CPU % of one core)", *cols], rows, {1, 2, 3, 4, 5})
+    rows = []
+    for phase, v in cpu.items():
+        rate = v.get("ops_per_s", math.nan)
+        per_op = []
+        for c in ("bridges", "cassandra"):
+            pct = v.get(c, math.nan)
+            per_op.append(_num(pct * 10.0 / rate, 2) if rate and not math.isnan(rate) and pct else "-")
+        rows.append([phase, *[_num(v.get(c, math.nan), 0) for c in cols], _num(rate, 0), *per_op])
+    headers = ["phase: CPU % of one core", *cols, "ops/s", "bridge ms/op", "cassandra ms/op"]
+    return _table(headers, rows, set(range(1, len(headers))))
 
 
 def render(bench: Bench, meta: dict[str, Any]) -> str:
@@ -120,6 +128,8 @@ def render(bench: Bench, meta: dict[str, Any]) -> str:
         f"commit {meta['commit']}\nmachine: {m['nproc']} CPUs ({m['cpu_model']}), {m['mem_total_gib']} GiB RAM, "
         f"load at start {m['loadavg_at_start'][0]:.2f}; Cassandra, RabbitMQ, bridges and load generator share it"
     )
+    if m.get("other_activity_at_start"):
+        out.append(f"WARNING: {len(m['other_activity_at_start'])} other bridge/test process(es) were running at start")
     if bench.plan.quick:
         p = bench.plan
         out.append(
@@ -162,6 +172,16 @@ def render(bench: Bench, meta: dict[str, Any]) -> str:
             "memory (VmRSS, MiB): "
             + ", ".join(f"{k.removesuffix('_mib')} {_fmt_mem(v)}" for k, v in mem.items() if k.endswith("_mib"))
         )
+    blog = bench.sections.get("bridge_log")
+    if blog:
+        out.append("")
+        levels = ", ".join(f"{n} {lvl}" for lvl, n in sorted(blog["levels"].items()))
+        out.append(f"bridge log lines: {levels or 'none'}")
+        for message, n in blog["top"]:
+            out.append(f"  {n:>7,}  {message}")
+    if bench.skipped:
+        out.append("")
+        out.append(f"SKIPPED (over the time budget): {', '.join(bench.skipped)}")
     if bench.sections.get("cpu"):
         out.append("")
         out.append(cpu_table(bench.sections["cpu"]))
@@ -212,6 +232,7 @@ def to_json(bench: Bench, meta: dict[str, Any]) -> dict[str, Any]:
             "scale": bench.sections.get("scale", []),
             "memory": bench.sections.get("memory", {}),
             "cpu_percent": bench.sections.get("cpu", {}),
+            "bridge_log": bench.sections.get("bridge_log", {}),
         }
     )
 

@@ -16,9 +16,9 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from benchmarks import baselines, workloads
+from benchmarks import baselines, logs, workloads
 from benchmarks.context import Bench, Plan
-from benchmarks.procs import ROOT
+from benchmarks.procs import ROOT, other_activity
 from benchmarks.progress import say
 from benchmarks.report import git_commit, machine, now_iso, render, to_json, write_json
 
@@ -63,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(the baselines a workload is compared with always run)",
     )
     ap.add_argument("--bridges", type=int, default=1, help="bridge processes for the workloads (default 1)")
+    ap.add_argument(
+        "--e2e-rates",
+        default="",
+        metavar="R1,R2",
+        help="W-e2e add rates per second, one step each (default 200)",
+    )
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results file (default {DEFAULT_OUT})")
     ap.add_argument(
         "--profile",
@@ -70,6 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         metavar="DIR",
         help="run the bridges under cProfile and write DIR/bridge-N.prof (slows them down: not for figures)",
+    )
+    ap.add_argument(
+        "--profile-clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: python -m cProfile (default); cpu: time.thread_time of the event-loop thread",
     )
     args = ap.parse_args(argv)
     known = {n.lower(): n for n in BASELINES + WORKLOADS}
@@ -86,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def run(args: argparse.Namespace) -> int:
     plan = Plan.quick_plan() if args.quick else Plan.default()
+    if args.e2e_rates:
+        plan.e2e_rates = tuple(int(r) for r in args.e2e_rates.split(",") if r.strip())
     selected: list[str] = args.selected
     started = time.monotonic()
     date = now_iso()
@@ -93,12 +107,23 @@ async def run(args: argparse.Namespace) -> int:
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
     needs_bridge = any(name in WORKLOADS for name in selected)
-    bench = Bench(plan, bridges=args.bridges if needs_bridge else 0, profile_dir=args.profile)
+    bench = Bench(
+        plan,
+        bridges=args.bridges if needs_bridge else 0,
+        profile_dir=args.profile,
+        profile_clock=args.profile_clock,
+    )
     say(
         f"queue-bridge benchmarks ({'--quick' if plan.quick else 'default'}): "
         + ", ".join(n for n in BASELINES + WORKLOADS if n in selected)
         + f"; budget {'60 s' if plan.quick else '5 min'}"
     )
+    others = other_activity()
+    meta_machine["other_activity_at_start"] = others
+    if others:
+        say("warning: other bridges or test runs are using this machine; figures will be noisy:")
+        for line in others[:5]:
+            say(f"  {line}")
     if meta_machine["loadavg_at_start"][0] > 1.0:
         say(f"warning: load average {meta_machine['loadavg_at_start'][0]:.2f} at start; figures will be noisy")
     steps: list[tuple[str, Callable[[], Awaitable[None]]]] = []
@@ -121,10 +146,16 @@ async def run(args: argparse.Namespace) -> int:
     try:
         await bench.setup()
         for name, step in steps:
+            spent = time.monotonic() - started
+            if spent > plan.budget_s and name in WORKLOADS:
+                say(f"== {name}: SKIPPED, {spent:.0f}s spent of the {plan.budget_s:.0f}s budget")
+                bench.skipped.append(name)
+                continue
             say(f"== {name}")
             await step()
         if needs_bridge:
             workloads.final_memory(bench)
+            bench.sections["bridge_log"] = logs.summarize(bench.bridge_logs)
     except BaseException:
         bench.failed = True
         raise
@@ -140,14 +171,33 @@ async def run(args: argparse.Namespace) -> int:
         "machine": meta_machine,
         "plan": dataclasses.asdict(plan),
         "elapsed_s": time.monotonic() - started,
+        "skipped": bench.skipped,
         "command": " ".join(["python -m benchmarks.run", *sys.argv[1:]]),
     }
     print(render(bench, meta), flush=True)
     write_json(args.out, to_json(bench, meta))
     say(f"results written to {args.out}")
     if args.profile:
+        print(profile_summary(bench.profiles), flush=True)
         say(f"profiles in {args.profile} (python -m pstats {args.profile}/bridge-0.prof)")
     return 0
+
+
+def profile_summary(paths: list[Path], top: int = 20) -> str:
+    """The top entries of each bridge profile, by own time and by cumulative time."""
+    import io
+    import pstats
+
+    out = io.StringIO()
+    for path in paths:
+        if not path.exists():
+            out.write(f"\n{path}: not written (did the bridge stop cleanly?)\n")
+            continue
+        for order in ("tottime", "cumulative"):
+            out.write(f"\n== {path.name}, top {top} by {order}\n")
+            stats = pstats.Stats(str(path), stream=out)
+            stats.strip_dirs().sort_stats(order).print_stats(top)
+    return out.getvalue()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,9 +9,11 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from benchmarks import logs
 from benchmarks.baselines import key
 from benchmarks.clients import AddPublisher, closed_loop, pipelined_adds, task_value
 from benchmarks.context import ENGINE_USER, OWNER, Bench
+from benchmarks.fill import DirectFiller
 from benchmarks.progress import Progress, say
 from benchmarks.stats import Figure, Sample, Target
 from bridge.client import Engine, Worker
@@ -56,18 +58,10 @@ async def close_all(clients: list[Worker] | list[Engine]) -> None:
 
 
 async def prefill(bench: Bench, service: str, count: int, label: str, cap: str) -> int:
-    """Fill a queue through the bridge with pipelined adds (not measured); returns how many were stored."""
-    pub = await open_publisher(bench)
-    try:
-        async with Progress(f"{label}: filling the queue", total=count, unit="adds") as p:
-            s = await pipelined_adds(
-                pub, service, count, window=bench.plan.add_window, progress=p, deadline=deadline(bench, cap)
-            )
-    finally:
-        await pub.close()
-    if s.count < count:
-        say(f"{label}: time cap reached, {s.count:,} of {count:,} tasks stored")
-    return s.count
+    """Fill a queue (not measured): rows written with the bridge's own WorkQueue.add, see benchmarks.fill."""
+    if bench.filler is None:
+        bench.filler = DirectFiller(bench)
+    return int(await bench.filler.fill(service, count, label, bench.plan.caps[cap]))
 
 
 @dataclass
@@ -172,7 +166,7 @@ async def w_add(bench: Bench) -> None:
             seq = await closed_loop(
                 lambda _s, i: engine.add(svc, task_value(100 + i)), concurrency=1, count=plan.add_seq, progress=p
             )
-        bench.sections["cpu"]["W-add sequential"] = meter.stop()
+        bench.record_cpu("W-add sequential", meter, seq.throughput)
     finally:
         await engine.close()
     pub = await open_publisher(bench)
@@ -182,7 +176,7 @@ async def w_add(bench: Bench) -> None:
             pipe = await pipelined_adds(
                 pub, svc, plan.adds, window=plan.add_window, progress=p, deadline=deadline(bench, "adds"), first=10_000
             )
-        bench.sections["cpu"]["W-add pipelined"] = meter.stop()
+        bench.record_cpu("W-add pipelined", meter, pipe.throughput)
     finally:
         await pub.close()
     bench.check_processes()
@@ -244,7 +238,7 @@ async def w_cycle(bench: Bench) -> None:
         meter = bench.cpu_meter()
         async with Progress("W-cycle 1 worker", total=plan.cycle_seq, unit="tasks") as p:
             one = await drive_cycles(solo, plan.cycle_seq, until=deadline(bench, "cycle"), progress=p)
-        bench.sections["cpu"]["W-cycle 1 worker"] = meter.stop()
+        bench.record_cpu("W-cycle 1 worker", meter, one.throughput)
     finally:
         await close_all(solo)
     remaining = stored - 20 - one.acked
@@ -253,7 +247,7 @@ async def w_cycle(bench: Bench) -> None:
         meter = bench.cpu_meter()
         async with Progress(f"W-cycle {plan.workers} workers", total=remaining, unit="tasks") as p:
             many = await drive_cycles(workers, remaining, until=deadline(bench, "cycle"), progress=p)
-        bench.sections["cpu"][f"W-cycle {plan.workers} workers"] = meter.stop()
+        bench.record_cpu(f"W-cycle {plan.workers} workers", meter, many.throughput)
     finally:
         await close_all(workers)
     bench.check_processes()
@@ -335,24 +329,27 @@ async def _e2e_at(bench: Bench, rate: int, seconds: float) -> None:
     plan = bench.plan
     svc = bench.service(f"e2e{rate}")
     total = int(rate * seconds)
-    say(f"W-e2e: the engine adds {rate}/s for {seconds:.0f}s ({total:,} tasks) while {plan.workers} workers consume")
+    drain_s = plan.caps["e2e_drain"]
+    say(
+        f"W-e2e: the engine adds {rate}/s for {seconds:.0f}s ({total:,} tasks) while {plan.workers} workers consume "
+        f"(a worker pauses {POLL_S * 1000:.0f} ms after an empty fetch)"
+    )
     published: dict[int, float] = {}
     latency = Sample()
     acked: set[int] = set()
     dup = 0
     add_errors = 0
+    adding = True
+    stop_at = math.inf
     pub = await open_publisher(bench)
     workers = await open_workers(bench, svc, plan.workers, f"e2e{rate}")
-    adding = True
-    last_ack = time.perf_counter()
+    progress = Progress(f"W-e2e {rate}/s consumed", total=total, unit="tasks")
 
     async def consume(w: Worker) -> None:
-        nonlocal dup, last_ack
-        while True:
+        nonlocal dup
+        while time.monotonic() < stop_at:
             if not adding and len(acked) >= len(published) - add_errors:
                 return
-            if not adding and time.perf_counter() - last_ack > 10.0:
-                return  # left behind: reported below
             try:
                 task = await w.fetch()
             except Exception:
@@ -361,7 +358,7 @@ async def _e2e_at(bench: Bench, rate: int, seconds: float) -> None:
             if task is None:
                 await asyncio.sleep(POLL_S)
                 continue
-            i = task.value["i"]
+            i = task.value["i"] if isinstance(task.value, dict) else -1
             if i in acked:
                 dup += 1
             elif i in published:
@@ -369,7 +366,6 @@ async def _e2e_at(bench: Bench, rate: int, seconds: float) -> None:
             try:
                 if await task.ack({"i": i}):
                     acked.add(i)
-                    last_ack = time.perf_counter()
                     progress.advance()
             except Exception:
                 continue
@@ -383,7 +379,7 @@ async def _e2e_at(bench: Bench, rate: int, seconds: float) -> None:
             add_errors += 1
 
     meter = bench.cpu_meter()
-    async with Progress(f"W-e2e {rate}/s consumed", total=total, unit="tasks") as progress:
+    async with progress:
         consumers = [asyncio.create_task(consume(w)) for w in workers]
         adds: list[asyncio.Task[None]] = []
         t0 = time.perf_counter()
@@ -394,22 +390,31 @@ async def _e2e_at(bench: Bench, rate: int, seconds: float) -> None:
             adds.append(asyncio.create_task(add_one(i)))
         add_secs = time.perf_counter() - t0
         await asyncio.gather(*adds)
+        backlog = total - add_errors - len(acked)
         adding = False
+        stop_at = time.monotonic() + drain_s
         await asyncio.gather(*consumers)
         consumed_secs = time.perf_counter() - t0
-    bench.sections["cpu"][f"W-e2e {rate}/s"] = meter.stop()
-    # Is anything still in the queue? One more fetch must come back empty.
-    probe = await open_workers(bench, svc, 1, "probe")
-    leftover = await probe[0].fetch()
-    await close_all(probe)
+    bench.record_cpu(f"W-e2e {rate}/s", meter, len(acked) / (time.perf_counter() - t0))
     await close_all(workers)
     await pub.close()
+    # Whatever the workers did not get within the drain cap must still be in the queue: take it out.
+    late = 0
+    probe = await open_workers(bench, svc, 4, f"e2e{rate}-probe")
+    try:
+        late = (await drive_cycles(probe, total, until=time.monotonic() + 30, idle_timeout=2.0)).acked
+    finally:
+        await close_all(probe)
     bench.check_processes()
     stored = total - add_errors
-    left = stored - len(acked)
+    lost = stored - len(acked) - late
     achieved = total / add_secs if add_secs > 0 else math.nan
     latency.elapsed = consumed_secs
     floor = 2 * p50(bench, "B-rpc", 1) + p50(bench, "B-write", 1) + p50(bench, "B-lwt", 1)
+    note = f"adds at {achieved:.0f}/s; backlog when adds stopped {backlog}; "
+    if late:
+        note += f"{late} not consumed within the {drain_s:.0f}s drain (taken out afterwards); "
+    note += f"left behind {lost}; duplicates {dup}; add errors {add_errors}"
     bench.figure(
         Figure.of(
             f"W-e2e add->fetch @{rate}/s",
@@ -419,16 +424,22 @@ async def _e2e_at(bench: Bench, rate: int, seconds: float) -> None:
             baseline="2 x B-rpc + B-write + B-lwt p50 (c=1)",
             ratio=_div(latency.p(50), floor),
             ratio_of="p50",
-            note=f"adds at {achieved:.0f}/s; left behind {left}; duplicates {dup}; add errors {add_errors}"
-            + ("; a final fetch still found a task" if leftover is not None else ""),
-            extra={"rate": rate, "achieved_rate": achieved, "left_behind": left, "duplicates": dup},
+            note=note,
+            extra={
+                "rate": rate,
+                "achieved_rate": achieved,
+                "backlog_when_adds_stopped": backlog,
+                "late": late,
+                "left_behind": lost,
+                "duplicates": dup,
+            },
         )
     )
     bench.target(
         Target(
             f"W-e2e @{rate}/s: nothing left behind",
-            "tasks added but never fetched+acked == 0",
-            float(left + (1 if leftover is not None else 0)),
+            "tasks added but never delivered == 0",
+            float(lost),
             0.0,
             "tasks",
         )
@@ -448,15 +459,14 @@ async def w_recover(bench: Bench) -> None:
     # Every fetch uses a new worker id: a first delivery is abandoned (that worker never comes back),
     # a redelivery (deliveries >= 2) is measured against the abandoned lease's expiry and acked.
     expiry: dict[str, float] = {}
-    delay = Sample()
-    redelivered: set[str] = set()
+    redelivered_at: dict[str, float] = {}
     early = 0
     clients = await open_workers(bench, svc, plan.workers, "rec")
     until = deadline(bench, "recover")
+    progress = Progress("W-recover abandoned+redelivered", total=2 * stored, unit="deliveries")
 
     async def loop(w: Worker) -> None:
-        nonlocal early
-        while len(redelivered) < stored and time.monotonic() < until:
+        while len(redelivered_at) < stored and time.monotonic() < until:
             w.worker_id = f"rec-{uuid.uuid4().hex[:12]}"
             try:
                 task = await w.fetch(time_to_recover_ms=ttr)
@@ -470,12 +480,7 @@ async def w_recover(bench: Bench) -> None:
                 expiry[task.id] = datetime.fromisoformat(task.lease_expires_at.replace("Z", "+00:00")).timestamp()
                 progress.advance()
                 continue
-            if task.id in expiry and task.id not in redelivered:
-                d = now - expiry[task.id]
-                if d < 0:
-                    early += 1
-                delay.add(max(d, 0.0))
-            redelivered.add(task.id)
+            redelivered_at.setdefault(task.id, now)
             try:
                 await task.ack({"recovered": True})
             except Exception:
@@ -484,25 +489,42 @@ async def w_recover(bench: Bench) -> None:
 
     meter = bench.cpu_meter()
     t0 = time.perf_counter()
-    async with Progress("W-recover abandoned+redelivered", total=2 * stored, unit="deliveries") as progress:
+    async with progress:
         await asyncio.gather(*(loop(w) for w in clients))
-    delay.elapsed = time.perf_counter() - t0
-    bench.sections["cpu"]["W-recover"] = meter.stop()
+    elapsed = time.perf_counter() - t0
+    bench.record_cpu("W-recover", meter, 2 * len(redelivered_at) / elapsed if elapsed > 0 else math.nan)
     await close_all(clients)
     bench.check_processes()
-    missing = stored - len(redelivered)
+    delay, sched, dispatch = Sample(), Sample(), Sample()
+    reexposed = logs.reexposed_at(bench.bridge_logs)
+    for tid, at in redelivered_at.items():
+        if tid not in expiry:
+            continue
+        d = at - expiry[tid]
+        early += d < 0
+        delay.add(max(d, 0.0))
+        if tid in reexposed:
+            sched.add(max(reexposed[tid] - expiry[tid], 0.0))
+            dispatch.add(max(at - reexposed[tid], 0.0))
+    for s in (delay, sched, dispatch):
+        s.elapsed = elapsed
+    missing = stored - len(redelivered_at)
     bench.figure(
         Figure.of(
             f"W-recover expiry->redelivery (ttr {ttr} ms)",
             "W-recover",
             delay,
             throughput=False,
-            note=f"{len(redelivered):,} of {stored:,} redelivered"
+            note=f"{len(redelivered_at):,} of {stored:,} redelivered"
             + (f"; {missing} not within the cap" if missing else "")
             + (f"; {early} before expiry (clock)" if early else ""),
-            extra={"stored": stored, "redelivered": len(redelivered), "early": early},
+            extra={"stored": stored, "redelivered": len(redelivered_at), "early": early},
         )
     )
+    if sched.count:
+        # Split by the bridge log line "lease of task ... expired: re-exposed" (scheduler side).
+        bench.figure(Figure.of("  of which expiry->re-exposed (scheduler)", "W-recover", sched, throughput=False))
+        bench.figure(Figure.of("  of which re-exposed->fetched (dispatch)", "W-recover", dispatch, throughput=False))
     bench.target(Target("W-recover redelivery p99", "<= 1000 ms after lease expiry", delay.p(99), 1000.0, "ms"))
     bench.target(
         Target("W-recover: every task redelivered", "tasks not redelivered == 0", float(missing), 0.0, "tasks")
@@ -524,11 +546,10 @@ async def w_scale(bench: Bench) -> None:
             meter = bench.cpu_meter()
             async with Progress(f"W-scale {n} bridge(s)", total=stored, unit="tasks") as p:
                 res = await drive_cycles(workers, stored, until=deadline(bench, "scale"), progress=p)
-            cpu = meter.stop()
+            cpu = bench.record_cpu(f"W-scale {n} bridge(s)", meter, res.throughput)
         finally:
             await close_all(workers)
         bench.check_processes()
-        bench.sections["cpu"][f"W-scale {n} bridge(s)"] = cpu
         point = {
             "bridges": n,
             "tasks": res.acked,
@@ -571,33 +592,41 @@ async def memory(bench: Bench) -> None:
     plan = bench.plan
     await bench.ensure_bridges(bench.bridges_wanted)
     mem: dict[str, object] = {"bridges": [b.name for b in bench.bridges]}
+    mem["rss_at_start_mib"] = max((b.started_rss_mib or math.nan) for b in bench.bridges)
     mem["rss_before_mib"] = _rss(bench)
     svc = bench.service("memory")
-    say(f"Memory: {plan.memory_tasks:,} tasks queued through the bridge, then RSS (VmRSS of the bridge process)")
+    say(f"Memory: {plan.memory_tasks:,} tasks queued, then the bridge's VmRSS while it serves that queue")
     stored = await prefill(bench, svc, plan.memory_tasks, "Memory", "memory")
     # Let the bridge touch the deep queue: a few cycles from its head.
     workers = await open_workers(bench, svc, 4, "mem")
     try:
-        await drive_cycles(workers, 200, until=time.monotonic() + 20)
+        touched = await drive_cycles(workers, 200, until=time.monotonic() + 20)
     finally:
         await close_all(workers)
-    mem["queued_tasks"] = stored - 200
+    queued = stored - touched.acked
+    mem["queued_tasks"] = queued
     mem["rss_holding_mib"] = _rss(bench)
-    say(f"Memory: RSS {mem['rss_holding_mib']:.1f} MiB holding {stored - 200:,} queued tasks")
-    # The same small add+cycle run twice: the second must not leave the bridge bigger than the first.
+    say(f"Memory: RSS {mem['rss_holding_mib']:.1f} MiB holding {queued:,} queued tasks")
+    # The same small run twice (adds through the bridge, then fetch+ack by 16 workers): the second
+    # must not leave the bridge bigger than the first did.
     reps: list[float] = []
-    for rep in (1, 2):
-        rsvc = bench.service(f"rep{rep}")
-        n = await prefill(bench, rsvc, plan.memory_repeat_tasks, f"Memory repeat {rep}", "memory")
-        workers = await open_workers(bench, rsvc, plan.workers, f"rep{rep}")
-        try:
-            async with Progress(f"Memory repeat {rep} cycles", total=n, unit="tasks") as p:
-                await drive_cycles(workers, n, until=time.monotonic() + 60, progress=p)
-        finally:
-            await close_all(workers)
-        await asyncio.sleep(1.0)
-        reps.append(_rss(bench))
-        say(f"Memory: RSS {reps[-1]:.1f} MiB after repeat {rep}")
+    pub = await open_publisher(bench)
+    try:
+        for rep in (1, 2):
+            rsvc = bench.service(f"rep{rep}")
+            async with Progress(f"Memory repeat {rep} adds", total=plan.memory_repeat_tasks, unit="adds") as p:
+                added = await pipelined_adds(pub, rsvc, plan.memory_repeat_tasks, window=plan.add_window, progress=p)
+            workers = await open_workers(bench, rsvc, plan.workers, f"rep{rep}")
+            try:
+                async with Progress(f"Memory repeat {rep} cycles", total=added.count, unit="tasks") as p:
+                    await drive_cycles(workers, added.count, until=deadline(bench, "memory"), progress=p)
+            finally:
+                await close_all(workers)
+            await asyncio.sleep(1.0)
+            reps.append(_rss(bench))
+            say(f"Memory: RSS {reps[-1]:.1f} MiB after repeat {rep}")
+    finally:
+        await pub.close()
     bench.check_processes()
     mem["rss_after_repeat_mib"] = reps
     mem["growth_mib"] = reps[1] - reps[0]
@@ -605,7 +634,7 @@ async def memory(bench: Bench) -> None:
     bench.sections["memory"] = mem
     bench.target(
         Target(
-            f"bridge RSS holding {stored - 200:,} queued tasks",
+            f"bridge RSS holding {queued:,} queued tasks",
             "<= 150 MiB",
             float(mem["rss_holding_mib"]),  # type: ignore[arg-type]
             150.0,

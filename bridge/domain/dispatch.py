@@ -26,6 +26,7 @@ from bridge.storage.schema import LANE_RECOVERED, READY_BUCKET_MS
 from bridge.storage.timeuuid import ms_of
 
 SCAN_LIMIT = 64
+MAX_PAGES = 16  # per refill; a later refill resumes where this one stopped
 BUFFER_MAX_AGE_MS = 2_000
 PERSIST_EVERY_MS = 1_000
 EMPTY_RESCAN_MS = {LANE_RECOVERED: 100, 1: 0}
@@ -41,6 +42,7 @@ class _Lane:
     taken: set[uuid.UUID] = field(default_factory=set)
     # seqs handed to a fetch whose claim is still running: not offered twice, position stops before
     inflight: set[uuid.UUID] = field(default_factory=set)
+    resume: tuple[int, uuid.UUID | None] | None = None
     scanned_at_ms: int = 0
     persisted_at_ms: int = 0
     persisted: tuple[int, uuid.UUID | None] | None = None
@@ -78,8 +80,14 @@ class Dispatcher:
             if now - st.scanned_at_ms < EMPTY_RESCAN_MS.get(lane, 0):
                 return None
             async with st.lock:
-                if not st.buffer:  # another fetch may have refilled it while we waited
+                # Another fetch may have refilled it while we waited. A refill that stopped on its
+                # page budget (long runs of claimed entries) is continued a few times right away.
+                for _ in range(4):
+                    if st.buffer:
+                        break
                     await self._refill(q, lane, st)
+                    if st.resume is None:
+                        break
         if not st.buffer:
             return None
         if spread and len(st.buffer) > 1:
@@ -102,6 +110,12 @@ class Dispatcher:
         self._lane(q, entry.lane).inflight.discard(entry.seq)
 
     async def _refill(self, q: QueueKey, lane: int, st: _Lane) -> None:
+        """Read entries after the position until some claimable ones are found (or a page budget ends).
+
+        Entries that are claimed but too young to pass (the settle window) cannot move the
+        position, so a scan may have to read past many of them: ``resume`` remembers where the
+        last scan stopped so that the next one goes on from there instead of re-reading them.
+        """
         now = self.now_ms()
         # Recovered entries carry an id up to a second older than their write (see scheduler).
         settled_until = now - self.settle_ms - (RECOVERED_EXTRA_SETTLE_MS if lane == LANE_RECOVERED else 0)
@@ -110,37 +124,46 @@ class Dispatcher:
             st.position = (cur[0], cur[1]) if cur else None
             st.persisted = st.position
             st.loaded = True
-        start_bucket = st.position[0] if st.position else 0
-        buckets = await self.repo.buckets_from(q, lane, start_bucket, 4)
-        found: list[ReadyEntry] = []
         position = st.position
-        movable = True  # the position may still advance: nothing unclaimed or unsettled seen yet
-        budget = SCAN_LIMIT
+        start = st.resume or position or (0, None)
+        buckets = await self.repo.buckets_from(q, lane, start[0], MAX_PAGES)
+        found: list[ReadyEntry] = []
+        movable = st.resume is None  # resuming: rows before `start` were not all re-checked now
+        pages = 0
+        resume: tuple[int, uuid.UUID | None] | None = None
         for bucket in buckets:
-            after = position[1] if position and position[0] == bucket else None
-            rows = await self.repo.scan(q, lane, bucket, after, budget)
-            budget -= len(rows)
-            for row in rows:
-                is_taken = row.claimed or row.seq in st.taken
-                if not is_taken and row.seq not in st.inflight:
-                    found.append(row)
-                if movable and is_taken and ms_of(row.seq) < settled_until:
-                    position = (bucket, row.seq)
-                    st.taken.discard(row.seq)
-                else:
-                    movable = False
-            if budget <= 0 or found:
+            after = start[1] if bucket == start[0] else None
+            exhausted = False
+            while not found and pages < MAX_PAGES:
+                rows = await self.repo.scan(q, lane, bucket, after, SCAN_LIMIT)
+                pages += 1
+                for row in rows:
+                    is_taken = row.claimed or row.seq in st.taken
+                    if not is_taken and row.seq not in st.inflight:
+                        found.append(row)
+                    if movable and is_taken and ms_of(row.seq) < settled_until:
+                        position = (bucket, row.seq)
+                        st.taken.discard(row.seq)
+                    else:
+                        movable = False
+                if rows:
+                    after = rows[-1].seq
+                    resume = (bucket, after)
+                if len(rows) < SCAN_LIMIT:
+                    exhausted = True
+                    break
+            if found or pages >= MAX_PAGES or not exhausted:
                 break
-            bucket_end = (bucket + 1) * READY_BUCKET_MS
-            if movable and bucket_end < settled_until:
-                # Bucket drained and closed: start the next scan after it.
-                position = (bucket + 1, None)
+            if movable and (bucket + 1) * READY_BUCKET_MS < settled_until:
+                position = (bucket + 1, None)  # drained and closed: later scans start after it
             else:
                 movable = False
+        # Went through everything there is: the next scan starts again from the position, so
+        # that entries released after a failed claim, or written late, are seen again.
+        st.resume = resume if (pages >= MAX_PAGES and not found) else None
         st.buffer.extend(found)
         st.scanned_at_ms = now
-        if position != st.position:
-            st.position = position
+        st.position = position
         await self._maybe_persist(q, lane, st, now)
 
     async def _maybe_persist(self, q: QueueKey, lane: int, st: _Lane, now: int) -> None:

@@ -127,3 +127,23 @@ async def test_repeated_ack_is_idempotent_and_publishes_once(bridge, engine, wor
         assert nxt.value == "next"
         assert await nxt.ack("r2") is True
         assert results.qsize() == 1
+
+
+async def test_a_fresh_instance_skips_long_runs_of_consumed_tasks(make_bridge, engine, workers):
+    """An instance starting behind the cursor must page past claimed tasks, not report an empty queue."""
+    first = await make_bridge()
+    svc = service_id()
+    for i in range(300):
+        await engine.add(svc, i)
+    w = await workers(svc)
+    for i in range(250):
+        t = await w.fetch()
+        assert t.value == i
+        assert await t.ack(None)
+    await make_bridge(instance_id="second")
+    await first.stop()  # only the fresh instance serves now
+    rest = []
+    while (t := await w.fetch()) is not None:
+        rest.append(t.value)
+        assert await t.ack(None)
+    assert rest == list(range(250, 300))

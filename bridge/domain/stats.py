@@ -1,0 +1,154 @@
+"""Queue statistics for operators (``queue-bridge stats``): what is waiting, running, finished.
+
+The bridge keeps no counters in Cassandra, so the numbers are computed by walking the ``ready``
+index of a queue the way the dispatcher does (both lanes, from their persisted cursors, through
+the registered buckets) and reading the lease of every task found. This is an operator tool: it
+favours clear, explainable numbers over speed, and it is bounded by ``limit`` entries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+
+from bridge.storage.repository import Lease, QueueKey, ReadyEntry, TaskRepository
+from bridge.storage.schema import LANE_FRESH, LANE_RECOVERED
+from bridge.storage.timeuuid import ms_of, to_ms
+
+DEFAULT_LIMIT = 20_000
+LEASE_READ_CONCURRENCY = 32
+_BUCKET_PAGE = 100
+_SCAN_PAGE = 1_000
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    ready: int  # claimable now: never claimed, or its lease has expired (due for recovery)
+    in_flight: int  # leased to a worker and the lease has not expired
+    done: int  # acked, with a result or an error (only tasks at or after the cursors, see queue_stats)
+    dead: int  # dead-lettered by the bridge: its stored ciphertext failed authentication
+    oldest_ready_age_s: float | None  # how long the longest-waiting ready task has been claimable
+    scanned: int  # ready-index entries read (both lanes)
+    truncated: bool  # the walk stopped at ``limit``: the counts are lower bounds
+
+
+async def _walk_lane(repo: TaskRepository, q: QueueKey, lane: int, budget: int) -> tuple[list[ReadyEntry], bool]:
+    """The entries of one lane after its persisted cursor, at most ``budget`` of them.
+
+    Returns (entries, truncated); truncated is True only if at least one more entry exists.
+    """
+    cursor = await repo.cursor(q, lane)
+    start_bucket, cursor_seq = cursor if cursor is not None else (0, None)
+    entries: list[ReadyEntry] = []
+    next_bucket = start_bucket
+    while True:
+        buckets = await repo.buckets_from(q, lane, next_bucket, _BUCKET_PAGE)
+        for bucket in buckets:
+            after = cursor_seq if cursor is not None and bucket == start_bucket else None
+            while True:
+                remaining = budget - len(entries)
+                # Ask for one entry more than we may take: if it comes back, the walk is truncated.
+                rows = await repo.scan(q, lane, bucket, after, min(_SCAN_PAGE, remaining + 1))
+                if len(rows) > remaining:
+                    entries.extend(rows[:remaining])
+                    return entries, True
+                entries.extend(rows)
+                if len(rows) < min(_SCAN_PAGE, remaining + 1):
+                    break  # bucket exhausted
+                after = rows[-1].seq
+        if len(buckets) < _BUCKET_PAGE:
+            return entries, False
+        next_bucket = buckets[-1] + 1
+
+
+async def queue_stats(
+    repo: TaskRepository,
+    owner: str,
+    service: str,
+    now_ms: int,
+    *,
+    limit: int = DEFAULT_LIMIT,
+) -> QueueStats:
+    """Count the tasks of queue (owner, service) by state.
+
+    What is walked: both lanes of the ``ready`` index, each from its persisted cursor (or from its
+    first registered bucket if it has none), through the registered buckets, reading at most
+    ``limit`` entries in all (lane 0 first). Every task found is counted once, by task id: lane-0
+    entries are re-exposure pointers to tasks that also have a lane-1 entry, so a task seen in
+    both lanes is one task. Its state comes from its lease (a plain, non-serial read):
+
+    - no lease: ``ready`` (never claimed);
+    - ``leased`` with ``lease_until`` > now: ``in_flight``;
+    - ``leased`` with an expired lease: ``ready`` (due for recovery, or already re-exposed);
+    - ``done`` (acked with a result or an error): ``done``; ``dead`` (dead-lettered): ``dead``.
+
+    Limits, by construction of the cursors: every entry before a lane's cursor has been claimed at
+    least once, so the walk does not see it. Hence ``done`` and ``dead`` count only tasks at or
+    after the cursors (not the queue's history), and a task claimed long ago whose entry is behind
+    the cursor shows up in ``in_flight`` / ``ready`` only once its expired lease has been
+    re-exposed in lane 0 (the recovery scheduler does this shortly after the deadline). ``ready``
+    is complete for never-claimed tasks. If ``truncated`` is set, all counts are lower bounds.
+    ``oldest_ready_age_s`` is measured from the task's creation (never claimed) or from the expiry
+    of its last lease (recovered), and is never negative.
+    """
+    if limit < 1:
+        raise ValueError("limit must be at least 1")
+    q = QueueKey(owner, service)
+    scanned = 0
+    truncated = False
+    task_ids: dict[uuid.UUID, None] = {}  # insertion-ordered set
+    for lane in (LANE_RECOVERED, LANE_FRESH):
+        entries, lane_truncated = await _walk_lane(repo, q, lane, limit - scanned)
+        scanned += len(entries)
+        for entry in entries:
+            task_ids.setdefault(entry.task_id, None)
+        if lane_truncated:
+            truncated = True
+            break
+
+    semaphore = asyncio.Semaphore(LEASE_READ_CONCURRENCY)
+
+    async def read(task_id: uuid.UUID) -> Lease | None:
+        async with semaphore:
+            return await repo.lease(q, task_id, serial=False)
+
+    ids = list(task_ids)
+    leases = await asyncio.gather(*(read(task_id) for task_id in ids))
+
+    ready = in_flight = done = dead = 0
+    oldest_ready_since: int | None = None
+    for task_id, lease in zip(ids, leases, strict=True):
+        ready_since: int | None = None
+        if lease is None:
+            ready_since = ms_of(task_id)
+        elif lease.state == "leased":
+            until = to_ms(lease.lease_until) if lease.lease_until is not None else None
+            if until is not None and until > now_ms:
+                in_flight += 1
+            else:
+                ready_since = until if until is not None else ms_of(task_id)
+        elif lease.state == "done":
+            done += 1
+        elif lease.state == "dead":
+            dead += 1
+        else:  # pragma: no cover - the schema knows no other state
+            raise ValueError(f"task {task_id}: unknown lease state {lease.state!r}")
+        if ready_since is not None:
+            ready += 1
+            if oldest_ready_since is None or ready_since < oldest_ready_since:
+                oldest_ready_since = ready_since
+
+    oldest_age = None if oldest_ready_since is None else max(0.0, (now_ms - oldest_ready_since) / 1000)
+    return QueueStats(
+        ready=ready,
+        in_flight=in_flight,
+        done=done,
+        dead=dead,
+        oldest_ready_age_s=oldest_age,
+        scanned=scanned,
+        truncated=truncated,
+    )
+
+
+__all__ = ["DEFAULT_LIMIT", "QueueStats", "queue_stats"]

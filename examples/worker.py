@@ -1,0 +1,182 @@
+"""An external worker for the demo: fetch tasks, do the work, ack a result (or fail the task).
+
+    python examples/worker.py                     # as worker-a, service "demo", until Ctrl-C
+    QB_MAX_TASKS=5 python examples/worker.py      # stop after 5 tasks
+
+The work: upper-case the task's text after a short, random pause. Every 7th task (by its "n")
+fails on purpose, with ``task.fail({"message": ...})``, to show how an error result reaches the
+engine. The owner of the tasks this worker sees is its AMQP user (worker-a by default).
+
+SIGTERM / SIGINT stop it gracefully: a task in hand is finished and acked first; a worker that is
+waiting for work stops at once.
+
+Environment (all optional):
+  QB_AMQP_URL     amqp://worker-a:worker-a@127.0.0.1:5672/
+  QB_SERVICE      demo          serviceId to fetch from
+  QB_EXCHANGE     queue-bridge  the bridge's exchange (BRIDGE_EXCHANGE)
+  QB_WORKER_ID    <hostname>-<pid>
+  QB_MAX_TASKS    0             stop after this many tasks; 0 = run until stopped
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aio_pika
+import orjson
+
+from bridge.client import BridgeClientError, RequestTimeout, Task, Worker
+
+DEFAULT_URL = "amqp://worker-a:worker-a@127.0.0.1:5672/"
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name) or default
+
+
+async def wait_for_bridge(url: str, exchange: str, deadline: float, log: Callable[[str], None]) -> None:
+    """Wait until RabbitMQ answers and the bridge has declared its exchange."""
+    said = False
+    while True:
+        try:
+            connection = await aio_pika.connect(url)
+            try:
+                channel = await connection.channel()
+                await channel.get_exchange(exchange, ensure=True)  # passive: does it exist?
+                return
+            finally:
+                await connection.close()
+        except (aio_pika.exceptions.AMQPError, OSError) as exc:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"bridge not found: {type(exc).__name__}: {exc}") from None
+            if not said:
+                log(f"waiting for the bridge (exchange {exchange!r}) ...")
+                said = True
+            await asyncio.sleep(1.0)
+
+
+def short(value: Any, limit: int = 80) -> str:
+    text = orjson.dumps(value).decode()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def process(value: Any, work_time: tuple[float, float]) -> tuple[float, dict[str, Any]]:
+    """The 'business logic': how long to pretend to work, and the result."""
+    text = str(value.get("text", "")) if isinstance(value, dict) else str(value)
+    return random.uniform(*work_time), {"text": text.upper(), "length": len(text)}
+
+
+async def _settle(task: Task, *, result: Any = None, error: Any = None, attempts: int = 5) -> bool:
+    """Ack (or fail) the task; a lost reply is retried, which the bridge answers idempotently."""
+    for attempt in range(attempts):
+        try:
+            return await (task.fail(error) if error is not None else task.ack(result))
+        except RequestTimeout:
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(0.5)
+    return False
+
+
+async def main(
+    url: str | None = None,
+    *,
+    service: str | None = None,
+    exchange: str | None = None,
+    worker_id: str | None = None,
+    max_tasks: int | None = None,
+    stop: asyncio.Event | None = None,
+    fail_every: int = 7,
+    work_time: tuple[float, float] = (0.05, 0.3),
+    wait_timeout: float = 120.0,
+    log: Callable[[str], None] | None = None,
+) -> int:
+    """Work until ``stop`` is set or ``max_tasks`` are done. Arguments left None come from QB_* variables."""
+    url = url or _env("QB_AMQP_URL", DEFAULT_URL)
+    service = service or _env("QB_SERVICE", "demo")
+    exchange = exchange or _env("QB_EXCHANGE", "queue-bridge")
+    worker_id = worker_id or _env("QB_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}")
+    max_tasks = int(_env("QB_MAX_TASKS", "0")) if max_tasks is None else max_tasks
+    stop = stop or asyncio.Event()
+    say: Callable[[str], None] = log or (lambda line: print(f"[{worker_id}] {line}", flush=True))
+
+    try:
+        await wait_for_bridge(url, exchange, time.monotonic() + wait_timeout, say)
+    except TimeoutError as exc:
+        say(str(exc))
+        return 1
+
+    done = 0
+    busy = False  # holding a task: finish it before stopping
+
+    async def work(worker: Worker) -> None:
+        nonlocal done, busy
+        async for task in worker:
+            busy = True
+            # The demo engine numbers its tasks ("n"); tasks added otherwise are named by their id.
+            number = task.value.get("n") if isinstance(task.value, dict) else None
+            n = number if isinstance(number, int) else done + 1
+            name = f"task {number}" if isinstance(number, int) else f"task {task.id}"
+            if task.deliveries > 1:
+                name += f" (delivery {task.deliveries})"
+            pause, result = process(task.value, work_time)
+            await asyncio.sleep(pause)
+            if fail_every and n % fail_every == 0:
+                why = f"every {fail_every}th task{'' if isinstance(number, int) else ' of this worker'} fails"
+                error = {"message": f"{name} failed on purpose ({why})"}
+                ok = await _settle(task, error=error)
+                say(f"{name}: failed on purpose")
+            else:
+                ok = await _settle(task, result={**result, "worker": worker_id})
+                shown = repr(task.value["text"]) if isinstance(task.value, dict) and "text" in task.value else None
+                say(f"{name}: {shown or short(task.value)} -> {result['text']!r}")
+            if not ok:
+                say(f"{name}: the bridge did not take the ack (lease lost: the task went to another worker)")
+            done += 1
+            busy = False
+            if stop.is_set() or (max_tasks and done >= max_tasks):
+                break
+
+    try:
+        async with Worker(url, service=service, worker_id=worker_id, exchange=exchange) as worker:
+            say(f"fetching tasks of service {service!r}" + (f" (at most {max_tasks})" if max_tasks else ""))
+            loop_task = asyncio.create_task(work(worker))
+            stop_task = asyncio.create_task(stop.wait())
+            try:
+                await asyncio.wait({loop_task, stop_task}, return_when="FIRST_COMPLETED")
+                if not loop_task.done() and not busy:
+                    loop_task.cancel()  # idle, waiting for a task: stop now
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loop_task  # else: the task in hand is finished and acked, then the loop ends
+            finally:
+                stop_task.cancel()
+                loop_task.cancel()
+    except BridgeClientError as exc:
+        say(f"the bridge refused a request: {exc.code}: {exc.message}")
+        return 1
+    say(f"stopped after {done} tasks")
+    return 0
+
+
+def cli() -> None:
+    async def run() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await main(stop=stop)
+
+    sys.exit(asyncio.run(run()))
+
+
+if __name__ == "__main__":
+    cli()

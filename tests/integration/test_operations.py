@@ -1,0 +1,139 @@
+"""Operating the bridge: health and metrics over HTTP, graceful shutdown, surviving a broker restart."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import uuid
+
+import aiohttp
+import pytest
+
+from bridge.client import Engine, RequestTimeout, UnavailableError, Worker
+from tests.conftest import ENGINE_USER, OWNERS, service_id, wait_for
+from tests.integration.test_multi_instance import wait_bridges
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def http_get(port: int, path: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{port}{path}", timeout=aiohttp.ClientTimeout(total=5)) as resp:
+            return resp.status, await resp.text()
+
+
+async def test_health_and_metrics_of_a_running_bridge(make_bridge, engine, workers):
+    b = await make_bridge(http_port=free_port(), http_host="127.0.0.1")
+    port = b.http_port
+    assert (await http_get(port, "/health/live"))[0] == 200
+    status, body = await wait_for(
+        lambda: _ready(port), 10, what="readiness"
+    )
+    assert '"amqp": true' in body.replace('":true', '": true') or '"amqp":true' in body
+    svc = service_id()
+    await engine.add(svc, 1, token={"p": 1})
+    w = await workers(svc)
+    await (await w.fetch()).ack(2)
+    status, text = await http_get(port, "/metrics")
+    assert status == 200
+    for needle in (
+        'queue_bridge_requests_total{method="add",outcome="ok"}',
+        'queue_bridge_requests_total{method="fetch",outcome="ok"}',
+        "queue_bridge_request_duration_seconds_bucket",
+        "queue_bridge_tasks_added_total",
+        "queue_bridge_tasks_completed_total",
+        "queue_bridge_scheduler_lag_seconds",
+    ):
+        assert needle in text, needle
+    # Readiness follows the AMQP consumers: paused (shutdown step one) means not ready.
+    await b.transport.pause()
+    status, body = await http_get(port, "/health/ready")
+    assert status == 503
+    assert (await http_get(port, "/health/live"))[0] == 200
+
+
+async def _ready(port: int):
+    status, body = await http_get(port, "/health/ready")
+    return (status, body) if status == 200 else None
+
+
+async def test_sigterm_finishes_in_flight_requests_and_loses_none(bridge_processes, servers, names):
+    doomed = bridge_processes()
+    survivor = bridge_processes()
+    await wait_bridges(servers, names, 2)
+    svc = service_id()
+    total = 300
+    timeouts = 0
+    async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"]) as engine:
+        async with Worker(servers.amqp_url(OWNERS[0]), service=svc, worker_id="w", exchange=names["exchange"],
+                          timeout=8) as w:
+            adds = asyncio.gather(*(engine.add(svc, i, message_id=f"m{i}") for i in range(total)))
+            await asyncio.sleep(0.2)
+            doomed.proc.send_signal(signal.SIGTERM)
+            ids = await adds  # every add was answered: none lost in the shutdown
+            rc = await asyncio.get_running_loop().run_in_executor(None, doomed.proc.wait, 30)
+            assert rc == 0, "graceful shutdown exits 0"
+            got = []
+            while True:
+                try:
+                    task = await w.fetch()
+                except (RequestTimeout, UnavailableError):
+                    timeouts += 1
+                    continue
+                if task is None:
+                    break
+                got.append(task.value)
+                assert await task.ack(None)
+    assert len(set(ids)) == total
+    assert sorted(got) == list(range(total))
+    assert timeouts == 0
+    assert survivor.alive()
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
+
+
+@pytest.mark.slow
+async def test_rabbitmq_restart_under_load_nothing_lost(bridge_processes, servers, names):
+    port = free_port()
+    bridge_processes(BRIDGE_HTTP_PORT=str(port), BRIDGE_HTTP_HOST="127.0.0.1")
+    await wait_bridges(servers, names, 1)
+    await wait_for(lambda: _ready(port), 20, what="bridge ready")
+    svc = service_id()
+    total = 200
+    async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"],
+                      timeout=5) as engine:
+
+        async def add(i: int) -> str:
+            while True:  # an engine retries with the same message_id until the add is confirmed
+                try:
+                    task_id = await engine.add(svc, i, message_id=f"r-{i}")
+                    assert task_id is not None
+                    return task_id
+                except (RequestTimeout, UnavailableError, Exception):  # broker gone: retry
+                    await asyncio.sleep(0.5)
+
+        first = await asyncio.gather(*(add(i) for i in range(total // 2)))
+        rabbitmqctl("stop_app")
+        await asyncio.sleep(1)
+        rabbitmqctl("start_app")
+        rabbitmqctl("await_startup")
+        second = await asyncio.gather(*(add(i) for i in range(total // 2, total)))
+        await wait_for(lambda: _ready(port), 60, what="bridge ready again after the broker restart")
+    assert len(set(first) | set(second)) == total
+    async with Worker(servers.amqp_url(OWNERS[0]), service=svc, worker_id=str(uuid.uuid4()),
+                      exchange=names["exchange"], timeout=5) as w:
+        got = []
+        while (task := await w.fetch()) is not None:
+            got.append(task.value)
+            assert await task.ack(None)
+    assert sorted(got) == list(range(total))
