@@ -39,6 +39,10 @@ BENCH_TABLES = (
 )
 
 
+class StackDown(RuntimeError):
+    pass
+
+
 @dataclass
 class Plan:
     """How much of everything a run does (the default run and ``--quick`` differ only here)."""
@@ -173,10 +177,27 @@ class Bench:
         return f"bench-{what}-{uuid.uuid4().hex[:6]}"
 
     # -- setup and teardown -------------------------------------------------------------------
+    async def preflight(self) -> None:
+        """Both servers must answer before anything starts (the tests' outage drills stop them at times)."""
+        try:
+            conn = await asyncio.wait_for(aio_pika.connect(self.amqp_url("guest")), 10)
+            await conn.close()
+        except Exception as exc:
+            raise StackDown(
+                f"RabbitMQ on {HOST}:5672 does not answer ({type(exc).__name__}: {exc}); start it with `make stack-up`"
+            ) from None
+        try:
+            await self.db.connect()
+            await self.db.execute_raw("SELECT release_version FROM system.local")
+        except Exception as exc:
+            raise StackDown(
+                f"Cassandra on {HOST}:9042 does not answer ({type(exc).__name__}); start it with `make stack-up`"
+            ) from None
+
     async def setup(self) -> None:
+        await self.preflight()
         write_keyring(self.keyring, generate_keyring(list(OWNERS)))
         say(f"run {self.run_id}: exchange {self.exchange}, keyspace {KEYSPACE}, logs in {self.workdir}")
-        await self.db.connect()
         say(f"resetting keyspace {KEYSPACE} (dropped and re-created for every run)")
         await self.db.execute_raw(f"DROP KEYSPACE IF EXISTS {KEYSPACE}")
         await self.db.execute_raw(

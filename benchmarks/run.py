@@ -17,8 +17,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from benchmarks import baselines, logs, workloads
-from benchmarks.context import Bench, Plan
-from benchmarks.procs import ROOT, other_activity
+from benchmarks.context import Bench, Plan, StackDown
+from benchmarks.procs import ROOT, ProcessFailed, other_activity
 from benchmarks.progress import say
 from benchmarks.report import git_commit, machine, now_iso, render, to_json, write_json
 
@@ -205,9 +205,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvloop
 
-        return uvloop.run(run(args))
+        runner: Callable[[Awaitable[int]], int] = uvloop.run  # type: ignore[assignment]
     except ImportError:
-        return asyncio.run(run(args))
+        runner = asyncio.run  # type: ignore[assignment]
+    try:
+        return runner(run(args))
+    except StackDown as exc:
+        say(f"error: {exc}")
+        return 2
+    except ProcessFailed as exc:
+        say(f"error: {exc}")
+        return 1
 
 
 if __name__ == "__main__":

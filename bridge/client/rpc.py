@@ -12,7 +12,7 @@ from urllib.parse import unquote, urlparse
 
 import aio_pika
 import orjson
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from bridge.client.errors import RequestTimeout, error_from_reply
 
@@ -37,23 +37,36 @@ class RpcClient:
         self.exchange_name = exchange
         self.timeout = timeout
         self.user = user_of(url)
-        self.connection: AbstractRobustConnection | None = None
+        self.connection: AbstractConnection | None = None
         self.channel: AbstractChannel | None = None
         self._pending: dict[str, asyncio.Future[Any]] = {}
+        self._connecting = asyncio.Lock()
+        self._closed = False
 
     async def open(self) -> None:
-        self.connection = await aio_pika.connect_robust(self.url)
-        self.connection.reconnect_callbacks.add(self._on_reconnect)
-        await self._open_channel()
+        self._closed = False
+        await self._ensure_open()
 
-    async def _open_channel(self) -> None:
-        assert self.connection is not None
-        self.channel = await self.connection.channel(publisher_confirms=False)
-        # Direct reply-to: consume the pseudo-queue (no-ack) on the channel we publish on.
-        reply_queue = await self.channel.get_queue(REPLY_TO, ensure=False)
-        await reply_queue.consume(self._on_reply, no_ack=True)
+    async def _ensure_open(self) -> AbstractChannel:
+        """(Re)connect on demand. Replies are bound to a connection, so instead of the robust
+        connection's automatic restore (which re-declares what it saw), a lost connection fails
+        what was pending and the next call connects afresh."""
+        async with self._connecting:
+            if self.channel is not None and not self.channel.is_closed:
+                return self.channel
+            if self.connection is not None and not self.connection.is_closed:
+                await self.connection.close()
+            self.connection = await aio_pika.connect(self.url, timeout=self.timeout)
+            self.connection.close_callbacks.add(self._on_lost)
+            channel = await self.connection.channel(publisher_confirms=False)
+            channel.close_callbacks.add(self._on_lost)
+            # Direct reply-to: consume the pseudo-queue (no-ack) on the channel we publish on.
+            reply_queue = await channel.get_queue(REPLY_TO, ensure=False)
+            await reply_queue.consume(self._on_reply, no_ack=True)
+            self.channel = channel
+            return channel
 
-    def _on_reconnect(self, *_: Any) -> None:
+    def _on_lost(self, *_: Any) -> None:
         # Replies to the old connection are gone: fail what was waiting so callers retry.
         for fut in self._pending.values():
             if not fut.done():
@@ -61,9 +74,11 @@ class RpcClient:
         self._pending.clear()
 
     async def close(self) -> None:
-        if self.connection is not None:
+        self._closed = True
+        if self.connection is not None and not self.connection.is_closed:
             await self.connection.close()
-            self.connection = None
+        self.connection = None
+        self.channel = None
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -88,8 +103,12 @@ class RpcClient:
         headers: dict[str, Any] | None = None,
         raw: bytes | None = None,
     ) -> asyncio.Future[Any] | None:
-        if self.channel is None:
-            raise RuntimeError("client is not open")
+        if self._closed:
+            raise RuntimeError("client is closed")
+        try:
+            channel = await self._ensure_open()
+        except (OSError, aio_pika.exceptions.AMQPError) as exc:
+            raise RequestTimeout(f"cannot reach RabbitMQ: {exc}") from None
         hdrs: dict[str, Any] = dict(headers or {})
         if owner is not None:
             hdrs["x-owner"] = owner
@@ -108,8 +127,12 @@ class RpcClient:
             headers=hdrs,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
-        exchange = await self.channel.get_exchange(self.exchange_name, ensure=False)
-        await exchange.publish(message, routing_key=method)
+        exchange = await channel.get_exchange(self.exchange_name, ensure=False)
+        try:
+            await exchange.publish(message, routing_key=method)
+        except (aio_pika.exceptions.AMQPError, RuntimeError, OSError) as exc:
+            self._pending.pop(correlation_id, None)
+            raise RequestTimeout(f"request not sent ({type(exc).__name__}); retry it") from None
         return fut
 
     async def call_raw(self, method: str, body: Any, **kw: Any) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -233,7 +233,9 @@ class AmqpTransport:
             delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
         )
         try:
-            await self._publish_channel.default_exchange.publish(message, routing_key=request.reply_to)
+            # Not mandatory: RabbitMQ returns mandatory messages sent to direct reply-to even
+            # when it delivers them, and a requester that is gone simply retries.
+            await self._publish_channel.default_exchange.publish(message, routing_key=request.reply_to, mandatory=False)
         except Exception as exc:
             # The requester is gone (or its reply queue is). It will retry; the state is in Cassandra.
             log.warning("reply to %s not delivered: %s", request.reply_to, type(exc).__name__)

@@ -34,9 +34,7 @@ async def test_health_and_metrics_of_a_running_bridge(make_bridge, engine, worke
     b = await make_bridge(http_port=free_port(), http_host="127.0.0.1")
     port = b.http_port
     assert (await http_get(port, "/health/live"))[0] == 200
-    status, body = await wait_for(
-        lambda: _ready(port), 10, what="readiness"
-    )
+    status, body = await wait_for(lambda: _ready(port), 10, what="readiness")
     assert '"amqp": true' in body.replace('":true', '": true') or '"amqp":true' in body
     svc = service_id()
     await engine.add(svc, 1, token={"p": 1})
@@ -73,8 +71,9 @@ async def test_sigterm_finishes_in_flight_requests_and_loses_none(bridge_process
     total = 300
     timeouts = 0
     async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"]) as engine:
-        async with Worker(servers.amqp_url(OWNERS[0]), service=svc, worker_id="w", exchange=names["exchange"],
-                          timeout=8) as w:
+        async with Worker(
+            servers.amqp_url(OWNERS[0]), service=svc, worker_id="w", exchange=names["exchange"], timeout=8
+        ) as w:
             adds = asyncio.gather(*(engine.add(svc, i, message_id=f"m{i}") for i in range(total)))
             await asyncio.sleep(0.2)
             doomed.proc.send_signal(signal.SIGTERM)
@@ -110,8 +109,7 @@ async def test_rabbitmq_restart_under_load_nothing_lost(bridge_processes, server
     await wait_for(lambda: _ready(port), 20, what="bridge ready")
     svc = service_id()
     total = 200
-    async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"],
-                      timeout=5) as engine:
+    async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"], timeout=5) as engine:
 
         async def add(i: int) -> str:
             while True:  # an engine retries with the same message_id until the add is confirmed
@@ -130,8 +128,9 @@ async def test_rabbitmq_restart_under_load_nothing_lost(bridge_processes, server
         second = await asyncio.gather(*(add(i) for i in range(total // 2, total)))
         await wait_for(lambda: _ready(port), 60, what="bridge ready again after the broker restart")
     assert len(set(first) | set(second)) == total
-    async with Worker(servers.amqp_url(OWNERS[0]), service=svc, worker_id=str(uuid.uuid4()),
-                      exchange=names["exchange"], timeout=5) as w:
+    async with Worker(
+        servers.amqp_url(OWNERS[0]), service=svc, worker_id=str(uuid.uuid4()), exchange=names["exchange"], timeout=5
+    ) as w:
         got = []
         while (task := await w.fetch()) is not None:
             got.append(task.value)

@@ -26,13 +26,18 @@ async def test_tasks_expire_after_the_ttl_acked_or_not(make_bridge, engine, work
 
     def rows(table: str) -> list:
         return [
-            r for r in cql.execute(f"SELECT owner, service FROM {ks}.{table}")
+            r
+            for r in cql.execute(f"SELECT owner, service FROM {ks}.{table}")
             if r["owner"] == OWNERS[0] and r["service"] == svc
         ]
 
     assert rows("ready") and rows("leases") and rows("workers")
-    await wait_for(lambda: not rows("ready") and not rows("leases") and not rows("workers"), 15, interval=0.5,
-                   what="TTL expiry of every row of the task")
+    await wait_for(
+        lambda: not rows("ready") and not rows("leases") and not rows("workers"),
+        15,
+        interval=0.5,
+        what="TTL expiry of every row of the task",
+    )
     assert await w.fetch() is None
     assert await w.ack("too late") is False
 
@@ -54,8 +59,9 @@ async def test_cassandra_outage_rpcs_get_unavailable_and_adds_are_not_lost(
     await b.start()
     try:
         svc = service_id()
-        async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"],
-                          timeout=60) as engine:
+        async with Engine(
+            servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"], timeout=60
+        ) as engine:
             await engine.add(svc, "before")
             w = await workers(svc, timeout=30)
             cassandra_proxy.cut()
@@ -91,8 +97,9 @@ async def test_key_server_outage(bridge_env, servers, names, workers):
         await b.start()
         try:
             svc = service_id()
-            async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"],
-                              timeout=60) as engine:
+            async with Engine(
+                servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"], timeout=60
+            ) as engine:
                 await engine.add(svc, "sealed with the key server's key")
                 w: Worker = await workers(svc)
                 await asyncio.sleep(0.3)  # let the cached key age out
