@@ -195,6 +195,7 @@ class WorkQueue:
         except (StorageUnavailable, UnknownOutcome) as exc:
             raise Unavailable(f"storage unavailable: {exc}") from None
         self.metrics.inc("tasks_added")
+        log.debug("task added", extra={"task_id": str(task_id)})
         return str(task_id)
 
     def _seal_task(
@@ -321,6 +322,7 @@ class WorkQueue:
             self.metrics.inc("claim_conflicts")
             return None
         self.metrics.inc("tasks_delivered" if not recovered or epoch == 1 else "tasks_redelivered", kind="claim")
+        log.debug("task claimed", extra={"task_id": str(task_id), "epoch": epoch, "lease_ms": ttr})
         return await self._deliver(q, worker, task_id, epoch, until)
 
     async def _deliver(self, q: QueueKey, worker: str, task_id: uuid.UUID, epoch: int, until: int) -> Delivery:
@@ -338,7 +340,7 @@ class WorkQueue:
         except IntegrityError as exc:
             # It can never be delivered: dead-letter it (kept until its TTL for inspection) so the
             # worker, and the queue, move on instead of being handed the same broken task forever.
-            log.error("task %s of service %s dead-lettered: %s", task_id, q.service, exc.message)
+            log.error("task dead-lettered: %s", exc.message, extra={"task_id": str(task_id), "epoch": epoch})
             now = self.clock.now_ms()
             await self.repo.kill(q, task_id, epoch, worker, to_datetime(now), self.ttl_for(task_id))
             await self.repo.clear_worker(q, worker)
@@ -404,6 +406,7 @@ class WorkQueue:
         except (StorageUnavailable, UnknownOutcome) as exc:
             raise Unavailable(f"storage unavailable: {exc}") from None
         self.metrics.inc("tasks_completed", outcome="error" if "error" in req.outcome else "result")
+        log.debug("task completed", extra={"task_id": str(held.task_id), "epoch": held.epoch})
         if intent is not None:
             self._spawn(self.publish(intent), "publish result")
         return True

@@ -140,7 +140,10 @@ class RecoveryScheduler:
         await self.repo.insert_recovered(q, rbucket, seq, entry.task_id, entry.epoch, entry.has_token, ttl)
         self.state.recovered += 1
         self.queue.metrics.inc("tasks_recovered")
-        log.info("lease of task %s (epoch %d) expired: re-exposed", entry.task_id, entry.epoch)
+        log.info(
+            "lease expired: task re-exposed",
+            extra={"task_id": str(entry.task_id), "epoch": entry.epoch, "owner": q.owner, "service": q.service},
+        )
         return True
 
     # -- result relay ------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Any
 
 import aio_pika
 import orjson
+import structlog
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -82,7 +83,7 @@ class AmqpTransport:
         self.settings = settings
         self.queue = queue
         self.identity = Identity(settings.trusted_users)
-        self.observe = observe or (lambda method, outcome, seconds: None)
+        self._observer = observe or (lambda method, outcome, seconds: None)
         self.connection: AbstractRobustConnection | None = None
         self._consume_channel: AbstractChannel | None = None
         self._publish_channel: AbstractChannel | None = None
@@ -92,6 +93,12 @@ class AmqpTransport:
         self._inflight: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+
+    def observe(self, method: str, outcome: str, seconds: float) -> None:
+        """Metrics, plus one canonical log line per request (DEBUG: it is one per message)."""
+        self._observer(method, outcome, seconds)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("request done", extra={"outcome": outcome, "duration_ms": round(seconds * 1000, 2)})
 
     # -- names -------------------------------------------------------------------------------
     def queue_name(self, method: str) -> str:
@@ -204,6 +211,11 @@ class AmqpTransport:
             assert task is not None
             self._inflight.add(task)
             self._idle.clear()
+            # Every log line of this request carries these fields (never the body: values stay secret).
+            structlog.contextvars.clear_contextvars()
+            structlog.contextvars.bind_contextvars(
+                method=message.routing_key, correlation_id=message.correlation_id, user=message.user_id
+            )
             try:
                 await handler(message)
             finally:
@@ -266,6 +278,7 @@ class AmqpTransport:
         try:
             owner = self.identity.owner_of(message)
             cmd: AddCommand = parse(AddCommand, self._body(message))
+            structlog.contextvars.bind_contextvars(owner=owner, service=cmd.service_id)
             size = len(orjson.dumps(cmd.value))
             if size > self.settings.max_value_bytes:
                 raise PayloadTooLarge(f"value is {size} bytes; the limit is {self.settings.max_value_bytes}")
@@ -322,6 +335,7 @@ class AmqpTransport:
                 raise BadRequest(f"{method} is an RPC: set reply_to (and correlation_id)")
             owner = self.identity.owner_of(message)
             request = parse(model, self._body(message))
+            structlog.contextvars.bind_contextvars(owner=owner, service=request.service_id, worker=request.worker_id)
         except BridgeError as exc:
             self.observe(method, exc.code, time.perf_counter() - started)
             await self._reject(message, exc, method)
