@@ -25,9 +25,9 @@ def free_port() -> int:
 
 
 async def http_get(port: int, path: str) -> tuple[int, str]:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"http://127.0.0.1:{port}{path}", timeout=aiohttp.ClientTimeout(total=5)) as resp:
-            return resp.status, await resp.text()
+    timeout = aiohttp.ClientTimeout(total=5)
+    async with aiohttp.ClientSession(timeout=timeout) as session, session.get(f"http://127.0.0.1:{port}{path}") as resp:
+        return resp.status, await resp.text()
 
 
 async def test_health_and_metrics_of_a_running_bridge(make_bridge, engine, workers):
@@ -70,27 +70,27 @@ async def test_sigterm_finishes_in_flight_requests_and_loses_none(bridge_process
     svc = service_id()
     total = 300
     timeouts = 0
-    async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"]) as engine:
-        async with Worker(
-            servers.amqp_url(OWNERS[0]), service=svc, worker_id="w", exchange=names["exchange"], timeout=8
-        ) as w:
-            adds = asyncio.gather(*(engine.add(svc, i, message_id=f"m{i}") for i in range(total)))
-            await asyncio.sleep(0.2)
-            doomed.proc.send_signal(signal.SIGTERM)
-            ids = await adds  # every add was answered: none lost in the shutdown
-            rc = await asyncio.get_running_loop().run_in_executor(None, doomed.proc.wait, 30)
-            assert rc == 0, "graceful shutdown exits 0"
-            got = []
-            while True:
-                try:
-                    task = await w.fetch()
-                except (RequestTimeout, UnavailableError):
-                    timeouts += 1
-                    continue
-                if task is None:
-                    break
-                got.append(task.value)
-                assert await task.ack(None)
+    async with (
+        Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"]) as engine,
+        Worker(servers.amqp_url(OWNERS[0]), service=svc, worker_id="w", exchange=names["exchange"], timeout=8) as w,
+    ):
+        adds = asyncio.gather(*(engine.add(svc, i, message_id=f"m{i}") for i in range(total)))
+        await asyncio.sleep(0.2)
+        doomed.proc.send_signal(signal.SIGTERM)
+        ids = await adds  # every add was answered: none lost in the shutdown
+        rc = await asyncio.get_running_loop().run_in_executor(None, doomed.proc.wait, 30)
+        assert rc == 0, "graceful shutdown exits 0"
+        got = []
+        while True:
+            try:
+                task = await w.fetch()
+            except (RequestTimeout, UnavailableError):
+                timeouts += 1
+                continue
+            if task is None:
+                break
+            got.append(task.value)
+            assert await task.ack(None)
     assert len(set(ids)) == total
     assert sorted(got) == list(range(total))
     assert timeouts == 0
