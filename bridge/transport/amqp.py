@@ -33,6 +33,7 @@ from bridge.config import Settings
 from bridge.domain.errors import BadRequest, BridgeError, PayloadTooLarge, Unauthorized
 from bridge.domain.models import AckRequest, AddCommand, FetchRequest, parse
 from bridge.domain.queue import ResultMessage, WorkQueue
+from bridge.observability.tracing import child_traceparent, extract_traceparent
 
 log = logging.getLogger("bridge.amqp")
 
@@ -286,15 +287,13 @@ class AmqpTransport:
             self.observe("add", exc.code, time.perf_counter() - started)
             await self._reject(message, exc, "add")
             return
-        traceparent = (message.headers or {}).get("traceparent")
-        tp = traceparent.decode() if isinstance(traceparent, bytes) else traceparent
+        # W3C trace context of the engine's span: kept with the task (a malformed one is dropped).
+        tp = extract_traceparent(message.headers)
         delay = 0.1
         deadline = time.monotonic() + ADD_RETRY_BUDGET_S
         while True:
             try:
-                task_id = await self.queue.add(
-                    owner, cmd, message_id=message.message_id, traceparent=tp if isinstance(tp, str) else None
-                )
+                task_id = await self.queue.add(owner, cmd, message_id=message.message_id, traceparent=tp)
                 break
             except BridgeError as exc:
                 if not exc.transient:
@@ -367,7 +366,9 @@ class AmqpTransport:
             "deliveries": delivery.deliveries,
             "leaseExpiresAt": _iso(delivery.lease_expires_at_ms),
         }
-        headers = {"traceparent": delivery.traceparent} if delivery.traceparent else None
+        # The worker's span continues the engine's trace: same trace id, a new parent span id.
+        child = child_traceparent(delivery.traceparent)
+        headers = {"traceparent": child} if child else None
         return _reply_body(delivery.value, extra={"task": task}), headers
 
     async def _ack(self, owner: str, req: AckRequest) -> tuple[bytes, dict[str, Any] | None]:
@@ -394,8 +395,9 @@ class AmqpTransport:
         body: dict[str, Any] = {"token": result.token, "serviceId": result.service, "taskId": result.task_id}
         body.update(result.outcome)
         headers: dict[str, Any] = {"x-owner": result.owner}
-        if result.traceparent:
-            headers["traceparent"] = result.traceparent
+        child = child_traceparent(result.traceparent)
+        if child:
+            headers["traceparent"] = child
         message = aio_pika.Message(
             orjson.dumps(body),
             content_type=JSON,

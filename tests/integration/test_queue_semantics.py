@@ -147,3 +147,23 @@ async def test_a_fresh_instance_skips_long_runs_of_consumed_tasks(make_bridge, e
         rest.append(t.value)
         assert await t.ack(None)
     assert rest == list(range(250, 300))
+
+
+async def test_traceparent_travels_from_add_to_fetch_reply_and_result(bridge, engine, workers, servers, names):
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    parent = f"00-{trace_id}-00f067aa0ba902b7-01"
+    svc = service_id()
+    async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
+        await engine.add(svc, "traced", token={"p": 1}, traceparent=parent)
+        await engine.add(svc, "malformed trace", traceparent="not-a-traceparent")
+        w = await workers(svc)
+        task = await w.fetch()
+        fetched = task.headers["traceparent"]
+        assert fetched.split("-")[1] == trace_id
+        assert fetched != parent  # a child span of the engine's
+        await task.ack("ok")
+        await wait_for(lambda: not results.empty(), 10, what="result")
+        assert results.get_nowait()["_headers"]["traceparent"].split("-")[1] == trace_id
+        untraced = await w.fetch()
+        assert untraced.value == "malformed trace"
+        assert "traceparent" not in untraced.headers
