@@ -150,6 +150,9 @@ class Bench:
         self.cycle_queue: tuple[str, int] | None = None  # (service, tasks waiting) left by W-add
         self.filler: Any = None  # benchmarks.fill.DirectFiller, opened on first use
         self.skipped: list[str] = []
+        self.phase = "setup"
+        # phase -> other bridges/test processes seen while it ran (they share the CPUs and servers)
+        self.disturbances: dict[str, set[str]] = {}
         self.failed = False
 
     # -- names and environments --------------------------------------------------------------
@@ -296,6 +299,18 @@ class Bench:
             await conn.close()
 
     # -- results -------------------------------------------------------------------------------
+    async def watch_others(self) -> None:
+        """Every few seconds, note other bridges or test runs on the machine (run as a background task)."""
+        from benchmarks.procs import other_activity
+
+        mine = {str(b.pid) for b in self.bridges}
+        while True:
+            mine |= {str(b.pid) for b in self.bridges}
+            others = [o for o in other_activity() if o.split(":", 1)[0] not in mine]
+            if others:
+                self.disturbances.setdefault(self.phase, set()).update(o[:60] for o in others)
+            await asyncio.sleep(3.0)
+
     def record_cpu(self, phase: str, meter: CpuMeter, ops_per_s: float) -> dict[str, float]:
         """CPU % of one core per process group during a phase, and the phase's operation rate."""
         cpu = meter.stop()

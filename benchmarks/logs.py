@@ -43,12 +43,15 @@ def _norm(message: str) -> str:
 def summarize(paths: list[Path], top: int = 5) -> dict[str, Any]:
     levels: collections.Counter[str] = collections.Counter()
     messages: collections.Counter[str] = collections.Counter()
+    connection = 0
     for ev in events(paths):
         level = str(ev.get("level", "?")).lower()
         levels[level] += 1
         if level in ("warning", "error", "critical"):
-            messages[f"{level}: {_norm(str(ev.get('event', '')))}"] += 1
-    return {"levels": dict(levels), "top": messages.most_common(top)}
+            text = str(ev.get("event", ""))
+            messages[f"{level}: {_norm(text)}"] += 1
+            connection += "connect" in text.lower()
+    return {"levels": dict(levels), "top": messages.most_common(top), "connection_errors": connection}
 
 
 def reexposed_at(paths: list[Path]) -> dict[str, float]:

@@ -128,8 +128,17 @@ def render(bench: Bench, meta: dict[str, Any]) -> str:
         f"commit {meta['commit']}\nmachine: {m['nproc']} CPUs ({m['cpu_model']}), {m['mem_total_gib']} GiB RAM, "
         f"load at start {m['loadavg_at_start'][0]:.2f}; Cassandra, RabbitMQ, bridges and load generator share it"
     )
-    if m.get("other_activity_at_start"):
-        out.append(f"WARNING: {len(m['other_activity_at_start'])} other bridge/test process(es) were running at start")
+    if meta.get("disturbed"):
+        out.append(
+            "WARNING, DISTURBED RUN: other bridges/test runs shared the machine and the servers during "
+            + ", ".join(meta["disturbed"])
+            + "; those figures are not clean"
+        )
+    lost = _connection_trouble(bench)
+    if lost:
+        out.append(
+            f"WARNING: the bridges logged {lost} connection errors (a server restarted?); see 'bridge log lines'"
+        )
     if bench.plan.quick:
         p = bench.plan
         out.append(
@@ -188,6 +197,15 @@ def render(bench: Bench, meta: dict[str, Any]) -> str:
     out.append("")
     out.append(f"total time {meta['elapsed_s']:.0f}s")
     return "\n".join(out)
+
+
+def _connection_trouble(bench: Bench) -> int:
+    blog = bench.sections.get("bridge_log") or {}
+    return sum(
+        n
+        for message, n in blog.get("top", [])
+        if "Connection" in message or "CONNECTION" in message or "connect" in message
+    )
 
 
 def _fmt_mem(v: Any) -> str:

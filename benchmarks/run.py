@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -143,6 +144,7 @@ async def run(args: argparse.Namespace) -> int:
     for name in WORKLOADS:
         if name in selected:
             steps.append((name, lambda fn=table[name]: fn(bench)))
+    watcher = asyncio.create_task(bench.watch_others())
     try:
         await bench.setup()
         for name, step in steps:
@@ -152,7 +154,9 @@ async def run(args: argparse.Namespace) -> int:
                 bench.skipped.append(name)
                 continue
             say(f"== {name}")
+            bench.phase = name
             await step()
+        bench.phase = "end"
         if needs_bridge:
             workloads.final_memory(bench)
             bench.sections["bridge_log"] = logs.summarize(bench.bridge_logs)
@@ -160,6 +164,7 @@ async def run(args: argparse.Namespace) -> int:
         bench.failed = True
         raise
     finally:
+        watcher.cancel()
         await bench.teardown()
     meta = {
         "date": date,
@@ -172,6 +177,7 @@ async def run(args: argparse.Namespace) -> int:
         "plan": dataclasses.asdict(plan),
         "elapsed_s": time.monotonic() - started,
         "skipped": bench.skipped,
+        "disturbed": {phase: sorted(procs) for phase, procs in bench.disturbances.items()},
         "command": " ".join(["python -m benchmarks.run", *sys.argv[1:]]),
     }
     print(render(bench, meta), flush=True)
@@ -200,8 +206,28 @@ def profile_summary(paths: list[Path], top: int = 20) -> str:
     return out.getvalue()
 
 
+class _Dedup(logging.Filter):
+    """Library warnings (aiormq reconnecting...) once per message per 10 s, not once per connection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = f"{record.name}:{record.getMessage()[:80]}"
+        now = time.monotonic()
+        if now - self._seen.get(key, -1e9) < 10.0:
+            return False
+        self._seen[key] = now
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(asctime)s] load generator: %(name)s %(levelname)s: %(message)s"))
+    handler.addFilter(_Dedup())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     try:
         import uvloop
 
