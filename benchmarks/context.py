@@ -270,7 +270,7 @@ class Bench:
                 await self.filler.close()
         with contextlib.suppress(Exception):
             await self.db.close()
-        if self.failed:
+        if self.failed and self.bridge_logs:
             say(f"logs kept in {self.workdir}")
         else:
             shutil.rmtree(self.workdir, ignore_errors=True)

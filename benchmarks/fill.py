@@ -43,6 +43,7 @@ class DirectFiller:
         )
         bridge = Bridge(settings)
         await bridge.db.connect()
+        await bridge.repo.create_schema(settings)  # idempotent; what a bridge process does at start
         await bridge.repo.prepare()
         self._bridge = bridge
 

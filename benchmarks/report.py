@@ -53,6 +53,17 @@ def git_commit() -> str:
         return "?"
 
 
+def code_fingerprint() -> str:
+    """A hash of bridge/**/*.py: the code under test (it may change while a run goes, if edited)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted((ROOT / "bridge").rglob("*.py")):
+        h.update(str(path.relative_to(ROOT)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def _num(value: float, digits: int = 1) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -128,6 +139,8 @@ def render(bench: Bench, meta: dict[str, Any]) -> str:
         f"commit {meta['commit']}\nmachine: {m['nproc']} CPUs ({m['cpu_model']}), {m['mem_total_gib']} GiB RAM, "
         f"load at start {m['loadavg_at_start'][0]:.2f}; Cassandra, RabbitMQ, bridges and load generator share it"
     )
+    if meta.get("bridge_code_at_start") != meta.get("bridge_code_at_end"):
+        out.append("WARNING: bridge/ changed during the run; bridges started later ran different code")
     if meta.get("disturbed"):
         out.append(
             "WARNING, DISTURBED RUN: other bridges/test runs shared the machine and the servers during "

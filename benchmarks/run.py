@@ -21,7 +21,7 @@ from benchmarks import baselines, logs, workloads
 from benchmarks.context import Bench, Plan, StackDown
 from benchmarks.procs import ROOT, ProcessFailed, other_activity
 from benchmarks.progress import say
-from benchmarks.report import git_commit, machine, now_iso, render, to_json, write_json
+from benchmarks.report import code_fingerprint, git_commit, machine, now_iso, render, to_json, write_json
 
 WORKLOADS = ["W-add", "W-cycle", "W-e2e", "W-recover", "W-scale", "Memory"]
 BASELINES = ["B-rpc", "B-lwt", "B-write"]
@@ -104,6 +104,7 @@ async def run(args: argparse.Namespace) -> int:
     selected: list[str] = args.selected
     started = time.monotonic()
     date = now_iso()
+    code_at_start = code_fingerprint()
     meta_machine = machine()
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
@@ -173,6 +174,8 @@ async def run(args: argparse.Namespace) -> int:
         "selected": selected,
         "bridges": args.bridges,
         "commit": git_commit(),
+        "bridge_code_at_start": code_at_start,
+        "bridge_code_at_end": code_fingerprint(),
         "machine": meta_machine,
         "plan": dataclasses.asdict(plan),
         "elapsed_s": time.monotonic() - started,

@@ -11,6 +11,7 @@ never silently skipped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -121,14 +122,40 @@ def keyring_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def names() -> dict[str, str]:
-    """Per-test exchange and queue names, so tests never see each other's messages."""
+def names(servers: Servers) -> Iterator[dict[str, str]]:
+    """Per-test exchange and queue names, so tests never see each other's messages. Deleted after
+    the test: a broker with thousands of leftover durable queues restarts slowly."""
     suffix = uuid.uuid4().hex[:8]
-    return {
+    n = {
         "exchange": f"qb-test-{suffix}",
         "results_exchange": f"qb-test-{suffix}.results",
         "queue_prefix": f"qb-test-{suffix}",
     }
+    yield n
+    asyncio.run(_delete_topology(servers.amqp_url("guest"), n))
+
+
+async def _delete_topology(url: str, n: dict[str, str]) -> None:
+    import aio_pika
+
+    try:
+        conn = await aio_pika.connect(url, timeout=10)
+    except Exception:  # broker down (a test stopped it): nothing to clean
+        return
+    try:
+        prefix, exchange = n["queue_prefix"], n["exchange"]
+        queues = [f"{prefix}.{q}" for q in ("add", "fetch", "ack", "unrouted", "dead-letter", "results")]
+        exchanges = [exchange, f"{exchange}.dead", f"{exchange}.unrouted", n["results_exchange"]]
+        for name in queues:
+            ch = await conn.channel()
+            with contextlib.suppress(Exception):
+                await ch.queue_delete(name)
+        for name in exchanges:
+            ch = await conn.channel()
+            with contextlib.suppress(Exception):
+                await ch.exchange_delete(name)
+    finally:
+        await conn.close()
 
 
 @pytest.fixture

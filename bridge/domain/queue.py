@@ -296,11 +296,13 @@ class WorkQueue:
         )
         if recovered:
             assert entry.epoch is not None
-            res = await self.repo.claim_expired(
+            claim = self.repo.claim_expired(
                 q, task_id, entry.epoch, worker, to_datetime(until), to_datetime(now), claim_id, ttl
             )
         else:
-            res = await self.repo.claim_new(q, task_id, worker, to_datetime(until), claim_id, ttl)
+            claim = self.repo.claim_new(q, task_id, worker, to_datetime(until), claim_id, ttl)
+        # The payload is read while the claim runs: one round trip less when we win (most of the time).
+        res, payload = await asyncio.gather(claim, self.repo.payload(q, task_id))
         if not res.applied:
             cur = res.current
             if (
@@ -323,10 +325,13 @@ class WorkQueue:
             return None
         self.metrics.inc("tasks_delivered" if not recovered or epoch == 1 else "tasks_redelivered", kind="claim")
         log.debug("task claimed", extra={"task_id": str(task_id), "epoch": epoch, "lease_ms": ttr})
-        return await self._deliver(q, worker, task_id, epoch, until)
+        return await self._deliver(q, worker, task_id, epoch, until, payload)
 
-    async def _deliver(self, q: QueueKey, worker: str, task_id: uuid.UUID, epoch: int, until: int) -> Delivery:
-        payload = await self.repo.payload(q, task_id)
+    async def _deliver(
+        self, q: QueueKey, worker: str, task_id: uuid.UUID, epoch: int, until: int, payload: Payload | None = None
+    ) -> Delivery:
+        if payload is None:
+            payload = await self.repo.payload(q, task_id)
         if payload is None:
             # Expired between claim and read (TTL): nothing to hand out.
             raise Unavailable("the task expired while being fetched; fetch again")
@@ -398,11 +403,12 @@ class WorkQueue:
                 )
                 # A retried ack of a completion that already happened is still a success.
                 if again:
-                    await self.repo.finish_worker(q, req.worker_id, ttl)
+                    await self.repo.finish_worker(q, req.worker_id, held.task_id, ttl)
                 else:
                     await self.repo.clear_worker(q, req.worker_id)
                 return again
-            await self.repo.finish_worker(q, req.worker_id, ttl)
+            # Not awaited: until it lands, a retried ack still finds the completion through the LWT.
+            self._spawn(self.repo.finish_worker(q, req.worker_id, held.task_id, ttl), "mark worker done")
         except (StorageUnavailable, UnknownOutcome) as exc:
             raise Unavailable(f"storage unavailable: {exc}") from None
         self.metrics.inc("tasks_completed", outcome="error" if "error" in req.outcome else "result")

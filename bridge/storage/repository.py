@@ -177,16 +177,16 @@ _STATEMENTS: dict[str, tuple[str, bool]] = {
         False,
     ),
     "worker.get": (
-        "SELECT task_id, epoch, has_token, done FROM {ks}.workers WHERE owner = ? AND service = ? AND worker = ?",
+        "SELECT task_id, epoch, has_token, done_task FROM {ks}.workers WHERE owner = ? AND service = ? AND worker = ?",
         True,
     ),
     "worker.set": (
-        "INSERT INTO {ks}.workers (owner, service, worker, task_id, epoch, has_token, done) "
-        "VALUES (?, ?, ?, ?, ?, ?, false) USING TTL ?",
+        "INSERT INTO {ks}.workers (owner, service, worker, task_id, epoch, has_token) "
+        "VALUES (?, ?, ?, ?, ?, ?) USING TTL ?",
         True,
     ),
     "worker.finish": (
-        "UPDATE {ks}.workers USING TTL ? SET done = true WHERE owner = ? AND service = ? AND worker = ?",
+        "UPDATE {ks}.workers USING TTL ? SET done_task = ? WHERE owner = ? AND service = ? AND worker = ?",
         True,
     ),
     "worker.clear": (
@@ -525,14 +525,17 @@ class TaskRepository:
             return None
         r = rows[0]
         return WorkerPointer(
-            task_id=r["task_id"], epoch=r["epoch"], has_token=bool(r["has_token"]), done=bool(r["done"])
+            task_id=r["task_id"],
+            epoch=r["epoch"],
+            has_token=bool(r["has_token"]),
+            done=r["done_task"] is not None and r["done_task"] == r["task_id"],
         )
 
     async def set_worker(self, q: QueueKey, worker: str, ptr: WorkerPointer, ttl: int) -> None:
         await self.db.execute("worker.set", (q.owner, q.service, worker, ptr.task_id, ptr.epoch, ptr.has_token, ttl))
 
-    async def finish_worker(self, q: QueueKey, worker: str, ttl: int) -> None:
-        await self.db.execute("worker.finish", (ttl, q.owner, q.service, worker))
+    async def finish_worker(self, q: QueueKey, worker: str, task_id: uuid.UUID, ttl: int) -> None:
+        await self.db.execute("worker.finish", (ttl, task_id, q.owner, q.service, worker))
 
     async def clear_worker(self, q: QueueKey, worker: str) -> None:
         await self.db.execute("worker.clear", (q.owner, q.service, worker))

@@ -62,10 +62,12 @@ def table_cql(keyspace: str, ttl_seconds: int) -> list[str]:
             claim_id uuid, completed_at timestamp, completion_id uuid,
             PRIMARY KEY ((owner, service, task_id))
         ) WITH {ttl}""",
-        # What each worker holds: a hint, always verified by the LWT on `leases`.
+        # What each worker holds: a hint, always verified by the LWT on `leases`. `done_task` is
+        # the task the worker acked last (naming the task, not a flag, so that a late write of it
+        # can never mark a newer task done).
         f"""CREATE TABLE IF NOT EXISTS {ks}.workers (
             owner text, service text, worker text,
-            task_id timeuuid, epoch int, has_token boolean, done boolean,
+            task_id timeuuid, epoch int, has_token boolean, done_task timeuuid,
             PRIMARY KEY ((owner, service, worker))
         ) WITH {ttl}""",
         # Lease deadlines, written BEFORE the claim so a crash can never strand a leased task.
@@ -101,7 +103,7 @@ def table_cql(keyspace: str, ttl_seconds: int) -> list[str]:
 # Columns added after a table was first released: (table, column, CQL type). `create_schema` adds
 # the missing ones with ALTER TABLE, so upgrading a running cluster needs no manual step.
 ADDED_COLUMNS: list[tuple[str, str, str]] = [
-    ("workers", "done", "boolean"),
+    ("workers", "done_task", "timeuuid"),
 ]
 
 

@@ -181,7 +181,8 @@ rabbitmq_start() {
   qb_log "rabbitmq: starting rabbitmq-server $(dpkg-query -W -f='${Version}' rabbitmq-server 2>/dev/null) on $QB_AMQP_HOST:$QB_AMQP_PORT$([[ $QB_RABBITMQ_MANAGEMENT == 1 ]] && echo ", management on 127.0.0.1:$QB_RABBITMQ_MGMT_PORT")"
   # As root the Debian wrapper runs the broker as user rabbitmq (su keeps these variables).
   R_LAUNCHED_AT=$EPOCHSECONDS
-  if ! (cd /tmp && env \
+  # Many durable queues need many file handles (RabbitMQ warns below one per queue).
+  if ! (cd /tmp && ulimit -n 65536 2>/dev/null; env \
       RABBITMQ_MNESIA_BASE="$R_MNESIA" \
       RABBITMQ_LOG_BASE="$R_LOGS" \
       RABBITMQ_PID_FILE="$R_PIDFILE" \
