@@ -11,7 +11,6 @@ import importlib.util
 import os
 import re
 import sys
-import uuid
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -101,15 +100,11 @@ async def test_engine_and_two_workers(bridge: Any, servers: Servers, names: dict
 
 async def test_run_demo_once(bridge_env: dict[str, str], tmp_path: Path) -> None:
     """`make run`'s script, --once: its own bridge, two workers and the engine, exit 0."""
-    suffix = uuid.uuid4().hex[:8]
-    prefix = f"qb-demo-{suffix}"
+    # bridge_env names this test's own exchange and queues (deleted after the test); no bridge
+    # fixture runs here, the demo starts its own.
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "QB_"))},
         **bridge_env,
-        "BRIDGE_EXCHANGE": prefix,
-        "BRIDGE_RESULTS_EXCHANGE": f"{prefix}.results",
-        "BRIDGE_QUEUE_PREFIX": prefix,
-        "BRIDGE_RESULTS_QUEUE": f"{prefix}.results",
         "BRIDGE_HTTP_PORT": "0",
         "QB_COUNT": "5",
         "QB_SERVICE": service_id(),

@@ -42,5 +42,6 @@ async def test_rabbitmq_persistent_publish_with_confirms_and_manual_ack(servers)
         assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
         await message.ack()
         assert await queue.get(fail=False) is None  # acked: gone, not redelivered
+        await queue.delete()
     finally:
         await conn.close()
