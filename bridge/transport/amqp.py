@@ -87,7 +87,8 @@ class AmqpTransport:
         self._observer = observe or (lambda method, outcome, seconds: None)
         self.connection: AbstractRobustConnection | None = None
         self._consume_channel: AbstractChannel | None = None
-        self._publish_channel: AbstractChannel | None = None
+        self._publish_channel: AbstractChannel | None = None  # results: confirms + mandatory
+        self._reply_channel: AbstractChannel | None = None  # replies: no confirms
         self._results_exchange: AbstractExchange | None = None
         self._queues: dict[str, AbstractQueue] = {}
         self._consumer_tags: dict[str, str] = {}
@@ -127,6 +128,9 @@ class AmqpTransport:
         # Confirms + mandatory: a result that no queue takes comes back as an error, so it stays
         # pending in the outbox instead of being confirmed into the void.
         self._publish_channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+        # Replies are transient and at-most-once by nature (the requester retries): waiting for a
+        # broker confirm would only add a round trip to every request.
+        self._reply_channel = await self.connection.channel(publisher_confirms=False)
         await self._declare_topology()
         await self.resume()
 
@@ -235,7 +239,7 @@ class AmqpTransport:
         is_error: bool,
         headers: dict[str, Any] | None = None,
     ) -> None:
-        if not request.reply_to or self._publish_channel is None:
+        if not request.reply_to or self._reply_channel is None:
             return
         message = aio_pika.Message(
             body,
@@ -248,7 +252,7 @@ class AmqpTransport:
         try:
             # Not mandatory: RabbitMQ returns mandatory messages sent to direct reply-to even
             # when it delivers them, and a requester that is gone simply retries.
-            await self._publish_channel.default_exchange.publish(message, routing_key=request.reply_to, mandatory=False)
+            await self._reply_channel.default_exchange.publish(message, routing_key=request.reply_to, mandatory=False)
         except Exception as exc:
             # The requester is gone (or its reply queue is). It will retry; the state is in Cassandra.
             log.warning("reply to %s not delivered: %s", request.reply_to, type(exc).__name__)

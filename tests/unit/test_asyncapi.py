@@ -499,6 +499,7 @@ def _handle(settings: Settings, queue: _WorkQueue, request: _Incoming) -> list[t
     transport = _transport(settings, queue)
     channel = _PublishChannel()
     transport._publish_channel = cast(Any, channel)
+    transport._reply_channel = cast(Any, channel)
     handler = {"add": transport._on_add, "fetch": transport._on_fetch, "ack": transport._on_ack}.get(
         request.routing_key, transport._on_unrouted
     )
