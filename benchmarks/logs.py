@@ -58,12 +58,17 @@ def reexposed_at(paths: list[Path]) -> dict[str, float]:
     """task id -> wall-clock time (epoch seconds) at which a scheduler logged its re-exposure."""
     out: dict[str, float] = {}
     for ev in events(paths):
-        m = _REEXPOSED.search(str(ev.get("event", "")))
-        if not m or "timestamp" not in ev:
+        text = str(ev.get("event", ""))
+        if "re-exposed" not in text or "timestamp" not in ev:
+            continue
+        # "lease expired: task re-exposed" with a task_id field, or the id inside the message
+        m = _REEXPOSED.search(text)
+        task_id = str(ev["task_id"]) if ev.get("task_id") else (m.group(1) if m else None)
+        if task_id is None:
             continue
         try:
             ts = datetime.fromisoformat(str(ev["timestamp"]).replace("Z", "+00:00")).timestamp()
         except ValueError:
             continue
-        out.setdefault(m.group(1), ts)
+        out.setdefault(task_id, ts)
     return out

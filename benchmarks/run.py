@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--e2e-rates",
         default="",
         metavar="R1,R2",
-        help="W-e2e add rates per second, one step each (default 200)",
+        help="W-e2e add rates per second, one step each (default 200,100; --quick 200)",
     )
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results file (default {DEFAULT_OUT})")
     ap.add_argument(

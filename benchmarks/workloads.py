@@ -512,7 +512,8 @@ async def w_recover(bench: Bench) -> None:
             throughput=False,
             note=f"{len(redelivered_at):,} of {stored:,} redelivered"
             + (f"; {missing} not within the cap" if missing else "")
-            + (f"; {early} before expiry (clock)" if early else ""),
+            + (f"; {early} before expiry (clock)" if early else "")
+            + ("" if sched.count else "; no 're-exposed' lines in the bridge logs: no scheduler/dispatch split"),
             extra={"stored": stored, "redelivered": len(redelivered_at), "early": early},
         )
     )

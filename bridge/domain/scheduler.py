@@ -29,6 +29,7 @@ log = logging.getLogger("bridge.scheduler")
 EXPIRY_CURSOR = "expiries"
 OUTBOX_CURSOR = "outbox"
 CURSOR_TTL_S = 30 * 24 * 3600
+HANDLE_CONCURRENCY = 64
 
 
 @dataclass
@@ -95,6 +96,10 @@ class RecoveryScheduler:
             self._expiry_next += 1
             batch += 1
         self.state.lag_ms = max(0, now - self._expiry_next * EXPIRY_BUCKET_MS)
+        if self._expiry_next == due:
+            # Caught up: also look at the bucket still running, for deadlines already past, so a
+            # lease is re-exposed about one tick after it ends rather than after its whole bucket.
+            await self._process_bucket(due, now, only_expired=True)
         # Second pass, then persist the cursor: nothing can still arrive in these buckets.
         confirm_due = expiry_bucket(now - self.late_ms)
         moved = False
@@ -106,15 +111,29 @@ class RecoveryScheduler:
         if moved:
             await self.repo.advance_scheduler_cursor(EXPIRY_CURSOR, self._expiry_confirmed, CURSOR_TTL_S)
 
-    async def _process_bucket(self, bucket: int, now: int) -> None:
+    async def _process_bucket(self, bucket: int, now: int, *, only_expired: bool = False) -> None:
         entries = await self.repo.expiries(bucket)
+        if only_expired:
+            entries = [e for e in entries if to_ms(e.lease_until) <= now]
         handled = self._handled.setdefault(bucket, set())
+        limit = asyncio.Semaphore(HANDLE_CONCURRENCY)
+
+        async def one(entry: ExpiryEntry, key: tuple[str, str, object, int]) -> None:
+            async with limit:
+                if await self._handle(entry, now):
+                    handled.add(key)
+
+        # Many leases can run out in the same 250 ms (a crashed worker pool): handle them side by
+        # side, or the last one would be re-exposed seconds after its deadline.
+        pending = []
         for entry in entries:
             key = (entry.queue.owner, entry.queue.service, entry.task_id, entry.epoch)
-            if key in handled:
-                continue
-            if await self._handle(entry, now):
-                handled.add(key)
+            if key not in handled:
+                pending.append(one(entry, key))
+        results = await asyncio.gather(*pending, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]  # the tick is retried; handled entries are not redone
 
     async def _handle(self, entry: ExpiryEntry, now: int) -> bool:
         q = entry.queue
