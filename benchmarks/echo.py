@@ -1,8 +1,9 @@
 """B-rpc's echo server: the bridge's AMQP request/reply path with no work in between.
 
 It mirrors ``bridge.transport.amqp.AmqpTransport``: a consuming channel with the bridge's prefetch
-and no confirms, a durable queue bound to a direct exchange, and a publisher-confirm channel on
-which the reply goes to the request's ``reply_to`` (direct reply-to) before the request is acked.
+and no confirms, a durable queue bound to a direct exchange, and a reply channel without publisher
+confirms on which the reply goes (not mandatory) to the request's ``reply_to`` (direct reply-to)
+before the request is acked.
 The client side is ``bridge.client.RpcClient`` itself, so B-rpc is the floor of any fetch or ack.
 
 Run by the benchmark runner as ``python -m benchmarks.echo`` with QB_ECHO_* in the environment.
@@ -22,7 +23,7 @@ async def serve(url: str, exchange: str, queue: str, prefetch: int) -> None:
     connection = await aio_pika.connect_robust(url, client_properties={"connection_name": "qb-bench-echo"})
     consume = await connection.channel(publisher_confirms=False)
     await consume.set_qos(prefetch_count=prefetch)
-    publish = await connection.channel(publisher_confirms=True)
+    replies = await connection.channel(publisher_confirms=False)
     ex = await consume.declare_exchange(exchange, aio_pika.ExchangeType.DIRECT, durable=True)
     q = await consume.declare_queue(queue, durable=True)
     await q.bind(ex, routing_key="echo")
@@ -37,7 +38,7 @@ async def serve(url: str, exchange: str, queue: str, prefetch: int) -> None:
                 headers={},
                 delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
             )
-            await publish.default_exchange.publish(reply, routing_key=message.reply_to)
+            await replies.default_exchange.publish(reply, routing_key=message.reply_to, mandatory=False)
         await message.ack()
 
     await q.consume(on_request)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STATE = ROOT / "deploy" / "local" / "state"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -50,46 +49,29 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def _pid_file(path: Path) -> int | None:
-    try:
-        pid = int(path.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    return pid if Path(f"/proc/{pid}").exists() else None
-
-
-def _beam_child(pid: int) -> int | None:
-    """Debian's rabbitmq-server wrapper may be the recorded pid; the Erlang VM is a child of it."""
-    try:
-        comm = Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return None
-    if comm.startswith("beam"):
-        return pid
-    for task in Path("/proc").iterdir():
-        if not task.name.isdigit():
+def _cmdlines() -> list[tuple[int, str]]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
             continue
         try:
-            stat = (task / "stat").read_text()
-            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-            if ppid == pid and (task / "comm").read_text().startswith("beam"):
-                return int(task.name)
-        except (OSError, ValueError):
+            raw = (entry / "cmdline").read_bytes()
+        except OSError:
             continue
-    return pid
+        out.append((int(entry.name), raw.replace(b"\0", b" ").decode(errors="replace")))
+    return out
 
 
 def server_pids() -> dict[str, int]:
-    """Cassandra's and RabbitMQ's pids as recorded by deploy/local (read only; absent if unknown)."""
+    """Cassandra's JVM and RabbitMQ's Erlang VM on this machine, found by command line (read only;
+    the local stack may have been started from another state directory, so pid files are not
+    reliable). Absent if not found."""
     out: dict[str, int] = {}
-    cass = _pid_file(STATE / "cassandra" / "cassandra.pid")
-    if cass:
-        out["cassandra"] = cass
-    rmq = _pid_file(STATE / "rabbitmq" / "rabbitmq.pid")
-    if rmq:
-        beam = _beam_child(rmq)
-        if beam:
-            out["rabbitmq"] = beam
+    for pid, cmd in _cmdlines():
+        if "org.apache.cassandra.service.CassandraDaemon" in cmd:
+            out.setdefault("cassandra", pid)
+        elif "beam.smp" in cmd and "rabbit" in cmd:
+            out.setdefault("rabbitmq", pid)
     return out
 
 

@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import fcntl
 import logging
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import IO
 
 from benchmarks import baselines, logs, workloads
 from benchmarks.context import Bench, Plan, StackDown
@@ -55,7 +58,11 @@ def needed_baselines(selected: list[str], plan: Plan) -> dict[str, list[int]]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description="queue-bridge benchmarks against the local stack: baselines and workloads measured in one run, "
+        "a table on stdout and a JSON file (see docs/performance.md).",
+    )
     ap.add_argument("--quick", action="store_true", help="scaled-down counts (< 60 s); says so in the output")
     ap.add_argument(
         "--only",
@@ -225,12 +232,47 @@ class _Dedup(logging.Filter):
         return True
 
 
+LOCK = ROOT / "benchmarks" / "results" / ".run.lock"
+LOCK_WAIT_S = 360.0  # a default run takes less than 5 minutes
+
+
+def take_run_lock() -> IO[str] | None:
+    """One run at a time: every run drops and re-creates the keyspace qb_bench, so two runs at once
+    would destroy each other's tables. Wait (bounded) for a run in progress to finish."""
+    LOCK.parent.mkdir(parents=True, exist_ok=True)
+    fh = LOCK.open("a+")
+    deadline = time.monotonic() + LOCK_WAIT_S
+    told = False
+    while True:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{os.getpid()}\n")
+            fh.flush()
+            return fh
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                fh.close()
+                return None
+            if not told:
+                fh.seek(0)
+                holder = fh.read().strip() or "?"
+                say(f"another benchmark run (pid {holder}) is using keyspace qb_bench; waiting for it to finish")
+                told = True
+            time.sleep(1.0)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[%(asctime)s] load generator: %(name)s %(levelname)s: %(message)s"))
     handler.addFilter(_Dedup())
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    lock = take_run_lock()
+    if lock is None:
+        say(f"error: another benchmark run still holds {LOCK} after {LOCK_WAIT_S:.0f}s")
+        return 3
     try:
         import uvloop
 
@@ -245,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     except ProcessFailed as exc:
         say(f"error: {exc}")
         return 1
+    finally:
+        lock.close()  # releases the flock
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ class Bridge:
             interval_s=settings.scheduler_interval,
             late_ms=int(max(5.0, settings.clock_skew_margin * 5) * 1000),
             republish_after_ms=int(settings.result_republish_after * 1000),
+            report_pending=self.metrics.set_results_pending,
         )
         self.metrics.bind_scheduler(self.scheduler.state)
         self.ops = OpsServer(

@@ -118,6 +118,7 @@ class WorkQueue:
         self.metrics: Metrics = metrics or _NoMetrics()
         self.dispatcher = Dispatcher(repo, clock.now_ms, settle_ms, self.ttl_for)
         self._registered: set[tuple[QueueKey, int, int]] = set()
+        self.publishing = 0  # results being published right now (for the results_pending gauge)
         self._background: set[asyncio.Task[Any]] = set()
 
     # -- helpers -----------------------------------------------------------------------------
@@ -422,6 +423,14 @@ class WorkQueue:
         """Publish one completion's result to the engine, then mark the outbox entry done."""
         if self.results is None:
             return
+        self.publishing += 1
+        try:
+            await self._publish(entry)
+        finally:
+            self.publishing -= 1
+
+    async def _publish(self, entry: OutboxEntry) -> None:
+        assert self.results is not None
         q = entry.queue
         payload = await self.repo.payload(q, entry.task_id)
         if payload is None or payload.token_ct is None or payload.token_nonce is None:

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bridge.domain.queue import WorkQueue
@@ -38,6 +39,7 @@ class SchedulerState:
     lag_ms: int = 0
     recovered: int = 0
     republished: int = 0
+    results_stuck: int = 0  # unpublished results the last relay sweep could not publish
 
 
 class RecoveryScheduler:
@@ -48,17 +50,21 @@ class RecoveryScheduler:
         interval_s: float,
         late_ms: int,
         republish_after_ms: int,
+        report_pending: Callable[[int], None] | None = None,
     ) -> None:
         self.queue = queue
         self.repo: TaskRepository = queue.repo
         self.interval_s = interval_s
         self.late_ms = late_ms
         self.republish_after_ms = republish_after_ms
+        self.report_pending = report_pending
         self.state = SchedulerState()
         self._expiry_next: int | None = None  # first bucket not yet read at all
         self._expiry_confirmed: int | None = None  # first bucket not yet read for the second time
         self._handled: dict[int, set[tuple[str, str, object, int]]] = {}
         self._outbox_next: int | None = None
+        self._outbox_retry: set[int] = set()
+        self._outbox_persisted: int | None = None
         self._last_outbox_ms = 0
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -78,6 +84,8 @@ class RecoveryScheduler:
         if now - self._last_outbox_ms >= 1000:
             await self._relay(now)
             self._last_outbox_ms = now
+            if self.report_pending is not None:
+                self.report_pending(self.queue.publishing + self.state.results_stuck)
         self.state.last_tick_monotonic = time.monotonic()
 
     # -- recovery ----------------------------------------------------------------------------
@@ -172,14 +180,21 @@ class RecoveryScheduler:
             self._outbox_next = saved if saved is not None else outbox_bucket(now) - 1
         # Only buckets old enough that their normal publish must have happened are swept.
         limit = outbox_bucket(now - self.republish_after_ms)
-        moved = False
+        self.state.results_stuck = 0
+        # Buckets with a result that could not be published are retried every sweep, but they do
+        # not hold up the buckets after them (one unroutable result must not delay all others).
+        for bucket in sorted(self._outbox_retry):
+            if await self._relay_bucket(bucket):
+                self._outbox_retry.discard(bucket)
         while self._outbox_next < limit:
             if not await self._relay_bucket(self._outbox_next):
-                break  # something could not be published yet: retry this bucket on a later tick
+                self._outbox_retry.add(self._outbox_next)
             self._outbox_next += 1
-            moved = True
-        if moved:
-            await self.repo.advance_scheduler_cursor(OUTBOX_CURSOR, self._outbox_next, CURSOR_TTL_S)
+        # Persist only up to the first bucket still owing a publish, so a restart retries it.
+        safe = min(self._outbox_retry, default=self._outbox_next)
+        if safe != self._outbox_persisted:
+            await self.repo.advance_scheduler_cursor(OUTBOX_CURSOR, safe, CURSOR_TTL_S)
+            self._outbox_persisted = safe
 
     async def _relay_bucket(self, bucket: int) -> bool:
         complete = True
@@ -196,6 +211,7 @@ class RecoveryScheduler:
                 await self.queue.publish(entry)
             except Exception as exc:  # broker down, no queue bound, ...: keep it pending
                 log.warning("result of task %s still not published: %s", entry.task_id, type(exc).__name__)
+                self.state.results_stuck += 1
                 complete = False
                 continue
             self.state.republished += 1

@@ -136,3 +136,29 @@ async def test_rabbitmq_restart_under_load_nothing_lost(bridge_processes, server
             got.append(task.value)
             assert await task.ack(None)
     assert sorted(got) == list(range(total))
+
+
+async def test_result_nobody_can_take_stays_pending_until_a_queue_is_bound(
+    make_bridge, engine, workers, servers, names
+):
+    """Publishing is mandatory + confirmed: with no queue bound, the result is not confirmed into the
+    void; it stays in the outbox (and in the results_pending gauge) until someone can take it."""
+    from bridge.client.rpc import results_consumer
+
+    b = await make_bridge(results_queue="", result_republish_after=1.0, http_port=free_port(), http_host="127.0.0.1")
+    svc = service_id()
+    await engine.add(svc, "v", token={"p": "waiting"})
+    w = await workers(svc)
+    assert await (await w.fetch()).ack("the result")
+
+    async def pending() -> bool:
+        _, text = await http_get(b.http_port, "/metrics")
+        line = next(ln for ln in text.splitlines() if ln.startswith("queue_bridge_results_pending "))
+        return float(line.split()[1]) >= 1
+
+    await wait_for(pending, 30, interval=0.5, what="the result to be reported pending")
+    async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
+        await wait_for(lambda: not results.empty(), 30, interval=0.2, what="the re-published result")
+        msg = results.get_nowait()
+        assert msg["result"] == "the result"
+        assert msg["token"] == {"p": "waiting"}
