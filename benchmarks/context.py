@@ -115,9 +115,17 @@ class Plan:
 
 class Bench:
     def __init__(
-        self, plan: Plan, *, bridges: int, profile_dir: Path | None = None, profile_clock: str = "wall"
+        self,
+        plan: Plan,
+        *,
+        bridges: int,
+        profile_dir: Path | None = None,
+        profile_clock: str = "wall",
+        metrics: bool = False,
     ) -> None:
         self.plan = plan
+        self.metrics = metrics
+        self.metrics_ports: dict[str, int] = {}
         self.bridges_wanted = bridges
         self.profile_dir = profile_dir
         self.profile_clock = profile_clock
@@ -171,10 +179,44 @@ class Bench:
             "BRIDGE_RESULTS_EXCHANGE": self.results_exchange,
             "BRIDGE_QUEUE_PREFIX": self.queue_prefix,
             "BRIDGE_TRUSTED_USERS": ENGINE_USER,
-            "BRIDGE_HTTP_PORT": "0",
             "BRIDGE_LOG_FORMAT": "json",
             "BRIDGE_INSTANCE_ID": name,
+            **self._http_env(name),
         }
+
+    def _http_env(self, name: str) -> dict[str, str]:
+        """BRIDGE_HTTP_PORT=0 (no HTTP) unless --metrics: then a free loopback port per bridge."""
+        if not self.metrics:
+            return {"BRIDGE_HTTP_PORT": "0"}
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind((HOST, 0))
+            port = sock.getsockname()[1]
+        self.metrics_ports[name] = port
+        return {"BRIDGE_HTTP_HOST": HOST, "BRIDGE_HTTP_PORT": str(port)}
+
+    async def counters(self) -> dict[str, float]:
+        """queue_bridge_* counters summed over the running bridges (empty without --metrics)."""
+        import re
+        import urllib.request
+
+        pattern = re.compile(r"^(queue_bridge_[a-z_]+?)(?:_total)?(?:\{[^}]*\})? ([0-9.e+-]+)$")
+        out: dict[str, float] = {}
+        for b in self.bridges:
+            port = self.metrics_ports.get(b.name)
+            if port is None:
+                continue
+            url = f"http://{HOST}:{port}/metrics"
+            try:
+                text = await asyncio.to_thread(lambda u=url: urllib.request.urlopen(u, timeout=5).read().decode())
+            except OSError:
+                continue
+            for line in text.splitlines():
+                m = pattern.match(line)
+                if m and not m.group(1).endswith("_created"):
+                    out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
+        return out
 
     def service(self, what: str) -> str:
         return f"bench-{what}-{uuid.uuid4().hex[:6]}"
@@ -315,6 +357,8 @@ class Bench:
         """CPU % of one core per process group during a phase, and the phase's operation rate."""
         cpu = meter.stop()
         self.sections["cpu"][phase] = {**cpu, "ops_per_s": ops_per_s}
+        for name in meter.vanished:
+            self.disturbances.setdefault(self.phase, set()).add(f"a {name} process exited during {phase}")
         return cpu
 
     def figure(self, fig: Figure) -> Figure:

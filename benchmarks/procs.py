@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import subprocess
@@ -70,7 +71,7 @@ def server_pids() -> dict[str, int]:
     for pid, cmd in _cmdlines():
         if "org.apache.cassandra.service.CassandraDaemon" in cmd:
             out.setdefault("cassandra", pid)
-        elif "beam.smp" in cmd and "rabbit" in cmd:
+        elif "beam.smp" in cmd and "-s rabbit boot" in cmd:  # not rabbitmqctl's short-lived VM
             out.setdefault("rabbitmq", pid)
     return out
 
@@ -82,6 +83,7 @@ class CpuMeter:
         self.pids = pids
         self._t0 = 0.0
         self._c0: dict[str, float] = {}
+        self.vanished: set[str] = set()  # a process exited (a server restarted?) during the phase
 
     def _now(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -92,7 +94,10 @@ class CpuMeter:
                     t = os.times()
                     total += t.user + t.system
                 else:
-                    total += cpu_seconds(pid) or 0.0
+                    secs = cpu_seconds(pid)
+                    if secs is None:
+                        self.vanished.add(name)
+                    total += secs or 0.0
             out[name] = total
         return out
 
@@ -106,7 +111,10 @@ class CpuMeter:
         c1 = self._now()
         if wall <= 0:
             return {}
-        return {name: round(100.0 * (c1[name] - self._c0.get(name, 0.0)) / wall, 1) for name in c1}
+        return {
+            name: math.nan if name in self.vanished else round(100.0 * (c1[name] - self._c0.get(name, 0.0)) / wall, 1)
+            for name in c1
+        }
 
 
 @dataclass

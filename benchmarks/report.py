@@ -177,16 +177,12 @@ def render(bench: Bench, meta: dict[str, Any]) -> str:
                 _num(pt["ack_p50_ms"], 2),
                 _num(pt["cpu_percent"].get("bridges", math.nan), 0),
                 _num(pt["cpu_percent"].get("cassandra", math.nan), 0),
+                _num(pt["claim_conflicts"] / max(pt["tasks"], 1), 2) if "claim_conflicts" in pt else "-",
             ]
             for pt in scale
         ]
-        out.append(
-            _table(
-                ["W-scale bridges", "tasks/s", "speedup", "fetch p50", "ack p50", "cpu% bridges", "cpu% cassandra"],
-                rows,
-                {0, 1, 2, 3, 4, 5, 6},
-            )
-        )
+        headers = ["W-scale bridges", "tasks/s", "speedup", "fetch p50", "ack p50", "cpu% bridges", "cpu% cassandra"]
+        out.append(_table([*headers, "conflicts/task"], rows, set(range(8))))
     mem = bench.sections.get("memory")
     if mem:
         out.append("")

@@ -86,6 +86,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run the bridges under cProfile and write DIR/bridge-N.prof (slows them down: not for figures)",
     )
     ap.add_argument(
+        "--metrics",
+        action="store_true",
+        help="give each bridge an HTTP port on 127.0.0.1 (default BRIDGE_HTTP_PORT=0) and report its claim "
+        "conflicts in W-scale",
+    )
+    ap.add_argument(
         "--profile-clock",
         choices=["wall", "cpu"],
         default="wall",
@@ -121,6 +127,7 @@ async def run(args: argparse.Namespace) -> int:
         bridges=args.bridges if needs_bridge else 0,
         profile_dir=args.profile,
         profile_clock=args.profile_clock,
+        metrics=args.metrics,
     )
     say(
         f"queue-bridge benchmarks ({'--quick' if plan.quick else 'default'}): "

@@ -539,10 +539,12 @@ async def w_scale(bench: Bench) -> None:
         workers = await open_workers(bench, svc, plan.workers, f"s{n}")
         try:
             await drive_cycles(workers, min(50, stored // 10), until=time.monotonic() + 20)  # warm-up
+            before = await bench.counters()
             meter = bench.cpu_meter()
             async with Progress(f"W-scale {n} bridge(s)", total=stored, unit="tasks") as p:
                 res = await drive_cycles(workers, stored, until=deadline(bench, "scale"), progress=p)
             cpu = bench.record_cpu(f"W-scale {n} bridge(s)", meter, res.throughput)
+            after = await bench.counters()
         finally:
             await close_all(workers)
         bench.check_processes()
@@ -554,6 +556,10 @@ async def w_scale(bench: Bench) -> None:
             "ack_p50_ms": res.ack.p(50),
             "cpu_percent": cpu,
         }
+        conflicts = None
+        if after:  # --metrics: the bridges' own counters
+            conflicts = after.get("queue_bridge_claim_conflicts", 0.0) - before.get("queue_bridge_claim_conflicts", 0.0)
+            point["claim_conflicts"] = conflicts
         curve.append(point)
         bench.figure(
             Figure(
@@ -568,7 +574,12 @@ async def w_scale(bench: Bench) -> None:
                 ratio=_div(res.throughput, bl),
                 ratio_of="throughput",
                 note=f"cpu% bridges {cpu.get('bridges', 0):.0f} cassandra {cpu.get('cassandra', 0):.0f} "
-                f"rabbitmq {cpu.get('rabbitmq', 0):.0f} generator {cpu.get('generator', 0):.0f}",
+                f"rabbitmq {cpu.get('rabbitmq', 0):.0f} generator {cpu.get('generator', 0):.0f}"
+                + (
+                    f"; claim conflicts {conflicts:.0f} ({conflicts / max(res.acked, 1):.2f} per task)"
+                    if conflicts is not None
+                    else ""
+                ),
             )
         )
     base = curve[0]["throughput"] if curve else math.nan

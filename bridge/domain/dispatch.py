@@ -31,6 +31,9 @@ BUFFER_MAX_AGE_MS = 2_000
 PERSIST_EVERY_MS = 1_000
 EMPTY_RESCAN_MS = {LANE_RECOVERED: 100, 1: 0}
 RECOVERED_EXTRA_SETTLE_MS = 2_000
+SPREAD_WINDOW = 32
+CONTENTION_DECAY = 0.95  # per claim: a lost race weighs ~20 claims
+CONTENTION_THRESHOLD = 0.1
 
 
 @dataclass
@@ -43,6 +46,9 @@ class _Lane:
     # seqs handed to a fetch whose claim is still running: not offered twice, position stops before
     inflight: set[uuid.UUID] = field(default_factory=set)
     resume: tuple[int, uuid.UUID | None] | None = None
+    # Decaying count of claim races lost on this lane: > 0 means other instances read the same
+    # head, so candidates are spread at random instead of all instances trying the head first.
+    contention: float = 0.0
     scanned_at_ms: int = 0
     persisted_at_ms: int = 0
     persisted: tuple[int, uuid.UUID | None] | None = None
@@ -71,8 +77,10 @@ class Dispatcher:
         return st
 
     async def next_candidate(self, q: QueueKey, lane: int, *, spread: bool) -> ReadyEntry | None:
-        """Pop a candidate of the lane. ``spread`` picks at random among the first few to dodge a race."""
+        """Pop a candidate of the lane, the oldest one unless claims on this lane have been lost to
+        other instances lately (or ``spread``): then one at random among the first few."""
         st = self._lane(q, lane)
+        spread = spread or st.contention >= CONTENTION_THRESHOLD
         now = self.now_ms()
         if st.buffer and now - st.scanned_at_ms > BUFFER_MAX_AGE_MS:
             st.buffer.clear()
@@ -91,7 +99,7 @@ class Dispatcher:
         if not st.buffer:
             return None
         if spread and len(st.buffer) > 1:
-            i = random.randrange(min(len(st.buffer), 8))
+            i = random.randrange(min(len(st.buffer), SPREAD_WINDOW))
             entry = st.buffer[i]
             del st.buffer[i]
         else:
@@ -99,11 +107,12 @@ class Dispatcher:
         st.inflight.add(entry.seq)
         return entry
 
-    def taken(self, q: QueueKey, entry: ReadyEntry) -> None:
-        """The entry's task was claimed (by us or by someone else): never offer it again."""
+    def taken(self, q: QueueKey, entry: ReadyEntry, *, lost_race: bool = False) -> None:
+        """The entry's task was claimed (by us, or by someone else: ``lost_race``): never offer it again."""
         st = self._lane(q, entry.lane)
         st.inflight.discard(entry.seq)
         st.taken.add(entry.seq)
+        st.contention = st.contention * CONTENTION_DECAY + (1.0 if lost_race else 0.0)
 
     def release(self, q: QueueKey, entry: ReadyEntry) -> None:
         """The claim attempt failed for a transient reason: a later scan offers the entry again."""

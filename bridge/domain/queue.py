@@ -63,6 +63,7 @@ MAX_CLAIM_ATTEMPTS = 8
 # A freshly recorded message_id whose task row is not visible yet is assumed to be mid-write by
 # another consumer; only after this long is it treated as a crashed first attempt and replaced.
 IDEMPOTENCY_SETTLE_MS = 30_000
+RECENTLY_COMPLETED_MAX = 200_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +120,9 @@ class WorkQueue:
         self.dispatcher = Dispatcher(repo, clock.now_ms, settle_ms, self.ttl_for)
         self._registered: set[tuple[QueueKey, int, int]] = set()
         self.publishing = 0  # results being published right now (for the results_pending gauge)
+        # (task, epoch) pairs this instance completed lately: the recovery scheduler skips their
+        # deadlines without reading the lease. A hint only; bounded, oldest forgotten first.
+        self.recently_completed: dict[tuple[uuid.UUID, int], None] = {}
         self._background: set[asyncio.Task[Any]] = set()
 
     # -- helpers -----------------------------------------------------------------------------
@@ -272,7 +276,8 @@ class WorkQueue:
             except BaseException:
                 self.dispatcher.release(q, entry)
                 raise
-            self.dispatcher.taken(q, entry)  # claimed by us, or it was not claimable
+            # Claimed by us, or it was not claimable (another worker or instance got it first).
+            self.dispatcher.taken(q, entry, lost_race=delivery is None)
             if delivery is not None:
                 self._spawn(self.repo.mark_claimed(q, entry, self.ttl_for(entry.task_id)), "mark claimed")
                 return delivery
@@ -412,6 +417,9 @@ class WorkQueue:
             self._spawn(self.repo.finish_worker(q, req.worker_id, held.task_id, ttl), "mark worker done")
         except (StorageUnavailable, UnknownOutcome) as exc:
             raise Unavailable(f"storage unavailable: {exc}") from None
+        self.recently_completed[(held.task_id, held.epoch)] = None
+        if len(self.recently_completed) > RECENTLY_COMPLETED_MAX:
+            del self.recently_completed[next(iter(self.recently_completed))]
         self.metrics.inc("tasks_completed", outcome="error" if "error" in req.outcome else "result")
         log.debug("task completed", extra={"task_id": str(held.task_id), "epoch": held.epoch})
         if intent is not None:

@@ -30,7 +30,7 @@ log = logging.getLogger("bridge.scheduler")
 EXPIRY_CURSOR = "expiries"
 OUTBOX_CURSOR = "outbox"
 CURSOR_TTL_S = 30 * 24 * 3600
-HANDLE_CONCURRENCY = 64
+HANDLE_CONCURRENCY = 32
 
 
 @dataclass
@@ -136,8 +136,12 @@ class RecoveryScheduler:
         pending = []
         for entry in entries:
             key = (entry.queue.owner, entry.queue.service, entry.task_id, entry.epoch)
-            if key not in handled:
-                pending.append(one(entry, key))
+            if key in handled:
+                continue
+            if (entry.task_id, entry.epoch) in self.queue.recently_completed:
+                handled.add(key)  # this instance acked it: no need to read the lease
+                continue
+            pending.append(one(entry, key))
         results = await asyncio.gather(*pending, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:

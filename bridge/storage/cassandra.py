@@ -22,6 +22,7 @@ from cassandra import (
     Unavailable,
     WriteTimeout,
 )
+from cassandra import protocol as proto
 from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import (
     EXEC_PROFILE_DEFAULT,
@@ -173,7 +174,11 @@ class CassandraSession:
                 # A conditional write that timed out may still be applied later (CASSANDRA-9328).
                 raise UnknownOutcome(f"{type(exc).__name__}: {exc}") from exc
             raise StorageUnavailable(f"cassandra unavailable: {type(exc).__name__}") from exc
-        except (RequestExecutionException, DriverException) as exc:
+        except proto.RequestValidationException:
+            raise  # invalid CQL or schema: a bug, not an outage
+        except (RequestExecutionException, DriverException, proto.ErrorMessage) as exc:
+            # ErrorMessage covers server-side failures the driver passes through as they are
+            # (ServerError, Overloaded, IsBootstrapping, ...): all "try again later".
             if lwt:
                 raise UnknownOutcome(f"{type(exc).__name__}: {exc}") from exc
             raise StorageUnavailable(f"cassandra error: {type(exc).__name__}: {exc}") from exc
