@@ -134,7 +134,7 @@ class Bridge:
         log.info("bridge stopped")
 
 
-async def run_forever(settings: Settings, extra: list[Any] | None = None) -> None:
+async def run_forever(settings: Settings) -> None:
     bridge = Bridge(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -61,12 +61,13 @@ class Dispatcher:
         repo: TaskRepository,
         now_ms: Callable[[], int],
         settle_ms: int,
-        ttl_for: Callable[[uuid.UUID], int],
+        cursor_ttl_s: int,
     ) -> None:
         self.repo = repo
         self.now_ms = now_ms
         self.settle_ms = settle_ms
-        self.ttl_for = ttl_for
+        # A cursor row must outlive every task after it: the full task lifetime from now.
+        self.cursor_ttl_s = cursor_ttl_s
         self._lanes: dict[tuple[QueueKey, int], _Lane] = {}
 
     def _lane(self, q: QueueKey, lane: int) -> _Lane:
@@ -184,8 +185,7 @@ class Dispatcher:
             from bridge.storage.timeuuid import MIN_TIMEUUID
 
             seq = MIN_TIMEUUID
-        ttl = max(60, self.ttl_for(seq) if seq.version == 1 and ms_of(seq) > 0 else self.ttl_for(uuid.uuid1()))
-        await self.repo.advance_cursor(q, lane, bucket, seq, ttl)
+        await self.repo.advance_cursor(q, lane, bucket, seq, self.cursor_ttl_s)
         st.persisted = st.position
         st.persisted_at_ms = now
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -117,7 +117,7 @@ class WorkQueue:
         self.max_ttr_ms = max_ttr_ms
         self.results = results
         self.metrics: Metrics = metrics or _NoMetrics()
-        self.dispatcher = Dispatcher(repo, clock.now_ms, settle_ms, self.ttl_for)
+        self.dispatcher = Dispatcher(repo, clock.now_ms, settle_ms, task_ttl_s)
         self._registered: set[tuple[QueueKey, int, int]] = set()
         self.publishing = 0  # results being published right now (for the results_pending gauge)
         # (task, epoch) pairs this instance completed lately: the recovery scheduler skips their
@@ -476,6 +476,3 @@ class WorkQueue:
         )
         await self.repo.mark_published(entry, self.ttl_for(entry.task_id))
         self.metrics.inc("results_published")
-
-
-RetryHook = Callable[[], Awaitable[None]]

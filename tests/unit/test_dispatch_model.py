@@ -84,7 +84,7 @@ async def _run(script: list[tuple[str, int, int]]) -> None:
     repo, clock, q = FakeRepo(), Clock(), QueueKey("o", "s")
 
     def make() -> Dispatcher:
-        return Dispatcher(repo, clock.now_ms, SETTLE_MS, lambda _t: 3600)  # type: ignore[arg-type]
+        return Dispatcher(repo, clock.now_ms, SETTLE_MS, 3600)  # type: ignore[arg-type]
 
     d = make()
     added: list[uuid.UUID] = []
