@@ -12,7 +12,7 @@ from typing import Any
 
 from bridge.config import Settings
 from bridge.crypto import CachingKeyProvider, HttpKeyProvider, KeyProvider, KeyringFileProvider
-from bridge.domain.clock import Clock, SystemClock
+from bridge.domain.clock import Clock, SkewGuard, SystemClock
 from bridge.domain.queue import Metrics, WorkQueue
 from bridge.domain.scheduler import RecoveryScheduler
 from bridge.observability.http import OpsServer
@@ -48,21 +48,32 @@ class Bridge:
         observe: Observer | None = None,
     ) -> None:
         self.settings = settings
-        self.db = CassandraSession(settings)
+        self.clock: Clock = clock or SystemClock(settings.clock_offset_ms)
+        self.db = CassandraSession(settings, self.clock.now_ms)
         self.repo = TaskRepository(self.db)
         self.keys = build_key_provider(settings)
         self.metrics = BridgeMetrics(instance=settings.instance_id or socket.gethostname())
         if isinstance(self.keys, CachingKeyProvider):
             self.metrics.bind_key_cache(self.keys)
+        margin_ms = int(settings.clock_skew_margin * 1000)
+        self.skew = SkewGuard(
+            self.clock,
+            self.repo.server_time_ms,
+            margin_ms=margin_ms,
+            interval_s=settings.clock_check_interval,
+            on_reading=lambda r: self.metrics.set_clock_skew(r.offset_ms, r.error_ms),
+        )
         self.queue = WorkQueue(
             self.repo,
             self.keys,
-            clock or SystemClock(),
+            self.clock,
             task_ttl_s=settings.task_ttl_seconds,
             default_ttr_ms=settings.default_time_to_recover_ms,
             max_ttr_ms=settings.max_time_to_recover_ms,
-            settle_ms=int(settings.clock_skew_margin * 1000),
+            settle_ms=margin_ms,
             metrics=metrics or self.metrics,
+            skew_margin_ms=margin_ms,
+            may_grant_leases=self.skew,
         )
         self.transport = AmqpTransport(settings, self.queue, observe or self.metrics.observe)
         self.queue.results = self.transport
@@ -76,7 +87,12 @@ class Bridge:
         self.metrics.bind_scheduler(self.scheduler.state)
         self.ops = OpsServer(
             self.metrics,
-            {"amqp": self._amqp_ready, "cassandra": self._cassandra_ready, "scheduler": self._scheduler_ready},
+            {
+                "amqp": self._amqp_ready,
+                "cassandra": self._cassandra_ready,
+                "scheduler": self._scheduler_ready,
+                "clock": self._clock_ready,
+            },
         )
         self.http_port: int | None = None  # the bound port once started (BRIDGE_HTTP_PORT=0: no HTTP)
         self._stop = asyncio.Event()
@@ -94,6 +110,9 @@ class Bridge:
         max_age = max(5.0, 20 * self.settings.scheduler_interval)
         return time.monotonic() - self.scheduler.state.last_tick_monotonic < max_age
 
+    async def _clock_ready(self) -> bool:
+        return self.skew.ok
+
     async def start(self) -> None:
         # HTTP first: liveness answers while we connect; readiness stays 503 until everything is up.
         if self.settings.http_port:
@@ -102,8 +121,12 @@ class Bridge:
             await self.db.connect()
             await self.repo.create_schema(self.settings)
             await self.repo.prepare()
+            # Measure the clock before taking any request: a skewed bridge never grants a lease.
+            with suppress(Exception):
+                await self.skew.measure()
             await self.transport.start()
             self._tasks.append(asyncio.create_task(self.scheduler.run(self._stop), name="scheduler"))
+            self._tasks.append(asyncio.create_task(self.skew.run(self._stop), name="clock"))
         except BaseException:
             await self.ops.stop()
             raise

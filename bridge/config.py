@@ -89,7 +89,17 @@ class Settings(BaseSettings):
     max_time_to_recover_ms: int = Field(12 * 3600 * 1000, ge=1000)
     scheduler_interval: float = Field(0.1, gt=0, le=5, description="Recovery scheduler tick, seconds.")
     clock_skew_margin: float = Field(
-        1.0, ge=0, le=60, description="Assumed bound on clock skew between hosts plus write latency, seconds."
+        1.0,
+        ge=0,
+        le=60,
+        description="Bound on clock skew between any two bridges, seconds. A lease is taken back only this "
+        "long after its deadline; a bridge more than half of it off Cassandra's clock refuses leases.",
+    )
+    clock_check_interval: float = Field(
+        10.0, gt=0, le=3600, description="How often the bridge measures its clock against Cassandra's, seconds."
+    )
+    clock_offset_ms: int = Field(
+        0, description="Shifts this bridge's clock (fault drills that play a skewed host only; never in production)."
     )
     result_republish_after: float = Field(
         10.0, gt=0, description="A result still unpublished after this many seconds is re-published."

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Self
 from urllib.parse import unquote, urlparse
 
@@ -17,6 +19,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from bridge.client.errors import RequestTimeout, error_from_reply
 
 REPLY_TO = "amq.rabbitmq.reply-to"
+DEADLINE_HEADER = "x-deadline"
 
 
 def user_of(url: str) -> str:
@@ -112,6 +115,11 @@ class RpcClient:
         hdrs: dict[str, Any] = dict(headers or {})
         if owner is not None:
             hdrs["x-owner"] = owner
+        now = time.time()
+        if reply:
+            # Past this moment we will have given up (and may retry): the bridge drops the request
+            # instead of executing it late, when its outcome could only act on state that moved on.
+            hdrs.setdefault(DEADLINE_HEADER, int((now + self.timeout) * 1000))
         correlation_id = uuid.uuid4().hex
         fut: asyncio.Future[Any] | None = None
         if reply:
@@ -125,6 +133,7 @@ class RpcClient:
             user_id=self.user,
             message_id=message_id,
             headers=hdrs,
+            timestamp=datetime.fromtimestamp(now, tz=UTC),
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         exchange = await channel.get_exchange(self.exchange_name, ensure=False)
@@ -200,12 +209,15 @@ class Task:
     deliveries: int
     lease_expires_at: str
     headers: dict[str, Any] = field(default_factory=dict)
+    epoch: int | None = None  # the lease's fencing token (bridges before 1.1 do not send it)
 
     async def ack(self, result: Any = None) -> bool:
-        return await self.worker.ack(result=result)
+        """Complete this task (never another one): true if this lease completed it."""
+        return await self.worker.ack(result=result, task_id=self.id, epoch=self.epoch)
 
     async def fail(self, error: Any) -> bool:
-        return await self.worker.ack(error=error)
+        """Complete this task with a business error for the engine."""
+        return await self.worker.ack(error=error, task_id=self.id, epoch=self.epoch)
 
 
 class Worker(RpcClient):
@@ -226,6 +238,7 @@ class Worker(RpcClient):
         self.worker_id = worker_id
         self.time_to_recover_ms = time_to_recover_ms
         self.poll_interval = poll_interval
+        self.current: Task | None = None  # what the last fetch returned
 
     @classmethod
     def connect(cls, url: str, *, service: str, worker_id: str, **kw: Any) -> Self:
@@ -238,12 +251,27 @@ class Worker(RpcClient):
             body["timeToRecover"] = ttr
         reply = await self.call("fetch", body)
         if reply.get("result") is None and "task" not in reply:
+            self.current = None
             return None
         t = reply["task"]
-        return Task(self, t["id"], reply["result"], t["deliveries"], t["leaseExpiresAt"], reply["_headers"])
+        self.current = Task(
+            self, t["id"], reply["result"], t["deliveries"], t["leaseExpiresAt"], reply["_headers"], t.get("epoch")
+        )
+        return self.current
 
-    async def ack(self, result: Any = None, *, error: Any = None) -> bool:
+    async def ack(
+        self, result: Any = None, *, error: Any = None, task_id: str | None = None, epoch: int | None = None
+    ) -> bool:
+        """Ack a task: the one named (``task_id``, ``epoch`` from the fetch reply), by default the
+        one the last fetch returned. The ack always names its task, so a late or repeated copy of
+        it can never complete another one."""
+        if task_id is None and self.current is not None:
+            task_id, epoch = self.current.id, self.current.epoch
         body: dict[str, Any] = {"serviceId": self.service, "workerId": self.worker_id}
+        if task_id is not None:
+            body["taskId"] = task_id
+        if epoch is not None:
+            body["epoch"] = epoch
         if error is not None:
             body["error"] = error
         else:

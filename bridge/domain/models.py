@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
 
 from bridge.domain.errors import BadRequest
 
@@ -43,8 +53,20 @@ class FetchRequest(_Request):
 class AckRequest(_Request):
     service_id: Identifier = Field(alias="serviceId")
     worker_id: Identifier = Field(alias="workerId")
+    # The task being acked, from the fetch reply (``task.id``, ``task.epoch``). With it the ack
+    # completes exactly that task or answers false; without it (clients of contract v1.0) it
+    # applies to the task the worker holds now.
+    task_id: uuid.UUID | None = Field(None, alias="taskId")
+    epoch: StrictInt | None = Field(None, ge=1, le=2**31 - 1)
     result: Any = None
     error: Any = None
+
+    @field_validator("task_id", mode="before")
+    @classmethod
+    def _task_id_is_a_string(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, str):
+            raise ValueError("must be a string (the task.id of the fetch reply)")
+        return value
 
     @property
     def outcome(self) -> dict[str, Any]:
@@ -74,5 +96,6 @@ class Delivery:
     task_id: str
     value: Any
     deliveries: int
+    epoch: int  # the fencing token of this lease: an ack naming an older epoch is refused
     lease_expires_at_ms: int
     traceparent: str | None

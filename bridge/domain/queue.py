@@ -32,7 +32,7 @@ from bridge.crypto import (
     seal,
 )
 from bridge.crypto import UnknownOwner as NoKeysForOwner
-from bridge.domain.clock import Clock
+from bridge.domain.clock import Clock, next_stamp
 from bridge.domain.dispatch import Dispatcher
 from bridge.domain.errors import IntegrityError, Unavailable, UnknownOwner
 from bridge.domain.models import AckRequest, AddCommand, Delivery, FetchRequest
@@ -45,6 +45,7 @@ from bridge.storage.repository import (
     ReadyEntry,
     TaskRepository,
     WorkerPointer,
+    WorkerRow,
 )
 from bridge.storage.schema import LANE_FRESH, LANE_RECOVERED
 from bridge.storage.timeuuid import (
@@ -86,6 +87,15 @@ class Metrics(Protocol):
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None: ...
 
 
+class LeaseGate(Protocol):
+    """Says whether this bridge may grant leases now (its clock is within the skew limit)."""
+
+    @property
+    def ok(self) -> bool: ...
+
+    def describe(self) -> str: ...
+
+
 class _NoMetrics:
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
         return None
@@ -108,6 +118,8 @@ class WorkQueue:
         settle_ms: int,
         results: ResultSink | None = None,
         metrics: Metrics | None = None,
+        skew_margin_ms: int = 0,
+        may_grant_leases: LeaseGate | None = None,
     ) -> None:
         self.repo = repo
         self.keys = keys
@@ -117,6 +129,11 @@ class WorkQueue:
         self.max_ttr_ms = max_ttr_ms
         self.results = results
         self.metrics: Metrics = metrics or _NoMetrics()
+        # A lease is taken back only once its deadline plus this margin has passed on the
+        # claiming bridge's clock: skew between bridges within the margin cannot make two
+        # workers hold a task at once (docs/storage.md, "Clocks").
+        self.skew_margin_ms = skew_margin_ms
+        self.may_grant_leases = may_grant_leases
         self.dispatcher = Dispatcher(repo, clock.now_ms, settle_ms, task_ttl_s)
         self._registered: set[tuple[QueueKey, int, int]] = set()
         self.publishing = 0  # results being published right now (for the results_pending gauge)
@@ -233,35 +250,40 @@ class WorkQueue:
     async def fetch(self, owner: str, req: FetchRequest) -> Delivery | None:
         q = QueueKey(owner, req.service_id)
         ttr = min(req.time_to_recover or self.default_ttr_ms, self.max_ttr_ms)
+        gate = self.may_grant_leases
+        if gate is not None and not gate.ok:
+            self.metrics.inc("leases_refused", reason="clock_skew")
+            raise Unavailable(f"this bridge does not grant leases now: {gate.describe()}; retry on another bridge")
         try:
-            held = await self.repo.worker(q, req.worker_id)
+            row = await self.repo.worker(q, req.worker_id)
+            held = row.pointer
+            stamp = row.stamp
             if held is not None and not held.done:
                 delivery = await self._resend(q, req.worker_id, held, ttr)
                 if delivery is not None:
                     return delivery
             stale = held is not None and not held.done
-            return await self._claim_next(q, req.worker_id, ttr, stale_pointer=stale)
+            return await self._claim_next(q, req.worker_id, ttr, stamp, stale_pointer=stale)
         except (StorageUnavailable, UnknownOutcome) as exc:
             raise Unavailable(f"storage unavailable: {exc}") from None
 
     async def _resend(self, q: QueueKey, worker: str, held: WorkerPointer, ttr: int) -> Delivery | None:
-        """The worker has not acked its task: give it the same task again, with a fresh lease."""
-        now = self.clock.now_ms()
-        until = now + ttr
-        ttl = self.ttl_for(held.task_id)
-        res = await self.repo.extend(q, held.task_id, held.epoch, worker, to_datetime(until), to_datetime(now), ttl)
-        if res.applied:
-            # The scheduler will meet the old deadline, see the later one, and re-arm itself.
-            self.metrics.inc("tasks_redelivered", kind="resend")
-            return await self._deliver(q, worker, held.task_id, held.epoch, until)
-        cur = res.current
-        if cur is not None and cur.state == "leased" and cur.epoch == held.epoch and cur.worker == worker:
-            # Our lease ran out but nobody took the task yet: take it again (a new epoch).
-            entry = ReadyEntry(LANE_RECOVERED, 0, held.task_id, held.task_id, held.epoch, held.has_token, False)
-            return await self._try_claim(q, worker, entry, ttr, now)
-        return None
+        """The worker has not acked its task: give it the same task again, with a fresh lease.
 
-    async def _claim_next(self, q: QueueKey, worker: str, ttr: int, *, stale_pointer: bool) -> Delivery | None:
+        The extension is conditional on the epoch only, not on the deadline: if nobody re-claimed
+        the task since the lease ran out, it was nobody else's in between."""
+        until = self.clock.now_ms() + ttr
+        ttl = self.ttl_for(held.task_id)
+        res = await self.repo.extend(q, held.task_id, held.epoch, worker, to_datetime(until), ttl)
+        if not res.applied:
+            return None
+        # The scheduler will meet the old deadline, see the later one, and re-arm itself.
+        self.metrics.inc("tasks_redelivered", kind="resend")
+        return await self._deliver(q, worker, held.task_id, held.epoch, until)
+
+    async def _claim_next(
+        self, q: QueueKey, worker: str, ttr: int, stamp: int | None, *, stale_pointer: bool
+    ) -> Delivery | None:
         spread = False
         attempted = False
         for _ in range(MAX_CLAIM_ATTEMPTS):
@@ -272,7 +294,7 @@ class WorkQueue:
                 break
             attempted = True
             try:
-                delivery = await self._try_claim(q, worker, entry, ttr, self.clock.now_ms())
+                delivery, stamp = await self._try_claim(q, worker, entry, ttr, self.clock.now_ms(), stamp)
             except BaseException:
                 self.dispatcher.release(q, entry)
                 raise
@@ -284,10 +306,14 @@ class WorkQueue:
             spread = True  # lost a race: another worker or instance reads the same head
         if stale_pointer or attempted:
             # Our write-ahead pointer names a task we did not get: drop it.
-            await self.repo.clear_worker(q, worker)
+            await self.repo.clear_worker(q, worker, next_stamp(self.clock.now_ms(), stamp))
         return None
 
-    async def _try_claim(self, q: QueueKey, worker: str, entry: ReadyEntry, ttr: int, now: int) -> Delivery | None:
+    async def _try_claim(
+        self, q: QueueKey, worker: str, entry: ReadyEntry, ttr: int, now: int, stamp: int | None
+    ) -> tuple[Delivery | None, int]:
+        """Claim one candidate. Returns the delivery (None if someone else holds the task) and the
+        stamp of the pointer write, which the next write of the pointer must exceed."""
         task_id = entry.task_id
         ttl = self.ttl_for(task_id)
         recovered = entry.lane == LANE_RECOVERED
@@ -295,15 +321,20 @@ class WorkQueue:
         until = now + ttr
         claim_id = uuid.uuid4()
         expiry = ExpiryEntry(to_datetime(until), q, task_id, epoch, entry.has_token)
+        stamp = next_stamp(now, stamp)
+        pointer = WorkerPointer(task_id, epoch, entry.has_token, granted_at_ms=now)
         # Write-ahead: the deadline and the worker's pointer exist before the claim can.
         await asyncio.gather(
-            self.repo.insert_expiry(expiry_bucket(until), expiry, ttl),
-            self.repo.set_worker(q, worker, WorkerPointer(task_id, epoch, entry.has_token), ttl),
+            # Filed under the time it may be taken back: its deadline plus the skew margin.
+            self.repo.insert_expiry(expiry_bucket(until + self.skew_margin_ms), expiry, ttl),
+            self.repo.set_worker(q, worker, pointer, stamp, ttl),
         )
         if recovered:
             assert entry.epoch is not None
+            # Only a lease whose deadline passed more than the skew margin ago on OUR clock.
+            expired_before = to_datetime(now - self.skew_margin_ms)
             claim = self.repo.claim_expired(
-                q, task_id, entry.epoch, worker, to_datetime(until), to_datetime(now), claim_id, ttl
+                q, task_id, entry.epoch, worker, to_datetime(until), expired_before, claim_id, ttl
             )
         else:
             claim = self.repo.claim_new(q, task_id, worker, to_datetime(until), claim_id, ttl)
@@ -317,21 +348,21 @@ class WorkQueue:
                 and cur.state == "leased"
                 and cur.epoch == entry.epoch
                 and cur.lease_until is not None
-                and to_ms(cur.lease_until) > now
+                and to_ms(cur.lease_until) > now - self.skew_margin_ms
             ):
                 # The holder extended its lease after the scheduler re-exposed the task: make sure
                 # the new deadline is watched, or the task could be stranded if the holder dies.
                 later = to_ms(cur.lease_until)
                 await self.repo.insert_expiry(
-                    expiry_bucket(later),
+                    expiry_bucket(later + self.skew_margin_ms),
                     ExpiryEntry(cur.lease_until, q, task_id, cur.epoch, entry.has_token),
                     ttl,
                 )
             self.metrics.inc("claim_conflicts")
-            return None
+            return None, stamp
         self.metrics.inc("tasks_delivered" if not recovered or epoch == 1 else "tasks_redelivered", kind="claim")
         log.debug("task claimed", extra={"task_id": str(task_id), "epoch": epoch, "lease_ms": ttr})
-        return await self._deliver(q, worker, task_id, epoch, until, payload)
+        return await self._deliver(q, worker, task_id, epoch, until, payload), stamp
 
     async def _deliver(
         self, q: QueueKey, worker: str, task_id: uuid.UUID, epoch: int, until: int, payload: Payload | None = None
@@ -354,74 +385,125 @@ class WorkQueue:
             log.error("task dead-lettered: %s", exc.message, extra={"task_id": str(task_id), "epoch": epoch})
             now = self.clock.now_ms()
             await self.repo.kill(q, task_id, epoch, worker, to_datetime(now), self.ttl_for(task_id))
-            await self.repo.clear_worker(q, worker)
+            # No clear of the pointer: a dead task is never resent (the extension fails), and the
+            # worker's next fetch replaces the pointer.
             self.metrics.inc("tasks_dead_lettered", reason="integrity")
             raise
         return Delivery(
             task_id=str(task_id),
             value=orjson.loads(plain),
             deliveries=epoch,
+            epoch=epoch,
             lease_expires_at_ms=until,
             traceparent=payload.traceparent,
         )
 
     # -- ack ---------------------------------------------------------------------------------
-    async def ack(self, owner: str, req: AckRequest) -> bool:
+    async def ack(self, owner: str, req: AckRequest, *, sent_before_ms: int | None = None) -> bool:
+        """Complete a task. With ``taskId`` exactly that task (at that epoch, if given), else the
+        task the worker holds, unless the request was sent before that lease was granted
+        (``sent_before_ms``: an upper bound of the send time, from the AMQP timestamp)."""
         q = QueueKey(owner, req.service_id)
         try:
-            held = await self.repo.worker(q, req.worker_id)
-            if held is None:
+            row = await self.repo.worker(q, req.worker_id)
+            if req.task_id is not None:
+                target = await self._named_target(q, req, row.pointer)
+            else:
+                target = self._held_target(q, req, row.pointer, sent_before_ms)
+            if target is None:
                 return False
-            if held.done:
-                # The worker's last task is complete: a repeated ack (a retry after a lost reply)
-                # gets the same answer, and nothing is completed or published twice.
-                cur = await self.repo.lease(q, held.task_id, serial=False)
-                return (
-                    cur is not None and cur.state == "done" and cur.epoch == held.epoch and cur.worker == req.worker_id
-                )
-            now = self.clock.now_ms()
-            ttl = self.ttl_for(held.task_id)
-            completion_id = uuid.uuid4()
-            intent: OutboxEntry | None = None
-            if held.has_token:
-                key = await self._current_key(owner)
-                sealed = seal(key, _dumps(req.outcome), service=q.service, task_id=str(held.task_id), field="result")
-                intent = OutboxEntry(
-                    outbox_bucket(now),
-                    q,
-                    held.task_id,
-                    completion_id,
-                    sealed.key_id,
-                    sealed.nonce,
-                    sealed.ciphertext,
-                    False,
-                )
-                await self.repo.insert_outbox(intent, ttl)
-            res = await self.repo.complete(
-                q, held.task_id, held.epoch, req.worker_id, to_datetime(now), completion_id, ttl
-            )
-            if not res.applied:
-                if intent is not None:
-                    await self.repo.mark_published(intent, ttl)  # void: this completion did not happen
-                cur = res.current
-                again = (
-                    cur is not None and cur.state == "done" and cur.epoch == held.epoch and cur.worker == req.worker_id
-                )
-                # A retried ack of a completion that already happened is still a success.
-                if again:
-                    await self.repo.finish_worker(q, req.worker_id, held.task_id, ttl)
-                else:
-                    await self.repo.clear_worker(q, req.worker_id)
-                return again
-            # Not awaited: until it lands, a retried ack still finds the completion through the LWT.
-            self._spawn(self.repo.finish_worker(q, req.worker_id, held.task_id, ttl), "mark worker done")
+            if target.done:
+                # The task is complete: a repeated ack (a retry after a lost reply) gets the same
+                # answer, and nothing is completed or published twice.
+                return await self._completed_by(q, target.task_id, target.epoch, req.worker_id)
+            return await self._complete(q, req, target, row)
         except (StorageUnavailable, UnknownOutcome) as exc:
             raise Unavailable(f"storage unavailable: {exc}") from None
-        self.recently_completed[(held.task_id, held.epoch)] = None
+
+    async def _named_target(self, q: QueueKey, req: AckRequest, held: WorkerPointer | None) -> WorkerPointer | None:
+        task_id = req.task_id
+        assert task_id is not None
+        if held is not None and held.task_id == task_id and req.epoch in (None, held.epoch):
+            return held
+        # The pointer names another task (the worker moved on, or this is a late copy of an ack):
+        # the lease row of the named task decides. Never complete the task the pointer names.
+        lease = await self.repo.lease(q, task_id, serial=False)
+        if lease is None or lease.worker != req.worker_id or req.epoch not in (None, lease.epoch):
+            return None
+        if lease.state == "done":
+            return WorkerPointer(task_id, lease.epoch, False, done=True)
+        if lease.state != "leased":
+            return None
+        payload = await self.repo.payload(q, task_id)
+        return WorkerPointer(task_id, lease.epoch, payload is not None and payload.token_ct is not None)
+
+    def _held_target(
+        self, q: QueueKey, req: AckRequest, held: WorkerPointer | None, sent_before_ms: int | None
+    ) -> WorkerPointer | None:
+        self.metrics.inc("acks_without_task_id")
+        if held is None:
+            return None
+        granted = held.granted_at_ms
+        if not held.done and sent_before_ms is not None and granted is not None and sent_before_ms <= granted:
+            # Sent before the worker was handed its current task: a late copy of an earlier ack.
+            self.metrics.inc("acks_refused", reason="older_than_lease")
+            log.warning(
+                "ack older than the worker's lease refused", extra={"task_id": str(held.task_id), "epoch": held.epoch}
+            )
+            return None
+        return held
+
+    async def _completed_by(self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str) -> bool:
+        cur = await self.repo.lease(q, task_id, serial=False)
+        return cur is not None and cur.state == "done" and cur.epoch == epoch and cur.worker == worker
+
+    async def _complete(self, q: QueueKey, req: AckRequest, target: WorkerPointer, row: WorkerRow) -> bool:
+        now = self.clock.now_ms()
+        ttl = self.ttl_for(target.task_id)
+        completion_id = uuid.uuid4()
+        intent: OutboxEntry | None = None
+        if target.has_token:
+            key = await self._current_key(q.owner)
+            sealed = seal(key, _dumps(req.outcome), service=q.service, task_id=str(target.task_id), field="result")
+            intent = OutboxEntry(
+                outbox_bucket(now),
+                q,
+                target.task_id,
+                completion_id,
+                sealed.key_id,
+                sealed.nonce,
+                sealed.ciphertext,
+                False,
+            )
+            await self.repo.insert_outbox(intent, ttl)
+        res = await self.repo.complete(
+            q, target.task_id, target.epoch, req.worker_id, to_datetime(now), completion_id, ttl
+        )
+        held = row.pointer
+        points_here = held is not None and held.task_id == target.task_id
+        stamp = next_stamp(now, row.stamp)
+        if not res.applied:
+            if intent is not None:
+                await self.repo.mark_published(intent, ttl)  # void: this completion did not happen
+            cur = res.current
+            again = (
+                cur is not None and cur.state == "done" and cur.epoch == target.epoch and cur.worker == req.worker_id
+            )
+            # A retried ack of a completion that already happened is still a success.
+            if points_here:
+                if again:
+                    await self.repo.finish_worker(q, req.worker_id, target.task_id, stamp, ttl)
+                else:
+                    await self.repo.clear_worker(q, req.worker_id, stamp)
+            return again
+        if points_here:
+            # Not awaited: until it lands, a retried ack still finds the completion through the LWT.
+            self._spawn(self.repo.finish_worker(q, req.worker_id, target.task_id, stamp, ttl), "mark worker done")
+        self.recently_completed[(target.task_id, target.epoch)] = None
         if len(self.recently_completed) > RECENTLY_COMPLETED_MAX:
             del self.recently_completed[next(iter(self.recently_completed))]
         self.metrics.inc("tasks_completed", outcome="error" if "error" in req.outcome else "result")
-        log.debug("task completed", extra={"task_id": str(held.task_id), "epoch": held.epoch})
+        log.debug("task completed", extra={"task_id": str(target.task_id), "epoch": target.epoch})
         if intent is not None:
             self._spawn(self.publish(intent), "publish result")
         return True

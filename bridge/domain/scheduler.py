@@ -121,8 +121,9 @@ class RecoveryScheduler:
 
     async def _process_bucket(self, bucket: int, now: int, *, only_expired: bool = False) -> None:
         entries = await self.repo.expiries(bucket)
+        margin = self.queue.skew_margin_ms
         if only_expired:
-            entries = [e for e in entries if to_ms(e.lease_until) <= now]
+            entries = [e for e in entries if to_ms(e.lease_until) + margin <= now]
         handled = self._handled.setdefault(bucket, set())
         limit = asyncio.Semaphore(HANDLE_CONCURRENCY)
 
@@ -154,10 +155,11 @@ class RecoveryScheduler:
             return True  # completed, re-claimed, expired by TTL, or a claim that never applied
         until = to_ms(lease.lease_until)
         ttl = self.queue.ttl_for(entry.task_id)
-        if until > now:
-            # The lease was extended: watch its new deadline instead (idempotent row).
+        if until + self.queue.skew_margin_ms > now:
+            # Extended, or not yet past its deadline plus the skew margin (no claim could take it
+            # back yet): watch it again then (idempotent row).
             await self.repo.insert_expiry(
-                expiry_bucket(until),
+                expiry_bucket(until + self.queue.skew_margin_ms),
                 ExpiryEntry(lease.lease_until, q, entry.task_id, lease.epoch, entry.has_token),
                 ttl,
             )

@@ -82,6 +82,20 @@ ROUTES: dict[str, Route] = {
     "results_published": Route("results_published", "Results published and confirmed by the broker."),
     "results_republished": Route("results_republished", "Pending results re-published by the scheduler."),
     "results_dropped": Route("results_dropped", "Results that could not be published, by reason.", labels=("reason",)),
+    "leases_refused": Route(
+        "leases_refused", "Fetches refused without touching a lease, by reason (clock_skew).", labels=("reason",)
+    ),
+    "acks_without_task_id": Route(
+        "acks_without_task_id", "Acks that name no taskId (clients of contract v1.0): upgrade those clients."
+    ),
+    "acks_refused": Route(
+        "acks_refused", "Acks answered false because they were late copies, by reason.", labels=("reason",)
+    ),
+    "requests_expired": Route(
+        "requests_expired",
+        "Requests dropped unexecuted because their caller's deadline had passed.",
+        labels=("method",),
+    ),
 }
 
 
@@ -194,6 +208,16 @@ class BridgeMetrics:
         self.results_pending = Gauge(
             f"{PREFIX}_results_pending", "Results written to the outbox and not yet published.", registry=r
         )
+        self.clock_skew = Gauge(
+            f"{PREFIX}_clock_skew_seconds",
+            "This bridge's clock minus Cassandra's (positive: ahead), from the last measurement.",
+            registry=r,
+        )
+        self.clock_skew_error = Gauge(
+            f"{PREFIX}_clock_skew_error_seconds",
+            "Uncertainty of the last clock skew measurement (half its round trip).",
+            registry=r,
+        )
         self.info = Info(PREFIX, "Build and instance of this bridge.", registry=r)
         self.info.info({"version": version or package_version(), "instance": instance})
         self._callbacks = _CallbackCollector(monotonic)
@@ -237,6 +261,10 @@ class BridgeMetrics:
     # -- gauges set by the code that knows ------------------------------------------------------
     def set_results_pending(self, n: int) -> None:
         self.results_pending.set(n)
+
+    def set_clock_skew(self, offset_ms: float, error_ms: float) -> None:
+        self.clock_skew.set(offset_ms / 1000)
+        self.clock_skew_error.set(error_ms / 1000)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this bridge's registry."""

@@ -9,7 +9,8 @@ worker thread.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio.to_thread
@@ -50,6 +51,26 @@ _CL = {
 Row = dict[str, Any]
 
 
+class ClockTimestamps:
+    """Client-side write timestamps (microseconds) from the bridge's clock, strictly increasing.
+
+    The driver's default generator reads ``time.time()``; reading the bridge's one injectable
+    clock instead means a fault drill that shifts the clock shifts the write timestamps too,
+    exactly as a host with a skewed clock would.
+    """
+
+    def __init__(self, now_ms: Callable[[], int]) -> None:
+        self._now_ms = now_ms
+        self._last = 0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> int:
+        with self._lock:
+            now = self._now_ms() * 1000
+            self._last = now if now > self._last else self._last + 1
+            return self._last
+
+
 def _to_asyncio(rf: ResponseFuture, loop: asyncio.AbstractEventLoop) -> asyncio.Future[list[Row]]:
     fut: asyncio.Future[list[Row]] = loop.create_future()
     rows: list[Row] = []
@@ -81,8 +102,9 @@ def _to_asyncio(rf: ResponseFuture, loop: asyncio.AbstractEventLoop) -> asyncio.
 class CassandraSession:
     """One driver Cluster/Session per process, with prepared statements and async execution."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, now_ms: Callable[[], int] | None = None) -> None:
         self.settings = settings
+        self.timestamps = ClockTimestamps(now_ms) if now_ms is not None else None
         self.keyspace = settings.cassandra_keyspace
         self._cluster: Cluster | None = None
         self._session: Session | None = None
@@ -122,6 +144,8 @@ class CassandraSession:
             idle_heartbeat_interval=10,
             reconnection_policy=None,
         )
+        if self.timestamps is not None:
+            cluster.timestamp_generator = self.timestamps
         self._cluster = cluster
         self._session = cluster.connect()
 

@@ -71,6 +71,15 @@ class WorkerPointer:
     epoch: int
     has_token: bool
     done: bool = False  # the worker acked this task; kept so that a retried ack is answered true
+    granted_at_ms: int | None = None  # when the bridge wrote it (its clock), just before the claim
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRow:
+    """The ``workers`` row as read: the pointer (None once cleared) and the row's write stamp."""
+
+    pointer: WorkerPointer | None
+    stamp: int | None  # microseconds: the next write of this row must use a greater timestamp
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,10 +169,12 @@ _STATEMENTS: dict[str, tuple[str, bool]] = {
         "WHERE owner = ? AND service = ? AND task_id = ? IF state = 'leased' AND epoch = ? AND lease_until <= ?",
         False,
     ),
+    # The holder may extend even past its deadline as long as nobody re-claimed the task (the
+    # epoch is unchanged): it was never anyone else's in between.
     "lease.extend": (
         "UPDATE {ks}.leases USING TTL ? SET lease_until = ? "
         "WHERE owner = ? AND service = ? AND task_id = ? "
-        "IF state = 'leased' AND epoch = ? AND worker = ? AND lease_until > ?",
+        "IF state = 'leased' AND epoch = ? AND worker = ?",
         False,
     ),
     "lease.kill": (
@@ -176,23 +187,31 @@ _STATEMENTS: dict[str, tuple[str, bool]] = {
         "WHERE owner = ? AND service = ? AND task_id = ? IF state = 'leased' AND epoch = ? AND worker = ?",
         False,
     ),
+    # The worker pointer decides what a fetch re-sends and what a legacy ack completes, so it must
+    # not be lost to last-write-wins between hosts whose clocks differ: every write carries an
+    # explicit timestamp greater than the stamp it read (see ``next_stamp``), and it is never
+    # deleted (a tombstone's stamp could not be read back), only nulled.
     "worker.get": (
-        "SELECT task_id, epoch, has_token, done_task FROM {ks}.workers WHERE owner = ? AND service = ? AND worker = ?",
+        "SELECT task_id, epoch, has_token, done_task, stamp, granted_at FROM {ks}.workers "
+        "WHERE owner = ? AND service = ? AND worker = ?",
         True,
     ),
     "worker.set": (
-        "INSERT INTO {ks}.workers (owner, service, worker, task_id, epoch, has_token) "
-        "VALUES (?, ?, ?, ?, ?, ?) USING TTL ?",
+        "UPDATE {ks}.workers USING TTL ? AND TIMESTAMP ? SET task_id = ?, epoch = ?, has_token = ?, "
+        "stamp = ?, granted_at = ? WHERE owner = ? AND service = ? AND worker = ?",
         True,
     ),
     "worker.finish": (
-        "UPDATE {ks}.workers USING TTL ? SET done_task = ? WHERE owner = ? AND service = ? AND worker = ?",
+        "UPDATE {ks}.workers USING TTL ? AND TIMESTAMP ? SET done_task = ? "
+        "WHERE owner = ? AND service = ? AND worker = ?",
         True,
     ),
     "worker.clear": (
-        "DELETE FROM {ks}.workers WHERE owner = ? AND service = ? AND worker = ?",
+        "UPDATE {ks}.workers USING TIMESTAMP ? SET task_id = null, epoch = null, has_token = null, "
+        "granted_at = null, stamp = ? WHERE owner = ? AND service = ? AND worker = ?",
         True,
     ),
+    "clock.now": ("SELECT toUnixTimestamp(now()) AS now_ms FROM system.local", True),
     "expiry.insert": (
         "INSERT INTO {ks}.expiries (bucket, lease_until, owner, service, task_id, epoch, has_token) "
         "VALUES (?, ?, ?, ?, ?, ?, ?) USING TTL ?",
@@ -284,6 +303,11 @@ class TaskRepository:
     async def ping(self) -> str:
         rows = await self.db.execute("ping")
         return str(rows[0]["release_version"]) if rows else "?"
+
+    async def server_time_ms(self) -> int:
+        """The coordinator's clock: the shared reference every bridge measures its skew against."""
+        rows = await self.db.execute("clock.now")
+        return int(rows[0]["now_ms"])
 
     # -- add -------------------------------------------------------------------------------
     async def insert_task(self, q: QueueKey, task_id: uuid.UUID, payload: Payload, ttl: int) -> None:
@@ -473,14 +497,11 @@ class TaskRepository:
         epoch: int,
         worker: str,
         lease_until: datetime,
-        now: datetime,
         ttl: int,
     ) -> CasResult:
         try:
             return _cas(
-                await self.db.execute(
-                    "lease.extend", (ttl, lease_until, q.owner, q.service, task_id, epoch, worker, now)
-                )
+                await self.db.execute("lease.extend", (ttl, lease_until, q.owner, q.service, task_id, epoch, worker))
             )
         except UnknownOutcome:
             current = await self.lease(q, task_id, serial=True)
@@ -519,26 +540,33 @@ class TaskRepository:
         return bool(rows and rows[0].get("[applied]"))
 
     # -- worker pointers -----------------------------------------------------------------------
-    async def worker(self, q: QueueKey, worker: str) -> WorkerPointer | None:
+    async def worker(self, q: QueueKey, worker: str) -> WorkerRow:
         rows = await self.db.execute("worker.get", (q.owner, q.service, worker))
-        if not rows or rows[0]["task_id"] is None:
-            return None
+        if not rows:
+            return WorkerRow(None, None)
         r = rows[0]
-        return WorkerPointer(
+        if r["task_id"] is None or r["epoch"] is None:
+            return WorkerRow(None, r["stamp"])
+        pointer = WorkerPointer(
             task_id=r["task_id"],
             epoch=r["epoch"],
             has_token=bool(r["has_token"]),
             done=r["done_task"] is not None and r["done_task"] == r["task_id"],
+            granted_at_ms=r["granted_at"],
+        )
+        return WorkerRow(pointer, r["stamp"])
+
+    async def set_worker(self, q: QueueKey, worker: str, ptr: WorkerPointer, stamp: int, ttl: int) -> None:
+        await self.db.execute(
+            "worker.set",
+            (ttl, stamp, ptr.task_id, ptr.epoch, ptr.has_token, stamp, ptr.granted_at_ms, q.owner, q.service, worker),
         )
 
-    async def set_worker(self, q: QueueKey, worker: str, ptr: WorkerPointer, ttl: int) -> None:
-        await self.db.execute("worker.set", (q.owner, q.service, worker, ptr.task_id, ptr.epoch, ptr.has_token, ttl))
+    async def finish_worker(self, q: QueueKey, worker: str, task_id: uuid.UUID, stamp: int, ttl: int) -> None:
+        await self.db.execute("worker.finish", (ttl, stamp, task_id, q.owner, q.service, worker))
 
-    async def finish_worker(self, q: QueueKey, worker: str, task_id: uuid.UUID, ttl: int) -> None:
-        await self.db.execute("worker.finish", (ttl, task_id, q.owner, q.service, worker))
-
-    async def clear_worker(self, q: QueueKey, worker: str) -> None:
-        await self.db.execute("worker.clear", (q.owner, q.service, worker))
+    async def clear_worker(self, q: QueueKey, worker: str, stamp: int) -> None:
+        await self.db.execute("worker.clear", (stamp, stamp, q.owner, q.service, worker))
 
     # -- expiries ------------------------------------------------------------------------------
     async def insert_expiry(self, bucket: int, e: ExpiryEntry, ttl: int) -> None:
@@ -620,4 +648,5 @@ __all__ = [
     "ReadyEntry",
     "TaskRepository",
     "WorkerPointer",
+    "WorkerRow",
 ]

@@ -68,6 +68,7 @@ def table_cql(keyspace: str, ttl_seconds: int) -> list[str]:
         f"""CREATE TABLE IF NOT EXISTS {ks}.workers (
             owner text, service text, worker text,
             task_id timeuuid, epoch int, has_token boolean, done_task timeuuid,
+            stamp bigint, granted_at bigint,
             PRIMARY KEY ((owner, service, worker))
         ) WITH {ttl}""",
         # Lease deadlines, written BEFORE the claim so a crash can never strand a leased task.
@@ -104,6 +105,9 @@ def table_cql(keyspace: str, ttl_seconds: int) -> list[str]:
 # the missing ones with ALTER TABLE, so upgrading a running cluster needs no manual step.
 ADDED_COLUMNS: list[tuple[str, str, str]] = [
     ("workers", "done_task", "timeuuid"),
+    # Write stamp of the pointer (microseconds, Lamport-ordered) and when it was granted (ms).
+    ("workers", "stamp", "bigint"),
+    ("workers", "granted_at", "bigint"),
 ]
 
 

@@ -11,7 +11,9 @@ Every request delivery is acknowledged only after its outcome is settled:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -40,6 +42,8 @@ log = logging.getLogger("bridge.amqp")
 METHODS = ("add", "fetch", "ack")
 JSON = "application/json"
 ADD_RETRY_BUDGET_S = 30.0
+DEADLINE_HEADER = "x-deadline"
+OWNER_PATTERN = re.compile(r"[^\x00-\x1f\x7f]{1,255}")
 
 
 class Identity:
@@ -50,17 +54,58 @@ class Identity:
 
     def owner_of(self, message: AbstractIncomingMessage) -> str:
         user = message.user_id
-        header = (message.headers or {}).get("x-owner")
-        named = header.decode() if isinstance(header, bytes) else header
         if not user:
             raise Unauthorized("the message has no user_id property; set it to your AMQP user name")
-        if named is not None and not isinstance(named, str):
-            raise BadRequest("the x-owner header must be a string")
+        named = self._named_owner((message.headers or {}).get("x-owner"))
         if user in self.trusted:
             return named or user
         if named is not None and named != user:
             raise Unauthorized(f"user {user!r} may not act for owner {named!r}")
         return user
+
+    @staticmethod
+    def _named_owner(header: Any) -> str | None:
+        """The x-owner header, checked like any other caller input (any user can send it)."""
+        if header is None:
+            return None
+        if isinstance(header, bytes):
+            try:
+                header = header.decode()
+            except UnicodeDecodeError:
+                raise BadRequest("the x-owner header is not valid UTF-8") from None
+        if not isinstance(header, str):
+            raise BadRequest("the x-owner header must be a string")
+        if not OWNER_PATTERN.fullmatch(header):
+            raise BadRequest("the x-owner header must be 1 to 255 printable characters")
+        return header
+
+
+def _deadline_of(message: AbstractIncomingMessage) -> int | None:
+    """The caller's deadline (``x-deadline`` header, milliseconds since the epoch), if it set one."""
+    value = (message.headers or {}).get(DEADLINE_HEADER)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"the {DEADLINE_HEADER} header must be an integer (milliseconds since the epoch)")
+    return value
+
+
+def _sent_before_ms(message: AbstractIncomingMessage) -> int | None:
+    """An upper bound of when the request was sent, from the AMQP ``timestamp`` property (whole
+    seconds): the request was sent before the end of that second."""
+    ts = message.timestamp
+    if ts is None:
+        return None
+    return (int(ts.timestamp()) + 1) * 1000
+
+
+def _json_size(value: Any, what: str) -> int:
+    """The size of a value as JSON; input JSON cannot express (nesting deeper than the encoder
+    allows) is the caller's fault, not an internal error."""
+    try:
+        return len(orjson.dumps(value))
+    except (orjson.JSONEncodeError, RecursionError):
+        raise BadRequest(f"{what} cannot be stored: it is nested too deeply (the limit is 254 levels)") from None
 
 
 def _reply_body(result: Any = None, *, error: BridgeError | None = None, extra: dict[str, Any] | None = None) -> bytes:
@@ -223,12 +268,33 @@ class AmqpTransport:
             )
             try:
                 await handler(message)
+            except asyncio.CancelledError:
+                # Shutdown or a lost channel: the broker requeues what we did not settle.
+                raise
+            except Exception:
+                log.exception("request handler failed unexpectedly")
+                await self._settle_failed(message)
             finally:
                 self._inflight.discard(task)
                 if not self._inflight:
                     self._idle.set()
 
         return run
+
+    async def _settle_failed(self, message: AbstractIncomingMessage) -> None:
+        """Last resort, whatever raised: answer ``internal`` and dead-letter, so that one bad
+        message can never sit unacknowledged and stall the queue for every tenant."""
+        method = message.routing_key or "unknown"
+        self.observe(method if method in METHODS else "unknown", "internal", 0.0)
+        if message.processed:
+            return
+        err = BridgeError("internal error; the message was dead-lettered, see the bridge log")
+        with contextlib.suppress(Exception):
+            await self._reply(message, _reply_body(error=err), is_error=True)
+        try:
+            await message.reject(requeue=False)
+        except Exception as exc:  # the channel is gone: the broker requeues it for another try
+            log.warning("could not dead-letter a failed request: %s", type(exc).__name__)
 
     # -- replies -----------------------------------------------------------------------------
     async def _reply(
@@ -284,9 +350,11 @@ class AmqpTransport:
             owner = self.identity.owner_of(message)
             cmd: AddCommand = parse(AddCommand, self._body(message))
             structlog.contextvars.bind_contextvars(owner=owner, service=cmd.service_id)
-            size = len(orjson.dumps(cmd.value))
+            size = _json_size(cmd.value, "the value")
             if size > self.settings.max_value_bytes:
                 raise PayloadTooLarge(f"value is {size} bytes; the limit is {self.settings.max_value_bytes}")
+            if _json_size(cmd.token, "the token") > self.settings.max_value_bytes:
+                raise PayloadTooLarge(f"the token is larger than {self.settings.max_value_bytes} bytes")
         except BridgeError as exc:
             self.observe("add", exc.code, time.perf_counter() - started)
             await self._reject(message, exc, "add")
@@ -329,7 +397,7 @@ class AmqpTransport:
         self,
         message: AbstractIncomingMessage,
         method: str,
-        call: Callable[[str, Any], Awaitable[tuple[bytes, dict[str, Any] | None]]],
+        call: Callable[[str, Any, AbstractIncomingMessage], Awaitable[tuple[bytes, dict[str, Any] | None]]],
         model: type[Any],
     ) -> None:
         started = time.perf_counter()
@@ -337,14 +405,23 @@ class AmqpTransport:
             if not message.reply_to:
                 raise BadRequest(f"{method} is an RPC: set reply_to (and correlation_id)")
             owner = self.identity.owner_of(message)
+            deadline = _deadline_of(message)
             request = parse(model, self._body(message))
             structlog.contextvars.bind_contextvars(owner=owner, service=request.service_id, worker=request.worker_id)
         except BridgeError as exc:
             self.observe(method, exc.code, time.perf_counter() - started)
             await self._reject(message, exc, method)
             return
+        if deadline is not None and self.queue.clock.now_ms() > deadline:
+            # The caller gave up (and may have retried elsewhere): executing it now could only act
+            # on state that has moved on. Dropped before touching Cassandra, and counted.
+            self.queue.metrics.inc("requests_expired", method=method)
+            self.observe(method, "expired", time.perf_counter() - started)
+            log.info("request past its deadline dropped", extra={"late_ms": self.queue.clock.now_ms() - deadline})
+            await message.ack()
+            return
         try:
-            body, headers = await call(owner, request)
+            body, headers = await call(owner, request, message)
         except BridgeError as exc:
             self.observe(method, exc.code, time.perf_counter() - started)
             await self._reply(message, _reply_body(error=exc), is_error=True)
@@ -361,12 +438,15 @@ class AmqpTransport:
         await message.ack()
         self.observe(method, "ok", time.perf_counter() - started)
 
-    async def _fetch(self, owner: str, req: FetchRequest) -> tuple[bytes, dict[str, Any] | None]:
+    async def _fetch(
+        self, owner: str, req: FetchRequest, message: AbstractIncomingMessage
+    ) -> tuple[bytes, dict[str, Any] | None]:
         delivery = await self.queue.fetch(owner, req)
         if delivery is None:
             return _reply_body(None), None
         task = {
             "id": delivery.task_id,
+            "epoch": delivery.epoch,
             "deliveries": delivery.deliveries,
             "leaseExpiresAt": _iso(delivery.lease_expires_at_ms),
         }
@@ -375,11 +455,14 @@ class AmqpTransport:
         headers = {"traceparent": child} if child else None
         return _reply_body(delivery.value, extra={"task": task}), headers
 
-    async def _ack(self, owner: str, req: AckRequest) -> tuple[bytes, dict[str, Any] | None]:
-        size = len(orjson.dumps(req.outcome))
+    async def _ack(
+        self, owner: str, req: AckRequest, message: AbstractIncomingMessage
+    ) -> tuple[bytes, dict[str, Any] | None]:
+        size = _json_size(req.outcome, "the result")
         if size > self.settings.max_value_bytes:
             raise PayloadTooLarge(f"the result is {size} bytes; the limit is {self.settings.max_value_bytes}")
-        return _reply_body(await self.queue.ack(owner, req)), None
+        done = await self.queue.ack(owner, req, sent_before_ms=_sent_before_ms(message))
+        return _reply_body(done), None
 
     async def _on_fetch(self, message: AbstractIncomingMessage) -> None:
         await self._rpc(message, "fetch", self._fetch, FetchRequest)

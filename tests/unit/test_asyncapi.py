@@ -122,7 +122,7 @@ _JSON_TYPES: dict[str, Any] = {
 }
 _KNOWN_KEYWORDS = {
     "$ref", "type", "const", "enum", "required", "properties", "additionalProperties", "oneOf", "not",
-    "items", "minimum", "minLength", "maxLength", "pattern", "format", "default", "description", "title",
+    "items", "minimum", "maximum", "minLength", "maxLength", "pattern", "format", "default", "description", "title",
 }  # fmt: skip
 _DATE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
 
@@ -155,6 +155,8 @@ def errors_of(doc: dict[str, Any], schema: Any, value: Any, where: str = "$") ->
                 out.append(f"{where}: {value!r} is not a uuid")
     if _JSON_TYPES["number"](value) and "minimum" in schema and value < schema["minimum"]:
         out.append(f"{where}: {value!r} < {schema['minimum']}")
+    if _JSON_TYPES["number"](value) and "maximum" in schema and value > schema["maximum"]:
+        out.append(f"{where}: {value!r} > {schema['maximum']}")
     if isinstance(value, dict):
         props = schema.get("properties", {})
         out += [f"{where}: missing {name!r}" for name in schema.get("required", []) if name not in value]
@@ -461,7 +463,12 @@ class _Incoming:
         self.correlation_id = uuid.uuid4().hex
         self.headers = headers or {}
         self.message_id = message_id
+        self.timestamp = None
         self.settled: list[tuple[str, bool]] = []
+
+    @property
+    def processed(self) -> bool:
+        return bool(self.settled)
 
     async def ack(self) -> None:
         self.settled.append(("ack", False))
@@ -489,7 +496,7 @@ class _WorkQueue:
             raise self.error
         return self.delivery
 
-    async def ack(self, owner: str, req: AckRequest) -> bool:
+    async def ack(self, owner: str, req: AckRequest, *, sent_before_ms: int | None = None) -> bool:
         if self.error is not None:
             raise self.error
         return self.acked
@@ -540,13 +547,13 @@ def test_add_reply_matches_the_document(doc: dict[str, Any], settings: Settings)
 
 def test_fetch_replies_match_the_document(doc: dict[str, Any], settings: Settings) -> None:
     queue = _WorkQueue()
-    queue.delivery = Delivery(TASK_ID, None, 2, 1_735_732_800_123, TRACEPARENT)
+    queue.delivery = Delivery(TASK_ID, None, 2, 2, 1_735_732_800_123, TRACEPARENT)
     request = _Incoming({"serviceId": "billing", "workerId": "w-1", "timeToRecover": 100}, routing_key="fetch")
     published = _handle(settings, queue, request)
     body = _assert_reply(doc, published, request, "fetchReply")
     assert body == {
         "result": None,
-        "task": {"id": TASK_ID, "deliveries": 2, "leaseExpiresAt": "2025-01-01T12:00:00.123Z"},
+        "task": {"id": TASK_ID, "epoch": 2, "deliveries": 2, "leaseExpiresAt": "2025-01-01T12:00:00.123Z"},
     }
     # The reply continues the engine's trace: same trace id, a new span id.
     sent = (published[0][0].headers or {}).get("traceparent")

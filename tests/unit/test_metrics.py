@@ -27,6 +27,9 @@ DOCUMENTED = {
     "results_republished",
     "results_dropped",
     "tasks_recovered",
+    "leases_refused",
+    "acks_without_task_id",
+    "acks_refused",
 }
 
 EXPECTED_COUNTERS = {
@@ -41,6 +44,10 @@ EXPECTED_COUNTERS = {
     "results_published": ("queue_bridge_results_published_total", ()),
     "results_republished": ("queue_bridge_results_republished_total", ()),
     "results_dropped": ("queue_bridge_results_dropped_total", ("reason",)),
+    "leases_refused": ("queue_bridge_leases_refused_total", ("reason",)),
+    "acks_without_task_id": ("queue_bridge_acks_without_task_id_total", ()),
+    "acks_refused": ("queue_bridge_acks_refused_total", ("reason",)),
+    "requests_expired": ("queue_bridge_requests_expired_total", ("method",)),
 }
 
 
