@@ -305,6 +305,30 @@ async def wait_for(predicate: Callable[[], Any], timeout: float, interval: float
         await asyncio.sleep(interval)
 
 
+async def consumers_on(url: str, queue: str) -> int:
+    import aio_pika
+
+    conn = await aio_pika.connect_robust(url)
+    try:
+        ch = await conn.channel()
+        try:
+            q = await ch.declare_queue(queue, passive=True)
+        except aio_pika.exceptions.ChannelClosed:
+            return 0
+        return int(q.declaration_result.consumer_count)
+    finally:
+        await conn.close()
+
+
+async def wait_bridges(servers: Servers, names: dict[str, str], n: int, timeout: float = 60) -> None:
+    """Wait until ``n`` bridges consume this test's fetch queue."""
+
+    async def ready() -> bool:
+        return await consumers_on(servers.amqp_url("guest"), f"{names['queue_prefix']}.fetch") >= n
+
+    await wait_for(ready, timeout, interval=0.3, what=f"{n} bridges consuming")
+
+
 def service_id() -> str:
     return f"svc-{uuid.uuid4().hex[:10]}"
 

@@ -12,8 +12,7 @@ import aiohttp
 import pytest
 
 from bridge.client import Engine, RequestTimeout, UnavailableError, Worker
-from tests.conftest import ENGINE_USER, OWNERS, service_id, wait_for
-from tests.integration.test_multi_instance import wait_bridges
+from tests.conftest import ENGINE_USER, OWNERS, service_id, wait_bridges, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 

@@ -1,0 +1,186 @@
+"""A history of what workers saw, and the checker the multi-bridge tests run over it.
+
+After Jepsen's total-queue and Queen MQ's lease checker, plus attribution (issue 12): it is not
+enough that every task is completed once; each completion must be the one its acking worker meant.
+
+Checked against Cassandra's rows and the result messages:
+- no task lost: every added task is completed;
+- every ack that answered true completed the task the worker was handed, at the lease it held
+  (the ``leases`` row shows that worker and that epoch as the completer);
+- acks answering true equal completions (one per task; a retried ack of the same lease counts once);
+- every result message carries the value of the task it names (no result on the wrong task),
+  one result per completion;
+- no two workers hold one task at once in true time beyond a tolerance, where a worker holds a
+  task from receiving the fetch reply until the fetch was sent + timeToRecover (an under-estimate
+  of the lease: the bridge granted it after the request was sent).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Held:
+    task: str
+    epoch: int | None
+    worker: str
+    start: float  # monotonic, fetch reply received
+    end: float  # monotonic, fetch sent + timeToRecover
+
+
+@dataclass(frozen=True)
+class Acked:
+    task: str
+    epoch: int | None
+    worker: str
+    answer: bool
+
+
+@dataclass
+class History:
+    values: dict[str, Any] = field(default_factory=dict)  # task id -> value added
+    held: list[Held] = field(default_factory=list)
+    acks: list[Acked] = field(default_factory=list)
+
+    def overlaps(self, tolerance_s: float = 0.05) -> list[tuple[Held, Held, float]]:
+        by_task: dict[str, list[Held]] = defaultdict(list)
+        for h in self.held:
+            by_task[h.task].append(h)
+        bad = []
+        for items in by_task.values():
+            items.sort(key=lambda h: h.start)
+            for i, a in enumerate(items):
+                for b in items[i + 1 :]:
+                    overlap = min(a.end, b.end) - max(a.start, b.start)
+                    if a.worker != b.worker and overlap > tolerance_s:
+                        bad.append((a, b, overlap))
+        return bad
+
+    def check(
+        self,
+        lease_rows: dict[str, dict[str, Any]],
+        results: list[dict[str, Any]] | None,
+        *,
+        tolerance_s: float = 0.05,
+    ) -> None:
+        """``lease_rows``: task id -> its ``leases`` row; ``results``: the result messages (None
+        when the tasks carried no token)."""
+        problems: list[str] = []
+        lost = [t for t in self.values if (lease_rows.get(t) or {}).get("state") != "done"]
+        if lost:
+            problems.append(f"{len(lost)} tasks not completed, e.g. {lost[:3]}")
+        true_acks = {(a.task, a.epoch, a.worker) for a in self.acks if a.answer}
+        for task, epoch, worker in true_acks:
+            row = lease_rows.get(task) or {}
+            if row.get("state") != "done" or row.get("worker") != worker or (epoch and row.get("epoch") != epoch):
+                problems.append(
+                    f"ack of {task} (epoch {epoch}) by {worker} answered true, but the row shows "
+                    f"{row.get('state')} by {row.get('worker')} at epoch {row.get('epoch')}"
+                )
+        per_task: dict[str, int] = defaultdict(int)
+        for task, _, _ in true_acks:
+            per_task[task] += 1
+        twice = [t for t, n in per_task.items() if n > 1]
+        if twice:
+            problems.append(f"{len(twice)} tasks completed by more than one ack answering true, e.g. {twice[:3]}")
+        completions = sum(1 for t in self.values if (lease_rows.get(t) or {}).get("state") == "done")
+        if len(per_task) != completions:
+            problems.append(f"{len(per_task)} tasks acked true but {completions} completions in Cassandra")
+        if results is not None:
+            seen: dict[str, int] = defaultdict(int)
+            for msg in results:
+                task = msg["taskId"]
+                seen[task] += 1
+                carried = (msg.get("result") or {}).get("task")
+                if task in self.values and carried != self.values[task]:
+                    problems.append(f"result of {task} carries {carried!r}, the task's value is {self.values[task]!r}")
+            missing = set(self.values) - set(seen)
+            if missing:
+                problems.append(f"{len(missing)} completed tasks without a result message")
+        bad = self.overlaps(tolerance_s)
+        if bad:
+            worst = max(o for _, _, o in bad)
+            problems.append(f"{len(bad)} pairs of workers held one task at once (worst {worst * 1000:.0f} ms)")
+        assert not problems, "history check failed:\n  " + "\n  ".join(problems[:20])
+
+
+def lease_rows(cql: Any, keyspace: str, owner: str, service: str, tasks: list[str]) -> dict[str, dict[str, Any]]:
+    """The ``leases`` rows of these tasks, read at SERIAL (what Cassandra decided)."""
+    from cassandra import ConsistencyLevel
+    from cassandra.query import SimpleStatement
+
+    stmt = SimpleStatement(
+        f"SELECT task_id, state, epoch, worker FROM {keyspace}.leases "
+        "WHERE owner = %s AND service = %s AND task_id = %s",
+        consistency_level=ConsistencyLevel.SERIAL,
+    )
+    out: dict[str, dict[str, Any]] = {}
+    for task in tasks:
+        rows = list(cql.execute(stmt, (owner, service, uuid.UUID(task))))
+        if rows:
+            out[task] = rows[0]
+    return out
+
+
+async def run_workers(
+    url: str,
+    exchange: str,
+    service: str,
+    history: History,
+    n_workers: int,
+    total: int,
+    *,
+    abandon: float = 0.0,
+    ttr_ms: int = 1000,
+    deadline_s: float = 120,
+    rpc_timeout: float = 10.0,
+) -> None:
+    """Workers loop fetch -> ack (result ``{"task": value}``) until ``total`` distinct tasks are
+    completed, recording what they were handed and what their acks answered. A share
+    ``abandon`` of fetched tasks is dropped (the worker "dies" and comes back under a new id)."""
+    import asyncio
+    import random
+    import time
+
+    from bridge.client import RequestTimeout, UnavailableError, Worker
+
+    completed: set[str] = set()
+    done = asyncio.Event()
+    stop_at = time.monotonic() + deadline_s
+
+    async def one(index: int) -> None:
+        gen = 0
+        async with Worker(url, service=service, worker_id=f"w{index}.0", exchange=exchange, timeout=rpc_timeout) as w:
+            while not done.is_set() and time.monotonic() < stop_at:
+                sent = time.monotonic()
+                try:
+                    task = await w.fetch(time_to_recover_ms=ttr_ms)
+                except (RequestTimeout, UnavailableError):
+                    continue
+                if task is None:
+                    await asyncio.sleep(0.02)
+                    continue
+                history.held.append(Held(task.id, task.epoch, w.worker_id, time.monotonic(), sent + ttr_ms / 1000))
+                history.values.setdefault(task.id, task.value)
+                if random.random() < abandon:
+                    gen += 1
+                    w.worker_id = f"w{index}.{gen}"  # this worker "dies"; its lease must expire
+                    w.current = None
+                    continue
+                while True:
+                    try:
+                        ok = await task.ack({"task": task.value})
+                        break
+                    except (RequestTimeout, UnavailableError):
+                        continue  # a retried ack of a completed task is still true
+                history.acks.append(Acked(task.id, task.epoch, w.worker_id, ok))
+                if ok:
+                    completed.add(task.id)
+                    if len(completed) >= total:
+                        done.set()
+
+    await asyncio.gather(*(one(i) for i in range(n_workers)))

@@ -1,0 +1,62 @@
+"""Leases and acks under clock skew between bridges (issue 12).
+
+Each bridge reads time through one clock; ``BRIDGE_CLOCK_OFFSET_MS`` shifts it inside the bridge
+process (its lease deadlines, task ids and Cassandra write timestamps alike), as a host with a
+skewed clock would. Within ``BRIDGE_CLOCK_SKEW_MARGIN`` nothing may go wrong; beyond half of it
+(measured against Cassandra's clock) a bridge must refuse to grant leases.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bridge.client import Engine, UnavailableError
+from tests.conftest import ENGINE_USER, OWNERS, service_id, wait_bridges, wait_for
+from tests.history import History, lease_rows, run_workers
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration, pytest.mark.slow]
+
+
+async def test_two_bridges_400ms_apart_each_way_attribute_every_ack_and_never_overlap(
+    bridge_processes, servers, names, cql
+):
+    bridge_processes(BRIDGE_CLOCK_OFFSET_MS="400")
+    bridge_processes(BRIDGE_CLOCK_OFFSET_MS="-400")
+    await wait_bridges(servers, names, 2)
+    svc = service_id()
+    total = 600
+    history = History()
+    async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"]) as engine:
+        for start in range(0, total, 100):
+            ids = [await engine.add(svc, i) for i in range(start, start + 100)]
+            history.values.update(zip(ids, range(start, start + 100), strict=True))
+    # Short leases and abandoned tasks, so that leases are taken back while the clocks disagree;
+    # every worker's fetches and acks spread over both bridges (RabbitMQ round-robin).
+    await run_workers(servers.amqp_url(OWNERS[0]), names["exchange"], svc, history, 12, total, abandon=0.1, ttr_ms=1000)
+    assert len(history.held) > total, "abandoned leases were taken back"
+    rows = lease_rows(cql, servers.keyspace, OWNERS[0], svc, list(history.values))
+    history.check(rows, None, tolerance_s=0.05)
+    # Every ack of a task the worker held answered true: no pointer write was lost to skew.
+    refused = [a for a in history.acks if not a.answer]
+    assert refused == [], f"{len(refused)} acks of held tasks answered false"
+
+
+async def test_a_bridge_3s_ahead_reports_the_skew_and_refuses_leases(make_bridge, engine, workers):
+    skewed = await make_bridge(clock_offset_ms=3000, clock_check_interval=0.2)
+    reading = await wait_for(lambda: skewed.skew.reading, 10, what="a clock reading")
+    assert 2800 <= reading.offset_ms <= 3200
+    assert not skewed.skew.ok
+    assert not await skewed._clock_ready()
+    assert 2.8 <= skewed.metrics.clock_skew._value.get() <= 3.2  # queue_bridge_clock_skew_seconds
+    svc = service_id()
+    await engine.add(svc, "held back")  # adds grant no lease: still taken
+    w = await workers(svc, "w")
+    with pytest.raises(UnavailableError, match="clock"):
+        await w.fetch()
+    # Nothing was leased: a bridge within the limit hands the task out.
+    healthy = await make_bridge()
+    assert healthy.skew.ok
+    await skewed.transport.pause()  # only the healthy bridge serves from now on
+    task = await w.fetch()
+    assert task is not None and task.value == "held back" and task.deliveries == 1
+    assert await task.ack("ok") is True
