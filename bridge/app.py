@@ -68,6 +68,7 @@ class Bridge:
             self.keys,
             self.clock,
             task_ttl_s=settings.task_ttl_seconds,
+            max_value_bytes=settings.max_value_bytes,
             default_ttr_ms=settings.default_time_to_recover_ms,
             max_ttr_ms=settings.max_time_to_recover_ms,
             settle_ms=margin_ms,

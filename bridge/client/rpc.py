@@ -13,10 +13,10 @@ from typing import Any, Self
 from urllib.parse import unquote, urlparse
 
 import aio_pika
-import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from bridge.client.errors import RequestTimeout, error_from_reply
+from bridge.domain import jsonvalue
 
 REPLY_TO = "amq.rabbitmq.reply-to"
 DEADLINE_HEADER = "x-deadline"
@@ -93,7 +93,7 @@ class RpcClient:
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         fut = self._pending.pop(message.correlation_id or "", None)
         if fut is not None and not fut.done():
-            fut.set_result((orjson.loads(message.body), dict(message.headers or {})))
+            fut.set_result((jsonvalue.loads(message.body), dict(message.headers or {})))
 
     async def publish(
         self,
@@ -126,7 +126,7 @@ class RpcClient:
             fut = asyncio.get_running_loop().create_future()
             self._pending[correlation_id] = fut
         message = aio_pika.Message(
-            raw if raw is not None else orjson.dumps(body),
+            raw if raw is not None else jsonvalue.dumps(body),
             content_type="application/json",
             correlation_id=correlation_id,
             reply_to=REPLY_TO if reply else None,
@@ -305,7 +305,7 @@ async def results_consumer(
         out: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
         async def on_message(message: AbstractIncomingMessage) -> None:
-            body = orjson.loads(message.body)
+            body = jsonvalue.loads(message.body)
             body["_message_id"] = message.message_id
             body["_headers"] = dict(message.headers or {})
             await out.put(body)

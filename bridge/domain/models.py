@@ -94,7 +94,7 @@ class Delivery:
     """A task handed to a worker."""
 
     task_id: str
-    value: Any
+    value_json: bytes  # the value as added, JSON (decrypted, not parsed)
     deliveries: int
     epoch: int  # the fencing token of this lease: an ack naming an older epoch is refused
     lease_expires_at_ms: int

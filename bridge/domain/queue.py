@@ -19,8 +19,6 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import orjson
-
 from bridge.crypto import (
     KeyProvider,
     KeyUnavailable,
@@ -32,9 +30,10 @@ from bridge.crypto import (
     seal,
 )
 from bridge.crypto import UnknownOwner as NoKeysForOwner
+from bridge.domain import jsonvalue
 from bridge.domain.clock import Clock, next_stamp
 from bridge.domain.dispatch import Dispatcher
-from bridge.domain.errors import IntegrityError, Unavailable, UnknownOwner
+from bridge.domain.errors import BadRequest, IntegrityError, PayloadTooLarge, Unavailable, UnknownOwner
 from bridge.domain.models import AckRequest, AddCommand, Delivery, FetchRequest
 from bridge.storage.errors import StorageUnavailable, UnknownOutcome
 from bridge.storage.repository import (
@@ -73,8 +72,9 @@ class ResultMessage:
     service: str
     task_id: str
     completion_id: str
-    token: Any
-    outcome: dict[str, Any]  # {"result": ...} or {"error": ...}
+    token_json: bytes  # the token as added, JSON
+    kind: str  # "result" or "error"
+    value_json: bytes  # the result or error as acked, JSON
     traceparent: str | None
 
 
@@ -101,8 +101,27 @@ class _NoMetrics:
         return None
 
 
-def _dumps(value: Any) -> bytes:
-    return orjson.dumps(value)
+def _encode(value: Any, what: str, limit: int) -> bytes:
+    """Serialize a caller's value once, exactly, within the size limit (the caller's errors are
+    ``bad_request`` / ``payload_too_large``, never ``internal``)."""
+    try:
+        data = jsonvalue.dumps(value)
+    except jsonvalue.JsonError as exc:
+        raise BadRequest(f"{what} {exc}") from None
+    if len(data) > limit:
+        raise PayloadTooLarge(f"{what} is {len(data)} bytes as JSON; the limit is {limit}")
+    return data
+
+
+def _split_outcome(outcome_json: bytes) -> tuple[str, bytes]:
+    """``{"result":X}`` / ``{"error":X}`` as written by :func:`_encode` -> (kind, X) without parsing X."""
+    for kind in ("result", "error"):
+        prefix = b'{"' + kind.encode() + b'":'
+        if outcome_json.startswith(prefix) and outcome_json.endswith(b"}"):
+            return kind, outcome_json[len(prefix) : -1]
+    parsed = jsonvalue.loads(outcome_json)  # written by another encoder: parse it (exactly)
+    kind = "error" if "error" in parsed else "result"
+    return kind, jsonvalue.dumps(parsed[kind])
 
 
 class WorkQueue:
@@ -113,6 +132,7 @@ class WorkQueue:
         clock: Clock,
         *,
         task_ttl_s: int,
+        max_value_bytes: int,
         default_ttr_ms: int,
         max_ttr_ms: int,
         settle_ms: int,
@@ -125,6 +145,7 @@ class WorkQueue:
         self.keys = keys
         self.clock = clock
         self.task_ttl_s = task_ttl_s
+        self.max_value_bytes = max_value_bytes
         self.default_ttr_ms = default_ttr_ms
         self.max_ttr_ms = max_ttr_ms
         self.results = results
@@ -193,6 +214,8 @@ class WorkQueue:
     # -- add ---------------------------------------------------------------------------------
     async def add(self, owner: str, cmd: AddCommand, *, message_id: str | None, traceparent: str | None) -> str:
         q = QueueKey(owner, cmd.service_id)
+        value_json = _encode(cmd.value, "the value", self.max_value_bytes)
+        token_json = None if cmd.token is None else _encode(cmd.token, "the token", self.max_value_bytes)
         key = await self._current_key(owner)
         now = self.clock.now_ms()
         task_id = new_task_id(now)
@@ -211,7 +234,7 @@ class WorkQueue:
                         raise Unavailable("an add with this message_id is still being stored; retry later")
                     if not await self.repo.replace_message_id(q, message_id, existing, task_id, ttl):
                         raise Unavailable("concurrent add with the same message_id; retry later")
-            payload = self._seal_task(key, q, task_id, cmd, traceparent, now)
+            payload = self._seal_task(key, q, task_id, value_json, token_json, traceparent, now)
             await self._register_bucket(q, LANE_FRESH, bucket_of_task(task_id), ttl)
             await self.repo.insert_task(q, task_id, payload, ttl)
         except (StorageUnavailable, UnknownOutcome) as exc:
@@ -225,17 +248,14 @@ class WorkQueue:
         key: OwnerKey,
         q: QueueKey,
         task_id: uuid.UUID,
-        cmd: AddCommand,
+        value_json: bytes,
+        token_json: bytes | None,
         traceparent: str | None,
         now: int,
     ) -> Payload:
         tid = str(task_id)
-        value = seal(key, _dumps(cmd.value), service=q.service, task_id=tid, field="value")
-        token = (
-            seal(key, _dumps(cmd.token), service=q.service, task_id=tid, field="token")
-            if cmd.token is not None
-            else None
-        )
+        value = seal(key, value_json, service=q.service, task_id=tid, field="value")
+        token = seal(key, token_json, service=q.service, task_id=tid, field="token") if token_json is not None else None
         return Payload(
             key_id=key.key_id,
             value_nonce=value.nonce,
@@ -391,7 +411,7 @@ class WorkQueue:
             raise
         return Delivery(
             task_id=str(task_id),
-            value=orjson.loads(plain),
+            value_json=plain,  # JSON already: spliced into the reply, never parsed again
             deliveries=epoch,
             epoch=epoch,
             lease_expires_at_ms=until,
@@ -404,6 +424,7 @@ class WorkQueue:
         task the worker holds, unless the request was sent before that lease was granted
         (``sent_before_ms``: an upper bound of the send time, from the AMQP timestamp)."""
         q = QueueKey(owner, req.service_id)
+        outcome_json = _encode(req.outcome, "the outcome", self.max_value_bytes)
         try:
             row = await self.repo.worker(q, req.worker_id)
             if req.task_id is not None:
@@ -416,7 +437,7 @@ class WorkQueue:
                 # The task is complete: a repeated ack (a retry after a lost reply) gets the same
                 # answer, and nothing is completed or published twice.
                 return await self._completed_by(q, target.task_id, target.epoch, req.worker_id)
-            return await self._complete(q, req, target, row)
+            return await self._complete(q, req, target, row, outcome_json)
         except (StorageUnavailable, UnknownOutcome) as exc:
             raise Unavailable(f"storage unavailable: {exc}") from None
 
@@ -457,14 +478,16 @@ class WorkQueue:
         cur = await self.repo.lease(q, task_id, serial=False)
         return cur is not None and cur.state == "done" and cur.epoch == epoch and cur.worker == worker
 
-    async def _complete(self, q: QueueKey, req: AckRequest, target: WorkerPointer, row: WorkerRow) -> bool:
+    async def _complete(
+        self, q: QueueKey, req: AckRequest, target: WorkerPointer, row: WorkerRow, outcome_json: bytes
+    ) -> bool:
         now = self.clock.now_ms()
         ttl = self.ttl_for(target.task_id)
         completion_id = uuid.uuid4()
         intent: OutboxEntry | None = None
         if target.has_token:
             key = await self._current_key(q.owner)
-            sealed = seal(key, _dumps(req.outcome), service=q.service, task_id=str(target.task_id), field="result")
+            sealed = seal(key, outcome_json, service=q.service, task_id=str(target.task_id), field="result")
             intent = OutboxEntry(
                 outbox_bucket(now),
                 q,
@@ -530,31 +553,30 @@ class WorkQueue:
         token_key = await self._key_by_id(q.owner, payload.key_id)
         result_key = token_key if entry.key_id == payload.key_id else await self._key_by_id(q.owner, entry.key_id)
         try:
-            token = orjson.loads(
-                open_sealed(
-                    token_key,
-                    Sealed(payload.key_id, payload.token_nonce, payload.token_ct),
-                    service=q.service,
-                    task_id=tid,
-                    field="token",
-                )
+            token_json = open_sealed(
+                token_key,
+                Sealed(payload.key_id, payload.token_nonce, payload.token_ct),
+                service=q.service,
+                task_id=tid,
+                field="token",
             )
-            outcome = orjson.loads(
-                open_sealed(
-                    result_key,
-                    Sealed(entry.key_id, entry.result_nonce, entry.result_ct),
-                    service=q.service,
-                    task_id=tid,
-                    field="result",
-                )
+            outcome_json = open_sealed(
+                result_key,
+                Sealed(entry.key_id, entry.result_nonce, entry.result_ct),
+                service=q.service,
+                task_id=tid,
+                field="result",
             )
         except TamperedCiphertext:
             log.error("result of task %s failed authentication: not published", tid)
             await self.repo.mark_published(entry, self.ttl_for(entry.task_id))
             self.metrics.inc("results_dropped", reason="integrity")
             return
+        kind, value_json = _split_outcome(outcome_json)
         await self.results.publish_result(
-            ResultMessage(q.owner, q.service, tid, str(entry.completion_id), token, outcome, payload.traceparent)
+            ResultMessage(
+                q.owner, q.service, tid, str(entry.completion_id), token_json, kind, value_json, payload.traceparent
+            )
         )
         await self.repo.mark_published(entry, self.ttl_for(entry.task_id))
         self.metrics.inc("results_published")

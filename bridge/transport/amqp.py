@@ -32,6 +32,7 @@ from aio_pika.abc import (
 from pamqp.common import FieldTable
 
 from bridge.config import Settings
+from bridge.domain import jsonvalue
 from bridge.domain.errors import BadRequest, BridgeError, PayloadTooLarge, Unauthorized
 from bridge.domain.models import AckRequest, AddCommand, FetchRequest, parse
 from bridge.domain.queue import ResultMessage, WorkQueue
@@ -97,15 +98,6 @@ def _sent_before_ms(message: AbstractIncomingMessage) -> int | None:
     if ts is None:
         return None
     return (int(ts.timestamp()) + 1) * 1000
-
-
-def _json_size(value: Any, what: str) -> int:
-    """The size of a value as JSON; input JSON cannot express (nesting deeper than the encoder
-    allows) is the caller's fault, not an internal error."""
-    try:
-        return len(orjson.dumps(value))
-    except (orjson.JSONEncodeError, RecursionError):
-        raise BadRequest(f"{what} cannot be stored: it is nested too deeply (the limit is 254 levels)") from None
 
 
 def _reply_body(result: Any = None, *, error: BridgeError | None = None, extra: dict[str, Any] | None = None) -> bytes:
@@ -339,9 +331,9 @@ class AmqpTransport:
         if len(message.body) > limit:
             raise PayloadTooLarge(f"the message body is {len(message.body)} bytes; the limit is {limit}")
         try:
-            return orjson.loads(message.body)
-        except orjson.JSONDecodeError as exc:
-            raise BadRequest(f"the body is not valid JSON: {exc}") from None
+            return jsonvalue.loads(message.body)
+        except jsonvalue.JsonError as exc:
+            raise BadRequest(f"the body is {exc}") from None
 
     # -- handlers ----------------------------------------------------------------------------
     async def _on_add(self, message: AbstractIncomingMessage) -> None:
@@ -350,11 +342,6 @@ class AmqpTransport:
             owner = self.identity.owner_of(message)
             cmd: AddCommand = parse(AddCommand, self._body(message))
             structlog.contextvars.bind_contextvars(owner=owner, service=cmd.service_id)
-            size = _json_size(cmd.value, "the value")
-            if size > self.settings.max_value_bytes:
-                raise PayloadTooLarge(f"value is {size} bytes; the limit is {self.settings.max_value_bytes}")
-            if _json_size(cmd.token, "the token") > self.settings.max_value_bytes:
-                raise PayloadTooLarge(f"the token is larger than {self.settings.max_value_bytes} bytes")
         except BridgeError as exc:
             self.observe("add", exc.code, time.perf_counter() - started)
             await self._reject(message, exc, "add")
@@ -453,14 +440,11 @@ class AmqpTransport:
         # The worker's span continues the engine's trace: same trace id, a new parent span id.
         child = child_traceparent(delivery.traceparent)
         headers = {"traceparent": child} if child else None
-        return _reply_body(delivery.value, extra={"task": task}), headers
+        return _reply_body(jsonvalue.fragment(delivery.value_json), extra={"task": task}), headers
 
     async def _ack(
         self, owner: str, req: AckRequest, message: AbstractIncomingMessage
     ) -> tuple[bytes, dict[str, Any] | None]:
-        size = _json_size(req.outcome, "the result")
-        if size > self.settings.max_value_bytes:
-            raise PayloadTooLarge(f"the result is {size} bytes; the limit is {self.settings.max_value_bytes}")
         done = await self.queue.ack(owner, req, sent_before_ms=_sent_before_ms(message))
         return _reply_body(done), None
 
@@ -479,8 +463,13 @@ class AmqpTransport:
     async def publish_result(self, result: ResultMessage) -> None:
         if self._results_exchange is None:
             raise RuntimeError("transport not started")
-        body: dict[str, Any] = {"token": result.token, "serviceId": result.service, "taskId": result.task_id}
-        body.update(result.outcome)
+        # Token and outcome are JSON already (decrypted): spliced in, never parsed and re-written.
+        body: dict[str, Any] = {
+            "token": jsonvalue.fragment(result.token_json),
+            "serviceId": result.service,
+            "taskId": result.task_id,
+            result.kind: jsonvalue.fragment(result.value_json),
+        }
         headers: dict[str, Any] = {"x-owner": result.owner}
         child = child_traceparent(result.traceparent)
         if child:

@@ -3,6 +3,7 @@ and the bridge keeps serving."""
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from tests.conftest import service_id
@@ -70,3 +71,86 @@ async def test_add_without_reply_to_is_stored(bridge, engine, workers):
 
     task = await wait_for(w.fetch, 10, what="the add to be stored")
     assert task.value == {"fire": "and forget"}
+
+
+def _send_raw_header_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let the test client send a header value as an AMQP long string of arbitrary bytes (invalid
+    UTF-8 included), as any AMQP client can; pamqp only encodes str."""
+    import pamqp.encode
+
+    original = pamqp.encode.encode_table_value
+
+    def encode(value):  # type: ignore[no-untyped-def]
+        if isinstance(value, bytes):
+            return b"S" + len(value).to_bytes(4, "big") + value
+        return original(value)
+
+    monkeypatch.setattr(pamqp.encode, "encode_table_value", encode)
+
+
+async def test_messages_that_used_to_stall_the_queue_are_answered_and_dead_lettered(
+    bridge, engine, workers, dead_letters, monkeypatch
+):
+    """Issue 13.1: an x-owner of invalid UTF-8 or a value nested 300 deep raised past the handler,
+    the delivery was never settled, and 64 of them (the prefetch) stopped the queue for everyone.
+    Here twice the prefetch of each kind, then the queues still serve."""
+    _send_raw_header_bytes(monkeypatch)
+    n = 2 * bridge.settings.prefetch
+    deep = b'{"serviceId": "s", "value": ' + b"[" * 300 + b"]" * 300 + b"}"
+    replies = []
+    for i in range(n):
+        replies.append(await engine.call_raw("add", None, headers={"x-owner": b"\xff\xfe"}, raw=b'{"serviceId": "s"}'))
+        replies.append(await engine.call_raw("add", None, raw=deep))
+        replies.append(
+            await engine.call_raw("fetch", {"serviceId": "s", "workerId": f"w{i}"}, headers={"x-owner": "o" * 70_000})
+        )
+    codes = {r[0]["error"]["code"] for r in replies}
+    assert codes == {"bad_request"}, codes
+    assert len(await dead_letters.drain(3 * n, timeout=30)) == 3 * n
+    svc = service_id()
+    await engine.add(svc, "still alive")
+    w = await workers(svc)
+    assert (await w.fetch()).value == "still alive"
+
+
+async def test_nested_token_and_result_are_the_callers_fault(bridge, engine, workers):
+    deep = b"[" * 300 + b"]" * 300
+    err = await _error(engine, "add", raw=b'{"serviceId": "s", "value": 1, "token": ' + deep + b"}")
+    assert err["code"] == "bad_request" and "nest" in err["message"]
+    svc = service_id()
+    await engine.add(svc, 1, token={"t": 1})
+    w = await workers(svc)
+    task = await w.fetch()
+    ack = {"serviceId": svc, "workerId": w.worker_id, "taskId": task.id, "result": "x"}
+    reply, _ = await w.call_raw("ack", None, raw=orjson.dumps(ack).replace(b'"x"', deep))
+    assert reply["error"]["code"] == "bad_request"
+    assert await task.ack("fine") is True  # nothing was completed by the refused ack
+
+
+async def test_values_come_back_exactly_as_added(bridge, engine, workers, servers, names):
+    """Issue 13.7: integers beyond 64 bits came back as floats."""
+    from bridge.client.rpc import results_consumer
+
+    svc = service_id()
+    value = {"big": 2**64 + 1, "neg": -(2**70), "max": 2**63 - 1, "f": 0.1, "s": "ü\u2028", "n": None}
+    raw = (
+        b'{"serviceId": "%s", "value": {"big": 18446744073709551617, "neg": -1180591620717411303424}, '
+        b'"token": 36893488147419103232}' % svc.encode()
+    )
+    async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
+        await engine.add(svc, value, token={"id": 2**65})
+        added, _ = await engine.call_raw("add", None, raw=raw, owner=engine.owner)
+        assert "task" in added, added
+        w = await workers(svc)
+        first = await w.fetch()
+        assert first.value == value
+        assert await first.ack({"sum": 2**80 + 3}) is True
+        second = await w.fetch()
+        assert second.value == {"big": 18446744073709551617, "neg": -1180591620717411303424}
+        assert await second.ack(-(2**90)) is True
+        from tests.conftest import wait_for
+
+        await wait_for(lambda: results.qsize() >= 2, 15, what="two results")
+        msgs = sorted((results.get_nowait() for _ in range(2)), key=lambda m: m["taskId"] != first.id)
+    assert msgs[0]["token"] == {"id": 2**65} and msgs[0]["result"] == {"sum": 2**80 + 3}
+    assert msgs[1]["token"] == 36893488147419103232 and msgs[1]["result"] == -(2**90)

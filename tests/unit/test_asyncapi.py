@@ -547,7 +547,7 @@ def test_add_reply_matches_the_document(doc: dict[str, Any], settings: Settings)
 
 def test_fetch_replies_match_the_document(doc: dict[str, Any], settings: Settings) -> None:
     queue = _WorkQueue()
-    queue.delivery = Delivery(TASK_ID, None, 2, 2, 1_735_732_800_123, TRACEPARENT)
+    queue.delivery = Delivery(TASK_ID, b"null", 2, 2, 1_735_732_800_123, TRACEPARENT)
     request = _Incoming({"serviceId": "billing", "workerId": "w-1", "timeToRecover": 100}, routing_key="fetch")
     published = _handle(settings, queue, request)
     body = _assert_reply(doc, published, request, "fetchReply")
@@ -581,8 +581,21 @@ def test_ack_reply_matches_the_document(doc: dict[str, Any], settings: Settings,
         ({"body": {"serviceId": "s", "workerId": "w", "timeToRecover": 99}, "routing_key": "fetch"}, "bad_request"),
         ({"body": {"serviceId": "s", "workerId": "w"}, "routing_key": "ack", "user_id": None}, "unauthorized"),
         ({"body": {"serviceId": "s", "value": 1}, "routing_key": "add", "headers": {"x-owner": "b"}}, "unauthorized"),
-        ({"body": {"serviceId": "s", "value": "x" * 1_048_577}, "routing_key": "add"}, "payload_too_large"),
         ({"body": {"serviceId": "s", "workerId": "w"}, "routing_key": "fecth"}, "bad_request"),
+        (
+            {"body": {"serviceId": "s", "value": 1}, "routing_key": "add", "headers": {"x-owner": b"\xff\xfe"}},
+            "bad_request",
+        ),
+        (
+            {"body": {"serviceId": "s", "workerId": "w"}, "routing_key": "fetch", "headers": {"x-owner": "o" * 70_000}},
+            "bad_request",
+        ),
+        (
+            {"body": {"serviceId": "s", "workerId": "w"}, "routing_key": "fetch", "headers": {"x-deadline": "soon"}},
+            "bad_request",
+        ),
+        ({"body": {"serviceId": "s", "workerId": "w", "taskId": 7}, "routing_key": "ack"}, "bad_request"),
+        ({"body": b'{"serviceId": "s", "value": NaN}', "routing_key": "add"}, "bad_request"),
     ],
 )
 def test_bad_input_is_answered_then_dead_lettered(
@@ -641,7 +654,10 @@ def test_result_message_matches_the_document(
     exchange = _Recorder()
     transport._results_exchange = cast(Any, exchange)
     completion = str(uuid.uuid4())
-    result = ResultMessage("worker-a", "billing", TASK_ID, completion, {"p": 1}, outcome, traceparent)
+    ((kind, value),) = outcome.items()
+    result = ResultMessage(
+        "worker-a", "billing", TASK_ID, completion, b'{"p":1}', kind, orjson.dumps(value), traceparent
+    )
     asyncio.run(transport.publish_result(result))
 
     assert len(exchange.published) == 1

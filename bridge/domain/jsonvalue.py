@@ -1,0 +1,71 @@
+"""JSON in and out of the bridge: values come back exactly as they were added.
+
+orjson is fast but lossy at the edges that matter for a store of other people's data: it reads an
+integer beyond 64 bits as a float (``2**64 + 1`` would come back as ``1.8446744073709552e+19``)
+and refuses to write one. Such rare inputs take the standard library's exact path instead; every
+other value stays on orjson's. Decrypted values are never parsed again: they are JSON already and
+go into replies as :class:`orjson.Fragment` (spliced in as they are).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import orjson
+
+# A run of 19+ digits that is an integer literal (not part of a fraction or an exponent): the only
+# inputs orjson may read inexactly. False positives (digits inside strings) only cost the slow path.
+_BIG_INT = re.compile(rb"(?<![\d.eE])-?\d{19,}(?![\d.eE])")
+MAX_DEPTH = 254  # orjson's limit for writing; deeper input is refused when read
+
+
+class JsonError(ValueError):
+    """The input is not JSON the bridge can store and give back exactly (a caller's error)."""
+
+
+def loads(data: bytes) -> Any:
+    if _BIG_INT.search(data) is None:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise JsonError(f"not valid JSON: {exc}") from None
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise JsonError(f"not valid JSON: {exc}") from None
+
+
+def dumps(value: Any) -> bytes:
+    """Compact JSON; integers of any size written exactly."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError as exc:
+        if "exceeds 64-bit range" not in str(exc):
+            raise JsonError(f"cannot be written as JSON: {exc} (nesting is limited to {MAX_DEPTH} levels)") from None
+    try:
+        return _exact_dumps(value)
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise JsonError(f"cannot be written as JSON: {exc}") from None
+
+
+def _exact_dumps(value: Any) -> bytes:
+    depth_check(value)
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def depth_check(value: Any, limit: int = MAX_DEPTH) -> None:
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                raise JsonError(f"nested deeper than {limit} levels")
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+
+
+def fragment(data: bytes) -> orjson.Fragment:
+    """JSON bytes to splice into a document being written, without parsing them."""
+    return orjson.Fragment(data)
