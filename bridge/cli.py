@@ -171,6 +171,29 @@ def run() -> None:
 
 
 @app.command()
+def permissions(
+    bridge_user: Annotated[str, typer.Option(help="The bridge's RabbitMQ user (default: from BRIDGE_AMQP_URL).")] = "",
+    engine: Annotated[
+        list[str] | None, typer.Option(help="An engine user (repeatable; default: BRIDGE_TRUSTED_USERS).")
+    ] = None,
+    worker: Annotated[list[str] | None, typer.Option(help="A worker user (repeatable).")] = None,
+    vhost: Annotated[str, typer.Option(help="The virtual host.")] = "/",
+) -> None:
+    """Print the rabbitmqctl lines that give each user the narrowest permissions that work."""
+    from bridge.transport.permissions import amqp_user, role_permissions
+
+    s = _settings()
+    roles = role_permissions(s.exchange, s.results_exchange, s.queue_prefix, s.results_queue)
+    users = {"bridge": [bridge_user or amqp_user(s.amqp_url.get_secret_value())]}
+    users["engine"] = engine or list(s.trusted_users)
+    users["worker"] = worker or ["<worker-user>"]
+    for role, names in users.items():
+        typer.echo(f"# {role}")
+        for user in names:
+            typer.echo(roles[role].rabbitmqctl(user, vhost))
+
+
+@app.command()
 def config() -> None:
     """Print the effective configuration (secrets masked)."""
     typer.echo(json.dumps(_settings().masked(), indent=2, default=str))

@@ -31,6 +31,7 @@ from bridge.crypto import generate_keyring, write_keyring
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE_USER = "engine"
+BRIDGE_USER = "queue-bridge"  # least-privilege broker user of the bridge (deploy/local/rabbitmq.sh)
 OWNERS = ("worker-a", "worker-b")
 
 
@@ -98,9 +99,17 @@ def _testcontainers(keyspace: str) -> Iterator[Servers]:  # pragma: no cover - n
     cassandra = CassandraContainer("cassandra:5.0")
     rabbit.start()
     cassandra.start()
-    for user in (ENGINE_USER, *OWNERS):
-        rabbit.exec(f"rabbitmqctl add_user {user} {user}")
-        rabbit.exec(f'rabbitmqctl set_permissions -p / {user} ".*" ".*" ".*"')
+    # The same least-privilege users as the local stack (deploy/local/rabbitmq.sh).
+    names = "(queue-bridge|qb-test-[0-9a-f]{8})"
+    own = names + r"(\.(dead|unrouted|results|add|fetch|ack|dead-letter))?"
+    perms = {
+        BRIDGE_USER: (f"^{own}$", f"^({own}|amq\\.default)$", f"^{own}$"),
+        ENGINE_USER: ("^$", f"^{names}$", f"^{names}\\.results$"),
+        **{owner: ("^$", f"^{names}$", "^$") for owner in OWNERS},
+    }
+    for user, (configure, write, read) in perms.items():
+        rabbit.exec(["rabbitmqctl", "add_user", user, user])
+        rabbit.exec(["rabbitmqctl", "set_permissions", "-p", "/", user, configure, write, read])
     try:
         yield Servers(
             rabbit.get_container_host_ip(),
@@ -162,7 +171,7 @@ async def _delete_topology(url: str, n: dict[str, str]) -> None:
 def bridge_env(servers: Servers, keyring_path: Path, names: dict[str, str]) -> dict[str, str]:
     """The BRIDGE_* environment of a bridge for this test (used in-process and by subprocesses)."""
     return {
-        "BRIDGE_AMQP_URL": servers.amqp_url("guest"),
+        "BRIDGE_AMQP_URL": servers.amqp_url(BRIDGE_USER),
         "BRIDGE_CASSANDRA_HOSTS": ",".join(servers.cassandra_hosts),
         "BRIDGE_CASSANDRA_PORT": str(servers.cassandra_port),
         "BRIDGE_CASSANDRA_KEYSPACE": servers.keyspace,

@@ -37,6 +37,7 @@ from bridge.domain.errors import BadRequest, BridgeError, PayloadTooLarge, Unaut
 from bridge.domain.models import AckRequest, AddCommand, FetchRequest, parse
 from bridge.domain.queue import ResultMessage, WorkQueue
 from bridge.observability.tracing import child_traceparent, extract_traceparent
+from bridge.transport.permissions import amqp_user
 
 log = logging.getLogger("bridge.amqp")
 
@@ -121,6 +122,9 @@ class AmqpTransport:
         self.settings = settings
         self.queue = queue
         self.identity = Identity(settings.trusted_users)
+        # RabbitMQ checks that user_id is the connection's user: on results and replies it proves
+        # they come from the bridge (engines and workers should check it).
+        self.user = amqp_user(settings.amqp_url.get_secret_value())
         self._observer = observe or (lambda method, outcome, seconds: None)
         self.connection: AbstractRobustConnection | None = None
         self._consume_channel: AbstractChannel | None = None
@@ -304,6 +308,7 @@ class AmqpTransport:
             content_type=JSON,
             correlation_id=request.correlation_id,
             type="error" if is_error else "result",
+            user_id=self.user,
             headers=headers or {},
             delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
         )
@@ -481,6 +486,7 @@ class AmqpTransport:
             message_id=f"{result.task_id}:{result.completion_id}",  # consumers may de-duplicate on it
             headers=headers,
             type="result",
+            user_id=self.user,
         )
         # Publisher confirm: raises unless the broker took responsibility for the message.
         await self._results_exchange.publish(message, routing_key=result.service, mandatory=True)

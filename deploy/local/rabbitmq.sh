@@ -8,7 +8,7 @@
 # pid file, config and enabled-plugins file under $QB_STATE_DIR/rabbitmq.
 # Env: QB_STATE_DIR, QB_AMQP_HOST (127.0.0.1), QB_AMQP_PORT (5672), QB_RABBITMQ_WAIT (120 s),
 #      QB_RABBITMQ_MANAGEMENT (1 = enable the management UI on 127.0.0.1:15672),
-#      QB_RABBITMQ_MGMT_PORT (15672), QB_RABBITMQ_USERS ("engine worker-a worker-b").
+#      QB_RABBITMQ_MGMT_PORT (15672), QB_RABBITMQ_USERS ("queue-bridge engine worker-a worker-b").
 
 QB_LOCAL_DIR=${QB_LOCAL_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}
 QB_STATE_DIR=${QB_STATE_DIR:-$QB_LOCAL_DIR/state}
@@ -56,7 +56,7 @@ QB_AMQP_PORT=${QB_AMQP_PORT:-5672}
 QB_RABBITMQ_WAIT=${QB_RABBITMQ_WAIT:-120}
 QB_RABBITMQ_MANAGEMENT=${QB_RABBITMQ_MANAGEMENT:-1}
 QB_RABBITMQ_MGMT_PORT=${QB_RABBITMQ_MGMT_PORT:-15672}
-QB_RABBITMQ_USERS=${QB_RABBITMQ_USERS:-engine worker-a worker-b}
+QB_RABBITMQ_USERS=${QB_RABBITMQ_USERS:-queue-bridge engine worker-a worker-b}
 
 rabbitmq_paths() {
   mkdir -p "$QB_STATE_DIR"
@@ -234,8 +234,33 @@ rabbitmq_wait() {
 }
 
 # Test users (password = user name, full permissions on vhost /); guest is kept. Idempotent.
+# Least privilege as shipped (the same rules as `queue-bridge permissions`, bridge/transport/permissions.py):
+# names are those of the default prefix `queue-bridge` and of the test suite's per-test prefixes
+# `qb-test-<8 hex>` (QB_RABBITMQ_NAMES). The bridge runs as `queue-bridge`; engines and workers can
+# publish to the bridge's exchange and nothing else (an engine may also consume `<prefix>.results`).
+QB_RABBITMQ_NAMES=${QB_RABBITMQ_NAMES:-'(queue-bridge|qb-test-[0-9a-f]{8})'}
+
+rabbitmq_role_of() {
+  case $1 in
+    queue-bridge) echo bridge ;;
+    engine) echo engine ;;
+    *) echo worker ;;
+  esac
+}
+
+# Prints "configure<TAB>write<TAB>read" for a role.
+rabbitmq_permissions_of() {
+  local n=$QB_RABBITMQ_NAMES own
+  own="$n(\\.(dead|unrouted|results|add|fetch|ack|dead-letter))?"
+  case $1 in
+    bridge) printf '%s\t%s\t%s' "^$own\$" "^($own|amq\\.default)\$" "^$own\$" ;;
+    engine) printf '%s\t%s\t%s' '^$' "^$n\$" "^$n\\.results\$" ;;
+    worker) printf '%s\t%s\t%s' '^$' "^$n\$" '^$' ;;
+  esac
+}
+
 rabbitmq_users() {
-  local users perms u added=() granted=()
+  local users perms u want added=() granted=()
   if ! users=$(rabbitmqctl list_users --silent 2>&1); then
     if [[ $(cat "$R_OWNER" 2>/dev/null) == external ]]; then
       qb_log "rabbitmq: cannot run rabbitmqctl against the external broker: create users $QB_RABBITMQ_USERS yourself"
@@ -251,13 +276,15 @@ rabbitmq_users() {
       rabbitmqctl add_user "$u" "$u" >/dev/null
       added+=("$u")
     fi
-    if ! grep -qxF "$(printf '%s\t.*\t.*\t.*' "$u")" <<<"$perms"; then
-      rabbitmqctl set_permissions -p / "$u" '.*' '.*' '.*' >/dev/null
+    want=$(rabbitmq_permissions_of "$(rabbitmq_role_of "$u")")
+    if ! grep -qxF "$(printf '%s\t%s' "$u" "$want")" <<<"$perms"; then
+      IFS=$'\t' read -r c w r <<<"$want"
+      rabbitmqctl set_permissions -p / "$u" "$c" "$w" "$r" >/dev/null
       granted+=("$u")
     fi
   done
   if ((${#added[@]} + ${#granted[@]})); then
-    qb_log "rabbitmq: users: added [${added[*]}], granted / to [${granted[*]}] (password = user name; guest kept)"
+    qb_log "rabbitmq: users: added [${added[*]}], least-privilege permissions set for [${granted[*]}] (password = user name; guest kept)"
   else
     qb_log "rabbitmq: users $QB_RABBITMQ_USERS already set up"
   fi

@@ -1,0 +1,68 @@
+"""The narrowest RabbitMQ permissions that work, per role, for the names a bridge is configured with.
+
+One source of truth for ``queue-bridge permissions`` (prints ``rabbitmqctl`` lines), the shipped
+definitions (``deploy/compose``), the local stack and the tests that prove each forbidden action is
+refused by the broker. RabbitMQ permissions are three regular expressions per user and vhost:
+configure (declare, delete), write (publish to an exchange, bind a queue) and read (consume, get,
+bind from an exchange).
+
+- **bridge**: declares and consumes its own queues and exchanges, publishes results, and replies
+  through the default exchange (``amq.default``: direct reply-to).
+- **engine** (a trusted user): publishes adds to the bridge's exchange and consumes its results
+  queue. It cannot declare anything, so it cannot bind its own queue to the results exchange.
+- **worker**: publishes fetch, ack (and adds for its own tenant) to the bridge's exchange; nothing
+  else. It cannot consume or bind any queue, cannot publish results, and cannot publish to the
+  default exchange (no forged replies). Direct reply-to needs no permission.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import unquote, urlparse
+
+NOTHING = "^$"
+
+
+@dataclass(frozen=True)
+class Permission:
+    configure: str
+    write: str
+    read: str
+
+    def rabbitmqctl(self, user: str, vhost: str = "/") -> str:
+        return f"rabbitmqctl set_permissions -p {vhost} {user} '{self.configure}' '{self.write}' '{self.read}'"
+
+
+def bridge_names(exchange: str, results_exchange: str, queue_prefix: str, results_queue: str | None) -> list[str]:
+    """Every exchange and queue the bridge declares."""
+    names = [exchange, f"{exchange}.dead", f"{exchange}.unrouted", results_exchange]
+    names += [f"{queue_prefix}.{q}" for q in ("add", "fetch", "ack", "unrouted", "dead-letter")]
+    if results_queue:
+        names.append(results_queue)
+    return names
+
+
+def _escape(name: str) -> str:
+    return re.sub(r"([.^$*+?()\[\]{}|\\])", r"\\\1", name)
+
+
+def _exactly(names: list[str]) -> str:
+    unique = dict.fromkeys(names)  # the results exchange and queue may share a name
+    return "^(" + "|".join(_escape(n) for n in unique) + ")$"
+
+
+def role_permissions(
+    exchange: str, results_exchange: str, queue_prefix: str, results_queue: str | None
+) -> dict[str, Permission]:
+    own = bridge_names(exchange, results_exchange, queue_prefix, results_queue)
+    return {
+        "bridge": Permission(_exactly(own), _exactly([*own, "amq.default"]), _exactly(own)),
+        "engine": Permission(NOTHING, _exactly([exchange]), _exactly([results_queue]) if results_queue else NOTHING),
+        "worker": Permission(NOTHING, _exactly([exchange]), NOTHING),
+    }
+
+
+def amqp_user(url: str) -> str:
+    """The user of an AMQP URL (RabbitMQ's default ``guest`` when none is given)."""
+    return unquote(urlparse(url).username or "guest")
