@@ -67,6 +67,8 @@ def port_in_use(host: str, port: int) -> bool:
 
 
 def default_environment() -> None:
+    # The bridge runs as its own least-privilege broker user (deploy/local/rabbitmq.sh).
+    os.environ.setdefault("BRIDGE_AMQP_URL", "amqp://queue-bridge:queue-bridge@127.0.0.1:5672/")
     os.environ.setdefault("BRIDGE_TRUSTED_USERS", ENGINE_USER)
     os.environ.setdefault("BRIDGE_HTTP_PORT", "8080")
     os.environ.setdefault("BRIDGE_LOG_LEVEL", "WARNING")
@@ -252,7 +254,9 @@ async def demo(once: bool) -> int:
         say("demo finished" if rc == 0 else f"demo failed (engine exit code {rc})")
         if not once and not stop.is_set():
             hints(settings, bridge.http_port, service)
-            tap = asyncio.create_task(print_results(with_user(amqp, ENGINE_USER), settings.results_exchange))
+            # A private tap on the results exchange needs a user that may declare queues: the
+            # local stack's administrator (engines and workers may not, by design).
+            tap = asyncio.create_task(print_results(with_user(amqp, "guest"), settings.results_exchange))
             await stop.wait()
             tap.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

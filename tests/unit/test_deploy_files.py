@@ -34,7 +34,8 @@ RABBIT_CONF = ROOT / "deploy" / "compose" / "rabbitmq.conf"
 K8S_DIR = ROOT / "deploy" / "kubernetes"
 
 CORE_SERVICES = ("rabbitmq", "cassandra", "bridge")
-DEV_USERS = {"guest", "engine", "worker-a", "worker-b"}  # password = name
+DEV_USERS = {"guest", "queue-bridge", "engine", "worker-a", "worker-b"}  # password = name
+ROLES = {"queue-bridge": "bridge", "engine": "engine", "worker-a": "worker", "worker-b": "worker"}
 ENV_PREFIX = "BRIDGE_"
 
 
@@ -364,7 +365,7 @@ def test_compose_keyinit_writes_the_bridges_keyring_once(
     written = tmp_path / keyring.name
     first = written.read_bytes()
     owners = set(load_keyring(written))
-    assert owners >= DEV_USERS
+    assert owners >= DEV_USERS - {"queue-bridge"}  # the bridge itself owns no tasks
     demo_owners = {_service_env(services[name]).get("QB_OWNER") for name in ("demo-engine", "demo-worker")}
     assert demo_owners - {None} <= owners
 
@@ -396,9 +397,17 @@ def test_rabbitmq_definitions_create_the_dev_users(definitions: dict[str, Any]) 
         assert _verify_rabbit_hash(user["password_hash"], name), f"{name}: hash does not match password {name!r}"
         assert not _verify_rabbit_hash(user["password_hash"], name + "x")
     assert {"name": "/"} in definitions["vhosts"]
-    granted = {p["user"] for p in definitions["permissions"] if p["vhost"] == "/" and p["configure"] == ".*"}
-    granted &= {p["user"] for p in definitions["permissions"] if p["write"] == ".*" and p["read"] == ".*"}
-    assert granted == DEV_USERS
+    # Least privilege as shipped: each role exactly as `queue-bridge permissions` prints it; only the
+    # admin (guest, for the management UI) has everything.
+    from bridge.transport.permissions import role_permissions
+
+    roles = role_permissions("queue-bridge", "queue-bridge.results", "queue-bridge", "queue-bridge.results")
+    granted = {p["user"]: (p["configure"], p["write"], p["read"]) for p in definitions["permissions"]}
+    assert granted.pop("guest") == (".*", ".*", ".*")
+    assert all(p["vhost"] == "/" for p in definitions["permissions"])
+    for user, role in ROLES.items():
+        r = roles[role]
+        assert granted[user] == (r.configure, r.write, r.read), user
 
 
 def test_rabbitmq_conf_loads_the_mounted_definitions(compose: dict[str, Any]) -> None:

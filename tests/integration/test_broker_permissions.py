@@ -1,0 +1,107 @@
+"""Tenants are separated by the broker's permissions as shipped (issue 13.2), not only by the bridge.
+
+Real users of the local stack (deploy/local/rabbitmq.sh, the same rules as ``queue-bridge
+permissions``): every forbidden action below is refused by RabbitMQ itself (ACCESS_REFUSED).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aio_pika
+import pytest
+from aiormq.exceptions import ChannelAccessRefused
+
+from bridge.client import Worker
+from tests.conftest import BRIDGE_USER, ENGINE_USER, OWNERS, service_id, wait_for
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+
+async def refused(url: str, action) -> bool:  # type: ignore[no-untyped-def]
+    """True if the broker refuses ``action(channel)`` for the user of ``url``."""
+    conn = await aio_pika.connect(url)
+    try:
+        channel = await conn.channel(publisher_confirms=True)
+        try:
+            await action(channel)
+        except ChannelAccessRefused:  # 403 ACCESS_REFUSED, and nothing else
+            return True
+        return False
+    finally:
+        await conn.close()
+
+
+def consume(queue: str):  # type: ignore[no-untyped-def]
+    async def action(ch: aio_pika.abc.AbstractChannel) -> None:
+        async def ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            return None
+
+        q = await ch.get_queue(queue, ensure=False)
+        await q.consume(ignore)
+
+    return action
+
+
+def publish(exchange: str, routing_key: str, body: bytes = b"{}", **props):  # type: ignore[no-untyped-def]
+    async def action(ch: aio_pika.abc.AbstractChannel) -> None:
+        ex = ch.default_exchange if exchange == "" else await ch.get_exchange(exchange, ensure=False)
+        await ex.publish(aio_pika.Message(body, **props), routing_key=routing_key)
+
+    return action
+
+
+def bind_own_queue(exchange: str):  # type: ignore[no-untyped-def]
+    async def action(ch: aio_pika.abc.AbstractChannel) -> None:
+        q = await ch.declare_queue(exclusive=True)
+        await q.bind(exchange, routing_key="#")
+
+    return action
+
+
+async def test_a_worker_can_do_nothing_but_talk_to_the_bridge(bridge, servers, names):
+    worker = servers.amqp_url(OWNERS[0])
+    prefix = names["queue_prefix"]
+    for method in ("add", "fetch", "ack", "dead-letter", "results"):
+        assert await refused(worker, consume(f"{prefix}.{method}")), f"a worker consumed {prefix}.{method}"
+    assert await refused(worker, bind_own_queue(names["results_exchange"])), "a worker bound a queue to results"
+    forged = b'{"token": "t", "serviceId": "s", "taskId": "x", "result": "forged"}'
+    assert await refused(worker, publish(names["results_exchange"], "s", forged, headers={"x-owner": OWNERS[1]})), (
+        "a worker published a result"
+    )
+    assert await refused(worker, publish("", "amq.rabbitmq.reply-to.abc", b"{}")), "a worker forged a reply"
+    assert await refused(worker, publish(f"{names['exchange']}.dead", "", b"{}")), "a worker wrote to the DLX"
+    # ...and what it must do still works: fetch and ack through the bridge's exchange.
+    svc = service_id()
+    async with Worker(worker, service=svc, worker_id="w", exchange=names["exchange"]) as w:
+        assert await w.fetch() is None
+
+
+async def test_an_engine_publishes_adds_and_reads_only_its_results_queue(bridge, servers, names, engine):
+    url = servers.amqp_url(ENGINE_USER)
+    prefix = names["queue_prefix"]
+    for method in ("add", "fetch", "ack", "dead-letter"):
+        assert await refused(url, consume(f"{prefix}.{method}")), f"an engine consumed {prefix}.{method}"
+    assert await refused(url, bind_own_queue(names["results_exchange"])), "an engine declared a queue"
+    assert await refused(url, publish(names["results_exchange"], "s", b"{}")), "an engine published a result"
+    assert not await refused(url, consume(f"{prefix}.results")), "the engine cannot read its results queue"
+    svc = service_id()
+    assert await engine.add(svc, 1)
+
+
+async def test_results_carry_the_bridges_validated_user_id(bridge, servers, names, engine, workers):
+    received: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+    conn = await aio_pika.connect(servers.amqp_url(ENGINE_USER))
+    try:
+        ch = await conn.channel()
+        q = await ch.get_queue(f"{names['queue_prefix']}.results", ensure=False)
+        await q.consume(received.put, no_ack=True)  # type: ignore[arg-type]
+        svc = service_id()
+        await engine.add(svc, 1, token={"t": 1})
+        w = await workers(svc)
+        task = await w.fetch()
+        assert await task.ack("r") is True
+        msg = await wait_for(lambda: None if received.empty() else received.get_nowait(), 15, what="the result")
+        assert msg.user_id == BRIDGE_USER
+    finally:
+        await conn.close()
