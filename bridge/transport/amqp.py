@@ -24,6 +24,7 @@ import orjson
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractConnection,
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
@@ -38,6 +39,7 @@ from bridge.domain.models import AckRequest, AddCommand, FetchRequest, parse
 from bridge.domain.queue import ResultMessage, WorkQueue
 from bridge.observability.tracing import child_traceparent, extract_traceparent
 from bridge.transport.permissions import amqp_user
+from bridge.transport.replies import BadReplyTo, ReplyPublisher, reply_node
 
 log = logging.getLogger("bridge.amqp")
 
@@ -92,6 +94,15 @@ def _deadline_of(message: AbstractIncomingMessage) -> int | None:
     return value
 
 
+def _check_reply_to(message: AbstractIncomingMessage) -> None:
+    """A reply_to the broker could not have made is refused before the request runs (issue 13.3)."""
+    if message.reply_to:
+        try:
+            reply_node(message.reply_to)
+        except BadReplyTo as exc:
+            raise BadRequest(str(exc)) from None
+
+
 def _sent_before_ms(message: AbstractIncomingMessage) -> int | None:
     """An upper bound of when the request was sent, from the AMQP ``timestamp`` property (whole
     seconds): the request was sent before the end of that second."""
@@ -125,6 +136,7 @@ class AmqpTransport:
         # RabbitMQ checks that user_id is the connection's user: on results and replies it proves
         # they come from the bridge (engines and workers should check it).
         self.user = amqp_user(settings.amqp_url.get_secret_value())
+        self.replies = ReplyPublisher(self._connect_probation)
         self._observer = observe or (lambda method, outcome, seconds: None)
         self.connection: AbstractRobustConnection | None = None
         self._consume_channel: AbstractChannel | None = None
@@ -172,6 +184,7 @@ class AmqpTransport:
         # Replies are transient and at-most-once by nature (the requester retries): waiting for a
         # broker confirm would only add a round trip to every request.
         self._reply_channel = await self.connection.channel(publisher_confirms=False)
+        self.replies.main = self._reply_channel
         await self._declare_topology()
         await self.resume()
 
@@ -233,7 +246,14 @@ class AmqpTransport:
         except TimeoutError:
             return False
 
+    async def _connect_probation(self) -> AbstractConnection:
+        return await aio_pika.connect(
+            self.settings.amqp_url.get_secret_value(),
+            client_properties={"connection_name": "queue-bridge replies (probation)"},
+        )
+
     async def close(self) -> None:
+        await self.replies.close_probation()
         if self.connection is not None:
             await self.connection.close()
             self.connection = None
@@ -313,9 +333,9 @@ class AmqpTransport:
             delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
         )
         try:
-            # Not mandatory: RabbitMQ returns mandatory messages sent to direct reply-to even
-            # when it delivers them, and a requester that is gone simply retries.
-            await self._reply_channel.default_exchange.publish(message, routing_key=request.reply_to, mandatory=False)
+            await self.replies.publish(message, request.reply_to)
+        except BadReplyTo:
+            return  # checked before the request ran: nobody to answer
         except Exception as exc:
             # The requester is gone (or its reply queue is). It will retry; the state is in Cassandra.
             log.warning("reply to %s not delivered: %s", request.reply_to, type(exc).__name__)
@@ -344,6 +364,7 @@ class AmqpTransport:
     async def _on_add(self, message: AbstractIncomingMessage) -> None:
         started = time.perf_counter()
         try:
+            _check_reply_to(message)
             owner = self.identity.owner_of(message)
             cmd: AddCommand = parse(AddCommand, self._body(message))
             structlog.contextvars.bind_contextvars(owner=owner, service=cmd.service_id)
@@ -396,6 +417,7 @@ class AmqpTransport:
         try:
             if not message.reply_to:
                 raise BadRequest(f"{method} is an RPC: set reply_to (and correlation_id)")
+            _check_reply_to(message)
             owner = self.identity.owner_of(message)
             deadline = _deadline_of(message)
             request = parse(model, self._body(message))

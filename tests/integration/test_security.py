@@ -8,7 +8,7 @@ import pytest
 
 from bridge.client import Engine, UnauthorizedError, Worker
 from bridge.client.errors import BridgeClientError
-from tests.conftest import ENGINE_USER, OWNERS, service_id
+from tests.conftest import ENGINE_USER, OWNERS, service_id, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -116,3 +116,36 @@ async def test_add_with_same_message_id_creates_one_task(bridge, engine, workers
         await t.ack(None)
     assert got == ["once", "twice"]
     assert await engine.add(svc, "once", message_id="m-1") == first, "idempotent for as long as the task lives"
+
+
+async def test_a_forged_reply_to_cannot_close_the_bridges_connection(bridge, servers, names, workers, dead_letters):
+    """Issue 13.3: RabbitMQ closes the connection that publishes to a malformed direct reply-to name,
+    or to one naming an unknown node (541), dropping every reply in flight on it."""
+    import aio_pika
+    import orjson
+
+    connection = bridge.transport.connection
+    lost: list[object] = []
+    connection.close_callbacks.add(lambda *args: lost.append(args))
+    malformed = "amq.rabbitmq.reply-to.a.b"
+    unknown_node = "amq.rabbitmq.reply-to.g1h2AA5yZXh1c0BvbmUAAF0nAAAAAAAA.Z3Vlc3Q="
+    conn = await aio_pika.connect(servers.amqp_url(OWNERS[0]))
+    try:
+        ch = await conn.channel()
+        ex = await ch.get_exchange(names["exchange"], ensure=False)
+        for reply_to in [malformed, unknown_node] * 5:
+            body = orjson.dumps({"serviceId": service_id(), "workerId": "w"})
+            message = aio_pika.Message(body, reply_to=reply_to, user_id=OWNERS[0], correlation_id="c")
+            await ex.publish(message, routing_key="fetch")
+        # The malformed ones are refused before they run (dead-lettered, no reply possible) ...
+        assert len(await dead_letters.drain(5, timeout=15)) == 5
+        # ... and a legitimate requester keeps getting its replies meanwhile and after.
+        w = await workers(service_id())
+        assert await w.fetch() is None
+        await wait_for(lambda: bridge.transport.replies.refused >= 1, 15, what="a forged reply refused")
+        for _ in range(20):
+            assert await w.fetch() is None
+    finally:
+        await conn.close()
+    assert lost == [], "the bridge's AMQP connection was closed"
+    assert bridge.transport.is_ready()

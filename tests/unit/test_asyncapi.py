@@ -28,6 +28,7 @@ from bridge.domain.errors import BridgeError, Unavailable
 from bridge.domain.models import AckRequest, AddCommand, Delivery, FetchRequest, parse
 from bridge.domain.queue import ResultMessage
 from bridge.transport.amqp import METHODS, AmqpTransport
+from bridge.transport.replies import reply_node
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "asyncapi.yaml"
 
@@ -443,6 +444,9 @@ class _PublishChannel:
         self.default_exchange = _Recorder()
 
 
+REPLY_TO = "amq.rabbitmq.reply-to.g1h2AA5yZXh1c0BvbmUAAF0nAAAAAAAA.Z3Vlc3Q="  # as the broker rewrites it
+
+
 class _Incoming:
     """Just enough of an aio_pika incoming message for the handlers."""
 
@@ -452,7 +456,7 @@ class _Incoming:
         *,
         routing_key: str,
         user_id: str | None = "worker-a",
-        reply_to: str | None = "amq.rabbitmq.reply-to.test",
+        reply_to: str | None = REPLY_TO,
         headers: dict[str, Any] | None = None,
         message_id: str | None = None,
     ) -> None:
@@ -507,6 +511,8 @@ def _handle(settings: Settings, queue: _WorkQueue, request: _Incoming) -> list[t
     channel = _PublishChannel()
     transport._publish_channel = cast(Any, channel)
     transport._reply_channel = cast(Any, channel)
+    transport.replies.main = cast(Any, channel)
+    transport.replies.proven.add(str(reply_node(REPLY_TO)))  # as if seen accepted before
     handler = {"add": transport._on_add, "fetch": transport._on_fetch, "ack": transport._on_ack}.get(
         request.routing_key, transport._on_unrouted
     )

@@ -1,0 +1,109 @@
+"""Publishing replies without letting one requester break the bridge's connection.
+
+Replies go to the requester's ``reply_to`` through the default exchange. With direct reply-to the
+broker hands the bridge ``amq.rabbitmq.reply-to.<pid>.<key>``, where ``<pid>`` is an Erlang pid
+(base64) whose node is named ``reply@<hash>``. Any client can put such a name in ``reply_to``
+itself, and RabbitMQ (3.10-3.13) answers a publish to a malformed one, or to one whose node hash
+matches no cluster node, by closing the publishing *connection* with 541 INTERNAL_ERROR: every
+in-flight reply on it is lost, at the will of any user (issue 13.3).
+
+So, before a request is executed its ``reply_to`` is checked (:func:`check_reply_to`: malformed
+means ``bad_request``), and replies to a node the bridge has not yet seen accepted are published
+on a separate *probation* connection with publisher confirms. A confirmed publish proves the node;
+later replies to it use the main reply channel. A forged node can only ever close the probation
+connection, which is reopened on demand.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import re
+from collections.abc import Awaitable, Callable
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractConnection
+
+log = logging.getLogger("bridge.amqp")
+
+DIRECT_REPLY_PREFIX = "amq.rabbitmq.reply-to."
+_DIRECT = re.compile(r"^amq\.rabbitmq\.reply-to\.([A-Za-z0-9+/]+={0,2})\.([A-Za-z0-9+/]*={0,2})$")
+_ATOM_TAGS = {118: 2, 100: 2, 119: 1, 115: 1}  # ATOM_UTF8_EXT, ATOM_EXT, SMALL_ATOM_UTF8_EXT, SMALL_ATOM_EXT
+MAX_PROVEN_NODES = 256
+
+
+class BadReplyTo(ValueError):
+    pass
+
+
+def reply_node(reply_to: str) -> str | None:
+    """The node a direct reply-to name points at (``reply@<hash>``), or None for a plain queue
+    name. Raises :class:`BadReplyTo` for a direct reply-to name the broker could not have made."""
+    if not reply_to.startswith(DIRECT_REPLY_PREFIX):
+        return None
+    m = _DIRECT.match(reply_to)
+    if m is None:
+        raise BadReplyTo("reply_to is not a direct reply-to name: send amq.rabbitmq.reply-to")
+    try:
+        pid = base64.b64decode(m.group(1), validate=True)
+        base64.b64decode(m.group(2), validate=True)
+    except (binascii.Error, ValueError):
+        raise BadReplyTo("reply_to is not a direct reply-to name: send amq.rabbitmq.reply-to") from None
+    # External term format: 131, then a pid (NEW_PID_EXT 'X' or PID_EXT 'g') whose first field is its node atom.
+    if len(pid) < 4 or pid[0] != 131 or pid[1] not in (ord("X"), ord("g")) or pid[2] not in _ATOM_TAGS:
+        raise BadReplyTo("reply_to is not a direct reply-to name: send amq.rabbitmq.reply-to")
+    width = _ATOM_TAGS[pid[2]]
+    size = int.from_bytes(pid[3 : 3 + width], "big")
+    node = pid[3 + width : 3 + width + size]
+    if len(node) != size or size == 0:
+        raise BadReplyTo("reply_to is not a direct reply-to name: send amq.rabbitmq.reply-to")
+    return node.decode("utf-8", "replace")
+
+
+class ReplyPublisher:
+    """Publishes replies: on the main reply channel to proven nodes and plain queues, on a
+    probation connection (with confirms) to nodes not seen accepted yet."""
+
+    def __init__(self, connect: Callable[[], Awaitable[AbstractConnection]]) -> None:
+        self._connect = connect
+        self.main: AbstractChannel | None = None
+        self._probation: AbstractConnection | None = None
+        self._probation_channel: AbstractChannel | None = None
+        self.proven: set[str] = set()
+        self.refused = 0  # replies the broker refused (forged reply_to): only the probation connection paid
+
+    async def publish(self, message: aio_pika.Message, reply_to: str) -> None:
+        node = reply_node(reply_to)
+        if node is None or node in self.proven:
+            assert self.main is not None
+            # Not mandatory: RabbitMQ returns mandatory messages sent to direct reply-to even when it
+            # delivers them, and a requester that is gone simply retries.
+            await self.main.default_exchange.publish(message, routing_key=reply_to, mandatory=False)
+            return
+        channel = await self._probation_open()
+        try:
+            await channel.default_exchange.publish(message, routing_key=reply_to, mandatory=False)
+        except Exception:
+            log.warning("a reply to an unknown broker node was refused: its requester sent a forged reply_to")
+            self.refused += 1
+            await self.close_probation()
+            raise
+        if len(self.proven) < MAX_PROVEN_NODES:
+            self.proven.add(node)  # confirmed: the broker knows this node
+
+    async def _probation_open(self) -> AbstractChannel:
+        if self._probation_channel is not None and not self._probation_channel.is_closed:
+            return self._probation_channel
+        await self.close_probation()
+        self._probation = await self._connect()
+        self._probation_channel = await self._probation.channel(publisher_confirms=True)
+        return self._probation_channel
+
+    async def close_probation(self) -> None:
+        conn, self._probation, self._probation_channel = self._probation, None, None
+        if conn is not None and not conn.is_closed:
+            try:
+                await conn.close()
+            except Exception as exc:  # already going away
+                log.debug("closing the probation connection: %s", type(exc).__name__)
