@@ -75,6 +75,7 @@ class Bridge:
             metrics=metrics or self.metrics,
             skew_margin_ms=margin_ms,
             may_grant_leases=self.skew,
+            max_lanes=settings.max_queues_in_memory,
         )
         self.transport = AmqpTransport(settings, self.queue, observe or self.metrics.observe)
         self.queue.results = self.transport

@@ -101,6 +101,12 @@ class Settings(BaseSettings):
     clock_offset_ms: int = Field(
         0, description="Shifts this bridge's clock (fault drills that play a skewed host only; never in production)."
     )
+    max_queues_in_memory: int = Field(
+        10_000,
+        ge=10,
+        description="Queue lanes whose scan position a bridge caches (about 3 kB each); the least recently "
+        "used beyond this are forgotten and re-read from Cassandra when needed.",
+    )
     result_republish_after: float = Field(
         10.0, gt=0, description="A result still unpublished after this many seconds is re-published."
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -62,20 +62,44 @@ class Dispatcher:
         now_ms: Callable[[], int],
         settle_ms: int,
         cursor_ttl_s: int,
+        max_lanes: int = 10_000,
     ) -> None:
         self.repo = repo
         self.now_ms = now_ms
         self.settle_ms = settle_ms
         # A cursor row must outlive every task after it: the full task lifetime from now.
         self.cursor_ttl_s = cursor_ttl_s
-        self._lanes: dict[tuple[QueueKey, int], _Lane] = {}
+        # Least recently used first. Bounded: any caller can name new serviceIds, so an unbounded map
+        # would let fetches grow memory without limit (issue 13.4). A lane forgotten is only a
+        # cache miss: its position is persisted in `cursors` and read back on the next fetch.
+        self._lanes: OrderedDict[tuple[QueueKey, int], _Lane] = OrderedDict()
+        self.max_lanes = max_lanes
 
     def _lane(self, q: QueueKey, lane: int) -> _Lane:
         key = (q, lane)
         st = self._lanes.get(key)
         if st is None:
             st = self._lanes[key] = _Lane()
+            self._evict()
+        else:
+            self._lanes.move_to_end(key)
         return st
+
+    def _evict(self) -> None:
+        excess = len(self._lanes) - self.max_lanes
+        if excess <= 0:
+            return
+        for key, st in list(self._lanes.items()):
+            if excess <= 0:
+                break
+            if st.inflight or st.lock.locked():
+                continue  # in use right now: keep it
+            del self._lanes[key]
+            excess -= 1
+
+    @property
+    def lanes_in_memory(self) -> int:
+        return len(self._lanes)
 
     async def next_candidate(self, q: QueueKey, lane: int, *, spread: bool) -> ReadyEntry | None:
         """Pop a candidate of the lane, the oldest one unless claims on this lane have been lost to
@@ -188,7 +212,3 @@ class Dispatcher:
         await self.repo.advance_cursor(q, lane, bucket, seq, self.cursor_ttl_s)
         st.persisted = st.position
         st.persisted_at_ms = now
-
-    def forget(self, q: QueueKey) -> None:
-        for lane in (0, 1):
-            self._lanes.pop((q, lane), None)

@@ -140,6 +140,7 @@ class WorkQueue:
         metrics: Metrics | None = None,
         skew_margin_ms: int = 0,
         may_grant_leases: LeaseGate | None = None,
+        max_lanes: int = 10_000,
     ) -> None:
         self.repo = repo
         self.keys = keys
@@ -155,7 +156,7 @@ class WorkQueue:
         # workers hold a task at once (docs/storage.md, "Clocks").
         self.skew_margin_ms = skew_margin_ms
         self.may_grant_leases = may_grant_leases
-        self.dispatcher = Dispatcher(repo, clock.now_ms, settle_ms, task_ttl_s)
+        self.dispatcher = Dispatcher(repo, clock.now_ms, settle_ms, task_ttl_s, max_lanes)
         self._registered: set[tuple[QueueKey, int, int]] = set()
         self.publishing = 0  # results being published right now (for the results_pending gauge)
         # (task, epoch) pairs this instance completed lately: the recovery scheduler skips their

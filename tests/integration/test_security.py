@@ -149,3 +149,21 @@ async def test_a_forged_reply_to_cannot_close_the_bridges_connection(bridge, ser
         await conn.close()
     assert lost == [], "the bridge's AMQP connection was closed"
     assert bridge.transport.is_ready()
+
+
+async def test_fetches_naming_new_services_do_not_grow_memory_without_bound(make_bridge, engine, workers):
+    """Issue 13.4: every serviceId fetched kept about 3 kB in the dispatcher, forever."""
+    b = await make_bridge(max_queues_in_memory=50)
+    kept = service_id()
+    await engine.add(kept, "first")
+    await engine.add(kept, "second")
+    w = await workers(kept)
+    assert (await w.fetch()).value == "first"
+    assert await w.ack("ok") is True
+    for i in range(300):
+        w.service = f"{service_id()}-{i}"
+        assert await w.fetch() is None
+        assert b.queue.dispatcher.lanes_in_memory <= 50
+    # A forgotten queue still works: its position comes back from Cassandra.
+    w.service = kept
+    assert (await w.fetch()).value == "second"
