@@ -59,6 +59,13 @@ class Settings(BaseSettings):
         description="Largest accepted task value (or ack result), as JSON bytes; request bodies may be 64 KiB larger.",
     )
 
+    dead_letter_max_length: int = Field(
+        100_000, ge=1, description="Most messages kept in the dead-letter queue (the oldest are dropped beyond)."
+    )
+    dead_letter_max_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024, description="Most bytes kept in the dead-letter queue (the oldest dropped beyond)."
+    )
+
     # --- storage ---------------------------------------------------------------------------
     cassandra_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["127.0.0.1"], description="Cassandra contact points (comma separated)."

@@ -42,3 +42,7 @@ class Unavailable(BridgeError):
 
     code = "unavailable"
     transient = True
+
+
+class KeyMissing(Unavailable):
+    """The key that sealed a task is not available now: an outage of keys, never corruption."""

@@ -33,7 +33,14 @@ from bridge.crypto import UnknownOwner as NoKeysForOwner
 from bridge.domain import jsonvalue
 from bridge.domain.clock import Clock, next_stamp
 from bridge.domain.dispatch import Dispatcher
-from bridge.domain.errors import BadRequest, IntegrityError, PayloadTooLarge, Unavailable, UnknownOwner
+from bridge.domain.errors import (
+    BadRequest,
+    IntegrityError,
+    KeyMissing,
+    PayloadTooLarge,
+    Unavailable,
+    UnknownOwner,
+)
 from bridge.domain.models import AckRequest, AddCommand, Delivery, FetchRequest
 from bridge.storage.errors import StorageUnavailable, UnknownOutcome
 from bridge.storage.repository import (
@@ -197,8 +204,11 @@ class WorkQueue:
         try:
             return await self.keys.key_by_id(owner, key_id)
         except (NoKeysForOwner, UnknownKey):
-            raise IntegrityError(
-                f"the key {key_id!r} that sealed this task is not known any more; dead-lettered"
+            # An outage (a key server restarting, a key-ring edit that dropped a key still in use),
+            # not corruption: the task stays, and is delivered once the key is back.
+            raise KeyMissing(
+                f"the key {key_id!r} that sealed this task is not available; the task stays queued and is "
+                "delivered when the key is back (check the key-ring or key server)"
             ) from None
         except KeyUnavailable as exc:
             raise Unavailable(f"key provider unavailable: {exc}") from None
@@ -280,7 +290,7 @@ class WorkQueue:
             held = row.pointer
             stamp = row.stamp
             if held is not None and not held.done:
-                delivery = await self._resend(q, req.worker_id, held, ttr)
+                delivery = await self._resend(q, req.worker_id, held, ttr, stamp)
                 if delivery is not None:
                     return delivery
             stale = held is not None and not held.done
@@ -288,7 +298,9 @@ class WorkQueue:
         except (StorageUnavailable, UnknownOutcome) as exc:
             raise Unavailable(f"storage unavailable: {exc}") from None
 
-    async def _resend(self, q: QueueKey, worker: str, held: WorkerPointer, ttr: int) -> Delivery | None:
+    async def _resend(
+        self, q: QueueKey, worker: str, held: WorkerPointer, ttr: int, stamp: int | None
+    ) -> Delivery | None:
         """The worker has not acked its task: give it the same task again, with a fresh lease.
 
         The extension is conditional on the epoch only, not on the deadline: if nobody re-claimed
@@ -300,7 +312,7 @@ class WorkQueue:
             return None
         # The scheduler will meet the old deadline, see the later one, and re-arm itself.
         self.metrics.inc("tasks_redelivered", kind="resend")
-        return await self._deliver(q, worker, held.task_id, held.epoch, until)
+        return await self._deliver(q, worker, held.task_id, held.epoch, until, stamp=stamp)
 
     async def _claim_next(
         self, q: QueueKey, worker: str, ttr: int, stamp: int | None, *, stale_pointer: bool
@@ -383,10 +395,18 @@ class WorkQueue:
             return None, stamp
         self.metrics.inc("tasks_delivered" if not recovered or epoch == 1 else "tasks_redelivered", kind="claim")
         log.debug("task claimed", extra={"task_id": str(task_id), "epoch": epoch, "lease_ms": ttr})
-        return await self._deliver(q, worker, task_id, epoch, until, payload), stamp
+        return await self._deliver(q, worker, task_id, epoch, until, payload, stamp=stamp), stamp
 
     async def _deliver(
-        self, q: QueueKey, worker: str, task_id: uuid.UUID, epoch: int, until: int, payload: Payload | None = None
+        self,
+        q: QueueKey,
+        worker: str,
+        task_id: uuid.UUID,
+        epoch: int,
+        until: int,
+        payload: Payload | None = None,
+        *,
+        stamp: int | None,
     ) -> Delivery:
         if payload is None:
             payload = await self.repo.payload(q, task_id)
@@ -395,6 +415,14 @@ class WorkQueue:
             raise Unavailable("the task expired while being fetched; fetch again")
         try:
             key = await self._key_by_id(q.owner, payload.key_id)
+        except KeyMissing:
+            # Let the worker move on to other tasks; this lease runs out and the task is offered
+            # again later (by then, perhaps, with its key back).
+            await self.repo.clear_worker(q, worker, next_stamp(self.clock.now_ms(), stamp))
+            self.metrics.inc("deliveries_failed", reason="key_missing")
+            log.error("task not delivered: its key is missing", extra={"task_id": str(task_id), "epoch": epoch})
+            raise
+        try:
             sealed = Sealed(payload.key_id, payload.value_nonce, payload.value_ct)
             try:
                 plain = open_sealed(key, sealed, service=q.service, task_id=str(task_id), field="value")

@@ -91,6 +91,9 @@ ROUTES: dict[str, Route] = {
     "acks_refused": Route(
         "acks_refused", "Acks answered false because they were late copies, by reason.", labels=("reason",)
     ),
+    "deliveries_failed": Route(
+        "deliveries_failed", "Claimed tasks that could not be handed out, by reason (key_missing).", labels=("reason",)
+    ),
     "requests_expired": Route(
         "requests_expired",
         "Requests dropped unexecuted because their caller's deadline had passed.",

@@ -193,7 +193,7 @@ class AmqpTransport:
         assert ch is not None
         s = self.settings
         dlx = await ch.declare_exchange(self.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
-        dlq = await ch.declare_queue(self.dead_letter_queue, durable=True)
+        dlq = await self._declare_dead_letter_queue()
         await dlq.bind(dlx)
         unrouted = await ch.declare_exchange(self.unrouted_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
         main = await ch.declare_exchange(
@@ -218,6 +218,34 @@ class AmqpTransport:
             # A durable queue for the engine, so results published while it is down wait for it.
             results_q = await ch.declare_queue(s.results_queue, durable=True)
             await results_q.bind(s.results_exchange, routing_key="#")
+
+    async def _declare_dead_letter_queue(self) -> AbstractQueue:
+        """Bounded (issue 13.6): a flood of bad messages must not fill RabbitMQ's disk and block
+        every publisher on the broker. Beyond the limits the oldest dead letters are dropped."""
+        assert self.connection is not None and self._consume_channel is not None
+        s = self.settings
+        args: FieldTable = {
+            "x-max-length": s.dead_letter_max_length,
+            "x-max-length-bytes": s.dead_letter_max_bytes,
+            "x-overflow": "drop-head",
+        }
+        probe = await self.connection.channel(publisher_confirms=False)
+        try:
+            await probe.declare_queue(self.dead_letter_queue, durable=True, arguments=args)
+        except aio_pika.exceptions.ChannelPreconditionFailed:
+            # Declared by an older bridge without limits: queue arguments cannot change in place.
+            policy = {"max-length": s.dead_letter_max_length, "max-length-bytes": s.dead_letter_max_bytes}
+            log.warning(
+                "dead-letter queue %s exists without the configured limits; bound it with a policy: "
+                "rabbitmqctl set_policy qb-dead-letter '^%s$' '%s' --apply-to queues",
+                self.dead_letter_queue,
+                re.escape(self.dead_letter_queue),
+                orjson.dumps({**policy, "overflow": "drop-head"}).decode(),
+            )
+        finally:
+            if not probe.is_closed:
+                await probe.close()
+        return await self._consume_channel.declare_queue(self.dead_letter_queue, passive=True)
 
     async def resume(self) -> None:
         handlers: dict[str, Callable[[AbstractIncomingMessage], Awaitable[None]]] = {

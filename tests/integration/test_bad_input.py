@@ -154,3 +154,41 @@ async def test_values_come_back_exactly_as_added(bridge, engine, workers, server
         msgs = sorted((results.get_nowait() for _ in range(2)), key=lambda m: m["taskId"] != first.id)
     assert msgs[0]["token"] == {"id": 2**65} and msgs[0]["result"] == {"sum": 2**80 + 3}
     assert msgs[1]["token"] == 36893488147419103232 and msgs[1]["result"] == -(2**90)
+
+
+async def test_the_dead_letter_queue_is_bounded(make_bridge, engine, servers, names):
+    """Issue 13.6: 100 oversized adds grew the dead-letter queue by 110 MB, without limit."""
+    from tests.conftest import consumers_on
+
+    b = await make_bridge(dead_letter_max_length=5, dead_letter_max_bytes=50_000)
+    assert await consumers_on(servers.amqp_url("guest"), f"{names['queue_prefix']}.add") >= 1
+    for _ in range(12):
+        err = await _error(engine, "add", raw=b'{"serviceId": "s", "value": ' + b"x" * 20_000)  # not JSON
+        assert err["code"] == "bad_request"
+    import aio_pika
+
+    conn = await aio_pika.connect(servers.amqp_url("guest"))
+    try:
+        ch = await conn.channel()
+        q = await ch.declare_queue(b.transport.dead_letter_queue, passive=True)
+        # 12 dead letters of 20 kB each, and at most 50 kB kept: the newest two.
+        assert q.declaration_result.message_count == 2
+    finally:
+        await conn.close()
+
+
+async def test_a_dead_letter_queue_declared_without_limits_still_works(make_bridge, engine, servers, names, caplog):
+    """Queue arguments cannot change in place: an older bridge's unbounded queue is kept, with a
+    warning that names the policy to set."""
+    import aio_pika
+
+    conn = await aio_pika.connect(servers.amqp_url("guest"))
+    try:
+        ch = await conn.channel()
+        await ch.declare_queue(f"{names['queue_prefix']}.dead-letter", durable=True)
+    finally:
+        await conn.close()
+    await make_bridge()
+    assert "rabbitmqctl set_policy" in caplog.text
+    err = await _error(engine, "add", raw=b"{not json")
+    assert err["code"] == "bad_request"

@@ -117,3 +117,38 @@ async def test_key_server_outage(bridge_env, servers, names, workers):
                 assert (await w.fetch()).value == "added while keys are down"
         finally:
             await b.stop()
+
+
+async def test_a_missing_key_is_an_outage_and_destroys_nothing(make_bridge, engine, workers, tmp_path, cql, servers):
+    """Issue 13.5: a key lookup failure (key server 404 while restarting, a key-ring edit that drops
+    a key) used to mark the task dead for good. Now: `unavailable`, and delivered once the key is back."""
+    import json
+
+    from bridge.client import UnavailableError
+    from bridge.crypto import generate_keyring, write_keyring
+
+    path = tmp_path / "keyring.json"
+    doc = generate_keyring([*OWNERS, ENGINE_USER])
+    write_keyring(path, doc)
+    b = await make_bridge(keyring=str(path), key_cache_seconds=0.05)
+    svc = service_id()
+    task_id = await engine.add(svc, "sealed with worker-a's key")
+    ring = b.keys.upstream
+    without = json.loads(path.read_text())
+    del without["owners"][OWNERS[0]]
+    write_keyring(path, without)
+    assert ring.maybe_reload(force=True)
+    w = await workers(svc)
+    with pytest.raises(UnavailableError, match="key"):
+        await w.fetch(time_to_recover_ms=300)
+    assert await w.fetch() is None  # the worker is not stuck on it: it moves on (nothing else here)
+    row = cql.execute(
+        f"SELECT state FROM {servers.keyspace}.leases WHERE owner = %s AND service = %s AND task_id = %s",
+        (OWNERS[0], svc, uuid.UUID(task_id)),
+    ).one()
+    assert row["state"] == "leased", "the task was destroyed"
+    write_keyring(path, doc)  # the key is back
+    assert ring.maybe_reload(force=True)
+    task = await wait_for(lambda: w.fetch(time_to_recover_ms=5000), 10, what="the task delivered again")
+    assert task.id == task_id and task.value == "sealed with worker-a's key"
+    assert await task.ack("ok") is True

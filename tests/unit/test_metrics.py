@@ -30,6 +30,7 @@ DOCUMENTED = {
     "leases_refused",
     "acks_without_task_id",
     "acks_refused",
+    "deliveries_failed",
 }
 
 EXPECTED_COUNTERS = {
@@ -48,6 +49,7 @@ EXPECTED_COUNTERS = {
     "acks_without_task_id": ("queue_bridge_acks_without_task_id_total", ()),
     "acks_refused": ("queue_bridge_acks_refused_total", ("reason",)),
     "requests_expired": ("queue_bridge_requests_expired_total", ("method",)),
+    "deliveries_failed": ("queue_bridge_deliveries_failed_total", ("reason",)),
 }
 
 
