@@ -17,6 +17,7 @@ from bridge.domain.queue import Metrics, WorkQueue
 from bridge.domain.scheduler import RecoveryScheduler
 from bridge.observability.http import OpsServer
 from bridge.observability.metrics import BridgeMetrics
+from bridge.serving import ServingGate
 from bridge.storage.cassandra import CassandraSession
 from bridge.storage.repository import TaskRepository
 from bridge.transport.amqp import AmqpTransport, Observer
@@ -96,6 +97,12 @@ class Bridge:
                 "clock": self._clock_ready,
             },
         )
+        self.gate = ServingGate(
+            self.transport,
+            storage_up=self.db.any_host_up,
+            clock_ok=lambda: self.skew.ok,
+            on_change=self.metrics.set_paused,
+        )
         self.http_port: int | None = None  # the bound port once started (BRIDGE_HTTP_PORT=0: no HTTP)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -129,6 +136,7 @@ class Bridge:
             await self.transport.start()
             self._tasks.append(asyncio.create_task(self.scheduler.run(self._stop), name="scheduler"))
             self._tasks.append(asyncio.create_task(self.skew.run(self._stop), name="clock"))
+            self._tasks.append(asyncio.create_task(self.gate.run(self._stop), name="serving gate"))
         except BaseException:
             await self.ops.stop()
             raise
@@ -144,6 +152,8 @@ class Bridge:
         """Graceful: stop consuming, finish in-flight requests, flush results, then close."""
         self._stop.set()
         grace = self.settings.shutdown_grace
+        for task in self._tasks:  # the serving gate must not resume consumers during shutdown
+            task.cancel()
         await self.transport.pause()
         if not await self.transport.wait_idle(grace):
             log.warning("in-flight requests did not finish within %.1fs", grace)

@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     cassandra_consistency: Literal["LOCAL_QUORUM", "QUORUM", "ONE", "LOCAL_ONE"] = "LOCAL_QUORUM"
     cassandra_serial_consistency: Literal["SERIAL", "LOCAL_SERIAL"] = "SERIAL"
     cassandra_timeout: float = Field(5.0, gt=0, description="Per-request timeout in seconds.")
+    cassandra_reconnect_max_delay: float = Field(
+        2.0, gt=0, le=600, description="Longest wait between reconnection attempts to a Cassandra node, seconds."
+    )
 
     # --- keys ------------------------------------------------------------------------------
     keyring: Path | None = Field(None, description="Key-ring JSON file (owner -> keys).")

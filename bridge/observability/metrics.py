@@ -221,6 +221,12 @@ class BridgeMetrics:
             "Uncertainty of the last clock skew measurement (half its round trip).",
             registry=r,
         )
+        self.paused = Gauge(
+            f"{PREFIX}_consumers_paused",
+            "1 for each request queue this bridge stopped consuming because it cannot serve it now.",
+            ("queue",),
+            registry=r,
+        )
         self.info = Info(PREFIX, "Build and instance of this bridge.", registry=r)
         self.info.info({"version": version or package_version(), "instance": instance})
         self._callbacks = _CallbackCollector(monotonic)
@@ -264,6 +270,10 @@ class BridgeMetrics:
     # -- gauges set by the code that knows ------------------------------------------------------
     def set_results_pending(self, n: int) -> None:
         self.results_pending.set(n)
+
+    def set_paused(self, queues: frozenset[str]) -> None:
+        for queue in ("add", "fetch", "ack", "unrouted"):
+            self.paused.labels(queue).set(1 if queue in queues else 0)
 
     def set_clock_skew(self, offset_ms: float, error_ms: float) -> None:
         self.clock_skew.set(offset_ms / 1000)

@@ -33,7 +33,12 @@ from cassandra.cluster import (
     ResponseFuture,
     Session,
 )
-from cassandra.policies import DCAwareRoundRobinPolicy, RoundRobinPolicy, TokenAwarePolicy
+from cassandra.policies import (
+    DCAwareRoundRobinPolicy,
+    ExponentialReconnectionPolicy,
+    RoundRobinPolicy,
+    TokenAwarePolicy,
+)
 from cassandra.query import PreparedStatement, dict_factory
 
 from bridge.config import Settings
@@ -142,7 +147,11 @@ class CassandraSession:
             protocol_version=5,
             connect_timeout=s.cassandra_timeout,
             idle_heartbeat_interval=10,
-            reconnection_policy=None,
+            # The driver's default backs off from 1 s to 600 s: after a 10 s cut a bridge came back
+            # only 16 s later. Cassandra outages are short; a few cheap retries per second are fine.
+            reconnection_policy=ExponentialReconnectionPolicy(
+                base_delay=0.2, max_delay=s.cassandra_reconnect_max_delay, max_attempts=None
+            ),
         )
         if self.timestamps is not None:
             cluster.timestamp_generator = self.timestamps
@@ -156,6 +165,13 @@ class CassandraSession:
         self._prepared.clear()
         if cluster is not None:
             await anyio.to_thread.run_sync(cluster.shutdown)
+
+    def any_host_up(self) -> bool:
+        """Whether the driver has a live connection to some Cassandra node (no network I/O)."""
+        cluster = self._cluster
+        if cluster is None or self._session is None:
+            return False
+        return any(host.is_up for host in cluster.metadata.all_hosts())
 
     @property
     def session(self) -> Session:

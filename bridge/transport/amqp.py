@@ -15,7 +15,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -247,7 +247,8 @@ class AmqpTransport:
                 await probe.close()
         return await self._consume_channel.declare_queue(self.dead_letter_queue, passive=True)
 
-    async def resume(self) -> None:
+    async def resume(self, methods: Iterable[str] | None = None) -> None:
+        """Consume requests (all queues, or only ``methods``)."""
         handlers: dict[str, Callable[[AbstractIncomingMessage], Awaitable[None]]] = {
             "add": self._on_add,
             "fetch": self._on_fetch,
@@ -255,17 +256,23 @@ class AmqpTransport:
             "unrouted": self._on_unrouted,
         }
         for method, handler in handlers.items():
-            if method not in self._consumer_tags:
+            if (methods is None or method in methods) and method not in self._consumer_tags:
                 self._consumer_tags[method] = await self._queues[method].consume(self._tracked(handler))
 
-    async def pause(self) -> None:
-        """Stop taking new requests (shutdown step one); in-flight ones go on."""
+    async def pause(self, methods: Iterable[str] | None = None) -> None:
+        """Stop taking new requests (all queues, or only ``methods``); in-flight ones go on. What is
+        not taken stays in RabbitMQ for the other bridges."""
         for method, tag in list(self._consumer_tags.items()):
+            if methods is not None and method not in methods:
+                continue
             try:
                 await self._queues[method].cancel(tag)
             except Exception as exc:  # channel already gone: nothing to cancel
                 log.debug("cancel %s: %s", method, exc)
             del self._consumer_tags[method]
+
+    def consuming(self) -> frozenset[str]:
+        return frozenset(self._consumer_tags)
 
     async def wait_idle(self, timeout: float) -> bool:
         try:

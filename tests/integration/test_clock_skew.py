@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.client import Engine, UnavailableError
-from tests.conftest import ENGINE_USER, OWNERS, service_id, wait_bridges, wait_for
+from bridge.client import Engine
+from bridge.domain.errors import Unavailable
+from bridge.domain.models import FetchRequest, parse
+from tests.conftest import ENGINE_USER, OWNERS, consumers_on, service_id, wait_bridges, wait_for
 from tests.history import History, lease_rows, run_workers
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration, pytest.mark.slow]
@@ -41,22 +43,27 @@ async def test_two_bridges_400ms_apart_each_way_attribute_every_ack_and_never_ov
     assert refused == [], f"{len(refused)} acks of held tasks answered false"
 
 
-async def test_a_bridge_3s_ahead_reports_the_skew_and_refuses_leases(make_bridge, engine, workers):
+async def test_a_bridge_3s_ahead_reports_the_skew_and_refuses_leases(make_bridge, engine, workers, servers, names):
     skewed = await make_bridge(clock_offset_ms=3000, clock_check_interval=0.2)
     reading = await wait_for(lambda: skewed.skew.reading, 10, what="a clock reading")
     assert 2800 <= reading.offset_ms <= 3200
     assert not skewed.skew.ok
     assert not await skewed._clock_ready()
     assert 2.8 <= skewed.metrics.clock_skew._value.get() <= 3.2  # queue_bridge_clock_skew_seconds
+    # It stops taking fetches (the requests that grant leases) so that healthy bridges serve them...
+    fetch_queue = f"{names['queue_prefix']}.fetch"
+    await wait_for(lambda: "fetch" not in skewed.transport.consuming(), 5, what="fetches paused")
+    assert await consumers_on(servers.amqp_url("guest"), fetch_queue) == 0
+    assert {"add", "ack"} <= skewed.transport.consuming()  # adds and acks grant no lease
     svc = service_id()
-    await engine.add(svc, "held back")  # adds grant no lease: still taken
-    w = await workers(svc, "w")
-    with pytest.raises(UnavailableError, match="clock"):
-        await w.fetch()
-    # Nothing was leased: a bridge within the limit hands the task out.
+    await engine.add(svc, "held back")
+    # ... and a fetch that reaches it anyway is refused without touching a lease.
+    with pytest.raises(Unavailable, match="clock"):
+        await skewed.queue.fetch(OWNERS[0], parse(FetchRequest, {"serviceId": svc, "workerId": "w"}))
+    # A bridge within the limit hands the task out: nothing was leased.
     healthy = await make_bridge()
     assert healthy.skew.ok
-    await skewed.transport.pause()  # only the healthy bridge serves from now on
+    w = await workers(svc, "w")
     task = await w.fetch()
     assert task is not None and task.value == "held back" and task.deliveries == 1
     assert await task.ack("ok") is True

@@ -65,12 +65,12 @@ async def test_cassandra_outage_rpcs_get_unavailable_and_adds_are_not_lost(
             await engine.add(svc, "before")
             w = await workers(svc, timeout=30)
             cassandra_proxy.cut()
-            with pytest.raises(UnavailableError):
-                await w.fetch()
-            # An add during the outage is held and retried by the bridge, not lost.
+            # The bridge notices and stops consuming: requests wait in RabbitMQ for a bridge that
+            # can serve them (here, this one once Cassandra is back).
+            await wait_for(lambda: not b.transport.consuming(), 10, what="consumers paused")
+            assert b.metrics.paused.labels("fetch")._value.get() == 1
+            # An add during the outage is kept, not lost.
             pending = asyncio.create_task(engine.add(svc, "during"))
-            await asyncio.sleep(1.5)
-            assert not pending.done()
             cassandra_proxy.restore()
             during_id = await asyncio.wait_for(pending, 45)
             got = []
@@ -84,6 +84,35 @@ async def test_cassandra_outage_rpcs_get_unavailable_and_adds_are_not_lost(
             assert uuid.UUID(during_id)
     finally:
         await b.stop()
+
+
+async def test_an_unready_bridge_stops_consuming_so_the_others_serve(
+    bridge, bridge_env, cassandra_proxy, engine, workers
+):
+    """Issue 13.10: a bridge cut off from Cassandra kept taking requests and answering `unavailable`
+    (508 errors) while healthy bridges sat idle; and came back only 16 s after a 10 s cut."""
+    import time
+
+    from bridge.app import Bridge
+
+    cut_off = Bridge(settings_from(bridge_env, cassandra_port=cassandra_proxy.port, cassandra_timeout=1.0))
+    await cut_off.start()
+    try:
+        svc = service_id()
+        for i in range(40):
+            await engine.add(svc, i)
+        cassandra_proxy.cut()
+        await wait_for(lambda: not cut_off.transport.consuming(), 10, what="the cut-off bridge paused")
+        w = await workers(svc)
+        for _ in range(40):  # every request served by the healthy bridge: no `unavailable`
+            task = await w.fetch()
+            assert await task.ack("ok") is True
+        restored = time.monotonic()
+        cassandra_proxy.restore()
+        await wait_for(lambda: len(cut_off.transport.consuming()) == 4, 10, what="consuming again")
+        assert time.monotonic() - restored < 5.0, "reconnects within a few seconds"
+    finally:
+        await cut_off.stop()
 
 
 async def test_key_server_outage(bridge_env, servers, names, workers):
@@ -130,7 +159,7 @@ async def test_a_missing_key_is_an_outage_and_destroys_nothing(make_bridge, engi
     path = tmp_path / "keyring.json"
     doc = generate_keyring([*OWNERS, ENGINE_USER])
     write_keyring(path, doc)
-    b = await make_bridge(keyring=str(path), key_cache_seconds=0.05)
+    b = await make_bridge(keyring=str(path))
     svc = service_id()
     task_id = await engine.add(svc, "sealed with worker-a's key")
     ring = b.keys.upstream
@@ -138,6 +167,7 @@ async def test_a_missing_key_is_an_outage_and_destroys_nothing(make_bridge, engi
     del without["owners"][OWNERS[0]]
     write_keyring(path, without)
     assert ring.maybe_reload(force=True)
+    b.keys.invalidate()  # what the cache's max age does, without waiting for it
     w = await workers(svc)
     with pytest.raises(UnavailableError, match="key"):
         await w.fetch(time_to_recover_ms=300)
