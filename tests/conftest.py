@@ -369,7 +369,7 @@ class DeadLetters:
         conn = await aio_pika.connect_robust(self.url)
         try:
             ch = await conn.channel()
-            q = await ch.declare_queue(self.queue, durable=True)
+            q = await ch.declare_queue(self.queue, passive=True)  # the bridge declared it, bounded
             deadline = time.monotonic() + timeout
             while len(got) < expect and time.monotonic() < deadline:
                 msg = await q.get(fail=False, no_ack=True)

@@ -94,6 +94,9 @@ ROUTES: dict[str, Route] = {
     "deliveries_failed": Route(
         "deliveries_failed", "Claimed tasks that could not be handed out, by reason (key_missing).", labels=("reason",)
     ),
+    "amqp_channels_lost": Route(
+        "amqp_channels_lost", "AMQP channels closed under the bridge (restored on reconnect).", labels=("channel",)
+    ),
     "requests_expired": Route(
         "requests_expired",
         "Requests dropped unexecuted because their caller's deadline had passed.",

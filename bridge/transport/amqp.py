@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import time
@@ -148,6 +149,7 @@ class AmqpTransport:
         self._inflight: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._closing = False
 
     def observe(self, method: str, outcome: str, seconds: float) -> None:
         """Metrics, plus one canonical log line per request (DEBUG: it is one per message)."""
@@ -185,8 +187,23 @@ class AmqpTransport:
         # broker confirm would only add a round trip to every request.
         self._reply_channel = await self.connection.channel(publisher_confirms=False)
         self.replies.main = self._reply_channel
+        channels = {"consume": self._consume_channel, "results": self._publish_channel, "replies": self._reply_channel}
+        for name, channel in channels.items():
+            channel.close_callbacks.add(functools.partial(self._channel_lost, name))
+        self.connection.reconnect_callbacks.add(self._reconnected)
         await self._declare_topology()
         await self.resume()
+
+    def _channel_lost(self, name: str, _channel: object, exc: BaseException | None = None) -> None:
+        if self._closing:
+            return
+        # The robust connection reopens the channel and its consumers; in-flight requests finish
+        # (their reply or ack may fail; the broker then redelivers them).
+        log.warning("AMQP %s channel lost (%s); restored on reconnect", name, type(exc).__name__ if exc else "closed")
+        self.queue.metrics.inc("amqp_channels_lost", channel=name)
+
+    def _reconnected(self, *_: object) -> None:
+        log.warning("AMQP connection restored: channels and consumers are back")
 
     async def _declare_topology(self) -> None:
         ch = self._consume_channel
@@ -288,6 +305,7 @@ class AmqpTransport:
         )
 
     async def close(self) -> None:
+        self._closing = True
         await self.replies.close_probation()
         if self.connection is not None:
             await self.connection.close()
@@ -307,11 +325,7 @@ class AmqpTransport:
     def _tracked(
         self, handler: Callable[[AbstractIncomingMessage], Awaitable[None]]
     ) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
-        async def run(message: AbstractIncomingMessage) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            self._inflight.add(task)
-            self._idle.clear()
+        async def handle(message: AbstractIncomingMessage) -> None:
             # Every log line of this request carries these fields (never the body: values stay secret).
             structlog.contextvars.clear_contextvars()
             structlog.contextvars.bind_contextvars(
@@ -319,18 +333,27 @@ class AmqpTransport:
             )
             try:
                 await handler(message)
-            except asyncio.CancelledError:
-                # Shutdown or a lost channel: the broker requeues what we did not settle.
-                raise
             except Exception:
                 log.exception("request handler failed unexpectedly")
                 await self._settle_failed(message)
-            finally:
-                self._inflight.discard(task)
-                if not self._inflight:
-                    self._idle.set()
+
+        async def run(message: AbstractIncomingMessage) -> None:
+            # The work runs as a task of its own: when a channel closes (a broker restart) aio-pika
+            # cancels its consumer callbacks, and a request cut in the middle of a claim would be
+            # neither answered nor finished. Shielded, it finishes; its reply and ack may fail on the
+            # dead channel, and then the broker redelivers the request, which is safe to repeat.
+            work = asyncio.get_running_loop().create_task(handle(message))
+            self._inflight.add(work)
+            self._idle.clear()
+            work.add_done_callback(self._finished)
+            await asyncio.shield(work)
 
         return run
+
+    def _finished(self, work: asyncio.Task[None]) -> None:
+        self._inflight.discard(work)
+        if not self._inflight:
+            self._idle.set()
 
     async def _settle_failed(self, message: AbstractIncomingMessage) -> None:
         """Last resort, whatever raised: answer ``internal`` and dead-letter, so that one bad

@@ -16,6 +16,7 @@ connection, which is reopened on demand.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -71,6 +72,7 @@ class ReplyPublisher:
         self._probation: AbstractConnection | None = None
         self._probation_channel: AbstractChannel | None = None
         self.proven: set[str] = set()
+        self._opening = asyncio.Lock()
         self.refused = 0  # replies the broker refused (forged reply_to): only the probation connection paid
 
     async def publish(self, message: aio_pika.Message, reply_to: str) -> None:
@@ -85,20 +87,22 @@ class ReplyPublisher:
         try:
             await channel.default_exchange.publish(message, routing_key=reply_to, mandatory=False)
         except Exception:
-            log.warning("a reply to an unknown broker node was refused: its requester sent a forged reply_to")
-            self.refused += 1
-            await self.close_probation()
+            if channel is self._probation_channel:  # not already replaced after another failure
+                log.warning("a reply to an unknown broker node was refused: its requester sent a forged reply_to")
+                self.refused += 1
+                await self.close_probation()
             raise
         if len(self.proven) < MAX_PROVEN_NODES:
             self.proven.add(node)  # confirmed: the broker knows this node
 
     async def _probation_open(self) -> AbstractChannel:
-        if self._probation_channel is not None and not self._probation_channel.is_closed:
+        async with self._opening:  # concurrent replies share one probation connection
+            if self._probation_channel is not None and not self._probation_channel.is_closed:
+                return self._probation_channel
+            await self.close_probation()
+            self._probation = await self._connect()
+            self._probation_channel = await self._probation.channel(publisher_confirms=True)
             return self._probation_channel
-        await self.close_probation()
-        self._probation = await self._connect()
-        self._probation_channel = await self._probation.channel(publisher_confirms=True)
-        return self._probation_channel
 
     async def close_probation(self) -> None:
         conn, self._probation, self._probation_channel = self._probation, None, None

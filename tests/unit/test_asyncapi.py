@@ -394,10 +394,30 @@ class _TopologyChannel:
         return _Exchange(name)
 
     async def declare_queue(
-        self, name: str, *, durable: bool = False, arguments: dict[str, Any] | None = None, **_: Any
+        self,
+        name: str,
+        *,
+        durable: bool = False,
+        arguments: dict[str, Any] | None = None,
+        passive: bool = False,
+        **_: Any,
     ) -> _Queue:
-        self.queues[name] = {"durable": durable, "arguments": arguments or {}}
+        if not passive:
+            self.queues[name] = {"durable": durable, "arguments": arguments or {}}
         return _Queue(name, self.bindings)
+
+    is_closed = False
+
+    async def close(self) -> None:
+        return None
+
+
+class _TopologyConnection:
+    def __init__(self, channel: _TopologyChannel) -> None:
+        self._channel = channel
+
+    async def channel(self, **_: Any) -> _TopologyChannel:
+        return self._channel
 
 
 def test_topology_matches_what_the_transport_declares(doc: dict[str, Any], settings: Settings) -> None:
@@ -405,6 +425,7 @@ def test_topology_matches_what_the_transport_declares(doc: dict[str, Any], setti
     channel = _TopologyChannel()
     transport._consume_channel = cast(Any, channel)
     transport._publish_channel = cast(Any, channel)
+    transport.connection = cast(Any, _TopologyConnection(channel))
     asyncio.run(transport._declare_topology())
 
     topology = doc["x-topology"]

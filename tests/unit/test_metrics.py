@@ -50,6 +50,7 @@ EXPECTED_COUNTERS = {
     "acks_refused": ("queue_bridge_acks_refused_total", ("reason",)),
     "requests_expired": ("queue_bridge_requests_expired_total", ("method",)),
     "deliveries_failed": ("queue_bridge_deliveries_failed_total", ("reason",)),
+    "amqp_channels_lost": ("queue_bridge_amqp_channels_lost_total", ("channel",)),
 }
 
 
