@@ -82,6 +82,12 @@ class Settings(BaseSettings):
     cassandra_consistency: Literal["LOCAL_QUORUM", "QUORUM", "ONE", "LOCAL_ONE"] = "LOCAL_QUORUM"
     cassandra_serial_consistency: Literal["SERIAL", "LOCAL_SERIAL"] = "SERIAL"
     cassandra_timeout: float = Field(5.0, gt=0, description="Per-request timeout in seconds.")
+    cassandra_tls: bool = Field(False, description="Connect to Cassandra over TLS (implied by a TLS file below).")
+    cassandra_tls_ca_file: Path | None = Field(
+        None, description="CA bundle that signed the Cassandra nodes' certificates (default: the system's)."
+    )
+    cassandra_tls_cert_file: Path | None = Field(None, description="Client certificate, for mutual TLS.")
+    cassandra_tls_key_file: Path | None = Field(None, description="Client private key, for mutual TLS.")
     cassandra_reconnect_max_delay: float = Field(
         2.0, gt=0, le=600, description="Longest wait between reconnection attempts to a Cassandra node, seconds."
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 
 
 class TcpProxy:
@@ -16,8 +17,9 @@ class TcpProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self.up = True
 
-    async def start(self, port: int = 0) -> TcpProxy:
-        self._server = await asyncio.start_server(self._accept, self.listen_host, port)
+    async def start(self, port: int = 0, *, tls: ssl.SSLContext | None = None) -> TcpProxy:
+        """Listen (with ``tls``: a TLS listener that forwards the decrypted stream to the target)."""
+        self._server = await asyncio.start_server(self._accept, self.listen_host, port, ssl=tls)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

@@ -9,6 +9,7 @@ worker thread.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -104,6 +105,20 @@ def _to_asyncio(rf: ResponseFuture, loop: asyncio.AbstractEventLoop) -> asyncio.
     return fut
 
 
+def tls_context(s: Settings) -> ssl.SSLContext | None:
+    """TLS to Cassandra, verifying each node's certificate and its address (IP or name)."""
+    files = (s.cassandra_tls_ca_file, s.cassandra_tls_cert_file, s.cassandra_tls_key_file)
+    if not s.cassandra_tls and not any(files):
+        return None
+    ca = str(s.cassandra_tls_ca_file) if s.cassandra_tls_ca_file else None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if s.cassandra_tls_cert_file:
+        key = str(s.cassandra_tls_key_file) if s.cassandra_tls_key_file else None
+        context.load_cert_chain(str(s.cassandra_tls_cert_file), key)
+    return context
+
+
 class CassandraSession:
     """One driver Cluster/Session per process, with prepared statements and async execution."""
 
@@ -140,6 +155,7 @@ class CassandraSession:
             password = s.cassandra_password.get_secret_value() if s.cassandra_password else ""
             auth = PlainTextAuthProvider(username=s.cassandra_username, password=password)
         cluster = Cluster(
+            ssl_context=tls_context(s),
             contact_points=s.cassandra_hosts,
             port=s.cassandra_port,
             execution_profiles={EXEC_PROFILE_DEFAULT: profile},
