@@ -29,7 +29,7 @@ def build_key_provider(settings: Settings) -> KeyProvider:
     upstream: KeyProvider
     if settings.key_server_url:
         token = settings.key_server_token.get_secret_value() if settings.key_server_token else None
-        upstream = HttpKeyProvider(settings.key_server_url, token=token)
+        upstream = HttpKeyProvider(settings.key_server_url, token=token, timeout=settings.key_server_timeout)
     elif settings.keyring is not None:
         upstream = KeyringFileProvider(settings.keyring)
     else:

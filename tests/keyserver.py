@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import json
 import secrets
 from collections.abc import Sequence
 from types import TracebackType
@@ -42,6 +43,7 @@ class KeyServer:
         self.port = port
         self.fail = False  # answer 503 to everything
         self.delay = 0.0  # seconds to wait before answering (makes concurrent requests overlap)
+        self.padding = 0  # extra bytes of whitespace in every 200 answer (an oversized response)
         self.requests = 0  # requests received, whatever the outcome
         self.paths: list[str] = []  # raw paths received, in order
         self._owners: dict[str, dict[str, bytes]] = {}
@@ -137,7 +139,10 @@ class KeyServer:
         secret = keys.get(key_id)
         if secret is None:
             return web.json_response({"error": "unknown_key"}, status=404)
-        return web.json_response({"id": key_id, "key": base64.b64encode(secret).decode("ascii")})
+        body = {"id": key_id, "key": base64.b64encode(secret).decode("ascii")}
+        if self.padding:
+            return web.Response(text=json.dumps(body) + " " * self.padding, content_type="application/json")
+        return web.json_response(body)
 
 
 async def _serve(port: int, owners: Sequence[str], token: str | None) -> None:

@@ -23,12 +23,23 @@ Error mapping:
 A request that fails with a connection error (refused, reset, server disconnected -- typically a
 stale keep-alive connection) is retried once; timeouts are not retried.  Wrap the provider in
 :class:`~bridge.crypto.keys.CachingKeyProvider` for production use.
+
+Hardening: a response is read up to ``MAX_RESPONSE_BYTES`` (a key is a few dozen bytes); after a
+failure of the server (unreachable, timeout, 5xx, refused credentials) it is not asked again for a
+backoff period (exponential, ``backoff_base`` doubling up to ``backoff_cap`` seconds, with jitter):
+callers get ``KeyUnavailable`` at once instead of piling requests on a struggling server; and a
+bearer token is never sent over plain ``http://`` except to a loopback address.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
+import logging
+import random
+import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -42,6 +53,17 @@ from bridge.crypto.keys import KEY_SIZE, OwnerKey
 __all__ = ["HttpKeyProvider"]
 
 _CURRENT = "current"
+MAX_RESPONSE_BYTES = 64 * 1024
+log = logging.getLogger("bridge.keyserver")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _segment(value: str) -> str:
@@ -59,12 +81,29 @@ class HttpKeyProvider:
     loop) and closed by :meth:`close`; after ``close`` every call raises ``KeyUnavailable``.
     """
 
-    def __init__(self, base_url: str, *, token: str | None = None, timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str | None = None,
+        timeout: float = 2.0,
+        backoff_base: float = 0.2,
+        backoff_cap: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         url = URL(base_url)
         if url.scheme not in {"http", "https"} or not url.host:
             raise ValueError(f"key server URL must be http(s)://host[:port][/prefix], got {base_url!r}")
         if timeout <= 0:
             raise ValueError("timeout must be > 0")
+        if token is not None and url.scheme == "http":
+            if not _loopback(url.host):
+                raise ValueError("refusing to send the key server token over plain http:// to a remote host; use https")
+            log.warning("the key server token goes over plain http:// (loopback only): use https in production")
+        self._backoff = (backoff_base, backoff_cap)
+        self._clock = clock
+        self._failures = 0
+        self._retry_at = 0.0
         self._base = base_url.rstrip("/")
         self._token = token
         self._timeout = timeout
@@ -107,6 +146,24 @@ class HttpKeyProvider:
     async def _fetch(self, owner: str, key_id: str | None) -> OwnerKey:
         if not owner:
             raise UnknownOwner("empty owner name")
+        wait = self._retry_at - self._clock()
+        if wait > 0:
+            raise KeyUnavailable(f"key server failing: not asked again for {wait:.1f}s")
+        try:
+            key = await self._ask(owner, key_id)
+        except KeyUnavailable:
+            self._failures += 1
+            base, cap = self._backoff
+            delay = min(cap, base * 2 ** (self._failures - 1))
+            self._retry_at = self._clock() + random.uniform(delay / 2, delay)
+            raise
+        except (UnknownOwner, UnknownKey):
+            self._failures = 0  # the server answered: it is healthy
+            raise
+        self._failures = 0
+        return key
+
+    async def _ask(self, owner: str, key_id: str | None) -> OwnerKey:
         what = f"owner {owner!r} " + ("current key" if key_id is None else f"key {key_id!r}")
         url = URL(
             f"{self._base}/owners/{_segment(owner)}/keys/{_CURRENT if key_id is None else _segment(key_id)}",
@@ -131,7 +188,10 @@ class HttpKeyProvider:
         for attempt in (1, 2):
             try:
                 async with session.get(url, allow_redirects=False) as resp:
-                    return resp.status, await resp.read()
+                    body = await resp.content.read(MAX_RESPONSE_BYTES + 1)
+                    if len(body) > MAX_RESPONSE_BYTES:
+                        raise KeyUnavailable(f"key server response for {what} exceeds {MAX_RESPONSE_BYTES} bytes")
+                    return resp.status, body
             except TimeoutError as exc:
                 raise KeyUnavailable(f"key server timed out after {self._timeout}s fetching {what}") from exc
             except aiohttp.ClientConnectionError as exc:

@@ -38,9 +38,24 @@ async def server() -> AsyncIterator[KeyServer]:
         yield srv
 
 
+class FakeClock:
+    """Monotonic seconds that move only when a test says so (the provider's failure backoff)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @pytest.fixture
-async def provider(server: KeyServer) -> AsyncIterator[HttpKeyProvider]:
-    prov = HttpKeyProvider(server.url)
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def provider(server: KeyServer, clock: FakeClock) -> AsyncIterator[HttpKeyProvider]:
+    prov = HttpKeyProvider(server.url, clock=clock)
     yield prov
     await prov.close()
 
@@ -107,14 +122,53 @@ async def test_owner_and_key_id_are_url_quoted(server: KeyServer, provider: Http
     assert "/owners/%2E%2E/keys/current" in server.paths
 
 
-async def test_503_is_key_unavailable(server: KeyServer, provider: HttpKeyProvider) -> None:
+async def test_503_is_key_unavailable(server: KeyServer, provider: HttpKeyProvider, clock: FakeClock) -> None:
     server.add_owner("acme")
     server.fail = True
     with pytest.raises(KeyUnavailable, match="503"):
         await provider.current_key("acme")
     assert server.requests == 1  # HTTP errors are not retried
     server.fail = False
+    clock.now += 10  # past the failure backoff
     assert (await provider.current_key("acme")).owner == "acme"  # transient: recovers
+
+
+async def test_a_failing_server_is_not_asked_again_before_its_backoff(
+    server: KeyServer, provider: HttpKeyProvider, clock: FakeClock
+) -> None:
+    """Issue 13.9: the client did not back off on failures."""
+    server.add_owner("acme")
+    server.fail = True
+    delays = []
+    for _ in range(6):
+        with pytest.raises(KeyUnavailable, match="503"):
+            await provider.current_key("acme")
+        asked = server.requests
+        with pytest.raises(KeyUnavailable, match="not asked again for"):
+            await provider.current_key("acme")
+        assert server.requests == asked, "asked during the backoff"
+        wait = float(provider._retry_at - clock.now)
+        delays.append(wait)
+        clock.now += wait + 0.001
+    assert delays[0] <= 0.2 and max(delays) <= 5.0 and delays[-1] >= 2.5  # exponential, capped, jittered
+    server.fail = False
+    assert (await provider.current_key("acme")).owner == "acme"
+    assert provider._failures == 0
+
+
+async def test_an_oversized_response_is_refused(server: KeyServer, provider: HttpKeyProvider) -> None:
+    server.add_owner("acme")
+    server.padding = 200_000  # a key server gone wrong, or not a key server
+    with pytest.raises(KeyUnavailable, match="exceeds"):
+        await provider.current_key("acme")
+
+
+def test_a_token_is_never_sent_over_plain_http_to_a_remote_host() -> None:
+    with pytest.raises(ValueError, match="https"):
+        HttpKeyProvider("http://keys.example.com", token="t")
+    HttpKeyProvider("https://keys.example.com", token="t")
+    HttpKeyProvider("http://127.0.0.1:8089", token="t")  # loopback: allowed, with a warning
+    HttpKeyProvider("http://keys.example.com")  # no token: nothing to leak
 
 
 async def test_server_stopped_is_key_unavailable(server: KeyServer, provider: HttpKeyProvider) -> None:
@@ -294,7 +348,7 @@ async def test_concurrent_current_key_calls_are_coalesced(server: KeyServer, pro
     assert cache.hits == 2
 
 
-async def test_coalesced_by_id_and_unavailable(server: KeyServer, provider: HttpKeyProvider) -> None:
+async def test_coalesced_by_id_and_unavailable(server: KeyServer, provider: HttpKeyProvider, clock: FakeClock) -> None:
     key_id = server.add_owner("acme")
     server.delay = 0.05
     server.fail = True
@@ -312,7 +366,8 @@ async def test_coalesced_by_id_and_unavailable(server: KeyServer, provider: Http
             tg.start_soon(get)
     assert len(failures) == 10
     assert server.requests == 1
-    server.fail = False  # errors are not cached: the next call succeeds
+    server.fail = False  # errors are not cached: the next call after the backoff succeeds
+    clock.now += 10
     assert (await cache.key_by_id("acme", key_id)).key_id == key_id
     assert server.requests == 2
 
