@@ -29,7 +29,12 @@ log = logging.getLogger("bridge.scheduler")
 
 EXPIRY_CURSOR = "expiries"
 OUTBOX_CURSOR = "outbox"
-CURSOR_TTL_S = 30 * 24 * 3600
+CURSOR_TTL_S = 30 * 24 * 3600  # a restart after an outage this long still resumes where it stopped
+CURSOR_MAX_DAYS = 31
+# The expiry position is persisted on a 10 s grid (40 buckets), rounded down: every instance writes
+# the same few rows (one per 10 s, whatever the fleet size) and a restart re-reads at most 10 s.
+EXPIRY_PERSIST_GRID = 40
+DAY_MS = 86_400_000
 HANDLE_CONCURRENCY = 32
 
 
@@ -65,7 +70,13 @@ class RecoveryScheduler:
         self._outbox_next: int | None = None
         self._outbox_retry: set[int] = set()
         self._outbox_persisted: int | None = None
+        self._expiry_persisted: int | None = None
         self._last_outbox_ms = 0
+
+    @property
+    def expiry_position(self) -> int | None:
+        """The first expiry bucket not yet read twice (None before the first tick)."""
+        return self._expiry_confirmed
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -91,7 +102,7 @@ class RecoveryScheduler:
     # -- recovery ----------------------------------------------------------------------------
     async def _recover(self, now: int) -> None:
         if self._expiry_next is None:
-            saved = await self.repo.scheduler_cursor(EXPIRY_CURSOR)
+            saved = await self.repo.scheduler_cursor(EXPIRY_CURSOR, now // DAY_MS, CURSOR_MAX_DAYS)
             start = saved if saved is not None else expiry_bucket(now) - 1
             self._expiry_next = start
             self._expiry_confirmed = start
@@ -116,8 +127,10 @@ class RecoveryScheduler:
             self._handled.pop(self._expiry_confirmed, None)
             self._expiry_confirmed += 1
             moved = True
-        if moved:
-            await self.repo.advance_scheduler_cursor(EXPIRY_CURSOR, self._expiry_confirmed, CURSOR_TTL_S)
+        grid = self._expiry_confirmed - self._expiry_confirmed % EXPIRY_PERSIST_GRID
+        if moved and grid != self._expiry_persisted:
+            await self.repo.advance_scheduler_cursor(EXPIRY_CURSOR, grid, grid * EXPIRY_BUCKET_MS, CURSOR_TTL_S)
+            self._expiry_persisted = grid
 
     async def _process_bucket(self, bucket: int, now: int, *, only_expired: bool = False) -> None:
         entries = await self.repo.expiries(bucket)
@@ -182,7 +195,7 @@ class RecoveryScheduler:
     # -- result relay ------------------------------------------------------------------------
     async def _relay(self, now: int) -> None:
         if self._outbox_next is None:
-            saved = await self.repo.scheduler_cursor(OUTBOX_CURSOR)
+            saved = await self.repo.scheduler_cursor(OUTBOX_CURSOR, now // DAY_MS, CURSOR_MAX_DAYS)
             self._outbox_next = saved if saved is not None else outbox_bucket(now) - 1
         # Only buckets old enough that their normal publish must have happened are swept.
         limit = outbox_bucket(now - self.republish_after_ms)
@@ -199,7 +212,7 @@ class RecoveryScheduler:
         # Persist only up to the first bucket still owing a publish, so a restart retries it.
         safe = min(self._outbox_retry, default=self._outbox_next)
         if safe != self._outbox_persisted:
-            await self.repo.advance_scheduler_cursor(OUTBOX_CURSOR, safe, CURSOR_TTL_S)
+            await self.repo.advance_scheduler_cursor(OUTBOX_CURSOR, safe, safe * OUTBOX_BUCKET_MS, CURSOR_TTL_S)
             self._outbox_persisted = safe
 
     async def _relay_bucket(self, bucket: int) -> bool:

@@ -26,6 +26,8 @@ from bridge.storage.schema import (
 )
 from bridge.storage.timeuuid import MIN_TIMEUUID, bucket_of_task
 
+DAY_MS = 86_400_000
+
 
 @dataclass(frozen=True, slots=True)
 class QueueKey:
@@ -236,8 +238,9 @@ _STATEMENTS: dict[str, tuple[str, bool]] = {
         "FROM {ks}.outbox WHERE bucket = ?",
         True,
     ),
-    "sched.get": ("SELECT pos FROM {ks}.scheduler_cursors WHERE name = ? LIMIT 1", True),
-    "sched.advance": ("INSERT INTO {ks}.scheduler_cursors (name, pos) VALUES (?, ?) USING TTL ?", True),
+    "sched.get": ("SELECT pos FROM {ks}.scheduler_progress WHERE name = ? AND day = ? LIMIT 1", True),
+    "sched.advance": ("INSERT INTO {ks}.scheduler_progress (name, day, pos) VALUES (?, ?, ?) USING TTL ?", True),
+    "sched.legacy_get": ("SELECT pos FROM {ks}.scheduler_cursors WHERE name = ? LIMIT 1", True),
     "idem.insert": (
         "INSERT INTO {ks}.idempotency (owner, service, message_id, task_id) VALUES (?, ?, ?, ?) "
         "IF NOT EXISTS USING TTL ?",
@@ -628,12 +631,19 @@ class TaskRepository:
         ]
 
     # -- scheduler cursors -----------------------------------------------------------------------
-    async def scheduler_cursor(self, name: str) -> int | None:
-        rows = await self.db.execute("sched.get", (name,))
+    async def scheduler_cursor(self, name: str, now_day: int, max_days: int) -> int | None:
+        """The greatest persisted position of a scheduler loop: the newest day partition that has
+        one (at most ``max_days`` back from ``now_day``), else the pre-partitioned table's."""
+        for day in range(now_day, now_day - max_days - 1, -1):
+            rows = await self.db.execute("sched.get", (name, day))
+            if rows:
+                return int(rows[0]["pos"])
+        rows = await self.db.execute("sched.legacy_get", (name,))
         return int(rows[0]["pos"]) if rows else None
 
-    async def advance_scheduler_cursor(self, name: str, pos: int, ttl: int) -> None:
-        await self.db.execute("sched.advance", (name, pos, ttl))
+    async def advance_scheduler_cursor(self, name: str, pos: int, pos_ms: int, ttl: int) -> None:
+        """Insert a position (the greatest row wins); its partition is the day it falls in."""
+        await self.db.execute("sched.advance", (name, pos_ms // DAY_MS, pos, ttl))
 
 
 __all__ = [

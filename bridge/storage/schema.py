@@ -89,6 +89,13 @@ def table_cql(keyspace: str, ttl_seconds: int) -> list[str]:
             name text, pos bigint,
             PRIMARY KEY ((name), pos)
         ) WITH CLUSTERING ORDER BY (pos DESC) AND {ttl}""",
+        # Progress of the scheduler loops, partitioned by the day the position falls in, so no
+        # partition grows beyond one day of rows (the unpartitioned `scheduler_cursors` above grew
+        # by ~4 rows/s per bridge for 30 days; it is only read once, to migrate).
+        f"""CREATE TABLE IF NOT EXISTS {ks}.scheduler_progress (
+            name text, day bigint, pos bigint,
+            PRIMARY KEY ((name, day), pos)
+        ) WITH CLUSTERING ORDER BY (pos DESC) AND {ttl}""",
         # add with a message_id: the first writer wins (LWT), later copies map to the same task.
         f"""CREATE TABLE IF NOT EXISTS {ks}.idempotency (
             owner text, service text, message_id text, task_id timeuuid,
