@@ -27,9 +27,20 @@ stack_preflight() {
   command -v setsid >/dev/null || qb_die "setsid (util-linux) is needed"
 }
 
+# Tools the fault drills use (tests/integration/test_fault_drills.py): libfaketime plays a host
+# whose clock is off. Installed once from Debian's packages.
+stack_tools() {
+  if [[ ! -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ]] && ! command -v faketime >/dev/null; then
+    qb_log "tools: installing faketime (for the clock-skew fault drill)..."
+    mkdir -p "$QB_STATE_DIR"
+    qb_apt_install "$QB_STATE_DIR/apt-tools.log" faketime || qb_die "apt-get install faketime failed (see $QB_STATE_DIR/apt-tools.log)"
+  fi
+}
+
 stack_up() {
   stack_preflight
   qb_log "up: state in $QB_STATE_DIR"
+  stack_tools
   # Cassandra first (jar download + a JVM that boots for a few seconds), RabbitMQ while it boots.
   cassandra_start
   rabbitmq_start
