@@ -338,6 +338,21 @@ async def wait_bridges(servers: Servers, names: dict[str, str], n: int, timeout:
     await wait_for(ready, timeout, interval=0.3, what=f"{n} bridges consuming")
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def metric(port: int, name: str) -> float:
+    """Sum of the samples of a metric (``name`` may include labels) on a bridge's /metrics."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as client, client.get(f"http://127.0.0.1:{port}/metrics") as resp:
+        text = await resp.text()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
 def service_id() -> str:
     return f"svc-{uuid.uuid4().hex[:10]}"
 
@@ -346,9 +361,16 @@ def service_id() -> str:
 def cql(servers: Servers) -> Iterator[Any]:
     """A plain synchronous driver session, to look at (or tamper with) the raw rows."""
     from cassandra.cluster import Cluster
+    from cassandra.policies import ConstantReconnectionPolicy
     from cassandra.query import dict_factory
 
-    cluster = Cluster(servers.cassandra_hosts, port=servers.cassandra_port, protocol_version=5)
+    # Fault drills restart Cassandra: reconnect at once, not after the driver's default backoff.
+    cluster = Cluster(
+        servers.cassandra_hosts,
+        port=servers.cassandra_port,
+        protocol_version=5,
+        reconnection_policy=ConstantReconnectionPolicy(0.5, max_attempts=None),
+    )
     session = cluster.connect()
     session.row_factory = dict_factory
     yield session

@@ -38,6 +38,7 @@ class Acked:
     epoch: int | None
     worker: str
     answer: bool
+    at: float = 0.0  # monotonic, when the answer came
 
 
 @dataclass
@@ -45,6 +46,14 @@ class History:
     values: dict[str, Any] = field(default_factory=dict)  # task id -> value added
     held: list[Held] = field(default_factory=list)
     acks: list[Acked] = field(default_factory=list)
+
+    def first_ack_after(self, moment: float) -> float | None:
+        """Seconds from ``moment`` (monotonic) to the first ack answering true after it."""
+        later = [a.at for a in self.acks if a.answer and a.at >= moment]
+        return min(later) - moment if later else None
+
+    def redeliveries(self) -> int:
+        return len(self.held) - len({h.task for h in self.held})
 
     def overlaps(self, tolerance_s: float = 0.05) -> list[tuple[Held, Held, float]]:
         by_task: dict[str, list[Held]] = defaultdict(list)
@@ -160,6 +169,7 @@ async def run_workers(
                 try:
                     task = await w.fetch(time_to_recover_ms=ttr_ms)
                 except (RequestTimeout, UnavailableError):
+                    await asyncio.sleep(0.05)  # a broker or Cassandra outage: do not spin
                     continue
                 if task is None:
                     await asyncio.sleep(0.02)
@@ -176,8 +186,9 @@ async def run_workers(
                         ok = await task.ack({"task": task.value})
                         break
                     except (RequestTimeout, UnavailableError):
+                        await asyncio.sleep(0.05)
                         continue  # a retried ack of a completed task is still true
-                history.acks.append(Acked(task.id, task.epoch, w.worker_id, ok))
+                history.acks.append(Acked(task.id, task.epoch, w.worker_id, ok, time.monotonic()))
                 if ok:
                     completed.add(task.id)
                     if len(completed) >= total:

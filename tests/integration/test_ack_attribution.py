@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -19,21 +18,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
-import aiohttp
 import orjson
 import pytest
 
 from bridge.client import RequestTimeout, Worker
 from bridge.client.rpc import results_consumer
-from tests.conftest import OWNERS, service_id, wait_bridges, wait_for
+from tests.conftest import OWNERS, free_port, metric, service_id, wait_bridges, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration, pytest.mark.slow]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def queue_depth(url: str, queue: str) -> int:
@@ -44,12 +36,6 @@ async def queue_depth(url: str, queue: str) -> int:
         return int(q.declaration_result.message_count)
     finally:
         await conn.close()
-
-
-async def metric(port: int, name: str) -> float:
-    async with aiohttp.ClientSession() as client, client.get(f"http://127.0.0.1:{port}/metrics") as resp:
-        text = await resp.text()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 @contextlib.asynccontextmanager

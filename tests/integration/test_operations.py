@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import subprocess
 import uuid
 
@@ -12,15 +11,9 @@ import aiohttp
 import pytest
 
 from bridge.client import Engine, RequestTimeout, UnavailableError, Worker
-from tests.conftest import ENGINE_USER, OWNERS, service_id, wait_bridges, wait_for
+from tests.conftest import ENGINE_USER, OWNERS, free_port, service_id, wait_bridges, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def http_get(port: int, path: str) -> tuple[int, str]:

@@ -1,0 +1,255 @@
+"""Fault drills (issue 13): a real load, a real fault, and the history checker at the end.
+
+Each drill runs bridge processes against the local RabbitMQ and Cassandra, adds tasks with tokens,
+runs workers (some abandoning tasks), injects one fault while they work, and then checks with
+``tests/history.py``: no task lost, no overlapping leases in true time, every ack answering true
+completed the task its worker was handed, every tokened completion's result delivered (at least
+once; duplicates only after a crash, each carrying its own task's value).
+
+With ``QB_DRILL_REPORT=<file>`` each drill appends its figures as a JSON line (the source of the
+table in ``docs/reliability.md``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import orjson
+import pytest
+
+from bridge.client import Engine
+from tests.conftest import ENGINE_USER, OWNERS, ROOT, free_port, metric, service_id, wait_bridges, wait_for
+from tests.faults import TcpProxy
+from tests.history import History, lease_rows, run_workers
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration, pytest.mark.slow, pytest.mark.drill]
+
+FAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+HAVE_FAKETIME = FAKETIME.exists()
+
+
+def faketime(offset: str) -> dict[str, str]:
+    """Environment that shifts a process's wall clock (monotonic clocks stay true). Without
+    FAKETIME_FORCE_MONOTONIC_FIX=0, libfaketime 0.9.10 slows the Cassandra driver's threads ~3x."""
+    return {
+        "LD_PRELOAD": str(FAKETIME),
+        "FAKETIME": offset,
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        "FAKETIME_FORCE_MONOTONIC_FIX": "0",
+    }
+
+
+def report(name: str, history: History, results: list[dict[str, Any]], **figures: Any) -> None:
+    path = os.environ.get("QB_DRILL_REPORT")
+    line = {
+        "drill": name,
+        "tasks": len(history.values),
+        "completed": len({a.task for a in history.acks if a.answer}),
+        "redeliveries": history.redeliveries(),
+        "results": len(results),
+        "duplicate_results": len(results) - len({m["taskId"] for m in results}),
+        "overlapping_leases": len(history.overlaps()),
+        **figures,
+    }
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+@contextlib.asynccontextmanager
+async def durable_results(url: str, queue: str) -> AsyncIterator[list[dict[str, Any]]]:
+    """Consume the engine's durable results queue (robust: it resumes after a broker restart)."""
+    got: list[dict[str, Any]] = []
+    conn = await aio_pika.connect_robust(url)
+    try:
+        ch = await conn.channel()
+        # Declared (passively), so that the robust channel re-consumes it after a reconnect.
+        q = await ch.declare_queue(queue, passive=True)
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            got.append(orjson.loads(message.body))
+            await message.ack()
+
+        await q.consume(on_message)
+        yield got
+    finally:
+        await conn.close()
+
+
+async def add_tasks(servers, names, svc: str, history: History, n: int) -> None:  # type: ignore[no-untyped-def]
+    async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"]) as engine:
+        for start in range(0, n, 50):
+            batch = range(start, min(n, start + 50))
+            ids = await asyncio.gather(*(engine.add(svc, i, token={"i": i}, message_id=f"{svc}-{i}") for i in batch))
+            history.values.update(zip(ids, batch, strict=True))
+
+
+async def drill(  # type: ignore[no-untyped-def]
+    name: str,
+    servers,
+    names,
+    cql,
+    fault,
+    *,
+    total: int = 300,
+    workers: int = 8,
+    ttr_ms: int = 1500,
+    abandon: float = 0.05,
+    rpc_timeout: float = 3.0,
+) -> None:
+    """Run the load, call ``await fault()`` (returns the monotonic moment the fault ended) once 50
+    tasks are done, finish the load, and check the history."""
+    svc = service_id()
+    history = History()
+    await add_tasks(servers, names, svc, history, total)
+    url = servers.amqp_url("guest")
+    async with durable_results(url, f"{names['queue_prefix']}.results") as results:
+        load = asyncio.create_task(
+            run_workers(
+                servers.amqp_url(OWNERS[0]),
+                names["exchange"],
+                svc,
+                history,
+                workers,
+                total,
+                abandon=abandon,
+                ttr_ms=ttr_ms,
+                deadline_s=240,
+                rpc_timeout=rpc_timeout,
+            )
+        )
+        await wait_for(lambda: sum(a.answer for a in history.acks) >= 50 or load.done(), 60, what="the load under way")
+        started = time.monotonic()
+        ended = await fault()
+        await load
+        recovered_after = history.first_ack_after(ended)
+
+        def every_result() -> bool:
+            return {m["taskId"] for m in results} >= set(history.values)
+
+        await wait_for(every_result, 90, interval=0.3, what="a result for every completed task")
+    rows = lease_rows(cql, servers.keyspace, OWNERS[0], svc, list(history.values))
+    history.check(rows, list(results))
+    report(
+        name,
+        history,
+        list(results),
+        fault_s=round(ended - started, 1),
+        recovered_after_s=None if recovered_after is None else round(recovered_after, 2),
+    )
+
+
+def run(*cmd: str, timeout: float = 180) -> None:
+    subprocess.run(list(cmd), check=True, capture_output=True, timeout=timeout, cwd=ROOT)
+
+
+async def test_rabbitmq_restart_under_load(bridge_processes, servers, names, cql):
+    for _ in range(2):
+        bridge_processes()
+    await wait_bridges(servers, names, 2)
+
+    async def restart_rabbitmq() -> float:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, run, "rabbitmqctl", "stop_app")
+        await loop.run_in_executor(None, run, "rabbitmqctl", "start_app")
+        await loop.run_in_executor(None, run, "rabbitmqctl", "await_startup")
+        return time.monotonic()
+
+    await drill("RabbitMQ stop_app/start_app under load", servers, names, cql, restart_rabbitmq)
+
+
+async def test_cassandra_killed_and_restarted_under_load(bridge_processes, servers, names, cql):
+    pid_file = ROOT / "deploy/local/state/cassandra/cassandra.pid"
+    assert pid_file.exists(), "the drill kills the local stack's Cassandra (deploy/local)"
+    for _ in range(2):
+        bridge_processes()
+    await wait_bridges(servers, names, 2)
+
+    async def kill_and_restart() -> float:
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, run, "bash", "deploy/local/cassandra.sh", "up")
+        return time.monotonic()
+
+    await drill("Cassandra kill -9, then started again", servers, names, cql, kill_and_restart)
+
+
+async def test_a_bridge_paused_for_twice_the_lease(bridge_processes, servers, names, cql):
+    paused = bridge_processes()
+    bridge_processes()
+    await wait_bridges(servers, names, 2)
+    ttr_ms = 1500
+
+    async def pause() -> float:
+        os.kill(paused.proc.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(2 * ttr_ms / 1000)  # the fault itself: paused for twice the lease
+        finally:
+            os.kill(paused.proc.pid, signal.SIGCONT)
+        return time.monotonic()
+
+    await drill("a bridge SIGSTOPped for twice the lease", servers, names, cql, pause, ttr_ms=ttr_ms)
+
+
+async def test_a_bridge_cut_off_from_cassandra_while_holding_leases(bridge_env, bridge_processes, servers, names, cql):
+    from bridge.app import Bridge
+    from tests.conftest import settings_from
+
+    proxy = await TcpProxy(servers.cassandra_hosts[0], servers.cassandra_port).start()
+    cut_off = Bridge(settings_from(bridge_env, cassandra_port=proxy.port, cassandra_timeout=1.0))
+    await cut_off.start()
+    bridge_processes()
+    await wait_bridges(servers, names, 2)
+
+    async def cut() -> float:
+        proxy.cut()
+        await asyncio.sleep(5.0)  # the fault itself: 5 s without Cassandra, beyond every lease
+        proxy.restore()
+        await wait_for(lambda: len(cut_off.transport.consuming()) == 4, 15, what="the cut-off bridge back")
+        return time.monotonic()
+
+    try:
+        await drill("a bridge cut off from Cassandra for 5 s", servers, names, cql, cut, ttr_ms=1500)
+    finally:
+        await cut_off.stop()
+        await proxy.stop()
+
+
+async def test_clock_skew_within_the_margin_with_libfaketime(bridge_processes, servers, names, cql):
+    """Two bridges 400 ms ahead and behind true time (libfaketime in the process, so the driver's
+    write timestamps are skewed too); the margin is 1 s."""
+    assert HAVE_FAKETIME, "libfaketime is installed by deploy/local/stack.sh (Debian package faketime)"
+    for offset in ("+0.4s", "-0.4s"):
+        bridge_processes(**faketime(offset))
+    await wait_bridges(servers, names, 2)
+
+    async def nothing() -> float:
+        return time.monotonic()
+
+    await drill(
+        "two bridges 0.4 s ahead and behind (libfaketime)", servers, names, cql, nothing, ttr_ms=1000, abandon=0.1
+    )
+
+
+async def test_a_bridge_beyond_the_margin_refuses_leases_with_libfaketime(bridge_processes, servers, names):
+    port = free_port()
+    bridge_processes(**faketime("+3s"), BRIDGE_HTTP_PORT=str(port), BRIDGE_HTTP_HOST="127.0.0.1")
+
+    async def skew() -> float:
+        try:
+            return await metric(port, "queue_bridge_clock_skew_seconds")
+        except OSError:
+            return 0.0
+
+    assert 2.8 <= await wait_for(skew, 30, interval=0.3, what="the skew reported") <= 3.2
+    assert await metric(port, 'queue_bridge_consumers_paused{queue="fetch"}') == 1
