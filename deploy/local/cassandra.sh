@@ -54,13 +54,18 @@ QB_CASSANDRA_STORAGE_PORT=${QB_CASSANDRA_STORAGE_PORT:-7000}
 QB_CASSANDRA_HEAP=${QB_CASSANDRA_HEAP:-1G}
 QB_CASSANDRA_WAIT=${QB_CASSANDRA_WAIT:-180}
 QB_CASSANDRA_UNSAFESYSTEM=${QB_CASSANDRA_UNSAFESYSTEM:-0}
+# Cluster membership (deploy/local/cassandra-cluster.sh sets these per node; one node needs none).
+QB_CASSANDRA_CLUSTER_NAME=${QB_CASSANDRA_CLUSTER_NAME:-queue-bridge-local}
+QB_CASSANDRA_INITIAL_TOKEN=${QB_CASSANDRA_INITIAL_TOKEN:-0}
+QB_CASSANDRA_SEEDS=${QB_CASSANDRA_SEEDS:-$QB_CASSANDRA_HOST:$QB_CASSANDRA_STORAGE_PORT}
+QB_CASSANDRA_AUTO_BOOTSTRAP=${QB_CASSANDRA_AUTO_BOOTSTRAP:-true}
 
 cassandra_paths() {
   mkdir -p "$QB_STATE_DIR"
   QB_STATE_DIR=$(cd "$QB_STATE_DIR" && pwd)   # Cassandra needs absolute paths
   C_SRC=$QB_LOCAL_DIR/cassandra                # pom.xml, cassandra.yaml.tmpl, logback.xml
   C_DIR=$QB_STATE_DIR/cassandra
-  C_LIB=$C_DIR/lib
+  C_LIB=${QB_CASSANDRA_LIB:-$C_DIR/lib}          # cluster nodes share the single node's jars
   C_CONF=$C_DIR/conf
   C_DATA=$C_DIR/data
   C_LOGS=$C_DIR/logs
@@ -186,6 +191,10 @@ cassandra_render_config() {
       -e "s#@NATIVE_PORT@#$QB_CASSANDRA_PORT#g" \
       -e "s#@STORAGE_PORT@#$QB_CASSANDRA_STORAGE_PORT#g" \
       -e "s#@DATA_DIR@#$C_DATA#g" \
+      -e "s#@CLUSTER_NAME@#$QB_CASSANDRA_CLUSTER_NAME#g" \
+      -e "s#@INITIAL_TOKEN@#$QB_CASSANDRA_INITIAL_TOKEN#g" \
+      -e "s#@SEEDS@#$QB_CASSANDRA_SEEDS#g" \
+      -e "s#@AUTO_BOOTSTRAP@#$QB_CASSANDRA_AUTO_BOOTSTRAP#g" \
       "$C_SRC/cassandra.yaml.tmpl" >"$C_CONF/cassandra.yaml.new"
   mv "$C_CONF/cassandra.yaml.new" "$C_CONF/cassandra.yaml"
   cp "$C_SRC/logback.xml" "$C_CONF/logback.xml"

@@ -106,7 +106,10 @@ async def drill(  # type: ignore[no-untyped-def]
     ttr_ms: int = 1500,
     abandon: float = 0.05,
     rpc_timeout: float = 3.0,
-) -> None:
+    keyspace: str | None = None,
+    figures: dict[str, Any] | None = None,
+    results_within_s: float = 90,
+) -> History:
     """Run the load, call ``await fault()`` (returns the monotonic moment the fault ended) once 50
     tasks are done, finish the load, and check the history."""
     svc = service_id()
@@ -137,8 +140,8 @@ async def drill(  # type: ignore[no-untyped-def]
         def every_result() -> bool:
             return {m["taskId"] for m in results} >= set(history.values)
 
-        await wait_for(every_result, 90, interval=0.3, what="a result for every completed task")
-    rows = lease_rows(cql, servers.keyspace, OWNERS[0], svc, list(history.values))
+        await wait_for(every_result, results_within_s, interval=0.3, what="a result for every completed task")
+    rows = lease_rows(cql, keyspace or servers.keyspace, OWNERS[0], svc, list(history.values))
     history.check(rows, list(results))
     report(
         name,
@@ -146,7 +149,9 @@ async def drill(  # type: ignore[no-untyped-def]
         list(results),
         fault_s=round(ended - started, 1),
         recovered_after_s=None if recovered_after is None else round(recovered_after, 2),
+        **(figures or {}),
     )
+    return history
 
 
 def run(*cmd: str, timeout: float = 180) -> None:
@@ -253,3 +258,68 @@ async def test_a_bridge_beyond_the_margin_refuses_leases_with_libfaketime(bridge
 
     assert 2.8 <= await wait_for(skew, 30, interval=0.3, what="the skew reported") <= 3.2
     assert await metric(port, 'queue_bridge_consumers_paused{queue="fetch"}') == 1
+
+
+@pytest.fixture(scope="module")
+def three_node_cluster() -> Any:
+    """The 3-node cluster of deploy/local/cassandra-cluster.sh (127.0.0.2-4), started for this
+    module's drill and stopped after it (three more JVMs)."""
+    from cassandra.cluster import Cluster
+    from cassandra.policies import ConstantReconnectionPolicy
+    from cassandra.query import dict_factory
+
+    run("bash", "deploy/local/cassandra-cluster.sh", "up", timeout=400)
+    hosts = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    cluster = Cluster(hosts, protocol_version=5, reconnection_policy=ConstantReconnectionPolicy(0.5, None))
+    session = cluster.connect()
+    session.row_factory = dict_factory
+    yield hosts, session
+    cluster.shutdown()
+    run("bash", "deploy/local/cassandra-cluster.sh", "down", timeout=120)
+
+
+def rate(history: History, start: float, end: float) -> float:
+    done = sum(1 for a in history.acks if a.answer and start <= a.at < end)
+    return round(done / max(end - start, 1e-9), 1)
+
+
+async def test_a_node_of_a_three_node_cluster_killed_under_load(bridge_processes, servers, names, three_node_cluster):
+    """RF 3, LOCAL_QUORUM + SERIAL: one node of three killed -9 under load, then started again."""
+    hosts, session = three_node_cluster
+    keyspace = f"{servers.keyspace}_rf3"
+    for _ in range(2):
+        bridge_processes(
+            BRIDGE_CASSANDRA_HOSTS=",".join(hosts),
+            BRIDGE_CASSANDRA_KEYSPACE=keyspace,
+            BRIDGE_CASSANDRA_REPLICATION="{'class': 'SimpleStrategy', 'replication_factor': 3}",
+        )
+    await wait_bridges(servers, names, 2)
+    marks: dict[str, float] = {}
+
+    async def kill_a_node() -> float:
+        loop = asyncio.get_running_loop()
+        marks["killed"] = time.monotonic()
+        await loop.run_in_executor(None, run, "bash", "deploy/local/cassandra-cluster.sh", "kill", "3")
+        await asyncio.sleep(10)  # the fault itself: 10 s with one node of three down
+        marks["restarting"] = time.monotonic()
+        await loop.run_in_executor(None, run, "bash", "deploy/local/cassandra-cluster.sh", "start", "3")
+        marks["back"] = time.monotonic()
+        return marks["back"]
+
+    figures: dict[str, Any] = {}
+    history = await drill(
+        "one node of a 3-node RF 3 cluster killed -9, then started again",
+        servers,
+        names,
+        session,
+        kill_a_node,
+        total=300,
+        keyspace=keyspace,
+        figures=figures,
+        results_within_s=180,
+    )
+    before = rate(history, marks["killed"] - 5, marks["killed"])
+    during = rate(history, marks["killed"], marks["restarting"])
+    after = rate(history, marks["back"], marks["back"] + 5)
+    report("3-node throughput (tasks/s)", history, [], before=before, during=during, after=after)
+    assert during > 0, "the cluster kept serving with one node down"
