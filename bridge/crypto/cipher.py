@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -42,14 +43,19 @@ class Sealed:
     ciphertext: bytes  # includes the 16-byte GCM tag
 
 
-def associated_data(*, owner: str, service: str, task_id: str, field: str, key_id: str) -> bytes:
+def associated_data(
+    *, owner: str, service: str, task_id: str, field: str, key_id: str, bind: Sequence[str] = ()
+) -> bytes:
     """Canonical, unambiguous encoding of a sealed value's context.
 
     ``b"QBAD" || u8 FORMAT_VERSION || u8 count`` followed by each of owner, service, task_id,
-    field, key_id as ``u32 big-endian length || UTF-8 bytes``.  Length prefixes make the encoding
-    injective: ``("ab", "c")`` and ``("a", "bc")`` encode differently.
+    field, key_id and then each string of ``bind`` as ``u32 big-endian length || UTF-8 bytes``.
+    Length prefixes and the count make the encoding injective: ``("ab", "c")`` and ``("a", "bc")``
+    encode differently, and so do a context with and without extra bound strings. ``bind`` ties a
+    ciphertext to facts stored beside it in clear (a task's trace context, whether it has a
+    token), so that rewriting them is detected like rewriting the ciphertext.
     """
-    parts = (owner, service, task_id, field, key_id)
+    parts = (owner, service, task_id, field, key_id, *bind)
     out = bytearray(_AAD_MAGIC)
     out.append(FORMAT_VERSION)
     out.append(len(parts))
@@ -65,14 +71,18 @@ def _aead(secret: bytes) -> AESGCM:
     return AESGCM(secret)
 
 
-def seal(key: OwnerKey, plaintext: bytes, *, service: str, task_id: str, field: str) -> Sealed:
+def seal(
+    key: OwnerKey, plaintext: bytes, *, service: str, task_id: str, field: str, bind: Sequence[str] = ()
+) -> Sealed:
     """Encrypt ``plaintext`` under ``key`` for the given context (the owner is ``key.owner``)."""
     nonce = os.urandom(NONCE_SIZE)
-    aad = associated_data(owner=key.owner, service=service, task_id=task_id, field=field, key_id=key.key_id)
+    aad = associated_data(owner=key.owner, service=service, task_id=task_id, field=field, key_id=key.key_id, bind=bind)
     return Sealed(key_id=key.key_id, nonce=nonce, ciphertext=_aead(key.secret).encrypt(nonce, plaintext, aad))
 
 
-def open_sealed(key: OwnerKey, sealed: Sealed, *, service: str, task_id: str, field: str) -> bytes:
+def open_sealed(
+    key: OwnerKey, sealed: Sealed, *, service: str, task_id: str, field: str, bind: Sequence[str] = ()
+) -> bytes:
     """Decrypt and authenticate ``sealed``; raise :class:`TamperedCiphertext` on any mismatch.
 
     The caller looks the key up with ``key_by_id(owner, sealed.key_id)``; a key whose id differs
@@ -84,7 +94,7 @@ def open_sealed(key: OwnerKey, sealed: Sealed, *, service: str, task_id: str, fi
         )
     if len(sealed.nonce) != NONCE_SIZE or len(sealed.ciphertext) < TAG_SIZE:
         raise TamperedCiphertext("sealed value has a malformed nonce or a truncated ciphertext")
-    aad = associated_data(owner=key.owner, service=service, task_id=task_id, field=field, key_id=key.key_id)
+    aad = associated_data(owner=key.owner, service=service, task_id=task_id, field=field, key_id=key.key_id, bind=bind)
     try:
         return _aead(key.secret).decrypt(sealed.nonce, sealed.ciphertext, aad)
     except InvalidTag:

@@ -120,6 +120,23 @@ def _encode(value: Any, what: str, limit: int) -> bytes:
     return data
 
 
+def _value_binding(token: object | None, traceparent: str) -> tuple[str, str]:
+    return ("token" if token is not None else "no-token", traceparent)
+
+
+def _open_bound(
+    key: OwnerKey, sealed: Sealed, *, service: str, task_id: str, field: str, bind: tuple[str, ...]
+) -> bytes:
+    """Open a sealed field bound to its row's clear facts; tasks sealed before 1.1 bound nothing.
+
+    Falling back to the unbound form cannot be abused: a ciphertext sealed with a binding never
+    opens without it, so only a task sealed by an older bridge (gone by its TTL) opens unbound."""
+    try:
+        return open_sealed(key, sealed, service=service, task_id=task_id, field=field, bind=bind)
+    except TamperedCiphertext:
+        return open_sealed(key, sealed, service=service, task_id=task_id, field=field)
+
+
 def _split_outcome(outcome_json: bytes) -> tuple[str, bytes]:
     """``{"result":X}`` / ``{"error":X}`` as written by :func:`_encode` -> (kind, X) without parsing X."""
     for kind in ("result", "error"):
@@ -265,8 +282,16 @@ class WorkQueue:
         now: int,
     ) -> Payload:
         tid = str(task_id)
-        value = seal(key, value_json, service=q.service, task_id=tid, field="value")
-        token = seal(key, token_json, service=q.service, task_id=tid, field="token") if token_json is not None else None
+        # The trace context and whether there is a token are stored in clear beside the ciphertexts:
+        # bound into them, so that rewriting or nulling them is detected (issue 13.8).
+        trace = traceparent or ""
+        bind = _value_binding(token_json, trace)
+        value = seal(key, value_json, service=q.service, task_id=tid, field="value", bind=bind)
+        token = (
+            seal(key, token_json, service=q.service, task_id=tid, field="token", bind=(trace,))
+            if token_json is not None
+            else None
+        )
         return Payload(
             key_id=key.key_id,
             value_nonce=value.nonce,
@@ -425,7 +450,8 @@ class WorkQueue:
         try:
             sealed = Sealed(payload.key_id, payload.value_nonce, payload.value_ct)
             try:
-                plain = open_sealed(key, sealed, service=q.service, task_id=str(task_id), field="value")
+                bind = _value_binding(payload.token_ct, payload.traceparent or "")
+                plain = _open_bound(key, sealed, service=q.service, task_id=str(task_id), field="value", bind=bind)
             except TamperedCiphertext:
                 raise IntegrityError(f"task {task_id} failed authentication and was dead-lettered") from None
         except IntegrityError as exc:
@@ -582,12 +608,13 @@ class WorkQueue:
         token_key = await self._key_by_id(q.owner, payload.key_id)
         result_key = token_key if entry.key_id == payload.key_id else await self._key_by_id(q.owner, entry.key_id)
         try:
-            token_json = open_sealed(
+            token_json = _open_bound(
                 token_key,
                 Sealed(payload.key_id, payload.token_nonce, payload.token_ct),
                 service=q.service,
                 task_id=tid,
                 field="token",
+                bind=(payload.traceparent or "",),
             )
             outcome_json = open_sealed(
                 result_key,

@@ -167,3 +167,25 @@ async def test_fetches_naming_new_services_do_not_grow_memory_without_bound(make
     # A forgotten queue still works: its position comes back from Cassandra.
     w.service = kept
     assert (await w.fetch()).value == "second"
+
+
+@pytest.mark.parametrize("rewrite", ["traceparent", "token"])
+async def test_rewriting_the_clear_columns_of_a_task_is_detected(bridge, engine, workers, cql, servers, rewrite):
+    """Issue 13.8: the trace context and whether a task has a token were not bound into the AEAD:
+    rewriting the row changed the trace id, and nulling the token columns made an ack publish nothing."""
+    svc = service_id()
+    trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    task_id = await engine.add(svc, {"n": 1}, token={"processId": "p"}, traceparent=trace)
+    ks = servers.keyspace
+    row = next(r for r in raw_rows(cql, ks, "ready", OWNERS[0], svc) if str(r["seq"]) == task_id)
+    where = "WHERE owner = %s AND service = %s AND lane = 1 AND bucket = %s AND seq = %s"
+    key = (row["owner"], row["service"], row["bucket"], row["seq"])
+    if rewrite == "traceparent":
+        forged = "00-11111111111111111111111111111111-00f067aa0ba902b7-01"
+        cql.execute(f"UPDATE {ks}.ready SET traceparent = %s {where}", (forged, *key))
+    else:
+        cql.execute(f"UPDATE {ks}.ready SET token_nonce = null, token_ct = null {where}", key)
+    w = await workers(svc)
+    with pytest.raises(BridgeClientError) as err:
+        await w.fetch()
+    assert err.value.code == "integrity_error"

@@ -221,3 +221,19 @@ def test_owner_key_repr_hides_secret(key: OwnerKey) -> None:
 def test_owner_key_requires_32_byte_secret(size: int) -> None:
     with pytest.raises(ValueError, match=f"must be 32 bytes, got {size}"):
         OwnerKey(owner="acme", key_id="k1", secret=b"\x01" * size)
+
+
+def test_bound_facts_must_match_to_open(key: OwnerKey) -> None:
+    """Facts stored in clear beside a ciphertext (trace context, token presence) are bound to it."""
+    ctx = {"service": "s", "task_id": "t", "field": "value"}
+    sealed = seal(key, b"v", **ctx, bind=("token", "00-aa-bb-01"))
+    assert open_sealed(key, sealed, **ctx, bind=("token", "00-aa-bb-01")) == b"v"
+    for other in [("no-token", "00-aa-bb-01"), ("token", "00-cc-bb-01"), ("token",), ()]:
+        with pytest.raises(TamperedCiphertext):
+            open_sealed(key, sealed, **ctx, bind=other)
+    unbound = seal(key, b"v", **ctx)  # as sealed before 1.1
+    with pytest.raises(TamperedCiphertext):
+        open_sealed(key, unbound, **ctx, bind=("no-token", ""))
+    assert associated_data(owner="o", service="s", task_id="t", field="f", key_id="k", bind=("x",)) != (
+        associated_data(owner="o", service="s", task_id="t", field="fx", key_id="k")
+    )
