@@ -5,7 +5,7 @@ STATE := deploy/local/state
 # The test command that README.md shows and .ci/run runs.
 PYTEST := .venv/bin/pytest -p no:cacheprovider
 
-.PHONY: help venv run bridge demo test test-unit lint typecheck check bench bench-quick keyring clean \
+.PHONY: help venv run bridge demo test test-unit lint bandit typecheck check bench bench-quick keyring clean \
 	stack-up stack-down stack-status
 
 help:
@@ -45,10 +45,14 @@ lint: venv
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 
+# Security lint of bridge/ (configuration in pyproject.toml [tool.bandit]).
+bandit: venv
+	.venv/bin/bandit -c pyproject.toml -r bridge -q
+
 typecheck: venv
 	.venv/bin/mypy bridge
 
-check: lint typecheck
+check: lint typecheck bandit
 
 bench: venv stack-up keyring
 	$(PY) -m benchmarks.run

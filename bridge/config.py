@@ -129,7 +129,8 @@ class Settings(BaseSettings):
     )
 
     # --- operations ------------------------------------------------------------------------
-    http_host: str = "0.0.0.0"
+    # Health and metrics for the pod network; no secrets served.
+    http_host: str = "0.0.0.0"  # nosec B104
     http_port: int = Field(8080, ge=0, le=65535, description="Health and metrics port (0 disables).")
     shutdown_grace: float = Field(10.0, ge=0)
     log_format: Literal["auto", "json", "console"] = "auto"

@@ -155,7 +155,8 @@ class HttpKeyProvider:
             self._failures += 1
             base, cap = self._backoff
             delay = min(cap, base * 2 ** (self._failures - 1))
-            self._retry_at = self._clock() + random.uniform(delay / 2, delay)
+            # Jitter, not secrecy.
+            self._retry_at = self._clock() + random.uniform(delay / 2, delay)  # nosec B311
             raise
         except (UnknownOwner, UnknownKey):
             self._failures = 0  # the server answered: it is healthy

@@ -124,7 +124,8 @@ class Dispatcher:
         if not st.buffer:
             return None
         if spread and len(st.buffer) > 1:
-            i = random.randrange(min(len(st.buffer), SPREAD_WINDOW))
+            # Load spreading, not secrecy.
+            i = random.randrange(min(len(st.buffer), SPREAD_WINDOW))  # nosec B311
             entry = st.buffer[i]
             del st.buffer[i]
         else:

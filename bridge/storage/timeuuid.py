@@ -22,9 +22,11 @@ MIN_TIMEUUID = uuid.UUID("00000000-0000-1000-8080-808080808080")  # Cassandra's 
 def timeuuid_from_ms(ms: int, *, node: int | None = None, clock_seq: int | None = None) -> uuid.UUID:
     ticks = ms * 10_000 + _UUID_EPOCH_OFFSET
     if node is None:
-        node = random.getrandbits(48) | 0x010000000000  # multicast bit: never a real MAC
+        # Uniqueness, not secrecy; multicast bit set.
+        node = random.getrandbits(48) | 0x010000000000  # nosec B311
     if clock_seq is None:
-        clock_seq = random.getrandbits(14)
+        # Uniqueness, not secrecy.
+        clock_seq = random.getrandbits(14)  # nosec B311
     time_low = ticks & 0xFFFFFFFF
     time_mid = (ticks >> 32) & 0xFFFF
     time_hi_version = ((ticks >> 48) & 0x0FFF) | 0x1000
