@@ -5,7 +5,7 @@ STATE := deploy/local/state
 # The test command that README.md shows and .ci/run runs.
 PYTEST := .venv/bin/pytest -p no:cacheprovider
 
-.PHONY: help venv run bridge demo test test-unit lint bandit typecheck check bench bench-quick keyring clean \
+.PHONY: help venv run bridge demo test test-unit soak lint bandit typecheck check bench bench-quick keyring clean \
 	stack-up stack-down stack-status
 
 help:
@@ -37,6 +37,10 @@ run: venv stack-up keyring
 
 test: venv stack-up
 	$(PYTEST)
+
+# The 30-minute soak (CI runs the 5-minute one as part of `make test`).
+soak: venv stack-up
+	QB_SOAK_SECONDS=1800 $(PYTEST) -m soak -s
 
 test-unit: venv
 	$(PYTEST) tests/unit

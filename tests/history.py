@@ -118,20 +118,21 @@ class History:
 
 
 def lease_rows(cql: Any, keyspace: str, owner: str, service: str, tasks: list[str]) -> dict[str, dict[str, Any]]:
-    """The ``leases`` rows of these tasks, read at SERIAL (what Cassandra decided)."""
+    """The ``leases`` rows of these tasks, read at SERIAL (what Cassandra decided), 64 at a time."""
     from cassandra import ConsistencyLevel
-    from cassandra.query import SimpleStatement
+    from cassandra.concurrent import execute_concurrent_with_args
 
-    stmt = SimpleStatement(
-        f"SELECT task_id, state, epoch, worker FROM {keyspace}.leases "
-        "WHERE owner = %s AND service = %s AND task_id = %s",
-        consistency_level=ConsistencyLevel.SERIAL,
+    stmt = cql.prepare(
+        f"SELECT task_id, state, epoch, worker FROM {keyspace}.leases WHERE owner = ? AND service = ? AND task_id = ?"
     )
+    stmt.consistency_level = ConsistencyLevel.SERIAL
+    args = [(owner, service, uuid.UUID(task)) for task in tasks]
     out: dict[str, dict[str, Any]] = {}
-    for task in tasks:
-        rows = list(cql.execute(stmt, (owner, service, uuid.UUID(task))))
-        if rows:
-            out[task] = rows[0]
+    for task, (ok, rows) in zip(tasks, execute_concurrent_with_args(cql, stmt, args, concurrency=64), strict=True):
+        assert ok, rows
+        found = list(rows)
+        if found:
+            out[task] = found[0]
     return out
 
 

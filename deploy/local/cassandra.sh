@@ -59,6 +59,7 @@ QB_CASSANDRA_CLUSTER_NAME=${QB_CASSANDRA_CLUSTER_NAME:-queue-bridge-local}
 QB_CASSANDRA_INITIAL_TOKEN=${QB_CASSANDRA_INITIAL_TOKEN:-0}
 QB_CASSANDRA_SEEDS=${QB_CASSANDRA_SEEDS:-$QB_CASSANDRA_HOST:$QB_CASSANDRA_STORAGE_PORT}
 QB_CASSANDRA_AUTO_BOOTSTRAP=${QB_CASSANDRA_AUTO_BOOTSTRAP:-true}
+QB_CASSANDRA_COMMITLOG=${QB_CASSANDRA_COMMITLOG:-periodic}
 
 cassandra_paths() {
   mkdir -p "$QB_STATE_DIR"
@@ -186,6 +187,12 @@ cassandra_fetch() {
 # --- config --------------------------------------------------------------------------------------
 
 cassandra_render_config() {
+  local commitlog
+  case $QB_CASSANDRA_COMMITLOG in
+    periodic) commitlog='commitlog_sync: periodic\ncommitlog_sync_period: 10000ms' ;;
+    batch) commitlog='commitlog_sync: batch' ;;
+    *) qb_die "QB_CASSANDRA_COMMITLOG must be periodic or batch, not $QB_CASSANDRA_COMMITLOG" ;;
+  esac
   mkdir -p "$C_CONF" "$C_DATA" "$C_LOGS"
   sed -e "s#@LISTEN_ADDRESS@#$QB_CASSANDRA_HOST#g" \
       -e "s#@NATIVE_PORT@#$QB_CASSANDRA_PORT#g" \
@@ -195,6 +202,7 @@ cassandra_render_config() {
       -e "s#@INITIAL_TOKEN@#$QB_CASSANDRA_INITIAL_TOKEN#g" \
       -e "s#@SEEDS@#$QB_CASSANDRA_SEEDS#g" \
       -e "s#@AUTO_BOOTSTRAP@#$QB_CASSANDRA_AUTO_BOOTSTRAP#g" \
+      -e "s#@COMMITLOG@#$commitlog#g" \
       "$C_SRC/cassandra.yaml.tmpl" >"$C_CONF/cassandra.yaml.new"
   mv "$C_CONF/cassandra.yaml.new" "$C_CONF/cassandra.yaml"
   cp "$C_SRC/logback.xml" "$C_CONF/logback.xml"

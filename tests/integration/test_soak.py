@@ -1,0 +1,85 @@
+"""Soak (issue 13): a steady load for 5 minutes (``QB_SOAK_SECONDS``; ``make soak`` runs 30), with
+the bridge process's memory sampled from /proc: it must stay flat once warm, and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from bridge.client import Engine
+from bridge.client.rpc import results_consumer
+from tests.conftest import ENGINE_USER, OWNERS, service_id, wait_bridges, wait_for
+from tests.history import History, lease_rows, run_workers
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration, pytest.mark.slow, pytest.mark.soak]
+
+SOAK_S = float(os.environ.get("QB_SOAK_SECONDS", "300"))
+RATE = 40  # tasks per second, well below saturation: the soak is about leaks, not speed
+WARM_UP_S = min(60.0, SOAK_S / 4)
+ALLOWED_GROWTH_MIB = 16.0
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.timeout(SOAK_S + 240)
+async def test_steady_load_with_flat_memory(bridge_processes, servers, names, cql):
+    proc = bridge_processes()
+    await wait_bridges(servers, names, 1)
+    pid = proc.proc.pid
+    svc = service_id()
+    total = int(SOAK_S * RATE)
+    history = History()
+    samples: list[tuple[float, float]] = []
+    results: list[dict] = []
+    start = time.monotonic()
+
+    async def produce(engine: Engine) -> None:
+        for i in range(total):
+            due = start + i / RATE
+            if (wait := due - time.monotonic()) > 0:
+                await asyncio.sleep(wait)  # pacing the load, not waiting for a result
+            token = {"i": i} if i % 2 == 0 else None
+            task_id = await engine.add(svc, i, token=token, message_id=f"{svc}-{i}")
+            history.values[task_id] = i
+
+    async def sample() -> None:
+        while time.monotonic() - start < SOAK_S + 5:
+            samples.append((time.monotonic() - start, rss_mib(pid)))
+            await asyncio.sleep(5)
+
+    async with (
+        results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as incoming,
+        Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"]) as engine,
+    ):
+        sampler = asyncio.create_task(sample())
+        load = asyncio.create_task(
+            run_workers(servers.amqp_url(OWNERS[0]), names["exchange"], svc, history, 4, total, deadline_s=SOAK_S + 120)
+        )
+        await produce(engine)
+        await load
+        await sampler
+        tokened = total // 2 + total % 2
+
+        def all_results() -> bool:
+            while not incoming.empty():
+                results.append(incoming.get_nowait())
+            return len({m["taskId"] for m in results}) >= tokened
+
+        await wait_for(all_results, 60, interval=0.5, what="every result")
+    assert len(history.values) == total
+    rows = lease_rows(cql, servers.keyspace, OWNERS[0], svc, list(history.values))
+    history.check(rows, None)
+    warm = [rss for t, rss in samples if t >= WARM_UP_S]
+    growth = warm[-1] - warm[0]
+    print(f"soak {SOAK_S:.0f} s at {RATE}/s: RSS after warm-up {warm[0]:.1f} MiB, at the end {warm[-1]:.1f} MiB")
+    assert growth <= ALLOWED_GROWTH_MIB, f"RSS grew {growth:.1f} MiB over the soak: {samples}"
