@@ -22,6 +22,22 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
+class _ExpectedChannelClose(logging.Filter):
+    """aio-pika logs a traceback at ERROR from its robust channels' close callbacks whenever the
+    broker goes away ("RuntimeError: ... closed"): an expected event that the transport already
+    logs once, counts (``queue_bridge_amqp_channels_lost_total``) and recovers from. Those records
+    become one DEBUG line; any other aio-pika error stays as it is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "_on_close" in message and "closed" in message:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.exc_info = None
+            record.exc_text = None
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
 def configure_logging(settings: Settings) -> None:
     fmt = settings.log_format
     if fmt == "auto":
@@ -54,3 +70,6 @@ def configure_logging(settings: Settings) -> None:
     root.setLevel(settings.log_level)
     for noisy in ("aio_pika", "aiormq", "cassandra"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    tools = logging.getLogger("aio_pika.tools")
+    if not any(isinstance(f, _ExpectedChannelClose) for f in tools.filters):
+        tools.addFilter(_ExpectedChannelClose())

@@ -11,7 +11,7 @@
 # Each node runs deploy/local/cassandra.sh with its own state dir (state/cluster/nodeN), address,
 # token and seed (node 1). Fixed tokens and auto_bootstrap false skip the 30 s bootstrap sleeps on
 # an empty cluster (see ../shared/reference/cassandra-from-maven.md, "3-node cluster"). The jars are
-# the single node's (run `deploy/local/stack.sh up` first). Heap 768 MiB per node.
+# the single node's (fetched first if missing). Heap 768 MiB per node.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -32,7 +32,8 @@ node() {
     bash "$HERE/cassandra.sh" "$@"
 }
 
-[[ -f $BASE/cassandra/lib/.complete ]] || { echo "no Cassandra jars yet: run deploy/local/stack.sh up first" >&2; exit 1; }
+# The jars of the single node (fetched from Maven Central if this machine has none yet).
+[[ -f $BASE/cassandra/lib/.complete ]] || QB_STATE_DIR=$BASE bash "$HERE/cassandra.sh" fetch
 
 case ${1:-} in
   up) for i in 1 2 3; do node "$i" up; done ;;
