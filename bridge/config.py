@@ -113,7 +113,7 @@ class Settings(BaseSettings):
         "long after its deadline; a bridge more than half of it off Cassandra's clock refuses leases.",
     )
     clock_check_interval: float = Field(
-        10.0, gt=0, le=3600, description="How often the bridge measures its clock against Cassandra's, seconds."
+        30.0, gt=0, le=3600, description="How often the bridge measures its clock against Cassandra's, seconds."
     )
     clock_offset_ms: int = Field(
         0, description="Shifts this bridge's clock (fault drills that play a skewed host only; never in production)."

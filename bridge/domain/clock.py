@@ -65,7 +65,7 @@ class SkewGuard:
     of Cassandra, which every lease needs anyway.
     """
 
-    PROBES = 3
+    PROBES = 2  # the shorter round trip of two reads; per bridge and interval: the fleet pays N times
 
     def __init__(
         self,

@@ -329,7 +329,7 @@ async def test_a_node_of_a_three_node_cluster_killed_under_load(bridge_processes
         names,
         session,
         kill_a_node,
-        total=300,
+        total=600,  # the load must outlast the fault (about 7 tasks/s here) to measure "after"
         keyspace=keyspace,
         figures=figures,
         results_within_s=180,
