@@ -100,7 +100,7 @@ def _testcontainers(keyspace: str) -> Iterator[Servers]:  # pragma: no cover - n
     rabbit.start()
     cassandra.start()
     # The same least-privilege users as the local stack (deploy/local/rabbitmq.sh).
-    names = "(queue-bridge|qb-test-[0-9a-f]{8}|qb-bench-[0-9a-f]{8})"
+    names = "(queue-bridge|qb-test-[0-9a-f]{8}|qb-bench-[0-9a-f]{8}(\\.echo)?)"
     own = names + r"(\.(dead|unrouted|results|add|fetch|ack|dead-letter))?"
     perms = {
         BRIDGE_USER: (f"^{own}$", f"^({own}|amq\\.default)$", f"^{own}$"),

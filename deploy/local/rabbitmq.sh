@@ -236,10 +236,10 @@ rabbitmq_wait() {
 # Test users (password = user name); guest (administrator) is kept. Idempotent.
 # Least privilege as shipped (the same rules as `queue-bridge permissions`, bridge/transport/permissions.py):
 # names are those of the default prefix `queue-bridge`, of the test suite's per-test prefixes
-# `qb-test-<8 hex>` and of the benchmarks' `qb-bench-<8 hex>` (QB_RABBITMQ_NAMES). The bridge runs
+# X. The bridge runs
 # as `queue-bridge`; engines and workers can publish to the bridge's exchange and nothing else (an
 # engine may also consume `<prefix>.results`).
-QB_RABBITMQ_NAMES=${QB_RABBITMQ_NAMES:-'(queue-bridge|qb-test-[0-9a-f]{8}|qb-bench-[0-9a-f]{8})'}
+QB_RABBITMQ_NAMES=${QB_RABBITMQ_NAMES:-'(queue-bridge|qb-test-[0-9a-f]{8}|qb-bench-[0-9a-f]{8}(\.echo)?)'}
 
 rabbitmq_role_of() {
   case $1 in
