@@ -6,7 +6,8 @@ enough that every task is completed once; each completion must be the one its ac
 Checked against Cassandra's rows and the result messages:
 - no task lost: every added task is completed;
 - every ack that answered true completed the task the worker was handed, at the lease it held
-  (the ``leases`` row shows that worker and that epoch as the completer);
+  (the ``leases`` row shows that worker and that epoch as the completer), and an ack that answered
+  false did not (its lease had been taken over: at least once, not an error);
 - acks answering true equal completions (one per task; a retried ack of the same lease counts once);
 - every result message carries the value of the task it names (no result on the wrong task),
   one result per completion;
@@ -90,6 +91,14 @@ class History:
                     f"ack of {task} (epoch {epoch}) by {worker} answered true, but the row shows "
                     f"{row.get('state')} by {row.get('worker')} at epoch {row.get('epoch')}"
                 )
+        for a in self.acks:
+            row = lease_rows.get(a.task) or {}
+            if (
+                not a.answer
+                and row.get("state") == "done"
+                and (row.get("worker"), row.get("epoch")) == (a.worker, a.epoch)
+            ):
+                problems.append(f"ack of {a.task} by {a.worker} answered false, but that lease completed the task")
         per_task: dict[str, int] = defaultdict(int)
         for task, _, _ in true_acks:
             per_task[task] += 1

@@ -53,7 +53,7 @@ from bridge.storage.repository import (
     WorkerPointer,
     WorkerRow,
 )
-from bridge.storage.schema import LANE_FRESH, LANE_RECOVERED
+from bridge.storage.schema import EXPIRY_BUCKET_MS, LANE_FRESH, LANE_RECOVERED
 from bridge.storage.timeuuid import (
     bucket_of_task,
     expiry_bucket,
@@ -408,11 +408,13 @@ class WorkQueue:
                 and cur.lease_until is not None
                 and to_ms(cur.lease_until) > now - self.skew_margin_ms
             ):
-                # The holder extended its lease after the scheduler re-exposed the task: make sure
-                # the new deadline is watched, or the task could be stranded if the holder dies.
-                later = to_ms(cur.lease_until)
+                # Not ours to take yet: the holder extended its lease after the scheduler re-exposed
+                # the task, or the scheduler's clock is ahead of ours and the deadline + margin has
+                # not passed here. Watch it again at a bucket still to come on our clock (the
+                # original bucket is already behind the scheduler), or the task would be stranded.
+                rearm = max(to_ms(cur.lease_until) + self.skew_margin_ms, now + EXPIRY_BUCKET_MS)
                 await self.repo.insert_expiry(
-                    expiry_bucket(later + self.skew_margin_ms),
+                    expiry_bucket(rearm),
                     ExpiryEntry(cur.lease_until, q, task_id, cur.epoch, entry.has_token),
                     ttl,
                 )

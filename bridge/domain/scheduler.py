@@ -142,7 +142,7 @@ class RecoveryScheduler:
 
         async def one(entry: ExpiryEntry, key: tuple[str, str, object, int]) -> None:
             async with limit:
-                if await self._handle(entry, now):
+                if await self._handle(entry, now, bucket):
                     handled.add(key)
 
         # Many leases can run out in the same 250 ms (a crashed worker pool): handle them side by
@@ -161,7 +161,7 @@ class RecoveryScheduler:
         if errors:
             raise errors[0]  # the tick is retried; handled entries are not redone
 
-    async def _handle(self, entry: ExpiryEntry, now: int) -> bool:
+    async def _handle(self, entry: ExpiryEntry, now: int, bucket: int) -> bool:
         q = entry.queue
         lease = await self.repo.lease(q, entry.task_id, serial=False)
         if lease is None or lease.state != "leased" or lease.epoch != entry.epoch or lease.lease_until is None:
@@ -180,7 +180,10 @@ class RecoveryScheduler:
         # Expired: re-expose it in the recovered lane. The id is derived from (task, epoch, time
         # of this second) so instances running the same pass write the same row.
         seq_ms = max(until, now - now % 1000)
-        seq = deterministic_timeuuid(seq_ms, str(entry.task_id), entry.epoch)
+        # The expiry's bucket is part of the id: a re-armed deadline (a claim that found the lease
+        # not yet claimable) re-exposes the task as a new entry, which dispatchers that skipped the
+        # first one will offer again.
+        seq = deterministic_timeuuid(seq_ms, f"{entry.task_id}:{bucket}", entry.epoch)
         rbucket = ready_bucket(seq_ms)
         await self.queue._register_bucket(q, LANE_RECOVERED, rbucket, ttl)
         await self.repo.insert_recovered(q, rbucket, seq, entry.task_id, entry.epoch, entry.has_token, ttl)

@@ -37,10 +37,10 @@ async def test_two_bridges_400ms_apart_each_way_attribute_every_ack_and_never_ov
     await run_workers(servers.amqp_url(OWNERS[0]), names["exchange"], svc, history, 12, total, abandon=0.1, ttr_ms=1000)
     assert len(history.held) > total, "abandoned leases were taken back"
     rows = lease_rows(cql, servers.keyspace, OWNERS[0], svc, list(history.values))
+    # Includes: every ack answering true completed its own lease (on acbe38a a pointer write lost
+    # to skew made acks answer true and complete nothing), and every ack answering false was a
+    # lease taken over after its deadline + margin (a slow worker), never one still held.
     history.check(rows, None, tolerance_s=0.05)
-    # Every ack of a task the worker held answered true: no pointer write was lost to skew.
-    refused = [a for a in history.acks if not a.answer]
-    assert refused == [], f"{len(refused)} acks of held tasks answered false"
 
 
 async def test_a_bridge_3s_ahead_reports_the_skew_and_refuses_leases(make_bridge, engine, workers, servers, names):
