@@ -1,0 +1,136 @@
+"""The ``queue-bridge`` commands that need no server (help, config, schema --print, keyring, bad
+arguments), run as real subprocesses. The ones that talk to RabbitMQ and Cassandra are in
+tests/integration/test_cli.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bridge.crypto import generate_keyring, write_keyring
+from bridge.crypto.keyring_file import KeyringFileProvider, load_keyring
+from tests.cli import cli, cli_many, no_traceback, ok
+
+pytestmark = pytest.mark.anyio
+
+OWNER = "worker-a"
+
+
+@pytest.fixture
+def offline_env(tmp_path: Path) -> dict[str, str]:
+    """A complete BRIDGE_* environment whose servers are ports nobody listens on (1)."""
+    keyring = tmp_path / "keyring.json"
+    write_keyring(keyring, generate_keyring([OWNER, "engine"]))
+    return {
+        "BRIDGE_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/",
+        "BRIDGE_CASSANDRA_HOSTS": "127.0.0.1",
+        "BRIDGE_CASSANDRA_PORT": "1",
+        "BRIDGE_CASSANDRA_KEYSPACE": "qb_offline",
+        "BRIDGE_KEYRING": str(keyring),
+        "BRIDGE_EXCHANGE": "qb-offline",
+        "BRIDGE_TRUSTED_USERS": "engine",
+        "BRIDGE_HTTP_PORT": "0",
+        "BRIDGE_LOG_FORMAT": "json",
+    }
+
+
+async def test_config_masks_secrets_and_schema_prints_cql(offline_env: dict[str, str]) -> None:
+    config, schema = await cli_many(
+        (("config",), {"BRIDGE_KEY_SERVER_TOKEN": "s3cr3t"}),
+        (("schema", "--print"), {}),
+        env=offline_env,
+    )
+    out = ok(config)
+    assert "s3cr3t" not in out
+    doc = json.loads(out)
+    assert doc["BRIDGE_KEY_SERVER_TOKEN"] == "**********"
+    assert doc["BRIDGE_EXCHANGE"] == offline_env["BRIDGE_EXCHANGE"]
+    assert "guest:guest" not in out  # the AMQP URL is a secret too
+
+    cql = ok(schema)
+    keyspace = offline_env["BRIDGE_CASSANDRA_KEYSPACE"]
+    assert f"CREATE KEYSPACE IF NOT EXISTS {keyspace}" in cql
+    for table in ("ready", "leases", "cursors", "outbox"):
+        assert f"CREATE TABLE IF NOT EXISTS {keyspace}.{table} (" in cql
+
+
+COMMANDS = [
+    (),
+    ("run",),
+    ("config",),
+    ("schema",),
+    ("stats",),
+    ("add",),
+    ("fetch",),
+    ("ack",),
+    ("keyring",),
+    ("keyring", "generate"),
+    ("keyring", "rotate"),
+]
+
+
+async def test_help_of_every_command(offline_env: dict[str, str]) -> None:
+    procs = await cli_many(*(((*cmd, "--help"), {}) for cmd in COMMANDS), env=offline_env)
+    for cmd, proc in zip(COMMANDS, procs, strict=True):
+        out = ok(proc)
+        assert "Usage:" in out, (cmd, out)
+    top = procs[0].stdout
+    for name in ("run", "config", "schema", "stats", "add", "fetch", "ack", "keyring"):
+        assert name in top
+
+
+async def test_bad_arguments_and_unreachable_cassandra(offline_env: dict[str, str]) -> None:
+    bad_value, bad_result, both, unreachable = await cli_many(
+        (("add", "svc", "{not json"), {}),
+        (("ack", "svc", "--worker", "w", "--result", "[1,"), {}),
+        (("ack", "svc", "--worker", "w", "--result", "1", "--error", "2"), {}),
+        (
+            ("stats", "svc", "--owner", OWNER),
+            {"BRIDGE_CASSANDRA_PORT": "1", "BRIDGE_CASSANDRA_TIMEOUT": "1"},
+        ),
+        env=offline_env,
+    )
+    for proc, words in ((bad_value, "VALUE_JSON"), (bad_result, "--result"), (both, "not both")):
+        assert proc.returncode == 2, proc
+        assert words in proc.stderr
+        no_traceback(proc)
+    assert "not valid JSON" in bad_value.stderr and "not valid JSON" in bad_result.stderr
+
+    assert unreachable.returncode == 1, unreachable
+    assert "cannot connect to Cassandra at " in unreachable.stderr and ":1:" in unreachable.stderr
+    assert unreachable.stdout == ""
+    no_traceback(unreachable)
+
+
+async def test_keyring_generate_and_rotate(offline_env: dict[str, str], tmp_path: Path) -> None:
+    path = tmp_path / "ring.json"
+    ok(await cli("keyring", "generate", str(path), "--owner", "alpha", "--owner", "beta", env=offline_env))
+    assert path.stat().st_mode & 0o777 == 0o600
+    before = json.loads(path.read_text())
+    assert set(before["owners"]) == {"alpha", "beta"}
+
+    refused, rotated = await cli_many(
+        (("keyring", "generate", str(path), "--owner", "gamma"), {}),
+        (("keyring", "rotate", str(path), "--owner", "alpha"), {}),
+        env=offline_env,
+    )
+    # generate never overwrites without --force (it ran alongside the rotation, so only its answer is checked)
+    assert refused.returncode == 1 and "--force" in refused.stderr
+    no_traceback(refused)
+    out = ok(rotated)
+
+    after = json.loads(path.read_text())
+    assert set(after["owners"]) == {"alpha", "beta"}
+    alpha_before, alpha_after = before["owners"]["alpha"], after["owners"]["alpha"]
+    assert alpha_after["current"] != alpha_before["current"]
+    assert alpha_after["current"] in out
+    assert set(alpha_before["keys"]) < set(alpha_after["keys"])  # old keys are kept
+    assert after["owners"]["beta"] == before["owners"]["beta"]
+    load_keyring(path)  # valid
+
+    provider = KeyringFileProvider(path)
+    assert (await provider.current_key("alpha")).key_id == alpha_after["current"]
+    assert (await provider.key_by_id("alpha", alpha_before["current"])).secret
