@@ -22,7 +22,7 @@ from benchmarks.context import OWNER, Bench
 from benchmarks.progress import Progress, say
 from benchmarks.stats import Figure, Sample
 from bridge.client.rpc import RpcClient
-from bridge.storage.timeuuid import new_task_id
+from bridge.domain.timeline import new_task_id
 
 WARMUP = 50
 

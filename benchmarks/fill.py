@@ -29,6 +29,7 @@ class DirectFiller:
 
     async def open(self) -> None:
         from bridge.app import Bridge  # the same wiring as a bridge process; never started
+        from bridge.storage.schema import create_schema
 
         settings = Settings(
             cassandra_hosts=[HOST],
@@ -43,8 +44,8 @@ class DirectFiller:
         )
         bridge = Bridge(settings)
         await bridge.db.connect()
-        await bridge.repo.create_schema(settings)  # idempotent; what a bridge process does at start
-        await bridge.repo.prepare()
+        await create_schema(bridge.db, settings)  # idempotent; what a bridge process does at start
+        await bridge.store.prepare()
         self._bridge = bridge
 
     async def close(self) -> None:

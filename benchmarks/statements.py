@@ -1,6 +1,6 @@
 """``python -m benchmarks.statements``: CPU and latency of each Cassandra statement on the fetch/ack path.
 
-One statement type at a time, through the bridge's own ``TaskRepository``, 16 in flight, in the
+One statement type at a time, through the bridge's own ``CassandraTaskStore``, 16 in flight, in the
 keyspace ``qb_bench`` (dropped and re-created first; it takes the benchmark run lock). Reports
 ops/s, p50, and ms of CPU per statement for Cassandra and for this (client) process, which is
 what the Python driver costs a bridge per statement. See docs/performance.md.
@@ -21,9 +21,12 @@ from benchmarks.context import HOST, KEYSPACE, OWNER
 from benchmarks.procs import CpuMeter, server_pids
 from benchmarks.progress import say
 from bridge.config import Settings
+from bridge.crypto import Sealed
+from bridge.domain.records import ExpiryEntry, Payload, QueueKey, WorkerPointer
+from bridge.domain.timeline import expiry_bucket, new_task_id
 from bridge.storage.cassandra import CassandraSession
-from bridge.storage.repository import ExpiryEntry, Payload, QueueKey, TaskRepository, WorkerPointer
-from bridge.storage.timeuuid import expiry_bucket, new_task_id, to_datetime
+from bridge.storage.repository import CassandraTaskStore
+from bridge.storage.schema import create_schema
 
 COUNT = 3000
 CONCURRENCY = 16
@@ -35,30 +38,30 @@ async def measure() -> None:
     await db.connect()
     try:
         await db.execute_raw(f"DROP KEYSPACE IF EXISTS {KEYSPACE}")
-        repo = TaskRepository(db)
-        await repo.create_schema(settings)
+        repo = CassandraTaskStore(db, lambda: int(time.time() * 1000), 3600)
+        await create_schema(db, settings)
         await repo.prepare()
         q = QueueKey(OWNER, "bench-statements")
         now = int(time.time() * 1000)
         tids = [new_task_id(now + i) for i in range(COUNT)]
-        payload = Payload("k1", os.urandom(12), os.urandom(112), None, None, None, to_datetime(now))
-        ttl = 3600
-        until = to_datetime(now + 60_000)
+        payload = Payload(Sealed("k1", os.urandom(12), os.urandom(112)), None, None, now)
+        until = now + 60_000
         cases: list[tuple[str, Callable[[int], Awaitable[Any]]]] = [
-            ("ready.insert (W)", lambda i: repo.insert_task(q, tids[i], payload, ttl)),
+            ("ready.insert (W)", lambda i: repo.store_task(q, tids[i], payload)),
             ("ready.payload (R)", lambda i: repo.payload(q, tids[i])),
-            ("worker.set (W)", lambda i: repo.set_worker(q, f"w{i % 16}", WorkerPointer(tids[i], 1, False), ttl)),
+            (
+                "worker.set (W)",
+                lambda i: repo.set_worker(q, f"w{i % 16}", WorkerPointer(tids[i], 1, False), now * 1000 + i),
+            ),
             ("worker.get (R)", lambda i: repo.worker(q, f"w{i % 16}")),
             (
                 "expiry.insert (W)",
-                lambda i: repo.insert_expiry(
-                    expiry_bucket(now + 60_000), ExpiryEntry(until, q, tids[i], 1, False), ttl
-                ),
+                lambda i: repo.watch_expiry(expiry_bucket(now + 60_000), ExpiryEntry(until, q, tids[i], 1, False)),
             ),
-            ("lease.claim_new (LWT)", lambda i: repo.claim_new(q, tids[i], f"w{i % 16}", until, uuid.uuid4(), ttl)),
+            ("lease.claim_new (LWT)", lambda i: repo.claim_new(q, tids[i], f"w{i % 16}", until, uuid.uuid4())),
             (
                 "lease.complete (LWT)",
-                lambda i: repo.complete(q, tids[i], 1, f"w{i % 16}", to_datetime(now), uuid.uuid4(), ttl),
+                lambda i: repo.complete(q, tids[i], 1, f"w{i % 16}", now, uuid.uuid4()),
             ),
             ("lease.get (R, scheduler)", lambda i: repo.lease(q, tids[i], serial=False)),
         ]

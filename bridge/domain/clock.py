@@ -38,6 +38,21 @@ class SystemClock:
         return time.time_ns() // 1_000_000 + self.offset_ms
 
 
+class ManualClock:
+    """A clock that moves only when told to: tests advance time instead of sleeping."""
+
+    def __init__(self, start_ms: int) -> None:
+        self.ms = start_ms
+
+    def now_ms(self) -> int:
+        return self.ms
+
+    def advance(self, ms: int) -> None:
+        if ms < 0:
+            raise ValueError("a manual clock only moves forward; build another to play a host behind")
+        self.ms += ms
+
+
 def next_stamp(now_ms: int, last_stamp: int | None) -> int:
     """A write timestamp (microseconds) that orders after ``last_stamp`` whatever this host's clock.
 

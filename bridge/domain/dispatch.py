@@ -21,9 +21,9 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bridge.storage.repository import QueueKey, ReadyEntry, TaskRepository
-from bridge.storage.schema import LANE_RECOVERED, READY_BUCKET_MS
-from bridge.storage.timeuuid import ms_of
+from bridge.domain.records import LANE_RECOVERED, QueueKey, ReadyEntry
+from bridge.domain.store import TaskStore
+from bridge.domain.timeline import MIN_TIMEUUID, READY_BUCKET_MS, ms_of
 
 SCAN_LIMIT = 64
 MAX_PAGES = 16  # per refill; a later refill resumes where this one stopped
@@ -55,20 +55,49 @@ class _Lane:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
+class _Scan:
+    """One refill's walk: what it found and how far the position may move (only over entries that
+    are taken and older than the settle window, with nothing unclaimed before them)."""
+
+    def __init__(self, st: _Lane, settled_until: int, start: tuple[int, uuid.UUID | None]) -> None:
+        self.st = st
+        self.settled_until = settled_until
+        self.start = start
+        self.position = st.position
+        self.movable = st.resume is None  # resuming: rows before `start` were not all re-checked now
+        self.found: list[ReadyEntry] = []
+        self.pages = 0
+        self.resume: tuple[int, uuid.UUID | None] | None = None
+
+    def see(self, bucket: int, row: ReadyEntry) -> None:
+        st = self.st
+        is_taken = row.claimed or row.seq in st.taken
+        if not is_taken and row.seq not in st.inflight:
+            self.found.append(row)
+        if self.movable and is_taken and ms_of(row.seq) < self.settled_until:
+            self.position = (bucket, row.seq)
+            st.taken.discard(row.seq)
+        else:
+            self.movable = False
+
+    def passed_bucket(self, bucket: int) -> None:
+        if self.movable and (bucket + 1) * READY_BUCKET_MS < self.settled_until:
+            self.position = (bucket + 1, None)  # drained and closed: later scans start after it
+        else:
+            self.movable = False
+
+
 class Dispatcher:
     def __init__(
         self,
-        repo: TaskRepository,
+        store: TaskStore,
         now_ms: Callable[[], int],
         settle_ms: int,
-        cursor_ttl_s: int,
         max_lanes: int = 10_000,
     ) -> None:
-        self.repo = repo
+        self.store = store
         self.now_ms = now_ms
         self.settle_ms = settle_ms
-        # A cursor row must outlive every task after it: the full task lifetime from now.
-        self.cursor_ttl_s = cursor_ttl_s
         # Least recently used first. Bounded: any caller can name new serviceIds, so an unbounded map
         # would let fetches grow memory without limit (issue 13.4). A lane forgotten is only a
         # cache miss: its position is persisted in `cursors` and read back on the next fetch.
@@ -152,54 +181,41 @@ class Dispatcher:
         last scan stopped so that the next one goes on from there instead of re-reading them.
         """
         now = self.now_ms()
-        # Recovered entries carry an id up to a second older than their write (see scheduler).
-        settled_until = now - self.settle_ms - (RECOVERED_EXTRA_SETTLE_MS if lane == LANE_RECOVERED else 0)
         if not st.loaded:
-            cur = await self.repo.cursor(q, lane)
+            cur = await self.store.cursor(q, lane)
             st.position = (cur[0], cur[1]) if cur else None
             st.persisted = st.position
             st.loaded = True
-        position = st.position
-        start = st.resume or position or (0, None)
-        buckets = await self.repo.buckets_from(q, lane, start[0], MAX_PAGES)
-        found: list[ReadyEntry] = []
-        movable = st.resume is None  # resuming: rows before `start` were not all re-checked now
-        pages = 0
-        resume: tuple[int, uuid.UUID | None] | None = None
-        for bucket in buckets:
-            after = start[1] if bucket == start[0] else None
-            exhausted = False
-            while not found and pages < MAX_PAGES:
-                rows = await self.repo.scan(q, lane, bucket, after, SCAN_LIMIT)
-                pages += 1
-                for row in rows:
-                    is_taken = row.claimed or row.seq in st.taken
-                    if not is_taken and row.seq not in st.inflight:
-                        found.append(row)
-                    if movable and is_taken and ms_of(row.seq) < settled_until:
-                        position = (bucket, row.seq)
-                        st.taken.discard(row.seq)
-                    else:
-                        movable = False
-                if rows:
-                    after = rows[-1].seq
-                    resume = (bucket, after)
-                if len(rows) < SCAN_LIMIT:
-                    exhausted = True
-                    break
-            if found or pages >= MAX_PAGES or not exhausted:
+        # Recovered entries carry an id up to a second older than their write (see scheduler).
+        settled_until = now - self.settle_ms - (RECOVERED_EXTRA_SETTLE_MS if lane == LANE_RECOVERED else 0)
+        scan = _Scan(st, settled_until, start=st.resume or st.position or (0, None))
+        for bucket in await self.store.buckets_from(q, lane, scan.start[0], MAX_PAGES):
+            exhausted = await self._scan_bucket(q, lane, bucket, scan)
+            if scan.found or scan.pages >= MAX_PAGES or not exhausted:
                 break
-            if movable and (bucket + 1) * READY_BUCKET_MS < settled_until:
-                position = (bucket + 1, None)  # drained and closed: later scans start after it
-            else:
-                movable = False
+            scan.passed_bucket(bucket)
         # Went through everything there is: the next scan starts again from the position, so
         # that entries released after a failed claim, or written late, are seen again.
-        st.resume = resume if (pages >= MAX_PAGES and not found) else None
-        st.buffer.extend(found)
+        st.resume = scan.resume if (scan.pages >= MAX_PAGES and not scan.found) else None
+        st.buffer.extend(scan.found)
         st.scanned_at_ms = now
-        st.position = position
+        st.position = scan.position
         await self._maybe_persist(q, lane, st, now)
+
+    async def _scan_bucket(self, q: QueueKey, lane: int, bucket: int, scan: _Scan) -> bool:
+        """Read one bucket page by page until something is found. True if the bucket was read to its end."""
+        after = scan.start[1] if bucket == scan.start[0] else None
+        while not scan.found and scan.pages < MAX_PAGES:
+            rows = await self.store.scan(q, lane, bucket, after, SCAN_LIMIT)
+            scan.pages += 1
+            for row in rows:
+                scan.see(bucket, row)
+            if rows:
+                after = rows[-1].seq
+                scan.resume = (bucket, after)
+            if len(rows) < SCAN_LIMIT:
+                return True
+        return False
 
     async def _maybe_persist(self, q: QueueKey, lane: int, st: _Lane, now: int) -> None:
         if st.position is None or st.position == st.persisted or now - st.persisted_at_ms < PERSIST_EVERY_MS:
@@ -207,9 +223,7 @@ class Dispatcher:
         bucket, seq = st.position
         if seq is None:
             # Persist "start of bucket" as the minimal id so that the greatest-row rule still orders it.
-            from bridge.storage.timeuuid import MIN_TIMEUUID
-
             seq = MIN_TIMEUUID
-        await self.repo.advance_cursor(q, lane, bucket, seq, self.cursor_ttl_s)
+        await self.store.advance_cursor(q, lane, bucket, seq)
         st.persisted = st.position
         st.persisted_at_ms = now

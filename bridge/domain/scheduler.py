@@ -19,22 +19,26 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from bridge.domain.errors import Unavailable
 from bridge.domain.queue import WorkQueue
-from bridge.storage.errors import StorageError
-from bridge.storage.repository import ExpiryEntry, TaskRepository
-from bridge.storage.schema import EXPIRY_BUCKET_MS, LANE_RECOVERED, OUTBOX_BUCKET_MS
-from bridge.storage.timeuuid import deterministic_timeuuid, expiry_bucket, outbox_bucket, ready_bucket, to_ms
+from bridge.domain.records import ExpiryEntry
+from bridge.domain.store import TaskStore
+from bridge.domain.timeline import (
+    EXPIRY_BUCKET_MS,
+    OUTBOX_BUCKET_MS,
+    deterministic_timeuuid,
+    expiry_bucket,
+    outbox_bucket,
+    ready_bucket,
+)
 
 log = logging.getLogger("bridge.scheduler")
 
 EXPIRY_CURSOR = "expiries"
 OUTBOX_CURSOR = "outbox"
-CURSOR_TTL_S = 30 * 24 * 3600  # a restart after an outage this long still resumes where it stopped
-CURSOR_MAX_DAYS = 31
 # The expiry position is persisted on a 10 s grid (40 buckets), rounded down: every instance writes
 # the same few rows (one per 10 s, whatever the fleet size) and a restart re-reads at most 10 s.
 EXPIRY_PERSIST_GRID = 40
-DAY_MS = 86_400_000
 HANDLE_CONCURRENCY = 32
 
 
@@ -56,13 +60,17 @@ class RecoveryScheduler:
         late_ms: int,
         republish_after_ms: int,
         report_pending: Callable[[int], None] | None = None,
+        progress_prefix: str = "",
     ) -> None:
         self.queue = queue
-        self.repo: TaskRepository = queue.repo
+        self.store: TaskStore = queue.store
         self.interval_s = interval_s
         self.late_ms = late_ms
         self.republish_after_ms = republish_after_ms
         self.report_pending = report_pending
+        # Names of the persisted positions (a separate prefix gives a separate timeline, e.g. per test).
+        self._expiry_cursor = progress_prefix + EXPIRY_CURSOR
+        self._outbox_cursor = progress_prefix + OUTBOX_CURSOR
         self.state = SchedulerState()
         self._expiry_next: int | None = None  # first bucket not yet read at all
         self._expiry_confirmed: int | None = None  # first bucket not yet read for the second time
@@ -82,7 +90,7 @@ class RecoveryScheduler:
         while not stop.is_set():
             try:
                 await self.tick()
-            except StorageError as exc:
+            except Unavailable as exc:
                 log.warning("scheduler tick failed: %s", exc)
             except Exception:
                 log.exception("scheduler tick crashed; continuing")
@@ -96,13 +104,13 @@ class RecoveryScheduler:
             await self._relay(now)
             self._last_outbox_ms = now
             if self.report_pending is not None:
-                self.report_pending(self.queue.publishing + self.state.results_stuck)
+                self.report_pending(self.queue.results_in_flight + self.state.results_stuck)
         self.state.last_tick_monotonic = time.monotonic()
 
     # -- recovery ----------------------------------------------------------------------------
     async def _recover(self, now: int) -> None:
         if self._expiry_next is None:
-            saved = await self.repo.scheduler_cursor(EXPIRY_CURSOR, now // DAY_MS, CURSOR_MAX_DAYS)
+            saved = await self.store.scheduler_cursor(self._expiry_cursor, now)
             start = saved if saved is not None else expiry_bucket(now) - 1
             self._expiry_next = start
             self._expiry_confirmed = start
@@ -129,14 +137,14 @@ class RecoveryScheduler:
             moved = True
         grid = self._expiry_confirmed - self._expiry_confirmed % EXPIRY_PERSIST_GRID
         if moved and grid != self._expiry_persisted:
-            await self.repo.advance_scheduler_cursor(EXPIRY_CURSOR, grid, grid * EXPIRY_BUCKET_MS, CURSOR_TTL_S)
+            await self.store.advance_scheduler_cursor(self._expiry_cursor, grid, grid * EXPIRY_BUCKET_MS)
             self._expiry_persisted = grid
 
     async def _process_bucket(self, bucket: int, now: int, *, only_expired: bool = False) -> None:
-        entries = await self.repo.expiries(bucket)
+        entries = await self.store.expiries(bucket)
         margin = self.queue.skew_margin_ms
         if only_expired:
-            entries = [e for e in entries if to_ms(e.lease_until) + margin <= now]
+            entries = [e for e in entries if e.lease_until_ms + margin <= now]
         handled = self._handled.setdefault(bucket, set())
         limit = asyncio.Semaphore(HANDLE_CONCURRENCY)
 
@@ -152,7 +160,7 @@ class RecoveryScheduler:
             key = (entry.queue.owner, entry.queue.service, entry.task_id, entry.epoch)
             if key in handled:
                 continue
-            if (entry.task_id, entry.epoch) in self.queue.recently_completed:
+            if self.queue.completed_here(entry.task_id, entry.epoch):
                 handled.add(key)  # this instance acked it: no need to read the lease
                 continue
             pending.append(one(entry, key))
@@ -163,18 +171,16 @@ class RecoveryScheduler:
 
     async def _handle(self, entry: ExpiryEntry, now: int, bucket: int) -> bool:
         q = entry.queue
-        lease = await self.repo.lease(q, entry.task_id, serial=False)
-        if lease is None or lease.state != "leased" or lease.epoch != entry.epoch or lease.lease_until is None:
+        lease = await self.store.lease(q, entry.task_id, serial=False)
+        if lease is None or not lease.is_leased or lease.epoch != entry.epoch or lease.lease_until_ms is None:
             return True  # completed, re-claimed, expired by TTL, or a claim that never applied
-        until = to_ms(lease.lease_until)
-        ttl = self.queue.ttl_for(entry.task_id)
-        if until + self.queue.skew_margin_ms > now:
+        until = lease.lease_until_ms
+        if lease.not_claimable_before(now, self.queue.skew_margin_ms):
             # Extended, or not yet past its deadline plus the skew margin (no claim could take it
             # back yet): watch it again then (idempotent row).
-            await self.repo.insert_expiry(
+            await self.store.watch_expiry(
                 expiry_bucket(until + self.queue.skew_margin_ms),
-                ExpiryEntry(lease.lease_until, q, entry.task_id, lease.epoch, entry.has_token),
-                ttl,
+                ExpiryEntry(until, q, entry.task_id, lease.epoch, entry.has_token),
             )
             return True
         # Expired: re-expose it in the recovered lane. The id is derived from (task, epoch, time
@@ -185,8 +191,7 @@ class RecoveryScheduler:
         # first one will offer again.
         seq = deterministic_timeuuid(seq_ms, f"{entry.task_id}:{bucket}", entry.epoch)
         rbucket = ready_bucket(seq_ms)
-        await self.queue._register_bucket(q, LANE_RECOVERED, rbucket, ttl)
-        await self.repo.insert_recovered(q, rbucket, seq, entry.task_id, entry.epoch, entry.has_token, ttl)
+        await self.store.expose_recovered(q, rbucket, seq, entry.task_id, entry.epoch, entry.has_token)
         self.state.recovered += 1
         self.queue.metrics.inc("tasks_recovered")
         log.info(
@@ -198,7 +203,7 @@ class RecoveryScheduler:
     # -- result relay ------------------------------------------------------------------------
     async def _relay(self, now: int) -> None:
         if self._outbox_next is None:
-            saved = await self.repo.scheduler_cursor(OUTBOX_CURSOR, now // DAY_MS, CURSOR_MAX_DAYS)
+            saved = await self.store.scheduler_cursor(self._outbox_cursor, now)
             self._outbox_next = saved if saved is not None else outbox_bucket(now) - 1
         # Only buckets old enough that their normal publish must have happened are swept.
         limit = outbox_bucket(now - self.republish_after_ms)
@@ -215,18 +220,18 @@ class RecoveryScheduler:
         # Persist only up to the first bucket still owing a publish, so a restart retries it.
         safe = min(self._outbox_retry, default=self._outbox_next)
         if safe != self._outbox_persisted:
-            await self.repo.advance_scheduler_cursor(OUTBOX_CURSOR, safe, safe * OUTBOX_BUCKET_MS, CURSOR_TTL_S)
+            await self.store.advance_scheduler_cursor(self._outbox_cursor, safe, safe * OUTBOX_BUCKET_MS)
             self._outbox_persisted = safe
 
     async def _relay_bucket(self, bucket: int) -> bool:
         complete = True
-        for entry in await self.repo.outbox(bucket):
+        for entry in await self.store.outbox(bucket):
             if entry.published:
                 continue
-            lease = await self.repo.lease(entry.queue, entry.task_id, serial=True)
-            if lease is None or lease.state != "done" or lease.completion_id != entry.completion_id:
+            lease = await self.store.lease(entry.queue, entry.task_id, serial=True)
+            if lease is None or not lease.is_done or lease.completion_id != entry.completion_id:
                 # The completing transaction never applied (or the task expired): nothing to send.
-                await self.repo.mark_published(entry, self.queue.ttl_for(entry.task_id))
+                await self.store.mark_published(entry)
                 continue
             log.info("re-publishing the pending result of task %s", entry.task_id)
             try:

@@ -12,9 +12,9 @@ import asyncio
 import uuid
 from dataclasses import dataclass
 
-from bridge.storage.repository import Lease, QueueKey, ReadyEntry, TaskRepository
-from bridge.storage.schema import LANE_FRESH, LANE_RECOVERED
-from bridge.storage.timeuuid import ms_of, to_ms
+from bridge.domain.records import LANE_FRESH, LANE_RECOVERED, Lease, LeaseState, QueueKey, ReadyEntry
+from bridge.domain.store import TaskStore
+from bridge.domain.timeline import ms_of
 
 DEFAULT_LIMIT = 20_000
 LEASE_READ_CONCURRENCY = 32
@@ -33,23 +33,23 @@ class QueueStats:
     truncated: bool  # the walk stopped at ``limit``: the counts are lower bounds
 
 
-async def _walk_lane(repo: TaskRepository, q: QueueKey, lane: int, budget: int) -> tuple[list[ReadyEntry], bool]:
+async def _walk_lane(store: TaskStore, q: QueueKey, lane: int, budget: int) -> tuple[list[ReadyEntry], bool]:
     """The entries of one lane after its persisted cursor, at most ``budget`` of them.
 
     Returns (entries, truncated); truncated is True only if at least one more entry exists.
     """
-    cursor = await repo.cursor(q, lane)
+    cursor = await store.cursor(q, lane)
     start_bucket, cursor_seq = cursor if cursor is not None else (0, None)
     entries: list[ReadyEntry] = []
     next_bucket = start_bucket
     while True:
-        buckets = await repo.buckets_from(q, lane, next_bucket, _BUCKET_PAGE)
+        buckets = await store.buckets_from(q, lane, next_bucket, _BUCKET_PAGE)
         for bucket in buckets:
             after = cursor_seq if cursor is not None and bucket == start_bucket else None
             while True:
                 remaining = budget - len(entries)
                 # Ask for one entry more than we may take: if it comes back, the walk is truncated.
-                rows = await repo.scan(q, lane, bucket, after, min(_SCAN_PAGE, remaining + 1))
+                rows = await store.scan(q, lane, bucket, after, min(_SCAN_PAGE, remaining + 1))
                 if len(rows) > remaining:
                     entries.extend(rows[:remaining])
                     return entries, True
@@ -63,7 +63,7 @@ async def _walk_lane(repo: TaskRepository, q: QueueKey, lane: int, budget: int) 
 
 
 async def queue_stats(
-    repo: TaskRepository,
+    store: TaskStore,
     owner: str,
     service: str,
     now_ms: int,
@@ -99,7 +99,7 @@ async def queue_stats(
     truncated = False
     task_ids: dict[uuid.UUID, None] = {}  # insertion-ordered set
     for lane in (LANE_RECOVERED, LANE_FRESH):
-        entries, lane_truncated = await _walk_lane(repo, q, lane, limit - scanned)
+        entries, lane_truncated = await _walk_lane(store, q, lane, limit - scanned)
         scanned += len(entries)
         for entry in entries:
             task_ids.setdefault(entry.task_id, None)
@@ -111,7 +111,7 @@ async def queue_stats(
 
     async def read(task_id: uuid.UUID) -> Lease | None:
         async with semaphore:
-            return await repo.lease(q, task_id, serial=False)
+            return await store.lease(q, task_id, serial=False)
 
     ids = list(task_ids)
     leases = await asyncio.gather(*(read(task_id) for task_id in ids))
@@ -122,15 +122,15 @@ async def queue_stats(
         ready_since: int | None = None
         if lease is None:
             ready_since = ms_of(task_id)
-        elif lease.state == "leased":
-            until = to_ms(lease.lease_until) if lease.lease_until is not None else None
+        elif lease.state is LeaseState.LEASED:
+            until = lease.lease_until_ms
             if until is not None and until > now_ms:
                 in_flight += 1
             else:
                 ready_since = until if until is not None else ms_of(task_id)
-        elif lease.state == "done":
+        elif lease.state is LeaseState.DONE:
             done += 1
-        elif lease.state == "dead":
+        elif lease.state is LeaseState.DEAD:
             dead += 1
         else:  # pragma: no cover - the schema knows no other state
             raise ValueError(f"task {task_id}: unknown lease state {lease.state!r}")

@@ -1,7 +1,13 @@
-"""Storage failures as the domain sees them."""
+"""Storage failures, as the domain sees them: ``Unavailable`` (safe to retry, answered ``unavailable``).
+
+The Cassandra adapter raises these from its driver's errors; nothing above the adapter needs to
+know them apart from ``Unavailable``.
+"""
+
+from bridge.domain.errors import Unavailable
 
 
-class StorageError(Exception):
+class StorageError(Unavailable):
     """Base class for storage failures."""
 
 
@@ -10,4 +16,6 @@ class StorageUnavailable(StorageError):
 
 
 class UnknownOutcome(StorageError):
-    """A lightweight transaction timed out: it may or may not have been applied (CASSANDRA-9328)."""
+    """A lightweight transaction timed out: it may or may not have been applied (CASSANDRA-9328).
+
+    Resolved inside the adapter by a SERIAL read; it only escapes when that read fails too."""

@@ -11,15 +11,18 @@ Layout rules that every statement in ``repository.py`` follows:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from bridge.domain.timeline import EXPIRY_BUCKET_MS, OUTBOX_BUCKET_MS, READY_BUCKET_MS
+
+if TYPE_CHECKING:
+    from bridge.config import Settings
+    from bridge.storage.cassandra import CassandraSession
+
 SCHEMA_VERSION = 1
 
-# Time-bucket widths. They are part of the data layout: changing one needs a migration.
-READY_BUCKET_MS = 10_000
-EXPIRY_BUCKET_MS = 250
-OUTBOX_BUCKET_MS = 10_000
-
-LANE_RECOVERED = 0  # tasks re-exposed by the recovery scheduler: served before fresh tasks
-LANE_FRESH = 1
+# The time-bucket widths are the domain's slots (bridge.domain.timeline); recorded in schema_meta
+# because they are part of the data layout: changing one needs a migration.
 
 
 def keyspace_cql(keyspace: str, replication: str) -> str:
@@ -120,3 +123,23 @@ ADDED_COLUMNS: list[tuple[str, str, str]] = [
 
 def all_cql(keyspace: str, replication: str, ttl_seconds: int) -> list[str]:
     return [keyspace_cql(keyspace, replication), *table_cql(keyspace, ttl_seconds)]
+
+
+async def create_schema(db: CassandraSession, settings: Settings) -> None:
+    """Create the keyspace and tables if missing, add columns released later, record the layout."""
+    for cql in all_cql(settings.cassandra_keyspace, settings.cassandra_replication, settings.task_ttl_seconds):
+        await db.execute_raw(cql)
+    for table, column, cql_type in ADDED_COLUMNS:
+        # Only constants of this module and the keyspace name, which the settings restrict to
+        # [A-Za-z][A-Za-z0-9_]*: nothing a caller controls.
+        rows = await db.execute_raw(
+            "SELECT column_name FROM system_schema.columns WHERE keyspace_name = '{ks}' "  # nosec B608
+            f"AND table_name = '{table}' AND column_name = '{column}'"
+        )
+        if not rows:
+            await db.execute_raw(f"ALTER TABLE {{ks}}.{table} ADD {column} {cql_type}")  # nosec B608
+    await db.execute_raw(
+        "INSERT INTO {ks}.schema_meta (name, version, ready_bucket_ms, expiry_bucket_ms, outbox_bucket_ms) "  # nosec B608
+        f"VALUES ('queue-bridge', {SCHEMA_VERSION}, {READY_BUCKET_MS}, {EXPIRY_BUCKET_MS}, "
+        f"{OUTBOX_BUCKET_MS}) IF NOT EXISTS"
+    )

@@ -1,7 +1,12 @@
-"""Time-based UUIDs and bucket arithmetic.
+"""Time in the queue: task ids that sort by time, and the time slots of the queue's indexes.
 
-A task id is a version-1 (time) UUID: Cassandra sorts ``timeuuid`` by its timestamp, so the id is
-also the task's place in its queue, and the bucket of a task is derived from its id alone.
+A task id is a version-1 (time) UUID: stores sort them by their timestamp, so the id is also the
+task's place in its queue, and the slot of a task is derived from its id alone.
+
+The slot widths are the granularity of the queue's timelines: the ready index is read slot by
+slot, lease deadlines are kept in a timer wheel of ``EXPIRY_BUCKET_MS`` slots, completions awaiting
+publication in ``OUTBOX_BUCKET_MS`` slots. They are part of the stored layout (a store records them
+and changing one needs a migration), but what a slot *means* is a queue rule, so they live here.
 """
 
 from __future__ import annotations
@@ -9,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import random
 import uuid
-from datetime import UTC, datetime
 
-from bridge.storage.schema import EXPIRY_BUCKET_MS, OUTBOX_BUCKET_MS, READY_BUCKET_MS
+READY_BUCKET_MS = 10_000
+EXPIRY_BUCKET_MS = 250
+OUTBOX_BUCKET_MS = 10_000
 
 # 100-ns intervals between the UUID epoch (1582-10-15) and the Unix epoch.
 _UUID_EPOCH_OFFSET = 0x01B21DD213814000
@@ -73,14 +79,3 @@ def expiry_bucket(ms: int) -> int:
 
 def outbox_bucket(ms: int) -> int:
     return ms // OUTBOX_BUCKET_MS
-
-
-def to_datetime(ms: int) -> datetime:
-    """Naive UTC datetime, the form cassandra-driver reads and writes for `timestamp`."""
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).replace(tzinfo=None)
-
-
-def to_ms(value: datetime) -> int:
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return int(value.timestamp() * 1000)

@@ -1,0 +1,125 @@
+"""ack: complete exactly the task a worker was handed, once, and owe its result to the engine.
+
+A completion's result is written to the outbox *before* the completing compare-and-set, and
+published after it; the result relay re-publishes what a crash left pending.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import OrderedDict
+
+from bridge.domain.clock import next_stamp
+from bridge.domain.context import QueueContext
+from bridge.domain.models import AckRequest
+from bridge.domain.records import OutboxEntry, QueueKey, WorkerPointer, WorkerRow
+from bridge.domain.relay import ResultRelay
+from bridge.domain.sealing import encode, seal_outcome
+from bridge.domain.timeline import outbox_bucket
+
+log = logging.getLogger("bridge.queue")
+
+RECENTLY_COMPLETED_MAX = 200_000
+
+
+class Acker:
+    def __init__(self, ctx: QueueContext, relay: ResultRelay) -> None:
+        self.ctx = ctx
+        self.relay = relay
+        # (task, epoch) pairs this instance completed lately: the recovery scheduler skips their
+        # deadlines without reading the lease. A hint only; bounded, oldest forgotten first.
+        self._recently_completed: OrderedDict[tuple[uuid.UUID, int], None] = OrderedDict()
+
+    def completed_here(self, task_id: uuid.UUID, epoch: int) -> bool:
+        return (task_id, epoch) in self._recently_completed
+
+    async def ack(self, owner: str, req: AckRequest, *, sent_before_ms: int | None = None) -> bool:
+        """Complete a task. With ``taskId`` exactly that task (at that epoch, if given), else the
+        task the worker holds, unless the request was sent before that lease was granted
+        (``sent_before_ms``: an upper bound of the send time, from the AMQP timestamp)."""
+        q = QueueKey(owner, req.service_id)
+        outcome_json = encode(req.outcome, "the outcome", self.ctx.limits.max_value_bytes)
+        row = await self.ctx.store.worker(q, req.worker_id)
+        if req.task_id is not None:
+            target = await self._named_target(q, req, row.pointer)
+        else:
+            target = self._held_target(req, row.pointer, sent_before_ms)
+        if target is None:
+            return False
+        if target.done:
+            # The task is complete: a repeated ack (a retry after a lost reply) gets the same
+            # answer, and nothing is completed or published twice.
+            lease = await self.ctx.store.lease(q, target.task_id, serial=False)
+            return lease is not None and lease.completed_by(req.worker_id, target.epoch)
+        return await self._complete(q, req, target, row, outcome_json)
+
+    async def _named_target(self, q: QueueKey, req: AckRequest, held: WorkerPointer | None) -> WorkerPointer | None:
+        task_id = req.task_id
+        assert task_id is not None
+        if held is not None and held.task_id == task_id and req.epoch in (None, held.epoch):
+            return held
+        # The pointer names another task (the worker moved on, or this is a late copy of an ack):
+        # the lease of the named task decides. Never complete the task the pointer names.
+        lease = await self.ctx.store.lease(q, task_id, serial=False)
+        if lease is None or lease.worker != req.worker_id or req.epoch not in (None, lease.epoch):
+            return None
+        if lease.is_done:
+            return WorkerPointer(task_id, lease.epoch, False, done=True)
+        if not lease.is_leased:
+            return None
+        payload = await self.ctx.store.payload(q, task_id)
+        return WorkerPointer(task_id, lease.epoch, payload is not None and payload.token is not None)
+
+    def _held_target(
+        self, req: AckRequest, held: WorkerPointer | None, sent_before_ms: int | None
+    ) -> WorkerPointer | None:
+        self.ctx.metrics.inc("acks_without_task_id")
+        if held is None:
+            return None
+        granted = held.granted_at_ms
+        if not held.done and sent_before_ms is not None and granted is not None and sent_before_ms <= granted:
+            # Sent before the worker was handed its current task: a late copy of an earlier ack.
+            self.ctx.metrics.inc("acks_refused", reason="older_than_lease")
+            log.warning(
+                "ack older than the worker's lease refused", extra={"task_id": str(held.task_id), "epoch": held.epoch}
+            )
+            return None
+        return held
+
+    async def _complete(
+        self, q: QueueKey, req: AckRequest, target: WorkerPointer, row: WorkerRow, outcome_json: bytes
+    ) -> bool:
+        ctx = self.ctx
+        now = ctx.clock.now_ms()
+        completion_id = uuid.uuid4()
+        intent: OutboxEntry | None = None
+        if target.has_token:
+            key = await ctx.keys.current(q.owner)
+            sealed = seal_outcome(key, q, target.task_id, outcome_json)
+            intent = OutboxEntry(outbox_bucket(now), q, target.task_id, completion_id, sealed, False)
+            await ctx.store.insert_outbox(intent)
+        res = await ctx.store.complete(q, target.task_id, target.epoch, req.worker_id, now, completion_id)
+        points_here = row.pointer is not None and row.pointer.task_id == target.task_id
+        stamp = next_stamp(now, row.stamp)
+        if not res.applied:
+            if intent is not None:
+                await ctx.store.mark_published(intent)  # void: this completion did not happen
+            # A retried ack of a completion that already happened is still a success.
+            again = res.current is not None and res.current.completed_by(req.worker_id, target.epoch)
+            if points_here and again:
+                await ctx.store.finish_worker(q, req.worker_id, target.task_id, stamp)
+            elif points_here:
+                await ctx.store.clear_worker(q, req.worker_id, stamp)
+            return again
+        if points_here:
+            # Not awaited: until it lands, a retried ack still finds the completion through the LWT.
+            ctx.background.spawn(ctx.store.finish_worker(q, req.worker_id, target.task_id, stamp), "mark worker done")
+        self._recently_completed[(target.task_id, target.epoch)] = None
+        if len(self._recently_completed) > RECENTLY_COMPLETED_MAX:
+            self._recently_completed.popitem(last=False)
+        ctx.metrics.inc("tasks_completed", outcome="error" if "error" in req.outcome else "result")
+        log.debug("task completed", extra={"task_id": str(target.task_id), "epoch": target.epoch})
+        if intent is not None:
+            ctx.background.spawn(self.relay.publish(intent), "publish result")
+        return True

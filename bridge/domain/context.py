@@ -1,0 +1,87 @@
+"""What the parts of the queue (adding, fetching, acking, relaying results, recovery) share."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from bridge.domain.clock import Clock
+from bridge.domain.sealing import OwnerKeys
+from bridge.domain.store import TaskStore
+
+log = logging.getLogger("bridge.queue")
+
+
+class Metrics(Protocol):
+    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None: ...
+
+
+class LeaseGate(Protocol):
+    """Says whether this bridge may grant leases now (its clock is within the skew limit)."""
+
+    @property
+    def ok(self) -> bool: ...
+
+    def describe(self) -> str: ...
+
+
+class NoMetrics:
+    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
+        return None
+
+
+class AlwaysGrant:
+    ok = True
+
+    def describe(self) -> str:
+        return "no clock check"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_value_bytes: int
+    default_ttr_ms: int
+    max_ttr_ms: int
+    # A lease is taken back only once its deadline plus this margin has passed on the claiming
+    # bridge's clock: skew between bridges within the margin cannot make two workers hold a task
+    # at once (docs/storage.md, "Clocks").
+    skew_margin_ms: int = 0
+
+
+class Background:
+    """Best-effort work started from a request and not awaited by it (correctness never depends on it)."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Awaitable[Any], what: str) -> None:
+        async def run() -> None:
+            try:
+                await coro
+            except Exception as exc:
+                log.warning("background %s failed: %s", what, type(exc).__name__)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self, timeout: float) -> None:
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+
+@dataclass(slots=True)
+class QueueContext:
+    store: TaskStore
+    keys: OwnerKeys
+    clock: Clock
+    limits: Limits
+    metrics: Metrics = field(default_factory=NoMetrics)
+    gate: LeaseGate = field(default_factory=AlwaysGrant)
+    background: Background = field(default_factory=Background)

@@ -1,0 +1,185 @@
+"""fetch: hand a worker the task it holds again, or claim the next one.
+
+- A task is claimed only by a compare-and-set on its own lease; every claim increments ``epoch``
+  (the fencing token), and ack/extend are conditional on it, so a worker that lost its lease can
+  never complete or extend the task.
+- The lease deadline is filed in the recovery timer wheel and the worker's pointer is written
+  *before* the claim, so a crash between the claim and the reply never strands a task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+from bridge.domain.clock import next_stamp
+from bridge.domain.context import QueueContext
+from bridge.domain.dispatch import Dispatcher
+from bridge.domain.errors import IntegrityError, KeyMissing, Unavailable
+from bridge.domain.models import Delivery, FetchRequest
+from bridge.domain.records import LANE_FRESH, LANE_RECOVERED, ExpiryEntry, Payload, QueueKey, ReadyEntry, WorkerPointer
+from bridge.domain.sealing import open_value
+from bridge.domain.timeline import EXPIRY_BUCKET_MS, expiry_bucket
+
+log = logging.getLogger("bridge.queue")
+
+MAX_CLAIM_ATTEMPTS = 8
+
+
+class Fetcher:
+    def __init__(self, ctx: QueueContext, dispatcher: Dispatcher) -> None:
+        self.ctx = ctx
+        self.dispatcher = dispatcher
+
+    async def fetch(self, owner: str, req: FetchRequest) -> Delivery | None:
+        ctx = self.ctx
+        q = QueueKey(owner, req.service_id)
+        ttr = min(req.time_to_recover or ctx.limits.default_ttr_ms, ctx.limits.max_ttr_ms)
+        if not ctx.gate.ok:
+            ctx.metrics.inc("leases_refused", reason="clock_skew")
+            raise Unavailable(f"this bridge does not grant leases now: {ctx.gate.describe()}; retry on another bridge")
+        row = await ctx.store.worker(q, req.worker_id)
+        held = row.pointer
+        if held is not None and not held.done:
+            delivery = await self._resend(q, req.worker_id, held, ttr, row.stamp)
+            if delivery is not None:
+                return delivery
+        stale = held is not None and not held.done
+        return await self._claim_next(q, req.worker_id, ttr, row.stamp, stale_pointer=stale)
+
+    async def _resend(
+        self, q: QueueKey, worker: str, held: WorkerPointer, ttr: int, stamp: int | None
+    ) -> Delivery | None:
+        """The worker has not acked its task: give it the same task again, with a fresh lease.
+
+        The extension is conditional on the epoch only, not on the deadline: if nobody re-claimed
+        the task since the lease ran out, it was nobody else's in between."""
+        until = self.ctx.clock.now_ms() + ttr
+        res = await self.ctx.store.extend(q, held.task_id, held.epoch, worker, until)
+        if not res.applied:
+            return None
+        # The scheduler will meet the old deadline, see the later one, and re-arm itself.
+        self.ctx.metrics.inc("tasks_redelivered", kind="resend")
+        return await self._deliver(q, worker, held.task_id, held.epoch, until, stamp=stamp)
+
+    async def _claim_next(
+        self, q: QueueKey, worker: str, ttr: int, stamp: int | None, *, stale_pointer: bool
+    ) -> Delivery | None:
+        spread = False
+        attempted = False
+        for _ in range(MAX_CLAIM_ATTEMPTS):
+            entry = await self.dispatcher.next_candidate(q, LANE_RECOVERED, spread=spread)
+            if entry is None:
+                entry = await self.dispatcher.next_candidate(q, LANE_FRESH, spread=spread)
+            if entry is None:
+                break
+            attempted = True
+            try:
+                delivery, stamp = await self._try_claim(q, worker, entry, ttr, stamp)
+            except BaseException:
+                self.dispatcher.release(q, entry)
+                raise
+            # Claimed by us, or it was not claimable (another worker or instance got it first).
+            self.dispatcher.taken(q, entry, lost_race=delivery is None)
+            if delivery is not None:
+                self.ctx.background.spawn(self.ctx.store.mark_claimed(q, entry), "mark claimed")
+                return delivery
+            spread = True  # lost a race: another worker or instance reads the same head
+        if stale_pointer or attempted:
+            # Our write-ahead pointer names a task we did not get: drop it.
+            await self.ctx.store.clear_worker(q, worker, next_stamp(self.ctx.clock.now_ms(), stamp))
+        return None
+
+    async def _try_claim(
+        self, q: QueueKey, worker: str, entry: ReadyEntry, ttr: int, stamp: int | None
+    ) -> tuple[Delivery | None, int]:
+        """Claim one candidate. Returns the delivery (None if someone else holds the task) and the
+        stamp of the pointer write, which the next write of the pointer must exceed."""
+        store, margin = self.ctx.store, self.ctx.limits.skew_margin_ms
+        now = self.ctx.clock.now_ms()
+        task_id = entry.task_id
+        recovered = entry.lane == LANE_RECOVERED
+        epoch = (entry.epoch or 0) + 1 if recovered else 1
+        until = now + ttr
+        claim_id = uuid.uuid4()
+        stamp = next_stamp(now, stamp)
+        # Write-ahead: the deadline and the worker's pointer exist before the claim can.
+        await asyncio.gather(
+            # Filed under the time it may be taken back: its deadline plus the skew margin.
+            store.watch_expiry(expiry_bucket(until + margin), ExpiryEntry(until, q, task_id, epoch, entry.has_token)),
+            store.set_worker(q, worker, WorkerPointer(task_id, epoch, entry.has_token, granted_at_ms=now), stamp),
+        )
+        if recovered:
+            assert entry.epoch is not None
+            # Only a lease whose deadline passed more than the skew margin ago on OUR clock.
+            claim = store.claim_expired(q, task_id, entry.epoch, worker, until, now - margin, claim_id)
+        else:
+            claim = store.claim_new(q, task_id, worker, until, claim_id)
+        # The payload is read while the claim runs: one round trip less when we win (most of the time).
+        res, payload = await asyncio.gather(claim, store.payload(q, task_id))
+        if not res.applied:
+            cur = res.current
+            if recovered and cur is not None and cur.epoch == entry.epoch and cur.not_claimable_before(now, margin):
+                await self._rearm(q, entry, cur.lease_until_ms or now, now)
+            self.ctx.metrics.inc("claim_conflicts")
+            return None, stamp
+        self.ctx.metrics.inc("tasks_delivered" if not recovered or epoch == 1 else "tasks_redelivered", kind="claim")
+        log.debug("task claimed", extra={"task_id": str(task_id), "epoch": epoch, "lease_ms": ttr})
+        return await self._deliver(q, worker, task_id, epoch, until, payload, stamp=stamp), stamp
+
+    async def _rearm(self, q: QueueKey, entry: ReadyEntry, lease_until_ms: int, now: int) -> None:
+        """Not ours to take yet: the holder extended its lease after the scheduler re-exposed the
+        task, or the scheduler's clock is ahead of ours and the deadline + margin has not passed
+        here. Watch it again at a bucket still to come on our clock (the original bucket is already
+        behind the scheduler), or the task would be stranded."""
+        assert entry.epoch is not None
+        rearm = max(lease_until_ms + self.ctx.limits.skew_margin_ms, now + EXPIRY_BUCKET_MS)
+        watch = ExpiryEntry(lease_until_ms, q, entry.task_id, entry.epoch, entry.has_token)
+        await self.ctx.store.watch_expiry(expiry_bucket(rearm), watch)
+
+    async def _deliver(
+        self,
+        q: QueueKey,
+        worker: str,
+        task_id: uuid.UUID,
+        epoch: int,
+        until: int,
+        payload: Payload | None = None,
+        *,
+        stamp: int | None,
+    ) -> Delivery:
+        ctx = self.ctx
+        if payload is None:
+            payload = await ctx.store.payload(q, task_id)
+        if payload is None:
+            # Expired between claim and read (TTL): nothing to hand out.
+            raise Unavailable("the task expired while being fetched; fetch again")
+        try:
+            key = await ctx.keys.by_id(q.owner, payload.key_id)
+        except KeyMissing:
+            # Let the worker move on to other tasks; this lease runs out and the task is offered
+            # again later (by then, perhaps, with its key back).
+            await ctx.store.clear_worker(q, worker, next_stamp(ctx.clock.now_ms(), stamp))
+            ctx.metrics.inc("deliveries_failed", reason="key_missing")
+            log.error("task not delivered: its key is missing", extra={"task_id": str(task_id), "epoch": epoch})
+            raise
+        try:
+            plain = open_value(key, q, task_id, payload)
+        except IntegrityError as exc:
+            # It can never be delivered: dead-letter it (kept until its TTL for inspection) so the
+            # worker, and the queue, move on instead of being handed the same broken task forever.
+            log.error("task dead-lettered: %s", exc.message, extra={"task_id": str(task_id), "epoch": epoch})
+            await ctx.store.kill(q, task_id, epoch, worker, ctx.clock.now_ms())
+            # No clear of the pointer: a dead task is never resent (the extension fails), and the
+            # worker's next fetch replaces the pointer.
+            ctx.metrics.inc("tasks_dead_lettered", reason="integrity")
+            raise
+        return Delivery(
+            task_id=str(task_id),
+            value_json=plain,  # JSON already: spliced into the reply, never parsed again
+            deliveries=epoch,
+            epoch=epoch,
+            lease_expires_at_ms=until,
+            traceparent=payload.traceparent,
+        )

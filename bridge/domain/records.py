@@ -1,0 +1,163 @@
+"""The values the queue keeps about a task, in the domain's terms (ids, milliseconds, sealed bytes).
+
+A store (``bridge.domain.store.TaskStore``) reads and writes exactly these; how it lays them out
+(Cassandra rows, datetimes, TTLs, buckets) is its own business.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from enum import IntEnum, StrEnum
+
+from bridge.crypto import Sealed
+
+
+class Lane(IntEnum):
+    """The two lanes of a queue's ready index. Recovered tasks are served before fresh ones."""
+
+    RECOVERED = 0  # re-exposed by the recovery scheduler after a lease ran out; points at the task
+    FRESH = 1  # added by an engine; carries the sealed payload
+
+
+LANE_RECOVERED = Lane.RECOVERED
+LANE_FRESH = Lane.FRESH
+
+
+@dataclass(frozen=True, slots=True)
+class QueueKey:
+    """One service queue of one owner (tenant)."""
+
+    owner: str
+    service: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyEntry:
+    """An entry of the ready index: a task that may be claimable."""
+
+    lane: int
+    bucket: int
+    seq: uuid.UUID  # its place in the lane (for a fresh task, the task id)
+    task_id: uuid.UUID
+    epoch: int | None  # recovered lane: the epoch of the expired lease
+    has_token: bool
+    claimed: bool  # a hint that someone claimed it; the lease decides
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """What an engine added, sealed with its owner's key; clear facts bound into the ciphertexts."""
+
+    value: Sealed
+    token: Sealed | None
+    traceparent: str | None
+    created_at_ms: int | None
+
+    @property
+    def key_id(self) -> str:
+        return self.value.key_id
+
+
+class LeaseState(StrEnum):
+    LEASED = "leased"  # held by a worker until its deadline (then claimable again)
+    DONE = "done"  # acked: completed with a result or an error
+    DEAD = "dead"  # dead-lettered: its ciphertext failed authentication
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The mutable state of a task; changed only by compare-and-set on ``epoch`` (the fencing token)."""
+
+    state: LeaseState
+    epoch: int
+    worker: str | None
+    lease_until_ms: int | None  # may be absent from a failed compare-and-set's view of the row
+    claim_id: uuid.UUID | None
+    completion_id: uuid.UUID | None
+
+    @property
+    def is_leased(self) -> bool:
+        return self.state is LeaseState.LEASED
+
+    @property
+    def is_done(self) -> bool:
+        return self.state is LeaseState.DONE
+
+    def held_by(self, worker: str, epoch: int) -> bool:
+        """Leased to this worker at this epoch (the deadline aside)."""
+        return self.is_leased and self.epoch == epoch and self.worker == worker
+
+    def completed_by(self, worker: str, epoch: int) -> bool:
+        return self.is_done and self.epoch == epoch and self.worker == worker
+
+    def not_claimable_before(self, now_ms: int, margin_ms: int) -> bool:
+        """Still leased at this epoch and its deadline plus the skew margin has not passed."""
+        return self.is_leased and self.lease_until_ms is not None and self.lease_until_ms + margin_ms > now_ms
+
+
+@dataclass(frozen=True, slots=True)
+class CasResult:
+    """The outcome of a compare-and-set on a lease (outcomes unknown at first are resolved by the store)."""
+
+    applied: bool
+    current: Lease | None  # the lease as the failed compare-and-set saw it
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerPointer:
+    """The task a worker holds (write-ahead: written just before the claim)."""
+
+    task_id: uuid.UUID
+    epoch: int
+    has_token: bool
+    done: bool = False  # the worker acked this task; kept so that a retried ack is answered true
+    granted_at_ms: int | None = None  # when the bridge wrote it (its clock), just before the claim
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRow:
+    """A worker's pointer as read (None once cleared) and the stamp its next write must exceed."""
+
+    pointer: WorkerPointer | None
+    stamp: int | None  # microseconds (a Lamport stamp, see ``bridge.domain.clock.next_stamp``)
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiryEntry:
+    """A lease deadline in the recovery timer wheel."""
+
+    lease_until_ms: int
+    queue: QueueKey
+    task_id: uuid.UUID
+    epoch: int
+    has_token: bool
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """A completion whose result is owed to the engine (written before the completing transaction)."""
+
+    bucket: int
+    queue: QueueKey
+    task_id: uuid.UUID
+    completion_id: uuid.UUID
+    result: Sealed
+    published: bool
+
+
+__all__ = [
+    "LANE_FRESH",
+    "LANE_RECOVERED",
+    "CasResult",
+    "ExpiryEntry",
+    "Lane",
+    "Lease",
+    "LeaseState",
+    "OutboxEntry",
+    "Payload",
+    "QueueKey",
+    "ReadyEntry",
+    "WorkerPointer",
+    "WorkerRow",
+]

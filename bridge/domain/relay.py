@@ -1,0 +1,73 @@
+"""Results back to the engine: open a completion's sealed result and its task's token, publish, mark done."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+from bridge.crypto import TamperedCiphertext
+from bridge.domain.context import QueueContext
+from bridge.domain.records import OutboxEntry
+from bridge.domain.sealing import open_outcome, open_token, split_outcome
+
+log = logging.getLogger("bridge.queue")
+
+
+@dataclass(frozen=True, slots=True)
+class ResultMessage:
+    owner: str
+    service: str
+    task_id: str
+    completion_id: str
+    token_json: bytes  # the token as added, JSON
+    kind: str  # "result" or "error"
+    value_json: bytes  # the result or error as acked, JSON
+    traceparent: str | None
+
+
+class ResultSink(Protocol):
+    async def publish_result(self, message: ResultMessage) -> None:
+        """Publish durably (persistent + publisher confirm); raise if not confirmed."""
+
+
+class ResultRelay:
+    def __init__(self, ctx: QueueContext, sink: ResultSink | None) -> None:
+        self.ctx = ctx
+        self.sink = sink
+        self.publishing = 0  # results being published right now (for the results_pending gauge)
+
+    async def publish(self, entry: OutboxEntry) -> None:
+        """Publish one completion's result to the engine, then mark the outbox entry done."""
+        if self.sink is None:
+            return
+        self.publishing += 1
+        try:
+            await self._publish(self.sink, entry)
+        finally:
+            self.publishing -= 1
+
+    async def _publish(self, sink: ResultSink, entry: OutboxEntry) -> None:
+        store, q = self.ctx.store, entry.queue
+        payload = await store.payload(q, entry.task_id)
+        if payload is None or payload.token is None:
+            await store.mark_published(entry)
+            return
+        token_key = await self.ctx.keys.by_id(q.owner, payload.key_id)
+        result_key_id = entry.result.key_id
+        result_key = token_key if result_key_id == payload.key_id else await self.ctx.keys.by_id(q.owner, result_key_id)
+        try:
+            token_json = open_token(token_key, q, entry.task_id, payload.token, payload.traceparent)
+            outcome_json = open_outcome(result_key, q, entry.task_id, entry.result)
+        except TamperedCiphertext:
+            log.error("result of task %s failed authentication: not published", entry.task_id)
+            await store.mark_published(entry)
+            self.ctx.metrics.inc("results_dropped", reason="integrity")
+            return
+        kind, value_json = split_outcome(outcome_json)
+        tid, cid = str(entry.task_id), str(entry.completion_id)
+        await sink.publish_result(
+            ResultMessage(q.owner, q.service, tid, cid, token_json, kind, value_json, payload.traceparent)
+        )
+        await store.mark_published(entry)
+        self.ctx.metrics.inc("results_published")

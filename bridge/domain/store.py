@@ -1,0 +1,138 @@
+"""The store port: everything the queue asks of durable storage, in the domain's terms.
+
+Times are milliseconds since the Unix epoch on the bridge's clock; ids are time UUIDs
+(``bridge.domain.timeline``); values are the records of ``bridge.domain.records``. A store owns
+its layout: datetimes, row lifetimes (every row about a task ends with the task's TTL), index
+bookkeeping, the resolution of compare-and-set outcomes that were unknown at first (a timed-out
+Paxos round), and the translation of its driver's failures into ``Unavailable``.
+
+Two adapters implement it: ``bridge.storage.repository.CassandraTaskStore`` (production) and
+``bridge.storage.memory.MemoryTaskStore`` (tests; same rules, a controllable clock).
+
+What the queue's correctness rests on, and each adapter must provide:
+- the compare-and-set operations on a lease (``claim_new``, ``claim_expired``, ``extend``,
+  ``complete``, ``kill``) are linearizable per task, and their result says whether they applied;
+- a worker row write is ordered by its ``stamp`` (a greater stamp wins, whatever the arrival order);
+- cursors are monotonic (the greatest position written wins);
+- reads of the ready index return entries of one bucket in ``seq`` order.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Protocol
+
+from bridge.domain.records import (
+    CasResult,
+    ExpiryEntry,
+    Lease,
+    OutboxEntry,
+    Payload,
+    QueueKey,
+    ReadyEntry,
+    WorkerPointer,
+    WorkerRow,
+)
+
+
+class TaskStore(Protocol):
+    # -- tasks -------------------------------------------------------------------------------
+    async def store_task(self, q: QueueKey, task_id: uuid.UUID, payload: Payload) -> None:
+        """Index the task's bucket, then write the task (fresh lane). Idempotent."""
+
+    async def task_exists(self, q: QueueKey, task_id: uuid.UUID) -> bool: ...
+
+    async def reindex_task(self, q: QueueKey, task_id: uuid.UUID) -> None:
+        """Index the task's bucket again (an add that died between its index and task writes)."""
+
+    async def payload(self, q: QueueKey, task_id: uuid.UUID) -> Payload | None:
+        """The task's sealed payload; None once the task has expired."""
+
+    async def record_message_id(self, q: QueueKey, message_id: str, task_id: uuid.UUID) -> uuid.UUID | None:
+        """Record message_id -> task_id if absent. None when recorded, else the task id already there."""
+
+    async def replace_message_id(self, q: QueueKey, message_id: str, old: uuid.UUID, new: uuid.UUID) -> bool: ...
+
+    # -- the ready index ---------------------------------------------------------------------
+    async def cursor(self, q: QueueKey, lane: int) -> tuple[int, uuid.UUID] | None:
+        """The greatest (bucket, seq) position ever advanced to, if any."""
+
+    async def advance_cursor(self, q: QueueKey, lane: int, bucket: int, seq: uuid.UUID) -> None: ...
+
+    async def buckets_from(self, q: QueueKey, lane: int, bucket: int, limit: int) -> list[int]:
+        """Indexed buckets of the lane at or after ``bucket``, ascending."""
+
+    async def scan(self, q: QueueKey, lane: int, bucket: int, after: uuid.UUID | None, limit: int) -> list[ReadyEntry]:
+        """Entries of one bucket after ``after`` (all if None), in seq order."""
+
+    async def mark_claimed(self, q: QueueKey, entry: ReadyEntry) -> None:
+        """A hint for scans: the entry's task was claimed."""
+
+    async def expose_recovered(
+        self, q: QueueKey, bucket: int, seq: uuid.UUID, task_id: uuid.UUID, epoch: int, has_token: bool
+    ) -> None:
+        """Index the bucket, then write a recovered-lane entry for an expired lease. Idempotent."""
+
+    # -- leases: compare-and-set only ------------------------------------------------------------
+    async def lease(self, q: QueueKey, task_id: uuid.UUID, *, serial: bool = True) -> Lease | None:
+        """The task's lease; ``serial`` also completes any compare-and-set in flight first."""
+
+    async def claim_new(
+        self, q: QueueKey, task_id: uuid.UUID, worker: str, until_ms: int, claim_id: uuid.UUID
+    ) -> CasResult:
+        """Lease a never-claimed task at epoch 1."""
+
+    async def claim_expired(
+        self,
+        q: QueueKey,
+        task_id: uuid.UUID,
+        expected_epoch: int,
+        worker: str,
+        until_ms: int,
+        expired_before_ms: int,
+        claim_id: uuid.UUID,
+    ) -> CasResult:
+        """Lease at ``expected_epoch + 1`` a task still leased at ``expected_epoch`` whose deadline is
+        at or before ``expired_before_ms``."""
+
+    async def extend(self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, until_ms: int) -> CasResult:
+        """Move the deadline of a lease still held by ``worker`` at ``epoch``."""
+
+    async def complete(
+        self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, now_ms: int, completion_id: uuid.UUID
+    ) -> CasResult:
+        """Mark done a lease still held by ``worker`` at ``epoch``."""
+
+    async def kill(self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, now_ms: int) -> bool:
+        """Dead-letter a leased task that can never be delivered (kept until its TTL)."""
+
+    # -- worker pointers ---------------------------------------------------------------------------
+    async def worker(self, q: QueueKey, worker: str) -> WorkerRow: ...
+
+    async def set_worker(self, q: QueueKey, worker: str, pointer: WorkerPointer, stamp: int) -> None: ...
+
+    async def finish_worker(self, q: QueueKey, worker: str, task_id: uuid.UUID, stamp: int) -> None:
+        """Record that the worker acked ``task_id`` (a retried ack then finds it)."""
+
+    async def clear_worker(self, q: QueueKey, worker: str, stamp: int) -> None: ...
+
+    # -- recovery timer wheel and result outbox ------------------------------------------------------
+    async def watch_expiry(self, bucket: int, entry: ExpiryEntry) -> None:
+        """File a lease deadline under an expiry bucket (idempotent)."""
+
+    async def expiries(self, bucket: int) -> list[ExpiryEntry]: ...
+
+    async def insert_outbox(self, entry: OutboxEntry) -> None: ...
+
+    async def mark_published(self, entry: OutboxEntry) -> None: ...
+
+    async def outbox(self, bucket: int) -> list[OutboxEntry]: ...
+
+    # -- loop progress -------------------------------------------------------------------------------
+    async def scheduler_cursor(self, name: str, now_ms: int) -> int | None:
+        """The greatest persisted position of a background loop (recent ones; None if none)."""
+
+    async def advance_scheduler_cursor(self, name: str, pos: int, pos_ms: int) -> None: ...
+
+
+__all__ = ["TaskStore"]

@@ -1,0 +1,318 @@
+"""An in-memory adapter of the store port, for tests of the queue's rules (never for production).
+
+It keeps the semantics the queue relies on, as Cassandra provides them:
+- compare-and-set on a lease is atomic (checked and applied with no await in between), and a
+  failed one reports only the columns Cassandra reports (those named in its condition, or the
+  whole row for ``IF NOT EXISTS``);
+- worker rows are written cell by cell with last-write-wins on the write stamp;
+- cursors keep the greatest position; ready entries of a bucket come back in time-UUID order;
+- rows about a task vanish when the task's TTL ends (on the injected clock).
+
+Every operation first yields to the event loop, like a round trip would, so concurrent fetches
+and acks interleave as they do against a real server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from bridge.domain.records import (
+    LANE_FRESH,
+    LANE_RECOVERED,
+    CasResult,
+    ExpiryEntry,
+    Lease,
+    LeaseState,
+    OutboxEntry,
+    Payload,
+    QueueKey,
+    ReadyEntry,
+    WorkerPointer,
+    WorkerRow,
+)
+from bridge.domain.timeline import bucket_of_task, ms_of
+
+
+def _order(seq: uuid.UUID) -> tuple[int, bytes]:
+    return (seq.time, seq.bytes)
+
+
+@dataclass
+class _Ready:
+    task_id: uuid.UUID
+    epoch: int | None
+    has_token: bool
+    payload: Payload | None
+    claimed: bool = False
+
+
+@dataclass
+class _Worker:
+    cells: dict[str, tuple[int, Any]] = field(default_factory=dict)  # column -> (write stamp, value)
+
+    def write(self, at: int, /, **values: Any) -> None:
+        for column, value in values.items():
+            old = self.cells.get(column)
+            if old is None or at >= old[0]:
+                self.cells[column] = (at, value)
+
+    def get(self, column: str) -> Any:
+        cell = self.cells.get(column)
+        return None if cell is None else cell[1]
+
+
+class MemoryTaskStore:
+    def __init__(self, now_ms: Callable[[], int], task_ttl_s: int = 7 * 24 * 3600) -> None:
+        self.now_ms = now_ms
+        self.task_ttl_s = task_ttl_s
+        self.ready: dict[tuple[QueueKey, int, int], dict[uuid.UUID, _Ready]] = {}
+        self.leases: dict[tuple[QueueKey, uuid.UUID], Lease] = {}
+        self.workers: dict[tuple[QueueKey, str], _Worker] = {}
+        self.cursors: dict[tuple[QueueKey, int], tuple[int, uuid.UUID]] = {}
+        self.message_ids: dict[tuple[QueueKey, str], uuid.UUID] = {}
+        self.expiry_wheel: dict[int, dict[tuple[int, str, str, uuid.UUID, int], ExpiryEntry]] = {}
+        self.outbox_rows: dict[int, dict[tuple[str, str, uuid.UUID, uuid.UUID], OutboxEntry]] = {}
+        self.loop_cursors: dict[str, int] = {}
+        self.operations = 0  # calls made: what a test can count instead of round trips
+
+    async def _io(self) -> None:
+        self.operations += 1
+        await asyncio.sleep(0)
+
+    def alive(self, task_id: uuid.UUID) -> bool:
+        return self.now_ms() < ms_of(task_id) + self.task_ttl_s * 1000
+
+    # -- tasks -------------------------------------------------------------------------------
+    async def store_task(self, q: QueueKey, task_id: uuid.UUID, payload: Payload) -> None:
+        await self._io()
+        row = _Ready(task_id, None, payload.token is not None, payload)
+        self.ready.setdefault((q, LANE_FRESH, bucket_of_task(task_id)), {})[task_id] = row
+
+    async def task_exists(self, q: QueueKey, task_id: uuid.UUID) -> bool:
+        return await self.payload(q, task_id) is not None
+
+    async def reindex_task(self, q: QueueKey, task_id: uuid.UUID) -> None:
+        await self._io()  # buckets are indexed by the rows themselves here
+
+    async def payload(self, q: QueueKey, task_id: uuid.UUID) -> Payload | None:
+        await self._io()
+        row = self.ready.get((q, LANE_FRESH, bucket_of_task(task_id)), {}).get(task_id)
+        return row.payload if row is not None and self.alive(task_id) else None
+
+    async def record_message_id(self, q: QueueKey, message_id: str, task_id: uuid.UUID) -> uuid.UUID | None:
+        await self._io()
+        existing = self.message_ids.setdefault((q, message_id), task_id)
+        return None if existing == task_id else existing
+
+    async def replace_message_id(self, q: QueueKey, message_id: str, old: uuid.UUID, new: uuid.UUID) -> bool:
+        await self._io()
+        if self.message_ids.get((q, message_id)) != old:
+            return False
+        self.message_ids[(q, message_id)] = new
+        return True
+
+    # -- the ready index ---------------------------------------------------------------------
+    async def cursor(self, q: QueueKey, lane: int) -> tuple[int, uuid.UUID] | None:
+        await self._io()
+        return self.cursors.get((q, lane))
+
+    async def advance_cursor(self, q: QueueKey, lane: int, bucket: int, seq: uuid.UUID) -> None:
+        await self._io()
+        old = self.cursors.get((q, lane))
+        if old is None or (bucket, _order(seq)) > (old[0], _order(old[1])):
+            self.cursors[(q, lane)] = (bucket, seq)
+
+    async def buckets_from(self, q: QueueKey, lane: int, bucket: int, limit: int) -> list[int]:
+        await self._io()
+        found = sorted(b for (qq, ln, b), rows in self.ready.items() if qq == q and ln == lane and b >= bucket and rows)
+        return found[:limit]
+
+    async def scan(self, q: QueueKey, lane: int, bucket: int, after: uuid.UUID | None, limit: int) -> list[ReadyEntry]:
+        await self._io()
+        rows = self.ready.get((q, lane, bucket), {})
+        seqs = sorted((s for s in rows if self.alive(rows[s].task_id)), key=_order)
+        if after is not None:
+            seqs = [s for s in seqs if _order(s) > _order(after)]
+        return [
+            ReadyEntry(lane, bucket, s, rows[s].task_id, rows[s].epoch, rows[s].has_token, rows[s].claimed)
+            for s in seqs[:limit]
+        ]
+
+    async def mark_claimed(self, q: QueueKey, entry: ReadyEntry) -> None:
+        await self._io()
+        row = self.ready.get((q, entry.lane, entry.bucket), {}).get(entry.seq)
+        if row is not None:
+            row.claimed = True
+
+    async def expose_recovered(
+        self, q: QueueKey, bucket: int, seq: uuid.UUID, task_id: uuid.UUID, epoch: int, has_token: bool
+    ) -> None:
+        await self._io()
+        rows = self.ready.setdefault((q, LANE_RECOVERED, bucket), {})
+        if seq not in rows:  # an upsert of the same values: a later one changes nothing
+            rows[seq] = _Ready(task_id, epoch, has_token, None)
+
+    # -- leases ------------------------------------------------------------------------------
+    def _lease(self, q: QueueKey, task_id: uuid.UUID) -> Lease | None:
+        lease = self.leases.get((q, task_id))
+        return lease if lease is not None and self.alive(task_id) else None
+
+    async def lease(self, q: QueueKey, task_id: uuid.UUID, *, serial: bool = True) -> Lease | None:
+        await self._io()
+        return self._lease(q, task_id)
+
+    @staticmethod
+    def _refused(cur: Lease | None, *, with_until: bool = False, with_worker: bool = False) -> CasResult:
+        """What Cassandra reports of a failed conditional update: the columns of its condition."""
+        if cur is None:
+            return CasResult(False, None)
+        seen = Lease(
+            cur.state,
+            cur.epoch,
+            cur.worker if with_worker else None,
+            cur.lease_until_ms if with_until else None,
+            None,
+            None,
+        )
+        return CasResult(False, seen)
+
+    async def claim_new(
+        self, q: QueueKey, task_id: uuid.UUID, worker: str, until_ms: int, claim_id: uuid.UUID
+    ) -> CasResult:
+        await self._io()
+        cur = self._lease(q, task_id)
+        if cur is not None:
+            return CasResult(False, cur)  # IF NOT EXISTS reports the whole row
+        self.leases[(q, task_id)] = Lease(LeaseState.LEASED, 1, worker, until_ms, claim_id, None)
+        return CasResult(True, None)
+
+    async def claim_expired(
+        self,
+        q: QueueKey,
+        task_id: uuid.UUID,
+        expected_epoch: int,
+        worker: str,
+        until_ms: int,
+        expired_before_ms: int,
+        claim_id: uuid.UUID,
+    ) -> CasResult:
+        await self._io()
+        cur = self._lease(q, task_id)
+        if (
+            cur is None
+            or not cur.is_leased
+            or cur.epoch != expected_epoch
+            or cur.lease_until_ms is None
+            or cur.lease_until_ms > expired_before_ms
+        ):
+            return self._refused(cur, with_until=True)
+        self.leases[(q, task_id)] = replace(
+            cur, epoch=expected_epoch + 1, worker=worker, lease_until_ms=until_ms, claim_id=claim_id
+        )
+        return CasResult(True, None)
+
+    async def extend(self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, until_ms: int) -> CasResult:
+        await self._io()
+        cur = self._lease(q, task_id)
+        if cur is None or not cur.held_by(worker, epoch):
+            return self._refused(cur, with_worker=True)
+        self.leases[(q, task_id)] = replace(cur, lease_until_ms=until_ms)
+        return CasResult(True, None)
+
+    async def complete(
+        self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, now_ms: int, completion_id: uuid.UUID
+    ) -> CasResult:
+        await self._io()
+        cur = self._lease(q, task_id)
+        if cur is None or not cur.held_by(worker, epoch):
+            return self._refused(cur, with_worker=True)
+        self.leases[(q, task_id)] = replace(cur, state=LeaseState.DONE, completion_id=completion_id)
+        return CasResult(True, None)
+
+    async def kill(self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, now_ms: int) -> bool:
+        await self._io()
+        cur = self._lease(q, task_id)
+        if cur is None or not cur.held_by(worker, epoch):
+            return False
+        self.leases[(q, task_id)] = replace(cur, state=LeaseState.DEAD)
+        return True
+
+    # -- worker pointers -----------------------------------------------------------------------
+    async def worker(self, q: QueueKey, worker: str) -> WorkerRow:
+        await self._io()
+        row = self.workers.get((q, worker))
+        if row is None:
+            return WorkerRow(None, None)
+        task_id, epoch = row.get("task_id"), row.get("epoch")
+        if task_id is None or epoch is None or not self.alive(task_id):
+            return WorkerRow(None, row.get("stamp"))
+        done = row.get("done_task") == task_id
+        pointer = WorkerPointer(task_id, epoch, bool(row.get("has_token")), done, row.get("granted_at"))
+        return WorkerRow(pointer, row.get("stamp"))
+
+    async def set_worker(self, q: QueueKey, worker: str, pointer: WorkerPointer, stamp: int) -> None:
+        await self._io()
+        p = pointer
+        self.workers.setdefault((q, worker), _Worker()).write(
+            stamp, task_id=p.task_id, epoch=p.epoch, has_token=p.has_token, stamp=stamp, granted_at=p.granted_at_ms
+        )
+
+    async def finish_worker(self, q: QueueKey, worker: str, task_id: uuid.UUID, stamp: int) -> None:
+        await self._io()
+        self.workers.setdefault((q, worker), _Worker()).write(stamp, done_task=task_id)
+
+    async def clear_worker(self, q: QueueKey, worker: str, stamp: int) -> None:
+        await self._io()
+        self.workers.setdefault((q, worker), _Worker()).write(
+            stamp, task_id=None, epoch=None, has_token=None, granted_at=None, stamp=stamp
+        )
+
+    # -- recovery timer wheel and outbox ---------------------------------------------------------
+    async def watch_expiry(self, bucket: int, entry: ExpiryEntry) -> None:
+        await self._io()
+        e = entry
+        key = (e.lease_until_ms, e.queue.owner, e.queue.service, e.task_id, e.epoch)
+        self.expiry_wheel.setdefault(bucket, {})[key] = e
+
+    async def expiries(self, bucket: int) -> list[ExpiryEntry]:
+        await self._io()
+        rows = self.expiry_wheel.get(bucket, {})
+        return [rows[k] for k in sorted(rows, key=lambda k: (k[0], k[1], k[2], _order(k[3]), k[4])) if self.alive(k[3])]
+
+    async def insert_outbox(self, entry: OutboxEntry) -> None:
+        await self._io()
+        e = entry
+        self.outbox_rows.setdefault(e.bucket, {})[(e.queue.owner, e.queue.service, e.task_id, e.completion_id)] = e
+
+    async def mark_published(self, entry: OutboxEntry) -> None:
+        await self._io()
+        e = entry
+        rows = self.outbox_rows.get(e.bucket, {})
+        key = (e.queue.owner, e.queue.service, e.task_id, e.completion_id)
+        if key in rows:
+            rows[key] = replace(rows[key], published=True)
+
+    async def outbox(self, bucket: int) -> list[OutboxEntry]:
+        await self._io()
+        return [e for e in self.outbox_rows.get(bucket, {}).values() if self.alive(e.task_id)]
+
+    # -- loop progress ---------------------------------------------------------------------------
+    async def scheduler_cursor(self, name: str, now_ms: int) -> int | None:
+        await self._io()
+        return self.loop_cursors.get(name)
+
+    async def advance_scheduler_cursor(self, name: str, pos: int, pos_ms: int) -> None:
+        await self._io()
+        self.loop_cursors[name] = max(pos, self.loop_cursors.get(name, pos))
+
+
+if TYPE_CHECKING:  # typed to the same port as the Cassandra adapter (mypy checks the assignment)
+    from bridge.domain.store import TaskStore
+
+    _conforms: TaskStore = MemoryTaskStore(lambda: 0)
+
+__all__ = ["MemoryTaskStore"]

@@ -1,0 +1,107 @@
+"""Cassandra rows <-> the domain's records: datetimes to milliseconds, column groups to ``Sealed``."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from bridge.crypto import Sealed
+from bridge.domain.records import (
+    CasResult,
+    ExpiryEntry,
+    Lease,
+    LeaseState,
+    OutboxEntry,
+    Payload,
+    QueueKey,
+    ReadyEntry,
+    WorkerPointer,
+    WorkerRow,
+)
+from bridge.storage.cassandra import Row
+
+
+def to_datetime(ms: int) -> datetime:
+    """Naive UTC datetime, the form cassandra-driver reads and writes for `timestamp`."""
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).replace(tzinfo=None)
+
+
+def to_ms(value: datetime) -> int:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return int(value.timestamp() * 1000)
+
+
+def lease_of(row: Row) -> Lease | None:
+    if row.get("state") is None or row.get("epoch") is None:
+        return None
+    until = row.get("lease_until")
+    return Lease(
+        state=LeaseState(row["state"]),
+        epoch=row["epoch"],
+        worker=row.get("worker"),
+        lease_until_ms=None if until is None else to_ms(until),
+        claim_id=row.get("claim_id"),
+        completion_id=row.get("completion_id"),
+    )
+
+
+def cas_result(rows: list[Row]) -> CasResult:
+    row = rows[0] if rows else {}
+    applied = bool(row.get("[applied]"))
+    return CasResult(applied=applied, current=None if applied else lease_of(row))
+
+
+def worker_row(rows: list[Row]) -> WorkerRow:
+    if not rows:
+        return WorkerRow(None, None)
+    r = rows[0]
+    if r["task_id"] is None or r["epoch"] is None:
+        return WorkerRow(None, r["stamp"])
+    pointer = WorkerPointer(
+        task_id=r["task_id"],
+        epoch=r["epoch"],
+        has_token=bool(r["has_token"]),
+        done=r["done_task"] is not None and r["done_task"] == r["task_id"],
+        granted_at_ms=r["granted_at"],
+    )
+    return WorkerRow(pointer, r["stamp"])
+
+
+def payload_of(r: Row) -> Payload:
+    key_id = r["key_id"]
+    token = None if r["token_ct"] is None else Sealed(key_id, r["token_nonce"], r["token_ct"])
+    created = r["created_at"]
+    return Payload(
+        value=Sealed(key_id, r["value_nonce"], r["value_ct"]),
+        token=token,
+        traceparent=r["traceparent"],
+        created_at_ms=None if created is None else to_ms(created),
+    )
+
+
+def ready_entry(lane: int, bucket: int, r: Row) -> ReadyEntry:
+    return ReadyEntry(
+        lane=lane,
+        bucket=bucket,
+        seq=r["seq"],
+        task_id=r["task_id"] or r["seq"],
+        epoch=r["epoch"],
+        has_token=r["token_nonce"] is not None,  # lane 0 marks "has a token" by a non-null token_nonce
+        claimed=bool(r["claimed"]),
+    )
+
+
+def expiry_entry(r: Row) -> ExpiryEntry:
+    queue = QueueKey(r["owner"], r["service"])
+    return ExpiryEntry(to_ms(r["lease_until"]), queue, r["task_id"], r["epoch"], bool(r["has_token"]))
+
+
+def outbox_entry(r: Row) -> OutboxEntry:
+    return OutboxEntry(
+        bucket=r["bucket"],
+        queue=QueueKey(r["owner"], r["service"]),
+        task_id=r["task_id"],
+        completion_id=r["completion_id"],
+        result=Sealed(r["key_id"], r["result_nonce"], r["result_ct"]),
+        published=bool(r["published"]),
+    )

@@ -1,0 +1,154 @@
+"""Every CQL statement of the bridge, by name, prepared once at start (``CassandraTaskStore.prepare``).
+
+Statement names are listed in ``docs/storage.md`` with their round-trip cost. ``{ks}`` is the
+keyspace (restricted by the settings to an identifier).
+"""
+
+from __future__ import annotations
+
+LEASE_COLS = "state, epoch, worker, lease_until, claim_id, completion_id"
+
+STATEMENTS: dict[str, tuple[str, bool]] = {
+    # name: (cql, idempotent). LWTs are not idempotent: their outcome is resolved by reading.
+    "ready.insert": (
+        "INSERT INTO {ks}.ready (owner, service, lane, bucket, seq, task_id, key_id, value_nonce, value_ct, "
+        "token_nonce, token_ct, traceparent, created_at) VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "USING TTL ?",
+        True,
+    ),
+    "ready.insert_recovered": (
+        "INSERT INTO {ks}.ready (owner, service, lane, bucket, seq, task_id, epoch, token_nonce) "
+        "VALUES (?, ?, 0, ?, ?, ?, ?, ?) USING TTL ?",
+        True,
+    ),
+    "ready.scan": (
+        "SELECT seq, task_id, epoch, token_nonce, claimed FROM {ks}.ready "
+        "WHERE owner = ? AND service = ? AND lane = ? AND bucket = ? AND seq > ? LIMIT ?",
+        True,
+    ),
+    "ready.payload": (
+        "SELECT key_id, value_nonce, value_ct, token_nonce, token_ct, traceparent, created_at FROM {ks}.ready "
+        "WHERE owner = ? AND service = ? AND lane = 1 AND bucket = ? AND seq = ?",
+        True,
+    ),
+    "ready.mark_claimed": (
+        "UPDATE {ks}.ready USING TTL ? SET claimed = true "
+        "WHERE owner = ? AND service = ? AND lane = ? AND bucket = ? AND seq = ?",
+        True,
+    ),
+    "buckets.insert": (
+        "INSERT INTO {ks}.ready_buckets (owner, service, lane, bucket) VALUES (?, ?, ?, ?) USING TTL ?",
+        True,
+    ),
+    "buckets.from": (
+        "SELECT bucket FROM {ks}.ready_buckets WHERE owner = ? AND service = ? AND lane = ? AND bucket >= ? LIMIT ?",
+        True,
+    ),
+    "cursor.get": (
+        "SELECT bucket, seq FROM {ks}.cursors WHERE owner = ? AND service = ? AND lane = ? LIMIT 1",
+        True,
+    ),
+    "cursor.advance": (
+        "INSERT INTO {ks}.cursors (owner, service, lane, bucket, seq) VALUES (?, ?, ?, ?, ?) USING TTL ?",
+        True,
+    ),
+    "lease.get": (
+        f"SELECT {LEASE_COLS} FROM {{ks}}.leases WHERE owner = ? AND service = ? AND task_id = ?",  # nosec B608
+        True,
+    ),
+    "lease.claim_new": (
+        "INSERT INTO {ks}.leases (owner, service, task_id, state, epoch, worker, lease_until, claim_id) "
+        "VALUES (?, ?, ?, 'leased', 1, ?, ?, ?) IF NOT EXISTS USING TTL ?",
+        False,
+    ),
+    "lease.claim_expired": (
+        "UPDATE {ks}.leases USING TTL ? SET epoch = ?, worker = ?, lease_until = ?, claim_id = ? "
+        "WHERE owner = ? AND service = ? AND task_id = ? IF state = 'leased' AND epoch = ? AND lease_until <= ?",
+        False,
+    ),
+    # The holder may extend even past its deadline as long as nobody re-claimed the task (the
+    # epoch is unchanged): it was never anyone else's in between.
+    "lease.extend": (
+        "UPDATE {ks}.leases USING TTL ? SET lease_until = ? "
+        "WHERE owner = ? AND service = ? AND task_id = ? "
+        "IF state = 'leased' AND epoch = ? AND worker = ?",
+        False,
+    ),
+    "lease.kill": (
+        "UPDATE {ks}.leases USING TTL ? SET state = 'dead', completed_at = ? "
+        "WHERE owner = ? AND service = ? AND task_id = ? IF state = 'leased' AND epoch = ? AND worker = ?",
+        False,
+    ),
+    "lease.complete": (
+        "UPDATE {ks}.leases USING TTL ? SET state = 'done', completed_at = ?, completion_id = ? "
+        "WHERE owner = ? AND service = ? AND task_id = ? IF state = 'leased' AND epoch = ? AND worker = ?",
+        False,
+    ),
+    # The worker pointer decides what a fetch re-sends and what a legacy ack completes, so it must
+    # not be lost to last-write-wins between hosts whose clocks differ: every write carries an
+    # explicit timestamp greater than the stamp it read (see ``next_stamp``), and it is never
+    # deleted (a tombstone's stamp could not be read back), only nulled.
+    "worker.get": (
+        "SELECT task_id, epoch, has_token, done_task, stamp, granted_at FROM {ks}.workers "
+        "WHERE owner = ? AND service = ? AND worker = ?",
+        True,
+    ),
+    "worker.set": (
+        "UPDATE {ks}.workers USING TTL ? AND TIMESTAMP ? SET task_id = ?, epoch = ?, has_token = ?, "
+        "stamp = ?, granted_at = ? WHERE owner = ? AND service = ? AND worker = ?",
+        True,
+    ),
+    "worker.finish": (
+        "UPDATE {ks}.workers USING TTL ? AND TIMESTAMP ? SET done_task = ? "
+        "WHERE owner = ? AND service = ? AND worker = ?",
+        True,
+    ),
+    "worker.clear": (
+        "UPDATE {ks}.workers USING TIMESTAMP ? SET task_id = null, epoch = null, has_token = null, "
+        "granted_at = null, stamp = ? WHERE owner = ? AND service = ? AND worker = ?",
+        True,
+    ),
+    "clock.now": ("SELECT toUnixTimestamp(now()) AS now_ms FROM system.local", True),
+    "expiry.insert": (
+        "INSERT INTO {ks}.expiries (bucket, lease_until, owner, service, task_id, epoch, has_token) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?) USING TTL ?",
+        True,
+    ),
+    "expiry.bucket": (
+        "SELECT lease_until, owner, service, task_id, epoch, has_token FROM {ks}.expiries WHERE bucket = ?",
+        True,
+    ),
+    "outbox.insert": (
+        "INSERT INTO {ks}.outbox (bucket, owner, service, task_id, completion_id, key_id, result_nonce, "
+        "result_ct, published) VALUES (?, ?, ?, ?, ?, ?, ?, ?, false) USING TTL ?",
+        True,
+    ),
+    "outbox.mark_published": (
+        "UPDATE {ks}.outbox USING TTL ? SET published = true "
+        "WHERE bucket = ? AND owner = ? AND service = ? AND task_id = ? AND completion_id = ?",
+        True,
+    ),
+    "outbox.bucket": (
+        "SELECT bucket, owner, service, task_id, completion_id, key_id, result_nonce, result_ct, published "
+        "FROM {ks}.outbox WHERE bucket = ?",
+        True,
+    ),
+    "sched.get": ("SELECT pos FROM {ks}.scheduler_progress WHERE name = ? AND day = ? LIMIT 1", True),
+    "sched.advance": ("INSERT INTO {ks}.scheduler_progress (name, day, pos) VALUES (?, ?, ?) USING TTL ?", True),
+    "sched.legacy_get": ("SELECT pos FROM {ks}.scheduler_cursors WHERE name = ? LIMIT 1", True),
+    "idem.insert": (
+        "INSERT INTO {ks}.idempotency (owner, service, message_id, task_id) VALUES (?, ?, ?, ?) "
+        "IF NOT EXISTS USING TTL ?",
+        False,
+    ),
+    "idem.replace": (
+        "UPDATE {ks}.idempotency USING TTL ? SET task_id = ? "
+        "WHERE owner = ? AND service = ? AND message_id = ? IF task_id = ?",
+        False,
+    ),
+    "idem.get": (
+        "SELECT task_id FROM {ks}.idempotency WHERE owner = ? AND service = ? AND message_id = ?",
+        True,
+    ),
+    "ping": ("SELECT release_version FROM system.local", True),
+}

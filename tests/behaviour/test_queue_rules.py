@@ -1,0 +1,184 @@
+"""The queue's rules for add, fetch and ack, on both stores (see conftest)."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from bridge.domain.errors import PayloadTooLarge, Unavailable
+from tests.behaviour.conftest import Harness
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_fifo_order_and_fetch_repeats_until_ack(harness: Harness) -> None:
+    h = harness
+    ids = [await h.add({"n": i}) for i in range(3)]
+    h.clock.advance(1)
+    seen = []
+    for _ in ids:
+        first = await h.fetch("w")
+        again = await h.fetch("w")
+        assert first is not None and again is not None
+        assert again.task_id == first.task_id, "a fetch before the ack returns the same task"
+        seen.append(first.task_id)
+        assert await h.ack("w", first) is True
+    assert seen == ids
+    assert await h.fetch("w") is None
+
+
+async def test_value_comes_back_exactly(harness: Harness) -> None:
+    h = harness
+    value = {"big": 2**70, "float": 0.1, "text": "é\u2028", "list": [None, True, {}]}
+    await h.add(value)
+    got = await harness.fetch("w")
+    assert got is not None
+    assert orjson.loads(got.value_json) == {"big": 2**70, "float": 0.1, "text": "é\u2028", "list": [None, True, {}]}
+    assert b"1180591620717411303424" in got.value_json, "big integers are not rounded through a float"
+
+
+async def test_ack_without_a_task_is_false(harness: Harness) -> None:
+    assert await harness.ack("nobody") is False
+
+
+async def test_two_workers_get_different_tasks(harness: Harness) -> None:
+    h = harness
+    await h.add(1)
+    await h.add(2)
+    a, b = await h.fetch("a"), await h.fetch("b")
+    assert a is not None and b is not None
+    assert a.task_id != b.task_id
+    assert await h.fetch("c") is None
+
+
+@pytest.mark.parametrize("falsy", [0, False, "", [], {}, None])
+async def test_falsy_results_are_published(harness: Harness, falsy: object) -> None:
+    h = harness
+    await h.add("v", token={"pid": 1})
+    got = await h.fetch("w")
+    assert got is not None
+    assert await h.ack("w", got, result=falsy) is True
+    await h.queue.drain_background(5.0)
+    [msg] = h.sink.messages
+    assert msg.kind == "result"
+    assert orjson.loads(msg.value_json) == falsy
+    assert orjson.loads(msg.token_json) == {"pid": 1}
+
+
+async def test_error_is_published_back(harness: Harness) -> None:
+    h = harness
+    await h.add("v", token="t")
+    got = await h.fetch("w")
+    assert got is not None
+    assert await h.ack("w", got, error={"code": "boom"}) is True
+    await h.queue.drain_background(5.0)
+    [msg] = h.sink.messages
+    assert (msg.kind, orjson.loads(msg.value_json)) == ("error", {"code": "boom"})
+
+
+async def test_task_without_token_publishes_nothing(harness: Harness) -> None:
+    h = harness
+    await h.add("v")
+    got = await h.fetch("w")
+    assert got is not None
+    assert await h.ack("w", got) is True
+    await h.advance(20_000, ticks=2)  # the relay sweeps its outbox too: still nothing
+    assert h.sink.messages == []
+
+
+async def test_repeated_ack_is_idempotent_and_publishes_once(harness: Harness) -> None:
+    h = harness
+    await h.add("v", token="t")
+    got = await h.fetch("w")
+    assert got is not None
+    assert await h.ack("w", got) is True
+    assert await h.ack("w", got) is True, "a retried ack after a lost reply is still a success"
+    assert await h.ack("w") is True, "so is a legacy retry (no taskId)"
+    await h.advance(20_000, ticks=2)
+    assert len(h.sink.messages) == 1
+
+
+async def test_ack_naming_another_task_or_epoch_is_refused(harness: Harness) -> None:
+    h = harness
+    await h.add(1)
+    await h.add(2)
+    first = await h.fetch("w")
+    assert first is not None
+    assert await h.ack("w", first) is True
+    second = await h.fetch("w")
+    assert second is not None
+    stale = type(second)(**{**_fields(second), "epoch": second.epoch + 1})
+    assert await h.ack("w", stale) is False, "an epoch the worker was never given"
+    assert await h.ack("other", second) is False, "another worker cannot complete it"
+    assert await h.ack("w", first, result="again") is True, "a late copy of the first ack stays on the first task"
+    again = await h.fetch("w")
+    assert again is not None and again.task_id == second.task_id, "the second task is still held, not completed"
+
+
+async def test_traceparent_travels_from_add_to_delivery_and_result(harness: Harness) -> None:
+    h = harness
+    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    await h.add("v", token="t", tp=tp)
+    got = await h.fetch("w")
+    assert got is not None and got.traceparent == tp
+    assert await h.ack("w", got) is True
+    await h.queue.drain_background(5.0)
+    assert h.sink.messages[0].traceparent == tp
+
+
+async def test_add_with_a_message_id_is_stored_once(harness: Harness) -> None:
+    h = harness
+    first = await h.add("v", message_id="m-1")
+    assert await h.add("v", message_id="m-1") == first
+    assert await h.add("other", message_id="m-2") != first
+    got = [await h.fetch(f"w{i}") for i in range(3)]
+    assert sorted(d.task_id for d in got if d is not None) == sorted({first, got[1].task_id if got[1] else ""})
+    assert got[2] is None
+
+
+async def test_oversized_value_is_refused_before_anything_is_stored(harness: Harness) -> None:
+    h = harness
+    with pytest.raises(PayloadTooLarge):
+        await h.add("x" * (64 * 1024))
+    assert await h.fetch("w") is None
+
+
+async def test_a_restarted_bridge_skips_long_runs_of_consumed_tasks(harness: Harness) -> None:
+    h = harness
+    for i in range(150):
+        await h.add(i)
+    for _ in range(149):
+        got = await h.fetch("w")
+        assert got is not None
+        assert await h.ack("w", got) is True
+    await h.advance(3_000)
+    assert await h.fetch("w") is not None  # moves and persists the cursor past the consumed run
+    queue, _ = h.instance(h.clock)  # a new process: empty memory, same store
+    before = _reads(h)
+    assert await h.fetch("w", queue=queue) is not None
+    if before is not None:
+        assert _reads(h) - before < 20, "the new instance starts from the persisted cursor, not the queue's start"
+
+
+async def test_a_bridge_whose_clock_is_too_far_off_grants_no_lease(harness: Harness) -> None:
+    h = harness
+
+    class Skewed:
+        ok = False
+
+        def describe(self) -> str:
+            return "offset 3000 ms"
+
+    await h.add("v")
+    h.queue.ctx.gate = Skewed()
+    with pytest.raises(Unavailable, match="does not grant leases"):
+        await h.fetch("w")
+
+
+def _fields(d: object) -> dict[str, object]:
+    return {name: getattr(d, name) for name in d.__slots__}  # type: ignore[attr-defined]
+
+
+def _reads(h: Harness) -> int | None:
+    """Store operations so far, where the store counts them (the memory store)."""
+    return getattr(h.store, "operations", None)

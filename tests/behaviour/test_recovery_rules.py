@@ -1,0 +1,131 @@
+"""Leases, recovery and fencing, on both stores: a task not acked in time goes to the next worker;
+the old one loses it. Time is a manual clock: every duration below is exact, not slept."""
+
+from __future__ import annotations
+
+import pytest
+
+from bridge.domain.clock import ManualClock
+from tests.behaviour.conftest import MARGIN_MS, Harness
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_abandoned_task_goes_to_next_worker_and_late_ack_loses(harness: Harness) -> None:
+    h = harness
+    task_id = await h.add({"job": 1}, token={"processId": "p"})
+    lost = await h.fetch("first", ttr_ms=500)
+    assert lost is not None and lost.task_id == task_id
+    start = h.clock.now_ms()
+    got = await h.fetch_until("second")
+    waited = h.clock.now_ms() - start
+    assert got.task_id == task_id and got.deliveries == 2 and got.epoch == 2
+    # Not before its deadline plus the skew margin; within a few scheduler steps after it.
+    assert 500 + MARGIN_MS <= waited <= 500 + MARGIN_MS + 500
+    assert await h.ack("first", lost, result="late") is False
+    assert await h.ack("first", result="late, legacy") is False
+    assert await h.ack("second", got, result="on time") is True
+    await h.queue.drain_background(5.0)
+    assert [m.value_json for m in h.sink.messages] == [b'"on time"']
+
+
+async def test_lease_is_not_handed_out_before_it_expires(harness: Harness) -> None:
+    h = harness
+    await h.add("only")
+    held = await h.fetch("a", ttr_ms=3_000)
+    assert held is not None
+    for _ in range(10):  # up to the deadline plus the margin, nobody else gets it
+        await h.advance(390)
+        assert await h.fetch("b") is None
+    assert await h.ack("a", held) is True
+    await h.advance(5_000)
+    assert await h.fetch("b") is None
+
+
+async def test_resend_extends_the_lease(harness: Harness) -> None:
+    h = harness
+    await h.add("mine")
+    first = await h.fetch("a", ttr_ms=700)
+    assert first is not None
+    for _ in range(6):  # 6 x 400 ms: far past the first 700 ms lease, re-fetched all along
+        await h.advance(400)
+        again = await h.fetch("a", ttr_ms=700)
+        assert again is not None and again.task_id == first.task_id and again.epoch == first.epoch
+        assert await h.fetch("b") is None
+    assert await h.ack("a", again) is True
+
+
+async def test_own_expired_task_comes_back_to_the_same_worker_if_nobody_took_it(harness: Harness) -> None:
+    h = harness
+    await h.add("x")
+    first = await h.fetch("a", ttr_ms=500)
+    assert first is not None
+    await h.advance(5_000, ticks=3)
+    again = await h.fetch("a")
+    assert again is not None and again.task_id == first.task_id
+    assert await h.ack("a", again) is True
+
+
+async def test_recovered_tasks_are_served_before_the_backlog(harness: Harness) -> None:
+    h = harness
+    stuck = await h.add("first")
+    lost = await h.fetch("crashed", ttr_ms=500)
+    assert lost is not None and lost.task_id == stuck
+    for i in range(5):
+        await h.add(f"backlog {i}")
+    await h.advance(500 + MARGIN_MS + 300, ticks=2)
+    got = await h.fetch_until("w")
+    assert got.task_id == stuck, "the recovered task jumps the backlog"
+
+
+async def test_recovery_does_not_lose_the_requesters_own_task(harness: Harness) -> None:
+    h = harness
+    await h.add("a")
+    await h.add("b")
+    mine = await h.fetch("w", ttr_ms=500)
+    assert mine is not None
+    await h.advance(3_000, ticks=3)
+    got = await h.fetch("w")
+    assert got is not None and got.task_id == mine.task_id, "its own task comes back first"
+    assert await h.ack("w", got) is True
+    nxt = await h.fetch("w")
+    assert nxt is not None and nxt.task_id != mine.task_id
+    assert await h.ack("w", nxt) is True
+    assert await h.fetch("w") is None
+
+
+async def test_a_bridge_ahead_by_less_than_the_margin_cannot_take_a_live_lease(harness: Harness) -> None:
+    h = harness
+    await h.add("v")
+    held = await h.fetch("a", ttr_ms=2_000)
+    assert held is not None
+    ahead = ManualClock(h.clock.now_ms() + MARGIN_MS - 100)  # another host, its clock 0.9 s ahead
+    other, other_scheduler = h.instance(ahead)
+    await other_scheduler.tick()
+    for _ in range(5):
+        h.clock.advance(400)
+        ahead.advance(400)
+        await other_scheduler.tick()
+        await h.scheduler.tick()
+        # On the other bridge's clock the lease may look over; the margin keeps it out of reach.
+        assert await h.fetch("b", queue=other) is None
+    assert await h.ack("a", held) is True
+
+
+async def test_pending_result_is_republished_after_a_broker_outage(harness: Harness) -> None:
+    h = harness
+    await h.add("v", token="t")
+    got = await h.fetch("w")
+    assert got is not None
+    h.sink.down = True
+    assert await h.ack("w", got) is True, "the ack succeeds: the result waits in the outbox"
+    await h.queue.drain_background(5.0)
+    assert h.sink.messages == []
+    h.sink.down = False
+    for _ in range(4):
+        await h.advance(10_000)
+        if h.sink.messages:
+            break
+    assert [m.task_id for m in h.sink.messages] == [got.task_id]
+    await h.advance(30_000, ticks=2)
+    assert len(h.sink.messages) == 1, "published once, then marked done"
