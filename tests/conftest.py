@@ -231,10 +231,10 @@ class BridgeProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bridge", "run"], env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
-        )
+        with self.log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bridge", "run"], env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+            )
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -325,6 +325,22 @@ async def consumers_on(url: str, queue: str) -> int:
         except aio_pika.exceptions.ChannelClosed:
             return 0
         return int(q.declaration_result.consumer_count)
+    finally:
+        await conn.close()
+
+
+async def messages_ready(url: str, queue: str) -> int:
+    """Messages waiting in a queue (0 if it does not exist)."""
+    import aio_pika
+
+    conn = await aio_pika.connect_robust(url)
+    try:
+        ch = await conn.channel()
+        try:
+            q = await ch.declare_queue(queue, passive=True)
+        except aio_pika.exceptions.ChannelClosed:
+            return 0
+        return int(q.declaration_result.message_count)
     finally:
         await conn.close()
 

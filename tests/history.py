@@ -83,6 +83,19 @@ class History:
         lost = [t for t in self.values if (lease_rows.get(t) or {}).get("state") != "done"]
         if lost:
             problems.append(f"{len(lost)} tasks not completed, e.g. {lost[:3]}")
+        problems += self._ack_problems(lease_rows)
+        if results is not None:
+            problems += self._result_problems(results)
+        bad = self.overlaps(tolerance_s)
+        if bad:
+            worst = max(o for _, _, o in bad)
+            problems.append(f"{len(bad)} pairs of workers held one task at once (worst {worst * 1000:.0f} ms)")
+        assert not problems, "history check failed:\n  " + "\n  ".join(problems[:20])
+
+    def _ack_problems(self, lease_rows: dict[str, dict[str, Any]]) -> list[str]:
+        """Every ack answering true completed its worker's lease, no ack answering false did, and
+        each completion in Cassandra has exactly one ack answering true."""
+        problems: list[str] = []
         true_acks = {(a.task, a.epoch, a.worker) for a in self.acks if a.answer}
         for task, epoch, worker in true_acks:
             row = lease_rows.get(task) or {}
@@ -93,11 +106,11 @@ class History:
                 )
         for a in self.acks:
             row = lease_rows.get(a.task) or {}
-            if (
-                not a.answer
-                and row.get("state") == "done"
-                and (row.get("worker"), row.get("epoch")) == (a.worker, a.epoch)
-            ):
+            completed_by_it = row.get("state") == "done" and (row.get("worker"), row.get("epoch")) == (
+                a.worker,
+                a.epoch,
+            )
+            if not a.answer and completed_by_it:
                 problems.append(f"ack of {a.task} by {a.worker} answered false, but that lease completed the task")
         per_task: dict[str, int] = defaultdict(int)
         for task, _, _ in true_acks:
@@ -108,22 +121,22 @@ class History:
         completions = sum(1 for t in self.values if (lease_rows.get(t) or {}).get("state") == "done")
         if len(per_task) != completions:
             problems.append(f"{len(per_task)} tasks acked true but {completions} completions in Cassandra")
-        if results is not None:
-            seen: dict[str, int] = defaultdict(int)
-            for msg in results:
-                task = msg["taskId"]
-                seen[task] += 1
-                carried = (msg.get("result") or {}).get("task")
-                if task in self.values and carried != self.values[task]:
-                    problems.append(f"result of {task} carries {carried!r}, the task's value is {self.values[task]!r}")
-            missing = set(self.values) - set(seen)
-            if missing:
-                problems.append(f"{len(missing)} completed tasks without a result message")
-        bad = self.overlaps(tolerance_s)
-        if bad:
-            worst = max(o for _, _, o in bad)
-            problems.append(f"{len(bad)} pairs of workers held one task at once (worst {worst * 1000:.0f} ms)")
-        assert not problems, "history check failed:\n  " + "\n  ".join(problems[:20])
+        return problems
+
+    def _result_problems(self, results: list[dict[str, Any]]) -> list[str]:
+        """Each result carries its own task's value, and every task has one."""
+        problems: list[str] = []
+        seen: set[str] = set()
+        for msg in results:
+            task = msg["taskId"]
+            seen.add(task)
+            carried = (msg.get("result") or {}).get("task")
+            if task in self.values and carried != self.values[task]:
+                problems.append(f"result of {task} carries {carried!r}, the task's value is {self.values[task]!r}")
+        missing = set(self.values) - seen
+        if missing:
+            problems.append(f"{len(missing)} completed tasks without a result message")
+        return problems
 
 
 def lease_rows(cql: Any, keyspace: str, owner: str, service: str, tasks: list[str]) -> dict[str, dict[str, Any]]:
@@ -179,10 +192,10 @@ async def run_workers(
                 try:
                     task = await w.fetch(time_to_recover_ms=ttr_ms)
                 except (RequestTimeout, UnavailableError):
-                    await asyncio.sleep(0.05)  # a broker or Cassandra outage: do not spin
+                    await asyncio.sleep(0.05)  # a worker's back-off in an outage (load pacing, not a wait)
                     continue
                 if task is None:
-                    await asyncio.sleep(0.02)
+                    await asyncio.sleep(0.02)  # an empty queue: a worker's polling pace, not a wait
                     continue
                 history.held.append(Held(task.id, task.epoch, w.worker_id, time.monotonic(), sent + ttr_ms / 1000))
                 history.values.setdefault(task.id, task.value)
@@ -196,7 +209,7 @@ async def run_workers(
                         ok = await task.ack({"task": task.value})
                         break
                     except (RequestTimeout, UnavailableError):
-                        await asyncio.sleep(0.05)
+                        await asyncio.sleep(0.05)  # a worker's back-off before retrying its ack
                         continue  # a retried ack of a completed task is still true
                 history.acks.append(Acked(task.id, task.epoch, w.worker_id, ok, time.monotonic()))
                 if ok:

@@ -66,10 +66,12 @@ async def test_sigterm_finishes_in_flight_requests_and_loses_none(bridge_process
         Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"]) as engine,
         Worker(servers.amqp_url(OWNERS[0]), service=svc, worker_id="w", exchange=names["exchange"], timeout=8) as w,
     ):
-        adds = asyncio.gather(*(engine.add(svc, i, message_id=f"m{i}") for i in range(total)))
-        await asyncio.sleep(0.2)
+        adds = [asyncio.create_task(engine.add(svc, i, message_id=f"m{i}")) for i in range(total)]
+        # SIGTERM once the bridges are answering, with most adds still in flight.
+        await wait_for(lambda: any(a.done() for a in adds), 10, interval=0.01, what="the first add answered")
+        assert sum(a.done() for a in adds) < total // 2, "the load finished before the SIGTERM"
         doomed.proc.send_signal(signal.SIGTERM)
-        ids = await adds  # every add was answered: none lost in the shutdown
+        ids = await asyncio.gather(*adds)  # every add was answered: none lost in the shutdown
         rc = await asyncio.get_running_loop().run_in_executor(None, doomed.proc.wait, 30)
         assert rc == 0, "graceful shutdown exits 0"
         got = []
@@ -107,14 +109,15 @@ async def test_rabbitmq_restart_under_load_nothing_lost(bridge_processes, server
             while True:  # an engine retries with the same message_id until the add is confirmed
                 try:
                     task_id = await engine.add(svc, i, message_id=f"r-{i}")
-                    assert task_id is not None
-                    return task_id
-                except (RequestTimeout, UnavailableError, Exception):  # broker gone: retry
-                    await asyncio.sleep(0.5)
+                except (RequestTimeout, UnavailableError):  # broker gone (the client says RequestTimeout)
+                    await asyncio.sleep(0.5)  # the engine's retry back-off, not a wait for a result
+                    continue
+                assert task_id is not None
+                return task_id
 
         first = await asyncio.gather(*(add(i) for i in range(total // 2)))
         rabbitmqctl("stop_app")
-        await asyncio.sleep(1)
+        await asyncio.sleep(1)  # the fault itself: the broker stays down for a second
         rabbitmqctl("start_app")
         rabbitmqctl("await_startup")
         second = await asyncio.gather(*(add(i) for i in range(total // 2, total)))

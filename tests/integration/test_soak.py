@@ -1,5 +1,8 @@
-"""Soak (issue 13): a steady load for 5 minutes (``QB_SOAK_SECONDS``; ``make soak`` runs 30), with
-the bridge process's memory sampled from /proc: it must stay flat once warm, and nothing is lost.
+"""Soak (issue 13): a steady load (``QB_SOAK_SECONDS``) with the bridge process's memory sampled
+from /proc: it must stay flat once warm, and nothing is lost.
+
+``make test`` runs a 20 s soak, within the suite's per-test timeout; ``make soak`` runs 30 minutes
+(and raises the timeout on its command line).
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from tests.history import History, lease_rows, run_workers
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration, pytest.mark.slow, pytest.mark.soak]
 
-SOAK_S = float(os.environ.get("QB_SOAK_SECONDS", "300"))
+SOAK_S = float(os.environ.get("QB_SOAK_SECONDS", "20"))
 RATE = 40  # tasks per second, well below saturation: the soak is about leaks, not speed
 WARM_UP_S = min(60.0, SOAK_S / 4)
+SAMPLE_EVERY_S = min(5.0, SOAK_S / 10)
 ALLOWED_GROWTH_MIB = 16.0
 
 
@@ -31,7 +35,6 @@ def rss_mib(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
-@pytest.mark.timeout(SOAK_S + 240)
 async def test_steady_load_with_flat_memory(bridge_processes, servers, names, cql):
     proc = bridge_processes()
     await wait_bridges(servers, names, 1)
@@ -53,9 +56,9 @@ async def test_steady_load_with_flat_memory(bridge_processes, servers, names, cq
             history.values[task_id] = i
 
     async def sample() -> None:
-        while time.monotonic() - start < SOAK_S + 5:
+        while time.monotonic() - start < SOAK_S + SAMPLE_EVERY_S:
             samples.append((time.monotonic() - start, rss_mib(pid)))
-            await asyncio.sleep(5)
+            await asyncio.sleep(SAMPLE_EVERY_S)  # the sampling period, not a wait for a result
 
     async with (
         results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as incoming,
@@ -63,7 +66,7 @@ async def test_steady_load_with_flat_memory(bridge_processes, servers, names, cq
     ):
         sampler = asyncio.create_task(sample())
         load = asyncio.create_task(
-            run_workers(servers.amqp_url(OWNERS[0]), names["exchange"], svc, history, 4, total, deadline_s=SOAK_S + 120)
+            run_workers(servers.amqp_url(OWNERS[0]), names["exchange"], svc, history, 4, total, deadline_s=SOAK_S + 15)
         )
         await produce(engine)
         await load
@@ -75,7 +78,7 @@ async def test_steady_load_with_flat_memory(bridge_processes, servers, names, cq
                 results.append(incoming.get_nowait())
             return len({m["taskId"] for m in results}) >= tokened
 
-        await wait_for(all_results, 60, interval=0.5, what="every result")
+        await wait_for(all_results, 15, interval=0.2, what="every result")
     assert len(history.values) == total
     rows = lease_rows(cql, servers.keyspace, OWNERS[0], svc, list(history.values))
     history.check(rows, None)

@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from bridge.client import Engine, UnavailableError, Worker
-from tests.conftest import ENGINE_USER, OWNERS, service_id, settings_from, wait_for
+from tests.conftest import ENGINE_USER, OWNERS, messages_ready, service_id, settings_from, wait_for
 from tests.faults import TcpProxy
 from tests.keyserver import KeyServer
 
@@ -62,7 +62,7 @@ async def test_cassandra_outage_rpcs_get_unavailable_and_adds_are_not_lost(
         async with Engine(
             servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"], timeout=60
         ) as engine:
-            await engine.add(svc, "before")
+            before_id = await engine.add(svc, "before")
             w = await workers(svc, timeout=30)
             cassandra_proxy.cut()
             # The bridge notices and stops consuming: requests wait in RabbitMQ for a bridge that
@@ -71,17 +71,21 @@ async def test_cassandra_outage_rpcs_get_unavailable_and_adds_are_not_lost(
             assert b.metrics.paused.labels("fetch")._value.get() == 1
             # An add during the outage is kept, not lost.
             pending = asyncio.create_task(engine.add(svc, "during"))
+            add_queue = f"{names['queue_prefix']}.add"
+            await wait_for(
+                lambda: messages_ready(servers.amqp_url("guest"), add_queue), 10, what="the add waiting in RabbitMQ"
+            )
+            assert not pending.done()
             cassandra_proxy.restore()
             during_id = await asyncio.wait_for(pending, 45)
             got = []
             while True:
                 task = await wait_for(w.fetch, 30, interval=0.2, what="fetch after restore")
-                got.append(task.value)
+                got.append((task.id, task.value))
                 assert await task.ack(None)
                 if len(got) == 2:
                     break
-            assert got == ["before", "during"]
-            assert uuid.UUID(during_id)
+            assert got == [(before_id, "before"), (during_id, "during")]
     finally:
         await b.stop()
 
@@ -131,11 +135,12 @@ async def test_key_server_outage(bridge_env, servers, names, workers):
             ) as engine:
                 await engine.add(svc, "sealed with the key server's key")
                 w: Worker = await workers(svc)
-                await asyncio.sleep(0.3)  # let the cached key age out
+                b.keys.invalidate()  # what the cache's 0.2 s max age does, without waiting for it
                 keys.fail = True
                 with pytest.raises(UnavailableError):
                     await w.fetch()
                 pending = asyncio.create_task(engine.add(svc, "added while keys are down"))
+                # A negative check, so a fixed wait: nothing to observe but the add not answered.
                 await asyncio.sleep(1.0)
                 assert not pending.done()
                 keys.fail = False
