@@ -13,11 +13,15 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from bridge.errors import BridgeError
+
 ENV_PREFIX = "BRIDGE_"
 
 
-class ConfigError(Exception):
+class ConfigError(BridgeError):
     """Raised with a human-readable message naming the offending ``BRIDGE_*`` variable(s)."""
+
+    code = "config"
 
 
 def _split_csv(value: Any) -> Any:
@@ -177,8 +181,6 @@ class Settings(BaseSettings):
             value = getattr(self, name)
             if isinstance(value, SecretStr):
                 shown: Any = "**********"
-            elif name == "amqp_url":
-                shown = value
             elif isinstance(value, Path):
                 shown = str(value)
             elif isinstance(value, timedelta):

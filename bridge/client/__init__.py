@@ -7,28 +7,39 @@
         async for task in worker:                                      # fetch until cancelled
             await task.ack({"paid": True})                             # or: await task.fail({...})
 
-Errors of the wire contract arrive as :class:`BridgeClientError` subclasses.
+Errors of the wire contract arrive as :class:`BridgeClientError` subclasses; no reply at all
+(a timeout, a lost connection) as :class:`TransportError`: retry the request.
 """
 
 from bridge.client.errors import (
     BadRequestError,
     BridgeClientError,
+    ConnectionLost,
+    IntegrityError,
+    InternalError,
     PayloadTooLargeError,
     RequestTimeout,
+    TransportError,
     UnauthorizedError,
     UnavailableError,
+    UnknownOwnerError,
 )
 from bridge.client.rpc import Engine, RpcClient, Task, Worker
 
 __all__ = [
     "BadRequestError",
     "BridgeClientError",
+    "ConnectionLost",
     "Engine",
+    "IntegrityError",
+    "InternalError",
     "PayloadTooLargeError",
     "RequestTimeout",
     "RpcClient",
     "Task",
+    "TransportError",
     "UnauthorizedError",
     "UnavailableError",
+    "UnknownOwnerError",
     "Worker",
 ]

@@ -1,61 +1,100 @@
-"""The wire contract's error codes as exceptions."""
+"""The wire contract's error codes as exceptions, one class per :class:`~bridge.errors.ErrorCode`.
+
+A reply ``{"error": {"code", "message"}}`` is raised as the class of its code
+(:func:`error_from_reply`; :class:`BridgeClientError` for a code this client does not know).
+When no reply can come, a :class:`TransportError` is raised instead: :class:`RequestTimeout` (no
+reply in time) or :class:`ConnectionLost` (the connection to RabbitMQ failed before the reply).
+Every bridge request is safe to repeat (an add with the same ``message_id``), so retry on
+:class:`TransportError` and :class:`UnavailableError`. The whole tree is drawn in
+:mod:`bridge.errors`.
+"""
 
 from __future__ import annotations
 
+from bridge.errors import BridgeError, ErrorCode
 
-class BridgeClientError(Exception):
+__all__ = [
+    "BadRequestError",
+    "BridgeClientError",
+    "ConnectionLost",
+    "IntegrityError",
+    "InternalError",
+    "PayloadTooLargeError",
+    "RequestTimeout",
+    "TransportError",
+    "UnauthorizedError",
+    "UnavailableError",
+    "UnknownOwnerError",
+    "error_from_reply",
+]
+
+
+class BridgeClientError(BridgeError):
+    """An error the bridge answered (``code`` is the reply's), or a :class:`TransportError`."""
+
     code = "error"
-
-    def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if code is not None:
-            self.code = code
 
 
 class BadRequestError(BridgeClientError):
-    code = "bad_request"
+    code = ErrorCode.BAD_REQUEST
 
 
 class PayloadTooLargeError(BridgeClientError):
-    code = "payload_too_large"
+    code = ErrorCode.PAYLOAD_TOO_LARGE
 
 
 class UnauthorizedError(BridgeClientError):
-    code = "unauthorized"
-
-
-class UnavailableError(BridgeClientError):
-    code = "unavailable"
+    code = ErrorCode.UNAUTHORIZED
 
 
 class UnknownOwnerError(BridgeClientError):
-    code = "unknown_owner"
+    code = ErrorCode.UNKNOWN_OWNER
 
 
 class IntegrityError(BridgeClientError):
     """The task's stored ciphertext failed authentication; the bridge dead-lettered it."""
 
-    code = "integrity_error"
+    code = ErrorCode.INTEGRITY_ERROR
+
+
+class UnavailableError(BridgeClientError):
+    """Cassandra or the key provider is down at the bridge: retry the request."""
+
+    code = ErrorCode.UNAVAILABLE
 
 
 class InternalError(BridgeClientError):
-    code = "internal"
+    code = ErrorCode.INTERNAL
 
 
-class RequestTimeout(BridgeClientError):
+class TransportError(BridgeClientError):
+    """No reply came (never a code on the wire): the request may or may not have run; retry it."""
+
+    code = "transport"
+
+
+class RequestTimeout(TransportError):
+    """No reply within the client's timeout (the bridge is slow, paused, or not consuming)."""
+
     code = "timeout"
 
 
-_BY_CODE: dict[str, type[BridgeClientError]] = {
+class ConnectionLost(TransportError):
+    """The connection to RabbitMQ failed (or could not be made) before the reply arrived."""
+
+    code = "connection_lost"
+
+
+#: One class per wire code (tests/unit/test_error_model.py ties it to ErrorCode both ways).
+WIRE_ERRORS: dict[str, type[BridgeClientError]] = {
     cls.code: cls
     for cls in (
         BadRequestError,
         PayloadTooLargeError,
         UnauthorizedError,
-        UnavailableError,
         UnknownOwnerError,
         IntegrityError,
+        UnavailableError,
         InternalError,
     )
 }
@@ -67,4 +106,4 @@ def error_from_reply(error: object) -> BridgeClientError:
         message = str(error.get("message", ""))
     else:
         code, message = "error", str(error)
-    return _BY_CODE.get(code, BridgeClientError)(message, code)
+    return WIRE_ERRORS.get(code, BridgeClientError)(message, code)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,8 +14,11 @@ from urllib.parse import unquote, urlparse
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
-from bridge.client.errors import RequestTimeout, error_from_reply
+from bridge.client.errors import ConnectionLost, RequestTimeout, TransportError, error_from_reply
+from bridge.client.results import results_consumer
 from bridge.domain import jsonvalue
+
+__all__ = ["DEADLINE_HEADER", "REPLY_TO", "Engine", "RpcClient", "Task", "Worker", "results_consumer", "user_of"]
 
 REPLY_TO = "amq.rabbitmq.reply-to"
 DEADLINE_HEADER = "x-deadline"
@@ -32,7 +34,8 @@ class RpcClient:
 
     Direct reply-to is at-most-once: a reply can be lost if the connection drops. Every bridge
     RPC is safe to repeat (fetch returns the held task again, a repeated ack of a completed task
-    is answered true), so callers retry on :class:`RequestTimeout`.
+    is answered true), so callers retry on :class:`~bridge.client.errors.TransportError`
+    (:class:`RequestTimeout`, :class:`ConnectionLost`).
     """
 
     def __init__(self, url: str, *, exchange: str = "queue-bridge", timeout: float = 10.0) -> None:
@@ -73,7 +76,7 @@ class RpcClient:
         # Replies to the old connection are gone: fail what was waiting so callers retry.
         for fut in self._pending.values():
             if not fut.done():
-                fut.set_exception(RequestTimeout("connection to RabbitMQ was lost; retry the request"))
+                fut.set_exception(ConnectionLost("connection to RabbitMQ was lost before the reply; retry the request"))
         self._pending.clear()
 
     async def close(self) -> None:
@@ -111,7 +114,7 @@ class RpcClient:
         try:
             channel = await self._ensure_open()
         except (OSError, aio_pika.exceptions.AMQPError) as exc:
-            raise RequestTimeout(f"cannot reach RabbitMQ: {exc}") from None
+            raise ConnectionLost(f"cannot reach RabbitMQ: {exc}") from None
         hdrs: dict[str, Any] = dict(headers or {})
         if owner is not None:
             hdrs["x-owner"] = owner
@@ -141,7 +144,7 @@ class RpcClient:
             await exchange.publish(message, routing_key=method)
         except (aio_pika.exceptions.AMQPError, RuntimeError, OSError) as exc:
             self._pending.pop(correlation_id, None)
-            raise RequestTimeout(f"request not sent ({type(exc).__name__}); retry it") from None
+            raise ConnectionLost(f"request not sent ({type(exc).__name__}); retry it") from None
         return fut
 
     async def call_raw(self, method: str, body: Any, **kw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -283,35 +286,9 @@ class Worker(RpcClient):
         while True:
             try:
                 task = await self.fetch()
-            except RequestTimeout:
+            except TransportError:
                 continue
             if task is None:
                 await asyncio.sleep(self.poll_interval)
                 continue
             yield task
-
-
-@contextlib.asynccontextmanager
-async def results_consumer(
-    url: str, *, exchange: str = "queue-bridge.results", routing_key: str = "#"
-) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
-    """Consume result messages into an asyncio queue (an exclusive, auto-deleted queue)."""
-    connection = await aio_pika.connect_robust(url)
-    try:
-        channel = await connection.channel()
-        ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await queue.bind(ex, routing_key=routing_key)
-        out: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-
-        async def on_message(message: AbstractIncomingMessage) -> None:
-            body = jsonvalue.loads(message.body)
-            body["_message_id"] = message.message_id
-            body["_headers"] = dict(message.headers or {})
-            await out.put(body)
-            await message.ack()
-
-        await queue.consume(on_message)
-        yield out
-    finally:
-        await connection.close()

@@ -1,6 +1,8 @@
 """Exceptions raised by :mod:`bridge.crypto`.
 
-Every error derives from :class:`CryptoError`.  How callers are expected to map them:
+Every error derives from :class:`CryptoError`, itself a :class:`bridge.errors.BridgeError` whose
+``code`` is the wire code the error answers if it reaches a caller untranslated (the tree is drawn
+in :mod:`bridge.errors`).  How callers are expected to map them:
 
 * :class:`KeyUnavailable` -- the key provider is down, slow or misbehaving.  Transient: answer
   ``unavailable`` and let the client retry.
@@ -15,24 +17,34 @@ Messages may name owners and key ids but never contain key material or plaintext
 
 from __future__ import annotations
 
+from bridge.errors import BridgeError, ErrorCode
+
 __all__ = ["CryptoError", "KeyUnavailable", "TamperedCiphertext", "UnknownKey", "UnknownOwner"]
 
 
-class CryptoError(Exception):
+class CryptoError(BridgeError):
     """Base class of every error raised by :mod:`bridge.crypto`."""
 
 
 class KeyUnavailable(CryptoError):
     """The key provider is unreachable, timed out, or answered something unusable (transient)."""
 
+    code = ErrorCode.UNAVAILABLE
+
 
 class UnknownOwner(CryptoError):
     """The key provider has no keys for this owner."""
+
+    code = ErrorCode.UNKNOWN_OWNER
 
 
 class UnknownKey(CryptoError):
     """The key id is not known for this owner (never existed, or revoked)."""
 
+    code = ErrorCode.INTEGRITY_ERROR
+
 
 class TamperedCiphertext(CryptoError):
     """Authenticated decryption failed: wrong key, wrong context (AAD) or modified data."""
+
+    code = ErrorCode.INTEGRITY_ERROR

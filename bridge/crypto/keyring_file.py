@@ -11,24 +11,22 @@ at most once per ``check_interval`` seconds), so operators can rotate keys witho
 add a key, point ``current`` at it, keep the old ids so existing data stays readable.  A reload
 that fails keeps the previous keyring and logs a warning; it is retried when the file changes again.
 
-Dev tooling (``make run``): :func:`generate_keyring` + :func:`write_keyring`, or the CLI::
+Make and rotate key-rings with the command line (:mod:`bridge.cli.keyring`)::
 
-    python -m bridge.crypto.keyring_file generate OUT.json --owners a,b [--force]
-    python -m bridge.crypto.keyring_file rotate OUT.json --owner a
+    queue-bridge keyring generate keys.json --owner tenant-a --owner tenant-b [--force]
+    queue-bridge keyring rotate keys.json --owner tenant-a
 
-(runpy prints a harmless RuntimeWarning because the package ``__init__`` imports this module.)
+or in code with :func:`generate_keyring`, :func:`rotate_keyring` and :func:`write_keyring`.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
 import json
 import logging
 import os
 import secrets
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -125,34 +123,39 @@ def parse_keyring(doc: object, *, source: str = "keyring") -> dict[str, _OwnerRi
         raise ValueError(f"{source}: missing or invalid 'owners' object")
     ring: dict[str, _OwnerRing] = {}
     for owner, entry in owners.items():
-        where = f"{source}: owner {owner!r}"
         if not owner:
             raise ValueError(f"{source}: empty owner name")
-        if not isinstance(entry, dict):
-            raise ValueError(f"{where}: entry must be an object with 'current' and 'keys'")
-        keys_doc = entry.get("keys")
-        if not isinstance(keys_doc, dict) or not keys_doc:
-            raise ValueError(f"{where}: 'keys' must be a non-empty object of key id -> base64 key")
-        keys: dict[str, OwnerKey] = {}
-        for key_id, encoded in keys_doc.items():
-            if not key_id:
-                raise ValueError(f"{where}: empty key id")
-            if not isinstance(encoded, str):
-                raise ValueError(f"{where}: key {key_id!r} must be a base64 string")
-            try:
-                secret = base64.b64decode(encoded.strip(), validate=True)
-            except (binascii.Error, ValueError):
-                raise ValueError(f"{where}: key {key_id!r} is not valid base64") from None
-            if len(secret) != KEY_SIZE:
-                raise ValueError(f"{where}: key {key_id!r} decodes to {len(secret)} bytes, expected {KEY_SIZE}")
-            keys[key_id] = OwnerKey(owner=owner, key_id=key_id, secret=secret)
-        current = entry.get("current")
-        if not isinstance(current, str) or not current:
-            raise ValueError(f"{where}: 'current' must be a key id string")
-        if current not in keys:
-            raise ValueError(f"{where}: current key id {current!r} is missing from 'keys'")
-        ring[owner] = _OwnerRing(current=keys[current], keys=keys)
+        ring[owner] = _parse_owner(owner, entry, where=f"{source}: owner {owner!r}")
     return ring
+
+
+def _parse_owner(owner: str, entry: object, *, where: str) -> _OwnerRing:
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: entry must be an object with 'current' and 'keys'")
+    keys_doc = entry.get("keys")
+    if not isinstance(keys_doc, dict) or not keys_doc:
+        raise ValueError(f"{where}: 'keys' must be a non-empty object of key id -> base64 key")
+    keys = {key_id: _parse_key(owner, key_id, encoded, where=where) for key_id, encoded in keys_doc.items()}
+    current = entry.get("current")
+    if not isinstance(current, str) or not current:
+        raise ValueError(f"{where}: 'current' must be a key id string")
+    if current not in keys:
+        raise ValueError(f"{where}: current key id {current!r} is missing from 'keys'")
+    return _OwnerRing(current=keys[current], keys=keys)
+
+
+def _parse_key(owner: str, key_id: str, encoded: object, *, where: str) -> OwnerKey:
+    if not key_id:
+        raise ValueError(f"{where}: empty key id")
+    if not isinstance(encoded, str):
+        raise ValueError(f"{where}: key {key_id!r} must be a base64 string")
+    try:
+        secret = base64.b64decode(encoded.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{where}: key {key_id!r} is not valid base64") from None
+    if len(secret) != KEY_SIZE:
+        raise ValueError(f"{where}: key {key_id!r} decodes to {len(secret)} bytes, expected {KEY_SIZE}")
+    return OwnerKey(owner=owner, key_id=key_id, secret=secret)
 
 
 def load_keyring(path: Path) -> dict[str, _OwnerRing]:
@@ -262,36 +265,3 @@ class KeyringFileProvider:
         self.reloads += 1
         log.info("keyring %s reloaded (%d owners)", self._path, len(ring))
         return True
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bridge.crypto.keyring_file", description="Create or rotate a dev keyring file."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="write a new keyring with one key per owner")
-    gen.add_argument("path", type=Path)
-    gen.add_argument("--owners", required=True, help="comma-separated owner names")
-    gen.add_argument("--force", action="store_true", help="overwrite an existing file")
-    rot = sub.add_parser("rotate", help="add a new current key for an owner (old keys are kept)")
-    rot.add_argument("path", type=Path)
-    rot.add_argument("--owner", required=True)
-    args = parser.parse_args(argv)
-
-    if args.command == "generate":
-        if args.path.exists() and not args.force:
-            print(f"{args.path} exists (use --force to overwrite)", file=sys.stderr)
-            return 1
-        owners = [o.strip() for o in args.owners.split(",") if o.strip()]
-        write_keyring(args.path, generate_keyring(owners))
-        print(f"wrote {args.path} with owners: {', '.join(owners)}")
-    else:
-        doc = json.loads(args.path.read_text(encoding="utf-8"))
-        key_id = rotate_keyring(doc, args.owner)
-        write_keyring(args.path, doc)
-        print(f"owner {args.owner!r}: new current key {key_id}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

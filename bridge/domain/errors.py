@@ -1,47 +1,53 @@
-"""Errors with a stable wire code. Transport turns them into ``{"error": {"code", "message"}}``."""
+"""The errors of the wire contract, one class per :class:`~bridge.errors.ErrorCode`.
+
+The tree and the root are in :mod:`bridge.errors`; what the transport does with the AMQP message
+for each code is :data:`bridge.transport.fate.FATES`.
+"""
 
 from __future__ import annotations
 
+from bridge.errors import BridgeError, ErrorCode
 
-class BridgeError(Exception):
-    code = "internal"
-    #: add commands failing with a transient error are requeued (with backoff) instead of dead-lettered.
-    transient = False
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+__all__ = [
+    "BadRequest",
+    "BridgeError",
+    "IntegrityError",
+    "KeyMissing",
+    "PayloadTooLarge",
+    "Unauthorized",
+    "Unavailable",
+    "UnknownOwner",
+]
 
 
 class BadRequest(BridgeError):
-    code = "bad_request"
+    code = ErrorCode.BAD_REQUEST
 
 
 class PayloadTooLarge(BridgeError):
-    code = "payload_too_large"
+    code = ErrorCode.PAYLOAD_TOO_LARGE
 
 
 class Unauthorized(BridgeError):
-    code = "unauthorized"
+    code = ErrorCode.UNAUTHORIZED
 
 
 class UnknownOwner(BridgeError):
     """No encryption key exists for the owner: nothing can be stored for it."""
 
-    code = "unknown_owner"
+    code = ErrorCode.UNKNOWN_OWNER
 
 
 class IntegrityError(BridgeError):
     """A stored ciphertext failed authentication: the task is dead-lettered, never returned."""
 
-    code = "integrity_error"
+    code = ErrorCode.INTEGRITY_ERROR
 
 
 class Unavailable(BridgeError):
     """Cassandra or the key provider is down or timed out. Safe to retry."""
 
-    code = "unavailable"
-    transient = True
+    code = ErrorCode.UNAVAILABLE
 
 
 class KeyMissing(Unavailable):

@@ -22,9 +22,10 @@ import binascii
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 log = logging.getLogger("bridge.amqp")
 
@@ -66,14 +67,39 @@ class ReplyPublisher:
     """Publishes replies: on the main reply channel to proven nodes and plain queues, on a
     probation connection (with confirms) to nodes not seen accepted yet."""
 
-    def __init__(self, connect: Callable[[], Awaitable[AbstractConnection]]) -> None:
+    def __init__(self, connect: Callable[[], Awaitable[AbstractConnection]], *, user: str | None = None) -> None:
         self._connect = connect
+        # RabbitMQ checks that user_id is the connection's user: it proves the reply is the bridge's.
+        self.user = user
         self.main: AbstractChannel | None = None
         self._probation: AbstractConnection | None = None
         self._probation_channel: AbstractChannel | None = None
         self.proven: set[str] = set()
         self._opening = asyncio.Lock()
         self.refused = 0  # replies the broker refused (forged reply_to): only the probation connection paid
+
+    async def answer(
+        self, request: AbstractIncomingMessage, body: bytes, *, is_error: bool, headers: dict[str, Any] | None = None
+    ) -> None:
+        """Reply to ``request`` (if it has a reply_to); a requester that is gone is only logged:
+        it retries, and the state is in Cassandra."""
+        if not request.reply_to or self.main is None:
+            return
+        message = aio_pika.Message(
+            body,
+            content_type="application/json",
+            correlation_id=request.correlation_id,
+            type="error" if is_error else "result",
+            user_id=self.user,
+            headers=headers or {},
+            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+        )
+        try:
+            await self.publish(message, request.reply_to)
+        except BadReplyTo:
+            return  # checked before the request ran: nobody to answer
+        except Exception as exc:
+            log.warning("reply to %s not delivered: %s", request.reply_to, type(exc).__name__)
 
     async def publish(self, message: aio_pika.Message, reply_to: str) -> None:
         node = reply_node(reply_to)

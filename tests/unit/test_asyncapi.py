@@ -24,11 +24,13 @@ import yaml
 from pydantic import BaseModel
 
 from bridge.config import ENV_PREFIX, Settings
-from bridge.domain.errors import BridgeError, Unavailable
+from bridge.domain.errors import BridgeError, PayloadTooLarge, Unavailable
 from bridge.domain.models import AckRequest, AddCommand, Delivery, FetchRequest, parse
 from bridge.domain.queue import ResultMessage
+from bridge.errors import ErrorCode
 from bridge.transport.amqp import METHODS, AmqpTransport
 from bridge.transport.replies import reply_node
+from bridge.transport.results import ResultPublisher
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "asyncapi.yaml"
 
@@ -133,31 +135,49 @@ def errors_of(doc: dict[str, Any], schema: Any, value: Any, where: str = "$") ->
     assert isinstance(schema, dict), f"{where}: schema is not an object"
     unknown = set(schema) - _KNOWN_KEYWORDS
     assert not unknown, f"{where}: the test's validator does not know {unknown}; extend it"
-    out: list[str] = []
     if "type" in schema:
         types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
         if not any(_JSON_TYPES[t](value) for t in types):
             return [f"{where}: {value!r} is not of type {types}"]
+    out: list[str] = []
     if "const" in schema and (value != schema["const"] or type(value) is not type(schema["const"])):
         out.append(f"{where}: {value!r} is not {schema['const']!r}")
     if "enum" in schema and value not in schema["enum"]:
         out.append(f"{where}: {value!r} not in {schema['enum']}")
     if isinstance(value, str):
-        if len(value) < schema.get("minLength", 0) or len(value) > schema.get("maxLength", len(value)):
-            out.append(f"{where}: length {len(value)} out of bounds")
-        if "pattern" in schema and not re.search(schema["pattern"], value):
-            out.append(f"{where}: {value!r} does not match {schema['pattern']!r}")
-        if schema.get("format") == "date-time" and not _DATE_TIME.match(value):
-            out.append(f"{where}: {value!r} is not a date-time")
-        if schema.get("format") == "uuid":
-            try:
-                uuid.UUID(value)
-            except ValueError:
-                out.append(f"{where}: {value!r} is not a uuid")
-    if _JSON_TYPES["number"](value) and "minimum" in schema and value < schema["minimum"]:
+        out += _string_errors(schema, value, where)
+    if _JSON_TYPES["number"](value):
+        out += _number_errors(schema, value, where)
+    return out + _container_errors(doc, schema, value, where) + _combinator_errors(doc, schema, value, where)
+
+
+def _string_errors(schema: dict[str, Any], value: str, where: str) -> list[str]:
+    out: list[str] = []
+    if len(value) < schema.get("minLength", 0) or len(value) > schema.get("maxLength", len(value)):
+        out.append(f"{where}: length {len(value)} out of bounds")
+    if "pattern" in schema and not re.search(schema["pattern"], value):
+        out.append(f"{where}: {value!r} does not match {schema['pattern']!r}")
+    if schema.get("format") == "date-time" and not _DATE_TIME.match(value):
+        out.append(f"{where}: {value!r} is not a date-time")
+    if schema.get("format") == "uuid":
+        try:
+            uuid.UUID(value)
+        except ValueError:
+            out.append(f"{where}: {value!r} is not a uuid")
+    return out
+
+
+def _number_errors(schema: dict[str, Any], value: float, where: str) -> list[str]:
+    out: list[str] = []
+    if "minimum" in schema and value < schema["minimum"]:
         out.append(f"{where}: {value!r} < {schema['minimum']}")
-    if _JSON_TYPES["number"](value) and "maximum" in schema and value > schema["maximum"]:
+    if "maximum" in schema and value > schema["maximum"]:
         out.append(f"{where}: {value!r} > {schema['maximum']}")
+    return out
+
+
+def _container_errors(doc: dict[str, Any], schema: dict[str, Any], value: Any, where: str) -> list[str]:
+    out: list[str] = []
     if isinstance(value, dict):
         props = schema.get("properties", {})
         out += [f"{where}: missing {name!r}" for name in schema.get("required", []) if name not in value]
@@ -169,6 +189,11 @@ def errors_of(doc: dict[str, Any], schema: Any, value: Any, where: str = "$") ->
     if isinstance(value, list) and "items" in schema:
         for i, item in enumerate(value):
             out += errors_of(doc, schema["items"], item, f"{where}[{i}]")
+    return out
+
+
+def _combinator_errors(doc: dict[str, Any], schema: dict[str, Any], value: Any, where: str) -> list[str]:
+    out: list[str] = []
     if "oneOf" in schema:
         matching = sum(1 for branch in schema["oneOf"] if not errors_of(doc, branch, value, where))
         if matching != 1:
@@ -342,8 +367,8 @@ def _subclasses(cls: type[BridgeError]) -> Iterator[type[BridgeError]]:
 
 
 def test_error_codes_match_the_domain(doc: dict[str, Any]) -> None:
-    codes = {BridgeError.code, "internal"} | {cls.code for cls in _subclasses(BridgeError)}
-    assert set(doc["components"]["schemas"]["ErrorCode"]["enum"]) == codes
+    domain = {cls.code for cls in _subclasses(BridgeError) if cls.__module__ == "bridge.domain.errors"}
+    assert set(doc["components"]["schemas"]["ErrorCode"]["enum"]) == set(ErrorCode) == domain | {BridgeError.code}
 
 
 def _transport(settings: Settings, queue: Any = None) -> AmqpTransport:
@@ -662,12 +687,26 @@ def test_unavailable_add_is_requeued_without_a_reply(settings: Settings) -> None
     assert request.settled == [("nack", True)], "requeued, never dead-lettered"
 
 
-def test_unexpected_rpc_failure_is_internal(doc: dict[str, Any], settings: Settings) -> None:
+def test_unexpected_rpc_failure_is_internal_and_dead_lettered(doc: dict[str, Any], settings: Settings) -> None:
     queue = _WorkQueue()
     queue.error = RuntimeError("boom")
     request = _Incoming({"serviceId": "s", "workerId": "w"}, routing_key="ack")
     body = _assert_reply(doc, _handle(settings, queue, request), request, "errorReply")
     assert body["error"]["code"] == "internal"
+    assert request.settled == [("reject", False)], "kept in the dead-letter queue for inspection"
+
+
+@pytest.mark.parametrize("method", ["add", "ack"])
+def test_payload_too_large_is_dead_lettered_for_add_and_ack_alike(
+    doc: dict[str, Any], settings: Settings, method: str
+) -> None:
+    queue = _WorkQueue()
+    queue.error = PayloadTooLarge("the outcome is too large")
+    body = {"serviceId": "s", "value": 1} if method == "add" else {"serviceId": "s", "workerId": "w", "result": 1}
+    request = _Incoming(body, routing_key=method)
+    reply = _assert_reply(doc, _handle(settings, queue, request), request, "errorReply")
+    assert reply["error"]["code"] == "payload_too_large"
+    assert request.settled == [("reject", False)]
 
 
 @pytest.mark.parametrize(
@@ -677,15 +716,15 @@ def test_unexpected_rpc_failure_is_internal(doc: dict[str, Any], settings: Setti
 def test_result_message_matches_the_document(
     doc: dict[str, Any], settings: Settings, outcome: dict[str, Any], traceparent: str | None
 ) -> None:
-    transport = _transport(settings)
+    results = ResultPublisher(settings)
     exchange = _Recorder()
-    transport._results_exchange = cast(Any, exchange)
+    results.attach(cast(Any, exchange))
     completion = str(uuid.uuid4())
     ((kind, value),) = outcome.items()
     result = ResultMessage(
         "worker-a", "billing", TASK_ID, completion, b'{"p":1}', kind, orjson.dumps(value), traceparent
     )
-    asyncio.run(transport.publish_result(result))
+    asyncio.run(results.publish_result(result))
 
     assert len(exchange.published) == 1
     msg, routing_key = exchange.published[0]

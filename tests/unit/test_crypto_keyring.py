@@ -26,7 +26,6 @@ from bridge.crypto import (
     seal,
     write_keyring,
 )
-from bridge.crypto.keyring_file import main as keyring_main
 
 
 @pytest.fixture
@@ -339,21 +338,29 @@ async def test_reload_detects_change_with_preserved_mtime(
     assert (await provider.current_key("acme")).key_id == new_id
 
 
-def test_keyring_cli_generate_and_rotate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_keyring_cli_generate_and_rotate(tmp_path: Path) -> None:
+    """The one key-ring command line: ``queue-bridge keyring`` (bridge.cli.keyring)."""
+    from typer.testing import CliRunner
+
+    from bridge.cli import app
+
+    runner = CliRunner()
     path = tmp_path / "dev.json"
-    assert keyring_main(["generate", str(path), "--owners", "a,b"]) == 0
+    generated = runner.invoke(app, ["keyring", "generate", str(path), "--owner", "a", "--owner", "b"])
+    assert generated.exit_code == 0, generated.output
     assert path.stat().st_mode & 0o777 == 0o600
     doc = json.loads(path.read_text())
     assert set(doc["owners"]) == {"a", "b"}
-    assert keyring_main(["generate", str(path), "--owners", "c"]) == 1  # refuses to overwrite
+    refused = runner.invoke(app, ["keyring", "generate", str(path), "--owner", "c"])
+    assert refused.exit_code == 1, "refuses to overwrite without --force"
     old_current = doc["owners"]["a"]["current"]
-    assert keyring_main(["rotate", str(path), "--owner", "a"]) == 0
+    rotated = runner.invoke(app, ["keyring", "rotate", str(path), "--owner", "a"])
+    assert rotated.exit_code == 0, rotated.output
     doc = json.loads(path.read_text())
     assert doc["owners"]["a"]["current"] != old_current
     assert old_current in doc["owners"]["a"]["keys"]
-    out = capsys.readouterr().out
     for secret in doc["owners"]["a"]["keys"].values():
-        assert secret not in out
+        assert secret not in generated.output + rotated.output
 
 
 # -- CachingKeyProvider ------------------------------------------------------------------------

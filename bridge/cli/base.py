@@ -1,0 +1,98 @@
+"""What every ``queue-bridge`` command shares: the typer apps, options, and failure handling."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Annotated, Any, NoReturn
+from urllib.parse import urlsplit, urlunsplit
+
+import typer
+
+from bridge.config import ConfigError, Settings, load_settings
+
+app = typer.Typer(
+    help="queue-bridge: a persistent work queue over AMQP, stored encrypted in Apache Cassandra.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,  # locals may hold secrets (URLs, keys)
+)
+keyring_app = typer.Typer(
+    help="Create or rotate a key-ring file (owner -> AES-256 keys) for BRIDGE_KEYRING.",
+    no_args_is_help=True,
+)
+app.add_typer(keyring_app, name="keyring")
+
+AmqpUrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--amqp-url",
+        help="RabbitMQ URL to connect with (default: BRIDGE_AMQP_URL). Its user is the caller's identity.",
+        show_default=False,
+    ),
+]
+TimeoutOption = Annotated[
+    float,
+    typer.Option("--timeout", min=0.1, help="Seconds to wait for the connection and for the bridge's reply."),
+]
+
+
+class Failure(Exception):
+    """An expected failure: printed as one line on stderr, exit code 1."""
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def settings_or_exit() -> Settings:
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+
+
+def run_async(coro: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:  # only around the import: an ImportError raised by ``coro`` is its own
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def parse_json(text: str, param: str) -> Any:
+    """Parse a JSON argument; invalid JSON is a usage error (exit code 2)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(
+            f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}): {text[:60]!r}",
+            param_hint=param,
+        ) from None
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        user = f"{parts.username}@" if parts.username else ""
+        return urlunsplit((parts.scheme, user + host, parts.path, "", ""))
+    except ValueError:
+        return "<unparsable URL>"
+
+
+def quiet_driver_logs() -> None:
+    # The drivers log connection failures (with tracebacks) that we report ourselves, once.
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("cassandra", "aio_pika", "aiormq"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def amqp_url_of(settings: Settings, url: str | None) -> str:
+    return url if url else settings.amqp_url.get_secret_value()

@@ -1,0 +1,79 @@
+"""The bridge itself: ``run``, ``permissions``, ``config``, ``schema``."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from bridge.cli.base import app, run_async, settings_or_exit
+
+
+@app.command()
+def run() -> None:
+    """Run the bridge until SIGTERM or SIGINT."""
+    settings = settings_or_exit()
+    from bridge.app import run_forever
+    from bridge.observability.logging import configure_logging
+
+    configure_logging(settings)
+    run_async(run_forever(settings))
+
+
+@app.command()
+def permissions(
+    bridge_user: Annotated[str, typer.Option(help="The bridge's RabbitMQ user (default: from BRIDGE_AMQP_URL).")] = "",
+    engine: Annotated[
+        list[str] | None, typer.Option(help="An engine user (repeatable; default: BRIDGE_TRUSTED_USERS).")
+    ] = None,
+    worker: Annotated[list[str] | None, typer.Option(help="A worker user (repeatable).")] = None,
+    vhost: Annotated[str, typer.Option(help="The virtual host.")] = "/",
+) -> None:
+    """Print the rabbitmqctl lines that give each user the narrowest permissions that work."""
+    from bridge.transport.permissions import amqp_user, role_permissions
+
+    s = settings_or_exit()
+    roles = role_permissions(s.exchange, s.results_exchange, s.queue_prefix, s.results_queue)
+    users = {"bridge": [bridge_user or amqp_user(s.amqp_url.get_secret_value())]}
+    users["engine"] = engine or list(s.trusted_users)
+    users["worker"] = worker or ["<worker-user>"]
+    for role, names in users.items():
+        typer.echo(f"# {role}")
+        for user in names:
+            typer.echo(roles[role].rabbitmqctl(user, vhost))
+
+
+@app.command()
+def config() -> None:
+    """Print the effective configuration (secrets masked)."""
+    typer.echo(json.dumps(settings_or_exit().masked(), indent=2, default=str))
+
+
+@app.command()
+def schema(
+    print_only: Annotated[bool, typer.Option("--print", help="Print the CQL instead of applying it.")] = False,
+) -> None:
+    """Create or upgrade the keyspace and tables."""
+    settings = settings_or_exit()
+    from bridge.storage.schema import all_cql
+
+    statements = all_cql(settings.cassandra_keyspace, settings.cassandra_replication, settings.task_ttl_seconds)
+    if print_only:
+        for cql in statements:
+            typer.echo(cql.strip() + ";\n")
+        return
+
+    async def apply() -> None:
+        from bridge.storage.cassandra import CassandraSession
+        from bridge.storage.repository import TaskRepository
+
+        db = CassandraSession(settings)
+        await db.connect()
+        try:
+            await TaskRepository(db).create_schema(settings)
+        finally:
+            await db.close()
+
+    run_async(apply())
+    typer.echo(f"schema ready in keyspace {settings.cassandra_keyspace}")

@@ -1,0 +1,117 @@
+"""``stats``: count a queue's tasks, reading Cassandra directly."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from bridge.cli.base import Failure, app, fail, quiet_driver_logs, run_async, settings_or_exit
+from bridge.config import Settings
+
+if TYPE_CHECKING:
+    from bridge.domain.stats import QueueStats
+
+
+def _cassandra_errors() -> tuple[type[BaseException], ...]:
+    from cassandra import (
+        ConfigurationException,
+        DriverException,
+        OperationTimedOut,
+        RequestExecutionException,
+        RequestValidationException,
+    )
+    from cassandra.cluster import NoHostAvailable
+
+    from bridge.storage.errors import StorageError
+
+    return (
+        StorageError,
+        NoHostAvailable,
+        DriverException,
+        OperationTimedOut,
+        RequestExecutionException,
+        RequestValidationException,
+        ConfigurationException,
+        OSError,
+        TimeoutError,
+    )
+
+
+async def _stats(settings: Settings, owner: str, service: str, limit: int) -> QueueStats:
+    from bridge.domain.stats import queue_stats
+    from bridge.storage.cassandra import CassandraSession
+    from bridge.storage.repository import TaskRepository
+
+    errors = _cassandra_errors()
+    where = f"{','.join(settings.cassandra_hosts)}:{settings.cassandra_port}"
+    db = CassandraSession(settings)
+    try:
+        try:
+            await db.connect()
+        except errors as exc:
+            raise Failure(f"cannot connect to Cassandra at {where}: {type(exc).__name__}: {exc}") from None
+        repo = TaskRepository(db)
+        try:
+            await repo.prepare()
+        except errors as exc:
+            raise Failure(
+                f"cannot use keyspace {settings.cassandra_keyspace!r} at {where} ({type(exc).__name__}: {exc}); "
+                "does it exist? `queue-bridge schema` creates it"
+            ) from None
+        try:
+            return await queue_stats(repo, owner, service, time.time_ns() // 1_000_000, limit=limit)
+        except errors as exc:
+            raise Failure(f"reading the queue from Cassandra at {where} failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        await db.close()
+
+
+def _format_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+@app.command()
+def stats(
+    service: Annotated[str, typer.Argument(metavar="SERVICE", help="The queue's serviceId.")],
+    owner: Annotated[str, typer.Option("--owner", help="The queue's owner (the workers' AMQP user).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="Read at most this many ready-index entries.")] = 20_000,
+) -> None:
+    """Count a queue's tasks: ready, in flight, done, dead (reads Cassandra directly).
+
+    Counts start at the queue's scan cursors (all before them were claimed), so done/dead cover recent tasks only.
+    """
+    settings = settings_or_exit()
+    quiet_driver_logs()
+    try:
+        result: QueueStats = run_async(_stats(settings, owner, service, limit))
+    except Failure as exc:
+        fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps({"owner": owner, "service": service, **asdict(result)}, indent=2))
+        return
+    rows = [
+        ("queue", f"{owner} / {service}"),
+        ("ready", str(result.ready)),
+        ("in flight", str(result.in_flight)),
+        ("done", str(result.done)),
+        ("dead", str(result.dead)),
+        ("oldest ready", _format_age(result.oldest_ready_age_s)),
+        ("scanned", f"{result.scanned} entries"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        typer.echo(f"{name:<{width}}  {value}")
+    typer.echo("note: done/dead count only tasks after the queue's scan cursors")
+    if result.truncated:
+        typer.echo(f"note: stopped after --limit {limit} entries: the counts are lower bounds")

@@ -1,0 +1,41 @@
+"""Consuming result messages (the engine side of ``queue-bridge.results``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
+from bridge.domain import jsonvalue
+
+__all__ = ["results_consumer"]
+
+
+@contextlib.asynccontextmanager
+async def results_consumer(
+    url: str, *, exchange: str = "queue-bridge.results", routing_key: str = "#"
+) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
+    """Consume result messages into an asyncio queue (an exclusive, auto-deleted queue)."""
+    connection = await aio_pika.connect_robust(url)
+    try:
+        channel = await connection.channel()
+        ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(ex, routing_key=routing_key)
+        out: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            body = jsonvalue.loads(message.body)
+            body["_message_id"] = message.message_id
+            body["_headers"] = dict(message.headers or {})
+            await out.put(body)
+            await message.ack()
+
+        await queue.consume(on_message)
+        yield out
+    finally:
+        await connection.close()

@@ -1,0 +1,77 @@
+"""The one exception tree of queue-bridge, and the wire error codes.
+
+Every exception the bridge or its client raises on purpose derives from :class:`BridgeError`,
+which carries a ``code`` and a ``message``. The code is one of :class:`ErrorCode` (what goes on the
+wire in ``{"error": {"code", "message"}}``) or, for errors that never travel, a local name. What the
+transport does with the AMQP message for each wire code is one table,
+:data:`bridge.transport.fate.FATES`.
+
+Exception hierarchy::
+
+    BridgeError (code, message)                                   bridge.errors
+    ├── BadRequest ............................ bad_request        bridge.domain.errors
+    ├── PayloadTooLarge ....................... payload_too_large
+    ├── Unauthorized .......................... unauthorized
+    ├── UnknownOwner .......................... unknown_owner
+    ├── IntegrityError ........................ integrity_error
+    ├── Unavailable ........................... unavailable (retryable)
+    │   ├── KeyMissing
+    │   └── StorageError                                          bridge.storage.errors
+    │       ├── StorageUnavailable
+    │       └── UnknownOutcome
+    ├── CryptoError ........................... (per subclass)     bridge.crypto.errors
+    │   ├── KeyUnavailable .................... unavailable
+    │   ├── UnknownOwner (crypto) ............. unknown_owner
+    │   ├── UnknownKey ........................ integrity_error
+    │   └── TamperedCiphertext ................ integrity_error
+    ├── ConfigError ........................... config           bridge.config
+    └── BridgeClientError ..................... (the reply's)    bridge.client.errors
+        ├── BadRequestError, PayloadTooLargeError, UnauthorizedError, UnknownOwnerError,
+        │   IntegrityError, UnavailableError, InternalError ...... one per ErrorCode
+        └── TransportError .................... (no reply: retry the request)
+            ├── RequestTimeout ................ timeout
+            └── ConnectionLost ................ connection_lost
+
+Anything else raised while serving a request (a bug) is answered ``internal``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+__all__ = ["BridgeError", "ErrorCode", "wire_code"]
+
+
+class ErrorCode(StrEnum):
+    """The error codes of the wire contract (docs/asyncapi.yaml ``ErrorCode``), all of them."""
+
+    BAD_REQUEST = "bad_request"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    UNAUTHORIZED = "unauthorized"
+    UNKNOWN_OWNER = "unknown_owner"
+    INTEGRITY_ERROR = "integrity_error"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+class BridgeError(Exception):
+    """Root of every queue-bridge exception: a stable ``code`` and a human ``message``.
+
+    Subclasses set ``code`` as a class attribute; an instance may override it."""
+
+    code: str = ErrorCode.INTERNAL
+
+    def __init__(self, message: str = "", code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+def wire_code(exc: BaseException) -> ErrorCode:
+    """The wire code that answers ``exc``: its own if it has one, else ``internal``."""
+    code = getattr(exc, "code", None) if isinstance(exc, BridgeError) else None
+    try:
+        return ErrorCode(code) if code is not None else ErrorCode.INTERNAL
+    except ValueError:
+        return ErrorCode.INTERNAL

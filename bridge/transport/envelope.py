@@ -1,0 +1,108 @@
+"""Reading a request's envelope (who sent it, its deadline, its reply_to, its body) and writing
+reply bodies. Every problem found here is the caller's: a :mod:`bridge.domain.errors` error."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aio_pika.abc import AbstractIncomingMessage
+
+from bridge.domain import jsonvalue
+from bridge.domain.errors import BadRequest, PayloadTooLarge, Unauthorized
+from bridge.errors import BridgeError
+from bridge.transport.replies import BadReplyTo, reply_node
+
+DEADLINE_HEADER = "x-deadline"
+OWNER_PATTERN = re.compile(r"[^\x00-\x1f\x7f]{1,255}")
+#: A request body may be this much larger than BRIDGE_MAX_VALUE_BYTES (the rest of the request).
+ENVELOPE_ALLOWANCE = 65_536
+
+
+class Identity:
+    """Who sent a message: the broker-validated ``user_id``, or the owner a trusted engine names."""
+
+    def __init__(self, trusted_users: list[str]) -> None:
+        self.trusted = frozenset(trusted_users)
+
+    def owner_of(self, message: AbstractIncomingMessage) -> str:
+        user = message.user_id
+        if not user:
+            raise Unauthorized("the message has no user_id property; set it to your AMQP user name")
+        named = self._named_owner((message.headers or {}).get("x-owner"))
+        if user in self.trusted:
+            return named or user
+        if named is not None and named != user:
+            raise Unauthorized(f"user {user!r} may not act for owner {named!r}")
+        return user
+
+    @staticmethod
+    def _named_owner(header: Any) -> str | None:
+        """The x-owner header, checked like any other caller input (any user can send it)."""
+        if header is None:
+            return None
+        if isinstance(header, bytes):
+            try:
+                header = header.decode()
+            except UnicodeDecodeError:
+                raise BadRequest("the x-owner header is not valid UTF-8") from None
+        if not isinstance(header, str):
+            raise BadRequest("the x-owner header must be a string")
+        if not OWNER_PATTERN.fullmatch(header):
+            raise BadRequest("the x-owner header must be 1 to 255 printable characters")
+        return header
+
+
+def deadline_of(message: AbstractIncomingMessage) -> int | None:
+    """The caller's deadline (``x-deadline`` header, milliseconds since the epoch), if it set one."""
+    value = (message.headers or {}).get(DEADLINE_HEADER)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"the {DEADLINE_HEADER} header must be an integer (milliseconds since the epoch)")
+    return value
+
+
+def check_reply_to(message: AbstractIncomingMessage) -> None:
+    """A reply_to the broker could not have made is refused before the request runs (issue 13.3)."""
+    if message.reply_to:
+        try:
+            reply_node(message.reply_to)
+        except BadReplyTo as exc:
+            raise BadRequest(str(exc)) from None
+
+
+def sent_before_ms(message: AbstractIncomingMessage) -> int | None:
+    """An upper bound of when the request was sent, from the AMQP ``timestamp`` property (whole
+    seconds): the request was sent before the end of that second."""
+    ts = message.timestamp
+    if ts is None:
+        return None
+    return (int(ts.timestamp()) + 1) * 1000
+
+
+def read_body(message: AbstractIncomingMessage, max_value_bytes: int) -> Any:
+    """The request body as JSON: ``payload_too_large`` beyond the limit, ``bad_request`` if not JSON."""
+    limit = max_value_bytes + ENVELOPE_ALLOWANCE
+    if len(message.body) > limit:
+        raise PayloadTooLarge(f"the message body is {len(message.body)} bytes; the limit is {limit}")
+    try:
+        return jsonvalue.loads(message.body)
+    except jsonvalue.JsonError as exc:
+        raise BadRequest(f"the body is {exc}") from None
+
+
+def reply_body(result: Any = None, *, error: BridgeError | None = None, extra: dict[str, Any] | None = None) -> bytes:
+    """``{"result": ...}`` (plus ``extra``) or ``{"error": {"code", "message"}}``."""
+    if error is not None:
+        return orjson.dumps({"error": {"code": str(error.code), "message": error.message}})
+    body: dict[str, Any] = {"result": result}
+    if extra:
+        body.update(extra)
+    return orjson.dumps(body)
+
+
+def iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -1,0 +1,196 @@
+"""The add, fetch and ack requests: read the envelope, run the queue, then settle the delivery by
+the fate table (:mod:`bridge.transport.fate`), the same way for every method.
+
+Each handler returns the request's outcome (``ok``, ``expired`` or an error code), which the
+timing wrapper (:mod:`bridge.transport.timing`) observes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import structlog
+from aio_pika.abc import AbstractIncomingMessage
+
+from bridge.config import Settings
+from bridge.domain import jsonvalue
+from bridge.domain.errors import BadRequest
+from bridge.domain.models import AckRequest, AddCommand, FetchRequest, parse
+from bridge.domain.queue import WorkQueue
+from bridge.errors import BridgeError, ErrorCode, wire_code
+from bridge.observability.tracing import child_traceparent, extract_traceparent
+from bridge.transport.envelope import (
+    Identity,
+    check_reply_to,
+    deadline_of,
+    iso,
+    read_body,
+    reply_body,
+    sent_before_ms,
+)
+from bridge.transport.fate import EXPIRED, OK, RETRY_BUDGET_S, Settle, fate_of, settle
+from bridge.transport.replies import ReplyPublisher
+from bridge.transport.topology import METHODS
+
+log = logging.getLogger("bridge.amqp")
+
+ADD_RETRY_BUDGET_S = RETRY_BUDGET_S
+INTERNAL_MESSAGE = "internal error; the request was dead-lettered, see the bridge log"
+
+R = TypeVar("R", FetchRequest, AckRequest)
+Reply = tuple[bytes | None, dict[str, Any] | None]  # body, headers
+
+
+class RequestHandlers:
+    def __init__(
+        self, settings: Settings, queue: WorkQueue, replies: ReplyPublisher, *, consuming: Callable[[], bool]
+    ) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.replies = replies
+        self.identity = Identity(settings.trusted_users)
+        self._consuming = consuming  # false once the bridge stops taking requests (shutdown)
+
+    # -- one place that settles every request ---------------------------------------------------
+    async def conclude(
+        self,
+        message: AbstractIncomingMessage,
+        method: str,
+        outcome: str,
+        body: bytes | None = None,
+        headers: dict[str, Any] | None = None,
+    ) -> str:
+        """Reply (if the fate says so and there is a body) and settle the delivery by its fate."""
+        fate = fate_of(outcome, method)
+        if fate.reply and body is not None:
+            await self.replies.answer(message, body, is_error=outcome not in (OK, EXPIRED), headers=headers)
+        await settle(message, fate)
+        return outcome
+
+    async def fail(self, message: AbstractIncomingMessage, method: str, exc: BaseException) -> str:
+        """Conclude a request that raised: its wire code (``internal`` for a bug) decides its fate."""
+        code = wire_code(exc)
+        if code is ErrorCode.INTERNAL or not isinstance(exc, BridgeError):
+            log.error("%s failed unexpectedly", method, exc_info=exc)
+            error = BridgeError(INTERNAL_MESSAGE, ErrorCode.INTERNAL)
+        else:
+            error = exc
+        fate = fate_of(code, method)
+        if fate.settle is Settle.DEAD_LETTER:
+            log.warning(
+                "rejected %s request: %s (%s)",
+                method,
+                code,
+                error.message,
+                extra={"correlation_id": message.correlation_id},
+            )
+        elif fate.settle is Settle.REQUEUE:
+            log.warning("%s still failing (%s): requeued", method, error.message)
+        return await self.conclude(message, method, code, reply_body(error=error))
+
+    async def last_resort(self, message: AbstractIncomingMessage) -> None:
+        """Whatever raised past a handler: ``internal``, so that one bad message can never sit
+        unacknowledged and stall the queue for every tenant."""
+        if message.processed:
+            return
+        method = message.routing_key if message.routing_key in METHODS else "unknown"
+        try:
+            await self.conclude(message, method, ErrorCode.INTERNAL, reply_body(error=BridgeError(INTERNAL_MESSAGE)))
+        except Exception as exc:  # the channel is gone: the broker redelivers it for another try
+            log.warning("could not settle a failed request: %s", type(exc).__name__)
+
+    # -- add ------------------------------------------------------------------------------------
+    async def add(self, message: AbstractIncomingMessage) -> str:
+        try:
+            check_reply_to(message)
+            owner = self.identity.owner_of(message)
+            cmd: AddCommand = parse(AddCommand, read_body(message, self.settings.max_value_bytes))
+            structlog.contextvars.bind_contextvars(owner=owner, service=cmd.service_id)
+            # W3C trace context of the engine's span: kept with the task (a malformed one is dropped).
+            traceparent = extract_traceparent(message.headers)
+            task_id = await self._add_retrying(owner, cmd, message.message_id, traceparent)
+        except Exception as exc:
+            return await self.fail(message, "add", exc)
+        return await self.conclude(message, "add", OK, reply_body(True, extra={"task": {"id": task_id}}))
+
+    async def _add_retrying(self, owner: str, cmd: AddCommand, message_id: str | None, traceparent: str | None) -> str:
+        """Retry an add whose fate is to be retried (``unavailable``) while the delivery is held,
+        with backoff, within :data:`ADD_RETRY_BUDGET_S`; then its error is its fate."""
+        delay = 0.1
+        give_up = time.monotonic() + ADD_RETRY_BUDGET_S
+        while True:
+            try:
+                return await self.queue.add(owner, cmd, message_id=message_id, traceparent=traceparent)
+            except BridgeError as exc:
+                retry = fate_of(wire_code(exc), "add").retry
+                if not retry or time.monotonic() + delay > give_up or not self._consuming():
+                    raise
+                log.warning("add failed (%s), retrying in %.1fs", exc.message, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    # -- fetch and ack (RPCs) ---------------------------------------------------------------------
+    async def fetch(self, message: AbstractIncomingMessage) -> str:
+        return await self._rpc(message, "fetch", FetchRequest, self._fetch)
+
+    async def ack(self, message: AbstractIncomingMessage) -> str:
+        return await self._rpc(message, "ack", AckRequest, self._ack)
+
+    async def unrouted(self, message: AbstractIncomingMessage) -> str:
+        err = BadRequest(f"unknown method {message.routing_key!r}; use one of {', '.join(METHODS)}")
+        return await self.fail(message, "unknown", err)
+
+    async def _rpc(
+        self,
+        message: AbstractIncomingMessage,
+        method: str,
+        model: type[R],
+        call: Callable[[str, R, AbstractIncomingMessage], Awaitable[Reply]],
+    ) -> str:
+        try:
+            if not message.reply_to:
+                raise BadRequest(f"{method} is an RPC: set reply_to (and correlation_id)")
+            check_reply_to(message)
+            owner = self.identity.owner_of(message)
+            deadline = deadline_of(message)
+            request = parse(model, read_body(message, self.settings.max_value_bytes))
+            structlog.contextvars.bind_contextvars(owner=owner, service=request.service_id, worker=request.worker_id)
+            if self._expired(method, deadline):
+                outcome, (body, headers) = EXPIRED, (None, None)
+            else:
+                outcome, (body, headers) = OK, await call(owner, request, message)
+        except Exception as exc:
+            return await self.fail(message, method, exc)
+        return await self.conclude(message, method, outcome, body, headers)
+
+    def _expired(self, method: str, deadline: int | None) -> bool:
+        """The caller gave up (and may have retried elsewhere): executing it now could only act on
+        state that has moved on. Dropped before touching Cassandra, and counted."""
+        if deadline is None or (late_ms := self.queue.clock.now_ms() - deadline) <= 0:
+            return False
+        self.queue.metrics.inc("requests_expired", method=method)
+        log.info("request past its deadline dropped", extra={"late_ms": late_ms})
+        return True
+
+    async def _fetch(self, owner: str, req: FetchRequest, message: AbstractIncomingMessage) -> Reply:
+        delivery = await self.queue.fetch(owner, req)
+        if delivery is None:
+            return reply_body(None), None
+        task = {
+            "id": delivery.task_id,
+            "epoch": delivery.epoch,
+            "deliveries": delivery.deliveries,
+            "leaseExpiresAt": iso(delivery.lease_expires_at_ms),
+        }
+        # The worker's span continues the engine's trace: same trace id, a new parent span id.
+        child = child_traceparent(delivery.traceparent)
+        headers = {"traceparent": child} if child else None
+        return reply_body(jsonvalue.fragment(delivery.value_json), extra={"task": task}), headers
+
+    async def _ack(self, owner: str, req: AckRequest, message: AbstractIncomingMessage) -> Reply:
+        done = await self.queue.ack(owner, req, sent_before_ms=sent_before_ms(message))
+        return reply_body(done), None

@@ -1,0 +1,61 @@
+"""Publishing results to the engine: persistent, confirmed, routed by serviceId.
+
+:class:`ResultPublisher` exists before any AMQP connection does, so the queue can be given it at
+construction; the transport attaches the results exchange when it starts (and not before: a
+publish before then raises, and the outbox keeps the result pending)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aio_pika
+import orjson
+from aio_pika.abc import AbstractExchange
+
+from bridge.config import Settings
+from bridge.domain import jsonvalue
+from bridge.domain.queue import ResultMessage
+from bridge.observability.tracing import child_traceparent
+from bridge.transport.permissions import amqp_user
+
+JSON = "application/json"
+
+
+class ResultPublisher:
+    """The queue's result sink (``publish_result``), backed by the transport's confirmed channel."""
+
+    def __init__(self, settings: Settings) -> None:
+        # RabbitMQ checks that user_id is the connection's user: it proves the result is the bridge's.
+        self.user = amqp_user(settings.amqp_url.get_secret_value())
+        self._exchange: AbstractExchange | None = None
+
+    def attach(self, exchange: AbstractExchange) -> None:
+        """The results exchange on a channel with publisher confirms (the transport, at start)."""
+        self._exchange = exchange
+
+    async def publish_result(self, message: ResultMessage) -> None:
+        """Publish durably (persistent + publisher confirm + mandatory); raise if not confirmed."""
+        if self._exchange is None:
+            raise RuntimeError("transport not started")
+        # Token and outcome are JSON already (decrypted): spliced in, never parsed and re-written.
+        body: dict[str, Any] = {
+            "token": jsonvalue.fragment(message.token_json),
+            "serviceId": message.service,
+            "taskId": message.task_id,
+            message.kind: jsonvalue.fragment(message.value_json),
+        }
+        headers: dict[str, Any] = {"x-owner": message.owner}
+        child = child_traceparent(message.traceparent)
+        if child:
+            headers["traceparent"] = child
+        amqp_message = aio_pika.Message(
+            orjson.dumps(body),
+            content_type=JSON,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=f"{message.task_id}:{message.completion_id}",  # consumers may de-duplicate on it
+            headers=headers,
+            type="result",
+            user_id=self.user,
+        )
+        # Publisher confirm: raises unless the broker took responsibility for the message.
+        await self._exchange.publish(amqp_message, routing_key=message.service, mandatory=True)

@@ -1,0 +1,28 @@
+"""Request timing as one wrapper: every consumer callback is timed and its outcome observed once."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from bridge.errors import ErrorCode
+
+Observer = Callable[[str, str, float], None]  # (method, outcome, seconds)
+Handler = Callable[[AbstractIncomingMessage], Awaitable[str]]  # returns the request's outcome
+Consumer = Callable[[AbstractIncomingMessage], Awaitable[None]]
+
+
+def timed(method: str, handler: Handler, observe: Observer) -> Consumer:
+    """``handler`` observed as ``(method, outcome, seconds)``; one that raises counts as ``internal``."""
+
+    async def run(message: AbstractIncomingMessage) -> None:
+        started = time.perf_counter()
+        outcome: str = ErrorCode.INTERNAL
+        try:
+            outcome = await handler(message)
+        finally:
+            observe(method, str(outcome), time.perf_counter() - started)
+
+    return run
