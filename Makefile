@@ -23,9 +23,7 @@ venv: .venv/.synced
 keyring: $(STATE)/keyring.json
 $(STATE)/keyring.json: | venv
 	@mkdir -p $(STATE)
-	$(PY) -c "from pathlib import Path; from bridge.crypto import generate_keyring, write_keyring; \
-write_keyring(Path('$@'), generate_keyring(['engine', 'worker-a', 'worker-b', 'guest']))"
-	@echo "dev key-ring written to $@"
+	$(PY) -m bridge keyring generate $@ --owner engine --owner worker-a --owner worker-b --owner guest
 
 # The bridge alone, in the foreground, against the local stack.
 bridge: venv stack-up keyring

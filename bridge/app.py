@@ -21,6 +21,7 @@ from bridge.serving import ServingGate
 from bridge.storage.cassandra import CassandraSession
 from bridge.storage.repository import TaskRepository
 from bridge.transport.amqp import AmqpTransport, Observer
+from bridge.transport.results import ResultPublisher
 
 log = logging.getLogger("bridge.app")
 
@@ -64,6 +65,8 @@ class Bridge:
             interval_s=settings.clock_check_interval,
             on_reading=lambda r: self.metrics.set_clock_skew(r.offset_ms, r.error_ms),
         )
+        # Wired complete at construction: the queue publishes through this, the transport attaches it.
+        self.results = ResultPublisher(settings)
         self.queue = WorkQueue(
             self.repo,
             self.keys,
@@ -77,9 +80,9 @@ class Bridge:
             skew_margin_ms=margin_ms,
             may_grant_leases=self.skew,
             max_lanes=settings.max_queues_in_memory,
+            results=self.results,
         )
-        self.transport = AmqpTransport(settings, self.queue, observe or self.metrics.observe)
-        self.queue.results = self.transport
+        self.transport = AmqpTransport(settings, self.queue, observe or self.metrics.observe, results=self.results)
         self.scheduler = RecoveryScheduler(
             self.queue,
             interval_s=settings.scheduler_interval,
