@@ -13,13 +13,14 @@ from typing import Any
 from bridge.config import Settings
 from bridge.crypto import CachingKeyProvider, HttpKeyProvider, KeyProvider, KeyringFileProvider
 from bridge.domain.clock import Clock, SkewGuard, SystemClock
-from bridge.domain.queue import Metrics, WorkQueue
+from bridge.domain.queue import Limits, Metrics, WorkQueue
 from bridge.domain.scheduler import RecoveryScheduler
 from bridge.observability.http import OpsServer
 from bridge.observability.metrics import BridgeMetrics
 from bridge.serving import ServingGate
 from bridge.storage.cassandra import CassandraSession
-from bridge.storage.repository import TaskRepository
+from bridge.storage.repository import CassandraTaskStore
+from bridge.storage.schema import create_schema
 from bridge.transport.amqp import AmqpTransport, Observer
 from bridge.transport.results import ResultPublisher
 
@@ -52,7 +53,7 @@ class Bridge:
         self.settings = settings
         self.clock: Clock = clock or SystemClock(settings.clock_offset_ms)
         self.db = CassandraSession(settings, self.clock.now_ms)
-        self.repo = TaskRepository(self.db)
+        self.store = CassandraTaskStore(self.db, self.clock.now_ms, settings.task_ttl_seconds)
         self.keys = build_key_provider(settings)
         self.metrics = BridgeMetrics(instance=settings.instance_id or socket.gethostname())
         if isinstance(self.keys, CachingKeyProvider):
@@ -60,7 +61,7 @@ class Bridge:
         margin_ms = int(settings.clock_skew_margin * 1000)
         self.skew = SkewGuard(
             self.clock,
-            self.repo.server_time_ms,
+            self.store.server_time_ms,
             margin_ms=margin_ms,
             interval_s=settings.clock_check_interval,
             on_reading=lambda r: self.metrics.set_clock_skew(r.offset_ms, r.error_ms),
@@ -68,16 +69,17 @@ class Bridge:
         # Wired complete at construction: the queue publishes through this, the transport attaches it.
         self.results = ResultPublisher(settings)
         self.queue = WorkQueue(
-            self.repo,
+            self.store,
             self.keys,
             self.clock,
-            task_ttl_s=settings.task_ttl_seconds,
-            max_value_bytes=settings.max_value_bytes,
-            default_ttr_ms=settings.default_time_to_recover_ms,
-            max_ttr_ms=settings.max_time_to_recover_ms,
+            limits=Limits(
+                max_value_bytes=settings.max_value_bytes,
+                default_ttr_ms=settings.default_time_to_recover_ms,
+                max_ttr_ms=settings.max_time_to_recover_ms,
+                skew_margin_ms=margin_ms,
+            ),
             settle_ms=margin_ms,
             metrics=metrics or self.metrics,
-            skew_margin_ms=margin_ms,
             may_grant_leases=self.skew,
             max_lanes=settings.max_queues_in_memory,
             results=self.results,
@@ -115,7 +117,7 @@ class Bridge:
         return self.transport.is_ready()
 
     async def _cassandra_ready(self) -> bool:
-        await asyncio.wait_for(self.repo.ping(), timeout=1.0)
+        await asyncio.wait_for(self.store.ping(), timeout=1.0)
         return True
 
     async def _scheduler_ready(self) -> bool:
@@ -131,8 +133,8 @@ class Bridge:
             self.http_port = await self.ops.start(self.settings.http_host, self.settings.http_port)
         try:
             await self.db.connect()
-            await self.repo.create_schema(self.settings)
-            await self.repo.prepare()
+            await create_schema(self.db, self.settings)
+            await self.store.prepare()
             # Measure the clock before taking any request: a skewed bridge never grants a lease.
             with suppress(Exception):
                 await self.skew.measure()

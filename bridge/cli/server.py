@@ -66,12 +66,12 @@ def schema(
 
     async def apply() -> None:
         from bridge.storage.cassandra import CassandraSession
-        from bridge.storage.repository import TaskRepository
+        from bridge.storage.schema import create_schema
 
         db = CassandraSession(settings)
         await db.connect()
         try:
-            await TaskRepository(db).create_schema(settings)
+            await create_schema(db, settings)
         finally:
             await db.close()
 

@@ -44,7 +44,7 @@ def _cassandra_errors() -> tuple[type[BaseException], ...]:
 async def _stats(settings: Settings, owner: str, service: str, limit: int) -> QueueStats:
     from bridge.domain.stats import queue_stats
     from bridge.storage.cassandra import CassandraSession
-    from bridge.storage.repository import TaskRepository
+    from bridge.storage.repository import CassandraTaskStore
 
     errors = _cassandra_errors()
     where = f"{','.join(settings.cassandra_hosts)}:{settings.cassandra_port}"
@@ -54,16 +54,19 @@ async def _stats(settings: Settings, owner: str, service: str, limit: int) -> Qu
             await db.connect()
         except errors as exc:
             raise Failure(f"cannot connect to Cassandra at {where}: {type(exc).__name__}: {exc}") from None
-        repo = TaskRepository(db)
+        def now_ms() -> int:
+            return time.time_ns() // 1_000_000
+
+        store = CassandraTaskStore(db, now_ms, settings.task_ttl_seconds)
         try:
-            await repo.prepare()
+            await store.prepare()
         except errors as exc:
             raise Failure(
                 f"cannot use keyspace {settings.cassandra_keyspace!r} at {where} ({type(exc).__name__}: {exc}); "
                 "does it exist? `queue-bridge schema` creates it"
             ) from None
         try:
-            return await queue_stats(repo, owner, service, time.time_ns() // 1_000_000, limit=limit)
+            return await queue_stats(store, owner, service, now_ms(), limit=limit)
         except errors as exc:
             raise Failure(f"reading the queue from Cassandra at {where} failed: {type(exc).__name__}: {exc}") from None
     finally:

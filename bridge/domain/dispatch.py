@@ -50,6 +50,7 @@ class _Lane:
     # head, so candidates are spread at random instead of all instances trying the head first.
     contention: float = 0.0
     scanned_at_ms: int = 0
+    found_nothing: bool = False  # the last refill found no candidate
     persisted_at_ms: int = 0
     persisted: tuple[int, uuid.UUID | None] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -139,7 +140,9 @@ class Dispatcher:
         if st.buffer and now - st.scanned_at_ms > BUFFER_MAX_AGE_MS:
             st.buffer.clear()
         if not st.buffer:
-            if now - st.scanned_at_ms < EMPTY_RESCAN_MS.get(lane, 0):
+            # A lane found empty is not read again at once (idle workers polling a recovered lane
+            # would each cost a scan); a buffer emptied by taking its entries is refilled now.
+            if st.found_nothing and now - st.scanned_at_ms < EMPTY_RESCAN_MS.get(lane, 0):
                 return None
             async with st.lock:
                 # Another fetch may have refilled it while we waited. A refill that stopped on its
@@ -198,6 +201,7 @@ class Dispatcher:
         # that entries released after a failed claim, or written late, are seen again.
         st.resume = scan.resume if (scan.pages >= MAX_PAGES and not scan.found) else None
         st.buffer.extend(scan.found)
+        st.found_nothing = not scan.found
         st.scanned_at_ms = now
         st.position = scan.position
         await self._maybe_persist(q, lane, st, now)

@@ -62,6 +62,31 @@ async def _walk_lane(store: TaskStore, q: QueueKey, lane: int, budget: int) -> t
         next_bucket = buckets[-1] + 1
 
 
+class _Counts:
+    def __init__(self) -> None:
+        self.ready = self.in_flight = self.done = self.dead = 0
+        self.oldest_ready_since: int | None = None
+
+    def add(self, task_id: uuid.UUID, lease: Lease | None, now_ms: int) -> None:
+        ready_since: int | None = None
+        if lease is None:
+            ready_since = ms_of(task_id)
+        elif lease.state is LeaseState.LEASED:
+            until = lease.lease_until_ms
+            if until is not None and until > now_ms:
+                self.in_flight += 1
+            else:
+                ready_since = until if until is not None else ms_of(task_id)
+        elif lease.state is LeaseState.DONE:
+            self.done += 1
+        else:
+            self.dead += 1
+        if ready_since is not None:
+            self.ready += 1
+            if self.oldest_ready_since is None or ready_since < self.oldest_ready_since:
+                self.oldest_ready_since = ready_since
+
+
 async def queue_stats(
     store: TaskStore,
     owner: str,
@@ -116,28 +141,11 @@ async def queue_stats(
     ids = list(task_ids)
     leases = await asyncio.gather(*(read(task_id) for task_id in ids))
 
-    ready = in_flight = done = dead = 0
-    oldest_ready_since: int | None = None
+    counts = _Counts()
     for task_id, lease in zip(ids, leases, strict=True):
-        ready_since: int | None = None
-        if lease is None:
-            ready_since = ms_of(task_id)
-        elif lease.state is LeaseState.LEASED:
-            until = lease.lease_until_ms
-            if until is not None and until > now_ms:
-                in_flight += 1
-            else:
-                ready_since = until if until is not None else ms_of(task_id)
-        elif lease.state is LeaseState.DONE:
-            done += 1
-        elif lease.state is LeaseState.DEAD:
-            dead += 1
-        else:  # pragma: no cover - the schema knows no other state
-            raise ValueError(f"task {task_id}: unknown lease state {lease.state!r}")
-        if ready_since is not None:
-            ready += 1
-            if oldest_ready_since is None or ready_since < oldest_ready_since:
-                oldest_ready_since = ready_since
+        counts.add(task_id, lease, now_ms)
+    ready, in_flight, done, dead = counts.ready, counts.in_flight, counts.done, counts.dead
+    oldest_ready_since = counts.oldest_ready_since
 
     oldest_age = None if oldest_ready_since is None else max(0.0, (now_ms - oldest_ready_since) / 1000)
     return QueueStats(

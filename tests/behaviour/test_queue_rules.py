@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from bridge.domain.errors import PayloadTooLarge, Unavailable
-from tests.behaviour.conftest import Harness
+from tests.queue_harness import Harness
 
 pytestmark = pytest.mark.anyio
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from bridge.domain.clock import ManualClock
-from tests.behaviour.conftest import MARGIN_MS, Harness
+from tests.queue_harness import MARGIN_MS, Harness
 
 pytestmark = pytest.mark.anyio
 

@@ -1,4 +1,4 @@
-"""Property test of the dispatcher's scan logic against an in-memory model of the `ready` index.
+"""Property test of the dispatcher's scan logic against the in-memory store (bridge.storage.memory).
 
 Pure logic only (the real queries are proven against Cassandra in tests/integration). The property:
 whatever the interleaving of adds (including adds whose id is a little older than entries already
@@ -10,56 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from dataclasses import dataclass, field
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bridge.crypto import Sealed
+from bridge.domain.clock import ManualClock
 from bridge.domain.dispatch import Dispatcher
-from bridge.storage.repository import QueueKey, ReadyEntry
-from bridge.storage.schema import READY_BUCKET_MS
-from bridge.storage.timeuuid import ms_of, timeuuid_from_ms
+from bridge.domain.records import LANE_FRESH, Payload, QueueKey, ReadyEntry
+from bridge.domain.timeline import bucket_of_task, timeuuid_from_ms
+from bridge.storage.memory import MemoryTaskStore
 
 SETTLE_MS = 1_000
 
 
-@dataclass
-class FakeRepo:
-    """Just the reads and writes the dispatcher uses, with Cassandra's ordering semantics."""
-
-    rows: dict[tuple[int, int], dict[uuid.UUID, bool]] = field(default_factory=dict)  # (lane, bucket) -> seq -> claimed
-    cursors: dict[int, list[tuple[int, uuid.UUID]]] = field(default_factory=dict)
-
-    def add(self, lane: int, seq: uuid.UUID) -> None:
-        self.rows.setdefault((lane, ms_of(seq) // READY_BUCKET_MS), {})[seq] = False
-
-    def claim(self, lane: int, seq: uuid.UUID) -> None:
-        self.rows[(lane, ms_of(seq) // READY_BUCKET_MS)][seq] = True
-
-    async def cursor(self, q: QueueKey, lane: int) -> tuple[int, uuid.UUID] | None:
-        rows = self.cursors.get(lane)
-        return max(rows, key=lambda r: (r[0], ms_of(r[1]), r[1].bytes)) if rows else None
-
-    async def advance_cursor(self, q: QueueKey, lane: int, bucket: int, seq: uuid.UUID, ttl: int) -> None:
-        self.cursors.setdefault(lane, []).append((bucket, seq))
-
-    async def buckets_from(self, q: QueueKey, lane: int, bucket: int, limit: int) -> list[int]:
-        return sorted(b for (ln, b) in self.rows if ln == lane and b >= bucket)[:limit]
-
-    async def scan(self, q: QueueKey, lane: int, bucket: int, after: uuid.UUID | None, limit: int) -> list[ReadyEntry]:
-        key = lambda s: (ms_of(s), s.bytes)  # noqa: E731  (timeuuid order: time, then bytes)
-        seqs = sorted(self.rows.get((lane, bucket), {}), key=key)
-        if after is not None:
-            seqs = [s for s in seqs if key(s) > key(after)]
-        return [ReadyEntry(lane, bucket, s, s, None, False, self.rows[(lane, bucket)][s]) for s in seqs[:limit]]
+PAYLOAD = Payload(Sealed("k", b"n" * 12, b"c" * 32), None, None, None)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.ms = 1_700_000_000_000
-
-    def now_ms(self) -> int:
-        return self.ms
+async def _claim(store: MemoryTaskStore, q: QueueKey, seq: uuid.UUID) -> None:
+    """What another instance's successful claim leaves in the index: the entry marked claimed."""
+    await store.mark_claimed(q, ReadyEntry(LANE_FRESH, bucket_of_task(seq), seq, seq, None, False, False))
 
 
 ops = st.lists(
@@ -80,50 +50,65 @@ def test_no_unclaimed_entry_is_ever_skipped(script: list[tuple[str, int, int]]) 
     asyncio.run(_run(script))
 
 
-async def _run(script: list[tuple[str, int, int]]) -> None:
-    repo, clock, q = FakeRepo(), Clock(), QueueKey("o", "s")
+class Model:
+    """This instance's dispatcher, other instances' claims, and the truth about who claimed what."""
 
-    def make() -> Dispatcher:
-        return Dispatcher(repo, clock.now_ms, SETTLE_MS, 3600)  # type: ignore[arg-type]
+    def __init__(self) -> None:
+        self.clock, self.q = ManualClock(1_700_000_000_000), QueueKey("o", "s")
+        self.store = MemoryTaskStore(self.clock.now_ms)
+        self.d = self.restart()
+        self.added: list[uuid.UUID] = []
+        self.claimed: set[uuid.UUID] = set()
 
-    d = make()
-    added: list[uuid.UUID] = []
-    claimed: set[uuid.UUID] = set()
+    def restart(self) -> Dispatcher:
+        """A fresh instance: empty memory, the cursor from storage."""
+        self.d = Dispatcher(self.store, self.clock.now_ms, SETTLE_MS)
+        return self.d
 
-    async def fetch_one() -> bool:
+    async def add(self, n: int, late: int) -> None:
+        for _ in range(n):
+            seq = timeuuid_from_ms(self.clock.ms - late)
+            await self.store.store_task(self.q, seq, PAYLOAD)
+            self.added.append(seq)
+        self.clock.advance(1)
+
+    async def other_claims(self, n: int) -> None:
+        for seq in [s for s in self.added if s not in self.claimed][:n]:
+            self.claimed.add(seq)
+            await _claim(self.store, self.q, seq)
+
+    async def fetch_one(self) -> bool:
         while True:
-            entry = await d.next_candidate(q, 1, spread=False)
+            entry = await self.d.next_candidate(self.q, 1, spread=False)
             if entry is None:
                 return False
-            d.taken(q, entry)
-            if entry.seq in claimed:
+            self.d.taken(self.q, entry)
+            if entry.seq in self.claimed:
                 continue  # another instance won it: the claim LWT fails, try the next one
-            claimed.add(entry.seq)
-            repo.claim(1, entry.seq)
+            self.claimed.add(entry.seq)
+            await _claim(self.store, self.q, entry.seq)
             return True
 
+    async def fetch(self, n: int) -> None:
+        for _ in range(n):
+            if not await self.fetch_one():
+                break
+
+
+async def _run(script: list[tuple[str, int, int]]) -> None:
+    m = Model()
     for op, n, late in script:
         if op == "add":
-            for _ in range(n):
-                seq = timeuuid_from_ms(clock.ms - late)
-                repo.add(1, seq)
-                added.append(seq)
-            clock.ms += 1
+            await m.add(n, late)
         elif op == "other_claims":
-            for seq in [s for s in added if s not in claimed][:n]:
-                claimed.add(seq)
-                repo.claim(1, seq)
+            await m.other_claims(n)
         elif op == "fetch":
-            for _ in range(n):
-                if not await fetch_one():
-                    break
+            await m.fetch(n)
         elif op == "tick":
-            clock.ms += n
+            m.clock.advance(n)
         else:
-            d = make()
+            m.restart()
     # Drain: once time has moved past the settle window, every unclaimed entry must come out.
-    clock.ms += 3 * SETTLE_MS + 10_000
-    for _ in range(len(added) + 5):
-        if not await fetch_one():
-            break
-    assert set(added) - claimed == set(), "an unclaimed entry was never offered"
+    m.clock.advance(3 * SETTLE_MS + 10_000)
+    await m.fetch(len(m.added) + 5)
+    assert set(m.added) - m.claimed == set(), "an unclaimed entry was never offered"

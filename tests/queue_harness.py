@@ -1,0 +1,109 @@
+"""A bridge's domain (queue, scheduler, clock) on one store, driven step by step: for the behaviour
+suite (tests/behaviour, both stores) and the state-machine test (tests/unit, memory store)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from bridge.crypto import KeyProvider
+from bridge.domain.clock import ManualClock
+from bridge.domain.models import AckRequest, AddCommand, Delivery, FetchRequest, parse
+from bridge.domain.queue import Limits, ResultMessage, WorkQueue
+from bridge.domain.scheduler import RecoveryScheduler
+from bridge.domain.store import TaskStore
+
+OWNER = "worker-a"
+MARGIN_MS = 1_000
+TTL_S = 7 * 24 * 3600
+
+
+@dataclass
+class Sink:
+    """Where results go: a list, or failures while ``down`` (a broker outage)."""
+
+    messages: list[ResultMessage] = field(default_factory=list)
+    down: bool = False
+
+    async def publish_result(self, message: ResultMessage) -> None:
+        if self.down:
+            raise ConnectionError("results exchange unreachable")
+        self.messages.append(message)
+
+
+class Harness:
+    """A bridge's domain on one store: queue, scheduler and clock, driven step by step."""
+
+    def __init__(self, store: TaskStore, keys: KeyProvider, clock: ManualClock, prefix: str) -> None:
+        self.store = store
+        self.keys = keys
+        self.clock = clock
+        self.prefix = prefix
+        self.service = f"svc-{uuid.uuid4().hex[:10]}"
+        self.sink = Sink()
+        self.queue, self.scheduler = self.instance(clock)
+
+    def instance(self, clock: ManualClock) -> tuple[WorkQueue, RecoveryScheduler]:
+        """Another bridge process on the same store (its own clock, dispatcher and caches)."""
+        limits = Limits(
+            max_value_bytes=64 * 1024, default_ttr_ms=60_000, max_ttr_ms=3_600_000, skew_margin_ms=MARGIN_MS
+        )
+        queue = WorkQueue(self.store, self.keys, clock, limits=limits, settle_ms=MARGIN_MS, results=self.sink)
+        scheduler = RecoveryScheduler(
+            queue, interval_s=0.1, late_ms=5_000, republish_after_ms=5_000, progress_prefix=self.prefix
+        )
+        return queue, scheduler
+
+    async def add(self, value: Any, *, token: Any = None, message_id: str | None = None, tp: str | None = None) -> str:
+        body: dict[str, Any] = {"serviceId": self.service, "value": value}
+        if token is not None:
+            body["token"] = token
+        task_id = await self.queue.add(OWNER, parse(AddCommand, body), message_id=message_id, traceparent=tp)
+        # An add takes a millisecond of clock time: ids within one millisecond have no FIFO order.
+        self.clock.advance(1)
+        return task_id
+
+    async def fetch(self, worker: str, ttr_ms: int | None = None, queue: WorkQueue | None = None) -> Delivery | None:
+        body: dict[str, Any] = {"serviceId": self.service, "workerId": worker}
+        if ttr_ms is not None:
+            body["timeToRecover"] = ttr_ms
+        return await (queue or self.queue).fetch(OWNER, parse(FetchRequest, body))
+
+    async def ack(
+        self,
+        worker: str,
+        delivery: Delivery | None = None,
+        *,
+        result: Any = "ok",
+        error: Any = None,
+        queue: WorkQueue | None = None,
+    ) -> bool:
+        body: dict[str, Any] = {"serviceId": self.service, "workerId": worker}
+        if error is not None:
+            body["error"] = error
+        else:
+            body["result"] = result
+        if delivery is not None:
+            body["taskId"] = delivery.task_id
+            body["epoch"] = delivery.epoch
+        return await (queue or self.queue).ack(OWNER, parse(AckRequest, body))
+
+    async def advance(self, ms: int, *, ticks: int = 1) -> None:
+        """Let time pass and let the recovery scheduler see it (as its loop would)."""
+        self.clock.advance(ms)
+        for _ in range(ticks):
+            await self.scheduler.tick()
+        await self.queue.drain_background(5.0)
+
+    async def fetch_until(self, worker: str, *, step_ms: int = 100, limit_ms: int = 10_000, **kw: Any) -> Delivery:
+        """Fetch, advancing the clock by ``step_ms`` between tries: how long it took is ``clock`` time."""
+        waited = 0
+        while True:
+            got = await self.fetch(worker, **kw)
+            if got is not None:
+                return got
+            if waited >= limit_ms:
+                raise AssertionError(f"{worker} got nothing within {limit_ms} ms of clock time")
+            await self.advance(step_ms)
+            waited += step_ms
