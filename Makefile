@@ -5,7 +5,7 @@ STATE := deploy/local/state
 # The test command that README.md shows and .ci/run runs.
 PYTEST := .venv/bin/pytest -p no:cacheprovider
 
-.PHONY: help venv run bridge demo test test-unit soak lint bandit typecheck check bench bench-quick keyring clean \
+.PHONY: help venv run bridge demo test test-unit soak lint bandit typecheck check bench bench-quick bench-json keyring clean \
 	stack-up stack-down stack-status
 
 help:
@@ -66,6 +66,10 @@ bench: venv stack-up keyring
 
 bench-quick: venv stack-up keyring
 	$(PY) -m benchmarks.run --quick
+
+# CPU per request of the JSON pass-through, both ways in one run (no servers).
+bench-json: venv
+	$(PY) -m benchmarks.json_passthrough
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache
