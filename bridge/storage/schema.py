@@ -1,6 +1,6 @@
 """The Cassandra schema, as CQL. ``docs/storage.md`` explains every table and why it is shaped so.
 
-Layout rules that every statement in ``repository.py`` follows:
+Layout rules that every statement in ``statements.py`` follows:
 - ``ready`` rows are written once (plain INSERT) and never deleted: consuming a task never creates a
   tombstone on the hot read path. Partitions are time buckets, so they stay bounded.
 - ``leases`` holds all mutable task state, one partition per task, and is written ONLY with
