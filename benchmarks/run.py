@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from benchmarks import baselines, logs, workloads
 from benchmarks.context import Bench, Plan, StackDown
@@ -110,30 +110,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-async def run(args: argparse.Namespace) -> int:
+def _plan(args: argparse.Namespace) -> Plan:
     plan = Plan.quick_plan() if args.quick else Plan.default()
     if args.e2e_rates:
         plan.e2e_rates = tuple(int(r) for r in args.e2e_rates.split(",") if r.strip())
-    selected: list[str] = args.selected
-    started = time.monotonic()
-    date = now_iso()
-    code_at_start = code_fingerprint()
-    meta_machine = machine()
-    if args.profile:
-        args.profile.mkdir(parents=True, exist_ok=True)
-    needs_bridge = any(name in WORKLOADS for name in selected)
-    bench = Bench(
-        plan,
-        bridges=args.bridges if needs_bridge else 0,
-        profile_dir=args.profile,
-        profile_clock=args.profile_clock,
-        metrics=args.metrics,
-    )
-    say(
-        f"queue-bridge benchmarks ({'--quick' if plan.quick else 'default'}): "
-        + ", ".join(n for n in BASELINES + WORKLOADS if n in selected)
-        + f"; budget {'60 s' if plan.quick else '5 min'}"
-    )
+    return plan
+
+
+def _warn_if_noisy(meta_machine: dict[str, Any]) -> None:
+    """Record (in the machine metadata) and report other activity and a high load at start."""
     others = other_activity()
     meta_machine["other_activity_at_start"] = others
     if others:
@@ -142,6 +127,10 @@ async def run(args: argparse.Namespace) -> int:
             say(f"  {line}")
     if meta_machine["loadavg_at_start"][0] > 1.0:
         say(f"warning: load average {meta_machine['loadavg_at_start'][0]:.2f} at start; figures will be noisy")
+
+
+def _steps(bench: Bench, selected: list[str], plan: Plan) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
+    """The baselines the selection needs, then the selected workloads, in the canonical order."""
     steps: list[tuple[str, Callable[[], Awaitable[None]]]] = []
     for name, concurrencies in needed_baselines(selected, plan).items():
         if name == "B-rpc":
@@ -159,6 +148,17 @@ async def run(args: argparse.Namespace) -> int:
     for name in WORKLOADS:
         if name in selected:
             steps.append((name, lambda fn=table[name]: fn(bench)))
+    return steps
+
+
+async def _run_steps(
+    bench: Bench,
+    steps: list[tuple[str, Callable[[], Awaitable[None]]]],
+    started: float,
+    needs_bridge: bool,
+) -> None:
+    """Set up, run each step (a workload past the budget is skipped), tear down whatever happens."""
+    plan = bench.plan
     watcher = asyncio.create_task(bench.watch_others())
     try:
         await bench.setup()
@@ -181,6 +181,41 @@ async def run(args: argparse.Namespace) -> int:
     finally:
         watcher.cancel()
         await bench.teardown()
+
+
+def _report(args: argparse.Namespace, bench: Bench, meta: dict[str, Any]) -> None:
+    print(render(bench, meta), flush=True)
+    write_json(args.out, to_json(bench, meta))
+    say(f"results written to {args.out}")
+    if args.profile:
+        print(profile_summary(bench.profiles), flush=True)
+        say(f"profiles in {args.profile} (python -m pstats {args.profile}/bridge-0.prof)")
+
+
+async def run(args: argparse.Namespace) -> int:
+    plan = _plan(args)
+    selected: list[str] = args.selected
+    started = time.monotonic()
+    date = now_iso()
+    code_at_start = code_fingerprint()
+    meta_machine = machine()
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    needs_bridge = any(name in WORKLOADS for name in selected)
+    bench = Bench(
+        plan,
+        bridges=args.bridges if needs_bridge else 0,
+        profile_dir=args.profile,
+        profile_clock=args.profile_clock,
+        metrics=args.metrics,
+    )
+    say(
+        f"queue-bridge benchmarks ({'--quick' if plan.quick else 'default'}): "
+        + ", ".join(n for n in BASELINES + WORKLOADS if n in selected)
+        + f"; budget {'60 s' if plan.quick else '5 min'}"
+    )
+    _warn_if_noisy(meta_machine)
+    await _run_steps(bench, _steps(bench, selected, plan), started, needs_bridge)
     meta = {
         "date": date,
         "run_id": bench.run_id,
@@ -197,12 +232,7 @@ async def run(args: argparse.Namespace) -> int:
         "disturbed": {phase: sorted(procs) for phase, procs in bench.disturbances.items()},
         "command": " ".join(["python -m benchmarks.run", *sys.argv[1:]]),
     }
-    print(render(bench, meta), flush=True)
-    write_json(args.out, to_json(bench, meta))
-    say(f"results written to {args.out}")
-    if args.profile:
-        print(profile_summary(bench.profiles), flush=True)
-        say(f"profiles in {args.profile} (python -m pstats {args.profile}/bridge-0.prof)")
+    _report(args, bench, meta)
     return 0
 
 

@@ -320,30 +320,21 @@ async def w_e2e(bench: Bench) -> None:
         await _e2e_at(bench, rate, plan.e2e_seconds)
 
 
-async def _e2e_at(bench: Bench, rate: int, seconds: float) -> None:
-    plan = bench.plan
-    svc = bench.service(f"e2e{rate}")
-    total = int(rate * seconds)
-    drain_s = plan.caps["e2e_drain"]
-    say(
-        f"W-e2e: the engine adds {rate}/s for {seconds:.0f}s ({total:,} tasks) while {plan.workers} workers consume "
-        f"(a worker pauses {POLL_S * 1000:.0f} ms after an empty fetch)"
-    )
-    published: dict[int, float] = {}
-    latency = Sample()
-    acked: set[int] = set()
-    dup = 0
-    add_errors = 0
-    adding = True
-    stop_at = math.inf
-    pub = await open_publisher(bench)
-    workers = await open_workers(bench, svc, plan.workers, f"e2e{rate}")
-    progress = Progress(f"W-e2e {rate}/s consumed", total=total, unit="tasks")
+@dataclass
+class _E2eState:
+    """What one W-e2e step's adders and consumers share."""
 
-    async def consume(w: Worker) -> None:
-        nonlocal dup
-        while time.monotonic() < stop_at:
-            if not adding and len(acked) >= len(published) - add_errors:
+    published: dict[int, float] = field(default_factory=dict)
+    latency: Sample = field(default_factory=Sample)
+    acked: set[int] = field(default_factory=set)
+    dup: int = 0
+    add_errors: int = 0
+    adding: bool = True
+    stop_at: float = math.inf
+
+    async def consume(self, w: Worker, progress: Progress) -> None:
+        while time.monotonic() < self.stop_at:
+            if not self.adding and len(self.acked) >= len(self.published) - self.add_errors:
                 return
             try:
                 task = await w.fetch()
@@ -354,57 +345,82 @@ async def _e2e_at(bench: Bench, rate: int, seconds: float) -> None:
                 await asyncio.sleep(POLL_S)
                 continue
             i = task.value["i"] if isinstance(task.value, dict) else -1
-            if i in acked:
-                dup += 1
-            elif i in published:
-                latency.add(t - published[i])
+            if i in self.acked:
+                self.dup += 1
+            elif i in self.published:
+                self.latency.add(t - self.published[i])
             try:
                 if await task.ack({"i": i}):
-                    acked.add(i)
+                    self.acked.add(i)
                     progress.advance()
             except Exception:
                 continue
 
-    async def add_one(i: int) -> None:
-        nonlocal add_errors
-        published[i] = time.perf_counter()
+    async def add_one(self, pub: AddPublisher, svc: str, i: int) -> None:
+        self.published[i] = time.perf_counter()
         try:
             await pub.add(svc, task_value(i))
         except Exception:
-            add_errors += 1
+            self.add_errors += 1
 
-    meter = bench.cpu_meter()
+
+@dataclass
+class _E2eTimes:
+    t0: float
+    add_secs: float
+    consumed_secs: float
+    backlog: int
+
+
+async def _e2e_drive(
+    state: _E2eState,
+    pub: AddPublisher,
+    svc: str,
+    workers: list[Worker],
+    progress: Progress,
+    rate: int,
+    total: int,
+    drain_s: float,
+) -> _E2eTimes:
+    """Add ``total`` tasks at ``rate``/s while the workers consume, then let them drain (``drain_s`` cap)."""
     async with progress:
-        consumers = [asyncio.create_task(consume(w)) for w in workers]
+        consumers = [asyncio.create_task(state.consume(w, progress)) for w in workers]
         adds: list[asyncio.Task[None]] = []
         t0 = time.perf_counter()
         for i in range(total):
             delay = t0 + i / rate - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            adds.append(asyncio.create_task(add_one(i)))
+            adds.append(asyncio.create_task(state.add_one(pub, svc, i)))
         add_secs = time.perf_counter() - t0
         await asyncio.gather(*adds)
-        backlog = total - add_errors - len(acked)
-        adding = False
-        stop_at = time.monotonic() + drain_s
+        backlog = total - state.add_errors - len(state.acked)
+        state.adding = False
+        state.stop_at = time.monotonic() + drain_s
         await asyncio.gather(*consumers)
         consumed_secs = time.perf_counter() - t0
-    bench.record_cpu(f"W-e2e {rate}/s", meter, len(acked) / (time.perf_counter() - t0))
-    await close_all(workers)
-    await pub.close()
-    # Whatever the workers did not get within the drain cap must still be in the queue: take it out.
+    return _E2eTimes(t0=t0, add_secs=add_secs, consumed_secs=consumed_secs, backlog=backlog)
+
+
+async def _e2e_take_late(bench: Bench, svc: str, rate: int, total: int) -> int:
+    """Whatever the workers did not get within the drain cap must still be in the queue: take it out."""
     late = 0
     probe = await open_workers(bench, svc, 4, f"e2e{rate}-probe")
     try:
         late = (await drive_cycles(probe, total, until=time.monotonic() + 30, idle_timeout=2.0)).acked
     finally:
         await close_all(probe)
-    bench.check_processes()
+    return late
+
+
+def _e2e_record(
+    bench: Bench, rate: int, total: int, drain_s: float, state: _E2eState, times: _E2eTimes, late: int
+) -> None:
+    acked, dup, add_errors, latency, backlog = state.acked, state.dup, state.add_errors, state.latency, times.backlog
     stored = total - add_errors
     lost = stored - len(acked) - late
-    achieved = total / add_secs if add_secs > 0 else math.nan
-    latency.elapsed = consumed_secs
+    achieved = total / times.add_secs if times.add_secs > 0 else math.nan
+    latency.elapsed = times.consumed_secs
     floor = 2 * p50(bench, "B-rpc", 1) + p50(bench, "B-write", 1) + p50(bench, "B-lwt", 1)
     note = f"adds at {achieved:.0f}/s; backlog when adds stopped {backlog}; "
     if late:
@@ -439,6 +455,29 @@ async def _e2e_at(bench: Bench, rate: int, seconds: float) -> None:
             "tasks",
         )
     )
+
+
+async def _e2e_at(bench: Bench, rate: int, seconds: float) -> None:
+    plan = bench.plan
+    svc = bench.service(f"e2e{rate}")
+    total = int(rate * seconds)
+    drain_s = plan.caps["e2e_drain"]
+    say(
+        f"W-e2e: the engine adds {rate}/s for {seconds:.0f}s ({total:,} tasks) while {plan.workers} workers consume "
+        f"(a worker pauses {POLL_S * 1000:.0f} ms after an empty fetch)"
+    )
+    state = _E2eState()
+    pub = await open_publisher(bench)
+    workers = await open_workers(bench, svc, plan.workers, f"e2e{rate}")
+    progress = Progress(f"W-e2e {rate}/s consumed", total=total, unit="tasks")
+    meter = bench.cpu_meter()
+    times = await _e2e_drive(state, pub, svc, workers, progress, rate, total, drain_s)
+    bench.record_cpu(f"W-e2e {rate}/s", meter, len(state.acked) / (time.perf_counter() - times.t0))
+    await close_all(workers)
+    await pub.close()
+    late = await _e2e_take_late(bench, svc, rate, total)
+    bench.check_processes()
+    _e2e_record(bench, rate, total, drain_s, state, times, late)
 
 
 # -- W-recover --------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from bridge.client import BridgeClientError, Engine, RequestTimeout, UnavailableError
+from bridge.client import BridgeClientError, Engine, TransportError, UnavailableError
 
 DEFAULT_URL = "amqp://engine:engine@127.0.0.1:5672/"
 
@@ -79,7 +79,8 @@ async def wait_for_bridge(
 
 
 async def _add(engine: Engine, service: str, n: int, process_id: str, deadline: float) -> str:
-    """Add task n; retry on timeouts and unavailability with the same message_id (idempotent)."""
+    """Add task n; retry on transport errors (no reply, lost connection) and unavailability with the same
+    message_id (idempotent)."""
     while True:
         try:
             task_id = await engine.add(
@@ -89,10 +90,114 @@ async def _add(engine: Engine, service: str, n: int, process_id: str, deadline: 
                 message_id=f"{process_id}-{n}",
             )
             return str(task_id)
-        except (RequestTimeout, UnavailableError):
+        except (TransportError, UnavailableError):
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.5)
+
+
+class _Collector:
+    """Records the results of this run's tasks (n -> result body) as they arrive on the results queue."""
+
+    def __init__(
+        self, process_id: str, count: int, results: dict[int, dict[str, Any]], say: Callable[[str], None]
+    ) -> None:
+        self.process_id = process_id
+        self.count = count
+        self.results = results
+        self.say = say
+        self.seen: set[str] = set()  # result message ids: a result may be delivered twice, count it once
+        self.skipped = 0
+        self.errors = 0
+        self.all_done = asyncio.Event()
+        self.progress = asyncio.Event()  # set on every new result
+
+    async def on_result(self, message: AbstractIncomingMessage) -> None:
+        try:
+            self._record(message)
+        finally:
+            await message.ack()  # manual ack, after the result is recorded
+
+    def _record(self, message: AbstractIncomingMessage) -> None:
+        body = orjson.loads(message.body)
+        token = body.get("token") or {}
+        n = token.get("n") if isinstance(token, dict) else None
+        if not isinstance(token, dict) or token.get("processId") != self.process_id or not isinstance(n, int):
+            if self.skipped == 0:
+                self.say("skipping results of tasks this run did not add (earlier runs, other engines)")
+            self.skipped += 1
+        elif message.message_id not in self.seen and n not in self.results:
+            self.seen.add(message.message_id or "")
+            self.results[n] = body
+            if "error" in body:
+                self.errors += 1
+                self.say(f"result for task {n}: error {short(body['error'])}")
+            else:
+                self.say(f"result for task {n}: {short(body.get('result'))}")
+            self.progress.set()
+            if self.count and len(self.results) >= self.count:
+                self.all_done.set()
+
+
+async def _add_tasks(
+    engine: Engine,
+    service: str,
+    process_id: str,
+    count: int,
+    rate: float,
+    stop: asyncio.Event,
+    deadline: float,
+    say: Callable[[str], None],
+) -> int:
+    """Add ``count`` tasks (0: one every 1/rate s until ``stop``); returns how many were added."""
+    n = 0
+    while not stop.is_set() and (count == 0 or n < count):
+        n += 1
+        task_id = await _add(engine, service, n, process_id, deadline if count else float("inf"))
+        say(f"added task {n} (id {task_id})")
+        if count == 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0 / rate)
+    return n
+
+
+async def _finish_endless(collector: _Collector, n: int) -> int:
+    """Stopped: give the tasks in flight a moment to report back."""
+    results, say = collector.results, collector.say
+    outstanding = n - len(results)
+    if outstanding:
+        say(f"stopping: waiting up to 5s for {outstanding} outstanding results")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                while len(results) < n:
+                    collector.progress.clear()
+                    await collector.progress.wait()
+    say(f"added {n} tasks, got {len(results)} results ({collector.errors} errors)")
+    return 0
+
+
+async def _wait_for_results(collector: _Collector, stop: asyncio.Event, started: float, deadline: float) -> int:
+    """Wait until every result arrived (0), ``stop`` is set (130) or the deadline passes (1)."""
+    count, say = collector.count, collector.say
+    waiter = asyncio.create_task(collector.all_done.wait())
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait(
+            {waiter, stopper}, timeout=max(0.0, deadline - time.monotonic()), return_when="FIRST_COMPLETED"
+        )
+    finally:
+        waiter.cancel()
+        stopper.cancel()
+    elapsed = time.monotonic() - started
+    if collector.all_done.is_set():
+        say(f"all {count} results arrived in {elapsed:.1f}s ({collector.errors} errors)")
+        return 0
+    missing = sorted(set(range(1, count + 1)) - set(collector.results))
+    if stop.is_set():
+        say(f"stopped with {len(missing)} results outstanding")
+        return 130
+    say(f"timed out after {elapsed:.0f}s: {len(missing)} of {count} results missing (tasks {missing[:10]})")
+    return 1
 
 
 async def main(
@@ -129,35 +234,7 @@ async def main(
     process_id = uuid.uuid4().hex[:12]
     started = time.monotonic()
     deadline = started + timeout
-    seen: set[str] = set()  # result message ids: a result may be delivered twice, count it once
-    skipped = 0
-    errors = 0
-    all_done = asyncio.Event()
-    progress = asyncio.Event()  # set on every new result
-
-    async def on_result(message: AbstractIncomingMessage) -> None:
-        nonlocal skipped, errors
-        try:
-            body = orjson.loads(message.body)
-            token = body.get("token") or {}
-            n = token.get("n") if isinstance(token, dict) else None
-            if not isinstance(token, dict) or token.get("processId") != process_id or not isinstance(n, int):
-                if skipped == 0:
-                    say("skipping results of tasks this run did not add (earlier runs, other engines)")
-                skipped += 1
-            elif message.message_id not in seen and n not in results:
-                seen.add(message.message_id or "")
-                results[n] = body
-                if "error" in body:
-                    errors += 1
-                    say(f"result for task {n}: error {short(body['error'])}")
-                else:
-                    say(f"result for task {n}: {short(body.get('result'))}")
-                progress.set()
-                if count and len(results) >= count:
-                    all_done.set()
-        finally:
-            await message.ack()  # manual ack, after the result is recorded
+    collector = _Collector(process_id, count, results, say)
 
     try:
         connection = await wait_for_bridge(url, exchange, results_queue, deadline, say)
@@ -169,57 +246,23 @@ async def main(
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=100)
         queue = await channel.get_queue(results_queue, ensure=False)
-        await queue.consume(on_result)
+        await queue.consume(collector.on_result)
 
         async with Engine(url, owner=owner, exchange=exchange) as engine:
-            n = 0
             say(
                 f"adding {count if count else 'endless'} tasks for owner {owner}, service {service!r}"
                 + ("" if count else f" at {rate:g}/s (Ctrl-C stops)")
             )
-            while not stop.is_set() and (count == 0 or n < count):
-                n += 1
-                task_id = await _add(engine, service, n, process_id, deadline if count else float("inf"))
-                say(f"added task {n} (id {task_id})")
-                if count == 0:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), 1.0 / rate)
-        if count == 0:  # stopped: give the tasks in flight a moment to report back
-            outstanding = n - len(results)
-            if outstanding:
-                say(f"stopping: waiting up to 5s for {outstanding} outstanding results")
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(5):
-                        while len(results) < n:
-                            progress.clear()
-                            await progress.wait()
-            say(f"added {n} tasks, got {len(results)} results ({errors} errors)")
-            return 0
-        waiter = asyncio.create_task(all_done.wait())
-        stopper = asyncio.create_task(stop.wait())
-        try:
-            await asyncio.wait(
-                {waiter, stopper}, timeout=max(0.0, deadline - time.monotonic()), return_when="FIRST_COMPLETED"
-            )
-        finally:
-            waiter.cancel()
-            stopper.cancel()
-        elapsed = time.monotonic() - started
-        if all_done.is_set():
-            say(f"all {count} results arrived in {elapsed:.1f}s ({errors} errors)")
-            return 0
-        missing = sorted(set(range(1, count + 1)) - set(results))
-        if stop.is_set():
-            say(f"stopped with {len(missing)} results outstanding")
-            return 130
-        say(f"timed out after {elapsed:.0f}s: {len(missing)} of {count} results missing (tasks {missing[:10]})")
-        return 1
+            n = await _add_tasks(engine, service, process_id, count, rate, stop, deadline, say)
+        if count == 0:
+            return await _finish_endless(collector, n)
+        return await _wait_for_results(collector, stop, started, deadline)
     except BridgeClientError as exc:
         say(f"the bridge refused a request: {exc.code}: {exc.message}")
         return 1
     finally:
-        if skipped:
-            say(f"skipped {skipped} results of other runs")
+        if collector.skipped:
+            say(f"skipped {collector.skipped} results of other runs")
         await connection.close()
 
 

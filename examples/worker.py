@@ -34,7 +34,7 @@ from typing import Any
 import aio_pika
 import orjson
 
-from bridge.client import BridgeClientError, RequestTimeout, Task, Worker
+from bridge.client import BridgeClientError, Task, TransportError, Worker
 
 DEFAULT_URL = "amqp://worker-a:worker-a@127.0.0.1:5672/"
 
@@ -76,11 +76,11 @@ def process(value: Any, work_time: tuple[float, float]) -> tuple[float, dict[str
 
 
 async def _settle(task: Task, *, result: Any = None, error: Any = None, attempts: int = 5) -> bool:
-    """Ack (or fail) the task; a lost reply is retried, which the bridge answers idempotently."""
+    """Ack (or fail) the task; a lost reply or connection is retried, which the bridge answers idempotently."""
     for attempt in range(attempts):
         try:
             return await (task.fail(error) if error is not None else task.ack(result))
-        except RequestTimeout:
+        except TransportError:
             if attempt == attempts - 1:
                 raise
             await asyncio.sleep(0.5)

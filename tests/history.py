@@ -178,7 +178,7 @@ async def run_workers(
     import random
     import time
 
-    from bridge.client import RequestTimeout, UnavailableError, Worker
+    from bridge.client import TransportError, UnavailableError, Worker
 
     completed: set[str] = set()
     done = asyncio.Event()
@@ -191,7 +191,7 @@ async def run_workers(
                 sent = time.monotonic()
                 try:
                     task = await w.fetch(time_to_recover_ms=ttr_ms)
-                except (RequestTimeout, UnavailableError):
+                except (TransportError, UnavailableError):
                     await asyncio.sleep(0.05)  # a worker's back-off in an outage (load pacing, not a wait)
                     continue
                 if task is None:
@@ -208,7 +208,7 @@ async def run_workers(
                     try:
                         ok = await task.ack({"task": task.value})
                         break
-                    except (RequestTimeout, UnavailableError):
+                    except (TransportError, UnavailableError):
                         await asyncio.sleep(0.05)  # a worker's back-off before retrying its ack
                         continue  # a retried ack of a completed task is still true
                 history.acks.append(Acked(task.id, task.epoch, w.worker_id, ok, time.monotonic()))

@@ -21,7 +21,7 @@ import aio_pika
 import orjson
 import pytest
 
-from bridge.client import RequestTimeout, Worker
+from bridge.client import TransportError, Worker
 from bridge.client.rpc import results_consumer
 from tests.conftest import OWNERS, free_port, metric, service_id, wait_bridges, wait_for
 
@@ -75,7 +75,7 @@ async def fetch_until(w: Worker) -> Any:
     while True:
         try:
             return await w.fetch(time_to_recover_ms=60_000)
-        except RequestTimeout:
+        except TransportError:
             continue
 
 

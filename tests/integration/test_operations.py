@@ -10,7 +10,7 @@ import uuid
 import aiohttp
 import pytest
 
-from bridge.client import Engine, RequestTimeout, UnavailableError, Worker
+from bridge.client import Engine, RequestTimeout, TransportError, UnavailableError, Worker
 from tests.conftest import ENGINE_USER, OWNERS, free_port, service_id, wait_bridges, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -109,7 +109,7 @@ async def test_rabbitmq_restart_under_load_nothing_lost(bridge_processes, server
             while True:  # an engine retries with the same message_id until the add is confirmed
                 try:
                     task_id = await engine.add(svc, i, message_id=f"r-{i}")
-                except (RequestTimeout, UnavailableError):  # broker gone (the client says RequestTimeout)
+                except (TransportError, UnavailableError):  # broker gone (ConnectionLost) or no reply (RequestTimeout)
                     await asyncio.sleep(0.5)  # the engine's retry back-off, not a wait for a result
                     continue
                 assert task_id is not None
