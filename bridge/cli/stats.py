@@ -54,6 +54,7 @@ async def _stats(settings: Settings, owner: str, service: str, limit: int) -> Qu
             await db.connect()
         except errors as exc:
             raise Failure(f"cannot connect to Cassandra at {where}: {type(exc).__name__}: {exc}") from None
+
         def now_ms() -> int:
             return time.time_ns() // 1_000_000
 
