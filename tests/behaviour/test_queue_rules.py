@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from bridge.domain.errors import PayloadTooLarge, Unavailable
-from tests.queue_harness import Harness
+from tests.queue_harness import OWNER, Harness
 
 pytestmark = pytest.mark.anyio
 
@@ -182,3 +182,25 @@ def _fields(d: object) -> dict[str, object]:
 def _reads(h: Harness) -> int | None:
     """Store operations so far, where the store counts them (the memory store)."""
     return getattr(h.store, "operations", None)
+
+
+async def test_a_task_written_late_behind_the_scan_position_is_still_delivered(harness: Harness) -> None:
+    """The dispatcher's settle window: an add computes its id (its place in the queue) before its
+    write lands, and another host's clock may lag; an entry that appears behind entries already
+    scanned and claimed must still be offered (the dispatcher model, on both stores)."""
+    from bridge.crypto import seal
+    from bridge.domain.records import Payload, QueueKey
+    from bridge.domain.timeline import new_task_id
+
+    h = harness
+    for i in range(5):
+        await h.add(i)
+    for _ in range(5):
+        got = await h.fetch("w")
+        assert got is not None and await h.ack("w", got) is True
+    late_id = new_task_id(h.clock.now_ms() - 400)  # older than the tasks just consumed
+    key = await h.keys.current_key(OWNER)
+    sealed = seal(key, b'"late"', service=h.service, task_id=str(late_id), field="value", bind=("no-token", ""))
+    await h.store.store_task(QueueKey(OWNER, h.service), late_id, Payload(sealed, None, None, h.clock.now_ms()))
+    got = await h.fetch_until("w", step_ms=200, limit_ms=5_000)
+    assert got.task_id == str(late_id) and got.value_json == b'"late"'
