@@ -25,6 +25,7 @@ class DirectFiller:
     def __init__(self, bench: Bench) -> None:
         self.bench = bench
         self._bridge: Any = None
+        self._amqp: Any = None
         self._next = 0
 
     async def open(self) -> None:
@@ -41,9 +42,15 @@ class DirectFiller:
             queue_prefix=self.bench.queue_prefix,
             results_exchange=self.bench.results_exchange,
             http_port=0,
+            amqp_url=self.bench.amqp_url("guest"),
         )
         bridge = Bridge(settings)
         await bridge.db.connect()
+        if bridge.hints is not None:  # every stored task gets its hint, as a bridge's add does
+            import aio_pika
+
+            self._amqp = await aio_pika.connect_robust(settings.amqp_url.get_secret_value())
+            await bridge.hints.attach(self._amqp)
         await create_schema(bridge.db, settings)  # idempotent; what a bridge process does at start
         await bridge.store.prepare()
         self._bridge = bridge
@@ -52,6 +59,9 @@ class DirectFiller:
         if self._bridge is not None:
             await self._bridge.db.close()
             self._bridge = None
+        if self._amqp is not None:
+            await self._amqp.close()
+            self._amqp = None
 
     async def fill(self, service: str, count: int, label: str, cap_s: float) -> int:
         if self._bridge is None:

@@ -14,7 +14,9 @@ from bridge.config import Settings
 from bridge.crypto import CachingKeyProvider, HttpKeyProvider, KeyProvider, KeyringFileProvider
 from bridge.domain.clock import Clock, SkewGuard, SystemClock
 from bridge.domain.queue import Limits, Metrics, WorkQueue
+from bridge.domain.reconcile import Reconciliation
 from bridge.domain.scheduler import RecoveryScheduler
+from bridge.observability import storage_metrics
 from bridge.observability.http import OpsServer
 from bridge.observability.metrics import BridgeMetrics
 from bridge.serving import ServingGate
@@ -22,6 +24,7 @@ from bridge.storage.cassandra import CassandraSession
 from bridge.storage.repository import CassandraTaskStore
 from bridge.storage.schema import create_schema
 from bridge.transport.amqp import AmqpTransport, Observer
+from bridge.transport.hints import AmqpHints
 from bridge.transport.results import ResultPublisher
 
 log = logging.getLogger("bridge.app")
@@ -66,6 +69,8 @@ class Bridge:
             interval_s=settings.clock_check_interval,
             on_reading=lambda r: self.metrics.set_clock_skew(r.offset_ms, r.error_ms),
         )
+        # Dispatch by hints on RabbitMQ (attached when the transport connects).
+        self.hints = AmqpHints(settings) if settings.hints else None
         # Wired complete at construction: the queue publishes through this, the transport attaches it.
         self.results = ResultPublisher(settings)
         self.queue = WorkQueue(
@@ -80,11 +85,19 @@ class Bridge:
             ),
             settle_ms=margin_ms,
             metrics=metrics or self.metrics,
+            hints=self.hints,
+            reconcile=Reconciliation(
+                grace_ms=int(settings.hint_grace * 1000), interval_ms=int(settings.reconcile_interval * 1000)
+            )
+            if self.hints is not None
+            else None,
             may_grant_leases=self.skew,
             max_lanes=settings.max_queues_in_memory,
             results=self.results,
         )
-        self.transport = AmqpTransport(settings, self.queue, observe or self.metrics.observe, results=self.results)
+        self.transport = AmqpTransport(
+            settings, self.queue, observe or self.metrics.observe, results=self.results, hints=self.hints
+        )
         self.scheduler = RecoveryScheduler(
             self.queue,
             interval_s=settings.scheduler_interval,
@@ -93,6 +106,7 @@ class Bridge:
             report_pending=self.metrics.set_results_pending,
         )
         self.metrics.bind_scheduler(self.scheduler.state)
+        storage_metrics.register(self.metrics.registry, self.db.statements)
         self.ops = OpsServer(
             self.metrics,
             {
@@ -159,6 +173,8 @@ class Bridge:
         grace = self.settings.shutdown_grace
         for task in self._tasks:  # the serving gate must not resume consumers during shutdown
             task.cancel()
+        if self.hints is not None:
+            self.hints.close()  # fetches waiting for a task are answered now (null)
         await self.transport.pause()
         if not await self.transport.wait_idle(grace):
             log.warning("in-flight requests did not finish within %.1fs", grace)

@@ -131,6 +131,17 @@ class Settings(BaseSettings):
     result_republish_after: float = Field(
         10.0, gt=0, description="A result still unpublished after this many seconds is re-published."
     )
+    hints: bool = Field(
+        True,
+        description="Dispatch by hints on RabbitMQ (each task handed to one fetch of the fleet; long-poll "
+        "waits for them). Off: every fetch scans Cassandra's ready index, as before 1.2.",
+    )
+    hint_grace: float = Field(
+        3.0, ge=0, le=600, description="A task without a claim this long after its hint is due is found by a scan."
+    )
+    reconcile_interval: float = Field(
+        5.0, ge=0, le=600, description="After a scan of a queue found nothing, a bridge scans it again after this."
+    )
 
     # --- operations ------------------------------------------------------------------------
     # Health and metrics for the pod network; no secrets served.

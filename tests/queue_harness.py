@@ -4,19 +4,37 @@ suite (tests/behaviour, both stores) and the state-machine test (tests/unit, mem
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.crypto import KeyProvider
 from bridge.domain.clock import ManualClock
+from bridge.domain.hints import MemoryHints
 from bridge.domain.models import AckRequest, AddCommand, Delivery, FetchRequest, parse
 from bridge.domain.queue import Limits, ResultMessage, WorkQueue
+from bridge.domain.reconcile import Reconciliation
 from bridge.domain.scheduler import RecoveryScheduler
 from bridge.domain.store import TaskStore
 
 OWNER = "worker-a"
 MARGIN_MS = 1_000
 TTL_S = 7 * 24 * 3600
+
+
+GRACE_MS = 3_000
+
+
+class CountingMetrics:
+    def __init__(self) -> None:
+        self.counts: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
+
+    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
+        self.counts[(name, tuple(sorted(labels.items())))] += int(amount)
+
+    def total(self, name: str, **labels: str) -> int:
+        want = set(labels.items())
+        return sum(n for (k, lab), n in self.counts.items() if k == name and want <= set(lab))
 
 
 @dataclass
@@ -35,7 +53,11 @@ class Sink:
 class Harness:
     """A bridge's domain on one store: queue, scheduler and clock, driven step by step."""
 
-    def __init__(self, store: TaskStore, keys: KeyProvider, clock: ManualClock, prefix: str) -> None:
+    def __init__(
+        self, store: TaskStore, keys: KeyProvider, clock: ManualClock, prefix: str, hints: MemoryHints | None = None
+    ) -> None:
+        self.hints = hints  # shared by every instance, as the broker is
+        self.metrics = CountingMetrics()
         self.store = store
         self.keys = keys
         self.clock = clock
@@ -49,7 +71,18 @@ class Harness:
         limits = Limits(
             max_value_bytes=64 * 1024, default_ttr_ms=60_000, max_ttr_ms=3_600_000, skew_margin_ms=MARGIN_MS
         )
-        queue = WorkQueue(self.store, self.keys, clock, limits=limits, settle_ms=MARGIN_MS, results=self.sink)
+        reconcile = Reconciliation(grace_ms=GRACE_MS, interval_ms=5_000) if self.hints is not None else None
+        queue = WorkQueue(
+            self.store,
+            self.keys,
+            clock,
+            limits=limits,
+            settle_ms=MARGIN_MS,
+            results=self.sink,
+            metrics=self.metrics,
+            hints=self.hints,
+            reconcile=reconcile,
+        )
         scheduler = RecoveryScheduler(
             queue, interval_s=0.1, late_ms=5_000, republish_after_ms=5_000, progress_prefix=self.prefix
         )
@@ -64,8 +97,10 @@ class Harness:
         self.clock.advance(1)
         return task_id
 
-    async def fetch(self, worker: str, ttr_ms: int | None = None, queue: WorkQueue | None = None) -> Delivery | None:
-        body: dict[str, Any] = {"serviceId": self.service, "workerId": worker}
+    async def fetch(
+        self, worker: str, ttr_ms: int | None = None, queue: WorkQueue | None = None, wait_ms: int = 0
+    ) -> Delivery | None:
+        body: dict[str, Any] = {"serviceId": self.service, "workerId": worker, "waitMs": wait_ms}
         if ttr_ms is not None:
             body["timeToRecover"] = ttr_ms
         return await (queue or self.queue).fetch(OWNER, parse(FetchRequest, body))

@@ -108,6 +108,7 @@ class RpcClient:
         message_id: str | None = None,
         headers: dict[str, Any] | None = None,
         raw: bytes | None = None,
+        wait_s: float = 0.0,
     ) -> asyncio.Future[Any] | None:
         if self._closed:
             raise RuntimeError("client is closed")
@@ -122,7 +123,7 @@ class RpcClient:
         if reply:
             # Past this moment we will have given up (and may retry): the bridge drops the request
             # instead of executing it late, when its outcome could only act on state that moved on.
-            hdrs.setdefault(DEADLINE_HEADER, int((now + self.timeout) * 1000))
+            hdrs.setdefault(DEADLINE_HEADER, int((now + wait_s + self.timeout) * 1000))
         correlation_id = uuid.uuid4().hex
         fut: asyncio.Future[Any] | None = None
         if reply:
@@ -151,12 +152,13 @@ class RpcClient:
         """Send a request and return (reply body, reply headers) without interpreting errors."""
         fut = await self.publish(method, body, **kw)
         assert fut is not None
+        limit = self.timeout + kw.get("wait_s", 0.0)  # a long-poll fetch is answered after its wait
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(limit):
                 reply: tuple[dict[str, Any], dict[str, Any]] = await fut
                 return reply
         except TimeoutError:
-            raise RequestTimeout(f"no reply to {method} within {self.timeout}s") from None
+            raise RequestTimeout(f"no reply to {method} within {limit}s") from None
         finally:
             for cid, pending in list(self._pending.items()):
                 if pending is fut:
@@ -234,9 +236,11 @@ class Worker(RpcClient):
         worker_id: str,
         time_to_recover_ms: int | None = None,
         poll_interval: float = 0.2,
+        wait_ms: int = 20_000,
         **kw: Any,
     ) -> None:
         super().__init__(url, **kw)
+        self.wait_ms = wait_ms  # the long-poll of ``async for task in worker`` (0: poll every poll_interval)
         self.service = service
         self.worker_id = worker_id
         self.time_to_recover_ms = time_to_recover_ms
@@ -247,12 +251,15 @@ class Worker(RpcClient):
     def connect(cls, url: str, *, service: str, worker_id: str, **kw: Any) -> Self:
         return cls(url, service=service, worker_id=worker_id, **kw)
 
-    async def fetch(self, time_to_recover_ms: int | None = None) -> Task | None:
+    async def fetch(self, time_to_recover_ms: int | None = None, *, wait_ms: int = 0) -> Task | None:
+        """One fetch: the task, or None if none is ready (within ``wait_ms``, up to 30,000: long-poll)."""
         body: dict[str, Any] = {"serviceId": self.service, "workerId": self.worker_id}
         ttr = time_to_recover_ms or self.time_to_recover_ms
         if ttr is not None:
             body["timeToRecover"] = ttr
-        reply = await self.call("fetch", body)
+        if wait_ms:
+            body["waitMs"] = wait_ms
+        reply = await self.call("fetch", body, wait_s=wait_ms / 1000)
         if reply.get("result") is None and "task" not in reply:
             self.current = None
             return None
@@ -285,10 +292,11 @@ class Worker(RpcClient):
     async def __aiter__(self) -> AsyncIterator[Task]:
         while True:
             try:
-                task = await self.fetch()
+                task = await self.fetch(wait_ms=self.wait_ms)
             except TransportError:
                 continue
             if task is None:
-                await asyncio.sleep(self.poll_interval)
+                if not self.wait_ms:
+                    await asyncio.sleep(self.poll_interval)
                 continue
             yield task

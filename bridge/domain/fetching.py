@@ -12,25 +12,42 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from dataclasses import dataclass
 
 from bridge.domain.clock import next_stamp
 from bridge.domain.context import QueueContext
 from bridge.domain.dispatch import Dispatcher
 from bridge.domain.errors import IntegrityError, KeyMissing, Unavailable
+from bridge.domain.hints import Taken, TaskHints
 from bridge.domain.models import Delivery, FetchRequest
+from bridge.domain.reconcile import Reconciliation
 from bridge.domain.records import LANE_FRESH, LANE_RECOVERED, ExpiryEntry, Payload, QueueKey, ReadyEntry, WorkerPointer
 from bridge.domain.sealing import open_value
-from bridge.domain.timeline import EXPIRY_BUCKET_MS, expiry_bucket
+from bridge.domain.timeline import EXPIRY_BUCKET_MS, expiry_bucket, ms_of
 
 log = logging.getLogger("bridge.queue")
 
 MAX_CLAIM_ATTEMPTS = 8
 
 
+@dataclass
+class _Attempt:
+    """One fetch's claiming: the pointer's write stamp moves with every claim tried."""
+
+    q: QueueKey
+    worker: str
+    ttr: int
+    stamp: int | None
+    stale_pointer: bool
+    attempted: bool = False
+
+
 class Fetcher:
-    def __init__(self, ctx: QueueContext, dispatcher: Dispatcher) -> None:
+    def __init__(self, ctx: QueueContext, dispatcher: Dispatcher, hints: TaskHints, reconcile: Reconciliation) -> None:
         self.ctx = ctx
         self.dispatcher = dispatcher
+        self.hints = hints
+        self.reconcile = reconcile
 
     async def fetch(self, owner: str, req: FetchRequest) -> Delivery | None:
         ctx = self.ctx
@@ -45,8 +62,14 @@ class Fetcher:
             delivery = await self._resend(q, req.worker_id, held, ttr, row.stamp)
             if delivery is not None:
                 return delivery
-        stale = held is not None and not held.done
-        return await self._claim_next(q, req.worker_id, ttr, row.stamp, stale_pointer=stale)
+        a = _Attempt(q, req.worker_id, ttr, row.stamp, stale_pointer=held is not None and not held.done)
+        delivery = await self._claim_next(a)
+        if delivery is None and req.wait_ms > 0:
+            delivery = await self._wait_for_hint(a, req.wait_ms)
+        if delivery is None and (a.stale_pointer or a.attempted):
+            # Our write-ahead pointer names a task we did not get: drop it.
+            await ctx.store.clear_worker(q, a.worker, next_stamp(ctx.clock.now_ms(), a.stamp))
+        return delivery
 
     async def _resend(
         self, q: QueueKey, worker: str, held: WorkerPointer, ttr: int, stamp: int | None
@@ -63,32 +86,76 @@ class Fetcher:
         self.ctx.metrics.inc("tasks_redelivered", kind="resend")
         return await self._deliver(q, worker, held.task_id, held.epoch, until, stamp=stamp)
 
-    async def _claim_next(
-        self, q: QueueKey, worker: str, ttr: int, stamp: int | None, *, stale_pointer: bool
-    ) -> Delivery | None:
-        spread = False
-        attempted = False
+    async def _claim_next(self, a: _Attempt) -> Delivery | None:
+        """Claim by hints first; scan the ready index when there are none (reconciliation)."""
         for _ in range(MAX_CLAIM_ATTEMPTS):
-            entry = await self.dispatcher.next_candidate(q, LANE_RECOVERED, spread=spread)
-            if entry is None:
-                entry = await self.dispatcher.next_candidate(q, LANE_FRESH, spread=spread)
-            if entry is None:
+            taken = await self.hints.take(a.q, 0)
+            if taken is None:
                 break
-            attempted = True
+            delivery = await self._claim_hinted(a, taken)
+            if delivery is not None:
+                return delivery
+        if self.reconcile.due(a.q, self.ctx.clock.now_ms()):
+            return await self._claim_scanned(a)
+        return None
+
+    async def _wait_for_hint(self, a: _Attempt, wait_ms: int) -> Delivery | None:
+        """Long-poll: wait for a hint of this queue (no store traffic while waiting)."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + wait_ms / 1000
+        while (left_ms := int((until - loop.time()) * 1000)) > 0:
+            taken = await self.hints.take(a.q, left_ms)
+            if taken is None:
+                return None
+            delivery = await self._claim_hinted(a, taken)
+            if delivery is not None:
+                return delivery
+        return None
+
+    async def _claim_hinted(self, a: _Attempt, taken: Taken) -> Delivery | None:
+        entry = taken.hint.entry()
+        a.attempted = True
+        try:
+            delivery, a.stamp = await self._try_claim(a.q, a.worker, entry, a.ttr, a.stamp)
+        except BaseException:
+            await asyncio.shield(taken.retry())  # not decided: another fetch gets the hint
+            raise
+        await taken.done()
+        self.ctx.metrics.inc("claims", source="hint", outcome="won" if delivery else "lost")
+        if delivery is not None:
+            self.ctx.background.spawn(self.ctx.store.mark_claimed(a.q, entry), "mark claimed")
+        return delivery
+
+    async def _claim_scanned(self, a: _Attempt) -> Delivery | None:
+        """Scan the ready index (the only path with hints off). With hints on, only entries older
+        than the grace period are taken: younger ones have a hint on its way."""
+        spread = False
+        cutoff = self.reconcile.cutoff_ms(self.ctx.clock.now_ms())
+        for _ in range(MAX_CLAIM_ATTEMPTS):
+            entry = await self.dispatcher.next_candidate(a.q, LANE_RECOVERED, spread=spread)
+            if entry is None or ms_of(entry.seq) > cutoff:
+                if entry is not None:
+                    self.dispatcher.release(a.q, entry)
+                entry = await self.dispatcher.next_candidate(a.q, LANE_FRESH, spread=spread)
+            if entry is None or ms_of(entry.seq) > cutoff:
+                if entry is not None:
+                    self.dispatcher.release(a.q, entry)
+                break
+            a.attempted = True
             try:
-                delivery, stamp = await self._try_claim(q, worker, entry, ttr, stamp)
+                delivery, a.stamp = await self._try_claim(a.q, a.worker, entry, a.ttr, a.stamp)
             except BaseException:
-                self.dispatcher.release(q, entry)
+                self.dispatcher.release(a.q, entry)
                 raise
             # Claimed by us, or it was not claimable (another worker or instance got it first).
-            self.dispatcher.taken(q, entry, lost_race=delivery is None)
+            self.dispatcher.taken(a.q, entry, lost_race=delivery is None)
+            self.ctx.metrics.inc("claims", source="scan", outcome="won" if delivery else "lost")
             if delivery is not None:
-                self.ctx.background.spawn(self.ctx.store.mark_claimed(q, entry), "mark claimed")
+                self.ctx.background.spawn(self.ctx.store.mark_claimed(a.q, entry), "mark claimed")
+                self.reconcile.found(a.q)
                 return delivery
             spread = True  # lost a race: another worker or instance reads the same head
-        if stale_pointer or attempted:
-            # Our write-ahead pointer names a task we did not get: drop it.
-            await self.ctx.store.clear_worker(q, worker, next_stamp(self.ctx.clock.now_ms(), stamp))
+        self.reconcile.found_nothing(a.q, self.ctx.clock.now_ms())
         return None
 
     async def _try_claim(
@@ -123,6 +190,10 @@ class Fetcher:
             if recovered and cur is not None and cur.epoch == entry.epoch and cur.not_claimable_before(now, margin):
                 await self._rearm(q, entry, cur.lease_until_ms or now, now)
             self.ctx.metrics.inc("claim_conflicts")
+            return None, stamp
+        if payload is None:
+            # The task's lifetime (TTL) ended: a hint or an index entry outlived it. Nothing to hand out.
+            self.ctx.metrics.inc("deliveries_failed", reason="expired")
             return None, stamp
         self.ctx.metrics.inc("tasks_delivered" if not recovered or epoch == 1 else "tasks_redelivered", kind="claim")
         log.debug("task claimed", extra={"task_id": str(task_id), "epoch": epoch, "lease_ms": ttr})

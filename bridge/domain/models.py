@@ -48,6 +48,8 @@ class FetchRequest(_Request):
     service_id: Identifier = Field(alias="serviceId")
     worker_id: Identifier = Field(alias="workerId")
     time_to_recover: StrictInt | None = Field(None, alias="timeToRecover", ge=100)
+    # Long-poll: wait up to this long for a task when none is ready (0: answer at once, as in 1.0).
+    wait_ms: StrictInt = Field(0, alias="waitMs", ge=0, le=30_000)
 
 
 class AckRequest(_Request):

@@ -19,8 +19,10 @@ from bridge.domain.context import AlwaysGrant, Background, LeaseGate, Limits, Me
 from bridge.domain.dispatch import Dispatcher
 from bridge.domain.errors import Unavailable
 from bridge.domain.fetching import Fetcher
+from bridge.domain.hints import Hint, NoHints, TaskHints
 from bridge.domain.models import AckRequest, AddCommand, Delivery, FetchRequest
-from bridge.domain.records import OutboxEntry, QueueKey
+from bridge.domain.reconcile import Reconciliation
+from bridge.domain.records import LANE_FRESH, OutboxEntry, QueueKey
 from bridge.domain.relay import ResultMessage, ResultRelay, ResultSink
 from bridge.domain.sealing import OwnerKeys, encode, seal_task
 from bridge.domain.store import TaskStore
@@ -46,6 +48,8 @@ class WorkQueue:
         metrics: Metrics | None = None,
         may_grant_leases: LeaseGate | None = None,
         max_lanes: int = 10_000,
+        hints: TaskHints | None = None,
+        reconcile: Reconciliation | None = None,
     ) -> None:
         self.ctx = QueueContext(
             store=store,
@@ -58,7 +62,10 @@ class WorkQueue:
         )
         self.dispatcher = Dispatcher(store, clock.now_ms, settle_ms, max_lanes)
         self.relay = ResultRelay(self.ctx, results)
-        self._fetcher = Fetcher(self.ctx, self.dispatcher)
+        # Without hints every fetch scans the ready index (as before 1.2).
+        self.hints: TaskHints = hints or NoHints()
+        reconcile = reconcile or Reconciliation.scan_always()
+        self._fetcher = Fetcher(self.ctx, self.dispatcher, self.hints, reconcile)
         self._acker = Acker(self.ctx, self.relay)
 
     # -- what the scheduler and the process use ------------------------------------------------------
@@ -86,6 +93,10 @@ class WorkQueue:
         """This instance completed the task at this epoch lately (a hint: the lease decides)."""
         return self._acker.completed_here(task_id, epoch)
 
+    async def announce(self, q: QueueKey, hint: Hint) -> None:
+        """A task may be claimable (re-exposed by recovery): tell the fetches of its queue."""
+        await self.hints.offer(q, hint)
+
     async def publish(self, entry: OutboxEntry) -> None:
         await self.relay.publish(entry)
 
@@ -108,6 +119,8 @@ class WorkQueue:
                 return str(existing)
         payload = seal_task(key, q, task_id, value_json, token_json, traceparent, now)
         await ctx.store.store_task(q, task_id, payload)
+        # After the write: a hint never names a task that is not stored yet.
+        await self.hints.offer(q, Hint(task_id, LANE_FRESH, task_id, None, token_json is not None))
         ctx.metrics.inc("tasks_added")
         log.debug("task added", extra={"task_id": str(task_id)})
         return str(task_id)

@@ -20,8 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bridge.domain.errors import Unavailable
+from bridge.domain.hints import Hint
 from bridge.domain.queue import WorkQueue
-from bridge.domain.records import ExpiryEntry
+from bridge.domain.records import LANE_RECOVERED, ExpiryEntry
 from bridge.domain.store import TaskStore
 from bridge.domain.timeline import (
     EXPIRY_BUCKET_MS,
@@ -192,6 +193,7 @@ class RecoveryScheduler:
         seq = deterministic_timeuuid(seq_ms, f"{entry.task_id}:{bucket}", entry.epoch)
         rbucket = ready_bucket(seq_ms)
         await self.store.expose_recovered(q, rbucket, seq, entry.task_id, entry.epoch, entry.has_token)
+        await self.queue.announce(q, Hint(entry.task_id, LANE_RECOVERED, seq, entry.epoch, entry.has_token))
         self.state.recovered += 1
         self.queue.metrics.inc("tasks_recovered")
         log.info(

@@ -79,6 +79,12 @@ ROUTES: dict[str, Route] = {
         "tasks_dead_lettered", "Tasks removed without a result, by reason.", labels=("reason",)
     ),
     "claim_conflicts": Route("claim_conflicts", "Claims lost to a concurrent claim (lightweight transaction)."),
+    "claims": Route(
+        "claims",
+        "Claims tried, by source (hint: handed out by the broker; scan: found in the ready index) and "
+        "outcome (won, lost).",
+        labels=("source", "outcome"),
+    ),
     "results_published": Route("results_published", "Results published and confirmed by the broker."),
     "results_republished": Route("results_republished", "Pending results re-published by the scheduler."),
     "results_dropped": Route("results_dropped", "Results that could not be published, by reason.", labels=("reason",)),
@@ -92,7 +98,9 @@ ROUTES: dict[str, Route] = {
         "acks_refused", "Acks answered false because they were late copies, by reason.", labels=("reason",)
     ),
     "deliveries_failed": Route(
-        "deliveries_failed", "Claimed tasks that could not be handed out, by reason (key_missing).", labels=("reason",)
+        "deliveries_failed",
+        "Claimed tasks that could not be handed out, by reason (key_missing, expired).",
+        labels=("reason",),
     ),
     "amqp_channels_lost": Route(
         "amqp_channels_lost", "AMQP channels closed under the bridge (restored on reconnect).", labels=("channel",)
@@ -260,6 +268,11 @@ class BridgeMetrics:
             counter.labels(*(labels[label] for label in route.labels)).inc(amount)
         else:
             counter.inc(amount)
+
+    def counter_value(self, name: str) -> float:
+        """A counter's total over all its labels (tests and benchmarks read it in process)."""
+        counter = self._counters[ROUTES[name].metric]
+        return sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total"))
 
     # -- the transport's Observer ---------------------------------------------------------------
     def observe(self, method: str, outcome: str, seconds: float) -> None:

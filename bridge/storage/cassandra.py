@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -125,6 +126,7 @@ class CassandraSession:
     def __init__(self, settings: Settings, now_ms: Callable[[], int] | None = None) -> None:
         self.settings = settings
         self.timestamps = ClockTimestamps(now_ms) if now_ms is not None else None
+        self.statements: Counter[str] = Counter()  # requests sent, by statement name (tests, benchmarks)
         self.keyspace = settings.cassandra_keyspace
         self._cluster: Cluster | None = None
         self._session: Session | None = None
@@ -211,6 +213,7 @@ class CassandraSession:
         fetch_size: int | None = None,
     ) -> list[Row]:
         stmt = self._prepared[name]
+        self.statements[name] += 1
         bound = stmt.bind(params)
         if serial_read:
             bound.consistency_level = self.serial_consistency

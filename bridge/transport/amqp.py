@@ -33,6 +33,7 @@ from aio_pika.abc import (
 from bridge.config import Settings
 from bridge.domain.queue import WorkQueue
 from bridge.transport.handlers import ADD_RETRY_BUDGET_S, RequestHandlers
+from bridge.transport.hints import AmqpHints
 from bridge.transport.permissions import amqp_user
 from bridge.transport.replies import ReplyPublisher
 from bridge.transport.results import ResultPublisher
@@ -52,11 +53,13 @@ class AmqpTransport:
         observe: Observer | None = None,
         *,
         results: ResultPublisher | None = None,
+        hints: AmqpHints | None = None,
     ) -> None:
         self.settings = settings
         self.queue = queue
         self.names = Names(settings.exchange, settings.queue_prefix)
         self.results = results or ResultPublisher(settings)
+        self.hints = hints
         self.replies = ReplyPublisher(self._connect_probation, user=amqp_user(settings.amqp_url.get_secret_value()))
         self.handlers = RequestHandlers(settings, queue, self.replies, consuming=lambda: bool(self._consumer_tags))
         self._observer = observe or (lambda method, outcome, seconds: None)
@@ -117,6 +120,8 @@ class AmqpTransport:
             channel.close_callbacks.add(functools.partial(self._channel_lost, name))
         self.connection.reconnect_callbacks.add(self._reconnected)
         await self._declare_topology()
+        if self.hints is not None:
+            await self.hints.attach(self.connection)
         await self.resume()
 
     async def _declare_topology(self) -> None:

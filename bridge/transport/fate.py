@@ -105,7 +105,10 @@ def markdown_table() -> str:
 
 
 async def settle(message: AbstractIncomingMessage, fate: Fate) -> None:
-    """Acknowledge, requeue or dead-letter the delivery, as ``fate`` says."""
+    """Acknowledge, requeue or dead-letter the delivery, as ``fate`` says (once: a waiting fetch's
+    delivery is acknowledged when its wait begins, and its outcome is only answered)."""
+    if message.processed:
+        return
     if fate.settle is Settle.ACK:
         await message.ack()
     elif fate.settle is Settle.REQUEUE:

@@ -177,6 +177,11 @@ class RequestHandlers:
         return True
 
     async def _fetch(self, owner: str, req: FetchRequest, message: AbstractIncomingMessage) -> Reply:
+        if req.wait_ms > 0:
+            # A fetch may wait up to 30 s: its delivery must not hold one of the consumer's prefetch
+            # slots that long (a bridge with as many waiting fetches as slots would take no request).
+            # Acknowledged now; if the bridge dies while it waits, the worker's retry asks again.
+            await message.ack()
         delivery = await self.queue.fetch(owner, req)
         if delivery is None:
             return reply_body(None), None

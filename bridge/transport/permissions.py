@@ -47,17 +47,25 @@ def _escape(name: str) -> str:
     return re.sub(r"([.^$*+?()\[\]{}|\\])", r"\\\1", name)
 
 
-def _exactly(names: list[str]) -> str:
+def _exactly(names: list[str], patterns: tuple[str, ...] = ()) -> str:
     unique = dict.fromkeys(names)  # the results exchange and queue may share a name
-    return "^(" + "|".join(_escape(n) for n in unique) + ")$"
+    return "^(" + "|".join([*(_escape(n) for n in unique), *patterns]) + ")$"
+
+
+def hint_queues(queue_prefix: str) -> str:
+    """The pattern of the bridge's hint queues (``bridge.transport.hints``): one per service queue."""
+    return _escape(queue_prefix) + r"\.hints\.[0-9a-f]{24}"
 
 
 def role_permissions(
     exchange: str, results_exchange: str, queue_prefix: str, results_queue: str | None
 ) -> dict[str, Permission]:
     own = bridge_names(exchange, results_exchange, queue_prefix, results_queue)
+    hints = hint_queues(queue_prefix)
     return {
-        "bridge": Permission(_exactly(own), _exactly([*own, "amq.default"]), _exactly(own)),
+        "bridge": Permission(
+            _exactly(own, (hints,)), _exactly([*own, "amq.default"], (hints,)), _exactly(own, (hints,))
+        ),
         "engine": Permission(NOTHING, _exactly([exchange]), _exactly([results_queue]) if results_queue else NOTHING),
         "worker": Permission(NOTHING, _exactly([exchange]), NOTHING),
     }

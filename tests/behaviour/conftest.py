@@ -23,6 +23,7 @@ import pytest
 
 from bridge.crypto import KeyringFileProvider
 from bridge.domain.clock import ManualClock
+from bridge.domain.hints import MemoryHints
 from bridge.domain.store import TaskStore
 from bridge.storage.memory import MemoryTaskStore
 from tests.queue_harness import TTL_S, Harness
@@ -61,8 +62,7 @@ def _memory(clock: ManualClock) -> TaskStore:
     return MemoryTaskStore(clock.now_ms, TTL_S)
 
 
-@pytest.fixture(params=["memory", pytest.param("cassandra", marks=pytest.mark.integration)])
-async def harness(request: pytest.FixtureRequest, keyring_path: Path) -> AsyncIterator[Harness]:
+async def _harness(request: pytest.FixtureRequest, keyring_path: Path, *, hinted: bool) -> AsyncIterator[Harness]:
     keys = KeyringFileProvider(keyring_path)
     if request.param == "memory":
         clock = ManualClock(1_700_000_000_000)
@@ -74,7 +74,27 @@ async def harness(request: pytest.FixtureRequest, keyring_path: Path) -> AsyncIt
         clock = ManualClock(int(time.time() * 1000) + random.randrange(1, 30 * 86_400) * 1000)
         db = request.getfixturevalue("cassandra_store_session")
         store = CassandraTaskStore(db, clock.now_ms, TTL_S)
-    h = Harness(store, keys, clock, prefix=f"test-{uuid.uuid4().hex[:8]}-")
+    hints = MemoryHints() if hinted else None
+    h = Harness(store, keys, clock, prefix=f"test-{uuid.uuid4().hex[:8]}-", hints=hints)
     await h.scheduler.tick()  # the scheduler starts before any lease exists, as in a bridge
     yield h
+    if hints is not None:
+        hints.close()
     await h.queue.drain_background(5.0)
+
+
+STORES = ["memory", pytest.param("cassandra", marks=pytest.mark.integration)]
+
+
+@pytest.fixture(params=STORES)
+async def harness(request: pytest.FixtureRequest, keyring_path: Path) -> AsyncIterator[Harness]:
+    """Scan mode (no hints): every fetch reads the ready index."""
+    async for h in _harness(request, keyring_path, hinted=False):
+        yield h
+
+
+@pytest.fixture(params=STORES)
+async def hinted(request: pytest.FixtureRequest, keyring_path: Path) -> AsyncIterator[Harness]:
+    """Hint mode: fetches claim what hints name (a broker's, modelled in memory) and wait for them."""
+    async for h in _harness(request, keyring_path, hinted=True):
+        yield h

@@ -342,23 +342,60 @@ def rate(history: History, start: float, end: float) -> float:
     return round(done / max(end - start, 1e-9), 1)
 
 
-def rf3_bridges(bridge_processes, servers, hosts: list[str]) -> str:  # type: ignore[no-untyped-def]
+RF3 = "{'class': 'SimpleStrategy', 'replication_factor': 3}"
+
+
+@pytest.fixture(scope="module")
+def rf3_keyspace(servers, three_node_cluster) -> str:  # type: ignore[no-untyped-def]
+    """The RF 3 keyspace and its tables, created once before the cluster tests: schema changes
+    on three nodes wait for agreement (tens of seconds here), which is setup, not the drill."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bridge.config import Settings
+    from bridge.storage.cassandra import CassandraSession
+    from bridge.storage.schema import create_schema
+
+    hosts, _ = three_node_cluster
     keyspace = f"{servers.keyspace}_rf3"
+    settings = Settings(
+        cassandra_hosts=hosts,
+        cassandra_keyspace=keyspace,
+        cassandra_replication=RF3,
+        keyring=None,
+        key_server_url=None,
+    )
+
+    async def create() -> None:
+        db = CassandraSession(settings)
+        await db.connect()
+        try:
+            await create_schema(db, settings)
+        finally:
+            await db.close()
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, create()).result()
+    return keyspace
+
+
+def rf3_bridges(bridge_processes, keyspace: str, hosts: list[str]) -> str:  # type: ignore[no-untyped-def]
     for _ in range(2):
         bridge_processes(
             BRIDGE_CASSANDRA_HOSTS=",".join(hosts),
             BRIDGE_CASSANDRA_KEYSPACE=keyspace,
-            BRIDGE_CASSANDRA_REPLICATION="{'class': 'SimpleStrategy', 'replication_factor': 3}",
+            BRIDGE_CASSANDRA_REPLICATION=RF3,
         )
     return keyspace
 
 
 @pytest.mark.cluster
-async def test_a_node_of_a_three_node_cluster_killed_under_load(bridge_processes, servers, names, three_node_cluster):
+async def test_a_node_of_a_three_node_cluster_killed_under_load(
+    bridge_processes, servers, names, three_node_cluster, rf3_keyspace
+):
     """RF 3, LOCAL_QUORUM + SERIAL: one node of three killed -9 under load; the cluster keeps
     serving with it down (it is started again by the next test, which also covers a rejoin)."""
     hosts, session = three_node_cluster
-    keyspace = rf3_bridges(bridge_processes, servers, hosts)
+    keyspace = rf3_bridges(bridge_processes, rf3_keyspace, hosts)
     await wait_bridges(servers, names, 2)
     marks: dict[str, float] = {}
 
@@ -377,6 +414,7 @@ async def test_a_node_of_a_three_node_cluster_killed_under_load(bridge_processes
         session,
         kill_a_node,
         keyspace=keyspace,
+        total=90,  # three JVMs and the bridges share two cores: a smaller load fits the 60 s
     )
     before = rate(history, marks["killed"] - 5, marks["killed"])
     during = rate(history, marks["killed"], marks["down_until"])
@@ -385,11 +423,13 @@ async def test_a_node_of_a_three_node_cluster_killed_under_load(bridge_processes
 
 
 @pytest.mark.cluster
-async def test_a_killed_node_of_a_three_node_cluster_rejoins(bridge_processes, servers, names, three_node_cluster):
+async def test_a_killed_node_of_a_three_node_cluster_rejoins(
+    bridge_processes, servers, names, three_node_cluster, rf3_keyspace
+):
     """Node 3 killed -9 (if the previous test left it up) and started again while the bridges
     serve: no task lost or doubly leased across the rejoin."""
     hosts, session = three_node_cluster
-    keyspace = rf3_bridges(bridge_processes, servers, hosts)
+    keyspace = rf3_bridges(bridge_processes, rf3_keyspace, hosts)
     await wait_bridges(servers, names, 2)
     loop = asyncio.get_running_loop()
     from tests.conftest import _port_open
@@ -408,4 +448,5 @@ async def test_a_killed_node_of_a_three_node_cluster_rejoins(bridge_processes, s
         session,
         start_the_node,
         keyspace=keyspace,
+        total=90,
     )

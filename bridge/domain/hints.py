@@ -1,0 +1,141 @@
+"""Hints: which task to claim next, handed out by a broker so that bridges do not race for it.
+
+A hint names a task that may be claimable (a fresh one after its add, a recovered one after its
+lease ran out). Each hint goes to one fetch, on whichever bridge (RabbitMQ's competing
+consumers), so bridges serving one queue stop reading the same head of the ready index and
+trying the same claims. Hints are only hints: the claim is still decided by the lease's
+compare-and-set, and a lost hint (a crash between the write and the publish, a broker restart) is
+found again by a slow reconciliation scan of the ready index. A fetch that waits (``waitMs``)
+waits for a hint, at no cost to the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
+
+from bridge.domain.records import LANE_RECOVERED, QueueKey, ReadyEntry
+from bridge.domain.timeline import ms_of, ready_bucket
+
+
+@dataclass(frozen=True, slots=True)
+class Hint:
+    task_id: uuid.UUID
+    lane: int
+    seq: uuid.UUID  # the entry's place in the ready index (a fresh task's: its id)
+    epoch: int | None  # recovered lane: the epoch of the lease that ran out
+    has_token: bool
+
+    @property
+    def recovered(self) -> bool:
+        return self.lane == LANE_RECOVERED
+
+    def entry(self) -> ReadyEntry:
+        """The ready-index entry this hint stands for."""
+        return ReadyEntry(
+            self.lane, ready_bucket(ms_of(self.seq)), self.seq, self.task_id, self.epoch, self.has_token, False
+        )
+
+
+class Taken(Protocol):
+    """A hint taken from its queue; settled once the claim it led to has been decided."""
+
+    @property
+    def hint(self) -> Hint: ...
+
+    async def done(self) -> None:
+        """The claim was decided (won, or the task is someone else's or finished): drop the hint."""
+
+    async def retry(self) -> None:
+        """The claim could not be tried (a store outage): put the hint back for another fetch."""
+
+
+class TaskHints(Protocol):
+    async def offer(self, q: QueueKey, hint: Hint) -> None:
+        """Best effort: a hint that is lost is found again by reconciliation."""
+
+    async def take(self, q: QueueKey, wait_ms: int) -> Taken | None:
+        """A hint of this queue: at once if one is there, else within ``wait_ms`` (0: do not wait);
+        None when none came (or the bridge is shutting down)."""
+
+
+class NoHints:
+    """Hints switched off: every fetch scans the ready index (the dispatcher), as before 1.2."""
+
+    async def offer(self, q: QueueKey, hint: Hint) -> None:
+        return None
+
+    async def take(self, q: QueueKey, wait_ms: int) -> Taken | None:
+        return None
+
+
+@dataclass
+class _MemoryTaken:
+    hint: Hint
+    owner: MemoryHints
+    q: QueueKey
+
+    async def done(self) -> None:
+        return None
+
+    async def retry(self) -> None:
+        await self.owner.offer(self.q, self.hint)
+
+
+class MemoryHints:
+    """Hints in process memory, for tests (and a model of the broker's: FIFO, recovered first)."""
+
+    def __init__(self) -> None:
+        self._queues: dict[QueueKey, tuple[deque[Hint], deque[Hint]]] = {}
+        self._changed = asyncio.Event()
+        self.closed = False
+        self.lost = 0  # hints dropped on purpose by tests (``drop``)
+        self.waiting = 0  # takes waiting for a hint right now
+
+    def _lanes(self, q: QueueKey) -> tuple[deque[Hint], deque[Hint]]:
+        return self._queues.setdefault(q, (deque(), deque()))
+
+    def drop(self, q: QueueKey) -> int:
+        """Lose every hint of a queue (a broker restart): reconciliation must find the tasks."""
+        recovered, fresh = self._lanes(q)
+        n = len(recovered) + len(fresh)
+        recovered.clear()
+        fresh.clear()
+        self.lost += n
+        return n
+
+    async def offer(self, q: QueueKey, hint: Hint) -> None:
+        recovered, fresh = self._lanes(q)
+        (recovered if hint.recovered else fresh).append(hint)
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def take(self, q: QueueKey, wait_ms: int) -> Taken | None:
+        loop = asyncio.get_running_loop()
+        until = loop.time() + wait_ms / 1000
+        while not self.closed:
+            recovered, fresh = self._lanes(q)
+            for lane in (recovered, fresh):
+                if lane:
+                    return _MemoryTaken(lane.popleft(), self, q)
+            left = until - loop.time()
+            if left <= 0:
+                return None
+            self.waiting += 1
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout=left)
+            except TimeoutError:
+                return None
+            finally:
+                self.waiting -= 1
+        return None
+
+    def close(self) -> None:
+        self.closed = True
+        self._changed.set()
+
+
+__all__ = ["Hint", "MemoryHints", "NoHints", "Taken", "TaskHints"]

@@ -1,0 +1,49 @@
+"""When a fetch may scan the ready index instead of waiting for hints.
+
+With hints off every fetch scans (the dispatcher), as before 1.2. With hints on, a scan is the
+safety net for hints that were lost (a crash between an add's write and its hint, a broker
+restart): it runs only when a fetch found no hint, takes only entries older than ``grace_ms``
+(a younger one has its hint on the way, and taking it would make that hint's claim fail), and
+after a scan of a queue found nothing, this bridge does not scan that queue again for
+``interval_ms``. So a fleet of idle bridges polled by idle workers costs the store about one
+small scan per queue per bridge per interval, whatever the number of workers, and a backlog whose
+hints were lost drains at full speed (every fetch scans while scans find tasks).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from bridge.domain.records import QueueKey
+
+NO_CUTOFF = 2**62
+
+
+class Reconciliation:
+    def __init__(self, *, grace_ms: int | None, interval_ms: int, max_queues: int = 10_000) -> None:
+        self.grace_ms = grace_ms  # None: hints are off, every entry may be scanned and taken
+        self.interval_ms = interval_ms
+        self.max_queues = max_queues
+        self._quiet_until: OrderedDict[QueueKey, int] = OrderedDict()
+
+    @classmethod
+    def scan_always(cls) -> Reconciliation:
+        return cls(grace_ms=None, interval_ms=0)
+
+    def due(self, q: QueueKey, now_ms: int) -> bool:
+        return now_ms >= self._quiet_until.get(q, 0)
+
+    def cutoff_ms(self, now_ms: int) -> int:
+        """Entries placed after this moment are left to their hints."""
+        return NO_CUTOFF if self.grace_ms is None else now_ms - self.grace_ms
+
+    def found(self, q: QueueKey) -> None:
+        self._quiet_until.pop(q, None)
+
+    def found_nothing(self, q: QueueKey, now_ms: int) -> None:
+        if self.interval_ms <= 0:
+            return
+        self._quiet_until[q] = now_ms + self.interval_ms
+        self._quiet_until.move_to_end(q)
+        while len(self._quiet_until) > self.max_queues:
+            self._quiet_until.popitem(last=False)

@@ -1,0 +1,215 @@
+"""Hints on RabbitMQ: one queue per service queue, each hint delivered to one fetch of the fleet.
+
+``<queue_prefix>.hints.<24 hex>`` (a digest of owner and service: any names fit, and the broker
+permissions can name the pattern) is a durable classic queue with two priorities (recovered tasks
+first) that expires when unused for longer than a task lives. Hints are transient messages
+published without confirms: losing one costs latency, never a task (``bridge.domain.reconcile``).
+
+A fetch takes a hint with ``basic.get`` (one broker round trip, no store traffic when there is
+none). A fetch that waits (``waitMs``) registers as a waiter of its queue; while a queue has
+waiters on this bridge, the bridge consumes it (prefetch 1) and hands each delivery to the oldest
+waiter, which acknowledges it once its claim is decided. A delivery nobody waits for any more is
+returned to the queue at once for another bridge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import uuid
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import aio_pika
+import orjson
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+
+from bridge.config import Settings
+from bridge.domain.hints import Hint, Taken
+from bridge.domain.records import QueueKey
+
+log = logging.getLogger("bridge.hints")
+
+MAX_DECLARED = 10_000
+HINT_PATTERN = r"\.hints\.[0-9a-f]{24}"  # the queue names after the prefix (broker permissions)
+
+
+def hint_queue_name(queue_prefix: str, q: QueueKey) -> str:
+    digest = hashlib.blake2b(f"{q.owner}\x00{q.service}".encode(), digest_size=12).hexdigest()
+    return f"{queue_prefix}.hints.{digest}"
+
+
+def encode(hint: Hint) -> bytes:
+    return orjson.dumps(
+        {"t": str(hint.task_id), "l": hint.lane, "s": str(hint.seq), "e": hint.epoch, "k": hint.has_token}
+    )
+
+
+def decode(body: bytes) -> Hint:
+    d = orjson.loads(body)
+    return Hint(uuid.UUID(d["t"]), int(d["l"]), uuid.UUID(d["s"]), d["e"], bool(d["k"]))
+
+
+@dataclass
+class _Taken:
+    hint: Hint
+    message: AbstractIncomingMessage
+
+    async def done(self) -> None:
+        await _settle(self.message, requeue=None)
+
+    async def retry(self) -> None:
+        await _settle(self.message, requeue=True)
+
+
+async def _settle(message: AbstractIncomingMessage, *, requeue: bool | None) -> None:
+    try:
+        if requeue is None:
+            await message.ack()
+        else:
+            await message.nack(requeue=requeue)
+    except Exception as exc:  # the channel is gone: the broker requeues the hint itself
+        log.debug("hint not settled: %s", type(exc).__name__)
+
+
+@dataclass
+class _Waiting:
+    queue: AbstractQueue
+    waiters: deque[asyncio.Future[AbstractIncomingMessage | None]] = field(default_factory=deque)
+    consumer_tag: str | None = None
+
+
+class AmqpHints:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._expires_ms = (settings.task_ttl_seconds + 86_400) * 1000
+        self._channel: AbstractChannel | None = None  # publish + get
+        self._consume: AbstractChannel | None = None  # waiting fetches' consumers (prefetch 1 each)
+        self._declared: OrderedDict[str, AbstractQueue] = OrderedDict()
+        self._waiting: dict[str, _Waiting] = {}
+        self._closed = False
+        self.published = 0
+        self.lost = 0
+
+    async def attach(self, connection: AbstractRobustConnection) -> None:
+        self._channel = await connection.channel(publisher_confirms=False)
+        self._consume = await connection.channel(publisher_confirms=False)
+        await self._consume.set_qos(prefetch_count=1)
+
+    async def _queue(self, q: QueueKey) -> AbstractQueue:
+        name = hint_queue_name(self.settings.queue_prefix, q)
+        found = self._declared.get(name)
+        if found is not None:
+            self._declared.move_to_end(name)
+            return found
+        assert self._channel is not None, "hints used before the transport started"
+        args: dict[str, object] = {"x-max-priority": 1, "x-expires": self._expires_ms}
+        declared = await self._channel.declare_queue(name, durable=True, arguments=args)  # type: ignore[arg-type]
+        self._declared[name] = declared
+        while len(self._declared) > MAX_DECLARED:
+            self._declared.popitem(last=False)
+        return declared
+
+    async def offer(self, q: QueueKey, hint: Hint) -> None:
+        try:
+            queue = await self._queue(q)
+            assert self._channel is not None
+            message = aio_pika.Message(encode(hint), priority=1 if hint.recovered else 0)
+            await self._channel.default_exchange.publish(message, routing_key=queue.name)
+            self.published += 1
+        except Exception as exc:  # a hint lost is found again by reconciliation
+            self.lost += 1
+            log.warning("hint not published (%s): reconciliation will find the task", type(exc).__name__)
+
+    async def take(self, q: QueueKey, wait_ms: int) -> Taken | None:
+        if self._closed:
+            return None
+        try:
+            queue = await self._queue(q)
+            message = await queue.get(no_ack=False, fail=False)
+        except Exception as exc:
+            log.warning("hints unavailable (%s): fetches scan the store", type(exc).__name__)
+            return None
+        if message is None and wait_ms > 0:
+            message = await self._wait(queue, wait_ms)
+        if message is None:
+            return None
+        try:
+            return _Taken(decode(message.body), message)
+        except (ValueError, KeyError, TypeError):
+            log.warning("malformed hint dropped")
+            await _settle(message, requeue=None)
+            return None
+
+    # -- waiting fetches --------------------------------------------------------------------------
+    async def _wait(self, queue: AbstractQueue, wait_ms: int) -> AbstractIncomingMessage | None:
+        waiting = self._waiting.get(queue.name)
+        if waiting is None:
+            waiting = self._waiting[queue.name] = _Waiting(queue)
+        future: asyncio.Future[AbstractIncomingMessage | None] = asyncio.get_running_loop().create_future()
+        waiting.waiters.append(future)
+        completed = False
+        try:
+            if waiting.consumer_tag is None:
+                waiting.consumer_tag = "starting"
+                try:
+                    await self._start_consuming(waiting)
+                except Exception as exc:  # the broker is away: answer as if the wait found nothing
+                    log.warning("cannot wait for hints (%s)", type(exc).__name__)
+                    return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(future), timeout=wait_ms / 1000)
+            completed = True
+        finally:
+            if future in waiting.waiters:
+                waiting.waiters.remove(future)
+            if not future.done():
+                future.set_result(None)
+            got = future.result()
+            if got is not None and not completed:  # cancelled with a hint in hand: for another fetch
+                await _settle(got, requeue=True)
+            await self._stop_consuming_if_idle(waiting)
+        return got
+
+    async def _start_consuming(self, waiting: _Waiting) -> None:
+        assert self._consume is not None
+        queue = await self._consume.get_queue(waiting.queue.name, ensure=False)
+
+        async def delivered(message: AbstractIncomingMessage) -> None:
+            await self._delivered(waiting, message)
+
+        try:
+            waiting.consumer_tag = await queue.consume(delivered)
+        except Exception:
+            waiting.consumer_tag = None
+            raise
+
+    async def _delivered(self, waiting: _Waiting, message: AbstractIncomingMessage) -> None:
+        while waiting.waiters:
+            future = waiting.waiters.popleft()
+            if not future.done():
+                future.set_result(message)
+                return
+        await _settle(message, requeue=True)  # nobody waits here any more: for another bridge
+
+    async def _stop_consuming_if_idle(self, waiting: _Waiting) -> None:
+        if waiting.waiters or waiting.consumer_tag in (None, "starting"):
+            return
+        tag, waiting.consumer_tag = waiting.consumer_tag, None
+        self._waiting.pop(waiting.queue.name, None)
+        assert self._consume is not None and tag is not None
+        try:
+            queue = await self._consume.get_queue(waiting.queue.name, ensure=False)
+            await queue.cancel(tag)
+        except Exception as exc:
+            log.debug("hint consumer not cancelled: %s", type(exc).__name__)
+
+    def close(self) -> None:
+        """Shutdown: every waiting fetch is answered now (null)."""
+        self._closed = True
+        for waiting in self._waiting.values():
+            for future in waiting.waiters:
+                if not future.done():
+                    future.set_result(None)

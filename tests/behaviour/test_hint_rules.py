@@ -1,0 +1,91 @@
+"""Dispatch by hints and long-poll fetch, on both stores (hints modelled in memory, as the broker
+hands them out: each to one fetch, recovered ones first)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bridge.domain.records import QueueKey
+from tests.conftest import wait_for
+from tests.queue_harness import GRACE_MS, MARGIN_MS, OWNER, Harness
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_bridges_sharing_a_queue_do_not_race_for_its_tasks(hinted: Harness) -> None:
+    h = hinted
+    second, _ = h.instance(h.clock)
+    third, _ = h.instance(h.clock)
+    ids = [await h.add(i) for i in range(30)]
+    got = []
+
+    async def worker(name: str, queue: object) -> None:
+        while (d := await h.fetch(name, queue=queue)) is not None:  # type: ignore[arg-type]
+            got.append(d.task_id)
+            assert await h.ack(name, d, queue=queue) is True  # type: ignore[arg-type]
+
+    await asyncio.gather(*(worker(f"w{i}", q) for i, q in enumerate([h.queue, second, third] * 3)))
+    assert sorted(got) == sorted(ids)
+    assert h.metrics.total("claim_conflicts") == 0, "no fetch tried a claim another fetch had won"
+    assert h.metrics.total("claims", source="scan") == 0, "no scan of the ready index was needed"
+
+
+async def test_a_waiting_fetch_gets_a_task_added_while_it_waits(hinted: Harness) -> None:
+    h = hinted
+    assert h.hints is not None
+    waiting = asyncio.create_task(h.fetch("w", wait_ms=5_000))
+    await wait_for(lambda: h.hints.waiting == 1, 2.0, what="the fetch waiting")  # type: ignore[union-attr]
+    before = getattr(h.store, "operations", 0)
+    await asyncio.sleep(0.2)  # seeing that nothing happens takes time: 0.2 s of waiting
+    assert getattr(h.store, "operations", 0) == before, "a waiting fetch does not poll the store"
+    task_id = await h.add("late")
+    got = await asyncio.wait_for(waiting, 2.0)
+    assert got is not None and got.task_id == task_id
+
+
+async def test_a_waiting_fetch_answers_null_when_its_wait_ends(hinted: Harness) -> None:
+    h = hinted
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    assert await h.fetch("w", wait_ms=150) is None
+    assert 0.14 <= loop.time() - start < 1.5
+
+
+async def test_shutdown_answers_waiting_fetches_at_once(hinted: Harness) -> None:
+    h = hinted
+    assert h.hints is not None
+    waiting = asyncio.create_task(h.fetch("w", wait_ms=20_000))
+    await wait_for(lambda: h.hints.waiting == 1, 2.0, what="the fetch waiting")  # type: ignore[union-attr]
+    h.hints.close()
+    assert await asyncio.wait_for(waiting, 1.0) is None
+
+
+async def test_tasks_whose_hints_were_lost_are_found_by_reconciliation(hinted: Harness) -> None:
+    h = hinted
+    assert h.hints is not None
+    ids = [await h.add(i) for i in range(3)]
+    assert h.hints.drop(QueueKey(OWNER, h.service)) == 3  # a broker restart
+    assert await h.fetch("w") is None, "younger than the grace period: left to their hints"
+    await h.advance(GRACE_MS + 5_000)  # past the grace period and the quiet interval after an empty scan
+    got = []
+    for _ in ids:
+        d = await h.fetch("w")
+        assert d is not None
+        got.append(d.task_id)
+        assert await h.ack("w", d) is True
+    assert got == ids
+    assert await h.fetch("w") is None
+
+
+async def test_a_recovered_task_is_hinted_to_a_waiting_fetch(hinted: Harness) -> None:
+    h = hinted
+    task_id = await h.add("v")
+    lost = await h.fetch("crashed", ttr_ms=500)
+    assert lost is not None and lost.task_id == task_id
+    waiting = asyncio.create_task(h.fetch("w", wait_ms=5_000))
+    await h.advance(500 + MARGIN_MS + 300, ticks=2)  # the scheduler re-exposes it and hints it
+    got = await asyncio.wait_for(waiting, 2.0)
+    assert got is not None and got.task_id == task_id and got.epoch == 2
+    assert await h.ack("crashed", lost) is False

@@ -1,0 +1,79 @@
+"""Dispatch by hints on RabbitMQ and long-poll fetch, end to end on the real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from tests.conftest import service_id, wait_for
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+
+BACKGROUND = ("expiry.bucket", "sched.", "outbox.bucket", "clock.now")  # the scheduler's own loop
+
+
+def _statements(b: object) -> int:
+    """Cassandra requests of the request path (the recovery scheduler's loop is measured apart)."""
+    counts = b.db.statements  # type: ignore[attr-defined]
+    return sum(n for name, n in counts.items() if not name.startswith(BACKGROUND))
+
+
+async def test_a_waiting_fetch_gets_the_task_as_soon_as_it_is_added(bridge, engine, workers):
+    svc = service_id()
+    w = await workers(svc, "w")
+    waiting = asyncio.create_task(w.fetch(wait_ms=10_000))
+    await wait_for(lambda: bridge.hints._waiting, 5.0, what="the fetch waiting on the bridge")
+    before = _statements(bridge)
+    await asyncio.sleep(1.0)  # seeing that nothing happens takes time: 1 s of waiting
+    assert _statements(bridge) - before <= 4, "a waiting fetch does not poll Cassandra"
+    added_at = time.monotonic()
+    task_id = await engine.add(svc, {"n": 1})
+    got = await asyncio.wait_for(waiting, 5.0)
+    assert got is not None and got.id == task_id and got.value == {"n": 1}
+    assert time.monotonic() - added_at < 1.0
+    assert await got.ack("done") is True
+
+
+async def test_many_waiting_workers_cost_cassandra_nothing_per_worker(bridge, workers):
+    svc = service_id()
+    ws = [await workers(svc, f"w{i}") for i in range(16)]
+    waits = [asyncio.create_task(w.fetch(wait_ms=4_000)) for w in ws]
+    await wait_for(lambda: sum(len(x.waiters) for x in bridge.hints._waiting.values()) == 16, 10.0, what="16 waiting")
+    before = _statements(bridge)
+    await asyncio.sleep(2.0)  # 2 s of 16 workers waiting
+    during = _statements(bridge) - before
+    assert during <= 6, f"{during} Cassandra requests in 2 s of 16 waiting workers"
+    assert await asyncio.gather(*waits) == [None] * 16, "each wait ends with null"
+
+
+async def test_a_waiting_fetch_is_answered_at_once_when_the_bridge_stops(bridge_env, make_bridge, workers):
+    b = await make_bridge()
+    svc = service_id()
+    w = await workers(svc, "w")
+    waiting = asyncio.create_task(w.fetch(wait_ms=25_000))
+    await wait_for(lambda: b.hints._waiting, 5.0, what="the fetch waiting")
+    stopping = time.monotonic()
+    await b.stop()
+    assert await asyncio.wait_for(waiting, 5.0) is None
+    assert time.monotonic() - stopping < 5.0
+
+
+async def test_two_bridges_on_one_queue_do_not_race_for_tasks(make_bridge, engine, workers):
+    a, b = await make_bridge(), await make_bridge()
+    svc = service_id()
+    ids = set(await asyncio.gather(*(engine.add(svc, i) for i in range(120))))
+    ws = [await workers(svc, f"w{i}") for i in range(8)]
+    got: list[str] = []
+
+    async def work(w) -> None:  # type: ignore[no-untyped-def]
+        while (t := await w.fetch()) is not None:
+            got.append(t.id)
+            assert await t.ack(None) is True
+
+    await asyncio.gather(*(work(w) for w in ws))
+    assert sorted(got) == sorted(ids), "every task once"
+    conflicts = sum(x.metrics.counter_value("claim_conflicts") for x in (a, b))
+    assert conflicts <= 0.05 * len(ids), f"{conflicts} claims lost to another claim"
