@@ -24,6 +24,7 @@ from bridge.storage.cassandra import CassandraSession
 from bridge.storage.repository import CassandraTaskStore
 from bridge.storage.schema import create_schema
 from bridge.transport.amqp import AmqpTransport, Observer
+from bridge.transport.duty import Duty
 from bridge.transport.hints import AmqpHints
 from bridge.transport.results import ResultPublisher
 
@@ -71,6 +72,8 @@ class Bridge:
         )
         # Dispatch by hints on RabbitMQ (attached when the transport connects).
         self.hints = AmqpHints(settings) if settings.hints else None
+        # One bridge of the fleet runs the recovery scheduler and the result relay (RabbitMQ elects it).
+        self.duty = Duty(f"{settings.queue_prefix}.duty")
         # Wired complete at construction: the queue publishes through this, the transport attaches it.
         self.results = ResultPublisher(settings)
         self.queue = WorkQueue(
@@ -96,7 +99,12 @@ class Bridge:
             results=self.results,
         )
         self.transport = AmqpTransport(
-            settings, self.queue, observe or self.metrics.observe, results=self.results, hints=self.hints
+            settings,
+            self.queue,
+            observe or self.metrics.observe,
+            results=self.results,
+            hints=self.hints,
+            duty=self.duty,
         )
         self.scheduler = RecoveryScheduler(
             self.queue,
@@ -153,7 +161,8 @@ class Bridge:
             with suppress(Exception):
                 await self.skew.measure()
             await self.transport.start()
-            self._tasks.append(asyncio.create_task(self.scheduler.run(self._stop), name="scheduler"))
+            self._tasks.append(asyncio.create_task(self.scheduler.run(self._stop, self.duty), name="scheduler"))
+            self._tasks.append(asyncio.create_task(self.duty.run(self._stop), name="duty"))
             self._tasks.append(asyncio.create_task(self.skew.run(self._stop), name="clock"))
             self._tasks.append(asyncio.create_task(self.gate.run(self._stop), name="serving gate"))
         except BaseException:
@@ -175,6 +184,7 @@ class Bridge:
             task.cancel()
         if self.hints is not None:
             self.hints.close()  # fetches waiting for a task are answered now (null)
+        await self.duty.release()  # another bridge takes the background loops over now
         await self.transport.pause()
         if not await self.transport.wait_idle(grace):
             log.warning("in-flight requests did not finish within %.1fs", grace)

@@ -1,13 +1,14 @@
-"""The recovery scheduler and the result relay: two loops every bridge instance runs.
+"""The recovery scheduler and the result relay: the fleet's background loops.
 
-Both walk time-bucketed tables (``expiries``, ``outbox``) from a persisted cursor. Several
-instances may walk the same buckets: every action they take is idempotent or fenced by a
-lightweight transaction, so the only cost of running N instances is N times the reads.
+One bridge of the fleet runs them at a time (``run(stop, duty)``: the duty is elected on RabbitMQ,
+``bridge.transport.duty``), so their reads are paid once, not once per bridge; every action they
+take is idempotent or fenced by a lease's compare-and-set, so two holders for a moment are safe.
 
 Recovery: a bucket of lease deadlines is read once its time has passed (first pass, for speed)
 and once more ``late_ms`` later (second pass, for deadlines whose write-ahead landed late); then
-the cursor moves past it. An expired lease is re-exposed by writing a lane-0 ``ready`` entry that
-points at the task; the next fetch of any worker claims it with ``epoch + 1``.
+the cursor moves past it. Only buckets marked as holding deadlines are read (``expiry_marks``).
+An expired lease is re-exposed by writing a lane-0 ``ready`` entry that points at the task and
+announcing it with a hint; the next fetch of any worker claims it with ``epoch + 1``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from bridge.domain.errors import Unavailable
 from bridge.domain.hints import Hint
@@ -41,6 +43,16 @@ OUTBOX_CURSOR = "outbox"
 # the same few rows (one per 10 s, whatever the fleet size) and a restart re-reads at most 10 s.
 EXPIRY_PERSIST_GRID = 40
 HANDLE_CONCURRENCY = 32
+CATCH_UP_BATCH = 400  # expiry buckets read per tick at most (a long outage is caught up in steps)
+MARKS_REFRESH_MS = 1_000
+MARKS_AHEAD = 8  # buckets (2 s) of marks read ahead of the clock
+
+
+class Duty(Protocol):
+    """Whether this bridge runs the fleet's background loops now (``bridge.transport.duty``)."""
+
+    @property
+    def held(self) -> bool: ...
 
 
 @dataclass
@@ -81,14 +93,45 @@ class RecoveryScheduler:
         self._outbox_persisted: int | None = None
         self._expiry_persisted: int | None = None
         self._last_outbox_ms = 0
+        self._marks: set[int] = set()
+        self._marks_hi = -1
+        self._marks_read_ms = -(10**15)
+
+    def _forget_positions(self) -> None:
+        self._expiry_next = self._expiry_confirmed = self._expiry_persisted = None
+        self._outbox_next = self._outbox_persisted = None
+        self._handled.clear()
+        self._outbox_retry.clear()
+        self._marks_read_ms = -(10**15)
+
+    async def _refresh_marks(self, now: int, due: int) -> None:
+        """Which buckets hold deadlines, re-read once a second: a deadline is marked at least the
+        skew margin plus its lease before its bucket is due (one marked later is met by the second
+        pass), so an idle fleet reads one small partition a second instead of every bucket."""
+        assert self._expiry_confirmed is not None
+        needed = min(due + 1, self._expiry_confirmed + CATCH_UP_BATCH)
+        if now - self._marks_read_ms < MARKS_REFRESH_MS and needed <= self._marks_hi:
+            return
+        hi = needed + MARKS_AHEAD
+        self._marks = await self.store.marked_expiry_buckets(self._expiry_confirmed, hi)
+        self._marks_hi, self._marks_read_ms = hi, now
 
     @property
     def expiry_position(self) -> int | None:
         """The first expiry bucket not yet read twice (None before the first tick)."""
         return self._expiry_confirmed
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, duty: Duty | None = None) -> None:
+        """Tick while this bridge holds the fleet's scheduler duty (always, without an election)."""
         while not stop.is_set():
+            if duty is not None and not duty.held:
+                # Another bridge runs the loops. If the duty comes here, start again from the
+                # persisted positions (the last holder's), not from what this bridge saw long ago.
+                self._forget_positions()
+                self.state.last_tick_monotonic = time.monotonic()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=self.interval_s)
+                continue
             try:
                 await self.tick()
             except Unavailable as exc:
@@ -117,9 +160,10 @@ class RecoveryScheduler:
             self._expiry_confirmed = start
         assert self._expiry_confirmed is not None
         due = expiry_bucket(now)  # buckets strictly below this one have fully passed
+        await self._refresh_marks(now, due)
         # First pass over newly passed buckets: bounded per tick so a long outage catches up in steps.
         batch = 0
-        while self._expiry_next < due and batch < 400:
+        while self._expiry_next < due and batch < CATCH_UP_BATCH:
             await self._process_bucket(self._expiry_next, now)
             self._expiry_next += 1
             batch += 1
@@ -142,6 +186,8 @@ class RecoveryScheduler:
             self._expiry_persisted = grid
 
     async def _process_bucket(self, bucket: int, now: int, *, only_expired: bool = False) -> None:
+        if bucket not in self._marks:
+            return  # no deadline was ever filed here
         entries = await self.store.expiries(bucket)
         margin = self.queue.skew_margin_ms
         if only_expired:

@@ -118,7 +118,10 @@ class TaskStore(Protocol):
 
     # -- recovery timer wheel and result outbox ------------------------------------------------------
     async def watch_expiry(self, bucket: int, entry: ExpiryEntry) -> None:
-        """File a lease deadline under an expiry bucket (idempotent)."""
+        """File a lease deadline under an expiry bucket (idempotent); the bucket is marked first."""
+
+    async def marked_expiry_buckets(self, first: int, last: int) -> set[int]:
+        """The buckets in ``[first, last]`` that deadlines were filed under (a superset is fine)."""
 
     async def expiries(self, bucket: int) -> list[ExpiryEntry]: ...
 

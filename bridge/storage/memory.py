@@ -278,6 +278,10 @@ class MemoryTaskStore:
         key = (e.lease_until_ms, e.queue.owner, e.queue.service, e.task_id, e.epoch)
         self.expiry_wheel.setdefault(bucket, {})[key] = e
 
+    async def marked_expiry_buckets(self, first: int, last: int) -> set[int]:
+        await self._io()
+        return {b for b in self.expiry_wheel if first <= b <= last}
+
     async def expiries(self, bucket: int) -> list[ExpiryEntry]:
         await self._io()
         rows = self.expiry_wheel.get(bucket, {})

@@ -26,7 +26,7 @@ from bridge.domain.records import (
     WorkerPointer,
     WorkerRow,
 )
-from bridge.domain.timeline import MIN_TIMEUUID, bucket_of_task, ms_of
+from bridge.domain.timeline import EXPIRY_BUCKET_MS, MIN_TIMEUUID, bucket_of_task, ms_of
 from bridge.storage.cassandra import CassandraSession
 from bridge.storage.errors import UnknownOutcome
 from bridge.storage.rows import (
@@ -46,6 +46,7 @@ LOOP_CURSOR_TTL_S = 30 * 24 * 3600  # a restart after an outage this long still 
 LOOP_CURSOR_MAX_DAYS = 31
 BUCKET_INDEX_GRACE_S = 60  # an index row outlives the rows it points at
 MAX_REMEMBERED_BUCKETS = 100_000
+MARK_HOUR_BUCKETS = 3_600_000 // EXPIRY_BUCKET_MS  # expiry marks: one partition per hour of buckets
 
 
 class CassandraTaskStore:
@@ -54,6 +55,7 @@ class CassandraTaskStore:
         self.now_ms = now_ms
         self.task_ttl_s = task_ttl_s
         self._indexed: set[tuple[QueueKey, int, int]] = set()  # buckets this process indexed lately
+        self._marked: set[int] = set()  # expiry buckets this process marked lately
 
     # -- setup -------------------------------------------------------------------------------
     async def prepare(self) -> None:
@@ -246,6 +248,11 @@ class CassandraTaskStore:
 
     # -- recovery timer wheel and outbox -----------------------------------------------------------------
     async def watch_expiry(self, bucket: int, entry: ExpiryEntry) -> None:
+        if bucket not in self._marked:  # the mark lands before the deadline it announces
+            await self.db.execute("expiry.mark", (bucket // MARK_HOUR_BUCKETS, bucket, self.task_ttl_s))
+            if len(self._marked) > MAX_REMEMBERED_BUCKETS:
+                self._marked.clear()
+            self._marked.add(bucket)
         e = entry
         params = (bucket, to_datetime(e.lease_until_ms), e.queue.owner, e.queue.service, e.task_id, e.epoch)
         await self.db.execute("expiry.insert", (*params, e.has_token, self.ttl_for(e.task_id)))
@@ -253,6 +260,13 @@ class CassandraTaskStore:
     async def expiries(self, bucket: int) -> list[ExpiryEntry]:
         rows = await self.db.execute("expiry.bucket", (bucket,), fetch_size=2000)
         return [expiry_entry(r) for r in rows]
+
+    async def marked_expiry_buckets(self, first: int, last: int) -> set[int]:
+        found: set[int] = set()
+        for hour in range(first // MARK_HOUR_BUCKETS, last // MARK_HOUR_BUCKETS + 1):
+            rows = await self.db.execute("expiry.marks", (hour, first, last), fetch_size=5000)
+            found.update(r["bucket"] for r in rows)
+        return found
 
     async def insert_outbox(self, entry: OutboxEntry) -> None:
         e = entry

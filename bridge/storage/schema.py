@@ -80,6 +80,13 @@ def table_cql(keyspace: str, ttl_seconds: int) -> list[str]:
             has_token boolean,
             PRIMARY KEY ((bucket), lease_until, owner, service, task_id, epoch)
         ) WITH {twcs} AND {ttl}""",
+        # Which expiry buckets hold (or held) deadlines, an hour of buckets per partition: the
+        # recovery scheduler reads a bucket only if it is marked, so an idle fleet reads one small
+        # partition a second instead of every 250 ms bucket twice. Written before the deadline.
+        f"""CREATE TABLE IF NOT EXISTS {ks}.expiry_marks (
+            hour bigint, bucket bigint,
+            PRIMARY KEY ((hour), bucket)
+        ) WITH {ttl}""",
         # Results to publish to the engine, written BEFORE the completing LWT (transactional outbox).
         f"""CREATE TABLE IF NOT EXISTS {ks}.outbox (
             bucket bigint, owner text, service text, task_id timeuuid, completion_id uuid,

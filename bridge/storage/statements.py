@@ -114,6 +114,11 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         "VALUES (?, ?, ?, ?, ?, ?, ?) USING TTL ?",
         True,
     ),
+    "expiry.mark": ("INSERT INTO {ks}.expiry_marks (hour, bucket) VALUES (?, ?) USING TTL ?", True),
+    "expiry.marks": (
+        "SELECT bucket FROM {ks}.expiry_marks WHERE hour = ? AND bucket >= ? AND bucket <= ?",
+        True,
+    ),
     "expiry.bucket": (
         "SELECT lease_until, owner, service, task_id, epoch, has_token FROM {ks}.expiries WHERE bucket = ?",
         True,

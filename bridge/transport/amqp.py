@@ -32,6 +32,7 @@ from aio_pika.abc import (
 
 from bridge.config import Settings
 from bridge.domain.queue import WorkQueue
+from bridge.transport.duty import Duty
 from bridge.transport.handlers import ADD_RETRY_BUDGET_S, RequestHandlers
 from bridge.transport.hints import AmqpHints
 from bridge.transport.permissions import amqp_user
@@ -54,12 +55,14 @@ class AmqpTransport:
         *,
         results: ResultPublisher | None = None,
         hints: AmqpHints | None = None,
+        duty: Duty | None = None,
     ) -> None:
         self.settings = settings
         self.queue = queue
         self.names = Names(settings.exchange, settings.queue_prefix)
         self.results = results or ResultPublisher(settings)
         self.hints = hints
+        self.duty = duty
         self.replies = ReplyPublisher(self._connect_probation, user=amqp_user(settings.amqp_url.get_secret_value()))
         self.handlers = RequestHandlers(settings, queue, self.replies, consuming=lambda: bool(self._consumer_tags))
         self._observer = observe or (lambda method, outcome, seconds: None)
@@ -122,6 +125,8 @@ class AmqpTransport:
         await self._declare_topology()
         if self.hints is not None:
             await self.hints.attach(self.connection)
+        if self.duty is not None:
+            await self.duty.attach(self.connection)
         await self.resume()
 
     async def _declare_topology(self) -> None:

@@ -1,0 +1,97 @@
+"""Which bridge of the fleet runs the background loops (recovery scheduler, result relay).
+
+One bridge at a time, elected by RabbitMQ: ``<queue_prefix>.duty`` is a single-active-consumer
+queue that every bridge consumes (prefetch 1). It holds a token message; the active consumer
+receives it and keeps it unacknowledged for as long as it lives, and *that* makes it the holder.
+When the holder dies or loses its channel, the broker requeues the token and makes the next
+consumer active, which receives it within milliseconds. Every bridge publishes a token when it
+connects and every ``refresh_s`` while it holds none (so a token lost with a broker restart is
+replaced); ``x-max-length: 1`` keeps at most one spare token waiting.
+
+Correctness never depends on the election: every action of the loops is idempotent or fenced by a
+lease's compare-and-set, so two holders for a moment (a partition) cost reads, not tasks. What
+it buys is the fleet's idle cost: the loops' reads happen once for the fleet, not once per bridge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+
+log = logging.getLogger("bridge.duty")
+
+
+class Duty:
+    def __init__(self, queue_name: str, *, refresh_s: float = 30.0) -> None:
+        self.queue_name = queue_name
+        self.refresh_s = refresh_s
+        self._channel: AbstractChannel | None = None
+        self._token: AbstractIncomingMessage | None = None
+        self.acquired = asyncio.Event()
+
+    @property
+    def held(self) -> bool:
+        return self._token is not None
+
+    async def attach(self, connection: AbstractRobustConnection) -> None:
+        self._channel = await connection.channel(publisher_confirms=False)
+        await self._channel.set_qos(prefetch_count=1)
+        self._channel.close_callbacks.add(self._lost)
+        args = {"x-single-active-consumer": True, "x-max-length": 1, "x-overflow": "drop-head"}
+        queue = await self._channel.declare_queue(self.queue_name, durable=True, arguments=args)
+        await queue.consume(self._delivered)
+        await self.offer_token()
+
+    async def offer_token(self) -> None:
+        if self._channel is None or self.held:
+            return
+        with contextlib.suppress(Exception):  # the broker is away: the next refresh offers it
+            await self._channel.default_exchange.publish(aio_pika.Message(b"duty"), routing_key=self.queue_name)
+
+    async def _delivered(self, message: AbstractIncomingMessage) -> None:
+        if self._token is not None:  # a spare token reached the holder: one is enough
+            with contextlib.suppress(Exception):
+                await message.ack()
+            return
+        self._token = message
+        self.acquired.set()
+        log.info("this bridge now runs the recovery scheduler and the result relay")
+
+    def _lost(self, *_: object) -> None:
+        if self._token is not None:
+            log.warning("scheduler duty lost with the AMQP channel; another bridge takes it over")
+        self._token = None
+        self.acquired.clear()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Offer a token now and then while holding none (a lost token is replaced)."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.refresh_s)
+            await self.offer_token()
+
+    async def release(self) -> None:
+        """Shutdown: hand the duty over now. Closing the channel cancels this consumer and makes the
+        broker requeue the token to the next one (a nack first would hand it back to us)."""
+        self._token = None
+        self.acquired.clear()
+        if self._channel is not None:
+            with contextlib.suppress(Exception):
+                await self._channel.close()
+
+
+class AlwaysOnDuty:
+    """No election (a single bridge, tests of the domain): this bridge always runs the loops."""
+
+    held = True
+
+    def __init__(self) -> None:
+        self.acquired = asyncio.Event()
+        self.acquired.set()
+
+
+__all__ = ["AlwaysOnDuty", "Duty"]

@@ -1,0 +1,51 @@
+"""The fleet's background loops run on one bridge at a time (elected on RabbitMQ), and cost an
+idle fleet almost nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from tests.conftest import service_id, wait_for
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+BACKGROUND = ("expiry.", "sched.", "outbox.bucket")
+
+
+def _background(b: object) -> int:
+    counts = b.db.statements  # type: ignore[attr-defined]
+    return sum(n for name, n in counts.items() if name.startswith(BACKGROUND))
+
+
+async def test_one_bridge_of_three_runs_the_scheduler_and_another_takes_over(make_bridge, engine, workers):
+    bridges = [await make_bridge() for _ in range(3)]
+    await wait_for(lambda: sum(b.duty.held for b in bridges) == 1, 10, what="exactly one holder")
+    await asyncio.sleep(1.0)  # an election that settles stays settled: still one holder a second later
+    assert sum(b.duty.held for b in bridges) == 1
+    holder = next(b for b in bridges if b.duty.held)
+    others = [b for b in bridges if b is not holder]
+    stopped_at = time.monotonic()
+    await holder.stop()
+    await wait_for(lambda: sum(b.duty.held for b in others) == 1, 10, what="another bridge taking the duty over")
+    assert time.monotonic() - stopped_at < 10
+    # The new holder recovers an abandoned lease as the old one would have.
+    svc = service_id()
+    task_id = await engine.add(svc, "x")
+    a, b = await workers(svc, "a"), await workers(svc, "b")
+    lost = await a.fetch(time_to_recover_ms=300)
+    assert lost is not None and lost.id == task_id
+    got = await wait_for(b.fetch, 10.0, interval=0.05, what="the task recovered by the new holder")
+    assert got.id == task_id and got.deliveries == 2
+
+
+async def test_an_idle_fleet_reads_almost_nothing(make_bridge):
+    bridges = [await make_bridge() for _ in range(4)]
+    await wait_for(lambda: sum(b.duty.held for b in bridges) == 1, 10, what="one holder")
+    await asyncio.sleep(1.0)  # let the first ticks (cursor reads) pass
+    before = sum(_background(b) for b in bridges)
+    await asyncio.sleep(5.0)  # 5 s of an idle fleet of four
+    per_second = (sum(_background(b) for b in bridges) - before) / 5.0
+    assert per_second <= 3.0, f"{per_second:.1f} background Cassandra requests/s for 4 idle bridges"
