@@ -77,6 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="R1,R2",
         help="W-e2e add rates per second, one step each (default 200,100; --quick 200)",
     )
+    ap.add_argument(
+        "--scale-bridges",
+        default="",
+        metavar="N1,N2",
+        help="W-scale bridge counts, one step each (default 1,2,4; --quick 1,2)",
+    )
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results file (default {DEFAULT_OUT})")
     ap.add_argument(
         "--profile",
@@ -114,6 +120,8 @@ def _plan(args: argparse.Namespace) -> Plan:
     plan = Plan.quick_plan() if args.quick else Plan.default()
     if args.e2e_rates:
         plan.e2e_rates = tuple(int(r) for r in args.e2e_rates.split(",") if r.strip())
+    if args.scale_bridges:
+        plan.scale_bridges = tuple(int(n) for n in args.scale_bridges.split(",") if n.strip())
     return plan
 
 

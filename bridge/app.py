@@ -112,6 +112,7 @@ class Bridge:
             late_ms=int(max(5.0, settings.clock_skew_margin * 5) * 1000),
             republish_after_ms=int(settings.result_republish_after * 1000),
             report_pending=self.metrics.set_results_pending,
+            read_unmarked=settings.read_unmarked_expiries,
         )
         self.metrics.bind_scheduler(self.scheduler.state)
         storage_metrics.register(self.metrics.registry, self.db.statements)

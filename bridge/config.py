@@ -139,6 +139,11 @@ class Settings(BaseSettings):
     hint_grace: float = Field(
         3.0, ge=0, le=600, description="A task without a claim this long after its hint is due is found by a scan."
     )
+    read_unmarked_expiries: bool = Field(
+        False,
+        description="Read every expiry bucket, marked or not: for a rolling upgrade from 1.1 (whose bridges "
+        "file deadlines without marks), until the last 1.1 bridge has been gone for the longest lease.",
+    )
     reconcile_interval: float = Field(
         5.0, ge=0, le=600, description="After a scan of a queue found nothing, a bridge scans it again after this."
     )

@@ -74,6 +74,7 @@ class RecoveryScheduler:
         republish_after_ms: int,
         report_pending: Callable[[int], None] | None = None,
         progress_prefix: str = "",
+        read_unmarked: bool = False,
     ) -> None:
         self.queue = queue
         self.store: TaskStore = queue.store
@@ -81,6 +82,7 @@ class RecoveryScheduler:
         self.late_ms = late_ms
         self.republish_after_ms = republish_after_ms
         self.report_pending = report_pending
+        self.read_unmarked = read_unmarked  # a rolling upgrade from 1.1: its deadlines carry no marks
         # Names of the persisted positions (a separate prefix gives a separate timeline, e.g. per test).
         self._expiry_cursor = progress_prefix + EXPIRY_CURSOR
         self._outbox_cursor = progress_prefix + OUTBOX_CURSOR
@@ -186,7 +188,7 @@ class RecoveryScheduler:
             self._expiry_persisted = grid
 
     async def _process_bucket(self, bucket: int, now: int, *, only_expired: bool = False) -> None:
-        if bucket not in self._marks:
+        if bucket not in self._marks and not self.read_unmarked:
             return  # no deadline was ever filed here
         entries = await self.store.expiries(bucket)
         margin = self.queue.skew_margin_ms

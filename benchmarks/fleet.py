@@ -1,0 +1,123 @@
+"""W-fleet: what a fleet of bridges costs Cassandra when idle and when its workers wait.
+
+    python -m benchmarks.fleet [--idle-bridges 32] [--waiters 64] [--seconds 20]
+
+1. Idle fleet: N bridge processes, no traffic at all. Cassandra requests per second sent by all of
+   them together (their own ``queue_bridge_cassandra_requests_total``) and CPU per bridge.
+2. Waiting workers: 4 bridges, W workers on one empty queue. Cassandra requests per second while
+   they long-poll (``waitMs`` 20 s), and, measured in the same run as the baseline, while they poll
+   the old way (a fetch every 100 ms). Then add-to-fetch-reply latency of a waiting worker, against
+   B-rpc (a bare AMQP RPC round trip through RabbitMQ, same run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from typing import Any
+
+from benchmarks.baselines import b_rpc, key
+from benchmarks.context import ENGINE_USER, OWNER, Bench, Plan
+from benchmarks.procs import CpuMeter
+from benchmarks.progress import say
+from benchmarks.workloads import close_all, open_workers
+from bridge.client import Engine
+
+REQUESTS = "queue_bridge_cassandra_requests"
+
+
+async def _rate(bench: Bench, seconds: float) -> float:
+    before = (await bench.counters()).get(REQUESTS, 0.0)
+    await asyncio.sleep(seconds)  # the measurement window
+    return ((await bench.counters()).get(REQUESTS, 0.0) - before) / seconds
+
+
+async def idle_fleet(bench: Bench, n: int, seconds: float) -> dict[str, Any]:
+    await bench.ensure_bridges(n)
+    say(f"idle fleet: {n} bridges up; settling 10 s")
+    await asyncio.sleep(10)  # first ticks, clock probes, the duty election
+    meter = CpuMeter({b.name: [b.pid] for b in bench.bridges}).start()
+    rate = await _rate(bench, seconds)
+    cpu = meter.stop()
+    return {
+        "bridges": n,
+        "cassandra_requests_per_s": round(rate, 2),
+        "cpu_percent_max": max(cpu.values()),
+        "cpu_percent_mean": round(sum(cpu.values()) / len(cpu), 2),
+    }
+
+
+async def _poll(workers: list[Any], until: float, wait_ms: int) -> None:
+    async def one(w: Any) -> None:
+        while time.monotonic() < until:
+            await w.fetch(wait_ms=wait_ms)
+            if not wait_ms:
+                await asyncio.sleep(0.1)  # the old way: poll every 100 ms
+
+    await asyncio.gather(*(one(w) for w in workers))
+
+
+async def waiting_workers(bench: Bench, waiters: int, seconds: float) -> dict[str, Any]:
+    await bench.ensure_bridges(4)
+    svc = bench.service("fleet-wait")
+    workers = await open_workers(bench, svc, waiters, "fw")
+    out: dict[str, Any] = {"bridges": 4, "workers": waiters}
+    try:
+        for label, wait_ms in (("polling every 100 ms (waitMs 0)", 0), ("long-poll (waitMs 20000)", 20_000)):
+            until = time.monotonic() + seconds + 3
+            load = asyncio.create_task(_poll(workers, until, wait_ms))
+            await asyncio.sleep(2)  # every worker under way
+            out[label] = round(await _rate(bench, seconds), 2)
+            say(f"{waiters} workers {label}: {out[label]} Cassandra requests/s")
+            await load
+    finally:
+        await close_all(workers)
+    return out
+
+
+async def add_to_reply(bench: Bench, samples: int) -> dict[str, Any]:
+    svc = bench.service("fleet-latency")
+    [worker] = await open_workers(bench, svc, 1, "fl")
+    lat: list[float] = []
+    async with Engine(bench.amqp_url(ENGINE_USER), owner=OWNER, exchange=bench.exchange) as engine:
+        for i in range(samples):
+            waiting = asyncio.create_task(worker.fetch(wait_ms=10_000))
+            await asyncio.sleep(0.05)  # the fetch is waiting on a bridge
+            start = time.perf_counter()
+            await engine.add(svc, i)
+            task = await waiting
+            lat.append((time.perf_counter() - start) * 1000)
+            assert task is not None
+            await task.ack(None)
+    await close_all([worker])
+    lat.sort()
+    return {"add_to_fetch_reply_p50_ms": round(lat[len(lat) // 2], 2), "samples": samples}
+
+
+async def main(args: argparse.Namespace) -> None:
+    bench = Bench(Plan.quick_plan(), bridges=1, metrics=True)
+    await bench.setup()
+    report: dict[str, Any] = {}
+    try:
+        report["idle"] = await idle_fleet(bench, args.idle_bridges, args.seconds)
+        say(f"idle: {report['idle']}")
+        report["waiting"] = await waiting_workers(bench, args.waiters, args.seconds)
+        await bench.ensure_echo()
+        await b_rpc(bench, [1])
+        brpc = bench.baselines[key("B-rpc", 1)].p(50)
+        report["latency"] = await add_to_reply(bench, args.samples)
+        report["latency"]["b_rpc_p50_ms"] = round(brpc, 3)
+        report["latency"]["ratio"] = round(report["latency"]["add_to_fetch_reply_p50_ms"] / brpc, 2)
+    finally:
+        await bench.teardown()
+    print("W-fleet", report)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.fleet", description=__doc__.splitlines()[0])
+    ap.add_argument("--idle-bridges", type=int, default=32)
+    ap.add_argument("--waiters", type=int, default=64)
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--samples", type=int, default=30)
+    asyncio.run(main(ap.parse_args()))
