@@ -64,7 +64,7 @@ async def waiting_workers(bench: Bench, waiters: int, seconds: float) -> dict[st
     workers = await open_workers(bench, svc, waiters, "fw")
     out: dict[str, Any] = {"bridges": 4, "workers": waiters}
     try:
-        for label, wait_ms in (("polling every 100 ms (waitMs 0)", 0), ("long-poll (waitMs 20000)", 20_000)):
+        for label, wait_ms in (("polling every 100 ms (waitMs 0)", 0), ("long-poll (waitMs 30000)", 30_000)):
             until = time.monotonic() + seconds + 3
             load = asyncio.create_task(_poll(workers, until, wait_ms))
             await asyncio.sleep(2)  # every worker under way

@@ -71,7 +71,10 @@ class Bridge:
             on_reading=lambda r: self.metrics.set_clock_skew(r.offset_ms, r.error_ms),
         )
         # Dispatch by hints on RabbitMQ (attached when the transport connects).
-        self.hints = AmqpHints(settings) if settings.hints else None
+        self.reconcile = Reconciliation(
+            grace_ms=int(settings.hint_grace * 1000), interval_ms=int(settings.reconcile_interval * 1000)
+        )
+        self.hints = AmqpHints(settings, on_loss=self.reconcile.alarm) if settings.hints else None
         # One bridge of the fleet runs the recovery scheduler and the result relay (RabbitMQ elects it).
         self.duty = Duty(f"{settings.queue_prefix}.duty")
         # Wired complete at construction: the queue publishes through this, the transport attaches it.
@@ -89,11 +92,7 @@ class Bridge:
             settle_ms=margin_ms,
             metrics=metrics or self.metrics,
             hints=self.hints,
-            reconcile=Reconciliation(
-                grace_ms=int(settings.hint_grace * 1000), interval_ms=int(settings.reconcile_interval * 1000)
-            )
-            if self.hints is not None
-            else None,
+            reconcile=self.reconcile if self.hints is not None else None,
             may_grant_leases=self.skew,
             max_lanes=settings.max_queues_in_memory,
             results=self.results,

@@ -145,7 +145,11 @@ class Settings(BaseSettings):
         "file deadlines without marks), until the last 1.1 bridge has been gone for the longest lease.",
     )
     reconcile_interval: float = Field(
-        5.0, ge=0, le=600, description="After a scan of a queue found nothing, a bridge scans it again after this."
+        30.0,
+        ge=0,
+        le=600,
+        description="After a scan of a queue found nothing, a bridge scans it again after this (at once after "
+        "a broker reconnect or a failed hint publish).",
     )
 
     # --- operations ------------------------------------------------------------------------

@@ -57,6 +57,7 @@ class Harness:
         self, store: TaskStore, keys: KeyProvider, clock: ManualClock, prefix: str, hints: MemoryHints | None = None
     ) -> None:
         self.hints = hints  # shared by every instance, as the broker is
+        self.reconciles: list[Reconciliation] = []
         self.metrics = CountingMetrics()
         self.store = store
         self.keys = keys
@@ -72,6 +73,8 @@ class Harness:
             max_value_bytes=64 * 1024, default_ttr_ms=60_000, max_ttr_ms=3_600_000, skew_margin_ms=MARGIN_MS
         )
         reconcile = Reconciliation(grace_ms=GRACE_MS, interval_ms=5_000) if self.hints is not None else None
+        if reconcile is not None:
+            self.reconciles.append(reconcile)  # one per bridge, as in a fleet
         queue = WorkQueue(
             self.store,
             self.keys,

@@ -236,7 +236,7 @@ class Worker(RpcClient):
         worker_id: str,
         time_to_recover_ms: int | None = None,
         poll_interval: float = 0.2,
-        wait_ms: int = 20_000,
+        wait_ms: int = 30_000,
         **kw: Any,
     ) -> None:
         super().__init__(url, **kw)

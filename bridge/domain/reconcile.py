@@ -5,9 +5,12 @@ safety net for hints that were lost (a crash between an add's write and its hint
 restart): it runs only when a fetch found no hint, takes only entries older than ``grace_ms``
 (a younger one has its hint on the way, and taking it would make that hint's claim fail), and
 after a scan of a queue found nothing, this bridge does not scan that queue again for
-``interval_ms``. So a fleet of idle bridges polled by idle workers costs the store about one
-small scan per queue per bridge per interval, whatever the number of workers, and a backlog whose
-hints were lost drains at full speed (every fetch scans while scans find tasks).
+``interval_ms``, unless an *alarm* says hints may have been lost (the broker connection was
+restored, a hint could not be published): then every queue is scanned again at its next fetch.
+So a fleet of idle bridges polled by idle workers costs the store about one small scan per queue
+per bridge per interval, whatever the number of workers, and a backlog whose hints were lost
+drains at full speed (every fetch scans while scans find tasks). The one loss no alarm reports,
+a bridge killed between an add's write and its hint, is found within grace + interval.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ class Reconciliation:
     def cutoff_ms(self, now_ms: int) -> int:
         """Entries placed after this moment are left to their hints."""
         return NO_CUTOFF if self.grace_ms is None else now_ms - self.grace_ms
+
+    def alarm(self) -> None:
+        """Hints may have been lost: scan every queue again at its next fetch (after the grace)."""
+        self._quiet_until.clear()
 
     def found(self, q: QueueKey) -> None:
         self._quiet_until.pop(q, None)

@@ -20,6 +20,7 @@ import hashlib
 import logging
 import uuid
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aio_pika
@@ -82,8 +83,10 @@ class _Waiting:
 
 
 class AmqpHints:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, on_loss: Callable[[], None] | None = None) -> None:
         self.settings = settings
+        # Hints may have been lost (a broker reconnect, a failed publish): reconciliation scans again.
+        self.on_loss = on_loss or (lambda: None)
         self._expires_ms = (settings.task_ttl_seconds + 86_400) * 1000
         self._channel: AbstractChannel | None = None  # publish + get
         self._consume: AbstractChannel | None = None  # waiting fetches' consumers (prefetch 1 each)
@@ -94,6 +97,7 @@ class AmqpHints:
         self.lost = 0
 
     async def attach(self, connection: AbstractRobustConnection) -> None:
+        connection.reconnect_callbacks.add(lambda *_: self.on_loss())
         self._channel = await connection.channel(publisher_confirms=False)
         self._consume = await connection.channel(publisher_confirms=False)
         await self._consume.set_qos(prefetch_count=1)
@@ -121,6 +125,7 @@ class AmqpHints:
             self.published += 1
         except Exception as exc:  # a hint lost is found again by reconciliation
             self.lost += 1
+            self.on_loss()
             log.warning("hint not published (%s): reconciliation will find the task", type(exc).__name__)
 
     async def take(self, q: QueueKey, wait_ms: int) -> Taken | None:

@@ -89,3 +89,19 @@ async def test_a_recovered_task_is_hinted_to_a_waiting_fetch(hinted: Harness) ->
     got = await asyncio.wait_for(waiting, 2.0)
     assert got is not None and got.task_id == task_id and got.epoch == 2
     assert await h.ack("crashed", lost) is False
+
+
+async def test_an_alarm_about_lost_hints_rescans_at_once(hinted: Harness) -> None:
+    """After a broker reconnect (or a failed hint publish) a queue is scanned at its next fetch,
+    without waiting out the quiet interval that follows an empty scan."""
+    h = hinted
+    assert h.hints is not None
+    await h.advance(GRACE_MS + 1_000)
+    assert await h.fetch("w") is None  # an empty scan: the queue goes quiet for the interval
+    task_id = await h.add("v")
+    h.hints.drop(QueueKey(OWNER, h.service))  # ... and then the broker restarts
+    await h.advance(GRACE_MS + 1_000)
+    assert await h.fetch("w") is None, "still within the quiet interval, no alarm yet"
+    h.reconciles[0].alarm()  # what the bridge's hints transport does on a reconnect
+    got = await h.fetch("w")
+    assert got is not None and got.task_id == task_id
