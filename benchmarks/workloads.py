@@ -599,6 +599,11 @@ async def w_scale(bench: Bench) -> None:
         if after:  # --metrics: the bridges' own counters
             conflicts = after.get("queue_bridge_claim_conflicts", 0.0) - before.get("queue_bridge_claim_conflicts", 0.0)
             point["claim_conflicts"] = conflicts
+            requests = after.get("queue_bridge_cassandra_requests", 0.0) - before.get(
+                "queue_bridge_cassandra_requests", 0.0
+            )
+            point["cassandra_requests_per_task"] = requests / max(res.acked, 1)
+            point["bridge_cpu_ms_per_task"] = 10.0 * cpu.get("bridges", 0.0) / max(res.throughput, 1e-9)
         curve.append(point)
         bench.figure(
             Figure(
