@@ -18,6 +18,8 @@ from typing import Any
 
 import orjson
 
+from benchmarks.context import Bench
+from benchmarks.stats import Figure
 from bridge.domain import jsonvalue
 from bridge.domain.sealing import encode
 from bridge.transport.envelope import iso, reply_body
@@ -75,6 +77,22 @@ def measure() -> list[tuple[str, int, float, float]]:
         rows.append(("fetch reply", len(value_json), cpu_us(reply_before), cpu_us(reply_after)))
         rows.append(("add value serialization", len(value_json), cpu_us(add_before), cpu_us(add_after)))
     return rows
+
+
+async def figures(bench: Bench) -> None:
+    """The same rows in ``make bench``'s table: after / before as the ratio (lower is better)."""
+    for what, size, before, after in measure():
+        bench.figure(
+            Figure(
+                f"B-json {what}, {size} B value",
+                "B-json",
+                p50_ms=after / 1000,
+                baseline=f"the same without the pass-through: {before:.1f} us",
+                ratio=after / before,
+                ratio_of="p50",
+                note=f"CPU per request {after:.1f} us (before {before:.1f} us)",
+            )
+        )
 
 
 def main() -> None:
