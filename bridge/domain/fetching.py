@@ -191,6 +191,7 @@ class Fetcher:
                 await self._rearm(q, entry, cur.lease_until_ms or now, now)
             self.ctx.metrics.inc("claim_conflicts")
             return None, stamp
+        await self._refile_if_slow(q, entry, epoch, now, until)
         if payload is None:
             # The task's lifetime (TTL) ended: a hint or an index entry outlived it. Nothing to hand out.
             self.ctx.metrics.inc("deliveries_failed", reason="expired")
@@ -198,6 +199,18 @@ class Fetcher:
         self.ctx.metrics.inc("tasks_delivered" if not recovered or epoch == 1 else "tasks_redelivered", kind="claim")
         log.debug("task claimed", extra={"task_id": str(task_id), "epoch": epoch, "lease_ms": ttr})
         return await self._deliver(q, worker, task_id, epoch, until, payload, stamp=stamp), stamp
+
+    async def _refile_if_slow(self, q: QueueKey, entry: ReadyEntry, epoch: int, started: int, until: int) -> None:
+        """A claim that took long (this process paused, a slow Paxos round) may have landed after the
+        scheduler met its deadline and, finding no lease yet, let it go: then nobody would ever take
+        the task back. File the deadline again, in a bucket still to come."""
+        margin = self.ctx.limits.skew_margin_ms
+        after = self.ctx.clock.now_ms()
+        if after - started < (until - started + margin // 2) // 2:
+            return  # far from the deadline: the scheduler has not read its bucket yet
+        self.ctx.metrics.inc("claims_refiled")
+        watch = ExpiryEntry(until, q, entry.task_id, epoch, entry.has_token)
+        await self.ctx.store.watch_expiry(expiry_bucket(max(until + margin, after) + 4 * EXPIRY_BUCKET_MS), watch)
 
     async def _rearm(self, q: QueueKey, entry: ReadyEntry, lease_until_ms: int, now: int) -> None:
         """Not ours to take yet: the holder extended its lease after the scheduler re-exposed the

@@ -221,6 +221,10 @@ class RecoveryScheduler:
     async def _handle(self, entry: ExpiryEntry, now: int, bucket: int) -> bool:
         q = entry.queue
         lease = await self.store.lease(q, entry.task_id, serial=False)
+        if lease is None and now - entry.lease_until_ms < self.late_ms:
+            # No claim yet: it never applied, or it is still on its way (a claimer paused between its
+            # write-ahead and its claim). Not handled: the second pass looks again.
+            return False
         if lease is None or not lease.is_leased or lease.epoch != entry.epoch or lease.lease_until_ms is None:
             return True  # completed, re-claimed, expired by TTL, or a claim that never applied
         until = lease.lease_until_ms

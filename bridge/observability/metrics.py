@@ -79,6 +79,9 @@ ROUTES: dict[str, Route] = {
         "tasks_dead_lettered", "Tasks removed without a result, by reason.", labels=("reason",)
     ),
     "claim_conflicts": Route("claim_conflicts", "Claims lost to a concurrent claim (lightweight transaction)."),
+    "claims_refiled": Route(
+        "claims_refiled", "Claims so slow that their deadline was filed again (a paused bridge, a slow round)."
+    ),
     "claims": Route(
         "claims",
         "Claims tried, by source (hint: handed out by the broker; scan: found in the ready index) and "

@@ -129,3 +129,28 @@ async def test_pending_result_is_republished_after_a_broker_outage(harness: Harn
     assert [m.task_id for m in h.sink.messages] == [got.task_id]
     await h.advance(30_000, ticks=2)
     assert len(h.sink.messages) == 1, "published once, then marked done"
+
+
+async def test_a_claim_that_lands_after_the_scheduler_met_its_deadline_is_still_recovered(harness: Harness) -> None:
+    """Found by the SIGSTOP drill: a bridge paused between its write-ahead (the deadline) and its
+    claim. The scheduler met the deadline, found no lease and let it go; the claim landed later with
+    a deadline already past, and nobody would ever have taken the task back."""
+    h = harness
+    task_id = await h.add("v")
+    real_claim = h.store.claim_new
+
+    async def paused_claim(*args: object, **kw: object) -> object:
+        # The claimer stops here for 6 s: its deadline (and the second pass) go by meanwhile.
+        h.clock.advance(6_000)
+        for _ in range(3):
+            await h.scheduler.tick()
+        return await real_claim(*args, **kw)  # type: ignore[arg-type]
+
+    h.store.claim_new = paused_claim  # type: ignore[method-assign]
+    got = await h.fetch("paused", ttr_ms=500)
+    h.store.claim_new = real_claim  # type: ignore[method-assign]
+    assert got is not None and got.task_id == task_id  # the late claim did apply
+    again = await h.fetch_until("other", step_ms=250, limit_ms=10_000)
+    assert again.task_id == task_id and again.epoch == 2, "the task was taken back after all"
+    assert await h.ack("paused", got) is False
+    assert await h.ack("other", again) is True
