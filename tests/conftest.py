@@ -153,7 +153,7 @@ async def _delete_topology(url: str, n: dict[str, str]) -> None:
         return
     try:
         prefix, exchange = n["queue_prefix"], n["exchange"]
-        queues = [f"{prefix}.{q}" for q in ("add", "fetch", "ack", "unrouted", "dead-letter", "results")]
+        queues = [f"{prefix}.{q}" for q in ("add", "fetch", "ack", "unrouted", "dead-letter", "results", "duty")]
         exchanges = [exchange, f"{exchange}.dead", f"{exchange}.unrouted", n["results_exchange"]]
         for name in queues:
             ch = await conn.channel()
