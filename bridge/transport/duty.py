@@ -24,6 +24,8 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 
 log = logging.getLogger("bridge.duty")
 
+BROKER_CALL_S = 3.0  # bounded: a robust channel without a connection waits for it forever
+
 
 class Duty:
     def __init__(self, queue_name: str, *, refresh_s: float = 30.0) -> None:
@@ -50,12 +52,13 @@ class Duty:
         if self._channel is None or self.held:
             return
         with contextlib.suppress(Exception):  # the broker is away: the next refresh offers it
-            await self._channel.default_exchange.publish(aio_pika.Message(b"duty"), routing_key=self.queue_name)
+            publish = self._channel.default_exchange.publish(aio_pika.Message(b"duty"), routing_key=self.queue_name)
+            await asyncio.wait_for(publish, BROKER_CALL_S)
 
     async def _delivered(self, message: AbstractIncomingMessage) -> None:
         if self._token is not None:  # a spare token reached the holder: one is enough
             with contextlib.suppress(Exception):
-                await message.ack()
+                await asyncio.wait_for(message.ack(), BROKER_CALL_S)
             return
         self._token = message
         self.acquired.set()
@@ -81,7 +84,7 @@ class Duty:
         self.acquired.clear()
         if self._channel is not None:
             with contextlib.suppress(Exception):
-                await self._channel.close()
+                await asyncio.wait_for(self._channel.close(), BROKER_CALL_S)
 
 
 class AlwaysOnDuty:

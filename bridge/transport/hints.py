@@ -65,12 +65,17 @@ class _Taken:
         await _settle(self.message, requeue=True)
 
 
+# Every broker call here is bounded: a robust channel whose connection is gone waits for the
+# reconnection, and a shutdown (or a cancelled fetch) must never wait on that.
+BROKER_CALL_S = 3.0
+
+
 async def _settle(message: AbstractIncomingMessage, *, requeue: bool | None) -> None:
     try:
         if requeue is None:
-            await message.ack()
+            await asyncio.wait_for(message.ack(), BROKER_CALL_S)
         else:
-            await message.nack(requeue=requeue)
+            await asyncio.wait_for(message.nack(requeue=requeue), BROKER_CALL_S)
     except Exception as exc:  # the channel is gone: the broker requeues the hint itself
         log.debug("hint not settled: %s", type(exc).__name__)
 
@@ -118,10 +123,12 @@ class AmqpHints:
 
     async def offer(self, q: QueueKey, hint: Hint) -> None:
         try:
-            queue = await self._queue(q)
+            queue = await asyncio.wait_for(self._queue(q), BROKER_CALL_S)
             assert self._channel is not None
             message = aio_pika.Message(encode(hint), priority=1 if hint.recovered else 0)
-            await self._channel.default_exchange.publish(message, routing_key=queue.name)
+            await asyncio.wait_for(
+                self._channel.default_exchange.publish(message, routing_key=queue.name), BROKER_CALL_S
+            )
             self.published += 1
         except Exception as exc:  # a hint lost is found again by reconciliation
             self.lost += 1
@@ -132,8 +139,8 @@ class AmqpHints:
         if self._closed:
             return None
         try:
-            queue = await self._queue(q)
-            message = await queue.get(no_ack=False, fail=False)
+            queue = await asyncio.wait_for(self._queue(q), BROKER_CALL_S)
+            message = await asyncio.wait_for(queue.get(no_ack=False, fail=False), BROKER_CALL_S)
         except Exception as exc:
             log.warning("hints unavailable (%s): fetches scan the store", type(exc).__name__)
             return None
@@ -160,7 +167,7 @@ class AmqpHints:
             if waiting.consumer_tag is None:
                 waiting.consumer_tag = "starting"
                 try:
-                    await self._start_consuming(waiting)
+                    await asyncio.wait_for(self._start_consuming(waiting), BROKER_CALL_S)
                 except Exception as exc:  # the broker is away: answer as if the wait found nothing
                     log.warning("cannot wait for hints (%s)", type(exc).__name__)
                     return None
@@ -204,10 +211,12 @@ class AmqpHints:
             return
         tag, waiting.consumer_tag = waiting.consumer_tag, None
         self._waiting.pop(waiting.queue.name, None)
+        if self._closed:
+            return  # shutting down: the connection closes with its consumers
         assert self._consume is not None and tag is not None
         try:
             queue = await self._consume.get_queue(waiting.queue.name, ensure=False)
-            await queue.cancel(tag)
+            await asyncio.wait_for(queue.cancel(tag), BROKER_CALL_S)
         except Exception as exc:
             log.debug("hint consumer not cancelled: %s", type(exc).__name__)
 
