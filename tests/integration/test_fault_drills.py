@@ -302,7 +302,12 @@ async def test_a_bridge_beyond_the_margin_refuses_leases_with_libfaketime(bridge
             return 0.0
 
     assert 2.8 <= await wait_for(skew, 30, interval=0.3, what="the skew reported") <= 3.2
-    assert await metric(port, 'queue_bridge_consumers_paused{queue="fetch"}') == 1
+
+    async def fetch_paused() -> bool:
+        return await metric(port, 'queue_bridge_consumers_paused{queue="fetch"}') == 1
+
+    # The serving gate acts on its own tick, just after the skew is known.
+    await wait_for(fetch_paused, 10, interval=0.2, what="fetch consumption paused")
 
 
 CLUSTER_HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
