@@ -314,7 +314,8 @@ async def wait_for(predicate: Callable[[], Any], timeout: float, interval: float
         await asyncio.sleep(interval)
 
 
-async def consumers_on(url: str, queue: str) -> int:
+async def _queue_counts(url: str, queue: str) -> tuple[int, int]:
+    """(consumers, messages ready) of a queue, (0, 0) if it does not exist."""
     import aio_pika
 
     conn = await aio_pika.connect_robust(url)
@@ -323,26 +324,19 @@ async def consumers_on(url: str, queue: str) -> int:
         try:
             q = await ch.declare_queue(queue, passive=True)
         except aio_pika.exceptions.ChannelClosed:
-            return 0
-        return int(q.declaration_result.consumer_count)
+            return 0, 0
+        return int(q.declaration_result.consumer_count), int(q.declaration_result.message_count)
     finally:
         await conn.close()
+
+
+async def consumers_on(url: str, queue: str) -> int:
+    return (await _queue_counts(url, queue))[0]
 
 
 async def messages_ready(url: str, queue: str) -> int:
     """Messages waiting in a queue (0 if it does not exist)."""
-    import aio_pika
-
-    conn = await aio_pika.connect_robust(url)
-    try:
-        ch = await conn.channel()
-        try:
-            q = await ch.declare_queue(queue, passive=True)
-        except aio_pika.exceptions.ChannelClosed:
-            return 0
-        return int(q.declaration_result.message_count)
-    finally:
-        await conn.close()
+    return (await _queue_counts(url, queue))[1]
 
 
 async def wait_bridges(servers: Servers, names: dict[str, str], n: int, timeout: float = 60) -> None:

@@ -4,7 +4,7 @@ One bridge at a time, elected by RabbitMQ: ``<queue_prefix>.duty`` is a single-a
 queue that every bridge consumes (prefetch 1). It holds a token message; the active consumer
 receives it and keeps it unacknowledged for as long as it lives, and *that* makes it the holder.
 When the holder dies or loses its channel, the broker requeues the token and makes the next
-consumer active, which receives it within milliseconds. Every bridge publishes a token when it
+consumer active, which receives it. Every bridge publishes a token when it
 connects and every ``refresh_s`` while it holds none (so a token lost with a broker restart is
 replaced); ``x-max-length: 1`` keeps at most one spare token waiting.
 
