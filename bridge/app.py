@@ -74,7 +74,9 @@ class Bridge:
         self.reconcile = Reconciliation(
             grace_ms=int(settings.hint_grace * 1000), interval_ms=int(settings.reconcile_interval * 1000)
         )
-        self.hints = AmqpHints(settings, on_loss=self.reconcile.alarm) if settings.hints else None
+        self.hints = (
+            AmqpHints(settings, on_loss=lambda: self.reconcile.alarm(self.clock.now_ms())) if settings.hints else None
+        )
         # One bridge of the fleet runs the recovery scheduler and the result relay (RabbitMQ elects it).
         self.duty = Duty(f"{settings.queue_prefix}.duty")
         # Wired complete at construction: the queue publishes through this, the transport attaches it.
@@ -88,6 +90,7 @@ class Bridge:
                 default_ttr_ms=settings.default_time_to_recover_ms,
                 max_ttr_ms=settings.max_time_to_recover_ms,
                 skew_margin_ms=margin_ms,
+                task_ttl_ms=settings.task_ttl_seconds * 1000,
             ),
             settle_ms=margin_ms,
             metrics=metrics or self.metrics,

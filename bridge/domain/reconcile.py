@@ -11,6 +11,11 @@ So a fleet of idle bridges polled by idle workers costs the store about one smal
 per bridge per interval, whatever the number of workers, and a backlog whose hints were lost
 drains at full speed (every fetch scans while scans find tasks). The one loss no alarm reports,
 a bridge killed between an add's write and its hint, is found within grace + interval.
+
+An alarm also lifts the grace for what was placed before it: those hints may be the lost ones
+(an add whose hint publish failed has already been answered), so a fetch right after the alarm
+takes them instead of answering null while they sit in the store. A hint still on its way for
+one of them makes its claim fail, a cost paid once per alarm.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ class Reconciliation:
         self.interval_ms = interval_ms
         self.max_queues = max_queues
         self._quiet_until: OrderedDict[QueueKey, int] = OrderedDict()
+        self._alarm_ms = 0  # the last alarm: entries placed before it are scanned without grace
 
     @classmethod
     def scan_always(cls) -> Reconciliation:
@@ -38,10 +44,12 @@ class Reconciliation:
 
     def cutoff_ms(self, now_ms: int) -> int:
         """Entries placed after this moment are left to their hints."""
-        return NO_CUTOFF if self.grace_ms is None else now_ms - self.grace_ms
+        return NO_CUTOFF if self.grace_ms is None else max(now_ms - self.grace_ms, self._alarm_ms)
 
-    def alarm(self) -> None:
-        """Hints may have been lost: scan every queue again at its next fetch (after the grace)."""
+    def alarm(self, now_ms: int) -> None:
+        """Hints may have been lost until now: scan every queue again at its next fetch, taking
+        what was placed before this moment without waiting for the grace."""
+        self._alarm_ms = max(self._alarm_ms, now_ms)
         self._quiet_until.clear()
 
     def found(self, q: QueueKey) -> None:

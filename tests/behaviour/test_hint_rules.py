@@ -102,6 +102,22 @@ async def test_an_alarm_about_lost_hints_rescans_at_once(hinted: Harness) -> Non
     h.hints.drop(QueueKey(OWNER, h.service))  # ... and then the broker restarts
     await h.advance(GRACE_MS + 1_000)
     assert await h.fetch("w") is None, "still within the quiet interval, no alarm yet"
-    h.reconciles[0].alarm()  # what the bridge's hints transport does on a reconnect
+    h.reconciles[0].alarm(h.clock.now_ms())  # what the bridge's hints transport does on a reconnect
     got = await h.fetch("w")
     assert got is not None and got.task_id == task_id
+
+
+async def test_tasks_whose_hints_an_alarm_reports_lost_are_taken_at_once(hinted: Harness) -> None:
+    """A broker restart loses the hints of adds that were just answered: the next fetch takes
+    those tasks at once instead of answering null until they are older than the grace."""
+    h = hinted
+    assert h.hints is not None
+    ids = [await h.add(i) for i in range(3)]
+    h.hints.drop(QueueKey(OWNER, h.service))  # the publishes failed: the tasks are stored, hintless
+    h.reconciles[0].alarm(h.clock.now_ms())  # ... which the transport reports
+    got = [await h.fetch(f"w{i}") for i in range(3)]
+    assert [d.task_id if d else None for d in got] == ids, "no waiting out the grace"
+    h.clock.advance(1)
+    await h.add("after the alarm")
+    h.hints.drop(QueueKey(OWNER, h.service))  # (lost too, but no alarm says so yet)
+    assert await h.fetch("w9") is None, "one placed after the alarm is left to its hint for the grace"
