@@ -70,7 +70,11 @@ class Harness:
     def instance(self, clock: ManualClock) -> tuple[WorkQueue, RecoveryScheduler]:
         """Another bridge process on the same store (its own clock, dispatcher and caches)."""
         limits = Limits(
-            max_value_bytes=64 * 1024, default_ttr_ms=60_000, max_ttr_ms=3_600_000, skew_margin_ms=MARGIN_MS
+            max_value_bytes=64 * 1024,
+            default_ttr_ms=60_000,
+            max_ttr_ms=3_600_000,
+            skew_margin_ms=MARGIN_MS,
+            task_ttl_ms=TTL_S * 1000,
         )
         reconcile = Reconciliation(grace_ms=GRACE_MS, interval_ms=5_000) if self.hints is not None else None
         if reconcile is not None:
@@ -101,9 +105,15 @@ class Harness:
         return task_id
 
     async def fetch(
-        self, worker: str, ttr_ms: int | None = None, queue: WorkQueue | None = None, wait_ms: int = 0
+        self,
+        worker: str,
+        ttr_ms: int | None = None,
+        queue: WorkQueue | None = None,
+        wait_ms: int = 0,
+        *,
+        fresh: bool = False,
     ) -> Delivery | None:
-        body: dict[str, Any] = {"serviceId": self.service, "workerId": worker, "waitMs": wait_ms}
+        body: dict[str, Any] = {"serviceId": self.service, "workerId": worker, "waitMs": wait_ms, "fresh": fresh}
         if ttr_ms is not None:
             body["timeToRecover"] = ttr_ms
         return await (queue or self.queue).fetch(OWNER, parse(FetchRequest, body))
@@ -116,8 +126,11 @@ class Harness:
         result: Any = "ok",
         error: Any = None,
         queue: WorkQueue | None = None,
+        has_token: bool | None = None,
     ) -> bool:
         body: dict[str, Any] = {"serviceId": self.service, "workerId": worker}
+        if has_token is not None:
+            body["hasToken"] = has_token
         if error is not None:
             body["error"] = error
         else:

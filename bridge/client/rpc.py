@@ -215,14 +215,15 @@ class Task:
     lease_expires_at: str
     headers: dict[str, Any] = field(default_factory=dict)
     epoch: int | None = None  # the lease's fencing token (bridges before 1.1 do not send it)
+    has_token: bool | None = None  # its result goes to the engine (bridges before 1.3 do not say)
 
     async def ack(self, result: Any = None) -> bool:
         """Complete this task (never another one): true if this lease completed it."""
-        return await self.worker.ack(result=result, task_id=self.id, epoch=self.epoch)
+        return await self.worker.ack(result=result, task_id=self.id, epoch=self.epoch, has_token=self.has_token)
 
     async def fail(self, error: Any) -> bool:
         """Complete this task with a business error for the engine."""
-        return await self.worker.ack(error=error, task_id=self.id, epoch=self.epoch)
+        return await self.worker.ack(error=error, task_id=self.id, epoch=self.epoch, has_token=self.has_token)
 
 
 class Worker(RpcClient):
@@ -246,6 +247,10 @@ class Worker(RpcClient):
         self.time_to_recover_ms = time_to_recover_ms
         self.poll_interval = poll_interval
         self.current: Task | None = None  # what the last fetch returned
+        # Whether this worker knows it holds no task (its last fetch found none, or it got an answer
+        # to the ack of what it was handed): its next fetch says ``fresh`` and the bridge reads
+        # less. Unknown at start (a previous life may hold one) and after any failed request.
+        self._holds_nothing = False
 
     @classmethod
     def connect(cls, url: str, *, service: str, worker_id: str, **kw: Any) -> Self:
@@ -259,34 +264,57 @@ class Worker(RpcClient):
             body["timeToRecover"] = ttr
         if wait_ms:
             body["waitMs"] = wait_ms
+        if self._holds_nothing:
+            body["fresh"] = True
+        self._holds_nothing = False  # until this fetch is answered
         reply = await self.call("fetch", body, wait_s=wait_ms / 1000)
         if reply.get("result") is None and "task" not in reply:
             self.current = None
+            self._holds_nothing = True
             return None
         t = reply["task"]
         self.current = Task(
-            self, t["id"], reply["result"], t["deliveries"], t["leaseExpiresAt"], reply["_headers"], t.get("epoch")
+            self,
+            t["id"],
+            reply["result"],
+            t["deliveries"],
+            t["leaseExpiresAt"],
+            reply["_headers"],
+            t.get("epoch"),
+            t.get("hasToken"),
         )
         return self.current
 
     async def ack(
-        self, result: Any = None, *, error: Any = None, task_id: str | None = None, epoch: int | None = None
+        self,
+        result: Any = None,
+        *,
+        error: Any = None,
+        task_id: str | None = None,
+        epoch: int | None = None,
+        has_token: bool | None = None,
     ) -> bool:
         """Ack a task: the one named (``task_id``, ``epoch`` from the fetch reply), by default the
         one the last fetch returned. The ack always names its task, so a late or repeated copy of
         it can never complete another one."""
-        if task_id is None and self.current is not None:
-            task_id, epoch = self.current.id, self.current.epoch
+        current = self.current
+        if task_id is None and current is not None:
+            task_id, epoch, has_token = current.id, current.epoch, current.has_token
         body: dict[str, Any] = {"serviceId": self.service, "workerId": self.worker_id}
         if task_id is not None:
             body["taskId"] = task_id
         if epoch is not None:
             body["epoch"] = epoch
+        if has_token is not None:
+            body["hasToken"] = has_token
         if error is not None:
             body["error"] = error
         else:
             body["result"] = result
         reply = await self.call("ack", body)
+        if current is not None and task_id == current.id:
+            # Answered (true, or false: it is someone else's now): this worker holds nothing.
+            self._holds_nothing = True
         return bool(reply["result"])
 
     async def __aiter__(self) -> AsyncIterator[Task]:

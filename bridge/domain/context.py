@@ -49,6 +49,9 @@ class Limits:
     # bridge's clock: skew between bridges within the margin cannot make two workers hold a task
     # at once (docs/storage.md, "Clocks").
     skew_margin_ms: int = 0
+    # The tasks' lifetime: a payload carried by a hint is not handed out past it (the stored row
+    # would have expired with its TTL; the hint may have waited on the broker that long).
+    task_ttl_ms: int | None = None
 
 
 class Background:

@@ -21,7 +21,16 @@ from bridge.domain.errors import IntegrityError, KeyMissing, Unavailable
 from bridge.domain.hints import Taken, TaskHints
 from bridge.domain.models import Delivery, FetchRequest
 from bridge.domain.reconcile import Reconciliation
-from bridge.domain.records import LANE_FRESH, LANE_RECOVERED, ExpiryEntry, Payload, QueueKey, ReadyEntry, WorkerPointer
+from bridge.domain.records import (
+    LANE_FRESH,
+    LANE_RECOVERED,
+    ExpiryEntry,
+    Payload,
+    QueueKey,
+    ReadyEntry,
+    WorkerPointer,
+    WorkerRow,
+)
 from bridge.domain.sealing import open_value
 from bridge.domain.timeline import EXPIRY_BUCKET_MS, expiry_bucket, ms_of
 
@@ -56,7 +65,9 @@ class Fetcher:
         if not ctx.gate.ok:
             ctx.metrics.inc("leases_refused", reason="clock_skew")
             raise Unavailable(f"this bridge does not grant leases now: {ctx.gate.describe()}; retry on another bridge")
-        row = await ctx.store.worker(q, req.worker_id)
+        # A fetch that says it holds nothing (``fresh``: the worker acked its last task and this is
+        # no retry) skips the pointer read; the write-ahead pointer is still written below.
+        row = WorkerRow(None, None) if req.fresh else await ctx.store.worker(q, req.worker_id)
         held = row.pointer
         if held is not None and not held.done:
             delivery = await self._resend(q, req.worker_id, held, ttr, row.stamp)
@@ -116,7 +127,7 @@ class Fetcher:
         entry = taken.hint.entry()
         a.attempted = True
         try:
-            delivery, a.stamp = await self._try_claim(a.q, a.worker, entry, a.ttr, a.stamp)
+            delivery, a.stamp = await self._try_claim(a.q, a.worker, entry, a.ttr, a.stamp, taken.hint.payload)
         except BaseException:
             await asyncio.shield(taken.retry())  # not decided: another fetch gets the hint
             raise
@@ -159,7 +170,7 @@ class Fetcher:
         return None
 
     async def _try_claim(
-        self, q: QueueKey, worker: str, entry: ReadyEntry, ttr: int, stamp: int | None
+        self, q: QueueKey, worker: str, entry: ReadyEntry, ttr: int, stamp: int | None, carried: Payload | None = None
     ) -> tuple[Delivery | None, int]:
         """Claim one candidate. Returns the delivery (None if someone else holds the task) and the
         stamp of the pointer write, which the next write of the pointer must exceed."""
@@ -170,6 +181,9 @@ class Fetcher:
         epoch = (entry.epoch or 0) + 1 if recovered else 1
         until = now + ttr
         claim_id = uuid.uuid4()
+        if carried is not None and self._outlived(carried, now):
+            self.ctx.metrics.inc("deliveries_failed", reason="expired")
+            return None, stamp if stamp is not None else now * 1000
         stamp = next_stamp(now, stamp)
         # Write-ahead: the deadline and the worker's pointer exist before the claim can.
         await asyncio.gather(
@@ -180,11 +194,18 @@ class Fetcher:
         if recovered:
             assert entry.epoch is not None
             # Only a lease whose deadline passed more than the skew margin ago on OUR clock.
-            claim = store.claim_expired(q, task_id, entry.epoch, worker, until, now - margin, claim_id)
+            claim = store.claim_expired(
+                q, task_id, entry.epoch, worker, until, now - margin, claim_id, has_token=entry.has_token
+            )
         else:
-            claim = store.claim_new(q, task_id, worker, until, claim_id)
-        # The payload is read while the claim runs: one round trip less when we win (most of the time).
-        res, payload = await asyncio.gather(claim, store.payload(q, task_id))
+            claim = store.claim_new(q, task_id, worker, until, claim_id, has_token=entry.has_token)
+        payload: Payload | None = carried
+        if carried is not None:
+            # The hint carried the sealed payload: no read at all (it is checked when opened).
+            res = await claim
+        else:
+            # The payload is read while the claim runs: one round trip less when we win (most often).
+            res, payload = await asyncio.gather(claim, store.payload(q, task_id))
         if not res.applied:
             cur = res.current
             if recovered and cur is not None and cur.epoch == entry.epoch and cur.not_claimable_before(now, margin):
@@ -198,7 +219,11 @@ class Fetcher:
             return None, stamp
         self.ctx.metrics.inc("tasks_delivered" if not recovered or epoch == 1 else "tasks_redelivered", kind="claim")
         log.debug("task claimed", extra={"task_id": str(task_id), "epoch": epoch, "lease_ms": ttr})
-        return await self._deliver(q, worker, task_id, epoch, until, payload, stamp=stamp), stamp
+        return await self._deliver(q, worker, task_id, epoch, until, payload, stamp=stamp, carried=carried), stamp
+
+    def _outlived(self, carried: Payload, now: int) -> bool:
+        ttl, created = self.ctx.limits.task_ttl_ms, carried.created_at_ms
+        return ttl is not None and created is not None and created + ttl <= now
 
     async def _refile_if_slow(self, q: QueueKey, entry: ReadyEntry, epoch: int, started: int, until: int) -> None:
         """A claim that took long (this process paused, a slow Paxos round) may have landed after the
@@ -232,6 +257,7 @@ class Fetcher:
         payload: Payload | None = None,
         *,
         stamp: int | None,
+        carried: Payload | None = None,
     ) -> Delivery:
         ctx = self.ctx
         if payload is None:
@@ -240,7 +266,7 @@ class Fetcher:
             # Expired between claim and read (TTL): nothing to hand out.
             raise Unavailable("the task expired while being fetched; fetch again")
         try:
-            key = await ctx.keys.by_id(q.owner, payload.key_id)
+            plain, payload = await self._open(q, task_id, payload, from_hint=payload is carried)
         except KeyMissing:
             # Let the worker move on to other tasks; this lease runs out and the task is offered
             # again later (by then, perhaps, with its key back).
@@ -248,8 +274,6 @@ class Fetcher:
             ctx.metrics.inc("deliveries_failed", reason="key_missing")
             log.error("task not delivered: its key is missing", extra={"task_id": str(task_id), "epoch": epoch})
             raise
-        try:
-            plain = open_value(key, q, task_id, payload)
         except IntegrityError as exc:
             # It can never be delivered: dead-letter it (kept until its TTL for inspection) so the
             # worker, and the queue, move on instead of being handed the same broken task forever.
@@ -266,4 +290,22 @@ class Fetcher:
             epoch=epoch,
             lease_expires_at_ms=until,
             traceparent=payload.traceparent,
+            has_token=payload.token is not None,
         )
+
+    async def _open(
+        self, q: QueueKey, task_id: uuid.UUID, payload: Payload, *, from_hint: bool
+    ) -> tuple[bytes, Payload]:
+        """The value in clear, and the payload it came from."""
+        key = await self.ctx.keys.by_id(q.owner, payload.key_id)
+        try:
+            return open_value(key, q, task_id, payload), payload
+        except IntegrityError:
+            if not from_hint:
+                raise
+        # The copy a hint carried did not open: only the stored row can condemn the task.
+        self.ctx.metrics.inc("hint_payloads_refused")
+        stored = await self.ctx.store.payload(q, task_id)
+        if stored is None:
+            raise Unavailable("the task expired while being fetched; fetch again")
+        return await self._open(q, task_id, stored, from_hint=False)

@@ -17,8 +17,18 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
-from bridge.domain.records import LANE_RECOVERED, QueueKey, ReadyEntry
+from bridge.domain.records import LANE_RECOVERED, Payload, QueueKey, ReadyEntry
 from bridge.domain.timeline import ms_of, ready_bucket
+
+# Sealed bytes (value and token) a hint may carry: small enough that hint queues stay cheap in the
+# broker's memory, large enough for the usual task (a few hundred bytes of JSON).
+CARRIED_PAYLOAD_MAX = 8 * 1024
+
+
+def carried(payload: Payload) -> Payload | None:
+    """The payload if a hint may carry it."""
+    size = len(payload.value.ciphertext) + (len(payload.token.ciphertext) if payload.token else 0)
+    return payload if size <= CARRIED_PAYLOAD_MAX else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +38,10 @@ class Hint:
     seq: uuid.UUID  # the entry's place in the ready index (a fresh task's: its id)
     epoch: int | None  # recovered lane: the epoch of the lease that ran out
     has_token: bool
+    # A fresh task's sealed payload, when small (``CARRIED_PAYLOAD_MAX``): the fetch that takes the
+    # hint reads nothing but the claim. Only a copy: it must open under the owner's key, bound to
+    # owner, service and task id; one that does not is ignored and the stored row decides.
+    payload: Payload | None = None
 
     @property
     def recovered(self) -> bool:

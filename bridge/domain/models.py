@@ -11,6 +11,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictInt,
     StrictStr,
     ValidationError,
@@ -50,6 +51,11 @@ class FetchRequest(_Request):
     time_to_recover: StrictInt | None = Field(None, alias="timeToRecover", ge=100)
     # Long-poll: wait up to this long for a task when none is ready (0: answer at once, as in 1.0).
     wait_ms: StrictInt = Field(0, alias="waitMs", ge=0, le=30_000)
+    # The worker holds no task of this queue: it acked (or was refused) the last one it was handed
+    # and this is not a retry of a fetch whose reply was lost. The bridge then skips looking up the
+    # task the worker holds (1.3). A worker that says so wrongly only delays its own held task,
+    # which comes back to the queue when its lease runs out.
+    fresh: StrictBool = False
 
 
 class AckRequest(_Request):
@@ -60,6 +66,10 @@ class AckRequest(_Request):
     # applies to the task the worker holds now.
     task_id: uuid.UUID | None = Field(None, alias="taskId")
     epoch: StrictInt | None = Field(None, ge=1, le=2**31 - 1)
+    # The fetch reply's ``task.hasToken``, echoed (1.3): with ``hasToken: false`` (and taskId and
+    # epoch) the bridge completes the task in one compare-and-set, reading nothing first. Only a
+    # hint: the lease records whether the task has a token, and the condition checks it.
+    has_token: StrictBool | None = Field(None, alias="hasToken")
     result: Any = None
     error: Any = None
 
@@ -101,3 +111,4 @@ class Delivery:
     epoch: int  # the fencing token of this lease: an ack naming an older epoch is refused
     lease_expires_at_ms: int
     traceparent: str | None
+    has_token: bool = False  # its result goes to the engine

@@ -19,7 +19,7 @@ from bridge.domain.context import AlwaysGrant, Background, LeaseGate, Limits, Me
 from bridge.domain.dispatch import Dispatcher
 from bridge.domain.errors import Unavailable
 from bridge.domain.fetching import Fetcher
-from bridge.domain.hints import Hint, NoHints, TaskHints
+from bridge.domain.hints import Hint, NoHints, TaskHints, carried
 from bridge.domain.models import AckRequest, AddCommand, Delivery, FetchRequest
 from bridge.domain.reconcile import Reconciliation
 from bridge.domain.records import LANE_FRESH, OutboxEntry, QueueKey
@@ -120,7 +120,7 @@ class WorkQueue:
         payload = seal_task(key, q, task_id, value_json, token_json, traceparent, now)
         await ctx.store.store_task(q, task_id, payload)
         # After the write: a hint never names a task that is not stored yet.
-        await self.hints.offer(q, Hint(task_id, LANE_FRESH, task_id, None, token_json is not None))
+        await self.hints.offer(q, Hint(task_id, LANE_FRESH, task_id, None, token_json is not None, carried(payload)))
         ctx.metrics.inc("tasks_added")
         log.debug("task added", extra={"task_id": str(task_id)})
         return str(task_id)

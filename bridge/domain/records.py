@@ -75,6 +75,9 @@ class Lease:
     lease_until_ms: int | None  # may be absent from a failed compare-and-set's view of the row
     claim_id: uuid.UUID | None
     completion_id: uuid.UUID | None
+    # Whether the task carries a workflow token (written by claims since 1.3; None on older rows):
+    # an ack that knows there is none completes the task without reading anything first.
+    has_token: bool | None = None
 
     @property
     def is_leased(self) -> bool:

@@ -24,7 +24,7 @@ from typing import Protocol
 from bridge.domain.errors import Unavailable
 from bridge.domain.hints import Hint
 from bridge.domain.queue import WorkQueue
-from bridge.domain.records import LANE_RECOVERED, ExpiryEntry
+from bridge.domain.records import LANE_RECOVERED, ExpiryEntry, Lease, QueueKey
 from bridge.domain.store import TaskStore
 from bridge.domain.timeline import (
     EXPIRY_BUCKET_MS,
@@ -43,6 +43,7 @@ OUTBOX_CURSOR = "outbox"
 # the same few rows (one per 10 s, whatever the fleet size) and a restart re-reads at most 10 s.
 EXPIRY_PERSIST_GRID = 40
 HANDLE_CONCURRENCY = 32
+LEASES_PER_READ = 50  # leases read in one request (IN on the partition key: keep it small)
 CATCH_UP_BATCH = 400  # expiry buckets read per tick at most (a long outage is caught up in steps)
 MARKS_REFRESH_MS = 1_000
 MARKS_AHEAD = 8  # buckets (2 s) of marks read ahead of the clock
@@ -195,16 +196,7 @@ class RecoveryScheduler:
         if only_expired:
             entries = [e for e in entries if e.lease_until_ms + margin <= now]
         handled = self._handled.setdefault(bucket, set())
-        limit = asyncio.Semaphore(HANDLE_CONCURRENCY)
-
-        async def one(entry: ExpiryEntry, key: tuple[str, str, object, int]) -> None:
-            async with limit:
-                if await self._handle(entry, now, bucket):
-                    handled.add(key)
-
-        # Many leases can run out in the same 250 ms (a crashed worker pool): handle them side by
-        # side, or the last one would be re-exposed seconds after its deadline.
-        pending = []
+        by_queue: dict[QueueKey, list[ExpiryEntry]] = {}
         for entry in entries:
             key = (entry.queue.owner, entry.queue.service, entry.task_id, entry.epoch)
             if key in handled:
@@ -212,15 +204,32 @@ class RecoveryScheduler:
             if self.queue.completed_here(entry.task_id, entry.epoch):
                 handled.add(key)  # this instance acked it: no need to read the lease
                 continue
-            pending.append(one(entry, key))
+            by_queue.setdefault(entry.queue, []).append(entry)
+        limit = asyncio.Semaphore(HANDLE_CONCURRENCY)
+
+        async def some(batch: list[ExpiryEntry]) -> None:
+            async with limit:
+                # The leases of a batch in one request: most of them are done (acked on some bridge
+                # of the fleet), and reading them one by one would cost a request per task.
+                leases = await self.store.leases_of(batch[0].queue, [e.task_id for e in batch])
+                for entry in batch:
+                    if await self._handle(entry, leases.get(entry.task_id), now, bucket):
+                        handled.add((entry.queue.owner, entry.queue.service, entry.task_id, entry.epoch))
+
+        # Many leases can run out in the same 250 ms (a crashed worker pool): handle them side by
+        # side, or the last one would be re-exposed seconds after its deadline.
+        pending = [
+            some(group[i : i + LEASES_PER_READ])
+            for group in by_queue.values()
+            for i in range(0, len(group), LEASES_PER_READ)
+        ]
         results = await asyncio.gather(*pending, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             raise errors[0]  # the tick is retried; handled entries are not redone
 
-    async def _handle(self, entry: ExpiryEntry, now: int, bucket: int) -> bool:
+    async def _handle(self, entry: ExpiryEntry, lease: Lease | None, now: int, bucket: int) -> bool:
         q = entry.queue
-        lease = await self.store.lease(q, entry.task_id, serial=False)
         if lease is None and now - entry.lease_until_ms < self.late_ms:
             # No claim yet: it never applied, or it is still on its way (a claimer paused between its
             # write-ahead and its claim). Not handled: the second pass looks again.

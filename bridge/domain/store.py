@@ -20,6 +20,7 @@ What the queue's correctness rests on, and each adapter must provide:
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Protocol
 
 from bridge.domain.records import (
@@ -77,10 +78,20 @@ class TaskStore(Protocol):
     async def lease(self, q: QueueKey, task_id: uuid.UUID, *, serial: bool = True) -> Lease | None:
         """The task's lease; ``serial`` also completes any compare-and-set in flight first."""
 
+    async def leases_of(self, q: QueueKey, task_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Lease]:
+        """The leases of these tasks of one queue (not serial), in one request; absent ones left out."""
+
     async def claim_new(
-        self, q: QueueKey, task_id: uuid.UUID, worker: str, until_ms: int, claim_id: uuid.UUID
+        self,
+        q: QueueKey,
+        task_id: uuid.UUID,
+        worker: str,
+        until_ms: int,
+        claim_id: uuid.UUID,
+        *,
+        has_token: bool | None = None,
     ) -> CasResult:
-        """Lease a never-claimed task at epoch 1."""
+        """Lease a never-claimed task at epoch 1 (recording whether it carries a token)."""
 
     async def claim_expired(
         self,
@@ -91,6 +102,8 @@ class TaskStore(Protocol):
         until_ms: int,
         expired_before_ms: int,
         claim_id: uuid.UUID,
+        *,
+        has_token: bool | None = None,
     ) -> CasResult:
         """Lease at ``expected_epoch + 1`` a task still leased at ``expected_epoch`` whose deadline is
         at or before ``expired_before_ms``."""
@@ -99,9 +112,18 @@ class TaskStore(Protocol):
         """Move the deadline of a lease still held by ``worker`` at ``epoch``."""
 
     async def complete(
-        self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, now_ms: int, completion_id: uuid.UUID
+        self,
+        q: QueueKey,
+        task_id: uuid.UUID,
+        epoch: int,
+        worker: str,
+        now_ms: int,
+        completion_id: uuid.UUID,
+        *,
+        tokenless: bool = False,
     ) -> CasResult:
-        """Mark done a lease still held by ``worker`` at ``epoch``."""
+        """Mark done a lease still held by ``worker`` at ``epoch`` (with ``tokenless``: only if its
+        lease records that the task carries no token; a refusal then reports ``has_token``)."""
 
     async def kill(self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, now_ms: int) -> bool:
         """Dead-letter a leased task that can never be delivered (kept until its TTL)."""

@@ -88,6 +88,14 @@ ROUTES: dict[str, Route] = {
         "outcome (won, lost).",
         labels=("source", "outcome"),
     ),
+    "hint_payloads_refused": Route(
+        "hint_payloads_refused",
+        "Payload copies carried by hints that failed authentication (the stored row was used instead).",
+    ),
+    "acks_named_fast": Route(
+        "acks_named_fast",
+        "Acks that named their task and completed it without a read first (no token on the lease).",
+    ),
     "results_published": Route("results_published", "Results published and confirmed by the broker."),
     "results_republished": Route("results_republished", "Pending results re-published by the scheduler."),
     "results_dropped": Route("results_dropped", "Results that could not be published, by reason.", labels=("reason",)),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -165,8 +165,15 @@ class MemoryTaskStore:
         await self._io()
         return self._lease(q, task_id)
 
+    async def leases_of(self, q: QueueKey, task_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Lease]:
+        await self._io()
+        found = {task_id: self._lease(q, task_id) for task_id in task_ids}
+        return {task_id: lease for task_id, lease in found.items() if lease is not None}
+
     @staticmethod
-    def _refused(cur: Lease | None, *, with_until: bool = False, with_worker: bool = False) -> CasResult:
+    def _refused(
+        cur: Lease | None, *, with_until: bool = False, with_worker: bool = False, with_token: bool = False
+    ) -> CasResult:
         """What Cassandra reports of a failed conditional update: the columns of its condition."""
         if cur is None:
             return CasResult(False, None)
@@ -177,17 +184,25 @@ class MemoryTaskStore:
             cur.lease_until_ms if with_until else None,
             None,
             None,
+            cur.has_token if with_token else None,
         )
         return CasResult(False, seen)
 
     async def claim_new(
-        self, q: QueueKey, task_id: uuid.UUID, worker: str, until_ms: int, claim_id: uuid.UUID
+        self,
+        q: QueueKey,
+        task_id: uuid.UUID,
+        worker: str,
+        until_ms: int,
+        claim_id: uuid.UUID,
+        *,
+        has_token: bool | None = None,
     ) -> CasResult:
         await self._io()
         cur = self._lease(q, task_id)
         if cur is not None:
             return CasResult(False, cur)  # IF NOT EXISTS reports the whole row
-        self.leases[(q, task_id)] = Lease(LeaseState.LEASED, 1, worker, until_ms, claim_id, None)
+        self.leases[(q, task_id)] = Lease(LeaseState.LEASED, 1, worker, until_ms, claim_id, None, has_token)
         return CasResult(True, None)
 
     async def claim_expired(
@@ -199,6 +214,8 @@ class MemoryTaskStore:
         until_ms: int,
         expired_before_ms: int,
         claim_id: uuid.UUID,
+        *,
+        has_token: bool | None = None,
     ) -> CasResult:
         await self._io()
         cur = self._lease(q, task_id)
@@ -211,7 +228,12 @@ class MemoryTaskStore:
         ):
             return self._refused(cur, with_until=True)
         self.leases[(q, task_id)] = replace(
-            cur, epoch=expected_epoch + 1, worker=worker, lease_until_ms=until_ms, claim_id=claim_id
+            cur,
+            epoch=expected_epoch + 1,
+            worker=worker,
+            lease_until_ms=until_ms,
+            claim_id=claim_id,
+            has_token=has_token,
         )
         return CasResult(True, None)
 
@@ -224,12 +246,20 @@ class MemoryTaskStore:
         return CasResult(True, None)
 
     async def complete(
-        self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, now_ms: int, completion_id: uuid.UUID
+        self,
+        q: QueueKey,
+        task_id: uuid.UUID,
+        epoch: int,
+        worker: str,
+        now_ms: int,
+        completion_id: uuid.UUID,
+        *,
+        tokenless: bool = False,
     ) -> CasResult:
         await self._io()
         cur = self._lease(q, task_id)
-        if cur is None or not cur.held_by(worker, epoch):
-            return self._refused(cur, with_worker=True)
+        if cur is None or not cur.held_by(worker, epoch) or (tokenless and cur.has_token is not False):
+            return self._refused(cur, with_worker=True, with_token=tokenless)
         self.leases[(q, task_id)] = replace(cur, state=LeaseState.DONE, completion_id=completion_id)
         return CasResult(True, None)
 

@@ -10,7 +10,7 @@ failures surface as ``bridge.storage.errors`` exceptions, which are ``Unavailabl
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from bridge.domain.records import (
@@ -168,6 +168,13 @@ class CassandraTaskStore:
         rows = await self.db.execute("lease.get", (q.owner, q.service, task_id), serial_read=serial)
         return lease_of(rows[0]) if rows else None
 
+    async def leases_of(self, q: QueueKey, task_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Lease]:
+        if not task_ids:
+            return {}
+        rows = await self.db.execute("lease.get_many", (q.owner, q.service, list(task_ids)))
+        found = {row["task_id"]: lease_of(row) for row in rows}
+        return {task_id: lease for task_id, lease in found.items() if lease is not None}
+
     async def _resolve(
         self, q: QueueKey, task_id: uuid.UUID, name: str, params: tuple[Any, ...], check: str, token: uuid.UUID
     ) -> CasResult:
@@ -182,9 +189,17 @@ class CassandraTaskStore:
             return CasResult(applied=False, current=current)
 
     async def claim_new(
-        self, q: QueueKey, task_id: uuid.UUID, worker: str, until_ms: int, claim_id: uuid.UUID
+        self,
+        q: QueueKey,
+        task_id: uuid.UUID,
+        worker: str,
+        until_ms: int,
+        claim_id: uuid.UUID,
+        *,
+        has_token: bool | None = None,
     ) -> CasResult:
-        params = (q.owner, q.service, task_id, worker, to_datetime(until_ms), claim_id, self.ttl_for(task_id))
+        until = to_datetime(until_ms)
+        params = (q.owner, q.service, task_id, worker, until, claim_id, has_token, self.ttl_for(task_id))
         return await self._resolve(q, task_id, "lease.claim_new", params, "claim_id", claim_id)
 
     async def claim_expired(
@@ -196,9 +211,11 @@ class CassandraTaskStore:
         until_ms: int,
         expired_before_ms: int,
         claim_id: uuid.UUID,
+        *,
+        has_token: bool | None = None,
     ) -> CasResult:
         params = (
-            *(self.ttl_for(task_id), expected_epoch + 1, worker, to_datetime(until_ms), claim_id),
+            *(self.ttl_for(task_id), expected_epoch + 1, worker, to_datetime(until_ms), claim_id, has_token),
             *(q.owner, q.service, task_id, expected_epoch, to_datetime(expired_before_ms)),
         )
         return await self._resolve(q, task_id, "lease.claim_expired", params, "claim_id", claim_id)
@@ -218,13 +235,22 @@ class CassandraTaskStore:
             return CasResult(applied=ok, current=None if ok else current)
 
     async def complete(
-        self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, now_ms: int, completion_id: uuid.UUID
+        self,
+        q: QueueKey,
+        task_id: uuid.UUID,
+        epoch: int,
+        worker: str,
+        now_ms: int,
+        completion_id: uuid.UUID,
+        *,
+        tokenless: bool = False,
     ) -> CasResult:
         params = (
             *(self.ttl_for(task_id), to_datetime(now_ms), completion_id),
             *(q.owner, q.service, task_id, epoch, worker),
         )
-        return await self._resolve(q, task_id, "lease.complete", params, "completion_id", completion_id)
+        name = "lease.complete_tokenless" if tokenless else "lease.complete"
+        return await self._resolve(q, task_id, name, params, "completion_id", completion_id)
 
     async def kill(self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, now_ms: int) -> bool:
         params = (self.ttl_for(task_id), to_datetime(now_ms), q.owner, q.service, task_id, epoch, worker)

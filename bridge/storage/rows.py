@@ -42,6 +42,7 @@ def lease_of(row: Row) -> Lease | None:
         lease_until_ms=None if until is None else to_ms(until),
         claim_id=row.get("claim_id"),
         completion_id=row.get("completion_id"),
+        has_token=row.get("has_token"),
     )
 
 

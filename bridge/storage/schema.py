@@ -62,7 +62,7 @@ def table_cql(keyspace: str, ttl_seconds: int) -> list[str]:
         f"""CREATE TABLE IF NOT EXISTS {ks}.leases (
             owner text, service text, task_id timeuuid,
             state text, epoch int, worker text, lease_until timestamp,
-            claim_id uuid, completed_at timestamp, completion_id uuid,
+            claim_id uuid, completed_at timestamp, completion_id uuid, has_token boolean,
             PRIMARY KEY ((owner, service, task_id))
         ) WITH {ttl}""",
         # What each worker holds: a hint, always verified by the LWT on `leases`. `done_task` is
@@ -125,6 +125,8 @@ ADDED_COLUMNS: list[tuple[str, str, str]] = [
     # Write stamp of the pointer (microseconds, Lamport-ordered) and when it was granted (ms).
     ("workers", "stamp", "bigint"),
     ("workers", "granted_at", "bigint"),
+    # Whether the leased task carries a token (1.3): a named ack completes in one round trip.
+    ("leases", "has_token", "boolean"),
 ]
 
 

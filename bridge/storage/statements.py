@@ -6,7 +6,7 @@ keyspace (restricted by the settings to an identifier).
 
 from __future__ import annotations
 
-LEASE_COLS = "state, epoch, worker, lease_until, claim_id, completion_id"
+LEASE_COLS = "state, epoch, worker, lease_until, claim_id, completion_id, has_token"
 
 STATEMENTS: dict[str, tuple[str, bool]] = {
     # name: (cql, idempotent). LWTs are not idempotent: their outcome is resolved by reading.
@@ -56,13 +56,20 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         f"SELECT {LEASE_COLS} FROM {{ks}}.leases WHERE owner = ? AND service = ? AND task_id = ?",  # nosec B608
         True,
     ),
+    # The recovery scheduler's read of many leases of one queue at once (the deadlines of a bucket):
+    # one request instead of one per deadline; the coordinator reads the partitions.
+    "lease.get_many": (
+        f"SELECT task_id, {LEASE_COLS} FROM {{ks}}.leases "  # nosec B608
+        "WHERE owner = ? AND service = ? AND task_id IN ?",
+        True,
+    ),
     "lease.claim_new": (
-        "INSERT INTO {ks}.leases (owner, service, task_id, state, epoch, worker, lease_until, claim_id) "
-        "VALUES (?, ?, ?, 'leased', 1, ?, ?, ?) IF NOT EXISTS USING TTL ?",
+        "INSERT INTO {ks}.leases (owner, service, task_id, state, epoch, worker, lease_until, claim_id, has_token) "
+        "VALUES (?, ?, ?, 'leased', 1, ?, ?, ?, ?) IF NOT EXISTS USING TTL ?",
         False,
     ),
     "lease.claim_expired": (
-        "UPDATE {ks}.leases USING TTL ? SET epoch = ?, worker = ?, lease_until = ?, claim_id = ? "
+        "UPDATE {ks}.leases USING TTL ? SET epoch = ?, worker = ?, lease_until = ?, claim_id = ?, has_token = ? "
         "WHERE owner = ? AND service = ? AND task_id = ? IF state = 'leased' AND epoch = ? AND lease_until <= ?",
         False,
     ),
@@ -72,6 +79,15 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         "UPDATE {ks}.leases USING TTL ? SET lease_until = ? "
         "WHERE owner = ? AND service = ? AND task_id = ? "
         "IF state = 'leased' AND epoch = ? AND worker = ?",
+        False,
+    ),
+    # The same, for a task known (from its lease) to carry no token: an ack that names its task
+    # tries this first and needs no read before it (a task with a token, or a lease written before
+    # 1.3, fails the condition and takes the general path).
+    "lease.complete_tokenless": (
+        "UPDATE {ks}.leases USING TTL ? SET state = 'done', completed_at = ?, completion_id = ? "
+        "WHERE owner = ? AND service = ? AND task_id = ? "
+        "IF state = 'leased' AND epoch = ? AND worker = ? AND has_token = false",
         False,
     ),
     "lease.kill": (

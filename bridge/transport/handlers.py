@@ -190,6 +190,7 @@ class RequestHandlers:
             "epoch": delivery.epoch,
             "deliveries": delivery.deliveries,
             "leaseExpiresAt": iso(delivery.lease_expires_at_ms),
+            "hasToken": delivery.has_token,
         }
         # The worker's span continues the engine's trace: same trace id, a new parent span id.
         child = child_traceparent(delivery.traceparent)

@@ -15,6 +15,8 @@ returned to the queue at once for another bridge.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import hashlib
 import logging
@@ -28,8 +30,9 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from bridge.config import Settings
+from bridge.crypto import Sealed
 from bridge.domain.hints import Hint, Taken
-from bridge.domain.records import QueueKey
+from bridge.domain.records import Payload, QueueKey
 
 log = logging.getLogger("bridge.hints")
 
@@ -42,15 +45,42 @@ def hint_queue_name(queue_prefix: str, q: QueueKey) -> str:
     return f"{queue_prefix}.hints.{digest}"
 
 
+def _sealed(s: Sealed) -> list[str]:
+    return [s.key_id, base64.b64encode(s.nonce).decode(), base64.b64encode(s.ciphertext).decode()]
+
+
+def _unsealed(v: list[str]) -> Sealed:
+    key_id, nonce, ciphertext = v
+    return Sealed(str(key_id), base64.b64decode(nonce), base64.b64decode(ciphertext))
+
+
 def encode(hint: Hint) -> bytes:
-    return orjson.dumps(
-        {"t": str(hint.task_id), "l": hint.lane, "s": str(hint.seq), "e": hint.epoch, "k": hint.has_token}
-    )
+    d: dict[str, object] = {
+        "t": str(hint.task_id),
+        "l": hint.lane,
+        "s": str(hint.seq),
+        "e": hint.epoch,
+        "k": hint.has_token,
+    }
+    p = hint.payload
+    if p is not None:
+        d["p"] = {
+            "v": _sealed(p.value),
+            "k": None if p.token is None else _sealed(p.token),
+            "tp": p.traceparent,
+            "c": p.created_at_ms,
+        }
+    return orjson.dumps(d)
 
 
 def decode(body: bytes) -> Hint:
     d = orjson.loads(body)
-    return Hint(uuid.UUID(d["t"]), int(d["l"]), uuid.UUID(d["s"]), d["e"], bool(d["k"]))
+    payload = None
+    if (p := d.get("p")) is not None:
+        token = None if p["k"] is None else _unsealed(p["k"])
+        created = None if p["c"] is None else int(p["c"])
+        payload = Payload(_unsealed(p["v"]), token, p["tp"], created)
+    return Hint(uuid.UUID(d["t"]), int(d["l"]), uuid.UUID(d["s"]), d["e"], bool(d["k"]), payload)
 
 
 @dataclass
@@ -150,7 +180,7 @@ class AmqpHints:
             return None
         try:
             return _Taken(decode(message.body), message)
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, binascii.Error):
             log.warning("malformed hint dropped")
             await _settle(message, requeue=None)
             return None

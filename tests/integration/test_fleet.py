@@ -57,3 +57,31 @@ async def test_an_idle_fleet_reads_almost_nothing(make_bridge):
     await asyncio.sleep(5.0)  # 5 s of an idle fleet of four
     per_second = (sum(_background(b) for b in bridges) - before) / 5.0
     assert per_second <= 3.0, f"{per_second:.1f} background Cassandra requests/s for 4 idle bridges"
+
+
+# Statements that take part in a task's own path (the background loops' are counted above).
+LWT_STATEMENTS = ("lease.", "idem.insert", "idem.replace")
+
+
+async def test_a_task_costs_seven_statements_and_three_lwts(bridge, engine, workers):
+    """add (with the client's message_id), fetch, ack, no token, through the Python client: the
+    budget of docs/storage.md ("Per task"). A message_id costs the add an LWT (idempotency); the
+    fetch writes the pointer and the deadline ahead and claims; the ack is one compare-and-set."""
+    svc = service_id()
+    w = await workers(svc, "lean")
+    assert await w.fetch() is None  # the worker now knows it holds nothing: its fetches say fresh
+    tasks = 20
+    before = bridge.db.statements.copy()
+    for i in range(tasks):
+        await engine.add(svc, {"n": i})
+        task = await w.fetch()
+        assert task is not None and task.has_token is False
+        assert await task.ack("ok") is True
+    await bridge.queue.drain_background(5.0)  # the claimed mark is written in the background
+    spent = bridge.db.statements - before
+    own = {name: n for name, n in spent.items() if not name.startswith(BACKGROUND) and name != "clock.now"}
+    per_task = sum(own.values()) / tasks
+    lwts = sum(n for name, n in own.items() if name.startswith(LWT_STATEMENTS)) / tasks
+    assert per_task <= 7.2, f"{per_task:.2f} statements per task: {own}"
+    assert lwts <= 3.0, f"{lwts:.2f} LWTs per task: {own}"
+    assert "worker.get" not in own and "ready.payload" not in own and "worker.finish" not in own, own

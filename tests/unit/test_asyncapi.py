@@ -605,7 +605,13 @@ def test_fetch_replies_match_the_document(doc: dict[str, Any], settings: Setting
     body = _assert_reply(doc, published, request, "fetchReply")
     assert body == {
         "result": None,
-        "task": {"id": TASK_ID, "epoch": 2, "deliveries": 2, "leaseExpiresAt": "2025-01-01T12:00:00.123Z"},
+        "task": {
+            "id": TASK_ID,
+            "epoch": 2,
+            "deliveries": 2,
+            "leaseExpiresAt": "2025-01-01T12:00:00.123Z",
+            "hasToken": False,
+        },
     }
     # The reply continues the engine's trace: same trace id, a new span id.
     sent = (published[0][0].headers or {}).get("traceparent")

@@ -46,6 +46,8 @@ EXPECTED_COUNTERS = {
     "claim_conflicts": ("queue_bridge_claim_conflicts_total", ()),
     "claims": ("queue_bridge_claims_total", ("source", "outcome")),
     "claims_refiled": ("queue_bridge_claims_refiled_total", ()),
+    "hint_payloads_refused": ("queue_bridge_hint_payloads_refused_total", ()),
+    "acks_named_fast": ("queue_bridge_acks_named_fast_total", ()),
     "results_published": ("queue_bridge_results_published_total", ()),
     "results_republished": ("queue_bridge_results_republished_total", ()),
     "results_dropped": ("queue_bridge_results_dropped_total", ("reason",)),

@@ -1,0 +1,49 @@
+"""Hints on the wire (``bridge.transport.hints``): what a bridge publishes, another decodes."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bridge.crypto import Sealed
+from bridge.domain.hints import CARRIED_PAYLOAD_MAX, Hint, carried
+from bridge.domain.records import Payload
+from bridge.transport.hints import decode, encode
+
+sealed = st.builds(
+    Sealed, st.text(min_size=1, max_size=20), st.binary(min_size=12, max_size=12), st.binary(max_size=64)
+)
+payloads = st.builds(
+    Payload,
+    sealed,
+    st.none() | sealed,
+    st.none() | st.text(max_size=60),
+    st.none() | st.integers(min_value=0, max_value=2**53),
+)
+
+
+@given(
+    payload=st.none() | payloads,
+    lane=st.sampled_from([0, 1]),
+    epoch=st.none() | st.integers(1, 2**31 - 1),
+    has_token=st.booleans(),
+)
+def test_a_hint_survives_the_wire(payload: Payload | None, lane: int, epoch: int | None, has_token: bool) -> None:
+    hint = Hint(uuid.uuid1(), lane, uuid.uuid1(), epoch, has_token, payload)
+    assert decode(encode(hint)) == hint
+
+
+def test_only_small_payloads_ride_on_hints() -> None:
+    small = Payload(Sealed("k1", b"n" * 12, b"c" * 100), None, None, 1)
+    large = Payload(Sealed("k1", b"n" * 12, b"c" * (CARRIED_PAYLOAD_MAX + 1)), None, None, 1)
+    assert carried(small) is small
+    assert carried(large) is None
+
+
+@pytest.mark.parametrize("body", [b'{"t": "x"}', b'{"t": "00000000-0000-0000-0000-000000000000", "l": 1}'])
+def test_malformed_hints_raise_what_the_consumer_catches(body: bytes) -> None:
+    with pytest.raises((ValueError, KeyError, TypeError)):
+        decode(body)
