@@ -64,6 +64,8 @@ class Plan:
     memory_tasks: int
     memory_repeat_tasks: int
     caps: dict[str, float] = field(default_factory=dict)  # seconds, per phase
+    # W-scale's fixed-rate step: this fraction of one bridge's saturation throughput (0: skipped)
+    scale_rate_fraction: float = 0.0
     budget_s: float = 290.0  # a step that would start later than this is skipped (and reported)
 
     @classmethod

@@ -1,7 +1,9 @@
 """W-fleet: what a fleet of bridges costs Cassandra when idle and when its workers wait.
 
-    python -m benchmarks.fleet [--idle-bridges 32] [--waiters 64] [--seconds 20]
+    python -m benchmarks.fleet [--idle-bridges 32] [--waiters 64] [--seconds 20] [--phases ...]
 
+0. Per task: one bridge, adds then 16 workers fetching and acking; Cassandra statements (and
+   LWTs) per task by name, and bridge CPU per task (background loops included).
 1. Idle fleet: N bridge processes, no traffic at all. Cassandra requests per second sent by all of
    them together (their own ``queue_bridge_cassandra_requests_total``) and CPU per bridge.
 2. Waiting workers: 4 bridges, W workers on one empty queue. Cassandra requests per second while
@@ -95,20 +97,102 @@ async def add_to_reply(bench: Bench, samples: int) -> dict[str, Any]:
     return {"add_to_fetch_reply_p50_ms": round(lat[len(lat) // 2], 2), "samples": samples}
 
 
+def _statements(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(REQUESTS + "_total{"):
+            labels, value = line.rsplit(" ", 1)
+            name = labels.split('statement="', 1)[1].split('"', 1)[0]
+            out[name] = out.get(name, 0.0) + float(value)
+    return out
+
+
+async def _scrape_statements(bench: Bench) -> dict[str, float]:
+    import urllib.request
+
+    total: dict[str, float] = {}
+    for b in bench.bridges:
+        url = f"http://127.0.0.1:{bench.metrics_ports[b.name]}/metrics"
+        text = await asyncio.to_thread(lambda u=url: urllib.request.urlopen(u, timeout=5).read().decode())
+        for name, n in _statements(text).items():
+            total[name] = total.get(name, 0.0) + n
+    return total
+
+
+LWT_NAMES = ("lease.claim", "lease.extend", "lease.complete", "lease.kill", "idem.insert", "idem.replace")
+
+
+async def per_task(bench: Bench, tasks: int, concurrency: int) -> dict[str, Any]:
+    """One bridge; ``tasks`` adds (the Python client: with a message_id, no token), then
+    ``concurrency`` workers fetch and ack them. Cassandra statements (LWTs apart) and bridge CPU
+    per task, background loops included."""
+    await bench.ensure_bridges(1)
+    svc = bench.service("per-task")
+    workers = await open_workers(bench, svc, concurrency, "pt")
+    for w in workers:  # first fetch of each worker: it learns it holds nothing (then it says "fresh")
+        assert await w.fetch() is None
+    bridge = bench.bridges[0]
+    before = await _scrape_statements(bench)
+    meter = CpuMeter({"bridge": [bridge.pid]}).start()
+    start = time.monotonic()
+    async with Engine(bench.amqp_url(ENGINE_USER), owner=OWNER, exchange=bench.exchange) as engine:
+        pending = iter(range(tasks))
+
+        async def adder() -> None:
+            for i in pending:
+                await engine.add(svc, {"n": i})
+
+        await asyncio.gather(*(adder() for _ in range(concurrency)))
+    done = 0
+
+    async def worker(w: Any) -> None:
+        nonlocal done
+        while (task := await w.fetch()) is not None:
+            assert await task.ack("ok")
+            done += 1
+
+    await asyncio.gather(*(worker(w) for w in workers))
+    wall = time.monotonic() - start
+    await asyncio.sleep(2.0)  # the holder's first pass over the deadlines of these claims counts too
+    cpu = meter.stop()
+    after = await _scrape_statements(bench)
+    await close_all(workers)
+    spent = {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0) > 0}
+    per = {k: round(v / max(done, 1), 3) for k, v in sorted(spent.items())}
+    lwts = sum(v for k, v in per.items() if k.startswith(LWT_NAMES))
+    bridge_cpu_s = cpu.get("bridge", 0.0) / 100.0 * (wall + 2.0)
+    return {
+        "tasks": done,
+        "statements_per_task": round(sum(per.values()), 2),
+        "lwts_per_task": round(lwts, 2),
+        "bridge_cpu_ms_per_task": round(1000.0 * bridge_cpu_s / max(done, 1), 2),
+        "by_statement": per,
+    }
+
+
 async def main(args: argparse.Namespace) -> None:
     bench = Bench(Plan.quick_plan(), bridges=1, metrics=True)
     await bench.setup()
     report: dict[str, Any] = {}
+    phases = set(args.phases.split(","))
     try:
-        report["idle"] = await idle_fleet(bench, args.idle_bridges, args.seconds)
-        say(f"idle: {report['idle']}")
-        report["waiting"] = await waiting_workers(bench, args.waiters, args.seconds)
-        await bench.ensure_echo()
-        await b_rpc(bench, [1])
-        brpc = bench.baselines[key("B-rpc", 1)].p(50)
-        report["latency"] = await add_to_reply(bench, args.samples)
-        report["latency"]["b_rpc_p50_ms"] = round(brpc, 3)
-        report["latency"]["ratio"] = round(report["latency"]["add_to_fetch_reply_p50_ms"] / brpc, 2)
+        if "per-task" in phases:  # first: one bridge, nothing else running
+            report["per_task"] = await per_task(bench, args.tasks, 16)
+            say(f"per task: {report['per_task']}")
+        if "latency" in phases:
+            await bench.ensure_echo()
+            await b_rpc(bench, [1])
+            brpc = bench.baselines[key("B-rpc", 1)].p(50)
+            await bench.ensure_bridges(4)
+            report["latency"] = await add_to_reply(bench, args.samples)
+            report["latency"]["b_rpc_p50_ms"] = round(brpc, 3)
+            report["latency"]["ratio"] = round(report["latency"]["add_to_fetch_reply_p50_ms"] / brpc, 2)
+            say(f"latency: {report['latency']}")
+        if "waiting" in phases:
+            report["waiting"] = await waiting_workers(bench, args.waiters, args.seconds)
+        if "idle" in phases:
+            report["idle"] = await idle_fleet(bench, args.idle_bridges, args.seconds)
+            say(f"idle: {report['idle']}")
     finally:
         await bench.teardown()
     print("W-fleet", report)
@@ -120,4 +204,10 @@ if __name__ == "__main__":
     ap.add_argument("--waiters", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--samples", type=int, default=30)
+    ap.add_argument("--tasks", type=int, default=2000, help="per-task phase: tasks added, fetched and acked")
+    ap.add_argument(
+        "--phases",
+        default="per-task,latency,waiting,idle",
+        help="which phases, in this order: per-task (1 bridge), latency and waiting (4), idle (N)",
+    )
     asyncio.run(main(ap.parse_args()))

@@ -83,6 +83,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N1,N2",
         help="W-scale bridge counts, one step each (default 1,2,4; --quick 1,2)",
     )
+    ap.add_argument(
+        "--scale-rate",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="W-scale also runs each bridge count at a fixed offered load: this fraction (e.g. 0.5) "
+        "of one bridge's saturation throughput in the same run; reports fetch p50 and conflicts",
+    )
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results file (default {DEFAULT_OUT})")
     ap.add_argument(
         "--profile",
@@ -120,6 +128,8 @@ def _plan(args: argparse.Namespace) -> Plan:
     plan = Plan.quick_plan() if args.quick else Plan.default()
     if args.e2e_rates:
         plan.e2e_rates = tuple(int(r) for r in args.e2e_rates.split(",") if r.strip())
+    if args.scale_rate:
+        plan.scale_rate_fraction = args.scale_rate
     if args.scale_bridges:
         plan.scale_bridges = tuple(int(n) for n in args.scale_bridges.split(",") if n.strip())
     return plan

@@ -80,6 +80,16 @@ class Cycles:
         return self.acked / self.elapsed if self.elapsed > 0 else math.nan
 
 
+async def _paced(slot: float, every: float) -> float:
+    """Wait for this worker's next slot (a fixed offered load; ``every`` 0: no pacing)."""
+    if not every:
+        return slot
+    slot += every
+    if (ahead := slot - time.perf_counter()) > 0:
+        await asyncio.sleep(ahead)
+    return slot
+
+
 async def drive_cycles(
     workers: list[Worker],
     expected: int,
@@ -88,16 +98,21 @@ async def drive_cycles(
     progress: Progress | None = None,
     idle_timeout: float = 3.0,
     poll: float = 0.01,
+    rate: float | None = None,
 ) -> Cycles:
     """Every worker loops fetch -> ack until ``expected`` tasks are acked, the queue stays empty for
-    ``idle_timeout`` seconds, or ``until`` (time.monotonic()) passes."""
+    ``idle_timeout`` seconds, or ``until`` (time.monotonic()) passes. With ``rate`` (tasks/s for
+    all workers together) each worker starts a cycle only at its next slot: a fixed offered load."""
     st = Cycles()
     started = time.perf_counter()
     last = started
+    every = len(workers) / rate if rate else 0.0
 
-    async def loop(w: Worker) -> None:
+    async def loop(w: Worker, offset: float) -> None:
         nonlocal last
+        slot = started + offset
         while st.acked < expected and time.monotonic() < until:
+            slot = await _paced(slot, every)
             t0 = time.perf_counter()
             try:
                 task = await w.fetch()
@@ -132,7 +147,7 @@ async def drive_cycles(
                 st.ack_false += 1
             last = t2
 
-    await asyncio.gather(*(loop(w) for w in workers))
+    await asyncio.gather(*(loop(w, every * i / len(workers)) for i, w in enumerate(workers)))
     st.elapsed = last - started
     st.fetch.elapsed = st.ack.elapsed = st.task.elapsed = st.elapsed
     return st
@@ -630,7 +645,47 @@ async def w_scale(bench: Bench) -> None:
     for point in curve:
         point["speedup"] = _div(point["throughput"], base)  # type: ignore[arg-type]
     bench.sections["scale"] = curve
+    if plan.scale_rate_fraction and curve:
+        bench.sections["scale_fixed_rate"] = await _w_scale_fixed_rate(bench, plan.scale_rate_fraction * base)
     await bench.ensure_bridges(bench.bridges_wanted)
+
+
+async def _w_scale_fixed_rate(bench: Bench, rate: float) -> list[dict[str, object]]:
+    """The same bridge counts at one fixed offered load below saturation (a fraction of what one
+    bridge reached above): fetch latency and conflicts when the fleet is not the bottleneck."""
+    plan = bench.plan
+    seconds = 10.0
+    points: list[dict[str, object]] = []
+    for n in plan.scale_bridges:
+        await bench.ensure_bridges(n)
+        svc = bench.service(f"rate{n}")
+        want = int(rate * seconds) + plan.workers * 10
+        await prefill(bench, svc, want, f"W-scale fixed rate, {n} bridge(s)", "scale")
+        workers = await open_workers(bench, svc, plan.workers, f"r{n}")
+        try:
+            await drive_cycles(workers, plan.workers * 5, until=time.monotonic() + 10)  # warm-up
+            before = await bench.counters()
+            res = await drive_cycles(workers, want, until=time.monotonic() + seconds, rate=rate)
+            after = await bench.counters()
+        finally:
+            await close_all(workers)
+        point: dict[str, object] = {
+            "bridges": n,
+            "offered_per_s": round(rate, 1),
+            "throughput": round(res.throughput, 1),
+            "fetch_p50_ms": round(res.fetch.p(50), 2),
+            "ack_p50_ms": round(res.ack.p(50), 2),
+        }
+        if after:
+            conflicts = after.get("queue_bridge_claim_conflicts", 0.0) - before.get("queue_bridge_claim_conflicts", 0.0)
+            point["claim_conflicts_per_task"] = round(conflicts / max(res.acked, 1), 3)
+        points.append(point)
+        say(f"W-scale fixed rate {rate:.0f}/s, {n} bridge(s): {point}")
+    base = points[0]["fetch_p50_ms"] if points else math.nan
+    for point in points:
+        point["fetch_p50_vs_one_bridge"] = _div(point["fetch_p50_ms"], base)  # type: ignore[arg-type]
+    await bench.ensure_bridges(bench.bridges_wanted)
+    return points
 
 
 # -- Memory -----------------------------------------------------------------------------------

@@ -20,15 +20,18 @@ from typing import Protocol
 from bridge.domain.records import LANE_RECOVERED, Payload, QueueKey, ReadyEntry
 from bridge.domain.timeline import ms_of, ready_bucket
 
-# Sealed bytes (value and token) a hint may carry: small enough that hint queues stay cheap in the
+# Sealed bytes of a value a hint may carry: small enough that hint queues stay cheap in the
 # broker's memory, large enough for the usual task (a few hundred bytes of JSON).
 CARRIED_PAYLOAD_MAX = 8 * 1024
 
 
 def carried(payload: Payload) -> Payload | None:
-    """The payload if a hint may carry it."""
-    size = len(payload.value.ciphertext) + (len(payload.token.ciphertext) if payload.token else 0)
-    return payload if size <= CARRIED_PAYLOAD_MAX else None
+    """The payload if a hint may carry it: small, and without a token. A task with a token is read
+    from the store at fetch, so that the row its result will be published from (token, trace
+    context) is verified before any work is done on it, as it always was."""
+    if payload.token is not None or len(payload.value.ciphertext) > CARRIED_PAYLOAD_MAX:
+        return None
+    return payload
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,7 +44,8 @@ async def test_nothing_of_value_or_token_is_stored_in_clear(bridge, engine, work
 
 async def test_tampered_ciphertext_is_reported_and_dead_lettered_never_returned(bridge, engine, workers, cql, servers):
     svc = service_id()
-    bad_id = await engine.add(svc, {"n": 1})
+    # Larger than a hint carries: the fetch reads the stored row (see the next test for small ones).
+    bad_id = await engine.add(svc, {"n": 1, "pad": "x" * 9_000})
     await engine.add(svc, {"n": 2})
     ks = servers.keyspace
     row = next(r for r in raw_rows(cql, ks, "ready", OWNERS[0], svc) if str(r["seq"]) == bad_id)
@@ -66,6 +67,40 @@ async def test_tampered_ciphertext_is_reported_and_dead_lettered_never_returned(
     assert lease["state"] == "dead"
     nxt = await w.fetch()  # the queue goes on with the next task
     assert nxt.value == {"n": 2}
+
+
+async def test_a_tampered_row_is_never_returned_when_the_hint_carries_the_value(bridge, engine, workers, cql, servers):
+    """A small task's sealed value rides on its hint (1.3): the worker gets the authenticated
+    copy; the tampered row is not read now, and is detected when it is (a redelivery)."""
+    svc = service_id()
+    task_id = await engine.add(svc, {"n": 1})
+    ks = servers.keyspace
+    row = next(r for r in raw_rows(cql, ks, "ready", OWNERS[0], svc) if str(r["seq"]) == task_id)
+    flipped = bytes([row["value_ct"][0] ^ 0x01]) + row["value_ct"][1:]
+    cql.execute(
+        f"UPDATE {ks}.ready SET value_ct = %s WHERE owner = %s AND service = %s AND lane = 1 AND bucket = %s "
+        "AND seq = %s",
+        (flipped, row["owner"], row["service"], row["bucket"], row["seq"]),
+    )
+    w = await workers(svc)
+    first = await w.fetch(time_to_recover_ms=300)
+    assert first is not None and first.id == task_id and first.value == {"n": 1}, "the authentic value"
+    # Abandoned: the redelivery reads the stored row, finds it tampered, and dead-letters the task.
+    other = await workers(svc, "other")
+
+    async def refused() -> bool:
+        try:
+            await other.fetch()
+        except BridgeClientError as err:
+            return err.code == "integrity_error" and task_id in err.message
+        return False
+
+    await wait_for(refused, 15.0, interval=0.1, what="the redelivery reading the tampered row")
+    lease = cql.execute(
+        f"SELECT state FROM {ks}.leases WHERE owner = %s AND service = %s AND task_id = %s",
+        (OWNERS[0], svc, uuid.UUID(task_id)),
+    ).one()
+    assert lease["state"] == "dead"
 
 
 async def test_owners_never_see_each_others_tasks(bridge, servers, names, workers):

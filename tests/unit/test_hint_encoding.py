@@ -36,11 +36,13 @@ def test_a_hint_survives_the_wire(payload: Payload | None, lane: int, epoch: int
     assert decode(encode(hint)) == hint
 
 
-def test_only_small_payloads_ride_on_hints() -> None:
+def test_only_small_payloads_without_a_token_ride_on_hints() -> None:
     small = Payload(Sealed("k1", b"n" * 12, b"c" * 100), None, None, 1)
     large = Payload(Sealed("k1", b"n" * 12, b"c" * (CARRIED_PAYLOAD_MAX + 1)), None, None, 1)
     assert carried(small) is small
     assert carried(large) is None
+    with_token = Payload(Sealed("k1", b"n" * 12, b"c" * 100), Sealed("k1", b"n" * 12, b"t" * 10), None, 1)
+    assert carried(with_token) is None, "tasks with a token are read (and verified) from the store"
 
 
 @pytest.mark.parametrize("body", [b'{"t": "x"}', b'{"t": "00000000-0000-0000-0000-000000000000", "l": 1}'])
