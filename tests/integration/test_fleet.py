@@ -85,3 +85,17 @@ async def test_a_task_costs_seven_statements_and_three_lwts(bridge, engine, work
     assert per_task <= 7.2, f"{per_task:.2f} statements per task: {own}"
     assert lwts <= 3.0, f"{lwts:.2f} LWTs per task: {own}"
     assert "worker.get" not in own and "ready.payload" not in own and "worker.finish" not in own, own
+
+
+async def test_the_bridge_sends_cassandra_requests_without_nagle_delays(bridge):
+    """The driver leaves Nagle's algorithm on unless told: two requests written back to back on a
+    quiet connection would wait for the server's delayed ACK (up to 40 ms)."""
+    import socket
+
+    session = bridge.db.session
+    sockets = [session.cluster.control_connection._connection._socket]  # the driver's internals
+    for pool in session.get_pools():
+        sockets.append(pool._connection._socket)
+    assert len(sockets) >= 2
+    for sock in sockets:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
