@@ -127,6 +127,7 @@ class AmqpHints:
         self._consume: AbstractChannel | None = None  # waiting fetches' consumers (prefetch 1 each)
         self._declared: OrderedDict[str, AbstractQueue] = OrderedDict()
         self._waiting: dict[str, _Waiting] = {}
+        self._cancelling: set[asyncio.Task[None]] = set()  # consumer cancels under way
         self._closed = False
         self.published = 0
         self.lost = 0
@@ -212,7 +213,7 @@ class AmqpHints:
             got = future.result()
             if got is not None and not completed:  # cancelled with a hint in hand: for another fetch
                 await _settle(got, requeue=True)
-            await self._stop_consuming_if_idle(waiting)
+            self._stop_consuming_if_idle(waiting)
         return got
 
     async def _start_consuming(self, waiting: _Waiting) -> None:
@@ -236,14 +237,23 @@ class AmqpHints:
                 return
         await _settle(message, requeue=True)  # nobody waits here any more: for another bridge
 
-    async def _stop_consuming_if_idle(self, waiting: _Waiting) -> None:
+    def _stop_consuming_if_idle(self, waiting: _Waiting) -> None:
+        """The last waiter of a queue left: cancel its consumer, off the waiter's path (the fetch
+        that got a hint goes on to its claim without waiting for the broker's cancel-ok). A hint
+        delivered to the consumer meanwhile finds no waiter and goes back to the queue."""
         if waiting.waiters or waiting.consumer_tag in (None, "starting"):
             return
         tag, waiting.consumer_tag = waiting.consumer_tag, None
         self._waiting.pop(waiting.queue.name, None)
         if self._closed:
             return  # shutting down: the connection closes with its consumers
-        assert self._consume is not None and tag is not None
+        assert tag is not None
+        task = asyncio.get_running_loop().create_task(self._cancel_consumer(waiting, tag))
+        self._cancelling.add(task)
+        task.add_done_callback(self._cancelling.discard)
+
+    async def _cancel_consumer(self, waiting: _Waiting, tag: str) -> None:
+        assert self._consume is not None
         try:
             queue = await self._consume.get_queue(waiting.queue.name, ensure=False)
             await asyncio.wait_for(queue.cancel(tag), BROKER_CALL_S)
