@@ -57,7 +57,12 @@ class Bridge:
         self.settings = settings
         self.clock: Clock = clock or SystemClock(settings.clock_offset_ms)
         self.db = CassandraSession(settings, self.clock.now_ms)
-        self.store = CassandraTaskStore(self.db, self.clock.now_ms, settings.task_ttl_seconds)
+        self.store = CassandraTaskStore(
+            self.db,
+            self.clock.now_ms,
+            settings.task_ttl_seconds,
+            read_unsharded=settings.read_unsharded or settings.read_unmarked_expiries,
+        )
         self.keys = build_key_provider(settings)
         self.metrics = BridgeMetrics(instance=settings.instance_id or socket.gethostname())
         if isinstance(self.keys, CachingKeyProvider):

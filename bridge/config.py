@@ -144,6 +144,12 @@ class Settings(BaseSettings):
         description="Read every expiry bucket, marked or not: for a rolling upgrade from 1.1 (whose bridges "
         "file deadlines without marks), until the last 1.1 bridge has been gone for the longest lease.",
     )
+    read_unsharded: bool = Field(
+        False,
+        description="Also read the unsharded expiry and outbox tables of bridges before 1.3: for a rolling "
+        "upgrade from 1.2, until the last 1.2 bridge has been gone for the longest lease and its "
+        "pending results are published (BRIDGE_READ_UNMARKED_EXPIRIES implies it).",
+    )
     reconcile_interval: float = Field(
         30.0,
         ge=0,

@@ -147,11 +147,18 @@ class OutboxEntry:
     completion_id: uuid.UUID
     result: Sealed
     published: bool
+    # Where the entry was read from: None for the shard of its task (``timeline.shard_of``), or
+    # ``UNSHARDED`` for the table of bridges before 1.3 (read during a rolling upgrade).
+    shard: int | None = None
+
+
+UNSHARDED = -1
 
 
 __all__ = [
     "LANE_FRESH",
     "LANE_RECOVERED",
+    "UNSHARDED",
     "CasResult",
     "ExpiryEntry",
     "Lane",

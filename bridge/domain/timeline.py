@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import random
 import uuid
+import zlib
 
 READY_BUCKET_MS = 10_000
 EXPIRY_BUCKET_MS = 250
@@ -79,3 +80,15 @@ def expiry_bucket(ms: int) -> int:
 
 def outbox_bucket(ms: int) -> int:
     return ms // OUTBOX_BUCKET_MS
+
+
+# Deadlines and owed results are spread over this many partitions per time bucket, so that no
+# partition (no replica set of the cluster) takes every claim or completion of a time window.
+EXPIRY_SHARDS = 8
+OUTBOX_SHARDS = 8
+
+
+def shard_of(task_id: uuid.UUID, shards: int) -> int:
+    """The shard of a task's deadline or result: a checksum of its id (the low bits of a time UUID
+    are the same for every id of one process, and its time is in whole milliseconds)."""
+    return zlib.crc32(task_id.bytes) % shards

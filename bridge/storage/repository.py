@@ -9,13 +9,15 @@ failures surface as ``bridge.storage.errors`` exceptions, which are ``Unavailabl
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from bridge.domain.records import (
     LANE_FRESH,
     LANE_RECOVERED,
+    UNSHARDED,
     CasResult,
     ExpiryEntry,
     Lease,
@@ -26,8 +28,16 @@ from bridge.domain.records import (
     WorkerPointer,
     WorkerRow,
 )
-from bridge.domain.timeline import EXPIRY_BUCKET_MS, MIN_TIMEUUID, bucket_of_task, ms_of
-from bridge.storage.cassandra import CassandraSession
+from bridge.domain.timeline import (
+    EXPIRY_BUCKET_MS,
+    EXPIRY_SHARDS,
+    MIN_TIMEUUID,
+    OUTBOX_SHARDS,
+    bucket_of_task,
+    ms_of,
+    shard_of,
+)
+from bridge.storage.cassandra import CassandraSession, Row
 from bridge.storage.errors import UnknownOutcome
 from bridge.storage.rows import (
     cas_result,
@@ -50,12 +60,16 @@ MARK_HOUR_BUCKETS = 3_600_000 // EXPIRY_BUCKET_MS  # expiry marks: one partition
 
 
 class CassandraTaskStore:
-    def __init__(self, db: CassandraSession, now_ms: Callable[[], int], task_ttl_s: int) -> None:
+    def __init__(
+        self, db: CassandraSession, now_ms: Callable[[], int], task_ttl_s: int, *, read_unsharded: bool = False
+    ) -> None:
         self.db = db
         self.now_ms = now_ms
         self.task_ttl_s = task_ttl_s
         self._indexed: set[tuple[QueueKey, int, int]] = set()  # buckets this process indexed lately
-        self._marked: set[int] = set()  # expiry buckets this process marked lately
+        self._marked: set[tuple[int, int]] = set()  # expiry (bucket, shard)s this process marked lately
+        # A rolling upgrade from 1.2: also read the unsharded expiry and outbox tables it writes.
+        self.read_unsharded = read_unsharded
 
     # -- setup -------------------------------------------------------------------------------
     async def prepare(self) -> None:
@@ -274,40 +288,65 @@ class CassandraTaskStore:
 
     # -- recovery timer wheel and outbox -----------------------------------------------------------------
     async def watch_expiry(self, bucket: int, entry: ExpiryEntry) -> None:
-        if bucket not in self._marked:  # the mark lands before the deadline it announces
-            await self.db.execute("expiry.mark", (bucket // MARK_HOUR_BUCKETS, bucket, self.task_ttl_s))
+        e = entry
+        shard = shard_of(e.task_id, EXPIRY_SHARDS)
+        if (bucket, shard) not in self._marked:  # the mark lands before the deadline it announces
+            await self.db.execute("expiry.mark", (bucket // MARK_HOUR_BUCKETS, bucket, shard, self.task_ttl_s))
             if len(self._marked) > MAX_REMEMBERED_BUCKETS:
                 self._marked.clear()
-            self._marked.add(bucket)
-        e = entry
-        params = (bucket, to_datetime(e.lease_until_ms), e.queue.owner, e.queue.service, e.task_id, e.epoch)
+            self._marked.add((bucket, shard))
+        params = (bucket, shard, to_datetime(e.lease_until_ms), e.queue.owner, e.queue.service, e.task_id, e.epoch)
         await self.db.execute("expiry.insert", (*params, e.has_token, self.ttl_for(e.task_id)))
 
-    async def expiries(self, bucket: int) -> list[ExpiryEntry]:
-        rows = await self.db.execute("expiry.bucket", (bucket,), fetch_size=2000)
-        return [expiry_entry(r) for r in rows]
+    async def expiries(self, bucket: int, shards: Collection[int] | None = None) -> list[ExpiryEntry]:
+        wanted = list(shards) if shards is not None else [*range(EXPIRY_SHARDS), UNSHARDED]
 
-    async def marked_expiry_buckets(self, first: int, last: int) -> set[int]:
-        found: set[int] = set()
+        async def one(shard: int) -> list[Row]:
+            if shard == UNSHARDED:
+                if not self.read_unsharded and shards is None:
+                    return []
+                return await self.db.execute("expiry.unsharded_bucket", (bucket,), fetch_size=2000)
+            return await self.db.execute("expiry.bucket", (bucket, shard), fetch_size=2000)
+
+        found = await asyncio.gather(*(one(shard) for shard in wanted))
+        return [expiry_entry(r) for rows in found for r in rows]
+
+    async def marked_expiry_shards(self, first: int, last: int) -> dict[int, frozenset[int]]:
+        found: dict[int, set[int]] = {}
         for hour in range(first // MARK_HOUR_BUCKETS, last // MARK_HOUR_BUCKETS + 1):
-            rows = await self.db.execute("expiry.marks", (hour, first, last), fetch_size=5000)
-            found.update(r["bucket"] for r in rows)
-        return found
+            for r in await self.db.execute("expiry.marks", (hour, first, last), fetch_size=5000):
+                found.setdefault(r["bucket"], set()).add(r["shard"])
+            if self.read_unsharded:
+                for r in await self.db.execute("expiry.unsharded_marks", (hour, first, last), fetch_size=5000):
+                    found.setdefault(r["bucket"], set()).add(UNSHARDED)
+        return {bucket: frozenset(shards) for bucket, shards in found.items()}
 
     async def insert_outbox(self, entry: OutboxEntry) -> None:
         e = entry
-        params = (e.bucket, e.queue.owner, e.queue.service, e.task_id, e.completion_id)
+        params = (e.bucket, shard_of(e.task_id, OUTBOX_SHARDS), e.queue.owner, e.queue.service, e.task_id)
         sealed = (e.result.key_id, e.result.nonce, e.result.ciphertext)
-        await self.db.execute("outbox.insert", (*params, *sealed, self.ttl_for(e.task_id)))
+        await self.db.execute("outbox.insert", (*params, e.completion_id, *sealed, self.ttl_for(e.task_id)))
 
     async def mark_published(self, entry: OutboxEntry) -> None:
         e = entry
-        params = (e.bucket, e.queue.owner, e.queue.service, e.task_id, e.completion_id)
-        await self.db.execute("outbox.mark_published", (self.ttl_for(e.task_id), *params))
+        key = (e.queue.owner, e.queue.service, e.task_id, e.completion_id)
+        if e.shard == UNSHARDED:
+            await self.db.execute("outbox.unsharded_mark_published", (self.ttl_for(e.task_id), e.bucket, *key))
+            return
+        shard = shard_of(e.task_id, OUTBOX_SHARDS)
+        await self.db.execute("outbox.mark_published", (self.ttl_for(e.task_id), e.bucket, shard, *key))
 
     async def outbox(self, bucket: int) -> list[OutboxEntry]:
-        rows = await self.db.execute("outbox.bucket", (bucket,), fetch_size=2000)
-        return [outbox_entry(r) for r in rows]
+        async def one(shard: int) -> list[OutboxEntry]:
+            if shard == UNSHARDED:
+                rows = await self.db.execute("outbox.unsharded_bucket", (bucket,), fetch_size=2000)
+                return [outbox_entry(r, UNSHARDED) for r in rows]
+            rows = await self.db.execute("outbox.bucket", (bucket, shard), fetch_size=2000)
+            return [outbox_entry(r) for r in rows]
+
+        shards = [*range(OUTBOX_SHARDS), *([UNSHARDED] if self.read_unsharded else [])]
+        found = await asyncio.gather(*(one(shard) for shard in shards))
+        return [e for entries in found for e in entries]
 
     # -- loop progress ---------------------------------------------------------------------------------
     async def scheduler_cursor(self, name: str, now_ms: int) -> int | None:

@@ -97,7 +97,7 @@ def expiry_entry(r: Row) -> ExpiryEntry:
     return ExpiryEntry(to_ms(r["lease_until"]), queue, r["task_id"], r["epoch"], bool(r["has_token"]))
 
 
-def outbox_entry(r: Row) -> OutboxEntry:
+def outbox_entry(r: Row, shard: int | None = None) -> OutboxEntry:
     return OutboxEntry(
         bucket=r["bucket"],
         queue=QueueKey(r["owner"], r["service"]),
@@ -105,4 +105,5 @@ def outbox_entry(r: Row) -> OutboxEntry:
         completion_id=r["completion_id"],
         result=Sealed(r["key_id"], r["result_nonce"], r["result_ct"]),
         published=bool(r["published"]),
+        shard=shard,
     )

@@ -87,12 +87,31 @@ def table_cql(keyspace: str, ttl_seconds: int) -> list[str]:
             hour bigint, bucket bigint,
             PRIMARY KEY ((hour), bucket)
         ) WITH {ttl}""",
+        # 1.3: the same, spread over EXPIRY_SHARDS partitions per bucket (no single partition, and
+        # so no single replica set, takes every claim of a 250 ms window), and their marks per
+        # shard. The unsharded tables above are only read, during a rolling upgrade from 1.2.
+        f"""CREATE TABLE IF NOT EXISTS {ks}.expiry_shards (
+            bucket bigint, shard tinyint, lease_until timestamp, owner text, service text,
+            task_id timeuuid, epoch int, has_token boolean,
+            PRIMARY KEY ((bucket, shard), lease_until, owner, service, task_id, epoch)
+        ) WITH {twcs} AND {ttl}""",
+        f"""CREATE TABLE IF NOT EXISTS {ks}.expiry_shard_marks (
+            hour bigint, bucket bigint, shard tinyint,
+            PRIMARY KEY ((hour), bucket, shard)
+        ) WITH {ttl}""",
         # Results to publish to the engine, written BEFORE the completing LWT (transactional outbox).
         f"""CREATE TABLE IF NOT EXISTS {ks}.outbox (
             bucket bigint, owner text, service text, task_id timeuuid, completion_id uuid,
             key_id text, result_nonce blob, result_ct blob,
             published boolean,
             PRIMARY KEY ((bucket), owner, service, task_id, completion_id)
+        ) WITH {twcs} AND {ttl}""",
+        # 1.3: the outbox spread over OUTBOX_SHARDS partitions per 10 s bucket.
+        f"""CREATE TABLE IF NOT EXISTS {ks}.outbox_shards (
+            bucket bigint, shard tinyint, owner text, service text, task_id timeuuid, completion_id uuid,
+            key_id text, result_nonce blob, result_ct blob,
+            published boolean,
+            PRIMARY KEY ((bucket, shard), owner, service, task_id, completion_id)
         ) WITH {twcs} AND {ttl}""",
         # Progress of the scheduler loops (same monotonic-max trick as `cursors`).
         f"""CREATE TABLE IF NOT EXISTS {ks}.scheduler_cursors (

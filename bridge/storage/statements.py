@@ -126,30 +126,50 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     ),
     "clock.now": ("SELECT toUnixTimestamp(now()) AS now_ms FROM system.local", True),
     "expiry.insert": (
-        "INSERT INTO {ks}.expiries (bucket, lease_until, owner, service, task_id, epoch, has_token) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?) USING TTL ?",
+        "INSERT INTO {ks}.expiry_shards (bucket, shard, lease_until, owner, service, task_id, epoch, has_token) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?",
         True,
     ),
-    "expiry.mark": ("INSERT INTO {ks}.expiry_marks (hour, bucket) VALUES (?, ?) USING TTL ?", True),
+    "expiry.mark": ("INSERT INTO {ks}.expiry_shard_marks (hour, bucket, shard) VALUES (?, ?, ?) USING TTL ?", True),
     "expiry.marks": (
-        "SELECT bucket FROM {ks}.expiry_marks WHERE hour = ? AND bucket >= ? AND bucket <= ?",
+        "SELECT bucket, shard FROM {ks}.expiry_shard_marks WHERE hour = ? AND bucket >= ? AND bucket <= ?",
         True,
     ),
     "expiry.bucket": (
+        "SELECT lease_until, owner, service, task_id, epoch, has_token FROM {ks}.expiry_shards "
+        "WHERE bucket = ? AND shard = ?",
+        True,
+    ),
+    # The unsharded tables of bridges before 1.3, read only during a rolling upgrade.
+    "expiry.unsharded_marks": (
+        "SELECT bucket FROM {ks}.expiry_marks WHERE hour = ? AND bucket >= ? AND bucket <= ?",
+        True,
+    ),
+    "expiry.unsharded_bucket": (
         "SELECT lease_until, owner, service, task_id, epoch, has_token FROM {ks}.expiries WHERE bucket = ?",
         True,
     ),
     "outbox.insert": (
-        "INSERT INTO {ks}.outbox (bucket, owner, service, task_id, completion_id, key_id, result_nonce, "
-        "result_ct, published) VALUES (?, ?, ?, ?, ?, ?, ?, ?, false) USING TTL ?",
+        "INSERT INTO {ks}.outbox_shards (bucket, shard, owner, service, task_id, completion_id, key_id, "
+        "result_nonce, result_ct, published) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, false) USING TTL ?",
         True,
     ),
     "outbox.mark_published": (
+        "UPDATE {ks}.outbox_shards USING TTL ? SET published = true "
+        "WHERE bucket = ? AND shard = ? AND owner = ? AND service = ? AND task_id = ? AND completion_id = ?",
+        True,
+    ),
+    "outbox.bucket": (
+        "SELECT bucket, owner, service, task_id, completion_id, key_id, result_nonce, result_ct, published "
+        "FROM {ks}.outbox_shards WHERE bucket = ? AND shard = ?",
+        True,
+    ),
+    "outbox.unsharded_mark_published": (
         "UPDATE {ks}.outbox USING TTL ? SET published = true "
         "WHERE bucket = ? AND owner = ? AND service = ? AND task_id = ? AND completion_id = ?",
         True,
     ),
-    "outbox.bucket": (
+    "outbox.unsharded_bucket": (
         "SELECT bucket, owner, service, task_id, completion_id, key_id, result_nonce, result_ct, published "
         "FROM {ks}.outbox WHERE bucket = ?",
         True,

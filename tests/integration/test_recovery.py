@@ -4,11 +4,13 @@ tests/behaviour/test_recovery_rules.py (the lease extension by re-fetching is pr
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 
 from bridge.client.rpc import results_consumer
+from bridge.domain.records import UNSHARDED
 from tests.conftest import service_id, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -134,3 +136,62 @@ async def test_scheduler_progress_grows_by_a_row_per_10_seconds_whatever_the_fle
     new = rows() - before
     assert 1 <= len(new) <= 3, f"{len(new)} rows for 15 s of the fleet's progress"  # was ~60 per bridge
     assert all(pos % 40 == 0 for pos in new)
+
+
+async def test_deadlines_of_one_window_spread_over_partitions(bridge, engine, workers, cql, servers):
+    """No partition takes every claim of a 250 ms window: deadlines go to one of the bucket's shards."""
+    svc = service_id()
+    ws = [await workers(svc, f"w{i}") for i in range(24)]
+    for i in range(24):
+        await engine.add(svc, i)
+    got = await asyncio.gather(*(w.fetch(time_to_recover_ms=60_000) for w in ws))
+    ids = {t.id for t in got if t is not None}
+    assert len(ids) == 24
+    rows = [
+        r
+        for r in cql.execute(f"SELECT bucket, shard, task_id FROM {servers.keyspace}.expiry_shards")
+        if str(r["task_id"]) in ids
+    ]
+    assert {str(r["task_id"]) for r in rows} == ids
+    per_bucket: dict[int, set[int]] = {}
+    for r in rows:
+        per_bucket.setdefault(r["bucket"], set()).add(r["shard"])
+    busiest = max(per_bucket.values(), key=len)
+    assert len(busiest) >= 3, f"deadlines of one bucket in shards {per_bucket}"
+    marks = {
+        (r["bucket"], r["shard"])
+        for r in cql.execute(f"SELECT bucket, shard FROM {servers.keyspace}.expiry_shard_marks")
+    }
+    assert {(b, s) for b, shards in per_bucket.items() for s in shards} <= marks, "every shard is marked first"
+
+
+async def test_a_rolling_upgrade_from_1_2_recovers_the_deadlines_it_filed(make_bridge, engine, workers, cql, servers):
+    """A 1.2 bridge files deadlines in the unsharded tables: a 1.3 holder set to read them
+    (BRIDGE_READ_UNSHARDED, on during the upgrade) recovers the lease; without it they are not read."""
+    svc = service_id()
+    ks = servers.keyspace
+    upgraded = await make_bridge(read_unsharded=True)
+    await wait_for(lambda: upgraded.duty.held, 10, what="the bridge holding the duty")
+    plain = await make_bridge()
+    task_id = await engine.add(svc, "from a 1.2 fleet")
+    lost = await (await workers(svc, "crashed")).fetch(time_to_recover_ms=1_500)
+    assert lost is not None and lost.id == task_id
+    # What a 1.2 bridge would have written instead: the deadline in `expiries`, its bucket marked.
+    rows = [r for r in cql.execute(f"SELECT * FROM {ks}.expiry_shards") if str(r["task_id"]) == task_id]
+    assert len(rows) == 1
+    r = rows[0]
+    cql.execute(f"DELETE FROM {ks}.expiry_shards WHERE bucket = %s AND shard = %s", (r["bucket"], r["shard"]))
+    hour = r["bucket"] // 14_400
+    cql.execute(f"DELETE FROM {ks}.expiry_shard_marks WHERE hour = %s AND bucket = %s", (hour, r["bucket"]))
+    cql.execute(
+        f"INSERT INTO {ks}.expiries (bucket, lease_until, owner, service, task_id, epoch, has_token) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+        (r["bucket"], r["lease_until"], r["owner"], r["service"], r["task_id"], r["epoch"], r["has_token"]),
+    )
+    cql.execute(f"INSERT INTO {ks}.expiry_marks (hour, bucket) VALUES (%s, %s)", (r["bucket"] // 14_400, r["bucket"]))
+    bucket = r["bucket"]
+    assert await plain.store.marked_expiry_shards(bucket, bucket) == {}, "not read without the setting"
+    assert await upgraded.store.marked_expiry_shards(bucket, bucket) == {bucket: frozenset({UNSHARDED})}
+    other = await workers(svc, "other")
+    got = await wait_for(other.fetch, 15.0, interval=0.1, what="the 1.2 deadline recovered")
+    assert got.id == task_id and got.deliveries == 2
