@@ -31,7 +31,7 @@ async def test_nothing_of_value_or_token_is_stored_in_clear(bridge, engine, work
     await task.ack({"echo": SECRET})
     ks = servers.keyspace
     checked = 0
-    for table in ("ready", "leases", "workers", "outbox", "expiries", "idempotency"):
+    for table in ("ready", "leases", "workers", "outbox_shards", "expiry_shards", "idempotency"):
         for row in cql.execute(f"SELECT * FROM {ks}.{table}"):
             for value in row.values():
                 blob = value if isinstance(value, bytes) else str(value).encode()
