@@ -6,8 +6,7 @@ take is idempotent or fenced by a lease's compare-and-set, so two holders for a 
 
 Recovery: a bucket of lease deadlines is read once its time has passed (first pass, for speed)
 and once more ``late_ms`` later (second pass, for deadlines whose write-ahead landed late); then
-the cursor moves past it. Only the shards of a bucket marked as holding deadlines are read
-(``expiry_shard_marks``).
+the cursor moves past it. Only buckets marked as holding deadlines are read (``expiry_marks``).
 An expired lease is re-exposed by writing a lane-0 ``ready`` entry that points at the task and
 announcing it with a hint; the next fetch of any worker claims it with ``epoch + 1``.
 """
@@ -97,7 +96,7 @@ class RecoveryScheduler:
         self._outbox_persisted: int | None = None
         self._expiry_persisted: int | None = None
         self._last_outbox_ms = 0
-        self._marks: dict[int, frozenset[int]] = {}  # marked expiry buckets -> their marked shards
+        self._marks: set[int] = set()
         self._marks_hi = -1
         self._marks_read_ms = -(10**15)
 
@@ -117,7 +116,7 @@ class RecoveryScheduler:
         if now - self._marks_read_ms < MARKS_REFRESH_MS and needed <= self._marks_hi:
             return
         hi = needed + MARKS_AHEAD
-        self._marks = await self.store.marked_expiry_shards(self._expiry_confirmed, hi)
+        self._marks = await self.store.marked_expiry_buckets(self._expiry_confirmed, hi)
         self._marks_hi, self._marks_read_ms = hi, now
 
     @property
@@ -190,10 +189,9 @@ class RecoveryScheduler:
             self._expiry_persisted = grid
 
     async def _process_bucket(self, bucket: int, now: int, *, only_expired: bool = False) -> None:
-        shards = self._marks.get(bucket)
-        if shards is None and not self.read_unmarked:
+        if bucket not in self._marks and not self.read_unmarked:
             return  # no deadline was ever filed here
-        entries = await self.store.expiries(bucket, None if self.read_unmarked else shards)
+        entries = await self.store.expiries(bucket)
         margin = self.queue.skew_margin_ms
         if only_expired:
             entries = [e for e in entries if e.lease_until_ms + margin <= now]

@@ -20,7 +20,7 @@ What the queue's correctness rests on, and each adapter must provide:
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 from bridge.domain.records import (
@@ -142,13 +142,11 @@ class TaskStore(Protocol):
     async def watch_expiry(self, bucket: int, entry: ExpiryEntry) -> None:
         """File a lease deadline under an expiry bucket (idempotent); the bucket is marked first."""
 
-    async def marked_expiry_shards(self, first: int, last: int) -> dict[int, frozenset[int]]:
-        """Expiry buckets between ``first`` and ``last`` (inclusive) marked as holding deadlines,
-        with the shards that do (``UNSHARDED`` for deadlines filed by bridges before 1.3, when the
-        store reads those)."""
+    async def marked_expiry_buckets(self, first: int, last: int) -> set[int]:
+        """The buckets in ``[first, last]`` that deadlines were filed under (a superset is fine)."""
 
-    async def expiries(self, bucket: int, shards: Collection[int] | None = None) -> list[ExpiryEntry]:
-        """The deadlines filed in these shards of a bucket (None: every shard)."""
+    async def expiries(self, bucket: int) -> list[ExpiryEntry]:
+        """Every deadline filed under a bucket (all its shards, in one request)."""
 
     async def insert_outbox(self, entry: OutboxEntry) -> None: ...
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +34,7 @@ from bridge.domain.records import (
     WorkerPointer,
     WorkerRow,
 )
-from bridge.domain.timeline import EXPIRY_SHARDS, bucket_of_task, ms_of, shard_of
+from bridge.domain.timeline import bucket_of_task, ms_of
 
 
 def _order(seq: uuid.UUID) -> tuple[int, bytes]:
@@ -308,21 +308,14 @@ class MemoryTaskStore:
         key = (e.lease_until_ms, e.queue.owner, e.queue.service, e.task_id, e.epoch)
         self.expiry_wheel.setdefault(bucket, {})[key] = e
 
-    async def marked_expiry_shards(self, first: int, last: int) -> dict[int, frozenset[int]]:
+    async def marked_expiry_buckets(self, first: int, last: int) -> set[int]:
         await self._io()
-        return {
-            b: frozenset(shard_of(k[3], EXPIRY_SHARDS) for k in rows)
-            for b, rows in self.expiry_wheel.items()
-            if first <= b <= last
-        }
+        return {b for b in self.expiry_wheel if first <= b <= last}
 
-    async def expiries(self, bucket: int, shards: Collection[int] | None = None) -> list[ExpiryEntry]:
+    async def expiries(self, bucket: int) -> list[ExpiryEntry]:
         await self._io()
         rows = self.expiry_wheel.get(bucket, {})
-        order = sorted(rows, key=lambda k: (k[0], k[1], k[2], _order(k[3]), k[4]))
-        return [
-            rows[k] for k in order if self.alive(k[3]) and (shards is None or shard_of(k[3], EXPIRY_SHARDS) in shards)
-        ]
+        return [rows[k] for k in sorted(rows, key=lambda k: (k[0], k[1], k[2], _order(k[3]), k[4])) if self.alive(k[3])]
 
     async def insert_outbox(self, entry: OutboxEntry) -> None:
         await self._io()

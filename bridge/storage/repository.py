@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from bridge.domain.records import (
@@ -37,7 +37,7 @@ from bridge.domain.timeline import (
     ms_of,
     shard_of,
 )
-from bridge.storage.cassandra import CassandraSession, Row
+from bridge.storage.cassandra import CassandraSession
 from bridge.storage.errors import UnknownOutcome
 from bridge.storage.rows import (
     cas_result,
@@ -52,6 +52,8 @@ from bridge.storage.rows import (
 from bridge.storage.statements import STATEMENTS
 
 DAY_MS = 86_400_000
+ALL_EXPIRY_SHARDS = list(range(EXPIRY_SHARDS))
+ALL_OUTBOX_SHARDS = list(range(OUTBOX_SHARDS))
 LOOP_CURSOR_TTL_S = 30 * 24 * 3600  # a restart after an outage this long still resumes where it stopped
 LOOP_CURSOR_MAX_DAYS = 31
 BUCKET_INDEX_GRACE_S = 60  # an index row outlives the rows it points at
@@ -67,7 +69,7 @@ class CassandraTaskStore:
         self.now_ms = now_ms
         self.task_ttl_s = task_ttl_s
         self._indexed: set[tuple[QueueKey, int, int]] = set()  # buckets this process indexed lately
-        self._marked: set[tuple[int, int]] = set()  # expiry (bucket, shard)s this process marked lately
+        self._marked: set[int] = set()  # expiry buckets this process marked lately
         # A rolling upgrade from 1.2: also read the unsharded expiry and outbox tables it writes.
         self.read_unsharded = read_unsharded
 
@@ -288,38 +290,29 @@ class CassandraTaskStore:
 
     # -- recovery timer wheel and outbox -----------------------------------------------------------------
     async def watch_expiry(self, bucket: int, entry: ExpiryEntry) -> None:
-        e = entry
-        shard = shard_of(e.task_id, EXPIRY_SHARDS)
-        if (bucket, shard) not in self._marked:  # the mark lands before the deadline it announces
-            await self.db.execute("expiry.mark", (bucket // MARK_HOUR_BUCKETS, bucket, shard, self.task_ttl_s))
+        if bucket not in self._marked:  # the mark lands before the deadline it announces
+            await self.db.execute("expiry.mark", (bucket // MARK_HOUR_BUCKETS, bucket, self.task_ttl_s))
             if len(self._marked) > MAX_REMEMBERED_BUCKETS:
                 self._marked.clear()
-            self._marked.add((bucket, shard))
+            self._marked.add(bucket)
+        e = entry
+        shard = shard_of(e.task_id, EXPIRY_SHARDS)
         params = (bucket, shard, to_datetime(e.lease_until_ms), e.queue.owner, e.queue.service, e.task_id, e.epoch)
         await self.db.execute("expiry.insert", (*params, e.has_token, self.ttl_for(e.task_id)))
 
-    async def expiries(self, bucket: int, shards: Collection[int] | None = None) -> list[ExpiryEntry]:
-        wanted = list(shards) if shards is not None else [*range(EXPIRY_SHARDS), UNSHARDED]
-
-        async def one(shard: int) -> list[Row]:
-            if shard == UNSHARDED:
-                if not self.read_unsharded and shards is None:
-                    return []
-                return await self.db.execute("expiry.unsharded_bucket", (bucket,), fetch_size=2000)
-            return await self.db.execute("expiry.bucket", (bucket, shard), fetch_size=2000)
-
-        found = await asyncio.gather(*(one(shard) for shard in wanted))
+    async def expiries(self, bucket: int) -> list[ExpiryEntry]:
+        reads = [self.db.execute("expiry.bucket", (bucket, ALL_EXPIRY_SHARDS), fetch_size=2000)]
+        if self.read_unsharded:
+            reads.append(self.db.execute("expiry.unsharded_bucket", (bucket,), fetch_size=2000))
+        found = await asyncio.gather(*reads)
         return [expiry_entry(r) for rows in found for r in rows]
 
-    async def marked_expiry_shards(self, first: int, last: int) -> dict[int, frozenset[int]]:
-        found: dict[int, set[int]] = {}
+    async def marked_expiry_buckets(self, first: int, last: int) -> set[int]:
+        found: set[int] = set()
         for hour in range(first // MARK_HOUR_BUCKETS, last // MARK_HOUR_BUCKETS + 1):
-            for r in await self.db.execute("expiry.marks", (hour, first, last), fetch_size=5000):
-                found.setdefault(r["bucket"], set()).add(r["shard"])
-            if self.read_unsharded:
-                for r in await self.db.execute("expiry.unsharded_marks", (hour, first, last), fetch_size=5000):
-                    found.setdefault(r["bucket"], set()).add(UNSHARDED)
-        return {bucket: frozenset(shards) for bucket, shards in found.items()}
+            rows = await self.db.execute("expiry.marks", (hour, first, last), fetch_size=5000)
+            found.update(r["bucket"] for r in rows)
+        return found
 
     async def insert_outbox(self, entry: OutboxEntry) -> None:
         e = entry
@@ -337,16 +330,12 @@ class CassandraTaskStore:
         await self.db.execute("outbox.mark_published", (self.ttl_for(e.task_id), e.bucket, shard, *key))
 
     async def outbox(self, bucket: int) -> list[OutboxEntry]:
-        async def one(shard: int) -> list[OutboxEntry]:
-            if shard == UNSHARDED:
-                rows = await self.db.execute("outbox.unsharded_bucket", (bucket,), fetch_size=2000)
-                return [outbox_entry(r, UNSHARDED) for r in rows]
-            rows = await self.db.execute("outbox.bucket", (bucket, shard), fetch_size=2000)
-            return [outbox_entry(r) for r in rows]
-
-        shards = [*range(OUTBOX_SHARDS), *([UNSHARDED] if self.read_unsharded else [])]
-        found = await asyncio.gather(*(one(shard) for shard in shards))
-        return [e for entries in found for e in entries]
+        rows = await self.db.execute("outbox.bucket", (bucket, ALL_OUTBOX_SHARDS), fetch_size=2000)
+        found = [outbox_entry(r) for r in rows]
+        if self.read_unsharded:
+            rows = await self.db.execute("outbox.unsharded_bucket", (bucket,), fetch_size=2000)
+            found.extend(outbox_entry(r, UNSHARDED) for r in rows)
+        return found
 
     # -- loop progress ---------------------------------------------------------------------------------
     async def scheduler_cursor(self, name: str, now_ms: int) -> int | None:

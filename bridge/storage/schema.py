@@ -88,17 +88,14 @@ def table_cql(keyspace: str, ttl_seconds: int) -> list[str]:
             PRIMARY KEY ((hour), bucket)
         ) WITH {ttl}""",
         # 1.3: the same, spread over EXPIRY_SHARDS partitions per bucket (no single partition, and
-        # so no single replica set, takes every claim of a 250 ms window), and their marks per
-        # shard. The unsharded tables above are only read, during a rolling upgrade from 1.2.
+        # so no single replica set, takes every claim of a 250 ms window); read with one request
+        # per bucket (IN over the shards); `expiry_marks` above marks its buckets. The unsharded
+        # `expiries` is only read, during a rolling upgrade from 1.2.
         f"""CREATE TABLE IF NOT EXISTS {ks}.expiry_shards (
             bucket bigint, shard tinyint, lease_until timestamp, owner text, service text,
             task_id timeuuid, epoch int, has_token boolean,
             PRIMARY KEY ((bucket, shard), lease_until, owner, service, task_id, epoch)
         ) WITH {twcs} AND {ttl}""",
-        f"""CREATE TABLE IF NOT EXISTS {ks}.expiry_shard_marks (
-            hour bigint, bucket bigint, shard tinyint,
-            PRIMARY KEY ((hour), bucket, shard)
-        ) WITH {ttl}""",
         # Results to publish to the engine, written BEFORE the completing LWT (transactional outbox).
         f"""CREATE TABLE IF NOT EXISTS {ks}.outbox (
             bucket bigint, owner text, service text, task_id timeuuid, completion_id uuid,

@@ -130,21 +130,19 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?",
         True,
     ),
-    "expiry.mark": ("INSERT INTO {ks}.expiry_shard_marks (hour, bucket, shard) VALUES (?, ?, ?) USING TTL ?", True),
+    "expiry.mark": ("INSERT INTO {ks}.expiry_marks (hour, bucket) VALUES (?, ?) USING TTL ?", True),
     "expiry.marks": (
-        "SELECT bucket, shard FROM {ks}.expiry_shard_marks WHERE hour = ? AND bucket >= ? AND bucket <= ?",
-        True,
-    ),
-    "expiry.bucket": (
-        "SELECT lease_until, owner, service, task_id, epoch, has_token FROM {ks}.expiry_shards "
-        "WHERE bucket = ? AND shard = ?",
-        True,
-    ),
-    # The unsharded tables of bridges before 1.3, read only during a rolling upgrade.
-    "expiry.unsharded_marks": (
         "SELECT bucket FROM {ks}.expiry_marks WHERE hour = ? AND bucket >= ? AND bucket <= ?",
         True,
     ),
+    # Every shard of a bucket in one request (IN on the partition key: the coordinator reads the
+    # shards; spreading the writes costs the client no extra request).
+    "expiry.bucket": (
+        "SELECT lease_until, owner, service, task_id, epoch, has_token FROM {ks}.expiry_shards "
+        "WHERE bucket = ? AND shard IN ?",
+        True,
+    ),
+    # The unsharded tables of bridges before 1.3, read only during a rolling upgrade.
     "expiry.unsharded_bucket": (
         "SELECT lease_until, owner, service, task_id, epoch, has_token FROM {ks}.expiries WHERE bucket = ?",
         True,
@@ -161,7 +159,7 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     ),
     "outbox.bucket": (
         "SELECT bucket, owner, service, task_id, completion_id, key_id, result_nonce, result_ct, published "
-        "FROM {ks}.outbox_shards WHERE bucket = ? AND shard = ?",
+        "FROM {ks}.outbox_shards WHERE bucket = ? AND shard IN ?",
         True,
     ),
     "outbox.unsharded_mark_published": (
