@@ -130,6 +130,25 @@ def cpu_table(cpu: dict[str, dict[str, float]]) -> str:
     return _table(headers, rows, set(range(1, len(headers))))
 
 
+def _fixed_rate_lines(fixed: list[dict[str, Any]] | None) -> list[str]:
+    """W-scale's fixed-rate step (``--scale-rate``): fetch latency and conflicts per bridge count."""
+    if not fixed:
+        return []
+    rows = [
+        [
+            str(pt["bridges"]),
+            _num(pt["offered_per_s"], 0),
+            _num(pt["fetch_p50_ms"], 2),
+            _num(pt.get("fetch_p50_vs_one_bridge", math.nan), 2),
+            _num(pt["ack_p50_ms"], 2),
+            _num(pt.get("claim_conflicts_per_task", math.nan), 3),
+        ]
+        for pt in fixed
+    ]
+    headers = ["W-scale fixed rate, bridges", "offered/s", "fetch p50", "vs 1 bridge", "ack p50", "conflicts/task"]
+    return ["", _table(headers, rows, set(range(6)))]
+
+
 def render(bench: Bench, meta: dict[str, Any]) -> str:
     out = []
     mode = "QUICK (counts scaled down; not comparable with a default run)" if bench.plan.quick else "default"
@@ -183,6 +202,7 @@ def render(bench: Bench, meta: dict[str, Any]) -> str:
         ]
         headers = ["W-scale bridges", "tasks/s", "speedup", "fetch p50", "ack p50", "cpu% bridges", "cpu% cassandra"]
         out.append(_table([*headers, "conflicts/task"], rows, set(range(8))))
+    out.extend(_fixed_rate_lines(bench.sections.get("scale_fixed_rate")))
     mem = bench.sections.get("memory")
     if mem:
         out.append("")
@@ -257,6 +277,7 @@ def to_json(bench: Bench, meta: dict[str, Any]) -> dict[str, Any]:
             "figures": figures,
             "targets": targets,
             "scale": bench.sections.get("scale", []),
+            "scale_fixed_rate": bench.sections.get("scale_fixed_rate", []),
             "memory": bench.sections.get("memory", {}),
             "cpu_percent": bench.sections.get("cpu", {}),
             "bridge_log": bench.sections.get("bridge_log", {}),
