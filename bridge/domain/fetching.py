@@ -65,6 +65,9 @@ class Fetcher:
         if not ctx.gate.ok:
             ctx.metrics.inc("leases_refused", reason="clock_skew")
             raise Unavailable(f"this bridge does not grant leases now: {ctx.gate.describe()}; retry on another bridge")
+        # An owner without a key can have no task: say so (unknown_owner, as add does) instead of
+        # answering null forever to a misconfigured worker. The key is cached: no I/O here.
+        await ctx.keys.current(owner)
         # A fetch that says it holds nothing (``fresh``: the worker acked its last task and this is
         # no retry) skips the pointer read; the write-ahead pointer is still written below.
         row = WorkerRow(None, None) if req.fresh else await ctx.store.worker(q, req.worker_id)

@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from bridge.client import Engine, UnauthorizedError, Worker
-from bridge.client.errors import BridgeClientError
+from bridge.client.errors import BridgeClientError, UnknownOwnerError
 from tests.conftest import ENGINE_USER, OWNERS, service_id, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -226,3 +226,20 @@ async def test_rewriting_the_clear_columns_of_a_task_is_detected(bridge, engine,
     with pytest.raises(BridgeClientError) as err:
         await w.fetch()
     assert err.value.code == "integrity_error"
+
+
+async def test_a_worker_whose_owner_has_no_key_is_told_so(make_bridge, servers, names, tmp_path):
+    """Issue 10: fetch answered null and ack false to a worker whose owner has no key, so a
+    misconfigured worker polled forever without knowing why. Both answer unknown_owner now."""
+    from bridge.crypto import generate_keyring, write_keyring
+
+    keyring = tmp_path / "only-a.json"
+    write_keyring(keyring, generate_keyring([OWNERS[0], ENGINE_USER]))  # worker-b has no key
+    await make_bridge(keyring=str(keyring))
+    async with Worker(servers.amqp_url(OWNERS[1]), service="s", worker_id="w", exchange=names["exchange"]) as w:
+        with pytest.raises(UnknownOwnerError):
+            await w.fetch()
+        with pytest.raises(UnknownOwnerError):
+            await w.ack("x", task_id=str(uuid.uuid1()), epoch=1)
+    async with Worker(servers.amqp_url(OWNERS[0]), service="s", worker_id="w", exchange=names["exchange"]) as ok:
+        assert await ok.fetch() is None  # an owner with a key: nothing ready, no error
