@@ -159,6 +159,7 @@ async def test_a_missing_key_is_an_outage_and_destroys_nothing(make_bridge, engi
     import json
 
     from bridge.client import UnavailableError
+    from bridge.client.errors import UnknownOwnerError
     from bridge.crypto import generate_keyring, write_keyring
 
     path = tmp_path / "keyring.json"
@@ -168,12 +169,27 @@ async def test_a_missing_key_is_an_outage_and_destroys_nothing(make_bridge, engi
     svc = service_id()
     task_id = await engine.add(svc, "sealed with worker-a's key")
     ring = b.keys.upstream
-    without = json.loads(path.read_text())
-    del without["owners"][OWNERS[0]]
-    write_keyring(path, without)
+    # The owner loses its whole key-ring entry: fetch says so (unknown_owner, issue 10) before it
+    # touches anything; the task is not even leased.
+    without_owner = json.loads(path.read_text())
+    del without_owner["owners"][OWNERS[0]]
+    write_keyring(path, without_owner)
     assert ring.maybe_reload(force=True)
     b.keys.invalidate()  # what the cache's max age does, without waiting for it
     w = await workers(svc)
+    with pytest.raises(UnknownOwnerError):
+        await w.fetch(time_to_recover_ms=300)
+    lease = cql.execute(
+        f"SELECT state FROM {servers.keyspace}.leases WHERE owner = %s AND service = %s AND task_id = %s",
+        (OWNERS[0], svc, uuid.UUID(task_id)),
+    ).one()
+    assert lease is None, "nothing was claimed for an owner without a key"
+    # A key-ring edit that drops the key the task was sealed with (the owner has another one now).
+    without_key = json.loads(path.read_text())
+    without_key["owners"][OWNERS[0]] = generate_keyring([OWNERS[0]])["owners"][OWNERS[0]]
+    write_keyring(path, without_key)
+    assert ring.maybe_reload(force=True)
+    b.keys.invalidate()
     with pytest.raises(UnavailableError, match="key"):
         await w.fetch(time_to_recover_ms=300)
     assert await w.fetch() is None  # the worker is not stuck on it: it moves on (nothing else here)
