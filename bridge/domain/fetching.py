@@ -37,6 +37,7 @@ from bridge.domain.timeline import EXPIRY_BUCKET_MS, expiry_bucket, ms_of
 log = logging.getLogger("bridge.queue")
 
 MAX_CLAIM_ATTEMPTS = 8
+TTL_GRANULARITY_MS = 1_000  # Cassandra expires rows on whole seconds
 
 
 @dataclass
@@ -225,8 +226,11 @@ class Fetcher:
         return await self._deliver(q, worker, task_id, epoch, until, payload, stamp=stamp, carried=carried), stamp
 
     def _outlived(self, carried: Payload, now: int) -> bool:
+        """The task's stored rows are gone (or about to go): its carried copy is not handed out.
+        Cassandra computes a row's expiry in whole seconds (the write's second + TTL), so a row may
+        go up to a second before created + TTL: the copy stops a second early, never late."""
         ttl, created = self.ctx.limits.task_ttl_ms, carried.created_at_ms
-        return ttl is not None and created is not None and created + ttl <= now
+        return ttl is not None and created is not None and created + ttl - TTL_GRANULARITY_MS <= now
 
     async def _refile_if_slow(self, q: QueueKey, entry: ReadyEntry, epoch: int, started: int, until: int) -> None:
         """A claim that took long (this process paused, a slow Paxos round) may have landed after the
