@@ -250,7 +250,11 @@ class Fetcher:
         here. Watch it again at a bucket still to come on our clock (the original bucket is already
         behind the scheduler), or the task would be stranded."""
         assert entry.epoch is not None
-        rearm = max(lease_until_ms + self.ctx.limits.skew_margin_ms, now + EXPIRY_BUCKET_MS)
+        # At least one bucket after the one it was filed under (deadline + margin): that bucket may
+        # be the very one whose processing re-exposed the task, and the scheduler does not handle
+        # the same deadline twice in one bucket (a claimer 800 ms behind the scheduler's bridge
+        # re-filed it there and the task waited for the 30 s reconciliation: the skew drill).
+        rearm = max(lease_until_ms + self.ctx.limits.skew_margin_ms, now) + EXPIRY_BUCKET_MS
         watch = ExpiryEntry(lease_until_ms, q, entry.task_id, entry.epoch, entry.has_token)
         await self.ctx.store.watch_expiry(expiry_bucket(rearm), watch)
 
