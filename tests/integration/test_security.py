@@ -42,19 +42,24 @@ async def test_nothing_of_value_or_token_is_stored_in_clear(bridge, engine, work
     assert ready and ready[0]["value_ct"] and ready[0]["key_id"]
 
 
-async def test_tampered_ciphertext_is_reported_and_dead_lettered_never_returned(bridge, engine, workers, cql, servers):
-    svc = service_id()
-    # Larger than a hint carries: the fetch reads the stored row (see the next test for small ones).
-    bad_id = await engine.add(svc, {"n": 1, "pad": "x" * 9_000})
-    await engine.add(svc, {"n": 2})
-    ks = servers.keyspace
-    row = next(r for r in raw_rows(cql, ks, "ready", OWNERS[0], svc) if str(r["seq"]) == bad_id)
+def flip_stored_value(cql, ks: str, svc: str, task_id: str) -> None:
+    """Tamper with a stored task: flip one bit of its value's ciphertext in `ready`."""
+    row = next(r for r in raw_rows(cql, ks, "ready", OWNERS[0], svc) if str(r["seq"]) == task_id)
     flipped = bytes([row["value_ct"][0] ^ 0x01]) + row["value_ct"][1:]
     cql.execute(
         f"UPDATE {ks}.ready SET value_ct = %s WHERE owner = %s AND service = %s AND lane = 1 AND bucket = %s "
         "AND seq = %s",
         (flipped, row["owner"], row["service"], row["bucket"], row["seq"]),
     )
+
+
+async def test_tampered_ciphertext_is_reported_and_dead_lettered_never_returned(bridge, engine, workers, cql, servers):
+    svc = service_id()
+    # Larger than a hint carries: the fetch reads the stored row (see the next test for small ones).
+    bad_id = await engine.add(svc, {"n": 1, "pad": "x" * 9_000})
+    await engine.add(svc, {"n": 2})
+    ks = servers.keyspace
+    flip_stored_value(cql, ks, svc, bad_id)
     w = await workers(svc)
     with pytest.raises(BridgeClientError) as err:
         await w.fetch()
@@ -75,13 +80,7 @@ async def test_a_tampered_row_is_never_returned_when_the_hint_carries_the_value(
     svc = service_id()
     task_id = await engine.add(svc, {"n": 1})
     ks = servers.keyspace
-    row = next(r for r in raw_rows(cql, ks, "ready", OWNERS[0], svc) if str(r["seq"]) == task_id)
-    flipped = bytes([row["value_ct"][0] ^ 0x01]) + row["value_ct"][1:]
-    cql.execute(
-        f"UPDATE {ks}.ready SET value_ct = %s WHERE owner = %s AND service = %s AND lane = 1 AND bucket = %s "
-        "AND seq = %s",
-        (flipped, row["owner"], row["service"], row["bucket"], row["seq"]),
-    )
+    flip_stored_value(cql, ks, svc, task_id)
     w = await workers(svc)
     first = await w.fetch(time_to_recover_ms=300)
     assert first is not None and first.id == task_id and first.value == {"n": 1}, "the authentic value"
