@@ -4,7 +4,7 @@
     QB_MAX_TASKS=5 python examples/worker.py      # stop after 5 tasks
 
 The work: upper-case the task's text after a short, random pause. Every 7th task (by its "n")
-fails on purpose, with ``task.fail({"message": ...})``, to show how an error result reaches the
+fails on purpose, with ``task.ack_error({"message": ...})``, to show how an error result reaches the
 engine. The owner of the tasks this worker sees is its AMQP user (worker-a by default).
 
 SIGTERM / SIGINT stop it gracefully: a task in hand is finished and acked first; a worker that is
@@ -76,10 +76,11 @@ def process(value: Any, work_time: tuple[float, float]) -> tuple[float, dict[str
 
 
 async def _settle(task: Task, *, result: Any = None, error: Any = None, attempts: int = 5) -> bool:
-    """Ack (or fail) the task; a lost reply or connection is retried, which the bridge answers idempotently."""
+    """Ack the task with its result or its business error; a lost reply or connection is retried, which the bridge
+    answers idempotently."""
     for attempt in range(attempts):
         try:
-            return await (task.fail(error) if error is not None else task.ack(result))
+            return await (task.ack_error(error) if error is not None else task.ack(result))
         except TransportError:
             if attempt == attempts - 1:
                 raise

@@ -5,7 +5,12 @@
 
     async with Worker.connect(url, service="billing", worker_id="w1") as worker:
         async for task in worker:                                      # fetch until cancelled
-            await task.ack({"paid": True})                             # or: await task.fail({...})
+            await task.ack({"paid": True})                             # or: await task.ack_error({...})
+
+A task that may outlive its lease keeps it with ``async with task.keep_alive(): ...``; a failure to
+do the work (not a business error) gives it back with ``await task.fail(...)``, to come again
+after a backoff or be parked at its delivery limit. The engine side also manages its queues:
+``cancel``, ``purge``, ``stats``, ``parked``, ``redrive``, ``discard`` (contract 1.4).
 
 Errors of the wire contract arrive as :class:`BridgeClientError` subclasses; no reply at all
 (a timeout, a lost connection) as :class:`TransportError`: retry the request.
@@ -24,18 +29,21 @@ from bridge.client.errors import (
     UnavailableError,
     UnknownOwnerError,
 )
-from bridge.client.rpc import Engine, RpcClient, Task, Worker
+from bridge.client.rpc import Engine, FailOutcome, ParkedTask, RpcClient, ServiceStats, Task, Worker
 
 __all__ = [
     "BadRequestError",
     "BridgeClientError",
     "ConnectionLost",
     "Engine",
+    "FailOutcome",
     "IntegrityError",
     "InternalError",
+    "ParkedTask",
     "PayloadTooLargeError",
     "RequestTimeout",
     "RpcClient",
+    "ServiceStats",
     "Task",
     "TransportError",
     "UnauthorizedError",

@@ -3,25 +3,50 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Self
 from urllib.parse import unquote, urlparse
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
-from bridge.client.errors import ConnectionLost, RequestTimeout, TransportError, error_from_reply
+from bridge.client.errors import (
+    BridgeClientError,
+    ConnectionLost,
+    RequestTimeout,
+    TransportError,
+    UnavailableError,
+    error_from_reply,
+)
 from bridge.client.results import results_consumer
 from bridge.domain import jsonvalue
 
-__all__ = ["DEADLINE_HEADER", "REPLY_TO", "Engine", "RpcClient", "Task", "Worker", "results_consumer", "user_of"]
+__all__ = [
+    "DEADLINE_HEADER",
+    "REPLY_TO",
+    "Engine",
+    "FailOutcome",
+    "ParkedTask",
+    "RpcClient",
+    "ServiceStats",
+    "Task",
+    "Worker",
+    "iso_not_before",
+    "results_consumer",
+    "user_of",
+]
 
 REPLY_TO = "amq.rabbitmq.reply-to"
 DEADLINE_HEADER = "x-deadline"
+MIN_BEAT_S = 0.1  # keep_alive never beats faster than this, however short the lease
+
+log = logging.getLogger("bridge.client")
 
 
 def user_of(url: str) -> str:
@@ -172,8 +197,117 @@ class RpcClient:
         return reply
 
 
+def iso_not_before(when: datetime | str) -> str:
+    """The wire form of ``notBefore``: ISO 8601 with a UTC offset.
+
+    A naive datetime is refused rather than guessed: read as local time here and as UTC at the
+    bridge, it would move the task by hours. A datetime is sent in UTC at the bridge's precision
+    (milliseconds), rounded up, so the task is never handed out before the moment asked for. A
+    string is checked (it must parse and carry an offset) and sent as given.
+    """
+    if isinstance(when, str):
+        try:
+            parsed = datetime.fromisoformat(when)
+        except ValueError:
+            raise ValueError(f"not_before is not an ISO 8601 date-time: {when!r}") from None
+        if parsed.utcoffset() is None:
+            raise ValueError(f"not_before needs a UTC offset (such as 'Z' or '+02:00'): {when!r}")
+        return when
+    if when.utcoffset() is None:
+        raise ValueError("not_before must be timezone-aware (for example datetime.now(UTC) + timedelta(...))")
+    utc = when.astimezone(UTC)
+    if utc.microsecond % 1000:
+        utc += timedelta(microseconds=1000 - utc.microsecond % 1000)
+    return utc.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _add_options(delay_ms: int | None, not_before: datetime | str | None, max_deliveries: int | None) -> dict[str, Any]:
+    """The optional fields of an add (contract 1.4). Ranges are the bridge's to check (it knows
+    the TTL); a request that could only be refused is refused here, before anything is sent."""
+    if delay_ms is not None and not_before is not None:
+        raise ValueError("give delay_ms or not_before, not both")
+    body: dict[str, Any] = {}
+    if delay_ms is not None:
+        body["delayMs"] = delay_ms
+    if not_before is not None:
+        body["notBefore"] = iso_not_before(not_before)
+    if max_deliveries is not None:
+        body["maxDeliveries"] = max_deliveries
+    return body
+
+
+@dataclass(frozen=True)
+class ServiceStats:
+    """One queue's counts as the bridge answers them (``stats``); ``oldest_ready_age_ms`` is None
+    when nothing is ready."""
+
+    service_id: str
+    ready: int
+    in_flight: int
+    delayed: int
+    parked: int
+    oldest_ready_age_ms: int | None
+
+    @classmethod
+    def from_wire(cls, doc: dict[str, Any]) -> ServiceStats:
+        age = doc.get("oldestReadyAgeMs")
+        return cls(
+            str(doc["serviceId"]),
+            int(doc["ready"]),
+            int(doc["inFlight"]),
+            int(doc["delayed"]),
+            int(doc["parked"]),
+            None if age is None else int(age),
+        )
+
+
+@dataclass(frozen=True)
+class ParkedTask:
+    """A parked task (``parked``), without its value: what an operator needs to decide between
+    :meth:`Engine.redrive` and :meth:`Engine.discard`. Times are ISO 8601 strings, as on the wire."""
+
+    id: str
+    deliveries: int
+    reason: str  # "delivery_limit" (reached max_deliveries) or "failed"
+    last_error: Any  # the ``error`` of the last technical fail, or None
+    parked_at: str
+    added_at: str
+    has_token: bool  # parking it sent the engine a delivery_limit result
+
+    @classmethod
+    def from_wire(cls, doc: dict[str, Any]) -> ParkedTask:
+        return cls(
+            str(doc["id"]),
+            int(doc["deliveries"]),
+            str(doc["reason"]),
+            doc.get("lastError"),
+            str(doc["parkedAt"]),
+            str(doc["addedAt"]),
+            bool(doc["hasToken"]),
+        )
+
+
+@dataclass(frozen=True)
+class FailOutcome:
+    """What a technical fail did with the task: it comes back at ``retry_at`` (ISO 8601), or it
+    was ``parked`` (its delivery limit reached) and ``retry_at`` is None."""
+
+    task_id: str
+    deliveries: int
+    parked: bool
+    retry_at: str | None
+
+    @classmethod
+    def from_wire(cls, doc: dict[str, Any]) -> FailOutcome:
+        retry_at = doc.get("retryAt")
+        return cls(
+            str(doc["id"]), int(doc["deliveries"]), bool(doc["parked"]), None if retry_at is None else str(retry_at)
+        )
+
+
 class Engine(RpcClient):
-    """The workflow-engine side: add tasks (optionally for another owner, if the bridge trusts us)."""
+    """The workflow-engine side: add tasks and manage queues (optionally for another owner, if the
+    bridge trusts us: every request then carries ``x-owner``)."""
 
     def __init__(self, url: str, *, owner: str | None = None, **kw: Any) -> None:
         super().__init__(url, **kw)
@@ -192,11 +326,21 @@ class Engine(RpcClient):
         message_id: str | None = None,
         traceparent: str | None = None,
         wait: bool = True,
+        delay_ms: int | None = None,
+        not_before: datetime | str | None = None,
+        max_deliveries: int | None = None,
     ) -> str | None:
-        """Add a task. ``message_id`` (default: a fresh uuid) makes retries idempotent."""
+        """Add a task. ``message_id`` (default: a fresh uuid) makes retries idempotent.
+
+        ``delay_ms`` or ``not_before`` (a timezone-aware datetime or an ISO 8601 string with an
+        offset; one of the two) hold the task back: it is not handed out before then.
+        ``max_deliveries`` bounds its deliveries: one more failure parks it (see :meth:`parked`)
+        instead of handing it out again. A bridge before contract 1.4 ignores these fields.
+        """
         body: dict[str, Any] = {"serviceId": service, "value": value}
         if token is not None:
             body["token"] = token
+        body.update(_add_options(delay_ms, not_before, max_deliveries))
         headers = {"traceparent": traceparent} if traceparent else None
         mid = message_id or uuid.uuid4().hex
         if not wait:
@@ -204,6 +348,62 @@ class Engine(RpcClient):
             return None
         reply = await self.call("add", body, owner=self.owner, message_id=mid, headers=headers)
         return str(reply["task"]["id"])
+
+    async def _result(self, method: str, body: dict[str, Any]) -> Any:
+        return (await self.call(method, body, owner=self.owner))["result"]
+
+    async def cancel(self, service: str, task_id: str) -> bool:
+        """Cancel a task wherever it is (ready, delayed, in flight, parked): true if this request
+        cancelled it, false if it had already finished or is unknown. A worker holding it gets
+        false on its next ack, extend or fail: nothing is published for it."""
+        return bool(await self._result("cancel", {"serviceId": service, "taskId": task_id}))
+
+    async def purge(self, service: str) -> int:
+        """Cancel the queue's ready tasks (never in-flight, delayed or parked ones); how many."""
+        return int((await self._result("purge", {"serviceId": service}))["purged"])
+
+    async def stats(self, service: str | None = None) -> list[ServiceStats]:
+        """Counts of one queue, or (``service`` None) of every queue of the owner, from the bridge."""
+        body: dict[str, Any] = {} if service is None else {"serviceId": service}
+        result = await self._result("stats", body)
+        return [ServiceStats.from_wire(doc) for doc in result["services"]]
+
+    async def parked(self, service: str, limit: int = 100) -> list[ParkedTask]:
+        """The queue's parked tasks (at most ``limit``, 1..1000), without their values."""
+        result = await self._result("parked", {"serviceId": service, "limit": limit})
+        return [ParkedTask.from_wire(doc) for doc in result["tasks"]]
+
+    async def redrive(self, service: str, task_ids: list[str] | None = None, *, all: bool = False) -> int:
+        """Put parked tasks back in the queue (the named ones, or ``all=True``), their delivery
+        count starting again; how many went back. Exactly one of ``task_ids`` / ``all``: a
+        request for both or neither is refused here (the bridge would answer bad_request)."""
+        if all == (task_ids is not None):
+            raise ValueError("give task_ids or all=True (exactly one)")
+        if task_ids is not None and not task_ids:
+            return 0  # nothing named, nothing to ask
+        body: dict[str, Any] = {"serviceId": service}
+        if all:
+            body["all"] = True
+        else:
+            body["taskIds"] = list(task_ids or ())
+        return int((await self._result("redrive", body))["redriven"])
+
+    async def discard(self, service: str, task_ids: list[str]) -> int:
+        """Drop parked tasks for good (only parked ones: others are left alone); how many."""
+        if not task_ids:
+            return 0
+        return int((await self._result("discard", {"serviceId": service, "taskIds": list(task_ids)}))["discarded"])
+
+
+def _seconds_until(iso: str) -> float | None:
+    """Seconds from now to an ISO 8601 instant of the bridge's (None if it does not parse)."""
+    try:
+        at = datetime.fromisoformat(iso)
+    except (TypeError, ValueError):
+        return None
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    return (at - datetime.now(UTC)).total_seconds()
 
 
 @dataclass
@@ -216,14 +416,122 @@ class Task:
     headers: dict[str, Any] = field(default_factory=dict)
     epoch: int | None = None  # the lease's fencing token (bridges before 1.1 do not send it)
     has_token: bool | None = None  # its result goes to the engine (bridges before 1.3 do not say)
+    # Set when an extend (the keep_alive heartbeat's, or the handler's own) answered false: the
+    # task is no longer this worker's (it went to another, was cancelled or parked). A handler in
+    # a long job checks it to stop early: its ack would be answered false anyway.
+    lost: bool = False
+    # An ack, ack_error or fail of this task was answered: a heartbeat has nothing left to keep
+    # (one that raised may be retried, so the lease is kept until an answer).
+    _settled: bool = field(default=False, repr=False)
 
     async def ack(self, result: Any = None) -> bool:
         """Complete this task (never another one): true if this lease completed it."""
-        return await self.worker.ack(result=result, task_id=self.id, epoch=self.epoch, has_token=self.has_token)
+        done = await self.worker.ack(result=result, task_id=self.id, epoch=self.epoch, has_token=self.has_token)
+        self._settled = True  # answered (a request without an answer may be retried: keep the lease)
+        return done
 
-    async def fail(self, error: Any) -> bool:
-        """Complete this task with a business error for the engine."""
-        return await self.worker.ack(error=error, task_id=self.id, epoch=self.epoch, has_token=self.has_token)
+    async def ack_error(self, error: Any) -> bool:
+        """Complete this task with a business error for the engine (it is not retried): the
+        work was done and its answer is an error. For a failure to do the work, see :meth:`fail`."""
+        done = await self.worker.ack(error=error, task_id=self.id, epoch=self.epoch, has_token=self.has_token)
+        self._settled = True
+        return done
+
+    async def fail(self, error: Any = None, retry_in_ms: int | None = None) -> FailOutcome | None:
+        """A technical failure (contract 1.4): give the task back to come again later, after
+        ``retry_in_ms`` or the bridge's backoff, or to be parked at its delivery limit. ``error``
+        (any JSON) is kept as its last error. None if the task is no longer this worker's.
+
+        Before 1.4 this completed the task with a business error: that is :meth:`ack_error`."""
+        outcome = await self.worker.fail(error, retry_in_ms=retry_in_ms, task_id=self.id, epoch=self.epoch)
+        self._settled = True
+        return outcome
+
+    async def extend(self, ttr_ms: int | None = None) -> bool:
+        """Renew this task's lease to now + ``ttr_ms`` (default: the worker's time to recover, else
+        the bridge's default); updates :attr:`lease_expires_at`. False, and :attr:`lost` set, if
+        the task is no longer this worker's."""
+        renewed = await self.worker._renew(ttr_ms, task_id=self.id, epoch=self.epoch)
+        if renewed is None:
+            if not self._settled:  # false after our own ack is expected, not a loss
+                self.lost = True
+            return False
+        self._renewed(renewed)
+        return True
+
+    def _renewed(self, doc: dict[str, Any]) -> None:
+        self.lease_expires_at = str(doc.get("leaseExpiresAt", self.lease_expires_at))
+        if doc.get("epoch") is not None:
+            self.epoch = int(doc["epoch"])
+
+    @contextlib.asynccontextmanager
+    async def keep_alive(self, every_s: float | None = None, ttr_ms: int | None = None) -> AsyncIterator[Task]:
+        """Extend the lease in the background while the block runs, for handlers that may outlive
+        their time to recover::
+
+            async with task.keep_alive():
+                result = await long_job(task.value)
+                if task.lost:          # the heartbeat was told the task is someone else's now
+                    return
+                await task.ack(result)
+
+        A beat every ``every_s`` seconds (default: a third of what is left of the lease, read from
+        :attr:`lease_expires_at` before each beat and capped by ``ttr_ms``; at least 0.1 s), each
+        renewing the lease to now + ``ttr_ms`` (see :meth:`extend`). A beat that got no answer is
+        followed by quicker ones, a third of an ever shorter remainder, so a lost reply or two
+        do not cost the lease. The default assumes the worker's clock is within about a second of the
+        bridge's (the bridge's own skew margin); pass ``every_s`` otherwise.
+
+        An extend answered false stops the heartbeat and sets :attr:`lost`; the handler is not
+        interrupted, it checks :attr:`lost`. A request that got no answer (or ``unavailable``,
+        or any other error) is logged and tried again at the next beat, never raised into the
+        handler. The heartbeat ends with the block, however the block ends (an exception, a
+        cancellation), and once the task is acked or failed.
+        """
+        if every_s is not None and every_s <= 0:
+            raise ValueError("every_s must be positive")
+        beat = asyncio.create_task(self._heartbeat(every_s, ttr_ms), name=f"keep-alive {self.id}")
+        try:
+            yield self
+        finally:
+            beat.cancel()
+            # wait(), not ``await beat``: it never raises the beat's cancellation, so only a
+            # cancellation of this task itself propagates (a suppress() would swallow that too).
+            await asyncio.wait([beat])
+
+    def _beat_interval(self, ttr_ms: int | None) -> float:
+        """A third of the lease that is left (capped by the lease each beat asks for)."""
+        left = _seconds_until(self.lease_expires_at)
+        if left is None:  # not a date-time this client can read: trust the lease asked for
+            asked = ttr_ms or self.worker.time_to_recover_ms
+            left = asked / 1000 if asked is not None else MIN_BEAT_S * 3
+        if ttr_ms is not None:
+            left = min(left, ttr_ms / 1000)
+        return max(MIN_BEAT_S, left / 3)
+
+    async def _heartbeat(self, every_s: float | None, ttr_ms: int | None) -> None:
+        while not self._settled:
+            await asyncio.sleep(every_s if every_s is not None else self._beat_interval(ttr_ms))
+            if self._settled:
+                return
+            try:
+                alive = await self.extend(ttr_ms)
+            except (TransportError, UnavailableError) as exc:
+                log.warning("keep-alive of task %s: extend not answered (%s); again at the next beat", self.id, exc)
+                continue
+            except BridgeClientError as exc:
+                log.error(
+                    "keep-alive of task %s: extend answered %s: %s; again at the next beat", self.id, exc.code, exc
+                )
+                continue
+            except Exception:
+                # Not the bridge's answer (the worker was closed, a bug): beating on would repeat it.
+                log.exception("keep-alive of task %s stopped", self.id)
+                return
+            if not alive:
+                if self.lost:
+                    log.warning("keep-alive of task %s: the task is no longer this worker's; stopped", self.id)
+                return
 
 
 class Worker(RpcClient):
@@ -248,8 +556,8 @@ class Worker(RpcClient):
         self.poll_interval = poll_interval
         self.current: Task | None = None  # what the last fetch returned
         # Whether this worker knows it holds no task (its last fetch found none, or it got an answer
-        # to the ack of what it was handed): its next fetch says ``fresh`` and the bridge reads
-        # less. Unknown at start (a previous life may hold one) and after any failed request.
+        # to the ack or fail of what it was handed): its next fetch says ``fresh`` and the bridge
+        # reads less. Unknown at start (a previous life may hold one) and after any failed request.
         self._holds_nothing = False
 
     @classmethod
@@ -285,6 +593,15 @@ class Worker(RpcClient):
         )
         return self.current
 
+    def _named(self, task_id: str | None, epoch: int | None) -> dict[str, Any]:
+        """A request body about a task: the one named, else the held one (the bridge knows it)."""
+        body: dict[str, Any] = {"serviceId": self.service, "workerId": self.worker_id}
+        if task_id is not None:
+            body["taskId"] = task_id
+        if epoch is not None:
+            body["epoch"] = epoch
+        return body
+
     async def ack(
         self,
         result: Any = None,
@@ -300,11 +617,7 @@ class Worker(RpcClient):
         current = self.current
         if task_id is None and current is not None:
             task_id, epoch, has_token = current.id, current.epoch, current.has_token
-        body: dict[str, Any] = {"serviceId": self.service, "workerId": self.worker_id}
-        if task_id is not None:
-            body["taskId"] = task_id
-        if epoch is not None:
-            body["epoch"] = epoch
+        body = self._named(task_id, epoch)
         if has_token is not None:
             body["hasToken"] = has_token
         if error is not None:
@@ -316,6 +629,65 @@ class Worker(RpcClient):
             # Answered (true, or false: it is someone else's now): this worker holds nothing.
             self._holds_nothing = True
         return bool(reply["result"])
+
+    async def _renew(
+        self, time_to_recover_ms: int | None = None, *, task_id: str | None = None, epoch: int | None = None
+    ) -> dict[str, Any] | None:
+        """:meth:`extend`, answering the renewed lease (``{"id", "epoch", "leaseExpiresAt"}``) or None."""
+        current = self.current
+        if task_id is None and current is not None:
+            task_id, epoch = current.id, current.epoch
+        body = self._named(task_id, epoch)
+        ttr = time_to_recover_ms or self.time_to_recover_ms
+        if ttr is not None:
+            body["timeToRecover"] = ttr
+        reply = await self.call("extend", body)
+        if not reply.get("result"):
+            # Not this worker's any more; whether it holds another is unknown (no ``fresh``).
+            return None
+        renewed: dict[str, Any] = reply["task"]
+        held = self.current
+        if held is not None and held.id == renewed.get("id"):
+            held._renewed(renewed)
+        return renewed
+
+    async def extend(
+        self, time_to_recover_ms: int | None = None, *, task_id: str | None = None, epoch: int | None = None
+    ) -> bool:
+        """Renew a task's lease to now + ``time_to_recover_ms`` (default: this worker's, else the
+        bridge's): the one named, by default the one the last fetch returned, whose
+        ``lease_expires_at`` is updated. False if the task is no longer this worker's (another
+        worker got it, it was acked, cancelled or parked): stop working on it. Like the ack, the
+        request names its task, so a late copy of it can never renew another one."""
+        return await self._renew(time_to_recover_ms, task_id=task_id, epoch=epoch) is not None
+
+    async def fail(
+        self,
+        error: Any = None,
+        *,
+        retry_in_ms: int | None = None,
+        task_id: str | None = None,
+        epoch: int | None = None,
+    ) -> FailOutcome | None:
+        """Give a task back after a technical failure (the one named, by default the one the last
+        fetch returned): it comes back after ``retry_in_ms`` (default: the bridge's backoff), or
+        is parked at its delivery limit. ``error`` (any JSON) is kept as its last error. None if
+        the task is no longer this worker's. A business error that completes the task is an ack
+        with ``error``."""
+        current = self.current
+        if task_id is None and current is not None:
+            task_id, epoch = current.id, current.epoch
+        body = self._named(task_id, epoch)
+        if error is not None:
+            body["error"] = error
+        if retry_in_ms is not None:
+            body["retryInMs"] = retry_in_ms
+        reply = await self.call("fail", body)
+        if current is not None and task_id == current.id:
+            self._holds_nothing = True  # answered either way: the task is not this worker's now
+        if not reply.get("result"):
+            return None
+        return FailOutcome.from_wire(reply["task"])
 
     async def __aiter__(self) -> AsyncIterator[Task]:
         while True:
