@@ -1,4 +1,10 @@
-"""``add``, ``fetch``, ``ack`` by hand (for debugging), as the bundled client sends them."""
+"""The bridge's requests by hand (for debugging and operations), as the bundled client sends them.
+
+Worker side: ``fetch``, ``ack``, ``extend``, ``fail``. Engine side: ``add``, and the queue
+management of contract 1.4: ``cancel``, ``purge``, ``queue-stats``, ``parked``, ``redrive``,
+``discard``. ``queue-stats`` asks the bridge; ``stats`` (:mod:`bridge.cli.stats`) reads Cassandra.
+Answers are printed as JSON.
+"""
 
 from __future__ import annotations
 
@@ -25,10 +31,22 @@ from bridge.cli.base import (
 )
 
 if TYPE_CHECKING:
-    from bridge.client.rpc import RpcClient, Task, Worker
+    from bridge.client.rpc import Engine, FailOutcome, ParkedTask, RpcClient, ServiceStats, Task, Worker
 
 T = TypeVar("T")
 C = TypeVar("C", bound="RpcClient")
+
+ServiceArgument = Annotated[str, typer.Argument(metavar="SERVICE", help="The queue's serviceId.")]
+OwnerOption = Annotated[
+    str | None,
+    typer.Option("--owner", help="Owner of the queue; only for users the bridge trusts (BRIDGE_TRUSTED_USERS)."),
+]
+TaskIdOption = Annotated[
+    str | None, typer.Option("--task-id", help="The task (default: the one the worker holds).", show_default=False)
+]
+EpochOption = Annotated[
+    int | None, typer.Option("--epoch", help="The lease's epoch, from the fetch (fences a late request).")
+]
 
 
 async def _with_client(client: C, timeout: float, use: Callable[[C], Awaitable[T]]) -> T:
@@ -87,21 +105,74 @@ def add(
     message_id: Annotated[
         str | None, typer.Option("--message-id", help="Idempotency key: the same id adds the task once.")
     ] = None,
+    delay_ms: Annotated[
+        int | None, typer.Option("--delay-ms", min=0, help="Hand the task out no sooner than this many ms from now.")
+    ] = None,
+    not_before: Annotated[
+        str | None,
+        typer.Option(
+            "--not-before", metavar="ISO8601", help="Hand the task out no sooner than this (with an offset: ...Z)."
+        ),
+    ] = None,
+    max_deliveries: Annotated[
+        int | None,
+        typer.Option("--max-deliveries", min=1, max=1000, help="Park the task after this many deliveries."),
+    ] = None,
     amqp_url: AmqpUrlOption = None,
     timeout: TimeoutOption = 10.0,
 ) -> None:
     """Add a task and print its id."""
     value = parse_json(value_json, "VALUE_JSON")
     token_value = parse_json(token, "--token") if token is not None else None
+    when = _not_before(not_before, delay_ms)
+
+    async def use(client: Engine) -> str | None:
+        return await client.add(
+            service,
+            value,
+            token=token_value,
+            message_id=message_id,
+            delay_ms=delay_ms,
+            not_before=when,
+            max_deliveries=max_deliveries,
+        )
+
+    typer.echo(_engine_call(owner, amqp_url, timeout, use))
+
+
+def _not_before(text: str | None, delay_ms: int | None) -> str | None:
+    """``--not-before`` checked as the client checks it (a usage error here, exit code 2)."""
+    if text is None:
+        return None
+    if delay_ms is not None:
+        raise typer.BadParameter("give --delay-ms or --not-before, not both", param_hint="--delay-ms / --not-before")
+    from bridge.client.rpc import iso_not_before
+
+    try:
+        return iso_not_before(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--not-before") from None
+
+
+def _engine_call(owner: str | None, amqp_url: str | None, timeout: float, use: Callable[[Engine], Awaitable[T]]) -> T:
+    """Run ``use`` with an Engine of the configured exchange (``x-owner`` = ``owner`` if given)."""
     settings = settings_or_exit()
     from bridge.client.rpc import Engine
 
     engine = Engine(amqp_url_of(settings, amqp_url), owner=owner, exchange=settings.exchange, timeout=timeout)
+    return _run_client(engine, timeout, use)
 
-    async def use(client: Engine) -> str | None:
-        return await client.add(service, value, token=token_value, message_id=message_id)
 
-    typer.echo(_run_client(engine, timeout, use))
+def _worker_call(
+    service: str, worker: str, amqp_url: str | None, timeout: float, use: Callable[[Worker], Awaitable[T]]
+) -> T:
+    settings = settings_or_exit()
+    from bridge.client.rpc import Worker
+
+    client = Worker(
+        amqp_url_of(settings, amqp_url), service=service, worker_id=worker, exchange=settings.exchange, timeout=timeout
+    )
+    return _run_client(client, timeout, use)
 
 
 @app.command()
@@ -115,22 +186,22 @@ def fetch(
     amqp_url: AmqpUrlOption = None,
     timeout: TimeoutOption = 10.0,
 ) -> None:
-    """Fetch a task as a worker; print it as JSON (id, deliveries, leaseExpiresAt, value) or null."""
-    settings = settings_or_exit()
-    from bridge.client.rpc import Worker
-
-    client = Worker(
-        amqp_url_of(settings, amqp_url), service=service, worker_id=worker, exchange=settings.exchange, timeout=timeout
-    )
+    """Fetch a task as a worker; print it as JSON (id, deliveries, leaseExpiresAt, epoch, value) or null."""
 
     async def use(w: Worker) -> Task | None:
         return await w.fetch(ttr)
 
-    task = _run_client(client, timeout, use)
+    task = _worker_call(service, worker, amqp_url, timeout, use)
     if task is None:
         typer.echo("null")
         return
-    out = {"id": task.id, "deliveries": task.deliveries, "leaseExpiresAt": task.lease_expires_at, "value": task.value}
+    out = {
+        "id": task.id,
+        "deliveries": task.deliveries,
+        "leaseExpiresAt": task.lease_expires_at,
+        "epoch": task.epoch,
+        "value": task.value,
+    }
     typer.echo(json.dumps(out))
 
 
@@ -154,14 +225,205 @@ def ack(
     error_value = parse_json(error, "--error") if error is not None else None
     if error is not None and error_value is None:
         raise typer.BadParameter("the error must not be null", param_hint="--error")
-    settings = settings_or_exit()
-    from bridge.client.rpc import Worker
-
-    client = Worker(
-        amqp_url_of(settings, amqp_url), service=service, worker_id=worker, exchange=settings.exchange, timeout=timeout
-    )
 
     async def use(w: Worker) -> bool:
         return await w.ack(result_value, error=error_value)
 
-    typer.echo("true" if _run_client(client, timeout, use) else "false")
+    typer.echo("true" if _worker_call(service, worker, amqp_url, timeout, use) else "false")
+
+
+@app.command()
+def extend(
+    service: ServiceArgument,
+    worker: Annotated[str, typer.Option("--worker", help="The worker id that fetched the task.")],
+    ttr: Annotated[
+        int | None,
+        typer.Option("--ttr", min=1, help="Time to recover, ms: the new lease, from now (default: the bridge's)."),
+    ] = None,
+    task_id: TaskIdOption = None,
+    epoch: EpochOption = None,
+    amqp_url: AmqpUrlOption = None,
+    timeout: TimeoutOption = 10.0,
+) -> None:
+    """Renew the lease of the worker's task; print true, or false (the task is no longer this worker's)."""
+
+    async def use(w: Worker) -> bool:
+        return await w.extend(ttr, task_id=task_id, epoch=epoch)
+
+    typer.echo("true" if _worker_call(service, worker, amqp_url, timeout, use) else "false")
+
+
+@app.command("fail")
+def fail_task(
+    service: ServiceArgument,
+    worker: Annotated[str, typer.Option("--worker", help="The worker id that fetched the task.")],
+    error: Annotated[
+        str | None, typer.Option("--error", metavar="JSON", help="Why (JSON), kept as the task's last error.")
+    ] = None,
+    retry_in: Annotated[
+        int | None,
+        typer.Option("--retry-in", metavar="MS", min=0, help="Deliver it again after this many ms (default: backoff)."),
+    ] = None,
+    task_id: TaskIdOption = None,
+    epoch: EpochOption = None,
+    amqp_url: AmqpUrlOption = None,
+    timeout: TimeoutOption = 10.0,
+) -> None:
+    """Give the worker's task back after a technical failure: it comes back later, or is parked at its
+    delivery limit. Print {id, deliveries, parked, retryAt}, or false (the task is no longer this worker's).
+
+    A business error that completes the task is `ack --error`.
+    """
+    error_value = parse_json(error, "--error") if error is not None else None
+
+    async def use(w: Worker) -> FailOutcome | None:
+        return await w.fail(error_value, retry_in_ms=retry_in, task_id=task_id, epoch=epoch)
+
+    outcome = _worker_call(service, worker, amqp_url, timeout, use)
+    if outcome is None:
+        typer.echo("false")
+        return
+    out = {
+        "id": outcome.task_id,
+        "deliveries": outcome.deliveries,
+        "parked": outcome.parked,
+        "retryAt": outcome.retry_at,
+    }
+    typer.echo(json.dumps(out))
+
+
+@app.command()
+def cancel(
+    service: ServiceArgument,
+    task_id: Annotated[str, typer.Argument(metavar="TASK_ID", help="The task's id (as add printed it).")],
+    owner: OwnerOption = None,
+    amqp_url: AmqpUrlOption = None,
+    timeout: TimeoutOption = 10.0,
+) -> None:
+    """Cancel a task (ready, delayed, in flight or parked); print true, or false (already finished or unknown)."""
+
+    async def use(engine: Engine) -> bool:
+        return await engine.cancel(service, task_id)
+
+    typer.echo("true" if _engine_call(owner, amqp_url, timeout, use) else "false")
+
+
+@app.command()
+def purge(
+    service: ServiceArgument,
+    yes: Annotated[bool, typer.Option("--yes", help="Really cancel every ready task of the queue.")] = False,
+    owner: OwnerOption = None,
+    amqp_url: AmqpUrlOption = None,
+    timeout: TimeoutOption = 10.0,
+) -> None:
+    """Cancel the queue's ready tasks (never in-flight, delayed or parked ones); print {"purged": n}."""
+    if not yes:
+        raise typer.BadParameter(
+            f"purge cancels every ready task of {service!r} for good: add --yes to do it", param_hint="--yes"
+        )
+
+    async def use(engine: Engine) -> int:
+        return await engine.purge(service)
+
+    typer.echo(json.dumps({"purged": _engine_call(owner, amqp_url, timeout, use)}))
+
+
+def _stats_doc(s: ServiceStats) -> dict[str, object]:
+    return {
+        "serviceId": s.service_id,
+        "ready": s.ready,
+        "inFlight": s.in_flight,
+        "delayed": s.delayed,
+        "parked": s.parked,
+        "oldestReadyAgeMs": s.oldest_ready_age_ms,
+    }
+
+
+@app.command("queue-stats")
+def queue_stats(
+    service: Annotated[
+        str | None,
+        typer.Argument(metavar="SERVICE", help="The queue's serviceId (default: every queue of the owner)."),
+    ] = None,
+    owner: OwnerOption = None,
+    amqp_url: AmqpUrlOption = None,
+    timeout: TimeoutOption = 10.0,
+) -> None:
+    """Ask the bridge for queue counts (ready, inFlight, delayed, parked); print {"services": [...]}.
+
+    `stats` counts a queue by reading Cassandra directly, without a bridge.
+    """
+
+    async def use(engine: Engine) -> list[ServiceStats]:
+        return await engine.stats(service)
+
+    services = _engine_call(owner, amqp_url, timeout, use)
+    typer.echo(json.dumps({"services": [_stats_doc(s) for s in services]}))
+
+
+def _parked_doc(t: ParkedTask) -> dict[str, object]:
+    return {
+        "id": t.id,
+        "deliveries": t.deliveries,
+        "reason": t.reason,
+        "lastError": t.last_error,
+        "parkedAt": t.parked_at,
+        "addedAt": t.added_at,
+        "hasToken": t.has_token,
+    }
+
+
+@app.command()
+def parked(
+    service: ServiceArgument,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="List at most this many tasks.")] = 100,
+    owner: OwnerOption = None,
+    amqp_url: AmqpUrlOption = None,
+    timeout: TimeoutOption = 10.0,
+) -> None:
+    """List the queue's parked tasks (never their values); print {"tasks": [...]}."""
+
+    async def use(engine: Engine) -> list[ParkedTask]:
+        return await engine.parked(service, limit)
+
+    tasks = _engine_call(owner, amqp_url, timeout, use)
+    typer.echo(json.dumps({"tasks": [_parked_doc(t) for t in tasks]}))
+
+
+@app.command()
+def redrive(
+    service: ServiceArgument,
+    task_ids: Annotated[
+        list[str] | None, typer.Argument(metavar="TASK_ID", help="Parked tasks to put back.", show_default=False)
+    ] = None,
+    all_parked: Annotated[bool, typer.Option("--all", help="Put back every parked task of the queue.")] = False,
+    owner: OwnerOption = None,
+    amqp_url: AmqpUrlOption = None,
+    timeout: TimeoutOption = 10.0,
+) -> None:
+    """Put parked tasks back in the queue, their delivery count starting again; print {"redriven": n}."""
+    if all_parked == bool(task_ids):
+        raise typer.BadParameter("give TASK_IDs or --all (exactly one)", param_hint="TASK_ID / --all")
+
+    async def use(engine: Engine) -> int:
+        if all_parked:
+            return await engine.redrive(service, all=True)
+        return await engine.redrive(service, list(task_ids or ()))
+
+    typer.echo(json.dumps({"redriven": _engine_call(owner, amqp_url, timeout, use)}))
+
+
+@app.command()
+def discard(
+    service: ServiceArgument,
+    task_ids: Annotated[list[str], typer.Argument(metavar="TASK_ID", help="Parked tasks to drop for good.")],
+    owner: OwnerOption = None,
+    amqp_url: AmqpUrlOption = None,
+    timeout: TimeoutOption = 10.0,
+) -> None:
+    """Drop parked tasks for good (only parked ones); print {"discarded": n}."""
+
+    async def use(engine: Engine) -> int:
+        return await engine.discard(service, task_ids)
+
+    typer.echo(json.dumps({"discarded": _engine_call(owner, amqp_url, timeout, use)}))
