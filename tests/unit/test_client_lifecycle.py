@@ -1,0 +1,496 @@
+"""The client's side of contract 1.4 (worker lifecycle, queue management), without servers.
+
+``RpcClient.call`` is replaced by a fake bridge that records each request (method, body, owner)
+and answers from a script, so what is checked here is what the client sends and how it reads the
+answers: the add's new fields, notBefore's wire form, the engine's management requests, extend
+and fail (and which task they name), and the keep_alive heartbeat. The same requests against the
+real bridge are in tests/integration/test_lifecycle_client.py. The CLI's usage errors for the new
+commands run as subprocesses with unreachable servers, as in tests/unit/test_cli.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.client import (
+    BadRequestError,
+    Engine,
+    FailOutcome,
+    ParkedTask,
+    RequestTimeout,
+    ServiceStats,
+    Task,
+    UnavailableError,
+    Worker,
+)
+from bridge.client.rpc import MIN_BEAT_S, iso_not_before
+from bridge.crypto import generate_keyring, write_keyring
+from tests.cli import cli_many, no_traceback, ok
+
+pytestmark = pytest.mark.anyio
+
+URL = "amqp://worker-a:worker-a@127.0.0.1:1/"  # never connected: every request goes to the fake
+Reply = dict[str, Any] | BaseException | Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class FakeBridge:
+    """Stands in for ``RpcClient.call``: records requests, answers from per-method scripts.
+
+    A script is a list consumed in order (its last answer repeats): a reply body, an exception to
+    raise, or an async function of the request body (to hold an answer back)."""
+
+    def __init__(self, **scripts: list[Reply]) -> None:
+        self.scripts = scripts
+        self.calls: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+
+    def bodies(self, method: str) -> list[dict[str, Any]]:
+        return [body for m, body, _ in self.calls if m == method]
+
+    async def call(self, method: str, body: Any, **kw: Any) -> dict[str, Any]:
+        self.calls.append((method, body, kw))
+        script = self.scripts[method]
+        reply = script.pop(0) if len(script) > 1 else script[0]
+        if isinstance(reply, BaseException):
+            raise reply
+        if callable(reply):
+            reply = await reply(body)
+        return {**reply, "_headers": {}}
+
+
+def attach(client: Engine | Worker, bridge: FakeBridge, monkeypatch: pytest.MonkeyPatch) -> FakeBridge:
+    monkeypatch.setattr(client, "call", bridge.call)
+    return bridge
+
+
+def iso_in(seconds: float) -> str:
+    at = datetime.now(UTC) + timedelta(seconds=seconds)
+    return at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def held_task(worker: Worker, *, task_id: str = "t1", epoch: int = 7, lease_s: float = 30.0) -> Task:
+    """A task as a fetch would have handed it out (and made current)."""
+    task = Task(worker, task_id, {"v": 1}, 1, iso_in(lease_s), {}, epoch, True)
+    worker.current = task
+    return task
+
+
+def extended(body: dict[str, Any], lease_s: float = 30.0) -> dict[str, Any]:
+    return {
+        "result": True,
+        "task": {"id": body.get("taskId"), "epoch": body.get("epoch"), "leaseExpiresAt": iso_in(lease_s)},
+    }
+
+
+async def renewed(body: dict[str, Any]) -> dict[str, Any]:
+    return extended(body)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 3.0, what: str = "") -> None:
+    """Wait for a condition (checked every few ms), failing after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        await asyncio.sleep(0.005)
+
+
+def heartbeats() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name().startswith("keep-alive ") and not t.done()]
+
+
+# --- add ----------------------------------------------------------------------------------------
+
+
+async def test_add_sends_the_new_fields_with_the_owner(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = Engine(URL, owner="tenant-a")
+    bridge = attach(engine, FakeBridge(add=[{"result": True, "task": {"id": "t1"}}]), monkeypatch)
+    assert await engine.add("svc", {"x": 1}, token={"p": 1}, delay_ms=1500, max_deliveries=3) == "t1"
+    assert await engine.add("svc", "plain") == "t1"
+    (method, body, kw), (_, plain, _) = bridge.calls
+    assert method == "add"
+    assert body == {"serviceId": "svc", "value": {"x": 1}, "token": {"p": 1}, "delayMs": 1500, "maxDeliveries": 3}
+    assert kw["owner"] == "tenant-a" and kw["message_id"]
+    assert plain == {"serviceId": "svc", "value": "plain"}  # a 1.3 add is unchanged
+
+
+async def test_add_not_before_is_sent_as_utc_iso_8601(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = Engine(URL)
+    bridge = attach(engine, FakeBridge(add=[{"result": True, "task": {"id": "t1"}}]), monkeypatch)
+    paris = timezone(timedelta(hours=2))
+    await engine.add("svc", 1, not_before=datetime(2026, 12, 2, 12, 0, 0, tzinfo=paris))
+    await engine.add("svc", 1, not_before="2026-12-02T10:00:00+01:00")
+    first, second = bridge.bodies("add")
+    assert first["notBefore"] == "2026-12-02T10:00:00.000Z"
+    assert second["notBefore"] == "2026-12-02T10:00:00+01:00"  # a string with an offset goes as given
+    assert "delayMs" not in first
+
+
+def test_not_before_rounds_up_to_the_bridges_milliseconds() -> None:
+    at = datetime(2026, 1, 1, 0, 0, 0, 123_001, tzinfo=UTC)
+    assert iso_not_before(at) == "2026-01-01T00:00:00.124Z"  # never before the moment asked for
+    assert iso_not_before(at.replace(microsecond=123_000)) == "2026-01-01T00:00:00.123Z"
+    assert iso_not_before(datetime(2026, 12, 31, 23, 59, 59, 999_500, tzinfo=UTC)) == "2027-01-01T00:00:00.000Z"
+    assert iso_not_before("2026-12-02T10:00:00Z") == "2026-12-02T10:00:00Z"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"not_before": datetime(2026, 12, 2, 10, 0)}, "timezone-aware"),
+        ({"not_before": "2026-12-02T10:00:00"}, "offset"),
+        ({"not_before": "next tuesday"}, "ISO 8601"),
+        ({"delay_ms": 10, "not_before": datetime.now(UTC)}, "not both"),
+    ],
+)
+async def test_add_refuses_what_the_bridge_would_misread(
+    monkeypatch: pytest.MonkeyPatch, kwargs: dict[str, Any], words: str
+) -> None:
+    engine = Engine(URL)
+    bridge = attach(engine, FakeBridge(add=[{"result": True, "task": {"id": "t1"}}]), monkeypatch)
+    with pytest.raises(ValueError, match=words):
+        await engine.add("svc", 1, **kwargs)
+    assert bridge.calls == []  # nothing sent
+
+
+# --- the engine's queue management --------------------------------------------------------------
+
+
+async def test_management_requests_and_their_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = Engine(URL, owner="tenant-a")
+    parked_doc = {
+        "id": "p1",
+        "deliveries": 3,
+        "reason": "delivery_limit",
+        "lastError": {"why": "timeout"},
+        "parkedAt": "2026-01-01T00:00:01.000Z",
+        "addedAt": "2026-01-01T00:00:00.000Z",
+        "hasToken": True,
+    }
+    stats_doc = {"serviceId": "svc", "ready": 2, "inFlight": 1, "delayed": 4, "parked": 1, "oldestReadyAgeMs": 1200}
+    bridge = attach(
+        engine,
+        FakeBridge(
+            cancel=[{"result": True}, {"result": False}],
+            purge=[{"result": {"purged": 5}}],
+            stats=[
+                {"result": {"services": [stats_doc, {**stats_doc, "serviceId": "other", "oldestReadyAgeMs": None}]}}
+            ],
+            parked=[{"result": {"tasks": [parked_doc, {**parked_doc, "id": "p2", "lastError": None}]}}],
+            redrive=[{"result": {"redriven": 2}}],
+            discard=[{"result": {"discarded": 1}}],
+        ),
+        monkeypatch,
+    )
+    assert await engine.cancel("svc", "t1") is True
+    assert await engine.cancel("svc", "t1") is False
+    assert await engine.purge("svc") == 5
+    assert await engine.stats("svc") == [
+        ServiceStats("svc", 2, 1, 4, 1, 1200),
+        ServiceStats("other", 2, 1, 4, 1, None),
+    ]
+    await engine.stats()
+    parked = await engine.parked("svc", limit=10)
+    assert parked[0] == ParkedTask(
+        "p1", 3, "delivery_limit", {"why": "timeout"}, "2026-01-01T00:00:01.000Z", "2026-01-01T00:00:00.000Z", True
+    )
+    assert parked[1].last_error is None
+    assert await engine.redrive("svc", ["p1", "p2"]) == 2
+    assert await engine.redrive("svc", all=True) == 2
+    assert await engine.discard("svc", ["p1"]) == 1
+
+    sent = [(method, body) for method, body, _ in bridge.calls]
+    assert sent == [
+        ("cancel", {"serviceId": "svc", "taskId": "t1"}),
+        ("cancel", {"serviceId": "svc", "taskId": "t1"}),
+        ("purge", {"serviceId": "svc"}),
+        ("stats", {"serviceId": "svc"}),
+        ("stats", {}),  # every queue of the owner
+        ("parked", {"serviceId": "svc", "limit": 10}),
+        ("redrive", {"serviceId": "svc", "taskIds": ["p1", "p2"]}),
+        ("redrive", {"serviceId": "svc", "all": True}),
+        ("discard", {"serviceId": "svc", "taskIds": ["p1"]}),
+    ]
+    assert {kw["owner"] for _, _, kw in bridge.calls} == {"tenant-a"}  # x-owner on every one
+
+
+async def test_redrive_takes_ids_or_all_and_empty_lists_ask_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = Engine(URL)
+    bridge = attach(engine, FakeBridge(redrive=[{"result": {"redriven": 9}}]), monkeypatch)
+    with pytest.raises(ValueError, match="exactly one"):
+        await engine.redrive("svc")
+    with pytest.raises(ValueError, match="exactly one"):
+        await engine.redrive("svc", ["p1"], all=True)
+    assert await engine.redrive("svc", []) == 0
+    assert await engine.discard("svc", []) == 0
+    assert bridge.calls == []
+
+
+async def test_an_error_answer_is_raised_as_its_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = Engine(URL)
+    attach(engine, FakeBridge(purge=[BadRequestError("serviceId is required", "bad_request")]), monkeypatch)
+    with pytest.raises(BadRequestError):
+        await engine.purge("")
+
+
+# --- extend and fail ----------------------------------------------------------------------------
+
+
+async def test_extend_names_the_held_task_and_renews_its_lease(monkeypatch: pytest.MonkeyPatch) -> None:
+    worker = Worker(URL, service="svc", worker_id="w1", time_to_recover_ms=20_000)
+    bridge = attach(worker, FakeBridge(extend=[renewed]), monkeypatch)
+    task = held_task(worker, lease_s=1)
+    before = task.lease_expires_at
+    assert await worker.extend() is True
+    assert await task.extend(5_000) is True
+    assert await worker.extend(task_id="other", epoch=3) is True
+    first, second, third = bridge.bodies("extend")
+    assert first == {"serviceId": "svc", "workerId": "w1", "taskId": "t1", "epoch": 7, "timeToRecover": 20_000}
+    assert second["timeToRecover"] == 5_000 and second["taskId"] == "t1"
+    assert (third["taskId"], third["epoch"]) == ("other", 3)
+    assert task.lease_expires_at > before  # ISO 8601 in UTC sorts as time
+    assert not task.lost
+
+
+async def test_extend_answered_false_marks_the_task_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    worker = Worker(URL, service="svc", worker_id="w1")
+    attach(worker, FakeBridge(extend=[{"result": False}]), monkeypatch)
+    task = held_task(worker)
+    assert await worker.extend() is False
+    assert not task.lost  # the worker's own request: only the task's extend says it is lost
+    assert await task.extend() is False
+    assert task.lost
+
+
+async def test_fail_is_a_technical_failure_and_ack_error_a_business_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    worker = Worker(URL, service="svc", worker_id="w1")
+    outcome = {"id": "t1", "deliveries": 2, "parked": False, "retryAt": "2026-01-01T00:00:05.000Z"}
+    bridge = attach(
+        worker,
+        FakeBridge(
+            fail=[{"result": True, "task": outcome}, {"result": False}],
+            ack=[{"result": True}],
+            fetch=[{"result": None}],
+        ),
+        monkeypatch,
+    )
+    task = held_task(worker)
+    assert await task.fail({"why": "db down"}, retry_in_ms=500) == FailOutcome(
+        "t1", 2, False, "2026-01-01T00:00:05.000Z"
+    )
+    assert bridge.bodies("fail") == [
+        {
+            "serviceId": "svc",
+            "workerId": "w1",
+            "taskId": "t1",
+            "epoch": 7,
+            "error": {"why": "db down"},
+            "retryInMs": 500,
+        }
+    ]
+    # Answered: the worker holds nothing, and its next fetch says so.
+    assert await worker.fetch() is None
+    assert bridge.bodies("fetch")[0].get("fresh") is True
+
+    task = held_task(worker, task_id="t2", epoch=1)
+    assert await task.ack_error({"code": "no such invoice"}) is True
+    assert bridge.bodies("ack") == [
+        {
+            "serviceId": "svc",
+            "workerId": "w1",
+            "taskId": "t2",
+            "epoch": 1,
+            "hasToken": True,
+            "error": {"code": "no such invoice"},
+        }
+    ]
+    held_task(worker, task_id="t3")
+    assert await worker.fail() is None  # no longer this worker's
+    assert bridge.bodies("fail")[-1] == {"serviceId": "svc", "workerId": "w1", "taskId": "t3", "epoch": 7}
+
+
+async def test_a_fail_without_an_answer_leaves_the_worker_unsure(monkeypatch: pytest.MonkeyPatch) -> None:
+    worker = Worker(URL, service="svc", worker_id="w1")
+    bridge = attach(worker, FakeBridge(fail=[RequestTimeout("no reply")], fetch=[{"result": None}]), monkeypatch)
+    held_task(worker)
+    with pytest.raises(RequestTimeout):
+        await worker.fail({"e": 1})
+    await worker.fetch()
+    assert "fresh" not in bridge.bodies("fetch")[0]  # it may still hold the task
+
+
+# --- keep_alive ---------------------------------------------------------------------------------
+
+
+async def test_keep_alive_beats_while_the_block_runs_and_stops_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    worker = Worker(URL, service="svc", worker_id="w1")
+    bridge = attach(worker, FakeBridge(extend=[renewed]), monkeypatch)
+    task = held_task(worker, lease_s=0.3)
+    async with task.keep_alive(every_s=0.01, ttr_ms=300) as same:
+        assert same is task
+        await until(lambda: len(bridge.bodies("extend")) >= 3, what="three beats")
+        assert len(heartbeats()) == 1
+    assert heartbeats() == []  # gone as the block ends: nothing beats for a task left alone
+    assert {b["timeToRecover"] for b in bridge.bodies("extend")} == {300}
+    assert {(b["taskId"], b["epoch"]) for b in bridge.bodies("extend")} == {("t1", 7)}
+    assert not task.lost
+
+
+async def test_keep_alive_stops_and_marks_the_task_lost_when_extend_answers_false(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    worker = Worker(URL, service="svc", worker_id="w1")
+    bridge = attach(worker, FakeBridge(extend=[renewed, {"result": False}]), monkeypatch)
+    task = held_task(worker)
+    async with task.keep_alive(every_s=0.01):
+        await until(lambda: task.lost, what="the task marked lost")
+        await until(lambda: heartbeats() == [], what="the heartbeat to stop")  # while the block still runs
+        assert len(bridge.bodies("extend")) == 2
+
+
+async def test_keep_alive_retries_transport_errors_at_the_next_beat(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    worker = Worker(URL, service="svc", worker_id="w1")
+    script: list[Reply] = [RequestTimeout("no reply"), UnavailableError("cassandra down", "unavailable"), renewed]
+    bridge = attach(worker, FakeBridge(extend=script), monkeypatch)
+    task = held_task(worker)
+    with caplog.at_level(logging.WARNING, logger="bridge.client"):
+        async with task.keep_alive(every_s=0.01):
+            await until(lambda: len(bridge.bodies("extend")) >= 4, what="beats after the errors")
+            assert len(heartbeats()) == 1  # still beating
+    assert not task.lost
+    messages = [r.getMessage() for r in caplog.records if r.name == "bridge.client"]
+    assert any("no reply" in m for m in messages) and any("cassandra down" in m for m in messages), messages
+
+
+async def test_keep_alive_ends_with_an_exception_or_a_cancellation_of_the_block(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    worker = Worker(URL, service="svc", worker_id="w1")
+    attach(worker, FakeBridge(extend=[renewed]), monkeypatch)
+    task = held_task(worker)
+    with pytest.raises(KeyError):
+        async with task.keep_alive(every_s=0.01):
+            raise KeyError("the handler's own error")
+    assert heartbeats() == []
+
+    entered = asyncio.Event()
+
+    async def handler() -> None:
+        async with task.keep_alive(every_s=0.01):
+            entered.set()
+            await asyncio.Event().wait()  # a handler blocked for good
+
+    running = asyncio.create_task(handler())
+    await entered.wait()
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running  # the cancellation goes through: keep_alive does not swallow it
+    assert heartbeats() == []
+
+
+async def test_keep_alive_cancelled_mid_extend_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    worker = Worker(URL, service="svc", worker_id="w1")
+    sent = asyncio.Event()
+
+    async def never_answered(body: dict[str, Any]) -> dict[str, Any]:
+        sent.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    attach(worker, FakeBridge(extend=[never_answered]), monkeypatch)
+    task = held_task(worker)
+    async with task.keep_alive(every_s=0.01):
+        await sent.wait()
+    assert heartbeats() == []
+    assert not task.lost
+
+
+async def test_a_late_false_after_the_ack_is_not_a_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A beat in flight when the handler acks is answered false (the task is done): not lost."""
+    worker = Worker(URL, service="svc", worker_id="w1")
+    sent, release = asyncio.Event(), asyncio.Event()
+
+    async def held_back(body: dict[str, Any]) -> dict[str, Any]:
+        sent.set()
+        await release.wait()
+        return {"result": False}
+
+    bridge = attach(worker, FakeBridge(extend=[held_back], ack=[{"result": True}]), monkeypatch)
+    task = held_task(worker)
+    async with task.keep_alive(every_s=0.01):
+        await sent.wait()
+        assert await task.ack("done") is True
+        release.set()
+        await until(lambda: heartbeats() == [], what="the heartbeat to end after the ack")
+    assert not task.lost
+    assert len(bridge.bodies("extend")) == 1  # and no beat after the ack
+
+
+def test_the_default_beat_is_a_third_of_the_lease_left() -> None:
+    worker = Worker(URL, service="svc", worker_id="w1", time_to_recover_ms=9_000)
+    task = held_task(worker, lease_s=30)
+    assert 9.5 <= task._beat_interval(None) <= 10.0
+    assert task._beat_interval(3_000) == pytest.approx(1.0)  # capped by the lease each beat asks for
+    task.lease_expires_at = iso_in(-5)  # run out (or a clock ahead of the bridge's): beat at once
+    assert task._beat_interval(None) == MIN_BEAT_S
+    task.lease_expires_at = "not a date"  # then the lease asked for is all there is to go by
+    assert task._beat_interval(None) == pytest.approx(3.0)
+
+
+async def test_keep_alive_refuses_a_non_positive_interval() -> None:
+    task = held_task(Worker(URL, service="svc", worker_id="w1"))
+    with pytest.raises(ValueError, match="positive"):
+        async with task.keep_alive(every_s=0):
+            pass
+
+
+# --- the CLI's new commands, offline --------------------------------------------------------------
+
+
+async def test_cli_new_commands_help_and_usage_errors(tmp_path: Path) -> None:
+    keyring = tmp_path / "keyring.json"
+    write_keyring(keyring, generate_keyring(["worker-a", "engine"]))
+    env = {
+        "BRIDGE_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/",
+        "BRIDGE_CASSANDRA_HOSTS": "127.0.0.1",
+        "BRIDGE_CASSANDRA_PORT": "1",
+        "BRIDGE_KEYRING": str(keyring),
+        "BRIDGE_EXCHANGE": "qb-offline",
+        "BRIDGE_HTTP_PORT": "0",
+    }
+    helps = ["extend", "fail", "cancel", "purge", "queue-stats", "parked", "redrive", "discard", "stats"]
+    usage = [
+        (("purge", "svc"), "--yes"),
+        (("redrive", "svc"), "exactly one"),
+        (("redrive", "svc", "p1", "--all"), "exactly one"),
+        (("discard", "svc"), "TASK_ID"),
+        (("add", "svc", "1", "--not-before", "2026-12-02T10:00:00"), "offset"),
+        (("add", "svc", "1", "--not-before", "2026-12-02T10:00:00Z", "--delay-ms", "5"), "not both"),
+        (("fail", "svc", "--worker", "w", "--error", "{oops"), "not valid JSON"),
+        (("parked", "svc", "--limit", "0"), "--limit"),
+    ]
+    procs = await cli_many(
+        *(((name, "--help"), {}) for name in helps),
+        *((args, {}) for args, _ in usage),
+        (("queue-stats", "svc"), {}),
+        env=env,
+    )
+    for name, proc in zip(helps, procs, strict=False):
+        assert "Usage:" in ok(proc), name
+    for (args, words), proc in zip(usage, procs[len(helps) :], strict=False):
+        assert proc.returncode == 2, (args, proc)
+        assert words in proc.stderr, (args, proc.stderr)
+        no_traceback(proc)
+    unreachable = procs[-1]
+    assert unreachable.returncode == 1, unreachable
+    assert "cannot connect to RabbitMQ" in unreachable.stderr and unreachable.stdout == ""
+    no_traceback(unreachable)
