@@ -45,6 +45,7 @@ __all__ = [
 REPLY_TO = "amq.rabbitmq.reply-to"
 DEADLINE_HEADER = "x-deadline"
 MIN_BEAT_S = 0.1  # keep_alive never beats faster than this, however short the lease
+UNKNOWN_LEASE_S = 3.0  # a lease keep_alive cannot read, of a length it was not told: beat every second
 
 log = logging.getLogger("bridge.client")
 
@@ -433,6 +434,8 @@ class Task:
     async def ack_error(self, error: Any) -> bool:
         """Complete this task with a business error for the engine (it is not retried): the
         work was done and its answer is an error. For a failure to do the work, see :meth:`fail`."""
+        if error is None:  # on the wire that is an ack with a null result: a success
+            raise ValueError("a business error cannot be None")
         done = await self.worker.ack(error=error, task_id=self.id, epoch=self.epoch, has_token=self.has_token)
         self._settled = True
         return done
@@ -504,7 +507,7 @@ class Task:
         left = _seconds_until(self.lease_expires_at)
         if left is None:  # not a date-time this client can read: trust the lease asked for
             asked = ttr_ms or self.worker.time_to_recover_ms
-            left = asked / 1000 if asked is not None else MIN_BEAT_S * 3
+            left = asked / 1000 if asked is not None else UNKNOWN_LEASE_S
         if ttr_ms is not None:
             left = min(left, ttr_ms / 1000)
         return max(MIN_BEAT_S, left / 3)

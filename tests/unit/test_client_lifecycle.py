@@ -311,6 +311,8 @@ async def test_fail_is_a_technical_failure_and_ack_error_a_business_one(monkeypa
             "error": {"code": "no such invoice"},
         }
     ]
+    with pytest.raises(ValueError, match="None"):
+        await task.ack_error(None)  # would be a successful ack with a null result
     held_task(worker, task_id="t3")
     assert await worker.fail() is None  # no longer this worker's
     assert bridge.bodies("fail")[-1] == {"serviceId": "svc", "workerId": "w1", "taskId": "t3", "epoch": 7}
@@ -444,6 +446,8 @@ def test_the_default_beat_is_a_third_of_the_lease_left() -> None:
     assert task._beat_interval(None) == MIN_BEAT_S
     task.lease_expires_at = "not a date"  # then the lease asked for is all there is to go by
     assert task._beat_interval(None) == pytest.approx(3.0)
+    worker.time_to_recover_ms = None
+    assert task._beat_interval(None) == pytest.approx(1.0)  # nothing to go by: every second
 
 
 async def test_keep_alive_refuses_a_non_positive_interval() -> None:
