@@ -13,9 +13,11 @@ from typing import Any
 from bridge.config import Settings
 from bridge.crypto import CachingKeyProvider, HttpKeyProvider, KeyProvider, KeyringFileProvider
 from bridge.domain.clock import Clock, SkewGuard, SystemClock
+from bridge.domain.counting import QueueCounts
 from bridge.domain.queue import Limits, Metrics, WorkQueue
 from bridge.domain.reconcile import Reconciliation
 from bridge.domain.scheduler import RecoveryScheduler
+from bridge.domain.stats import service_stats
 from bridge.observability import storage_metrics
 from bridge.observability.http import OpsServer
 from bridge.observability.metrics import BridgeMetrics
@@ -27,6 +29,9 @@ from bridge.transport.amqp import AmqpTransport, Observer
 from bridge.transport.duty import Duty
 from bridge.transport.hints import AmqpHints
 from bridge.transport.results import ResultPublisher
+
+COUNTS_FLUSH_S = 1.0  # queue-count deltas are written this often (a kill -9 loses at most this much)
+MAX_GAUGE_QUEUES = 1_000
 
 log = logging.getLogger("bridge.app")
 
@@ -86,6 +91,7 @@ class Bridge:
         self.duty = Duty(f"{settings.queue_prefix}.duty")
         # Wired complete at construction: the queue publishes through this, the transport attaches it.
         self.results = ResultPublisher(settings)
+        self.counts = QueueCounts()  # stats deltas, flushed about once a second
         self.queue = WorkQueue(
             self.store,
             self.keys,
@@ -96,7 +102,13 @@ class Bridge:
                 max_ttr_ms=settings.max_time_to_recover_ms,
                 skew_margin_ms=margin_ms,
                 task_ttl_ms=settings.task_ttl_seconds * 1000,
+                max_deliveries=settings.max_deliveries,
+                service_max_deliveries=settings.service_max_deliveries,
+                retry_base_ms=settings.retry_base_ms,
+                retry_cap_ms=settings.retry_cap_ms,
+                redrive_rate=settings.redrive_rate,
             ),
+            counts=self.counts,
             settle_ms=margin_ms,
             metrics=metrics or self.metrics,
             hints=self.hints,
@@ -173,10 +185,38 @@ class Bridge:
             self._tasks.append(asyncio.create_task(self.duty.run(self._stop), name="duty"))
             self._tasks.append(asyncio.create_task(self.skew.run(self._stop), name="clock"))
             self._tasks.append(asyncio.create_task(self.gate.run(self._stop), name="serving gate"))
+            self._tasks.append(asyncio.create_task(self._flush_counts(), name="queue counts"))
+            self._tasks.append(asyncio.create_task(self._export_queue_stats(), name="queue gauges"))
         except BaseException:
             await self.ops.stop()
             raise
         log.info("bridge started", extra={"http_port": self.http_port})
+
+    async def _flush_counts(self) -> None:
+        while not self._stop.is_set():
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=COUNTS_FLUSH_S)
+            await self.counts.flush(self.store)
+
+    async def _export_queue_stats(self) -> None:
+        """Per-queue gauges, from the bridge holding the duty only (a fleet exports them once)."""
+        while not self._stop.is_set():
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=self.settings.stats_interval)
+            if not self.duty.held or self._stop.is_set():
+                continue
+            try:
+                rows = []
+                now = self.clock.now_ms()
+                ttl = self.settings.task_ttl_seconds * 1000
+                margin = int(self.settings.clock_skew_margin * 1000)
+                for q in await self.store.queues(MAX_GAUGE_QUEUES):
+                    s = await service_stats(self.store, q, now, ttl, margin)
+                    states = {"ready": s.ready, "in_flight": s.in_flight, "delayed": s.delayed, "parked": s.parked}
+                    rows.append((q.owner, q.service, states, s.oldest_ready_age_ms))
+                self.metrics.set_queue_stats(rows)
+            except Exception as exc:
+                log.warning("queue gauges not refreshed: %s", type(exc).__name__)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -197,6 +237,8 @@ class Bridge:
         if not await self.transport.wait_idle(grace):
             log.warning("in-flight requests did not finish within %.1fs", grace)
         await self.queue.drain_background(timeout=max(1.0, grace))
+        with suppress(Exception):
+            await self.counts.flush(self.store)  # the last second of queue-count deltas
         for task in self._tasks:
             task.cancel()
             with suppress(asyncio.CancelledError):

@@ -150,6 +150,25 @@ class Settings(BaseSettings):
         "upgrade from 1.2, until the last 1.2 bridge has been gone for the longest lease and its "
         "pending results are published (BRIDGE_READ_UNMARKED_EXPIRIES implies it).",
     )
+    # --- worker lifecycle (1.4) ------------------------------------------------------------
+    max_deliveries: int = Field(
+        10,
+        ge=1,
+        le=1000,
+        description="Delivery limit: a task delivered this often without an ack (or failed at it) is parked.",
+    )
+    service_max_deliveries: dict[str, int] = Field(
+        default_factory=dict,
+        description='Delivery limits per service, JSON: {"service": n} or {"owner/service": n} (the latter wins).',
+    )
+    retry_base_ms: int = Field(
+        1_000, ge=0, description="fail without retryInMs: backoff base (full jitter, doubling per delivery), ms."
+    )
+    retry_cap_ms: int = Field(300_000, ge=0, description="fail without retryInMs: longest backoff, ms.")
+    stats_interval: float = Field(
+        15.0, gt=0, le=3600, description="How often the duty bridge refreshes the per-queue gauges, seconds."
+    )
+    redrive_rate: float = Field(50.0, gt=0, le=10_000, description="Parked tasks put back per second by redrive.")
     reconcile_interval: float = Field(
         30.0,
         ge=0,

@@ -20,11 +20,11 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
-from bridge.transport.amqp import METHODS
+from bridge.transport.topology import CONSUMED
 
 log = logging.getLogger("bridge.serving")
 
-ALL = frozenset((*METHODS, "unrouted"))
+ALL = frozenset(CONSUMED)
 LEASING = frozenset({"fetch"})
 
 

@@ -16,7 +16,7 @@ from bridge.domain.models import AckRequest
 from bridge.domain.records import OutboxEntry, QueueKey, WorkerPointer, WorkerRow
 from bridge.domain.relay import ResultRelay
 from bridge.domain.sealing import encode, seal_outcome
-from bridge.domain.timeline import outbox_bucket
+from bridge.domain.timeline import ms_of, outbox_bucket
 
 log = logging.getLogger("bridge.queue")
 
@@ -72,7 +72,7 @@ class Acker:
         )
         if res.applied:
             ctx.metrics.inc("acks_named_fast")
-            self._completed(task_id, epoch, req)
+            self._completed(q, task_id, epoch, req)
             return True
         cur = res.current
         if cur is not None and cur.held_by(req.worker_id, epoch):
@@ -80,7 +80,8 @@ class Acker:
         # A retried ack of a completion that already happened is still a success.
         return cur is not None and cur.completed_by(req.worker_id, epoch)
 
-    def _completed(self, task_id: uuid.UUID, epoch: int, req: AckRequest) -> None:
+    def _completed(self, q: QueueKey, task_id: uuid.UUID, epoch: int, req: AckRequest) -> None:
+        self.ctx.count(q, ms_of(task_id), in_flight=-1)
         self._recently_completed[(task_id, epoch)] = None
         if len(self._recently_completed) > RECENTLY_COMPLETED_MAX:
             self._recently_completed.popitem(last=False)
@@ -148,7 +149,7 @@ class Acker:
         if points_here:
             # Not awaited: until it lands, a retried ack still finds the completion through the LWT.
             ctx.background.spawn(ctx.store.finish_worker(q, req.worker_id, target.task_id, stamp), "mark worker done")
-        self._completed(target.task_id, target.epoch, req)
+        self._completed(q, target.task_id, target.epoch, req)
         if intent is not None:
             ctx.background.spawn(self.relay.publish(intent), "publish result")
         return True

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+import random
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bridge.domain.clock import Clock
+from bridge.domain.counting import QueueCounts
+from bridge.domain.records import QueueKey
 from bridge.domain.sealing import OwnerKeys
 from bridge.domain.store import TaskStore
 
@@ -52,6 +55,23 @@ class Limits:
     # The tasks' lifetime: a payload carried by a hint is not handed out past it (the stored row
     # would have expired with its TTL; the hint may have waited on the broker that long).
     task_ttl_ms: int | None = None
+    # The worker lifecycle (1.4): delivery limits (a task's own ``maxDeliveries`` wins), and the
+    # backoff of a ``fail`` that names none: full jitter, uniform in [0, min(cap, base * 2^(n-1))].
+    max_deliveries: int = 10
+    service_max_deliveries: Mapping[str, int] = field(default_factory=dict)
+    retry_base_ms: int = 1_000
+    retry_cap_ms: int = 300_000
+    redrive_rate: float = 50.0
+
+    def delivery_limit(self, q: QueueKey, own: int | None) -> int:
+        if own is not None:
+            return own
+        per = self.service_max_deliveries
+        return per.get(f"{q.owner}/{q.service}", per.get(q.service, self.max_deliveries))
+
+    def backoff_ms(self, deliveries: int) -> int:
+        ceiling = min(self.retry_cap_ms, self.retry_base_ms * 2 ** min(max(deliveries - 1, 0), 30))
+        return random.randint(0, ceiling)  # nosec B311: spreading retries, not secrecy
 
 
 class Background:
@@ -88,3 +108,12 @@ class QueueContext:
     metrics: Metrics = field(default_factory=NoMetrics)
     gate: LeaseGate = field(default_factory=AlwaysGrant)
     background: Background = field(default_factory=Background)
+    counts: QueueCounts | None = None  # stats counts (1.4); None: not kept (some tests)
+
+    def count(self, q: QueueKey, task_ms: int, *, ready: int = 0, in_flight: int = 0) -> None:
+        if self.counts is not None:
+            self.counts.move(q, task_ms, ready=ready, in_flight=in_flight)
+
+    def count_delayed(self, q: QueueKey, due_ms: int, delta: int) -> None:
+        if self.counts is not None:
+            self.counts.delay(q, due_ms, delta)

@@ -145,7 +145,9 @@ class Fetcher:
         """Scan the ready index (the only path with hints off). With hints on, only entries older
         than the grace period are taken: younger ones have a hint on its way."""
         spread = False
-        cutoff = self.reconcile.cutoff_ms(self.ctx.clock.now_ms())
+        now = self.ctx.clock.now_ms()
+        # Never past the present: a delayed task's entry sits at its due time (``WorkQueue.add``).
+        cutoff = min(self.reconcile.cutoff_ms(now), now)
         for _ in range(MAX_CLAIM_ATTEMPTS):
             entry = await self.dispatcher.next_candidate(a.q, LANE_RECOVERED, spread=spread)
             if entry is None or ms_of(entry.seq) > cutoff:
@@ -216,6 +218,7 @@ class Fetcher:
                 await self._rearm(q, entry, cur.lease_until_ms or now, now)
             self.ctx.metrics.inc("claim_conflicts")
             return None, stamp
+        self.ctx.count(q, ms_of(task_id), ready=-1, in_flight=1)
         await self._refile_if_slow(q, entry, epoch, now, until)
         if payload is None:
             # The task's lifetime (TTL) ended: a hint or an index entry outlived it. Nothing to hand out.
@@ -289,7 +292,8 @@ class Fetcher:
             # It can never be delivered: dead-letter it (kept until its TTL for inspection) so the
             # worker, and the queue, move on instead of being handed the same broken task forever.
             log.error("task dead-lettered: %s", exc.message, extra={"task_id": str(task_id), "epoch": epoch})
-            await ctx.store.kill(q, task_id, epoch, worker, ctx.clock.now_ms())
+            if await ctx.store.kill(q, task_id, epoch, worker, ctx.clock.now_ms()):
+                ctx.count(q, ms_of(task_id), in_flight=-1)
             # No clear of the pointer: a dead task is never resent (the extension fails), and the
             # worker's next fetch replaces the pointer.
             ctx.metrics.inc("tasks_dead_lettered", reason="integrity")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any
 
 from pydantic import (
@@ -16,9 +17,13 @@ from pydantic import (
     StrictStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from bridge.domain.errors import BadRequest
+
+MAX_DELIVERIES_LIMIT = 1000
+MAX_RETRY_IN_MS = 86_400_000  # a day
 
 
 def _fits_routing_key(value: str) -> str:
@@ -43,6 +48,44 @@ class AddCommand(_Request):
     service_id: Identifier = Field(alias="serviceId")
     value: Any = Field(...)  # any JSON value, null included
     token: Any = None
+    # 1.4: a delayed task (never handed out before then): a delay, or a time with its offset.
+    delay_ms: StrictInt | None = Field(None, alias="delayMs", ge=0)
+    not_before: StrictStr | None = Field(None, alias="notBefore", max_length=64)
+    # 1.4: this task's delivery limit (else its service's): parked once delivered this often unacked.
+    max_deliveries: StrictInt | None = Field(None, alias="maxDeliveries", ge=1, le=MAX_DELIVERIES_LIMIT)
+
+    @field_validator("not_before")
+    @classmethod
+    def _is_an_instant(cls, value: str | None) -> str | None:
+        if value is not None:
+            instant(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_way_to_delay(self) -> AddCommand:
+        if self.delay_ms is not None and self.not_before is not None:
+            raise ValueError("give delayMs or notBefore, not both")
+        return self
+
+    def due_ms(self, now_ms: int) -> int | None:
+        """When the task may first be handed out, if later than now."""
+        if self.delay_ms:
+            return now_ms + self.delay_ms
+        if self.not_before is not None:
+            due = instant(self.not_before)
+            return due if due > now_ms else None
+        return None
+
+
+def instant(text: str) -> int:
+    """An ISO 8601 time with its UTC offset, as milliseconds since the epoch."""
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError("must be an ISO 8601 time, e.g. 2026-12-02T10:00:00Z") from None
+    if parsed.tzinfo is None:
+        raise ValueError("must carry a UTC offset (Z or +hh:mm)")
+    return int(parsed.timestamp() * 1000)
 
 
 class FetchRequest(_Request):
@@ -88,7 +131,72 @@ class AckRequest(_Request):
         return {"result": self.result}
 
 
-def parse(model: type[_Request], body: Any) -> Any:
+class _Named(_Request):
+    """A worker's request about the task it holds: that task, or exactly ``taskId``/``epoch``."""
+
+    service_id: Identifier = Field(alias="serviceId")
+    worker_id: Identifier = Field(alias="workerId")
+    task_id: uuid.UUID | None = Field(None, alias="taskId")
+    epoch: StrictInt | None = Field(None, ge=1, le=2**31 - 1)
+
+    @field_validator("task_id", mode="before")
+    @classmethod
+    def _task_id_is_a_string(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, str):
+            raise ValueError("must be a string (the task.id of the fetch reply)")
+        return value
+
+
+class ExtendRequest(_Named):
+    time_to_recover: StrictInt | None = Field(None, alias="timeToRecover", ge=100)
+
+
+class FailRequest(_Named):
+    error: Any = None
+    retry_in_ms: StrictInt | None = Field(None, alias="retryInMs", ge=0, le=MAX_RETRY_IN_MS)
+
+
+TaskId = Annotated[StrictStr, AfterValidator(lambda v: str(uuid.UUID(v)))]
+
+
+class CancelRequest(_Request):
+    service_id: Identifier = Field(alias="serviceId")
+    task_id: TaskId = Field(alias="taskId")
+
+
+class QueueRequest(_Request):
+    """purge: the queue alone."""
+
+    service_id: Identifier = Field(alias="serviceId")
+
+
+class StatsRequest(_Request):
+    service_id: Identifier | None = Field(None, alias="serviceId")
+
+
+class ParkedRequest(_Request):
+    service_id: Identifier = Field(alias="serviceId")
+    limit: StrictInt = Field(100, ge=1, le=1000)
+
+
+class RedriveRequest(_Request):
+    service_id: Identifier = Field(alias="serviceId")
+    task_ids: list[TaskId] | None = Field(None, alias="taskIds", max_length=1000)
+    all: StrictBool = False
+
+    @model_validator(mode="after")
+    def _which(self) -> RedriveRequest:
+        if (self.task_ids is None) == (not self.all):
+            raise ValueError("give taskIds or all: true (one of them)")
+        return self
+
+
+class DiscardRequest(_Request):
+    service_id: Identifier = Field(alias="serviceId")
+    task_ids: list[TaskId] = Field(alias="taskIds", min_length=1, max_length=1000)
+
+
+def parse(model: type[BaseModel], body: Any) -> Any:
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     try:

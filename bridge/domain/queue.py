@@ -9,30 +9,40 @@ in-memory store (tests/behaviour).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
+from collections.abc import Callable
+from dataclasses import replace
 
 from bridge.crypto import KeyProvider
 from bridge.domain.acking import Acker
 from bridge.domain.clock import Clock
 from bridge.domain.context import AlwaysGrant, Background, LeaseGate, Limits, Metrics, NoMetrics, QueueContext
+from bridge.domain.counting import DAY_MS, QueueCounts
 from bridge.domain.dispatch import Dispatcher
-from bridge.domain.errors import Unavailable
+from bridge.domain.errors import BadRequest, Unavailable
 from bridge.domain.fetching import Fetcher
 from bridge.domain.hints import Hint, NoHints, TaskHints, carried
-from bridge.domain.models import AckRequest, AddCommand, Delivery, FetchRequest
+from bridge.domain.lifecycle import Extended, Failed, Lifecycle, ParkedTask
+from bridge.domain.models import AckRequest, AddCommand, Delivery, ExtendRequest, FailRequest, FetchRequest
 from bridge.domain.reconcile import Reconciliation
-from bridge.domain.records import LANE_FRESH, OutboxEntry, QueueKey
+from bridge.domain.records import DUE_EPOCH, LANE_FRESH, ExpiryEntry, OutboxEntry, QueueKey
 from bridge.domain.relay import ResultMessage, ResultRelay, ResultSink
 from bridge.domain.sealing import OwnerKeys, encode, seal_task
+from bridge.domain.stats import ServiceStats, service_stats
 from bridge.domain.store import TaskStore
-from bridge.domain.timeline import ms_of, new_task_id
+from bridge.domain.timeline import expiry_bucket, ms_of, new_task_id
 
 log = logging.getLogger("bridge.queue")
 
 # A freshly recorded message_id whose task is not visible yet is assumed to be mid-write by
 # another consumer; only after this long is it treated as a crashed first attempt and replaced.
 IDEMPOTENCY_SETTLE_MS = 30_000
+MAX_STATS_SERVICES = 1_000
+# Timer-wheel entries due sooner than this are also handled by a timer of the bridge that filed
+# them: the scheduler reads the wheel's marks once a second (``MARKS_REFRESH_MS``).
+SOON_MS = 2_000
 
 
 class WorkQueue:
@@ -50,6 +60,7 @@ class WorkQueue:
         max_lanes: int = 10_000,
         hints: TaskHints | None = None,
         reconcile: Reconciliation | None = None,
+        counts: QueueCounts | None = None,
     ) -> None:
         self.ctx = QueueContext(
             store=store,
@@ -59,6 +70,7 @@ class WorkQueue:
             metrics=metrics or NoMetrics(),
             gate=may_grant_leases or AlwaysGrant(),
             background=Background(),
+            counts=counts,
         )
         self.dispatcher = Dispatcher(store, clock.now_ms, settle_ms, max_lanes)
         self.relay = ResultRelay(self.ctx, results)
@@ -67,6 +79,10 @@ class WorkQueue:
         reconcile = reconcile or Reconciliation.scan_always()
         self._fetcher = Fetcher(self.ctx, self.dispatcher, self.hints, reconcile)
         self._acker = Acker(self.ctx, self.relay)
+        self.lifecycle = Lifecycle(self.ctx, self.relay, self.soon)
+        # Set by the recovery scheduler: handles a timer-wheel entry due within moments, here.
+        self.due_soon: Callable[[ExpiryEntry], None] | None = None
+        self._registered: dict[QueueKey, int] = {}
 
     # -- what the scheduler and the process use ------------------------------------------------------
     @property
@@ -112,18 +128,58 @@ class WorkQueue:
         token_json = None if cmd.token is None else encode(cmd.token, "the token", limit)
         key = await ctx.keys.current(owner)
         now = ctx.clock.now_ms()
-        task_id = new_task_id(now)
+        try:
+            due = cmd.due_ms(now)
+        except ValueError as exc:
+            raise BadRequest(f"notBefore: {exc}") from None
+        if due is not None and ctx.limits.task_ttl_ms is not None and due - now >= ctx.limits.task_ttl_ms:
+            raise BadRequest("a task cannot be delayed beyond its lifetime (BRIDGE_TASK_TTL)")
+        # A delayed task's id is its due time: its place in the queue (FIFO by due time), and the
+        # ready index is never scanned past the present, so it cannot be handed out early.
+        task_id = new_task_id(due if due is not None else now)
         if message_id:
             existing = await self._dedupe(q, message_id, task_id, now)
             if existing is not None:
                 return str(existing)
         payload = seal_task(key, q, task_id, value_json, token_json, traceparent, now)
+        if cmd.max_deliveries is not None:
+            payload = replace(payload, max_deliveries=cmd.max_deliveries)
+        self._register(q)
+        if due is not None:
+            # Write-ahead: the scheduler announces it at its time (an entry without a task, from a
+            # crash before the write below, finds nothing to claim).
+            watch = ExpiryEntry(due, q, task_id, DUE_EPOCH, token_json is not None)
+            await ctx.store.watch_expiry(expiry_bucket(due), watch)
+            await ctx.store.store_task(q, task_id, payload)
+            self.soon(watch, due)
+            ctx.count_delayed(q, due, 1)
+            ctx.metrics.inc("tasks_added", kind="delayed")
+            return str(task_id)
         await ctx.store.store_task(q, task_id, payload)
         # After the write: a hint never names a task that is not stored yet.
         await self.hints.offer(q, Hint(task_id, LANE_FRESH, task_id, None, token_json is not None, carried(payload)))
-        ctx.metrics.inc("tasks_added")
+        ctx.count(q, now, ready=1)
+        ctx.metrics.inc("tasks_added", kind="ready")
         log.debug("task added", extra={"task_id": str(task_id)})
         return str(task_id)
+
+    def soon(self, entry: ExpiryEntry, due_ms: int) -> None:
+        """An entry filed in the timer wheel for a moment so near (a short backoff, a redrive, a
+        short delay) that the scheduler may have read that bucket's marks already and would meet
+        it only on its second pass: this bridge handles it itself at its time as well (best
+        effort; the wheel entry stays the guarantee, and handling it twice is idempotent)."""
+        if self.due_soon is not None and due_ms - self.ctx.clock.now_ms() < SOON_MS:
+            self.due_soon(entry)
+
+    def _register(self, q: QueueKey) -> None:
+        """Record the owner's service queue for stats, once a day per bridge (not per task)."""
+        now = self.ctx.clock.now_ms()
+        if now - self._registered.get(q, -DAY_MS) < DAY_MS:
+            return
+        self._registered[q] = now
+        if len(self._registered) > self.dispatcher.max_lanes:
+            self._registered.clear()
+        self.ctx.background.spawn(self.ctx.store.register_service(q), "register service")
 
     async def _dedupe(self, q: QueueKey, message_id: str, task_id: uuid.UUID, now: int) -> uuid.UUID | None:
         """The task an earlier copy of this add stored, or None if this copy is to store it."""
@@ -148,6 +204,40 @@ class WorkQueue:
 
     async def ack(self, owner: str, req: AckRequest, *, sent_before_ms: int | None = None) -> bool:
         return await self._acker.ack(owner, req, sent_before_ms=sent_before_ms)
+
+    # -- the lifecycle (1.4) --------------------------------------------------------------------------
+    async def extend(self, owner: str, req: ExtendRequest) -> Extended | None:
+        return await self.lifecycle.extend(owner, req)
+
+    async def fail(self, owner: str, req: FailRequest) -> Failed | None:
+        return await self.lifecycle.fail(owner, req)
+
+    async def cancel(self, owner: str, service: str, task_id: uuid.UUID) -> bool:
+        return await self.lifecycle.cancel(owner, service, task_id)
+
+    async def purge(self, owner: str, service: str) -> tuple[int, bool]:
+        return await self.lifecycle.purge(owner, service)
+
+    async def parked(self, owner: str, service: str, limit: int) -> list[ParkedTask]:
+        return await self.lifecycle.parked(owner, service, limit)
+
+    async def redrive(self, owner: str, service: str, task_ids: list[uuid.UUID] | None) -> int:
+        return await self.lifecycle.redrive(owner, service, task_ids)
+
+    async def discard(self, owner: str, service: str, task_ids: list[uuid.UUID]) -> int:
+        return await self.lifecycle.discard(owner, service, task_ids)
+
+    async def stats(self, owner: str, service: str | None) -> list[ServiceStats]:
+        """Live counts of one service queue of the owner, or of all of them (up to 1,000)."""
+        ctx = self.ctx
+        await ctx.keys.current(owner)
+        services = [service] if service is not None else (await ctx.store.services(owner))[:MAX_STATS_SERVICES]
+        now = ctx.clock.now_ms()
+        ttl = ctx.limits.task_ttl_ms or DAY_MS * 7
+        margin = ctx.limits.skew_margin_ms
+        return list(
+            await asyncio.gather(*(service_stats(ctx.store, QueueKey(owner, s), now, ttl, margin) for s in services))
+        )
 
 
 __all__ = ["Limits", "Metrics", "ResultMessage", "ResultSink", "WorkQueue"]

@@ -53,6 +53,8 @@ class Payload:
     token: Sealed | None
     traceparent: str | None
     created_at_ms: int | None
+    # The task's own delivery limit (``maxDeliveries`` of its add, 1.4); None: its service's.
+    max_deliveries: int | None = None
 
     @property
     def key_id(self) -> str:
@@ -63,6 +65,13 @@ class LeaseState(StrEnum):
     LEASED = "leased"  # held by a worker until its deadline (then claimable again)
     DONE = "done"  # acked: completed with a result or an error
     DEAD = "dead"  # dead-lettered: its ciphertext failed authentication
+    PARKED = "parked"  # delivered its limit of times without an ack (or failed past it): held aside
+    CANCELLED = "cancelled"  # cancelled by the engine, or purged by an operator
+    DISCARDED = "discarded"  # a parked task an operator dropped for good
+
+
+# States a task never leaves (until its TTL): what cancel answers false for.
+FINAL_STATES = frozenset({LeaseState.DONE, LeaseState.DEAD, LeaseState.CANCELLED, LeaseState.DISCARDED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +87,16 @@ class Lease:
     # Whether the task carries a workflow token (written by claims since 1.3; None on older rows):
     # an ack that knows there is none completes the task without reading anything first.
     has_token: bool | None = None
+    # Deliveries before this epoch do not count toward the delivery limit (a redrive resets it).
+    base_epoch: int = 0
+    parked_at_ms: int | None = None
+    park_reason: str | None = None
+    last_error: Sealed | None = None  # the error of the last ``fail``, sealed with the owner's key
+
+    @property
+    def deliveries_counted(self) -> int:
+        """Deliveries that count toward the limit: this lease's epoch since the last redrive."""
+        return self.epoch - self.base_epoch
 
     @property
     def is_leased(self) -> bool:
@@ -154,10 +173,30 @@ class OutboxEntry:
 
 UNSHARDED = -1
 
+# The epoch of a delayed task's due entry in the timer wheel: not a lease deadline, the moment a
+# never-claimed task becomes claimable (the scheduler announces it then).
+DUE_EPOCH = 0
+# The worker of a lease given back by ``fail``: nobody holds it while it waits out its backoff.
+NO_WORKER = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ParkedEntry:
+    """The parked-task index of a queue (verified against the lease when read)."""
+
+    task_id: uuid.UUID
+    epoch: int
+    parked_at_ms: int
+    reason: str
+    has_token: bool
+
 
 __all__ = [
+    "DUE_EPOCH",
+    "FINAL_STATES",
     "LANE_FRESH",
     "LANE_RECOVERED",
+    "NO_WORKER",
     "UNSHARDED",
     "CasResult",
     "ExpiryEntry",
@@ -165,6 +204,7 @@ __all__ = [
     "Lease",
     "LeaseState",
     "OutboxEntry",
+    "ParkedEntry",
     "Payload",
     "QueueKey",
     "ReadyEntry",

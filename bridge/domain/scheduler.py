@@ -23,14 +23,16 @@ from typing import Protocol
 
 from bridge.domain.errors import Unavailable
 from bridge.domain.hints import Hint
+from bridge.domain.lifecycle import PARK_DELIVERY_LIMIT
 from bridge.domain.queue import WorkQueue
-from bridge.domain.records import LANE_RECOVERED, ExpiryEntry, Lease, QueueKey
+from bridge.domain.records import DUE_EPOCH, LANE_FRESH, LANE_RECOVERED, ExpiryEntry, Lease, LeaseState, QueueKey
 from bridge.domain.store import TaskStore
 from bridge.domain.timeline import (
     EXPIRY_BUCKET_MS,
     OUTBOX_BUCKET_MS,
     deterministic_timeuuid,
     expiry_bucket,
+    ms_of,
     outbox_bucket,
     ready_bucket,
 )
@@ -88,6 +90,7 @@ class RecoveryScheduler:
         self._expiry_cursor = progress_prefix + EXPIRY_CURSOR
         self._outbox_cursor = progress_prefix + OUTBOX_CURSOR
         self.state = SchedulerState()
+        queue.due_soon = self.handle_soon
         self._expiry_next: int | None = None  # first bucket not yet read at all
         self._expiry_confirmed: int | None = None  # first bucket not yet read for the second time
         self._handled: dict[int, set[tuple[str, str, object, int]]] = {}
@@ -194,7 +197,8 @@ class RecoveryScheduler:
         entries = await self.store.expiries(bucket)
         margin = self.queue.skew_margin_ms
         if only_expired:
-            entries = [e for e in entries if e.lease_until_ms + margin <= now]
+            # A delayed task's due time is no lease: no margin (nobody holds it).
+            entries = [e for e in entries if e.lease_until_ms + (0 if e.epoch == DUE_EPOCH else margin) <= now]
         handled = self._handled.setdefault(bucket, set())
         by_queue: dict[QueueKey, list[ExpiryEntry]] = {}
         for entry in entries:
@@ -230,6 +234,8 @@ class RecoveryScheduler:
 
     async def _handle(self, entry: ExpiryEntry, lease: Lease | None, now: int, bucket: int) -> bool:
         q = entry.queue
+        if entry.epoch == DUE_EPOCH:
+            return await self._announce_due(entry, lease)
         if lease is None and now - entry.lease_until_ms < self.late_ms:
             # No claim yet: it never applied, or it is still on its way (a claimer paused between its
             # write-ahead and its claim). Not handled: the second pass looks again.
@@ -245,7 +251,22 @@ class RecoveryScheduler:
                 ExpiryEntry(until, q, entry.task_id, lease.epoch, entry.has_token),
             )
             return True
-        # Expired: re-expose it in the recovered lane. The id is derived from (task, epoch, time
+        # Expired. Delivered its limit of times without an ack: parked, not handed out again.
+        ctx = self.queue.ctx
+        limit = ctx.limits.delivery_limit(q, await self.store.task_limit(q, entry.task_id))
+        if lease.deliveries_counted >= limit:
+            has_token = lease.has_token if lease.has_token is not None else entry.has_token
+            await self.queue.lifecycle.park(
+                q,
+                entry.task_id,
+                lease.epoch,
+                has_token,
+                PARK_DELIVERY_LIMIT,
+                lease.deliveries_counted,
+                expired_before_ms=now - self.queue.skew_margin_ms,
+            )
+            return True
+        # Re-expose it in the recovered lane. The id is derived from (task, epoch, time
         # of this second) so instances running the same pass write the same row.
         seq_ms = max(until, now - now % 1000)
         # The expiry's bucket is part of the id: a re-armed deadline (a claim that found the lease
@@ -256,11 +277,35 @@ class RecoveryScheduler:
         await self.store.expose_recovered(q, rbucket, seq, entry.task_id, entry.epoch, entry.has_token)
         await self.queue.announce(q, Hint(entry.task_id, LANE_RECOVERED, seq, entry.epoch, entry.has_token))
         self.state.recovered += 1
+        ctx.count(q, ms_of(entry.task_id), in_flight=-1, ready=1)
         self.queue.metrics.inc("tasks_recovered")
         log.info(
             "lease expired: task re-exposed",
             extra={"task_id": str(entry.task_id), "epoch": entry.epoch, "owner": q.owner, "service": q.service},
         )
+        return True
+
+    def handle_soon(self, entry: ExpiryEntry) -> None:
+        """Handle one timer-wheel entry at its time, on this bridge (``WorkQueue.soon``)."""
+        self.queue.ctx.background.spawn(self._soon(entry), "due soon")
+
+    async def _soon(self, entry: ExpiryEntry) -> None:
+        due = entry.lease_until_ms if entry.epoch == DUE_EPOCH else entry.lease_until_ms + self.queue.skew_margin_ms
+        wait_ms = due - self.queue.clock.now_ms()
+        if wait_ms > 0:
+            await asyncio.sleep(wait_ms / 1000)
+        lease = await self.store.lease(entry.queue, entry.task_id, serial=False)
+        await self._handle(entry, lease, self.queue.clock.now_ms(), expiry_bucket(due))
+
+    async def _announce_due(self, entry: ExpiryEntry, lease: Lease | None) -> bool:
+        """A delayed task's time has come: a hint for it, as for a task just added (nothing if it was
+        cancelled or already claimed, by a reconciliation scan)."""
+        if lease is None:
+            q = entry.queue
+            await self.queue.announce(q, Hint(entry.task_id, LANE_FRESH, entry.task_id, None, entry.has_token))
+            self.queue.ctx.count_delayed(q, entry.lease_until_ms, -1)
+            self.queue.ctx.count(q, ms_of(entry.task_id), ready=1)
+            self.queue.metrics.inc("tasks_due")
         return True
 
     # -- result relay ------------------------------------------------------------------------
@@ -292,7 +337,9 @@ class RecoveryScheduler:
             if entry.published:
                 continue
             lease = await self.store.lease(entry.queue, entry.task_id, serial=True)
-            if lease is None or not lease.is_done or lease.completion_id != entry.completion_id:
+            # A completion, or a park (the engine's delivery_limit error): named by the lease.
+            finished = lease is not None and lease.state in (LeaseState.DONE, LeaseState.PARKED)
+            if lease is None or not finished or lease.completion_id != entry.completion_id:
                 # The completing transaction never applied (or the task expired): nothing to send.
                 await self.store.mark_published(entry)
                 continue

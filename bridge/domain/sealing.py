@@ -136,3 +136,13 @@ def seal_outcome(key: OwnerKey, q: QueueKey, task_id: uuid.UUID, outcome_json: b
 def open_outcome(key: OwnerKey, q: QueueKey, task_id: uuid.UUID, sealed: Sealed) -> bytes:
     """The acked outcome (JSON bytes). Raises ``TamperedCiphertext``."""
     return open_sealed(key, sealed, service=q.service, task_id=str(task_id), field="result")
+
+
+def seal_error(key: OwnerKey, q: QueueKey, task_id: uuid.UUID, error_json: bytes) -> Sealed:
+    """The error a worker's ``fail`` gave: kept with the lease, readable only by its owner."""
+    return seal(key, error_json, service=q.service, task_id=str(task_id), field="last_error")
+
+
+def open_error(key: OwnerKey, q: QueueKey, task_id: uuid.UUID, sealed: Sealed) -> bytes:
+    """Raises ``TamperedCiphertext``."""
+    return open_sealed(key, sealed, service=q.service, task_id=str(task_id), field="last_error")

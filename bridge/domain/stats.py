@@ -12,6 +12,7 @@ import asyncio
 import uuid
 from dataclasses import dataclass
 
+from bridge.domain.counting import DAY_MS, MINUTE_MS
 from bridge.domain.records import LANE_FRESH, LANE_RECOVERED, Lease, LeaseState, QueueKey, ReadyEntry
 from bridge.domain.store import TaskStore
 from bridge.domain.timeline import ms_of
@@ -31,9 +32,11 @@ class QueueStats:
     oldest_ready_age_s: float | None  # how long the longest-waiting ready task has been claimable
     scanned: int  # ready-index entries read (both lanes)
     truncated: bool  # the walk stopped at ``limit``: the counts are lower bounds
+    parked: int = 0  # delivered their limit of times unacked (1.4): see ``queue-bridge parked``
+    delayed: int = 0  # added with a delay that has not passed yet (1.4)
 
 
-async def _walk_lane(store: TaskStore, q: QueueKey, lane: int, budget: int) -> tuple[list[ReadyEntry], bool]:
+async def walk_lane(store: TaskStore, q: QueueKey, lane: int, budget: int) -> tuple[list[ReadyEntry], bool]:
     """The entries of one lane after its persisted cursor, at most ``budget`` of them.
 
     Returns (entries, truncated); truncated is True only if at least one more entry exists.
@@ -64,12 +67,14 @@ async def _walk_lane(store: TaskStore, q: QueueKey, lane: int, budget: int) -> t
 
 class _Counts:
     def __init__(self) -> None:
-        self.ready = self.in_flight = self.done = self.dead = 0
+        self.ready = self.in_flight = self.done = self.dead = self.parked = self.delayed = 0
         self.oldest_ready_since: int | None = None
 
     def add(self, task_id: uuid.UUID, lease: Lease | None, now_ms: int) -> None:
         ready_since: int | None = None
-        if lease is None:
+        if lease is None and ms_of(task_id) > now_ms:
+            self.delayed += 1  # a delayed task's id is its due time
+        elif lease is None:
             ready_since = ms_of(task_id)
         elif lease.state is LeaseState.LEASED:
             until = lease.lease_until_ms
@@ -77,8 +82,10 @@ class _Counts:
                 self.in_flight += 1
             else:
                 ready_since = until if until is not None else ms_of(task_id)
-        elif lease.state is LeaseState.DONE:
+        elif lease.state in (LeaseState.DONE, LeaseState.CANCELLED, LeaseState.DISCARDED):
             self.done += 1
+        elif lease.state is LeaseState.PARKED:
+            self.parked += 1
         else:
             self.dead += 1
         if ready_since is not None:
@@ -124,7 +131,7 @@ async def queue_stats(
     truncated = False
     task_ids: dict[uuid.UUID, None] = {}  # insertion-ordered set
     for lane in (LANE_RECOVERED, LANE_FRESH):
-        entries, lane_truncated = await _walk_lane(store, q, lane, limit - scanned)
+        entries, lane_truncated = await walk_lane(store, q, lane, limit - scanned)
         scanned += len(entries)
         for entry in entries:
             task_ids.setdefault(entry.task_id, None)
@@ -156,7 +163,63 @@ async def queue_stats(
         oldest_ready_age_s=oldest_age,
         scanned=scanned,
         truncated=truncated,
+        parked=counts.parked,
+        delayed=counts.delayed,
     )
 
 
-__all__ = ["DEFAULT_LIMIT", "QueueStats", "queue_stats"]
+# -- live counts (the stats RPC and the gauges): no walk of the queue ---------------------------------
+OLDEST_LOOKAHEAD = 64  # entries read after a lane's cursor to find the oldest ready task
+PARKED_COUNT_MAX = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceStats:
+    service: str
+    ready: int
+    in_flight: int
+    delayed: int
+    parked: int
+    oldest_ready_age_ms: int | None
+
+
+async def service_stats(store: TaskStore, q: QueueKey, now_ms: int, ttl_ms: int, margin_ms: int) -> ServiceStats:
+    """The queue's counts from its counters (``bridge.domain.counting``), its parked index, and the
+    first few entries after each lane's cursor (for the oldest ready task): a handful of reads,
+    whatever the queue's length."""
+    (ready, in_flight), delayed, parked, oldest = await asyncio.gather(
+        store.counts(q, (now_ms - ttl_ms) // DAY_MS),
+        store.delayed(q, (now_ms - ttl_ms) // MINUTE_MS),
+        store.parked(q, PARKED_COUNT_MAX),
+        _oldest_ready(store, q, now_ms, margin_ms),
+    )
+    return ServiceStats(q.service, max(ready, 0), max(in_flight, 0), max(delayed, 0), len(parked), oldest)
+
+
+async def _oldest_ready(store: TaskStore, q: QueueKey, now_ms: int, margin_ms: int) -> int | None:
+    since: int | None = None
+    for lane in (LANE_FRESH, LANE_RECOVERED):
+        entries, _ = await walk_lane(store, q, lane, OLDEST_LOOKAHEAD)
+        entries = [e for e in entries if not e.claimed and ms_of(e.seq) <= now_ms]
+        leases = await store.leases_of(q, [e.task_id for e in entries[:50]])
+        for e in entries[:50]:
+            lease = leases.get(e.task_id)
+            if lane == LANE_FRESH and lease is None:
+                at = ms_of(e.task_id)
+            elif (
+                lane == LANE_RECOVERED
+                and lease is not None
+                and lease.is_leased
+                and lease.epoch == e.epoch
+                and lease.lease_until_ms is not None
+                and lease.lease_until_ms + margin_ms <= now_ms
+            ):
+                at = lease.lease_until_ms
+            else:
+                continue
+            since = at if since is None else min(since, at)
+            break
+    return None if since is None else max(0, now_ms - since)
+
+
+__all__ = ["DEFAULT_LIMIT", "QueueStats", "ServiceStats", "queue_stats", "service_stats", "walk_lane"]

@@ -23,11 +23,14 @@ import uuid
 from collections.abc import Sequence
 from typing import Protocol
 
+from bridge.crypto import Sealed
 from bridge.domain.records import (
     CasResult,
     ExpiryEntry,
     Lease,
+    LeaseState,
     OutboxEntry,
+    ParkedEntry,
     Payload,
     QueueKey,
     ReadyEntry,
@@ -42,6 +45,9 @@ class TaskStore(Protocol):
         """Index the task's bucket, then write the task (fresh lane). Idempotent."""
 
     async def task_exists(self, q: QueueKey, task_id: uuid.UUID) -> bool: ...
+
+    async def task_limit(self, q: QueueKey, task_id: uuid.UUID) -> int | None:
+        """The task's own delivery limit (its add's ``maxDeliveries``), None if it set none."""
 
     async def reindex_task(self, q: QueueKey, task_id: uuid.UUID) -> None:
         """Index the task's bucket again (an add that died between its index and task writes)."""
@@ -127,6 +133,74 @@ class TaskStore(Protocol):
 
     async def kill(self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, now_ms: int) -> bool:
         """Dead-letter a leased task that can never be delivered (kept until its TTL)."""
+
+    # -- the lifecycle (1.4): compare-and-set too, all on the lease's state and epoch ------------------
+    async def release(
+        self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, until_ms: int, error: Sealed | None
+    ) -> CasResult:
+        """``fail``: a lease held by ``worker`` at ``epoch`` is held by nobody until ``until_ms``
+        (then claimable as an expired lease), keeping the worker's error."""
+
+    async def park(
+        self,
+        q: QueueKey,
+        task_id: uuid.UUID,
+        epoch: int,
+        now_ms: int,
+        reason: str,
+        park_id: uuid.UUID,
+        *,
+        worker: str | None = None,
+        expired_before_ms: int | None = None,
+        error: Sealed | None = None,
+    ) -> CasResult:
+        """Park a lease at ``epoch``: held by ``worker`` (a fail past the limit), or whose deadline is
+        at or before ``expired_before_ms`` (the scheduler). ``park_id`` becomes its completion id
+        (the engine's ``delivery_limit`` result in the outbox names it)."""
+
+    async def unpark(self, q: QueueKey, task_id: uuid.UUID, epoch: int, until_ms: int) -> CasResult:
+        """Redrive: a task parked at ``epoch`` is leased by nobody until ``until_ms`` (claimable as
+        an expired lease then) and its delivery count starts again."""
+
+    async def cancel(
+        self,
+        q: QueueKey,
+        task_id: uuid.UUID,
+        state: LeaseState | None,
+        epoch: int,
+        *,
+        expired_before_ms: int | None = None,
+        to: LeaseState = LeaseState.CANCELLED,
+    ) -> CasResult:
+        """Move a task in ``state`` at ``epoch`` (None: never claimed) to ``to`` (cancelled or
+        discarded); with ``expired_before_ms``, only a lease whose deadline is at or before it."""
+
+    async def add_parked(self, q: QueueKey, entry: ParkedEntry) -> None:
+        """Index a parked task (written before the park, so none is ever missing; stale rows are
+        filtered out by their lease)."""
+
+    async def remove_parked(self, q: QueueKey, task_id: uuid.UUID) -> None: ...
+
+    async def parked(self, q: QueueKey, limit: int) -> list[ParkedEntry]: ...
+
+    # -- queue counts (stats) -------------------------------------------------------------------------
+    async def add_counts(self, q: QueueKey, day: int, ready: int, in_flight: int) -> None:
+        """Add deltas to the counts of tasks created (or due) on ``day`` (days since the epoch)."""
+
+    async def add_delayed(self, q: QueueKey, minute: int, delta: int) -> None: ...
+
+    async def counts(self, q: QueueKey, since_day: int) -> tuple[int, int]:
+        """(ready, in flight) summed over the days since ``since_day`` (tasks older are gone)."""
+
+    async def delayed(self, q: QueueKey, since_minute: int) -> int: ...
+
+    async def register_service(self, q: QueueKey) -> None:
+        """Record that the owner has this service queue (stats lists them)."""
+
+    async def services(self, owner: str) -> list[str]: ...
+
+    async def queues(self, limit: int) -> list[QueueKey]:
+        """Every registered queue of every owner, up to ``limit`` (the fleet's gauges)."""
 
     # -- worker pointers ---------------------------------------------------------------------------
     async def worker(self, q: QueueKey, worker: str) -> WorkerRow: ...

@@ -43,7 +43,10 @@ REQUEST_BUCKETS: tuple[float, ...] = (
     5.0,
 )
 
-METHODS = frozenset({"add", "fetch", "ack", "unknown"})
+# The request methods (``bridge.transport.topology.ROUTING_KEYS``, tied by tests/unit/test_metrics.py).
+METHODS = frozenset(
+    {"add", "fetch", "ack", "extend", "fail", "cancel", "purge", "stats", "parked", "redrive", "discard", "unknown"}
+)
 _OUTCOME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
 
@@ -63,7 +66,25 @@ class Route:
 
 # The one table from the queue's names to the exported counters.
 ROUTES: dict[str, Route] = {
-    "tasks_added": Route("tasks_added", "Tasks accepted by add (excluding deduplicated retries)."),
+    "tasks_added": Route(
+        "tasks_added",
+        "Tasks accepted by add (excluding deduplicated retries; delayed ones included).",
+        dropped=frozenset({"kind"}),
+    ),
+    "tasks_due": Route("tasks_due", "Delayed tasks announced by the scheduler when their time came."),
+    "leases_extended": Route(
+        "leases_extended", "extend requests, by outcome (ok; refused: not the worker's lease).", labels=("outcome",)
+    ),
+    "tasks_failed": Route("tasks_failed", "Tasks given back by their worker with fail, to be retried after a backoff."),
+    "tasks_parked": Route(
+        "tasks_parked",
+        "Tasks parked, by reason (delivery_limit: leases ran out that often; failed: failed at the limit).",
+        labels=("reason",),
+    ),
+    "tasks_redriven": Route("tasks_redriven", "Parked tasks put back in their queue by redrive."),
+    "tasks_discarded": Route("tasks_discarded", "Parked tasks dropped for good by discard."),
+    "tasks_cancelled": Route("tasks_cancelled", "Tasks cancelled by cancel."),
+    "tasks_purged": Route("tasks_purged", "Ready tasks cancelled by purge."),
     "adds_deduplicated": Route("tasks_deduplicated", "Adds answered from an earlier add with the same message id."),
     "tasks_delivered": Route(
         "tasks_delivered", "Tasks handed to a worker for the first time.", dropped=frozenset({"kind"})
@@ -230,6 +251,19 @@ class BridgeMetrics:
         for route in ROUTES.values():
             if route.metric not in self._counters:
                 self._counters[route.metric] = Counter(f"{PREFIX}_{route.metric}", route.help, route.labels, registry=r)
+        self.queue_tasks = Gauge(
+            f"{PREFIX}_queue_tasks",
+            "Tasks per queue by state (ready, in_flight, delayed, parked); exported by the bridge holding "
+            "the scheduler duty, refreshed every BRIDGE_STATS_INTERVAL.",
+            ["owner", "service", "state"],
+            registry=r,
+        )
+        self.queue_oldest_ready = Gauge(
+            f"{PREFIX}_queue_oldest_ready_age_seconds",
+            "Age of the oldest ready task per queue (same exporter as queue_tasks).",
+            ["owner", "service"],
+            registry=r,
+        )
         self.results_pending = Gauge(
             f"{PREFIX}_results_pending", "Results written to the outbox and not yet published.", registry=r
         )
@@ -297,6 +331,17 @@ class BridgeMetrics:
     # -- gauges set by the code that knows ------------------------------------------------------
     def set_results_pending(self, n: int) -> None:
         self.results_pending.set(n)
+
+    def set_queue_stats(self, rows: Iterable[tuple[str, str, dict[str, int], int | None]]) -> None:
+        """The fleet's queue counts (owner, service, {state: n}, oldest ready age in ms), exported by
+        the bridge that holds the scheduler duty (one exporter, not one per bridge)."""
+        self.queue_tasks.clear()
+        self.queue_oldest_ready.clear()
+        for owner, service, states, oldest_ms in rows:
+            for state, n in states.items():
+                self.queue_tasks.labels(owner, service, state).set(n)
+            if oldest_ms is not None:
+                self.queue_oldest_ready.labels(owner, service).set(oldest_ms / 1000)
 
     def set_paused(self, queues: frozenset[str]) -> None:
         for queue in ("add", "fetch", "ack", "unrouted"):

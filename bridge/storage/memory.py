@@ -20,14 +20,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from bridge.crypto import Sealed
 from bridge.domain.records import (
     LANE_FRESH,
     LANE_RECOVERED,
+    NO_WORKER,
     CasResult,
     ExpiryEntry,
     Lease,
     LeaseState,
     OutboxEntry,
+    ParkedEntry,
     Payload,
     QueueKey,
     ReadyEntry,
@@ -77,6 +80,10 @@ class MemoryTaskStore:
         self.expiry_wheel: dict[int, dict[tuple[int, str, str, uuid.UUID, int], ExpiryEntry]] = {}
         self.outbox_rows: dict[int, dict[tuple[str, str, uuid.UUID, uuid.UUID], OutboxEntry]] = {}
         self.loop_cursors: dict[str, int] = {}
+        self.parked_rows: dict[QueueKey, dict[uuid.UUID, ParkedEntry]] = {}
+        self.count_rows: dict[tuple[QueueKey, int], tuple[int, int]] = {}
+        self.delayed_rows: dict[tuple[QueueKey, int], int] = {}
+        self.service_rows: set[QueueKey] = set()
         self.operations = 0  # calls made: what a test can count instead of round trips
 
     async def _io(self) -> None:
@@ -270,6 +277,130 @@ class MemoryTaskStore:
             return False
         self.leases[(q, task_id)] = replace(cur, state=LeaseState.DEAD)
         return True
+
+    # -- the lifecycle (1.4) -------------------------------------------------------------------
+    async def task_limit(self, q: QueueKey, task_id: uuid.UUID) -> int | None:
+        payload = await self.payload(q, task_id)
+        return None if payload is None else payload.max_deliveries
+
+    async def release(
+        self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, until_ms: int, error: Sealed | None
+    ) -> CasResult:
+        await self._io()
+        cur = self._lease(q, task_id)
+        if cur is None or not cur.held_by(worker, epoch):
+            return self._refused(cur, with_worker=True)
+        self.leases[(q, task_id)] = replace(cur, worker=NO_WORKER, lease_until_ms=until_ms, last_error=error)
+        return CasResult(True, None)
+
+    async def park(
+        self,
+        q: QueueKey,
+        task_id: uuid.UUID,
+        epoch: int,
+        now_ms: int,
+        reason: str,
+        park_id: uuid.UUID,
+        *,
+        worker: str | None = None,
+        expired_before_ms: int | None = None,
+        error: Sealed | None = None,
+    ) -> CasResult:
+        await self._io()
+        cur = self._lease(q, task_id)
+        if cur is None or not cur.is_leased or cur.epoch != epoch:
+            return self._refused(cur, with_worker=True, with_until=True)
+        if worker is not None and cur.worker != worker:
+            return self._refused(cur, with_worker=True)
+        if worker is None and (cur.lease_until_ms is None or cur.lease_until_ms > (expired_before_ms or 0)):
+            return self._refused(cur, with_until=True)
+        error = error if worker is not None else cur.last_error
+        self.leases[(q, task_id)] = replace(
+            cur,
+            state=LeaseState.PARKED,
+            parked_at_ms=now_ms,
+            park_reason=reason,
+            completion_id=park_id,
+            last_error=error,
+        )
+        return CasResult(True, None)
+
+    async def unpark(self, q: QueueKey, task_id: uuid.UUID, epoch: int, until_ms: int) -> CasResult:
+        await self._io()
+        cur = self._lease(q, task_id)
+        if cur is None or cur.state is not LeaseState.PARKED or cur.epoch != epoch:
+            return self._refused(cur)
+        self.leases[(q, task_id)] = replace(
+            cur, state=LeaseState.LEASED, base_epoch=epoch, worker=NO_WORKER, lease_until_ms=until_ms
+        )
+        return CasResult(True, None)
+
+    async def cancel(
+        self,
+        q: QueueKey,
+        task_id: uuid.UUID,
+        state: LeaseState | None,
+        epoch: int,
+        *,
+        expired_before_ms: int | None = None,
+        to: LeaseState = LeaseState.CANCELLED,
+    ) -> CasResult:
+        await self._io()
+        cur = self._lease(q, task_id)
+        if state is None:
+            if cur is not None:
+                return CasResult(False, cur)
+            self.leases[(q, task_id)] = Lease(to, 0, None, None, None, uuid.uuid4())
+            return CasResult(True, None)
+        if cur is None or cur.state is not state or cur.epoch != epoch:
+            return self._refused(cur, with_until=True)
+        if expired_before_ms is not None and (cur.lease_until_ms is None or cur.lease_until_ms > expired_before_ms):
+            return self._refused(cur, with_until=True)
+        self.leases[(q, task_id)] = replace(cur, state=to, completion_id=uuid.uuid4())
+        return CasResult(True, None)
+
+    async def add_parked(self, q: QueueKey, entry: ParkedEntry) -> None:
+        await self._io()
+        self.parked_rows.setdefault(q, {})[entry.task_id] = entry
+
+    async def remove_parked(self, q: QueueKey, task_id: uuid.UUID) -> None:
+        await self._io()
+        self.parked_rows.get(q, {}).pop(task_id, None)
+
+    async def parked(self, q: QueueKey, limit: int) -> list[ParkedEntry]:
+        await self._io()
+        rows = self.parked_rows.get(q, {})
+        return [rows[k] for k in sorted(rows, key=_order) if self.alive(k)][:limit]
+
+    async def add_counts(self, q: QueueKey, day: int, ready: int, in_flight: int) -> None:
+        await self._io()
+        r, f = self.count_rows.get((q, day), (0, 0))
+        self.count_rows[(q, day)] = (r + ready, f + in_flight)
+
+    async def add_delayed(self, q: QueueKey, minute: int, delta: int) -> None:
+        await self._io()
+        self.delayed_rows[(q, minute)] = self.delayed_rows.get((q, minute), 0) + delta
+
+    async def counts(self, q: QueueKey, since_day: int) -> tuple[int, int]:
+        await self._io()
+        rows = [v for (k, day), v in self.count_rows.items() if k == q and day >= since_day]
+        return sum(r for r, _ in rows), sum(f for _, f in rows)
+
+    async def delayed(self, q: QueueKey, since_minute: int) -> int:
+        await self._io()
+        return sum(v for (k, minute), v in self.delayed_rows.items() if k == q and minute >= since_minute)
+
+    async def register_service(self, q: QueueKey) -> None:
+        await self._io()
+        self.service_rows.add(q)
+
+    async def services(self, owner: str) -> list[str]:
+        await self._io()
+        return sorted(q.service for q in self.service_rows if q.owner == owner)
+
+    async def queues(self, limit: int) -> list[QueueKey]:
+        await self._io()
+        return sorted(self.service_rows, key=lambda q: (q.owner, q.service))[:limit]
 
     # -- worker pointers -----------------------------------------------------------------------
     async def worker(self, q: QueueKey, worker: str) -> WorkerRow:

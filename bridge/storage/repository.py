@@ -14,14 +14,18 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from bridge.crypto import Sealed
 from bridge.domain.records import (
     LANE_FRESH,
     LANE_RECOVERED,
+    NO_WORKER,
     UNSHARDED,
     CasResult,
     ExpiryEntry,
     Lease,
+    LeaseState,
     OutboxEntry,
+    ParkedEntry,
     Payload,
     QueueKey,
     ReadyEntry,
@@ -44,6 +48,7 @@ from bridge.storage.rows import (
     expiry_entry,
     lease_of,
     outbox_entry,
+    parked_entry,
     payload_of,
     ready_entry,
     to_datetime,
@@ -114,13 +119,17 @@ class CassandraTaskStore:
                 *(q.owner, q.service, bucket, task_id, task_id),
                 *(payload.value.key_id, payload.value.nonce, payload.value.ciphertext),
                 *(token.nonce if token else None, token.ciphertext if token else None),
-                *(payload.traceparent, created, self.ttl_for(task_id)),
+                *(payload.traceparent, created, payload.max_deliveries, self.ttl_for(task_id)),
             ),
         )
 
     async def task_exists(self, q: QueueKey, task_id: uuid.UUID) -> bool:
         rows = await self.db.execute("ready.payload", (q.owner, q.service, bucket_of_task(task_id), task_id))
         return bool(rows)
+
+    async def task_limit(self, q: QueueKey, task_id: uuid.UUID) -> int | None:
+        rows = await self.db.execute("ready.limit", (q.owner, q.service, bucket_of_task(task_id), task_id))
+        return rows[0]["max_deliveries"] if rows else None
 
     async def reindex_task(self, q: QueueKey, task_id: uuid.UUID) -> None:
         await self._index_bucket(q, LANE_FRESH, bucket_of_task(task_id), task_id, force=True)
@@ -272,6 +281,117 @@ class CassandraTaskStore:
         params = (self.ttl_for(task_id), to_datetime(now_ms), q.owner, q.service, task_id, epoch, worker)
         rows = await self.db.execute("lease.kill", params)
         return bool(rows and rows[0].get("[applied]"))
+
+    # -- the lifecycle (1.4) -----------------------------------------------------------------------------
+    async def _cas(
+        self, q: QueueKey, task_id: uuid.UUID, name: str, params: tuple[Any, ...], won: Callable[[Lease], bool]
+    ) -> CasResult:
+        """A compare-and-set whose unknown outcome is resolved by a SERIAL read and ``won``."""
+        try:
+            return cas_result(await self.db.execute(name, params))
+        except UnknownOutcome:
+            current = await self.lease(q, task_id, serial=True)
+            if current is not None and won(current):
+                return CasResult(applied=True, current=None)
+            return CasResult(applied=False, current=current)
+
+    async def release(
+        self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, until_ms: int, error: Sealed | None
+    ) -> CasResult:
+        sealed = (error.key_id, error.nonce, error.ciphertext) if error else (None, None, None)
+        params = (self.ttl_for(task_id), to_datetime(until_ms), *sealed, q.owner, q.service, task_id, epoch, worker)
+        return await self._cas(
+            q, task_id, "lease.release", params, lambda c: c.held_by(NO_WORKER, epoch) and c.lease_until_ms == until_ms
+        )
+
+    async def park(
+        self,
+        q: QueueKey,
+        task_id: uuid.UUID,
+        epoch: int,
+        now_ms: int,
+        reason: str,
+        park_id: uuid.UUID,
+        *,
+        worker: str | None = None,
+        expired_before_ms: int | None = None,
+        error: Sealed | None = None,
+    ) -> CasResult:
+        head = (self.ttl_for(task_id), to_datetime(now_ms), reason, park_id)
+        key = (q.owner, q.service, task_id)
+        if worker is not None:
+            sealed = (error.key_id, error.nonce, error.ciphertext) if error else (None, None, None)
+            name, params = "lease.park_held", (*head, *sealed, *key, epoch, worker)
+        else:
+            assert expired_before_ms is not None
+            name, params = "lease.park_expired", (*head, *key, epoch, to_datetime(expired_before_ms))
+        return await self._cas(q, task_id, name, params, lambda c: c.completion_id == park_id)
+
+    async def unpark(self, q: QueueKey, task_id: uuid.UUID, epoch: int, until_ms: int) -> CasResult:
+        claim_id = uuid.uuid4()
+        params = (self.ttl_for(task_id), epoch, to_datetime(until_ms), claim_id, q.owner, q.service, task_id, epoch)
+        return await self._cas(q, task_id, "lease.unpark", params, lambda c: c.claim_id == claim_id)
+
+    async def cancel(
+        self,
+        q: QueueKey,
+        task_id: uuid.UUID,
+        state: LeaseState | None,
+        epoch: int,
+        *,
+        expired_before_ms: int | None = None,
+        to: LeaseState = LeaseState.CANCELLED,
+    ) -> CasResult:
+        done_id = uuid.uuid4()
+        now = to_datetime(self.now_ms())
+        ttl = self.ttl_for(task_id)
+        key = (q.owner, q.service, task_id)
+        params: tuple[Any, ...]
+        if state is None:
+            name, params = "lease.cancel_new", (*key, now, done_id, ttl)
+        elif expired_before_ms is not None:
+            name, params = "lease.cancel_expired", (ttl, now, done_id, *key, epoch, to_datetime(expired_before_ms))
+        else:
+            name, params = "lease.cancel", (ttl, str(to), now, done_id, *key, str(state), epoch)
+        return await self._cas(q, task_id, name, params, lambda c: c.completion_id == done_id)
+
+    async def add_parked(self, q: QueueKey, entry: ParkedEntry) -> None:
+        e = entry
+        params = (q.owner, q.service, e.task_id, e.epoch, to_datetime(e.parked_at_ms), e.reason, e.has_token)
+        await self.db.execute("parked.insert", (*params, self.ttl_for(e.task_id)))
+
+    async def remove_parked(self, q: QueueKey, task_id: uuid.UUID) -> None:
+        await self.db.execute("parked.delete", (q.owner, q.service, task_id))
+
+    async def parked(self, q: QueueKey, limit: int) -> list[ParkedEntry]:
+        rows = await self.db.execute("parked.list", (q.owner, q.service, limit))
+        return [parked_entry(r) for r in rows]
+
+    # -- queue counts ------------------------------------------------------------------------------------
+    async def add_counts(self, q: QueueKey, day: int, ready: int, in_flight: int) -> None:
+        await self.db.execute("counts.add", (ready, in_flight, q.owner, q.service, day))
+
+    async def add_delayed(self, q: QueueKey, minute: int, delta: int) -> None:
+        await self.db.execute("delayed.add", (delta, q.owner, q.service, minute))
+
+    async def counts(self, q: QueueKey, since_day: int) -> tuple[int, int]:
+        rows = await self.db.execute("counts.get", (q.owner, q.service, since_day))
+        return sum(r["ready"] or 0 for r in rows), sum(r["in_flight"] or 0 for r in rows)
+
+    async def delayed(self, q: QueueKey, since_minute: int) -> int:
+        rows = await self.db.execute("delayed.get", (q.owner, q.service, since_minute), fetch_size=5000)
+        return sum(r["delayed"] or 0 for r in rows)
+
+    async def register_service(self, q: QueueKey) -> None:
+        await self.db.execute("services.insert", (q.owner, q.service, self.task_ttl_s))
+
+    async def services(self, owner: str) -> list[str]:
+        rows = await self.db.execute("services.of", (owner,), fetch_size=5000)
+        return [r["service"] for r in rows]
+
+    async def queues(self, limit: int) -> list[QueueKey]:
+        rows = await self.db.execute("services.all", (limit,), fetch_size=5000)
+        return [QueueKey(r["owner"], r["service"]) for r in rows]
 
     # -- worker pointers -------------------------------------------------------------------------------
     async def worker(self, q: QueueKey, worker: str) -> WorkerRow:

@@ -11,6 +11,7 @@ from bridge.domain.records import (
     Lease,
     LeaseState,
     OutboxEntry,
+    ParkedEntry,
     Payload,
     QueueKey,
     ReadyEntry,
@@ -43,7 +44,21 @@ def lease_of(row: Row) -> Lease | None:
         claim_id=row.get("claim_id"),
         completion_id=row.get("completion_id"),
         has_token=row.get("has_token"),
+        base_epoch=row.get("base_epoch") or 0,
+        parked_at_ms=None if row.get("parked_at") is None else to_ms(row["parked_at"]),
+        park_reason=row.get("park_reason"),
+        last_error=sealed_error(row),
     )
+
+
+def sealed_error(row: Row) -> Sealed | None:
+    if row.get("error_ct") is None or row.get("error_key") is None:
+        return None
+    return Sealed(row["error_key"], row["error_nonce"], row["error_ct"])
+
+
+def parked_entry(r: Row) -> ParkedEntry:
+    return ParkedEntry(r["task_id"], r["epoch"], to_ms(r["parked_at"]), r["reason"], bool(r["has_token"]))
 
 
 def cas_result(rows: list[Row]) -> CasResult:
@@ -77,6 +92,7 @@ def payload_of(r: Row) -> Payload:
         token=token,
         traceparent=r["traceparent"],
         created_at_ms=None if created is None else to_ms(created),
+        max_deliveries=r.get("max_deliveries"),
     )
 
 

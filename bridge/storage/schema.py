@@ -122,6 +122,30 @@ def table_cql(keyspace: str, ttl_seconds: int) -> list[str]:
             name text, day bigint, pos bigint,
             PRIMARY KEY ((name, day), pos)
         ) WITH CLUSTERING ORDER BY (pos DESC) AND {ttl}""",
+        # 1.4: the parked tasks of a queue (few: a parked task is an incident), written before the
+        # parking LWT; a row whose lease is no longer parked is stale and filtered when read.
+        f"""CREATE TABLE IF NOT EXISTS {ks}.parked (
+            owner text, service text, task_id timeuuid, epoch int, parked_at timestamp, reason text,
+            has_token boolean,
+            PRIMARY KEY ((owner, service), task_id)
+        ) WITH {ttl}""",
+        # 1.4: queue counts for stats, as counters of deltas that bridges flush about once a second.
+        # A row per day of the tasks' ids: rows older than the task TTL are not read (their tasks
+        # expired, counted or not), so a count never drifts for longer than a TTL. Counter tables
+        # take no TTL.
+        f"""CREATE TABLE IF NOT EXISTS {ks}.queue_counts (
+            owner text, service text, day bigint, ready counter, in_flight counter,
+            PRIMARY KEY ((owner, service), day)
+        )""",
+        f"""CREATE TABLE IF NOT EXISTS {ks}.delayed_counts (
+            owner text, service text, minute bigint, delayed counter,
+            PRIMARY KEY ((owner, service), minute)
+        )""",
+        # 1.4: the service queues each owner has used (stats without a serviceId lists them).
+        f"""CREATE TABLE IF NOT EXISTS {ks}.services (
+            owner text, service text,
+            PRIMARY KEY ((owner), service)
+        ) WITH {ttl}""",
         # add with a message_id: the first writer wins (LWT), later copies map to the same task.
         f"""CREATE TABLE IF NOT EXISTS {ks}.idempotency (
             owner text, service text, message_id text, task_id timeuuid,
@@ -143,6 +167,14 @@ ADDED_COLUMNS: list[tuple[str, str, str]] = [
     ("workers", "granted_at", "bigint"),
     # Whether the leased task carries a token (1.3): a named ack completes in one round trip.
     ("leases", "has_token", "boolean"),
+    # 1.4: the worker lifecycle (delivery limits, parking, the last error of a fail).
+    ("ready", "max_deliveries", "int"),
+    ("leases", "base_epoch", "int"),
+    ("leases", "parked_at", "timestamp"),
+    ("leases", "park_reason", "text"),
+    ("leases", "error_key", "text"),
+    ("leases", "error_nonce", "blob"),
+    ("leases", "error_ct", "blob"),
 ]
 
 

@@ -6,14 +6,17 @@ keyspace (restricted by the settings to an identifier).
 
 from __future__ import annotations
 
-LEASE_COLS = "state, epoch, worker, lease_until, claim_id, completion_id, has_token"
+LEASE_COLS = (
+    "state, epoch, worker, lease_until, claim_id, completion_id, has_token, base_epoch, parked_at, park_reason, "
+    "error_key, error_nonce, error_ct"
+)
 
 STATEMENTS: dict[str, tuple[str, bool]] = {
     # name: (cql, idempotent). LWTs are not idempotent: their outcome is resolved by reading.
     "ready.insert": (
         "INSERT INTO {ks}.ready (owner, service, lane, bucket, seq, task_id, key_id, value_nonce, value_ct, "
-        "token_nonce, token_ct, traceparent, created_at) VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-        "USING TTL ?",
+        "token_nonce, token_ct, traceparent, created_at, max_deliveries) "
+        "VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?",
         True,
     ),
     "ready.insert_recovered": (
@@ -27,8 +30,13 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         True,
     ),
     "ready.payload": (
-        "SELECT key_id, value_nonce, value_ct, token_nonce, token_ct, traceparent, created_at FROM {ks}.ready "
+        "SELECT key_id, value_nonce, value_ct, token_nonce, token_ct, traceparent, created_at, max_deliveries "
+        "FROM {ks}.ready "
         "WHERE owner = ? AND service = ? AND lane = 1 AND bucket = ? AND seq = ?",
+        True,
+    ),
+    "ready.limit": (
+        "SELECT max_deliveries FROM {ks}.ready WHERE owner = ? AND service = ? AND lane = 1 AND bucket = ? AND seq = ?",
         True,
     ),
     "ready.mark_claimed": (
@@ -100,6 +108,76 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         "WHERE owner = ? AND service = ? AND task_id = ? IF state = 'leased' AND epoch = ? AND worker = ?",
         False,
     ),
+    # -- 1.4, the worker lifecycle (rare paths: a failure, a parked task, an operator) --------------
+    "lease.release": (
+        "UPDATE {ks}.leases USING TTL ? SET lease_until = ?, worker = '', error_key = ?, error_nonce = ?, "
+        "error_ct = ? WHERE owner = ? AND service = ? AND task_id = ? "
+        "IF state = 'leased' AND epoch = ? AND worker = ?",
+        False,
+    ),
+    "lease.park_held": (
+        "UPDATE {ks}.leases USING TTL ? SET state = 'parked', parked_at = ?, park_reason = ?, completion_id = ?, "
+        "error_key = ?, error_nonce = ?, error_ct = ? WHERE owner = ? AND service = ? AND task_id = ? "
+        "IF state = 'leased' AND epoch = ? AND worker = ?",
+        False,
+    ),
+    "lease.park_expired": (
+        "UPDATE {ks}.leases USING TTL ? SET state = 'parked', parked_at = ?, park_reason = ?, completion_id = ? "
+        "WHERE owner = ? AND service = ? AND task_id = ? IF state = 'leased' AND epoch = ? AND lease_until <= ?",
+        False,
+    ),
+    "lease.unpark": (
+        "UPDATE {ks}.leases USING TTL ? SET state = 'leased', base_epoch = ?, worker = '', lease_until = ?, "
+        "claim_id = ? WHERE owner = ? AND service = ? AND task_id = ? IF state = 'parked' AND epoch = ?",
+        False,
+    ),
+    "lease.cancel_new": (
+        "INSERT INTO {ks}.leases (owner, service, task_id, state, epoch, completed_at, completion_id) "
+        "VALUES (?, ?, ?, 'cancelled', 0, ?, ?) IF NOT EXISTS USING TTL ?",
+        False,
+    ),
+    "lease.cancel": (
+        "UPDATE {ks}.leases USING TTL ? SET state = ?, completed_at = ?, completion_id = ? "
+        "WHERE owner = ? AND service = ? AND task_id = ? IF state = ? AND epoch = ?",
+        False,
+    ),
+    "lease.cancel_expired": (
+        "UPDATE {ks}.leases USING TTL ? SET state = 'cancelled', completed_at = ?, completion_id = ? "
+        "WHERE owner = ? AND service = ? AND task_id = ? IF state = 'leased' AND epoch = ? AND lease_until <= ?",
+        False,
+    ),
+    "parked.insert": (
+        "INSERT INTO {ks}.parked (owner, service, task_id, epoch, parked_at, reason, has_token) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?) USING TTL ?",
+        True,
+    ),
+    "parked.delete": ("DELETE FROM {ks}.parked WHERE owner = ? AND service = ? AND task_id = ?", True),
+    "parked.list": (
+        "SELECT task_id, epoch, parked_at, reason, has_token FROM {ks}.parked WHERE owner = ? AND service = ? LIMIT ?",
+        True,
+    ),
+    # Counter updates are not idempotent: a timed-out one is not retried (a count may then be off
+    # by that delta; the counts are for operators, see docs/storage.md).
+    "counts.add": (
+        "UPDATE {ks}.queue_counts SET ready = ready + ?, in_flight = in_flight + ? "
+        "WHERE owner = ? AND service = ? AND day = ?",
+        False,
+    ),
+    "counts.get": (
+        "SELECT ready, in_flight FROM {ks}.queue_counts WHERE owner = ? AND service = ? AND day >= ?",
+        True,
+    ),
+    "delayed.add": (
+        "UPDATE {ks}.delayed_counts SET delayed = delayed + ? WHERE owner = ? AND service = ? AND minute = ?",
+        False,
+    ),
+    "delayed.get": (
+        "SELECT delayed FROM {ks}.delayed_counts WHERE owner = ? AND service = ? AND minute >= ?",
+        True,
+    ),
+    "services.insert": ("INSERT INTO {ks}.services (owner, service) VALUES (?, ?) USING TTL ?", True),
+    "services.of": ("SELECT service FROM {ks}.services WHERE owner = ?", True),
+    "services.all": ("SELECT owner, service FROM {ks}.services LIMIT ?", True),
     # The worker pointer decides what a fetch re-sends and what a legacy ack completes, so it must
     # not be lost to last-write-wins between hosts whose clocks differ: every write carries an
     # explicit timestamp greater than the stamp it read (see ``next_stamp``), and it is never

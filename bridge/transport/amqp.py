@@ -39,7 +39,7 @@ from bridge.transport.permissions import amqp_user
 from bridge.transport.replies import ReplyPublisher
 from bridge.transport.results import ResultPublisher
 from bridge.transport.timing import Consumer, Observer, timed
-from bridge.transport.topology import METHODS, Names, declare_topology
+from bridge.transport.topology import CONSUMED, LIFECYCLE_METHODS, LIFECYCLE_QUEUE, METHODS, Names, declare_topology
 
 __all__ = ["ADD_RETRY_BUDGET_S", "METHODS", "AmqpTransport", "Observer"]
 
@@ -81,6 +81,11 @@ class AmqpTransport:
         self._on_fetch = timed("fetch", self.handlers.fetch, self.observe)
         self._on_ack = timed("ack", self.handlers.ack, self.observe)
         self._on_unrouted = timed("unknown", self.handlers.unrouted, self.observe)
+        # One queue, one consumer for the lifecycle methods: each timed under its own name.
+        self._lifecycle = {
+            method: timed(method, self.handlers.lifecycle_handler(method), self.observe) for method in LIFECYCLE_METHODS
+        }
+        self._on_lifecycle_unknown = timed("unknown", self.handlers.unrouted, self.observe)
 
     def observe(self, method: str, outcome: str, seconds: float) -> None:
         """Metrics, plus one canonical log line per request (DEBUG: it is one per message)."""
@@ -152,6 +157,7 @@ class AmqpTransport:
             "add": self._on_add,
             "fetch": self._on_fetch,
             "ack": self._on_ack,
+            LIFECYCLE_QUEUE: self._on_lifecycle,
             "unrouted": self._on_unrouted,
         }
         for method, consumer in consumers.items():
@@ -201,8 +207,12 @@ class AmqpTransport:
             and not conn.is_closed
             and ch is not None
             and not ch.is_closed
-            and len(self._consumer_tags) == len(METHODS) + 1
+            and len(self._consumer_tags) == len(CONSUMED)
         )
+
+    async def _on_lifecycle(self, message: AbstractIncomingMessage) -> None:
+        consumer = self._lifecycle.get(message.routing_key or "", self._on_lifecycle_unknown)
+        await consumer(message)
 
     # -- consumer callbacks -------------------------------------------------------------------
     def _tracked(self, consumer: Consumer) -> Consumer:

@@ -10,17 +10,33 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
+from pydantic import BaseModel
 
 from bridge.config import Settings
 from bridge.domain import jsonvalue
 from bridge.domain.errors import BadRequest
-from bridge.domain.models import AckRequest, AddCommand, FetchRequest, parse
+from bridge.domain.models import (
+    AckRequest,
+    AddCommand,
+    CancelRequest,
+    DiscardRequest,
+    ExtendRequest,
+    FailRequest,
+    FetchRequest,
+    ParkedRequest,
+    QueueRequest,
+    RedriveRequest,
+    StatsRequest,
+    parse,
+)
 from bridge.domain.queue import WorkQueue
+from bridge.domain.timeline import ms_of
 from bridge.errors import BridgeError, ErrorCode, wire_code
 from bridge.observability.tracing import child_traceparent, extract_traceparent
 from bridge.transport.envelope import (
@@ -34,14 +50,14 @@ from bridge.transport.envelope import (
 )
 from bridge.transport.fate import EXPIRED, OK, RETRY_BUDGET_S, Settle, fate_of, settle
 from bridge.transport.replies import ReplyPublisher
-from bridge.transport.topology import METHODS
+from bridge.transport.topology import ROUTING_KEYS
 
 log = logging.getLogger("bridge.amqp")
 
 ADD_RETRY_BUDGET_S = RETRY_BUDGET_S
 INTERNAL_MESSAGE = "internal error; the request was dead-lettered, see the bridge log"
 
-R = TypeVar("R", FetchRequest, AckRequest)
+R = TypeVar("R", bound=BaseModel)
 Reply = tuple[bytes | None, dict[str, Any] | None]  # body, headers
 
 
@@ -97,7 +113,7 @@ class RequestHandlers:
         unacknowledged and stall the queue for every tenant."""
         if message.processed:
             return
-        method = message.routing_key if message.routing_key in METHODS else "unknown"
+        method = message.routing_key if message.routing_key in ROUTING_KEYS else "unknown"
         try:
             await self.conclude(message, method, ErrorCode.INTERNAL, reply_body(error=BridgeError(INTERNAL_MESSAGE)))
         except Exception as exc:  # the channel is gone: the broker redelivers it for another try
@@ -115,7 +131,10 @@ class RequestHandlers:
             task_id = await self._add_retrying(owner, cmd, message.message_id, traceparent)
         except Exception as exc:
             return await self.fail(message, "add", exc)
-        return await self.conclude(message, "add", OK, reply_body(True, extra={"task": {"id": task_id}}))
+        task: dict[str, Any] = {"id": task_id}
+        if cmd.delay_ms is not None or cmd.not_before is not None:
+            task["notBefore"] = iso(ms_of(uuid.UUID(task_id)))  # a delayed task's id is its due time
+        return await self.conclude(message, "add", OK, reply_body(True, extra={"task": task}))
 
     async def _add_retrying(self, owner: str, cmd: AddCommand, message_id: str | None, traceparent: str | None) -> str:
         """Retry an add whose fate is to be retried (``unavailable``) while the delivery is held,
@@ -141,7 +160,7 @@ class RequestHandlers:
         return await self._rpc(message, "ack", AckRequest, self._ack)
 
     async def unrouted(self, message: AbstractIncomingMessage) -> str:
-        err = BadRequest(f"unknown method {message.routing_key!r}; use one of {', '.join(METHODS)}")
+        err = BadRequest(f"unknown method {message.routing_key!r}; use one of {', '.join(ROUTING_KEYS)}")
         return await self.fail(message, "unknown", err)
 
     async def _rpc(
@@ -158,7 +177,11 @@ class RequestHandlers:
             owner = self.identity.owner_of(message)
             deadline = deadline_of(message)
             request = parse(model, read_body(message, self.settings.max_value_bytes))
-            structlog.contextvars.bind_contextvars(owner=owner, service=request.service_id, worker=request.worker_id)
+            structlog.contextvars.bind_contextvars(
+                owner=owner,
+                service=getattr(request, "service_id", None),
+                worker=getattr(request, "worker_id", None),
+            )
             if self._expired(method, deadline):
                 outcome, (body, headers) = EXPIRED, (None, None)
             else:
@@ -200,3 +223,87 @@ class RequestHandlers:
     async def _ack(self, owner: str, req: AckRequest, message: AbstractIncomingMessage) -> Reply:
         done = await self.queue.ack(owner, req, sent_before_ms=sent_before_ms(message))
         return reply_body(done), None
+
+    # -- the lifecycle (1.4): RPCs on one queue, by routing key ------------------------------------
+    def lifecycle_handler(self, method: str) -> Callable[[AbstractIncomingMessage], Awaitable[str]]:
+        calls: dict[str, tuple[type[BaseModel], Callable[[str, Any, AbstractIncomingMessage], Awaitable[Reply]]]] = {
+            "extend": (ExtendRequest, self._extend),
+            "fail": (FailRequest, self._fail),
+            "cancel": (CancelRequest, self._cancel),
+            "purge": (QueueRequest, self._purge),
+            "stats": (StatsRequest, self._stats),
+            "parked": (ParkedRequest, self._parked),
+            "redrive": (RedriveRequest, self._redrive),
+            "discard": (DiscardRequest, self._discard),
+        }
+        model, call = calls[method]
+
+        async def handle(message: AbstractIncomingMessage) -> str:
+            return await self._rpc(message, method, model, call)
+
+        return handle
+
+    async def _extend(self, owner: str, req: ExtendRequest, message: AbstractIncomingMessage) -> Reply:
+        done = await self.queue.extend(owner, req)
+        if done is None:
+            return reply_body(False), None
+        task = {"id": str(done.task_id), "epoch": done.epoch, "leaseExpiresAt": iso(done.lease_until_ms)}
+        return reply_body(True, extra={"task": task}), None
+
+    async def _fail(self, owner: str, req: FailRequest, message: AbstractIncomingMessage) -> Reply:
+        done = await self.queue.fail(owner, req)
+        if done is None:
+            return reply_body(False), None
+        task = {
+            "id": str(done.task_id),
+            "deliveries": done.deliveries,
+            "parked": done.parked,
+            "retryAt": None if done.retry_at_ms is None else iso(done.retry_at_ms),
+        }
+        return reply_body(True, extra={"task": task}), None
+
+    async def _cancel(self, owner: str, req: CancelRequest, message: AbstractIncomingMessage) -> Reply:
+        return reply_body(await self.queue.cancel(owner, req.service_id, uuid.UUID(req.task_id))), None
+
+    async def _purge(self, owner: str, req: QueueRequest, message: AbstractIncomingMessage) -> Reply:
+        purged, more = await self.queue.purge(owner, req.service_id)
+        return reply_body({"purged": purged, "more": more}), None
+
+    async def _stats(self, owner: str, req: StatsRequest, message: AbstractIncomingMessage) -> Reply:
+        found = await self.queue.stats(owner, req.service_id)
+        services = [
+            {
+                "serviceId": s.service,
+                "ready": s.ready,
+                "inFlight": s.in_flight,
+                "delayed": s.delayed,
+                "parked": s.parked,
+                "oldestReadyAgeMs": s.oldest_ready_age_ms,
+            }
+            for s in found
+        ]
+        return reply_body({"services": services}), None
+
+    async def _parked(self, owner: str, req: ParkedRequest, message: AbstractIncomingMessage) -> Reply:
+        found = await self.queue.parked(owner, req.service_id, req.limit)
+        tasks = [
+            {
+                "id": str(t.task_id),
+                "deliveries": t.deliveries,
+                "reason": t.reason,
+                "lastError": None if t.last_error_json is None else jsonvalue.fragment(t.last_error_json),
+                "parkedAt": iso(t.parked_at_ms),
+                "addedAt": iso(ms_of(t.task_id)),
+                "hasToken": t.has_token,
+            }
+            for t in found
+        ]
+        return reply_body({"tasks": tasks}), None
+
+    async def _redrive(self, owner: str, req: RedriveRequest, message: AbstractIncomingMessage) -> Reply:
+        ids = None if req.task_ids is None else [uuid.UUID(t) for t in req.task_ids]
+        return reply_body({"redriven": await self.queue.redrive(owner, req.service_id, ids)}), None
+
+    async def _discard(self, owner: str, req: DiscardRequest, message: AbstractIncomingMessage) -> Reply:
+        ids = [uuid.UUID(t) for t in req.task_ids]
+        return reply_body({"discarded": await self.queue.discard(owner, req.service_id, ids)}), None

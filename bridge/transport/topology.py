@@ -15,7 +15,14 @@ from bridge.config import Settings
 
 log = logging.getLogger("bridge.amqp")
 
-METHODS = ("add", "fetch", "ack")
+METHODS = ("add", "fetch", "ack")  # one queue each, named after the method
+# 1.4, the worker lifecycle: RPCs that share one queue (``<prefix>.lifecycle``), bound by these
+# routing keys: rarer than fetch and ack, they need no consumer (and prefetch window) each.
+LIFECYCLE_METHODS = ("extend", "fail", "cancel", "purge", "stats", "parked", "redrive", "discard")
+LIFECYCLE_QUEUE = "lifecycle"
+ROUTING_KEYS = (*METHODS, *LIFECYCLE_METHODS)
+# The queues a bridge consumes, by name (unrouted: what no binding took).
+CONSUMED = (*METHODS, LIFECYCLE_QUEUE, "unrouted")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +48,7 @@ class Names:
 
 @dataclass(frozen=True, slots=True)
 class Topology:
-    queues: dict[str, AbstractQueue]  # add, fetch, ack, unrouted
+    queues: dict[str, AbstractQueue]  # add, fetch, ack, lifecycle, unrouted
     results_exchange: AbstractExchange
 
 
@@ -66,6 +73,10 @@ async def declare_topology(
         q = await consume.declare_queue(names.queue(method), durable=True, arguments=args)
         await q.bind(main, routing_key=method)
         queues[method] = q
+    life = await consume.declare_queue(names.queue(LIFECYCLE_QUEUE), durable=True, arguments=args)
+    for method in LIFECYCLE_METHODS:
+        await life.bind(main, routing_key=method)
+    queues[LIFECYCLE_QUEUE] = life
     unrouted_q = await consume.declare_queue(names.queue("unrouted"), durable=True, arguments=args)
     await unrouted_q.bind(unrouted)
     queues["unrouted"] = unrouted_q

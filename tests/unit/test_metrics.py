@@ -57,6 +57,14 @@ EXPECTED_COUNTERS = {
     "requests_expired": ("queue_bridge_requests_expired_total", ("method",)),
     "deliveries_failed": ("queue_bridge_deliveries_failed_total", ("reason",)),
     "amqp_channels_lost": ("queue_bridge_amqp_channels_lost_total", ("channel",)),
+    "tasks_due": ("queue_bridge_tasks_due_total", ()),
+    "leases_extended": ("queue_bridge_leases_extended_total", ("outcome",)),
+    "tasks_failed": ("queue_bridge_tasks_failed_total", ()),
+    "tasks_parked": ("queue_bridge_tasks_parked_total", ("reason",)),
+    "tasks_redriven": ("queue_bridge_tasks_redriven_total", ()),
+    "tasks_discarded": ("queue_bridge_tasks_discarded_total", ()),
+    "tasks_cancelled": ("queue_bridge_tasks_cancelled_total", ()),
+    "tasks_purged": ("queue_bridge_tasks_purged_total", ()),
 }
 
 

@@ -1,0 +1,75 @@
+"""Queue counts for ``stats``: ready, in flight and delayed tasks per queue, without scanning.
+
+Every decided transition of a task (an add, a claim won, a completion, a lease re-exposed, a park,
+a cancel) moves a count by one. Writing a Cassandra counter per transition would add a statement
+to every task, so each bridge adds the deltas up in memory and flushes them about once a second:
+one counter update per queue and day touched, whatever the load.
+
+What it costs in accuracy, said plainly (docs/storage.md, "Queue counts"): a bridge killed -9
+loses its last second of deltas, a counter update that timed out may or may not have applied, and
+a lease re-exposed twice (a scheduler hand-over) counts twice. The counts are attributed to the
+day of the task's id, and only the days within the task TTL are summed, so whatever drift there is
+leaves the counts with the tasks it concerned. ``parked`` is not a count: it reads the parked
+index. An exact census is ``queue-bridge stats`` (it walks the index).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+from bridge.domain.records import QueueKey
+
+if TYPE_CHECKING:
+    from bridge.domain.store import TaskStore
+
+log = logging.getLogger("bridge.counts")
+
+DAY_MS = 86_400_000
+MINUTE_MS = 60_000
+
+
+class QueueCounts:
+    def __init__(self) -> None:
+        self._moves: dict[tuple[QueueKey, int], list[int]] = defaultdict(lambda: [0, 0])
+        self._delays: dict[tuple[QueueKey, int], int] = defaultdict(int)
+
+    def move(self, q: QueueKey, task_ms: int, *, ready: int = 0, in_flight: int = 0) -> None:
+        pending = self._moves[(q, task_ms // DAY_MS)]
+        pending[0] += ready
+        pending[1] += in_flight
+
+    def delay(self, q: QueueKey, due_ms: int, delta: int) -> None:
+        self._delays[(q, due_ms // MINUTE_MS)] += delta
+
+    @property
+    def pending(self) -> int:
+        return len(self._moves) + len(self._delays)
+
+    async def flush(self, store: TaskStore) -> None:
+        """Write the deltas gathered so far; those that fail are kept for the next flush."""
+        moves, self._moves = self._moves, defaultdict(lambda: [0, 0])
+        delays, self._delays = self._delays, defaultdict(int)
+        failed: Exception | None = None
+        for (q, day), (ready, in_flight) in moves.items():
+            if not ready and not in_flight:
+                continue
+            try:
+                await store.add_counts(q, day, ready, in_flight)
+            except Exception as exc:
+                self.move(q, day * DAY_MS, ready=ready, in_flight=in_flight)
+                failed = exc
+        for (q, minute), delta in delays.items():
+            if not delta:
+                continue
+            try:
+                await store.add_delayed(q, minute, delta)
+            except Exception as exc:
+                self.delay(q, minute * MINUTE_MS, delta)
+                failed = exc
+        if failed is not None:
+            log.warning("queue counts not flushed (kept for the next flush): %s", type(failed).__name__)
+
+
+__all__ = ["DAY_MS", "MINUTE_MS", "QueueCounts"]

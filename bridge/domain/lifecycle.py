@@ -1,0 +1,386 @@
+"""The worker lifecycle (contract 1.4): extend, fail and retry, delivery limits and parking,
+redrive and discard, cancel and purge.
+
+Every change of a task here is a compare-and-set on its lease, fenced by state and epoch, exactly
+like claims and acks: a worker that lost its lease can neither extend, fail nor complete it, and a
+cancelled or parked task is never handed out (``claim_new`` finds a lease; ``claim_expired``
+wants ``state = 'leased'``). What a crash could lose is written ahead:
+- ``fail`` files the deadline of the backoff in the timer wheel before giving the lease back, so
+  the recovery scheduler re-exposes the task when the backoff ends;
+- a park writes its parked-index row, and for a task with a token the engine's
+  ``delivery_limit`` error in the outbox, before the park; the result relay publishes it if the
+  bridge dies between the two (once: the outbox entry names the park, see ``ResultRelay``);
+- a redrive files a deadline before it unparks, so the scheduler re-exposes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bridge.domain import jsonvalue
+from bridge.domain.clock import next_stamp
+from bridge.domain.context import QueueContext
+from bridge.domain.errors import Unavailable
+from bridge.domain.models import ExtendRequest, FailRequest
+from bridge.domain.records import (
+    FINAL_STATES,
+    LANE_FRESH,
+    LANE_RECOVERED,
+    ExpiryEntry,
+    Lease,
+    LeaseState,
+    OutboxEntry,
+    ParkedEntry,
+    QueueKey,
+    ReadyEntry,
+)
+from bridge.domain.relay import ResultRelay
+from bridge.domain.sealing import encode, open_error, seal_error, seal_outcome
+from bridge.domain.stats import walk_lane
+from bridge.domain.store import TaskStore
+from bridge.domain.timeline import expiry_bucket, ms_of, outbox_bucket
+
+log = logging.getLogger("bridge.queue")
+
+PARK_DELIVERY_LIMIT = "delivery_limit"  # its leases ran out this many times
+PARK_FAILED = "failed"  # its worker failed it at the limit
+CANCEL_ATTEMPTS = 4
+PURGE_MAX = 20_000  # tasks one purge request looks at (the reply says if there may be more)
+LEASES_PER_READ = 50
+
+
+@dataclass(frozen=True, slots=True)
+class Extended:
+    task_id: uuid.UUID
+    epoch: int
+    lease_until_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    task_id: uuid.UUID
+    deliveries: int
+    parked: bool
+    retry_at_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ParkedTask:
+    task_id: uuid.UUID
+    deliveries: int
+    reason: str
+    parked_at_ms: int
+    has_token: bool
+    last_error_json: bytes | None  # the last fail's error, opened with the owner's key
+
+
+class Lifecycle:
+    def __init__(self, ctx: QueueContext, relay: ResultRelay, soon: Callable[[ExpiryEntry, int], None]) -> None:
+        self.ctx = ctx
+        self.relay = relay
+        self.soon = soon  # ``WorkQueue.soon``: a timer of this bridge for a deadline moments away
+
+    @property
+    def store(self) -> TaskStore:
+        return self.ctx.store
+
+    async def _target(
+        self, q: QueueKey, worker: str, task_id: uuid.UUID | None, epoch: int | None
+    ) -> tuple[uuid.UUID, int] | None:
+        """The lease a worker's request is about: exactly the one named, else the one it holds."""
+        if task_id is not None and epoch is not None:
+            return task_id, epoch  # nothing to read: the compare-and-set checks it
+        if task_id is not None:
+            lease = await self.store.lease(q, task_id, serial=False)
+            return (task_id, lease.epoch) if lease is not None and lease.worker == worker else None
+        held = (await self.store.worker(q, worker)).pointer
+        return None if held is None or held.done else (held.task_id, held.epoch)
+
+    # -- extend -----------------------------------------------------------------------------------
+    async def extend(self, owner: str, req: ExtendRequest) -> Extended | None:
+        """Renew the worker's lease (no payload read); None once it is not the worker's any more.
+        The old deadline stays in the timer wheel: the scheduler meets it, finds the later one and
+        watches that instead."""
+        ctx = self.ctx
+        q = QueueKey(owner, req.service_id)
+        await ctx.keys.current(owner)
+        target = await self._target(q, req.worker_id, req.task_id, req.epoch)
+        if target is None:
+            return None
+        task_id, epoch = target
+        ttr = min(req.time_to_recover or ctx.limits.default_ttr_ms, ctx.limits.max_ttr_ms)
+        until = ctx.clock.now_ms() + ttr
+        res = await self.store.extend(q, task_id, epoch, req.worker_id, until)
+        ctx.metrics.inc("leases_extended", outcome="ok" if res.applied else "refused")
+        return Extended(task_id, epoch, until) if res.applied else None
+
+    # -- fail -------------------------------------------------------------------------------------
+    async def fail(self, owner: str, req: FailRequest) -> Failed | None:
+        ctx = self.ctx
+        q = QueueKey(owner, req.service_id)
+        key = await ctx.keys.current(owner)
+        error = None
+        error_json = None
+        if req.error is not None:
+            error_json = encode(req.error, "the error", ctx.limits.max_value_bytes)
+        target = await self._target(q, req.worker_id, req.task_id, req.epoch)
+        if target is None:
+            return None
+        task_id, epoch = target
+        lease, own_limit = await asyncio.gather(
+            self.store.lease(q, task_id, serial=False), self.store.task_limit(q, task_id)
+        )
+        if lease is None or not lease.held_by(req.worker_id, epoch):
+            return None
+        if error_json is not None:
+            error = seal_error(key, q, task_id, error_json)
+        has_token = await self._has_token(q, task_id, lease)
+        now = ctx.clock.now_ms()
+        limit = ctx.limits.delivery_limit(q, own_limit)
+        if lease.deliveries_counted >= limit:
+            parked = await self.park(
+                q, task_id, epoch, has_token, PARK_FAILED, lease.deliveries_counted, worker=req.worker_id, error=error
+            )
+            if not parked:
+                return None
+            await self._forget(q, req.worker_id)
+            return Failed(task_id, epoch, True, None)
+        backoff = req.retry_in_ms if req.retry_in_ms is not None else ctx.limits.backoff_ms(lease.deliveries_counted)
+        due = now + backoff
+        # Claimable when ``lease_until <= now - margin`` on a claimer's clock: given back at ``due``.
+        until = due - ctx.limits.skew_margin_ms
+        # Write-ahead: the scheduler re-exposes the task at ``due`` even if this bridge dies now.
+        watch = ExpiryEntry(until, q, task_id, epoch, has_token)
+        await self.store.watch_expiry(expiry_bucket(due), watch)
+        res = await self.store.release(q, task_id, epoch, req.worker_id, until, error)
+        if not res.applied:
+            return None
+        self.soon(watch, due)
+        ctx.metrics.inc("tasks_failed")
+        log.info("task failed by its worker", extra={"task_id": str(task_id), "epoch": epoch, "retry_in_ms": backoff})
+        await self._forget(q, req.worker_id)
+        return Failed(task_id, epoch, False, due)
+
+    async def _forget(self, q: QueueKey, worker: str) -> None:
+        """The worker gave its task back: its next fetch claims another one."""
+        row = await self.store.worker(q, worker)
+        await self.store.clear_worker(q, worker, next_stamp(self.ctx.clock.now_ms(), row.stamp))
+
+    async def _has_token(self, q: QueueKey, task_id: uuid.UUID, lease: Lease) -> bool:
+        if lease.has_token is not None:
+            return lease.has_token
+        payload = await self.store.payload(q, task_id)  # a lease written before 1.3
+        return payload is not None and payload.token is not None
+
+    # -- parking ----------------------------------------------------------------------------------
+    async def park(
+        self,
+        q: QueueKey,
+        task_id: uuid.UUID,
+        epoch: int,
+        has_token: bool,
+        reason: str,
+        deliveries: int,
+        *,
+        worker: str | None = None,
+        expired_before_ms: int | None = None,
+        error: Any = None,
+    ) -> bool:
+        """Hold the task aside for an operator; tell the engine (tasks with a token) exactly once."""
+        ctx = self.ctx
+        now = ctx.clock.now_ms()
+        park_id = uuid.uuid4()
+        await self.store.add_parked(q, ParkedEntry(task_id, epoch, now, reason, has_token))
+        intent: OutboxEntry | None = None
+        if has_token:
+            key = await ctx.keys.current(q.owner)
+            message = f"parked after {deliveries} deliveries without an ack ({reason})"
+            outcome = {"error": {"code": PARK_DELIVERY_LIMIT, "message": message, "deliveries": deliveries}}
+            sealed = seal_outcome(key, q, task_id, jsonvalue.dumps(outcome))
+            intent = OutboxEntry(outbox_bucket(now), q, task_id, park_id, sealed, False)
+            await self.store.insert_outbox(intent)
+        res = await self.store.park(
+            q, task_id, epoch, now, reason, park_id, worker=worker, expired_before_ms=expired_before_ms, error=error
+        )
+        if not res.applied:
+            if intent is not None:
+                await self.store.mark_published(intent)  # void: this park did not happen
+            return False
+        ctx.count(q, ms_of(task_id), in_flight=-1)
+        ctx.metrics.inc("tasks_parked", reason=reason)
+        log.warning(
+            "task parked: %s", reason, extra={"task_id": str(task_id), "epoch": epoch, "deliveries": deliveries}
+        )
+        if intent is not None:
+            ctx.background.spawn(self.relay.publish(intent), "publish delivery_limit")
+        return True
+
+    async def parked(self, owner: str, service: str, limit: int) -> list[ParkedTask]:
+        q = QueueKey(owner, service)
+        key = await self.ctx.keys.current(owner)
+        entries = await self.store.parked(q, limit)
+        leases: dict[uuid.UUID, Lease] = {}
+        for i in range(0, len(entries), LEASES_PER_READ):
+            leases.update(await self.store.leases_of(q, [e.task_id for e in entries[i : i + LEASES_PER_READ]]))
+        found = []
+        for e in entries:
+            lease = leases.get(e.task_id)
+            if lease is None or lease.state is not LeaseState.PARKED:
+                continue  # a stale index row: redriven, discarded, cancelled, or a park that failed
+            error_json = None
+            if lease.last_error is not None:
+                try:
+                    owner_key = (
+                        key
+                        if lease.last_error.key_id == key.key_id
+                        else await self.ctx.keys.by_id(owner, lease.last_error.key_id)
+                    )
+                    error_json = open_error(owner_key, q, e.task_id, lease.last_error)
+                except Exception:  # a rotated-out key or a tampered row: the listing still works
+                    error_json = None
+            found.append(
+                ParkedTask(
+                    e.task_id,
+                    lease.epoch,
+                    lease.park_reason or e.reason,
+                    lease.parked_at_ms or e.parked_at_ms,
+                    e.has_token,
+                    error_json,
+                )
+            )
+        return found
+
+    async def redrive(self, owner: str, service: str, task_ids: list[uuid.UUID] | None) -> int:
+        """Back to the queue, at most ``redrive_rate`` a second (a flood of redriven poison tasks
+        must not take every worker at once); their delivery count starts again."""
+        ctx = self.ctx
+        q = QueueKey(owner, service)
+        await ctx.keys.current(owner)
+        if task_ids is None:
+            task_ids = [e.task_id for e in await self.store.parked(q, 1000)]
+        interval = 1.0 / ctx.limits.redrive_rate
+        done = 0
+        for task_id in task_ids:
+            lease = await self.store.lease(q, task_id, serial=False)
+            if lease is None or lease.state is not LeaseState.PARKED:
+                continue
+            if done:
+                await asyncio.sleep(interval)
+            now = ctx.clock.now_ms()
+            until = now - ctx.limits.skew_margin_ms  # claimable at once
+            has_token = bool(lease.has_token)
+            watch = ExpiryEntry(until, q, task_id, lease.epoch, has_token)
+            await self.store.watch_expiry(expiry_bucket(now), watch)
+            res = await self.store.unpark(q, task_id, lease.epoch, until)
+            if not res.applied:
+                continue
+            self.soon(watch, now)
+            await self.store.remove_parked(q, task_id)
+            # Counted in flight until the scheduler re-exposes it (which moves it to ready).
+            ctx.count(q, ms_of(task_id), in_flight=1)
+            ctx.metrics.inc("tasks_redriven")
+            done += 1
+        return done
+
+    async def discard(self, owner: str, service: str, task_ids: list[uuid.UUID]) -> int:
+        q = QueueKey(owner, service)
+        await self.ctx.keys.current(owner)
+        done = 0
+        for task_id in task_ids:
+            lease = await self.store.lease(q, task_id, serial=False)
+            if lease is None or lease.state is not LeaseState.PARKED:
+                continue
+            res = await self.store.cancel(q, task_id, LeaseState.PARKED, lease.epoch, to=LeaseState.DISCARDED)
+            if res.applied:
+                await self.store.remove_parked(q, task_id)
+                self.ctx.metrics.inc("tasks_discarded")
+                done += 1
+        return done
+
+    # -- cancel and purge ---------------------------------------------------------------------------
+    async def cancel(self, owner: str, service: str, task_id: uuid.UUID) -> bool:
+        """Cancel a task wherever it is (ready, delayed, in flight, parked); false if it had finished
+        or does not exist. A worker holding it is refused on ack, extend and fail."""
+        ctx = self.ctx
+        q = QueueKey(owner, service)
+        await ctx.keys.current(owner)
+        margin = ctx.limits.skew_margin_ms
+        for _ in range(CANCEL_ATTEMPTS):
+            lease = await self.store.lease(q, task_id, serial=True)
+            now = ctx.clock.now_ms()
+            if lease is None:
+                if not await self.store.task_exists(q, task_id):
+                    return False
+                res = await self.store.cancel(q, task_id, None, 0)
+                if res.applied:
+                    due = ms_of(task_id)
+                    if due > now:
+                        ctx.count_delayed(q, due, -1)
+                    else:
+                        ctx.count(q, due, ready=-1)
+                    return self._cancelled(task_id)
+                continue  # claimed meanwhile: look again
+            if lease.state in FINAL_STATES:
+                return False
+            res = await self.store.cancel(q, task_id, lease.state, lease.epoch)
+            if res.applied:
+                if lease.state is LeaseState.PARKED:
+                    await self.store.remove_parked(q, task_id)
+                elif lease.lease_until_ms is not None and lease.lease_until_ms + margin <= now:
+                    ctx.count(q, ms_of(task_id), ready=-1)  # its lease had run out: counted ready
+                else:
+                    ctx.count(q, ms_of(task_id), in_flight=-1)
+                return self._cancelled(task_id)
+        raise Unavailable("the task kept changing while being cancelled; retry")
+
+    def _cancelled(self, task_id: uuid.UUID) -> bool:
+        self.ctx.metrics.inc("tasks_cancelled")
+        log.info("task cancelled", extra={"task_id": str(task_id)})
+        return True
+
+    async def purge(self, owner: str, service: str) -> tuple[int, bool]:
+        """Cancel the queue's ready tasks: never claimed and due, or whose lease ran out. In-flight,
+        delayed and parked tasks are left alone. Returns (purged, more may remain)."""
+        ctx = self.ctx
+        q = QueueKey(owner, service)
+        await ctx.keys.current(owner)
+        now = ctx.clock.now_ms()
+        margin = ctx.limits.skew_margin_ms
+        purged, truncated = 0, False
+        for lane in (LANE_FRESH, LANE_RECOVERED):
+            entries, cut = await walk_lane(self.store, q, lane, PURGE_MAX)
+            truncated = truncated or cut
+            # Claimed entries have a lease that is not ready (or a re-exposure of it, in lane 0).
+            candidates = [e for e in entries if not e.claimed and ms_of(e.seq) <= now]
+            for i in range(0, len(candidates), LEASES_PER_READ):
+                batch = candidates[i : i + LEASES_PER_READ]
+                leases = await self.store.leases_of(q, [e.task_id for e in batch])
+                for e in batch:
+                    if await self._purge_one(q, e, leases.get(e.task_id), now, margin):
+                        purged += 1
+        if purged:
+            ctx.metrics.inc("tasks_purged", purged)
+            log.warning("queue purged", extra={"owner": owner, "service": service, "purged": purged})
+        return purged, truncated
+
+    async def _purge_one(self, q: QueueKey, e: ReadyEntry, lease: Lease | None, now: int, margin: int) -> bool:
+        if e.lane == LANE_FRESH:
+            if lease is not None:
+                return False
+            res = await self.store.cancel(q, e.task_id, None, 0)
+        else:
+            expired = lease is not None and lease.is_leased and lease.epoch == e.epoch
+            if not expired or lease is None or lease.lease_until_ms is None or lease.lease_until_ms + margin > now:
+                return False
+            res = await self.store.cancel(q, e.task_id, LeaseState.LEASED, lease.epoch, expired_before_ms=now - margin)
+        if res.applied:
+            self.ctx.count(q, ms_of(e.task_id), ready=-1)
+        return res.applied
+
+
+__all__ = ["PARK_DELIVERY_LIMIT", "PARK_FAILED", "Extended", "Failed", "Lifecycle", "ParkedTask"]

@@ -1,0 +1,418 @@
+"""The worker lifecycle (contract 1.4, issue 10), one rule per test, through AMQP on the real servers:
+extend, fail and retry, delivery limits and parking, redrive and discard, cancel, purge, delayed
+tasks, stats; and a bridge killed -9 while tasks are delayed or parked loses none of them.
+
+The requests are made with ``RpcClient.call`` (the wire contract itself); the Python client's
+conveniences over them are tested in tests/integration/test_lifecycle_client.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from bridge.client.errors import BadRequestError
+from bridge.client.rpc import Engine, Worker, results_consumer
+from tests.conftest import OWNERS, service_id, wait_for
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+MARGIN_S = 0.2  # the bridges' clock-skew margin here: a lease is taken back this long after its deadline
+FAST = {"clock_skew_margin": MARGIN_S, "retry_base_ms": 200, "retry_cap_ms": 400}
+
+
+def parse_iso(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+async def call(client: Any, method: str, body: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(client, Engine):
+        return await client.call(method, body, owner=OWNERS[0])
+    return await client.call(method, body)
+
+
+async def fetch_raw(w: Worker, ttr: int | None = None) -> dict[str, Any] | None:
+    body: dict[str, Any] = {"serviceId": w.service, "workerId": w.worker_id}
+    if ttr is not None:
+        body["timeToRecover"] = ttr
+    reply = await w.call("fetch", body)
+    return reply if "task" in reply else None
+
+
+async def fetch_until(w: Worker, timeout: float, ttr: int | None = None) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+
+    async def got() -> bool:
+        reply = await fetch_raw(w, ttr)
+        if reply is not None:
+            found.update(reply)
+        return reply is not None
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await got():
+            return found
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no task for {w.worker_id} within {timeout}s")
+
+
+async def nothing_for(w: Worker, seconds: float) -> None:
+    """Fetch repeatedly for ``seconds``: no task may come (a negative check, polled)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert await fetch_raw(w) is None
+        await asyncio.sleep(0.05)
+
+
+async def parked_ids(engine: Engine, svc: str) -> list[str]:
+    reply = await call(engine, "parked", {"serviceId": svc})
+    return [t["id"] for t in reply["result"]["tasks"]]
+
+
+# -- extend ---------------------------------------------------------------------------------------
+async def test_extend_keeps_the_task_past_its_first_deadline(make_bridge, engine, workers):
+    await make_bridge(**FAST)
+    svc = service_id()
+    await engine.add(svc, "long job")
+    holder, other = await workers(svc, "holder"), await workers(svc, "other")
+    first = await fetch_raw(holder, ttr=1000)
+    assert first is not None
+    task = first["task"]
+    started = time.monotonic()
+    # Renew twice while the other worker polls well past the first deadline (+ margin).
+    while time.monotonic() - started < 2.0:
+        reply = await call(holder, "extend", {"serviceId": svc, "workerId": "holder", "timeToRecover": 1000})
+        assert reply["result"] is True and reply["task"]["id"] == task["id"]
+        assert reply["task"]["epoch"] == task["epoch"]
+        await nothing_for(other, 0.3)
+    # Stop renewing: the task goes to the other worker, and the holder's extend is refused.
+    taken = await fetch_until(other, 5)
+    assert taken["task"]["id"] == task["id"] and taken["task"]["deliveries"] == 2
+    stale = {"serviceId": svc, "workerId": "holder", "taskId": task["id"], "epoch": task["epoch"]}
+    assert (await call(holder, "extend", stale))["result"] is False
+    assert (await call(holder, "extend", {"serviceId": svc, "workerId": "holder"}))["result"] is False
+
+
+async def test_extend_of_a_worker_holding_nothing_is_false(make_bridge, workers):
+    await make_bridge(**FAST)
+    svc = service_id()
+    w = await workers(svc, "idle")
+    assert (await call(w, "extend", {"serviceId": svc, "workerId": "idle"}))["result"] is False
+
+
+# -- fail -------------------------------------------------------------------------------------------
+async def test_fail_gives_the_task_back_after_its_backoff(make_bridge, engine, workers):
+    await make_bridge(**FAST)
+    svc = service_id()
+    task_id = await engine.add(svc, "flaky")
+    w = await workers(svc, "w")
+    got = await fetch_raw(w)
+    assert got is not None and got["task"]["id"] == task_id
+    body = {"serviceId": svc, "workerId": "w", "taskId": task_id, "epoch": 1, "error": {"why": "db down"}}
+    reply = await call(w, "fail", {**body, "retryInMs": 1500})
+    assert reply["result"] is True
+    assert reply["task"]["parked"] is False and reply["task"]["deliveries"] == 1
+    retry_at = parse_iso(reply["task"]["retryAt"])
+    # Not before its backoff: the worker holds nothing, and nobody gets the task early.
+    await nothing_for(w, 1.0)
+    again = await fetch_until(w, 5)
+    assert time.time() >= retry_at - 0.05, "handed out before its retryAt"
+    assert again["task"]["id"] == task_id and again["task"]["deliveries"] == 2
+    # The failed lease is gone: acking it (epoch 1) is refused, the new one completes.
+    assert (await call(w, "ack", {**body, "result": 1}))["result"] is False
+    ack = {"serviceId": svc, "workerId": "w", "taskId": task_id, "epoch": 2, "result": "ok"}
+    assert (await call(w, "ack", ack))["result"] is True
+
+
+async def test_fail_by_a_stale_worker_is_false(make_bridge, engine, workers):
+    await make_bridge(**FAST)
+    svc = service_id()
+    task_id = await engine.add(svc, "x")
+    a, b = await workers(svc, "a"), await workers(svc, "b")
+    assert await fetch_raw(a, ttr=1000) is not None
+    taken = await fetch_until(b, 5)
+    assert taken["task"]["id"] == task_id
+    stale = {"serviceId": svc, "workerId": "a", "taskId": task_id, "epoch": 1, "error": "late"}
+    assert (await call(a, "fail", stale))["result"] is False
+    ack = {"serviceId": svc, "workerId": "b", "taskId": task_id, "epoch": 2, "result": "ok"}
+    assert (await call(b, "ack", ack))["result"] is True
+
+
+async def test_fail_without_retry_in_uses_the_servers_backoff(make_bridge, engine, workers):
+    await make_bridge(**FAST)  # full jitter in [0, 200 ms] for the first failure
+    svc = service_id()
+    task_id = await engine.add(svc, "x")
+    w = await workers(svc, "w")
+    assert await fetch_raw(w) is not None
+    reply = await call(w, "fail", {"serviceId": svc, "workerId": "w", "error": "boom"})
+    assert reply["result"] is True
+    assert parse_iso(reply["task"]["retryAt"]) - time.time() <= 0.3
+    again = await fetch_until(w, 5)
+    assert again["task"]["id"] == task_id and again["task"]["deliveries"] == 2
+
+
+# -- delivery limit, parking, redrive, discard --------------------------------------------------------
+async def test_a_task_delivered_its_limit_of_times_is_parked_and_the_engine_told_once(
+    make_bridge, engine, workers, servers, names
+):
+    svc = service_id()
+    # The service's own limit (BRIDGE_SERVICE_MAX_DELIVERIES), 4 instead of the default 10.
+    await make_bridge(**FAST, service_max_deliveries={f"{OWNERS[0]}/{svc}": 4})
+    async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
+        task_id = await engine.add(svc, "poison", token={"processId": "p-9"})
+        await engine.call("add", {"serviceId": svc, "value": "limit 2", "maxDeliveries": 2}, owner=OWNERS[0])
+        deliveries = []
+        limited: dict[str, Any] = {}
+        # Take the poison task over and over (a new worker each time: each one crashes), never
+        # acking: its lease runs out each time.
+        for i in range(40):
+            if len(deliveries) == 4:
+                break
+            got = await fetch_until(await workers(svc, f"crashy-{i}"), 10, ttr=1000)
+            if got["task"]["id"] != task_id:
+                limited = got
+                continue
+            deliveries.append(got["task"]["deliveries"])
+        assert deliveries == list(range(1, 5)), "handed out exactly maxDeliveries (4) times"
+        await wait_for(lambda: _has(results), 15, what="the engine's delivery_limit result")
+        msg = results.get_nowait()
+        assert msg["taskId"] == task_id and msg["token"] == {"processId": "p-9"}
+        assert msg["error"]["code"] == "delivery_limit" and msg["error"]["deliveries"] == 4
+        # Never handed out again, and listed as parked (ids, counts, times: never the value).
+        await nothing_for(await workers(svc, "fresh"), 1.0)
+        ids = await wait_for_parked(engine, svc, {task_id, limited["task"]["id"]})
+        listing = (await call(engine, "parked", {"serviceId": svc}))["result"]["tasks"]
+        poison = next(t for t in listing if t["id"] == task_id)
+        assert poison["deliveries"] == 4 and poison["reason"] == "delivery_limit" and poison["hasToken"] is True
+        assert "value" not in poison
+        assert next(t for t in listing if t["id"] != task_id)["deliveries"] == 2, "its own maxDeliveries: 2"
+        assert len(ids) == 2
+        # Exactly once: nothing more reaches the engine.
+        await asyncio.sleep(1.5)  # a window for a duplicate to show up (the relay sweeps every second)
+        assert results.empty(), "the engine was told twice"
+
+
+def _has(results: asyncio.Queue[Any]) -> bool:
+    return not results.empty()
+
+
+async def wait_for_parked(engine: Engine, svc: str, expected: set[str], timeout: float = 10) -> set[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        ids = set(await parked_ids(engine, svc))
+        if ids == expected or time.monotonic() > deadline:
+            assert ids == expected
+            return ids
+        await asyncio.sleep(0.1)
+
+
+async def test_fail_at_the_limit_parks_with_the_last_error_and_redrive_brings_it_back(make_bridge, engine, workers):
+    await make_bridge(**FAST)
+    svc = service_id()
+    reply = await engine.call("add", {"serviceId": svc, "value": "v", "maxDeliveries": 1}, owner=OWNERS[0])
+    task_id = reply["task"]["id"]
+    w = await workers(svc, "w")
+    assert await fetch_raw(w) is not None
+    failed = await call(w, "fail", {"serviceId": svc, "workerId": "w", "error": {"code": "E42"}})
+    assert failed["result"] is True and failed["task"]["parked"] is True and failed["task"]["retryAt"] is None
+    listing = (await call(engine, "parked", {"serviceId": svc}))["result"]["tasks"]
+    assert [(t["id"], t["reason"], t["lastError"]) for t in listing] == [(task_id, "failed", {"code": "E42"})]
+    await nothing_for(w, 0.5)
+    # Redrive: back in the queue, its delivery count starts again, and it completes.
+    assert (await call(engine, "redrive", {"serviceId": svc, "taskIds": [task_id]}))["result"] == {"redriven": 1}
+    again = await fetch_until(w, 5)
+    assert again["task"]["id"] == task_id and again["task"]["deliveries"] == 2
+    ack = {"serviceId": svc, "workerId": "w", "taskId": task_id, "epoch": 2, "result": "fixed"}
+    assert (await call(w, "ack", ack))["result"] is True
+    assert await parked_ids(engine, svc) == []
+
+
+async def test_discard_drops_a_parked_task_for_good(make_bridge, engine, workers):
+    await make_bridge(**FAST)
+    svc = service_id()
+    reply = await engine.call("add", {"serviceId": svc, "value": "v", "maxDeliveries": 1}, owner=OWNERS[0])
+    task_id = reply["task"]["id"]
+    w = await workers(svc, "w")
+    assert await fetch_raw(w) is not None
+    assert (await call(w, "fail", {"serviceId": svc, "workerId": "w"}))["task"]["parked"] is True
+    assert (await call(engine, "discard", {"serviceId": svc, "taskIds": [task_id]}))["result"] == {"discarded": 1}
+    assert await parked_ids(engine, svc) == []
+    assert (await call(engine, "redrive", {"serviceId": svc, "all": True}))["result"] == {"redriven": 0}
+    assert (await call(engine, "cancel", {"serviceId": svc, "taskId": task_id}))["result"] is False
+    await nothing_for(w, 0.5)
+
+
+# -- cancel and purge ------------------------------------------------------------------------------------
+async def test_cancel_of_a_held_task_makes_its_ack_and_extend_false(make_bridge, engine, workers):
+    await make_bridge(**FAST)
+    svc = service_id()
+    task_id = await engine.add(svc, "v")
+    w = await workers(svc, "w")
+    got = await fetch_raw(w)
+    assert got is not None
+    assert (await call(engine, "cancel", {"serviceId": svc, "taskId": task_id}))["result"] is True
+    named = {"serviceId": svc, "workerId": "w", "taskId": task_id, "epoch": 1}
+    assert (await call(w, "extend", named))["result"] is False
+    assert (await call(w, "ack", {**named, "result": 1}))["result"] is False
+    assert (await call(w, "fail", named))["result"] is False
+    assert (await call(engine, "cancel", {"serviceId": svc, "taskId": task_id}))["result"] is False
+    await nothing_for(w, 0.5)
+
+
+async def test_cancel_of_a_ready_and_of_an_unknown_task(make_bridge, engine, workers):
+    await make_bridge(**FAST)
+    svc = service_id()
+    first = await engine.add(svc, "cancelled")
+    second = await engine.add(svc, "kept")
+    assert (await call(engine, "cancel", {"serviceId": svc, "taskId": first}))["result"] is True
+    unknown = str(uuid.uuid1())
+    assert (await call(engine, "cancel", {"serviceId": svc, "taskId": unknown}))["result"] is False
+    w = await workers(svc, "w")
+    got = await fetch_until(w, 5)
+    assert got["task"]["id"] == second
+    await call(w, "ack", {"serviceId": svc, "workerId": "w", "taskId": second, "epoch": 1, "result": 1})
+    await nothing_for(w, 0.5)
+
+
+async def test_purge_cancels_ready_tasks_and_leaves_in_flight_ones(make_bridge, engine, workers):
+    await make_bridge(**FAST)
+    svc = service_id()
+    ids = [await engine.add(svc, i) for i in range(4)]
+    busy = await workers(svc, "busy")
+    held = await fetch_raw(busy)
+    assert held is not None and held["task"]["id"] == ids[0]
+    reply = await call(engine, "purge", {"serviceId": svc})
+    assert reply["result"] == {"purged": 3, "more": False}
+    # The in-flight task finishes; nothing else is handed out.
+    ack = {"serviceId": svc, "workerId": "busy", "taskId": ids[0], "epoch": 1, "result": "done"}
+    assert (await call(busy, "ack", ack))["result"] is True
+    await nothing_for(await workers(svc, "other"), 0.5)
+
+
+# -- delayed tasks ------------------------------------------------------------------------------------------
+async def test_delayed_tasks_never_come_early_and_come_on_time(make_bridge, engine, workers):
+    await make_bridge(**FAST)
+    svc = service_id()
+    now = datetime.now(UTC)
+    due: dict[str, float] = {}
+    for i in range(6):
+        when = now + timedelta(seconds=1.5 + 0.25 * i)
+        body = {"serviceId": svc, "value": i, "notBefore": when.isoformat().replace("+00:00", "Z")}
+        reply = await engine.call("add", body, owner=OWNERS[0])
+        due[reply["task"]["id"]] = when.timestamp()
+    reply = await engine.call("add", {"serviceId": svc, "value": "in 2s", "delayMs": 2000}, owner=OWNERS[0])
+    due[reply["task"]["id"]] = parse_iso(reply["task"]["notBefore"])
+    ready_now = await engine.add(svc, "now")
+    w = await workers(svc, "w")
+    first = await fetch_until(w, 5)
+    assert first["task"]["id"] == ready_now, "a task without delay is served at once, before the delayed ones"
+    await call(w, "ack", {"serviceId": svc, "workerId": "w", "taskId": ready_now, "epoch": 1, "result": 0})
+    late = []
+    while due:
+        got = await fetch_until(w, 10)
+        at = time.time()
+        tid = got["task"]["id"]
+        assert at >= due[tid] - 0.02, f"handed out {due[tid] - at:.3f}s before its notBefore"
+        late.append(at - due.pop(tid))
+        await call(w, "ack", {"serviceId": svc, "workerId": "w", "taskId": tid, "epoch": 1, "result": 0})
+    assert max(late) < 1.5, f"a due task waited {max(late):.2f}s"
+
+
+async def test_bad_lifecycle_input_is_refused(make_bridge, engine, workers):
+    await make_bridge(**FAST)
+    svc = service_id()
+    w = await workers(svc, "w")
+    bad: list[tuple[Any, str, dict[str, Any]]] = [
+        (engine, "add", {"serviceId": svc, "value": 1, "notBefore": "2026-12-02T10:00:00"}),
+        (engine, "add", {"serviceId": svc, "value": 1, "notBefore": "tomorrow"}),
+        (engine, "add", {"serviceId": svc, "value": 1, "delayMs": 5, "notBefore": "2026-12-02T10:00:00Z"}),
+        (engine, "add", {"serviceId": svc, "value": 1, "delayMs": -1}),
+        (engine, "add", {"serviceId": svc, "value": 1, "maxDeliveries": 0}),
+        (w, "extend", {"serviceId": svc, "workerId": "w", "timeToRecover": "60"}),
+        (w, "fail", {"serviceId": svc, "workerId": "w", "retryInMs": -5}),
+        (engine, "cancel", {"serviceId": svc, "taskId": 7}),
+        (engine, "redrive", {"serviceId": svc}),
+        (engine, "discard", {"serviceId": svc, "taskIds": []}),
+        (engine, "parked", {"serviceId": svc, "limit": 0}),
+    ]
+    for client, method, body in bad:
+        with pytest.raises(BadRequestError):
+            await call(client, method, body)
+
+
+# -- stats ---------------------------------------------------------------------------------------------------
+async def test_stats_counts_ready_in_flight_delayed_and_parked(make_bridge, engine, workers):
+    await make_bridge(**FAST)
+    svc = service_id()
+    for i in range(3):
+        await engine.add(svc, i)
+    await engine.call("add", {"serviceId": svc, "value": "later", "delayMs": 600_000}, owner=OWNERS[0])
+    reply = await engine.call("add", {"serviceId": svc, "value": "p", "maxDeliveries": 1}, owner=OWNERS[0])
+    w = await workers(svc, "w")
+    # The three ready tasks come first (FIFO); hold one, fail... take the limited task and fail it.
+    held = await fetch_raw(w)
+    assert held is not None
+    await call(w, "ack", {"serviceId": svc, "workerId": "w", "taskId": held["task"]["id"], "epoch": 1, "result": 1})
+    for _ in range(2):
+        got = await fetch_until(w, 5)
+        await call(w, "ack", {"serviceId": svc, "workerId": "w", "taskId": got["task"]["id"], "epoch": 1})
+    limited = await fetch_until(w, 5)
+    assert limited["task"]["id"] == reply["task"]["id"]
+    assert (await call(w, "fail", {"serviceId": svc, "workerId": "w"}))["task"]["parked"] is True
+    await engine.add(svc, "ready one")
+    other = await workers(svc, "other")
+    await engine.add(svc, "ready two")
+    assert await fetch_raw(other) is not None  # in flight
+
+    async def counts() -> dict[str, Any]:
+        stats = await call(engine, "stats", {"serviceId": svc})
+        [row] = stats["result"]["services"]
+        return row
+
+    want = {"serviceId": svc, "ready": 1, "inFlight": 1, "delayed": 1, "parked": 1}
+
+    async def settled() -> bool:
+        row = await counts()
+        return {k: row[k] for k in want} == want
+
+    await wait_for(settled, 10, what=f"stats {want} (flushed about once a second)")
+    row = await counts()
+    assert row["oldestReadyAgeMs"] is not None and row["oldestReadyAgeMs"] >= 0
+    every = (await call(engine, "stats", {}))["result"]["services"]
+    assert svc in {s["serviceId"] for s in every}, "stats without serviceId lists the owner's services"
+
+
+# -- crashes -------------------------------------------------------------------------------------------------
+async def test_kill_9_while_tasks_are_delayed_or_parked_loses_none(bridge_processes, servers, names, engine, workers):
+    env = {"BRIDGE_CLOCK_SKEW_MARGIN": str(MARGIN_S), "BRIDGE_SCHEDULER_INTERVAL": "0.1"}
+    first = bridge_processes(**env)
+    svc = service_id()
+    w = await workers(svc, "w")
+    reply = await wait_for_reply(engine, {"serviceId": svc, "value": "p", "maxDeliveries": 1})
+    parked_id = reply["task"]["id"]
+    got = await fetch_until(w, 30)
+    assert got["task"]["id"] == parked_id
+    assert (await call(w, "fail", {"serviceId": svc, "workerId": "w", "error": "x"}))["task"]["parked"] is True
+    delayed = await engine.call("add", {"serviceId": svc, "value": "d", "delayMs": 4000}, owner=OWNERS[0])
+    due = parse_iso(delayed["task"]["notBefore"])
+    first.kill()
+    bridge_processes(**env)
+    got = await fetch_until(w, 40)
+    assert got["task"]["id"] == delayed["task"]["id"] and time.time() >= due - 0.02
+    assert await parked_ids(engine, svc) == [parked_id]
+
+
+async def wait_for_reply(engine: Engine, body: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
+    """The first add a freshly started bridge process answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await asyncio.wait_for(engine.call("add", body, owner=OWNERS[0]), 5)
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
