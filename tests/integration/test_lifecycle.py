@@ -416,3 +416,42 @@ async def wait_for_reply(engine: Engine, body: dict[str, Any], timeout: float = 
         except Exception:
             if time.monotonic() > deadline:
                 raise
+
+
+async def test_the_duty_bridge_exports_queue_gauges(make_bridge, engine, workers):
+    from tests.conftest import free_port, metric
+
+    port = free_port()
+    await make_bridge(**FAST, http_port=port, stats_interval=0.5)
+    svc = service_id()
+    for i in range(3):
+        await engine.add(svc, i)
+    await engine.call("add", {"serviceId": svc, "value": "d", "delayMs": 600_000}, owner=OWNERS[0])
+    assert await fetch_raw(await workers(svc, "w")) is not None
+    labels = f'owner="{OWNERS[0]}",service="{svc}"'
+
+    async def exported() -> bool:
+        ready = await metric(port, f'queue_bridge_queue_tasks{{{labels},state="ready"}}')
+        flight = await metric(port, f'queue_bridge_queue_tasks{{{labels},state="in_flight"}}')
+        delayed = await metric(port, f'queue_bridge_queue_tasks{{{labels},state="delayed"}}')
+        return (ready, flight, delayed) == (2, 1, 1)
+
+    await wait_for(exported, 15, what="queue_bridge_queue_tasks for the queue")
+    assert await metric(port, f"queue_bridge_queue_oldest_ready_age_seconds{{{labels}}}") >= 0
+
+
+async def test_another_owner_cannot_touch_a_queue_it_does_not_own(make_bridge, engine, workers):
+    await make_bridge(**FAST)
+    svc = service_id()
+    task_id = await engine.add(svc, "tenant a's")
+    intruder = await workers(svc, "intruder", user=OWNERS[1])  # authenticated as the other owner
+    # The same serviceId and the task's id, from another tenant: its own (empty) queue.
+    assert (await call(intruder, "cancel", {"serviceId": svc, "taskId": task_id}))["result"] is False
+    assert (await call(intruder, "purge", {"serviceId": svc}))["result"]["purged"] == 0
+    assert (await call(intruder, "redrive", {"serviceId": svc, "taskIds": [task_id]}))["result"]["redriven"] == 0
+    assert (await call(intruder, "parked", {"serviceId": svc}))["result"]["tasks"] == []
+    stats = (await call(intruder, "stats", {}))["result"]["services"]
+    assert svc not in {s["serviceId"] for s in stats}
+    owner_worker = await workers(svc, "owner")
+    got = await fetch_until(owner_worker, 5)
+    assert got["task"]["id"] == task_id, "the owner's task is untouched"
