@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
-from bridge.domain.records import LANE_RECOVERED, Payload, QueueKey, ReadyEntry
+from bridge.domain.records import LANE_RECOVERED, PRIORITY_MAX, Payload, QueueKey, ReadyEntry
 from bridge.domain.timeline import ms_of, ready_bucket
 
 # Sealed bytes of a value a hint may carry: small enough that hint queues stay cheap in the
@@ -45,6 +45,7 @@ class Hint:
     # hint reads nothing but the claim. Only a copy: it must open under the owner's key, bound to
     # owner, service and task id; one that does not is ignored and the stored row decides.
     payload: Payload | None = None
+    priority: int = 0  # a fresh task's priority (1.4): higher ones are taken first
 
     @property
     def recovered(self) -> bool:
@@ -103,30 +104,32 @@ class _MemoryTaken:
 
 
 class MemoryHints:
-    """Hints in process memory, for tests (and a model of the broker's: FIFO, recovered first)."""
+    """Hints in process memory, for tests (and a model of the broker's: recovered first, then by
+    priority, FIFO within one)."""
 
     def __init__(self) -> None:
-        self._queues: dict[QueueKey, tuple[deque[Hint], deque[Hint]]] = {}
+        self._queues: dict[QueueKey, list[deque[Hint]]] = {}
         self._changed = asyncio.Event()
         self.closed = False
         self.lost = 0  # hints dropped on purpose by tests (``drop``)
         self.waiting = 0  # takes waiting for a hint right now
 
-    def _lanes(self, q: QueueKey) -> tuple[deque[Hint], deque[Hint]]:
-        return self._queues.setdefault(q, (deque(), deque()))
+    def _lanes(self, q: QueueKey) -> list[deque[Hint]]:
+        """Highest first: recovered, then fresh priorities from the highest down."""
+        return self._queues.setdefault(q, [deque() for _ in range(PRIORITY_MAX + 2)])
 
     def drop(self, q: QueueKey) -> int:
         """Lose every hint of a queue (a broker restart): reconciliation must find the tasks."""
-        recovered, fresh = self._lanes(q)
-        n = len(recovered) + len(fresh)
-        recovered.clear()
-        fresh.clear()
+        lanes = self._lanes(q)
+        n = sum(len(lane) for lane in lanes)
+        for lane in lanes:
+            lane.clear()
         self.lost += n
         return n
 
     async def offer(self, q: QueueKey, hint: Hint) -> None:
-        recovered, fresh = self._lanes(q)
-        (recovered if hint.recovered else fresh).append(hint)
+        lanes = self._lanes(q)
+        lanes[0 if hint.recovered else 1 + PRIORITY_MAX - hint.priority].append(hint)
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -134,8 +137,7 @@ class MemoryHints:
         loop = asyncio.get_running_loop()
         until = loop.time() + wait_ms / 1000
         while not self.closed:
-            recovered, fresh = self._lanes(q)
-            for lane in (recovered, fresh):
+            for lane in self._lanes(q):
                 if lane:
                     return _MemoryTaken(lane.popleft(), self, q)
             left = until - loop.time()

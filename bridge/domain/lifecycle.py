@@ -132,8 +132,8 @@ class Lifecycle:
         if target is None:
             return None
         task_id, epoch = target
-        lease, own_limit = await asyncio.gather(
-            self.store.lease(q, task_id, serial=False), self.store.task_limit(q, task_id)
+        lease, options = await asyncio.gather(
+            self.store.lease(q, task_id, serial=False), self.store.task_options(q, task_id)
         )
         if lease is None or not lease.held_by(req.worker_id, epoch):
             return None
@@ -141,7 +141,7 @@ class Lifecycle:
             error = seal_error(key, q, task_id, error_json)
         has_token = await self._has_token(q, task_id, lease)
         now = ctx.clock.now_ms()
-        limit = ctx.limits.delivery_limit(q, own_limit)
+        limit = ctx.limits.delivery_limit(q, options.max_deliveries)
         if lease.deliveries_counted >= limit:
             parked = await self.park(
                 q, task_id, epoch, has_token, PARK_FAILED, lease.deliveries_counted, worker=req.worker_id, error=error

@@ -53,6 +53,8 @@ class AddCommand(_Request):
     not_before: StrictStr | None = Field(None, alias="notBefore", max_length=64)
     # 1.4: this task's delivery limit (else its service's): parked once delivered this often unacked.
     max_deliveries: StrictInt | None = Field(None, alias="maxDeliveries", ge=1, le=MAX_DELIVERIES_LIMIT)
+    # 1.4: 0 (default) to 3; a ready task of a higher priority is handed out first (FIFO within one).
+    priority: StrictInt = Field(0, ge=0, le=3)
 
     @field_validator("not_before")
     @classmethod

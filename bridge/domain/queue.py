@@ -142,8 +142,8 @@ class WorkQueue:
             if existing is not None:
                 return str(existing)
         payload = seal_task(key, q, task_id, value_json, token_json, traceparent, now)
-        if cmd.max_deliveries is not None:
-            payload = replace(payload, max_deliveries=cmd.max_deliveries)
+        if cmd.max_deliveries is not None or cmd.priority:
+            payload = replace(payload, max_deliveries=cmd.max_deliveries, priority=cmd.priority)
         self._register(q)
         if due is not None:
             # Write-ahead: the scheduler announces it at its time (an entry without a task, from a
@@ -157,7 +157,8 @@ class WorkQueue:
             return str(task_id)
         await ctx.store.store_task(q, task_id, payload)
         # After the write: a hint never names a task that is not stored yet.
-        await self.hints.offer(q, Hint(task_id, LANE_FRESH, task_id, None, token_json is not None, carried(payload)))
+        hint = Hint(task_id, LANE_FRESH, task_id, None, token_json is not None, carried(payload), cmd.priority)
+        await self.hints.offer(q, hint)
         ctx.count(q, now, ready=1)
         ctx.metrics.inc("tasks_added", kind="ready")
         log.debug("task added", extra={"task_id": str(task_id)})

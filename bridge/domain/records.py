@@ -55,6 +55,8 @@ class Payload:
     created_at_ms: int | None
     # The task's own delivery limit (``maxDeliveries`` of its add, 1.4); None: its service's.
     max_deliveries: int | None = None
+    # 1.4: 0 (default) to ``PRIORITY_MAX``; a higher one is handed out first (by hints).
+    priority: int = 0
 
     @property
     def key_id(self) -> str:
@@ -173,6 +175,18 @@ class OutboxEntry:
 
 UNSHARDED = -1
 
+PRIORITY_MAX = 3  # task priorities 0..3 (hints carry them; recovered tasks still come first)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOptions:
+    """What an add asked for its task beyond its value (1.4): read when a lease runs out or a
+    delayed task comes due, never on the task's usual path."""
+
+    max_deliveries: int | None = None
+    priority: int = 0
+
+
 # The epoch of a delayed task's due entry in the timer wheel: not a lease deadline, the moment a
 # never-claimed task becomes claimable (the scheduler announces it then).
 DUE_EPOCH = 0
@@ -197,6 +211,7 @@ __all__ = [
     "LANE_FRESH",
     "LANE_RECOVERED",
     "NO_WORKER",
+    "PRIORITY_MAX",
     "UNSHARDED",
     "CasResult",
     "ExpiryEntry",
@@ -208,6 +223,7 @@ __all__ = [
     "Payload",
     "QueueKey",
     "ReadyEntry",
+    "TaskOptions",
     "WorkerPointer",
     "WorkerRow",
 ]

@@ -253,7 +253,7 @@ class RecoveryScheduler:
             return True
         # Expired. Delivered its limit of times without an ack: parked, not handed out again.
         ctx = self.queue.ctx
-        limit = ctx.limits.delivery_limit(q, await self.store.task_limit(q, entry.task_id))
+        limit = ctx.limits.delivery_limit(q, (await self.store.task_options(q, entry.task_id)).max_deliveries)
         if lease.deliveries_counted >= limit:
             has_token = lease.has_token if lease.has_token is not None else entry.has_token
             await self.queue.lifecycle.park(
@@ -302,7 +302,9 @@ class RecoveryScheduler:
         cancelled or already claimed, by a reconciliation scan)."""
         if lease is None:
             q = entry.queue
-            await self.queue.announce(q, Hint(entry.task_id, LANE_FRESH, entry.task_id, None, entry.has_token))
+            priority = (await self.store.task_options(q, entry.task_id)).priority
+            hint = Hint(entry.task_id, LANE_FRESH, entry.task_id, None, entry.has_token, priority=priority)
+            await self.queue.announce(q, hint)
             self.queue.ctx.count_delayed(q, entry.lease_until_ms, -1)
             self.queue.ctx.count(q, ms_of(entry.task_id), ready=1)
             self.queue.metrics.inc("tasks_due")

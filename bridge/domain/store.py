@@ -34,6 +34,7 @@ from bridge.domain.records import (
     Payload,
     QueueKey,
     ReadyEntry,
+    TaskOptions,
     WorkerPointer,
     WorkerRow,
 )
@@ -46,8 +47,8 @@ class TaskStore(Protocol):
 
     async def task_exists(self, q: QueueKey, task_id: uuid.UUID) -> bool: ...
 
-    async def task_limit(self, q: QueueKey, task_id: uuid.UUID) -> int | None:
-        """The task's own delivery limit (its add's ``maxDeliveries``), None if it set none."""
+    async def task_options(self, q: QueueKey, task_id: uuid.UUID) -> TaskOptions:
+        """The task's own delivery limit and priority (defaults if it set none or is gone)."""
 
     async def reindex_task(self, q: QueueKey, task_id: uuid.UUID) -> None:
         """Index the task's bucket again (an add that died between its index and task writes)."""

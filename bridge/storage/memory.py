@@ -34,6 +34,7 @@ from bridge.domain.records import (
     Payload,
     QueueKey,
     ReadyEntry,
+    TaskOptions,
     WorkerPointer,
     WorkerRow,
 )
@@ -279,9 +280,9 @@ class MemoryTaskStore:
         return True
 
     # -- the lifecycle (1.4) -------------------------------------------------------------------
-    async def task_limit(self, q: QueueKey, task_id: uuid.UUID) -> int | None:
+    async def task_options(self, q: QueueKey, task_id: uuid.UUID) -> TaskOptions:
         payload = await self.payload(q, task_id)
-        return None if payload is None else payload.max_deliveries
+        return TaskOptions() if payload is None else TaskOptions(payload.max_deliveries, payload.priority)
 
     async def release(
         self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, until_ms: int, error: Sealed | None

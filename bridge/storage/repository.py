@@ -29,6 +29,7 @@ from bridge.domain.records import (
     Payload,
     QueueKey,
     ReadyEntry,
+    TaskOptions,
     WorkerPointer,
     WorkerRow,
 )
@@ -119,7 +120,8 @@ class CassandraTaskStore:
                 *(q.owner, q.service, bucket, task_id, task_id),
                 *(payload.value.key_id, payload.value.nonce, payload.value.ciphertext),
                 *(token.nonce if token else None, token.ciphertext if token else None),
-                *(payload.traceparent, created, payload.max_deliveries, self.ttl_for(task_id)),
+                *(payload.traceparent, created, payload.max_deliveries, payload.priority or None),
+                self.ttl_for(task_id),
             ),
         )
 
@@ -127,9 +129,11 @@ class CassandraTaskStore:
         rows = await self.db.execute("ready.payload", (q.owner, q.service, bucket_of_task(task_id), task_id))
         return bool(rows)
 
-    async def task_limit(self, q: QueueKey, task_id: uuid.UUID) -> int | None:
-        rows = await self.db.execute("ready.limit", (q.owner, q.service, bucket_of_task(task_id), task_id))
-        return rows[0]["max_deliveries"] if rows else None
+    async def task_options(self, q: QueueKey, task_id: uuid.UUID) -> TaskOptions:
+        rows = await self.db.execute("ready.options", (q.owner, q.service, bucket_of_task(task_id), task_id))
+        if not rows:
+            return TaskOptions()
+        return TaskOptions(rows[0]["max_deliveries"], rows[0]["priority"] or 0)
 
     async def reindex_task(self, q: QueueKey, task_id: uuid.UUID) -> None:
         await self._index_bucket(q, LANE_FRESH, bucket_of_task(task_id), task_id, force=True)

@@ -93,6 +93,7 @@ def payload_of(r: Row) -> Payload:
         traceparent=r["traceparent"],
         created_at_ms=None if created is None else to_ms(created),
         max_deliveries=r.get("max_deliveries"),
+        priority=r.get("priority") or 0,
     )
 
 

@@ -169,6 +169,7 @@ ADDED_COLUMNS: list[tuple[str, str, str]] = [
     ("leases", "has_token", "boolean"),
     # 1.4: the worker lifecycle (delivery limits, parking, the last error of a fail).
     ("ready", "max_deliveries", "int"),
+    ("ready", "priority", "int"),
     ("leases", "base_epoch", "int"),
     ("leases", "parked_at", "timestamp"),
     ("leases", "park_reason", "text"),

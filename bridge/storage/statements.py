@@ -15,8 +15,8 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     # name: (cql, idempotent). LWTs are not idempotent: their outcome is resolved by reading.
     "ready.insert": (
         "INSERT INTO {ks}.ready (owner, service, lane, bucket, seq, task_id, key_id, value_nonce, value_ct, "
-        "token_nonce, token_ct, traceparent, created_at, max_deliveries) "
-        "VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?",
+        "token_nonce, token_ct, traceparent, created_at, max_deliveries, priority) "
+        "VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?",
         True,
     ),
     "ready.insert_recovered": (
@@ -30,13 +30,14 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         True,
     ),
     "ready.payload": (
-        "SELECT key_id, value_nonce, value_ct, token_nonce, token_ct, traceparent, created_at, max_deliveries "
-        "FROM {ks}.ready "
+        "SELECT key_id, value_nonce, value_ct, token_nonce, token_ct, traceparent, created_at, max_deliveries, "
+        "priority FROM {ks}.ready "
         "WHERE owner = ? AND service = ? AND lane = 1 AND bucket = ? AND seq = ?",
         True,
     ),
-    "ready.limit": (
-        "SELECT max_deliveries FROM {ks}.ready WHERE owner = ? AND service = ? AND lane = 1 AND bucket = ? AND seq = ?",
+    "ready.options": (
+        "SELECT max_deliveries, priority FROM {ks}.ready "
+        "WHERE owner = ? AND service = ? AND lane = 1 AND bucket = ? AND seq = ?",
         True,
     ),
     "ready.mark_claimed": (

@@ -32,17 +32,21 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from bridge.config import Settings
 from bridge.crypto import Sealed
 from bridge.domain.hints import Hint, Taken
-from bridge.domain.records import Payload, QueueKey
+from bridge.domain.records import PRIORITY_MAX, Payload, QueueKey
 
 log = logging.getLogger("bridge.hints")
 
 MAX_DECLARED = 10_000
-HINT_PATTERN = r"\.hints\.[0-9a-f]{24}"  # the queue names after the prefix (broker permissions)
+# The queue names after the prefix (broker permissions): ``p`` since 1.4, whose queues have five
+# priorities (task priorities 0-3, recovered tasks above them); a queue's arguments cannot change,
+# so the 1.3 queues (two priorities) keep their names and 1.4 bridges use new ones.
+HINT_PATTERN = r"\.hints\.p?[0-9a-f]{24}"
+RECOVERED_PRIORITY = PRIORITY_MAX + 1
 
 
 def hint_queue_name(queue_prefix: str, q: QueueKey) -> str:
     digest = hashlib.blake2b(f"{q.owner}\x00{q.service}".encode(), digest_size=12).hexdigest()
-    return f"{queue_prefix}.hints.{digest}"
+    return f"{queue_prefix}.hints.p{digest}"
 
 
 def _sealed(s: Sealed) -> list[str]:
@@ -62,6 +66,8 @@ def encode(hint: Hint) -> bytes:
         "e": hint.epoch,
         "k": hint.has_token,
     }
+    if hint.priority:
+        d["r"] = hint.priority
     p = hint.payload
     if p is not None:
         d["p"] = {
@@ -80,7 +86,8 @@ def decode(body: bytes) -> Hint:
         token = None if p["k"] is None else _unsealed(p["k"])
         created = None if p["c"] is None else int(p["c"])
         payload = Payload(_unsealed(p["v"]), token, p["tp"], created)
-    return Hint(uuid.UUID(d["t"]), int(d["l"]), uuid.UUID(d["s"]), d["e"], bool(d["k"]), payload)
+    priority = min(max(int(d.get("r", 0)), 0), PRIORITY_MAX)
+    return Hint(uuid.UUID(d["t"]), int(d["l"]), uuid.UUID(d["s"]), d["e"], bool(d["k"]), payload, priority)
 
 
 @dataclass
@@ -145,7 +152,7 @@ class AmqpHints:
             self._declared.move_to_end(name)
             return found
         assert self._channel is not None, "hints used before the transport started"
-        args: dict[str, object] = {"x-max-priority": 1, "x-expires": self._expires_ms}
+        args: dict[str, object] = {"x-max-priority": RECOVERED_PRIORITY, "x-expires": self._expires_ms}
         declared = await self._channel.declare_queue(name, durable=True, arguments=args)  # type: ignore[arg-type]
         self._declared[name] = declared
         while len(self._declared) > MAX_DECLARED:
@@ -156,7 +163,8 @@ class AmqpHints:
         try:
             queue = await asyncio.wait_for(self._queue(q), BROKER_CALL_S)
             assert self._channel is not None
-            message = aio_pika.Message(encode(hint), priority=1 if hint.recovered else 0)
+            priority = RECOVERED_PRIORITY if hint.recovered else hint.priority
+            message = aio_pika.Message(encode(hint), priority=priority)
             await asyncio.wait_for(
                 self._channel.default_exchange.publish(message, routing_key=queue.name), BROKER_CALL_S
             )

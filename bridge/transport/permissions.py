@@ -54,7 +54,7 @@ def _exactly(names: list[str], patterns: tuple[str, ...] = ()) -> str:
 
 def hint_queues(queue_prefix: str) -> str:
     """The pattern of the bridge's hint queues (``bridge.transport.hints``): one per service queue."""
-    return _escape(queue_prefix) + r"\.hints\.[0-9a-f]{24}"
+    return _escape(queue_prefix) + r"\.hints\.p?[0-9a-f]{24}"
 
 
 def role_permissions(

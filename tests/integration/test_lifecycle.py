@@ -455,3 +455,22 @@ async def test_another_owner_cannot_touch_a_queue_it_does_not_own(make_bridge, e
     owner_worker = await workers(svc, "owner")
     got = await fetch_until(owner_worker, 5)
     assert got["task"]["id"] == task_id, "the owner's task is untouched"
+
+
+async def test_higher_priorities_are_handed_out_first_fifo_within_a_level(make_bridge, engine, workers):
+    await make_bridge(**FAST)
+    svc = service_id()
+    order = [(0, "low-0"), (0, "low-1"), (2, "mid-0"), (3, "high-0"), (2, "mid-1"), (3, "high-1"), (0, "low-2")]
+    for priority, value in order:
+        body = {"serviceId": svc, "value": value, "priority": priority}
+        await engine.call("add", body, owner=OWNERS[0])
+    w = await workers(svc, "w")
+    seen = []
+    for _ in order:
+        got = await fetch_until(w, 5)
+        seen.append(got["result"])
+        ack = {"serviceId": svc, "workerId": "w", "taskId": got["task"]["id"], "epoch": 1, "result": 0}
+        assert (await call(w, "ack", ack))["result"] is True
+    assert seen == ["high-0", "high-1", "mid-0", "mid-1", "low-0", "low-1", "low-2"]
+    with pytest.raises(BadRequestError):
+        await engine.call("add", {"serviceId": svc, "value": 1, "priority": 4}, owner=OWNERS[0])
