@@ -186,6 +186,13 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     instance_id: str | None = Field(None, description="Name of this bridge instance in logs and metrics.")
 
+    # --- HTTP gateway (issue 11): the AMQP contract over HTTP, opt-in ---------------------------
+    gateway_port: int = Field(0, ge=0, le=65535, description="HTTP gateway port (0: no gateway).")
+    gateway_host: str = Field("127.0.0.1", description="HTTP gateway listen address.")
+    gateway_keys_file: Path | None = Field(
+        None, description="The gateway's API keys: a JSON list of {id, owner, sha256, trusted} (hashed secrets)."
+    )
+
     @field_validator("results_queue", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
@@ -213,6 +220,12 @@ class Settings(BaseSettings):
     def _one_key_source(self) -> Settings:
         if self.keyring is not None and self.key_server_url is not None:
             raise ValueError("set BRIDGE_KEYRING or BRIDGE_KEY_SERVER_URL, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _gateway_has_keys(self) -> Settings:
+        if self.gateway_port and self.gateway_keys_file is None:
+            raise ValueError("BRIDGE_GATEWAY_PORT needs BRIDGE_GATEWAY_KEYS_FILE (the gateway has no anonymous access)")
         return self
 
     @property
