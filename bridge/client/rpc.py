@@ -45,6 +45,8 @@ __all__ = [
 REPLY_TO = "amq.rabbitmq.reply-to"
 DEADLINE_HEADER = "x-deadline"
 MIN_BEAT_S = 0.1  # keep_alive never beats faster than this, however short the lease
+REDRIVE_RATE = 50.0  # the bridge's default BRIDGE_REDRIVE_RATE: parked tasks put back per second
+REDRIVE_ALL_MAX = 1000  # parked tasks one ``redrive all`` puts back at most
 UNKNOWN_LEASE_S = 3.0  # a lease keep_alive cannot read, of a length it was not told: beat every second
 
 log = logging.getLogger("bridge.client")
@@ -350,8 +352,8 @@ class Engine(RpcClient):
         reply = await self.call("add", body, owner=self.owner, message_id=mid, headers=headers)
         return str(reply["task"]["id"])
 
-    async def _result(self, method: str, body: dict[str, Any]) -> Any:
-        return (await self.call(method, body, owner=self.owner))["result"]
+    async def _result(self, method: str, body: dict[str, Any], *, wait_s: float = 0.0) -> Any:
+        return (await self.call(method, body, owner=self.owner, wait_s=wait_s))["result"]
 
     async def cancel(self, service: str, task_id: str) -> bool:
         """Cancel a task wherever it is (ready, delayed, in flight, parked): true if this request
@@ -360,8 +362,18 @@ class Engine(RpcClient):
         return bool(await self._result("cancel", {"serviceId": service, "taskId": task_id}))
 
     async def purge(self, service: str) -> int:
-        """Cancel the queue's ready tasks (never in-flight, delayed or parked ones); how many."""
-        return int((await self._result("purge", {"serviceId": service}))["purged"])
+        """Cancel the queue's ready tasks (never in-flight, delayed or parked ones); how many.
+
+        One request looks at a bounded part of the queue (20000 index entries) and says
+        ``more`` when it stopped short: it is sent again while it says so and still cancels
+        something (a round that cancels nothing would look at the same entries again)."""
+        purged = 0
+        while True:
+            result = await self._result("purge", {"serviceId": service})
+            now = int(result["purged"])
+            purged += now
+            if not result.get("more") or not now:
+                return purged
 
     async def stats(self, service: str | None = None) -> list[ServiceStats]:
         """Counts of one queue, or (``service`` None) of every queue of the owner, from the bridge."""
@@ -374,10 +386,22 @@ class Engine(RpcClient):
         result = await self._result("parked", {"serviceId": service, "limit": limit})
         return [ParkedTask.from_wire(doc) for doc in result["tasks"]]
 
-    async def redrive(self, service: str, task_ids: list[str] | None = None, *, all: bool = False) -> int:
-        """Put parked tasks back in the queue (the named ones, or ``all=True``), their delivery
-        count starting again; how many went back. Exactly one of ``task_ids`` / ``all``: a
-        request for both or neither is refused here (the bridge would answer bad_request)."""
+    async def redrive(
+        self,
+        service: str,
+        task_ids: list[str] | None = None,
+        *,
+        all: bool = False,
+        redrive_rate: float = REDRIVE_RATE,
+    ) -> int:
+        """Put parked tasks back in the queue (the named ones, or ``all=True``: up to 1000 per
+        call), their delivery count toward the limit starting again; how many went back.
+        Exactly one of ``task_ids`` / ``all``: a request for both or neither is refused here
+        (the bridge would answer bad_request).
+
+        The bridge puts them back at ``BRIDGE_REDRIVE_RATE`` a second and answers when done, so
+        the reply is awaited that much longer than other requests: pass the bridge's rate as
+        ``redrive_rate`` if it is not the default."""
         if all == (task_ids is not None):
             raise ValueError("give task_ids or all=True (exactly one)")
         if task_ids is not None and not task_ids:
@@ -385,9 +409,11 @@ class Engine(RpcClient):
         body: dict[str, Any] = {"serviceId": service}
         if all:
             body["all"] = True
+            count = REDRIVE_ALL_MAX
         else:
             body["taskIds"] = list(task_ids or ())
-        return int((await self._result("redrive", body))["redriven"])
+            count = len(body["taskIds"])
+        return int((await self._result("redrive", body, wait_s=count / redrive_rate))["redriven"])
 
     async def discard(self, service: str, task_ids: list[str]) -> int:
         """Drop parked tasks for good (only parked ones: others are left alone); how many."""

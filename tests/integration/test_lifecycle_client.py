@@ -127,6 +127,7 @@ async def test_fail_gives_the_task_back_after_the_backoff(bridge: Any, engine: E
     failed_at = time.time()
     outcome = await task.fail({"why": "database unreachable"}, retry_in_ms=1_500)
     assert outcome is not None and outcome.task_id == task_id
+    assert outcome.deliveries == 1
     assert outcome.parked is False
     assert outcome.retry_at is not None
     assert failed_at + 1.4 <= at(outcome.retry_at) <= time.time() + 1.6, outcome
@@ -215,23 +216,31 @@ async def test_parked_redrive_and_discard(
 ) -> None:
     svc = service_id()
     async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
-        with_token = await engine.add(svc, {"n": 1}, token={"processId": "p1"}, max_deliveries=1)
-        without = await engine.add(svc, {"n": 2}, max_deliveries=1)
         w = await workers(svc)
-        for task_id, why in ((with_token, "boom 1"), (without, "boom 2")):
-            task = await w.fetch(time_to_recover_ms=60_000)
-            assert task is not None and task.id == task_id
-            outcome = await task.fail({"why": why})
-            assert outcome is not None and outcome.parked is True and outcome.retry_at is None, outcome
+        with_token = await engine.add(svc, {"n": 1}, token={"processId": "p1"}, max_deliveries=2)
+        first = await w.fetch(time_to_recover_ms=60_000)
+        assert first is not None and first.id == with_token
+        retry = await first.fail({"why": "boom 1"}, retry_in_ms=0)
+        assert retry is not None and retry.parked is False and retry.deliveries == 1, retry
+        second = await wait_for(w.fetch, 10.0, interval=0.05, what="the task back at once")
+        assert second.id == with_token and second.deliveries == 2
+        last = await second.fail({"why": "boom 2"})
+        assert last is not None and last.parked is True and last.retry_at is None, last
+
+        without = await engine.add(svc, {"n": 2}, max_deliveries=1)
+        task = await w.fetch(time_to_recover_ms=60_000)
+        assert task is not None and task.id == without
+        outcome = await task.fail({"why": "boom 3"})
+        assert outcome is not None and outcome.parked is True, outcome
         assert await w.fetch() is None  # parked tasks are not handed out
 
         parked = {p.id: p for p in await engine.parked(svc)}
         assert set(parked) == {with_token, without}
-        assert parked[with_token].last_error == {"why": "boom 1"}
+        assert parked[with_token].last_error == {"why": "boom 2"}  # the last fail's
+        assert (parked[with_token].deliveries, parked[without].deliveries) == (2, 1)
         assert parked[with_token].has_token is True and parked[without].has_token is False
         for p in parked.values():
-            assert p.deliveries == 1
-            assert p.reason in ("delivery_limit", "failed"), p
+            assert p.reason == "failed", p  # its worker failed it on its last allowed delivery
             assert at(p.added_at) <= at(p.parked_at)
         assert len(await engine.parked(svc, limit=1)) == 1
         await counts_become(engine, svc, ready=0, in_flight=0, parked=2)
@@ -241,12 +250,16 @@ async def test_parked_redrive_and_discard(
         parked_msg = results.get_nowait()
         assert parked_msg["taskId"] == with_token
         assert parked_msg["error"]["code"] == "delivery_limit"
-        assert parked_msg["error"]["deliveries"] == 1
+        assert parked_msg["error"]["deliveries"] == 2
 
         assert await engine.redrive(svc, [with_token]) == 1
         back = await wait_for(w.fetch, 10.0, interval=0.05, what="the redriven task")
         assert back.id == with_token
-        assert back.deliveries == 1  # its delivery count started again
+        assert back.deliveries == 3  # a fetch counts every delivery ...
+        again = await back.fail({"why": "boom 4"}, retry_in_ms=0)
+        assert again is not None and again.parked is False  # ... the limit counts from the redrive
+        back = await wait_for(w.fetch, 10.0, interval=0.05, what="the redriven task, once more")
+        assert back.id == with_token and back.deliveries == 4
         assert await back.ack({"ok": True}) is True
         await wait_for(lambda: not results.empty(), 10, what="the redriven task's result")
         assert results.get_nowait()["result"] == {"ok": True}

@@ -179,7 +179,7 @@ async def test_management_requests_and_their_answers(monkeypatch: pytest.MonkeyP
         engine,
         FakeBridge(
             cancel=[{"result": True}, {"result": False}],
-            purge=[{"result": {"purged": 5}}],
+            purge=[{"result": {"purged": 5, "more": False}}],
             stats=[
                 {"result": {"services": [stats_doc, {**stats_doc, "serviceId": "other", "oldestReadyAgeMs": None}]}}
             ],
@@ -219,6 +219,29 @@ async def test_management_requests_and_their_answers(monkeypatch: pytest.MonkeyP
         ("discard", {"serviceId": "svc", "taskIds": ["p1"]}),
     ]
     assert {kw["owner"] for _, _, kw in bridge.calls} == {"tenant-a"}  # x-owner on every one
+
+
+async def test_purge_is_sent_again_while_the_bridge_says_more(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = Engine(URL)
+    rounds: list[Reply] = [
+        {"result": {"purged": 3, "more": True}},
+        {"result": {"purged": 2, "more": True}},
+        {"result": {"purged": 0, "more": True}},  # nothing left that is ready: stop, not loop
+    ]
+    bridge = attach(engine, FakeBridge(purge=rounds), monkeypatch)
+    assert await engine.purge("svc") == 5
+    assert len(bridge.calls) == 3
+    bridge = attach(engine, FakeBridge(purge=[{"result": {"purged": 1, "more": False}}]), monkeypatch)
+    assert await engine.purge("svc") == 1
+    assert len(bridge.calls) == 1
+
+
+async def test_a_redrive_is_awaited_as_long_as_the_bridge_paces_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = Engine(URL)
+    bridge = attach(engine, FakeBridge(redrive=[{"result": {"redriven": 1}}]), monkeypatch)
+    await engine.redrive("svc", [f"p{i}" for i in range(100)])
+    await engine.redrive("svc", all=True, redrive_rate=100)
+    assert [kw["wait_s"] for _, _, kw in bridge.calls] == [2.0, 10.0]  # 100 / 50 a second; 1000 / 100
 
 
 async def test_redrive_takes_ids_or_all_and_empty_lists_ask_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
