@@ -5,7 +5,8 @@ bridge, a file that cannot be written); 2 bad usage or arguments (invalid JSON, 
 configuration). Expected failures print one clear message on stderr, never a traceback.
 
 Commands by module: :mod:`~bridge.cli.server` (run, permissions, config, schema),
-:mod:`~bridge.cli.stats`, :mod:`~bridge.cli.requests` (add, fetch, ack),
+:mod:`~bridge.cli.stats`, :mod:`~bridge.cli.requests` (add, fetch, ack, extend, fail, cancel, purge,
+queue-stats, parked, redrive, discard),
 :mod:`~bridge.cli.keyring` (keyring generate, rotate); shared pieces in :mod:`~bridge.cli.base`.
 """
 
