@@ -4,16 +4,29 @@ reply bodies. Every problem found here is the caller's: a :mod:`bridge.domain.er
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
 from bridge.domain import jsonvalue
 from bridge.domain.errors import BadRequest, PayloadTooLarge, Unauthorized
 from bridge.errors import BridgeError
+from bridge.transport import wire
 from bridge.transport.replies import BadReplyTo, reply_node
+from bridge.transport.wire import iso
+
+__all__ = [
+    "DEADLINE_HEADER",
+    "ENVELOPE_ALLOWANCE",
+    "OWNER_PATTERN",
+    "Identity",
+    "check_reply_to",
+    "deadline_of",
+    "iso",  # moved to bridge.transport.wire, still importable from here
+    "read_body",
+    "reply_body",
+    "sent_before_ms",
+]
 
 DEADLINE_HEADER = "x-deadline"
 OWNER_PATTERN = re.compile(r"[^\x00-\x1f\x7f]{1,255}")
@@ -95,14 +108,7 @@ def read_body(message: AbstractIncomingMessage, max_value_bytes: int) -> Any:
 
 
 def reply_body(result: Any = None, *, error: BridgeError | None = None, extra: dict[str, Any] | None = None) -> bytes:
-    """``{"result": ...}`` (plus ``extra``) or ``{"error": {"code", "message"}}``."""
+    """``{"result": ...}`` (plus ``extra``) or ``{"error": {"code", "message"}}`` (see :mod:`bridge.transport.wire`)."""
     if error is not None:
-        return orjson.dumps({"error": {"code": str(error.code), "message": error.message}})
-    body: dict[str, Any] = {"result": result}
-    if extra:
-        body.update(extra)
-    return orjson.dumps(body)
-
-
-def iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return wire.encode(wire.error(error))
+    return wire.encode(wire.reply(result, extra=extra))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -19,35 +18,13 @@ from aio_pika.abc import AbstractIncomingMessage
 from pydantic import BaseModel
 
 from bridge.config import Settings
-from bridge.domain import jsonvalue
 from bridge.domain.errors import BadRequest
-from bridge.domain.models import (
-    AckRequest,
-    AddCommand,
-    CancelRequest,
-    DiscardRequest,
-    ExtendRequest,
-    FailRequest,
-    FetchRequest,
-    ParkedRequest,
-    QueueRequest,
-    RedriveRequest,
-    StatsRequest,
-    parse,
-)
+from bridge.domain.models import AckRequest, AddCommand, FetchRequest, parse
 from bridge.domain.queue import WorkQueue
-from bridge.domain.timeline import ms_of
 from bridge.errors import BridgeError, ErrorCode, wire_code
 from bridge.observability.tracing import child_traceparent, extract_traceparent
-from bridge.transport.envelope import (
-    Identity,
-    check_reply_to,
-    deadline_of,
-    iso,
-    read_body,
-    reply_body,
-    sent_before_ms,
-)
+from bridge.transport import wire
+from bridge.transport.envelope import Identity, check_reply_to, deadline_of, read_body, reply_body, sent_before_ms
 from bridge.transport.fate import EXPIRED, OK, RETRY_BUDGET_S, Settle, fate_of, settle
 from bridge.transport.replies import ReplyPublisher
 from bridge.transport.topology import ROUTING_KEYS
@@ -131,10 +108,7 @@ class RequestHandlers:
             task_id = await self._add_retrying(owner, cmd, message.message_id, traceparent)
         except Exception as exc:
             return await self.fail(message, "add", exc)
-        task: dict[str, Any] = {"id": task_id}
-        if cmd.delay_ms is not None or cmd.not_before is not None:
-            task["notBefore"] = iso(ms_of(uuid.UUID(task_id)))  # a delayed task's id is its due time
-        return await self.conclude(message, "add", OK, reply_body(True, extra={"task": task}))
+        return await self.conclude(message, "add", OK, wire.encode(wire.added(task_id, cmd)))
 
     async def _add_retrying(self, owner: str, cmd: AddCommand, message_id: str | None, traceparent: str | None) -> str:
         """Retry an add whose fate is to be retried (``unavailable``) while the delivery is held,
@@ -207,103 +181,24 @@ class RequestHandlers:
             await message.ack()
         delivery = await self.queue.fetch(owner, req)
         if delivery is None:
-            return reply_body(None), None
-        task = {
-            "id": delivery.task_id,
-            "epoch": delivery.epoch,
-            "deliveries": delivery.deliveries,
-            "leaseExpiresAt": iso(delivery.lease_expires_at_ms),
-            "hasToken": delivery.has_token,
-        }
+            return wire.encode(wire.fetched(None)), None
         # The worker's span continues the engine's trace: same trace id, a new parent span id.
         child = child_traceparent(delivery.traceparent)
         headers = {"traceparent": child} if child else None
-        return reply_body(jsonvalue.fragment(delivery.value_json), extra={"task": task}), headers
+        return wire.encode(wire.fetched(delivery)), headers
 
     async def _ack(self, owner: str, req: AckRequest, message: AbstractIncomingMessage) -> Reply:
         done = await self.queue.ack(owner, req, sent_before_ms=sent_before_ms(message))
-        return reply_body(done), None
+        return wire.encode(wire.acked(done)), None
 
-    # -- the lifecycle (1.4): RPCs on one queue, by routing key ------------------------------------
+    # -- the lifecycle (1.4): RPCs on one queue, by routing key (the table is shared with the gateway)
     def lifecycle_handler(self, method: str) -> Callable[[AbstractIncomingMessage], Awaitable[str]]:
-        calls: dict[str, tuple[type[BaseModel], Callable[[str, Any, AbstractIncomingMessage], Awaitable[Reply]]]] = {
-            "extend": (ExtendRequest, self._extend),
-            "fail": (FailRequest, self._fail),
-            "cancel": (CancelRequest, self._cancel),
-            "purge": (QueueRequest, self._purge),
-            "stats": (StatsRequest, self._stats),
-            "parked": (ParkedRequest, self._parked),
-            "redrive": (RedriveRequest, self._redrive),
-            "discard": (DiscardRequest, self._discard),
-        }
-        model, call = calls[method]
+        operation = wire.LIFECYCLE[method]
+
+        async def call(owner: str, req: Any, message: AbstractIncomingMessage) -> Reply:
+            return wire.encode(await operation.call(self.queue, owner, req)), None
 
         async def handle(message: AbstractIncomingMessage) -> str:
-            return await self._rpc(message, method, model, call)
+            return await self._rpc(message, method, operation.model, call)
 
         return handle
-
-    async def _extend(self, owner: str, req: ExtendRequest, message: AbstractIncomingMessage) -> Reply:
-        done = await self.queue.extend(owner, req)
-        if done is None:
-            return reply_body(False), None
-        task = {"id": str(done.task_id), "epoch": done.epoch, "leaseExpiresAt": iso(done.lease_until_ms)}
-        return reply_body(True, extra={"task": task}), None
-
-    async def _fail(self, owner: str, req: FailRequest, message: AbstractIncomingMessage) -> Reply:
-        done = await self.queue.fail(owner, req)
-        if done is None:
-            return reply_body(False), None
-        task = {
-            "id": str(done.task_id),
-            "deliveries": done.deliveries,
-            "parked": done.parked,
-            "retryAt": None if done.retry_at_ms is None else iso(done.retry_at_ms),
-        }
-        return reply_body(True, extra={"task": task}), None
-
-    async def _cancel(self, owner: str, req: CancelRequest, message: AbstractIncomingMessage) -> Reply:
-        return reply_body(await self.queue.cancel(owner, req.service_id, uuid.UUID(req.task_id))), None
-
-    async def _purge(self, owner: str, req: QueueRequest, message: AbstractIncomingMessage) -> Reply:
-        purged, more = await self.queue.purge(owner, req.service_id)
-        return reply_body({"purged": purged, "more": more}), None
-
-    async def _stats(self, owner: str, req: StatsRequest, message: AbstractIncomingMessage) -> Reply:
-        found = await self.queue.stats(owner, req.service_id)
-        services = [
-            {
-                "serviceId": s.service,
-                "ready": s.ready,
-                "inFlight": s.in_flight,
-                "delayed": s.delayed,
-                "parked": s.parked,
-                "oldestReadyAgeMs": s.oldest_ready_age_ms,
-            }
-            for s in found
-        ]
-        return reply_body({"services": services}), None
-
-    async def _parked(self, owner: str, req: ParkedRequest, message: AbstractIncomingMessage) -> Reply:
-        found = await self.queue.parked(owner, req.service_id, req.limit)
-        tasks = [
-            {
-                "id": str(t.task_id),
-                "deliveries": t.deliveries,
-                "reason": t.reason,
-                "lastError": None if t.last_error_json is None else jsonvalue.fragment(t.last_error_json),
-                "parkedAt": iso(t.parked_at_ms),
-                "addedAt": iso(ms_of(t.task_id)),
-                "hasToken": t.has_token,
-            }
-            for t in found
-        ]
-        return reply_body({"tasks": tasks}), None
-
-    async def _redrive(self, owner: str, req: RedriveRequest, message: AbstractIncomingMessage) -> Reply:
-        ids = None if req.task_ids is None else [uuid.UUID(t) for t in req.task_ids]
-        return reply_body({"redriven": await self.queue.redrive(owner, req.service_id, ids)}), None
-
-    async def _discard(self, owner: str, req: DiscardRequest, message: AbstractIncomingMessage) -> Reply:
-        ids = [uuid.UUID(t) for t in req.task_ids]
-        return reply_body({"discarded": await self.queue.discard(owner, req.service_id, ids)}), None

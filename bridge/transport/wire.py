@@ -1,0 +1,212 @@
+"""The reply bodies of the wire contract, made from the domain's results.
+
+One place for both doors of the bridge: the AMQP handlers (:mod:`bridge.transport.handlers`) and
+the HTTP gateway (:mod:`bridge.gateway`) answer every request with the same JSON, built here:
+``{"result": ...}`` (plus ``task`` for add, fetch, extend and fail) or
+``{"error": {"code", "message"}}``. Nothing here touches a message or a connection.
+
+:data:`LIFECYCLE` is the contract 1.4 RPCs as (request model, call of the domain queue that
+returns the reply body): the AMQP lifecycle queue and the gateway run the same table.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from pydantic import BaseModel
+
+from bridge.domain import jsonvalue
+from bridge.domain.models import (
+    AddCommand,
+    CancelRequest,
+    Delivery,
+    DiscardRequest,
+    ExtendRequest,
+    FailRequest,
+    ParkedRequest,
+    QueueRequest,
+    RedriveRequest,
+    StatsRequest,
+)
+from bridge.domain.timeline import ms_of
+from bridge.errors import BridgeError
+
+if TYPE_CHECKING:
+    from bridge.domain.lifecycle import Extended, Failed, ParkedTask
+    from bridge.domain.queue import WorkQueue
+    from bridge.domain.stats import ServiceStats
+
+Body = dict[str, Any]
+
+
+def iso(ms: int) -> str:
+    """Milliseconds since the epoch as the contract writes times: ISO 8601, UTC, milliseconds."""
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def reply(result: Any = None, *, extra: dict[str, Any] | None = None) -> Body:
+    """``{"result": ...}`` plus ``extra`` (``task``)."""
+    body: Body = {"result": result}
+    if extra:
+        body.update(extra)
+    return body
+
+
+def error(err: BridgeError) -> Body:
+    return {"error": {"code": str(err.code), "message": err.message}}
+
+
+def encode(body: Body) -> bytes:
+    """The body as JSON bytes (values and errors that came back from storage are spliced in as they are)."""
+    return orjson.dumps(body)
+
+
+# -- one builder per method -------------------------------------------------------------------------
+def added(task_id: str, cmd: AddCommand) -> Body:
+    task: dict[str, Any] = {"id": task_id}
+    if cmd.delay_ms is not None or cmd.not_before is not None:
+        task["notBefore"] = iso(ms_of(uuid.UUID(task_id)))  # a delayed task's id is its due time
+    return reply(True, extra={"task": task})
+
+
+def fetched(delivery: Delivery | None) -> Body:
+    if delivery is None:
+        return reply(None)
+    task = {
+        "id": delivery.task_id,
+        "epoch": delivery.epoch,
+        "deliveries": delivery.deliveries,
+        "leaseExpiresAt": iso(delivery.lease_expires_at_ms),
+        "hasToken": delivery.has_token,
+    }
+    return reply(jsonvalue.fragment(delivery.value_json), extra={"task": task})
+
+
+def acked(done: bool) -> Body:
+    return reply(done)
+
+
+def extended(done: Extended | None) -> Body:
+    if done is None:
+        return reply(False)
+    task = {"id": str(done.task_id), "epoch": done.epoch, "leaseExpiresAt": iso(done.lease_until_ms)}
+    return reply(True, extra={"task": task})
+
+
+def failed(done: Failed | None) -> Body:
+    if done is None:
+        return reply(False)
+    task = {
+        "id": str(done.task_id),
+        "deliveries": done.deliveries,
+        "parked": done.parked,
+        "retryAt": None if done.retry_at_ms is None else iso(done.retry_at_ms),
+    }
+    return reply(True, extra={"task": task})
+
+
+def cancelled(done: bool) -> Body:
+    return reply(done)
+
+
+def purged(purged: int, more: bool) -> Body:
+    return reply({"purged": purged, "more": more})
+
+
+def stats(found: list[ServiceStats]) -> Body:
+    services = [
+        {
+            "serviceId": s.service,
+            "ready": s.ready,
+            "inFlight": s.in_flight,
+            "delayed": s.delayed,
+            "parked": s.parked,
+            "oldestReadyAgeMs": s.oldest_ready_age_ms,
+        }
+        for s in found
+    ]
+    return reply({"services": services})
+
+
+def parked(found: list[ParkedTask]) -> Body:
+    tasks = [
+        {
+            "id": str(t.task_id),
+            "deliveries": t.deliveries,
+            "reason": t.reason,
+            "lastError": None if t.last_error_json is None else jsonvalue.fragment(t.last_error_json),
+            "parkedAt": iso(t.parked_at_ms),
+            "addedAt": iso(ms_of(t.task_id)),
+            "hasToken": t.has_token,
+        }
+        for t in found
+    ]
+    return reply({"tasks": tasks})
+
+
+def redriven(n: int) -> Body:
+    return reply({"redriven": n})
+
+
+def discarded(n: int) -> Body:
+    return reply({"discarded": n})
+
+
+# -- the lifecycle RPCs (contract 1.4): request model and domain call, for every transport ----------
+Call = Callable[["WorkQueue", str, Any], Awaitable[Body]]
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    model: type[BaseModel]
+    call: Call  # (queue, owner, parsed request) -> reply body
+
+
+async def _extend(queue: WorkQueue, owner: str, req: ExtendRequest) -> Body:
+    return extended(await queue.extend(owner, req))
+
+
+async def _fail(queue: WorkQueue, owner: str, req: FailRequest) -> Body:
+    return failed(await queue.fail(owner, req))
+
+
+async def _cancel(queue: WorkQueue, owner: str, req: CancelRequest) -> Body:
+    return cancelled(await queue.cancel(owner, req.service_id, uuid.UUID(req.task_id)))
+
+
+async def _purge(queue: WorkQueue, owner: str, req: QueueRequest) -> Body:
+    return purged(*await queue.purge(owner, req.service_id))
+
+
+async def _stats(queue: WorkQueue, owner: str, req: StatsRequest) -> Body:
+    return stats(await queue.stats(owner, req.service_id))
+
+
+async def _parked(queue: WorkQueue, owner: str, req: ParkedRequest) -> Body:
+    return parked(await queue.parked(owner, req.service_id, req.limit))
+
+
+async def _redrive(queue: WorkQueue, owner: str, req: RedriveRequest) -> Body:
+    ids = None if req.task_ids is None else [uuid.UUID(t) for t in req.task_ids]
+    return redriven(await queue.redrive(owner, req.service_id, ids))
+
+
+async def _discard(queue: WorkQueue, owner: str, req: DiscardRequest) -> Body:
+    return discarded(await queue.discard(owner, req.service_id, [uuid.UUID(t) for t in req.task_ids]))
+
+
+LIFECYCLE: dict[str, Operation] = {
+    "extend": Operation(ExtendRequest, _extend),
+    "fail": Operation(FailRequest, _fail),
+    "cancel": Operation(CancelRequest, _cancel),
+    "purge": Operation(QueueRequest, _purge),
+    "stats": Operation(StatsRequest, _stats),
+    "parked": Operation(ParkedRequest, _parked),
+    "redrive": Operation(RedriveRequest, _redrive),
+    "discard": Operation(DiscardRequest, _discard),
+}
