@@ -3,8 +3,10 @@
 Structural checks of the document itself (version, channels, local ``$ref``s, operations), then
 the contract against the code: request schemas against the pydantic models, error codes against
 ``bridge.domain.errors``, names and topology against ``Settings`` and ``AmqpTransport``, and the
-messages the transport really publishes (replies, results, dead-lettering) against the schemas.
-No broker is needed: the transport runs against small in-memory fakes.
+messages the transport really publishes (replies, results, dead-lettering) against the schemas,
+for every routing key: add, fetch and ack, and the lifecycle methods of 1.4 (one queue). No
+broker is needed: the transport runs against small in-memory fakes, and the engine's
+``delivery_limit`` result comes from the real domain on the in-memory store.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import re
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,13 +27,34 @@ import yaml
 from pydantic import BaseModel
 
 from bridge.config import ENV_PREFIX, Settings
+from bridge.crypto import KeyringFileProvider, generate_keyring, write_keyring
+from bridge.domain.clock import ManualClock
 from bridge.domain.errors import BridgeError, PayloadTooLarge, Unavailable
-from bridge.domain.models import AckRequest, AddCommand, Delivery, FetchRequest, parse
+from bridge.domain.lifecycle import PARK_DELIVERY_LIMIT, PARK_FAILED, Extended, Failed, ParkedTask
+from bridge.domain.models import (
+    AckRequest,
+    AddCommand,
+    CancelRequest,
+    Delivery,
+    DiscardRequest,
+    ExtendRequest,
+    FailRequest,
+    FetchRequest,
+    ParkedRequest,
+    QueueRequest,
+    RedriveRequest,
+    StatsRequest,
+    parse,
+)
 from bridge.domain.queue import ResultMessage
+from bridge.domain.stats import ServiceStats
 from bridge.errors import ErrorCode
+from bridge.storage.memory import MemoryTaskStore
 from bridge.transport.amqp import METHODS, AmqpTransport
 from bridge.transport.replies import reply_node
 from bridge.transport.results import ResultPublisher
+from bridge.transport.topology import LIFECYCLE_METHODS, LIFECYCLE_QUEUE, ROUTING_KEYS
+from tests.queue_harness import MARGIN_MS, OWNER, TTL_S, Harness
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "asyncapi.yaml"
 
@@ -39,12 +63,29 @@ REQUESTS: dict[str, tuple[str, type[BaseModel], str]] = {
     "add": ("addRequest", AddCommand, "addReply"),
     "fetch": ("fetchRequest", FetchRequest, "fetchReply"),
     "ack": ("ackRequest", AckRequest, "ackReply"),
+    # 1.4, the worker lifecycle: routing keys of the one queue ``<prefix>.lifecycle``.
+    "extend": ("extendRequest", ExtendRequest, "extendReply"),
+    "fail": ("failRequest", FailRequest, "failReply"),
+    "cancel": ("cancelRequest", CancelRequest, "cancelReply"),
+    "purge": ("purgeRequest", QueueRequest, "purgeReply"),
+    "stats": ("statsRequest", StatsRequest, "statsReply"),
+    "parked": ("parkedRequest", ParkedRequest, "parkedReply"),
+    "redrive": ("redriveRequest", RedriveRequest, "redriveReply"),
+    "discard": ("discardRequest", DiscardRequest, "discardReply"),
 }
 # operation id -> (action, channel key)
 OPERATIONS = {
     "sendAdd": ("send", "add"),
     "sendFetch": ("send", "fetch"),
     "sendAck": ("send", "ack"),
+    "sendExtend": ("send", "extend"),
+    "sendFail": ("send", "fail"),
+    "sendCancel": ("send", "cancel"),
+    "sendPurge": ("send", "purge"),
+    "sendStats": ("send", "stats"),
+    "sendParked": ("send", "parked"),
+    "sendRedrive": ("send", "redrive"),
+    "sendDiscard": ("send", "discard"),
     "sendResult": ("send", "results"),
     "sendDeadLetter": ("send", "deadLetter"),
 }
@@ -125,7 +166,8 @@ _JSON_TYPES: dict[str, Any] = {
 }
 _KNOWN_KEYWORDS = {
     "$ref", "type", "const", "enum", "required", "properties", "additionalProperties", "oneOf", "not",
-    "items", "minimum", "maximum", "minLength", "maxLength", "pattern", "format", "default", "description", "title",
+    "items", "minItems", "maxItems", "minimum", "maximum", "minLength", "maxLength", "pattern", "format", "default",
+    "description", "title",
 }  # fmt: skip
 _DATE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
 
@@ -186,8 +228,10 @@ def _container_errors(doc: dict[str, Any], schema: dict[str, Any], value: Any, w
                 out += errors_of(doc, props[name], item, f"{where}.{name}")
             elif schema.get("additionalProperties") is False:
                 out.append(f"{where}: unexpected property {name!r}")
-    if isinstance(value, list) and "items" in schema:
-        for i, item in enumerate(value):
+    if isinstance(value, list):
+        if len(value) < schema.get("minItems", 0) or len(value) > schema.get("maxItems", len(value)):
+            out.append(f"{where}: {len(value)} items, out of bounds")
+        for i, item in enumerate(value if "items" in schema else []):
             out += errors_of(doc, schema["items"], item, f"{where}[{i}]")
     return out
 
@@ -217,6 +261,24 @@ def test_validator_rejects_what_it_should(doc: dict[str, Any]) -> None:
     both = {"token": 1, "serviceId": "s", "taskId": TASK_ID, "result": 1, "error": 2}
     assert errors_of(doc, result, both)
     assert errors_of(doc, result, {"token": None, "serviceId": "s", "taskId": TASK_ID, "result": 1})
+    # 1.4: the keywords and combinations the lifecycle schemas use.
+    schemas = doc["components"]["schemas"]
+    add = schemas["AddRequestPayload"]
+    assert errors_of(doc, add, {"serviceId": "s", "value": 1, "delayMs": 5, "notBefore": "2026-12-02T10:00:00Z"})
+    assert not errors_of(doc, add, {"serviceId": "s", "value": 1, "delayMs": None, "notBefore": "2026-12-02T10:00Z"})
+    assert errors_of(doc, add, {"serviceId": "s", "value": 1, "maxDeliveries": 1001})
+    assert errors_of(doc, add, {"serviceId": "s", "value": 1, "priority": 4})
+    redrive = schemas["RedriveRequestPayload"]
+    assert errors_of(doc, redrive, {"serviceId": "s"})
+    assert errors_of(doc, redrive, {"serviceId": "s", "taskIds": [TASK_ID], "all": True})
+    assert errors_of(doc, redrive, {"serviceId": "s", "taskIds": None, "all": False})
+    assert errors_of(doc, redrive, {"serviceId": "s", "taskIds": [TASK_ID] * 1001})
+    assert not errors_of(doc, redrive, {"serviceId": "s", "taskIds": None, "all": True})
+    discard = schemas["DiscardRequestPayload"]
+    assert errors_of(doc, discard, {"serviceId": "s", "taskIds": []})
+    assert errors_of(doc, discard, {"serviceId": "s", "taskIds": ["not-a-uuid"]})
+    assert errors_of(doc, schemas["ExtendReplyPayload"], {"result": True})
+    assert errors_of(doc, schemas["FailReplyPayload"], {"result": False, "task": {}})
 
 
 # -- the document's structure ------------------------------------------------------------------
@@ -230,9 +292,11 @@ def test_asyncapi_version_is_3(doc: dict[str, Any]) -> None:
 
 def test_channels_exist(doc: dict[str, Any]) -> None:
     channels = doc["channels"]
-    for key in ("add", "fetch", "ack", "results", "deadLetter", "reply"):
+    for key in ("add", "fetch", "ack", *LIFECYCLE_METHODS, "results", "deadLetter", "reply"):
         assert key in channels, f"channel {key!r} is missing"
-    assert {channels[m]["address"] for m in REQUESTS} == set(METHODS), "one channel per routing key"
+    assert len(REQUESTS) == len(ROUTING_KEYS)
+    assert {channels[m]["address"] for m in REQUESTS} == set(ROUTING_KEYS), "one channel per routing key"
+    assert set(METHODS) | set(LIFECYCLE_METHODS) == set(ROUTING_KEYS)
     assert channels["reply"]["address"] is None, "the reply queue is known only at run time"
 
 
@@ -329,7 +393,8 @@ def _json_constraints(prop: dict[str, Any]) -> dict[str, Any]:
     for branch in branches:
         branch_type = branch.get("type", [])
         types |= set(branch_type if isinstance(branch_type, list) else [branch_type])
-        merged |= {k: branch[k] for k in ("minLength", "maxLength", "pattern", "minimum") if k in branch}
+        bounds = ("minLength", "maxLength", "pattern", "minimum", "maximum", "minItems", "maxItems")
+        merged |= {k: branch[k] for k in bounds if k in branch}
     return {"types": types, **merged}
 
 
@@ -382,6 +447,10 @@ def test_names_match_settings_defaults(doc: dict[str, Any], settings: Settings) 
         assert channels[method]["address"] == method
         assert channels[method]["bindings"]["amqp"]["exchange"]["name"] == settings.exchange
         assert transport.queue_name(method) in channels[method]["description"]
+    for method in LIFECYCLE_METHODS:
+        assert channels[method]["address"] == method
+        assert channels[method]["bindings"]["amqp"]["exchange"]["name"] == settings.exchange
+        assert f"`{transport.queue_name(LIFECYCLE_QUEUE)}`" in channels[method]["description"]
     assert channels["results"]["bindings"]["amqp"]["exchange"]["name"] == settings.results_exchange
     dead = channels["deadLetter"]
     assert dead["address"] == dead["bindings"]["amqp"]["queue"]["name"] == transport.dead_letter_queue
@@ -474,6 +543,21 @@ def test_topology_matches_what_the_transport_declares(doc: dict[str, Any], setti
             assert (declared["type"], declared["durable"]) == (amqp["exchange"]["type"], amqp["exchange"]["durable"])
     for method in METHODS:
         assert (settings.exchange, transport.queue_name(method), method) in channel.bindings
+    # 1.4: the lifecycle methods share one queue, bound by each routing key.
+    lifecycle = transport.queue_name(LIFECYCLE_QUEUE)
+    assert lifecycle == queues_named(doc, "lifecycle")
+    assert channel.queues[lifecycle]["arguments"] == {"x-dead-letter-exchange": transport.dead_letter_exchange}
+    for method in LIFECYCLE_METHODS:
+        assert (settings.exchange, lifecycle, method) in channel.bindings
+    assert {b for b in channel.bindings if b[1] == lifecycle} == {
+        (settings.exchange, lifecycle, m) for m in LIFECYCLE_METHODS
+    }
+    assert {rk for _, _, rk in channel.bindings if rk in ROUTING_KEYS} == set(ROUTING_KEYS), "every key is bound"
+
+
+def queues_named(doc: dict[str, Any], suffix: str) -> str:
+    (name,) = [q["name"] for q in doc["x-topology"]["queues"] if q["name"].endswith(f".{suffix}")]
+    return str(name)
 
 
 # -- what the transport publishes ----------------------------------------------------------------
@@ -535,6 +619,8 @@ class _WorkQueue:
         self.error: Exception | None = None
         self.delivery: Delivery | None = None
         self.acked = True
+        self.answer: Any = None  # what a lifecycle method of the domain returns (1.4)
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []  # and what it was asked
 
     async def add(self, owner: str, cmd: AddCommand, *, message_id: str | None, traceparent: str | None) -> str:
         if self.error is not None:
@@ -551,6 +637,37 @@ class _WorkQueue:
             raise self.error
         return self.acked
 
+    # -- 1.4: the lifecycle --
+    def _lifecycle(self, method: str, *args: Any) -> Any:
+        if self.error is not None:
+            raise self.error
+        self.calls.append((method, args))
+        return self.answer
+
+    async def extend(self, owner: str, req: ExtendRequest) -> Extended | None:
+        return cast(Extended | None, self._lifecycle("extend", req))
+
+    async def fail(self, owner: str, req: FailRequest) -> Failed | None:
+        return cast(Failed | None, self._lifecycle("fail", req))
+
+    async def cancel(self, owner: str, service: str, task_id: uuid.UUID) -> bool:
+        return bool(self._lifecycle("cancel", service, task_id))
+
+    async def purge(self, owner: str, service: str) -> tuple[int, bool]:
+        return cast(tuple[int, bool], self._lifecycle("purge", service))
+
+    async def stats(self, owner: str, service: str | None) -> list[ServiceStats]:
+        return cast(list[ServiceStats], self._lifecycle("stats", service))
+
+    async def parked(self, owner: str, service: str, limit: int) -> list[ParkedTask]:
+        return cast(list[ParkedTask], self._lifecycle("parked", service, limit))
+
+    async def redrive(self, owner: str, service: str, task_ids: list[uuid.UUID] | None) -> int:
+        return int(self._lifecycle("redrive", service, task_ids))
+
+    async def discard(self, owner: str, service: str, task_ids: list[uuid.UUID]) -> int:
+        return int(self._lifecycle("discard", service, task_ids))
+
 
 def _handle(settings: Settings, queue: _WorkQueue, request: _Incoming) -> list[tuple[aio_pika.Message, str]]:
     transport = _transport(settings, queue)
@@ -562,6 +679,8 @@ def _handle(settings: Settings, queue: _WorkQueue, request: _Incoming) -> list[t
     handler = {"add": transport._on_add, "fetch": transport._on_fetch, "ack": transport._on_ack}.get(
         request.routing_key, transport._on_unrouted
     )
+    if request.routing_key in LIFECYCLE_METHODS:
+        handler = transport._on_lifecycle  # the lifecycle queue's one consumer, dispatching by routing key
     asyncio.run(handler(cast(Any, request)))
     return channel.default_exchange.published
 
@@ -594,6 +713,27 @@ def test_add_reply_matches_the_document(doc: dict[str, Any], settings: Settings)
     )
     body = _assert_reply(doc, _handle(settings, _WorkQueue(), request), request, "addReply")
     assert body["task"]["id"] == TASK_ID
+    assert "notBefore" not in body["task"], "only delayed tasks say when they are due"
+    assert request.settled == [("ack", False)]
+
+
+def _uuid_ms(task_id: str) -> int:
+    """The time of a version 1 UUID, in milliseconds since the Unix epoch."""
+    return (uuid.UUID(task_id).time - 0x01B21DD213814000) // 10_000
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@pytest.mark.parametrize("delay", [{"delayMs": 60_000}, {"notBefore": "2026-12-02T10:00:00+01:00"}, {"delayMs": 0}])
+def test_delayed_add_reply_says_when_the_task_is_due(
+    doc: dict[str, Any], settings: Settings, delay: dict[str, Any]
+) -> None:
+    request = _Incoming({"serviceId": "billing", "value": 1, **delay}, routing_key="add", message_id="m-2")
+    body = _assert_reply(doc, _handle(settings, _WorkQueue(), request), request, "addReply")
+    # A delayed task's id is its due time: the reply says it in the document's date-time form.
+    assert body == {"result": True, "task": {"id": TASK_ID, "notBefore": _iso(_uuid_ms(TASK_ID))}}
     assert request.settled == [("ack", False)]
 
 
@@ -630,6 +770,150 @@ def test_ack_reply_matches_the_document(doc: dict[str, Any], settings: Settings,
     assert _assert_reply(doc, _handle(settings, queue, request), request, "ackReply") == {"result": acked}
 
 
+TASK_UUID = uuid.UUID(TASK_ID)
+OTHER_ID = "7b2c8d3f-9d3f-11ef-8a2b-0242ac120002"
+AT_MS = 1_735_732_800_123
+AT = "2025-01-01T12:00:00.123Z"
+W = {"serviceId": "billing", "workerId": "w-1"}
+
+
+# method, request body, what the domain answers, the reply the worker gets
+LIFECYCLE_REPLIES: list[tuple[str, dict[str, Any], Any, dict[str, Any]]] = [
+    (
+        "extend",
+        {**W, "taskId": TASK_ID, "epoch": 2, "timeToRecover": 1000},
+        Extended(TASK_UUID, 2, AT_MS),
+        {"result": True, "task": {"id": TASK_ID, "epoch": 2, "leaseExpiresAt": AT}},
+    ),
+    ("extend", W, None, {"result": False}),
+    (
+        "fail",
+        {**W, "taskId": TASK_ID, "epoch": 3, "error": {"why": "timeout"}, "retryInMs": 500},
+        Failed(TASK_UUID, 3, False, AT_MS),
+        {"result": True, "task": {"id": TASK_ID, "deliveries": 3, "parked": False, "retryAt": AT}},
+    ),
+    (
+        "fail",
+        W,
+        Failed(TASK_UUID, 10, True, None),
+        {"result": True, "task": {"id": TASK_ID, "deliveries": 10, "parked": True, "retryAt": None}},
+    ),
+    ("fail", W, None, {"result": False}),
+    ("cancel", {"serviceId": "billing", "taskId": TASK_ID}, True, {"result": True}),
+    ("cancel", {"serviceId": "billing", "taskId": TASK_ID}, False, {"result": False}),
+    ("purge", {"serviceId": "billing"}, (5, True), {"result": {"purged": 5, "more": True}}),
+    ("purge", {"serviceId": "billing"}, (0, False), {"result": {"purged": 0, "more": False}}),
+    (
+        "stats",
+        {},
+        [ServiceStats("billing", 1, 2, 3, 4, 1500), ServiceStats("mail", 0, 0, 0, 0, None)],
+        {
+            "result": {
+                "services": [
+                    {
+                        "serviceId": "billing",
+                        "ready": 1,
+                        "inFlight": 2,
+                        "delayed": 3,
+                        "parked": 4,
+                        "oldestReadyAgeMs": 1500,
+                    },
+                    {
+                        "serviceId": "mail",
+                        "ready": 0,
+                        "inFlight": 0,
+                        "delayed": 0,
+                        "parked": 0,
+                        "oldestReadyAgeMs": None,
+                    },
+                ]
+            }
+        },
+    ),
+    ("stats", {"serviceId": "billing"}, [], {"result": {"services": []}}),
+    (
+        "parked",
+        {"serviceId": "billing", "limit": 2},
+        [
+            ParkedTask(TASK_UUID, 3, PARK_FAILED, AT_MS, True, b'{"why":"timeout"}'),
+            ParkedTask(uuid.UUID(OTHER_ID), 10, PARK_DELIVERY_LIMIT, AT_MS, False, None),
+        ],
+        {
+            "result": {
+                "tasks": [
+                    {
+                        "id": TASK_ID,
+                        "deliveries": 3,
+                        "reason": "failed",
+                        "lastError": {"why": "timeout"},
+                        "parkedAt": AT,
+                        "addedAt": _iso(_uuid_ms(TASK_ID)),
+                        "hasToken": True,
+                    },
+                    {
+                        "id": OTHER_ID,
+                        "deliveries": 10,
+                        "reason": "delivery_limit",
+                        "lastError": None,
+                        "parkedAt": AT,
+                        "addedAt": _iso(_uuid_ms(OTHER_ID)),
+                        "hasToken": False,
+                    },
+                ]
+            }
+        },
+    ),
+    ("redrive", {"serviceId": "billing", "all": True}, 2, {"result": {"redriven": 2}}),
+    ("redrive", {"serviceId": "billing", "taskIds": [TASK_ID, OTHER_ID]}, 1, {"result": {"redriven": 1}}),
+    ("discard", {"serviceId": "billing", "taskIds": [TASK_ID]}, 1, {"result": {"discarded": 1}}),
+]
+
+
+def test_every_lifecycle_method_has_reply_cases() -> None:
+    assert {case[0] for case in LIFECYCLE_REPLIES} == set(LIFECYCLE_METHODS)
+
+
+@pytest.mark.parametrize(("method", "request_body", "answer", "expected"), LIFECYCLE_REPLIES)
+def test_lifecycle_replies_match_the_document(
+    doc: dict[str, Any], settings: Settings, method: str, request_body: dict[str, Any], answer: Any, expected: Any
+) -> None:
+    queue = _WorkQueue()
+    queue.answer = answer
+    request = _Incoming(request_body, routing_key=method)
+    body = _assert_reply(doc, _handle(settings, queue, request), request, REQUESTS[method][2])
+    assert body == expected
+    assert [name for name, _ in queue.calls] == [method], "dispatched by routing key on the lifecycle queue"
+    assert request.settled == [("ack", False)]
+
+
+def _first_example(doc: dict[str, Any], method: str) -> dict[str, Any]:
+    payload = message(doc, REQUESTS[method][0])["examples"][0]["payload"]
+    assert isinstance(payload, dict)
+    return payload
+
+
+@pytest.mark.parametrize("method", LIFECYCLE_METHODS)
+def test_lifecycle_methods_follow_the_rpc_fates(doc: dict[str, Any], settings: Settings, method: str) -> None:
+    """The documented fates (the fetch/ack column) hold for the lifecycle methods, with the
+    document's own example as the request."""
+    queue = _WorkQueue()
+    queue.error = Unavailable("storage unavailable: test")
+    request = _Incoming(_first_example(doc, method), routing_key=method)
+    body = _assert_reply(doc, _handle(settings, queue, request), request, "errorReply")
+    assert body["error"]["code"] == "unavailable"
+    assert request.settled == [("ack", False)], "answered and acked: the caller retries"
+
+    queue.error = RuntimeError("boom")
+    request = _Incoming(_first_example(doc, method), routing_key=method)
+    body = _assert_reply(doc, _handle(settings, queue, request), request, "errorReply")
+    assert body["error"]["code"] == "internal"
+    assert request.settled == [("reject", False)]
+
+    request = _Incoming(_first_example(doc, method), routing_key=method, reply_to=None)
+    assert _handle(settings, _WorkQueue(), request) == [], "an RPC without reply_to cannot be answered"
+    assert request.settled == [("reject", False)]
+
+
 @pytest.mark.parametrize(
     ("request_kw", "code"),
     [
@@ -654,6 +938,35 @@ def test_ack_reply_matches_the_document(doc: dict[str, Any], settings: Settings,
         ),
         ({"body": {"serviceId": "s", "workerId": "w", "taskId": 7}, "routing_key": "ack"}, "bad_request"),
         ({"body": b'{"serviceId": "s", "value": NaN}', "routing_key": "add"}, "bad_request"),
+        # 1.4
+        (
+            {
+                "body": {"serviceId": "s", "value": 1, "delayMs": 1, "notBefore": "2026-12-02T10:00:00Z"},
+                "routing_key": "add",
+            },
+            "bad_request",
+        ),
+        (
+            {"body": {"serviceId": "s", "value": 1, "notBefore": "2026-12-02T10:00:00"}, "routing_key": "add"},
+            "bad_request",
+        ),
+        ({"body": {"serviceId": "s", "value": 1, "delayMs": -1}, "routing_key": "add"}, "bad_request"),
+        ({"body": {"serviceId": "s", "value": 1, "maxDeliveries": 1001}, "routing_key": "add"}, "bad_request"),
+        ({"body": {"serviceId": "s", "value": 1, "priority": 4}, "routing_key": "add"}, "bad_request"),
+        ({"body": {"serviceId": "s", "value": 1, "priority": "1"}, "routing_key": "add"}, "bad_request"),
+        ({"body": {"serviceId": "s"}, "routing_key": "extend"}, "bad_request"),
+        ({"body": {"serviceId": "s", "workerId": "w", "timeToRecover": 99}, "routing_key": "extend"}, "bad_request"),
+        ({"body": {"serviceId": "s", "workerId": "w", "retryInMs": 86_400_001}, "routing_key": "fail"}, "bad_request"),
+        ({"body": {"serviceId": "s", "workerId": "w", "taskId": 7}, "routing_key": "fail"}, "bad_request"),
+        ({"body": {"serviceId": "s", "taskId": "not-a-uuid"}, "routing_key": "cancel"}, "bad_request"),
+        ({"body": {"serviceId": "s"}, "routing_key": "cancel"}, "bad_request"),
+        ({"body": {}, "routing_key": "purge"}, "bad_request"),
+        ({"body": {"serviceId": ""}, "routing_key": "stats"}, "bad_request"),
+        ({"body": {"serviceId": "s", "limit": 1001}, "routing_key": "parked"}, "bad_request"),
+        ({"body": {"serviceId": "s"}, "routing_key": "redrive"}, "bad_request"),
+        ({"body": {"serviceId": "s", "taskIds": [TASK_ID], "all": True}, "routing_key": "redrive"}, "bad_request"),
+        ({"body": {"serviceId": "s", "taskIds": []}, "routing_key": "discard"}, "bad_request"),
+        ({"body": {"serviceId": "s", "workerId": "w"}, "routing_key": "fail", "user_id": None}, "unauthorized"),
     ],
 )
 def test_bad_input_is_answered_then_dead_lettered(
@@ -751,3 +1064,56 @@ def test_result_message_matches_the_document(
     assert msg.content_type == spec["contentType"]
     assert msg.type == spec["bindings"]["amqp"]["messageType"]
     assert msg.delivery_mode == doc["operations"]["sendResult"]["bindings"]["amqp"]["deliveryMode"]
+
+
+# -- 1.4: the engine's delivery_limit result, from the real domain --------------------------------
+def _parked_results(tmp_path: Path, reason: str) -> list[ResultMessage]:
+    """A task with a token and ``maxDeliveries: 1`` parked for ``reason`` on the in-memory store;
+    what the result relay sends the engine."""
+    path = tmp_path / "keyring.json"
+    write_keyring(path, generate_keyring([OWNER]))
+    clock = ManualClock(1_700_000_000_000)
+    h = Harness(MemoryTaskStore(clock.now_ms, TTL_S), KeyringFileProvider(path), clock, prefix="")
+
+    async def scenario() -> None:
+        body = {"serviceId": h.service, "value": 1, "token": {"p": 1}, "maxDeliveries": 1}
+        task_id = await h.queue.add(OWNER, parse(AddCommand, body), message_id=None, traceparent=None)
+        delivery = await h.fetch("w-1", ttr_ms=100)
+        assert delivery is not None and delivery.task_id == task_id
+        if reason == PARK_FAILED:
+            req = {**W, "serviceId": h.service, "taskId": task_id, "epoch": delivery.epoch, "error": {"why": "x"}}
+            failed = await h.queue.fail(OWNER, parse(FailRequest, req))
+            assert failed is not None and failed.parked and failed.retry_at_ms is None
+        else:
+            for _ in range(20):  # the lease runs out, the scheduler meets it: its last delivery
+                await h.advance(100 + MARGIN_MS)
+        await h.queue.drain_background(5.0)
+        parked = await h.queue.parked(OWNER, h.service, 10)
+        assert [(str(t.task_id), t.reason) for t in parked] == [(task_id, reason)]
+
+    asyncio.run(scenario())
+    return h.sink.messages
+
+
+@pytest.mark.parametrize("reason", [PARK_DELIVERY_LIMIT, PARK_FAILED])
+def test_delivery_limit_result_matches_the_document(
+    doc: dict[str, Any], settings: Settings, tmp_path: Path, reason: str
+) -> None:
+    (result,) = _parked_results(tmp_path, reason)  # once per park
+    results = ResultPublisher(settings)
+    exchange = _Recorder()
+    results.attach(cast(Any, exchange))
+    asyncio.run(results.publish_result(result))
+
+    ((msg, routing_key),) = exchange.published
+    spec = message(doc, "result")
+    body = orjson.loads(msg.body)
+    assert_valid(doc, spec["payload"], body, "delivery_limit result payload")
+    assert_valid(doc, doc["components"]["schemas"]["DeliveryLimitError"], body["error"], "delivery_limit error")
+    assert body["error"]["code"] == PARK_DELIVERY_LIMIT, "whichever the reason of the park"
+    assert body["error"]["deliveries"] == 1
+    assert body["token"] == {"p": 1} and "result" not in body
+    assert routing_key == body["serviceId"]
+    headers = {**(msg.headers or {}), "message_id": msg.message_id, "type": msg.type}
+    assert_valid(doc, spec["headers"], headers, "delivery_limit result headers")
+    assert msg.message_id is not None and msg.message_id.startswith(f"{body['taskId']}:"), "names the park"
