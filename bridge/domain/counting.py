@@ -1,16 +1,24 @@
 """Queue counts for ``stats``: ready, in flight and delayed tasks per queue, without scanning.
 
-Every decided transition of a task (an add, a claim won, a completion, a lease re-exposed, a park,
-a cancel) moves a count by one. Writing a Cassandra counter per transition would add a statement
-to every task, so each bridge adds the deltas up in memory and flushes them about once a second:
-one counter update per queue and day touched, whatever the load.
+Only transitions decided once, by a compare-and-set or an add, move a count, so that no count
+depends on a step that may run twice (re-exposing a lease, announcing a due task):
+- ``ready``: tasks never claimed: +1 on add, -1 on the first claim (``claim_new``), a cancel or a
+  purge of one. A delayed task counts in ``delayed_counts`` under its due minute instead and is
+  ready once that minute has passed (``bridge.domain.stats``); -1 here when it is claimed.
+- ``in_flight``: tasks with a lease: +1 on the first claim and on a redrive, -1 on a completion,
+  a park, a dead-letter, a cancel or a purge of one. A lease that ran out and waits to be claimed
+  again (about a second) and a task waiting out a ``fail``'s backoff are in flight.
+
+Writing a Cassandra counter per transition would add a statement to every task, so each bridge
+adds the deltas up in memory and flushes them about once a second: one counter update per queue
+and day touched, whatever the load.
 
 What it costs in accuracy, said plainly (docs/storage.md, "Queue counts"): a bridge killed -9
-loses its last second of deltas, a counter update that timed out may or may not have applied, and
-a lease re-exposed twice (a scheduler hand-over) counts twice. The counts are attributed to the
-day of the task's id, and only the days within the task TTL are summed, so whatever drift there is
-leaves the counts with the tasks it concerned. ``parked`` is not a count: it reads the parked
-index. An exact census is ``queue-bridge stats`` (it walks the index).
+loses its last second of deltas, and a counter update that timed out may or may not have
+applied. The counts are attributed to the day of the task's id, and only the days within the
+task TTL are summed, so whatever drift there is leaves the counts with the tasks it concerned.
+``parked`` is not a count: it reads the parked index. An exact census is ``queue-bridge stats``
+(it walks the index).
 """
 
 from __future__ import annotations

@@ -218,7 +218,8 @@ class Fetcher:
                 await self._rearm(q, entry, cur.lease_until_ms or now, now)
             self.ctx.metrics.inc("claim_conflicts")
             return None, stamp
-        self.ctx.count(q, ms_of(task_id), ready=-1, in_flight=1)
+        if not recovered:  # a re-claim keeps the task in flight (counts: bridge.domain.counting)
+            self.ctx.count(q, ms_of(task_id), ready=-1, in_flight=1)
         await self._refile_if_slow(q, entry, epoch, now, until)
         if payload is None:
             # The task's lifetime (TTL) ended: a hint or an index entry outlived it. Nothing to hand out.

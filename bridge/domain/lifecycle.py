@@ -309,7 +309,6 @@ class Lifecycle:
         ctx = self.ctx
         q = QueueKey(owner, service)
         await ctx.keys.current(owner)
-        margin = ctx.limits.skew_margin_ms
         for _ in range(CANCEL_ATTEMPTS):
             lease = await self.store.lease(q, task_id, serial=True)
             now = ctx.clock.now_ms()
@@ -331,8 +330,6 @@ class Lifecycle:
             if res.applied:
                 if lease.state is LeaseState.PARKED:
                     await self.store.remove_parked(q, task_id)
-                elif lease.lease_until_ms is not None and lease.lease_until_ms + margin <= now:
-                    ctx.count(q, ms_of(task_id), ready=-1)  # its lease had run out: counted ready
                 else:
                     ctx.count(q, ms_of(task_id), in_flight=-1)
                 return self._cancelled(task_id)
@@ -379,7 +376,9 @@ class Lifecycle:
                 return False
             res = await self.store.cancel(q, e.task_id, LeaseState.LEASED, lease.epoch, expired_before_ms=now - margin)
         if res.applied:
-            self.ctx.count(q, ms_of(e.task_id), ready=-1)
+            # A never-claimed task was counted ready; one with a lease, in flight (``counting``).
+            fresh = e.lane == LANE_FRESH
+            self.ctx.count(q, ms_of(e.task_id), ready=-1 if fresh else 0, in_flight=0 if fresh else -1)
         return res.applied
 
 

@@ -32,7 +32,6 @@ from bridge.domain.timeline import (
     OUTBOX_BUCKET_MS,
     deterministic_timeuuid,
     expiry_bucket,
-    ms_of,
     outbox_bucket,
     ready_bucket,
 )
@@ -277,7 +276,6 @@ class RecoveryScheduler:
         await self.store.expose_recovered(q, rbucket, seq, entry.task_id, entry.epoch, entry.has_token)
         await self.queue.announce(q, Hint(entry.task_id, LANE_RECOVERED, seq, entry.epoch, entry.has_token))
         self.state.recovered += 1
-        ctx.count(q, ms_of(entry.task_id), in_flight=-1, ready=1)
         self.queue.metrics.inc("tasks_recovered")
         log.info(
             "lease expired: task re-exposed",
@@ -305,8 +303,6 @@ class RecoveryScheduler:
             priority = (await self.store.task_options(q, entry.task_id)).priority
             hint = Hint(entry.task_id, LANE_FRESH, entry.task_id, None, entry.has_token, priority=priority)
             await self.queue.announce(q, hint)
-            self.queue.ctx.count_delayed(q, entry.lease_until_ms, -1)
-            self.queue.ctx.count(q, ms_of(entry.task_id), ready=1)
             self.queue.metrics.inc("tasks_due")
         return True
 

@@ -193,7 +193,8 @@ class TaskStore(Protocol):
     async def counts(self, q: QueueKey, since_day: int) -> tuple[int, int]:
         """(ready, in flight) summed over the days since ``since_day`` (tasks older are gone)."""
 
-    async def delayed(self, q: QueueKey, since_minute: int) -> int: ...
+    async def delayed(self, q: QueueKey, since_minute: int) -> dict[int, int]:
+        """Delayed adds per due minute (minutes since the epoch), from ``since_minute`` on."""
 
     async def register_service(self, q: QueueKey) -> None:
         """Record that the owner has this service queue (stats lists them)."""

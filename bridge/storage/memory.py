@@ -387,9 +387,9 @@ class MemoryTaskStore:
         rows = [v for (k, day), v in self.count_rows.items() if k == q and day >= since_day]
         return sum(r for r, _ in rows), sum(f for _, f in rows)
 
-    async def delayed(self, q: QueueKey, since_minute: int) -> int:
+    async def delayed(self, q: QueueKey, since_minute: int) -> dict[int, int]:
         await self._io()
-        return sum(v for (k, minute), v in self.delayed_rows.items() if k == q and minute >= since_minute)
+        return {minute: v for (k, minute), v in self.delayed_rows.items() if k == q and minute >= since_minute}
 
     async def register_service(self, q: QueueKey) -> None:
         await self._io()

@@ -382,9 +382,9 @@ class CassandraTaskStore:
         rows = await self.db.execute("counts.get", (q.owner, q.service, since_day))
         return sum(r["ready"] or 0 for r in rows), sum(r["in_flight"] or 0 for r in rows)
 
-    async def delayed(self, q: QueueKey, since_minute: int) -> int:
+    async def delayed(self, q: QueueKey, since_minute: int) -> dict[int, int]:
         rows = await self.db.execute("delayed.get", (q.owner, q.service, since_minute), fetch_size=5000)
-        return sum(r["delayed"] or 0 for r in rows)
+        return {r["minute"]: r["delayed"] or 0 for r in rows}
 
     async def register_service(self, q: QueueKey) -> None:
         await self.db.execute("services.insert", (q.owner, q.service, self.task_ttl_s))

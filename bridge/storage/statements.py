@@ -173,7 +173,7 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         False,
     ),
     "delayed.get": (
-        "SELECT delayed FROM {ks}.delayed_counts WHERE owner = ? AND service = ? AND minute >= ?",
+        "SELECT minute, delayed FROM {ks}.delayed_counts WHERE owner = ? AND service = ? AND minute >= ?",
         True,
     ),
     "services.insert": ("INSERT INTO {ks}.services (owner, service) VALUES (?, ?) USING TTL ?", True),
