@@ -18,6 +18,7 @@ from bridge.domain.queue import Limits, Metrics, WorkQueue
 from bridge.domain.reconcile import Reconciliation
 from bridge.domain.scheduler import RecoveryScheduler
 from bridge.domain.stats import service_stats
+from bridge.gateway.server import GatewayServer
 from bridge.observability import storage_metrics
 from bridge.observability.http import OpsServer
 from bridge.observability.metrics import BridgeMetrics
@@ -151,6 +152,11 @@ class Bridge:
             on_change=self.metrics.set_paused,
         )
         self.http_port: int | None = None  # the bound port once started (BRIDGE_HTTP_PORT=0: no HTTP)
+        # The HTTP gateway (opt-in): the same queue, the same contract, bearer API keys.
+        self.gateway = (
+            GatewayServer(settings, self.queue, observe or self.metrics.observe) if settings.gateway_port else None
+        )
+        self.gateway_port: int | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
 
@@ -181,6 +187,8 @@ class Bridge:
             with suppress(Exception):
                 await self.skew.measure()
             await self.transport.start()
+            if self.gateway is not None:
+                self.gateway_port = await self.gateway.start(self.settings.gateway_host, self.settings.gateway_port)
             self._tasks.append(asyncio.create_task(self.scheduler.run(self._stop, self.duty), name="scheduler"))
             self._tasks.append(asyncio.create_task(self.duty.run(self._stop), name="duty"))
             self._tasks.append(asyncio.create_task(self.skew.run(self._stop), name="clock"))
@@ -188,9 +196,15 @@ class Bridge:
             self._tasks.append(asyncio.create_task(self._flush_counts(), name="queue counts"))
             self._tasks.append(asyncio.create_task(self._export_queue_stats(), name="queue gauges"))
         except BaseException:
+            if self.gateway is not None:
+                await self.gateway.stop()
             await self.ops.stop()
             raise
-        log.info("bridge started", extra={"http_port": self.http_port})
+        log.info("bridge started", extra={"http_port": self.http_port, "gateway_port": self.gateway_port})
+
+    async def _stop_gateway(self) -> None:
+        if self.gateway is not None:
+            await self.gateway.stop()
 
     async def _flush_counts(self) -> None:
         while not self._stop.is_set():
@@ -234,7 +248,9 @@ class Bridge:
             self.hints.close()  # fetches waiting for a task are answered now (null)
         await self.duty.release()  # another bridge takes the background loops over now
         await self.transport.pause()
-        if not await self.transport.wait_idle(grace):
+        # The gateway stops listening and finishes its requests (within the grace) alongside AMQP's.
+        idle, _ = await asyncio.gather(self.transport.wait_idle(grace), self._stop_gateway())
+        if not idle:
             log.warning("in-flight requests did not finish within %.1fs", grace)
         await self.queue.drain_background(timeout=max(1.0, grace))
         with suppress(Exception):

@@ -7,14 +7,15 @@ configuration). Expected failures print one clear message on stderr, never a tra
 Commands by module: :mod:`~bridge.cli.server` (run, permissions, config, schema),
 :mod:`~bridge.cli.stats`, :mod:`~bridge.cli.requests` (add, fetch, ack, extend, fail, cancel, purge,
 queue-stats, parked, redrive, discard),
-:mod:`~bridge.cli.keyring` (keyring generate, rotate); shared pieces in :mod:`~bridge.cli.base`.
+:mod:`~bridge.cli.keyring` (keyring generate, rotate), :mod:`~bridge.cli.gateway` (gateway-key);
+shared pieces in :mod:`~bridge.cli.base`.
 """
 
 from __future__ import annotations
 
 import sys
 
-from bridge.cli import keyring, requests, server, stats  # noqa: F401  (they register their commands)
+from bridge.cli import gateway, keyring, requests, server, stats  # noqa: F401  (they register their commands)
 from bridge.cli.base import app
 
 __all__ = ["app", "main"]

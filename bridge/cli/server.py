@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from bridge.cli.base import app, run_async, settings_or_exit
+from bridge.config import ConfigError
 
 
 @app.command()
@@ -18,7 +19,11 @@ def run() -> None:
     from bridge.observability.logging import configure_logging
 
     configure_logging(settings)
-    run_async(run_forever(settings))
+    try:
+        run_async(run_forever(settings))
+    except ConfigError as exc:  # found at start (e.g. an invalid gateway keys file): exit 2, no traceback
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

@@ -1,0 +1,72 @@
+"""``gateway-key``: a new API key for the HTTP gateway (format in :mod:`bridge.gateway.keys`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from bridge.cli.base import app, fail
+
+
+@app.command("gateway-key")
+def gateway_key(
+    owner: Annotated[str, typer.Option("--owner", help="The owner the key acts for.")],
+    trusted: Annotated[
+        bool, typer.Option("--trusted", help="The key may name any owner with X-Owner (for an engine).")
+    ] = False,
+    key_id: Annotated[
+        str | None, typer.Option("--id", help="The key's id (letters, digits, '-'; default: random).")
+    ] = None,
+    keys_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--keys-file", help="Also append the entry to this keys file (created with mode 0600 if missing)."
+        ),
+    ] = None,
+) -> None:
+    """Make a new API key for the HTTP gateway: prints the key (shown once, never stored) and the
+    entry for BRIDGE_GATEWAY_KEYS_FILE (which holds only the SHA-256 of the key's secret)."""
+    from bridge.gateway.keys import new_key, parse_keys
+
+    try:
+        key, entry = new_key(owner, trusted=trusted, key_id=key_id)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--id" if key_id is not None else "--owner") from None
+    if keys_file is not None:
+        doc: list[Any] = []
+        if keys_file.exists():
+            try:
+                doc = json.loads(keys_file.read_bytes())
+                parse_keys(doc, str(keys_file))
+            except OSError as exc:
+                fail(f"cannot read {keys_file}: {exc.strerror or exc}")
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                fail(f"{keys_file} is not valid JSON ({type(exc).__name__})")
+            except ValueError as exc:
+                fail(f"not a valid keys file: {exc}")
+        if any(e.get("id") == entry["id"] for e in doc):
+            fail(f"{keys_file} already has a key with id {entry['id']!r}")
+        _write(keys_file, [*doc, entry])
+    typer.echo(f"key (shown once; give it to the client as 'Authorization: Bearer <key>'):\n{key}")
+    if keys_file is not None:
+        typer.echo(f"entry appended to {keys_file}:")
+    else:
+        typer.echo("entry to append to the list in BRIDGE_GATEWAY_KEYS_FILE:")
+    typer.echo(json.dumps(entry))
+
+
+def _write(path: Path, doc: list[Any]) -> None:
+    """Replace the file at once (a bridge re-reading it sees the old or the new list, never half)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        fail(f"cannot write {path}: {exc.strerror or exc}")

@@ -1,0 +1,138 @@
+"""The reply bodies of the contract as pydantic models: the OpenAPI document's response schemas.
+
+The replies themselves are built by :mod:`bridge.transport.wire` (for AMQP and HTTP alike); these
+models only describe them, and tests check that what the wire module builds validates here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from bridge.errors import ErrorCode
+
+
+class _Reply(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class AddedTask(_Reply):
+    id: str = Field(description="The task's id (a time UUID).")
+    not_before: str | None = Field(
+        None, alias="notBefore", description="When a delayed task may first be handed out (delayed adds only)."
+    )
+
+
+class AddReply(_Reply):
+    result: Literal[True]
+    task: AddedTask
+
+
+class FetchedTask(_Reply):
+    id: str = Field(description="The task's id: name it (with epoch) in ack, extend and fail.")
+    epoch: int = Field(description="The lease's fencing token.")
+    deliveries: int = Field(description="How often the task was handed out, this time included.")
+    lease_expires_at: str = Field(alias="leaseExpiresAt", description="The lease's deadline (ISO 8601, UTC).")
+    has_token: bool = Field(alias="hasToken", description="Echo it in the ack (lets the bridge complete faster).")
+
+
+class FetchReply(_Reply):
+    result: Any = Field(description="The task's value as added; null when no task is ready.")
+    task: FetchedTask | None = Field(None, description="The task handed out (absent when result is null).")
+
+
+class BoolReply(_Reply):
+    result: bool
+
+
+class ExtendedTask(_Reply):
+    id: str
+    epoch: int
+    lease_expires_at: str = Field(alias="leaseExpiresAt")
+
+
+class ExtendReply(_Reply):
+    result: bool = Field(description="false: the worker does not hold that lease (any more).")
+    task: ExtendedTask | None = None
+
+
+class FailedTask(_Reply):
+    id: str
+    deliveries: int
+    parked: bool = Field(description="true: the task reached its delivery limit and is parked.")
+    retry_at: str | None = Field(alias="retryAt", description="When it is handed out again (null when parked).")
+
+
+class FailReply(_Reply):
+    result: bool
+    task: FailedTask | None = None
+
+
+class Purged(_Reply):
+    purged: int = Field(description="Ready tasks cancelled.")
+    more: bool = Field(description="true: more ready tasks are left; purge again.")
+
+
+class PurgeReply(_Reply):
+    result: Purged
+
+
+class ServiceStats(_Reply):
+    service_id: str = Field(alias="serviceId")
+    ready: int
+    in_flight: int = Field(alias="inFlight")
+    delayed: int
+    parked: int
+    oldest_ready_age_ms: int | None = Field(alias="oldestReadyAgeMs")
+
+
+class Services(_Reply):
+    services: list[ServiceStats]
+
+
+class StatsReply(_Reply):
+    result: Services
+
+
+class ParkedInfo(_Reply):
+    id: str
+    deliveries: int
+    reason: str = Field(description="delivery_limit or failed.")
+    last_error: Any = Field(alias="lastError", description="The last fail's error, null if none.")
+    parked_at: str = Field(alias="parkedAt")
+    added_at: str = Field(alias="addedAt")
+    has_token: bool = Field(alias="hasToken")
+
+
+class ParkedList(_Reply):
+    tasks: list[ParkedInfo]
+
+
+class ParkedReply(_Reply):
+    result: ParkedList
+
+
+class Redriven(_Reply):
+    redriven: int
+
+
+class RedriveReply(_Reply):
+    result: Redriven
+
+
+class Discarded(_Reply):
+    discarded: int
+
+
+class DiscardReply(_Reply):
+    result: Discarded
+
+
+class ErrorDetail(_Reply):
+    code: ErrorCode
+    message: str
+
+
+class ErrorReply(_Reply):
+    error: ErrorDetail

@@ -1,0 +1,287 @@
+"""The HTTP gateway: the AMQP contract over HTTP, one endpoint per method (aiohttp).
+
+Each request is parsed with the same pydantic models as on AMQP, run against the same
+:class:`~bridge.domain.queue.WorkQueue` calls, and answered with the same JSON
+(:mod:`bridge.transport.wire`); errors map to HTTP statuses (:mod:`bridge.gateway.errors`).
+
+- Identity: ``Authorization: Bearer qb_<id>_<secret>`` (:mod:`bridge.gateway.keys`), required on
+  every path but ``GET /openapi.json`` (public: the contract, no data). A trusted key may name the
+  owner with ``X-Owner``; any other key only its own owner (else 403).
+- Bodies: ``application/json`` (415 otherwise), at most ``BRIDGE_MAX_VALUE_BYTES`` + 64 KiB: a
+  larger one is refused with 413 from its ``Content-Length`` before it is read, or as soon as the
+  bytes read pass the limit. An empty body is ``{}``.
+- The AMQP headers have HTTP twins: ``X-Owner`` (``x-owner``), ``Idempotency-Key`` on add (the
+  AMQP ``message_id``), ``traceparent`` (kept with the task; fetch answers a child of it).
+- Requests are observed as the AMQP ones are (``queue_bridge_requests_total{method,outcome}``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import structlog
+from aiohttp import hdrs, web
+
+from bridge.config import Settings
+from bridge.domain import jsonvalue
+from bridge.domain.errors import BadRequest, PayloadTooLarge, Unavailable
+from bridge.domain.models import AckRequest, AddCommand, FetchRequest, parse
+from bridge.domain.queue import WorkQueue
+from bridge.errors import BridgeError, ErrorCode, wire_code
+from bridge.gateway.endpoints import ENDPOINTS, OPENAPI_PATH, STATS_ALL, STATS_ALL_PATH, Endpoint
+from bridge.gateway.errors import (
+    Forbidden,
+    HttpError,
+    MethodNotAllowed,
+    NotFound,
+    UnsupportedMediaType,
+    status_of,
+)
+from bridge.gateway.keys import ApiKey, KeyFile
+from bridge.observability.tracing import child_traceparent, extract_traceparent
+from bridge.transport import wire
+from bridge.transport.envelope import ENVELOPE_ALLOWANCE, OWNER_PATTERN
+
+log = logging.getLogger("bridge.gateway")
+
+Observer = Callable[[str, str, float], None]  # (method, outcome, seconds), as the AMQP transport's
+Reply = tuple[wire.Body, Mapping[str, str] | None]
+
+OK = "ok"
+KEY = web.RequestKey("qb.key", ApiKey)
+INTERNAL_MESSAGE = "internal error; see the bridge log"
+IDEMPOTENCY_PATTERN = re.compile(r"[\x20-\x7e]{1,255}")
+RETRY_AFTER_S = 1
+CHUNK = 65_536
+
+
+class GatewayServer:
+    """The gateway's aiohttp app; :meth:`start` listens, :meth:`stop` finishes in-flight requests."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        queue: WorkQueue,
+        observe: Observer,
+        *,
+        keys: KeyFile | None = None,
+    ) -> None:
+        if keys is None:
+            if settings.gateway_keys_file is None:
+                raise ValueError("the gateway needs BRIDGE_GATEWAY_KEYS_FILE")
+            keys = KeyFile(settings.gateway_keys_file)
+        self.keys = keys
+        self.queue = queue
+        self.observe = observe
+        self.limit = settings.max_value_bytes + ENVELOPE_ALLOWANCE
+        self.grace = settings.shutdown_grace
+        self.port: int | None = None
+        self._runner: web.AppRunner | None = None
+        self._closing = False
+        from bridge.gateway.openapi import document, dumps
+
+        self._openapi = dumps(document())
+        app = web.Application(middlewares=[self._middleware], client_max_size=self.limit)
+        for ep in ENDPOINTS:
+            app.router.add_post(ep.path, self._handler(ep), name=ep.method)
+        app.router.add_get(STATS_ALL_PATH, self._handler(STATS_ALL), name="stats.all", allow_head=False)
+        app.router.add_get(OPENAPI_PATH, self._openapi_doc, name="openapi", allow_head=False)
+        self.app = app
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    async def start(self, host: str, port: int) -> int:
+        """Listen on ``host:port`` and return the bound port."""
+        if self._runner is not None:
+            raise RuntimeError("the gateway is already started")
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=self.grace)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+        log.info("http gateway listening on %s:%d", host, self.port, extra={"keys": len(self.keys)})
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop listening; requests in flight finish within BRIDGE_SHUTDOWN_GRACE (new ones on open
+        connections are answered ``unavailable``)."""
+        self._closing = True
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+        self.port = None
+
+    # -- every request -----------------------------------------------------------------------------
+    @web.middleware
+    async def _middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        started = time.perf_counter()
+        route = request.match_info.route.name or ""
+        method = route.split(".", 1)[0]
+        outcome: str = ErrorCode.INTERNAL
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(method=method or None, transport="http")
+        try:
+            if request.path != OPENAPI_PATH:  # no anonymous access anywhere else, not even to a 404
+                key = self.keys.authenticate(request.headers.get(hdrs.AUTHORIZATION))
+                request[KEY] = key
+                structlog.contextvars.bind_contextvars(user=f"key:{key.id}")
+            if self._closing:
+                raise Unavailable("the bridge is shutting down; retry (another bridge may answer)")
+            response = await handler(request)
+            outcome = OK
+            return response
+        except web.HTTPException as exc:  # the router's: no such path, wrong method
+            err = self._router_error(request, exc)
+            outcome = wire_code(err)
+            return self._error(err)
+        except Exception as exc:
+            outcome = wire_code(exc)
+            return self._error(exc)
+        finally:
+            if method:
+                self.observe(method, str(outcome), time.perf_counter() - started)
+
+    @staticmethod
+    def _router_error(request: web.Request, exc: web.HTTPException) -> BridgeError:
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            allow = ", ".join(sorted(exc.allowed_methods))
+            return MethodNotAllowed(f"{request.method} is not allowed on {request.path}; use {allow}", allow)
+        if isinstance(exc, web.HTTPNotFound):
+            return NotFound(f"no such endpoint: {request.method} {request.path}; see {OPENAPI_PATH}")
+        if exc.status == 413:
+            return PayloadTooLarge("the body is too large")
+        return HttpError(exc.reason, exc.status)
+
+    def _error(self, exc: BaseException) -> web.Response:
+        code = wire_code(exc)
+        if code is ErrorCode.INTERNAL or not isinstance(exc, BridgeError):
+            log.error("gateway request failed unexpectedly", exc_info=exc)
+            err = BridgeError(INTERNAL_MESSAGE, ErrorCode.INTERNAL)
+        else:
+            err = exc
+        status = status_of(exc) if isinstance(exc, BridgeError) else 500
+        headers: dict[str, str] = {}
+        if status == 401:
+            headers[hdrs.WWW_AUTHENTICATE] = 'Bearer realm="queue-bridge"'
+        elif status == 503:
+            headers[hdrs.RETRY_AFTER] = str(RETRY_AFTER_S)
+        elif isinstance(exc, MethodNotAllowed):
+            headers[hdrs.ALLOW] = exc.allow
+        if code is ErrorCode.INTEGRITY_ERROR:
+            log.warning("gateway request refused: %s (%s)", code, err.message)
+        else:
+            log.debug("gateway request refused: %s (%s)", code, err.message)
+        response = web.Response(status=status, body=wire.encode(wire.error(err)), headers=headers)
+        response.content_type = "application/json"
+        if status == 413:
+            response.force_close()  # the rest of the body is not read: the connection cannot be reused
+        return response
+
+    # -- the endpoints -----------------------------------------------------------------------------
+    def _handler(self, ep: Endpoint) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handle(request: web.Request) -> web.Response:
+            return await self._serve(request, ep)
+
+        return handle
+
+    async def _openapi_doc(self, request: web.Request) -> web.Response:
+        response = web.Response(body=self._openapi)
+        response.content_type = "application/json"
+        return response
+
+    async def _serve(self, request: web.Request, ep: Endpoint) -> web.Response:
+        received_ms = self.queue.clock.now_ms()
+        owner = self._owner(request[KEY], request.headers.get("X-Owner"))
+        body = await self._read_json(request)
+        service = request.match_info.get("serviceId")
+        if service is not None:
+            if not isinstance(body, dict):
+                raise BadRequest("the body must be a JSON object")
+            if "serviceId" in body and body["serviceId"] != service:
+                raise BadRequest("the body's serviceId differs from the path's; leave it out of the body")
+            body = {**body, "serviceId": service}
+        req = parse(ep.model, body)
+        structlog.contextvars.bind_contextvars(
+            owner=owner, service=getattr(req, "service_id", None), worker=getattr(req, "worker_id", None)
+        )
+        reply, headers = await self._run(ep.method, owner, req, request, received_ms)
+        response = web.Response(body=wire.encode(reply), headers=headers)
+        response.content_type = "application/json"
+        return response
+
+    async def _run(self, method: str, owner: str, req: Any, request: web.Request, received_ms: int) -> Reply:
+        if method == "add":
+            assert isinstance(req, AddCommand)
+            task_id = await self.queue.add(
+                owner, req, message_id=_idempotency_key(request), traceparent=extract_traceparent(request.headers)
+            )
+            return wire.added(task_id, req), None
+        if method == "fetch":
+            assert isinstance(req, FetchRequest)
+            delivery = await self.queue.fetch(owner, req)
+            child = child_traceparent(delivery.traceparent) if delivery is not None else None
+            return wire.fetched(delivery), ({"traceparent": child} if child else None)
+        if method == "ack":
+            assert isinstance(req, AckRequest)
+            # Received now, so sent before now: an ack without taskId older than the worker's
+            # current lease is refused, as on AMQP (where the message timestamp says it).
+            return wire.acked(await self.queue.ack(owner, req, sent_before_ms=received_ms)), None
+        return await wire.LIFECYCLE[method].call(self.queue, owner, req), None
+
+    @staticmethod
+    def _owner(key: ApiKey, named: str | None) -> str:
+        """The owner the request acts for: the key's, or (trusted keys only) the one X-Owner names."""
+        if named is None:
+            return key.owner
+        if not OWNER_PATTERN.fullmatch(named):
+            raise BadRequest("the X-Owner header must be 1 to 255 printable characters")
+        if key.trusted:
+            return named
+        if named != key.owner:
+            raise Forbidden(f"key {key.id!r} may not act for owner {named!r} (only trusted keys may name one)")
+        return key.owner
+
+    async def _read_json(self, request: web.Request) -> Any:
+        """The body as JSON (``{}`` when empty), refused before it is read when too large."""
+        length = request.content_length
+        if length is not None and length > self.limit:
+            raise PayloadTooLarge(f"the body is {length} bytes; the limit is {self.limit}")
+        if not request.can_read_body:
+            return {}
+        if not _is_json(request.content_type):
+            raise UnsupportedMediaType(f"send the body as application/json, not {request.content_type}")
+        data = bytearray()
+        while chunk := await request.content.read(CHUNK):
+            data += chunk
+            if len(data) > self.limit:
+                raise PayloadTooLarge(f"the body is more than {self.limit} bytes, the limit")
+        if not data:
+            return {}
+        try:
+            return jsonvalue.loads(bytes(data))
+        except jsonvalue.JsonError as exc:
+            raise BadRequest(f"the body is {exc}") from None
+
+
+def _is_json(content_type: str) -> bool:
+    return content_type == "application/json" or (
+        content_type.startswith("application/") and content_type.endswith("+json")
+    )
+
+
+def _idempotency_key(request: web.Request) -> str | None:
+    value = request.headers.get("Idempotency-Key")
+    if value is None:
+        return None
+    if not IDEMPOTENCY_PATTERN.fullmatch(value):
+        raise BadRequest("the Idempotency-Key header must be 1 to 255 printable ASCII characters")
+    return value

@@ -1,0 +1,469 @@
+"""The HTTP gateway (issue 11) on the real servers: every endpoint, its identity rules, bad input
+through HTTP, long-poll, and HTTP and AMQP workers sharing one queue.
+
+The bridge runs in-process with ``BRIDGE_GATEWAY_PORT`` set; requests go over loopback HTTP with
+aiohttp, AMQP requests with the Python client (the wire contract itself, ``Worker.call``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from bridge.client.rpc import results_consumer
+from bridge.gateway.keys import new_key
+from tests.conftest import ENGINE_USER, OWNERS, free_port, service_id, wait_for
+from tests.integration.test_security import flip_stored_value
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+MAX_VALUE_BYTES = 4096  # small, so that "too large" is cheap to send
+ALLOWANCE = 65_536  # a body may be this much larger than the value limit (as on AMQP)
+
+
+@dataclass
+class Reply:
+    status: int
+    body: Any
+    headers: Any
+
+    @property
+    def code(self) -> str | None:
+        return self.body["error"]["code"] if isinstance(self.body, dict) and "error" in self.body else None
+
+
+class Gateway:
+    """An HTTP client of one bridge's gateway, with the test's keys."""
+
+    def __init__(self, port: int, keys: dict[str, str], session: aiohttp.ClientSession) -> None:
+        self.port = port
+        self.base = f"http://127.0.0.1:{port}"
+        self.keys = keys
+        self.session = session
+
+    def auth(self, key: str | None) -> dict[str, str]:
+        return {} if key is None else {"Authorization": f"Bearer {self.keys.get(key, key)}"}
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        key: str | None = "a",
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+        content_type: str = "application/json",
+    ) -> Reply:
+        h = {**self.auth(key), **(headers or {})}
+        data = raw
+        if data is None and body is not None:
+            data = json.dumps(body).encode()
+        if data is not None:
+            h.setdefault("Content-Type", content_type)
+        async with self.session.request(method, self.base + path, data=data, headers=h) as resp:
+            text = await resp.read()
+            try:
+                parsed = json.loads(text) if text else None
+            except ValueError:
+                parsed = text
+            return Reply(resp.status, parsed, resp.headers)
+
+    async def post(self, svc: str, name: str, body: Any = None, **kw: Any) -> Reply:
+        return await self.request("POST", f"/api/queue/{svc}/{name}", {} if body is None else body, **kw)
+
+    async def ok(self, svc: str, name: str, body: Any = None, **kw: Any) -> dict[str, Any]:
+        reply = await self.post(svc, name, body, **kw)
+        assert reply.status == 200, (reply.status, reply.body)
+        assert reply.headers["Content-Type"].startswith("application/json")
+        return dict(reply.body)
+
+
+@pytest.fixture
+def gateway_keys(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A keys file: ``a``/``b`` (workers of OWNERS[0]/[1]), ``engine`` (trusted), ``nobody`` (an owner
+    without an encryption key)."""
+    keys: dict[str, str] = {}
+    entries = []
+    for name, owner, trusted in (
+        ("a", OWNERS[0], False),
+        ("b", OWNERS[1], False),
+        ("engine", ENGINE_USER, True),
+        ("nobody", "nobody-has-a-key", False),
+    ):
+        key, entry = new_key(owner, trusted=trusted, key_id=f"test-{name}")
+        keys[name] = key
+        entries.append(entry)
+    path = tmp_path / "gateway-keys.json"
+    path.write_text(json.dumps(entries))
+    return path, keys
+
+
+@pytest.fixture
+async def start_gateway(make_bridge, gateway_keys) -> AsyncIterator[Any]:
+    path, keys = gateway_keys
+    sessions: list[aiohttp.ClientSession] = []
+
+    async def start(**overrides: Any) -> tuple[Any, Gateway]:
+        settings = {"gateway_port": free_port(), "gateway_keys_file": path, "max_value_bytes": MAX_VALUE_BYTES}
+        b = await make_bridge(**{**settings, **overrides})
+        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=40))
+        sessions.append(session)
+        return b, Gateway(b.gateway_port, keys, session)
+
+    yield start
+    for s in sessions:
+        await s.close()
+
+
+@pytest.fixture
+async def gw(start_gateway) -> Gateway:
+    _, gateway = await start_gateway(clock_skew_margin=0.2)
+    return gateway
+
+
+# -- every endpoint ---------------------------------------------------------------------------------
+async def test_add_fetch_extend_fail_ack_cancel_purge_through_http(gw):
+    svc = service_id()
+    added = await gw.ok(svc, "tasks", {"value": {"n": 1}, "token": "t-1"}, key="engine", headers={"X-Owner": OWNERS[0]})
+    assert added["result"] is True
+    task_id = added["task"]["id"]
+    assert uuid.UUID(task_id) and "notBefore" not in added["task"]
+
+    got = await gw.ok(svc, "fetch", {"workerId": "h1", "timeToRecover": 5000})
+    assert got["result"] == {"n": 1}
+    task = got["task"]
+    assert task["id"] == task_id and task["epoch"] >= 1 and task["deliveries"] == 1 and task["hasToken"] is True
+    assert task["leaseExpiresAt"].endswith("Z")
+
+    named = {"workerId": "h1", "taskId": task_id, "epoch": task["epoch"]}
+    ext = await gw.ok(svc, "extend", {**named, "timeToRecover": 10_000})
+    assert ext["result"] is True and ext["task"]["id"] == task_id and ext["task"]["epoch"] == task["epoch"]
+    assert ext["task"]["leaseExpiresAt"] > task["leaseExpiresAt"]
+
+    failed = await gw.ok(svc, "fail", {**named, "error": {"why": "flaky"}, "retryInMs": 0})
+    assert failed["result"] is True
+    assert failed["task"] == {"id": task_id, "deliveries": 1, "parked": False, "retryAt": failed["task"]["retryAt"]}
+
+    async def fetched_again() -> dict[str, Any] | None:
+        reply = await gw.ok(svc, "fetch", {"workerId": "h1"})
+        return reply if reply["result"] is not None else None
+
+    again = await wait_for(fetched_again, 10, what="the failed task back")
+    assert again["task"]["id"] == task_id and again["task"]["deliveries"] == 2
+    ack = {"workerId": "h1", "taskId": task_id, "epoch": again["task"]["epoch"], "hasToken": True, "result": "done"}
+    assert (await gw.ok(svc, "ack", ack))["result"] is True
+    assert (await gw.ok(svc, "ack", ack))["result"] is True, "a repeated ack answers true again"
+    stale = {**ack, "epoch": task["epoch"]}
+    assert (await gw.ok(svc, "ack", stale))["result"] is False
+
+    # cancel (engine) and purge: the ready tasks are gone.
+    keep = (await gw.ok(svc, "tasks", {"value": "to cancel"}))["task"]["id"]
+    assert (await gw.ok(svc, "cancel", {"taskId": keep}))["result"] is True
+    for i in range(3):
+        await gw.ok(svc, "tasks", {"value": i})
+    purged = await gw.ok(svc, "purge")
+    assert purged["result"]["purged"] == 3 and purged["result"]["more"] is False
+    assert (await gw.ok(svc, "fetch", {"workerId": "h1"}))["result"] is None
+
+
+async def test_stats_parked_redrive_discard_and_delayed_adds_through_http(gw):
+    svc = service_id()
+    for i in range(2):
+        await gw.ok(svc, "tasks", {"value": i, "maxDeliveries": 1})
+    delayed = await gw.ok(svc, "tasks", {"value": "later", "delayMs": 60_000})
+    assert delayed["task"]["notBefore"].endswith("Z")
+    ids = []
+    for _ in range(2):  # fail each at its only delivery: parked
+        got = await gw.ok(svc, "fetch", {"workerId": "p"})
+        ids.append(got["task"]["id"])
+        body = {"workerId": "p", "taskId": got["task"]["id"], "epoch": got["task"]["epoch"], "error": "boom"}
+        failed = await gw.ok(svc, "fail", body)
+        assert failed["task"]["parked"] is True and failed["task"]["retryAt"] is None
+    parked = (await gw.ok(svc, "parked", {"limit": 10}))["result"]["tasks"]
+    assert sorted(t["id"] for t in parked) == sorted(ids)
+    assert all(t["reason"] == "failed" and t["lastError"] == "boom" and t["deliveries"] == 1 for t in parked)
+
+    async def counted() -> dict[str, Any] | None:
+        services = (await gw.ok(svc, "stats"))["result"]["services"]
+        return services[0] if services and services[0]["parked"] == 2 and services[0]["delayed"] == 1 else None
+
+    mine = await wait_for(counted, 10, what="stats counting the parked and delayed tasks")
+    assert mine["serviceId"] == svc and mine["ready"] == 0 and mine["inFlight"] == 0
+    everything = await gw.request("GET", "/api/queue/stats")
+    assert everything.status == 200
+    assert svc in [s["serviceId"] for s in everything.body["result"]["services"]]
+
+    assert (await gw.ok(svc, "redrive", {"taskIds": [ids[0]]}))["result"] == {"redriven": 1}
+    back = await wait_for(lambda: _fetch_task(gw, svc, "p2"), 10, what="the redriven task")
+    assert back["task"]["id"] == ids[0]
+    assert (await gw.ok(svc, "discard", {"taskIds": [ids[1]]}))["result"] == {"discarded": 1}
+    assert (await gw.ok(svc, "parked"))["result"]["tasks"] == []
+    assert (await gw.ok(svc, "redrive", {"all": True}))["result"] == {"redriven": 0}
+
+
+async def _fetch_task(gw: Gateway, svc: str, worker: str, key: str = "a") -> dict[str, Any] | None:
+    reply = await gw.ok(svc, "fetch", {"workerId": worker}, key=key)
+    return reply if reply["result"] is not None or "task" in reply else None
+
+
+async def test_idempotency_key_and_traceparent_are_the_amqp_message_id_and_traceparent(gw):
+    svc = service_id()
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    headers = {"Idempotency-Key": "order-42", "traceparent": parent}
+    first = await gw.ok(svc, "tasks", {"value": 1}, headers=headers)
+    second = await gw.ok(svc, "tasks", {"value": 1}, headers=headers)
+    assert first["task"]["id"] == second["task"]["id"], "one task for one idempotency key"
+    reply = await gw.post(svc, "fetch", {"workerId": "t"})
+    assert reply.body["task"]["id"] == first["task"]["id"]
+    child = reply.headers["traceparent"]
+    assert child.split("-")[1] == parent.split("-")[1] and child != parent, "the same trace, a new span"
+    assert (await gw.ok(svc, "fetch", {"workerId": "t2"}))["result"] is None, "no second task"
+
+
+# -- identity ---------------------------------------------------------------------------------------
+async def test_requests_without_valid_credentials_are_401(gw):
+    svc = service_id()
+    good = gw.keys["a"]
+    key_id, secret = good[3:].split("_", 1)
+    cases = {
+        "no header": {},
+        "not bearer": {"Authorization": f"Basic {good}"},
+        "empty bearer": {"Authorization": "Bearer "},
+        "malformed key": {"Authorization": "Bearer not-a-key"},
+        "no secret": {"Authorization": f"Bearer qb_{key_id}_"},
+        "unknown id": {"Authorization": f"Bearer qb_nosuchkey_{secret}"},
+        "wrong secret": {"Authorization": f"Bearer qb_{key_id}_{secret[:-1]}x"},
+    }
+    for what, headers in cases.items():
+        for method, path in (("POST", f"/api/queue/{svc}/fetch"), ("GET", "/api/queue/stats"), ("GET", "/nope")):
+            reply = await gw.request(method, path, {"workerId": "w"}, key=None, headers=headers)
+            assert reply.status == 401, (what, path, reply.body)
+            assert reply.code == "unauthorized" and "Traceback" not in json.dumps(reply.body)
+            assert reply.headers["WWW-Authenticate"].startswith("Bearer")
+    # The one public path.
+    doc = await gw.request("GET", "/openapi.json", key=None)
+    assert doc.status == 200 and doc.body["openapi"].startswith("3.1")
+
+
+async def test_x_owner_is_for_trusted_keys(gw):
+    svc = service_id()
+    # A worker's key naming another owner: 403; naming its own: as if it named none.
+    refused = await gw.post(svc, "tasks", {"value": 1}, key="a", headers={"X-Owner": OWNERS[1]})
+    assert refused.status == 403 and refused.code == "unauthorized"
+    assert OWNERS[1] in refused.body["error"]["message"]
+    await gw.ok(svc, "tasks", {"value": "mine"}, key="a", headers={"X-Owner": OWNERS[0]})
+    # The trusted (engine) key acts for the owner it names.
+    await gw.ok(svc, "tasks", {"value": "for b"}, key="engine", headers={"X-Owner": OWNERS[1]})
+    got_b = await gw.ok(svc, "fetch", {"workerId": "wb"}, key="b")
+    assert got_b["result"] == "for b"
+    got_a = await gw.ok(svc, "fetch", {"workerId": "wa"}, key="a")
+    assert got_a["result"] == "mine"
+    bad = await gw.post(svc, "fetch", {"workerId": "w"}, key="engine", headers={"X-Owner": "o" * 256})
+    assert bad.status == 400 and bad.code == "bad_request"
+
+
+async def test_an_owner_reaches_only_its_own_queue(gw, engine, workers):
+    svc = service_id()
+    task_id = await engine.add(svc, {"secret": "of a"})  # AMQP, for OWNERS[0]
+    # Owner b, same service name: its own empty queue, whatever it asks.
+    assert (await gw.ok(svc, "fetch", {"workerId": "thief"}, key="b"))["result"] is None
+    assert (await gw.ok(svc, "cancel", {"taskId": task_id}, key="b"))["result"] is False
+    assert (await gw.ok(svc, "purge", key="b"))["result"]["purged"] == 0
+    assert (await gw.ok(svc, "parked", key="b"))["result"]["tasks"] == []
+    assert (await gw.ok(svc, "discard", {"taskIds": [task_id]}, key="b"))["result"] == {"discarded": 0}
+    stats_b = (await gw.request("GET", "/api/queue/stats", key="b")).body["result"]["services"]
+    assert svc not in [s["serviceId"] for s in stats_b]
+    ack = {"workerId": "thief", "taskId": task_id, "epoch": 1, "result": "stolen"}
+    assert (await gw.ok(svc, "ack", ack, key="b"))["result"] is False
+    # Owner a still has its task, untouched.
+    got = await gw.ok(svc, "fetch", {"workerId": "rightful"}, key="a")
+    assert got["task"]["id"] == task_id and got["result"] == {"secret": "of a"} and got["task"]["deliveries"] == 1
+
+
+async def test_an_owner_without_an_encryption_key_is_403_unknown_owner(gw):
+    reply = await gw.post(service_id(), "tasks", {"value": 1}, key="nobody")
+    assert reply.status == 403 and reply.code == "unknown_owner"
+
+
+# -- bad input --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "raw", "status", "words"),
+    [
+        ("fetch", b"{not json", 400, "not valid JSON"),
+        ("fetch", b"[1, 2]", 400, "JSON object"),
+        ("fetch", b'"just a string"', 400, "JSON object"),
+        ("fetch", b"{}", 400, "workerId"),
+        ("fetch", b'{"workerId": 5}', 400, "workerId"),
+        ("fetch", b'{"workerId": "w", "timeToRecover": "soon"}', 400, "timeToRecover"),
+        ("fetch", b'{"workerId": "w", "waitMs": 30001}', 400, "waitMs"),
+        ("fetch", b'{"workerId": "w", "serviceId": "another"}', 400, "serviceId"),
+        ("ack", b'{"workerId": "w", "taskId": 12}', 400, "taskId"),
+        ("tasks", b'{"token": "t"}', 400, "value"),
+        ("tasks", b'{"value": 1, "delayMs": 5, "notBefore": "2030-01-01T00:00:00Z"}', 400, "not both"),
+        ("tasks", b'{"value": 1, "priority": 9}', 400, "priority"),
+        ("redrive", b"{}", 400, "taskIds or all"),
+        ("discard", b'{"taskIds": ["not-a-uuid"]}', 400, "taskIds"),
+        ("tasks", b'{"value": "' + b"x" * (MAX_VALUE_BYTES + 10) + b'"}', 413, "value"),
+    ],
+)
+async def test_bad_bodies_get_the_right_status(gw, name, raw, status, words):
+    svc = service_id()
+    reply = await gw.post(svc, name, raw=raw)
+    assert reply.status == status, reply.body
+    assert reply.code == {400: "bad_request", 413: "payload_too_large"}[status]
+    assert words in reply.body["error"]["message"]
+    assert "Traceback" not in reply.body["error"]["message"]
+    # ...and the gateway still serves.
+    assert (await gw.ok(svc, "fetch", {"workerId": "after"}))["result"] is None
+
+
+async def test_http_level_errors(gw):
+    svc = service_id()
+    not_json = await gw.post(svc, "fetch", raw=b"workerId=w", content_type="application/x-www-form-urlencoded")
+    assert not_json.status == 415 and not_json.code == "bad_request"
+    missing = await gw.request("POST", f"/api/queue/{svc}/frobnicate", {})
+    assert missing.status == 404 and missing.code == "bad_request"
+    wrong = await gw.request("GET", f"/api/queue/{svc}/fetch")
+    assert wrong.status == 405 and wrong.code == "bad_request" and wrong.headers["Allow"] == "POST"
+    # An empty body is {}: purge needs nothing else.
+    empty = await gw.request("POST", f"/api/queue/{svc}/purge", raw=b"")
+    assert empty.status == 200 and empty.body["result"]["purged"] == 0
+    # +json media types are JSON.
+    ok = await gw.post(svc, "fetch", raw=b'{"workerId": "w"}', content_type="application/merge-patch+json")
+    assert ok.status == 200
+
+
+async def test_an_oversized_body_is_refused_before_it_is_read(gw):
+    """Content-Length over the limit: 413 at once, with none of the body sent."""
+    svc = service_id()
+    head = (
+        f"POST /api/queue/{svc}/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {gw.keys['a']}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {10 * 1024 * 1024 * 1024}\r\n\r\n"
+    ).encode()
+
+    def exchange() -> bytes:
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+            sock.sendall(head + b'{"value": "')  # the first bytes of 10 GiB
+            data = b""
+            while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            return data
+
+    started = time.monotonic()
+    data = await asyncio.to_thread(exchange)
+    assert data.startswith(b"HTTP/1.1 413"), data[:200]
+    assert b'"payload_too_large"' in data
+    assert time.monotonic() - started < 5
+    # A chunked body (no Content-Length) is cut off as soon as it passes the limit.
+    too_big = b'{"value": "' + b"x" * (MAX_VALUE_BYTES + ALLOWANCE) + b'"}'
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(too_big), 8192):
+            yield too_big[i : i + 8192]
+
+    headers = {**gw.auth("a"), "Content-Type": "application/json"}
+    async with gw.session.post(f"{gw.base}/api/queue/{svc}/tasks", data=chunks(), headers=headers) as resp:
+        assert resp.status == 413
+        assert (await resp.json())["error"]["code"] == "payload_too_large"
+
+
+async def test_tampered_data_is_422_integrity_error(gw, cql, servers):
+    svc = service_id()
+    bad = (await gw.ok(svc, "tasks", {"value": {"pad": "x" * 3000}}))["task"]["id"]  # too big to ride on its hint
+    flip_stored_value(cql, servers.keyspace, svc, bad)
+    reply = await gw.post(svc, "fetch", {"workerId": "w"})
+    assert reply.status == 422 and reply.code == "integrity_error" and bad in reply.body["error"]["message"]
+
+
+# -- long-poll ---------------------------------------------------------------------------------------
+async def test_a_long_poll_through_http_gets_a_task_added_later(gw, engine):
+    svc = service_id()
+    assert (await gw.ok(svc, "fetch", {"workerId": "lp"}))["result"] is None  # the queue exists, empty
+    waiting = asyncio.create_task(gw.ok(svc, "fetch", {"workerId": "lp", "waitMs": 20_000}))
+    await asyncio.sleep(0.3)  # the fetch is waiting on the bridge (it must not answer null meanwhile)
+    assert not waiting.done()
+    added_at = time.monotonic()
+    task_id = await engine.add(svc, "worth the wait")
+    got = await asyncio.wait_for(waiting, 15)
+    assert got["result"] == "worth the wait" and got["task"]["id"] == task_id
+    assert time.monotonic() - added_at < 5, "answered when the task came, not at the end of the wait"
+
+
+async def test_a_waiting_http_fetch_is_answered_when_the_bridge_stops(start_gateway):
+    bridge, gw = await start_gateway()
+    svc = service_id()
+    waiting = asyncio.create_task(gw.ok(svc, "fetch", {"workerId": "lp", "waitMs": 30_000}))
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    await bridge.stop()
+    assert (await asyncio.wait_for(waiting, 15))["result"] is None
+    assert time.monotonic() - started < 10
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await gw.request("POST", f"/api/queue/{svc}/fetch", {"workerId": "late"})
+
+
+# -- HTTP and AMQP on one queue ----------------------------------------------------------------------
+async def test_http_and_amqp_workers_share_a_queue_and_ack_across(gw, engine, workers, servers, names):
+    svc = service_id()
+    async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
+        ids = [await engine.add(svc, {"n": i}, token=f"tok-{i}") for i in range(6)]
+        amqp = await workers(svc, "amqp-w")
+        seen: dict[str, str] = {}
+        for _ in range(3):
+            via_http = await gw.ok(svc, "fetch", {"workerId": "http-w"})
+            via_amqp = await amqp.call("fetch", {"serviceId": svc, "workerId": "amqp-w"})
+            held = []
+            for door, reply in (("http", via_http), ("amqp", via_amqp)):
+                tid = reply["task"]["id"]
+                assert tid not in seen, f"{tid} handed out twice ({seen.get(tid)} and {door})"
+                seen[tid] = door
+                held.append((door, tid, reply["task"]["epoch"]))
+            # Each acked through the other door: the lease is the worker's, whatever carried the fetch.
+            for door, tid, epoch in held:
+                worker = f"{door}-w"
+                body = {"serviceId": svc, "workerId": worker, "taskId": tid, "epoch": epoch, "result": f"by {door}"}
+                if door == "http":
+                    assert (await amqp.call("ack", body))["result"] is True
+                else:
+                    assert (await gw.ok(svc, "ack", body))["result"] is True
+        assert sorted(seen) == sorted(ids)
+        assert list(seen.values()).count("http") == 3
+        assert (await gw.ok(svc, "fetch", {"workerId": "http-w"}))["result"] is None
+        # The engine gets every result, each from the worker that fetched its task.
+        got: dict[str, Any] = {}
+        deadline = time.monotonic() + 15
+        while len(got) < 6 and time.monotonic() < deadline:
+            msg = await asyncio.wait_for(results.get(), max(0.1, deadline - time.monotonic()))
+            if msg["serviceId"] == svc:
+                got[msg["taskId"]] = msg["result"]
+    assert got == {tid: f"by {seen[tid]}" for tid in ids}
+
+
+async def test_gateway_requests_are_counted_like_amqp_ones(start_gateway):
+    bridge, gw = await start_gateway()
+    svc = service_id()
+    await gw.ok(svc, "fetch", {"workerId": "m"})
+    await gw.post(svc, "fetch", raw=b"{")
+
+    def count(outcome: str) -> float:
+        value = bridge.metrics.registry.get_sample_value(
+            "queue_bridge_requests_total", {"method": "fetch", "outcome": outcome}
+        )
+        return value or 0.0
+
+    assert count("ok") >= 1 and count("bad_request") >= 1

@@ -1,0 +1,398 @@
+"""The HTTP gateway without servers: API keys, the OpenAPI document, reply shapes, the error-to-status
+mapping (against a stand-in queue that raises each error), and the ``gateway-key`` command.
+The gateway on the real servers: tests/integration/test_gateway.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from bridge.config import ConfigError, Settings, load_settings
+from bridge.domain.clock import ManualClock
+from bridge.domain.errors import (
+    BadRequest,
+    IntegrityError,
+    PayloadTooLarge,
+    Unavailable,
+    UnknownOwner,
+)
+from bridge.domain.lifecycle import Extended, Failed, ParkedTask
+from bridge.domain.models import AddCommand, Delivery
+from bridge.domain.stats import ServiceStats
+from bridge.domain.timeline import ms_of
+from bridge.errors import BridgeError, ErrorCode
+from bridge.gateway import replies
+from bridge.gateway.endpoints import ENDPOINTS, STATS_ALL_PATH
+from bridge.gateway.errors import STATUS, Unauthenticated
+from bridge.gateway.keys import KeyFile, hash_secret, new_key, parse_keys, split_key
+from bridge.gateway.openapi import document, dumps
+from bridge.gateway.server import GatewayServer
+from bridge.transport import wire
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.anyio
+
+
+# -- keys ---------------------------------------------------------------------------------------------
+class Monotonic:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def write_keys(path: Path, entries: list[dict[str, Any]]) -> None:
+    tmp = path.with_name("tmp.json")
+    tmp.write_text(json.dumps(entries))
+    tmp.replace(path)  # a new inode: the change is seen whatever the clock's resolution
+
+
+@pytest.fixture
+def keyfile(tmp_path: Path) -> tuple[KeyFile, Path, dict[str, str], Monotonic]:
+    keys: dict[str, str] = {}
+    entries = []
+    for name, trusted in (("w", False), ("e", True)):
+        keys[name], entry = new_key(f"owner-{name}", trusted=trusted, key_id=f"id-{name}")
+        entries.append(entry)
+    path = tmp_path / "keys.json"
+    write_keys(path, entries)
+    clock = Monotonic()
+    return KeyFile(path, monotonic=clock), path, keys, clock
+
+
+def test_a_new_key_is_stored_as_the_hash_of_its_secret() -> None:
+    key, entry = new_key("tenant-a", trusted=True, key_id="k-1")
+    assert key.startswith("qb_k-1_")
+    key_id, secret = split_key(key) or ("", "")
+    assert key_id == "k-1" and len(secret) >= 32
+    assert entry == {
+        "id": "k-1",
+        "owner": "tenant-a",
+        "sha256": hashlib.sha256(secret.encode()).hexdigest(),
+        "trusted": True,
+    }
+    assert secret not in json.dumps(entry)
+    other, _ = new_key("tenant-a")
+    assert split_key(other) is not None and other != key
+
+
+def test_authenticate_finds_the_key_and_refuses_everything_else(keyfile) -> None:
+    keys_file, _, keys, _ = keyfile
+    found = keys_file.authenticate(f"Bearer {keys['w']}")
+    assert (found.id, found.owner, found.trusted) == ("id-w", "owner-w", False)
+    assert keys_file.authenticate(f"bearer   {keys['e']}  ").trusted is True
+    _, secret = split_key(keys["w"]) or ("", "")
+    refused = [
+        None,
+        "",
+        keys["w"],  # no scheme
+        f"Basic {keys['w']}",
+        "Bearer",
+        "Bearer qb_",
+        "Bearer qb_id-w",
+        "Bearer qb_id-w_",
+        f"Bearer xx_id-w_{secret}",
+        f"Bearer qb_id-x_{secret}",  # unknown id
+        f"Bearer qb_id-e_{secret}",  # another key's id
+        f"Bearer qb_id-w_{secret}x",  # wrong secret
+        f"Bearer qb_id-w_{secret[:-1]}",
+        f"Bearer qb_id-w_{secret} extra",
+    ]
+    for header in refused:
+        with pytest.raises(Unauthenticated) as err:
+            keys_file.authenticate(header)
+        assert err.value.code == ErrorCode.UNAUTHORIZED
+        assert secret not in err.value.message
+
+
+def test_the_keys_file_is_reread_when_it_changes(keyfile) -> None:
+    keys_file, path, keys, clock = keyfile
+    added, entry = new_key("owner-n", key_id="id-n")
+    doc = json.loads(path.read_text())
+    write_keys(path, [e for e in doc if e["id"] != "id-w"] + [entry])  # revoke w, add n
+    assert keys_file.authenticate(f"Bearer {keys['w']}").id == "id-w", "looked at most once a second"
+    clock.now += 1.5
+    assert keys_file.authenticate(f"Bearer {added}").owner == "owner-n"
+    with pytest.raises(Unauthenticated):
+        keys_file.authenticate(f"Bearer {keys['w']}")
+    # A broken file is ignored: the keys read before stay in force.
+    path.write_text("[{not json")
+    clock.now += 1.5
+    assert keys_file.authenticate(f"Bearer {added}").owner == "owner-n"
+    path.unlink()
+    clock.now += 1.5
+    assert keys_file.authenticate(f"Bearer {added}").owner == "owner-n"
+
+
+@pytest.mark.parametrize(
+    ("doc", "words"),
+    [
+        ({}, "JSON list"),
+        (["k"], "must be an object"),
+        ([{"id": "a_b", "owner": "o", "sha256": "0" * 64}], "id must be"),
+        ([{"id": "a", "owner": "", "sha256": "0" * 64}], "owner"),
+        ([{"id": "a", "owner": "o", "sha256": "abc"}], "sha256"),
+        ([{"id": "a", "owner": "o", "sha256": "0" * 64, "trusted": "yes"}], "trusted"),
+        ([{"id": "a", "owner": "o", "sha256": "0" * 64, "secret": "s"}], "unknown fields"),
+        ([{"id": "a", "owner": "o", "sha256": "0" * 64}, {"id": "a", "owner": "p", "sha256": "1" * 64}], "twice"),
+    ],
+)
+def test_invalid_keys_documents_are_refused(doc: Any, words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        parse_keys(doc)
+
+
+def test_a_missing_or_invalid_keys_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="BRIDGE_GATEWAY_KEYS_FILE"):
+        KeyFile(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"id": 1}')
+    with pytest.raises(ConfigError, match="BRIDGE_GATEWAY_KEYS_FILE"):
+        KeyFile(bad)
+
+
+def test_a_gateway_port_needs_a_keys_file() -> None:
+    with pytest.raises(ConfigError, match="BRIDGE_GATEWAY_KEYS_FILE"):
+        load_settings(gateway_port=8081, keyring=None)
+    assert Settings(keyring=None).gateway_port == 0, "off by default"
+
+
+# -- the OpenAPI document --------------------------------------------------------------------------------
+def test_the_committed_openapi_document_is_the_generated_one() -> None:
+    committed = (ROOT / "docs" / "openapi.json").read_bytes()
+    assert committed == dumps(document()), "regenerate: python -m bridge.gateway.openapi > docs/openapi.json"
+
+
+def test_the_openapi_document_has_every_method_with_its_model_and_errors() -> None:
+    doc = document()
+    assert doc["openapi"] == "3.1.0"
+    schemas = doc["components"]["schemas"]
+    for ep in ENDPOINTS:
+        op = doc["paths"][ep.path]["post"]
+        assert op["operationId"] == ep.method
+        ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        body = schemas[ref.rsplit("/", 1)[1]]
+        model = ep.model.model_json_schema(by_alias=True)
+        assert set(body["properties"]) == set(model["properties"]), "the AMQP model's fields, all of them"
+        assert "serviceId" not in body.get("required", []), "serviceId comes from the path"
+        assert set(body.get("required", [])) == set(model.get("required", [])) - {"serviceId"}
+        assert {"200", "400", "401", "403", "413", "415", "422", "500", "503"} <= set(op["responses"])
+        assert op["parameters"][0] == {**op["parameters"][0], "name": "serviceId", "in": "path", "required": True}
+    assert doc["paths"][STATS_ALL_PATH]["get"]["operationId"] == "statsAll"
+    assert set(schemas["ErrorCode"]["enum"]) == {str(c) for c in ErrorCode}
+    assert doc["security"] == [{"apiKey": []}] and doc["paths"]["/openapi.json"]["get"]["security"] == []
+
+
+# -- reply shapes: what wire builds is what the document says ---------------------------------------------
+def test_the_wire_replies_match_the_documented_reply_models() -> None:
+    task = uuid.uuid1()
+    now = ms_of(task)
+    delivery = Delivery(str(task), b'{"n": 1}', 2, 3, now + 5000, None, has_token=True)
+    checks: list[tuple[type[Any], wire.Body]] = [
+        (replies.AddReply, wire.added(str(task), AddCommand.model_validate({"serviceId": "s", "value": 1}))),
+        (
+            replies.AddReply,
+            wire.added(str(task), AddCommand.model_validate({"serviceId": "s", "value": 1, "delayMs": 9})),
+        ),
+        (replies.FetchReply, wire.fetched(delivery)),
+        (replies.FetchReply, wire.fetched(None)),
+        (replies.BoolReply, wire.acked(True)),
+        (replies.BoolReply, wire.cancelled(False)),
+        (replies.ExtendReply, wire.extended(Extended(task, 3, now))),
+        (replies.ExtendReply, wire.extended(None)),
+        (replies.FailReply, wire.failed(Failed(task, 2, False, now))),
+        (replies.FailReply, wire.failed(Failed(task, 2, True, None))),
+        (replies.FailReply, wire.failed(None)),
+        (replies.PurgeReply, wire.purged(3, True)),
+        (replies.StatsReply, wire.stats([ServiceStats("s", 1, 2, 3, 4, None), ServiceStats("t", 0, 0, 0, 0, 7)])),
+        (replies.ParkedReply, wire.parked([ParkedTask(task, 4, "failed", now, False, b'{"why": 1}')])),
+        (replies.ParkedReply, wire.parked([ParkedTask(task, 4, "delivery_limit", now, True, None)])),
+        (replies.RedriveReply, wire.redriven(2)),
+        (replies.DiscardReply, wire.discarded(0)),
+        (replies.ErrorReply, wire.error(BadRequest("no"))),
+    ]
+    for model, body in checks:
+        model.model_validate(orjson.loads(wire.encode(body)))
+    assert orjson.loads(wire.encode(wire.fetched(delivery)))["result"] == {"n": 1}
+
+
+# -- statuses, against a stand-in queue ------------------------------------------------------------------
+class StandInQueue:
+    """Answers every call with ``answer`` or raises ``error``: the gateway's mapping, without servers."""
+
+    def __init__(self) -> None:
+        self.clock = ManualClock(1_700_000_000_000)
+        self.error: BaseException | None = None
+        self.calls: list[tuple[str, str, Any]] = []
+
+    def _call(self, method: str, owner: str, req: Any, answer: Any) -> Any:
+        self.calls.append((method, owner, req))
+        if self.error is not None:
+            raise self.error
+        return answer
+
+    async def add(self, owner: str, cmd: Any, *, message_id: str | None, traceparent: str | None) -> str:
+        return str(self._call("add", owner, (cmd, message_id, traceparent), str(uuid.uuid1())))
+
+    async def fetch(self, owner: str, req: Any) -> None:
+        return self._call("fetch", owner, req, None)  # type: ignore[no-any-return]
+
+    async def ack(self, owner: str, req: Any, *, sent_before_ms: int | None = None) -> bool:
+        return bool(self._call("ack", owner, (req, sent_before_ms), True))
+
+    async def stats(self, owner: str, service: str | None) -> list[Any]:
+        return list(self._call("stats", owner, service, []))
+
+
+@pytest.fixture
+async def standin(tmp_path: Path) -> AsyncIterator[tuple[StandInQueue, str, dict[str, str], list[tuple[str, str]]]]:
+    keys: dict[str, str] = {}
+    entries = []
+    for name, trusted in (("w", False), ("e", True)):
+        keys[name], entry = new_key(f"owner-{name}", trusted=trusted, key_id=f"id-{name}")
+        entries.append(entry)
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(entries))
+    queue = StandInQueue()
+    observed: list[tuple[str, str]] = []
+    settings = Settings(keyring=None, gateway_keys_file=path, max_value_bytes=1000, shutdown_grace=1)
+    server = GatewayServer(settings, queue, lambda m, o, s: observed.append((m, o)))  # type: ignore[arg-type]
+    port = await server.start("127.0.0.1", 0)
+    yield queue, f"http://127.0.0.1:{port}", keys, observed
+    await server.stop()
+
+
+async def _post(base: str, path: str, key: str | None, body: bytes, **headers: str) -> tuple[int, Any, Any]:
+    h = {"Content-Type": "application/json", **headers}
+    if key is not None:
+        h["Authorization"] = f"Bearer {key}"
+    async with aiohttp.ClientSession() as s, s.post(base + path, data=body, headers=h) as resp:
+        return resp.status, json.loads(await resp.read()), resp.headers
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        (BadRequest("bad"), 400, "bad_request"),
+        (UnknownOwner("who?"), 403, "unknown_owner"),
+        (PayloadTooLarge("big"), 413, "payload_too_large"),
+        (IntegrityError("tampered"), 422, "integrity_error"),
+        (Unavailable("cassandra down"), 503, "unavailable"),
+        (RuntimeError("a bug with a secret in it"), 500, "internal"),
+        (BridgeError("a bridge error without a wire code", "config"), 500, "internal"),
+    ],
+)
+async def test_each_error_code_has_its_status(standin, error: BaseException, status: int, code: str) -> None:
+    queue, base, keys, observed = standin
+    queue.error = error
+    got, body, headers = await _post(base, "/api/queue/s/fetch", keys["w"], b'{"workerId": "w"}')
+    assert (got, body["error"]["code"]) == (status, code)
+    assert headers["Content-Type"].startswith("application/json")
+    text = json.dumps(body)
+    assert "Traceback" not in text and "secret" not in text
+    if status == 503:
+        assert headers["Retry-After"] == "1"
+    assert observed[-1] == ("fetch", code)
+
+
+def test_every_error_code_has_a_status() -> None:
+    assert set(STATUS) == set(ErrorCode)
+
+
+async def test_the_request_reaches_the_queue_as_on_amqp(standin) -> None:
+    queue, base, keys, observed = standin
+    status, body, _ = await _post(
+        base, "/api/queue/svc%20one/tasks", keys["e"], b'{"value": [1]}', **{"X-Owner": "t-9", "Idempotency-Key": "k-1"}
+    )
+    assert status == 200 and body["result"] is True
+    method, owner, (cmd, message_id, traceparent) = queue.calls[-1]
+    assert (method, owner, cmd.service_id, cmd.value, message_id, traceparent) == (
+        "add",
+        "t-9",
+        "svc one",
+        [1],
+        "k-1",
+        None,
+    )
+    status, body, _ = await _post(base, "/api/queue/s/ack", keys["w"], b'{"workerId": "w", "serviceId": "s"}')
+    assert status == 200 and body == {"result": True}
+    _, owner, (req, sent_before) = queue.calls[-1]
+    assert owner == "owner-w" and req.service_id == "s" and sent_before == queue.clock.now_ms()
+    status, body, _ = await _post(base, "/api/queue/s/tasks", keys["w"], b'{"value": 1}', **{"Idempotency-Key": "clé"})
+    assert status == 400 and "Idempotency-Key" in body["error"]["message"]
+    assert [o for m, o in observed] == ["ok", "ok", "bad_request"]
+
+
+async def test_a_body_over_the_limit_is_413_and_the_limit_is_the_amqp_one(standin) -> None:
+    _queue, base, keys, _ = standin
+    limit = 1000 + 65_536
+    body = b'{"workerId": "w", "pad": "' + b"x" * (limit - 30) + b'"}'
+    assert len(body) <= limit
+    status, _, _ = await _post(base, "/api/queue/s/fetch", keys["w"], body)
+    assert status == 200
+    status, reply, headers = await _post(base, "/api/queue/s/fetch", keys["w"], body + b" " * (limit - len(body) + 1))
+    assert status == 413 and reply["error"]["code"] == "payload_too_large"
+    assert headers.get("Connection", "").lower() == "close"
+
+
+# -- the command line ---------------------------------------------------------------------------------------
+def test_gateway_key_prints_a_key_and_its_entry(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from bridge.cli import app
+
+    runner = CliRunner()
+    made = runner.invoke(app, ["gateway-key", "--owner", "tenant-a", "--trusted", "--id", "engine-1"])
+    assert made.exit_code == 0, made.output
+    key = next(line for line in made.output.splitlines() if line.startswith("qb_"))
+    entry = json.loads(made.output.strip().splitlines()[-1])
+    _key_id, secret = split_key(key) or ("", "")
+    assert entry == {"id": "engine-1", "owner": "tenant-a", "sha256": hash_secret(secret), "trusted": True}
+
+    path = tmp_path / "keys.json"
+    for owner in ("a", "b"):
+        appended = runner.invoke(app, ["gateway-key", "--owner", owner, "--keys-file", str(path)])
+        assert appended.exit_code == 0, appended.output
+    assert path.stat().st_mode & 0o777 == 0o600
+    keys = KeyFile(path)
+    assert len(keys) == 2
+    again = runner.invoke(
+        app, ["gateway-key", "--owner", "c", "--id", json.loads(path.read_text())[0]["id"], "--keys-file", str(path)]
+    )
+    assert again.exit_code == 1 and "already has" in again.output
+    bad = runner.invoke(app, ["gateway-key", "--owner", "c", "--id", "has_underscore"])
+    assert bad.exit_code == 2
+
+
+def test_run_with_an_invalid_keys_file_exits_2_naming_it(tmp_path: Path) -> None:
+    bad = tmp_path / "keys.json"
+    bad.write_text("[{}]")
+    keyring = tmp_path / "ring.json"
+    from bridge.crypto import generate_keyring, write_keyring
+
+    write_keyring(keyring, generate_keyring(["a"]))
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "BRIDGE_KEYRING": str(keyring),
+        "BRIDGE_GATEWAY_PORT": "1",
+        "BRIDGE_GATEWAY_KEYS_FILE": str(bad),
+        "BRIDGE_HTTP_PORT": "0",
+        "BRIDGE_CASSANDRA_PORT": "1",
+        "BRIDGE_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "bridge", "run"], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "BRIDGE_GATEWAY_KEYS_FILE" in proc.stderr and "Traceback" not in proc.stderr
