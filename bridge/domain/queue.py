@@ -148,7 +148,7 @@ class WorkQueue:
         if due is not None:
             # Write-ahead: the scheduler announces it at its time (an entry without a task, from a
             # crash before the write below, finds nothing to claim).
-            watch = ExpiryEntry(due, q, task_id, DUE_EPOCH, token_json is not None)
+            watch = ExpiryEntry(due, q, task_id, DUE_EPOCH, token_json is not None, cmd.priority)
             await ctx.store.watch_expiry(expiry_bucket(due), watch)
             await ctx.store.store_task(q, task_id, payload)
             self.soon(watch, due)

@@ -156,6 +156,7 @@ class ExpiryEntry:
     task_id: uuid.UUID
     epoch: int
     has_token: bool
+    priority: int = 0  # a delayed task's due entry (epoch ``DUE_EPOCH``): its priority, for its hint
 
 
 @dataclass(frozen=True, slots=True)

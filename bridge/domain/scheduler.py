@@ -300,8 +300,7 @@ class RecoveryScheduler:
         cancelled or already claimed, by a reconciliation scan)."""
         if lease is None:
             q = entry.queue
-            priority = (await self.store.task_options(q, entry.task_id)).priority
-            hint = Hint(entry.task_id, LANE_FRESH, entry.task_id, None, entry.has_token, priority=priority)
+            hint = Hint(entry.task_id, LANE_FRESH, entry.task_id, None, entry.has_token, priority=entry.priority)
             await self.queue.announce(q, hint)
             self.queue.metrics.inc("tasks_due")
         return True

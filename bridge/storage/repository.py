@@ -422,7 +422,7 @@ class CassandraTaskStore:
         e = entry
         shard = shard_of(e.task_id, EXPIRY_SHARDS)
         params = (bucket, shard, to_datetime(e.lease_until_ms), e.queue.owner, e.queue.service, e.task_id, e.epoch)
-        await self.db.execute("expiry.insert", (*params, e.has_token, self.ttl_for(e.task_id)))
+        await self.db.execute("expiry.insert", (*params, e.has_token, e.priority or None, self.ttl_for(e.task_id)))
 
     async def expiries(self, bucket: int) -> list[ExpiryEntry]:
         reads = [self.db.execute("expiry.bucket", (bucket, ALL_EXPIRY_SHARDS), fetch_size=2000)]

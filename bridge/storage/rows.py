@@ -111,7 +111,9 @@ def ready_entry(lane: int, bucket: int, r: Row) -> ReadyEntry:
 
 def expiry_entry(r: Row) -> ExpiryEntry:
     queue = QueueKey(r["owner"], r["service"])
-    return ExpiryEntry(to_ms(r["lease_until"]), queue, r["task_id"], r["epoch"], bool(r["has_token"]))
+    return ExpiryEntry(
+        to_ms(r["lease_until"]), queue, r["task_id"], r["epoch"], bool(r["has_token"]), r.get("priority") or 0
+    )
 
 
 def outbox_entry(r: Row, shard: int | None = None) -> OutboxEntry:

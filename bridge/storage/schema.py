@@ -170,6 +170,7 @@ ADDED_COLUMNS: list[tuple[str, str, str]] = [
     # 1.4: the worker lifecycle (delivery limits, parking, the last error of a fail).
     ("ready", "max_deliveries", "int"),
     ("ready", "priority", "int"),
+    ("expiry_shards", "priority", "int"),
     ("leases", "base_epoch", "int"),
     ("leases", "parked_at", "timestamp"),
     ("leases", "park_reason", "text"),

@@ -205,8 +205,8 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     ),
     "clock.now": ("SELECT toUnixTimestamp(now()) AS now_ms FROM system.local", True),
     "expiry.insert": (
-        "INSERT INTO {ks}.expiry_shards (bucket, shard, lease_until, owner, service, task_id, epoch, has_token) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?",
+        "INSERT INTO {ks}.expiry_shards (bucket, shard, lease_until, owner, service, task_id, epoch, has_token, "
+        "priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?",
         True,
     ),
     "expiry.mark": ("INSERT INTO {ks}.expiry_marks (hour, bucket) VALUES (?, ?) USING TTL ?", True),
@@ -217,7 +217,7 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     # Every shard of a bucket in one request (IN on the partition key: the coordinator reads the
     # shards; spreading the writes costs the client no extra request).
     "expiry.bucket": (
-        "SELECT lease_until, owner, service, task_id, epoch, has_token FROM {ks}.expiry_shards "
+        "SELECT lease_until, owner, service, task_id, epoch, has_token, priority FROM {ks}.expiry_shards "
         "WHERE bucket = ? AND shard IN ?",
         True,
     ),
