@@ -323,7 +323,10 @@ class Bench:
         """Remove this run's queues and exchanges from RabbitMQ (they are durable)."""
         conn = await aio_pika.connect(self.amqp_url("guest"))
         try:
-            queues = [f"{self.queue_prefix}.{m}" for m in ("add", "fetch", "ack", "lifecycle", "unrouted", "dead-letter", "duty")]
+            queues = [
+                f"{self.queue_prefix}.{m}"
+                for m in ("add", "fetch", "ack", "lifecycle", "unrouted", "dead-letter", "duty")
+            ]
             exchanges = [
                 self.exchange,
                 f"{self.exchange}.dead",
