@@ -70,6 +70,25 @@ class Failed:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskInfo:
+    """What an operator may see of one task: ids, times, deliveries, worker; never its value."""
+
+    task_id: uuid.UUID
+    state: str  # delayed, ready, leased, done, parked, cancelled, discarded, dead
+    deliveries: int
+    worker: str | None
+    added_at_ms: int | None
+    due_at_ms: int  # its place in the queue: the add's time, or a delayed task's notBefore
+    lease_expires_at_ms: int | None
+    completed_at_ms: int | None
+    parked_at_ms: int | None
+    park_reason: str | None
+    has_token: bool
+    priority: int
+    max_deliveries: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class ParkedTask:
     task_id: uuid.UUID
     deliveries: int
@@ -302,6 +321,39 @@ class Lifecycle:
                 done += 1
         return done
 
+    async def task_info(self, owner: str, service: str, task_id: uuid.UUID) -> TaskInfo | None:
+        """One task's state for operators (the console): None if this owner has no such task."""
+        q = QueueKey(owner, service)
+        await self.ctx.keys.current(owner)
+        payload, lease = await asyncio.gather(
+            self.store.payload(q, task_id), self.store.lease(q, task_id, serial=False)
+        )
+        if payload is None:
+            return None
+        now = self.ctx.clock.now_ms()
+        due = ms_of(task_id)
+        if lease is None:
+            state = "delayed" if due > now else "ready"
+        elif lease.is_leased and lease.worker == "":
+            state = "ready" if (lease.lease_until_ms or 0) + self.ctx.limits.skew_margin_ms <= now else "delayed"
+        else:
+            state = str(lease.state)
+        return TaskInfo(
+            task_id=task_id,
+            state=state,
+            deliveries=0 if lease is None else lease.epoch,
+            worker=None if lease is None or not lease.worker else lease.worker,
+            added_at_ms=payload.created_at_ms,
+            due_at_ms=due,
+            lease_expires_at_ms=None if lease is None or not lease.is_leased else lease.lease_until_ms,
+            completed_at_ms=None if lease is None else lease.completed_at_ms,
+            parked_at_ms=None if lease is None else lease.parked_at_ms,
+            park_reason=None if lease is None else lease.park_reason,
+            has_token=payload.token is not None,
+            priority=payload.priority,
+            max_deliveries=payload.max_deliveries,
+        )
+
     # -- cancel and purge ---------------------------------------------------------------------------
     async def cancel(self, owner: str, service: str, task_id: uuid.UUID) -> bool:
         """Cancel a task wherever it is (ready, delayed, in flight, parked); false if it had finished
@@ -382,4 +434,4 @@ class Lifecycle:
         return res.applied
 
 
-__all__ = ["PARK_DELIVERY_LIMIT", "PARK_FAILED", "Extended", "Failed", "Lifecycle", "ParkedTask"]
+__all__ = ["PARK_DELIVERY_LIMIT", "PARK_FAILED", "Extended", "Failed", "Lifecycle", "ParkedTask", "TaskInfo"]

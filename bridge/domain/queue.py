@@ -24,7 +24,7 @@ from bridge.domain.dispatch import Dispatcher
 from bridge.domain.errors import BadRequest, Unavailable
 from bridge.domain.fetching import Fetcher
 from bridge.domain.hints import Hint, NoHints, TaskHints, carried
-from bridge.domain.lifecycle import Extended, Failed, Lifecycle, ParkedTask
+from bridge.domain.lifecycle import Extended, Failed, Lifecycle, ParkedTask, TaskInfo
 from bridge.domain.models import AckRequest, AddCommand, Delivery, ExtendRequest, FailRequest, FetchRequest
 from bridge.domain.reconcile import Reconciliation
 from bridge.domain.records import DUE_EPOCH, LANE_FRESH, ExpiryEntry, OutboxEntry, QueueKey
@@ -218,6 +218,9 @@ class WorkQueue:
 
     async def purge(self, owner: str, service: str) -> tuple[int, bool]:
         return await self.lifecycle.purge(owner, service)
+
+    async def task_info(self, owner: str, service: str, task_id: uuid.UUID) -> TaskInfo | None:
+        return await self.lifecycle.task_info(owner, service, task_id)
 
     async def parked(self, owner: str, service: str, limit: int) -> list[ParkedTask]:
         return await self.lifecycle.parked(owner, service, limit)

@@ -94,6 +94,7 @@ class Lease:
     parked_at_ms: int | None = None
     park_reason: str | None = None
     last_error: Sealed | None = None  # the error of the last ``fail``, sealed with the owner's key
+    completed_at_ms: int | None = None  # when it was completed, dead-lettered or cancelled
 
     @property
     def deliveries_counted(self) -> int:

@@ -48,6 +48,7 @@ def lease_of(row: Row) -> Lease | None:
         parked_at_ms=None if row.get("parked_at") is None else to_ms(row["parked_at"]),
         park_reason=row.get("park_reason"),
         last_error=sealed_error(row),
+        completed_at_ms=None if row.get("completed_at") is None else to_ms(row["completed_at"]),
     )
 
 

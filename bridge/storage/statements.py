@@ -8,7 +8,7 @@ from __future__ import annotations
 
 LEASE_COLS = (
     "state, epoch, worker, lease_until, claim_id, completion_id, has_token, base_epoch, parked_at, park_reason, "
-    "error_key, error_nonce, error_ct"
+    "error_key, error_nonce, error_ct, completed_at"
 )
 
 STATEMENTS: dict[str, tuple[str, bool]] = {

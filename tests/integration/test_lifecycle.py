@@ -474,3 +474,22 @@ async def test_higher_priorities_are_handed_out_first_fifo_within_a_level(make_b
     assert seen == ["high-0", "high-1", "mid-0", "mid-1", "low-0", "low-1", "low-2"]
     with pytest.raises(BadRequestError):
         await engine.call("add", {"serviceId": svc, "value": 1, "priority": 4}, owner=OWNERS[0])
+
+
+async def test_task_info_shows_state_deliveries_and_times_never_the_value(make_bridge, engine, workers):
+    b = await make_bridge(**FAST)
+    svc = service_id()
+    task_id = await engine.add(svc, {"secret": "value"}, token={"p": 1})
+    info = await b.queue.task_info(OWNERS[0], svc, uuid.UUID(task_id))
+    assert info is not None and info.state == "ready" and info.deliveries == 0 and info.has_token
+    assert "secret" not in repr(info)
+    w = await workers(svc, "w")
+    got = await fetch_raw(w)
+    assert got is not None
+    info = await b.queue.task_info(OWNERS[0], svc, uuid.UUID(task_id))
+    assert info is not None and (info.state, info.deliveries, info.worker) == ("leased", 1, "w")
+    assert info.lease_expires_at_ms is not None
+    await call(w, "ack", {"serviceId": svc, "workerId": "w", "taskId": task_id, "epoch": 1, "result": 1})
+    info = await b.queue.task_info(OWNERS[0], svc, uuid.UUID(task_id))
+    assert info is not None and info.state == "done" and info.completed_at_ms is not None
+    assert await b.queue.task_info(OWNERS[1], svc, uuid.UUID(task_id)) is None, "another owner sees nothing"
