@@ -252,6 +252,7 @@ class Bridge:
         idle, _ = await asyncio.gather(self.transport.wait_idle(grace), self._stop_gateway())
         if not idle:
             log.warning("in-flight requests did not finish within %.1fs", grace)
+        self.scheduler.cancel_timers()  # best-effort timers: the timer wheel has their entries
         await self.queue.drain_background(timeout=max(1.0, grace))
         with suppress(Exception):
             await self.counts.flush(self.store)  # the last second of queue-count deltas

@@ -48,6 +48,7 @@ LEASES_PER_READ = 50  # leases read in one request (IN on the partition key: kee
 CATCH_UP_BATCH = 400  # expiry buckets read per tick at most (a long outage is caught up in steps)
 MARKS_REFRESH_MS = 1_000
 MARKS_AHEAD = 8  # buckets (2 s) of marks read ahead of the clock
+MAX_TIMERS = 100_000  # in-process timers for wheel entries due within moments (``handle_soon``)
 
 
 class Duty(Protocol):
@@ -89,6 +90,7 @@ class RecoveryScheduler:
         self._expiry_cursor = progress_prefix + EXPIRY_CURSOR
         self._outbox_cursor = progress_prefix + OUTBOX_CURSOR
         self.state = SchedulerState()
+        self._timers: set[asyncio.Task[None]] = set()
         queue.due_soon = self.handle_soon
         self._expiry_next: int | None = None  # first bucket not yet read at all
         self._expiry_confirmed: int | None = None  # first bucket not yet read for the second time
@@ -284,16 +286,28 @@ class RecoveryScheduler:
         return True
 
     def handle_soon(self, entry: ExpiryEntry) -> None:
-        """Handle one timer-wheel entry at its time, on this bridge (``WorkQueue.soon``)."""
-        self.queue.ctx.background.spawn(self._soon(entry), "due soon")
+        """Handle one timer-wheel entry at its time, on this bridge (``WorkQueue.soon``). Best
+        effort: cancelled at shutdown (the wheel entry stays the guarantee)."""
+        if len(self._timers) >= MAX_TIMERS:
+            return
+        timer = asyncio.create_task(self._soon(entry), name="due soon")
+        self._timers.add(timer)
+        timer.add_done_callback(self._timers.discard)
+
+    def cancel_timers(self) -> None:
+        for timer in list(self._timers):
+            timer.cancel()
 
     async def _soon(self, entry: ExpiryEntry) -> None:
         due = entry.lease_until_ms if entry.epoch == DUE_EPOCH else entry.lease_until_ms + self.queue.skew_margin_ms
         wait_ms = due - self.queue.clock.now_ms()
-        if wait_ms > 0:
-            await asyncio.sleep(wait_ms / 1000)
-        lease = await self.store.lease(entry.queue, entry.task_id, serial=False)
-        await self._handle(entry, lease, self.queue.clock.now_ms(), expiry_bucket(due))
+        try:
+            if wait_ms > 0:
+                await asyncio.sleep(wait_ms / 1000)
+            lease = await self.store.lease(entry.queue, entry.task_id, serial=False)
+            await self._handle(entry, lease, self.queue.clock.now_ms(), expiry_bucket(due))
+        except Exception as exc:  # the wheel entry is met by the scheduler anyway
+            log.debug("timer for task %s failed: %s", entry.task_id, type(exc).__name__)
 
     async def _announce_due(self, entry: ExpiryEntry, lease: Lease | None) -> bool:
         """A delayed task's time has come: a hint for it, as for a task just added (nothing if it was
