@@ -192,6 +192,9 @@ class Settings(BaseSettings):
     gateway_keys_file: Path | None = Field(
         None, description="The gateway's API keys: a JSON list of {id, owner, sha256, trusted} (hashed secrets)."
     )
+    console_write: bool = Field(
+        False, description="The operator console (/console on the gateway) may redrive and discard parked tasks."
+    )
 
     @field_validator("results_queue", mode="before")
     @classmethod
