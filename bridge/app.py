@@ -154,7 +154,9 @@ class Bridge:
         self.http_port: int | None = None  # the bound port once started (BRIDGE_HTTP_PORT=0: no HTTP)
         # The HTTP gateway (opt-in): the same queue, the same contract, bearer API keys.
         self.gateway = (
-            GatewayServer(settings, self.queue, observe or self.metrics.observe) if settings.gateway_port else None
+            GatewayServer(settings, self.queue, observe or self.metrics.observe, metrics=self.metrics)
+            if settings.gateway_port
+            else None
         )
         self.gateway_port: int | None = None
         self._stop = asyncio.Event()

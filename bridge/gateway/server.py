@@ -5,7 +5,8 @@ Each request is parsed with the same pydantic models as on AMQP, run against the
 (:mod:`bridge.transport.wire`); errors map to HTTP statuses (:mod:`bridge.gateway.errors`).
 
 - Identity: ``Authorization: Bearer qb_<id>_<secret>`` (:mod:`bridge.gateway.keys`), required on
-  every path but ``GET /openapi.json`` (public: the contract, no data). A trusted key may name the
+  every path but ``GET /openapi.json`` and ``GET /console`` (public: the contract and the operator
+  console's page, no data; :mod:`bridge.console`). A trusted key may name the
   owner with ``X-Owner``; any other key only its own owner (else 403).
 - Bodies: ``application/json`` (415 otherwise), at most ``BRIDGE_MAX_VALUE_BYTES`` + 64 KiB: a
   larger one is refused with 413 from its ``Content-Length`` before it is read, or as soon as the
@@ -27,6 +28,8 @@ import structlog
 from aiohttp import hdrs, web
 
 from bridge.config import Settings
+from bridge.console import CONSOLE_PATH
+from bridge.console.history import Counters
 from bridge.domain import jsonvalue
 from bridge.domain.errors import BadRequest, PayloadTooLarge, Unavailable
 from bridge.domain.models import AckRequest, AddCommand, FetchRequest, parse
@@ -57,6 +60,7 @@ INTERNAL_MESSAGE = "internal error; see the bridge log"
 IDEMPOTENCY_PATTERN = re.compile(r"[\x20-\x7e]{1,255}")
 RETRY_AFTER_S = 1
 CHUNK = 65_536
+PUBLIC_PATHS = frozenset({OPENAPI_PATH, CONSOLE_PATH})  # no data on either
 
 
 class GatewayServer:
@@ -69,6 +73,7 @@ class GatewayServer:
         observe: Observer,
         *,
         keys: KeyFile | None = None,
+        metrics: Counters | None = None,
     ) -> None:
         if keys is None:
             if settings.gateway_keys_file is None:
@@ -90,6 +95,9 @@ class GatewayServer:
             app.router.add_post(ep.path, self._handler(ep), name=ep.method)
         app.router.add_get(STATS_ALL_PATH, self._handler(STATS_ALL), name="stats.all", allow_head=False)
         app.router.add_get(OPENAPI_PATH, self._openapi_doc, name="openapi", allow_head=False)
+        from bridge.console.routes import Console
+
+        Console(self, settings, metrics).install(app)  # /console: the operator console (issue 11)
         self.app = app
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -130,7 +138,7 @@ class GatewayServer:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(method=method or None, transport="http")
         try:
-            if request.path != OPENAPI_PATH:  # no anonymous access anywhere else, not even to a 404
+            if request.path not in PUBLIC_PATHS:  # no anonymous access anywhere else, not even to a 404
                 key = self.keys.authenticate(request.headers.get(hdrs.AUTHORIZATION))
                 request[KEY] = key
                 structlog.contextvars.bind_contextvars(user=f"key:{key.id}")

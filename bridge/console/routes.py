@@ -1,0 +1,218 @@
+"""The console's routes on the gateway app: the page (public, no data) and its JSON (keys required).
+
+============================================================  ===========================================
+``GET  /console``                                             the page (inline JS/CSS; strict CSP)
+``GET  /console/api/session``                                 the caller: key id, owner, trusted, write
+``GET  /console/api/services``                                every service of the owner, with its counts
+``GET  /console/api/metrics``                                 this bridge's adds/completions/redeliveries
+                                                              per minute, the last hour
+``GET  /console/api/queues/{serviceId}/tasks/{taskId}``       one task's history (never its value); 404
+``GET  /console/api/queues/{serviceId}/parked?limit=``        parked tasks (no lastError: that is data)
+``POST /console/api/queues/{serviceId}/redrive``              ``{"taskIds": [...]}`` or ``{"all": true}``
+``POST /console/api/queues/{serviceId}/discard``              ``{"taskIds": [...]}``
+============================================================  ===========================================
+
+Identity is the gateway's (its middleware authenticates every path but the page; ``X-Owner`` for
+trusted keys). Redrive and discard answer 403 unless ``BRIDGE_CONSOLE_WRITE`` is true. Replies are
+the gateway's: ``{"result": ...}`` or ``{"error": {"code", "message"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import importlib.resources
+import re
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import suppress
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from bridge.config import Settings
+from bridge.console import CONSOLE_API, CONSOLE_PATH
+from bridge.console.history import Counters, MetricsHistory
+from bridge.domain.errors import BadRequest
+from bridge.domain.lifecycle import TaskInfo
+from bridge.domain.models import DiscardRequest, Identifier, ParkedRequest, RedriveRequest, TaskId, parse
+from bridge.domain.timeline import ms_of
+from bridge.gateway.errors import Forbidden, NotFound
+from bridge.gateway.server import KEY, GatewayServer
+from bridge.transport import wire
+
+QUEUE_PATH = CONSOLE_API + "/queues/{serviceId}"
+JSON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+LATEST_TASK_SLACK_MS = 86_400_000  # as the gateway: ids up to a task's lifetime + a day from now
+READ_ONLY = "the console is read-only here (BRIDGE_CONSOLE_WRITE=false); redrive and discard are off"
+
+
+class TaskRequest(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    service_id: Identifier = Field(alias="serviceId")
+    task_id: TaskId = Field(alias="taskId")
+
+
+def _page() -> tuple[bytes, str]:
+    """The page and its Content-Security-Policy: only its own inline script and style (by hash),
+    requests to this origin only, nothing else loaded from anywhere."""
+    page = importlib.resources.files("bridge.console").joinpath("page.html").read_bytes()
+
+    def hashes(tag: str) -> str:
+        found = re.findall(rb"<%s>(.*?)</%s>" % (tag.encode(), tag.encode()), page, re.S)
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s).digest()).decode()}'" for s in found)
+
+    csp = (
+        f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; "
+        "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+    return page, csp
+
+
+class Console:
+    """The console of one gateway: its routes, and the chart's sampler (runs while the gateway does)."""
+
+    def __init__(self, gateway: GatewayServer, settings: Settings, counters: Counters | None) -> None:
+        self.gateway = gateway
+        self.queue = gateway.queue
+        self.write = settings.console_write
+        self.latest_task_ms = settings.task_ttl_seconds * 1000 + LATEST_TASK_SLACK_MS
+        self.history = MetricsHistory(counters, gateway.queue.clock.now_ms)
+        self._page, self._csp = _page()
+
+    def install(self, app: web.Application) -> None:
+        r = app.router
+        # Named "<method>.console" where the contract has the method: observed like the gateway's
+        # requests (queue_bridge_requests_total{method}); the others are not observed.
+        r.add_get(CONSOLE_PATH, self.page, allow_head=False)
+        r.add_get(CONSOLE_API + "/session", self.session, allow_head=False)
+        r.add_get(CONSOLE_API + "/services", self.services, name="stats.console", allow_head=False)
+        r.add_get(CONSOLE_API + "/metrics", self.metrics, allow_head=False)
+        r.add_get(QUEUE_PATH + "/tasks/{taskId}", self.task, allow_head=False)
+        r.add_get(QUEUE_PATH + "/parked", self.parked, name="parked.console", allow_head=False)
+        r.add_post(QUEUE_PATH + "/redrive", self.redrive, name="redrive.console")
+        r.add_post(QUEUE_PATH + "/discard", self.discard, name="discard.console")
+        app.cleanup_ctx.append(self._sampling)
+
+    async def _sampling(self, app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(self.history.run(), name="console metrics history")
+        yield
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+
+    # -- handlers ----------------------------------------------------------------------------------
+    async def page(self, request: web.Request) -> web.Response:
+        headers = {
+            "Content-Security-Policy": self._csp,
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+            "X-Frame-Options": "DENY",
+            "Cache-Control": "no-cache",
+        }
+        return web.Response(body=self._page, content_type="text/html", charset="utf-8", headers=headers)
+
+    async def session(self, request: web.Request) -> web.Response:
+        key = request[KEY]
+        owner = self._owner(request)
+        return _json({"keyId": key.id, "owner": owner, "trusted": key.trusted, "write": self.write})
+
+    async def services(self, request: web.Request) -> web.Response:
+        owner = self._owner(request)
+        return _json(wire.stats(await self.queue.stats(owner, None))["result"])
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        self._owner(request)  # a bad X-Owner is refused here too
+        return _json(self.history.series())
+
+    async def task(self, request: web.Request) -> web.Response:
+        owner = self._owner(request)
+        req = parse(TaskRequest, {"serviceId": request.match_info["serviceId"], "taskId": request.match_info["taskId"]})
+        (task_id,) = self._task_ids([req.task_id])
+        info = await self.queue.task_info(owner, req.service_id, task_id)
+        if info is None:
+            raise NotFound(f"no task {req.task_id} in {req.service_id}")
+        return _json({"task": _task(req.service_id, info)})
+
+    async def parked(self, request: web.Request) -> web.Response:
+        owner = self._owner(request)
+        body: dict[str, Any] = {"serviceId": request.match_info["serviceId"]}
+        limit = request.query.get("limit")
+        if limit is not None:
+            if not limit.isdigit() or len(limit) > 6:
+                raise BadRequest("limit must be a number from 1 to 1000")
+            body["limit"] = int(limit)
+        req = parse(ParkedRequest, body)
+        found = await self.queue.parked(owner, req.service_id, req.limit)
+        tasks = wire.parked(found)["result"]["tasks"]
+        for t in tasks:
+            t.pop("lastError", None)  # the worker's error may carry task data: not shown here
+        return _json({"tasks": tasks})
+
+    async def redrive(self, request: web.Request) -> web.Response:
+        owner, body = await self._write(request)
+        req = parse(RedriveRequest, body)
+        ids = None if req.task_ids is None else self._task_ids(req.task_ids)
+        return _json({"redriven": await self.queue.redrive(owner, req.service_id, ids)})
+
+    async def discard(self, request: web.Request) -> web.Response:
+        owner, body = await self._write(request)
+        req = parse(DiscardRequest, body)
+        ids = self._task_ids(req.task_ids)
+        return _json({"discarded": await self.queue.discard(owner, req.service_id, ids)})
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _owner(self, request: web.Request) -> str:
+        return GatewayServer._owner(request[KEY], request.headers.get("X-Owner"))
+
+    def _task_ids(self, raw: list[str]) -> list[uuid.UUID]:
+        """Ids a bridge makes: time UUIDs (version 1) no later than a task's lifetime from now (a
+        delayed task's id is its due time); any other cannot name a task, and storage refuses it."""
+        latest = self.queue.clock.now_ms() + self.latest_task_ms
+        ids = [uuid.UUID(t) for t in raw]
+        for task_id in ids:
+            if task_id.version != 1 or ms_of(task_id) > latest:
+                raise BadRequest(f"{task_id} is not a task id (the time UUID an add answers)")
+        return ids
+
+    async def _write(self, request: web.Request) -> tuple[str, dict[str, Any]]:
+        owner = self._owner(request)
+        if not self.write:
+            raise Forbidden(READ_ONLY)
+        body = await self.gateway._read_json(request)
+        if not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object")
+        return owner, {**body, "serviceId": request.match_info["serviceId"]}
+
+
+def _json(result: Any) -> web.Response:
+    response = web.Response(body=wire.encode(wire.reply(result)), headers=JSON_HEADERS)
+    response.content_type = "application/json"
+    return response
+
+
+def _iso(ms: int | None) -> str | None:
+    return None if ms is None else wire.iso(ms)
+
+
+def _task(service: str, t: TaskInfo) -> dict[str, Any]:
+    """What the console shows of a task: ids, state, deliveries, worker, times (never its value)."""
+    return {
+        "id": str(t.task_id),
+        "serviceId": service,
+        "state": t.state,
+        "deliveries": t.deliveries,
+        "maxDeliveries": t.max_deliveries,
+        "worker": t.worker,
+        "addedAt": _iso(t.added_at_ms),
+        "dueAt": _iso(t.due_at_ms),
+        "leaseExpiresAt": _iso(t.lease_expires_at_ms),
+        "completedAt": _iso(t.completed_at_ms),
+        "parkedAt": _iso(t.parked_at_ms),
+        "parkReason": t.park_reason,
+        "priority": t.priority,
+        "hasToken": t.has_token,
+    }
