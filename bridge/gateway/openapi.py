@@ -69,9 +69,22 @@ class _Components:
             schema["required"] = required
         else:
             schema.pop("required", None)
-        if "serviceId" in schema.get("properties", {}):
-            schema["properties"]["serviceId"] = {**schema["properties"]["serviceId"], "description": SERVICE_ID_NOTE}
+        props = schema.get("properties", {})
+        if "serviceId" in props:
+            props["serviceId"] = {**props["serviceId"], "description": SERVICE_ID_NOTE}
+        _task_ids_are_uuids(props)
         return self.add(model.__name__, schema)
+
+
+def _task_ids_are_uuids(props: dict[str, Any]) -> None:
+    """Task ids are UUIDs (the models check it after reading a string): say so in the schema."""
+    for node in (props.get("taskId"), (props.get("taskIds") or {}).get("items")):
+        for option in [node, *(node or {}).get("anyOf", [])]:
+            if isinstance(option, dict) and option.get("type") == "string":
+                option.setdefault("format", "uuid")
+    for option in (props.get("taskIds") or {}).get("anyOf", []):
+        if isinstance(option, dict) and option.get("type") == "array":
+            _task_ids_are_uuids({"taskIds": option})
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
