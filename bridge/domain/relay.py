@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -10,6 +11,7 @@ from bridge.crypto import TamperedCiphertext
 from bridge.domain.context import QueueContext
 from bridge.domain.records import OutboxEntry
 from bridge.domain.sealing import open_outcome, open_token, split_outcome
+from bridge.domain.timeline import ms_of
 
 log = logging.getLogger("bridge.queue")
 
@@ -24,6 +26,15 @@ class ResultMessage:
     kind: str  # "result" or "error"
     value_json: bytes  # the result or error as acked, JSON
     traceparent: str | None
+    # When the completing ack (or the park) was decided, from the stored completion: the same in
+    # every re-publication. None when the stored data does not say (see ``completed_at_ms``).
+    completed_at_ms: int | None = None
+
+
+def completed_at_ms(completion_id: uuid.UUID) -> int | None:
+    """The time a completion was decided, if its id carries it: a time-based (version 1) id minted
+    at that moment; None for a random (version 4) one, which says nothing about time."""
+    return ms_of(completion_id) if completion_id.version == 1 else None
 
 
 class ResultSink(Protocol):
@@ -66,8 +77,9 @@ class ResultRelay:
             return
         kind, value_json = split_outcome(outcome_json)
         tid, cid = str(entry.task_id), str(entry.completion_id)
+        done_ms = completed_at_ms(entry.completion_id)
         await sink.publish_result(
-            ResultMessage(q.owner, q.service, tid, cid, token_json, kind, value_json, payload.traceparent)
+            ResultMessage(q.owner, q.service, tid, cid, token_json, kind, value_json, payload.traceparent, done_ms)
         )
         await store.mark_published(entry)
         self.ctx.metrics.inc("results_published")

@@ -17,6 +17,7 @@ from bridge.domain import jsonvalue
 from bridge.domain.queue import ResultMessage
 from bridge.observability.tracing import child_traceparent
 from bridge.transport.permissions import amqp_user
+from bridge.transport.wire import iso
 
 JSON = "application/json"
 
@@ -44,6 +45,9 @@ class ResultPublisher:
             "taskId": message.task_id,
             message.kind: jsonvalue.fragment(message.value_json),
         }
+        if message.completed_at_ms is not None:
+            # When the ack (or park) was decided, from stored data: the same on a re-publication.
+            body["completedAt"] = iso(message.completed_at_ms)
         headers: dict[str, Any] = {"x-owner": message.owner}
         child = child_traceparent(message.traceparent)
         if child:

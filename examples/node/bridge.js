@@ -1,0 +1,182 @@
+'use strict';
+// A small queue-bridge client for Node.js, written from docs/asyncapi.yaml alone (amqplib).
+//
+// The wire contract in a few lines (the document says the rest):
+// * A request is a JSON body published to the bridge's direct exchange (`queue-bridge`) with the
+//   method as routing key (`add`, `fetch`, `ack`, `extend`, ...).
+// * AMQP 0-9-1 *properties* (not entries of the `headers` table): `user-id` = your AMQP user name
+//   (RabbitMQ checks it), `reply-to` and `correlation-id` for every RPC, `message-id` as the
+//   idempotency key of an add. amqplib spells them userId, replyTo, correlationId, messageId.
+// * Application *headers* (the `headers` table): `x-owner` (trusted engines only), `x-deadline`
+//   (ms since the epoch after which we no longer wait), `traceparent`.
+// * Replies come through RabbitMQ direct reply-to: consume the pseudo-queue
+//   `amq.rabbitmq.reply-to` with no-ack, then publish with reply-to `amq.rabbitmq.reply-to` on
+//   the *same channel*. A reply echoes the request's correlation-id; its AMQP `type` is `result`
+//   or `error`, and an error body is {"error": {"code", "message"}}.
+
+const crypto = require('node:crypto');
+const amqp = require('amqplib');
+
+const DIRECT_REPLY_TO = 'amq.rabbitmq.reply-to';
+
+function env(name, fallback) {
+  const value = process.env[name];
+  return value === undefined || value === '' ? fallback : value;
+}
+
+function intEnv(name, fallback) {
+  const value = Number.parseInt(env(name, String(fallback)), 10);
+  if (!Number.isInteger(value)) throw new Error(`${name} must be an integer`);
+  return value;
+}
+
+/** The user of an AMQP URL: what the `user-id` property must say (RabbitMQ's default: guest). */
+function userOf(url) {
+  return decodeURIComponent(new URL(url).username) || 'guest';
+}
+
+/** One JSON line on stdout per event: easy to read, and easy for a test to parse. */
+function emit(event, fields) {
+  process.stdout.write(`${JSON.stringify({ event, ...fields })}\n`);
+}
+
+/** An error reply of the bridge (`type: error`): `code` is one of the document's ErrorCode. */
+class BridgeError extends Error {
+  constructor(code, message) {
+    super(`${code}: ${message}`);
+    this.name = 'BridgeError';
+    this.code = code;
+    this.detail = message;
+  }
+}
+
+/** No reply in time: the request may or may not have run. Safe to retry (an add with its message-id). */
+class RequestTimeout extends Error {
+  constructor(method, ms) {
+    super(`no reply to ${method} within ${ms} ms`);
+    this.name = 'RequestTimeout';
+    this.code = 'timeout';
+  }
+}
+
+class BridgeClient {
+  /**
+   * Connect and get ready for RPCs: one channel that consumes direct reply-to and publishes the
+   * requests (the broker delivers replies only to the channel that published with that reply-to).
+   */
+  static async open({ url, exchange }) {
+    const connection = await amqp.connect(url);
+    const channel = await connection.createChannel();
+    const client = new BridgeClient(connection, channel, userOf(url), exchange);
+    await channel.consume(DIRECT_REPLY_TO, (msg) => client.onReply(msg), { noAck: true });
+    return client;
+  }
+
+  constructor(connection, channel, user, exchange) {
+    this.connection = connection;
+    this.channel = channel;
+    this.user = user;
+    this.exchange = exchange;
+    this.pending = new Map(); // correlation-id -> {resolve, reject, timer, method}
+    const failAll = (err) => {
+      for (const [id, call] of this.pending) {
+        clearTimeout(call.timer);
+        call.reject(err || new Error('channel closed'));
+        this.pending.delete(id);
+      }
+    };
+    channel.on('error', failAll);
+    channel.on('close', () => failAll(new Error('channel closed')));
+    // A connection error also closes the channel: listen, so that it is not an unhandled 'error'.
+    connection.on('error', () => {});
+  }
+
+  onReply(msg) {
+    if (msg === null) return; // consumer cancelled by the broker
+    const id = msg.properties.correlationId;
+    const call = id === undefined ? undefined : this.pending.get(id);
+    if (call === undefined) return; // late reply to a request we gave up on: drop it
+    this.pending.delete(id);
+    clearTimeout(call.timer);
+    let body;
+    try {
+      body = JSON.parse(msg.content.toString('utf8'));
+    } catch (err) {
+      call.reject(new Error(`reply is not JSON: ${err.message}`));
+      return;
+    }
+    const reply = { body, properties: msg.properties };
+    if (msg.properties.type === 'error') {
+      const error = new BridgeError(body.error.code, body.error.message);
+      error.reply = reply;
+      call.reject(error);
+    } else {
+      call.resolve(reply);
+    }
+  }
+
+  /**
+   * Send one request and wait for its reply. Resolves to {body, properties} for a `result`
+   * reply; rejects with BridgeError for an `error` reply, RequestTimeout when none comes.
+   *
+   * options: headers (application headers), messageId, timeoutMs (default 10 s; also sets the
+   * `x-deadline` header), raw (a Buffer sent as is: no JSON), userId (default: the connection's
+   * user; `null` leaves the property out).
+   */
+  request(method, body, options = {}) {
+    const timeoutMs = options.timeoutMs ?? 10_000;
+    const correlationId = crypto.randomUUID();
+    const content = options.raw ?? Buffer.from(JSON.stringify(body));
+    const headers = { ...(options.headers || {}) };
+    if (method !== 'add' && headers['x-deadline'] === undefined) {
+      headers['x-deadline'] = Date.now() + timeoutMs; // an integer: the bridge drops it once past
+    }
+    const properties = {
+      replyTo: DIRECT_REPLY_TO,
+      correlationId,
+      contentType: 'application/json',
+      deliveryMode: 2,
+      timestamp: Math.floor(Date.now() / 1000), // AMQP timestamps are whole seconds
+      headers,
+    };
+    const userId = options.userId === undefined ? this.user : options.userId;
+    if (userId !== null) properties.userId = userId;
+    if (options.messageId !== undefined) properties.messageId = options.messageId;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(correlationId);
+        reject(new RequestTimeout(method, timeoutMs));
+      }, timeoutMs);
+      this.pending.set(correlationId, { resolve, reject, timer, method });
+      try {
+        this.channel.publish(this.exchange, method, content, properties);
+      } catch (err) {
+        clearTimeout(timer);
+        this.pending.delete(correlationId);
+        reject(err);
+      }
+    });
+  }
+
+  async close() {
+    try {
+      await this.connection.close();
+    } catch {
+      // already closed
+    }
+  }
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+module.exports = {
+  BridgeClient,
+  BridgeError,
+  DIRECT_REPLY_TO,
+  RequestTimeout,
+  emit,
+  env,
+  intEnv,
+  sleep,
+  userOf,
+};

@@ -1,0 +1,77 @@
+'use strict';
+// The workflow-engine side: add QB_COUNT tasks for an owner, each with a token, as a trusted user.
+//
+//   QB_AMQP_URL   amqp://engine:engine@127.0.0.1:5672/  (a user in the bridge's BRIDGE_TRUSTED_USERS)
+//   QB_EXCHANGE   queue-bridge                          (BRIDGE_EXCHANGE)
+//   QB_OWNER      worker-a     the owner the tasks are for: sent as the `x-owner` header
+//   QB_SERVICE    demo         serviceId
+//   QB_COUNT      5            tasks to add
+//   QB_PROCESS_ID (random)     goes into each token, so results.js can tell this run's results
+//   QB_FAIL_EVERY 0            every Nth task asks the worker for a business error (0: none)
+//   QB_TIMEOUT_MS 10000        reply timeout of one add (then it is retried, same message-id)
+//
+// Prints one JSON line per task: {"event": "added", "n", "taskId", "messageId", "token"}.
+// Exit 0 when every add was answered, 1 otherwise.
+
+const crypto = require('node:crypto');
+const { BridgeClient, BridgeError, emit, env, intEnv, sleep } = require('./bridge');
+
+const RETRYABLE = new Set(['unavailable', 'timeout']); // the only codes worth sending again
+
+async function addOne(client, { owner, service, value, token, messageId, timeoutMs }) {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      // `x-owner` is an application header; user-id, reply-to, correlation-id and message-id are
+      // AMQP properties (set by BridgeClient.request). The same message-id makes a retry safe.
+      const reply = await client.request(
+        'add',
+        { serviceId: service, value, token },
+        { headers: { 'x-owner': owner }, messageId, timeoutMs },
+      );
+      return reply.body.task.id;
+    } catch (err) {
+      if (!RETRYABLE.has(err.code) || attempt >= 5) throw err;
+      emit('retry', { messageId, attempt, code: err.code });
+      await sleep(500 * attempt);
+    }
+  }
+}
+
+async function main() {
+  const url = env('QB_AMQP_URL', 'amqp://engine:engine@127.0.0.1:5672/');
+  const exchange = env('QB_EXCHANGE', 'queue-bridge');
+  const owner = env('QB_OWNER', 'worker-a');
+  const service = env('QB_SERVICE', 'demo');
+  const count = intEnv('QB_COUNT', 5);
+  const processId = env('QB_PROCESS_ID', crypto.randomUUID());
+  const failEvery = intEnv('QB_FAIL_EVERY', 0);
+  const timeoutMs = intEnv('QB_TIMEOUT_MS', 10_000);
+
+  const client = await BridgeClient.open({ url, exchange });
+  try {
+    for (let n = 0; n < count; n++) {
+      const fail = failEvery > 0 && n % failEvery === failEvery - 1;
+      const value = { n, text: `task ${n} of ${processId}`, fail };
+      const token = { processId, n }; // never shown to workers; comes back in the result
+      const messageId = `${processId}:${n}`;
+      const taskId = await addOne(client, { owner, service, value, token, messageId, timeoutMs });
+      emit('added', { n, taskId, messageId, token });
+    }
+    return 0;
+  } catch (err) {
+    emit('error', { code: err.code ?? null, message: err instanceof BridgeError ? err.detail : String(err) });
+    return 1;
+  } finally {
+    await client.close();
+  }
+}
+
+main().then(
+  (rc) => {
+    process.exitCode = rc;
+  },
+  (err) => {
+    emit('error', { code: null, message: String(err) });
+    process.exitCode = 1;
+  },
+);
