@@ -5,7 +5,7 @@ STATE := deploy/local/state
 # The test command that README.md shows and .ci/run runs.
 PYTEST := .venv/bin/pytest -p no:cacheprovider
 
-.PHONY: help venv run bridge demo test test-unit soak lint bandit typecheck check bench bench-quick bench-json keyring clean \
+.PHONY: help venv node-deps run bridge demo test test-unit soak lint bandit typecheck check bench bench-quick bench-json keyring clean \
 	stack-up stack-down stack-status
 
 help:
@@ -35,7 +35,7 @@ run: venv stack-up keyring
 
 # The 3-node cluster's drills run last, with the cluster started for them (three JVMs take minutes
 # to start on two cores, beyond the per-test timeout) and stopped after, whatever their outcome.
-test: venv stack-up
+test: venv stack-up node-deps
 	$(PYTEST) -m "not cluster"
 	bash deploy/local/cassandra-cluster.sh up
 	$(PYTEST) -m cluster; rc=$$?; bash deploy/local/cassandra-cluster.sh down; exit $$rc
@@ -44,6 +44,10 @@ test: venv stack-up
 # per-test timeout, so it raises the timeout here: 30 minutes of load plus 5 for set-up and drain.
 soak: venv stack-up
 	QB_SOAK_SECONDS=1800 $(PYTEST) -m soak -s -o timeout=2100
+
+# Node.js and the locked dependencies of examples/node (tests/integration/test_node_client.py).
+node-deps:
+	bash deploy/local/node.sh
 
 test-unit: venv
 	$(PYTEST) tests/unit

@@ -17,8 +17,9 @@
 // Results are at least once: de-duplicated on the `message-id` property. The results queue is
 // shared by every owner and service: results this consumer does not keep are acked and reported
 // as "skipped" (run one consumer per results queue, or bind a queue of your own).
-// Prints JSON lines: {"event": "result", "taskId", "serviceId", "owner", "token",
-// "result" | "error", "completedAt", "messageId"} and {"event": "skipped", ...}.
+// Prints JSON lines: {"event": "ready", "queue"} once consuming, then {"event": "result", "taskId",
+// "serviceId", "owner", "token", "result" | "error", "completedAt", "messageId", "type"} and
+// {"event": "skipped", ...}.
 
 const amqp = require('amqplib');
 const { emit, env, intEnv } = require('./bridge');
@@ -87,6 +88,7 @@ async function main() {
     if (expect > 0 && seen.size >= expect) finish(0);
     return undefined;
   });
+  emit('ready', { queue }); // consuming (and, with QB_BIND, bound): results published from now on reach us
 
   const rc = await finished;
   if (timer) clearTimeout(timer);

@@ -1,0 +1,221 @@
+"""The Node.js client of examples/node (written from docs/asyncapi.yaml alone) against a real bridge.
+
+Its scripts run as real ``node`` processes with this test's exchange and queue names: the engine's
+tasks are fetched (long-poll) and acked by the Node worker, their results reach the Node results
+consumer with the engine's tokens, and errors come back as the document says. ``make test`` (and so
+CI) installs Node.js and the example's dependencies first (deploy/local/node.sh); the test never
+skips: without ``node`` it fails, saying how to get it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import uuid
+from typing import Any
+
+import pytest
+
+from tests.conftest import ENGINE_USER, OWNERS, ROOT, DeadLetters, Servers, service_id
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+NODE_DIR = ROOT / "examples" / "node"
+ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
+
+
+@pytest.fixture(scope="module")
+def node() -> str:
+    """The node binary, with the example's dependencies installed (``npm ci`` if they are not)."""
+    found = shutil.which("node")
+    if found is None:
+        pytest.fail("node is not installed: run `bash deploy/local/node.sh` (make test does)", pytrace=False)
+    if not (NODE_DIR / "node_modules" / "amqplib" / "package.json").exists():
+        npm = shutil.which("npm")
+        if npm is None:
+            pytest.fail("npm is not installed: run `bash deploy/local/node.sh` (make test does)", pytrace=False)
+        subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--prefix", str(NODE_DIR)], check=True, timeout=300)
+    return found
+
+
+class NodeScript:
+    """One script of examples/node as a process; its stdout is one JSON object per line."""
+
+    def __init__(self, node: str, script: str, env: dict[str, str], *args: str) -> None:
+        self.cmd = [node, str(NODE_DIR / script), *args]
+        self.env = {**os.environ, **env}
+        self.events: list[dict[str, Any]] = []
+        self.proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self.stderr = b""
+
+    async def start(self) -> NodeScript:
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.cmd, env=self.env, cwd=NODE_DIR, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        async for line in self.proc.stdout:
+            self.events.append(json.loads(line))
+
+    async def event(self, name: str, timeout: float = 30) -> dict[str, Any]:
+        """The first event called ``name`` (waits for it)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                for e in self.events:
+                    if e["event"] == name:
+                        return e
+                assert self.proc is not None
+                if self.proc.returncode is not None and self._reader is not None and self._reader.done():
+                    raise AssertionError(f"{self.cmd[1]} exited without {name!r}: {self.events} {self.stderr!r}")
+                await asyncio.sleep(0.05)
+
+    async def wait(self, timeout: float = 60) -> int:
+        assert self.proc is not None and self.proc.stderr is not None and self._reader is not None
+        try:
+            async with asyncio.timeout(timeout):
+                self.stderr = await self.proc.stderr.read()
+                rc = await self.proc.wait()
+                await self._reader
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+            raise AssertionError(f"{self.cmd[1]} still running after {timeout}s: {self.events}") from None
+        return rc
+
+    def all(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["event"] == name]
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+
+
+async def run(node: str, script: str, env: dict[str, str], *args: str, timeout: float = 60) -> NodeScript:
+    proc = await NodeScript(node, script, env, *args).start()
+    rc = await proc.wait(timeout)
+    assert rc == 0, f"{script} exited {rc}: {proc.events} {proc.stderr.decode(errors='replace')}"
+    return proc
+
+
+def env_of(servers: Servers, names: dict[str, str], user: str, **extra: str) -> dict[str, str]:
+    """What a client needs to know: its broker URL and the bridge's names (this test's)."""
+    return {
+        "QB_AMQP_URL": servers.amqp_url(user),
+        "QB_EXCHANGE": names["exchange"],
+        "QB_RESULTS_EXCHANGE": names["results_exchange"],
+        "QB_RESULTS_QUEUE": names["queue_prefix"] + ".results",
+        **extra,
+    }
+
+
+async def test_node_engine_worker_and_results(bridge: Any, node: str, servers: Servers, names: dict[str, str]) -> None:
+    service, process_id, count = service_id(), uuid.uuid4().hex, 4
+    common = {"QB_SERVICE": service, "QB_OWNER": OWNERS[0]}
+    results = await NodeScript(
+        node,
+        "results.js",
+        env_of(servers, names, ENGINE_USER, **common, QB_EXPECT=str(count), QB_TIMEOUT_MS="45000"),
+    ).start()
+    # An engine whose broker user may declare queues binds one of its own by routing key (guest may;
+    # the least-privilege engine user may not).
+    own = await NodeScript(
+        node,
+        "results.js",
+        env_of(servers, names, "guest", **common, QB_BIND=service, QB_EXPECT=str(count), QB_TIMEOUT_MS="45000"),
+    ).start()
+    # The worker long-polls before there is anything to fetch.
+    worker = await NodeScript(
+        node,
+        "worker.js",
+        env_of(servers, names, OWNERS[0], **common, QB_WAIT_MS="5000", QB_MAX_TASKS=str(count), QB_WORKER_ID="node-1"),
+    ).start()
+    try:
+        await results.event("ready")
+        await own.event("ready")
+        engine = await run(
+            node,
+            "engine.js",
+            env_of(servers, names, ENGINE_USER, **common, QB_COUNT=str(count), QB_FAIL_EVERY="4", QB_PROCESS_ID=process_id),
+        )
+        assert await worker.wait() == 0, (worker.events, worker.stderr)
+        assert await results.wait() == 0, (results.events, results.stderr)
+        assert await own.wait() == 0, (own.events, own.stderr)
+    finally:
+        for proc in (results, own, worker):
+            proc.kill()
+
+    added = {e["taskId"]: e for e in engine.all("added")}
+    assert sorted(e["n"] for e in added.values()) == list(range(count))
+    # The Node worker got every task of the Node engine, once, and its acks naming them completed them.
+    tasks = worker.all("task")
+    assert sorted(t["taskId"] for t in tasks) == sorted(added)
+    assert all((t["epoch"], t["deliveries"], t["hasToken"]) == (1, 1, True) for t in tasks), tasks
+    assert {a["taskId"]: a["completed"] for a in worker.all("acked")} == dict.fromkeys(added, True)
+    # Each result reached the Node results consumer, with the engine's token, the owner and the service.
+    for consumer in (results, own):
+        got = {r["taskId"]: r for r in consumer.all("result")}
+        assert set(got) == set(added)
+        for task_id, r in got.items():
+            n = added[task_id]["n"]
+            assert r["token"] == {"processId": process_id, "n": n}
+            assert (r["owner"], r["serviceId"], r["type"]) == (OWNERS[0], service, "result")
+            assert r["messageId"].startswith(f"{task_id}:"), "message-id = <taskId>:<completionId>"
+            assert r["completedAt"] is None or ISO_UTC.match(r["completedAt"]), r
+            if n == 3:  # QB_FAIL_EVERY=4: the worker acked it with a business error
+                assert r["error"] == {"message": "task 3 failed on purpose"} and "result" not in r
+            else:
+                assert r["result"] == {"upper": f"TASK {n} OF {process_id}".upper(), "n": n}
+        assert not consumer.all("skipped")
+
+
+async def test_node_errors_come_back_as_documented(
+    bridge: Any, node: str, servers: Servers, names: dict[str, str], dead_letters: DeadLetters
+) -> None:
+    worker = env_of(servers, names, OWNERS[0])
+    svc = service_id()
+    cases: list[tuple[dict[str, str], tuple[str, ...], str, str]] = [
+        # (extra env, argv, error code, message fragment)
+        ({}, ("fetch", "not json"), "bad_request", "not valid JSON"),
+        ({}, ("fetch", json.dumps({"serviceId": svc})), "bad_request", "workerId: Field required"),
+        # user_id in the headers table is not the user-id property.
+        (
+            {"QB_USER_ID": "-", "QB_HEADERS": json.dumps({"user_id": OWNERS[0], "user-id": OWNERS[0]})},
+            ("fetch", json.dumps({"serviceId": svc, "workerId": "w"})),
+            "unauthorized",
+            "no user_id property",
+        ),
+        # A worker may not act for another owner.
+        (
+            {"QB_HEADERS": json.dumps({"x-owner": OWNERS[1]})},
+            ("add", json.dumps({"serviceId": svc, "value": 1})),
+            "unauthorized",
+            "may not act for owner",
+        ),
+        ({}, ("fecth", json.dumps({"serviceId": svc, "workerId": "w"})), "bad_request", "unknown method"),
+    ]
+    procs = await asyncio.gather(*(run(node, "request.js", {**worker, **extra}, *argv) for extra, argv, _, _ in cases))
+    for proc, (_, argv, code, fragment) in zip(procs, cases, strict=True):
+        (reply,) = proc.all("reply")
+        assert reply["type"] == "error", (argv, reply)
+        assert reply["body"]["error"]["code"] == code, (argv, reply)
+        assert fragment in reply["body"]["error"]["message"], (argv, reply)
+        assert reply["correlationId"], "the reply echoes the request's correlation-id (request.js matched it)"
+        assert re.fullmatch(r"[0-9a-f]{32}", reply["messageId"]), "replies carry a random message-id"
+    # ...and each refused request was dead-lettered, unchanged.
+    dead = await dead_letters.drain(len(cases))
+    assert len(dead) == len(cases)
+    assert b"not json" in {m.body for m in dead}
+
+    # The same client, used right: a lifecycle RPC answered with a result.
+    ok = await run(node, "request.js", worker, "stats", json.dumps({"serviceId": svc}))
+    (reply,) = ok.all("reply")
+    assert reply["type"] == "result"
+    assert reply["body"]["result"]["services"][0]["serviceId"] == svc
