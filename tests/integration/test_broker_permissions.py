@@ -12,7 +12,7 @@ import aio_pika
 import pytest
 from aiormq.exceptions import ChannelAccessRefused
 
-from bridge.client import Worker
+from bridge.client import Engine, Worker
 from tests.conftest import BRIDGE_USER, ENGINE_USER, OWNERS, service_id, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -105,3 +105,40 @@ async def test_results_carry_the_bridges_validated_user_id(bridge, servers, name
         assert msg.user_id == BRIDGE_USER
     finally:
         await conn.close()
+
+
+def declare_own_queue():  # type: ignore[no-untyped-def]
+    async def action(ch: aio_pika.abc.AbstractChannel) -> None:
+        await ch.declare_queue(exclusive=True)  # server-named (amq.gen-...): a reply queue of one's own
+
+    return action
+
+
+async def test_the_lifecycle_queue_and_the_bridges_own_queues_are_the_bridges_alone(
+    bridge, servers, names, engine, workers
+):
+    """1.4: the lifecycle methods are routing keys of one queue, ``<prefix>.lifecycle``; like the
+    bridge's internal queues (duty election, unrouted requests, hints), engines and workers may not
+    consume it, nor declare queues of their own (direct reply-to needs no queue). They reach the
+    bridge through its exchange, every method alike."""
+    prefix = names["queue_prefix"]
+    internal = ("lifecycle", "unrouted", "duty", "hints.p" + "0" * 24)
+    for user in (OWNERS[0], ENGINE_USER):
+        url = servers.amqp_url(user)
+        for queue in internal:
+            assert await refused(url, consume(f"{prefix}.{queue}")), f"{user} consumed {prefix}.{queue}"
+        assert await refused(url, declare_own_queue()), f"{user} declared a queue"
+    assert not await refused(servers.amqp_url("guest"), declare_own_queue()), "the check itself works"
+
+    # What the roles must do with the 1.4 methods still works: a worker extends and reads stats, the
+    # engine (acting for the worker's owner) reads stats and cancels.
+    svc = service_id()
+    await engine.add(svc, 1)
+    w = await workers(svc)
+    task = await w.fetch()
+    assert task is not None and await task.extend()
+    async with Engine(servers.amqp_url(OWNERS[0]), exchange=names["exchange"]) as own:
+        assert [s.service_id for s in await own.stats(svc)] == [svc]
+    assert [s.service_id for s in await engine.stats(svc)] == [svc]
+    assert await engine.cancel(svc, task.id) is True
+    assert await task.ack("late") is False, "cancelled: the worker's ack changes nothing"

@@ -140,11 +140,8 @@ async def test_node_engine_worker_and_results(bridge: Any, node: str, servers: S
     try:
         await results.event("ready")
         await own.event("ready")
-        engine = await run(
-            node,
-            "engine.js",
-            env_of(servers, names, ENGINE_USER, **common, QB_COUNT=str(count), QB_FAIL_EVERY="4", QB_PROCESS_ID=process_id),
-        )
+        adds = {"QB_COUNT": str(count), "QB_FAIL_EVERY": "4", "QB_PROCESS_ID": process_id}
+        engine = await run(node, "engine.js", env_of(servers, names, ENGINE_USER, **common, **adds))
         assert await worker.wait() == 0, (worker.events, worker.stderr)
         assert await results.wait() == 0, (results.events, results.stderr)
         assert await own.wait() == 0, (own.events, own.stderr)
