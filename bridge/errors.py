@@ -10,8 +10,12 @@ Exception hierarchy::
 
     BridgeError (code, message)                                   bridge.errors
     ├── BadRequest ............................ bad_request        bridge.domain.errors
+    │   └── NotFound, MethodNotAllowed, ....... (HTTP 404, 405,     bridge.gateway.errors
+    │       UnsupportedMediaType, HttpError      415, other 4xx)
     ├── PayloadTooLarge ....................... payload_too_large
     ├── Unauthorized .......................... unauthorized
+    │   ├── Unauthenticated ................... (HTTP 401)         bridge.gateway.errors
+    │   └── Forbidden ......................... (HTTP 403)
     ├── UnknownOwner .......................... unknown_owner
     ├── IntegrityError ........................ integrity_error
     ├── Unavailable ........................... unavailable (retryable)
