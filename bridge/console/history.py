@@ -64,10 +64,7 @@ class MetricsHistory:
         if self._minute is None:
             self._minute, self._base = minute, totals
             return
-        if minute == self._minute:
-            return
-        if minute < self._minute:  # the clock went back: keep counting into the minute it says
-            self._minute = minute
+        if minute <= self._minute:  # the same minute, or the clock went back: keep counting into it
             return
         self._ring.append(Point(self._minute, _deltas(totals, self._base)))
         skipped = range(max(self._minute + MINUTE_MS, minute - self._points * MINUTE_MS), minute, MINUTE_MS)

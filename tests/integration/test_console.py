@@ -1,0 +1,430 @@
+"""The operator console (issue 11) on the real servers: its JSON endpoints (keys required, read-only
+by default, redrive when BRIDGE_CONSOLE_WRITE allows) and the page itself in headless Chromium.
+
+The bridges run in-process with a gateway; parked tasks are made over HTTP as a worker would (an
+add with ``maxDeliveries: 1``, fetched and failed once). The browser test drives Debian's
+``chromium`` through ``/usr/bin/chromedriver`` (``deploy/local/browser.sh`` installs both; ``make
+test`` and ``.ci/run`` call it) from a thread, since the bridge serving the page runs on this
+test's event loop. It saves a screenshot in tests/artifacts/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from bridge.gateway.keys import new_key
+from tests.conftest import ENGINE_USER, OWNERS, ROOT, free_port, service_id, wait_for
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+ARTIFACTS = ROOT / "tests" / "artifacts"
+UI_TIMEOUT = 20  # seconds for any one condition in the page (it polls every 2 s)
+
+
+@dataclass
+class Reply:
+    status: int
+    body: Any
+    headers: Any
+
+    @property
+    def result(self) -> Any:
+        assert self.status == 200, (self.status, self.body)
+        return self.body["result"]
+
+
+class Client:
+    """HTTP to one bridge's gateway: the console's JSON and the gateway's /api, with the test's keys."""
+
+    def __init__(self, port: int, keys: dict[str, str], session: aiohttp.ClientSession) -> None:
+        self.port = port
+        self.base = f"http://127.0.0.1:{port}"
+        self.keys = keys
+        self.session = session
+
+    async def request(
+        self, method: str, path: str, body: Any = None, *, key: str | None = "a", headers: dict[str, str] | None = None
+    ) -> Reply:
+        h = dict(headers or {})
+        if key is not None:
+            h["Authorization"] = f"Bearer {self.keys.get(key, key)}"
+        data = None if body is None else json.dumps(body).encode()
+        if data is not None:
+            h["Content-Type"] = "application/json"
+        async with self.session.request(method, self.base + path, data=data, headers=h) as resp:
+            raw = await resp.read()
+            try:
+                parsed = json.loads(raw) if raw else None
+            except ValueError:
+                parsed = raw.decode()
+            return Reply(resp.status, parsed, resp.headers)
+
+    async def console(self, path: str, body: Any = None, **kw: Any) -> Reply:
+        return await self.request("GET" if body is None else "POST", "/console/api" + path, body, **kw)
+
+    async def api(self, svc: str, name: str, body: Any = None, **kw: Any) -> dict[str, Any]:
+        reply = await self.request("POST", f"/api/queue/{svc}/{name}", {} if body is None else body, **kw)
+        assert reply.status == 200, (name, reply.status, reply.body)
+        return dict(reply.body)
+
+    async def parked_task(self, svc: str, worker: str = "w-park") -> str:
+        """A task parked by a worker's fail at its only delivery (maxDeliveries: 1)."""
+        task_id = (await self.api(svc, "tasks", {"value": {"secret": "do-not-show"}, "maxDeliveries": 1}))["task"]["id"]
+        got = await self.api(svc, "fetch", {"workerId": worker})
+        assert got["task"]["id"] == task_id
+        fail = {"workerId": worker, "taskId": task_id, "epoch": got["task"]["epoch"], "error": "boom"}
+        assert (await self.api(svc, "fail", fail))["task"]["parked"] is True
+        return str(task_id)
+
+    async def counted(self, svc: str, **expected: int) -> dict[str, Any]:
+        """The service's row in the console once its counts are ``expected`` (they are flushed ~1/s)."""
+
+        async def row() -> dict[str, Any] | None:
+            for s in (await self.console("/services")).result["services"]:
+                if s["serviceId"] == svc and all(s[k] == v for k, v in expected.items()):
+                    return dict(s)
+            return None
+
+        found: dict[str, Any] = await wait_for(row, 15, interval=0.2, what=f"{svc} counted as {expected}")
+        return found
+
+    async def fetch_task(self, svc: str, worker: str) -> dict[str, Any] | None:
+        reply = await self.api(svc, "fetch", {"workerId": worker})
+        return reply if reply["result"] is not None else None
+
+
+@pytest.fixture
+def console_keys(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """``a``/``b``: keys of OWNERS[0]/[1]; ``engine``: trusted (may name an owner with X-Owner)."""
+    keys: dict[str, str] = {}
+    entries = []
+    for name, owner, trusted in (("a", OWNERS[0], False), ("b", OWNERS[1], False), ("engine", ENGINE_USER, True)):
+        key, entry = new_key(owner, trusted=trusted, key_id=f"console-{name}")
+        keys[name] = key
+        entries.append(entry)
+    path = tmp_path / "gateway-keys.json"
+    path.write_text(json.dumps(entries))
+    return path, keys
+
+
+@pytest.fixture
+async def start_console(make_bridge: Any, console_keys: tuple[Path, dict[str, str]]) -> AsyncIterator[Any]:
+    path, keys = console_keys
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+
+    async def start(**overrides: Any) -> Client:
+        b = await make_bridge(gateway_port=free_port(), gateway_keys_file=path, clock_skew_margin=0.2, **overrides)
+        return Client(b.gateway_port, keys, session)
+
+    yield start
+    await session.close()
+
+
+# -- the JSON endpoints -----------------------------------------------------------------------------
+async def test_the_page_is_public_and_holds_no_data_every_data_endpoint_needs_a_key(start_console):
+    c = await start_console()
+    svc = service_id()
+    task_id = await c.parked_task(svc)
+    page = await c.request("GET", "/console", key=None)
+    assert page.status == 200 and page.headers["Content-Type"].startswith("text/html")
+    assert "<script>" in page.body and svc not in page.body and task_id not in page.body
+    csp = page.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "connect-src 'self'" in csp and "'unsafe-inline'" not in csp
+    assert "http" not in page.body.replace("http://www.w3.org/2000/svg", ""), "nothing fetched from elsewhere"
+    paths = [
+        ("GET", "/console/api/session"),
+        ("GET", "/console/api/services"),
+        ("GET", "/console/api/metrics"),
+        ("GET", f"/console/api/queues/{svc}/tasks/{task_id}"),
+        ("GET", f"/console/api/queues/{svc}/parked"),
+        ("POST", f"/console/api/queues/{svc}/redrive"),
+        ("POST", f"/console/api/queues/{svc}/discard"),
+        ("GET", "/console/"),
+        ("GET", "/console/api/nope"),
+    ]
+    for method, path in paths:
+        for headers in ({}, {"Authorization": "Bearer qb_console-a_wrong"}, {"Authorization": "Basic x"}):
+            reply = await c.request(method, path, {"taskIds": [task_id]}, key=None, headers=headers)
+            assert reply.status == 401, (method, path, headers, reply.body)
+            assert reply.body["error"]["code"] == "unauthorized" and svc not in json.dumps(reply.body)
+    session = (await c.console("/session")).result
+    assert session == {"keyId": "console-a", "owner": OWNERS[0], "trusted": False, "write": False}
+
+
+async def test_services_task_history_and_parked_list_read_only_by_default(start_console):
+    c = await start_console()
+    svc = service_id()
+    parked_id = await c.parked_task(svc)
+    ready_id = (await c.api(svc, "tasks", {"value": "waiting"}))["task"]["id"]
+    row = await c.counted(svc, ready=1, parked=1)
+    assert row["inFlight"] == 0 and row["delayed"] == 0 and row["oldestReadyAgeMs"] is not None
+
+    task = (await c.console(f"/queues/{svc}/tasks/{parked_id}")).result["task"]
+    assert task["id"] == parked_id and task["serviceId"] == svc
+    assert task["state"] == "parked" and task["deliveries"] == 1 and task["maxDeliveries"] == 1
+    assert task["worker"] == "w-park" and task["parkReason"] == "failed"
+    assert task["addedAt"].endswith("Z") and task["parkedAt"].endswith("Z")
+    ready = (await c.console(f"/queues/{svc}/tasks/{ready_id}")).result["task"]
+    assert ready["state"] == "ready" and ready["deliveries"] == 0 and ready["worker"] is None
+
+    parked = (await c.console(f"/queues/{svc}/parked?limit=10")).result["tasks"]
+    assert [t["id"] for t in parked] == [parked_id]
+    assert parked[0]["reason"] == "failed" and parked[0]["deliveries"] == 1
+    every_reply = json.dumps([task, ready, parked])
+    assert "do-not-show" not in every_reply and "waiting" not in every_reply and "boom" not in every_reply
+
+    # Read-only: redrive and discard are refused, and change nothing.
+    for action, body in (
+        ("redrive", {"taskIds": [parked_id]}),
+        ("redrive", {"all": True}),
+        ("discard", {"taskIds": [parked_id]}),
+    ):
+        refused = await c.console(f"/queues/{svc}/{action}", body)
+        assert refused.status == 403, (action, refused.body)
+        assert "BRIDGE_CONSOLE_WRITE" in refused.body["error"]["message"]
+    assert [t["id"] for t in (await c.console(f"/queues/{svc}/parked")).result["tasks"]] == [parked_id]
+
+    # Not found, bad ids, bad limits.
+    missing = await c.console(f"/queues/{svc}/tasks/{uuid.uuid1()}")
+    assert missing.status == 404
+    for bad in ("not-a-uuid", str(uuid.uuid4())):
+        assert (await c.console(f"/queues/{svc}/tasks/{bad}")).status == 400, bad
+    for limit in ("0", "abc", "1001", "-1"):
+        assert (await c.console(f"/queues/{svc}/parked?limit={limit}")).status == 400, limit
+
+
+async def test_an_owner_sees_only_its_own_and_x_owner_is_for_trusted_keys(start_console):
+    c = await start_console()
+    svc = service_id()
+    parked_id = await c.parked_task(svc)
+    await c.counted(svc, parked=1)
+    theirs = (await c.console("/services", key="b")).result["services"]
+    assert svc not in [s["serviceId"] for s in theirs]
+    assert (await c.console(f"/queues/{svc}/tasks/{parked_id}", key="b")).status == 404
+    assert (await c.console(f"/queues/{svc}/parked", key="b")).result["tasks"] == []
+    named = await c.console("/services", key="b", headers={"X-Owner": OWNERS[0]})
+    assert named.status == 403
+    trusted = await c.console("/services", key="engine", headers={"X-Owner": OWNERS[0]})
+    assert svc in [s["serviceId"] for s in trusted.result["services"]]
+    session = (await c.console("/session", key="engine", headers={"X-Owner": OWNERS[0]})).result
+    assert session["owner"] == OWNERS[0] and session["trusted"] is True
+
+
+async def test_with_write_enabled_a_redrive_puts_the_parked_task_back_and_discard_drops_one(start_console):
+    c = await start_console(console_write=True)
+    assert (await c.console("/session")).result["write"] is True
+    svc = service_id()
+    first = await c.parked_task(svc)
+    second = await c.parked_task(svc)
+    assert (await c.console(f"/queues/{svc}/redrive", {"taskIds": [first]})).result == {"redriven": 1}
+    back = await wait_for(lambda: c.fetch_task(svc, "w-again"), 10, what="the redriven task handed out")
+    assert back["task"]["id"] == first
+    assert (await c.console(f"/queues/{svc}/discard", {"taskIds": [second]})).result == {"discarded": 1}
+    assert (await c.console(f"/queues/{svc}/parked")).result["tasks"] == []
+    assert (await c.console(f"/queues/{svc}/redrive", {"all": True})).result == {"redriven": 0}
+    bad = await c.console(f"/queues/{svc}/redrive", {"taskIds": ["nope"]})
+    assert bad.status == 400 and bad.body["error"]["code"] == "bad_request"
+
+
+async def test_the_chart_series_counts_this_bridges_adds_completions_and_redeliveries(start_console):
+    c = await start_console()
+    before = (await c.console("/metrics")).result
+    assert before["intervalSeconds"] == 60 and before["series"] == ["added", "completed", "redelivered"]
+    assert 1 <= len(before["points"]) <= 60
+
+    def total(series: dict[str, Any], name: str) -> int:
+        return sum(p[name] for p in series["points"])
+
+    svc = service_id()
+    for i in range(3):
+        await c.api(svc, "tasks", {"value": i})
+    got = await c.api(svc, "fetch", {"workerId": "w-chart"})
+    await c.api(svc, "ack", {"workerId": "w-chart", "taskId": got["task"]["id"], "result": "ok"})
+    after = (await c.console("/metrics")).result
+    assert total(after, "added") - total(before, "added") >= 3
+    assert total(after, "completed") - total(before, "completed") >= 1
+    assert all(p["at"].endswith(":00.000Z") for p in after["points"]), "one point per minute"
+
+
+# -- the page in a browser --------------------------------------------------------------------------
+@pytest.fixture
+def chrome(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """Headless Chromium through Debian's chromedriver; Selenium Manager is never run."""
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    assert not missing, f"{missing} missing: run `bash deploy/local/browser.sh` (make test and .ci/run do)"
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.selenium_manager import SeleniumManager
+
+    def no_manager(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("Selenium Manager must not run (it would download a driver)")
+
+    monkeypatch.setattr(SeleniumManager, "binary_paths", no_manager)
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1400",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(UI_TIMEOUT)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _sign_in(driver: Any, base: str, key: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(base + "/console")
+    wait = WebDriverWait(driver, UI_TIMEOUT)
+    wait.until(ec.visibility_of_element_located((By.ID, "key"))).send_keys(key)
+    driver.find_element(By.ID, "sign-in").click()
+    wait.until(ec.visibility_of_element_located((By.ID, "app")))
+
+
+def _service_row(driver: Any, svc: str, **cells: str) -> Any:
+    """The service's row once its cells read ``cells`` (class -> text), else False (for WebDriverWait)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    try:
+        for row in driver.find_elements(By.CSS_SELECTOR, f'#services tr[data-service="{svc}"]'):
+            if all(row.find_element(By.CSS_SELECTOR, f"td.{k}").text == v for k, v in cells.items()):
+                return row
+    except StaleElementReferenceException:  # the page replaced the rows (every 2 s)
+        pass
+    return False
+
+
+def _click(driver: Any, css: str) -> None:
+    """Click the element once it is there; the page re-renders its tables every 2 s, so an element
+    found may be replaced before the click lands: find it again then."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def clicked(d: Any) -> bool:
+        found = d.find_elements(By.CSS_SELECTOR, css)
+        if not found:
+            return False
+        found[0].click()
+        return True
+
+    WebDriverWait(driver, UI_TIMEOUT, poll_frequency=0.2, ignored_exceptions=(StaleElementReferenceException,)).until(
+        clicked
+    )
+
+
+def _explained(driver: Any, steps: Callable[..., None], *args: Any) -> None:
+    """Run ``steps``; when they fail, save what the page showed (tests/artifacts/) and its console log."""
+    try:
+        steps(*args)
+    except Exception as exc:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / f"console-failed-{steps.__name__}.png"))
+        logs = driver.get_log("browser")
+        raise AssertionError(
+            f"{steps.__name__} failed at {driver.current_url}: {exc!r}\nbrowser log: {logs}\n"
+            f"page text: {driver.find_element('tag name', 'body').text[:2000]}"
+        ) from exc
+
+
+def _browse_read_only(driver: Any, base: str, key: str, svc: str, task_id: str) -> None:
+    """The read-only console: the service's row with its counts, the parked task without buttons,
+    its history by id."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(driver, UI_TIMEOUT, poll_frequency=0.2)
+    _sign_in(driver, base, key)
+    assert "read-only" in driver.find_element(By.ID, "who").text
+    wait.until(lambda d: _service_row(d, svc, service=svc, ready="1", parked="1", **{"in-flight": "0"}))
+    _click(driver, f'#services tr[data-service="{svc}"]')
+    row = f'#parked tr[data-task="{task_id}"]'
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, row)))
+    assert driver.find_elements(By.CSS_SELECTOR, "#parked button.redrive, #parked button.discard") == []
+    assert driver.find_element(By.ID, "read-only").is_displayed(), "the page says it is read-only"
+    _click(driver, row + " button.link")  # the task's history
+    wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, '#task dd[data-field="state"]'), "parked"))
+    assert driver.find_element(By.CSS_SELECTOR, '#task dd[data-field="worker"]').text == "w-park"
+    assert driver.find_element(By.CSS_SELECTOR, '#task dd[data-field="deliveries"]').text == "1"
+    assert "do-not-show" not in driver.page_source
+    # The chart: one line per series, drawn from this bridge's metrics.
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#chart polyline")) == 3)
+
+
+def _browse_and_redrive(driver: Any, base: str, key: str, svc: str, task_id: str, shot: Path) -> None:
+    """The console with writes: redrive the parked task from its row; screenshot."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(driver, UI_TIMEOUT, poll_frequency=0.2)
+    _sign_in(driver, base, key)
+    assert "write enabled" in driver.find_element(By.ID, "who").text
+    wait.until(lambda d: _service_row(d, svc, parked="1"))
+    _click(driver, f'#services tr[data-service="{svc}"]')
+    button = f'#parked tr[data-task="{task_id}"] button.redrive'
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, button)))
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#chart polyline")) == 3)
+    added = '#legend [data-series="added"]'
+    wait.until(lambda d: int(d.find_element(By.CSS_SELECTOR, added).text.split()[-1]) >= 2), "the chart counts the adds"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(shot.with_name(shot.stem + "-parked.png")))
+    _click(driver, button)
+    wait.until(ec.text_to_be_present_in_element((By.ID, "action-status"), f"Redriven: 1 ({task_id})"))
+    wait.until(ec.visibility_of_element_located((By.ID, "no-parked")))
+    # Counted in flight until the scheduler re-exposes it (then ready): only "not parked" is certain.
+    wait.until(lambda d: _service_row(d, svc, parked="0"))
+    driver.execute_script("window.scrollTo(0, 0)")
+    assert driver.save_screenshot(str(shot)), "screenshot not saved"
+
+
+async def test_the_console_in_a_browser_shows_a_real_bridge_and_redrives_a_parked_task(start_console, chrome):
+    read_only = await start_console()
+    writable = await start_console(console_write=True)
+    svc = service_id()
+    # Added through the writable bridge: its chart (this bridge's own counters) shows them.
+    task_id = await writable.parked_task(svc)
+    await writable.api(svc, "tasks", {"value": "waiting"})
+    key = read_only.keys["a"]
+
+    await asyncio.to_thread(_explained, chrome, _browse_read_only, chrome, read_only.base, key, svc, task_id)
+    shot = ARTIFACTS / "console.png"
+    shot.unlink(missing_ok=True)
+    await asyncio.to_thread(_explained, chrome, _browse_and_redrive, chrome, writable.base, key, svc, task_id, shot)
+    assert shot.stat().st_size > 10_000
+
+    # The redrive took effect: the parked task is handed out again (after the waiting one: FIFO).
+    ids = set()
+    for worker in ("w-after-1", "w-after-2"):
+        got = await wait_for(lambda w=worker: writable.fetch_task(svc, w), 10, what="a task handed out")
+        ids.add(got["task"]["id"])
+    assert task_id in ids
