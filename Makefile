@@ -5,7 +5,7 @@ STATE := deploy/local/state
 # The test command that README.md shows and .ci/run runs.
 PYTEST := .venv/bin/pytest -p no:cacheprovider
 
-.PHONY: help venv node-deps run bridge demo test test-unit soak lint bandit typecheck check bench bench-quick bench-json keyring clean \
+.PHONY: help venv node-deps browser run bridge demo test test-unit soak lint bandit typecheck check bench bench-quick bench-json keyring clean \
 	stack-up stack-down stack-status
 
 help:
@@ -35,7 +35,7 @@ run: venv stack-up keyring
 
 # The 3-node cluster's drills run last, with the cluster started for them (three JVMs take minutes
 # to start on two cores, beyond the per-test timeout) and stopped after, whatever their outcome.
-test: venv stack-up node-deps
+test: venv stack-up node-deps browser
 	$(PYTEST) -m "not cluster"
 	bash deploy/local/cassandra-cluster.sh up
 	$(PYTEST) -m cluster; rc=$$?; bash deploy/local/cassandra-cluster.sh down; exit $$rc
@@ -48,6 +48,10 @@ soak: venv stack-up
 # Node.js and the locked dependencies of examples/node (tests/integration/test_node_client.py).
 node-deps:
 	bash deploy/local/node.sh
+
+# Headless Chromium + chromedriver from Debian (tests/integration/test_console.py, the operator console).
+browser:
+	bash deploy/local/browser.sh
 
 test-unit: venv
 	$(PYTEST) tests/unit
