@@ -58,6 +58,7 @@ from bridge.storage.rows import (
 from bridge.storage.statements import STATEMENTS
 
 DAY_MS = 86_400_000
+MAX_CASSANDRA_TTL_S = 630_720_000  # 20 years
 ALL_EXPIRY_SHARDS = list(range(EXPIRY_SHARDS))
 ALL_OUTBOX_SHARDS = list(range(OUTBOX_SHARDS))
 LOOP_CURSOR_TTL_S = 30 * 24 * 3600  # a restart after an outage this long still resumes where it stopped
@@ -96,7 +97,9 @@ class CassandraTaskStore:
     def ttl_for(self, task_id: uuid.UUID) -> int:
         """Seconds left in the task's life: every row about a task expires at the same moment."""
         left = self.task_ttl_s - (self.now_ms() - ms_of(task_id)) // 1000
-        return int(max(1, left))
+        # Bounded by Cassandra's largest TTL: an id far in the future (a forged one) must not
+        # make a statement fail (a delayed task is due within a TTL, far below it).
+        return int(min(max(1, left), MAX_CASSANDRA_TTL_S))
 
     async def _index_bucket(self, q: QueueKey, lane: int, bucket: int, task_id: uuid.UUID, *, force: bool) -> None:
         key = (q, lane, bucket)

@@ -18,6 +18,7 @@ import pytest
 
 from bridge.client.errors import BadRequestError
 from bridge.client.rpc import Engine, Worker, results_consumer
+from bridge.domain.timeline import timeuuid_from_ms
 from tests.conftest import OWNERS, service_id, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -339,10 +340,20 @@ async def test_bad_lifecycle_input_is_refused(make_bridge, engine, workers):
         (engine, "redrive", {"serviceId": svc}),
         (engine, "discard", {"serviceId": svc, "taskIds": []}),
         (engine, "parked", {"serviceId": svc, "limit": 0}),
+        # Not a time UUID: no task has such an id (Cassandra's timeuuid refuses it: was `internal`).
+        (engine, "cancel", {"serviceId": svc, "taskId": str(uuid.uuid4())}),
+        (engine, "discard", {"serviceId": svc, "taskIds": [str(uuid.uuid4())]}),
+        (w, "extend", {"serviceId": svc, "workerId": "w", "taskId": str(uuid.uuid4()), "epoch": 1}),
+        (w, "ack", {"serviceId": svc, "workerId": "w", "taskId": str(uuid.uuid4()), "epoch": 1}),
     ]
     for client, method, body in bad:
         with pytest.raises(BadRequestError):
             await call(client, method, body)
+    # A time UUID a century ahead names no task: an answer, not an internal error.
+    far = str(timeuuid_from_ms(int(time.time() * 1000) + 100 * 365 * 86_400_000))
+    named = {"serviceId": svc, "workerId": "w", "taskId": far, "epoch": 1}
+    assert (await call(w, "extend", named))["result"] is False
+    assert (await call(engine, "cancel", {"serviceId": svc, "taskId": far}))["result"] is False
 
 
 # -- stats ---------------------------------------------------------------------------------------------------
