@@ -16,7 +16,7 @@ from bridge.domain.models import AckRequest
 from bridge.domain.records import OutboxEntry, QueueKey, WorkerPointer, WorkerRow
 from bridge.domain.relay import ResultRelay
 from bridge.domain.sealing import encode, seal_outcome
-from bridge.domain.timeline import ms_of, outbox_bucket
+from bridge.domain.timeline import ms_of, outbox_bucket, timeuuid_from_ms
 
 log = logging.getLogger("bridge.queue")
 
@@ -126,7 +126,8 @@ class Acker:
     ) -> bool:
         ctx = self.ctx
         now = ctx.clock.now_ms()
-        completion_id = uuid.uuid4()
+        # Time-based: the result's completedAt is read from it, the same in every re-publication.
+        completion_id = timeuuid_from_ms(now)
         intent: OutboxEntry | None = None
         if target.has_token:
             key = await ctx.keys.current(q.owner)

@@ -43,7 +43,7 @@ from bridge.domain.relay import ResultRelay
 from bridge.domain.sealing import encode, open_error, seal_error, seal_outcome
 from bridge.domain.stats import walk_lane
 from bridge.domain.store import TaskStore
-from bridge.domain.timeline import expiry_bucket, ms_of, outbox_bucket
+from bridge.domain.timeline import expiry_bucket, ms_of, outbox_bucket, timeuuid_from_ms
 
 log = logging.getLogger("bridge.queue")
 
@@ -213,7 +213,7 @@ class Lifecycle:
         """Hold the task aside for an operator; tell the engine (tasks with a token) exactly once."""
         ctx = self.ctx
         now = ctx.clock.now_ms()
-        park_id = uuid.uuid4()
+        park_id = timeuuid_from_ms(now)  # time-based: the engine's result says when (completedAt)
         await self.store.add_parked(q, ParkedEntry(task_id, epoch, now, reason, has_token))
         intent: OutboxEntry | None = None
         if has_token:

@@ -1274,12 +1274,6 @@ def test_a_republished_result_keeps_its_completion(tmp_path: Path) -> None:
     assert (first.completion_id, first.completed_at_ms) == (again.completion_id, again.completed_at_ms)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bridge/domain/acking.py mints completion ids with uuid.uuid4() (and lifecycle.park its park ids): "
-    "a random id carries no time, so results have no completedAt until they are minted time-based "
-    "(timeline.timeuuid_from_ms(now)) or the relay reads leases.completed_at",
-)
 def test_results_say_when_the_ack_was_decided(tmp_path: Path) -> None:
     (first, again), acked_at = _acked_results(tmp_path)
     assert first.completed_at_ms == again.completed_at_ms == acked_at
