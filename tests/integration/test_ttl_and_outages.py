@@ -8,6 +8,7 @@ import uuid
 import pytest
 
 from bridge.client import Engine, UnavailableError, Worker
+from bridge.serving import ALL as ALL_QUEUES  # every queue a bridge consumes when serving
 from tests.conftest import ENGINE_USER, OWNERS, messages_ready, service_id, settings_from, wait_for
 from tests.faults import TcpProxy
 from tests.keyserver import KeyServer
@@ -113,7 +114,7 @@ async def test_an_unready_bridge_stops_consuming_so_the_others_serve(
             assert await task.ack("ok") is True
         restored = time.monotonic()
         cassandra_proxy.restore()
-        await wait_for(lambda: len(cut_off.transport.consuming()) == 4, 10, what="consuming again")
+        await wait_for(lambda: cut_off.transport.consuming() == ALL_QUEUES, 10, what="consuming again")
         assert time.monotonic() - restored < 5.0, "reconnects within a few seconds"
     finally:
         await cut_off.stop()
