@@ -2,11 +2,12 @@
 
 Only transitions decided once, by a compare-and-set or an add, move a count, so that no count
 depends on a step that may run twice (re-exposing a lease, announcing a due task):
-- ``ready``: tasks never claimed: +1 on add, -1 on the first claim (``claim_new``), a cancel or a
-  purge of one. A delayed task counts in ``delayed_counts`` under its due minute instead and is
-  ready once that minute has passed (``bridge.domain.stats``); -1 here when it is claimed.
-- ``in_flight``: tasks with a lease: +1 on the first claim and on a redrive, -1 on a completion,
-  a park, a dead-letter, a cancel or a purge of one. A lease that ran out and waits to be claimed
+- ``ready``: tasks never claimed (or redriven and not claimed since): +1 on add and on redrive,
+  -1 on the first claim (``claim_new``, or the claim of a redriven task: its hint says so), a
+  cancel or a purge of one. A delayed task counts in ``delayed_counts`` under its due minute
+  instead and is ready once that minute has passed (``bridge.domain.stats``).
+- ``in_flight``: tasks with a lease: +1 on those claims, -1 on a completion, a park, a
+  dead-letter, a cancel or a purge of one. A lease that ran out and waits to be claimed
   again (about a second) and a task waiting out a ``fail``'s backoff are in flight.
 
 Writing a Cassandra counter per transition would add a statement to every task, so each bridge

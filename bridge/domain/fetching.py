@@ -218,7 +218,7 @@ class Fetcher:
                 await self._rearm(q, entry, cur.lease_until_ms or now, now)
             self.ctx.metrics.inc("claim_conflicts")
             return None, stamp
-        if not recovered:  # a re-claim keeps the task in flight (counts: bridge.domain.counting)
+        if not recovered or entry.redriven:  # a re-claim keeps it in flight (bridge.domain.counting)
             self.ctx.count(q, ms_of(task_id), ready=-1, in_flight=1)
         await self._refile_if_slow(q, entry, epoch, now, until)
         if payload is None:

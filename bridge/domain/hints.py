@@ -46,6 +46,7 @@ class Hint:
     # owner, service and task id; one that does not is ignored and the stored row decides.
     payload: Payload | None = None
     priority: int = 0  # a fresh task's priority (1.4): higher ones are taken first
+    redriven: bool = False  # a recovered task put back by redrive, not claimed since (counts)
 
     @property
     def recovered(self) -> bool:
@@ -54,7 +55,14 @@ class Hint:
     def entry(self) -> ReadyEntry:
         """The ready-index entry this hint stands for."""
         return ReadyEntry(
-            self.lane, ready_bucket(ms_of(self.seq)), self.seq, self.task_id, self.epoch, self.has_token, False
+            self.lane,
+            ready_bucket(ms_of(self.seq)),
+            self.seq,
+            self.task_id,
+            self.epoch,
+            self.has_token,
+            False,
+            self.redriven,
         )
 
 

@@ -300,8 +300,8 @@ class Lifecycle:
                 continue
             self.soon(watch, now)
             await self.store.remove_parked(q, task_id)
-            # Counted in flight until the scheduler re-exposes it (which moves it to ready).
-            ctx.count(q, ms_of(task_id), in_flight=1)
+            # Ready again (waiting for a worker); its claim moves it to in flight (the hint says so).
+            ctx.count(q, ms_of(task_id), ready=1)
             ctx.metrics.inc("tasks_redriven")
             done += 1
         return done
@@ -382,6 +382,8 @@ class Lifecycle:
             if res.applied:
                 if lease.state is LeaseState.PARKED:
                     await self.store.remove_parked(q, task_id)
+                elif lease.base_epoch == lease.epoch:
+                    ctx.count(q, ms_of(task_id), ready=-1)  # redriven, not claimed since
                 else:
                     ctx.count(q, ms_of(task_id), in_flight=-1)
                 return self._cancelled(task_id)
@@ -428,9 +430,9 @@ class Lifecycle:
                 return False
             res = await self.store.cancel(q, e.task_id, LeaseState.LEASED, lease.epoch, expired_before_ms=now - margin)
         if res.applied:
-            # A never-claimed task was counted ready; one with a lease, in flight (``counting``).
-            fresh = e.lane == LANE_FRESH
-            self.ctx.count(q, ms_of(e.task_id), ready=-1 if fresh else 0, in_flight=0 if fresh else -1)
+            # Never claimed (or redriven since): counted ready; else in flight (``counting``).
+            ready = e.lane == LANE_FRESH or (lease is not None and lease.base_epoch == lease.epoch)
+            self.ctx.count(q, ms_of(e.task_id), ready=-1 if ready else 0, in_flight=0 if ready else -1)
         return res.applied
 
 

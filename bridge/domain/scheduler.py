@@ -276,7 +276,10 @@ class RecoveryScheduler:
         seq = deterministic_timeuuid(seq_ms, f"{entry.task_id}:{bucket}", entry.epoch)
         rbucket = ready_bucket(seq_ms)
         await self.store.expose_recovered(q, rbucket, seq, entry.task_id, entry.epoch, entry.has_token)
-        await self.queue.announce(q, Hint(entry.task_id, LANE_RECOVERED, seq, entry.epoch, entry.has_token))
+        # Redriven and not claimed since: its claim moves it from ready to in flight (counts).
+        redriven = lease.base_epoch == lease.epoch
+        hint = Hint(entry.task_id, LANE_RECOVERED, seq, entry.epoch, entry.has_token, redriven=redriven)
+        await self.queue.announce(q, hint)
         self.state.recovered += 1
         self.queue.metrics.inc("tasks_recovered")
         log.info(

@@ -68,6 +68,8 @@ def encode(hint: Hint) -> bytes:
     }
     if hint.priority:
         d["r"] = hint.priority
+    if hint.redriven:
+        d["d"] = 1
     p = hint.payload
     if p is not None:
         d["p"] = {
@@ -87,7 +89,8 @@ def decode(body: bytes) -> Hint:
         created = None if p["c"] is None else int(p["c"])
         payload = Payload(_unsealed(p["v"]), token, p["tp"], created)
     priority = min(max(int(d.get("r", 0)), 0), PRIORITY_MAX)
-    return Hint(uuid.UUID(d["t"]), int(d["l"]), uuid.UUID(d["s"]), d["e"], bool(d["k"]), payload, priority)
+    redriven = bool(d.get("d", 0))
+    return Hint(uuid.UUID(d["t"]), int(d["l"]), uuid.UUID(d["s"]), d["e"], bool(d["k"]), payload, priority, redriven)
 
 
 @dataclass
