@@ -216,6 +216,8 @@ class Bridge:
 
     async def _export_queue_stats(self) -> None:
         """Per-queue gauges, from the bridge holding the duty only (a fleet exports them once)."""
+        if not self.settings.stats_interval:
+            return  # off (the default): the stats RPC and the CLI still answer, on demand
         while not self._stop.is_set():
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=self.settings.stats_interval)

@@ -187,16 +187,17 @@ async def service_stats(store: TaskStore, q: QueueKey, now_ms: int, ttl_ms: int,
     """The queue's counts from its counters (``bridge.domain.counting``), its parked index, and the
     first few entries after each lane's cursor (for the oldest ready task): a handful of reads,
     whatever the queue's length."""
-    (ready, in_flight), by_minute, parked, oldest = await asyncio.gather(
+    (ready, in_flight), by_minute, parked = await asyncio.gather(
         store.counts(q, (now_ms - ttl_ms) // DAY_MS),
         store.delayed(q, (now_ms - ttl_ms) // MINUTE_MS),
         store.parked(q, PARKED_COUNT_MAX),
-        _oldest_ready(store, q, now_ms, margin_ms),
     )
     # A delayed task is ready once its due minute has passed (to the minute).
     this_minute = now_ms // MINUTE_MS
     delayed = sum(n for minute, n in by_minute.items() if minute >= this_minute)
     ready += sum(n for minute, n in by_minute.items() if minute < this_minute)
+    # The oldest ready task is looked for only when there is one (an empty queue costs 3 reads).
+    oldest = await _oldest_ready(store, q, now_ms, margin_ms) if ready > 0 else None
     return ServiceStats(q.service, max(ready, 0), max(in_flight, 0), max(delayed, 0), len(parked), oldest)
 
 

@@ -254,7 +254,7 @@ class BridgeMetrics:
         self.queue_tasks = Gauge(
             f"{PREFIX}_queue_tasks",
             "Tasks per queue by state (ready, in_flight, delayed, parked); exported by the bridge holding "
-            "the scheduler duty, refreshed every BRIDGE_STATS_INTERVAL.",
+            "the scheduler duty, refreshed every BRIDGE_STATS_INTERVAL (off by default).",
             ["owner", "service", "state"],
             registry=r,
         )

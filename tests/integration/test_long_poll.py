@@ -12,7 +12,8 @@ from tests.conftest import service_id, wait_for
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 
-BACKGROUND = ("expiry.bucket", "sched.", "outbox.bucket", "clock.now")  # the scheduler's own loop
+# The scheduler's own loop, and the queue counts' flush (never a fetch's or an ack's statements).
+BACKGROUND = ("expiry.bucket", "sched.", "outbox.bucket", "clock.now", "counts.", "delayed.", "services.")
 
 
 def _statements(b: object) -> int:
