@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from cassandra import InvalidRequest
+
 from bridge.domain.timeline import EXPIRY_BUCKET_MS, OUTBOX_BUCKET_MS, READY_BUCKET_MS
 
 if TYPE_CHECKING:
@@ -196,7 +198,13 @@ async def create_schema(db: CassandraSession, settings: Settings) -> None:
             f"AND table_name = '{table}' AND column_name = '{column}'"
         )
         if not rows:
-            await db.execute_raw(f"ALTER TABLE {{ks}}.{table} ADD {column} {cql_type}")  # nosec B608
+            try:
+                await db.execute_raw(f"ALTER TABLE {{ks}}.{table} ADD {column} {cql_type}")  # nosec B608
+            except InvalidRequest as exc:
+                # Bridges of a fleet start together: another one added it between our read and
+                # our ALTER (a bridge died of this at start, in a CI fault drill).
+                if "already exists" not in str(exc):
+                    raise
     await db.execute_raw(
         "INSERT INTO {ks}.schema_meta (name, version, ready_bucket_ms, expiry_bucket_ms, outbox_bucket_ms) "  # nosec B608
         f"VALUES ('queue-bridge', {SCHEMA_VERSION}, {READY_BUCKET_MS}, {EXPIRY_BUCKET_MS}, "

@@ -157,3 +157,35 @@ async def test_result_nobody_can_take_stays_pending_until_a_queue_is_bound(
         msg = results.get_nowait()
         assert msg["result"] == "the result"
         assert msg["token"] == {"p": "waiting"}
+
+
+async def test_bridges_starting_together_migrate_the_schema_once(servers):
+    """A fleet starts together: bridges racing to add the same new column must all start (one of
+    two processes in a CI fault drill died of "Column ... already exists")."""
+    import uuid as _uuid
+
+    from bridge.config import Settings
+    from bridge.storage.cassandra import CassandraSession
+    from bridge.storage.schema import ADDED_COLUMNS, create_schema
+
+    keyspace = f"qb_race_{_uuid.uuid4().hex[:8]}"
+    settings = Settings(
+        cassandra_hosts=servers.cassandra_hosts, cassandra_port=servers.cassandra_port, cassandra_keyspace=keyspace
+    )
+    db = CassandraSession(settings)
+    await db.connect()
+    try:
+        await create_schema(db, settings)
+        # Back to a release without the added columns, then several bridges upgrade it at once.
+        for table, column, _ in ADDED_COLUMNS:
+            await db.execute_raw(f"ALTER TABLE {{ks}}.{table} DROP {column}")
+        await asyncio.gather(*(create_schema(db, settings) for _ in range(4)))
+        for table, column, _ in ADDED_COLUMNS:
+            rows = await db.execute_raw(
+                f"SELECT column_name FROM system_schema.columns WHERE keyspace_name = '{keyspace}' "
+                f"AND table_name = '{table}' AND column_name = '{column}'"
+            )
+            assert rows, f"{table}.{column} missing"
+    finally:
+        await db.execute_raw(f"DROP KEYSPACE IF EXISTS {keyspace}")
+        await db.close()
