@@ -31,11 +31,11 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks.context import ENGINE_USER, HOST, OWNER, Bench, Plan, StackDown
-from benchmarks.procs import ROOT, ProcessFailed
+from benchmarks.context import ENGINE_USER, HOST, OWNER, Bench, Plan
+from benchmarks.procs import ROOT
 from benchmarks.progress import say
 from benchmarks.report import git_commit, machine, now_iso, write_json
-from benchmarks.run import LOCK, take_run_lock
+from benchmarks.run import run_locked
 from benchmarks.stats import Sample
 from bridge.client import Engine
 from bridge.client.rpc import RpcClient
@@ -231,20 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING, format="[%(asctime)s] load generator: %(name)s %(levelname)s: %(message)s"
     )
-    lock = take_run_lock()  # every run drops and re-creates keyspace qb_bench: one at a time
-    if lock is None:
-        say(f"error: another benchmark run still holds {LOCK}")
-        return 3
-    try:
-        return asyncio.run(run(args))
-    except StackDown as exc:
-        say(f"error: {exc}")
-        return 2
-    except ProcessFailed as exc:
-        say(f"error: {exc}")
-        return 1
-    finally:
-        lock.close()
+    return run_locked(run(args))
 
 
 if __name__ == "__main__":

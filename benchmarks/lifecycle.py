@@ -47,7 +47,7 @@ from benchmarks.context import ENGINE_USER, OWNER, Bench, Plan, StackDown
 from benchmarks.procs import ROOT, ProcessFailed
 from benchmarks.progress import Progress, say
 from benchmarks.report import git_commit, machine, now_iso, write_json
-from benchmarks.run import LOCK, take_run_lock
+from benchmarks.run import run_locked
 from benchmarks.stats import Sample, finite, percentile
 from benchmarks.workloads import close_all, open_workers
 from bridge.client import Engine, Task, Worker
@@ -875,26 +875,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     fmt_ = "[%(asctime)s] load generator: %(name)s %(levelname)s: %(message)s"
     logging.basicConfig(level=logging.WARNING, format=fmt_)
-    lock = take_run_lock()  # every run drops and re-creates keyspace qb_bench: one at a time
-    if lock is None:
-        say(f"error: another benchmark run still holds {LOCK}")
-        return 3
-    try:
-        try:
-            import uvloop
-
-            runner: Callable[[Awaitable[int]], int] = uvloop.run  # type: ignore[assignment]
-        except ImportError:
-            runner = asyncio.run  # type: ignore[assignment]
-        return runner(run(args))
-    except StackDown as exc:
-        say(f"error: {exc}")
-        return 2
-    except ProcessFailed as exc:
-        say(f"error: {exc}")
-        return 1
-    finally:
-        lock.close()
+    return run_locked(run(args))
 
 
 if __name__ == "__main__":

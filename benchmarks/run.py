@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import IO, Any
 
@@ -325,8 +325,16 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("[%(asctime)s] load generator: %(name)s %(levelname)s: %(message)s"))
     handler.addFilter(_Dedup())
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    return run_locked(run(args))
+
+
+def run_locked(benchmark: Coroutine[Any, Any, int]) -> int:
+    """Run one benchmark under the shared run lock (every run drops and re-creates the keyspace
+    qb_bench: one at a time), on uvloop when installed; exit code 3 if another run holds the lock,
+    2 if the stack is down, 1 if a process of the run failed."""
     lock = take_run_lock()
     if lock is None:
+        benchmark.close()
         say(f"error: another benchmark run still holds {LOCK} after {LOCK_WAIT_S:.0f}s")
         return 3
     try:
@@ -336,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         runner = asyncio.run  # type: ignore[assignment]
     try:
-        return runner(run(args))
+        return runner(benchmark)
     except StackDown as exc:
         say(f"error: {exc}")
         return 2
