@@ -169,6 +169,20 @@ class BridgeClient {
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
+// Runs a script's async main: its result is the exit code; a crash is one JSON error line and
+// exit code `crashCode`.
+function run(main, crashCode = 1) {
+  main().then(
+    (rc) => {
+      process.exitCode = rc;
+    },
+    (err) => {
+      emit('error', { code: null, message: String(err) });
+      process.exitCode = crashCode;
+    },
+  );
+}
+
 module.exports = {
   BridgeClient,
   BridgeError,
@@ -177,6 +191,7 @@ module.exports = {
   emit,
   env,
   intEnv,
+  run,
   sleep,
   userOf,
 };

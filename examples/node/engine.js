@@ -14,7 +14,7 @@
 // Exit 0 when every add was answered, 1 otherwise.
 
 const crypto = require('node:crypto');
-const { BridgeClient, BridgeError, emit, env, intEnv, sleep } = require('./bridge');
+const { BridgeClient, BridgeError, emit, env, intEnv, run, sleep } = require('./bridge');
 
 const RETRYABLE = new Set(['unavailable', 'timeout']); // the only codes worth sending again
 
@@ -66,12 +66,4 @@ async function main() {
   }
 }
 
-main().then(
-  (rc) => {
-    process.exitCode = rc;
-  },
-  (err) => {
-    emit('error', { code: null, message: String(err) });
-    process.exitCode = 1;
-  },
-);
+run(main);

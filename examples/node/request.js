@@ -13,7 +13,7 @@
 // Prints one JSON line: {"event": "reply", "type", "correlationId", "messageId", "body"} (an error
 // reply too); exit 0 on any reply, 2 when none comes in time.
 
-const { BridgeClient, emit, env, intEnv } = require('./bridge');
+const { BridgeClient, emit, env, intEnv, run } = require('./bridge');
 
 async function main() {
   const [method, body = '{}'] = process.argv.slice(2);
@@ -53,12 +53,4 @@ async function main() {
   }
 }
 
-main().then(
-  (rc) => {
-    process.exitCode = rc;
-  },
-  (err) => {
-    emit('error', { code: null, message: String(err) });
-    process.exitCode = 2;
-  },
-);
+run(main, 2);

@@ -22,7 +22,7 @@
 // {"event": "skipped", ...}.
 
 const amqp = require('amqplib');
-const { emit, env, intEnv } = require('./bridge');
+const { emit, env, intEnv, run } = require('./bridge');
 
 function text(value) {
   // Header values of the AMQP table: strings (longstr) may reach us as Buffers.
@@ -100,12 +100,4 @@ async function main() {
   return rc;
 }
 
-main().then(
-  (rc) => {
-    process.exitCode = rc;
-  },
-  (err) => {
-    emit('error', { message: String(err) });
-    process.exitCode = 1;
-  },
-);
+run(main);

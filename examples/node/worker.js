@@ -15,7 +15,7 @@
 // Prints JSON lines: {"event": "task", ...}, {"event": "acked", "taskId", "completed"}.
 
 const os = require('node:os');
-const { BridgeClient, BridgeError, emit, env, intEnv, sleep } = require('./bridge');
+const { BridgeClient, BridgeError, emit, env, intEnv, run, sleep } = require('./bridge');
 
 let stopping = false;
 for (const signal of ['SIGTERM', 'SIGINT']) {
@@ -97,12 +97,4 @@ async function main() {
   }
 }
 
-main().then(
-  (rc) => {
-    process.exitCode = rc;
-  },
-  (err) => {
-    emit('error', { code: null, message: String(err) });
-    process.exitCode = 1;
-  },
-);
+run(main);
