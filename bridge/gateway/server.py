@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -35,7 +34,6 @@ from bridge.domain import jsonvalue
 from bridge.domain.errors import BadRequest, PayloadTooLarge, Unavailable
 from bridge.domain.models import AckRequest, AddCommand, FetchRequest, parse
 from bridge.domain.queue import WorkQueue
-from bridge.domain.timeline import ms_of
 from bridge.errors import BridgeError, ErrorCode, wire_code
 from bridge.gateway.endpoints import ENDPOINTS, OPENAPI_PATH, STATS_ALL, STATS_ALL_PATH, Endpoint
 from bridge.gateway.errors import (
@@ -63,7 +61,6 @@ IDEMPOTENCY_PATTERN = re.compile(r"[\x20-\x7e]{1,255}")
 RETRY_AFTER_S = 1
 CHUNK = 65_536
 PUBLIC_PATHS = frozenset({OPENAPI_PATH, CONSOLE_PATH})  # no data on either
-LATEST_TASK_SLACK_MS = 86_400_000  # a day: beyond clock skew, well within what storage can compute
 
 
 class GatewayServer:
@@ -87,7 +84,6 @@ class GatewayServer:
         self.observe = observe
         self.limit = settings.max_value_bytes + ENVELOPE_ALLOWANCE
         self.grace = settings.shutdown_grace
-        self.latest_task_ms = settings.task_ttl_seconds * 1000 + LATEST_TASK_SLACK_MS
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
         self._closing = False
@@ -222,7 +218,6 @@ class GatewayServer:
                 raise BadRequest("the body's serviceId differs from the path's; leave it out of the body")
             body = {**body, "serviceId": service}
         req = parse(ep.model, body)
-        self._check_task_ids(req, received_ms)
         structlog.contextvars.bind_contextvars(
             owner=owner, service=getattr(req, "service_id", None), worker=getattr(req, "worker_id", None)
         )
@@ -249,19 +244,6 @@ class GatewayServer:
             # current lease is refused, as on AMQP (where the message timestamp says it).
             return wire.acked(await self.queue.ack(owner, req, sent_before_ms=received_ms)), None
         return await wire.LIFECYCLE[method].call(self.queue, owner, req), None
-
-    def _check_task_ids(self, req: Any, now_ms: int) -> None:
-        """The task ids a request names must be ids a bridge makes: time UUIDs (version 1), not later
-        than a task's lifetime from now (delayed tasks' ids are their due times). Others cannot name
-        a task; passed on, Cassandra refuses them (not a timeuuid) or their TTL cannot be computed,
-        which the AMQP handlers answer ``internal`` (a bug of the models, reported; until they
-        check it, the gateway does)."""
-        named = getattr(req, "task_ids", None) or []
-        single = getattr(req, "task_id", None)
-        for raw in [*named, *([single] if single is not None else [])]:
-            task_id = raw if isinstance(raw, uuid.UUID) else uuid.UUID(str(raw))
-            if task_id.version != 1 or ms_of(task_id) > now_ms + self.latest_task_ms:
-                raise BadRequest(f"{task_id} is not a task id (the time UUID an add answers)")
 
     @staticmethod
     def _owner(key: ApiKey, named: str | None) -> str:
