@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -250,14 +251,42 @@ class BridgeProcess:
         return self.proc is not None and self.proc.poll() is None
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failing test that ran bridge processes shows their warnings and errors under its failure."""
+    report = yield
+    if report.when == "call" and report.failed:
+        for path in getattr(item, "bridge_logs", []):
+            report.sections.append((f"bridge log {path.name}: warnings and errors", bridge_log_digest(path)))
+    return report
+
+
+def bridge_log_digest(path: Path, limit: int = 40) -> str:
+    """A bridge's warnings and errors, each distinct message once with its count (the tail of a
+    log that CI does not keep): what a failing multi-process test prints about its bridges."""
+    counts: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for line in path.read_text(errors="replace").splitlines():
+            if '"level": "info"' in line or '"level": "debug"' in line:
+                continue
+            key = re.sub(r'"timestamp": "[^"]*"', "", line)[:300]
+            counts[key] = counts.get(key, 0) + 1
+    lines = [f"{n:>5} x {text}" for text, n in counts.items()]
+    return "\n".join(lines[-limit:]) or "(no warnings)"
+
+
 @pytest.fixture
-def bridge_processes(bridge_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., BridgeProcess]]:
+def bridge_processes(
+    bridge_env: dict[str, str], tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., BridgeProcess]]:
     procs: list[BridgeProcess] = []
+    request.node.bridge_logs = []  # read by pytest_runtest_makereport when the test fails
 
     def spawn(**extra_env: str) -> BridgeProcess:
         p = BridgeProcess({**bridge_env, **extra_env}, tmp_path / f"bridge-{len(procs)}.log")
         p.start()
         procs.append(p)
+        request.node.bridge_logs.append(p.log_path)
         return p
 
     yield spawn

@@ -100,6 +100,20 @@ async def add_tasks(servers, names, svc: str, history: History, n: int) -> None:
             history.values.update(zip(ids, batch, strict=True))
 
 
+def missing_results(history: History, results: list[dict[str, Any]], cql: Any, keyspace: str, svc: str) -> str:
+    """What a drill that misses results knows about them: which tasks, and what their leases say."""
+    missing = sorted(set(history.values) - {m["taskId"] for m in results})
+    completed = {a.task for a in history.acks if a.answer}
+    try:
+        rows = lease_rows(cql, keyspace, OWNERS[0], svc, missing[:10])
+    except Exception as exc:  # the cluster may still be recovering: the counts alone still help
+        rows = {"(lease read failed)": {"error": repr(exc)}}
+    return (
+        f"{len(missing)} of {len(history.values)} tasks without a result "
+        f"({len(set(missing) & completed)} of them acked true); leases of the first: {rows}"
+    )
+
+
 def _cql_answers(cql: Any) -> bool:
     from cassandra.cluster import NoHostAvailable
 
@@ -156,7 +170,11 @@ async def drill(  # type: ignore[no-untyped-def]
         def every_result() -> bool:
             return {m["taskId"] for m in results} >= set(history.values)
 
-        await wait_for(every_result, results_within_s, interval=0.3, what="a result for every completed task")
+        try:
+            await wait_for(every_result, results_within_s, interval=0.3, what="a result for every completed task")
+        except AssertionError as exc:
+            why = missing_results(history, results, cql, keyspace or servers.keyspace, svc)
+            raise AssertionError(f"{exc}: {why}") from None
     # The test's own driver session reconnects after a restart on its own schedule, not the bridges'.
     await wait_for(lambda: _cql_answers(cql), 30, interval=0.5, what="the test's driver session back")
     rows = lease_rows(cql, keyspace or servers.keyspace, OWNERS[0], svc, list(history.values))
