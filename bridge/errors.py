@@ -20,9 +20,10 @@ Exception hierarchy::
     ├── IntegrityError ........................ integrity_error
     ├── Unavailable ........................... unavailable (retryable)
     │   ├── KeyMissing
+    │   ├── MaybeApplied (a timed-out write: never repeat a counter increment)
     │   └── StorageError                                          bridge.storage.errors
     │       ├── StorageUnavailable
-    │       └── UnknownOutcome
+    │       └── UnknownOutcome (also a MaybeApplied)
     ├── CryptoError ........................... (per subclass)     bridge.crypto.errors
     │   ├── KeyUnavailable .................... unavailable
     │   ├── UnknownOwner (crypto) ............. unknown_owner

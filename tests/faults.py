@@ -16,6 +16,7 @@ class TcpProxy:
         self._conns: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.up = True
+        self.muted = False  # the server's bytes are dropped: requests arrive, replies never come back
 
     async def start(self, port: int = 0, *, tls: ssl.SSLContext | None = None) -> TcpProxy:
         """Listen (with ``tls``: a TLS listener that forwards the decrypted stream to the target)."""
@@ -23,9 +24,11 @@ class TcpProxy:
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, replies: bool) -> None:
         try:
             while data := await reader.read(65536):
+                if replies and self.muted:
+                    continue
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
@@ -44,7 +47,7 @@ class TcpProxy:
             writer.close()
             return
         self._conns.update((writer, up_writer))
-        for t in (self._pipe(reader, up_writer), self._pipe(up_reader, writer)):
+        for t in (self._pipe(reader, up_writer, replies=False), self._pipe(up_reader, writer, replies=True)):
             task = asyncio.create_task(t)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -59,6 +62,12 @@ class TcpProxy:
 
     def restore(self) -> None:
         self.up = True
+        self.muted = False
+
+    def mute(self) -> None:
+        """Keep forwarding requests but drop every reply: a request is applied by the server and
+        its client never learns it (what a coordinator dying after the write looks like)."""
+        self.muted = True
 
     async def stop(self) -> None:
         self.cut()

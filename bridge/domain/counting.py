@@ -28,6 +28,7 @@ import logging
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
+from bridge.domain.errors import MaybeApplied
 from bridge.domain.records import QueueKey
 
 if TYPE_CHECKING:
@@ -57,15 +58,20 @@ class QueueCounts:
         return len(self._moves) + len(self._delays)
 
     async def flush(self, store: TaskStore) -> None:
-        """Write the deltas gathered so far; those that fail are kept for the next flush."""
+        """Write the deltas gathered so far. Those that were not applied (Cassandra unreachable)
+        are kept for the next flush; one whose write timed out after it was sent may have been
+        applied, and an increment sent twice counts twice, so it is dropped (and logged)."""
         moves, self._moves = self._moves, defaultdict(lambda: [0, 0])
         delays, self._delays = self._delays, defaultdict(int)
         failed: Exception | None = None
+        dropped = 0
         for (q, day), (ready, in_flight) in moves.items():
             if not ready and not in_flight:
                 continue
             try:
                 await store.add_counts(q, day, ready, in_flight)
+            except MaybeApplied:
+                dropped += 1
             except Exception as exc:
                 self.move(q, day * DAY_MS, ready=ready, in_flight=in_flight)
                 failed = exc
@@ -74,9 +80,13 @@ class QueueCounts:
                 continue
             try:
                 await store.add_delayed(q, minute, delta)
+            except MaybeApplied:
+                dropped += 1
             except Exception as exc:
                 self.delay(q, minute * MINUTE_MS, delta)
                 failed = exc
+        if dropped:
+            log.warning("%d queue count update(s) timed out and may or may not have applied: not repeated", dropped)
         if failed is not None:
             log.warning("queue counts not flushed (kept for the next flush): %s", type(failed).__name__)
 

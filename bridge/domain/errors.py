@@ -13,6 +13,7 @@ __all__ = [
     "BridgeError",
     "IntegrityError",
     "KeyMissing",
+    "MaybeApplied",
     "PayloadTooLarge",
     "Unauthorized",
     "Unavailable",
@@ -48,6 +49,11 @@ class Unavailable(BridgeError):
     """Cassandra or the key provider is down or timed out. Safe to retry."""
 
     code = ErrorCode.UNAVAILABLE
+
+
+class MaybeApplied(Unavailable):
+    """A write timed out after it was sent: it may or may not have been applied. Retrying the
+    same request is safe only for an idempotent write; a counter increment must not be repeated."""
 
 
 class KeyMissing(Unavailable):

@@ -36,9 +36,11 @@ from cassandra.cluster import (
     ResponseFuture,
     Session,
 )
+from cassandra.connection import ConnectionException
 from cassandra.policies import (
     DCAwareRoundRobinPolicy,
     ExponentialReconnectionPolicy,
+    RetryPolicy,
     RoundRobinPolicy,
     TokenAwarePolicy,
 )
@@ -57,6 +59,18 @@ _CL = {
 }
 
 Row = dict[str, Any]
+
+
+class NoBlindRetries(RetryPolicy):  # type: ignore[misc]  # the driver ships no types
+    """The driver's default policy, except that a statement that is not idempotent (an LWT, a
+    counter increment) is never sent again after its connection failed under it: the first copy
+    may have been applied, and a second would apply the increment twice. The error reaches
+    :meth:`CassandraSession.execute`, which reports it as an unknown outcome."""
+
+    def on_request_error(self, query: Any, consistency: Any, error: Any, retry_num: int) -> tuple[int, Any]:
+        if query is not None and not query.is_idempotent:
+            return self.RETHROW, None
+        return super().on_request_error(query, consistency, error, retry_num)  # type: ignore[no-any-return]
 
 
 class ClockTimestamps:
@@ -152,6 +166,7 @@ class CassandraSession:
             serial_consistency_level=self.serial_consistency,
             request_timeout=s.cassandra_timeout,
             row_factory=dict_factory,
+            retry_policy=NoBlindRetries(),
         )
         auth = None
         if s.cassandra_username:
@@ -240,7 +255,9 @@ class CassandraSession:
             raise StorageUnavailable(f"cassandra unavailable: {type(exc).__name__}") from exc
         except proto.RequestValidationException:
             raise  # invalid CQL or schema: a bug, not an outage
-        except (RequestExecutionException, DriverException, proto.ErrorMessage) as exc:
+        except (RequestExecutionException, DriverException, proto.ErrorMessage, ConnectionException, OSError) as exc:
+            # ConnectionException (not a DriverException): the connection died under the request,
+            # which may have reached the server: for a statement that is not idempotent, unknown.
             # ErrorMessage covers server-side failures the driver passes through as they are
             # (ServerError, Overloaded, IsBootstrapping, ...): all "try again later".
             if lwt:

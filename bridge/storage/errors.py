@@ -4,7 +4,7 @@ The Cassandra adapter raises these from its driver's errors; nothing above the a
 know them apart from ``Unavailable``.
 """
 
-from bridge.domain.errors import Unavailable
+from bridge.domain.errors import MaybeApplied, Unavailable
 
 
 class StorageError(Unavailable):
@@ -15,7 +15,7 @@ class StorageUnavailable(StorageError):
     """Cassandra cannot be reached or timed out: the caller should answer `unavailable` or retry."""
 
 
-class UnknownOutcome(StorageError):
+class UnknownOutcome(StorageError, MaybeApplied):
     """A lightweight transaction timed out: it may or may not have been applied (CASSANDRA-9328).
 
     Resolved inside the adapter by a SERIAL read; it only escapes when that read fails too."""

@@ -1,0 +1,49 @@
+"""QueueCounts.flush: an update that was not applied is kept for the next flush; one that may
+have been applied (timed out after it was sent) is never sent again, since an increment sent
+twice counts twice. The real-server reproduction is tests/integration/test_counts_unknown_outcome.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from bridge.domain.counting import DAY_MS, QueueCounts
+from bridge.domain.errors import MaybeApplied, Unavailable
+from bridge.domain.records import QueueKey
+from bridge.storage.memory import MemoryTaskStore
+
+pytestmark = pytest.mark.anyio
+
+Q = QueueKey("worker-a", "svc")
+
+
+class FailingOnce(MemoryTaskStore):
+    def __init__(self, error: Exception) -> None:
+        super().__init__(lambda: 0, 3600)
+        self.error: Exception | None = error
+
+    async def add_counts(self, q: QueueKey, day: int, ready: int, in_flight: int) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            if isinstance(error, MaybeApplied):  # it reached the store, and the answer was lost
+                await super().add_counts(q, day, ready, in_flight)
+            raise error
+        await super().add_counts(q, day, ready, in_flight)
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (Unavailable("cassandra unavailable: no host available"), (1, 2)),  # not applied: sent again
+        (MaybeApplied("WriteTimeout"), (1, 2)),  # applied once, not sent again
+    ],
+)
+async def test_a_failed_flush_is_retried_only_when_it_cannot_have_applied(
+    error: Exception, expected: tuple[int, int]
+) -> None:
+    store = FailingOnce(error)
+    counts = QueueCounts()
+    counts.move(Q, 3 * DAY_MS, ready=1, in_flight=2)
+    await counts.flush(store)
+    await counts.flush(store)
+    assert counts.pending == 0
+    assert await store.counts(Q, 0) == expected
