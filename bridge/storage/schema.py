@@ -11,6 +11,8 @@ Layout rules that every statement in ``statements.py`` follows:
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import TYPE_CHECKING
 
 from cassandra import InvalidRequest
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     from bridge.storage.cassandra import CassandraSession
 
 SCHEMA_VERSION = 1
+SCHEMA_SETTLE_S = 30.0  # how long a bridge waits for columns another bridge is adding
 
 # The time-bucket widths are the domain's slots (bridge.domain.timeline); recorded in schema_meta
 # because they are part of the data layout: changing one needs a migration.
@@ -186,8 +189,26 @@ def all_cql(keyspace: str, replication: str, ttl_seconds: int) -> list[str]:
     return [keyspace_cql(keyspace, replication), *table_cql(keyspace, ttl_seconds)]
 
 
+async def _added_columns_live(db: CassandraSession) -> None:
+    """Wait until every added column can be used. Another bridge's ALTER may be listed in
+    ``system_schema`` (or refuse ours as existing) before the node serves the column: two
+    bridges started together on a new keyspace, and the second died preparing its statements
+    ("Undefined column name error_ct"), in a fault drill."""
+    deadline = time.monotonic() + SCHEMA_SETTLE_S
+    for table, column, _ in ADDED_COLUMNS:
+        while True:
+            try:
+                await db.execute_raw(f"SELECT {column} FROM {{ks}}.{table} LIMIT 1")  # nosec B608
+                break
+            except InvalidRequest as exc:
+                if "Undefined column" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)  # the schema change is still being applied
+
+
 async def create_schema(db: CassandraSession, settings: Settings) -> None:
     """Create the keyspace and tables if missing, add columns released later, record the layout."""
+
     for cql in all_cql(settings.cassandra_keyspace, settings.cassandra_replication, settings.task_ttl_seconds):
         await db.execute_raw(cql)
     for table, column, cql_type in ADDED_COLUMNS:
@@ -205,6 +226,7 @@ async def create_schema(db: CassandraSession, settings: Settings) -> None:
                 # our ALTER (a bridge died of this at start, in a CI fault drill).
                 if "already exists" not in str(exc):
                     raise
+    await _added_columns_live(db)
     await db.execute_raw(
         "INSERT INTO {ks}.schema_meta (name, version, ready_bucket_ms, expiry_bucket_ms, outbox_bucket_ms) "  # nosec B608
         f"VALUES ('queue-bridge', {SCHEMA_VERSION}, {READY_BUCKET_MS}, {EXPIRY_BUCKET_MS}, "
