@@ -163,6 +163,13 @@ class RecoveryScheduler:
         if self._expiry_next is None:
             saved = await self.store.scheduler_cursor(self._expiry_cursor, now)
             start = saved if saved is not None else expiry_bucket(now) - 1
+            if saved is None:
+                # The first scheduler of this keyspace: persist where it starts, or a successor
+                # taking the duty before the first grid position is written would start at its
+                # own present and skip every deadline in between (a broker restarted 3 s after
+                # the fleet started: those leases stayed leased for good).
+                await self.store.advance_scheduler_cursor(self._expiry_cursor, start, start * EXPIRY_BUCKET_MS)
+                self._expiry_persisted = start
             self._expiry_next = start
             self._expiry_confirmed = start
         assert self._expiry_confirmed is not None
