@@ -189,3 +189,38 @@ async def test_bridges_starting_together_migrate_the_schema_once(servers):
     finally:
         await db.execute_raw(f"DROP KEYSPACE IF EXISTS {keyspace}")
         await db.close()
+
+
+async def test_bridges_starting_together_on_a_new_keyspace_can_all_prepare(servers):
+    """Each bridge's statements are prepared right after its own migration: one of two bridges
+    started together on a new keyspace died preparing them ("Undefined column name error_ct"):
+    the other bridge's ALTER was listed, or refused its own as existing, before the node served
+    the column. Separate driver sessions, as separate processes have."""
+    import uuid as _uuid
+
+    from bridge.config import Settings
+    from bridge.storage.cassandra import CassandraSession
+    from bridge.storage.repository import CassandraTaskStore
+    from bridge.storage.schema import ADDED_COLUMNS, create_schema
+
+    settings = Settings(
+        cassandra_hosts=servers.cassandra_hosts,
+        cassandra_port=servers.cassandra_port,
+        cassandra_keyspace=f"qb_race_{_uuid.uuid4().hex[:8]}",
+    )
+    dbs = [CassandraSession(settings) for _ in range(3)]
+    await asyncio.gather(*(db.connect() for db in dbs))
+    try:
+        await create_schema(dbs[0], settings)
+        for _ in range(3):  # the window is narrow: a few upgrades, each from scratch
+            for table, column, _ in ADDED_COLUMNS:
+                await dbs[0].execute_raw(f"ALTER TABLE {{ks}}.{table} DROP {column}")
+
+            async def start(db: CassandraSession) -> None:
+                await create_schema(db, settings)
+                await CassandraTaskStore(db, lambda: 0, 3600).prepare()
+
+            await asyncio.gather(*(start(db) for db in dbs))
+    finally:
+        await dbs[0].execute_raw(f"DROP KEYSPACE IF EXISTS {settings.cassandra_keyspace}")
+        await asyncio.gather(*(db.close() for db in dbs))
