@@ -150,12 +150,20 @@ class RecoveryScheduler:
 
     async def tick(self) -> None:
         now = self.queue.clock.now_ms()
-        await self._recover(now)
+        # The two loops fail apart: an expiry partition that cannot be read (a timeout, a
+        # partition over Cassandra's tombstone limit) must not stop results from going out.
+        failure: Exception | None = None
+        try:
+            await self._recover(now)
+        except Exception as exc:
+            failure = exc
         if now - self._last_outbox_ms >= 1000:
             await self._relay(now)
             self._last_outbox_ms = now
             if self.report_pending is not None:
                 self.report_pending(self.queue.results_in_flight + self.state.results_stuck)
+        if failure is not None:
+            raise failure
         self.state.last_tick_monotonic = time.monotonic()
 
     # -- recovery ----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from bridge.domain.clock import ManualClock
+from bridge.domain.errors import Unavailable
 from tests.queue_harness import MARGIN_MS, Harness
 
 pytestmark = pytest.mark.anyio
@@ -178,3 +179,33 @@ async def test_the_next_duty_holder_recovers_leases_the_first_one_never_confirme
             break
         h.clock.advance(250)
     assert got is not None and got.task_id == lost.task_id and got.epoch == 2
+
+
+async def test_results_go_out_while_the_expiry_index_cannot_be_read(harness: Harness) -> None:
+    """The relay does not wait for the recovery pass: with the expiry index unreadable (a read
+    timing out, a partition over the tombstone limit), a pending result is still re-published."""
+    h = harness
+    await h.add("v", token="t")
+    got = await h.fetch("w")
+    assert got is not None
+    h.sink.down = True
+    assert await h.ack("w", got) is True
+    await h.queue.drain_background(5.0)
+    h.sink.down = False
+
+    async def unreadable(*_: object, **__: object) -> None:
+        raise Unavailable("cassandra unavailable: ReadFailure")
+
+    h.store.expiries = unreadable  # type: ignore[method-assign]
+    h.store.marked_expiry_buckets = unreadable  # type: ignore[method-assign]
+    failures = 0
+    for _ in range(4):
+        h.clock.advance(10_000)
+        try:
+            await h.scheduler.tick()
+        except Unavailable:
+            failures += 1  # the recovery pass fails, and says so
+        if h.sink.messages:
+            break
+    assert failures > 0
+    assert [m.task_id for m in h.sink.messages] == [got.task_id]
