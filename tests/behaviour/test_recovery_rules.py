@@ -7,7 +7,9 @@ import pytest
 
 from bridge.domain.clock import ManualClock
 from bridge.domain.errors import Unavailable
-from tests.queue_harness import MARGIN_MS, Harness
+from bridge.domain.models import AddCommand, FailRequest, parse
+from bridge.domain.records import CasResult
+from tests.queue_harness import MARGIN_MS, OWNER, Harness
 
 pytestmark = pytest.mark.anyio
 
@@ -209,3 +211,46 @@ async def test_results_go_out_while_the_expiry_index_cannot_be_read(harness: Har
             break
     assert failures > 0
     assert [m.task_id for m in h.sink.messages] == [got.task_id]
+
+
+async def test_a_completion_that_reports_its_own_earlier_copy_is_still_published(harness: Harness) -> None:
+    """A completing compare-and-set sent twice (a driver retried it on another node after its
+    connection died: the 3-node drill) finds the task already completed, by its own first copy,
+    and reports "not applied". That completion happened: its result must go out, not be voided."""
+    h = harness
+    await h.add("v", token="t")
+    got = await h.fetch("w")
+    assert got is not None
+    complete = h.store.complete
+
+    async def applied_then_retried(*args: object, **kwargs: object) -> CasResult:
+        first = await complete(*args, **kwargs)  # type: ignore[arg-type]
+        assert first.applied
+        return await complete(*args, **kwargs)  # type: ignore[arg-type]  # the retry: not applied
+
+    h.store.complete = applied_then_retried  # type: ignore[method-assign]
+    assert await h.ack("w", got) is True
+    await h.queue.drain_background(5.0)
+    assert [m.task_id for m in h.sink.messages] == [got.task_id]
+
+
+async def test_a_park_that_reports_its_own_earlier_copy_still_tells_the_engine(harness: Harness) -> None:
+    """The same for a park (the engine's delivery_limit error): a park sent twice that finds the
+    task parked by its own first copy still tells the engine, once."""
+    h = harness
+    body = {"serviceId": h.service, "value": "poison", "token": "t", "maxDeliveries": 1}
+    task_id = await h.queue.add(OWNER, parse(AddCommand, body), message_id=None, traceparent=None)
+    got = await h.fetch("w")
+    assert got is not None and got.task_id == task_id
+    park = h.store.park
+
+    async def applied_then_retried(*args: object, **kwargs: object) -> CasResult:
+        first = await park(*args, **kwargs)  # type: ignore[arg-type]
+        assert first.applied
+        return await park(*args, **kwargs)  # type: ignore[arg-type]  # the retry: not applied
+
+    h.store.park = applied_then_retried  # type: ignore[method-assign]
+    failed = await h.queue.fail(OWNER, parse(FailRequest, {"serviceId": h.service, "workerId": "w"}))
+    assert failed is not None and failed.parked
+    await h.queue.drain_background(5.0)
+    assert [(m.task_id, m.kind) for m in h.sink.messages] == [(task_id, "error")]
