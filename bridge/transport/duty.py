@@ -5,8 +5,8 @@ queue that every bridge consumes (prefetch 1). It holds a token message; the act
 receives it and keeps it unacknowledged for as long as it lives, and *that* makes it the holder.
 When the holder dies or loses its channel, the broker requeues the token and makes the next
 consumer active, which receives it. Every bridge publishes a token when it
-connects and every ``refresh_s`` while it holds none (so a token lost with a broker restart is
-replaced); ``x-max-length: 1`` keeps at most one spare token waiting.
+connects (and reconnects) and every ``refresh_s`` while it holds none (so a token lost with a
+broker restart is replaced at once); ``x-max-length: 1`` keeps at most one spare token waiting.
 
 Correctness never depends on the election: every action of the loops is idempotent or fenced by a
 lease's compare-and-set, so two holders for a moment (a partition) cost reads, not tasks. What
@@ -34,6 +34,7 @@ class Duty:
         self._channel: AbstractChannel | None = None
         self._token: AbstractIncomingMessage | None = None
         self.acquired = asyncio.Event()
+        self._offering: set[asyncio.Task[None]] = set()  # offers made after a reconnect
 
     @property
     def held(self) -> bool:
@@ -46,6 +47,10 @@ class Duty:
         args = {"x-single-active-consumer": True, "x-max-length": 1, "x-overflow": "drop-head"}
         queue = await self._channel.declare_queue(self.queue_name, durable=True, arguments=args)
         await queue.consume(self._delivered)
+        # A broker restart loses the token (a transient message): offer one as soon as the
+        # connection and this consumer are back, not at the next refresh (up to refresh_s without
+        # a recovery scheduler or a result relay in the whole fleet).
+        connection.reconnect_callbacks.add(self._reconnected)
         await self.offer_token()
 
     async def offer_token(self) -> None:
@@ -63,6 +68,11 @@ class Duty:
         self._token = message
         self.acquired.set()
         log.info("this bridge now runs the recovery scheduler and the result relay")
+
+    def _reconnected(self, *_: object) -> None:
+        task = asyncio.get_running_loop().create_task(self.offer_token())
+        self._offering.add(task)
+        task.add_done_callback(self._offering.discard)
 
     def _lost(self, *_: object) -> None:
         if self._token is not None:

@@ -99,3 +99,23 @@ async def test_the_bridge_sends_cassandra_requests_without_nagle_delays(bridge):
     assert len(sockets) >= 2
     for sock in sockets:
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+async def test_the_duty_is_held_again_soon_after_a_broker_restart(make_bridge):
+    """The duty token is a transient message: a broker restart loses it, and the bridges offered
+    a new one only on their 30 s refresh, so the fleet ran no recovery scheduler and no result
+    relay for up to 30 s after every broker restart (15 s in a fault drill). They offer one as
+    soon as their connection is back."""
+    import subprocess
+
+    bridges = [await make_bridge() for _ in range(2)]
+    await wait_for(lambda: sum(b.duty.held for b in bridges) == 1, 10, what="one holder")
+    loop = asyncio.get_running_loop()
+    for step in ("stop_app", "start_app", "await_startup"):
+        await loop.run_in_executor(
+            None, lambda s=step: subprocess.run(["rabbitmqctl", s], check=True, capture_output=True)
+        )
+    back = time.monotonic()
+    # The robust connections reconnect within their 5 s interval; the election takes a round trip.
+    await wait_for(lambda: sum(b.duty.held for b in bridges) == 1, 20, interval=0.1, what="a holder again")
+    assert time.monotonic() - back < 8.0, f"duty held again {time.monotonic() - back:.1f} s after the broker"
