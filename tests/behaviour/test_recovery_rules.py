@@ -3,6 +3,8 @@ the old one loses it. Time is a manual clock: every duration below is exact, not
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import pytest
 
 from bridge.domain.clock import ManualClock
@@ -213,6 +215,18 @@ async def test_results_go_out_while_the_expiry_index_cannot_be_read(harness: Har
     assert [m.task_id for m in h.sink.messages] == [got.task_id]
 
 
+def sent_twice(cas: Callable[..., Awaitable[CasResult]]) -> Callable[..., Awaitable[CasResult]]:
+    """A compare-and-set of the store as a driver retry makes it: applied, then sent once more
+    (which is refused, the task having moved on), and only the second answer is seen."""
+
+    async def applied_then_retried(*args: object, **kwargs: object) -> CasResult:
+        first = await cas(*args, **kwargs)
+        assert first.applied
+        return await cas(*args, **kwargs)
+
+    return applied_then_retried
+
+
 async def test_a_completion_that_reports_its_own_earlier_copy_is_still_published(harness: Harness) -> None:
     """A completing compare-and-set sent twice (a driver retried it on another node after its
     connection died: the 3-node drill) finds the task already completed, by its own first copy,
@@ -221,14 +235,7 @@ async def test_a_completion_that_reports_its_own_earlier_copy_is_still_published
     await h.add("v", token="t")
     got = await h.fetch("w")
     assert got is not None
-    complete = h.store.complete
-
-    async def applied_then_retried(*args: object, **kwargs: object) -> CasResult:
-        first = await complete(*args, **kwargs)  # type: ignore[arg-type]
-        assert first.applied
-        return await complete(*args, **kwargs)  # type: ignore[arg-type]  # the retry: not applied
-
-    h.store.complete = applied_then_retried  # type: ignore[method-assign]
+    h.store.complete = sent_twice(h.store.complete)  # type: ignore[method-assign]
     assert await h.ack("w", got) is True
     await h.queue.drain_background(5.0)
     assert [m.task_id for m in h.sink.messages] == [got.task_id]
@@ -242,14 +249,7 @@ async def test_a_park_that_reports_its_own_earlier_copy_still_tells_the_engine(h
     task_id = await h.queue.add(OWNER, parse(AddCommand, body), message_id=None, traceparent=None)
     got = await h.fetch("w")
     assert got is not None and got.task_id == task_id
-    park = h.store.park
-
-    async def applied_then_retried(*args: object, **kwargs: object) -> CasResult:
-        first = await park(*args, **kwargs)  # type: ignore[arg-type]
-        assert first.applied
-        return await park(*args, **kwargs)  # type: ignore[arg-type]  # the retry: not applied
-
-    h.store.park = applied_then_retried  # type: ignore[method-assign]
+    h.store.park = sent_twice(h.store.park)  # type: ignore[method-assign]
     failed = await h.queue.fail(OWNER, parse(FailRequest, {"serviceId": h.service, "workerId": "w"}))
     assert failed is not None and failed.parked
     await h.queue.drain_background(5.0)
