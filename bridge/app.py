@@ -212,7 +212,8 @@ class Bridge:
         while not self._stop.is_set():
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=COUNTS_FLUSH_S)
-            await self.counts.flush(self.store)
+            if dropped := await self.counts.flush(self.store):
+                self.metrics.inc("count_updates_uncertain", dropped)
 
     async def _export_queue_stats(self) -> None:
         """Per-queue gauges, from the bridge holding the duty only (a fleet exports them once)."""

@@ -57,10 +57,11 @@ class QueueCounts:
     def pending(self) -> int:
         return len(self._moves) + len(self._delays)
 
-    async def flush(self, store: TaskStore) -> None:
+    async def flush(self, store: TaskStore) -> int:
         """Write the deltas gathered so far. Those that were not applied (Cassandra unreachable)
         are kept for the next flush; one whose write timed out after it was sent may have been
-        applied, and an increment sent twice counts twice, so it is dropped (and logged)."""
+        applied, and an increment sent twice counts twice, so it is dropped (logged, and counted in
+        the returned number)."""
         moves, self._moves = self._moves, defaultdict(lambda: [0, 0])
         delays, self._delays = self._delays, defaultdict(int)
         failed: Exception | None = None
@@ -89,6 +90,7 @@ class QueueCounts:
             log.warning("%d queue count update(s) timed out and may or may not have applied: not repeated", dropped)
         if failed is not None:
             log.warning("queue counts not flushed (kept for the next flush): %s", type(failed).__name__)
+        return dropped
 
 
 __all__ = ["DAY_MS", "MINUTE_MS", "QueueCounts"]

@@ -119,6 +119,10 @@ ROUTES: dict[str, Route] = {
     ),
     "results_published": Route("results_published", "Results published and confirmed by the broker."),
     "results_republished": Route("results_republished", "Pending results re-published by the scheduler."),
+    "count_updates_uncertain": Route(
+        "count_updates_uncertain",
+        "Queue-count updates that timed out or lost their connection, not repeated (the counts may miss them).",
+    ),
     "results_dropped": Route("results_dropped", "Results that could not be published, by reason.", labels=("reason",)),
     "leases_refused": Route(
         "leases_refused", "Fetches refused without touching a lease, by reason (clock_skew).", labels=("reason",)

@@ -51,6 +51,7 @@ EXPECTED_COUNTERS = {
     "results_published": ("queue_bridge_results_published_total", ()),
     "results_republished": ("queue_bridge_results_republished_total", ()),
     "results_dropped": ("queue_bridge_results_dropped_total", ("reason",)),
+    "count_updates_uncertain": ("queue_bridge_count_updates_uncertain_total", ()),
     "leases_refused": ("queue_bridge_leases_refused_total", ("reason",)),
     "acks_without_task_id": ("queue_bridge_acks_without_task_id_total", ()),
     "acks_refused": ("queue_bridge_acks_refused_total", ("reason",)),
