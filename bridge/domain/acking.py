@@ -14,7 +14,7 @@ from bridge.domain.clock import next_stamp
 from bridge.domain.context import QueueContext
 from bridge.domain.models import AckRequest
 from bridge.domain.records import CasResult, OutboxEntry, QueueKey, WorkerPointer, WorkerRow
-from bridge.domain.relay import ResultRelay
+from bridge.domain.relay import ResultRelay, decided_by_itself
 from bridge.domain.sealing import encode, seal_outcome
 from bridge.domain.timeline import ms_of, outbox_bucket, timeuuid_from_ms
 
@@ -105,20 +105,6 @@ class Acker:
         payload = await self.ctx.store.payload(q, task_id)
         return WorkerPointer(task_id, lease.epoch, payload is not None and payload.token is not None)
 
-    async def _ours(
-        self, q: QueueKey, target: WorkerPointer, req: AckRequest, res: CasResult, completion_id: uuid.UUID
-    ) -> bool:
-        """A completion refused because the task is already completed by this worker may have been
-        completed by this very attempt: a compare-and-set sent twice (a driver retrying it on
-        another node after its connection died) finds its own first copy. The lease names the
-        completion; if it is this one, its result is owed to the engine, not void."""
-        cur = res.current
-        if cur is None or not cur.completed_by(req.worker_id, target.epoch):
-            return False
-        if cur.completion_id is None:  # a refusal reports only the columns of its condition
-            cur = await self.ctx.store.lease(q, target.task_id, serial=False)
-        return cur is not None and cur.completion_id == completion_id
-
     def _held_target(
         self, req: AckRequest, held: WorkerPointer | None, sent_before_ms: int | None
     ) -> WorkerPointer | None:
@@ -151,13 +137,14 @@ class Acker:
         res = await ctx.store.complete(q, target.task_id, target.epoch, req.worker_id, now, completion_id)
         points_here = row.pointer is not None and row.pointer.task_id == target.task_id
         stamp = next_stamp(now, row.stamp)
-        if not res.applied and intent is not None and await self._ours(q, target, req, res, completion_id):
+        # Refused because this worker already completed it: maybe by this very attempt's first copy.
+        again = res.current is not None and res.current.completed_by(req.worker_id, target.epoch)
+        if not res.applied and again and intent is not None and await decided_by_itself(ctx, intent):
             res = CasResult(applied=True, current=None)
         if not res.applied:
             if intent is not None:
                 await ctx.store.mark_published(intent)  # void: this completion did not happen
             # A retried ack of a completion that already happened is still a success.
-            again = res.current is not None and res.current.completed_by(req.worker_id, target.epoch)
             if points_here and again:
                 await ctx.store.finish_worker(q, req.worker_id, target.task_id, stamp)
             elif points_here:

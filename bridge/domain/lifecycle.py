@@ -40,7 +40,7 @@ from bridge.domain.records import (
     QueueKey,
     ReadyEntry,
 )
-from bridge.domain.relay import ResultRelay
+from bridge.domain.relay import ResultRelay, decided_by_itself
 from bridge.domain.sealing import encode, open_error, seal_error, seal_outcome
 from bridge.domain.stats import walk_lane
 from bridge.domain.store import TaskStore
@@ -227,12 +227,8 @@ class Lifecycle:
         res = await self.store.park(
             q, task_id, epoch, now, reason, park_id, worker=worker, expired_before_ms=expired_before_ms, error=error
         )
-        if not res.applied and intent is not None:
-            # Refused, unless by its own first copy (a compare-and-set sent twice): the lease names
-            # the park that happened (as ``Acker._ours`` does for a completion).
-            now_lease = await self.store.lease(q, task_id, serial=False)
-            if now_lease is not None and now_lease.state is LeaseState.PARKED and now_lease.completion_id == park_id:
-                res = CasResult(applied=True, current=None)
+        if not res.applied and intent is not None and await decided_by_itself(ctx, intent):
+            res = CasResult(applied=True, current=None)  # refused by its own first copy
         if not res.applied:
             if intent is not None:
                 await self.store.mark_published(intent)  # void: this park did not happen

@@ -9,7 +9,7 @@ from typing import Protocol
 
 from bridge.crypto import TamperedCiphertext
 from bridge.domain.context import QueueContext
-from bridge.domain.records import OutboxEntry
+from bridge.domain.records import Lease, LeaseState, OutboxEntry
 from bridge.domain.sealing import open_outcome, open_token, split_outcome
 from bridge.domain.timeline import ms_of
 
@@ -35,6 +35,23 @@ def completed_at_ms(completion_id: uuid.UUID) -> int | None:
     """The time a completion was decided, if its id carries it: a time-based (version 1) id minted
     at that moment; None for a random (version 4) one, which says nothing about time."""
     return ms_of(completion_id) if completion_id.version == 1 else None
+
+
+def names_entry(lease: Lease | None, entry: OutboxEntry) -> bool:
+    """The lease names this outbox entry's decision (its completion, or its park: the engine's
+    delivery_limit error): the entry's result is owed to the engine. Otherwise the decision
+    never applied (or the task expired) and there is nothing to send."""
+    return (
+        lease is not None
+        and lease.state in (LeaseState.DONE, LeaseState.PARKED)
+        and lease.completion_id == entry.completion_id
+    )
+
+
+async def decided_by_itself(ctx: QueueContext, entry: OutboxEntry) -> bool:
+    """A compare-and-set written ahead as ``entry`` and refused may have been refused by its own
+    first copy (sent twice: a driver re-sending it after its connection died); the lease says."""
+    return names_entry(await ctx.store.lease(entry.queue, entry.task_id, serial=False), entry)
 
 
 class ResultSink(Protocol):

@@ -25,7 +25,8 @@ from bridge.domain.errors import Unavailable
 from bridge.domain.hints import Hint
 from bridge.domain.lifecycle import PARK_DELIVERY_LIMIT
 from bridge.domain.queue import WorkQueue
-from bridge.domain.records import DUE_EPOCH, LANE_FRESH, LANE_RECOVERED, ExpiryEntry, Lease, LeaseState, QueueKey
+from bridge.domain.records import DUE_EPOCH, LANE_FRESH, LANE_RECOVERED, ExpiryEntry, Lease, QueueKey
+from bridge.domain.relay import names_entry
 from bridge.domain.store import TaskStore
 from bridge.domain.timeline import (
     EXPIRY_BUCKET_MS,
@@ -365,11 +366,7 @@ class RecoveryScheduler:
         for entry in await self.store.outbox(bucket):
             if entry.published:
                 continue
-            lease = await self.store.lease(entry.queue, entry.task_id, serial=True)
-            # A completion, or a park (the engine's delivery_limit error): named by the lease.
-            finished = lease is not None and lease.state in (LeaseState.DONE, LeaseState.PARKED)
-            if lease is None or not finished or lease.completion_id != entry.completion_id:
-                # The completing transaction never applied (or the task expired): nothing to send.
+            if not names_entry(await self.store.lease(entry.queue, entry.task_id, serial=True), entry):
                 await self.store.mark_published(entry)
                 continue
             log.info("re-publishing the pending result of task %s", entry.task_id)
