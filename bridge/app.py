@@ -12,7 +12,7 @@ from typing import Any
 
 from bridge.config import Settings
 from bridge.crypto import CachingKeyProvider, HttpKeyProvider, KeyProvider, KeyringFileProvider
-from bridge.domain.clock import Clock, SkewGuard, SystemClock
+from bridge.domain.clock import AnchoredClock, Clock, SkewGuard, SystemClock
 from bridge.domain.counting import QueueCounts
 from bridge.domain.queue import Limits, Metrics, WorkQueue
 from bridge.domain.reconcile import Reconciliation
@@ -33,6 +33,7 @@ from bridge.transport.results import ResultPublisher
 
 COUNTS_FLUSH_S = 1.0  # queue-count deltas are written this often (a kill -9 loses at most this much)
 MAX_GAUGE_QUEUES = 1_000
+WRITE_LATE_MS = 1_000  # how late a write may land after the time it was stamped with (dispatcher settle)
 
 log = logging.getLogger("bridge.app")
 
@@ -61,7 +62,10 @@ class Bridge:
         observe: Observer | None = None,
     ) -> None:
         self.settings = settings
-        self.clock: Clock = clock or SystemClock(settings.clock_offset_ms)
+        host = SystemClock(settings.clock_offset_ms)
+        # Cassandra's time, carried by the monotonic clock (unless a test injects its own clock).
+        self.anchor = AnchoredClock(host) if clock is None and settings.clock_source == "cassandra" else None
+        self.clock: Clock = clock or self.anchor or host
         self.db = CassandraSession(settings, self.clock.now_ms)
         self.store = CassandraTaskStore(
             self.db,
@@ -75,12 +79,15 @@ class Bridge:
             self.metrics.bind_key_cache(self.keys)
         margin_ms = int(settings.clock_skew_margin * 1000)
         self.skew = SkewGuard(
-            self.clock,
+            host if self.anchor is not None else self.clock,
             self.store.server_time_ms,
             margin_ms=margin_ms,
             interval_s=settings.clock_check_interval,
             on_reading=lambda r: self.metrics.set_clock_skew(r.offset_ms, r.error_ms),
+            anchor=self.anchor,
         )
+        if self.anchor is not None:
+            self.metrics.bind_clock_uncertainty(self.anchor.uncertainty_ms)
         # Dispatch by hints on RabbitMQ (attached when the transport connects).
         self.reconcile = Reconciliation(
             grace_ms=int(settings.hint_grace * 1000), interval_ms=int(settings.reconcile_interval * 1000)
@@ -110,7 +117,9 @@ class Bridge:
                 redrive_rate=settings.redrive_rate,
             ),
             counts=self.counts,
-            settle_ms=margin_ms,
+            # Ready entries may land up to this long behind the clock: the skew between bridges plus
+            # a slow write (a paused process), which the margin alone no longer covers once small.
+            settle_ms=margin_ms + WRITE_LATE_MS,
             metrics=metrics or self.metrics,
             hints=self.hints,
             reconcile=self.reconcile if self.hints is not None else None,

@@ -109,12 +109,21 @@ class Settings(BaseSettings):
     default_time_to_recover_ms: int = Field(60_000, ge=100)
     max_time_to_recover_ms: int = Field(12 * 3600 * 1000, ge=1000)
     scheduler_interval: float = Field(0.1, gt=0, le=5, description="Recovery scheduler tick, seconds.")
+    clock_source: Literal["cassandra", "host"] = Field(
+        "cassandra",
+        description="Whose time the bridge keeps: 'cassandra' (Cassandra's clock, measured every "
+        "BRIDGE_CLOCK_CHECK_INTERVAL and carried in between by this host's monotonic clock: the host's "
+        "wall clock plays no part) or 'host' (the host's clock, checked against Cassandra's). One value "
+        "for the whole fleet.",
+    )
     clock_skew_margin: float = Field(
-        1.0,
+        0.025,
         ge=0,
         le=60,
-        description="Bound on clock skew between any two bridges, seconds. A lease is taken back only this "
-        "long after its deadline; a bridge more than half of it off Cassandra's clock refuses leases.",
+        description="Bound on the difference between any two bridges' clocks, seconds; one value for the "
+        "whole fleet. A lease is taken back only this long after its deadline; a bridge whose clock may be "
+        "more than half of it off Cassandra's (its measured uncertainty with 'cassandra', its offset with "
+        "'host') refuses leases.",
     )
     clock_check_interval: float = Field(
         30.0, gt=0, le=3600, description="How often the bridge measures its clock against Cassandra's, seconds."

@@ -1,14 +1,23 @@
-"""Wall-clock time, read through one injectable clock, and a guard against hosts whose clock is off.
+"""Wall-clock time, read through one injectable clock, and a guard against clocks that are off.
 
 Every time the bridge compares or stores (lease deadlines, task ids, Cassandra write timestamps)
 comes from one :class:`Clock`. Tests and fault drills inject an offset here to play a host whose
-clock is ahead or behind; production uses :class:`SystemClock`.
+clock is ahead or behind; production uses :class:`AnchoredClock` (``BRIDGE_CLOCK_SOURCE=cassandra``,
+the default) or :class:`SystemClock` (``host``).
 
 Lease exclusivity across bridges rests on one assumption: every bridge's clock is within half of
 ``BRIDGE_CLOCK_SKEW_MARGIN`` of a shared reference (Cassandra's clock), so any two bridges differ by
-less than the margin. :class:`SkewGuard` measures this bridge's offset against that reference; when
-it is beyond half the margin the bridge stops granting leases and reports itself unready instead of
-risking two workers holding one task at once.
+less than the margin, and a lease is taken back only the margin after its deadline.
+
+- ``host``: the bridge reads its host's clock. :class:`SkewGuard` measures the host's offset from
+  Cassandra's; beyond half the margin the bridge stops granting leases. The margin must cover the
+  hosts' worst skew between two measurements (NTP steps included), hence a wide one.
+- ``cassandra``: the bridge reads Cassandra's clock, as measured by the guard's probe and carried
+  between probes by this host's *monotonic* clock (:class:`AnchoredClock`). The host's wall clock
+  plays no part: an offset or a step of it changes nothing. What is left is the probe's own
+  uncertainty (half its round trip) plus the monotonic clock's drift since the probe, which the guard
+  bounds and checks against half the margin. Both are milliseconds on a LAN, so the margin (and the
+  wait between a lease's deadline and its redelivery) can be milliseconds too.
 """
 
 from __future__ import annotations
@@ -66,9 +75,71 @@ def next_stamp(now_ms: int, last_stamp: int | None) -> int:
 
 @dataclass
 class SkewReading:
-    offset_ms: float  # this bridge minus the reference; positive = this bridge is ahead
-    error_ms: float  # half the round trip of the probe: the reading's uncertainty
-    at_monotonic: float
+    offset_ms: float  # this host's clock minus the reference; positive = the host is ahead
+    error_ms: float  # half the round trip of the probe (+ the reference's 1 ms resolution)
+    at_monotonic: float  # seconds (time.monotonic) at the probe's midpoint
+    reference_ms: float = 0.0  # the reference's time at that midpoint (best estimate)
+
+
+# How fast this host's monotonic clock may run apart from Cassandra's, as a fraction: NTP-disciplined
+# clocks stay within a few ppm, free-running quartz within about 50 ppm; 100 ppm is 3 ms in 30 s.
+MONOTONIC_DRIFT = 100e-6
+
+
+class AnchoredClock:
+    """Cassandra's clock, carried between readings by this host's monotonic clock.
+
+    ``now_ms`` = the reference's time at the anchor reading + monotonic time elapsed since it. The
+    host's wall clock is used only before the first reading (a bridge grants no lease then: see
+    :class:`SkewGuard`). The time never goes backwards: a new anchor a millisecond behind the old
+    one's extrapolation holds the clock still for that millisecond instead.
+    """
+
+    def __init__(
+        self,
+        fallback: Clock,
+        *,
+        drift: float = MONOTONIC_DRIFT,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.fallback = fallback
+        self.drift = drift
+        self.monotonic = monotonic
+        self.anchor: SkewReading | None = None
+        self._last = -(2**62)
+
+    @property
+    def anchored(self) -> bool:
+        return self.anchor is not None
+
+    def now_ms(self) -> int:
+        a = self.anchor
+        if a is None:
+            return self.fallback.now_ms()
+        t = int(a.reference_ms + (self.monotonic() - a.at_monotonic) * 1000)
+        if t < self._last:
+            return self._last
+        self._last = t
+        return t
+
+    def uncertainty_ms(self) -> float | None:
+        """How far ``now_ms`` may be from the reference's time now (None before any reading)."""
+        a = self.anchor
+        return None if a is None else self._aged(a)
+
+    def _aged(self, reading: SkewReading) -> float:
+        return reading.error_ms + max(0.0, self.monotonic() - reading.at_monotonic) * 1000 * self.drift
+
+    def offer(self, reading: SkewReading) -> bool:
+        """Anchor on ``reading`` if it bounds the time better than the current anchor does by now
+        (a probe slowed by a busy Cassandra must not replace a better, older one)."""
+        a = self.anchor
+        if a is not None and self._aged(reading) >= self._aged(a):
+            return False
+        if a is None:
+            self._last = -(2**62)  # the host's clock, used until now, says nothing about this one
+        self.anchor = reading
+        return True
 
 
 class SkewGuard:
@@ -76,11 +147,17 @@ class SkewGuard:
 
     ``probe`` returns the reference's current time in milliseconds (Cassandra's ``now()``). The
     reading with the shortest round trip of a few probes is kept (the least uncertain one).
-    Until the first reading succeeds the guard allows leases: an unreachable reference is an outage
-    of Cassandra, which every lease needs anyway.
+
+    With an ``anchor`` (``BRIDGE_CLOCK_SOURCE=cassandra``) each reading is offered to the
+    :class:`AnchoredClock`, and the bridge may grant leases while the anchor's uncertainty is within
+    half the margin; before the first reading it may not. Without one (``host``), leases are allowed
+    while the host's offset is within half the margin, and until the first reading succeeds (an
+    unreachable reference is an outage of Cassandra, which every lease needs anyway).
     """
 
     PROBES = 2  # the shorter round trip of two reads; per bridge and interval: the fleet pays N times
+    MAX_PROBES = 6  # ... or more while none of them came back fast enough to bound the time well
+    RETRY_S = 1.0  # measuring again this soon while leases are refused (not after a whole interval)
 
     def __init__(
         self,
@@ -90,21 +167,35 @@ class SkewGuard:
         margin_ms: int,
         interval_s: float,
         on_reading: Callable[[SkewReading], None] | None = None,
+        anchor: AnchoredClock | None = None,
     ) -> None:
-        self.clock = clock
+        self.clock = clock  # the host's clock: its offset is measured (and reported) in both modes
         self.probe = probe
         self.limit_ms = margin_ms / 2
         self.interval_s = interval_s
         self.on_reading = on_reading
+        self.anchor = anchor
+        self._monotonic = anchor.monotonic if anchor is not None else time.monotonic
         self.reading: SkewReading | None = None
 
     @property
     def ok(self) -> bool:
+        if self.anchor is not None:
+            u = self.anchor.uncertainty_ms()
+            return u is not None and u <= self.limit_ms
         r = self.reading
         return r is None or abs(r.offset_ms) <= self.limit_ms
 
     def describe(self) -> str:
         r = self.reading
+        if self.anchor is not None:
+            u = self.anchor.uncertainty_ms()
+            if u is None:
+                return "Cassandra's clock not measured yet"
+            return (
+                f"this bridge keeps Cassandra's time within +/- {u:.1f} ms; the limit is +/- {self.limit_ms:.1f} ms "
+                "(half of BRIDGE_CLOCK_SKEW_MARGIN): raise the margin if Cassandra is this far away"
+            )
         if r is None:
             return "clock skew not measured yet"
         return (
@@ -114,30 +205,42 @@ class SkewGuard:
 
     async def measure(self) -> SkewReading:
         best: SkewReading | None = None
-        for _ in range(self.PROBES):
+        for attempt in range(self.MAX_PROBES):
+            if attempt >= self.PROBES and (best is None or best.error_ms <= self.limit_ms / 2):
+                break  # two probes, unless neither bounds the time well (a busy moment): then up to 6
             t0 = self.clock.now_ms()
-            m0 = time.monotonic()
+            m0 = self._monotonic()
             reference = await self.probe()
-            rtt_ms = (time.monotonic() - m0) * 1000
-            reading = SkewReading(t0 + rtt_ms / 2 - reference, rtt_ms / 2, time.monotonic())
+            m1 = self._monotonic()
+            rtt_ms = (m1 - m0) * 1000
+            # now() has a resolution of 1 ms: the reference's true time is in [reference, reference + 1).
+            ref_mid = reference + 0.5
+            error_ms = rtt_ms / 2 + 0.5
+            reading = SkewReading(t0 + rtt_ms / 2 - ref_mid, error_ms, (m0 + m1) / 2, ref_mid)
             if best is None or reading.error_ms < best.error_ms:
                 best = reading
         assert best is not None
-        was_ok = self.ok
+        was_ok, first = self.ok, self.reading is None
         self.reading = best
+        if self.anchor is not None:
+            self.anchor.offer(best)
         if self.on_reading is not None:
             self.on_reading(best)
-        if was_ok and not self.ok:
+        if not self.ok and (was_ok or first):
             log.error("clock skew beyond the margin: refusing leases; %s", self.describe())
-        elif not was_ok and self.ok:
+        elif self.ok and not was_ok and not first:
             log.warning("clock skew back within the margin: granting leases again; %s", self.describe())
+        elif first and self.anchor is not None:
+            log.info("clock: %s (the host's own clock is %+.0f ms off)", self.describe(), best.offset_ms)
         return best
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Measure every ``interval_s`` (the first measurement is the caller's, before serving)."""
+        """Measure every ``interval_s`` (the first measurement is the caller's, before serving), and
+        every second while leases are refused, to serve again as soon as the clock allows it."""
         while True:
+            wait_s = self.interval_s if self.ok else min(self.interval_s, self.RETRY_S)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.interval_s)
+                await asyncio.wait_for(stop.wait(), timeout=wait_s)
             if stop.is_set():
                 return
             try:

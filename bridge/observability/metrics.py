@@ -14,6 +14,7 @@ a task id or a correlation id.
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -273,12 +274,19 @@ class BridgeMetrics:
         )
         self.clock_skew = Gauge(
             f"{PREFIX}_clock_skew_seconds",
-            "This bridge's clock minus Cassandra's (positive: ahead), from the last measurement.",
+            "This host's clock minus Cassandra's (positive: ahead), from the last measurement. With "
+            "BRIDGE_CLOCK_SOURCE=cassandra the bridge does not use the host's clock: see clock_uncertainty.",
             registry=r,
         )
         self.clock_skew_error = Gauge(
             f"{PREFIX}_clock_skew_error_seconds",
             "Uncertainty of the last clock skew measurement (half its round trip).",
+            registry=r,
+        )
+        self.clock_uncertainty = Gauge(
+            f"{PREFIX}_clock_uncertainty_seconds",
+            "How far this bridge's clock may be from Cassandra's now (BRIDGE_CLOCK_SOURCE=cassandra: the "
+            "last probe's half round trip plus drift since; leases are refused above half the margin).",
             registry=r,
         )
         self.paused = Gauge(
@@ -350,6 +358,13 @@ class BridgeMetrics:
     def set_paused(self, queues: frozenset[str]) -> None:
         for queue in ("add", "fetch", "ack", "unrouted"):
             self.paused.labels(queue).set(1 if queue in queues else 0)
+
+    def bind_clock_uncertainty(self, uncertainty_ms: Callable[[], float | None]) -> None:
+        def seconds() -> float:
+            u = uncertainty_ms()
+            return math.inf if u is None else u / 1000
+
+        self.clock_uncertainty.set_function(seconds)
 
     def set_clock_skew(self, offset_ms: float, error_ms: float) -> None:
         self.clock_skew.set(offset_ms / 1000)

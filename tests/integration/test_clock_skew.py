@@ -1,12 +1,21 @@
-"""Leases and acks under clock skew between bridges (issue 12).
+"""Leases and acks under clock skew between bridges (issue 12, and issue 9's redelivery figure).
 
-Each bridge reads time through one clock; ``BRIDGE_CLOCK_OFFSET_MS`` shifts it inside the bridge
-process (its lease deadlines, task ids and Cassandra write timestamps alike), as a host with a
-skewed clock would. Within ``BRIDGE_CLOCK_SKEW_MARGIN`` nothing may go wrong; beyond half of it
-(measured against Cassandra's clock) a bridge must refuse to grant leases.
+``BRIDGE_CLOCK_OFFSET_MS`` shifts the host's clock inside the bridge process, as a host with a
+skewed clock would.
+
+- ``BRIDGE_CLOCK_SOURCE=host``: the bridge keeps the host's time (its lease deadlines, task ids and
+  Cassandra write timestamps alike). Within ``BRIDGE_CLOCK_SKEW_MARGIN`` nothing may go wrong;
+  beyond half of it (measured against Cassandra's clock) a bridge must refuse to grant leases.
+- ``cassandra`` (the default): the bridge keeps Cassandra's time, carried by its monotonic clock;
+  the host's offset must change nothing, under a margin of milliseconds.
 """
 
 from __future__ import annotations
+
+import itertools
+import statistics
+import time
+from typing import Any
 
 import pytest
 
@@ -19,15 +28,12 @@ from tests.history import History, lease_rows, run_workers
 pytestmark = [pytest.mark.anyio, pytest.mark.integration, pytest.mark.slow]
 
 
-async def test_two_bridges_400ms_apart_each_way_attribute_every_ack_and_never_overlap(
-    bridge_processes, servers, names, cql
-):
-    # The drill checks attribution and overlap, not latency: a recovered task that a claimer 800 ms
-    # behind the scheduler's bridge cannot take yet may still wait for a reconciliation scan (a
-    # latency issue found at the end of the 2026-12-01 session, see the closing note), so the scan
-    # interval is short here to keep the drill within its time limit.
-    bridge_processes(BRIDGE_CLOCK_OFFSET_MS="400", BRIDGE_RECONCILE_INTERVAL="3")
-    bridge_processes(BRIDGE_CLOCK_OFFSET_MS="-400", BRIDGE_RECONCILE_INTERVAL="3")
+async def skew_drill(bridge_processes, servers, names, cql, offsets_ms: tuple[int, int], **env: str) -> History:
+    """Two bridge processes whose hosts' clocks are ``offsets_ms`` off; 12 workers, a tenth of the
+    leases abandoned and taken back while the clocks disagree. Every worker's fetches and acks spread
+    over both bridges (RabbitMQ round-robin). Checks attribution and overlap in true time."""
+    for offset in offsets_ms:
+        bridge_processes(BRIDGE_CLOCK_OFFSET_MS=str(offset), **env)
     await wait_bridges(servers, names, 2)
     svc = service_id()
     total = 400  # about 40 abandoned leases taken back; 600 ran close to the 60 s limit on CI's 2 cores
@@ -36,8 +42,6 @@ async def test_two_bridges_400ms_apart_each_way_attribute_every_ack_and_never_ov
         for start in range(0, total, 100):
             ids = [await engine.add(svc, i) for i in range(start, start + 100)]
             history.values.update(zip(ids, range(start, start + 100), strict=True))
-    # Short leases and abandoned tasks, so that leases are taken back while the clocks disagree;
-    # every worker's fetches and acks spread over both bridges (RabbitMQ round-robin).
     await run_workers(servers.amqp_url(OWNERS[0]), names["exchange"], svc, history, 12, total, abandon=0.1, ttr_ms=1000)
     assert len(history.held) > total, "abandoned leases were taken back"
     rows = lease_rows(cql, servers.keyspace, OWNERS[0], svc, list(history.values))
@@ -45,10 +49,71 @@ async def test_two_bridges_400ms_apart_each_way_attribute_every_ack_and_never_ov
     # to skew made acks answer true and complete nothing), and every ack answering false was a
     # lease taken over after its deadline + margin (a slow worker), never one still held.
     history.check(rows, None, tolerance_s=0.05)
+    return history
 
 
-async def test_a_bridge_3s_ahead_reports_the_skew_and_refuses_leases(make_bridge, engine, workers, servers, names):
-    skewed = await make_bridge(clock_offset_ms=3000, clock_check_interval=0.2)
+def takeover_gaps_s(history: History) -> list[float]:
+    """For each lease taken over: from the end of the earlier holding (its fetch sent + timeToRecover,
+    at or before the lease's deadline) to the next worker receiving the task."""
+    by_task: dict[str, list[Any]] = {}
+    for h in history.held:
+        by_task.setdefault(h.task, []).append(h)
+    gaps = []
+    for items in by_task.values():
+        items.sort(key=lambda h: h.start)
+        gaps += [b.start - a.end for a, b in itertools.pairwise(items) if a.worker != b.worker]
+    return gaps
+
+
+async def test_host_time_two_bridges_400ms_apart_each_way_attribute_every_ack_and_never_overlap(
+    bridge_processes, servers, names, cql
+):
+    # The drill checks attribution and overlap, not latency: a recovered task that a claimer 800 ms
+    # behind the scheduler's bridge cannot take yet may still wait for a reconciliation scan (a
+    # latency issue found at the end of the 2026-12-01 session, see the closing note), so the scan
+    # interval is short here to keep the drill within its time limit.
+    host_mode = {"BRIDGE_CLOCK_SOURCE": "host", "BRIDGE_CLOCK_SKEW_MARGIN": "1.0", "BRIDGE_RECONCILE_INTERVAL": "3"}
+    await skew_drill(bridge_processes, servers, names, cql, (400, -400), **host_mode)
+
+
+async def test_cassandra_time_two_hosts_3s_apart_each_way_with_a_25ms_margin_never_overlap(
+    bridge_processes, servers, names, cql
+):
+    """The default clock: the hosts' clocks are 6 s apart, far beyond any margin host time could
+    work with, and the margin is 25 ms; nothing may overlap and every ack is attributed, and a lease
+    is taken back promptly after its deadline (host time's margin alone was 1 s)."""
+    history = await skew_drill(bridge_processes, servers, names, cql, (3000, -3000))
+    gaps = sorted(takeover_gaps_s(history))
+    assert len(gaps) >= 20, f"only {len(gaps)} leases taken over"
+    assert statistics.median(gaps) < 0.5, f"takeover gaps (s): {gaps}"
+
+
+async def test_a_cassandra_time_bridge_on_a_host_3s_ahead_grants_leases_on_cassandras_time(
+    make_bridge, engine, workers, servers, names
+):
+    skewed = await make_bridge(clock_offset_ms=3000)  # the default: BRIDGE_CLOCK_SOURCE=cassandra
+    reading = skewed.skew.reading
+    assert reading is not None and 2800 <= reading.offset_ms <= 3200  # the host's offset, measured...
+    assert 2.8 <= skewed.metrics.clock_skew._value.get() <= 3.2  # ... and reported
+    assert skewed.skew.ok and await skewed._clock_ready()
+    uncertainty = skewed.anchor.uncertainty_ms()
+    assert uncertainty is not None and uncertainty <= skewed.skew.limit_ms
+    assert "fetch" in skewed.transport.consuming()
+    svc = service_id()
+    await engine.add(svc, "on time")
+    delivery = await skewed.queue.fetch(
+        OWNERS[0], parse(FetchRequest, {"serviceId": svc, "workerId": "w", "timeToRecover": 10_000})
+    )
+    now_ms = time.time() * 1000  # this test's process: the host's true clock
+    assert delivery is not None
+    # The deadline is Cassandra's time (this host's, here) + 10 s: not 3 s later.
+    assert abs(delivery.lease_expires_at_ms - (now_ms + 10_000)) < 500
+
+
+async def test_a_host_mode_bridge_3s_ahead_reports_the_skew_and_refuses_leases(
+    make_bridge, engine, workers, servers, names
+):
+    skewed = await make_bridge(clock_source="host", clock_offset_ms=3000, clock_check_interval=0.2)
     reading = await wait_for(lambda: skewed.skew.reading, 10, what="a clock reading")
     assert 2800 <= reading.offset_ms <= 3200
     assert not skewed.skew.ok
@@ -65,7 +130,7 @@ async def test_a_bridge_3s_ahead_reports_the_skew_and_refuses_leases(make_bridge
     with pytest.raises(Unavailable, match="clock"):
         await skewed.queue.fetch(OWNERS[0], parse(FetchRequest, {"serviceId": svc, "workerId": "w"}))
     # A bridge within the limit hands the task out: nothing was leased.
-    healthy = await make_bridge()
+    healthy = await make_bridge(clock_source="host")
     assert healthy.skew.ok
     w = await workers(svc, "w")
     task = await w.fetch()

@@ -295,8 +295,9 @@ async def test_a_bridge_cut_off_from_cassandra_while_holding_leases(bridge_env, 
 
 
 async def test_clock_skew_within_the_margin_with_libfaketime(bridge_processes, servers, names, cql):
-    """Two bridges 400 ms ahead and behind true time (libfaketime in the process, so the driver's
-    write timestamps are skewed too); the margin is 1 s."""
+    """Two bridges on hosts 400 ms ahead and behind true time (libfaketime in the process), with the
+    default clock (Cassandra's time, carried by the monotonic clock) and its 25 ms margin: the hosts'
+    clocks play no part."""
     assert HAVE_FAKETIME, "libfaketime is installed by deploy/local/stack.sh (Debian package faketime)"
     for offset in ("+0.4s", "-0.4s"):
         bridge_processes(**faketime(offset))
@@ -310,9 +311,10 @@ async def test_clock_skew_within_the_margin_with_libfaketime(bridge_processes, s
     )
 
 
-async def test_a_bridge_beyond_the_margin_refuses_leases_with_libfaketime(bridge_processes, servers, names):
+async def test_a_host_time_bridge_beyond_the_margin_refuses_leases_with_libfaketime(bridge_processes, servers, names):
     port = free_port()
-    bridge_processes(**faketime("+3s"), BRIDGE_HTTP_PORT=str(port), BRIDGE_HTTP_HOST="127.0.0.1")
+    host_time = {"BRIDGE_CLOCK_SOURCE": "host", "BRIDGE_CLOCK_SKEW_MARGIN": "1.0"}
+    bridge_processes(**faketime("+3s"), BRIDGE_HTTP_PORT=str(port), BRIDGE_HTTP_HOST="127.0.0.1", **host_time)
 
     async def skew() -> float:
         try:

@@ -1308,13 +1308,13 @@ def test_permission_lines_are_what_the_cli_prints(
 def test_the_recovery_delay_is_stated_alike_everywhere(doc: dict[str, Any], settings: Settings) -> None:
     root = DOC_PATH.parents[1]
     margin, tick = settings.clock_skew_margin, settings.scheduler_interval
-    bound = f"at most {margin + tick:.1f} s after the deadline"
+    bound = f"at most {round((margin + tick) * 1000)} ms after the deadline"
     texts = {
         "docs/asyncapi.yaml": " ".join(doc["info"]["description"].split()),
         "README.md": " ".join((root / "README.md").read_text(encoding="utf-8").split()),
         "docs/performance.md": " ".join((root / "docs" / "performance.md").read_text(encoding="utf-8").split()),
     }
     for name, text in texts.items():
-        assert f"`BRIDGE_CLOCK_SKEW_MARGIN` ({margin:g} s) after its deadline" in text, name
+        assert f"`BRIDGE_CLOCK_SKEW_MARGIN` ({margin * 1000:g} ms) after its deadline" in text, name
         assert f"(`BRIDGE_SCHEDULER_INTERVAL`, {tick:g} s)" in text, name
         assert bound in text, name

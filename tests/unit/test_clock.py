@@ -1,0 +1,128 @@
+"""The bridge's clock with ``BRIDGE_CLOCK_SOURCE=cassandra``: Cassandra's time carried by the
+monotonic clock, and the guard that refuses leases while that time is not known well enough.
+
+Pure logic (a fake monotonic clock and a scripted probe); the same clock against the real Cassandra
+is in ``tests/integration/test_clock_skew.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bridge.domain.clock import MONOTONIC_DRIFT, AnchoredClock, ManualClock, SkewGuard, SkewReading
+
+pytestmark = pytest.mark.anyio
+
+T0 = 1_800_000_000_000  # the reference's time at the first reading, ms
+
+
+class Monotonic:
+    def __init__(self) -> None:
+        self.s = 100.0
+
+    def __call__(self) -> float:
+        return self.s
+
+    def advance(self, seconds: float) -> None:
+        self.s += seconds
+
+
+class Reference:
+    """Cassandra's clock as the probe sees it: ``true`` ms now, answered after ``rtt_s`` (the fake
+    monotonic clock moves by the round trip, the reference's time by half of it before answering)."""
+
+    def __init__(self, mono: Monotonic, host: ManualClock) -> None:
+        self.mono = mono
+        self.host = host
+        self.true_ms = float(T0)
+        self.rtt_s = 0.002
+
+    def advance(self, seconds: float) -> None:
+        self.true_ms += seconds * 1000
+        self.mono.advance(seconds)
+        self.host.advance(int(seconds * 1000))
+
+    async def probe(self) -> int:
+        self.advance(self.rtt_s / 2)
+        answer = int(self.true_ms)
+        self.advance(self.rtt_s / 2)
+        return answer
+
+
+def rig(host_offset_ms: int = 0, margin_ms: int = 25) -> tuple[AnchoredClock, SkewGuard, Reference, ManualClock]:
+    mono = Monotonic()
+    host = ManualClock(T0 + host_offset_ms)
+    clock = AnchoredClock(host, monotonic=mono)
+    ref = Reference(mono, host)
+    guard = SkewGuard(host, ref.probe, margin_ms=margin_ms, interval_s=30, anchor=clock)
+    return clock, guard, ref, host
+
+
+async def test_the_clock_keeps_cassandras_time_whatever_the_hosts_clock_says() -> None:
+    clock, guard, ref, host = rig(host_offset_ms=3_000)
+    assert not guard.ok  # no reading yet: no lease may be granted on the host's clock
+    reading = await guard.measure()
+    assert 2_990 <= reading.offset_ms <= 3_010  # the host's offset is still measured (and reported)
+    assert guard.ok
+    assert abs(clock.now_ms() - ref.true_ms) <= 2
+    # The host's clock is stepped back by a minute (an operator, a bad NTP server): nothing changes.
+    host.ms -= 60_000
+    ref.advance(5.0)
+    assert abs(clock.now_ms() - ref.true_ms) <= 2
+
+
+async def test_the_uncertainty_is_half_the_round_trip_plus_drift_since_the_reading() -> None:
+    clock, guard, ref, _ = rig()
+    ref.rtt_s = 0.004
+    await guard.measure()
+    assert clock.uncertainty_ms() == pytest.approx(2.0 + 0.5, abs=0.01)
+    ref.advance(30.0)
+    assert clock.uncertainty_ms() == pytest.approx(2.5 + 30_000 * MONOTONIC_DRIFT, abs=0.01)
+
+
+async def test_a_worse_reading_does_not_replace_a_better_one() -> None:
+    clock, guard, ref, _ = rig()
+    await guard.measure()
+    best = clock.anchor
+    ref.rtt_s = 0.040  # Cassandra busy: a 40 ms round trip bounds the time worse than the old anchor
+    await guard.measure()
+    assert clock.anchor is best
+    ref.rtt_s = 0.001
+    await guard.measure()
+    assert clock.anchor is not best
+
+
+async def test_leases_are_refused_while_the_time_is_not_known_within_half_the_margin() -> None:
+    _, guard, ref, _ = rig(margin_ms=25)
+    ref.rtt_s = 0.030  # the best of two probes: +/- 15.5 ms, beyond the 12.5 ms limit
+    await guard.measure()
+    assert not guard.ok and "raise the margin" in guard.describe()
+    ref.rtt_s = 0.002
+    await guard.measure()
+    assert guard.ok
+    # No reading for a long time (probes failing): the drift bound grows past the limit.
+    ref.advance((12.5 - 1.5) / 1000 / MONOTONIC_DRIFT + 1)
+    assert not guard.ok
+
+
+def test_the_time_never_goes_backwards_when_a_new_anchor_is_a_little_behind() -> None:
+    mono = Monotonic()
+    clock = AnchoredClock(ManualClock(0), monotonic=mono)
+    clock.offer(SkewReading(0.0, 5.0, mono(), float(T0)))
+    mono.advance(1.0)
+    before = clock.now_ms()
+    assert before == T0 + 1000
+    clock.offer(SkewReading(0.0, 1.0, mono(), float(T0 + 997)))  # better, and 3 ms behind
+    assert clock.now_ms() == before
+    mono.advance(0.010)
+    assert clock.now_ms() == T0 + 1007
+
+
+async def test_host_mode_judges_the_hosts_offset() -> None:
+    mono = Monotonic()
+    host = ManualClock(T0 + 3_000)
+    ref = Reference(mono, host)
+    guard = SkewGuard(host, ref.probe, margin_ms=1_000, interval_s=30)
+    assert guard.ok  # host mode: allowed until a reading says otherwise
+    await guard.measure()
+    assert not guard.ok and "off Cassandra's" in guard.describe()
