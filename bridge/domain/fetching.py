@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from bridge.domain.clock import next_stamp
@@ -53,11 +54,19 @@ class _Attempt:
 
 
 class Fetcher:
-    def __init__(self, ctx: QueueContext, dispatcher: Dispatcher, hints: TaskHints, reconcile: Reconciliation) -> None:
+    def __init__(
+        self,
+        ctx: QueueContext,
+        dispatcher: Dispatcher,
+        hints: TaskHints,
+        reconcile: Reconciliation,
+        soon: Callable[[ExpiryEntry, int], None],
+    ) -> None:
         self.ctx = ctx
         self.dispatcher = dispatcher
         self.hints = hints
         self.reconcile = reconcile
+        self.soon = soon  # ``WorkQueue.soon``: a timer of this bridge for a deadline moments away
 
     async def fetch(self, owner: str, req: FetchRequest) -> Delivery | None:
         ctx = self.ctx
@@ -221,6 +230,10 @@ class Fetcher:
         if not recovered or entry.redriven:  # a re-claim keeps it in flight (bridge.domain.counting)
             self.ctx.count(q, ms_of(task_id), ready=-1, in_flight=1)
         await self._refile_if_slow(q, entry, epoch, now, until)
+        # A short lease: this bridge takes it back itself the moment it may (deadline + margin),
+        # instead of waiting for the scheduler's pass over its bucket (the wheel entry written
+        # ahead stays the guarantee if this bridge dies).
+        self.soon(ExpiryEntry(until, q, task_id, epoch, entry.has_token), until + margin)
         if payload is None:
             # The task's lifetime (TTL) ended: a hint or an index entry outlived it. Nothing to hand out.
             self.ctx.metrics.inc("deliveries_failed", reason="expired")

@@ -77,7 +77,7 @@ class WorkQueue:
         # Without hints every fetch scans the ready index (as before 1.2).
         self.hints: TaskHints = hints or NoHints()
         reconcile = reconcile or Reconciliation.scan_always()
-        self._fetcher = Fetcher(self.ctx, self.dispatcher, self.hints, reconcile)
+        self._fetcher = Fetcher(self.ctx, self.dispatcher, self.hints, reconcile, self.soon)
         self._acker = Acker(self.ctx, self.relay)
         self.lifecycle = Lifecycle(self.ctx, self.relay, self.soon)
         # Set by the recovery scheduler: handles a timer-wheel entry due within moments, here.

@@ -92,10 +92,13 @@ class RecoveryScheduler:
         self._outbox_cursor = progress_prefix + OUTBOX_CURSOR
         self.state = SchedulerState()
         self._timers: set[asyncio.Task[None]] = set()
+        self._timer_keys: set[tuple[str, str, object, int]] = set()
         queue.due_soon = self.handle_soon
         self._expiry_next: int | None = None  # first bucket not yet read at all
         self._expiry_confirmed: int | None = None  # first bucket not yet read for the second time
         self._handled: dict[int, set[tuple[str, str, object, int]]] = {}
+        # Leases seen still held just before their deadline, with a timer of this bridge set for them.
+        self._armed: dict[int, set[tuple[str, str, object, int]]] = {}
         self._outbox_next: int | None = None
         self._outbox_retry: set[int] = set()
         self._outbox_persisted: int | None = None
@@ -109,6 +112,7 @@ class RecoveryScheduler:
         self._expiry_next = self._expiry_confirmed = self._expiry_persisted = None
         self._outbox_next = self._outbox_persisted = None
         self._handled.clear()
+        self._armed.clear()
         self._outbox_retry.clear()
         self._marks_read_ms = -(10**15)
 
@@ -193,14 +197,20 @@ class RecoveryScheduler:
         self.state.lag_ms = max(0, now - self._expiry_next * EXPIRY_BUCKET_MS)
         if self._expiry_next == due:
             # Caught up: also look at the bucket still running, for deadlines already past, so a
-            # lease is re-exposed about one tick after it ends rather than after its whole bucket.
-            await self._process_bucket(due, now, only_expired=True)
+            # lease is re-exposed about one tick after it ends rather than after its whole bucket;
+            # and at the deadlines still to come in it and in the next one (read once), so a lease
+            # still held just before its deadline is taken back at that moment, by a timer.
+            ahead = await self._process_bucket(due, now, only_expired=True)
+            await self._arm(due, ahead)
+            if due + 1 not in self._armed and (due + 1 in self._marks or self.read_unmarked):
+                await self._arm(due + 1, await self.store.expiries(due + 1))
         # Second pass, then persist the cursor: nothing can still arrive in these buckets.
         confirm_due = expiry_bucket(now - self.late_ms)
         moved = False
         while self._expiry_confirmed < min(confirm_due, self._expiry_next):
             await self._process_bucket(self._expiry_confirmed, now)
             self._handled.pop(self._expiry_confirmed, None)
+            self._armed.pop(self._expiry_confirmed, None)
             self._expiry_confirmed += 1
             moved = True
         grid = self._expiry_confirmed - self._expiry_confirmed % EXPIRY_PERSIST_GRID
@@ -208,14 +218,17 @@ class RecoveryScheduler:
             await self.store.advance_scheduler_cursor(self._expiry_cursor, grid, grid * EXPIRY_BUCKET_MS)
             self._expiry_persisted = grid
 
-    async def _process_bucket(self, bucket: int, now: int, *, only_expired: bool = False) -> None:
+    async def _process_bucket(self, bucket: int, now: int, *, only_expired: bool = False) -> list[ExpiryEntry]:
+        """Handle the bucket's deadlines (with ``only_expired``, those already past); returns the
+        ones left for later (not yet past)."""
         if bucket not in self._marks and not self.read_unmarked:
-            return  # no deadline was ever filed here
+            return []  # no deadline was ever filed here
         entries = await self.store.expiries(bucket)
-        margin = self.queue.skew_margin_ms
+        later: list[ExpiryEntry] = []
         if only_expired:
             # A delayed task's due time is no lease: no margin (nobody holds it).
-            entries = [e for e in entries if e.lease_until_ms + (0 if e.epoch == DUE_EPOCH else margin) <= now]
+            later = [e for e in entries if self._due_ms(e) > now]
+            entries = [e for e in entries if self._due_ms(e) <= now]
         handled = self._handled.setdefault(bucket, set())
         by_queue: dict[QueueKey, list[ExpiryEntry]] = {}
         for entry in entries:
@@ -248,6 +261,49 @@ class RecoveryScheduler:
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             raise errors[0]  # the tick is retried; handled entries are not redone
+        return later
+
+    def _due_ms(self, entry: ExpiryEntry) -> int:
+        """When the entry may be acted on: a lease's deadline + the skew margin, a due time as is."""
+        return entry.lease_until_ms + (0 if entry.epoch == DUE_EPOCH else self.queue.skew_margin_ms)
+
+    async def _arm(self, bucket: int, entries: list[ExpiryEntry]) -> None:
+        """Deadlines moments away: read their leases now (one request per 50, as a pass would, and
+        only once per entry). Done ones are settled here; one still held gets a timer of this
+        bridge at its deadline + margin (``handle_soon``), so that it is taken back then and not at
+        the next tick. The passes over the bucket stay the guarantee."""
+        handled = self._handled.setdefault(bucket, set())
+        armed = self._armed.setdefault(bucket, set())
+        by_queue: dict[QueueKey, list[ExpiryEntry]] = {}
+        for entry in entries:
+            key = (entry.queue.owner, entry.queue.service, entry.task_id, entry.epoch)
+            if entry.epoch == DUE_EPOCH or key in handled or key in armed:
+                continue  # delayed tasks: the adding bridge's timer and the passes announce them
+            if self.queue.completed_here(entry.task_id, entry.epoch):
+                handled.add(key)
+                continue
+            by_queue.setdefault(entry.queue, []).append(entry)
+
+        async def some(batch: list[ExpiryEntry]) -> None:
+            leases = await self.store.leases_of(batch[0].queue, [e.task_id for e in batch])
+            for entry in batch:
+                key = (entry.queue.owner, entry.queue.service, entry.task_id, entry.epoch)
+                lease = leases.get(entry.task_id)
+                if lease is None:
+                    continue  # no claim yet (or one on its way): the passes look again
+                if not lease.is_leased or lease.epoch != entry.epoch:
+                    handled.add(key)  # completed or re-claimed: final for this entry
+                    continue
+                if lease.lease_until_ms is not None and lease.lease_until_ms > entry.lease_until_ms:
+                    continue  # extended (a heartbeat): the pass watches the later deadline instead
+                armed.add(key)
+                self.handle_soon(entry, handled)
+
+        groups = by_queue.values()
+        pending = [some(g[i : i + LEASES_PER_READ]) for g in groups for i in range(0, len(g), LEASES_PER_READ)]
+        for result in await asyncio.gather(*pending, return_exceptions=True):
+            if isinstance(result, BaseException):
+                log.debug("look-ahead at bucket %s failed: %s", bucket, type(result).__name__)  # the passes handle it
 
     async def _handle(self, entry: ExpiryEntry, lease: Lease | None, now: int, bucket: int) -> bool:
         q = entry.queue
@@ -304,27 +360,52 @@ class RecoveryScheduler:
         )
         return True
 
-    def handle_soon(self, entry: ExpiryEntry) -> None:
+    def handle_soon(self, entry: ExpiryEntry, handled: set[tuple[str, str, object, int]] | None = None) -> None:
         """Handle one timer-wheel entry at its time, on this bridge (``WorkQueue.soon``). Best
-        effort: cancelled at shutdown (the wheel entry stays the guarantee)."""
-        if len(self._timers) >= MAX_TIMERS:
-            return
-        timer = asyncio.create_task(self._soon(entry), name="due soon")
+        effort: cancelled at shutdown (the wheel entry stays the guarantee). ``handled``: the
+        scheduler's set for the entry's bucket, which its passes then skip."""
+        key = (entry.queue.owner, entry.queue.service, entry.task_id, entry.epoch)
+        if len(self._timers) >= MAX_TIMERS or key in self._timer_keys:
+            return  # one timer per entry (the claim's own and the look-ahead's may both ask)
+        timer = asyncio.create_task(self._soon(entry, handled), name="due soon")
         self._timers.add(timer)
-        timer.add_done_callback(self._timers.discard)
+        self._timer_keys.add(key)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._timers.discard(t)
+            self._timer_keys.discard(key)
+
+        timer.add_done_callback(done)
 
     def cancel_timers(self) -> None:
         for timer in list(self._timers):
             timer.cancel()
 
-    async def _soon(self, entry: ExpiryEntry) -> None:
-        due = entry.lease_until_ms if entry.epoch == DUE_EPOCH else entry.lease_until_ms + self.queue.skew_margin_ms
-        wait_ms = due - self.queue.clock.now_ms()
+    async def _soon(self, entry: ExpiryEntry, handled: set[tuple[str, str, object, int]] | None = None) -> None:
+        due = self._due_ms(entry)
+        clock = self.queue.clock
         try:
-            if wait_ms > 0:
-                await asyncio.sleep(wait_ms / 1000)
+            # Not a millisecond early: the event loop's timers may fire a little before their time,
+            # and a lease met before its deadline + margin is only watched again.
+            for _ in range(3):  # a timer, not a wait for a condition: at most a remainder more
+                wait_ms = due - clock.now_ms()
+                if wait_ms <= 0:
+                    break
+                await asyncio.sleep(max(wait_ms, 1) / 1000)
+            if entry.epoch != DUE_EPOCH and self.queue.completed_here(entry.task_id, entry.epoch):
+                return  # acked through this bridge: nothing to read
             lease = await self.store.lease(entry.queue, entry.task_id, serial=False)
-            await self._handle(entry, lease, self.queue.clock.now_ms(), expiry_bucket(due))
+            now = clock.now_ms()
+            settled = await self._handle(entry, lease, now, expiry_bucket(due))
+            # Watched again (extended meanwhile) is not settled: the later deadline is a new entry,
+            # but the same entry re-filed in the same bucket must still be met by the passes.
+            rewatched = (
+                lease is not None
+                and lease.epoch == entry.epoch
+                and lease.not_claimable_before(now, self.queue.skew_margin_ms)
+            )
+            if settled and handled is not None and not rewatched:
+                handled.add((entry.queue.owner, entry.queue.service, entry.task_id, entry.epoch))
         except Exception as exc:  # the wheel entry is met by the scheduler anyway
             log.debug("timer for task %s failed: %s", entry.task_id, type(exc).__name__)
 

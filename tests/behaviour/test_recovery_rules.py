@@ -11,6 +11,7 @@ from bridge.domain.clock import ManualClock
 from bridge.domain.errors import Unavailable
 from bridge.domain.models import AddCommand, FailRequest, parse
 from bridge.domain.records import CasResult
+from tests.conftest import wait_for
 from tests.queue_harness import MARGIN_MS, OWNER, Harness
 
 pytestmark = pytest.mark.anyio
@@ -254,3 +255,22 @@ async def test_a_park_that_reports_its_own_earlier_copy_still_tells_the_engine(h
     assert failed is not None and failed.parked
     await h.queue.drain_background(5.0)
     assert [(m.task_id, m.kind) for m in h.sink.messages] == [(task_id, "error")]
+
+
+async def test_a_lease_its_timer_met_a_moment_early_is_still_recovered(harness: Harness) -> None:
+    """Just before a lease's deadline the scheduler reads it ahead and, still held, gives it a timer
+    (taken back the moment it may be, not at the next tick). A timer may fire a little early (the
+    event loop's; here the manual clock, which sleeping does not move): the lease is then only
+    watched again, in the same bucket, and the passes must still meet it. Counted as settled, it was
+    skipped by both passes and stranded for good (found by W-redeliver, 2026-12-02)."""
+    h = harness
+    task_id = await h.add("v")
+    held = await h.fetch("a", ttr_ms=5_000)  # longer than the claim's own timer covers
+    assert held is not None and held.task_id == task_id
+    await h.advance(5_000 + MARGIN_MS - 100)  # its bucket is about to run: the look-ahead arms it
+    assert h.scheduler._timer_keys, "the look-ahead gave the held lease a timer"
+    await wait_for(lambda: not h.scheduler._timers, 10, what="the timer to have run (early)")
+    got = await h.fetch_until("b", step_ms=100, limit_ms=8_000)
+    assert got.task_id == task_id and got.epoch == 2
+    assert await h.ack("a", held) is False
+    assert await h.ack("b", got) is True
