@@ -128,6 +128,7 @@ class Bench:
         self.plan = plan
         self.metrics = metrics
         self.metrics_ports: dict[str, int] = {}
+        self.extra_bridge_env: dict[str, str] = {}  # settings of the bridges started from now on
         self.bridges_wanted = bridges
         self.profile_dir = profile_dir
         self.profile_clock = profile_clock
@@ -184,6 +185,7 @@ class Bench:
             "BRIDGE_LOG_FORMAT": "json",
             "BRIDGE_INSTANCE_ID": name,
             **self._http_env(name),
+            **self.extra_bridge_env,
         }
 
     def _http_env(self, name: str) -> dict[str, str]:

@@ -25,6 +25,7 @@ from benchmarks.procs import CpuMeter
 from benchmarks.progress import say
 from benchmarks.workloads import close_all, open_workers
 from bridge.client import Engine
+from bridge.config import Settings
 
 REQUESTS = "queue_bridge_cassandra_requests"
 
@@ -121,8 +122,8 @@ async def _scrape_statements(bench: Bench) -> dict[str, float]:
 
 
 TTR_MS = 2_000  # leases of the per-task and latency phases
-# deadline + skew margin (1 s) + the scheduler's second pass (5 s) + a tick, after the last claim
-SCHEDULER_TAIL_S = TTR_MS / 1000 + 1 + 5 + 1
+# deadline + skew margin (the default) + the scheduler's second pass (5 s) + a tick, after the last claim
+SCHEDULER_TAIL_S = TTR_MS / 1000 + float(Settings.model_fields["clock_skew_margin"].default) + 5 + 1
 LWT_NAMES = ("lease.claim", "lease.extend", "lease.complete", "lease.kill", "idem.insert", "idem.replace")
 
 

@@ -54,6 +54,7 @@ from benchmarks.stats import Sample, finite, percentile
 from benchmarks.workloads import close_all, open_workers
 from bridge.client import Engine, Task, Worker
 from bridge.client.errors import TransportError, UnavailableError
+from bridge.config import Settings
 from bridge.domain.records import QueueKey
 from bridge.domain.timeline import ms_of
 from bridge.transport.hints import hint_queue_name
@@ -71,7 +72,8 @@ EXTEND_TTR_MS = 60_000
 DELAYED_TTR_MS = 60_000
 WARMUP_TASKS = 5
 ASSUMED_ADD_RATE = 400.0  # adds/s the automatic lead of the delayed phase plans for
-SKEW_MARGIN_S = 1.0  # the bridges' default BRIDGE_CLOCK_SKEW_MARGIN (a lease is taken back this long after it ends)
+# a lease is taken back this long after it ends (the default BRIDGE_CLOCK_SKEW_MARGIN)
+SKEW_MARGIN_S = float(Settings.model_fields["clock_skew_margin"].default)
 
 
 # -- pure helpers (tests/unit/test_benchmark_lifecycle.py) --------------------------------------
