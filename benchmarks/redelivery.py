@@ -29,6 +29,7 @@ import asyncio
 import sys
 import time
 import uuid
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -71,29 +72,41 @@ async def one_round(bench: Bench, label: str, args: argparse.Namespace) -> dict[
     return out
 
 
-def summary(delay: Sample, early: int, tasks: int, ttr: str) -> dict[str, Any]:
-    return {
-        "lease_ms": ttr,
-        "redelivered": delay.count,
-        "tasks": tasks,
-        "p50_ms": round(delay.p(50), 1),
-        "p99_ms": round(delay.p(99), 1),
-        "max_ms": round(delay.p(100), 1),
-        "early": early,
-    }
+@dataclass
+class Redeliveries:
+    """The abandoned deliveries' ends, and each redelivery timed against its task's."""
+
+    expiry: dict[str, float] = field(default_factory=dict)  # task id -> leaseExpiresAt, ms
+    delay: Sample = field(default_factory=Sample)
+    early: int = 0
+
+    def timed(self, task: Task, received_ms: float) -> None:
+        end = self.expiry.pop(task.id, None)
+        if end is not None:
+            self.early += received_ms < end
+            self.delay.add(max(received_ms - end, 0.0) / 1000)
+
+    def summary(self, tasks: int, lease: str) -> dict[str, Any]:
+        return {
+            "lease_ms": lease,
+            "redelivered": self.delay.count,
+            "tasks": tasks,
+            "p50_ms": round(self.delay.p(50), 1),
+            "p99_ms": round(self.delay.p(99), 1),
+            "max_ms": round(self.delay.p(100), 1),
+            "early": self.early,
+        }
 
 
 async def short_leases(bench: Bench, label: str, args: argparse.Namespace) -> dict[str, Any]:
     """Tasks added at --rate a second to 16 long-polling workers. A worker abandons a first delivery
     (lease --short-ttr-ms) and comes back as a new worker id; a redelivery is timed and acked."""
     svc = bench.service(f"redeliver-short-{label}")
-    expiry: dict[str, float] = {}
-    delay, early, done = Sample(), 0, asyncio.Event()
+    seen, done = Redeliveries(), asyncio.Event()
     workers = await open_workers(bench, svc, WORKERS, f"short-{label}")
     stop_at = time.monotonic() + args.tasks / args.rate + args.short_ttr_ms / 1000 + 30
 
     async def work(w: Any) -> None:
-        nonlocal early
         while not done.is_set() and time.monotonic() < stop_at:
             w.worker_id = f"rd-{uuid.uuid4().hex[:12]}"  # the previous one "died" holding its task
             task = await w.fetch(args.short_ttr_ms, wait_ms=WAIT_MS)
@@ -101,14 +114,11 @@ async def short_leases(bench: Bench, label: str, args: argparse.Namespace) -> di
             if task is None:
                 continue
             if task.deliveries <= 1:
-                expiry[task.id] = expires_ms(task)
+                seen.expiry[task.id] = expires_ms(task)
                 continue
-            if task.id in expiry:
-                d = received_ms - expiry.pop(task.id)
-                early += d < 0
-                delay.add(max(d, 0.0) / 1000)
+            seen.timed(task, received_ms)
             await task.ack({"redelivered": True})
-            if delay.count >= args.tasks:
+            if seen.delay.count >= args.tasks:
                 done.set()
 
     async def add() -> None:
@@ -121,10 +131,10 @@ async def short_leases(bench: Bench, label: str, args: argparse.Namespace) -> di
     await asyncio.gather(add(), *(work(w) for w in workers))
     await close_all(workers)
     bench.check_processes()
-    if delay.count < args.tasks:
+    if seen.delay.count < args.tasks:
         bench.failed = True  # keep the bridges' logs
-        say(f"{label}, short leases: {args.tasks - delay.count} not redelivered: {sorted(expiry)[:10]}")
-    return summary(delay, early, args.tasks, str(args.short_ttr_ms))
+        say(f"{label}, short leases: {args.tasks - seen.delay.count} not redelivered: {sorted(seen.expiry)[:10]}")
+    return seen.summary(args.tasks, str(args.short_ttr_ms))
 
 
 async def long_leases(bench: Bench, label: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -135,41 +145,36 @@ async def long_leases(bench: Bench, label: str, args: argparse.Namespace) -> dic
         for i in range(args.tasks):
             await engine.add(svc, {"n": i})
     [grabber] = await open_workers(bench, svc, 1, f"grab-{label}")
-    expiry: dict[str, float] = {}
+    seen, done = Redeliveries(), asyncio.Event()
     for i in range(args.tasks):
         grabber.worker_id = f"grab-{uuid.uuid4().hex[:12]}"
         task = await grabber.fetch(args.long_ttr_ms + i * args.spacing_ms)
         if task is None:
             raise RuntimeError("W-redeliver: the queue ran dry while taking the tasks")
-        expiry[task.id] = expires_ms(task)
+        seen.expiry[task.id] = expires_ms(task)
     await close_all([grabber])
-    delay, early, done = Sample(), 0, asyncio.Event()
     waiters = await open_workers(bench, svc, WORKERS, f"wait-{label}")
     stop_at = time.monotonic() + (args.long_ttr_ms + args.tasks * args.spacing_ms) / 1000 + 30
 
     async def wait(w: Any) -> None:
-        nonlocal early
         while not done.is_set() and time.monotonic() < stop_at:
             task = await w.fetch(60_000, wait_ms=WAIT_MS)
             received_ms = time.time() * 1000
             if task is None:
                 continue
-            if task.id in expiry:
-                d = received_ms - expiry.pop(task.id)
-                early += d < 0
-                delay.add(max(d, 0.0) / 1000)
+            seen.timed(task, received_ms)
             await task.ack({"redelivered": True})
-            if not expiry:
+            if not seen.expiry:
                 done.set()
 
     await asyncio.gather(*(wait(w) for w in waiters))
     await close_all(waiters)
     bench.check_processes()
-    if expiry:
+    if seen.expiry:
         bench.failed = True  # keep the bridges' logs
-        say(f"{label}, long leases: {len(expiry)} not redelivered: {sorted(expiry)[:10]}")
+        say(f"{label}, long leases: {len(seen.expiry)} not redelivered: {sorted(seen.expiry)[:10]}")
     span = f"{args.long_ttr_ms}-{args.long_ttr_ms + (args.tasks - 1) * args.spacing_ms}"
-    return summary(delay, early, args.tasks, span)
+    return seen.summary(args.tasks, span)
 
 
 async def run(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@ suite (tests/behaviour, both stores) and the state-machine test (tests/unit, mem
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ class Harness:
         self.prefix = prefix
         self.service = f"svc-{uuid.uuid4().hex[:10]}"
         self.sink = Sink()
+        self.schedulers: list[RecoveryScheduler] = []
         self.queue, self.scheduler = self.instance(clock)
 
     def instance(self, clock: ManualClock) -> tuple[WorkQueue, RecoveryScheduler]:
@@ -93,7 +95,15 @@ class Harness:
         scheduler = RecoveryScheduler(
             queue, interval_s=0.1, late_ms=5_000, republish_after_ms=5_000, progress_prefix=self.prefix
         )
+        self.schedulers.append(scheduler)
         return queue, scheduler
+
+    async def close(self) -> None:
+        """Cancel the schedulers' timers (a bridge does at shutdown), and let them end."""
+        timers = [t for s in self.schedulers for t in s._timers]
+        for s in self.schedulers:
+            s.cancel_timers()
+        await asyncio.gather(*timers, return_exceptions=True)
 
     async def add(self, value: Any, *, token: Any = None, message_id: str | None = None, tp: str | None = None) -> str:
         body: dict[str, Any] = {"serviceId": self.service, "value": value}

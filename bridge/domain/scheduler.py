@@ -97,7 +97,7 @@ class RecoveryScheduler:
         self._expiry_next: int | None = None  # first bucket not yet read at all
         self._expiry_confirmed: int | None = None  # first bucket not yet read for the second time
         self._handled: dict[int, set[tuple[str, str, object, int]]] = {}
-        # Leases seen still held just before their deadline, with a timer of this bridge set for them.
+        # Deadlines whose lease was read ahead (a timer set if still held): not read ahead again.
         self._armed: dict[int, set[tuple[str, str, object, int]]] = {}
         self._outbox_next: int | None = None
         self._outbox_retry: set[int] = set()
@@ -289,6 +289,7 @@ class RecoveryScheduler:
             for entry in batch:
                 key = (entry.queue.owner, entry.queue.service, entry.task_id, entry.epoch)
                 lease = leases.get(entry.task_id)
+                armed.add(key)  # read ahead once: the next ticks do not read it again
                 if lease is None:
                     continue  # no claim yet (or one on its way): the passes look again
                 if not lease.is_leased or lease.epoch != entry.epoch:
@@ -296,7 +297,6 @@ class RecoveryScheduler:
                     continue
                 if lease.lease_until_ms is not None and lease.lease_until_ms > entry.lease_until_ms:
                     continue  # extended (a heartbeat): the pass watches the later deadline instead
-                armed.add(key)
                 self.handle_soon(entry, handled)
 
         groups = by_queue.values()

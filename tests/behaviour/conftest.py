@@ -78,6 +78,7 @@ async def _harness(request: pytest.FixtureRequest, keyring_path: Path, *, hinted
     h = Harness(store, keys, clock, prefix=f"test-{uuid.uuid4().hex[:8]}-", hints=hints)
     await h.scheduler.tick()  # the scheduler starts before any lease exists, as in a bridge
     yield h
+    await h.close()
     if hints is not None:
         hints.close()
     await h.queue.drain_background(5.0)

@@ -63,6 +63,7 @@ class QueueRules(RuleBasedStateMachine):
         try:
             self._drain_everything()
         finally:
+            self.run(self.h.close())  # the schedulers' timers, cancelled as a bridge's at shutdown
             self.loop.close()
 
     @initialize()
