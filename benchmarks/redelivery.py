@@ -5,7 +5,7 @@
 One bridge process; alternating rounds of two clock settings, each round on a fresh bridge:
 
 - ``host``: ``BRIDGE_CLOCK_SOURCE=host``, ``BRIDGE_CLOCK_SKEW_MARGIN=1.0`` (the design before
-  contract 1.5: the host's clock, a margin wide enough for ordinary NTP behaviour);
+  `9c91c64`: the host's clock, a margin wide enough for ordinary NTP behaviour);
 - ``cassandra``: the defaults (Cassandra's time carried by the monotonic clock, 25 ms margin).
 
 Each round measures two kinds of lease, 16 long-polling (``waitMs``) workers each:
