@@ -108,10 +108,6 @@ class AnchoredClock:
         self.anchor: SkewReading | None = None
         self._last = -(2**62)
 
-    @property
-    def anchored(self) -> bool:
-        return self.anchor is not None
-
     def now_ms(self) -> int:
         a = self.anchor
         if a is None:

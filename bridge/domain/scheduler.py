@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -50,6 +50,13 @@ CATCH_UP_BATCH = 400  # expiry buckets read per tick at most (a long outage is c
 MARKS_REFRESH_MS = 1_000
 MARKS_AHEAD = 8  # buckets (2 s) of marks read ahead of the clock
 MAX_TIMERS = 100_000  # in-process timers for wheel entries due within moments (``handle_soon``)
+
+
+EntryKey = tuple[str, str, object, int]  # (owner, service, task id, epoch): one deadline of one lease
+
+
+def entry_key(entry: ExpiryEntry) -> EntryKey:
+    return (entry.queue.owner, entry.queue.service, entry.task_id, entry.epoch)
 
 
 class Duty(Protocol):
@@ -92,13 +99,13 @@ class RecoveryScheduler:
         self._outbox_cursor = progress_prefix + OUTBOX_CURSOR
         self.state = SchedulerState()
         self._timers: set[asyncio.Task[None]] = set()
-        self._timer_keys: set[tuple[str, str, object, int]] = set()
+        self._timer_keys: set[EntryKey] = set()
         queue.due_soon = self.handle_soon
         self._expiry_next: int | None = None  # first bucket not yet read at all
         self._expiry_confirmed: int | None = None  # first bucket not yet read for the second time
-        self._handled: dict[int, set[tuple[str, str, object, int]]] = {}
+        self._handled: dict[int, set[EntryKey]] = {}
         # Deadlines whose lease was read ahead (a timer set if still held): not read ahead again.
-        self._armed: dict[int, set[tuple[str, str, object, int]]] = {}
+        self._armed: dict[int, set[EntryKey]] = {}
         self._outbox_next: int | None = None
         self._outbox_retry: set[int] = set()
         self._outbox_persisted: int | None = None
@@ -230,10 +237,33 @@ class RecoveryScheduler:
             later = [e for e in entries if self._due_ms(e) > now]
             entries = [e for e in entries if self._due_ms(e) <= now]
         handled = self._handled.setdefault(bucket, set())
+
+        async def handle(entry: ExpiryEntry, lease: Lease | None) -> None:
+            if await self._handle(entry, lease, now, bucket):
+                handled.add(entry_key(entry))
+
+        # Many leases can run out in the same 250 ms (a crashed worker pool): handled side by side,
+        # or the last one would be re-exposed seconds after its deadline.
+        errors = await self._with_leases(entries, handled, set(), handle)
+        if errors:
+            raise errors[0]  # the tick is retried; handled entries are not redone
+        return later
+
+    async def _with_leases(
+        self,
+        entries: list[ExpiryEntry],
+        handled: set[EntryKey],
+        seen: set[EntryKey],
+        then: Callable[[ExpiryEntry, Lease | None], Awaitable[None]],
+    ) -> list[BaseException]:
+        """Read the leases of the entries neither ``handled`` nor ``seen`` and pass each to ``then``.
+        Entries this instance completed are settled without a read. The leases of a queue are read
+        50 to a request (most are done, acked on some bridge of the fleet: reading them one by one
+        would cost a request per task), up to HANDLE_CONCURRENCY requests at once."""
         by_queue: dict[QueueKey, list[ExpiryEntry]] = {}
         for entry in entries:
-            key = (entry.queue.owner, entry.queue.service, entry.task_id, entry.epoch)
-            if key in handled:
+            key = entry_key(entry)
+            if key in handled or key in seen:
                 continue
             if self.queue.completed_here(entry.task_id, entry.epoch):
                 handled.add(key)  # this instance acked it: no need to read the lease
@@ -243,67 +273,40 @@ class RecoveryScheduler:
 
         async def some(batch: list[ExpiryEntry]) -> None:
             async with limit:
-                # The leases of a batch in one request: most of them are done (acked on some bridge
-                # of the fleet), and reading them one by one would cost a request per task.
                 leases = await self.store.leases_of(batch[0].queue, [e.task_id for e in batch])
                 for entry in batch:
-                    if await self._handle(entry, leases.get(entry.task_id), now, bucket):
-                        handled.add((entry.queue.owner, entry.queue.service, entry.task_id, entry.epoch))
+                    await then(entry, leases.get(entry.task_id))
 
-        # Many leases can run out in the same 250 ms (a crashed worker pool): handle them side by
-        # side, or the last one would be re-exposed seconds after its deadline.
-        pending = [
-            some(group[i : i + LEASES_PER_READ])
-            for group in by_queue.values()
-            for i in range(0, len(group), LEASES_PER_READ)
-        ]
+        groups = by_queue.values()
+        pending = [some(g[i : i + LEASES_PER_READ]) for g in groups for i in range(0, len(g), LEASES_PER_READ)]
         results = await asyncio.gather(*pending, return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            raise errors[0]  # the tick is retried; handled entries are not redone
-        return later
+        return [r for r in results if isinstance(r, BaseException)]
 
     def _due_ms(self, entry: ExpiryEntry) -> int:
         """When the entry may be acted on: a lease's deadline + the skew margin, a due time as is."""
         return entry.lease_until_ms + (0 if entry.epoch == DUE_EPOCH else self.queue.skew_margin_ms)
 
     async def _arm(self, bucket: int, entries: list[ExpiryEntry]) -> None:
-        """Deadlines moments away: read their leases now (one request per 50, as a pass would, and
-        only once per entry). Done ones are settled here; one still held gets a timer of this
-        bridge at its deadline + margin (``handle_soon``), so that it is taken back then and not at
-        the next tick. The passes over the bucket stay the guarantee."""
+        """Deadlines moments away: read their leases now (as a pass would, and only once per
+        entry). Done ones are settled here; one still held gets a timer of this bridge at its
+        deadline + margin (``handle_soon``), so that it is taken back then and not at the next
+        tick. The passes over the bucket stay the guarantee. Delayed tasks' due entries are left to
+        the adding bridge's timer and the passes."""
         handled = self._handled.setdefault(bucket, set())
         armed = self._armed.setdefault(bucket, set())
-        by_queue: dict[QueueKey, list[ExpiryEntry]] = {}
-        for entry in entries:
-            key = (entry.queue.owner, entry.queue.service, entry.task_id, entry.epoch)
-            if entry.epoch == DUE_EPOCH or key in handled or key in armed:
-                continue  # delayed tasks: the adding bridge's timer and the passes announce them
-            if self.queue.completed_here(entry.task_id, entry.epoch):
-                handled.add(key)
-                continue
-            by_queue.setdefault(entry.queue, []).append(entry)
 
-        async def some(batch: list[ExpiryEntry]) -> None:
-            leases = await self.store.leases_of(batch[0].queue, [e.task_id for e in batch])
-            for entry in batch:
-                key = (entry.queue.owner, entry.queue.service, entry.task_id, entry.epoch)
-                lease = leases.get(entry.task_id)
-                armed.add(key)  # read ahead once: the next ticks do not read it again
-                if lease is None:
-                    continue  # no claim yet (or one on its way): the passes look again
-                if not lease.is_leased or lease.epoch != entry.epoch:
-                    handled.add(key)  # completed or re-claimed: final for this entry
-                    continue
-                if lease.lease_until_ms is not None and lease.lease_until_ms > entry.lease_until_ms:
-                    continue  # extended (a heartbeat): the pass watches the later deadline instead
-                self.handle_soon(entry, handled)
+        async def arm(entry: ExpiryEntry, lease: Lease | None) -> None:
+            armed.add(entry_key(entry))  # read ahead once: the next ticks do not read it again
+            if lease is None:
+                return  # no claim yet (or one on its way): the passes look again
+            if not lease.is_leased or lease.epoch != entry.epoch:
+                handled.add(entry_key(entry))  # completed or re-claimed: final for this entry
+            elif lease.lease_until_ms is None or lease.lease_until_ms <= entry.lease_until_ms:
+                self.handle_soon(entry, handled)  # (extended by a heartbeat: the pass re-files it)
 
-        groups = by_queue.values()
-        pending = [some(g[i : i + LEASES_PER_READ]) for g in groups for i in range(0, len(g), LEASES_PER_READ)]
-        for result in await asyncio.gather(*pending, return_exceptions=True):
-            if isinstance(result, BaseException):
-                log.debug("look-ahead at bucket %s failed: %s", bucket, type(result).__name__)  # the passes handle it
+        leases = [e for e in entries if e.epoch != DUE_EPOCH]
+        for error in await self._with_leases(leases, handled, armed, arm):
+            log.debug("look-ahead at bucket %s failed: %s", bucket, type(error).__name__)  # the passes handle it
 
     async def _handle(self, entry: ExpiryEntry, lease: Lease | None, now: int, bucket: int) -> bool:
         q = entry.queue
@@ -360,11 +363,11 @@ class RecoveryScheduler:
         )
         return True
 
-    def handle_soon(self, entry: ExpiryEntry, handled: set[tuple[str, str, object, int]] | None = None) -> None:
+    def handle_soon(self, entry: ExpiryEntry, handled: set[EntryKey] | None = None) -> None:
         """Handle one timer-wheel entry at its time, on this bridge (``WorkQueue.soon``). Best
         effort: cancelled at shutdown (the wheel entry stays the guarantee). ``handled``: the
         scheduler's set for the entry's bucket, which its passes then skip."""
-        key = (entry.queue.owner, entry.queue.service, entry.task_id, entry.epoch)
+        key = entry_key(entry)
         if len(self._timers) >= MAX_TIMERS or key in self._timer_keys:
             return  # one timer per entry (the claim's own and the look-ahead's may both ask)
         timer = asyncio.create_task(self._soon(entry, handled), name="due soon")
@@ -381,7 +384,7 @@ class RecoveryScheduler:
         for timer in list(self._timers):
             timer.cancel()
 
-    async def _soon(self, entry: ExpiryEntry, handled: set[tuple[str, str, object, int]] | None = None) -> None:
+    async def _soon(self, entry: ExpiryEntry, handled: set[EntryKey] | None = None) -> None:
         due = self._due_ms(entry)
         clock = self.queue.clock
         try:
@@ -405,7 +408,7 @@ class RecoveryScheduler:
                 and lease.not_claimable_before(now, self.queue.skew_margin_ms)
             )
             if settled and handled is not None and not rewatched:
-                handled.add((entry.queue.owner, entry.queue.service, entry.task_id, entry.epoch))
+                handled.add(entry_key(entry))
         except Exception as exc:  # the wheel entry is met by the scheduler anyway
             log.debug("timer for task %s failed: %s", entry.task_id, type(exc).__name__)
 
