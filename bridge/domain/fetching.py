@@ -201,10 +201,11 @@ class Fetcher:
             return None, stamp if stamp is not None else now * 1000
         stamp = next_stamp(now, stamp)
         # Write-ahead: the deadline and the worker's pointer exist before the claim can.
-        await asyncio.gather(
+        await store.write_ahead(
+            *(q, worker, WorkerPointer(task_id, epoch, entry.has_token, granted_at_ms=now), stamp),
             # Filed under the time it may be taken back: its deadline plus the skew margin.
-            store.watch_expiry(expiry_bucket(until + margin), ExpiryEntry(until, q, task_id, epoch, entry.has_token)),
-            store.set_worker(q, worker, WorkerPointer(task_id, epoch, entry.has_token, granted_at_ms=now), stamp),
+            expiry_bucket(until + margin),
+            ExpiryEntry(until, q, task_id, epoch, entry.has_token),
         )
         if recovered:
             assert entry.epoch is not None

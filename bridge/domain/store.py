@@ -209,6 +209,13 @@ class TaskStore(Protocol):
 
     async def set_worker(self, q: QueueKey, worker: str, pointer: WorkerPointer, stamp: int) -> None: ...
 
+    async def write_ahead(
+        self, q: QueueKey, worker: str, pointer: WorkerPointer, stamp: int, bucket: int, entry: ExpiryEntry
+    ) -> None:
+        """Before a claim: file its deadline (as :meth:`watch_expiry`) and point the worker at it
+        (as :meth:`set_worker`). Both must be stored when this returns; a store sends them as one
+        request where it can (one round trip and one request's cost instead of two)."""
+
     async def finish_worker(self, q: QueueKey, worker: str, task_id: uuid.UUID, stamp: int) -> None:
         """Record that the worker acked ``task_id`` (a retried ack then finds it)."""
 

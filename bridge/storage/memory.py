@@ -423,6 +423,12 @@ class MemoryTaskStore:
             stamp, task_id=p.task_id, epoch=p.epoch, has_token=p.has_token, stamp=stamp, granted_at=p.granted_at_ms
         )
 
+    async def write_ahead(
+        self, q: QueueKey, worker: str, pointer: WorkerPointer, stamp: int, bucket: int, entry: ExpiryEntry
+    ) -> None:
+        await self.watch_expiry(bucket, entry)
+        await self.set_worker(q, worker, pointer, stamp)
+
     async def finish_worker(self, q: QueueKey, worker: str, task_id: uuid.UUID, stamp: int) -> None:
         await self._io()
         self.workers.setdefault((q, worker), _Worker()).write(stamp, done_task=task_id)
