@@ -44,6 +44,7 @@ __all__ = [
 
 REPLY_TO = "amq.rabbitmq.reply-to"
 DEADLINE_HEADER = "x-deadline"
+IDEMPOTENCY_HEADER = "x-idempotency-key"  # contract 1.5: the add's own idempotency key (empty: none)
 MIN_BEAT_S = 0.1  # keep_alive never beats faster than this, however short the lease
 REDRIVE_RATE = 50.0  # the bridge's default BRIDGE_REDRIVE_RATE: parked tasks put back per second
 REDRIVE_ALL_MAX = 1000  # parked tasks one ``redrive all`` puts back at most
@@ -333,7 +334,10 @@ class Engine(RpcClient):
         not_before: datetime | str | None = None,
         max_deliveries: int | None = None,
     ) -> str | None:
-        """Add a task. ``message_id`` (default: a fresh uuid) makes retries idempotent.
+        """Add a task. ``message_id`` (your idempotency key) makes retries idempotent: every
+        add with it stores one task, whose id each of them answers. Without it, only a broker
+        redelivery of this add (a bridge died holding it) is recognised; a retry of the call
+        adds a second task.
 
         ``delay_ms`` or ``not_before`` (a timezone-aware datetime or an ISO 8601 string with an
         offset; one of the two) hold the task back: it is not handed out before then.
@@ -344,7 +348,13 @@ class Engine(RpcClient):
         if token is not None:
             body["token"] = token
         body.update(_add_options(delay_ms, not_before, max_deliveries))
-        headers = {"traceparent": traceparent} if traceparent else None
+        # The idempotency key goes in its own header (contract 1.5): without one of the caller's,
+        # an empty header tells the bridge that the random message_id (which the AMQP library
+        # sets anyway) guards only against a redelivery of this message, which costs no LWT. A
+        # bridge before 1.5 ignores the header and de-duplicates on message_id as it always did.
+        headers: dict[str, Any] = {IDEMPOTENCY_HEADER: message_id or ""}
+        if traceparent:
+            headers["traceparent"] = traceparent
         mid = message_id or uuid.uuid4().hex
         if not wait:
             await self.publish("add", body, reply=False, owner=self.owner, message_id=mid, headers=headers)

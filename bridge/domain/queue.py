@@ -13,7 +13,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from bridge.crypto import KeyProvider
 from bridge.domain.acking import Acker
@@ -27,7 +27,7 @@ from bridge.domain.hints import Hint, NoHints, TaskHints, carried
 from bridge.domain.lifecycle import Extended, Failed, Lifecycle, ParkedTask, TaskInfo
 from bridge.domain.models import AckRequest, AddCommand, Delivery, ExtendRequest, FailRequest, FetchRequest
 from bridge.domain.reconcile import Reconciliation
-from bridge.domain.records import DUE_EPOCH, LANE_FRESH, ExpiryEntry, OutboxEntry, QueueKey
+from bridge.domain.records import DUE_EPOCH, LANE_FRESH, ExpiryEntry, OutboxEntry, Payload, QueueKey
 from bridge.domain.relay import ResultMessage, ResultRelay, ResultSink
 from bridge.domain.sealing import OwnerKeys, encode, seal_task
 from bridge.domain.stats import ServiceStats, service_stats
@@ -43,6 +43,18 @@ MAX_STATS_SERVICES = 1_000
 # Timer-wheel entries due sooner than this are also handled by a timer of the bridge that filed
 # them: the scheduler reads the wheel's marks once a second (``MARKS_REFRESH_MS``).
 SOON_MS = 2_000
+
+
+@dataclass(frozen=True)
+class PendingAdd:
+    """An add checked and sealed, with its task id: stored by :meth:`WorkQueue.store_add`."""
+
+    q: QueueKey
+    task_id: uuid.UUID
+    payload: Payload
+    due_ms: int | None
+    has_token: bool
+    priority: int
 
 
 class WorkQueue:
@@ -120,7 +132,22 @@ class WorkQueue:
         await self.ctx.background.drain(timeout)
 
     # -- the three requests -----------------------------------------------------------------------
-    async def add(self, owner: str, cmd: AddCommand, *, message_id: str | None, traceparent: str | None) -> str:
+    async def add(
+        self,
+        owner: str,
+        cmd: AddCommand,
+        *,
+        message_id: str | None,
+        traceparent: str | None,
+        first_copy: bool = False,
+    ) -> str:
+        """Store a task (see :meth:`prepare_add` and :meth:`store_add`, which a caller that
+        retries uses apart, so that every attempt stores the same task id)."""
+        pending = await self.prepare_add(owner, cmd, traceparent=traceparent)
+        return await self.store_add(pending, message_id=message_id, first_copy=first_copy)
+
+    async def prepare_add(self, owner: str, cmd: AddCommand, *, traceparent: str | None) -> PendingAdd:
+        """Check and seal an add and give it its task id; nothing is stored yet."""
         ctx = self.ctx
         q = QueueKey(owner, cmd.service_id)
         limit = ctx.limits.max_value_bytes
@@ -137,27 +164,41 @@ class WorkQueue:
         # A delayed task's id is its due time: its place in the queue (FIFO by due time), and the
         # ready index is never scanned past the present, so it cannot be handed out early.
         task_id = new_task_id(due if due is not None else now)
-        if message_id:
-            existing = await self._dedupe(q, message_id, task_id, now)
-            if existing is not None:
-                return str(existing)
         payload = seal_task(key, q, task_id, value_json, token_json, traceparent, now)
         if cmd.max_deliveries is not None or cmd.priority:
             payload = replace(payload, max_deliveries=cmd.max_deliveries, priority=cmd.priority)
+        return PendingAdd(q, task_id, payload, due, token_json is not None, cmd.priority)
+
+    async def store_add(self, add: PendingAdd, *, message_id: str | None, first_copy: bool = False) -> str:
+        """Store a prepared add; its task id (or, for a repeated ``message_id``, the first copy's).
+
+        ``first_copy``: ``message_id`` only guards against a redelivery of this very message (no
+        other copy of it can exist yet), so it is recorded with plain writes beside the task,
+        not claimed by an LWT; a redelivered copy (``first_copy`` false) then finds it through
+        the LWT path. Storing the same ``add`` again (a retry after an error) writes the same
+        rows: it never makes a second task."""
+        ctx = self.ctx
+        q, task_id, payload, due = add.q, add.task_id, add.payload, add.due_ms
+        now = ctx.clock.now_ms()
+        if message_id and not first_copy:
+            existing = await self._dedupe(q, message_id, task_id, now)
+            if existing is not None:
+                return str(existing)
         self._register(q)
+        recorded = message_id if message_id and first_copy else None
         if due is not None:
             # Write-ahead: the scheduler announces it at its time (an entry without a task, from a
             # crash before the write below, finds nothing to claim).
-            watch = ExpiryEntry(due, q, task_id, DUE_EPOCH, token_json is not None, cmd.priority)
+            watch = ExpiryEntry(due, q, task_id, DUE_EPOCH, add.has_token, add.priority)
             await ctx.store.watch_expiry(expiry_bucket(due), watch)
-            await ctx.store.store_task(q, task_id, payload)
+            await ctx.store.store_task(q, task_id, payload, message_id=recorded)
             self.soon(watch, due)
             ctx.count_delayed(q, due, 1)
             ctx.metrics.inc("tasks_added", kind="delayed")
             return str(task_id)
-        await ctx.store.store_task(q, task_id, payload)
+        await ctx.store.store_task(q, task_id, payload, message_id=recorded)
         # After the write: a hint never names a task that is not stored yet.
-        hint = Hint(task_id, LANE_FRESH, task_id, None, token_json is not None, carried(payload), cmd.priority)
+        hint = Hint(task_id, LANE_FRESH, task_id, None, add.has_token, carried(payload), add.priority)
         await self.hints.offer(q, hint)
         ctx.count(q, now, ready=1)
         ctx.metrics.inc("tasks_added", kind="ready")
@@ -186,8 +227,8 @@ class WorkQueue:
         """The task an earlier copy of this add stored, or None if this copy is to store it."""
         store = self.ctx.store
         existing = await store.record_message_id(q, message_id, task_id)
-        if existing is None:
-            return None
+        if existing is None or existing == task_id:
+            return None  # ours (an earlier attempt of this very add recorded it): store the task
         if await store.task_exists(q, existing):
             # A redelivery or a retried publish: same task. Index it again in case the first
             # attempt died between its two writes.

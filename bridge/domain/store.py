@@ -42,8 +42,13 @@ from bridge.domain.records import (
 
 class TaskStore(Protocol):
     # -- tasks -------------------------------------------------------------------------------
-    async def store_task(self, q: QueueKey, task_id: uuid.UUID, payload: Payload) -> None:
-        """Index the task's bucket, then write the task (fresh lane). Idempotent."""
+    async def store_task(
+        self, q: QueueKey, task_id: uuid.UUID, payload: Payload, *, message_id: str | None = None
+    ) -> None:
+        """Index the task's bucket, then write the task (fresh lane). Idempotent.
+
+        ``message_id``: also record message_id -> task_id, unconditionally (a plain write, in the
+        same request where the store can): only for a message no other copy of can exist yet."""
 
     async def task_exists(self, q: QueueKey, task_id: uuid.UUID) -> bool: ...
 

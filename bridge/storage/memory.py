@@ -95,8 +95,12 @@ class MemoryTaskStore:
         return self.now_ms() < ms_of(task_id) + self.task_ttl_s * 1000
 
     # -- tasks -------------------------------------------------------------------------------
-    async def store_task(self, q: QueueKey, task_id: uuid.UUID, payload: Payload) -> None:
+    async def store_task(
+        self, q: QueueKey, task_id: uuid.UUID, payload: Payload, *, message_id: str | None = None
+    ) -> None:
         await self._io()
+        if message_id is not None:
+            self.message_ids[(q, message_id)] = task_id
         row = _Ready(task_id, None, payload.token is not None, payload)
         self.ready.setdefault((q, LANE_FRESH, bucket_of_task(task_id)), {})[task_id] = row
 

@@ -112,21 +112,27 @@ class CassandraTaskStore:
         self._indexed.add(key)
 
     # -- tasks ---------------------------------------------------------------------------------
-    async def store_task(self, q: QueueKey, task_id: uuid.UUID, payload: Payload) -> None:
+    async def store_task(
+        self, q: QueueKey, task_id: uuid.UUID, payload: Payload, *, message_id: str | None = None
+    ) -> None:
         bucket = bucket_of_task(task_id)
         await self._index_bucket(q, LANE_FRESH, bucket, task_id, force=False)
         token = payload.token
         created = None if payload.created_at_ms is None else to_datetime(payload.created_at_ms)
-        await self.db.execute(
-            "ready.insert",
-            (
-                *(q.owner, q.service, bucket, task_id, task_id),
-                *(payload.value.key_id, payload.value.nonce, payload.value.ciphertext),
-                *(token.nonce if token else None, token.ciphertext if token else None),
-                *(payload.traceparent, created, payload.max_deliveries, payload.priority or None),
-                self.ttl_for(task_id),
-            ),
+        task = (
+            *(q.owner, q.service, bucket, task_id, task_id),
+            *(payload.value.key_id, payload.value.nonce, payload.value.ciphertext),
+            *(token.nonce if token else None, token.ciphertext if token else None),
+            *(payload.traceparent, created, payload.max_deliveries, payload.priority or None),
+            self.ttl_for(task_id),
         )
+        if message_id is None:
+            await self.db.execute("ready.insert", task)
+            return
+        # One UNLOGGED batch (two partitions, one request). Not atomic: a record whose task row
+        # is missing reads as an add that died between its writes (see WorkQueue._dedupe).
+        record = (q.owner, q.service, message_id, task_id, self.ttl_for(task_id))
+        await self.db.execute_batch("add.recorded", [("idem.record", record), ("ready.insert", task)])
 
     async def task_exists(self, q: QueueKey, task_id: uuid.UUID) -> bool:
         rows = await self.db.execute("ready.payload", (q.owner, q.service, bucket_of_task(task_id), task_id))

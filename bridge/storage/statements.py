@@ -259,6 +259,10 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         "IF NOT EXISTS USING TTL ?",
         False,
     ),
+    "idem.record": (
+        "INSERT INTO {ks}.idempotency (owner, service, message_id, task_id) VALUES (?, ?, ?, ?) USING TTL ?",
+        True,
+    ),
     "idem.replace": (
         "UPDATE {ks}.idempotency USING TTL ? SET task_id = ? "
         "WHERE owner = ? AND service = ? AND message_id = ? IF task_id = ?",

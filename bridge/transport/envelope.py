@@ -4,6 +4,7 @@ reply bodies. Every problem found here is the caller's: a :mod:`bridge.domain.er
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -18,10 +19,13 @@ from bridge.transport.wire import iso
 __all__ = [
     "DEADLINE_HEADER",
     "ENVELOPE_ALLOWANCE",
+    "IDEMPOTENCY_HEADER",
     "OWNER_PATTERN",
+    "AddKey",
     "Identity",
     "check_reply_to",
     "deadline_of",
+    "idempotency_of",
     "iso",  # moved to bridge.transport.wire, still importable from here
     "read_body",
     "reply_body",
@@ -29,6 +33,8 @@ __all__ = [
 ]
 
 DEADLINE_HEADER = "x-deadline"
+IDEMPOTENCY_HEADER = "x-idempotency-key"
+IDEMPOTENCY_PATTERN = re.compile(r"[^\x00-\x1f\x7f]{0,255}")
 OWNER_PATTERN = re.compile(r"[^\x00-\x1f\x7f]{1,255}")
 #: A request body may be this much larger than BRIDGE_MAX_VALUE_BYTES (the rest of the request).
 ENVELOPE_ALLOWANCE = 65_536
@@ -76,6 +82,42 @@ def deadline_of(message: AbstractIncomingMessage) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise BadRequest(f"the {DEADLINE_HEADER} header must be an integer (milliseconds since the epoch)")
     return value
+
+
+@dataclass(frozen=True)
+class AddKey:
+    """How an add is de-duplicated: ``key`` (None: not at all), and whether the key only guards
+    against a redelivery of this very message (``first_copy``: this is its first delivery, so no
+    other copy can exist yet and the key is recorded without an LWT)."""
+
+    key: str | None
+    first_copy: bool = False
+
+
+def idempotency_of(message: AbstractIncomingMessage) -> AddKey:
+    """The add's idempotency key (contract 1.5): the ``x-idempotency-key`` header when present
+    (an empty one: the caller has no key of its own), else the ``message-id`` (1.4 and before).
+
+    Without a key of the caller's own, a ``message-id`` still makes a broker redelivery of this
+    message (after a bridge died holding it) answer the task its first delivery stored: that
+    costs no LWT on the first delivery (RabbitMQ flags every redelivery). The bundled Python
+    client sends the header because its AMQP library fills in a random ``message-id`` on every
+    message, which under the 1.4 rule cost an LWT per add for a key nobody could repeat."""
+    header = (message.headers or {}).get(IDEMPOTENCY_HEADER)
+    if header is None:
+        return AddKey(message.message_id or None)
+    if isinstance(header, bytes):
+        try:
+            header = header.decode()
+        except UnicodeDecodeError:
+            raise BadRequest(f"the {IDEMPOTENCY_HEADER} header is not valid UTF-8") from None
+    if not isinstance(header, str) or not IDEMPOTENCY_PATTERN.fullmatch(header):
+        raise BadRequest(f"the {IDEMPOTENCY_HEADER} header must be a string of 0 to 255 printable characters")
+    if header:
+        return AddKey(header)
+    if not message.message_id:
+        return AddKey(None)
+    return AddKey(message.message_id, first_copy=not message.redelivered)
 
 
 def check_reply_to(message: AbstractIncomingMessage) -> None:

@@ -20,11 +20,20 @@ from pydantic import BaseModel
 from bridge.config import Settings
 from bridge.domain.errors import BadRequest
 from bridge.domain.models import AckRequest, AddCommand, FetchRequest, parse
-from bridge.domain.queue import WorkQueue
+from bridge.domain.queue import PendingAdd, WorkQueue
 from bridge.errors import BridgeError, ErrorCode, wire_code
 from bridge.observability.tracing import child_traceparent, extract_traceparent
 from bridge.transport import wire
-from bridge.transport.envelope import Identity, check_reply_to, deadline_of, read_body, reply_body, sent_before_ms
+from bridge.transport.envelope import (
+    AddKey,
+    Identity,
+    check_reply_to,
+    deadline_of,
+    idempotency_of,
+    read_body,
+    reply_body,
+    sent_before_ms,
+)
 from bridge.transport.fate import EXPIRED, OK, RETRY_BUDGET_S, Settle, fate_of, settle
 from bridge.transport.replies import ReplyPublisher
 from bridge.transport.topology import ROUTING_KEYS
@@ -105,19 +114,24 @@ class RequestHandlers:
             structlog.contextvars.bind_contextvars(owner=owner, service=cmd.service_id)
             # W3C trace context of the engine's span: kept with the task (a malformed one is dropped).
             traceparent = extract_traceparent(message.headers)
-            task_id = await self._add_retrying(owner, cmd, message.message_id, traceparent)
+            task_id = await self._add_retrying(owner, cmd, idempotency_of(message), traceparent)
         except Exception as exc:
             return await self.fail(message, "add", exc)
         return await self.conclude(message, "add", OK, wire.encode(wire.added(task_id, cmd)))
 
-    async def _add_retrying(self, owner: str, cmd: AddCommand, message_id: str | None, traceparent: str | None) -> str:
+    async def _add_retrying(self, owner: str, cmd: AddCommand, key: AddKey, traceparent: str | None) -> str:
         """Retry an add whose fate is to be retried (``unavailable``) while the delivery is held,
-        with backoff, within :data:`ADD_RETRY_BUDGET_S`; then its error is its fate."""
+        with backoff, within :data:`ADD_RETRY_BUDGET_S`; then its error is its fate. Every attempt
+        stores the same prepared task (one task id), so an attempt that failed but landed later
+        rewrites the same rows instead of leaving a second task."""
         delay = 0.1
         give_up = time.monotonic() + ADD_RETRY_BUDGET_S
+        pending: PendingAdd | None = None
         while True:
             try:
-                return await self.queue.add(owner, cmd, message_id=message_id, traceparent=traceparent)
+                if pending is None:
+                    pending = await self.queue.prepare_add(owner, cmd, traceparent=traceparent)
+                return await self.queue.store_add(pending, message_id=key.key, first_copy=key.first_copy)
             except BridgeError as exc:
                 retry = fate_of(wire_code(exc), "add").retry
                 if not retry or time.monotonic() + delay > give_up or not self._consuming():

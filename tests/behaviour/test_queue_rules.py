@@ -6,6 +6,7 @@ import orjson
 import pytest
 
 from bridge.domain.errors import PayloadTooLarge, Unavailable
+from bridge.domain.models import AddCommand, parse
 from tests.queue_harness import OWNER, Harness
 
 pytestmark = pytest.mark.anyio
@@ -134,6 +135,46 @@ async def test_add_with_a_message_id_is_stored_once(harness: Harness) -> None:
     got = [await h.fetch(f"w{i}") for i in range(3)]
     assert sorted(d.task_id for d in got if d is not None) == sorted({first, got[1].task_id if got[1] else ""})
     assert got[2] is None
+
+
+def _add(h: Harness, value: str) -> AddCommand:
+    return parse(AddCommand, {"serviceId": h.service, "value": value})
+
+
+async def _drain(h: Harness) -> list[object]:
+    got = []
+    while (d := await h.fetch("w")) is not None:
+        got.append(orjson.loads(d.value_json))
+        assert await h.ack("w", d) is True
+    return got
+
+
+async def test_a_first_copy_records_its_message_id_and_a_redelivered_copy_finds_it(harness: Harness) -> None:
+    """Contract 1.5, an add without a key of its own: its first delivery records the message_id
+    beside the task (no LWT); a redelivered copy takes the LWT path and answers that task."""
+    h, q = harness, harness.queue
+    first = await q.add(OWNER, _add(h, "once"), message_id="m-1", traceparent=None, first_copy=True)
+    h.clock.advance(1)
+    again = await q.add(OWNER, _add(h, "once"), message_id="m-1", traceparent=None, first_copy=False)
+    assert again == first
+    assert await _drain(h) == ["once"]
+
+
+async def test_an_add_stored_again_after_an_error_is_one_task(harness: Harness) -> None:
+    """The transport retries a failed add with the same prepared task: the same rows, one task
+    (with or without a key, recorded either way)."""
+    h, q = harness, harness.queue
+    for message_id, first_copy in ((None, False), ("m-2", True), ("m-3", False)):
+        pending = await q.prepare_add(OWNER, _add(h, f"v-{message_id}"), traceparent=None)
+        ids = {await q.store_add(pending, message_id=message_id, first_copy=first_copy) for _ in range(2)}
+        assert ids == {str(pending.task_id)}
+        h.clock.advance(1)
+    # An attempt that recorded its key and failed before the task's write: the retry stores it
+    # at once (its own record), instead of waiting for the record to look abandoned.
+    pending = await q.prepare_add(OWNER, _add(h, "v-m-4"), traceparent=None)
+    assert await q.store.record_message_id(pending.q, "m-4", pending.task_id) is None
+    assert await q.store_add(pending, message_id="m-4") == str(pending.task_id)
+    assert await _drain(h) == ["v-None", "v-m-2", "v-m-3", "v-m-4"]
 
 
 async def test_oversized_value_is_refused_before_anything_is_stored(harness: Harness) -> None:

@@ -684,9 +684,12 @@ class _WorkQueue:
         self.answer: Any = None  # what a lifecycle method of the domain returns (1.4)
         self.calls: list[tuple[str, tuple[Any, ...]]] = []  # and what it was asked
 
-    async def add(self, owner: str, cmd: AddCommand, *, message_id: str | None, traceparent: str | None) -> str:
+    async def prepare_add(self, owner: str, cmd: AddCommand, *, traceparent: str | None) -> AddCommand:
         if self.error is not None:
             raise self.error
+        return cmd
+
+    async def store_add(self, pending: AddCommand, *, message_id: str | None, first_copy: bool = False) -> str:
         return TASK_ID
 
     async def fetch(self, owner: str, req: FetchRequest) -> Delivery | None:

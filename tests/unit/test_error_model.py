@@ -184,7 +184,7 @@ class _RaisingQueue:
     def __init__(self, error: Exception) -> None:
         self.error = error
 
-    async def add(self, *_: Any, **__: Any) -> str:
+    async def prepare_add(self, *_: Any, **__: Any) -> str:
         raise self.error
 
     async def fetch(self, *_: Any, **__: Any) -> None:

@@ -66,6 +66,7 @@ class _Message:
         self.reply_to = reply_to
         self.correlation_id = "c"
         self.message_id = None
+        self.redelivered = False
         self.timestamp = None
         self.settled: list[str] = []
 
@@ -99,8 +100,11 @@ class _Queue:
     clock = _Clock()
     metrics = _Metrics()
 
-    async def add(self, owner: str, cmd: AddCommand, *, message_id: str | None, traceparent: str | None) -> str:
+    async def prepare_add(self, owner: str, cmd: AddCommand, *, traceparent: str | None) -> AddCommand:
         jsonvalue.dumps(cmd.value)  # the real queue serializes (and may refuse) the value
+        return cmd
+
+    async def store_add(self, pending: AddCommand, *, message_id: str | None, first_copy: bool = False) -> str:
         return str(uuid.uuid4())
 
     async def fetch(self, owner: str, req: FetchRequest) -> Delivery | None:
@@ -140,7 +144,9 @@ def _transport() -> tuple[AmqpTransport, _Channel]:
         ).map(jsonvalue.dumps),
     ),
     headers=st.dictionaries(
-        st.sampled_from(["x-owner", "x-deadline", "traceparent", "other"]), header_values, max_size=3
+        st.sampled_from(["x-owner", "x-deadline", "traceparent", "x-idempotency-key", "other"]),
+        header_values,
+        max_size=3,
     ),
     user_id=st.one_of(st.none(), st.sampled_from(["worker-a", "engine"])),
     reply_to=st.one_of(st.none(), st.just(REPLY_TO), st.text(max_size=40)),

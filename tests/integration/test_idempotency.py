@@ -1,0 +1,117 @@
+"""Idempotent adds, contract 1.5 (real servers): the ``x-idempotency-key`` header, and what a
+``message-id`` guards when the caller has no key of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import aio_pika
+import pytest
+
+from bridge.client import Engine
+from bridge.client.rpc import IDEMPOTENCY_HEADER
+from tests.conftest import BRIDGE_USER, ENGINE_USER, OWNERS, service_id, wait_for
+
+pytestmark = pytest.mark.anyio
+
+LWT_ADD = "idem.insert"  # the add's idempotency LWT
+
+
+async def _handed_out(workers: Any, svc: str) -> list[Any]:
+    """Every task the queue hands out now (each acked), in order."""
+    w = await workers(svc)
+    got = []
+    while (task := await w.fetch()) is not None:
+        got.append(task.value)
+        assert await task.ack("ok") is True
+    return got
+
+
+async def test_the_python_client_pays_no_lwt_for_an_add_without_a_key(bridge, engine, workers):
+    """Before 1.5 every add from the Python client paid an LWT: its AMQP library gives every
+    message a random message-id, which the bridge took as an idempotency key nobody could repeat."""
+    svc = service_id()
+    before = bridge.db.statements.copy()
+    ids = [await engine.add(svc, i) for i in range(5)]
+    spent = bridge.db.statements - before
+    assert spent[LWT_ADD] == 0, spent
+    assert spent["add.recorded"] == 5, spent  # the message-id is recorded beside the task, one request
+    assert len(set(ids)) == 5
+    assert await _handed_out(workers, svc) == [0, 1, 2, 3, 4]
+
+
+async def test_a_key_of_the_callers_own_still_stores_one_task(bridge, engine, workers):
+    svc = service_id()
+    before = bridge.db.statements.copy()
+    first = await engine.add(svc, "once", message_id="invoice-42")
+    assert await engine.add(svc, "once", message_id="invoice-42") == first
+    assert (bridge.db.statements - before)[LWT_ADD] == 2
+    assert await _handed_out(workers, svc) == ["once"]
+
+
+async def test_the_header_is_the_key_whatever_the_message_id(bridge, engine, workers):
+    svc = service_id()
+    body = {"serviceId": svc, "value": "v"}
+    replies = [
+        await engine.call("add", body, owner=OWNERS[0], message_id=uuid.uuid4().hex, headers={IDEMPOTENCY_HEADER: "k"})
+        for _ in range(2)
+    ]
+    assert replies[0]["task"]["id"] == replies[1]["task"]["id"]
+    assert await _handed_out(workers, svc) == ["v"]
+
+
+async def test_a_client_before_1_5_keeps_its_message_id_as_the_key(bridge, engine, workers):
+    """No header: the message-id is the key (contract 1.4), so an older client's retries still
+    store one task."""
+    svc = service_id()
+    body = {"serviceId": svc, "value": "v"}
+    replies = [await engine.call("add", body, owner=OWNERS[0], message_id="m-1") for _ in range(2)]
+    assert replies[0]["task"]["id"] == replies[1]["task"]["id"]
+    assert await _handed_out(workers, svc) == ["v"]
+
+
+@pytest.mark.parametrize("header", [42, "x" * 256, "bad\nkey"])
+async def test_a_malformed_key_is_a_bad_request(bridge, engine, workers, header):
+    svc = service_id()
+    body = {"serviceId": svc, "value": "v"}
+    reply, _ = await engine.call_raw("add", body, owner=OWNERS[0], headers={IDEMPOTENCY_HEADER: header})
+    assert reply["error"]["code"] == "bad_request"
+    assert IDEMPOTENCY_HEADER in reply["error"]["message"]
+    assert await _handed_out(workers, svc) == []
+
+
+async def test_a_redelivered_add_without_a_key_answers_the_task_its_first_delivery_stored(
+    make_bridge, servers, names, workers
+):
+    """The case the recorded message-id is for: a bridge stored the task and died before it acked
+    the delivery, so RabbitMQ hands the same message, flagged redelivered, to another bridge."""
+    svc = service_id()
+    first_bridge = await make_bridge()
+    async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"], timeout=60) as e:
+        mid = uuid.uuid4().hex
+        body = {"serviceId": svc, "value": "once"}
+        headers = {IDEMPOTENCY_HEADER: ""}
+        reply, _ = await e.call_raw("add", body, owner=OWNERS[0], message_id=mid, headers=headers)
+        stored = reply["task"]["id"]
+        assert first_bridge.db.statements[LWT_ADD] == 0
+        await first_bridge.stop()  # no bridge consumes adds now
+        # The same message again, taken and handed back unsettled by a consumer of the bridge's own
+        # user: RabbitMQ flags it redelivered, as after the bridge holding it died.
+        pending = await e.publish("add", body, owner=OWNERS[0], message_id=mid, headers=headers)
+        assert pending is not None
+        connection = await aio_pika.connect(servers.amqp_url(BRIDGE_USER))
+        try:
+            channel = await connection.channel()
+            queue = await channel.get_queue(f"{names['queue_prefix']}.add", ensure=False)
+            copy = await wait_for(lambda: queue.get(fail=False), 10, what="the copy in the add queue")
+            assert copy.message_id == mid and not copy.redelivered
+            await copy.nack(requeue=True)
+        finally:
+            await connection.close()
+        second_bridge = await make_bridge()
+        again, _ = await asyncio.wait_for(pending, 30)
+    assert again["task"]["id"] == stored
+    assert second_bridge.db.statements[LWT_ADD] == 1  # the redelivered copy took the LWT path
+    assert await _handed_out(workers, svc) == ["once"]
