@@ -37,8 +37,7 @@ run: venv stack-up keyring
 # to start on two cores, beyond the per-test timeout) and stopped after, whatever their outcome.
 test: venv stack-up node-deps browser
 	$(PYTEST) -m "not cluster"
-	bash deploy/local/cassandra-cluster.sh up
-	$(PYTEST) -m cluster; rc=$$?; bash deploy/local/cassandra-cluster.sh down; exit $$rc
+	bash deploy/local/cassandra-cluster.sh up && $(PYTEST) -m cluster; rc=$$?; bash deploy/local/cassandra-cluster.sh down; exit $$rc
 
 # The 30-minute soak (`make test` runs a 20 s one). The one test longer than the suite's 60 s
 # per-test timeout, so it raises the timeout here: 30 minutes of load plus 5 for set-up and drain.

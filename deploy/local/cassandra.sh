@@ -91,6 +91,26 @@ cassandra_pid() {
   echo "$pid"
 }
 
+# qb_spawn_detached LOG CMD...: runs CMD in a new session (setsid: a Ctrl-C in this terminal does
+# not reach it), output to LOG, and sets QB_SPAWNED_PID. Returns once that pid runs CMD's own
+# program (setsid and nohup exec'd away), or 1 if it died first. Without this wait, a check of the
+# pid right after the launch could still see the forked shell, or a cmdline read mid-exec (9% of
+# bare launches on an idle 2-core machine): a CI run took a healthy node for a dead one.
+qb_spawn_detached() {
+  local log=$1 pid i program
+  shift
+  program=$(readlink -f "$(command -v "$1")")
+  setsid nohup "$@" >"$log" 2>&1 </dev/null &
+  pid=$!
+  QB_SPAWNED_PID=$pid
+  for ((i = 0; i < 400; i++)); do   # up to ~10 s
+    [[ -e /proc/$pid/stat && $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) != Z ]] || return 1
+    [[ $(readlink "/proc/$pid/exe" 2>/dev/null) == "$program" ]] && return 0
+    sleep 0.025
+  done
+  return 1
+}
+
 cassandra_rss_mib() {
   local kib
   kib=$(ps -o rss= -p "$1" 2>/dev/null | tr -d ' ') || true
@@ -319,13 +339,13 @@ cassandra_start() {
   mkdir -p "$C_DIR/tmp" "$C_CONF/triggers"
   if [[ -d $C_DATA/data/system ]]; then C_START_KIND="existing data"; else C_START_KIND="cold, empty data dir"; fi
   qb_log "cassandra: starting 5.0.8 on $QB_CASSANDRA_HOST:$QB_CASSANDRA_PORT (${C_START_KIND}, heap $QB_CASSANDRA_HEAP, $("$java" -version 2>&1 | head -n1))"
-  # A new session (setsid) so that a Ctrl-C in this terminal does not reach the server.
   rm -f "$C_LOGS/stdout.log"
   # system.log is appended to across restarts: readiness only scans what this launch writes.
   C_LAUNCHED_AT=$EPOCHSECONDS
   echo "$C_LAUNCHED_AT $(stat -c %s "$C_LOGS/system.log" 2>/dev/null || echo 0)" >"$C_DIR/launch"
-  setsid nohup "${C_CMD[@]}" >"$C_LOGS/stdout.log" 2>&1 </dev/null &
-  pid=$!
+  # (a launch that dies before exec'ing java is reported by cassandra_wait, with stdout.log)
+  qb_spawn_detached "$C_LOGS/stdout.log" "${C_CMD[@]}" || true
+  pid=$QB_SPAWNED_PID
   echo "$pid" >"$C_PIDFILE"
   echo started >"$C_OWNER"
   qb_log "cassandra: pid $pid, log $C_LOGS/system.log"
