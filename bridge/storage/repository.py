@@ -424,11 +424,13 @@ class CassandraTaskStore:
         # Two partitions, one UNLOGGED batch: the claim waits for both anyway, and one request
         # instead of two saves the bridge a request's CPU (per task, the larger cost) and
         # Cassandra a round of request handling; the coordinator still writes each partition.
-        await self._mark_expiry_bucket(bucket)
-        expiry = ("expiry.insert", self._expiry_insert(bucket, entry))
-        await self.db.execute_batch(
-            "fetch.write_ahead", [expiry, ("worker.set", self._worker_set(q, worker, pointer, stamp))]
-        )
+        # A bucket not marked yet is marked in the same batch (one round trip, not two in a row):
+        # the reply says every write in it was applied, so the mark is stored before the claim
+        # exists, as when it was written first.
+        items = [*self._mark_if_new(bucket), ("expiry.insert", self._expiry_insert(bucket, entry))]
+        items.append(("worker.set", self._worker_set(q, worker, pointer, stamp)))
+        await self.db.execute_batch("fetch.write_ahead", items)
+        self._remember_mark(bucket)
 
     async def finish_worker(self, q: QueueKey, worker: str, task_id: uuid.UUID, stamp: int) -> None:
         await self.db.execute("worker.finish", (self.ttl_for(task_id), stamp, task_id, q.owner, q.service, worker))
@@ -438,12 +440,24 @@ class CassandraTaskStore:
 
     # -- recovery timer wheel and outbox -----------------------------------------------------------------
     async def watch_expiry(self, bucket: int, entry: ExpiryEntry) -> None:
-        await self._mark_expiry_bucket(bucket)
-        await self.db.execute("expiry.insert", self._expiry_insert(bucket, entry))
+        insert = ("expiry.insert", self._expiry_insert(bucket, entry))
+        if bucket in self._marked:
+            await self.db.execute(*insert)
+            return
+        # The mark and the deadline it announces in one request: stored together when it succeeds.
+        await self.db.execute_batch("expiry.watch_marked", [*self._mark_if_new(bucket), insert])
+        self._remember_mark(bucket)
 
-    async def _mark_expiry_bucket(self, bucket: int) -> None:
-        if bucket not in self._marked:  # the mark lands before the deadline it announces
-            await self.db.execute("expiry.mark", (bucket // MARK_HOUR_BUCKETS, bucket, self.task_ttl_s))
+    def _mark_if_new(self, bucket: int) -> list[tuple[str, tuple[Any, ...]]]:
+        """The mark of an expiry bucket this process has not marked lately (the scheduler reads
+        only marked buckets), to send with the first deadline filed under it."""
+        if bucket in self._marked:
+            return []
+        return [("expiry.mark", (bucket // MARK_HOUR_BUCKETS, bucket, self.task_ttl_s))]
+
+    def _remember_mark(self, bucket: int) -> None:
+        """Only after the write that carried the mark succeeded (a failed one is sent again)."""
+        if bucket not in self._marked:
             if len(self._marked) > MAX_REMEMBERED_BUCKETS:
                 self._marked.clear()
             self._marked.add(bucket)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import datetime
 
 import pytest
 
+from bridge.domain.timeline import expiry_bucket
 from tests.conftest import service_id, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -87,6 +89,35 @@ async def test_a_task_costs_five_statements_and_two_lwts(bridge, engine, workers
     assert own.get("fetch.write_ahead") == tasks, own  # deadline and pointer: one request
     assert lwts <= 2.0, f"{lwts:.2f} LWTs per task: {own}"
     assert "worker.get" not in own and "ready.payload" not in own and "worker.finish" not in own, own
+
+
+async def test_a_fetch_marks_a_new_expiry_bucket_in_its_write_ahead_request(bridge, engine, workers):
+    """The scheduler reads only marked expiry buckets, so a bucket's mark must be stored before
+    the first deadline filed under it can be claimed. It was its own write, sent before the
+    write-ahead batch: one more round trip in a row on the fetch's reply path whenever a lease
+    ended in a bucket this bridge had not marked yet (every few fetches of a quiet queue). It now
+    goes in the same batch, and is stored when the batch succeeds."""
+    svc = service_id()
+    w = await workers(svc, "marks")
+    tasks = 8
+    for i in range(tasks):
+        await engine.add(svc, {"n": i})
+    before = bridge.db.statements.copy()
+    deadlines = []
+    for i in range(tasks):
+        # Leases 1 s apart: each deadline in a 250 ms bucket of its own, none marked yet.
+        task = await w.fetch(time_to_recover_ms=120_000 + i * 1_000)
+        assert task is not None
+        deadlines.append(int(datetime.fromisoformat(task.lease_expires_at).timestamp() * 1000))
+        assert await task.ack("ok") is True
+    spent = bridge.db.statements - before
+    assert spent["fetch.write_ahead"] == tasks, spent
+    assert spent["expiry.mark"] == 0, f"marks sent on their own: {dict(spent)}"
+    # ...and stored: the scheduler finds every bucket these deadlines were filed under.
+    margin = bridge.queue.ctx.limits.skew_margin_ms
+    buckets = {expiry_bucket(d + margin) for d in deadlines}
+    marked = await bridge.queue.store.marked_expiry_buckets(min(buckets), max(buckets))
+    assert buckets <= marked, sorted(buckets - marked)
 
 
 async def test_the_bridge_sends_cassandra_requests_without_nagle_delays(bridge):
