@@ -9,8 +9,10 @@ after a scan of a queue found nothing, this bridge does not scan that queue agai
 restored, a hint could not be published): then every queue is scanned again at its next fetch.
 So a fleet of idle bridges polled by idle workers costs the store about one small scan per queue
 per bridge per interval, whatever the number of workers, and a backlog whose hints were lost
-drains at full speed (every fetch scans while scans find tasks). The one loss no alarm reports,
-a bridge killed between an add's write and its hint, is found within grace + interval.
+drains at full speed (every fetch scans while scans find tasks). The losses no alarm reports, a
+bridge killed between an add's write and its hint, or between taking a hint for a waiting fetch
+(acknowledged as it is handed over: ``bridge.transport.hints``) and deciding its claim, are
+found within grace + interval of a fetch that finds no hint.
 
 An alarm also lifts the grace for what was placed before it: those hints may be the lost ones
 (an add whose hint publish failed has already been answered), so a fetch right after the alarm

@@ -92,3 +92,40 @@ async def test_two_bridges_on_one_queue_do_not_race_for_tasks(make_bridge, engin
     assert sorted(got) == sorted(ids), "every task once"
     conflicts = sum(x.metrics.counter_value("claim_conflicts") for x in (a, b))
     assert conflicts <= 0.05 * len(ids), f"{conflicts} claims lost to another claim"
+
+
+async def test_a_waiting_worker_gets_its_task_while_another_waiters_claim_is_still_under_way(
+    bridge, engine, workers, monkeypatch
+):
+    """A bridge's waiting fetches of one queue share its one consumer of the hint queue (prefetch
+    1). Each hint was acknowledged only once its claim was decided, so the broker held the next
+    hint back for that long: the waiters took their tasks one claim at a time, at most about 150
+    a second per bridge however many waited (the measured cap of the 10,000 delayed tasks). The
+    hint is now acknowledged when a waiter takes it: here the first claim is held up in its
+    write-ahead, and the second waiter still gets its task."""
+    svc = service_id()
+    first, second = await workers(svc, "w1"), await workers(svc, "w2")
+    store = bridge.queue.ctx.store
+    real = store.write_ahead
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def write_ahead(*args, **kwargs):
+        if not held.is_set():  # the first claim of the test waits here
+            held.set()
+            await release.wait()
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "write_ahead", write_ahead)
+    waits = [asyncio.create_task(w.fetch(wait_ms=15_000)) for w in (first, second)]
+    await wait_for(lambda: sum(len(x.waiters) for x in bridge.hints._waiting.values()) == 2, 10.0, what="2 waiting")
+    ids = {await engine.add(svc, {"n": i}) for i in range(2)}
+    await asyncio.wait_for(held.wait(), 5.0)
+    try:
+        done, _ = await asyncio.wait(waits, timeout=5.0, return_when=asyncio.FIRST_COMPLETED)
+        assert done, "no waiter got a task while the other's claim was under way"
+    finally:
+        release.set()
+    got = await asyncio.gather(*waits)
+    assert all(t is not None for t in got) and {t.id for t in got} == ids
+    for t in got:
+        assert await t.ack("ok") is True
