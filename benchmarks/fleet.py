@@ -11,6 +11,8 @@
    the old way (a fetch every 100 ms). Then add-to-fetch-reply latency of a waiting worker, against
    B-rpc (a bare AMQP RPC round trip through RabbitMQ, same run), and against the same round
    trip after the same 50 ms idle gap that precedes each add (like for like).
+3. Burst (``--phases burst``): one bridge, 32 workers long-polling one empty queue, 32 tasks added
+   at once: time to the last worker's reply (and each reply), over 20 bursts.
 """
 
 from __future__ import annotations
@@ -98,6 +100,49 @@ async def add_to_reply(bench: Bench, samples: int) -> dict[str, Any]:
     await close_all([worker])
     lat.sort()
     return {"add_to_fetch_reply_p50_ms": round(lat[len(lat) // 2], 2), "samples": samples}
+
+
+async def burst(bench: Bench, waiters: int, rounds: int) -> dict[str, Any]:
+    """One bridge, ``waiters`` workers long-polling one empty queue; ``waiters`` tasks added at once
+    (an engine starting a batch, a bucket of delayed tasks coming due): from the burst's first
+    add to the last worker's reply, and to each reply, over ``rounds`` bursts."""
+    svc = bench.service("fleet-burst")
+    workers = await open_workers(bench, svc, waiters, "fb")
+    for w in workers:
+        w.time_to_recover_ms = TTR_MS
+    last: list[float] = []
+    each: list[float] = []
+    try:
+        async with Engine(bench.amqp_url(ENGINE_USER), owner=OWNER, exchange=bench.exchange) as engine:
+            for _ in range(rounds):
+                waits = [asyncio.create_task(w.fetch(wait_ms=10_000)) for w in workers]
+                await asyncio.sleep(0.3)  # every fetch is waiting on the bridge
+                start = time.perf_counter()
+                replied: list[float] = []
+
+                async def timed(t: asyncio.Task[Any]) -> Any:
+                    task = await t
+                    replied.append((time.perf_counter() - start) * 1000)
+                    return task
+
+                adds = asyncio.gather(*(engine.add(svc, i) for i in range(waiters)))
+                got = await asyncio.gather(*(timed(t) for t in waits))
+                await adds
+                assert all(g is not None for g in got)
+                last.append(max(replied))
+                each.extend(replied)
+                await asyncio.gather(*(g.ack(None) for g in got))
+    finally:
+        await close_all(workers)
+    last.sort()
+    each.sort()
+    return {
+        "waiters": waiters,
+        "rounds": rounds,
+        "last_reply_p50_ms": round(last[len(last) // 2], 1),
+        "reply_p50_ms": round(each[len(each) // 2], 1),
+        "reply_p90_ms": round(each[int(len(each) * 0.9)], 1),
+    }
 
 
 IDLE_GAP_S = 0.05  # add_to_reply sleeps this long before each add (its worker must be waiting)
@@ -214,6 +259,10 @@ async def main(args: argparse.Namespace) -> None:
         if "per-task" in phases:
             report["per_task"] = await per_task(bench, args.tasks, 16)
             say(f"per task: {report['per_task']}")
+        if "burst" in phases:
+            await bench.ensure_bridges(1)
+            report["burst"] = await burst(bench, args.burst_waiters, args.burst_rounds)
+            say(f"burst: {report['burst']}")
         if "latency" in phases:
             await bench.ensure_echo()
             await b_rpc(bench, [1])
@@ -242,10 +291,12 @@ if __name__ == "__main__":
     ap.add_argument("--waiters", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--samples", type=int, default=30)
+    ap.add_argument("--burst-waiters", type=int, default=32, help="burst phase: workers waiting, and tasks per burst")
+    ap.add_argument("--burst-rounds", type=int, default=20)
     ap.add_argument("--tasks", type=int, default=2000, help="per-task phase: tasks added, fetched and acked")
     ap.add_argument(
         "--phases",
         default="waiting,per-task,latency,idle",
-        help="which phases (run in this order): waiting (4 bridges), per-task (1), latency (4), idle (N)",
+        help="which phases (run in this order): waiting (4 bridges), per-task (1), burst (1), latency (4), idle (N)",
     )
     asyncio.run(main(ap.parse_args()))
