@@ -120,7 +120,7 @@ async def burst(bench: Bench, waiters: int, rounds: int) -> dict[str, Any]:
                 start = time.perf_counter()
                 replied: list[float] = []
 
-                async def timed(t: asyncio.Task[Any]) -> Any:
+                async def timed(t: asyncio.Task[Any], start: float = start, replied: list[float] = replied) -> Any:
                     task = await t
                     replied.append((time.perf_counter() - start) * 1000)
                     return task
