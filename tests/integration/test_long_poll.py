@@ -129,3 +129,35 @@ async def test_a_waiting_worker_gets_its_task_while_another_waiters_claim_is_sti
     assert all(t is not None for t in got) and {t.id for t in got} == ids
     for t in got:
         assert await t.ack("ok") is True
+
+
+async def test_a_handed_hint_whose_claim_fails_is_published_again(bridge, engine, workers, monkeypatch):
+    """A waiting fetch's hint is acknowledged as it is handed over: when its claim cannot be decided
+    (here the store fails the write-ahead), the hint is published again, so the next fetch gets
+    the task at once instead of after reconciliation's grace (3 s)."""
+    from bridge.client.errors import UnavailableError
+    from bridge.storage.errors import StorageUnavailable
+
+    svc = service_id()
+    first, second = await workers(svc, "w1"), await workers(svc, "w2")
+    store = bridge.queue.ctx.store
+    real = store.write_ahead
+    failed = asyncio.Event()
+
+    async def write_ahead(*args, **kwargs):
+        if not failed.is_set():
+            failed.set()
+            raise StorageUnavailable("cassandra unavailable (injected)")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "write_ahead", write_ahead)
+    waiting = asyncio.create_task(first.fetch(wait_ms=10_000))
+    await wait_for(lambda: bridge.hints._waiting, 5.0, what="the fetch waiting")
+    published = bridge.hints.published
+    task_id = await engine.add(svc, {"n": 1})
+    with pytest.raises(UnavailableError):
+        await asyncio.wait_for(waiting, 5.0)
+    assert bridge.hints.published == published + 2, "the add's hint, then the same hint again"
+    got = await second.fetch()  # no wait: only a hint can name a task added under 3 s ago
+    assert got is not None and got.id == task_id
+    assert await got.ack("ok") is True
