@@ -26,31 +26,28 @@ echo "missed $missed"
 """
 
 
-def test_a_detached_launch_returns_once_the_pid_runs_the_command(tmp_path: Path) -> None:
-    # A CI run's 3-node cluster start failed with "the server we started is not running any
-    # more" and an empty log: the pid was checked before setsid had exec'd (9% of bare launches
-    # on an idle 2-core machine).
-    script = tmp_path / "launches.sh"
-    script.write_text(LAUNCHES)
-    out = subprocess.run(
-        ["bash", str(script), str(CASSANDRA_SH)],
+def _run_with_cassandra_sh(tmp_path: Path, script: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in bash with deploy/local/cassandra.sh as its first argument."""
+    path = tmp_path / "script.sh"
+    path.write_text(script)
+    return subprocess.run(
+        ["bash", str(path), str(CASSANDRA_SH)],
         capture_output=True,
         text=True,
         timeout=120,
         env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "QB_STATE_DIR": str(tmp_path / "state")},
     )
+
+
+def test_a_detached_launch_returns_once_the_pid_runs_the_command(tmp_path: Path) -> None:
+    # A CI run's 3-node cluster start failed with "the server we started is not running any
+    # more" and an empty log: the pid was checked before setsid had exec'd (9% of bare launches
+    # on an idle 2-core machine).
+    out = _run_with_cassandra_sh(tmp_path, LAUNCHES)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip().splitlines()[-1] == "missed 0"
 
 
 def test_a_detached_launch_that_dies_at_once_is_reported(tmp_path: Path) -> None:
-    script = tmp_path / "dies.sh"
-    script.write_text('source "$1"\nqb_spawn_detached /dev/null false && echo ok || echo failed\n')
-    out = subprocess.run(
-        ["bash", str(script), str(CASSANDRA_SH)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "QB_STATE_DIR": str(tmp_path / "state")},
-    )
+    out = _run_with_cassandra_sh(tmp_path, 'source "$1"\nqb_spawn_detached /dev/null false && echo ok || echo failed\n')
     assert out.stdout.strip() == "failed", out.stdout + out.stderr
