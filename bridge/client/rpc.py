@@ -615,6 +615,10 @@ class Worker(RpcClient):
             body["fresh"] = True
         self._holds_nothing = False  # until this fetch is answered
         reply = await self.call("fetch", body, wait_s=wait_ms / 1000)
+        return self._handed(reply, reply["_headers"])
+
+    def _handed(self, reply: dict[str, Any], headers: dict[str, Any]) -> Task | None:
+        """The task a fetch reply (or an ack's ``next``) hands this worker, now :attr:`current`."""
         if reply.get("result") is None and "task" not in reply:
             self.current = None
             self._holds_nothing = True
@@ -626,7 +630,7 @@ class Worker(RpcClient):
             reply["result"],
             t["deliveries"],
             t["leaseExpiresAt"],
-            reply["_headers"],
+            headers,
             t.get("epoch"),
             t.get("hasToken"),
         )
@@ -668,6 +672,39 @@ class Worker(RpcClient):
             # Answered (true, or false: it is someone else's now): this worker holds nothing.
             self._holds_nothing = True
         return bool(reply["result"])
+
+    async def ack_and_fetch(
+        self, result: Any = None, *, error: Any = None, time_to_recover_ms: int | None = None
+    ) -> tuple[bool, Task | None]:
+        """(Contract 1.6) Ack the task the last fetch returned and fetch the next one, in one
+        request: ``(acked, next task or None)``. The next task is :attr:`current` now. None when
+        no task is ready (it never waits: long-poll with :meth:`fetch` then), or when the bridge
+        could not fetch it (:meth:`fetch` says why)."""
+        current = self.current
+        if current is None:
+            raise ValueError("no task to ack: fetch one first")
+        body = self._named(current.id, current.epoch)
+        if current.has_token is not None:
+            body["hasToken"] = current.has_token
+        if error is not None:
+            body["error"] = error
+        else:
+            body["result"] = result
+        nxt: dict[str, Any] = {"fresh": True}  # it held nothing but this task
+        ttr = time_to_recover_ms or self.time_to_recover_ms
+        if ttr is not None:
+            nxt["timeToRecover"] = ttr
+        body["next"] = nxt
+        self._holds_nothing = False  # until this request is answered
+        reply = await self.call("ack", body)
+        acked = bool(reply["result"])
+        following = reply.get("next")
+        if not isinstance(following, dict) or "error" in following:
+            # The ack was answered; the next fetch was not: fetch on its own (not ``fresh``, in
+            # case it claimed a task before it failed).
+            self.current = None
+            return acked, None
+        return acked, self._handed(following, reply["_headers"])
 
     async def _renew(
         self, time_to_recover_ms: int | None = None, *, task_id: str | None = None, epoch: int | None = None

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from bridge.config import Settings
 from bridge.domain.errors import BadRequest
-from bridge.domain.models import AckRequest, AddCommand, FetchRequest, parse
+from bridge.domain.models import AckWithNextRequest, AddCommand, FetchRequest, parse
 from bridge.domain.queue import PendingAdd, WorkQueue
 from bridge.errors import BridgeError, ErrorCode, wire_code
 from bridge.observability.tracing import child_traceparent, extract_traceparent
@@ -145,7 +145,7 @@ class RequestHandlers:
         return await self._rpc(message, "fetch", FetchRequest, self._fetch)
 
     async def ack(self, message: AbstractIncomingMessage) -> str:
-        return await self._rpc(message, "ack", AckRequest, self._ack)
+        return await self._rpc(message, "ack", AckWithNextRequest, self._ack)
 
     async def unrouted(self, message: AbstractIncomingMessage) -> str:
         err = BadRequest(f"unknown method {message.routing_key!r}; use one of {', '.join(ROUTING_KEYS)}")
@@ -201,9 +201,25 @@ class RequestHandlers:
         headers = {"traceparent": child} if child else None
         return wire.encode(wire.fetched(delivery)), headers
 
-    async def _ack(self, owner: str, req: AckRequest, message: AbstractIncomingMessage) -> Reply:
+    async def _ack(self, owner: str, req: AckWithNextRequest, message: AbstractIncomingMessage) -> Reply:
         done = await self.queue.ack(owner, req, sent_before_ms=sent_before_ms(message))
-        return wire.encode(wire.acked(done)), None
+        if req.next is None:
+            return wire.encode(wire.acked(done)), None
+        return await self._ack_then_fetch(owner, req, done)
+
+    async def _ack_then_fetch(self, owner: str, req: AckWithNextRequest, done: bool) -> Reply:
+        """(1.6) The ack is decided: its answer stands whatever the fetch of the next task does.
+        A fetch that fails answers its error as ``next`` (the worker fetches on its own then)."""
+        try:
+            delivery = await self.queue.fetch(owner, req.next_fetch(done))
+        except Exception as exc:
+            code = wire_code(exc)
+            if code is ErrorCode.INTERNAL or not isinstance(exc, BridgeError):
+                log.error("fetch after an ack failed unexpectedly", exc_info=exc)
+                exc = BridgeError("internal error fetching the next task; see the bridge log", ErrorCode.INTERNAL)
+            return wire.encode(wire.acked(done, wire.error(exc))), None
+        child = child_traceparent(delivery.traceparent) if delivery is not None else None
+        return wire.encode(wire.acked(done, wire.fetched(delivery))), {"traceparent": child} if child else None
 
     # -- the lifecycle (1.4): RPCs on one queue, by routing key (the table is shared with the gateway)
     def lifecycle_handler(self, method: str) -> Callable[[AbstractIncomingMessage], Awaitable[str]]:

@@ -87,8 +87,10 @@ def fetched(delivery: Delivery | None) -> Body:
     return reply(jsonvalue.fragment(delivery.value_json), extra={"task": task})
 
 
-def acked(done: bool) -> Body:
-    return reply(done)
+def acked(done: bool, next_reply: Body | None = None) -> Body:
+    """With ``next_reply`` (1.6, the ack asked for ``next``): the fetch reply, or error, of the
+    worker's next task, beside the ack's own answer."""
+    return reply(done) if next_reply is None else reply(done, extra={"next": next_reply})
 
 
 def extended(done: Extended | None) -> Body:

@@ -33,6 +33,7 @@ from bridge.domain.errors import BridgeError, PayloadTooLarge, Unavailable
 from bridge.domain.lifecycle import PARK_DELIVERY_LIMIT, PARK_FAILED, Extended, Failed, ParkedTask
 from bridge.domain.models import (
     AckRequest,
+    AckWithNextRequest,
     AddCommand,
     CancelRequest,
     Delivery,
@@ -64,7 +65,7 @@ DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "asyncapi.yaml"
 REQUESTS: dict[str, tuple[str, type[BaseModel], str]] = {
     "add": ("addRequest", AddCommand, "addReply"),
     "fetch": ("fetchRequest", FetchRequest, "fetchReply"),
-    "ack": ("ackRequest", AckRequest, "ackReply"),
+    "ack": ("ackRequest", AckWithNextRequest, "ackReply"),
     # 1.4, the worker lifecycle: routing keys of the one queue ``<prefix>.lifecycle``.
     "extend": ("extendRequest", ExtendRequest, "extendReply"),
     "fail": ("failRequest", FailRequest, "failReply"),
@@ -455,6 +456,8 @@ def _json_constraints(prop: dict[str, Any]) -> dict[str, Any]:
     for branch in branches:
         branch_type = branch.get("type", [])
         types |= set(branch_type if isinstance(branch_type, list) else [branch_type])
+        if "$ref" in branch:  # pydantic's nested model (an ack's ``next``): a JSON object
+            types.add("object")
         bounds = ("minLength", "maxLength", "pattern", "minimum", "maximum", "minItems", "maxItems")
         merged |= {k: branch[k] for k in bounds if k in branch}
     return {"types": types, **merged}
@@ -860,6 +863,38 @@ def test_ack_reply_matches_the_document(doc: dict[str, Any], settings: Settings,
     queue.acked = acked
     request = _Incoming({"serviceId": "billing", "workerId": "w-1", "result": 0}, routing_key="ack")
     assert _assert_reply(doc, _handle(settings, queue, request), request, "ackReply") == {"result": acked}
+
+
+def test_ack_with_next_replies_match_the_document(doc: dict[str, Any], settings: Settings) -> None:
+    """1.6: the next task as a fetch reply beside the ack's answer, with its trace; or the fetch's error."""
+    queue = _WorkQueue()
+    queue.acked = True
+    queue.delivery = Delivery(TASK_ID, b'{"n":1}', 1, 1, 1_735_732_800_123, TRACEPARENT)
+    body = {"serviceId": "billing", "workerId": "w-1", "result": 0, "next": {"fresh": True, "timeToRecover": 1000}}
+    request = _Incoming(body, routing_key="ack")
+    published = _handle(settings, queue, request)
+    reply = _assert_reply(doc, published, request, "ackReply")
+    assert reply["result"] is True and reply["next"]["result"] == {"n": 1}
+    assert reply["next"]["task"]["id"] == TASK_ID
+    sent = (published[0][0].headers or {}).get("traceparent")
+    assert sent.split("-")[1] == TRACEPARENT.split("-")[1]
+    queue.delivery = None
+    request = _Incoming(body, routing_key="ack")
+    assert _assert_reply(doc, _handle(settings, queue, request), request, "ackReply") == {
+        "result": True,
+        "next": {"result": None},
+    }
+
+    class _FetchFails(_WorkQueue):
+        async def fetch(self, owner: str, req: FetchRequest) -> Delivery | None:
+            raise Unavailable("cassandra unavailable")
+
+    failing = _FetchFails()
+    failing.acked = True
+    request = _Incoming(body, routing_key="ack")
+    reply = _assert_reply(doc, _handle(settings, failing, request), request, "ackReply")
+    assert reply["result"] is True and reply["next"]["error"]["code"] == "unavailable"
+    assert request.settled == [("ack", False)]  # the ack is done: settled, never requeued
 
 
 TASK_UUID = uuid.UUID(TASK_ID)

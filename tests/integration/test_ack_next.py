@@ -1,0 +1,115 @@
+"""Contract 1.6: an ack that also fetches the worker's next task (``next``), on the real servers.
+
+A busy worker's loop was fetch, work, ack, fetch...: two requests a task. With ``next`` the ack's
+reply carries the next task, so a worker that keeps finding work sends one request a task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bridge.client.errors import BadRequestError
+from bridge.storage.errors import StorageUnavailable
+from tests.conftest import service_id, wait_for
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+
+async def test_an_ack_with_next_completes_its_task_and_hands_out_the_next_one(bridge, engine, workers):
+    svc = service_id()
+    ids = [await engine.add(svc, {"n": i}) for i in range(3)]
+    w = await workers(svc, "busy")
+    first = await w.fetch()
+    assert first is not None and first.id == ids[0]
+    seen = [first.id]
+    while True:
+        acked, task = await w.ack_and_fetch({"done": seen[-1]})
+        assert acked is True
+        if task is None:
+            break
+        assert w.current is task and task.deliveries == 1
+        seen.append(task.id)
+    assert seen == ids  # in order, each once
+    # Every one of them is complete: nobody gets any of them again.
+    other = await workers(svc, "other")
+    assert await other.fetch() is None
+    assert await w.fetch() is None
+
+
+async def test_the_next_task_is_held_like_a_fetched_one(bridge, engine, workers):
+    """The next task's lease is the worker's: a fetch without ``fresh`` (a retry) hands it again,
+    and its own ack completes it."""
+    svc = service_id()
+    a, b = await engine.add(svc, "a"), await engine.add(svc, "b")
+    w = await workers(svc, "holder")
+    assert (await w.fetch()).id == a
+    acked, task = await w.ack_and_fetch("ok", time_to_recover_ms=30_000)
+    assert acked is True and task is not None and task.id == b
+    again = await w.call("fetch", {"serviceId": svc, "workerId": "holder"})
+    assert again["task"]["id"] == b and again["task"]["epoch"] == task.epoch
+    assert await task.ack("done") is True
+
+
+async def test_a_stale_ack_with_next_is_false_and_still_hands_out_the_next_task(bridge, engine, workers):
+    svc = service_id()
+    first_id = await engine.add(svc, "first")
+    slow, quick = await workers(svc, "slow"), await workers(svc, "quick")
+    held = await slow.fetch(time_to_recover_ms=1_000)
+    assert held is not None and held.id == first_id
+    # The lease runs out and the task goes to another worker.
+    taken = await wait_for(quick.fetch, 15.0, interval=0.2, what="the first task handed out again")
+    assert taken.id == first_id and taken.deliveries == 2
+    second_id = await engine.add(svc, "second")
+    acked, task = await slow.ack_and_fetch("too late")
+    assert acked is False
+    assert task is not None and task.id == second_id
+    assert await taken.ack("in time") is True
+    assert await task.ack("ok") is True
+
+
+async def test_a_next_fetch_that_fails_leaves_the_ack_done_and_says_why(bridge, engine, workers, monkeypatch):
+    svc = service_id()
+    first_id = await engine.add(svc, "first")
+    second_id = await engine.add(svc, "second")
+    w = await workers(svc, "w")
+    assert (await w.fetch()).id == first_id
+    store = bridge.queue.ctx.store
+    real = store.write_ahead
+    failed = asyncio.Event()
+
+    async def write_ahead(*args, **kwargs):
+        if not failed.is_set():
+            failed.set()
+            raise StorageUnavailable("cassandra unavailable (injected)")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "write_ahead", write_ahead)
+    reply = await w.call(
+        "ack",
+        {"serviceId": svc, "workerId": "w", "taskId": first_id, "epoch": 1, "result": 1, "next": {"fresh": True}},
+    )
+    assert reply["result"] is True
+    assert reply["next"]["error"]["code"] == "unavailable"
+    # The ack stands (a repeat is still true); the next task is fetched on its own.
+    w.current = None
+    again = await w.fetch()
+    assert again is not None and again.id == second_id
+    assert await again.ack("ok") is True
+
+
+@pytest.mark.parametrize(
+    "bad_next",
+    [{"timeToRecover": "soon"}, {"timeToRecover": 5}, {"fresh": "yes"}, "next please", 1],
+)
+async def test_a_malformed_next_is_refused_and_the_ack_not_applied(bridge, engine, workers, bad_next):
+    svc = service_id()
+    task_id = await engine.add(svc, "x")
+    w = await workers(svc, "w")
+    task = await w.fetch()
+    assert task is not None and task.id == task_id
+    body = {"serviceId": svc, "workerId": "w", "taskId": task_id, "epoch": 1, "result": 1, "next": bad_next}
+    with pytest.raises(BadRequestError, match="next"):
+        await w.call("ack", body)
+    assert await task.ack("ok") is True  # it was still held: the refused ack did nothing
