@@ -196,10 +196,11 @@ SCHEDULER_TAIL_S = TTR_MS / 1000 + float(Settings.model_fields["clock_skew_margi
 LWT_NAMES = ("lease.claim", "lease.extend", "lease.complete", "lease.kill", "idem.insert", "idem.replace")
 
 
-async def per_task(bench: Bench, tasks: int, concurrency: int) -> dict[str, Any]:
+async def per_task(bench: Bench, tasks: int, concurrency: int, *, ack_next: bool = False) -> dict[str, Any]:
     """One bridge; ``tasks`` adds (the Python client: with a message_id, no token), then
-    ``concurrency`` workers fetch and ack them. Cassandra statements (LWTs apart) and bridge CPU
-    per task, background loops included."""
+    ``concurrency`` workers fetch and ack them (``ack_next``: each ack fetches the next task, one
+    request a task, contract 1.6). Cassandra statements (LWTs apart) and bridge CPU per task,
+    background loops included, and the fetch-and-ack phase's throughput."""
     await bench.ensure_bridges(1)
     svc = bench.service("per-task")
     workers = await open_workers(bench, svc, concurrency, "pt")
@@ -225,11 +226,20 @@ async def per_task(bench: Bench, tasks: int, concurrency: int) -> dict[str, Any]
 
     async def worker(w: Any) -> None:
         nonlocal done
+        if ack_next:
+            task = await w.fetch()
+            while task is not None:
+                acked, task = await w.ack_and_fetch("ok")
+                assert acked
+                done += 1
+            return
         while (task := await w.fetch()) is not None:
             assert await task.ack("ok")
             done += 1
 
+    consuming = time.monotonic()
     await asyncio.gather(*(worker(w) for w in workers))
+    consumed_s = time.monotonic() - consuming
     wall = time.monotonic() - start
     await asyncio.sleep(SCHEDULER_TAIL_S)  # the holder's passes over these claims' deadlines count too
     cpu = meter.stop()
@@ -244,6 +254,8 @@ async def per_task(bench: Bench, tasks: int, concurrency: int) -> dict[str, Any]
         "statements_per_task": round(sum(per.values()), 2),
         "lwts_per_task": round(lwts, 2),
         "bridge_cpu_ms_per_task": round(1000.0 * bridge_cpu_s / max(done, 1), 2),
+        "fetch_ack_tasks_per_s": round(done / consumed_s, 1),
+        "ack_next": ack_next,
         "by_statement": per,
     }
 
@@ -257,7 +269,7 @@ async def main(args: argparse.Namespace) -> None:
         if "waiting" in phases:  # first: no deadlines of earlier phases to meet while it measures
             report["waiting"] = await waiting_workers(bench, args.waiters, args.seconds)
         if "per-task" in phases:
-            report["per_task"] = await per_task(bench, args.tasks, 16)
+            report["per_task"] = await per_task(bench, args.tasks, 16, ack_next=args.ack_next)
             say(f"per task: {report['per_task']}")
         if "burst" in phases:
             await bench.ensure_bridges(1)
@@ -291,6 +303,7 @@ if __name__ == "__main__":
     ap.add_argument("--waiters", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--samples", type=int, default=30)
+    ap.add_argument("--ack-next", action="store_true", help="per-task phase: acks fetch the next task (1.6)")
     ap.add_argument("--burst-waiters", type=int, default=32, help="burst phase: workers waiting, and tasks per burst")
     ap.add_argument("--burst-rounds", type=int, default=20)
     ap.add_argument("--tasks", type=int, default=2000, help="per-task phase: tasks added, fetched and acked")

@@ -598,6 +598,7 @@ class Worker(RpcClient):
         # to the ack or fail of what it was handed): its next fetch says ``fresh`` and the bridge
         # reads less. Unknown at start (a previous life may hold one) and after any failed request.
         self._holds_nothing = False
+        self._unanswered_ack: str | None = None  # the task of an ack_and_fetch whose reply was lost
 
     @classmethod
     def connect(cls, url: str, *, service: str, worker_id: str, **kw: Any) -> Self:
@@ -690,13 +691,17 @@ class Worker(RpcClient):
             body["error"] = error
         else:
             body["result"] = result
-        nxt: dict[str, Any] = {"fresh": True}  # it held nothing but this task
+        # ``fresh``: it held nothing but this task. Not on a retry of an ack whose reply was lost:
+        # that ack may have claimed a next task already, which the bridge then hands again.
+        nxt: dict[str, Any] = {"fresh": self._unanswered_ack != current.id}
         ttr = time_to_recover_ms or self.time_to_recover_ms
         if ttr is not None:
             nxt["timeToRecover"] = ttr
         body["next"] = nxt
         self._holds_nothing = False  # until this request is answered
+        self._unanswered_ack = current.id
         reply = await self.call("ack", body)
+        self._unanswered_ack = None
         acked = bool(reply["result"])
         following = reply.get("next")
         if not isinstance(following, dict) or "error" in following:

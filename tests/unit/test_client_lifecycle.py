@@ -521,3 +521,48 @@ async def test_cli_new_commands_help_and_usage_errors(tmp_path: Path) -> None:
     assert unreachable.returncode == 1, unreachable
     assert "cannot connect to RabbitMQ" in unreachable.stderr and unreachable.stdout == ""
     no_traceback(unreachable)
+
+
+# --- ack_and_fetch (1.6) ---------------------------------------------------------------------------
+
+
+def next_task(task_id: str) -> dict[str, Any]:
+    task = {"id": task_id, "epoch": 1, "deliveries": 1, "leaseExpiresAt": iso_in(30), "hasToken": False}
+    return {"result": True, "next": {"result": {"n": 2}, "task": task}}
+
+
+async def test_ack_and_fetch_names_its_task_asks_for_the_next_and_makes_it_current(monkeypatch) -> None:
+    worker = Worker(URL, service="svc", worker_id="w1", time_to_recover_ms=20_000)
+    bridge = attach(worker, FakeBridge(ack=[next_task("t2")]), monkeypatch)
+    held_task(worker)
+    acked, task = await worker.ack_and_fetch({"ok": 1})
+    assert acked is True and task is not None and task.id == "t2" and worker.current is task
+    [body] = bridge.bodies("ack")
+    assert body["taskId"] == "t1" and body["epoch"] == 7 and body["result"] == {"ok": 1}
+    assert body["next"] == {"fresh": True, "timeToRecover": 20_000}
+
+
+async def test_ack_and_fetch_retried_after_a_lost_reply_is_not_fresh(monkeypatch) -> None:
+    """The lost reply's ack may have claimed a next task: the retry must let the bridge hand that
+    one again (no ``fresh``), or it would stay leased to this worker until its lease ran out."""
+    worker = Worker(URL, service="svc", worker_id="w1")
+    bridge = attach(worker, FakeBridge(ack=[RequestTimeout("no reply"), next_task("t2")]), monkeypatch)
+    held_task(worker)
+    with pytest.raises(RequestTimeout):
+        await worker.ack_and_fetch("done")
+    acked, task = await worker.ack_and_fetch("done")
+    assert acked is True and task is not None and task.id == "t2"
+    first, retry = bridge.bodies("ack")
+    assert first["next"]["fresh"] is True and retry["next"]["fresh"] is False
+    assert retry["taskId"] == first["taskId"] == "t1"
+
+
+async def test_ack_and_fetch_whose_next_fetch_failed_leaves_the_next_fetch_not_fresh(monkeypatch) -> None:
+    worker = Worker(URL, service="svc", worker_id="w1")
+    failed = {"result": True, "next": {"error": {"code": "unavailable", "message": "cassandra unavailable"}}}
+    bridge = attach(worker, FakeBridge(ack=[failed], fetch=[{"result": None}]), monkeypatch)
+    held_task(worker)
+    assert await worker.ack_and_fetch("done") == (True, None)
+    assert worker.current is None
+    await worker.fetch()
+    assert "fresh" not in bridge.bodies("fetch")[0]
