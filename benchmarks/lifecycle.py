@@ -617,20 +617,28 @@ class Delayed:
             self.stop.set()
 
 
-async def _delayed_worker(st: Delayed, w: Worker, wait_ms: int) -> None:
+async def _delayed_worker(st: Delayed, w: Worker, wait_ms: int, ack_next: bool = False) -> None:
+    """Long-polls, acks each task; with ``ack_next`` (contract 1.6) the ack fetches the next task,
+    and the worker long-polls again only when there was none."""
+    task = None
     while not st.stop.is_set():
-        try:
-            task = await w.fetch(wait_ms=wait_ms)
-        except RETRYABLE:
-            st.errors += 1
-            continue
         if task is None:
-            continue
+            try:
+                task = await w.fetch(wait_ms=wait_ms)
+            except RETRYABLE:
+                st.errors += 1
+                continue
+            if task is None:
+                continue
         st.record(task, now_ms())
         try:
-            ok = await retrying(partial(task.ack, "ok"))
+            if ack_next:
+                ok, task = await retrying(partial(w.ack_and_fetch, "ok"))
+            else:
+                ok, task = await retrying(partial(task.ack, "ok")), None
         except RETRYABLE:
             st.errors += 1
+            task = None
             continue
         st.ack_false += not ok
 
@@ -725,7 +733,7 @@ async def _delayed_run(
     )
     st = Delayed(n)
     meter = bench.cpu_meter()
-    consumers = [asyncio.create_task(_delayed_worker(st, w, args.wait_ms)) for w in workers]
+    consumers = [asyncio.create_task(_delayed_worker(st, w, args.wait_ms, args.ack_next)) for w in workers]
     follow = asyncio.create_task(_follow(bench, st, dues, dues[0]))
     try:
         async with engine_of(bench) as engine, Progress(f"delayed ({bridges}b): adds", total=n, unit="adds") as p:
@@ -898,6 +906,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"delayed: seconds from the first add to the first due time (default 5 + tasks / {ASSUMED_ADD_RATE:.0f})",
     )
     ap.add_argument("--delayed-workers", type=int, default=16)
+    ap.add_argument(
+        "--ack-next", action="store_true", help="delayed: workers ack with next (contract 1.6), one request a task"
+    )
     ap.add_argument("--delayed-bridges", default="1,2", help="delayed: bridge counts, one run each")
     ap.add_argument("--delayed-tail", type=float, default=30.0, help="delayed: seconds to wait past the last due time")
     ap.add_argument("--wait-ms", type=int, default=5000, help="long-poll waitMs of the poison and delayed workers")
