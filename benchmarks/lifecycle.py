@@ -396,15 +396,20 @@ class Drain:
                 self.stop.set()
 
 
+async def _long_poll(w: Worker, wait_ms: int) -> tuple[Task | None, bool]:
+    """One long-poll fetch: (the task or None, whether it failed with a retryable error)."""
+    try:
+        return await w.fetch(wait_ms=wait_ms), False
+    except RETRYABLE:
+        return None, True
+
+
 async def _drain_worker(d: Drain, w: Worker, wait_ms: int) -> None:
     base = w.worker_id
     crashes = 0
     while not d.stop.is_set():
-        try:
-            task = await w.fetch(wait_ms=wait_ms)
-        except RETRYABLE:
-            d.errors += 1
-            continue
+        task, failed = await _long_poll(w, wait_ms)
+        d.errors += failed
         if task is None:
             continue
         if task.id == d.poison_id:
@@ -623,11 +628,8 @@ async def _delayed_worker(st: Delayed, w: Worker, wait_ms: int, ack_next: bool =
     task = None
     while not st.stop.is_set():
         if task is None:
-            try:
-                task = await w.fetch(wait_ms=wait_ms)
-            except RETRYABLE:
-                st.errors += 1
-                continue
+            task, failed = await _long_poll(w, wait_ms)
+            st.errors += failed
             if task is None:
                 continue
         st.record(task, now_ms())

@@ -446,3 +446,22 @@ class DeadLetters:
 @pytest.fixture
 def dead_letters(servers: Servers, names: dict[str, str]) -> DeadLetters:
     return DeadLetters(servers.amqp_url("guest"), f"{names['queue_prefix']}.dead-letter")
+
+
+def fail_next_write_ahead(bridge: Any, monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """The bridge's next claim write-ahead fails as an unreachable Cassandra would make it fail
+    (``StorageUnavailable``; the real store serves every other call). Set once it has failed."""
+    from bridge.storage.errors import StorageUnavailable
+
+    store = bridge.queue.ctx.store
+    real = store.write_ahead
+    failed = asyncio.Event()
+
+    async def write_ahead(*args: Any, **kwargs: Any) -> None:
+        if not failed.is_set():
+            failed.set()
+            raise StorageUnavailable("cassandra unavailable (injected)")
+        await real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "write_ahead", write_ahead)
+    return failed

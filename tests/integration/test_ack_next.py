@@ -6,13 +6,10 @@ reply carries the next task, so a worker that keeps finding work sends one reque
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from bridge.client.errors import BadRequestError
-from bridge.storage.errors import StorageUnavailable
-from tests.conftest import service_id, wait_for
+from tests.conftest import fail_next_write_ahead, service_id, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -75,17 +72,7 @@ async def test_a_next_fetch_that_fails_leaves_the_ack_done_and_says_why(bridge, 
     second_id = await engine.add(svc, "second")
     w = await workers(svc, "w")
     assert (await w.fetch()).id == first_id
-    store = bridge.queue.ctx.store
-    real = store.write_ahead
-    failed = asyncio.Event()
-
-    async def write_ahead(*args, **kwargs):
-        if not failed.is_set():
-            failed.set()
-            raise StorageUnavailable("cassandra unavailable (injected)")
-        return await real(*args, **kwargs)
-
-    monkeypatch.setattr(store, "write_ahead", write_ahead)
+    fail_next_write_ahead(bridge, monkeypatch)
     reply = await w.call(
         "ack",
         {"serviceId": svc, "workerId": "w", "taskId": first_id, "epoch": 1, "result": 1, "next": {"fresh": True}},

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.conftest import service_id, wait_for
+from tests.conftest import fail_next_write_ahead, service_id, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -136,21 +136,10 @@ async def test_a_handed_hint_whose_claim_fails_is_published_again(bridge, engine
     (here the store fails the write-ahead), the hint is published again, so the next fetch gets
     the task at once instead of after reconciliation's grace (3 s)."""
     from bridge.client.errors import UnavailableError
-    from bridge.storage.errors import StorageUnavailable
 
     svc = service_id()
     first, second = await workers(svc, "w1"), await workers(svc, "w2")
-    store = bridge.queue.ctx.store
-    real = store.write_ahead
-    failed = asyncio.Event()
-
-    async def write_ahead(*args, **kwargs):
-        if not failed.is_set():
-            failed.set()
-            raise StorageUnavailable("cassandra unavailable (injected)")
-        return await real(*args, **kwargs)
-
-    monkeypatch.setattr(store, "write_ahead", write_ahead)
+    fail_next_write_ahead(bridge, monkeypatch)
     waiting = asyncio.create_task(first.fetch(wait_ms=10_000))
     await wait_for(lambda: bridge.hints._waiting, 5.0, what="the fetch waiting")
     published = bridge.hints.published
