@@ -414,7 +414,15 @@ def rf3_bridges(bridge_processes, keyspace: str, hosts: list[str]) -> str:  # ty
     return keyspace
 
 
+# The drill's own waits (load under way 20 s, the load's 50 s deadline, results 20 s, the test's
+# session back 30 s) add up past the suite's 60 s per-test timeout, which kills the whole run
+# without a word (a CI run's rejoin drill: no report, node 3 never started). With three JVMs on
+# two cores these drills get the time their own waits allow, and fail with their own message.
+CLUSTER_DRILL_TIMEOUT_S = 180
+
+
 @pytest.mark.cluster
+@pytest.mark.timeout(CLUSTER_DRILL_TIMEOUT_S)
 async def test_a_node_of_a_three_node_cluster_killed_under_load(
     bridge_processes, servers, names, three_node_cluster, rf3_keyspace
 ):
@@ -449,6 +457,7 @@ async def test_a_node_of_a_three_node_cluster_killed_under_load(
 
 
 @pytest.mark.cluster
+@pytest.mark.timeout(CLUSTER_DRILL_TIMEOUT_S)
 async def test_a_killed_node_of_a_three_node_cluster_rejoins(
     bridge_processes, servers, names, three_node_cluster, rf3_keyspace
 ):
