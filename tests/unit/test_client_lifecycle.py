@@ -566,3 +566,13 @@ async def test_ack_and_fetch_whose_next_fetch_failed_leaves_the_next_fetch_not_f
     assert worker.current is None
     await worker.fetch()
     assert "fresh" not in bridge.bodies("fetch")[0]
+
+
+async def test_ack_and_fetch_answered_by_a_bridge_before_1_6_is_an_ack_only(monkeypatch) -> None:
+    """A 1.5 bridge ignores ``next``: its reply has none, and the worker then fetches on its own."""
+    worker = Worker(URL, service="svc", worker_id="w1")
+    bridge = attach(worker, FakeBridge(ack=[{"result": True}], fetch=[{"result": None}]), monkeypatch)
+    held_task(worker)
+    assert await worker.ack_and_fetch("done") == (True, None)
+    await worker.fetch()
+    assert "fresh" not in bridge.bodies("fetch")[0]
