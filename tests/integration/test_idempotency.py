@@ -125,20 +125,44 @@ async def test_adds_without_a_key_survive_a_bridge_killed_mid_load(bridge_proces
     from bridge.client import Worker
     from tests.conftest import free_port, metric, wait_bridges
 
-    a = bridge_processes()
-    port = free_port()
+    port_a, port = free_port(), free_port()
+    a = bridge_processes(BRIDGE_HTTP_PORT=str(port_a), BRIDGE_HTTP_HOST="127.0.0.1")
     bridge_processes(BRIDGE_HTTP_PORT=str(port), BRIDGE_HTTP_HOST="127.0.0.1")
     await wait_bridges(servers, names, 2)
     svc = service_id()
-    total = 600
+    burst = 400
+    total = 0
+
+    async def recognised_any() -> bool:
+        return await metric(port, "queue_bridge_tasks_deduplicated_total") >= 1
+
     async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"]) as engine:
-        for i in range(total // 2):
-            await engine.add(svc, i, wait=False)
-        a.kill()  # kill -9, with adds in its hands
-        for i in range(total // 2, total):
-            await engine.add(svc, i, wait=False)
-        a.start()
-        await wait_bridges(servers, names, 2)
+
+        async def publish(first: int, last: int) -> None:
+            for i in range(first, last):
+                await engine.add(svc, i, wait=False)
+
+        # The kill must land while bridge A holds adds it has stored but not yet acknowledged (a
+        # window of milliseconds per add): A is killed mid-burst, once it has stored part of it;
+        # a kill that caught none (a CI run's did) is tried again with another burst, up to 3.
+        for _ in range(3):
+            stored = await metric(port_a, "queue_bridge_tasks_added_total")
+            publishing = asyncio.create_task(publish(total, total + burst))
+
+            async def mid_burst(at_least: float = stored + 50) -> bool:
+                return await metric(port_a, "queue_bridge_tasks_added_total") >= at_least
+
+            await wait_for(mid_burst, 20, interval=0.01, what="bridge A storing the burst")
+            a.kill()  # kill -9, with adds in its hands
+            await publishing
+            total += burst
+            a.start()
+            await wait_bridges(servers, names, 2)
+            try:
+                await wait_for(recognised_any, 5, interval=0.1, what="a redelivered add recognised")
+                break
+            except AssertionError:
+                continue
     seen: list[int] = []
     async with Worker(servers.amqp_url(OWNERS[0]), service=svc, worker_id="w", exchange=names["exchange"]) as w:
 
