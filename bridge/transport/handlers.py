@@ -47,6 +47,14 @@ R = TypeVar("R", bound=BaseModel)
 Reply = tuple[bytes | None, dict[str, Any] | None]  # body, headers
 
 
+def _answerable(exc: BaseException, what: str, internal_message: str) -> BridgeError:
+    """The error to answer for ``exc``: itself, or (a bug: ``internal``) a generic one, logged."""
+    if wire_code(exc) is ErrorCode.INTERNAL or not isinstance(exc, BridgeError):
+        log.error("%s failed unexpectedly", what, exc_info=exc)
+        return BridgeError(internal_message, ErrorCode.INTERNAL)
+    return exc
+
+
 class RequestHandlers:
     def __init__(
         self, settings: Settings, queue: WorkQueue, replies: ReplyPublisher, *, consuming: Callable[[], bool]
@@ -76,11 +84,7 @@ class RequestHandlers:
     async def fail(self, message: AbstractIncomingMessage, method: str, exc: BaseException) -> str:
         """Conclude a request that raised: its wire code (``internal`` for a bug) decides its fate."""
         code = wire_code(exc)
-        if code is ErrorCode.INTERNAL or not isinstance(exc, BridgeError):
-            log.error("%s failed unexpectedly", method, exc_info=exc)
-            error = BridgeError(INTERNAL_MESSAGE, ErrorCode.INTERNAL)
-        else:
-            error = exc
+        error = _answerable(exc, method, INTERNAL_MESSAGE)
         fate = fate_of(code, method)
         if fate.settle is Settle.DEAD_LETTER:
             log.warning(
@@ -213,11 +217,8 @@ class RequestHandlers:
         try:
             delivery = await self.queue.fetch(owner, req.next_fetch(done))
         except Exception as exc:
-            code = wire_code(exc)
-            if code is ErrorCode.INTERNAL or not isinstance(exc, BridgeError):
-                log.error("fetch after an ack failed unexpectedly", exc_info=exc)
-                exc = BridgeError("internal error fetching the next task; see the bridge log", ErrorCode.INTERNAL)
-            return wire.encode(wire.acked(done, wire.error(exc))), None
+            error = _answerable(exc, "fetch after an ack", "internal error fetching the next task; see the bridge log")
+            return wire.encode(wire.acked(done, wire.error(error))), None
         child = child_traceparent(delivery.traceparent) if delivery is not None else None
         return wire.encode(wire.acked(done, wire.fetched(delivery))), {"traceparent": child} if child else None
 

@@ -187,31 +187,33 @@ class AmqpHints:
     async def offer(self, q: QueueKey, hint: Hint) -> None:
         try:
             queue = await asyncio.wait_for(self._queue(q), BROKER_CALL_S)
-            assert self._channel is not None
-            priority = RECOVERED_PRIORITY if hint.recovered else hint.priority
-            message = aio_pika.Message(encode(hint), priority=priority)
-            await asyncio.wait_for(
-                self._channel.default_exchange.publish(message, routing_key=queue.name), BROKER_CALL_S
-            )
-            self.published += 1
-        except Exception as exc:  # a hint lost is found again by reconciliation
-            self.lost += 1
-            self.on_loss()
-            log.warning("hint not published (%s): reconciliation will find the task", type(exc).__name__)
+        except Exception as exc:
+            self._lost(exc)
+            return
+        priority = RECOVERED_PRIORITY if hint.recovered else hint.priority
+        await self._publish(encode(hint), priority, queue.name)
 
     async def republish(self, message: AbstractIncomingMessage) -> None:
         """Publish a handed (acknowledged) hint again to its queue, for another fetch."""
+        assert message.routing_key is not None  # the hint queue's name (default exchange)
+        await self._publish(message.body, message.priority, message.routing_key)
+
+    async def _publish(self, body: bytes, priority: int | None, queue_name: str) -> None:
         try:
-            assert self._channel is not None and message.routing_key is not None
-            again = aio_pika.Message(message.body, priority=message.priority)
+            assert self._channel is not None
+            message = aio_pika.Message(body, priority=priority)
             await asyncio.wait_for(
-                self._channel.default_exchange.publish(again, routing_key=message.routing_key), BROKER_CALL_S
+                self._channel.default_exchange.publish(message, routing_key=queue_name), BROKER_CALL_S
             )
             self.published += 1
-        except Exception as exc:  # as a lost hint: reconciliation will find the task
-            self.lost += 1
-            self.on_loss()
-            log.warning("hint not published again (%s): reconciliation will find the task", type(exc).__name__)
+        except Exception as exc:
+            self._lost(exc)
+
+    def _lost(self, exc: BaseException) -> None:
+        """A hint lost is found again by reconciliation (alarmed here)."""
+        self.lost += 1
+        self.on_loss()
+        log.warning("hint not published (%s): reconciliation will find the task", type(exc).__name__)
 
     async def take(self, q: QueueKey, wait_ms: int) -> Taken | None:
         if self._closed:
