@@ -124,12 +124,17 @@ class RecoveryScheduler:
         self._marks_read_ms = -(10**15)
 
     async def _refresh_marks(self, now: int, due: int) -> None:
-        """Which buckets hold deadlines, re-read once a second: a deadline is marked at least the
-        skew margin plus its lease before its bucket is due (one marked later is met by the second
-        pass), so an idle fleet reads one small partition a second instead of every bucket."""
+        """Which buckets hold deadlines: re-read once a bucket has ended since the last read, so the
+        fleet's duty holder reads one small partition per bucket (4 a second) instead of every bucket.
+        A bucket's first pass then knows of every deadline filed before the bucket ended: a lease's
+        own, and the ones filed moments ahead (a heartbeated lease watched again, a claim's re-arm).
+        Read once a second instead, a bucket marked just after a read and passed before the next
+        one was skipped, and its deadline met only by the second pass, 5 s late. (One filed after
+        its bucket ended is late by definition: the second pass is for it.)"""
         assert self._expiry_confirmed is not None
         needed = min(due + 1, self._expiry_confirmed + CATCH_UP_BATCH)
-        if now - self._marks_read_ms < MARKS_REFRESH_MS and needed <= self._marks_hi:
+        passed_since_read = self._marks_read_ms < due * EXPIRY_BUCKET_MS and self._expiry_next != due
+        if not passed_since_read and now - self._marks_read_ms < MARKS_REFRESH_MS and needed <= self._marks_hi:
             return
         hi = needed + MARKS_AHEAD
         self._marks = await self.store.marked_expiry_buckets(self._expiry_confirmed, hi)

@@ -9,7 +9,7 @@ import pytest
 
 from bridge.domain.clock import ManualClock
 from bridge.domain.errors import Unavailable
-from bridge.domain.models import AddCommand, FailRequest, parse
+from bridge.domain.models import AddCommand, ExtendRequest, FailRequest, parse
 from bridge.domain.records import CasResult
 from tests.conftest import wait_for
 from tests.queue_harness import MARGIN_MS, OWNER, Harness
@@ -274,3 +274,63 @@ async def test_a_lease_its_timer_met_a_moment_early_is_still_recovered(harness: 
     assert got.task_id == task_id and got.epoch == 2
     assert await h.ack("a", held) is False
     assert await h.ack("b", got) is True
+
+
+async def test_a_heartbeated_lease_is_recovered_at_its_last_deadline_not_a_pass_later(harness: Harness) -> None:
+    """A lease extended by a heartbeat: the scheduler meets its first deadline, finds the later one
+    and files it again, moments ahead. That bucket was marked after the scheduler last read the
+    marks (once a second), and its first pass came before the next read: it was skipped, and the
+    task waited for the second pass, 5 s later (CI, 2026-12-02: test_lifecycle's
+    test_extend_keeps_the_task_past_its_first_deadline, "no task for other within 5s")."""
+    h = harness
+    task_id = await h.add("long job")
+    # Start on a bucket boundary, with the marks just read: the timing below is then exact.
+    now = h.clock.now_ms()
+    h.clock.advance(1_000 + (-(now + 1_000)) % 250)
+    await h.scheduler.tick()
+    start = h.clock.now_ms()
+    held = await h.fetch("holder", ttr_ms=1_000)
+    assert held is not None and held.task_id == task_id
+    # The claim's own timer is best effort (capped, gone with a restart): the passes must meet
+    # every deadline without it.
+    h.scheduler.cancel_timers()
+    await h.advance(700, ticks=1)
+    extend = parse(ExtendRequest, {"serviceId": h.service, "workerId": "holder", "timeToRecover": 1_000})
+    extended = await h.queue.lifecycle.extend(OWNER, extend)
+    assert extended is not None and extended.lease_until_ms == start + 1_700
+    # The holder stops renewing. Its last deadline + margin is start + 2,700.
+    got = await h.fetch_until("other", step_ms=100, limit_ms=6_000)
+    late = h.clock.now_ms() - (start + 1_700 + MARGIN_MS)
+    assert got.task_id == task_id and got.epoch == 2
+    assert 0 <= late <= 500, f"re-exposed {late} ms after the extended deadline + margin"
+    assert await h.ack("holder", held) is False
+    assert await h.ack("other", got) is True
+
+
+async def test_a_deadline_a_claimer_files_again_is_met_by_its_buckets_first_pass(hinted: Harness) -> None:
+    """A claimer that finds a re-exposed task extended meanwhile files its deadline again, moments
+    ahead (``_rearm``). With hints, nothing else brings the task back: its hint was spent on that
+    claim. The scheduler read the marks once a second, so a bucket marked just after a read and
+    passed before the next one was skipped: the task came back 5 s after its deadline."""
+    h = hinted
+    task_id = await h.add("v")
+    now = h.clock.now_ms()
+    h.clock.advance(1_000 + (-(now + 1_000)) % 250)
+    await h.scheduler.tick()
+    start = h.clock.now_ms()
+    held = await h.fetch("holder", ttr_ms=100)
+    assert held is not None and held.task_id == task_id
+    h.scheduler.cancel_timers()  # best effort; the passes are the guarantee
+    await h.advance(1_100)  # deadline + margin: re-exposed, its hint announced
+    await h.advance(100)
+    extend = parse(ExtendRequest, {"serviceId": h.service, "workerId": "holder", "timeToRecover": 200})
+    extended = await h.queue.lifecycle.extend(OWNER, extend)
+    assert extended is not None and extended.lease_until_ms == start + 1_400
+    await h.advance(950)
+    # The hint goes to this fetch, whose claim finds the lease extended: it files the deadline again.
+    assert await h.fetch("other") is None
+    assert h.metrics.total("claim_conflicts") == 1
+    got = await h.fetch_until("other", step_ms=100, limit_ms=2_000)
+    late = h.clock.now_ms() - (start + 1_400 + MARGIN_MS)
+    assert got.task_id == task_id and got.epoch == 2
+    assert 0 <= late <= 500, f"re-exposed {late} ms after the extended deadline + margin"
