@@ -35,8 +35,10 @@ run: venv stack-up keyring
 
 # The 3-node cluster's drills run last, with the cluster started for them (three JVMs take minutes
 # to start on two cores, beyond the per-test timeout) and stopped after, whatever their outcome.
+# The store's other CQL driver (cassandra-driver) runs the behaviour suite's Cassandra half.
 test: venv stack-up node-deps browser
 	$(PYTEST) -m "not cluster"
+	BRIDGE_CASSANDRA_DRIVER=datastax $(PYTEST) -m integration tests/behaviour
 	bash deploy/local/cassandra-cluster.sh up && $(PYTEST) -m cluster; rc=$$?; bash deploy/local/cassandra-cluster.sh down; exit $$rc
 
 # The 30-minute soak (`make test` runs a 20 s one). The one test longer than the suite's 60 s

@@ -23,9 +23,9 @@ from bridge.observability import storage_metrics
 from bridge.observability.http import OpsServer
 from bridge.observability.metrics import BridgeMetrics
 from bridge.serving import ServingGate
-from bridge.storage.cassandra import CassandraSession
 from bridge.storage.repository import CassandraTaskStore
 from bridge.storage.schema import create_schema
+from bridge.storage.session import open_session
 from bridge.transport.amqp import AmqpTransport, Observer
 from bridge.transport.duty import Duty
 from bridge.transport.hints import AmqpHints
@@ -66,7 +66,7 @@ class Bridge:
         # Cassandra's time, carried by the monotonic clock (unless a test injects its own clock).
         self.anchor = AnchoredClock(host) if clock is None and settings.clock_source == "cassandra" else None
         self.clock: Clock = clock or self.anchor or host
-        self.db = CassandraSession(settings, self.clock.now_ms)
+        self.db = open_session(settings, self.clock.now_ms)
         self.store = CassandraTaskStore(
             self.db,
             self.clock.now_ms,

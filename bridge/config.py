@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     cassandra_local_dc: str | None = Field(None, description="Local data centre for the load balancing policy.")
     cassandra_username: str | None = None
     cassandra_password: SecretStr | None = None
+    cassandra_driver: Literal["acsylla", "datastax"] = Field(
+        "acsylla",
+        description="CQL driver: acsylla (C++ driver, asyncio-native) or datastax (cassandra-driver, pure Python).",
+    )
     cassandra_consistency: Literal["LOCAL_QUORUM", "QUORUM", "ONE", "LOCAL_ONE"] = "LOCAL_QUORUM"
     cassandra_serial_consistency: Literal["SERIAL", "LOCAL_SERIAL"] = "SERIAL"
     cassandra_timeout: float = Field(5.0, gt=0, description="Per-request timeout in seconds.")

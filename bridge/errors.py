@@ -24,6 +24,7 @@ Exception hierarchy::
     │   └── StorageError                                          bridge.storage.errors
     │       ├── StorageUnavailable
     │       └── UnknownOutcome (also a MaybeApplied)
+    ├── InvalidQuery .......................... internal (a bug)   bridge.storage.errors
     ├── CryptoError ........................... (per subclass)     bridge.crypto.errors
     │   ├── KeyUnavailable .................... unavailable
     │   ├── UnknownOwner (crypto) ............. unknown_owner

@@ -47,7 +47,7 @@ from cassandra.policies import (
 from cassandra.query import BatchStatement, BatchType, PreparedStatement, dict_factory
 
 from bridge.config import Settings
-from bridge.storage.errors import StorageUnavailable, UnknownOutcome
+from bridge.storage.errors import InvalidQuery, StorageUnavailable, UnknownOutcome
 
 _CL = {
     "LOCAL_QUORUM": ConsistencyLevel.LOCAL_QUORUM,
@@ -219,7 +219,10 @@ class CassandraSession:
 
     # -- statements ------------------------------------------------------------------------
     async def prepare(self, name: str, cql: str, *, idempotent: bool) -> None:
-        stmt = await anyio.to_thread.run_sync(self.session.prepare, cql.replace("{ks}", self.keyspace))
+        try:
+            stmt = await anyio.to_thread.run_sync(self.session.prepare, cql.replace("{ks}", self.keyspace))
+        except RequestValidationException as exc:
+            raise InvalidQuery(str(exc)) from exc
         # LWTs must not be retried blindly or speculatively: their outcome is resolved by reading.
         stmt.is_idempotent = idempotent
         self._prepared[name] = stmt
@@ -285,4 +288,7 @@ class CassandraSession:
     async def execute_raw(self, cql: str) -> list[Row]:
         """Run unprepared CQL (schema changes, admin); not for the hot path."""
         rf = self.session.execute_async(cql.replace("{ks}", self.keyspace), timeout=60)
-        return await _to_asyncio(rf, asyncio.get_running_loop())
+        try:
+            return await _to_asyncio(rf, asyncio.get_running_loop())
+        except RequestValidationException as exc:
+            raise InvalidQuery(str(exc)) from exc

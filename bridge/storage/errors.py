@@ -4,7 +4,7 @@ The Cassandra adapter raises these from its driver's errors; nothing above the a
 know them apart from ``Unavailable``.
 """
 
-from bridge.domain.errors import MaybeApplied, Unavailable
+from bridge.domain.errors import BridgeError, MaybeApplied, Unavailable
 
 
 class StorageError(Unavailable):
@@ -19,3 +19,9 @@ class UnknownOutcome(StorageError, MaybeApplied):
     """A lightweight transaction timed out: it may or may not have been applied (CASSANDRA-9328).
 
     Resolved inside the adapter by a SERIAL read; it only escapes when that read fails too."""
+
+
+class InvalidQuery(BridgeError):
+    """The node refused the CQL itself (invalid, an undefined column, a table that already exists):
+    a bug, or a schema change still being applied; never an outage, so never ``Unavailable``
+    (answered ``internal``)."""

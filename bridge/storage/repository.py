@@ -42,7 +42,6 @@ from bridge.domain.timeline import (
     ms_of,
     shard_of,
 )
-from bridge.storage.cassandra import CassandraSession
 from bridge.storage.errors import UnknownOutcome
 from bridge.storage.rows import (
     cas_result,
@@ -55,6 +54,7 @@ from bridge.storage.rows import (
     to_datetime,
     worker_row,
 )
+from bridge.storage.session import CqlSession
 from bridge.storage.statements import STATEMENTS
 
 DAY_MS = 86_400_000
@@ -70,7 +70,7 @@ MARK_HOUR_BUCKETS = 3_600_000 // EXPIRY_BUCKET_MS  # expiry marks: one partition
 
 class CassandraTaskStore:
     def __init__(
-        self, db: CassandraSession, now_ms: Callable[[], int], task_ttl_s: int, *, read_unsharded: bool = False
+        self, db: CqlSession, now_ms: Callable[[], int], task_ttl_s: int, *, read_unsharded: bool = False
     ) -> None:
         self.db = db
         self.now_ms = now_ms

@@ -12,16 +12,16 @@ Layout rules that every statement in ``statements.py`` follows:
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import TYPE_CHECKING
 
-from cassandra import InvalidRequest
-
 from bridge.domain.timeline import EXPIRY_BUCKET_MS, OUTBOX_BUCKET_MS, READY_BUCKET_MS
+from bridge.storage.errors import InvalidQuery
 
 if TYPE_CHECKING:
     from bridge.config import Settings
-    from bridge.storage.cassandra import CassandraSession
+    from bridge.storage.session import CqlSession
 
 SCHEMA_VERSION = 1
 SCHEMA_SETTLE_S = 30.0  # how long a bridge waits for columns another bridge is adding
@@ -189,7 +189,18 @@ def all_cql(keyspace: str, replication: str, ttl_seconds: int) -> list[str]:
     return [keyspace_cql(keyspace, replication), *table_cql(keyspace, ttl_seconds)]
 
 
-async def _added_columns_live(db: CassandraSession) -> None:
+def uuid_columns() -> frozenset[str]:
+    """Names of the uuid and timeuuid columns of every table. A driver that returns them as text
+    (acsylla) turns them back into :class:`uuid.UUID` by name: no column name has two types here
+    (``tests/unit/test_storage_schema.py`` checks it)."""
+    found: set[str] = set()
+    for cql in table_cql("ks", 1):
+        found.update(re.findall(r"\b([a-z_]+) (?:timeuuid|uuid)\b", cql))
+    found.update(column for _, column, cql_type in ADDED_COLUMNS if cql_type in ("uuid", "timeuuid"))
+    return frozenset(found)
+
+
+async def _added_columns_live(db: CqlSession) -> None:
     """Wait until every added column can be used. Another bridge's ALTER may be listed in
     ``system_schema`` (or refuse ours as existing) before the node serves the column: two
     bridges started together on a new keyspace, and the second died preparing its statements
@@ -202,13 +213,13 @@ async def _added_columns_live(db: CassandraSession) -> None:
                 cql = f"SELECT {column} FROM {{ks}}.{table} LIMIT 1"  # nosec B608
                 await db.prepare(f"schema.check.{table}.{column}", cql, idempotent=True)
                 break
-            except InvalidRequest as exc:
+            except InvalidQuery as exc:
                 if "Undefined column" not in str(exc) or time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.1)  # the schema change is still being applied
 
 
-async def create_schema(db: CassandraSession, settings: Settings) -> None:
+async def create_schema(db: CqlSession, settings: Settings) -> None:
     """Create the keyspace and tables if missing, add columns released later, record the layout."""
 
     for cql in all_cql(settings.cassandra_keyspace, settings.cassandra_replication, settings.task_ttl_seconds):
@@ -223,7 +234,7 @@ async def create_schema(db: CassandraSession, settings: Settings) -> None:
         if not rows:
             try:
                 await db.execute_raw(f"ALTER TABLE {{ks}}.{table} ADD {column} {cql_type}")  # nosec B608
-            except InvalidRequest as exc:
+            except InvalidQuery as exc:
                 # Bridges of a fleet start together: another one added it between our read and
                 # our ALTER (a bridge died of this at start, in a CI fault drill).
                 if "already exists" not in str(exc):

@@ -30,12 +30,12 @@ from tests.queue_harness import TTL_S, Harness
 
 
 @pytest.fixture(scope="session")
-def cassandra_store_session(servers: Any) -> Iterator[Any]:
-    """One driver session for the whole run: schema created and statements prepared once."""
+def cassandra_settings(servers: Any) -> Any:
+    """The run's keyspace, its schema created once; the driver is the configured one
+    (``BRIDGE_CASSANDRA_DRIVER``), as a bridge's."""
     from bridge.config import Settings
-    from bridge.storage.cassandra import CassandraSession
-    from bridge.storage.repository import CassandraTaskStore
     from bridge.storage.schema import create_schema
+    from bridge.storage.session import open_session
 
     settings = Settings(
         cassandra_hosts=servers.cassandra_hosts,
@@ -44,18 +44,53 @@ def cassandra_store_session(servers: Any) -> Iterator[Any]:
         keyring=None,
         key_server_url=None,
     )
-    db = CassandraSession(settings)
 
     async def setup() -> None:
+        db = open_session(settings)
         await db.connect()
-        await create_schema(db, settings)
-        await CassandraTaskStore(db, lambda: 0, TTL_S).prepare()
+        try:
+            await create_schema(db, settings)
+        finally:
+            await db.close()
 
     # Requested lazily from inside a running test loop: set up on a thread with a loop of its own.
     with ThreadPoolExecutor(1) as pool:
         pool.submit(asyncio.run, setup()).result()
+    return settings
+
+
+@pytest.fixture(scope="session")
+def datastax_store_session(cassandra_settings: Any) -> Iterator[Any]:
+    """cassandra-driver: one session for the whole run (it connects in about a second, and its
+    I/O thread serves any event loop)."""
+    from bridge.storage.cassandra import CassandraSession
+    from bridge.storage.repository import CassandraTaskStore
+
+    db = CassandraSession(cassandra_settings)
+
+    async def setup() -> None:
+        await db.connect()
+        await CassandraTaskStore(db, lambda: 0, TTL_S).prepare()
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, setup()).result()
         yield db
         pool.submit(asyncio.run, db.close()).result()
+
+
+async def _cassandra_session(request: pytest.FixtureRequest) -> tuple[Any, bool]:
+    """The test's session, and whether the test owns it (closes it at the end). acsylla's session
+    belongs to the event loop that opened it: one per test, opened in the test's loop (50 ms)."""
+    from bridge.storage.repository import CassandraTaskStore
+    from bridge.storage.session import open_session
+
+    settings = request.getfixturevalue("cassandra_settings")
+    if settings.cassandra_driver == "datastax":
+        return request.getfixturevalue("datastax_store_session"), False
+    db = open_session(settings)
+    await db.connect()
+    await CassandraTaskStore(db, lambda: 0, TTL_S).prepare()
+    return db, True
 
 
 def _memory(clock: ManualClock) -> TaskStore:
@@ -64,6 +99,7 @@ def _memory(clock: ManualClock) -> TaskStore:
 
 async def _harness(request: pytest.FixtureRequest, keyring_path: Path, *, hinted: bool) -> AsyncIterator[Harness]:
     keys = KeyringFileProvider(keyring_path)
+    db, owned = None, False
     if request.param == "memory":
         clock = ManualClock(1_700_000_000_000)
         store = _memory(clock)
@@ -72,7 +108,7 @@ async def _harness(request: pytest.FixtureRequest, keyring_path: Path, *, hinted
 
         # Days ahead of real time, different for every test: its expiry and outbox buckets are its own.
         clock = ManualClock(int(time.time() * 1000) + random.randrange(1, 30 * 86_400) * 1000)
-        db = request.getfixturevalue("cassandra_store_session")
+        db, owned = await _cassandra_session(request)
         store = CassandraTaskStore(db, clock.now_ms, TTL_S)
     hints = MemoryHints() if hinted else None
     h = Harness(store, keys, clock, prefix=f"test-{uuid.uuid4().hex[:8]}-", hints=hints)
@@ -82,6 +118,8 @@ async def _harness(request: pytest.FixtureRequest, keyring_path: Path, *, hinted
     if hints is not None:
         hints.close()
     await h.queue.drain_background(5.0)
+    if owned:
+        await db.close()
 
 
 STORES = ["memory", pytest.param("cassandra", marks=pytest.mark.integration)]

@@ -4,6 +4,7 @@ idle fleet almost nothing."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from datetime import datetime
 
@@ -122,11 +123,46 @@ async def test_a_fetch_marks_a_new_expiry_bucket_in_its_write_ahead_request(brid
     assert buckets <= marked, sorted(buckets - marked)
 
 
+def _cql_sockets(port: int) -> set[int]:
+    """Descriptors of this process's TCP sockets connected to the CQL port."""
+    import socket
+
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                continue
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.getpeername()[1] == port:
+                    found.add(fd)
+        except OSError:
+            continue  # closed meanwhile, or not connected
+    return found
+
+
 async def test_the_bridge_sends_cassandra_requests_without_nagle_delays(bridge):
     """The driver leaves Nagle's algorithm on unless told: two requests written back to back on a
     quiet connection would wait for the server's delayed ACK (up to 40 ms)."""
     import socket
 
+    if bridge.settings.cassandra_driver == "acsylla":
+        # The C++ driver's sockets are not Python objects: open a session as the bridge does and
+        # read the option on duplicates of the descriptors it opened.
+        from bridge.storage.session import open_session
+
+        before = _cql_sockets(bridge.settings.cassandra_port)
+        db = open_session(bridge.settings)
+        await db.connect()
+        try:
+            opened = _cql_sockets(bridge.settings.cassandra_port) - before
+            assert len(opened) >= 2, "a control connection and a request connection"
+            for fd in opened:
+                with socket.socket(fileno=os.dup(fd)) as sock:
+                    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        finally:
+            await db.close()
+        return
     session = bridge.db.session
     sockets = [session.cluster.control_connection._connection._socket]  # the driver's internals
     for pool in session.get_pools():

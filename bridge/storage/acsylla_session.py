@@ -1,0 +1,242 @@
+"""The Cassandra session on acsylla (the C++ driver, asyncio-native), behind the same interface as
+:class:`bridge.storage.cassandra.CassandraSession` (``BRIDGE_CASSANDRA_DRIVER=acsylla``).
+
+Why a second driver: the bridge is CPU-bound per statement, and cassandra-driver encodes and decodes
+every request in Python and hands each result across from its own I/O thread. The C++ driver does
+both in C++: measured side by side here (``benchmarks/drivers.py``), a statement costs the client
+3-6x less CPU at 16 in flight and about half at 1, and an LWT answers a third sooner.
+
+What this adapter must keep equal to the other one (the domain and the tests rely on it):
+- rows are dicts whose uuid and timeuuid columns are :class:`uuid.UUID` (acsylla gives strings);
+- write timestamps come from the bridge's clock (``now_ms``), strictly increasing;
+- errors map to the same storage errors: a statement never sent is ``StorageUnavailable``; a
+  conditional write whose outcome is unknown (a timeout, a connection lost under it) is
+  ``UnknownOutcome``; invalid CQL is a bug and raised as :class:`InvalidQuery`;
+- a statement that is not idempotent is never retried by the driver (``fallthrough`` policy).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import acsylla
+from acsylla import errors as cass
+
+from bridge.config import Settings
+from bridge.storage.cassandra import ClockTimestamps
+from bridge.storage.errors import InvalidQuery, StorageUnavailable, UnknownOutcome
+from bridge.storage.schema import uuid_columns
+from bridge.storage.session import Row
+
+log = logging.getLogger("acsylla")
+
+DEFAULT_PAGE_SIZE = 5000  # cassandra-driver's default fetch size: the same pages on both drivers
+
+# Never sent (or refused before any replica acted): nothing was applied, whatever the statement.
+_NOT_SENT: tuple[type[BaseException], ...] = (
+    cass.CassErrorLibNoHostsAvailable,
+    cass.CassErrorLibRequestQueueFull,
+    cass.CassErrorLibNoStreams,
+    cass.CassErrorLibNoAvailableIoThread,
+    cass.CassErrorServerUnavailable,
+    cass.CassErrorServerOverloaded,
+    cass.CassErrorServerIsBootstrapping,
+    cass.CassErrorLibUnableToConnect,
+)
+# The CQL itself is wrong (or the schema is still changing): a bug, not an outage.
+_INVALID: tuple[type[BaseException], ...] = (
+    cass.CassErrorServerInvalidQuery,
+    cass.CassErrorServerSyntaxError,
+    cass.CassErrorServerUnauthorized,
+    cass.CassErrorServerConfigError,
+    cass.CassErrorServerAlreadyExists,
+    cass.CassErrorServerUnprepared,
+)
+
+
+class _NotScylla(logging.Filter):
+    """The driver is ScyllaDB's build of the C++ driver: on every connection to Apache Cassandra it
+    logs, as an error, that the node has no shards to be aware of. That is expected, not an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "sharding info" not in record.getMessage()
+
+
+log.addFilter(_NotScylla())
+
+
+class AcsyllaSession:
+    """One C++-driver session per process, with prepared statements; natively async."""
+
+    def __init__(self, settings: Settings, now_ms: Callable[[], int] | None = None) -> None:
+        self.settings = settings
+        self.timestamps = ClockTimestamps(now_ms) if now_ms is not None else None
+        self.statements: Counter[str] = Counter()  # requests sent, by statement name (tests, benchmarks)
+        self.keyspace = settings.cassandra_keyspace
+        self._session: Any = None
+        self._prepared: dict[str, Any] = {}
+        self._idempotent: dict[str, bool] = {}
+        self._uuid_columns = uuid_columns()
+        self._serial = acsylla.Consistency[settings.cassandra_serial_consistency]
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def connect(self) -> None:
+        s = self.settings
+        options: dict[str, Any] = {}
+        if s.cassandra_username:
+            options["username"] = s.cassandra_username
+            options["password"] = s.cassandra_password.get_secret_value() if s.cassandra_password else ""
+        if s.cassandra_local_dc:
+            options["load_balance_dc_aware"] = s.cassandra_local_dc
+        else:
+            options["load_balance_round_robin"] = True
+        options.update(_tls_options(s))
+        cluster = acsylla.create_cluster(
+            list(s.cassandra_hosts),
+            port=s.cassandra_port,
+            connect_timeout=s.cassandra_timeout,
+            request_timeout=s.cassandra_timeout,
+            consistency=s.cassandra_consistency,
+            serial_consistency=s.cassandra_serial_consistency,
+            # Never resent by the driver: an LWT or a counter increment resent after its connection
+            # failed under it could apply twice. The error reaches the caller (unknown outcome).
+            retry_policy="fallthrough",
+            token_aware_routing=True,
+            tcp_nodelay=True,
+            heartbeat_interval_sec=10,
+            # Cassandra outages are short: a few cheap reconnection attempts a second are fine.
+            exponential_reconnect_base_delay_ms=200,
+            exponential_reconnect_max_delay_ms=int(s.cassandra_reconnect_max_delay * 1000),
+            # The C++ driver's own log (connection errors, ...) goes to the "acsylla" logger.
+            log_level="warn",
+            application_name="queue-bridge",
+            **options,
+        )
+        try:
+            self._session = await cluster.create_session()
+        except cass.CassException as exc:
+            raise StorageUnavailable(f"cassandra unavailable: {type(exc).__name__}: {exc}") from exc
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        self._prepared.clear()
+        if session is not None:
+            await session.close()
+
+    def any_host_up(self) -> bool:
+        """Whether the driver has a live connection to some Cassandra node (no network I/O)."""
+        session = self._session
+        return session is not None and session.metrics().stats_total_connections > 0
+
+    @property
+    def session(self) -> Any:
+        if self._session is None:
+            raise StorageUnavailable("not connected to Cassandra")
+        return self._session
+
+    # -- statements ------------------------------------------------------------------------
+    async def prepare(self, name: str, cql: str, *, idempotent: bool) -> None:
+        try:
+            self._prepared[name] = await self.session.create_prepared(cql.replace("{ks}", self.keyspace))
+        except _INVALID as exc:
+            raise InvalidQuery(str(exc)) from exc
+        self._idempotent[name] = idempotent
+
+    def _bind(self, name: str, params: Sequence[Any], fetch_size: int | None = None) -> Any:
+        stmt = self._prepared[name].bind(list(params), page_size=fetch_size or DEFAULT_PAGE_SIZE)
+        stmt.set_is_idempotent(self._idempotent[name])
+        if self.timestamps is not None:
+            stmt.set_timestamp(self.timestamps())
+        return stmt
+
+    async def execute(
+        self,
+        name: str,
+        params: Sequence[Any] = (),
+        *,
+        serial_read: bool = False,
+        fetch_size: int | None = None,
+    ) -> list[Row]:
+        stmt = self._bind(name, params, fetch_size)
+        self.statements[name] += 1
+        if serial_read:
+            stmt.set_consistency(self._serial)
+        return await self._all_pages(stmt, lwt=not self._idempotent[name])
+
+    async def execute_batch(self, name: str, items: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """Plain writes to several partitions as one UNLOGGED batch (see ``CassandraSession``)."""
+        batch = acsylla.create_batch_unlogged()
+        for part, params in items:
+            if not self._idempotent[part]:
+                raise ValueError(f"{part} is conditional: an LWT never goes in a batch here")
+            batch.add_statement(self._prepared[part].bind(list(params)))
+        batch.set_is_idempotent(True)
+        if self.timestamps is not None:
+            batch.set_timestamp(self.timestamps())
+        self.statements[name] += 1
+        try:
+            await self.session.execute_batch(batch)
+        except cass.CassException as exc:
+            raise _storage_error(exc, lwt=False) from exc
+
+    async def _all_pages(self, stmt: Any, *, lwt: bool) -> list[Row]:
+        rows: list[Row] = []
+        while True:
+            try:
+                result = await self.session.execute(stmt)
+            except cass.CassException as exc:
+                raise _storage_error(exc, lwt=lwt) from exc
+            rows.extend(self._row(r) for r in result.all())
+            if not result.has_more_pages():
+                return rows
+            stmt.set_page_state(result.page_state())
+
+    def _row(self, r: Any) -> Row:
+        row: Row = r.as_dict()
+        for column in self._uuid_columns.intersection(row):
+            value = row[column]
+            if isinstance(value, str):
+                row[column] = uuid.UUID(value)
+        return row
+
+    async def execute_raw(self, cql: str) -> list[Row]:
+        """Run unprepared CQL (schema changes, admin); not for the hot path."""
+        stmt = acsylla.create_statement(cql.replace("{ks}", self.keyspace), timeout=60, page_size=DEFAULT_PAGE_SIZE)
+        return await self._all_pages(stmt, lwt=" IF " in cql)
+
+
+def _storage_error(exc: BaseException, *, lwt: bool) -> Exception:
+    if isinstance(exc, _INVALID):
+        return InvalidQuery(str(exc))
+    if isinstance(exc, _NOT_SENT):
+        return StorageUnavailable(f"cassandra unavailable: {type(exc).__name__}")
+    # A timeout, a connection lost under the request, a failure on a replica: a conditional write
+    # may still be applied later (CASSANDRA-9328); a plain statement is simply retried.
+    if lwt:
+        return UnknownOutcome(f"{type(exc).__name__}: {exc}")
+    return StorageUnavailable(f"cassandra error: {type(exc).__name__}: {exc}")
+
+
+def _tls_options(s: Settings) -> dict[str, Any]:
+    """TLS to Cassandra, verifying each node's certificate and its address (as ``tls_context``)."""
+    files = (s.cassandra_tls_ca_file, s.cassandra_tls_cert_file, s.cassandra_tls_key_file)
+    if not s.cassandra_tls and not any(files):
+        return {}
+    options: dict[str, Any] = {"ssl_enabled": True, "ssl_verify_flags": acsylla.SSLVerifyFlags.PEER_IDENTITY}
+    if s.cassandra_tls_ca_file:
+        options["ssl_trusted_cert"] = Path(s.cassandra_tls_ca_file).read_text()
+    if s.cassandra_tls_cert_file:
+        options["ssl_cert"] = Path(s.cassandra_tls_cert_file).read_text()
+    if s.cassandra_tls_key_file:
+        options["ssl_private_key"] = Path(s.cassandra_tls_key_file).read_text()
+    if any(re.search(r"[A-Za-z]", h) for h in s.cassandra_hosts):
+        # A node named by host name: its certificate must name it (reverse lookups enabled).
+        options["ssl_verify_flags"] = acsylla.SSLVerifyFlags.PEER_IDENTITY_DNS
+        options["hostname_resolution"] = True
+    return options
