@@ -4,7 +4,8 @@
   server (``benchmarks.echo``): the floor of any fetch or ack.
 - B-lwt: one ``INSERT ... IF NOT EXISTS`` (the shape of the bridge's claim), and
 - B-write: one plain prepared INSERT (the shape of the bridge's ``ready`` row),
-  both through ``bridge.storage.cassandra.CassandraSession`` (execute_async bridged to asyncio).
+  both through the bridges' own session (``bridge.storage.session``, the driver of
+  ``BRIDGE_CASSANDRA_DRIVER``): the bare round trip of the client the bridges use.
 
 Each is measured sequentially (single-request latency) and at the concurrency of the workload it
 is compared with (throughput, and latency under that load).

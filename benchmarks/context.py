@@ -18,7 +18,7 @@ from benchmarks.progress import say
 from benchmarks.stats import Figure, Sample, Target
 from bridge.config import Settings
 from bridge.crypto import generate_keyring, write_keyring
-from bridge.storage.cassandra import CassandraSession
+from bridge.storage.session import open_session
 
 HOST = "127.0.0.1"  # benchmarks never target anything else
 KEYSPACE = "qb_bench"
@@ -145,7 +145,8 @@ class Bench:
         self.bridge_logs: list[Path] = []
         self._bridge_seq = 0
         self.echo: Managed | None = None
-        self.db = CassandraSession(
+        # The bridges' driver (BRIDGE_CASSANDRA_DRIVER): a baseline is the same client's bare round trip.
+        self.db = open_session(
             Settings(
                 cassandra_hosts=[HOST],
                 cassandra_port=9042,

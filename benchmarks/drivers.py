@@ -48,10 +48,10 @@ async def _prepared(driver: str, hosts: list[str], port: int) -> CqlSession:
     await db.execute_raw(
         "CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}"
     )
-    await db.execute_raw("CREATE TABLE IF NOT EXISTS {ks}.t (k uuid PRIMARY KEY, v text)")
-    await db.prepare("write", "INSERT INTO {ks}.t (k, v) VALUES (?, ?)", idempotent=True)
-    await db.prepare("read", "SELECT k, v FROM {ks}.t WHERE k = ?", idempotent=True)
-    await db.prepare("lwt", "INSERT INTO {ks}.t (k, v) VALUES (?, ?) IF NOT EXISTS", idempotent=False)
+    await db.execute_raw("CREATE TABLE IF NOT EXISTS {ks}.tasks (task_id uuid PRIMARY KEY, v text)")
+    await db.prepare("write", "INSERT INTO {ks}.tasks (task_id, v) VALUES (?, ?)", idempotent=True)
+    await db.prepare("read", "SELECT task_id, v FROM {ks}.tasks WHERE task_id = ?", idempotent=True)
+    await db.prepare("lwt", "INSERT INTO {ks}.tasks (task_id, v) VALUES (?, ?) IF NOT EXISTS", idempotent=False)
     return db
 
 
@@ -62,7 +62,7 @@ async def _measure(db: CqlSession, kind: str, statements: int, concurrency: int)
     async def one() -> None:
         if kind == "read":
             rows = await db.execute("read", (key,))
-            assert rows and rows[0]["k"] == key, "a read returns its row, with its uuid as a UUID"
+            assert rows and rows[0]["task_id"] == key, "a read returns its row, with its uuid as a UUID"
         else:
             await db.execute(kind, (uuid.uuid4(), "value"))
 

@@ -24,9 +24,9 @@ from bridge.config import Settings
 from bridge.crypto import Sealed
 from bridge.domain.records import ExpiryEntry, Payload, QueueKey, WorkerPointer
 from bridge.domain.timeline import expiry_bucket, new_task_id
-from bridge.storage.cassandra import CassandraSession
 from bridge.storage.repository import CassandraTaskStore
 from bridge.storage.schema import create_schema
+from bridge.storage.session import open_session
 
 COUNT = 3000
 CONCURRENCY = 16
@@ -34,7 +34,7 @@ CONCURRENCY = 16
 
 async def measure() -> None:
     settings = Settings(cassandra_hosts=[HOST], cassandra_keyspace=KEYSPACE, keyring=None, key_server_url=None)
-    db = CassandraSession(settings)
+    db = open_session(settings)
     await db.connect()
     try:
         await db.execute_raw(f"DROP KEYSPACE IF EXISTS {KEYSPACE}")
