@@ -276,6 +276,15 @@ async def test_a_lease_its_timer_met_a_moment_early_is_still_recovered(harness: 
     assert await h.ack("b", got) is True
 
 
+async def _on_a_bucket_boundary_marks_just_read(h: Harness) -> int:
+    """Move the clock a second on, to the start of a 250 ms bucket, and let the scheduler tick (it
+    reads the marks then): the timing of a test after this is exact. Returns the time."""
+    now = h.clock.now_ms()
+    h.clock.advance(1_000 + (-(now + 1_000)) % 250)
+    await h.scheduler.tick()
+    return h.clock.now_ms()
+
+
 async def test_a_heartbeated_lease_is_recovered_at_its_last_deadline_not_a_pass_later(harness: Harness) -> None:
     """A lease extended by a heartbeat: the scheduler meets its first deadline, finds the later one
     and files it again, moments ahead. That bucket was marked after the scheduler last read the
@@ -284,11 +293,7 @@ async def test_a_heartbeated_lease_is_recovered_at_its_last_deadline_not_a_pass_
     test_extend_keeps_the_task_past_its_first_deadline, "no task for other within 5s")."""
     h = harness
     task_id = await h.add("long job")
-    # Start on a bucket boundary, with the marks just read: the timing below is then exact.
-    now = h.clock.now_ms()
-    h.clock.advance(1_000 + (-(now + 1_000)) % 250)
-    await h.scheduler.tick()
-    start = h.clock.now_ms()
+    start = await _on_a_bucket_boundary_marks_just_read(h)
     held = await h.fetch("holder", ttr_ms=1_000)
     assert held is not None and held.task_id == task_id
     # The claim's own timer is best effort (capped, gone with a restart): the passes must meet
@@ -314,10 +319,7 @@ async def test_a_deadline_a_claimer_files_again_is_met_by_its_buckets_first_pass
     passed before the next one was skipped: the task came back 5 s after its deadline."""
     h = hinted
     task_id = await h.add("v")
-    now = h.clock.now_ms()
-    h.clock.advance(1_000 + (-(now + 1_000)) % 250)
-    await h.scheduler.tick()
-    start = h.clock.now_ms()
+    start = await _on_a_bucket_boundary_marks_just_read(h)
     held = await h.fetch("holder", ttr_ms=100)
     assert held is not None and held.task_id == task_id
     h.scheduler.cancel_timers()  # best effort; the passes are the guarantee
