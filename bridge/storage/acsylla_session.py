@@ -4,7 +4,7 @@
 Why a second driver: the bridge is CPU-bound per statement, and cassandra-driver encodes and decodes
 every request in Python and hands each result across from its own I/O thread. The C++ driver does
 both in C++: measured side by side here (``benchmarks/drivers.py``), a statement costs the client
-3-6x less CPU at 16 in flight and about half at 1, and an LWT answers a third sooner.
+2-6x less CPU at 16 in flight and about half at 1, and an LWT answers 30-40% sooner.
 
 What this adapter must keep equal to the other one (the domain and the tests rely on it):
 - rows are dicts whose uuid and timeuuid columns are :class:`uuid.UUID` (acsylla gives strings);
