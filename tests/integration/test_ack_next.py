@@ -6,6 +6,8 @@ reply carries the next task, so a worker that keeps finding work sends one reque
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from bridge.client.errors import BadRequestError
@@ -100,3 +102,81 @@ async def test_a_malformed_next_is_refused_and_the_ack_not_applied(bridge, engin
     with pytest.raises(BadRequestError, match="next"):
         await w.call("ack", body)
     assert await task.ack("ok") is True  # it was still held: the refused ack did nothing
+
+
+# -- Worker.run: the client's loop on ack-with-next ---------------------------------------------------
+def _count_requests(w, monkeypatch):  # type: ignore[no-untyped-def]
+    """The requests the worker sends, by method."""
+    sent: dict[str, int] = {}
+    real_call = w.call
+
+    async def call(method, body, **kw):  # type: ignore[no-untyped-def]
+        sent[method] = sent.get(method, 0) + 1
+        return await real_call(method, body, **kw)
+
+    monkeypatch.setattr(w, "call", call)
+    return sent
+
+
+async def test_run_serves_each_task_with_one_request(bridge, engine, workers, monkeypatch):
+    svc = service_id()
+    ids = [await engine.add(svc, {"n": i}) for i in range(12)]
+    w = await workers(svc, "runner")
+    w.wait_ms = 1_000
+    sent = _count_requests(w, monkeypatch)
+    stop = asyncio.Event()
+    seen: list[str] = []
+
+    async def handler(task):  # type: ignore[no-untyped-def]
+        seen.append(task.id)
+        if len(seen) == len(ids):
+            stop.set()
+        return {"double": task.value["n"] * 2}
+
+    handled = await asyncio.wait_for(w.run(handler, stop=stop), 30.0)
+    assert handled == len(ids) and seen == ids  # in order, each once
+    assert sent == {"fetch": 1, "ack": len(ids)}, "one fetch to start, then one ack (with next) per task"
+    other = await workers(svc, "other")
+    assert await other.fetch() is None  # every one of them completed, none left leased
+
+
+async def test_run_gives_back_a_task_its_handler_raised_on(make_bridge, engine, workers):
+    await make_bridge(retry_base_ms=100, retry_cap_ms=200)
+    svc = service_id()
+    task_id = await engine.add(svc, "flaky")
+    w = await workers(svc, "runner")
+    w.wait_ms = 1_000
+    stop = asyncio.Event()
+    deliveries: list[int] = []
+
+    async def handler(task):  # type: ignore[no-untyped-def]
+        deliveries.append(task.deliveries)
+        if task.deliveries == 1:
+            raise RuntimeError("the first attempt breaks")
+        stop.set()
+        return "second time lucky"
+
+    assert await asyncio.wait_for(w.run(handler, stop=stop), 30.0) == 2
+    assert deliveries == [1, 2], "given back (fail), then handed out again and acked"
+    assert await w.fetch() is None  # not this worker's any more: acked
+    assert await (await workers(svc, "other")).fetch() is None, f"{task_id} is neither ready nor leased"
+
+
+async def test_run_stops_between_tasks_and_leaves_nothing_leased(bridge, engine, workers):
+    svc = service_id()
+    ids = [await engine.add(svc, i) for i in range(3)]
+    w = await workers(svc, "runner")
+    stop = asyncio.Event()
+
+    async def handler(task):  # type: ignore[no-untyped-def]
+        stop.set()  # e.g. SIGTERM while the first task runs
+        return "ok"
+
+    assert await asyncio.wait_for(w.run(handler, stop=stop), 30.0) == 1
+    # The other two were not fetched by the last ack: another worker gets them at once.
+    other = await workers(svc, "other")
+    for expected in ids[1:]:
+        task = await other.fetch()
+        assert task is not None and task.id == expected and task.deliveries == 1
+        assert await task.ack("ok") is True
+    assert await w.fetch() is None  # and the runner holds nothing
