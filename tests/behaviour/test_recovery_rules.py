@@ -336,3 +336,21 @@ async def test_a_deadline_a_claimer_files_again_is_met_by_its_buckets_first_pass
     late = h.clock.now_ms() - (start + 1_400 + MARGIN_MS)
     assert got.task_id == task_id and got.epoch == 2
     assert 0 <= late <= 500, f"re-exposed {late} ms after the extended deadline + margin"
+
+
+async def test_an_idle_scheduler_ticks_once_a_bucket_and_a_near_deadline_brings_ticks_back(harness: Harness) -> None:
+    """Nothing marked in the running or the next bucket: the duty holder waits for the next bucket
+    to begin (4 ticks a second, not 10). A deadline in the next bucket: the tick interval again."""
+    h = harness
+    s = h.scheduler
+    start = await _on_a_bucket_boundary_marks_just_read(h)
+    await h.advance(40)
+    assert s.pause_s() == pytest.approx((250 - 40 + 1) / 1000)
+    await h.add("v")
+    held = await h.fetch("w", ttr_ms=100)  # deadline + margin: start + 1,140 (bucket 4 from start)
+    assert held is not None
+    await h.advance(560)  # start + 601 (the add took 1 ms): bucket 2 running, bucket 3 next, not marked
+    assert h.clock.now_ms() == start + 601
+    assert s.pause_s() == pytest.approx((750 - 601 + 1) / 1000)
+    await h.advance(200)  # bucket 3 running, the deadline's bucket next
+    assert s.pause_s() == s.interval_s
