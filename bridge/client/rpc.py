@@ -793,13 +793,8 @@ class Worker(RpcClient):
             if task is None:
                 if stop is not None and stop.is_set():
                     return handled
-                try:
-                    task = await self.fetch(wait_ms=self.wait_ms)
-                except TransportError:
-                    continue
+                task = await self._poll()
                 if task is None:
-                    if not self.wait_ms:
-                        await asyncio.sleep(self.poll_interval)
                     continue
             try:
                 result = await handler(task)
@@ -836,14 +831,19 @@ class Worker(RpcClient):
                 await asyncio.sleep(self.poll_interval)
         return None
 
+    async def _poll(self) -> Task | None:
+        """One fetch of the worker's loop (a long-poll of :attr:`wait_ms`); None when it found
+        nothing (after :attr:`poll_interval` when not long-polling) or got no answer."""
+        try:
+            task = await self.fetch(wait_ms=self.wait_ms)
+        except TransportError:
+            return None
+        if task is None and not self.wait_ms:
+            await asyncio.sleep(self.poll_interval)
+        return task
+
     async def __aiter__(self) -> AsyncIterator[Task]:
         while True:
-            try:
-                task = await self.fetch(wait_ms=self.wait_ms)
-            except TransportError:
-                continue
-            if task is None:
-                if not self.wait_ms:
-                    await asyncio.sleep(self.poll_interval)
-                continue
-            yield task
+            task = await self._poll()
+            if task is not None:
+                yield task
