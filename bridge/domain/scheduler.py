@@ -169,8 +169,8 @@ class RecoveryScheduler:
         """How long to wait before the next tick: the tick interval while a deadline is near (the
         running or the next bucket is marked, or the passes are catching up); otherwise until the
         next bucket begins, whose first pass then comes right after its end as before. An idle
-        duty holder ticks 4 times a second instead of 10 (its CPU: about 1.0% -> 0.85% of a core,
-        measured with the interval itself at 0.25 s); the fleet's other bridges do not tick."""
+        duty holder ticks 4 times a second instead of 10 (its CPU: 1.05-1.2% -> 0.85% of a core,
+        docs/performance.md); the fleet's other bridges do not tick."""
         if self._expiry_next is None or self.read_unmarked:
             return self.interval_s
         now = self.queue.clock.now_ms()

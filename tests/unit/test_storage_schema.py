@@ -1,0 +1,23 @@
+"""The schema facts the storage adapters rely on."""
+
+from __future__ import annotations
+
+import re
+
+from bridge.storage.schema import ADDED_COLUMNS, table_cql, uuid_columns
+
+_COLUMN = re.compile(r"\b([a-z_]+) (timeuuid|uuid|text|blob|bigint|int|tinyint|smallint|boolean|timestamp|counter)\b")
+
+
+def test_no_column_name_has_two_types() -> None:
+    """acsylla hands uuid columns out as text; its adapter turns them back by column name, which is
+    only right while a name means one type in every table."""
+    types: dict[str, set[str]] = {}
+    for cql in table_cql("ks", 1):
+        for name, cql_type in _COLUMN.findall(cql):
+            types.setdefault(name, set()).add(cql_type)
+    for _, name, cql_type in ADDED_COLUMNS:
+        types.setdefault(name, set()).add(cql_type)
+    assert {name: t for name, t in types.items() if len(t) > 1} == {}
+    assert uuid_columns() == {name for name, t in types.items() if t & {"uuid", "timeuuid"}}
+    assert {"task_id", "seq", "claim_id", "completion_id", "done_task"} <= uuid_columns()
