@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 from benchmarks.baselines import b_rpc, key
@@ -261,7 +262,10 @@ async def per_task(bench: Bench, tasks: int, concurrency: int, *, ack_next: bool
 
 
 async def main(args: argparse.Namespace) -> None:
-    bench = Bench(Plan.quick_plan(), bridges=1, metrics=True)
+    profile_dir = Path(args.profile) if args.profile else None
+    if profile_dir is not None:
+        profile_dir.mkdir(parents=True, exist_ok=True)
+    bench = Bench(Plan.quick_plan(), bridges=1, metrics=True, profile_dir=profile_dir, profile_clock="cpu")
     await bench.setup()
     report: dict[str, Any] = {}
     phases = set(args.phases.split(","))
@@ -306,6 +310,7 @@ if __name__ == "__main__":
     ap.add_argument("--ack-next", action="store_true", help="per-task phase: acks fetch the next task (1.6)")
     ap.add_argument("--burst-waiters", type=int, default=32, help="burst phase: workers waiting, and tasks per burst")
     ap.add_argument("--burst-rounds", type=int, default=20)
+    ap.add_argument("--profile", metavar="DIR", help="bridges under cProfile timed by CPU (benchmarks.cpuprofile)")
     ap.add_argument("--tasks", type=int, default=2000, help="per-task phase: tasks added, fetched and acked")
     ap.add_argument(
         "--phases",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 import aio_pika
@@ -25,10 +25,11 @@ import structlog
 from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
-    AbstractIncomingMessage,
     AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
+from aiormq.abc import DeliveredMessage
 
 from bridge.config import Settings
 from bridge.domain.queue import WorkQueue
@@ -37,6 +38,7 @@ from bridge.transport.handlers import ADD_RETRY_BUDGET_S, RequestHandlers
 from bridge.transport.hints import AmqpHints
 from bridge.transport.permissions import amqp_user
 from bridge.transport.replies import ReplyPublisher
+from bridge.transport.request import Delivery, RequestMessage
 from bridge.transport.results import ResultPublisher
 from bridge.transport.timing import Consumer, Observer, timed
 from bridge.transport.topology import CONSUMED, LIFECYCLE_METHODS, LIFECYCLE_QUEUE, METHODS, Names, declare_topology
@@ -67,7 +69,7 @@ class AmqpTransport:
         self.handlers = RequestHandlers(settings, queue, self.replies, consuming=lambda: bool(self._consumer_tags))
         self._observer = observe or (lambda method, outcome, seconds: None)
         self.connection: AbstractRobustConnection | None = None
-        self._consume_channel: AbstractChannel | None = None
+        self._consume_channel: AbstractRobustChannel | None = None
         self._publish_channel: AbstractChannel | None = None  # results: confirms + mandatory
         self._reply_channel: AbstractChannel | None = None  # replies: no confirms
         self._queues: dict[str, AbstractQueue] = {}
@@ -116,6 +118,9 @@ class AmqpTransport:
         )
         self._consume_channel = await self.connection.channel(publisher_confirms=False)
         await self._consume_channel.set_qos(prefetch_count=self.settings.prefetch)
+        # The request consumers are aiormq's (bridge.transport.request), which aio-pika does not
+        # restore: they are registered again once the channel is back.
+        self._consume_channel.reopen_callbacks.add(self._consume_again)
         # Confirms + mandatory: a result that no queue takes comes back as an error, so it stays
         # pending in the outbox instead of being confirmed into the void.
         self._publish_channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -153,6 +158,7 @@ class AmqpTransport:
 
     async def resume(self, methods: Iterable[str] | None = None) -> None:
         """Consume requests (all queues, or only ``methods``)."""
+        assert self._consume_channel is not None
         consumers: dict[str, Consumer] = {
             "add": self._on_add,
             "fetch": self._on_fetch,
@@ -160,9 +166,18 @@ class AmqpTransport:
             LIFECYCLE_QUEUE: self._on_lifecycle,
             "unrouted": self._on_unrouted,
         }
+        frames = await self._consume_channel.get_underlay_channel()
         for method, consumer in consumers.items():
             if (methods is None or method in methods) and method not in self._consumer_tags:
-                self._consumer_tags[method] = await self._queues[method].consume(self._tracked(consumer))
+                ok = await frames.basic_consume(self._queues[method].name, self._tracked(consumer))
+                assert ok.consumer_tag is not None
+                self._consumer_tags[method] = ok.consumer_tag
+
+    async def _consume_again(self, _channel: object) -> None:
+        """The consume channel was reopened (a reconnection): its consumers died with the old one."""
+        methods, self._consumer_tags = list(self._consumer_tags), {}
+        if methods and not self._closing:
+            await self.resume(methods)
 
     async def pause(self, methods: Iterable[str] | None = None) -> None:
         """Stop taking new requests (all queues, or only ``methods``); in-flight ones go on. What is
@@ -171,7 +186,9 @@ class AmqpTransport:
             if methods is not None and method not in methods:
                 continue
             try:
-                await self._queues[method].cancel(tag)
+                assert self._consume_channel is not None
+                frames = await self._consume_channel.get_underlay_channel()
+                await frames.basic_cancel(tag)
             except Exception as exc:  # channel already gone: nothing to cancel
                 log.debug("cancel %s: %s", method, exc)
             del self._consumer_tags[method]
@@ -210,13 +227,16 @@ class AmqpTransport:
             and len(self._consumer_tags) == len(CONSUMED)
         )
 
-    async def _on_lifecycle(self, message: AbstractIncomingMessage) -> None:
+    async def _on_lifecycle(self, message: RequestMessage) -> None:
         consumer = self._lifecycle.get(message.routing_key or "", self._on_lifecycle_unknown)
         await consumer(message)
 
     # -- consumer callbacks -------------------------------------------------------------------
-    def _tracked(self, consumer: Consumer) -> Consumer:
-        async def handle(message: AbstractIncomingMessage) -> None:
+    def _guarded(self, consumer: Consumer) -> Callable[[RequestMessage], Coroutine[Any, Any, None]]:
+        """``consumer`` with the request's log fields bound and a last resort: whatever it raises,
+        the delivery is settled."""
+
+        async def handle(message: RequestMessage) -> None:
             # Every log line of this request carries these fields (never the body: values stay secret).
             structlog.contextvars.clear_contextvars()
             structlog.contextvars.bind_contextvars(
@@ -228,16 +248,21 @@ class AmqpTransport:
                 log.exception("request handler failed unexpectedly")
                 await self.handlers.last_resort(message)
 
-        async def run(message: AbstractIncomingMessage) -> None:
-            # The work runs as a task of its own: when a channel closes (a broker restart) aio-pika
-            # cancels its consumer callbacks, and a request cut in the middle of a claim would be
-            # neither answered nor finished. Shielded, it finishes; its reply and ack may fail on the
-            # dead channel, and then the broker redelivers the request, which is safe to repeat.
-            work = asyncio.get_running_loop().create_task(handle(message))
+        return handle
+
+    def _tracked(self, consumer: Consumer) -> Callable[[DeliveredMessage], Coroutine[Any, Any, None]]:
+        """The aiormq consumer callback: each delivery handled by ``consumer`` in a task of its own."""
+        handle = self._guarded(consumer)
+
+        async def run(delivered: DeliveredMessage) -> None:
+            # The work runs as a task of its own, not in the task aiormq runs this callback in: a
+            # channel that closes (a broker restart) cancels those, and a request cut in the middle
+            # of a claim would be neither answered nor finished. Its reply and ack may fail on the
+            # dead channel; then the broker redelivers the request, which is safe to repeat.
+            work = asyncio.get_running_loop().create_task(handle(Delivery(delivered)))
             self._inflight.add(work)
             self._idle.clear()
             work.add_done_callback(self._finished)
-            await asyncio.shield(work)
 
         return run
 

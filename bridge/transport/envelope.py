@@ -7,13 +7,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage
-
 from bridge.domain import jsonvalue
 from bridge.domain.errors import BadRequest, PayloadTooLarge, Unauthorized
 from bridge.errors import BridgeError
 from bridge.transport import wire
 from bridge.transport.replies import BadReplyTo, reply_node
+from bridge.transport.request import RequestMessage
 from bridge.transport.wire import iso
 
 __all__ = [
@@ -46,7 +45,7 @@ class Identity:
     def __init__(self, trusted_users: list[str]) -> None:
         self.trusted = frozenset(trusted_users)
 
-    def owner_of(self, message: AbstractIncomingMessage) -> str:
+    def owner_of(self, message: RequestMessage) -> str:
         user = message.user_id
         if not user:
             raise Unauthorized("the message has no user_id property; set it to your AMQP user name")
@@ -74,7 +73,7 @@ class Identity:
         return header
 
 
-def deadline_of(message: AbstractIncomingMessage) -> int | None:
+def deadline_of(message: RequestMessage) -> int | None:
     """The caller's deadline (``x-deadline`` header, milliseconds since the epoch), if it set one."""
     value = (message.headers or {}).get(DEADLINE_HEADER)
     if value is None:
@@ -94,7 +93,7 @@ class AddKey:
     first_copy: bool = False
 
 
-def idempotency_of(message: AbstractIncomingMessage) -> AddKey:
+def idempotency_of(message: RequestMessage) -> AddKey:
     """The add's idempotency key (contract 1.5): the ``x-idempotency-key`` header when present
     (an empty one: the caller has no key of its own), else the ``message-id`` (1.4 and before).
 
@@ -120,7 +119,7 @@ def idempotency_of(message: AbstractIncomingMessage) -> AddKey:
     return AddKey(message.message_id, first_copy=not message.redelivered)
 
 
-def check_reply_to(message: AbstractIncomingMessage) -> None:
+def check_reply_to(message: RequestMessage) -> None:
     """A reply_to the broker could not have made is refused before the request runs (issue 13.3)."""
     if message.reply_to:
         try:
@@ -129,7 +128,7 @@ def check_reply_to(message: AbstractIncomingMessage) -> None:
             raise BadRequest(str(exc)) from None
 
 
-def sent_before_ms(message: AbstractIncomingMessage) -> int | None:
+def sent_before_ms(message: RequestMessage) -> int | None:
     """An upper bound of when the request was sent, from the AMQP ``timestamp`` property (whole
     seconds): the request was sent before the end of that second."""
     ts = message.timestamp
@@ -138,7 +137,7 @@ def sent_before_ms(message: AbstractIncomingMessage) -> int | None:
     return (int(ts.timestamp()) + 1) * 1000
 
 
-def read_body(message: AbstractIncomingMessage, max_value_bytes: int) -> Any:
+def read_body(message: RequestMessage, max_value_bytes: int) -> Any:
     """The request body as JSON: ``payload_too_large`` beyond the limit, ``bad_request`` if not JSON."""
     limit = max_value_bytes + ENVELOPE_ALLOWANCE
     if len(message.body) > limit:

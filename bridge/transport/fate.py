@@ -35,9 +35,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-from aio_pika.abc import AbstractIncomingMessage
-
 from bridge.errors import ErrorCode
+from bridge.transport.request import RequestMessage
 
 __all__ = ["EXPIRED", "FATES", "OK", "Fate", "Rule", "Settle", "fate_of", "markdown_table", "settle"]
 
@@ -104,7 +103,7 @@ def markdown_table() -> str:
     return "\n".join(lines)
 
 
-async def settle(message: AbstractIncomingMessage, fate: Fate) -> None:
+async def settle(message: RequestMessage, fate: Fate) -> None:
     """Acknowledge, requeue or dead-letter the delivery, as ``fate`` says (once: a waiting fetch's
     delivery is acknowledged when its wait begins, and its outcome is only answered)."""
     if message.processed:

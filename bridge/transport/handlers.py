@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
 from pydantic import BaseModel
 
 from bridge.config import Settings
@@ -36,6 +35,7 @@ from bridge.transport.envelope import (
 )
 from bridge.transport.fate import EXPIRED, OK, RETRY_BUDGET_S, Settle, fate_of, settle
 from bridge.transport.replies import ReplyPublisher
+from bridge.transport.request import RequestMessage
 from bridge.transport.topology import ROUTING_KEYS
 
 log = logging.getLogger("bridge.amqp")
@@ -68,7 +68,7 @@ class RequestHandlers:
     # -- one place that settles every request ---------------------------------------------------
     async def conclude(
         self,
-        message: AbstractIncomingMessage,
+        message: RequestMessage,
         method: str,
         outcome: str,
         body: bytes | None = None,
@@ -81,7 +81,7 @@ class RequestHandlers:
         await settle(message, fate)
         return outcome
 
-    async def fail(self, message: AbstractIncomingMessage, method: str, exc: BaseException) -> str:
+    async def fail(self, message: RequestMessage, method: str, exc: BaseException) -> str:
         """Conclude a request that raised: its wire code (``internal`` for a bug) decides its fate."""
         code = wire_code(exc)
         error = _answerable(exc, method, INTERNAL_MESSAGE)
@@ -98,7 +98,7 @@ class RequestHandlers:
             log.warning("%s still failing (%s): requeued", method, error.message)
         return await self.conclude(message, method, code, reply_body(error=error))
 
-    async def last_resort(self, message: AbstractIncomingMessage) -> None:
+    async def last_resort(self, message: RequestMessage) -> None:
         """Whatever raised past a handler: ``internal``, so that one bad message can never sit
         unacknowledged and stall the queue for every tenant."""
         if message.processed:
@@ -110,7 +110,7 @@ class RequestHandlers:
             log.warning("could not settle a failed request: %s", type(exc).__name__)
 
     # -- add ------------------------------------------------------------------------------------
-    async def add(self, message: AbstractIncomingMessage) -> str:
+    async def add(self, message: RequestMessage) -> str:
         try:
             check_reply_to(message)
             owner = self.identity.owner_of(message)
@@ -145,22 +145,22 @@ class RequestHandlers:
                 delay = min(delay * 2, 5.0)
 
     # -- fetch and ack (RPCs) ---------------------------------------------------------------------
-    async def fetch(self, message: AbstractIncomingMessage) -> str:
+    async def fetch(self, message: RequestMessage) -> str:
         return await self._rpc(message, "fetch", FetchRequest, self._fetch)
 
-    async def ack(self, message: AbstractIncomingMessage) -> str:
+    async def ack(self, message: RequestMessage) -> str:
         return await self._rpc(message, "ack", AckWithNextRequest, self._ack)
 
-    async def unrouted(self, message: AbstractIncomingMessage) -> str:
+    async def unrouted(self, message: RequestMessage) -> str:
         err = BadRequest(f"unknown method {message.routing_key!r}; use one of {', '.join(ROUTING_KEYS)}")
         return await self.fail(message, "unknown", err)
 
     async def _rpc(
         self,
-        message: AbstractIncomingMessage,
+        message: RequestMessage,
         method: str,
         model: type[R],
-        call: Callable[[str, R, AbstractIncomingMessage], Awaitable[Reply]],
+        call: Callable[[str, R, RequestMessage], Awaitable[Reply]],
     ) -> str:
         try:
             if not message.reply_to:
@@ -191,7 +191,7 @@ class RequestHandlers:
         log.info("request past its deadline dropped", extra={"late_ms": late_ms})
         return True
 
-    async def _fetch(self, owner: str, req: FetchRequest, message: AbstractIncomingMessage) -> Reply:
+    async def _fetch(self, owner: str, req: FetchRequest, message: RequestMessage) -> Reply:
         if req.wait_ms > 0:
             # A fetch may wait up to 30 s: its delivery must not hold one of the consumer's prefetch
             # slots that long (a bridge with as many waiting fetches as slots would take no request).
@@ -205,7 +205,7 @@ class RequestHandlers:
         headers = {"traceparent": child} if child else None
         return wire.encode(wire.fetched(delivery)), headers
 
-    async def _ack(self, owner: str, req: AckWithNextRequest, message: AbstractIncomingMessage) -> Reply:
+    async def _ack(self, owner: str, req: AckWithNextRequest, message: RequestMessage) -> Reply:
         done = await self.queue.ack(owner, req, sent_before_ms=sent_before_ms(message))
         if req.next is None:
             return wire.encode(wire.acked(done)), None
@@ -223,13 +223,13 @@ class RequestHandlers:
         return wire.encode(wire.acked(done, wire.fetched(delivery))), {"traceparent": child} if child else None
 
     # -- the lifecycle (1.4): RPCs on one queue, by routing key (the table is shared with the gateway)
-    def lifecycle_handler(self, method: str) -> Callable[[AbstractIncomingMessage], Awaitable[str]]:
+    def lifecycle_handler(self, method: str) -> Callable[[RequestMessage], Awaitable[str]]:
         operation = wire.LIFECYCLE[method]
 
-        async def call(owner: str, req: Any, message: AbstractIncomingMessage) -> Reply:
+        async def call(owner: str, req: Any, message: RequestMessage) -> Reply:
             return wire.encode(await operation.call(self.queue, owner, req)), None
 
-        async def handle(message: AbstractIncomingMessage) -> str:
+        async def handle(message: RequestMessage) -> str:
             return await self._rpc(message, method, operation.model, call)
 
         return handle

@@ -23,20 +23,24 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import itertools
 import logging
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
-import aio_pika
+import aiormq
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from pamqp.commands import Basic
 
 from bridge.config import Settings
 from bridge.crypto import Sealed
 from bridge.domain.hints import Hint, Taken
 from bridge.domain.records import PRIORITY_MAX, Payload, QueueKey
+from bridge.transport.request import Delivery
 
 log = logging.getLogger("bridge.hints")
 
@@ -97,12 +101,17 @@ def decode(body: bytes) -> Hint:
     return Hint(uuid.UUID(d["t"]), int(d["l"]), uuid.UUID(d["s"]), d["e"], bool(d["k"]), payload, priority, redriven)
 
 
+# A hint as it arrives: from ``basic.get`` (aiormq's frame, ``Delivery``) or from a waiting fetch's
+# consumer (aio-pika's, which restores it after a reconnection).
+HintMessage = Delivery | AbstractIncomingMessage
+
+
 @dataclass
 class _Taken:
     """A hint taken with ``basic.get``: acknowledged once its claim is decided, else returned."""
 
     hint: Hint
-    message: AbstractIncomingMessage
+    message: HintMessage
 
     async def done(self) -> None:
         await _settle(self.message, requeue=None)
@@ -117,7 +126,7 @@ class _Handed:
     not decided publishes it again, so that another fetch gets it."""
 
     hint: Hint
-    message: AbstractIncomingMessage
+    message: HintMessage
     hints: AmqpHints
 
     async def done(self) -> None:
@@ -130,14 +139,16 @@ class _Handed:
 # Every broker call here is bounded: a robust channel whose connection is gone waits for the
 # reconnection, and a shutdown (or a cancelled fetch) must never wait on that.
 BROKER_CALL_S = 3.0
+TRANSIENT = 1  # delivery mode: hints are not written to disk
 
 
-async def _settle(message: AbstractIncomingMessage, *, requeue: bool | None) -> None:
+async def _settle(message: HintMessage, *, requeue: bool | None) -> None:
     try:
-        if requeue is None:
-            await asyncio.wait_for(message.ack(), BROKER_CALL_S)
-        else:
-            await asyncio.wait_for(message.nack(requeue=requeue), BROKER_CALL_S)
+        async with asyncio.timeout(BROKER_CALL_S):
+            if requeue is None:
+                await message.ack()
+            else:
+                await message.nack(requeue=requeue)
     except Exception as exc:  # the channel is gone: the broker requeues the hint itself
         log.debug("hint not settled: %s", type(exc).__name__)
 
@@ -156,6 +167,8 @@ class AmqpHints:
         self.on_loss = on_loss or (lambda: None)
         self._expires_ms = (settings.task_ttl_seconds + 86_400) * 1000
         self._channel: AbstractChannel | None = None  # publish + get
+        self._frames: aiormq.Channel | None = None  # its aiormq channel (changes on reconnect)
+        self._ids = (f"{uuid.uuid4().hex[:20]}{n:012x}" for n in itertools.count())  # message ids
         self._consume: AbstractChannel | None = None  # waiting fetches' consumers (prefetch 1 each)
         self._declared: OrderedDict[str, AbstractQueue] = OrderedDict()
         self._waiting: dict[str, _Waiting] = {}
@@ -178,33 +191,43 @@ class AmqpHints:
             return found
         assert self._channel is not None, "hints used before the transport started"
         args: dict[str, object] = {"x-max-priority": RECOVERED_PRIORITY, "x-expires": self._expires_ms}
-        declared = await self._channel.declare_queue(name, durable=True, arguments=args)  # type: ignore[arg-type]
+        async with asyncio.timeout(BROKER_CALL_S):
+            declared = await self._channel.declare_queue(name, durable=True, arguments=args)  # type: ignore[arg-type]
         self._declared[name] = declared
         while len(self._declared) > MAX_DECLARED:
             self._declared.popitem(last=False)
         return declared
 
+    async def _channel_frames(self) -> aiormq.Channel:
+        """The publish-and-get channel's aiormq channel: hints are published and taken on its frames
+        directly (``bridge.transport.request``); a reconnecting channel is waited for, boundedly."""
+        frames = self._frames
+        if frames is None or frames.is_closed:
+            assert self._channel is not None, "hints used before the transport started"
+            async with asyncio.timeout(BROKER_CALL_S):
+                frames = self._frames = cast(aiormq.Channel, await self._channel.get_underlay_channel())
+        return frames
+
     async def offer(self, q: QueueKey, hint: Hint) -> None:
         try:
-            queue = await asyncio.wait_for(self._queue(q), BROKER_CALL_S)
+            queue = await self._queue(q)
         except Exception as exc:
             self._lost(exc)
             return
         priority = RECOVERED_PRIORITY if hint.recovered else hint.priority
         await self._publish(encode(hint), priority, queue.name)
 
-    async def republish(self, message: AbstractIncomingMessage) -> None:
+    async def republish(self, message: HintMessage) -> None:
         """Publish a handed (acknowledged) hint again to its queue, for another fetch."""
         assert message.routing_key is not None  # the hint queue's name (default exchange)
         await self._publish(message.body, message.priority, message.routing_key)
 
     async def _publish(self, body: bytes, priority: int | None, queue_name: str) -> None:
         try:
-            assert self._channel is not None
-            message = aio_pika.Message(body, priority=priority)
-            await asyncio.wait_for(
-                self._channel.default_exchange.publish(message, routing_key=queue_name), BROKER_CALL_S
-            )
+            frames = await self._channel_frames()
+            properties = Basic.Properties(priority=priority, delivery_mode=TRANSIENT, message_id=next(self._ids))
+            # Not waiting for the socket: a hint lost with the connection is found by reconciliation.
+            await frames.basic_publish(body, routing_key=queue_name, properties=properties, wait=False)
             self.published += 1
         except Exception as exc:
             self._lost(exc)
@@ -218,9 +241,13 @@ class AmqpHints:
     async def take(self, q: QueueKey, wait_ms: int) -> Taken | None:
         if self._closed:
             return None
+        message: HintMessage | None
         try:
-            queue = await asyncio.wait_for(self._queue(q), BROKER_CALL_S)
-            message = await asyncio.wait_for(queue.get(no_ack=False, fail=False), BROKER_CALL_S)
+            queue = await self._queue(q)
+            frames = await self._channel_frames()
+            async with asyncio.timeout(BROKER_CALL_S):
+                got = await frames.basic_get(queue.name, no_ack=False)
+            message = Delivery(got) if isinstance(got.delivery, Basic.GetOk) else None
         except Exception as exc:
             log.warning("hints unavailable (%s): fetches scan the store", type(exc).__name__)
             return None

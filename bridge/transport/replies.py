@@ -19,13 +19,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import itertools
 import logging
 import re
+import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
-import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection
+from pamqp.commands import Basic
+
+from bridge.transport.request import RequestMessage
 
 log = logging.getLogger("bridge.amqp")
 
@@ -33,17 +39,33 @@ DIRECT_REPLY_PREFIX = "amq.rabbitmq.reply-to."
 _DIRECT = re.compile(r"^amq\.rabbitmq\.reply-to\.([A-Za-z0-9+/]+={0,2})\.([A-Za-z0-9+/]*={0,2})$")
 _ATOM_TAGS = {118: 2, 100: 2, 119: 1, 115: 1}  # ATOM_UTF8_EXT, ATOM_EXT, SMALL_ATOM_UTF8_EXT, SMALL_ATOM_EXT
 MAX_PROVEN_NODES = 256
+MAX_CHECKED_NAMES = 4096  # reply_to names already parsed (a worker keeps its name for its connection)
+NOT_PERSISTENT = 1
 
 
 class BadReplyTo(ValueError):
     pass
 
 
+_checked: OrderedDict[str, str] = OrderedDict()
+
+
 def reply_node(reply_to: str) -> str | None:
     """The node a direct reply-to name points at (``reply@<hash>``), or None for a plain queue
-    name. Raises :class:`BadReplyTo` for a direct reply-to name the broker could not have made."""
+    name. Raises :class:`BadReplyTo` for a direct reply-to name the broker could not have made.
+    A name is checked before its request runs and again for its reply, and a worker sends the same
+    one for as long as its channel lives: names already read are remembered (bounded, oldest out)."""
     if not reply_to.startswith(DIRECT_REPLY_PREFIX):
         return None
+    node = _checked.get(reply_to)
+    if node is None:
+        node = _checked[reply_to] = _parse_node(reply_to)
+        if len(_checked) > MAX_CHECKED_NAMES:
+            _checked.popitem(last=False)
+    return node
+
+
+def _parse_node(reply_to: str) -> str:
     m = _DIRECT.match(reply_to)
     if m is None:
         raise BadReplyTo("reply_to is not a direct reply-to name: send amq.rabbitmq.reply-to")
@@ -65,13 +87,19 @@ def reply_node(reply_to: str) -> str | None:
 
 class ReplyPublisher:
     """Publishes replies: on the main reply channel to proven nodes and plain queues, on a
-    probation connection (with confirms) to nodes not seen accepted yet."""
+    probation connection (with confirms) to nodes not seen accepted yet. The main channel's frames
+    are written through aiormq directly (``bridge.transport.request``), without waiting for the
+    socket: the requester's retry covers a reply lost with its connection."""
 
     def __init__(self, connect: Callable[[], Awaitable[AbstractConnection]], *, user: str | None = None) -> None:
         self._connect = connect
         # RabbitMQ checks that user_id is the connection's user: it proves the reply is the bridge's.
         self.user = user
         self.main: AbstractChannel | None = None
+        self._main_frames: aiormq.Channel | None = None  # main's aiormq channel (changes on reconnect)
+        # Replies need a message id (32 hex; aiormq would draw a random UUID for each): a random
+        # prefix per process and a count.
+        self._ids = (f"{uuid.uuid4().hex[:20]}{n:012x}" for n in itertools.count())
         self._probation: AbstractConnection | None = None
         self._probation_channel: AbstractChannel | None = None
         self.proven: set[str] = set()
@@ -79,39 +107,43 @@ class ReplyPublisher:
         self.refused = 0  # replies the broker refused (forged reply_to): only the probation connection paid
 
     async def answer(
-        self, request: AbstractIncomingMessage, body: bytes, *, is_error: bool, headers: dict[str, Any] | None = None
+        self, request: RequestMessage, body: bytes, *, is_error: bool, headers: dict[str, Any] | None = None
     ) -> None:
         """Reply to ``request`` (if it has a reply_to); a requester that is gone is only logged:
         it retries, and the state is in Cassandra."""
         if not request.reply_to or self.main is None:
             return
-        message = aio_pika.Message(
-            body,
+        properties = Basic.Properties(
             content_type="application/json",
             correlation_id=request.correlation_id,
-            type="error" if is_error else "result",
+            message_type="error" if is_error else "result",
             user_id=self.user,
             headers=headers or {},
-            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+            delivery_mode=NOT_PERSISTENT,
+            message_id=next(self._ids),
         )
         try:
-            await self.publish(message, request.reply_to)
+            await self.publish(body, properties, request.reply_to)
         except BadReplyTo:
             return  # checked before the request ran: nobody to answer
         except Exception as exc:
             log.warning("reply to %s not delivered: %s", request.reply_to, type(exc).__name__)
 
-    async def publish(self, message: aio_pika.Message, reply_to: str) -> None:
+    async def publish(self, body: bytes, properties: Basic.Properties, reply_to: str) -> None:
         node = reply_node(reply_to)
         if node is None or node in self.proven:
-            assert self.main is not None
             # Not mandatory: RabbitMQ returns mandatory messages sent to direct reply-to even when it
             # delivers them, and a requester that is gone simply retries.
-            await self.main.default_exchange.publish(message, routing_key=reply_to, mandatory=False)
+            frames = await self._main_channel()
+            await frames.basic_publish(body, routing_key=reply_to, properties=properties, wait=False)
             return
         channel = await self._probation_open()
         try:
-            await channel.default_exchange.publish(message, routing_key=reply_to, mandatory=False)
+            confirming = await channel.get_underlay_channel()
+            # Waits for the broker's confirm: it proves the node, or the broker refuses the name.
+            confirmed = await confirming.basic_publish(body, routing_key=reply_to, properties=properties)
+            if not isinstance(confirmed, Basic.Ack):
+                raise RuntimeError(f"the broker refused the reply ({type(confirmed).__name__})")
         except Exception:
             if channel is self._probation_channel:  # not already replaced after another failure
                 log.warning("a reply to an unknown broker node was refused: its requester sent a forged reply_to")
@@ -120,6 +152,14 @@ class ReplyPublisher:
             raise
         if len(self.proven) < MAX_PROVEN_NODES:
             self.proven.add(node)  # confirmed: the broker knows this node
+
+    async def _main_channel(self) -> aiormq.Channel:
+        frames = self._main_frames
+        if frames is None or frames.is_closed:
+            assert self.main is not None
+            # aiormq's Channel (the abstract one does not declare ``wait``).
+            frames = self._main_frames = cast(aiormq.Channel, await self.main.get_underlay_channel())
+        return frames
 
     async def _probation_open(self) -> AbstractChannel:
         async with self._opening:  # concurrent replies share one probation connection

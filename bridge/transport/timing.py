@@ -5,19 +5,18 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 
-from aio_pika.abc import AbstractIncomingMessage
-
 from bridge.errors import ErrorCode
+from bridge.transport.request import RequestMessage
 
 Observer = Callable[[str, str, float], None]  # (method, outcome, seconds)
-Handler = Callable[[AbstractIncomingMessage], Awaitable[str]]  # returns the request's outcome
-Consumer = Callable[[AbstractIncomingMessage], Awaitable[None]]
+Handler = Callable[[RequestMessage], Awaitable[str]]  # returns the request's outcome
+Consumer = Callable[[RequestMessage], Awaitable[None]]
 
 
 def timed(method: str, handler: Handler, observe: Observer) -> Consumer:
     """``handler`` observed as ``(method, outcome, seconds)``; one that raises counts as ``internal``."""
 
-    async def run(message: AbstractIncomingMessage) -> None:
+    async def run(message: RequestMessage) -> None:
         started = time.perf_counter()
         outcome: str = ErrorCode.INTERNAL
         try:

@@ -12,6 +12,7 @@ import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -132,8 +133,18 @@ class _Exchange:
 
 
 class _Channel:
+    """The reply channel: replies are written through its aiormq channel (``basic_publish``)."""
+
+    is_closed = False
+
     def __init__(self) -> None:
         self.default_exchange = _Exchange()
+
+    async def get_underlay_channel(self) -> _Channel:
+        return self
+
+    async def basic_publish(self, body: bytes, *, routing_key: str, properties: Any, **_: Any) -> None:
+        await self.default_exchange.publish(SimpleNamespace(body=body, type=properties.message_type), routing_key)
 
 
 class _Message:

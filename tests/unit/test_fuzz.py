@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from types import SimpleNamespace
 from typing import Any, cast
 
 import orjson
@@ -53,8 +54,18 @@ class _Exchange:
 
 
 class _Channel:
+    """The reply channel: replies are written through its aiormq channel (``basic_publish``)."""
+
+    is_closed = False
+
     def __init__(self) -> None:
         self.default_exchange = _Exchange()
+
+    async def get_underlay_channel(self) -> _Channel:
+        return self
+
+    async def basic_publish(self, body: bytes, *, routing_key: str, properties: Any, **_: Any) -> None:
+        await self.default_exchange.publish(SimpleNamespace(body=body, type=properties.message_type), routing_key)
 
 
 class _Message:
@@ -159,7 +170,7 @@ def test_every_request_is_settled_once_and_answered_in_json(
     handler = {"add": transport._on_add, "fetch": transport._on_fetch, "ack": transport._on_ack}.get(
         method, transport._on_unrouted
     )
-    asyncio.run(transport._tracked(handler)(cast(Any, message)))
+    asyncio.run(transport._guarded(handler)(cast(Any, message)))
     assert message.settled in (["ack"], ["reject"]), message.settled
     for reply in channel.default_exchange.published:
         parsed = orjson.loads(reply)
