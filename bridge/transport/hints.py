@@ -23,7 +23,6 @@ import base64
 import binascii
 import contextlib
 import hashlib
-import itertools
 import logging
 import uuid
 from collections import OrderedDict, deque
@@ -40,6 +39,7 @@ from bridge.config import Settings
 from bridge.crypto import Sealed
 from bridge.domain.hints import Hint, Taken
 from bridge.domain.records import PRIORITY_MAX, Payload, QueueKey
+from bridge.transport.replies import message_ids
 from bridge.transport.request import Delivery
 
 log = logging.getLogger("bridge.hints")
@@ -168,7 +168,7 @@ class AmqpHints:
         self._expires_ms = (settings.task_ttl_seconds + 86_400) * 1000
         self._channel: AbstractChannel | None = None  # publish + get
         self._frames: aiormq.Channel | None = None  # its aiormq channel (changes on reconnect)
-        self._ids = (f"{uuid.uuid4().hex[:20]}{n:012x}" for n in itertools.count())  # message ids
+        self._ids = message_ids()
         self._consume: AbstractChannel | None = None  # waiting fetches' consumers (prefetch 1 each)
         self._declared: OrderedDict[str, AbstractQueue] = OrderedDict()
         self._waiting: dict[str, _Waiting] = {}

@@ -24,7 +24,7 @@ import logging
 import re
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, cast
 
 import aiormq
@@ -41,6 +41,13 @@ _ATOM_TAGS = {118: 2, 100: 2, 119: 1, 115: 1}  # ATOM_UTF8_EXT, ATOM_EXT, SMALL_
 MAX_PROVEN_NODES = 256
 MAX_CHECKED_NAMES = 4096  # reply_to names already parsed (a worker keeps its name for its connection)
 NOT_PERSISTENT = 1
+
+
+def message_ids() -> Iterator[str]:
+    """Message ids of 32 hex digits, as aiormq's own (a random UUID each): a random prefix drawn
+    once and a count."""
+    prefix = uuid.uuid4().hex[:20]
+    return (f"{prefix}{n:012x}" for n in itertools.count())
 
 
 class BadReplyTo(ValueError):
@@ -99,7 +106,7 @@ class ReplyPublisher:
         self._main_frames: aiormq.Channel | None = None  # main's aiormq channel (changes on reconnect)
         # Replies need a message id (32 hex; aiormq would draw a random UUID for each): a random
         # prefix per process and a count.
-        self._ids = (f"{uuid.uuid4().hex[:20]}{n:012x}" for n in itertools.count())
+        self._ids = message_ids()
         self._probation: AbstractConnection | None = None
         self._probation_channel: AbstractChannel | None = None
         self.proven: set[str] = set()
