@@ -26,7 +26,7 @@ import hashlib
 import logging
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -153,41 +153,6 @@ async def _settle(message: HintMessage, *, requeue: bool | None) -> None:
         log.debug("hint not settled: %s", type(exc).__name__)
 
 
-# aiormq runs one ``basic.get`` at a time on a channel, and holds the channel's lock for the whole
-# round trip, publishes included: on one channel, 16 concurrent fetches queued behind each other's
-# gets (fetch p50 60-86 ms at 16 workers, docs/performance.md). Gets go on a few channels of their
-# own, each to the least busy; hints are published on another.
-GET_CHANNELS = 8
-
-
-class _Frames:
-    """An aio-pika channel's aiormq channel (the hot path writes frames on it directly,
-    ``bridge.transport.request``); after a reconnection it is fetched again, boundedly."""
-
-    def __init__(self, channel: AbstractChannel) -> None:
-        self.channel = channel
-        self._frames: aiormq.Channel | None = None
-        self.in_flight = 0
-
-    def load(self) -> int:
-        return self.in_flight
-
-    @contextlib.contextmanager
-    def busy(self) -> Iterator[None]:
-        self.in_flight += 1
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
-
-    async def frames(self) -> aiormq.Channel:
-        frames = self._frames
-        if frames is None or frames.is_closed:
-            async with asyncio.timeout(BROKER_CALL_S):
-                frames = self._frames = cast(aiormq.Channel, await self.channel.get_underlay_channel())
-        return frames
-
-
 @dataclass
 class _Waiting:
     queue: AbstractQueue
@@ -201,9 +166,8 @@ class AmqpHints:
         # Hints may have been lost (a broker reconnect, a failed publish): reconciliation scans again.
         self.on_loss = on_loss or (lambda: None)
         self._expires_ms = (settings.task_ttl_seconds + 86_400) * 1000
-        self._channel: AbstractChannel | None = None  # declarations and publishes
-        self._publishing: _Frames | None = None
-        self._getting: list[_Frames] = []  # basic.get, one at a time per channel: several channels
+        self._channel: AbstractChannel | None = None  # publish + get
+        self._frames: aiormq.Channel | None = None  # its aiormq channel (changes on reconnect)
         self._ids = message_ids()
         self._consume: AbstractChannel | None = None  # waiting fetches' consumers (prefetch 1 each)
         self._declared: OrderedDict[str, AbstractQueue] = OrderedDict()
@@ -216,9 +180,6 @@ class AmqpHints:
     async def attach(self, connection: AbstractRobustConnection) -> None:
         connection.reconnect_callbacks.add(lambda *_: self.on_loss())
         self._channel = await connection.channel(publisher_confirms=False)
-        self._publishing = _Frames(self._channel)
-        for _ in range(GET_CHANNELS):
-            self._getting.append(_Frames(await connection.channel(publisher_confirms=False)))
         self._consume = await connection.channel(publisher_confirms=False)
         await self._consume.set_qos(prefetch_count=1)
 
@@ -237,6 +198,16 @@ class AmqpHints:
             self._declared.popitem(last=False)
         return declared
 
+    async def _channel_frames(self) -> aiormq.Channel:
+        """The publish-and-get channel's aiormq channel: hints are published and taken on its frames
+        directly (``bridge.transport.request``); a reconnecting channel is waited for, boundedly."""
+        frames = self._frames
+        if frames is None or frames.is_closed:
+            assert self._channel is not None, "hints used before the transport started"
+            async with asyncio.timeout(BROKER_CALL_S):
+                frames = self._frames = cast(aiormq.Channel, await self._channel.get_underlay_channel())
+        return frames
+
     async def offer(self, q: QueueKey, hint: Hint) -> None:
         try:
             queue = await self._queue(q)
@@ -253,8 +224,7 @@ class AmqpHints:
 
     async def _publish(self, body: bytes, priority: int | None, queue_name: str) -> None:
         try:
-            assert self._publishing is not None, "hints used before the transport started"
-            frames = await self._publishing.frames()
+            frames = await self._channel_frames()
             properties = Basic.Properties(priority=priority, delivery_mode=TRANSIENT, message_id=next(self._ids))
             # Not waiting for the socket: a hint lost with the connection is found by reconciliation.
             await frames.basic_publish(body, routing_key=queue_name, properties=properties, wait=False)
@@ -274,12 +244,9 @@ class AmqpHints:
         message: HintMessage | None
         try:
             queue = await self._queue(q)
-            assert self._getting, "hints used before the transport started"
-            getting = min(self._getting, key=_Frames.load)  # the least busy channel
-            with getting.busy():
-                async with asyncio.timeout(BROKER_CALL_S):
-                    frames = await getting.frames()
-                    got = await frames.basic_get(queue.name, no_ack=False)
+            frames = await self._channel_frames()
+            async with asyncio.timeout(BROKER_CALL_S):
+                got = await frames.basic_get(queue.name, no_ack=False)
             message = Delivery(got) if isinstance(got.delivery, Basic.GetOk) else None
         except Exception as exc:
             log.warning("hints unavailable (%s): fetches scan the store", type(exc).__name__)
