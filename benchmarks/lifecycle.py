@@ -830,7 +830,11 @@ async def _phases(bench: Bench, args: argparse.Namespace, svcs: Services, rows: 
 
 async def run(args: argparse.Namespace) -> int:
     plan = dataclasses.replace(Plan.default(), base_seq=args.baseline_samples)
-    bench = Bench(plan, bridges=1, metrics=True)  # metrics: the delayed phase follows the schedulers
+    profile_dir = Path(args.profile) if args.profile else None
+    if profile_dir is not None:
+        profile_dir.mkdir(parents=True, exist_ok=True)
+    # metrics: the delayed phase follows the schedulers
+    bench = Bench(plan, bridges=1, metrics=True, profile_dir=profile_dir, profile_clock="cpu")
     svcs = Services(bench)
     rows: list[Row] = []
     started = time.monotonic()
@@ -914,6 +918,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--delayed-bridges", default="1,2", help="delayed: bridge counts, one run each")
     ap.add_argument("--delayed-tail", type=float, default=30.0, help="delayed: seconds to wait past the last due time")
     ap.add_argument("--wait-ms", type=int, default=5000, help="long-poll waitMs of the poison and delayed workers")
+    ap.add_argument("--profile", metavar="DIR", help="bridges under cProfile timed by CPU (benchmarks.cpuprofile)")
     args = ap.parse_args(argv)
     counts = (args.max_deliveries, args.extend_rounds, args.poison_tasks, args.delayed_tasks, args.extends_per_task)
     if min(counts) < 1:

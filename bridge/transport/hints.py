@@ -39,6 +39,7 @@ from bridge.config import Settings
 from bridge.crypto import Sealed
 from bridge.domain.hints import Hint, Taken
 from bridge.domain.records import PRIORITY_MAX, Payload, QueueKey
+from bridge.transport import frames
 from bridge.transport.replies import message_ids
 from bridge.transport.request import Delivery
 
@@ -201,12 +202,12 @@ class AmqpHints:
     async def _channel_frames(self) -> aiormq.Channel:
         """The publish-and-get channel's aiormq channel: hints are published and taken on its frames
         directly (``bridge.transport.request``); a reconnecting channel is waited for, boundedly."""
-        frames = self._frames
-        if frames is None or frames.is_closed:
+        channel = self._frames
+        if channel is None or channel.is_closed:
             assert self._channel is not None, "hints used before the transport started"
             async with asyncio.timeout(BROKER_CALL_S):
-                frames = self._frames = cast(aiormq.Channel, await self._channel.get_underlay_channel())
-        return frames
+                channel = self._frames = cast(aiormq.Channel, await self._channel.get_underlay_channel())
+        return channel
 
     async def offer(self, q: QueueKey, hint: Hint) -> None:
         try:
@@ -224,10 +225,10 @@ class AmqpHints:
 
     async def _publish(self, body: bytes, priority: int | None, queue_name: str) -> None:
         try:
-            frames = await self._channel_frames()
-            properties = Basic.Properties(priority=priority, delivery_mode=TRANSIENT, message_id=next(self._ids))
+            channel = await self._channel_frames()
+            props = frames.properties(priority=priority, delivery_mode=TRANSIENT, message_id=next(self._ids))
             # Not waiting for the socket: a hint lost with the connection is found by reconciliation.
-            await frames.basic_publish(body, routing_key=queue_name, properties=properties, wait=False)
+            await frames.publish_on(channel, queue_name, body, props)
             self.published += 1
         except Exception as exc:
             self._lost(exc)
@@ -244,9 +245,9 @@ class AmqpHints:
         message: HintMessage | None
         try:
             queue = await self._queue(q)
-            frames = await self._channel_frames()
+            channel = await self._channel_frames()
             async with asyncio.timeout(BROKER_CALL_S):
-                got = await frames.basic_get(queue.name, no_ack=False)
+                got = await channel.basic_get(queue.name, no_ack=False)
             message = Delivery(got) if isinstance(got.delivery, Basic.GetOk) else None
         except Exception as exc:
             log.warning("hints unavailable (%s): fetches scan the store", type(exc).__name__)

@@ -31,6 +31,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from pamqp.commands import Basic
 
+from bridge.transport import frames
 from bridge.transport.request import RequestMessage
 
 log = logging.getLogger("bridge.amqp")
@@ -95,8 +96,8 @@ def _parse_node(reply_to: str) -> str:
 class ReplyPublisher:
     """Publishes replies: on the main reply channel to proven nodes and plain queues, on a
     probation connection (with confirms) to nodes not seen accepted yet. The main channel's frames
-    are written through aiormq directly (``bridge.transport.request``), without waiting for the
-    socket: the requester's retry covers a reply lost with its connection."""
+    are encoded here (``bridge.transport.frames``) and queued on aiormq's connection writer, without
+    waiting for the socket: the requester's retry covers a reply lost with its connection."""
 
     def __init__(self, connect: Callable[[], Awaitable[AbstractConnection]], *, user: str | None = None) -> None:
         self._connect = connect
@@ -120,35 +121,38 @@ class ReplyPublisher:
         it retries, and the state is in Cassandra."""
         if not request.reply_to or self.main is None:
             return
-        properties = Basic.Properties(
-            content_type="application/json",
-            correlation_id=request.correlation_id,
-            message_type="error" if is_error else "result",
-            user_id=self.user,
-            headers=headers or {},
-            delivery_mode=NOT_PERSISTENT,
-            message_id=next(self._ids),
-        )
+        fields: dict[str, Any] = {
+            "content_type": "application/json",
+            "correlation_id": request.correlation_id,
+            "message_type": "error" if is_error else "result",
+            "user_id": self.user,
+            "headers": headers or {},
+            "delivery_mode": NOT_PERSISTENT,
+            "message_id": next(self._ids),
+        }
         try:
-            await self.publish(body, properties, request.reply_to)
+            await self.publish(body, fields, request.reply_to)
         except BadReplyTo:
             return  # checked before the request ran: nobody to answer
         except Exception as exc:
             log.warning("reply to %s not delivered: %s", request.reply_to, type(exc).__name__)
 
-    async def publish(self, body: bytes, properties: Basic.Properties, reply_to: str) -> None:
+    async def publish(self, body: bytes, fields: dict[str, Any], reply_to: str) -> None:
+        """Publish a reply whose properties are ``fields`` (``Basic.Properties``' names)."""
         node = reply_node(reply_to)
         if node is None or node in self.proven:
             # Not mandatory: RabbitMQ returns mandatory messages sent to direct reply-to even when it
-            # delivers them, and a requester that is gone simply retries.
-            frames = await self._main_channel()
-            await frames.basic_publish(body, routing_key=reply_to, properties=properties, wait=False)
+            # delivers them, and a requester that is gone simply retries. Written as bytes
+            # (bridge.transport.frames): one reply per request.
+            await frames.publish_on(await self._main_channel(), reply_to, body, frames.properties(**fields))
             return
         channel = await self._probation_open()
         try:
             confirming = await channel.get_underlay_channel()
             # Waits for the broker's confirm: it proves the node, or the broker refuses the name.
-            confirmed = await confirming.basic_publish(body, routing_key=reply_to, properties=properties)
+            confirmed = await confirming.basic_publish(
+                body, routing_key=reply_to, properties=Basic.Properties(**fields)
+            )
             if not isinstance(confirmed, Basic.Ack):
                 raise RuntimeError(f"the broker refused the reply ({type(confirmed).__name__})")
         except Exception:
@@ -161,12 +165,11 @@ class ReplyPublisher:
             self.proven.add(node)  # confirmed: the broker knows this node
 
     async def _main_channel(self) -> aiormq.Channel:
-        frames = self._main_frames
-        if frames is None or frames.is_closed:
+        channel = self._main_frames
+        if channel is None or channel.is_closed:
             assert self.main is not None
-            # aiormq's Channel (the abstract one does not declare ``wait``).
-            frames = self._main_frames = cast(aiormq.Channel, await self.main.get_underlay_channel())
-        return frames
+            channel = self._main_frames = cast(aiormq.Channel, await self.main.get_underlay_channel())
+        return channel
 
     async def _probation_open(self) -> AbstractChannel:
         async with self._opening:  # concurrent replies share one probation connection

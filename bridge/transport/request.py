@@ -16,10 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
+import aiormq
 from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp.commands import Basic
+
+from bridge.transport import frames
 
 
 class RequestMessage(Protocol):
@@ -100,7 +103,9 @@ class Delivery:
 
     async def ack(self) -> None:
         self._settle_once()
-        await self._channel.basic_ack(self._tag, wait=False)
+        # One per request: written as bytes (bridge.transport.frames), as aiormq's basic_ack would.
+        channel = cast(aiormq.Channel, self._channel)
+        await frames.write(channel, frames.ack(channel.number, self._tag))
 
     async def nack(self, requeue: bool = True) -> None:
         self._settle_once()

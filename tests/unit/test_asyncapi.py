@@ -59,6 +59,7 @@ from bridge.transport.replies import reply_node
 from bridge.transport.results import ResultPublisher
 from bridge.transport.topology import LIFECYCLE_METHODS, LIFECYCLE_QUEUE, ROUTING_KEYS
 from tests.queue_harness import MARGIN_MS, OWNER, TTL_S, Harness
+from tests.unit.frame_sink import FrameChannel
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "asyncapi.yaml"
 
@@ -635,17 +636,13 @@ class _Recorder:
         self.published.append((message, routing_key))
 
 
-class _PublishChannel:
+class _PublishChannel(FrameChannel):
     """The result channel (aio-pika's publish) and the reply channel, whose frames the bridge
-    writes through aiormq (``basic_publish`` with pamqp properties): both recorded alike."""
-
-    is_closed = False
+    writes as bytes (decoded here with pamqp): both recorded alike."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.default_exchange = _Recorder()
-
-    async def get_underlay_channel(self) -> _PublishChannel:
-        return self
 
     async def basic_publish(
         self, body: bytes, *, routing_key: str, properties: Basic.Properties, exchange: str = "", **_: Any

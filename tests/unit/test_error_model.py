@@ -29,6 +29,7 @@ from bridge.errors import BridgeError, ErrorCode, wire_code
 from bridge.transport.amqp import AmqpTransport
 from bridge.transport.fate import EXPIRED, FATES, OK, Settle, fate_of, markdown_table
 from bridge.transport.replies import reply_node
+from tests.unit.frame_sink import FrameChannel
 
 ROOT = Path(__file__).resolve().parents[2]
 ERROR_MODULES = (bridge.errors, domain_errors, crypto_errors, client_errors, storage_errors)
@@ -132,16 +133,12 @@ class _Exchange:
         self.published.append(message)
 
 
-class _Channel:
-    """The reply channel: replies are written through its aiormq channel (``basic_publish``)."""
-
-    is_closed = False
+class _Channel(FrameChannel):
+    """The reply channel: replies are written as frames on its aiormq channel, decoded here."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.default_exchange = _Exchange()
-
-    async def get_underlay_channel(self) -> _Channel:
-        return self
 
     async def basic_publish(self, body: bytes, *, routing_key: str, properties: Any, **_: Any) -> None:
         await self.default_exchange.publish(SimpleNamespace(body=body, type=properties.message_type), routing_key)

@@ -27,6 +27,7 @@ from bridge.domain import jsonvalue
 from bridge.domain.models import AckRequest, AddCommand, Delivery, FetchRequest
 from bridge.transport.amqp import AmqpTransport
 from bridge.transport.replies import reply_node
+from tests.unit.frame_sink import FrameChannel
 
 REPLY_TO = "amq.rabbitmq.reply-to.g1h2AA1yZXBseUA5NTAyNjUzAABO1gAAAANrDuuh.kbNQVv2O5+7CPZGSVNDAzg=="
 
@@ -53,16 +54,12 @@ class _Exchange:
         self.published.append(message.body)
 
 
-class _Channel:
-    """The reply channel: replies are written through its aiormq channel (``basic_publish``)."""
-
-    is_closed = False
+class _Channel(FrameChannel):
+    """The reply channel: replies are written as frames on its aiormq channel, decoded here."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.default_exchange = _Exchange()
-
-    async def get_underlay_channel(self) -> _Channel:
-        return self
 
     async def basic_publish(self, body: bytes, *, routing_key: str, properties: Any, **_: Any) -> None:
         await self.default_exchange.publish(SimpleNamespace(body=body, type=properties.message_type), routing_key)
