@@ -5,8 +5,8 @@ Why not ``aiormq.Channel.basic_publish``: pamqp encodes a publish generically. I
 object and a properties object, visits all fourteen properties and dispatches each value by its
 AMQP type, marshals three frames through three calls, and aiormq copies them into one buffer.
 Profiled under extends at concurrency 1, that was the largest single item of the bridge's CPU per
-request (``docs/performance.md``, "Replies and acks written as bytes"). A reply, a hint and an ack
-always have the same few fields, so they are written here with ``struct``;
+request (``docs/performance.md``, "The request path on aiormq, and frames written as bytes"). A
+reply, a hint and an ack always have the same few fields, so they are written here with ``struct``;
 ``tests/unit/test_frames.py`` checks every byte against pamqp's own encoding.
 
 What the bridge still leaves to aiormq: the channel (its number, open or closed), the connection's

@@ -2,10 +2,11 @@
 
 aio-pika wraps every delivery in an ``IncomingMessage`` (about thirty attribute writes through a
 guarded ``__setattr__``) and runs the consumer callback in a task of its own, and its ``Message``
-and ``publish`` add the same again on the way out. At three requests and two hint operations a
-task that was a tenth of the bridge's CPU (``docs/performance.md``, "The request path on aiormq").
-So the hot path (requests, replies, hints) reads and writes aiormq's frames directly; connection
-recovery, declarations and the rarer publishes (results, duty, probation replies) stay aio-pika's.
+and ``publish`` add the same again on the way out. So the hot path (requests, replies, hints)
+reads and writes aiormq's frames directly, which cut the bridge's CPU per task by a fifth to a
+third (``docs/performance.md``, "The request path on aiormq, and frames written as bytes");
+connection recovery, declarations and the rarer publishes (results, duty, probation replies) stay
+aio-pika's.
 
 Settling writes its frame without waiting for it to reach the socket: frames of one connection go
 out in the order they were queued, so a reply queued before its request's ack is always written
