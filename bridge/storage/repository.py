@@ -68,6 +68,16 @@ MAX_REMEMBERED_BUCKETS = 100_000
 MARK_HOUR_BUCKETS = 3_600_000 // EXPIRY_BUCKET_MS  # expiry marks: one partition per hour of buckets
 
 
+# A task row batched with its idempotency record stays under Cassandra's default
+# batch_size_warn_threshold (5 KiB) with room for the row's other columns.
+BATCHED_PAYLOAD_MAX_BYTES = 4096
+
+
+def _sealed_bytes(payload: Payload) -> int:
+    token = payload.token
+    return len(payload.value.ciphertext) + (len(token.ciphertext) if token else 0) + len(payload.traceparent or "")
+
+
 class CassandraTaskStore:
     def __init__(
         self, db: CqlSession, now_ms: Callable[[], int], task_ttl_s: int, *, read_unsharded: bool = False
@@ -132,7 +142,13 @@ class CassandraTaskStore:
         # One UNLOGGED batch (two partitions, one request). Not atomic: a record whose task row
         # is missing reads as an add that died between its writes (see WorkQueue._dedupe).
         record = (q.owner, q.service, message_id, task_id, self.ttl_for(task_id))
-        await self.db.execute_batch("add.recorded", [("idem.record", record), ("ready.insert", task)])
+        if _sealed_bytes(payload) <= BATCHED_PAYLOAD_MAX_BYTES:
+            await self.db.execute_batch("add.recorded", [("idem.record", record), ("ready.insert", task)])
+            return
+        # Cassandra refuses a batch over batch_size_fail_threshold (50 KiB by default) and logs a
+        # warning for one over batch_size_warn_threshold (5 KiB): a large value goes as two writes
+        # at once, as not atomic as the batch and as fast, one request more.
+        await asyncio.gather(self.db.execute("idem.record", record), self.db.execute("ready.insert", task))
 
     async def task_exists(self, q: QueueKey, task_id: uuid.UUID) -> bool:
         rows = await self.db.execute("ready.payload", (q.owner, q.service, bucket_of_task(task_id), task_id))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from bridge.client.rpc import results_consumer
@@ -30,6 +32,27 @@ async def test_seed_usage_example(bridge, engine, workers, servers, names):
         assert msg["serviceId"] == svc
         assert msg["result"] == "this is the result of the service"
         assert msg["_headers"]["x-owner"] == OWNERS[0]
+
+
+async def test_a_value_of_the_largest_accepted_size_comes_back_whole(bridge, engine, workers, servers, names):
+    """1 MiB each way. The add's rows were sent as one batch, which Cassandra refuses over 50 KiB
+    (every add above that answered ``internal``); the fetch reply spans about eight AMQP frames,
+    which the bridge writes as bytes (bridge.transport.frames); the result goes back whole."""
+    svc = service_id()
+    value = os.urandom(1_048_576 // 2 - 2).hex()  # a JSON string of exactly 1 MiB, quotes included
+    result = os.urandom(1_048_576 // 2 - 16).hex()  # the limit counts the outcome, {"result": ...}
+    async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
+        task_id = await engine.add(svc, value, token={"processId": "big"})
+        w = await workers(svc)
+        task = await w.fetch()
+        assert task is not None
+        assert task.id == task_id
+        assert task.value == value
+        assert await task.ack(result) is True
+        await wait_for(lambda: not results.empty(), 10, what="the result message")
+        published = results.get_nowait()
+        assert published["taskId"] == task_id
+        assert published["result"] == result
 
 
 async def test_fifo_order_and_fetch_repeats_until_ack(bridge, engine, workers):
