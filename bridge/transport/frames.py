@@ -89,18 +89,11 @@ def properties(
     if priority is not None:
         flags |= _PRIORITY
         parts.append(bytes((priority,)))
-    if correlation_id:
-        flags |= _CORRELATION_ID
-        parts.append(short_string(correlation_id))
-    if message_id:
-        flags |= _MESSAGE_ID
-        parts.append(short_string(message_id))
-    if message_type:
-        flags |= _MESSAGE_TYPE
-        parts.append(short_string(message_type))
-    if user_id:
-        flags |= _USER_ID
-        parts.append(short_string(user_id))
+    texts = ((_CORRELATION_ID, correlation_id), (_MESSAGE_ID, message_id), (_MESSAGE_TYPE, message_type))
+    for flag, text in (*texts, (_USER_ID, user_id)):
+        if text:
+            flags |= flag
+            parts.append(short_string(text))
     return flags, b"".join(parts)
 
 

@@ -27,11 +27,8 @@ class _DecodingQueue:
             data = data[consumed:]
         while decoded:
             method, header, *rest = decoded
-            if isinstance(method, Basic.Ack):
-                self.owner.acked.append(method.delivery_tag)
-                decoded = [header, *rest]
-                continue
-            assert isinstance(method, Basic.Publish) and isinstance(header, ContentHeader)
+            assert isinstance(method, Basic.Publish), f"only publishes are expected here, got {method!r}"
+            assert isinstance(header, ContentHeader)
             body = b""
             while len(body) < header.body_size:
                 chunk = rest.pop(0)
@@ -53,7 +50,6 @@ class FrameChannel:
 
     def __init__(self) -> None:
         self.write_queue = _DecodingQueue(self)
-        self.acked: list[int] = []
 
     async def get_underlay_channel(self) -> Any:
         return self
