@@ -141,6 +141,9 @@ class RpcClient:
     ) -> asyncio.Future[Any] | None:
         if self._closed:
             raise RuntimeError("client is closed")
+        # Encoded first: a value JSON cannot carry fails here, before a reply is awaited (a future
+        # registered for a request never sent would stay pending until the connection closes).
+        payload = raw if raw is not None else jsonvalue.dumps(body)
         try:
             channel = await self._ensure_open()
         except (OSError, aio_pika.exceptions.AMQPError) as exc:
@@ -159,7 +162,7 @@ class RpcClient:
             fut = asyncio.get_running_loop().create_future()
             self._pending[correlation_id] = fut
         message = aio_pika.Message(
-            raw if raw is not None else jsonvalue.dumps(body),
+            payload,
             content_type="application/json",
             correlation_id=correlation_id,
             reply_to=REPLY_TO if reply else None,

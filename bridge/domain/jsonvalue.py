@@ -43,7 +43,8 @@ def dumps(value: Any) -> bytes:
         return orjson.dumps(value)
     except orjson.JSONEncodeError as exc:
         if "exceeds 64-bit range" not in str(exc):
-            raise JsonError(f"cannot be written as JSON: {exc} (nesting is limited to {MAX_DEPTH} levels)") from None
+            why = f" (nesting is limited to {MAX_DEPTH} levels)" if "ecursion" in str(exc) else ""
+            raise JsonError(f"cannot be written as JSON: {exc}{why}") from None
     try:
         return _exact_dumps(value)
     except (ValueError, TypeError, RecursionError) as exc:

@@ -3,6 +3,8 @@ and the bridge keeps serving."""
 
 from __future__ import annotations
 
+import json
+
 import orjson
 import pytest
 
@@ -125,6 +127,24 @@ async def test_nested_token_and_result_are_the_callers_fault(bridge, engine, wor
     reply, _ = await w.call_raw("ack", None, raw=orjson.dumps(ack).replace(b'"x"', deep))
     assert reply["error"]["code"] == "bad_request"
     assert await task.ack("fine") is True  # nothing was completed by the refused ack
+
+
+async def test_a_value_the_client_cannot_encode_fails_at_once_and_leaves_nothing_pending(bridge, engine, workers):
+    """The client encoded a request after registering for its reply: a value JSON cannot carry
+    raised, but the reply's future stayed pending until the connection closed (then failed with
+    nobody to see it: "Future exception was never retrieved")."""
+    from bridge.domain.jsonvalue import JsonError
+
+    svc = service_id()
+    with pytest.raises(JsonError, match="not JSON serializable") as raised:
+        await engine.add(svc, {"when": object()})
+    assert "nesting" not in str(raised.value)  # the reason given is the real one
+    with pytest.raises(JsonError, match="nesting is limited"):
+        await engine.add(svc, json.loads("[" * 300 + "]" * 300))
+    assert engine._pending == {}
+    task_id = await engine.add(svc, "next")  # the client goes on as before
+    w = await workers(svc)
+    assert (await w.fetch()).id == task_id
 
 
 async def test_values_come_back_exactly_as_added(bridge, engine, workers, servers, names):
