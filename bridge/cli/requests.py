@@ -370,6 +370,7 @@ def _parked_doc(t: ParkedTask) -> dict[str, object]:
         "parkedAt": t.parked_at,
         "addedAt": t.added_at,
         "hasToken": t.has_token,
+        **({"lastErrorOmitted": True} if t.last_error_omitted else {}),
     }
 
 

@@ -280,6 +280,9 @@ class ParkedTask:
     parked_at: str
     added_at: str
     has_token: bool  # parking it sent the engine a delivery_limit result
+    # Its error (if any) was left out of the listing: the errors before it filled the reply's
+    # budget (4 MiB). Redrive or discard those first, or list them with a smaller ``limit``.
+    last_error_omitted: bool = False
 
     @classmethod
     def from_wire(cls, doc: dict[str, Any]) -> ParkedTask:
@@ -291,6 +294,7 @@ class ParkedTask:
             str(doc["parkedAt"]),
             str(doc["addedAt"]),
             bool(doc["hasToken"]),
+            bool(doc.get("lastErrorOmitted", False)),
         )
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from bridge.crypto import Sealed
 from bridge.domain import jsonvalue
 from bridge.domain.clock import next_stamp
 from bridge.domain.context import QueueContext
@@ -53,6 +54,11 @@ PARK_FAILED = "failed"  # its worker failed it at the limit
 CANCEL_ATTEMPTS = 4
 PURGE_MAX = 20_000  # tasks one purge request looks at (the reply says if there may be more)
 LEASES_PER_READ = 50
+# The parked listing's errors: each may be as large as a value and the listing holds up to 1,000
+# tasks, so errors fill a reply up to this budget (or one largest value, if more), in task order,
+# read a few at a time so that one read holds at most ERRORS_READ_BYTES of them.
+PARKED_ERRORS_BUDGET_BYTES = 4 * 1024 * 1024
+ERRORS_READ_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +103,8 @@ class ParkedTask:
     parked_at_ms: int
     has_token: bool
     last_error_json: bytes | None  # the last fail's error, opened with the owner's key
+    # Its error (if it has one) was left out: the errors listed before it filled the budget.
+    last_error_omitted: bool = False
 
 
 class Lifecycle:
@@ -249,20 +257,21 @@ class Lifecycle:
         leases: dict[uuid.UUID, Lease] = {}
         for i in range(0, len(entries), LEASES_PER_READ):
             leases.update(await self.store.leases_of(q, [e.task_id for e in entries[i : i + LEASES_PER_READ]]))
-        found = []
+        listed: list[tuple[ParkedEntry, Lease]] = []
         for e in entries:
             lease = leases.get(e.task_id)
             if lease is None or lease.state is not LeaseState.PARKED:
                 continue  # a stale index row: redriven, discarded, cancelled, or a park that failed
+            listed.append((e, lease))
+        errors, read = await self._errors_within_budget(q, [e.task_id for e, _ in listed])
+        found = []
+        for n, (e, lease) in enumerate(listed):
             error_json = None
-            if lease.last_error is not None:
+            sealed = errors.get(e.task_id)
+            if sealed is not None:
                 try:
-                    owner_key = (
-                        key
-                        if lease.last_error.key_id == key.key_id
-                        else await self.ctx.keys.by_id(owner, lease.last_error.key_id)
-                    )
-                    error_json = open_error(owner_key, q, e.task_id, lease.last_error)
+                    owner_key = key if sealed.key_id == key.key_id else await self.ctx.keys.by_id(owner, sealed.key_id)
+                    error_json = open_error(owner_key, q, e.task_id, sealed)
                 except Exception:  # a rotated-out key or a tampered row: the listing still works
                     error_json = None
             found.append(
@@ -273,9 +282,33 @@ class Lifecycle:
                     lease.parked_at_ms or e.parked_at_ms,
                     e.has_token,
                     error_json,
+                    last_error_omitted=n >= read,
                 )
             )
         return found
+
+    async def _errors_within_budget(
+        self, q: QueueKey, task_ids: list[uuid.UUID]
+    ) -> tuple[dict[uuid.UUID, Sealed], int]:
+        """The last errors of ``task_ids``, in order, while they fit the listing's budget; and how
+        many of the tasks were looked at (the errors of the rest, if any, are left out)."""
+        largest = self.ctx.limits.max_value_bytes
+        budget = max(PARKED_ERRORS_BUDGET_BYTES, largest)
+        per_read = max(1, min(LEASES_PER_READ, ERRORS_READ_BYTES // max(largest, 1)))
+        kept: dict[uuid.UUID, Sealed] = {}
+        spent = 0
+        for start in range(0, len(task_ids), per_read):
+            batch = task_ids[start : start + per_read]
+            sealed = await self.store.errors_of(q, batch)
+            for n, task_id in enumerate(batch):
+                error = sealed.get(task_id)
+                if error is None:
+                    continue
+                if spent + len(error.ciphertext) > budget:
+                    return kept, start + n
+                spent += len(error.ciphertext)
+                kept[task_id] = error
+        return kept, len(task_ids)
 
     async def redrive(self, owner: str, service: str, task_ids: list[uuid.UUID] | None) -> int:
         """Back to the queue, at most ``redrive_rate`` a second (a flood of redriven poison tasks

@@ -91,7 +91,11 @@ class TaskStore(Protocol):
         """The task's lease; ``serial`` also completes any compare-and-set in flight first."""
 
     async def leases_of(self, q: QueueKey, task_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Lease]:
-        """The leases of these tasks of one queue (not serial), in one request; absent ones left out."""
+        """The leases of these tasks of one queue (not serial), in one request; absent ones left out.
+        Without their last errors (``last_error`` is None): read those with :meth:`errors_of`."""
+
+    async def errors_of(self, q: QueueKey, task_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Sealed]:
+        """The last fail's error of these tasks of one queue, in one request; tasks without one left out."""
 
     async def claim_new(
         self,

@@ -103,6 +103,12 @@ class ParkedInfo(_Reply):
     parked_at: str = Field(alias="parkedAt")
     added_at: str = Field(alias="addedAt")
     has_token: bool = Field(alias="hasToken")
+    last_error_omitted: bool | None = Field(
+        None,
+        alias="lastErrorOmitted",
+        description="(1.7) Present (true) when this task's error, if any, was left out: the errors "
+        "listed before it filled the reply's budget (4 MiB, or one largest value if more).",
+    )
 
 
 class ParkedList(_Reply):

@@ -180,7 +180,17 @@ class MemoryTaskStore:
     async def leases_of(self, q: QueueKey, task_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Lease]:
         await self._io()
         found = {task_id: self._lease(q, task_id) for task_id in task_ids}
-        return {task_id: lease for task_id, lease in found.items() if lease is not None}
+        # As Cassandra's ``lease.get_many``: without the last errors (``errors_of``).
+        return {task_id: replace(lease, last_error=None) for task_id, lease in found.items() if lease is not None}
+
+    async def errors_of(self, q: QueueKey, task_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Sealed]:
+        await self._io()
+        found = {task_id: self._lease(q, task_id) for task_id in task_ids}
+        return {
+            task_id: lease.last_error
+            for task_id, lease in found.items()
+            if lease is not None and lease.last_error is not None
+        }
 
     @staticmethod
     def _refused(

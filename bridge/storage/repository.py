@@ -51,6 +51,7 @@ from bridge.storage.rows import (
     parked_entry,
     payload_of,
     ready_entry,
+    sealed_error,
     to_datetime,
     worker_row,
 )
@@ -228,6 +229,13 @@ class CassandraTaskStore:
         rows = await self.db.execute("lease.get_many", (q.owner, q.service, list(task_ids)))
         found = {row["task_id"]: lease_of(row) for row in rows}
         return {task_id: lease for task_id, lease in found.items() if lease is not None}
+
+    async def errors_of(self, q: QueueKey, task_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Sealed]:
+        if not task_ids:
+            return {}
+        rows = await self.db.execute("lease.errors", (q.owner, q.service, list(task_ids)))
+        found = {row["task_id"]: sealed_error(row) for row in rows}
+        return {task_id: error for task_id, error in found.items() if error is not None}
 
     async def _resolve(
         self, q: QueueKey, task_id: uuid.UUID, name: str, params: tuple[Any, ...], check: str, token: uuid.UUID

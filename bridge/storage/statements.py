@@ -6,10 +6,12 @@ keyspace (restricted by the settings to an identifier).
 
 from __future__ import annotations
 
-LEASE_COLS = (
+LEASE_COLS_BRIEF = (
     "state, epoch, worker, lease_until, claim_id, completion_id, has_token, base_epoch, parked_at, park_reason, "
-    "error_key, error_nonce, error_ct, completed_at"
+    "completed_at"
 )
+# With the last fail's error (up to a value's size): read one lease at a time, or by ``lease.errors``.
+LEASE_COLS = f"{LEASE_COLS_BRIEF}, error_key, error_nonce, error_ct"
 
 STATEMENTS: dict[str, tuple[str, bool]] = {
     # name: (cql, idempotent). LWTs are not idempotent: their outcome is resolved by reading.
@@ -66,9 +68,16 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         True,
     ),
     # The recovery scheduler's read of many leases of one queue at once (the deadlines of a bucket):
-    # one request instead of one per deadline; the coordinator reads the partitions.
+    # one request instead of one per deadline; the coordinator reads the partitions. Without the
+    # last errors: 50 of them could be 50 MiB.
     "lease.get_many": (
-        f"SELECT task_id, {LEASE_COLS} FROM {{ks}}.leases "  # nosec B608
+        f"SELECT task_id, {LEASE_COLS_BRIEF} FROM {{ks}}.leases "  # nosec B608
+        "WHERE owner = ? AND service = ? AND task_id IN ?",
+        True,
+    ),
+    # The last errors of a few tasks (the parked listing, within its budget).
+    "lease.errors": (
+        "SELECT task_id, error_key, error_nonce, error_ct FROM {ks}.leases "
         "WHERE owner = ? AND service = ? AND task_id IN ?",
         True,
     ),

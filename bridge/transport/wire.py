@@ -136,8 +136,9 @@ def stats(found: list[ServiceStats]) -> Body:
 
 
 def parked(found: list[ParkedTask]) -> Body:
-    tasks = [
-        {
+    tasks = []
+    for t in found:
+        doc: dict[str, Any] = {
             "id": str(t.task_id),
             "deliveries": t.deliveries,
             "reason": t.reason,
@@ -146,8 +147,9 @@ def parked(found: list[ParkedTask]) -> Body:
             "addedAt": iso(ms_of(t.task_id)),
             "hasToken": t.has_token,
         }
-        for t in found
-    ]
+        if t.last_error_omitted:  # (1.7) only when true: the listing's errors filled their budget
+            doc["lastErrorOmitted"] = True
+        tasks.append(doc)
     return reply({"tasks": tasks})
 
 

@@ -233,6 +233,36 @@ async def test_fail_at_the_limit_parks_with_the_last_error_and_redrive_brings_it
     assert await parked_ids(engine, svc) == []
 
 
+async def test_the_parked_listing_holds_a_bounded_amount_of_errors(make_bridge, engine, workers):
+    """A fail's error may be as large as a value (1 MiB), and ``parked`` lists up to 1,000 tasks:
+    the listing read and sent every parked task's error, up to a gigabyte in one reply (a sidecar's
+    memory, and RabbitMQ refuses messages over 128 MiB). Errors now fill the reply up to a budget
+    (4 MiB, or one largest value if more) in task order; every task is still listed, and a task
+    whose error was left out says so. Here six tasks are parked with 0.9 MiB errors: four fit."""
+    await make_bridge(**FAST)
+    svc = service_id()
+    w = await workers(svc, "w")
+    ids = []
+    for i in range(6):
+        reply = await engine.call("add", {"serviceId": svc, "value": i, "maxDeliveries": 1}, owner=OWNERS[0])
+        ids.append(reply["task"]["id"])
+        assert (await fetch_raw(w))["task"]["id"] == ids[-1]
+        error = {"n": i, "trace": str(i) * 900 * 1024}
+        failed = await call(w, "fail", {"serviceId": svc, "workerId": "w", "error": error})
+        assert failed["task"]["parked"] is True
+    listing = (await call(engine, "parked", {"serviceId": svc}))["result"]["tasks"]
+    assert [t["id"] for t in listing] == ids, "every parked task is listed, oldest first"
+    assert [t["lastError"]["n"] if t["lastError"] else None for t in listing] == [0, 1, 2, 3, None, None]
+    assert [t.get("lastErrorOmitted", False) for t in listing] == [False] * 4 + [True] * 2
+    assert all(len(t["lastError"]["trace"]) == 900 * 1024 for t in listing[:4])
+    # A smaller listing holds the same errors: the budget is the reply's, not a page's.
+    one = (await call(engine, "parked", {"serviceId": svc, "limit": 1}))["result"]["tasks"]
+    assert [(t["id"], t["lastError"]["n"], "lastErrorOmitted" in t) for t in one] == [(ids[0], 0, False)]
+    # The client and its task object say the same.
+    parked = await engine.parked(svc)
+    assert [t.last_error_omitted for t in parked] == [False] * 4 + [True] * 2
+
+
 async def test_discard_drops_a_parked_task_for_good(make_bridge, engine, workers):
     await make_bridge(**FAST)
     svc = service_id()

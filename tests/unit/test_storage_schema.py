@@ -21,3 +21,13 @@ def test_no_column_name_has_two_types() -> None:
     assert {name: t for name, t in types.items() if len(t) > 1} == {}
     assert uuid_columns() == {name for name, t in types.items() if t & {"uuid", "timeuuid"}}
     assert {"task_id", "seq", "claim_id", "completion_id", "done_task"} <= uuid_columns()
+
+
+def test_only_the_errors_read_selects_a_lease_s_last_error() -> None:
+    """A fail's error may be as large as a value (1 MiB): the reads of many leases at once (the
+    scheduler's 50 deadlines, purge, redrive, the parked listing) leave it out, and the parked
+    listing reads errors by ``lease.errors`` within its budget."""
+    from bridge.storage.statements import STATEMENTS
+
+    selecting_errors = {name for name, (cql, _) in STATEMENTS.items() if cql.startswith("SELECT") and "error_ct" in cql}
+    assert selecting_errors == {"lease.get", "lease.errors"}
