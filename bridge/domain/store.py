@@ -244,7 +244,8 @@ class TaskStore(Protocol):
 
     async def mark_published(self, entry: OutboxEntry) -> None: ...
 
-    async def outbox(self, bucket: int) -> list[OutboxEntry]: ...
+    async def outbox(self, bucket: int) -> list[OutboxEntry]:
+        """The bucket's entries still unpublished (their results read only for those)."""
 
     # -- loop progress -------------------------------------------------------------------------------
     async def scheduler_cursor(self, name: str, now_ms: int) -> int | None:

@@ -484,7 +484,8 @@ class MemoryTaskStore:
 
     async def outbox(self, bucket: int) -> list[OutboxEntry]:
         await self._io()
-        return [e for e in self.outbox_rows.get(bucket, {}).values() if self.alive(e.task_id)]
+        rows = self.outbox_rows.get(bucket, {}).values()
+        return [e for e in rows if self.alive(e.task_id) and not e.published]
 
     # -- loop progress ---------------------------------------------------------------------------
     async def scheduler_cursor(self, name: str, now_ms: int) -> int | None:

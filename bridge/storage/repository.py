@@ -62,6 +62,7 @@ DAY_MS = 86_400_000
 MAX_CASSANDRA_TTL_S = 630_720_000  # 20 years
 ALL_EXPIRY_SHARDS = list(range(EXPIRY_SHARDS))
 ALL_OUTBOX_SHARDS = list(range(OUTBOX_SHARDS))
+OUTBOX_READS_AT_ONCE = 16  # unpublished outbox entries read side by side (each holds a result)
 LOOP_CURSOR_TTL_S = 30 * 24 * 3600  # a restart after an outage this long still resumes where it stopped
 LOOP_CURSOR_MAX_DAYS = 31
 BUCKET_INDEX_GRACE_S = 60  # an index row outlives the rows it points at
@@ -522,11 +523,26 @@ class CassandraTaskStore:
         await self.db.execute("outbox.mark_published", (self.ttl_for(e.task_id), e.bucket, shard, *key))
 
     async def outbox(self, bucket: int) -> list[OutboxEntry]:
+        # The bucket's keys first (a few dozen bytes a row, not each row's result), then the
+        # unpublished entries whole, one by one: after a normal day there are none.
         rows = await self.db.execute("outbox.bucket", (bucket, ALL_OUTBOX_SHARDS), fetch_size=2000)
-        found = [outbox_entry(r) for r in rows]
+        owed: list[tuple[str, tuple[Any, ...], int | None]] = []
+        for r in rows:
+            if not r["published"]:
+                key = (r["owner"], r["service"], r["task_id"], r["completion_id"])
+                owed.append(("outbox.get", (bucket, shard_of(r["task_id"], OUTBOX_SHARDS), *key), None))
         if self.read_unsharded:
             rows = await self.db.execute("outbox.unsharded_bucket", (bucket,), fetch_size=2000)
-            found.extend(outbox_entry(r, UNSHARDED) for r in rows)
+            for r in rows:
+                if not r["published"]:
+                    key = (r["owner"], r["service"], r["task_id"], r["completion_id"])
+                    owed.append(("outbox.unsharded_get", (bucket, *key), UNSHARDED))
+        found: list[OutboxEntry] = []
+        for start in range(0, len(owed), OUTBOX_READS_AT_ONCE):  # at most this many results in memory
+            group = owed[start : start + OUTBOX_READS_AT_ONCE]
+            wholes = await asyncio.gather(*(self.db.execute(name, params) for name, params, _ in group))
+            for (_, _, shard), whole in zip(group, wholes, strict=True):
+                found.extend(outbox_entry(r, shard) for r in whole if not r["published"])
         return found
 
     # -- loop progress ---------------------------------------------------------------------------------

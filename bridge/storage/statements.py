@@ -245,9 +245,17 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         "WHERE bucket = ? AND shard = ? AND owner = ? AND service = ? AND task_id = ? AND completion_id = ?",
         True,
     ),
+    # The relay's sweep of a bucket: which entries are still unpublished, without their results
+    # (each up to a value's size, and nearly all of them published long ago); then those few whole.
     "outbox.bucket": (
+        "SELECT owner, service, task_id, completion_id, published FROM {ks}.outbox_shards "
+        "WHERE bucket = ? AND shard IN ?",
+        True,
+    ),
+    "outbox.get": (
         "SELECT bucket, owner, service, task_id, completion_id, key_id, result_nonce, result_ct, published "
-        "FROM {ks}.outbox_shards WHERE bucket = ? AND shard IN ?",
+        "FROM {ks}.outbox_shards "
+        "WHERE bucket = ? AND shard = ? AND owner = ? AND service = ? AND task_id = ? AND completion_id = ?",
         True,
     ),
     "outbox.unsharded_mark_published": (
@@ -256,8 +264,12 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         True,
     ),
     "outbox.unsharded_bucket": (
+        "SELECT owner, service, task_id, completion_id, published FROM {ks}.outbox WHERE bucket = ?",
+        True,
+    ),
+    "outbox.unsharded_get": (
         "SELECT bucket, owner, service, task_id, completion_id, key_id, result_nonce, result_ct, published "
-        "FROM {ks}.outbox WHERE bucket = ?",
+        "FROM {ks}.outbox WHERE bucket = ? AND owner = ? AND service = ? AND task_id = ? AND completion_id = ?",
         True,
     ),
     "sched.get": ("SELECT pos FROM {ks}.scheduler_progress WHERE name = ? AND day = ? LIMIT 1", True),

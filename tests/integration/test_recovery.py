@@ -201,3 +201,48 @@ async def test_a_rolling_upgrade_from_1_2_recovers_the_deadlines_it_filed(make_b
     other = await workers(svc, "other")
     got = await wait_for(other.fetch, 15.0, interval=0.1, what="the 1.2 deadline recovered")
     assert got.id == task_id and got.deliveries == 2
+
+
+async def test_the_relay_reads_whole_only_the_outbox_entries_it_owes(make_bridge, engine, workers, cql, servers):
+    """The relay's sweep of an outbox bucket reads keys and ``published`` flags, then the
+    unpublished entries whole, from the sharded table and (during a rolling upgrade from 1.2)
+    the unsharded one; published entries are not read whole (their results stay on disk)."""
+    svc = service_id()
+    ks = servers.keyspace
+    upgraded = await make_bridge(read_unsharded=True)
+    ids = [await engine.add(svc, f"task {i}", token={"n": i}) for i in range(3)]
+    w = await workers(svc, "w")
+    for _ in ids:
+        task = await w.fetch()
+        assert task is not None and await task.ack({"done": task.value}) is True
+    rows = [r for r in cql.execute(f"SELECT * FROM {ks}.outbox_shards") if str(r["task_id"]) in ids]
+    assert len(rows) == 3
+    by_id = {str(r["task_id"]): r for r in rows}
+    owed, moved, done = (by_id[i] for i in ids)
+    # No queue takes results here, so none can be published: one entry stays unpublished, one is
+    # marked published, one is moved to where a 1.2 bridge would have written it (unsharded).
+    key = "bucket = %s AND shard = %s AND owner = %s AND service = %s AND task_id = %s AND completion_id = %s"
+    for row, published in ((owed, False), (done, True), (moved, True)):
+        cql.execute(
+            f"UPDATE {ks}.outbox_shards SET published = %s WHERE {key}",
+            (published, *(row[c] for c in ("bucket", "shard", "owner", "service", "task_id", "completion_id"))),
+        )
+    cql.execute(
+        f"INSERT INTO {ks}.outbox (bucket, owner, service, task_id, completion_id, key_id, result_nonce, "
+        "result_ct, published) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, false)",
+        tuple(moved[c] for c in ("bucket", "owner", "service", "task_id", "completion_id"))
+        + tuple(moved[c] for c in ("key_id", "result_nonce", "result_ct")),
+    )
+    found = {}
+    for bucket in {owed["bucket"], moved["bucket"], done["bucket"]}:
+        found.update({str(e.task_id): e for e in await upgraded.store.outbox(bucket)})
+    ours = {i: e for i, e in found.items() if i in ids}
+    assert set(ours) == {str(owed["task_id"]), str(moved["task_id"])}, "only what is owed"
+    for row in (owed, moved):
+        entry = ours[str(row["task_id"])]
+        assert (entry.result.key_id, entry.result.nonce, entry.result.ciphertext) == (
+            row["key_id"],
+            row["result_nonce"],
+            row["result_ct"],
+        )
+        assert entry.completion_id == row["completion_id"] and entry.published is False

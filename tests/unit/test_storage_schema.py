@@ -31,3 +31,16 @@ def test_only_the_errors_read_selects_a_lease_s_last_error() -> None:
 
     selecting_errors = {name for name, (cql, _) in STATEMENTS.items() if cql.startswith("SELECT") and "error_ct" in cql}
     assert selecting_errors == {"lease.get", "lease.errors"}
+
+
+def test_the_result_relay_s_sweep_reads_no_result_it_does_not_owe() -> None:
+    """The duty holder sweeps every outbox bucket (10 s of completions) once: it read each entry
+    whole, result included (up to a value's size each, nearly all published long ago), so a
+    bucket of 2,000 results of 10 KiB was 20 MB read to find none to send. It now reads the keys
+    and ``published`` flags, then the unpublished entries whole (``outbox.get``)."""
+    from bridge.storage.statements import STATEMENTS
+
+    for name in ("outbox.bucket", "outbox.unsharded_bucket"):
+        assert "result_ct" not in STATEMENTS[name][0] and "published" in STATEMENTS[name][0]
+    for name in ("outbox.get", "outbox.unsharded_get"):
+        assert "result_ct" in STATEMENTS[name][0]
