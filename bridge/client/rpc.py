@@ -281,7 +281,7 @@ class ParkedTask:
     added_at: str
     has_token: bool  # parking it sent the engine a delivery_limit result
     # Its error (if any) was left out of the listing: the errors before it filled the reply's
-    # budget (4 MiB). Redrive or discard those first, or list them with a smaller ``limit``.
+    # budget (4 MiB). Redrive or discard those first to see it.
     last_error_omitted: bool = False
 
     @classmethod

@@ -43,7 +43,7 @@ def dumps(value: Any) -> bytes:
         return orjson.dumps(value)
     except orjson.JSONEncodeError as exc:
         if "exceeds 64-bit range" not in str(exc):
-            why = f" (nesting is limited to {MAX_DEPTH} levels)" if "ecursion" in str(exc) else ""
+            why = f" (nesting is limited to {MAX_DEPTH} levels)" if "Recursion limit" in str(exc) else ""
             raise JsonError(f"cannot be written as JSON: {exc}{why}") from None
     try:
         return _exact_dumps(value)

@@ -524,19 +524,21 @@ class CassandraTaskStore:
 
     async def outbox(self, bucket: int) -> list[OutboxEntry]:
         # The bucket's keys first (a few dozen bytes a row, not each row's result), then the
-        # unpublished entries whole, one by one: after a normal day there are none.
-        rows = await self.db.execute("outbox.bucket", (bucket, ALL_OUTBOX_SHARDS), fetch_size=2000)
-        owed: list[tuple[str, tuple[Any, ...], int | None]] = []
-        for r in rows:
-            if not r["published"]:
-                key = (r["owner"], r["service"], r["task_id"], r["completion_id"])
-                owed.append(("outbox.get", (bucket, shard_of(r["task_id"], OUTBOX_SHARDS), *key), None))
+        # unpublished entries whole: after a normal day there are none.
+        # (keys read, entry read whole, the keys' parameters, the shard it is read from)
+        tables: list[tuple[str, str, tuple[Any, ...], int | None]] = [
+            ("outbox.bucket", "outbox.get", (bucket, ALL_OUTBOX_SHARDS), None)
+        ]
         if self.read_unsharded:
-            rows = await self.db.execute("outbox.unsharded_bucket", (bucket,), fetch_size=2000)
-            for r in rows:
-                if not r["published"]:
-                    key = (r["owner"], r["service"], r["task_id"], r["completion_id"])
-                    owed.append(("outbox.unsharded_get", (bucket, *key), UNSHARDED))
+            tables.append(("outbox.unsharded_bucket", "outbox.unsharded_get", (bucket,), UNSHARDED))
+        owed: list[tuple[str, tuple[Any, ...], int | None]] = []
+        for keys, entry_read, params, shard in tables:
+            for r in await self.db.execute(keys, params, fetch_size=2000):
+                if r["published"]:
+                    continue
+                key = (r["owner"], r["service"], r["task_id"], r["completion_id"])
+                where = (bucket, *key) if shard == UNSHARDED else (bucket, shard_of(r["task_id"], OUTBOX_SHARDS), *key)
+                owed.append((entry_read, where, shard))
         found: list[OutboxEntry] = []
         for start in range(0, len(owed), OUTBOX_READS_AT_ONCE):  # at most this many results in memory
             group = owed[start : start + OUTBOX_READS_AT_ONCE]
