@@ -71,6 +71,33 @@ class Servers:
 
 @pytest.fixture(scope="session")
 def servers() -> Iterator[Servers]:
+    """The servers, and this session's keyspace, dropped when the session ends: each keyspace
+    holds about twenty tables, and a local Cassandra (1 GiB heap) that kept every run's ran out
+    of memory after about seventy sessions."""
+    found = _servers()
+    got = next(found)
+    try:
+        yield got
+    finally:
+        _drop_keyspace(got)
+        with contextlib.suppress(StopIteration):
+            next(found)
+
+
+def _drop_keyspace(s: Servers) -> None:
+    from cassandra.cluster import Cluster
+
+    cluster = Cluster(s.cassandra_hosts, port=s.cassandra_port, protocol_version=5)
+    try:
+        session = cluster.connect()
+        session.execute(f"DROP KEYSPACE IF EXISTS {s.keyspace}", timeout=120)
+    except Exception as exc:  # a drill left Cassandra down: nothing to free, and no test to fail
+        print(f"keyspace {s.keyspace} not dropped: {exc}", file=sys.stderr)
+    finally:
+        cluster.shutdown()
+
+
+def _servers() -> Iterator[Servers]:
     keyspace = f"qb_test_{uuid.uuid4().hex[:8]}"
     url = os.environ.get("QB_TEST_AMQP_URL")
     hosts = os.environ.get("QB_TEST_CASSANDRA_HOSTS")
