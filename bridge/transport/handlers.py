@@ -197,6 +197,11 @@ class RequestHandlers:
             # slots that long (a bridge with as many waiting fetches as slots would take no request).
             # Acknowledged now; if the bridge dies while it waits, the worker's retry asks again.
             await message.ack()
+            deadline = deadline_of(message)
+            if deadline is not None and (left := deadline - self.queue.clock.now_ms()) < req.wait_ms:
+                # The caller stops listening at its deadline and may have sent another fetch: a
+                # wait past it would only claim a task for a reply nobody reads.
+                req = req.model_copy(update={"wait_ms": max(0, left)})
         delivery = await self.queue.fetch(owner, req)
         if delivery is None:
             return wire.encode(wire.fetched(None)), None

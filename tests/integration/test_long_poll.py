@@ -162,3 +162,23 @@ async def test_a_handed_hint_whose_claim_fails_is_published_again(bridge, engine
     got = await second.fetch()  # no wait: only a hint can name a task added under 3 s ago
     assert got is not None and got.id == task_id
     assert await got.ack("ok") is True
+
+
+async def test_a_waiting_fetch_ends_at_its_callers_deadline(bridge, engine, workers):
+    """A fetch that waits longer than its caller listens (its ``x-deadline``) is answered null at
+    the deadline, and a task added after it is left for the next fetch: past the deadline the
+    caller may have sent another fetch, and a claim would be for a reply nobody reads."""
+    from bridge.transport.envelope import DEADLINE_HEADER
+
+    svc = service_id()
+    w = await workers(svc, "w1")
+    body = {"serviceId": svc, "workerId": "w1", "waitMs": 20_000}
+    started = time.monotonic()
+    deadline_ms = int((time.time() + 1.0) * 1000)
+    reply, _ = await w.call_raw("fetch", body, wait_s=20.0, headers={DEADLINE_HEADER: deadline_ms})
+    waited = time.monotonic() - started
+    assert reply == {"result": None}
+    assert 0.5 < waited < 10, f"answered after {waited:.1f}s: the wait did not end at the caller's deadline"
+    task_id = await engine.add(svc, {"n": 1})
+    got = await w.fetch()
+    assert got is not None and got.id == task_id
