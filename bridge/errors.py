@@ -36,7 +36,8 @@ Exception hierarchy::
         │   IntegrityError, UnavailableError, InternalError ...... one per ErrorCode
         └── TransportError .................... (no reply: retry the request)
             ├── RequestTimeout ................ timeout
-            └── ConnectionLost ................ connection_lost
+            ├── ConnectionLost ................ connection_lost
+            └── BrokerRefused ................. broker_refused (no exchange, no permission)
 
 Anything else raised while serving a request (a bug) is answered ``internal``.
 """

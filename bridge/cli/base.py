@@ -11,6 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 import typer
 
 from bridge.config import ConfigError, Settings, load_settings
+from bridge.domain import jsonvalue
 
 app = typer.Typer(
     help="queue-bridge: a persistent work queue over AMQP, stored encrypted in Apache Cassandra.",
@@ -63,15 +64,28 @@ def run_async(coro: Any) -> Any:
     return uvloop.run(coro)
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_json(text: str, param: str) -> Any:
-    """Parse a JSON argument; invalid JSON is a usage error (exit code 2)."""
+    """Parse a JSON argument; invalid JSON is a usage error (exit code 2). So is JSON the client
+    cannot send as it is: ``NaN`` and ``Infinity`` (Python reads them; they would go as null),
+    and nesting deeper than the wire allows."""
     try:
-        return json.loads(text)
+        value = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise typer.BadParameter(
             f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}): {text[:60]!r}",
             param_hint=param,
         ) from None
+    except (ValueError, RecursionError) as exc:
+        raise typer.BadParameter(f"not valid JSON ({exc}): {text[:60]!r}", param_hint=param) from None
+    try:
+        jsonvalue.dumps(value)
+    except jsonvalue.JsonError as exc:
+        raise typer.BadParameter(str(exc), param_hint=param) from None
+    return value
 
 
 def safe_url(url: str) -> str:
@@ -95,4 +109,17 @@ def quiet_driver_logs() -> None:
 
 
 def amqp_url_of(settings: Settings, url: str | None) -> str:
-    return url if url else settings.amqp_url.get_secret_value()
+    """``--amqp-url`` (checked: a usage error, exit code 2, if it cannot be a RabbitMQ URL), else
+    the bridge's own BRIDGE_AMQP_URL."""
+    if not url:
+        return settings.amqp_url.get_secret_value()
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number (or out of range)
+    except ValueError as exc:
+        raise typer.BadParameter(f"not a RabbitMQ URL ({exc})", param_hint="'--amqp-url'") from None
+    if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+        raise typer.BadParameter(
+            "not a RabbitMQ URL (amqp://user:password@host:port/vhost or amqps://...)", param_hint="'--amqp-url'"
+        )
+    return url

@@ -53,7 +53,7 @@ async def _with_client(client: C, timeout: float, use: Callable[[C], Awaitable[T
     """Open an RPC client, run ``use`` with it, close it; map failures to :class:`Failure`."""
     from aiormq.exceptions import AMQPError
 
-    from bridge.client.errors import BridgeClientError, ConnectionLost, RequestTimeout
+    from bridge.client.errors import BridgeClientError, BrokerRefused, ConnectionLost, RequestTimeout
 
     where = safe_url(client.url)
     try:
@@ -73,6 +73,8 @@ async def _with_client(client: C, timeout: float, use: Callable[[C], Awaitable[T
             ) from None
         except ConnectionLost as exc:
             raise Failure(f"RabbitMQ connection failed ({where}): {exc.message}") from None
+        except BrokerRefused as exc:
+            raise Failure(f"{exc.message} ({where})") from None
         except BridgeClientError as exc:
             raise Failure(f"the bridge answered {exc.code}: {exc.message}") from None
         except (AMQPError, OSError) as exc:

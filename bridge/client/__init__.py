@@ -19,6 +19,7 @@ Errors of the wire contract arrive as :class:`BridgeClientError` subclasses; no 
 from bridge.client.errors import (
     BadRequestError,
     BridgeClientError,
+    BrokerRefused,
     ConnectionLost,
     IntegrityError,
     InternalError,
@@ -34,6 +35,7 @@ from bridge.client.rpc import Engine, FailOutcome, ParkedTask, RpcClient, Servic
 __all__ = [
     "BadRequestError",
     "BridgeClientError",
+    "BrokerRefused",
     "ConnectionLost",
     "Engine",
     "FailOutcome",

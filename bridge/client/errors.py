@@ -16,6 +16,7 @@ from bridge.errors import BridgeError, ErrorCode
 __all__ = [
     "BadRequestError",
     "BridgeClientError",
+    "BrokerRefused",
     "ConnectionLost",
     "IntegrityError",
     "InternalError",
@@ -83,6 +84,15 @@ class ConnectionLost(TransportError):
     """The connection to RabbitMQ failed (or could not be made) before the reply arrived."""
 
     code = "connection_lost"
+
+
+class BrokerRefused(TransportError):
+    """RabbitMQ refused the request before any bridge saw it: the exchange does not exist (no
+    bridge has declared it yet, or a wrong name) or this user may not publish to it. The message
+    is the broker's. Retrying helps only once a bridge is up or the permission granted, so
+    :meth:`Worker.run <bridge.client.Worker.run>` retries it with a growing pause."""
+
+    code = "broker_refused"
 
 
 #: One class per wire code (tests/unit/test_error_model.py ties it to ErrorCode both ways).

@@ -15,9 +15,11 @@ from urllib.parse import unquote, urlparse
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aiormq.exceptions import ChannelAccessRefused, ChannelNotFoundEntity
 
 from bridge.client.errors import (
     BridgeClientError,
+    BrokerRefused,
     ConnectionLost,
     RequestTimeout,
     TransportError,
@@ -101,10 +103,22 @@ class RpcClient:
             self.channel = channel
             return channel
 
-    def _on_lost(self, *_: Any) -> None:
-        # Replies to the old connection are gone: fail what was waiting so callers retry.
+    def _on_lost(self, _sender: object = None, exc: object = None, *_: Any) -> None:
+        # Replies to the old connection are gone: fail what was waiting so callers retry. A channel
+        # the broker closed because the exchange is missing or the user may not publish to it is
+        # said so: no network retry fixes that, a bridge starting or a permission granted does.
+        refused = isinstance(exc, ChannelNotFoundEntity | ChannelAccessRefused)
         for fut in self._pending.values():
-            if not fut.done():
+            if fut.done():
+                continue
+            if refused:
+                fut.set_exception(
+                    BrokerRefused(
+                        f"RabbitMQ refused the request on exchange {self.exchange_name!r} ({exc}): "
+                        "is a bridge running with this exchange, and may this user publish to it?"
+                    )
+                )
+            else:
                 fut.set_exception(ConnectionLost("connection to RabbitMQ was lost before the reply; retry the request"))
         self._pending.clear()
 
@@ -159,6 +173,8 @@ class RpcClient:
         correlation_id = uuid.uuid4().hex
         fut: asyncio.Future[Any] | None = None
         if reply:
+            # Registered before the publish (a reply can come before publish returns) and taken out
+            # again on every way out of it that is not a sent request, cancellation included.
             fut = asyncio.get_running_loop().create_future()
             self._pending[correlation_id] = fut
         message = aio_pika.Message(
@@ -172,12 +188,15 @@ class RpcClient:
             timestamp=datetime.fromtimestamp(now, tz=UTC),
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
-        exchange = await channel.get_exchange(self.exchange_name, ensure=False)
         try:
+            exchange = await channel.get_exchange(self.exchange_name, ensure=False)
             await exchange.publish(message, routing_key=method)
         except (aio_pika.exceptions.AMQPError, RuntimeError, OSError) as exc:
             self._pending.pop(correlation_id, None)
             raise ConnectionLost(f"request not sent ({type(exc).__name__}); retry it") from None
+        except BaseException:  # cancelled while publishing: nobody will await this reply
+            self._pending.pop(correlation_id, None)
+            raise
         return fut
 
     async def call_raw(self, method: str, body: Any, **kw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -581,6 +600,8 @@ class Task:
 
 
 ACK_ATTEMPTS = 3  # Worker.run: an ack (with next) sent again after no answer
+POLL_PAUSE_MAX_S = 5.0  # Worker.run: the longest pause between fetches that got no answer
+ERROR_MESSAGE_MAX = 4096  # Worker.run: characters of a handler's exception kept in a fail's error
 
 
 class Worker(RpcClient):
@@ -609,6 +630,13 @@ class Worker(RpcClient):
         # reads less. Unknown at start (a previous life may hold one) and after any failed request.
         self._holds_nothing = False
         self._unanswered_ack: str | None = None  # the task of an ack_and_fetch whose reply was lost
+        # A fetch (or an ack's next) that got no answer may still run at the bridge until its
+        # deadline, a long-poll waiting there as the oldest waiter: a task it claims is leased to
+        # this worker and its reply goes nowhere. Until then (monotonic) an empty answer proves
+        # nothing, and only a fetch without ``fresh`` (the bridge reads the worker's pointer)
+        # gets that task back.
+        self._unsure_until = 0.0
+        self._failed_polls = 0  # fetches of the loop in a row that got no answer (their pause grows)
 
     @classmethod
     def connect(cls, url: str, *, service: str, worker_id: str, **kw: Any) -> Self:
@@ -625,14 +653,29 @@ class Worker(RpcClient):
         if self._holds_nothing:
             body["fresh"] = True
         self._holds_nothing = False  # until this fetch is answered
-        reply = await self.call("fetch", body, wait_s=wait_ms / 1000)
+        reply = await self._claiming_call("fetch", body, wait_s=wait_ms / 1000)
         return self._handed(reply, reply["_headers"])
+
+    async def _claiming_call(self, method: str, body: dict[str, Any], wait_s: float = 0.0) -> dict[str, Any]:
+        """A request that may claim a task for this worker (a fetch, an ack with ``next``)."""
+        try:
+            return await self.call(method, body, wait_s=wait_s)
+        except TransportError:
+            # Its deadline (the bridge ends a long-poll there) on this host's clock, plus a second
+            # for the two hosts' clocks.
+            self._unsure_until = max(self._unsure_until, time.monotonic() + wait_s + self.timeout + 1.0)
+            raise
+
+    def _knows_it_holds_nothing(self) -> None:
+        """An answer says this worker holds no task now: its next fetch may say ``fresh``, unless
+        an unanswered request of it may still claim one (:attr:`_unsure_until`)."""
+        self._holds_nothing = time.monotonic() >= self._unsure_until
 
     def _handed(self, reply: dict[str, Any], headers: dict[str, Any]) -> Task | None:
         """The task a fetch reply (or an ack's ``next``) hands this worker, now :attr:`current`."""
         if reply.get("result") is None and "task" not in reply:
             self.current = None
-            self._holds_nothing = True
+            self._knows_it_holds_nothing()
             return None
         t = reply["task"]
         self.current = Task(
@@ -681,7 +724,7 @@ class Worker(RpcClient):
         reply = await self.call("ack", body)
         if current is not None and task_id == current.id:
             # Answered (true, or false: it is someone else's now): this worker holds nothing.
-            self._holds_nothing = True
+            self._knows_it_holds_nothing()
         return bool(reply["result"])
 
     async def ack_and_fetch(
@@ -710,7 +753,7 @@ class Worker(RpcClient):
         body["next"] = nxt
         self._holds_nothing = False  # until this request is answered
         self._unanswered_ack = current.id
-        reply = await self.call("ack", body)
+        reply = await self._claiming_call("ack", body)
         self._unanswered_ack = None
         current._settled = True  # answered: its heartbeat, if any, has nothing left to keep
         acked = bool(reply["result"])
@@ -776,7 +819,7 @@ class Worker(RpcClient):
             body["retryInMs"] = retry_in_ms
         reply = await self.call("fail", body)
         if current is not None and task_id == current.id:
-            self._holds_nothing = True  # answered either way: the task is not this worker's now
+            self._knows_it_holds_nothing()  # answered either way: the task is not this worker's now
         if not reply.get("result"):
             return None
         return FailOutcome.from_wire(reply["task"])
@@ -800,7 +843,7 @@ class Worker(RpcClient):
             if task is None:
                 if stop is not None and stop.is_set():
                     return handled
-                task = await self._poll()
+                task = await self._poll(stop)
                 if task is None:
                     continue
             try:
@@ -808,10 +851,7 @@ class Worker(RpcClient):
             except Exception as exc:
                 log.warning("task %s failed in its handler: %s: %s", task.id, type(exc).__name__, exc)
                 if not task._settled:
-                    try:
-                        await task.fail({"type": type(exc).__name__, "message": str(exc)})
-                    except (TransportError, UnavailableError) as lost:  # it comes back after its lease
-                        log.warning("task %s not given back (%s): it returns when its lease ends", task.id, lost)
+                    await self._give_back(task, exc)
                 handled, task = handled + 1, None
                 continue
             handled += 1
@@ -838,16 +878,53 @@ class Worker(RpcClient):
                 await asyncio.sleep(self.poll_interval)
         return None
 
-    async def _poll(self) -> Task | None:
+    async def _give_back(self, task: Task, exc: Exception) -> None:
+        """Fail ``task`` after its handler raised ``exc``. The error names the exception's type and
+        message (cut to :data:`ERROR_MESSAGE_MAX` characters); if the bridge refuses that (larger
+        than its limit) or JSON cannot carry it, the type alone. The loop goes on whatever happens:
+        a task not given back returns when its lease ends."""
+        message = str(exc)
+        if len(message) > ERROR_MESSAGE_MAX:
+            message = f"{message[:ERROR_MESSAGE_MAX]}... ({len(message)} characters)"
+        kind = type(exc).__name__
+        for error in ({"type": kind, "message": message}, {"type": kind}):
+            try:
+                await task.fail(error)
+                return
+            except (TransportError, UnavailableError) as lost:
+                log.warning("task %s not given back (%s): it returns when its lease ends", task.id, lost)
+                return
+            except (BridgeClientError, ValueError) as refused:
+                log.warning("task %s: its error was refused (%s)", task.id, refused)
+        log.warning("task %s not given back: it returns when its lease ends", task.id)
+
+    async def _poll(self, stop: asyncio.Event | None = None) -> Task | None:
         """One fetch of the worker's loop (a long-poll of :attr:`wait_ms`); None when it found
-        nothing (after :attr:`poll_interval` when not long-polling) or got no answer."""
+        nothing (after :attr:`poll_interval` when not long-polling) or got no answer. Fetches
+        that get no answer (RabbitMQ down or refusing, Cassandra down at the bridge) in a row
+        pause longer each time, up to :data:`POLL_PAUSE_MAX_S`, instead of reconnecting as fast
+        as the loop turns; ``stop`` ends the pause."""
         try:
             task = await self.fetch(wait_ms=self.wait_ms)
-        except TransportError:
+        except (TransportError, UnavailableError) as exc:
+            self._failed_polls += 1
+            pause = min(POLL_PAUSE_MAX_S, self.poll_interval * 2 ** min(self._failed_polls - 1, 16))
+            if self._failed_polls == 1 or self._failed_polls % 10 == 0:
+                log.warning("fetch got no answer (%d in a row, next in %.1fs): %s", self._failed_polls, pause, exc)
+            await self._pause(pause, stop)
             return None
+        self._failed_polls = 0
         if task is None and not self.wait_ms:
-            await asyncio.sleep(self.poll_interval)
+            await self._pause(self.poll_interval, stop)
         return task
+
+    @staticmethod
+    async def _pause(seconds: float, stop: asyncio.Event | None) -> None:
+        if stop is None:
+            await asyncio.sleep(seconds)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)
 
     async def __aiter__(self) -> AsyncIterator[Task]:
         while True:

@@ -1,0 +1,214 @@
+"""The Python client and the CLI when things go wrong: lost connections, cancelled callers, a
+missing exchange, handlers whose exceptions cannot be reported, bad arguments (real servers)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import uuid
+
+import pytest
+
+from bridge.client import ConnectionLost, Worker
+from tests.conftest import OWNERS, service_id, wait_for
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+
+def _close_connection_named(name: str) -> None:
+    """The broker closes the client connection whose client-provided name is ``name``."""
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    for line in out.splitlines():
+        if name in line:
+            conn = line.split("\t", 1)[0]
+            subprocess.run(["rabbitmqctl", "-q", "close_connection", conn, "hunt"], timeout=60, check=True)
+            return
+    raise AssertionError(f"no broker connection named {name}: {out}")
+
+
+def _waiters(bridge) -> int:  # type: ignore[no-untyped-def]
+    return sum(len(x.waiters) for x in bridge.hints._waiting.values())
+
+
+async def test_a_task_claimed_by_a_long_poll_whose_reply_was_lost_is_handed_back_at_once(
+    bridge, engine, servers, names
+):
+    """A worker's long-poll is waiting at the bridge when the broker closes the worker's
+    connection: the client fails it (ConnectionLost) and polls again, as ``Worker._poll`` does.
+    The orphaned fetch still waits at the bridge; being the oldest waiter, it takes the next
+    task's hint and claims the task for this worker, and its reply goes nowhere. The new fetch
+    ends with null. Before the fix the client then believed it held nothing and its next fetch
+    said ``fresh``: the bridge skipped the worker's pointer and the task stayed leased to nobody
+    until its lease (here 60 s) ran out. Until the lost fetch's deadline has passed, the client
+    now fetches without ``fresh``, and gets the task at once."""
+    svc = service_id()
+    conn_name = f"hunt-{uuid.uuid4().hex[:8]}"
+    w = Worker(
+        servers.amqp_url(OWNERS[0]) + f"?name={conn_name}",
+        service=svc,
+        worker_id="w1",
+        exchange=names["exchange"],
+        time_to_recover_ms=60_000,
+    )
+    await w.open()
+    try:
+        first = asyncio.create_task(w.fetch(wait_ms=8_000))
+        await wait_for(lambda: _waiters(bridge) == 1, 10.0, what="the first long-poll waiting")
+        await asyncio.to_thread(_close_connection_named, conn_name)
+        with pytest.raises(ConnectionLost):
+            await asyncio.wait_for(first, 10.0)
+
+        # The worker polls again (not ``fresh``: the first fetch got no answer).
+        second = asyncio.create_task(w.fetch(wait_ms=2_000))
+        await wait_for(lambda: _waiters(bridge) == 2, 10.0, what="the orphan and the new long-poll waiting")
+        task_id = await engine.add(svc, {"n": 1})
+        assert await asyncio.wait_for(second, 10.0) is None  # the orphan took the hint
+
+        # The bridge leased the task to this worker; the worker asks for its task.
+        again = await w.fetch()
+        assert again is not None and again.id == task_id, (
+            "the task the bridge leased to this worker (through its orphaned long-poll) is not "
+            "handed back: the null answer of the overlapping fetch made the next one 'fresh'"
+        )
+    finally:
+        await w.close()
+
+
+async def test_a_call_cancelled_while_its_request_is_being_published_leaves_no_reply_future(bridge, engine):
+    """``RpcClient.publish`` registers the reply future in ``_pending`` before it awaits
+    ``exchange.publish``. It took it out again only on AMQP/OS/Runtime errors: a caller cancelled
+    there (``asyncio.wait_for`` around ``engine.add`` under load, a task group torn down) left
+    its future in ``_pending`` for the life of the connection (``call_raw``'s cleanup never
+    runs). Now any way out of the publish takes it out. Here 20 adds of ~900 KB are sent at once
+    on one connection (they queue on the channel's publish lock) and cancelled a moment later."""
+    svc = service_id()
+    value = "x" * 900_000
+    calls = [asyncio.create_task(engine.add(svc, value)) for _ in range(20)]
+    await asyncio.sleep(0)  # let them start publishing
+    await wait_for(lambda: engine._pending, 5.0, interval=0.001, what="a request being published")
+    for c in calls:
+        c.cancel()
+    await asyncio.gather(*calls, return_exceptions=True)
+    # A later request on the same connection is answered normally...
+    assert await engine.add(svc, {"after": True})
+    # ...and nothing is awaited any more: no future should be left behind.
+    assert len(engine._pending) == 0, f"{len(engine._pending)} reply futures of cancelled calls left in _pending"
+
+
+class _CountingWorker(Worker):
+    """A Worker that counts the fetches its loop sends (instrumentation only)."""
+
+    fetches = 0
+
+    async def fetch(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.fetches += 1
+        return await super().fetch(*args, **kwargs)
+
+
+async def test_the_worker_loop_pauses_longer_each_time_its_fetch_gets_no_answer(servers, names):
+    """When every fetch fails fast (the broker refuses the publish: here the exchange does not
+    exist, so it closes the channel; or RabbitMQ is down and connecting is refused), the loop
+    used to open a new connection and send a new request as fast as it could (233-373 fetches in
+    2 s), burning a CPU and hammering the broker. It now pauses poll_interval, doubling each time
+    in a row up to 5 s, and logs a warning."""
+    w = _CountingWorker(
+        servers.amqp_url(OWNERS[0]),
+        service=service_id(),
+        worker_id="w1",
+        exchange=f"{names['exchange']}-nobody",  # no bridge declared it
+        poll_interval=0.2,
+        wait_ms=0,
+    )
+    await w.open()
+    stop = asyncio.Event()
+
+    async def handler(task):  # type: ignore[no-untyped-def]
+        return None
+
+    runner = asyncio.create_task(w.run(handler, stop=stop))
+    try:
+        await asyncio.sleep(2.0)  # a measured interval: how many fetches the loop sends in 2 s
+    finally:
+        stop.set()
+        await asyncio.wait_for(runner, 15.0)
+        await w.close()
+    # poll_interval 0.2 s: about 10 fetches in 2 s would be the loop's own pace.
+    assert w.fetches <= 20, f"{w.fetches} fetches (each on a new connection) in 2 s: the loop does not pause"
+    assert w.fetches >= 2, "the loop gave up instead of trying again"
+
+
+@pytest.mark.parametrize("value", ["[" * 300 + "]" * 300, "NaN", '{"x": Infinity}'])
+async def test_cli_add_of_a_value_the_wire_cannot_carry_is_a_usage_error(bridge_env, value):
+    """``queue-bridge add SERVICE VALUE_JSON``: VALUE_JSON is valid JSON (json.loads reads it) but
+    nested deeper than the 254 levels the client can write. ``RpcClient.publish`` raises
+    ``JsonError`` (a ValueError) when it encodes the body, which ``_with_client`` does not map:
+    the CLI died with a traceback (exit 1) instead of a one-line usage error (exit 2), as the
+    CLI's contract says for bad arguments. ``NaN`` and ``Infinity``, which Python's reader takes,
+    went as null without a word."""
+    from tests.cli import cli
+
+    proc = await cli("add", "svc", value, "--timeout", "5", env=bridge_env)
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr[-600:]
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-600:])
+
+
+async def test_cli_with_an_amqp_url_whose_port_is_not_a_number_is_a_usage_error(bridge_env):
+    """``--amqp-url amqp://h:notaport/``: aio_pika raises ValueError while parsing it, which
+    ``_with_client`` did not catch (only AMQPError, OSError, TimeoutError): a traceback, exit 1,
+    instead of one line (a bad argument: exit 2)."""
+    from tests.cli import cli
+
+    proc = await cli(
+        "add", "svc", "1", "--amqp-url", "amqp://guest:guest@127.0.0.1:notaport/", "--timeout", "5", env=bridge_env
+    )
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr[-600:]
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-600:])
+
+
+async def test_cli_against_an_exchange_nobody_declared_names_the_exchange(bridge_env):
+    """No bridge has declared ``BRIDGE_EXCHANGE`` (a typo, or no bridge ever ran): the broker
+    closes the channel with 404 NOT_FOUND "no exchange ...". The client turned any channel close
+    into ``ConnectionLost`` ("connection to RabbitMQ was lost before the reply; retry the
+    request"), and the CLI printed "RabbitMQ connection failed", naming no exchange. It now
+    raises ``BrokerRefused`` with the broker's words and the exchange's name."""
+    from tests.cli import cli
+
+    proc = await cli("add", "svc", "1", "--timeout", "5", env=bridge_env)
+    assert proc.returncode == 1, proc
+    assert bridge_env["BRIDGE_EXCHANGE"] in proc.stderr, f"the missing exchange is not named: {proc.stderr}"
+
+
+async def test_run_goes_on_when_its_handlers_exception_is_too_large_to_report(make_bridge, engine, workers):
+    """``Worker.run`` gives a task back with ``task.fail({"type", "message": str(exc)})`` when
+    the handler raises, and catches only TransportError/UnavailableError around it. An exception
+    whose message is larger than the bridge accepts for an error (``max_value_bytes``, 1 MiB by
+    default; 100 bytes here), e.g. ``ValueError(f"bad input {task.value}")`` on a large value, is
+    answered ``payload_too_large``: the PayloadTooLargeError escaped ``run``, the worker loop
+    died, and the task stayed leased to it until its lease ran out (then the same happened to
+    the next worker that got it). Now the task is given back with the exception's type alone."""
+    await make_bridge(max_value_bytes=100)
+    svc = service_id()
+    await engine.add(svc, "x" * 80)
+    w = await workers(svc, "runner")
+    w.wait_ms = 1_000
+    stop = asyncio.Event()
+    seen: list[int] = []
+
+    async def handler(task):  # type: ignore[no-untyped-def]
+        seen.append(task.deliveries)
+        if len(seen) == 1:
+            raise ValueError(f"bad input: {task.value} / {task.value}")
+        stop.set()
+        return "ok"
+
+    try:
+        handled = await asyncio.wait_for(w.run(handler, stop=stop), 30.0)
+    except Exception as exc:
+        pytest.fail(f"Worker.run died on the handler's exception: {type(exc).__name__}: {exc}")
+    assert handled == 2 and seen == [1, 2]
