@@ -44,6 +44,7 @@ from bridge.transport import wire
 
 QUEUE_PATH = CONSOLE_API + "/queues/{serviceId}"
 JSON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+LIMIT_PATTERN = re.compile(r"[0-9]{1,6}")
 READ_ONLY = "the console is read-only here (BRIDGE_CONSOLE_WRITE=false); redrive and discard are off"
 
 
@@ -139,7 +140,8 @@ class Console:
         body: dict[str, Any] = {"serviceId": request.match_info["serviceId"]}
         limit = request.query.get("limit")
         if limit is not None:
-            if not limit.isdigit() or len(limit) > 6:
+            # ASCII digits only: str.isdigit() accepts "²", which int() then refuses.
+            if not LIMIT_PATTERN.fullmatch(limit):
                 raise BadRequest("limit must be a number from 1 to 1000")
             body["limit"] = int(limit)
         req = parse(ParkedRequest, body)

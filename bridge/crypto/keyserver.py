@@ -74,6 +74,21 @@ def _segment(value: str) -> str:
     return quoted
 
 
+def _path(owner: str, key_id: str | None) -> str:
+    """``{owner}/keys/{key_id}``, percent-encoded; ``UnknownOwner``/``UnknownKey`` for a name with no
+    UTF-8 form (lone surrogates: undecodable bytes, surrogate-escaped), which no key server can know
+    (``quote`` would raise ``UnicodeEncodeError``)."""
+    try:
+        owner_part = _segment(owner)
+    except UnicodeEncodeError:
+        raise UnknownOwner(f"owner {owner!r} is not valid Unicode text") from None
+    try:
+        key_part = _CURRENT if key_id is None else _segment(key_id)
+    except UnicodeEncodeError:
+        raise UnknownKey(f"owner {owner!r} has no key {key_id!r} (not valid Unicode text)") from None
+    return f"{owner_part}/keys/{key_part}"
+
+
 class HttpKeyProvider:
     """Key provider speaking the HTTP protocol described in this module's docstring.
 
@@ -146,11 +161,12 @@ class HttpKeyProvider:
     async def _fetch(self, owner: str, key_id: str | None) -> OwnerKey:
         if not owner:
             raise UnknownOwner("empty owner name")
+        path = _path(owner, key_id)  # before the backoff: a name no server can know is the caller's fault
         wait = self._retry_at - self._clock()
         if wait > 0:
             raise KeyUnavailable(f"key server failing: not asked again for {wait:.1f}s")
         try:
-            key = await self._ask(owner, key_id)
+            key = await self._ask(owner, key_id, path)
         except KeyUnavailable:
             self._failures += 1
             base, cap = self._backoff
@@ -164,12 +180,9 @@ class HttpKeyProvider:
         self._failures = 0
         return key
 
-    async def _ask(self, owner: str, key_id: str | None) -> OwnerKey:
+    async def _ask(self, owner: str, key_id: str | None, path: str) -> OwnerKey:
         what = f"owner {owner!r} " + ("current key" if key_id is None else f"key {key_id!r}")
-        url = URL(
-            f"{self._base}/owners/{_segment(owner)}/keys/{_CURRENT if key_id is None else _segment(key_id)}",
-            encoded=True,
-        )
+        url = URL(f"{self._base}/owners/{path}", encoded=True)
         status, body = await self._get(url, what)
         if status == 200:
             return self._parse_key(owner, key_id, body, what)
@@ -189,10 +202,14 @@ class HttpKeyProvider:
         for attempt in (1, 2):
             try:
                 async with session.get(url, allow_redirects=False) as resp:
-                    body = await resp.content.read(MAX_RESPONSE_BYTES + 1)
-                    if len(body) > MAX_RESPONSE_BYTES:
-                        raise KeyUnavailable(f"key server response for {what} exceeds {MAX_RESPONSE_BYTES} bytes")
-                    return resp.status, body
+                    # read(n) returns what is buffered, up to n bytes, not n bytes: an answer that
+                    # arrives in pieces (chunked, through a proxy) is read to its end, still bounded.
+                    body = bytearray()
+                    while chunk := await resp.content.read(MAX_RESPONSE_BYTES + 1 - len(body)):
+                        body += chunk
+                        if len(body) > MAX_RESPONSE_BYTES:
+                            raise KeyUnavailable(f"key server response for {what} exceeds {MAX_RESPONSE_BYTES} bytes")
+                    return resp.status, bytes(body)
             except TimeoutError as exc:
                 raise KeyUnavailable(f"key server timed out after {self._timeout}s fetching {what}") from exc
             except aiohttp.ClientConnectionError as exc:

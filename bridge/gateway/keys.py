@@ -129,8 +129,10 @@ class KeyFile:
         self._stamp: tuple[int, int, int] | None = None
         self._checked = monotonic()
         try:
-            self._keys = read_keys_file(path)
+            # The stamp before the read (as refresh() does): a change made while the file is read
+            # then differs from it and is read at the next look, not missed until the next change.
             self._stamp = self._stat()
+            self._keys = read_keys_file(path)
         except (ValueError, OSError) as exc:
             raise ConfigError(f"BRIDGE_GATEWAY_KEYS_FILE: {exc}") from None
 

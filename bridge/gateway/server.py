@@ -10,7 +10,8 @@ Each request is parsed with the same pydantic models as on AMQP, run against the
   owner with ``X-Owner``; any other key only its own owner (else 403).
 - Bodies: ``application/json`` (415 otherwise), at most ``BRIDGE_MAX_VALUE_BYTES`` + 64 KiB: a
   larger one is refused with 413 from its ``Content-Length`` before it is read, or as soon as the
-  bytes read pass the limit. An empty body is ``{}``.
+  bytes read pass the limit. An empty body is ``{}``; one not received whole is 400.
+  ``GET /api/queue/stats`` reads no body.
 - The AMQP headers have HTTP twins: ``X-Owner`` (``x-owner``), ``Idempotency-Key`` on add (the
   AMQP ``message_id``), ``traceparent`` (kept with the task; fetch answers a child of it).
 - Requests are observed as the AMQP ones are (``queue_bridge_requests_total{method,outcome}``).
@@ -18,6 +19,7 @@ Each request is parsed with the same pydantic models as on AMQP, run against the
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -26,6 +28,7 @@ from typing import Any
 
 import structlog
 from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from bridge.config import Settings
 from bridge.console import CONSOLE_PATH
@@ -209,7 +212,9 @@ class GatewayServer:
     async def _serve(self, request: web.Request, ep: Endpoint) -> web.Response:
         received_ms = self.queue.clock.now_ms()
         owner = self._owner(request[KEY], request.headers.get("X-Owner"))
-        body = await self._read_json(request)
+        # GET /api/queue/stats takes no body (its OpenAPI operation has none, nor 413/415): one
+        # sent anyway is not read, so it can neither narrow the result nor be refused.
+        body = {} if ep is STATS_ALL else await self._read_json(request)
         service = request.match_info.get("serviceId")
         if service is not None:
             if not isinstance(body, dict):
@@ -250,8 +255,8 @@ class GatewayServer:
         """The owner the request acts for: the key's, or (trusted keys only) the one X-Owner names."""
         if named is None:
             return key.owner
-        if not OWNER_PATTERN.fullmatch(named):
-            raise BadRequest("the X-Owner header must be 1 to 255 printable characters")
+        if not OWNER_PATTERN.fullmatch(named) or not _is_utf8(named):
+            raise BadRequest("the X-Owner header must be 1 to 255 printable characters (UTF-8)")
         if key.trusted:
             return named
         if named != key.owner:
@@ -268,10 +273,15 @@ class GatewayServer:
         if not _is_json(request.content_type):
             raise UnsupportedMediaType(f"send the body as application/json, not {request.content_type}")
         data = bytearray()
-        while chunk := await request.content.read(CHUNK):
-            data += chunk
-            if len(data) > self.limit:
-                raise PayloadTooLarge(f"the body is more than {self.limit} bytes, the limit")
+        try:
+            while chunk := await request.content.read(CHUNK):
+                data += chunk
+                if len(data) > self.limit:
+                    raise PayloadTooLarge(f"the body is more than {self.limit} bytes, the limit")
+        except (ConnectionResetError, asyncio.IncompleteReadError, HttpProcessingError):
+            # The client went away mid-body, or sent a malformed (chunked) body: its fault, not a
+            # bug of the bridge (not counted as internal, not logged as an error).
+            raise BadRequest("the body was not received completely") from None
         if not data:
             return {}
         try:
@@ -284,6 +294,16 @@ def _is_json(content_type: str) -> bool:
     return content_type == "application/json" or (
         content_type.startswith("application/") and content_type.endswith("+json")
     )
+
+
+def _is_utf8(value: str) -> bool:
+    """False for a header that was not UTF-8: aiohttp surrogate-escapes its bytes, which pass
+    OWNER_PATTERN but have no UTF-8 form (the key server's URL cannot be made of them)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _idempotency_key(request: web.Request) -> str | None:

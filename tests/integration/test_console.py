@@ -204,6 +204,13 @@ async def test_services_task_history_and_parked_list_read_only_by_default(start_
         assert (await c.console(f"/queues/{svc}/parked?limit={limit}")).status == 400, limit
 
 
+async def test_a_parked_limit_in_digits_other_than_ascii_is_a_bad_request(start_console):
+    """The limit was checked with str.isdigit(), true for "²", which int() then refused: a 500."""
+    c = await start_console()
+    reply = await c.console(f"/queues/{service_id()}/parked?limit=%C2%B2")  # "²"
+    assert reply.status == 400 and reply.body["error"]["code"] == "bad_request", (reply.status, reply.body)
+
+
 async def test_an_owner_sees_only_its_own_and_x_owner_is_for_trusted_keys(start_console):
     c = await start_console()
     svc = service_id()

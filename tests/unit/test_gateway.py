@@ -31,6 +31,7 @@ from bridge.domain.models import AddCommand, Delivery
 from bridge.domain.stats import ServiceStats
 from bridge.domain.timeline import ms_of
 from bridge.errors import BridgeError, ErrorCode
+from bridge.gateway import keys as gateway_keys
 from bridge.gateway import replies
 from bridge.gateway.endpoints import ENDPOINTS, STATS_ALL_PATH
 from bridge.gateway.errors import STATUS, Unauthenticated
@@ -133,6 +134,30 @@ def test_the_keys_file_is_reread_when_it_changes(keyfile) -> None:
     path.unlink()
     clock.now += 1.5
     assert keys_file.authenticate(f"Bearer {added}").owner == "owner-n"
+
+
+def test_a_keys_file_changed_while_it_is_read_at_start_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KeyFile read the file, then took its stamp: a change made in between (a key revoked as the
+    bridge starts) carried that stamp and was never read, the revoked key accepted until the next."""
+    revoked, entry_revoked = new_key("owner-r", key_id="revoked")
+    kept, entry_kept = new_key("owner-k", key_id="kept")
+    path = tmp_path / "keys.json"
+    write_keys(path, [entry_revoked, entry_kept])
+    real = gateway_keys.read_keys_file
+
+    def read_then_revoke(p: Path) -> Any:
+        keys = real(p)
+        write_keys(path, [entry_kept])  # the operator revokes "revoked" just as the bridge starts
+        return keys
+
+    monkeypatch.setattr(gateway_keys, "read_keys_file", read_then_revoke)
+    keys_file = KeyFile(path, recheck_s=0.0)  # every request looks at the file
+    monkeypatch.setattr(gateway_keys, "read_keys_file", real)
+    assert keys_file.authenticate(f"Bearer {kept}").id == "kept"
+    with pytest.raises(Unauthenticated):
+        keys_file.authenticate(f"Bearer {revoked}")
 
 
 @pytest.mark.parametrize(

@@ -122,6 +122,18 @@ async def test_owner_and_key_id_are_url_quoted(server: KeyServer, provider: Http
     assert "/owners/%2E%2E/keys/current" in server.paths
 
 
+async def test_a_name_that_is_not_unicode_text_is_unknown_and_never_requested(
+    server: KeyServer, provider: HttpKeyProvider
+) -> None:
+    """A lone surrogate (undecodable bytes, surrogate-escaped) made quote() raise UnicodeEncodeError."""
+    server.add_owner("acme")
+    with pytest.raises(UnknownOwner):
+        await provider.current_key("caf\udcff")
+    with pytest.raises(UnknownKey):
+        await provider.key_by_id("acme", "k\udcff")
+    assert server.requests == 0
+
+
 async def test_503_is_key_unavailable(server: KeyServer, provider: HttpKeyProvider, clock: FakeClock) -> None:
     server.add_owner("acme")
     server.fail = True
