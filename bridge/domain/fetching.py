@@ -228,7 +228,7 @@ class Fetcher:
                 await self._rearm(q, entry, cur.lease_until_ms or now, now)
             self.ctx.metrics.inc("claim_conflicts")
             return None, stamp
-        if not recovered or entry.redriven:  # a re-claim keeps it in flight (bridge.domain.counting)
+        if not recovered or await self._was_redriven(q, entry):  # a re-claim stays in flight (counting)
             self.ctx.count(q, ms_of(task_id), ready=-1, in_flight=1)
         await self._refile_if_slow(q, entry, epoch, now, until)
         # A short lease: this bridge takes it back itself the moment it may (deadline + margin),
@@ -242,6 +242,16 @@ class Fetcher:
         self.ctx.metrics.inc("tasks_delivered" if not recovered or epoch == 1 else "tasks_redelivered", kind="claim")
         log.debug("task claimed", extra={"task_id": str(task_id), "epoch": epoch, "lease_ms": ttr})
         return await self._deliver(q, worker, task_id, epoch, until, payload, stamp=stamp, carried=carried), stamp
+
+    async def _was_redriven(self, q: QueueKey, entry: ReadyEntry) -> bool:
+        """Whether the recovered entry we just claimed was a redriven lease nobody had claimed since
+        (counted ready, not in flight). A hint says so; an entry found by a scan (hints off, or
+        reconciliation) does not, so the lease is read: a claim keeps the lease's base epoch, which
+        redrive set to the epoch it put back."""
+        if entry.redriven is not None:
+            return entry.redriven
+        lease = (await self.ctx.store.leases_of(q, [entry.task_id])).get(entry.task_id)  # without its error
+        return lease is not None and lease.base_epoch == entry.epoch
 
     def _outlived(self, carried: Payload, now: int) -> bool:
         """The task's stored rows are gone (or about to go): its carried copy is not handed out.

@@ -240,6 +240,12 @@ class Lifecycle:
         if not res.applied:
             if intent is not None:
                 await self.store.mark_published(intent)  # void: this park did not happen
+            current = res.current
+            if current is None or current.state is not LeaseState.PARKED:
+                # Refused (a late ack completed it, it was re-claimed or cancelled): the row written
+                # ahead would count a parked task that is not one (stats) and take a slot of the
+                # listing. Taken back only while it is this park's (a later park keeps its own).
+                await self.store.remove_parked(q, task_id, epoch=epoch)
             return False
         ctx.count(q, ms_of(task_id), in_flight=-1)
         ctx.metrics.inc("tasks_parked", reason=reason)

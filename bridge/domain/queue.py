@@ -276,7 +276,7 @@ class WorkQueue:
         """Live counts of one service queue of the owner, or of all of them (up to 1,000)."""
         ctx = self.ctx
         await ctx.keys.current(owner)
-        services = [service] if service is not None else (await ctx.store.services(owner))[:MAX_STATS_SERVICES]
+        services = [service] if service is not None else await ctx.store.services(owner, MAX_STATS_SERVICES)
         now = ctx.clock.now_ms()
         ttl = ctx.limits.task_ttl_ms or DAY_MS * 7
         margin = ctx.limits.skew_margin_ms

@@ -43,9 +43,10 @@ class ReadyEntry:
     epoch: int | None  # recovered lane: the epoch of the expired lease
     has_token: bool
     claimed: bool  # a hint that someone claimed it; the lease decides
-    # Recovered lane, from a hint: the lease was redriven and nobody claimed it since (its claim
-    # moves the task from ready to in flight in the queue counts, ``bridge.domain.counting``).
-    redriven: bool = False
+    # Recovered lane: the lease was redriven and nobody claimed it since (its claim moves the task
+    # from ready to in flight in the queue counts, ``bridge.domain.counting``). A hint says which;
+    # an entry read from the index cannot (None), and its claim reads the lease to know.
+    redriven: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -187,9 +187,14 @@ async def service_stats(store: TaskStore, q: QueueKey, now_ms: int, ttl_ms: int,
     """The queue's counts from its counters (``bridge.domain.counting``), its parked index, and the
     first few entries after each lane's cursor (for the oldest ready task): a handful of reads,
     whatever the queue's length."""
+    # The delayed minutes are read from the same day as the day counts: a delayed task's add is
+    # +1 under its due minute and its claim (or cancel, purge) -1 ready under its due day. Read
+    # from the minute a TTL ago, the +1 left the window up to a day before the -1, and every
+    # delayed task handled hid a ready task for that long.
+    first_day = (now_ms - ttl_ms) // DAY_MS
     (ready, in_flight), by_minute, parked = await asyncio.gather(
-        store.counts(q, (now_ms - ttl_ms) // DAY_MS),
-        store.delayed(q, (now_ms - ttl_ms) // MINUTE_MS),
+        store.counts(q, first_day),
+        store.delayed(q, first_day * DAY_MS // MINUTE_MS),
         store.parked(q, PARKED_COUNT_MAX),
     )
     # A delayed task is ready once its due minute has passed (to the minute).

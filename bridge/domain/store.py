@@ -189,7 +189,8 @@ class TaskStore(Protocol):
         """Index a parked task (written before the park, so none is ever missing; stale rows are
         filtered out by their lease)."""
 
-    async def remove_parked(self, q: QueueKey, task_id: uuid.UUID) -> None: ...
+    async def remove_parked(self, q: QueueKey, task_id: uuid.UUID, *, epoch: int | None = None) -> None:
+        """Remove a task's parked-index row; with ``epoch``, only if the row is that park's."""
 
     async def parked(self, q: QueueKey, limit: int) -> list[ParkedEntry]: ...
 
@@ -208,7 +209,8 @@ class TaskStore(Protocol):
     async def register_service(self, q: QueueKey) -> None:
         """Record that the owner has this service queue (stats lists them)."""
 
-    async def services(self, owner: str) -> list[str]: ...
+    async def services(self, owner: str, limit: int) -> list[str]:
+        """The owner's first ``limit`` service queues (in the store's order)."""
 
     async def queues(self, limit: int) -> list[QueueKey]:
         """Every registered queue of every owner, up to ``limit`` (the fleet's gauges)."""

@@ -378,9 +378,11 @@ class MemoryTaskStore:
         await self._io()
         self.parked_rows.setdefault(q, {})[entry.task_id] = entry
 
-    async def remove_parked(self, q: QueueKey, task_id: uuid.UUID) -> None:
+    async def remove_parked(self, q: QueueKey, task_id: uuid.UUID, *, epoch: int | None = None) -> None:
         await self._io()
-        self.parked_rows.get(q, {}).pop(task_id, None)
+        rows = self.parked_rows.get(q, {})
+        if task_id in rows and (epoch is None or rows[task_id].epoch == epoch):
+            del rows[task_id]
 
     async def parked(self, q: QueueKey, limit: int) -> list[ParkedEntry]:
         await self._io()
@@ -409,9 +411,9 @@ class MemoryTaskStore:
         await self._io()
         self.service_rows.add(q)
 
-    async def services(self, owner: str) -> list[str]:
+    async def services(self, owner: str, limit: int) -> list[str]:
         await self._io()
-        return sorted(q.service for q in self.service_rows if q.owner == owner)
+        return sorted(q.service for q in self.service_rows if q.owner == owner)[:limit]
 
     async def queues(self, limit: int) -> list[QueueKey]:
         await self._io()

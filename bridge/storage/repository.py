@@ -398,8 +398,11 @@ class CassandraTaskStore:
         params = (q.owner, q.service, e.task_id, e.epoch, to_datetime(e.parked_at_ms), e.reason, e.has_token)
         await self.db.execute("parked.insert", (*params, self.ttl_for(e.task_id)))
 
-    async def remove_parked(self, q: QueueKey, task_id: uuid.UUID) -> None:
-        await self.db.execute("parked.delete", (q.owner, q.service, task_id))
+    async def remove_parked(self, q: QueueKey, task_id: uuid.UUID, *, epoch: int | None = None) -> None:
+        if epoch is None:
+            await self.db.execute("parked.delete", (q.owner, q.service, task_id))
+        else:
+            await self.db.execute("parked.delete_if_epoch", (q.owner, q.service, task_id, epoch))
 
     async def parked(self, q: QueueKey, limit: int) -> list[ParkedEntry]:
         rows = await self.db.execute("parked.list", (q.owner, q.service, limit))
@@ -423,8 +426,8 @@ class CassandraTaskStore:
     async def register_service(self, q: QueueKey) -> None:
         await self.db.execute("services.insert", (q.owner, q.service, self.task_ttl_s))
 
-    async def services(self, owner: str) -> list[str]:
-        rows = await self.db.execute("services.of", (owner,), fetch_size=5000)
+    async def services(self, owner: str, limit: int) -> list[str]:
+        rows = await self.db.execute("services.of", (owner, limit), fetch_size=5000)
         return [r["service"] for r in rows]
 
     async def queues(self, limit: int) -> list[QueueKey]:

@@ -162,6 +162,11 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         True,
     ),
     "parked.delete": ("DELETE FROM {ks}.parked WHERE owner = ? AND service = ? AND task_id = ?", True),
+    # A park whose compare-and-set was refused takes back its own row, not a later park's.
+    "parked.delete_if_epoch": (
+        "DELETE FROM {ks}.parked WHERE owner = ? AND service = ? AND task_id = ? IF epoch = ?",
+        False,
+    ),
     "parked.list": (
         "SELECT task_id, epoch, parked_at, reason, has_token FROM {ks}.parked WHERE owner = ? AND service = ? LIMIT ?",
         True,
@@ -186,7 +191,7 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         True,
     ),
     "services.insert": ("INSERT INTO {ks}.services (owner, service) VALUES (?, ?) USING TTL ?", True),
-    "services.of": ("SELECT service FROM {ks}.services WHERE owner = ?", True),
+    "services.of": ("SELECT service FROM {ks}.services WHERE owner = ? LIMIT ?", True),
     "services.all": ("SELECT owner, service FROM {ks}.services LIMIT ?", True),
     # The worker pointer decides what a fetch re-sends and what a legacy ack completes, so it must
     # not be lost to last-write-wins between hosts whose clocks differ: every write carries an

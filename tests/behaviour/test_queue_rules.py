@@ -7,7 +7,7 @@ import pytest
 
 from bridge.domain.errors import PayloadTooLarge, Unavailable
 from bridge.domain.models import AddCommand, parse
-from tests.queue_harness import OWNER, Harness
+from tests.queue_harness import OWNER, TTL_S, Harness
 
 pytestmark = pytest.mark.anyio
 
@@ -245,3 +245,27 @@ async def test_a_task_written_late_behind_the_scan_position_is_still_delivered(h
     await h.store.store_task(QueueKey(OWNER, h.service), late_id, Payload(sealed, None, None, h.clock.now_ms()))
     got = await h.fetch_until("w", step_ms=200, limit_ms=5_000)
     assert got.task_id == str(late_id) and got.value_json == b'"late"'
+
+
+async def test_a_handled_delayed_task_never_hides_a_ready_one_from_the_counts(harness: Harness) -> None:
+    """A delayed task's add is +1 under its due minute (``delayed_counts``), its claim -1 ready under
+    its due day (``queue_counts``). Stats read the minutes from a TTL ago and the days from the day
+    of a TTL ago, so for up to a day after its TTL the +1 was out of the window and the -1 still
+    in it: a ready task added then was counted 0."""
+    from bridge.domain.counting import DAY_MS, QueueCounts
+
+    h = harness
+    counts = QueueCounts()
+    h.queue.ctx.counts = counts
+    # 01:00 of the next day: a TTL and two minutes later is still the same day.
+    now = h.clock.now_ms()
+    h.clock.advance(DAY_MS - now % DAY_MS + 3_600_000)
+    body = {"serviceId": h.service, "value": "later", "delayMs": 300}
+    await h.queue.add(OWNER, parse(AddCommand, body), message_id=None, traceparent=None)
+    got = await h.fetch_until("w")
+    assert await h.ack("w", got)
+    h.clock.advance(TTL_S * 1000 + 120_000)
+    await h.add("ready now")
+    assert await counts.flush(h.store) == 0  # nothing dropped
+    [stats] = await h.queue.stats(OWNER, h.service)
+    assert (stats.ready, stats.in_flight, stats.delayed) == (1, 0, 0)

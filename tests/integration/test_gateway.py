@@ -19,11 +19,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from bridge.client.rpc import results_consumer
 from bridge.gateway.keys import new_key
 from tests.conftest import ENGINE_USER, OWNERS, free_port, service_id, wait_for
 from tests.integration.test_security import flip_stored_value
+from tests.keyserver import KeyServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -87,6 +89,16 @@ class Gateway:
         assert reply.status == 200, (reply.status, reply.body)
         assert reply.headers["Content-Type"].startswith("application/json")
         return dict(reply.body)
+
+
+def raw_exchange(port: int, request: bytes) -> bytes:
+    """Send raw bytes, read the answer until the server closes (requests say Connection: close)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        return data
 
 
 @pytest.fixture
@@ -273,6 +285,22 @@ async def test_x_owner_is_for_trusted_keys(gw):
     assert bad.status == 400 and bad.code == "bad_request"
 
 
+async def test_an_x_owner_that_is_not_utf8_is_a_bad_request(start_gateway, gateway_keys):
+    """aiohttp surrogate-escapes a header's undecodable bytes: such an X-Owner passed the owner
+    pattern, then made the key server client's quote() raise UnicodeEncodeError, a 500."""
+    _, keys = gateway_keys
+    async with KeyServer() as ks:
+        for owner in (*OWNERS, ENGINE_USER):
+            ks.add_owner(owner)
+        _, gw = await start_gateway(keyring=None, key_server_url=ks.url)
+        request = (
+            f"GET /api/queue/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {keys['engine']}\r\n"
+        ).encode() + b"X-Owner: caf\xff\xfe\r\nConnection: close\r\n\r\n"
+        answer = await asyncio.to_thread(raw_exchange, gw.port, request)
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
+        assert b'"bad_request"' in answer
+
+
 async def test_an_owner_reaches_only_its_own_queue(gw, engine, workers):
     svc = service_id()
     task_id = await engine.add(svc, {"secret": "of a"})  # AMQP, for OWNERS[0]
@@ -294,6 +322,33 @@ async def test_an_owner_reaches_only_its_own_queue(gw, engine, workers):
 async def test_an_owner_without_an_encryption_key_is_403_unknown_owner(gw):
     reply = await gw.post(service_id(), "tasks", {"value": 1}, key="nobody")
     assert reply.status == 403 and reply.code == "unknown_owner"
+
+
+class ChunkedKeyServer(KeyServer):
+    """The test key server, answering in two HTTP chunks (as a proxy or a streaming server may)."""
+
+    async def _handle_key(self, request: web.Request) -> web.StreamResponse:
+        whole = await super()._handle_key(request)
+        body = whole.body
+        assert isinstance(body, bytes)
+        resp = web.StreamResponse(status=whole.status, headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        await resp.write(body[: len(body) // 2])
+        await asyncio.sleep(0.05)  # the two halves arrive apart: provokes the defect, hides no race
+        await resp.write(body[len(body) // 2 :])
+        await resp.write_eof()
+        return resp
+
+
+async def test_a_key_server_answer_in_two_pieces_is_read_whole(start_gateway):
+    """The key server client read its answer with one read(n), which returns what is buffered: an
+    answer in two pieces was cut, "not JSON", and every request of the owner a 503."""
+    async with ChunkedKeyServer() as ks:
+        for owner in (*OWNERS, ENGINE_USER):
+            ks.add_owner(owner)
+        _, gw = await start_gateway(keyring=None, key_server_url=ks.url)
+        reply = await gw.post(service_id(), "tasks", {"value": "sealed with the key server's key"})
+        assert reply.status == 200, reply.body
 
 
 # -- bad input --------------------------------------------------------------------------------------
@@ -383,6 +438,22 @@ async def test_http_level_errors(gw):
     assert ok.status == 200
 
 
+async def test_stats_of_every_service_reads_no_body_and_answers_only_documented_statuses(gw):
+    """GET /api/queue/stats parsed a body as the POSTs do: it answered 415 or 413, which its
+    OpenAPI operation does not list, and a body's serviceId narrowed the result to one service."""
+    doc = (await gw.request("GET", "/openapi.json", key=None)).body
+    documented = set(doc["paths"]["/api/queue/stats"]["get"]["responses"])
+    reply = await gw.request("GET", "/api/queue/stats", raw=b"hello", content_type="text/plain")
+    assert str(reply.status) in documented, (reply.status, sorted(documented), reply.body)
+    assert reply.status == 200, reply.body
+    one, other = service_id(), service_id()
+    for svc in (one, other):
+        await gw.ok(svc, "tasks", {"value": 1})
+    reply = await gw.request("GET", "/api/queue/stats", {"serviceId": one})
+    assert reply.status == 200, reply.body
+    assert {one, other} <= {s["serviceId"] for s in reply.body["result"]["services"]}
+
+
 async def test_an_oversized_body_is_refused_before_it_is_read(gw):
     """Content-Length over the limit: 413 at once, with none of the body sent."""
     svc = service_id()
@@ -419,6 +490,54 @@ async def test_an_oversized_body_is_refused_before_it_is_read(gw):
     async with gw.session.post(f"{gw.base}/api/queue/{svc}/tasks", data=chunks(), headers=headers) as resp:
         assert resp.status == 413
         assert (await resp.json())["error"]["code"] == "payload_too_large"
+
+
+@pytest.mark.parametrize(
+    ("tail", "then"),
+    [
+        # The client stops sending and closes the connection.
+        pytest.param(b'Content-Length: 1000\r\n\r\n{"value": "abc', b"", id="disconnect-mid-body"),
+        # A broken chunk size: aiohttp answers 400 itself and drops the connection under the handler.
+        pytest.param(b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"val\r\n', b"zz\r\nue\r\n", id="malformed-chunked-body"),
+    ],
+)
+async def test_a_body_the_client_never_finishes_is_a_bad_request_not_an_internal_error(
+    start_gateway, gateway_keys, tail, then
+):
+    """The read's ConnectionResetError (or aiohttp's error for a malformed chunked body) was
+    counted as requests_total{outcome=internal} and logged at ERROR with a traceback, as a bug."""
+    _, keys = gateway_keys
+    bridge, gw = await start_gateway()
+
+    def observed(outcome: str | None = None) -> float:
+        total = 0.0
+        for family in bridge.metrics.requests.collect():
+            for s in family.samples:
+                add = s.name.endswith("_total") and s.labels["method"] == "add"
+                if add and (outcome is None or s.labels["outcome"] == outcome):
+                    total += s.value
+        return total
+
+    head = (
+        f"POST /api/queue/{service_id()}/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {keys['a']}\r\nContent-Type: application/json\r\n"
+    ).encode()
+    _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(head + tail)
+    await writer.drain()
+
+    def reading() -> bool:  # the gateway's handler is waiting for the rest of the body
+        server = bridge.gateway._runner.server
+        return any(getattr(h, "_current_request", None) is not None for h in server.connections)
+
+    await wait_for(reading, 10, what="the request being read")
+    if then:
+        writer.write(then)
+        await writer.drain()
+    writer.close()
+    await wait_for(lambda: observed() >= 1, 10, what="the request observed")
+    assert observed("internal") == 0, "a client's broken upload counted as requests_total{outcome=internal}"
+    assert observed("bad_request") == 1
 
 
 async def test_tampered_data_is_422_integrity_error(gw, cql, servers):
@@ -507,3 +626,37 @@ async def test_gateway_requests_are_counted_like_amqp_ones(start_gateway):
         return value or 0.0
 
     assert count("ok") >= 1 and count("bad_request") >= 1
+
+
+async def test_stats_of_every_service_reads_at_most_the_services_it_answers(start_gateway, cql, servers, monkeypatch):
+    """``GET /api/queue/stats`` answers at most 1,000 services, but read every service row of the
+    owner first (``services.of`` had no LIMIT), and the console polls it every 2 s. The read now
+    asks Cassandra for at most what the reply can hold."""
+    from cassandra.concurrent import execute_concurrent_with_args
+
+    bridge, gw = await start_gateway()
+    owner = OWNERS[1]  # key "b"
+    insert = cql.prepare(f"INSERT INTO {servers.keyspace}.services (owner, service) VALUES (?, ?) USING TTL 3600")
+    # Sorted before every other test's services ("svc-..."), and deleted after: other tests look
+    # for their own service in this owner's list of 1,000.
+    execute_concurrent_with_args(cql, insert, [(owner, f"AAmany-{i:05d}") for i in range(2500)], concurrency=100)
+    read: list[int] = []
+    store = bridge.queue.ctx.store
+    real = store.services
+
+    async def services(o: str, limit: int) -> list[str]:
+        rows = await real(o, limit)
+        read.append(len(rows))
+        return rows[:3]  # keep the test fast: only the read's size matters here
+
+    monkeypatch.setattr(store, "services", services)
+    try:
+        reply = await gw.request("GET", "/api/queue/stats", key="b")
+        assert reply.status == 200, reply.body
+        assert read == [1000], read
+    finally:
+        cql.execute(
+            f"DELETE FROM {servers.keyspace}.services "
+            "WHERE owner = %s AND service >= 'AAmany-' AND service < 'AAmany.'",
+            (owner,),
+        )

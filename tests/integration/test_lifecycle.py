@@ -534,3 +534,76 @@ async def test_task_info_shows_state_deliveries_and_times_never_the_value(make_b
     info = await b.queue.task_info(OWNERS[0], svc, uuid.UUID(task_id))
     assert info is not None and info.state == "done" and info.completed_at_ms is not None
     assert await b.queue.task_info(OWNERS[1], svc, uuid.UUID(task_id)) is None, "another owner sees nothing"
+
+
+async def stats_row(engine: Engine, svc: str) -> dict[str, Any]:
+    [row] = (await call(engine, "stats", {"serviceId": svc}))["result"]["services"]
+    return row
+
+
+async def counts_become(engine: Engine, svc: str, want: dict[str, int], timeout: float = 8) -> None:
+    """Wait until stats show ``want`` (the counters are flushed about once a second)."""
+    seen: dict[str, Any] = {}
+
+    async def settled() -> bool:
+        row = await stats_row(engine, svc)
+        seen.update({k: row[k] for k in want})
+        return seen == want
+
+    try:
+        await wait_for(settled, timeout, interval=0.2)
+    except AssertionError:
+        raise AssertionError(f"stats never showed {want}; last seen {seen}") from None
+
+
+async def test_a_redriven_task_claimed_by_a_scan_moves_from_ready_to_in_flight(make_bridge, engine, workers):
+    """Redrive counts the task ready (+1); its claim must move it to in flight. The claim did so
+    only when the entry said ``redriven``, which only a *hint* carries: a claim found by a scan of
+    the ready index (every fetch with BRIDGE_HINTS=false; reconciliation after lost hints) left the
+    task counted ready while a worker held it. Such a claim now reads the lease's base epoch."""
+    await make_bridge(**FAST, hints=False)
+    svc = service_id()
+    reply = await engine.call("add", {"serviceId": svc, "value": "v", "maxDeliveries": 1}, owner=OWNERS[0])
+    task_id = reply["task"]["id"]
+    w = await workers(svc, "w")
+    assert (await fetch_until(w, 5))["task"]["id"] == task_id
+    assert (await call(w, "fail", {"serviceId": svc, "workerId": "w"}))["task"]["parked"] is True
+    await counts_become(engine, svc, {"ready": 0, "inFlight": 0, "parked": 1})
+    assert (await call(engine, "redrive", {"serviceId": svc, "taskIds": [task_id]}))["result"] == {"redriven": 1}
+    await counts_become(engine, svc, {"ready": 1, "inFlight": 0, "parked": 0})
+    again = await fetch_until(w, 5)
+    assert again["task"]["id"] == task_id and again["task"]["epoch"] == 2
+    # A worker holds it: in flight, not ready.
+    await counts_become(engine, svc, {"ready": 0, "inFlight": 1, "parked": 0})
+
+
+async def test_a_park_refused_by_a_late_ack_leaves_no_parked_count(make_bridge, engine, workers, monkeypatch):
+    """A park writes its parked-index row *before* its compare-and-set. When the compare-and-set
+    is refused (here: the worker's late ack, which the contract allows, completes the task between
+    the scheduler's lease read and its park), the index row stayed until the task's TTL: ``stats``
+    showed a parked task that does not exist. The refused park now takes its row back."""
+
+    b = await make_bridge(**FAST)
+    store = b.queue.ctx.store
+    real = store.add_parked
+    reached, go = asyncio.Event(), asyncio.Event()
+
+    async def add_parked(*args: Any, **kwargs: Any) -> None:
+        reached.set()
+        await asyncio.wait_for(go.wait(), 10)  # the interleaving: the ack lands in between
+        await real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "add_parked", add_parked)
+    svc = service_id()
+    reply = await engine.call("add", {"serviceId": svc, "value": "v", "maxDeliveries": 1}, owner=OWNERS[0])
+    task_id = reply["task"]["id"]
+    w = await workers(svc, "w")
+    got = await fetch_until(w, 5, ttr=100)
+    assert got["task"]["id"] == task_id
+    await wait_for(reached.is_set, 10, what="the scheduler parking the expired lease")
+    ack = {"serviceId": svc, "workerId": "w", "taskId": task_id, "epoch": 1, "hasToken": False, "result": "late"}
+    assert (await call(w, "ack", ack))["result"] is True, "a late ack completes the task nobody re-claimed"
+    go.set()
+    await wait_for(lambda: not b.queue.ctx.background._tasks, 5)
+    assert (await call(engine, "parked", {"serviceId": svc}))["result"]["tasks"] == []
+    await counts_become(engine, svc, {"ready": 0, "inFlight": 0, "parked": 0})
