@@ -9,7 +9,8 @@ backoff while the delivery is held, then requeues: never dead-lettered and never
 The pieces: :mod:`~bridge.transport.topology` (names, declarations),
 :mod:`~bridge.transport.envelope` (reading requests), :mod:`~bridge.transport.handlers` (add,
 fetch, ack), :mod:`~bridge.transport.timing` (one timing wrapper), :mod:`~bridge.transport.replies`
-and :mod:`~bridge.transport.results` (publishing).
+and :mod:`~bridge.transport.results` (publishing), :mod:`~bridge.transport.tolerant_decoding`
+(decoding any content header a client sends).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from aiormq.abc import DeliveredMessage
 
 from bridge.config import Settings
 from bridge.domain.queue import WorkQueue
+from bridge.transport import tolerant_decoding
 from bridge.transport.duty import Duty
 from bridge.transport.handlers import ADD_RETRY_BUDGET_S, RequestHandlers
 from bridge.transport.hints import AmqpHints
@@ -113,6 +115,9 @@ class AmqpTransport:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
+        # Before the first frame is read: a content header pamqp cannot decode would otherwise
+        # close the whole connection, for ever (the request is redelivered at every reconnection).
+        tolerant_decoding.install()
         self.connection = await aio_pika.connect_robust(
             self.settings.amqp_url.get_secret_value(), client_properties={"connection_name": "queue-bridge"}
         )

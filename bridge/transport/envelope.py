@@ -11,7 +11,7 @@ from bridge.domain import jsonvalue
 from bridge.domain.errors import BadRequest, PayloadTooLarge, Unauthorized
 from bridge.errors import BridgeError
 from bridge.transport import wire
-from bridge.transport.replies import BadReplyTo, reply_node
+from bridge.transport.replies import DIRECT_REPLY_PREFIX, BadReplyTo, reply_node
 from bridge.transport.request import RequestMessage
 from bridge.transport.wire import iso
 
@@ -23,18 +23,24 @@ __all__ = [
     "AddKey",
     "Identity",
     "check_reply_to",
+    "check_text",
     "deadline_of",
     "idempotency_of",
     "iso",  # moved to bridge.transport.wire, still importable from here
     "read_body",
     "reply_body",
     "sent_before_ms",
+    "usable_reply_to",
 ]
 
 DEADLINE_HEADER = "x-deadline"
 IDEMPOTENCY_HEADER = "x-idempotency-key"
 IDEMPOTENCY_PATTERN = re.compile(r"[^\x00-\x1f\x7f]{0,255}")
 OWNER_PATTERN = re.compile(r"[^\x00-\x1f\x7f]{1,255}")
+#: A queue the broker named (``queue.declare`` with an empty name). No client can declare a queue
+#: whose name starts with ``amq.`` (403 ACCESS_REFUSED), so such a name is never one of the
+#: bridge's queues nor any queue an operator named; only its declarer knows it (128 random bits).
+SERVER_NAMED_QUEUE = re.compile(r"amq\.gen-[A-Za-z0-9_+/=-]{1,247}")
 #: A request body may be this much larger than BRIDGE_MAX_VALUE_BYTES (the rest of the request).
 ENVELOPE_ALLOWANCE = 65_536
 
@@ -58,7 +64,9 @@ class Identity:
 
     @staticmethod
     def _named_owner(header: Any) -> str | None:
-        """The x-owner header, checked like any other caller input (any user can send it)."""
+        """The x-owner header, checked like any other caller input (any user can send it). Empty
+        is the same as absent (docs/asyncapi.yaml, Owners: a trusted user acts for the x-owner
+        "if present and non-empty, else the user-id")."""
         if header is None:
             return None
         if isinstance(header, bytes):
@@ -68,6 +76,8 @@ class Identity:
                 raise BadRequest("the x-owner header is not valid UTF-8") from None
         if not isinstance(header, str):
             raise BadRequest("the x-owner header must be a string")
+        if not header:
+            return None
         if not OWNER_PATTERN.fullmatch(header):
             raise BadRequest("the x-owner header must be 1 to 255 printable characters")
         return header
@@ -119,13 +129,67 @@ def idempotency_of(message: RequestMessage) -> AddKey:
     return AddKey(message.message_id, first_copy=not message.redelivered)
 
 
+def _is_text(value: str) -> bool:
+    """False for a string decoded from bytes that are not UTF-8: they come as lone surrogates
+    (:mod:`bridge.transport.tolerant_decoding`)."""
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_text(message: RequestMessage) -> None:
+    """The text of the content header must be UTF-8, as AMQP defines a short string: the
+    properties the bridge reads and the names of the application headers. Anything else is the
+    caller's mistake (``bad_request``), refused before it is used: an owner or an idempotency key
+    made of it could not even be stored, and a header without a name in text is a broken table,
+    not an unknown entry to ignore. (Other properties are never read; a header's value is checked
+    where it is read, as x-owner's is.)"""
+    texts = (
+        ("user-id", message.user_id),
+        ("reply-to", message.reply_to),
+        ("correlation-id", message.correlation_id),
+        ("message-id", message.message_id),
+    )
+    for name, value in texts:
+        if value and not _is_text(value):
+            raise BadRequest(f"the {name} property is not valid UTF-8")
+    if message.headers and not all(isinstance(key, str) and _is_text(key) for key in message.headers):
+        raise BadRequest("the name of an application header is not valid UTF-8")
+
+
+def usable_reply_to(reply_to: str | None) -> bool:
+    """Whether the bridge publishes replies to ``reply_to``: a direct reply-to name (its form is
+    checked further by :func:`check_reply_to`) or a server-named queue, nothing else.
+
+    The bridge publishes its replies through the default exchange, which reaches any queue by
+    name, with its own broker-validated ``user_id``. Any other name would be a queue of the
+    caller's choosing that the caller itself may not write to: the engine's results queue (whose
+    consumers trust the bridge's ``user_id``), the bridge's own request or dead-letter queues, any
+    queue of the vhost. A request naming one is refused (:func:`check_reply_to`) and its error is
+    not published there either."""
+    if not reply_to:
+        return False
+    return reply_to.startswith(DIRECT_REPLY_PREFIX) or SERVER_NAMED_QUEUE.fullmatch(reply_to) is not None
+
+
 def check_reply_to(message: RequestMessage) -> None:
-    """A reply_to the broker could not have made is refused before the request runs (issue 13.3)."""
-    if message.reply_to:
-        try:
-            reply_node(message.reply_to)
-        except BadReplyTo as exc:
-            raise BadRequest(str(exc)) from None
+    """A reply_to the bridge does not publish to (:func:`usable_reply_to`), or a direct reply-to
+    name the broker could not have made (issue 13.3), is refused before the request runs."""
+    reply_to = message.reply_to
+    if not reply_to:
+        return
+    if not usable_reply_to(reply_to):
+        raise BadRequest(
+            "reply_to must be direct reply-to (send amq.rabbitmq.reply-to) or a server-named queue (amq.gen-...)"
+        )
+    try:
+        reply_node(reply_to)
+    except BadReplyTo as exc:
+        raise BadRequest(str(exc)) from None
 
 
 def sent_before_ms(message: RequestMessage) -> int | None:

@@ -56,7 +56,9 @@ Properties = tuple[int, bytes]  # (property flags, the values encoded)
 
 
 def short_string(value: str) -> bytes:
-    raw = value.encode("utf-8")
+    # surrogateescape: a request's correlation-id that is not UTF-8 was decoded to lone surrogates
+    # (bridge.transport.tolerant_decoding); its reply echoes the very bytes the requester sent.
+    raw = value.encode("utf-8", "surrogateescape")
     if len(raw) > 255:
         raise ValueError(f"an AMQP short string is at most 255 bytes, got {len(raw)}")
     return bytes((len(raw),)) + raw

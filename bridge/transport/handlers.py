@@ -27,11 +27,13 @@ from bridge.transport.envelope import (
     AddKey,
     Identity,
     check_reply_to,
+    check_text,
     deadline_of,
     idempotency_of,
     read_body,
     reply_body,
     sent_before_ms,
+    usable_reply_to,
 )
 from bridge.transport.fate import EXPIRED, OK, RETRY_BUDGET_S, Settle, fate_of, settle
 from bridge.transport.replies import ReplyPublisher
@@ -74,9 +76,12 @@ class RequestHandlers:
         body: bytes | None = None,
         headers: dict[str, Any] | None = None,
     ) -> str:
-        """Reply (if the fate says so and there is a body) and settle the delivery by its fate."""
+        """Reply (if the fate says so, there is a body and a reply_to the bridge publishes to) and
+        settle the delivery by its fate."""
         fate = fate_of(outcome, method)
-        if fate.reply and body is not None:
+        # A refused reply_to gets no reply either, not even its bad_request: the refusal is
+        # precisely that the bridge does not write there (envelope.usable_reply_to).
+        if fate.reply and body is not None and usable_reply_to(message.reply_to):
             await self.replies.answer(message, body, is_error=outcome not in (OK, EXPIRED), headers=headers)
         await settle(message, fate)
         return outcome
@@ -112,6 +117,7 @@ class RequestHandlers:
     # -- add ------------------------------------------------------------------------------------
     async def add(self, message: RequestMessage) -> str:
         try:
+            check_text(message)
             check_reply_to(message)
             owner = self.identity.owner_of(message)
             cmd: AddCommand = parse(AddCommand, read_body(message, self.settings.max_value_bytes))
@@ -163,6 +169,7 @@ class RequestHandlers:
         call: Callable[[str, R, RequestMessage], Awaitable[Reply]],
     ) -> str:
         try:
+            check_text(message)
             if not message.reply_to:
                 raise BadRequest(f"{method} is an RPC: set reply_to (and correlation_id)")
             check_reply_to(message)

@@ -278,11 +278,21 @@ class AmqpHints:
         try:
             if waiting.consumer_tag is None:
                 waiting.consumer_tag = "starting"
+                # Named here, not by the broker: a start cut short may have registered its
+                # basic.consume all the same, and only its tag can cancel it.
+                tag = f"hints.{uuid.uuid4().hex}"
                 try:
-                    await asyncio.wait_for(self._start_consuming(waiting), BROKER_CALL_S)
+                    await asyncio.wait_for(self._start_consuming(waiting, tag), BROKER_CALL_S)
                 except Exception as exc:  # the broker is away: answer as if the wait found nothing
                     log.warning("cannot wait for hints (%s)", type(exc).__name__)
                     return None
+                finally:
+                    # Any way out, CancelledError included (wait_for cancels the start when its time
+                    # runs out, and the fetch itself may be cancelled): left "starting", no waiting
+                    # fetch of this queue would start a consumer again for the life of the process.
+                    if waiting.consumer_tag == "starting":
+                        waiting.consumer_tag = None
+                        self._cancel_later(waiting, tag)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(future), timeout=wait_ms / 1000)
             completed = True
@@ -297,18 +307,14 @@ class AmqpHints:
             self._stop_consuming_if_idle(waiting)
         return got
 
-    async def _start_consuming(self, waiting: _Waiting) -> None:
+    async def _start_consuming(self, waiting: _Waiting, tag: str) -> None:
         assert self._consume is not None
         queue = await self._consume.get_queue(waiting.queue.name, ensure=False)
 
         async def delivered(message: AbstractIncomingMessage) -> None:
             await self._delivered(waiting, message)
 
-        try:
-            waiting.consumer_tag = await queue.consume(delivered)
-        except Exception:
-            waiting.consumer_tag = None
-            raise
+        waiting.consumer_tag = await queue.consume(delivered, consumer_tag=tag)
 
     async def _delivered(self, waiting: _Waiting, message: AbstractIncomingMessage) -> None:
         while waiting.waiters:
@@ -325,13 +331,22 @@ class AmqpHints:
         """The last waiter of a queue left: cancel its consumer, off the waiter's path (the fetch
         that got a hint goes on to its claim without waiting for the broker's cancel-ok). A hint
         delivered to the consumer meanwhile finds no waiter and goes back to the queue."""
-        if waiting.waiters or waiting.consumer_tag in (None, "starting"):
+        if waiting.waiters or waiting.consumer_tag == "starting":
             return
         tag, waiting.consumer_tag = waiting.consumer_tag, None
+        # Dropped without a consumer too (its start failed): the next waiting fetch starts afresh.
         self._waiting.pop(waiting.queue.name, None)
+        if tag is not None:
+            self._cancel_later(waiting, tag)
+
+    def _cancel_later(self, waiting: _Waiting, tag: str) -> None:
+        """Cancel a consumer of the queue off the caller's path. A start that was cut short cancels
+        its tag too: the broker may have registered the consumer before the cancellation (it
+        answers cancel-ok for a tag it does not know), and that consumer would hold hints for no
+        waiter. One cut short in its basic.consume call closes its channel instead (aiormq), and
+        the consumer goes with it."""
         if self._closed:
             return  # shutting down: the connection closes with its consumers
-        assert tag is not None
         task = asyncio.get_running_loop().create_task(self._cancel_consumer(waiting, tag))
         self._cancelling.add(task)
         task.add_done_callback(self._cancelling.discard)
@@ -343,6 +358,13 @@ class AmqpHints:
             await asyncio.wait_for(queue.cancel(tag), BROKER_CALL_S)
         except Exception as exc:
             log.debug("hint consumer not cancelled: %s", type(exc).__name__)
+
+    async def discard(self, q: QueueKey) -> int:
+        """``queue.purge``: the ready hints go; those handed to a consumer stay (their fetch claims)."""
+        queue = await self._queue(q)
+        async with asyncio.timeout(BROKER_CALL_S):
+            purged = await queue.purge()
+        return int(getattr(purged, "message_count", 0) or 0)
 
     def close(self) -> None:
         """Shutdown: every waiting fetch is answered now (null)."""

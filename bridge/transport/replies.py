@@ -38,7 +38,13 @@ log = logging.getLogger("bridge.amqp")
 
 DIRECT_REPLY_PREFIX = "amq.rabbitmq.reply-to."
 _DIRECT = re.compile(r"^amq\.rabbitmq\.reply-to\.([A-Za-z0-9+/]+={0,2})\.([A-Za-z0-9+/]*={0,2})$")
-_ATOM_TAGS = {118: 2, 100: 2, 119: 1, 115: 1}  # ATOM_UTF8_EXT, ATOM_EXT, SMALL_ATOM_UTF8_EXT, SMALL_ATOM_EXT
+# A pid as RabbitMQ (3.10-3.13, pid_recomposition:from_binary/1) decodes it, by pattern: any other
+# shape fails there and closes the publishing connection (541), even when its node is a real one.
+# The node atom: ATOM_UTF8_EXT or SMALL_ATOM_UTF8_EXT (length in 2 or 1 bytes), not the latin-1 tags.
+_ATOM_TAGS = {118: 2, 119: 1}
+# Then exactly id and serial (4 bytes each) and creation: 4 bytes in NEW_PID_EXT ('X', which the
+# broker makes), 1 in PID_EXT ('g', Erlang 22).
+_PID_TAILS = {ord("X"): 12, ord("g"): 9}
 MAX_PROVEN_NODES = 256
 MAX_CHECKED_NAMES = 4096  # reply_to names already parsed (a worker keeps its name for its connection)
 NOT_PERSISTENT = 1
@@ -82,15 +88,20 @@ def _parse_node(reply_to: str) -> str:
         base64.b64decode(m.group(2), validate=True)
     except (binascii.Error, ValueError):
         raise BadReplyTo("reply_to is not a direct reply-to name: send amq.rabbitmq.reply-to") from None
-    # External term format: 131, then a pid (NEW_PID_EXT 'X' or PID_EXT 'g') whose first field is its node atom.
-    if len(pid) < 4 or pid[0] != 131 or pid[1] not in (ord("X"), ord("g")) or pid[2] not in _ATOM_TAGS:
+    # External term format: 131, then a pid: its node atom and exactly its numbers. The node alone is
+    # not enough: once a node is proven its replies take the main channel, and a name cut short
+    # after a real node (or with bytes after its pid) would close the main connection.
+    if len(pid) < 4 or pid[0] != 131 or pid[1] not in _PID_TAILS or pid[2] not in _ATOM_TAGS:
         raise BadReplyTo("reply_to is not a direct reply-to name: send amq.rabbitmq.reply-to")
     width = _ATOM_TAGS[pid[2]]
     size = int.from_bytes(pid[3 : 3 + width], "big")
     node = pid[3 + width : 3 + width + size]
-    if len(node) != size or size == 0:
+    if len(node) != size or size == 0 or len(pid) - (3 + width + size) != _PID_TAILS[pid[1]]:
         raise BadReplyTo("reply_to is not a direct reply-to name: send amq.rabbitmq.reply-to")
-    return node.decode("utf-8", "replace")
+    try:
+        return node.decode()  # the broker reads the node as UTF-8 (binary_to_atom/2)
+    except UnicodeDecodeError:
+        raise BadReplyTo("reply_to is not a direct reply-to name: send amq.rabbitmq.reply-to") from None
 
 
 class ReplyPublisher:

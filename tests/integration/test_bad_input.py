@@ -3,12 +3,15 @@ and the bridge keeps serving."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from typing import Any
 
 import orjson
 import pytest
 
-from tests.conftest import service_id
+from bridge.transport import frames
+from tests.conftest import OWNERS, service_id
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -113,6 +116,76 @@ async def test_messages_that_used_to_stall_the_queue_are_answered_and_dead_lette
     await engine.add(svc, "still alive")
     w = await workers(svc)
     assert (await w.fetch()).value == "still alive"
+
+
+# Content-header properties as raw bytes, as any AMQP client can send them (pamqp only encodes
+# well-formed values): property flag -> its encoded value. Values follow each other in flag order.
+_HEADERS, _CORRELATION_ID, _REPLY_TO, _TIMESTAMP, _USER_ID = 0x2000, 0x0400, 0x0200, 0x0040, 0x0010
+UNDECODABLE = {
+    # a correlation-id (shortstr) that is not UTF-8: refused, and echoed as it was sent
+    "correlation-id": ({_CORRELATION_ID: b"\x03\xff\xfe\xfd"}, "bad_request"),
+    # an application header whose name (shortstr) is not UTF-8: refused
+    "header-name": ({_HEADERS: (6).to_bytes(4, "big") + b"\x03\xff\xfe\xfdt\x01"}, "bad_request"),
+    # a timestamp past the year 9999 (datetime cannot hold it): clamped, and a fetch ignores it
+    "timestamp": ({_TIMESTAMP: (2**64 - 1).to_bytes(8, "big")}, None),
+}
+
+
+async def _call_with_raw_properties(
+    url: str, exchange: str, method: str, body: bytes, props: dict[int, bytes]
+) -> tuple[Any, Any]:
+    """Send a request whose content header is ``props`` (plus direct reply-to and user-id) and
+    return the reply's properties and body."""
+    import aiormq
+
+    conn = await aiormq.connect(url)
+    try:
+        ch = await conn.channel()
+        replies: asyncio.Queue[aiormq.abc.DeliveredMessage] = asyncio.Queue()
+        await ch.basic_consume("amq.rabbitmq.reply-to", replies.put, no_ack=True)
+        props = {
+            **props,
+            _REPLY_TO: frames.short_string("amq.rabbitmq.reply-to"),
+            _USER_ID: frames.short_string(OWNERS[0]),
+        }
+        flags = sum(props)
+        values = b"".join(props[flag] for flag in sorted(props, reverse=True))
+        raw = frames.publish(
+            ch.number, method, body, (flags, values), frame_max=conn.connection_tune.frame_max, exchange=exchange
+        )
+        await frames.write(ch, raw)
+        reply = await asyncio.wait_for(replies.get(), 15)
+        return reply.header.properties, orjson.loads(reply.body)
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("undecodable", sorted(UNDECODABLE))
+async def test_a_content_header_the_amqp_library_cannot_decode_is_the_callers_fault_and_the_bridge_keeps_serving(
+    bridge, servers, names, workers, dead_letters, undecodable
+):
+    """pamqp raised on a short string or a header name that is not UTF-8, or a timestamp past the
+    year 9999, in aiormq's frame reader: that closed the bridge's whole connection, and the
+    request, still unacknowledged, was delivered again at every reconnection, for ever."""
+    lost: list[object] = []
+    bridge.transport.connection.close_callbacks.add(lambda *args: lost.append(args))
+    props, code = UNDECODABLE[undecodable]
+    body = orjson.dumps({"serviceId": service_id(), "workerId": "w"})
+    url = servers.amqp_url(OWNERS[0])
+    reply_props, reply = await _call_with_raw_properties(url, names["exchange"], "fetch", body, props)
+    if code is None:
+        assert reply == {"result": None}
+    else:
+        assert reply["error"]["code"] == code and "UTF-8" in reply["error"]["message"], reply
+        assert len(await dead_letters.drain(1)) == 1, "refused: dead-lettered, as any bad input"
+    if undecodable == "correlation-id":
+        echoed = reply_props.correlation_id.encode("utf-8", "surrogateescape")
+        assert echoed == b"\xff\xfe\xfd", "the reply carries the very correlation-id the caller sent"
+    w = await workers(service_id())
+    for _ in range(3):
+        assert await w.fetch() is None
+    assert lost == [], "the bridge's AMQP connection was closed by one request"
+    assert bridge.transport.is_ready()
 
 
 async def test_nested_token_and_result_are_the_callers_fault(bridge, engine, workers):

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from bridge.domain.records import QueueKey
-from bridge.transport.hints import hint_queue_name
-from tests.conftest import OWNERS, fail_next_write_ahead, service_id, wait_for
+from bridge.transport.hints import BROKER_CALL_S, hint_queue_name
+from tests.conftest import OWNERS, consumers_on, fail_next_write_ahead, service_id, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -182,3 +182,78 @@ async def test_a_waiting_fetch_ends_at_its_callers_deadline(bridge, engine, work
     task_id = await engine.add(svc, {"n": 1})
     got = await w.fetch()
     assert got is not None and got.id == task_id
+
+
+async def test_waiting_fetches_still_start_a_hint_consumer_after_one_start_ran_out_of_time(
+    bridge, engine, workers, monkeypatch
+):
+    """When starting a queue's hint consumer took longer than BROKER_CALL_S once, wait_for's
+    CancelledError (not an Exception) left its consumer_tag "starting" for good: no later waiting
+    fetch of that queue started a consumer, and each sat out its whole waitMs while tasks were added."""
+    svc = service_id()
+    w = await workers(svc, "w")
+    consume = bridge.hints._consume
+    real_get_queue = consume.get_queue
+    slow_once = asyncio.Event()
+
+    async def get_queue(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if not slow_once.is_set():
+            slow_once.set()
+            await asyncio.sleep(BROKER_CALL_S + 1)  # the broker (or a reconnection) is slow once
+        return await real_get_queue(*args, **kwargs)
+
+    monkeypatch.setattr(consume, "get_queue", get_queue)
+    assert await w.fetch(wait_ms=4_000) is None  # its wait could not start: answered null
+    assert slow_once.is_set()
+    # The broker is quick again: the next waiting fetch is woken by the next add.
+    waiting = asyncio.create_task(w.fetch(wait_ms=20_000))
+    await wait_for(lambda: any(x.waiters for x in bridge.hints._waiting.values()), 5, what="the fetch waiting")
+    task_id = await engine.add(svc, "wake up")
+    done, _ = await asyncio.wait([waiting], timeout=5)
+    if not done:
+        states = {name: x.consumer_tag for name, x in bridge.hints._waiting.items()}
+        waiting.cancel()
+        pytest.fail(f"the waiting fetch was not woken by the add within 5 s (hint consumers: {states})")
+    got = waiting.result()
+    assert got is not None and got.id == task_id
+    assert await got.ack("ok") is True
+
+
+async def test_a_hint_consumer_the_broker_registered_for_a_start_that_ran_out_of_time_is_cancelled(
+    bridge, servers, workers, monkeypatch
+):
+    """A start cut short after the broker had registered its basic.consume (consume-ok on its way)
+    left that consumer on the hint queue with nobody waiting: it took the queue's hints (prefetch
+    1) and could only put each one back, for the life of the connection."""
+    svc = service_id()
+    w = await workers(svc, "w")
+    ours = hint_queue_name(bridge.settings.queue_prefix, QueueKey(OWNERS[0], svc))
+    consume = bridge.hints._consume
+    real_get_queue = consume.get_queue
+    registered: list[str] = []
+
+    class SlowConsumeOk:
+        """The queue, whose first consume is registered at once but answered too late."""
+
+        def __init__(self, queue) -> None:  # type: ignore[no-untyped-def]
+            self.queue = queue
+
+        async def consume(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            tag = await self.queue.consume(*args, **kwargs)
+            registered.append(tag)
+            await asyncio.sleep(BROKER_CALL_S + 1)
+            return tag
+
+    async def get_queue(*args, **kwargs):  # type: ignore[no-untyped-def]
+        queue = await real_get_queue(*args, **kwargs)
+        return queue if registered else SlowConsumeOk(queue)
+
+    monkeypatch.setattr(consume, "get_queue", get_queue)
+    assert await w.fetch(wait_ms=4_000) is None  # its wait could not start: answered null
+    assert registered, "the broker had the consumer"
+    url = servers.amqp_url("guest")
+
+    async def no_consumer() -> bool:
+        return await consumers_on(url, ours) == 0
+
+    await wait_for(no_consumer, 5, interval=0.2, what="the consumer of the start that ran out of time cancelled")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 
 import pytest
@@ -122,6 +123,22 @@ async def test_only_trusted_users_may_name_another_owner(bridge, servers, names)
         assert await own.add(svc, "own") is not None  # no x-owner: the user is the owner
 
 
+async def test_an_empty_x_owner_is_the_same_as_none(bridge, engine, workers):
+    """docs/asyncapi.yaml, Owners: a trusted user acts for "the x-owner header if present and
+    non-empty, else the user-id". An empty x-owner was refused as bad_request instead (it was
+    checked as an owner name, 1 to 255 characters)."""
+    svc = service_id()
+    reply, _ = await engine.call_raw("add", {"serviceId": svc, "value": 1}, owner="")
+    assert "error" not in reply, f"an empty x-owner from {ENGINE_USER!r} was refused: {reply}"
+    assert reply["result"] is True
+    mine = await workers(svc, user=ENGINE_USER)
+    assert (await mine.fetch()).value == 1, "the task is the engine user's own"
+    # Any other user: the empty x-owner names nobody else, so the user acts for itself.
+    w = await workers(svc)
+    reply, _ = await w.call_raw("fetch", {"serviceId": svc, "workerId": w.worker_id}, owner="")
+    assert reply == {"result": None}, reply
+
+
 async def test_message_without_user_id_is_unauthorized(bridge, servers, names):
     async with Worker(servers.amqp_url(OWNERS[0]), service="s", worker_id="w", exchange=names["exchange"]) as w:
         w.user = None  # type: ignore[assignment]  # publish without the user_id property
@@ -162,7 +179,7 @@ async def test_a_forged_reply_to_cannot_close_the_bridges_connection(bridge, ser
     lost: list[object] = []
     connection.close_callbacks.add(lambda *args: lost.append(args))
     malformed = "amq.rabbitmq.reply-to.a.b"
-    unknown_node = "amq.rabbitmq.reply-to.g1h2AA5yZXh1c0BvbmUAAF0nAAAAAAAA.Z3Vlc3Q="
+    unknown_node = "amq.rabbitmq.reply-to.g1h2AAlyZXh1c0BvbmUAAF0nAAAAAAAAAAA=.Z3Vlc3Q="
     conn = await aio_pika.connect(servers.amqp_url(OWNERS[0]))
     try:
         ch = await conn.channel()
@@ -185,6 +202,115 @@ async def test_a_forged_reply_to_cannot_close_the_bridges_connection(bridge, ser
         await conn.close()
     assert lost == [], "the bridge's AMQP connection was closed"
     assert bridge.transport.is_ready()
+
+
+async def test_a_direct_reply_to_naming_a_real_node_with_a_broken_pid_is_refused_before_it_runs(
+    bridge, servers, names, workers, dead_letters, monkeypatch
+):
+    """Only the node atom at the head of the pid was checked: a name whose node the bridge had
+    already seen accepted (any worker's real one) went to the main reply channel even when the
+    rest of its pid was cut off or overlong, or its node a latin-1 atom, and RabbitMQ closed the
+    bridge's main connection (541), dropping every reply in flight on it."""
+    import base64
+
+    import aio_pika
+    import orjson
+
+    from bridge.transport.replies import DIRECT_REPLY_PREFIX
+
+    w = await workers(service_id())
+    seen: list[str] = []
+    real_publish = bridge.transport.replies.publish
+
+    async def publish(body, fields, reply_to):  # type: ignore[no-untyped-def]
+        seen.append(reply_to)
+        return await real_publish(body, fields, reply_to)
+
+    monkeypatch.setattr(bridge.transport.replies, "publish", publish)
+    assert await w.fetch() is None  # a real worker: its node is proven now
+    assert await w.fetch() is None
+    pid_enc, key = seen[-1][len(DIRECT_REPLY_PREFIX) :].split(".", 1)
+    pid = base64.b64decode(pid_enc)
+    node_end = 5 + int.from_bytes(pid[3:5], "big")
+    # As RabbitMQ 3.10 makes them: NEW_PID_EXT, an ATOM_UTF8_EXT node, id, serial and creation.
+    assert pid[:3] == b"\x83Xv" and len(pid) == node_end + 12
+    broken = {  # each one closes the publishing connection (checked on RabbitMQ 3.10)
+        "the node only": pid[:node_end],
+        "one byte short": pid[:-1],
+        "one byte over": pid + b"\x00",
+        "a latin-1 node atom": b"\x83Xd" + pid[3:],
+    }
+    lost: list[object] = []
+    bridge.transport.connection.close_callbacks.add(lambda *args: lost.append(args))
+    conn = await aio_pika.connect(servers.amqp_url(OWNERS[0]))
+    try:
+        ch = await conn.channel()
+        ex = await ch.get_exchange(names["exchange"], ensure=False)
+        for shape, forged in broken.items():
+            reply_to = f"{DIRECT_REPLY_PREFIX}{base64.b64encode(forged).decode()}.{key}"
+            body = orjson.dumps({"serviceId": service_id(), "workerId": "w"})
+            message = aio_pika.Message(body, reply_to=reply_to, user_id=OWNERS[0], correlation_id=shape)
+            await ex.publish(message, routing_key="fetch")
+    finally:
+        await conn.close()
+    # Refused before they run, as malformed names (dead-lettered: no reply possible) ...
+    dead = await dead_letters.drain(len(broken), timeout=15)
+    assert sorted(m.correlation_id for m in dead) == sorted(broken)
+    # ... and the next replies on the main connection come after their answers were attempted.
+    try:
+        for _ in range(3):
+            assert await w.fetch() is None
+    except Exception as exc:
+        pytest.fail(f"a legitimate fetch failed after the forged reply_to: {exc!r} (connection closed: {bool(lost)})")
+    assert lost == [], "a worker's reply_to closed the bridge's AMQP connection"
+
+
+async def test_replies_go_only_to_direct_reply_to_or_a_server_named_queue(bridge, servers, names, dead_letters):
+    """The bridge replied to any reply_to but a malformed direct reply-to name, through the default
+    exchange and with its own user_id: a worker, which may write neither to amq.default nor to the
+    results exchange, could have it write into the engine's results queue (a confused deputy)."""
+    import aio_pika
+    import orjson
+
+    results_queue = names["queue_prefix"] + ".results"
+    conn = await aio_pika.connect(servers.amqp_url(OWNERS[0]))
+    try:
+        ch = await conn.channel()
+        ex = await ch.get_exchange(names["exchange"], ensure=False)
+        body = orjson.dumps({"serviceId": service_id(), "workerId": "w"})
+        await ex.publish(
+            aio_pika.Message(body, reply_to=results_queue, user_id=OWNERS[0], correlation_id="c"), routing_key="fetch"
+        )
+    finally:
+        await conn.close()
+    dead = await dead_letters.drain(1, timeout=15)
+    assert len(dead) == 1 and dead[0].reply_to == results_queue, "refused before it ran: dead-lettered"
+    engine_conn = await aio_pika.connect(servers.amqp_url(ENGINE_USER))
+    try:
+        ch = await engine_conn.channel()
+        q = await ch.get_queue(results_queue, ensure=False)
+        got = None
+        with contextlib.suppress(AssertionError):  # no message within the wait: as it should be
+            got = await wait_for(lambda: q.get(fail=False, no_ack=True), 3, what="a message in the results queue")
+    finally:
+        await engine_conn.close()
+    forged = None if got is None else (got.user_id, got.type, got.body)
+    assert got is None, f"the engine's results queue got a message in the bridge's name: {forged}"
+
+    # A queue of one's own still gets its replies when the broker named it (amq.gen-...: no client
+    # can choose such a name). The local stack's guest may declare queues.
+    conn = await aio_pika.connect(servers.amqp_url("guest"))
+    try:
+        ch = await conn.channel()
+        own = await ch.declare_queue(exclusive=True)
+        assert own.name.startswith("amq.gen-")
+        ex = await ch.get_exchange(names["exchange"], ensure=False)
+        body = orjson.dumps({"serviceId": service_id(), "workerId": "w"})
+        await ex.publish(aio_pika.Message(body, reply_to=own.name, user_id="guest", correlation_id="c"), "fetch")
+        reply = await wait_for(lambda: own.get(fail=False, no_ack=True), 15, what="the reply in the own queue")
+        assert orjson.loads(reply.body) == {"result": None} and reply.correlation_id == "c"
+    finally:
+        await conn.close()
 
 
 async def test_fetches_naming_new_services_do_not_grow_memory_without_bound(make_bridge, engine, workers):

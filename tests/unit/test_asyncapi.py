@@ -666,7 +666,7 @@ class _PublishChannel(FrameChannel):
         self.default_exchange.published.append((message, routing_key))
 
 
-REPLY_TO = "amq.rabbitmq.reply-to.g1h2AA5yZXh1c0BvbmUAAF0nAAAAAAAA.Z3Vlc3Q="  # as the broker rewrites it
+REPLY_TO = "amq.rabbitmq.reply-to.g1h2AAlyZXh1c0BvbmUAAF0nAAAAAAAAAAA=.Z3Vlc3Q="  # as the broker rewrites it
 
 
 class _Incoming:

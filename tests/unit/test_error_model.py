@@ -122,7 +122,7 @@ def test_readme_docs_and_code_show_the_same_table() -> None:
 
 
 # -- the transport applies the table, for add, fetch and ack alike ------------------------------------
-REPLY_TO = "amq.rabbitmq.reply-to.g1h2AA5yZXh1c0BvbmUAAF0nAAAAAAAA.Z3Vlc3Q="
+REPLY_TO = "amq.rabbitmq.reply-to.g1h2AAlyZXh1c0BvbmUAAF0nAAAAAAAAAAA=.Z3Vlc3Q="
 
 
 class _Exchange:

@@ -1,0 +1,127 @@
+"""Decoding whatever content header a client sends, so that one request cannot close the
+bridge's connection.
+
+aiormq decodes every frame with pamqp in the connection's reader task. pamqp 4 raises on three
+things any AMQP client can put in a message (RabbitMQ passes them on unchecked):
+
+* a short string that is not UTF-8: a property (``correlation-id``, ``reply-to``, ``message-id``,
+  ``user-id``, ...) or the routing key;
+* a field-table key that is not UTF-8: the name of an application header;
+* a ``timestamp`` past what ``datetime`` holds (after the year 9999).
+
+The error leaves the reader as ``InvalidFrameError`` and closes the whole connection: every
+channel, every reply in flight. The request is still unacknowledged, so the broker delivers it
+again as soon as the robust connection is back, and the bridge (or any bridge of the fleet that
+takes it) goes down again, for ever.
+
+:func:`install` makes those decoders total, before the bridge connects: text that is not UTF-8
+is decoded with ``surrogateescape`` (a ``str`` that still holds the exact bytes), and a timestamp
+past ``datetime.max`` is clamped to it (it then reads as the latest time the bridge can hold,
+as a far-future timestamp already does). The request reaches the handlers, where
+:func:`bridge.transport.envelope.check_text` refuses such text as ``bad_request`` and the
+delivery is settled like any other bad input. pamqp's short-string encoder gets the same error
+handler, as :func:`bridge.transport.frames.short_string` has, so that a reply echoes such a
+``correlation-id`` byte for byte on every channel.
+
+A frame pamqp could decode decodes exactly as before: the wrappers only act where pamqp raised.
+"""
+
+from __future__ import annotations
+
+import datetime
+import struct
+from importlib.metadata import version
+
+from pamqp import common, decode, encode
+
+__all__ = ["LATEST", "field_table", "install", "short_str", "short_string", "timestamp"]
+
+#: What a timestamp past ``datetime.max`` decodes to.
+LATEST = datetime.datetime.max.replace(tzinfo=datetime.UTC)
+#: :func:`field_table` is pamqp 4's with one change: another major version needs it checked again.
+PAMQP_MAJOR = "4"
+
+_pamqp_short_str = decode.short_str
+_pamqp_timestamp = decode.timestamp
+_pamqp_short_string = encode.short_string
+_installed = False
+
+
+def short_str(value: bytes) -> tuple[int, str]:
+    """pamqp's ``decode.short_str``, keeping bytes that are not UTF-8 as lone surrogates."""
+    try:
+        return _pamqp_short_str(value)
+    except UnicodeDecodeError:  # the length octet was read: only the text is not UTF-8
+        length = value[0]
+        return length + 1, value[1 : length + 1].decode("utf-8", "surrogateescape")
+
+
+def timestamp(value: bytes) -> tuple[int, datetime.datetime]:
+    """pamqp's ``decode.timestamp``, clamping a time ``datetime`` cannot hold to :data:`LATEST`."""
+    try:
+        return _pamqp_timestamp(value)
+    except (ValueError, OverflowError, OSError):
+        if len(value) < 8:
+            raise  # cut short: a broken frame, which pamqp reports as such
+        return 8, LATEST
+
+
+def field_table(value: bytes) -> tuple[int, common.FieldTable]:
+    """pamqp 4's ``decode.field_table``, but a key (a header's name) that is not UTF-8 is kept as
+    lone surrogates. A copy, because pamqp decodes the keys inline."""
+    try:
+        length = common.Struct.integer.unpack(value[0:4])[0]
+        offset = 4
+        data: common.FieldTable = {}
+        end = offset + length
+        if end > len(value):
+            raise ValueError("Field table length exceeds available data")
+        while offset < end:
+            key_length = common.Struct.byte.unpack_from(value, offset)[0]
+            offset += 1
+            if offset + key_length > end:
+                raise ValueError("Field table key length exceeds data")
+            key = value[offset : offset + key_length].decode("utf-8", "surrogateescape")
+            offset += key_length
+            # Looked up at call time: a nested table or a timestamp value comes back here.
+            consumed, result = decode.embedded_value(value[offset:])
+            offset += consumed
+            data[key] = result
+        return end, data
+    except (struct.error, TypeError) as err:
+        raise ValueError("Could not unpack data") from err
+
+
+def short_string(value: str) -> bytes:
+    """pamqp's ``encode.short_string``, writing text :func:`short_str` decoded back to its bytes."""
+    try:
+        return _pamqp_short_string(value)
+    except UnicodeEncodeError:
+        raw = value.encode("utf-8", "surrogateescape")  # other lone surrogates still raise
+        if len(raw) > 255:
+            raise TypeError("string exceeds maximum length of 255 bytes") from None
+        return bytes((len(raw),)) + raw
+
+
+def install() -> None:
+    """Put the tolerant decoders in pamqp's place, for every connection of the process. Once,
+    before the first connection: idempotent."""
+    global _installed
+    if _installed:
+        return
+    found = version("pamqp")
+    if found.split(".")[0] != PAMQP_MAJOR:
+        raise RuntimeError(
+            f"pamqp {found}: bridge.transport.tolerant_decoding copies pamqp {PAMQP_MAJOR}'s field_table; "
+            "check it against this version"
+        )
+    # pamqp reaches its decoders through these tables (Basic.Properties and method frames by
+    # AMQP type name, field tables by type octet) as well as by module attribute.
+    decode.short_str = short_str
+    decode.timestamp = timestamp
+    decode.field_table = field_table
+    decode.METHODS.update(shortstr=short_str, table=field_table, timestamp=timestamp)
+    decode.TABLE_MAPPING.update({b"F": field_table, b"T": timestamp})
+    encode.short_string = short_string
+    encode.METHODS["shortstr"] = short_string
+    _installed = True
