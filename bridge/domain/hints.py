@@ -87,6 +87,10 @@ class TaskHints(Protocol):
         """A hint of this queue: at once if one is there, else within ``wait_ms`` (0: do not wait);
         None when none came (or the bridge is shutting down)."""
 
+    async def discard(self, q: QueueKey) -> int:
+        """Drop the hints waiting in this queue (a purge: nearly all name tasks it cancels); how
+        many. A task whose hint went with them is found by reconciliation."""
+
 
 class NoHints:
     """Hints switched off: every fetch scans the ready index (the dispatcher), as before 1.2."""
@@ -96,6 +100,9 @@ class NoHints:
 
     async def take(self, q: QueueKey, wait_ms: int) -> Taken | None:
         return None
+
+    async def discard(self, q: QueueKey) -> int:
+        return 0
 
 
 @dataclass
@@ -133,6 +140,13 @@ class MemoryHints:
         for lane in lanes:
             lane.clear()
         self.lost += n
+        return n
+
+    async def discard(self, q: QueueKey) -> int:
+        lanes = self._lanes(q)
+        n = sum(len(lane) for lane in lanes)
+        for lane in lanes:
+            lane.clear()
         return n
 
     async def offer(self, q: QueueKey, hint: Hint) -> None:

@@ -27,6 +27,7 @@ from bridge.domain import jsonvalue
 from bridge.domain.clock import next_stamp
 from bridge.domain.context import QueueContext
 from bridge.domain.errors import Unavailable
+from bridge.domain.hints import TaskHints
 from bridge.domain.models import ExtendRequest, FailRequest
 from bridge.domain.records import (
     FINAL_STATES,
@@ -108,10 +109,13 @@ class ParkedTask:
 
 
 class Lifecycle:
-    def __init__(self, ctx: QueueContext, relay: ResultRelay, soon: Callable[[ExpiryEntry, int], None]) -> None:
+    def __init__(
+        self, ctx: QueueContext, relay: ResultRelay, soon: Callable[[ExpiryEntry, int], None], hints: TaskHints
+    ) -> None:
         self.ctx = ctx
         self.relay = relay
         self.soon = soon  # ``WorkQueue.soon``: a timer of this bridge for a deadline moments away
+        self.hints = hints  # purge drops its queue's hints
 
     @property
     def store(self) -> TaskStore:
@@ -442,6 +446,14 @@ class Lifecycle:
         ctx = self.ctx
         q = QueueKey(owner, service)
         await ctx.keys.current(owner)
+        # The hints first: left behind, they name cancelled tasks, and fetches would spend their
+        # claim attempts on them (8 a fetch) and answer null while a task added since is ready.
+        # A task added meanwhile whose hint goes too is ready, so either the walk below cancels it
+        # or reconciliation finds it. Best effort: the purge itself does not depend on it.
+        try:
+            await self.hints.discard(q)
+        except Exception as exc:  # the broker is away: stale hints cost claims, never a task
+            log.warning("hints of a purged queue not discarded: %s", exc)
         now = ctx.clock.now_ms()
         margin = ctx.limits.skew_margin_ms
         purged, truncated = 0, False

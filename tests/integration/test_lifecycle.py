@@ -326,6 +326,24 @@ async def test_purge_cancels_ready_tasks_and_leaves_in_flight_ones(make_bridge, 
 
 
 # -- delayed tasks ------------------------------------------------------------------------------------------
+async def test_after_a_purge_a_fetch_gets_the_task_added_since(make_bridge, engine, workers):
+    """Purge left the hints of the tasks it cancelled on the hint queue. A fetch takes at most 8
+    hints (MAX_CLAIM_ATTEMPTS), each costing a write-ahead and a failed claim, then answers
+    ``null``: the task added after the purge stayed behind the stale hints (a purge of 20,000
+    tasks: 2,500 null fetches, 60,000 statements, before any worker got a task again). Purge now
+    empties the queue's hint queue first."""
+    await make_bridge(**FAST)
+    svc = service_id()
+    for i in range(20):
+        await engine.add(svc, i)
+    assert (await call(engine, "purge", {"serviceId": svc}))["result"] == {"purged": 20, "more": False}
+    fresh = await engine.add(svc, "added after the purge")
+    w = await workers(svc, "w")
+    got = await fetch_raw(w)
+    assert got is not None, "fetch answered null while a task was ready"
+    assert got["task"]["id"] == fresh
+
+
 async def test_delayed_tasks_never_come_early_and_come_on_time(make_bridge, engine, workers):
     await make_bridge(**FAST)
     svc = service_id()
