@@ -212,3 +212,36 @@ async def test_run_goes_on_when_its_handlers_exception_is_too_large_to_report(ma
     except Exception as exc:
         pytest.fail(f"Worker.run died on the handler's exception: {type(exc).__name__}: {exc}")
     assert handled == 2 and seen == [1, 2]
+
+
+async def test_run_goes_on_when_a_fetch_is_answered_unavailable(bridge, engine, workers, monkeypatch):
+    """A fetch answered ``unavailable`` (Cassandra away at the bridge) escaped ``Worker.run`` and
+    ended the worker's loop, though the client's own docs say to retry it. It is now retried
+    after a pause, as a fetch that got no answer is."""
+    from bridge.domain.errors import Unavailable
+
+    svc = service_id()
+    real = bridge.queue.fetch
+    calls = 0
+
+    async def flaky(owner, req):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise Unavailable("cassandra away (test)")
+        return await real(owner, req)
+
+    monkeypatch.setattr(bridge.queue, "fetch", flaky)
+    task_id = await engine.add(svc, {"n": 1})
+    w = await workers(svc, "w")
+    w.wait_ms = 1_000
+    stop = asyncio.Event()
+    seen: list[str] = []
+
+    async def handler(task):  # type: ignore[no-untyped-def]
+        seen.append(task.id)
+        stop.set()
+        return "ok"
+
+    handled = await asyncio.wait_for(w.run(handler, stop=stop), 30.0)
+    assert handled == 1 and seen == [task_id] and calls >= 2
