@@ -10,7 +10,7 @@ import time
 from contextlib import suppress
 from typing import Any
 
-from bridge.config import Settings
+from bridge.config import ConfigError, Settings
 from bridge.crypto import CachingKeyProvider, HttpKeyProvider, KeyProvider, KeyringFileProvider
 from bridge.domain.clock import AnchoredClock, Clock, SkewGuard, SystemClock
 from bridge.domain.counting import QueueCounts
@@ -39,14 +39,19 @@ log = logging.getLogger("bridge.app")
 
 
 def build_key_provider(settings: Settings) -> KeyProvider:
+    """The bridge's key source; a missing or unreadable one is a :class:`ConfigError` naming its
+    variable (the CLI's clients need none, so the settings alone do not require one)."""
     upstream: KeyProvider
     if settings.key_server_url:
         token = settings.key_server_token.get_secret_value() if settings.key_server_token else None
         upstream = HttpKeyProvider(settings.key_server_url, token=token, timeout=settings.key_server_timeout)
     elif settings.keyring is not None:
-        upstream = KeyringFileProvider(settings.keyring)
+        try:
+            upstream = KeyringFileProvider(settings.keyring)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"BRIDGE_KEYRING: cannot use {settings.keyring}: {exc}") from None
     else:
-        raise ValueError("no key source: set BRIDGE_KEYRING or BRIDGE_KEY_SERVER_URL")
+        raise ConfigError("no key source: set BRIDGE_KEYRING or BRIDGE_KEY_SERVER_URL")
     return CachingKeyProvider(upstream, max_entries=settings.key_cache_size, max_age=settings.key_cache_seconds)
 
 
@@ -170,6 +175,7 @@ class Bridge:
         self.gateway_port: int | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._counts_flusher: asyncio.Task[None] | None = None
 
     # -- readiness checks (GET /health/ready) ----------------------------------------------------
     async def _amqp_ready(self) -> bool:
@@ -204,7 +210,7 @@ class Bridge:
             self._tasks.append(asyncio.create_task(self.duty.run(self._stop), name="duty"))
             self._tasks.append(asyncio.create_task(self.skew.run(self._stop), name="clock"))
             self._tasks.append(asyncio.create_task(self.gate.run(self._stop), name="serving gate"))
-            self._tasks.append(asyncio.create_task(self._flush_counts(), name="queue counts"))
+            self._counts_flusher = asyncio.create_task(self._flush_counts(), name="queue counts")
             self._tasks.append(asyncio.create_task(self._export_queue_stats(), name="queue gauges"))
         except BaseException:
             if self.gateway is not None:
@@ -258,6 +264,8 @@ class Bridge:
         grace = self.settings.shutdown_grace
         for task in self._tasks:  # the serving gate must not resume consumers during shutdown
             task.cancel()
+        # Not the queue counts' flusher: cancelled mid-flush, it lost the deltas it had taken and
+        # not yet written. It sees the stop, flushes once more and ends (awaited below).
         if self.hints is not None:
             self.hints.close()  # fetches waiting for a task are answered now (null)
         await self.duty.release()  # another bridge takes the background loops over now
@@ -268,9 +276,12 @@ class Bridge:
             log.warning("in-flight requests did not finish within %.1fs", grace)
         self.scheduler.cancel_timers()  # best-effort timers: the timer wheel has their entries
         await self.queue.drain_background(timeout=max(1.0, grace))
+        if self._counts_flusher is not None:
+            with suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._counts_flusher), timeout=max(1.0, grace))
         with suppress(Exception):
             await self.counts.flush(self.store)  # the last second of queue-count deltas
-        for task in self._tasks:
+        for task in [*self._tasks, *([self._counts_flusher] if self._counts_flusher else [])]:
             task.cancel()
             with suppress(asyncio.CancelledError):
                 await task

@@ -122,7 +122,10 @@ class Settings(BaseSettings):
     )
     clock_skew_margin: float = Field(
         0.025,
-        ge=0,
+        # A bridge refuses leases while its clock may be more than half of it off, and its
+        # measured uncertainty is never below about 0.5 ms plus half a round trip: below 2 ms no
+        # bridge would ever grant a lease (it started, and never served a fetch).
+        ge=0.002,
         le=60,
         description="Bound on the difference between any two bridges' clocks, seconds; one value for the "
         "whole fleet. A lease is taken back only this long after its deadline; a bridge whose clock may be "
@@ -213,7 +216,7 @@ class Settings(BaseSettings):
         False, description="The operator console (/console on the gateway) may redrive and discard parked tasks."
     )
 
-    @field_validator("results_queue", mode="before")
+    @field_validator("results_queue", "keyring", "key_server_url", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value

@@ -269,6 +269,8 @@ class AmqpHints:
 
     # -- waiting fetches --------------------------------------------------------------------------
     async def _wait(self, queue: AbstractQueue, wait_ms: int) -> AbstractIncomingMessage | None:
+        if self._closed:  # closed during this fetch's basic.get: close() answered the waiters before it
+            return None
         waiting = self._waiting.get(queue.name)
         if waiting is None:
             waiting = self._waiting[queue.name] = _Waiting(queue)
