@@ -216,12 +216,23 @@ class Fetcher:
         else:
             claim = store.claim_new(q, task_id, worker, until, claim_id, has_token=entry.has_token)
         payload: Payload | None = carried
+        read_failed: BaseException | None = None
         if carried is not None:
             # The hint carried the sealed payload: no read at all (it is checked when opened).
             res = await claim
         else:
             # The payload is read while the claim runs: one round trip less when we win (most often).
-            res, payload = await asyncio.gather(claim, store.payload(q, task_id))
+            # The claim's outcome is awaited whatever the read does: a claim that applied beside a
+            # failed read is counted before the error goes up (the worker's retry gets the task
+            # through its pointer, which counts nothing), or stats drifted for the task's TTL.
+            claimed, read = await asyncio.gather(claim, store.payload(q, task_id), return_exceptions=True)
+            if isinstance(claimed, BaseException):
+                raise claimed
+            res = claimed
+            if isinstance(read, BaseException):
+                read_failed = read
+            else:
+                payload = read
         if not res.applied:
             cur = res.current
             if recovered and cur is not None and cur.epoch == entry.epoch and cur.not_claimable_before(now, margin):
@@ -230,6 +241,8 @@ class Fetcher:
             return None, stamp
         if not recovered or await self._was_redriven(q, entry):  # a re-claim stays in flight (counting)
             self.ctx.count(q, ms_of(task_id), ready=-1, in_flight=1)
+        if read_failed is not None:
+            raise read_failed
         await self._refile_if_slow(q, entry, epoch, now, until)
         # A short lease: this bridge takes it back itself the moment it may (deadline + margin),
         # instead of waiting for the scheduler's pass over its bucket (the wheel entry written

@@ -10,6 +10,7 @@ go into replies as :class:`orjson.Fragment` (spliced in as they are).
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -32,9 +33,22 @@ def loads(data: bytes) -> Any:
         except orjson.JSONDecodeError as exc:
             raise JsonError(f"not valid JSON: {exc}") from None
     try:
-        return json.loads(data)
+        # Python's reader takes NaN and Infinity, and reads 1e400 as infinity: none is JSON, and
+        # orjson would write each back as null (orjson's own reader refuses them).
+        return json.loads(data, parse_constant=_not_json, parse_float=_finite)
     except (ValueError, RecursionError) as exc:
         raise JsonError(f"not valid JSON: {exc}") from None
+
+
+def _not_json(name: str) -> Any:
+    raise JsonError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise JsonError(f"{text} is too large for a JSON number the bridge can give back")
+    return value
 
 
 def dumps(value: Any) -> bytes:

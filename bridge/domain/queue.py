@@ -200,7 +200,8 @@ class WorkQueue:
         # After the write: a hint never names a task that is not stored yet.
         hint = Hint(task_id, LANE_FRESH, task_id, None, add.has_token, carried(payload), add.priority)
         await self.hints.offer(q, hint)
-        ctx.count(q, now, ready=1)
+        # Under the task id's day, as every later move of it (a retried add may run past midnight).
+        ctx.count(q, ms_of(task_id), ready=1)
         ctx.metrics.inc("tasks_added", kind="ready")
         log.debug("task added", extra={"task_id": str(task_id)})
         return str(task_id)
@@ -235,7 +236,10 @@ class WorkQueue:
             await store.reindex_task(q, existing)
             self.ctx.metrics.inc("adds_deduplicated")
             return existing
-        if now - ms_of(existing) < IDEMPOTENCY_SETTLE_MS:
+        # Measured from the record's write, not the task id: a delayed task's id holds its due
+        # time, and an attempt that died before storing it blocked every retry until then.
+        recorded = await store.message_id_recorded_at(q, message_id)
+        if recorded is None or now - recorded < IDEMPOTENCY_SETTLE_MS:
             raise Unavailable("an add with this message_id is still being stored; retry later")
         if not await store.replace_message_id(q, message_id, existing, task_id):
             raise Unavailable("concurrent add with the same message_id; retry later")

@@ -66,6 +66,9 @@ class TaskStore(Protocol):
 
     async def replace_message_id(self, q: QueueKey, message_id: str, old: uuid.UUID, new: uuid.UUID) -> bool: ...
 
+    async def message_id_recorded_at(self, q: QueueKey, message_id: str) -> int | None:
+        """When the message_id's record was last written (ms since the epoch); None if it has none."""
+
     # -- the ready index ---------------------------------------------------------------------
     async def cursor(self, q: QueueKey, lane: int) -> tuple[int, uuid.UUID] | None:
         """The greatest (bucket, seq) position ever advanced to, if any."""

@@ -78,6 +78,7 @@ class MemoryTaskStore:
         self.workers: dict[tuple[QueueKey, str], _Worker] = {}
         self.cursors: dict[tuple[QueueKey, int], tuple[int, uuid.UUID]] = {}
         self.message_ids: dict[tuple[QueueKey, str], uuid.UUID] = {}
+        self.message_ids_written: dict[tuple[QueueKey, str], int] = {}
         self.expiry_wheel: dict[int, dict[tuple[int, str, str, uuid.UUID, int], ExpiryEntry]] = {}
         self.outbox_rows: dict[int, dict[tuple[str, str, uuid.UUID, uuid.UUID], OutboxEntry]] = {}
         self.loop_cursors: dict[str, int] = {}
@@ -101,6 +102,7 @@ class MemoryTaskStore:
         await self._io()
         if message_id is not None:
             self.message_ids[(q, message_id)] = task_id
+            self.message_ids_written[(q, message_id)] = self.now_ms()
         row = _Ready(task_id, None, payload.token is not None, payload)
         self.ready.setdefault((q, LANE_FRESH, bucket_of_task(task_id)), {})[task_id] = row
 
@@ -118,13 +120,20 @@ class MemoryTaskStore:
     async def record_message_id(self, q: QueueKey, message_id: str, task_id: uuid.UUID) -> uuid.UUID | None:
         await self._io()
         existing = self.message_ids.setdefault((q, message_id), task_id)
+        if existing == task_id:
+            self.message_ids_written[(q, message_id)] = self.now_ms()
         return None if existing == task_id else existing
+
+    async def message_id_recorded_at(self, q: QueueKey, message_id: str) -> int | None:
+        await self._io()
+        return self.message_ids_written.get((q, message_id))
 
     async def replace_message_id(self, q: QueueKey, message_id: str, old: uuid.UUID, new: uuid.UUID) -> bool:
         await self._io()
         if self.message_ids.get((q, message_id)) != old:
             return False
         self.message_ids[(q, message_id)] = new
+        self.message_ids_written[(q, message_id)] = self.now_ms()
         return True
 
     # -- the ready index ---------------------------------------------------------------------

@@ -186,6 +186,11 @@ class CassandraTaskStore:
         existing: uuid.UUID = row["task_id"]
         return existing
 
+    async def message_id_recorded_at(self, q: QueueKey, message_id: str) -> int | None:
+        rows = await self.db.execute("idem.written", (q.owner, q.service, message_id), serial_read=True)
+        written = rows[0]["written"] if rows else None
+        return None if written is None else int(written) // 1000  # writetime: microseconds
+
     async def replace_message_id(self, q: QueueKey, message_id: str, old: uuid.UUID, new: uuid.UUID) -> bool:
         rows = await self.db.execute("idem.replace", (self.ttl_for(new), new, q.owner, q.service, message_id, old))
         return bool(rows and rows[0].get("[applied]"))

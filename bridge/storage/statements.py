@@ -294,6 +294,11 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         "WHERE owner = ? AND service = ? AND message_id = ? IF task_id = ?",
         False,
     ),
+    # When the record was written: a delayed task's id holds its due time, not its add's.
+    "idem.written": (
+        "SELECT writetime(task_id) AS written FROM {ks}.idempotency WHERE owner = ? AND service = ? AND message_id = ?",
+        True,
+    ),
     "idem.get": (
         "SELECT task_id FROM {ks}.idempotency WHERE owner = ? AND service = ? AND message_id = ?",
         True,
