@@ -22,7 +22,7 @@ from bridge.gateway.server import GatewayServer
 from bridge.observability import storage_metrics
 from bridge.observability.http import OpsServer
 from bridge.observability.metrics import BridgeMetrics
-from bridge.serving import ServingGate
+from bridge.serving import ALL, ServingGate
 from bridge.storage.repository import CassandraTaskStore
 from bridge.storage.schema import create_schema
 from bridge.storage.session import open_session
@@ -163,7 +163,7 @@ class Bridge:
             self.transport,
             storage_up=self.db.any_host_up,
             clock_ok=lambda: self.skew.ok,
-            on_change=self.metrics.set_paused,
+            on_change=self._serving_changed,
         )
         self.http_port: int | None = None  # the bound port once started (BRIDGE_HTTP_PORT=0: no HTTP)
         # The HTTP gateway (opt-in): the same queue, the same contract, bearer API keys.
@@ -218,6 +218,13 @@ class Bridge:
             await self.ops.stop()
             raise
         log.info("bridge started", extra={"http_port": self.http_port, "gateway_port": self.gateway_port})
+
+    def _serving_changed(self, paused: frozenset[str]) -> None:
+        self.metrics.set_paused(paused)
+        # Every consumer paused: Cassandra is out of reach from here. The fleet's background loops
+        # go to a bridge that can run them (``Duty.follow_storage``).
+        if not self._stop.is_set():
+            self.duty.follow_storage(up=paused != ALL)
 
     async def _stop_gateway(self) -> None:
         if self.gateway is not None:

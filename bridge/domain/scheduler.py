@@ -47,6 +47,10 @@ EXPIRY_PERSIST_GRID = 40
 HANDLE_CONCURRENCY = 32
 LEASES_PER_READ = 50  # leases read in one request (IN on the partition key: keep it small)
 CATCH_UP_BATCH = 400  # expiry buckets read per tick at most (a long outage is caught up in steps)
+# Outbox buckets (10 s each) swept per tick at most: a relay days behind (its saved position waits
+# at the oldest result it still owes) catches up in steps, between the lease recovery passes, not
+# in one tick that held recovery up (a day behind: 8,640 reads, 14 s here).
+RELAY_CATCH_UP_BATCH = 50
 MARKS_REFRESH_MS = 1_000
 MARKS_AHEAD = 8  # buckets (2 s) of marks read ahead of the clock
 MAX_TIMERS = 100_000  # in-process timers for wheel entries due within moments (``handle_soon``)
@@ -331,7 +335,7 @@ class RecoveryScheduler:
     async def _handle(self, entry: ExpiryEntry, lease: Lease | None, now: int, bucket: int) -> bool:
         q = entry.queue
         if entry.epoch == DUE_EPOCH:
-            return await self._announce_due(entry, lease)
+            return await self._announce_due(entry, lease, now)
         if lease is None and now - entry.lease_until_ms < self.late_ms:
             # No claim yet: it never applied, or it is still on its way (a claimer paused between its
             # write-ahead and its claim). Not handled: the second pass looks again.
@@ -342,11 +346,12 @@ class RecoveryScheduler:
         if lease.not_claimable_before(now, self.queue.skew_margin_ms):
             # Extended, or not yet past its deadline plus the skew margin (no claim could take it
             # back yet): watch it again then (idempotent row).
-            await self.store.watch_expiry(
-                expiry_bucket(until + self.queue.skew_margin_ms),
-                ExpiryEntry(until, q, entry.task_id, lease.epoch, entry.has_token),
-            )
-            return True
+            again = expiry_bucket(until + self.queue.skew_margin_ms)
+            await self.store.watch_expiry(again, ExpiryEntry(until, q, entry.task_id, lease.epoch, entry.has_token))
+            # Filed again in this very bucket (extended at its deadline by less than a bucket): it
+            # has the same key, so handled, every later pass of the bucket skipped it and nobody
+            # ever took the task back. Left unhandled, the next pass meets the later deadline.
+            return again != bucket
         # Expired. Delivered its limit of times without an ack: parked, not handed out again.
         ctx = self.queue.ctx
         limit = ctx.limits.delivery_limit(q, (await self.store.task_options(q, entry.task_id)).max_deliveries)
@@ -432,11 +437,17 @@ class RecoveryScheduler:
         except Exception as exc:  # the wheel entry is met by the scheduler anyway
             log.debug("timer for task %s failed: %s", entry.task_id, type(exc).__name__)
 
-    async def _announce_due(self, entry: ExpiryEntry, lease: Lease | None) -> bool:
+    async def _announce_due(self, entry: ExpiryEntry, lease: Lease | None, now: int) -> bool:
         """A delayed task's time has come: a hint for it, as for a task just added (nothing if it was
         cancelled or already claimed, by a reconciliation scan)."""
         if lease is None:
             q = entry.queue
+            if not (await self.store.task_options(q, entry.task_id)).stored:
+                # The due entry is written ahead of the task's row, which is not there yet (a slow
+                # write): announced now, a waiting worker's claim leased a task it could not be
+                # handed, and the delivery counted. Looked at again by the next pass, until late:
+                # then the add died before its write, and there is nothing to announce.
+                return now - entry.lease_until_ms >= self.late_ms
             hint = Hint(entry.task_id, LANE_FRESH, entry.task_id, None, entry.has_token, priority=entry.priority)
             await self.queue.announce(q, hint)
             self.queue.metrics.inc("tasks_due")
@@ -448,7 +459,7 @@ class RecoveryScheduler:
             saved = await self.store.scheduler_cursor(self._outbox_cursor, now)
             self._outbox_next = saved if saved is not None else outbox_bucket(now) - 1
         # Only buckets old enough that their normal publish must have happened are swept.
-        limit = outbox_bucket(now - self.republish_after_ms)
+        limit = min(outbox_bucket(now - self.republish_after_ms), self._outbox_next + RELAY_CATCH_UP_BATCH)
         self.state.results_stuck = 0
         # Buckets with a result that could not be published are retried every sweep, but they do
         # not hold up the buckets after them (one unroutable result must not delay all others).

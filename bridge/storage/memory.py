@@ -305,7 +305,9 @@ class MemoryTaskStore:
     # -- the lifecycle (1.4) -------------------------------------------------------------------
     async def task_options(self, q: QueueKey, task_id: uuid.UUID) -> TaskOptions:
         payload = await self.payload(q, task_id)
-        return TaskOptions() if payload is None else TaskOptions(payload.max_deliveries, payload.priority)
+        if payload is None:
+            return TaskOptions(stored=False)
+        return TaskOptions(payload.max_deliveries, payload.priority)
 
     async def release(
         self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, until_ms: int, error: Sealed | None

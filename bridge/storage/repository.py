@@ -159,7 +159,7 @@ class CassandraTaskStore:
     async def task_options(self, q: QueueKey, task_id: uuid.UUID) -> TaskOptions:
         rows = await self.db.execute("ready.options", (q.owner, q.service, bucket_of_task(task_id), task_id))
         if not rows:
-            return TaskOptions()
+            return TaskOptions(stored=False)
         return TaskOptions(rows[0]["max_deliveries"], rows[0]["priority"] or 0)
 
     async def reindex_task(self, q: QueueKey, task_id: uuid.UUID) -> None:

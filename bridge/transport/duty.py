@@ -35,32 +35,66 @@ class Duty:
         self._token: AbstractIncomingMessage | None = None
         self.acquired = asyncio.Event()
         self._offering: set[asyncio.Task[None]] = set()  # offers made after a reconnect
+        self._connection: AbstractRobustConnection | None = None
+        # Stood down: this bridge cannot reach Cassandra, so it neither holds nor takes the duty
+        # (the loops it would run fail at every tick while another bridge could run them).
+        self.standing_down = False
+        self._standing: asyncio.Task[None] | None = None
 
     @property
     def held(self) -> bool:
         return self._token is not None
 
     async def attach(self, connection: AbstractRobustConnection) -> None:
-        self._channel = await connection.channel(publisher_confirms=False)
-        await self._channel.set_qos(prefetch_count=1)
-        self._channel.close_callbacks.add(self._lost)
-        args = {"x-single-active-consumer": True, "x-max-length": 1, "x-overflow": "drop-head"}
-        queue = await self._channel.declare_queue(self.queue_name, durable=True, arguments=args)
-        await queue.consume(self._delivered)
+        self._connection = connection
+        await self._consume(connection)
         # A broker restart loses the token (a transient message): offer one as soon as the
         # connection and this consumer are back, not at the next refresh (up to refresh_s without
         # a recovery scheduler or a result relay in the whole fleet).
         connection.reconnect_callbacks.add(self._reconnected)
         await self.offer_token()
 
+    async def _consume(self, connection: AbstractRobustConnection) -> None:
+        self._channel = await connection.channel(publisher_confirms=False)
+        await self._channel.set_qos(prefetch_count=1)
+        self._channel.close_callbacks.add(self._lost)
+        args = {"x-single-active-consumer": True, "x-max-length": 1, "x-overflow": "drop-head"}
+        queue = await self._channel.declare_queue(self.queue_name, durable=True, arguments=args)
+        await queue.consume(self._delivered)
+
+    def follow_storage(self, up: bool) -> None:
+        """Cassandra went out of reach from this bridge (``up`` False): hand the duty over and stop
+        competing for it; back in reach: compete again. A holder cut off alone kept the duty, and
+        the fleet ran no recovery and no result relay for as long as the cut lasted."""
+        if up != self.standing_down:
+            return
+        self.standing_down = not up
+        if self._standing is not None:
+            self._standing.cancel()
+        self._standing = asyncio.get_running_loop().create_task(self._step_up() if up else self.release())
+
+    async def _step_up(self) -> None:
+        while not self.standing_down and self._connection is not None:
+            try:
+                async with asyncio.timeout(BROKER_CALL_S):
+                    await self._consume(self._connection)
+            except Exception as exc:  # the broker is away too: try again
+                log.debug("duty: cannot consume again yet (%s)", type(exc).__name__)
+                await asyncio.sleep(1.0)
+                continue
+            await self.offer_token()
+            return
+
     async def offer_token(self) -> None:
-        if self._channel is None or self.held:
+        if self._channel is None or self.held or self.standing_down:
             return
         with contextlib.suppress(Exception):  # the broker is away: the next refresh offers it
             publish = self._channel.default_exchange.publish(aio_pika.Message(b"duty"), routing_key=self.queue_name)
             await asyncio.wait_for(publish, BROKER_CALL_S)
 
     async def _delivered(self, message: AbstractIncomingMessage) -> None:
+        if self.standing_down:
+            return  # left unacknowledged: the channel closing now gives it to another bridge
         if self._token is not None:  # a spare token reached the holder: one is enough
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(message.ack(), BROKER_CALL_S)
