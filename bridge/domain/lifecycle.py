@@ -53,7 +53,9 @@ log = logging.getLogger("bridge.queue")
 PARK_DELIVERY_LIMIT = "delivery_limit"  # its leases ran out this many times
 PARK_FAILED = "failed"  # its worker failed it at the limit
 CANCEL_ATTEMPTS = 4
-PURGE_MAX = 20_000  # tasks one purge request looks at (the reply says if there may be more)
+PURGE_MAX = 20_000  # ready tasks one purge request looks at (the reply says if there may be more)
+PURGE_PAGE = 2_000  # entries read at a time
+PURGE_SCAN_MAX = 100_000  # entries one purge request reads at most (taken ones included)
 LEASES_PER_READ = 50
 # The parked listing's errors: each may be as large as a value and the listing holds up to 1,000
 # tasks, so errors fill a reply up to this budget (or one largest value, if more), in task order,
@@ -108,14 +110,30 @@ class ParkedTask:
     last_error_omitted: bool = False
 
 
+@dataclass
+class _PurgeWalk:
+    """One purge request's progress over the lanes."""
+
+    purged: int = 0
+    looked: int = 0  # ready candidates whose lease was read
+    read: int = 0  # index entries read
+    truncated: bool = False
+
+
 class Lifecycle:
     def __init__(
-        self, ctx: QueueContext, relay: ResultRelay, soon: Callable[[ExpiryEntry, int], None], hints: TaskHints
+        self,
+        ctx: QueueContext,
+        relay: ResultRelay,
+        soon: Callable[[ExpiryEntry, int], None],
+        hints: TaskHints,
+        settle_ms: int,
     ) -> None:
         self.ctx = ctx
         self.relay = relay
         self.soon = soon  # ``WorkQueue.soon``: a timer of this bridge for a deadline moments away
         self.hints = hints  # purge drops its queue's hints
+        self.settle_ms = settle_ms  # the dispatcher's: how late an index write may land (cursor)
 
     @property
     def store(self) -> TaskStore:
@@ -456,22 +474,56 @@ class Lifecycle:
             log.warning("hints of a purged queue not discarded: %s", exc)
         now = ctx.clock.now_ms()
         margin = ctx.limits.skew_margin_ms
-        purged, truncated = 0, False
+        walk = _PurgeWalk()
         for lane in (LANE_FRESH, LANE_RECOVERED):
-            entries, cut = await walk_lane(self.store, q, lane, PURGE_MAX)
-            truncated = truncated or cut
-            # Claimed entries have a lease that is not ready (or a re-exposure of it, in lane 0).
-            candidates = [e for e in entries if not e.claimed and ms_of(e.seq) <= now]
-            for i in range(0, len(candidates), LEASES_PER_READ):
-                batch = candidates[i : i + LEASES_PER_READ]
-                leases = await self.store.leases_of(q, [e.task_id for e in batch])
-                for e in batch:
-                    if await self._purge_one(q, e, leases.get(e.task_id), now, margin):
-                        purged += 1
+            await self._purge_lane(q, lane, walk, now, margin)
+            if walk.truncated:
+                break
+        purged, truncated = walk.purged, walk.truncated
         if purged:
             ctx.metrics.inc("tasks_purged", purged)
             log.warning("queue purged", extra={"owner": owner, "service": service, "purged": purged})
         return purged, truncated
+
+    async def _purge_lane(self, q: QueueKey, lane: int, walk: _PurgeWalk, now: int, margin: int) -> None:
+        """Page by page, each resuming after the last: entries already taken (claimed, or cancelled
+        by an earlier request of this purge and marked so) cost a read, not a lease read, and do
+        not count against the budget. Before, every request walked the same first 20,000 entries
+        from the cursor, found them cancelled, and answered {purged: 0, more: true}: a queue
+        longer than that was never purged past them."""
+        after: tuple[int, uuid.UUID] | None = None
+        lead: tuple[int, uuid.UUID] | None = None  # the cursor may move past the entries up to here
+        leading = True
+        settled = now - self.settle_ms
+        while True:
+            entries, cut = await walk_lane(self.store, q, lane, PURGE_PAGE, resume=after)
+            walk.read += len(entries)
+            # Claimed entries have a lease that is not ready (or a re-exposure of it, in lane 0).
+            candidates = [e for e in entries if not e.claimed and ms_of(e.seq) <= now]
+            walk.looked += len(candidates)
+            cancelled: set[uuid.UUID] = set()
+            for i in range(0, len(candidates), LEASES_PER_READ):
+                batch = candidates[i : i + LEASES_PER_READ]
+                leases = await self.store.leases_of(q, [e.task_id for e in batch])
+                done = [e for e in batch if await self._purge_one(q, e, leases.get(e.task_id), now, margin)]
+                # Marked taken (side by side): the next request of this purge skips them unread.
+                await asyncio.gather(*(self.store.mark_claimed(q, e) for e in done))
+                walk.purged += len(done)
+                cancelled.update(e.seq for e in done)
+            for e in entries:
+                leading = leading and (e.claimed or e.seq in cancelled) and ms_of(e.seq) < settled
+                if leading:
+                    lead = (e.bucket, e.seq)
+            if not cut:
+                break
+            after = (entries[-1].bucket, entries[-1].seq)
+            if walk.looked >= PURGE_MAX or walk.read >= PURGE_SCAN_MAX:
+                walk.truncated = True
+                break
+        if lead is not None:
+            # The dispatcher's rule: past a leading run of taken entries, settled (no write can
+            # land before them any more), later walks and scans start after it.
+            await self.store.advance_cursor(q, lane, *lead)
 
     async def _purge_one(self, q: QueueKey, e: ReadyEntry, lease: Lease | None, now: int, margin: int) -> bool:
         if e.lane == LANE_FRESH:

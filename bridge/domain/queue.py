@@ -91,7 +91,7 @@ class WorkQueue:
         reconcile = reconcile or Reconciliation.scan_always()
         self._fetcher = Fetcher(self.ctx, self.dispatcher, self.hints, reconcile, self.soon)
         self._acker = Acker(self.ctx, self.relay)
-        self.lifecycle = Lifecycle(self.ctx, self.relay, self.soon, self.hints)
+        self.lifecycle = Lifecycle(self.ctx, self.relay, self.soon, self.hints, settle_ms)
         # Set by the recovery scheduler: handles a timer-wheel entry due within moments, here.
         self.due_soon: Callable[[ExpiryEntry], None] | None = None
         self._registered: dict[QueueKey, int] = {}

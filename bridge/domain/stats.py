@@ -36,12 +36,15 @@ class QueueStats:
     delayed: int = 0  # added with a delay that has not passed yet (1.4)
 
 
-async def walk_lane(store: TaskStore, q: QueueKey, lane: int, budget: int) -> tuple[list[ReadyEntry], bool]:
-    """The entries of one lane after its persisted cursor, at most ``budget`` of them.
+async def walk_lane(
+    store: TaskStore, q: QueueKey, lane: int, budget: int, *, resume: tuple[int, uuid.UUID] | None = None
+) -> tuple[list[ReadyEntry], bool]:
+    """The entries of one lane after its persisted cursor (or after the entry ``resume``: a walk
+    resumed), at most ``budget`` of them.
 
     Returns (entries, truncated); truncated is True only if at least one more entry exists.
     """
-    cursor = await store.cursor(q, lane)
+    cursor = resume if resume is not None else await store.cursor(q, lane)
     start_bucket, cursor_seq = cursor if cursor is not None else (0, None)
     entries: list[ReadyEntry] = []
     next_bucket = start_bucket

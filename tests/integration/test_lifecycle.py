@@ -344,6 +344,35 @@ async def test_after_a_purge_a_fetch_gets_the_task_added_since(make_bridge, engi
     assert got["task"]["id"] == fresh
 
 
+async def test_purge_of_a_queue_longer_than_one_request_budget_leaves_tasks(
+    make_bridge, engine, cql, servers, monkeypatch
+):
+    """purge walked at most PURGE_MAX entries of a lane from the lane's cursor and said ``more``.
+    The entries it cancelled were not marked and the cursor did not move, so the next request
+    walked the very same entries, cancelled nothing, and the client (the contract: "send it
+    again while it purges something") stopped: every task past the first PURGE_MAX stayed ready.
+    Requests now page past taken entries. Budget and page are made small here (20,000 and 2,000
+    in production; the walk is the same)."""
+    import bridge.domain.lifecycle as lifecycle
+
+    monkeypatch.setattr(lifecycle, "PURGE_MAX", 5)
+    monkeypatch.setattr(lifecycle, "PURGE_PAGE", 3)
+    await make_bridge()
+    svc = service_id()
+    ids = [uuid.UUID(await engine.add(svc, i)) for i in range(8)]
+    purged = await engine.purge(svc)  # the client sends it again while it says more and purges something
+    ks = servers.keyspace
+    states = {}
+    for i in ids:
+        query = f"SELECT state FROM {ks}.leases WHERE owner = %s AND service = %s AND task_id = %s"
+        rows = list(cql.execute(query, (OWNERS[0], svc, i)))
+        states[i] = rows[0]["state"] if rows else None
+    never_cancelled = [i for i in ids if states.get(i) != "cancelled"]
+    assert purged == 8 and not never_cancelled, (
+        f"purge cancelled {purged} of 8 ready tasks; still ready (no lease): {len(never_cancelled)}"
+    )
+
+
 async def test_delayed_tasks_never_come_early_and_come_on_time(make_bridge, engine, workers):
     await make_bridge(**FAST)
     svc = service_id()
