@@ -83,8 +83,11 @@ async def declare_topology(
     results = await publish.declare_exchange(s.results_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
     if s.results_queue:
         # A durable queue for the engine, so results published while it is down wait for it.
-        results_q = await consume.declare_queue(s.results_queue, durable=True)
-        await results_q.bind(s.results_exchange, routing_key="#")
+        # Declared and bound on the results' own channel: when that channel is reopened (a
+        # publish to an exchange deleted meanwhile closes it), the robust channel declares the
+        # exchange again and, only for what was declared on it, the queue and its binding.
+        results_q = await publish.declare_queue(s.results_queue, durable=True)
+        await results_q.bind(results, routing_key="#")
     return Topology(queues, results)
 
 

@@ -6,6 +6,7 @@ import asyncio
 import signal
 import subprocess
 import uuid
+from typing import Any
 
 import aiohttp
 import pytest
@@ -224,3 +225,38 @@ async def test_bridges_starting_together_on_a_new_keyspace_can_all_prepare(serve
     finally:
         await dbs[0].execute_raw(f"DROP KEYSPACE IF EXISTS {settings.cassandra_keyspace}")
         await asyncio.gather(*(db.close() for db in dbs))
+
+
+async def test_results_reach_the_results_queue_after_the_results_exchange_was_recreated(
+    make_bridge, engine, workers, servers, names
+):
+    """The results exchange deleted under a running bridge (an operator's mistake, a broker
+    definitions import): the first publish closes the results channel, which the robust channel
+    reopens, declaring the exchange again, but the results queue's binding was made on another
+    channel, so every result stayed unroutable and pending until a restart. The queue is now
+    declared and bound on the results channel, and restored with it."""
+    import aio_pika
+    import orjson
+
+    await make_bridge(result_republish_after=1)
+    conn = await aio_pika.connect(servers.amqp_url("guest"))
+    try:
+        ch = await conn.channel()
+        await ch.exchange_delete(names["results_exchange"])
+        q = await ch.declare_queue(names["queue_prefix"] + ".results", passive=True)
+        svc = service_id()
+        task_id = await engine.add(svc, "v", token={"wf": 1})
+        w = await workers(svc, "w")
+        task = await w.fetch()
+        assert task is not None and await task.ack("done") is True
+        got: list[dict[str, Any]] = []
+
+        async def arrived() -> bool:
+            message = await q.get(fail=False, no_ack=True)
+            if message is not None:
+                got.append(orjson.loads(message.body))
+            return any(r.get("taskId") == task_id for r in got)
+
+        await wait_for(arrived, 20, interval=0.2, what="the result in the engine's results queue")
+    finally:
+        await conn.close()
