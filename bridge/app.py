@@ -44,7 +44,10 @@ def build_key_provider(settings: Settings) -> KeyProvider:
     upstream: KeyProvider
     if settings.key_server_url:
         token = settings.key_server_token.get_secret_value() if settings.key_server_token else None
-        upstream = HttpKeyProvider(settings.key_server_url, token=token, timeout=settings.key_server_timeout)
+        try:
+            upstream = HttpKeyProvider(settings.key_server_url, token=token, timeout=settings.key_server_timeout)
+        except ValueError as exc:
+            raise ConfigError(f"BRIDGE_KEY_SERVER_URL: {exc}") from None
     elif settings.keyring is not None:
         try:
             upstream = KeyringFileProvider(settings.keyring)

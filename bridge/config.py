@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -262,6 +263,8 @@ class Settings(BaseSettings):
             value = getattr(self, name)
             if isinstance(value, SecretStr):
                 shown: Any = "**********"
+            elif name == "key_server_url" and value:
+                shown = _without_password(value)  # basic-auth credentials can read every key
             elif isinstance(value, Path):
                 shown = str(value)
             elif isinstance(value, timedelta):
@@ -270,6 +273,15 @@ class Settings(BaseSettings):
                 shown = value
             out[ENV_PREFIX + name.upper()] = shown
         return out
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:**********@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -108,7 +108,8 @@ class HttpKeyProvider:
     ) -> None:
         url = URL(base_url)
         if url.scheme not in {"http", "https"} or not url.host:
-            raise ValueError(f"key server URL must be http(s)://host[:port][/prefix], got {base_url!r}")
+            # The URL itself is not repeated: it may carry basic-auth credentials.
+            raise ValueError("key server URL must be http(s)://host[:port][/prefix]")
         if timeout <= 0:
             raise ValueError("timeout must be > 0")
         if token is not None and url.scheme == "http":
@@ -215,9 +216,13 @@ class HttpKeyProvider:
             except aiohttp.ClientConnectionError as exc:
                 if attempt == 1:
                     continue
-                raise KeyUnavailable(f"key server unreachable fetching {what}: {exc!r}") from exc
+                # The message reaches tenants (``unavailable``): the exception, which names the key
+                # server's host and port, goes to the log only.
+                log.warning("key server unreachable fetching %s: %r", what, exc)
+                raise KeyUnavailable(f"key server unreachable fetching {what}: {type(exc).__name__}") from exc
             except aiohttp.ClientError as exc:
-                raise KeyUnavailable(f"key server request failed fetching {what}: {exc!r}") from exc
+                log.warning("key server request failed fetching %s: %r", what, exc)
+                raise KeyUnavailable(f"key server request failed fetching {what}: {type(exc).__name__}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod

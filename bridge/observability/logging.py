@@ -42,9 +42,17 @@ def configure_logging(settings: Settings) -> None:
     fmt = settings.log_format
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
+    # Tracebacks without local variables, in both formats: a frame's locals hold request bodies
+    # (task values, tokens). structlog's console renderer shows them by default when rich is
+    # installed (typer brings it); the JSON renderer wrote exc_info as three reprs, no stack.
     renderer: structlog.types.Processor = (
-        structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
+        if fmt == "console"
+        else structlog.processors.JSONRenderer()
     )
+    rendering: list[structlog.types.Processor] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta]
+    if fmt != "console":
+        rendering.append(structlog.processors.format_exc_info)
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -62,7 +70,7 @@ def configure_logging(settings: Settings) -> None:
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            processors=[*rendering, renderer],
         )
     )
     root = logging.getLogger()
