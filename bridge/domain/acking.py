@@ -148,7 +148,8 @@ class Acker:
             if points_here and again:
                 await ctx.store.finish_worker(q, req.worker_id, target.task_id, stamp)
             elif points_here:
-                await ctx.store.clear_worker(q, req.worker_id, stamp)
+                # Just after the pointer read: a later pointer write (another fetch) survives.
+                await ctx.store.clear_worker(q, req.worker_id, row.stamp + 1 if row.stamp is not None else stamp)
             return again
         if points_here:
             # Not awaited: until it lands, a retried ack still finds the completion through the LWT.

@@ -53,6 +53,11 @@ class _Attempt:
     attempted: bool = False
 
 
+def _after(stamp: int | None, now_ms: int) -> int:
+    """The stamp of a write that undoes the pointer write stamped ``stamp``, and nothing later."""
+    return stamp + 1 if stamp is not None else next_stamp(now_ms, None)
+
+
 class Fetcher:
     def __init__(
         self,
@@ -80,7 +85,14 @@ class Fetcher:
         await ctx.keys.current(owner)
         # A fetch that says it holds nothing (``fresh``: the worker acked its last task and this is
         # no retry) skips the pointer read; the write-ahead pointer is still written below.
-        row = WorkerRow(None, None) if req.fresh else await ctx.store.worker(q, req.worker_id)
+        # With nothing read there is no stamp to order after, and this worker's last pointer write
+        # may come from a bridge whose clock is ahead by up to the skew margin: ordered after that
+        # (stamped at the present, a retry of this fetch found the pointer it replaced).
+        row = (
+            WorkerRow(None, (ctx.clock.now_ms() + ctx.limits.skew_margin_ms) * 1000)
+            if req.fresh
+            else await ctx.store.worker(q, req.worker_id)
+        )
         held = row.pointer
         if held is not None and not held.done:
             delivery = await self._resend(q, req.worker_id, held, ttr, row.stamp)
@@ -91,8 +103,11 @@ class Fetcher:
         if delivery is None and req.wait_ms > 0:
             delivery = await self._wait_for_hint(a, req.wait_ms)
         if delivery is None and (a.stale_pointer or a.attempted):
-            # Our write-ahead pointer names a task we did not get: drop it.
-            await ctx.store.clear_worker(q, a.worker, next_stamp(ctx.clock.now_ms(), a.stamp))
+            # Our write-ahead pointer names a task we did not get: drop it. Stamped just after the
+            # write it undoes (ours, or the stale one read), not at the present: a pointer another
+            # fetch of this worker wrote meanwhile (an orphaned long-poll that claimed a task for
+            # it) must survive, or that task stays leased to the worker and no fetch returns it.
+            await ctx.store.clear_worker(q, a.worker, _after(a.stamp, ctx.clock.now_ms()))
         return delivery
 
     async def _resend(
@@ -322,7 +337,7 @@ class Fetcher:
         except KeyMissing:
             # Let the worker move on to other tasks; this lease runs out and the task is offered
             # again later (by then, perhaps, with its key back).
-            await ctx.store.clear_worker(q, worker, next_stamp(ctx.clock.now_ms(), stamp))
+            await ctx.store.clear_worker(q, worker, _after(stamp, ctx.clock.now_ms()))
             ctx.metrics.inc("deliveries_failed", reason="key_missing")
             log.error("task not delivered: its key is missing", extra={"task_id": str(task_id), "epoch": epoch})
             raise

@@ -1,0 +1,111 @@
+"""Races on the fetch path: two fetches of one worker id at once, stale pointers, clocks (real servers).
+
+Each test failed before its fix; the docstrings say what was wrong."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from bridge.client import ConnectionLost, Worker
+from tests.conftest import OWNERS, service_id, wait_for
+from tests.integration.test_client_resilience import _close_connection_named, _waiters
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+
+async def test_a_stale_pointer_clear_keeps_the_pointer_an_overlapping_fetch_just_wrote(
+    bridge, engine, servers, names, cql
+):
+    """As test_client_resilience's orphaned long-poll, but the worker had acked a task before
+    (through the one-LWT named ack, which leaves the pointer naming it). The second, not-fresh
+    long-poll reads that stale pointer (its resend fails: the task is done), waits, finds
+    nothing and then clears the pointer *blindly*, stamped with its own present: that wipes the
+    write-ahead pointer the orphaned fetch wrote meanwhile for the task it claimed. The worker's
+    next fetch (not fresh) then cannot get its task back: it stays leased for 60 s."""
+    svc = service_id()
+    conn_name = f"hunt-{uuid.uuid4().hex[:8]}"
+    w = Worker(
+        servers.amqp_url(OWNERS[0]) + f"?name={conn_name}",
+        service=svc,
+        worker_id="w1",
+        exchange=names["exchange"],
+        time_to_recover_ms=60_000,
+    )
+    await w.open()
+    try:
+        await engine.add(svc, {"n": 0})
+        t0 = await wait_for(w.fetch, 10.0, what="the first task")
+        assert await t0.ack("ok") is True  # tokenless named ack: the pointer still names t0
+
+        first = asyncio.create_task(w.fetch(wait_ms=8_000))  # fresh
+        await wait_for(lambda: _waiters(bridge) == 1, 10.0, what="the first long-poll waiting")
+        await asyncio.to_thread(_close_connection_named, conn_name)
+        with pytest.raises(ConnectionLost):
+            await asyncio.wait_for(first, 10.0)
+
+        second = asyncio.create_task(w.fetch(wait_ms=2_000))  # not fresh: reads the stale pointer
+        await wait_for(lambda: _waiters(bridge) == 2, 10.0, what="the orphan and the new long-poll waiting")
+        task_id = await engine.add(svc, {"n": 1})
+        assert await asyncio.wait_for(second, 10.0) is None  # the orphan took the hint
+        ks, tid = servers.keyspace, uuid.UUID(task_id)
+        lease = cql.execute(
+            f"SELECT state, worker FROM {ks}.leases WHERE owner=%s AND service=%s AND task_id=%s", (OWNERS[0], svc, tid)
+        ).one()
+        assert lease == {"state": "leased", "worker": "w1"}  # claimed for w1 by the orphan
+        pointer = cql.execute(
+            f"SELECT task_id FROM {ks}.workers WHERE owner=%s AND service=%s AND worker=%s", (OWNERS[0], svc, "w1")
+        ).one()
+        assert pointer["task_id"] == tid, f"w1's pointer was wiped: {pointer}"
+
+        again = await w.fetch()
+        assert again is not None and again.id == task_id, (
+            "the task leased to this worker by its orphaned long-poll is not handed back: the "
+            "overlapping fetch's clear of its stale pointer wiped the orphan's write-ahead pointer"
+        )
+    finally:
+        await w.close()
+
+
+def _fetch_req(svc: str, worker: str, **kw: object):  # type: ignore[no-untyped-def]
+    from bridge.domain.models import FetchRequest
+
+    return FetchRequest.model_validate({"serviceId": svc, "workerId": worker, "timeToRecover": 60_000, **kw})
+
+
+def _ack_req(svc: str, worker: str, task_id: str, epoch: int):  # type: ignore[no-untyped-def]
+    from bridge.domain.models import AckRequest
+
+    body = {"serviceId": svc, "workerId": worker, "taskId": task_id, "epoch": epoch, "hasToken": False, "result": 1}
+    return AckRequest.model_validate(body)
+
+
+async def test_a_fresh_fetch_on_a_bridge_behind_keeps_its_pointer_against_the_one_ahead(make_bridge, engine):
+    """Worker pointers are promised to be Lamport-stamped ("a write that causally follows another
+    always wins, whatever the clocks"). A ``fresh`` fetch skips the pointer read, so its
+    write-ahead is stamped with its own present only: on a bridge whose clock is behind the one
+    that wrote the previous pointer (within the margin), the new pointer loses last-write-wins and
+    the row keeps naming the previous, acked task. The worker's retry of that fetch (a lost
+    reply: not fresh) then does not get its task back: it stays leased to it until the lease ends."""
+    host = {"clock_source": "host", "clock_skew_margin": 1.0}
+    ahead = await make_bridge(clock_offset_ms=400, **host)
+    behind = await make_bridge(clock_offset_ms=-400, **host)
+    svc = service_id()
+    owner = OWNERS[0]
+    ids = [await engine.add(svc, {"n": i}) for i in range(2)]
+
+    first = await wait_for(
+        lambda: ahead.queue.fetch(owner, _fetch_req(svc, "w")), 10.0, what="the first task on the bridge ahead"
+    )
+    assert first.task_id == ids[0]
+    assert await behind.queue.ack(owner, _ack_req(svc, "w", first.task_id, first.epoch)) is True
+    second = await behind.queue.fetch(owner, _fetch_req(svc, "w", fresh=True))
+    assert second is not None and second.task_id == ids[1]
+    # The reply of that fetch was lost: the worker asks again, not fresh.
+    again = await behind.queue.fetch(owner, _fetch_req(svc, "w"))
+    assert again is not None and again.task_id == ids[1], (
+        "the task the fresh fetch leased to this worker is not handed again: its pointer write "
+        "lost last-write-wins to the previous pointer written by a bridge 800 ms ahead"
+    )
