@@ -189,7 +189,9 @@ class Settings(BaseSettings):
         description="How often the duty bridge refreshes the per-queue gauges, seconds (0: no gauges). Each "
         "refresh reads 3 statements per queue (4 more for a queue with ready tasks).",
     )
-    redrive_rate: float = Field(50.0, gt=0, le=10_000, description="Parked tasks put back per second by redrive.")
+    redrive_rate: float = Field(
+        50.0, gt=0, le=10_000, description="Parked tasks put back per second per queue by this bridge's redrives."
+    )
     reconcile_interval: float = Field(
         30.0,
         ge=0,

@@ -486,10 +486,23 @@ class Task:
     # An ack, ack_error or fail of this task was answered: a heartbeat has nothing left to keep
     # (one that raised may be retried, so the lease is kept until an answer).
     _settled: bool = field(default=False, repr=False)
+    # An ack, ack_error or fail of this task is on its way: a beat answered false meanwhile may be
+    # the bridge seeing that ack applied already (ack and extend go through different queues), not
+    # a loss; the answer to the ack says which.
+    _settling: int = field(default=0, repr=False)
+
+    @contextlib.asynccontextmanager
+    async def _settling_it(self) -> AsyncIterator[None]:
+        self._settling += 1
+        try:
+            yield
+        finally:
+            self._settling -= 1
 
     async def ack(self, result: Any = None) -> bool:
         """Complete this task (never another one): true if this lease completed it."""
-        done = await self.worker.ack(result=result, task_id=self.id, epoch=self.epoch, has_token=self.has_token)
+        async with self._settling_it():
+            done = await self.worker.ack(result=result, task_id=self.id, epoch=self.epoch, has_token=self.has_token)
         self._settled = True  # answered (a request without an answer may be retried: keep the lease)
         return done
 
@@ -498,7 +511,8 @@ class Task:
         work was done and its answer is an error. For a failure to do the work, see :meth:`fail`."""
         if error is None:  # on the wire that is an ack with a null result: a success
             raise ValueError("a business error cannot be None")
-        done = await self.worker.ack(error=error, task_id=self.id, epoch=self.epoch, has_token=self.has_token)
+        async with self._settling_it():
+            done = await self.worker.ack(error=error, task_id=self.id, epoch=self.epoch, has_token=self.has_token)
         self._settled = True
         return done
 
@@ -508,7 +522,8 @@ class Task:
         (any JSON) is kept as its last error. None if the task is no longer this worker's.
 
         Before 1.4 this completed the task with a business error: that is :meth:`ack_error`."""
-        outcome = await self.worker.fail(error, retry_in_ms=retry_in_ms, task_id=self.id, epoch=self.epoch)
+        async with self._settling_it():
+            outcome = await self.worker.fail(error, retry_in_ms=retry_in_ms, task_id=self.id, epoch=self.epoch)
         self._settled = True
         return outcome
 
@@ -518,7 +533,7 @@ class Task:
         the task is no longer this worker's."""
         renewed = await self.worker._renew(ttr_ms, task_id=self.id, epoch=self.epoch)
         if renewed is None:
-            if not self._settled:  # false after our own ack is expected, not a loss
+            if not self._settled and not self._settling:  # false after our own ack is expected, not a loss
                 self.lost = True
             return False
         self._renewed(renewed)

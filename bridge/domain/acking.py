@@ -111,6 +111,11 @@ class Acker:
         self.ctx.metrics.inc("acks_without_task_id")
         if held is None:
             return None
+        if req.epoch is not None and req.epoch != held.epoch:
+            # The contract: with an epoch, an ack from an earlier lease of the task is false, with
+            # or without its taskId (the worker may hold the same task again, at a later epoch).
+            self.ctx.metrics.inc("acks_refused", reason="epoch")
+            return None
         granted = held.granted_at_ms
         if not held.done and sent_before_ms is not None and granted is not None and sent_before_ms <= granted:
             # Sent before the worker was handed its current task: a late copy of an earlier ack.

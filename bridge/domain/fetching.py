@@ -53,6 +53,11 @@ class _Attempt:
     attempted: bool = False
 
 
+def _was_delayed(task_id: uuid.UUID, payload: Payload) -> bool:
+    """Added with a delay: its id holds its due time, later than when it was added."""
+    return payload.created_at_ms is not None and ms_of(task_id) > payload.created_at_ms
+
+
 def _after(stamp: int | None, now_ms: int) -> int:
     """The stamp of a write that undoes the pointer write stamped ``stamp``, and nothing later."""
     return stamp + 1 if stamp is not None else next_stamp(now_ms, None)
@@ -254,7 +259,12 @@ class Fetcher:
                 await self._rearm(q, entry, cur.lease_until_ms or now, now)
             self.ctx.metrics.inc("claim_conflicts")
             return None, stamp
-        if not recovered or await self._was_redriven(q, entry):  # a re-claim stays in flight (counting)
+        if not recovered and payload is not None and _was_delayed(task_id, payload):
+            # Taken off the due minute its add counted it under: within that minute stats count
+            # it delayed, and a -1 from ready would have hidden a ready task until the minute ended.
+            self.ctx.count_delayed(q, ms_of(task_id), -1)
+            self.ctx.count(q, ms_of(task_id), in_flight=1)
+        elif not recovered or await self._was_redriven(q, entry):  # a re-claim stays in flight (counting)
             self.ctx.count(q, ms_of(task_id), ready=-1, in_flight=1)
         if read_failed is not None:
             raise read_failed

@@ -134,6 +134,9 @@ class Lifecycle:
         self.soon = soon  # ``WorkQueue.soon``: a timer of this bridge for a deadline moments away
         self.hints = hints  # purge drops its queue's hints
         self.settle_ms = settle_ms  # the dispatcher's: how late an index write may land (cursor)
+        # Redrive's pace per queue, shared by every redrive request this bridge serves side by side
+        # (the pause was per request: two requests at once went twice as fast).
+        self._redrive_pace: dict[QueueKey, tuple[asyncio.Lock, list[float]]] = {}
 
     @property
     def store(self) -> TaskStore:
@@ -352,8 +355,7 @@ class Lifecycle:
             lease = await self.store.lease(q, task_id, serial=False)
             if lease is None or lease.state is not LeaseState.PARKED:
                 continue
-            if done:
-                await asyncio.sleep(interval)
+            await self._paced(q, interval)
             now = ctx.clock.now_ms()
             until = now - ctx.limits.skew_margin_ms  # claimable at once
             has_token = bool(lease.has_token)
@@ -363,12 +365,27 @@ class Lifecycle:
             if not res.applied:
                 continue
             self.soon(watch, now)
-            await self.store.remove_parked(q, task_id)
+            # Only this park's row: the task may be claimed and parked again (at a later epoch)
+            # before this delete lands, and that park's row must stay.
+            await self.store.remove_parked(q, task_id, epoch=lease.epoch)
             # Ready again (waiting for a worker); its claim moves it to in flight (the hint says so).
             ctx.count(q, ms_of(task_id), ready=1)
             ctx.metrics.inc("tasks_redriven")
             done += 1
         return done
+
+    async def _paced(self, q: QueueKey, interval: float) -> None:
+        """Wait for this queue's next redrive slot on this bridge (``interval`` apart)."""
+        if q not in self._redrive_pace:
+            if len(self._redrive_pace) >= 1_000:  # queues redriven long ago: their slots have passed
+                self._redrive_pace.clear()
+            self._redrive_pace[q] = (asyncio.Lock(), [0.0])
+        lock, next_at = self._redrive_pace[q]
+        loop = asyncio.get_running_loop()
+        async with lock:
+            if (wait := next_at[0] - loop.time()) > 0:
+                await asyncio.sleep(wait)
+            next_at[0] = loop.time() + interval
 
     async def discard(self, owner: str, service: str, task_ids: list[uuid.UUID]) -> int:
         q = QueueKey(owner, service)
@@ -429,13 +446,15 @@ class Lifecycle:
             lease = await self.store.lease(q, task_id, serial=True)
             now = ctx.clock.now_ms()
             if lease is None:
-                if not await self.store.task_exists(q, task_id):
+                payload = await self.store.payload(q, task_id)
+                if payload is None:
                     return False
                 res = await self.store.cancel(q, task_id, None, 0)
                 if res.applied:
                     due = ms_of(task_id)
-                    if due > now:
-                        ctx.count_delayed(q, due, -1)
+                    created = payload.created_at_ms
+                    if due > now or (created is not None and due > created):
+                        ctx.count_delayed(q, due, -1)  # under the due minute its add counted it
                     else:
                         ctx.count(q, due, ready=-1)
                     return self._cancelled(task_id)
@@ -445,7 +464,7 @@ class Lifecycle:
             res = await self.store.cancel(q, task_id, lease.state, lease.epoch)
             if res.applied:
                 if lease.state is LeaseState.PARKED:
-                    await self.store.remove_parked(q, task_id)
+                    await self.store.remove_parked(q, task_id, epoch=lease.epoch)
                 elif lease.base_epoch == lease.epoch:
                     ctx.count(q, ms_of(task_id), ready=-1)  # redriven, not claimed since
                 else:

@@ -357,7 +357,7 @@ class RecoveryScheduler:
         limit = ctx.limits.delivery_limit(q, (await self.store.task_options(q, entry.task_id)).max_deliveries)
         if lease.deliveries_counted >= limit:
             has_token = lease.has_token if lease.has_token is not None else entry.has_token
-            await self.queue.lifecycle.park(
+            parked = await self.queue.lifecycle.park(
                 q,
                 entry.task_id,
                 lease.epoch,
@@ -366,7 +366,7 @@ class RecoveryScheduler:
                 lease.deliveries_counted,
                 expired_before_ms=now - self.queue.skew_margin_ms,
             )
-            return True
+            return parked or await self._watch_if_renewed(entry, now, bucket)
         # Re-expose it in the recovered lane. The id is derived from (task, epoch, time
         # of this second) so instances running the same pass write the same row.
         seq_ms = max(until, now - now % 1000)
@@ -387,6 +387,24 @@ class RecoveryScheduler:
             extra={"task_id": str(entry.task_id), "epoch": entry.epoch, "owner": q.owner, "service": q.service},
         )
         return True
+
+    async def _watch_if_renewed(self, entry: ExpiryEntry, now: int, bucket: int) -> bool:
+        """A park refused: completed, re-claimed or cancelled meanwhile (final for this entry), or
+        renewed at the last moment (an extend or a resend after the deadline, which the contract
+        allows). Extends file no deadline of their own: the later one is watched here, or nobody
+        would take the task back if that worker died (it stayed leased until its TTL)."""
+        margin = self.queue.skew_margin_ms
+        lease = (await self.store.leases_of(entry.queue, [entry.task_id])).get(entry.task_id)
+        if lease is None or not lease.is_leased or lease.epoch != entry.epoch or lease.lease_until_ms is None:
+            return True
+        if not lease.not_claimable_before(now, margin):
+            return False  # still expired (the park failed otherwise): the next pass tries again
+        until = lease.lease_until_ms
+        again = expiry_bucket(until + margin)
+        await self.store.watch_expiry(
+            again, ExpiryEntry(until, entry.queue, entry.task_id, lease.epoch, entry.has_token)
+        )
+        return again != bucket
 
     def handle_soon(self, entry: ExpiryEntry, handled: set[EntryKey] | None = None) -> None:
         """Handle one timer-wheel entry at its time, on this bridge (``WorkQueue.soon``). Best

@@ -1,0 +1,77 @@
+"""Promises of the wire contract (docs/asyncapi.yaml) that the bridge did not keep, on the real servers.
+Each test failed before its fix."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from tests.conftest import OWNERS, service_id, wait_for
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+
+async def test_an_ack_naming_an_earlier_epoch_without_task_id_is_false(
+    make_bridge: Any, engine: Any, workers: Any
+) -> None:
+    """docs/asyncapi.yaml, AckRequestPayload.epoch: "The task.epoch of the fetch reply: the lease this
+    ack is for. With it, an ack from an earlier lease of the same task (before it was recovered and
+    handed out again) is answered false." Here the ack names epoch 1 (and no taskId)."""
+    await make_bridge(clock_skew_margin=0.05)
+    svc = service_id()
+    await engine.add(svc, "the one task")
+    w, other = await workers(svc, "w"), await workers(svc, "other")
+    first = await w.call("fetch", {"serviceId": svc, "workerId": "w", "timeToRecover": 100})
+    assert first["task"]["epoch"] == 1
+
+    async def taken_by(worker: Any, name: str, epoch: int) -> bool:
+        reply = await worker.call("fetch", {"serviceId": svc, "workerId": name, "timeToRecover": 100})
+        return "task" in reply and reply["task"]["epoch"] == epoch
+
+    await wait_for(lambda: taken_by(other, "other", 2), 10, what="the other worker takes the task (epoch 2)")
+
+    # The same worker gets it back later, at epoch 3 (the other worker's lease ran out as well).
+    async def back_to_w() -> bool:
+        reply = await w.call("fetch", {"serviceId": svc, "workerId": "w", "timeToRecover": 60_000})
+        return "task" in reply and reply["task"]["epoch"] == 3
+
+    await wait_for(back_to_w, 10, what="w holds the task again (epoch 3)")
+    # A late ack of w's first lease: it names that lease's epoch.
+    late = await w.call("ack", {"serviceId": svc, "workerId": "w", "epoch": 1, "result": "from lease 1"})
+    assert late["result"] is False, "an ack naming epoch 1 completed the task at epoch 3"
+
+
+async def test_stats_of_a_claimed_delayed_task_hide_no_ready_one(make_bridge: Any, engine: Any, workers: Any) -> None:
+    """docs/asyncapi.yaml, ServiceStats: ``ready`` "Claimable now", ``inFlight`` "Leased to a
+    worker", ``delayed`` "Added with a delay that has not passed yet"; the counts "may lag by about
+    a second". A delayed task comes due and is claimed, then a plain task is added."""
+    await make_bridge()
+    svc = service_id()
+    # Within one minute of the clock (the bridge keeps delayed counts per minute).
+    await wait_for(lambda: time.time() % 60 < 40, 25, interval=0.2, what="a minute with time left")
+    delayed = await engine.call("add", {"serviceId": svc, "value": "soon", "delayMs": 300}, owner=OWNERS[0])
+    w = await workers(svc, "w")
+    got: dict[str, Any] = {}
+
+    async def claimed() -> bool:
+        got.update(await w.call("fetch", {"serviceId": svc, "workerId": "w"}))
+        return "task" in got
+
+    await wait_for(claimed, 10, what="the delayed task handed out once due")
+    assert got["task"]["id"] == delayed["task"]["id"]
+    await engine.add(svc, "plain, ready")
+    want = {"ready": 1, "inFlight": 1, "delayed": 0}
+    last: dict[str, Any] = {}
+
+    async def settled() -> bool:
+        stats = await engine.call("stats", {"serviceId": svc}, owner=OWNERS[0])
+        [row] = stats["result"]["services"]
+        last.update(row)
+        return {k: row[k] for k in want} == want
+
+    try:
+        await wait_for(settled, 8, interval=0.25, what=f"stats {want}")
+    except AssertionError:
+        pytest.fail(f"want {want}; 8 s on, stats says {last}")
