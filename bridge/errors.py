@@ -21,8 +21,10 @@ Exception hierarchy::
     ├── Unavailable ........................... unavailable (retryable)
     │   ├── KeyMissing
     │   ├── MaybeApplied (a timed-out write: never repeat a counter increment)
+    │   ├── NotSent (never reached Cassandra: certainly not applied)
     │   └── StorageError                                          bridge.storage.errors
     │       ├── StorageUnavailable
+    │       │   └── StorageNotSent (also a NotSent)
     │       └── UnknownOutcome (also a MaybeApplied)
     ├── InvalidQuery .......................... internal (a bug)   bridge.storage.errors
     ├── CryptoError ........................... (per subclass)     bridge.crypto.errors

@@ -14,6 +14,7 @@ __all__ = [
     "IntegrityError",
     "KeyMissing",
     "MaybeApplied",
+    "NotSent",
     "PayloadTooLarge",
     "Unauthorized",
     "Unavailable",
@@ -54,6 +55,10 @@ class Unavailable(BridgeError):
 class MaybeApplied(Unavailable):
     """A write timed out after it was sent: it may or may not have been applied. Retrying the
     same request is safe only for an idempotent write; a counter increment must not be repeated."""
+
+
+class NotSent(Unavailable):
+    """The request never reached Cassandra (no host reachable): certainly not applied."""
 
 
 class KeyMissing(Unavailable):

@@ -169,19 +169,27 @@ class WorkQueue:
             payload = replace(payload, max_deliveries=cmd.max_deliveries, priority=cmd.priority)
         return PendingAdd(q, task_id, payload, due, token_json is not None, cmd.priority)
 
-    async def store_add(self, add: PendingAdd, *, message_id: str | None, first_copy: bool = False) -> str:
+    async def store_add(
+        self,
+        add: PendingAdd,
+        *,
+        message_id: str | None,
+        first_copy: bool = False,
+        replaces: uuid.UUID | None = None,
+    ) -> str:
         """Store a prepared add; its task id (or, for a repeated ``message_id``, the first copy's).
 
         ``first_copy``: ``message_id`` only guards against a redelivery of this very message (no
         other copy of it can exist yet), so it is recorded with plain writes beside the task,
         not claimed by an LWT; a redelivered copy (``first_copy`` false) then finds it through
         the LWT path. Storing the same ``add`` again (a retry after an error) writes the same
-        rows: it never makes a second task."""
+        rows: it never makes a second task. ``replaces``: the task id of an earlier attempt of
+        this very add that certainly stored nothing but may have recorded ``message_id``."""
         ctx = self.ctx
         q, task_id, payload, due = add.q, add.task_id, add.payload, add.due_ms
         now = ctx.clock.now_ms()
         if message_id and not first_copy:
-            existing = await self._dedupe(q, message_id, task_id, now)
+            existing = await self._dedupe(q, message_id, task_id, now, replaces)
             if existing is not None:
                 return str(existing)
         self._register(q)
@@ -224,12 +232,19 @@ class WorkQueue:
             self._registered.clear()
         self.ctx.background.spawn(self.ctx.store.register_service(q), "register service")
 
-    async def _dedupe(self, q: QueueKey, message_id: str, task_id: uuid.UUID, now: int) -> uuid.UUID | None:
+    async def _dedupe(
+        self, q: QueueKey, message_id: str, task_id: uuid.UUID, now: int, replaces: uuid.UUID | None = None
+    ) -> uuid.UUID | None:
         """The task an earlier copy of this add stored, or None if this copy is to store it."""
         store = self.ctx.store
         existing = await store.record_message_id(q, message_id, task_id)
         if existing is None or existing == task_id:
             return None  # ours (an earlier attempt of this very add recorded it): store the task
+        if existing == replaces:
+            # Our own earlier attempt, which stored nothing: the record moves to this attempt's id.
+            if not await store.replace_message_id(q, message_id, existing, task_id):
+                raise Unavailable("concurrent add with the same message_id; retry later")
+            return None
         if await store.task_exists(q, existing):
             # A redelivery or a retried publish: same task. Index it again in case the first
             # attempt died between its two writes.

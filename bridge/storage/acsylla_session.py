@@ -9,7 +9,7 @@ both in C++: measured side by side here (``benchmarks/drivers.py``), a statement
 What this adapter must keep equal to the other one (the domain and the tests rely on it):
 - rows are dicts whose uuid and timeuuid columns are :class:`uuid.UUID` (acsylla gives strings);
 - write timestamps come from the bridge's clock (``now_ms``), strictly increasing;
-- errors map to the same storage errors: a statement never sent is ``StorageUnavailable``; a
+- errors map to the same storage errors: a statement never sent is ``StorageNotSent``; a
   conditional write whose outcome is unknown (a timeout, a connection lost under it) is
   ``UnknownOutcome``; invalid CQL is a bug and raised as :class:`InvalidQuery`;
 - a statement that is not idempotent is never retried by the driver (``fallthrough`` policy).
@@ -30,7 +30,7 @@ from acsylla import errors as cass
 
 from bridge.config import Settings
 from bridge.storage.cassandra import ClockTimestamps
-from bridge.storage.errors import InvalidQuery, StorageUnavailable, UnknownOutcome
+from bridge.storage.errors import InvalidQuery, StorageNotSent, StorageUnavailable, UnknownOutcome
 from bridge.storage.schema import uuid_columns
 from bridge.storage.session import Row
 
@@ -215,7 +215,7 @@ def _storage_error(exc: BaseException, *, lwt: bool) -> Exception:
     if isinstance(exc, _INVALID):
         return InvalidQuery(str(exc))
     if isinstance(exc, _NOT_SENT):
-        return StorageUnavailable(f"cassandra unavailable: {type(exc).__name__}")
+        return StorageNotSent(f"cassandra unavailable: {type(exc).__name__}")
     # A timeout, a connection lost under the request, a failure on a replica: a conditional write
     # may still be applied later (CASSANDRA-9328); a plain statement is simply retried.
     if lwt:

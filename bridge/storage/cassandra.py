@@ -47,7 +47,7 @@ from cassandra.policies import (
 from cassandra.query import BatchStatement, BatchType, PreparedStatement, dict_factory
 
 from bridge.config import Settings
-from bridge.storage.errors import InvalidQuery, StorageUnavailable, UnknownOutcome
+from bridge.storage.errors import InvalidQuery, StorageNotSent, StorageUnavailable, UnknownOutcome
 
 _CL = {
     "LOCAL_QUORUM": ConsistencyLevel.LOCAL_QUORUM,
@@ -268,7 +268,7 @@ class CassandraSession:
             raise  # a bug in our CQL or bind values, not an outage
         except NoHostAvailable as exc:
             # Never sent anywhere: not applied, whatever the statement.
-            raise StorageUnavailable("cassandra unavailable: no host available") from exc
+            raise StorageNotSent("cassandra unavailable: no host available") from exc
         except (WriteTimeout, OperationTimedOut, Unavailable) as exc:
             if lwt and not isinstance(exc, Unavailable):
                 # A conditional write that timed out may still be applied later (CASSANDRA-9328).

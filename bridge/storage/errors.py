@@ -4,7 +4,7 @@ The Cassandra adapter raises these from its driver's errors; nothing above the a
 know them apart from ``Unavailable``.
 """
 
-from bridge.domain.errors import BridgeError, MaybeApplied, Unavailable
+from bridge.domain.errors import BridgeError, MaybeApplied, NotSent, Unavailable
 
 
 class StorageError(Unavailable):
@@ -13,6 +13,10 @@ class StorageError(Unavailable):
 
 class StorageUnavailable(StorageError):
     """Cassandra cannot be reached or timed out: the caller should answer `unavailable` or retry."""
+
+
+class StorageNotSent(StorageUnavailable, NotSent):
+    """No host could take the request: it was never sent, so it was certainly not applied."""
 
 
 class UnknownOutcome(StorageError, MaybeApplied):

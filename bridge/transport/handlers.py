@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -17,9 +18,10 @@ import structlog
 from pydantic import BaseModel
 
 from bridge.config import Settings
-from bridge.domain.errors import BadRequest
+from bridge.domain.errors import BadRequest, NotSent
 from bridge.domain.models import AckWithNextRequest, AddCommand, FetchRequest, parse
 from bridge.domain.queue import PendingAdd, WorkQueue
+from bridge.domain.timeline import ms_of
 from bridge.errors import BridgeError, ErrorCode, wire_code
 from bridge.observability.tracing import child_traceparent, extract_traceparent
 from bridge.transport import wire
@@ -43,6 +45,10 @@ from bridge.transport.topology import ROUTING_KEYS
 log = logging.getLogger("bridge.amqp")
 
 ADD_RETRY_BUDGET_S = RETRY_BUDGET_S
+# An add retried in place keeps its task id only while that id is this fresh: the dispatchers move
+# their cursors past entries older than their settle window (the skew margin + 1 s), and a row
+# landing behind a cursor is never scanned again.
+ADD_ID_FRESH_MS = 500
 INTERNAL_MESSAGE = "internal error; the request was dead-lettered, see the bridge log"
 
 R = TypeVar("R", bound=BaseModel)
@@ -137,18 +143,34 @@ class RequestHandlers:
         delay = 0.1
         give_up = time.monotonic() + ADD_RETRY_BUDGET_S
         pending: PendingAdd | None = None
+        replaces: uuid.UUID | None = None
         while True:
             try:
                 if pending is None:
                     pending = await self.queue.prepare_add(owner, cmd, traceparent=traceparent)
-                return await self.queue.store_add(pending, message_id=key.key, first_copy=key.first_copy)
+                return await self.queue.store_add(
+                    pending, message_id=key.key, first_copy=key.first_copy, replaces=replaces
+                )
             except BridgeError as exc:
                 retry = fate_of(wire_code(exc), "add").retry
                 if not retry or time.monotonic() + delay > give_up or not self._consuming():
                     raise
+                if isinstance(exc, NotSent) and self._stale(pending):
+                    # Its id (its place in the ready index) would land behind where the dispatchers
+                    # have moved on by now, and no scan would find it. Nothing of it reached
+                    # Cassandra, so the next attempt gets a new id. (An attempt that timed out may
+                    # still land: it keeps its id, or the add could become two tasks.)
+                    replaces = pending.task_id if pending is not None else replaces
+                    pending = None
                 log.warning("add failed (%s), retrying in %.1fs", exc.message, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    def _stale(self, pending: PendingAdd | None) -> bool:
+        """The prepared task's id is older than a write may land behind the dispatchers' cursors."""
+        if pending is None or pending.due_ms is not None:
+            return False  # a delayed task's id is its due time: no scan passes it before then
+        return self.queue.clock.now_ms() - ms_of(pending.task_id) > ADD_ID_FRESH_MS
 
     # -- fetch and ack (RPCs) ---------------------------------------------------------------------
     async def fetch(self, message: RequestMessage) -> str:

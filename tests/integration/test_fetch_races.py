@@ -10,6 +10,7 @@ import uuid
 import pytest
 
 from bridge.client import ConnectionLost, Worker
+from bridge.domain.records import LANE_FRESH, QueueKey
 from tests.conftest import OWNERS, service_id, wait_for
 from tests.integration.test_client_resilience import _close_connection_named, _waiters
 
@@ -109,3 +110,59 @@ async def test_a_fresh_fetch_on_a_bridge_behind_keeps_its_pointer_against_the_on
         "the task the fresh fetch leased to this worker is not handed again: its pointer write "
         "lost last-write-wins to the previous pointer written by a bridge 800 ms ahead"
     )
+
+
+async def test_an_add_retried_in_place_never_lands_behind_the_scan_position(make_bridge, engine, workers, monkeypatch):
+    """An add whose store failed (``unavailable``) is retried in place for up to 30 s with the
+    same prepared task, so its task id (its place in the ready index) is the time of the first
+    attempt. Meanwhile a later task was added, claimed and acked, and a scan moved the lane's
+    position past it once it was older than the settle window (margin + 1 s). The retried add's
+    row then landed *behind* the position: with hints off (every fetch scans) no fetch ever found
+    it, though the add was answered (with hints on, the same for reconciliation when its hint is
+    lost). An attempt that never reached Cassandra is now retried under a new id."""
+    from bridge.storage.errors import StorageNotSent
+
+    b = await make_bridge(hints=False)
+    store = b.queue.ctx.store
+    real = store.store_task
+    late: list[uuid.UUID] = []
+    released = asyncio.Event()
+
+    async def store_task(q, task_id, payload, **kw):  # type: ignore[no-untyped-def]
+        if not late:
+            late.append(task_id)
+        if task_id == late[0] and not released.is_set():
+            raise StorageNotSent("cassandra unavailable: no host available (injected)")
+        await real(q, task_id, payload, **kw)
+
+    monkeypatch.setattr(store, "store_task", store_task)
+    svc = service_id()
+    add_late = asyncio.create_task(engine.add(svc, "retried in place"))
+    await wait_for(lambda: late, 10.0, what="the first add's first attempt failing")
+
+    later = await engine.add(svc, "added meanwhile")
+    w = await workers(svc, "w")
+    got = await w.fetch()
+    assert got is not None and got.id == later
+    assert await got.ack("ok") is True
+
+    lane = (QueueKey(OWNERS[0], svc), LANE_FRESH)
+
+    async def position_passed_the_acked_task() -> bool:
+        assert await w.fetch() is None
+        pos = b.queue.dispatcher._lanes[lane].position
+        return pos is not None and pos[1] is not None and pos[1] == uuid.UUID(later)
+
+    # Once the acked task is older than the settle window (margin + 1 s), a scan moves past it.
+    await wait_for(position_passed_the_acked_task, 10.0, interval=0.2, what="the position past the acked task")
+
+    released.set()
+    late_id = await asyncio.wait_for(add_late, 15.0)  # answered: the add is accepted
+    assert uuid.UUID(late_id) != late[0], "retried under its first, stale id"
+
+    async def handed_out() -> bool:
+        found = await w.fetch()
+        assert found is None or found.id == late_id
+        return found is not None
+
+    await wait_for(handed_out, 8.0, interval=0.2, what="the task of the add retried in place")

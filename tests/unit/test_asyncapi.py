@@ -719,7 +719,9 @@ class _WorkQueue:
             raise self.error
         return cmd
 
-    async def store_add(self, pending: AddCommand, *, message_id: str | None, first_copy: bool = False) -> str:
+    async def store_add(
+        self, pending: AddCommand, *, message_id: str | None, first_copy: bool = False, replaces: object = None
+    ) -> str:
         return TASK_ID
 
     async def fetch(self, owner: str, req: FetchRequest) -> Delivery | None:

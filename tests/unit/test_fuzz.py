@@ -112,7 +112,9 @@ class _Queue:
         jsonvalue.dumps(cmd.value)  # the real queue serializes (and may refuse) the value
         return cmd
 
-    async def store_add(self, pending: AddCommand, *, message_id: str | None, first_copy: bool = False) -> str:
+    async def store_add(
+        self, pending: AddCommand, *, message_id: str | None, first_copy: bool = False, replaces: object = None
+    ) -> str:
         return str(uuid.uuid4())
 
     async def fetch(self, owner: str, req: FetchRequest) -> Delivery | None:
