@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import uuid
+from typing import Any
 
 import pytest
 
@@ -32,6 +33,20 @@ def _close_connection_named(name: str) -> None:
     raise AssertionError(f"no broker connection named {name}: {out}")
 
 
+async def named_worker(servers: Any, names: dict[str, str], svc: str) -> tuple[Worker, str]:
+    """Worker ``w1`` (60 s leases) on a connection named so that the broker can close it."""
+    conn_name = f"resilience-{uuid.uuid4().hex[:8]}"
+    w = Worker(
+        servers.amqp_url(OWNERS[0]) + f"?name={conn_name}",
+        service=svc,
+        worker_id="w1",
+        exchange=names["exchange"],
+        time_to_recover_ms=60_000,
+    )
+    await w.open()
+    return w, conn_name
+
+
 def _waiters(bridge) -> int:  # type: ignore[no-untyped-def]
     return sum(len(x.waiters) for x in bridge.hints._waiting.values())
 
@@ -48,15 +63,7 @@ async def test_a_task_claimed_by_a_long_poll_whose_reply_was_lost_is_handed_back
     until its lease (here 60 s) ran out. Until the lost fetch's deadline has passed, the client
     now fetches without ``fresh``, and gets the task at once."""
     svc = service_id()
-    conn_name = f"hunt-{uuid.uuid4().hex[:8]}"
-    w = Worker(
-        servers.amqp_url(OWNERS[0]) + f"?name={conn_name}",
-        service=svc,
-        worker_id="w1",
-        exchange=names["exchange"],
-        time_to_recover_ms=60_000,
-    )
-    await w.open()
+    w, conn_name = await named_worker(servers, names, svc)
     try:
         first = asyncio.create_task(w.fetch(wait_ms=8_000))
         await wait_for(lambda: _waiters(bridge) == 1, 10.0, what="the first long-poll waiting")

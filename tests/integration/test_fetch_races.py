@@ -9,10 +9,10 @@ import uuid
 
 import pytest
 
-from bridge.client import ConnectionLost, Worker
+from bridge.client import ConnectionLost
 from bridge.domain.records import LANE_FRESH, QueueKey
 from tests.conftest import OWNERS, service_id, wait_for
-from tests.integration.test_client_resilience import _close_connection_named, _waiters
+from tests.integration.test_client_resilience import _close_connection_named, _waiters, named_worker
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -27,15 +27,7 @@ async def test_a_stale_pointer_clear_keeps_the_pointer_an_overlapping_fetch_just
     write-ahead pointer the orphaned fetch wrote meanwhile for the task it claimed. The worker's
     next fetch (not fresh) then cannot get its task back: it stays leased for 60 s."""
     svc = service_id()
-    conn_name = f"hunt-{uuid.uuid4().hex[:8]}"
-    w = Worker(
-        servers.amqp_url(OWNERS[0]) + f"?name={conn_name}",
-        service=svc,
-        worker_id="w1",
-        exchange=names["exchange"],
-        time_to_recover_ms=60_000,
-    )
-    await w.open()
+    w, conn_name = await named_worker(servers, names, svc)
     try:
         await engine.add(svc, {"n": 0})
         t0 = await wait_for(w.fetch, 10.0, what="the first task")

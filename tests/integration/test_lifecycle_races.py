@@ -11,48 +11,14 @@ from typing import Any
 
 import pytest
 
-from bridge.client.rpc import Engine, Worker
+from bridge.client.rpc import Engine
 from bridge.domain.records import QueueKey
 from tests.conftest import OWNERS, service_id, wait_for
 
+# The helpers of the lifecycle tests: one copy for both files.
+from tests.integration.test_lifecycle import FAST, call, fetch_until, parked_ids, stats_row
+
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
-
-MARGIN_S = 0.2
-FAST = {"clock_skew_margin": MARGIN_S, "retry_base_ms": 200, "retry_cap_ms": 400}
-
-
-async def call(client: Any, method: str, body: dict[str, Any]) -> dict[str, Any]:
-    if isinstance(client, Engine):
-        return await client.call(method, body, owner=OWNERS[0])
-    return await client.call(method, body)
-
-
-async def fetch_raw(w: Worker, ttr: int | None = None) -> dict[str, Any] | None:
-    body: dict[str, Any] = {"serviceId": w.service, "workerId": w.worker_id}
-    if ttr is not None:
-        body["timeToRecover"] = ttr
-    reply = await w.call("fetch", body)
-    return reply if "task" in reply else None
-
-
-async def fetch_until(w: Worker, timeout: float, ttr: int | None = None) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        reply = await fetch_raw(w, ttr)
-        if reply is not None:
-            return reply
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"no task for {w.worker_id} within {timeout}s")
-
-
-async def parked_ids(engine: Engine, svc: str) -> list[str]:
-    reply = await call(engine, "parked", {"serviceId": svc})
-    return [t["id"] for t in reply["result"]["tasks"]]
-
-
-async def stats_row(engine: Engine, svc: str) -> dict[str, Any]:
-    [row] = (await call(engine, "stats", {"serviceId": svc}))["result"]["services"]
-    return row
 
 
 async def add_limited(engine: Engine, svc: str, value: Any, limit: int) -> str:
