@@ -20,9 +20,12 @@ async def test_abandoned_task_goes_to_next_worker_and_late_ack_loses(bridge, eng
     async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
         task_id = await engine.add(svc, {"job": 1}, token={"processId": "p"})
         first, second = await workers(svc, "first"), await workers(svc, "second")
+        # Before the fetch is sent: the lease starts at the bridge between this moment and the
+        # reply (taken after the reply, a loaded machine's slow reply made a correct redelivery
+        # look 20 ms early).
+        fetched_at = time.monotonic()
         lost = await first.fetch(time_to_recover_ms=500)
         assert lost is not None and lost.id == task_id
-        fetched_at = time.monotonic()
         # The first worker vanishes. The second polls until it gets the task: after the lease
         # plus the clock skew margin, plus a timer or a scheduler tick.
         got = await wait_for(second.fetch, 3.0, interval=0.02, what="recovered task")
