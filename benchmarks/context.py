@@ -24,6 +24,7 @@ HOST = "127.0.0.1"  # benchmarks never target anything else
 KEYSPACE = "qb_bench"
 ENGINE_USER = "engine"
 OWNER = "worker-a"
+CASSANDRA_REQUESTS = "queue_bridge_cassandra_requests"  # the bridges' counter, by statement
 OWNERS = ("engine", "worker-a", "worker-b", "guest")
 
 # Tables for B-lwt and B-write, shaped like the bridge's `leases` and `ready` rows.
@@ -222,6 +223,24 @@ class Bench:
                 if m and not m.group(1).endswith("_created"):
                     out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
         return out
+
+    async def statements(self) -> dict[str, float]:
+        """Cassandra requests sent by the running bridges, by statement (empty without --metrics)."""
+        import urllib.request
+
+        total: dict[str, float] = {}
+        for b in self.bridges:
+            port = self.metrics_ports.get(b.name)
+            if port is None:
+                continue
+            url = f"http://{HOST}:{port}/metrics"
+            text = await asyncio.to_thread(lambda u=url: urllib.request.urlopen(u, timeout=5).read().decode())
+            for line in text.splitlines():
+                if line.startswith(CASSANDRA_REQUESTS + "_total{"):
+                    labels, value = line.rsplit(" ", 1)
+                    name = labels.split('statement="', 1)[1].split('"', 1)[0]
+                    total[name] = total.get(name, 0.0) + float(value)
+        return total
 
     def service(self, what: str) -> str:
         return f"bench-{what}-{uuid.uuid4().hex[:6]}"

@@ -169,28 +169,6 @@ async def b_rpc_after_idle(bench: Bench, samples: int) -> float:
     return lat[len(lat) // 2]
 
 
-def _statements(text: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith(REQUESTS + "_total{"):
-            labels, value = line.rsplit(" ", 1)
-            name = labels.split('statement="', 1)[1].split('"', 1)[0]
-            out[name] = out.get(name, 0.0) + float(value)
-    return out
-
-
-async def _scrape_statements(bench: Bench) -> dict[str, float]:
-    import urllib.request
-
-    total: dict[str, float] = {}
-    for b in bench.bridges:
-        url = f"http://127.0.0.1:{bench.metrics_ports[b.name]}/metrics"
-        text = await asyncio.to_thread(lambda u=url: urllib.request.urlopen(u, timeout=5).read().decode())
-        for name, n in _statements(text).items():
-            total[name] = total.get(name, 0.0) + n
-    return total
-
-
 TTR_MS = 2_000  # leases of the per-task and latency phases
 # deadline + skew margin (the default) + the scheduler's second pass (5 s) + a tick, after the last claim
 SCHEDULER_TAIL_S = TTR_MS / 1000 + float(Settings.model_fields["clock_skew_margin"].default) + 5 + 1
@@ -212,7 +190,7 @@ async def per_task(bench: Bench, tasks: int, concurrency: int, *, ack_next: bool
     for w in workers:  # first fetch of each worker: it learns it holds nothing (then it says "fresh")
         assert await w.fetch() is None
     bridge = bench.bridges[0]
-    before = await _scrape_statements(bench)
+    before = await bench.statements()
     meter = CpuMeter({"bridge": [bridge.pid]}).start()
     start = time.monotonic()
     async with Engine(bench.amqp_url(ENGINE_USER), owner=OWNER, exchange=bench.exchange) as engine:
@@ -244,7 +222,7 @@ async def per_task(bench: Bench, tasks: int, concurrency: int, *, ack_next: bool
     wall = time.monotonic() - start
     await asyncio.sleep(SCHEDULER_TAIL_S)  # the holder's passes over these claims' deadlines count too
     cpu = meter.stop()
-    after = await _scrape_statements(bench)
+    after = await bench.statements()
     await close_all(workers)
     spent = {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0) > 0}
     per = {k: round(v / max(done, 1), 3) for k, v in sorted(spent.items())}

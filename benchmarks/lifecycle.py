@@ -731,9 +731,12 @@ async def _delayed_run(
     dues = due_times(now_ms() + int(lead_s * 1000), int(args.delayed_window * 1000), n)
     say(
         f"delayed ({bridges} bridge(s)): {n} tasks due over {args.delayed_window:.0f} s from {lead_s:.0f} s on, "
-        f"{args.delayed_workers} workers long-polling ({args.wait_ms} ms)"
+        f"{args.delayed_workers} workers long-polling ({args.wait_ms} ms), "
+        + ("acking with next" if args.ack_next else "a fetch and an ack a task")
     )
     st = Delayed(n)
+    statements_before = await bench.statements()
+    counters_before = await bench.counters()
     meter = bench.cpu_meter()
     consumers = [asyncio.create_task(_delayed_worker(st, w, args.wait_ms, args.ack_next)) for w in workers]
     follow = asyncio.create_task(_follow(bench, st, dues, dues[0]))
@@ -773,6 +776,17 @@ async def _delayed_run(
         )
         rows.append(Row(f"delayed ({bridges}b)", "max backlog: due not announced / announced not out", backlog))
     out["cpu_percent"] = meter.stop()  # of one core, adds to the last delivery, by process group
+    # Per task handed out: the add, the scheduler's work on its due time, the claim and the ack.
+    spent = {k: v - statements_before.get(k, 0.0) for k, v in (await bench.statements()).items()}
+    per = {k: round(v / max(len(st.seen), 1), 3) for k, v in sorted(spent.items()) if v > 0}
+    out["ack_next"] = args.ack_next
+    counters = await bench.counters()  # what the bridges did meanwhile (fetch outcomes, scans, hints, ...)
+    out["counters"] = {
+        k: round(v - counters_before.get(k, 0.0), 3) for k, v in sorted(counters.items()) if v != counters_before.get(k)
+    }
+    out["statements_per_task"] = round(sum(per.values()), 2)
+    out["by_statement"] = per
+    rows.append(Row(f"delayed ({bridges}b)", "Cassandra statements per task", fmt(out["statements_per_task"], "", 2)))
     say(f"delayed ({bridges} bridge(s)): {out}")
     return out
 
@@ -913,7 +927,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--delayed-workers", type=int, default=16)
     ap.add_argument(
-        "--ack-next", action="store_true", help="delayed: workers ack with next (contract 1.6), one request a task"
+        "--ack-next",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="delayed: workers ack with next (contract 1.6), one request a task, as the client's Worker.run "
+        "does (the default); --no-ack-next: a fetch and an ack a task",
     )
     ap.add_argument("--delayed-bridges", default="1,2", help="delayed: bridge counts, one run each")
     ap.add_argument("--delayed-tail", type=float, default=30.0, help="delayed: seconds to wait past the last due time")
