@@ -191,7 +191,6 @@ class TaskOptions:
 
     max_deliveries: int | None = None
     priority: int = 0
-    stored: bool = True  # False: the task has no row (not written yet, or expired)
 
 
 # The epoch of a delayed task's due entry in the timer wheel: not a lease deadline, the moment a

@@ -55,6 +55,10 @@ class TaskStore(Protocol):
     async def task_options(self, q: QueueKey, task_id: uuid.UUID) -> TaskOptions:
         """The task's own delivery limit and priority (defaults if it set none or is gone)."""
 
+    async def stored_of(self, q: QueueKey, task_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        """Which of these tasks' rows are stored (a delayed task's due entry is filed before its
+        row): a few requests for many tasks, not one each."""
+
     async def reindex_task(self, q: QueueKey, task_id: uuid.UUID) -> None:
         """Index the task's bucket again (an add that died between its index and task writes)."""
 

@@ -114,6 +114,9 @@ class MemoryTaskStore:
 
     async def payload(self, q: QueueKey, task_id: uuid.UUID) -> Payload | None:
         await self._io()
+        return self._payload_now(q, task_id)
+
+    def _payload_now(self, q: QueueKey, task_id: uuid.UUID) -> Payload | None:
         row = self.ready.get((q, LANE_FRESH, bucket_of_task(task_id)), {}).get(task_id)
         return row.payload if row is not None and self.alive(task_id) else None
 
@@ -306,8 +309,12 @@ class MemoryTaskStore:
     async def task_options(self, q: QueueKey, task_id: uuid.UUID) -> TaskOptions:
         payload = await self.payload(q, task_id)
         if payload is None:
-            return TaskOptions(stored=False)
+            return TaskOptions()
         return TaskOptions(payload.max_deliveries, payload.priority)
+
+    async def stored_of(self, q: QueueKey, task_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        await self._io()
+        return {t for t in task_ids if self._payload_now(q, t) is not None}
 
     async def release(
         self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, until_ms: int, error: Sealed | None

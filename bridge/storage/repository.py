@@ -159,8 +159,20 @@ class CassandraTaskStore:
     async def task_options(self, q: QueueKey, task_id: uuid.UUID) -> TaskOptions:
         rows = await self.db.execute("ready.options", (q.owner, q.service, bucket_of_task(task_id), task_id))
         if not rows:
-            return TaskOptions(stored=False)
+            return TaskOptions()
         return TaskOptions(rows[0]["max_deliveries"], rows[0]["priority"] or 0)
+
+    async def stored_of(self, q: QueueKey, task_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        # One request per ready bucket (a partition): ``IN`` on the clustering key. Due tasks met by
+        # one pass share their due time's bucket, nearly always one.
+        by_bucket: dict[int, list[uuid.UUID]] = {}
+        for task_id in task_ids:
+            by_bucket.setdefault(bucket_of_task(task_id), []).append(task_id)
+        found: set[uuid.UUID] = set()
+        for bucket, ids in by_bucket.items():
+            rows = await self.db.execute("ready.stored_many", (q.owner, q.service, bucket, ids))
+            found.update(row["seq"] for row in rows)
+        return found
 
     async def reindex_task(self, q: QueueKey, task_id: uuid.UUID) -> None:
         await self._index_bucket(q, LANE_FRESH, bucket_of_task(task_id), task_id, force=True)

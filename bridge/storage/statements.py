@@ -42,6 +42,10 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         "WHERE owner = ? AND service = ? AND lane = 1 AND bucket = ? AND seq = ?",
         True,
     ),
+    "ready.stored_many": (
+        "SELECT seq FROM {ks}.ready WHERE owner = ? AND service = ? AND lane = 1 AND bucket = ? AND seq IN ?",
+        True,
+    ),
     "ready.mark_claimed": (
         "UPDATE {ks}.ready USING TTL ? SET claimed = true "
         "WHERE owner = ? AND service = ? AND lane = ? AND bucket = ? AND seq = ?",

@@ -354,3 +354,47 @@ async def test_an_idle_scheduler_ticks_once_a_bucket_and_a_near_deadline_brings_
     assert s.pause_s() == pytest.approx((750 - 601 + 1) / 1000)
     await h.advance(200)  # bucket 3 running, the deadline's bucket next
     assert s.pause_s() == s.interval_s
+
+
+async def test_due_tasks_of_one_pass_are_checked_for_their_rows_together(
+    hinted: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delayed add files its due entry before its row; the pass announces a due task only once
+    its row is stored, and an entry whose add died before the row is never announced. The rows of
+    the due tasks a pass meets are read together: one by one, the reads ran in series with the
+    batch's announcements, and 10,000 tasks due within a minute were announced late."""
+    from datetime import UTC, datetime
+
+    h = hinted
+    now = h.clock.now_ms()
+    due = (now // 250 + 40) * 250 + 100  # 10 s ahead, mid-bucket: one bucket for all of them
+    body = {"serviceId": h.service, "value": "later", "notBefore": datetime.fromtimestamp(due / 1000, UTC).isoformat()}
+    stored = [await h.queue.add(OWNER, parse(AddCommand, body), message_id=None, traceparent=None) for _ in range(3)]
+
+    store_task = h.store.store_task
+
+    async def row_never_lands(*args: object, **kwargs: object) -> None:
+        raise Unavailable("the add died between its due entry and its row")
+
+    monkeypatch.setattr(h.store, "store_task", row_never_lands)
+    with pytest.raises(Unavailable):
+        await h.queue.add(OWNER, parse(AddCommand, body), message_id=None, traceparent=None)
+    monkeypatch.setattr(h.store, "store_task", store_task)
+
+    reads: list[set[str]] = []
+    stored_of = h.store.stored_of
+
+    async def counted(q: object, task_ids: list[object]) -> object:
+        reads.append({str(t) for t in task_ids})
+        return await stored_of(q, task_ids)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(h.store, "stored_of", counted)
+    h.clock.advance(due - h.clock.now_ms())
+    await h.advance(300, ticks=2)
+    handed = set()
+    while (got := await h.fetch(f"w{len(handed)}")) is not None:
+        handed.add(got.task_id)
+    assert handed == set(stored)
+    assert h.metrics.total("tasks_due") == 3  # the fourth entry names no row: not announced
+    assert reads, "the pass never checked the due tasks' rows"
+    assert set(stored) <= reads[0] and len(reads[0]) == 4  # all four in one read
