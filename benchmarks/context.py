@@ -202,22 +202,33 @@ class Bench:
         self.metrics_ports[name] = port
         return {"BRIDGE_HTTP_HOST": HOST, "BRIDGE_HTTP_PORT": str(port)}
 
-    async def counters(self) -> dict[str, float]:
-        """queue_bridge_* counters summed over the running bridges (empty without --metrics)."""
-        import re
+    async def _metrics_texts(self, *, tolerant: bool) -> list[str]:
+        """The running bridges' /metrics pages (none without --metrics); ``tolerant``: skip a
+        bridge that does not answer."""
         import urllib.request
 
-        pattern = re.compile(r"^(queue_bridge_[a-z_]+?)(?:_total)?(?:\{[^}]*\})? ([0-9.e+-]+)$")
-        out: dict[str, float] = {}
+        texts: list[str] = []
         for b in self.bridges:
             port = self.metrics_ports.get(b.name)
             if port is None:
                 continue
             url = f"http://{HOST}:{port}/metrics"
             try:
-                text = await asyncio.to_thread(lambda u=url: urllib.request.urlopen(u, timeout=5).read().decode())
+                texts.append(
+                    await asyncio.to_thread(lambda u=url: urllib.request.urlopen(u, timeout=5).read().decode())
+                )
             except OSError:
-                continue
+                if not tolerant:
+                    raise
+        return texts
+
+    async def counters(self) -> dict[str, float]:
+        """queue_bridge_* counters summed over the running bridges (empty without --metrics)."""
+        import re
+
+        pattern = re.compile(r"^(queue_bridge_[a-z_]+?)(?:_total)?(?:\{[^}]*\})? ([0-9.e+-]+)$")
+        out: dict[str, float] = {}
+        for text in await self._metrics_texts(tolerant=True):
             for line in text.splitlines():
                 m = pattern.match(line)
                 if m and not m.group(1).endswith("_created"):
@@ -226,15 +237,8 @@ class Bench:
 
     async def statements(self) -> dict[str, float]:
         """Cassandra requests sent by the running bridges, by statement (empty without --metrics)."""
-        import urllib.request
-
         total: dict[str, float] = {}
-        for b in self.bridges:
-            port = self.metrics_ports.get(b.name)
-            if port is None:
-                continue
-            url = f"http://{HOST}:{port}/metrics"
-            text = await asyncio.to_thread(lambda u=url: urllib.request.urlopen(u, timeout=5).read().decode())
+        for text in await self._metrics_texts(tolerant=False):
             for line in text.splitlines():
                 if line.startswith(CASSANDRA_REQUESTS + "_total{"):
                     labels, value = line.rsplit(" ", 1)
