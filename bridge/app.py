@@ -83,6 +83,7 @@ class Bridge:
         )
         self.keys = build_key_provider(settings)
         self.metrics = BridgeMetrics(instance=settings.instance_id or socket.gethostname())
+        self.metrics.set_paused(frozenset(), ALL)  # a series per queue from the start, not from the first pause
         if isinstance(self.keys, CachingKeyProvider):
             self.metrics.bind_key_cache(self.keys)
         margin_ms = int(settings.clock_skew_margin * 1000)
@@ -223,7 +224,7 @@ class Bridge:
         log.info("bridge started", extra={"http_port": self.http_port, "gateway_port": self.gateway_port})
 
     def _serving_changed(self, paused: frozenset[str]) -> None:
-        self.metrics.set_paused(paused)
+        self.metrics.set_paused(paused, ALL)
         # Every consumer paused: Cassandra is out of reach from here. The fleet's background loops
         # go to a bridge that can run them (``Duty.follow_storage``).
         if not self._stop.is_set():
@@ -244,10 +245,16 @@ class Bridge:
         """Per-queue gauges, from the bridge holding the duty only (a fleet exports them once)."""
         if not self.settings.stats_interval:
             return  # off (the default): the stats RPC and the CLI still answer, on demand
+        exported = False
         while not self._stop.is_set():
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=self.settings.stats_interval)
             if not self.duty.held or self._stop.is_set():
+                if exported:
+                    # The duty went elsewhere: its new holder exports the queues now. Kept, this
+                    # bridge's last values stayed frozen beside the new ones (a sum doubled).
+                    self.metrics.set_queue_stats([])
+                    exported = False
                 continue
             try:
                 rows = []
@@ -259,6 +266,7 @@ class Bridge:
                     states = {"ready": s.ready, "in_flight": s.in_flight, "delayed": s.delayed, "parked": s.parked}
                     rows.append((q.owner, q.service, states, s.oldest_ready_age_ms))
                 self.metrics.set_queue_stats(rows)
+                exported = True
             except Exception as exc:
                 log.warning("queue gauges not refreshed: %s", type(exc).__name__)
 

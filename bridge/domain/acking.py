@@ -6,12 +6,14 @@ published after it; the result relay re-publishes what a crash left pending.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections import OrderedDict
 
 from bridge.domain.clock import next_stamp
 from bridge.domain.context import QueueContext
+from bridge.domain.errors import MaybeApplied, Unavailable
 from bridge.domain.models import AckRequest
 from bridge.domain.records import CasResult, OutboxEntry, QueueKey, WorkerPointer, WorkerRow
 from bridge.domain.relay import ResultRelay, decided_by_itself
@@ -21,6 +23,8 @@ from bridge.domain.timeline import ms_of, outbox_bucket, timeuuid_from_ms
 log = logging.getLogger("bridge.queue")
 
 RECENTLY_COMPLETED_MAX = 200_000
+# When a completion's outcome is unknown, its lease is read again after these pauses (seconds).
+UNCERTAIN_COMPLETION_LOOKUPS_S = (0.5, 2.0, 8.0)
 
 
 class Acker:
@@ -67,9 +71,7 @@ class Acker:
         The worker's pointer is left naming the task: a fetch that says it holds nothing (``fresh``)
         never reads it, and one that reads it finds the lease done and moves on."""
         ctx = self.ctx
-        res = await ctx.store.complete(
-            q, task_id, epoch, req.worker_id, ctx.clock.now_ms(), uuid.uuid4(), tokenless=True
-        )
+        res = await self._compare_and_set(q, req, task_id, epoch, ctx.clock.now_ms(), uuid.uuid4(), tokenless=True)
         if res.applied:
             ctx.metrics.inc("acks_named_fast")
             self._completed(q, task_id, epoch, req)
@@ -79,6 +81,45 @@ class Acker:
             return None  # it has a token, or its lease does not say: write the result ahead first
         # A retried ack of a completion that already happened is still a success.
         return cur is not None and cur.completed_by(req.worker_id, epoch)
+
+    async def _compare_and_set(
+        self,
+        q: QueueKey,
+        req: AckRequest,
+        task_id: uuid.UUID,
+        epoch: int,
+        now: int,
+        completion_id: uuid.UUID,
+        *,
+        tokenless: bool = False,
+    ) -> CasResult:
+        """The completing LWT. When Cassandra cannot say whether it applied (the write timed out,
+        and so did the read that resolves it), the worker is answered ``unavailable`` and retries;
+        its retry then finds the task completed by this very worker and epoch and counts nothing.
+        So the outcome is looked up again later, off the request's path, and the completion
+        counted (in flight -1, tasks_completed) if this attempt's own completion id is the one
+        that landed: a retry that applied instead has its own id and counts itself."""
+        store = self.ctx.store
+        try:
+            return await store.complete(q, task_id, epoch, req.worker_id, now, completion_id, tokenless=tokenless)
+        except MaybeApplied:
+            resolve = self._count_if_landed(q, req, task_id, epoch, completion_id)
+            self.ctx.background.spawn(resolve, "count an uncertain completion")
+            raise
+
+    async def _count_if_landed(
+        self, q: QueueKey, req: AckRequest, task_id: uuid.UUID, epoch: int, completion_id: uuid.UUID
+    ) -> None:
+        for pause_s in UNCERTAIN_COMPLETION_LOOKUPS_S:  # a store that just failed: back off between reads
+            await asyncio.sleep(pause_s)
+            try:
+                lease = await self.ctx.store.lease(q, task_id, serial=True)
+            except Unavailable:
+                continue
+            if lease is not None and lease.completion_id == completion_id and lease.completed_by(req.worker_id, epoch):
+                self._completed(q, task_id, epoch, req)
+            return
+        log.warning("completion of task %s left uncounted: its outcome stayed unknown", task_id)
 
     def _completed(self, q: QueueKey, task_id: uuid.UUID, epoch: int, req: AckRequest) -> None:
         self.ctx.count(q, ms_of(task_id), in_flight=-1)
@@ -139,7 +180,7 @@ class Acker:
             sealed = seal_outcome(key, q, target.task_id, outcome_json)
             intent = OutboxEntry(outbox_bucket(now), q, target.task_id, completion_id, sealed, False)
             await ctx.store.insert_outbox(intent)
-        res = await ctx.store.complete(q, target.task_id, target.epoch, req.worker_id, now, completion_id)
+        res = await self._compare_and_set(q, req, target.task_id, target.epoch, now, completion_id)
         points_here = row.pointer is not None and row.pointer.task_id == target.task_id
         stamp = next_stamp(now, row.stamp)
         # Refused because this worker already completed it: maybe by this very attempt's first copy.

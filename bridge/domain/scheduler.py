@@ -120,6 +120,13 @@ class RecoveryScheduler:
         self._marks_read_ms = -(10**15)
 
     def _forget_positions(self) -> None:
+        # Not this bridge's loops any more: its gauges of them (lag, results the relay could not
+        # publish) would stay frozen at the last holder tick beside the new holder's.
+        self.state.lag_ms = 0
+        if self.state.results_stuck:
+            self.state.results_stuck = 0
+            if self.report_pending is not None:
+                self.report_pending(self.queue.results_in_flight)
         self._expiry_next = self._expiry_confirmed = self._expiry_persisted = None
         self._outbox_next = self._outbox_persisted = None
         self._handled.clear()

@@ -27,7 +27,9 @@ from prometheus_client.registry import Collector
 
 PREFIX = "queue_bridge"
 
-# Request latency: from a cache-hot fetch (~0.5 ms) to a slow LWT round or a timeout (~5 s).
+# Request latency: from a cache-hot fetch (~0.5 ms) to a slow LWT round or a timeout (~5 s), and
+# a fetch's long-poll wait (waitMs up to 30 s: the Python Worker waits 30 s at a time). Without the
+# top three, every idle long-poll fell in +Inf and a quantile of fetch said 5 s for an idle fleet.
 REQUEST_BUCKETS: tuple[float, ...] = (
     0.0005,
     0.001,
@@ -42,6 +44,9 @@ REQUEST_BUCKETS: tuple[float, ...] = (
     1.0,
     2.5,
     5.0,
+    10.0,
+    20.0,
+    32.0,
 )
 
 # The request methods (``bridge.transport.topology.ROUTING_KEYS``, tied by tests/unit/test_metrics.py).
@@ -247,7 +252,7 @@ class BridgeMetrics:
         )
         self.request_duration = Histogram(
             f"{PREFIX}_request_duration_seconds",
-            "Time from receiving an AMQP request to acking it, by method.",
+            "Time from receiving an AMQP request to answering it, by method (a fetch's includes its long-poll wait).",
             ("method",),
             buckets=REQUEST_BUCKETS,
             registry=r,
@@ -355,9 +360,10 @@ class BridgeMetrics:
             if oldest_ms is not None:
                 self.queue_oldest_ready.labels(owner, service).set(oldest_ms / 1000)
 
-    def set_paused(self, queues: frozenset[str]) -> None:
-        for queue in ("add", "fetch", "ack", "unrouted"):
-            self.paused.labels(queue).set(1 if queue in queues else 0)
+    def set_paused(self, paused: frozenset[str], consumed: Iterable[str]) -> None:
+        """``consumed``: every request queue the bridge consumes (one series each, 0 or 1)."""
+        for queue in consumed:
+            self.paused.labels(queue).set(1 if queue in paused else 0)
 
     def bind_clock_uncertainty(self, uncertainty_ms: Callable[[], float | None]) -> None:
         def seconds() -> float:

@@ -1,0 +1,244 @@
+"""Metrics and counts mean what README.md promises (real servers): one exporter of the queue
+gauges, a paused series per consumed queue, long-polls in finite buckets, and a completion counted
+once even when its outcome was unknown."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+
+from bridge.app import Bridge
+from tests.conftest import OWNERS, free_port, metric, service_id, settings_from, wait_for
+from tests.faults import TcpProxy
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+
+async def _metrics_text(port: int) -> str:
+    async with aiohttp.ClientSession() as client, client.get(f"http://127.0.0.1:{port}/metrics") as resp:
+        return await resp.text()
+
+
+@pytest.fixture
+async def cassandra_proxy(servers):
+    proxy = await TcpProxy(servers.cassandra_hosts[0], servers.cassandra_port).start()
+    yield proxy
+    await proxy.stop()
+
+
+async def test_queue_gauges_are_dropped_by_a_bridge_that_lost_the_duty(
+    bridge_env, cassandra_proxy, make_bridge, engine, workers
+):
+    """README: the per-queue gauges are "exported by the one bridge holding the scheduler duty".
+    The duty holder is cut off from Cassandra and hands the duty over (Duty.follow_storage); the
+    healthy bridge now exports the gauges. The ex-holder must stop exporting them: otherwise the
+    fleet exports every queue twice (a sum over the fleet doubles) and the ex-holder's copy is
+    frozen at its last refresh for as long as the process lives."""
+    old_port, new_port = free_port(), free_port()
+    cut_off = Bridge(
+        settings_from(
+            bridge_env,
+            cassandra_port=cassandra_proxy.port,
+            cassandra_timeout=1.0,
+            http_port=old_port,
+            stats_interval=0.3,
+        )
+    )
+    await cut_off.start()
+    try:
+        await wait_for(lambda: cut_off.duty.held, 10, what="the first bridge holding the duty")
+        healthy = await make_bridge(http_port=new_port, stats_interval=0.3)
+        svc = service_id()
+        for i in range(3):
+            await engine.add(svc, i)
+        ready = f'queue_bridge_queue_tasks{{owner="{OWNERS[0]}",service="{svc}",state="ready"}}'
+
+        async def old_exports_three() -> bool:
+            return await metric(old_port, ready) == 3
+
+        await wait_for(old_exports_three, 15, what="the duty holder exporting ready=3")
+
+        cassandra_proxy.cut()
+        await wait_for(lambda: healthy.duty.held, 15, what="the healthy bridge taking the duty over")
+        # The queue is drained through the healthy bridge.
+        w = await workers(svc, "w")
+        for _ in range(3):
+            task = await wait_for(w.fetch, 10, what="a task")
+            assert await task.ack("done")
+
+        async def new_exports_zero() -> bool:
+            text = await _metrics_text(new_port)
+            return any(line.startswith(ready) and line.endswith(" 0.0") for line in text.splitlines())
+
+        await wait_for(new_exports_zero, 15, what="the new duty holder exporting ready=0")
+
+        async def old_stopped_exporting() -> bool:
+            return ready not in await _metrics_text(old_port)
+
+        try:
+            await wait_for(old_stopped_exporting, 5, what="the ex-holder dropping its queue gauges")
+        except AssertionError:
+            stale = await metric(old_port, ready)
+            pytest.fail(
+                f"the bridge that lost the duty still exports {ready} = {stale} (the queue is empty; "
+                "the new holder exports 0): the fleet exports the queue twice, one copy frozen"
+            )
+    finally:
+        cassandra_proxy.restore()
+        await cut_off.stop()
+
+
+async def test_a_long_poll_fetch_duration_lands_in_a_finite_bucket(make_bridge, workers):
+    """The request-duration histogram counts a fetch from its receipt to its ack, long-poll wait
+    included (up to waitMs 30,000; the Python worker long-polls 30 s by default), but its buckets
+    stop at 5 s: every idle long-poll falls into +Inf only, and histogram_quantile on fetch reports
+    the top finite bucket (5 s) for an idle, healthy fleet."""
+    port = free_port()
+    await make_bridge(http_port=port)
+    w = await workers(service_id(), "idle")
+    assert await w.fetch(wait_ms=5_600) is None  # an empty queue: the long-poll waits it out
+    text = await _metrics_text(port)
+
+    def sample(name: str) -> float:
+        line = next(ln for ln in text.splitlines() if ln.startswith(name))
+        return float(line.rsplit(" ", 1)[1])
+
+    total = sample('queue_bridge_request_duration_seconds_count{method="fetch"}')
+    finite = [
+        ln
+        for ln in text.splitlines()
+        if ln.startswith("queue_bridge_request_duration_seconds_bucket{le=")
+        and 'method="fetch"' in ln
+        and 'le="+Inf"' not in ln
+    ]
+    largest_finite = max(finite, key=lambda ln: float(ln.split('le="', 1)[1].split('"', 1)[0]))
+    in_finite = float(largest_finite.rsplit(" ", 1)[1])
+    assert total == 1
+    assert in_finite == total, (
+        f"a {5.6:.1f} s long-poll fetch is in no finite bucket ({largest_finite!r}): "
+        "the fetch histogram cannot show long-poll waits"
+    )
+
+
+async def test_the_paused_gauge_covers_the_lifecycle_queue(bridge_env, cassandra_proxy):
+    """A bridge cut off from Cassandra stops consuming every request queue (ServingGate: ALL =
+    add, fetch, ack, lifecycle, unrouted). queue_bridge_consumers_paused is "1 for each request
+    queue this bridge stopped consuming", but BridgeMetrics.set_paused only knows add, fetch, ack
+    and unrouted: the lifecycle queue (extend, fail, cancel, purge, stats, parked, redrive,
+    discard) is paused with no series saying so."""
+    from bridge.transport.topology import CONSUMED
+
+    port = free_port()
+    b = Bridge(settings_from(bridge_env, cassandra_port=cassandra_proxy.port, cassandra_timeout=1.0, http_port=port))
+    await b.start()
+    try:
+        cassandra_proxy.cut()
+        await wait_for(lambda: not b.transport.consuming(), 15, what="every consumer paused")
+
+        async def paused_gauges() -> dict[str, float]:
+            text = await _metrics_text(port)
+            found = {}
+            for line in text.splitlines():
+                if line.startswith("queue_bridge_consumers_paused{"):
+                    queue = line.split('queue="', 1)[1].split('"', 1)[0]
+                    found[queue] = float(line.rsplit(" ", 1)[1])
+            return found
+
+        await wait_for(lambda: paused_gauges(), 5, what="the paused gauges")
+        found = await paused_gauges()
+        assert found == dict.fromkeys(CONSUMED, 1.0), f"paused: {sorted(CONSUMED)}; the gauge says {found}"
+    finally:
+        cassandra_proxy.restore()
+        await b.stop()
+
+
+async def test_an_ack_retried_after_an_unknown_outcome_leaves_no_task_in_flight(
+    make_bridge, engine, workers, monkeypatch
+):
+    """The ack's completing compare-and-set lands but its outcome stays unknown (the LWT timed out
+    and the adapter's SERIAL read failed too: UnknownOutcome escapes), so the worker is answered
+    `unavailable` and sends the ack again. The retry finds the task completed by this worker and
+    answers true, but neither attempt moved the queue counts (in_flight -1) nor counted
+    tasks_completed: stats (and the queue_tasks gauge) report the task in flight for the task's
+    whole TTL."""
+    from bridge.storage.errors import UnknownOutcome
+
+    b = await make_bridge()
+    store = b.queue.ctx.store
+    real = store.complete
+    injected = []
+
+    async def complete(*args, **kwargs):
+        res = await real(*args, **kwargs)
+        if not injected:
+            injected.append(res)
+            raise UnknownOutcome("lightweight transaction timed out (injected after it applied)")
+        return res
+
+    monkeypatch.setattr(store, "complete", complete)
+    svc = service_id()
+    await engine.add(svc, "v")
+    w = await workers(svc, "w")
+    task = await wait_for(w.fetch, 10, what="the task")
+    body = {"serviceId": svc, "workerId": "w", "taskId": task.id, "epoch": task.epoch, "result": 1}
+    try:
+        first = await w.call("ack", body)
+    except Exception as exc:  # answered unavailable
+        first = exc
+    assert injected and injected[0].applied, f"the first ack's CAS applied ({first!r})"
+    again = await w.call("ack", body)
+    assert again["result"] is True, again
+    # The bridge looks the first attempt's outcome up again, off the request's path.
+    await wait_for(lambda: b.metrics.counter_value("tasks_completed") >= 1, 10, what="the completion counted")
+    completed = b.metrics.counter_value("tasks_completed")
+    # Every delta of this bridge written (the add, the claim, and a completion if one was counted).
+    await wait_for(lambda: b.counts.pending == 0, 10, what="the queue-count deltas flushed")
+    await b.counts.flush(b.store)
+    s = await counts_now(engine, svc)
+    assert (s["ready"], s["inFlight"], completed) == (0, 0, 1), (
+        f"the task was acked (true), yet stats say ready={s['ready']}, inFlight={s['inFlight']} and "
+        f"tasks_completed_total = {completed}"
+    )
+
+
+async def counts_now(engine, svc):
+    return (await engine.call("stats", {"serviceId": svc}, owner=OWNERS[0]))["result"]["services"][0]
+
+
+async def test_an_ack_whose_unknown_outcome_did_not_land_is_counted_once_by_its_retry(
+    make_bridge, engine, workers, monkeypatch
+):
+    """The other side of an unknown outcome: the first attempt never landed, the retry applied
+    and counted itself. The later look-up of the first attempt finds another completion id and
+    counts nothing: one completion, in flight back to 0 (not -1)."""
+    from bridge.client.errors import UnavailableError
+    from bridge.domain import acking
+    from bridge.storage.errors import UnknownOutcome
+
+    monkeypatch.setattr(acking, "UNCERTAIN_COMPLETION_LOOKUPS_S", (1.0,))  # after the retry
+    b = await make_bridge()
+    store = b.queue.ctx.store
+    real = store.complete
+    looked_up = []
+
+    async def complete(*args, **kwargs):
+        if not looked_up:
+            looked_up.append(True)
+            raise UnknownOutcome("lightweight transaction timed out (injected; it never reached a replica)")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "complete", complete)
+    svc = service_id()
+    await engine.add(svc, "v")
+    w = await workers(svc, "w")
+    task = await wait_for(w.fetch, 10, what="the task")
+    body = {"serviceId": svc, "workerId": "w", "taskId": task.id, "epoch": task.epoch, "result": 1}
+    with pytest.raises(UnavailableError):
+        await w.call("ack", body)
+    again = await w.call("ack", body)
+    assert again["result"] is True, again
+    await b.queue.drain_background(10)  # the look-up of the first attempt's outcome, among others
+    await wait_for(lambda: b.counts.pending == 0, 10, what="the queue-count deltas flushed")
+    await b.counts.flush(b.store)
+    s = await counts_now(engine, svc)
+    assert (s["ready"], s["inFlight"], b.metrics.counter_value("tasks_completed")) == (0, 0, 1)
