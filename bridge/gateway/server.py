@@ -90,6 +90,7 @@ class GatewayServer:
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
         self._closing = False
+        self._shielded: set[asyncio.Future[Reply]] = set()  # shielded requests still running
         from bridge.gateway.openapi import document, dumps
 
         self._openapi = dumps(document())
@@ -108,7 +109,12 @@ class GatewayServer:
         """Listen on ``host:port`` and return the bound port."""
         if self._runner is not None:
             raise RuntimeError("the gateway is already started")
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=self.grace)
+        # A handler is cancelled when its client hangs up: a long-poll fetch then stops waiting
+        # (kept waiting, it claimed the next task for a reply nobody reads, leased to a gone
+        # worker). Everything but a fetch is shielded from that cancellation (``_run``).
+        runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False, shutdown_timeout=self.grace, handler_cancellation=True
+        )
         await runner.setup()
         try:
             await web.TCPSite(runner, host, port).start()
@@ -127,6 +133,8 @@ class GatewayServer:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+        if self._shielded:  # requests whose client hung up: they finish before the store closes
+            await asyncio.wait(set(self._shielded), timeout=self.grace)
         self.port = None
 
     # -- every request -----------------------------------------------------------------------------
@@ -150,6 +158,12 @@ class GatewayServer:
             response = await handler(request)
             outcome = OK
             return response
+        except asyncio.CancelledError:
+            # The client hung up (handlers are cancelled then, ``start``), or the gateway stopped
+            # past its grace: no answer goes out. The client broke the request off, as a read
+            # cut short did before handler cancellation (nginx's 499: a 4xx, not a bug).
+            outcome = ErrorCode.BAD_REQUEST
+            raise
         except web.HTTPException as exc:  # the router's: no such path, wrong method
             err = self._router_error(request, exc)
             outcome = wire_code(err)
@@ -232,17 +246,35 @@ class GatewayServer:
         return response
 
     async def _run(self, method: str, owner: str, req: Any, request: web.Request, received_ms: int) -> Reply:
+        if method == "fetch":
+            # Not shielded: a client gone while its fetch waits ends the wait (a hint it was
+            # handed goes back); one gone after the claim is a lost reply, which the worker's next
+            # fetch (not ``fresh``) gets again through its pointer.
+            assert isinstance(req, FetchRequest)
+            delivery = await self.queue.fetch(owner, req)
+            child = child_traceparent(delivery.traceparent) if delivery is not None else None
+            return wire.fetched(delivery), ({"traceparent": child} if child else None)
+        # Finished even when the client hangs up meanwhile: a write cut short is retried by the
+        # client into an unknown state (an add without an idempotency key twice, half an ack).
+        work = asyncio.ensure_future(self._run_to_the_end(method, owner, req, request, received_ms))
+        self._shielded.add(work)
+        work.add_done_callback(self._finished)
+        return await asyncio.shield(work)
+
+    def _finished(self, work: asyncio.Future[Reply]) -> None:
+        self._shielded.discard(work)
+        # Retrieved here: after a hang-up nobody awaits it, and the middleware never saw its end.
+        exc = None if work.cancelled() else work.exception()
+        if exc is not None and not isinstance(exc, BridgeError):
+            log.warning("request failed after its client hung up: %s", type(exc).__name__)
+
+    async def _run_to_the_end(self, method: str, owner: str, req: Any, request: web.Request, received_ms: int) -> Reply:
         if method == "add":
             assert isinstance(req, AddCommand)
             task_id = await self.queue.add(
                 owner, req, message_id=_idempotency_key(request), traceparent=extract_traceparent(request.headers)
             )
             return wire.added(task_id, req), None
-        if method == "fetch":
-            assert isinstance(req, FetchRequest)
-            delivery = await self.queue.fetch(owner, req)
-            child = child_traceparent(delivery.traceparent) if delivery is not None else None
-            return wire.fetched(delivery), ({"traceparent": child} if child else None)
         if method == "ack":
             assert isinstance(req, AckRequest)
             # Received now, so sent before now: an ack without taskId older than the worker's

@@ -660,3 +660,52 @@ async def test_stats_of_every_service_reads_at_most_the_services_it_answers(star
             "WHERE owner = %s AND service >= 'AAmany-' AND service < 'AAmany.'",
             (owner,),
         )
+
+
+def _waiters(bridge: Any) -> int:
+    return sum(len(w.waiters) for w in bridge.hints._waiting.values())
+
+
+def _serving(bridge: Any, svc: str) -> list[Any]:
+    """The gateway's connections serving a request of ``svc`` now."""
+    server = bridge.gateway._runner.server
+    found = []
+    for h in server.connections:
+        r = getattr(h, "_current_request", None)
+        if r is not None and f"/{svc}/" in r.path:
+            found.append(h)
+    return found
+
+
+async def test_a_long_poll_whose_client_hung_up_does_not_claim_the_next_task(start_gateway, gateway_keys):
+    """A waiting HTTP fetch whose client disconnected keeps waiting (aiohttp does not cancel the
+    handler) and claims the next task for a reply nobody reads: the task stays leased to a gone
+    worker for its whole lease while a live worker polls an empty queue. The AMQP transport trims
+    a wait to the caller's deadline for exactly this reason (handlers.py: "a wait past it would
+    only claim a task for a reply nobody reads")."""
+    _, keys = gateway_keys
+    bridge, gw = await start_gateway()
+    svc = service_id()
+    assert (await gw.ok(svc, "fetch", {"workerId": "live"}))["result"] is None  # the queue exists
+
+    body = json.dumps({"workerId": "gone", "waitMs": 30_000, "timeToRecover": 600_000}).encode()
+    head = (
+        f"POST /api/queue/{svc}/fetch HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {keys['a']}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(head + body)
+    await writer.drain()
+    await wait_for(lambda: _waiters(bridge) == 1, 10, what="the HTTP fetch waiting for a hint")
+    (waiting,) = _serving(bridge, svc)
+    writer.close()  # the worker hangs up (its client timed out, the pod went away...)
+    await writer.wait_closed()
+    await wait_for(lambda: waiting._manager is None, 10, what="the gateway seeing the connection closed")
+
+    task_id = (await gw.ok(svc, "tasks", {"value": "for a live worker"}))["task"]["id"]
+    got = await gw.ok(svc, "fetch", {"workerId": "live", "waitMs": 3000})
+    info = await bridge.queue.task_info(OWNERS[0], svc, uuid.UUID(task_id))
+    assert got["result"] == "for a live worker", (
+        f"the task went to the hung-up long-poll: state={info.state} worker={info.worker} "
+        f"lease until {info.lease_expires_at_ms} (now {bridge.queue.clock.now_ms()})"
+    )
