@@ -32,7 +32,13 @@ from typing import cast
 
 import aiormq
 import orjson
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
 from pamqp.commands import Basic
 
 from bridge.config import Settings
@@ -159,6 +165,22 @@ class _Waiting:
     queue: AbstractQueue
     waiters: deque[asyncio.Future[AbstractIncomingMessage | None]] = field(default_factory=deque)
     consumer_tag: str | None = None
+    channel: aiormq.Channel | None = None  # the channel its consumer was registered on
+
+    def consumer_gone(self) -> bool:
+        """Its consumer no longer exists: its channel was closed (a reconnection, a channel
+        error) or the broker cancelled it (the hint queue was deleted). aiormq drops the tag then;
+        the consumer is not restored (aio-pika restores only queues its robust channel keeps)."""
+        if self.consumer_tag in (None, "starting"):
+            return False
+        channel = self.channel
+        return channel is None or channel.is_closed or self.consumer_tag not in channel.consumers
+
+    def answer_all(self, keep: asyncio.Future[AbstractIncomingMessage | None] | None = None) -> None:
+        """Every waiting fetch but ``keep`` answered null now (they have no consumer to wake them)."""
+        for future in self.waiters:
+            if future is not keep and not future.done():
+                future.set_result(None)
 
 
 class AmqpHints:
@@ -167,7 +189,7 @@ class AmqpHints:
         # Hints may have been lost (a broker reconnect, a failed publish): reconciliation scans again.
         self.on_loss = on_loss or (lambda: None)
         self._expires_ms = (settings.task_ttl_seconds + 86_400) * 1000
-        self._channel: AbstractChannel | None = None  # publish + get
+        self._channel: AbstractRobustChannel | None = None  # publish + get
         self._frames: aiormq.Channel | None = None  # its aiormq channel (changes on reconnect)
         self._ids = message_ids()
         self._consume: AbstractChannel | None = None  # waiting fetches' consumers (prefetch 1 each)
@@ -183,6 +205,7 @@ class AmqpHints:
         self._channel = await connection.channel(publisher_confirms=False)
         self._consume = await connection.channel(publisher_confirms=False)
         await self._consume.set_qos(prefetch_count=1)
+        self._consume.reopen_callbacks.add(lambda *_: self._consumers_lost())
 
     async def _queue(self, q: QueueKey) -> AbstractQueue:
         name = hint_queue_name(self.settings.queue_prefix, q)
@@ -193,7 +216,10 @@ class AmqpHints:
         assert self._channel is not None, "hints used before the transport started"
         args: dict[str, object] = {"x-max-priority": RECOVERED_PRIORITY, "x-expires": self._expires_ms}
         async with asyncio.timeout(BROKER_CALL_S):
-            declared = await self._channel.declare_queue(name, durable=True, arguments=args)  # type: ignore[arg-type]
+            # Not robust: a robust channel keeps every queue it ever declared (MAX_DECLARED would
+            # bound nothing) and declares them all again at each reconnection, one round trip
+            # each, expired ones included. A queue gone is declared again on its next use here.
+            declared = await self._channel.declare_queue(name, durable=True, arguments=args, robust=False)
         self._declared[name] = declared
         while len(self._declared) > MAX_DECLARED:
             self._declared.popitem(last=False)
@@ -250,6 +276,7 @@ class AmqpHints:
                 got = await channel.basic_get(queue.name, no_ack=False)
             message = Delivery(got) if isinstance(got.delivery, Basic.GetOk) else None
         except Exception as exc:
+            self._forget_if_gone(q, exc)
             log.warning("hints unavailable (%s): fetches scan the store", type(exc).__name__)
             return None
         handed = False
@@ -278,7 +305,7 @@ class AmqpHints:
         waiting.waiters.append(future)
         completed = False
         try:
-            if waiting.consumer_tag is None:
+            if waiting.consumer_tag is None or waiting.consumer_gone():
                 waiting.consumer_tag = "starting"
                 # Named here, not by the broker: a start cut short may have registered its
                 # basic.consume all the same, and only its tag can cancel it.
@@ -295,6 +322,9 @@ class AmqpHints:
                     if waiting.consumer_tag == "starting":
                         waiting.consumer_tag = None
                         self._cancel_later(waiting, tag)
+                        # Fetches that joined while it started wait on no consumer: answered too
+                        # (left waiting, nobody woke them before their waitMs ran out).
+                        waiting.answer_all(keep=future)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(future), timeout=wait_ms / 1000)
             completed = True
@@ -312,11 +342,27 @@ class AmqpHints:
     async def _start_consuming(self, waiting: _Waiting, tag: str) -> None:
         assert self._consume is not None
         queue = await self._consume.get_queue(waiting.queue.name, ensure=False)
+        channel = cast(aiormq.Channel, await self._consume.get_underlay_channel())
 
         async def delivered(message: AbstractIncomingMessage) -> None:
             await self._delivered(waiting, message)
 
         waiting.consumer_tag = await queue.consume(delivered, consumer_tag=tag)
+        waiting.channel = channel
+
+    def _consumers_lost(self) -> None:
+        """The consumers' channel was opened again (a reconnection, a channel error): every hint
+        consumer went with the old one. The fetches waiting on them are answered null now (their
+        workers fetch again, which starts a consumer), not left until their waitMs runs out."""
+        for waiting in list(self._waiting.values()):
+            if waiting.consumer_tag != "starting":
+                waiting.answer_all()
+
+    def _forget_if_gone(self, q: QueueKey, exc: BaseException) -> None:
+        """The hint queue does not exist (deleted by an operator, or expired): declared again on
+        its next use instead of failing every call until the process restarts."""
+        if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity):
+            self._declared.pop(hint_queue_name(self.settings.queue_prefix, q), None)
 
     async def _delivered(self, waiting: _Waiting, message: AbstractIncomingMessage) -> None:
         while waiting.waiters:
@@ -364,8 +410,12 @@ class AmqpHints:
     async def discard(self, q: QueueKey) -> int:
         """``queue.purge``: the ready hints go; those handed to a consumer stay (their fetch claims)."""
         queue = await self._queue(q)
-        async with asyncio.timeout(BROKER_CALL_S):
-            purged = await queue.purge()
+        try:
+            async with asyncio.timeout(BROKER_CALL_S):
+                purged = await queue.purge()
+        except Exception as exc:
+            self._forget_if_gone(q, exc)
+            raise
         return int(getattr(purged, "message_count", 0) or 0)
 
     def close(self) -> None:

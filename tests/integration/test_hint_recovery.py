@@ -1,0 +1,262 @@
+"""Hints and long-poll through broker trouble (real servers): a reconnection, a hint queue deleted, a consumer start that fails, many queues (MAX_DECLARED)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from bridge.domain.records import QueueKey
+from bridge.transport.hints import hint_queue_name
+from tests.conftest import OWNERS, consumers_on, service_id, wait_for
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+
+def _close_connection_named(name: str) -> None:
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    for line in out.splitlines():
+        if name in line:
+            conn = line.split("\t", 1)[0]
+            subprocess.run(["rabbitmqctl", "-q", "close_connection", conn, "hunt"], timeout=60, check=True)
+            return
+    raise AssertionError(f"no broker connection named {name}: {out}")
+
+
+@pytest.fixture
+def named_bridge(make_bridge, monkeypatch):  # type: ignore[no-untyped-def]
+    """A bridge whose broker connection carries a unique name (so that only it is closed)."""
+    import aio_pika
+
+    real = aio_pika.connect_robust
+    name = f"hunt-hints-{uuid.uuid4().hex[:8]}"
+
+    async def connect_robust(url: str, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
+        props = dict(kwargs.pop("client_properties", None) or {})
+        if props.get("connection_name") == "queue-bridge":
+            props["connection_name"] = name
+        return await real(url, *args, client_properties=props, **kwargs)
+
+    monkeypatch.setattr(aio_pika, "connect_robust", connect_robust)
+
+    async def make(**overrides: Any) -> tuple[Any, str]:
+        return await make_bridge(**overrides), name
+
+    return make
+
+
+def _waiters(b: Any) -> int:
+    return sum(len(x.waiters) for x in b.hints._waiting.values())
+
+
+async def _reconnected(b: Any, before: Any) -> None:
+    """Wait until the bridge's robust connection is back with new channels."""
+
+    def back() -> bool:
+        conn = b.transport.connection
+        return conn is not None and not conn.is_closed and b.transport.is_ready() and conn.transport is not before
+
+    await wait_for(back, 30.0, what="the bridge reconnected")
+
+
+async def test_long_poll_works_again_after_the_broker_closed_the_bridges_connection(
+    named_bridge, engine, workers, servers
+):
+    """A fetch long-polls; the broker closes the bridge's connection; the robust connection comes
+    back without the hint consumer (aio-pika restores only the queues its robust channel keeps),
+    and the bridge still held its tag: every fetch joining that queue waited on no consumer, so a
+    task added was handed out only by the next fetch's basic.get. Now the fetch that waited across
+    the reconnection is answered null at once, and the next long-poll is woken by a new task."""
+    b, conn_name = await named_bridge()
+    svc = service_id()
+    w1, w2 = await workers(svc, "w1"), await workers(svc, "w2")
+    first = asyncio.create_task(w1.fetch(wait_ms=25_000))
+    await wait_for(lambda: _waiters(b) == 1, 10.0, what="the first long-poll waiting")
+    before = b.transport.connection.transport
+    await asyncio.to_thread(_close_connection_named, conn_name)
+    await _reconnected(b, before)
+    assert await asyncio.wait_for(first, 10.0) is None  # answered at the reconnection, not after 25 s
+    second = asyncio.create_task(w2.fetch(wait_ms=25_000))
+    await wait_for(lambda: _waiters(b) == 1, 10.0, what="a long-poll waiting after the reconnection")
+    added = time.monotonic()
+    task_id = await engine.add(svc, {"n": 1})
+    got = await asyncio.wait_for(second, 5.0)
+    assert got is not None and got.id == task_id and time.monotonic() - added < 5
+
+
+async def _delete_queue(url: str, name: str) -> None:
+    import aio_pika
+
+    conn = await aio_pika.connect(url)
+    try:
+        ch = await conn.channel()
+        await ch.queue_delete(name)
+    finally:
+        await conn.close()
+
+
+async def test_long_poll_works_again_after_an_operator_deleted_the_hint_queue(bridge, engine, workers, servers):
+    """A fetch long-polls; an operator deletes the queue's hint queue (the broker cancels the
+    bridge's consumer of it). A second worker's long-poll makes the bridge declare the hint queue
+    again; a task added then must wake one of the two waiting fetches."""
+    svc = service_id()
+    ours = hint_queue_name(bridge.settings.queue_prefix, QueueKey(OWNERS[0], svc))
+    url = servers.amqp_url("guest")
+    w1, w2 = await workers(svc, "w1"), await workers(svc, "w2")
+    first = asyncio.create_task(w1.fetch(wait_ms=25_000))
+    await wait_for(lambda: _waiters(bridge) == 1, 10.0, what="the first long-poll waiting")
+    await wait_for(lambda: consumers_on(url, ours), 5.0, interval=0.2, what="the bridge consuming the hint queue")
+    await _delete_queue(url, ours)
+    # The first fetches after the deletion find the hint channel closed (404) and are answered
+    # null at once; the bridge's robust channel comes back and declares the hint queue again.
+    second = asyncio.create_task(w2.fetch(wait_ms=25_000))
+    deadline = time.monotonic() + 20
+    while _waiters(bridge) < 2:
+        assert time.monotonic() < deadline, "the second long-poll never waited"
+        if second.done():
+            assert second.result() is None
+            second = asyncio.create_task(w2.fetch(wait_ms=25_000))
+        await asyncio.sleep(0.05)
+
+    async def exists() -> bool:
+        import aio_pika
+
+        conn = await aio_pika.connect(url)
+        try:
+            ch = await conn.channel()
+            try:
+                await ch.declare_queue(ours, passive=True)
+                return True
+            except aio_pika.exceptions.ChannelClosed:
+                return False
+        finally:
+            await conn.close()
+
+    await wait_for(exists, 10.0, interval=0.2, what="the bridge declared the hint queue again")
+    consumers = await consumers_on(url, ours)
+    task_id = await engine.add(svc, {"n": 1})
+    done, _ = await asyncio.wait([first, second], timeout=5.0, return_when=asyncio.FIRST_COMPLETED)
+    assert done, (
+        f"no waiting fetch was woken within 5 s of the add after the hint queue was deleted and declared "
+        f"again (consumers on it: {consumers}; "
+        f"bridge thinks: {[x.consumer_tag for x in bridge.hints._waiting.values()]})"
+    )
+    got = done.pop().result()
+    assert got is not None and got.id == task_id
+    for t in (first, second):
+        if not t.done():
+            t.cancel()
+
+
+async def test_the_declared_hint_queues_stay_bounded(bridge, servers, monkeypatch):
+    """MAX_DECLARED bounds the hint queues a bridge keeps declared objects of (any caller can name
+    new services). The robust channel they are declared on keeps every queue it declared, for
+    ever, and declares them all again at each reconnection."""
+    from bridge.domain.hints import Hint
+    from bridge.transport import hints as hints_module
+
+    monkeypatch.setattr(hints_module, "MAX_DECLARED", 10)
+    h = bridge.hints
+    names = []
+    for i in range(100):
+        q = QueueKey(OWNERS[0], f"svc-hunt-{uuid.uuid4().hex[:8]}-{i}")
+        tid = uuid.uuid4()
+        await h.offer(q, Hint(tid, 1, tid, None, False))
+        names.append(hint_queue_name(bridge.settings.queue_prefix, q))
+    kept = sum(len(s) for s in h._channel._queues.values())
+    for name in names:
+        await _delete_queue(servers.amqp_url("guest"), name)
+    assert len(h._declared) <= 10
+    assert kept <= 10, f"the hint channel keeps {kept} declared queues (MAX_DECLARED is 10)"
+
+
+async def test_a_waiter_that_joined_a_consumer_start_that_failed_is_still_woken(bridge, engine, workers, monkeypatch):
+    """Two fetches of one queue wait; the first starts the queue's hint consumer, the second joins
+    while it is starting. The start runs out of time (the broker is slow once): the first fetch was
+    answered null and the second left waiting on no consumer for its whole waitMs. Now both are
+    answered at once, and a long-poll after them is woken by a new task."""
+    from bridge.transport.hints import BROKER_CALL_S
+
+    svc = service_id()
+    w1, w2 = await workers(svc, "w1"), await workers(svc, "w2")
+    consume = bridge.hints._consume
+    real_get_queue = consume.get_queue
+    slow_once = asyncio.Event()
+
+    async def get_queue(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if not slow_once.is_set():
+            slow_once.set()
+            await asyncio.sleep(BROKER_CALL_S + 1)
+        return await real_get_queue(*args, **kwargs)
+
+    monkeypatch.setattr(consume, "get_queue", get_queue)
+    first = asyncio.create_task(w1.fetch(wait_ms=20_000))
+    await wait_for(slow_once.is_set, 5.0, what="the consumer starting")
+    second = asyncio.create_task(w2.fetch(wait_ms=20_000))
+    await wait_for(lambda: _waiters(bridge) == 2, 5.0, what="the second fetch joining the start")
+    assert await asyncio.wait_for(first, 10.0) is None  # its start ran out of time
+    # The one that joined waits on no consumer: answered with the starter, not after its 20 s.
+    assert await asyncio.wait_for(second, 2.0) is None
+    third = asyncio.create_task(w2.fetch(wait_ms=20_000))
+    await wait_for(lambda: _waiters(bridge) == 1, 5.0, what="a long-poll waiting again")
+    task_id = await engine.add(svc, {"n": 1})
+    got = await asyncio.wait_for(third, 5.0)
+    assert got is not None and got.id == task_id
+
+
+async def test_a_reconnection_does_not_declare_again_hint_queues_the_bridge_no_longer_keeps(
+    named_bridge, servers, monkeypatch
+):
+    """Hint queues expire when unused (x-expires). A bridge forgets the queues past MAX_DECLARED,
+    but its robust channel declares every hint queue it ever declared again at each reconnection
+    (and at each channel error): expired queues come back, and the restore takes one round trip
+    per queue ever touched by the process."""
+    import aio_pika
+
+    from bridge.domain.hints import Hint
+    from bridge.transport import hints as hints_module
+
+    monkeypatch.setattr(hints_module, "MAX_DECLARED", 5)
+    b, conn_name = await named_bridge()
+    h = b.hints
+    queues = []
+    for i in range(30):
+        q = QueueKey(OWNERS[0], f"svc-hunt-{uuid.uuid4().hex[:8]}-{i}")
+        tid = uuid.uuid4()
+        await h.offer(q, Hint(tid, 1, tid, None, False))
+        queues.append(hint_queue_name(b.settings.queue_prefix, q))
+    url = servers.amqp_url("guest")
+    for name in queues:  # as if they had expired
+        await _delete_queue(url, name)
+    before = b.transport.connection.transport
+    await asyncio.to_thread(_close_connection_named, conn_name)
+    await _reconnected(b, before)
+    await wait_for(lambda: not h._channel.is_closed, 10.0, what="the hint channel back")
+    conn = await aio_pika.connect(url)
+    back = 0
+    try:
+        for name in queues:
+            ch = await conn.channel()
+            try:
+                await ch.declare_queue(name, passive=True)
+                back += 1
+            except aio_pika.exceptions.ChannelClosed:
+                pass
+    finally:
+        for name in queues:
+            ch = await conn.channel()
+            with contextlib.suppress(Exception):
+                await ch.queue_delete(name)
+        await conn.close()
+    assert back <= 5, f"{back} of 30 deleted hint queues declared again by the reconnection (MAX_DECLARED 5)"
