@@ -1,4 +1,5 @@
-"""Hints and long-poll through broker trouble (real servers): a reconnection, a hint queue deleted, a consumer start that fails, many queues (MAX_DECLARED)."""
+"""Hints and long-poll through broker trouble (real servers): a reconnection, a hint queue
+deleted, a consumer start that fails, many queues (MAX_DECLARED)."""
 
 from __future__ import annotations
 
