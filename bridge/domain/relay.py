@@ -9,7 +9,7 @@ from typing import Protocol
 
 from bridge.crypto import TamperedCiphertext
 from bridge.domain.context import QueueContext
-from bridge.domain.records import Lease, LeaseState, OutboxEntry
+from bridge.domain.records import Lease, OutboxEntry
 from bridge.domain.sealing import open_outcome, open_token, split_outcome
 from bridge.domain.timeline import ms_of
 
@@ -40,12 +40,13 @@ def completed_at_ms(completion_id: uuid.UUID) -> int | None:
 def names_entry(lease: Lease | None, entry: OutboxEntry) -> bool:
     """The lease names this outbox entry's decision (its completion, or its park: the engine's
     delivery_limit error): the entry's result is owed to the engine. Otherwise the decision
-    never applied (or the task expired) and there is nothing to send."""
-    return (
-        lease is not None
-        and lease.state in (LeaseState.DONE, LeaseState.PARKED)
-        and lease.completion_id == entry.completion_id
-    )
+    never applied (or the task expired) and there is nothing to send.
+
+    Decided by the id alone, whatever the state: a decision's id is written only by the
+    compare-and-set that decides it, and a redrive (back to ``leased``) keeps the park's. Asked
+    for ``done`` or ``parked`` too, a park redriven before its result went out was marked published
+    unsent, and the engine never heard of it."""
+    return lease is not None and lease.completion_id == entry.completion_id
 
 
 async def decided_by_itself(ctx: QueueContext, entry: OutboxEntry) -> bool:

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from bridge.domain.errors import Unavailable
+from bridge.domain.errors import KeyMissing, Unavailable
 from bridge.domain.hints import Hint
 from bridge.domain.lifecycle import PARK_DELIVERY_LIMIT
 from bridge.domain.queue import WorkQueue
@@ -54,6 +54,28 @@ RELAY_CATCH_UP_BATCH = 50
 MARKS_REFRESH_MS = 1_000
 MARKS_AHEAD = 8  # buckets (2 s) of marks read ahead of the clock
 MAX_TIMERS = 100_000  # in-process timers for wheel entries due within moments (``handle_soon``)
+ENTRY_RETRY_MS = 10_000  # a deadline that could not be handled is met again this much later
+
+
+RELAY_RETRY_FIRST_MS = 1_000
+RELAY_RETRY_MAX_MS = 60_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Retry:
+    """An outbox bucket owing results: when to try it again, and how many it owes."""
+
+    not_before_ms: int
+    backoff_ms: int
+    stuck: int
+
+    @staticmethod
+    def first(now: int, stuck: int) -> _Retry:
+        return _Retry(now + RELAY_RETRY_FIRST_MS, RELAY_RETRY_FIRST_MS, stuck)
+
+    def again(self, now: int, stuck: int) -> _Retry:
+        backoff = min(self.backoff_ms * 2, RELAY_RETRY_MAX_MS)
+        return _Retry(now + backoff, backoff, stuck)
 
 
 EntryKey = tuple[str, str, object, int]  # (owner, service, task id, epoch): one deadline of one lease
@@ -76,7 +98,7 @@ class SchedulerState:
     lag_ms: int = 0
     recovered: int = 0
     republished: int = 0
-    results_stuck: int = 0  # unpublished results the last relay sweep could not publish
+    results_stuck: int = 0  # unpublished results the relay could not publish (at their last try)
 
 
 class RecoveryScheduler:
@@ -111,7 +133,7 @@ class RecoveryScheduler:
         # Deadlines whose lease was read ahead (a timer set if still held): not read ahead again.
         self._armed: dict[int, set[EntryKey]] = {}
         self._outbox_next: int | None = None
-        self._outbox_retry: set[int] = set()
+        self._outbox_retry: dict[int, _Retry] = {}  # outbox buckets owing a publish
         self._outbox_persisted: int | None = None
         self._expiry_persisted: int | None = None
         self._last_outbox_ms = 0
@@ -120,19 +142,26 @@ class RecoveryScheduler:
         self._marks_read_ms = -(10**15)
 
     def _forget_positions(self) -> None:
-        # Not this bridge's loops any more: its gauges of them (lag, results the relay could not
-        # publish) would stay frozen at the last holder tick beside the new holder's.
+        """Not this bridge's loops any more: if the duty comes back, they start again from the
+        persisted positions. Its gauges of them (lag, results the relay could not publish) would
+        stay frozen at the last holder tick beside the new holder's."""
+        self._forget_recovery()
+        self._forget_relay()
+
+    def _forget_recovery(self) -> None:
         self.state.lag_ms = 0
+        self._expiry_next = self._expiry_confirmed = self._expiry_persisted = None
+        self._handled.clear()
+        self._armed.clear()
+        self._marks_read_ms = -(10**15)
+
+    def _forget_relay(self) -> None:
         if self.state.results_stuck:
             self.state.results_stuck = 0
             if self.report_pending is not None:
                 self.report_pending(self.queue.results_in_flight)
-        self._expiry_next = self._expiry_confirmed = self._expiry_persisted = None
         self._outbox_next = self._outbox_persisted = None
-        self._handled.clear()
-        self._armed.clear()
         self._outbox_retry.clear()
-        self._marks_read_ms = -(10**15)
 
     async def _refresh_marks(self, now: int, due: int) -> None:
         """Which buckets hold deadlines: re-read once a bucket has ended since the last read, so the
@@ -157,24 +186,47 @@ class RecoveryScheduler:
         return self._expiry_confirmed
 
     async def run(self, stop: asyncio.Event, duty: Duty | None = None) -> None:
-        """Tick while this bridge holds the fleet's scheduler duty (always, without an election)."""
+        """Tick while this bridge holds the fleet's scheduler duty (always, without an election).
+        The result relay runs beside the recovery passes, in a loop of its own: in the same tick,
+        a sweep retrying a few hundred results nobody could take (an engine with no queue bound)
+        lasted seconds, and every lease of the fleet came back that much late."""
+        relay = asyncio.create_task(self._run_relay(stop, duty), name="result relay")
+        try:
+            while not stop.is_set():
+                if duty is not None and not duty.held:
+                    # Another bridge runs the loops. If the duty comes here, start again from the
+                    # persisted positions (the last holder's), not from what this bridge saw long ago.
+                    self._forget_recovery()
+                    self.state.last_tick_monotonic = time.monotonic()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=self.interval_s)
+                    continue
+                try:
+                    await self.tick(relay=False)
+                except Unavailable as exc:
+                    log.warning("scheduler tick failed: %s", exc)
+                except Exception:
+                    log.exception("scheduler tick crashed; continuing")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=self.pause_s())
+        finally:
+            relay.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await relay
+
+    async def _run_relay(self, stop: asyncio.Event, duty: Duty | None) -> None:
         while not stop.is_set():
             if duty is not None and not duty.held:
-                # Another bridge runs the loops. If the duty comes here, start again from the
-                # persisted positions (the last holder's), not from what this bridge saw long ago.
-                self._forget_positions()
-                self.state.last_tick_monotonic = time.monotonic()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=self.interval_s)
-                continue
-            try:
-                await self.tick()
-            except Unavailable as exc:
-                log.warning("scheduler tick failed: %s", exc)
-            except Exception:
-                log.exception("scheduler tick crashed; continuing")
+                self._forget_relay()
+            else:
+                try:
+                    await self._relay_tick(self.queue.clock.now_ms())
+                except Unavailable as exc:
+                    log.warning("result relay sweep failed: %s", exc)
+                except Exception:
+                    log.exception("result relay sweep crashed; continuing")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.pause_s())
+                await asyncio.wait_for(stop.wait(), timeout=self.interval_s)
 
     def pause_s(self) -> float:
         """How long to wait before the next tick: the tick interval while a deadline is near (the
@@ -191,7 +243,8 @@ class RecoveryScheduler:
         until_next_ms = (running + 1) * EXPIRY_BUCKET_MS - now + 1
         return max(self.interval_s, until_next_ms / 1000)
 
-    async def tick(self) -> None:
+    async def tick(self, *, relay: bool = True) -> None:
+        """One recovery pass and (``relay``; ``run`` sweeps in a loop of its own) a relay sweep."""
         now = self.queue.clock.now_ms()
         # The two loops fail apart: an expiry partition that cannot be read (a timeout, a
         # partition over Cassandra's tombstone limit) must not stop results from going out.
@@ -200,14 +253,19 @@ class RecoveryScheduler:
             await self._recover(now)
         except Exception as exc:
             failure = exc
+        if relay:
+            await self._relay_tick(now)
+        if failure is not None:
+            raise failure
+        self.state.last_tick_monotonic = time.monotonic()
+
+    async def _relay_tick(self, now: int) -> None:
+        """A relay sweep, at most once a second."""
         if now - self._last_outbox_ms >= 1000:
             await self._relay(now)
             self._last_outbox_ms = now
             if self.report_pending is not None:
                 self.report_pending(self.queue.results_in_flight + self.state.results_stuck)
-        if failure is not None:
-            raise failure
-        self.state.last_tick_monotonic = time.monotonic()
 
     # -- recovery ----------------------------------------------------------------------------
     async def _recover(self, now: int) -> None:
@@ -270,7 +328,15 @@ class RecoveryScheduler:
         handled = self._handled.setdefault(bucket, set())
 
         async def handle(entry: ExpiryEntry, lease: Lease | None, stored: bool) -> None:
-            if await self._handle(entry, lease, now, bucket, stored=stored):
+            try:
+                settled = await self._handle(entry, lease, now, bucket, stored=stored)
+            except Unavailable as exc:
+                if not isinstance(exc, KeyMissing):
+                    raise  # the store: the bucket is retried at the next tick, as every other entry's
+                settled = await self._put_off(entry, now, exc)
+            except Exception as exc:  # this entry's own trouble (its owner's key): not the bucket's
+                settled = await self._put_off(entry, now, exc)
+            if settled:
                 handled.add(entry_key(entry))
 
         # Many leases can run out in the same 250 ms (a crashed worker pool): handled side by side,
@@ -279,6 +345,24 @@ class RecoveryScheduler:
         if errors:
             raise errors[0]  # the tick is retried; handled entries are not redone
         return later
+
+    async def _put_off(self, entry: ExpiryEntry, now: int, exc: Exception) -> bool:
+        """One entry that cannot be handled now (its owner's key is gone, the key server is away)
+        is filed again ENTRY_RETRY_MS later, so that its bucket is done: raised, the tick retried
+        the whole bucket for ever and the fleet's scheduler never got past it, so no lease of any
+        owner was taken back. When even that write fails (Cassandra is away), the bucket is."""
+        try:
+            await self.store.watch_expiry(expiry_bucket(now + ENTRY_RETRY_MS), entry)
+        except Exception:
+            raise exc from None
+        log.warning(
+            "deadline of task %s put off by %d s: %s",
+            entry.task_id,
+            ENTRY_RETRY_MS // 1000,
+            type(exc).__name__,
+            extra={"owner": entry.queue.owner, "service": entry.queue.service},
+        )
+        return True
 
     async def _with_leases(
         self,
@@ -497,24 +581,32 @@ class RecoveryScheduler:
             self._outbox_next = saved if saved is not None else outbox_bucket(now) - 1
         # Only buckets old enough that their normal publish must have happened are swept.
         limit = min(outbox_bucket(now - self.republish_after_ms), self._outbox_next + RELAY_CATCH_UP_BATCH)
-        self.state.results_stuck = 0
-        # Buckets with a result that could not be published are retried every sweep, but they do
-        # not hold up the buckets after them (one unroutable result must not delay all others).
-        for bucket in sorted(self._outbox_retry):
-            if await self._relay_bucket(bucket):
-                self._outbox_retry.discard(bucket)
+        # Buckets with a result that could not be published are retried, but they do not hold up
+        # the buckets after them (one unroutable result must not delay all others). Each is
+        # retried later and later (1 s, doubling, up to a minute): every sweep, a few hundred
+        # results nobody can take (an engine with no queue bound) cost 3 requests each a second.
+        for bucket, retry in sorted(self._outbox_retry.items()):
+            if now < retry.not_before_ms:
+                continue
+            stuck = await self._relay_bucket(bucket)
+            if stuck:
+                self._outbox_retry[bucket] = retry.again(now, stuck)
+            else:
+                del self._outbox_retry[bucket]
         while self._outbox_next < limit:
-            if not await self._relay_bucket(self._outbox_next):
-                self._outbox_retry.add(self._outbox_next)
+            if stuck := await self._relay_bucket(self._outbox_next):
+                self._outbox_retry[self._outbox_next] = _Retry.first(now, stuck)
             self._outbox_next += 1
+        self.state.results_stuck = sum(r.stuck for r in self._outbox_retry.values())
         # Persist only up to the first bucket still owing a publish, so a restart retries it.
         safe = min(self._outbox_retry, default=self._outbox_next)
         if safe != self._outbox_persisted:
             await self.store.advance_scheduler_cursor(self._outbox_cursor, safe, safe * OUTBOX_BUCKET_MS)
             self._outbox_persisted = safe
 
-    async def _relay_bucket(self, bucket: int) -> bool:
-        complete = True
+    async def _relay_bucket(self, bucket: int) -> int:
+        """Publish the bucket's owed results; how many could not be published."""
+        stuck = 0
         for entry in await self.store.outbox(bucket):
             if entry.published:
                 continue
@@ -526,12 +618,11 @@ class RecoveryScheduler:
                 await self.queue.publish(entry)
             except Exception as exc:  # broker down, no queue bound, ...: keep it pending
                 log.warning("result of task %s still not published: %s", entry.task_id, type(exc).__name__)
-                self.state.results_stuck += 1
-                complete = False
+                stuck += 1
                 continue
             self.state.republished += 1
             self.queue.metrics.inc("results_republished")
-        return complete
+        return stuck
 
 
 __all__ = ["OUTBOX_BUCKET_MS", "RecoveryScheduler"]
