@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
 import time
 import uuid
 from typing import Any
@@ -15,24 +14,10 @@ import pytest
 from bridge.domain.records import QueueKey
 from bridge.transport.hints import hint_queue_name
 from tests.conftest import OWNERS, consumers_on, service_id, wait_for
+from tests.integration.test_client_resilience import _close_connection_named
+from tests.integration.test_long_poll import slow_consumer_start_once
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
-
-
-def _close_connection_named(name: str) -> None:
-    out = subprocess.run(
-        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    for line in out.splitlines():
-        if name in line:
-            conn = line.split("\t", 1)[0]
-            subprocess.run(["rabbitmqctl", "-q", "close_connection", conn, "hunt"], timeout=60, check=True)
-            return
-    raise AssertionError(f"no broker connection named {name}: {out}")
 
 
 @pytest.fixture
@@ -160,21 +145,28 @@ async def test_long_poll_works_again_after_an_operator_deleted_the_hint_queue(br
             t.cancel()
 
 
+async def _hint_queues_of_new_services(bridge: Any, n: int) -> list[str]:
+    """One hint offered in each of ``n`` new service queues (the bridge declares their hint queues)."""
+    from bridge.domain.hints import Hint
+
+    names = []
+    for i in range(n):
+        q = QueueKey(OWNERS[0], f"svc-hints-{uuid.uuid4().hex[:8]}-{i}")
+        tid = uuid.uuid4()
+        await bridge.hints.offer(q, Hint(tid, 1, tid, None, False))
+        names.append(hint_queue_name(bridge.settings.queue_prefix, q))
+    return names
+
+
 async def test_the_declared_hint_queues_stay_bounded(bridge, servers, monkeypatch):
     """MAX_DECLARED bounds the hint queues a bridge keeps declared objects of (any caller can name
     new services). The robust channel they are declared on keeps every queue it declared, for
     ever, and declares them all again at each reconnection."""
-    from bridge.domain.hints import Hint
     from bridge.transport import hints as hints_module
 
     monkeypatch.setattr(hints_module, "MAX_DECLARED", 10)
     h = bridge.hints
-    names = []
-    for i in range(100):
-        q = QueueKey(OWNERS[0], f"svc-hunt-{uuid.uuid4().hex[:8]}-{i}")
-        tid = uuid.uuid4()
-        await h.offer(q, Hint(tid, 1, tid, None, False))
-        names.append(hint_queue_name(bridge.settings.queue_prefix, q))
+    names = await _hint_queues_of_new_services(bridge, 100)
     kept = sum(len(s) for s in h._channel._queues.values())
     for name in names:
         await _delete_queue(servers.amqp_url("guest"), name)
@@ -187,21 +179,9 @@ async def test_a_waiter_that_joined_a_consumer_start_that_failed_is_still_woken(
     while it is starting. The start runs out of time (the broker is slow once): the first fetch was
     answered null and the second left waiting on no consumer for its whole waitMs. Now both are
     answered at once, and a long-poll after them is woken by a new task."""
-    from bridge.transport.hints import BROKER_CALL_S
-
     svc = service_id()
     w1, w2 = await workers(svc, "w1"), await workers(svc, "w2")
-    consume = bridge.hints._consume
-    real_get_queue = consume.get_queue
-    slow_once = asyncio.Event()
-
-    async def get_queue(*args, **kwargs):  # type: ignore[no-untyped-def]
-        if not slow_once.is_set():
-            slow_once.set()
-            await asyncio.sleep(BROKER_CALL_S + 1)
-        return await real_get_queue(*args, **kwargs)
-
-    monkeypatch.setattr(consume, "get_queue", get_queue)
+    slow_once = slow_consumer_start_once(bridge, monkeypatch)
     first = asyncio.create_task(w1.fetch(wait_ms=20_000))
     await wait_for(slow_once.is_set, 5.0, what="the consumer starting")
     second = asyncio.create_task(w2.fetch(wait_ms=20_000))
@@ -225,18 +205,12 @@ async def test_a_reconnection_does_not_declare_again_hint_queues_the_bridge_no_l
     per queue ever touched by the process."""
     import aio_pika
 
-    from bridge.domain.hints import Hint
     from bridge.transport import hints as hints_module
 
     monkeypatch.setattr(hints_module, "MAX_DECLARED", 5)
     b, conn_name = await named_bridge()
     h = b.hints
-    queues = []
-    for i in range(30):
-        q = QueueKey(OWNERS[0], f"svc-hunt-{uuid.uuid4().hex[:8]}-{i}")
-        tid = uuid.uuid4()
-        await h.offer(q, Hint(tid, 1, tid, None, False))
-        queues.append(hint_queue_name(b.settings.queue_prefix, q))
+    queues = await _hint_queues_of_new_services(b, 30)
     url = servers.amqp_url("guest")
     for name in queues:  # as if they had expired
         await _delete_queue(url, name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
@@ -184,6 +185,23 @@ async def test_a_waiting_fetch_ends_at_its_callers_deadline(bridge, engine, work
     assert got is not None and got.id == task_id
 
 
+def slow_consumer_start_once(bridge: Any, monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """The next start of a hint consumer takes longer than BROKER_CALL_S (the broker, or a
+    reconnection, is slow once); the event is set when it began."""
+    consume = bridge.hints._consume
+    real_get_queue = consume.get_queue
+    slow_once = asyncio.Event()
+
+    async def get_queue(*args: Any, **kwargs: Any) -> Any:
+        if not slow_once.is_set():
+            slow_once.set()
+            await asyncio.sleep(BROKER_CALL_S + 1)  # fault injection: a slow broker, not a wait
+        return await real_get_queue(*args, **kwargs)
+
+    monkeypatch.setattr(consume, "get_queue", get_queue)
+    return slow_once
+
+
 async def test_waiting_fetches_still_start_a_hint_consumer_after_one_start_ran_out_of_time(
     bridge, engine, workers, monkeypatch
 ):
@@ -192,17 +210,7 @@ async def test_waiting_fetches_still_start_a_hint_consumer_after_one_start_ran_o
     fetch of that queue started a consumer, and each sat out its whole waitMs while tasks were added."""
     svc = service_id()
     w = await workers(svc, "w")
-    consume = bridge.hints._consume
-    real_get_queue = consume.get_queue
-    slow_once = asyncio.Event()
-
-    async def get_queue(*args, **kwargs):  # type: ignore[no-untyped-def]
-        if not slow_once.is_set():
-            slow_once.set()
-            await asyncio.sleep(BROKER_CALL_S + 1)  # the broker (or a reconnection) is slow once
-        return await real_get_queue(*args, **kwargs)
-
-    monkeypatch.setattr(consume, "get_queue", get_queue)
+    slow_once = slow_consumer_start_once(bridge, monkeypatch)
     assert await w.fetch(wait_ms=4_000) is None  # its wait could not start: answered null
     assert slow_once.is_set()
     # The broker is quick again: the next waiting fetch is woken by the next add.

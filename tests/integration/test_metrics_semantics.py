@@ -4,6 +4,8 @@ once even when its outcome was unknown."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiohttp
 import pytest
 
@@ -176,11 +178,7 @@ async def test_an_ack_retried_after_an_unknown_outcome_leaves_no_task_in_flight(
         return res
 
     monkeypatch.setattr(store, "complete", complete)
-    svc = service_id()
-    await engine.add(svc, "v")
-    w = await workers(svc, "w")
-    task = await wait_for(w.fetch, 10, what="the task")
-    body = {"serviceId": svc, "workerId": "w", "taskId": task.id, "epoch": task.epoch, "result": 1}
+    svc, w, body = await _a_task_held(engine, workers)
     try:
         first = await w.call("ack", body)
     except Exception as exc:  # answered unavailable
@@ -199,6 +197,15 @@ async def test_an_ack_retried_after_an_unknown_outcome_leaves_no_task_in_flight(
         f"the task was acked (true), yet stats say ready={s['ready']}, inFlight={s['inFlight']} and "
         f"tasks_completed_total = {completed}"
     )
+
+
+async def _a_task_held(engine: Any, workers: Any) -> tuple[str, Any, dict[str, Any]]:
+    """A new queue's one task, fetched by worker ``w``; the body of its ack."""
+    svc = service_id()
+    await engine.add(svc, "v")
+    w = await workers(svc, "w")
+    task = await wait_for(w.fetch, 10, what="the task")
+    return svc, w, {"serviceId": svc, "workerId": "w", "taskId": task.id, "epoch": task.epoch, "result": 1}
 
 
 async def counts_now(engine, svc):
@@ -228,11 +235,7 @@ async def test_an_ack_whose_unknown_outcome_did_not_land_is_counted_once_by_its_
         return await real(*args, **kwargs)
 
     monkeypatch.setattr(store, "complete", complete)
-    svc = service_id()
-    await engine.add(svc, "v")
-    w = await workers(svc, "w")
-    task = await wait_for(w.fetch, 10, what="the task")
-    body = {"serviceId": svc, "workerId": "w", "taskId": task.id, "epoch": task.epoch, "result": 1}
+    svc, w, body = await _a_task_held(engine, workers)
     with pytest.raises(UnavailableError):
         await w.call("ack", body)
     again = await w.call("ack", body)
