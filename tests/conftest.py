@@ -129,7 +129,7 @@ def _testcontainers(keyspace: str) -> Iterator[Servers]:  # pragma: no cover - n
     cassandra.start()
     # The same least-privilege users as the local stack (deploy/local/rabbitmq.sh).
     names = "(queue-bridge|qb-test-[0-9a-f]{8}|qb-bench-[0-9a-f]{8}(\\.echo)?)"
-    own = names + r"(\.(dead|unrouted|results|add|fetch|ack|dead-letter))?"
+    own = names + r"(\.(dead|unrouted|results|add|fetch|ack|lifecycle|dead-letter|duty|hints\.p?[0-9a-f]{24}))?"
     perms = {
         BRIDGE_USER: (f"^{own}$", f"^({own}|amq\\.default)$", f"^{own}$"),
         ENGINE_USER: ("^$", f"^{names}$", f"^{names}\\.results$"),

@@ -45,6 +45,14 @@ def permissions(
     users["worker"] = worker or ["<worker-user>"]
     for role, names in users.items():
         typer.echo(f"# {role}")
+        if role == "engine" and s.results_queue == s.results_exchange:
+            # RabbitMQ permissions name resources, not their kind: read on the shared name covers
+            # the exchange too, and exchange.bind needs only read on its source.
+            typer.echo(
+                "# note: the results queue and exchange share a name, so this read also lets the engine"
+                " bind the results exchange to an exchange it may write (the bridge's: results would"
+                " then reach its request queues); give BRIDGE_RESULTS_QUEUE a name of its own to prevent it"
+            )
         for user in names:
             typer.echo(roles[role].rabbitmqctl(user, vhost))
 

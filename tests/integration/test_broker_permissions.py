@@ -142,3 +142,38 @@ async def test_the_lifecycle_queue_and_the_bridges_own_queues_are_the_bridges_al
     assert [s.service_id for s in await engine.stats(svc)] == [svc]
     assert await engine.cancel(svc, task.id) is True
     assert await task.ack("late") is False, "cancelled: the worker's ack changes nothing"
+
+
+async def _engine_binds_to_the_bridges_exchange(servers, names, source: str) -> bool:
+    """Whether the shipped engine user may bind exchange ``source`` to the bridge's exchange."""
+    conn = await aio_pika.connect(servers.amqp_url(ENGINE_USER))
+    try:
+        ch = await conn.channel()
+        main = await ch.get_exchange(names["exchange"], ensure=False)
+        try:
+            await main.bind(source, routing_key="#")
+        except ChannelAccessRefused:
+            return False
+        return True
+    finally:
+        await conn.close()
+
+
+async def test_an_engine_can_bind_the_results_exchange_only_while_it_shares_its_queues_name(bridge, servers, names):
+    """RabbitMQ permissions name resources, not their kind, and exchange.bind needs only read on
+    its source: with the default names (results queue and exchange both ``<prefix>.results``) the
+    engine's read on its queue lets it bind the results exchange to the bridge's exchange (the
+    documented gap, docs/security.md); a results exchange of a name of its own is out of its reach."""
+    guest = await aio_pika.connect(servers.amqp_url("guest"))
+    try:
+        ch = await guest.channel()
+        own_name = await ch.declare_exchange(f"{names['exchange']}.results-x", aio_pika.ExchangeType.TOPIC)
+        main = await ch.get_exchange(names["exchange"], ensure=False)
+        try:
+            assert await _engine_binds_to_the_bridges_exchange(servers, names, names["results_exchange"])
+            await main.unbind(names["results_exchange"], routing_key="#")
+            assert not await _engine_binds_to_the_bridges_exchange(servers, names, own_name.name)
+        finally:
+            await own_name.delete()
+    finally:
+        await guest.close()

@@ -572,3 +572,24 @@ def test_k8s_sidecar_takes_config_and_keys_from_the_manifests(
     items = {item["path"]: item["key"] for item in source.get("items") or []}
     key = items.get(keyring.name, keyring.name)
     assert key in secret_data, f"the Secret has no {key!r} for {keyring}"
+
+
+def test_the_readme_permissions_are_the_ones_the_bridge_prints() -> None:
+    """README's `rabbitmqctl set_permissions` lines for the default names are what `queue-bridge
+    permissions` prints: they had fallen behind (no lifecycle, duty or hint queues), and a bridge
+    given them could not start."""
+    from bridge.transport.permissions import role_permissions
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    text = readme.replace("\\\n", " ")
+    found = {
+        parts[4]: tuple(parts[5:8])
+        for line in text.splitlines()
+        if line.strip().startswith("rabbitmqctl set_permissions") and len(parts := shlex.split(line.strip())) == 8
+    }
+    roles = role_permissions("queue-bridge", "queue-bridge.results", "queue-bridge", "queue-bridge.results")
+    users = {"queue-bridge": "bridge", "engine": "engine", "tenant-a": "worker"}
+    assert set(found) == set(users), found
+    for user, role in users.items():
+        r = roles[role]
+        assert found[user] == (r.configure, r.write, r.read), user
