@@ -240,8 +240,9 @@ class WorkQueue:
         existing = await store.record_message_id(q, message_id, task_id)
         if existing is None or existing == task_id:
             return None  # ours (an earlier attempt of this very add recorded it): store the task
-        if existing == replaces:
+        if existing == replaces and not await store.task_exists(q, existing):
             # Our own earlier attempt, which stored nothing: the record moves to this attempt's id.
+            # (Had it stored its task after all, that task is the add's: answered below.)
             if not await store.replace_message_id(q, message_id, existing, task_id):
                 raise Unavailable("concurrent add with the same message_id; retry later")
             return None

@@ -144,6 +144,7 @@ class RequestHandlers:
         give_up = time.monotonic() + ADD_RETRY_BUDGET_S
         pending: PendingAdd | None = None
         replaces: uuid.UUID | None = None
+        may_have_landed = False  # an attempt of ``pending`` failed in a way that may have stored it
         while True:
             try:
                 if pending is None:
@@ -155,22 +156,30 @@ class RequestHandlers:
                 retry = fate_of(wire_code(exc), "add").retry
                 if not retry or time.monotonic() + delay > give_up or not self._consuming():
                     raise
-                if isinstance(exc, NotSent) and self._stale(pending):
+                may_have_landed = may_have_landed or not isinstance(exc, NotSent)
+                if isinstance(exc, NotSent) and not may_have_landed and self._stale(pending):
                     # Its id (its place in the ready index) would land behind where the dispatchers
-                    # have moved on by now, and no scan would find it. Nothing of it reached
-                    # Cassandra, so the next attempt gets a new id. (An attempt that timed out may
-                    # still land: it keeps its id, or the add could become two tasks.)
-                    replaces = pending.task_id if pending is not None else replaces
+                    # have moved on by now, and no scan would find it. No attempt of it reached
+                    # Cassandra, so the next attempt gets a new id. (Once one timed out, it may
+                    # still land: it keeps its id for good, or the add could become two tasks.)
+                    assert pending is not None
+                    replaces = pending.task_id
+                    if pending.due_ms is not None:
+                        # A delayed add whose time came while it was retried: added ready now (a
+                        # new delay from now would hand it out later than asked).
+                        cmd = cmd.model_copy(update={"delay_ms": None, "not_before": None})
                     pending = None
                 log.warning("add failed (%s), retrying in %.1fs", exc.message, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
     def _stale(self, pending: PendingAdd | None) -> bool:
-        """The prepared task's id is older than a write may land behind the dispatchers' cursors."""
-        if pending is None or pending.due_ms is not None:
-            return False  # a delayed task's id is its due time: no scan passes it before then
-        return self.queue.clock.now_ms() - ms_of(pending.task_id) > ADD_ID_FRESH_MS
+        """The prepared task's id is older than a write may land behind the dispatchers' cursors.
+        A delayed task's id is its due time: no scan passes it before then, but one may soon after."""
+        if pending is None:
+            return False
+        at = pending.due_ms if pending.due_ms is not None else ms_of(pending.task_id)
+        return self.queue.clock.now_ms() - at > ADD_ID_FRESH_MS
 
     # -- fetch and ack (RPCs) ---------------------------------------------------------------------
     async def fetch(self, message: RequestMessage) -> str:

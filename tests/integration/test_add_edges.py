@@ -12,6 +12,7 @@ import pytest
 
 from bridge.client.errors import RequestTimeout
 from bridge.client.rpc import IDEMPOTENCY_HEADER
+from bridge.domain.timeline import ms_of
 from tests.conftest import OWNERS, service_id, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -116,3 +117,122 @@ async def test_a_retried_delayed_add_after_a_crashed_first_attempt_is_stored(bri
     except RequestTimeout:
         reply = {"error": "no reply: the add is requeued again and again (unavailable)"}
     assert "task" in reply, f"no task after {time.monotonic() - started:.1f}s: {reply}"
+
+
+async def test_a_delayed_add_retried_past_its_due_time_is_still_handed_out(make_bridge, engine, workers, monkeypatch):
+    """A ready add retried in place after ``NotSent`` gets a new task id once its first id is
+    older than ``ADD_ID_FRESH_MS`` (handlers._stale): a row landing behind where the dispatchers'
+    positions have moved is never scanned again. A delayed add is exempted outright ("no scan
+    passes it before then"), but its id is its due time, and once the due time has passed during
+    the retries it is exactly as stale: its row lands behind the scan position and no fetch (with
+    BRIDGE_HINTS=false every fetch scans; with hints, the reconciliation scan) ever finds it."""
+    from bridge.storage.errors import StorageNotSent
+
+    b = await make_bridge(hints=False)
+    store = b.queue.ctx.store
+    real_watch = store.watch_expiry
+    cassandra_back = asyncio.Event()
+    refused = asyncio.Event()
+
+    async def watch_expiry(*args: Any, **kwargs: Any) -> None:
+        if not cassandra_back.is_set():
+            refused.set()
+            raise StorageNotSent("cassandra unavailable (injected): no host available")
+        await real_watch(*args, **kwargs)
+
+    monkeypatch.setattr(store, "watch_expiry", watch_expiry)
+    svc = service_id()
+    added_at = b.queue.clock.now_ms()
+    delayed = asyncio.create_task(
+        engine.call("add", {"serviceId": svc, "value": "delayed", "delayMs": 200}, owner=OWNERS[0])
+    )
+    await wait_for(refused.is_set, 10, what="the delayed add's first write refused")
+    # Its due time passes while the bridge retries it; a ready task is added after that time.
+    await wait_for(lambda: b.queue.clock.now_ms() > added_at + 400, 5, what="the due time passing")
+    later = await engine.add(svc, "later")
+    w = await workers(svc, "w")
+    task = await w.fetch()
+    assert task is not None and task.id == later
+    assert await task.ack("ok") is True
+    # Fetches scan; once "later" is older than the settle window the position moves past it.
+    settle_ms = b.settings.clock_skew_margin * 1000 + 1000
+
+    got: list[str] = []
+
+    async def position_passed() -> bool:
+        t = await w.fetch()  # (the add, retried as a ready task once its time came, may come now)
+        if t is not None:
+            got.append(t.id)
+            assert await t.ack("ok") is True
+        return b.queue.clock.now_ms() > ms_of(uuid.UUID(later)) + settle_ms + 300
+
+    await wait_for(position_passed, 10, interval=0.2, what="the scan position passing the later task")
+    cassandra_back.set()
+    reply = await asyncio.wait_for(delayed, 15)
+    delayed_id = reply["task"]["id"]
+
+    async def handed_out() -> bool:
+        t = await w.fetch()
+        if t is not None:
+            got.append(t.id)
+            await t.ack("ok")
+        return delayed_id in got
+
+    try:
+        await wait_for(handed_out, 8, interval=0.2, what="the delayed task handed out")
+    except AssertionError:
+        raise AssertionError(
+            f"the add answered task {delayed_id} (due {ms_of(uuid.UUID(delayed_id)) - added_at} ms after the add, "
+            f"stored behind the scan position) and no fetch ever hands it out; handed out: {got}"
+        ) from None
+
+
+async def test_an_add_whose_write_timed_out_and_landed_is_not_stored_twice(make_bridge, engine, workers, monkeypatch):
+    """``_add_retrying`` gives a stale prepared add a new task id when an attempt fails with
+    ``NotSent`` ("nothing of it reached Cassandra"), and ``_dedupe`` then moves the idempotency
+    record to the new id (``replaces``) without looking whether the old id's task exists. But an
+    *earlier* attempt of the same prepared add may have timed out after its write landed (the
+    comment itself says such an attempt "may still land: it keeps its id"): only the last attempt
+    was NotSent. Sequence: attempt 1 writes the task row and times out; Cassandra then becomes
+    unreachable (NotSent) until the id is older than ADD_ID_FRESH_MS; the next attempt stores a
+    second task under a new id. An add with a key of the caller's own makes two tasks."""
+    from bridge.storage.errors import StorageNotSent, StorageUnavailable
+
+    # Every fetch scans the ready index (BRIDGE_HINTS=false), so every stored task is found at
+    # once; with hints the first attempt's task (stored without a hint) waits for a reconciliation.
+    bridge = await make_bridge(hints=False)
+    store = bridge.queue.ctx.store
+    real_store_task = store.store_task
+    first_id: list[uuid.UUID] = []
+
+    async def store_task(q: Any, task_id: uuid.UUID, *args: Any, **kwargs: Any) -> None:
+        if not first_id:
+            first_id.append(task_id)
+            await real_store_task(q, task_id, *args, **kwargs)  # it lands ...
+            raise StorageUnavailable("cassandra timeout (injected): write timed out")  # ... unseen
+        if task_id == first_id[0] and bridge.queue.clock.now_ms() - ms_of(task_id) <= 3000:
+            raise StorageNotSent("cassandra unavailable (injected): no host available")
+        await real_store_task(q, task_id, *args, **kwargs)
+
+    monkeypatch.setattr(store, "store_task", store_task)
+    svc = service_id()
+    key = f"order-{uuid.uuid4().hex[:8]}"
+    reply = await engine.call(
+        "add", {"serviceId": svc, "value": "once"}, owner=OWNERS[0], headers={IDEMPOTENCY_HEADER: key}
+    )
+    w = await workers(svc, "w")
+    handed: list[str] = []
+
+    async def drained() -> bool:
+        t = await w.fetch()
+        if t is None:
+            return len(handed) > 0
+        handed.append(t.id)
+        assert await t.ack("ok") is True
+        return False
+
+    await wait_for(drained, 10, interval=0.1, what="the queue drained")
+    assert handed == [reply["task"]["id"]], (
+        f"one add with key {key!r} answered {reply['task']['id']} and the queue handed out {handed} "
+        f"(the first attempt's task {first_id[0]} landed and was stored again under a new id)"
+    )
