@@ -247,7 +247,9 @@ def iso_not_before(when: datetime | str) -> str:
     return utc.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _add_options(delay_ms: int | None, not_before: datetime | str | None, max_deliveries: int | None) -> dict[str, Any]:
+def _add_options(
+    delay_ms: int | None, not_before: datetime | str | None, max_deliveries: int | None, priority: int | None = None
+) -> dict[str, Any]:
     """The optional fields of an add (contract 1.4). Ranges are the bridge's to check (it knows
     the TTL); a request that could only be refused is refused here, before anything is sent."""
     if delay_ms is not None and not_before is not None:
@@ -259,6 +261,8 @@ def _add_options(delay_ms: int | None, not_before: datetime | str | None, max_de
         body["notBefore"] = iso_not_before(not_before)
     if max_deliveries is not None:
         body["maxDeliveries"] = max_deliveries
+    if priority is not None:
+        body["priority"] = priority
     return body
 
 
@@ -359,6 +363,7 @@ class Engine(RpcClient):
         delay_ms: int | None = None,
         not_before: datetime | str | None = None,
         max_deliveries: int | None = None,
+        priority: int | None = None,
     ) -> str | None:
         """Add a task. ``message_id`` (your idempotency key) makes retries idempotent: every
         add with it stores one task, whose id each of them answers. Without it, only a broker
@@ -368,12 +373,13 @@ class Engine(RpcClient):
         ``delay_ms`` or ``not_before`` (a timezone-aware datetime or an ISO 8601 string with an
         offset; one of the two) hold the task back: it is not handed out before then.
         ``max_deliveries`` bounds its deliveries: one more failure parks it (see :meth:`parked`)
-        instead of handing it out again. A bridge before contract 1.4 ignores these fields.
+        instead of handing it out again. ``priority`` (0 to 3, higher first; FIFO within a level)
+        orders it in its queue. A bridge before contract 1.4 ignores these fields.
         """
         body: dict[str, Any] = {"serviceId": service, "value": value}
         if token is not None:
             body["token"] = token
-        body.update(_add_options(delay_ms, not_before, max_deliveries))
+        body.update(_add_options(delay_ms, not_before, max_deliveries, priority))
         # The idempotency key goes in its own header (contract 1.5): without one of the caller's,
         # an empty header tells the bridge that the random message_id (which the AMQP library
         # sets anyway) guards only against a redelivery of this message, which costs no LWT. A

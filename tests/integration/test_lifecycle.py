@@ -550,8 +550,7 @@ async def test_higher_priorities_are_handed_out_first_fifo_within_a_level(make_b
     svc = service_id()
     order = [(0, "low-0"), (0, "low-1"), (2, "mid-0"), (3, "high-0"), (2, "mid-1"), (3, "high-1"), (0, "low-2")]
     for priority, value in order:
-        body = {"serviceId": svc, "value": value, "priority": priority}
-        await engine.call("add", body, owner=OWNERS[0])
+        await engine.add(svc, value, priority=priority)  # the client's own argument (it had none)
     w = await workers(svc, "w")
     seen = []
     for _ in order:
