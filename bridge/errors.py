@@ -20,6 +20,7 @@ Exception hierarchy::
     ├── IntegrityError ........................ integrity_error
     ├── Unavailable ........................... unavailable (retryable)
     │   ├── KeyMissing
+    │   ├── KeysUnavailable (the key provider failed for an owner)
     │   ├── MaybeApplied (a timed-out write: never repeat a counter increment)
     │   ├── NotSent (never reached Cassandra: certainly not applied)
     │   └── StorageError                                          bridge.storage.errors
@@ -29,6 +30,7 @@ Exception hierarchy::
     ├── InvalidQuery .......................... internal (a bug)   bridge.storage.errors
     ├── CryptoError ........................... (per subclass)     bridge.crypto.errors
     │   ├── KeyUnavailable .................... unavailable
+    │   │   └── BadKeyAnswer (one owner's key-server entry unusable)
     │   ├── UnknownOwner (crypto) ............. unknown_owner
     │   ├── UnknownKey ........................ integrity_error
     │   └── TamperedCiphertext ................ integrity_error

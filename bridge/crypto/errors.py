@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from bridge.errors import BridgeError, ErrorCode
 
-__all__ = ["CryptoError", "KeyUnavailable", "TamperedCiphertext", "UnknownKey", "UnknownOwner"]
+__all__ = ["BadKeyAnswer", "CryptoError", "KeyUnavailable", "TamperedCiphertext", "UnknownKey", "UnknownOwner"]
 
 
 class CryptoError(BridgeError):
@@ -30,6 +30,11 @@ class KeyUnavailable(CryptoError):
     """The key provider is unreachable, timed out, or answered something unusable (transient)."""
 
     code = ErrorCode.UNAVAILABLE
+
+
+class BadKeyAnswer(KeyUnavailable):
+    """The key server answered, but its entry for this owner is unusable (a key of the wrong
+    length, not base64, another key's id): that owner's trouble, not the server's (no backoff)."""
 
 
 class UnknownOwner(CryptoError):

@@ -47,7 +47,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from bridge.crypto.errors import KeyUnavailable, UnknownKey, UnknownOwner
+from bridge.crypto.errors import BadKeyAnswer, KeyUnavailable, UnknownKey, UnknownOwner
 from bridge.crypto.keys import KEY_SIZE, OwnerKey
 
 __all__ = ["HttpKeyProvider"]
@@ -168,6 +168,9 @@ class HttpKeyProvider:
             raise KeyUnavailable(f"key server failing: not asked again for {wait:.1f}s")
         try:
             key = await self._ask(owner, key_id, path)
+        except BadKeyAnswer:
+            self._failures = 0  # the server answered (about this owner's entry): it is healthy
+            raise
         except KeyUnavailable:
             self._failures += 1
             base, cap = self._backoff
@@ -234,20 +237,21 @@ class HttpKeyProvider:
             raise KeyUnavailable(f"malformed key server response for {what}: not JSON") from None
         if not isinstance(doc, dict):
             raise KeyUnavailable(f"malformed key server response for {what}: not a JSON object")
+        # From here on the server answered, about this owner's entry: no backoff for the server.
         got_id = doc.get("id")
         encoded = doc.get("key")
         if not isinstance(got_id, str) or not got_id:
-            raise KeyUnavailable(f"malformed key server response for {what}: missing 'id'")
+            raise BadKeyAnswer(f"malformed key server response for {what}: missing 'id'")
         if key_id is not None and got_id != key_id:
-            raise KeyUnavailable(f"malformed key server response for {what}: it names key {got_id!r}")
+            raise BadKeyAnswer(f"malformed key server response for {what}: it names key {got_id!r}")
         if not isinstance(encoded, str):
-            raise KeyUnavailable(f"malformed key server response for {what}: missing 'key'")
+            raise BadKeyAnswer(f"malformed key server response for {what}: missing 'key'")
         try:
             secret = base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError):
-            raise KeyUnavailable(f"malformed key server response for {what}: 'key' is not base64") from None
+            raise BadKeyAnswer(f"malformed key server response for {what}: 'key' is not base64") from None
         if len(secret) != KEY_SIZE:
-            raise KeyUnavailable(
+            raise BadKeyAnswer(
                 f"malformed key server response for {what}: key is {len(secret)} bytes, expected {KEY_SIZE}"
             )
         return OwnerKey(owner=owner, key_id=got_id, secret=secret)

@@ -13,6 +13,7 @@ __all__ = [
     "BridgeError",
     "IntegrityError",
     "KeyMissing",
+    "KeysUnavailable",
     "MaybeApplied",
     "NotSent",
     "PayloadTooLarge",
@@ -59,6 +60,11 @@ class MaybeApplied(Unavailable):
 
 class NotSent(Unavailable):
     """The request never reached Cassandra (no host reachable): certainly not applied."""
+
+
+class KeysUnavailable(Unavailable):
+    """The key provider failed when asked for an owner's keys (the key server is away, or
+    answered something unusable): an outage of keys, scoped to that owner's request."""
 
 
 class KeyMissing(Unavailable):

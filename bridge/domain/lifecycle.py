@@ -248,14 +248,18 @@ class Lifecycle:
         ctx = self.ctx
         now = ctx.clock.now_ms()
         park_id = timeuuid_from_ms(now)  # time-based: the engine's result says when (completedAt)
-        await self.store.add_parked(q, ParkedEntry(task_id, epoch, now, reason, has_token))
         intent: OutboxEntry | None = None
         if has_token:
+            # Sealed before anything is written: a key lookup that fails (the owner's keys are
+            # gone, the key server is away) left the parked row written ahead behind, counted
+            # parked by stats for the task's TTL whatever became of the task.
             key = await ctx.keys.current(q.owner)
             message = f"parked after {deliveries} deliveries without an ack ({reason})"
             outcome = {"error": {"code": PARK_DELIVERY_LIMIT, "message": message, "deliveries": deliveries}}
             sealed = seal_outcome(key, q, task_id, jsonvalue.dumps(outcome))
             intent = OutboxEntry(outbox_bucket(now), q, task_id, park_id, sealed, False)
+        await self.store.add_parked(q, ParkedEntry(task_id, epoch, now, reason, has_token))
+        if intent is not None:
             await self.store.insert_outbox(intent)
         res = await self.store.park(
             q, task_id, epoch, now, reason, park_id, worker=worker, expired_before_ms=expired_before_ms, error=error

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from bridge.domain.errors import KeyMissing, Unavailable
+from bridge.domain.errors import KeyMissing, KeysUnavailable, Unavailable
 from bridge.domain.hints import Hint
 from bridge.domain.lifecycle import PARK_DELIVERY_LIMIT
 from bridge.domain.queue import WorkQueue
@@ -331,7 +331,7 @@ class RecoveryScheduler:
             try:
                 settled = await self._handle(entry, lease, now, bucket, stored=stored)
             except Unavailable as exc:
-                if not isinstance(exc, KeyMissing):
+                if not isinstance(exc, KeyMissing | KeysUnavailable):
                     raise  # the store: the bucket is retried at the next tick, as every other entry's
                 settled = await self._put_off(entry, now, exc)
             except Exception as exc:  # this entry's own trouble (its owner's key): not the bucket's

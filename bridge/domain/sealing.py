@@ -22,7 +22,14 @@ from bridge.crypto import (
 )
 from bridge.crypto import UnknownOwner as NoKeysForOwner
 from bridge.domain import jsonvalue
-from bridge.domain.errors import BadRequest, IntegrityError, KeyMissing, PayloadTooLarge, Unavailable, UnknownOwner
+from bridge.domain.errors import (
+    BadRequest,
+    IntegrityError,
+    KeyMissing,
+    KeysUnavailable,
+    PayloadTooLarge,
+    UnknownOwner,
+)
 from bridge.domain.records import Payload, QueueKey
 
 
@@ -62,7 +69,7 @@ class OwnerKeys:
         except NoKeysForOwner:
             raise UnknownOwner(f"no encryption key is configured for owner {owner!r}") from None
         except KeyUnavailable as exc:
-            raise Unavailable(f"key provider unavailable: {exc}") from None
+            raise KeysUnavailable(f"key provider unavailable: {exc}") from None
 
     async def by_id(self, owner: str, key_id: str) -> OwnerKey:
         try:
@@ -75,7 +82,7 @@ class OwnerKeys:
                 "delivered when the key is back (check the key-ring or key server)"
             ) from None
         except KeyUnavailable as exc:
-            raise Unavailable(f"key provider unavailable: {exc}") from None
+            raise KeysUnavailable(f"key provider unavailable: {exc}") from None
 
 
 def _value_binding(has_token: bool, traceparent: str | None) -> tuple[str, str]:

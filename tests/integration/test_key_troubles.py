@@ -1,0 +1,189 @@
+"""Key troubles stay the troubled owner's (real servers): a park cut short by a missing key,
+one owner's malformed key-server entry, one owner's key lookup failing in the scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any
+
+import pytest
+
+from bridge.client import UnavailableError
+from bridge.crypto import generate_keyring, write_keyring
+from tests.conftest import ENGINE_USER, OWNERS, service_id, settings_from, wait_for
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+MARGIN_S = 0.2
+FAST = {"clock_skew_margin": MARGIN_S, "retry_base_ms": 200, "retry_cap_ms": 400}
+
+
+def _keyring(tmp_path):
+    path = tmp_path / "keyring.json"
+    doc = generate_keyring([*OWNERS, ENGINE_USER, "guest"])
+    write_keyring(path, doc)
+    return path, doc
+
+
+def _drop_owner_keys(path, doc: dict[str, Any]) -> None:
+    """The owner's key-ring entry replaced by a fresh one: the key its tasks were sealed with is gone."""
+    without = json.loads(json.dumps(doc))
+    without["owners"][OWNERS[0]] = generate_keyring([OWNERS[0]])["owners"][OWNERS[0]]
+    write_keyring(path, without)
+
+
+async def test_a_park_cut_short_by_a_missing_key_leaves_no_parked_count_behind(
+    make_bridge, engine, workers, tmp_path, cql, servers, monkeypatch
+):
+    """The scheduler parks a task at its delivery limit: the parked index row is written ahead, then
+    the owner's current key is looked up (to seal the engine's delivery_limit result). When that
+    lookup fails (the owner's key-ring entry gone for a moment, a key server answering unknown_owner)
+    the park stops there: the row written ahead stays. The task is then cancelled (or acked after a
+    resend) once the key is back: the listing filters the stale row, but ``stats`` counts it as a
+    parked task, for the task's whole TTL."""
+    path, doc = _keyring(tmp_path)
+    b = await make_bridge(keyring=str(path), **FAST)
+    park = b.queue.lifecycle.park
+    attempts: list[object] = []  # each park's outcome: True/False, or the error it raised
+
+    async def observed_park(*args: Any, **kwargs: Any) -> bool:
+        try:
+            parked = await park(*args, **kwargs)
+        except Exception as exc:
+            attempts.append(exc)
+            raise
+        attempts.append(parked)
+        return parked
+
+    monkeypatch.setattr(b.queue.lifecycle, "park", observed_park)
+    svc = service_id()
+    task_id = await engine.add(svc, "v", token={"p": 1}, max_deliveries=1)
+    w = await workers(svc)
+    got = await w.fetch(time_to_recover_ms=300)
+    assert got is not None and got.id == task_id
+    # The owner's key-ring entry disappears while the task is in flight (an edit, for a moment).
+    without = json.loads(json.dumps(doc))
+    del without["owners"][OWNERS[0]]
+    write_keyring(path, without)
+    assert b.keys.upstream.maybe_reload(force=True)
+    b.keys.invalidate()
+    await wait_for(lambda: attempts, 15, what="the scheduler's park attempt")
+    assert not isinstance(attempts[0], bool), f"the park went through without the owner's key: {attempts}"
+    # The key is back; the engine cancels the task (it was never parked: its lease is still 'leased').
+    write_keyring(path, doc)
+    assert b.keys.upstream.maybe_reload(force=True)
+    b.keys.invalidate()
+    assert await engine.cancel(svc, task_id) is True
+    assert await engine.parked(svc) == [], "the listing filters the stale row"
+    # Not even the scheduler's retry of the park (ENTRY_RETRY_MS = 10 s later) takes the row back.
+
+    async def no_parked_count() -> bool:
+        return (await engine.stats(svc))[0].parked == 0
+
+    await wait_for(no_parked_count, 15, interval=0.5, what="stats to stop counting a parked task that does not exist")
+
+
+async def test_one_owners_malformed_key_on_the_key_server_does_not_deny_every_other_owner(
+    bridge_env, servers, names, workers
+):
+    """The key server answers well for every owner but one, whose entry is broken (a 16-byte key: a
+    misconfiguration of that tenant). HttpKeyProvider counts that answer as a failure of the server
+    and backs off (keyserver.py ``_fetch``: any KeyUnavailable): for the backoff, every other owner's
+    key lookup is refused too, and as the broken owner's workers keep asking, the healthy owners'
+    fetches keep answering ``unavailable``."""
+    import secrets
+
+    from bridge.app import Bridge
+    from tests.keyserver import KeyServer
+
+    async with KeyServer() as keys:
+        for owner in (*OWNERS, ENGINE_USER, "guest"):
+            keys.add_owner(owner)
+        broken = OWNERS[1]
+        keys._owners[broken][keys.current_id(broken)] = secrets.token_bytes(16)
+        env = {k: v for k, v in bridge_env.items() if k != "BRIDGE_KEYRING"}
+        b = Bridge(settings_from(env, key_server_url=keys.url, key_cache_seconds=0.05))
+        await b.start()
+        try:
+            svc = service_id()
+            healthy = await workers(svc, "healthy", user=OWNERS[0])
+            bad = await workers(svc, "bad", user=broken)
+            stop = asyncio.Event()
+
+            async def broken_tenant() -> None:
+                while not stop.is_set():
+                    with contextlib.suppress(UnavailableError):
+                        await bad.fetch()
+
+            noisy = asyncio.create_task(broken_tenant())
+            refused = 0
+            try:
+                for _ in range(40):
+                    try:
+                        assert await healthy.fetch() is None
+                    except UnavailableError:
+                        refused += 1
+                    await asyncio.sleep(0.06)  # past the key cache's age: each fetch asks the server
+            finally:
+                stop.set()
+                await noisy
+            assert refused == 0, f"{refused} of 40 fetches of a healthy owner answered unavailable"
+        finally:
+            await b.stop()
+
+
+async def test_one_owners_key_lookup_failing_does_not_stop_lease_recovery_for_every_owner(
+    bridge_env, servers, names, workers
+):
+    """The scheduler treats every ``Unavailable`` out of a deadline's handling as the store's
+    (scheduler.py ``_process_bucket``: re-raised unless KeyMissing, so the whole bucket is retried
+    at the next tick), but a park looks up the owner's current key (lifecycle.py ``park``), and a
+    key provider failure for that owner is an ``Unavailable`` too. One owner whose current key the
+    key server cannot serve (here: a malformed key; equally a key server slow for that owner) and a
+    task of that owner at its delivery limit: the first pass stays on that bucket for good, and no
+    lease of any owner filed after it is ever taken back."""
+    import secrets
+
+    from bridge.app import Bridge
+    from bridge.client import Engine
+    from tests.keyserver import KeyServer
+
+    async with KeyServer() as keys:
+        for owner in (*OWNERS, ENGINE_USER, "guest"):
+            keys.add_owner(owner)
+        env = {k: v for k, v in bridge_env.items() if k != "BRIDGE_KEYRING"}
+        b = Bridge(settings_from(env, key_server_url=keys.url, key_cache_seconds=0.2, **FAST))
+        await b.start()
+        try:
+            svc = service_id()
+            other = OWNERS[1]
+            async with (
+                Engine(servers.amqp_url(ENGINE_USER), owner=other, exchange=names["exchange"]) as eng_b,
+                Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"]) as eng_a,
+            ):
+                poison = await eng_b.add(svc, "b's task", token={"b": 1}, max_deliveries=1)
+                wb = await workers(svc, "b-worker", user=other)
+                got = await wb.fetch(time_to_recover_ms=300)
+                assert got is not None and got.id == poison
+                # Owner B's current key becomes one the key server cannot serve (a broken rotation).
+                bad_id = keys.rotate(other)
+                keys._owners[other][bad_id] = secrets.token_bytes(16)
+                # Owner A's task, taken by a worker that then dies (a 3 s lease: the scheduler's).
+                task_a = await eng_a.add(svc, "a's task")
+                wa = await workers(svc, "a-worker")
+
+                async def fetch_a(ttr: int):
+                    try:
+                        return await wa.fetch(time_to_recover_ms=ttr)
+                    except UnavailableError:
+                        return None
+
+                first = await wait_for(lambda: fetch_a(3000), 10, what="a's task")
+                assert first.id == task_a
+                # Its lease ends 3 s from now: the scheduler re-exposes it (whatever the key server
+                # answers A's own fetches meanwhile).
+                await wait_for(lambda: b.scheduler.state.recovered >= 1, 20, what="owner A's abandoned task taken back")
+        finally:
+            await b.stop()
