@@ -36,6 +36,7 @@ from bridge.domain.timeline import (
     outbox_bucket,
     ready_bucket,
 )
+from bridge.errors import BridgeError
 
 log = logging.getLogger("bridge.scheduler")
 
@@ -57,6 +58,7 @@ MAX_TIMERS = 100_000  # in-process timers for wheel entries due within moments (
 ENTRY_RETRY_MS = 10_000  # a deadline that could not be handled is met again this much later
 
 
+RELAY_INTERVAL_S = 1.0  # the result relay sweeps once a second
 RELAY_RETRY_FIRST_MS = 1_000
 RELAY_RETRY_MAX_MS = 60_000
 
@@ -220,13 +222,15 @@ class RecoveryScheduler:
                 self._forget_relay()
             else:
                 try:
-                    await self._relay_tick(self.queue.clock.now_ms())
+                    await self._relay_sweep(self.queue.clock.now_ms())
                 except Unavailable as exc:
                     log.warning("result relay sweep failed: %s", exc)
                 except Exception:
                     log.exception("result relay sweep crashed; continuing")
+            # Once a second, holder or not: the relay never needed the tick's 100 ms, and every
+            # bridge of the fleet runs this loop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.interval_s)
+                await asyncio.wait_for(stop.wait(), timeout=RELAY_INTERVAL_S)
 
     def pause_s(self) -> float:
         """How long to wait before the next tick: the tick interval while a deadline is near (the
@@ -261,11 +265,14 @@ class RecoveryScheduler:
 
     async def _relay_tick(self, now: int) -> None:
         """A relay sweep, at most once a second."""
-        if now - self._last_outbox_ms >= 1000:
-            await self._relay(now)
-            self._last_outbox_ms = now
-            if self.report_pending is not None:
-                self.report_pending(self.queue.results_in_flight + self.state.results_stuck)
+        if now - self._last_outbox_ms >= RELAY_INTERVAL_S * 1000:
+            await self._relay_sweep(now)
+
+    async def _relay_sweep(self, now: int) -> None:
+        await self._relay(now)
+        self._last_outbox_ms = now
+        if self.report_pending is not None:
+            self.report_pending(self.queue.results_in_flight + self.state.results_stuck)
 
     # -- recovery ----------------------------------------------------------------------------
     async def _recover(self, now: int) -> None:
@@ -330,12 +337,10 @@ class RecoveryScheduler:
         async def handle(entry: ExpiryEntry, lease: Lease | None, stored: bool) -> None:
             try:
                 settled = await self._handle(entry, lease, now, bucket, stored=stored)
-            except Unavailable as exc:
-                if not isinstance(exc, KeyMissing | KeysUnavailable):
+            except Exception as exc:
+                if isinstance(exc, Unavailable) and not isinstance(exc, KeyMissing | KeysUnavailable):
                     raise  # the store: the bucket is retried at the next tick, as every other entry's
-                settled = await self._put_off(entry, now, exc)
-            except Exception as exc:  # this entry's own trouble (its owner's key): not the bucket's
-                settled = await self._put_off(entry, now, exc)
+                settled = await self._put_off(entry, now, exc)  # this entry's own trouble (its owner's key)
             if settled:
                 handled.add(entry_key(entry))
 
@@ -361,6 +366,7 @@ class RecoveryScheduler:
             ENTRY_RETRY_MS // 1000,
             type(exc).__name__,
             extra={"owner": entry.queue.owner, "service": entry.queue.service},
+            exc_info=None if isinstance(exc, BridgeError) else exc,  # not a key trouble: a bug, traced
         )
         return True
 
@@ -393,11 +399,11 @@ class RecoveryScheduler:
             async with limit:
                 q = batch[0].queue
                 leases = await self.store.leases_of(q, [e.task_id for e in batch])
-                unclaimed = [e.task_id for e in batch if e.epoch == DUE_EPOCH and e.task_id not in leases]
-                stored = await self.store.stored_of(q, unclaimed) if unclaimed else set()
+                unclaimed = {e.task_id for e in batch if e.epoch == DUE_EPOCH and e.task_id not in leases}
+                stored = await self.store.stored_of(q, list(unclaimed)) if unclaimed else set()
                 for entry in batch:
-                    unclaimed_due = entry.epoch == DUE_EPOCH and entry.task_id not in leases
-                    await then(entry, leases.get(entry.task_id), not unclaimed_due or entry.task_id in stored)
+                    t = entry.task_id
+                    await then(entry, leases.get(t), t not in unclaimed or t in stored)
 
         groups = by_queue.values()
         pending = [some(g[i : i + LEASES_PER_READ]) for g in groups for i in range(0, len(g), LEASES_PER_READ)]

@@ -87,7 +87,12 @@ async def test_a_task_costs_five_statements_and_two_lwts(bridge, engine, workers
     spent = bridge.db.statements - before
     own = {name: n for name, n in spent.items() if not name.startswith(BACKGROUND) and name != "clock.now"}
     per_task = sum(own.values()) / tasks
-    lwts = sum(n for name, n in own.items() if name.startswith(LWT_STATEMENTS)) / tasks
+    # A lease *read* is no LWT: the duty holder's pass may read the leases of an earlier test's
+    # deadlines (the session's keyspace is shared) while this one runs; it counted as one.
+    lwts = (
+        sum(n for name, n in own.items() if name.startswith(LWT_STATEMENTS) and not name.startswith("lease.get"))
+        / tasks
+    )
     assert per_task <= 5.2, f"{per_task:.2f} statements per task: {own}"
     assert own.get("fetch.write_ahead") == tasks, own  # deadline and pointer: one request
     assert lwts <= 2.0, f"{lwts:.2f} LWTs per task: {own}"
