@@ -65,30 +65,57 @@ class BridgeClient {
    * requests (the broker delivers replies only to the channel that published with that reply-to).
    */
   static async open({ url, exchange }) {
-    const connection = await amqp.connect(url);
-    const channel = await connection.createChannel();
-    const client = new BridgeClient(connection, channel, userOf(url), exchange);
-    await channel.consume(DIRECT_REPLY_TO, (msg) => client.onReply(msg), { noAck: true });
+    const client = new BridgeClient(url, exchange);
+    await client.connect();
     return client;
   }
 
-  constructor(connection, channel, user, exchange) {
-    this.connection = connection;
-    this.channel = channel;
-    this.user = user;
+  constructor(url, exchange) {
+    this.url = url;
+    this.user = userOf(url);
     this.exchange = exchange;
+    this.connection = null;
+    this.channel = null; // null: not connected (never, or lost); the next request connects again
     this.pending = new Map(); // correlation-id -> {resolve, reject, timer, method}
-    const failAll = (err) => {
-      for (const [id, call] of this.pending) {
-        clearTimeout(call.timer);
-        call.reject(err || new Error('channel closed'));
-        this.pending.delete(id);
-      }
-    };
-    channel.on('error', failAll);
-    channel.on('close', () => failAll(new Error('channel closed')));
+  }
+
+  /**
+   * (Re)connect: a connection and one channel that consumes direct reply-to. A channel the broker
+   * closed (a publish to an exchange that does not exist yet: 404) or a lost connection (a broker
+   * restart, an operator's close) fails the requests in flight and leaves the client
+   * disconnected; the next request connects again, so a worker's retry loop recovers by itself.
+   */
+  async connect() {
+    const connection = await amqp.connect(this.url);
     // A connection error also closes the channel: listen, so that it is not an unhandled 'error'.
     connection.on('error', () => {});
+    let channel;
+    try {
+      channel = await connection.createChannel();
+      channel.on('error', () => {}); // the 'close' that follows says it
+      await channel.consume(DIRECT_REPLY_TO, (msg) => this.onReply(msg), { noAck: true });
+    } catch (err) {
+      await connection.close().catch(() => {});
+      throw err;
+    }
+    const lost = () => {
+      if (this.channel !== channel) return; // an earlier channel's late event
+      this.channel = null;
+      this.failAll(new Error('channel closed'));
+      connection.close().catch(() => {}); // a 404 closes only the channel: drop its connection too
+    };
+    channel.on('close', lost);
+    connection.on('close', lost);
+    this.connection = connection;
+    this.channel = channel;
+  }
+
+  failAll(err) {
+    for (const [id, call] of this.pending) {
+      clearTimeout(call.timer);
+      call.reject(err);
+      this.pending.delete(id);
+    }
   }
 
   onReply(msg) {
@@ -123,7 +150,8 @@ class BridgeClient {
    * `x-deadline` header), raw (a Buffer sent as is: no JSON), userId (default: the connection's
    * user; `null` leaves the property out).
    */
-  request(method, body, options = {}) {
+  async request(method, body, options = {}) {
+    if (this.channel === null) await this.connect(); // lost earlier: a failure here is the caller's to retry
     const timeoutMs = options.timeoutMs ?? 10_000;
     const correlationId = crypto.randomUUID();
     const content = options.raw ?? Buffer.from(JSON.stringify(body));
@@ -159,8 +187,13 @@ class BridgeClient {
   }
 
   async close() {
+    const { connection } = this;
+    this.channel = null;
+    this.failAll(new Error('client closed'));
+    if (connection === null) return;
+    this.connection = null;
     try {
-      await this.connection.close();
+      await connection.close();
     } catch {
       // already closed
     }

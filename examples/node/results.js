@@ -31,8 +31,9 @@ function text(value) {
 
 async function main() {
   const url = env('QB_AMQP_URL', 'amqp://engine:engine@127.0.0.1:5672/');
-  const owner = env('QB_OWNER', 'worker-a');
-  const service = env('QB_SERVICE', 'demo');
+  // Not env(): an empty value means "any" here, not "the default".
+  const owner = process.env.QB_OWNER ?? 'worker-a';
+  const service = process.env.QB_SERVICE ?? 'demo';
   const expect = intEnv('QB_EXPECT', 0);
   const timeoutMs = intEnv('QB_TIMEOUT_MS', 60_000);
   const pattern = env('QB_BIND', '');

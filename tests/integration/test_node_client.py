@@ -216,3 +216,94 @@ async def test_node_errors_come_back_as_documented(
     (reply,) = ok.all("reply")
     assert reply["type"] == "result"
     assert reply["body"]["result"]["services"][0]["serviceId"] == svc
+
+
+# Names a Node script's AMQP connection (client property connection_name), so that the broker can
+# be told to close exactly that one; changes nothing else (bridge.js calls amqp.connect(url)).
+NAME_CONNECTION = """
+'use strict';
+const amqp = require('amqplib');
+const connect = amqp.connect;
+amqp.connect = (url, opts) =>
+  connect.call(amqp, url, { ...(opts || {}), clientProperties: { connection_name: process.env.QB_CONN_NAME } });
+"""
+
+
+async def test_node_results_with_empty_owner_and_service_keep_every_result(
+    bridge: Any, node: str, servers: Servers, names: dict[str, str], workers: Any
+) -> None:
+    """results.js documents QB_OWNER / QB_SERVICE "" = any. Its env() used to turn an empty value
+    into the default (worker-a / demo): a consumer started to take every result of the shared queue
+    acked away ("skipped") every other owner's result, gone from the queue for good."""
+    from bridge.client import Engine
+
+    svc = service_id()
+    extra = {"QB_OWNER": "", "QB_SERVICE": "", "QB_EXPECT": "1", "QB_TIMEOUT_MS": "30000"}
+    results = await NodeScript(node, "results.js", env_of(servers, names, ENGINE_USER, **extra)).start()
+    try:
+        await results.event("ready")
+        async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[1], exchange=names["exchange"]) as engine:
+            task_id = await engine.add(svc, {"n": 1}, token={"t": 1})
+        task = await (await workers(svc, user=OWNERS[1])).fetch()
+        assert task is not None and task.id == task_id
+        assert await task.ack({"ok": True}) is True
+        assert await results.wait() == 0, (results.events, results.stderr)
+        assert not results.all("skipped"), results.all("skipped")
+        assert [(r["taskId"], r["owner"]) for r in results.all("result")] == [(task_id, OWNERS[1])]
+    finally:
+        results.kill()
+
+
+async def test_node_worker_reconnects_when_the_broker_closes_its_connection(
+    bridge: Any, engine: Any, node: str, servers: Servers, names: dict[str, str], tmp_path: Any
+) -> None:
+    """The broker closes the Node worker's connection (a broker restart, a failover, an operator).
+    Its client used to keep the dead channel: every later fetch failed at once ('Channel closed'),
+    once a second forever, and the queue's tasks were never fetched again. It connects again on its
+    next request, as the Python client does."""
+    from tests.conftest import wait_for
+    from tests.integration.test_client_resilience import _close_connection_named, _waiters
+
+    svc, conn_name = service_id(), f"node-worker-{uuid.uuid4().hex[:8]}"
+    preload = tmp_path / "name_connection.js"
+    preload.write_text(NAME_CONNECTION)
+    extra = {
+        "QB_SERVICE": svc,
+        "QB_WAIT_MS": "2000",
+        "QB_MAX_TASKS": "1",
+        "QB_CONN_NAME": conn_name,
+        "NODE_OPTIONS": f"--require {preload}",
+        "NODE_PATH": str(NODE_DIR / "node_modules"),  # the preload's require('amqplib'), from tmp_path
+    }
+    worker = await NodeScript(node, "worker.js", env_of(servers, names, OWNERS[0], **extra)).start()
+    try:
+        await wait_for(lambda: _waiters(bridge) >= 1, 30, what="the Node worker long-polling")
+        await asyncio.to_thread(_close_connection_named, conn_name)
+        await worker.event("fetch_failed")
+        task_id = await engine.add(svc, {"n": 1, "text": "after the reconnect"})
+        assert await worker.wait(45) == 0, (worker.events, worker.stderr)
+        assert worker.all("acked") == [{"event": "acked", "taskId": task_id, "completed": True}]
+    finally:
+        worker.kill()
+
+
+async def test_node_worker_started_before_its_bridge_works_once_the_bridge_is_up(
+    make_bridge: Any, node: str, servers: Servers, names: dict[str, str]
+) -> None:
+    """A worker started before its bridge (deploys start both at once): its first fetch is refused
+    by the broker (404: the exchange is not declared yet), which closes the channel. The client used
+    to reuse the closed channel forever; it opens a new one on its next request."""
+    from bridge.client import Engine
+
+    svc = service_id()
+    extra = {"QB_SERVICE": svc, "QB_WAIT_MS": "2000", "QB_MAX_TASKS": "1"}
+    worker = await NodeScript(node, "worker.js", env_of(servers, names, OWNERS[0], **extra)).start()
+    try:
+        await worker.event("fetch_failed")
+        await make_bridge()
+        async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"]) as engine:
+            task_id = await engine.add(svc, {"n": 1, "text": "the bridge is up"})
+        assert await worker.wait(45) == 0, (worker.events, worker.stderr)
+        assert worker.all("acked") == [{"event": "acked", "taskId": task_id, "completed": True}]
+    finally:
+        worker.kill()
