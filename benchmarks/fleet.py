@@ -172,7 +172,15 @@ async def b_rpc_after_idle(bench: Bench, samples: int) -> float:
 TTR_MS = 2_000  # leases of the per-task and latency phases
 # deadline + skew margin (the default) + the scheduler's second pass (5 s) + a tick, after the last claim
 SCHEDULER_TAIL_S = TTR_MS / 1000 + float(Settings.model_fields["clock_skew_margin"].default) + 5 + 1
-LWT_NAMES = ("lease.claim", "lease.extend", "lease.complete", "lease.kill", "idem.insert", "idem.replace")
+LWT_NAMES = (
+    "lease.claim",
+    "lease.extend",
+    "lease.complete",
+    "lease.kill",
+    "lease.uncount",
+    "idem.insert",
+    "idem.replace",
+)
 
 
 async def per_task(bench: Bench, tasks: int, concurrency: int, *, ack_next: bool = False) -> dict[str, Any]:

@@ -346,8 +346,12 @@ class Fetcher:
             plain, payload = await self._open(q, task_id, payload, from_hint=payload is carried)
         except KeyMissing:
             # Let the worker move on to other tasks; this lease runs out and the task is offered
-            # again later (by then, perhaps, with its key back).
-            await ctx.store.clear_worker(q, worker, _after(stamp, ctx.clock.now_ms()))
+            # again later (by then, perhaps, with its key back). The worker never saw it: this
+            # claim is not a delivery, or a long key outage would park healthy tasks at their limit.
+            await asyncio.gather(
+                ctx.store.clear_worker(q, worker, _after(stamp, ctx.clock.now_ms())),
+                ctx.store.uncount(q, task_id, epoch, worker),
+            )
             ctx.metrics.inc("deliveries_failed", reason="key_missing")
             log.error("task not delivered: its key is missing", extra={"task_id": str(task_id), "epoch": epoch})
             raise

@@ -99,11 +99,16 @@ class Lease:
     park_reason: str | None = None
     last_error: Sealed | None = None  # the error of the last ``fail``, sealed with the owner's key
     completed_at_ms: int | None = None  # when it was completed, dead-lettered or cancelled
+    # Claims since the last redrive that found the task's key missing: the worker never saw the
+    # task, so they are an outage of the key, not deliveries (a long one would park healthy tasks).
+    uncounted: int = 0
+    uncounted_epoch: int | None = None  # the epoch last uncounted: a repeat for it changes nothing
 
     @property
     def deliveries_counted(self) -> int:
-        """Deliveries that count toward the limit: this lease's epoch since the last redrive."""
-        return self.epoch - self.base_epoch
+        """Deliveries that count toward the limit: this lease's claims since the last redrive,
+        less those that could not hand the task out for want of its key."""
+        return max(0, self.epoch - self.base_epoch - self.uncounted)
 
     @property
     def is_leased(self) -> bool:

@@ -151,6 +151,10 @@ class TaskStore(Protocol):
     async def kill(self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, now_ms: int) -> bool:
         """Dead-letter a leased task that can never be delivered (kept until its TTL)."""
 
+    async def uncount(self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str) -> bool:
+        """The claim at ``epoch`` (still held by ``worker``) found the task's key missing: it does
+        not count toward the delivery limit. Whether it applied (once per epoch)."""
+
     # -- the lifecycle (1.4): compare-and-set too, all on the lease's state and epoch ------------------
     async def release(
         self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, until_ms: int, error: Sealed | None

@@ -305,6 +305,14 @@ class MemoryTaskStore:
         self.leases[(q, task_id)] = replace(cur, state=LeaseState.DEAD)
         return True
 
+    async def uncount(self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str) -> bool:
+        await self._io()
+        cur = self._lease(q, task_id)
+        if cur is None or not cur.held_by(worker, epoch) or cur.uncounted_epoch == epoch:
+            return False
+        self.leases[(q, task_id)] = replace(cur, uncounted=cur.uncounted + 1, uncounted_epoch=epoch)
+        return True
+
     # -- the lifecycle (1.4) -------------------------------------------------------------------
     async def task_options(self, q: QueueKey, task_id: uuid.UUID) -> TaskOptions:
         payload = await self.payload(q, task_id)
@@ -364,7 +372,7 @@ class MemoryTaskStore:
         if cur is None or cur.state is not LeaseState.PARKED or cur.epoch != epoch:
             return self._refused(cur)
         self.leases[(q, task_id)] = replace(
-            cur, state=LeaseState.LEASED, base_epoch=epoch, worker=NO_WORKER, lease_until_ms=until_ms
+            cur, state=LeaseState.LEASED, base_epoch=epoch, uncounted=0, worker=NO_WORKER, lease_until_ms=until_ms
         )
         return CasResult(True, None)
 

@@ -337,6 +337,21 @@ class CassandraTaskStore:
         rows = await self.db.execute("lease.kill", params)
         return bool(rows and rows[0].get("[applied]"))
 
+    async def uncount(self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str) -> bool:
+        # The count to raise is read first (SERIAL: this epoch's claim may not be on every replica
+        # yet). Only this call changes it while the lease is held at this epoch by this worker, which
+        # the compare-and-set checks; two racing calls write the same value, and a repeat for the
+        # same epoch finds it marked.
+        lease = await self.lease(q, task_id, serial=True)
+        if lease is None or not lease.held_by(worker, epoch) or lease.uncounted_epoch == epoch:
+            return False
+        params = (self.ttl_for(task_id), lease.uncounted + 1, epoch, q.owner, q.service, task_id, epoch, worker)
+        try:
+            rows = await self.db.execute("lease.uncount", params)
+        except UnknownOutcome:
+            return False  # not counted is the safe side: the task is delivered later all the same
+        return bool(rows and rows[0].get("[applied]"))
+
     # -- the lifecycle (1.4) -----------------------------------------------------------------------------
     async def _cas(
         self, q: QueueKey, task_id: uuid.UUID, name: str, params: tuple[Any, ...], won: Callable[[Lease], bool]

@@ -49,6 +49,8 @@ def lease_of(row: Row) -> Lease | None:
         park_reason=row.get("park_reason"),
         last_error=sealed_error(row),
         completed_at_ms=None if row.get("completed_at") is None else to_ms(row["completed_at"]),
+        uncounted=row.get("uncounted") or 0,
+        uncounted_epoch=row.get("uncounted_epoch"),
     )
 
 

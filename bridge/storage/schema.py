@@ -182,6 +182,9 @@ ADDED_COLUMNS: list[tuple[str, str, str]] = [
     ("leases", "error_key", "text"),
     ("leases", "error_nonce", "blob"),
     ("leases", "error_ct", "blob"),
+    # Claims since the last redrive that found the task's key missing (not counted as deliveries).
+    ("leases", "uncounted", "int"),
+    ("leases", "uncounted_epoch", "int"),
 ]
 
 

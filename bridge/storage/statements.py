@@ -8,7 +8,7 @@ from __future__ import annotations
 
 LEASE_COLS_BRIEF = (
     "state, epoch, worker, lease_until, claim_id, completion_id, has_token, base_epoch, parked_at, park_reason, "
-    "completed_at"
+    "completed_at, uncounted, uncounted_epoch"
 )
 # With the last fail's error (up to a value's size): read one lease at a time, or by ``lease.errors``.
 LEASE_COLS = f"{LEASE_COLS_BRIEF}, error_key, error_nonce, error_ct"
@@ -123,6 +123,13 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         False,
     ),
     # -- 1.4, the worker lifecycle (rare paths: a failure, a parked task, an operator) --------------
+    # A claim that found its task's key missing: not a delivery (the worker never saw the task),
+    # so it does not count toward the delivery limit. Only the holder writes it, once per epoch.
+    "lease.uncount": (
+        "UPDATE {ks}.leases USING TTL ? SET uncounted = ?, uncounted_epoch = ? "
+        "WHERE owner = ? AND service = ? AND task_id = ? IF state = 'leased' AND epoch = ? AND worker = ?",
+        False,
+    ),
     "lease.release": (
         "UPDATE {ks}.leases USING TTL ? SET lease_until = ?, worker = '', error_key = ?, error_nonce = ?, "
         "error_ct = ? WHERE owner = ? AND service = ? AND task_id = ? "
@@ -141,8 +148,9 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         False,
     ),
     "lease.unpark": (
-        "UPDATE {ks}.leases USING TTL ? SET state = 'leased', base_epoch = ?, worker = '', lease_until = ?, "
-        "claim_id = ? WHERE owner = ? AND service = ? AND task_id = ? IF state = 'parked' AND epoch = ?",
+        "UPDATE {ks}.leases USING TTL ? SET state = 'leased', base_epoch = ?, uncounted = 0, worker = '', "
+        "lease_until = ?, claim_id = ? WHERE owner = ? AND service = ? AND task_id = ? "
+        "IF state = 'parked' AND epoch = ?",
         False,
     ),
     "lease.cancel_new": (

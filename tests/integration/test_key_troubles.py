@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import uuid
 from typing import Any
 
 import pytest
@@ -187,3 +188,52 @@ async def test_one_owners_key_lookup_failing_does_not_stop_lease_recovery_for_ev
                 await wait_for(lambda: b.scheduler.state.recovered >= 1, 20, what="owner A's abandoned task taken back")
         finally:
             await b.stop()
+
+
+async def test_claims_that_found_the_key_missing_do_not_count_toward_the_delivery_limit(
+    make_bridge, engine, workers, tmp_path, cql, servers
+):
+    """The key a task was sealed with goes missing for a while (a key-ring edit, a key server
+    restarting). Each fetch meanwhile claims the task, finds it cannot open it and answers
+    unavailable: the worker never sees the task. Those claims used to count as deliveries, so a
+    key outage longer than ``maxDeliveries`` leases parked a healthy task (``delivery_limit``, and
+    the engine told its workflow failed). They must not count: once the key is back the task is
+    delivered, its limit intact."""
+    path, doc = _keyring(tmp_path)
+    b = await make_bridge(keyring=str(path), **FAST)
+    ring = b.keys.upstream
+    svc = service_id()
+    task_id = await engine.add(svc, "sealed before the outage", max_deliveries=2)
+    _drop_owner_keys(path, doc)
+    assert ring.maybe_reload(force=True)
+    b.keys.invalidate()
+    w = await workers(svc)
+
+    def lease() -> tuple[str, int]:
+        row = cql.execute(
+            f"SELECT state, epoch FROM {servers.keyspace}.leases WHERE owner = %s AND service = %s AND task_id = %s",
+            (OWNERS[0], svc, uuid.UUID(task_id)),
+        ).one()
+        return ("none", 0) if row is None else (row["state"], row["epoch"])
+
+    async def key_missing_claim() -> bool:
+        state, _ = lease()
+        assert state != "parked", f"parked at {lease()[1]} claims, none of which delivered the task"
+        try:
+            await w.fetch(time_to_recover_ms=200)
+        except UnavailableError as exc:
+            return "key" in str(exc)
+        return False
+
+    # Four claims while the key is missing, twice the task's limit of two deliveries; each lease
+    # expires (200 ms) and the scheduler hands the task back or, wrongly, parks it.
+    for n in range(1, 5):
+        await wait_for(key_missing_claim, 15, interval=0.1, what=f"claim {n} finding the key missing")
+        assert lease() == ("leased", n)
+    write_keyring(path, doc)  # the key is back
+    assert ring.maybe_reload(force=True)
+    b.keys.invalidate()
+    task = await wait_for(lambda: w.fetch(time_to_recover_ms=5000), 15, interval=0.1, what="delivery after the outage")
+    assert task.id == task_id and task.value == "sealed before the outage"
+    assert await task.ack("done") is True
+    assert await engine.parked(svc) == []
