@@ -158,8 +158,13 @@ class Acker:
             self.ctx.metrics.inc("acks_refused", reason="epoch")
             return None
         granted = held.granted_at_ms
-        if not held.done and sent_before_ms is not None and granted is not None and sent_before_ms <= granted:
+        margin = self.ctx.limits.skew_margin_ms
+        if not held.done and sent_before_ms is not None and granted is not None and sent_before_ms + margin <= granted:
             # Sent before the worker was handed its current task: a late copy of an earlier ack.
+            # ``granted`` is on the clock of the bridge that granted the lease, ``sent_before_ms``
+            # on this one's (the gateway's receipt) or the client's (the AMQP timestamp): only a
+            # send that came earlier by more than the skew margin is known to be earlier (compared
+            # bare, an ack through a bridge behind the granting one was refused, its task done twice).
             self.ctx.metrics.inc("acks_refused", reason="older_than_lease")
             log.warning(
                 "ack older than the worker's lease refused", extra={"task_id": str(held.task_id), "epoch": held.epoch}

@@ -176,6 +176,8 @@ class Fetcher:
         spread = False
         now = self.ctx.clock.now_ms()
         # Never past the present: a delayed task's entry sits at its due time (``WorkQueue.add``).
+        # With hints on the cutoff is older than the present by the grace (seconds), far more than
+        # the skew margin the scheduler waits before it announces a due task.
         cutoff = min(self.reconcile.cutoff_ms(now), now)
         for _ in range(MAX_CLAIM_ATTEMPTS):
             entry = await self.dispatcher.next_candidate(a.q, LANE_RECOVERED, spread=spread)

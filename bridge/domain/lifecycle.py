@@ -205,15 +205,18 @@ class Lifecycle:
             return Failed(task_id, epoch, True, None)
         backoff = req.retry_in_ms if req.retry_in_ms is not None else ctx.limits.backoff_ms(lease.deliveries_counted)
         due = now + backoff
-        # Claimable when ``lease_until <= now - margin`` on a claimer's clock: given back at ``due``.
-        until = due - ctx.limits.skew_margin_ms
-        # Write-ahead: the scheduler re-exposes the task at ``due`` even if this bridge dies now.
+        # ``due`` is on this bridge's clock, and the bridge that takes the task back may be up to the
+        # skew margin ahead of it: like a lease's deadline, the backoff's end is claimable only once
+        # ``lease_until <= now - margin`` on the claimer's clock, so never before ``due`` in true time
+        # (filed as ``due - margin``, a claimer ahead handed the task out up to a margin early).
+        until = due
+        # Write-ahead: the scheduler re-exposes the task then even if this bridge dies now.
         watch = ExpiryEntry(until, q, task_id, epoch, has_token)
-        await self.store.watch_expiry(expiry_bucket(due), watch)
+        await self.store.watch_expiry(expiry_bucket(due + ctx.limits.skew_margin_ms), watch)
         res = await self.store.release(q, task_id, epoch, req.worker_id, until, error)
         if not res.applied:
             return None
-        self.soon(watch, due)
+        self.soon(watch, due + ctx.limits.skew_margin_ms)
         ctx.metrics.inc("tasks_failed")
         log.info("task failed by its worker", extra={"task_id": str(task_id), "epoch": epoch, "retry_in_ms": backoff})
         await self._forget(q, req.worker_id)

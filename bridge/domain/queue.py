@@ -196,11 +196,14 @@ class WorkQueue:
         recorded = message_id if message_id and first_copy else None
         if due is not None:
             # Write-ahead: the scheduler announces it at its time (an entry without a task, from a
-            # crash before the write below, finds nothing to claim).
+            # crash before the write below, finds nothing to claim). Its time is the due time plus
+            # the skew margin, as a lease's deadline: a bridge ahead of this one by up to the margin
+            # must not announce it before its due time (``Scheduler._due_ms``).
+            at = due + ctx.limits.skew_margin_ms
             watch = ExpiryEntry(due, q, task_id, DUE_EPOCH, add.has_token, add.priority)
-            await ctx.store.watch_expiry(expiry_bucket(due), watch)
+            await ctx.store.watch_expiry(expiry_bucket(at), watch)
             await ctx.store.store_task(q, task_id, payload, message_id=recorded)
-            self.soon(watch, due)
+            self.soon(watch, at)
             ctx.count_delayed(q, due, 1)
             ctx.metrics.inc("tasks_added", kind="delayed")
             return str(task_id)

@@ -329,7 +329,6 @@ class RecoveryScheduler:
         entries = await self.store.expiries(bucket)
         later: list[ExpiryEntry] = []
         if only_expired:
-            # A delayed task's due time is no lease: no margin (nobody holds it).
             later = [e for e in entries if self._due_ms(e) > now]
             entries = [e for e in entries if self._due_ms(e) <= now]
         handled = self._handled.setdefault(bucket, set())
@@ -411,8 +410,11 @@ class RecoveryScheduler:
         return [r for r in results if isinstance(r, BaseException)]
 
     def _due_ms(self, entry: ExpiryEntry) -> int:
-        """When the entry may be acted on: a lease's deadline + the skew margin, a due time as is."""
-        return entry.lease_until_ms + (0 if entry.epoch == DUE_EPOCH else self.queue.skew_margin_ms)
+        """When the entry may be acted on: its time + the skew margin. A lease's deadline is on the
+        granting bridge's clock; a delayed task's due time is on the adding bridge's (``delayMs``)
+        or the engine's (``notBefore``): a bridge ahead of them by up to the margin would announce
+        the task early in true time (a claim has no time condition on a due task)."""
+        return entry.lease_until_ms + self.queue.skew_margin_ms
 
     async def _arm(self, bucket: int, entries: list[ExpiryEntry]) -> None:
         """Deadlines moments away: read their leases now (as a pass would, and only once per

@@ -389,7 +389,7 @@ async def test_due_tasks_of_one_pass_are_checked_for_their_rows_together(
         return await stored_of(q, task_ids)  # type: ignore[arg-type]
 
     monkeypatch.setattr(h.store, "stored_of", counted)
-    h.clock.advance(due - h.clock.now_ms())
+    h.clock.advance(due + MARGIN_MS - h.clock.now_ms())  # announced once due + the skew margin passed
     await h.advance(300, ticks=2)
     handed = set()
     while (got := await h.fetch(f"w{len(handed)}")) is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import statistics
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -136,3 +137,34 @@ async def test_a_host_mode_bridge_3s_ahead_reports_the_skew_and_refuses_leases(
     task = await w.fetch()
     assert task is not None and task.value == "held back" and task.deliveries == 1
     assert await task.ack("ok") is True
+
+
+# -- Times set on one host, acted on by another (bridges within half the margin of each other's
+# reference). Host time with the 1 s margin the docs give for it, bridges 400 ms ahead or behind:
+# each of these went wrong before (a due time, a backoff's end and a grant time were compared with
+# another bridge's clock without the margin).
+HOST_TIME: dict[str, Any] = {"clock_source": "host", "clock_skew_margin": 1.0}
+
+
+async def test_a_delayed_task_is_not_handed_out_before_its_not_before_by_a_bridge_400ms_ahead(
+    make_bridge: Any, engine: Any, workers: Any
+) -> None:
+    """docs/asyncapi.yaml, notBefore: "Do not hand the task out before this time"; "stores a task
+    that is never handed out before its due time". A bridge whose clock is 400 ms ahead (within
+    half the 1 s margin: it serves, as the host-time skew drill does) announces the due task and
+    lets it be claimed on its own clock, with no margin: 400 ms before notBefore in true time."""
+    b = await make_bridge(clock_offset_ms=400, **HOST_TIME)
+    assert b.skew.ok, b.skew.describe()
+    svc = service_id()
+    not_before = datetime.now(UTC) + timedelta(seconds=3)
+    await engine.add(svc, "not before its time", not_before=not_before)
+    w = await workers(svc, "w")
+
+    async def handed() -> Any:
+        return await w.fetch(wait_ms=2_000)
+
+    task = await wait_for(handed, 15, interval=0, what="the delayed task handed out")
+    received = time.time()  # after the reply arrived: the hand-out happened before this
+    assert task.value == "not before its time"
+    early_s = not_before.timestamp() - received
+    assert early_s <= 0, f"a task due at {not_before.isoformat()} was handed out {early_s * 1000:.0f} ms before it"

@@ -709,3 +709,61 @@ async def test_a_long_poll_whose_client_hung_up_does_not_claim_the_next_task(sta
         f"the task went to the hung-up long-poll: state={info.state} worker={info.worker} "
         f"lease until {info.lease_expires_at_ms} (now {bridge.queue.clock.now_ms()})"
     )
+
+
+# -- Clock skew between the bridge that granted a lease and the one a request goes through: host
+# time with the 1 s margin the docs give for it, bridges 400 ms ahead and behind (within half the
+# margin: both serve). Both went wrong before (compared across clocks without the margin).
+HOST_TIME: dict[str, Any] = {"clock_source": "host", "clock_skew_margin": 1.0}
+
+
+async def test_a_legacy_ack_through_a_bridge_400ms_behind_completes_the_task_granted_by_one_400ms_ahead(
+    start_gateway: Any, engine: Any
+) -> None:
+    """docs/asyncapi.yaml: an ack without taskId "completes the task the worker holds, unless it
+    was sent before that lease was granted"; the gateway takes "received now, so sent before now".
+    The worker fetches through bridge A (400 ms ahead) and acks, after the fetch's reply, through
+    bridge B (400 ms behind): both within half the margin. B compares its receive time (its clock)
+    with A's grant time (A's clock), 800 ms apart, without the skew margin, and refuses the ack."""
+    a, gw_a = await start_gateway(clock_offset_ms=400, **HOST_TIME)
+    b, gw_b = await start_gateway(clock_offset_ms=-400, **HOST_TIME)
+    assert a.skew.ok and b.skew.ok, (a.skew.describe(), b.skew.describe())
+    svc = service_id()
+    task_id = await engine.add(svc, "legacy")
+    got = await gw_a.ok(svc, "fetch", {"workerId": "h1", "timeToRecover": 60_000})
+    assert got["task"]["id"] == task_id
+    # A 1.0 client: no taskId. Sent after the fetch's reply came back, i.e. after the grant.
+    acked = await gw_b.ok(svc, "ack", {"workerId": "h1", "result": "done"})
+    assert acked["result"] is True, "a legitimate ack of the held task was refused as older than the lease"
+
+
+async def test_a_failed_task_is_not_handed_out_before_its_retry_in_ms_by_a_bridge_800ms_ahead_of_the_failing_one(
+    start_gateway: Any, engine: Any
+) -> None:
+    """docs/asyncapi.yaml, fail.retryInMs: "Hand the task out again after this many milliseconds";
+    the reply's retryAt: "When the task is handed out again". The worker fails its task through
+    bridge B (400 ms behind) with retryInMs 3000; bridge A (400 ms ahead, holding the scheduler
+    duty) takes it back on its own clock: ``fail`` files the lease as ``due - margin``
+    (lifecycle.py), cancelling out the very margin that protects leases, so A's claim compares
+    B's due time with A's clock with no margin and the task comes back 800 ms early."""
+    a, gw_a = await start_gateway(clock_offset_ms=400, **HOST_TIME)  # first: it takes the duty
+    b, gw_b = await start_gateway(clock_offset_ms=-400, **HOST_TIME)
+    assert a.skew.ok and b.skew.ok, (a.skew.describe(), b.skew.describe())
+    await wait_for(lambda: a.duty.held, 10, what="bridge A holds the scheduler duty")
+    svc = service_id()
+    task_id = await engine.add(svc, "retry me")
+    got = await gw_a.ok(svc, "fetch", {"workerId": "h1", "timeToRecover": 60_000})
+    named = {"workerId": "h1", "taskId": task_id, "epoch": got["task"]["epoch"]}
+    sent = time.time()
+    failed = await gw_b.ok(svc, "fail", {**named, "retryInMs": 3_000})
+    assert failed["result"] is True and failed["task"]["parked"] is False
+
+    async def back() -> Any:
+        reply = await gw_a.ok(svc, "fetch", {"workerId": "h2", "waitMs": 2_000})
+        return reply if reply["result"] is not None else None
+
+    again = await wait_for(back, 15, interval=0, what="the failed task back")
+    received = time.time()  # after the reply: the hand-out happened before this
+    assert again["task"]["id"] == task_id
+    after_s = received - sent  # at most the true time between the fail and the hand-out
+    assert after_s >= 3.0, f"retryInMs 3000, handed out again {after_s * 1000:.0f} ms after the fail was sent"
