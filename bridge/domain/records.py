@@ -103,6 +103,9 @@ class Lease:
     # task, so they are an outage of the key, not deliveries (a long one would park healthy tasks).
     uncounted: int = 0
     uncounted_epoch: int | None = None  # the epoch last uncounted: a repeat for it changes nothing
+    # The last park's id (its ``completion_id`` then): kept when a discard, or an ack after a
+    # redrive, writes its own completion id, so that the park's result is still owed (``names_entry``).
+    park_id: uuid.UUID | None = None
 
     @property
     def deliveries_counted(self) -> int:

@@ -45,8 +45,12 @@ def names_entry(lease: Lease | None, entry: OutboxEntry) -> bool:
     Decided by the id alone, whatever the state: a decision's id is written only by the
     compare-and-set that decides it, and a redrive (back to ``leased``) keeps the park's. Asked
     for ``done`` or ``parked`` too, a park redriven before its result went out was marked published
-    unsent, and the engine never heard of it."""
-    return lease is not None and lease.completion_id == entry.completion_id
+    unsent, and the engine never heard of it. A park's id is also kept in ``park_id``, which a
+    discard or a later completion does not overwrite: by ``completion_id`` alone, a park discarded
+    (or redriven and acked) before its result went out was taken for one that never applied."""
+    if lease is None:
+        return False
+    return entry.completion_id in (lease.completion_id, lease.park_id)
 
 
 async def decided_by_itself(ctx: QueueContext, entry: OutboxEntry) -> bool:

@@ -25,7 +25,7 @@ from bridge.domain.errors import KeyMissing, KeysUnavailable, Unavailable
 from bridge.domain.hints import Hint
 from bridge.domain.lifecycle import PARK_DELIVERY_LIMIT
 from bridge.domain.queue import WorkQueue
-from bridge.domain.records import DUE_EPOCH, LANE_FRESH, LANE_RECOVERED, ExpiryEntry, Lease, QueueKey
+from bridge.domain.records import DUE_EPOCH, LANE_FRESH, LANE_RECOVERED, ExpiryEntry, Lease, LeaseState, QueueKey
 from bridge.domain.relay import names_entry
 from bridge.domain.store import TaskStore
 from bridge.domain.timeline import (
@@ -448,6 +448,12 @@ class RecoveryScheduler:
         if lease is None and now - entry.lease_until_ms < self.late_ms:
             # No claim yet: it never applied, or it is still on its way (a claimer paused between its
             # write-ahead and its claim). Not handled: the second pass looks again.
+            return False
+        if lease is not None and lease.state is LeaseState.PARKED and lease.epoch == entry.epoch:
+            # Parked at this epoch, or a redrive on its way: it files this deadline, then unparks
+            # (same epoch). Settled here, the entry's key was skipped by every later pass of the
+            # bucket and, the redriving bridge's own timer failing, the task stayed leased to
+            # nobody for its TTL. Left unsettled, the second pass reads it again.
             return False
         if lease is None or not lease.is_leased or lease.epoch != entry.epoch or lease.lease_until_ms is None:
             return True  # completed, re-claimed, expired by TTL, or a claim that never applied

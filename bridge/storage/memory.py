@@ -362,6 +362,7 @@ class MemoryTaskStore:
             parked_at_ms=now_ms,
             park_reason=reason,
             completion_id=park_id,
+            park_id=park_id,
             last_error=error,
         )
         return CasResult(True, None)

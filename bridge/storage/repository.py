@@ -387,7 +387,7 @@ class CassandraTaskStore:
         expired_before_ms: int | None = None,
         error: Sealed | None = None,
     ) -> CasResult:
-        head = (self.ttl_for(task_id), to_datetime(now_ms), reason, park_id)
+        head = (self.ttl_for(task_id), to_datetime(now_ms), reason, park_id, park_id)
         key = (q.owner, q.service, task_id)
         if worker is not None:
             sealed = (error.key_id, error.nonce, error.ciphertext) if error else (None, None, None)

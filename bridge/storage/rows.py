@@ -51,6 +51,7 @@ def lease_of(row: Row) -> Lease | None:
         completed_at_ms=None if row.get("completed_at") is None else to_ms(row["completed_at"]),
         uncounted=row.get("uncounted") or 0,
         uncounted_epoch=row.get("uncounted_epoch"),
+        park_id=row.get("park_id"),
     )
 
 

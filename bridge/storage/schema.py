@@ -185,6 +185,9 @@ ADDED_COLUMNS: list[tuple[str, str, str]] = [
     # Claims since the last redrive that found the task's key missing (not counted as deliveries).
     ("leases", "uncounted", "int"),
     ("leases", "uncounted_epoch", "int"),
+    # The last park's id, which a discard or a later completion does not overwrite: its result
+    # (the engine's delivery_limit error) stays owed until the relay has sent it.
+    ("leases", "park_id", "timeuuid"),
 ]
 
 

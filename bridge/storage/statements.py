@@ -8,7 +8,7 @@ from __future__ import annotations
 
 LEASE_COLS_BRIEF = (
     "state, epoch, worker, lease_until, claim_id, completion_id, has_token, base_epoch, parked_at, park_reason, "
-    "completed_at, uncounted, uncounted_epoch"
+    "completed_at, uncounted, uncounted_epoch, park_id"
 )
 # With the last fail's error (up to a value's size): read one lease at a time, or by ``lease.errors``.
 LEASE_COLS = f"{LEASE_COLS_BRIEF}, error_key, error_nonce, error_ct"
@@ -138,13 +138,13 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     ),
     "lease.park_held": (
         "UPDATE {ks}.leases USING TTL ? SET state = 'parked', parked_at = ?, park_reason = ?, completion_id = ?, "
-        "error_key = ?, error_nonce = ?, error_ct = ? WHERE owner = ? AND service = ? AND task_id = ? "
+        "park_id = ?, error_key = ?, error_nonce = ?, error_ct = ? WHERE owner = ? AND service = ? AND task_id = ? "
         "IF state = 'leased' AND epoch = ? AND worker = ?",
         False,
     ),
     "lease.park_expired": (
-        "UPDATE {ks}.leases USING TTL ? SET state = 'parked', parked_at = ?, park_reason = ?, completion_id = ? "
-        "WHERE owner = ? AND service = ? AND task_id = ? IF state = 'leased' AND epoch = ? AND lease_until <= ?",
+        "UPDATE {ks}.leases USING TTL ? SET state = 'parked', parked_at = ?, park_reason = ?, completion_id = ?, "
+        "park_id = ? WHERE owner = ? AND service = ? AND task_id = ? IF state = 'leased' AND epoch = ? AND lease_until <= ?",
         False,
     ),
     "lease.unpark": (

@@ -1,0 +1,138 @@
+"""Parking edges on the real servers: a park's owed result survives a discard, and a redrive met by the
+scheduler before its unpark is still handed out (each failed before its fix)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from bridge.client.rpc import results_consumer
+from bridge.domain.records import QueueKey
+from tests.conftest import OWNERS, service_id, wait_for
+from tests.integration.test_lifecycle import FAST, call, fetch_until
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+
+async def add_limited(engine: Any, svc: str, value: Any, limit: int, token: Any = None) -> str:
+    body: dict[str, Any] = {"serviceId": svc, "value": value, "maxDeliveries": limit}
+    if token is not None:
+        body["token"] = token
+    reply = await engine.call("add", body, owner=OWNERS[0])
+    return str(reply["task"]["id"])
+
+
+async def test_a_pending_park_result_is_still_published_after_a_discard(make_bridge, engine, workers, servers, names):
+    """A task with a token parked while its delivery_limit result cannot be published yet (no
+    queue bound for a while, a broker blip, the bridge killed after the park's LWT): the relay owes
+    it. An operator discards the task before the relay's next try. ``discard`` (lease.cancel
+    parked -> discarded) overwrites the lease's ``completion_id`` with its own id, and the relay
+    (``names_entry``) then takes the park's outbox entry for a park that never applied and marks it
+    published unsent: the engine never hears of the park, its workflow waits for ever."""
+    b = await make_bridge(results_queue="", result_republish_after=1.0)
+    await wait_for(lambda: b.duty.held, 10, what="the duty")
+    svc = service_id()
+    task_id = await engine.add(svc, "poison", token={"wf": 8}, max_deliveries=1)
+    w = await workers(svc, "w")
+    task = await w.fetch()
+    assert task is not None and task.id == task_id
+    reply = await w.call("fail", {"serviceId": svc, "workerId": "w", "taskId": task_id, "epoch": task.epoch})
+    assert reply["task"]["parked"] is True
+    await wait_for(lambda: b.scheduler.state.results_stuck >= 1, 30, interval=0.2, what="the park result owed")
+    # The operator drops the parked task: discard publishes nothing of its own, but the park's
+    # delivery_limit result is still owed to the engine (one result per park).
+    assert await engine.discard(svc, [task_id]) == 1
+    consumer = results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"], routing_key=svc)
+    async with consumer as results:
+        # The relay retries the owed result (1 s, 2 s, 4 s ...) until it owes nothing any more.
+        await wait_for(lambda: b.scheduler.state.results_stuck == 0, 40, interval=0.2, what="the relay settled it")
+        got = await wait_for(
+            lambda: None if results.empty() else results.get_nowait(),
+            5,
+            interval=0.2,
+            what="the engine's delivery_limit result of the park (the relay dropped it unpublished)",
+        )
+        assert got["taskId"] == task_id and got["error"]["code"] == "delivery_limit"
+
+
+async def test_a_redrive_read_by_the_scheduler_before_its_unpark_is_still_handed_out(
+    make_bridge, engine, workers, monkeypatch
+):
+    """lifecycle.py: "a redrive files a deadline before it unparks, so the scheduler re-exposes
+    it". A scheduler tick that reads that deadline between the write-ahead and the unpark finds the
+    lease still ``parked``; ``_handle`` answers "handled" (not leased: final for this entry) and the
+    entry's key (task, epoch) goes into the bucket's handled set. The unpark keeps the epoch, so the
+    same key now names a lease that needs re-exposing, and both passes of the bucket skip it. Only
+    the redriving bridge's in-memory timer (``soon``) is left; if that bridge dies or stops right
+    after the unpark, or the timer's one lease read fails (swallowed: "the wheel entry is met by the
+    scheduler anyway"), the task stays ``leased`` to nobody with a past deadline and no ready entry:
+    never handed out again, not parked, not listed, counted ready until its TTL."""
+    from bridge.domain.timeline import expiry_bucket
+    from bridge.storage.errors import StorageUnavailable
+
+    b = await make_bridge(**FAST)
+    await wait_for(lambda: b.duty.held, 10, what="the duty")
+    store, sched = b.queue.ctx.store, b.scheduler
+    svc = service_id()
+    q = QueueKey(OWNERS[0], svc)
+    task_id = await add_limited(engine, svc, "poison", 1)
+    w = await workers(svc, "w")
+    got = await fetch_until(w, 5, ttr=300)
+    assert got["task"]["id"] == task_id
+    failed = await call(w, "fail", {"serviceId": svc, "workerId": "w"})
+    assert failed["task"]["parked"] is True
+    # The claim's own deadline (300 ms) is past and confirmed by the scheduler's passes.
+    claim_bucket = expiry_bucket(int(time.time() * 1000) + 1000)
+    await wait_for(lambda: (sched.expiry_position or 0) > claim_bucket, 20, what="the claim's deadline passed")
+
+    real_watch, real_unpark, real_lease = store.watch_expiry, store.unpark, store.lease
+    filed: list[Any] = []
+    unparked = asyncio.Event()
+    timer_read_failed = asyncio.Event()
+
+    async def watch_expiry(bucket: int, entry: Any) -> None:
+        await real_watch(bucket, entry)
+        if str(entry.task_id) == task_id:
+            filed.append((bucket, entry))
+
+    real_handle = sched._handle
+    met_parked = asyncio.Event()
+
+    async def handle(entry: Any, lease: Any, *args: Any, **kwargs: Any) -> bool:
+        settled = await real_handle(entry, lease, *args, **kwargs)
+        if filed and entry == filed[-1][1] and lease is not None and lease.state.value == "parked":
+            met_parked.set()
+        return settled
+
+    async def unpark(*args: Any, **kwargs: Any) -> Any:
+        # The natural interleaving: a scheduler tick meets the redrive's deadline (written ahead)
+        # between the write-ahead and the unpark compare-and-set, the lease still parked.
+        await asyncio.wait_for(met_parked.wait(), 10)
+        res = await real_unpark(*args, **kwargs)
+        unparked.set()
+        return res
+
+    async def lease(qk: Any, tid: uuid.UUID, *, serial: bool = True) -> Any:
+        if unparked.is_set() and not timer_read_failed.is_set() and str(tid) == task_id:
+            timer_read_failed.set()  # the redriving bridge's own timer: one read times out
+            raise StorageUnavailable("cassandra read timed out (injected)")
+        return await real_lease(qk, tid, serial=serial)
+
+    monkeypatch.setattr(store, "watch_expiry", watch_expiry)
+    monkeypatch.setattr(store, "unpark", unpark)
+    monkeypatch.setattr(sched, "_handle", handle)
+    monkeypatch.setattr(store, "lease", lease)
+    assert (await call(engine, "redrive", {"serviceId": svc, "taskIds": [task_id]}))["result"] == {"redriven": 1}
+    await wait_for(timer_read_failed.is_set, 5, what="the timer's read")
+    # "a redrive files a deadline before it unparks, so the scheduler re-exposes it": both passes
+    # of its bucket are over within late_ms (5 s) of it.
+    try:
+        again = await fetch_until(w, 15)
+    except AssertionError:
+        cur = await real_lease(q, uuid.UUID(task_id), serial=True)
+        raise AssertionError(f"the redriven task was never handed out again; its lease: {cur}") from None
+    assert again["task"]["id"] == task_id
