@@ -850,9 +850,11 @@ class Worker(RpcClient):
 
         What ``handler`` returns is the task's result. If it raises, the task is given back
         (:meth:`Task.fail`, the exception's type and message as its error) to come again after the
-        bridge's backoff. A task the handler acked, acked with an error or failed itself is left
-        as it is. Unlike ``async for``, the ack of each task also fetches the next one (contract
-        1.6: one request per task instead of two, ``fetch`` only when the queue ran dry).
+        bridge's backoff. So is a task whose result the bridge refuses (larger than its limit) or
+        JSON cannot carry (its error's type is ``ResultRefused``). A task the handler acked, acked
+        with an error or failed itself is left as it is. Unlike ``async for``, the ack of each task
+        also fetches the next one (contract 1.6: one request per task instead of two, ``fetch``
+        only when the queue ran dry).
 
         ``stop`` is checked between tasks: the task in hand is finished and acked first (without
         fetching another), so stopping never leaves a task leased to this worker. A long-poll
@@ -872,7 +874,7 @@ class Worker(RpcClient):
             except Exception as exc:
                 log.warning("task %s failed in its handler: %s: %s", task.id, type(exc).__name__, exc)
                 if not task._settled:
-                    await self._give_back(task, exc)
+                    await self._give_back(task, type(exc).__name__, str(exc))
                 handled, task = handled + 1, None
                 continue
             handled += 1
@@ -889,7 +891,13 @@ class Worker(RpcClient):
         is none (the caller fetches, and long-polls). A request without an answer, or answered
         ``unavailable``, is sent again (a retry hands the same next task, see
         :meth:`ack_and_fetch`), up to 3 times; then the caller's fetch, not ``fresh``, gets this
-        worker's task again if the ack never applied (at least once)."""
+        worker's task again if the ack never applied (at least once).
+
+        A result the bridge refuses (any error it answers but ``unavailable``: one larger than its
+        ``BRIDGE_MAX_VALUE_BYTES`` is ``payload_too_large``) or that JSON cannot carry (a set, a
+        coroutine never awaited: :class:`~bridge.domain.jsonvalue.JsonError`, before anything is
+        sent) was not applied: sending it again cannot help, and raising would end the loop with
+        the task leased to it. The task is given back instead (``type`` ``ResultRefused``)."""
         for attempt in range(ACK_ATTEMPTS):
             self.current = task
             try:
@@ -897,17 +905,20 @@ class Worker(RpcClient):
             except (TransportError, UnavailableError) as exc:
                 log.warning("ack of task %s not answered (%s), attempt %d", task.id, exc, attempt + 1)
                 await asyncio.sleep(self.poll_interval)
+            except (BridgeClientError, jsonvalue.JsonError) as refused:
+                log.warning("task %s: its result was refused (%s: %s)", task.id, type(refused).__name__, refused)
+                await self._give_back(task, "ResultRefused", f"{type(refused).__name__}: {refused}")
+                return None
         return None
 
-    async def _give_back(self, task: Task, exc: Exception) -> None:
-        """Fail ``task`` after its handler raised ``exc``. The error names the exception's type and
-        message (cut to :data:`ERROR_MESSAGE_MAX` characters); if the bridge refuses that (larger
-        than its limit) or JSON cannot carry it, the type alone. The loop goes on whatever happens:
-        a task not given back returns when its lease ends."""
-        message = str(exc)
+    async def _give_back(self, task: Task, kind: str, message: str) -> None:
+        """Fail ``task``: its handler raised (``kind`` is the exception's type) or its result was
+        refused. The error names ``kind`` and ``message`` (cut to :data:`ERROR_MESSAGE_MAX`
+        characters); if the bridge refuses that (larger than its limit) or JSON cannot carry it,
+        ``kind`` alone. The loop goes on whatever happens: a task not given back returns when
+        its lease ends."""
         if len(message) > ERROR_MESSAGE_MAX:
             message = f"{message[:ERROR_MESSAGE_MAX]}... ({len(message)} characters)"
-        kind = type(exc).__name__
         for error in ({"type": kind, "message": message}, {"type": kind}):
             try:
                 await task.fail(error)

@@ -1,5 +1,5 @@
 """The Python client and the CLI when things go wrong: lost connections, cancelled callers, a
-missing exchange, handlers whose exceptions cannot be reported, bad arguments (real servers)."""
+missing exchange, handlers whose exceptions or results cannot be reported, bad arguments (real servers)."""
 
 from __future__ import annotations
 
@@ -219,6 +219,41 @@ async def test_run_goes_on_when_its_handlers_exception_is_too_large_to_report(ma
     except Exception as exc:
         pytest.fail(f"Worker.run died on the handler's exception: {type(exc).__name__}: {exc}")
     assert handled == 2 and seen == [1, 2]
+
+
+@pytest.mark.parametrize("kind", ["too_large", "not_json"])
+async def test_run_goes_on_when_its_handlers_result_is_refused(make_bridge, engine, workers, kind):
+    """What ``Worker.run``'s handler returns is the task's result. A result the bridge refuses
+    (larger than ``max_value_bytes``: ``payload_too_large``) or that JSON cannot carry (a set, a
+    coroutine the handler forgot to await: ``JsonError``) raised out of ``_ack_then_next``, which
+    caught only TransportError/UnavailableError: the worker's loop died and the task stayed leased
+    to it until its lease ran out, then killed the next worker's loop the same way. As for an
+    exception too large to report (above), the task is now given back, its error saying the
+    result was refused, and the loop goes on to the next task."""
+    await make_bridge(max_value_bytes=100)
+    svc = service_id()
+    first = await engine.add(svc, {"n": 1}, max_deliveries=1)  # its fail parks it: its error can be read
+    second = await engine.add(svc, {"n": 2})
+    w = await workers(svc, "runner", time_to_recover_ms=60_000)
+    w.wait_ms = 1_000
+    stop = asyncio.Event()
+    seen: list[str] = []
+
+    async def handler(task):  # type: ignore[no-untyped-def]
+        seen.append(task.id)
+        if task.id == first:
+            return "x" * 500 if kind == "too_large" else {"tags": {"a", "b"}}
+        stop.set()
+        return "ok"
+
+    try:
+        handled = await asyncio.wait_for(w.run(handler, stop=stop), 30.0)
+    except Exception as exc:
+        pytest.fail(f"Worker.run died on the handler's result: {type(exc).__name__}: {exc}")
+    assert handled == 2 and seen == [first, second]
+    parked = {t.id: t for t in await engine.parked(svc)}
+    assert first in parked, f"task {first} was not given back: {parked}"
+    assert parked[first].last_error["type"] == "ResultRefused", parked[first].last_error
 
 
 async def test_run_goes_on_when_a_fetch_is_answered_unavailable(bridge, engine, workers, monkeypatch):
