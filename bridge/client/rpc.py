@@ -620,7 +620,7 @@ class Task:
                 return
 
 
-ACK_ATTEMPTS = 3  # Worker.run: an ack (with next) sent again after no answer
+ACK_ATTEMPTS = 3  # Worker.run: an ack (with next, or alone on stop) sent again after no answer
 POLL_PAUSE_MAX_S = 5.0  # Worker.run: the longest pause between fetches that got no answer
 ERROR_MESSAGE_MAX = 4096  # Worker.run: characters of a handler's exception kept in a fail's error
 
@@ -857,7 +857,8 @@ class Worker(RpcClient):
         only when the queue ran dry).
 
         ``stop`` is checked between tasks: the task in hand is finished and acked first (without
-        fetching another), so stopping never leaves a task leased to this worker. A long-poll
+        fetching another; sent again after no answer, as every ack of the loop), so stopping never
+        leaves a task leased to this worker. A long-poll
         under way (up to :attr:`wait_ms`) is let finish, and its task handled, for the same reason.
         """
         handled = 0
@@ -881,17 +882,19 @@ class Worker(RpcClient):
             if task._settled:  # the handler settled it (an ack with an error, a fail)
                 task = None
             elif stop is not None and stop.is_set():
-                await task.ack(result)
+                await self._ack_in_loop(task, result, take_next=False)
                 return handled
             else:
-                task = await self._ack_then_next(task, result)
+                task = await self._ack_in_loop(task, result, take_next=True)
 
-    async def _ack_then_next(self, task: Task, result: Any) -> Task | None:
-        """Ack ``task`` with ``result`` and take the next task from the same reply; None when there
-        is none (the caller fetches, and long-polls). A request without an answer, or answered
-        ``unavailable``, is sent again (a retry hands the same next task, see
-        :meth:`ack_and_fetch`), up to 3 times; then the caller's fetch, not ``fresh``, gets this
-        worker's task again if the ack never applied (at least once).
+    async def _ack_in_loop(self, task: Task, result: Any, *, take_next: bool) -> Task | None:
+        """Ack ``task`` with ``result`` and, with ``take_next``, take the next task from the same
+        reply; None when there is none (the caller fetches, and long-polls). On stop the ack goes
+        alone (``take_next`` false). A request without an answer, or answered ``unavailable``, is
+        sent again (a retry hands the same next task, see :meth:`ack_and_fetch`), up to 3 times;
+        then the caller's fetch, not ``fresh``, gets this worker's task again if the ack never
+        applied (at least once). On stop there is no such fetch: a task still not acked then
+        returns when its lease ends (logged).
 
         A result the bridge refuses (any error it answers but ``unavailable``: one larger than its
         ``BRIDGE_MAX_VALUE_BYTES`` is ``payload_too_large``) or that JSON cannot carry (a set, a
@@ -901,6 +904,9 @@ class Worker(RpcClient):
         for attempt in range(ACK_ATTEMPTS):
             self.current = task
             try:
+                if not take_next:
+                    await task.ack(result)
+                    return None
                 return (await self.ack_and_fetch(result))[1]
             except (TransportError, UnavailableError) as exc:
                 log.warning("ack of task %s not answered (%s), attempt %d", task.id, exc, attempt + 1)
@@ -909,6 +915,8 @@ class Worker(RpcClient):
                 log.warning("task %s: its result was refused (%s: %s)", task.id, type(refused).__name__, refused)
                 await self._give_back(task, "ResultRefused", f"{type(refused).__name__}: {refused}")
                 return None
+        if not take_next:
+            log.warning("task %s not acked before stop: it returns when its lease ends", task.id)
         return None
 
     async def _give_back(self, task: Task, kind: str, message: str) -> None:

@@ -4,6 +4,7 @@ missing exchange, handlers whose exceptions or results cannot be reported, bad a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import uuid
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 
 from bridge.client import ConnectionLost, Worker
 from tests.conftest import OWNERS, service_id, wait_for
+from tests.faults import TcpProxy
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -287,3 +289,58 @@ async def test_run_goes_on_when_a_fetch_is_answered_unavailable(bridge, engine, 
 
     handled = await asyncio.wait_for(w.run(handler, stop=stop), 30.0)
     assert handled == 1 and seen == [task_id] and calls >= 2
+
+
+class _BlipProxy(TcpProxy):
+    """A proxy that, once cut, refuses exactly one connection attempt and then lets the next
+    ones through again: a broker connection drop that lasts one reconnect attempt."""
+
+    refused = 0
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.up:
+            writer.close()
+            self.refused += 1
+            self.up = True  # the blip is over: the next attempt connects
+            return
+        await super()._accept(reader, writer)
+
+
+async def test_stop_acks_the_task_in_hand_through_a_connection_blip(bridge, engine, servers, names):
+    """``Worker.run``: on ``stop`` the task in hand is finished and acked, so stopping never
+    leaves a task leased to this worker. The ack of every other task is sent again after no
+    answer (up to ``ACK_ATTEMPTS``); the stop path's ``await task.ack(result)`` was sent once and
+    its ConnectionLost raised out of ``run``: a SIGTERM that met a broker connection drop (here
+    the first reconnect attempt is refused, the second would succeed) lost the finished result,
+    ``run`` raised instead of returning, and the task stayed leased to the stopping worker until
+    its lease ran out (60 s here). The stop path's ack now goes through the same retry."""
+    proxy = await _BlipProxy(servers.amqp_host, servers.amqp_port).start()
+    svc = service_id()
+    task_id = await engine.add(svc, {"n": 1})
+    url = f"amqp://{OWNERS[0]}:{OWNERS[0]}@127.0.0.1:{proxy.port}/"
+    w = Worker(url, service=svc, worker_id="runner", exchange=names["exchange"], time_to_recover_ms=60_000)
+    w.wait_ms = 1_000
+    await w.open()
+    stop = asyncio.Event()
+
+    async def handler(task):  # type: ignore[no-untyped-def]
+        stop.set()  # SIGTERM while the task runs
+        proxy.cut()  # ... and the broker connection drops
+        await wait_for(lambda: w.channel is None or w.channel.is_closed, 10, what="the drop noticed")
+        return "finished"
+
+    try:
+        handled = await asyncio.wait_for(w.run(handler, stop=stop), 30.0)
+    except Exception as exc:
+        pytest.fail(f"run raised {type(exc).__name__}: {exc} (the broker refused {proxy.refused} reconnect attempt)")
+    finally:
+        with contextlib.suppress(Exception):
+            await w.close()
+        await proxy.stop()
+    assert handled == 1 and proxy.refused >= 1  # the first reconnect attempt was refused
+    # Is the task still this worker's? A fetch under its id (not ``fresh``) gets its held task back.
+    async with Worker(
+        servers.amqp_url(OWNERS[0]), service=svc, worker_id="runner", exchange=names["exchange"]
+    ) as again:
+        held = await again.fetch()
+    assert held is None, f"task {task_id} was not acked: still leased to the stopped worker ({held and held.id})"
