@@ -3,12 +3,16 @@
 orjson is fast but lossy at the edges that matter for a store of other people's data: it reads an
 integer beyond 64 bits as a float (``2**64 + 1`` would come back as ``1.8446744073709552e+19``)
 and refuses to write one. Such rare inputs take the standard library's exact path instead; every
-other value stays on orjson's. Decrypted values are never parsed again: they are JSON already and
-go into replies as :class:`orjson.Fragment` (spliced in as they are).
+other value stays on orjson's. It also writes a float NaN or Infinity as ``null`` without a word:
+those are refused (:class:`JsonError`), as the reader refuses them. Decrypted values are never
+parsed again: they are JSON already and go into replies as :class:`orjson.Fragment` (spliced in
+as they are).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 import math
 import re
@@ -52,17 +56,44 @@ def _finite(text: str) -> float:
 
 
 def dumps(value: Any) -> bytes:
-    """Compact JSON; integers of any size written exactly."""
+    """Compact JSON; integers of any size written exactly. A float NaN or Infinity anywhere in
+    ``value`` is refused (:class:`JsonError`), never written as ``null``."""
     try:
-        return orjson.dumps(value)
+        data = orjson.dumps(value)
     except orjson.JSONEncodeError as exc:
         if "exceeds 64-bit range" not in str(exc):
             why = f" (nesting is limited to {MAX_DEPTH} levels)" if "Recursion limit" in str(exc) else ""
             raise JsonError(f"cannot be written as JSON: {exc}{why}") from None
+    else:
+        # orjson writes NaN and Infinity as null: only output holding a null can hide one, so the
+        # value is looked through only then (a null in a string costs a needless look, no more).
+        if b"null" in data and _holds_a_non_finite_float(value):
+            raise JsonError("cannot be written as JSON: NaN and Infinity are not JSON numbers (they would go as null)")
+        return data
     try:
-        return _exact_dumps(value)
+        return _exact_dumps(value)  # allow_nan=False: refuses NaN and Infinity itself
     except (ValueError, TypeError, RecursionError) as exc:
         raise JsonError(f"cannot be written as JSON: {exc}") from None
+
+
+def _holds_a_non_finite_float(value: Any) -> bool:
+    """Whether orjson wrote a NaN or an Infinity of ``value`` as null: a float, or one inside what
+    orjson writes as an array or an object (lists, tuples, dicts, dataclasses, enum members)."""
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif isinstance(item, enum.Enum):
+            stack.append(item.value)
+        elif dataclasses.is_dataclass(item) and not isinstance(item, type):
+            stack.extend(getattr(item, f.name) for f in dataclasses.fields(item))
+    return False
 
 
 def _exact_dumps(value: Any) -> bytes:

@@ -249,6 +249,50 @@ async def test_values_come_back_exactly_as_added(bridge, engine, workers, server
     assert msgs[1]["token"] == 36893488147419103232 and msgs[1]["result"] == -(2**90)
 
 
+@pytest.mark.parametrize("number", [float("nan"), float("inf"), float("-inf")])
+async def test_a_result_holding_nan_is_refused_not_sent_as_null(bridge, engine, workers, servers, names, number):
+    """A handler's score came out NaN (or infinite) and ``Worker.run`` acked it. NaN and Infinity
+    are not JSON: the bridge refuses them in an ack body and the CLI refuses them, but the client
+    encoded every request with ``jsonvalue.dumps``, i.e. orjson, which writes them as ``null``
+    without a word: the ack was answered true and the engine was sent ``{"score": null}``, the
+    worker's result silently changed (an add's value the same way). ``dumps`` now refuses them
+    (JsonError, before anything is sent): the add raises, and ``run`` gives the task back as it
+    does any result it cannot send (``ResultRefused``); here that parks it, its limit being 1."""
+    from bridge.client.rpc import results_consumer
+    from bridge.domain.jsonvalue import JsonError
+    from tests.conftest import wait_for
+
+    svc = service_id()
+    with pytest.raises(JsonError, match="NaN and Infinity"):
+        await engine.add(svc, {"score": number})
+    assert engine._pending == {}
+    async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
+        task_id = await engine.add(svc, {"n": 1}, token={"p": 1}, max_deliveries=1)
+        w = await workers(svc)
+        w.wait_ms = 1_000
+        stop = asyncio.Event()
+
+        async def handler(task):  # type: ignore[no-untyped-def]
+            stop.set()
+            return {"score": number}
+
+        assert await asyncio.wait_for(w.run(handler, stop=stop), 30.0) == 1
+        got: list[dict[str, Any]] = []
+
+        def _arrived() -> bool:
+            while not results.empty():
+                msg = results.get_nowait()
+                if msg.get("taskId") == task_id:
+                    got.append(msg)
+            return bool(got)
+
+        await wait_for(_arrived, 15, what="the engine's message about the task")
+    assert "result" not in got[0] and got[0]["error"]["code"] == "delivery_limit", got[0]
+    (parked,) = await engine.parked(svc)
+    assert parked.id == task_id and parked.last_error["type"] == "ResultRefused", parked
+    assert "NaN and Infinity" in parked.last_error["message"]
+
+
 async def test_the_dead_letter_queue_is_bounded(make_bridge, engine, servers, names):
     """Issue 13.6: 100 oversized adds grew the dead-letter queue by 110 MB, without limit."""
     from tests.conftest import consumers_on
