@@ -81,9 +81,16 @@ class RequestTimeout(TransportError):
 
 
 class ConnectionLost(TransportError):
-    """The connection to RabbitMQ failed (or could not be made) before the reply arrived."""
+    """The connection to RabbitMQ failed (or could not be made) before the reply arrived.
+
+    ``sent`` is False when the request never left this client (RabbitMQ could not be reached, or
+    the publish failed): it cannot have run at the bridge, and cannot run there later."""
 
     code = "connection_lost"
+
+    def __init__(self, message: str = "", code: str | None = None, *, sent: bool = True) -> None:
+        super().__init__(message, code)
+        self.sent = sent
 
 
 class BrokerRefused(TransportError):

@@ -161,7 +161,7 @@ class RpcClient:
         try:
             channel = await self._ensure_open()
         except (OSError, aio_pika.exceptions.AMQPError) as exc:
-            raise ConnectionLost(f"cannot reach RabbitMQ: {exc}") from None
+            raise ConnectionLost(f"cannot reach RabbitMQ: {exc}", sent=False) from None
         hdrs: dict[str, Any] = dict(headers or {})
         if owner is not None:
             hdrs["x-owner"] = owner
@@ -193,7 +193,7 @@ class RpcClient:
             await exchange.publish(message, routing_key=method)
         except (aio_pika.exceptions.AMQPError, RuntimeError, OSError) as exc:
             self._pending.pop(correlation_id, None)
-            raise ConnectionLost(f"request not sent ({type(exc).__name__}); retry it") from None
+            raise ConnectionLost(f"request not sent ({type(exc).__name__}); retry it", sent=False) from None
         except BaseException:  # cancelled while publishing: nobody will await this reply
             self._pending.pop(correlation_id, None)
             raise
@@ -623,6 +623,10 @@ class Task:
 ACK_ATTEMPTS = 3  # Worker.run: an ack (with next, or alone on stop) sent again after no answer
 POLL_PAUSE_MAX_S = 5.0  # Worker.run: the longest pause between fetches that got no answer
 ERROR_MESSAGE_MAX = 4096  # Worker.run: characters of a handler's exception kept in a fail's error
+# Worker.run on stop, while a request without an answer may still claim a task for it: the
+# long-poll of each fetch. Short, so that a task the lost request claimed is handled soon (its
+# lease runs meanwhile), not only when the wait is over.
+STOP_FETCH_WAIT_MS = 1_000
 
 
 class Worker(RpcClient):
@@ -651,7 +655,7 @@ class Worker(RpcClient):
         # reads less. Unknown at start (a previous life may hold one) and after any failed request.
         self._holds_nothing = False
         self._unanswered_ack: str | None = None  # the task of an ack_and_fetch whose reply was lost
-        # A fetch (or an ack's next) that got no answer may still run at the bridge until its
+        # A fetch (or an ack's next) sent that got no answer may still run at the bridge until its
         # deadline, a long-poll waiting there as the oldest waiter: a task it claims is leased to
         # this worker and its reply goes nowhere. Until then (monotonic) an empty answer proves
         # nothing, and only a fetch without ``fresh`` (the bridge reads the worker's pointer)
@@ -681,10 +685,14 @@ class Worker(RpcClient):
         """A request that may claim a task for this worker (a fetch, an ack with ``next``)."""
         try:
             return await self.call(method, body, wait_s=wait_s)
-        except TransportError:
-            # Its deadline (the bridge ends a long-poll there) on this host's clock, plus a second
-            # for the two hosts' clocks.
-            self._unsure_until = max(self._unsure_until, time.monotonic() + wait_s + self.timeout + 1.0)
+        except TransportError as exc:
+            # Only a request that may have reached a bridge can still claim there: not one that
+            # never left this client, nor one RabbitMQ refused (then a stopping run would wait for
+            # nothing, and fetch meanwhile, while RabbitMQ is down or the exchange missing).
+            if not isinstance(exc, BrokerRefused) and not (isinstance(exc, ConnectionLost) and not exc.sent):
+                # Its deadline (the bridge ends a long-poll there) on this host's clock, plus a
+                # second for the two hosts' clocks.
+                self._unsure_until = max(self._unsure_until, time.monotonic() + wait_s + self.timeout + 1.0)
             raise
 
     def _knows_it_holds_nothing(self) -> None:
@@ -858,34 +866,79 @@ class Worker(RpcClient):
 
         ``stop`` is checked between tasks: the task in hand is finished and acked first (without
         fetching another; sent again after no answer, as every ack of the loop), so stopping never
-        leaves a task leased to this worker. A long-poll
-        under way (up to :attr:`wait_ms`) is let finish, and its task handled, for the same reason.
+        leaves a task leased to this worker. A long-poll under way (up to :attr:`wait_ms`) is let
+        finish, and its task handled, for the same reason. So is what a request whose reply was
+        lost may still claim for this worker at the bridge: until that request's deadline (up to
+        :attr:`wait_ms` plus the client's timeout and a second) the worker fetches the task it
+        holds, and handles what comes, before ``run`` returns (see :meth:`_claimed_after_stop`).
         """
         handled = 0
         task: Task | None = None
-        while True:
+        while task is not None or stop is None or not stop.is_set():
             if task is None:
-                if stop is not None and stop.is_set():
-                    return handled
                 task = await self._poll(stop)
                 if task is None:
                     continue
-            try:
-                result = await handler(task)
-            except Exception as exc:
-                log.warning("task %s failed in its handler: %s: %s", task.id, type(exc).__name__, exc)
-                if not task._settled:
-                    await self._give_back(task, type(exc).__name__, str(exc))
-                handled, task = handled + 1, None
-                continue
             handled += 1
-            if task._settled:  # the handler settled it (an ack with an error, a fail)
+            task = await self._serve(task, handler, stop)
+        async for claimed in self._claimed_after_stop():
+            handled += 1
+            await self._serve(claimed, handler, stop)
+        return handled
+
+    async def _serve(
+        self, task: Task, handler: Callable[[Task], Awaitable[Any]], stop: asyncio.Event | None
+    ) -> Task | None:
+        """Run ``handler`` on ``task`` and settle it: ack its result, or give it back if it raised
+        (unless the handler settled it itself). The next task when the ack took one: not once
+        ``stop`` is set (it may be set while the handler runs)."""
+        try:
+            result = await handler(task)
+        except Exception as exc:
+            log.warning("task %s failed in its handler: %s: %s", task.id, type(exc).__name__, exc)
+            if not task._settled:
+                await self._give_back(task, type(exc).__name__, str(exc))
+            return None
+        if task._settled:  # the handler settled it (an ack with an error, a fail)
+            return None
+        return await self._ack_in_loop(task, result, take_next=stop is None or not stop.is_set())
+
+    async def _claimed_after_stop(self) -> AsyncIterator[Task]:
+        """On stop: the tasks a request of this worker whose reply was lost (a fetch, an ack's
+        next) may still claim for it at the bridge, until that request's deadline
+        (:attr:`_unsure_until`). Such a task is leased to this worker and its reply goes nowhere:
+        returning at once would leave it leased to a stopped worker for its whole lease. Until
+        the deadline the worker fetches without ``fresh`` (the bridge hands the task it holds
+        first), long-polling :data:`STOP_FETCH_WAIT_MS` at most, then once more, and yields what
+        comes, to be handled. Nothing when no reply was lost.
+
+        A fetch may also claim a new task (the bridge has no "only the held one"): it is yielded
+        as well, as a long-poll's under way would be. The wait is bounded by the deadline known
+        at stop; a fetch of its own that loses its reply too is not waited for (logged)."""
+        until = self._unsure_until
+        if time.monotonic() >= until:
+            return
+        log.info("stopping: fetching what a request without an answer may claim, for %.1fs", until - time.monotonic())
+        failed = 0
+        while True:
+            left = until - time.monotonic()
+            self._holds_nothing = False  # never ``fresh``: the bridge must look up the held task
+            try:
+                task = await self.fetch(wait_ms=max(0, min(STOP_FETCH_WAIT_MS, int(left * 1000))))
+            except (TransportError, UnavailableError) as exc:
+                failed += 1
+                log.warning("stopping: fetch got no answer (%d in a row): %s", failed, exc)
                 task = None
-            elif stop is not None and stop.is_set():
-                await self._ack_in_loop(task, result, take_next=False)
-                return handled
+                if left > 0:  # paused as the loop's fetches are (RabbitMQ may be down)
+                    await asyncio.sleep(min(left, POLL_PAUSE_MAX_S, self.poll_interval * 2 ** min(failed - 1, 16)))
             else:
-                task = await self._ack_in_loop(task, result, take_next=True)
+                failed = 0
+            if task is not None:
+                yield task
+            if left <= 0:  # the fetch after the deadline: whatever was claimed is handed now
+                break
+        if self._unsure_until > until:
+            log.warning("stopping: a fetch got no answer; a task it may still claim returns when its lease ends")
 
     async def _ack_in_loop(self, task: Task, result: Any, *, take_next: bool) -> Task | None:
         """Ack ``task`` with ``result`` and, with ``take_next``, take the next task from the same

@@ -344,3 +344,55 @@ async def test_stop_acks_the_task_in_hand_through_a_connection_blip(bridge, engi
     ) as again:
         held = await again.fetch()
     assert held is None, f"task {task_id} was not acked: still leased to the stopped worker ({held and held.id})"
+
+
+async def test_stop_after_a_lost_long_poll_leaves_no_task_leased_to_the_worker(bridge, engine, servers, names):
+    """A fetch whose reply was lost may still claim a task for this worker until its deadline
+    (``_unsure_until``): the bridge's long-poll goes on waiting and, the oldest waiter, takes the
+    next task's hint and leases that task to this worker. ``Worker.run`` returned as soon as the
+    failed fetch's pause ended once ``stop`` was set, without waiting out (or fetching back) what
+    that orphaned long-poll could still claim: the next task added was leased to the stopped
+    worker for its whole lease (60 s here) and no other worker could have it. On stop ``run``
+    now fetches (not ``fresh``) until that deadline, and handles what comes.
+
+    Here SIGTERM comes while the worker's long-poll waits, and its broker connection drops at
+    that moment; a task is added while ``run`` stops (the orphan claims it: ``run`` handles it),
+    another after it returned (another worker gets it)."""
+    proxy = await TcpProxy(servers.amqp_host, servers.amqp_port).start()
+    svc = service_id()
+    url = f"amqp://{OWNERS[0]}:{OWNERS[0]}@127.0.0.1:{proxy.port}/"
+    w = Worker(url, service=svc, worker_id="runner", exchange=names["exchange"], time_to_recover_ms=60_000)
+    w.wait_ms = 8_000
+    await w.open()
+    stop = asyncio.Event()
+    seen: list[str] = []
+
+    async def handler(task):  # type: ignore[no-untyped-def]
+        seen.append(task.id)
+        return "handled"
+
+    try:
+        running = asyncio.create_task(w.run(handler, stop=stop))
+        await wait_for(lambda: _waiters(bridge) == 1, 10.0, what="the worker's long-poll waiting")
+        stop.set()  # SIGTERM ...
+        proxy.cut()  # ... while the broker connection drops
+        proxy.restore()
+        await asyncio.sleep(0.5)  # the loss is noticed; the orphaned long-poll still waits (8 s)
+        during = await engine.add(svc, {"n": 1})
+        handled = await asyncio.wait_for(running, 40.0)
+    finally:
+        with contextlib.suppress(Exception):
+            await w.close()
+        await proxy.stop()
+    assert handled == 1 and seen == [during], f"run returned {handled}, handled {seen}; {during} was added"
+
+    after = await engine.add(svc, {"n": 2})
+    async with Worker(servers.amqp_url(OWNERS[0]), service=svc, worker_id="other", exchange=names["exchange"]) as o:
+        got = await o.fetch(wait_ms=3_000)
+    async with Worker(servers.amqp_url(OWNERS[0]), service=svc, worker_id="runner", exchange=names["exchange"]) as r:
+        held = await r.fetch()
+    assert got is not None and got.id == after, (
+        f"task {after}, added after run returned, went to nobody who works: another worker's fetch got "
+        f"{got and got.id}; the stopped worker 'runner' holds {held and held.id}"
+    )
+    assert held is None, f"task {held.id} is leased to the stopped worker"
