@@ -262,7 +262,7 @@ class Bridge:
                 ttl = self.settings.task_ttl_seconds * 1000
                 margin = int(self.settings.clock_skew_margin * 1000)
                 for q in await self.store.queues(MAX_GAUGE_QUEUES):
-                    s = await service_stats(self.store, q, now, ttl, margin)
+                    s = await service_stats(self.store, q, now, ttl, margin, margin + WRITE_LATE_MS)
                     states = {"ready": s.ready, "in_flight": s.in_flight, "delayed": s.delayed, "parked": s.parked}
                     rows.append((q.owner, q.service, states, s.oldest_ready_age_ms))
                 self.metrics.set_queue_stats(rows)

@@ -36,6 +36,14 @@ CONTENTION_DECAY = 0.95  # per claim: a lost race weighs ~20 claims
 CONTENTION_THRESHOLD = 0.1
 
 
+def settled_before(lane: int, now_ms: int, settle_ms: int) -> int:
+    """Entries of ``lane`` placed before this moment have landed (no write can land before them any
+    more): a position, the persisted cursor included, may move only over taken entries older than
+    this. Whoever moves the cursor (a scan here, a purge, stats) follows this one rule."""
+    # Recovered entries carry an id up to a second older than their write (see scheduler).
+    return now_ms - settle_ms - (RECOVERED_EXTRA_SETTLE_MS if lane == LANE_RECOVERED else 0)
+
+
 @dataclass
 class _Lane:
     position: tuple[int, uuid.UUID | None] | None = None  # (bucket, last seq) ; None seq = bucket start
@@ -189,8 +197,7 @@ class Dispatcher:
             st.position = (cur[0], cur[1]) if cur else None
             st.persisted = st.position
             st.loaded = True
-        # Recovered entries carry an id up to a second older than their write (see scheduler).
-        settled_until = now - self.settle_ms - (RECOVERED_EXTRA_SETTLE_MS if lane == LANE_RECOVERED else 0)
+        settled_until = settled_before(lane, now, self.settle_ms)
         scan = _Scan(st, settled_until, start=st.resume or st.position or (0, None))
         for bucket in await self.store.buckets_from(q, lane, scan.start[0], MAX_PAGES):
             exhausted = await self._scan_bucket(q, lane, bucket, scan)

@@ -26,6 +26,7 @@ from bridge.crypto import Sealed
 from bridge.domain import jsonvalue
 from bridge.domain.clock import next_stamp
 from bridge.domain.context import QueueContext
+from bridge.domain.dispatch import settled_before
 from bridge.domain.errors import Unavailable
 from bridge.domain.hints import TaskHints
 from bridge.domain.models import ExtendRequest, FailRequest
@@ -520,7 +521,7 @@ class Lifecycle:
         after: tuple[int, uuid.UUID] | None = None
         lead: tuple[int, uuid.UUID] | None = None  # the cursor may move past the entries up to here
         leading = True
-        settled = now - self.settle_ms
+        settled = settled_before(lane, now, self.settle_ms)
         while True:
             entries, cut = await walk_lane(self.store, q, lane, PURGE_PAGE, resume=after)
             walk.read += len(entries)

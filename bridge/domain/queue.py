@@ -303,8 +303,11 @@ class WorkQueue:
         now = ctx.clock.now_ms()
         ttl = ctx.limits.task_ttl_ms or DAY_MS * 7
         margin = ctx.limits.skew_margin_ms
+        settle = self.dispatcher.settle_ms
         return list(
-            await asyncio.gather(*(service_stats(ctx.store, QueueKey(owner, s), now, ttl, margin) for s in services))
+            await asyncio.gather(
+                *(service_stats(ctx.store, QueueKey(owner, s), now, ttl, margin, settle) for s in services)
+            )
         )
 
 

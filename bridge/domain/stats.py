@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass
 
 from bridge.domain.counting import DAY_MS, MINUTE_MS
+from bridge.domain.dispatch import settled_before
 from bridge.domain.records import LANE_FRESH, LANE_RECOVERED, Lease, LeaseState, QueueKey, ReadyEntry
 from bridge.domain.store import TaskStore
 from bridge.domain.timeline import ms_of
@@ -172,7 +173,12 @@ async def queue_stats(
 
 
 # -- live counts (the stats RPC and the gauges): no walk of the queue ---------------------------------
-OLDEST_LOOKAHEAD = 64  # entries read after a lane's cursor to find the oldest ready task
+OLDEST_LOOKAHEAD = 64  # entries read first after a lane's cursor to find the oldest ready task
+# Entries read at most per lane and request, in pages growing fourfold (64, 256, 1,024, ...), and
+# only past entries already taken: a queue whose cursor lags its head costs more reads once, then
+# the cursor moves past them (``_oldest_of_lane``).
+OLDEST_SCAN_MAX = 4_096
+LEASES_PER_READ = 50
 PARKED_COUNT_MAX = 10_000
 
 
@@ -186,10 +192,13 @@ class ServiceStats:
     oldest_ready_age_ms: int | None
 
 
-async def service_stats(store: TaskStore, q: QueueKey, now_ms: int, ttl_ms: int, margin_ms: int) -> ServiceStats:
+async def service_stats(
+    store: TaskStore, q: QueueKey, now_ms: int, ttl_ms: int, margin_ms: int, settle_ms: int
+) -> ServiceStats:
     """The queue's counts from its counters (``bridge.domain.counting``), its parked index, and the
     first few entries after each lane's cursor (for the oldest ready task): a handful of reads,
-    whatever the queue's length."""
+    whatever the queue's length. ``settle_ms`` is the dispatcher's (``settled_before``): stats move
+    a lane's cursor past the taken entries they read, by the dispatcher's rule."""
     # The delayed minutes are read from the same day as the day counts: a delayed task's add is
     # +1 under its due minute and its claim (or cancel, purge) -1 ready under its due day. Read
     # from the minute a TTL ago, the +1 left the window up to a day before the -1, and every
@@ -205,34 +214,95 @@ async def service_stats(store: TaskStore, q: QueueKey, now_ms: int, ttl_ms: int,
     delayed = sum(n for minute, n in by_minute.items() if minute >= this_minute)
     ready += sum(n for minute, n in by_minute.items() if minute < this_minute)
     # The oldest ready task is looked for only when there is one (an empty queue costs 3 reads).
-    oldest = await _oldest_ready(store, q, now_ms, margin_ms) if ready > 0 else None
+    oldest = await _oldest_ready(store, q, now_ms, margin_ms, settle_ms) if ready > 0 else None
     return ServiceStats(q.service, max(ready, 0), max(in_flight, 0), max(delayed, 0), len(parked), oldest)
 
 
-async def _oldest_ready(store: TaskStore, q: QueueKey, now_ms: int, margin_ms: int) -> int | None:
+async def _oldest_ready(store: TaskStore, q: QueueKey, now_ms: int, margin_ms: int, settle_ms: int) -> int | None:
     since: int | None = None
     for lane in (LANE_FRESH, LANE_RECOVERED):
-        entries, _ = await walk_lane(store, q, lane, OLDEST_LOOKAHEAD)
-        entries = [e for e in entries if not e.claimed and ms_of(e.seq) <= now_ms]
-        leases = await store.leases_of(q, [e.task_id for e in entries[:50]])
-        for e in entries[:50]:
-            lease = leases.get(e.task_id)
-            if lane == LANE_FRESH and lease is None:
-                at = ms_of(e.task_id)
-            elif (
-                lane == LANE_RECOVERED
-                and lease is not None
-                and lease.is_leased
-                and lease.epoch == e.epoch
-                and lease.lease_until_ms is not None
-                and lease.lease_until_ms + margin_ms <= now_ms
-            ):
-                at = lease.lease_until_ms
-            else:
-                continue
+        at = await _oldest_of_lane(store, q, lane, now_ms, margin_ms, settle_ms)
+        if at is not None:
             since = at if since is None else min(since, at)
-            break
     return None if since is None else max(0, now_ms - since)
+
+
+def _ready_since(e: ReadyEntry, lease: Lease | None, now_ms: int, margin_ms: int) -> int | None:
+    """When the entry's task became claimable through this entry, if it is now."""
+    if e.lane == LANE_FRESH:
+        return ms_of(e.task_id) if lease is None else None
+    if (
+        lease is not None
+        and lease.is_leased
+        and lease.epoch == e.epoch
+        and lease.lease_until_ms is not None
+        and lease.lease_until_ms + margin_ms <= now_ms
+    ):
+        return lease.lease_until_ms
+    return None
+
+
+def _taken(e: ReadyEntry, lease: Lease | None, read: bool) -> bool:
+    """No claim can ever succeed through this entry (what a scan's failed claim tells the
+    dispatcher): marked claimed, or its lease (if read) shows a fresh task claimed or finished, or
+    a recovered one moved past the entry's epoch."""
+    if e.claimed:
+        return True
+    if not read:
+        return False
+    if e.lane == LANE_FRESH:
+        return lease is not None
+    return lease is None or not lease.is_leased or lease.epoch != e.epoch
+
+
+async def _oldest_of_lane(
+    store: TaskStore, q: QueueKey, lane: int, now_ms: int, margin_ms: int, settle_ms: int
+) -> int | None:
+    """When the lane's first ready task became claimable; None if none is found within
+    ``OLDEST_SCAN_MAX`` entries after the lane's cursor.
+
+    The cursor moves only in scans (reconciliation) and purges; a queue worked through hints has
+    every entry after it taken (marked claimed after each claim), and stats that read only the
+    first 64 entries answered null under a backlog once 64 tasks had been handed out. So taken
+    entries are paged past, and a leading run of them older than the settle window (the
+    dispatcher's rule, ``settled_before``) moves the cursor past them, so later stats, scans and
+    purges start after them."""
+    settled = settled_before(lane, now_ms, settle_ms)
+    resume: tuple[int, uuid.UUID] | None = None
+    lead: tuple[int, uuid.UUID] | None = None  # the cursor may move past the entries up to here
+    leading, passed, read, page = True, 0, 0, OLDEST_LOOKAHEAD
+    found: int | None = None
+    while found is None and read < OLDEST_SCAN_MAX:
+        entries, more = await walk_lane(store, q, lane, min(page, OLDEST_SCAN_MAX - read), resume=resume)
+        read += len(entries)
+        leases: dict[uuid.UUID, Lease] = {}
+        looked: set[uuid.UUID] = set()  # entries whose lease was read
+        candidates = [e for e in entries if not e.claimed and ms_of(e.seq) <= now_ms]
+        for i in range(0, len(candidates), LEASES_PER_READ):
+            batch = candidates[i : i + LEASES_PER_READ]
+            leases.update(await store.leases_of(q, [e.task_id for e in batch]))
+            looked.update(e.seq for e in batch)
+            for e in batch:
+                found = _ready_since(e, leases.get(e.task_id), now_ms, margin_ms)
+                if found is not None:
+                    break
+            if found is not None:
+                break
+        for e in entries:
+            leading = leading and ms_of(e.seq) < settled and _taken(e, leases.get(e.task_id), e.seq in looked)
+            if not leading:
+                break
+            lead = (e.bucket, e.seq)
+            passed += 1
+        # Past the present there is nothing ready: a lane is in time order.
+        if not more or not entries or ms_of(entries[-1].seq) > now_ms:
+            break
+        resume = (entries[-1].bucket, entries[-1].seq)
+        page *= 4
+    if lead is not None and passed >= OLDEST_LOOKAHEAD:
+        # Only when it saves the next stats a page: one row per advance (``cursors``).
+        await store.advance_cursor(q, lane, *lead)
+    return found
 
 
 __all__ = ["DEFAULT_LIMIT", "QueueStats", "ServiceStats", "queue_stats", "service_stats", "walk_lane"]

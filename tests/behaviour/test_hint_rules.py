@@ -4,10 +4,12 @@ hands them out: each to one fetch, recovered ones first)."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import pytest
 
-from bridge.domain.records import QueueKey
+from bridge.domain.records import LANE_FRESH, QueueKey
+from bridge.domain.timeline import bucket_of_task, ms_of
 from tests.conftest import wait_for
 from tests.queue_harness import GRACE_MS, MARGIN_MS, OWNER, Harness
 
@@ -121,3 +123,28 @@ async def test_tasks_whose_hints_an_alarm_reports_lost_are_taken_at_once(hinted:
     await h.add("after the alarm")
     h.hints.drop(QueueKey(OWNER, h.service))  # (lost too, but no alarm says so yet)
     assert await h.fetch("w9") is None, "one placed after the alarm is left to its hint for the grace"
+
+
+async def test_stats_find_the_oldest_ready_task_behind_tasks_taken_through_hints(hinted: Harness) -> None:
+    """Stats read 64 entries after each lane's cursor for the oldest ready task, and with hints
+    the cursor moves only in reconciliation scans and purges: once 64 tasks had been handed out
+    through hints, those 64 were all taken and ``oldest_ready_age_ms`` was None under a backlog.
+    Stats now page on past taken entries (a bounded number) and move the cursor past them."""
+    from bridge.domain.counting import QueueCounts
+
+    h = hinted
+    counts = QueueCounts()
+    h.queue.ctx.counts = counts
+    q = QueueKey(OWNER, h.service)
+    ids = [await h.add(i) for i in range(100)]
+    for _ in range(70):
+        got = await h.fetch("w")
+        assert got is not None and await h.ack("w", got) is True
+    await h.queue.drain_background(5.0)  # the claimed marks, written after each claim
+    h.clock.advance(MARGIN_MS + 1_000)  # past the settle window: the cursor may pass them
+    assert await counts.flush(h.store) == 0
+    assert await h.store.cursor(q, LANE_FRESH) is None, "no scan or purge moved the cursor"
+    [stats] = await h.queue.stats(OWNER, h.service)
+    assert stats.ready == 30
+    assert stats.oldest_ready_age_ms == h.clock.now_ms() - ms_of(uuid.UUID(ids[70]))
+    assert await h.store.cursor(q, LANE_FRESH) == (bucket_of_task(uuid.UUID(ids[69])), uuid.UUID(ids[69]))

@@ -475,6 +475,48 @@ async def test_stats_counts_ready_in_flight_delayed_and_parked(make_bridge, engi
     assert svc in {s["serviceId"] for s in every}, "stats without serviceId lists the owner's services"
 
 
+async def stats_row(engine: Engine, svc: str) -> dict[str, Any]:
+    [row] = (await call(engine, "stats", {"serviceId": svc}))["result"]["services"]
+    return row
+
+
+async def counts_become(engine: Engine, svc: str, want: dict[str, int], timeout: float = 8) -> None:
+    """Wait until stats show ``want`` (the counters are flushed about once a second)."""
+    seen: dict[str, Any] = {}
+
+    async def settled() -> bool:
+        row = await stats_row(engine, svc)
+        seen.update({k: row[k] for k in want})
+        return seen == want
+
+    try:
+        await wait_for(settled, timeout, interval=0.2)
+    except AssertionError:
+        raise AssertionError(f"stats never showed {want}; last seen {seen}") from None
+
+
+async def test_oldest_ready_age_is_reported_while_a_backlog_is_worked_through_hints(make_bridge, engine, workers):
+    """stats promise ``oldestReadyAgeMs``: how long the longest-waiting ready task has been
+    claimable, null only when none is. A queue with a backlog worked by workers (every fetch takes
+    a hint, so no reconciliation scan ever moves the lane's cursor) answered null once more than
+    64 tasks had been handed out, while ``ready`` still counted the backlog: stats read only the
+    64 entries after the cursor, all of them taken. They now page on past taken entries (bounded)
+    and move the cursor past them."""
+    await make_bridge(**FAST)
+    svc = service_id()
+    total, served = 100, 70
+    for i in range(total):
+        await engine.add(svc, i)
+    w = await workers(svc, "w")
+    for _ in range(served):
+        got = await fetch_until(w, 5)
+        ack = {"serviceId": svc, "workerId": "w", "taskId": got["task"]["id"], "epoch": 1, "result": 0}
+        assert (await call(w, "ack", ack))["result"] is True
+    await counts_become(engine, svc, {"ready": total - served, "inFlight": 0})
+    row = await stats_row(engine, svc)
+    assert row["oldestReadyAgeMs"] is not None, f"{total - served} ready tasks but no oldest ready age: {row}"
+
+
 # -- crashes -------------------------------------------------------------------------------------------------
 async def test_kill_9_while_tasks_are_delayed_or_parked_loses_none(bridge_processes, servers, names, engine, workers):
     env = {"BRIDGE_CLOCK_SKEW_MARGIN": str(MARGIN_S), "BRIDGE_SCHEDULER_INTERVAL": "0.1"}
@@ -580,26 +622,6 @@ async def test_task_info_shows_state_deliveries_and_times_never_the_value(make_b
     info = await b.queue.task_info(OWNERS[0], svc, uuid.UUID(task_id))
     assert info is not None and info.state == "done" and info.completed_at_ms is not None
     assert await b.queue.task_info(OWNERS[1], svc, uuid.UUID(task_id)) is None, "another owner sees nothing"
-
-
-async def stats_row(engine: Engine, svc: str) -> dict[str, Any]:
-    [row] = (await call(engine, "stats", {"serviceId": svc}))["result"]["services"]
-    return row
-
-
-async def counts_become(engine: Engine, svc: str, want: dict[str, int], timeout: float = 8) -> None:
-    """Wait until stats show ``want`` (the counters are flushed about once a second)."""
-    seen: dict[str, Any] = {}
-
-    async def settled() -> bool:
-        row = await stats_row(engine, svc)
-        seen.update({k: row[k] for k in want})
-        return seen == want
-
-    try:
-        await wait_for(settled, timeout, interval=0.2)
-    except AssertionError:
-        raise AssertionError(f"stats never showed {want}; last seen {seen}") from None
 
 
 async def test_a_redriven_task_claimed_by_a_scan_moves_from_ready_to_in_flight(make_bridge, engine, workers):
