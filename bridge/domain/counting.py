@@ -25,11 +25,13 @@ task TTL are summed, so whatever drift there is leaves the counts with the tasks
 from __future__ import annotations
 
 import logging
+import uuid
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
 from bridge.domain.errors import MaybeApplied
 from bridge.domain.records import QueueKey
+from bridge.domain.timeline import ms_of
 
 if TYPE_CHECKING:
     from bridge.domain.store import TaskStore
@@ -38,6 +40,14 @@ log = logging.getLogger("bridge.counts")
 
 DAY_MS = 86_400_000
 MINUTE_MS = 60_000
+
+
+def was_delayed(task_id: uuid.UUID, created_at_ms: int | None) -> bool:
+    """Added with a delay: its id holds its due time, later than when it was added. Its add counted
+    it under its due minute (``delayed_counts``), so whatever takes it off the queue (its first
+    claim, a cancel, a purge) moves it off that minute, not off ``ready``: within the minute stats
+    count it delayed, and a -1 from ready hid a ready task until the minute ended."""
+    return created_at_ms is not None and ms_of(task_id) > created_at_ms
 
 
 class QueueCounts:

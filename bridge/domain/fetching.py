@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from bridge.domain.clock import next_stamp
 from bridge.domain.context import QueueContext
+from bridge.domain.counting import was_delayed
 from bridge.domain.dispatch import Dispatcher
 from bridge.domain.errors import IntegrityError, KeyMissing, Unavailable
 from bridge.domain.hints import Taken, TaskHints
@@ -51,11 +52,6 @@ class _Attempt:
     stamp: int | None
     stale_pointer: bool
     attempted: bool = False
-
-
-def _was_delayed(task_id: uuid.UUID, payload: Payload) -> bool:
-    """Added with a delay: its id holds its due time, later than when it was added."""
-    return payload.created_at_ms is not None and ms_of(task_id) > payload.created_at_ms
 
 
 def _after(stamp: int | None, now_ms: int) -> int:
@@ -261,7 +257,7 @@ class Fetcher:
                 await self._rearm(q, entry, cur.lease_until_ms or now, now)
             self.ctx.metrics.inc("claim_conflicts")
             return None, stamp
-        if not recovered and payload is not None and _was_delayed(task_id, payload):
+        if not recovered and payload is not None and was_delayed(task_id, payload.created_at_ms):
             # Taken off the due minute its add counted it under: within that minute stats count
             # it delayed, and a -1 from ready would have hidden a ready task until the minute ended.
             self.ctx.count_delayed(q, ms_of(task_id), -1)

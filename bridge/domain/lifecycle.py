@@ -26,6 +26,7 @@ from bridge.crypto import Sealed
 from bridge.domain import jsonvalue
 from bridge.domain.clock import next_stamp
 from bridge.domain.context import QueueContext
+from bridge.domain.counting import was_delayed
 from bridge.domain.dispatch import settled_before
 from bridge.domain.errors import Unavailable
 from bridge.domain.hints import TaskHints
@@ -460,8 +461,7 @@ class Lifecycle:
                 res = await self.store.cancel(q, task_id, None, 0)
                 if res.applied:
                     due = ms_of(task_id)
-                    created = payload.created_at_ms
-                    if due > now or (created is not None and due > created):
+                    if due > now or was_delayed(task_id, payload.created_at_ms):
                         ctx.count_delayed(q, due, -1)  # under the due minute its add counted it
                     else:
                         ctx.count(q, due, ready=-1)
@@ -562,11 +562,18 @@ class Lifecycle:
             if not expired or lease is None or lease.lease_until_ms is None or lease.lease_until_ms + margin > now:
                 return False
             res = await self.store.cancel(q, e.task_id, LeaseState.LEASED, lease.epoch, expired_before_ms=now - margin)
-        if res.applied:
-            # Never claimed (or redriven since): counted ready; else in flight (``counting``).
-            ready = e.lane == LANE_FRESH or (lease is not None and lease.base_epoch == lease.epoch)
-            self.ctx.count(q, ms_of(e.task_id), ready=-1 if ready else 0, in_flight=0 if ready else -1)
-        return res.applied
+        if not res.applied:
+            return False
+        if e.lane == LANE_FRESH and was_delayed(e.task_id, e.created_at_ms):
+            # A delayed task that came due: its add counted it under its due minute, as cancel and
+            # the first claim know. Taken off ready instead, it hid a ready task until that minute
+            # ended (stats count the minute's tasks ready once it has passed).
+            self.ctx.count_delayed(q, ms_of(e.task_id), -1)
+            return True
+        # Never claimed (or redriven since): counted ready; else in flight (``counting``).
+        ready = e.lane == LANE_FRESH or (lease is not None and lease.base_epoch == lease.epoch)
+        self.ctx.count(q, ms_of(e.task_id), ready=-1 if ready else 0, in_flight=0 if ready else -1)
+        return True
 
 
 __all__ = ["PARK_DELIVERY_LIMIT", "PARK_FAILED", "Extended", "Failed", "Lifecycle", "ParkedTask", "TaskInfo"]

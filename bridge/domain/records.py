@@ -47,6 +47,9 @@ class ReadyEntry:
     # from ready to in flight in the queue counts, ``bridge.domain.counting``). A hint says which;
     # an entry read from the index cannot (None), and its claim reads the lease to know.
     redriven: bool | None = None
+    # Fresh lane, read from the index: when the task was added. A delayed task's id holds its due
+    # time, later than this, and its counts move under its due minute (``counting.was_delayed``).
+    created_at_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -161,10 +161,14 @@ class MemoryTaskStore:
         seqs = sorted((s for s in rows if self.alive(rows[s].task_id)), key=_order)
         if after is not None:
             seqs = [s for s in seqs if _order(s) > _order(after)]
-        return [
-            ReadyEntry(lane, bucket, s, rows[s].task_id, rows[s].epoch, rows[s].has_token, rows[s].claimed)
-            for s in seqs[:limit]
-        ]
+        entries = []
+        for s in seqs[:limit]:
+            row = rows[s]
+            created = None if row.payload is None else row.payload.created_at_ms
+            entries.append(
+                ReadyEntry(lane, bucket, s, row.task_id, row.epoch, row.has_token, row.claimed, created_at_ms=created)
+            )
+        return entries
 
     async def mark_claimed(self, q: QueueKey, entry: ReadyEntry) -> None:
         await self._io()

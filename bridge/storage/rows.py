@@ -110,6 +110,7 @@ def ready_entry(lane: int, bucket: int, r: Row) -> ReadyEntry:
         epoch=r["epoch"],
         has_token=r["token_nonce"] is not None,  # lane 0 marks "has a token" by a non-null token_nonce
         claimed=bool(r["claimed"]),
+        created_at_ms=None if (created := r.get("created_at")) is None else to_ms(created),
     )
 
 

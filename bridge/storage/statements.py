@@ -27,7 +27,7 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         True,
     ),
     "ready.scan": (
-        "SELECT seq, task_id, epoch, token_nonce, claimed FROM {ks}.ready "
+        "SELECT seq, task_id, epoch, token_nonce, claimed, created_at FROM {ks}.ready "
         "WHERE owner = ? AND service = ? AND lane = ? AND bucket = ? AND seq > ? LIMIT ?",
         True,
     ),

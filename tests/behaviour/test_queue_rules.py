@@ -269,3 +269,26 @@ async def test_a_handled_delayed_task_never_hides_a_ready_one_from_the_counts(ha
     assert await counts.flush(h.store) == 0  # nothing dropped
     [stats] = await h.queue.stats(OWNER, h.service)
     assert (stats.ready, stats.in_flight, stats.delayed) == (1, 0, 0)
+
+
+async def test_purging_a_delayed_task_that_came_due_does_not_hide_a_ready_one(harness: Harness) -> None:
+    """A delayed task counts under its due minute (``delayed_counts``). Purge cancels it once it is
+    due, and took it off ``ready`` (-1 under its day) instead of off its due minute, the mistake
+    the first claim and cancel avoid: until that minute ended, stats showed one ready task fewer
+    than there were (a queue with one ready task showed none, and the purged task as delayed)."""
+    from bridge.domain.counting import MINUTE_MS, QueueCounts
+
+    h = harness
+    counts = QueueCounts()
+    h.queue.ctx.counts = counts
+    h.clock.advance(MINUTE_MS - h.clock.now_ms() % MINUTE_MS + 1_000)  # early in a minute
+    minute = h.clock.now_ms() // MINUTE_MS
+    body = {"serviceId": h.service, "value": "later", "delayMs": 300}
+    await h.queue.add(OWNER, parse(AddCommand, body), message_id=None, traceparent=None)
+    h.clock.advance(500)  # due now; nobody fetched it
+    assert await h.queue.purge(OWNER, h.service) == (1, False)
+    await h.add("ready")
+    assert await counts.flush(h.store) == 0
+    [stats] = await h.queue.stats(OWNER, h.service)
+    assert h.clock.now_ms() // MINUTE_MS == minute
+    assert (stats.ready, stats.delayed) == (1, 0)

@@ -373,6 +373,35 @@ async def test_purge_of_a_queue_longer_than_one_request_budget_leaves_tasks(
     )
 
 
+async def at_start_of_a_minute(latest_s: float = 25) -> None:
+    """Wait (for at most a minute) until the wall clock is early in a minute: the counts of a
+    delayed task move under its due minute, and a test of them must run inside that minute."""
+    await wait_for(lambda: time.time() % 60 < latest_s, 65, interval=0.2, what="an early second of a minute")
+
+
+async def test_purging_a_delayed_task_that_came_due_does_not_hide_a_ready_task(make_bridge, engine, workers):
+    """A delayed task counts in ``delayed_counts`` under its due minute. Purge cancels it once it
+    is due (it is ready) but took it off ``ready`` (-1 under its day) instead of off its due
+    minute, the very mistake fetch and cancel avoid: until the minute ended, stats showed one ready
+    task fewer than there were (a queue with one ready task showed none). Purge now reads when an
+    entry's task was added (with the index scan it does anyway) and moves a delayed one off its
+    due minute."""
+    await make_bridge(**FAST)
+    svc = service_id()
+    await at_start_of_a_minute()
+    reply = await call(engine, "add", {"serviceId": svc, "value": "d", "delayMs": 300})
+    due = parse_iso(reply["task"]["notBefore"])
+    await counts_become(engine, svc, {"delayed": 1})
+    # Due now (nobody fetches it): purge cancels it as the ready task it has become.
+    await wait_for(lambda: time.time() > due + 0.2, 5, what="the task's due time")
+    purged = (await call(engine, "purge", {"serviceId": svc}))["result"]
+    assert purged["purged"] == 1
+    await engine.add(svc, "r")  # one ready task
+    minute = int(time.time() // 60)
+    await counts_become(engine, svc, {"ready": 1, "delayed": 0})
+    assert int(time.time() // 60) == minute, "still the due minute: where the miscount showed"
+
+
 async def test_delayed_tasks_never_come_early_and_come_on_time(make_bridge, engine, workers):
     await make_bridge(**FAST)
     svc = service_id()
