@@ -14,6 +14,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from bridge.domain.clock import next_stamp
 from bridge.domain.context import QueueContext
@@ -27,6 +28,7 @@ from bridge.domain.records import (
     LANE_FRESH,
     LANE_RECOVERED,
     ExpiryEntry,
+    LeaseState,
     Payload,
     QueueKey,
     ReadyEntry,
@@ -38,8 +40,26 @@ from bridge.domain.timeline import EXPIRY_BUCKET_MS, expiry_bucket, ms_of
 
 log = logging.getLogger("bridge.queue")
 
-MAX_CLAIM_ATTEMPTS = 8
+MAX_CLAIM_ATTEMPTS = 8  # claims a fetch may lose to other fetches before it tries a scan
+# Hints of tasks that had finished (cancelled, done, parked, discarded, dead: the failed claim's
+# row says so, nothing more is read) are no lost races, and do not use up the attempts above:
+# eight cancelled tasks' hints (cancel cannot take a hint back from the broker) sent a fetch to
+# the scan, which ignores priorities, or had it answer null with a task ready. Each still costs
+# a write-ahead and a failed claim, so a fetch behind a long run of them (a mass cancel) stops
+# after this many and goes on as after its lost races; the next fetch takes the rest.
+MAX_STALE_HINTS = 64
 TTL_GRANULARITY_MS = 1_000  # Cassandra expires rows on whole seconds
+
+
+class _Claim(NamedTuple):
+    """One claim tried: the delivery (None if the task is not ours) and the stamp of the pointer
+    write, which the next write of the pointer must exceed."""
+
+    delivery: Delivery | None
+    stamp: int
+    # Not ours because the task has finished (or outlived its TTL), not because another fetch
+    # won it: a stale hint or index entry.
+    finished: bool = False
 
 
 @dataclass
@@ -127,14 +147,20 @@ class Fetcher:
         return await self._deliver(q, worker, held.task_id, held.epoch, until, stamp=stamp)
 
     async def _claim_next(self, a: _Attempt) -> Delivery | None:
-        """Claim by hints first; scan the ready index when there are none (reconciliation)."""
-        for _ in range(MAX_CLAIM_ATTEMPTS):
+        """Claim by hints first; scan the ready index when there are none (reconciliation), or
+        when claims kept being lost. Hints of finished tasks count apart (``MAX_STALE_HINTS``)."""
+        lost = stale = 0
+        while lost < MAX_CLAIM_ATTEMPTS and stale < MAX_STALE_HINTS:
             taken = await self.hints.take(a.q, 0)
             if taken is None:
                 break
-            delivery = await self._claim_hinted(a, taken)
-            if delivery is not None:
-                return delivery
+            claim = await self._claim_hinted(a, taken)
+            if claim.delivery is not None:
+                return claim.delivery
+            if claim.finished:
+                stale += 1
+            else:
+                lost += 1
         if self.reconcile.due(a.q, self.ctx.clock.now_ms()):
             return await self._claim_scanned(a)
         return None
@@ -147,24 +173,25 @@ class Fetcher:
             taken = await self.hints.take(a.q, left_ms)
             if taken is None:
                 return None
-            delivery = await self._claim_hinted(a, taken)
-            if delivery is not None:
-                return delivery
+            claim = await self._claim_hinted(a, taken)
+            if claim.delivery is not None:
+                return claim.delivery
         return None
 
-    async def _claim_hinted(self, a: _Attempt, taken: Taken) -> Delivery | None:
+    async def _claim_hinted(self, a: _Attempt, taken: Taken) -> _Claim:
         entry = taken.hint.entry()
         a.attempted = True
         try:
-            delivery, a.stamp = await self._try_claim(a.q, a.worker, entry, a.ttr, a.stamp, taken.hint.payload)
+            claim = await self._try_claim(a.q, a.worker, entry, a.ttr, a.stamp, taken.hint.payload)
         except BaseException:
             await asyncio.shield(taken.retry())  # not decided: another fetch gets the hint
             raise
+        a.stamp = claim.stamp
         await taken.done()
-        self.ctx.metrics.inc("claims", source="hint", outcome="won" if delivery else "lost")
-        if delivery is not None:
+        self.ctx.metrics.inc("claims", source="hint", outcome="won" if claim.delivery else "lost")
+        if claim.delivery is not None:
             self.ctx.background.spawn(self.ctx.store.mark_claimed(a.q, entry), "mark claimed")
-        return delivery
+        return claim
 
     async def _claim_scanned(self, a: _Attempt) -> Delivery | None:
         """Scan the ready index (the only path with hints off). With hints on, only entries older
@@ -187,10 +214,11 @@ class Fetcher:
                 break
             a.attempted = True
             try:
-                delivery, a.stamp = await self._try_claim(a.q, a.worker, entry, a.ttr, a.stamp)
+                claim = await self._try_claim(a.q, a.worker, entry, a.ttr, a.stamp)
             except BaseException:
                 self.dispatcher.release(a.q, entry)
                 raise
+            delivery, a.stamp = claim.delivery, claim.stamp
             # Claimed by us, or it was not claimable (another worker or instance got it first).
             self.dispatcher.taken(a.q, entry, lost_race=delivery is None)
             self.ctx.metrics.inc("claims", source="scan", outcome="won" if delivery else "lost")
@@ -204,9 +232,9 @@ class Fetcher:
 
     async def _try_claim(
         self, q: QueueKey, worker: str, entry: ReadyEntry, ttr: int, stamp: int | None, carried: Payload | None = None
-    ) -> tuple[Delivery | None, int]:
-        """Claim one candidate. Returns the delivery (None if someone else holds the task) and the
-        stamp of the pointer write, which the next write of the pointer must exceed."""
+    ) -> _Claim:
+        """Claim one candidate: the delivery (None if the task is not ours), the stamp of the
+        pointer write, and whether the task had finished."""
         store, margin = self.ctx.store, self.ctx.limits.skew_margin_ms
         now = self.ctx.clock.now_ms()
         task_id = entry.task_id
@@ -216,7 +244,7 @@ class Fetcher:
         claim_id = uuid.uuid4()
         if carried is not None and self._outlived(carried, now):
             self.ctx.metrics.inc("deliveries_failed", reason="expired")
-            return None, stamp if stamp is not None else now * 1000
+            return _Claim(None, stamp if stamp is not None else now * 1000, finished=True)
         stamp = next_stamp(now, stamp)
         # Write-ahead: the deadline and the worker's pointer exist before the claim can.
         await store.write_ahead(
@@ -256,7 +284,8 @@ class Fetcher:
             if recovered and cur is not None and cur.epoch == entry.epoch and cur.not_claimable_before(now, margin):
                 await self._rearm(q, entry, cur.lease_until_ms or now, now)
             self.ctx.metrics.inc("claim_conflicts")
-            return None, stamp
+            # Known from the refused claim's own row: no read to tell a stale hint from a lost race.
+            return _Claim(None, stamp, finished=cur is not None and cur.state is not LeaseState.LEASED)
         if not recovered and payload is not None and was_delayed(task_id, payload.created_at_ms):
             # Taken off the due minute its add counted it under: within that minute stats count
             # it delayed, and a -1 from ready would have hidden a ready task until the minute ended.
@@ -274,10 +303,11 @@ class Fetcher:
         if payload is None:
             # The task's lifetime (TTL) ended: a hint or an index entry outlived it. Nothing to hand out.
             self.ctx.metrics.inc("deliveries_failed", reason="expired")
-            return None, stamp
+            return _Claim(None, stamp)
         self.ctx.metrics.inc("tasks_delivered" if not recovered or epoch == 1 else "tasks_redelivered", kind="claim")
         log.debug("task claimed", extra={"task_id": str(task_id), "epoch": epoch, "lease_ms": ttr})
-        return await self._deliver(q, worker, task_id, epoch, until, payload, stamp=stamp, carried=carried), stamp
+        delivery = await self._deliver(q, worker, task_id, epoch, until, payload, stamp=stamp, carried=carried)
+        return _Claim(delivery, stamp)
 
     async def _was_redriven(self, q: QueueKey, entry: ReadyEntry) -> bool:
         """Whether the recovered entry we just claimed was a redriven lease nobody had claimed since

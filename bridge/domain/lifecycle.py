@@ -48,7 +48,7 @@ from bridge.domain.relay import ResultRelay, decided_by_itself
 from bridge.domain.sealing import encode, open_error, seal_error, seal_outcome
 from bridge.domain.stats import walk_lane
 from bridge.domain.store import TaskStore
-from bridge.domain.timeline import expiry_bucket, ms_of, outbox_bucket, timeuuid_from_ms
+from bridge.domain.timeline import bucket_of_task, expiry_bucket, ms_of, outbox_bucket, timeuuid_from_ms
 
 log = logging.getLogger("bridge.queue")
 
@@ -460,6 +460,12 @@ class Lifecycle:
                     return False
                 res = await self.store.cancel(q, task_id, None, 0)
                 if res.applied:
+                    # Marked taken, as a claim or a purge marks its entry: scans, purges and stats
+                    # pass it without a claim or a lease read, and the cursor may move past it. Its
+                    # hint cannot be taken back from the broker: a fetch that takes it learns from
+                    # its refused claim that the task finished (``fetching.MAX_STALE_HINTS``).
+                    entry = ReadyEntry(LANE_FRESH, bucket_of_task(task_id), task_id, task_id, None, False, False)
+                    ctx.background.spawn(self.store.mark_claimed(q, entry), "mark cancelled")
                     due = ms_of(task_id)
                     if due > now or was_delayed(task_id, payload.created_at_ms):
                         ctx.count_delayed(q, due, -1)  # under the due minute its add counted it

@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 
+from bridge.domain.models import AddCommand, parse
 from bridge.domain.records import LANE_FRESH, QueueKey
 from bridge.domain.timeline import bucket_of_task, ms_of
 from tests.conftest import wait_for
@@ -148,3 +149,63 @@ async def test_stats_find_the_oldest_ready_task_behind_tasks_taken_through_hints
     assert stats.ready == 30
     assert stats.oldest_ready_age_ms == h.clock.now_ms() - ms_of(uuid.UUID(ids[70]))
     assert await h.store.cursor(q, LANE_FRESH) == (bucket_of_task(uuid.UUID(ids[69])), uuid.UUID(ids[69]))
+
+
+async def _cancelled(h: Harness, n: int, priority: int = 0) -> None:
+    """``n`` tasks added and cancelled: their hints stay in the hint queue (a broker's message
+    cannot be taken back), naming finished tasks."""
+    for i in range(n):
+        body = {"serviceId": h.service, "value": f"gone-{i}", "priority": priority}
+        task_id = await h.queue.add(OWNER, parse(AddCommand, body), message_id=None, traceparent=None)
+        h.clock.advance(1)
+        assert await h.queue.cancel(OWNER, h.service, uuid.UUID(task_id)) is True
+
+
+async def test_hints_of_cancelled_tasks_do_not_use_up_a_fetchs_claim_attempts(hinted: Harness) -> None:
+    """A fetch tried 8 hints (MAX_CLAIM_ATTEMPTS), then scanned. Eight cancelled tasks' hints used
+    them up, and the scan left the ready task behind them to its hint (younger than the grace):
+    the fetch answered null while a task was ready. A hint whose refused claim shows the task
+    finished no longer counts as a lost claim."""
+    from bridge.domain.fetching import MAX_CLAIM_ATTEMPTS
+
+    h = hinted
+    await _cancelled(h, MAX_CLAIM_ATTEMPTS)
+    ready = await h.add("ready")
+    got = await h.fetch("w")
+    assert got is not None and got.task_id == ready, "fetch answered null while a task was ready"
+
+
+async def test_hints_of_cancelled_tasks_do_not_send_a_fetch_to_a_scan_that_ignores_priority(
+    hinted: Harness,
+) -> None:
+    """The same, with the ready tasks older than the grace: the scan the fetch fell back to takes
+    the oldest ready task whatever its priority, and a priority-0 task was handed out before a
+    ready priority-2 one."""
+    from bridge.domain.fetching import MAX_CLAIM_ATTEMPTS
+
+    h = hinted
+    low = await h.add("low")
+    body = {"serviceId": h.service, "value": "mid", "priority": 2}
+    mid = await h.queue.add(OWNER, parse(AddCommand, body), message_id=None, traceparent=None)
+    h.clock.advance(1)
+    await _cancelled(h, MAX_CLAIM_ATTEMPTS, priority=3)
+    h.clock.advance(GRACE_MS + 500)  # what a busy queue's backlog is: older than the grace
+    got = await h.fetch("w")
+    assert got is not None and got.task_id == mid, f"handed the priority-0 task {low} before {mid}"
+
+
+async def test_a_fetch_behind_a_long_run_of_cancelled_tasks_hints_is_bounded(
+    hinted: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stale hints do not count as lost claims, but each still costs a write-ahead and a refused
+    claim: a fetch stops after MAX_STALE_HINTS of them (made small here) and answers; the next
+    fetches take the rest, and the task behind them."""
+    import bridge.domain.fetching as fetching
+
+    monkeypatch.setattr(fetching, "MAX_STALE_HINTS", 4)
+    h = hinted
+    await _cancelled(h, 10)
+    ready = await h.add("ready")
+    got = [await h.fetch("w") for _ in range(3)]
+    assert got[0] is None, "the first fetch stopped after 4 stale hints (the task is younger than the grace)"
+    assert [d.task_id for d in got if d is not None] == [ready]

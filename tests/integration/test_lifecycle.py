@@ -344,6 +344,25 @@ async def test_after_a_purge_a_fetch_gets_the_task_added_since(make_bridge, engi
     assert got["task"]["id"] == fresh
 
 
+async def test_a_fetch_is_not_answered_null_while_a_task_is_ready_behind_cancelled_tasks_hints(
+    make_bridge, engine, workers
+):
+    """``{"result": null}`` means nothing is ready. Eight cancelled tasks' hints (cancel leaves them
+    in the hint queue: a broker's message cannot be taken back) used up a fetch's claim attempts
+    (MAX_CLAIM_ATTEMPTS); its fallback scan left the ready task to its hint (younger than the
+    grace) and the fetch answered null while a task was ready. A hint whose refused claim shows
+    its task finished no longer counts as a lost claim (bounded apart: MAX_STALE_HINTS)."""
+    await make_bridge(**FAST)
+    svc = service_id()
+    cancelled = [await engine.add(svc, f"gone-{i}") for i in range(8)]
+    for task_id in cancelled:
+        assert (await call(engine, "cancel", {"serviceId": svc, "taskId": task_id}))["result"] is True
+    ready = await engine.add(svc, "ready")
+    w = await workers(svc, "w")
+    got = await fetch_raw(w)
+    assert got is not None and got["task"]["id"] == ready, f"fetch answered null while task {ready} was ready"
+
+
 async def test_purge_of_a_queue_longer_than_one_request_budget_leaves_tasks(
     make_bridge, engine, cql, servers, monkeypatch
 ):
@@ -632,6 +651,27 @@ async def test_higher_priorities_are_handed_out_first_fifo_within_a_level(make_b
     assert seen == ["high-0", "high-1", "mid-0", "mid-1", "low-0", "low-1", "low-2"]
     with pytest.raises(BadRequestError):
         await engine.call("add", {"serviceId": svc, "value": 1, "priority": 4}, owner=OWNERS[0])
+
+
+async def test_cancelled_tasks_hints_do_not_make_a_fetch_skip_a_higher_priority_task(make_bridge, engine, workers):
+    """Hints flow (none lost), yet a fetch was handed a priority-0 task while a priority-2 task was
+    ready: eight priority-3 tasks were cancelled, their hints (which cancel leaves in the hint
+    queue) used up the fetch's eight claim attempts, and the fetch fell back to a reconciliation
+    scan of the ready index, which takes the oldest ready task whatever its priority. Hints of
+    finished tasks no longer count as lost claims."""
+    await make_bridge(**FAST)
+    svc = service_id()
+    low = await engine.add(svc, "low", priority=0)
+    mid = await engine.add(svc, "mid", priority=2)
+    cancelled = [await engine.add(svc, f"top-{i}", priority=3) for i in range(8)]
+    for task_id in cancelled:
+        assert (await call(engine, "cancel", {"serviceId": svc, "taskId": task_id}))["result"] is True
+    added = time.time()
+    # Older than the reconciliation grace (3 s, a configured time): what a busy queue's backlog is.
+    await wait_for(lambda: time.time() > added + 3.5, 10, what="the reconciliation grace to pass")
+    w = await workers(svc, "w")
+    got = await fetch_until(w, 5)
+    assert got["task"]["id"] == mid, f"handed the priority-0 task {low} before the ready priority-2 task {mid}"
 
 
 async def test_task_info_shows_state_deliveries_and_times_never_the_value(make_bridge, engine, workers):
