@@ -144,7 +144,8 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     ),
     "lease.park_expired": (
         "UPDATE {ks}.leases USING TTL ? SET state = 'parked', parked_at = ?, park_reason = ?, completion_id = ?, "
-        "park_id = ? WHERE owner = ? AND service = ? AND task_id = ? IF state = 'leased' AND epoch = ? AND lease_until <= ?",
+        "park_id = ? WHERE owner = ? AND service = ? AND task_id = ? "
+        "IF state = 'leased' AND epoch = ? AND lease_until <= ?",
         False,
     ),
     "lease.unpark": (
