@@ -66,9 +66,11 @@ async def _with_client(client: C, timeout: float, use: Callable[[C], Awaitable[T
             raise Failure(f"cannot connect to RabbitMQ at {where}: {type(exc).__name__}: {exc}") from None
         try:
             return await use(client)
-        except RequestTimeout:
+        except RequestTimeout as exc:
+            # The real wait: a redrive's reply is awaited --timeout plus the time its pace takes.
+            waited = exc.waited_s if exc.waited_s is not None else timeout
             raise Failure(
-                f"no reply from the bridge within {timeout}s (is a bridge consuming exchange "
+                f"no reply from the bridge within {waited:g}s (is a bridge consuming exchange "
                 f"{client.exchange_name!r} on {where}?)"
             ) from None
         except ConnectionLost as exc:
@@ -404,14 +406,22 @@ def redrive(
     amqp_url: AmqpUrlOption = None,
     timeout: TimeoutOption = 10.0,
 ) -> None:
-    """Put parked tasks back in the queue, their delivery count starting again; print {"redriven": n}."""
+    """Put parked tasks back in the queue, their delivery count starting again; print {"redriven": n}.
+
+    The bridge answers once they are back, at BRIDGE_REDRIVE_RATE a second: the reply is awaited
+    --timeout plus that long (set BRIDGE_REDRIVE_RATE as the bridges have it).
+    """
     if all_parked == bool(task_ids):
         raise typer.BadParameter("give TASK_IDs or --all (exactly one)", param_hint="TASK_ID / --all")
+    # The bridge answers only once it has put them all back, at BRIDGE_REDRIVE_RATE a second: the
+    # reply is awaited that much longer (at the default rate's wait, a slower bridge's success
+    # would be reported as no reply).
+    rate = settings_or_exit().redrive_rate
 
     async def use(engine: Engine) -> int:
         if all_parked:
-            return await engine.redrive(service, all=True)
-        return await engine.redrive(service, list(task_ids or ()))
+            return await engine.redrive(service, all=True, redrive_rate=rate)
+        return await engine.redrive(service, list(task_ids or ()), redrive_rate=rate)
 
     typer.echo(json.dumps({"redriven": _engine_call(owner, amqp_url, timeout, use)}))
 

@@ -75,9 +75,16 @@ class TransportError(BridgeClientError):
 
 
 class RequestTimeout(TransportError):
-    """No reply within the client's timeout (the bridge is slow, paused, or not consuming)."""
+    """No reply within the client's timeout (the bridge is slow, paused, or not consuming).
+
+    ``waited_s`` is how long the reply was awaited: the timeout plus what the request itself may
+    take (a long-poll fetch's wait, a redrive's pace), so a message can say the real wait."""
 
     code = "timeout"
+
+    def __init__(self, message: str = "", code: str | None = None, *, waited_s: float | None = None) -> None:
+        super().__init__(message, code)
+        self.waited_s = waited_s
 
 
 class ConnectionLost(TransportError):

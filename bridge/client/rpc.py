@@ -209,7 +209,7 @@ class RpcClient:
                 reply: tuple[dict[str, Any], dict[str, Any]] = await fut
                 return reply
         except TimeoutError:
-            raise RequestTimeout(f"no reply to {method} within {limit}s") from None
+            raise RequestTimeout(f"no reply to {method} within {limit}s", waited_s=limit) from None
         finally:
             for cid, pending in list(self._pending.items()):
                 if pending is fut:

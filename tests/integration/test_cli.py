@@ -11,9 +11,11 @@ import time
 import uuid
 from typing import Any
 
+import anyio
 import pytest
 
-from tests.cli import cli, ok
+from bridge.client import Engine, Worker
+from tests.cli import cli, no_traceback, ok
 from tests.conftest import ENGINE_USER, OWNERS, Servers, service_id
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -26,6 +28,31 @@ async def stats(service: str, env: dict[str, str]) -> dict[str, Any]:
     assert doc["owner"] == OWNER and doc["service"] == service
     assert doc["truncated"] is False
     return doc
+
+
+async def fail_as_poison(servers: Servers, names: dict[str, str], svc: str, n: int) -> list[str]:
+    """Fetch ``n`` tasks of the queue and fail each once: with maxDeliveries 1 (counted again from
+    a redrive), each is parked. Their ids."""
+    ids: list[str] = []
+    async with Worker(servers.amqp_url(OWNER), service=svc, worker_id="w-park", exchange=names["exchange"]) as w:
+        for _ in range(n):
+            deadline = time.monotonic() + 20
+            task = await w.fetch(60_000)
+            while task is None and time.monotonic() < deadline:
+                task = await w.fetch(60_000, wait_ms=1000)
+            assert task is not None
+            outcome = await task.fail({"why": "poison"})
+            assert outcome is not None and outcome.parked, outcome
+            ids.append(task.id)
+    return ids
+
+
+async def park(servers: Servers, names: dict[str, str], svc: str, n: int) -> list[str]:
+    """Add ``n`` tasks with maxDeliveries 1 and fail each once: ``n`` parked tasks, their ids."""
+    async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNER, exchange=names["exchange"]) as engine:
+        for i in range(n):
+            assert await engine.add(svc, {"n": i}, max_deliveries=1) is not None
+    return await fail_as_poison(servers, names, svc, n)
 
 
 async def test_add_stats_fetch_ack_round_trip(bridge: Any, bridge_env: dict[str, str], servers: Servers) -> None:
@@ -79,3 +106,41 @@ async def test_add_stats_fetch_ack_round_trip(bridge: Any, bridge_env: dict[str,
     # Sequential on purpose: this fetch lets the dispatcher move (and persist) its cursor past the task.
     again = await cli("fetch", svc, "--worker", "w1", "--amqp-url", worker_url, env=bridge_env)
     assert ok(again).strip() == "null"
+
+
+async def test_redrive_waits_as_long_as_the_bridges_redrive_rate_needs(
+    make_bridge: Any, bridge_env: dict[str, str], servers: Servers, names: dict[str, str]
+) -> None:
+    """The bridge puts parked tasks back at BRIDGE_REDRIVE_RATE a second and answers when done;
+    the client awaits the reply that much longer only if told the rate (``redrive_rate``).
+
+    Defect: ``redrive`` read the settings but never passed the rate, so it waited as if at the
+    default 50/s: at 1/s, redriving 12 named tasks exited 1 "no reply from the bridge within
+    10.0s" although the bridge put all 12 back (a success reported as a failure). And the message
+    named --timeout, not the wait it had really allowed."""
+    await make_bridge(redrive_rate=1.0)
+    svc = service_id()
+    ids = await park(servers, names, svc, 12)
+    engine_url = servers.amqp_url(ENGINE_USER)
+    proc = await cli(
+        "redrive", svc, *ids, "--owner", OWNER, "--amqp-url", engine_url,
+        env=bridge_env, extra={"BRIDGE_REDRIVE_RATE": "1"},
+    )  # fmt: skip
+    assert json.loads(ok(proc)) == {"redriven": 12}
+
+    # An operator's BRIDGE_REDRIVE_RATE left at the default (50/s) while the bridge does 1/s: 3
+    # tasks take the bridge 2 s, the CLI waits --timeout 1 + 3/50 s, and says so.
+    again = await fail_as_poison(servers, names, svc, 3)
+    late = await cli(
+        "redrive", svc, *again, "--owner", OWNER, "--amqp-url", engine_url, "--timeout", "1", env=bridge_env
+    )
+    assert late.returncode == 1, late
+    no_traceback(late)
+    assert "no reply from the bridge within 1.06s" in late.stderr, late.stderr
+    # The bridge still puts them back (and leaves nothing parked behind this test).
+    async with Engine(engine_url, owner=OWNER, exchange=names["exchange"]) as engine:
+        for _ in range(30):
+            if not await engine.parked(svc):
+                break
+            await anyio.sleep(0.5)
+        assert await engine.parked(svc) == []
