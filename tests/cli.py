@@ -15,12 +15,15 @@ import anyio
 from tests.conftest import ROOT
 
 
-async def cli(*args: str, env: dict[str, str], extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m bridge ARGS`` with os.environ + env (+ extra); never raises on a non-zero exit."""
+async def cli(
+    *args: str, env: dict[str, str], extra: dict[str, str] | None = None, limit: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m bridge ARGS`` with os.environ + env (+ extra); never raises on a non-zero exit.
+    Fails the test if it takes over ``limit`` seconds."""
     full_env = {**os.environ, **env, **(extra or {})}
     full_env.pop("COLUMNS", None)
     full_env["COLUMNS"] = "200"  # wide help and error boxes: messages are not wrapped mid-phrase
-    with anyio.fail_after(30):
+    with anyio.fail_after(limit):
         proc = await anyio.run_process([sys.executable, "-m", "bridge", *args], env=full_env, cwd=ROOT, check=False)
     return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode())
 

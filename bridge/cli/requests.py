@@ -401,7 +401,12 @@ def redrive(
     task_ids: Annotated[
         list[str] | None, typer.Argument(metavar="TASK_ID", help="Parked tasks to put back.", show_default=False)
     ] = None,
-    all_parked: Annotated[bool, typer.Option("--all", help="Put back every parked task of the queue.")] = False,
+    all_parked: Annotated[
+        bool,
+        typer.Option(
+            "--all", help="Put back every parked task of the queue (1000 a request, sent again until none is left)."
+        ),
+    ] = False,
     owner: OwnerOption = None,
     amqp_url: AmqpUrlOption = None,
     timeout: TimeoutOption = 10.0,
@@ -409,7 +414,9 @@ def redrive(
     """Put parked tasks back in the queue, their delivery count starting again; print {"redriven": n}.
 
     The bridge answers once they are back, at BRIDGE_REDRIVE_RATE a second: the reply is awaited
-    --timeout plus that long (set BRIDGE_REDRIVE_RATE as the bridges have it).
+    --timeout plus that long (set BRIDGE_REDRIVE_RATE as the bridges have it; at a high rate,
+    Cassandra's writes take longer than the pace: give a large redrive a longer --timeout).
+    --all asks for 1000 at a time until none is left.
     """
     if all_parked == bool(task_ids):
         raise typer.BadParameter("give TASK_IDs or --all (exactly one)", param_hint="TASK_ID / --all")

@@ -436,10 +436,16 @@ class Engine(RpcClient):
         all: bool = False,
         redrive_rate: float = REDRIVE_RATE,
     ) -> int:
-        """Put parked tasks back in the queue (the named ones, or ``all=True``: up to 1000 per
-        call), their delivery count toward the limit starting again; how many went back.
+        """Put parked tasks back in the queue (the named ones, or ``all=True``: every parked task
+        of the queue), their delivery count toward the limit starting again; how many went back.
         Exactly one of ``task_ids`` / ``all``: a request for both or neither is refused here
         (the bridge would answer bad_request).
+
+        One ``all`` request puts back at most 1000 tasks; it is sent again until one answers 0
+        (the contract's rule), and the total is returned. So a task parked again while this runs
+        (a worker still failing it) is put back again too: with workers that park tasks as fast
+        as they come back, this does not end; fix them first. If a later request fails, the
+        tasks the earlier ones put back stay back (call it again: it goes on where it stopped).
 
         The bridge puts them back at ``BRIDGE_REDRIVE_RATE`` a second and answers when done, so
         the reply is awaited that much longer than other requests: pass the bridge's rate as
@@ -448,14 +454,20 @@ class Engine(RpcClient):
             raise ValueError("give task_ids or all=True (exactly one)")
         if task_ids is not None and not task_ids:
             return 0  # nothing named, nothing to ask
-        body: dict[str, Any] = {"serviceId": service}
-        if all:
-            body["all"] = True
-            count = REDRIVE_ALL_MAX
-        else:
-            body["taskIds"] = list(task_ids or ())
-            count = len(body["taskIds"])
-        return int((await self._result("redrive", body, wait_s=count / redrive_rate))["redriven"])
+        if not all:
+            ids = list(task_ids or ())
+            body: dict[str, Any] = {"serviceId": service, "taskIds": ids}
+            return int((await self._result("redrive", body, wait_s=len(ids) / redrive_rate))["redriven"])
+        # Not "until a request answers fewer than 1000": the bridge lists up to 1000 parked rows
+        # and skips those no longer parked (cancelled or put back meanwhile), so a short answer
+        # does not mean none are left; only 0 does.
+        total = 0
+        body = {"serviceId": service, "all": True}
+        while True:
+            now = int((await self._result("redrive", body, wait_s=REDRIVE_ALL_MAX / redrive_rate))["redriven"])
+            total += now
+            if not now:
+                return total
 
     async def discard(self, service: str, task_ids: list[str]) -> int:
         """Drop parked tasks for good (only parked ones: others are left alone); how many."""

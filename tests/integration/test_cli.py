@@ -144,3 +144,48 @@ async def test_redrive_waits_as_long_as_the_bridges_redrive_rate_needs(
                 break
             await anyio.sleep(0.5)
         assert await engine.parked(svc) == []
+
+
+@pytest.mark.timeout(300)  # 1001 tasks parked one fail each, then put back: longer than the default 60 s
+async def test_redrive_all_puts_back_every_parked_task_not_only_the_first_1000(
+    make_bridge: Any, bridge_env: dict[str, str], servers: Servers, names: dict[str, str]
+) -> None:
+    """``redrive SERVICE --all``: "Put back every parked task of the queue". One ``all`` request puts
+    back up to 1000 (docs/asyncapi.yaml, redrive: "send it again until it answers 0").
+
+    Defect: the CLI (through Engine.redrive(all=True)) sent it once: with 1001 parked tasks it
+    printed {"redriven": 1000}, exited 0, and one task stayed parked."""
+    await make_bridge(redrive_rate=5000.0)
+    svc = service_id()
+    n = 1001
+    async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNER, exchange=names["exchange"]) as engine:
+        for i in range(n):
+            await engine.add(svc, {"n": i}, max_deliveries=1, wait=False)
+
+        parked = 0
+
+        async def park_some(k: int) -> None:
+            nonlocal parked
+            async with Worker(servers.amqp_url(OWNER), service=svc, worker_id=f"w{k}", exchange=names["exchange"]) as w:
+                while parked < n:
+                    task = await w.fetch(60_000, wait_ms=1000)
+                    if task is None:
+                        continue
+                    outcome = await task.fail({"why": "poison"})
+                    assert outcome is not None and outcome.parked
+                    parked += 1
+
+        with anyio.fail_after(240):
+            async with anyio.create_task_group() as tg:
+                for k in range(8):
+                    tg.start_soon(park_some, k)
+        assert parked == n
+
+        # At 5000/s the pace is not what takes the time: Cassandra is (an LWT and a few writes a
+        # task, 10 s for 1000 on a loaded machine), hence the long --timeout.
+        proc = await cli(
+            "redrive", svc, "--all", "--owner", OWNER, "--amqp-url", servers.amqp_url(ENGINE_USER), "--timeout", "60",
+            env=bridge_env, extra={"BRIDGE_REDRIVE_RATE": "5000"}, limit=180,
+        )  # fmt: skip
+        assert json.loads(ok(proc)) == {"redriven": n}
+        assert await engine.parked(svc, 1000) == []

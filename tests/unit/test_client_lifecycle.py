@@ -184,7 +184,7 @@ async def test_management_requests_and_their_answers(monkeypatch: pytest.MonkeyP
                 {"result": {"services": [stats_doc, {**stats_doc, "serviceId": "other", "oldestReadyAgeMs": None}]}}
             ],
             parked=[{"result": {"tasks": [parked_doc, {**parked_doc, "id": "p2", "lastError": None}]}}],
-            redrive=[{"result": {"redriven": 2}}],
+            redrive=[{"result": {"redriven": 2}}, {"result": {"redriven": 2}}, {"result": {"redriven": 0}}],
             discard=[{"result": {"discarded": 1}}],
         ),
         monkeypatch,
@@ -216,6 +216,7 @@ async def test_management_requests_and_their_answers(monkeypatch: pytest.MonkeyP
         ("parked", {"serviceId": "svc", "limit": 10}),
         ("redrive", {"serviceId": "svc", "taskIds": ["p1", "p2"]}),
         ("redrive", {"serviceId": "svc", "all": True}),
+        ("redrive", {"serviceId": "svc", "all": True}),  # again until it answers 0
         ("discard", {"serviceId": "svc", "taskIds": ["p1"]}),
     ]
     assert {kw["owner"] for _, _, kw in bridge.calls} == {"tenant-a"}  # x-owner on every one
@@ -238,10 +239,23 @@ async def test_purge_is_sent_again_while_the_bridge_says_more(monkeypatch: pytes
 
 async def test_a_redrive_is_awaited_as_long_as_the_bridge_paces_it(monkeypatch: pytest.MonkeyPatch) -> None:
     engine = Engine(URL)
-    bridge = attach(engine, FakeBridge(redrive=[{"result": {"redriven": 1}}]), monkeypatch)
+    rounds: list[Reply] = [{"result": {"redriven": 1}}, {"result": {"redriven": 1}}, {"result": {"redriven": 0}}]
+    bridge = attach(engine, FakeBridge(redrive=rounds), monkeypatch)
     await engine.redrive("svc", [f"p{i}" for i in range(100)])
     await engine.redrive("svc", all=True, redrive_rate=100)
-    assert [kw["wait_s"] for _, _, kw in bridge.calls] == [2.0, 10.0]  # 100 / 50 a second; 1000 / 100
+    assert [kw["wait_s"] for _, _, kw in bridge.calls] == [2.0, 10.0, 10.0]  # 100 / 50 a second; 1000 / 100
+
+
+async def test_redrive_all_is_sent_again_until_the_bridge_answers_0(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One ``all`` request puts back at most 1000 parked tasks (the contract: send it again until it
+    answers 0). The client sent it once: with 1001 parked, ``redrive(all=True)`` (and the CLI's
+    ``redrive --all``) answered 1000 and left one parked. An answer below 1000 is not the end
+    (the bridge skips listed tasks no longer parked); only 0 is."""
+    engine = Engine(URL)
+    rounds: list[Reply] = [{"result": {"redriven": n}} for n in (1000, 7, 1, 0)]
+    bridge = attach(engine, FakeBridge(redrive=rounds), monkeypatch)
+    assert await engine.redrive("svc", all=True) == 1008
+    assert bridge.bodies("redrive") == [{"serviceId": "svc", "all": True}] * 4
 
 
 async def test_redrive_takes_ids_or_all_and_empty_lists_ask_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
