@@ -108,6 +108,41 @@ def quiet_driver_logs() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+def cassandra_where(settings: Settings) -> str:
+    """The Cassandra contact points, for messages."""
+    return f"{','.join(settings.cassandra_hosts)}:{settings.cassandra_port}"
+
+
+def cassandra_errors() -> tuple[type[BaseException], ...]:
+    """What talking to Cassandra (``CassandraSession``) may raise when the server, not the command,
+    is at fault: the driver's own errors (connect is not mapped), and the storage errors the
+    adapter maps them to (InvalidQuery included: a missing keyspace or table is the operator's to
+    fix, ``queue-bridge schema``, not a bug of the command). Each command says what it was doing."""
+    from cassandra import (
+        ConfigurationException,
+        DriverException,
+        OperationTimedOut,
+        RequestExecutionException,
+        RequestValidationException,
+    )
+    from cassandra.cluster import NoHostAvailable
+
+    from bridge.storage.errors import InvalidQuery, StorageError
+
+    return (
+        StorageError,
+        InvalidQuery,
+        NoHostAvailable,
+        DriverException,
+        OperationTimedOut,
+        RequestExecutionException,
+        RequestValidationException,
+        ConfigurationException,
+        OSError,
+        TimeoutError,
+    )
+
+
 def amqp_url_of(settings: Settings, url: str | None) -> str:
     """``--amqp-url`` (checked: a usage error, exit code 2, if it cannot be a RabbitMQ URL), else
     the bridge's own BRIDGE_AMQP_URL."""

@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from bridge.cli.base import app, run_async, settings_or_exit
+from bridge.cli.base import (
+    Failure,
+    app,
+    cassandra_errors,
+    cassandra_where,
+    fail,
+    quiet_driver_logs,
+    run_async,
+    settings_or_exit,
+)
 from bridge.config import ConfigError
 
 
@@ -17,6 +26,7 @@ def run() -> None:
     settings = settings_or_exit()
     from bridge.app import run_forever
     from bridge.observability.logging import configure_logging
+    from bridge.storage.errors import StorageUnavailable
 
     configure_logging(settings)
     try:
@@ -24,6 +34,21 @@ def run() -> None:
     except ConfigError as exc:  # found at start (e.g. an invalid gateway keys file): exit 2, no traceback
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
+    except StorageUnavailable as exc:
+        # Only at start: once started, a bridge rides out a Cassandra outage (it pauses its
+        # consumers) and never raises it. acsylla (the default driver) maps its errors to this.
+        fail(f"cannot connect to Cassandra at {cassandra_where(settings)}: {exc}")
+    except _datastax_unreachable() as exc:  # BRIDGE_CASSANDRA_DRIVER=datastax: connect is not mapped
+        fail(f"cannot connect to Cassandra at {cassandra_where(settings)}: {type(exc).__name__}: {exc}")
+
+
+def _datastax_unreachable() -> tuple[type[BaseException], ...]:
+    """The datastax driver's errors for a Cassandra out of reach. Not OSError or TimeoutError:
+    at start those may be the bridge's own (its HTTP port taken), not Cassandra's."""
+    from cassandra import OperationTimedOut
+    from cassandra.cluster import NoHostAvailable
+
+    return (NoHostAvailable, OperationTimedOut)
 
 
 @app.command()
@@ -77,16 +102,32 @@ def schema(
             typer.echo(cql.strip() + ";\n")
         return
 
+    quiet_driver_logs()
+    errors = cassandra_errors()
+    where = cassandra_where(settings)
+
     async def apply() -> None:
         from bridge.storage.cassandra import CassandraSession
         from bridge.storage.schema import create_schema
 
         db = CassandraSession(settings)
-        await db.connect()
         try:
-            await create_schema(db, settings)
+            try:
+                await db.connect()
+            except errors as exc:
+                raise Failure(f"cannot connect to Cassandra at {where}: {type(exc).__name__}: {exc}") from None
+            try:
+                await create_schema(db, settings)
+            except errors as exc:
+                raise Failure(
+                    f"creating the schema in keyspace {settings.cassandra_keyspace!r} at {where} failed: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from None
         finally:
             await db.close()
 
-    run_async(apply())
+    try:
+        run_async(apply())
+    except Failure as exc:
+        fail(str(exc))
     typer.echo(f"schema ready in keyspace {settings.cassandra_keyspace}")

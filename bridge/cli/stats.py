@@ -9,36 +9,20 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from bridge.cli.base import Failure, app, fail, quiet_driver_logs, run_async, settings_or_exit
+from bridge.cli.base import (
+    Failure,
+    app,
+    cassandra_errors,
+    cassandra_where,
+    fail,
+    quiet_driver_logs,
+    run_async,
+    settings_or_exit,
+)
 from bridge.config import Settings
 
 if TYPE_CHECKING:
     from bridge.domain.stats import QueueStats
-
-
-def _cassandra_errors() -> tuple[type[BaseException], ...]:
-    from cassandra import (
-        ConfigurationException,
-        DriverException,
-        OperationTimedOut,
-        RequestExecutionException,
-        RequestValidationException,
-    )
-    from cassandra.cluster import NoHostAvailable
-
-    from bridge.storage.errors import StorageError
-
-    return (
-        StorageError,
-        NoHostAvailable,
-        DriverException,
-        OperationTimedOut,
-        RequestExecutionException,
-        RequestValidationException,
-        ConfigurationException,
-        OSError,
-        TimeoutError,
-    )
 
 
 async def _stats(settings: Settings, owner: str, service: str, limit: int) -> QueueStats:
@@ -46,8 +30,8 @@ async def _stats(settings: Settings, owner: str, service: str, limit: int) -> Qu
     from bridge.storage.cassandra import CassandraSession
     from bridge.storage.repository import CassandraTaskStore
 
-    errors = _cassandra_errors()
-    where = f"{','.join(settings.cassandra_hosts)}:{settings.cassandra_port}"
+    errors = cassandra_errors()
+    where = cassandra_where(settings)
     db = CassandraSession(settings)
     try:
         try:

@@ -108,6 +108,21 @@ async def test_add_stats_fetch_ack_round_trip(bridge: Any, bridge_env: dict[str,
     assert ok(again).strip() == "null"
 
 
+async def test_stats_on_a_missing_keyspace_says_how_to_create_it(bridge_env: dict[str, str]) -> None:
+    """``stats`` answers a keyspace that does not exist with "cannot use keyspace ...; does it
+    exist? `queue-bridge schema` creates it" (exit code 1).
+
+    Defect: the driver's error arrives as bridge.storage.errors.InvalidQuery, which the errors
+    ``stats`` catches did not include: a traceback instead of the hint."""
+    keyspace = f"qb_missing_{uuid.uuid4().hex[:8]}"
+    extra = {"BRIDGE_CASSANDRA_KEYSPACE": keyspace}
+    proc = await cli("stats", service_id(), "--owner", OWNER, env=bridge_env, extra=extra)
+    assert proc.returncode == 1, proc
+    no_traceback(proc)
+    assert f"cannot use keyspace {keyspace!r}" in proc.stderr and "`queue-bridge schema` creates it" in proc.stderr
+    assert proc.stdout == ""
+
+
 async def test_redrive_waits_as_long_as_the_bridges_redrive_rate_needs(
     make_bridge: Any, bridge_env: dict[str, str], servers: Servers, names: dict[str, str]
 ) -> None:

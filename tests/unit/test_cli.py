@@ -105,6 +105,21 @@ async def test_bad_arguments_and_unreachable_cassandra(offline_env: dict[str, st
     no_traceback(unreachable)
 
 
+async def test_schema_and_run_with_cassandra_unreachable_say_so_in_one_line(offline_env: dict[str, str]) -> None:
+    """Exit code 1 and one line naming the server, as ``stats`` answers the same failure.
+
+    Defect: ``schema`` let the driver's NoHostAvailable escape as a rich traceback, and ``run``
+    (the bridge at start) its StorageUnavailable, both exit code 1 with a screenful of frames."""
+    unreachable = {"BRIDGE_CASSANDRA_PORT": "1", "BRIDGE_CASSANDRA_TIMEOUT": "1"}
+    procs = await cli_many((("schema",), unreachable), (("run",), unreachable), env=offline_env)
+    for proc in procs:
+        assert proc.returncode == 1, proc
+        no_traceback(proc)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and errors[0].startswith("error: cannot connect to Cassandra at 127.0.0.1:1: "), proc
+    assert "schema ready" not in procs[0].stdout
+
+
 async def test_keyring_generate_and_rotate(offline_env: dict[str, str], tmp_path: Path) -> None:
     path = tmp_path / "ring.json"
     ok(await cli("keyring", "generate", str(path), "--owner", "alpha", "--owner", "beta", env=offline_env))
