@@ -20,9 +20,11 @@ from bridge.cli.base import (
     settings_or_exit,
 )
 from bridge.config import Settings
+from bridge.domain.clock import AnchoredClock, SkewReading, SystemClock
 
 if TYPE_CHECKING:
     from bridge.domain.stats import QueueStats
+    from bridge.storage.repository import CassandraTaskStore
 
 
 async def _stats(settings: Settings, owner: str, service: str, limit: int) -> QueueStats:
@@ -39,10 +41,10 @@ async def _stats(settings: Settings, owner: str, service: str, limit: int) -> Qu
         except errors as exc:
             raise Failure(f"cannot connect to Cassandra at {where}: {type(exc).__name__}: {exc}") from None
 
-        def now_ms() -> int:
-            return time.time_ns() // 1_000_000
-
-        store = CassandraTaskStore(db, now_ms, settings.task_ttl_seconds)
+        host = SystemClock(settings.clock_offset_ms)
+        anchor = AnchoredClock(host) if settings.clock_source == "cassandra" else None
+        clock = anchor or host
+        store = CassandraTaskStore(db, clock.now_ms, settings.task_ttl_seconds)
         try:
             await store.prepare()
         except errors as exc:
@@ -51,11 +53,27 @@ async def _stats(settings: Settings, owner: str, service: str, limit: int) -> Qu
                 "does it exist? `queue-bridge schema` creates it"
             ) from None
         try:
-            return await queue_stats(store, owner, service, now_ms(), limit=limit)
+            if anchor is not None:
+                await _anchor(anchor, store)
+            return await queue_stats(store, owner, service, clock.now_ms(), limit=limit)
         except errors as exc:
             raise Failure(f"reading the queue from Cassandra at {where} failed: {type(exc).__name__}: {exc}") from None
     finally:
         await db.close()
+
+
+async def _anchor(anchor: AnchoredClock, store: CassandraTaskStore) -> None:
+    """Set ``anchor`` to Cassandra's time, read once (the bridges' clock with
+    BRIDGE_CLOCK_SOURCE=cassandra, the default), carried on by this host's monotonic clock.
+
+    Task ids, due times and lease deadlines are on the bridges' clock: judged against this host's
+    wall clock, a host 30 s behind counted tasks ready for a worker now as delayed."""
+    m0 = time.monotonic()
+    reference = await store.server_time_ms()
+    m1 = time.monotonic()
+    # As the bridge's SkewGuard reads it: the reference's true time is within [reference, +1 ms),
+    # taken at the middle of the round trip. Its offset from this host is no concern here.
+    anchor.offer(SkewReading(0.0, (m1 - m0) * 500 + 0.5, (m0 + m1) / 2, reference + 0.5))
 
 
 def _format_age(seconds: float | None) -> str:
@@ -75,9 +93,10 @@ def stats(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     limit: Annotated[int, typer.Option("--limit", min=1, help="Read at most this many ready-index entries.")] = 20_000,
 ) -> None:
-    """Count a queue's tasks: ready, in flight, done, dead (reads Cassandra directly).
+    """Count a queue's tasks: ready, in flight, delayed, parked, done, dead (reads Cassandra directly).
 
     Counts start at the queue's scan cursors (all before them were claimed), so done/dead cover recent tasks only.
+    Tasks are judged on the bridges' clock: Cassandra's (BRIDGE_CLOCK_SOURCE=cassandra), or this host's (host).
     """
     settings = settings_or_exit()
     quiet_driver_logs()
@@ -92,6 +111,8 @@ def stats(
         ("queue", f"{owner} / {service}"),
         ("ready", str(result.ready)),
         ("in flight", str(result.in_flight)),
+        ("delayed", str(result.delayed)),
+        ("parked", str(result.parked)),
         ("done", str(result.done)),
         ("dead", str(result.dead)),
         ("oldest ready", _format_age(result.oldest_ready_age_s)),

@@ -15,8 +15,9 @@ import anyio
 import pytest
 
 from bridge.client import Engine, Worker
-from tests.cli import cli, no_traceback, ok
+from tests.cli import cli, cli_many, no_traceback, ok
 from tests.conftest import ENGINE_USER, OWNERS, Servers, service_id
+from tests.integration.test_fault_drills import HAVE_FAKETIME, faketime
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -106,6 +107,46 @@ async def test_add_stats_fetch_ack_round_trip(bridge: Any, bridge_env: dict[str,
     # Sequential on purpose: this fetch lets the dispatcher move (and persist) its cursor past the task.
     again = await cli("fetch", svc, "--worker", "w1", "--amqp-url", worker_url, env=bridge_env)
     assert ok(again).strip() == "null"
+
+
+async def test_stats_judges_tasks_on_the_bridges_clock_not_this_hosts(
+    bridge: Any, bridge_env: dict[str, str], engine: Engine, servers: Servers, names: dict[str, str]
+) -> None:
+    """``stats`` reads Cassandra directly; task ids, due times and lease deadlines are on the
+    bridges' clock: Cassandra's by default (BRIDGE_CLOCK_SOURCE=cassandra), the hosts' with ``host``.
+
+    Defect: it judged every task against its own host's wall clock (``time.time_ns()``): on an
+    operator host 30 s behind, 3 tasks ready for a worker right now were counted delayed, and the
+    table (which had no delayed or parked row) said ready 0. Now it reads Cassandra's time once
+    (honouring BRIDGE_CLOCK_SOURCE=host), and the table has the delayed and parked rows."""
+    assert HAVE_FAKETIME, "libfaketime is installed by deploy/local/stack.sh (Debian package faketime)"
+    svc = service_id()
+    await park(servers, names, svc, 1)
+    for i in range(3):
+        await engine.add(svc, i)
+    await engine.add(svc, "later", delay_ms=600_000)
+    args = ("stats", svc, "--owner", OWNER)
+    behind = faketime("-30s")
+    # Here libfaketime 0.9.10 with the monotonic clock left alone fails every time.sleep (EINVAL):
+    # the Cassandra driver's scheduler thread died with a traceback now and then. Shifted as well,
+    # the monotonic clock keeps every difference the CLI measures.
+    del behind["FAKETIME_DONT_FAKE_MONOTONIC"]
+    right, skewed, table, host_time = await cli_many(
+        ((*args, "--json"), {}),
+        ((*args, "--json"), behind),
+        (args, behind),
+        # A host-time fleet on this host would have stamped the tasks 30 s earlier: none is due yet by it.
+        ((*args, "--json"), {**behind, "BRIDGE_CLOCK_SOURCE": "host"}),
+        env=bridge_env,
+    )
+    for doc in (json.loads(ok(right)), json.loads(ok(skewed))):
+        assert (doc["ready"], doc["delayed"], doc["parked"], doc["in_flight"]) == (3, 1, 1, 0), doc
+        assert 0 < doc["oldest_ready_age_s"] < 25, doc
+    rows = dict(line.rsplit("  ", 1) for line in ok(table).splitlines() if not line.startswith("note"))
+    rows = {name.strip(): value.strip() for name, value in rows.items()}
+    assert (rows["ready"], rows["delayed"], rows["parked"]) == ("3", "1", "1"), rows
+    by_host = json.loads(ok(host_time))
+    assert (by_host["ready"], by_host["delayed"]) == (0, 4), by_host
 
 
 async def test_stats_on_a_missing_keyspace_says_how_to_create_it(bridge_env: dict[str, str]) -> None:
