@@ -18,10 +18,13 @@ What this adapter must keep equal to the other one (the domain and the tests rel
 from __future__ import annotations
 
 import logging
+import os
 import re
+import ssl
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -223,20 +226,53 @@ def _storage_error(exc: BaseException, *, lwt: bool) -> Exception:
     return StorageUnavailable(f"cassandra error: {type(exc).__name__}: {exc}")
 
 
+@dataclass(frozen=True)
+class _VerifyFlags:
+    """The C++ driver's verify flags (``cass_ssl_set_verify_flags``), each checked on its own:
+    PEER_CERT 0x01 (the chain), PEER_IDENTITY 0x02 (the node's address in the certificate),
+    PEER_IDENTITY_DNS 0x04 (its host name). acsylla 1.2 gives PEER_IDENTITY PEER_CERT's value
+    (1), so asked for by name the address was never checked: any certificate of the trusted CA
+    (another service's) passed for any node. acsylla reads ``.value`` of what it is given."""
+
+    value: int
+
+
+_PEER_CERT, _PEER_IDENTITY, _PEER_IDENTITY_DNS = 0x01, 0x02, 0x04
+VERIFY_CERT_AND_ADDRESS = _VerifyFlags(_PEER_CERT | _PEER_IDENTITY)
+VERIFY_CERT_AND_HOST_NAME = _VerifyFlags(_PEER_CERT | _PEER_IDENTITY_DNS)
+
+
+def system_ca_bundle() -> str:
+    """The system's trusted CAs as PEM text: the C++ driver starts with an empty trust store and
+    never loads OpenSSL's default paths, so without a CA file it trusted nothing (every node
+    refused), where the documented default is the system's CAs (as the other driver and AMQP)."""
+    paths = ssl.get_default_verify_paths()
+    for candidate in (os.environ.get(paths.openssl_cafile_env), paths.cafile, paths.openssl_cafile):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate).read_text()
+    folder = os.environ.get(paths.openssl_capath_env) or paths.capath or paths.openssl_capath
+    pems = sorted(Path(folder).glob("*.pem")) if folder and Path(folder).is_dir() else []
+    if not pems:
+        raise ValueError("no system CA bundle found: set BRIDGE_CASSANDRA_TLS_CA_FILE")
+    return "\n".join(p.read_text() for p in pems)
+
+
 def _tls_options(s: Settings) -> dict[str, Any]:
     """TLS to Cassandra, verifying each node's certificate and its address (as ``tls_context``)."""
     files = (s.cassandra_tls_ca_file, s.cassandra_tls_cert_file, s.cassandra_tls_key_file)
     if not s.cassandra_tls and not any(files):
         return {}
-    options: dict[str, Any] = {"ssl_enabled": True, "ssl_verify_flags": acsylla.SSLVerifyFlags.PEER_IDENTITY}
+    options: dict[str, Any] = {"ssl_enabled": True, "ssl_verify_flags": VERIFY_CERT_AND_ADDRESS}
     if s.cassandra_tls_ca_file:
         options["ssl_trusted_cert"] = Path(s.cassandra_tls_ca_file).read_text()
+    else:
+        options["ssl_trusted_cert"] = system_ca_bundle()
     if s.cassandra_tls_cert_file:
         options["ssl_cert"] = Path(s.cassandra_tls_cert_file).read_text()
     if s.cassandra_tls_key_file:
         options["ssl_private_key"] = Path(s.cassandra_tls_key_file).read_text()
     if any(re.search(r"[A-Za-z]", h) for h in s.cassandra_hosts):
         # A node named by host name: its certificate must name it (reverse lookups enabled).
-        options["ssl_verify_flags"] = acsylla.SSLVerifyFlags.PEER_IDENTITY_DNS
+        options["ssl_verify_flags"] = VERIFY_CERT_AND_HOST_NAME
         options["hostname_resolution"] = True
     return options
