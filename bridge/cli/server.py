@@ -94,11 +94,11 @@ def schema(
 ) -> None:
     """Create or upgrade the keyspace and tables."""
     settings = settings_or_exit()
-    from bridge.storage.schema import all_cql
+    from bridge.storage.schema import printed_cql
 
-    statements = all_cql(settings.cassandra_keyspace, settings.cassandra_replication, settings.task_ttl_seconds)
     if print_only:
-        for cql in statements:
+        ks, replication, ttl = settings.cassandra_keyspace, settings.cassandra_replication, settings.task_ttl_seconds
+        for cql in printed_cql(ks, replication, ttl):
             typer.echo(cql.strip() + ";\n")
         return
 

@@ -195,6 +195,29 @@ def all_cql(keyspace: str, replication: str, ttl_seconds: int) -> list[str]:
     return [keyspace_cql(keyspace, replication), *table_cql(keyspace, ttl_seconds)]
 
 
+def printed_cql(keyspace: str, replication: str, ttl_seconds: int) -> list[str]:
+    """What ``create_schema`` applies, as CQL for a DBA (``queue-bridge schema --print``): the
+    CREATE statements, then the columns added by later releases that they do not hold (printed
+    without them, a keyspace made from it lacked columns every statement uses), then the layout
+    record."""
+    creates = table_cql(keyspace, ttl_seconds)
+    alters = [
+        f"ALTER TABLE {keyspace}.{table} ADD {column} {cql_type}"
+        for table, column, cql_type in ADDED_COLUMNS
+        if not any(re.search(rf"TABLE IF NOT EXISTS {keyspace}\.{table} \(.*\b{column} ", c, re.S) for c in creates)
+    ]
+    return [keyspace_cql(keyspace, replication), *creates, *alters, layout_cql(keyspace)]
+
+
+def layout_cql(keyspace: str) -> str:
+    """The layout this release writes (bucket sizes): a bridge of another layout refuses to start."""
+    return (
+        f"INSERT INTO {keyspace}.schema_meta (name, version, ready_bucket_ms, expiry_bucket_ms, outbox_bucket_ms) "  # nosec B608
+        f"VALUES ('queue-bridge', {SCHEMA_VERSION}, {READY_BUCKET_MS}, {EXPIRY_BUCKET_MS}, "
+        f"{OUTBOX_BUCKET_MS}) IF NOT EXISTS"
+    )
+
+
 def uuid_columns() -> frozenset[str]:
     """Names of the uuid and timeuuid columns of every table. A driver that returns them as text
     (acsylla) turns them back into :class:`uuid.UUID` by name: no column name has two types here
@@ -246,8 +269,4 @@ async def create_schema(db: CqlSession, settings: Settings) -> None:
                 if "already exists" not in str(exc):
                     raise
     await _added_columns_live(db)
-    await db.execute_raw(
-        "INSERT INTO {ks}.schema_meta (name, version, ready_bucket_ms, expiry_bucket_ms, outbox_bucket_ms) "  # nosec B608
-        f"VALUES ('queue-bridge', {SCHEMA_VERSION}, {READY_BUCKET_MS}, {EXPIRY_BUCKET_MS}, "
-        f"{OUTBOX_BUCKET_MS}) IF NOT EXISTS"
-    )
+    await db.execute_raw(layout_cql("{ks}"))

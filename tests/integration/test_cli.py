@@ -241,3 +241,26 @@ async def test_redrive_all_puts_back_every_parked_task_not_only_the_first_1000(
         )  # fmt: skip
         assert json.loads(ok(proc)) == {"redriven": n}
         assert await engine.parked(svc, 1000) == []
+
+
+async def test_schema_print_gives_the_schema_the_bridge_needs(bridge_env, cql):
+    """`queue-bridge schema --print` ("Print the CQL instead of applying it"; docs/storage.md: the
+    CQL, printed) leaves out the columns `schema` adds with ALTER TABLE (ready.priority,
+    ready.max_deliveries, leases.base_epoch, ...): a keyspace made from the printed CQL (a DBA
+    applying it, a bridge role without ALTER) lacks columns every bridge statement uses."""
+    from bridge.storage.statements import STATEMENTS
+
+    ks = f"qb_print_{uuid.uuid4().hex[:8]}"
+    printed = ok(await cli("schema", "--print", env={**bridge_env, "BRIDGE_CASSANDRA_KEYSPACE": ks}))
+    try:
+        for statement in filter(None, (part.strip() for part in printed.split(";\n"))):
+            cql.execute(statement, timeout=60)
+        undefined = []
+        for name, (text, _) in STATEMENTS.items():
+            try:
+                cql.prepare(text.replace("{ks}", ks))
+            except Exception as exc:  # InvalidRequest: Undefined column name ...
+                undefined.append(f"{name}: {exc}")
+        assert not undefined, "\n".join(undefined)
+    finally:
+        cql.execute(f"DROP KEYSPACE IF EXISTS {ks}", timeout=120)
