@@ -180,18 +180,10 @@ async def test_a_pending_park_result_is_still_published_after_a_redrive(make_bri
     relay's next try is marked published by the relay without being published: the engine never
     hears of that park (its workflow waits for a result that never comes)."""
     from bridge.client.rpc import results_consumer
+    from tests.integration.test_parking_edges import park_owing_its_result
 
-    b = await make_bridge(results_queue="", result_republish_after=1.0)
-    await wait_for(lambda: b.duty.held, 10, what="the duty")
-    svc = service_id()
-    task_id = await engine.add(svc, "poison", token={"wf": 7}, max_deliveries=1)
-    w = await workers(svc, "w")
-    task = await w.fetch()
-    assert task is not None and task.id == task_id
-    reply = await w.call("fail", {"serviceId": svc, "workerId": "w", "taskId": task_id, "epoch": task.epoch})
-    assert reply["task"]["parked"] is True
     # Its delivery_limit result could not be published (nobody bound yet): the relay owes it.
-    await wait_for(lambda: b.scheduler.state.results_stuck >= 1, 30, interval=0.2, what="the park result owed")
+    _, svc, task_id = await park_owing_its_result(make_bridge, engine, workers)
     assert await engine.redrive(svc, [task_id]) == 1  # the operator puts it back (nobody fetches it)
     # Bound to this service only (the relay also sweeps the owed results of earlier tests here).
     consumer = results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"], routing_key=svc)

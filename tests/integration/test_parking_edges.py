@@ -26,13 +26,9 @@ async def add_limited(engine: Any, svc: str, value: Any, limit: int, token: Any 
     return str(reply["task"]["id"])
 
 
-async def test_a_pending_park_result_is_still_published_after_a_discard(make_bridge, engine, workers, servers, names):
-    """A task with a token parked while its delivery_limit result cannot be published yet (no
-    queue bound for a while, a broker blip, the bridge killed after the park's LWT): the relay owes
-    it. An operator discards the task before the relay's next try. ``discard`` (lease.cancel
-    parked -> discarded) overwrites the lease's ``completion_id`` with its own id, and the relay
-    (``names_entry``) then takes the park's outbox entry for a park that never applied and marks it
-    published unsent: the engine never hears of the park, its workflow waits for ever."""
+async def park_owing_its_result(make_bridge: Any, engine: Any, workers: Any) -> tuple[Any, str, str]:
+    """A bridge that cannot publish results yet (no results queue bound), and a token task parked
+    by its worker's fail at a limit of 1: the relay owes its delivery_limit result."""
     b = await make_bridge(results_queue="", result_republish_after=1.0)
     await wait_for(lambda: b.duty.held, 10, what="the duty")
     svc = service_id()
@@ -43,6 +39,17 @@ async def test_a_pending_park_result_is_still_published_after_a_discard(make_bri
     reply = await w.call("fail", {"serviceId": svc, "workerId": "w", "taskId": task_id, "epoch": task.epoch})
     assert reply["task"]["parked"] is True
     await wait_for(lambda: b.scheduler.state.results_stuck >= 1, 30, interval=0.2, what="the park result owed")
+    return b, svc, task_id
+
+
+async def test_a_pending_park_result_is_still_published_after_a_discard(make_bridge, engine, workers, servers, names):
+    """A task with a token parked while its delivery_limit result cannot be published yet (no
+    queue bound for a while, a broker blip, the bridge killed after the park's LWT): the relay owes
+    it. An operator discards the task before the relay's next try. ``discard`` (lease.cancel
+    parked -> discarded) overwrites the lease's ``completion_id`` with its own id, and the relay
+    (``names_entry``) then takes the park's outbox entry for a park that never applied and marks it
+    published unsent: the engine never hears of the park, its workflow waits for ever."""
+    b, svc, task_id = await park_owing_its_result(make_bridge, engine, workers)
     # The operator drops the parked task: discard publishes nothing of its own, but the park's
     # delivery_limit result is still owed to the engine (one result per park).
     assert await engine.discard(svc, [task_id]) == 1

@@ -11,6 +11,7 @@ import datetime
 import ipaddress
 import ssl
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -84,6 +85,16 @@ def _tls_settings(bridge_env, tls, *, amqp_ca: Path, cql_ca: Path):  # type: ign
     )
 
 
+async def serve_one_task(engine: Any, workers: Any) -> None:
+    """A task added, fetched and acked through the running bridge."""
+    svc = service_id()
+    await engine.add(svc, {"over": "tls"})
+    w = await workers(svc)
+    task = await w.fetch()
+    assert task.value == {"over": "tls"}
+    assert await task.ack("ok") is True
+
+
 async def test_the_bridge_serves_over_tls_to_both_servers(bridge_env, tls_listeners, engine, workers):
     from bridge.app import Bridge
 
@@ -92,12 +103,7 @@ async def test_the_bridge_serves_over_tls_to_both_servers(bridge_env, tls_listen
     )
     await b.start()
     try:
-        svc = service_id()
-        await engine.add(svc, {"over": "tls"})
-        w = await workers(svc)
-        task = await w.fetch()
-        assert task.value == {"over": "tls"}
-        assert await task.ack("ok") is True
+        await serve_one_task(engine, workers)
     finally:
         await b.stop()
 

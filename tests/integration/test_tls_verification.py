@@ -18,8 +18,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.conftest import service_id, settings_from
+from tests.conftest import settings_from
 from tests.faults import TcpProxy
+from tests.integration.test_tls import serve_one_task
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -152,12 +153,7 @@ async def _serve_one(settings: Any, engine: Any, workers: Any) -> None:
     b = Bridge(settings)
     await asyncio.wait_for(b.start(), timeout=START_LIMIT_S)
     try:
-        svc = service_id()
-        await engine.add(svc, {"over": "tls"})
-        w = await workers(svc)
-        task = await w.fetch()
-        assert task.value == {"over": "tls"}
-        assert await task.ack("ok") is True
+        await serve_one_task(engine, workers)
     finally:
         await b.stop()
 
