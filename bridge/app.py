@@ -225,10 +225,12 @@ class Bridge:
 
     def _serving_changed(self, paused: frozenset[str]) -> None:
         self.metrics.set_paused(paused, ALL)
-        # Every consumer paused: Cassandra is out of reach from here. The fleet's background loops
-        # go to a bridge that can run them (``Duty.follow_storage``).
+        # Every consumer paused: Cassandra is out of reach from here; fetches alone: this bridge's
+        # clock is beyond the skew limit, and the recovery scheduler judges deadlines by it (it
+        # parked leases still held and announced delayed tasks early). Either way the fleet's
+        # background loops go to a bridge that can run them (``Duty.follow_storage``).
         if not self._stop.is_set():
-            self.duty.follow_storage(up=paused != ALL)
+            self.duty.follow_storage(up=not paused)
 
     async def _stop_gateway(self) -> None:
         if self.gateway is not None:

@@ -195,7 +195,10 @@ class RecoveryScheduler:
         relay = asyncio.create_task(self._run_relay(stop, duty), name="result relay")
         try:
             while not stop.is_set():
-                if duty is not None and not duty.held:
+                # A bridge whose clock is beyond the skew limit acts on no deadline either: it would
+                # park a lease still held and announce delayed tasks early, judged by its clock (its
+                # duty goes to another bridge meanwhile: ``Bridge._serving_changed``).
+                if (duty is not None and not duty.held) or not self.queue.ctx.gate.ok:
                     # Another bridge runs the loops. If the duty comes here, start again from the
                     # persisted positions (the last holder's), not from what this bridge saw long ago.
                     self._forget_recovery()
@@ -553,6 +556,8 @@ class RecoveryScheduler:
                 if wait_ms <= 0:
                     break
                 await asyncio.sleep(max(wait_ms, 1) / 1000)
+            if not self.queue.ctx.gate.ok:
+                return  # this bridge's clock is beyond the skew limit: the wheel entry is met elsewhere
             if entry.epoch != DUE_EPOCH and self.queue.completed_here(entry.task_id, entry.epoch):
                 return  # acked through this bridge: nothing to read
             lease = await self.store.lease(entry.queue, entry.task_id, serial=False)

@@ -12,6 +12,7 @@ skewed clock would.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import statistics
 import time
@@ -168,3 +169,67 @@ async def test_a_delayed_task_is_not_handed_out_before_its_not_before_by_a_bridg
     assert task.value == "not before its time"
     early_s = not_before.timestamp() - received
     assert early_s <= 0, f"a task due at {not_before.isoformat()} was handed out {early_s * 1000:.0f} ms before it"
+
+
+async def test_a_bridge_refusing_leases_for_its_clock_hands_over_the_duty_and_announces_no_delayed_task_early(
+    make_bridge: Any, engine: Any, workers: Any
+) -> None:
+    """A host-time bridge 3 s ahead refuses leases (its clock is beyond half the margin). It used
+    to keep the fleet's scheduler duty: its passes announced a delayed task on its own clock, and a
+    healthy bridge's fetch claimed it (a claim of a due task has no time condition), ~2 s before its
+    notBefore. It hands the duty over now, and acts on no deadline while its clock is off."""
+    from datetime import UTC, datetime, timedelta
+
+    skewed = await make_bridge(clock_offset_ms=3000, clock_check_interval=0.2, **HOST_TIME)
+    await wait_for(lambda: skewed.skew.reading is not None and not skewed.skew.ok, 10, what="skew known")
+    healthy = await make_bridge(**HOST_TIME)
+    assert healthy.skew.ok, healthy.skew.describe()
+    # The skewed bridge, started first, was the first to compete for the duty: it hands it over.
+    await wait_for(lambda: healthy.duty.held and not skewed.duty.held, 10, what="the duty with the good clock")
+    await wait_for(lambda: "fetch" not in skewed.transport.consuming(), 5, what="skewed bridge's fetches paused")
+    svc = service_id()
+    w = await workers(svc, "w")
+    not_before = datetime.now(UTC) + timedelta(seconds=6)
+    await engine.add(svc, "not before its time", not_before=not_before)
+
+    async def handed() -> Any:
+        return await w.fetch(wait_ms=2_000)
+
+    task = await wait_for(handed, 20, interval=0, what="the delayed task handed out")
+    received = time.time()
+    assert task.value == "not before its time"
+    early_s = not_before.timestamp() - received
+    assert early_s <= 0, (
+        f"handed out {early_s * 1000:.0f} ms before its notBefore; duty held by skewed={skewed.duty.held}"
+    )
+
+
+async def test_a_bridge_refusing_leases_for_its_clock_hands_over_the_duty_and_parks_no_lease_still_held(
+    make_bridge: Any, engine: Any, workers: Any
+) -> None:
+    """The same skewed bridge (host time, 3 s ahead, margin 1 s: it refuses to grant leases), when
+    it kept the duty, judged leases on its own clock: a task at its delivery limit whose worker still
+    held a valid lease was parked ~2 s before its deadline, and the worker's ack, sent before the
+    deadline, refused (the engine got a delivery_limit error for a task being worked on)."""
+    skewed = await make_bridge(clock_offset_ms=3000, clock_check_interval=0.2, **HOST_TIME)
+    await wait_for(lambda: skewed.skew.reading is not None and not skewed.skew.ok, 10, what="skew known")
+    healthy = await make_bridge(**HOST_TIME)
+    assert healthy.skew.ok, healthy.skew.describe()
+    # The skewed bridge, started first, was the first to compete for the duty: it hands it over.
+    await wait_for(lambda: healthy.duty.held and not skewed.duty.held, 10, what="the duty with the good clock")
+    await wait_for(lambda: "fetch" not in skewed.transport.consuming(), 5, what="skewed bridge's fetches paused")
+    svc = service_id()
+    await engine.add(svc, "one delivery only", max_deliveries=1)
+    w = await workers(svc, "w")
+    task = await w.fetch(time_to_recover_ms=5_000)
+    assert task is not None and task.deliveries == 1
+    # The worker works for 4 s of its 5 s lease (simulated work, not a wait for a condition),
+    # then acks a full second before its deadline.
+    from datetime import datetime
+
+    deadline_s = datetime.fromisoformat(task.lease_expires_at.replace("Z", "+00:00")).timestamp()
+    work_s = deadline_s - 1.0 - time.time()
+    assert work_s > 2.5
+    await asyncio.sleep(work_s)
+    assert time.time() < deadline_s - 0.5
+    assert await task.ack("done in time") is True, f"ack before the deadline refused; skewed holds={skewed.duty.held}"
