@@ -30,6 +30,7 @@ from benchmarks.progress import say
 from benchmarks.workloads import close_all, open_workers
 from bridge.client import Engine, RpcClient
 from bridge.config import Settings
+from bridge.storage.statements import STATEMENTS
 
 REQUESTS = "queue_bridge_cassandra_requests"
 
@@ -172,15 +173,9 @@ async def b_rpc_after_idle(bench: Bench, samples: int) -> float:
 TTR_MS = 2_000  # leases of the per-task and latency phases
 # deadline + skew margin (the default) + the scheduler's second pass (5 s) + a tick, after the last claim
 SCHEDULER_TAIL_S = TTR_MS / 1000 + float(Settings.model_fields["clock_skew_margin"].default) + 5 + 1
-LWT_NAMES = (
-    "lease.claim",
-    "lease.extend",
-    "lease.complete",
-    "lease.kill",
-    "lease.uncount",
-    "idem.insert",
-    "idem.replace",
-)
+# Every conditional statement (a Paxos round each), from the statements themselves: a list kept
+# by hand missed the lifecycle's (release, park, unpark, cancel) and each one added later.
+LWT_NAMES = tuple(name for name, spec in STATEMENTS.items() if " IF " in spec[0])
 
 
 async def per_task(bench: Bench, tasks: int, concurrency: int, *, ack_next: bool = False) -> dict[str, Any]:

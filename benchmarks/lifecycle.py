@@ -563,7 +563,9 @@ async def phase_poison(bench: Bench, args: argparse.Namespace, svcs: Services, r
             healthy = await _poison_run(bench, args, svcs, with_poison=False)
         pairs.append((healthy, poisoned))
     ratios = sorted(ratio(p.throughput, h.throughput) for h, p in pairs)
-    median = ratios[len(ratios) // 2]
+    finite_ratios = [r for r in ratios if not math.isnan(r)]
+    # The median (of an even count, the mean of the middle two: the upper one was reported).
+    median = statistics.median(finite_ratios) if finite_ratios else math.nan
     detail: list[Row] = []
     reports = [_poison_report(h, p, args.max_deliveries, detail) for h, p in pairs]
     out = reports[-1]
