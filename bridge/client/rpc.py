@@ -89,17 +89,26 @@ class RpcClient:
         connection's automatic restore (which re-declares what it saw), a lost connection fails
         what was pending and the next call connects afresh."""
         async with self._connecting:
+            if self._closed:  # close() ran while this call waited for the lock: connect no more
+                raise ConnectionLost("the client was closed before the request was sent", sent=False)
             if self.channel is not None and not self.channel.is_closed:
                 return self.channel
             if self.connection is not None and not self.connection.is_closed:
                 await self.connection.close()
-            self.connection = await aio_pika.connect(self.url, timeout=self.timeout)
-            self.connection.close_callbacks.add(self._on_lost)
-            channel = await self.connection.channel(publisher_confirms=False)
+            connection = self.connection = await aio_pika.connect(self.url, timeout=self.timeout)
+            connection.close_callbacks.add(self._on_lost)
+            channel = await connection.channel(publisher_confirms=False)
             channel.close_callbacks.add(self._on_lost)
             # Direct reply-to: consume the pseudo-queue (no-ack) on the channel we publish on.
             reply_queue = await channel.get_queue(REPLY_TO, ensure=False)
             await reply_queue.consume(self._on_reply, no_ack=True)
+            if self._closed:
+                # close() was called while this connected and waits for the lock: it would close
+                # what is stored, but a connection handed on from here would be used (and left
+                # open, with its reply consumer) by a client that is closed. Closed here instead.
+                self.connection = None
+                await connection.close()
+                raise ConnectionLost("the client was closed before the request was sent", sent=False)
             self.channel = channel
             return channel
 
@@ -124,10 +133,14 @@ class RpcClient:
 
     async def close(self) -> None:
         self._closed = True
-        if self.connection is not None and not self.connection.is_closed:
-            await self.connection.close()
-        self.connection = None
-        self.channel = None
+        # Under the connect lock: a call may be (re)connecting, and the connection it is making
+        # is not stored yet. Waiting for it (bounded by the connect timeout) means that when this
+        # returns, no connection of this client is open and none will be: the call, seeing the
+        # client closed, closes what it made and raises ConnectionLost.
+        async with self._connecting:
+            connection, self.connection, self.channel = self.connection, None, None
+            if connection is not None and not connection.is_closed:
+                await connection.close()
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -190,11 +203,13 @@ class RpcClient:
         )
         try:
             exchange = await channel.get_exchange(self.exchange_name, ensure=False)
+            if self._closed:  # close() ran since the channel was handed out: send nothing more
+                raise ConnectionLost("the client was closed before the request was sent", sent=False)
             await exchange.publish(message, routing_key=method)
         except (aio_pika.exceptions.AMQPError, RuntimeError, OSError) as exc:
             self._pending.pop(correlation_id, None)
             raise ConnectionLost(f"request not sent ({type(exc).__name__}); retry it", sent=False) from None
-        except BaseException:  # cancelled while publishing: nobody will await this reply
+        except BaseException:  # cancelled while publishing (or closed): nobody will await this reply
             self._pending.pop(correlation_id, None)
             raise
         return fut

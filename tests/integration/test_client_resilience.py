@@ -1,5 +1,6 @@
 """The Python client and the CLI when things go wrong: lost connections, cancelled callers, a
-missing exchange, handlers whose exceptions or results cannot be reported, bad arguments (real servers)."""
+client closed while its calls are under way, a missing exchange, handlers whose exceptions or
+results cannot be reported, bad arguments (real servers)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from bridge.client import ConnectionLost, Worker
-from tests.conftest import OWNERS, service_id, wait_for
+from bridge.client import ConnectionLost, Engine, Worker
+from tests.conftest import ENGINE_USER, OWNERS, service_id, wait_for
 from tests.faults import TcpProxy
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -33,6 +34,26 @@ def _close_connection_named(name: str) -> None:
             subprocess.run(["rabbitmqctl", "-q", "close_connection", conn, "hunt"], timeout=60, check=True)
             return
     raise AssertionError(f"no broker connection named {name}: {out}")
+
+
+def _broker_connections(name: str) -> list[str]:
+    """Pids of the broker's client connections whose client-provided name is ``name``."""
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    return [line.split("\t", 1)[0] for line in out.splitlines() if f'"{name}"' in line]
+
+
+def named_engine(servers: Any, names: dict[str, str]) -> tuple[Engine, str]:
+    """An Engine (not opened) whose broker connections carry a name of their own, so that the
+    broker can list and close them."""
+    conn_name = f"resilience-eng-{uuid.uuid4().hex[:8]}"
+    url = servers.amqp_url(ENGINE_USER) + f"?name={conn_name}"
+    return Engine(url, owner=OWNERS[0], exchange=names["exchange"]), conn_name
 
 
 async def named_worker(servers: Any, names: dict[str, str], svc: str) -> tuple[Worker, str]:
@@ -108,6 +129,39 @@ async def test_a_call_cancelled_while_its_request_is_being_published_leaves_no_r
     assert await engine.add(svc, {"after": True})
     # ...and nothing is awaited any more: no future should be left behind.
     assert len(engine._pending) == 0, f"{len(engine._pending)} reply futures of cancelled calls left in _pending"
+
+
+async def test_close_while_an_add_reconnects_leaves_no_connection_open_and_sends_nothing(bridge, servers, names):
+    """An engine whose connection the broker dropped (a RabbitMQ restart, a failover) reconnects
+    on its next call. ``close()`` (a shutdown) while that call was connecting returned at once: it
+    neither took the connect lock nor waited for the connect under way, which then stored its new
+    connection on the closed client, published the add and left the connection (with its reply
+    consumer) open for the life of the object, nothing closing it any more. ``close()`` now waits
+    for the connect under way, and the call, seeing the client closed, closes the connection it
+    made and raises ConnectionLost (not sent)."""
+    e, conn_name = named_engine(servers, names)
+    svc = service_id()
+    await e.open()
+    await e.add(svc, {"n": 0})
+    await asyncio.to_thread(_close_connection_named, conn_name)
+    await wait_for(lambda: e.channel is None or e.channel.is_closed, 10.0, what="the client seeing the loss")
+    await wait_for(lambda: not _broker_connections(conn_name), 10.0, what="the old connection gone")
+
+    call = asyncio.create_task(e.add(svc, {"n": 1}))  # reconnects
+    await wait_for(lambda: e._connecting.locked(), 5.0, interval=0.0005, what="the add reconnecting")
+    await e.close()  # the engine shuts down
+    outcome = (await asyncio.gather(call, return_exceptions=True))[0]
+
+    left = await asyncio.to_thread(_broker_connections, conn_name)
+    if left:  # close what the engine leaked (a second close() reaches it), then report it
+        e._closed = False
+        await e.close()
+    assert not left, (
+        f"close() returned, yet the engine still has {len(left)} connection(s) open at the broker "
+        f"(the add reconnecting at the time then ran anyway: {outcome!r}; client connection object: "
+        f"{e.connection!r})"
+    )
+    assert isinstance(outcome, ConnectionLost) and not outcome.sent, f"the add under way ended with {outcome!r}"
 
 
 class _CountingWorker(Worker):
