@@ -206,10 +206,16 @@ class RpcClient:
             if self._closed:  # close() ran since the channel was handed out: send nothing more
                 raise ConnectionLost("the client was closed before the request was sent", sent=False)
             await exchange.publish(message, routing_key=method)
-        except (aio_pika.exceptions.AMQPError, RuntimeError, OSError) as exc:
+        except ConnectionLost:
+            self._pending.pop(correlation_id, None)
+            raise
+        except Exception as exc:
+            # Not only AMQP, OS and runtime errors: aiormq fails a publish whose frames were being
+            # written when the connection closed with a bare ``Exception()``. Callers catch
+            # TransportError to retry; anything else would escape them.
             self._pending.pop(correlation_id, None)
             raise ConnectionLost(f"request not sent ({type(exc).__name__}); retry it", sent=False) from None
-        except BaseException:  # cancelled while publishing (or closed): nobody will await this reply
+        except BaseException:  # cancelled while publishing: nobody will await this reply
             self._pending.pop(correlation_id, None)
             raise
         return fut
