@@ -207,18 +207,31 @@ class RpcClient:
                 raise ConnectionLost("the client was closed before the request was sent", sent=False)
             await exchange.publish(message, routing_key=method)
         except ConnectionLost:
-            self._pending.pop(correlation_id, None)
+            self._forget(correlation_id, fut)
             raise
         except Exception as exc:
             # Not only AMQP, OS and runtime errors: aiormq fails a publish whose frames were being
             # written when the connection closed with a bare ``Exception()``. Callers catch
             # TransportError to retry; anything else would escape them.
-            self._pending.pop(correlation_id, None)
+            self._forget(correlation_id, fut)
             raise ConnectionLost(f"request not sent ({type(exc).__name__}); retry it", sent=False) from None
         except BaseException:  # cancelled while publishing: nobody will await this reply
-            self._pending.pop(correlation_id, None)
+            self._forget(correlation_id, fut)
             raise
         return fut
+
+    def _forget(self, correlation_id: str, fut: asyncio.Future[Any] | None) -> None:
+        """Drop the reply future of a request whose publish failed: nobody will await it. The
+        connection's loss may already have failed it (``_on_lost`` fails every registered future,
+        those of calls still queued to publish included); its exception is read here, or asyncio
+        logs "Future exception was never retrieved" for an outcome the caller got from publish."""
+        self._pending.pop(correlation_id, None)
+        if fut is None:
+            return
+        if not fut.done():
+            fut.cancel()
+        elif not fut.cancelled():
+            fut.exception()
 
     async def call_raw(self, method: str, body: Any, **kw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         """Send a request and return (reply body, reply headers) without interpreting errors."""

@@ -198,6 +198,33 @@ async def test_close_with_adds_being_published_raises_only_transport_errors(brid
     assert not foreign, f"{len(foreign)} add(s) raised a non-TransportError when closed mid-publish:\n{foreign[0]}"
 
 
+async def test_close_with_adds_being_published_logs_no_unretrieved_future_errors(bridge, servers, names):
+    """``_on_lost`` sets ConnectionLost on every registered reply future, including those of
+    calls still waiting to publish (queued on the channel). Those calls raised their own
+    ``ConnectionLost("request not sent")`` from ``publish`` and dropped their future without
+    retrieving its exception, so asyncio logged "Future exception was never retrieved" (an
+    ERROR with a traceback) once per call, for an outcome already reported to the caller.
+    ``publish`` now reads the exception of (or cancels) the future of a request it did not send."""
+    loop = asyncio.get_running_loop()
+    seen: list[str] = []
+    loop.set_exception_handler(lambda _loop, ctx: seen.append(f"{ctx.get('message')}: {ctx.get('exception')!r}"))
+    try:
+        e, _ = named_engine(servers, names)
+        svc = service_id()
+        await e.open()
+        calls = [asyncio.create_task(e.add(svc, "x" * 200_000)) for _ in range(20)]
+        await wait_for(lambda: e._pending, 5.0, interval=0.0005, what="adds being published")
+        await e.close()
+        await asyncio.gather(*calls, return_exceptions=True)
+        del calls
+        gc.collect()
+        await asyncio.sleep(0)
+        gc.collect()
+    finally:
+        loop.set_exception_handler(None)
+    assert not seen, f"{len(seen)} asyncio error(s) logged, e.g. {seen[0]}"
+
+
 class _CountingWorker(Worker):
     """A Worker that counts the fetches its loop sends (instrumentation only)."""
 
