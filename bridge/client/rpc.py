@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlparse
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
-from aiormq.exceptions import ChannelAccessRefused, ChannelNotFoundEntity
+from aiormq.exceptions import ChannelAccessRefused, ChannelInvalidStateError, ChannelNotFoundEntity
 
 from bridge.client.errors import (
     BridgeClientError,
@@ -214,7 +214,12 @@ class RpcClient:
             # written when the connection closed with a bare ``Exception()``. Callers catch
             # TransportError to retry; anything else would escape them.
             self._forget(correlation_id, fut)
-            raise ConnectionLost(f"request not sent ({type(exc).__name__}); retry it", sent=False) from None
+            # Only a channel already closed before the write means nothing left; a connection lost
+            # while the frames were being written may have delivered them (a fetch may still claim
+            # a task for this worker: Worker.run waits out its deadline when stopping).
+            unsent = isinstance(exc, ChannelInvalidStateError)
+            what = "request not sent" if unsent else "connection lost while sending the request"
+            raise ConnectionLost(f"{what} ({type(exc).__name__}); retry it", sent=not unsent) from None
         except BaseException:  # cancelled while publishing: nobody will await this reply
             self._forget(correlation_id, fut)
             raise
