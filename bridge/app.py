@@ -10,6 +10,8 @@ import time
 from contextlib import suppress
 from typing import Any
 
+import aiormq.exceptions
+
 from bridge.config import ConfigError, Settings
 from bridge.crypto import CachingKeyProvider, HttpKeyProvider, KeyProvider, KeyringFileProvider
 from bridge.domain.clock import AnchoredClock, Clock, SkewGuard, SystemClock
@@ -28,6 +30,7 @@ from bridge.storage.schema import create_schema
 from bridge.storage.session import open_session
 from bridge.transport.amqp import AmqpTransport, Observer
 from bridge.transport.duty import Duty
+from bridge.transport.errors import BrokerUnreachable, amqp_where
 from bridge.transport.hints import AmqpHints
 from bridge.transport.results import ResultPublisher
 
@@ -207,7 +210,7 @@ class Bridge:
             # Measure the clock before taking any request: a skewed bridge never grants a lease.
             with suppress(Exception):
                 await self.skew.measure()
-            await self.transport.start()
+            await self._start_transport()
             if self.gateway is not None:
                 self.gateway_port = await self.gateway.start(self.settings.gateway_host, self.settings.gateway_port)
             self._tasks.append(asyncio.create_task(self.scheduler.run(self._stop, self.duty), name="scheduler"))
@@ -222,6 +225,18 @@ class Bridge:
             await self.ops.stop()
             raise
         log.info("bridge started", extra={"http_port": self.http_port, "gateway_port": self.gateway_port})
+
+    async def _start_transport(self) -> None:
+        """Connect to RabbitMQ, declare the topology, consume. What the broker or the network
+        refuses here (out of reach, a login refused, a declaration refused) is a
+        :class:`BrokerUnreachable`, so that ``queue-bridge run`` tells it in one line."""
+        try:
+            await self.transport.start()
+        except (OSError, aiormq.exceptions.AMQPError) as exc:  # AMQPConnectionError is an OSError
+            where, password = amqp_where(self.settings.amqp_url.get_secret_value())
+            with suppress(Exception):
+                await self.transport.close()
+            raise BrokerUnreachable(where, exc, secret=password) from exc
 
     def _serving_changed(self, paused: frozenset[str]) -> None:
         self.metrics.set_paused(paused, ALL)

@@ -35,6 +35,7 @@ Exception hierarchy::
     │   ├── UnknownKey ........................ integrity_error
     │   └── TamperedCiphertext ................ integrity_error
     ├── ConfigError ........................... config           bridge.config
+    ├── BrokerUnreachable ..................... (start only)     bridge.transport.errors
     └── BridgeClientError ..................... (the reply's)    bridge.client.errors
         ├── BadRequestError, PayloadTooLargeError, UnauthorizedError, UnknownOwnerError,
         │   IntegrityError, UnavailableError, InternalError ...... one per ErrorCode

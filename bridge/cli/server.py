@@ -27,6 +27,7 @@ def run() -> None:
     from bridge.app import run_forever
     from bridge.observability.logging import configure_logging
     from bridge.storage.errors import StorageUnavailable
+    from bridge.transport.errors import BrokerUnreachable
 
     configure_logging(settings)
     try:
@@ -34,6 +35,8 @@ def run() -> None:
     except ConfigError as exc:  # found at start (e.g. an invalid gateway keys file): exit 2, no traceback
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
+    except BrokerUnreachable as exc:  # only at start, like Cassandra's below; the message masks the password
+        fail(str(exc))
     except StorageUnavailable as exc:
         # Only at start: once started, a bridge rides out a Cassandra outage (it pauses its
         # consumers) and never raises it. acsylla (the default driver) maps its errors to this.

@@ -6,13 +6,20 @@ tests/integration/test_cli.py.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
+import anyio
 import pytest
 
 from bridge.crypto import generate_keyring, write_keyring
 from bridge.crypto.keyring_file import KeyringFileProvider, load_keyring
+from bridge.transport.errors import BrokerUnreachable, amqp_where
 from tests.cli import cli, cli_many, no_traceback, ok
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.anyio
 
@@ -118,6 +125,76 @@ async def test_schema_and_run_with_cassandra_unreachable_say_so_in_one_line(offl
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and errors[0].startswith("error: cannot connect to Cassandra at 127.0.0.1:1: "), proc
     assert "schema ready" not in procs[0].stdout
+
+
+def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    """The one line an expected failure of ``run`` prints on stderr (``error: ...``, or a
+    configuration error naming its ``BRIDGE_*`` variable), and no traceback."""
+    no_traceback(proc)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ") or "BRIDGE_" in line]
+    assert len(errors) == 1, proc.stderr[-1500:]
+    return errors[0]
+
+
+# ``queue-bridge run`` with Cassandra stubbed out (connect, schema, prepare are no-ops), everything
+# else real: the start goes on to the real AMQP connection (the same output comes from a real run
+# against a reachable Cassandra).
+RUN_WITHOUT_CASSANDRA = textwrap.dedent(
+    """
+    import bridge.app
+    from bridge.storage.acsylla_session import AcsyllaSession
+    from bridge.storage.repository import CassandraTaskStore
+
+    async def _noop(*args, **kwargs):
+        return None
+
+    AcsyllaSession.connect = _noop
+    CassandraTaskStore.prepare = _noop
+    bridge.app.create_schema = _noop
+
+    import sys
+    from bridge.cli import main
+    sys.argv = ["queue-bridge", "run"]
+    main()
+    """
+)
+
+
+async def test_run_with_rabbitmq_out_of_reach_at_start_says_so_in_one_line(offline_env: dict[str, str]) -> None:
+    """Exit code 1 and one line naming RabbitMQ's host:port, as for Cassandra out of reach.
+
+    Defect: the bridge started before RabbitMQ's AMQP listener accepts connections (the race
+    docker-compose.yml's ``restart: on-failure`` counts on), or a wrong host/port in
+    BRIDGE_AMQP_URL, made ``run`` exit 1 with aiormq's AMQPConnectionError as a rich traceback of
+    about 150 lines, printed again at every restart: ``run`` mapped only Cassandra's failures.
+    Bridge.start now raises BrokerUnreachable for what the broker or the network refuses (also a
+    login refused, a declaration refused), and ``run`` prints its one line."""
+    env = {**os.environ, **offline_env, "BRIDGE_AMQP_URL": "amqp://queue-bridge:s3cr3t-pw@127.0.0.1:1/"}
+    env["COLUMNS"] = "200"
+    with anyio.fail_after(30):
+        done = await anyio.run_process([sys.executable, "-c", RUN_WITHOUT_CASSANDRA], env=env, cwd=ROOT, check=False)
+    proc = subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode())
+    assert proc.returncode == 1, proc
+    line = one_error_line(proc)
+    assert line.startswith("error: cannot connect to RabbitMQ at 127.0.0.1:1: "), line
+    assert "s3cr3t-pw" not in proc.stderr + proc.stdout
+
+
+def test_broker_unreachable_names_host_and_port_never_the_password() -> None:
+    """The line ``run`` prints when RabbitMQ refuses the start: host:port (the scheme's default
+    port when the URL has none), the cause's type, its password masked should the cause quote the
+    URL, and a user's name kept even when it is also its password."""
+    where, secret = amqp_where("amqps://bridge:p%40ss@mq.example:5671/vh")
+    assert (where, secret) == ("mq.example:5671", "p%40ss")
+    assert amqp_where("amqp://[::1]/")[0] == "[::1]:5672"
+    cause = ConnectionRefusedError("amqps://bridge:p%40ss@mq.example:5671/vh refused")
+    message = str(BrokerUnreachable(where, cause, secret=secret))
+    assert message == (
+        "cannot connect to RabbitMQ at mq.example:5671: ConnectionRefusedError:"
+        " amqps://bridge:**********@mq.example:5671/vh refused"
+    )
+    refused = str(BrokerUnreachable("h:5672", PermissionError("access refused for user 'engine'"), secret="engine"))
+    assert refused.endswith("user 'engine'")
 
 
 async def test_keyring_generate_and_rotate(offline_env: dict[str, str], tmp_path: Path) -> None:
