@@ -7,6 +7,7 @@ import logging
 import signal
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import Any
 
@@ -202,7 +203,9 @@ class Bridge:
     async def start(self) -> None:
         # HTTP first: liveness answers while we connect; readiness stays 503 until everything is up.
         if self.settings.http_port:
-            self.http_port = await self.ops.start(self.settings.http_host, self.settings.http_port)
+            self.http_port = await _listen(
+                self.ops.start, "BRIDGE_HTTP_PORT", self.settings.http_host, self.settings.http_port
+            )
         try:
             await self.db.connect()
             await create_schema(self.db, self.settings)
@@ -212,7 +215,9 @@ class Bridge:
                 await self.skew.measure()
             await self._start_transport()
             if self.gateway is not None:
-                self.gateway_port = await self.gateway.start(self.settings.gateway_host, self.settings.gateway_port)
+                self.gateway_port = await _listen(
+                    self.gateway.start, "BRIDGE_GATEWAY_PORT", self.settings.gateway_host, self.settings.gateway_port
+                )
             self._tasks.append(asyncio.create_task(self.scheduler.run(self._stop, self.duty), name="scheduler"))
             self._tasks.append(asyncio.create_task(self.duty.run(self._stop), name="duty"))
             self._tasks.append(asyncio.create_task(self.skew.run(self._stop), name="clock"))
@@ -325,6 +330,16 @@ class Bridge:
         await self.db.close()
         await self.ops.stop()  # liveness answers through the grace period; readiness went 503 at pause()
         log.info("bridge stopped")
+
+
+async def _listen(start: Callable[[str, int], Awaitable[int]], variable: str, host: str, port: int) -> int:
+    """``start(host, port)``; a port that cannot be bound (taken, not allowed, an address not of
+    this machine) is a :class:`ConfigError` naming ``variable``: the operator's to change."""
+    try:
+        return await start(host, port)
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise ConfigError(f"{variable}: cannot listen on {host}:{port}: {reason}") from None
 
 
 async def run_forever(settings: Settings) -> None:

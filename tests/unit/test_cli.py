@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -195,6 +196,23 @@ def test_broker_unreachable_names_host_and_port_never_the_password() -> None:
     )
     refused = str(BrokerUnreachable("h:5672", PermissionError("access refused for user 'engine'"), secret="engine"))
     assert refused.endswith("user 'engine'")
+
+
+async def test_run_with_its_http_port_taken_says_so_in_one_line(offline_env: dict[str, str]) -> None:
+    """Exit code 2 (invalid configuration) and one line naming BRIDGE_HTTP_PORT and the address.
+
+    Defect: deploy/kubernetes/deployment.yaml runs the bridge as a sidecar, its BRIDGE_HTTP_PORT
+    (8080, many images' port) in the Pod's network namespace with the worker container: a port
+    taken made ``run`` exit 1 with an OSError ("address already in use") rich traceback, naming
+    neither BRIDGE_HTTP_PORT nor what to change (the gateway's port, BRIDGE_GATEWAY_PORT, alike)."""
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))  # nosec B104: the bridge's default BRIDGE_HTTP_HOST
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = await cli("run", env=offline_env, extra={"BRIDGE_HTTP_PORT": str(port)})
+    assert proc.returncode == 2, proc
+    line = one_error_line(proc)
+    assert line.startswith(f"BRIDGE_HTTP_PORT: cannot listen on 0.0.0.0:{port}: "), line
 
 
 async def test_keyring_generate_and_rotate(offline_env: dict[str, str], tmp_path: Path) -> None:
