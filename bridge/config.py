@@ -6,6 +6,7 @@ pydantic-settings reports the field and we map the field back to its variable na
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -233,6 +234,16 @@ class Settings(BaseSettings):
             raise ValueError("must be at least 1 second")
         if value.total_seconds() > 630_720_000:  # Cassandra's maximum TTL (20 years)
             raise ValueError("must be at most 20 years (Cassandra's TTL limit)")
+        return value
+
+    @field_validator("cassandra_tls_ca_file", "cassandra_tls_cert_file", "cassandra_tls_key_file")
+    @classmethod
+    def _readable_file(cls, value: Path | None) -> Path | None:
+        # Read only when the session connects: a path that does not match the mounted Secret
+        # would stop the start there, with a traceback naming no variable.
+        if value is not None and not (value.is_file() and os.access(value, os.R_OK)):
+            reason = "not a file" if value.exists() and not value.is_file() else "no readable file"
+            raise ValueError(f"{reason}: {value}")
         return value
 
     @field_validator("cassandra_hosts")

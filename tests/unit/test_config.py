@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
 from bridge.config import ConfigError, load_settings
+from bridge.crypto import generate_keyring, write_keyring
+from tests.conftest import ROOT
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -66,3 +70,63 @@ def test_run_fails_at_start_naming_the_variable() -> None:
     assert proc.returncode == 2
     assert "BRIDGE_TASK_TTL" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
+
+
+@pytest.mark.parametrize(
+    ("variable", "present"),
+    [
+        ("BRIDGE_CASSANDRA_TLS_CA_FILE", {}),
+        ("BRIDGE_CASSANDRA_TLS_CERT_FILE", {"BRIDGE_CASSANDRA_TLS_CA_FILE": SYSTEM_CA}),
+        (
+            "BRIDGE_CASSANDRA_TLS_KEY_FILE",
+            {"BRIDGE_CASSANDRA_TLS_CA_FILE": SYSTEM_CA, "BRIDGE_CASSANDRA_TLS_CERT_FILE": SYSTEM_CA},
+        ),
+    ],
+)
+def test_run_with_a_cassandra_tls_file_missing_names_the_variable(
+    tmp_path: Path, variable: str, present: dict[str, str]
+) -> None:
+    """README "Configuration": invalid values stop the bridge at start with a message naming the
+    variable, exit code 2 (as a missing BRIDGE_KEYRING file does).
+
+    Defect: the Cassandra TLS files were read only when the session connected (``_tls_options``
+    in bridge/storage/acsylla_session.py; the datastax driver's ``tls_context`` alike): a path not
+    matching the mounted Secret (deploy/kubernetes/README.md) made ``run`` die there with a
+    FileNotFoundError rich traceback, exit code 1, naming no variable. Settings now checks that
+    each is a readable file."""
+    if not Path(SYSTEM_CA).is_file():
+        pytest.skip(f"no {SYSTEM_CA} on this machine")
+    keyring = tmp_path / "keyring.json"
+    write_keyring(keyring, generate_keyring(["worker-a", "engine"]))
+    missing = str(tmp_path / "not-mounted" / "tls.pem")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+    env.update(
+        {
+            "BRIDGE_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/",
+            "BRIDGE_CASSANDRA_HOSTS": "127.0.0.1",
+            "BRIDGE_CASSANDRA_PORT": "1",
+            "BRIDGE_CASSANDRA_TIMEOUT": "1",
+            "BRIDGE_KEYRING": str(keyring),
+            "BRIDGE_HTTP_PORT": "0",
+            "BRIDGE_LOG_FORMAT": "json",
+            "COLUMNS": "200",
+            **present,
+            variable: missing,
+        }
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "bridge", "run"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out, f"a traceback instead of a configuration error:\n{out[-1500:]}"
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{out[-1500:]}"
+    assert f"{variable}: Value error, no readable file: {missing}" in proc.stderr, proc.stderr[-1500:]
+
+
+def test_a_cassandra_tls_path_that_is_a_directory_is_invalid(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("BRIDGE_CASSANDRA_TLS_CA_FILE", str(tmp_path))
+    with pytest.raises(ConfigError, match="BRIDGE_CASSANDRA_TLS_CA_FILE: Value error, not a file: "):
+        load_settings(_env_file=None)
