@@ -220,7 +220,15 @@ class Settings(BaseSettings):
         False, description="The operator console (/console on the gateway) may redrive and discard parked tasks."
     )
 
-    @field_validator("results_queue", "keyring", "key_server_url", mode="before")
+    @field_validator(
+        "results_queue",
+        "keyring",
+        "key_server_url",
+        "cassandra_tls_ca_file",
+        "cassandra_tls_cert_file",
+        "cassandra_tls_key_file",
+        mode="before",
+    )
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value

@@ -130,3 +130,12 @@ def test_a_cassandra_tls_path_that_is_a_directory_is_invalid(monkeypatch: pytest
     monkeypatch.setenv("BRIDGE_CASSANDRA_TLS_CA_FILE", str(tmp_path))
     with pytest.raises(ConfigError, match="BRIDGE_CASSANDRA_TLS_CA_FILE: Value error, not a file: "):
         load_settings(_env_file=None)
+
+
+@pytest.mark.parametrize("var", ["BRIDGE_CASSANDRA_TLS_CA_FILE", "BRIDGE_CASSANDRA_TLS_CERT_FILE"])
+def test_an_empty_tls_file_variable_means_none(monkeypatch: pytest.MonkeyPatch, var: str) -> None:
+    """A manifest that sets the variable empty (a template's placeholder) means no file, as for the
+    other optional paths: read as the path ".", it stopped the bridge as "not a file"."""
+    monkeypatch.setenv(var, "")
+    settings = load_settings()
+    assert getattr(settings, var.removeprefix("BRIDGE_").lower()) is None
