@@ -23,19 +23,10 @@ pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 def _close_connection_named(name: str) -> None:
     """The broker closes the client connection whose client-provided name is ``name``."""
-    out = subprocess.run(
-        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    for line in out.splitlines():
-        if name in line:
-            conn = line.split("\t", 1)[0]
-            subprocess.run(["rabbitmqctl", "-q", "close_connection", conn, "hunt"], timeout=60, check=True)
-            return
-    raise AssertionError(f"no broker connection named {name}: {out}")
+    conns = _broker_connections(name)
+    if not conns:
+        raise AssertionError(f"no broker connection named {name}")
+    subprocess.run(["rabbitmqctl", "-q", "close_connection", conns[0], "hunt"], timeout=60, check=True)
 
 
 def _broker_connections(name: str) -> list[str]:

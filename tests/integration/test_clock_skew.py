@@ -171,6 +171,19 @@ async def test_a_delayed_task_is_not_handed_out_before_its_not_before_by_a_bridg
     assert early_s <= 0, f"a task due at {not_before.isoformat()} was handed out {early_s * 1000:.0f} ms before it"
 
 
+async def _skewed_then_healthy(make_bridge: Any) -> Any:
+    """A host-time bridge 3 s ahead (beyond half the 1 s margin: it refuses leases), started first
+    so that it is the first to compete for the duty, then a healthy one; returns the skewed one
+    once the duty is with the healthy one and the skewed one's fetches are paused."""
+    skewed = await make_bridge(clock_offset_ms=3000, clock_check_interval=0.2, **HOST_TIME)
+    await wait_for(lambda: skewed.skew.reading is not None and not skewed.skew.ok, 10, what="skew known")
+    healthy = await make_bridge(**HOST_TIME)
+    assert healthy.skew.ok, healthy.skew.describe()
+    await wait_for(lambda: healthy.duty.held and not skewed.duty.held, 10, what="the duty with the good clock")
+    await wait_for(lambda: "fetch" not in skewed.transport.consuming(), 5, what="skewed bridge's fetches paused")
+    return skewed
+
+
 async def test_a_bridge_refusing_leases_for_its_clock_hands_over_the_duty_and_announces_no_delayed_task_early(
     make_bridge: Any, engine: Any, workers: Any
 ) -> None:
@@ -180,13 +193,7 @@ async def test_a_bridge_refusing_leases_for_its_clock_hands_over_the_duty_and_an
     notBefore. It hands the duty over now, and acts on no deadline while its clock is off."""
     from datetime import UTC, datetime, timedelta
 
-    skewed = await make_bridge(clock_offset_ms=3000, clock_check_interval=0.2, **HOST_TIME)
-    await wait_for(lambda: skewed.skew.reading is not None and not skewed.skew.ok, 10, what="skew known")
-    healthy = await make_bridge(**HOST_TIME)
-    assert healthy.skew.ok, healthy.skew.describe()
-    # The skewed bridge, started first, was the first to compete for the duty: it hands it over.
-    await wait_for(lambda: healthy.duty.held and not skewed.duty.held, 10, what="the duty with the good clock")
-    await wait_for(lambda: "fetch" not in skewed.transport.consuming(), 5, what="skewed bridge's fetches paused")
+    skewed = await _skewed_then_healthy(make_bridge)
     svc = service_id()
     w = await workers(svc, "w")
     not_before = datetime.now(UTC) + timedelta(seconds=6)
@@ -211,13 +218,7 @@ async def test_a_bridge_refusing_leases_for_its_clock_hands_over_the_duty_and_pa
     it kept the duty, judged leases on its own clock: a task at its delivery limit whose worker still
     held a valid lease was parked ~2 s before its deadline, and the worker's ack, sent before the
     deadline, refused (the engine got a delivery_limit error for a task being worked on)."""
-    skewed = await make_bridge(clock_offset_ms=3000, clock_check_interval=0.2, **HOST_TIME)
-    await wait_for(lambda: skewed.skew.reading is not None and not skewed.skew.ok, 10, what="skew known")
-    healthy = await make_bridge(**HOST_TIME)
-    assert healthy.skew.ok, healthy.skew.describe()
-    # The skewed bridge, started first, was the first to compete for the duty: it hands it over.
-    await wait_for(lambda: healthy.duty.held and not skewed.duty.held, 10, what="the duty with the good clock")
-    await wait_for(lambda: "fetch" not in skewed.transport.consuming(), 5, what="skewed bridge's fetches paused")
+    skewed = await _skewed_then_healthy(make_bridge)
     svc = service_id()
     await engine.add(svc, "one delivery only", max_deliveries=1)
     w = await workers(svc, "w")

@@ -49,17 +49,18 @@ async def test_a_pending_park_result_is_still_published_after_a_discard(make_bri
     parked -> discarded) overwrites the lease's ``completion_id`` with its own id, and the relay
     (``names_entry``) then takes the park's outbox entry for a park that never applied and marks it
     published unsent: the engine never hears of the park, its workflow waits for ever."""
-    b, svc, task_id = await park_owing_its_result(make_bridge, engine, workers)
+    _, svc, task_id = await park_owing_its_result(make_bridge, engine, workers)
     # The operator drops the parked task: discard publishes nothing of its own, but the park's
     # delivery_limit result is still owed to the engine (one result per park).
     assert await engine.discard(svc, [task_id]) == 1
     consumer = results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"], routing_key=svc)
     async with consumer as results:
-        # The relay retries the owed result (1 s, 2 s, 4 s ...) until it owes nothing any more.
-        await wait_for(lambda: b.scheduler.state.results_stuck == 0, 40, interval=0.2, what="the relay settled it")
+        # The relay retries the owed result (1 s, 2 s, 4 s ...). Not waited for by its count of
+        # stuck results: that counts the whole keyspace's, and earlier tests leave some owed on
+        # purpose (a CI run went red on one whose owner's key a test had taken away).
         got = await wait_for(
             lambda: None if results.empty() else results.get_nowait(),
-            5,
+            40,
             interval=0.2,
             what="the engine's delivery_limit result of the park (the relay dropped it unpublished)",
         )
