@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from bridge.domain.records import QueueKey
-from tests.conftest import ENGINE_USER, OWNERS, service_id, wait_for
+from tests.conftest import ENGINE_USER, OWNERS, service_id, settle_owed_results, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -94,15 +94,7 @@ async def test_results_stuck_unroutable_hold_up_lease_recovery(make_bridge, engi
         assert await got.ack(None)
     # Nothing left owed for later tests: every later duty holder of the session would retry these
     # results (reads the idle-fleet and per-task budgets of test_fleet would count).
-    ks = servers.keyspace
-    key = "bucket = %s AND shard = %s AND owner = %s AND service = %s AND task_id = %s AND completion_id = %s"
-    owed = cql.execute(
-        f"SELECT bucket, shard, owner, service, task_id, completion_id FROM {ks}.outbox_shards "
-        "WHERE service = %s ALLOW FILTERING",
-        (stuck_svc,),
-    )
-    for row in list(owed):
-        cql.execute(f"UPDATE {ks}.outbox_shards SET published = true WHERE {key}", tuple(row.values()))
+    settle_owed_results(cql, servers.keyspace, [stuck_svc])
     gaps = [round(later - earlier, 2) for earlier, later in itertools.pairwise(passes)]
     # A deadline is near all along: a pass every 100 ms (BRIDGE_SCHEDULER_INTERVAL), 250 ms when idle.
     assert max(gaps) < 1.0, (

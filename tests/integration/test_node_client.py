@@ -236,9 +236,12 @@ async def test_node_results_with_empty_owner_and_service_keep_every_result(
     into the default (worker-a / demo): a consumer started to take every result of the shared queue
     acked away ("skipped") every other owner's result, gone from the queue for good."""
     from bridge.client import Engine
+    from tests.conftest import wait_for
 
     svc = service_id()
-    extra = {"QB_OWNER": "", "QB_SERVICE": "", "QB_EXPECT": "1", "QB_TIMEOUT_MS": "30000"}
+    # Run until stopped: the shared results queue may also hold results other tests left there
+    # (the first one taken need not be this test's), and every one of them must be kept too.
+    extra = {"QB_OWNER": "", "QB_SERVICE": ""}
     results = await NodeScript(node, "results.js", env_of(servers, names, ENGINE_USER, **extra)).start()
     try:
         await results.event("ready")
@@ -247,9 +250,11 @@ async def test_node_results_with_empty_owner_and_service_keep_every_result(
         task = await (await workers(svc, user=OWNERS[1])).fetch()
         assert task is not None and task.id == task_id
         assert await task.ack({"ok": True}) is True
-        assert await results.wait() == 0, (results.events, results.stderr)
+        await wait_for(
+            lambda: any(e.get("taskId") == task_id for e in results.events), 30, what="this test's result taken"
+        )
         assert not results.all("skipped"), results.all("skipped")
-        assert [(r["taskId"], r["owner"]) for r in results.all("result")] == [(task_id, OWNERS[1])]
+        assert (task_id, OWNERS[1]) in [(r["taskId"], r["owner"]) for r in results.all("result")]
     finally:
         results.kill()
 
