@@ -64,6 +64,10 @@ LEASES_PER_READ = 50
 # read a few at a time so that one read holds at most ERRORS_READ_BYTES of them.
 PARKED_ERRORS_BUDGET_BYTES = 4 * 1024 * 1024
 ERRORS_READ_BYTES = 8 * 1024 * 1024
+# Index rows one listing (or one ``redrive all`` round) reads at most. Rows whose park is over
+# are skipped and removed on the way, so a later request gets further.
+PARKED_SCAN_ROWS = 10_000
+REDRIVE_ALL_MAX = 1_000  # parked tasks one ``redrive all`` request puts back at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,19 +294,48 @@ class Lifecycle:
             ctx.background.spawn(self.relay.publish(intent), "publish delivery_limit")
         return True
 
+    async def _live_parked(self, q: QueueKey, want: int) -> list[tuple[ParkedEntry, Lease]]:
+        """Up to ``want`` parked tasks, in the index's order, each with its lease.
+
+        The index can hold rows whose park is over: a bridge that died between a redrive's
+        unpark (or a discard's compare-and-set) and the row's delete leaves one. Such rows are
+        passed, so that they hide no parked task behind them, and removed when their park can
+        never apply again (the lease is gone, final, or at a later epoch); a row whose lease is
+        leased at its own epoch may be a park in progress (the row is written before the
+        park's compare-and-set) and is left."""
+        found: list[tuple[ParkedEntry, Lease]] = []
+        over: list[ParkedEntry] = []
+        after: uuid.UUID | None = None
+        scanned = 0
+        while len(found) < want and scanned < PARKED_SCAN_ROWS:
+            size = min(want - len(found), PARKED_SCAN_ROWS - scanned)
+            entries = await self.store.parked(q, size, after)
+            scanned += len(entries)
+            leases: dict[uuid.UUID, Lease] = {}
+            for i in range(0, len(entries), LEASES_PER_READ):
+                leases.update(await self.store.leases_of(q, [e.task_id for e in entries[i : i + LEASES_PER_READ]]))
+            for e in entries:
+                lease = leases.get(e.task_id)
+                if lease is not None and lease.state is LeaseState.PARKED:
+                    found.append((e, lease))
+                elif lease is None or lease.epoch > e.epoch or lease.state in FINAL_STATES:
+                    over.append(e)
+            if len(entries) < size:
+                break  # the index's end
+            after = entries[-1].task_id
+        if over:
+            self.ctx.background.spawn(self._remove_over(q, over), "remove stale parked rows")
+        return found
+
+    async def _remove_over(self, q: QueueKey, rows: list[ParkedEntry]) -> None:
+        # One at a time, each only if still that park's row (a later park of the task keeps its).
+        for e in rows:
+            await self.store.remove_parked(q, e.task_id, epoch=e.epoch)
+
     async def parked(self, owner: str, service: str, limit: int) -> list[ParkedTask]:
         q = QueueKey(owner, service)
         key = await self.ctx.keys.current(owner)
-        entries = await self.store.parked(q, limit)
-        leases: dict[uuid.UUID, Lease] = {}
-        for i in range(0, len(entries), LEASES_PER_READ):
-            leases.update(await self.store.leases_of(q, [e.task_id for e in entries[i : i + LEASES_PER_READ]]))
-        listed: list[tuple[ParkedEntry, Lease]] = []
-        for e in entries:
-            lease = leases.get(e.task_id)
-            if lease is None or lease.state is not LeaseState.PARKED:
-                continue  # a stale index row: redriven, discarded, cancelled, or a park that failed
-            listed.append((e, lease))
+        listed = await self._live_parked(q, limit)
         errors, read = await self._errors_within_budget(q, [e.task_id for e, _ in listed])
         found = []
         for n, (e, lease) in enumerate(listed):
@@ -357,7 +390,7 @@ class Lifecycle:
         q = QueueKey(owner, service)
         await ctx.keys.current(owner)
         if task_ids is None:
-            task_ids = [e.task_id for e in await self.store.parked(q, 1000)]
+            task_ids = [e.task_id for e, _ in await self._live_parked(q, REDRIVE_ALL_MAX)]
         interval = 1.0 / ctx.limits.redrive_rate
         done = 0
         for task_id in task_ids:

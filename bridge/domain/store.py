@@ -203,7 +203,8 @@ class TaskStore(Protocol):
     async def remove_parked(self, q: QueueKey, task_id: uuid.UUID, *, epoch: int | None = None) -> None:
         """Remove a task's parked-index row; with ``epoch``, only if the row is that park's."""
 
-    async def parked(self, q: QueueKey, limit: int) -> list[ParkedEntry]: ...
+    async def parked(self, q: QueueKey, limit: int, after: uuid.UUID | None = None) -> list[ParkedEntry]:
+        """The first ``limit`` rows of the parked index (after the task ``after``, if given)."""
 
     # -- queue counts (stats) -------------------------------------------------------------------------
     async def add_counts(self, q: QueueKey, day: int, ready: int, in_flight: int) -> None:

@@ -415,10 +415,13 @@ class MemoryTaskStore:
         if task_id in rows and (epoch is None or rows[task_id].epoch == epoch):
             del rows[task_id]
 
-    async def parked(self, q: QueueKey, limit: int) -> list[ParkedEntry]:
+    async def parked(self, q: QueueKey, limit: int, after: uuid.UUID | None = None) -> list[ParkedEntry]:
         await self._io()
         rows = self.parked_rows.get(q, {})
-        return [rows[k] for k in sorted(rows, key=_order) if self.alive(k)][:limit]
+        keys = [k for k in sorted(rows, key=_order) if self.alive(k)]
+        if after is not None:
+            keys = [k for k in keys if _order(k) > _order(after)]
+        return [rows[k] for k in keys][:limit]
 
     async def add_counts(self, q: QueueKey, day: int, ready: int, in_flight: int) -> None:
         await self._io()

@@ -436,8 +436,11 @@ class CassandraTaskStore:
         else:
             await self.db.execute("parked.delete_if_epoch", (q.owner, q.service, task_id, epoch))
 
-    async def parked(self, q: QueueKey, limit: int) -> list[ParkedEntry]:
-        rows = await self.db.execute("parked.list", (q.owner, q.service, limit))
+    async def parked(self, q: QueueKey, limit: int, after: uuid.UUID | None = None) -> list[ParkedEntry]:
+        if after is None:
+            rows = await self.db.execute("parked.list", (q.owner, q.service, limit))
+        else:
+            rows = await self.db.execute("parked.list_after", (q.owner, q.service, after, limit))
         return [parked_entry(r) for r in rows]
 
     # -- queue counts ------------------------------------------------------------------------------------

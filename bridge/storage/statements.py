@@ -184,6 +184,12 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         "SELECT task_id, epoch, parked_at, reason, has_token FROM {ks}.parked WHERE owner = ? AND service = ? LIMIT ?",
         True,
     ),
+    # The next page, past rows already read (a listing goes on past rows whose park is over).
+    "parked.list_after": (
+        "SELECT task_id, epoch, parked_at, reason, has_token FROM {ks}.parked "
+        "WHERE owner = ? AND service = ? AND task_id > ? LIMIT ?",
+        True,
+    ),
     # Counter updates are not idempotent: a timed-out one is not retried (a count may then be off
     # by that delta; the counts are for operators, see docs/storage.md).
     "counts.add": (

@@ -144,3 +144,39 @@ async def test_a_redrive_read_by_the_scheduler_before_its_unpark_is_still_handed
         cur = await real_lease(q, uuid.UUID(task_id), serial=True)
         raise AssertionError(f"the redriven task was never handed out again; its lease: {cur}") from None
     assert again["task"]["id"] == task_id
+
+
+async def test_stale_parked_rows_hide_neither_the_listing_nor_redrive_all(bridge, engine, workers, cql, servers):
+    """A parked-index row outlives its park when a bridge dies between a redrive's unpark and the
+    row's delete, or between a discard's compare-and-set and its delete. Listing and ``redrive
+    all`` read the first rows of the index and skip those whose lease is no longer parked, but
+    never removed them: with ``limit`` such rows ahead (1,000 for ``redrive all``) the queue
+    listed no parked task and ``redrive all`` answered 0, which the client takes for "none left",
+    while a task stayed parked behind them until its TTL."""
+    from cassandra.util import uuid_from_time  # type: ignore[import-untyped]
+
+    svc = service_id()
+    task_id = await add_limited(engine, svc, "poison", 1)
+    w = await workers(svc, "w")
+    got = await fetch_until(w, 5)
+    assert got["task"]["id"] == task_id
+    assert (await call(w, "fail", {"serviceId": svc, "workerId": "w"}))["task"]["parked"] is True
+
+    # What such crashes leave: index rows of earlier tasks whose leases are no longer parked (here
+    # gone altogether, as once a discarded task's lease expired), ahead of the parked task's row.
+    ks = servers.keyspace
+    insert = cql.prepare(
+        f"INSERT INTO {ks}.parked (owner, service, task_id, epoch, parked_at, reason, has_token) "
+        "VALUES (?, ?, ?, 1, toTimestamp(now()), 'delivery_limit', false) USING TTL 600"
+    )
+    from cassandra.concurrent import execute_concurrent_with_args  # type: ignore[import-untyped]
+
+    start = time.time() - 3600
+    stale = [(OWNERS[0], svc, uuid_from_time(start + i / 1000)) for i in range(1000)]
+    execute_concurrent_with_args(cql, insert, stale, concurrency=64, raise_on_first_error=True)
+
+    listed = await engine.parked(svc)
+    assert [t.id for t in listed] == [task_id], "the parked task is not listed behind stale index rows"
+    assert await engine.redrive(svc, all=True) == 1, "redrive all did not reach the parked task"
+    again = await fetch_until(w, 10)
+    assert again["task"]["id"] == task_id
