@@ -283,9 +283,10 @@ class Fetcher:
             cur = res.current
             if recovered and cur is not None and cur.epoch == entry.epoch and cur.not_claimable_before(now, margin):
                 await self._rearm(q, entry, cur.lease_until_ms or now, now)
-            self.ctx.metrics.inc("claim_conflicts")
             # Known from the refused claim's own row: no read to tell a stale hint from a lost race.
-            return _Claim(None, stamp, finished=cur is not None and cur.state is not LeaseState.LEASED)
+            finished = cur is not None and cur.state is not LeaseState.LEASED
+            self.ctx.metrics.inc("claims_stale" if finished else "claim_conflicts")
+            return _Claim(None, stamp, finished=finished)
         if not recovered and payload is not None and was_delayed(task_id, payload.created_at_ms):
             # Taken off the due minute its add counted it under: within that minute stats count
             # it delayed, and a -1 from ready would have hidden a ready task until the minute ended.

@@ -106,6 +106,11 @@ ROUTES: dict[str, Route] = {
         "tasks_dead_lettered", "Tasks removed without a result, by reason.", labels=("reason",)
     ),
     "claim_conflicts": Route("claim_conflicts", "Claims lost to a concurrent claim (lightweight transaction)."),
+    "claims_stale": Route(
+        "claims_stale",
+        "Claims refused because the task had finished (a cancelled, purged or done task's hint or index "
+        "entry): not a race between claims.",
+    ),
     "claims_refiled": Route(
         "claims_refiled", "Claims so slow that their deadline was filed again (a paused bridge, a slow round)."
     ),

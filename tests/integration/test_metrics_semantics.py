@@ -245,3 +245,18 @@ async def test_an_ack_whose_unknown_outcome_did_not_land_is_counted_once_by_its_
     await b.counts.flush(b.store)
     s = await counts_now(engine, svc)
     assert (s["ready"], s["inFlight"], b.metrics.counter_value("tasks_completed")) == (0, 0, 1)
+
+
+async def test_a_claim_refused_on_a_cancelled_tasks_hint_is_no_conflict(bridge, engine, workers):
+    """README: ``claim_conflicts`` counts "claims lost to a concurrent claim". A cancelled task's
+    hint stays in the broker (it cannot be taken back); the fetch that takes it is refused by the
+    claim's compare-and-set because the task finished, not because another claim won. Counted as
+    a conflict, cancels and purges showed up as claim races on the fleet's dashboards (issue 9's
+    figure 1 is read from this counter)."""
+    svc = service_id()
+    task_id = await engine.add(svc, "gone")
+    assert await engine.cancel(svc, task_id) is True
+    w = await workers(svc, "w")
+    assert await w.fetch() is None
+    await wait_for(lambda: bridge.metrics.counter_value("claims_stale") >= 1, 10, what="the stale claim counted")
+    assert bridge.metrics.counter_value("claim_conflicts") == 0

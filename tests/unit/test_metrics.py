@@ -44,6 +44,7 @@ EXPECTED_COUNTERS = {
     "tasks_completed": ("queue_bridge_tasks_completed_total", ("outcome",)),
     "tasks_dead_lettered": ("queue_bridge_tasks_dead_lettered_total", ("reason",)),
     "claim_conflicts": ("queue_bridge_claim_conflicts_total", ()),
+    "claims_stale": ("queue_bridge_claims_stale_total", ()),
     "claims": ("queue_bridge_claims_total", ("source", "outcome")),
     "claims_refiled": ("queue_bridge_claims_refiled_total", ()),
     "hint_payloads_refused": ("queue_bridge_hint_payloads_refused_total", ()),
