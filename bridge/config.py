@@ -6,7 +6,9 @@ pydantic-settings reports the field and we map the field back to its variable na
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -175,7 +177,7 @@ class Settings(BaseSettings):
         le=1000,
         description="Delivery limit: a task delivered this often without an ack (or failed at it) is parked.",
     )
-    service_max_deliveries: dict[str, int] = Field(
+    service_max_deliveries: Annotated[dict[str, Annotated[int, Field(ge=1, le=1000)]], NoDecode] = Field(
         default_factory=dict,
         description='Delivery limits per service, JSON: {"service": n} or {"owner/service": n} (the latter wins).',
     )
@@ -234,6 +236,28 @@ class Settings(BaseSettings):
         return None if value == "" else value
 
     _split_lists = field_validator("trusted_users", "cassandra_hosts", mode="before")(_split_csv)
+
+    @field_validator("task_ttl", mode="before")
+    @classmethod
+    def _ttl_in_seconds(cls, value: Any) -> Any:
+        # pydantic reads a string only as a duration text (P7D, 7 days, 168:00:00); the README
+        # and `queue-bridge config` give it in seconds, which is what an operator copies back.
+        if isinstance(value, str) and re.fullmatch(r"\s*-?\d+(\.\d+)?\s*", value):
+            return float(value)
+        return value
+
+    @field_validator("service_max_deliveries", mode="before")
+    @classmethod
+    def _limits_json(cls, value: Any) -> Any:
+        # Decoded here, not by pydantic-settings, whose error names the field, not the variable.
+        if isinstance(value, str):
+            if not value.strip():
+                return {}
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError('must be JSON, e.g. {"billing": 3} or {"owner/billing": 3}') from None
+        return value
 
     @field_validator("task_ttl")
     @classmethod

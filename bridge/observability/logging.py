@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 
 import structlog
@@ -59,8 +60,10 @@ def configure_logging(settings: Settings) -> None:
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    if settings.instance_id:
-        shared.append(lambda _l, _m, ev: {**ev, "instance": settings.instance_id})
+    # Every line names its bridge (the hostname unless set, as the metrics do): a fleet's logs
+    # are read together, and a pod's hostname is what tells its lines apart.
+    instance = settings.instance_id or socket.gethostname()
+    shared.append(lambda _l, _m, ev: {**ev, "instance": instance})
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
