@@ -27,6 +27,8 @@ Exception hierarchy::
     │       ├── StorageUnavailable
     │       │   └── StorageNotSent (also a NotSent)
     │       └── UnknownOutcome (also a MaybeApplied)
+    ├── RequestAbandoned ...................... (no reply: nobody  bridge.domain.fetching
+    │                                                waits for it)
     ├── InvalidQuery .......................... internal (a bug)   bridge.storage.errors
     ├── CryptoError ........................... (per subclass)     bridge.crypto.errors
     │   ├── KeyUnavailable .................... unavailable

@@ -745,6 +745,12 @@ class Worker(RpcClient):
                 # second for the two hosts' clocks.
                 self._unsure_until = max(self._unsure_until, time.monotonic() + wait_s + self.timeout + 1.0)
             raise
+        except asyncio.CancelledError:
+            # Cancelled by its caller (a timeout around it, a task group torn down): the request
+            # may be at a bridge, still waiting, and claim a task for this worker there while the
+            # connection (its reply-to) lives. The next fetch must not say ``fresh`` until then.
+            self._unsure_until = max(self._unsure_until, time.monotonic() + wait_s + self.timeout + 1.0)
+            raise
 
     def _knows_it_holds_nothing(self) -> None:
         """An answer says this worker holds no task now: its next fetch may say ``fresh``, unless

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -37,6 +37,7 @@ from bridge.domain.records import (
 )
 from bridge.domain.sealing import open_value
 from bridge.domain.timeline import EXPIRY_BUCKET_MS, expiry_bucket, ms_of
+from bridge.errors import BridgeError
 
 log = logging.getLogger("bridge.queue")
 
@@ -62,6 +63,13 @@ class _Claim(NamedTuple):
     finished: bool = False
 
 
+class RequestAbandoned(BridgeError):
+    """Nobody waits for this request's reply any more (its caller's deadline passed, or a waiting
+    fetch's worker is gone): it ends without a reply. Never on the wire: there is nobody to tell."""
+
+    code = "abandoned"
+
+
 @dataclass
 class _Attempt:
     """One fetch's claiming: the pointer's write stamp moves with every claim tried."""
@@ -72,6 +80,10 @@ class _Attempt:
     stamp: int | None
     stale_pointer: bool
     attempted: bool = False
+    # The caller's deadline (x-deadline): no claim is made for it later (it stopped listening).
+    deadline_ms: int | None = None
+    # A waiting fetch's question "is my worker still there?", asked beside the write-ahead.
+    requester: asyncio.Future[bool] | None = None
 
 
 def _after(stamp: int | None, now_ms: int) -> int:
@@ -94,7 +106,16 @@ class Fetcher:
         self.reconcile = reconcile
         self.soon = soon  # ``WorkQueue.soon``: a timer of this bridge for a deadline moments away
 
-    async def fetch(self, owner: str, req: FetchRequest) -> Delivery | None:
+    async def fetch(
+        self,
+        owner: str,
+        req: FetchRequest,
+        *,
+        still_wanted: Callable[[], Awaitable[bool]] | None = None,
+        deadline_ms: int | None = None,
+    ) -> Delivery | None:
+        """``deadline_ms``: the caller stops listening then; no task is claimed for it after
+        (``RequestAbandoned``). ``still_wanted``: asked before a fetch that waited claims."""
         ctx = self.ctx
         q = QueueKey(owner, req.service_id)
         ttr = min(req.time_to_recover or ctx.limits.default_ttr_ms, ctx.limits.max_ttr_ms)
@@ -119,16 +140,29 @@ class Fetcher:
             delivery = await self._resend(q, req.worker_id, held, ttr, row.stamp)
             if delivery is not None:
                 return delivery
-        a = _Attempt(q, req.worker_id, ttr, row.stamp, stale_pointer=held is not None and not held.done)
-        delivery = await self._claim_next(a)
-        if delivery is None and req.wait_ms > 0:
-            delivery = await self._wait_for_hint(a, req.wait_ms)
+        a = _Attempt(
+            q, req.worker_id, ttr, row.stamp, stale_pointer=held is not None and not held.done, deadline_ms=deadline_ms
+        )
+        try:
+            delivery = await self._claim_next(a)
+            if delivery is None and req.wait_ms > 0:
+                delivery = await self._wait_for_hint(a, req.wait_ms, still_wanted)
+        except RequestAbandoned:
+            delivery = None
+            abandoned = True
+        else:
+            abandoned = False
+        finally:
+            if a.requester is not None:
+                a.requester.cancel()
         if delivery is None and (a.stale_pointer or a.attempted):
             # Our write-ahead pointer names a task we did not get: drop it. Stamped just after the
             # write it undoes (ours, or the stale one read), not at the present: a pointer another
             # fetch of this worker wrote meanwhile (an orphaned long-poll that claimed a task for
             # it) must survive, or that task stays leased to the worker and no fetch returns it.
             await ctx.store.clear_worker(q, a.worker, _after(a.stamp, ctx.clock.now_ms()))
+        if abandoned:
+            raise RequestAbandoned("nobody waits for this fetch's reply any more")
         return delivery
 
     async def _resend(
@@ -165,14 +199,24 @@ class Fetcher:
             return await self._claim_scanned(a)
         return None
 
-    async def _wait_for_hint(self, a: _Attempt, wait_ms: int) -> Delivery | None:
-        """Long-poll: wait for a hint of this queue (no store traffic while waiting)."""
+    async def _wait_for_hint(
+        self, a: _Attempt, wait_ms: int, still_wanted: Callable[[], Awaitable[bool]] | None
+    ) -> Delivery | None:
+        """Long-poll: wait for a hint of this queue (no store traffic while waiting).
+
+        A fetch that waited asks ``still_wanted`` before it claims: its worker may be gone
+        (crashed, killed), and, as the queue's oldest waiter, it takes the hint first. Claimed
+        for it, the task would wait out its whole lease while live workers waited beside it."""
         loop = asyncio.get_running_loop()
         until = loop.time() + wait_ms / 1000
         while (left_ms := int((until - loop.time()) * 1000)) > 0:
             taken = await self.hints.take(a.q, left_ms)
             if taken is None:
                 return None
+            if still_wanted is not None:
+                # Asked beside the write-ahead (a broker round trip against a Cassandra one): it
+                # costs the claim no time. Its answer is awaited before the claim (``_may_claim``).
+                a.requester = asyncio.ensure_future(still_wanted())
             claim = await self._claim_hinted(a, taken)
             if claim.delivery is not None:
                 return claim.delivery
@@ -182,7 +226,7 @@ class Fetcher:
         entry = taken.hint.entry()
         a.attempted = True
         try:
-            claim = await self._try_claim(a.q, a.worker, entry, a.ttr, a.stamp, taken.hint.payload)
+            claim = await self._try_claim(a, entry, taken.hint.payload)
         except BaseException:
             await asyncio.shield(taken.retry())  # not decided: another fetch gets the hint
             raise
@@ -214,7 +258,7 @@ class Fetcher:
                 break
             a.attempted = True
             try:
-                claim = await self._try_claim(a.q, a.worker, entry, a.ttr, a.stamp)
+                claim = await self._try_claim(a, entry)
             except BaseException:
                 self.dispatcher.release(a.q, entry)
                 raise
@@ -230,11 +274,23 @@ class Fetcher:
         self.reconcile.found_nothing(a.q, self.ctx.clock.now_ms())
         return None
 
-    async def _try_claim(
-        self, q: QueueKey, worker: str, entry: ReadyEntry, ttr: int, stamp: int | None, carried: Payload | None = None
-    ) -> _Claim:
+    async def _may_claim(self, a: _Attempt) -> None:
+        """The last check before a claim: is anybody still waiting for this fetch's reply?"""
+        if a.deadline_ms is not None and self.ctx.clock.now_ms() > a.deadline_ms:
+            # This bridge stalled (a pause, slow store calls) past the caller's deadline: the
+            # caller gave up and asks afresh, so a task claimed now would wait out its lease.
+            self.ctx.metrics.inc("requests_expired", method="fetch")
+            raise RequestAbandoned("past the caller's deadline")
+        probe, a.requester = a.requester, None
+        if probe is not None and not await probe:
+            self.ctx.metrics.inc("long_polls_abandoned")
+            log.info("a waiting fetch's worker is gone: its task goes to another", extra={"worker": a.worker})
+            raise RequestAbandoned("the worker is gone")
+
+    async def _try_claim(self, a: _Attempt, entry: ReadyEntry, carried: Payload | None = None) -> _Claim:
         """Claim one candidate: the delivery (None if the task is not ours), the stamp of the
         pointer write, and whether the task had finished."""
+        q, worker, ttr, stamp = a.q, a.worker, a.ttr, a.stamp
         store, margin = self.ctx.store, self.ctx.limits.skew_margin_ms
         now = self.ctx.clock.now_ms()
         task_id = entry.task_id
@@ -253,6 +309,7 @@ class Fetcher:
             expiry_bucket(until + margin),
             ExpiryEntry(until, q, task_id, epoch, entry.has_token),
         )
+        await self._may_claim(a)
         if recovered:
             assert entry.epoch is not None
             # Only a lease whose deadline passed more than the skew margin ago on OUR clock.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from bridge.crypto import KeyProvider
@@ -264,8 +264,16 @@ class WorkQueue:
             raise Unavailable("concurrent add with the same message_id; retry later")
         return None
 
-    async def fetch(self, owner: str, req: FetchRequest) -> Delivery | None:
-        return await self._fetcher.fetch(owner, req)
+    async def fetch(
+        self,
+        owner: str,
+        req: FetchRequest,
+        *,
+        still_wanted: Callable[[], Awaitable[bool]] | None = None,
+        deadline_ms: int | None = None,
+    ) -> Delivery | None:
+        """``deadline_ms`` and ``still_wanted``: see ``bridge.domain.fetching.Fetcher.fetch``."""
+        return await self._fetcher.fetch(owner, req, still_wanted=still_wanted, deadline_ms=deadline_ms)
 
     async def ack(self, owner: str, req: AckRequest, *, sent_before_ms: int | None = None) -> bool:
         return await self._acker.ack(owner, req, sent_before_ms=sent_before_ms)

@@ -106,6 +106,10 @@ ROUTES: dict[str, Route] = {
         "tasks_dead_lettered", "Tasks removed without a result, by reason.", labels=("reason",)
     ),
     "claim_conflicts": Route("claim_conflicts", "Claims lost to a concurrent claim (lightweight transaction)."),
+    "long_polls_abandoned": Route(
+        "long_polls_abandoned",
+        "Waiting fetches whose worker was gone (its reply-to closed) when a task came: the task went to another.",
+    ),
     "claims_stale": Route(
         "claims_stale",
         "Claims refused because the task had finished (a cancelled, purged or done task's hint or index "

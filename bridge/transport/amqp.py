@@ -38,6 +38,7 @@ from bridge.transport import tolerant_decoding
 from bridge.transport.duty import Duty
 from bridge.transport.handlers import ADD_RETRY_BUDGET_S, RequestHandlers
 from bridge.transport.hints import AmqpHints
+from bridge.transport.liveness import RequesterProbe
 from bridge.transport.permissions import amqp_user
 from bridge.transport.replies import ReplyPublisher
 from bridge.transport.request import Delivery, RequestMessage
@@ -68,7 +69,14 @@ class AmqpTransport:
         self.hints = hints
         self.duty = duty
         self.replies = ReplyPublisher(self._connect_probation, user=amqp_user(settings.amqp_url.get_secret_value()))
-        self.handlers = RequestHandlers(settings, queue, self.replies, consuming=lambda: bool(self._consumer_tags))
+        self.probe = RequesterProbe()
+        self.handlers = RequestHandlers(
+            settings,
+            queue,
+            self.replies,
+            consuming=lambda: bool(self._consumer_tags),
+            requester_alive=self.probe.alive,
+        )
         self._observer = observe or (lambda method, outcome, seconds: None)
         self.connection: AbstractRobustConnection | None = None
         self._consume_channel: AbstractRobustChannel | None = None
@@ -138,6 +146,7 @@ class AmqpTransport:
             channel.close_callbacks.add(functools.partial(self._channel_lost, name))
         self.connection.reconnect_callbacks.add(self._reconnected)
         await self._declare_topology()
+        self.probe.attach(self.connection)
         if self.hints is not None:
             await self.hints.attach(self.connection)
         if self.duty is not None:

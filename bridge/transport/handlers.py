@@ -8,6 +8,7 @@ timing wrapper (:mod:`bridge.transport.timing`) observes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -19,6 +20,7 @@ from pydantic import BaseModel
 
 from bridge.config import Settings
 from bridge.domain.errors import BadRequest, NotSent
+from bridge.domain.fetching import RequestAbandoned
 from bridge.domain.models import AckWithNextRequest, AddCommand, FetchRequest, parse
 from bridge.domain.queue import PendingAdd, WorkQueue
 from bridge.domain.timeline import ms_of
@@ -65,11 +67,18 @@ def _answerable(exc: BaseException, what: str, internal_message: str) -> BridgeE
 
 class RequestHandlers:
     def __init__(
-        self, settings: Settings, queue: WorkQueue, replies: ReplyPublisher, *, consuming: Callable[[], bool]
+        self,
+        settings: Settings,
+        queue: WorkQueue,
+        replies: ReplyPublisher,
+        *,
+        consuming: Callable[[], bool],
+        requester_alive: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         self.settings = settings
         self.queue = queue
         self.replies = replies
+        self.requester_alive = requester_alive  # asked before a long-poll that waited claims a task
         self.identity = Identity(settings.trusted_users)
         self._consuming = consuming  # false once the bridge stops taking requests (shutdown)
 
@@ -215,7 +224,12 @@ class RequestHandlers:
             if self._expired(method, deadline):
                 outcome, (body, headers) = EXPIRED, (None, None)
             else:
-                outcome, (body, headers) = OK, await call(owner, request, message)
+                try:
+                    outcome, (body, headers) = OK, await call(owner, request, message)
+                except RequestAbandoned as why:
+                    # Nobody reads the reply: settled as an expired request (counted where raised).
+                    log.info("request abandoned: %s", why)
+                    outcome, (body, headers) = EXPIRED, (None, None)
         except Exception as exc:
             return await self.fail(message, method, exc)
         return await self.conclude(message, method, outcome, body, headers)
@@ -230,6 +244,11 @@ class RequestHandlers:
         return True
 
     async def _fetch(self, owner: str, req: FetchRequest, message: RequestMessage) -> Reply:
+        if message.redelivered and req.fresh:
+            # The broker redelivers a request whose bridge died before settling it: a retry of a
+            # fetch whose reply may have been lost, which ``fresh`` must not be. The first copy
+            # may have claimed a task and written the worker's pointer: this copy hands it out.
+            req = req.model_copy(update={"fresh": False})
         if req.wait_ms > 0:
             # A fetch may wait up to 30 s: its delivery must not hold one of the consumer's prefetch
             # slots that long (a bridge with as many waiting fetches as slots would take no request).
@@ -240,7 +259,9 @@ class RequestHandlers:
                 # The caller stops listening at its deadline and may have sent another fetch: a
                 # wait past it would only claim a task for a reply nobody reads.
                 req = req.model_copy(update={"wait_ms": max(0, left)})
-        delivery = await self.queue.fetch(owner, req)
+        delivery = await self.queue.fetch(
+            owner, req, still_wanted=self._still_wanted(message), deadline_ms=deadline_of(message)
+        )
         if delivery is None:
             return wire.encode(wire.fetched(None)), None
         # The worker's span continues the engine's trace: same trace id, a new parent span id.
@@ -248,17 +269,29 @@ class RequestHandlers:
         headers = {"traceparent": child} if child else None
         return wire.encode(wire.fetched(delivery)), headers
 
+    def _still_wanted(self, message: RequestMessage) -> Callable[[], Awaitable[bool]] | None:
+        """For a fetch that may wait: whether its requester is still there to take a task."""
+        if self.requester_alive is None or not message.reply_to:
+            return None
+        return functools.partial(self.requester_alive, message.reply_to)
+
     async def _ack(self, owner: str, req: AckWithNextRequest, message: RequestMessage) -> Reply:
+        if message.redelivered and req.next is not None and req.next.fresh:
+            req = req.model_copy(update={"next": req.next.model_copy(update={"fresh": False})})  # as in _fetch
         done = await self.queue.ack(owner, req, sent_before_ms=sent_before_ms(message))
         if req.next is None:
             return wire.encode(wire.acked(done)), None
-        return await self._ack_then_fetch(owner, req, done)
+        return await self._ack_then_fetch(owner, req, done, message)
 
-    async def _ack_then_fetch(self, owner: str, req: AckWithNextRequest, done: bool) -> Reply:
+    async def _ack_then_fetch(self, owner: str, req: AckWithNextRequest, done: bool, message: RequestMessage) -> Reply:
         """(1.6) The ack is decided: its answer stands whatever the fetch of the next task does.
         A fetch that fails answers its error as ``next`` (the worker fetches on its own then)."""
         try:
-            delivery = await self.queue.fetch(owner, req.next_fetch(done))
+            delivery = await self.queue.fetch(
+                owner, req.next_fetch(done), still_wanted=self._still_wanted(message), deadline_ms=deadline_of(message)
+            )
+        except RequestAbandoned:
+            delivery = None  # nobody reads this reply either; the ack's answer is sent all the same
         except Exception as exc:
             error = _answerable(exc, "fetch after an ack", "internal error fetching the next task; see the bridge log")
             return wire.encode(wire.acked(done, wire.error(error))), None

@@ -40,6 +40,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from pamqp.commands import Basic
+from pamqp.common import Arguments
 
 from bridge.config import Settings
 from bridge.crypto import Sealed
@@ -190,6 +191,8 @@ class AmqpHints:
         self.on_loss = on_loss or (lambda: None)
         self._expires_ms = (settings.task_ttl_seconds + 86_400) * 1000
         self._channel: AbstractRobustChannel | None = None  # publish + get
+        self._connection: AbstractRobustConnection | None = None
+        self._declaring: aiormq.Channel | None = None  # declarations only (a refusal closes it)
         self._frames: aiormq.Channel | None = None  # its aiormq channel (changes on reconnect)
         self._ids = message_ids()
         self._consume: AbstractChannel | None = None  # waiting fetches' consumers (prefetch 1 each)
@@ -202,6 +205,7 @@ class AmqpHints:
 
     async def attach(self, connection: AbstractRobustConnection) -> None:
         connection.reconnect_callbacks.add(lambda *_: self.on_loss())
+        self._connection = connection
         self._channel = await connection.channel(publisher_confirms=False)
         self._consume = await connection.channel(publisher_confirms=False)
         await self._consume.set_qos(prefetch_count=1)
@@ -214,16 +218,37 @@ class AmqpHints:
             self._declared.move_to_end(name)
             return found
         assert self._channel is not None, "hints used before the transport started"
-        args: dict[str, object] = {"x-max-priority": RECOVERED_PRIORITY, "x-expires": self._expires_ms}
         async with asyncio.timeout(BROKER_CALL_S):
-            # Not robust: a robust channel keeps every queue it ever declared (MAX_DECLARED would
-            # bound nothing) and declares them all again at each reconnection, one round trip
-            # each, expired ones included. A queue gone is declared again on its next use here.
-            declared = await self._channel.declare_queue(name, durable=True, arguments=args, robust=False)
+            await self._declare(name)
+        # The queue object only names the queue for the publish-and-get channel: no broker call.
+        declared = await self._channel.get_queue(name, ensure=False)
         self._declared[name] = declared
         while len(self._declared) > MAX_DECLARED:
             self._declared.popitem(last=False)
         return declared
+
+    async def _declare(self, name: str) -> None:
+        """Declare a hint queue on a channel of its own. A queue declared by a bridge with another
+        ``BRIDGE_TASK_TTL`` has another ``x-expires``: the broker refuses the declaration (406,
+        closing the channel), and the queue is used as it is, checked with a passive declare.
+        Refused on the publish-and-get channel, the hints of every queue would go with it, and
+        every later use of the queue would be refused again (a long-poll answered at once)."""
+        args: Arguments = {"x-max-priority": RECOVERED_PRIORITY, "x-expires": self._expires_ms}
+        try:
+            channel = await self._declaring_channel()
+            await channel.queue_declare(name, durable=True, arguments=args)
+        except aiormq.exceptions.ChannelPreconditionFailed:
+            log.info("hint queue %s exists with other arguments (another BRIDGE_TASK_TTL): used as it is", name)
+            channel = await self._declaring_channel()
+            await channel.queue_declare(name, passive=True)
+
+    async def _declaring_channel(self) -> aiormq.Channel:
+        channel = self._declaring
+        if channel is None or channel.is_closed:
+            assert self._connection is not None and self._connection.transport is not None, "hints not attached"
+            underlay = cast(aiormq.Connection, self._connection.transport.connection)
+            channel = self._declaring = cast(aiormq.Channel, await underlay.channel())
+        return channel
 
     async def _channel_frames(self) -> aiormq.Channel:
         """The publish-and-get channel's aiormq channel: hints are published and taken on its frames

@@ -67,17 +67,15 @@ def _waiters(bridge) -> int:  # type: ignore[no-untyped-def]
     return sum(len(x.waiters) for x in bridge.hints._waiting.values())
 
 
-async def test_a_task_claimed_by_a_long_poll_whose_reply_was_lost_is_handed_back_at_once(
-    bridge, engine, servers, names
-):
+async def test_a_long_poll_whose_connection_closed_leaves_the_next_task_to_the_new_fetch(bridge, engine, servers, names):
     """A worker's long-poll is waiting at the bridge when the broker closes the worker's
     connection: the client fails it (ConnectionLost) and polls again, as ``Worker._poll`` does.
-    The orphaned fetch still waits at the bridge; being the oldest waiter, it takes the next
-    task's hint and claims the task for this worker, and its reply goes nowhere. The new fetch
-    ends with null. Before the fix the client then believed it held nothing and its next fetch
-    said ``fresh``: the bridge skipped the worker's pointer and the task stayed leased to nobody
-    until its lease (here 60 s) ran out. Until the lost fetch's deadline has passed, the client
-    now fetches without ``fresh``, and gets the task at once."""
+    The orphaned fetch still waits at the bridge as the queue's oldest waiter and takes the next
+    task's hint first. It claimed the task for this worker once, its reply going nowhere (the
+    client then fetched without ``fresh`` until the lost fetch's deadline to get it back: see
+    test_fetch_races for an orphan whose connection lives). Now the bridge asks the broker whether
+    the orphan's reply-to still exists before it claims: it does not, so the hint goes to the new
+    fetch, which gets the task at once, and the orphan claims nothing."""
     svc = service_id()
     w, conn_name = await named_worker(servers, names, svc)
     try:
@@ -88,17 +86,13 @@ async def test_a_task_claimed_by_a_long_poll_whose_reply_was_lost_is_handed_back
             await asyncio.wait_for(first, 10.0)
 
         # The worker polls again (not ``fresh``: the first fetch got no answer).
-        second = asyncio.create_task(w.fetch(wait_ms=2_000))
+        second = asyncio.create_task(w.fetch(wait_ms=4_000))
         await wait_for(lambda: _waiters(bridge) == 2, 10.0, what="the orphan and the new long-poll waiting")
         task_id = await engine.add(svc, {"n": 1})
-        assert await asyncio.wait_for(second, 10.0) is None  # the orphan took the hint
-
-        # The bridge leased the task to this worker; the worker asks for its task.
-        again = await w.fetch()
-        assert again is not None and again.id == task_id, (
-            "the task the bridge leased to this worker (through its orphaned long-poll) is not "
-            "handed back: the null answer of the overlapping fetch made the next one 'fresh'"
-        )
+        got = await asyncio.wait_for(second, 10.0)
+        assert got is not None and got.id == task_id and got.deliveries == 1, got
+        assert bridge.metrics.counter_value("long_polls_abandoned") >= 1
+        assert await got.ack("done") is True
     finally:
         await w.close()
 
@@ -374,12 +368,12 @@ async def test_run_goes_on_when_a_fetch_is_answered_unavailable(bridge, engine, 
     real = bridge.queue.fetch
     calls = 0
 
-    async def flaky(owner, req):  # type: ignore[no-untyped-def]
+    async def flaky(owner, req, **kw):  # type: ignore[no-untyped-def]
         nonlocal calls
         calls += 1
         if calls == 1:
             raise Unavailable("cassandra away (test)")
-        return await real(owner, req)
+        return await real(owner, req, **kw)
 
     monkeypatch.setattr(bridge.queue, "fetch", flaky)
     task_id = await engine.add(svc, {"n": 1})

@@ -684,6 +684,7 @@ class _Incoming:
     ) -> None:
         self.body = body if isinstance(body, bytes) else orjson.dumps(body)
         self.routing_key = routing_key
+        self.redelivered = False
         self.user_id = user_id
         self.reply_to = reply_to
         self.correlation_id: str | None = uuid.uuid4().hex
@@ -724,7 +725,7 @@ class _WorkQueue:
     ) -> str:
         return TASK_ID
 
-    async def fetch(self, owner: str, req: FetchRequest) -> Delivery | None:
+    async def fetch(self, owner: str, req: FetchRequest, **_: Any) -> Delivery | None:
         if self.error is not None:
             raise self.error
         return self.delivery
@@ -915,7 +916,7 @@ def test_ack_with_next_replies_match_the_document(doc: dict[str, Any], settings:
     }
 
     class _FetchFails(_WorkQueue):
-        async def fetch(self, owner: str, req: FetchRequest) -> Delivery | None:
+        async def fetch(self, owner: str, req: FetchRequest, **_: Any) -> Delivery | None:
             raise Unavailable("cassandra unavailable")
 
     failing = _FetchFails()

@@ -159,6 +159,7 @@ class _Message:
         self.headers: dict[str, Any] = {}
         self.message_id = "m-1"
         self.timestamp = None
+        self.redelivered = False
         self.settled: list[Settle] = []
 
     @property

@@ -117,7 +117,7 @@ class _Queue:
     ) -> str:
         return str(uuid.uuid4())
 
-    async def fetch(self, owner: str, req: FetchRequest) -> Delivery | None:
+    async def fetch(self, owner: str, req: FetchRequest, **_: Any) -> Delivery | None:
         return Delivery(str(uuid.uuid4()), b'{"x":1}', 1, 1, 1_800_000_060_000, None)
 
     async def ack(self, owner: str, req: AckRequest, *, sent_before_ms: int | None = None) -> bool:

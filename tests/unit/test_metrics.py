@@ -45,6 +45,7 @@ EXPECTED_COUNTERS = {
     "tasks_dead_lettered": ("queue_bridge_tasks_dead_lettered_total", ("reason",)),
     "claim_conflicts": ("queue_bridge_claim_conflicts_total", ()),
     "claims_stale": ("queue_bridge_claims_stale_total", ()),
+    "long_polls_abandoned": ("queue_bridge_long_polls_abandoned_total", ()),
     "claims": ("queue_bridge_claims_total", ("source", "outcome")),
     "claims_refiled": ("queue_bridge_claims_refiled_total", ()),
     "hint_payloads_refused": ("queue_bridge_hint_payloads_refused_total", ()),

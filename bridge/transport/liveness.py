@@ -1,0 +1,68 @@
+"""Is a requester still there? A long-poll fetch waits up to 30 s; its worker may be gone by the time
+a task arrives (a crash, an OOM kill, a cancelled fetch on a closed connection). Claimed for it, the
+task would sit leased to nobody until its ``timeToRecover`` ran out, while live workers of the same
+queue waited (the gone worker's fetch is the oldest waiter, so it takes the hint first).
+
+RabbitMQ answers a passive ``queue.declare`` of a direct reply-to name with DeclareOk while the
+requester's channel lives and 404 once it is closed: one broker round trip, asked only of fetches
+that have waited a while (a fresh waiter's requester is almost surely there)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import cast
+
+import aiormq
+from aio_pika.abc import AbstractRobustConnection
+from pamqp import commands
+
+log = logging.getLogger("bridge.transport")
+
+PROBE_TIMEOUT_S = 3.0  # past it the requester counts as there: a slow broker must not drop fetches
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to."
+
+
+class _PassiveDeclare(commands.Queue.Declare):
+    """pamqp refuses the characters of direct reply-to names (``=``, ``+``, ``/``) in a queue name;
+    the broker takes them (it made the name)."""
+
+    def validate(self) -> None:
+        pass
+
+
+class RequesterProbe:
+    def __init__(self) -> None:
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: aiormq.Channel | None = None  # closed by each 404; opened again on the next probe
+        self._opening = asyncio.Lock()
+        self.gone = 0
+
+    def attach(self, connection: AbstractRobustConnection) -> None:
+        self._connection = connection
+
+    async def alive(self, reply_to: str) -> bool:
+        """False only when the broker says the requester's reply-to no longer exists; any other
+        answer (a plain reply queue, an error, no answer in time) counts as alive."""
+        if not reply_to.startswith(DIRECT_REPLY_TO):
+            return True
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                channel = await self._open()
+                await channel.rpc(_PassiveDeclare(queue=reply_to, passive=True))
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            self.gone += 1
+            return False
+        except Exception as exc:
+            log.debug("requester probe failed: %s", type(exc).__name__)
+        return True
+
+    async def _open(self) -> aiormq.Channel:
+        async with self._opening:
+            channel = self._channel
+            if channel is None or channel.is_closed:
+                # Not a robust channel: a 404 closes it, and aio-pika would reopen (and log) each time.
+                assert self._connection is not None and self._connection.transport is not None
+                underlay = cast(aiormq.Connection, self._connection.transport.connection)
+                channel = self._channel = cast(aiormq.Channel, await underlay.channel())
+            return channel
