@@ -60,6 +60,7 @@ from bridge.storage.statements import STATEMENTS
 
 DAY_MS = 86_400_000
 MAX_CASSANDRA_TTL_S = 630_720_000  # 20 years
+SERVICE_REGISTRATION_PERIOD_S = 86_400  # how often a bridge writes a queue's ``services`` row again
 ALL_EXPIRY_SHARDS = list(range(EXPIRY_SHARDS))
 ALL_OUTBOX_SHARDS = list(range(OUTBOX_SHARDS))
 OUTBOX_READS_AT_ONCE = 16  # unpublished outbox entries read side by side (each holds a result)
@@ -117,7 +118,14 @@ class CassandraTaskStore:
         key = (q, lane, bucket)
         if key in self._indexed and not force:
             return
-        ttl = self.ttl_for(task_id) + BUCKET_INDEX_GRACE_S
+        if lane == LANE_RECOVERED:
+            # Written once per bucket and process, for its first entry; but a bucket of the
+            # recovered lane takes tasks of any age (those whose leases ran out in its ten
+            # seconds): a full TTL from now outlives every one of them. Given the first entry's
+            # remaining life, the row expired under a younger task's entry, and no scan found it.
+            ttl = int(min(self.task_ttl_s, MAX_CASSANDRA_TTL_S - BUCKET_INDEX_GRACE_S)) + BUCKET_INDEX_GRACE_S
+        else:
+            ttl = self.ttl_for(task_id) + BUCKET_INDEX_GRACE_S
         await self.db.execute("buckets.insert", (q.owner, q.service, lane, bucket, ttl))
         if len(self._indexed) > MAX_REMEMBERED_BUCKETS:
             self._indexed.clear()
@@ -459,7 +467,12 @@ class CassandraTaskStore:
         return {r["minute"]: r["delayed"] or 0 for r in rows}
 
     async def register_service(self, q: QueueKey) -> None:
-        await self.db.execute("services.insert", (q.owner, q.service, self.task_ttl_s))
+        # Registered once a day per bridge (``WorkQueue._register``) and listed while any task
+        # of the queue may live: a task added just before the next registration, due up to a
+        # TTL later (a delayed task) and living a TTL from then. With the row's TTL equal to the
+        # task TTL, a queue holding tasks dropped out of stats, the console and the gauges.
+        ttl = min(2 * self.task_ttl_s + SERVICE_REGISTRATION_PERIOD_S, MAX_CASSANDRA_TTL_S)
+        await self.db.execute("services.insert", (q.owner, q.service, ttl))
 
     async def services(self, owner: str, limit: int) -> list[str]:
         rows = await self.db.execute("services.of", (owner, limit), fetch_size=5000)

@@ -136,7 +136,7 @@ def table_cql(keyspace: str, ttl_seconds: int) -> list[str]:
         ) WITH {ttl}""",
         # 1.4: queue counts for stats, as counters of deltas that bridges flush about once a second.
         # A row per day of the tasks' ids: rows older than the task TTL are not read (their tasks
-        # expired, counted or not), so a count never drifts for longer than a TTL. Counter tables
+        # expired, counted or not), so a count never drifts for longer than a TTL and a day. Counter tables
         # take no TTL.
         f"""CREATE TABLE IF NOT EXISTS {ks}.queue_counts (
             owner text, service text, day bigint, ready counter, in_flight counter,

@@ -65,6 +65,9 @@ def _answerable(exc: BaseException, what: str, internal_message: str) -> BridgeE
     return exc
 
 
+PACED_METHOD = "redrive"  # the one lifecycle method that waits on purpose (its rate)
+
+
 class RequestHandlers:
     def __init__(
         self,
@@ -303,6 +306,13 @@ class RequestHandlers:
         operation = wire.LIFECYCLE[method]
 
         async def call(owner: str, req: Any, message: RequestMessage) -> Reply:
+            if method == PACED_METHOD:
+                # A redrive paces itself (BRIDGE_REDRIVE_RATE a queue): up to 1,000 tasks take
+                # many seconds. Holding its delivery meanwhile, as many redrives as the prefetch
+                # window would stop every extend, fail and cancel of every owner on this bridge
+                # (leases of healthy work would run out). Acknowledged now, as a waiting fetch
+                # is: a redrive is idempotent, and if the bridge dies, the caller's retry asks again.
+                await message.ack()
             return wire.encode(await operation.call(self.queue, owner, req)), None
 
         async def handle(message: RequestMessage) -> str:

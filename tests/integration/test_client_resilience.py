@@ -67,7 +67,9 @@ def _waiters(bridge) -> int:  # type: ignore[no-untyped-def]
     return sum(len(x.waiters) for x in bridge.hints._waiting.values())
 
 
-async def test_a_long_poll_whose_connection_closed_leaves_the_next_task_to_the_new_fetch(bridge, engine, servers, names):
+async def test_a_long_poll_whose_connection_closed_leaves_the_next_task_to_the_new_fetch(
+    bridge, engine, servers, names
+):
     """A worker's long-poll is waiting at the bridge when the broker closes the worker's
     connection: the client fails it (ConnectionLost) and polls again, as ``Worker._poll`` does.
     The orphaned fetch still waits at the bridge as the queue's oldest waiter and takes the next
