@@ -97,7 +97,7 @@ cassandra_pid() {
 # pid right after the launch could still see the forked shell, or a cmdline read mid-exec (9% of
 # bare launches on an idle 2-core machine): a CI run took a healthy node for a dead one.
 qb_spawn_detached() {
-  local log=$1 pid i program
+  local log=$1 pid i program arg0
   shift
   program=$(readlink -f "$(command -v "$1")")
   setsid nohup "$@" >"$log" 2>&1 </dev/null &
@@ -105,7 +105,13 @@ qb_spawn_detached() {
   QB_SPAWNED_PID=$pid
   for ((i = 0; i < 400; i++)); do   # up to ~10 s
     [[ -e /proc/$pid/stat && $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) != Z ]] || return 1
-    [[ $(readlink "/proc/$pid/exe" 2>/dev/null) == "$program" ]] && return 0
+    if [[ $(readlink "/proc/$pid/exe" 2>/dev/null) == "$program" ]]; then
+      # The kernel points exe at the new program before it lays out the new argv: a cmdline
+      # read in between is empty (1 launch in 300 in a CI run). Done once argv[0] is CMD's.
+      arg0=
+      IFS= read -r -d '' arg0 <"/proc/$pid/cmdline" 2>/dev/null || true
+      [[ $arg0 == "$1" ]] && return 0
+    fi
     sleep 0.025
   done
   return 1

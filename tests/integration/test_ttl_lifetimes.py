@@ -46,59 +46,49 @@ async def test_an_active_queue_stays_listed_while_it_holds_tasks(make_bridge, en
     assert svc in listed, "a queue holding a ready task is missing from the owner's stats"
 
 
-@pytest.mark.timeout(300)  # a TTL of 75 s and an index row that outlives its first task by 60 s
-async def test_a_recovered_task_stays_findable_by_a_scan_for_its_whole_life(make_bridge, engine, workers, cql, servers):
+async def test_a_recovered_lane_bucket_stays_indexed_while_a_task_in_it_lives(
+    make_bridge, engine, cql, servers, monkeypatch
+):
     """A lane-0 (recovered) entry lives for its task's remaining life, but the ``ready_buckets``
     row that makes scans find it is written once per process and 10 s bucket
-    (``CassandraTaskStore._index_bucket``, remembered in ``_indexed``) with the remaining life of
-    the FIRST task recovered into that bucket, plus 60 s. Recovered tasks are of every age, so
-    when an old task's lease runs out first, a young task recovered by the same bridge in the same
-    10 s loses its index row long before its entry: from then on no scan (every fetch with
-    ``BRIDGE_HINTS=false``, reconciliation after a lost hint, purge, stats' oldest ready task) sees
-    it. The task is neither handed out nor purged, and stays in flight for the stats, until its
-    TTL. Here TTL 75 s: A (added at 0) and B (added at ~65) are both leased for 1 s at ~65; A's
-    index row lives ~70 s, B's entry ~75 s; between the two, every other worker's fetch answers null
-    (with hints on, only B's hint can still deliver it: once that is lost, or purged, nothing does)."""
-    ttl_s = 75
+    (``CassandraTaskStore._index_bucket``, remembered in ``_indexed``) and took the remaining life
+    of the FIRST task recovered into that bucket, plus a grace. Recovered tasks are of every age
+    (a bucket takes those whose leases ran out in its ten seconds), so when an old task is
+    recovered first, a young task recovered into the same bucket loses its index row long before
+    its entry: no scan (every fetch with ``BRIDGE_HINTS=false``, reconciliation after a lost hint,
+    purge, stats' oldest ready task) sees it again, until its TTL. Here the grace is 2 s (60 s in
+    production) and the TTL 20 s: A added at 0, B at 12, both recovered into one bucket at 12."""
+    from bridge.domain.records import QueueKey
+    from bridge.domain.timeline import bucket_of_task, timeuuid_from_ms
+    from bridge.storage import repository
+
+    ttl_s, grace_s = 20, 2
+    monkeypatch.setattr(repository, "BUCKET_INDEX_GRACE_S", grace_s)
     b = await make_bridge(task_ttl=ttl_s, hints=False)
-    await wait_for(lambda: b.duty.held, 10, what="the duty")
+    store, clock = b.queue.ctx.store, b.queue.clock
     svc, ks = service_id(), servers.keyspace
-    clock = b.queue.clock
-    a_id = await engine.add(svc, "old")
-    start = clock.now_ms()
-    # Late in A's life, and not near a 10 s boundary (both recoveries land in one lane-0 bucket).
-    await wait_for(
-        lambda: clock.now_ms() - start > (ttl_s - 12) * 1000 and clock.now_ms() % 10_000 < 6_000,
-        ttl_s,
-        interval=0.1,
-        what="A late in its life",
-    )
-    b_id = await engine.add(svc, "young")
-    wa, wb = await workers(svc, "wa"), await workers(svc, "wb")
-    got_a = await wa.fetch(time_to_recover_ms=1_000)
-    got_b = await wb.fetch(time_to_recover_ms=1_000)
-    assert (got_a.id, got_b.id) == (a_id, b_id)
-
-    def recovered(task_id: str) -> list[dict]:
-        return [r for r in _rows(cql, ks, "ready", svc, lane=LANE_RECOVERED) if str(r["task_id"]) == task_id]
-
-    await wait_for(lambda: recovered(a_id) and recovered(b_id), 10, interval=0.1, what="both leases re-exposed")
-    (entry_b,) = recovered(b_id)
-    (entry_a,) = recovered(a_id)
-    assert entry_a["bucket"] == entry_b["bucket"]
-    bucket = entry_b["bucket"]
+    q = QueueKey(OWNERS[0], svc)
+    a_id = uuid.UUID(await engine.add(svc, "old"))
+    await wait_for(lambda: clock.now_ms() - ms_of(a_id) > 12_000, 20, interval=0.1, what="A late in its life")
+    b_id = uuid.UUID(await engine.add(svc, "young"))
+    # Both leases ran out in the same ten seconds: re-exposed into one bucket, A first.
+    now = clock.now_ms()
+    bucket = bucket_of_task(timeuuid_from_ms(now))
+    for task_id in (a_id, b_id):
+        await store.expose_recovered(q, bucket, timeuuid_from_ms(clock.now_ms()), task_id, 1, False)
 
     def indexed() -> bool:
-        return bool(_rows(cql, ks, "ready_buckets", svc, lane=LANE_RECOVERED, bucket=bucket))
+        query = f"SELECT bucket FROM {ks}.ready_buckets WHERE owner = %s AND service = %s AND lane = %s"
+        return any(r["bucket"] == bucket for r in cql.execute(query, (OWNERS[0], svc, LANE_RECOVERED)))
 
-    # Nobody fetches meanwhile (the two workers died: that is why their leases ran out). The index
-    # row of B's bucket expired with A's life plus 60 s, long before B's entry; waited past that.
-    a_row_until = ms_of(uuid.UUID(a_id)) + (ttl_s + 60) * 1000 + 1_500
-    await wait_for(lambda: clock.now_ms() > a_row_until, ttl_s + 60, interval=0.5, what="A's life plus 60 s")
-    assert clock.now_ms() < ms_of(uuid.UUID(b_id)) + (ttl_s - 2) * 1000, "set-up too slow: B is about to expire"
-    assert indexed(), "the recovered lane's bucket index row expired while an entry of a live task was in it"
-    assert recovered(b_id), "B's recovered entry is still stored"
-    assert _rows(cql, ks, "leases", svc, task_id=uuid.UUID(b_id), state="leased"), "B's run-out lease is stored"
-    other = await workers(svc, "other")  # not wb: a worker's own fetch re-sends the task it held
-    got = await other.fetch(time_to_recover_ms=60_000)
-    assert got is not None and got.id == b_id, "the recovered task B, alive and ready, is not found by a scan"
+    def entry_of_b() -> bool:
+        query = f"SELECT task_id FROM {ks}.ready WHERE owner = %s AND service = %s AND lane = %s AND bucket = %s"
+        return any(r["task_id"] == b_id for r in cql.execute(query, (OWNERS[0], svc, LANE_RECOVERED, bucket)))
+
+    assert indexed() and entry_of_b()
+    # Past A's life plus the grace (where the row expired), within B's life.
+    a_row_until = ms_of(a_id) + (ttl_s + grace_s) * 1000 + 1_500
+    await wait_for(lambda: clock.now_ms() > a_row_until, 30, interval=0.2, what="A's life plus the grace")
+    assert clock.now_ms() < ms_of(b_id) + (ttl_s - 2) * 1000, "set-up too slow: B is about to expire"
+    assert entry_of_b(), "B's recovered entry is still stored"
+    assert indexed(), "the bucket's index row expired while the entry of a live task was in it: no scan finds B"
