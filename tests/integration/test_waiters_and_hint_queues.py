@@ -30,7 +30,6 @@ def _lease(cql: Any, keyspace: str, svc: str, task_id: str) -> dict[str, Any] | 
     return row
 
 
-@pytest.mark.timeout(120)
 async def test_a_long_poll_whose_worker_is_gone_does_not_take_the_next_task_from_a_live_worker(
     bridge, engine, servers, names, cql
 ):
@@ -106,7 +105,6 @@ async def _delete_queue(url: str, name: str) -> None:
         await conn.close()
 
 
-@pytest.mark.timeout(120)
 async def test_long_poll_still_waits_on_a_bridge_whose_task_ttl_differs_from_the_one_that_declared_the_hint_queue(
     make_bridge, engine, servers, names, workers
 ):
