@@ -80,6 +80,10 @@ class AmqpTransport:
         self._observer = observe or (lambda method, outcome, seconds: None)
         self.connection: AbstractRobustConnection | None = None
         self._consume_channel: AbstractRobustChannel | None = None
+        # Adds are consumed on a connection of their own: a window of large values (64 x 1 MiB)
+        # queued on the one socket delayed every other tenant's fetch and ack behind it by seconds.
+        self._add_connection: AbstractRobustConnection | None = None
+        self._add_channel: AbstractRobustChannel | None = None
         self._publish_channel: AbstractChannel | None = None  # results: confirms + mandatory
         self._reply_channel: AbstractChannel | None = None  # replies: no confirms
         self._queues: dict[str, AbstractQueue] = {}
@@ -146,6 +150,7 @@ class AmqpTransport:
             channel.close_callbacks.add(functools.partial(self._channel_lost, name))
         self.connection.reconnect_callbacks.add(self._reconnected)
         await self._declare_topology()
+        await self._open_add_connection()
         self.probe.attach(self.connection)
         if self.hints is not None:
             await self.hints.attach(self.connection)
@@ -158,6 +163,21 @@ class AmqpTransport:
         topology = await declare_topology(self.settings, self.connection, self._consume_channel, self._publish_channel)
         self._queues = topology.queues
         self.results.attach(topology.results_exchange)
+
+    async def _open_add_connection(self) -> None:
+        self._add_connection = await aio_pika.connect_robust(
+            self.settings.amqp_url.get_secret_value(), client_properties={"connection_name": "queue-bridge adds"}
+        )
+        self._add_channel = await self._add_connection.channel(publisher_confirms=False)
+        await self._add_channel.set_qos(prefetch_count=self.settings.prefetch)
+        self._add_channel.reopen_callbacks.add(self._consume_again)
+        self._add_channel.close_callbacks.add(functools.partial(self._channel_lost, "adds"))
+        self._add_connection.reconnect_callbacks.add(self._reconnected)
+
+    def _channel_of(self, method: str) -> AbstractRobustChannel:
+        channel = self._add_channel if method == "add" else self._consume_channel
+        assert channel is not None
+        return channel
 
     def _channel_lost(self, name: str, _channel: object, exc: BaseException | None = None) -> None:
         if self._closing:
@@ -172,7 +192,6 @@ class AmqpTransport:
 
     async def resume(self, methods: Iterable[str] | None = None) -> None:
         """Consume requests (all queues, or only ``methods``)."""
-        assert self._consume_channel is not None
         consumers: dict[str, Consumer] = {
             "add": self._on_add,
             "fetch": self._on_fetch,
@@ -180,16 +199,18 @@ class AmqpTransport:
             LIFECYCLE_QUEUE: self._on_lifecycle,
             "unrouted": self._on_unrouted,
         }
-        frames = await self._consume_channel.get_underlay_channel()
         for method, consumer in consumers.items():
             if (methods is None or method in methods) and method not in self._consumer_tags:
+                frames = await self._channel_of(method).get_underlay_channel()
                 ok = await frames.basic_consume(self._queues[method].name, self._tracked(consumer))
                 assert ok.consumer_tag is not None
                 self._consumer_tags[method] = ok.consumer_tag
 
-    async def _consume_again(self, _channel: object) -> None:
-        """The consume channel was reopened (a reconnection): its consumers died with the old one."""
-        methods, self._consumer_tags = list(self._consumer_tags), {}
+    async def _consume_again(self, channel: object) -> None:
+        """A consuming channel was reopened (a reconnection): its consumers died with the old one."""
+        methods = [method for method in self._consumer_tags if self._channel_of(method) is channel]
+        for method in methods:
+            del self._consumer_tags[method]
         if methods and not self._closing:
             await self.resume(methods)
 
@@ -200,8 +221,7 @@ class AmqpTransport:
             if methods is not None and method not in methods:
                 continue
             try:
-                assert self._consume_channel is not None
-                frames = await self._consume_channel.get_underlay_channel()
+                frames = await self._channel_of(method).get_underlay_channel()
                 await frames.basic_cancel(tag)
             except Exception as exc:  # channel already gone: nothing to cancel
                 log.debug("cancel %s: %s", method, exc)
@@ -226,18 +246,17 @@ class AmqpTransport:
     async def close(self) -> None:
         self._closing = True
         await self.replies.close_probation()
+        if self._add_connection is not None:
+            await self._add_connection.close()
+            self._add_connection = None
         if self.connection is not None:
             await self.connection.close()
             self.connection = None
 
     def is_ready(self) -> bool:
-        conn = self.connection
-        ch = self._consume_channel
         return bool(
-            conn is not None
-            and not conn.is_closed
-            and ch is not None
-            and not ch.is_closed
+            all(conn is not None and not conn.is_closed for conn in (self.connection, self._add_connection))
+            and all(ch is not None and not ch.is_closed for ch in (self._consume_channel, self._add_channel))
             and len(self._consumer_tags) == len(CONSUMED)
         )
 
