@@ -21,6 +21,7 @@ Exception hierarchy::
     ├── Unavailable ........................... unavailable (retryable)
     │   ├── KeyMissing
     │   ├── KeysUnavailable (the key provider failed for an owner)
+    │   │   └── OwnerKeyUnusable (that owner's key-server entry is unusable)
     │   ├── MaybeApplied (a timed-out write: never repeat a counter increment)
     │   ├── NotSent (never reached Cassandra: certainly not applied)
     │   └── StorageError                                          bridge.storage.errors

@@ -11,7 +11,7 @@ Typical use by the domain code::
 """
 
 from bridge.crypto.cipher import FORMAT_VERSION, Sealed, associated_data, open_sealed, seal
-from bridge.crypto.errors import CryptoError, KeyUnavailable, TamperedCiphertext, UnknownKey, UnknownOwner
+from bridge.crypto.errors import BadKeyAnswer, CryptoError, KeyUnavailable, TamperedCiphertext, UnknownKey, UnknownOwner
 from bridge.crypto.keyring_file import KeyringFileProvider, generate_keyring, rotate_keyring, write_keyring
 from bridge.crypto.keys import KEY_SIZE, CachingKeyProvider, KeyProvider, OwnerKey
 from bridge.crypto.keyserver import HttpKeyProvider
@@ -19,6 +19,7 @@ from bridge.crypto.keyserver import HttpKeyProvider
 __all__ = [
     "FORMAT_VERSION",
     "KEY_SIZE",
+    "BadKeyAnswer",
     "CachingKeyProvider",
     "CryptoError",
     "HttpKeyProvider",

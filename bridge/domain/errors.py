@@ -67,5 +67,10 @@ class KeysUnavailable(Unavailable):
     answered something unusable): an outage of keys, scoped to that owner's request."""
 
 
+class OwnerKeyUnusable(KeysUnavailable):
+    """The key server answered, but this owner's entry is unusable (``BadKeyAnswer``): that owner's
+    misconfiguration, not an outage of the server; it lasts until an operator fixes the entry."""
+
+
 class KeyMissing(Unavailable):
     """The key that sealed a task is not available now: an outage of keys, never corruption."""

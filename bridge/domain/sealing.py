@@ -11,6 +11,7 @@ import uuid
 from typing import Any
 
 from bridge.crypto import (
+    BadKeyAnswer,
     KeyProvider,
     KeyUnavailable,
     OwnerKey,
@@ -27,6 +28,7 @@ from bridge.domain.errors import (
     IntegrityError,
     KeyMissing,
     KeysUnavailable,
+    OwnerKeyUnusable,
     PayloadTooLarge,
     UnknownOwner,
 )
@@ -68,6 +70,8 @@ class OwnerKeys:
             return await self.keys.current_key(owner)
         except NoKeysForOwner:
             raise UnknownOwner(f"no encryption key is configured for owner {owner!r}") from None
+        except BadKeyAnswer as exc:
+            raise OwnerKeyUnusable(f"key provider unavailable: {exc}") from None
         except KeyUnavailable as exc:
             raise KeysUnavailable(f"key provider unavailable: {exc}") from None
 

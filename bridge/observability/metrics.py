@@ -106,6 +106,11 @@ ROUTES: dict[str, Route] = {
         "tasks_dead_lettered", "Tasks removed without a result, by reason.", labels=("reason",)
     ),
     "claim_conflicts": Route("claim_conflicts", "Claims lost to a concurrent claim (lightweight transaction)."),
+    "adds_deferred": Route(
+        "adds_deferred",
+        "Adds moved to the retry lane: their owner's key-server entry is unusable and the owner held its share of "
+        "the add window already.",
+    ),
     "long_polls_abandoned": Route(
         "long_polls_abandoned",
         "Waiting fetches whose worker was gone (its reply-to closed) when a task came: the task went to another.",

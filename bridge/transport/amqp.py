@@ -150,6 +150,7 @@ class AmqpTransport:
             channel.close_callbacks.add(functools.partial(self._channel_lost, name))
         self.connection.reconnect_callbacks.add(self._reconnected)
         await self._declare_topology()
+        self.handlers.lane.attach(self._publish_channel.default_exchange)
         await self._open_add_connection()
         self.probe.attach(self.connection)
         if self.hints is not None:

@@ -11,6 +11,7 @@ from bridge.domain import jsonvalue
 from bridge.domain.errors import BadRequest, PayloadTooLarge, Unauthorized
 from bridge.errors import BridgeError
 from bridge.transport import wire
+from bridge.transport.add_retry import DEFERRED_HEADER
 from bridge.transport.replies import DIRECT_REPLY_PREFIX, BadReplyTo, reply_node
 from bridge.transport.request import RequestMessage
 from bridge.transport.wire import iso
@@ -126,7 +127,10 @@ def idempotency_of(message: RequestMessage) -> AddKey:
         return AddKey(header)
     if not message.message_id:
         return AddKey(None)
-    return AddKey(message.message_id, first_copy=not message.redelivered)
+    # A copy from the bridge's retry lane (bridge.transport.add_retry) may have a twin: the original,
+    # if its acknowledgement was lost after the copy was confirmed.
+    deferred = DEFERRED_HEADER in (message.headers or {})
+    return AddKey(message.message_id, first_copy=not message.redelivered and not deferred)
 
 
 def _is_text(value: str) -> bool:

@@ -13,13 +13,14 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
 from typing import Any, TypeVar
 
 import structlog
 from pydantic import BaseModel
 
 from bridge.config import Settings
-from bridge.domain.errors import BadRequest, NotSent
+from bridge.domain.errors import BadRequest, NotSent, OwnerKeyUnusable
 from bridge.domain.fetching import RequestAbandoned
 from bridge.domain.models import AckWithNextRequest, AddCommand, FetchRequest, parse
 from bridge.domain.queue import PendingAdd, WorkQueue
@@ -27,6 +28,7 @@ from bridge.domain.timeline import ms_of
 from bridge.errors import BridgeError, ErrorCode, wire_code
 from bridge.observability.tracing import child_traceparent, extract_traceparent
 from bridge.transport import wire
+from bridge.transport.add_retry import AddRetryLane
 from bridge.transport.envelope import (
     AddKey,
     Identity,
@@ -51,6 +53,7 @@ ADD_RETRY_BUDGET_S = RETRY_BUDGET_S
 # their cursors past entries older than their settle window (the skew margin + 1 s), and a row
 # landing behind a cursor is never scanned again.
 ADD_ID_FRESH_MS = 500
+DEFERRED = "deferred"  # an add moved to the retry lane (bridge.transport.add_retry): no reply yet
 INTERNAL_MESSAGE = "internal error; the request was dead-lettered, see the bridge log"
 
 R = TypeVar("R", bound=BaseModel)
@@ -77,12 +80,15 @@ class RequestHandlers:
         *,
         consuming: Callable[[], bool],
         requester_alive: Callable[[str], Awaitable[bool]] | None = None,
+        lane: AddRetryLane | None = None,
     ) -> None:
         self.settings = settings
         self.queue = queue
         self.replies = replies
         self.requester_alive = requester_alive  # asked before a long-poll that waited claims a task
-        self.identity = Identity(settings.trusted_users)
+        self.lane = lane or AddRetryLane(settings)
+        # The bridge's own user names the owner of the adds it moved to its retry lane.
+        self.identity = Identity([*settings.trusted_users, self.lane.user])
         self._consuming = consuming  # false once the bridge stops taking requests (shutdown)
 
     # -- one place that settles every request ---------------------------------------------------
@@ -142,22 +148,46 @@ class RequestHandlers:
             structlog.contextvars.bind_contextvars(owner=owner, service=cmd.service_id)
             # W3C trace context of the engine's span: kept with the task (a malformed one is dropped).
             traceparent = extract_traceparent(message.headers)
-            task_id = await self._add_retrying(owner, cmd, idempotency_of(message), traceparent)
+            task_id = await self._add_retrying(owner, cmd, idempotency_of(message), traceparent, message)
         except Exception as exc:
             return await self.fail(message, "add", exc)
+        if task_id is None:  # a copy waits in the retry lane (confirmed): this delivery is done
+            await message.ack()
+            return DEFERRED
         return await self.conclude(message, "add", OK, wire.encode(wire.added(task_id, cmd)))
 
-    async def _add_retrying(self, owner: str, cmd: AddCommand, key: AddKey, traceparent: str | None) -> str:
+    async def _add_retrying(
+        self, owner: str, cmd: AddCommand, key: AddKey, traceparent: str | None, message: RequestMessage
+    ) -> str | None:
         """Retry an add whose fate is to be retried (``unavailable``) while the delivery is held,
         with backoff, within :data:`ADD_RETRY_BUDGET_S`; then its error is its fate. Every attempt
         stores the same prepared task (one task id), so an attempt that failed but landed later
-        rewrites the same rows instead of leaving a second task."""
+        rewrites the same rows instead of leaving a second task.
+
+        None: the add was moved to the retry lane instead (its owner's key-server entry is
+        unusable and the owner holds its share of the window already)."""
+        with ExitStack() as held:
+            return await self._add_attempts(owner, cmd, key, traceparent, message, held)
+
+    async def _add_attempts(
+        self,
+        owner: str,
+        cmd: AddCommand,
+        key: AddKey,
+        traceparent: str | None,
+        message: RequestMessage,
+        held: ExitStack,
+    ) -> str | None:
         delay = 0.1
         give_up = time.monotonic() + ADD_RETRY_BUDGET_S
         pending: PendingAdd | None = None
         replaces: uuid.UUID | None = None
         may_have_landed = False  # an attempt of ``pending`` failed in a way that may have stored it
+        in_place = False  # counted in the owner's share of in-place retries for a bad key
         while True:
+            # Nothing of it can have been stored yet: it may wait in the lane (no key lookup).
+            if not in_place and pending is None and self.lane.full(owner) and await self._defer(message, owner):
+                return None
             try:
                 if pending is None:
                     pending = await self.queue.prepare_add(owner, cmd, traceparent=traceparent)
@@ -168,6 +198,11 @@ class RequestHandlers:
                 retry = fate_of(wire_code(exc), "add").retry
                 if not retry or time.monotonic() + delay > give_up or not self._consuming():
                     raise
+                if isinstance(exc, OwnerKeyUnusable) and pending is None and not in_place:
+                    if self.lane.full(owner) and await self._defer(message, owner):
+                        return None
+                    held.enter_context(self.lane.retrying_in_place(owner))
+                    in_place = True
                 may_have_landed = may_have_landed or not isinstance(exc, NotSent)
                 if isinstance(exc, NotSent) and not may_have_landed and self._stale(pending):
                     # Its id (its place in the ready index) would land behind where the dispatchers
@@ -184,6 +219,17 @@ class RequestHandlers:
                 log.warning("add failed (%s), retrying in %.1fs", exc.message, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    async def _defer(self, message: RequestMessage, owner: str) -> bool:
+        """Move the add to the retry lane; False if the broker did not take the copy."""
+        try:
+            await self.lane.defer(message, owner)
+        except Exception as exc:  # the original stays held and retried in place, as before
+            log.warning("could not move an add to the retry lane (%s): retried in place", type(exc).__name__)
+            return False
+        self.queue.metrics.inc("adds_deferred")
+        log.warning("owner's key-server entry unusable: add moved to the retry lane %s", self.lane.name)
+        return True
 
     def _stale(self, pending: PendingAdd | None) -> bool:
         """The prepared task's id is older than a write may land behind the dispatchers' cursors.

@@ -37,7 +37,10 @@ class Permission:
 def bridge_names(exchange: str, results_exchange: str, queue_prefix: str, results_queue: str | None) -> list[str]:
     """Every exchange and queue the bridge declares."""
     names = [exchange, f"{exchange}.dead", f"{exchange}.unrouted", results_exchange]
-    names += [f"{queue_prefix}.{q}" for q in ("add", "fetch", "ack", "lifecycle", "unrouted", "dead-letter", "duty")]
+    names += [
+        f"{queue_prefix}.{q}"
+        for q in ("add", "fetch", "ack", "lifecycle", "unrouted", "dead-letter", "duty", "add-retry")
+    ]
     if results_queue:
         names.append(results_queue)
     return names

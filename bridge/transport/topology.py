@@ -12,6 +12,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, 
 from pamqp.common import FieldTable
 
 from bridge.config import Settings
+from bridge.transport.add_retry import LANE_DELAY_MS, LANE_SUFFIX
 
 log = logging.getLogger("bridge.amqp")
 
@@ -77,6 +78,14 @@ async def declare_topology(
     for method in LIFECYCLE_METHODS:
         await life.bind(main, routing_key=method)
     queues[LIFECYCLE_QUEUE] = life
+    # The add retry lane (bridge.transport.add_retry): nobody consumes it; its messages expire back
+    # to the add queue.
+    lane: FieldTable = {
+        "x-message-ttl": LANE_DELAY_MS,
+        "x-dead-letter-exchange": s.exchange,
+        "x-dead-letter-routing-key": "add",
+    }
+    await consume.declare_queue(names.queue(LANE_SUFFIX), durable=True, arguments=lane)
     unrouted_q = await consume.declare_queue(names.queue("unrouted"), durable=True, arguments=args)
     await unrouted_q.bind(unrouted)
     queues["unrouted"] = unrouted_q

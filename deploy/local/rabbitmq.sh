@@ -252,7 +252,7 @@ rabbitmq_role_of() {
 # Prints "configure<TAB>write<TAB>read" for a role.
 rabbitmq_permissions_of() {
   local n=$QB_RABBITMQ_NAMES own
-  own="$n(\\.(dead|unrouted|results|add|fetch|ack|lifecycle|dead-letter|duty|hints\\.p?[0-9a-f]{24}))?"
+  own="$n(\\.(dead|unrouted|results|add|fetch|ack|lifecycle|dead-letter|duty|add-retry|hints\\.p?[0-9a-f]{24}))?"
   case $1 in
     bridge) printf '%s\t%s\t%s' "^$own\$" "^($own|amq\\.default)\$" "^$own\$" ;;
     engine) printf '%s\t%s\t%s' '^$' "^$n\$" "^$n\\.results\$" ;;

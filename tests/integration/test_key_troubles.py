@@ -257,3 +257,60 @@ async def test_claims_that_found_the_key_missing_do_not_count_toward_the_deliver
     assert task.id == task_id and task.value == "sealed before the outage"
     assert await task.ack("done") is True
     assert await engine.parked(svc) == []
+
+
+async def test_one_owners_broken_key_entry_does_not_stall_every_other_owners_adds(bridge_env, servers, names, workers):
+    """An add whose owner's key-server entry is unusable (``BadKeyAnswer``) is ``unavailable``,
+    which an add met by retrying in place for 30 s while holding its delivery, then requeueing it
+    at the head of the queue. A burst of such adds larger than the prefetch window held every add
+    slot of the bridge: other owners' adds waited as long as the entry stayed broken. Now an owner
+    holds at most a few slots retrying in place; its other adds wait in a delay queue of the bridge
+    (``<prefix>.add-retry``) and come back, still that owner's, until its entry is fixed."""
+    import secrets
+    import time
+
+    from bridge.app import Bridge
+    from bridge.client import Engine
+    from tests.keyserver import KeyServer
+
+    async with KeyServer() as keys:
+        for owner in (*OWNERS, ENGINE_USER, "guest"):
+            keys.add_owner(owner)
+        broken = OWNERS[1]
+        key_id = keys.current_id(broken)
+        good = keys._owners[broken][key_id]
+        keys._owners[broken][key_id] = secrets.token_bytes(16)
+        env = {k: v for k, v in bridge_env.items() if k != "BRIDGE_KEYRING"}
+        b = Bridge(settings_from(env, key_server_url=keys.url, key_cache_seconds=0.05))
+        await b.start()
+        try:
+            svc = service_id()
+            flood = b.settings.prefetch + 16
+            url = servers.amqp_url(ENGINE_USER)
+            async with (
+                Engine(url, owner=broken, exchange=names["exchange"]) as eng_broken,
+                Engine(url, owner=OWNERS[0], exchange=names["exchange"]) as eng_healthy,
+            ):
+                before = keys.requests
+                for n in range(flood):
+                    await eng_broken.add(svc, {"n": n}, wait=False)
+                await wait_for(lambda: keys.requests - before >= 4, 20, what="the broken owner's adds under way")
+                start = time.monotonic()
+                assert await asyncio.wait_for(eng_healthy.add(svc, "healthy"), 25)
+                took = time.monotonic() - start
+                assert took < 5, f"a healthy owner's add took {took:.1f}s behind a broken owner's adds"
+
+                keys._owners[broken][key_id] = good  # the operator fixes the entry
+                worker = await workers(svc, "w", user=broken)
+                seen: set[int] = set()
+
+                async def all_landed() -> bool:
+                    task = await worker.fetch()
+                    if task is not None:
+                        seen.add(task.value["n"])
+                        await task.ack("done")
+                    return len(seen) == flood
+
+                await wait_for(all_landed, 50, interval=0, what=f"every one of the broken owner's {flood} adds")
+        finally:
+            await b.stop()

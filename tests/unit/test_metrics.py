@@ -46,6 +46,7 @@ EXPECTED_COUNTERS = {
     "claim_conflicts": ("queue_bridge_claim_conflicts_total", ()),
     "claims_stale": ("queue_bridge_claims_stale_total", ()),
     "long_polls_abandoned": ("queue_bridge_long_polls_abandoned_total", ()),
+    "adds_deferred": ("queue_bridge_adds_deferred_total", ()),
     "claims": ("queue_bridge_claims_total", ("source", "outcome")),
     "claims_refiled": ("queue_bridge_claims_refiled_total", ()),
     "hint_payloads_refused": ("queue_bridge_hint_payloads_refused_total", ()),

@@ -1,0 +1,100 @@
+"""The add retry lane: where the adds of an owner whose key-server entry is unusable wait, so that
+they do not hold the add consumer's prefetch window for everybody.
+
+An add that meets ``unavailable`` is retried in place, its delivery held (:mod:`~bridge.transport.fate`).
+That is right when Cassandra or the key server is down: every owner is stopped alike and holding
+the deliveries is the back-pressure. It is wrong when one owner's entry on the key server is
+broken (``BadKeyAnswer``): a burst of that owner's adds larger than the window held every slot,
+and other owners' adds waited as long as the entry stayed broken. Requeueing does not help (a
+requeued message goes back to the head of the queue).
+
+So an owner may hold at most :meth:`AddRetryLane.in_place_limit` adds retrying in place for that
+reason; its further adds are published, confirmed, to ``<prefix>.add-retry`` and only then
+acknowledged. That queue has no consumer: its messages expire after :data:`LANE_DELAY_MS` and the
+broker dead-letters them back to the bridge's exchange with routing key ``add``, so they are taken
+again, by any bridge, until the entry is fixed. Nothing is dropped on the way: the publish is
+confirmed before the original is acknowledged, and a failed publish leaves the add retrying in
+place as before.
+
+The copy is published with the bridge's own ``user_id`` (RabbitMQ checks it is the connection's
+user, so no tenant can forge it) and the owner in ``x-owner``, which the bridge trusts from its
+own user only (:class:`~bridge.transport.envelope.Identity`). It carries :data:`DEFERRED_HEADER`,
+which makes its idempotency key checked with an LWT (``envelope.idempotency_of``): if the
+original's acknowledgement were lost, the broker would deliver both.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractExchange
+
+from bridge.config import Settings
+from bridge.transport.permissions import amqp_user
+from bridge.transport.request import RequestMessage
+
+log = logging.getLogger("bridge.amqp")
+
+# Fixed, and part of the queue's declaration (x-message-ttl): a bridge declaring another value
+# would be refused (406) by a queue its fleet declared first. Long enough that a broken owner's
+# backlog of N adds costs the broker N / 10 messages a second, short enough that a fixed entry
+# is felt within seconds.
+LANE_DELAY_MS = 10_000
+LANE_SUFFIX = "add-retry"
+DEFERRED_HEADER = "x-qb-deferred"  # how many times the add went through the lane
+
+
+class AddRetryLane:
+    def __init__(self, settings: Settings) -> None:
+        self.user = amqp_user(settings.amqp_url.get_secret_value())
+        self.name = f"{settings.queue_prefix}.{LANE_SUFFIX}"
+        # An owner's share of the window: a sixteenth (at least one delivery).
+        self.in_place_limit = max(1, settings.prefetch // 16)
+        self._in_place: Counter[str] = Counter()  # owner -> adds retrying in place for a bad key
+        self._exchange: AbstractExchange | None = None
+
+    def attach(self, default_exchange: AbstractExchange) -> None:
+        """The default exchange of a channel with publisher confirms (the transport, at start)."""
+        self._exchange = default_exchange
+
+    def full(self, owner: str) -> bool:
+        """The owner holds as many adds retrying in place for a bad key as it may."""
+        return self._in_place[owner] >= self.in_place_limit
+
+    @contextmanager
+    def retrying_in_place(self, owner: str) -> Iterator[None]:
+        """Counts one of the owner's adds as retrying in place for a bad key while it does."""
+        self._in_place[owner] += 1
+        try:
+            yield
+        finally:
+            self._in_place[owner] -= 1
+            if not self._in_place[owner]:
+                del self._in_place[owner]
+
+    async def defer(self, message: RequestMessage, owner: str) -> None:
+        """Publish a copy of the add to the lane and wait for the broker's confirm (raises if the
+        broker did not take it: the caller then keeps the original)."""
+        if self._exchange is None:
+            raise RuntimeError("transport not started")
+        headers: dict[str, Any] = dict(message.headers or {})
+        passes = headers.get(DEFERRED_HEADER)
+        headers[DEFERRED_HEADER] = (passes if isinstance(passes, int) and not isinstance(passes, bool) else 0) + 1
+        headers["x-owner"] = owner
+        copy = aio_pika.Message(
+            message.body,
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            headers=headers,
+            reply_to=message.reply_to,
+            correlation_id=message.correlation_id,
+            message_id=message.message_id,
+            timestamp=message.timestamp,
+            user_id=self.user,
+        )
+        await self._exchange.publish(copy, routing_key=self.name, mandatory=True)
