@@ -62,9 +62,15 @@ class AddRetryLane:
         """The default exchange of a channel with publisher confirms (the transport, at start)."""
         self._exchange = default_exchange
 
+    @property
+    def available(self) -> bool:
+        """Declared and attached (the bridge's user may be refused the queue: then it is not)."""
+        return self._exchange is not None
+
     def full(self, owner: str) -> bool:
-        """The owner holds as many adds retrying in place for a bad key as it may."""
-        return self._in_place[owner] >= self.in_place_limit
+        """The owner holds as many adds retrying in place for a bad key as it may (and the lane is
+        there to take more: without it, they are all retried in place)."""
+        return self.available and self._in_place[owner] >= self.in_place_limit
 
     @contextmanager
     def retrying_in_place(self, owner: str) -> Iterator[None]:

@@ -87,6 +87,7 @@ class AmqpTransport:
         self._publish_channel: AbstractChannel | None = None  # results: confirms + mandatory
         self._reply_channel: AbstractChannel | None = None  # replies: no confirms
         self._queues: dict[str, AbstractQueue] = {}
+        self._add_retry_lane = False  # declared: adds of a broken owner key may wait there
         self._consumer_tags: dict[str, str] = {}
         self._inflight: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
@@ -150,7 +151,8 @@ class AmqpTransport:
             channel.close_callbacks.add(functools.partial(self._channel_lost, name))
         self.connection.reconnect_callbacks.add(self._reconnected)
         await self._declare_topology()
-        self.handlers.lane.attach(self._publish_channel.default_exchange)
+        if self._add_retry_lane:
+            self.handlers.lane.attach(self._publish_channel.default_exchange)
         await self._open_add_connection()
         self.probe.attach(self.connection)
         if self.hints is not None:
@@ -164,6 +166,7 @@ class AmqpTransport:
         topology = await declare_topology(self.settings, self.connection, self._consume_channel, self._publish_channel)
         self._queues = topology.queues
         self.results.attach(topology.results_exchange)
+        self._add_retry_lane = topology.add_retry_lane
 
     async def _open_add_connection(self) -> None:
         self._add_connection = await aio_pika.connect_robust(

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 
 import aio_pika
+import aiormq
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
 from pamqp.common import FieldTable
@@ -51,6 +52,7 @@ class Names:
 class Topology:
     queues: dict[str, AbstractQueue]  # add, fetch, ack, lifecycle, unrouted
     results_exchange: AbstractExchange
+    add_retry_lane: bool  # declared (the bridge's user may be refused it: an older permission set)
 
 
 async def declare_topology(
@@ -78,14 +80,7 @@ async def declare_topology(
     for method in LIFECYCLE_METHODS:
         await life.bind(main, routing_key=method)
     queues[LIFECYCLE_QUEUE] = life
-    # The add retry lane (bridge.transport.add_retry): nobody consumes it; its messages expire back
-    # to the add queue.
-    lane: FieldTable = {
-        "x-message-ttl": LANE_DELAY_MS,
-        "x-dead-letter-exchange": s.exchange,
-        "x-dead-letter-routing-key": "add",
-    }
-    await consume.declare_queue(names.queue(LANE_SUFFIX), durable=True, arguments=lane)
+    lane = await _declare_add_retry_lane(settings, names, connection)
     unrouted_q = await consume.declare_queue(names.queue("unrouted"), durable=True, arguments=args)
     await unrouted_q.bind(unrouted)
     queues["unrouted"] = unrouted_q
@@ -97,7 +92,33 @@ async def declare_topology(
         # exchange again and, only for what was declared on it, the queue and its binding.
         results_q = await publish.declare_queue(s.results_queue, durable=True)
         await results_q.bind(results, routing_key="#")
-    return Topology(queues, results)
+    return Topology(queues, results, lane)
+
+
+async def _declare_add_retry_lane(settings: Settings, names: Names, connection: AbstractConnection) -> bool:
+    """The add retry lane (bridge.transport.add_retry): nobody consumes it; its messages expire
+    back to the add queue. On a channel of its own: a broker that refuses it (permissions set
+    before the lane existed) closes only that channel, and adds keep being retried in place."""
+    lane: FieldTable = {
+        "x-message-ttl": LANE_DELAY_MS,
+        "x-dead-letter-exchange": settings.exchange,
+        "x-dead-letter-routing-key": "add",
+    }
+    probe = await connection.channel(publisher_confirms=False)
+    try:
+        await probe.declare_queue(names.queue(LANE_SUFFIX), durable=True, arguments=lane)
+    except aiormq.exceptions.ChannelAccessRefused:
+        log.warning(
+            "the bridge's AMQP user may not declare %s: adds of an owner whose key-server entry is unusable are "
+            "retried in place (they can hold the add window); grant it the permissions `queue-bridge permissions` "
+            "prints",
+            names.queue(LANE_SUFFIX),
+        )
+        return False
+    finally:
+        if not probe.is_closed:
+            await probe.close()
+    return True
 
 
 async def _declare_dead_letter_queue(

@@ -122,7 +122,7 @@ async def test_the_lifecycle_queue_and_the_bridges_own_queues_are_the_bridges_al
     consume it, nor declare queues of their own (direct reply-to needs no queue). They reach the
     bridge through its exchange, every method alike."""
     prefix = names["queue_prefix"]
-    internal = ("lifecycle", "unrouted", "duty", "hints.p" + "0" * 24)
+    internal = ("lifecycle", "unrouted", "duty", "add-retry", "hints.p" + "0" * 24)
     for user in (OWNERS[0], ENGINE_USER):
         url = servers.amqp_url(user)
         for queue in internal:
@@ -177,3 +177,49 @@ async def test_an_engine_can_bind_the_results_exchange_only_while_it_shares_its_
             await own_name.delete()
     finally:
         await guest.close()
+
+
+async def test_no_tenant_reaches_the_add_retry_lane(bridge, servers, names):
+    """The lane (``<prefix>.add-retry``) holds adds in clear, each naming its owner in ``x-owner``
+    under the bridge's own ``user_id``: no engine or worker may read it, or write to it."""
+    lane = f"{names['queue_prefix']}.add-retry"
+    assert bridge.transport.handlers.lane.available, "the bridge declared it"
+    for user in (OWNERS[0], ENGINE_USER):
+        url = servers.amqp_url(user)
+        assert await refused(url, consume(lane)), f"{user} consumed the lane"
+        assert await refused(url, publish("", lane)), f"{user} published to the lane"
+
+
+async def test_a_bridge_whose_user_may_not_declare_the_add_retry_lane_still_starts_and_takes_adds(
+    bridge_env, servers, names, engine
+):
+    """Permissions granted before the lane existed do not name it: RabbitMQ refuses its declaration
+    (403, which closes the channel). The bridge declares it on a channel of its own, logs the
+    permission to grant, and retries such adds in place, as before the lane."""
+    import subprocess
+    import uuid
+
+    from bridge.app import Bridge
+    from tests.conftest import settings_from
+
+    def rabbitmqctl(*args: str) -> str:
+        return subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, check=True).stdout
+
+    user = f"qb-old-perms-{uuid.uuid4().hex[:6]}"
+    lines = (await asyncio.to_thread(rabbitmqctl, "list_user_permissions", BRIDGE_USER)).splitlines()
+    vhost, configure, write, read = next(line.split("\t") for line in lines if line.startswith("/\t"))
+    old = [p.replace("|add-retry", "") for p in (configure, write, read)]
+    assert old != [configure, write, read], "the local stack grants the lane"
+    await asyncio.to_thread(rabbitmqctl, "add_user", user, user)
+    try:
+        await asyncio.to_thread(rabbitmqctl, "set_permissions", "-p", vhost, user, *old)
+        b = Bridge(settings_from(bridge_env, amqp_url=servers.amqp_url(user)))
+        await b.start()
+        try:
+            assert b.transport.is_ready()
+            assert not b.transport.handlers.lane.available, "no lane: every add retried in place"
+            assert await engine.add(service_id(), "taken")
+        finally:
+            await b.stop()
+    finally:
+        await asyncio.to_thread(rabbitmqctl, "delete_user", user)
