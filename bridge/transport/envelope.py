@@ -14,6 +14,7 @@ from bridge.transport import wire
 from bridge.transport.add_retry import DEFERRED_HEADER
 from bridge.transport.replies import DIRECT_REPLY_PREFIX, BadReplyTo, reply_node
 from bridge.transport.request import RequestMessage
+from bridge.transport.tolerant_decoding import MAX_DEPTH, TOO_DEEP
 from bridge.transport.wire import iso
 
 __all__ = [
@@ -163,6 +164,8 @@ def check_text(message: RequestMessage) -> None:
             raise BadRequest(f"the {name} property is not valid UTF-8")
     if message.headers and not all(isinstance(key, str) and _is_text(key) for key in message.headers):
         raise BadRequest("the name of an application header is not valid UTF-8")
+    if message.headers and any(value is TOO_DEEP for value in message.headers.values()):
+        raise BadRequest(f"an application header nests tables or arrays deeper than {MAX_DEPTH} levels")
 
 
 def usable_reply_to(reply_to: str | None) -> bool:

@@ -7,7 +7,9 @@ things any AMQP client can put in a message (RabbitMQ passes them on unchecked):
 * a short string that is not UTF-8: a property (``correlation-id``, ``reply-to``, ``message-id``,
   ``user-id``, ...) or the routing key;
 * a field-table key that is not UTF-8: the name of an application header;
-* a ``timestamp`` past what ``datetime`` holds (after the year 9999).
+* a ``timestamp`` past what ``datetime`` holds (after the year 9999);
+* tables or arrays nested some hundreds deep in an application header (3.5 kB of them): pamqp
+  decodes them recursively, two Python frames a level, and runs out of stack (``RecursionError``).
 
 The error leaves the reader as ``InvalidFrameError`` and closes the whole connection: every
 channel, every reply in flight. The request is still unacknowledged, so the broker delivers it
@@ -17,7 +19,9 @@ takes it) goes down again, for ever.
 :func:`install` makes those decoders total, before the bridge connects: text that is not UTF-8
 is decoded with ``surrogateescape`` (a ``str`` that still holds the exact bytes), and a timestamp
 past ``datetime.max`` is clamped to it (it then reads as the latest time the bridge can hold,
-as a far-future timestamp already does). The request reaches the handlers, where
+as a far-future timestamp already does), and a table or array nested deeper than
+:data:`MAX_DEPTH` is skipped whole, by its length, and its header's value reads as
+:data:`TOO_DEEP`. The request reaches the handlers, where
 :func:`bridge.transport.envelope.check_text` refuses such text as ``bad_request`` and the
 delivery is settled like any other bad input. pamqp's short-string encoder gets the same error
 handler, as :func:`bridge.transport.frames.short_string` has, so that a reply echoes such a
@@ -31,20 +35,46 @@ from __future__ import annotations
 import datetime
 import struct
 from importlib.metadata import version
+from typing import Any, cast
 
 from pamqp import common, decode, encode
 
-__all__ = ["LATEST", "field_table", "install", "short_str", "short_string", "timestamp"]
+__all__ = [
+    "LATEST",
+    "MAX_DEPTH",
+    "TOO_DEEP",
+    "TooDeep",
+    "field_array",
+    "field_table",
+    "install",
+    "short_str",
+    "short_string",
+    "timestamp",
+]
 
 #: What a timestamp past ``datetime.max`` decodes to.
 LATEST = datetime.datetime.max.replace(tzinfo=datetime.UTC)
 #: :func:`field_table` is pamqp 4's with one change: another major version needs it checked again.
 PAMQP_MAJOR = "4"
 
+#: How deep tables and arrays may nest in a content header (no client needs more than a few).
+MAX_DEPTH = 32
+
+
+class TooDeep:
+    """What a header whose value nests tables or arrays past :data:`MAX_DEPTH` decodes to."""
+
+    def __repr__(self) -> str:
+        return f"<nested deeper than {MAX_DEPTH} levels>"
+
+
+TOO_DEEP = TooDeep()
+
 _pamqp_short_str = decode.short_str
 _pamqp_timestamp = decode.timestamp
 _pamqp_short_string = encode.short_string
 _installed = False
+_depth = 0  # tables and arrays being decoded, outermost first (decoding is synchronous)
 
 
 def short_str(value: bytes) -> tuple[int, str]:
@@ -66,16 +96,14 @@ def timestamp(value: bytes) -> tuple[int, datetime.datetime]:
         return 8, LATEST
 
 
-def field_table(value: bytes) -> tuple[int, common.FieldTable]:
+def field_table(value: bytes) -> tuple[int, common.FieldTable | TooDeep]:
     """pamqp 4's ``decode.field_table``, but a key (a header's name) that is not UTF-8 is kept as
-    lone surrogates. A copy, because pamqp decodes the keys inline."""
-    try:
-        length = common.Struct.integer.unpack(value[0:4])[0]
+    lone surrogates, and a table nested past :data:`MAX_DEPTH` is skipped (:func:`_nested`). A
+    copy, because pamqp decodes the keys inline."""
+
+    def entries(value: bytes, end: int) -> common.FieldTable | TooDeep:
         offset = 4
         data: common.FieldTable = {}
-        end = offset + length
-        if end > len(value):
-            raise ValueError("Field table length exceeds available data")
         while offset < end:
             key_length = common.Struct.byte.unpack_from(value, offset)[0]
             offset += 1
@@ -84,10 +112,51 @@ def field_table(value: bytes) -> tuple[int, common.FieldTable]:
             key = value[offset : offset + key_length].decode("utf-8", "surrogateescape")
             offset += key_length
             # Looked up at call time: a nested table or a timestamp value comes back here.
+            result: Any
             consumed, result = decode.embedded_value(value[offset:])
             offset += consumed
-            data[key] = result
-        return end, data
+            if isinstance(result, TooDeep) and _depth > 1:
+                return TOO_DEEP  # the whole nested table stands for it, up to the header's value
+            data[key] = result  # TOO_DEEP here: a header's value, which check_text refuses
+        return data
+
+    return _nested(value, "table", entries)
+
+
+def field_array(value: bytes) -> tuple[int, common.FieldArray | TooDeep]:
+    """pamqp 4's ``decode.field_array``, but an array nested past :data:`MAX_DEPTH` is skipped."""
+
+    def items(value: bytes, end: int) -> common.FieldArray | TooDeep:
+        offset = 4
+        data: common.FieldArray = []
+        while offset < end:
+            result: Any
+            consumed, result = decode.embedded_value(value[offset:])
+            offset += consumed
+            if isinstance(result, TooDeep):
+                return TOO_DEEP
+            data.append(result)
+        return data
+
+    return _nested(value, "array", items)
+
+
+def _nested(value: bytes, what: str, decode_entries: Any) -> tuple[int, Any]:
+    """Decode a table or an array (length-prefixed) one level deeper; past :data:`MAX_DEPTH`,
+    skip it by its length: :data:`TOO_DEEP`."""
+    global _depth
+    try:
+        length = common.Struct.integer.unpack(value[0:4])[0]
+        end = 4 + length
+        if end > len(value):
+            raise ValueError(f"Field {what} length exceeds available data")
+        if _depth >= MAX_DEPTH:
+            return end, TOO_DEEP
+        _depth += 1
+        try:
+            return end, decode_entries(value, end)
+        finally:
+            _depth -= 1
     except (struct.error, TypeError) as err:
         raise ValueError("Could not unpack data") from err
 
@@ -119,9 +188,12 @@ def install() -> None:
     # AMQP type name, field tables by type octet) as well as by module attribute.
     decode.short_str = short_str
     decode.timestamp = timestamp
-    decode.field_table = field_table
-    decode.METHODS.update(shortstr=short_str, table=field_table, timestamp=timestamp)
-    decode.TABLE_MAPPING.update({b"F": field_table, b"T": timestamp})
+    # Typed for pamqp as any decoder: TOO_DEEP is a value pamqp does not know (check_text refuses it).
+    table, array = cast(Any, field_table), cast(Any, field_array)
+    decode.field_table = table
+    decode.field_array = array
+    decode.METHODS.update(shortstr=short_str, table=table, timestamp=timestamp)
+    decode.TABLE_MAPPING.update({b"F": table, b"A": array, b"T": timestamp})
     encode.short_string = short_string
     encode.METHODS["shortstr"] = short_string
     _installed = True

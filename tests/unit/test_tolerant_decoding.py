@@ -1,0 +1,95 @@
+"""The tolerant content-header decoders (bridge.transport.tolerant_decoding) against pamqp's own:
+the same values wherever pamqp decodes, a value where it raises."""
+
+from __future__ import annotations
+
+import datetime
+import struct
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pamqp import decode, encode
+
+from bridge.transport import tolerant_decoding
+from bridge.transport.tolerant_decoding import MAX_DEPTH, TOO_DEEP
+
+tolerant_decoding.install()
+
+
+def _table(entries: bytes) -> bytes:
+    return struct.pack(">I", len(entries)) + entries
+
+
+def _nested_tables(depth: int) -> bytes:
+    """A header table {"n": {"a": {"a": ... {}}}} with ``depth`` tables below "n"'s."""
+    value = b"F" + _table(b"")
+    for _ in range(depth):
+        value = b"F" + _table(b"\x01a" + value)
+    return _table(b"\x01n" + value + b"\x01k" + b"S" + struct.pack(">I", 2) + b"ok")
+
+
+def _nested_arrays(depth: int) -> bytes:
+    value = b"A" + _table(b"")
+    for _ in range(depth):
+        value = b"A" + _table(value)
+    return _table(b"\x01n" + value)
+
+
+@pytest.mark.parametrize("depth", [600, 5000])
+def test_tables_nested_past_the_limit_read_as_too_deep_and_the_rest_of_the_table_is_kept(depth: int) -> None:
+    consumed, table = decode.field_table(_nested_tables(depth))
+    assert consumed == len(_nested_tables(depth))
+    assert table == {"n": TOO_DEEP, "k": "ok"}
+
+
+def test_arrays_nested_past_the_limit_read_as_too_deep() -> None:
+    data = _nested_arrays(3000)
+    assert decode.field_table(data) == (len(data), {"n": TOO_DEEP})
+
+
+def test_nesting_up_to_the_limit_decodes_in_full() -> None:
+    _, table = decode.field_table(_nested_tables(MAX_DEPTH - 2))
+    value: Any = table["n"]
+    depth = 0
+    while value:
+        value, depth = value["a"], depth + 1
+    assert depth == MAX_DEPTH - 2
+    assert table["k"] == "ok"
+
+
+_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.text(max_size=20)
+    | st.decimals(places=2, min_value=-1000, max_value=1000, allow_nan=False)
+    | st.datetimes(
+        min_value=datetime.datetime(1970, 1, 2),
+        max_value=datetime.datetime(2100, 1, 1),
+        timezones=st.just(datetime.UTC),
+    ).map(lambda t: t.replace(microsecond=0)),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(min_size=1, max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(st.dictionaries(st.text(min_size=1, max_size=8), _values, max_size=6))
+def test_any_table_pamqp_encodes_decodes_to_itself(table: dict[str, Any]) -> None:
+    data = encode.field_table(table)
+    consumed, back = decode.field_table(data)
+    assert consumed == len(data)
+    assert back == _normal(table)
+
+
+def _normal(value: Any) -> Any:
+    """What AMQP gives back for ``value``: decimals as pamqp writes them."""
+    if isinstance(value, dict):
+        return {k: _normal(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_normal(v) for v in value]
+    if isinstance(value, Decimal):
+        return Decimal(str(value))
+    return value
