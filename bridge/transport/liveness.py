@@ -4,8 +4,10 @@ task would sit leased to nobody until its ``timeToRecover`` ran out, while live 
 queue waited (the gone worker's fetch is the oldest waiter, so it takes the hint first).
 
 RabbitMQ answers a passive ``queue.declare`` of a direct reply-to name with DeclareOk while the
-requester's channel lives and 404 once it is closed: one broker round trip, asked only of fetches
-that have waited a while (a fresh waiter's requester is almost surely there)."""
+requester's channel lives and 404 once it is closed; the same for a server-named reply queue
+(``amq.gen-...``, the other reply-to the bridge answers), which is exclusive: 405 RESOURCE_LOCKED
+while its connection lives (alive), 404 once it is gone. One broker round trip, asked only of
+fetches that have waited a while (a fresh waiter's requester is almost surely there)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ log = logging.getLogger("bridge.transport")
 
 PROBE_TIMEOUT_S = 3.0  # past it the requester counts as there: a slow broker must not drop fetches
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to."
+SERVER_NAMED = "amq.gen-"
 
 
 class _PassiveDeclare(commands.Queue.Declare):
@@ -43,12 +46,12 @@ class RequesterProbe:
 
     async def alive(self, reply_to: str) -> bool:
         """False only when the broker says the requester's reply-to no longer exists; any other
-        answer (a plain reply queue, an error, no answer in time) counts as alive."""
-        if not reply_to.startswith(DIRECT_REPLY_TO):
+        answer (an error, a locked exclusive queue, no answer in time) counts as alive."""
+        if not reply_to.startswith((DIRECT_REPLY_TO, SERVER_NAMED)):
             return True
         try:
             async with asyncio.timeout(PROBE_TIMEOUT_S):
-                channel = await self._open()
+                channel = await self._open()  # a 404 or a 405 closes it: opened again next time
                 await channel.rpc(_PassiveDeclare(queue=reply_to, passive=True))
         except aiormq.exceptions.ChannelNotFoundEntity:
             self.gone += 1
