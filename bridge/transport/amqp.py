@@ -50,6 +50,8 @@ __all__ = ["ADD_RETRY_BUDGET_S", "METHODS", "AmqpTransport", "Observer"]
 
 log = logging.getLogger("bridge.amqp")
 
+CANCEL_TIMEOUT_S = 3.0  # a consumer cancel the broker does not answer within it is given up
+
 
 class AmqpTransport:
     def __init__(
@@ -224,10 +226,16 @@ class AmqpTransport:
         for method, tag in list(self._consumer_tags.items()):
             if methods is not None and method not in methods:
                 continue
+            channel = self._channel_of(method)
             try:
-                frames = await self._channel_of(method).get_underlay_channel()
-                await frames.basic_cancel(tag)
-            except Exception as exc:  # channel already gone: nothing to cancel
+                # A channel that is closed (the connection is being restored) took its consumer
+                # with it; waiting for it to come back would hold a shutdown for as long as the
+                # broker is away or refuses the bridge (get_underlay_channel waits for the restore).
+                if not channel.is_closed:
+                    async with asyncio.timeout(CANCEL_TIMEOUT_S):
+                        frames = await channel.get_underlay_channel()
+                        await frames.basic_cancel(tag)
+            except Exception as exc:  # channel gone meanwhile, or no answer: nothing to cancel
                 log.debug("cancel %s: %s", method, exc)
             del self._consumer_tags[method]
 

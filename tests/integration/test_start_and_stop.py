@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from bridge.config import ConfigError, load_settings
-from tests.conftest import service_id
+from tests.conftest import service_id, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -145,3 +145,35 @@ def test_an_empty_key_server_url_is_not_a_second_key_source(tmp_path):
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+async def test_a_bridge_stops_within_its_grace_while_the_broker_refuses_its_reconnection(bridge_env, servers):
+    """The broker closed the bridge's connections and refuses them back (here its user was deleted;
+    the same while RabbitMQ is down): stopping waited on each consumer's cancel, which waits for
+    the robust channel to be restored, for ever (a SIGTERM ran into the orchestrator's SIGKILL)."""
+    import subprocess
+    import time
+    import uuid
+
+    from bridge.app import Bridge
+    from tests.conftest import BRIDGE_USER, settings_from
+
+    def rabbitmqctl(*args: str) -> str:
+        return subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, check=True).stdout
+
+    user = f"qb-gone-{uuid.uuid4().hex[:6]}"
+    lines = (await asyncio.to_thread(rabbitmqctl, "list_user_permissions", BRIDGE_USER)).splitlines()
+    vhost, *permissions = next(line.split("\t") for line in lines if line.startswith("/\t"))
+    await asyncio.to_thread(rabbitmqctl, "add_user", user, user)
+    try:
+        await asyncio.to_thread(rabbitmqctl, "set_permissions", "-p", vhost, user, *permissions)
+        grace = 2.0
+        b = Bridge(settings_from(bridge_env, amqp_url=servers.amqp_url(user), shutdown_grace=grace))
+        await b.start()
+    finally:
+        await asyncio.to_thread(rabbitmqctl, "delete_user", user)  # closes its connections
+    await wait_for(lambda: not b.transport.is_ready(), 10, what="the bridge's connection closed by the broker")
+    start = time.monotonic()
+    await asyncio.wait_for(b.stop(), 40)
+    took = time.monotonic() - start
+    assert took < 3 * grace + 3, f"stopping took {took:.1f}s with a {grace}s grace"
