@@ -105,9 +105,10 @@ class Bridge:
         self.reconcile = Reconciliation(
             grace_ms=int(settings.hint_grace * 1000), interval_ms=int(settings.reconcile_interval * 1000)
         )
-        self.hints = (
-            AmqpHints(settings, on_loss=lambda: self.reconcile.alarm(self.clock.now_ms())) if settings.hints else None
-        )
+        # With BRIDGE_HINTS=false the bridge takes no hints (every fetch scans) but still publishes
+        # them (``AmqpHints.takes``): in a fleet switched pod by pod, the bridges that take hints
+        # learn of what it adds and, holding the scheduler duty, re-exposes or finds due.
+        self.hints = AmqpHints(settings, on_loss=lambda: self.reconcile.alarm(self.clock.now_ms()))
         # One bridge of the fleet runs the recovery scheduler and the result relay (RabbitMQ elects it).
         self.duty = Duty(f"{settings.queue_prefix}.duty")
         # Wired complete at construction: the queue publishes through this, the transport attaches it.
@@ -135,7 +136,7 @@ class Bridge:
             settle_ms=margin_ms + WRITE_LATE_MS,
             metrics=metrics or self.metrics,
             hints=self.hints,
-            reconcile=self.reconcile if self.hints is not None else None,
+            reconcile=self.reconcile if settings.hints else None,
             may_grant_leases=self.skew,
             max_lanes=settings.max_queues_in_memory,
             results=self.results,
@@ -306,8 +307,7 @@ class Bridge:
             task.cancel()
         # Not the queue counts' flusher: cancelled mid-flush, it lost the deltas it had taken and
         # not yet written. It sees the stop, flushes once more and ends (awaited below).
-        if self.hints is not None:
-            self.hints.close()  # fetches waiting for a task are answered now (null)
+        self.hints.close()  # fetches waiting for a task are answered now (null)
         await self.duty.release()  # another bridge takes the background loops over now
         await self.transport.pause()
         # The gateway stops listening and finishes its requests (within the grace) alongside AMQP's.

@@ -61,6 +61,9 @@ class _Claim(NamedTuple):
     # Not ours because the task has finished (or outlived its TTL), not because another fetch
     # won it: a stale hint or index entry.
     finished: bool = False
+    # When the claimed task's life ends, if known (``Payload.expires_at_ms``): its ready entry's
+    # claimed mark lives as long.
+    expires_at_ms: int | None = None
 
 
 class RequestAbandoned(BridgeError):
@@ -84,6 +87,13 @@ class _Attempt:
     deadline_ms: int | None = None
     # A waiting fetch's question "is my worker still there?", asked beside the write-ahead.
     requester: asyncio.Future[bool] | None = None
+
+
+def _drop(read: asyncio.Future[Payload | None] | None) -> None:
+    """A task read whose claim is not made: cancelled, and its outcome retrieved if it failed."""
+    if read is not None:
+        read.cancel()
+        read.add_done_callback(lambda f: None if f.cancelled() else f.exception())
 
 
 def _after(stamp: int | None, now_ms: int) -> int:
@@ -234,7 +244,8 @@ class Fetcher:
         await taken.done()
         self.ctx.metrics.inc("claims", source="hint", outcome="won" if claim.delivery else "lost")
         if claim.delivery is not None:
-            self.ctx.background.spawn(self.ctx.store.mark_claimed(a.q, entry), "mark claimed")
+            marking = self.ctx.store.mark_claimed(a.q, entry, expires_at_ms=claim.expires_at_ms)
+            self.ctx.background.spawn(marking, "mark claimed")
         return claim
 
     async def _claim_scanned(self, a: _Attempt) -> Delivery | None:
@@ -267,7 +278,8 @@ class Fetcher:
             self.dispatcher.taken(a.q, entry, lost_race=delivery is None)
             self.ctx.metrics.inc("claims", source="scan", outcome="won" if delivery else "lost")
             if delivery is not None:
-                self.ctx.background.spawn(self.ctx.store.mark_claimed(a.q, entry), "mark claimed")
+                marking = self.ctx.store.mark_claimed(a.q, entry, expires_at_ms=claim.expires_at_ms)
+                self.ctx.background.spawn(marking, "mark claimed")
                 self.reconcile.found(a.q)
                 return delivery
             spread = True  # lost a race: another worker or instance reads the same head
@@ -302,40 +314,47 @@ class Fetcher:
             self.ctx.metrics.inc("deliveries_failed", reason="expired")
             return _Claim(None, stamp if stamp is not None else now * 1000, finished=True)
         stamp = next_stamp(now, stamp)
-        # Write-ahead: the deadline and the worker's pointer exist before the claim can.
-        await store.write_ahead(
-            *(q, worker, WorkerPointer(task_id, epoch, entry.has_token, granted_at_ms=now), stamp),
-            # Filed under the time it may be taken back: its deadline plus the skew margin.
-            expiry_bucket(until + margin),
-            ExpiryEntry(until, q, task_id, epoch, entry.has_token),
-        )
-        await self._may_claim(a)
+        # The payload is read beside the write-ahead (unless the hint carried it: no read at all,
+        # it is checked when opened), not after it: as many round trips, and the claim knows when
+        # the task's life ends (``Payload.expires_at_ms``, fixed by the bridge that added it), so
+        # the lease lives as long as the task, whatever this bridge's own BRIDGE_TASK_TTL.
+        read = None if carried is not None else asyncio.ensure_future(store.payload(q, task_id))
+        try:
+            # Write-ahead: the deadline and the worker's pointer exist before the claim can.
+            await store.write_ahead(
+                *(q, worker, WorkerPointer(task_id, epoch, entry.has_token, granted_at_ms=now), stamp),
+                # Filed under the time it may be taken back: its deadline plus the skew margin.
+                expiry_bucket(until + margin),
+                ExpiryEntry(until, q, task_id, epoch, entry.has_token),
+                expires_at_ms=None if carried is None else carried.expires_at_ms,
+            )
+            await self._may_claim(a)
+        except BaseException:
+            _drop(read)
+            raise
+        payload: Payload | None = carried
+        read_failed: BaseException | None = None
+        if read is not None:
+            # The claim is made whatever the read does: a claim that applied beside a failed read
+            # is counted before the error goes up (the worker's retry gets the task through its
+            # pointer, which counts nothing), or stats drifted for the task's TTL.
+            try:
+                payload = await read
+            except Exception as exc:
+                read_failed = exc
+        ends = None if payload is None else payload.expires_at_ms
         if recovered:
             assert entry.epoch is not None
             # Only a lease whose deadline passed more than the skew margin ago on OUR clock.
-            claim = store.claim_expired(
-                q, task_id, entry.epoch, worker, until, now - margin, claim_id, has_token=entry.has_token
+            res = await store.claim_expired(
+                *(q, task_id, entry.epoch, worker, until, now - margin, claim_id),
+                has_token=entry.has_token,
+                expires_at_ms=ends,
             )
         else:
-            claim = store.claim_new(q, task_id, worker, until, claim_id, has_token=entry.has_token)
-        payload: Payload | None = carried
-        read_failed: BaseException | None = None
-        if carried is not None:
-            # The hint carried the sealed payload: no read at all (it is checked when opened).
-            res = await claim
-        else:
-            # The payload is read while the claim runs: one round trip less when we win (most often).
-            # The claim's outcome is awaited whatever the read does: a claim that applied beside a
-            # failed read is counted before the error goes up (the worker's retry gets the task
-            # through its pointer, which counts nothing), or stats drifted for the task's TTL.
-            claimed, read = await asyncio.gather(claim, store.payload(q, task_id), return_exceptions=True)
-            if isinstance(claimed, BaseException):
-                raise claimed
-            res = claimed
-            if isinstance(read, BaseException):
-                read_failed = read
-            else:
-                payload = read
+            res = await store.claim_new(
+                q, task_id, worker, until, claim_id, has_token=entry.has_token, expires_at_ms=ends
+            )
         if not res.applied:
             cur = res.current
             if recovered and cur is not None and cur.epoch == entry.epoch and cur.not_claimable_before(now, margin):
@@ -365,7 +384,7 @@ class Fetcher:
         self.ctx.metrics.inc("tasks_delivered" if not recovered or epoch == 1 else "tasks_redelivered", kind="claim")
         log.debug("task claimed", extra={"task_id": str(task_id), "epoch": epoch, "lease_ms": ttr})
         delivery = await self._deliver(q, worker, task_id, epoch, until, payload, stamp=stamp, carried=carried)
-        return _Claim(delivery, stamp)
+        return _Claim(delivery, stamp, expires_at_ms=ends)
 
     async def _was_redriven(self, q: QueueKey, entry: ReadyEntry) -> bool:
         """Whether the recovered entry we just claimed was a redriven lease nobody had claimed since
@@ -380,7 +399,11 @@ class Fetcher:
     def _outlived(self, carried: Payload, now: int) -> bool:
         """The task's stored rows are gone (or about to go): its carried copy is not handed out.
         Cassandra computes a row's expiry in whole seconds (the write's second + TTL), so a row may
-        go up to a second before created + TTL: the copy stops a second early, never late."""
+        go up to a second before its end: the copy stops a second early, never late. The end is the
+        task's own (fixed by the bridge that added it); a copy on an older bridge's hint says none:
+        created + this bridge's TTL."""
+        if carried.expires_at_ms is not None:
+            return carried.expires_at_ms - TTL_GRANULARITY_MS <= now
         ttl, created = self.ctx.limits.task_ttl_ms, carried.created_at_ms
         return ttl is not None and created is not None and created + ttl - TTL_GRANULARITY_MS <= now
 

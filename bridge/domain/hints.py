@@ -93,7 +93,9 @@ class TaskHints(Protocol):
 
 
 class NoHints:
-    """Hints switched off: every fetch scans the ready index (the dispatcher), as before 1.2."""
+    """No hints at all: every fetch scans the ready index (the dispatcher), as before 1.2, and
+    nothing is published (a single process, tests). A bridge with ``BRIDGE_HINTS=false`` does not
+    use this: it takes none but publishes them for the bridges that do (``AmqpHints.takes``)."""
 
     async def offer(self, q: QueueKey, hint: Hint) -> None:
         return None

@@ -86,7 +86,8 @@ class WorkQueue:
         )
         self.dispatcher = Dispatcher(store, clock.now_ms, settle_ms, max_lanes)
         self.relay = ResultRelay(self.ctx, results)
-        # Without hints every fetch scans the ready index (as before 1.2).
+        # Without hints every fetch scans the ready index (as before 1.2). A bridge that takes no
+        # hints may still publish them, for the others (BRIDGE_HINTS=false: ``AmqpHints.takes``).
         self.hints: TaskHints = hints or NoHints()
         reconcile = reconcile or Reconciliation.scan_always()
         self._fetcher = Fetcher(self.ctx, self.dispatcher, self.hints, reconcile, self.soon)
@@ -167,6 +168,9 @@ class WorkQueue:
         payload = seal_task(key, q, task_id, value_json, token_json, traceparent, now)
         if cmd.max_deliveries is not None or cmd.priority:
             payload = replace(payload, max_deliveries=cmd.max_deliveries, priority=cmd.priority)
+        if ctx.limits.task_ttl_ms is not None:
+            # The task's life is fixed here, by this bridge's TTL: its rows and its hint carry it.
+            payload = replace(payload, expires_at_ms=ms_of(task_id) + ctx.limits.task_ttl_ms)
         return PendingAdd(q, task_id, payload, due, token_json is not None, cmd.priority)
 
     async def store_add(

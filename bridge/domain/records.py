@@ -64,6 +64,11 @@ class Payload:
     max_deliveries: int | None = None
     # 1.4: 0 (default) to ``PRIORITY_MAX``; a higher one is handed out first (by hints).
     priority: int = 0
+    # When the task's life ends (ms): fixed by the bridge that added it (the time in its id plus
+    # that bridge's BRIDGE_TASK_TTL). Every row about the task, whoever writes it, lives until
+    # then (a bridge's own TTL may differ: a setting changed pod by pod). None: not recorded (a
+    # row written by an older bridge, a copy on an older hint): a writer falls back to its own TTL.
+    expires_at_ms: int | None = None
 
     @property
     def key_id(self) -> str:

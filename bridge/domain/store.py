@@ -2,7 +2,8 @@
 
 Times are milliseconds since the Unix epoch on the bridge's clock; ids are time UUIDs
 (``bridge.domain.timeline``); values are the records of ``bridge.domain.records``. A store owns
-its layout: datetimes, row lifetimes (every row about a task ends with the task's TTL), index
+its layout: datetimes, row lifetimes (every row about a task ends with the task's own life, fixed
+when it was added: ``Payload.expires_at_ms``), index
 bookkeeping, the resolution of compare-and-set outcomes that were unknown at first (a timed-out
 Paxos round), and the translation of its driver's failures into ``Unavailable``.
 
@@ -85,8 +86,9 @@ class TaskStore(Protocol):
     async def scan(self, q: QueueKey, lane: int, bucket: int, after: uuid.UUID | None, limit: int) -> list[ReadyEntry]:
         """Entries of one bucket after ``after`` (all if None), in seq order."""
 
-    async def mark_claimed(self, q: QueueKey, entry: ReadyEntry) -> None:
-        """A hint for scans: the entry's task was claimed."""
+    async def mark_claimed(self, q: QueueKey, entry: ReadyEntry, *, expires_at_ms: int | None = None) -> None:
+        """A hint for scans: the entry's task was claimed. ``expires_at_ms``: when the task's life
+        ends, where the caller knows it (its payload says); the store knows or guesses it otherwise."""
 
     async def expose_recovered(
         self, q: QueueKey, bucket: int, seq: uuid.UUID, task_id: uuid.UUID, epoch: int, has_token: bool
@@ -113,8 +115,10 @@ class TaskStore(Protocol):
         claim_id: uuid.UUID,
         *,
         has_token: bool | None = None,
+        expires_at_ms: int | None = None,
     ) -> CasResult:
-        """Lease a never-claimed task at epoch 1 (recording whether it carries a token)."""
+        """Lease a never-claimed task at epoch 1 (recording whether it carries a token, and when its
+        life ends if known: every later write of the lease, by any bridge, keeps that life)."""
 
     async def claim_expired(
         self,
@@ -127,9 +131,10 @@ class TaskStore(Protocol):
         claim_id: uuid.UUID,
         *,
         has_token: bool | None = None,
+        expires_at_ms: int | None = None,
     ) -> CasResult:
         """Lease at ``expected_epoch + 1`` a task still leased at ``expected_epoch`` whose deadline is
-        at or before ``expired_before_ms``."""
+        at or before ``expired_before_ms`` (``expires_at_ms`` as for :meth:`claim_new`)."""
 
     async def extend(self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, until_ms: int) -> CasResult:
         """Move the deadline of a lease still held by ``worker`` at ``epoch``."""
@@ -233,7 +238,15 @@ class TaskStore(Protocol):
     async def set_worker(self, q: QueueKey, worker: str, pointer: WorkerPointer, stamp: int) -> None: ...
 
     async def write_ahead(
-        self, q: QueueKey, worker: str, pointer: WorkerPointer, stamp: int, bucket: int, entry: ExpiryEntry
+        self,
+        q: QueueKey,
+        worker: str,
+        pointer: WorkerPointer,
+        stamp: int,
+        bucket: int,
+        entry: ExpiryEntry,
+        *,
+        expires_at_ms: int | None = None,
     ) -> None:
         """Before a claim: file its deadline (as :meth:`watch_expiry`) and point the worker at it
         (as :meth:`set_worker`). Both must be stored when this returns; a store sends them as one

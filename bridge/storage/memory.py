@@ -87,13 +87,17 @@ class MemoryTaskStore:
         self.delayed_rows: dict[tuple[QueueKey, int], int] = {}
         self.service_rows: set[QueueKey] = set()
         self.operations = 0  # calls made: what a test can count instead of round trips
+        self.task_ends: dict[uuid.UUID, int] = {}  # when each task's life ends (its add fixed it)
 
     async def _io(self) -> None:
         self.operations += 1
         await asyncio.sleep(0)
 
     def alive(self, task_id: uuid.UUID) -> bool:
-        return self.now_ms() < ms_of(task_id) + self.task_ttl_s * 1000
+        """Every row about a task lives as long as the task: until the end its add fixed (else, a
+        task stored without one, this store's TTL from the time in its id)."""
+        ends = self.task_ends.get(task_id)
+        return self.now_ms() < (ends if ends is not None else ms_of(task_id) + self.task_ttl_s * 1000)
 
     # -- tasks -------------------------------------------------------------------------------
     async def store_task(
@@ -104,6 +108,8 @@ class MemoryTaskStore:
             self.message_ids[(q, message_id)] = task_id
             self.message_ids_written[(q, message_id)] = self.now_ms()
         row = _Ready(task_id, None, payload.token is not None, payload)
+        if payload.expires_at_ms is not None:
+            self.task_ends[task_id] = payload.expires_at_ms
         self.ready.setdefault((q, LANE_FRESH, bucket_of_task(task_id)), {})[task_id] = row
 
     async def task_exists(self, q: QueueKey, task_id: uuid.UUID) -> bool:
@@ -170,7 +176,7 @@ class MemoryTaskStore:
             )
         return entries
 
-    async def mark_claimed(self, q: QueueKey, entry: ReadyEntry) -> None:
+    async def mark_claimed(self, q: QueueKey, entry: ReadyEntry, *, expires_at_ms: int | None = None) -> None:
         await self._io()
         row = self.ready.get((q, entry.lane, entry.bucket), {}).get(entry.seq)
         if row is not None:
@@ -235,6 +241,7 @@ class MemoryTaskStore:
         claim_id: uuid.UUID,
         *,
         has_token: bool | None = None,
+        expires_at_ms: int | None = None,  # every row here ends with its task's life (``alive``)
     ) -> CasResult:
         await self._io()
         cur = self._lease(q, task_id)
@@ -254,6 +261,7 @@ class MemoryTaskStore:
         claim_id: uuid.UUID,
         *,
         has_token: bool | None = None,
+        expires_at_ms: int | None = None,
     ) -> CasResult:
         await self._io()
         cur = self._lease(q, task_id)
@@ -474,7 +482,15 @@ class MemoryTaskStore:
         )
 
     async def write_ahead(
-        self, q: QueueKey, worker: str, pointer: WorkerPointer, stamp: int, bucket: int, entry: ExpiryEntry
+        self,
+        q: QueueKey,
+        worker: str,
+        pointer: WorkerPointer,
+        stamp: int,
+        bucket: int,
+        entry: ExpiryEntry,
+        *,
+        expires_at_ms: int | None = None,
     ) -> None:
         await self.watch_expiry(bucket, entry)
         await self.set_worker(q, worker, pointer, stamp)

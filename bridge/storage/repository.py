@@ -1,8 +1,9 @@
 """The Cassandra adapter of the store port (``bridge.domain.store.TaskStore``).
 
 It knows CQL, the schema and the driver: it turns the domain's milliseconds into ``timestamp``
-columns and back, gives every row about a task the rest of the task's lifetime as its TTL, keeps
-the bucket indexes, and resolves lightweight transactions whose outcome was unknown (a timed-out
+columns and back, gives every row about a task the rest of the task's lifetime as its TTL (the
+lifetime its add fixed, ``expires_at``, not this bridge's own TTL: see ``ttl_for``), keeps the
+bucket indexes, and resolves lightweight transactions whose outcome was unknown (a timed-out
 Paxos round) with a SERIAL read. It makes no queue decisions (that is ``bridge.domain``). Driver
 failures surface as ``bridge.storage.errors`` exceptions, which are ``Unavailable`` to the domain.
 """
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from bridge.crypto import Sealed
@@ -42,6 +45,7 @@ from bridge.domain.timeline import (
     ms_of,
     shard_of,
 )
+from bridge.storage.cassandra import Row
 from bridge.storage.errors import UnknownOutcome
 from bridge.storage.rows import (
     cas_result,
@@ -69,6 +73,15 @@ LOOP_CURSOR_MAX_DAYS = 31
 BUCKET_INDEX_GRACE_S = 60  # an index row outlives the rows it points at
 MAX_REMEMBERED_BUCKETS = 100_000
 MARK_HOUR_BUCKETS = 3_600_000 // EXPIRY_BUCKET_MS  # expiry marks: one partition per hour of buckets
+# A row about a task whose end of life is not known (a task stored by an older bridge) that must
+# outlive a lease (its row, its deadline, its worker's pointer) does by this much at least: more
+# than any clock-skew margin (at most 60 s) plus the scheduler's passes over the deadline's bucket.
+LEASE_ROW_GRACE_S = 120
+# Ends of life read lately (task rows, leases), for the writes that follow a read in this process
+# (a cancel, a recovery, a parked task): one entry is a few hundred bytes.
+MAX_REMEMBERED_EXPIRIES = 20_000
+# A row's TTL read back says its end to within a second or two (whole seconds, two clocks).
+ROW_TTL_TOLERANCE_MS = 3_000
 
 
 # A task row batched with its idempotency record stays under Cassandra's default
@@ -88,8 +101,10 @@ class CassandraTaskStore:
         self.db = db
         self.now_ms = now_ms
         self.task_ttl_s = task_ttl_s
-        self._indexed: set[tuple[QueueKey, int, int]] = set()  # buckets this process indexed lately
+        # Buckets this process indexed lately, and until when their index rows live (ms).
+        self._indexed: dict[tuple[QueueKey, int, int], int] = {}
         self._marked: set[int] = set()  # expiry buckets this process marked lately
+        self._expiries: OrderedDict[uuid.UUID, int] = OrderedDict()  # task -> end of life, read lately
         # A rolling upgrade from 1.2: also read the unsharded expiry and outbox tables it writes.
         self.read_unsharded = read_unsharded
 
@@ -107,51 +122,151 @@ class CassandraTaskStore:
         rows = await self.db.execute("clock.now")
         return int(rows[0]["now_ms"])
 
-    def ttl_for(self, task_id: uuid.UUID) -> int:
-        """Seconds left in the task's life: every row about a task expires at the same moment."""
-        left = self.task_ttl_s - (self.now_ms() - ms_of(task_id)) // 1000
+    # -- row lifetimes -------------------------------------------------------------------------
+    # A task's life is fixed when it is added: the time in its id plus the adding bridge's
+    # BRIDGE_TASK_TTL, stored with it (``ready.expires_at``) and carried by its hint. Every row about
+    # it lives exactly as long, whichever bridge writes it: during a rolling change of the setting,
+    # a bridge on a shorter TTL gave the leases it granted and the completions it wrote its own,
+    # shorter life, and a lease vanished mid-lease (a second worker got the task) or a completed
+    # task was handed out again once its ``done`` row had expired.
+
+    def ttl_for(self, task_id: uuid.UUID, expires_at_ms: int | None = None, *, outlive_ms: int | None = None) -> int:
+        """Seconds left in the task's life: every row about a task expires at the same moment.
+
+        The end is ``expires_at_ms``, else the one this store read lately; not known (a task an
+        older bridge stored) it is this bridge's own TTL from the time in the id, as before, and a
+        row that must outlive a moment (``outlive_ms``: a lease's deadline) outlives it by
+        ``LEASE_ROW_GRACE_S``."""
+        end = self._known_end(task_id, expires_at_ms)
+        if end is not None:
+            return self._seconds_until(end)
+        ttl = self._seconds_until(self._own_end(task_id))
+        if outlive_ms is not None:
+            ttl = max(ttl, self._seconds_until(outlive_ms + LEASE_ROW_GRACE_S * 1000))
+        return ttl
+
+    def _own_end(self, task_id: uuid.UUID) -> int:
+        """A task's end of life by this bridge's own TTL: what it gives a task it adds."""
+        return ms_of(task_id) + self.task_ttl_s * 1000
+
+    def _seconds_until(self, end_ms: int) -> int:
+        left = -((self.now_ms() - end_ms) // 1000)  # whole seconds, rounded up
         # Bounded by Cassandra's largest TTL: an id far in the future (a forged one) must not
         # make a statement fail (a delayed task is due within a TTL, far below it).
         return int(min(max(1, left), MAX_CASSANDRA_TTL_S))
 
-    async def _index_bucket(self, q: QueueKey, lane: int, bucket: int, task_id: uuid.UUID, *, force: bool) -> None:
-        key = (q, lane, bucket)
-        if key in self._indexed and not force:
+    def _known_end(self, task_id: uuid.UUID, expires_at_ms: int | None = None) -> int | None:
+        return expires_at_ms if expires_at_ms is not None else self._expiries.get(task_id)
+
+    def _remember_end(self, task_id: uuid.UUID, expires_at_ms: int | None) -> None:
+        if expires_at_ms is None:
             return
+        self._expiries[task_id] = int(expires_at_ms)
+        self._expiries.move_to_end(task_id)
+        if len(self._expiries) > MAX_REMEMBERED_EXPIRIES:
+            self._expiries.popitem(last=False)
+
+    async def _lease_insert(
+        self,
+        task_id: uuid.UUID,
+        name: str,
+        params: Callable[[int, int], tuple[Any, ...]],
+        *,
+        expires_at_ms: int | None = None,
+        outlive_ms: int | None = None,
+    ) -> list[Row]:
+        """A new lease (``IF NOT EXISTS``), given the rest of the task's life and recording its end
+        (``params(ttl, end)``); a refused one reports the existing lease's."""
+        known = self._known_end(task_id, expires_at_ms)
+        end = known if known is not None else self._own_end(task_id)
+        rows = await self.db.execute(name, params(self.ttl_for(task_id, known, outlive_ms=outlive_ms), end))
+        row = rows[0] if rows else {}
+        self._remember_end(task_id, end if row.get("[applied]") else row.get("expires_at"))
+        return rows
+
+    async def _lease_write(
+        self,
+        task_id: uuid.UUID,
+        name: str,
+        params: Callable[[int, int], tuple[Any, ...]],
+        *,
+        expires_at_ms: int | None = None,
+        outlive_ms: int | None = None,
+    ) -> list[Row]:
+        """A compare-and-set of a lease, its cells given the rest of the task's life.
+
+        ``params(ttl, end)``: the statement's parameters for a life ending at ``end``, which the
+        condition ``expires_at IN (end, null)`` checks (``statements.SAME_LIFE``). A writer that
+        does not know the task's end (an ack reads nothing first) binds its own computation: a
+        lease that records none (written by an older bridge) accepts it; one that records another
+        refuses it and reports its own, and the write is sent again with that one: one LWT more,
+        only where the writing bridge's TTL differs from the task's (a setting changed pod by
+        pod) and it has not read the task lately."""
+        known = self._known_end(task_id, expires_at_ms)
+        end = known if known is not None else self._own_end(task_id)
+        rows = await self.db.execute(name, params(self.ttl_for(task_id, known, outlive_ms=outlive_ms), end))
+        row = rows[0] if rows else {}
+        recorded = row.get("expires_at")
+        if row.get("[applied]") or recorded is None or recorded == end:
+            return rows  # applied, or refused by the rest of the condition
+        self._remember_end(task_id, recorded)
+        return await self.db.execute(name, params(self.ttl_for(task_id, recorded), recorded))
+
+    async def _index_bucket(
+        self,
+        q: QueueKey,
+        lane: int,
+        bucket: int,
+        task_id: uuid.UUID,
+        *,
+        force: bool,
+        expires_at_ms: int | None = None,
+    ) -> None:
+        key = (q, lane, bucket)
+        life = self.ttl_for(task_id, expires_at_ms)  # the entry's
         if lane == LANE_RECOVERED:
-            # Written once per bucket and process, for its first entry; but a bucket of the
-            # recovered lane takes tasks of any age (those whose leases ran out in its ten
-            # seconds): a full TTL from now outlives every one of them. Given the first entry's
-            # remaining life, the row expired under a younger task's entry, and no scan found it.
-            ttl = int(min(self.task_ttl_s, MAX_CASSANDRA_TTL_S - BUCKET_INDEX_GRACE_S)) + BUCKET_INDEX_GRACE_S
-        else:
-            ttl = self.ttl_for(task_id) + BUCKET_INDEX_GRACE_S
+            # A bucket of the recovered lane takes tasks of any age (those whose leases ran out
+            # in its ten seconds): a full TTL from now outlives every one this bridge adds. Given
+            # the first entry's remaining life, the row expired under a younger task's entry, and
+            # no scan found it. A task added by a bridge with a longer TTL: the rest of its life.
+            life = max(life, self.task_ttl_s)
+        now = self.now_ms()
+        # Written once per bucket and process, unless an entry outlives the row written for the
+        # earlier ones (their grace covers the entries added later in the same ten seconds).
+        if not force and self._indexed.get(key, 0) >= now + life * 1000:
+            return
+        ttl = int(min(life, MAX_CASSANDRA_TTL_S - BUCKET_INDEX_GRACE_S)) + BUCKET_INDEX_GRACE_S
         await self.db.execute("buckets.insert", (q.owner, q.service, lane, bucket, ttl))
         if len(self._indexed) > MAX_REMEMBERED_BUCKETS:
             self._indexed.clear()
-        self._indexed.add(key)
+        self._indexed[key] = max(self._indexed.get(key, 0), now + ttl * 1000)
 
     # -- tasks ---------------------------------------------------------------------------------
     async def store_task(
         self, q: QueueKey, task_id: uuid.UUID, payload: Payload, *, message_id: str | None = None
     ) -> None:
         bucket = bucket_of_task(task_id)
-        await self._index_bucket(q, LANE_FRESH, bucket, task_id, force=False)
+        # The task's life, fixed now (by the adding bridge, ``WorkQueue.prepare_add``): stored with
+        # it, so that whichever bridge writes about it later gives its rows the same life.
+        ends = payload.expires_at_ms if payload.expires_at_ms is not None else self._own_end(task_id)
+        self._remember_end(task_id, ends)
+        await self._index_bucket(q, LANE_FRESH, bucket, task_id, force=False, expires_at_ms=ends)
         token = payload.token
         created = None if payload.created_at_ms is None else to_datetime(payload.created_at_ms)
+        ttl = self.ttl_for(task_id, ends)
         task = (
             *(q.owner, q.service, bucket, task_id, task_id),
             *(payload.value.key_id, payload.value.nonce, payload.value.ciphertext),
             *(token.nonce if token else None, token.ciphertext if token else None),
-            *(payload.traceparent, created, payload.max_deliveries, payload.priority or None),
-            self.ttl_for(task_id),
+            *(payload.traceparent, created, payload.max_deliveries, payload.priority or None, ends),
+            ttl,
         )
         if message_id is None:
             await self.db.execute("ready.insert", task)
             return
         # One UNLOGGED batch (two partitions, one request). Not atomic: a record whose task row
         # is missing reads as an add that died between its writes (see WorkQueue._dedupe).
-        record = (q.owner, q.service, message_id, task_id, self.ttl_for(task_id))
+        record = (q.owner, q.service, message_id, task_id, ttl)
         if _sealed_bytes(payload) <= BATCHED_PAYLOAD_MAX_BYTES:
             await self.db.execute_batch("add.recorded", [("idem.record", record), ("ready.insert", task)])
             return
@@ -187,7 +302,21 @@ class CassandraTaskStore:
 
     async def payload(self, q: QueueKey, task_id: uuid.UUID) -> Payload | None:
         rows = await self.db.execute("ready.payload", (q.owner, q.service, bucket_of_task(task_id), task_id))
-        return payload_of(rows[0]) if rows and rows[0]["value_ct"] is not None else None
+        if not rows or rows[0]["value_ct"] is None:
+            return None
+        found = payload_of(rows[0])
+        if found.expires_at_ms is None and (left := rows[0].get("value_ttl")) is not None:
+            found = replace(found, expires_at_ms=self._end_by_row_ttl(task_id, int(left)))
+        self._remember_end(task_id, found.expires_at_ms)  # for what this process writes about it next
+        return found
+
+    def _end_by_row_ttl(self, task_id: uuid.UUID, left_s: int) -> int:
+        """The end of a task whose row records none (an older bridge stored it), by the row's own
+        TTL: to the second, rounded up. This bridge's own computation when it is that one (the same
+        TTL setting, nearly always), so that the lease agrees with the other bridges' guesses."""
+        seen = self.now_ms() + (left_s + 1) * 1000
+        own = self._own_end(task_id)
+        return own if abs(seen - own) <= ROW_TTL_TOLERANCE_MS else seen
 
     async def record_message_id(self, q: QueueKey, message_id: str, task_id: uuid.UUID) -> uuid.UUID | None:
         try:
@@ -230,15 +359,19 @@ class CassandraTaskStore:
 
     async def scan(self, q: QueueKey, lane: int, bucket: int, after: uuid.UUID | None, limit: int) -> list[ReadyEntry]:
         rows = await self.db.execute("ready.scan", (q.owner, q.service, lane, bucket, after or MIN_TIMEUUID, limit))
-        return [ready_entry(lane, bucket, r) for r in rows]
+        entries = [ready_entry(lane, bucket, r) for r in rows]
+        for entry, r in zip(entries, rows, strict=True):
+            self._remember_end(entry.task_id, r.get("expires_at"))  # a claim's write-ahead follows
+        return entries
 
-    async def mark_claimed(self, q: QueueKey, entry: ReadyEntry) -> None:
-        ttl = self.ttl_for(entry.task_id)
+    async def mark_claimed(self, q: QueueKey, entry: ReadyEntry, *, expires_at_ms: int | None = None) -> None:
+        ttl = self.ttl_for(entry.task_id, expires_at_ms)
         await self.db.execute("ready.mark_claimed", (ttl, q.owner, q.service, entry.lane, entry.bucket, entry.seq))
 
     async def expose_recovered(
         self, q: QueueKey, bucket: int, seq: uuid.UUID, task_id: uuid.UUID, epoch: int, has_token: bool
     ) -> None:
+        # The scheduler read the task's lease just before (``leases_of``): its end of life is known.
         await self._index_bucket(q, LANE_RECOVERED, bucket, task_id, force=False)
         marker = b"\x01" if has_token else None  # lane-0 rows say "has a token" by a non-null token_nonce
         params = (q.owner, q.service, bucket, seq, task_id, epoch, marker, self.ttl_for(task_id))
@@ -247,12 +380,17 @@ class CassandraTaskStore:
     # -- leases (LWT only) ---------------------------------------------------------------------------
     async def lease(self, q: QueueKey, task_id: uuid.UUID, *, serial: bool = True) -> Lease | None:
         rows = await self.db.execute("lease.get", (q.owner, q.service, task_id), serial_read=serial)
-        return lease_of(rows[0]) if rows else None
+        if not rows:
+            return None
+        self._remember_end(task_id, rows[0].get("expires_at"))
+        return lease_of(rows[0])
 
     async def leases_of(self, q: QueueKey, task_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Lease]:
         if not task_ids:
             return {}
         rows = await self.db.execute("lease.get_many", (q.owner, q.service, list(task_ids)))
+        for row in rows:
+            self._remember_end(row["task_id"], row.get("expires_at"))
         found = {row["task_id"]: lease_of(row) for row in rows}
         return {task_id: lease for task_id, lease in found.items() if lease is not None}
 
@@ -264,10 +402,15 @@ class CassandraTaskStore:
         return {task_id: error for task_id, error in found.items() if error is not None}
 
     async def _resolve(
-        self, q: QueueKey, task_id: uuid.UUID, name: str, params: tuple[Any, ...], check: str, token: uuid.UUID
+        self,
+        q: QueueKey,
+        task_id: uuid.UUID,
+        attempt: Awaitable[list[Row]],
+        check: str,
+        token: uuid.UUID,
     ) -> CasResult:
         try:
-            return cas_result(await self.db.execute(name, params))
+            return cas_result(await attempt)
         except UnknownOutcome:
             # The Paxos round may or may not have committed: a SERIAL read finishes any in-flight
             # round and tells us whether OUR attempt (identified by its random token) won.
@@ -285,10 +428,18 @@ class CassandraTaskStore:
         claim_id: uuid.UUID,
         *,
         has_token: bool | None = None,
+        expires_at_ms: int | None = None,
     ) -> CasResult:
         until = to_datetime(until_ms)
-        params = (q.owner, q.service, task_id, worker, until, claim_id, has_token, self.ttl_for(task_id))
-        return await self._resolve(q, task_id, "lease.claim_new", params, "claim_id", claim_id)
+        head = (q.owner, q.service, task_id, worker, until, claim_id, has_token)
+        attempt = self._lease_insert(
+            task_id,
+            "lease.claim_new",
+            lambda ttl, end: (*head, end, ttl),
+            expires_at_ms=expires_at_ms,
+            outlive_ms=until_ms,
+        )
+        return await self._resolve(q, task_id, attempt, "claim_id", claim_id)
 
     async def claim_expired(
         self,
@@ -301,17 +452,26 @@ class CassandraTaskStore:
         claim_id: uuid.UUID,
         *,
         has_token: bool | None = None,
+        expires_at_ms: int | None = None,
     ) -> CasResult:
-        params = (
-            *(self.ttl_for(task_id), expected_epoch + 1, worker, to_datetime(until_ms), claim_id, has_token),
-            *(q.owner, q.service, task_id, expected_epoch, to_datetime(expired_before_ms)),
+        values = (expected_epoch + 1, worker, to_datetime(until_ms), claim_id, has_token)
+        key = (q.owner, q.service, task_id, expected_epoch, to_datetime(expired_before_ms))
+        attempt = self._lease_write(
+            task_id,
+            "lease.claim_expired",
+            lambda ttl, end: (ttl, *values, end, *key, end),
+            expires_at_ms=expires_at_ms,
+            outlive_ms=until_ms,
         )
-        return await self._resolve(q, task_id, "lease.claim_expired", params, "claim_id", claim_id)
+        return await self._resolve(q, task_id, attempt, "claim_id", claim_id)
 
     async def extend(self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, until_ms: int) -> CasResult:
-        params = (self.ttl_for(task_id), to_datetime(until_ms), q.owner, q.service, task_id, epoch, worker)
+        until, key = to_datetime(until_ms), (q.owner, q.service, task_id, epoch, worker)
         try:
-            return cas_result(await self.db.execute("lease.extend", params))
+            rows = await self._lease_write(
+                task_id, "lease.extend", lambda ttl, end: (ttl, until, *key, end), outlive_ms=until_ms
+            )
+            return cas_result(rows)
         except UnknownOutcome:
             current = await self.lease(q, task_id, serial=True)
             ok = (
@@ -333,16 +493,14 @@ class CassandraTaskStore:
         *,
         tokenless: bool = False,
     ) -> CasResult:
-        params = (
-            *(self.ttl_for(task_id), to_datetime(now_ms), completion_id),
-            *(q.owner, q.service, task_id, epoch, worker),
-        )
+        values, key = (to_datetime(now_ms), completion_id), (q.owner, q.service, task_id, epoch, worker)
         name = "lease.complete_tokenless" if tokenless else "lease.complete"
-        return await self._resolve(q, task_id, name, params, "completion_id", completion_id)
+        attempt = self._lease_write(task_id, name, lambda ttl, end: (ttl, *values, *key, end))
+        return await self._resolve(q, task_id, attempt, "completion_id", completion_id)
 
     async def kill(self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, now_ms: int) -> bool:
-        params = (self.ttl_for(task_id), to_datetime(now_ms), q.owner, q.service, task_id, epoch, worker)
-        rows = await self.db.execute("lease.kill", params)
+        now, key = to_datetime(now_ms), (q.owner, q.service, task_id, epoch, worker)
+        rows = await self._lease_write(task_id, "lease.kill", lambda ttl, end: (ttl, now, *key, end))
         return bool(rows and rows[0].get("[applied]"))
 
     async def uncount(self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str) -> bool:
@@ -353,20 +511,24 @@ class CassandraTaskStore:
         lease = await self.lease(q, task_id, serial=True)
         if lease is None or not lease.held_by(worker, epoch) or lease.uncounted_epoch == epoch:
             return False
-        params = (self.ttl_for(task_id), lease.uncounted + 1, epoch, q.owner, q.service, task_id, epoch, worker)
+        values, key = (lease.uncounted + 1, epoch), (q.owner, q.service, task_id, epoch, worker)
         try:
-            rows = await self.db.execute("lease.uncount", params)
+            rows = await self._lease_write(task_id, "lease.uncount", lambda ttl, end: (ttl, *values, *key, end))
         except UnknownOutcome:
             return False  # not counted is the safe side: the task is delivered later all the same
         return bool(rows and rows[0].get("[applied]"))
 
     # -- the lifecycle (1.4) -----------------------------------------------------------------------------
     async def _cas(
-        self, q: QueueKey, task_id: uuid.UUID, name: str, params: tuple[Any, ...], won: Callable[[Lease], bool]
+        self,
+        q: QueueKey,
+        task_id: uuid.UUID,
+        attempt: Awaitable[list[Row]],
+        won: Callable[[Lease], bool],
     ) -> CasResult:
         """A compare-and-set whose unknown outcome is resolved by a SERIAL read and ``won``."""
         try:
-            return cas_result(await self.db.execute(name, params))
+            return cas_result(await attempt)
         except UnknownOutcome:
             current = await self.lease(q, task_id, serial=True)
             if current is not None and won(current):
@@ -377,9 +539,12 @@ class CassandraTaskStore:
         self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, until_ms: int, error: Sealed | None
     ) -> CasResult:
         sealed = (error.key_id, error.nonce, error.ciphertext) if error else (None, None, None)
-        params = (self.ttl_for(task_id), to_datetime(until_ms), *sealed, q.owner, q.service, task_id, epoch, worker)
+        values, key = (to_datetime(until_ms), *sealed), (q.owner, q.service, task_id, epoch, worker)
+        attempt = self._lease_write(
+            task_id, "lease.release", lambda ttl, end: (ttl, *values, *key, end), outlive_ms=until_ms
+        )
         return await self._cas(
-            q, task_id, "lease.release", params, lambda c: c.held_by(NO_WORKER, epoch) and c.lease_until_ms == until_ms
+            q, task_id, attempt, lambda c: c.held_by(NO_WORKER, epoch) and c.lease_until_ms == until_ms
         )
 
     async def park(
@@ -395,20 +560,26 @@ class CassandraTaskStore:
         expired_before_ms: int | None = None,
         error: Sealed | None = None,
     ) -> CasResult:
-        head = (self.ttl_for(task_id), to_datetime(now_ms), reason, park_id, park_id)
+        head = (to_datetime(now_ms), reason, park_id, park_id)
         key = (q.owner, q.service, task_id)
+        name: str
+        tail: tuple[Any, ...]
         if worker is not None:
             sealed = (error.key_id, error.nonce, error.ciphertext) if error else (None, None, None)
-            name, params = "lease.park_held", (*head, *sealed, *key, epoch, worker)
+            name, tail = "lease.park_held", (*head, *sealed, *key, epoch, worker)
         else:
             assert expired_before_ms is not None
-            name, params = "lease.park_expired", (*head, *key, epoch, to_datetime(expired_before_ms))
-        return await self._cas(q, task_id, name, params, lambda c: c.completion_id == park_id)
+            name, tail = "lease.park_expired", (*head, *key, epoch, to_datetime(expired_before_ms))
+        attempt = self._lease_write(task_id, name, lambda ttl, end: (ttl, *tail, end))
+        return await self._cas(q, task_id, attempt, lambda c: c.completion_id == park_id)
 
     async def unpark(self, q: QueueKey, task_id: uuid.UUID, epoch: int, until_ms: int) -> CasResult:
         claim_id = uuid.uuid4()
-        params = (self.ttl_for(task_id), epoch, to_datetime(until_ms), claim_id, q.owner, q.service, task_id, epoch)
-        return await self._cas(q, task_id, "lease.unpark", params, lambda c: c.claim_id == claim_id)
+        values, key = (epoch, to_datetime(until_ms), claim_id), (q.owner, q.service, task_id, epoch)
+        attempt = self._lease_write(
+            task_id, "lease.unpark", lambda ttl, end: (ttl, *values, *key, end), outlive_ms=until_ms
+        )
+        return await self._cas(q, task_id, attempt, lambda c: c.claim_id == claim_id)
 
     async def cancel(
         self,
@@ -422,16 +593,19 @@ class CassandraTaskStore:
     ) -> CasResult:
         done_id = uuid.uuid4()
         now = to_datetime(self.now_ms())
-        ttl = self.ttl_for(task_id)
         key = (q.owner, q.service, task_id)
-        params: tuple[Any, ...]
+        attempt: Awaitable[list[Row]]
         if state is None:
-            name, params = "lease.cancel_new", (*key, now, done_id, ttl)
+            attempt = self._lease_insert(task_id, "lease.cancel_new", lambda ttl, end: (*key, now, done_id, end, ttl))
         elif expired_before_ms is not None:
-            name, params = "lease.cancel_expired", (ttl, now, done_id, *key, epoch, to_datetime(expired_before_ms))
+            cond = (epoch, to_datetime(expired_before_ms))
+            attempt = self._lease_write(
+                task_id, "lease.cancel_expired", lambda ttl, end: (ttl, now, done_id, *key, *cond, end)
+            )
         else:
-            name, params = "lease.cancel", (ttl, str(to), now, done_id, *key, str(state), epoch)
-        return await self._cas(q, task_id, name, params, lambda c: c.completion_id == done_id)
+            values, cond2 = (str(to), now, done_id), (str(state), epoch)
+            attempt = self._lease_write(task_id, "lease.cancel", lambda ttl, end: (ttl, *values, *key, *cond2, end))
+        return await self._cas(q, task_id, attempt, lambda c: c.completion_id == done_id)
 
     async def add_parked(self, q: QueueKey, entry: ParkedEntry) -> None:
         e = entry
@@ -489,13 +663,31 @@ class CassandraTaskStore:
     async def set_worker(self, q: QueueKey, worker: str, pointer: WorkerPointer, stamp: int) -> None:
         await self.db.execute("worker.set", self._worker_set(q, worker, pointer, stamp))
 
-    def _worker_set(self, q: QueueKey, worker: str, pointer: WorkerPointer, stamp: int) -> tuple[Any, ...]:
+    def _worker_set(
+        self,
+        q: QueueKey,
+        worker: str,
+        pointer: WorkerPointer,
+        stamp: int,
+        *,
+        expires_at_ms: int | None = None,
+        outlive_ms: int | None = None,
+    ) -> tuple[Any, ...]:
         p = pointer
-        params = (self.ttl_for(p.task_id), stamp, p.task_id, p.epoch, p.has_token, stamp, p.granted_at_ms)
+        ttl = self.ttl_for(p.task_id, expires_at_ms, outlive_ms=outlive_ms)
+        params = (ttl, stamp, p.task_id, p.epoch, p.has_token, stamp, p.granted_at_ms)
         return (*params, q.owner, q.service, worker)
 
     async def write_ahead(
-        self, q: QueueKey, worker: str, pointer: WorkerPointer, stamp: int, bucket: int, entry: ExpiryEntry
+        self,
+        q: QueueKey,
+        worker: str,
+        pointer: WorkerPointer,
+        stamp: int,
+        bucket: int,
+        entry: ExpiryEntry,
+        *,
+        expires_at_ms: int | None = None,
     ) -> None:
         # Two partitions, one UNLOGGED batch: the claim waits for both anyway, and one request
         # instead of two saves the bridge a request's CPU (per task, the larger cost) and
@@ -503,8 +695,13 @@ class CassandraTaskStore:
         # A bucket not marked yet is marked in the same batch (one round trip, not two in a row):
         # the reply says every write in it was applied, so the mark is stored before the claim
         # exists, as when it was written first.
-        items = [*self._mark_if_new(bucket), ("expiry.insert", self._expiry_insert(bucket, entry))]
-        items.append(("worker.set", self._worker_set(q, worker, pointer, stamp)))
+        # Both live the rest of the task's life; where it is not known yet (the task's row is read
+        # beside this batch), at least until the lease's deadline is long past.
+        items = [*self._mark_if_new(bucket), ("expiry.insert", self._expiry_insert(bucket, entry, expires_at_ms))]
+        pointing = self._worker_set(
+            q, worker, pointer, stamp, expires_at_ms=expires_at_ms, outlive_ms=entry.lease_until_ms
+        )
+        items.append(("worker.set", pointing))
         await self.db.execute_batch("fetch.write_ahead", items)
         self._remember_mark(bucket)
 
@@ -538,11 +735,12 @@ class CassandraTaskStore:
                 self._marked.clear()
             self._marked.add(bucket)
 
-    def _expiry_insert(self, bucket: int, entry: ExpiryEntry) -> tuple[Any, ...]:
+    def _expiry_insert(self, bucket: int, entry: ExpiryEntry, expires_at_ms: int | None = None) -> tuple[Any, ...]:
         e = entry
         shard = shard_of(e.task_id, EXPIRY_SHARDS)
         params = (bucket, shard, to_datetime(e.lease_until_ms), e.queue.owner, e.queue.service, e.task_id, e.epoch)
-        return (*params, e.has_token, e.priority or None, self.ttl_for(e.task_id))
+        ttl = self.ttl_for(e.task_id, expires_at_ms, outlive_ms=e.lease_until_ms)  # read after its deadline
+        return (*params, e.has_token, e.priority or None, ttl)
 
     async def expiries(self, bucket: int) -> list[ExpiryEntry]:
         reads = [self.db.execute("expiry.bucket", (bucket, ALL_EXPIRY_SHARDS), fetch_size=2000)]

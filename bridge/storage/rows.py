@@ -98,6 +98,7 @@ def payload_of(r: Row) -> Payload:
         created_at_ms=None if created is None else to_ms(created),
         max_deliveries=r.get("max_deliveries"),
         priority=r.get("priority") or 0,
+        expires_at_ms=r.get("expires_at"),  # None in a row an older bridge wrote
     )
 
 

@@ -6,7 +6,8 @@ Layout rules that every statement in ``statements.py`` follows:
 - ``leases`` holds all mutable task state, one partition per task, and is written ONLY with
   lightweight transactions (Paxos), so claims of different tasks never contend.
 - Everything carries a TTL so that a task, its lease, its pointers and its outbox entry all vanish
-  together when the task's lifetime ends.
+  together when the task's lifetime ends: the one its add fixed (``expires_at``), not the writing
+  bridge's own BRIDGE_TASK_TTL.
 """
 
 from __future__ import annotations
@@ -188,6 +189,12 @@ ADDED_COLUMNS: list[tuple[str, str, str]] = [
     # The last park's id, which a discard or a later completion does not overwrite: its result
     # (the engine's delivery_limit error) stays owed until the relay has sent it.
     ("leases", "park_id", "timeuuid"),
+    # When the task's life ends (ms since the epoch, compared exactly in lease conditions), as its
+    # add fixed it (the time in its id plus the adding bridge's BRIDGE_TASK_TTL): claims copy it
+    # into the lease, and every row about the task lives until then, whatever the TTL of the bridge
+    # writing it (a setting changed pod by pod).
+    ("ready", "expires_at", "bigint"),
+    ("leases", "expires_at", "bigint"),
 ]
 
 

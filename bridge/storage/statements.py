@@ -8,8 +8,14 @@ from __future__ import annotations
 
 LEASE_COLS_BRIEF = (
     "state, epoch, worker, lease_until, claim_id, completion_id, has_token, base_epoch, parked_at, park_reason, "
-    "completed_at, uncounted, uncounted_epoch, park_id"
+    "completed_at, uncounted, uncounted_epoch, park_id, expires_at"
 )
+# Every write of a lease gives its cells the rest of the TASK's life (``expires_at``, recorded by the
+# claim that read it from the task's row), not the rest of the writing bridge's own TTL. A writer
+# that does not know it (an ack reads nothing first) binds its own computation and sends it along
+# in this condition: refused for a lease that records another, it is sent again with that one
+# (``CassandraTaskStore._lease_write``); a lease written without one (an older bridge) accepts it.
+SAME_LIFE = "expires_at IN (?, null)"
 # With the last fail's error (up to a value's size): read one lease at a time, or by ``lease.errors``.
 LEASE_COLS = f"{LEASE_COLS_BRIEF}, error_key, error_nonce, error_ct"
 
@@ -17,8 +23,8 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     # name: (cql, idempotent). LWTs are not idempotent: their outcome is resolved by reading.
     "ready.insert": (
         "INSERT INTO {ks}.ready (owner, service, lane, bucket, seq, task_id, key_id, value_nonce, value_ct, "
-        "token_nonce, token_ct, traceparent, created_at, max_deliveries, priority) "
-        "VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?",
+        "token_nonce, token_ct, traceparent, created_at, max_deliveries, priority, expires_at) "
+        "VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?",
         True,
     ),
     "ready.insert_recovered": (
@@ -27,13 +33,13 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         True,
     ),
     "ready.scan": (
-        "SELECT seq, task_id, epoch, token_nonce, claimed, created_at FROM {ks}.ready "
+        "SELECT seq, task_id, epoch, token_nonce, claimed, created_at, expires_at FROM {ks}.ready "
         "WHERE owner = ? AND service = ? AND lane = ? AND bucket = ? AND seq > ? LIMIT ?",
         True,
     ),
     "ready.payload": (
         "SELECT key_id, value_nonce, value_ct, token_nonce, token_ct, traceparent, created_at, max_deliveries, "
-        "priority FROM {ks}.ready "
+        "priority, expires_at, TTL(value_ct) AS value_ttl FROM {ks}.ready "
         "WHERE owner = ? AND service = ? AND lane = 1 AND bucket = ? AND seq = ?",
         True,
     ),
@@ -86,13 +92,14 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         True,
     ),
     "lease.claim_new": (
-        "INSERT INTO {ks}.leases (owner, service, task_id, state, epoch, worker, lease_until, claim_id, has_token) "
-        "VALUES (?, ?, ?, 'leased', 1, ?, ?, ?, ?) IF NOT EXISTS USING TTL ?",
+        "INSERT INTO {ks}.leases (owner, service, task_id, state, epoch, worker, lease_until, claim_id, has_token, "
+        "expires_at) VALUES (?, ?, ?, 'leased', 1, ?, ?, ?, ?, ?) IF NOT EXISTS USING TTL ?",
         False,
     ),
     "lease.claim_expired": (
-        "UPDATE {ks}.leases USING TTL ? SET epoch = ?, worker = ?, lease_until = ?, claim_id = ?, has_token = ? "
-        "WHERE owner = ? AND service = ? AND task_id = ? IF state = 'leased' AND epoch = ? AND lease_until <= ?",
+        "UPDATE {ks}.leases USING TTL ? SET epoch = ?, worker = ?, lease_until = ?, claim_id = ?, has_token = ?, "
+        "expires_at = ? WHERE owner = ? AND service = ? AND task_id = ? "
+        f"IF state = 'leased' AND epoch = ? AND lease_until <= ? AND {SAME_LIFE}",
         False,
     ),
     # The holder may extend even past its deadline as long as nobody re-claimed the task (the
@@ -100,7 +107,7 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     "lease.extend": (
         "UPDATE {ks}.leases USING TTL ? SET lease_until = ? "
         "WHERE owner = ? AND service = ? AND task_id = ? "
-        "IF state = 'leased' AND epoch = ? AND worker = ?",
+        f"IF state = 'leased' AND epoch = ? AND worker = ? AND {SAME_LIFE}",
         False,
     ),
     # The same, for a task known (from its lease) to carry no token: an ack that names its task
@@ -109,17 +116,19 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     "lease.complete_tokenless": (
         "UPDATE {ks}.leases USING TTL ? SET state = 'done', completed_at = ?, completion_id = ? "
         "WHERE owner = ? AND service = ? AND task_id = ? "
-        "IF state = 'leased' AND epoch = ? AND worker = ? AND has_token = false",
+        f"IF state = 'leased' AND epoch = ? AND worker = ? AND has_token = false AND {SAME_LIFE}",
         False,
     ),
     "lease.kill": (
         "UPDATE {ks}.leases USING TTL ? SET state = 'dead', completed_at = ? "
-        "WHERE owner = ? AND service = ? AND task_id = ? IF state = 'leased' AND epoch = ? AND worker = ?",
+        "WHERE owner = ? AND service = ? AND task_id = ? "
+        f"IF state = 'leased' AND epoch = ? AND worker = ? AND {SAME_LIFE}",
         False,
     ),
     "lease.complete": (
         "UPDATE {ks}.leases USING TTL ? SET state = 'done', completed_at = ?, completion_id = ? "
-        "WHERE owner = ? AND service = ? AND task_id = ? IF state = 'leased' AND epoch = ? AND worker = ?",
+        "WHERE owner = ? AND service = ? AND task_id = ? "
+        f"IF state = 'leased' AND epoch = ? AND worker = ? AND {SAME_LIFE}",
         False,
     ),
     # -- 1.4, the worker lifecycle (rare paths: a failure, a parked task, an operator) --------------
@@ -127,46 +136,48 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     # so it does not count toward the delivery limit. Only the holder writes it, once per epoch.
     "lease.uncount": (
         "UPDATE {ks}.leases USING TTL ? SET uncounted = ?, uncounted_epoch = ? "
-        "WHERE owner = ? AND service = ? AND task_id = ? IF state = 'leased' AND epoch = ? AND worker = ?",
+        "WHERE owner = ? AND service = ? AND task_id = ? "
+        f"IF state = 'leased' AND epoch = ? AND worker = ? AND {SAME_LIFE}",
         False,
     ),
     "lease.release": (
         "UPDATE {ks}.leases USING TTL ? SET lease_until = ?, worker = '', error_key = ?, error_nonce = ?, "
         "error_ct = ? WHERE owner = ? AND service = ? AND task_id = ? "
-        "IF state = 'leased' AND epoch = ? AND worker = ?",
+        f"IF state = 'leased' AND epoch = ? AND worker = ? AND {SAME_LIFE}",
         False,
     ),
     "lease.park_held": (
         "UPDATE {ks}.leases USING TTL ? SET state = 'parked', parked_at = ?, park_reason = ?, completion_id = ?, "
         "park_id = ?, error_key = ?, error_nonce = ?, error_ct = ? WHERE owner = ? AND service = ? AND task_id = ? "
-        "IF state = 'leased' AND epoch = ? AND worker = ?",
+        f"IF state = 'leased' AND epoch = ? AND worker = ? AND {SAME_LIFE}",
         False,
     ),
     "lease.park_expired": (
         "UPDATE {ks}.leases USING TTL ? SET state = 'parked', parked_at = ?, park_reason = ?, completion_id = ?, "
         "park_id = ? WHERE owner = ? AND service = ? AND task_id = ? "
-        "IF state = 'leased' AND epoch = ? AND lease_until <= ?",
+        f"IF state = 'leased' AND epoch = ? AND lease_until <= ? AND {SAME_LIFE}",
         False,
     ),
     "lease.unpark": (
         "UPDATE {ks}.leases USING TTL ? SET state = 'leased', base_epoch = ?, uncounted = 0, worker = '', "
         "lease_until = ?, claim_id = ? WHERE owner = ? AND service = ? AND task_id = ? "
-        "IF state = 'parked' AND epoch = ?",
+        f"IF state = 'parked' AND epoch = ? AND {SAME_LIFE}",
         False,
     ),
     "lease.cancel_new": (
-        "INSERT INTO {ks}.leases (owner, service, task_id, state, epoch, completed_at, completion_id) "
-        "VALUES (?, ?, ?, 'cancelled', 0, ?, ?) IF NOT EXISTS USING TTL ?",
+        "INSERT INTO {ks}.leases (owner, service, task_id, state, epoch, completed_at, completion_id, expires_at) "
+        "VALUES (?, ?, ?, 'cancelled', 0, ?, ?, ?) IF NOT EXISTS USING TTL ?",
         False,
     ),
     "lease.cancel": (
         "UPDATE {ks}.leases USING TTL ? SET state = ?, completed_at = ?, completion_id = ? "
-        "WHERE owner = ? AND service = ? AND task_id = ? IF state = ? AND epoch = ?",
+        f"WHERE owner = ? AND service = ? AND task_id = ? IF state = ? AND epoch = ? AND {SAME_LIFE}",
         False,
     ),
     "lease.cancel_expired": (
         "UPDATE {ks}.leases USING TTL ? SET state = 'cancelled', completed_at = ?, completion_id = ? "
-        "WHERE owner = ? AND service = ? AND task_id = ? IF state = 'leased' AND epoch = ? AND lease_until <= ?",
+        "WHERE owner = ? AND service = ? AND task_id = ? "
+        f"IF state = 'leased' AND epoch = ? AND lease_until <= ? AND {SAME_LIFE}",
         False,
     ),
     "parked.insert": (

@@ -48,6 +48,7 @@ _HEADERS = 0x2000
 _DELIVERY_MODE = 0x1000
 _PRIORITY = 0x0800
 _CORRELATION_ID = 0x0400
+_EXPIRATION = 0x0100
 _MESSAGE_ID = 0x0080
 _MESSAGE_TYPE = 0x0020
 _USER_ID = 0x0010
@@ -71,6 +72,7 @@ def properties(
     delivery_mode: int | None = None,
     priority: int | None = None,
     correlation_id: str | None = None,
+    expiration: str | None = None,
     message_id: str | None = None,
     message_type: str | None = None,
     user_id: str | None = None,
@@ -91,8 +93,8 @@ def properties(
     if priority is not None:
         flags |= _PRIORITY
         parts.append(bytes((priority,)))
-    texts = ((_CORRELATION_ID, correlation_id), (_MESSAGE_ID, message_id), (_MESSAGE_TYPE, message_type))
-    for flag, text in (*texts, (_USER_ID, user_id)):
+    texts = ((_CORRELATION_ID, correlation_id), (_EXPIRATION, expiration), (_MESSAGE_ID, message_id))
+    for flag, text in (*texts, (_MESSAGE_TYPE, message_type), (_USER_ID, user_id)):
         if text:
             flags |= flag
             parts.append(short_string(text))

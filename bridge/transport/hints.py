@@ -14,6 +14,15 @@ consumer's one slot is then free for the next hint and the next waiter while the
 waiters took their tasks one claim at a time, about 150 a second however many waited.) A handed
 hint whose claim cannot be decided (the store failed, the fetch was cancelled) is published
 again. A delivery nobody waits for any more is returned to the queue at once for another bridge.
+
+A bridge with ``BRIDGE_HINTS=false`` takes no hints (its fetches scan the store) but publishes
+them all the same, for the bridges of its fleet that take them (a setting switched pod by pod:
+the tasks it adds, re-exposes or finds due as the scheduler bridge reached those only by a
+reconciliation scan, up to grace + interval late). It never declares a hint queue: its hints go
+only into queues that hint-taking bridges declared (the broker drops those routed to none), so a
+fleet with hints off everywhere keeps no hints and renews no hint queue; and they expire untaken
+(``UNTAKEN_MS``), so that the hint queues bridges that took hints left behind do not fill with
+them (RabbitMQ drops an expired message only at the head of its queue: docs/storage.md).
 """
 
 from __future__ import annotations
@@ -58,6 +67,10 @@ MAX_DECLARED = 10_000
 # so the 1.3 queues (two priorities) keep their names and 1.4 bridges use new ones.
 HINT_PATTERN = r"\.hints\.p?[0-9a-f]{24}"
 RECOVERED_PRIORITY = PRIORITY_MAX + 1
+# A hint published by a bridge that takes none expires after this long untaken (at least; more
+# with a longer BRIDGE_HINT_GRACE + BRIDGE_RECONCILE_INTERVAL): reconciliation finds its task as
+# it finds one whose hint was lost, and a fleet that no longer takes hints does not pile them up.
+UNTAKEN_MS = 60_000
 
 
 def hint_queue_name(queue_prefix: str, q: QueueKey) -> str:
@@ -88,12 +101,15 @@ def encode(hint: Hint) -> bytes:
         d["d"] = 1
     p = hint.payload
     if p is not None:
-        d["p"] = {
+        carried: dict[str, object] = {
             "v": _sealed(p.value),
             "k": None if p.token is None else _sealed(p.token),
             "tp": p.traceparent,
             "c": p.created_at_ms,
         }
+        if p.expires_at_ms is not None:
+            carried["x"] = p.expires_at_ms  # the task's end of life: its claim gives the lease that life
+        d["p"] = carried
     return orjson.dumps(d)
 
 
@@ -103,7 +119,8 @@ def decode(body: bytes) -> Hint:
     if (p := d.get("p")) is not None:
         token = None if p["k"] is None else _unsealed(p["k"])
         created = None if p["c"] is None else int(p["c"])
-        payload = Payload(_unsealed(p["v"]), token, p["tp"], created)
+        expires = None if p.get("x") is None else int(p["x"])  # absent from an older bridge's hints
+        payload = Payload(_unsealed(p["v"]), token, p["tp"], created, expires_at_ms=expires)
     priority = min(max(int(d.get("r", 0)), 0), PRIORITY_MAX)
     redriven = bool(d.get("d", 0))
     return Hint(uuid.UUID(d["t"]), int(d["l"]), uuid.UUID(d["s"]), d["e"], bool(d["k"]), payload, priority, redriven)
@@ -200,6 +217,10 @@ class AmqpHints:
         self._waiting: dict[str, _Waiting] = {}
         self._cancelling: set[asyncio.Task[None]] = set()  # consumer cancels under way
         self._closed = False
+        # BRIDGE_HINTS=false: publish only, into queues declared by bridges that take hints.
+        self.takes = settings.hints
+        untaken_ms = max(UNTAKEN_MS, int((settings.hint_grace + settings.reconcile_interval) * 1000))
+        self._expiration = None if self.takes else str(untaken_ms)
         self.published = 0
         self.lost = 0
 
@@ -207,6 +228,8 @@ class AmqpHints:
         connection.reconnect_callbacks.add(lambda *_: self.on_loss())
         self._connection = connection
         self._channel = await connection.channel(publisher_confirms=False)
+        if not self.takes:
+            return  # nothing consumed: no fetch of this bridge waits for a hint
         self._consume = await connection.channel(publisher_confirms=False)
         await self._consume.set_qos(prefetch_count=1)
         self._consume.reopen_callbacks.add(lambda *_: self._consumers_lost())
@@ -261,12 +284,17 @@ class AmqpHints:
         return channel
 
     async def offer(self, q: QueueKey, hint: Hint) -> None:
+        priority = RECOVERED_PRIORITY if hint.recovered else hint.priority
+        if not self.takes:
+            # Not declared: to the queue if a bridge that takes hints declared it, else dropped.
+            name = hint_queue_name(self.settings.queue_prefix, q)
+            await self._publish(encode(hint), priority, name, expiration=self._expiration)
+            return
         try:
             queue = await self._queue(q)
         except Exception as exc:
             self._lost(exc)
             return
-        priority = RECOVERED_PRIORITY if hint.recovered else hint.priority
         await self._publish(encode(hint), priority, queue.name)
 
     async def republish(self, message: HintMessage) -> None:
@@ -274,10 +302,14 @@ class AmqpHints:
         assert message.routing_key is not None  # the hint queue's name (default exchange)
         await self._publish(message.body, message.priority, message.routing_key)
 
-    async def _publish(self, body: bytes, priority: int | None, queue_name: str) -> None:
+    async def _publish(
+        self, body: bytes, priority: int | None, queue_name: str, *, expiration: str | None = None
+    ) -> None:
         try:
             channel = await self._channel_frames()
-            props = frames.properties(priority=priority, delivery_mode=TRANSIENT, message_id=next(self._ids))
+            props = frames.properties(
+                priority=priority, delivery_mode=TRANSIENT, expiration=expiration, message_id=next(self._ids)
+            )
             # Not waiting for the socket: a hint lost with the connection is found by reconciliation.
             await frames.publish_on(channel, queue_name, body, props)
             self.published += 1
@@ -291,7 +323,7 @@ class AmqpHints:
         log.warning("hint not published (%s): reconciliation will find the task", type(exc).__name__)
 
     async def take(self, q: QueueKey, wait_ms: int) -> Taken | None:
-        if self._closed:
+        if self._closed or not self.takes:
             return None
         message: HintMessage | None
         try:
@@ -434,6 +466,8 @@ class AmqpHints:
 
     async def discard(self, q: QueueKey) -> int:
         """``queue.purge``: the ready hints go; those handed to a consumer stay (their fetch claims)."""
+        if not self.takes:
+            return await self._purge_existing(q)
         queue = await self._queue(q)
         try:
             async with asyncio.timeout(BROKER_CALL_S):
@@ -441,6 +475,19 @@ class AmqpHints:
         except Exception as exc:
             self._forget_if_gone(q, exc)
             raise
+        return int(getattr(purged, "message_count", 0) or 0)
+
+    async def _purge_existing(self, q: QueueKey) -> int:
+        """A purge on a bridge that takes no hints: the hint queue is emptied if it exists (bridges
+        that take hints declared it), on the declaring channel (a 404 closes that one only); a
+        missing one is not declared."""
+        name = hint_queue_name(self.settings.queue_prefix, q)
+        try:
+            channel = await self._declaring_channel()
+            async with asyncio.timeout(BROKER_CALL_S):
+                purged = await channel.queue_purge(name)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return 0
         return int(getattr(purged, "message_count", 0) or 0)
 
     def close(self) -> None:

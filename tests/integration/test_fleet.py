@@ -4,14 +4,20 @@ idle fleet almost nothing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
+import uuid
 from datetime import datetime
+from typing import Any
 
 import pytest
 
+from bridge.domain.models import AddCommand, FetchRequest, parse
+from bridge.domain.records import QueueKey
 from bridge.domain.timeline import expiry_bucket
-from tests.conftest import service_id, wait_for
+from bridge.transport.hints import UNTAKEN_MS, decode, hint_queue_name
+from tests.conftest import OWNERS, service_id, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -195,3 +201,112 @@ async def test_the_duty_is_held_again_soon_after_a_broker_restart(make_bridge):
     # The robust connections reconnect within their 5 s interval; the election takes a round trip.
     await wait_for(lambda: sum(b.duty.held for b in bridges) == 1, 20, interval=0.1, what="a holder again")
     assert time.monotonic() - back < 8.0, f"duty held again {time.monotonic() - back:.1f} s after the broker"
+
+
+# -- BRIDGE_HINTS switched pod by pod: bridges that take hints beside bridges that scan -------------
+# Requests go to a chosen bridge through its ``WorkQueue`` (the domain, on the real servers): with
+# both bridges consuming the same AMQP queues a client cannot choose which one answers.
+
+
+def _add(svc: str, value: Any, **kw: Any) -> AddCommand:
+    return parse(AddCommand, {"serviceId": svc, "value": value, **kw})
+
+
+def _fetch(svc: str, worker: str, **kw: Any) -> FetchRequest:
+    return parse(FetchRequest, {"serviceId": svc, "workerId": worker, **kw})
+
+
+async def test_a_lease_that_ran_out_reaches_the_next_fetch_when_the_scheduler_bridge_runs_without_hints(
+    make_bridge,
+):
+    """BRIDGE_HINTS switched pod by pod. The bridge elected to run the recovery scheduler has
+    hints off: it re-exposed a lease that ran out in the store only (it published no hint), and a
+    bridge with hints on found it only by a reconciliation scan, which leaves entries younger than
+    BRIDGE_HINT_GRACE to their hints and then stays quiet for BRIDGE_RECONCILE_INTERVAL (30 s).
+    The README promises the task to the next fetch of any worker within about 125 ms. A bridge
+    with hints off now publishes hints (it takes none)."""
+    owner = OWNERS[0]
+    scans = await make_bridge(hints=False)
+    await wait_for(lambda: scans.duty.held, 10, what="the hints-off bridge holding the scheduler duty")
+    hinted = await make_bridge()
+    svc = service_id()
+    task_id = await hinted.queue.add(owner, _add(svc, {"n": 3}), message_id=None, traceparent=None)
+    lost = await hinted.queue.fetch(owner, _fetch(svc, "w-crashed", timeToRecover=3_000))
+    assert lost is not None and lost.task_id == task_id
+    assert scans.duty.held and not hinted.duty.held
+
+    async def recovered() -> Any:
+        return await hinted.queue.fetch(owner, _fetch(svc, f"w-{uuid.uuid4().hex[:6]}", fresh=True))
+
+    # The lease (3 s: longer than the granting bridge's own timer covers) runs out.
+    ran_out = lost.lease_expires_at_ms + hinted.queue.skew_margin_ms
+    await wait_for(lambda: hinted.clock.now_ms() > ran_out, 10, what="the lease running out")
+    started = time.monotonic()
+    got = None
+    while got is None and time.monotonic() - started < 10:
+        got = await recovered()
+        if got is None:
+            await asyncio.sleep(0.1)
+    assert got is not None and got.task_id == task_id, (
+        f"{time.monotonic() - started:.1f} s after the lease ran out, no fetch on the hints bridge got the task"
+    )
+
+
+async def test_an_add_through_a_bridge_without_hints_wakes_a_long_poll_on_a_bridge_with_hints(make_bridge):
+    """The same mixed fleet: a task added through a bridge with hints off had no hint, and a fetch
+    long-polling on a bridge with hints on waited out its whole waitMs beside it."""
+    owner = OWNERS[0]
+    scans = await make_bridge(hints=False)
+    hinted = await make_bridge()
+    svc = service_id()
+    waiting = asyncio.create_task(hinted.queue.fetch(owner, _fetch(svc, "w-waits", waitMs=10_000)))
+    await wait_for(lambda: any(x.waiters for x in hinted.hints._waiting.values()), 5, what="the fetch waiting")
+    added = time.monotonic()
+    task_id = await scans.queue.add(owner, _add(svc, {"n": 4}), message_id=None, traceparent=None)
+    got = await asyncio.wait_for(waiting, 15)
+    assert got is not None and got.task_id == task_id, "the long-poll was not woken by the add"
+    assert time.monotonic() - added < 3.0, f"woken {time.monotonic() - added:.1f} s after the add"
+
+
+async def test_a_bridge_without_hints_declares_no_hint_queue_and_its_hints_expire_untaken(make_bridge, servers, names):
+    """A fleet with hints off everywhere must not fill the broker with hints nobody takes: a
+    bridge with hints off never declares a hint queue (its hints routed to none are dropped by
+    the broker), and those it puts into a queue declared by a bridge that takes hints expire."""
+    import aio_pika
+    import aiormq
+
+    owner = OWNERS[0]
+    scans = await make_bridge(hints=False)
+    svc = service_id()
+    q = QueueKey(owner, svc)
+    name = hint_queue_name(names["queue_prefix"], q)
+    conn = await aio_pika.connect(servers.amqp_url("guest"))
+    try:
+        await scans.queue.add(owner, _add(svc, {"n": 5}), message_id=None, traceparent=None)
+        # Published all the same (no error: the broker drops it, routed to no queue).
+        assert (scans.hints.published, scans.hints.lost) == (1, 0)
+        assert await scans.hints.discard(q) == 0  # a purge through it: nothing to empty
+        with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+            await (await conn.channel()).declare_queue(name, passive=True)
+        # Declared by a bridge that takes hints (as its first fetch or add of the queue does).
+        hinted = await make_bridge()
+        await hinted.hints._queue(q)
+        task_id = await scans.queue.add(owner, _add(svc, {"n": 6}), message_id=None, traceparent=None)
+        queue = await (await conn.channel()).get_queue(name, ensure=False)
+        message = await wait_for(lambda: queue.get(no_ack=True, fail=False), 5, what="the hint in its queue")
+        assert str(decode(message.body).task_id) == task_id
+        assert message.expiration == UNTAKEN_MS / 1000
+        # A purge through it empties the hint queue the other bridges take from.
+        await scans.queue.add(owner, _add(svc, {"n": 7}), message_id=None, traceparent=None)
+        await wait_for(lambda: _ready(conn, name), 5, what="the second hint in its queue")
+        assert await scans.hints.discard(q) == 1 and await _ready(conn, name) == 0
+    finally:
+        with contextlib.suppress(Exception):
+            await (await conn.channel()).queue_delete(name)
+        await conn.close()
+
+
+async def _ready(conn: Any, name: str) -> int:
+    """Messages ready in a queue (a passive declare)."""
+    queue = await (await conn.channel()).declare_queue(name, passive=True)
+    return int(queue.declaration_result.message_count or 0)

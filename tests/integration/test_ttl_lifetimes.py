@@ -1,14 +1,20 @@
-"""The task TTL and the lifetimes of the index rows the bridge writes (each test failed before its
-fix): a queue's registration and a recovered-lane bucket's index row outlive every task they
-list. A short ``BRIDGE_TASK_TTL``; Cassandra's tables are read directly (``cql``).
+"""The task TTL and the lifetimes of the rows the bridge writes (each test failed before its fix):
+a queue's registration and a recovered-lane bucket's index row outlive every task they list, and
+every row about a task lives as long as the task, whichever bridge writes it (a fleet whose bridges
+do not share one BRIDGE_TASK_TTL, as during a rolling change of it). A short ``BRIDGE_TASK_TTL``;
+Cassandra's tables are read directly (``cql``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
+from typing import Any
 
 import pytest
 
+from bridge.domain.models import AckRequest, AddCommand, FetchRequest, parse
 from bridge.domain.records import LANE_RECOVERED
 from bridge.domain.timeline import bucket_of_task, ms_of
 from tests.conftest import OWNERS, service_id, wait_for
@@ -100,3 +106,137 @@ async def test_a_recovered_lane_bucket_stays_indexed_while_a_task_in_it_lives(
     assert clock.now_ms() < ms_of(b_id) + (ttl_s - 2) * 1000, "set-up too slow: B is about to expire"
     assert entry_of_b(), "B's recovered entry is still stored"
     assert indexed(), "the bucket's index row expired while the entry of a live task was in it: no scan finds B"
+
+
+# -- a fleet whose bridges have different task TTLs -------------------------------------------------
+# Requests go to a chosen bridge through its ``WorkQueue`` (the domain, on the real servers): with
+# both bridges consuming the same AMQP queues a client cannot choose which one answers.
+
+
+def _add(svc: str, value: Any) -> AddCommand:
+    return parse(AddCommand, {"serviceId": svc, "value": value})
+
+
+def _fetch(svc: str, worker: str, **kw: Any) -> FetchRequest:
+    return parse(FetchRequest, {"serviceId": svc, "workerId": worker, **kw})
+
+
+def _ack(svc: str, worker: str, task_id: str, epoch: int, result: Any = "ok") -> AckRequest:
+    return parse(
+        AckRequest,
+        {"serviceId": svc, "workerId": worker, "taskId": task_id, "epoch": epoch, "result": result},
+    )
+
+
+def _lease_row(cql: Any, keyspace: str, svc: str, task_id: str) -> Any:
+    return cql.execute(
+        f"SELECT state, epoch, worker, lease_until, expires_at FROM {keyspace}.leases WHERE owner = %s "
+        "AND service = %s AND task_id = %s",
+        (OWNERS[0], svc, uuid.UUID(task_id)),
+    ).one()
+
+
+async def _pause() -> None:
+    await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize("hints", [True, False], ids=["hinted", "scanned"])
+async def test_a_lease_granted_by_a_bridge_with_a_shorter_task_ttl_lasts_its_whole_time_to_recover(
+    make_bridge, cql, servers, hints
+):
+    """BRIDGE_TASK_TTL raised pod by pod (3 s -> 1 h; in production e.g. 1 day -> 7 days): a task
+    added through a new bridge lives an hour, but a bridge still on the old setting wrote its
+    lease row with the rest of *its* TTL (``CassandraTaskStore.ttl_for``). The row vanished while
+    the worker's 60 s lease ran: the task read as never claimed, another worker was handed it
+    (two workers held it at once) and the first worker's ack was refused. The lease now lives as
+    long as the task, which its add fixed: the claim reads it from the hint's copy (``hinted``) or
+    from the task's row (``scanned``: the bridge takes no hints)."""
+    new = await make_bridge(task_ttl=3600, hint_grace=0.0)
+    old = await make_bridge(task_ttl=3, hints=hints)
+    svc = service_id()
+    task_id = await new.queue.add(OWNERS[0], _add(svc, {"n": 1}), message_id=None, traceparent=None)
+
+    first = await old.queue.fetch(OWNERS[0], _fetch(svc, "w-old", timeToRecover=60_000))
+    assert first is not None and first.task_id == task_id
+    granted = time.monotonic()
+
+    # The lease runs 60 s. Its row must exist as long as it runs (the task lives an hour).
+    gone = False
+    while time.monotonic() - granted < 8:
+        if _lease_row(cql, servers.keyspace, svc, task_id) is None:
+            gone = True
+            break
+        await _pause()
+    second = await new.queue.fetch(OWNERS[0], _fetch(svc, "w-new", timeToRecover=60_000))
+    acked = await old.queue.ack(OWNERS[0], _ack(svc, "w-old", first.task_id, first.epoch))
+    seen = {"lease row expired": gone, "second worker got": second and second.task_id, "holder's ack": acked}
+    assert not gone, f"the lease row of a running lease expired (the granting bridge's shorter TTL): {seen}"
+    assert second is None, f"a second worker was handed the task while the first one's lease ran: {seen}"
+    assert acked is True, f"the holder of a running lease had its ack refused: {seen}"
+
+
+async def test_a_task_completed_through_a_bridge_with_a_shorter_task_ttl_is_never_handed_out_again(
+    make_bridge, cql, servers
+):
+    """The same rolling change of BRIDGE_TASK_TTL: the ``done`` lease row (and the ready row's
+    ``claimed`` mark) written by the bridge on the old, shorter TTL expired long before the task's
+    own row, written by a new bridge. The task then read as never claimed: a scan handed the
+    completed task out again and a second ack completed it a second time (a second result)."""
+    new = await make_bridge(task_ttl=3600, hint_grace=0.0)
+    old = await make_bridge(task_ttl=3)
+    svc = service_id()
+    task_id = await new.queue.add(OWNERS[0], _add(svc, {"n": 2}), message_id=None, traceparent=None)
+    first = await old.queue.fetch(OWNERS[0], _fetch(svc, "w-old", timeToRecover=60_000))
+    assert first is not None and first.task_id == task_id
+    assert await old.queue.ack(OWNERS[0], _ack(svc, "w-old", first.task_id, first.epoch)) is True
+
+    started = time.monotonic()
+    while time.monotonic() - started < 6 and _lease_row(cql, servers.keyspace, svc, task_id) is not None:
+        await _pause()
+    gone = _lease_row(cql, servers.keyspace, svc, task_id) is None
+    started = time.monotonic()
+    again = None
+    while time.monotonic() - started < 8 and again is None:
+        again = await new.queue.fetch(OWNERS[0], _fetch(svc, f"w-{uuid.uuid4().hex[:6]}", fresh=True))
+        if again is None:
+            await _pause()
+    assert again is None, (
+        f"the completed task was handed out again (epoch {again and again.epoch}; done row gone: {gone})"
+    )
+
+
+async def test_a_task_whose_rows_record_no_end_of_life_is_still_claimed_and_acked(make_bridge, cql, servers):
+    """A rolling upgrade: a task row and a lease row written by an older bridge record no end of
+    life (``expires_at``). The claim then takes the task row's own TTL for it, and a write of a
+    lease recording none (an ack) is accepted with the writing bridge's own TTL, as before."""
+    b = await make_bridge(task_ttl=3600, hints=False)
+    svc, ks = service_id(), servers.keyspace
+    q = (OWNERS[0], svc)
+    ids = [await b.queue.add(OWNERS[0], _add(svc, {"n": n}), message_id=None, traceparent=None) for n in range(2)]
+    for task_id in ids:  # as an older bridge wrote it
+        tid = uuid.UUID(task_id)
+        cql.execute(
+            f"UPDATE {ks}.ready SET expires_at = null WHERE owner = %s AND service = %s AND lane = 1 "
+            "AND bucket = %s AND seq = %s",
+            (*q, bucket_of_task(tid), tid),
+        )
+    b.queue.ctx.store._expiries.clear()  # type: ignore[attr-defined]  # nothing remembered from the adds
+
+    got = await b.queue.fetch(OWNERS[0], _fetch(svc, "w1", timeToRecover=60_000))
+    assert got is not None and got.task_id == ids[0]
+    row = _lease_row(cql, ks, svc, got.task_id)
+    ends = ms_of(uuid.UUID(got.task_id)) + 3_600_000
+    assert row is not None and row["expires_at"] == ends, "the claim gives the lease the task row's own life"
+    assert await b.queue.ack(OWNERS[0], _ack(svc, "w1", got.task_id, got.epoch)) is True
+
+    other = await b.queue.fetch(OWNERS[0], _fetch(svc, "w2", timeToRecover=60_000))
+    assert other is not None and other.task_id == ids[1]
+    # A lease an older bridge granted: no recorded end either.
+    cql.execute(
+        f"UPDATE {ks}.leases SET expires_at = null WHERE owner = %s AND service = %s AND task_id = %s",
+        (*q, uuid.UUID(other.task_id)),
+    )
+    b.queue.ctx.store._expiries.clear()  # type: ignore[attr-defined]
+    assert await b.queue.ack(OWNERS[0], _ack(svc, "w2", other.task_id, other.epoch)) is True
+    done = _lease_row(cql, ks, svc, other.task_id)
+    assert done is not None and done["state"] == "done"
