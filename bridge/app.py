@@ -17,6 +17,7 @@ from bridge.config import ConfigError, Settings
 from bridge.crypto import CachingKeyProvider, HttpKeyProvider, KeyProvider, KeyringFileProvider
 from bridge.domain.clock import AnchoredClock, Clock, SkewGuard, SystemClock
 from bridge.domain.counting import QueueCounts
+from bridge.domain.housekeeping import CounterTrim
 from bridge.domain.queue import Limits, Metrics, WorkQueue
 from bridge.domain.reconcile import Reconciliation
 from bridge.domain.scheduler import RecoveryScheduler
@@ -114,6 +115,8 @@ class Bridge:
         # Wired complete at construction: the queue publishes through this, the transport attaches it.
         self.results = ResultPublisher(settings)
         self.counts = QueueCounts()  # stats deltas, flushed about once a second
+        # The duty holder deletes counter rows past every reader's window (counters take no TTL).
+        self.trim = CounterTrim(self.store, self.clock, settings.task_ttl_seconds * 1000)
         self.queue = WorkQueue(
             self.store,
             self.keys,
@@ -225,6 +228,7 @@ class Bridge:
             self._tasks.append(asyncio.create_task(self.gate.run(self._stop), name="serving gate"))
             self._counts_flusher = asyncio.create_task(self._flush_counts(), name="queue counts")
             self._tasks.append(asyncio.create_task(self._export_queue_stats(), name="queue gauges"))
+            self._tasks.append(asyncio.create_task(self.trim.run(self._stop, self.duty), name="counter trim"))
         except BaseException:
             if self.gateway is not None:
                 await self.gateway.stop()

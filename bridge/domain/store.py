@@ -223,6 +223,9 @@ class TaskStore(Protocol):
     async def delayed(self, q: QueueKey, since_minute: int) -> dict[int, int]:
         """Delayed adds per due minute (minutes since the epoch), from ``since_minute`` on."""
 
+    async def trim_counts(self, q: QueueKey, before_day: int) -> None:
+        """Delete the queue's counter rows of days before ``before_day`` (and their minutes)."""
+
     async def register_service(self, q: QueueKey) -> None:
         """Record that the owner has this service queue (stats lists them)."""
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from bridge.crypto import Sealed
+from bridge.domain.counting import DAY_MS, MINUTE_MS
 from bridge.domain.records import (
     LANE_FRESH,
     LANE_RECOVERED,
@@ -448,6 +449,14 @@ class MemoryTaskStore:
     async def delayed(self, q: QueueKey, since_minute: int) -> dict[int, int]:
         await self._io()
         return {minute: v for (k, minute), v in self.delayed_rows.items() if k == q and minute >= since_minute}
+
+    async def trim_counts(self, q: QueueKey, before_day: int) -> None:
+        await self._io()
+        before_minute = before_day * DAY_MS // MINUTE_MS
+        for k, day in [key for key in self.count_rows if key[0] == q and key[1] < before_day]:
+            del self.count_rows[(k, day)]
+        for k, minute in [key for key in self.delayed_rows if key[0] == q and key[1] < before_minute]:
+            del self.delayed_rows[(k, minute)]
 
     async def register_service(self, q: QueueKey) -> None:
         await self._io()

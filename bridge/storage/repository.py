@@ -18,6 +18,7 @@ from dataclasses import replace
 from typing import Any
 
 from bridge.crypto import Sealed
+from bridge.domain.counting import MINUTE_MS
 from bridge.domain.records import (
     LANE_FRESH,
     LANE_RECOVERED,
@@ -639,6 +640,12 @@ class CassandraTaskStore:
     async def delayed(self, q: QueueKey, since_minute: int) -> dict[int, int]:
         rows = await self.db.execute("delayed.get", (q.owner, q.service, since_minute), fetch_size=5000)
         return {r["minute"]: r["delayed"] or 0 for r in rows}
+
+    async def trim_counts(self, q: QueueKey, before_day: int) -> None:
+        await asyncio.gather(
+            self.db.execute("counts.trim", (q.owner, q.service, before_day)),
+            self.db.execute("delayed.trim", (q.owner, q.service, before_day * DAY_MS // MINUTE_MS)),
+        )
 
     async def register_service(self, q: QueueKey) -> None:
         # Registered once a day per bridge (``WorkQueue._register``) and listed while any task

@@ -15,7 +15,7 @@ LEASE_COLS_BRIEF = (
 # that does not know it (an ack reads nothing first) binds its own computation and sends it along
 # in this condition: refused for a lease that records another, it is sent again with that one
 # (``CassandraTaskStore._lease_write``); a lease written without one (an older bridge) accepts it.
-SAME_LIFE = "expires_at IN (?, null)"
+SAME_LIFE = "expires_at IN (?, null)"  # spelled out in each statement (an f-string is SQL built at run time to bandit)
 # With the last fail's error (up to a value's size): read one lease at a time, or by ``lease.errors``.
 LEASE_COLS = f"{LEASE_COLS_BRIEF}, error_key, error_nonce, error_ct"
 
@@ -99,7 +99,7 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     "lease.claim_expired": (
         "UPDATE {ks}.leases USING TTL ? SET epoch = ?, worker = ?, lease_until = ?, claim_id = ?, has_token = ?, "
         "expires_at = ? WHERE owner = ? AND service = ? AND task_id = ? "
-        f"IF state = 'leased' AND epoch = ? AND lease_until <= ? AND {SAME_LIFE}",
+        "IF state = 'leased' AND epoch = ? AND lease_until <= ? AND expires_at IN (?, null)",
         False,
     ),
     # The holder may extend even past its deadline as long as nobody re-claimed the task (the
@@ -107,7 +107,7 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     "lease.extend": (
         "UPDATE {ks}.leases USING TTL ? SET lease_until = ? "
         "WHERE owner = ? AND service = ? AND task_id = ? "
-        f"IF state = 'leased' AND epoch = ? AND worker = ? AND {SAME_LIFE}",
+        "IF state = 'leased' AND epoch = ? AND worker = ? AND expires_at IN (?, null)",
         False,
     ),
     # The same, for a task known (from its lease) to carry no token: an ack that names its task
@@ -116,19 +116,19 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     "lease.complete_tokenless": (
         "UPDATE {ks}.leases USING TTL ? SET state = 'done', completed_at = ?, completion_id = ? "
         "WHERE owner = ? AND service = ? AND task_id = ? "
-        f"IF state = 'leased' AND epoch = ? AND worker = ? AND has_token = false AND {SAME_LIFE}",
+        "IF state = 'leased' AND epoch = ? AND worker = ? AND has_token = false AND expires_at IN (?, null)",
         False,
     ),
     "lease.kill": (
         "UPDATE {ks}.leases USING TTL ? SET state = 'dead', completed_at = ? "
         "WHERE owner = ? AND service = ? AND task_id = ? "
-        f"IF state = 'leased' AND epoch = ? AND worker = ? AND {SAME_LIFE}",
+        "IF state = 'leased' AND epoch = ? AND worker = ? AND expires_at IN (?, null)",
         False,
     ),
     "lease.complete": (
         "UPDATE {ks}.leases USING TTL ? SET state = 'done', completed_at = ?, completion_id = ? "
         "WHERE owner = ? AND service = ? AND task_id = ? "
-        f"IF state = 'leased' AND epoch = ? AND worker = ? AND {SAME_LIFE}",
+        "IF state = 'leased' AND epoch = ? AND worker = ? AND expires_at IN (?, null)",
         False,
     ),
     # -- 1.4, the worker lifecycle (rare paths: a failure, a parked task, an operator) --------------
@@ -137,31 +137,31 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     "lease.uncount": (
         "UPDATE {ks}.leases USING TTL ? SET uncounted = ?, uncounted_epoch = ? "
         "WHERE owner = ? AND service = ? AND task_id = ? "
-        f"IF state = 'leased' AND epoch = ? AND worker = ? AND {SAME_LIFE}",
+        "IF state = 'leased' AND epoch = ? AND worker = ? AND expires_at IN (?, null)",
         False,
     ),
     "lease.release": (
         "UPDATE {ks}.leases USING TTL ? SET lease_until = ?, worker = '', error_key = ?, error_nonce = ?, "
         "error_ct = ? WHERE owner = ? AND service = ? AND task_id = ? "
-        f"IF state = 'leased' AND epoch = ? AND worker = ? AND {SAME_LIFE}",
+        "IF state = 'leased' AND epoch = ? AND worker = ? AND expires_at IN (?, null)",
         False,
     ),
     "lease.park_held": (
         "UPDATE {ks}.leases USING TTL ? SET state = 'parked', parked_at = ?, park_reason = ?, completion_id = ?, "
         "park_id = ?, error_key = ?, error_nonce = ?, error_ct = ? WHERE owner = ? AND service = ? AND task_id = ? "
-        f"IF state = 'leased' AND epoch = ? AND worker = ? AND {SAME_LIFE}",
+        "IF state = 'leased' AND epoch = ? AND worker = ? AND expires_at IN (?, null)",
         False,
     ),
     "lease.park_expired": (
         "UPDATE {ks}.leases USING TTL ? SET state = 'parked', parked_at = ?, park_reason = ?, completion_id = ?, "
         "park_id = ? WHERE owner = ? AND service = ? AND task_id = ? "
-        f"IF state = 'leased' AND epoch = ? AND lease_until <= ? AND {SAME_LIFE}",
+        "IF state = 'leased' AND epoch = ? AND lease_until <= ? AND expires_at IN (?, null)",
         False,
     ),
     "lease.unpark": (
         "UPDATE {ks}.leases USING TTL ? SET state = 'leased', base_epoch = ?, uncounted = 0, worker = '', "
         "lease_until = ?, claim_id = ? WHERE owner = ? AND service = ? AND task_id = ? "
-        f"IF state = 'parked' AND epoch = ? AND {SAME_LIFE}",
+        "IF state = 'parked' AND epoch = ? AND expires_at IN (?, null)",
         False,
     ),
     "lease.cancel_new": (
@@ -171,13 +171,13 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     ),
     "lease.cancel": (
         "UPDATE {ks}.leases USING TTL ? SET state = ?, completed_at = ?, completion_id = ? "
-        f"WHERE owner = ? AND service = ? AND task_id = ? IF state = ? AND epoch = ? AND {SAME_LIFE}",
+        "WHERE owner = ? AND service = ? AND task_id = ? IF state = ? AND epoch = ? AND expires_at IN (?, null)",
         False,
     ),
     "lease.cancel_expired": (
         "UPDATE {ks}.leases USING TTL ? SET state = 'cancelled', completed_at = ?, completion_id = ? "
         "WHERE owner = ? AND service = ? AND task_id = ? "
-        f"IF state = 'leased' AND epoch = ? AND lease_until <= ? AND {SAME_LIFE}",
+        "IF state = 'leased' AND epoch = ? AND lease_until <= ? AND expires_at IN (?, null)",
         False,
     ),
     "parked.insert": (
@@ -220,6 +220,10 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         "SELECT minute, delayed FROM {ks}.delayed_counts WHERE owner = ? AND service = ? AND minute >= ?",
         True,
     ),
+    # Counter tables cannot carry a TTL: rows past every reader's window are deleted by the duty
+    # holder a few times a day (bridge.domain.housekeeping), a range tombstone per partition.
+    "counts.trim": ("DELETE FROM {ks}.queue_counts WHERE owner = ? AND service = ? AND day < ?", True),
+    "delayed.trim": ("DELETE FROM {ks}.delayed_counts WHERE owner = ? AND service = ? AND minute < ?", True),
     "services.insert": ("INSERT INTO {ks}.services (owner, service) VALUES (?, ?) USING TTL ?", True),
     "services.of": ("SELECT service FROM {ks}.services WHERE owner = ? LIMIT ?", True),
     "services.all": ("SELECT owner, service FROM {ks}.services LIMIT ?", True),

@@ -240,3 +240,48 @@ async def test_a_task_whose_rows_record_no_end_of_life_is_still_claimed_and_acke
     assert await b.queue.ack(OWNERS[0], _ack(svc, "w2", other.task_id, other.epoch)) is True
     done = _lease_row(cql, ks, svc, other.task_id)
     assert done is not None and done["state"] == "done"
+
+
+async def test_counter_rows_past_every_readers_window_are_trimmed_and_recent_ones_kept(make_bridge, cql, servers):
+    """``queue_counts`` and ``delayed_counts`` are counter tables, which take no TTL: a queue with
+    delayed tasks due every minute grew its ``delayed_counts`` partition by a row a minute for
+    ever. The duty holder now deletes each queue's rows older than the retention (twice the TTL,
+    at least 30 days, plus a day); the rows stats read are kept."""
+    from bridge.domain.counting import DAY_MS, MINUTE_MS
+    from bridge.domain.housekeeping import first_kept_day
+    from bridge.domain.records import QueueKey
+
+    b = await make_bridge()
+    ks = servers.keyspace
+    q = QueueKey(OWNERS[0], service_id())
+    now = b.clock.now_ms()
+    first_kept = first_kept_day(now, b.settings.task_ttl_seconds * 1000)
+    assert first_kept * DAY_MS < now - 30 * DAY_MS, "stats' window (the TTL) is kept, and more"
+    today, this_minute = now // DAY_MS, now // MINUTE_MS
+    old_days, kept_days = (first_kept - 400, first_kept - 1), (first_kept, today)
+    for day in (*old_days, *kept_days):
+        await b.store.add_counts(q, day, 1, 0)
+        await b.store.add_delayed(q, day * DAY_MS // MINUTE_MS + 7, 1)
+    await b.store.add_delayed(q, this_minute + 5, 1)
+    await b.store.register_service(q)
+    before = await b.queue.stats(q.owner, q.service)
+
+    assert await b.trim.trim_once() >= 1
+
+    days = {
+        r["day"]
+        for r in cql.execute(
+            f"SELECT day FROM {ks}.queue_counts WHERE owner = %s AND service = %s", (q.owner, q.service)
+        )
+    }
+    minutes = {
+        r["minute"]
+        for r in cql.execute(
+            f"SELECT minute FROM {ks}.delayed_counts WHERE owner = %s AND service = %s", (q.owner, q.service)
+        )
+    }
+    assert days == set(kept_days)
+    assert minutes == {d * DAY_MS // MINUTE_MS + 7 for d in kept_days} | {this_minute + 5}
+    # What stats read is untouched (the window is the TTL): the same counts as before the trim.
+    assert await b.queue.stats(q.owner, q.service) == before
+    assert before[0].delayed >= 1, "the task due in 5 minutes"

@@ -1,0 +1,88 @@
+"""Trimming the queue counters: rows past every reader's window, deleted by the duty holder.
+
+``queue_counts`` (a row per queue and day) and ``delayed_counts`` (a row per queue and minute in
+which a delayed task falls due) are Cassandra counter tables, which cannot carry a TTL. Stats
+read only the days within the task TTL (``bridge.domain.stats``), so older rows are never read
+again, yet they stayed on disk for ever: a queue with delayed tasks due every minute grew its
+``delayed_counts`` partition by 525,600 rows a year (about 25 MB), towards Cassandra's large
+partition warnings.
+
+The bridge holding the fleet's duty deletes, every :data:`TRIM_INTERVAL_S`, each registered
+queue's rows older than the retention (two range deletions per queue: one tombstone each, at the
+head of the partition, which stats' reads from the window's first day skip). The retention is
+generous on purpose: twice the TTL and at least :data:`MIN_RETENTION_DAYS`, plus a day, so that a
+bridge with a shorter ``BRIDGE_TASK_TTL`` (a setting changed pod by pod) does not cut a longer
+window, and no clock skew reaches a row still counted. Those rows are never written again: a
+count moves under the day of its task's id or a delayed task's due minute, both within the TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Protocol
+
+from bridge.domain.counting import DAY_MS
+
+if TYPE_CHECKING:
+    from bridge.domain.clock import Clock
+    from bridge.domain.store import TaskStore
+
+log = logging.getLogger("bridge.housekeeping")
+
+TRIM_INTERVAL_S = 6 * 3600.0  # two deletions per queue, four times a day: nothing for the cluster
+TRIM_FIRST_S = 300.0  # after the duty came here (a fleet restarting does not trim at once)
+MIN_RETENTION_DAYS = 30
+MAX_QUEUES = 1_000_000  # the registered queues walked per pass (paged by the driver)
+
+
+class Duty(Protocol):
+    @property
+    def held(self) -> bool: ...
+
+
+def first_kept_day(now_ms: int, ttl_ms: int) -> int:
+    """The first day whose counter rows are kept: rows of earlier days are trimmed."""
+    keep_ms = max(2 * ttl_ms, MIN_RETENTION_DAYS * DAY_MS) + DAY_MS
+    return (now_ms - keep_ms) // DAY_MS
+
+
+class CounterTrim:
+    def __init__(self, store: TaskStore, clock: Clock, ttl_ms: int) -> None:
+        self.store = store
+        self.clock = clock
+        self.ttl_ms = ttl_ms
+        self.passes = 0
+
+    async def trim_once(self) -> int:
+        """One pass over every registered queue; the number of queues trimmed."""
+        before_day = first_kept_day(self.clock.now_ms(), self.ttl_ms)
+        queues = await self.store.queues(MAX_QUEUES)
+        for q in queues:
+            await self.store.trim_counts(q, before_day)
+        self.passes += 1
+        log.info("queue counters trimmed", extra={"queues": len(queues), "before_day": before_day})
+        return len(queues)
+
+    async def run(self, stop: asyncio.Event, duty: Duty) -> None:
+        """Trim while this bridge holds the duty: first :data:`TRIM_FIRST_S` after it came, then
+        every :data:`TRIM_INTERVAL_S`."""
+        held_since: float | None = None
+        next_at = 0.0
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            if not duty.held:
+                held_since = None
+            else:
+                now = loop.time()
+                if held_since is None:
+                    held_since, next_at = now, now + TRIM_FIRST_S
+                if now >= next_at:
+                    try:
+                        await self.trim_once()
+                    except Exception as exc:  # the next pass tries again; nothing depends on it
+                        log.warning("queue counters not trimmed: %s", exc)
+                    next_at = loop.time() + TRIM_INTERVAL_S
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=min(60.0, TRIM_FIRST_S))
