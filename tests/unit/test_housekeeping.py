@@ -12,6 +12,7 @@ from bridge.domain.counting import DAY_MS, MINUTE_MS
 from bridge.domain.housekeeping import CounterTrim, first_kept_day
 from bridge.domain.records import QueueKey
 from bridge.storage.memory import MemoryTaskStore
+from tests.conftest import wait_for
 
 TTL_MS = 7 * DAY_MS
 
@@ -49,9 +50,7 @@ async def test_only_the_duty_holder_trims_and_it_keeps_the_window(monkeypatch: p
     await asyncio.sleep(0.1)
     assert trim.passes == 0 and len(store.count_rows) == 4, "not the duty holder: nothing trimmed"
     duty.held = True
-    async with asyncio.timeout(5):
-        while trim.passes == 0:
-            await asyncio.sleep(0.01)
+    await wait_for(lambda: trim.passes > 0, 5, interval=0.01, what="a trim pass")
     stop.set()
     await running
     first = first_kept_day(now, TTL_MS)
