@@ -128,10 +128,25 @@ def ack(channel: int, delivery_tag: int, *, multiple: bool = False) -> bytes:
     return _ACK.pack(FRAME_METHOD, channel, _ACK_SIZE, BASIC, BASIC_ACK, delivery_tag, multiple) + FRAME_END
 
 
+def closing(channel: aiormq.Channel) -> bool:
+    """The channel is closed or being closed, as aiormq's own methods judge it before they write.
+
+    ``is_closed`` alone is not enough: when the broker closes a channel (a 404 on a deleted hint
+    queue), aiormq queues its Channel.CloseOk at once but marks the channel closed only a few
+    awaits later. A frame queued in between reaches the broker after the CloseOk, on a channel it
+    has closed, and the broker closes the whole connection (504 CHANNEL_ERROR - expected
+    'channel.open'): every channel and every reply in flight (seen once in CI). aiormq checks its
+    close event; this does the same (private names of the pinned aiormq 7: tests/unit/test_frames.py checks them)."""
+    if channel.is_closed or getattr(channel, "_close_exception", None) is not None:
+        return True
+    event = getattr(channel, "_Channel__close_event", None)
+    return bool(event is not None and event.is_set())
+
+
 async def write(channel: aiormq.Channel, frames: bytes) -> None:
     """Queue ``frames`` on the channel's connection, in order with everything aiormq queues, without
-    waiting for the socket. A closed channel raises as aiormq's own methods do."""
-    if channel.is_closed:
+    waiting for the socket. A channel closed or being closed raises, as aiormq's own methods do."""
+    if closing(channel):
         raise ChannelInvalidStateError(f"{channel!r} closed")
     await channel.write_queue.put(ChannelFrame(payload=frames, should_close=False))
 

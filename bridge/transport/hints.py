@@ -277,7 +277,7 @@ class AmqpHints:
         """The publish-and-get channel's aiormq channel: hints are published and taken on its frames
         directly (``bridge.transport.request``); a reconnecting channel is waited for, boundedly."""
         channel = self._frames
-        if channel is None or channel.is_closed:
+        if channel is None or frames.closing(channel):
             assert self._channel is not None, "hints used before the transport started"
             async with asyncio.timeout(BROKER_CALL_S):
                 channel = self._frames = cast(aiormq.Channel, await self._channel.get_underlay_channel())

@@ -177,7 +177,7 @@ class ReplyPublisher:
 
     async def _main_channel(self) -> aiormq.Channel:
         channel = self._main_frames
-        if channel is None or channel.is_closed:
+        if channel is None or frames.closing(channel):
             assert self.main is not None
             channel = self._main_frames = cast(aiormq.Channel, await self.main.get_underlay_channel())
         return channel

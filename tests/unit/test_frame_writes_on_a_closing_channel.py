@@ -1,0 +1,56 @@
+"""A frame written as bytes on a channel the broker is closing (bridge.transport.frames.write).
+
+When the broker closes a channel (a 404 on a hint queue an operator deleted), aiormq queues its
+Channel.CloseOk at once and marks the channel closed only a few awaits later. A frame the bridge
+queued in between reached the broker after the CloseOk, on a channel it had closed, and the
+broker closed the bridge's whole connection (504 CHANNEL_ERROR - expected 'channel.open'; seen
+once in a CI run of test_hint_recovery.py). A real aiormq Channel, driven by a broker's Close."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import aiormq
+import pytest
+from aiormq.exceptions import ChannelInvalidStateError, ChannelNotFoundEntity
+from pamqp import commands as spec
+
+from bridge.transport import frames
+
+pytestmark = pytest.mark.anyio
+
+
+class _Connector(aiormq.base.Base):
+    """What aiormq.Channel reads of its connection."""
+
+    def __init__(self) -> None:
+        super().__init__(loop=asyncio.get_running_loop())
+        self.connection_tune = SimpleNamespace(frame_max=131_072, heartbeat=0)
+        self.publisher_confirms = True
+        self.write_queue: asyncio.Queue[object] = asyncio.Queue()
+        self.is_opened = True
+
+    async def _on_close(self, exc: object = None) -> None:
+        return None
+
+    def __str__(self) -> str:
+        return "connector"
+
+
+async def test_no_frame_is_queued_after_the_close_ok_of_a_channel_the_broker_closed() -> None:
+    connector = _Connector()
+    channel = aiormq.Channel(connector, number=7, publisher_confirms=False)  # type: ignore[arg-type]
+    assert not frames.closing(channel)
+    await frames.write(channel, b"before")
+    close = spec.Channel.Close(reply_code=404, reply_text="NOT_FOUND", class_id=60, method_id=70)
+    with pytest.raises(ChannelNotFoundEntity):
+        await channel._on_close_frame(close)  # what aiormq's reader does with the broker's Close
+    assert connector.write_queue.qsize() == 2, "the frame, then the CloseOk"
+    # The window: CloseOk queued, the channel not yet marked closed.
+    assert not channel.is_closed
+    assert frames.closing(channel)
+    with pytest.raises(ChannelInvalidStateError):
+        await frames.write(channel, b"after")
+    assert connector.write_queue.qsize() == 2, "nothing queued after the CloseOk"
+    await channel.close()
