@@ -5,6 +5,7 @@
 #   deploy/local/stack.sh down     stop only what these scripts started
 #   deploy/local/stack.sh status   one line per server; exit 0 only if both answer
 #   deploy/local/stack.sh wait     wait until both answer (starts nothing)
+#   deploy/local/stack.sh postmortem  after a failed run: servers' state, Cassandra's last errors
 #
 # Servers that already answer on those ports (the real protocol handshake) are used as they are
 # and never stopped by `down`. State lives in deploy/local/state (QB_STATE_DIR). See README.md.
@@ -68,6 +69,19 @@ stack_status() {
   return "$rc"
 }
 
+# After a failed run: is each server still up, and if Cassandra is not, why (its last errors, a
+# JVM crash file, the kernel's OOM killer). Short: CI shows the end of its output.
+stack_postmortem() {
+  stack_status || true
+  local errs
+  errs=$(grep -hE '^ERROR |Terminating due to|OutOfMemoryError|StackOverflowError' \
+    "$C_LOGS/system.log" "$C_LOGS/stdout.log" 2>/dev/null | grep -v 'JVM Arguments' | tail -n 8 | cut -c1-300 || true)
+  [[ -n $errs ]] && printf 'cassandra: last errors in its logs:\n%s\n' "$errs"
+  compgen -G "$C_LOGS/hs_err*.log" >/dev/null && echo "cassandra: JVM crash file(s): $(ls "$C_LOGS"/hs_err*.log)"
+  compgen -G "$C_LOGS/*.hprof" >/dev/null && echo "cassandra: heap dump(s) (out of memory): $(ls "$C_LOGS"/*.hprof)"
+  dmesg 2>/dev/null | grep -iE 'out of memory|killed process' | tail -n 3 || true
+}
+
 stack_wait() {
   stack_preflight
   rabbitmq_wait
@@ -78,9 +92,10 @@ case ${1:-} in
   up) stack_up ;;
   down) stack_down ;;
   status) stack_status ;;
+  postmortem) stack_postmortem ;;
   wait) stack_wait ;;
   *)
-    echo "usage: $0 up|down|status|wait" >&2
+    echo "usage: $0 up|down|status|wait|postmortem" >&2
     exit 2
     ;;
 esac
