@@ -85,6 +85,7 @@ class Bridge:
             self.clock.now_ms,
             settings.task_ttl_seconds,
             read_unsharded=settings.read_unsharded or settings.read_unmarked_expiries,
+            request_timeout_ms=int(settings.cassandra_timeout * 1000),
         )
         self.keys = build_key_provider(settings)
         self.metrics = BridgeMetrics(instance=settings.instance_id or socket.gethostname())
@@ -173,9 +174,10 @@ class Bridge:
         )
         self.gate = ServingGate(
             self.transport,
-            storage_up=self.db.any_host_up,
+            storage_up=lambda: self.db.any_host_up() and not self.db.stalled(),
             clock_ok=lambda: self.skew.ok,
             on_change=self._serving_changed,
+            probe_storage=self.store.ping,
         )
         self.http_port: int | None = None  # the bound port once started (BRIDGE_HTTP_PORT=0: no HTTP)
         # The HTTP gateway (opt-in): the same queue, the same contract, bearer API keys.

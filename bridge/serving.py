@@ -4,7 +4,10 @@ An unready bridge that keeps consuming answers every request it takes with ``una
 healthy bridges of the fleet sit idle (issue 13.10). This loop looks at state the bridge already
 has, with no network I/O of its own (so it costs nothing per second, whatever the fleet size):
 
-- no Cassandra node connected (the driver's host state): stop consuming everything;
+- no Cassandra node connected (the driver's host state), or the connected ones answer nothing
+  (``bridge.storage.stall``: a statement waited half its timeout with nothing answered): stop
+  consuming everything. Only then does the loop ask the store something itself, a ping a second,
+  so that a bridge with no statement of its own to send learns when the store is back;
 - clock beyond the skew limit (:class:`~bridge.domain.clock.SkewGuard`): stop consuming fetches,
   the only requests that grant leases; adds and acks go on.
 
@@ -17,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from bridge.transport.topology import CONSUMED
@@ -45,9 +48,15 @@ class ServingGate:
         clock_ok: Callable[[], bool],
         interval_s: float = 0.25,
         on_change: Callable[[frozenset[str]], None] | None = None,
+        probe_storage: Callable[[], Awaitable[object]] | None = None,
+        probe_every_s: float = 1.0,
     ) -> None:
         self.consumers = consumers
         self.storage_up = storage_up
+        self.probe_storage = probe_storage
+        self.probe_every_s = probe_every_s
+        self._probe: asyncio.Task[None] | None = None
+        self._probed_at = 0.0
         self.clock_ok = clock_ok
         self.interval_s = interval_s
         self.on_change = on_change
@@ -62,6 +71,8 @@ class ServingGate:
 
     async def step(self) -> None:
         want = self.wanted_paused()
+        if want == ALL:
+            self._probe_later()
         if want == self.paused:
             return
         stop, start = want - self.paused, self.paused - want
@@ -75,6 +86,23 @@ class ServingGate:
         if self.on_change is not None:
             self.on_change(want)
 
+    def _probe_later(self) -> None:
+        """One store probe at a time, at most one a ``probe_every_s``, only while paused for it."""
+        loop = asyncio.get_running_loop()
+        if self.probe_storage is None or (self._probe is not None and not self._probe.done()):
+            return
+        if loop.time() - self._probed_at < self.probe_every_s:
+            return
+        self._probed_at = loop.time()
+        self._probe = loop.create_task(self._probe_once(self.probe_storage))
+
+    @staticmethod
+    async def _probe_once(probe: Callable[[], Awaitable[object]]) -> None:
+        try:
+            await probe()
+        except Exception as exc:  # still away: the next step probes again
+            log.debug("store probe: %s", type(exc).__name__)
+
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
@@ -83,3 +111,5 @@ class ServingGate:
                 log.debug("serving gate: %s", type(exc).__name__)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.interval_s)
+        if self._probe is not None:
+            self._probe.cancel()

@@ -36,6 +36,7 @@ from bridge.storage.cassandra import ClockTimestamps
 from bridge.storage.errors import InvalidQuery, StorageNotSent, StorageUnavailable, UnknownOutcome
 from bridge.storage.schema import uuid_columns
 from bridge.storage.session import Row
+from bridge.storage.stall import StallWatch, stall_after_s
 
 log = logging.getLogger("acsylla")
 
@@ -87,6 +88,7 @@ class AcsyllaSession:
         self._idempotent: dict[str, bool] = {}
         self._uuid_columns = uuid_columns()
         self._serial = acsylla.Consistency[settings.cassandra_serial_consistency]
+        self.stall = StallWatch(stall_after_s(settings.cassandra_timeout))
 
     # -- lifecycle -------------------------------------------------------------------------
     async def connect(self) -> None:
@@ -137,6 +139,9 @@ class AcsyllaSession:
         session = self._session
         return session is not None and session.metrics().stats_total_connections > 0
 
+    def stalled(self) -> bool:
+        return self.stall.stalled()
+
     @property
     def session(self) -> Any:
         if self._session is None:
@@ -184,7 +189,8 @@ class AcsyllaSession:
             batch.set_timestamp(self.timestamps())
         self.statements[name] += 1
         try:
-            await self.session.execute_batch(batch)
+            with self.stall.track():
+                await self.session.execute_batch(batch)
         except cass.CassException as exc:
             raise _storage_error(exc, lwt=False) from exc
 
@@ -192,7 +198,8 @@ class AcsyllaSession:
         rows: list[Row] = []
         while True:
             try:
-                result = await self.session.execute(stmt)
+                with self.stall.track():
+                    result = await self.session.execute(stmt)
             except cass.CassException as exc:
                 raise _storage_error(exc, lwt=lwt) from exc
             rows.extend(self._row(r) for r in result.all())

@@ -48,6 +48,7 @@ from cassandra.query import BatchStatement, BatchType, PreparedStatement, dict_f
 
 from bridge.config import Settings
 from bridge.storage.errors import InvalidQuery, StorageNotSent, StorageUnavailable, UnknownOutcome
+from bridge.storage.stall import StallWatch, stall_after_s
 
 _CL = {
     "LOCAL_QUORUM": ConsistencyLevel.LOCAL_QUORUM,
@@ -148,6 +149,7 @@ class CassandraSession:
         self._prepared: dict[str, PreparedStatement] = {}
         self.consistency = _CL[settings.cassandra_consistency]
         self.serial_consistency = _CL[settings.cassandra_serial_consistency]
+        self.stall = StallWatch(stall_after_s(settings.cassandra_timeout))
 
     # -- lifecycle -------------------------------------------------------------------------
     async def connect(self) -> None:
@@ -211,6 +213,9 @@ class CassandraSession:
             return False
         return any(host.is_up for host in cluster.metadata.all_hosts())
 
+    def stalled(self) -> bool:
+        return self.stall.stalled()
+
     @property
     def session(self) -> Session:
         if self._session is None:
@@ -262,8 +267,9 @@ class CassandraSession:
 
     async def _run(self, bound: Any, *, lwt: bool) -> list[Row]:
         try:
-            rf = self.session.execute_async(bound)
-            return await _to_asyncio(rf, asyncio.get_running_loop())
+            with self.stall.track():
+                rf = self.session.execute_async(bound)
+                return await _to_asyncio(rf, asyncio.get_running_loop())
         except RequestValidationException:
             raise  # a bug in our CQL or bind values, not an outage
         except NoHostAvailable as exc:

@@ -11,6 +11,7 @@ failures surface as ``bridge.storage.errors`` exceptions, which are ``Unavailabl
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,6 +20,7 @@ from typing import Any
 
 from bridge.crypto import Sealed
 from bridge.domain.counting import MINUTE_MS
+from bridge.domain.deadlines import request_deadline_ms
 from bridge.domain.records import (
     LANE_FRESH,
     LANE_RECOVERED,
@@ -64,6 +66,9 @@ from bridge.storage.session import CqlSession
 from bridge.storage.statements import STATEMENTS
 
 DAY_MS = 86_400_000
+# A second try at an unknown outcome must end this long before the caller's deadline: the reply's
+# way back through the broker, and clocks that differ by up to the skew limit's margin.
+RESOLVE_MARGIN_MS = 500
 MAX_CASSANDRA_TTL_S = 630_720_000  # 20 years
 SERVICE_REGISTRATION_PERIOD_S = 86_400  # how often a bridge writes a queue's ``services`` row again
 ALL_EXPIRY_SHARDS = list(range(EXPIRY_SHARDS))
@@ -97,11 +102,20 @@ def _sealed_bytes(payload: Payload) -> int:
 
 class CassandraTaskStore:
     def __init__(
-        self, db: CqlSession, now_ms: Callable[[], int], task_ttl_s: int, *, read_unsharded: bool = False
+        self,
+        db: CqlSession,
+        now_ms: Callable[[], int],
+        task_ttl_s: int,
+        *,
+        read_unsharded: bool = False,
+        request_timeout_ms: int | None = None,
     ) -> None:
         self.db = db
         self.now_ms = now_ms
         self.task_ttl_s = task_ttl_s
+        # How long one more statement may take (the driver's request timeout): a second try at an
+        # unknown outcome is sent only if it ends before the caller's deadline (``_in_time``).
+        self.request_timeout_ms = request_timeout_ms
         # Buckets this process indexed lately, and until when their index rows live (ms).
         self._indexed: dict[tuple[QueueKey, int, int], int] = {}
         self._marked: set[int] = set()  # expiry buckets this process marked lately
@@ -402,19 +416,39 @@ class CassandraTaskStore:
         found = {row["task_id"]: sealed_error(row) for row in rows}
         return {task_id: error for task_id, error in found.items() if error is not None}
 
+    def _in_time(self) -> bool:
+        """One more statement would still be answered before the caller's deadline (with a margin
+        for the reply's way back): else the unknown outcome goes to the caller as it is."""
+        deadline = request_deadline_ms.get()
+        if deadline is None or self.request_timeout_ms is None:
+            return True
+        return deadline - self.now_ms() >= self.request_timeout_ms + RESOLVE_MARGIN_MS
+
     async def _resolve(
         self,
         q: QueueKey,
         task_id: uuid.UUID,
-        attempt: Awaitable[list[Row]],
+        attempt: Callable[[], Awaitable[list[Row]]],
         check: str,
         token: uuid.UUID,
     ) -> CasResult:
         try:
-            return cas_result(await attempt)
+            return cas_result(await attempt())
         except UnknownOutcome:
-            # The Paxos round may or may not have committed: a SERIAL read finishes any in-flight
-            # round and tells us whether OUR attempt (identified by its random token) won.
+            # Not settled by a read alone: a timed-out attempt may not have reached Paxos yet
+            # (queued at a stalled coordinator, a GC pause) and commit after any read, which
+            # would then have answered "not ours" for a lease that is ours (a result voided, a
+            # task leased to a worker told it has none). The same compare-and-set is sent again
+            # instead: applied, it is ours. Refused, its condition is false for good (a lease
+            # that exists, an epoch that only grows, a lease that stays completed), so a late
+            # first copy is refused too, and the SERIAL read after it says whose it is. A second
+            # unknown outcome reaches the caller (``MaybeApplied``: answered ``unavailable``), as
+            # does the first when a second try would end after the caller stopped listening.
+            if not self._in_time():
+                raise
+            again = cas_result(await attempt())
+            if again.applied:
+                return again
             current = await self.lease(q, task_id, serial=True)
             if current is not None and getattr(current, check) == token:
                 return CasResult(applied=True, current=None)
@@ -433,7 +467,8 @@ class CassandraTaskStore:
     ) -> CasResult:
         until = to_datetime(until_ms)
         head = (q.owner, q.service, task_id, worker, until, claim_id, has_token)
-        attempt = self._lease_insert(
+        attempt = functools.partial(
+            self._lease_insert,
             task_id,
             "lease.claim_new",
             lambda ttl, end: (*head, end, ttl),
@@ -457,7 +492,8 @@ class CassandraTaskStore:
     ) -> CasResult:
         values = (expected_epoch + 1, worker, to_datetime(until_ms), claim_id, has_token)
         key = (q.owner, q.service, task_id, expected_epoch, to_datetime(expired_before_ms))
-        attempt = self._lease_write(
+        attempt = functools.partial(
+            self._lease_write,
             task_id,
             "lease.claim_expired",
             lambda ttl, end: (ttl, *values, end, *key, end),
@@ -474,6 +510,8 @@ class CassandraTaskStore:
             )
             return cas_result(rows)
         except UnknownOutcome:
+            if not self._in_time():
+                raise
             current = await self.lease(q, task_id, serial=True)
             ok = (
                 current is not None
@@ -496,7 +534,7 @@ class CassandraTaskStore:
     ) -> CasResult:
         values, key = (to_datetime(now_ms), completion_id), (q.owner, q.service, task_id, epoch, worker)
         name = "lease.complete_tokenless" if tokenless else "lease.complete"
-        attempt = self._lease_write(task_id, name, lambda ttl, end: (ttl, *values, *key, end))
+        attempt = functools.partial(self._lease_write, task_id, name, lambda ttl, end: (ttl, *values, *key, end))
         return await self._resolve(q, task_id, attempt, "completion_id", completion_id)
 
     async def kill(self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, now_ms: int) -> bool:
@@ -531,6 +569,8 @@ class CassandraTaskStore:
         try:
             return cas_result(await attempt)
         except UnknownOutcome:
+            if not self._in_time():
+                raise
             current = await self.lease(q, task_id, serial=True)
             if current is not None and won(current):
                 return CasResult(applied=True, current=None)

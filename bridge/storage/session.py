@@ -27,6 +27,10 @@ class CqlSession(Protocol):
 
     def any_host_up(self) -> bool: ...
 
+    def stalled(self) -> bool:
+        """Statements wait on a node that answers none of them (``bridge.storage.stall``)."""
+        ...
+
     async def prepare(self, name: str, cql: str, *, idempotent: bool) -> None: ...
 
     async def execute(

@@ -20,6 +20,7 @@ import structlog
 from pydantic import BaseModel
 
 from bridge.config import Settings
+from bridge.domain.deadlines import request_deadline_ms
 from bridge.domain.errors import BadRequest, NotSent, OwnerKeyUnusable
 from bridge.domain.fetching import RequestAbandoned
 from bridge.domain.models import AckWithNextRequest, AddCommand, FetchRequest, parse
@@ -273,12 +274,16 @@ class RequestHandlers:
             if self._expired(method, deadline):
                 outcome, (body, headers) = EXPIRED, (None, None)
             else:
+                # The store gives a second try at an unknown outcome only if it ends in time.
+                deadline_set = request_deadline_ms.set(deadline)
                 try:
                     outcome, (body, headers) = OK, await call(owner, request, message)
                 except RequestAbandoned as why:
                     # Nobody reads the reply: settled as an expired request (counted where raised).
                     log.info("request abandoned: %s", why)
                     outcome, (body, headers) = EXPIRED, (None, None)
+                finally:
+                    request_deadline_ms.reset(deadline_set)
         except Exception as exc:
             return await self.fail(message, method, exc)
         return await self.conclude(message, method, outcome, body, headers)

@@ -1,0 +1,508 @@
+"""Cassandra slow rather than down: a latency-injecting proxy between a bridge and its node. Requests
+are answered (a result or a clear `unavailable`) before their callers give up, an unknown outcome
+is never settled by a read alone, and a bridge whose node stalls stops taking requests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from bridge.client import Engine, UnavailableError
+from bridge.client.errors import TransportError
+from tests.conftest import ENGINE_USER, OWNERS, service_id, settings_from, wait_for
+from tests.faults import TcpProxy
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+
+class SlowProxy(TcpProxy):
+    """TcpProxy that delays each chunk (order kept) and can stall a direction, then release it.
+
+    ``request_delay`` / ``reply_delay``: (lo, hi) seconds added to each chunk in that direction.
+    ``stall_requests()`` / ``stall_replies()``: hold every chunk of that direction until ``release()``.
+    """
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.request_delay: tuple[float, float] = (0.0, 0.0)
+        self.reply_delay: tuple[float, float] = (0.0, 0.0)
+        self.requests_open = asyncio.Event()
+        self.replies_open = asyncio.Event()
+        self.requests_open.set()
+        self.replies_open.set()
+        self.chunks = {True: 0, False: 0}
+        # CQL v4 request frames containing one of these byte strings are held this many seconds
+        # (the other frames of the connection go on: stream ids make reordering legal), as a
+        # coordinator stalled on that one statement (a GC pause) while others are served.
+        self.holds: dict[bytes, float] = {}
+        self.held_frames = 0
+        self._late: set[asyncio.Task[None]] = set()
+
+    def stall_requests(self) -> None:
+        self.requests_open.clear()
+
+    def stall_replies(self) -> None:
+        self.replies_open.clear()
+
+    def release(self) -> None:
+        self.requests_open.set()
+        self.replies_open.set()
+
+    def fast(self) -> None:
+        self.request_delay = self.reply_delay = (0.0, 0.0)
+        self.release()
+
+    async def _pipe(  # noqa: C901 - a test proxy: delays, stalls and frame holds in one loop
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, replies: bool
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+        gate = self.replies_open if replies else self.requests_open
+
+        async def forward() -> None:
+            try:
+                while (item := await q.get()) is not None:
+                    at, data = item
+                    if (left := at - loop.time()) > 0:
+                        await asyncio.sleep(left)
+                    await gate.wait()
+                    writer.write(data)
+                    await writer.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                with contextlib.suppress(Exception):
+                    writer.close()
+
+        fwd = asyncio.create_task(forward())
+        last = 0.0
+        buf = b""
+
+        async def late(frame: bytes, after: float) -> None:
+            await asyncio.sleep(after)
+            with contextlib.suppress(Exception):
+                writer.write(frame)
+                await writer.drain()
+
+        def frames(data: bytes) -> bytes:
+            """Hold the matching whole frames; what is left to forward in order."""
+            nonlocal buf
+            buf += data
+            out = b""
+            while len(buf) >= 9:
+                size = 9 + int.from_bytes(buf[5:9], "big")
+                if len(buf) < size:
+                    break
+                frame, buf = buf[:size], buf[size:]
+                pat = next((pat for pat in self.holds if pat in frame), None)
+                hit = None if pat is None else self.holds.pop(pat)  # one frame per pattern
+                if hit is None:
+                    out += frame
+                else:
+                    self.held_frames += 1
+                    t = asyncio.create_task(late(frame, hit))
+                    self._late.add(t)
+                    t.add_done_callback(self._late.discard)
+            return out
+
+        try:
+            while data := await reader.read(65536):
+                self.chunks[replies] += 1
+                if not replies and self.holds:
+                    data = frames(data)
+                    if not data:
+                        continue
+                elif not replies and buf:
+                    data, buf = buf + data, b""
+                lo, hi = self.reply_delay if replies else self.request_delay
+                at = max(loop.time() + random.uniform(lo, hi), last)
+                last = at
+                q.put_nowait((at, data))
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            q.put_nowait(None)
+            with contextlib.suppress(BaseException):
+                await fwd
+
+
+@pytest.fixture
+async def slow_proxy(servers):
+    proxy = await SlowProxy(servers.cassandra_hosts[0], servers.cassandra_port).start()
+    yield proxy
+    proxy.fast()
+    await proxy.stop()
+
+
+@pytest.fixture
+async def slow_bridge(bridge_env, slow_proxy):
+    from bridge.app import Bridge
+
+    made: list[Any] = []
+
+    async def make(**overrides: Any) -> Any:
+        b = Bridge(settings_from(bridge_env, cassandra_port=slow_proxy.port, **overrides))
+        await b.start()
+        made.append(b)
+        return b
+
+    yield make
+    slow_proxy.fast()
+    for b in made:
+        await b.stop()
+
+
+async def bounded(coro: Any, limit: float, what: str) -> Any:
+    """Await ``coro``: its own answer (value or exception), failing the test if it takes longer."""
+    t0 = time.monotonic()
+    try:
+        return await asyncio.wait_for(coro, limit)
+    except TimeoutError:
+        raise AssertionError(f"{what}: no outcome within {limit}s (started {time.monotonic() - t0:.1f}s ago)") from None
+
+
+async def idle(b: Any, timeout: float) -> None:
+    """Every delivery the bridge took is settled (no request task in flight)."""
+    await wait_for(lambda: not b.transport._inflight, timeout, what="the bridge settled every delivery")
+
+
+def stored_tasks(cql: Any, ks: str, svc: str) -> list[Any]:
+    """The stored tasks of a service: their rows in lane 1 (fresh) of ``ready``."""
+    rows = cql.execute(f"SELECT task_id FROM {ks}.ready WHERE service = %s AND lane = 1 ALLOW FILTERING", (svc,))
+    return [r["task_id"] for r in rows]
+
+
+async def test_slow_round_trips_every_rpc_answered_and_settled(slow_bridge, slow_proxy, servers, names, workers, cql):
+    """200-800 ms per store reply: adds, fetches, extends, acks and long-polls are all answered
+    (success or a clear error) within the client's deadline + a bound, every delivery settled."""
+    b = await slow_bridge()
+    svc = service_id()
+    slow_proxy.reply_delay = (0.2, 0.8)
+    outcomes: dict[str, list[str]] = {}
+
+    def note(kind: str, what: str) -> None:
+        outcomes.setdefault(kind, []).append(what)
+
+    async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"], timeout=60) as eng:
+        adds = await bounded(
+            asyncio.gather(*(eng.add(svc, i, message_id=f"m-{i}") for i in range(12)), return_exceptions=True),
+            90,
+            "12 adds",
+        )
+        for a in adds:
+            note("add", type(a).__name__ if isinstance(a, BaseException) else "ok")
+        ws = [await workers(svc, f"w{i}", timeout=10) for i in range(4)]
+        waiter = await workers(svc, "waiter", timeout=10)
+        long_poll = asyncio.create_task(waiter.fetch(wait_ms=5000))
+
+        async def work(w: Any) -> None:
+            for _ in range(4):
+                try:
+                    t = await bounded(w.fetch(time_to_recover_ms=30_000), 10 + 15, "fetch")
+                except (UnavailableError, TransportError) as exc:
+                    note("fetch", type(exc).__name__)
+                    continue
+                note("fetch", "ok" if t else "none")
+                if t is None:
+                    return
+                try:
+                    note("extend", str(await bounded(t.extend(30_000), 25, "extend")))
+                except (UnavailableError, TransportError) as exc:
+                    note("extend", type(exc).__name__)
+                try:
+                    note("ack", str(await bounded(t.ack("done"), 25, "ack")))
+                except (UnavailableError, TransportError) as exc:
+                    note("ack", type(exc).__name__)
+
+        await asyncio.gather(*(work(w) for w in ws))
+        try:
+            lp = await bounded(long_poll, 30, "long-poll")
+            note("long_poll", "ok" if lp else "none")
+        except (UnavailableError, TransportError) as exc:
+            note("long_poll", type(exc).__name__)
+    await idle(b, 30)
+    print(outcomes)
+    assert len(set(stored_tasks(cql, servers.keyspace, svc))) == 12
+
+
+@pytest.mark.parametrize("direction", ["requests", "replies"])
+async def test_a_stall_that_ends_every_rpc_answered_nothing_lost_or_doubled(
+    slow_bridge, slow_proxy, servers, names, workers, cql, direction
+):
+    """A 6 s stall (longer than BRIDGE_CASSANDRA_TIMEOUT 5 s), then the store is fast again."""
+    b = await slow_bridge()
+    svc = service_id()
+    outcomes: dict[str, list[str]] = {}
+
+    def note(kind: str, what: str) -> None:
+        outcomes.setdefault(kind, []).append(what)
+
+    async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"], timeout=60) as eng:
+        for i in range(6):
+            await eng.add(svc, f"before-{i}", message_id=f"b-{i}")
+        ws = [await workers(svc, f"w{i}", timeout=10) for i in range(3)]
+        held = [await w.fetch(time_to_recover_ms=60_000) for w in ws]
+        assert all(held)
+        (slow_proxy.stall_requests if direction == "requests" else slow_proxy.stall_replies)()
+        t0 = time.monotonic()
+        adds = [asyncio.create_task(eng.add(svc, f"during-{i}", message_id=f"d-{i}")) for i in range(6)]
+
+        async def op(kind: str, coro: Any) -> Any:
+            try:
+                r = await bounded(coro, 10 + 15, kind)
+                note(kind, "ok" if not isinstance(r, bool) else str(r))
+                return r
+            except (UnavailableError, TransportError) as exc:
+                note(kind, type(exc).__name__)
+                return exc
+
+        lp = await workers(svc, "lp", timeout=10)
+        ops = [
+            asyncio.create_task(op("extend", held[0].extend(60_000))),
+            asyncio.create_task(op("ack", held[1].ack("r1"))),
+            asyncio.create_task(op("fetch", ws[2].fetch(time_to_recover_ms=60_000))),  # a resend
+            asyncio.create_task(op("long_poll", lp.fetch(wait_ms=3000))),
+        ]
+        await asyncio.sleep(6)
+        slow_proxy.release()
+        await asyncio.gather(*ops)
+        added = await bounded(asyncio.gather(*adds), 60, "adds after the stall")
+        assert len(set(added)) == 6
+        print(outcomes, f"{time.monotonic() - t0:.1f}s")
+        # Afterwards, everything works and every task comes out exactly once (those acked aside).
+        w2 = await workers(svc, "drain", timeout=10)
+        seen: list[str] = []
+        for _ in range(40):
+            t = await w2.fetch(time_to_recover_ms=60_000)
+            if t is None:
+                break
+            seen.append(t.value)
+            assert await t.ack("ok") is True
+    await idle(b, 30)
+    stored = stored_tasks(cql, servers.keyspace, svc)
+    assert len(stored) == len(set(stored)) == 12, f"tasks stored: {len(stored)}"
+    during = sorted(v for v in seen if v.startswith("during"))
+    assert during == [f"during-{i}" for i in range(6)], seen
+
+
+def hold_statement(b: Any, proxy: SlowProxy, method: str, id_arg: str, seconds: float) -> list[uuid.UUID]:
+    """The bridge's next ``method`` LWT (``complete``, ``claim_new`` ...) is held ``seconds`` on its
+    way to Cassandra (found by its random id argument), the bridge's other statements are not."""
+    store = b.store
+    real = getattr(store, method)
+    held: list[uuid.UUID] = []
+
+    async def wrapped(*args: Any, **kwargs: Any) -> Any:
+        ident = kwargs.get(id_arg)
+        if ident is None:
+            import inspect
+
+            ident = inspect.signature(real).bind(*args, **kwargs).arguments[id_arg]
+        if not held:
+            held.append(ident)
+            proxy.holds[ident.bytes] = seconds
+        return await real(*args, **kwargs)
+
+    setattr(store, method, wrapped)
+    return held
+
+
+async def test_an_ack_whose_completion_lands_late_is_not_answered_false_nor_its_result_lost(
+    slow_bridge, slow_proxy, servers, names, workers, cql
+):
+    """The completing LWT times out (its coordinator stalls 2.5 s, BRIDGE_CASSANDRA_TIMEOUT 1 s)
+    and then applies. The SERIAL read that resolves the unknown outcome runs before it lands, so
+    the bridge takes the completion for refused: it answers ``false`` ("not your lease") and voids
+    the result it wrote ahead. The task IS completed (by this very ack): the engine must still get
+    its result, and the worker must not be told it lost the lease."""
+    from bridge.client.results import results_consumer
+
+    b = await slow_bridge(cassandra_timeout=1.0)
+    svc = service_id()
+    async with (
+        Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"], timeout=60) as eng,
+        results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"], routing_key=svc) as results,
+    ):
+        task_id = await eng.add(svc, "v", token={"t": 1})
+        w = await workers(svc, "w", timeout=15)
+        t = await w.fetch(time_to_recover_ms=60_000)
+        assert t is not None and t.id == task_id
+        held = hold_statement(b, slow_proxy, "complete", "completion_id", 2.5)
+        try:
+            answer: Any = await bounded(t.ack("the result"), 20, "ack")
+        except (UnavailableError, TransportError) as exc:
+            answer = exc
+        assert held and slow_proxy.held_frames == 1
+
+        def lease() -> Any:
+            return cql.execute(
+                f"SELECT state, completion_id FROM {servers.keyspace}.leases "
+                "WHERE owner = %s AND service = %s AND task_id = %s",
+                (OWNERS[0], svc, uuid.UUID(task_id)),
+            ).one()
+
+        await wait_for(lambda: lease()["state"] == "done", 10, what="the held completion applied")
+        assert lease()["completion_id"] == held[0], "completed by this very ack"
+        # The worker: told it completed the task (true), or unavailable (then its retry says true).
+        if not isinstance(answer, bool):
+            answer = await w.ack("the result", task_id=t.id, epoch=t.epoch)
+        try:
+            got = await asyncio.wait_for(results.get(), 10)
+        except TimeoutError:
+            got = None
+        problems = []
+        if answer is not True:
+            problems.append(f"the ack that completed the task was answered {answer!r}")
+        if got is None or got.get("taskId") != task_id:
+            problems.append(f"the engine never got the completed task's result (got {got!r})")
+        assert not problems, "; ".join(problems)
+
+
+async def test_a_claim_that_lands_after_its_fetch_gave_up_is_handed_to_the_worker_retrying(
+    slow_bridge, slow_proxy, servers, names, workers, cql
+):
+    """The claiming LWT times out (its coordinator stalls 2.5 s, BRIDGE_CASSANDRA_TIMEOUT 1 s) and
+    lands after the SERIAL read that resolved it as lost. The task is then leased to this worker
+    for its whole timeToRecover (60 s): the worker's next fetch must hand it over (it is this
+    worker's), not leave it to nobody for a minute."""
+    b = await slow_bridge(cassandra_timeout=1.0)
+    svc = service_id()
+    async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"], timeout=60) as eng:
+        task_id = await eng.add(svc, "v")
+        w = await workers(svc, "w", timeout=15)
+        held = hold_statement(b, slow_proxy, "claim_new", "claim_id", 2.5)
+        try:
+            first: Any = await bounded(w.fetch(time_to_recover_ms=60_000), 20, "fetch")
+        except (UnavailableError, TransportError) as exc:
+            first = exc
+        assert held and slow_proxy.held_frames == 1
+
+        def lease() -> Any:
+            return cql.execute(
+                f"SELECT state, worker, claim_id FROM {servers.keyspace}.leases "
+                "WHERE owner = %s AND service = %s AND task_id = %s",
+                (OWNERS[0], svc, uuid.UUID(task_id)),
+            ).one()
+
+        await wait_for(lambda: lease() is not None, 10, what="the held claim applied")
+        row = lease()
+        if first is not None and not isinstance(first, Exception):
+            assert first.id == task_id
+            return  # handed over at once: fine
+        assert row["claim_id"] == held[0] and row["worker"] == "w"
+        again = await bounded(w.fetch(time_to_recover_ms=60_000), 20, "the retried fetch")
+        other = await (await workers(svc, "w2", timeout=15)).fetch()
+        assert again is not None and again.id == task_id, (
+            f"first fetch answered {first!r}; the task is leased to 'w' for 60 s, yet w's retry got "
+            f"{again!r} and another worker got {other!r}"
+        )
+
+
+async def test_a_stalled_store_bridge_stops_taking_requests_so_a_healthy_one_serves(
+    slow_bridge, make_bridge, slow_proxy, servers, names, workers
+):
+    """Two bridges; one's Cassandra stalls 8 s (connection open, no answers), then is fast again.
+    Issue 13.10 asks an unready bridge to stop consuming so that the healthy one serves: a fetch
+    sent during the stall must not be taken by the stalled bridge and answered `unavailable` 5 s
+    later while the healthy bridge sits idle."""
+    await make_bridge()
+    await slow_bridge()
+    svc = service_id()
+    async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"], timeout=60) as eng:
+        for i in range(8):
+            await eng.add(svc, i)
+        ws = [await workers(svc, f"w{i}", timeout=10) for i in range(8)]
+        slow_proxy.stall_requests()
+        asyncio.get_running_loop().call_later(8.0, slow_proxy.release)
+        t0 = time.monotonic()
+        outcomes = []
+        for w in ws:
+            s = time.monotonic()
+            try:
+                t = await w.fetch(time_to_recover_ms=60_000)
+                outcomes.append(("ok" if t else "none", round(s - t0, 1), round(time.monotonic() - s, 1)))
+            except (UnavailableError, TransportError) as exc:
+                outcomes.append((type(exc).__name__, round(s - t0, 1), round(time.monotonic() - s, 1)))
+            if time.monotonic() - t0 > 7:
+                break
+        # The stalled bridge may take what arrives before it can tell a stall from a slow
+        # statement (half the 5 s timeout); every fetch sent after that is the healthy bridge's.
+        after = [o for o in outcomes if o[1] >= 3.0]
+        assert after, f"no fetch was sent after the stall was noticed: {outcomes}"
+        bad = [o for o in after if o[0] != "ok" or o[2] > 2.0]
+        assert not bad, f"fetches during the stall (the healthy bridge beside it): {outcomes}"
+
+
+@pytest.mark.parametrize("stall_s", [8.0, 12.0])
+async def test_an_ack_during_a_stall_is_answered_before_the_clients_deadline(
+    stall_s, slow_bridge, slow_proxy, servers, names, workers
+):
+    """Defaults: client timeout 10 s, BRIDGE_CASSANDRA_TIMEOUT 5 s. Cassandra stalls 8 s, then
+    answers again. An ack (or an extend) sent during the stall must get an answer (true, or a
+    clear `unavailable`) before its caller's deadline, not be worked on past it."""
+    await slow_bridge()
+    svc = service_id()
+    async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"], timeout=60) as eng:
+        await eng.add(svc, "a")
+        await eng.add(svc, "b")
+        w1 = await workers(svc, "w1", timeout=10)
+        w2 = await workers(svc, "w2", timeout=10)
+        t1 = await w1.fetch(time_to_recover_ms=60_000)
+        t2 = await w2.fetch(time_to_recover_ms=60_000)
+        slow_proxy.stall_requests()
+        asyncio.get_running_loop().call_later(stall_s, slow_proxy.release)
+        results: dict[str, Any] = {}
+
+        async def one(name: str, coro: Any) -> None:
+            s = time.monotonic()
+            try:
+                results[name] = (await coro, round(time.monotonic() - s, 1))
+            except (UnavailableError, TransportError) as exc:
+                results[name] = (type(exc).__name__, round(time.monotonic() - s, 1))
+
+        await asyncio.gather(one("ack", t1.ack("done")), one("extend", t2.extend(60_000)))
+        timed_out = {k: v for k, v in results.items() if v[0] == "RequestTimeout"}
+        print(results)
+        assert not timed_out, f"no answer within the client's 10 s: {results}"
+
+
+async def test_background_loops_during_a_stall_do_not_spin_or_pile_up_and_recover(
+    slow_bridge, slow_proxy, servers, names, workers
+):
+    """An idle bridge holding the duty (scheduler, relay, counts, clock): statements sent during a
+    6 s stall stay within what 6 s of normal running sends (no retry storm, no pile-up of
+    concurrent statements), and the bridge serves at once when the stall ends."""
+    b = await slow_bridge()
+    await wait_for(lambda: b.duty.held, 15, what="the duty")
+    svc = service_id()
+    w = await workers(svc, "w", timeout=10)
+    waiter = asyncio.create_task(w.fetch(wait_ms=15_000))  # a long-poll waiting across the stall
+
+    def total() -> int:
+        return sum(b.db.statements.values())
+
+    n0 = total()
+    await asyncio.sleep(6)
+    normal = total() - n0
+    cpu0 = time.process_time()
+    slow_proxy.stall_requests()
+    n1 = total()
+    await asyncio.sleep(6)
+    stalled = total() - n1
+    cpu = time.process_time() - cpu0
+    slow_proxy.release()
+    async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"], timeout=30) as eng:
+        s = time.monotonic()
+        task_id = await eng.add(svc, "after")
+        got = await bounded(waiter, 20, "the long-poll across the stall")
+        took = time.monotonic() - s
+    print(f"statements: normal {normal}, stalled {stalled}; cpu {cpu:.2f}s; after: {took:.1f}s")
+    assert stalled <= 2 * normal + 20
+    assert cpu < 3.0
+    assert got is not None and got.id == task_id and took < 5
