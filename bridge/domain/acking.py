@@ -199,7 +199,9 @@ class Acker:
             if points_here and again:
                 await ctx.store.finish_worker(q, req.worker_id, target.task_id, stamp)
             elif points_here:
-                # Just after the pointer read: a later pointer write (another fetch) survives.
+                # Just after the pointer read: a later pointer write (another fetch) survives, also
+                # one that read the same row (a claim's write-ahead is stamped 2 past what it read:
+                # ``pointer_stamp``; at + 1 it tied with this clear, and the tombstone won the tie).
                 await ctx.store.clear_worker(q, req.worker_id, row.stamp + 1 if row.stamp is not None else stamp)
             return again
         if points_here:

@@ -73,6 +73,20 @@ def next_stamp(now_ms: int, last_stamp: int | None) -> int:
     return now_us if last_stamp is None or now_us > last_stamp else last_stamp + 1
 
 
+def pointer_stamp(now_ms: int, last_stamp: int | None) -> int:
+    """The stamp of a worker pointer a claim writes ahead: ``max(now, last + 2)``.
+
+    A write that *undoes* a pointer (a fetch dropping the write-ahead of a claim it lost, a fail or
+    a refused ack forgetting the worker's task) is stamped just after the pointer it read,
+    ``last + 1``, so that any pointer written after that read survives it. A claim that read the
+    same row must therefore land after that clear, not on it: stamped ``last + 1`` too, the two
+    tied, and on equal timestamps Cassandra keeps the null (a tombstone wins), which wiped the
+    new task's pointer while the task stayed leased to the worker (a fail on one bridge
+    overlapping the worker's next fetch on another did so in up to 12 rounds of 40)."""
+    now_us = now_ms * 1000
+    return now_us if last_stamp is None or now_us > last_stamp + 1 else last_stamp + 2
+
+
 @dataclass
 class SkewReading:
     offset_ms: float  # this host's clock minus the reference; positive = the host is ahead

@@ -13,10 +13,10 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from bridge.domain.clock import next_stamp
+from bridge.domain.clock import next_stamp, pointer_stamp
 from bridge.domain.context import QueueContext
 from bridge.domain.counting import was_delayed
 from bridge.domain.dispatch import Dispatcher
@@ -50,6 +50,12 @@ MAX_CLAIM_ATTEMPTS = 8  # claims a fetch may lose to other fetches before it tri
 # after this many and goes on as after its lost races; the next fetch takes the rest.
 MAX_STALE_HINTS = 64
 TTL_GRANULARITY_MS = 1_000  # Cassandra expires rows on whole seconds
+# Workers with fetches in flight on one bridge that are made to take turns (``_Flight``). An entry
+# lives only while a fetch of its worker is in flight, so this bounds the memory of a burst of
+# fetches of distinct worker ids (a long-poll's delivery is acknowledged at once: the prefetch
+# window does not bound them); the fetches of a worker arriving while it is full run unordered, as
+# they did before the turns.
+MAX_FLIGHTS = 100_000
 
 
 class _Claim(NamedTuple):
@@ -74,6 +80,34 @@ class RequestAbandoned(BridgeError):
 
 
 @dataclass
+class _Flight:
+    """The fetches of one worker (owner, service, workerId) in flight on this bridge.
+
+    Two fetches of one worker at once (a retry taken by the same bridge while the first copy still
+    runs, two coroutines of one worker) each read the pointer (nothing held), each claimed a task
+    of its own: the worker held two leases, its pointer named one, and the other waited out its
+    lease (a contract 1.0 ack, naming no task, then completed the pointer's task with the other
+    one's result). So they take turns: a fetch looks at the pointer and claims only while it holds
+    ``lock``. A fetch that had to wait for its turn, when a lease was granted to the worker
+    meanwhile (``granted`` moved), reads the pointer the other wrote and resends that task: both
+    replies name the same task. Uncontended, nothing more is read or written than before.
+
+    Fetches of one worker on *different* bridges are not ordered (ordering them would cost a
+    statement per fetch): see docs/reliability.md, "Known limits"."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0  # fetches of the worker in flight here; the entry goes when none is left
+    granted: int = 0  # leases granted (claims) or renewed (resends) to the worker by them
+    # The latest pointer stamp they read or wrote: a write-ahead of any of them orders after it.
+    # (A long-poll read the pointer seconds ago; a fresh fetch beside it writes 25 ms ahead.)
+    stamp: int | None = None
+
+
+def _latest(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
+@dataclass
 class _Attempt:
     """One fetch's claiming: the pointer's write stamp moves with every claim tried."""
 
@@ -82,6 +116,8 @@ class _Attempt:
     ttr: int
     stamp: int | None
     stale_pointer: bool
+    flight: _Flight = field(default_factory=_Flight)
+    holding: bool = False  # this fetch holds its worker's turn (``flight.lock``)
     attempted: bool = False
     # The caller's deadline (x-deadline): no claim is made for it later (it stopped listening).
     deadline_ms: int | None = None
@@ -115,6 +151,7 @@ class Fetcher:
         self.hints = hints
         self.reconcile = reconcile
         self.soon = soon  # ``WorkQueue.soon``: a timer of this bridge for a deadline moments away
+        self._flights: dict[tuple[str, str, str], _Flight] = {}
 
     async def fetch(
         self,
@@ -135,24 +172,34 @@ class Fetcher:
         # An owner without a key can have no task: say so (unknown_owner, as add does) instead of
         # answering null forever to a misconfigured worker. The key is cached: no I/O here.
         await ctx.keys.current(owner)
+        key = (owner, req.service_id, req.worker_id)
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = _Flight()
+            if len(self._flights) < MAX_FLIGHTS:
+                self._flights[key] = flight
+        flight.users += 1
+        a = _Attempt(q, req.worker_id, ttr, None, stale_pointer=False, deadline_ms=deadline_ms, flight=flight)
+        try:
+            return await self._fetch(a, req, still_wanted)
+        finally:
+            self._leave_turn(a)
+            flight.users -= 1
+            if flight.users == 0 and self._flights.get(key) is flight:
+                del self._flights[key]
+
+    async def _fetch(
+        self, a: _Attempt, req: FetchRequest, still_wanted: Callable[[], Awaitable[bool]] | None
+    ) -> Delivery | None:
+        ctx = self.ctx
+        granted = a.flight.granted
+        await self._take_turn(a)
         # A fetch that says it holds nothing (``fresh``: the worker acked its last task and this is
-        # no retry) skips the pointer read; the write-ahead pointer is still written below.
-        # With nothing read there is no stamp to order after, and this worker's last pointer write
-        # may come from a bridge whose clock is ahead by up to the skew margin: ordered after that
-        # (stamped at the present, a retry of this fetch found the pointer it replaced).
-        row = (
-            WorkerRow(None, (ctx.clock.now_ms() + ctx.limits.skew_margin_ms) * 1000)
-            if req.fresh
-            else await ctx.store.worker(q, req.worker_id)
-        )
-        held = row.pointer
-        if held is not None and not held.done:
-            delivery = await self._resend(q, req.worker_id, held, ttr, row.stamp)
-            if delivery is not None:
-                return delivery
-        a = _Attempt(
-            q, req.worker_id, ttr, row.stamp, stale_pointer=held is not None and not held.done, deadline_ms=deadline_ms
-        )
+        # no retry) skips the pointer read, unless another fetch of this worker was granted a
+        # lease while this one waited for its turn: then both hand out that task.
+        delivery = await self._look(a, fresh=req.fresh and a.flight.granted == granted)
+        if delivery is not None:
+            return delivery
         try:
             delivery = await self._claim_next(a)
             if delivery is None and req.wait_ms > 0:
@@ -166,26 +213,77 @@ class Fetcher:
             if a.requester is not None:
                 a.requester.cancel()
         if delivery is None and (a.stale_pointer or a.attempted):
+            if not a.holding:
+                await self._take_turn(a, bounded=False)  # a long-poll waited without it
             # Our write-ahead pointer names a task we did not get: drop it. Stamped just after the
             # write it undoes (ours, or the stale one read), not at the present: a pointer another
             # fetch of this worker wrote meanwhile (an orphaned long-poll that claimed a task for
             # it) must survive, or that task stays leased to the worker and no fetch returns it.
-            await ctx.store.clear_worker(q, a.worker, _after(a.stamp, ctx.clock.now_ms()))
+            stamp = _after(a.stamp, ctx.clock.now_ms())
+            a.flight.stamp = _latest(a.flight.stamp, stamp)
+            await ctx.store.clear_worker(a.q, a.worker, stamp)
         if abandoned:
             raise RequestAbandoned("nobody waits for this fetch's reply any more")
         return delivery
 
-    async def _resend(
-        self, q: QueueKey, worker: str, held: WorkerPointer, ttr: int, stamp: int | None
-    ) -> Delivery | None:
+    async def _take_turn(self, a: _Attempt, *, bounded: bool = True) -> None:
+        """Wait until no other fetch of this worker looks at its pointer or claims on this bridge
+        (``_Flight``); no longer than the caller's deadline (``bounded``): past it, nobody reads
+        the reply."""
+        lock = a.flight.lock
+        if not bounded or a.deadline_ms is None or not lock.locked():
+            await lock.acquire()
+        else:
+            try:
+                async with asyncio.timeout(max(0, a.deadline_ms - self.ctx.clock.now_ms()) / 1000):
+                    await lock.acquire()
+            except TimeoutError:
+                self.ctx.metrics.inc("requests_expired", method="fetch")
+                raise RequestAbandoned("past the caller's deadline, behind another fetch of its worker") from None
+        a.holding = True
+
+    def _leave_turn(self, a: _Attempt) -> None:
+        if a.holding:
+            a.holding = False
+            a.flight.lock.release()
+
+    async def _look(self, a: _Attempt, *, fresh: bool) -> Delivery | None:
+        """The task the worker's pointer names, resent with a fresh lease; else None, with the
+        stamp to order the next pointer write after."""
+        ctx = self.ctx
+        # With nothing read (``fresh``) there is no stamp to order after, and this worker's last
+        # pointer write may come from a bridge whose clock is ahead by up to the skew margin:
+        # ordered after that (stamped at the present, a retry of this fetch found the pointer it
+        # replaced).
+        row = (
+            WorkerRow(None, (ctx.clock.now_ms() + ctx.limits.skew_margin_ms) * 1000)
+            if fresh
+            else await ctx.store.worker(a.q, a.worker)
+        )
+        a.flight.stamp = _latest(a.flight.stamp, row.stamp)
+        held = row.pointer
+        if a.stamp is None:
+            a.stamp = row.stamp
+        if held is None or held.done:
+            return None
+        delivery = await self._resend(a, held, row.stamp)
+        if delivery is None:
+            # It names a task that is not the worker's any more: undone if nothing replaces it.
+            a.stamp = _latest(a.stamp, row.stamp)
+            a.stale_pointer = True
+        return delivery
+
+    async def _resend(self, a: _Attempt, held: WorkerPointer, stamp: int | None) -> Delivery | None:
         """The worker has not acked its task: give it the same task again, with a fresh lease.
 
         The extension is conditional on the epoch only, not on the deadline: if nobody re-claimed
         the task since the lease ran out, it was nobody else's in between."""
-        until = self.ctx.clock.now_ms() + ttr
+        q, worker = a.q, a.worker
+        until = self.ctx.clock.now_ms() + a.ttr
         res = await self.ctx.store.extend(q, held.task_id, held.epoch, worker, until)
         if not res.applied:
             return None
+        a.flight.granted += 1
         # The scheduler will meet the old deadline, see the later one, and re-arm itself.
         self.ctx.metrics.inc("tasks_redelivered", kind="resend")
         return await self._deliver(q, worker, held.task_id, held.epoch, until, stamp=stamp)
@@ -216,10 +314,23 @@ class Fetcher:
 
         A fetch that waited asks ``still_wanted`` before it claims: its worker may be gone
         (crashed, killed), and, as the queue's oldest waiter, it takes the hint first. Claimed
-        for it, the task would wait out its whole lease while live workers waited beside it."""
+        for it, the task would wait out its whole lease while live workers waited beside it.
+
+        The wait is not part of the worker's turn (``_Flight``), only each claim is. A second
+        long-poll of the same worker is most often a client's retry after its request timed out,
+        its first long-poll still waiting here with a reply nobody reads. Queued behind that one
+        it would wait out the orphan's waitMs and answer null while tasks came; superseding the
+        first would answer null to a worker that polls from two coroutines. So both wait, each
+        hint goes to the oldest waiter, and whichever claims first, the other, at its next hint,
+        finds the worker was granted a lease meanwhile and resends that task rather than claim a
+        second one (the hint goes back for another worker). An orphan whose connection is gone
+        gives its hint up (``still_wanted``); one on a live connection claims for the worker, and
+        the worker's next fetch (not ``fresh``: it got no answer) is handed that task again."""
         loop = asyncio.get_running_loop()
         until = loop.time() + wait_ms / 1000
         while (left_ms := int((until - loop.time()) * 1000)) > 0:
+            granted = a.flight.granted
+            self._leave_turn(a)
             taken = await self.hints.take(a.q, left_ms)
             if taken is None:
                 return None
@@ -227,6 +338,17 @@ class Fetcher:
                 # Asked beside the write-ahead (a broker round trip against a Cassandra one): it
                 # costs the claim no time. Its answer is awaited before the claim (``_may_claim``).
                 a.requester = asyncio.ensure_future(still_wanted())
+            try:
+                await self._take_turn(a)
+                # Another fetch of this worker was granted a lease while this one waited: hand
+                # out that task (a read, only then), unless it is not the worker's any more.
+                resent = await self._look(a, fresh=False) if a.flight.granted != granted else None
+            except BaseException:
+                await asyncio.shield(taken.retry())  # not decided: another fetch gets the hint
+                raise
+            if resent is not None:
+                await asyncio.shield(taken.retry())
+                return resent
             claim = await self._claim_hinted(a, taken)
             if claim.delivery is not None:
                 return claim.delivery
@@ -313,7 +435,10 @@ class Fetcher:
         if carried is not None and self._outlived(carried, now):
             self.ctx.metrics.inc("deliveries_failed", reason="expired")
             return _Claim(None, stamp if stamp is not None else now * 1000, finished=True)
-        stamp = next_stamp(now, stamp)
+        # After every pointer write this claim could follow: the row it read (or its own last
+        # write-ahead), and what the worker's other fetches on this bridge read or wrote.
+        stamp = pointer_stamp(now, _latest(stamp, a.flight.stamp))
+        a.flight.stamp = _latest(a.flight.stamp, stamp)
         # The payload is read beside the write-ahead (unless the hint carried it: no read at all,
         # it is checked when opened), not after it: as many round trips, and the claim knows when
         # the task's life ends (``Payload.expires_at_ms``, fixed by the bridge that added it), so
@@ -363,6 +488,7 @@ class Fetcher:
             finished = cur is not None and cur.state is not LeaseState.LEASED
             self.ctx.metrics.inc("claims_stale" if finished else "claim_conflicts")
             return _Claim(None, stamp, finished=finished)
+        a.flight.granted += 1
         if not recovered and payload is not None and was_delayed(task_id, payload.created_at_ms):
             # Taken off the due minute its add counted it under: within that minute stats count
             # it delayed, and a -1 from ready would have hidden a ready task until the minute ended.

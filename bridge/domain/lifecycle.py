@@ -24,7 +24,6 @@ from typing import Any
 
 from bridge.crypto import Sealed
 from bridge.domain import jsonvalue
-from bridge.domain.clock import next_stamp
 from bridge.domain.context import QueueContext
 from bridge.domain.counting import was_delayed
 from bridge.domain.dispatch import settled_before
@@ -207,7 +206,7 @@ class Lifecycle:
             )
             if not parked:
                 return None
-            await self._forget(q, req.worker_id)
+            await self._forget(q, req.worker_id, task_id, epoch)
             return Failed(task_id, epoch, True, None)
         backoff = req.retry_in_ms if req.retry_in_ms is not None else ctx.limits.backoff_ms(lease.deliveries_counted)
         due = now + backoff
@@ -225,13 +224,25 @@ class Lifecycle:
         self.soon(watch, due + ctx.limits.skew_margin_ms)
         ctx.metrics.inc("tasks_failed")
         log.info("task failed by its worker", extra={"task_id": str(task_id), "epoch": epoch, "retry_in_ms": backoff})
-        await self._forget(q, req.worker_id)
+        await self._forget(q, req.worker_id, task_id, epoch)
         return Failed(task_id, epoch, False, due)
 
-    async def _forget(self, q: QueueKey, worker: str) -> None:
-        """The worker gave its task back: its next fetch claims another one."""
+    async def _forget(self, q: QueueKey, worker: str, task_id: uuid.UUID, epoch: int) -> None:
+        """The worker gave its task back: its next fetch claims another one.
+
+        Only a pointer that still names the task given back is cleared, and just after the write
+        that put it there (its stamp + 1), never at the present: the worker's next fetch may be
+        running on another bridge (the client stopped waiting for this reply and moved on), and
+        the pointer it writes ahead for its new task must survive. Cleared blindly at the present,
+        it was wiped when this read already saw it; and when both read the same row, the clear
+        and the write-ahead were stamped alike and the clear won the tie (the write-ahead is now
+        stamped 2 past what it read: ``pointer_stamp``). Either way the task stayed leased to
+        the worker and its next fetch claimed yet another one."""
         row = await self.store.worker(q, worker)
-        await self.store.clear_worker(q, worker, next_stamp(self.ctx.clock.now_ms(), row.stamp))
+        held = row.pointer
+        if held is None or held.task_id != task_id or held.epoch != epoch or row.stamp is None:
+            return  # already cleared, or it names the worker's next task
+        await self.store.clear_worker(q, worker, row.stamp + 1)
 
     async def _has_token(self, q: QueueKey, task_id: uuid.UUID, lease: Lease) -> bool:
         if lease.has_token is not None:
