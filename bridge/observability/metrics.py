@@ -314,6 +314,13 @@ class BridgeMetrics:
             ("queue",),
             registry=r,
         )
+        self.channels_down = Gauge(
+            f"{PREFIX}_amqp_channel_down",
+            "1 while a publishing AMQP channel (results, replies) is closed and being reopened; results "
+            "wait in the outbox meanwhile. Not a readiness check: requests are still served.",
+            ("channel",),
+            registry=r,
+        )
         self.info = Info(PREFIX, "Build and instance of this bridge.", registry=r)
         self.info.info({"version": version or package_version(), "instance": instance})
         self._callbacks = _CallbackCollector(monotonic)
@@ -373,6 +380,10 @@ class BridgeMetrics:
                 self.queue_tasks.labels(owner, service, state).set(n)
             if oldest_ms is not None:
                 self.queue_oldest_ready.labels(owner, service).set(oldest_ms / 1000)
+
+    def set_channel_down(self, channel: str, down: bool) -> None:
+        """Called by the transport (bridge.transport.amqp) as a publishing channel closes and reopens."""
+        self.channels_down.labels(channel).set(1 if down else 0)
 
     def set_paused(self, paused: frozenset[str], consumed: Iterable[str]) -> None:
         """``consumed``: every request queue the bridge consumes (one series each, 0 or 1)."""

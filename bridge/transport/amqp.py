@@ -24,13 +24,13 @@ from typing import Any
 import aio_pika
 import structlog
 from aio_pika.abc import (
-    AbstractChannel,
     AbstractConnection,
     AbstractQueue,
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
 from aiormq.abc import DeliveredMessage
+from pamqp.commands import Basic
 
 from bridge.config import Settings
 from bridge.domain.queue import WorkQueue
@@ -44,13 +44,39 @@ from bridge.transport.replies import ReplyPublisher
 from bridge.transport.request import Delivery, RequestMessage
 from bridge.transport.results import ResultPublisher
 from bridge.transport.timing import Consumer, Observer, timed
-from bridge.transport.topology import CONSUMED, LIFECYCLE_METHODS, LIFECYCLE_QUEUE, METHODS, Names, declare_topology
+from bridge.transport.topology import (
+    CONSUMED,
+    LIFECYCLE_METHODS,
+    LIFECYCLE_QUEUE,
+    METHODS,
+    Names,
+    declare_consumed_queue,
+    declare_dead_letter,
+    declare_topology,
+)
 
 __all__ = ["ADD_RETRY_BUDGET_S", "METHODS", "AmqpTransport", "Observer"]
 
 log = logging.getLogger("bridge.amqp")
 
 CANCEL_TIMEOUT_S = 3.0  # a consumer cancel the broker does not answer within it is given up
+# Retrying what the broker refused (a channel to reopen, a queue to declare again): soon at first
+# (most refusals are a blip, or a race with an operator's change), then no more than every 10 s
+# (a refusal that lasts is a permission or a policy to fix: one log line per attempt is enough).
+RETRY_FIRST_DELAY_S = 0.5
+RETRY_MAX_DELAY_S = 10.0
+REOPEN_TIMEOUT_S = 10.0  # one attempt to reopen a channel the broker does not answer is given up
+# The channels the bridge publishes on (results and the add retry lane; replies): nothing consumes
+# on them, so aio-pika's one restore after a loss is all they would ever get.
+PUBLISHING = ("results", "replies")
+
+
+def _refusal(exc: BaseException | None) -> str:
+    """The broker's words when it refused something (``ACCESS_REFUSED - ...``), else the type."""
+    if exc is None:
+        return "closed"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class AmqpTransport:
@@ -86,11 +112,19 @@ class AmqpTransport:
         # queued on the one socket delayed every other tenant's fetch and ack behind it by seconds.
         self._add_connection: AbstractRobustConnection | None = None
         self._add_channel: AbstractRobustChannel | None = None
-        self._publish_channel: AbstractChannel | None = None  # results: confirms + mandatory
-        self._reply_channel: AbstractChannel | None = None  # replies: no confirms
+        self._publish_channel: AbstractRobustChannel | None = None  # results: confirms + mandatory
+        self._reply_channel: AbstractRobustChannel | None = None  # replies: no confirms
         self._queues: dict[str, AbstractQueue] = {}
         self._add_retry_lane = False  # declared: adds of a broken owner key may wait there
         self._consumer_tags: dict[str, str] = {}
+        # Request queues whose consumer the broker cancelled (an operator deleted the queue): they
+        # are declared again before they are consumed again, by one task each (_restore_consumer).
+        self._lost: set[str] = set()
+        self._restores: dict[str, asyncio.Task[None]] = {}
+        self._registering: set[str] = set()  # restores whose basic.consume is on the wire
+        self._reopening: dict[str, asyncio.Task[None]] = {}  # publishing channel name -> its reopen task
+        self._dead_letter_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()  # the tasks above, cancelled by close()
         self._inflight: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -105,6 +139,13 @@ class AmqpTransport:
             method: timed(method, self.handlers.lifecycle_handler(method), self.observe) for method in LIFECYCLE_METHODS
         }
         self._on_lifecycle_unknown = timed("unknown", self.handlers.unrouted, self.observe)
+        self._consumers: dict[str, Consumer] = {
+            "add": self._on_add,
+            "fetch": self._on_fetch,
+            "ack": self._on_ack,
+            LIFECYCLE_QUEUE: self._on_lifecycle,
+            "unrouted": self._on_unrouted,
+        }
 
     def observe(self, method: str, outcome: str, seconds: float) -> None:
         """Metrics, plus one canonical log line per request (DEBUG: it is one per message)."""
@@ -151,7 +192,10 @@ class AmqpTransport:
         channels = {"consume": self._consume_channel, "results": self._publish_channel, "replies": self._reply_channel}
         for name, channel in channels.items():
             channel.close_callbacks.add(functools.partial(self._channel_lost, name))
+        for name in PUBLISHING:
+            self._set_channel_down(name, False)  # a series from the start, not from the first loss
         self.connection.reconnect_callbacks.add(self._reconnected)
+        self.connection.reconnect_callbacks.add(self._declare_dead_letter_again)
         await self._declare_topology()
         if self._add_retry_lane:
             self.handlers.lane.attach(self._publish_channel.default_exchange)
@@ -188,29 +232,184 @@ class AmqpTransport:
     def _channel_lost(self, name: str, _channel: object, exc: BaseException | None = None) -> None:
         if self._closing:
             return
+        if name in self._reopening:
+            return  # a failed attempt of the reopen task closing its new channel: logged by the task
         # The robust connection reopens the channel and its consumers; in-flight requests finish
         # (their reply or ack may fail; the broker then redelivers them).
-        log.warning("AMQP %s channel lost (%s); restored on reconnect", name, type(exc).__name__ if exc else "closed")
+        log.warning("AMQP %s channel lost (%s); reopened by itself or on reconnect", name, _refusal(exc))
         self.queue.metrics.inc("amqp_channels_lost", channel=name)
+        if name in PUBLISHING:
+            self._set_channel_down(name, True)
+            self._reopening[name] = self._spawn(self._reopen_publishing(name))
+
+    def _publishing_channel(self, name: str) -> AbstractRobustChannel:
+        channel = self._publish_channel if name == "results" else self._reply_channel
+        assert channel is not None
+        return channel
+
+    async def _reopen_publishing(self, name: str) -> None:
+        """Reopen a publishing channel until it is open again or the transport closes.
+
+        aio-pika restores a robust channel the broker closed once, right away; when that restore
+        is refused too (a publish refused with a 403 closed the results channel, and the results
+        queue's bind is refused by the same missing permission), it never tries again before the
+        next reconnection: no result was published any more, even after the permission came back,
+        while the bridge said it was ready."""
+        channel = self._publishing_channel(name)
+        delay = RETRY_FIRST_DELAY_S
+        try:
+            while not self._closing:
+                # Waits first: aio-pika's own restore runs right after the loss, and a reconnection
+                # restores every channel; most losses end there.
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_DELAY_S)
+                if not channel.is_closed:
+                    log.info("AMQP %s channel open again", name)
+                    return
+                connection = self.connection
+                if connection is None or not connection.connected.is_set():
+                    continue  # the connection is being restored: it reopens its channels itself
+                try:
+                    async with asyncio.timeout(REOPEN_TIMEOUT_S):
+                        await channel.restore()
+                except Exception as exc:
+                    log.warning(
+                        "AMQP %s channel still closed: the broker refused to reopen it (%s); retrying in %.1f s",
+                        name,
+                        _refusal(exc),
+                        delay,
+                    )
+                    continue
+                if not channel.is_closed:
+                    log.warning("AMQP %s channel reopened", name)
+                    return
+        finally:
+            if self._reopening.get(name) is asyncio.current_task():
+                del self._reopening[name]
+            if not channel.is_closed:
+                self._set_channel_down(name, False)
+
+    def _set_channel_down(self, name: str, down: bool) -> None:
+        # A gauge, not readiness: a closed results channel must not take requests away from this
+        # bridge's workers while fetch and ack still work. Results stay pending in the outbox
+        # (queue_bridge_results_pending) and are published once the channel is back; an unready
+        # bridge would stop consuming (the serving gate) and every worker on it would wait for
+        # nothing. The gauge and the log say what is wrong; readiness stays about serving requests.
+        set_down = getattr(self.queue.metrics, "set_channel_down", None)
+        if callable(set_down):
+            set_down(name, down)
 
     def _reconnected(self, *_: object) -> None:
         log.warning("AMQP connection restored: channels and consumers are back")
+        # The reconnection restored every channel: say so now, not when a reopen task next wakes.
+        for name in PUBLISHING:
+            if not self._publishing_channel(name).is_closed:
+                self._set_channel_down(name, False)
+
+    def _declare_dead_letter_again(self, *_: object) -> None:
+        """After a reconnection: the dead-letter queue is declared on short-lived channels only
+        (topology.declare_dead_letter), so the robust channels do not restore it: an operator may
+        have deleted it (to drop what piled up there). Runs off the reconnection: it retries."""
+        if self._closing or (self._dead_letter_task is not None and not self._dead_letter_task.done()):
+            return
+        self._dead_letter_task = self._spawn(self._redeclare_dead_letter())
+
+    async def _redeclare_dead_letter(self) -> None:
+        delay = RETRY_FIRST_DELAY_S
+        while not self._closing and self.connection is not None:
+            try:
+                await declare_dead_letter(self.settings, self.connection)
+                return
+            except Exception as exc:
+                log.warning(
+                    "could not declare the dead-letter queue %s again (%s); retrying in %.1f s",
+                    self.dead_letter_queue,
+                    _refusal(exc),
+                    delay,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_DELAY_S)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     async def resume(self, methods: Iterable[str] | None = None) -> None:
         """Consume requests (all queues, or only ``methods``)."""
-        consumers: dict[str, Consumer] = {
-            "add": self._on_add,
-            "fetch": self._on_fetch,
-            "ack": self._on_ack,
-            LIFECYCLE_QUEUE: self._on_lifecycle,
-            "unrouted": self._on_unrouted,
-        }
-        for method, consumer in consumers.items():
+        for method in self._consumers:
             if (methods is None or method in methods) and method not in self._consumer_tags:
-                frames = await self._channel_of(method).get_underlay_channel()
-                ok = await frames.basic_consume(self._queues[method].name, self._tracked(consumer))
-                assert ok.consumer_tag is not None
-                self._consumer_tags[method] = ok.consumer_tag
+                if method in self._lost or method in self._restores:
+                    # Its queue was deleted under the bridge: consuming it before it is declared
+                    # again would get a 404, which closes the channel of every other consumer.
+                    self._start_restore(method)
+                    continue
+                await self._consume(method)
+
+    async def _consume(self, method: str) -> None:
+        frames = await self._channel_of(method).get_underlay_channel()
+        # A set: adding it again to the same aiormq channel is a no-op; a reopened robust channel
+        # has a new aiormq channel, which gets it with its first consumer.
+        frames.on_consumer_cancel_callbacks.add(self._consumer_cancelled)
+        ok = await frames.basic_consume(self._queues[method].name, self._tracked(self._consumers[method]))
+        assert ok.consumer_tag is not None
+        self._consumer_tags[method] = ok.consumer_tag
+
+    def _consumer_cancelled(self, frame: Basic.Cancel) -> None:
+        """The broker cancelled a request consumer (basic.cancel): its queue was deleted (or its
+        node lost). aiormq has dropped the consumer; without this the bridge still counted it, said
+        it was ready, and the method's requests, no longer routed to a queue, went through the
+        alternate exchange to ``.unrouted``, answered ``bad_request: unknown method`` (adds lost as
+        the caller's errors). Runs on aiormq's frame reader: only bookkeeping here."""
+        method = next((m for m, tag in self._consumer_tags.items() if tag == frame.consumer_tag), None)
+        if method is None:
+            return  # no longer ours (a pause cancelled it meanwhile)
+        del self._consumer_tags[method]  # is_ready() is honest at once
+        self._lost.add(method)
+        if self._closing:
+            return
+        log.warning(
+            "the broker cancelled the bridge's consumer of %s (the queue was deleted?): declaring it again "
+            "with its bindings and consuming it; until then its requests are answered as unknown methods",
+            self.queue_name(method),
+        )
+        self._start_restore(method)
+
+    def _start_restore(self, method: str) -> None:
+        if method not in self._restores and not self._closing:
+            task = self._spawn(self._restore_consumer(method))
+            self._restores[method] = task
+            task.add_done_callback(functools.partial(self._restore_done, method))
+
+    def _restore_done(self, method: str, task: asyncio.Task[None]) -> None:
+        if self._restores.get(method) is task:
+            del self._restores[method]
+
+    async def _restore_consumer(self, method: str) -> None:
+        """Declare the queue of ``method`` again (exact arguments, bindings) and consume it; retried
+        with backoff while the broker refuses. Stopped by pause() and close()."""
+        queue = self.queue_name(method)
+        delay = RETRY_FIRST_DELAY_S
+        while not self._closing and method not in self._consumer_tags:
+            try:
+                if method in self._lost:
+                    assert self.connection is not None
+                    await declare_consumed_queue(self.settings, self.connection, method)
+                    self._lost.discard(method)
+                self._registering.add(method)
+                try:
+                    await self._consume(method)
+                finally:
+                    self._registering.discard(method)
+                log.warning("declared %s again: consuming it again", queue)
+                return
+            except Exception as exc:
+                log.warning(
+                    "could not declare %s again or consume it (%s); retrying in %.1f s", queue, _refusal(exc), delay
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_DELAY_S)
 
     async def _consume_again(self, channel: object) -> None:
         """A consuming channel was reopened (a reconnection): its consumers died with the old one."""
@@ -223,8 +422,18 @@ class AmqpTransport:
     async def pause(self, methods: Iterable[str] | None = None) -> None:
         """Stop taking new requests (all queues, or only ``methods``); in-flight ones go on. What is
         not taken stays in RabbitMQ for the other bridges."""
+        wanted = None if methods is None else frozenset(methods)
+        for method, task in list(self._restores.items()):
+            if wanted is not None and method not in wanted:
+                continue
+            del self._restores[method]
+            if method in self._registering:
+                # Its basic.consume is on the wire, and aiormq closes a channel whose RPC is
+                # cancelled (every other consumer on it with it): let it land, cancelled below.
+                await asyncio.wait([task], timeout=CANCEL_TIMEOUT_S)
+            task.cancel()
         for method, tag in list(self._consumer_tags.items()):
-            if methods is not None and method not in methods:
+            if wanted is not None and method not in wanted:
                 continue
             channel = self._channel_of(method)
             try:
@@ -237,7 +446,8 @@ class AmqpTransport:
                         await frames.basic_cancel(tag)
             except Exception as exc:  # channel gone meanwhile, or no answer: nothing to cancel
                 log.debug("cancel %s: %s", method, exc)
-            del self._consumer_tags[method]
+            # pop: the broker may have cancelled it meanwhile (_consumer_cancelled dropped it).
+            self._consumer_tags.pop(method, None)
 
     def consuming(self) -> frozenset[str]:
         return frozenset(self._consumer_tags)
@@ -257,6 +467,10 @@ class AmqpTransport:
 
     async def close(self) -> None:
         self._closing = True
+        background = list(self._background)
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await self.replies.close_probation()
         if self._add_connection is not None:
             await self._add_connection.close()
@@ -266,6 +480,7 @@ class AmqpTransport:
             self.connection = None
 
     def is_ready(self) -> bool:
+        # The publishing channels (results, replies) are not part of it: see _set_channel_down.
         return bool(
             all(conn is not None and not conn.is_closed for conn in (self.connection, self._add_connection))
             and all(ch is not None and not ch.is_closed for ch in (self._consume_channel, self._add_channel))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aio_pika
@@ -49,6 +51,42 @@ class Names:
 
 
 @dataclass(frozen=True, slots=True)
+class ExchangeSpec:
+    name: str
+    kind: aio_pika.ExchangeType
+    arguments: FieldTable | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSpec:
+    """A consumed queue: its exact arguments and its bindings ((exchange, routing key), ...).
+
+    One description for the declaration at start and for the one after an operator deleted the
+    queue under the bridge (:func:`declare_consumed_queue`): a queue declared again with other
+    arguments would be refused (406), and one without all its bindings would lose requests."""
+
+    name: str
+    arguments: FieldTable
+    bindings: tuple[tuple[ExchangeSpec, str | None], ...]  # None: aio-pika's default, the queue's name
+
+
+def consumed_queues(settings: Settings) -> dict[str, QueueSpec]:
+    """The queues of :data:`CONSUMED`, by name (add, fetch, ack, lifecycle, unrouted)."""
+    names = Names(settings.exchange, settings.queue_prefix)
+    main = ExchangeSpec(
+        settings.exchange, aio_pika.ExchangeType.DIRECT, {"alternate-exchange": names.unrouted_exchange}
+    )
+    unrouted = ExchangeSpec(names.unrouted_exchange, aio_pika.ExchangeType.FANOUT)
+    args: FieldTable = {"x-dead-letter-exchange": names.dead_letter_exchange}
+    specs = {method: QueueSpec(names.queue(method), args, ((main, method),)) for method in METHODS}
+    specs[LIFECYCLE_QUEUE] = QueueSpec(
+        names.queue(LIFECYCLE_QUEUE), args, tuple((main, method) for method in LIFECYCLE_METHODS)
+    )
+    specs["unrouted"] = QueueSpec(names.queue("unrouted"), args, ((unrouted, None),))  # a fanout: no key
+    return specs
+
+
+@dataclass(frozen=True, slots=True)
 class Topology:
     queues: dict[str, AbstractQueue]  # add, fetch, ack, lifecycle, unrouted
     results_exchange: AbstractExchange
@@ -58,32 +96,23 @@ class Topology:
 async def declare_topology(
     settings: Settings, connection: AbstractConnection, consume: AbstractChannel, publish: AbstractChannel
 ) -> Topology:
-    """Declare (idempotently) every exchange, queue and binding; the results exchange on ``publish``."""
-    s, names = settings, Names(settings.exchange, settings.queue_prefix)
-    dlx = await consume.declare_exchange(names.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
-    dlq = await _declare_dead_letter_queue(settings, names, connection, consume)
-    await dlq.bind(dlx)
-    unrouted = await consume.declare_exchange(names.unrouted_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
-    main = await consume.declare_exchange(
-        s.exchange,
-        aio_pika.ExchangeType.DIRECT,
-        durable=True,
-        arguments={"alternate-exchange": names.unrouted_exchange},
-    )
-    args: FieldTable = {"x-dead-letter-exchange": names.dead_letter_exchange}
-    queues: dict[str, AbstractQueue] = {}
-    for method in METHODS:
-        q = await consume.declare_queue(names.queue(method), durable=True, arguments=args)
-        await q.bind(main, routing_key=method)
-        queues[method] = q
-    life = await consume.declare_queue(names.queue(LIFECYCLE_QUEUE), durable=True, arguments=args)
-    for method in LIFECYCLE_METHODS:
-        await life.bind(main, routing_key=method)
-    queues[LIFECYCLE_QUEUE] = life
-    lane = await _declare_add_retry_lane(settings, names, connection)
-    unrouted_q = await consume.declare_queue(names.queue("unrouted"), durable=True, arguments=args)
-    await unrouted_q.bind(unrouted)
-    queues["unrouted"] = unrouted_q
+    """Declare (idempotently) every exchange, queue and binding; the results exchange on ``publish``.
+
+    What is declared on ``consume`` (a robust channel) is declared again by aio-pika at every
+    reconnection, so nothing an operator may delete without breaking that replay is declared there
+    passively: the dead-letter queue goes through :func:`declare_dead_letter` (short-lived channels)."""
+    s = settings
+    await declare_dead_letter(settings, connection)
+    specs = consumed_queues(settings)
+    exchanges: dict[str, AbstractExchange] = {}
+    for spec in specs.values():
+        for exchange, _key in spec.bindings:
+            if exchange.name not in exchanges:
+                exchanges[exchange.name] = await consume.declare_exchange(
+                    exchange.name, exchange.kind, durable=True, arguments=exchange.arguments
+                )
+    queues = {method: await _declare_consumed_on(consume, spec, exchanges) for method, spec in specs.items()}
+    lane = await _declare_add_retry_lane(settings, Names(s.exchange, s.queue_prefix), connection)
     results = await publish.declare_exchange(s.results_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
     if s.results_queue:
         # A durable queue for the engine, so results published while it is down wait for it.
@@ -93,6 +122,45 @@ async def declare_topology(
         results_q = await publish.declare_queue(s.results_queue, durable=True)
         await results_q.bind(results, routing_key="#")
     return Topology(queues, results, lane)
+
+
+async def _declare_consumed_on(
+    channel: AbstractChannel, spec: QueueSpec, exchanges: dict[str, AbstractExchange]
+) -> AbstractQueue:
+    queue = await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
+    for exchange, key in spec.bindings:
+        await queue.bind(exchanges[exchange.name], routing_key=key)
+    return queue
+
+
+@contextlib.asynccontextmanager
+async def _probe(connection: AbstractConnection) -> AsyncIterator[AbstractChannel]:
+    """A short-lived channel: a refusal (404, 406, 403) closes only it, and what is declared on it
+    is never replayed (a robust channel replays its declarations only until it is closed by us)."""
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        yield channel
+    finally:
+        # Closed by us even when a refusal closed it: a robust channel the broker closed reopens
+        # itself, and one left open would replay what was declared on it at every reconnection.
+        with contextlib.suppress(Exception):
+            await channel.close()
+
+
+async def declare_consumed_queue(settings: Settings, connection: AbstractConnection, method: str) -> None:
+    """Declare the queue of ``method`` (one of :data:`CONSUMED`) again, with its exact arguments,
+    its exchanges and its bindings: an operator deleted it while the bridge consumed it."""
+    spec = consumed_queues(settings)[method]
+    async with _probe(connection) as probe:
+        # Its exchanges too (idempotent, same arguments): an operator who deleted one along with it
+        # would otherwise leave every binding refused with a 404.
+        exchanges: dict[str, AbstractExchange] = {}
+        for exchange, _key in spec.bindings:
+            if exchange.name not in exchanges:
+                exchanges[exchange.name] = await probe.declare_exchange(
+                    exchange.name, exchange.kind, durable=True, arguments=exchange.arguments
+                )
+        await _declare_consumed_on(probe, spec, exchanges)
 
 
 async def _declare_add_retry_lane(settings: Settings, names: Names, connection: AbstractConnection) -> bool:
@@ -121,31 +189,39 @@ async def _declare_add_retry_lane(settings: Settings, names: Names, connection: 
     return True
 
 
-async def _declare_dead_letter_queue(
-    settings: Settings, names: Names, connection: AbstractConnection, consume: AbstractChannel
-) -> AbstractQueue:
-    """Bounded (issue 13.6): a flood of bad messages must not fill RabbitMQ's disk and block
-    every publisher on the broker. Beyond the limits the oldest dead letters are dropped."""
-    s = settings
+async def declare_dead_letter(settings: Settings, connection: AbstractConnection) -> None:
+    """The dead-letter exchange, its queue and their binding, on short-lived channels only.
+
+    The queue is bounded (issue 13.6): a flood of bad messages must not fill RabbitMQ's disk and
+    block every publisher on the broker; beyond the limits the oldest dead letters are dropped.
+    Nothing here may be recorded on a robust channel: an operator may delete the queue (to drop
+    what piled up there), and a robust channel that replays a passive declare of it at the next
+    reconnection gets a 404 at every attempt, for ever (the bridge was dead). The transport runs
+    this again after each reconnection instead, which also brings a deleted queue back."""
+    s, names = settings, Names(settings.exchange, settings.queue_prefix)
     args: FieldTable = {
         "x-max-length": s.dead_letter_max_length,
         "x-max-length-bytes": s.dead_letter_max_bytes,
         "x-overflow": "drop-head",
     }
-    probe = await connection.channel(publisher_confirms=False)
-    try:
-        await probe.declare_queue(names.dead_letter_queue, durable=True, arguments=args)
-    except aio_pika.exceptions.ChannelPreconditionFailed:
-        # Declared by an older bridge without limits: queue arguments cannot change in place.
-        policy = {"max-length": s.dead_letter_max_length, "max-length-bytes": s.dead_letter_max_bytes}
-        log.warning(
-            "dead-letter queue %s exists without the configured limits; bound it with a policy: "
-            "rabbitmqctl set_policy qb-dead-letter '^%s$' '%s' --apply-to queues",
-            names.dead_letter_queue,
-            re.escape(names.dead_letter_queue),
-            orjson.dumps({**policy, "overflow": "drop-head"}).decode(),
-        )
-    finally:
-        if not probe.is_closed:
-            await probe.close()
-    return await consume.declare_queue(names.dead_letter_queue, passive=True)
+    async with _probe(connection) as probe:
+        dlx = await probe.declare_exchange(names.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+        try:
+            dlq = await probe.declare_queue(names.dead_letter_queue, durable=True, arguments=args)
+        except aio_pika.exceptions.ChannelPreconditionFailed:
+            # Declared by an older bridge without limits: queue arguments cannot change in place.
+            policy = {"max-length": s.dead_letter_max_length, "max-length-bytes": s.dead_letter_max_bytes}
+            log.warning(
+                "dead-letter queue %s exists without the configured limits; bound it with a policy: "
+                "rabbitmqctl set_policy qb-dead-letter '^%s$' '%s' --apply-to queues",
+                names.dead_letter_queue,
+                re.escape(names.dead_letter_queue),
+                orjson.dumps({**policy, "overflow": "drop-head"}).decode(),
+            )
+        else:
+            await dlq.bind(dlx)
+            return
+    # The 406 closed that channel; the queue exists (with other arguments): bind it on a new one.
+    async with _probe(connection) as probe:
+        dlq = await probe.declare_queue(names.dead_letter_queue, passive=True)
+        await dlq.bind(names.dead_letter_exchange)

@@ -52,6 +52,7 @@ def test_a_slow_statement_is_no_stall_while_others_are_answered() -> None:
 def test_a_stall_lasts_until_a_statement_is_answered_not_until_its_statements_time_out() -> None:
     clock = Clock()
     watch = StallWatch(2.0, clock)
+
     def times_out() -> None:
         with watch.track():
             clock.now += 2.5

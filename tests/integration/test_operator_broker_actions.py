@@ -1,0 +1,387 @@
+"""Platform engineers act on a live RabbitMQ under a running bridge (real servers).
+
+Queue deletions, permission changes and ``rabbitmqctl close_connection``: each touches only this
+test's own names (the per-test ``names`` prefix, users created here). See docs/reliability.md,
+"Operators acting on the broker"."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from tests.conftest import OWNERS, consumers_on, service_id, settings_from, wait_for
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+
+def rabbitmqctl(*args: str) -> str:
+    return subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, check=True, timeout=60).stdout
+
+
+async def _delete_queue(url: str, name: str) -> None:
+    import aio_pika
+
+    conn = await aio_pika.connect(url)
+    try:
+        ch = await conn.channel()
+        await ch.queue_delete(name)
+    finally:
+        await conn.close()
+
+
+async def _declared_as(url: str, name: str, arguments: dict[str, Any]) -> bool:
+    """The queue exists with exactly ``arguments`` (a declare with others is refused: 406)."""
+    import aio_pika
+
+    conn = await aio_pika.connect(url)
+    try:
+        ch = await conn.channel()
+        try:
+            await ch.declare_queue(name, durable=True, arguments=arguments)
+        except aio_pika.exceptions.ChannelPreconditionFailed:
+            return False
+        return True
+    finally:
+        await conn.close()
+
+
+async def _exists(url: str, name: str) -> bool:
+    import aio_pika
+
+    conn = await aio_pika.connect(url)
+    try:
+        ch = await conn.channel()
+        try:
+            await ch.declare_queue(name, passive=True)
+            return True
+        except aio_pika.exceptions.ChannelClosed:
+            return False
+    finally:
+        await conn.close()
+
+
+async def _try(coro: Any) -> tuple[Any, BaseException | None]:
+    try:
+        return await coro, None
+    except Exception as exc:  # the test reports what came back
+        return None, exc
+
+
+async def _until_served(call: Any, seconds: float) -> tuple[Any, list[str]]:
+    """``call()`` again every 0.5 s until it answers something (not an error, not None)."""
+    deadline = time.monotonic() + seconds
+    errors: list[str] = []
+    while time.monotonic() < deadline:
+        got, exc = await _try(call())
+        if exc is None and got is not None:
+            return got, errors
+        errors.append(f"{type(exc).__name__}: {exc}" if exc else "null")
+        await asyncio.sleep(0.5)
+    return None, errors
+
+
+# --- an operator deletes one of the bridge's request queues while it consumes it ----------------
+
+
+async def test_a_deleted_fetch_queue_is_declared_again_with_its_arguments_and_fetches_are_served(
+    bridge, engine, workers, servers, names
+):
+    """The broker cancels the bridge's consumer (basic.cancel). The bridge declares the queue
+    again, with its own arguments, and consumes it: fetches are served, not answered
+    ``bad_request: unknown method`` through the unrouted queue."""
+    url = servers.amqp_url("guest")
+    fetch_q = f"{names['queue_prefix']}.fetch"
+    svc = service_id()
+    task_id = await engine.add(svc, {"n": 1})
+    w = await workers(svc, "w1")
+    assert await consumers_on(url, fetch_q) == 1
+    await _delete_queue(url, fetch_q)
+    got, errors = await _until_served(w.fetch, 15)
+    assert got is not None and got.id == task_id, (
+        f"fetches after an operator deleted the fetch queue were never served again within 15 s "
+        f"(is_ready={bridge.transport.is_ready()}, consuming={sorted(bridge.transport.consuming())}, "
+        f"queue exists={await _exists(url, fetch_q)}); answers: {errors[:2]} ... x{len(errors)}"
+    )
+    assert await _declared_as(url, fetch_q, {"x-dead-letter-exchange": f"{names['exchange']}.dead"})
+    await wait_for(bridge.transport.is_ready, 5.0, what="the bridge ready again")
+
+
+async def test_a_deleted_add_queue_is_declared_again_and_adds_are_stored(bridge, engine, workers, servers, names):
+    """An add the engine sends after an operator deleted ``<prefix>.add`` is stored, not answered
+    ``bad_request`` and dead-lettered as an unknown method while the bridge says it is ready."""
+    url = servers.amqp_url("guest")
+    add_q = f"{names['queue_prefix']}.add"
+    assert await consumers_on(url, add_q) == 1
+    await _delete_queue(url, add_q)
+    svc = service_id()
+    added, errors = await _until_served(lambda: engine.add(svc, {"n": 1}), 15)
+    assert added is not None, (
+        f"adds after an operator deleted the add queue were refused for 15 s "
+        f"(is_ready={bridge.transport.is_ready()}, queue exists={await _exists(url, add_q)}): "
+        f"{errors[:1]} x{len(errors)}"
+    )
+    w = await workers(svc, "w1")
+    task = await w.fetch()
+    assert task is not None and task.id == added
+
+
+async def test_a_deleted_lifecycle_queue_is_declared_again_with_every_binding(bridge, engine, servers, names):
+    """``<prefix>.lifecycle`` takes eight routing keys: each is bound again (``stats`` and
+    ``parked`` are served, by the bridge that declared the queue again)."""
+    url = servers.amqp_url("guest")
+    life_q = f"{names['queue_prefix']}.lifecycle"
+    assert await consumers_on(url, life_q) == 1
+    await _delete_queue(url, life_q)
+    svc = service_id()
+    await engine.add(svc, {"n": 1})
+    stats, errors = await _until_served(lambda: engine.stats(svc), 15)
+    assert stats, f"stats never served after the lifecycle queue was deleted: {errors[:1]} x{len(errors)}"
+    parked, exc = await _try(engine.call("parked", {"serviceId": svc}))
+    assert exc is None and parked is not None, exc
+
+
+async def test_a_bridge_whose_request_queue_was_deleted_is_unready_until_it_consumes_it_again(
+    bridge, servers, names, monkeypatch
+):
+    """While the queue cannot be declared again (here: every attempt fails), ``is_ready`` says
+    unready; the bridge keeps trying, and is ready again once it consumes the queue."""
+    import bridge.transport.amqp as amqp
+
+    url = servers.amqp_url("guest")
+    ack_q = f"{names['queue_prefix']}.ack"
+    real = amqp.declare_consumed_queue
+    attempts: list[float] = []
+
+    async def refused(*args: Any, **kwargs: Any) -> None:
+        attempts.append(time.monotonic())
+        raise RuntimeError("refused (test)")
+
+    monkeypatch.setattr(amqp, "declare_consumed_queue", refused)
+    assert await consumers_on(url, ack_q) == 1
+    await _delete_queue(url, ack_q)
+    await wait_for(lambda: len(attempts) >= 3, 10.0, interval=0.05, what="three attempts to declare the queue again")
+    assert not bridge.transport.is_ready()
+    assert "ack" not in bridge.transport.consuming()
+    assert 0.4 <= attempts[2] - attempts[1] <= 3.0, "retried with backoff, not in a loop"
+    monkeypatch.setattr(amqp, "declare_consumed_queue", real)
+    await wait_for(lambda: consumers_on(url, ack_q), 15.0, interval=0.2, what="the ack queue consumed again")
+    assert bridge.transport.is_ready()
+
+
+async def test_a_pause_stops_the_redeclaration_and_a_resume_starts_it_again(bridge, servers, names, monkeypatch):
+    """A queue lost while the bridge stops consuming it (the serving gate: Cassandra away) is not
+    consumed behind the gate's back; resuming declares it again first."""
+    import bridge.transport.amqp as amqp
+
+    url = servers.amqp_url("guest")
+    fetch_q = f"{names['queue_prefix']}.fetch"
+    real = amqp.declare_consumed_queue
+    attempts: list[float] = []
+
+    async def refused(*args: Any, **kwargs: Any) -> None:
+        attempts.append(time.monotonic())
+        raise RuntimeError("refused (test)")
+
+    monkeypatch.setattr(amqp, "declare_consumed_queue", refused)
+    transport = bridge.transport
+    await _delete_queue(url, fetch_q)
+    await wait_for(lambda: attempts, 10.0, what="an attempt to declare the queue again")
+    await transport.pause(frozenset({"fetch"}))
+    tried = len(attempts)
+    monkeypatch.setattr(amqp, "declare_consumed_queue", real)
+    await asyncio.sleep(1.5)  # longer than the next retry would have waited
+    assert len(attempts) == tried
+    assert not await _exists(url, fetch_q), "declared again (and consumed) while paused"
+    await transport.resume(frozenset({"fetch"}))
+    await wait_for(lambda: consumers_on(url, fetch_q), 10.0, interval=0.2, what="the fetch queue consumed again")
+    await wait_for(transport.is_ready, 5.0, what="the bridge ready again")
+
+
+# --- rabbitmqctl close_connection on the bridge's main connection under fetch/ack traffic --------
+
+
+@pytest.fixture
+def named_bridge(make_bridge, monkeypatch):  # type: ignore[no-untyped-def]
+    """A bridge whose main broker connection carries a unique name (so that only it is closed)."""
+    import aio_pika
+
+    real = aio_pika.connect_robust
+    name = f"qb-ops-{uuid.uuid4().hex[:8]}"
+
+    async def connect_robust(url: str, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
+        props = dict(kwargs.pop("client_properties", None) or {})
+        if props.get("connection_name") == "queue-bridge":
+            props["connection_name"] = name
+        elif props.get("connection_name") == "queue-bridge adds":
+            props["connection_name"] = name + " adds"
+        return await real(url, *args, client_properties=props, **kwargs)
+
+    monkeypatch.setattr(aio_pika, "connect_robust", connect_robust)
+
+    async def make(**overrides: Any) -> tuple[Any, str]:
+        return await make_bridge(**overrides), name
+
+    return make
+
+
+async def test_closing_the_bridges_connection_under_fetch_ack_traffic_loses_nothing_and_leases_no_task_twice(
+    named_bridge, engine, servers, names, cql
+):
+    from tests.history import History, lease_rows, run_workers
+    from tests.integration.test_client_resilience import _close_connection_named
+
+    b, conn_name = await named_bridge()
+    svc = service_id()
+    history = History()
+    n = 120
+    ids = await asyncio.gather(*(engine.add(svc, i) for i in range(n)))
+    history.values.update(zip(ids, range(n), strict=True))
+
+    async def fault() -> None:
+        for at in (15, 45, 75):
+            await wait_for(lambda at=at: len({a.task for a in history.acks if a.answer}) >= at, 30.0, interval=0.02)
+            before = b.transport.connection.transport
+            await asyncio.to_thread(_close_connection_named, conn_name)
+
+            def back(before: Any = before) -> bool:
+                conn = b.transport.connection
+                return (
+                    conn is not None and not conn.is_closed and b.transport.is_ready() and conn.transport is not before
+                )
+
+            await wait_for(back, 20.0, what="the bridge reconnected")
+
+    faults = asyncio.create_task(fault())
+    await run_workers(
+        servers.amqp_url(OWNERS[0]), names["exchange"], svc, history, 6, n, ttr_ms=2000, deadline_s=40, rpc_timeout=3.0
+    )
+    await asyncio.wait_for(faults, 25)
+    rows = await asyncio.to_thread(lease_rows, cql, servers.keyspace, OWNERS[0], svc, list(history.values))
+    history.check(rows, None)
+
+
+async def test_after_an_operator_deleted_the_dead_letter_queue_a_reconnection_restores_consuming_and_the_queue(
+    named_bridge, engine, workers, servers, names, dead_letters
+):
+    """An operator deletes ``<prefix>.dead-letter`` (to drop what piled up there; the bridge does not
+    consume it). Later the broker closes the bridge's connection (a blip). The bridge comes back
+    and serves fetches, the queue is declared again with its limits, and dead letters land in it."""
+    from tests.integration.test_client_resilience import _close_connection_named
+
+    b, conn_name = await named_bridge()
+    url = servers.amqp_url("guest")
+    dlq = f"{names['queue_prefix']}.dead-letter"
+    await _delete_queue(url, dlq)
+    before = b.transport.connection.transport
+    await asyncio.to_thread(_close_connection_named, conn_name)
+    svc = service_id()
+    task_id = await engine.add(svc, {"n": 1})
+    w = await workers(svc, "w1")
+    got, errors = await _until_served(w.fetch, 20)
+    conn = b.transport.connection
+    assert got is not None and got.id == task_id, (
+        f"no fetch served within 20 s of a reconnection after the dead-letter queue was deleted "
+        f"(reconnected={conn is not None and conn.transport is not before}, is_ready={b.transport.is_ready()}, "
+        f"consume channel closed={b.transport._consume_channel.is_closed}); answers {errors[:2]} x{len(errors)}"
+    )
+    await wait_for(lambda: _exists(url, dlq), 10.0, interval=0.2, what="the dead-letter queue declared again")
+    limits = {
+        "x-max-length": b.settings.dead_letter_max_length,
+        "x-max-length-bytes": b.settings.dead_letter_max_bytes,
+        "x-overflow": "drop-head",
+    }
+    assert await _declared_as(url, dlq, limits), "declared again without its limits"
+    await engine.publish("fetch", {"serviceId": svc, "workerId": "w"}, reply=False)  # no reply_to: dead-lettered
+    assert len(await dead_letters.drain(1)) == 1
+
+
+# --- the bridge user's permissions changed live -------------------------------------------------
+
+OWN_SUFFIXES = ("dead", "unrouted", "results", "add", "fetch", "ack", "lifecycle", "dead-letter", "duty", "add-retry")
+
+
+def _perms(prefix: str, write_suffixes: tuple[str, ...] = OWN_SUFFIXES) -> tuple[str, str, str]:
+    def own(suffixes: tuple[str, ...]) -> str:
+        return re.escape(prefix) + r"(\.(" + "|".join(re.escape(s) for s in suffixes) + r"|hints\.p?[0-9a-f]{24}))?"
+
+    return f"^{own(OWN_SUFFIXES)}$", f"^({own(write_suffixes)}|amq\\.default)$", f"^{own(OWN_SUFFIXES)}$"
+
+
+@pytest.fixture
+async def own_user(names):  # type: ignore[no-untyped-def]
+    user = f"qb-ops-{uuid.uuid4().hex[:8]}"
+    await asyncio.to_thread(rabbitmqctl, "add_user", user, user)
+    try:
+        await asyncio.to_thread(rabbitmqctl, "set_permissions", "-p", "/", user, *_perms(names["queue_prefix"]))
+        yield user
+    finally:
+        await asyncio.to_thread(rabbitmqctl, "delete_user", user)
+
+
+async def test_a_result_published_while_write_on_the_results_exchange_was_revoked_arrives_once_restored(
+    own_user, bridge_env, engine, workers, servers, names
+):
+    """The bridge's user loses write on the results exchange for a while (an operator's mistake,
+    then fixed); a task with a token is acked meanwhile. The refused publish closes the results
+    channel, and aio-pika's one restore is refused too: the bridge keeps reopening it, says so in
+    ``queue_bridge_amqp_channel_down``, stays ready (fetch and ack work), and once the permission is
+    back the result reaches the results queue."""
+    import aio_pika
+
+    from bridge.app import Bridge
+
+    b = Bridge(settings_from(bridge_env, amqp_url=servers.amqp_url(own_user), result_republish_after=2.0))
+    await b.start()
+
+    def down() -> float | None:
+        return b.metrics.registry.get_sample_value("queue_bridge_amqp_channel_down", {"channel": "results"})
+
+    try:
+        assert down() == 0
+        svc = service_id()
+        prefix = names["queue_prefix"]
+        no_results = tuple(s for s in OWN_SUFFIXES if s != "results")
+        await asyncio.to_thread(rabbitmqctl, "set_permissions", "-p", "/", own_user, *_perms(prefix, no_results))
+        tid = await engine.add(svc, {"n": 1}, token={"t": 1})
+        w = await workers(svc, "w1")
+        task = await w.fetch()
+        assert task is not None and task.id == tid
+        assert await task.ack({"ok": 1})
+        await wait_for(lambda: down() == 1, 10.0, what="the results channel reported down")
+        await asyncio.sleep(1.0)  # at least one reopen refused (the first retry comes 0.5 s after the loss)
+        assert down() == 1 and b.transport._publish_channel.is_closed
+        assert b.transport.is_ready(), "a closed results channel does not make the bridge unready"
+        await asyncio.to_thread(rabbitmqctl, "set_permissions", "-p", "/", own_user, *_perms(prefix))
+        conn = await aio_pika.connect(servers.amqp_url("guest"))
+        try:
+            ch = await conn.channel()
+            q = await ch.declare_queue(f"{prefix}.results", passive=True)
+
+            async def got() -> Any:
+                m = await q.get(fail=False, no_ack=True)
+                return m and json.loads(m.body)
+
+            msg, exc = await _try(wait_for(got, 20.0, interval=0.2, what="the result"))
+            assert exc is None and msg["taskId"] == tid, (
+                f"the result of a task acked while write on {prefix}.results was revoked never arrived within "
+                f"20 s of the permission being restored (results channel closed="
+                f"{b.transport._publish_channel.is_closed}, bridge is_ready={b.transport.is_ready()})"
+            )
+        finally:
+            await conn.close()
+        assert down() == 0
+        # and the bridge still serves
+        tid2 = await engine.add(svc, {"n": 2})
+        w2 = await workers(svc, "w2")
+        t2 = await w2.fetch()
+        assert t2 is not None and t2.id == tid2
+        assert b.transport.is_ready()
+    finally:
+        await b.stop()
