@@ -250,6 +250,31 @@ async def make_bridge(bridge_env: dict[str, str]) -> AsyncIterator[Callable[...,
         await b.stop()
 
 
+@pytest.fixture
+def named_bridge(make_bridge, monkeypatch):  # type: ignore[no-untyped-def]
+    """A bridge whose main broker connection carries a unique name (so that only it is closed:
+    ``rabbitmqctl close_connection``); its add connection is named after it, `` adds`` added."""
+    import aio_pika
+
+    real = aio_pika.connect_robust
+    name = f"qb-test-{uuid.uuid4().hex[:8]}"
+
+    async def connect_robust(url: str, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
+        props = dict(kwargs.pop("client_properties", None) or {})
+        if props.get("connection_name") == "queue-bridge":
+            props["connection_name"] = name
+        elif props.get("connection_name") == "queue-bridge adds":
+            props["connection_name"] = name + " adds"
+        return await real(url, *args, client_properties=props, **kwargs)
+
+    monkeypatch.setattr(aio_pika, "connect_robust", connect_robust)
+
+    async def make(**overrides: Any) -> tuple[Any, str]:
+        return await make_bridge(**overrides), name
+
+    return make
+
+
 class BridgeProcess:
     """A bridge as a real OS process (for crash and multi-instance tests)."""
 

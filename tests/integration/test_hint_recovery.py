@@ -20,28 +20,6 @@ from tests.integration.test_long_poll import slow_consumer_start_once
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 
-@pytest.fixture
-def named_bridge(make_bridge, monkeypatch):  # type: ignore[no-untyped-def]
-    """A bridge whose broker connection carries a unique name (so that only it is closed)."""
-    import aio_pika
-
-    real = aio_pika.connect_robust
-    name = f"hunt-hints-{uuid.uuid4().hex[:8]}"
-
-    async def connect_robust(url: str, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
-        props = dict(kwargs.pop("client_properties", None) or {})
-        if props.get("connection_name") == "queue-bridge":
-            props["connection_name"] = name
-        return await real(url, *args, client_properties=props, **kwargs)
-
-    monkeypatch.setattr(aio_pika, "connect_robust", connect_robust)
-
-    async def make(**overrides: Any) -> tuple[Any, str]:
-        return await make_bridge(**overrides), name
-
-    return make
-
-
 def _waiters(b: Any) -> int:
     return sum(len(x.waiters) for x in b.hints._waiting.values())
 

@@ -207,30 +207,6 @@ async def test_a_pause_stops_the_redeclaration_and_a_resume_starts_it_again(brid
 # --- rabbitmqctl close_connection on the bridge's main connection under fetch/ack traffic --------
 
 
-@pytest.fixture
-def named_bridge(make_bridge, monkeypatch):  # type: ignore[no-untyped-def]
-    """A bridge whose main broker connection carries a unique name (so that only it is closed)."""
-    import aio_pika
-
-    real = aio_pika.connect_robust
-    name = f"qb-ops-{uuid.uuid4().hex[:8]}"
-
-    async def connect_robust(url: str, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
-        props = dict(kwargs.pop("client_properties", None) or {})
-        if props.get("connection_name") == "queue-bridge":
-            props["connection_name"] = name
-        elif props.get("connection_name") == "queue-bridge adds":
-            props["connection_name"] = name + " adds"
-        return await real(url, *args, client_properties=props, **kwargs)
-
-    monkeypatch.setattr(aio_pika, "connect_robust", connect_robust)
-
-    async def make(**overrides: Any) -> tuple[Any, str]:
-        return await make_bridge(**overrides), name
-
-    return make
-
-
 async def test_closing_the_bridges_connection_under_fetch_ack_traffic_loses_nothing_and_leases_no_task_twice(
     named_bridge, engine, servers, names, cql
 ):

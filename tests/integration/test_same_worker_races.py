@@ -352,15 +352,7 @@ async def test_an_ack_sent_to_two_bridges_at_once_completes_once_and_sends_one_r
         )
         answers.append((a1, a2))
     assert all(a1 or a2 for a1, a2 in answers), f"neither ack completed the task: {answers}"
-    got: list[dict[str, Any]] = []
-
-    async def all_results() -> bool:
-        got.extend(await results_of(servers, names))
-        return len({r["taskId"] for r in got}) >= rounds
-
-    await wait_for(all_results, 20.0, interval=0.2, what="a result for every task")
-    await asyncio.sleep(1.0)  # what a second publication of any of them would take, at most
-    got.extend(await results_of(servers, names))
+    got = await _results_once_settled(servers, names, rounds)
     per_task: dict[str, int] = {}
     for r in got:
         per_task[r["taskId"]] = per_task.get(r["taskId"], 0) + 1
@@ -371,6 +363,21 @@ async def test_an_ack_sent_to_two_bridges_at_once_completes_once_and_sends_one_r
 
 async def _counts_zero(b: Any, svc: str) -> bool:
     return await _stats(b, svc) == (0, 0)
+
+
+async def _results_once_settled(servers: Any, names: Any, rounds: int) -> list[dict[str, Any]]:
+    """Every result the engine got: once each of ``rounds`` tasks has one, and a second longer
+    (what a second publication of any of them would take, at most: an absence needs a window)."""
+    got: list[dict[str, Any]] = []
+
+    async def all_results() -> bool:
+        got.extend(await results_of(servers, names))
+        return len({r["taskId"] for r in got}) >= rounds
+
+    await wait_for(all_results, 20.0, interval=0.2, what="a result for every task")
+    await asyncio.sleep(1.0)
+    got.extend(await results_of(servers, names))
+    return got
 
 
 # -- an ack racing the lease's expiry and the task's redelivery -------------------------------------
@@ -425,15 +432,7 @@ async def test_an_ack_racing_the_leases_expiry_and_redelivery_completes_or_is_re
         if again != acked:
             bad.append((rnd, offset_ms, "repeat of w1's ack answered", again, "first", acked))
     assert not bad, f"{bad} ({stats})"
-    got: list[dict[str, Any]] = []
-
-    async def all_results() -> bool:
-        got.extend(await results_of(servers, names))
-        return len({r["taskId"] for r in got}) >= rounds
-
-    await wait_for(all_results, 20.0, interval=0.2, what="a result for every task")
-    await asyncio.sleep(1.0)
-    got.extend(await results_of(servers, names))
+    got = await _results_once_settled(servers, names, rounds)
     assert len(got) == rounds, f"{len(got)} results for {rounds} tasks ({stats})"
     await wait_for(lambda: _counts_zero(b1, svc), 10.0, what="counts back to 0")
     print("STATS", stats)
@@ -482,15 +481,7 @@ async def test_a_fail_and_an_ack_of_one_task_on_two_bridges_at_once_exactly_one_
             bad.append((rnd, "failed, never came back"))
         tally["fail" if failed is not None else "ack"] += 1
     assert not bad, f"{bad} {tally}"
-    got: list[dict[str, Any]] = []
-
-    async def all_results() -> bool:
-        got.extend(await results_of(servers, names))
-        return len({r["taskId"] for r in got}) >= rounds
-
-    await wait_for(all_results, 20.0, interval=0.2, what="a result for every task")
-    await asyncio.sleep(1.0)
-    got.extend(await results_of(servers, names))
+    got = await _results_once_settled(servers, names, rounds)
     assert len(got) == rounds, f"{len(got)} results for {rounds} tasks {tally}"
     await wait_for(lambda: _counts_zero(b1, svc), 10.0, what="counts back to 0")
     print("TALLY", tally)
