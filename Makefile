@@ -33,8 +33,9 @@ bridge: venv stack-up keyring
 run: venv stack-up keyring
 	BRIDGE_KEYRING=$(STATE)/keyring.json $(PY) examples/run_demo.py
 
-# The suite lists its 12 slowest tests (CI's budget: the suite is most of it). The 3-node cluster's drills run last, with the cluster started for them (three JVMs take minutes
-# to start on two cores, beyond the per-test timeout) and stopped after, whatever their outcome.
+# The suite lists its 12 slowest tests (it is most of CI's time). The 3-node cluster's drills run
+# last, with the cluster started for them (three JVMs take minutes to start on two cores, beyond
+# the per-test timeout) and stopped after, whatever their outcome.
 # The store's other CQL driver (cassandra-driver) runs the behaviour suite's Cassandra half.
 test: venv stack-up node-deps browser
 	$(PYTEST) -m "not cluster" --durations=12
