@@ -55,6 +55,7 @@ from bridge.config import Settings
 from bridge.crypto import Sealed
 from bridge.domain.hints import Hint, Taken
 from bridge.domain.records import PRIORITY_MAX, Payload, QueueKey
+from bridge.observability.throttled import ThrottledWarning
 from bridge.transport import frames
 from bridge.transport.replies import message_ids
 from bridge.transport.request import Delivery
@@ -223,6 +224,11 @@ class AmqpHints:
         self._expiration = None if self.takes else str(untaken_ms)
         self.published = 0
         self.lost = 0
+        # Per request while their cause lasts (a broker alarm, a channel a timed-out call closed):
+        # at most a line every 10 s each, with how many were left out.
+        self._warn_lost = ThrottledWarning(log)
+        self._warn_unavailable = ThrottledWarning(log)
+        self._warn_no_wait = ThrottledWarning(log)
 
     async def attach(self, connection: AbstractRobustConnection) -> None:
         connection.reconnect_callbacks.add(lambda *_: self.on_loss())
@@ -320,7 +326,7 @@ class AmqpHints:
         """A hint lost is found again by reconciliation (alarmed here)."""
         self.lost += 1
         self.on_loss()
-        log.warning("hint not published (%s): reconciliation will find the task", type(exc).__name__)
+        self._warn_lost.warning("hint not published (%s): reconciliation will find the task", type(exc).__name__)
 
     async def take(self, q: QueueKey, wait_ms: int) -> Taken | None:
         if self._closed or not self.takes:
@@ -334,7 +340,7 @@ class AmqpHints:
             message = Delivery(got) if isinstance(got.delivery, Basic.GetOk) else None
         except Exception as exc:
             self._forget_if_gone(q, exc)
-            log.warning("hints unavailable (%s): fetches scan the store", type(exc).__name__)
+            self._warn_unavailable.warning("hints unavailable (%s): fetches scan the store", type(exc).__name__)
             return None
         handed = False
         if message is None and wait_ms > 0:
@@ -370,7 +376,7 @@ class AmqpHints:
                 try:
                     await asyncio.wait_for(self._start_consuming(waiting, tag), BROKER_CALL_S)
                 except Exception as exc:  # the broker is away: answer as if the wait found nothing
-                    log.warning("cannot wait for hints (%s)", type(exc).__name__)
+                    self._warn_no_wait.warning("cannot wait for hints (%s)", type(exc).__name__)
                     return None
                 finally:
                     # Any way out, CancelledError included (wait_for cancels the start when its time
