@@ -4,8 +4,9 @@ It knows CQL, the schema and the driver: it turns the domain's milliseconds into
 columns and back, gives every row about a task the rest of the task's lifetime as its TTL (the
 lifetime its add fixed, ``expires_at``, not this bridge's own TTL: see ``ttl_for``), keeps the
 bucket indexes, and resolves lightweight transactions whose outcome was unknown (a timed-out
-Paxos round) with a SERIAL read. It makes no queue decisions (that is ``bridge.domain``). Driver
-failures surface as ``bridge.storage.errors`` exceptions, which are ``Unavailable`` to the domain.
+Paxos round): sent once more where that settles it (``_cas``), then a SERIAL read. It makes no
+queue decisions (that is ``bridge.domain``). Driver failures surface as ``bridge.storage.errors``
+exceptions, which are ``Unavailable`` to the domain.
 """
 
 from __future__ import annotations
@@ -424,14 +425,19 @@ class CassandraTaskStore:
             return True
         return deadline - self.now_ms() >= self.request_timeout_ms + RESOLVE_MARGIN_MS
 
-    async def _resolve(
+    async def _cas(
         self,
         q: QueueKey,
         task_id: uuid.UUID,
         attempt: Callable[[], Awaitable[list[Row]]],
-        check: str,
-        token: uuid.UUID,
+        won: Callable[[Lease], bool],
+        *,
+        resend: bool = True,
     ) -> CasResult:
+        """A compare-and-set of a lease; ``attempt`` sends it (each call the same statement: the same
+        parameters and ids). An unknown outcome is settled by sending it once more, then by a SERIAL
+        read that ``won`` judges (ours: ``won`` of the lease read). ``resend=False``: by the read
+        alone, for a statement whose condition, once false, can turn true again."""
         try:
             return cas_result(await attempt())
         except UnknownOutcome:
@@ -440,19 +446,35 @@ class CassandraTaskStore:
             # would then have answered "not ours" for a lease that is ours (a result voided, a
             # task leased to a worker told it has none). The same compare-and-set is sent again
             # instead: applied, it is ours. Refused, its condition is false for good (a lease
-            # that exists, an epoch that only grows, a lease that stays completed), so a late
+            # that exists, an epoch that only grows, a lease that stays completed: see "the
+            # lifecycle" below for each statement that is settled this way), so a late
             # first copy is refused too, and the SERIAL read after it says whose it is. A second
             # unknown outcome reaches the caller (``MaybeApplied``: answered ``unavailable``), as
             # does the first when a second try would end after the caller stopped listening.
+            # Where the condition can hold again (``resend=False``), a refused resend would prove
+            # nothing and an applied one could apply the write a second time: the read decides
+            # alone, and a first copy landing after it is a known limit (docs/storage.md).
             if not self._in_time():
                 raise
-            again = cas_result(await attempt())
-            if again.applied:
-                return again
+            if resend:
+                again = cas_result(await attempt())
+                if again.applied:
+                    return again
             current = await self.lease(q, task_id, serial=True)
-            if current is not None and getattr(current, check) == token:
+            if current is not None and won(current):
                 return CasResult(applied=True, current=None)
             return CasResult(applied=False, current=current)
+
+    async def _resolve(
+        self,
+        q: QueueKey,
+        task_id: uuid.UUID,
+        attempt: Callable[[], Awaitable[list[Row]]],
+        check: str,
+        token: uuid.UUID,
+    ) -> CasResult:
+        """A claim's or a completion's compare-and-set: ours if the lease names its id (``check``)."""
+        return await self._cas(q, task_id, attempt, lambda current: getattr(current, check) == token)
 
     async def claim_new(
         self,
@@ -504,22 +526,17 @@ class CassandraTaskStore:
 
     async def extend(self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, until_ms: int) -> CasResult:
         until, key = to_datetime(until_ms), (q.owner, q.service, task_id, epoch, worker)
-        try:
-            rows = await self._lease_write(
-                task_id, "lease.extend", lambda ttl, end: (ttl, until, *key, end), outlive_ms=until_ms
-            )
-            return cas_result(rows)
-        except UnknownOutcome:
-            if not self._in_time():
-                raise
-            current = await self.lease(q, task_id, serial=True)
-            ok = (
-                current is not None
-                and current.held_by(worker, epoch)
-                and current.lease_until_ms is not None
-                and current.lease_until_ms >= until_ms
-            )
-            return CasResult(applied=ok, current=None if ok else current)
+        attempt = functools.partial(
+            self._lease_write, task_id, "lease.extend", lambda ttl, end: (ttl, until, *key, end), outlive_ms=until_ms
+        )
+        # Resent: "held by this worker at this epoch" stays false once false ("the lifecycle" below).
+        # A first copy that applied leaves it true: the resend writes the same deadline again.
+        return await self._cas(
+            q,
+            task_id,
+            attempt,
+            lambda c: c.held_by(worker, epoch) and c.lease_until_ms is not None and c.lease_until_ms >= until_ms,
+        )
 
     async def complete(
         self,
@@ -558,32 +575,34 @@ class CassandraTaskStore:
         return bool(rows and rows[0].get("[applied]"))
 
     # -- the lifecycle (1.4) -----------------------------------------------------------------------------
-    async def _cas(
-        self,
-        q: QueueKey,
-        task_id: uuid.UUID,
-        attempt: Awaitable[list[Row]],
-        won: Callable[[Lease], bool],
-    ) -> CasResult:
-        """A compare-and-set whose unknown outcome is resolved by a SERIAL read and ``won``."""
-        try:
-            return cas_result(await attempt)
-        except UnknownOutcome:
-            if not self._in_time():
-                raise
-            current = await self.lease(q, task_id, serial=True)
-            if current is not None and won(current):
-                return CasResult(applied=True, current=None)
-            return CasResult(applied=False, current=current)
+    # An unknown outcome is settled by a resend (``_cas``) only where a refused resend proves that the
+    # first copy can never apply: where the statement's condition, once false, stays false.
+    # * "Held by this worker at this epoch" (extend, release, park_held) stays false: a worker is
+    #   named at an epoch only by the claim that opened it (a later claim moves the epoch on, and
+    #   epochs never go back), a release or a redrive names nobody, a parked lease goes back to
+    #   leased only by a redrive (which clears the name), and the other states are final.
+    # * "Leased at this epoch" (cancel, park_expired, cancel_expired) can hold again: a park then a
+    #   redrive put the lease back to leased at the SAME epoch (a redrive keeps it), and its deadline
+    #   then is the redriving bridge's now less the skew margin, at or before an earlier call's
+    #   ``expired_before`` bound if that bridge's clock is behind the caller's.
+    # * "Parked at this epoch" (unpark, cancel of a parked task) can hold again too: a park_expired
+    #   of that epoch still on its way (the case above) parks the redriven lease again.
+    # Those are settled by the SERIAL read alone, as before.
 
     async def release(
         self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, until_ms: int, error: Sealed | None
     ) -> CasResult:
         sealed = (error.key_id, error.nonce, error.ciphertext) if error else (None, None, None)
         values, key = (to_datetime(until_ms), *sealed), (q.owner, q.service, task_id, epoch, worker)
-        attempt = self._lease_write(
-            task_id, "lease.release", lambda ttl, end: (ttl, *values, *key, end), outlive_ms=until_ms
+        attempt = functools.partial(
+            self._lease_write,
+            task_id,
+            "lease.release",
+            lambda ttl, end: (ttl, *values, *key, end),
+            outlive_ms=until_ms,
         )
+        # Resent: "held by this worker at this epoch", false for good (above); its own write (the
+        # worker cleared) makes it false, so the resend of an applied first copy is refused.
         return await self._cas(
             q, task_id, attempt, lambda c: c.held_by(NO_WORKER, epoch) and c.lease_until_ms == until_ms
         )
@@ -611,16 +630,28 @@ class CassandraTaskStore:
         else:
             assert expired_before_ms is not None
             name, tail = "lease.park_expired", (*head, *key, epoch, to_datetime(expired_before_ms))
-        attempt = self._lease_write(task_id, name, lambda ttl, end: (ttl, *tail, end))
-        return await self._cas(q, task_id, attempt, lambda c: c.completion_id == park_id)
+        attempt = functools.partial(self._lease_write, task_id, name, lambda ttl, end: (ttl, *tail, end))
+        # park_held is resent ("held by this worker at this epoch": false for good, above). Not
+        # park_expired ("leased at this epoch, its deadline passed"): after a park and a redrive
+        # at this epoch it can hold again (above), and a resend could then park a task an operator
+        # has just redriven, or be refused while the first copy still lands after it.
+        resend = worker is not None
+        return await self._cas(q, task_id, attempt, lambda c: c.completion_id == park_id, resend=resend)
 
     async def unpark(self, q: QueueKey, task_id: uuid.UUID, epoch: int, until_ms: int) -> CasResult:
         claim_id = uuid.uuid4()
         values, key = (epoch, to_datetime(until_ms), claim_id), (q.owner, q.service, task_id, epoch)
-        attempt = self._lease_write(
-            task_id, "lease.unpark", lambda ttl, end: (ttl, *values, *key, end), outlive_ms=until_ms
+        attempt = functools.partial(
+            self._lease_write,
+            task_id,
+            "lease.unpark",
+            lambda ttl, end: (ttl, *values, *key, end),
+            outlive_ms=until_ms,
         )
-        return await self._cas(q, task_id, attempt, lambda c: c.claim_id == claim_id)
+        # By the read alone: "parked at this epoch" can hold again after a redrive (a late
+        # park_expired of this epoch: above), and a resend could then undo that park, or be
+        # refused while the first copy still lands after it.
+        return await self._cas(q, task_id, attempt, lambda c: c.claim_id == claim_id, resend=False)
 
     async def cancel(
         self,
@@ -635,18 +666,36 @@ class CassandraTaskStore:
         done_id = uuid.uuid4()
         now = to_datetime(self.now_ms())
         key = (q.owner, q.service, task_id)
-        attempt: Awaitable[list[Row]]
+
+        def won(current: Lease) -> bool:
+            return current.completion_id == done_id
+
         if state is None:
-            attempt = self._lease_insert(task_id, "lease.cancel_new", lambda ttl, end: (*key, now, done_id, end, ttl))
-        elif expired_before_ms is not None:
+            # Resent: a lease row, once written, stays for the task's life (none is ever deleted),
+            # so an ``IF NOT EXISTS`` refused once is refused for good.
+            insert = functools.partial(
+                self._lease_insert, task_id, "lease.cancel_new", lambda ttl, end: (*key, now, done_id, end, ttl)
+            )
+            return await self._cas(q, task_id, insert, won)
+        attempt: Callable[[], Awaitable[list[Row]]]
+        if expired_before_ms is not None:
             cond = (epoch, to_datetime(expired_before_ms))
-            attempt = self._lease_write(
-                task_id, "lease.cancel_expired", lambda ttl, end: (ttl, now, done_id, *key, *cond, end)
+            attempt = functools.partial(
+                self._lease_write,
+                task_id,
+                "lease.cancel_expired",
+                lambda ttl, end: (ttl, now, done_id, *key, *cond, end),
             )
         else:
             values, cond2 = (str(to), now, done_id), (str(state), epoch)
-            attempt = self._lease_write(task_id, "lease.cancel", lambda ttl, end: (ttl, *values, *key, *cond2, end))
-        return await self._cas(q, task_id, attempt, lambda c: c.completion_id == done_id)
+            attempt = functools.partial(
+                self._lease_write, task_id, "lease.cancel", lambda ttl, end: (ttl, *values, *key, *cond2, end)
+            )
+        # Resent although "leased (or parked) at this epoch" can hold again (above): the target
+        # state is final, so the two copies can never both apply, and an applied resend is a
+        # cancel the caller asked for. Refused, it proves nothing: the read decides, and a first
+        # copy landing after it is the known limit (docs/storage.md).
+        return await self._cas(q, task_id, attempt, won)
 
     async def add_parked(self, q: QueueKey, entry: ParkedEntry) -> None:
         e = entry
