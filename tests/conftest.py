@@ -471,11 +471,15 @@ def cql(servers: Servers) -> Iterator[Any]:
     from cassandra.query import dict_factory
 
     # Fault drills restart Cassandra: reconnect at once, not after the driver's default backoff.
+    # Schema events are ignored: this session reads rows, never metadata, and the driver schedules
+    # each event (other test processes create and drop keyspaces) with the global `random` on its
+    # own thread, which Hypothesis, drawing in the main thread, takes for a strategy using it.
     cluster = Cluster(
         servers.cassandra_hosts,
         port=servers.cassandra_port,
         protocol_version=5,
         reconnection_policy=ConstantReconnectionPolicy(0.5, max_attempts=None),
+        schema_event_refresh_window=-1,
     )
     session = cluster.connect()
     session.row_factory = dict_factory

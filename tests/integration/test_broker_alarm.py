@@ -22,7 +22,7 @@ import pytest
 from tests.conftest import service_id, wait_for
 from tests.integration import test_gateway
 
-pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+pytestmark = [pytest.mark.anyio, pytest.mark.integration, pytest.mark.exclusive]
 
 
 def rabbitmqctl(*args: str) -> str:

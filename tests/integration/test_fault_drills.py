@@ -38,7 +38,7 @@ from tests.conftest import ENGINE_USER, OWNERS, ROOT, free_port, metric, service
 from tests.faults import TcpProxy
 from tests.history import History, lease_rows, run_workers
 
-pytestmark = [pytest.mark.anyio, pytest.mark.integration, pytest.mark.slow, pytest.mark.drill]
+pytestmark = [pytest.mark.anyio, pytest.mark.integration, pytest.mark.slow, pytest.mark.drill, pytest.mark.exclusive]
 
 FAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 HAVE_FAKETIME = FAKETIME.exists()

@@ -50,6 +50,7 @@ async def test_one_bridge_of_three_runs_the_scheduler_and_another_takes_over(mak
     assert got.id == task_id and got.deliveries == 2
 
 
+@pytest.mark.exclusive  # an idle fleet's cost: measured with nothing else running beside it
 async def test_an_idle_fleet_reads_almost_nothing(make_bridge):
     bridges = [await make_bridge() for _ in range(4)]
     await wait_for(lambda: sum(b.duty.held for b in bridges) == 1, 10, what="one holder")
@@ -183,6 +184,7 @@ async def test_the_bridge_sends_cassandra_requests_without_nagle_delays(bridge):
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
+@pytest.mark.exclusive
 async def test_the_duty_is_held_again_soon_after_a_broker_restart(make_bridge):
     """The duty token is a transient message: a broker restart loses it, and the bridges offered
     a new one only on their 30 s refresh, so the fleet ran no recovery scheduler and no result

@@ -97,6 +97,7 @@ def rabbitmqctl(*args: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.exclusive
 async def test_rabbitmq_restart_under_load_nothing_lost(bridge_processes, servers, names):
     port = free_port()
     bridge_processes(BRIDGE_HTTP_PORT=str(port), BRIDGE_HTTP_HOST="127.0.0.1")
