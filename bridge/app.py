@@ -152,6 +152,7 @@ class Bridge:
             results=self.results,
             hints=self.hints,
             duty=self.duty,
+            on_channel_down=self.metrics.set_channel_down,
         )
         self.scheduler = RecoveryScheduler(
             self.queue,

@@ -316,8 +316,10 @@ class BridgeMetrics:
         )
         self.channels_down = Gauge(
             f"{PREFIX}_amqp_channel_down",
-            "1 while a publishing AMQP channel (results, replies) is closed and being reopened; results "
-            "wait in the outbox meanwhile. Not a readiness check: requests are still served.",
+            "1 while an AMQP channel is closed and being reopened (for consume and adds: until its "
+            "consumers are back too). consume, adds: their requests are not served and the bridge is "
+            "unready meanwhile. results, replies: not a readiness check, requests are still served and "
+            "results wait in the outbox.",
             ("channel",),
             registry=r,
         )
@@ -382,7 +384,8 @@ class BridgeMetrics:
                 self.queue_oldest_ready.labels(owner, service).set(oldest_ms / 1000)
 
     def set_channel_down(self, channel: str, down: bool) -> None:
-        """Called by the transport (bridge.transport.amqp) as a publishing channel closes and reopens."""
+        """Told by the transport (bridge.transport.amqp) as one of its channels (consume, adds,
+        results, replies) goes down and comes back."""
         self.channels_down.labels(channel).set(1 if down else 0)
 
     def set_paused(self, paused: frozenset[str], consumed: Iterable[str]) -> None:

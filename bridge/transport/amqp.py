@@ -22,6 +22,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 import aio_pika
+import aiormq
 import structlog
 from aio_pika.abc import (
     AbstractConnection,
@@ -66,9 +67,20 @@ CANCEL_TIMEOUT_S = 3.0  # a consumer cancel the broker does not answer within it
 RETRY_FIRST_DELAY_S = 0.5
 RETRY_MAX_DELAY_S = 10.0
 REOPEN_TIMEOUT_S = 10.0  # one attempt to reopen a channel the broker does not answer is given up
-# The channels the bridge publishes on (results and the add retry lane; replies): nothing consumes
-# on them, so aio-pika's one restore after a loss is all they would ever get.
+# The channels the bridge consumes requests on (the adds have a connection of their own) and those
+# it publishes on (results and the add retry lane; replies). aio-pika restores a robust channel the
+# broker closed once, right away, and never again before the next reconnection when that restore is
+# refused too: the transport reopens each of them with backoff (_reopen).
+CONSUMING = ("consume", "adds")
 PUBLISHING = ("results", "replies")
+CHANNELS = (*CONSUMING, *PUBLISHING)
+
+# Told the name of a channel (one of CHANNELS) as it goes down (True) and once it is back (False).
+ChannelReporter = Callable[[str, bool], None]
+
+
+def _report_nothing(channel: str, down: bool) -> None:
+    """The default :data:`ChannelReporter`: no metrics."""
 
 
 def _refusal(exc: BaseException | None) -> str:
@@ -89,6 +101,7 @@ class AmqpTransport:
         results: ResultPublisher | None = None,
         hints: AmqpHints | None = None,
         duty: Duty | None = None,
+        on_channel_down: ChannelReporter = _report_nothing,
     ) -> None:
         self.settings = settings
         self.queue = queue
@@ -102,10 +115,11 @@ class AmqpTransport:
             settings,
             queue,
             self.replies,
-            consuming=lambda: bool(self._consumer_tags),
+            consuming=lambda: bool(self._consumer_tags or self._orphans),
             requester_alive=self.probe.alive,
         )
         self._observer = observe or (lambda method, outcome, seconds: None)
+        self._on_channel_down = on_channel_down
         self.connection: AbstractRobustConnection | None = None
         self._consume_channel: AbstractRobustChannel | None = None
         # Adds are consumed on a connection of their own: a window of large values (64 x 1 MiB)
@@ -122,7 +136,13 @@ class AmqpTransport:
         self._lost: set[str] = set()
         self._restores: dict[str, asyncio.Task[None]] = {}
         self._registering: set[str] = set()  # restores whose basic.consume is on the wire
-        self._reopening: dict[str, asyncio.Task[None]] = {}  # publishing channel name -> its reopen task
+        # Request queues whose consumer died with its channel (closed by the broker, or a lost
+        # connection): consumed again once the channel is back (_consume_again, _reopen).
+        self._orphans: set[str] = set()
+        # Consuming channels where the broker refused a consume since they were lost: only _reopen
+        # consumes there (with backoff), not each reopen (see _consume_again).
+        self._refused: set[str] = set()
+        self._reopening: dict[str, asyncio.Task[None]] = {}  # channel name (CHANNELS) -> its reopen task
         self._dead_letter_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()  # the tasks above, cancelled by close()
         self._inflight: set[asyncio.Task[Any]] = set()
@@ -181,7 +201,7 @@ class AmqpTransport:
         await self._consume_channel.set_qos(prefetch_count=self.settings.prefetch)
         # The request consumers are aiormq's (bridge.transport.request), which aio-pika does not
         # restore: they are registered again once the channel is back.
-        self._consume_channel.reopen_callbacks.add(self._consume_again)
+        self._consume_channel.reopen_callbacks.add(functools.partial(self._consume_again, "consume"))
         # Confirms + mandatory: a result that no queue takes comes back as an error, so it stays
         # pending in the outbox instead of being confirmed into the void.
         self._publish_channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -192,8 +212,7 @@ class AmqpTransport:
         channels = {"consume": self._consume_channel, "results": self._publish_channel, "replies": self._reply_channel}
         for name, channel in channels.items():
             channel.close_callbacks.add(functools.partial(self._channel_lost, name))
-        for name in PUBLISHING:
-            self._set_channel_down(name, False)  # a series from the start, not from the first loss
+            self._report_channel(name, False)  # a series from the start, not from the first loss
         self.connection.reconnect_callbacks.add(self._reconnected)
         self.connection.reconnect_callbacks.add(self._declare_dead_letter_again)
         await self._declare_topology()
@@ -220,42 +239,65 @@ class AmqpTransport:
         )
         self._add_channel = await self._add_connection.channel(publisher_confirms=False)
         await self._add_channel.set_qos(prefetch_count=self.settings.prefetch)
-        self._add_channel.reopen_callbacks.add(self._consume_again)
+        self._add_channel.reopen_callbacks.add(functools.partial(self._consume_again, "adds"))
         self._add_channel.close_callbacks.add(functools.partial(self._channel_lost, "adds"))
+        self._report_channel("adds", False)
         self._add_connection.reconnect_callbacks.add(self._reconnected)
 
+    @staticmethod
+    def _channel_name_of(method: str) -> str:
+        """The name (one of CONSUMING) of the channel that consumes ``method``'s queue."""
+        return "adds" if method == "add" else "consume"
+
     def _channel_of(self, method: str) -> AbstractRobustChannel:
-        channel = self._add_channel if method == "add" else self._consume_channel
+        return self._channel_named(self._channel_name_of(method))
+
+    def _channel_named(self, name: str) -> AbstractRobustChannel:
+        channel = {
+            "consume": self._consume_channel,
+            "adds": self._add_channel,
+            "results": self._publish_channel,
+            "replies": self._reply_channel,
+        }[name]
         assert channel is not None
         return channel
+
+    def _connection_of(self, name: str) -> AbstractRobustConnection | None:
+        return self._add_connection if name == "adds" else self.connection
+
+    def _orphans_on(self, name: str) -> list[str]:
+        """The orphaned request queues of channel ``name``, in the order they are consumed."""
+        return [
+            method for method in self._consumers if method in self._orphans and self._channel_name_of(method) == name
+        ]
+
+    def _back(self, name: str) -> bool:
+        """Channel ``name`` is open and, if it consumes, every consumer it lost is registered again."""
+        return not self._channel_named(name).is_closed and not self._orphans_on(name)
 
     def _channel_lost(self, name: str, _channel: object, exc: BaseException | None = None) -> None:
         if self._closing:
             return
         if name in self._reopening:
-            return  # a failed attempt of the reopen task closing its new channel: logged by the task
-        # The robust connection reopens the channel and its consumers; in-flight requests finish
-        # (their reply or ack may fail; the broker then redelivers them).
-        log.warning("AMQP %s channel lost (%s); reopened by itself or on reconnect", name, _refusal(exc))
+            return  # a refused attempt to reopen it (aio-pika's or the reopen task's): logged by the task
+        # In-flight requests finish (their reply or ack may fail; the broker then redelivers them).
+        log.warning("AMQP %s channel lost (%s); reopening it", name, _refusal(exc))
         self.queue.metrics.inc("amqp_channels_lost", channel=name)
-        if name in PUBLISHING:
-            self._set_channel_down(name, True)
-            self._reopening[name] = self._spawn(self._reopen_publishing(name))
+        self._report_channel(name, True)
+        self._reopening[name] = self._spawn(self._reopen(name))
 
-    def _publishing_channel(self, name: str) -> AbstractRobustChannel:
-        channel = self._publish_channel if name == "results" else self._reply_channel
-        assert channel is not None
-        return channel
-
-    async def _reopen_publishing(self, name: str) -> None:
-        """Reopen a publishing channel until it is open again or the transport closes.
+    async def _reopen(self, name: str) -> None:
+        """Reopen channel ``name`` (and consume again what it consumed) until it is back or the
+        transport closes.
 
         aio-pika restores a robust channel the broker closed once, right away; when that restore
-        is refused too (a publish refused with a 403 closed the results channel, and the results
-        queue's bind is refused by the same missing permission), it never tries again before the
-        next reconnection: no result was published any more, even after the permission came back,
-        while the bridge said it was ready."""
-        channel = self._publishing_channel(name)
+        is refused too, it never tries again before the next reconnection. A publish refused with a
+        403 closed the results channel, and the results queue's bind was refused by the same missing
+        permission: no result was published any more, even after the permission came back, while
+        the bridge said it was ready. A consuming channel whose restore was refused (a consume or a
+        declaration refused) left the bridge unready, serving none of its methods, until the next
+        reconnection."""
+        channel = self._channel_named(name)
         delay = RETRY_FIRST_DELAY_S
         try:
             while not self._closing:
@@ -263,48 +305,59 @@ class AmqpTransport:
                 # restores every channel; most losses end there.
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_DELAY_S)
-                if not channel.is_closed:
+                if self._back(name):
                     log.info("AMQP %s channel open again", name)
                     return
-                connection = self.connection
+                connection = self._connection_of(name)
                 if connection is None or not connection.connected.is_set():
                     continue  # the connection is being restored: it reopens its channels itself
                 try:
                     async with asyncio.timeout(REOPEN_TIMEOUT_S):
-                        await channel.restore()
+                        await self._reopen_once(name, channel)
                 except Exception as exc:
                     log.warning(
-                        "AMQP %s channel still closed: the broker refused to reopen it (%s); retrying in %.1f s",
+                        "AMQP %s channel still down: the broker refused to reopen it or to consume on it (%s); "
+                        "retrying in %.1f s",
                         name,
                         _refusal(exc),
                         delay,
                     )
                     continue
-                if not channel.is_closed:
+                if self._back(name):
                     log.warning("AMQP %s channel reopened", name)
                     return
         finally:
             if self._reopening.get(name) is asyncio.current_task():
                 del self._reopening[name]
-            if not channel.is_closed:
-                self._set_channel_down(name, False)
+            if self._back(name):
+                self._refused.discard(name)
+                self._report_channel(name, False)
 
-    def _set_channel_down(self, name: str, down: bool) -> None:
-        # A gauge, not readiness: a closed results channel must not take requests away from this
-        # bridge's workers while fetch and ack still work. Results stay pending in the outbox
-        # (queue_bridge_results_pending) and are published once the channel is back; an unready
-        # bridge would stop consuming (the serving gate) and every worker on it would wait for
-        # nothing. The gauge and the log say what is wrong; readiness stays about serving requests.
-        set_down = getattr(self.queue.metrics, "set_channel_down", None)
-        if callable(set_down):
-            set_down(name, down)
+    async def _reopen_once(self, name: str, channel: AbstractRobustChannel) -> None:
+        if channel.is_closed:
+            await channel.restore()  # aio-pika's restore: serialised with its own, replays declarations
+            if channel.is_closed:
+                # restore() did nothing: aio-pika still has it marked restored (its restore marks it
+                # after the reopen callbacks, where a refused consume had closed it again). reopen()
+                # is what restore() would have done.
+                await channel.reopen()
+        if name in CONSUMING:
+            await self._consume_orphans(name)
+
+    def _report_channel(self, name: str, down: bool) -> None:
+        # A gauge. For a publishing channel it is not readiness: a closed results channel must not
+        # take requests away from this bridge's workers while fetch and ack still work. Results
+        # stay pending in the outbox (queue_bridge_results_pending) and are published once the
+        # channel is back; an unready bridge would stop consuming (the serving gate) and every
+        # worker on it would wait for nothing. A consuming channel down is unready (is_ready).
+        self._on_channel_down(name, down)
 
     def _reconnected(self, *_: object) -> None:
         log.warning("AMQP connection restored: channels and consumers are back")
         # The reconnection restored every channel: say so now, not when a reopen task next wakes.
-        for name in PUBLISHING:
-            if not self._publishing_channel(name).is_closed:
-                self._set_channel_down(name, False)
+        for name in CHANNELS:
+            if self._back(name):
+                self._report_channel(name, False)
 
     def _declare_dead_letter_again(self, *_: object) -> None:
         """After a reconnection: the dead-letter queue is declared on short-lived channels only
@@ -344,6 +397,11 @@ class AmqpTransport:
                     # Its queue was deleted under the bridge: consuming it before it is declared
                     # again would get a 404, which closes the channel of every other consumer.
                     self._start_restore(method)
+                    continue
+                if method in self._orphans or self._channel_of(method).is_closed:
+                    # Its channel is down: consumed once the channel is back (_reopen, spawned by
+                    # the loss, runs until then).
+                    self._orphans.add(method)
                     continue
                 await self._consume(method)
 
@@ -411,13 +469,38 @@ class AmqpTransport:
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_DELAY_S)
 
-    async def _consume_again(self, channel: object) -> None:
-        """A consuming channel was reopened (a reconnection): its consumers died with the old one."""
-        methods = [method for method in self._consumer_tags if self._channel_of(method) is channel]
-        for method in methods:
+    async def _consume_again(self, name: str, _channel: object) -> None:
+        """Consuming channel ``name`` was reopened (aio-pika's restore after the broker closed it,
+        a reconnection, or _reopen): its consumers died with the old one."""
+        for method in [m for m in self._consumer_tags if self._channel_name_of(m) == name]:
             del self._consumer_tags[method]
-        if methods and not self._closing:
-            await self.resume(methods)
+            self._orphans.add(method)
+        if self._closing or name in self._refused:
+            # A refused consume closes the channel, and aio-pika reopens a channel closed after its
+            # restore right away: consuming at each reopen would go round as fast as the broker
+            # answers. The reopen task consumes them, with backoff.
+            return
+        try:
+            await self._consume_orphans(name)
+        except Exception as exc:  # aio-pika would drop it silently: the reopen task goes on
+            log.warning("could not consume again on the reopened %s channel (%s); retrying", name, _refusal(exc))
+
+    async def _consume_orphans(self, name: str) -> None:
+        for method in self._orphans_on(name):
+            try:
+                await self._consume(method)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                # Its queue was deleted while the channel was down (no basic.cancel came): declared
+                # again and consumed by _restore_consumer, with its own backoff.
+                self._orphans.discard(method)
+                self._lost.add(method)
+                self._start_restore(method)
+                raise
+            except Exception:
+                self._refused.add(name)
+                raise
+            self._orphans.discard(method)
+        self._refused.discard(name)
 
     async def pause(self, methods: Iterable[str] | None = None) -> None:
         """Stop taking new requests (all queues, or only ``methods``); in-flight ones go on. What is
@@ -432,6 +515,10 @@ class AmqpTransport:
                 # cancelled (every other consumer on it with it): let it land, cancelled below.
                 await asyncio.wait([task], timeout=CANCEL_TIMEOUT_S)
             task.cancel()
+        if wanted is None:
+            self._orphans.clear()
+        else:
+            self._orphans -= wanted
         for method, tag in list(self._consumer_tags.items()):
             if wanted is not None and method not in wanted:
                 continue
@@ -480,7 +567,7 @@ class AmqpTransport:
             self.connection = None
 
     def is_ready(self) -> bool:
-        # The publishing channels (results, replies) are not part of it: see _set_channel_down.
+        # The publishing channels (results, replies) are not part of it: see _report_channel.
         return bool(
             all(conn is not None and not conn.is_closed for conn in (self.connection, self._add_connection))
             and all(ch is not None and not ch.is_closed for ch in (self._consume_channel, self._add_channel))

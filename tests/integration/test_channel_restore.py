@@ -1,0 +1,178 @@
+"""The broker closes one of the bridge's consuming channels, and refuses aio-pika's one restore
+(real servers).
+
+A channel error (here: an ack of a delivery tag the broker never gave, standing for any of them: a
+consumer timeout, a refused consume) closes the channel and every consumer on it. aio-pika restores
+a robust channel once, right away; an operator's mistake that is in force at that moment (the
+bridge's user may no longer read or configure one of its queues) refuses that restore. Once the
+mistake is fixed the bridge must consume again by itself, not wait for the next reconnection,
+unready and serving none of that channel's methods meanwhile.
+
+Each test creates its own broker user (deleted after it) and touches only its own names."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import consumers_on, service_id, settings_from, wait_for
+from tests.integration.test_operator_broker_actions import OWN_SUFFIXES, rabbitmqctl
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+KINDS = ("configure", "write", "read")
+
+
+def _permissions(prefix: str, revoked: dict[str, str] | None = None) -> tuple[str, str, str]:
+    """configure, write, read of the bridge's own names; ``revoked``: kind -> the suffix it loses."""
+    revoked = revoked or {}
+
+    def own(kind: str) -> str:
+        suffixes = [s for s in OWN_SUFFIXES if s != revoked.get(kind)]
+        names = re.escape(prefix) + r"(\.(" + "|".join(re.escape(s) for s in suffixes) + r"|hints\.p?[0-9a-f]{24}))?"
+        return f"^({names}|amq\\.default)$" if kind == "write" else f"^{names}$"
+
+    configure, write, read = (own(kind) for kind in KINDS)
+    return configure, write, read
+
+
+@pytest.fixture
+async def own_user(names: dict[str, str]) -> AsyncIterator[str]:
+    user = f"qb-restore-{uuid.uuid4().hex[:8]}"
+    await asyncio.to_thread(rabbitmqctl, "add_user", user, user)
+    try:
+        await _grant(user, names["queue_prefix"])
+        yield user
+    finally:
+        await asyncio.to_thread(rabbitmqctl, "delete_user", user)
+
+
+async def _grant(user: str, prefix: str, revoked: dict[str, str] | None = None) -> None:
+    await asyncio.to_thread(rabbitmqctl, "set_permissions", "-p", "/", user, *_permissions(prefix, revoked))
+
+
+@pytest.fixture
+async def own_bridge(own_user: str, bridge_env: dict[str, str], servers: Any) -> AsyncIterator[Any]:
+    from bridge.app import Bridge
+
+    b = Bridge(settings_from(bridge_env, amqp_url=servers.amqp_url(own_user)))
+    await b.start()
+    try:
+        yield b
+    finally:
+        await b.stop()
+
+
+async def _close_by_the_broker(channel: Any) -> None:
+    """A channel error on ``channel``: the broker closes it (406 PRECONDITION_FAILED, unknown
+    delivery tag), with every consumer on it."""
+    frames = await channel.get_underlay_channel()
+    await frames.basic_ack(delivery_tag=2**40)
+
+
+async def _close_and_let_the_restore_be_refused(channel: Any) -> list[float]:
+    """Close ``channel`` by the broker and wait until aio-pika's restore has been refused: the
+    broker closed the channel it reopened with a 403 (a refused declaration or consume). Returns
+    the times of the refusals, this one and those that follow."""
+    from aiormq.exceptions import ChannelAccessRefused
+
+    refusals: list[float] = []
+
+    def closed(_channel: object, exc: BaseException | None = None) -> None:
+        if isinstance(exc, ChannelAccessRefused):
+            refusals.append(time.monotonic())
+
+    channel.close_callbacks.add(closed)
+    await _close_by_the_broker(channel)
+    await wait_for(lambda: refusals, 10.0, interval=0.02, what="the restore refused")
+    return refusals
+
+
+async def _retried_with_backoff(refusals: list[float]) -> None:
+    """The bridge keeps trying while refused, and not in a loop."""
+    await wait_for(lambda: len(refusals) >= 3, 10.0, interval=0.02, what="two more attempts, refused too")
+    assert 0.4 <= refusals[2] - refusals[1] <= 5.0, refusals
+
+
+def _channel_down(b: Any, channel: str) -> float | None:
+    return b.metrics.registry.get_sample_value("queue_bridge_amqp_channel_down", {"channel": channel})
+
+
+async def _until_back(b: Any, channel: str) -> None:
+    """Ready again, and the gauge says the channel is back; else fail with what the bridge says."""
+    try:
+        await wait_for(lambda: b.transport.is_ready() and _channel_down(b, channel) == 0, 20.0, interval=0.1)
+    except AssertionError:
+        raise AssertionError(
+            f"the {channel} channel not reopened with its consumers within 20 s of the permission being "
+            f"restored ({_state(b)}, channel_down={_channel_down(b, channel)})"
+        ) from None
+
+
+def _state(b: Any) -> str:
+    t = b.transport
+    return (
+        f"is_ready={t.is_ready()}, consuming={sorted(t.consuming())}, consume channel closed="
+        f"{t._consume_channel.is_closed}, adds channel closed={t._add_channel.is_closed}"
+    )
+
+
+@pytest.mark.parametrize("kind", ["read", "configure"])
+async def test_a_consume_channel_whose_restore_was_refused_is_reopened_once_the_permission_is_back(
+    kind, own_bridge, own_user, engine, workers, servers, names
+):
+    """``read``: the consume of ``<prefix>.fetch`` in the reopened channel is refused (403), which
+    closes it again; ``configure``: the declaration of that queue, which aio-pika replays, is."""
+    b = own_bridge
+    url = servers.amqp_url("guest")
+    prefix = names["queue_prefix"]
+    fetch_q, ack_q = f"{prefix}.fetch", f"{prefix}.ack"
+    assert _channel_down(b, "consume") == 0
+    await _grant(own_user, prefix, {kind: "fetch"})
+    refusals = await _close_and_let_the_restore_be_refused(b.transport._consume_channel)
+    assert not b.transport.is_ready()
+    assert _channel_down(b, "consume") == 1
+    await _retried_with_backoff(refusals)
+    assert not b.transport.is_ready()
+    await _grant(own_user, prefix)  # the operator fixes the mistake
+    await _until_back(b, "consume")
+    assert await consumers_on(url, fetch_q) == 1 and await consumers_on(url, ack_q) == 1
+    svc = service_id()
+    tid = await engine.add(svc, {"n": 1})
+    w = await workers(svc, "w1")
+    task = await w.fetch()
+    assert task is not None and task.id == tid
+    assert await task.ack({"ok": 1})
+
+
+async def test_an_adds_channel_whose_restore_was_refused_is_reopened_once_the_permission_is_back(
+    own_bridge, own_user, engine, workers, servers, names
+):
+    """The adds have a connection and a channel of their own: the consume of ``<prefix>.add`` in the
+    reopened channel is refused (403), which closes it again."""
+    b = own_bridge
+    url = servers.amqp_url("guest")
+    prefix = names["queue_prefix"]
+    add_q = f"{prefix}.add"
+    assert _channel_down(b, "adds") == 0
+    await _grant(own_user, prefix, {"read": "add"})
+    refusals = await _close_and_let_the_restore_be_refused(b.transport._add_channel)
+    assert not b.transport.is_ready()
+    assert "add" not in b.transport.consuming()
+    assert _channel_down(b, "adds") == 1
+    await _retried_with_backoff(refusals)
+    assert not b.transport.is_ready()
+    await _grant(own_user, prefix)
+    await _until_back(b, "adds")
+    assert await consumers_on(url, add_q) == 1
+    svc = service_id()
+    tid = await asyncio.wait_for(engine.add(svc, {"n": 1}), 15.0)
+    w = await workers(svc, "w1")
+    task = await w.fetch()
+    assert task is not None and task.id == tid
