@@ -114,6 +114,10 @@ class Lease:
     # The last park's id (its ``completion_id`` then): kept when a discard, or an ack after a
     # redrive, writes its own completion id, so that the park's result is still owed (``names_entry``).
     park_id: uuid.UUID | None = None
+    # Every park's id (``park_id`` is only the last): a park's result is still owed when the task
+    # was redriven and parked again before it went out. Empty where only older bridges parked
+    # (they write ``park_id`` alone).
+    park_ids: frozenset[uuid.UUID] = frozenset()
 
     @property
     def deliveries_counted(self) -> int:

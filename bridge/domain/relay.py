@@ -47,10 +47,13 @@ def names_entry(lease: Lease | None, entry: OutboxEntry) -> bool:
     for ``done`` or ``parked`` too, a park redriven before its result went out was marked published
     unsent, and the engine never heard of it. A park's id is also kept in ``park_id``, which a
     discard or a later completion does not overwrite: by ``completion_id`` alone, a park discarded
-    (or redriven and acked) before its result went out was taken for one that never applied."""
+    (or redriven and acked) before its result went out was taken for one that never applied. And
+    in ``park_ids`` with every other park of the task: ``park_id`` names the last park only, so a
+    park redriven and parked again before its result went out was taken for one that never
+    applied. ``park_id`` is still asked for leases parked by bridges that write it alone."""
     if lease is None:
         return False
-    return entry.completion_id in (lease.completion_id, lease.park_id)
+    return entry.completion_id in (lease.completion_id, lease.park_id) or entry.completion_id in lease.park_ids
 
 
 async def decided_by_itself(ctx: QueueContext, entry: OutboxEntry) -> bool:

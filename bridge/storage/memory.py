@@ -376,6 +376,7 @@ class MemoryTaskStore:
             park_reason=reason,
             completion_id=park_id,
             park_id=park_id,
+            park_ids=cur.park_ids | {park_id},
             last_error=error,
         )
         return CasResult(True, None)

@@ -620,7 +620,7 @@ class CassandraTaskStore:
         expired_before_ms: int | None = None,
         error: Sealed | None = None,
     ) -> CasResult:
-        head = (to_datetime(now_ms), reason, park_id, park_id)
+        head = (to_datetime(now_ms), reason, park_id, park_id, {park_id})
         key = (q.owner, q.service, task_id)
         name: str
         tail: tuple[Any, ...]
@@ -636,7 +636,11 @@ class CassandraTaskStore:
         # at this epoch it can hold again (above), and a resend could then park a task an operator
         # has just redriven, or be refused while the first copy still lands after it.
         resend = worker is not None
-        return await self._cas(q, task_id, attempt, lambda c: c.completion_id == park_id, resend=resend)
+        # Ours if the lease still names it, or lists it: an applied park adds its id to park_ids,
+        # which stays after a discard or a redrive that moved the lease on before the read.
+        return await self._cas(
+            q, task_id, attempt, lambda c: c.completion_id == park_id or park_id in c.park_ids, resend=resend
+        )
 
     async def unpark(self, q: QueueKey, task_id: uuid.UUID, epoch: int, until_ms: int) -> CasResult:
         claim_id = uuid.uuid4()

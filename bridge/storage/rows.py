@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from bridge.crypto import Sealed
@@ -52,7 +54,14 @@ def lease_of(row: Row) -> Lease | None:
         uncounted=row.get("uncounted") or 0,
         uncounted_epoch=row.get("uncounted_epoch"),
         park_id=row.get("park_id"),
+        park_ids=uuid_set(row.get("park_ids")),
     )
+
+
+def uuid_set(value: Iterable[uuid.UUID | str] | None) -> frozenset[uuid.UUID]:
+    """A ``set<timeuuid>`` column: None when empty (Cassandra stores no empty collection), and its
+    elements text with acsylla (whose adapter turns back only uuid columns, not collections)."""
+    return frozenset(v if isinstance(v, uuid.UUID) else uuid.UUID(v) for v in value or ())
 
 
 def sealed_error(row: Row) -> Sealed | None:

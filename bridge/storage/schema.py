@@ -189,6 +189,10 @@ ADDED_COLUMNS: list[tuple[str, str, str]] = [
     # The last park's id, which a discard or a later completion does not overwrite: its result
     # (the engine's delivery_limit error) stays owed until the relay has sent it.
     ("leases", "park_id", "timeuuid"),
+    # Every park's id (each park adds its own; nothing removes one): `park_id` names the last park
+    # only, so a park whose result was still owed when the task was redriven and parked again was
+    # taken for one that never applied, and its result was marked published unsent.
+    ("leases", "park_ids", "set<timeuuid>"),
     # When the task's life ends (ms since the epoch, compared exactly in lease conditions), as its
     # add fixed it (the time in its id plus the adding bridge's BRIDGE_TASK_TTL): claims copy it
     # into the lease, and every row about the task lives until then, whatever the TTL of the bridge

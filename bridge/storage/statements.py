@@ -8,7 +8,7 @@ from __future__ import annotations
 
 LEASE_COLS_BRIEF = (
     "state, epoch, worker, lease_until, claim_id, completion_id, has_token, base_epoch, parked_at, park_reason, "
-    "completed_at, uncounted, uncounted_epoch, park_id, expires_at"
+    "completed_at, uncounted, uncounted_epoch, park_id, park_ids, expires_at"
 )
 # Every write of a lease gives its cells the rest of the TASK's life (``expires_at``, recorded by the
 # claim that read it from the task's row), not the rest of the writing bridge's own TTL. A writer
@@ -146,15 +146,18 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         "IF state = 'leased' AND epoch = ? AND worker = ? AND expires_at IN (?, null)",
         False,
     ),
+    # A park adds its id to `park_ids` (the set of every park of the task, each element living as
+    # long as the task) and still writes `park_id` (the last park), which bridges before it read.
     "lease.park_held": (
         "UPDATE {ks}.leases USING TTL ? SET state = 'parked', parked_at = ?, park_reason = ?, completion_id = ?, "
-        "park_id = ?, error_key = ?, error_nonce = ?, error_ct = ? WHERE owner = ? AND service = ? AND task_id = ? "
+        "park_id = ?, park_ids = park_ids + ?, error_key = ?, error_nonce = ?, error_ct = ? "
+        "WHERE owner = ? AND service = ? AND task_id = ? "
         "IF state = 'leased' AND epoch = ? AND worker = ? AND expires_at IN (?, null)",
         False,
     ),
     "lease.park_expired": (
         "UPDATE {ks}.leases USING TTL ? SET state = 'parked', parked_at = ?, park_reason = ?, completion_id = ?, "
-        "park_id = ? WHERE owner = ? AND service = ? AND task_id = ? "
+        "park_id = ?, park_ids = park_ids + ? WHERE owner = ? AND service = ? AND task_id = ? "
         "IF state = 'leased' AND epoch = ? AND lease_until <= ? AND expires_at IN (?, null)",
         False,
     ),

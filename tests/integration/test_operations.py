@@ -228,6 +228,48 @@ async def test_bridges_starting_together_on_a_new_keyspace_can_all_prepare(serve
         await asyncio.gather(*(db.close() for db in dbs))
 
 
+async def test_a_park_by_a_bridge_without_park_ids_still_has_its_result_sent(
+    make_bridge, engine, workers, servers, names, cql
+):
+    """A rolling upgrade: a task parked by a bridge of the release before ``leases.park_ids``
+    (which writes ``park_id`` alone) whose delivery_limit result is still owed when an operator
+    discards it (the discard's completion id replaces the park's). The relay of a bridge that
+    knows ``park_ids`` still finds the park by ``park_id`` and sends its result."""
+    from bridge.client.rpc import results_consumer
+    from bridge.domain.records import QueueKey
+
+    b = await make_bridge(results_queue="", result_republish_after=1.0)
+    await wait_for(lambda: b.duty.held, 10, what="the duty")
+    svc = service_id()
+    reply = await engine.call(
+        "add", {"serviceId": svc, "value": "poison", "token": {"wf": 3}, "maxDeliveries": 1}, owner=OWNERS[0]
+    )
+    task_id = str(reply["task"]["id"])
+    w = await workers(svc, "w")
+    task = await w.fetch()
+    assert task is not None and task.id == task_id
+    failed = await w.call("fail", {"serviceId": svc, "workerId": "w", "taskId": task_id, "epoch": task.epoch})
+    assert failed["task"]["parked"] is True
+    # The lease as the older bridge's park left it: its id in park_id, none in park_ids.
+    key = (OWNERS[0], svc, uuid.UUID(task_id))
+    cql.execute(
+        f"DELETE park_ids FROM {servers.keyspace}.leases WHERE owner = %s AND service = %s AND task_id = %s", key
+    )
+    lease = await b.queue.ctx.store.lease(QueueKey(*key[:2]), key[2], serial=True)
+    assert lease.park_ids == frozenset() and lease.park_id is not None
+    assert await engine.discard(svc, [task_id]) == 1
+    consumer = results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"], routing_key=svc)
+    async with consumer as results:
+        got = await wait_for(
+            lambda: None if results.empty() else results.get_nowait(),
+            30,
+            interval=0.2,
+            what="the park's delivery_limit result (the relay took the park for one that never applied)",
+        )
+    assert got["taskId"] == task_id and got["error"]["code"] == "delivery_limit"
+    assert got["_message_id"] == f"{task_id}:{lease.park_id}"
+
+
 async def test_results_reach_the_results_queue_after_the_results_exchange_was_recreated(
     make_bridge, engine, workers, servers, names
 ):
