@@ -404,7 +404,9 @@ def redrive(
     all_parked: Annotated[
         bool,
         typer.Option(
-            "--all", help="Put back every parked task of the queue (1000 a request, sent again until none is left)."
+            "--all",
+            help="Put back every task parked when it starts (1000 a request, until none is left); tasks "
+            "parked again meanwhile (a worker still failing them) stay parked.",
         ),
     ] = False,
     owner: OwnerOption = None,
@@ -416,7 +418,9 @@ def redrive(
     The bridge answers once they are back, at BRIDGE_REDRIVE_RATE a second: the reply is awaited
     --timeout plus that long (set BRIDGE_REDRIVE_RATE as the bridges have it; at a high rate,
     Cassandra's writes take longer than the pace: give a large redrive a longer --timeout).
-    --all asks for 1000 at a time until none is left.
+    --all asks for 1000 at a time until every task parked when it started is back, and ends even
+    while workers still fail what comes back: those parked again after it started stay parked
+    (the bound is the bridge's clock; a bridge before contract 1.9 is asked until it answers 0).
     """
     if all_parked == bool(task_ids):
         raise typer.BadParameter("give TASK_IDs or --all (exactly one)", param_hint="TASK_ID / --all")

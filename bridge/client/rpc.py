@@ -49,7 +49,7 @@ DEADLINE_HEADER = "x-deadline"
 IDEMPOTENCY_HEADER = "x-idempotency-key"  # contract 1.5: the add's own idempotency key (empty: none)
 MIN_BEAT_S = 0.1  # keep_alive never beats faster than this, however short the lease
 REDRIVE_RATE = 50.0  # the bridge's default BRIDGE_REDRIVE_RATE: parked tasks put back per second
-REDRIVE_ALL_MAX = 1000  # parked tasks one ``redrive all`` puts back at most
+REDRIVE_ALL_MAX = 1000  # parked tasks one ``redrive all`` request puts back at most
 UNKNOWN_LEASE_S = 3.0  # a lease keep_alive cannot read, of a length it was not told: beat every second
 
 log = logging.getLogger("bridge.client")
@@ -475,16 +475,20 @@ class Engine(RpcClient):
         all: bool = False,
         redrive_rate: float = REDRIVE_RATE,
     ) -> int:
-        """Put parked tasks back in the queue (the named ones, or ``all=True``: every parked task
-        of the queue), their delivery count toward the limit starting again; how many went back.
-        Exactly one of ``task_ids`` / ``all``: a request for both or neither is refused here
-        (the bridge would answer bad_request).
+        """Put parked tasks back in the queue (the named ones, or ``all=True``: every task parked
+        when the call starts), their delivery count toward the limit starting again; how many
+        went back. Exactly one of ``task_ids`` / ``all``: a request for both or neither is
+        refused here (the bridge would answer bad_request).
 
-        One ``all`` request puts back at most 1000 tasks; it is sent again until one answers 0
-        (the contract's rule), and the total is returned. So a task parked again while this runs
-        (a worker still failing it) is put back again too: with workers that park tasks as fast
-        as they come back, this does not end; fix them first. If a later request fails, the
-        tasks the earlier ones put back stay back (call it again: it goes on where it stopped).
+        One ``all`` request puts back at most 1000 tasks; the first reply says the bound the
+        bridge used (``parkedBefore``, its clock, not this host's) and, if it stopped short, the
+        row to go on after; both are sent back until a reply has no ``after``, and the total is
+        returned. So it ends even while workers still park tasks as fast as they come back:
+        tasks parked again after it started stay parked. If a later request fails, the tasks the
+        earlier ones put back stay back (call it again: it goes on with what is still parked).
+        Against a bridge before contract 1.9 (no ``parkedBefore`` in its reply) it is sent again
+        until one answers 0, as the contract then said: that goes on while workers keep parking
+        the tasks it puts back.
 
         The bridge puts them back at ``BRIDGE_REDRIVE_RATE`` a second and answers when done, so
         the reply is awaited that much longer than other requests: pass the bridge's rate as
@@ -497,16 +501,26 @@ class Engine(RpcClient):
             ids = list(task_ids or ())
             body: dict[str, Any] = {"serviceId": service, "taskIds": ids}
             return int((await self._result("redrive", body, wait_s=len(ids) / redrive_rate))["redriven"])
-        # Not "until a request answers fewer than 1000": the bridge lists up to 1000 parked rows
-        # and skips those no longer parked (cancelled or put back meanwhile), so a short answer
-        # does not mean none are left; only 0 does.
+        return await self._redrive_all(service, redrive_rate)
+
+    async def _redrive_all(self, service: str, redrive_rate: float) -> int:
         total = 0
-        body = {"serviceId": service, "all": True}
+        body: dict[str, Any] = {"serviceId": service, "all": True}
         while True:
-            now = int((await self._result("redrive", body, wait_s=REDRIVE_ALL_MAX / redrive_rate))["redriven"])
+            result = await self._result("redrive", body, wait_s=REDRIVE_ALL_MAX / redrive_rate)
+            now = int(result["redriven"])
             total += now
-            if not now:
-                return total
+            if "parkedBefore" not in result:
+                # A bridge before 1.9. Not "until a request answers fewer than 1000": it lists up to
+                # 1000 parked rows and skips those no longer parked, so only 0 means none is left.
+                if not now:
+                    return total
+                continue
+            if "after" not in result:
+                return total  # it read every row that could hold a task parked before the bound
+            # The same bound every time (the first reply's): not a new now per request, which
+            # would take in the tasks workers parked again meanwhile.
+            body = {**body, "parkedBefore": result["parkedBefore"], "after": result["after"]}
 
     async def discard(self, service: str, task_ids: list[str]) -> int:
         """Drop parked tasks for good (only parked ones: others are left alone); how many."""

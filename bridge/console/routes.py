@@ -8,7 +8,8 @@
                                                               per minute, the last hour
 ``GET  /console/api/queues/{serviceId}/tasks/{taskId}``       one task's history (never its value); 404
 ``GET  /console/api/queues/{serviceId}/parked?limit=``        parked tasks (no lastError: that is data)
-``POST /console/api/queues/{serviceId}/redrive``              ``{"taskIds": [...]}`` or ``{"all": true}``
+``POST /console/api/queues/{serviceId}/redrive``              ``{"taskIds": [...]}`` or ``{"all": true}`` (and
+                                                              ``parkedBefore``, ``after``: as on the wire)
 ``POST /console/api/queues/{serviceId}/discard``              ``{"taskIds": [...]}``
 ============================================================  ===========================================
 
@@ -154,8 +155,11 @@ class Console:
     async def redrive(self, request: web.Request) -> web.Response:
         owner, body = await self._write(request)
         req = parse(RedriveRequest, body)
-        ids = None if req.task_ids is None else self._task_ids(req.task_ids)
-        return _json({"redriven": await self.queue.redrive(owner, req.service_id, ids)})
+        if req.task_ids is not None:
+            return _json({"redriven": await self.queue.redrive(owner, req.service_id, self._task_ids(req.task_ids))})
+        after = None if req.after is None else self._task_ids([req.after])[0]
+        done = await self.queue.redrive_all(owner, req.service_id, req.parked_before_ms(), after)
+        return _json(wire.redriven_round(done)["result"])
 
     async def discard(self, request: web.Request) -> web.Response:
         owner, body = await self._write(request)

@@ -64,9 +64,13 @@ LEASES_PER_READ = 50
 PARKED_ERRORS_BUDGET_BYTES = 4 * 1024 * 1024
 ERRORS_READ_BYTES = 8 * 1024 * 1024
 # Index rows one listing (or one ``redrive all`` round) reads at most. Rows whose park is over
-# are skipped and removed on the way, so a later request gets further.
+# are skipped and removed on the way, so a later request gets further; a ``redrive all`` round
+# that stops here also says where to go on (rows parked after its bound stay, and are passed).
 PARKED_SCAN_ROWS = 10_000
 REDRIVE_ALL_MAX = 1_000  # parked tasks one ``redrive all`` request puts back at most
+# Index rows a ``redrive all`` reads at a time at least: rows parked after its bound are passed,
+# and reading one row at a time past many of them would take a request each.
+REDRIVE_SCAN_PAGE = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +117,22 @@ class ParkedTask:
     last_error_json: bytes | None  # the last fail's error, opened with the owner's key
     # Its error (if it has one) was left out: the errors listed before it filled the budget.
     last_error_omitted: bool = False
+
+
+def _parked_at(e: ParkedEntry, lease: Lease) -> int:
+    """When the park the lease is in happened (the index row's time for leases that lack one)."""
+    return lease.parked_at_ms or e.parked_at_ms
+
+
+@dataclass(frozen=True, slots=True)
+class RedriveRound:
+    """What one ``redrive all`` request did: how many it put back, the bound it used (tasks
+    parked at or after it were left parked), and the index row to go on after when it stopped
+    short of the end (None: nothing parked before the bound is left beyond where it began)."""
+
+    redriven: int
+    parked_before_ms: int
+    after: uuid.UUID | None
 
 
 @dataclass
@@ -306,37 +326,80 @@ class Lifecycle:
         return True
 
     async def _live_parked(self, q: QueueKey, want: int) -> list[tuple[ParkedEntry, Lease]]:
-        """Up to ``want`` parked tasks, in the index's order, each with its lease.
+        """Up to ``want`` parked tasks, in the index's order, each with its lease."""
+        found, _ = await self._scan_parked(q, want)
+        return found
+
+    async def _scan_parked(
+        self,
+        q: QueueKey,
+        want: int,
+        *,
+        after: uuid.UUID | None = None,
+        parked_before_ms: int | None = None,
+    ) -> tuple[list[tuple[ParkedEntry, Lease]], uuid.UUID | None]:
+        """Up to ``want`` parked tasks after the row ``after``, in the index's order, each with its
+        lease; with ``parked_before_ms``, only those parked before it. And the last row looked at,
+        if the scan stopped short of the rows that could hold more (``want`` found, or
+        PARKED_SCAN_ROWS read): None when it read them all.
 
         The index can hold rows whose park is over: a bridge that died between a redrive's
         unpark (or a discard's compare-and-set) and the row's delete leaves one. Such rows are
         passed, so that they hide no parked task behind them, and removed when their park can
         never apply again (the lease is gone, final, or at a later epoch); a row whose lease is
         leased at its own epoch may be a park in progress (the row is written before the
-        park's compare-and-set) and is left."""
+        park's compare-and-set) and is left. Rows parked at or after ``parked_before_ms`` are
+        passed too (and kept)."""
         found: list[tuple[ParkedEntry, Lease]] = []
         over: list[ParkedEntry] = []
-        after: uuid.UUID | None = None
+        last_id_ms = None if parked_before_ms is None else self._last_id_parked_before(parked_before_ms)
+        page_min = 1 if parked_before_ms is None else REDRIVE_SCAN_PAGE
         scanned = 0
-        while len(found) < want and scanned < PARKED_SCAN_ROWS:
-            size = min(want - len(found), PARKED_SCAN_ROWS - scanned)
+        while scanned < PARKED_SCAN_ROWS:
+            size = min(max(want - len(found), page_min), PARKED_SCAN_ROWS - scanned)
             entries = await self.store.parked(q, size, after)
             scanned += len(entries)
-            leases: dict[uuid.UUID, Lease] = {}
-            for i in range(0, len(entries), LEASES_PER_READ):
-                leases.update(await self.store.leases_of(q, [e.task_id for e in entries[i : i + LEASES_PER_READ]]))
+            leases = await self._leases_of(q, entries)
+            ended = len(entries) < size  # the index's end
             for e in entries:
+                if last_id_ms is not None and ms_of(e.task_id) > last_id_ms:
+                    ended = True  # the rest of the index was added after the bound
+                    break
                 lease = leases.get(e.task_id)
                 if lease is not None and lease.state is LeaseState.PARKED:
-                    found.append((e, lease))
+                    if parked_before_ms is None or _parked_at(e, lease) < parked_before_ms:
+                        if len(found) == want:
+                            return self._scanned(q, found, over, after)  # the next request goes on here
+                        found.append((e, lease))
                 elif lease is None or lease.epoch > e.epoch or lease.state in FINAL_STATES:
                     over.append(e)
-            if len(entries) < size:
-                break  # the index's end
-            after = entries[-1].task_id
+                after = e.task_id
+            if ended:
+                return self._scanned(q, found, over, None)
+            if len(found) == want:
+                return self._scanned(q, found, over, after)
+        return self._scanned(q, found, over, after)  # PARKED_SCAN_ROWS read: the rest is a later request's
+
+    def _scanned(
+        self, q: QueueKey, found: list[tuple[ParkedEntry, Lease]], over: list[ParkedEntry], after: uuid.UUID | None
+    ) -> tuple[list[tuple[ParkedEntry, Lease]], uuid.UUID | None]:
         if over:
             self.ctx.background.spawn(self._remove_over(q, over), "remove stale parked rows")
-        return found
+        return found, after
+
+    async def _leases_of(self, q: QueueKey, entries: list[ParkedEntry]) -> dict[uuid.UUID, Lease]:
+        leases: dict[uuid.UUID, Lease] = {}
+        for i in range(0, len(entries), LEASES_PER_READ):
+            leases.update(await self.store.leases_of(q, [e.task_id for e in entries[i : i + LEASES_PER_READ]]))
+        return leases
+
+    def _last_id_parked_before(self, parked_before_ms: int) -> int:
+        """The latest task id time (ms) whose task could have been parked before the bound.
+
+        A task's id is the time it was added, or a delayed task's due time: it was not handed
+        out, so not parked, before then, by the clocks of bridges that are within the skew margin
+        of one another. Tasks added after the bound need no look."""
+        return parked_before_ms + self.ctx.limits.skew_margin_ms
 
     async def _remove_over(self, q: QueueKey, rows: list[ParkedEntry]) -> None:
         # One at a time, each only if still that park's row (a later park of the task keeps its).
@@ -396,18 +459,45 @@ class Lifecycle:
 
     async def redrive(self, owner: str, service: str, task_ids: list[uuid.UUID] | None) -> int:
         """Back to the queue, at most ``redrive_rate`` a second (a flood of redriven poison tasks
-        must not take every worker at once); their delivery count starts again."""
-        ctx = self.ctx
-        q = QueueKey(owner, service)
-        await ctx.keys.current(owner)
+        must not take every worker at once); their delivery count starts again. ``None``: a
+        ``redrive all`` round bounded by this bridge's now (see :meth:`redrive_all`)."""
         if task_ids is None:
-            task_ids = [e.task_id for e, _ in await self._live_parked(q, REDRIVE_ALL_MAX)]
+            return (await self.redrive_all(owner, service)).redriven
+        q = QueueKey(owner, service)
+        await self.ctx.keys.current(owner)
+        return await self._put_back(q, [(task_id, None) for task_id in task_ids])
+
+    async def redrive_all(
+        self, owner: str, service: str, parked_before_ms: int | None = None, after: uuid.UUID | None = None
+    ) -> RedriveRound:
+        """Put back up to REDRIVE_ALL_MAX tasks parked before ``parked_before_ms`` (None: this
+        bridge's now), from the index row after ``after`` on.
+
+        A caller that sends the bound (and the row) of each reply in its next request ends: tasks
+        that workers park again meanwhile are parked at or after the bound, and are left; the
+        rows it goes on after only move forward, and the index rows that could hold a task parked
+        before the bound are those of tasks added before it (``_last_id_parked_before``), which
+        later adds do not grow. Without a bound each request takes its own now, as in 1.4: a
+        caller that sends it again until it answers 0 goes on while tasks are parked again."""
+        q = QueueKey(owner, service)
+        await self.ctx.keys.current(owner)
+        bound = self.ctx.clock.now_ms() if parked_before_ms is None else parked_before_ms
+        listed, stopped_at = await self._scan_parked(q, REDRIVE_ALL_MAX, after=after, parked_before_ms=bound)
+        done = await self._put_back(q, [(e.task_id, lease.epoch) for e, lease in listed])
+        return RedriveRound(done, bound, stopped_at)
+
+    async def _put_back(self, q: QueueKey, tasks: list[tuple[uuid.UUID, int | None]]) -> int:
+        """Unpark ``tasks`` (each still parked at the epoch given, if one is: the park a listing
+        found, not one after it), paced; how many went back."""
+        ctx = self.ctx
         interval = 1.0 / ctx.limits.redrive_rate
         done = 0
-        for task_id in task_ids:
+        for task_id, listed_epoch in tasks:
             lease = await self.store.lease(q, task_id, serial=False)
             if lease is None or lease.state is not LeaseState.PARKED:
                 continue
+            if listed_epoch is not None and lease.epoch != listed_epoch:
+                continue  # redriven and parked again since it was listed: after the bound
             await self._paced(q, interval)
             now = ctx.clock.now_ms()
             until = now - ctx.limits.skew_margin_ms  # claimable at once
@@ -626,4 +716,13 @@ class Lifecycle:
         return True
 
 
-__all__ = ["PARK_DELIVERY_LIMIT", "PARK_FAILED", "Extended", "Failed", "Lifecycle", "ParkedTask", "TaskInfo"]
+__all__ = [
+    "PARK_DELIVERY_LIMIT",
+    "PARK_FAILED",
+    "Extended",
+    "Failed",
+    "Lifecycle",
+    "ParkedTask",
+    "RedriveRound",
+    "TaskInfo",
+]

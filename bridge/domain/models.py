@@ -232,12 +232,29 @@ class RedriveRequest(_Request):
     service_id: Identifier = Field(alias="serviceId")
     task_ids: list[TaskId] | None = Field(None, alias="taskIds", max_length=1000)
     all: StrictBool = False
+    # (1.9, ``all`` only) Tasks parked before this time (the bound an earlier reply gave): those
+    # parked again since are left, so that a client sending it back ends. Absent: the bridge's now.
+    parked_before: StrictStr | None = Field(None, alias="parkedBefore", max_length=64)
+    # (1.9, ``all`` only) Go on after this parked-index row (an earlier reply's ``after``).
+    after: TaskId | None = None
+
+    @field_validator("parked_before")
+    @classmethod
+    def _is_an_instant(cls, value: str | None) -> str | None:
+        if value is not None:
+            instant(value)
+        return value
 
     @model_validator(mode="after")
     def _which(self) -> RedriveRequest:
         if (self.task_ids is None) == (not self.all):
             raise ValueError("give taskIds or all: true (one of them)")
+        if not self.all and (self.parked_before is not None or self.after is not None):
+            raise ValueError("parkedBefore and after go with all: true")
         return self
+
+    def parked_before_ms(self) -> int | None:
+        return None if self.parked_before is None else instant(self.parked_before)
 
 
 class DiscardRequest(_Request):

@@ -24,7 +24,7 @@ from bridge.domain.dispatch import Dispatcher
 from bridge.domain.errors import BadRequest, Unavailable
 from bridge.domain.fetching import Fetcher
 from bridge.domain.hints import Hint, NoHints, TaskHints, carried
-from bridge.domain.lifecycle import Extended, Failed, Lifecycle, ParkedTask, TaskInfo
+from bridge.domain.lifecycle import Extended, Failed, Lifecycle, ParkedTask, RedriveRound, TaskInfo
 from bridge.domain.models import AckRequest, AddCommand, Delivery, ExtendRequest, FailRequest, FetchRequest
 from bridge.domain.reconcile import Reconciliation
 from bridge.domain.records import DUE_EPOCH, LANE_FRESH, ExpiryEntry, OutboxEntry, Payload, QueueKey
@@ -303,6 +303,11 @@ class WorkQueue:
 
     async def redrive(self, owner: str, service: str, task_ids: list[uuid.UUID] | None) -> int:
         return await self.lifecycle.redrive(owner, service, task_ids)
+
+    async def redrive_all(
+        self, owner: str, service: str, parked_before_ms: int | None = None, after: uuid.UUID | None = None
+    ) -> RedriveRound:
+        return await self.lifecycle.redrive_all(owner, service, parked_before_ms, after)
 
     async def discard(self, owner: str, service: str, task_ids: list[uuid.UUID]) -> int:
         return await self.lifecycle.discard(owner, service, task_ids)

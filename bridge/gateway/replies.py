@@ -121,6 +121,17 @@ class ParkedReply(_Reply):
 
 class Redriven(_Reply):
     redriven: int
+    parked_before: str | None = Field(
+        None,
+        alias="parkedBefore",
+        description="(1.9, all: true only) The bound this request used (ISO 8601, UTC): tasks parked before it "
+        "were put back. Send it back as parkedBefore (with after, if given) until a reply has no after.",
+    )
+    after: str | None = Field(
+        None,
+        description="(1.9, all: true only) Present when the request stopped short: the parked-index row to go "
+        "on after; send it back as after.",
+    )
 
 
 class RedriveReply(_Reply):

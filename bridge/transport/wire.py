@@ -37,7 +37,7 @@ from bridge.domain.timeline import ms_of
 from bridge.errors import BridgeError
 
 if TYPE_CHECKING:
-    from bridge.domain.lifecycle import Extended, Failed, ParkedTask
+    from bridge.domain.lifecycle import Extended, Failed, ParkedTask, RedriveRound
     from bridge.domain.queue import WorkQueue
     from bridge.domain.stats import ServiceStats
 
@@ -157,6 +157,15 @@ def redriven(n: int) -> Body:
     return reply({"redriven": n})
 
 
+def redriven_round(r: RedriveRound) -> Body:
+    """(1.9) An ``all`` request's reply: also the bound it used, and where to go on if it stopped
+    short, for the caller to send back (a caller of 1.4 reads ``redriven`` alone)."""
+    result: dict[str, Any] = {"redriven": r.redriven, "parkedBefore": iso(r.parked_before_ms)}
+    if r.after is not None:
+        result["after"] = str(r.after)
+    return reply(result)
+
+
 def discarded(n: int) -> Body:
     return reply({"discarded": n})
 
@@ -196,8 +205,10 @@ async def _parked(queue: WorkQueue, owner: str, req: ParkedRequest) -> Body:
 
 
 async def _redrive(queue: WorkQueue, owner: str, req: RedriveRequest) -> Body:
-    ids = None if req.task_ids is None else [uuid.UUID(t) for t in req.task_ids]
-    return redriven(await queue.redrive(owner, req.service_id, ids))
+    if req.task_ids is not None:
+        return redriven(await queue.redrive(owner, req.service_id, [uuid.UUID(t) for t in req.task_ids]))
+    after = None if req.after is None else uuid.UUID(req.after)
+    return redriven_round(await queue.redrive_all(owner, req.service_id, req.parked_before_ms(), after))
 
 
 async def _discard(queue: WorkQueue, owner: str, req: DiscardRequest) -> Body:

@@ -31,7 +31,7 @@ from bridge.config import ENV_PREFIX, Settings
 from bridge.crypto import KeyringFileProvider, generate_keyring, write_keyring
 from bridge.domain.clock import ManualClock
 from bridge.domain.errors import BridgeError, PayloadTooLarge, Unavailable
-from bridge.domain.lifecycle import PARK_DELIVERY_LIMIT, PARK_FAILED, Extended, Failed, ParkedTask
+from bridge.domain.lifecycle import PARK_DELIVERY_LIMIT, PARK_FAILED, Extended, Failed, ParkedTask, RedriveRound
 from bridge.domain.models import (
     AckRequest,
     AckWithNextRequest,
@@ -279,6 +279,12 @@ def test_validator_rejects_what_it_should(doc: dict[str, Any]) -> None:
     assert errors_of(doc, redrive, {"serviceId": "s", "taskIds": None, "all": False})
     assert errors_of(doc, redrive, {"serviceId": "s", "taskIds": [TASK_ID] * 1001})
     assert not errors_of(doc, redrive, {"serviceId": "s", "taskIds": None, "all": True})
+    # 1.9: the bound and where to go on, with all: true only.
+    going_on = {"serviceId": "s", "all": True, "parkedBefore": "2026-12-02T10:00:00Z", "after": TASK_ID}
+    assert not errors_of(doc, redrive, going_on)
+    assert errors_of(doc, redrive, {**going_on, "parkedBefore": 1764669600000})
+    assert errors_of(doc, redrive, {"serviceId": "s", "taskIds": [TASK_ID], "parkedBefore": "2026-12-02T10:00:00Z"})
+    assert errors_of(doc, redrive, {"serviceId": "s", "taskIds": [TASK_ID], "after": TASK_ID})
     discard = schemas["DiscardRequestPayload"]
     assert errors_of(doc, discard, {"serviceId": "s", "taskIds": []})
     assert errors_of(doc, discard, {"serviceId": "s", "taskIds": ["not-a-uuid"]})
@@ -763,6 +769,11 @@ class _WorkQueue:
     async def redrive(self, owner: str, service: str, task_ids: list[uuid.UUID] | None) -> int:
         return int(self._lifecycle("redrive", service, task_ids))
 
+    async def redrive_all(
+        self, owner: str, service: str, parked_before_ms: int | None = None, after: uuid.UUID | None = None
+    ) -> RedriveRound:
+        return cast(RedriveRound, self._lifecycle("redrive", service, parked_before_ms, after))
+
     async def discard(self, owner: str, service: str, task_ids: list[uuid.UUID]) -> int:
         return int(self._lifecycle("discard", service, task_ids))
 
@@ -1020,7 +1031,18 @@ LIFECYCLE_REPLIES: list[tuple[str, dict[str, Any], Any, dict[str, Any]]] = [
             }
         },
     ),
-    ("redrive", {"serviceId": "billing", "all": True}, 2, {"result": {"redriven": 2}}),
+    (
+        "redrive",
+        {"serviceId": "billing", "all": True},
+        RedriveRound(2, AT_MS, None),
+        {"result": {"redriven": 2, "parkedBefore": AT}},
+    ),
+    (
+        "redrive",
+        {"serviceId": "billing", "all": True, "parkedBefore": AT, "after": OTHER_ID},
+        RedriveRound(1000, AT_MS, TASK_UUID),
+        {"result": {"redriven": 1000, "parkedBefore": AT, "after": TASK_ID}},
+    ),
     ("redrive", {"serviceId": "billing", "taskIds": [TASK_ID, OTHER_ID]}, 1, {"result": {"redriven": 1}}),
     ("discard", {"serviceId": "billing", "taskIds": [TASK_ID]}, 1, {"result": {"discarded": 1}}),
 ]
