@@ -190,7 +190,8 @@ class Settings(BaseSettings):
         ge=0,
         le=3600,
         description="How often the duty bridge refreshes the per-queue gauges, seconds (0: no gauges). Each "
-        "refresh reads 3 statements per queue (4 more for a queue with ready tasks).",
+        "refresh reads 3 statements per queue, plus up to 3 small ones per lane (2 lanes) looking for the "
+        "oldest ready task, whatever the counts say.",
     )
     redrive_rate: float = Field(
         50.0, gt=0, le=10_000, description="Parked tasks put back per second per queue by this bridge's redrives."

@@ -6,14 +6,14 @@ published after it; the result relay re-publishes what a crash left pending.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections import OrderedDict
 
 from bridge.domain.clock import next_stamp
 from bridge.domain.context import QueueContext
-from bridge.domain.errors import MaybeApplied, Unavailable
+from bridge.domain.counting import landed_later
+from bridge.domain.errors import MaybeApplied
 from bridge.domain.models import AckRequest
 from bridge.domain.records import CasResult, OutboxEntry, QueueKey, WorkerPointer, WorkerRow
 from bridge.domain.relay import ResultRelay, decided_by_itself
@@ -110,16 +110,17 @@ class Acker:
     async def _count_if_landed(
         self, q: QueueKey, req: AckRequest, task_id: uuid.UUID, epoch: int, completion_id: uuid.UUID
     ) -> None:
-        for pause_s in UNCERTAIN_COMPLETION_LOOKUPS_S:  # a store that just failed: back off between reads
-            await asyncio.sleep(pause_s)
-            try:
-                lease = await self.ctx.store.lease(q, task_id, serial=True)
-            except Unavailable:
-                continue
-            if lease is not None and lease.completion_id == completion_id and lease.completed_by(req.worker_id, epoch):
-                self._completed(q, task_id, epoch, req)
-            return
-        log.warning("completion of task %s left uncounted: its outcome stayed unknown", task_id)
+        async def ours() -> bool:
+            lease = await self.ctx.store.lease(q, task_id, serial=True)
+            return (
+                lease is not None and lease.completion_id == completion_id and lease.completed_by(req.worker_id, epoch)
+            )
+
+        landed = await landed_later(ours, UNCERTAIN_COMPLETION_LOOKUPS_S)
+        if landed:
+            self._completed(q, task_id, epoch, req)
+        elif landed is None:
+            log.warning("completion of task %s left uncounted: its outcome stayed unknown", task_id)
 
     def _completed(self, q: QueueKey, task_id: uuid.UUID, epoch: int, req: AckRequest) -> None:
         self.ctx.count(q, ms_of(task_id), in_flight=-1)

@@ -16,7 +16,10 @@ and day touched, whatever the load.
 
 What it costs in accuracy, said plainly (docs/storage.md, "Queue counts"): a bridge killed -9
 loses its last second of deltas, and a counter update that timed out may or may not have
-applied. The counts are attributed to the day of the task's id, and only the days within the
+applied. A counted move whose own write (an add, a claim, a completion) timed out with its
+outcome unknown is not lost: it is looked up again off the request's path and counted if it
+landed (``landed_later``), since the caller's retry then finds it done and counts nothing. The
+counts are attributed to the day of the task's id, and only the days within the
 task TTL are summed, so whatever drift there is leaves the counts with the tasks it concerned.
 ``parked`` is not a count: it reads the parked index. An exact census is ``queue-bridge stats``
 (it walks the index).
@@ -24,12 +27,14 @@ task TTL are summed, so whatever drift there is leaves the counts with the tasks
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
 
-from bridge.domain.errors import MaybeApplied
+from bridge.domain.errors import MaybeApplied, Unavailable
 from bridge.domain.records import QueueKey
 from bridge.domain.timeline import ms_of
 
@@ -48,6 +53,25 @@ def was_delayed(task_id: uuid.UUID, created_at_ms: int | None) -> bool:
     claim, a cancel, a purge) moves it off that minute, not off ``ready``: within the minute stats
     count it delayed, and a -1 from ready hid a ready task until the minute ended."""
     return created_at_ms is not None and ms_of(task_id) > created_at_ms
+
+
+async def landed_later(lookup: Callable[[], Awaitable[bool | None]], pauses_s: Iterable[float]) -> bool | None:
+    """Whether a write whose outcome stayed unknown landed after all, asked of ``lookup`` after each
+    pause (a store that just failed: back off between reads) until it answers True (it landed:
+    the caller counts it now) or False (it certainly did not). ``lookup`` answers None, or raises
+    ``Unavailable``, while it cannot tell yet. None at the end: it stayed unknown.
+
+    Off the request's path (``Background``): the request itself was answered ``unavailable``, and
+    its retry finds the write done and counts nothing, so this is the only count it gets."""
+    for pause_s in pauses_s:
+        await asyncio.sleep(pause_s)
+        try:
+            answer = await lookup()
+        except Unavailable:
+            continue
+        if answer is not None:
+            return answer
+    return None
 
 
 class QueueCounts:
@@ -103,4 +127,4 @@ class QueueCounts:
         return dropped
 
 
-__all__ = ["DAY_MS", "MINUTE_MS", "QueueCounts"]
+__all__ = ["DAY_MS", "MINUTE_MS", "QueueCounts", "landed_later"]

@@ -18,9 +18,9 @@ from typing import NamedTuple
 
 from bridge.domain.clock import next_stamp, pointer_stamp
 from bridge.domain.context import QueueContext
-from bridge.domain.counting import was_delayed
+from bridge.domain.counting import landed_later, was_delayed
 from bridge.domain.dispatch import Dispatcher
-from bridge.domain.errors import IntegrityError, KeyMissing, Unavailable
+from bridge.domain.errors import IntegrityError, KeyMissing, MaybeApplied, Unavailable
 from bridge.domain.hints import Taken, TaskHints
 from bridge.domain.models import Delivery, FetchRequest
 from bridge.domain.reconcile import Reconciliation
@@ -56,6 +56,9 @@ TTL_GRANULARITY_MS = 1_000  # Cassandra expires rows on whole seconds
 # window does not bound them); the fetches of a worker arriving while it is full run unordered, as
 # they did before the turns.
 MAX_FLIGHTS = 100_000
+# When a claim's outcome is unknown, its lease is read again after these pauses (seconds), as a
+# completion's is (``acking.UNCERTAIN_COMPLETION_LOOKUPS_S``).
+UNCERTAIN_CLAIM_LOOKUPS_S = (0.5, 2.0, 8.0)
 
 
 class _Claim(NamedTuple):
@@ -468,18 +471,24 @@ class Fetcher:
             except Exception as exc:
                 read_failed = exc
         ends = None if payload is None else payload.expires_at_ms
-        if recovered:
-            assert entry.epoch is not None
-            # Only a lease whose deadline passed more than the skew margin ago on OUR clock.
-            res = await store.claim_expired(
-                *(q, task_id, entry.epoch, worker, until, now - margin, claim_id),
-                has_token=entry.has_token,
-                expires_at_ms=ends,
-            )
-        else:
-            res = await store.claim_new(
-                q, task_id, worker, until, claim_id, has_token=entry.has_token, expires_at_ms=ends
-            )
+        try:
+            if recovered:
+                assert entry.epoch is not None
+                # Only a lease whose deadline passed more than the skew margin ago on OUR clock.
+                res = await store.claim_expired(
+                    *(q, task_id, entry.epoch, worker, until, now - margin, claim_id),
+                    has_token=entry.has_token,
+                    expires_at_ms=ends,
+                )
+            else:
+                res = await store.claim_new(
+                    q, task_id, worker, until, claim_id, has_token=entry.has_token, expires_at_ms=ends
+                )
+        except MaybeApplied:
+            # The fetch is answered ``unavailable``; if the claim applied, the worker's retry gets
+            # the task through its pointer, which counts nothing: this claim is counted if it landed.
+            self.ctx.background.spawn(self._count_if_claimed(q, entry, claim_id, payload), "count an uncertain claim")
+            raise
         if not res.applied:
             cur = res.current
             if recovered and cur is not None and cur.epoch == entry.epoch and cur.not_claimable_before(now, margin):
@@ -489,13 +498,7 @@ class Fetcher:
             self.ctx.metrics.inc("claims_stale" if finished else "claim_conflicts")
             return _Claim(None, stamp, finished=finished)
         a.flight.granted += 1
-        if not recovered and payload is not None and was_delayed(task_id, payload.created_at_ms):
-            # Taken off the due minute its add counted it under: within that minute stats count
-            # it delayed, and a -1 from ready would have hidden a ready task until the minute ended.
-            self.ctx.count_delayed(q, ms_of(task_id), -1)
-            self.ctx.count(q, ms_of(task_id), in_flight=1)
-        elif not recovered or await self._was_redriven(q, entry):  # a re-claim stays in flight (counting)
-            self.ctx.count(q, ms_of(task_id), ready=-1, in_flight=1)
+        await self._count_claim(q, entry, payload)
         if read_failed is not None:
             raise read_failed
         await self._refile_if_slow(q, entry, epoch, now, until)
@@ -511,6 +514,37 @@ class Fetcher:
         log.debug("task claimed", extra={"task_id": str(task_id), "epoch": epoch, "lease_ms": ttr})
         delivery = await self._deliver(q, worker, task_id, epoch, until, payload, stamp=stamp, carried=carried)
         return _Claim(delivery, stamp, expires_at_ms=ends)
+
+    async def _count_claim(self, q: QueueKey, entry: ReadyEntry, payload: Payload | None) -> None:
+        """Count a claim that applied: a fresh task (or a redriven one) leaves ``ready`` for in flight."""
+        task_id = entry.task_id
+        recovered = entry.lane == LANE_RECOVERED
+        if not recovered and payload is not None and was_delayed(task_id, payload.created_at_ms):
+            # Taken off the due minute its add counted it under: within that minute stats count
+            # it delayed, and a -1 from ready would have hidden a ready task until the minute ended.
+            self.ctx.count_delayed(q, ms_of(task_id), -1)
+            self.ctx.count(q, ms_of(task_id), in_flight=1)
+        elif not recovered or await self._was_redriven(q, entry):  # a re-claim stays in flight (counting)
+            self.ctx.count(q, ms_of(task_id), ready=-1, in_flight=1)
+
+    async def _count_if_claimed(
+        self, q: QueueKey, entry: ReadyEntry, claim_id: uuid.UUID, payload: Payload | None
+    ) -> None:
+        """A claim whose outcome stayed unknown: counted as any claim if the lease names its claim id
+        (a SERIAL read settles the compare-and-set). Missed if the lease was claimed again before
+        the read (a lease shorter than the lookups): logged."""
+
+        async def ours() -> bool:
+            lease = await self.ctx.store.lease(q, entry.task_id, serial=True)
+            return lease is not None and lease.claim_id == claim_id
+
+        landed = await landed_later(ours, UNCERTAIN_CLAIM_LOOKUPS_S)
+        if landed:
+            if payload is None and entry.lane == LANE_FRESH:
+                payload = await self.ctx.store.payload(q, entry.task_id)  # was it delayed? (its read failed)
+            await self._count_claim(q, entry, payload)
+        elif landed is None:
+            log.warning("claim of task %s left uncounted: its outcome stayed unknown", entry.task_id)
 
     async def _was_redriven(self, q: QueueKey, entry: ReadyEntry) -> bool:
         """Whether the recovered entry we just claimed was a redriven lease nobody had claimed since

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
@@ -19,9 +20,9 @@ from bridge.crypto import KeyProvider
 from bridge.domain.acking import Acker
 from bridge.domain.clock import Clock
 from bridge.domain.context import AlwaysGrant, Background, LeaseGate, Limits, Metrics, NoMetrics, QueueContext
-from bridge.domain.counting import DAY_MS, QueueCounts
+from bridge.domain.counting import DAY_MS, QueueCounts, landed_later
 from bridge.domain.dispatch import Dispatcher
-from bridge.domain.errors import BadRequest, Unavailable
+from bridge.domain.errors import BadRequest, NotSent, Unavailable
 from bridge.domain.fetching import Fetcher
 from bridge.domain.hints import Hint, NoHints, TaskHints, carried
 from bridge.domain.lifecycle import Extended, Failed, Lifecycle, ParkedTask, RedriveRound, TaskInfo
@@ -43,6 +44,11 @@ MAX_STATS_SERVICES = 1_000
 # Timer-wheel entries due sooner than this are also handled by a timer of the bridge that filed
 # them: the scheduler reads the wheel's marks once a second (``MARKS_REFRESH_MS``).
 SOON_MS = 2_000
+# When an add's task write timed out, whether it was stored is read after these pauses (seconds):
+# the first once the write's own timeouts have passed (a coordinator gives up on a write after
+# 2 s by default), the later ones for a write held up longer on its way.
+UNCERTAIN_ADD_LOOKUPS_S = (2.0, 8.0, 30.0)
+ADDS_IN_DOUBT_MAX = 100_000  # bounded: the oldest forgotten first (each is an add whose write timed out)
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,8 @@ class WorkQueue:
         # Set by the recovery scheduler: handles a timer-wheel entry due within moments, here.
         self.due_soon: Callable[[ExpiryEntry], None] | None = None
         self._registered: dict[QueueKey, int] = {}
+        # Adds whose task write timed out here (task id -> counted yet): see ``_count_add``.
+        self._adds_in_doubt: OrderedDict[uuid.UUID, bool] = OrderedDict()
 
     # -- what the scheduler and the process use ------------------------------------------------------
     @property
@@ -206,20 +214,64 @@ class WorkQueue:
             at = due + ctx.limits.skew_margin_ms
             watch = ExpiryEntry(due, q, task_id, DUE_EPOCH, add.has_token, add.priority)
             await ctx.store.watch_expiry(expiry_bucket(at), watch)
-            await ctx.store.store_task(q, task_id, payload, message_id=recorded)
+            await self._store_task(add, recorded)
             self.soon(watch, at)
-            ctx.count_delayed(q, due, 1)
+            self._count_add(add)
             ctx.metrics.inc("tasks_added", kind="delayed")
             return str(task_id)
-        await ctx.store.store_task(q, task_id, payload, message_id=recorded)
+        await self._store_task(add, recorded)
         # After the write: a hint never names a task that is not stored yet.
         hint = Hint(task_id, LANE_FRESH, task_id, None, add.has_token, carried(payload), add.priority)
         await self.hints.offer(q, hint)
-        # Under the task id's day, as every later move of it (a retried add may run past midnight).
-        ctx.count(q, ms_of(task_id), ready=1)
+        self._count_add(add)
         ctx.metrics.inc("tasks_added", kind="ready")
         log.debug("task added", extra={"task_id": str(task_id)})
         return str(task_id)
+
+    async def _store_task(self, add: PendingAdd, message_id: str | None) -> None:
+        """Write the task. A write that may have landed (anything but ``NotSent``) and whose
+        caller may give up (its retries run out, or it has none: the gateway's client retries with
+        its idempotency key, and the copy that finds the task stored counts nothing) is looked up
+        later and counted if it landed (``_count_add_if_stored``)."""
+        try:
+            await self.ctx.store.store_task(add.q, add.task_id, add.payload, message_id=message_id)
+        except Unavailable as exc:
+            if not isinstance(exc, NotSent) and add.task_id not in self._adds_in_doubt:
+                self._adds_in_doubt[add.task_id] = False
+                if len(self._adds_in_doubt) > ADDS_IN_DOUBT_MAX:
+                    self._adds_in_doubt.popitem(last=False)
+                self.ctx.background.spawn(self._count_add_if_stored(add), "count an uncertain add")
+            raise
+
+    def _count_add(self, add: PendingAdd) -> None:
+        """Count the task once: ready under its id's day (as every later move of it: a retried add
+        may run past midnight), or delayed under its due minute. A task id is stored only by the
+        attempts of the add that prepared it, on this bridge (a redelivered copy prepares its own,
+        and one that finds this task stored counts nothing): so whichever comes first here, a
+        retry that stores it or the lookup of a write that timed out, counts it, and only that one."""
+        if self._adds_in_doubt.get(add.task_id) is True:
+            return  # counted already, by the lookup
+        if add.task_id in self._adds_in_doubt:
+            self._adds_in_doubt[add.task_id] = True
+        if add.due_ms is not None:
+            self.ctx.count_delayed(add.q, add.due_ms, 1)
+        else:
+            self.ctx.count(add.q, ms_of(add.task_id), ready=1)
+
+    async def _count_add_if_stored(self, add: PendingAdd) -> None:
+        """Whether a task whose write timed out was stored after all, read after the write's own
+        timeouts have passed; counted once it is found (unless a retry stored and counted it)."""
+
+        async def stored() -> bool | None:
+            if self._adds_in_doubt.get(add.task_id) is not False:
+                return False  # counted by a retry (or forgotten, long ago): nothing to look up
+            # Not found yet is no answer: a write held up on its way may still land.
+            return True if await self.ctx.store.task_exists(add.q, add.task_id) else None
+
+        if await landed_later(stored, UNCERTAIN_ADD_LOOKUPS_S):
+            self._count_add(add)
+        elif self._adds_in_doubt.get(add.task_id) is False:
+            log.warning("add of task %s left uncounted: not found stored (it may land later)", add.task_id)
 
     def soon(self, entry: ExpiryEntry, due_ms: int) -> None:
         """An entry filed in the timer wheel for a moment so near (a short backoff, a redrive, a

@@ -198,7 +198,12 @@ async def service_stats(
     """The queue's counts from its counters (``bridge.domain.counting``), its parked index, and the
     first few entries after each lane's cursor (for the oldest ready task): a handful of reads,
     whatever the queue's length. ``settle_ms`` is the dispatcher's (``settled_before``): stats move
-    a lane's cursor past the taken entries they read, by the dispatcher's rule."""
+    a lane's cursor past the taken entries they read, by the dispatcher's rule.
+
+    What the counts guarantee (docs/storage.md, "Queue counts"): exact while no bridge was killed
+    and no counter update timed out; otherwise they may drift, for the tasks' TTL plus up to a day.
+    A ready task is never hidden by a counter drifted to zero or below: when one is found ready,
+    ``ready`` is at least 1 (a lower bound then) and its age is given."""
     # The delayed minutes are read from the same day as the day counts: a delayed task's add is
     # +1 under its due minute and its claim (or cancel, purge) -1 ready under its due day. Read
     # from the minute a TTL ago, the +1 left the window up to a day before the -1, and every
@@ -213,8 +218,17 @@ async def service_stats(
     this_minute = now_ms // MINUTE_MS
     delayed = sum(n for minute, n in by_minute.items() if minute >= this_minute)
     ready += sum(n for minute, n in by_minute.items() if minute < this_minute)
-    # The oldest ready task is looked for only when there is one (an empty queue costs 3 reads).
-    oldest = await _oldest_ready(store, q, now_ms, margin_ms, settle_ms) if ready > 0 else None
+    # The oldest ready task is looked for whatever the counter says: a counter that drifted below
+    # the truth (a bridge killed -9 loses its last second of deltas) must not hide waiting tasks
+    # (this age is the natural backlog alert). On a queue with nothing ready this costs up to 3
+    # small reads per lane, 6 in all (its cursor, its bucket list, one page of <= 64 entries of its
+    # first bucket; a lease read more for entries not yet marked taken; taken entries are paged
+    # past only until the cursor moves past them): per stats request, and per
+    # BRIDGE_STATS_INTERVAL for the gauges, which only the duty bridge refreshes (once per fleet,
+    # whatever its size: ``App._export_queue_stats``).
+    oldest = await _oldest_ready(store, q, now_ms, margin_ms, settle_ms)
+    if oldest is not None and ready <= 0:
+        ready = 1  # a task waits: at least one is ready (a lower bound) whatever the drifted counter says
     return ServiceStats(q.service, max(ready, 0), max(in_flight, 0), max(delayed, 0), len(parked), oldest)
 
 
