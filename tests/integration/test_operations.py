@@ -155,10 +155,17 @@ async def test_result_nobody_can_take_stays_pending_until_a_queue_is_bound(
 
     await wait_for(pending, 30, interval=0.5, what="the result to be reported pending")
     async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
-        await wait_for(lambda: not results.empty(), 30, interval=0.2, what="the re-published result")
-        msg = results.get_nowait()
+
+        def ours() -> dict[str, object] | None:
+            # The session's keyspace is shared: as the relay, this bridge also sends results that
+            # earlier tests' bridges left owed, to this test's exchange. Ours carries our token.
+            while not results.empty():
+                if (msg := results.get_nowait()).get("token") == {"p": "waiting"}:
+                    return msg
+            return None
+
+        msg = await wait_for(ours, 30, interval=0.2, what="the re-published result")
         assert msg["result"] == "the result"
-        assert msg["token"] == {"p": "waiting"}
 
 
 async def test_bridges_starting_together_migrate_the_schema_once(servers):
