@@ -18,6 +18,7 @@ import random
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -52,6 +53,28 @@ async def ack(w: Worker, task: dict[str, Any], result: Any = "ok") -> bool:
         "result": result,
     }
     return bool((await w.call("ack", body))["result"])
+
+
+async def work_until_stopped(
+    w: Worker,
+    stop: asyncio.Event,
+    on_task: Callable[[Worker, dict[str, Any], float], Awaitable[None]],
+    *,
+    quiet: int = 3,
+    idle_s: float = 0.02,
+) -> None:
+    """A worker's loop: fetch, hand each task to ``on_task`` (with when its fetch was sent), until
+    ``stop`` is set and ``quiet`` fetches in a row found nothing."""
+    nulls = 0
+    while not (stop.is_set() and nulls >= quiet):
+        sent = time.monotonic()
+        task = await fetch(w, fresh=True)
+        if task is None:
+            nulls += 1
+            await asyncio.sleep(idle_s)
+            continue
+        nulls = 0
+        await on_task(w, task, sent)
 
 
 async def cancel(b: Any, svc: str, task_id: str) -> bool:
@@ -118,19 +141,13 @@ async def test_cancel_racing_workers_on_another_bridge(make_bridge, engine, work
         cancelled: dict[str, tuple[bool, float]] = {}
         stop = asyncio.Event()
 
+        async def handle(w: Worker, task: dict[str, Any], sent: float) -> None:
+            delivered[task["id"]].append((sent, task["epoch"], w.worker_id))
+            await asyncio.sleep(random.uniform(0, 0.03))
+            acked[task["id"]].append(await ack(w, task, {"by": w.worker_id}))
+
         async def work(w: Worker) -> None:
-            nulls = 0
-            while not (stop.is_set() and nulls >= 3):
-                sent = time.monotonic()
-                task = await fetch(w, fresh=True)
-                if task is None:
-                    nulls += 1
-                    await asyncio.sleep(0.02)
-                    continue
-                nulls = 0
-                delivered[task["id"]].append((sent, task["epoch"], w.worker_id))
-                await asyncio.sleep(random.uniform(0, 0.03))
-                acked[task["id"]].append(await ack(w, task, {"by": w.worker_id}))
+            await work_until_stopped(w, stop, handle)
 
         async def cancel_all() -> None:
             order = ids[:]
@@ -180,19 +197,13 @@ async def test_purge_racing_workers_takes_only_ready_tasks_and_leaves_none(make_
     acked: dict[str, list[bool]] = defaultdict(list)
     stop = asyncio.Event()
 
+    async def handle(w: Worker, task: dict[str, Any], sent: float) -> None:
+        delivered[task["id"]].append(sent)
+        await asyncio.sleep(random.uniform(0, 0.02))
+        acked[task["id"]].append(await ack(w, task))
+
     async def work(w: Worker) -> None:
-        nulls = 0
-        while not (stop.is_set() and nulls >= 3):
-            sent = time.monotonic()
-            task = await fetch(w, fresh=True)
-            if task is None:
-                nulls += 1
-                await asyncio.sleep(0.02)
-                continue
-            nulls = 0
-            delivered[task["id"]].append(sent)
-            await asyncio.sleep(random.uniform(0, 0.02))
-            acked[task["id"]].append(await ack(w, task))
+        await work_until_stopped(w, stop, handle)
 
     ws = [await workers(svc, f"w{i}") for i in range(3)]
     runs = [asyncio.create_task(work(w)) for w in ws]
@@ -264,18 +275,13 @@ async def test_two_bridges_redriving_the_same_tasks_hand_each_out_once(make_brid
     acked: dict[str, list[bool]] = defaultdict(list)
     stop = asyncio.Event()
 
+    async def handle(w: Worker, task: dict[str, Any], _sent: float) -> None:
+        delivered[task["id"]].append((task["epoch"], w.worker_id))
+        await asyncio.sleep(random.uniform(0, 0.02))
+        acked[task["id"]].append(await ack(w, task))
+
     async def work(w: Worker) -> None:
-        nulls = 0
-        while not (stop.is_set() and nulls >= 5):
-            task = await fetch(w, fresh=True)
-            if task is None:
-                nulls += 1
-                await asyncio.sleep(0.03)
-                continue
-            nulls = 0
-            delivered[task["id"]].append((task["epoch"], w.worker_id))
-            await asyncio.sleep(random.uniform(0, 0.02))
-            acked[task["id"]].append(await ack(w, task))
+        await work_until_stopped(w, stop, handle, quiet=5, idle_s=0.03)
 
     ws = [await workers(svc, f"w{i}") for i in range(3)]
     runs = [asyncio.create_task(work(w)) for w in ws]

@@ -64,6 +64,18 @@ def lease_row(cql: Any, ks: str, svc: str, task_id: str) -> Any:
     ).one()
 
 
+async def a_held_task(slow_bridge: Any, engine: Any, workers: Any, **add: Any) -> tuple[Any, str, str, Any]:
+    """A bridge whose statements can be held, and a task its worker "w" holds: (bridge, service,
+    task id, the worker's task)."""
+    b = await slow_bridge(cassandra_timeout=STORE_TIMEOUT_S)
+    svc = service_id()
+    task_id = await engine.add(svc, "v", **add)
+    w = await workers(svc, "w", timeout=15)
+    t = await w.fetch(time_to_recover_ms=60_000)
+    assert t is not None and t.id == task_id
+    return b, svc, task_id, t
+
+
 async def answer_of(coro: Any, what: str) -> Any:
     try:
         return await slow.bounded(coro, 20, what)
@@ -76,12 +88,7 @@ async def test_an_extend_that_lands_after_the_read_is_answered_true(
 ):
     """The extend lands (the lease runs to the new deadline) after the read that settled its
     unknown outcome: the worker must not be told it lost a lease its own extend renewed."""
-    b = await slow_bridge(cassandra_timeout=STORE_TIMEOUT_S)
-    svc = service_id()
-    task_id = await engine.add(svc, "v")
-    w = await workers(svc, "w", timeout=15)
-    t = await w.fetch(time_to_recover_ms=60_000)
-    assert t is not None and t.id == task_id
+    b, svc, task_id, t = await a_held_task(slow_bridge, engine, workers)
     calls = hold_call(b, slow_proxy, "extend", timestamp_of("until_ms"))
     answer = await answer_of(t.extend(120_000), "extend")
     assert calls and slow_proxy.held_frames == 1
@@ -102,12 +109,7 @@ async def test_a_fail_whose_release_lands_after_the_read_is_answered_with_its_re
 ):
     """The release (the task given back, to come again in 30 s) lands after the read: the worker
     must be told its fail took effect, not that the task was no longer its own."""
-    b = await slow_bridge(cassandra_timeout=STORE_TIMEOUT_S)
-    svc = service_id()
-    task_id = await engine.add(svc, "v")
-    w = await workers(svc, "w", timeout=15)
-    t = await w.fetch(time_to_recover_ms=60_000)
-    assert t is not None and t.id == task_id
+    b, svc, task_id, t = await a_held_task(slow_bridge, engine, workers)
     calls = hold_call(b, slow_proxy, "release", timestamp_of("until_ms"))
     answer = await answer_of(t.fail({"why": "boom"}, retry_in_ms=30_000), "fail")
     assert calls and slow_proxy.held_frames == 1
@@ -129,12 +131,7 @@ async def test_a_fail_whose_park_lands_after_the_read_is_answered_parked_and_lis
     """At its delivery limit the fail parks the task; the park lands after the read. Taken for
     refused, the fail was answered ``None`` and the parked row written ahead was taken back: the
     task ended parked yet missing from the parked listing (nothing an operator could redrive)."""
-    b = await slow_bridge(cassandra_timeout=STORE_TIMEOUT_S)
-    svc = service_id()
-    task_id = await engine.add(svc, "v", max_deliveries=1)
-    w = await workers(svc, "w", timeout=15)
-    t = await w.fetch(time_to_recover_ms=60_000)
-    assert t is not None and t.id == task_id
+    b, svc, task_id, t = await a_held_task(slow_bridge, engine, workers, max_deliveries=1)
     held = slow.hold_statement(b, slow_proxy, "park", "park_id", HOLD_S)
     answer = await answer_of(t.fail({"why": "boom"}), "fail")
     assert held and slow_proxy.held_frames == 1
