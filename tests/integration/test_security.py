@@ -17,10 +17,24 @@ pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 SECRET = "canary-7f3a9c-plaintext-must-never-be-stored"
 
 
-def raw_rows(cql, keyspace: str, table: str, owner: str | None = None, service: str | None = None) -> list[dict]:
-    rows = list(cql.execute(f"SELECT * FROM {keyspace}.{table}"))
-    if owner is not None:
-        rows = [r for r in rows if r.get("owner") == owner and (service is None or r.get("service") == service)]
+LANES = tuple(range(16))  # lane 0 (re-exposed), lane 1 (fresh) and the priority lanes after it
+
+
+def ready_rows(cql, keyspace: str, owner: str, service: str) -> list[dict]:
+    """One queue's rows of ``ready``, read partition by partition as the bridge finds them (through
+    ``ready_buckets``). Never a scan of the table: the session's keyspace holds every earlier
+    test's rows, 1 MiB values among them, and reading them all outlasted a test's 60 s (twice)."""
+    buckets = cql.execute(
+        f"SELECT lane, bucket FROM {keyspace}.ready_buckets WHERE owner = %s AND service = %s "
+        f"AND lane IN ({', '.join(map(str, LANES))})",
+        (owner, service),
+    )
+    rows: list[dict] = []
+    for b in buckets:
+        rows += cql.execute(
+            f"SELECT * FROM {keyspace}.ready WHERE owner = %s AND service = %s AND lane = %s AND bucket = %s",
+            (owner, service, b["lane"], b["bucket"]),
+        )
     return rows
 
 
@@ -36,8 +50,12 @@ async def test_nothing_of_value_or_token_is_stored_in_clear(bridge, engine, work
     for table in ("ready", "leases", "workers", "outbox_shards", "expiry_shards", "idempotency"):
         # This test's rows only, filtered by Cassandra: the session's keyspace holds every earlier
         # test's rows (1 MiB values among them), and reading them all here outlasted the test's 60 s.
-        rows = cql.execute(
-            f"SELECT * FROM {ks}.{table} WHERE owner = %s AND service = %s ALLOW FILTERING", (OWNERS[0], svc)
+        rows = (
+            ready_rows(cql, ks, OWNERS[0], svc)
+            if table == "ready"
+            else cql.execute(
+                f"SELECT * FROM {ks}.{table} WHERE owner = %s AND service = %s ALLOW FILTERING", (OWNERS[0], svc)
+            )
         )
         checked[table] = 0
         for row in rows:
@@ -46,13 +64,13 @@ async def test_nothing_of_value_or_token_is_stored_in_clear(bridge, engine, work
                 assert SECRET.encode() not in blob, f"plaintext found in {table}"
             checked[table] += 1
     assert checked["ready"] and checked["leases"] and checked["workers"], checked
-    ready = raw_rows(cql, ks, "ready", OWNERS[0], svc)
+    ready = ready_rows(cql, ks, OWNERS[0], svc)
     assert ready and ready[0]["value_ct"] and ready[0]["key_id"]
 
 
 def flip_stored_value(cql, ks: str, svc: str, task_id: str) -> None:
     """Tamper with a stored task: flip one bit of its value's ciphertext in `ready`."""
-    row = next(r for r in raw_rows(cql, ks, "ready", OWNERS[0], svc) if str(r["seq"]) == task_id)
+    row = next(r for r in ready_rows(cql, ks, OWNERS[0], svc) if str(r["seq"]) == task_id)
     flipped = bytes([row["value_ct"][0] ^ 0x01]) + row["value_ct"][1:]
     cql.execute(
         f"UPDATE {ks}.ready SET value_ct = %s WHERE owner = %s AND service = %s AND lane = 1 AND bucket = %s "
@@ -166,7 +184,7 @@ async def test_add_with_same_message_id_creates_one_task(bridge, engine, workers
     other = await engine.add(svc, "twice", message_id="m-2")
     assert first == again
     assert other != first
-    assert len(raw_rows(cql, servers.keyspace, "ready", OWNERS[0], svc)) == 2
+    assert len(ready_rows(cql, servers.keyspace, OWNERS[0], svc)) == 2
     w = await workers(svc)
     got = []
     while (t := await w.fetch()) is not None:
@@ -354,7 +372,7 @@ async def test_rewriting_the_clear_columns_of_a_task_is_detected(bridge, engine,
     trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     task_id = await engine.add(svc, {"n": 1}, token={"processId": "p"}, traceparent=trace)
     ks = servers.keyspace
-    row = next(r for r in raw_rows(cql, ks, "ready", OWNERS[0], svc) if str(r["seq"]) == task_id)
+    row = next(r for r in ready_rows(cql, ks, OWNERS[0], svc) if str(r["seq"]) == task_id)
     where = "WHERE owner = %s AND service = %s AND lane = 1 AND bucket = %s AND seq = %s"
     key = (row["owner"], row["service"], row["bucket"], row["seq"])
     if rewrite == "traceparent":
