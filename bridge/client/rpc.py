@@ -142,6 +142,18 @@ class RpcClient:
             if connection is not None and not connection.is_closed:
                 await connection.close()
 
+    async def _drop_connection(self) -> None:
+        """Close the broker connection, and with it the reply-to of every request still awaiting
+        its answer, but not the client: the next call connects afresh. A bridge then claims
+        nothing for such a request's long-poll (it probes the reply-to before a claim)."""
+        async with self._connecting:
+            connection, self.connection, self.channel = self.connection, None, None
+        if connection is not None and not connection.is_closed:
+            try:
+                await asyncio.wait_for(connection.close(), self.timeout)
+            except Exception as exc:  # already failing: the reply-to dies with it all the same
+                log.warning("closing the broker connection: %s: %s", type(exc).__name__, exc)
+
     async def __aenter__(self) -> Self:
         await self.open()
         return self
@@ -692,6 +704,14 @@ ERROR_MESSAGE_MAX = 4096  # Worker.run: characters of a handler's exception kept
 # long-poll of each fetch. Short, so that a task the lost request claimed is handled soon (its
 # lease runs meanwhile), not only when the wait is over.
 STOP_FETCH_WAIT_MS = 1_000
+# Worker.run on stop: how long it goes on fetching what a request without an answer may still
+# claim, at most (the default of ``Worker.stop_grace``). Its reply-to is closed first, so a
+# waiting fetch claims nothing after that (the bridge probes the reply-to before a claim): what is
+# left is a claim already past its probe (milliseconds) and a request still queued at a busy bridge
+# (a fetch that finds a task at once claims without a probe). A pod's stop must end well inside
+# its kill deadline (30 s by default on Kubernetes), which the whole deadline of a lost long-poll
+# (``wait_ms`` + the client's timeout + 1 s: 41 s by default) would not.
+STOP_GRACE_S = 5.0
 
 
 class Worker(RpcClient):
@@ -706,10 +726,12 @@ class Worker(RpcClient):
         time_to_recover_ms: int | None = None,
         poll_interval: float = 0.2,
         wait_ms: int = 30_000,
+        stop_grace: float = STOP_GRACE_S,
         **kw: Any,
     ) -> None:
         super().__init__(url, **kw)
         self.wait_ms = wait_ms  # the long-poll of ``async for task in worker`` (0: poll every poll_interval)
+        self.stop_grace = stop_grace  # run(): seconds it may go on fetching after stop (see STOP_GRACE_S)
         self.service = service
         self.worker_id = worker_id
         self.time_to_recover_ms = time_to_recover_ms
@@ -937,11 +959,12 @@ class Worker(RpcClient):
 
         ``stop`` is checked between tasks: the task in hand is finished and acked first (without
         fetching another; sent again after no answer, as every ack of the loop), so stopping never
-        leaves a task leased to this worker. A long-poll under way (up to :attr:`wait_ms`) is let
-        finish, and its task handled, for the same reason. So is what a request whose reply was
-        lost may still claim for this worker at the bridge: until that request's deadline (up to
-        :attr:`wait_ms` plus the client's timeout and a second) the worker fetches the task it
-        holds, and handles what comes, before ``run`` returns (see :meth:`_claimed_after_stop`).
+        leaves a task leased to this worker. A long-poll under way is given up at once (an idle
+        worker stops within seconds, not after its wait of up to :attr:`wait_ms`). It, and any
+        request whose reply was lost, may still claim a task for this worker at the bridge: the
+        worker closes their reply-to (a waiting fetch then claims nothing) and, for up to
+        :attr:`stop_grace` seconds, fetches the task it holds and handles what comes, before
+        ``run`` returns (see :meth:`_claimed_after_stop`).
         """
         handled = 0
         task: Task | None = None
@@ -975,20 +998,28 @@ class Worker(RpcClient):
         return await self._ack_in_loop(task, result, take_next=stop is None or not stop.is_set())
 
     async def _claimed_after_stop(self) -> AsyncIterator[Task]:
-        """On stop: the tasks a request of this worker whose reply was lost (a fetch, an ack's
-        next) may still claim for it at the bridge, until that request's deadline
-        (:attr:`_unsure_until`). Such a task is leased to this worker and its reply goes nowhere:
-        returning at once would leave it leased to a stopped worker for its whole lease. Until
-        the deadline the worker fetches without ``fresh`` (the bridge hands the task it holds
-        first), long-polling :data:`STOP_FETCH_WAIT_MS` at most, then once more, and yields what
-        comes, to be handled. Nothing when no reply was lost.
+        """On stop: the tasks a request of this worker without an answer (a fetch given up at
+        stop, one whose reply was lost, an ack's next) may still claim for it at the bridge,
+        until that request's deadline (:attr:`_unsure_until`). Such a task is leased to this
+        worker and its reply goes nowhere: returning at once would leave it leased to a stopped
+        worker for its whole lease. The worker first closes its connection, so that such a
+        request's long-poll claims nothing more (the bridge probes the reply-to before a claim).
+        Then, until the deadline but for :attr:`stop_grace` seconds at most, it fetches without
+        ``fresh`` (the bridge hands the task it holds first), long-polling
+        :data:`STOP_FETCH_WAIT_MS` at most, then once more, and yields what comes, to be
+        handled. Nothing when every request was answered.
 
         A fetch may also claim a new task (the bridge has no "only the held one"): it is yielded
-        as well, as a long-poll's under way would be. The wait is bounded by the deadline known
-        at stop; a fetch of its own that loses its reply too is not waited for (logged)."""
-        until = self._unsure_until
-        if time.monotonic() >= until:
+        as well. A fetch of its own that loses its reply too is not waited for (logged)."""
+        if time.monotonic() >= self._unsure_until:
             return
+        # Such a request's reply-to dies with the connection: a long-poll waiting at a bridge then
+        # claims nothing more. Left to fetch back: a claim past its probe already, or made by a
+        # request still queued at a busy bridge, for at most ``stop_grace`` (beyond it, such a
+        # task returns when its lease ends; at least once all the same).
+        await self._drop_connection()
+        unsure_until = self._unsure_until
+        until = min(unsure_until, time.monotonic() + self.stop_grace)
         log.info("stopping: fetching what a request without an answer may claim, for %.1fs", until - time.monotonic())
         failed = 0
         while True:
@@ -1008,7 +1039,7 @@ class Worker(RpcClient):
                 yield task
             if left <= 0:  # the fetch after the deadline: whatever was claimed is handed now
                 break
-        if self._unsure_until > until:
+        if self._unsure_until > unsure_until:
             log.warning("stopping: a fetch got no answer; a task it may still claim returns when its lease ends")
 
     async def _ack_in_loop(self, task: Task, result: Any, *, take_next: bool) -> Task | None:
@@ -1069,7 +1100,7 @@ class Worker(RpcClient):
         pause longer each time, up to :data:`POLL_PAUSE_MAX_S`, instead of reconnecting as fast
         as the loop turns; ``stop`` ends the pause."""
         try:
-            task = await self.fetch(wait_ms=self.wait_ms)
+            task = await self._fetch_unless_stopped(stop)
         except (TransportError, UnavailableError) as exc:
             self._failed_polls += 1
             pause = min(POLL_PAUSE_MAX_S, self.poll_interval * 2 ** min(self._failed_polls - 1, 16))
@@ -1081,6 +1112,26 @@ class Worker(RpcClient):
         if task is None and not self.wait_ms:
             await self._pause(self.poll_interval, stop)
         return task
+
+    async def _fetch_unless_stopped(self, stop: asyncio.Event | None) -> Task | None:
+        """The loop's long-poll, given up when ``stop`` is set meanwhile: a stopping worker does
+        not wait out an empty queue's whole wait (up to 30 s, beside a pod's 30 s kill deadline).
+        The cancelled fetch may still claim at the bridge: :meth:`_claimed_after_stop` closes its
+        reply-to, then fetches what it may have claimed."""
+        if stop is None or not self.wait_ms:
+            return await self.fetch(wait_ms=self.wait_ms)
+        fetching = asyncio.ensure_future(self.fetch(wait_ms=self.wait_ms))
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({fetching, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not fetching.done():  # also when this coroutine is cancelled while waiting
+                fetching.cancel()
+        await asyncio.wait({fetching})
+        if not fetching.cancelled():
+            return fetching.result()  # answered (or failed) before the cancel took: as it came
+        return None
 
     @staticmethod
     async def _pause(seconds: float, stop: asyncio.Event | None) -> None:

@@ -498,3 +498,47 @@ async def test_stop_after_a_lost_long_poll_leaves_no_task_leased_to_the_worker(b
         f"{got and got.id}; the stopped worker 'runner' holds {held and held.id}"
     )
     assert held is None, f"task {held.id} is leased to the stopped worker"
+
+
+async def test_run_stopped_while_its_long_poll_waits_returns_within_its_grace(bridge, engine, servers, names):
+    """SIGTERM to an idle worker pod: ``Worker.run`` let its long-poll under way finish, up to
+    ``wait_ms`` (30 s by default), to handle what it might still claim. With the client's timeout
+    and a second that could reach 41 s, beyond Kubernetes' 30 s before it kills the pod. The
+    long-poll is now given up at once; the worker closes its reply-to, so the bridge's waiting
+    fetch, probing it before a claim, claims nothing for the stopped worker, and ``run`` returns
+    within ``stop_grace``. A task added after that goes to a live worker, and the stopped
+    worker's id holds none."""
+    svc = service_id()
+    url = servers.amqp_url(OWNERS[0])
+    w = Worker(url, service=svc, worker_id="idle-runner", exchange=names["exchange"], time_to_recover_ms=60_000)
+    assert w.wait_ms == 30_000 and w.stop_grace == 5.0  # the defaults a pod runs with
+    await w.open()
+    stop = asyncio.Event()
+
+    async def handler(task):  # type: ignore[no-untyped-def]
+        return "handled"
+
+    try:
+        running = asyncio.create_task(w.run(handler, stop=stop))
+        await wait_for(lambda: _waiters(bridge) == 1, 10.0, what="the worker's long-poll waiting")
+        loop = asyncio.get_running_loop()
+        stopped_at = loop.time()
+        stop.set()  # SIGTERM
+        handled = await asyncio.wait_for(running, 20.0)
+        took = loop.time() - stopped_at
+    finally:
+        await w.close()
+    assert handled == 0
+    assert took < w.stop_grace + 2.0, f"run took {took:.1f}s to stop an idle worker (grace {w.stop_grace}s)"
+
+    # The abandoned long-poll still waits at the bridge (until its deadline): it must not take this.
+    after = await engine.add(svc, {"n": 1})
+    async with Worker(url, service=svc, worker_id="other", exchange=names["exchange"]) as o:
+        got = await o.fetch(wait_ms=5_000)
+    async with Worker(url, service=svc, worker_id="idle-runner", exchange=names["exchange"]) as r:
+        held = await r.fetch()
+    assert got is not None and got.id == after, (
+        f"task {after} went to nobody who works: another worker's fetch got {got and got.id}; "
+        f"the stopped worker holds {held and held.id}"
+    )
+    assert held is None, f"task {held.id} is leased to the stopped worker"
