@@ -143,6 +143,8 @@ class AmqpTransport:
         # consumes there (with backoff), not each reopen (see _consume_again).
         self._refused: set[str] = set()
         self._reopening: dict[str, asyncio.Task[None]] = {}  # channel name (CHANNELS) -> its reopen task
+        # Set by a reconnection: a reopen task waiting out its backoff tries at once (see _reconnected).
+        self._reconnect_seen = asyncio.Event()
         self._dead_letter_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()  # the tasks above, cancelled by close()
         self._inflight: set[asyncio.Task[Any]] = set()
@@ -302,9 +304,12 @@ class AmqpTransport:
         try:
             while not self._closing:
                 # Waits first: aio-pika's own restore runs right after the loss, and a reconnection
-                # restores every channel; most losses end there.
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_DELAY_S)
+                # restores every channel; most losses end there. A reconnection ends the wait: it
+                # restored the channel but left a refused one's consumers to this task.
+                if await self._reconnected_within(delay):
+                    delay = RETRY_FIRST_DELAY_S
+                else:
+                    delay = min(delay * 2, RETRY_MAX_DELAY_S)
                 if self._back(name):
                     log.info("AMQP %s channel open again", name)
                     return
@@ -333,6 +338,16 @@ class AmqpTransport:
                 self._refused.discard(name)
                 self._report_channel(name, False)
 
+    async def _reconnected_within(self, seconds: float) -> bool:
+        """Wait ``seconds``, less if a connection is restored meanwhile (True then)."""
+        self._reconnect_seen.clear()
+        try:
+            async with asyncio.timeout(seconds):
+                await self._reconnect_seen.wait()
+        except TimeoutError:
+            return False
+        return True
+
     async def _reopen_once(self, name: str, channel: AbstractRobustChannel) -> None:
         if channel.is_closed:
             await channel.restore()  # aio-pika's restore: serialised with its own, replays declarations
@@ -354,6 +369,10 @@ class AmqpTransport:
 
     def _reconnected(self, *_: object) -> None:
         log.warning("AMQP connection restored: channels and consumers are back")
+        # A channel whose consume was refused is restored without its consumers (_consume_again
+        # leaves them to its reopen task): that task consumes them now, not when its backoff ends
+        # (up to RETRY_MAX_DELAY_S later, the bridge unready meanwhile if they are requests').
+        self._reconnect_seen.set()
         # The reconnection restored every channel: say so now, not when a reopen task next wakes.
         for name in CHANNELS:
             if self._back(name):

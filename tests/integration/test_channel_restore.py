@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -175,4 +176,44 @@ async def test_an_adds_channel_whose_restore_was_refused_is_reopened_once_the_pe
     tid = await asyncio.wait_for(engine.add(svc, {"n": 1}), 15.0)
     w = await workers(svc, "w1")
     task = await w.fetch()
+    assert task is not None and task.id == tid
+
+
+def _close_connections_of(user: str) -> int:
+    """The broker closes every client connection of ``user`` (this test's own): the bridge's main
+    and adds connections."""
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "pid", "user"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    pids = [line.split("\t")[0] for line in out.splitlines() if line.split("\t")[-1].strip() == user]
+    for pid in pids:
+        subprocess.run(["rabbitmqctl", "-q", "close_connection", pid, "test"], timeout=60, check=True)
+    return len(pids)
+
+
+async def test_a_reconnection_brings_back_the_consumers_of_a_refused_channel_at_once(
+    own_bridge, own_user, engine, workers, servers, names
+):
+    """The consume channel's restore was refused (read on ``<prefix>.fetch`` revoked), and the
+    reopen task backs off: by its fourth refusal it waits 4 s, then 8. The operator restores the
+    permission and the whole connection is lost (a broker restart, a ``close_connection``). The
+    reconnection restores the channel but leaves the refused consumers to the reopen task: the
+    bridge stayed unready until that task next woke, up to 10 s after the reconnection. The
+    reconnection now wakes it."""
+    b = own_bridge
+    prefix = names["queue_prefix"]
+    await _grant(own_user, prefix, {"read": "fetch"})
+    refusals = await _close_and_let_the_restore_be_refused(b.transport._consume_channel)
+    await wait_for(lambda: len(refusals) >= 4, 20.0, interval=0.02, what="four refusals (the backoff at 4 s)")
+    await _grant(own_user, prefix)  # the operator fixes the mistake ...
+    reconnected: list[float] = []
+    b.transport.connection.reconnect_callbacks.add(lambda *_: reconnected.append(time.monotonic()))
+    assert await asyncio.to_thread(_close_connections_of, own_user) >= 1  # ... and the connection drops
+    await wait_for(lambda: reconnected, 20.0, interval=0.02, what="the bridge's connection restored")
+    await wait_for(lambda: b.transport.is_ready(), 15.0, interval=0.05, what="ready again")
+    after = time.monotonic() - reconnected[0]
+    assert after < 2.0, f"ready {after:.1f}s after the reconnection ({_state(b)})"
+    svc = service_id()
+    tid = await engine.add(svc, {"n": 1})
+    task = await (await workers(svc, "w1")).fetch()
     assert task is not None and task.id == tid
