@@ -797,7 +797,8 @@ class CassandraTaskStore:
         # exists, as when it was written first.
         # Both live the rest of the task's life; where it is not known yet (the task's row is read
         # beside this batch), at least until the lease's deadline is long past.
-        items = [*self._mark_if_new(bucket), ("expiry.insert", self._expiry_insert(bucket, entry, expires_at_ms))]
+        insert = self._expiry_insert(bucket, entry, expires_at_ms)
+        items = [*self._mark_if_new(bucket, insert[-1]), ("expiry.insert", insert)]
         pointing = self._worker_set(
             q, worker, pointer, stamp, expires_at_ms=expires_at_ms, outlive_ms=entry.lease_until_ms
         )
@@ -813,20 +814,30 @@ class CassandraTaskStore:
 
     # -- recovery timer wheel and outbox -----------------------------------------------------------------
     async def watch_expiry(self, bucket: int, entry: ExpiryEntry) -> None:
-        insert = ("expiry.insert", self._expiry_insert(bucket, entry))
+        params = self._expiry_insert(bucket, entry)
         if bucket in self._marked:
-            await self.db.execute(*insert)
+            await self.db.execute("expiry.insert", params)
             return
         # The mark and the deadline it announces in one request: stored together when it succeeds.
-        await self.db.execute_batch("expiry.watch_marked", [*self._mark_if_new(bucket), insert])
+        marked = [*self._mark_if_new(bucket, params[-1]), ("expiry.insert", params)]
+        await self.db.execute_batch("expiry.watch_marked", marked)
         self._remember_mark(bucket)
 
-    def _mark_if_new(self, bucket: int) -> list[tuple[str, tuple[Any, ...]]]:
+    def _mark_if_new(self, bucket: int, entry_ttl_s: int) -> list[tuple[str, tuple[Any, ...]]]:
         """The mark of an expiry bucket this process has not marked lately (the scheduler reads
-        only marked buckets), to send with the first deadline filed under it."""
+        only marked buckets), to send with the first deadline filed under it (``entry_ttl_s``: that
+        deadline row's TTL).
+
+        It lives as long as that row, and this bridge's TTL past the bucket's end. A TTL counted
+        from now fell short: a task delayed to near the end of its life is due in a bucket up to a
+        TTL (and the skew margin) ahead, and a lease granted by a bridge with a shorter TTL than the
+        task's (a rolling change of it) files its deadline beyond that bridge's TTL. The mark
+        expired first, the scheduler never read the bucket, and the task was never announced or
+        its lease never taken back (``test_hunt_time_boundaries.py``)."""
         if bucket in self._marked:
             return []
-        return [("expiry.mark", (bucket // MARK_HOUR_BUCKETS, bucket, self.task_ttl_s))]
+        ttl = max(entry_ttl_s, self._seconds_until((bucket + 1) * EXPIRY_BUCKET_MS + self.task_ttl_s * 1000))
+        return [("expiry.mark", (bucket // MARK_HOUR_BUCKETS, bucket, ttl))]
 
     def _remember_mark(self, bucket: int) -> None:
         """Only after the write that carried the mark succeeded (a failed one is sent again)."""
