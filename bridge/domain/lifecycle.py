@@ -222,7 +222,15 @@ class Lifecycle:
         limit = ctx.limits.delivery_limit(q, options.max_deliveries)
         if lease.deliveries_counted >= limit:
             parked = await self.park(
-                q, task_id, epoch, has_token, PARK_FAILED, lease.deliveries_counted, worker=req.worker_id, error=error
+                q,
+                task_id,
+                epoch,
+                has_token,
+                PARK_FAILED,
+                lease.deliveries_counted,
+                worker=req.worker_id,
+                error=error,
+                earlier_park_id=lease.park_id,
             )
             if not parked:
                 return None
@@ -283,8 +291,10 @@ class Lifecycle:
         worker: str | None = None,
         expired_before_ms: int | None = None,
         error: Any = None,
+        earlier_park_id: uuid.UUID | None = None,
     ) -> bool:
-        """Hold the task aside for an operator; tell the engine (tasks with a token) exactly once."""
+        """Hold the task aside for an operator; tell the engine (tasks with a token) exactly once.
+        ``earlier_park_id``: the lease's ``park_id`` as the caller read it (see ``TaskStore.park``)."""
         ctx = self.ctx
         now = ctx.clock.now_ms()
         park_id = timeuuid_from_ms(now)  # time-based: the engine's result says when (completedAt)
@@ -302,7 +312,16 @@ class Lifecycle:
         if intent is not None:
             await self.store.insert_outbox(intent)
         res = await self.store.park(
-            q, task_id, epoch, now, reason, park_id, worker=worker, expired_before_ms=expired_before_ms, error=error
+            q,
+            task_id,
+            epoch,
+            now,
+            reason,
+            park_id,
+            worker=worker,
+            expired_before_ms=expired_before_ms,
+            error=error,
+            earlier_park_id=earlier_park_id,
         )
         if not res.applied and intent is not None and await decided_by_itself(ctx, intent):
             res = CasResult(applied=True, current=None)  # refused by its own first copy

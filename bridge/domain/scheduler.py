@@ -483,6 +483,7 @@ class RecoveryScheduler:
                 PARK_DELIVERY_LIMIT,
                 lease.deliveries_counted,
                 expired_before_ms=now - self.queue.skew_margin_ms,
+                earlier_park_id=lease.park_id,
             )
             return parked or await self._watch_if_renewed(entry, now, bucket)
         # Re-expose it in the recovered lane. The id is derived from (task, epoch, time

@@ -179,10 +179,13 @@ class TaskStore(Protocol):
         worker: str | None = None,
         expired_before_ms: int | None = None,
         error: Sealed | None = None,
+        earlier_park_id: uuid.UUID | None = None,
     ) -> CasResult:
         """Park a lease at ``epoch``: held by ``worker`` (a fail past the limit), or whose deadline is
         at or before ``expired_before_ms`` (the scheduler). ``park_id`` becomes its completion id
-        (the engine's ``delivery_limit`` result in the outbox names it)."""
+        (the engine's ``delivery_limit`` result in the outbox names it) and joins the lease's
+        ``park_ids``, as does ``earlier_park_id``: the ``park_id`` the caller read from the lease, which
+        a bridge before ``park_ids`` wrote alone (its result may still be owed)."""
 
     async def unpark(self, q: QueueKey, task_id: uuid.UUID, epoch: int, until_ms: int) -> CasResult:
         """Redrive: a task parked at ``epoch`` is leased by nobody until ``until_ms`` (claimable as

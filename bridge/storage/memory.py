@@ -359,6 +359,7 @@ class MemoryTaskStore:
         worker: str | None = None,
         expired_before_ms: int | None = None,
         error: Sealed | None = None,
+        earlier_park_id: uuid.UUID | None = None,
     ) -> CasResult:
         await self._io()
         cur = self._lease(q, task_id)
@@ -376,7 +377,7 @@ class MemoryTaskStore:
             park_reason=reason,
             completion_id=park_id,
             park_id=park_id,
-            park_ids=cur.park_ids | {park_id},
+            park_ids=cur.park_ids | {park_id} | ({earlier_park_id} if earlier_park_id else set()),
             last_error=error,
         )
         return CasResult(True, None)

@@ -619,8 +619,13 @@ class CassandraTaskStore:
         worker: str | None = None,
         expired_before_ms: int | None = None,
         error: Sealed | None = None,
+        earlier_park_id: uuid.UUID | None = None,
     ) -> CasResult:
-        head = (to_datetime(now_ms), reason, park_id, park_id, {park_id})
+        # The earlier park's id joins the set too: a bridge before ``park_ids`` wrote only
+        # ``park_id``, which this park overwrites; its result, still owed, was then judged never
+        # applied by the relay and marked published unsent (test_rolling_upgrade.py).
+        listed = {park_id} if earlier_park_id is None else {park_id, earlier_park_id}
+        head = (to_datetime(now_ms), reason, park_id, park_id, listed)
         key = (q.owner, q.service, task_id)
         name: str
         tail: tuple[Any, ...]
