@@ -168,12 +168,19 @@ def names(servers: Servers) -> Iterator[dict[str, str]]:
         "results_exchange": f"qb-test-{suffix}.results",
         "queue_prefix": f"qb-test-{suffix}",
     }
+    _SERVICES_MADE.clear()
     yield n
-    asyncio.run(_delete_topology(servers.amqp_url("guest"), n))
+    asyncio.run(_delete_topology(servers.amqp_url("guest"), n, list(_SERVICES_MADE)))
 
 
-async def _delete_topology(url: str, n: dict[str, str]) -> None:
+async def _delete_topology(url: str, n: dict[str, str], services: Iterable[str] = ()) -> None:
+    """The test's queues and exchanges, its services' hint queues among them: each test left a
+    few (durable, expiring after the 7-day TTL), thousands by the end of a suite, which every
+    RabbitMQ restart of the exclusive tests then recovered (and a developer's broker kept)."""
     import aio_pika
+
+    from bridge.domain.records import QueueKey
+    from bridge.transport.hints import hint_queue_name
 
     try:
         conn = await aio_pika.connect(url, timeout=10)
@@ -181,16 +188,21 @@ async def _delete_topology(url: str, n: dict[str, str]) -> None:
         return
     try:
         prefix, exchange = n["queue_prefix"], n["exchange"]
-        queues = [f"{prefix}.{q}" for q in ("add", "fetch", "ack", "unrouted", "dead-letter", "results", "duty")]
+        own = ("add", "fetch", "ack", "unrouted", "dead-letter", "results", "duty", "lifecycle", "add-retry")
+        queues = [f"{prefix}.{q}" for q in own]
+        queues += [hint_queue_name(prefix, QueueKey(owner, svc)) for svc in services for owner in OWNERS]
         exchanges = [exchange, f"{exchange}.dead", f"{exchange}.unrouted", n["results_exchange"]]
+        ch = await conn.channel()
         for name in queues:
-            ch = await conn.channel()
-            with contextlib.suppress(Exception):
+            try:
                 await ch.queue_delete(name)
+            except Exception:  # the channel is gone with the error: the next name gets a new one
+                ch = await conn.channel()
         for name in exchanges:
-            ch = await conn.channel()
-            with contextlib.suppress(Exception):
+            try:
                 await ch.exchange_delete(name)
+            except Exception:
+                ch = await conn.channel()
     finally:
         await conn.close()
 
@@ -444,8 +456,15 @@ async def metric(port: int, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
+# The service ids this test process made since the current test's ``names`` were set up: their hint
+# queues (durable, expiring only after the task TTL) are deleted with the test's other queues.
+_SERVICES_MADE: list[str] = []
+
+
 def service_id() -> str:
-    return f"svc-{uuid.uuid4().hex[:10]}"
+    svc = f"svc-{uuid.uuid4().hex[:10]}"
+    _SERVICES_MADE.append(svc)
+    return svc
 
 
 def settle_owed_results(cql: Any, keyspace: str, services: Iterable[str]) -> None:
