@@ -290,16 +290,16 @@ def named_bridge(make_bridge, monkeypatch):  # type: ignore[no-untyped-def]
 class BridgeProcess:
     """A bridge as a real OS process (for crash and multi-instance tests)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, cwd: Path = ROOT) -> None:
         self.env = {**os.environ, **env}
         self.log_path = log_path
+        self.cwd = cwd  # another release's tree runs that release (``python -m`` imports from here)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         with self.log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bridge", "run"], env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
-            )
+            command = [sys.executable, "-m", "bridge", "run"]
+            self.proc = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd)
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -344,10 +344,11 @@ def bridge_processes(
     bridge_env: dict[str, str], tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., BridgeProcess]]:
     procs: list[BridgeProcess] = []
-    request.node.bridge_logs = []  # read by pytest_runtest_makereport when the test fails
+    if not hasattr(request.node, "bridge_logs"):
+        request.node.bridge_logs = []  # read by pytest_runtest_makereport when the test fails
 
-    def spawn(**extra_env: str) -> BridgeProcess:
-        p = BridgeProcess({**bridge_env, **extra_env}, tmp_path / f"bridge-{len(procs)}.log")
+    def spawn(*, cwd: Path = ROOT, log_name: str = "bridge", **extra_env: str) -> BridgeProcess:
+        p = BridgeProcess({**bridge_env, **extra_env}, tmp_path / f"{log_name}-{len(procs)}.log", cwd)
         p.start()
         procs.append(p)
         request.node.bridge_logs.append(p.log_path)

@@ -92,10 +92,19 @@ async def test_a_task_costs_five_statements_and_two_lwts(bridge, engine, workers
         assert await task.ack("ok") is True
     await bridge.queue.drain_background(5.0)  # the claimed mark is written in the background
     spent = bridge.db.statements - before
-    own = {name: n for name, n in spent.items() if not name.startswith(BACKGROUND) and name != "clock.now"}
+    # The duty holder's passes over deadlines that earlier tests left in the session's keyspace
+    # (a lease read, an options read, a re-exposure) are no statement of this test's tasks: one
+    # such pass during the loop once made 5.25 of 5.2 (a red CI).
+    recovering = ("lease.get_many", "ready.options", "ready.insert_recovered")
+    own = {
+        name: n
+        for name, n in spent.items()
+        if not name.startswith(BACKGROUND) and name != "clock.now" and name not in recovering
+    }
     per_task = sum(own.values()) / tasks
-    # A lease *read* is no LWT: the duty holder's pass may read the leases of an earlier test's
-    # deadlines (the session's keyspace is shared) while this one runs; it counted as one.
+    # ... yet a task's own path that came to use one of them (once per task) must still fail here.
+    assert all(spent.get(name, 0) < tasks / 2 for name in recovering), spent
+    # A lease *read* is no LWT (one counted as one before the reads above were left out).
     lwts = (
         sum(n for name, n in own.items() if name.startswith(LWT_STATEMENTS) and not name.startswith("lease.get"))
         / tasks

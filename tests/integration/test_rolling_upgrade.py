@@ -13,11 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,24 +55,6 @@ def old_tree(rev: str, under: Path) -> Path:
     return dest
 
 
-class OldBridgeProcess(BridgeProcess):
-    """A bridge process running the code of an earlier release (its tree is the working directory)."""
-
-    def __init__(self, env: dict[str, str], log_path: Path, tree: Path) -> None:
-        super().__init__(env, log_path)
-        self.tree = tree
-
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bridge", "run"],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.tree,
-            )
-
-
 @pytest.fixture(scope="module")
 def trees(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     under = tmp_path_factory.mktemp("releases")
@@ -82,23 +63,14 @@ def trees(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
 
 @pytest.fixture
 def old_bridges(
-    bridge_env: dict[str, str], tmp_path: Path, request: pytest.FixtureRequest, trees: Callable[[str], Path]
-) -> Iterator[Callable[..., OldBridgeProcess]]:
-    procs: list[OldBridgeProcess] = []
-    if not hasattr(request.node, "bridge_logs"):
-        request.node.bridge_logs = []
+    bridge_processes: Callable[..., BridgeProcess], trees: Callable[[str], Path]
+) -> Callable[..., BridgeProcess]:
+    """Bridge processes running an earlier release's code (its tree is their working directory)."""
 
-    def spawn(rev: str = PREVIOUS, **extra_env: str) -> OldBridgeProcess:
-        p = OldBridgeProcess({**bridge_env, **extra_env}, tmp_path / f"old-{rev}-{len(procs)}.log", trees(rev))
-        p.start()
-        procs.append(p)
-        request.node.bridge_logs.append(p.log_path)
-        return p
+    def spawn(rev: str = PREVIOUS, **extra_env: str) -> BridgeProcess:
+        return bridge_processes(cwd=trees(rev), log_name=f"old-{rev}", **extra_env)
 
-    yield spawn
-    for p in procs:
-        if p.alive():
-            p.kill()
+    return spawn
 
 
 def log_problems(path: Path) -> list[str]:
