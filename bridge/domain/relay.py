@@ -11,7 +11,7 @@ from bridge.crypto import TamperedCiphertext
 from bridge.domain.context import QueueContext
 from bridge.domain.records import Lease, OutboxEntry
 from bridge.domain.sealing import open_outcome, open_token, split_outcome
-from bridge.domain.timeline import ms_of
+from bridge.domain.timeline import OUTBOX_BUCKET_MS, ms_of
 
 log = logging.getLogger("bridge.queue")
 
@@ -54,6 +54,28 @@ def names_entry(lease: Lease | None, entry: OutboxEntry) -> bool:
     if lease is None:
         return False
     return entry.completion_id in (lease.completion_id, lease.park_id) or entry.completion_id in lease.park_ids
+
+
+# How long after its result was written a decision (a completion, a park) may still land on the
+# lease: its compare-and-set can be on its way that long after its bridge gave up on it (a stalled
+# coordinator, a link retransmitting; the driver closes a connection whose heartbeats, every 10 s,
+# go unanswered 30 s, and a coordinator drops client requests queued past its own timeout).
+DECISION_IN_FLIGHT_MS = 300_000
+
+
+def may_still_land(lease: Lease | None, entry: OutboxEntry, now_ms: int) -> bool:
+    """The lease does not name the entry's decision, but may still take it: the task is leased
+    (the decision's compare-and-set asks for that) and the decision may still be on its way.
+    Voided now, a completion that then landed (its bridge answered ``unavailable``, and the worker
+    gave up or was answered ``true`` by its retry) left the engine without its result for good.
+    The lease's epoch is not compared: the entry does not carry it, and a lease claimed again
+    after the entry only keeps it owed until the horizon (a few reads, at the relay's backoff)."""
+    if lease is None or not lease.is_leased:
+        return False
+    written = completed_at_ms(entry.completion_id)
+    if written is None:  # a random id (older bridges): the end of its bucket, the latest it could be
+        written = (entry.bucket + 1) * OUTBOX_BUCKET_MS
+    return now_ms - written < DECISION_IN_FLIGHT_MS
 
 
 async def decided_by_itself(ctx: QueueContext, entry: OutboxEntry) -> bool:

@@ -26,7 +26,7 @@ from bridge.domain.hints import Hint
 from bridge.domain.lifecycle import PARK_DELIVERY_LIMIT
 from bridge.domain.queue import WorkQueue
 from bridge.domain.records import DUE_EPOCH, LANE_FRESH, LANE_RECOVERED, ExpiryEntry, Lease, LeaseState, QueueKey
-from bridge.domain.relay import names_entry
+from bridge.domain.relay import may_still_land, names_entry
 from bridge.domain.store import TaskStore
 from bridge.domain.timeline import (
     EXPIRY_BUCKET_MS,
@@ -69,15 +69,27 @@ class _Retry:
 
     not_before_ms: int
     backoff_ms: int
-    stuck: int
+    stuck: int  # results that could not be published
+    undecided: int = 0  # results whose decision is not on the lease but may still land (``may_still_land``)
 
     @staticmethod
-    def first(now: int, stuck: int) -> _Retry:
-        return _Retry(now + RELAY_RETRY_FIRST_MS, RELAY_RETRY_FIRST_MS, stuck)
+    def first(now: int, owed: _Owed) -> _Retry:
+        return _Retry(now + RELAY_RETRY_FIRST_MS, RELAY_RETRY_FIRST_MS, owed.stuck, owed.undecided)
 
-    def again(self, now: int, stuck: int) -> _Retry:
+    def again(self, now: int, owed: _Owed) -> _Retry:
         backoff = min(self.backoff_ms * 2, RELAY_RETRY_MAX_MS)
-        return _Retry(now + backoff, backoff, stuck)
+        return _Retry(now + backoff, backoff, owed.stuck, owed.undecided)
+
+
+@dataclass(frozen=True, slots=True)
+class _Owed:
+    """What a sweep of one outbox bucket left owed."""
+
+    stuck: int = 0
+    undecided: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.stuck or self.undecided)
 
 
 EntryKey = tuple[str, str, object, int]  # (owner, service, task id, epoch): one deadline of one lease
@@ -608,14 +620,14 @@ class RecoveryScheduler:
         for bucket, retry in sorted(self._outbox_retry.items()):
             if now < retry.not_before_ms:
                 continue
-            stuck = await self._relay_bucket(bucket)
-            if stuck:
-                self._outbox_retry[bucket] = retry.again(now, stuck)
+            owed = await self._relay_bucket(bucket, now)
+            if owed:
+                self._outbox_retry[bucket] = retry.again(now, owed)
             else:
                 del self._outbox_retry[bucket]
         while self._outbox_next < limit:
-            if stuck := await self._relay_bucket(self._outbox_next):
-                self._outbox_retry[self._outbox_next] = _Retry.first(now, stuck)
+            if owed := await self._relay_bucket(self._outbox_next, now):
+                self._outbox_retry[self._outbox_next] = _Retry.first(now, owed)
             self._outbox_next += 1
         self.state.results_stuck = sum(r.stuck for r in self._outbox_retry.values())
         # Persist only up to the first bucket still owing a publish, so a restart retries it.
@@ -624,14 +636,19 @@ class RecoveryScheduler:
             await self.store.advance_scheduler_cursor(self._outbox_cursor, safe, safe * OUTBOX_BUCKET_MS)
             self._outbox_persisted = safe
 
-    async def _relay_bucket(self, bucket: int) -> int:
-        """Publish the bucket's owed results; how many could not be published."""
-        stuck = 0
+    async def _relay_bucket(self, bucket: int, now: int) -> _Owed:
+        """Publish the bucket's owed results; what is still owed (not published, or undecided)."""
+        stuck = undecided = 0
         for entry in await self.store.outbox(bucket):
             if entry.published:
                 continue
-            if not names_entry(await self.store.lease(entry.queue, entry.task_id, serial=True), entry):
-                await self.store.mark_published(entry)
+            lease = await self.store.lease(entry.queue, entry.task_id, serial=True)
+            if not names_entry(lease, entry):
+                if may_still_land(lease, entry, now):
+                    log.info("result of task %s kept: its decision may still land", entry.task_id)
+                    undecided += 1
+                else:  # void: the decision never applied, and can no longer
+                    await self.store.mark_published(entry)
                 continue
             log.info("re-publishing the pending result of task %s", entry.task_id)
             try:
@@ -642,7 +659,7 @@ class RecoveryScheduler:
                 continue
             self.state.republished += 1
             self.queue.metrics.inc("results_republished")
-        return stuck
+        return _Owed(stuck, undecided)
 
 
 __all__ = ["OUTBOX_BUCKET_MS", "RecoveryScheduler"]

@@ -8,9 +8,12 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from bridge.domain.clock import ManualClock
-from bridge.domain.errors import Unavailable
+from bridge.domain.errors import MaybeApplied, Unavailable
 from bridge.domain.models import AddCommand, ExtendRequest, FailRequest, parse
 from bridge.domain.records import CasResult
+from bridge.domain.relay import DECISION_IN_FLIGHT_MS
+from bridge.domain.scheduler import RELAY_RETRY_MAX_MS
+from bridge.domain.timeline import OUTBOX_BUCKET_MS, outbox_bucket
 from tests.conftest import wait_for
 from tests.queue_harness import MARGIN_MS, OWNER, Harness
 
@@ -398,3 +401,64 @@ async def test_due_tasks_of_one_pass_are_checked_for_their_rows_together(
     assert h.metrics.total("tasks_due") == 3  # the fourth entry names no row: not announced
     assert reads, "the pass never checked the due tasks' rows"
     assert set(stored) <= reads[0] and len(reads[0]) == 4  # all four in one read
+
+
+def held_on_its_way(h: Harness) -> list[tuple[tuple[object, ...], dict[str, object]]]:
+    """The store's next completion times out at the bridge without applying (``MaybeApplied``),
+    as a compare-and-set still on its way to Cassandra; returns its arguments, to land it later."""
+    real = h.store.complete
+    held: list[tuple[tuple[object, ...], dict[str, object]]] = []
+
+    async def on_its_way(*args: object, **kwargs: object) -> CasResult:
+        h.store.complete = real  # type: ignore[method-assign]
+        held.append((args, kwargs))
+        raise MaybeApplied("cassandra: write timeout")
+
+    h.store.complete = on_its_way  # type: ignore[method-assign]
+    return held
+
+
+async def test_a_completion_landing_after_the_relay_swept_its_bucket_is_still_published(harness: Harness) -> None:
+    """The relay found the task still leased, long after the result was written ahead, and voided
+    the result; then the completion landed. The worker's retry was told true, and the engine
+    never heard of the task. While the lease can still take it, the result stays owed."""
+    h = harness
+    await h.add("v", token="t")
+    got = await h.fetch("w", ttr_ms=600_000)
+    assert got is not None
+    held = held_on_its_way(h)
+    with pytest.raises(Unavailable):
+        await h.ack("w", got)
+    for _ in range(3):
+        await h.advance(10_000)  # the relay sweeps the bucket (10 s buckets, republished after 10 s)
+    assert h.sink.messages == [] and held
+    args, kwargs = held[0]
+    landed = await h.store.complete(*args, **kwargs)  # type: ignore[arg-type]
+    assert landed.applied
+    assert await h.ack("w", got) is True, "the worker's retry: it completed the task"
+    for _ in range(10):
+        await h.advance(10_000)
+        if h.sink.messages:
+            break
+    assert [m.task_id for m in h.sink.messages] == [got.task_id]
+
+
+async def test_a_result_whose_decision_never_lands_is_voided_after_the_horizon(harness: Harness) -> None:
+    """The bridge died with the completion on its way, and it never arrived: kept owed while it
+    could still land, the result is voided once it cannot (nothing published, no more retries)."""
+    h = harness
+    await h.add("v", token="t")
+    got = await h.fetch("w", ttr_ms=3_600_000)
+    assert got is not None
+    held = held_on_its_way(h)
+    with pytest.raises(Unavailable):
+        await h.ack("w", got)
+    written = outbox_bucket(h.clock.now_ms())
+    assert held
+    waited = 0
+    while [e for e in await h.store.outbox(written) if not e.published]:
+        assert waited <= DECISION_IN_FLIGHT_MS + 2 * RELAY_RETRY_MAX_MS, "voided within a retry of the horizon"
+        await h.advance(10_000)
+        waited += 10_000
+    assert waited >= DECISION_IN_FLIGHT_MS - OUTBOX_BUCKET_MS, f"voided after {waited} ms: it could still land"
+    assert h.sink.messages == []

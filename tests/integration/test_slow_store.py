@@ -506,3 +506,77 @@ async def test_background_loops_during_a_stall_do_not_spin_or_pile_up_and_recove
     assert stalled <= 2 * normal + 20
     assert cpu < 3.0
     assert got is not None and got.id == task_id and took < 5
+
+
+HELD_PAST_THE_SWEEP_S = 12.0
+
+
+@pytest.mark.timeout(100)
+async def test_a_completion_landing_after_the_relay_swept_its_bucket_still_reaches_the_engine(
+    slow_bridge, slow_proxy, servers, names, workers, cql
+):
+    """The completing LWT is held on its way to Cassandra (a coordinator stalled, a link down and
+    its TCP retransmitting) past the bridge's timeout, its re-send too, and past the moment the
+    result relay sweeps the bucket of the result written ahead. The relay read the task still
+    leased to the worker and voided the result as one whose completion never applied; then the
+    held completion applied. The worker's retried ack is answered true (this worker completed it),
+    and the engine never heard of the task. While the lease can still take the completion (leased
+    at the epoch it was claimed before the result was written), the result stays owed."""
+    from bridge.client.results import results_consumer
+    from bridge.domain.timeline import OUTBOX_BUCKET_MS, ms_of, outbox_bucket
+
+    b = await slow_bridge(cassandra_timeout=1.0, result_republish_after=0.5)
+    svc = service_id()
+    async with (
+        Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"], timeout=60) as eng,
+        results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"], routing_key=svc) as results,
+    ):
+        await wait_for(lambda: b.duty.held, 15, what="the slow bridge holds the relay's duty")
+        task_id = await eng.add(svc, "v", token={"t": 1})
+        w = await workers(svc, "w", timeout=15)
+        t = await w.fetch(time_to_recover_ms=120_000)
+        assert t is not None and t.id == task_id
+        held = hold_statement(b, slow_proxy, "complete", "completion_id", HELD_PAST_THE_SWEEP_S)
+        real = b.store.complete
+
+        async def hold_the_resend_too(*args: Any, **kwargs: Any) -> Any:
+            ident = args[5] if len(args) > 5 else kwargs["completion_id"]
+            slow_proxy.holds[ident.bytes[:12]] = HELD_PAST_THE_SWEEP_S  # the first frame takes the whole id's hold
+            return await real(*args, **kwargs)
+
+        b.store.complete = hold_the_resend_too
+        # Written early in the second half of its 10 s outbox bucket: the relay sweeps it 4-7 s later.
+        await wait_for(lambda: 5_000 <= time.time() * 1000 % OUTBOX_BUCKET_MS <= 6_000, 12, what="the bucket's half")
+        try:
+            answer: Any = await bounded(t.ack("the result"), 20, "ack")
+        except (UnavailableError, TransportError) as exc:
+            answer = exc
+        assert held, "the completion was sent"
+        assert answer is not True, f"the held completion could not have applied yet: answered {answer!r}"
+        bucket = outbox_bucket(ms_of(held[0]))
+
+        def lease() -> Any:
+            return cql.execute(
+                f"SELECT state, completion_id FROM {servers.keyspace}.leases "
+                "WHERE owner = %s AND service = %s AND task_id = %s",
+                (OWNERS[0], svc, uuid.UUID(task_id)),
+            ).one()
+
+        sched = b.scheduler
+        await wait_for(
+            lambda: sched._outbox_next is not None and sched._outbox_next > bucket,
+            HELD_PAST_THE_SWEEP_S,
+            what="the relay swept the result's bucket",
+        )
+        assert lease()["state"] == "leased", "the relay must sweep before the held completion lands (test timing)"
+        await wait_for(lambda: lease()["state"] == "done", 30, what="the held completion applied")
+        assert lease()["completion_id"] == held[0], "completed by the held ack"
+        again = await w.ack("the result", task_id=t.id, epoch=t.epoch)
+        assert again is True, "the worker completed the task"
+        try:
+            got = await asyncio.wait_for(results.get(), 30)
+        except TimeoutError:
+            got = None
+        assert got is not None and got.get("taskId") == task_id, (
+            f"the engine never got the completed task's result (got {got!r})"
+        )
