@@ -580,3 +580,54 @@ async def test_a_completion_landing_after_the_relay_swept_its_bucket_still_reach
         assert got is not None and got.get("taskId") == task_id, (
             f"the engine never got the completed task's result (got {got!r})"
         )
+
+
+async def test_a_fetch_retried_on_another_bridge_while_its_claim_is_on_its_way_gets_that_task(
+    slow_bridge, slow_proxy, make_bridge, engine, servers, cql
+):
+    """A fetch's claim is held on its way to Cassandra past its bridge's timeout (its re-send too):
+    the fetch is answered ``unavailable`` and the worker retries on another bridge, while the held
+    claim may still land. Had the retry claimed another task, the held claim would then lease the
+    worker a second task that none of its fetches returns (it would wait out its timeToRecover, up
+    to 12 h). The failed claim's hint goes back to the head of the hint queue, so the retry claims
+    that same task: whichever claim lands, the worker holds one lease, the one it was handed.
+    (Two fetches of one worker running at the same moment on two bridges are a known limit:
+    test_same_worker_races.py.)"""
+    from bridge.domain.errors import Unavailable as DomainUnavailable
+    from bridge.domain.models import FetchRequest
+
+    def fetch_req(svc: str) -> FetchRequest:
+        return FetchRequest.model_validate({"serviceId": svc, "workerId": "w", "timeToRecover": 120_000})
+
+    slow = await slow_bridge(cassandra_timeout=1.0)
+    other = await make_bridge()
+    svc = service_id()
+    added = [await engine.add(svc, f"v{i}") for i in range(3)]
+    held = hold_statement(slow, slow_proxy, "claim_new", "claim_id", 4.0)
+    real = slow.store.claim_new
+
+    async def hold_the_resend_too(*args: Any, **kwargs: Any) -> Any:
+        slow_proxy.holds[kwargs.get("claim_id", args[4] if len(args) > 4 else None).bytes[:12]] = 4.0
+        return await real(*args, **kwargs)
+
+    slow.store.claim_new = hold_the_resend_too
+    try:
+        first: Any = await bounded(slow.queue.fetch(OWNERS[0], fetch_req(svc)), 20, "the first fetch")
+    except DomainUnavailable as exc:  # its claim's outcome is unknown
+        first = exc
+    assert held, "a claim was sent"
+    assert not hasattr(first, "task_id"), f"the held claim could not have applied yet: {first!r}"
+    retry = await bounded(other.queue.fetch(OWNERS[0], fetch_req(svc)), 20, "the retry on another bridge")
+    assert retry is not None
+    await wait_for(lambda: not slow_proxy._late, 15, what="the held claims reached Cassandra")
+
+    rows = cql.execute(
+        f"SELECT task_id, state, worker FROM {servers.keyspace}.leases WHERE owner = %s AND service = %s "
+        "ALLOW FILTERING",
+        (OWNERS[0], svc),
+    )
+    leased = sorted(str(r["task_id"]) for r in rows if r["state"] == "leased" and r["worker"] == "w")
+    assert leased == [retry.task_id], (
+        f"the worker was handed {retry.task_id} (of {added}) by its retry, and holds the leases of {leased}: "
+        "a task leased to it that no fetch of it returns waits out its lease"
+    )
