@@ -28,6 +28,7 @@ from bridge.domain.records import (
     LANE_FRESH,
     LANE_RECOVERED,
     ExpiryEntry,
+    Lease,
     LeaseState,
     Payload,
     QueueKey,
@@ -36,7 +37,7 @@ from bridge.domain.records import (
     WorkerRow,
 )
 from bridge.domain.sealing import open_value
-from bridge.domain.timeline import EXPIRY_BUCKET_MS, expiry_bucket, ms_of
+from bridge.domain.timeline import EXPIRY_BUCKET_MS, expiry_bucket, ms_of, ready_bucket
 from bridge.errors import BridgeError
 
 log = logging.getLogger("bridge.queue")
@@ -126,6 +127,17 @@ class _Attempt:
     deadline_ms: int | None = None
     # A waiting fetch's question "is my worker still there?", asked beside the write-ahead.
     requester: asyncio.Future[bool] | None = None
+
+
+def _claim_not_landed(held: WorkerPointer, current: Lease | None) -> bool:
+    """The pointer announces a claim (written ahead of it) that the lease does not show: the claim
+    may still be on its way, or never came. A fresh claim (epoch 1) finds no lease; a re-claim finds
+    the lease still at the epoch before it, and leased."""
+    if held.done:
+        return False
+    if held.epoch == 1:
+        return current is None
+    return current is not None and current.is_leased and current.epoch == held.epoch - 1
 
 
 def _drop(read: asyncio.Future[Payload | None] | None) -> None:
@@ -269,15 +281,21 @@ class Fetcher:
             a.stamp = row.stamp
         if held is None or held.done:
             return None
-        delivery = await self._resend(a, held, row.stamp)
+        delivery, current = await self._resend(a, held, row.stamp)
+        if delivery is None and _claim_not_landed(held, current):
+            a.stamp = _latest(a.stamp, row.stamp)
+            delivery = await self._claim_announced(a, held)
         if delivery is None:
             # It names a task that is not the worker's any more: undone if nothing replaces it.
             a.stamp = _latest(a.stamp, row.stamp)
             a.stale_pointer = True
         return delivery
 
-    async def _resend(self, a: _Attempt, held: WorkerPointer, stamp: int | None) -> Delivery | None:
+    async def _resend(
+        self, a: _Attempt, held: WorkerPointer, stamp: int | None
+    ) -> tuple[Delivery | None, Lease | None]:
         """The worker has not acked its task: give it the same task again, with a fresh lease.
+        Refused: None, and the lease as the refusal saw it.
 
         The extension is conditional on the epoch only, not on the deadline: if nobody re-claimed
         the task since the lease ran out, it was nobody else's in between."""
@@ -285,11 +303,41 @@ class Fetcher:
         until = self.ctx.clock.now_ms() + a.ttr
         res = await self.ctx.store.extend(q, held.task_id, held.epoch, worker, until)
         if not res.applied:
-            return None
+            return None, res.current
         a.flight.granted += 1
         # The scheduler will meet the old deadline, see the later one, and re-arm itself.
         self.ctx.metrics.inc("tasks_redelivered", kind="resend")
-        return await self._deliver(q, worker, held.task_id, held.epoch, until, stamp=stamp)
+        return await self._deliver(q, worker, held.task_id, held.epoch, until, stamp=stamp), None
+
+    async def _claim_announced(self, a: _Attempt, held: WorkerPointer) -> Delivery | None:
+        """Claim, for the worker, the task its pointer announces and no lease shows yet. That claim
+        may still be on its way: another fetch of this worker (the first copy of a request retried
+        here after its caller gave up, on a bridge whose store was slow) wrote the pointer ahead
+        of it. Claiming another task, this fetch left the worker two leases once the slow claim
+        landed, and the one it was not handed waited out its timeToRecover (up to 12 h). Now
+        whichever claim lands first, the other finds the task leased to the worker at the epoch
+        it announced and hands it out too (``_try_claim``). No statement more on the common path:
+        this runs only when the pointer names a claim that never showed."""
+        fresh = held.epoch == 1
+        entry = ReadyEntry(
+            LANE_FRESH if fresh else LANE_RECOVERED,
+            ready_bucket(ms_of(held.task_id)),
+            held.task_id,
+            held.task_id,
+            None if fresh else held.epoch - 1,
+            held.has_token,
+            False,
+        )
+        a.attempted = True
+        claim = await self._try_claim(a, entry)
+        a.stamp = claim.stamp
+        self.ctx.metrics.inc("claims", source="pointer", outcome="won" if claim.delivery else "lost")
+        if claim.delivery is not None and fresh:
+            # The recovered lane's entry is keyed by when the task was re-exposed, unknown here:
+            # its scans find the lease taken, as for any claim made through a hint.
+            marking = self.ctx.store.mark_claimed(a.q, entry, expires_at_ms=claim.expires_at_ms)
+            self.ctx.background.spawn(marking, "mark claimed")
+        return claim.delivery
 
     async def _claim_next(self, a: _Attempt) -> Delivery | None:
         """Claim by hints first; scan the ready index when there are none (reconciliation), or
@@ -490,13 +538,7 @@ class Fetcher:
             self.ctx.background.spawn(self._count_if_claimed(q, entry, claim_id, payload), "count an uncertain claim")
             raise
         if not res.applied:
-            cur = res.current
-            if recovered and cur is not None and cur.epoch == entry.epoch and cur.not_claimable_before(now, margin):
-                await self._rearm(q, entry, cur.lease_until_ms or now, now)
-            # Known from the refused claim's own row: no read to tell a stale hint from a lost race.
-            finished = cur is not None and cur.state is not LeaseState.LEASED
-            self.ctx.metrics.inc("claims_stale" if finished else "claim_conflicts")
-            return _Claim(None, stamp, finished=finished)
+            return await self._refused(a, entry, res.current, epoch, stamp, now, ends)
         a.flight.granted += 1
         await self._count_claim(q, entry, payload)
         if read_failed is not None:
@@ -514,6 +556,24 @@ class Fetcher:
         log.debug("task claimed", extra={"task_id": str(task_id), "epoch": epoch, "lease_ms": ttr})
         delivery = await self._deliver(q, worker, task_id, epoch, until, payload, stamp=stamp, carried=carried)
         return _Claim(delivery, stamp, expires_at_ms=ends)
+
+    async def _refused(
+        self, a: _Attempt, entry: ReadyEntry, cur: Lease | None, epoch: int, stamp: int, now: int, ends: int | None
+    ) -> _Claim:
+        """A claim refused, as its own row says (no read to tell a stale hint from a lost race)."""
+        if cur is not None and cur.held_by(a.worker, epoch):
+            # Leased to this worker at this very epoch by another fetch of it, which claimed the
+            # task this one announced (``_claim_announced``): both hand it out.
+            delivery, _ = await self._resend(a, WorkerPointer(entry.task_id, epoch, entry.has_token), stamp)
+            if delivery is not None:
+                return _Claim(delivery, stamp, expires_at_ms=ends)
+        margin = self.ctx.limits.skew_margin_ms
+        recovered = entry.lane == LANE_RECOVERED
+        if recovered and cur is not None and cur.epoch == entry.epoch and cur.not_claimable_before(now, margin):
+            await self._rearm(a.q, entry, cur.lease_until_ms or now, now)
+        finished = cur is not None and cur.state is not LeaseState.LEASED
+        self.ctx.metrics.inc("claims_stale" if finished else "claim_conflicts")
+        return _Claim(None, stamp, finished=finished)
 
     async def _count_claim(self, q: QueueKey, entry: ReadyEntry, payload: Payload | None) -> None:
         """Count a claim that applied: a fresh task (or a redriven one) leaves ``ready`` for in flight."""

@@ -631,3 +631,44 @@ async def test_a_fetch_retried_on_another_bridge_while_its_claim_is_on_its_way_g
         f"the worker was handed {retry.task_id} (of {added}) by its retry, and holds the leases of {leased}: "
         "a task leased to it that no fetch of it returns waits out its lease"
     )
+
+
+async def test_a_fetch_retried_on_another_bridge_while_its_slow_claim_still_lands_gets_that_task(
+    slow_bridge, slow_proxy, make_bridge, engine, servers, cql
+):
+    """The same retry, but the first claim is slow rather than lost: held 2.5 s on its way, within
+    its bridge's timeout, it lands. Its worker's client gave up on the reply meanwhile and retried
+    on another bridge. The retry read the worker's pointer, which names the task written ahead for
+    the slow claim, found that task not (yet) the worker's and claimed another one; then the slow
+    claim landed, and its reply went to nobody. The worker held two leases, was handed one, and the
+    other waited out its whole timeToRecover (up to 12 h) with no fetch of the worker returning it.
+    The retry now claims the task the pointer announces, for the worker; the slow claim, refused,
+    finds it leased to its worker at the epoch it announced and answers with it too."""
+    from bridge.domain.models import FetchRequest
+
+    def fetch_req(svc: str) -> FetchRequest:
+        return FetchRequest.model_validate({"serviceId": svc, "workerId": "w", "timeToRecover": 120_000})
+
+    slow = await slow_bridge(cassandra_timeout=5.0)
+    other = await make_bridge()
+    svc = service_id()
+    added = [await engine.add(svc, f"v{i}") for i in range(3)]
+    held = hold_statement(slow, slow_proxy, "claim_new", "claim_id", 2.5)
+    first = asyncio.ensure_future(slow.queue.fetch(OWNERS[0], fetch_req(svc)))
+    await wait_for(lambda: bool(held) and slow_proxy.held_frames == 1, 10, what="the slow claim on its way")
+    retry = await bounded(other.queue.fetch(OWNERS[0], fetch_req(svc)), 20, "the retry on another bridge")
+    late = await bounded(first, 20, "the slow fetch")  # its reply would go to a client that gave up
+    assert retry is not None
+
+    rows = cql.execute(
+        f"SELECT task_id, state, worker FROM {servers.keyspace}.leases WHERE owner = %s AND service = %s "
+        "ALLOW FILTERING",
+        (OWNERS[0], svc),
+    )
+    leased = sorted(str(r["task_id"]) for r in rows if r["state"] == "leased" and r["worker"] == "w")
+    assert leased == [retry.task_id], (
+        f"the worker was handed {retry.task_id} (of {added}) by its retry, and holds the leases of {leased} "
+        f"(the slow fetch answered {late!r}, to nobody): a task leased to it that no fetch of it returns "
+        "waits out its lease"
+    )
+    assert late is None or late.task_id == retry.task_id
