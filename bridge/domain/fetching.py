@@ -561,9 +561,11 @@ class Fetcher:
         self, a: _Attempt, entry: ReadyEntry, cur: Lease | None, epoch: int, stamp: int, now: int, ends: int | None
     ) -> _Claim:
         """A claim refused, as its own row says (no read to tell a stale hint from a lost race)."""
-        if cur is not None and cur.held_by(a.worker, epoch):
+        if cur is not None and cur.held_by(a.worker, epoch) and cur.uncounted_epoch != epoch:
             # Leased to this worker at this very epoch by another fetch of it, which claimed the
-            # task this one announced (``_claim_announced``): both hand it out.
+            # task this one announced (``_claim_announced``): both hand it out. Not a lease whose
+            # task the worker could not be handed (its key missing, ``_deliver``: uncounted): the
+            # worker moves on to other tasks, and that lease runs out.
             delivery, _ = await self._resend(a, WorkerPointer(entry.task_id, epoch, entry.has_token), stamp)
             if delivery is not None:
                 return _Claim(delivery, stamp, expires_at_ms=ends)

@@ -9,7 +9,7 @@ import pytest
 
 from bridge.domain.clock import ManualClock
 from bridge.domain.errors import MaybeApplied, Unavailable
-from bridge.domain.models import AddCommand, ExtendRequest, FailRequest, parse
+from bridge.domain.models import AddCommand, Delivery, ExtendRequest, FailRequest, parse
 from bridge.domain.records import CasResult
 from bridge.domain.relay import DECISION_IN_FLIGHT_MS
 from bridge.domain.scheduler import RELAY_RETRY_MAX_MS
@@ -403,11 +403,18 @@ async def test_due_tasks_of_one_pass_are_checked_for_their_rows_together(
     assert set(stored) <= reads[0] and len(reads[0]) == 4  # all four in one read
 
 
-def held_on_its_way(h: Harness) -> list[tuple[tuple[object, ...], dict[str, object]]]:
-    """The store's next completion times out at the bridge without applying (``MaybeApplied``),
-    as a compare-and-set still on its way to Cassandra; returns its arguments, to land it later."""
+Held = tuple[tuple[object, ...], dict[str, object]]
+
+
+async def acked_while_on_its_way(h: Harness, ttr_ms: int) -> tuple[Delivery, Held]:
+    """A task with a token, fetched by "w" and acked; its completion times out at the bridge
+    without applying (``MaybeApplied``), as a compare-and-set still on its way to Cassandra. The
+    delivery, and the completion's arguments, to land it later."""
+    await h.add("v", token="t")
+    got = await h.fetch("w", ttr_ms=ttr_ms)
+    assert got is not None
     real = h.store.complete
-    held: list[tuple[tuple[object, ...], dict[str, object]]] = []
+    held: list[Held] = []
 
     async def on_its_way(*args: object, **kwargs: object) -> CasResult:
         h.store.complete = real  # type: ignore[method-assign]
@@ -415,7 +422,10 @@ def held_on_its_way(h: Harness) -> list[tuple[tuple[object, ...], dict[str, obje
         raise MaybeApplied("cassandra: write timeout")
 
     h.store.complete = on_its_way  # type: ignore[method-assign]
-    return held
+    with pytest.raises(Unavailable):
+        await h.ack("w", got)
+    assert len(held) == 1
+    return got, held[0]
 
 
 async def test_a_completion_landing_after_the_relay_swept_its_bucket_is_still_published(harness: Harness) -> None:
@@ -423,16 +433,10 @@ async def test_a_completion_landing_after_the_relay_swept_its_bucket_is_still_pu
     the result; then the completion landed. The worker's retry was told true, and the engine
     never heard of the task. While the lease can still take it, the result stays owed."""
     h = harness
-    await h.add("v", token="t")
-    got = await h.fetch("w", ttr_ms=600_000)
-    assert got is not None
-    held = held_on_its_way(h)
-    with pytest.raises(Unavailable):
-        await h.ack("w", got)
+    got, (args, kwargs) = await acked_while_on_its_way(h, ttr_ms=600_000)
     for _ in range(3):
         await h.advance(10_000)  # the relay sweeps the bucket (10 s buckets, republished after 10 s)
-    assert h.sink.messages == [] and held
-    args, kwargs = held[0]
+    assert h.sink.messages == []
     landed = await h.store.complete(*args, **kwargs)  # type: ignore[arg-type]
     assert landed.applied
     assert await h.ack("w", got) is True, "the worker's retry: it completed the task"
@@ -447,14 +451,8 @@ async def test_a_result_whose_decision_never_lands_is_voided_after_the_horizon(h
     """The bridge died with the completion on its way, and it never arrived: kept owed while it
     could still land, the result is voided once it cannot (nothing published, no more retries)."""
     h = harness
-    await h.add("v", token="t")
-    got = await h.fetch("w", ttr_ms=3_600_000)
-    assert got is not None
-    held = held_on_its_way(h)
-    with pytest.raises(Unavailable):
-        await h.ack("w", got)
+    await acked_while_on_its_way(h, ttr_ms=3_600_000)
     written = outbox_bucket(h.clock.now_ms())
-    assert held
     waited = 0
     while [e for e in await h.store.outbox(written) if not e.published]:
         assert waited <= DECISION_IN_FLIGHT_MS + 2 * RELAY_RETRY_MAX_MS, "voided within a retry of the horizon"

@@ -313,6 +313,40 @@ def hold_statement(b: Any, proxy: SlowProxy, method: str, id_arg: str, seconds: 
     return held
 
 
+def hold_both_copies(b: Any, proxy: SlowProxy, method: str, id_arg: str, seconds: float) -> list[uuid.UUID]:
+    """The bridge's next ``method`` LWT is held ``seconds`` on its way, and so is the copy the store
+    sends once more when the first one's outcome is unknown: a coordinator (or a link) stalled on
+    it for longer than the bridge waits. Later calls are not held."""
+    import inspect
+
+    original = getattr(b.store, method)
+    held = hold_statement(b, proxy, method, id_arg, seconds)
+    first = getattr(b.store, method)
+
+    async def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if not held:  # the first call: its id's first 12 bytes hold the second frame carrying it
+            ident = inspect.signature(original).bind(*args, **kwargs).arguments[id_arg]
+            proxy.holds[ident.bytes[:12]] = seconds
+        return await first(*args, **kwargs)
+
+    setattr(b.store, method, wrapped)
+    return held
+
+
+def worker_fetch(svc: str, worker: str = "w") -> Any:
+    from bridge.domain.models import FetchRequest
+
+    return FetchRequest.model_validate({"serviceId": svc, "workerId": worker, "timeToRecover": 120_000})
+
+
+def tasks_leased_to(cql: Any, ks: str, svc: str, worker: str) -> list[str]:
+    rows = cql.execute(
+        f"SELECT task_id, state, worker FROM {ks}.leases WHERE owner = %s AND service = %s ALLOW FILTERING",
+        (OWNERS[0], svc),
+    )
+    return sorted(str(r["task_id"]) for r in rows if r["state"] == "leased" and r["worker"] == worker)
+
+
 async def test_an_ack_whose_completion_lands_late_is_not_answered_false_nor_its_result_lost(
     slow_bridge, slow_proxy, servers, names, workers, cql
 ):
@@ -536,15 +570,7 @@ async def test_a_completion_landing_after_the_relay_swept_its_bucket_still_reach
         w = await workers(svc, "w", timeout=15)
         t = await w.fetch(time_to_recover_ms=120_000)
         assert t is not None and t.id == task_id
-        held = hold_statement(b, slow_proxy, "complete", "completion_id", HELD_PAST_THE_SWEEP_S)
-        real = b.store.complete
-
-        async def hold_the_resend_too(*args: Any, **kwargs: Any) -> Any:
-            ident = args[5] if len(args) > 5 else kwargs["completion_id"]
-            slow_proxy.holds[ident.bytes[:12]] = HELD_PAST_THE_SWEEP_S  # the first frame takes the whole id's hold
-            return await real(*args, **kwargs)
-
-        b.store.complete = hold_the_resend_too
+        held = hold_both_copies(b, slow_proxy, "complete", "completion_id", HELD_PAST_THE_SWEEP_S)
         # Written early in the second half of its 10 s outbox bucket: the relay sweeps it 4-7 s later.
         await wait_for(lambda: 5_000 <= time.time() * 1000 % OUTBOX_BUCKET_MS <= 6_000, 12, what="the bucket's half")
         try:
@@ -594,39 +620,23 @@ async def test_a_fetch_retried_on_another_bridge_while_its_claim_is_on_its_way_g
     (Two fetches of one worker running at the same moment on two bridges are a known limit:
     test_same_worker_races.py.)"""
     from bridge.domain.errors import Unavailable as DomainUnavailable
-    from bridge.domain.models import FetchRequest
-
-    def fetch_req(svc: str) -> FetchRequest:
-        return FetchRequest.model_validate({"serviceId": svc, "workerId": "w", "timeToRecover": 120_000})
 
     slow = await slow_bridge(cassandra_timeout=1.0)
     other = await make_bridge()
     svc = service_id()
     added = [await engine.add(svc, f"v{i}") for i in range(3)]
-    held = hold_statement(slow, slow_proxy, "claim_new", "claim_id", 4.0)
-    real = slow.store.claim_new
-
-    async def hold_the_resend_too(*args: Any, **kwargs: Any) -> Any:
-        slow_proxy.holds[kwargs.get("claim_id", args[4] if len(args) > 4 else None).bytes[:12]] = 4.0
-        return await real(*args, **kwargs)
-
-    slow.store.claim_new = hold_the_resend_too
+    held = hold_both_copies(slow, slow_proxy, "claim_new", "claim_id", 4.0)
     try:
-        first: Any = await bounded(slow.queue.fetch(OWNERS[0], fetch_req(svc)), 20, "the first fetch")
+        first: Any = await bounded(slow.queue.fetch(OWNERS[0], worker_fetch(svc)), 20, "the first fetch")
     except DomainUnavailable as exc:  # its claim's outcome is unknown
         first = exc
     assert held, "a claim was sent"
     assert not hasattr(first, "task_id"), f"the held claim could not have applied yet: {first!r}"
-    retry = await bounded(other.queue.fetch(OWNERS[0], fetch_req(svc)), 20, "the retry on another bridge")
+    retry = await bounded(other.queue.fetch(OWNERS[0], worker_fetch(svc)), 20, "the retry on another bridge")
     assert retry is not None
     await wait_for(lambda: not slow_proxy._late, 15, what="the held claims reached Cassandra")
 
-    rows = cql.execute(
-        f"SELECT task_id, state, worker FROM {servers.keyspace}.leases WHERE owner = %s AND service = %s "
-        "ALLOW FILTERING",
-        (OWNERS[0], svc),
-    )
-    leased = sorted(str(r["task_id"]) for r in rows if r["state"] == "leased" and r["worker"] == "w")
+    leased = tasks_leased_to(cql, servers.keyspace, svc, "w")
     assert leased == [retry.task_id], (
         f"the worker was handed {retry.task_id} (of {added}) by its retry, and holds the leases of {leased}: "
         "a task leased to it that no fetch of it returns waits out its lease"
@@ -644,28 +654,18 @@ async def test_a_fetch_retried_on_another_bridge_while_its_slow_claim_still_land
     other waited out its whole timeToRecover (up to 12 h) with no fetch of the worker returning it.
     The retry now claims the task the pointer announces, for the worker; the slow claim, refused,
     finds it leased to its worker at the epoch it announced and answers with it too."""
-    from bridge.domain.models import FetchRequest
-
-    def fetch_req(svc: str) -> FetchRequest:
-        return FetchRequest.model_validate({"serviceId": svc, "workerId": "w", "timeToRecover": 120_000})
-
     slow = await slow_bridge(cassandra_timeout=5.0)
     other = await make_bridge()
     svc = service_id()
     added = [await engine.add(svc, f"v{i}") for i in range(3)]
     held = hold_statement(slow, slow_proxy, "claim_new", "claim_id", 2.5)
-    first = asyncio.ensure_future(slow.queue.fetch(OWNERS[0], fetch_req(svc)))
+    first = asyncio.ensure_future(slow.queue.fetch(OWNERS[0], worker_fetch(svc)))
     await wait_for(lambda: bool(held) and slow_proxy.held_frames == 1, 10, what="the slow claim on its way")
-    retry = await bounded(other.queue.fetch(OWNERS[0], fetch_req(svc)), 20, "the retry on another bridge")
+    retry = await bounded(other.queue.fetch(OWNERS[0], worker_fetch(svc)), 20, "the retry on another bridge")
     late = await bounded(first, 20, "the slow fetch")  # its reply would go to a client that gave up
     assert retry is not None
 
-    rows = cql.execute(
-        f"SELECT task_id, state, worker FROM {servers.keyspace}.leases WHERE owner = %s AND service = %s "
-        "ALLOW FILTERING",
-        (OWNERS[0], svc),
-    )
-    leased = sorted(str(r["task_id"]) for r in rows if r["state"] == "leased" and r["worker"] == "w")
+    leased = tasks_leased_to(cql, servers.keyspace, svc, "w")
     assert leased == [retry.task_id], (
         f"the worker was handed {retry.task_id} (of {added}) by its retry, and holds the leases of {leased} "
         f"(the slow fetch answered {late!r}, to nobody): a task leased to it that no fetch of it returns "
