@@ -573,3 +573,44 @@ async def test_duty_handed_from_a_new_bridge_to_an_old_one_re_exposes_leases_and
     finally:
         settle_owed_results(cql, servers.keyspace, [svc_res])
     assert Counter(m.split(":")[0] for m in told) == {done_id: 1, poison_id: 1}, told
+
+
+# -- 8. redrive all: a 1.9 client against bridges before 1.9 --------------------------------------------
+async def park_all(w: Worker, svc: str, n: int) -> None:
+    """The worker takes ``n`` tasks and fails each at its delivery limit (maxDeliveries 1): parked."""
+    for _ in range(n):
+        task = await fetch_within(w)
+        body = {"serviceId": svc, "workerId": w.worker_id, "taskId": task["id"], "epoch": task["epoch"]}
+        assert (await w.call("fail", body))["task"]["parked"] is True
+
+
+async def test_redrive_all_of_a_new_client_ends_against_old_and_mixed_bridges(
+    old_bridges, new_bridges, servers, names, engine, workers
+):
+    """A 1.9 client sends ``redrive all`` again with the first reply's ``parkedBefore`` and
+    ``after``. A bridge before 1.9 ignores both (its requests ignore unknown fields) and answers
+    without ``parkedBefore``: the client then repeats until a request answers 0, as that contract
+    said. Until now this was only read, never run: here an old bridge answers a request carrying
+    both fields, then the client's ``redrive all`` ends with every parked task back, against the
+    old bridge alone and with an old and a new one taking the requests in turn."""
+    from tests.integration.test_lifecycle import call
+
+    old_bridges(PREVIOUS, BRIDGE_REDRIVE_RATE="1000")
+    await wait_bridges(servers, names, 1)
+    svc = service_id()
+    ids = sorted([await engine.add(svc, {"n": i}, max_deliveries=1) for i in range(3)])
+    w = await workers(svc, "w")
+    await park_all(w, svc, 3)
+    assert sorted(p.id for p in await engine.parked(svc)) == ids
+    later = {"parkedBefore": "2026-12-04T10:00:00Z", "after": ids[0]}  # would put back none of them
+    reply = (await call(engine, "redrive", {"serviceId": svc, "all": True, **later}))["result"]
+    assert reply == {"redriven": 3}, f"an old bridge ignores the 1.9 fields: {reply}"
+    await park_all(w, svc, 3)
+    assert await asyncio.wait_for(engine.redrive(svc, all=True, redrive_rate=1000.0), 60) == 3
+    assert await engine.parked(svc) == []
+    await new_bridges(redrive_rate=1000.0)
+    await wait_bridges(servers, names, 2)
+    for _ in range(3):  # the requests of a call land on either bridge
+        await park_all(w, svc, 3)
+        assert await asyncio.wait_for(engine.redrive(svc, all=True, redrive_rate=1000.0), 60) == 3
+        assert await engine.parked(svc) == []
