@@ -20,6 +20,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -556,3 +557,32 @@ def fail_next_write_ahead(bridge: Any, monkeypatch: pytest.MonkeyPatch) -> async
 
     monkeypatch.setattr(store, "write_ahead", write_ahead)
     return failed
+
+
+@pytest.fixture(scope="session")
+def cassandra_settings(servers: Any) -> Any:
+    """The run's keyspace, its schema created once; the driver is the configured one
+    (``BRIDGE_CASSANDRA_DRIVER``), as a bridge's."""
+    from bridge.storage.schema import create_schema
+    from bridge.storage.session import open_session
+
+    settings = Settings(
+        cassandra_hosts=servers.cassandra_hosts,
+        cassandra_port=servers.cassandra_port,
+        cassandra_keyspace=servers.keyspace,
+        keyring=None,
+        key_server_url=None,
+    )
+
+    async def setup() -> None:
+        db = open_session(settings)
+        await db.connect()
+        try:
+            await create_schema(db, settings)
+        finally:
+            await db.close()
+
+    # Requested lazily from inside a running test loop: set up on a thread with a loop of its own.
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, setup()).result()
+    return settings

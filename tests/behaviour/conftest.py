@@ -30,36 +30,6 @@ from tests.queue_harness import TTL_S, Harness
 
 
 @pytest.fixture(scope="session")
-def cassandra_settings(servers: Any) -> Any:
-    """The run's keyspace, its schema created once; the driver is the configured one
-    (``BRIDGE_CASSANDRA_DRIVER``), as a bridge's."""
-    from bridge.config import Settings
-    from bridge.storage.schema import create_schema
-    from bridge.storage.session import open_session
-
-    settings = Settings(
-        cassandra_hosts=servers.cassandra_hosts,
-        cassandra_port=servers.cassandra_port,
-        cassandra_keyspace=servers.keyspace,
-        keyring=None,
-        key_server_url=None,
-    )
-
-    async def setup() -> None:
-        db = open_session(settings)
-        await db.connect()
-        try:
-            await create_schema(db, settings)
-        finally:
-            await db.close()
-
-    # Requested lazily from inside a running test loop: set up on a thread with a loop of its own.
-    with ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run, setup()).result()
-    return settings
-
-
-@pytest.fixture(scope="session")
 def datastax_store_session(cassandra_settings: Any) -> Iterator[Any]:
     """cassandra-driver: one session for the whole run (it connects in about a second, and its
     I/O thread serves any event loop)."""

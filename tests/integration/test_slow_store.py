@@ -339,6 +339,15 @@ def worker_fetch(svc: str, worker: str = "w") -> Any:
     return FetchRequest.model_validate({"serviceId": svc, "workerId": worker, "timeToRecover": 120_000})
 
 
+def lease_of(cql: Any, ks: str, svc: str, task_id: str) -> Any:
+    """The task's lease row (state, worker, claim and completion ids), or None."""
+    return cql.execute(
+        f"SELECT state, worker, claim_id, completion_id FROM {ks}.leases "
+        "WHERE owner = %s AND service = %s AND task_id = %s",
+        (OWNERS[0], svc, uuid.UUID(task_id)),
+    ).one()
+
+
 def tasks_leased_to(cql: Any, ks: str, svc: str, worker: str) -> list[str]:
     rows = cql.execute(
         f"SELECT task_id, state, worker FROM {ks}.leases WHERE owner = %s AND service = %s ALLOW FILTERING",
@@ -375,11 +384,7 @@ async def test_an_ack_whose_completion_lands_late_is_not_answered_false_nor_its_
         assert held and slow_proxy.held_frames == 1
 
         def lease() -> Any:
-            return cql.execute(
-                f"SELECT state, completion_id FROM {servers.keyspace}.leases "
-                "WHERE owner = %s AND service = %s AND task_id = %s",
-                (OWNERS[0], svc, uuid.UUID(task_id)),
-            ).one()
+            return lease_of(cql, servers.keyspace, svc, task_id)
 
         await wait_for(lambda: lease()["state"] == "done", 10, what="the held completion applied")
         assert lease()["completion_id"] == held[0], "completed by this very ack"
@@ -418,11 +423,7 @@ async def test_a_claim_that_lands_after_its_fetch_gave_up_is_handed_to_the_worke
         assert held and slow_proxy.held_frames == 1
 
         def lease() -> Any:
-            return cql.execute(
-                f"SELECT state, worker, claim_id FROM {servers.keyspace}.leases "
-                "WHERE owner = %s AND service = %s AND task_id = %s",
-                (OWNERS[0], svc, uuid.UUID(task_id)),
-            ).one()
+            return lease_of(cql, servers.keyspace, svc, task_id)
 
         await wait_for(lambda: lease() is not None, 10, what="the held claim applied")
         row = lease()
@@ -582,11 +583,7 @@ async def test_a_completion_landing_after_the_relay_swept_its_bucket_still_reach
         bucket = outbox_bucket(ms_of(held[0]))
 
         def lease() -> Any:
-            return cql.execute(
-                f"SELECT state, completion_id FROM {servers.keyspace}.leases "
-                "WHERE owner = %s AND service = %s AND task_id = %s",
-                (OWNERS[0], svc, uuid.UUID(task_id)),
-            ).one()
+            return lease_of(cql, servers.keyspace, svc, task_id)
 
         sched = b.scheduler
         await wait_for(

@@ -154,28 +154,18 @@ def _next_midnight() -> int:
 
 
 @pytest.fixture
-async def at_midnight(servers: Any, keyring_path: Any) -> AsyncIterator[tuple[Harness, int]]:
+async def at_midnight(cassandra_settings: Any, keyring_path: Any) -> AsyncIterator[tuple[Harness, int]]:
     """A harness whose clock reads 3 s before a midnight; yields (harness, that midnight in ms)."""
-    from bridge.config import Settings
     from bridge.crypto import KeyringFileProvider
     from bridge.storage.repository import CassandraTaskStore
-    from bridge.storage.schema import create_schema
     from bridge.storage.session import open_session
     from tests.queue_harness import TTL_S
 
-    settings = Settings(
-        cassandra_hosts=servers.cassandra_hosts,
-        cassandra_port=servers.cassandra_port,
-        cassandra_keyspace=servers.keyspace,
-        keyring=None,
-        key_server_url=None,
-    )
     midnight = _next_midnight()
     clock = ManualClock(midnight - 3_000)
-    db = open_session(settings)
+    db = open_session(cassandra_settings)
     await db.connect()
     try:
-        await create_schema(db, settings)
         store = CassandraTaskStore(db, clock.now_ms, TTL_S)
         await store.prepare()
         h = Harness(store, KeyringFileProvider(keyring_path), clock, prefix=f"hunt-{uuid.uuid4().hex[:8]}-")
