@@ -563,9 +563,6 @@ def fail_next_write_ahead(bridge: Any, monkeypatch: pytest.MonkeyPatch) -> async
 def cassandra_settings(servers: Any) -> Any:
     """The run's keyspace, its schema created once; the driver is the configured one
     (``BRIDGE_CASSANDRA_DRIVER``), as a bridge's."""
-    from bridge.storage.schema import create_schema
-    from bridge.storage.session import open_session
-
     settings = Settings(
         cassandra_hosts=servers.cassandra_hosts,
         cassandra_port=servers.cassandra_port,
@@ -573,16 +570,25 @@ def cassandra_settings(servers: Any) -> Any:
         keyring=None,
         key_server_url=None,
     )
+    create_schema_now(settings)
+    return settings
+
+
+def create_schema_now(settings: Settings, *, driver: str | None = None) -> None:
+    """Create the schema of ``settings`` from a fixture, sync code that may run inside a test's
+    loop: on a thread with a loop of its own. ``driver``: "datastax" for cassandra-driver, else
+    the configured one (``BRIDGE_CASSANDRA_DRIVER``)."""
+    from bridge.storage.cassandra import CassandraSession
+    from bridge.storage.schema import create_schema
+    from bridge.storage.session import open_session
 
     async def setup() -> None:
-        db = open_session(settings)
+        db = CassandraSession(settings) if driver == "datastax" else open_session(settings)
         await db.connect()
         try:
             await create_schema(db, settings)
         finally:
             await db.close()
 
-    # Requested lazily from inside a running test loop: set up on a thread with a loop of its own.
     with ThreadPoolExecutor(1) as pool:
         pool.submit(asyncio.run, setup()).result()
-    return settings

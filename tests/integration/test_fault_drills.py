@@ -376,11 +376,8 @@ RF3 = "{'class': 'SimpleStrategy', 'replication_factor': 3}"
 def rf3_keyspace(servers, three_node_cluster) -> str:  # type: ignore[no-untyped-def]
     """The RF 3 keyspace and its tables, created once before the cluster tests: schema changes
     on three nodes wait for agreement (tens of seconds here), which is setup, not the drill."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from bridge.config import Settings
-    from bridge.storage.cassandra import CassandraSession
-    from bridge.storage.schema import create_schema
+    from tests.conftest import create_schema_now
 
     hosts, _ = three_node_cluster
     keyspace = f"{servers.keyspace}_rf3"
@@ -391,17 +388,7 @@ def rf3_keyspace(servers, three_node_cluster) -> str:  # type: ignore[no-untyped
         keyring=None,
         key_server_url=None,
     )
-
-    async def create() -> None:
-        db = CassandraSession(settings)
-        await db.connect()
-        try:
-            await create_schema(db, settings)
-        finally:
-            await db.close()
-
-    with ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run, create()).result()
+    create_schema_now(settings, driver="datastax")
     return keyspace
 
 
