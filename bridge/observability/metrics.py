@@ -125,8 +125,8 @@ ROUTES: dict[str, Route] = {
     ),
     "claims": Route(
         "claims",
-        "Claims tried, by source (hint: handed out by the broker; scan: found in the ready index) and "
-        "outcome (won, lost).",
+        "Claims tried, by source (hint: handed out by the broker; scan: found in the ready index; pointer: "
+        "the task a worker's pointer announces while that claim may be on its way) and outcome (won, lost).",
         labels=("source", "outcome"),
     ),
     "hint_payloads_refused": Route(

@@ -333,10 +333,10 @@ def hold_both_copies(b: Any, proxy: SlowProxy, method: str, id_arg: str, seconds
     return held
 
 
-def worker_fetch(svc: str, worker: str = "w") -> Any:
+def worker_fetch(svc: str, worker: str = "w", *, ttr: int = 120_000, wait_ms: int = 0) -> Any:
     from bridge.domain.models import FetchRequest
 
-    return FetchRequest.model_validate({"serviceId": svc, "workerId": worker, "timeToRecover": 120_000})
+    return FetchRequest.model_validate({"serviceId": svc, "workerId": worker, "timeToRecover": ttr, "waitMs": wait_ms})
 
 
 def lease_of(cql: Any, ks: str, svc: str, task_id: str) -> Any:
@@ -669,3 +669,35 @@ async def test_a_fetch_retried_on_another_bridge_while_its_slow_claim_still_land
         "waits out its lease"
     )
     assert late is None or late.task_id == retry.task_id
+
+
+async def test_a_fetch_retried_on_another_bridge_while_its_slow_re_claim_is_on_its_way_gets_that_task(
+    slow_bridge, slow_proxy, make_bridge, engine, servers, cql
+):
+    """The same for a task whose lease ran out: the first copy's re-claim (epoch 2) is held 2.5 s.
+    The retry reads the pointer the first copy wrote ahead, finds the lease still at epoch 1 (run
+    out, not yet re-claimed) and re-claims that task for the worker (``claims{source="pointer"}``).
+    The code before passed this too, by another way: finding no hint (the first copy held the
+    task's), its fetch scanned the ready index and re-claimed the task from there. This test keeps
+    the re-claim branch of the pointer's claim, which nothing else runs."""
+    slow = await slow_bridge(cassandra_timeout=5.0)
+    other = await make_bridge()
+    svc = service_id()
+    task_id = await engine.add(svc, "abandoned by w0")
+    gone = await bounded(other.queue.fetch(OWNERS[0], worker_fetch(svc, "w0", ttr=300)), 20, "w0's fetch")
+    assert gone is not None and gone.task_id == task_id
+    held = hold_statement(slow, slow_proxy, "claim_expired", "claim_id", 2.5)
+    # A long-poll, woken by the task's hint once w0's lease is taken back: its re-claim is held.
+    first = asyncio.ensure_future(slow.queue.fetch(OWNERS[0], worker_fetch(svc, wait_ms=10_000)))
+    await wait_for(lambda: bool(held) and slow_proxy.held_frames == 1, 15, what="the slow re-claim on its way")
+    retry = await bounded(other.queue.fetch(OWNERS[0], worker_fetch(svc)), 20, "the retry on another bridge")
+    late = await bounded(first, 20, "the slow fetch")  # its reply would go to a client that gave up
+    leased = tasks_leased_to(cql, servers.keyspace, svc, "w")
+    assert retry is not None and (retry.task_id, retry.epoch) == (task_id, 2), (
+        f"the retry answered {retry!r} while the slow re-claim was on its way; the slow fetch answered "
+        f"{late!r}, to nobody; the worker holds the leases of {leased}"
+    )
+    assert leased == [task_id]
+    assert late is None or late.task_id == task_id
+    claims = other.metrics.registry.get_sample_value
+    assert claims("queue_bridge_claims_total", {"source": "pointer", "outcome": "won"}) == 1
