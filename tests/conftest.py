@@ -247,7 +247,8 @@ async def bridge(bridge_env: dict[str, str]) -> AsyncIterator[Any]:
 
 @pytest.fixture
 async def make_bridge(bridge_env: dict[str, str]) -> AsyncIterator[Callable[..., Any]]:
-    """Start extra in-process bridges (same exchange, same keyspace) with setting overrides."""
+    """Start extra in-process bridges (same exchange, same keyspace) with setting overrides; one may
+    be stopped before the test ends (``make_bridge.stop(b)``), the others are stopped after it."""
     from bridge.app import Bridge
 
     started: list[Bridge] = []
@@ -258,6 +259,11 @@ async def make_bridge(bridge_env: dict[str, str]) -> AsyncIterator[Callable[...,
         started.append(b)
         return b
 
+    async def stop(b: Bridge) -> None:
+        started.remove(b)
+        await b.stop()
+
+    make.stop = stop  # type: ignore[attr-defined]
     yield make
     for b in started:
         await b.stop()

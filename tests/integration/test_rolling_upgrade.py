@@ -223,27 +223,9 @@ async def test_schema_migrated_under_old_bridges_and_old_bridges_started_after_i
 
 
 @pytest.fixture
-async def new_bridges(bridge_env: dict[str, str]):  # type: ignore[no-untyped-def]
-    """In-process bridges of this tree, which a test may stop before its end (``make.stop(b)``)."""
-    from bridge.app import Bridge
-    from tests.conftest import settings_from
-
-    started: list[Any] = []
-
-    async def make(**overrides: Any) -> Any:
-        b = Bridge(settings_from(bridge_env, **overrides))
-        await b.start()
-        started.append(b)
-        return b
-
-    async def stop(b: Any) -> None:
-        started.remove(b)
-        await b.stop()
-
-    make.stop = stop  # type: ignore[attr-defined]
-    yield make
-    for b in started:
-        await b.stop()
+def new_bridges(make_bridge: Any) -> Any:
+    """In-process bridges of this tree (``make_bridge``: ``new_bridges.stop(b)`` stops one early)."""
+    return make_bridge
 
 
 async def park_once(engine: Engine, w: Worker, svc: str, task_id: str, epoch: int) -> None:
