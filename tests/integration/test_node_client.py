@@ -10,6 +10,7 @@ skips: without ``node`` it fails, saying how to get it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -93,9 +94,21 @@ class NodeScript:
     def all(self, name: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e["event"] == name]
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
+    async def stop(self) -> None:
+        """Kill the process if it still runs and reap it, its pipes read to their end: left to the
+        garbage collector, a killed process's transports were reported (ResourceWarning) during
+        whichever test ran next in this worker, and failed it (a red CI)."""
+        if self.proc is None:
+            return
+        if self.proc.returncode is None:
             self.proc.kill()
+        await self.proc.wait()
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._reader, 10)
+        if self.proc.stderr is not None and not self.stderr:
+            with contextlib.suppress(Exception):
+                self.stderr = await asyncio.wait_for(self.proc.stderr.read(), 10)
 
 
 async def run(node: str, script: str, env: dict[str, str], *args: str, timeout: float = 60) -> NodeScript:
@@ -147,7 +160,7 @@ async def test_node_engine_worker_and_results(bridge: Any, node: str, servers: S
         assert await own.wait() == 0, (own.events, own.stderr)
     finally:
         for proc in (results, own, worker):
-            proc.kill()
+            await proc.stop()
 
     added = {e["taskId"]: e for e in engine.all("added")}
     assert sorted(e["n"] for e in added.values()) == list(range(count))
@@ -256,7 +269,7 @@ async def test_node_results_with_empty_owner_and_service_keep_every_result(
         assert not results.all("skipped"), results.all("skipped")
         assert (task_id, OWNERS[1]) in [(r["taskId"], r["owner"]) for r in results.all("result")]
     finally:
-        results.kill()
+        await results.stop()
 
 
 async def test_node_worker_reconnects_when_the_broker_closes_its_connection(
@@ -289,7 +302,7 @@ async def test_node_worker_reconnects_when_the_broker_closes_its_connection(
         assert await worker.wait(45) == 0, (worker.events, worker.stderr)
         assert worker.all("acked") == [{"event": "acked", "taskId": task_id, "completed": True}]
     finally:
-        worker.kill()
+        await worker.stop()
 
 
 async def test_node_worker_started_before_its_bridge_works_once_the_bridge_is_up(
@@ -311,4 +324,4 @@ async def test_node_worker_started_before_its_bridge_works_once_the_bridge_is_up
         assert await worker.wait(45) == 0, (worker.events, worker.stderr)
         assert worker.all("acked") == [{"event": "acked", "taskId": task_id, "completed": True}]
     finally:
-        worker.kill()
+        await worker.stop()
