@@ -69,23 +69,24 @@ class _Retry:
 
     not_before_ms: int
     backoff_ms: int
-    stuck: int  # results that could not be published
-    undecided: int = 0  # results whose decision is not on the lease but may still land (``may_still_land``)
+    stuck: int  # results that could not be published (what ``results_stuck`` reports)
 
     @staticmethod
     def first(now: int, owed: _Owed) -> _Retry:
-        return _Retry(now + RELAY_RETRY_FIRST_MS, RELAY_RETRY_FIRST_MS, owed.stuck, owed.undecided)
+        return _Retry(now + RELAY_RETRY_FIRST_MS, RELAY_RETRY_FIRST_MS, owed.stuck)
 
     def again(self, now: int, owed: _Owed) -> _Retry:
         backoff = min(self.backoff_ms * 2, RELAY_RETRY_MAX_MS)
-        return _Retry(now + backoff, backoff, owed.stuck, owed.undecided)
+        return _Retry(now + backoff, backoff, owed.stuck)
 
 
 @dataclass(frozen=True, slots=True)
 class _Owed:
     """What a sweep of one outbox bucket left owed."""
 
-    stuck: int = 0
+    stuck: int = 0  # results that could not be published
+    # Results whose decision is not on the lease yet but may still land (``may_still_land``): they
+    # keep the bucket owed (retried at the backoff), but nothing failed, so they are not "stuck".
     undecided: int = 0
 
     def __bool__(self) -> bool:
