@@ -5,7 +5,7 @@ STATE := deploy/local/state
 # The test command that README.md shows and .ci/run runs.
 PYTEST := .venv/bin/pytest -p no:cacheprovider
 
-.PHONY: help venv node-deps browser run bridge demo test test-unit soak lint bandit typecheck check bench bench-quick bench-json keyring clean \
+.PHONY: help venv node-deps browser run bridge demo test test-unit test-quorum soak lint bandit typecheck check bench bench-quick bench-json keyring clean \
 	stack-up stack-down stack-status
 
 help:
@@ -99,3 +99,12 @@ stack-down:
 
 stack-status:
 	bash deploy/local/stack.sh status
+
+# The contract's core files again with the bridge's durable queues as quorum queues
+# (BRIDGE_QUEUE_TYPE=quorum; not part of `make test`: tests/integration/test_quorum_queues.py is).
+test-quorum: venv stack-up
+	BRIDGE_QUEUE_TYPE=quorum $(PYTEST) -n $(TEST_WORKERS) tests/integration/test_quorum_queues.py \
+		tests/integration/test_queue_semantics.py tests/integration/test_lifecycle.py \
+		tests/integration/test_bad_input.py tests/integration/test_long_poll.py tests/integration/test_smoke.py \
+		tests/integration/test_add_edges.py tests/integration/test_message_properties.py \
+		tests/integration/test_multi_instance.py

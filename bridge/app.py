@@ -35,6 +35,7 @@ from bridge.transport.duty import Duty
 from bridge.transport.errors import BrokerUnreachable, amqp_where
 from bridge.transport.hints import AmqpHints
 from bridge.transport.results import ResultPublisher
+from bridge.transport.topology import durable_queue_arguments
 
 COUNTS_FLUSH_S = 1.0  # queue-count deltas are written this often (a kill -9 loses at most this much)
 MAX_GAUGE_QUEUES = 1_000
@@ -112,7 +113,7 @@ class Bridge:
         # learn of what it adds and, holding the scheduler duty, re-exposes or finds due.
         self.hints = AmqpHints(settings, on_loss=lambda: self.reconcile.alarm(self.clock.now_ms()))
         # One bridge of the fleet runs the recovery scheduler and the result relay (RabbitMQ elects it).
-        self.duty = Duty(f"{settings.queue_prefix}.duty")
+        self.duty = Duty(f"{settings.queue_prefix}.duty", queue_arguments=durable_queue_arguments(settings))
         # Wired complete at construction: the queue publishes through this, the transport attaches it.
         self.results = ResultPublisher(settings)
         self.counts = QueueCounts()  # stats deltas, flushed about once a second

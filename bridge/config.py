@@ -56,6 +56,14 @@ class Settings(BaseSettings):
         description="Durable queue bound to the results exchange ('#') for the engine; empty: declare none.",
     )
     queue_prefix: str = Field("queue-bridge", min_length=1, description="Prefix of the bridge's queue names.")
+    queue_type: Literal["classic", "quorum"] = Field(
+        "classic",
+        description=(
+            "Type of the bridge's durable queues (requests, add retry lane, dead letters, results, duty): "
+            "quorum replicates them across a RabbitMQ cluster. Hint queues stay classic. A queue keeps the "
+            "type it was declared with."
+        ),
+    )
     trusted_users: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["engine"],
         description="AMQP users (comma separated) allowed to name the owner in the x-owner header.",

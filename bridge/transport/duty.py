@@ -21,6 +21,7 @@ import logging
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from pamqp.common import FieldTable
 
 log = logging.getLogger("bridge.duty")
 
@@ -28,8 +29,11 @@ BROKER_CALL_S = 3.0  # bounded: a robust channel without a connection waits for 
 
 
 class Duty:
-    def __init__(self, queue_name: str, *, refresh_s: float = 30.0) -> None:
+    def __init__(self, queue_name: str, *, refresh_s: float = 30.0, queue_arguments: FieldTable | None = None) -> None:
         self.queue_name = queue_name
+        # Its type (``BRIDGE_QUEUE_TYPE``): a quorum duty queue outlives the loss of a cluster node,
+        # a classic one on a lost node leaves the fleet without a duty holder until it is back.
+        self.queue_arguments: FieldTable = dict(queue_arguments or {})
         self.refresh_s = refresh_s
         self._channel: AbstractChannel | None = None
         self._token: AbstractIncomingMessage | None = None
@@ -58,7 +62,12 @@ class Duty:
         self._channel = await connection.channel(publisher_confirms=False)
         await self._channel.set_qos(prefetch_count=1)
         self._channel.close_callbacks.add(self._lost)
-        args = {"x-single-active-consumer": True, "x-max-length": 1, "x-overflow": "drop-head"}
+        args: FieldTable = {
+            **self.queue_arguments,
+            "x-single-active-consumer": True,
+            "x-max-length": 1,
+            "x-overflow": "drop-head",
+        }
         queue = await self._channel.declare_queue(self.queue_name, durable=True, arguments=args)
         await queue.consume(self._delivered)
 

@@ -29,6 +29,18 @@ ROUTING_KEYS = (*METHODS, *LIFECYCLE_METHODS)
 CONSUMED = (*METHODS, LIFECYCLE_QUEUE, "unrouted")
 
 
+def durable_queue_arguments(settings: Settings, arguments: FieldTable | None = None) -> FieldTable:
+    """A durable queue's arguments with its type (``BRIDGE_QUEUE_TYPE``). Quorum queues are replicated
+    across a RabbitMQ cluster: the requests, the adds not yet stored and the results waiting for the
+    engine outlive the loss of a node. Classic adds nothing: a queue's type cannot change, and one
+    declared again with another type is refused (406), so queues declared before this setting
+    existed are declared again exactly as before."""
+    args: FieldTable = dict(arguments or {})
+    if settings.queue_type == "quorum":
+        args["x-queue-type"] = "quorum"
+    return args
+
+
 @dataclass(frozen=True, slots=True)
 class Names:
     exchange: str
@@ -77,7 +89,7 @@ def consumed_queues(settings: Settings) -> dict[str, QueueSpec]:
         settings.exchange, aio_pika.ExchangeType.DIRECT, {"alternate-exchange": names.unrouted_exchange}
     )
     unrouted = ExchangeSpec(names.unrouted_exchange, aio_pika.ExchangeType.FANOUT)
-    args: FieldTable = {"x-dead-letter-exchange": names.dead_letter_exchange}
+    args = durable_queue_arguments(settings, {"x-dead-letter-exchange": names.dead_letter_exchange})
     specs = {method: QueueSpec(names.queue(method), args, ((main, method),)) for method in METHODS}
     specs[LIFECYCLE_QUEUE] = QueueSpec(
         names.queue(LIFECYCLE_QUEUE), args, tuple((main, method) for method in LIFECYCLE_METHODS)
@@ -119,7 +131,7 @@ async def declare_topology(
         # Declared and bound on the results' own channel: when that channel is reopened (a
         # publish to an exchange deleted meanwhile closes it), the robust channel declares the
         # exchange again and, only for what was declared on it, the queue and its binding.
-        results_q = await publish.declare_queue(s.results_queue, durable=True)
+        results_q = await publish.declare_queue(s.results_queue, durable=True, arguments=durable_queue_arguments(s))
         await results_q.bind(results, routing_key="#")
     return Topology(queues, results, lane)
 
@@ -167,11 +179,14 @@ async def _declare_add_retry_lane(settings: Settings, names: Names, connection: 
     """The add retry lane (bridge.transport.add_retry): nobody consumes it; its messages expire
     back to the add queue. On a channel of its own: a broker that refuses it (permissions set
     before the lane existed) closes only that channel, and adds keep being retried in place."""
-    lane: FieldTable = {
-        "x-message-ttl": LANE_DELAY_MS,
-        "x-dead-letter-exchange": settings.exchange,
-        "x-dead-letter-routing-key": "add",
-    }
+    lane = durable_queue_arguments(
+        settings,
+        {
+            "x-message-ttl": LANE_DELAY_MS,
+            "x-dead-letter-exchange": settings.exchange,
+            "x-dead-letter-routing-key": "add",
+        },
+    )
     probe = await connection.channel(publisher_confirms=False)
     try:
         await probe.declare_queue(names.queue(LANE_SUFFIX), durable=True, arguments=lane)
@@ -199,16 +214,25 @@ async def declare_dead_letter(settings: Settings, connection: AbstractConnection
     reconnection gets a 404 at every attempt, for ever (the bridge was dead). The transport runs
     this again after each reconnection instead, which also brings a deleted queue back."""
     s, names = settings, Names(settings.exchange, settings.queue_prefix)
-    args: FieldTable = {
-        "x-max-length": s.dead_letter_max_length,
-        "x-max-length-bytes": s.dead_letter_max_bytes,
-        "x-overflow": "drop-head",
-    }
+    args = durable_queue_arguments(
+        s,
+        {
+            "x-max-length": s.dead_letter_max_length,
+            "x-max-length-bytes": s.dead_letter_max_bytes,
+            "x-overflow": "drop-head",
+        },
+    )
     async with _probe(connection) as probe:
         dlx = await probe.declare_exchange(names.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
         try:
             dlq = await probe.declare_queue(names.dead_letter_queue, durable=True, arguments=args)
-        except aio_pika.exceptions.ChannelPreconditionFailed:
+        except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+            if "x-queue-type" in str(exc):
+                # Declared with the other type (BRIDGE_QUEUE_TYPE differs): a queue cannot change
+                # type, so the start is refused with the broker's reason, as for the request
+                # queues; the queue and what it holds are left as they are.
+                log.warning("dead-letter queue %s exists with another queue type: %s", names.dead_letter_queue, exc)
+                raise
             # Declared by an older bridge without limits: queue arguments cannot change in place.
             policy = {"max-length": s.dead_letter_max_length, "max-length-bytes": s.dead_letter_max_bytes}
             log.warning(
