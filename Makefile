@@ -38,15 +38,17 @@ run: venv stack-up keyring
 # parallel pass, docs/performance.md, "The suite in three processes"). Each process has its own
 # keyspace and every test its own exchange and queues. Tests marked `exclusive` restart a server or
 # raise a broker alarm under every client: they run after, alone. Each pass lists its slowest tests.
-# The 3-node cluster's drills run last, with the cluster started for them (three JVMs take minutes
-# to start on two cores, beyond the per-test timeout) and stopped after, whatever their outcome.
+# The 3-node clusters' drills run last, with the clusters started for them (three JVMs take minutes
+# to start on two cores, beyond the per-test timeout; three RabbitMQ nodes about 25 s) and stopped
+# after, whatever their outcome.
 # The store's other CQL driver (cassandra-driver) runs the behaviour suite's Cassandra half.
 TEST_WORKERS ?= 3
 test: venv stack-up node-deps browser
 	$(PYTEST) -m "not cluster and not exclusive" -n $(TEST_WORKERS) --dist worksteal --durations=12
 	$(PYTEST) -m "exclusive and not cluster" --durations=5
 	BRIDGE_CASSANDRA_DRIVER=datastax $(PYTEST) -m integration tests/behaviour
-	bash deploy/local/cassandra-cluster.sh up && $(PYTEST) -m cluster; rc=$$?; bash deploy/local/cassandra-cluster.sh down; exit $$rc
+	bash deploy/local/cassandra-cluster.sh up && bash deploy/local/rabbitmq-cluster.sh up && $(PYTEST) -m cluster; rc=$$?; \
+		bash deploy/local/cassandra-cluster.sh down; bash deploy/local/rabbitmq-cluster.sh down; exit $$rc
 
 # The 30-minute soak (`make test` runs a 20 s one). The one test longer than the suite's 60 s
 # per-test timeout, so it raises the timeout here: 30 minutes of load plus 5 for set-up and drain.

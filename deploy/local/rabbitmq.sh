@@ -8,7 +8,9 @@
 # pid file, config and enabled-plugins file under $QB_STATE_DIR/rabbitmq.
 # Env: QB_STATE_DIR, QB_AMQP_HOST (127.0.0.1), QB_AMQP_PORT (5672), QB_RABBITMQ_WAIT (120 s),
 #      QB_RABBITMQ_MANAGEMENT (1 = enable the management UI on 127.0.0.1:15672),
-#      QB_RABBITMQ_MGMT_PORT (15672), QB_RABBITMQ_USERS ("queue-bridge engine worker-a worker-b").
+#      QB_RABBITMQ_MGMT_PORT (15672), QB_RABBITMQ_USERS ("queue-bridge engine worker-a worker-b"),
+#      QB_RABBITMQ_NODENAME (the Erlang node name; default rabbit@<host>: rabbitmq-cluster.sh runs
+#      several nodes, each with its own name, state dir and port).
 
 QB_LOCAL_DIR=${QB_LOCAL_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}
 QB_STATE_DIR=${QB_STATE_DIR:-$QB_LOCAL_DIR/state}
@@ -57,6 +59,10 @@ QB_RABBITMQ_WAIT=${QB_RABBITMQ_WAIT:-120}
 QB_RABBITMQ_MANAGEMENT=${QB_RABBITMQ_MANAGEMENT:-1}
 QB_RABBITMQ_MGMT_PORT=${QB_RABBITMQ_MGMT_PORT:-15672}
 QB_RABBITMQ_USERS=${QB_RABBITMQ_USERS:-queue-bridge engine worker-a worker-b}
+# The node rabbitmq-server starts and rabbitmqctl talks to (both read RABBITMQ_NODENAME).
+if [[ -n ${QB_RABBITMQ_NODENAME:-} ]]; then
+  export RABBITMQ_NODENAME=$QB_RABBITMQ_NODENAME
+fi
 
 rabbitmq_paths() {
   mkdir -p "$QB_STATE_DIR"
@@ -95,7 +101,7 @@ rabbitmq_rss_mib() {
 
 rabbitmq_log_file() {
   local f
-  for f in "$R_LOGS"/rabbit@*.log; do
+  for f in "$R_LOGS"/*@*.log; do
     [[ -f $f && $f != *_upgrade.log ]] && { echo "$f"; return 0; }
   done
   return 1
@@ -189,6 +195,7 @@ rabbitmq_start() {
       RABBITMQ_CONFIG_FILE="$R_DIR/rabbitmq.conf" \
       RABBITMQ_ENABLED_PLUGINS_FILE="$R_DIR/enabled_plugins" \
       ERL_EPMD_ADDRESS=127.0.0.1 \
+      RABBITMQ_DIST_PORT=$((QB_AMQP_PORT + 20000)) \
       RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
       rabbitmq-server -detached) >"$R_LOGS/startup.log" 2>&1; then
     rabbitmq_print_log_tail

@@ -7,7 +7,7 @@ queues are replicated. These tests run on one node: they check that every queue 
 declares takes the type, that the contract works through them end to end (quorum queues accept
 only some arguments: the duty's single active consumer and drop-head, the add retry lane's TTL,
 the dead-letter queue's limits), and that a queue of the other type is refused at start with a
-message naming the setting's argument. A node lost under load is not drilled here (one broker)."""
+message naming the setting's argument. A node lost under load: test_rabbitmq_cluster.py (a 3-node cluster)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,134 @@
+"""A node of a 3-node RabbitMQ cluster killed -9 under load, the bridge's queues quorum queues.
+
+deploy/local/rabbitmq-cluster.sh runs the cluster (nodes qbc1-3@localhost on ports 5681-5683;
+`make test` starts it before the ``cluster`` tests and stops it after). The first bridge connects
+to node 1 and declares the queues, so their quorum leaders are there; a second bridge connects to
+node 2, the engine to node 2, the workers to node 3. Node 1 is killed -9 while tasks are added and
+worked: the queues elect leaders on the other nodes and the second bridge goes on serving. With
+classic queues (on node 1) every request, add and result would wait for node 1 to come back."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from typing import Any
+
+import aio_pika
+import orjson
+import pytest
+
+from bridge.client import Engine, Worker
+from bridge.client.errors import TransportError, UnavailableError
+from tests.conftest import BRIDGE_USER, ENGINE_USER, OWNERS, _port_open, service_id
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+OWNER = OWNERS[0]
+PORTS = (5681, 5682, 5683)
+TASKS = 240
+KILL_AFTER = 80  # tasks added before node 1 is killed
+
+
+def node_url(user: str, node: int) -> str:
+    return f"amqp://{user}:{user}@127.0.0.1:{PORTS[node - 1]}/"
+
+
+def cluster_cmd(*args: str) -> None:
+    subprocess.run(["bash", "deploy/local/rabbitmq-cluster.sh", *args], check=True, timeout=120, capture_output=True)
+
+
+@pytest.fixture
+def rabbit_cluster() -> None:
+    down = [p for p in PORTS if not _port_open("127.0.0.1", p)]
+    if down:
+        pytest.fail(
+            f"the 3-node RabbitMQ cluster is not up (ports {down} do not answer): run "
+            "`bash deploy/local/rabbitmq-cluster.sh up` first (`make test` does)",
+            pytrace=False,
+        )
+
+
+async def take_results(url: str, queue: str) -> list[dict[str, Any]]:
+    conn = await aio_pika.connect(url)
+    got = []
+    try:
+        ch = await conn.channel()
+        q = await ch.declare_queue(queue, passive=True)
+        while (m := await q.get(fail=False, no_ack=True)) is not None:
+            got.append(orjson.loads(m.body))
+    finally:
+        await conn.close()
+    return got
+
+
+async def results_of(url: str, queue: str, tasks: set[str], timeout: float) -> dict[str, Any]:
+    """The results (by task id) taken off ``queue`` until every one of ``tasks`` has one, or timeout."""
+    results: dict[str, Any] = {}
+    deadline = time.monotonic() + timeout
+    while tasks - set(results) and time.monotonic() < deadline:
+        for r in await take_results(url, queue):
+            results[r["taskId"]] = r["result"]
+        await asyncio.sleep(0.2)
+    return results
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(240)
+async def test_the_node_leading_the_quorum_queues_killed_under_load_loses_nothing(make_bridge, names, rabbit_cluster):
+    await make_bridge(queue_type="quorum", amqp_url=node_url(BRIDGE_USER, 1))  # declares: leaders on node 1
+    await make_bridge(queue_type="quorum", amqp_url=node_url(BRIDGE_USER, 2))
+    svc = service_id()
+    ex = names["exchange"]
+    added: dict[str, int] = {}  # task id -> n
+    acked: set[str] = set()
+    adding_done = asyncio.Event()
+    killed_at: list[float] = []
+    retries = {"add": 0, "worker": 0}
+
+    async def add_all(engine: Engine) -> None:
+        for n in range(TASKS):
+            if n == KILL_AFTER:
+                await asyncio.to_thread(cluster_cmd, "kill", "1")
+                killed_at.append(time.monotonic())
+            for _attempt in range(20):  # the same message id: a retried add is the same task
+                try:
+                    task_id = await engine.add(svc, {"n": n}, token={"n": n}, message_id=f"{svc}-{n}")
+                    break
+                except (TransportError, UnavailableError):
+                    retries["add"] += 1
+                    await asyncio.sleep(0.5)
+            else:
+                raise AssertionError(f"add {n} never answered")
+            added[task_id] = n
+            await asyncio.sleep(0.02)
+        adding_done.set()
+
+    async def work(k: int) -> None:
+        async with Worker(node_url(OWNER, 3), service=svc, worker_id=f"w{k}", exchange=ex, timeout=5.0) as w:
+            while not (adding_done.is_set() and set(added) <= acked):
+                try:
+                    task = await w.fetch(10_000, wait_ms=1_000)
+                    if task is not None and await task.ack({"n": task.value["n"]}):
+                        acked.add(task.id)
+                except (TransportError, UnavailableError):
+                    retries["worker"] += 1  # its next fetch (not fresh) gets back a task it held
+                    await asyncio.sleep(0.2)
+
+    async with Engine(node_url(ENGINE_USER, 2), owner=OWNER, exchange=ex, timeout=5.0) as engine:
+        try:
+            async with asyncio.timeout(150):
+                await asyncio.gather(add_all(engine), *(work(k) for k in range(4)))
+        except TimeoutError:
+            missing = sorted(added[t] for t in set(added) - acked)
+            raise AssertionError(
+                f"node 1 killed: {len(added)} of {TASKS} tasks added in time, {len(missing)} of them never acked "
+                f"({missing[:20]}); retries {retries}"
+            ) from None
+    assert len(added) == TASKS and killed_at
+
+    results = await results_of(node_url("guest", 2), names["queue_prefix"] + ".results", set(added), 30)
+    missing = sorted(added[t] for t in set(added) - set(results))
+    assert not missing, f"{len(missing)} results never reached the engine's quorum queue: {missing[:20]}"
+    assert all(results[t] == {"n": n} for t, n in added.items())
+    print(f"\nnode 1 killed after {KILL_AFTER} adds; {TASKS} tasks acked, results all delivered; retries {retries}")
