@@ -21,7 +21,7 @@ from bridge.domain.context import QueueContext
 from bridge.domain.counting import landed_later, was_delayed
 from bridge.domain.dispatch import Dispatcher
 from bridge.domain.errors import IntegrityError, KeyMissing, MaybeApplied, Unavailable
-from bridge.domain.hints import Taken, TaskHints
+from bridge.domain.hints import HintsUnavailable, Taken, TaskHints
 from bridge.domain.models import Delivery, FetchRequest
 from bridge.domain.reconcile import Reconciliation
 from bridge.domain.records import (
@@ -60,6 +60,9 @@ MAX_FLIGHTS = 100_000
 # When a claim's outcome is unknown, its lease is read again after these pauses (seconds), as a
 # completion's is (``acking.UNCERTAIN_COMPLETION_LOOKUPS_S``).
 UNCERTAIN_CLAIM_LOOKUPS_S = (0.5, 2.0, 8.0)
+# A waiting fetch whose queue's hints cannot be used (``HintsUnavailable``: the node of its hint
+# queue is down) scans the store this often for the rest of its wait.
+HINTLESS_POLL_MS = 1_000
 
 
 class _Claim(NamedTuple):
@@ -344,7 +347,13 @@ class Fetcher:
         when claims kept being lost. Hints of finished tasks count apart (``MAX_STALE_HINTS``)."""
         lost = stale = 0
         while lost < MAX_CLAIM_ATTEMPTS and stale < MAX_STALE_HINTS:
-            taken = await self.hints.take(a.q, 0)
+            try:
+                taken = await self.hints.take(a.q, 0)
+            except HintsUnavailable:
+                # The hints published to it meanwhile are lost: scan, without the grace for what
+                # is in the store already (its hints are not on their way).
+                self.reconcile.alarm(self.ctx.clock.now_ms())
+                break
             if taken is None:
                 break
             claim = await self._claim_hinted(a, taken)
@@ -382,7 +391,13 @@ class Fetcher:
         while (left_ms := int((until - loop.time()) * 1000)) > 0:
             granted = a.flight.granted
             self._leave_turn(a)
-            taken = await self.hints.take(a.q, left_ms)
+            try:
+                taken = await self.hints.take(a.q, left_ms)
+            except HintsUnavailable:
+                delivery = await self._poll_store(a, left_ms, granted, still_wanted)
+                if delivery is not None:
+                    return delivery
+                continue
             if taken is None:
                 return None
             if still_wanted is not None:
@@ -404,6 +419,28 @@ class Fetcher:
             if claim.delivery is not None:
                 return claim.delivery
         return None
+
+    async def _poll_store(
+        self, a: _Attempt, left_ms: int, granted: int, still_wanted: Callable[[], Awaitable[bool]] | None
+    ) -> Delivery | None:
+        """A waiting fetch whose queue's hints cannot be used (``HintsUnavailable``: the node that
+        holds its hint queue is down, the broker is away): it scans the store every
+        ``HINTLESS_POLL_MS`` for the rest of its wait (the hints of the tasks added meanwhile are
+        lost). Answered null at once, it was sent again at once by its worker: a spin of the
+        worker, the bridge and the broker (about 50 fetches a second per worker) for as long as
+        the hint queue was gone."""
+        await asyncio.sleep(min(left_ms, HINTLESS_POLL_MS) / 1000)
+        self.reconcile.alarm(self.ctx.clock.now_ms())  # what is stored by now has no hint coming
+        if still_wanted is not None:
+            if a.requester is not None:
+                a.requester.cancel()
+            a.requester = asyncio.ensure_future(still_wanted())
+        await self._take_turn(a)
+        if a.flight.granted != granted:  # another fetch of this worker was granted a lease meanwhile
+            resent = await self._look(a, fresh=False)
+            if resent is not None:
+                return resent
+        return await self._claim_scanned(a)
 
     async def _claim_hinted(self, a: _Attempt, taken: Taken) -> _Claim:
         entry = taken.hint.entry()

@@ -79,13 +79,20 @@ class Taken(Protocol):
         """The claim could not be tried (a store outage): put the hint back for another fetch."""
 
 
+class HintsUnavailable(Exception):
+    """This queue's hints cannot be taken or waited for now: the broker is away, or the node that
+    holds the queue's hint queue is down (a classic queue lives on one node of a cluster). The
+    hints published to it meanwhile are lost: its tasks are found by scanning the store."""
+
+
 class TaskHints(Protocol):
     async def offer(self, q: QueueKey, hint: Hint) -> None:
         """Best effort: a hint that is lost is found again by reconciliation."""
 
     async def take(self, q: QueueKey, wait_ms: int) -> Taken | None:
         """A hint of this queue: at once if one is there, else within ``wait_ms`` (0: do not wait);
-        None when none came (or the bridge is shutting down)."""
+        None when none came (or the bridge is shutting down). :class:`HintsUnavailable` when the
+        queue's hints cannot be used at all."""
 
     async def discard(self, q: QueueKey) -> int:
         """Drop the hints waiting in this queue (a purge: nearly all name tasks it cancels); how

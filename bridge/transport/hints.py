@@ -53,7 +53,7 @@ from pamqp.common import Arguments
 
 from bridge.config import Settings
 from bridge.crypto import Sealed
-from bridge.domain.hints import Hint, Taken
+from bridge.domain.hints import Hint, HintsUnavailable, Taken
 from bridge.domain.records import PRIORITY_MAX, Payload, QueueKey
 from bridge.observability.throttled import ThrottledWarning
 from bridge.transport import frames
@@ -341,7 +341,7 @@ class AmqpHints:
         except Exception as exc:
             self._forget_if_gone(q, exc)
             self._warn_unavailable.warning("hints unavailable (%s): fetches scan the store", type(exc).__name__)
-            return None
+            raise HintsUnavailable(f"the hint queue cannot be used: {type(exc).__name__}") from exc
         handed = False
         if message is None and wait_ms > 0:
             message = await self._wait(queue, wait_ms)
@@ -375,9 +375,9 @@ class AmqpHints:
                 tag = f"hints.{uuid.uuid4().hex}"
                 try:
                     await asyncio.wait_for(self._start_consuming(waiting, tag), BROKER_CALL_S)
-                except Exception as exc:  # the broker is away: answer as if the wait found nothing
+                except Exception as exc:  # the broker is away, or the hint queue's node is down
                     self._warn_no_wait.warning("cannot wait for hints (%s)", type(exc).__name__)
-                    return None
+                    raise HintsUnavailable(f"cannot wait for hints: {type(exc).__name__}") from exc
                 finally:
                     # Any way out, CancelledError included (wait_for cancels the start when its time
                     # runs out, and the fetch itself may be cancelled): left "starting", no waiting

@@ -10,8 +10,10 @@ classic queues (on node 1) every request, add and result would wait for node 1 t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import aio_pika
@@ -39,7 +41,8 @@ def cluster_cmd(*args: str) -> None:
 
 
 @pytest.fixture
-def rabbit_cluster() -> None:
+def rabbit_cluster() -> Iterator[None]:
+    """The cluster, every node up; a node a test killed is started again after it (it rejoins)."""
     down = [p for p in PORTS if not _port_open("127.0.0.1", p)]
     if down:
         pytest.fail(
@@ -47,6 +50,10 @@ def rabbit_cluster() -> None:
             "`bash deploy/local/rabbitmq-cluster.sh up` first (`make test` does)",
             pytrace=False,
         )
+    yield
+    for node, port in enumerate(PORTS, start=1):
+        if not _port_open("127.0.0.1", port):
+            cluster_cmd("start", str(node))
 
 
 async def take_results(url: str, queue: str) -> list[dict[str, Any]]:
@@ -132,3 +139,72 @@ async def test_the_node_leading_the_quorum_queues_killed_under_load_loses_nothin
     assert not missing, f"{len(missing)} results never reached the engine's quorum queue: {missing[:20]}"
     assert all(results[t] == {"n": n} for t, n in added.items())
     print(f"\nnode 1 killed after {KILL_AFTER} adds; {TASKS} tasks acked, results all delivered; retries {retries}")
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(240)
+async def test_long_polls_on_a_hint_queue_lost_with_its_node_neither_spin_nor_wait_for_reconciliation(
+    make_bridge, names, rabbit_cluster
+):
+    """Hint queues are classic (they need two priorities): the one of a service lives on the node
+    of the bridge that declared it. With that node down, every use of it is refused (404): its
+    hints are lost, and a waiting fetch cannot wait on it. Workers long-poll meanwhile and tasks
+    keep coming: each must be handed out within seconds (its hint is lost: a scan must find it),
+    and a long-poll must not come back at once to be sent again,
+    a spin of the worker, its bridge and the broker for as long as the node is down. Before the
+    fix each worker sent about 50 fetches a second (each answered null at once)."""
+    from bridge.domain.models import FetchRequest
+
+    b1 = await make_bridge(queue_type="quorum", amqp_url=node_url(BRIDGE_USER, 1))
+    await make_bridge(queue_type="quorum", amqp_url=node_url(BRIDGE_USER, 2))
+    svc = service_id()
+    ex = names["exchange"]
+    # The service's hint queue, declared through node 1 (its home).
+    warm = FetchRequest.model_validate({"serviceId": svc, "workerId": "warm"})
+    assert await b1.queue.fetch(OWNER, warm) is None
+
+    handed: dict[int, float] = {}
+    fetches = [0, 0]  # sent since node 1 was killed
+    killed = asyncio.Event()
+    stop, all_handed = asyncio.Event(), asyncio.Event()
+
+    async def work(k: int) -> None:
+        async with Worker(node_url(OWNER, 3), service=svc, worker_id=f"w{k}", exchange=ex, timeout=10.0) as w:
+            while not stop.is_set():
+                fetches[k] += killed.is_set()
+                try:
+                    task = await w.fetch(30_000, wait_ms=5_000)
+                except (TransportError, UnavailableError):
+                    await asyncio.sleep(0.2)
+                    continue
+                if task is not None:
+                    handed[task.value["n"]] = time.monotonic()
+                    if len(handed) == 12:
+                        all_handed.set()
+                    await task.ack(1)
+
+    added: dict[int, float] = {}
+    async with Engine(node_url(ENGINE_USER, 2), owner=OWNER, exchange=ex, timeout=10.0) as engine:
+        workers = [asyncio.create_task(work(k)) for k in range(2)]
+        try:
+            await asyncio.sleep(2)  # load shape: the workers long-poll the empty queue
+            await asyncio.to_thread(cluster_cmd, "kill", "1")
+            killed.set()
+            started = time.monotonic()
+            await asyncio.sleep(3)  # load shape: they go on long-polling with the hint queue gone
+            for n in range(12):
+                await engine.add(svc, {"n": n})
+                added[n] = time.monotonic()
+                await asyncio.sleep(0.5)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(all_handed.wait(), 40)
+            elapsed = time.monotonic() - started
+        finally:
+            stop.set()
+            await asyncio.gather(*workers, return_exceptions=True)
+    waits = sorted(handed[n] - added[n] for n in handed)
+    rate = sum(fetches) / elapsed / 2
+    print(f"\nhanded {len(handed)}/12, waits {[round(x, 2) for x in waits]} s, {rate:.1f} fetches/s per worker")
+    assert len(handed) == 12, f"{12 - len(handed)} of 12 tasks never handed out in 40 s ({rate:.0f} fetches/s)"
+    assert waits[-1] < 5.0, f"a task waited {waits[-1]:.1f} s for a long-polling worker (reconciliation's pace)"
+    assert rate < 5.0, f"each worker sent {rate:.0f} fetches a second: its long-polls came back at once"
