@@ -16,13 +16,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import aio_pika
-import orjson
 import pytest
 
 from bridge.client import Engine, Worker
 from bridge.client.errors import TransportError, UnavailableError
 from tests.conftest import BRIDGE_USER, ENGINE_USER, OWNERS, _port_open, service_id
+from tests.integration.test_quorum_queues import take_results
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -54,19 +53,6 @@ def rabbit_cluster() -> Iterator[None]:
     for node, port in enumerate(PORTS, start=1):
         if not _port_open("127.0.0.1", port):
             cluster_cmd("start", str(node))
-
-
-async def take_results(url: str, queue: str) -> list[dict[str, Any]]:
-    conn = await aio_pika.connect(url)
-    got = []
-    try:
-        ch = await conn.channel()
-        q = await ch.declare_queue(queue, passive=True)
-        while (m := await q.get(fail=False, no_ack=True)) is not None:
-            got.append(orjson.loads(m.body))
-    finally:
-        await conn.close()
-    return got
 
 
 async def results_of(url: str, queue: str, tasks: set[str], timeout: float) -> dict[str, Any]:
