@@ -291,11 +291,22 @@ async def test_a_bridge_without_hints_declares_no_hint_queue_and_its_hints_expir
     svc = service_id()
     q = QueueKey(owner, svc)
     name = hint_queue_name(names["queue_prefix"], q)
+    # The hints it publishes to this queue's hint queue: the bridge may hold the duty and announce
+    # tasks of earlier tests in the keyspace meanwhile (its ``published`` counts those too).
+    to_this_queue: list[str] = []
+    publish = scans.hints._publish
+
+    async def recording(body: bytes, priority: int | None, queue_name: str, **kwargs: Any) -> None:
+        if queue_name == name:
+            to_this_queue.append(queue_name)
+        await publish(body, priority, queue_name, **kwargs)
+
+    scans.hints._publish = recording
     conn = await aio_pika.connect(servers.amqp_url("guest"))
     try:
         await scans.queue.add(owner, _add(svc, {"n": 5}), message_id=None, traceparent=None)
         # Published all the same (no error: the broker drops it, routed to no queue).
-        assert (scans.hints.published, scans.hints.lost) == (1, 0)
+        assert len(to_this_queue) == 1 and scans.hints.lost == 0
         assert await scans.hints.discard(q) == 0  # a purge through it: nothing to empty
         with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
             await (await conn.channel()).declare_queue(name, passive=True)
