@@ -79,6 +79,8 @@ class RpcClient:
         self._pending: dict[str, asyncio.Future[Any]] = {}
         self._connecting = asyncio.Lock()
         self._closed = False
+        # The channel a request got no reply on: the next request goes on a new connection.
+        self._suspect: AbstractChannel | None = None
 
     async def open(self) -> None:
         self._closed = False
@@ -91,8 +93,11 @@ class RpcClient:
         async with self._connecting:
             if self._closed:  # close() ran while this call waited for the lock: connect no more
                 raise ConnectionLost("the client was closed before the request was sent", sent=False)
-            if self.channel is not None and not self.channel.is_closed:
+            if self.channel is not None and not self.channel.is_closed and self.channel is not self._suspect:
                 return self.channel
+            if self.channel is not None and self.channel is self._suspect:
+                log.warning("no reply to a request on this connection: sending the next one on a new connection")
+            self._suspect = None
             if self.connection is not None and not self.connection.is_closed:
                 await self.connection.close()
             connection = self.connection = await aio_pika.connect(self.url, timeout=self.timeout)
@@ -260,6 +265,12 @@ class RpcClient:
                 reply: tuple[dict[str, Any], dict[str, Any]] = await fut
                 return reply
         except TimeoutError:
+            # The channel may route nothing any more: RabbitMQ before 3.11.x/3.12.x kept sending a
+            # channel's publishes to a quorum queue's lost leader when the channel's first publish
+            # to that queue came while the queue elected a new one (rabbitmq-server#9208), silently
+            # and for as long as that node stayed down; a new connection is served. A reply lost
+            # any other way costs one reconnection.
+            self._suspect = self.channel
             raise RequestTimeout(f"no reply to {method} within {limit}s", waited_s=limit) from None
         finally:
             for cid, pending in list(self._pending.items()):

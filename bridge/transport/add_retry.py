@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -57,6 +57,8 @@ class AddRetryLane:
         self.in_place_limit = max(1, settings.prefetch // 16)
         self._in_place: Counter[str] = Counter()  # owner -> adds retrying in place for a bad key
         self._exchange: AbstractExchange | None = None
+        # Told of a failed publish (the transport renews the channel when RabbitMQ nacks).
+        self.on_failure: Callable[[BaseException], None] = lambda exc: None
 
     def attach(self, default_exchange: AbstractExchange) -> None:
         """The default exchange of a channel with publisher confirms (the transport, at start)."""
@@ -103,4 +105,8 @@ class AddRetryLane:
             timestamp=message.timestamp,
             user_id=self.user,
         )
-        await self._exchange.publish(copy, routing_key=self.name, mandatory=True)
+        try:
+            await self._exchange.publish(copy, routing_key=self.name, mandatory=True)
+        except Exception as exc:
+            self.on_failure(exc)
+            raise

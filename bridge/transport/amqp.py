@@ -41,6 +41,7 @@ from bridge.transport.handlers import ADD_RETRY_BUDGET_S, RequestHandlers
 from bridge.transport.hints import AmqpHints
 from bridge.transport.liveness import RequesterProbe
 from bridge.transport.permissions import amqp_user
+from bridge.transport.renewal import ChannelRenewal
 from bridge.transport.replies import ReplyPublisher
 from bridge.transport.request import Delivery, RequestMessage
 from bridge.transport.results import ResultPublisher
@@ -118,6 +119,11 @@ class AmqpTransport:
             consuming=lambda: bool(self._consumer_tags or self._orphans),
             requester_alive=self.probe.alive,
         )
+        # The results channel also carries the add retry lane; both publish to quorum queues on a
+        # cluster (BRIDGE_QUEUE_TYPE): a channel RabbitMQ keeps nacking is opened afresh.
+        self.results_renewal = ChannelRenewal("results", lambda: self._publish_channel, self._spawn)
+        self.results.on_failure = self.results_renewal.refused
+        self.handlers.lane.on_failure = self.results_renewal.refused
         self._observer = observe or (lambda method, outcome, seconds: None)
         self._on_channel_down = on_channel_down
         self.connection: AbstractRobustConnection | None = None

@@ -6,6 +6,7 @@ publish before then raises, and the outbox keeps the result pending)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import aio_pika
@@ -29,6 +30,8 @@ class ResultPublisher:
         # RabbitMQ checks that user_id is the connection's user: it proves the result is the bridge's.
         self.user = amqp_user(settings.amqp_url.get_secret_value())
         self._exchange: AbstractExchange | None = None
+        # Told of a failed publish (the transport renews the channel when RabbitMQ nacks).
+        self.on_failure: Callable[[BaseException], None] = lambda exc: None
 
     def attach(self, exchange: AbstractExchange) -> None:
         """The results exchange on a channel with publisher confirms (the transport, at start)."""
@@ -62,4 +65,8 @@ class ResultPublisher:
             user_id=self.user,
         )
         # Publisher confirm: raises unless the broker took responsibility for the message.
-        await self._exchange.publish(amqp_message, routing_key=message.service, mandatory=True)
+        try:
+            await self._exchange.publish(amqp_message, routing_key=message.service, mandatory=True)
+        except Exception as exc:
+            self.on_failure(exc)
+            raise

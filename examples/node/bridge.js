@@ -77,6 +77,10 @@ class BridgeClient {
     this.connection = null;
     this.channel = null; // null: not connected (never, or lost); the next request connects again
     this.pending = new Map(); // correlation-id -> {resolve, reject, timer, method}
+    // The channel a request got no reply on: the next request connects afresh. On RabbitMQ
+    // before 3.11 a channel whose first publish to a quorum queue came during a leader election
+    // keeps sending to the lost leader (rabbitmq-server#9208), and retries on it are dropped.
+    this.suspect = null;
   }
 
   /**
@@ -151,6 +155,12 @@ class BridgeClient {
    * user; `null` leaves the property out).
    */
   async request(method, body, options = {}) {
+    if (this.channel !== null && this.channel === this.suspect) {
+      const { connection } = this;
+      this.channel = null;
+      this.failAll(new Error('connection replaced after a request without a reply'));
+      connection.close().catch(() => {});
+    }
     if (this.channel === null) await this.connect(); // lost earlier: a failure here is the caller's to retry
     const timeoutMs = options.timeoutMs ?? 10_000;
     const correlationId = crypto.randomUUID();
@@ -171,8 +181,10 @@ class BridgeClient {
     if (userId !== null) properties.userId = userId;
     if (options.messageId !== undefined) properties.messageId = options.messageId;
     return new Promise((resolve, reject) => {
+      const channel = this.channel;
       const timer = setTimeout(() => {
         this.pending.delete(correlationId);
+        this.suspect = channel;
         reject(new RequestTimeout(method, timeoutMs));
       }, timeoutMs);
       this.pending.set(correlationId, { resolve, reject, timer, method });

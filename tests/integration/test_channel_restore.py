@@ -13,6 +13,7 @@ Each test creates its own broker user (deleted after it) and touches only its ow
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import subprocess
 import time
@@ -217,3 +218,62 @@ async def test_a_reconnection_brings_back_the_consumers_of_a_refused_channel_at_
     tid = await engine.add(svc, {"n": 1})
     task = await (await workers(svc, "w1")).fetch()
     assert task is not None and task.id == tid
+
+
+async def test_a_results_channel_whose_publishes_are_nacked_is_opened_afresh(
+    make_bridge, engine, workers, servers, names
+):
+    """RabbitMQ nacks every publish of a channel whose first publish to a quorum queue came while
+    that queue elected a new leader, for as long as the old leader's node is down (RabbitMQ 3.10,
+    test_rabbitmq_cluster.py), and a new channel is served. A nacked results channel is opened
+    afresh: here a queue that refuses every message (``reject-publish`` at length 0) is bound to the
+    results exchange, so the first result is nacked; the channel is renewed, and once that queue
+    is gone the renewed channel delivers results, the nacked one too."""
+    import aio_pika
+    import orjson
+
+    b = await make_bridge(result_republish_after=1.0)
+    transport = b.transport
+    svc = service_id()
+    refusing = f"{names['queue_prefix']}.refuses"
+    admin = await aio_pika.connect(servers.amqp_url("guest"))
+    try:
+        ch = await admin.channel()
+        q = await ch.declare_queue(refusing, arguments={"x-max-length": 0, "x-overflow": "reject-publish"})
+        await q.bind(names["results_exchange"], routing_key="#")
+        before = await transport._publish_channel.get_underlay_channel()
+        first = await engine.add(svc, {"n": 1}, token={"n": 1})
+        w = await workers(svc, "w")
+        task = await w.fetch(60_000)
+        assert task is not None and task.id == first and await task.ack({"n": 1}) is True
+        await wait_for(lambda: transport.results_renewal.renewals == 1, 10, what="the results channel renewed")
+        await wait_for(
+            lambda: _underlay_replaced(transport, before),
+            10,
+            interval=0.2,
+            what="a new channel under the results channel",
+        )
+        await q.delete(if_unused=False, if_empty=False)
+        second = await engine.add(svc, {"n": 2}, token={"n": 2})
+        task = await w.fetch(60_000)
+        assert task is not None and task.id == second and await task.ack({"n": 2}) is True
+        got: dict[str, Any] = {}
+
+        async def both_delivered() -> bool:
+            results = await ch.get_queue(names["queue_prefix"] + ".results", ensure=False)
+            while (m := await results.get(fail=False, no_ack=True)) is not None:
+                body = orjson.loads(m.body)
+                got[body["taskId"]] = body["result"]
+            return {first, second} <= set(got)
+
+        await wait_for(both_delivered, 20, interval=0.3, what="both results in the results queue")
+        assert got[first] == {"n": 1} and got[second] == {"n": 2}
+    finally:
+        with contextlib.suppress(Exception):
+            await (await admin.channel()).queue_delete(refusing)
+        await admin.close()
+
+
+async def _underlay_replaced(transport: Any, before: Any) -> bool:
+    channel = transport._publish_channel
+    return not channel.is_closed and (await channel.get_underlay_channel()) is not before

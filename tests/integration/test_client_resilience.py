@@ -254,6 +254,47 @@ async def test_the_worker_loop_pauses_longer_each_time_its_fetch_gets_no_answer(
     assert w.fetches >= 2, "the loop gave up instead of trying again"
 
 
+async def test_a_request_without_a_reply_sends_the_next_one_on_a_new_connection(servers, names):
+    """No reply in time may mean a channel RabbitMQ routes nothing from any more: on RabbitMQ 3.10
+    a channel whose first publish to a quorum queue came while that queue elected a new leader
+    kept sending to the lost one, and every request retried on it was lost for as long as that
+    node stayed down (test_rabbitmq_cluster.py shows it on a 3-node cluster). Here nobody
+    consumes the requests (the exchange exists, no bridge runs): the request after each timeout
+    goes on a new connection, and the old one is closed."""
+    import aio_pika
+
+    from bridge.client import RequestTimeout
+
+    admin = await aio_pika.connect(servers.amqp_url("guest"))
+    try:
+        await (await admin.channel()).declare_exchange(names["exchange"], aio_pika.ExchangeType.DIRECT, durable=True)
+    finally:
+        await admin.close()
+    svc = service_id()
+    async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"], timeout=0.5) as e:
+        first = e.connection
+        with pytest.raises(RequestTimeout):
+            await e.add(svc, 1)
+        assert e.connection is first, "replaced before a next request needed it"
+        with pytest.raises(RequestTimeout):
+            await e.add(svc, 2)
+        second = e.connection
+        assert second is not first and first is not None and first.is_closed
+        with pytest.raises(RequestTimeout):
+            await e.add(svc, 3)
+        assert e.connection is not second and second is not None and second.is_closed
+
+
+async def test_answered_requests_keep_their_connection(bridge, engine):
+    """Only a request without a reply replaces the connection: answered ones share one."""
+    svc = service_id()
+    await engine.add(svc, 1)
+    first = engine.connection
+    for n in range(3):
+        await engine.add(svc, n)
+    assert engine.connection is first and first is not None and not first.is_closed
+
+
 @pytest.mark.parametrize("value", ["[" * 300 + "]" * 300, "NaN", '{"x": Infinity}'])
 async def test_cli_add_of_a_value_the_wire_cannot_carry_is_a_usage_error(bridge_env, value):
     """``queue-bridge add SERVICE VALUE_JSON``: VALUE_JSON is valid JSON (json.loads reads it) but

@@ -325,3 +325,47 @@ async def test_node_worker_started_before_its_bridge_works_once_the_bridge_is_up
         assert worker.all("acked") == [{"event": "acked", "taskId": task_id, "completed": True}]
     finally:
         await worker.stop()
+
+
+NO_REPLY_TWICE = """
+const { BridgeClient } = require('./bridge');
+(async () => {
+  const client = await BridgeClient.open({ url: process.env.QB_AMQP_URL, exchange: process.env.QB_EXCHANGE });
+  const connections = [client.connection];
+  const codes = [];
+  for (let i = 0; i < 3; i += 1) {
+    try {
+      await client.request('add', { serviceId: 'svc', value: i }, { timeoutMs: 500 });
+    } catch (err) {
+      codes.push(err.code);
+    }
+    connections.push(client.connection);
+  }
+  const distinct = new Set(connections.filter((c) => c !== null)).size;
+  process.stdout.write(JSON.stringify({ codes, distinct }) + '\\n');
+  await client.close();
+})();
+"""
+
+
+async def test_node_client_sends_the_request_after_one_without_a_reply_on_a_new_connection(
+    node: str, servers: Servers, names: dict[str, str]
+) -> None:
+    """As the Python client (test_client_resilience.py): a channel RabbitMQ 3.10 no longer routes
+    from (a quorum queue's leader lost while the channel first published to it) loses every request
+    retried on it. Nobody consumes here (the exchange exists, no bridge): three requests, three
+    timeouts, and each request after a timeout on a new connection."""
+    import aio_pika
+
+    admin = await aio_pika.connect(servers.amqp_url("guest"))
+    try:
+        await (await admin.channel()).declare_exchange(names["exchange"], aio_pika.ExchangeType.DIRECT, durable=True)
+    finally:
+        await admin.close()
+    env = {**os.environ, **env_of(servers, names, ENGINE_USER)}
+    done = await asyncio.to_thread(
+        subprocess.run, [node, "-e", NO_REPLY_TWICE], cwd=NODE_DIR, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out == {"codes": ["timeout"] * 3, "distinct": 3}, out
