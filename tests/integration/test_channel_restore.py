@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import consumers_on, service_id, settings_from, wait_for
+from tests.conftest import OWNERS, consumers_on, service_id, settings_from, wait_for
 from tests.integration.test_operator_broker_actions import OWN_SUFFIXES, rabbitmqctl
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -221,7 +221,7 @@ async def test_a_reconnection_brings_back_the_consumers_of_a_refused_channel_at_
 
 
 async def test_a_results_channel_whose_publishes_are_nacked_is_opened_afresh(
-    make_bridge, engine, workers, servers, names
+    make_bridge, engine, workers, servers, names, cql
 ):
     """RabbitMQ nacks every publish of a channel whose first publish to a quorum queue came while
     that queue elected a new leader, for as long as the old leader's node is down (RabbitMQ 3.10,
@@ -268,6 +268,18 @@ async def test_a_results_channel_whose_publishes_are_nacked_is_opened_afresh(
 
         await wait_for(both_delivered, 20, interval=0.3, what="both results in the results queue")
         assert got[first] == {"n": 1} and got[second] == {"n": 2}
+
+        # The nacked one was re-published by the relay, not only delivered by its first publish
+        # (routed to the results queue all the same): nothing is left owed.
+        def owed() -> list[Any]:
+            rows = cql.execute(
+                f"SELECT task_id FROM {servers.keyspace}.outbox_shards WHERE owner = %s AND service = %s "
+                "AND published = false ALLOW FILTERING",
+                (OWNERS[0], svc),
+            )
+            return list(rows)
+
+        await wait_for(lambda: not owed(), 20, interval=0.3, what="the nacked result marked published")
     finally:
         with contextlib.suppress(Exception):
             await (await admin.channel()).queue_delete(refusing)

@@ -81,7 +81,8 @@ async def test_every_durable_queue_is_a_quorum_queue_and_the_contract_runs_throu
     results_queue = prefix + ".results"
 
     async def result_arrived() -> list[dict[str, Any]]:
-        got.extend(await take_results(servers.amqp_url("guest"), results_queue))
+        # This service's: the relays also publish there what earlier tests left owed in the keyspace.
+        got.extend(r for r in await take_results(servers.amqp_url("guest"), results_queue) if r["serviceId"] == svc)
         return got
 
     got: list[dict[str, Any]] = []

@@ -82,15 +82,18 @@ async def drain_queue(b: Any, svc: str, worker: str) -> list[str]:
     return got
 
 
-async def results_of(servers: Any, names: dict[str, str]) -> list[dict[str, Any]]:
-    """Every result message waiting in this test's results queue (taken off it)."""
+async def results_of(servers: Any, names: dict[str, str], svc: str) -> list[dict[str, Any]]:
+    """Every result message of service ``svc`` waiting in this test's results queue (all are taken
+    off it: the bridges' relays also publish there what earlier tests left owed in the keyspace)."""
     conn = await aio_pika.connect(servers.amqp_url("guest"))
     got = []
     try:
         ch = await conn.channel()
         q = await ch.declare_queue(names["queue_prefix"] + ".results", passive=True)
         while (m := await q.get(fail=False, no_ack=True)) is not None:
-            got.append({"message_id": m.message_id, **orjson.loads(m.body)})
+            body = orjson.loads(m.body)
+            if body["serviceId"] == svc:
+                got.append({"message_id": m.message_id, **body})
     finally:
         await conn.close()
     return got
@@ -352,7 +355,7 @@ async def test_an_ack_sent_to_two_bridges_at_once_completes_once_and_sends_one_r
         )
         answers.append((a1, a2))
     assert all(a1 or a2 for a1, a2 in answers), f"neither ack completed the task: {answers}"
-    got = await _results_once_settled(servers, names, rounds)
+    got = await _results_once_settled(servers, names, svc, rounds)
     per_task: dict[str, int] = {}
     for r in got:
         per_task[r["taskId"]] = per_task.get(r["taskId"], 0) + 1
@@ -365,18 +368,18 @@ async def _counts_zero(b: Any, svc: str) -> bool:
     return await _stats(b, svc) == (0, 0)
 
 
-async def _results_once_settled(servers: Any, names: Any, rounds: int) -> list[dict[str, Any]]:
+async def _results_once_settled(servers: Any, names: Any, svc: str, rounds: int) -> list[dict[str, Any]]:
     """Every result the engine got: once each of ``rounds`` tasks has one, and a second longer
     (what a second publication of any of them would take, at most: an absence needs a window)."""
     got: list[dict[str, Any]] = []
 
     async def all_results() -> bool:
-        got.extend(await results_of(servers, names))
+        got.extend(await results_of(servers, names, svc))
         return len({r["taskId"] for r in got}) >= rounds
 
     await wait_for(all_results, 20.0, interval=0.2, what="a result for every task")
     await asyncio.sleep(1.0)
-    got.extend(await results_of(servers, names))
+    got.extend(await results_of(servers, names, svc))
     return got
 
 
@@ -432,7 +435,7 @@ async def test_an_ack_racing_the_leases_expiry_and_redelivery_completes_or_is_re
         if again != acked:
             bad.append((rnd, offset_ms, "repeat of w1's ack answered", again, "first", acked))
     assert not bad, f"{bad} ({stats})"
-    got = await _results_once_settled(servers, names, rounds)
+    got = await _results_once_settled(servers, names, svc, rounds)
     assert len(got) == rounds, f"{len(got)} results for {rounds} tasks ({stats})"
     await wait_for(lambda: _counts_zero(b1, svc), 10.0, what="counts back to 0")
     print("STATS", stats)
@@ -481,7 +484,7 @@ async def test_a_fail_and_an_ack_of_one_task_on_two_bridges_at_once_exactly_one_
             bad.append((rnd, "failed, never came back"))
         tally["fail" if failed is not None else "ack"] += 1
     assert not bad, f"{bad} {tally}"
-    got = await _results_once_settled(servers, names, rounds)
+    got = await _results_once_settled(servers, names, svc, rounds)
     assert len(got) == rounds, f"{len(got)} results for {rounds} tasks {tally}"
     await wait_for(lambda: _counts_zero(b1, svc), 10.0, what="counts back to 0")
     print("TALLY", tally)
