@@ -77,6 +77,8 @@ class RpcClient:
         self.connection: AbstractConnection | None = None
         self.channel: AbstractChannel | None = None
         self._pending: dict[str, asyncio.Future[Any]] = {}
+        self._pending_method: dict[str, str] = {}  # correlation id -> method, while its reply is awaited
+        self._replied: dict[str, float] = {}  # method -> when a reply to it last came (monotonic)
         self._connecting = asyncio.Lock()
         self._closed = False
         # The channel a request got no reply on: the next request goes on a new connection.
@@ -135,6 +137,7 @@ class RpcClient:
             else:
                 fut.set_exception(ConnectionLost("connection to RabbitMQ was lost before the reply; retry the request"))
         self._pending.clear()
+        self._pending_method.clear()
 
     async def close(self) -> None:
         self._closed = True
@@ -168,6 +171,9 @@ class RpcClient:
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         fut = self._pending.pop(message.correlation_id or "", None)
+        method = self._pending_method.pop(message.correlation_id or "", None)
+        if method is not None:
+            self._replied[method] = time.monotonic()
         if fut is not None and not fut.done():
             fut.set_result((jsonvalue.loads(message.body), dict(message.headers or {})))
 
@@ -207,6 +213,7 @@ class RpcClient:
             # again on every way out of it that is not a sent request, cancellation included.
             fut = asyncio.get_running_loop().create_future()
             self._pending[correlation_id] = fut
+            self._pending_method[correlation_id] = method
         message = aio_pika.Message(
             payload,
             content_type="application/json",
@@ -248,6 +255,7 @@ class RpcClient:
         those of calls still queued to publish included); its exception is read here, or asyncio
         logs "Future exception was never retrieved" for an outcome the caller got from publish."""
         self._pending.pop(correlation_id, None)
+        self._pending_method.pop(correlation_id, None)
         if fut is None:
             return
         if not fut.done():
@@ -257,6 +265,7 @@ class RpcClient:
 
     async def call_raw(self, method: str, body: Any, **kw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         """Send a request and return (reply body, reply headers) without interpreting errors."""
+        sent = time.monotonic()
         fut = await self.publish(method, body, **kw)
         assert fut is not None
         limit = self.timeout + kw.get("wait_s", 0.0)  # a long-poll fetch is answered after its wait
@@ -265,17 +274,21 @@ class RpcClient:
                 reply: tuple[dict[str, Any], dict[str, Any]] = await fut
                 return reply
         except TimeoutError:
-            # The channel may route nothing any more: RabbitMQ before 3.11.x/3.12.x kept sending a
-            # channel's publishes to a quorum queue's lost leader when the channel's first publish
-            # to that queue came while the queue elected a new one (rabbitmq-server#9208), silently
-            # and for as long as that node stayed down; a new connection is served. A reply lost
-            # any other way costs one reconnection.
-            self._suspect = self.channel
+            # The channel may route nothing to this method's queue any more: RabbitMQ before
+            # 3.11.x/3.12.x kept sending a channel's publishes to a quorum queue's lost leader when
+            # the channel's first publish to that queue came while the queue elected a new one
+            # (rabbitmq-server#9208), silently and for as long as that node stayed down; a new
+            # connection is served. Not when a reply to the same method came since this request was
+            # sent: the route works, the bridge is slow (replacing the connection would fail every request
+            # in flight on it, and a busy engine's retries would add to the load).
+            if self._replied.get(method, -1.0) < sent:
+                self._suspect = self.channel
             raise RequestTimeout(f"no reply to {method} within {limit}s", waited_s=limit) from None
         finally:
             for cid, pending in list(self._pending.items()):
                 if pending is fut:
                     del self._pending[cid]
+                    self._pending_method.pop(cid, None)
 
     async def call(self, method: str, body: Any, **kw: Any) -> dict[str, Any]:
         reply, headers = await self.call_raw(method, body, **kw)

@@ -3,7 +3,8 @@
 # dev broker of stack.sh keeps 5672), for the drill that kills a node under load with the bridge's
 # queues as quorum queues (BRIDGE_QUEUE_TYPE=quorum, tests/integration/test_rabbitmq_cluster.py).
 #
-#   deploy/local/rabbitmq-cluster.sh up        start the nodes not running yet; 2 and 3 join 1
+#   deploy/local/rabbitmq-cluster.sh up        start the nodes not running yet; 2 and 3 join 1 (a
+#                                              fresh cluster when none runs)
 #   deploy/local/rabbitmq-cluster.sh down      stop all three
 #   deploy/local/rabbitmq-cluster.sh kill N    kill -9 node N (1-3)
 #   deploy/local/rabbitmq-cluster.sh start N   start node N again (it rejoins) and wait for it
@@ -49,8 +50,20 @@ join() {
   echo "rabbitmq cluster: $(name "$i") joined $(name 1)"
 }
 
+# Node N's process is alive (its pid file names a live process), whether or not it serves yet.
+running() {
+  local f=$BASE/rabbit-cluster/node$1/rabbitmq/rabbitmq.pid
+  [[ -f $f ]] && kill -0 "$(tr -dc '0-9' <"$f")" 2>/dev/null
+}
+
 case ${1:-} in
   up)
+    if ! running 1 && ! running 2 && ! running 3; then
+      # A fresh cluster each time none runs: one stopped in another order than it started (a node
+      # the drill killed, then started again) waits at boot for the node that stopped last (Mnesia:
+      # "Waiting for Mnesia tables"), and node 1 never came up. The drills keep nothing across runs.
+      rm -rf "$BASE/rabbit-cluster"
+    fi
     # `up` (start, wait, users) in one process each: its wait knows when the node was launched.
     node 1 up
     for i in 2 3; do

@@ -81,6 +81,9 @@ class BridgeClient {
     // before 3.11 a channel whose first publish to a quorum queue came during a leader election
     // keeps sending to the lost leader (rabbitmq-server#9208), and retries on it are dropped.
     this.suspect = null;
+    // Method -> when a reply to it last came: a timeout while others of the same method are
+    // answered is a slow bridge, not a stuck channel (the connection is kept).
+    this.replied = new Map();
   }
 
   /**
@@ -129,6 +132,7 @@ class BridgeClient {
     if (call === undefined) return; // late reply to a request we gave up on: drop it
     this.pending.delete(id);
     clearTimeout(call.timer);
+    this.replied.set(call.method, performance.now());
     let body;
     try {
       body = JSON.parse(msg.content.toString('utf8'));
@@ -182,9 +186,10 @@ class BridgeClient {
     if (options.messageId !== undefined) properties.messageId = options.messageId;
     return new Promise((resolve, reject) => {
       const channel = this.channel;
+      const sentAt = performance.now();
       const timer = setTimeout(() => {
         this.pending.delete(correlationId);
-        this.suspect = channel;
+        if ((this.replied.get(method) ?? -1) < sentAt) this.suspect = channel;
         reject(new RequestTimeout(method, timeoutMs));
       }, timeoutMs);
       this.pending.set(correlationId, { resolve, reject, timer, method });

@@ -285,6 +285,32 @@ async def test_a_request_without_a_reply_sends_the_next_one_on_a_new_connection(
         assert e.connection is not second and second is not None and second.is_closed
 
 
+async def test_a_request_without_a_reply_keeps_the_connection_while_its_method_is_answered(bridge, servers, names):
+    """A slow bridge is not a stuck channel: a request that timed out while other requests of the
+    same method were answered on the connection keeps it (replacing it would fail every request in
+    flight on it, and a busy engine's retries would add to the bridge's load). Here a long-poll
+    outlives its client timeout while short fetches of another worker are answered."""
+    from bridge.client import RequestTimeout, Worker
+
+    svc = service_id()
+    async with Worker(
+        servers.amqp_url(OWNERS[0]), service=svc, worker_id="w", exchange=names["exchange"], timeout=1.0
+    ) as w:
+        first = w.connection
+        slow = asyncio.create_task(w.call_raw("fetch", {"serviceId": svc, "workerId": "slow", "waitMs": 5_000}))
+        answered = 0
+        while not slow.done():
+            reply, _ = await w.call_raw("fetch", {"serviceId": svc, "workerId": "quick"})
+            assert reply == {"result": None}
+            answered += 1
+            await asyncio.sleep(0.05)
+        with pytest.raises(RequestTimeout):
+            await slow
+        assert answered >= 3
+        reply, _ = await w.call_raw("fetch", {"serviceId": svc, "workerId": "quick"})
+        assert reply == {"result": None} and w.connection is first and not first.is_closed
+
+
 async def test_answered_requests_keep_their_connection(bridge, engine):
     """Only a request without a reply replaces the connection: answered ones share one."""
     svc = service_id()
