@@ -262,7 +262,16 @@ class AmqpHints:
         closing the channel), and the queue is used as it is, checked with a passive declare.
         Refused on the publish-and-get channel, the hints of every queue would go with it, and
         every later use of the queue would be refused again (a long-poll answered at once)."""
-        args: Arguments = {"x-max-priority": RECOVERED_PRIORITY, "x-expires": self._expires_ms}
+        # Classic, said: a vhost whose default queue type is quorum (RabbitMQ 3.10+, recommended by 4.x)
+        # made a durable queue declared without the argument a quorum queue, which refuses
+        # x-max-priority: every hint queue was refused, and every fetch fell back to scanning the
+        # store. The argument is equivalent to its absence on a classic queue (3.10): the hint
+        # queues of older bridges are declared again as they are.
+        args: Arguments = {
+            "x-max-priority": RECOVERED_PRIORITY,
+            "x-expires": self._expires_ms,
+            "x-queue-type": "classic",
+        }
         try:
             channel = await self._declaring_channel()
             await channel.queue_declare(name, durable=True, arguments=args)

@@ -27,10 +27,10 @@ pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 OWNER = OWNERS[0]
 
 
-def queue_types(prefix: str) -> dict[str, str]:
+def queue_types(prefix: str, vhost: str = "/") -> dict[str, str]:
     """Every queue whose name starts with ``prefix``, and its type, as the broker lists them."""
     out = subprocess.run(
-        ["rabbitmqctl", "-q", "list_queues", "-p", "/", "name", "type"],
+        ["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "type"],
         capture_output=True,
         text=True,
         check=True,
@@ -137,3 +137,61 @@ async def test_a_queue_declared_with_the_other_type_is_refused_at_start_and_left
     w = await workers(svc, "w1")
     task = await asyncio.wait_for(w.fetch(60_000), 10)
     assert task is not None and task.id == task_id
+
+
+async def test_a_vhost_whose_default_queue_type_is_quorum_gives_a_classic_bridge_quorum_queues_that_work(
+    make_bridge, servers, names
+):
+    """RabbitMQ 3.10+ lets a vhost default to quorum queues (RabbitMQ 4 recommends it): a queue
+    declared without ``x-queue-type`` there is a quorum queue if it is durable. A bridge left at
+    ``BRIDGE_QUEUE_TYPE=classic`` declares its durable queues without the argument, so on such a
+    vhost they are quorum queues: it must start, and the contract must work through them (the
+    classic-mode arguments are all ones quorum queues accept); its hint queues (not durable, two
+    priorities) stay classic."""
+    from bridge.client import Engine, Worker
+    from tests.conftest import BRIDGE_USER, ENGINE_USER
+    from tests.integration.test_operator_broker_actions import rabbitmqctl
+
+    vhost = f"qb-test-dqt-{names['queue_prefix'].rsplit('-', 1)[-1]}"
+    prefix = names["queue_prefix"]
+    await asyncio.to_thread(rabbitmqctl, "add_vhost", vhost, "--default-queue-type", "quorum")
+    try:
+        # The users' permissions on "/" (least privilege, as shipped), granted on the vhost too.
+        listed = await asyncio.to_thread(rabbitmqctl, "list_permissions", "-p", "/")
+        for line in listed.splitlines():
+            user, *perms = line.split("\t")
+            if user in (BRIDGE_USER, ENGINE_USER, OWNER, "guest"):
+                await asyncio.to_thread(rabbitmqctl, "set_permissions", "-p", vhost, user, *perms)
+
+        def url(user: str) -> str:
+            return f"amqp://{user}:{user}@{servers.amqp_host}:{servers.amqp_port}/{vhost}"
+
+        b = await make_bridge(amqp_url=url(BRIDGE_USER))
+        try:
+            svc, ex = service_id(), names["exchange"]
+            async with (
+                Engine(url(ENGINE_USER), owner=OWNER, exchange=ex) as engine,
+                Worker(url(OWNER), service=svc, worker_id="w", exchange=ex) as worker,
+            ):
+                task_id = await engine.add(svc, {"n": 1}, token={"wf": 1})
+                task = await worker.fetch(60_000)
+                assert task is not None and task.id == task_id
+                assert await task.ack({"done": 1}) is True
+            got: list[dict[str, Any]] = []
+
+            async def result_arrived() -> bool:
+                got.extend(r for r in await take_results(url("guest"), prefix + ".results") if r["serviceId"] == svc)
+                return bool(got)
+
+            await wait_for(result_arrived, 15, what="the result on the vhost's results queue")
+            assert [(r["taskId"], r["result"]) for r in got] == [(task_id, {"done": 1})]
+            types = await asyncio.to_thread(queue_types, prefix, vhost)
+            durable = {k: v for k, v in types.items() if not k.startswith("hints.")}
+            hints = {k: v for k, v in types.items() if k.startswith("hints.")}
+            assert {"add", "fetch", "ack", "duty", "dead-letter", "results"} <= set(durable), types
+            assert set(durable.values()) == {"quorum"}, types
+            assert hints and set(hints.values()) == {"classic"}, types
+        finally:
+            await make_bridge.stop(b)
+    finally:
+        await asyncio.to_thread(rabbitmqctl, "delete_vhost", vhost)
