@@ -2,7 +2,9 @@
 
 One bridge at a time, elected by RabbitMQ: ``<queue_prefix>.duty`` is a single-active-consumer
 queue that every bridge consumes (prefetch 1). It holds a token message; the active consumer
-receives it and keeps it unacknowledged for as long as it lives, and *that* makes it the holder.
+receives it and keeps it unacknowledged, and *that* makes it the holder. It swaps the token for a
+fresh one every ``RENEW_S`` (RabbitMQ closes a channel that keeps a delivery unacknowledged past
+its consumer timeout), and stays the holder across the swap.
 When the holder dies or loses its channel, the broker requeues the token and makes the next
 consumer active, which receives it. Every bridge publishes a token when it
 connects (and reconnects) and every ``refresh_s`` while it holds none (so a token lost with a
@@ -26,11 +28,27 @@ from pamqp.common import FieldTable
 log = logging.getLogger("bridge.duty")
 
 BROKER_CALL_S = 3.0  # bounded: a robust channel without a connection waits for it forever
+# The holder swaps its token for a fresh one this often. RabbitMQ closes a channel whose delivery
+# stays unacknowledged longer than its consumer_timeout (30 min by default, checked on a 1 min
+# tick): a token kept for ever had the holder's channel closed every half hour, and the duty moved
+# (a warning, a gap in recovery and relay, the new holder's loops reading their positions again).
+RENEW_S = 60.0
 
 
 class Duty:
-    def __init__(self, queue_name: str, *, refresh_s: float = 30.0, queue_arguments: FieldTable | None = None) -> None:
+    def __init__(
+        self,
+        queue_name: str,
+        *,
+        refresh_s: float = 30.0,
+        renew_s: float | None = None,
+        queue_arguments: FieldTable | None = None,
+    ) -> None:
         self.queue_name = queue_name
+        self.renew_s = RENEW_S if renew_s is None else renew_s
+        self.renewals = 0
+        # The held token was acknowledged for a fresh one, which the broker hands to us next.
+        self._renewing = False
         # Its type (``BRIDGE_QUEUE_TYPE``): a quorum duty queue outlives the loss of a cluster node,
         # a classic one on a lost node leaves the fleet without a duty holder until it is back.
         self.queue_arguments: FieldTable = dict(queue_arguments or {})
@@ -104,6 +122,10 @@ class Duty:
     async def _delivered(self, message: AbstractIncomingMessage) -> None:
         if self.standing_down:
             return  # left unacknowledged: the channel closing now gives it to another bridge
+        if self._renewing:  # the fresh token after a renewal: the duty stays here
+            self._renewing = False
+            self._token = message
+            return
         if self._token is not None:  # a spare token reached the holder: one is enough
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(message.ack(), BROKER_CALL_S)
@@ -121,14 +143,42 @@ class Duty:
         if self._token is not None:
             log.warning("scheduler duty lost with the AMQP channel; another bridge takes it over")
         self._token = None
+        self._renewing = False
         self.acquired.clear()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Offer a token now and then while holding none (a lost token is replaced)."""
+        """Offer a token now and then while holding none (a lost token is replaced); renew the one
+        held before RabbitMQ's consumer timeout takes it away."""
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.refresh_s)
-            await self.offer_token()
+                wait_s = self.renew_s if self.held else min(self.refresh_s, self.renew_s)
+                await asyncio.wait_for(stop.wait(), timeout=wait_s)
+            if stop.is_set():
+                return
+            if self.held:
+                await self.renew()
+            else:
+                await self.offer_token()
+
+    async def renew(self) -> None:
+        """Swap the held token for a fresh one without letting the duty go: the fresh token is
+        published first, then the held one acknowledged. This bridge is the queue's single active
+        consumer, with prefetch 1, so the broker hands it the next token (the fresh one, or a
+        spare that was waiting) as soon as the ack frees its slot. Were that token lost (the
+        broker dropped the publish), nobody holds one, and the next renewal publishes another."""
+        token, channel = self._token, self._channel
+        if token is None or channel is None or self.standing_down or self._renewing:
+            return
+        try:
+            publish = channel.default_exchange.publish(aio_pika.Message(b"duty"), routing_key=self.queue_name)
+            await asyncio.wait_for(publish, BROKER_CALL_S)
+            self._renewing = True
+            await asyncio.wait_for(token.ack(), BROKER_CALL_S)
+        except Exception as exc:  # the channel is going: its loss hands the duty over as before
+            self._renewing = False
+            log.debug("duty: token not renewed (%s)", type(exc).__name__)
+            return
+        self.renewals += 1
 
     async def release(self) -> None:
         """Shutdown: hand the duty over now. Closing the channel cancels this consumer and makes the
