@@ -116,8 +116,11 @@ class Duty:
         if self._channel is None or self.held or self.standing_down:
             return
         with contextlib.suppress(Exception):  # the broker is away: the next refresh offers it
-            publish = self._channel.default_exchange.publish(aio_pika.Message(b"duty"), routing_key=self.queue_name)
-            await asyncio.wait_for(publish, BROKER_CALL_S)
+            await self._publish_token(self._channel)
+
+    async def _publish_token(self, channel: AbstractChannel) -> None:
+        publish = channel.default_exchange.publish(aio_pika.Message(b"duty"), routing_key=self.queue_name)
+        await asyncio.wait_for(publish, BROKER_CALL_S)
 
     async def _delivered(self, message: AbstractIncomingMessage) -> None:
         if self.standing_down:
@@ -125,6 +128,7 @@ class Duty:
         if self._renewing:  # the fresh token after a renewal: the duty stays here
             self._renewing = False
             self._token = message
+            self.renewals += 1
             return
         if self._token is not None:  # a spare token reached the holder: one is enough
             with contextlib.suppress(Exception):
@@ -165,20 +169,22 @@ class Duty:
         published first, then the held one acknowledged. This bridge is the queue's single active
         consumer, with prefetch 1, so the broker hands it the next token (the fresh one, or a
         spare that was waiting) as soon as the ack frees its slot. Were that token lost (the
-        broker dropped the publish), nobody holds one, and the next renewal publishes another."""
+        broker dropped the publish), nobody holds one: the next renewal publishes another, which
+        comes to this bridge's free slot."""
         token, channel = self._token, self._channel
-        if token is None or channel is None or self.standing_down or self._renewing:
+        if token is None or channel is None or self.standing_down:
+            return
+        if self._renewing:  # the fresh token never came: another one (the held one is acked)
+            with contextlib.suppress(Exception):
+                await self._publish_token(channel)
             return
         try:
-            publish = channel.default_exchange.publish(aio_pika.Message(b"duty"), routing_key=self.queue_name)
-            await asyncio.wait_for(publish, BROKER_CALL_S)
+            await self._publish_token(channel)
             self._renewing = True
             await asyncio.wait_for(token.ack(), BROKER_CALL_S)
         except Exception as exc:  # the channel is going: its loss hands the duty over as before
             self._renewing = False
             log.debug("duty: token not renewed (%s)", type(exc).__name__)
-            return
-        self.renewals += 1
 
     async def release(self) -> None:
         """Shutdown: hand the duty over now. Closing the channel cancels this consumer and makes the

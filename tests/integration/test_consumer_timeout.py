@@ -62,3 +62,30 @@ async def test_the_duty_holder_keeps_the_duty_past_rabbitmqs_consumer_timeout(
     assert not lost, f"the broker closed the duty channel: {lost[0]!r}"
     assert not_held == 0, f"the duty was not held at {not_held} of the window's samples"
     assert b.duty.renewals >= 10, f"{b.duty.renewals} renewals in 10 s at one per 0.5 s"
+
+
+async def test_a_renewal_whose_fresh_token_was_lost_is_followed_by_another(
+    short_consumer_timeout, make_bridge, monkeypatch, names
+):
+    """Were a renewal's fresh token lost (the broker dropped the publish), the held one is acked
+    already and nobody holds a token: the next renewal publishes another, which comes to the
+    holder (the queue's single active consumer, its one slot free), and renewals go on."""
+    monkeypatch.setattr("bridge.transport.duty.RENEW_S", 0.5, raising=False)
+    b = await make_bridge()
+    await wait_for(lambda: b.duty.held, 10, what="the duty")
+    publish, dropped = b.duty._publish_token, []
+
+    async def dropped_once(channel: object) -> None:
+        if not dropped:
+            dropped.append(channel)  # as if the broker had dropped it
+            return
+        await publish(channel)
+
+    b.duty._publish_token = dropped_once
+    await wait_for(lambda: dropped, 10, what="a renewal's fresh token lost")
+    after_loss = b.duty.renewals
+    await wait_for(lambda: b.duty.renewals >= after_loss + 3, 10, what="renewals going on after the loss")
+    unacked = rabbitmqctl("list_queues", "name", "messages_unacknowledged")
+    row = [line.split("\t") for line in unacked.splitlines() if line.startswith(names["queue_prefix"] + ".duty\t")]
+    assert row and row[0][1] == "1", f"the holder holds no token: {row}"
+    assert b.duty.held
