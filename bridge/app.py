@@ -248,6 +248,8 @@ class Bridge:
             await self.transport.start()
         except (OSError, aiormq.exceptions.AMQPError) as exc:  # AMQPConnectionError is an OSError
             where, password = amqp_where(self.settings.amqp_url.get_secret_value())
+            if self.settings.amqp_hosts:  # every node was tried
+                where = ", ".join(self.settings.amqp_hosts)
             with suppress(Exception):
                 await self.transport.close()
             raise BrokerUnreachable(where, exc, secret=password) from exc

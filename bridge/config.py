@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 from datetime import timedelta
 from pathlib import Path
@@ -18,8 +19,12 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from bridge.errors import BridgeError
+from bridge.transport.addresses import node_urls, parse_host
 
 ENV_PREFIX = "BRIDGE_"
+# One order of BRIDGE_AMQP_HOSTS per process (every connection of a bridge starts on the same node),
+# another in the next process (a fleet spreads over the nodes).
+_NODE_ORDER_SEED = int.from_bytes(os.urandom(8), "big")
 
 
 class ConfigError(BridgeError):
@@ -45,6 +50,14 @@ class Settings(BaseSettings):
 
     # --- transport -------------------------------------------------------------------------
     amqp_url: SecretStr = Field(SecretStr("amqp://guest:guest@127.0.0.1:5672/"), description="RabbitMQ connection URL.")
+    amqp_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "The nodes of a RabbitMQ cluster (comma separated host[:port]) to connect to with "
+            "BRIDGE_AMQP_URL's user, vhost and options instead of its host: tried in an order "
+            "shuffled per process, moving to the next node when one is lost or out of reach."
+        ),
+    )
     exchange: str = Field("queue-bridge", min_length=1, description="Direct exchange for add/fetch/ack.")
     results_exchange: str = Field(
         "queue-bridge.results",
@@ -244,7 +257,14 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
 
-    _split_lists = field_validator("trusted_users", "cassandra_hosts", mode="before")(_split_csv)
+    _split_lists = field_validator("trusted_users", "cassandra_hosts", "amqp_hosts", mode="before")(_split_csv)
+
+    @field_validator("amqp_hosts")
+    @classmethod
+    def _amqp_hosts_parse(cls, value: list[str]) -> list[str]:
+        for host in value:
+            parse_host(host)  # its ValueError names the host
+        return value
 
     @field_validator("task_ttl", mode="before")
     @classmethod
@@ -305,6 +325,11 @@ class Settings(BaseSettings):
         if self.gateway_port and self.gateway_keys_file is None:
             raise ValueError("BRIDGE_GATEWAY_PORT needs BRIDGE_GATEWAY_KEYS_FILE (the gateway has no anonymous access)")
         return self
+
+    @property
+    def amqp_urls(self) -> list[str]:
+        """The URLs to connect to, in this process's order (see bridge.transport.addresses)."""
+        return node_urls(self.amqp_url.get_secret_value(), self.amqp_hosts, random.Random(_NODE_ORDER_SEED))  # nosec B311 - load spreading
 
     @property
     def task_ttl_seconds(self) -> int:

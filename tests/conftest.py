@@ -273,20 +273,21 @@ async def make_bridge(bridge_env: dict[str, str]) -> AsyncIterator[Callable[...,
 def named_bridge(make_bridge, monkeypatch):  # type: ignore[no-untyped-def]
     """A bridge whose main broker connection carries a unique name (so that only it is closed:
     ``rabbitmqctl close_connection``); its add connection is named after it, `` adds`` added."""
-    import aio_pika
 
-    real = aio_pika.connect_robust
+    from bridge.transport import failover
+
+    real = failover.connect_robust
     name = f"qb-test-{uuid.uuid4().hex[:8]}"
 
-    async def connect_robust(url: str, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
+    async def connect_robust(urls: list[str], *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
         props = dict(kwargs.pop("client_properties", None) or {})
         if props.get("connection_name") == "queue-bridge":
             props["connection_name"] = name
         elif props.get("connection_name") == "queue-bridge adds":
             props["connection_name"] = name + " adds"
-        return await real(url, *args, client_properties=props, **kwargs)
+        return await real(urls, *args, client_properties=props, **kwargs)
 
-    monkeypatch.setattr(aio_pika, "connect_robust", connect_robust)
+    monkeypatch.setattr(failover, "connect_robust", connect_robust)
 
     async def make(**overrides: Any) -> tuple[Any, str]:
         return await make_bridge(**overrides), name

@@ -163,7 +163,13 @@ def _engine_call(owner: str | None, amqp_url: str | None, timeout: float, use: C
     settings = settings_or_exit()
     from bridge.client.rpc import Engine
 
-    engine = Engine(amqp_url_of(settings, amqp_url), owner=owner, exchange=settings.exchange, timeout=timeout)
+    engine = Engine(
+        amqp_url_of(settings, amqp_url),
+        owner=owner,
+        exchange=settings.exchange,
+        timeout=timeout,
+        hosts=() if amqp_url else settings.amqp_hosts,  # BRIDGE_AMQP_HOSTS go with BRIDGE_AMQP_URL
+    )
     return _run_client(engine, timeout, use)
 
 
@@ -174,7 +180,12 @@ def _worker_call(
     from bridge.client.rpc import Worker
 
     client = Worker(
-        amqp_url_of(settings, amqp_url), service=service, worker_id=worker, exchange=settings.exchange, timeout=timeout
+        amqp_url_of(settings, amqp_url),
+        service=service,
+        worker_id=worker,
+        exchange=settings.exchange,
+        timeout=timeout,
+        hosts=() if amqp_url else settings.amqp_hosts,  # BRIDGE_AMQP_HOSTS go with BRIDGE_AMQP_URL
     )
     return _run_client(client, timeout, use)
 

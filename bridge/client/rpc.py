@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Self
@@ -28,6 +28,8 @@ from bridge.client.errors import (
 )
 from bridge.client.results import results_consumer
 from bridge.domain import jsonvalue
+from bridge.transport.addresses import node_urls
+from bridge.transport.failover import connect_first
 
 __all__ = [
     "DEADLINE_HEADER",
@@ -69,8 +71,15 @@ class RpcClient:
     (:class:`RequestTimeout`, :class:`ConnectionLost`).
     """
 
-    def __init__(self, url: str, *, exchange: str = "queue-bridge", timeout: float = 10.0) -> None:
+    def __init__(
+        self, url: str, *, exchange: str = "queue-bridge", timeout: float = 10.0, hosts: Sequence[str] = ()
+    ) -> None:
         self.url = url
+        # ``hosts``: the nodes of a RabbitMQ cluster, each with ``url``'s user, vhost and options
+        # (as the bridge's BRIDGE_AMQP_HOSTS). A new connection starts at the node after the one
+        # whose connection was lost or left a request without a reply.
+        self.urls = node_urls(url, hosts)
+        self._node = 0  # index in self.urls of the node of the open (or last) connection
         self.exchange_name = exchange
         self.timeout = timeout
         self.user = user_of(url)
@@ -100,9 +109,14 @@ class RpcClient:
             if self.channel is not None and self.channel is self._suspect:
                 log.warning("no reply to a request on this connection: sending the next one on a new connection")
             self._suspect = None
-            if self.connection is not None and not self.connection.is_closed:
-                await self.connection.close()
-            connection = self.connection = await aio_pika.connect(self.url, timeout=self.timeout)
+            if self.connection is not None:
+                self._node = (self._node + 1) % len(self.urls)  # its node may be the trouble: start after it
+                if not self.connection.is_closed:
+                    await self.connection.close()
+            order = self.urls[self._node :] + self.urls[: self._node]
+            connection, step = await connect_first(order, timeout=self.timeout)
+            self.connection = connection
+            self._node = (self._node + step) % len(self.urls)
             connection.close_callbacks.add(self._on_lost)
             channel = await connection.channel(publisher_confirms=False)
             channel.close_callbacks.add(self._on_lost)

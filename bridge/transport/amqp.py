@@ -21,7 +21,6 @@ import logging
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
-import aio_pika
 import aiormq
 import structlog
 from aio_pika.abc import (
@@ -35,7 +34,7 @@ from pamqp.commands import Basic
 
 from bridge.config import Settings
 from bridge.domain.queue import WorkQueue
-from bridge.transport import tolerant_decoding
+from bridge.transport import failover, tolerant_decoding
 from bridge.transport.duty import Duty
 from bridge.transport.handlers import ADD_RETRY_BUDGET_S, RequestHandlers
 from bridge.transport.hints import AmqpHints
@@ -110,6 +109,7 @@ class AmqpTransport:
         self.results = results or ResultPublisher(settings)
         self.hints = hints
         self.duty = duty
+        self._amqp_urls = settings.amqp_urls  # one order of BRIDGE_AMQP_HOSTS for all its connections
         self.replies = ReplyPublisher(self._connect_probation, user=amqp_user(settings.amqp_url.get_secret_value()))
         self.probe = RequesterProbe()
         self.handlers = RequestHandlers(
@@ -202,8 +202,8 @@ class AmqpTransport:
         # Before the first frame is read: a content header pamqp cannot decode would otherwise
         # close the whole connection, for ever (the request is redelivered at every reconnection).
         tolerant_decoding.install()
-        self.connection = await aio_pika.connect_robust(
-            self.settings.amqp_url.get_secret_value(), client_properties={"connection_name": "queue-bridge"}
+        self.connection = await failover.connect_robust(
+            self._amqp_urls, client_properties={"connection_name": "queue-bridge"}
         )
         self._consume_channel = await self.connection.channel(publisher_confirms=False)
         await self._consume_channel.set_qos(prefetch_count=self.settings.prefetch)
@@ -242,8 +242,8 @@ class AmqpTransport:
         self._add_retry_lane = topology.add_retry_lane
 
     async def _open_add_connection(self) -> None:
-        self._add_connection = await aio_pika.connect_robust(
-            self.settings.amqp_url.get_secret_value(), client_properties={"connection_name": "queue-bridge adds"}
+        self._add_connection = await failover.connect_robust(
+            self._amqp_urls, client_properties={"connection_name": "queue-bridge adds"}
         )
         self._add_channel = await self._add_connection.channel(publisher_confirms=False)
         await self._add_channel.set_qos(prefetch_count=self.settings.prefetch)
@@ -572,10 +572,11 @@ class AmqpTransport:
             return False
 
     async def _connect_probation(self) -> AbstractConnection:
-        return await aio_pika.connect(
-            self.settings.amqp_url.get_secret_value(),
+        connection, _ = await failover.connect_first(
+            self._amqp_urls,
             client_properties={"connection_name": "queue-bridge replies (probation)"},
         )
+        return connection
 
     async def close(self) -> None:
         self._closing = True

@@ -293,3 +293,59 @@ async def test_a_bridge_whose_first_result_comes_while_the_results_queue_elects_
     renewals = b2.transport.results_renewal.renewals
     took = time.monotonic() - killed
     print(f"\n3 results delivered {took:.1f} s after the kill; results channel renewed {renewals}x")
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(180)
+async def test_the_only_bridge_whose_node_is_killed_serves_through_another_node_of_its_hosts(
+    make_bridge, names, rabbit_cluster
+):
+    """BRIDGE_AMQP_HOSTS lists the three nodes. Before it, a bridge reconnected to its one URL only:
+    the fleet's only bridge, its node killed, answered nothing until that node came back."""
+    hosts = ",".join(f"127.0.0.1:{port}" for port in PORTS)
+    bridge = await make_bridge(queue_type="quorum", amqp_url=node_url(BRIDGE_USER, 1), amqp_hosts=hosts)
+    node = PORTS.index(bridge.transport.connection.url.port) + 1  # the node it connected to
+    alive = 3 if node != 3 else 2
+    svc, ex = service_id(), names["exchange"]
+    added: set[str] = set()
+    acked: set[str] = set()
+    missed = {"add": 0, "fetch": 0}
+
+    async def add(engine: Engine, n: int) -> None:
+        while True:  # the same message id: a retried add is the same task
+            try:
+                added.add(await engine.add(svc, {"n": n}, message_id=f"{svc}-{n}"))
+                return
+            except (TransportError, UnavailableError):
+                missed["add"] += 1
+
+    async def work(worker: Worker) -> None:
+        while len(acked) < 6:
+            try:
+                task = await worker.fetch(30_000, wait_ms=1_000)
+                if task is not None and await task.ack(1):
+                    acked.add(task.id)
+            except (TransportError, UnavailableError):
+                missed["fetch"] += 1
+
+    async with Engine(node_url(ENGINE_USER, alive), owner=OWNER, exchange=ex, timeout=2.0) as engine:
+        for n in range(3):
+            await add(engine, n)
+        await asyncio.to_thread(cluster_cmd, "kill", str(node))
+        killed = time.monotonic()
+        async with Worker(node_url(OWNER, alive), service=svc, worker_id="w", exchange=ex, timeout=2.0) as worker:
+            try:
+                async with asyncio.timeout(60):
+                    await asyncio.gather(*(add(engine, n) for n in range(3, 6)), work(worker))
+            except TimeoutError:
+                raise AssertionError(
+                    f"node {node} (the bridge's) down: {len(added)} of 6 tasks added and {len(acked)} acked "
+                    f"in 60 s (requests without a reply: {missed})"
+                ) from None
+    assert acked == added and len(added) == 6
+    moved_to = PORTS.index(bridge.transport.connection.url.port) + 1
+    assert moved_to != node
+    print(
+        f"\nthe bridge moved from node {node} to node {moved_to}; all served "
+        f"{time.monotonic() - killed:.1f} s after the kill; requests without a reply: {missed}"
+    )

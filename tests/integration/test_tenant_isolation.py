@@ -162,20 +162,19 @@ async def test_adds_are_taken_again_after_the_broker_closed_the_add_connection(m
     while fetch and ack on the main connection never stopped."""
     import uuid
 
-    import aio_pika
-
+    from bridge.transport import failover
     from tests.integration.test_client_resilience import _close_connection_named
 
-    real = aio_pika.connect_robust
+    real = failover.connect_robust
     name = f"adds-{uuid.uuid4().hex[:8]}"
 
-    async def connect_robust(url: str, *args: Any, **kwargs: Any) -> Any:
+    async def connect_robust(urls: list[str], *args: Any, **kwargs: Any) -> Any:
         props = dict(kwargs.pop("client_properties", None) or {})
         if props.get("connection_name") == "queue-bridge adds":
             props["connection_name"] = name
-        return await real(url, *args, client_properties=props, **kwargs)
+        return await real(urls, *args, client_properties=props, **kwargs)
 
-    monkeypatch.setattr(aio_pika, "connect_robust", connect_robust)
+    monkeypatch.setattr(failover, "connect_robust", connect_robust)
     b = await make_bridge()
     svc = service_id()
     assert await engine.add(svc, "before")

@@ -1,0 +1,126 @@
+"""BRIDGE_AMQP_HOSTS: a bridge (and the Python client) whose RabbitMQ node goes away moves to
+another node of the cluster instead of waiting for that one to come back.
+
+Here the "nodes" are two TCP proxies in front of the one local broker: a proxy cut (every
+connection dropped, new ones refused) is a node that died. tests/integration/test_rabbitmq_cluster.py
+kills a real node of a 3-node cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from bridge.client import Engine, TransportError, Worker
+from bridge.transport.errors import BrokerUnreachable
+from tests.conftest import BRIDGE_USER, ENGINE_USER, OWNERS, service_id, settings_from, wait_for
+from tests.faults import TcpProxy
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+
+@pytest.fixture
+async def nodes(servers) -> AsyncIterator[tuple[TcpProxy, TcpProxy]]:  # type: ignore[no-untyped-def]
+    a = await TcpProxy(servers.amqp_host, servers.amqp_port).start()
+    b = await TcpProxy(servers.amqp_host, servers.amqp_port).start()
+    yield a, b
+    await a.stop()
+    await b.stop()
+
+
+def hosts_of(*proxies: TcpProxy) -> list[str]:
+    return [f"127.0.0.1:{p.port}" for p in proxies]
+
+
+def carrying(proxies: tuple[TcpProxy, TcpProxy]) -> list[TcpProxy]:
+    """The proxies that carry a connection now."""
+    return [p for p in proxies if p._conns]
+
+
+async def add_until_answered(engine: Engine, svc: str, value: object, timeout: float) -> tuple[str, int]:
+    """Add (the same message id each time: one task), retrying transport errors; (id, errors)."""
+    errors = 0
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                return await engine.add(svc, value, message_id=f"{svc}-{value}"), errors
+            except TransportError:
+                errors += 1
+                await asyncio.sleep(0.2)
+
+
+async def test_a_bridge_whose_node_goes_away_serves_on_another_node(make_bridge, servers, names, nodes):
+    """Before BRIDGE_AMQP_HOSTS the bridge reconnected to its one URL only: with that node down it
+    served nothing (the engine's add and the worker's fetch went unanswered) until the node came
+    back."""
+    a, b = nodes
+    url = f"amqp://{BRIDGE_USER}:{BRIDGE_USER}@127.0.0.1:{a.port}/"  # user and vhost; the hosts are the nodes
+    bridge = await make_bridge(amqp_url=url, amqp_hosts=",".join(hosts_of(a, b)))
+    [first] = await wait_for(lambda: carrying(nodes), 10, what="the bridge's connections through one node")
+    other = b if first is a else a
+    svc = service_id()
+    async with (
+        Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"], timeout=3) as engine,
+        Worker(servers.amqp_url(OWNERS[0]), service=svc, worker_id="w", exchange=names["exchange"]) as worker,
+    ):
+        before, _ = await add_until_answered(engine, svc, "before", 10)
+        first.cut()  # the node dies: every connection through it dropped, new ones refused
+        cut = time.monotonic()
+        try:
+            after, _ = await add_until_answered(engine, svc, "after", 30)
+        except TimeoutError:
+            raise AssertionError("no add answered in 30 s after the bridge's node went away") from None
+        print(f"\nan add answered {time.monotonic() - cut:.2f} s after the bridge's node went away")
+        assert bridge.transport.connection.node == f"127.0.0.1:{other.port}"
+        assert bridge.transport._add_connection.node == f"127.0.0.1:{other.port}"
+        assert not first._conns
+        done = set()
+        async with asyncio.timeout(30):
+            while done != {before, after}:
+                task = await worker.fetch(30_000, wait_ms=1_000)
+                if task is not None:
+                    assert await task.ack("ok")
+                    done.add(task.id)
+
+
+async def test_a_bridge_starts_when_the_first_node_of_its_order_is_out_of_reach(
+    make_bridge, bridge_env, servers, names, nodes
+):
+    """Every start tries the nodes in turn: the node this process's shuffled order puts first is
+    down, and the bridge starts and serves through the next."""
+    a, b = nodes
+    url = f"amqp://{BRIDGE_USER}:{BRIDGE_USER}@127.0.0.1:{a.port}/"
+    hosts = ",".join(hosts_of(a, b))
+    first_url = settings_from(bridge_env, amqp_url=url, amqp_hosts=hosts).amqp_urls[0]  # one order per process
+    down, up = (a, b) if f":{a.port}/" in first_url else (b, a)
+    down.cut()
+    bridge = await make_bridge(amqp_url=url, amqp_hosts=hosts)
+    assert bridge.transport.connection.node == f"127.0.0.1:{up.port}"
+    assert bridge.transport._add_connection.node == f"127.0.0.1:{up.port}"
+    async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"]) as engine:
+        assert await engine.add(service_id(), "v")
+
+
+async def test_a_client_whose_node_goes_away_sends_its_next_request_through_another(bridge, servers, names, nodes):
+    a, b = nodes
+    url = f"amqp://{ENGINE_USER}:{ENGINE_USER}@127.0.0.1:{a.port}/"
+    svc = service_id()
+    async with Engine(url, hosts=hosts_of(a, b), owner=OWNERS[0], exchange=names["exchange"], timeout=3) as engine:
+        await add_until_answered(engine, svc, "before", 10)
+        [first] = carrying(nodes)
+        other = b if first is a else a
+        first.cut()
+        _, errors = await add_until_answered(engine, svc, "after", 20)
+        assert carrying(nodes) == [other]
+        assert errors <= 1  # the request the lost connection failed, if one was under way
+
+
+async def test_a_bridge_whose_nodes_are_all_out_of_reach_names_them_and_does_not_start(make_bridge, nodes):
+    a, b = nodes
+    a.cut()
+    b.cut()
+    url = f"amqp://{BRIDGE_USER}:{BRIDGE_USER}@127.0.0.1:{a.port}/"
+    with pytest.raises(BrokerUnreachable, match=f"127.0.0.1:{a.port}, 127.0.0.1:{b.port}"):
+        await make_bridge(amqp_url=url, amqp_hosts=",".join(hosts_of(a, b)))
