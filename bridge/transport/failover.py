@@ -10,6 +10,7 @@ turn, starting after the node it was on.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,6 +47,18 @@ class FailoverConnection(RobustConnection):
         self._current = 0  # the URL of the open connection (or of the last one)
         self._next = 0  # where the next attempt starts
         super().__init__(self._urls[0], **kwargs)
+
+    # aio-pika waits reconnect_interval (5 s unless the URL says) after each failed attempt, the
+    # same for every connection. A fleet that lost its broker at one instant (a restart) would
+    # then knock in lockstep, hundreds of connections and their declarations at once, every
+    # interval. Each wait is drawn from 0.5-1.5 times the interval instead.
+    @property
+    def reconnect_interval(self) -> float:
+        return self._reconnect_base * random.uniform(0.5, 1.5)  # nosec B311 - spreading load, not a secret
+
+    @reconnect_interval.setter
+    def reconnect_interval(self, value: float) -> None:
+        self._reconnect_base = float(value)
 
     async def _on_connection_close(self, closing: Any) -> None:
         # The node this connection was on is the likeliest to be gone: start after it.

@@ -124,3 +124,41 @@ async def test_a_bridge_whose_nodes_are_all_out_of_reach_names_them_and_does_not
     url = f"amqp://{BRIDGE_USER}:{BRIDGE_USER}@127.0.0.1:{a.port}/"
     with pytest.raises(BrokerUnreachable, match=f"127.0.0.1:{a.port}, 127.0.0.1:{b.port}"):
         await make_bridge(amqp_url=url, amqp_hosts=",".join(hosts_of(a, b)))
+
+
+class KnockCountingProxy(TcpProxy):
+    """A node that records when connections are attempted while it is down."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(host, port)
+        self.knocks: list[float] = []
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.up:
+            self.knocks.append(time.monotonic())
+        await super()._accept(reader, writer)
+
+
+async def test_connections_that_lost_their_broker_together_do_not_knock_in_lockstep(servers):  # type: ignore[no-untyped-def]
+    """A fleet loses its broker at one instant (a restart). aio-pika retries every
+    reconnect_interval, the same for all: every connection knocked within milliseconds of the
+    others, every interval (before: 100% of the retries had another one within 10 ms). Each wait
+    is now drawn from 0.5-1.5 times the interval, so the retries spread out."""
+    from bridge.transport import failover
+
+    proxy = await KnockCountingProxy(servers.amqp_host, servers.amqp_port).start()
+    url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/?reconnect_interval=1"
+    connections = [await failover.connect_robust([url]) for _ in range(8)]
+    try:
+        proxy.cut()
+        cut = time.monotonic()
+        await wait_for(lambda: len(proxy.knocks) >= 40, 15, what="40 reconnection attempts")
+        proxy.restore()
+        await wait_for(lambda: all(c.connected.is_set() for c in connections), 15, what="every connection back")
+    finally:
+        for connection in connections:
+            await connection.close()
+        await proxy.stop()
+    retries = [t for t in proxy.knocks if t > cut + 0.3]  # the first attempts follow the loss at once
+    crowded = [t for t in retries if any(0 < abs(t - u) < 0.01 for u in retries)]
+    assert len(crowded) / len(retries) < 0.5, f"{len(crowded)} of {len(retries)} retries within 10 ms of another"
