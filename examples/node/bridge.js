@@ -35,6 +35,33 @@ function userOf(url) {
   return decodeURIComponent(new URL(url).username) || 'guest';
 }
 
+/**
+ * The URLs of a RabbitMQ cluster's nodes: `url` (user, vhost, options) with each of `hosts`
+ * (`host[:port]`, as the bridge's BRIDGE_AMQP_HOSTS) as its host, shuffled so that a fleet of
+ * clients spreads over the nodes; `url` alone without hosts.
+ */
+function nodeUrls(url, hosts) {
+  if (!hosts || hosts.length === 0) return [url];
+  const urls = hosts.map((host) => {
+    const node = new URL(url);
+    node.host = host; // keeps the URL's port when host names none
+    return node.toString();
+  });
+  for (let i = urls.length - 1; i > 0; i--) {
+    const j = Math.floor(Math.random() * (i + 1));
+    [urls[i], urls[j]] = [urls[j], urls[i]];
+  }
+  return urls;
+}
+
+/** QB_AMQP_HOSTS (comma separated host[:port]) as a list; empty: none. */
+function hostsEnv(name = 'QB_AMQP_HOSTS') {
+  return env(name, '')
+    .split(',')
+    .map((h) => h.trim())
+    .filter((h) => h !== '');
+}
+
 /** One JSON line on stdout per event: easy to read, and easy for a test to parse. */
 function emit(event, fields) {
   process.stdout.write(`${JSON.stringify({ event, ...fields })}\n`);
@@ -64,14 +91,18 @@ class BridgeClient {
    * Connect and get ready for RPCs: one channel that consumes direct reply-to and publishes the
    * requests (the broker delivers replies only to the channel that published with that reply-to).
    */
-  static async open({ url, exchange }) {
-    const client = new BridgeClient(url, exchange);
+  static async open({ url, exchange, hosts = [] }) {
+    const client = new BridgeClient(url, exchange, hosts);
     await client.connect();
     return client;
   }
 
-  constructor(url, exchange) {
+  constructor(url, exchange, hosts = []) {
     this.url = url;
+    // With hosts (a cluster's nodes): a new connection starts at the node after the one whose
+    // connection was lost or left a request without a reply; each node is tried in turn.
+    this.urls = nodeUrls(url, hosts);
+    this.node = 0;
     this.user = userOf(url);
     this.exchange = exchange;
     this.connection = null;
@@ -93,7 +124,18 @@ class BridgeClient {
    * disconnected; the next request connects again, so a worker's retry loop recovers by itself.
    */
   async connect() {
-    const connection = await amqp.connect(this.url);
+    let connection = null;
+    let failure = null;
+    for (let step = 0; step < this.urls.length && connection === null; step++) {
+      const index = (this.node + step) % this.urls.length;
+      try {
+        connection = await amqp.connect(this.urls[index]);
+        this.node = index;
+      } catch (err) {
+        failure = err; // refused or out of reach: the next node
+      }
+    }
+    if (connection === null) throw failure;
     // A connection error also closes the channel: listen, so that it is not an unhandled 'error'.
     connection.on('error', () => {});
     let channel;
@@ -108,6 +150,7 @@ class BridgeClient {
     const lost = () => {
       if (this.channel !== channel) return; // an earlier channel's late event
       this.channel = null;
+      this.node = (this.node + 1) % this.urls.length; // its node may be the trouble: start after it
       this.failAll(new Error('channel closed'));
       connection.close().catch(() => {}); // a 404 closes only the channel: drop its connection too
     };
@@ -162,6 +205,7 @@ class BridgeClient {
     if (this.channel !== null && this.channel === this.suspect) {
       const { connection } = this;
       this.channel = null;
+      this.node = (this.node + 1) % this.urls.length;
       this.failAll(new Error('connection replaced after a request without a reply'));
       connection.close().catch(() => {});
     }
@@ -240,7 +284,9 @@ module.exports = {
   RequestTimeout,
   emit,
   env,
+  hostsEnv,
   intEnv,
+  nodeUrls,
   run,
   sleep,
   userOf,

@@ -2,6 +2,8 @@
 // The workflow-engine side: add QB_COUNT tasks for an owner, each with a token, as a trusted user.
 //
 //   QB_AMQP_URL   amqp://engine:engine@127.0.0.1:5672/  (a user in the bridge's BRIDGE_TRUSTED_USERS)
+//   QB_AMQP_HOSTS (none)           a RabbitMQ cluster's nodes, host[:port] comma separated, used with
+//                 QB_AMQP_URL's user and vhost: the next node when one is lost (BRIDGE_AMQP_HOSTS)
 //   QB_EXCHANGE   queue-bridge                          (BRIDGE_EXCHANGE)
 //   QB_OWNER      worker-a     the owner the tasks are for: sent as the `x-owner` header
 //   QB_SERVICE    demo         serviceId
@@ -14,7 +16,7 @@
 // Exit 0 when every add was answered, 1 otherwise.
 
 const crypto = require('node:crypto');
-const { BridgeClient, BridgeError, emit, env, intEnv, run, sleep } = require('./bridge');
+const { BridgeClient, BridgeError, emit, env, hostsEnv, intEnv, run, sleep } = require('./bridge');
 
 const RETRYABLE = new Set(['unavailable', 'timeout']); // the only codes worth sending again
 
@@ -47,7 +49,7 @@ async function main() {
   const failEvery = intEnv('QB_FAIL_EVERY', 0);
   const timeoutMs = intEnv('QB_TIMEOUT_MS', 10_000);
 
-  const client = await BridgeClient.open({ url, exchange });
+  const client = await BridgeClient.open({ url, exchange, hosts: hostsEnv() });
   try {
     for (let n = 0; n < count; n++) {
       const fail = failEvery > 0 && n % failEvery === failEvery - 1;

@@ -2,6 +2,8 @@
 // An external worker: long-poll fetch, do the work, ack naming the task (taskId, epoch, hasToken).
 //
 //   QB_AMQP_URL   amqp://worker-a:worker-a@127.0.0.1:5672/  (the user is the owner of its tasks)
+//   QB_AMQP_HOSTS (none)           a RabbitMQ cluster's nodes, host[:port] comma separated, used with
+//                 QB_AMQP_URL's user and vhost: the next node when one is lost (BRIDGE_AMQP_HOSTS)
 //   QB_EXCHANGE   queue-bridge     (BRIDGE_EXCHANGE)
 //   QB_SERVICE    demo             serviceId
 //   QB_WORKER_ID  <hostname>-<pid> unique per running worker
@@ -15,7 +17,7 @@
 // Prints JSON lines: {"event": "task", ...}, {"event": "acked", "taskId", "completed"}.
 
 const os = require('node:os');
-const { BridgeClient, BridgeError, emit, env, intEnv, run, sleep } = require('./bridge');
+const { BridgeClient, BridgeError, emit, env, hostsEnv, intEnv, run, sleep } = require('./bridge');
 
 let stopping = false;
 for (const signal of ['SIGTERM', 'SIGINT']) {
@@ -40,7 +42,7 @@ async function main() {
   const maxTasks = intEnv('QB_MAX_TASKS', 0);
   const idleExit = intEnv('QB_IDLE_EXIT', 0);
 
-  const client = await BridgeClient.open({ url, exchange });
+  const client = await BridgeClient.open({ url, exchange, hosts: hostsEnv() });
   let done = 0;
   let idle = 0;
   // `fresh` (1.3): we know we hold no task (our last fetch answered none, or our last ack was

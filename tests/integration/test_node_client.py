@@ -305,6 +305,41 @@ async def test_node_worker_reconnects_when_the_broker_closes_its_connection(
         await worker.stop()
 
 
+async def test_node_worker_whose_node_goes_away_works_on_through_another_of_its_hosts(
+    bridge: Any, engine: Any, node: str, servers: Servers, names: dict[str, str]
+) -> None:
+    """QB_AMQP_HOSTS (as the bridge's BRIDGE_AMQP_HOSTS): two nodes (TCP proxies to the one
+    broker); the one carrying the worker's connection dies. Before, the client reconnected to its
+    one URL only, and no task was fetched while that node stayed down."""
+    from tests.conftest import wait_for
+    from tests.faults import TcpProxy
+    from tests.integration.test_client_resilience import _waiters
+
+    a = await TcpProxy(servers.amqp_host, servers.amqp_port).start()
+    b = await TcpProxy(servers.amqp_host, servers.amqp_port).start()
+    svc = service_id()
+    extra = {
+        "QB_AMQP_URL": f"amqp://{OWNERS[0]}:{OWNERS[0]}@127.0.0.1:{a.port}/",
+        "QB_AMQP_HOSTS": f"127.0.0.1:{a.port},127.0.0.1:{b.port}",
+        "QB_SERVICE": svc,
+        "QB_WAIT_MS": "2000",
+        "QB_MAX_TASKS": "1",
+    }
+    worker = await NodeScript(node, "worker.js", {**env_of(servers, names, OWNERS[0]), **extra}).start()
+    try:
+        await wait_for(lambda: _waiters(bridge) >= 1, 30, what="the Node worker long-polling")
+        [first] = [p for p in (a, b) if p._conns]
+        first.cut()
+        await worker.event("fetch_failed")
+        task_id = await engine.add(svc, {"n": 1, "text": "through the other node"})
+        assert await worker.wait(45) == 0, (worker.events, worker.stderr)
+        assert worker.all("acked") == [{"event": "acked", "taskId": task_id, "completed": True}]
+    finally:
+        await worker.stop()
+        await a.stop()
+        await b.stop()
+
+
 async def test_node_worker_started_before_its_bridge_works_once_the_bridge_is_up(
     make_bridge: Any, node: str, servers: Servers, names: dict[str, str]
 ) -> None:
