@@ -164,6 +164,7 @@ class Bridge:
             read_unmarked=settings.read_unmarked_expiries,
         )
         self.metrics.bind_scheduler(self.scheduler.state)
+        self.metrics.bind_amqp_nodes(self.transport.amqp_nodes)
         storage_metrics.register(self.metrics.registry, self.db.statements)
         self.ops = OpsServer(
             self.metrics,

@@ -202,6 +202,8 @@ class _CallbackCollector(Collector):
     def __init__(self, monotonic: Callable[[], float]) -> None:
         self.key_cache: CacheCounters | None = None
         self.scheduler: SchedulerStateView | None = None
+        # connection name -> (RabbitMQ node "host:port", connections opened so far)
+        self.amqp_nodes: Callable[[], dict[str, tuple[str, int]]] | None = None
         self._monotonic = monotonic
 
     def describe(self) -> Iterable[Metric]:
@@ -212,6 +214,8 @@ class _CallbackCollector(Collector):
             CounterMetricFamily(f"{PREFIX}_key_cache_coalesced", ""),
             GaugeMetricFamily(f"{PREFIX}_scheduler_lag_seconds", ""),
             GaugeMetricFamily(f"{PREFIX}_scheduler_last_tick_age_seconds", ""),
+            GaugeMetricFamily(f"{PREFIX}_amqp_node_info", ""),
+            CounterMetricFamily(f"{PREFIX}_amqp_connections_opened", ""),
         ]
 
     def collect(self) -> Iterable[Metric]:
@@ -242,6 +246,24 @@ class _CallbackCollector(Collector):
                 "Seconds since the recovery scheduler last finished a tick.",
                 value=max(0.0, self._monotonic() - state.last_tick_monotonic),
             )
+        if self.amqp_nodes is not None:
+            nodes = self.amqp_nodes()
+            info = GaugeMetricFamily(
+                f"{PREFIX}_amqp_node_info",
+                "1 for the RabbitMQ node (host:port) each AMQP connection of this bridge is on, or last was "
+                "(BRIDGE_AMQP_HOSTS: how the fleet is spread over the nodes).",
+                labels=("connection", "node"),
+            )
+            opened = CounterMetricFamily(
+                f"{PREFIX}_amqp_connections_opened",
+                "AMQP connections opened: 1 at start, one more per reconnection (to any node).",
+                labels=("connection",),
+            )
+            for name, (node, count) in sorted(nodes.items()):
+                info.add_metric((name, node), 1)
+                opened.add_metric((name,), count)
+            yield info
+            yield opened
 
 
 class BridgeMetrics:
@@ -338,6 +360,9 @@ class BridgeMetrics:
 
     def bind_scheduler(self, state: SchedulerStateView) -> None:
         self._callbacks.scheduler = state
+
+    def bind_amqp_nodes(self, nodes: Callable[[], dict[str, tuple[str, int]]]) -> None:
+        self._callbacks.amqp_nodes = nodes
 
     # -- the queue's Metrics protocol ---------------------------------------------------------
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:

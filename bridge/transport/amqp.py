@@ -270,6 +270,14 @@ class AmqpTransport:
         assert channel is not None
         return channel
 
+    def amqp_nodes(self) -> dict[str, tuple[str, int]]:
+        """Connection name -> (the RabbitMQ node it is on, connections it opened): for /metrics."""
+        nodes = {}
+        for name, connection in (("main", self.connection), ("adds", self._add_connection)):
+            if isinstance(connection, failover.FailoverConnection):
+                nodes[name] = (connection.node, connection.opened)
+        return nodes
+
     def _connection_of(self, name: str) -> AbstractRobustConnection | None:
         return self._add_connection if name == "adds" else self.connection
 

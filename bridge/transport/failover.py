@@ -46,6 +46,7 @@ class FailoverConnection(RobustConnection):
         self._urls = [URL(url) for url in urls]
         self._current = 0  # the URL of the open connection (or of the last one)
         self._next = 0  # where the next attempt starts
+        self.opened = 0  # connections opened: 1 at start, one more per reconnection
         super().__init__(self._urls[0], **kwargs)
 
     # aio-pika waits reconnect_interval (5 s unless the URL says) after each failed attempt, the
@@ -83,6 +84,7 @@ class FailoverConnection(RobustConnection):
             if index != self._current:
                 log.info("connected to RabbitMQ at %s (another node of BRIDGE_AMQP_HOSTS)", self)
             self._current = self._next = index
+            self.opened += 1
             return
         assert failure is not None
         raise failure

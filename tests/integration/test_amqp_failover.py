@@ -39,6 +39,19 @@ def carrying(proxies: tuple[TcpProxy, TcpProxy]) -> list[TcpProxy]:
     return [p for p in proxies if p._conns]
 
 
+def on_node(bridge, connection: str) -> tuple[str, float | None]:  # type: ignore[no-untyped-def]
+    """(node, connections opened) of a bridge's AMQP connection, as its /metrics registry says."""
+    registry = bridge.metrics.registry
+    [node] = [
+        sample.labels["node"]
+        for family in registry.collect()
+        if family.name == "queue_bridge_amqp_node_info"
+        for sample in family.samples
+        if sample.labels["connection"] == connection and sample.value == 1
+    ]
+    return node, registry.get_sample_value("queue_bridge_amqp_connections_opened_total", {"connection": connection})
+
+
 async def add_until_answered(engine: Engine, svc: str, value: object, timeout: float) -> tuple[str, int]:
     """Add (the same message id each time: one task), retrying transport errors; (id, errors)."""
     errors = 0
@@ -66,6 +79,7 @@ async def test_a_bridge_whose_node_goes_away_serves_on_another_node(make_bridge,
         Worker(servers.amqp_url(OWNERS[0]), service=svc, worker_id="w", exchange=names["exchange"]) as worker,
     ):
         before, _ = await add_until_answered(engine, svc, "before", 10)
+        assert on_node(bridge, "main") == (f"127.0.0.1:{first.port}", 1.0)
         first.cut()  # the node dies: every connection through it dropped, new ones refused
         cut = time.monotonic()
         try:
@@ -76,6 +90,9 @@ async def test_a_bridge_whose_node_goes_away_serves_on_another_node(make_bridge,
         assert bridge.transport.connection.node == f"127.0.0.1:{other.port}"
         assert bridge.transport._add_connection.node == f"127.0.0.1:{other.port}"
         assert not first._conns
+        # /metrics says where each connection is, and that each reconnected once
+        assert on_node(bridge, "main") == (f"127.0.0.1:{other.port}", 2.0)
+        assert on_node(bridge, "adds") == (f"127.0.0.1:{other.port}", 2.0)
         done = set()
         async with asyncio.timeout(30):
             while done != {before, after}:
