@@ -4,23 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
 from bridge.domain import jsonvalue
+from bridge.transport import failover
+from bridge.transport.addresses import node_urls
 
 __all__ = ["results_consumer"]
 
 
 @contextlib.asynccontextmanager
 async def results_consumer(
-    url: str, *, exchange: str = "queue-bridge.results", routing_key: str = "#"
+    url: str, *, exchange: str = "queue-bridge.results", routing_key: str = "#", hosts: Sequence[str] = ()
 ) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
-    """Consume result messages into an asyncio queue (an exclusive, auto-deleted queue)."""
-    connection = await aio_pika.connect_robust(url)
+    """Consume result messages into an asyncio queue (an exclusive, auto-deleted queue).
+
+    ``hosts``: a RabbitMQ cluster's nodes, as ``RpcClient``'s (a reconnection tries the next)."""
+    connection = await failover.connect_robust(node_urls(url, hosts))
     try:
         channel = await connection.channel()
         ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)

@@ -8,6 +8,7 @@ kills a real node of a 3-node cluster."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -179,3 +180,32 @@ async def test_connections_that_lost_their_broker_together_do_not_knock_in_locks
     retries = [t for t in proxy.knocks if t > cut + 0.3]  # the first attempts follow the loss at once
     crowded = [t for t in retries if any(0 < abs(t - u) < 0.01 for u in retries)]
     assert len(crowded) / len(retries) < 0.5, f"{len(crowded)} of {len(retries)} retries within 10 ms of another"
+
+
+async def test_a_results_consumer_whose_node_goes_away_takes_results_through_another(
+    bridge, engine, workers, servers, names, nodes
+):
+    from bridge.client.results import results_consumer
+
+    a, b = nodes
+    url = f"amqp://guest:guest@127.0.0.1:{a.port}/"
+    svc = service_id()
+    async with results_consumer(url, exchange=names["results_exchange"], hosts=hosts_of(a, b)) as results:
+        [first] = carrying(nodes)
+        other = b if first is a else a
+        first.cut()
+        await wait_for(lambda: carrying(nodes) == [other], 20, what="the consumer reconnected through the other node")
+        worker = await workers(svc)
+        # A task at a time until a result comes: the first may be published while the consumer's
+        # queue is being declared again on the new connection (its results are gone with the old).
+        async with asyncio.timeout(20):
+            while True:
+                task_id = await engine.add(svc, "v", token={"t": 1})
+                task = await worker.fetch()
+                assert task is not None and task.id == task_id and await task.ack("done")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2):
+                        while (result := await results.get())["taskId"] != task_id:
+                            pass
+                        break
+        assert result["result"] == "done"
