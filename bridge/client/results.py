@@ -23,6 +23,10 @@ async def results_consumer(
 ) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
     """Consume result messages into an asyncio queue (an exclusive, auto-deleted queue).
 
+    The queue lives as long as the connection: results published while it is being reconnected
+    are not kept for it (a demo's and a test's helper). An engine that needs every result consumes
+    the durable results queue (``BRIDGE_RESULTS_QUEUE``) instead.
+
     ``hosts``: a RabbitMQ cluster's nodes, as ``RpcClient``'s (a reconnection tries the next)."""
     connection = await failover.connect_robust(node_urls(url, hosts))
     try:

@@ -110,11 +110,15 @@ class Acker:
     async def _count_if_landed(
         self, q: QueueKey, req: AckRequest, task_id: uuid.UUID, epoch: int, completion_id: uuid.UUID
     ) -> None:
-        async def ours() -> bool:
+        async def ours() -> bool | None:
             lease = await self.ctx.store.lease(q, task_id, serial=True)
-            return (
-                lease is not None and lease.completion_id == completion_id and lease.completed_by(req.worker_id, epoch)
-            )
+            if lease is None:
+                return False  # gone (its TTL): nothing can land on it
+            if lease.completion_id == completion_id and lease.completed_by(req.worker_id, epoch):
+                return True
+            # Still leased to this worker at this epoch: no answer yet, the completion may still be
+            # on its way and apply later (read as "did not land", it was never counted).
+            return None if lease.held_by(req.worker_id, epoch) else False
 
         landed = await landed_later(ours, UNCERTAIN_COMPLETION_LOOKUPS_S)
         if landed:

@@ -632,10 +632,19 @@ class Fetcher:
         """A claim whose outcome stayed unknown: counted as any claim if the lease names its claim id
         (a SERIAL read settles the compare-and-set). Missed if the lease was claimed again before
         the read (a lease shorter than the lookups): logged."""
+        base = entry.epoch if entry.lane == LANE_RECOVERED else None
 
-        async def ours() -> bool:
+        async def ours() -> bool | None:
             lease = await self.ctx.store.lease(q, entry.task_id, serial=True)
-            return lease is not None and lease.claim_id == claim_id
+            if lease is not None and lease.claim_id == claim_id:
+                return True
+            # Nobody claimed the task past what this claim was conditional on (no lease yet, or
+            # the expired lease's epoch): no answer yet. The claim may still be on its way (held
+            # in a coordinator's queue or the network) and apply later; read as "did not land",
+            # a claim that applied after the first lookup was never counted (a CI run).
+            if lease is None or (base is not None and lease.epoch == base):
+                return None
+            return False  # claimed by another (or past it): this compare-and-set can no longer apply
 
         landed = await landed_later(ours, UNCERTAIN_CLAIM_LOOKUPS_S)
         if landed:

@@ -137,12 +137,16 @@ async def test_counts_exact_after_a_lifecycle_mix_and_a_graceful_restart(make_br
 async def test_a_claim_whose_outcome_stays_unknown_is_still_counted(
     slow_bridge, slow_proxy, servers, names, workers, cql
 ):
-    """The claiming LWT of a fetch and its resend both time out (their coordinator stalls 2.5 s,
+    """The claiming LWT of a fetch and its resend both time out (their coordinator stalls 3.5 s,
     BRIDGE_CASSANDRA_TIMEOUT 1 s); the fetch is answered ``unavailable`` and the first copy then
     applies: the task is leased to the worker, whose retried fetch gets it through its pointer
     (which counts nothing). The claim is still counted (ready -1, in flight +1): its lease is read
     again later and names its claim id. Uncounted, stats said one task was ready in an empty queue
-    and one fewer in flight than there was, for the task's TTL plus up to a day."""
+    and one fewer in flight than there was, for the task's TTL plus up to a day.
+
+    The claim applies after the first lookup (0.5 s after the fetch gave up). That lookup found no
+    lease and took it for a claim that never landed: none of the later lookups was made (a CI run
+    failed here with a 2.5 s stall, the lookup and the claim racing)."""
     b = await slow_bridge(cassandra_timeout=1.0)
     svc = service_id()
     slow_proxy.holds = RepeatHolds(times=2)
@@ -150,7 +154,7 @@ async def test_a_claim_whose_outcome_stays_unknown_is_still_counted(
         task_id = await eng.add(svc, "v")
         await settle_on(eng, svc, {"ready": 1, "inFlight": 0, "delayed": 0, "parked": 0})
         w = await workers(svc, "w", timeout=15)
-        held = slow.hold_statement(b, slow_proxy, "claim_new", "claim_id", 2.5)
+        held = slow.hold_statement(b, slow_proxy, "claim_new", "claim_id", 3.5)
         try:
             first: Any = await slow.bounded(w.fetch(time_to_recover_ms=60_000), 20, "fetch")
         except (UnavailableError, TransportError) as exc:
@@ -177,6 +181,39 @@ async def test_a_claim_whose_outcome_stays_unknown_is_still_counted(
         want = {"ready": 0, "inFlight": 1, "delayed": 0, "parked": 0}
         assert await census(b, svc) == want
         await settle_on(eng, svc, want, timeout=12)
+
+
+async def test_a_completion_that_lands_after_the_first_lookup_is_still_counted(
+    slow_bridge, slow_proxy, servers, names, workers, cql
+):
+    """The completing LWT of an ack is held 3.5 s on its way (BRIDGE_CASSANDRA_TIMEOUT 1 s): the ack
+    is answered ``unavailable``, the completion applies after the first lookup (0.5 s after the
+    ack gave up). That lookup found the lease still held by the worker and took it for a
+    completion that never landed: the task stayed counted in flight (the worker's retried ack
+    finds it completed by itself and counts nothing), for its TTL plus up to a day."""
+    b = await slow_bridge(cassandra_timeout=1.0)
+    svc = service_id()
+    slow_proxy.holds = RepeatHolds(times=2)
+    async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"], timeout=60) as eng:
+        task_id = await eng.add(svc, "v")
+        w = await workers(svc, "w", timeout=15)
+        task = await w.fetch(time_to_recover_ms=60_000)
+        assert task is not None and task.id == task_id
+        held = slow.hold_statement(b, slow_proxy, "complete", "completion_id", 3.5)
+        try:
+            answer: Any = await slow.bounded(task.ack("done"), 20, "ack")
+        except (UnavailableError, TransportError) as exc:
+            answer = exc
+        assert held, "the completion was held"
+        assert isinstance(answer, Exception), f"the ack was expected to fail (unknown outcome), got {answer!r}"
+        await wait_for(
+            lambda: slow.lease_of(cql, servers.keyspace, svc, task_id)["state"] == "done", 10, what="the completion"
+        )
+        assert slow.lease_of(cql, servers.keyspace, svc, task_id)["completion_id"] == held[0]
+        assert await w.ack("done", task_id=task.id, epoch=task.epoch) is True  # the retry: counts nothing
+        want = {"ready": 0, "inFlight": 0, "delayed": 0, "parked": 0}
+        assert await census(b, svc) == want
+        await settle_on(eng, svc, want, timeout=15)
 
 
 # -- a bridge killed -9 ---------------------------------------------------------------------------------------
