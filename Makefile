@@ -48,7 +48,8 @@ test: venv stack-up node-deps browser
 	$(PYTEST) -m "not cluster and not exclusive" -n $(TEST_WORKERS) --dist worksteal --durations=12
 	$(PYTEST) -m "exclusive and not cluster" --durations=5
 	BRIDGE_CASSANDRA_DRIVER=datastax $(PYTEST) -m integration tests/behaviour
-	bash deploy/local/cassandra-cluster.sh up && bash deploy/local/rabbitmq-cluster.sh up && $(PYTEST) -m cluster; rc=$$?; \
+	{ bash deploy/local/rabbitmq-cluster.sh up & rabbit=$$!; bash deploy/local/cassandra-cluster.sh up; cass=$$?; \
+		wait $$rabbit && [ $$cass -eq 0 ]; } && $(PYTEST) -m cluster; rc=$$?; \
 		bash deploy/local/cassandra-cluster.sh down; bash deploy/local/rabbitmq-cluster.sh down; exit $$rc
 
 # The 30-minute soak (`make test` runs a 20 s one). The one test longer than the suite's 60 s

@@ -67,7 +67,7 @@ case ${1:-} in
     # `up` (start, wait, users) in one process each: its wait knows when the node was launched.
     node 1 up
     for i in 2 3; do
-      node "$i" up
+      node "$i" serve # no users: joining resets the node (11-13 s of rabbitmqctl saved per node)
       join "$i"
     done
     node 1 users # a joining node is reset: the cluster's users are node 1's

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Local RabbitMQ (Debian's rabbitmq-server package) for queue-bridge.
 #
-#   deploy/local/rabbitmq.sh start|wait|users|stop|status|install
+#   deploy/local/rabbitmq.sh start|wait|users|up|serve|stop|status|install
 #
 # stack.sh sources this file and calls the rabbitmq_* functions; it can also be run by itself.
 # The broker runs as the `rabbitmq` user (the Debian wrapper su's to it) with its data, logs,
@@ -347,8 +347,9 @@ if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
     wait) rabbitmq_wait ;;
     users) rabbitmq_users ;;
     up) rabbitmq_start; rabbitmq_wait; rabbitmq_users ;;
+    serve) rabbitmq_start; rabbitmq_wait ;; # up without the users (a node about to join a cluster)
     stop | down) rabbitmq_stop ;;
     status) rabbitmq_status ;;
-    *) echo "usage: $0 install|start|wait|users|up|stop|status" >&2; exit 2 ;;
+    *) echo "usage: $0 install|start|wait|users|up|serve|stop|status" >&2; exit 2 ;;
   esac
 fi
