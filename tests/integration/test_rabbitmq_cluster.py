@@ -14,6 +14,7 @@ import contextlib
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
@@ -68,6 +69,36 @@ async def results_of(url: str, queue: str, tasks: set[str], timeout: float) -> d
                 results[r["taskId"]] = r["result"]
         await asyncio.sleep(0.2)
     return results
+
+
+@dataclass
+class Retrying:
+    """Adds and fetch-and-acks of one service that retry what a node's loss leaves unanswered."""
+
+    svc: str
+    added: set[str] = field(default_factory=set)
+    acked: set[str] = field(default_factory=set)
+    missed: dict[str, int] = field(default_factory=lambda: {"add": 0, "fetch": 0})
+
+    async def add(self, engine: Engine, n: int) -> None:
+        while True:  # the same message id: a retried add is the same task
+            try:
+                self.added.add(await engine.add(self.svc, {"n": n}, message_id=f"{self.svc}-{n}"))
+                return
+            except (TransportError, UnavailableError):
+                self.missed["add"] += 1
+
+    async def work(self, worker: Worker, tasks: int) -> None:
+        while len(self.acked) < tasks:
+            try:
+                task = await worker.fetch(30_000, wait_ms=1_000)
+                if task is not None and await task.ack(1):
+                    self.acked.add(task.id)
+            except (TransportError, UnavailableError):
+                self.missed["fetch"] += 1
+
+    def __str__(self) -> str:
+        return f"{len(self.added)} tasks added and {len(self.acked)} acked (requests without a reply: {self.missed})"
 
 
 @pytest.mark.cluster
@@ -220,44 +251,20 @@ async def test_an_engine_and_a_worker_connecting_while_the_queues_elect_new_lead
     await make_bridge(queue_type="quorum", amqp_url=node_url(BRIDGE_USER, 1))  # declares: leaders on node 1
     await make_bridge(queue_type="quorum", amqp_url=node_url(BRIDGE_USER, 2))
     svc, ex = service_id(), names["exchange"]
-    missed = {"add": 0, "fetch": 0}
-    added: set[str] = set()
-    acked: set[str] = set()
+    traffic = Retrying(svc)
     await asyncio.to_thread(cluster_cmd, "kill", "1")
     killed = time.monotonic()
-
-    async def add_all(engine: Engine) -> None:
-        for n in range(3):
-            while True:  # the same message id: a retried add is the same task
-                try:
-                    added.add(await engine.add(svc, {"n": n}, message_id=f"{svc}-{n}"))
-                    break
-                except (TransportError, UnavailableError):
-                    missed["add"] += 1
-
-    async def work(worker: Worker) -> None:
-        while len(acked) < 3:
-            try:
-                task = await worker.fetch(30_000, wait_ms=1_000)
-                if task is not None and await task.ack(1):
-                    acked.add(task.id)
-            except (TransportError, UnavailableError):
-                missed["fetch"] += 1
-
     async with (
         Engine(node_url(ENGINE_USER, 3), owner=OWNER, exchange=ex, timeout=2.0) as engine,
         Worker(node_url(OWNER, 3), service=svc, worker_id="w", exchange=ex, timeout=2.0) as worker,
     ):
         try:
             async with asyncio.timeout(60):
-                await asyncio.gather(add_all(engine), work(worker))
+                await asyncio.gather(*(traffic.add(engine, n) for n in range(3)), traffic.work(worker, 3))
         except TimeoutError:
-            raise AssertionError(
-                f"node 1 down: {len(added)} of 3 adds answered and {len(acked)} tasks acked in 60 s "
-                f"(requests without a reply: {missed})"
-            ) from None
-    assert acked == added
-    print(f"\nserved {time.monotonic() - killed:.1f} s after the kill; requests without a reply: {missed}")
+            raise AssertionError(f"node 1 down: {traffic} in 60 s") from None
+    assert traffic.acked == traffic.added
+    print(f"\nserved {time.monotonic() - killed:.1f} s after the kill; requests without a reply: {traffic.missed}")
 
 
 @pytest.mark.cluster
@@ -307,45 +314,22 @@ async def test_the_only_bridge_whose_node_is_killed_serves_through_another_node_
     node = PORTS.index(bridge.transport.connection.url.port) + 1  # the node it connected to
     alive = 3 if node != 3 else 2
     svc, ex = service_id(), names["exchange"]
-    added: set[str] = set()
-    acked: set[str] = set()
-    missed = {"add": 0, "fetch": 0}
-
-    async def add(engine: Engine, n: int) -> None:
-        while True:  # the same message id: a retried add is the same task
-            try:
-                added.add(await engine.add(svc, {"n": n}, message_id=f"{svc}-{n}"))
-                return
-            except (TransportError, UnavailableError):
-                missed["add"] += 1
-
-    async def work(worker: Worker) -> None:
-        while len(acked) < 6:
-            try:
-                task = await worker.fetch(30_000, wait_ms=1_000)
-                if task is not None and await task.ack(1):
-                    acked.add(task.id)
-            except (TransportError, UnavailableError):
-                missed["fetch"] += 1
-
+    traffic = Retrying(svc)
     async with Engine(node_url(ENGINE_USER, alive), owner=OWNER, exchange=ex, timeout=2.0) as engine:
         for n in range(3):
-            await add(engine, n)
+            await traffic.add(engine, n)
         await asyncio.to_thread(cluster_cmd, "kill", str(node))
         killed = time.monotonic()
         async with Worker(node_url(OWNER, alive), service=svc, worker_id="w", exchange=ex, timeout=2.0) as worker:
             try:
                 async with asyncio.timeout(60):
-                    await asyncio.gather(*(add(engine, n) for n in range(3, 6)), work(worker))
+                    await asyncio.gather(*(traffic.add(engine, n) for n in range(3, 6)), traffic.work(worker, 6))
             except TimeoutError:
-                raise AssertionError(
-                    f"node {node} (the bridge's) down: {len(added)} of 6 tasks added and {len(acked)} acked "
-                    f"in 60 s (requests without a reply: {missed})"
-                ) from None
-    assert acked == added and len(added) == 6
+                raise AssertionError(f"node {node} (the bridge's) down: {traffic} in 60 s") from None
+    assert traffic.acked == traffic.added and len(traffic.added) == 6
     moved_to = PORTS.index(bridge.transport.connection.url.port) + 1
     assert moved_to != node
     print(
         f"\nthe bridge moved from node {node} to node {moved_to}; all served "
-        f"{time.monotonic() - killed:.1f} s after the kill; requests without a reply: {missed}"
+        f"{time.monotonic() - killed:.1f} s after the kill; requests without a reply: {traffic.missed}"
     )
