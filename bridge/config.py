@@ -13,13 +13,12 @@ import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from bridge.errors import BridgeError
-from bridge.transport.addresses import node_urls, parse_host
+from bridge.transport.addresses import node_urls, parse_host, without_password
 
 ENV_PREFIX = "BRIDGE_"
 # One order of BRIDGE_AMQP_HOSTS per process (every connection of a bridge starts on the same node),
@@ -343,7 +342,7 @@ class Settings(BaseSettings):
             if isinstance(value, SecretStr):
                 shown: Any = "**********"
             elif name == "key_server_url" and value:
-                shown = _without_password(value)  # basic-auth credentials can read every key
+                shown = without_password(value)  # basic-auth credentials can read every key
             elif isinstance(value, Path):
                 shown = str(value)
             elif isinstance(value, timedelta):
@@ -352,15 +351,6 @@ class Settings(BaseSettings):
                 shown = value
             out[ENV_PREFIX + name.upper()] = shown
         return out
-
-
-def _without_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:**********@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -15,7 +15,7 @@ import random
 from collections.abc import Sequence
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["node_urls", "parse_host"]
+__all__ = ["node_urls", "parse_host", "without_password"]
 
 
 def parse_host(host: str) -> tuple[str, int | None]:
@@ -37,9 +37,19 @@ def parse_host(host: str) -> tuple[str, int | None]:
     return parts.hostname, port
 
 
-def _with_host(url: str, host: str, port: int | None) -> str:
+def without_password(url: str) -> str:
+    """``url`` with its password masked (for logs and ``queue-bridge config``)."""
     parts = urlsplit(url)
-    userinfo, _, _ = parts.netloc.rpartition("@")
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    return _with_host(url, host, parts.port, userinfo=f"{parts.username}:**********")
+
+
+def _with_host(url: str, host: str, port: int | None, *, userinfo: str | None = None) -> str:
+    parts = urlsplit(url)
+    if userinfo is None:
+        userinfo, _, _ = parts.netloc.rpartition("@")
     where = f"[{host}]" if ":" in host else host
     if port is not None:
         where = f"{where}:{port}"

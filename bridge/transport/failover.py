@@ -21,6 +21,8 @@ from aio_pika.robust_connection import RobustConnection
 from aiormq.abc import ExceptionType
 from yarl import URL
 
+from bridge.transport.addresses import without_password
+
 __all__ = ["FailoverConnection", "connect_first", "connect_robust"]
 
 log = logging.getLogger("bridge.amqp")
@@ -38,7 +40,8 @@ class FailoverConnection(RobustConnection):
 
     Each attempt tries every URL once, from the one after the node last lost, and stops at the
     first that connects; only when all refuse does the attempt fail (and aio-pika retries after
-    its reconnect interval). With one URL it is aio-pika's robust connection unchanged."""
+    its reconnect interval, with jitter). With one URL it is aio-pika's robust connection with
+    that jitter alone."""
 
     def __init__(self, urls: Sequence[str], **kwargs: Any) -> None:
         if not urls:
@@ -116,11 +119,8 @@ async def connect_first(
         except CONNECTION_EXCEPTIONS as exc:
             failure = exc
             if len(urls) > 1:
-                log.warning("RabbitMQ at %s refused or out of reach (%s): trying the next node", _masked(url), exc)
+                log.warning(
+                    "RabbitMQ at %s refused or out of reach (%s): trying the next node", without_password(url), exc
+                )
     assert failure is not None
     raise failure
-
-
-def _masked(url: str) -> str:
-    parsed = URL(url)
-    return str(parsed.with_password("******") if parsed.password else parsed)
