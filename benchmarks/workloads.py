@@ -670,7 +670,9 @@ async def _w_scale_fixed_rate(bench: Bench, rate: float) -> list[dict[str, objec
         try:
             await drive_cycles(workers, plan.workers * 5, until=time.monotonic() + 10)  # warm-up
             before = await bench.counters()
+            meter = bench.cpu_meter()
             res = await drive_cycles(workers, want, until=time.monotonic() + seconds, rate=rate)
+            cpu = bench.record_cpu(f"W-scale fixed rate, {n} bridge(s)", meter, res.throughput)
             after = await bench.counters()
         finally:
             await close_all(workers)
@@ -680,6 +682,9 @@ async def _w_scale_fixed_rate(bench: Bench, rate: float) -> list[dict[str, objec
             "throughput": round(res.throughput, 1),
             "fetch_p50_ms": round(res.fetch.p(50), 2),
             "ack_p50_ms": round(res.ack.p(50), 2),
+            # The fleet's bridge CPU per task at this load: a sidecar fleet runs far below saturation,
+            # each bridge with a share of the load.
+            "bridge_cpu_ms_per_task": round(10.0 * cpu.get("bridges", 0.0) / max(res.throughput, 1e-9), 2),
         }
         if after:
             conflicts = after.get("queue_bridge_claim_conflicts", 0.0) - before.get("queue_bridge_claim_conflicts", 0.0)
