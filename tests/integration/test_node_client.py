@@ -183,7 +183,13 @@ async def test_node_engine_worker_and_results(bridge: Any, node: str, servers: S
                 assert r["error"] == {"message": "task 3 failed on purpose"} and "result" not in r
             else:
                 assert r["result"] == {"upper": f"TASK {n} OF {process_id}".upper(), "n": n}
-        assert not consumer.all("skipped")
+        # No result of this test's service was skipped (one whose x-owner header were wrong would
+        # be). Another service's may be: the tests of one process share a keyspace, so this test's
+        # bridge, holding the duty, also relays results an earlier test's bridge still owed when it
+        # stopped, to this test's results exchange (a run in five processes did). A fleet has one
+        # keyspace and one results exchange.
+        skipped = consumer.all("skipped")
+        assert not [s for s in skipped if s["serviceId"] == service], skipped
 
 
 async def test_node_errors_come_back_as_documented(
