@@ -36,7 +36,9 @@ run: venv stack-up keyring
 # The suite runs in TEST_WORKERS processes (pytest-xdist): most tests wait on the servers (a lease
 # running out, a long-poll), so more processes than cores fill the waits: the parallel pass took
 # 729 s in 2 processes (a clean clone's CI), 524 s in 3, 429 s in 4 and 390 s in 6 (the machine 80%
-# busy in 4, 95% in 6: docs/performance.md, "The suite in four processes"). Each process has its own
+# busy in 4, 95% in 6: docs/performance.md, "The suite in four processes"). Three, not four: in 4
+# processes two clean-clone runs failed a test each, one of them a timing bound (a reconnection
+# ready in 2.08 s against 2.0): the suite's margins are set for less load. Each process has its own
 # keyspace and every test its own exchange and queues. Tests marked `exclusive` restart a server or
 # raise a broker alarm under every client: they run after, alone. Each pass lists its slowest tests.
 # The 3-node clusters (three Cassandra JVMs, three RabbitMQ nodes) start while the behaviour suite
@@ -44,7 +46,7 @@ run: venv stack-up keyring
 # last, in two processes: one per file, so the Cassandra drills (kill a node of the Cassandra
 # cluster) run beside the RabbitMQ ones (kill a node of the broker cluster), each on the other's
 # single-node server. The clusters are stopped after, whatever the outcome.
-TEST_WORKERS ?= 4
+TEST_WORKERS ?= 3
 test: venv stack-up node-deps browser
 	$(PYTEST) -m "not cluster and not exclusive" -n $(TEST_WORKERS) --dist worksteal --durations=12
 	$(PYTEST) -m "exclusive and not cluster" --durations=5
