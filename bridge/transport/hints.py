@@ -14,6 +14,8 @@ consumer's one slot is then free for the next hint and the next waiter while the
 waiters took their tasks one claim at a time, about 150 a second however many waited.) A handed
 hint whose claim cannot be decided (the store failed, the fetch was cancelled) is published
 again. A delivery nobody waits for any more is returned to the queue at once for another bridge.
+A hint this bridge makes for a queue one of its own fetches waits for is handed to that fetch
+in the process, not published (``AmqpHints._hand_here``).
 
 A bridge with ``BRIDGE_HINTS=false`` takes no hints (its fetches scan the store) but publishes
 them all the same, for the bridges of its fleet that take them (a setting switched pod by pod:
@@ -127,9 +129,26 @@ def decode(body: bytes) -> Hint:
     return Hint(uuid.UUID(d["t"]), int(d["l"]), uuid.UUID(d["s"]), d["e"], bool(d["k"]), payload, priority, redriven)
 
 
-# A hint as it arrives: from ``basic.get`` (aiormq's frame, ``Delivery``) or from a waiting fetch's
-# consumer (aio-pika's, which restores it after a reconnection).
-HintMessage = Delivery | AbstractIncomingMessage
+@dataclass(frozen=True, slots=True)
+class LocalHint:
+    """A hint handed by this bridge's own add (or announcement) to a fetch of this bridge that
+    waits for its queue: it never went through the broker. It carries what a republish needs
+    (the hint queue and the priority), should its claim not be decided."""
+
+    hint: Hint
+    routing_key: str
+    priority: int
+
+    @property
+    def body(self) -> bytes:
+        return encode(self.hint)
+
+
+# A hint from the broker: from ``basic.get`` (aiormq's frame, ``Delivery``) or from a waiting
+# fetch's consumer (aio-pika's, which restores it after a reconnection).
+Received = Delivery | AbstractIncomingMessage
+# What a waiting fetch is handed: a delivery of its queue's consumer, or a hint of this bridge's.
+Handed = AbstractIncomingMessage | LocalHint
 
 
 @dataclass
@@ -137,7 +156,7 @@ class _Taken:
     """A hint taken with ``basic.get``: acknowledged once its claim is decided, else returned."""
 
     hint: Hint
-    message: HintMessage
+    message: Received
 
     async def done(self) -> None:
         await _settle(self.message, requeue=None)
@@ -152,7 +171,7 @@ class _Handed:
     not decided publishes it again, so that another fetch gets it."""
 
     hint: Hint
-    message: HintMessage
+    message: Handed
     hints: AmqpHints
 
     async def done(self) -> None:
@@ -168,7 +187,7 @@ BROKER_CALL_S = 3.0
 TRANSIENT = 1  # delivery mode: hints are not written to disk
 
 
-async def _settle(message: HintMessage, *, requeue: bool | None) -> None:
+async def _settle(message: Received, *, requeue: bool | None) -> None:
     try:
         async with asyncio.timeout(BROKER_CALL_S):
             if requeue is None:
@@ -182,7 +201,7 @@ async def _settle(message: HintMessage, *, requeue: bool | None) -> None:
 @dataclass
 class _Waiting:
     queue: AbstractQueue
-    waiters: deque[asyncio.Future[AbstractIncomingMessage | None]] = field(default_factory=deque)
+    waiters: deque[asyncio.Future[Handed | None]] = field(default_factory=deque)
     consumer_tag: str | None = None
     channel: aiormq.Channel | None = None  # the channel its consumer was registered on
 
@@ -195,7 +214,7 @@ class _Waiting:
         channel = self.channel
         return channel is None or channel.is_closed or self.consumer_tag not in channel.consumers
 
-    def answer_all(self, keep: asyncio.Future[AbstractIncomingMessage | None] | None = None) -> None:
+    def answer_all(self, keep: asyncio.Future[Handed | None] | None = None) -> None:
         """Every waiting fetch but ``keep`` answered null now (they have no consumer to wake them)."""
         for future in self.waiters:
             if future is not keep and not future.done():
@@ -223,6 +242,7 @@ class AmqpHints:
         untaken_ms = max(UNTAKEN_MS, int((settings.hint_grace + settings.reconcile_interval) * 1000))
         self._expiration = None if self.takes else str(untaken_ms)
         self.published = 0
+        self.handed_here = 0  # hints handed to a waiting fetch of this bridge, not published
         self.lost = 0
         # Per request while their cause lasts (a broker alarm, a channel a timed-out call closed):
         # at most a line every 10 s each, with how many were left out.
@@ -300,6 +320,8 @@ class AmqpHints:
 
     async def offer(self, q: QueueKey, hint: Hint) -> None:
         priority = RECOVERED_PRIORITY if hint.recovered else hint.priority
+        if self._hand_here(q, hint, priority):
+            return
         if not self.takes:
             # Not declared: to the queue if a bridge that takes hints declared it, else dropped.
             name = hint_queue_name(self.settings.queue_prefix, q)
@@ -312,7 +334,27 @@ class AmqpHints:
             return
         await self._publish(encode(hint), priority, queue.name)
 
-    async def republish(self, message: HintMessage) -> None:
+    def _hand_here(self, q: QueueKey, hint: Hint, priority: int) -> bool:
+        """A fetch of this bridge waits for this queue: the hint is handed to the oldest such fetch
+        in this process, not published. A sidecar's own worker waiting on it, or any fleet where
+        each bridge has waiters of the queue, then takes a task its bridge just stored without two
+        broker hops (the publish, the delivery to the consumer) and their wake-ups, and the broker
+        carries nothing for it. Only a hint: the claim still decides, and one whose claim is not
+        decided is published then (``_Handed.retry``), as a consumer's is. A fetch waits only
+        while its queue had no hint left to take, so an older hint is seldom passed over: one in
+        flight to a consumer at that moment goes to the next waiter, or back to the queue."""
+        waiting = self._waiting.get(hint_queue_name(self.settings.queue_prefix, q))
+        if waiting is None or self._closed:
+            return False
+        while waiting.waiters:
+            future = waiting.waiters.popleft()
+            if not future.done():
+                future.set_result(LocalHint(hint, waiting.queue.name, priority))
+                self.handed_here += 1
+                return True
+        return False
+
+    async def republish(self, message: Handed) -> None:
         """Publish a handed (acknowledged) hint again to its queue, for another fetch."""
         assert message.routing_key is not None  # the hint queue's name (default exchange)
         await self._publish(message.body, message.priority, message.routing_key)
@@ -340,7 +382,7 @@ class AmqpHints:
     async def take(self, q: QueueKey, wait_ms: int) -> Taken | None:
         if self._closed or not self.takes:
             return None
-        message: HintMessage | None
+        message: Delivery | None
         try:
             queue = await self._queue(q)
             channel = await self._channel_frames()
@@ -351,29 +393,34 @@ class AmqpHints:
             self._forget_if_gone(q, exc)
             self._warn_unavailable.warning("hints unavailable (%s): fetches scan the store", type(exc).__name__)
             raise HintsUnavailable(f"the hint queue cannot be used: {type(exc).__name__}") from exc
-        handed = False
-        if message is None and wait_ms > 0:
-            message = await self._wait(queue, wait_ms)
-            handed = True
-        if message is None:
-            return None
-        try:
-            hint = decode(message.body)
-        except (ValueError, KeyError, TypeError, binascii.Error):
-            log.warning("malformed hint dropped")
-            if not handed:
+        if message is not None:
+            try:
+                return _Taken(decode(message.body), message)
+            except (ValueError, KeyError, TypeError, binascii.Error):
+                log.warning("malformed hint dropped")
                 await _settle(message, requeue=None)
+                return None
+        if wait_ms <= 0:
             return None
-        return _Handed(hint, message, self) if handed else _Taken(hint, message)
+        handed = await self._wait(queue, wait_ms)
+        if handed is None:
+            return None
+        if isinstance(handed, LocalHint):
+            return _Handed(handed.hint, handed, self)
+        try:
+            return _Handed(decode(handed.body), handed, self)
+        except (ValueError, KeyError, TypeError, binascii.Error):
+            log.warning("malformed hint dropped")  # acknowledged as it was handed over
+            return None
 
     # -- waiting fetches --------------------------------------------------------------------------
-    async def _wait(self, queue: AbstractQueue, wait_ms: int) -> AbstractIncomingMessage | None:
+    async def _wait(self, queue: AbstractQueue, wait_ms: int) -> Handed | None:
         if self._closed:  # closed during this fetch's basic.get: close() answered the waiters before it
             return None
         waiting = self._waiting.get(queue.name)
         if waiting is None:
             waiting = self._waiting[queue.name] = _Waiting(queue)
-        future: asyncio.Future[AbstractIncomingMessage | None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Handed | None] = asyncio.get_running_loop().create_future()
         waiting.waiters.append(future)
         completed = False
         try:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from bridge.domain.models import AddCommand
 from bridge.domain.records import QueueKey
 from bridge.transport.hints import BROKER_CALL_S, hint_queue_name
 from tests.conftest import OWNERS, consumers_on, fail_next_write_ahead, service_id, wait_for
@@ -57,6 +58,51 @@ async def test_a_waiting_fetch_gets_the_task_as_soon_as_it_is_added(bridge, engi
     got = await asyncio.wait_for(waiting, 5.0)
     assert got is not None and got.id == task_id and got.value == {"n": 1}
     assert time.monotonic() - added_at < 1.0
+    assert await got.ack("done") is True
+
+
+async def test_a_task_added_where_a_fetch_waits_is_handed_to_it_without_the_broker(make_bridge, engine, workers):
+    """The bridge that stores a task hands its hint to a fetch of its own that waits for the queue
+    (the oldest one), without publishing it: no broker hop, no hint queue message. A bridge with
+    no fetch waiting publishes the hint as before, and a waiting fetch of another bridge gets it
+    through the broker."""
+    a = await make_bridge()
+    svc = service_id()
+    w = await workers(svc, "w")
+    ours = hint_queue_name(a.settings.queue_prefix, QueueKey(OWNERS[0], svc))
+    published: list[str] = []
+    real_publish = a.hints._publish
+
+    async def publish(body: bytes, priority: int | None, queue_name: str, **kw: Any) -> None:
+        if queue_name == ours:
+            published.append(queue_name)
+        await real_publish(body, priority, queue_name, **kw)
+
+    a.hints._publish = publish  # type: ignore[method-assign]
+    waiting = asyncio.create_task(w.fetch(wait_ms=10_000))
+    await wait_for(lambda: a.hints._waiting, 5.0, what="the fetch waiting on the bridge")
+    task_id = await engine.add(svc, {"n": 1})  # the only bridge: it stores the task
+    got = await asyncio.wait_for(waiting, 5.0)
+    assert got is not None and got.id == task_id and got.value == {"n": 1}
+    assert (a.hints.handed_here, published) == (1, []), "handed over in the process, nothing published"
+    assert await got.ack("done") is True
+
+    # No fetch waits on the bridge that stores the task: the hint goes through the broker, to the
+    # fetch waiting on the other bridge.
+    b = await make_bridge()
+    waiting = asyncio.create_task(w.fetch(wait_ms=10_000))
+    await wait_for(
+        lambda: any(x.waiters for x in b.hints._waiting.values()) or any(x.waiters for x in a.hints._waiting.values()),
+        5.0,
+        what="the fetch waiting",
+    )
+    stores = a if any(x.waiters for x in b.hints._waiting.values()) else b
+    cmd = AddCommand.model_validate({"serviceId": svc, "value": {"n": 2}})
+    handed = (a.hints.handed_here, b.hints.handed_here)
+    task_id = await stores.queue.add(OWNERS[0], cmd, message_id=None, traceparent=None)
+    got = await asyncio.wait_for(waiting, 5.0)
+    assert got is not None and got.id == task_id
+    assert (a.hints.handed_here, b.hints.handed_here) == handed, "not handed in a process: published"
     assert await got.ack("done") is True
 
 
@@ -140,7 +186,7 @@ async def test_a_waiting_worker_gets_its_task_while_another_waiters_claim_is_sti
 
 
 async def test_a_handed_hint_whose_claim_fails_is_published_again(bridge, engine, workers, monkeypatch):
-    """A waiting fetch's hint is acknowledged as it is handed over: when its claim cannot be decided
+    """A waiting fetch's hint is settled as it is handed over: when its claim cannot be decided
     (here the store fails the write-ahead), the hint is published again, so the next fetch gets
     the task at once instead of after reconciliation's grace (3 s)."""
     from bridge.client.errors import UnavailableError
@@ -164,7 +210,10 @@ async def test_a_handed_hint_whose_claim_fails_is_published_again(bridge, engine
     task_id = await engine.add(svc, {"n": 1})
     with pytest.raises(UnavailableError):
         await asyncio.wait_for(waiting, 5.0)
-    assert len(sent) == 2, "the add's hint, then the same hint again"
+    # The add's hint was handed to the fetch waiting on this bridge (no publish); its claim failed,
+    # so the hint was published, for the next fetch.
+    assert bridge.hints.handed_here == 1
+    assert len(sent) == 1, "the hint published once its claim failed"
     got = await second.fetch()  # no wait: only a hint can name a task added under 3 s ago
     assert got is not None and got.id == task_id
     assert await got.ack("ok") is True
