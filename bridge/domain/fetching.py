@@ -446,7 +446,7 @@ class Fetcher:
         entry = taken.hint.entry()
         a.attempted = True
         try:
-            claim = await self._try_claim(a, entry, taken.hint.payload)
+            claim = await self._try_claim(a, entry, taken.hint.payload, stored=taken.hint.stored)
         except BaseException:
             await asyncio.shield(taken.retry())  # not decided: another fetch gets the hint
             raise
@@ -509,11 +509,22 @@ class Fetcher:
             log.info("a waiting fetch's worker is gone: its task goes to another", extra={"worker": a.worker})
             raise RequestAbandoned("the worker is gone")
 
-    async def _try_claim(self, a: _Attempt, entry: ReadyEntry, carried: Payload | None = None) -> _Claim:
+    async def _try_claim(
+        self,
+        a: _Attempt,
+        entry: ReadyEntry,
+        carried: Payload | None = None,
+        *,
+        stored: asyncio.Future[bool] | None = None,
+    ) -> _Claim:
         """Claim one candidate: the delivery (None if the task is not ours), the stamp of the
-        pointer write, and whether the task had finished."""
+        pointer write, and whether the task had finished. ``stored``: the hint was handed in the
+        process while its task was being written (``Hint.stored``); the claim waits for the write."""
         q, worker, ttr, stamp = a.q, a.worker, a.ttr, a.stamp
         store, margin = self.ctx.store, self.ctx.limits.skew_margin_ms
+        if stored is not None and carried is None and not await asyncio.shield(stored):
+            # Its payload is read from the store, so not before the write: nothing was stored.
+            return _Claim(None, stamp if stamp is not None else self.ctx.clock.now_ms() * 1000, finished=True)
         now = self.ctx.clock.now_ms()
         task_id = entry.task_id
         recovered = entry.lane == LANE_RECOVERED
@@ -541,6 +552,11 @@ class Fetcher:
                 ExpiryEntry(until, q, task_id, epoch, entry.has_token),
                 expires_at_ms=None if carried is None else carried.expires_at_ms,
             )
+            # Written ahead while the add's write was on its way: the claim waits for that write
+            # (an LWT on a task that may never be stored would hand out a value nobody keeps).
+            if stored is not None and not await asyncio.shield(stored):
+                _drop(read)
+                return _Claim(None, stamp, finished=True)  # its write failed: there is no task
             await self._may_claim(a)
         except BaseException:
             _drop(read)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from bridge.domain.records import LANE_RECOVERED, PRIORITY_MAX, Payload, QueueKey, ReadyEntry
@@ -47,6 +47,10 @@ class Hint:
     payload: Payload | None = None
     priority: int = 0  # a fresh task's priority (1.4): higher ones are taken first
     redriven: bool = False  # a recovered task put back by redrive, not claimed since (counts)
+    # Only on a hint handed in the process before its task's write was acknowledged
+    # (``TaskHints.hand_here``): True once the task is stored, False if its write failed. The
+    # fetch that takes it writes ahead meanwhile, and claims only once it is True. Never sent.
+    stored: asyncio.Future[bool] | None = field(default=None, compare=False)
 
     @property
     def recovered(self) -> bool:
@@ -89,6 +93,11 @@ class TaskHints(Protocol):
     async def offer(self, q: QueueKey, hint: Hint) -> None:
         """Best effort: a hint that is lost is found again by reconciliation."""
 
+    def hand_here(self, q: QueueKey, hint: Hint) -> bool:
+        """Hand the hint to a fetch of this process that waits for the queue, if one does (True);
+        nothing is published. A hint with ``stored`` may be handed before its task's write is
+        acknowledged: its fetch claims only once the write is, and it is never published before."""
+
     async def take(self, q: QueueKey, wait_ms: int) -> Taken | None:
         """A hint of this queue: at once if one is there, else within ``wait_ms`` (0: do not wait);
         None when none came (or the bridge is shutting down). :class:`HintsUnavailable` when the
@@ -106,6 +115,9 @@ class NoHints:
 
     async def offer(self, q: QueueKey, hint: Hint) -> None:
         return None
+
+    def hand_here(self, q: QueueKey, hint: Hint) -> bool:
+        return False
 
     async def take(self, q: QueueKey, wait_ms: int) -> Taken | None:
         return None
@@ -157,6 +169,9 @@ class MemoryHints:
         for lane in lanes:
             lane.clear()
         return n
+
+    def hand_here(self, q: QueueKey, hint: Hint) -> bool:
+        return False  # a model of the broker's queue: every hint goes through it
 
     async def offer(self, q: QueueKey, hint: Hint) -> None:
         lanes = self._lanes(q)

@@ -219,10 +219,22 @@ class WorkQueue:
             self._count_add(add)
             ctx.metrics.inc("tasks_added", kind="delayed")
             return str(task_id)
-        await self._store_task(add, recorded)
-        # After the write: a hint never names a task that is not stored yet.
-        hint = Hint(task_id, LANE_FRESH, task_id, None, add.has_token, carried(payload), add.priority)
-        await self.hints.offer(q, hint)
+        stored: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        hint = Hint(task_id, LANE_FRESH, task_id, None, add.has_token, carried(payload), add.priority, stored=stored)
+        # A fetch of this bridge waiting for the queue takes the hint now, and writes its lease's
+        # deadline and its worker's pointer while the task is written (one Cassandra round trip
+        # less between the add and the worker's reply); it claims only once the write is
+        # acknowledged, and a hint is never published before: no other bridge hears of a task that
+        # is not stored yet.
+        handed = self.hints.hand_here(q, hint)
+        try:
+            await self._store_task(add, recorded)
+        except BaseException:
+            stored.set_result(False)
+            raise
+        stored.set_result(True)
+        if not handed:
+            await self.hints.offer(q, hint)
         self._count_add(add)
         ctx.metrics.inc("tasks_added", kind="ready")
         log.debug("task added", extra={"task_id": str(task_id)})

@@ -15,7 +15,8 @@ waiters took their tasks one claim at a time, about 150 a second however many wa
 hint whose claim cannot be decided (the store failed, the fetch was cancelled) is published
 again. A delivery nobody waits for any more is returned to the queue at once for another bridge.
 A hint this bridge makes for a queue one of its own fetches waits for is handed to that fetch
-in the process, not published (``AmqpHints._hand_here``).
+in the process, not published (``AmqpHints.hand_here``), even before the task's write is
+acknowledged: that fetch claims only once it is (``Hint.stored``).
 
 A bridge with ``BRIDGE_HINTS=false`` takes no hints (its fetches scan the store) but publishes
 them all the same, for the bridges of its fleet that take them (a setting switched pod by pod:
@@ -236,6 +237,7 @@ class AmqpHints:
         self._declared: OrderedDict[str, AbstractQueue] = OrderedDict()
         self._waiting: dict[str, _Waiting] = {}
         self._cancelling: set[asyncio.Task[None]] = set()  # consumer cancels under way
+        self._republishing: set[asyncio.Task[None]] = set()  # handed hints waiting for their write
         self._closed = False
         # BRIDGE_HINTS=false: publish only, into queues declared by bridges that take hints.
         self.takes = settings.hints
@@ -319,9 +321,9 @@ class AmqpHints:
         return channel
 
     async def offer(self, q: QueueKey, hint: Hint) -> None:
-        priority = RECOVERED_PRIORITY if hint.recovered else hint.priority
-        if self._hand_here(q, hint, priority):
+        if self.hand_here(q, hint):
             return
+        priority = RECOVERED_PRIORITY if hint.recovered else hint.priority
         if not self.takes:
             # Not declared: to the queue if a bridge that takes hints declared it, else dropped.
             name = hint_queue_name(self.settings.queue_prefix, q)
@@ -334,7 +336,7 @@ class AmqpHints:
             return
         await self._publish(encode(hint), priority, queue.name)
 
-    def _hand_here(self, q: QueueKey, hint: Hint, priority: int) -> bool:
+    def hand_here(self, q: QueueKey, hint: Hint) -> bool:
         """A fetch of this bridge waits for this queue: the hint is handed to the oldest such fetch
         in this process, not published. A sidecar's own worker waiting on it, or any fleet where
         each bridge has waiters of the queue, then takes a task its bridge just stored without two
@@ -346,6 +348,7 @@ class AmqpHints:
         waiting = self._waiting.get(hint_queue_name(self.settings.queue_prefix, q))
         if waiting is None or self._closed:
             return False
+        priority = RECOVERED_PRIORITY if hint.recovered else hint.priority
         while waiting.waiters:
             future = waiting.waiters.popleft()
             if not future.done():
@@ -355,9 +358,24 @@ class AmqpHints:
         return False
 
     async def republish(self, message: Handed) -> None:
-        """Publish a handed (acknowledged) hint again to its queue, for another fetch."""
+        """Publish a handed (acknowledged) hint again to its queue, for another fetch. A hint of
+        this bridge handed before its task's write was acknowledged is published only once it
+        is, off the caller's path (a cancelled fetch does not wait for the add's write); not at
+        all if the write failed: no other bridge may hear of a task that is not stored."""
+        stored = message.hint.stored if isinstance(message, LocalHint) else None
+        if stored is not None and not stored.done():
+            task = asyncio.get_running_loop().create_task(self._republish_once_stored(message, stored))
+            self._republishing.add(task)
+            task.add_done_callback(self._republishing.discard)
+            return
+        if stored is not None and not stored.result():
+            return
         assert message.routing_key is not None  # the hint queue's name (default exchange)
         await self._publish(message.body, message.priority, message.routing_key)
+
+    async def _republish_once_stored(self, message: Handed, stored: asyncio.Future[bool]) -> None:
+        if await stored:
+            await self.republish(message)
 
     async def _publish(
         self, body: bytes, priority: int | None, queue_name: str, *, expiration: str | None = None

@@ -106,6 +106,158 @@ async def test_a_task_added_where_a_fetch_waits_is_handed_to_it_without_the_brok
     assert await got.ack("done") is True
 
 
+async def test_a_fetch_handed_a_task_being_written_writes_ahead_meanwhile_and_claims_after_the_write(
+    bridge, workers, monkeypatch
+):
+    """The add hands its hint to the fetch waiting on its bridge before the task's write is
+    acknowledged: the fetch writes its lease's deadline and its worker's pointer meanwhile (one
+    Cassandra round trip less on the way to the worker), and claims only once the write is."""
+    svc = service_id()
+    w = await workers(svc, "w")
+    store = bridge.queue.ctx.store
+    real_store, real_write_ahead, real_claim = store.store_task, store.write_ahead, store.claim_new
+    release, written_ahead = asyncio.Event(), asyncio.Event()
+    claimed_after_write: list[bool] = []
+
+    async def store_task(*args: Any, **kwargs: Any) -> None:
+        await release.wait()  # the add's write, held
+        await real_store(*args, **kwargs)
+        stored.set()
+
+    async def write_ahead(*args: Any, **kwargs: Any) -> None:
+        await real_write_ahead(*args, **kwargs)
+        written_ahead.set()
+
+    async def claim_new(*args: Any, **kwargs: Any) -> Any:
+        claimed_after_write.append(stored.is_set())
+        return await real_claim(*args, **kwargs)
+
+    stored = asyncio.Event()
+    monkeypatch.setattr(store, "store_task", store_task)
+    monkeypatch.setattr(store, "write_ahead", write_ahead)
+    monkeypatch.setattr(store, "claim_new", claim_new)
+    waiting = asyncio.create_task(w.fetch(wait_ms=10_000))
+    await wait_for(lambda: bridge.hints._waiting, 5.0, what="the fetch waiting on the bridge")
+    cmd = AddCommand.model_validate({"serviceId": svc, "value": {"n": 1}})
+    adding = asyncio.create_task(bridge.queue.add(OWNERS[0], cmd, message_id=None, traceparent=None))
+    await asyncio.wait_for(written_ahead.wait(), 5.0)  # while the add's write is held
+    assert not adding.done() and not waiting.done() and claimed_after_write == []
+    release.set()
+    task_id = await asyncio.wait_for(adding, 5.0)
+    got = await asyncio.wait_for(waiting, 5.0)
+    assert got is not None and got.id == task_id and got.value == {"n": 1}
+    assert claimed_after_write == [True], "the claim waited for the add's write"
+    assert bridge.hints.handed_here == 1
+    assert await got.ack("done") is True
+
+
+async def test_a_fetch_handed_a_task_whose_write_fails_claims_nothing_and_waits_on(bridge, workers, monkeypatch):
+    """The add's write fails after its hint was handed to the waiting fetch: the fetch claims
+    nothing, publishes no hint (no bridge may hear of a task that is not stored), and goes on
+    waiting: the next task added is its."""
+    from bridge.storage.errors import StorageUnavailable
+
+    svc = service_id()
+    w = await workers(svc, "w")
+    store = bridge.queue.ctx.store
+    real_store, real_claim = store.store_task, store.claim_new
+    claims: list[Any] = []
+    failed = asyncio.Event()
+
+    async def store_task(*args: Any, **kwargs: Any) -> None:
+        if not failed.is_set():
+            failed.set()
+            raise StorageUnavailable("cassandra unavailable (a test)")
+        await real_store(*args, **kwargs)
+
+    async def claim_new(*args: Any, **kwargs: Any) -> Any:
+        claims.append(args[1])
+        return await real_claim(*args, **kwargs)
+
+    monkeypatch.setattr(store, "store_task", store_task)
+    monkeypatch.setattr(store, "claim_new", claim_new)
+    ours = hint_queue_name(bridge.settings.queue_prefix, QueueKey(OWNERS[0], svc))
+    published: list[str] = []
+    real_publish = bridge.hints._publish
+
+    async def publish(body: bytes, priority: int | None, queue_name: str, **kw: Any) -> None:
+        if queue_name == ours:
+            published.append(queue_name)
+        await real_publish(body, priority, queue_name, **kw)
+
+    monkeypatch.setattr(bridge.hints, "_publish", publish)
+    waiting = asyncio.create_task(w.fetch(wait_ms=15_000))
+    await wait_for(lambda: bridge.hints._waiting, 5.0, what="the fetch waiting on the bridge")
+    cmd = AddCommand.model_validate({"serviceId": svc, "value": {"n": 1}})
+    with pytest.raises(Exception, match="unavailable"):
+        await bridge.queue.add(OWNERS[0], cmd, message_id=None, traceparent=None)
+    assert bridge.hints.handed_here == 1, "the hint went to the waiting fetch before the write failed"
+    await wait_for(lambda: bridge.hints._waiting, 5.0, what="the fetch waiting again")
+    assert not waiting.done() and claims == [] and published == []
+    second = AddCommand.model_validate({"serviceId": svc, "value": {"n": 2}})
+    task_id = await bridge.queue.add(OWNERS[0], second, message_id=None, traceparent=None)
+    got = await asyncio.wait_for(waiting, 5.0)
+    assert got is not None and got.id == task_id and got.value == {"n": 2}
+    assert [str(c) for c in claims] == [task_id]
+    assert await got.ack("done") is True
+
+
+@pytest.mark.parametrize("write_lands", [True, False])
+async def test_a_hint_handed_before_its_write_is_published_again_only_once_the_task_is_stored(
+    bridge, workers, monkeypatch, write_lands
+):
+    """The fetch handed a hint while its task is written fails before it can claim (here its
+    write-ahead): the hint goes back for another fetch, but only once the add's write is
+    acknowledged, and never if it fails: no other bridge may hear of a task that is not stored."""
+    from bridge.client.errors import UnavailableError
+    from bridge.storage.errors import StorageUnavailable
+
+    svc = service_id()
+    first, second = await workers(svc, "w1"), await workers(svc, "w2")
+    store = bridge.queue.ctx.store
+    real_store = store.store_task
+    release = asyncio.Event()
+
+    async def store_task(*args: Any, **kwargs: Any) -> None:
+        await release.wait()
+        if not write_lands:
+            raise StorageUnavailable("cassandra unavailable (a test)")
+        await real_store(*args, **kwargs)
+
+    monkeypatch.setattr(store, "store_task", store_task)
+    write_ahead_failed = fail_next_write_ahead(bridge, monkeypatch)
+    ours = hint_queue_name(bridge.settings.queue_prefix, QueueKey(OWNERS[0], svc))
+    published: list[str] = []
+    real_publish = bridge.hints._publish
+
+    async def publish(body: bytes, priority: int | None, queue_name: str, **kw: Any) -> None:
+        if queue_name == ours:
+            published.append(queue_name)
+        await real_publish(body, priority, queue_name, **kw)
+
+    monkeypatch.setattr(bridge.hints, "_publish", publish)
+    waiting = asyncio.create_task(first.fetch(wait_ms=10_000))
+    await wait_for(lambda: bridge.hints._waiting, 5.0, what="the fetch waiting on the bridge")
+    cmd = AddCommand.model_validate({"serviceId": svc, "value": {"n": 1}})
+    adding = asyncio.create_task(bridge.queue.add(OWNERS[0], cmd, message_id=None, traceparent=None))
+    await asyncio.wait_for(write_ahead_failed.wait(), 5.0)
+    with pytest.raises(UnavailableError):
+        await asyncio.wait_for(waiting, 5.0)
+    assert published == [], "published while the task's write was on its way"
+    release.set()
+    if write_lands:
+        task_id = await asyncio.wait_for(adding, 5.0)
+        await wait_for(lambda: published, 5.0, what="the hint published once the task was stored")
+        got = await second.fetch()  # no wait: only a hint names a task added under 3 s ago
+        assert got is not None and got.id == task_id
+        assert await got.ack("ok") is True
+    else:
+        with pytest.raises(Exception, match="unavailable"):
+            await asyncio.wait_for(adding, 5.0)
+        await wait_for(lambda: not bridge.hints._republishing, 5.0, what="the republish that waited for the write")
+        assert published == [] and await second.fetch() is None
+
+
 async def test_many_waiting_workers_cost_cassandra_nothing_per_worker(bridge, workers):
     svc = service_id()
     ws = [await workers(svc, f"w{i}") for i in range(16)]
