@@ -34,11 +34,20 @@ class _PassiveDeclare(commands.Queue.Declare):
         pass
 
 
+# Channels kept open between probes: each probe uses one no other probe uses while it runs.
+IDLE_CHANNELS_KEPT = 4
+
+
 class RequesterProbe:
     def __init__(self) -> None:
         self._connection: AbstractRobustConnection | None = None
-        self._channel: aiormq.Channel | None = None  # closed by each 404; opened again on the next probe
-        self._opening = asyncio.Lock()
+        # Each probe has a channel to itself: a 404 (or a 405) closes the channel it answers, and
+        # aiormq fails every call pending on that channel with it. On one shared channel, a live
+        # worker's probe sent beside a gone requester's got the gone one's 404: its long-poll was
+        # dropped unanswered, and the worker waited out its own timeout (tests/integration/
+        # test_requester_probe.py).
+        self._idle: list[aiormq.Channel] = []
+        self._closing: set[asyncio.Task[None]] = set()
         self.gone = 0
 
     def attach(self, connection: AbstractRobustConnection) -> None:
@@ -49,23 +58,51 @@ class RequesterProbe:
         answer (an error, a locked exclusive queue, no answer in time) counts as alive."""
         if not reply_to.startswith((DIRECT_REPLY_TO, SERVER_NAMED)):
             return True
+        channel: aiormq.Channel | None = None
         try:
             async with asyncio.timeout(PROBE_TIMEOUT_S):
-                channel = await self._open()  # a 404 or a 405 closes it: opened again next time
+                channel = await self._take()
                 await channel.rpc(_PassiveDeclare(queue=reply_to, passive=True))
         except aiormq.exceptions.ChannelNotFoundEntity:
-            self.gone += 1
+            self.gone += 1  # its channel is closed by the broker: not kept
             return False
-        except Exception as exc:
+        except BaseException as exc:
+            if channel is not None:
+                self._discard(channel)  # closed (a 405), or a call cut short: its state is unknown
+            if not isinstance(exc, Exception):
+                raise  # cancelled: the fetch is gone
             log.debug("requester probe failed: %s", type(exc).__name__)
+            return True
+        self._give_back(channel)
         return True
 
-    async def _open(self) -> aiormq.Channel:
-        async with self._opening:
-            channel = self._channel
-            if channel is None or channel.is_closed:
-                # Not a robust channel: a 404 closes it, and aio-pika would reopen (and log) each time.
-                assert self._connection is not None and self._connection.transport is not None
-                underlay = cast(aiormq.Connection, self._connection.transport.connection)
-                channel = self._channel = cast(aiormq.Channel, await underlay.channel())
-            return channel
+    async def _take(self) -> aiormq.Channel:
+        while self._idle:
+            channel = self._idle.pop()
+            if not channel.is_closed:
+                return channel
+        # Not a robust channel: a 404 closes it, and aio-pika would reopen (and log) each time.
+        assert self._connection is not None and self._connection.transport is not None
+        underlay = cast(aiormq.Connection, self._connection.transport.connection)
+        return cast(aiormq.Channel, await underlay.channel())
+
+    def _give_back(self, channel: aiormq.Channel) -> None:
+        if len(self._idle) < IDLE_CHANNELS_KEPT and not channel.is_closed:
+            self._idle.append(channel)
+        else:
+            self._discard(channel)
+
+    def _discard(self, channel: aiormq.Channel) -> None:
+        if channel.is_closed:
+            return
+        task = asyncio.get_running_loop().create_task(self._close(channel))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    @staticmethod
+    async def _close(channel: aiormq.Channel) -> None:
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                await channel.close()
+        except Exception as exc:
+            log.debug("probe channel not closed: %s", type(exc).__name__)
