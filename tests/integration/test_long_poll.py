@@ -45,6 +45,22 @@ def _statements(b: object) -> int:
     return sum(n for name, n in counts.items() if not name.startswith(BACKGROUND))
 
 
+def hints_published(bridge: Any, svc: str, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The hints the bridge publishes from now on to this service's hint queue (only those: the
+    scheduler may announce tasks other tests left in the shared keyspace)."""
+    ours = hint_queue_name(bridge.settings.queue_prefix, QueueKey(OWNERS[0], svc))
+    published: list[str] = []
+    real_publish = bridge.hints._publish
+
+    async def publish(body: bytes, priority: int | None, queue_name: str, **kw: Any) -> None:
+        await real_publish(body, priority, queue_name, **kw)
+        if queue_name == ours:
+            published.append(queue_name)
+
+    monkeypatch.setattr(bridge.hints, "_publish", publish)
+    return published
+
+
 async def test_a_waiting_fetch_gets_the_task_as_soon_as_it_is_added(bridge, engine, workers):
     svc = service_id()
     w = await workers(svc, "w")
@@ -61,7 +77,9 @@ async def test_a_waiting_fetch_gets_the_task_as_soon_as_it_is_added(bridge, engi
     assert await got.ack("done") is True
 
 
-async def test_a_task_added_where_a_fetch_waits_is_handed_to_it_without_the_broker(make_bridge, engine, workers):
+async def test_a_task_added_where_a_fetch_waits_is_handed_to_it_without_the_broker(
+    make_bridge, engine, workers, monkeypatch
+):
     """The bridge that stores a task hands its hint to a fetch of its own that waits for the queue
     (the oldest one), without publishing it: no broker hop, no hint queue message. A bridge with
     no fetch waiting publishes the hint as before, and a waiting fetch of another bridge gets it
@@ -69,16 +87,7 @@ async def test_a_task_added_where_a_fetch_waits_is_handed_to_it_without_the_brok
     a = await make_bridge()
     svc = service_id()
     w = await workers(svc, "w")
-    ours = hint_queue_name(a.settings.queue_prefix, QueueKey(OWNERS[0], svc))
-    published: list[str] = []
-    real_publish = a.hints._publish
-
-    async def publish(body: bytes, priority: int | None, queue_name: str, **kw: Any) -> None:
-        if queue_name == ours:
-            published.append(queue_name)
-        await real_publish(body, priority, queue_name, **kw)
-
-    a.hints._publish = publish  # type: ignore[method-assign]
+    published = hints_published(a, svc, monkeypatch)
     waiting = asyncio.create_task(w.fetch(wait_ms=10_000))
     await wait_for(lambda: a.hints._waiting, 5.0, what="the fetch waiting on the bridge")
     task_id = await engine.add(svc, {"n": 1})  # the only bridge: it stores the task
@@ -176,16 +185,7 @@ async def test_a_fetch_handed_a_task_whose_write_fails_claims_nothing_and_waits_
 
     monkeypatch.setattr(store, "store_task", store_task)
     monkeypatch.setattr(store, "claim_new", claim_new)
-    ours = hint_queue_name(bridge.settings.queue_prefix, QueueKey(OWNERS[0], svc))
-    published: list[str] = []
-    real_publish = bridge.hints._publish
-
-    async def publish(body: bytes, priority: int | None, queue_name: str, **kw: Any) -> None:
-        if queue_name == ours:
-            published.append(queue_name)
-        await real_publish(body, priority, queue_name, **kw)
-
-    monkeypatch.setattr(bridge.hints, "_publish", publish)
+    published = hints_published(bridge, svc, monkeypatch)
     waiting = asyncio.create_task(w.fetch(wait_ms=15_000))
     await wait_for(lambda: bridge.hints._waiting, 5.0, what="the fetch waiting on the bridge")
     cmd = AddCommand.model_validate({"serviceId": svc, "value": {"n": 1}})
@@ -226,16 +226,7 @@ async def test_a_hint_handed_before_its_write_is_published_again_only_once_the_t
 
     monkeypatch.setattr(store, "store_task", store_task)
     write_ahead_failed = fail_next_write_ahead(bridge, monkeypatch)
-    ours = hint_queue_name(bridge.settings.queue_prefix, QueueKey(OWNERS[0], svc))
-    published: list[str] = []
-    real_publish = bridge.hints._publish
-
-    async def publish(body: bytes, priority: int | None, queue_name: str, **kw: Any) -> None:
-        if queue_name == ours:
-            published.append(queue_name)
-        await real_publish(body, priority, queue_name, **kw)
-
-    monkeypatch.setattr(bridge.hints, "_publish", publish)
+    published = hints_published(bridge, svc, monkeypatch)
     waiting = asyncio.create_task(first.fetch(wait_ms=10_000))
     await wait_for(lambda: bridge.hints._waiting, 5.0, what="the fetch waiting on the bridge")
     cmd = AddCommand.model_validate({"serviceId": svc, "value": {"n": 1}})
@@ -346,17 +337,7 @@ async def test_a_handed_hint_whose_claim_fails_is_published_again(bridge, engine
     svc = service_id()
     first, second = await workers(svc, "w1"), await workers(svc, "w2")
     fail_next_write_ahead(bridge, monkeypatch)
-    # Hints to this queue only: the scheduler may announce leases earlier tests left behind.
-    ours = hint_queue_name(bridge.settings.queue_prefix, QueueKey(OWNERS[0], svc))
-    sent: list[str] = []
-    real_publish = bridge.hints._publish
-
-    async def publish(body: bytes, priority: int | None, queue_name: str) -> None:
-        await real_publish(body, priority, queue_name)
-        if queue_name == ours:
-            sent.append(queue_name)
-
-    monkeypatch.setattr(bridge.hints, "_publish", publish)
+    sent = hints_published(bridge, svc, monkeypatch)
     waiting = asyncio.create_task(first.fetch(wait_ms=10_000))
     await wait_for(lambda: bridge.hints._waiting, 5.0, what="the fetch waiting")
     task_id = await engine.add(svc, {"n": 1})

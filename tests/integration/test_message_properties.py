@@ -205,6 +205,23 @@ async def test_replies_to_a_server_named_queue_carry_the_documented_properties(b
 
 
 # -- 3. reply_to a server-named queue: a long-poll whose requester is gone ------------------------
+async def long_poll_replying_to_a_server_named_queue(servers: Any, names: dict[str, str], svc: str) -> Any:
+    """A long-poll (25 s) of guest's queue ``svc`` whose reply-to is an exclusive server-named
+    queue of a connection of its own (returned: closing it makes the requester gone). guest may
+    declare one; a tenant may not (the broker permissions as shipped)."""
+    import aio_pika
+
+    conn = await aio_pika.connect(servers.amqp_url("guest"))
+    ch = await conn.channel()
+    replies = await ch.declare_queue(exclusive=True)
+    ex = await ch.get_exchange(names["exchange"], ensure=False)
+    body = orjson.dumps({"serviceId": svc, "workerId": "gone", "waitMs": 25_000, "timeToRecover": 60_000})
+    await ex.publish(
+        aio_pika.Message(body, user_id="guest", reply_to=replies.name, correlation_id="gone-1"), routing_key="fetch"
+    )
+    return conn
+
+
 async def test_a_long_poll_replying_to_a_server_named_queue_that_is_gone_does_not_take_a_live_workers_task(
     bridge, servers, names
 ):
@@ -216,20 +233,12 @@ async def test_a_long_poll_replying_to_a_server_named_queue_that_is_gone_does_no
     the probe counts every name that is not direct reply-to as alive: the gone requester's fetch,
     the oldest waiter, claims the task, its reply goes nowhere, and the live worker waits out the
     whole lease (``timeToRecover``)."""
-    import aio_pika
 
     from bridge.client import Engine, Worker
     from tests.conftest import ENGINE_USER
 
     svc, owner = service_id(), "guest"
-    conn = await aio_pika.connect(servers.amqp_url("guest"))
-    ch = await conn.channel()
-    replies = await ch.declare_queue(exclusive=True)
-    ex = await ch.get_exchange(names["exchange"], ensure=False)
-    body = orjson.dumps({"serviceId": svc, "workerId": "gone", "waitMs": 25_000, "timeToRecover": 60_000})
-    await ex.publish(
-        aio_pika.Message(body, user_id="guest", reply_to=replies.name, correlation_id="gone-1"), routing_key="fetch"
-    )
+    conn = await long_poll_replying_to_a_server_named_queue(servers, names, svc)
     waiting = lambda: sum(len(x.waiters) for x in bridge.hints._waiting.values())  # noqa: E731
     await wait_for(lambda: waiting() == 1, 10.0, what="the first requester's long-poll waiting")
     await conn.close()  # the requester is gone, its exclusive reply queue with it

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
-import orjson
 import pytest
 
 from bridge.domain.models import AddCommand
 from tests.conftest import OWNERS, service_id, wait_for
+from tests.integration.test_message_properties import long_poll_replying_to_a_server_named_queue
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -21,18 +21,8 @@ async def test_a_live_workers_probe_is_not_answered_by_a_gone_requesters_404(bri
     client's timeout (40 s) while its task went to nobody (seen in W-fleet: a worker long-polling
     a queue while orphaned long-polls of another queue took re-exposed tasks). Here a gone
     requester's long-poll and a live worker's, on two queues, are handed a task at once."""
-    import aio_pika
-
     gone_svc, live_svc = service_id(), service_id()
-    # guest may declare a server-named queue (a tenant may not: the broker permissions as shipped)
-    conn = await aio_pika.connect(servers.amqp_url("guest"))
-    ch = await conn.channel()
-    replies = await ch.declare_queue(exclusive=True)  # server-named: 404 once its connection is gone
-    ex = await ch.get_exchange(names["exchange"], ensure=False)
-    body = orjson.dumps({"serviceId": gone_svc, "workerId": "gone", "waitMs": 25_000, "timeToRecover": 60_000})
-    await ex.publish(
-        aio_pika.Message(body, user_id="guest", reply_to=replies.name, correlation_id="gone-1"), routing_key="fetch"
-    )
+    conn = await long_poll_replying_to_a_server_named_queue(servers, names, gone_svc)  # 404 once gone
     waiting = lambda: sum(len(x.waiters) for x in bridge.hints._waiting.values())  # noqa: E731
     await wait_for(lambda: waiting() == 1, 10.0, what="the gone requester's long-poll waiting")
     await conn.close()  # the requester is gone, its reply queue with it
