@@ -134,6 +134,7 @@ class Bridge:
                 retry_base_ms=settings.retry_base_ms,
                 retry_cap_ms=settings.retry_cap_ms,
                 redrive_rate=settings.redrive_rate,
+                store_timeout_ms=int(settings.cassandra_timeout * 1000),
             ),
             counts=self.counts,
             # Ready entries may land up to this long behind the clock: the skew between bridges plus

@@ -62,6 +62,9 @@ class Limits:
     retry_base_ms: int = 1_000
     retry_cap_ms: int = 300_000
     redrive_rate: float = 50.0
+    # How long one write to the store may run (the Cassandra request timeout): a redelivered add
+    # waits that long for its first delivery's unguarded write (``WorkQueue._first_copy_settled``).
+    store_timeout_ms: int = 5_000
 
     def delivery_limit(self, q: QueueKey, own: int | None) -> int:
         if own is not None:

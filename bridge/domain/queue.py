@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -40,6 +41,8 @@ log = logging.getLogger("bridge.queue")
 # A freshly recorded message_id whose task is not visible yet is assumed to be mid-write by
 # another consumer; only after this long is it treated as a crashed first attempt and replaced.
 IDEMPOTENCY_SETTLE_MS = 30_000
+# The first pause of a redelivered add's wait for its first delivery's write (doubling to 1 s).
+FIRST_COPY_POLL_S = 0.05
 MAX_STATS_SERVICES = 1_000
 # Timer-wheel entries due sooner than this are also handled by a timer of the bridge that filed
 # them: the scheduler reads the wheel's marks once a second (``MARKS_REFRESH_MS``).
@@ -188,6 +191,7 @@ class WorkQueue:
         message_id: str | None,
         first_copy: bool = False,
         replaces: uuid.UUID | None = None,
+        first_copy_may_be_storing: bool = False,
     ) -> str:
         """Store a prepared add; its task id (or, for a repeated ``message_id``, the first copy's).
 
@@ -196,11 +200,16 @@ class WorkQueue:
         not claimed by an LWT; a redelivered copy (``first_copy`` false) then finds it through
         the LWT path. Storing the same ``add`` again (a retry after an error) writes the same
         rows: it never makes a second task. ``replaces``: the task id of an earlier attempt of
-        this very add that certainly stored nothing but may have recorded ``message_id``."""
+        this very add that certainly stored nothing but may have recorded ``message_id``.
+        ``first_copy_may_be_storing``: this is a redelivery of a message whose first delivery
+        records ``message_id`` that way, and may be storing still (``_first_copy_settled``)."""
         ctx = self.ctx
         q, task_id, payload, due = add.q, add.task_id, add.payload, add.due_ms
         now = ctx.clock.now_ms()
         if message_id and not first_copy:
+            if first_copy_may_be_storing:
+                await self._first_copy_settled(q, message_id)
+                now = ctx.clock.now_ms()
             existing = await self._dedupe(q, message_id, task_id, now, replaces)
             if existing is not None:
                 return str(existing)
@@ -302,6 +311,26 @@ class WorkQueue:
         if len(self._registered) > self.dispatcher.max_lanes:
             self._registered.clear()
         self.ctx.background.spawn(self.ctx.store.register_service(q), "register service")
+
+    async def _first_copy_settled(self, q: QueueKey, message_id: str) -> None:
+        """Wait until a first delivery of this add that may still be storing has stored it, or
+        cannot any more. That delivery records ``message_id`` with plain writes beside its task (no
+        LWT: it assumed no other copy could exist yet). When its channel closes under it (a lost
+        connection, a channel error), the broker delivers the add again at once, possibly to another
+        bridge: had this copy claimed the id with the LWT before that write landed, the add would
+        have become two tasks. A first delivery starts no write once its channel is gone, and a
+        write runs at most the store's request timeout; its add may take two (a delayed task's due
+        entry, then the task). So the record is read plainly, at growing intervals, until it is
+        there or that long has passed; only a redelivery that finds no record pays the wait."""
+        store = self.ctx.store
+        deadline = time.monotonic() + 2 * self.ctx.limits.store_timeout_ms / 1000
+        pause = FIRST_COPY_POLL_S
+        while await store.message_id_task(q, message_id) is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, 1.0)
 
     async def _dedupe(
         self, q: QueueKey, message_id: str, task_id: uuid.UUID, now: int, replaces: uuid.UUID | None = None

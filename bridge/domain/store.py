@@ -74,6 +74,9 @@ class TaskStore(Protocol):
     async def message_id_recorded_at(self, q: QueueKey, message_id: str) -> int | None:
         """When the message_id's record was last written (ms since the epoch); None if it has none."""
 
+    async def message_id_task(self, q: QueueKey, message_id: str) -> uuid.UUID | None:
+        """The task the message_id's record names, read plainly (no LWT); None if it has none."""
+
     # -- the ready index ---------------------------------------------------------------------
     async def cursor(self, q: QueueKey, lane: int) -> tuple[int, uuid.UUID] | None:
         """The greatest (bucket, seq) position ever advanced to, if any."""

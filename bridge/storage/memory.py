@@ -138,6 +138,10 @@ class MemoryTaskStore:
         await self._io()
         return self.message_ids_written.get((q, message_id))
 
+    async def message_id_task(self, q: QueueKey, message_id: str) -> uuid.UUID | None:
+        await self._io()
+        return self.message_ids.get((q, message_id))
+
     async def replace_message_id(self, q: QueueKey, message_id: str, old: uuid.UUID, new: uuid.UUID) -> bool:
         await self._io()
         if self.message_ids.get((q, message_id)) != old:

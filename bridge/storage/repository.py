@@ -356,6 +356,11 @@ class CassandraTaskStore:
         written = rows[0]["written"] if rows else None
         return None if written is None else int(written) // 1000  # writetime: microseconds
 
+    async def message_id_task(self, q: QueueKey, message_id: str) -> uuid.UUID | None:
+        rows = await self.db.execute("idem.get", (q.owner, q.service, message_id))
+        found: uuid.UUID | None = rows[0]["task_id"] if rows else None
+        return found
+
     async def replace_message_id(self, q: QueueKey, message_id: str, old: uuid.UUID, new: uuid.UUID) -> bool:
         rows = await self.db.execute("idem.replace", (self.ttl_for(new), new, q.owner, q.service, message_id, old))
         return bool(rows and rows[0].get("[applied]"))

@@ -42,7 +42,7 @@ from bridge.transport.liveness import RequesterProbe
 from bridge.transport.permissions import amqp_user
 from bridge.transport.renewal import ChannelRenewal
 from bridge.transport.replies import ReplyPublisher
-from bridge.transport.request import Delivery, RequestMessage
+from bridge.transport.request import Delivery, RequestMessage, channel_gone
 from bridge.transport.results import ResultPublisher
 from bridge.transport.timing import Consumer, Observer, timed
 from bridge.transport.topology import (
@@ -625,7 +625,15 @@ class AmqpTransport:
             )
             try:
                 await consumer(message)
-            except Exception:
+            except Exception as exc:
+                if channel_gone(message):
+                    # A lost connection or a channel error: it cannot be answered or settled here,
+                    # and the broker delivers it again (every request is safe to repeat).
+                    log.warning(
+                        "a request's channel closed before it was settled (%s): the broker delivers it again",
+                        type(exc).__name__,
+                    )
+                    return
                 log.exception("request handler failed unexpectedly")
                 await self.handlers.last_resort(message)
 

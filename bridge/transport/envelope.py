@@ -103,6 +103,9 @@ class AddKey:
 
     key: str | None
     first_copy: bool = False
+    # A redelivery of a message whose first delivery recorded its key that way: that delivery may
+    # be storing still, its channel closed under it (``WorkQueue.store_add``).
+    first_copy_may_be_storing: bool = False
 
 
 def idempotency_of(message: RequestMessage) -> AddKey:
@@ -131,7 +134,11 @@ def idempotency_of(message: RequestMessage) -> AddKey:
     # A copy from the bridge's retry lane (bridge.transport.add_retry) may have a twin: the original,
     # if its acknowledgement was lost after the copy was confirmed.
     deferred = DEFERRED_HEADER in (message.headers or {})
-    return AddKey(message.message_id, first_copy=not message.redelivered and not deferred)
+    return AddKey(
+        message.message_id,
+        first_copy=not message.redelivered and not deferred,
+        first_copy_may_be_storing=bool(message.redelivered) and not deferred,
+    )
 
 
 def _is_text(value: str) -> bool:

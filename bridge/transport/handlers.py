@@ -44,7 +44,7 @@ from bridge.transport.envelope import (
 )
 from bridge.transport.fate import EXPIRED, OK, RETRY_BUDGET_S, Settle, fate_of, settle
 from bridge.transport.replies import ReplyPublisher
-from bridge.transport.request import RequestMessage
+from bridge.transport.request import DeliveryGone, RequestMessage, channel_gone
 from bridge.transport.topology import ROUTING_KEYS
 
 log = logging.getLogger("bridge.amqp")
@@ -55,6 +55,7 @@ ADD_RETRY_BUDGET_S = RETRY_BUDGET_S
 # landing behind a cursor is never scanned again.
 ADD_ID_FRESH_MS = 500
 DEFERRED = "deferred"  # an add moved to the retry lane (bridge.transport.add_retry): no reply yet
+LEFT_TO_BROKER = "left_to_broker"  # its channel closed before it was stored: the broker delivers it again
 INTERNAL_MESSAGE = "internal error; the request was dead-lettered, see the bridge log"
 
 R = TypeVar("R", bound=BaseModel)
@@ -150,6 +151,9 @@ class RequestHandlers:
             # W3C trace context of the engine's span: kept with the task (a malformed one is dropped).
             traceparent = extract_traceparent(message.headers)
             task_id = await self._add_retrying(owner, cmd, idempotency_of(message), traceparent, message)
+        except DeliveryGone:
+            log.warning("an add's channel closed before it was stored: left to the broker, which delivers it again")
+            return LEFT_TO_BROKER
         except Exception as exc:
             return await self.fail(message, "add", exc)
         if task_id is None:  # a copy waits in the retry lane (confirmed): this delivery is done
@@ -192,8 +196,16 @@ class RequestHandlers:
             try:
                 if pending is None:
                     pending = await self.queue.prepare_add(owner, cmd, traceparent=traceparent)
+                if channel_gone(message):
+                    # No write starts once the broker may have delivered the add again: a copy of it
+                    # waits for a write of this one only as long as one can run (``store_add``).
+                    raise DeliveryGone
                 return await self.queue.store_add(
-                    pending, message_id=key.key, first_copy=key.first_copy, replaces=replaces
+                    pending,
+                    message_id=key.key,
+                    first_copy=key.first_copy,
+                    replaces=replaces,
+                    first_copy_may_be_storing=key.first_copy_may_be_storing,
                 )
             except BridgeError as exc:
                 retry = fate_of(wire_code(exc), "add").retry

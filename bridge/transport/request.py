@@ -49,6 +49,16 @@ class RequestMessage(Protocol):
     async def reject(self, requeue: bool = False) -> None: ...
 
 
+def channel_gone(message: RequestMessage) -> bool:
+    """The channel ``message`` came on is closed or closing: it cannot be settled any more, and
+    the broker delivers it again (to this bridge once the channel is back, or to another)."""
+    return isinstance(message, Delivery) and message.channel_closing
+
+
+class DeliveryGone(Exception):
+    """A request's channel closed before it was handled: left to the broker (``channel_gone``)."""
+
+
 class AlreadySettled(RuntimeError):
     """A delivery settled twice: the broker would close the channel for it (406 PRECONDITION_FAILED)."""
 
@@ -96,6 +106,10 @@ class Delivery:
     @property
     def processed(self) -> bool:
         return self._settled
+
+    @property
+    def channel_closing(self) -> bool:
+        return frames.closing(cast(aiormq.Channel, self._channel))
 
     def _settle_once(self) -> None:
         if self._settled:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from dataclasses import replace
+from typing import Any
+
 import orjson
 import pytest
 
 from bridge.domain.errors import PayloadTooLarge, Unavailable
 from bridge.domain.models import AddCommand, parse
+from tests.conftest import wait_for
 from tests.queue_harness import OWNER, TTL_S, Harness
 
 pytestmark = pytest.mark.anyio
@@ -158,6 +164,44 @@ async def test_a_first_copy_records_its_message_id_and_a_redelivered_copy_finds_
     again = await q.add(OWNER, _add(h, "once"), message_id="m-1", traceparent=None, first_copy=False)
     assert again == first
     assert await _drain(h) == ["once"]
+
+
+async def test_a_redelivered_copy_waits_for_a_first_copy_still_storing_and_answers_its_task(harness: Harness) -> None:
+    """The first delivery's channel closed while it was storing, and the broker delivered the add
+    again at once. Had the redelivered copy claimed the message_id with the LWT before the first
+    copy's write (which records the id without one) landed, the add would be two tasks
+    (tests/integration/test_channel_restore.py). It waits for the record instead."""
+    h, q = harness, harness.queue
+    first = await q.prepare_add(OWNER, _add(h, "once"), traceparent=None)
+    h.clock.advance(1)
+    second = await q.prepare_add(OWNER, _add(h, "once"), traceparent=None)
+    real_lookup, lookups = q.store.message_id_task, []
+
+    async def lookup(*args: Any) -> Any:
+        lookups.append(args)
+        return await real_lookup(*args)
+
+    q.store.message_id_task = lookup  # type: ignore[method-assign]
+    copy = asyncio.create_task(q.store_add(second, message_id="m-1", first_copy_may_be_storing=True))
+    await wait_for(lambda: len(lookups) >= 2, 5.0, interval=0.01, what="the redelivered copy waiting")
+    assert not copy.done()
+    assert await q.store_add(first, message_id="m-1", first_copy=True) == str(first.task_id)
+    assert await asyncio.wait_for(copy, 5.0) == str(first.task_id)
+    assert await _drain(h) == ["once"]
+
+
+async def test_a_redelivered_copy_whose_first_copy_never_stored_is_stored_after_two_store_timeouts(
+    harness: Harness,
+) -> None:
+    """The first delivery died before its write (or its channel closed first: it starts none
+    then). The redelivered copy waits no longer than two store timeouts, then stores the add."""
+    h, q = harness, harness.queue
+    q.ctx.limits = replace(q.ctx.limits, store_timeout_ms=200)
+    pending = await q.prepare_add(OWNER, _add(h, "alone"), traceparent=None)
+    start = time.monotonic()
+    assert await q.store_add(pending, message_id="m-1", first_copy_may_be_storing=True) == str(pending.task_id)
+    assert 0.4 <= time.monotonic() - start < 3.0
+    assert await _drain(h) == ["alone"]
 
 
 async def test_an_add_stored_again_after_an_error_is_one_task(harness: Harness) -> None:

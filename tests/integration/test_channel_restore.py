@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import subprocess
 import time
@@ -291,3 +292,55 @@ async def test_a_results_channel_whose_publishes_are_nacked_is_opened_afresh(
 async def _underlay_replaced(transport: Any, before: Any) -> bool:
     channel = transport._publish_channel
     return not channel.is_closed and (await channel.get_underlay_channel()) is not before
+
+
+async def test_an_add_redelivered_while_its_first_copy_is_still_being_stored_is_one_task_and_logs_no_error(
+    bridge, engine, workers, monkeypatch, caplog
+):
+    """The broker closed the adds channel (any channel error; a connection lost) while an add's
+    first delivery was being stored, and delivered the add again at once. The first delivery
+    records its message id with plain writes beside the task (no LWT: no other copy can exist
+    yet, it assumed), so the redelivered copy, finding no record yet, claimed the id for a task of
+    its own: when the first write landed 0.5 s later the add was two tasks (reproduced here every
+    time). And the first copy's ack then raised on the dead channel: "request handler failed
+    unexpectedly" at error level with a traceback (seen in CI at a shutdown under a burst of adds).
+    Now a redelivered copy that finds no record waits for a first copy's write to land or run out
+    (the Cassandra request timeout), and the bridge says in a warning that the broker has the
+    delivery."""
+    from bridge.transport import frames
+
+    b = bridge
+    store, queue = b.queue.ctx.store, b.queue
+    real_store, real_store_add = store.store_task, queue.store_add
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def store_task(*args: Any, **kwargs: Any) -> None:
+        if not entered.is_set():  # the first delivery's write waits here
+            entered.set()
+            await release.wait()
+        await real_store(*args, **kwargs)
+
+    async def store_add(*args: Any, **kwargs: Any) -> str:
+        if not kwargs.get("first_copy") and not release.is_set():
+            # The redelivered copy: the first copy's write lands 0.5 s after it came.
+            asyncio.get_running_loop().call_later(0.5, release.set)
+        return await real_store_add(*args, **kwargs)
+
+    monkeypatch.setattr(store, "store_task", store_task)
+    monkeypatch.setattr(queue, "store_add", store_add)
+    svc = service_id()
+    adding = asyncio.create_task(engine.add(svc, {"n": 1}))
+    await asyncio.wait_for(entered.wait(), 10.0)
+    channel = await b.transport._add_channel.get_underlay_channel()
+    await _close_by_the_broker(b.transport._add_channel)
+    await wait_for(lambda: frames.closing(channel), 10.0, interval=0.01, what="the adds channel closed")
+    task_id = await asyncio.wait_for(adding, 30.0)
+    await wait_for(lambda: b.transport._inflight == set(), 30.0, what="both copies of the add handled")
+    w = await workers(svc, "w")
+    got = await w.fetch()
+    assert got is not None and got.id == task_id
+    assert await got.ack("done") is True
+    again = await w.fetch()
+    assert again is None, f"the add became two tasks: {task_id} and {again.id}"
+    errors = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors

@@ -727,7 +727,13 @@ class _WorkQueue:
         return cmd
 
     async def store_add(
-        self, pending: AddCommand, *, message_id: str | None, first_copy: bool = False, replaces: object = None
+        self,
+        pending: AddCommand,
+        *,
+        message_id: str | None,
+        first_copy: bool = False,
+        replaces: object = None,
+        first_copy_may_be_storing: bool = False,
     ) -> str:
         return TASK_ID
 
