@@ -47,18 +47,10 @@ run: venv stack-up keyring
 # cluster) run beside the RabbitMQ ones (kill a node of the broker cluster), each on the other's
 # single-node server. The clusters are stopped after, whatever the outcome.
 TEST_WORKERS ?= 3
-# The 3-node drills' RF 3 keyspace is created as soon as the cluster answers, beside the behaviour
-# suite: its schema agreement on three nodes took 42 s of the drills' own time when their fixture
-# created it (the fixture still runs `create_schema`, a no-op then).
-RF3_SCHEMA = BRIDGE_CASSANDRA_HOSTS=127.0.0.2,127.0.0.3,127.0.0.4 BRIDGE_CASSANDRA_KEYSPACE=$$QB_TEST_RF3_KEYSPACE \
-	BRIDGE_CASSANDRA_REPLICATION="{'class': 'SimpleStrategy', 'replication_factor': 3}"
-
 test: venv stack-up node-deps browser
 	$(PYTEST) -m "not cluster and not exclusive" -n $(TEST_WORKERS) --dist worksteal --durations=12
 	$(PYTEST) -m "exclusive and not cluster" --durations=5
-	{ export QB_TEST_RF3_KEYSPACE=qb_rf3_$$RANDOM$$RANDOM; \
-		bash deploy/local/rabbitmq-cluster.sh up & rabbit=$$!; \
-		{ bash deploy/local/cassandra-cluster.sh up && $(RF3_SCHEMA) $(PY) -m bridge schema; } & cass=$$!; \
+	{ bash deploy/local/rabbitmq-cluster.sh up & rabbit=$$!; bash deploy/local/cassandra-cluster.sh up & cass=$$!; \
 		BRIDGE_CASSANDRA_DRIVER=datastax $(PYTEST) -m integration tests/behaviour; behaviour=$$?; \
 		wait $$rabbit; up=$$?; wait $$cass; up=$$((up + $$?)); \
 		[ $$behaviour -eq 0 ] && [ $$up -eq 0 ] && $(PYTEST) -m cluster -n 2 --dist loadfile --durations=5; rc=$$?; \

@@ -380,8 +380,7 @@ def rf3_keyspace(servers, three_node_cluster) -> str:  # type: ignore[no-untyped
     from tests.conftest import create_schema_now
 
     hosts, _ = three_node_cluster
-    # `make test` creates it while the cluster starts (Makefile, RF3_SCHEMA): then this is a no-op.
-    keyspace = os.environ.get("QB_TEST_RF3_KEYSPACE") or f"{servers.keyspace}_rf3"
+    keyspace = f"{servers.keyspace}_rf3"
     settings = Settings(
         cassandra_hosts=hosts,
         cassandra_keyspace=keyspace,
