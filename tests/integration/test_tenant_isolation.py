@@ -82,7 +82,9 @@ async def test_paced_redrives_do_not_hold_up_other_owners_lease_extends(make_bri
             for r in redrives:
                 with contextlib.suppress(BaseException):
                     await r
-    assert took < max(2.0, 5 * unloaded), (
+    # Before the fix it waited for a slot: 10 s (a redrive's second task at 0.1/s), or no answer.
+    # 5 s, not less: the parallel pass's load has made the other timed fetch here take 1.12 s.
+    assert took < max(5.0, 5 * unloaded), (
         f"owner B's extend took {took:.1f}s (unloaded: {unloaded:.3f}s): {window} paced redrives of other "
         "queues hold every slot of the lifecycle consumer"
     )
