@@ -191,7 +191,7 @@ class WorkQueue:
         message_id: str | None,
         first_copy: bool = False,
         replaces: uuid.UUID | None = None,
-        first_copy_may_be_storing: bool = False,
+        first_copy_may_be_storing_since: float | None = None,
     ) -> str:
         """Store a prepared add; its task id (or, for a repeated ``message_id``, the first copy's).
 
@@ -201,14 +201,15 @@ class WorkQueue:
         the LWT path. Storing the same ``add`` again (a retry after an error) writes the same
         rows: it never makes a second task. ``replaces``: the task id of an earlier attempt of
         this very add that certainly stored nothing but may have recorded ``message_id``.
-        ``first_copy_may_be_storing``: this is a redelivery of a message whose first delivery
-        records ``message_id`` that way, and may be storing still (``_first_copy_settled``)."""
+        ``first_copy_may_be_storing_since``: this is a redelivery, taken in at that monotonic time,
+        of a message whose first delivery records ``message_id`` that way and may be storing
+        still (``_first_copy_settled``; every attempt of the redelivery shares that one wait)."""
         ctx = self.ctx
         q, task_id, payload, due = add.q, add.task_id, add.payload, add.due_ms
         now = ctx.clock.now_ms()
         if message_id and not first_copy:
-            if first_copy_may_be_storing:
-                await self._first_copy_settled(q, message_id)
+            if first_copy_may_be_storing_since is not None:
+                await self._first_copy_settled(q, message_id, first_copy_may_be_storing_since)
                 now = ctx.clock.now_ms()
             existing = await self._dedupe(q, message_id, task_id, now, replaces)
             if existing is not None:
@@ -312,7 +313,7 @@ class WorkQueue:
             self._registered.clear()
         self.ctx.background.spawn(self.ctx.store.register_service(q), "register service")
 
-    async def _first_copy_settled(self, q: QueueKey, message_id: str) -> None:
+    async def _first_copy_settled(self, q: QueueKey, message_id: str, since: float) -> None:
         """Wait until a first delivery of this add that may still be storing has stored it, or
         cannot any more. That delivery records ``message_id`` with plain writes beside its task (no
         LWT: it assumed no other copy could exist yet). When its channel closes under it (a lost
@@ -321,9 +322,10 @@ class WorkQueue:
         have become two tasks. A first delivery starts no write once its channel is gone, and a
         write runs at most the store's request timeout; its add may take two (a delayed task's due
         entry, then the task). So the record is read plainly, at growing intervals, until it is
-        there or that long has passed; only a redelivery that finds no record pays the wait."""
+        there or that long has passed since the redelivery came (``since``, monotonic); only a
+        redelivery that finds no record pays the wait, and its retries do not wait again."""
         store = self.ctx.store
-        deadline = time.monotonic() + 2 * self.ctx.limits.store_timeout_ms / 1000
+        deadline = since + 2 * self.ctx.limits.store_timeout_ms / 1000
         pause = FIRST_COPY_POLL_S
         while await store.message_id_task(q, message_id) is None:
             left = deadline - time.monotonic()

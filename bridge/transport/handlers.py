@@ -189,6 +189,8 @@ class RequestHandlers:
         replaces: uuid.UUID | None = None
         may_have_landed = False  # an attempt of ``pending`` failed in a way that may have stored it
         in_place = False  # counted in the owner's share of in-place retries for a bad key
+        # A redelivery's wait for its first delivery's write runs from now, once for all attempts.
+        redelivered_at = time.monotonic() if key.first_copy_may_be_storing else None
         while True:
             # Nothing of it can have been stored yet: it may wait in the lane (no key lookup).
             if not in_place and pending is None and self.lane.full(owner) and await self._defer(message, owner):
@@ -205,7 +207,7 @@ class RequestHandlers:
                     message_id=key.key,
                     first_copy=key.first_copy,
                     replaces=replaces,
-                    first_copy_may_be_storing=key.first_copy_may_be_storing,
+                    first_copy_may_be_storing_since=redelivered_at,
                 )
             except BridgeError as exc:
                 retry = fate_of(wire_code(exc), "add").retry

@@ -182,7 +182,7 @@ async def test_a_redelivered_copy_waits_for_a_first_copy_still_storing_and_answe
         return await real_lookup(*args)
 
     q.store.message_id_task = lookup  # type: ignore[method-assign]
-    copy = asyncio.create_task(q.store_add(second, message_id="m-1", first_copy_may_be_storing=True))
+    copy = asyncio.create_task(q.store_add(second, message_id="m-1", first_copy_may_be_storing_since=time.monotonic()))
     await wait_for(lambda: len(lookups) >= 2, 5.0, interval=0.01, what="the redelivered copy waiting")
     assert not copy.done()
     assert await q.store_add(first, message_id="m-1", first_copy=True) == str(first.task_id)
@@ -199,7 +199,9 @@ async def test_a_redelivered_copy_whose_first_copy_never_stored_is_stored_after_
     q.ctx.limits = replace(q.ctx.limits, store_timeout_ms=200)
     pending = await q.prepare_add(OWNER, _add(h, "alone"), traceparent=None)
     start = time.monotonic()
-    assert await q.store_add(pending, message_id="m-1", first_copy_may_be_storing=True) == str(pending.task_id)
+    assert await q.store_add(pending, message_id="m-1", first_copy_may_be_storing_since=time.monotonic()) == str(
+        pending.task_id
+    )
     assert 0.4 <= time.monotonic() - start < 3.0
     assert await _drain(h) == ["alone"]
 
