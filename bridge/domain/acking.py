@@ -120,7 +120,7 @@ class Acker:
             # on its way and apply later (read as "did not land", it was never counted).
             return None if lease.held_by(req.worker_id, epoch) else False
 
-        landed = await landed_later(ours, UNCERTAIN_COMPLETION_LOOKUPS_S)
+        landed = await landed_later(ours, UNCERTAIN_COMPLETION_LOOKUPS_S, self.ctx.background.pause)
         if landed:
             self._completed(q, task_id, epoch, req)
         elif landed is None:

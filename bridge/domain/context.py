@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Mapping
@@ -82,6 +83,7 @@ class Background:
 
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = asyncio.Event()
 
     def spawn(self, coro: Awaitable[Any], what: str) -> None:
         async def run() -> None:
@@ -94,9 +96,27 @@ class Background:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def pause(self, seconds: float) -> None:
+        """Sleep between the steps of background work, cut short once the bridge stops: the
+        lookups of an outcome left unknown wait 2, 8 and 30 s for a write held up on its way, and
+        a stopping bridge waited its whole shutdown grace (10 s) on one that never landed. Stopping,
+        they look at once instead, and what has not landed by then stays uncounted (logged)."""
+        if self._stopping.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
     async def drain(self, timeout: float) -> None:
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=timeout)
+        """Let the work finish (its pauses cut short), for at most ``timeout``; cancel what is left."""
+        self._stopping.set()
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(list(self._tasks), timeout=timeout)
+        if pending:
+            log.warning("%d background tasks still running after %.1fs: cancelled", len(pending), timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=1.0)
 
     def __len__(self) -> int:
         return len(self._tasks)

@@ -55,16 +55,21 @@ def was_delayed(task_id: uuid.UUID, created_at_ms: int | None) -> bool:
     return created_at_ms is not None and ms_of(task_id) > created_at_ms
 
 
-async def landed_later(lookup: Callable[[], Awaitable[bool | None]], pauses_s: Iterable[float]) -> bool | None:
+async def landed_later(
+    lookup: Callable[[], Awaitable[bool | None]],
+    pauses_s: Iterable[float],
+    pause: Callable[[float], Awaitable[object]] = asyncio.sleep,
+) -> bool | None:
     """Whether a write whose outcome stayed unknown landed after all, asked of ``lookup`` after each
     pause (a store that just failed: back off between reads) until it answers True (it landed:
     the caller counts it now) or False (it certainly did not). ``lookup`` answers None, or raises
     ``Unavailable``, while it cannot tell yet. None at the end: it stayed unknown.
 
     Off the request's path (``Background``): the request itself was answered ``unavailable``, and
-    its retry finds the write done and counts nothing, so this is the only count it gets."""
+    its retry finds the write done and counts nothing, so this is the only count it gets.
+    ``pause`` sleeps between the lookups (``Background.pause``: cut short when the bridge stops)."""
     for pause_s in pauses_s:
-        await asyncio.sleep(pause_s)
+        await pause(pause_s)
         try:
             answer = await lookup()
         except Unavailable:

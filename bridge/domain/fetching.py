@@ -662,7 +662,7 @@ class Fetcher:
                 return None
             return False  # claimed by another (or past it): this compare-and-set can no longer apply
 
-        landed = await landed_later(ours, UNCERTAIN_CLAIM_LOOKUPS_S)
+        landed = await landed_later(ours, UNCERTAIN_CLAIM_LOOKUPS_S, self.ctx.background.pause)
         if landed:
             if payload is None and entry.lane == LANE_FRESH:
                 payload = await self.ctx.store.payload(q, entry.task_id)  # was it delayed? (its read failed)

@@ -290,7 +290,7 @@ class WorkQueue:
             # Not found yet is no answer: a write held up on its way may still land.
             return True if await self.ctx.store.task_exists(add.q, add.task_id) else None
 
-        if await landed_later(stored, UNCERTAIN_ADD_LOOKUPS_S):
+        if await landed_later(stored, UNCERTAIN_ADD_LOOKUPS_S, self.ctx.background.pause):
             self._count_add(add)
         elif self._adds_in_doubt.get(add.task_id) is False:
             log.warning("add of task %s left uncounted: not found stored (it may land later)", add.task_id)
