@@ -327,7 +327,7 @@ class Bridge:
         if not idle:
             log.warning("in-flight requests did not finish within %.1fs", grace)
         self.scheduler.cancel_timers()  # best-effort timers: the timer wheel has their entries
-        await self.queue.drain_background(timeout=max(1.0, grace))
+        await self.queue.stop_background(timeout=max(1.0, grace))
         if self._counts_flusher is not None:
             with suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._counts_flusher), timeout=max(1.0, grace))

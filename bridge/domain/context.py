@@ -107,7 +107,13 @@ class Background:
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
 
     async def drain(self, timeout: float) -> None:
-        """Let the work finish (its pauses cut short), for at most ``timeout``; cancel what is left."""
+        """Wait (at most ``timeout``) for the work started so far to finish."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+
+    async def stop(self, timeout: float) -> None:
+        """The bridge stops: let the work finish with its pauses cut short, for at most
+        ``timeout``, and cancel what is left."""
         self._stopping.set()
         if not self._tasks:
             return

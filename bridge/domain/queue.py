@@ -143,6 +143,9 @@ class WorkQueue:
     async def drain_background(self, timeout: float) -> None:
         await self.ctx.background.drain(timeout)
 
+    async def stop_background(self, timeout: float) -> None:
+        await self.ctx.background.stop(timeout)
+
     # -- the three requests -----------------------------------------------------------------------
     async def add(
         self,

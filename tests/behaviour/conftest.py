@@ -87,7 +87,7 @@ async def _harness(request: pytest.FixtureRequest, keyring_path: Path, *, hinted
     await h.close()
     if hints is not None:
         hints.close()
-    await h.queue.drain_background(5.0)
+    await h.queue.stop_background(5.0)  # as a bridge that stops
     if owned:
         await db.close()
 
