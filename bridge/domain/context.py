@@ -64,7 +64,7 @@ class Limits:
     retry_cap_ms: int = 300_000
     redrive_rate: float = 50.0
     # How long one write to the store may run (the Cassandra request timeout): a redelivered add
-    # waits that long for its first delivery's unguarded write (``WorkQueue._first_copy_settled``).
+    # waits that long for its first delivery's unguarded write (``WorkQueue.first_copy_settled``).
     store_timeout_ms: int = 5_000
 
     def delivery_limit(self, q: QueueKey, own: int | None) -> int:

@@ -194,7 +194,6 @@ class WorkQueue:
         message_id: str | None,
         first_copy: bool = False,
         replaces: uuid.UUID | None = None,
-        first_copy_may_be_storing_since: float | None = None,
     ) -> str:
         """Store a prepared add; its task id (or, for a repeated ``message_id``, the first copy's).
 
@@ -203,17 +202,12 @@ class WorkQueue:
         not claimed by an LWT; a redelivered copy (``first_copy`` false) then finds it through
         the LWT path. Storing the same ``add`` again (a retry after an error) writes the same
         rows: it never makes a second task. ``replaces``: the task id of an earlier attempt of
-        this very add that certainly stored nothing but may have recorded ``message_id``.
-        ``first_copy_may_be_storing_since``: this is a redelivery, taken in at that monotonic time,
-        of a message whose first delivery records ``message_id`` that way and may be storing
-        still (``_first_copy_settled``; every attempt of the redelivery shares that one wait)."""
+        this very add that certainly stored nothing but may have recorded ``message_id``. A
+        redelivery whose first delivery may be storing still waits first (:meth:`first_copy_settled`)."""
         ctx = self.ctx
         q, task_id, payload, due = add.q, add.task_id, add.payload, add.due_ms
         now = ctx.clock.now_ms()
         if message_id and not first_copy:
-            if first_copy_may_be_storing_since is not None:
-                await self._first_copy_settled(q, message_id, first_copy_may_be_storing_since)
-                now = ctx.clock.now_ms()
             existing = await self._dedupe(q, message_id, task_id, now, replaces)
             if existing is not None:
                 return str(existing)
@@ -316,21 +310,24 @@ class WorkQueue:
             self._registered.clear()
         self.ctx.background.spawn(self.ctx.store.register_service(q), "register service")
 
-    async def _first_copy_settled(self, q: QueueKey, message_id: str, since: float) -> None:
+    async def first_copy_settled(self, add: PendingAdd, message_id: str, since: float) -> None:
         """Wait until a first delivery of this add that may still be storing has stored it, or
         cannot any more. That delivery records ``message_id`` with plain writes beside its task (no
         LWT: it assumed no other copy could exist yet). When its channel closes under it (a lost
         connection, a channel error), the broker delivers the add again at once, possibly to another
         bridge: had this copy claimed the id with the LWT before that write landed, the add would
-        have become two tasks. A first delivery starts no write once its channel is gone, and a
-        write runs at most the store's request timeout; its add may take two (a delayed task's due
-        entry, then the task). So the record is read plainly, at growing intervals, until it is
-        there or that long has passed since the redelivery came (``since``, monotonic); only a
-        redelivery that finds no record pays the wait, and its retries do not wait again."""
+        have become two tasks. A first delivery starts no attempt once its channel is gone, and a
+        write runs at most the store's request timeout; the record goes with an add's last write,
+        after at most one more (the ready bucket's index entry) or two for a delayed add (its due
+        entry first). So the record is read plainly, at growing intervals, until it is there or
+        that many timeouts have passed since the redelivery came (``since``, monotonic). Only a
+        redelivery that finds no record pays the wait, once; the caller prepares the add again
+        afterwards if its task id has aged (an id far behind the present is found by no scan)."""
         store = self.ctx.store
-        deadline = since + 2 * self.ctx.limits.store_timeout_ms / 1000
+        writes = 3 if add.due_ms is not None else 2
+        deadline = since + writes * self.ctx.limits.store_timeout_ms / 1000
         pause = FIRST_COPY_POLL_S
-        while await store.message_id_task(q, message_id) is None:
+        while await store.message_id_task(add.q, message_id) is None:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
@@ -349,7 +346,7 @@ class WorkQueue:
             # Our own earlier attempt, which stored nothing: the record moves to this attempt's id.
             # (Had it stored its task after all, that task is the add's: answered below.)
             if not await store.replace_message_id(q, message_id, existing, task_id):
-                raise Unavailable("concurrent add with the same message_id; retry later")
+                raise NotSent("concurrent add with the same message_id; retry later")
             return None
         if await store.task_exists(q, existing):
             # A redelivery or a retried publish: same task. Index it again in case the first
@@ -360,10 +357,13 @@ class WorkQueue:
         # Measured from the record's write, not the task id: a delayed task's id holds its due
         # time, and an attempt that died before storing it blocked every retry until then.
         recorded = await store.message_id_recorded_at(q, message_id)
+        # Raised as NotSent: this attempt stored nothing (its compare-and-set did not apply), so
+        # its retry may take a fresh task id; kept, the id aged through up to 30 s of retries and
+        # was stored behind where the dispatchers' scans had moved on.
         if recorded is None or now - recorded < IDEMPOTENCY_SETTLE_MS:
-            raise Unavailable("an add with this message_id is still being stored; retry later")
+            raise NotSent("an add with this message_id is still being stored; retry later")
         if not await store.replace_message_id(q, message_id, existing, task_id):
-            raise Unavailable("concurrent add with the same message_id; retry later")
+            raise NotSent("concurrent add with the same message_id; retry later")
         return None
 
     async def fetch(

@@ -132,8 +132,12 @@ def idempotency_of(message: RequestMessage) -> AddKey:
     if not message.message_id:
         return AddKey(None)
     # A copy from the bridge's retry lane (bridge.transport.add_retry) may have a twin: the original,
-    # if its acknowledgement was lost after the copy was confirmed.
-    deferred = DEFERRED_HEADER in (message.headers or {})
+    # if its acknowledgement was lost after the copy was confirmed. So may an add dead-lettered
+    # once (``x-death``) and moved back by an operator (a shovel, a move in the management UI): it
+    # comes unflagged, and its task may have been stored long ago. Both take the LWT, and neither
+    # has a delivery storing it now to wait for.
+    headers = message.headers or {}
+    deferred = DEFERRED_HEADER in headers or "x-death" in headers
     return AddKey(
         message.message_id,
         first_copy=not message.redelivered and not deferred,

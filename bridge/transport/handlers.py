@@ -191,6 +191,7 @@ class RequestHandlers:
         in_place = False  # counted in the owner's share of in-place retries for a bad key
         # A redelivery's wait for its first delivery's write runs from now, once for all attempts.
         redelivered_at = time.monotonic() if key.first_copy_may_be_storing else None
+        attempts = 0
         while True:
             # Nothing of it can have been stored yet: it may wait in the lane (no key lookup).
             if not in_place and pending is None and self.lane.full(owner) and await self._defer(message, owner):
@@ -198,16 +199,24 @@ class RequestHandlers:
             try:
                 if pending is None:
                     pending = await self.queue.prepare_add(owner, cmd, traceparent=traceparent)
+                if redelivered_at is not None:
+                    pending = await self._after_first_copy(pending, key, redelivered_at, cmd, traceparent)
+                    redelivered_at = None  # its retries do not wait again
                 if channel_gone(message):
                     # No write starts once the broker may have delivered the add again: a copy of it
-                    # waits for a write of this one only as long as one can run (``store_add``).
+                    # waits for a write of this one only as long as one can run (``first_copy_settled``).
                     raise DeliveryGone
+                attempts += 1
                 return await self.queue.store_add(
                     pending,
                     message_id=key.key,
-                    first_copy=key.first_copy,
+                    # Only its first attempt records the key unguarded: this bridge's view of the
+                    # channel may lag the broker's (a connection the broker gave up on first), and a
+                    # retry's write started after a redelivered copy's wait ran out made the add two
+                    # tasks. A retry claims the key with the LWT (an attempt of its own that landed
+                    # recorded this very task id: the retry finds it its own).
+                    first_copy=key.first_copy and attempts == 1,
                     replaces=replaces,
-                    first_copy_may_be_storing_since=redelivered_at,
                 )
             except BridgeError as exc:
                 retry = fate_of(wire_code(exc), "add").retry
@@ -234,6 +243,19 @@ class RequestHandlers:
                 log.warning("add failed (%s), retrying in %.1fs", exc.message, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    async def _after_first_copy(
+        self, pending: PendingAdd, key: AddKey, since: float, cmd: AddCommand, traceparent: str | None
+    ) -> PendingAdd:
+        """A redelivery: wait until its first delivery's write has landed or cannot any more
+        (``WorkQueue.first_copy_settled``). The add prepared again if the wait aged its task id:
+        stored with it, the task would land behind where the dispatchers' scans have moved on."""
+        if key.key is None:
+            return pending
+        await self.queue.first_copy_settled(pending, key.key, since)
+        if not self._stale(pending):
+            return pending
+        return await self.queue.prepare_add(pending.q.owner, cmd, traceparent=traceparent)
 
     async def _defer(self, message: RequestMessage, owner: str) -> bool:
         """Move the add to the retry lane; False if the broker did not take the copy."""

@@ -182,7 +182,7 @@ async def test_a_redelivered_copy_waits_for_a_first_copy_still_storing_and_answe
         return await real_lookup(*args)
 
     q.store.message_id_task = lookup  # type: ignore[method-assign]
-    copy = asyncio.create_task(q.store_add(second, message_id="m-1", first_copy_may_be_storing_since=time.monotonic()))
+    copy = asyncio.create_task(_redelivered(q, second, "m-1"))
     await wait_for(lambda: len(lookups) >= 2, 5.0, interval=0.01, what="the redelivered copy waiting")
     assert not copy.done()
     assert await q.store_add(first, message_id="m-1", first_copy=True) == str(first.task_id)
@@ -190,20 +190,32 @@ async def test_a_redelivered_copy_waits_for_a_first_copy_still_storing_and_answe
     assert await _drain(h) == ["once"]
 
 
-async def test_a_redelivered_copy_whose_first_copy_never_stored_is_stored_after_two_store_timeouts(
-    harness: Harness,
+async def _redelivered(q: Any, pending: Any, message_id: str) -> str:
+    """A redelivered copy, as the transport stores it: it waits for its first copy, then stores."""
+    await q.first_copy_settled(pending, message_id, time.monotonic())
+    return str(await q.store_add(pending, message_id=message_id))
+
+
+@pytest.mark.parametrize(("delay_ms", "timeouts"), [(None, 2), (60_000, 3)])
+async def test_a_redelivered_copy_whose_first_copy_never_stored_is_stored_after_its_writes_timeouts(
+    harness: Harness, delay_ms: int | None, timeouts: int
 ) -> None:
     """The first delivery died before its write (or its channel closed first: it starts none
-    then). The redelivered copy waits no longer than two store timeouts, then stores the add."""
+    then). The redelivered copy waits no longer than the store timeouts of the first copy's
+    writes up to its record (the ready bucket's index entry, then the task with the record; a
+    delayed add's due entry before them), then stores the add."""
     h, q = harness, harness.queue
     q.ctx.limits = replace(q.ctx.limits, store_timeout_ms=200)
-    pending = await q.prepare_add(OWNER, _add(h, "alone"), traceparent=None)
+    body: dict[str, Any] = {"serviceId": h.service, "value": "alone"}
+    if delay_ms is not None:
+        body["delayMs"] = delay_ms
+    pending = await q.prepare_add(OWNER, parse(AddCommand, body), traceparent=None)
     start = time.monotonic()
-    assert await q.store_add(pending, message_id="m-1", first_copy_may_be_storing_since=time.monotonic()) == str(
-        pending.task_id
-    )
-    assert 0.4 <= time.monotonic() - start < 3.0
-    assert await _drain(h) == ["alone"]
+    assert await _redelivered(q, pending, "m-1") == str(pending.task_id)
+    waited = time.monotonic() - start
+    assert timeouts * 0.2 <= waited < timeouts * 0.2 + 2.5, waited
+    if delay_ms is None:
+        assert await _drain(h) == ["alone"]
 
 
 async def test_an_add_stored_again_after_an_error_is_one_task(harness: Harness) -> None:

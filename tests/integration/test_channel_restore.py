@@ -311,7 +311,7 @@ async def test_an_add_redelivered_while_its_first_copy_is_still_being_stored_is_
 
     b = bridge
     store, queue = b.queue.ctx.store, b.queue
-    real_store, real_store_add = store.store_task, queue.store_add
+    real_store, real_settled = store.store_task, queue.first_copy_settled
     entered, release = asyncio.Event(), asyncio.Event()
 
     async def store_task(*args: Any, **kwargs: Any) -> None:
@@ -320,14 +320,14 @@ async def test_an_add_redelivered_while_its_first_copy_is_still_being_stored_is_
             await release.wait()
         await real_store(*args, **kwargs)
 
-    async def store_add(*args: Any, **kwargs: Any) -> str:
-        if not kwargs.get("first_copy") and not release.is_set():
+    async def first_copy_settled(*args: Any, **kwargs: Any) -> None:
+        if not release.is_set():
             # The redelivered copy: the first copy's write lands 0.5 s after it came.
             asyncio.get_running_loop().call_later(0.5, release.set)
-        return await real_store_add(*args, **kwargs)
+        await real_settled(*args, **kwargs)
 
     monkeypatch.setattr(store, "store_task", store_task)
-    monkeypatch.setattr(queue, "store_add", store_add)
+    monkeypatch.setattr(queue, "first_copy_settled", first_copy_settled)
     svc = service_id()
     adding = asyncio.create_task(engine.add(svc, {"n": 1}))
     await asyncio.wait_for(entered.wait(), 10.0)
@@ -344,3 +344,93 @@ async def test_an_add_redelivered_while_its_first_copy_is_still_being_stored_is_
     assert again is None, f"the add became two tasks: {task_id} and {again.id}"
     errors = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, errors
+
+
+async def test_an_add_redelivered_after_its_first_copy_stored_nothing_is_stored_under_a_fresh_task_id(
+    make_bridge, engine, workers
+):
+    """The adds channel closed before the first delivery wrote anything (it starts no write then),
+    and the broker delivered the add again. The redelivered copy finds no record and waits as long
+    as the first copy's writes could take (two store timeouts), then stores the add. It stored it
+    under the task id it had prepared before the wait, 2 s old: the dispatchers move their cursors
+    past entries older than their settle window, and a row landing behind a cursor is never
+    scanned again (``handlers.ADD_ID_FRESH_MS``: why a retried add gets a new id once its own is
+    500 ms old). In this run a scan still found it (hints off); the add is prepared again after
+    the wait now. Found by a review of the wait (2026-12-05)."""
+    from bridge.domain.timeline import ms_of
+    from bridge.transport import frames
+
+    b = await make_bridge(hints=False, cassandra_timeout=1.0)
+    queue = b.queue
+    real_prepare = queue.prepare_add
+    closed = asyncio.Event()
+    first: list[int] = []
+
+    async def prepare_add(*args: Any, **kwargs: Any) -> Any:
+        if not first:  # the first delivery: its channel closes before it can write
+            first.append(1)
+            await closed.wait()
+        return await real_prepare(*args, **kwargs)
+
+    queue.prepare_add = prepare_add  # type: ignore[method-assign]
+    svc = service_id()
+    adding = asyncio.create_task(engine.add(svc, {"n": 1}))
+    await wait_for(lambda: bool(first), 10.0, interval=0.01, what="the first delivery taken in")
+    channel = await b.transport._add_channel.get_underlay_channel()
+    await _close_by_the_broker(b.transport._add_channel)
+    await wait_for(lambda: frames.closing(channel), 10.0, interval=0.01, what="the adds channel closed")
+    closed.set()
+    # While the redelivered copy waits, another add is stored and handed out: the scans move past it.
+    other = await engine.add(svc, {"n": 2})
+    w2 = await workers(svc, "w2")
+    passed = await wait_for(lambda: w2.fetch(), 10.0, interval=0.05, what="the other task handed out")
+    assert passed.id == other and not adding.done()
+    assert await passed.ack("done") is True
+    task_id = await asyncio.wait_for(adding, 30.0)
+    answered_ms = b.queue.clock.now_ms()
+    age = answered_ms - ms_of(uuid.UUID(task_id))
+    w = await workers(svc, "w")
+    got = await wait_for(lambda: w.fetch(), 10.0, interval=0.2, what="the task handed out by a scan")
+    assert got.id == task_id
+    assert await got.ack("done") is True
+    assert age < 1_500, f"stored under an id {age} ms old (two store timeouts: 2,000 ms)"
+
+
+async def test_a_first_copys_retry_claims_its_message_id_and_answers_a_copy_that_stored_meanwhile(
+    bridge, engine, workers
+):
+    """A first delivery records its message id with a plain write (no other copy can exist yet).
+    But this bridge's view of its channel may lag the broker's: the broker can give up on a
+    connection, deliver the add again to another bridge, and that copy can wait out its first
+    copy's writes and store the add while this one, its channel still open to it, retries a
+    write that timed out. The retry's plain write then recorded the id over the other copy's
+    record and stored a second task. A retry now claims the id with the LWT, finds the other
+    copy's task and answers it. Found by a review of the redelivery wait (2026-12-05)."""
+    from bridge.domain.models import AddCommand
+    from bridge.storage.errors import StorageUnavailable
+
+    b = bridge
+    store, queue = b.queue.ctx.store, b.queue
+    real_store_task = store.store_task
+    other: list[str] = []
+
+    async def store_task(q: Any, task_id: uuid.UUID, payload: Any, **kwargs: Any) -> None:
+        if not other and kwargs.get("message_id"):
+            # The first attempt of the first copy: meanwhile another bridge stores its copy (its
+            # wait ran out), and this attempt's write times out without landing.
+            cmd = AddCommand.model_validate({"serviceId": q.service, "value": {"n": 1}})
+            pending = await queue.prepare_add(q.owner, cmd, traceparent=None)
+            other.append(await queue.store_add(pending, message_id=kwargs["message_id"]))
+            raise StorageUnavailable("cassandra timed out (a test)")
+        await real_store_task(q, task_id, payload, **kwargs)
+
+    store.store_task = store_task  # type: ignore[method-assign]
+    svc = service_id()
+    task_id = await asyncio.wait_for(engine.add(svc, {"n": 1}), 30.0)
+    assert other and task_id == other[0], "the first copy answered the task the other copy stored"
+    w = await workers(svc, "w")
+    got = await w.fetch()
+    assert got is not None and got.id == task_id
+    assert await got.ack("done") is True
+    again = await w.fetch()
+    assert again is None, f"the add became two tasks: {task_id} and {again.id}"

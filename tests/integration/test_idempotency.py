@@ -117,6 +117,23 @@ async def test_a_redelivered_add_without_a_key_answers_the_task_its_first_delive
     assert await _handed_out(workers, svc) == ["once"]
 
 
+async def test_an_add_dead_lettered_once_and_moved_back_answers_the_task_it_stored(bridge, engine, workers):
+    """An operator moves dead-lettered adds back to the add queue (a shovel, a move in the
+    management UI). A copy comes back with its ``x-death`` header and not flagged redelivered; its
+    task may have been stored long ago. Taken for a first delivery (no LWT, the id recorded over),
+    it was a second task; it takes the LWT path now and answers the task stored."""
+    svc = service_id()
+    body = {"serviceId": svc, "value": "once"}
+    mid = uuid.uuid4().hex
+    headers: dict[str, Any] = {IDEMPOTENCY_HEADER: ""}
+    first, _ = await engine.call_raw("add", body, owner=OWNERS[0], message_id=mid, headers=headers)
+    death = [{"count": 1, "reason": "rejected", "queue": "qb.add", "exchange": "qb", "routing-keys": ["add"]}]
+    again = {**headers, "x-death": death}
+    moved, _ = await engine.call_raw("add", body, owner=OWNERS[0], message_id=mid, headers=again)
+    assert moved["task"]["id"] == first["task"]["id"]
+    assert await _handed_out(workers, svc) == ["once"]
+
+
 async def test_adds_without_a_key_survive_a_bridge_killed_mid_load(bridge_processes, servers, names):
     """kill -9 of a bridge while it holds adds of the Python client (no key of their own, so the
     first delivery records the message-id without an LWT): RabbitMQ redelivers what it held to

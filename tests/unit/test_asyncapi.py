@@ -733,7 +733,6 @@ class _WorkQueue:
         message_id: str | None,
         first_copy: bool = False,
         replaces: object = None,
-        first_copy_may_be_storing_since: float | None = None,
     ) -> str:
         return TASK_ID
 
