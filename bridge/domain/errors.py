@@ -59,7 +59,8 @@ class MaybeApplied(Unavailable):
 
 
 class NotSent(Unavailable):
-    """The request never reached Cassandra (no host reachable): certainly not applied."""
+    """Nothing of the attempt was stored: the request never reached Cassandra (no host
+    reachable), or the add found another copy's record still being stored and wrote nothing."""
 
 
 class KeysUnavailable(Unavailable):
