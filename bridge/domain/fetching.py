@@ -554,9 +554,10 @@ class Fetcher:
             )
             # Written ahead while the add's write was on its way: the claim waits for that write
             # (an LWT on a task that may never be stored would hand out a value nobody keeps).
-            if stored is not None and not await asyncio.shield(stored):
-                _drop(read)
-                return _Claim(None, stamp, finished=True)  # its write failed: there is no task
+            after = await self._when_the_add_is_written(a, stored, stamp, now, read)
+            if isinstance(after, _Claim):
+                return after
+            now, until = now + after, until + after
             await self._may_claim(a)
         except BaseException:
             _drop(read)
@@ -690,6 +691,37 @@ class Fetcher:
             return carried.expires_at_ms - TTL_GRANULARITY_MS <= now
         ttl, created = self.ctx.limits.task_ttl_ms, carried.created_at_ms
         return ttl is not None and created is not None and created + ttl - TTL_GRANULARITY_MS <= now
+
+    async def _when_the_add_is_written(
+        self,
+        a: _Attempt,
+        stored: asyncio.Future[bool] | None,
+        stamp: int,
+        now: int,
+        read: asyncio.Future[Payload | None] | None,
+    ) -> _Claim | int:
+        """Wait for the write of the task whose hint this fetch was handed while it was written:
+        how much later than ``now`` the lease is to start, or the claim that is not to be made.
+
+        Its write failed: there is no task. The pointer written ahead names it, and this fetch
+        waits on: cleared now, not when the fetch ends, or another fetch of the worker reading it
+        claimed a task never stored (a lease re-exposed every timeToRecover until its TTL).
+
+        A slow write: the lease runs from now, or it was short by the write's time (a 1 s lease
+        behind a 1.5 s write was handed out expired). The deadline written ahead is earlier: met,
+        it finds the later one and watches that (as after an extend). A fast write keeps it: met a
+        little early, the lease would only be watched again, a bucket later. (No ``stored``: the
+        task was stored before its hint came; nothing to wait for.)"""
+        if stored is None:
+            return 0
+        if not await asyncio.shield(stored):
+            _drop(read)
+            cleared = _after(stamp, self.ctx.clock.now_ms())
+            a.flight.stamp = _latest(a.flight.stamp, cleared)
+            await self.ctx.store.clear_worker(a.q, a.worker, cleared)
+            return _Claim(None, cleared, finished=True)
+        waited = self.ctx.clock.now_ms() - now
+        return waited if waited > self.ctx.limits.skew_margin_ms else 0
 
     async def _refile_if_slow(self, q: QueueKey, entry: ReadyEntry, epoch: int, started: int, until: int) -> None:
         """A claim that took long (this process paused, a slow Paxos round) may have landed after the

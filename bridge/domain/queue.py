@@ -237,9 +237,11 @@ class WorkQueue:
         try:
             await self._store_task(add, recorded)
         except BaseException:
-            stored.set_result(False)
+            if not stored.done():
+                stored.set_result(False)
             raise
-        stored.set_result(True)
+        if not stored.done():  # (never cancelled by its waiters, who shield it: a guard all the same)
+            stored.set_result(True)
         if not handed:
             await self.hints.offer(q, hint)
         self._count_add(add)

@@ -374,7 +374,9 @@ class AmqpHints:
         await self._publish(message.body, message.priority, message.routing_key)
 
     async def _republish_once_stored(self, message: Handed, stored: asyncio.Future[bool]) -> None:
-        if await stored:
+        # Shielded: cancelled (at shutdown), this task must not cancel the add's own future, which
+        # its store then could not settle (InvalidStateError in the add).
+        if await asyncio.shield(stored):
             await self.republish(message)
 
     async def _publish(

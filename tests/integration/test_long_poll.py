@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -176,6 +177,7 @@ async def test_a_fetch_handed_a_task_whose_write_fails_claims_nothing_and_waits_
     async def store_task(*args: Any, **kwargs: Any) -> None:
         if not failed.is_set():
             failed.set()
+            await asyncio.sleep(0.3)  # fails after the fetch has written ahead
             raise StorageUnavailable("cassandra unavailable (a test)")
         await real_store(*args, **kwargs)
 
@@ -194,11 +196,42 @@ async def test_a_fetch_handed_a_task_whose_write_fails_claims_nothing_and_waits_
     assert bridge.hints.handed_here == 1, "the hint went to the waiting fetch before the write failed"
     await wait_for(lambda: bridge.hints._waiting, 5.0, what="the fetch waiting again")
     assert not waiting.done() and claims == [] and published == []
+    # The pointer it wrote ahead is cleared while it waits on, not when it ends: another fetch of
+    # the worker reading it claimed the task never stored (found by a review, 2026-12-05).
+    row = await store.worker(QueueKey(OWNERS[0], svc), "w")
+    assert row.pointer is None, f"the pointer still names a task never stored: {row.pointer}"
     second = AddCommand.model_validate({"serviceId": svc, "value": {"n": 2}})
     task_id = await bridge.queue.add(OWNERS[0], second, message_id=None, traceparent=None)
     got = await asyncio.wait_for(waiting, 5.0)
     assert got is not None and got.id == task_id and got.value == {"n": 2}
     assert [str(c) for c in claims] == [task_id]
+    assert await got.ack("done") is True
+
+
+async def test_a_fetch_handed_a_task_whose_write_is_slow_gets_its_whole_lease(bridge, workers, monkeypatch):
+    """The waiting fetch is handed the hint while the task is written, writes ahead, and claims
+    once the write is acknowledged. Its lease was counted from before the wait: a 1 s lease
+    behind a 1.5 s write was handed out already expired (another worker could take the task at
+    once). It runs from the claim now. Found by a review, 2026-12-05."""
+    svc = service_id()
+    w = await workers(svc, "w")
+    store = bridge.queue.ctx.store
+    real_store = store.store_task
+
+    async def slow_store_task(*args: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(1.5)  # the fault itself: a slow write
+        await real_store(*args, **kwargs)
+
+    monkeypatch.setattr(store, "store_task", slow_store_task)
+    waiting = asyncio.create_task(w.fetch(wait_ms=15_000, time_to_recover_ms=1_000))
+    await wait_for(lambda: bridge.hints._waiting, 5.0, what="the fetch waiting on the bridge")
+    cmd = AddCommand.model_validate({"serviceId": svc, "value": {"n": 1}})
+    task_id = await bridge.queue.add(OWNERS[0], cmd, message_id=None, traceparent=None)
+    got = await asyncio.wait_for(waiting, 10.0)
+    handed_at = time.time()
+    assert got is not None and got.id == task_id and bridge.hints.handed_here == 1
+    left = datetime.fromisoformat(got.lease_expires_at.replace("Z", "+00:00")).timestamp() - handed_at
+    assert left > 0.5, f"handed out with {left:.2f}s of its 1 s lease left"
     assert await got.ack("done") is True
 
 
