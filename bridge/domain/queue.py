@@ -291,6 +291,14 @@ class WorkQueue:
 
         if await landed_later(stored, UNCERTAIN_ADD_LOOKUPS_S, self.ctx.background.pause):
             self._count_add(add)
+            if add.due_ms is None:
+                # Nobody has heard of the task: a hint goes out only once its write is acknowledged,
+                # and this one timed out. Without one, a waiting fetch met it at the next
+                # reconciliation scan (every 30 s), long after it landed.
+                await self.hints.offer(
+                    add.q,
+                    Hint(add.task_id, LANE_FRESH, add.task_id, None, add.has_token, carried(add.payload), add.priority),
+                )
         elif self._adds_in_doubt.get(add.task_id) is False:
             log.warning("add of task %s left uncounted: not found stored (it may land later)", add.task_id)
 

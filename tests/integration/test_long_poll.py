@@ -485,3 +485,33 @@ async def test_a_hint_consumer_the_broker_registered_for_a_start_that_ran_out_of
         return await consumers_on(url, ours) == 0
 
     await wait_for(no_consumer, 5, interval=0.2, what="the consumer of the start that ran out of time cancelled")
+
+
+async def test_an_add_whose_write_timed_out_but_landed_is_handed_to_a_waiting_fetch(bridge, workers, monkeypatch):
+    """The add's write raised a timeout but landed. A hint goes out only once a write is
+    acknowledged, so nobody heard of the task: a fetch waiting on the queue met it only at the
+    next reconciliation scan (every 30 s). The bridge looks such a write up 2 s later, and now
+    announces the task when it finds it stored. Found by a review, 2026-12-05."""
+    from bridge.storage.errors import StorageUnavailable
+
+    svc = service_id()
+    w = await workers(svc, "w")
+    store = bridge.queue.ctx.store
+    real_store = store.store_task
+    landed: list[Any] = []
+
+    async def store_task(*args: Any, **kwargs: Any) -> None:
+        await real_store(*args, **kwargs)
+        landed.append(args[1])
+        raise StorageUnavailable("cassandra timed out (a test): the write landed")
+
+    monkeypatch.setattr(store, "store_task", store_task)
+    cmd = AddCommand.model_validate({"serviceId": svc, "value": {"n": 1}})
+    with pytest.raises(StorageUnavailable):
+        await bridge.queue.add(OWNERS[0], cmd, message_id=None, traceparent=None)
+    monkeypatch.setattr(store, "store_task", real_store)
+    started = time.monotonic()
+    got = await w.fetch(wait_ms=10_000)
+    assert got is not None, "the waiting fetch never heard of the task that landed"
+    assert got.id == str(landed[0]) and time.monotonic() - started < 8.0
+    assert await got.ack("done") is True

@@ -424,7 +424,6 @@ async def test_a_stopping_bridge_looks_up_its_adds_in_doubt_at_once_and_counts_t
         cmd = AddCommand.model_validate({"serviceId": svc, "value": value})
         with pytest.raises(StorageUnavailable):
             await b.queue.add(OWNERS[0], cmd, message_id=None, traceparent=None)
-    assert len(b.queue.ctx.background) == 2, "each add in doubt waits for its lookup"
     started = time.monotonic()
     await make_bridge.stop(b)
     took = time.monotonic() - started
