@@ -61,6 +61,11 @@ ENTRY_RETRY_MS = 10_000  # a deadline that could not be handled is met again thi
 RELAY_INTERVAL_S = 1.0  # the result relay sweeps once a second
 RELAY_RETRY_FIRST_MS = 1_000
 RELAY_RETRY_MAX_MS = 60_000
+# Each outbox bucket is read once more this long after its first sweep: a result filed under it
+# can land later than that sweep (its ack took the bucket when it began, then a key lookup and
+# a write near their timeouts, or a paused process), and when its own publish failed too, it
+# stayed owed in a bucket nobody read again.
+RELAY_SECOND_PASS_MS = 30_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +154,7 @@ class RecoveryScheduler:
         self._armed: dict[int, set[EntryKey]] = {}
         self._outbox_next: int | None = None
         self._outbox_retry: dict[int, _Retry] = {}  # outbox buckets owing a publish
+        self._outbox_second: dict[int, int] = {}  # outbox bucket -> when it is read once more
         self._outbox_persisted: int | None = None
         self._expiry_persisted: int | None = None
         self._last_outbox_ms = 0
@@ -177,6 +183,7 @@ class RecoveryScheduler:
                 self.report_pending(self.queue.results_in_flight)
         self._outbox_next = self._outbox_persisted = None
         self._outbox_retry.clear()
+        self._outbox_second.clear()
 
     async def _refresh_marks(self, now: int, due: int) -> None:
         """Which buckets hold deadlines: re-read once a bucket has ended since the last read, so the
@@ -626,13 +633,21 @@ class RecoveryScheduler:
                 self._outbox_retry[bucket] = retry.again(now, owed)
             else:
                 del self._outbox_retry[bucket]
+        for bucket, again_at in sorted(self._outbox_second.items()):
+            if now < again_at:
+                continue
+            del self._outbox_second[bucket]
+            if bucket not in self._outbox_retry and (owed := await self._relay_bucket(bucket, now)):
+                self._outbox_retry[bucket] = _Retry.first(now, owed)
         while self._outbox_next < limit:
             if owed := await self._relay_bucket(self._outbox_next, now):
                 self._outbox_retry[self._outbox_next] = _Retry.first(now, owed)
+            self._outbox_second[self._outbox_next] = now + RELAY_SECOND_PASS_MS
             self._outbox_next += 1
         self.state.results_stuck = sum(r.stuck for r in self._outbox_retry.values())
-        # Persist only up to the first bucket still owing a publish, so a restart retries it.
-        safe = min(self._outbox_retry, default=self._outbox_next)
+        # Persist only up to the first bucket still owing a publish or its second read, so a
+        # restart (or the next duty holder) reads it again.
+        safe = min([*self._outbox_retry, *self._outbox_second, self._outbox_next])
         if safe != self._outbox_persisted:
             await self.store.advance_scheduler_cursor(self._outbox_cursor, safe, safe * OUTBOX_BUCKET_MS)
             self._outbox_persisted = safe

@@ -460,3 +460,39 @@ async def test_a_result_whose_decision_never_lands_is_voided_after_the_horizon(h
         waited += 10_000
     assert waited >= DECISION_IN_FLIGHT_MS - OUTBOX_BUCKET_MS, f"voided after {waited} ms: it could still land"
     assert h.sink.messages == []
+
+
+async def test_a_result_written_after_the_relay_swept_its_bucket_is_still_published(harness: Harness) -> None:
+    """The ack filed its result under the bucket of when it began; its write landed after the
+    relay had swept that bucket (a key lookup and a write near their timeouts, a paused process),
+    and its own publish failed (a broker restart). The relay read each bucket once, so the result
+    stayed owed in a bucket nobody read again, and the engine never heard of it. Each bucket is
+    read a second time now, later. Found by a review, 2026-12-05."""
+    import asyncio
+
+    h = harness
+    await h.add("v", token="t")
+    got = await h.fetch("w", ttr_ms=3_600_000)
+    assert got is not None
+    real_insert, release = h.store.insert_outbox, asyncio.Event()
+
+    async def late_insert(*args: object, **kwargs: object) -> None:
+        await release.wait()
+        await real_insert(*args, **kwargs)  # type: ignore[arg-type]
+
+    h.store.insert_outbox = late_insert  # type: ignore[method-assign]
+    acking = asyncio.create_task(h.ack("w", got, result="done"))
+    await wait_for(lambda: not release.is_set() and not acking.done(), 5.0, what="the ack under way")
+    for _ in range(4):  # the relay sweeps the ack's bucket (nothing there yet) and moves past it
+        await h.advance(10_000)
+    h.sink.down = True  # its own publish fails
+    release.set()
+    assert await acking is True
+    await h.queue.drain_background(5.0)
+    assert h.sink.messages == []
+    h.sink.down = False
+    for _ in range(12):
+        await h.advance(10_000)
+        if h.sink.messages:
+            break
+    assert [m.task_id for m in h.sink.messages] == [got.task_id]
