@@ -520,20 +520,27 @@ class Lifecycle:
             await self._paced(q, interval)
             now = ctx.clock.now_ms()
             until = now - ctx.limits.skew_margin_ms  # claimable at once
-            has_token = bool(lease.has_token)
+            # A lease last claimed before 1.3 does not say: the task row does (as for ``fail``);
+            # taken for "no token", the redriven task's result never reached the engine.
+            has_token = await self._has_token(q, task_id, lease)
             watch = ExpiryEntry(until, q, task_id, lease.epoch, has_token)
-            await self.store.watch_expiry(expiry_bucket(now), watch)
+            # One bucket ahead: the scheduler may have parked it in a pass over the running bucket
+            # and marked this task and epoch handled there, and that bucket's later passes skip
+            # an entry of the same task and epoch (seen in a trace; the redriving bridge's own
+            # timer below is best effort).
+            await self.store.watch_expiry(expiry_bucket(now) + 1, watch)
             res = await self.store.unpark(q, task_id, lease.epoch, until)
             if not res.applied:
                 continue
             self.soon(watch, now)
-            # Only this park's row: the task may be claimed and parked again (at a later epoch)
-            # before this delete lands, and that park's row must stay.
-            await self.store.remove_parked(q, task_id, epoch=lease.epoch)
-            # Ready again (waiting for a worker); its claim moves it to in flight (the hint says so).
+            # Ready again (waiting for a worker); its claim moves it to in flight (the hint says
+            # so). Counted before the index row's delete: if that fails, the task is ready anyway.
             ctx.count(q, ms_of(task_id), ready=1)
             ctx.metrics.inc("tasks_redriven")
             done += 1
+            # Only this park's row: the task may be claimed and parked again (at a later epoch)
+            # before this delete lands, and that park's row must stay.
+            await self.store.remove_parked(q, task_id, epoch=lease.epoch)
         return done
 
     async def _paced(self, q: QueueKey, interval: float) -> None:
