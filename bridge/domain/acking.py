@@ -214,5 +214,5 @@ class Acker:
             ctx.background.spawn(ctx.store.finish_worker(q, req.worker_id, target.task_id, stamp), "mark worker done")
         self._completed(q, target.task_id, target.epoch, req)
         if intent is not None:
-            ctx.background.spawn(self.relay.publish(intent), "publish result")
+            ctx.background.spawn(self.relay.publish_soon(intent), "publish result")
         return True

@@ -341,7 +341,7 @@ class Lifecycle:
             "task parked: %s", reason, extra={"task_id": str(task_id), "epoch": epoch, "deliveries": deliveries}
         )
         if intent is not None:
-            ctx.background.spawn(self.relay.publish(intent), "publish delivery_limit")
+            ctx.background.spawn(self.relay.publish_soon(intent), "publish delivery_limit")
         return True
 
     async def _live_parked(self, q: QueueKey, want: int) -> list[tuple[ParkedEntry, Lease]]:

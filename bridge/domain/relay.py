@@ -89,11 +89,28 @@ class ResultSink(Protocol):
         """Publish durably (persistent + publisher confirm); raise if not confirmed."""
 
 
+# Results published at once, beside the requests that decided them, at most: past it, a result
+# stays owed and the relay publishes it (after ``BRIDGE_RESULT_REPUBLISH_AFTER``). A broker that
+# blocks publishing (a memory or disk alarm) confirms nothing, and every ack meanwhile (the HTTP
+# gateway's are not bounded by a prefetch window) held a task and its decrypted result for as
+# long as the alarm lasted.
+MAX_PUBLISHING = 1_000
+
+
 class ResultRelay:
-    def __init__(self, ctx: QueueContext, sink: ResultSink | None) -> None:
+    def __init__(self, ctx: QueueContext, sink: ResultSink | None, max_publishing: int = MAX_PUBLISHING) -> None:
         self.ctx = ctx
         self.sink = sink
+        self.max_publishing = max_publishing
         self.publishing = 0  # results being published right now (for the results_pending gauge)
+
+    async def publish_soon(self, entry: OutboxEntry) -> None:
+        """The publish beside the request that decided the result; with ``max_publishing``
+        results on their way already, left owed for the relay's sweep instead."""
+        if self.publishing >= self.max_publishing:
+            self.ctx.metrics.inc("results_left_to_relay")
+            return
+        await self.publish(entry)
 
     async def publish(self, entry: OutboxEntry) -> None:
         """Publish one completion's result to the engine, then mark the outbox entry done."""

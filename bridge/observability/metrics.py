@@ -139,6 +139,10 @@ ROUTES: dict[str, Route] = {
     ),
     "results_published": Route("results_published", "Results published and confirmed by the broker."),
     "results_republished": Route("results_republished", "Pending results re-published by the scheduler."),
+    "results_left_to_relay": Route(
+        "results_left_to_relay",
+        "Results left to the relay: 1,000 were on their way already (a broker that blocks publishing).",
+    ),
     "count_updates_uncertain": Route(
         "count_updates_uncertain",
         "Queue-count updates that timed out or lost their connection, not repeated (the counts may miss them).",

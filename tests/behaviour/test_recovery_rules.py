@@ -524,3 +524,41 @@ async def test_a_task_redriven_in_the_bucket_where_the_scheduler_parked_it_comes
     assert await h.queue.redrive(OWNER, h.service, [uuid.UUID(task_id)]) == 1  # the same bucket
     back = await h.fetch_until("w2", step_ms=100, limit_ms=5_000)
     assert back.task_id == task_id
+
+
+async def test_results_past_the_cap_of_publishes_on_their_way_are_left_to_the_relay(harness: Harness) -> None:
+    """A broker that blocks publishing (a memory or disk alarm) confirms nothing: every ack's
+    immediate publish waited, holding its decrypted result, for as long as the alarm lasted, and
+    acks kept coming (the HTTP gateway's are not bounded by a prefetch window). Past a cap of
+    publishes on their way, a result is left owed for the relay, which publishes it once the
+    broker takes messages again. (A review, 2026-12-05.)"""
+    import asyncio
+
+    h = harness
+    h.queue.relay.max_publishing = 2
+    blocked = asyncio.Event()
+    real_publish, calls = h.sink.publish_result, []
+
+    async def publish_result(message: object) -> None:
+        calls.append(message)
+        await blocked.wait()  # the alarm: no confirm until it ends
+        await real_publish(message)  # type: ignore[arg-type]
+
+    h.sink.publish_result = publish_result  # type: ignore[method-assign]
+    got = []
+    for i in range(3):
+        await h.add(i, token=f"t{i}")
+        d = await h.fetch(f"w{i}", ttr_ms=3_600_000)
+        assert d is not None
+        got.append(d)
+    for i, d in enumerate(got):
+        assert await h.ack(f"w{i}", d, result=i) is True
+    await wait_for(lambda: len(calls) == 2, 5.0, interval=0.01, what="two publishes on their way")
+    await wait_for(lambda: h.metrics.total("results_left_to_relay") == 1, 5.0, interval=0.01, what="one left")
+    assert len(calls) == 2
+    blocked.set()
+    for _ in range(6):
+        await h.advance(10_000)
+        if len(h.sink.messages) == 3:
+            break
+    assert sorted(m.task_id for m in h.sink.messages) == sorted(d.task_id for d in got)
