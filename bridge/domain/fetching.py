@@ -530,6 +530,7 @@ class Fetcher:
         recovered = entry.lane == LANE_RECOVERED
         epoch = (entry.epoch or 0) + 1 if recovered else 1
         until = now + ttr
+        began = now
         claim_id = uuid.uuid4()
         if carried is not None and self._outlived(carried, now):
             self.ctx.metrics.inc("deliveries_failed", reason="expired")
@@ -557,7 +558,7 @@ class Fetcher:
             after = await self._when_the_add_is_written(a, stored, stamp, now, read)
             if isinstance(after, _Claim):
                 return after
-            now, until = now + after, until + after
+            began, now, until = now, now + after, until + after
             await self._may_claim(a)
         except BaseException:
             _drop(read)
@@ -597,7 +598,9 @@ class Fetcher:
         await self._count_claim(q, entry, payload)
         if read_failed is not None:
             raise read_failed
-        await self._refile_if_slow(q, entry, epoch, now, until)
+        # From before a wait for the add's write: its deadline entry was filed under the earlier
+        # deadline, which the scheduler may have met and let go during the wait.
+        await self._refile_if_slow(q, entry, epoch, began, until)
         # A short lease: this bridge takes it back itself the moment it may (deadline + margin),
         # instead of waiting for the scheduler's pass over its bucket (the wheel entry written
         # ahead stays the guarantee if this bridge dies).

@@ -193,8 +193,11 @@ class RecoveryScheduler:
         Read once a second instead, a bucket marked just after a read and passed before the next
         one was skipped, and its deadline met only by the second pass, 5 s late. (One filed after
         its bucket ended is late by definition: the second pass is for it.)"""
-        assert self._expiry_confirmed is not None
-        needed = min(due + 1, self._expiry_confirmed + CATCH_UP_BATCH)
+        assert self._expiry_confirmed is not None and self._expiry_next is not None
+        # Up to the end of this tick's first-pass batch, which starts at the first pass's position
+        # (about 20 buckets ahead of the second's): counted from the second's, the batch's last
+        # buckets had no marks after a stall of over 100 s, and both passes skipped them as empty.
+        needed = min(due + 1, max(self._expiry_next, self._expiry_confirmed) + CATCH_UP_BATCH)
         passed_since_read = self._marks_read_ms < due * EXPIRY_BUCKET_MS and self._expiry_next != due
         if not passed_since_read and now - self._marks_read_ms < MARKS_REFRESH_MS and needed <= self._marks_hi:
             return

@@ -562,3 +562,32 @@ async def test_results_past_the_cap_of_publishes_on_their_way_are_left_to_the_re
         if len(h.sink.messages) == 3:
             break
     assert sorted(m.task_id for m in h.sink.messages) == sorted(d.task_id for d in got)
+
+
+async def test_a_lease_whose_deadline_falls_at_the_end_of_a_catch_up_batch_comes_back(harness: Harness) -> None:
+    """The scheduler fell behind by more than its catch-up batch (400 buckets, 100 s: a Cassandra
+    outage of two minutes). Its first pass starts about 20 buckets ahead of its second, but it read
+    the marks (which buckets hold deadlines) for the batch counted from the second pass's position:
+    the last buckets of the first pass's batch had no marks read, were skipped as empty by both
+    passes, and their leases stayed leased until their TTL. Found by a review, 2026-12-05."""
+    from bridge.domain.scheduler import CATCH_UP_BATCH
+    from bridge.domain.timeline import EXPIRY_BUCKET_MS, expiry_bucket
+
+    h = harness
+    for _ in range(70):  # steady state: the second pass trails the first by late_ms (5 s)
+        await h.advance(100)
+    s = h.scheduler
+    assert s._expiry_next is not None and s._expiry_confirmed is not None
+    gap = s._expiry_next - s._expiry_confirmed
+    assert gap > 10, gap
+    # A deadline (plus the margin) in one of the last buckets of the first catch-up batch.
+    target = s._expiry_confirmed + CATCH_UP_BATCH + gap - 5
+    await h.add("late in the batch")
+    now = h.clock.now_ms()
+    ttr = target * EXPIRY_BUCKET_MS + 100 - MARGIN_MS - now
+    held = await h.fetch("gone", ttr_ms=ttr)
+    assert held is not None
+    assert expiry_bucket(now + ttr + MARGIN_MS) == target
+    h.clock.advance(150_000)  # the scheduler stalled past the deadline (no tick: the store was away)
+    back = await h.fetch_until("next", step_ms=500, limit_ms=30_000)
+    assert back.task_id == held.task_id and back.epoch == held.epoch + 1

@@ -235,6 +235,39 @@ async def test_a_fetch_handed_a_task_whose_write_is_slow_gets_its_whole_lease(br
     assert await got.ack("done") is True
 
 
+async def test_a_lease_claimed_behind_an_add_write_slower_than_the_schedulers_second_pass_still_comes_back(
+    bridge, workers, monkeypatch
+):
+    """The fetch handed a hint files the lease's deadline before the add's write is acknowledged.
+    The write took 9 s: the scheduler met that deadline with no lease yet, and its second pass (5 s
+    later) let it go. The claim then landed with a deadline counted from after the wait, and the
+    check that re-files the deadline of a slow claim measured from after the wait too: nothing was
+    filed, and when the worker died the task stayed leased until its TTL. (Found by a review of
+    the change that counts the lease from after the wait, 2026-12-05.)"""
+    svc = service_id()
+    first, second = await workers(svc, "first"), await workers(svc, "second")
+    store = bridge.queue.ctx.store
+    real_store = store.store_task
+
+    async def slow_store_task(*args: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(9.0)  # the fault itself: a write slower than the second pass
+        await real_store(*args, **kwargs)
+
+    monkeypatch.setattr(store, "store_task", slow_store_task)
+    # 3 s: longer than the bridge's own timer covers (2 s), so only the scheduler takes it back.
+    waiting = asyncio.create_task(first.fetch(wait_ms=25_000, time_to_recover_ms=3_000))
+    await wait_for(lambda: bridge.hints._waiting, 5.0, what="the fetch waiting on the bridge")
+    cmd = AddCommand.model_validate({"serviceId": svc, "value": {"n": 1}})
+    task_id = await bridge.queue.add(OWNERS[0], cmd, message_id=None, traceparent=None)
+    got = await asyncio.wait_for(waiting, 15.0)
+    assert got is not None and got.id == task_id
+    # "first" dies holding it: its 3 s lease runs out, and the task goes to the next worker.
+    again = await second.fetch(wait_ms=15_000, time_to_recover_ms=60_000)
+    assert again is not None, "the lease was never taken back"
+    assert again.id == task_id
+    assert await again.ack("done") is True
+
+
 @pytest.mark.parametrize("write_lands", [True, False])
 async def test_a_hint_handed_before_its_write_is_published_again_only_once_the_task_is_stored(
     bridge, workers, monkeypatch, write_lands
