@@ -596,15 +596,16 @@ class Fetcher:
             return await self._refused(a, entry, res.current, epoch, stamp, now, ends)
         a.flight.granted += 1
         await self._count_claim(q, entry, payload)
-        if read_failed is not None:
-            raise read_failed
-        # From before a wait for the add's write: its deadline entry was filed under the earlier
-        # deadline, which the scheduler may have met and let go during the wait.
+        # Both before a failed read is raised: the claim applied, and its lease must be taken back
+        # if its worker never gets the task. From before a wait for the add's write: its deadline
+        # entry was filed under the earlier deadline, which the scheduler may have met and let go.
         await self._refile_if_slow(q, entry, epoch, began, until)
         # A short lease: this bridge takes it back itself the moment it may (deadline + margin),
         # instead of waiting for the scheduler's pass over its bucket (the wheel entry written
         # ahead stays the guarantee if this bridge dies).
         self.soon(ExpiryEntry(until, q, task_id, epoch, entry.has_token), until + margin)
+        if read_failed is not None:
+            raise read_failed
         if payload is None:
             # The task's lifetime (TTL) ended: a hint or an index entry outlived it. Nothing to hand out.
             self.ctx.metrics.inc("deliveries_failed", reason="expired")
