@@ -20,6 +20,19 @@ from tests.queue_harness import MARGIN_MS, OWNER, Harness
 pytestmark = pytest.mark.anyio
 
 
+async def _published_once_the_broker_is_back(h: Harness, got: Delivery, *, sweeps: int) -> None:
+    """Nothing published while the broker is down (``h.sink.down``); once it is back, the relay
+    publishes the task's result within ``sweeps`` sweeps of 10 s."""
+    await h.queue.drain_background(5.0)
+    assert h.sink.messages == []
+    h.sink.down = False
+    for _ in range(sweeps):
+        await h.advance(10_000)
+        if h.sink.messages:
+            break
+    assert [m.task_id for m in h.sink.messages] == [got.task_id]
+
+
 async def test_abandoned_task_goes_to_next_worker_and_late_ack_loses(harness: Harness) -> None:
     h = harness
     task_id = await h.add({"job": 1}, token={"processId": "p"})
@@ -128,14 +141,7 @@ async def test_pending_result_is_republished_after_a_broker_outage(harness: Harn
     assert got is not None
     h.sink.down = True
     assert await h.ack("w", got) is True, "the ack succeeds: the result waits in the outbox"
-    await h.queue.drain_background(5.0)
-    assert h.sink.messages == []
-    h.sink.down = False
-    for _ in range(4):
-        await h.advance(10_000)
-        if h.sink.messages:
-            break
-    assert [m.task_id for m in h.sink.messages] == [got.task_id]
+    await _published_once_the_broker_is_back(h, got, sweeps=4)
     await h.advance(30_000, ticks=2)
     assert len(h.sink.messages) == 1, "published once, then marked done"
 
@@ -488,14 +494,7 @@ async def test_a_result_written_after_the_relay_swept_its_bucket_is_still_publis
     h.sink.down = True  # its own publish fails
     release.set()
     assert await acking is True
-    await h.queue.drain_background(5.0)
-    assert h.sink.messages == []
-    h.sink.down = False
-    for _ in range(12):
-        await h.advance(10_000)
-        if h.sink.messages:
-            break
-    assert [m.task_id for m in h.sink.messages] == [got.task_id]
+    await _published_once_the_broker_is_back(h, got, sweeps=12)
 
 
 async def test_a_task_redriven_in_the_bucket_where_the_scheduler_parked_it_comes_back(hinted: Harness) -> None:

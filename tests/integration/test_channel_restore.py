@@ -294,6 +294,16 @@ async def _underlay_replaced(transport: Any, before: Any) -> bool:
     return not channel.is_closed and (await channel.get_underlay_channel()) is not before
 
 
+async def _one_task(workers: Any, svc: str, task_id: str) -> None:
+    """The add is one task: handed out once, and nothing more after its ack."""
+    w = await workers(svc, "w")
+    got = await w.fetch()
+    assert got is not None and got.id == task_id
+    assert await got.ack("done") is True
+    again = await w.fetch()
+    assert again is None, f"the add became two tasks: {task_id} and {again.id}"
+
+
 async def test_an_add_redelivered_while_its_first_copy_is_still_being_stored_is_one_task_and_logs_no_error(
     bridge, engine, workers, monkeypatch, caplog
 ):
@@ -336,12 +346,7 @@ async def test_an_add_redelivered_while_its_first_copy_is_still_being_stored_is_
     await wait_for(lambda: frames.closing(channel), 10.0, interval=0.01, what="the adds channel closed")
     task_id = await asyncio.wait_for(adding, 30.0)
     await wait_for(lambda: b.transport._inflight == set(), 30.0, what="both copies of the add handled")
-    w = await workers(svc, "w")
-    got = await w.fetch()
-    assert got is not None and got.id == task_id
-    assert await got.ack("done") is True
-    again = await w.fetch()
-    assert again is None, f"the add became two tasks: {task_id} and {again.id}"
+    await _one_task(workers, svc, task_id)
     errors = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, errors
 
@@ -428,9 +433,4 @@ async def test_a_first_copys_retry_claims_its_message_id_and_answers_a_copy_that
     svc = service_id()
     task_id = await asyncio.wait_for(engine.add(svc, {"n": 1}), 30.0)
     assert other and task_id == other[0], "the first copy answered the task the other copy stored"
-    w = await workers(svc, "w")
-    got = await w.fetch()
-    assert got is not None and got.id == task_id
-    assert await got.ack("done") is True
-    again = await w.fetch()
-    assert again is None, f"the add became two tasks: {task_id} and {again.id}"
+    await _one_task(workers, svc, task_id)

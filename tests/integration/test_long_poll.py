@@ -208,6 +208,28 @@ async def test_a_fetch_handed_a_task_whose_write_fails_claims_nothing_and_waits_
     assert await got.ack("done") is True
 
 
+async def _handed_behind_a_slow_write(
+    bridge: Any, worker: Any, svc: str, monkeypatch: pytest.MonkeyPatch, *, write_s: float, ttr_ms: int
+) -> Any:
+    """A fetch of ``worker`` waits on the bridge; a task is added whose write takes ``write_s``:
+    the fetch is handed its hint while it is written, and gets the task once it is stored."""
+    store = bridge.queue.ctx.store
+    real_store = store.store_task
+
+    async def slow_store_task(*args: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(write_s)  # the fault itself: a slow write
+        await real_store(*args, **kwargs)
+
+    monkeypatch.setattr(store, "store_task", slow_store_task)
+    waiting = asyncio.create_task(worker.fetch(wait_ms=int(write_s * 1000) + 15_000, time_to_recover_ms=ttr_ms))
+    await wait_for(lambda: bridge.hints._waiting, 5.0, what="the fetch waiting on the bridge")
+    cmd = AddCommand.model_validate({"serviceId": svc, "value": {"n": 1}})
+    task_id = await bridge.queue.add(OWNERS[0], cmd, message_id=None, traceparent=None)
+    got = await asyncio.wait_for(waiting, write_s + 6.0)
+    assert got is not None and got.id == task_id and bridge.hints.handed_here == 1
+    return got
+
+
 async def test_a_fetch_handed_a_task_whose_write_is_slow_gets_its_whole_lease(bridge, workers, monkeypatch):
     """The waiting fetch is handed the hint while the task is written, writes ahead, and claims
     once the write is acknowledged. Its lease was counted from before the wait: a 1 s lease
@@ -215,21 +237,8 @@ async def test_a_fetch_handed_a_task_whose_write_is_slow_gets_its_whole_lease(br
     once). It runs from the claim now. Found by a review, 2026-12-05."""
     svc = service_id()
     w = await workers(svc, "w")
-    store = bridge.queue.ctx.store
-    real_store = store.store_task
-
-    async def slow_store_task(*args: Any, **kwargs: Any) -> None:
-        await asyncio.sleep(1.5)  # the fault itself: a slow write
-        await real_store(*args, **kwargs)
-
-    monkeypatch.setattr(store, "store_task", slow_store_task)
-    waiting = asyncio.create_task(w.fetch(wait_ms=15_000, time_to_recover_ms=1_000))
-    await wait_for(lambda: bridge.hints._waiting, 5.0, what="the fetch waiting on the bridge")
-    cmd = AddCommand.model_validate({"serviceId": svc, "value": {"n": 1}})
-    task_id = await bridge.queue.add(OWNERS[0], cmd, message_id=None, traceparent=None)
-    got = await asyncio.wait_for(waiting, 10.0)
+    got = await _handed_behind_a_slow_write(bridge, w, svc, monkeypatch, write_s=1.5, ttr_ms=1_000)
     handed_at = time.time()
-    assert got is not None and got.id == task_id and bridge.hints.handed_here == 1
     left = datetime.fromisoformat(got.lease_expires_at.replace("Z", "+00:00")).timestamp() - handed_at
     assert left > 0.5, f"handed out with {left:.2f}s of its 1 s lease left"
     assert await got.ack("done") is True
@@ -246,25 +255,12 @@ async def test_a_lease_claimed_behind_an_add_write_slower_than_the_schedulers_se
     the change that counts the lease from after the wait, 2026-12-05.)"""
     svc = service_id()
     first, second = await workers(svc, "first"), await workers(svc, "second")
-    store = bridge.queue.ctx.store
-    real_store = store.store_task
-
-    async def slow_store_task(*args: Any, **kwargs: Any) -> None:
-        await asyncio.sleep(9.0)  # the fault itself: a write slower than the second pass
-        await real_store(*args, **kwargs)
-
-    monkeypatch.setattr(store, "store_task", slow_store_task)
-    # 3 s: longer than the bridge's own timer covers (2 s), so only the scheduler takes it back.
-    waiting = asyncio.create_task(first.fetch(wait_ms=25_000, time_to_recover_ms=3_000))
-    await wait_for(lambda: bridge.hints._waiting, 5.0, what="the fetch waiting on the bridge")
-    cmd = AddCommand.model_validate({"serviceId": svc, "value": {"n": 1}})
-    task_id = await bridge.queue.add(OWNERS[0], cmd, message_id=None, traceparent=None)
-    got = await asyncio.wait_for(waiting, 15.0)
-    assert got is not None and got.id == task_id
-    # "first" dies holding it: its 3 s lease runs out, and the task goes to the next worker.
+    # A 3 s lease: longer than the bridge's own timer covers (2 s), so only the scheduler takes it
+    # back; "first" dies holding it, and the task goes to the next worker.
+    got = await _handed_behind_a_slow_write(bridge, first, svc, monkeypatch, write_s=9.0, ttr_ms=3_000)
     again = await second.fetch(wait_ms=15_000, time_to_recover_ms=60_000)
     assert again is not None, "the lease was never taken back"
-    assert again.id == task_id
+    assert again.id == got.id
     assert await again.ack("done") is True
 
 
