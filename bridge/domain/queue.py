@@ -65,6 +65,12 @@ class PendingAdd:
     has_token: bool
     priority: int
 
+    def hint(self, stored: asyncio.Future[bool] | None = None) -> Hint:
+        """The hint that announces the task once stored (``stored``: handed before its write is
+        acknowledged, ``Hint.stored``)."""
+        payload = carried(self.payload)
+        return Hint(self.task_id, LANE_FRESH, self.task_id, None, self.has_token, payload, self.priority, stored=stored)
+
 
 class WorkQueue:
     def __init__(
@@ -205,7 +211,7 @@ class WorkQueue:
         this very add that certainly stored nothing but may have recorded ``message_id``. A
         redelivery whose first delivery may be storing still waits first (:meth:`first_copy_settled`)."""
         ctx = self.ctx
-        q, task_id, payload, due = add.q, add.task_id, add.payload, add.due_ms
+        q, task_id, due = add.q, add.task_id, add.due_ms
         now = ctx.clock.now_ms()
         if message_id and not first_copy:
             existing = await self._dedupe(q, message_id, task_id, now, replaces)
@@ -227,7 +233,7 @@ class WorkQueue:
             ctx.metrics.inc("tasks_added", kind="delayed")
             return str(task_id)
         stored: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        hint = Hint(task_id, LANE_FRESH, task_id, None, add.has_token, carried(payload), add.priority, stored=stored)
+        hint = add.hint(stored)
         # A fetch of this bridge waiting for the queue takes the hint now, and writes its lease's
         # deadline and its worker's pointer while the task is written (one Cassandra round trip
         # less between the add and the worker's reply); it claims only once the write is
@@ -295,10 +301,7 @@ class WorkQueue:
                 # Nobody has heard of the task: a hint goes out only once its write is acknowledged,
                 # and this one timed out. Without one, a waiting fetch met it at the next
                 # reconciliation scan (every 30 s), long after it landed.
-                await self.hints.offer(
-                    add.q,
-                    Hint(add.task_id, LANE_FRESH, add.task_id, None, add.has_token, carried(add.payload), add.priority),
-                )
+                await self.hints.offer(add.q, add.hint())
         elif self._adds_in_doubt.get(add.task_id) is False:
             log.warning("add of task %s left uncounted: not found stored (it may land later)", add.task_id)
 
