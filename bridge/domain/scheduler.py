@@ -455,6 +455,11 @@ class RecoveryScheduler:
             armed.add(entry_key(entry))  # read ahead once: the next ticks do not read it again
             if lease is None:
                 return  # no claim yet (or one on its way): the passes look again
+            if lease.state is LeaseState.PARKED and lease.epoch == entry.epoch:
+                # A redrive's deadline (filed one bucket ahead, the bucket read here) whose unpark is
+                # on its way keeps this epoch: taken for final, every pass of the bucket skipped it
+                # and the task stayed leased to nobody until its TTL (as in ``_handle``).
+                return
             if not lease.is_leased or lease.epoch != entry.epoch:
                 handled.add(entry_key(entry))  # completed or re-claimed: final for this entry
             elif lease.lease_until_ms is None or lease.lease_until_ms <= entry.lease_until_ms:
