@@ -326,9 +326,16 @@ class Lifecycle:
         if not res.applied and intent is not None and await decided_by_itself(ctx, intent):
             res = CasResult(applied=True, current=None)  # refused by its own first copy
         if not res.applied:
+            current = res.current
+            if res.may_land_late and current is not None and current.is_leased and current.epoch == epoch:
+                # Judged by a read, and its first copy may still land (queued at a stalled
+                # coordinator): voided, the engine never heard of a park that happened, and
+                # the next pass's park, refused by it, voided its own. The result stays owed:
+                # the relay publishes it once the lease lists this park, or drops it once it
+                # can no longer land. The row written ahead stays too (a listing cleans it).
+                return False
             if intent is not None:
                 await self.store.mark_published(intent)  # void: this park did not happen
-            current = res.current
             if current is None or current.state is not LeaseState.PARKED:
                 # Refused (a late ack completed it, it was re-claimed or cancelled): the row written
                 # ahead would count a parked task that is not one (stats) and take a slot of the

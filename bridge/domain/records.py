@@ -151,6 +151,9 @@ class CasResult:
 
     applied: bool
     current: Lease | None  # the lease as the failed compare-and-set saw it
+    # "Not applied" judged by a read after an unknown outcome, for a statement that is not sent
+    # twice: its first copy may still land after the read (see ``TaskStore.park``).
+    may_land_late: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -468,7 +468,7 @@ class CassandraTaskStore:
             current = await self.lease(q, task_id, serial=True)
             if current is not None and won(current):
                 return CasResult(applied=True, current=None)
-            return CasResult(applied=False, current=current)
+            return CasResult(applied=False, current=current, may_land_late=not resend)
 
     async def _resolve(
         self,
@@ -664,8 +664,16 @@ class CassandraTaskStore:
         )
         # By the read alone: "parked at this epoch" can hold again after a redrive (a late
         # park_expired of this epoch: above), and a resend could then undo that park, or be
-        # refused while the first copy still lands after it.
-        return await self._cas(q, task_id, attempt, lambda c: c.claim_id == claim_id, resend=False)
+        # refused while the first copy still lands after it. Ours if the lease names our claim
+        # id, or was unparked at this epoch (only an unpark sets ``base_epoch``) and claimed
+        # since: a worker's claim, moments after, overwrites the claim id.
+        return await self._cas(
+            q,
+            task_id,
+            attempt,
+            lambda c: c.claim_id == claim_id or (c.base_epoch == epoch and c.epoch > epoch),
+            resend=False,
+        )
 
     async def cancel(
         self,

@@ -13,7 +13,7 @@ import pytest
 from bridge.client.rpc import results_consumer
 from bridge.domain.records import QueueKey
 from tests.conftest import OWNERS, service_id, wait_for
-from tests.integration.test_lifecycle import FAST, call, fetch_until
+from tests.integration.test_lifecycle import FAST, call, counts_become, fetch_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -194,3 +194,96 @@ async def test_stale_parked_rows_hide_neither_the_listing_nor_redrive_all(bridge
     assert await engine.redrive(svc, all=True) == 1, "redrive all did not reach the parked task"
     again = await fetch_until(w, 10)
     assert again["task"]["id"] == task_id
+
+
+async def test_a_scheduler_park_whose_first_copy_lands_after_its_read_still_tells_the_engine(
+    make_bridge, engine, workers, servers, names, monkeypatch
+):
+    """A scheduler's park (``park_expired``) is not sent twice: its outcome, unknown, is judged by
+    a SERIAL read alone. A first copy still queued at a stalled coordinator then lands after the
+    read said "not parked". The park voided its delivery_limit result (marked published unsent) and
+    removed its index row, and the next pass's park was refused (parked already) and voided its own:
+    the task sat parked, the engine never heard of it, and the listing did not show it."""
+    from bridge.storage.errors import UnknownOutcome
+
+    b = await make_bridge(**FAST)
+    await wait_for(lambda: b.duty.held, 10, what="the duty")
+    store, life = b.queue.ctx.store, b.queue.lifecycle
+    svc = service_id()
+    task_id = await add_limited(engine, svc, "poison", 1, token={"wf": 11})
+    real_write, real_park = store._lease_write, life.park
+    judged = asyncio.Event()
+    landed: list[Any] = []
+
+    async def land_late(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        await judged.wait()  # the park was judged not applied, and its caller went on
+        landed.append(await real_write(*args, **kwargs))
+
+    async def lease_write(tid: uuid.UUID, name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "lease.park_expired" and str(tid) == task_id and not landed and not judged.is_set():
+            asyncio.get_running_loop().create_task(land_late((tid, name, *args), kwargs))
+            raise UnknownOutcome("the park's reply timed out (injected); its first copy lands later")
+        return await real_write(tid, name, *args, **kwargs)
+
+    async def park(q: Any, tid: uuid.UUID, *args: Any, **kwargs: Any) -> bool:
+        parked = await real_park(q, tid, *args, **kwargs)
+        if str(tid) == task_id:
+            judged.set()
+        return parked
+
+    monkeypatch.setattr(store, "_lease_write", lease_write)
+    monkeypatch.setattr(life, "park", park)
+    consumer = results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"], routing_key=svc)
+    async with consumer as results:
+        w = await workers(svc, "w")
+        got = await fetch_until(w, 5, ttr=300)  # never acked: parked when its lease ends (limit 1)
+        assert got["task"]["id"] == task_id
+        await wait_for(lambda: bool(landed), 20, what="the park's first copy landing after its read")
+        got = await wait_for(
+            lambda: None if results.empty() else results.get_nowait(),
+            45,
+            interval=0.2,
+            what="the engine's delivery_limit result (voided by a park judged not applied)",
+        )
+        assert got["taskId"] == task_id and got["error"]["code"] == "delivery_limit"
+    listed = await call(engine, "parked", {"serviceId": svc})
+    assert [t["id"] for t in listed["result"]["tasks"]] == [task_id], listed
+
+
+async def test_a_redrive_whose_unpark_reply_is_lost_counts_the_task_claimed_moments_after(
+    make_bridge, engine, workers, monkeypatch
+):
+    """An unpark whose reply is lost is judged by a SERIAL read: "ours if the lease names our claim
+    id". A waiting worker's claim, moments after the unpark, writes its own claim id: the redrive
+    was judged not applied. It answered ``redriven: 0`` for a task it put back, never counted the
+    task ready (the claim counted it out of ready: one below the truth for the task's day) and
+    left its parked row (stats showed it parked while a worker held it)."""
+    from bridge.storage.errors import UnknownOutcome
+
+    b = await make_bridge(**FAST)
+    await wait_for(lambda: b.duty.held, 10, what="the duty")
+    store = b.queue.ctx.store
+    svc = service_id()
+    task_id = await add_limited(engine, svc, "poison", 1)
+    w = await workers(svc, "w")
+    got = await fetch_until(w, 5)
+    assert got["task"]["id"] == task_id
+    assert (await call(w, "fail", {"serviceId": svc, "workerId": "w"}))["task"]["parked"] is True
+    await counts_become(engine, svc, {"ready": 0, "inFlight": 0, "parked": 1})
+    other = await workers(svc, "other")
+    waiting = asyncio.ensure_future(other.fetch(wait_ms=15_000))
+    real_write = store._lease_write
+
+    async def lease_write(tid: uuid.UUID, name: str, *args: Any, **kwargs: Any) -> Any:
+        rows = await real_write(tid, name, *args, **kwargs)
+        if name == "lease.unpark" and str(tid) == task_id:
+            # Applied; its reply is lost while the waiting worker claims the task it put back.
+            await asyncio.wait_for(asyncio.shield(waiting), 10)
+            raise UnknownOutcome("the unpark's reply timed out (injected)")
+        return rows
+
+    monkeypatch.setattr(store, "_lease_write", lease_write)
+    assert (await call(engine, "redrive", {"serviceId": svc, "taskIds": [task_id]}))["result"] == {"redriven": 1}
+    task = await waiting
+    assert task is not None and task.id == task_id
+    await counts_become(engine, svc, {"ready": 0, "inFlight": 1, "parked": 0})
