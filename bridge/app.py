@@ -175,6 +175,7 @@ class Bridge:
                 "scheduler": self._scheduler_ready,
                 "clock": self._clock_ready,
             },
+            read_timeout=settings.http_read_timeout,
         )
         self.gate = ServingGate(
             self.transport,

@@ -228,6 +228,13 @@ class Settings(BaseSettings):
     # Health and metrics for the pod network; no secrets served.
     http_host: str = "0.0.0.0"  # nosec B104
     http_port: int = Field(8080, ge=0, le=65535, description="Health and metrics port (0 disables).")
+    http_read_timeout: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="Both HTTP servers (ops, gateway): a connection whose request does not arrive within this "
+        "(idle, or sent a byte at a time) is closed; a request body not received within it is refused (408).",
+    )
     shutdown_grace: float = Field(10.0, ge=0)
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

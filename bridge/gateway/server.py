@@ -87,6 +87,7 @@ class GatewayServer:
         self.observe = observe
         self.limit = settings.max_value_bytes + ENVELOPE_ALLOWANCE
         self.grace = settings.shutdown_grace
+        self.read_timeout = settings.http_read_timeout
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
         self._closing = False
@@ -113,7 +114,14 @@ class GatewayServer:
         # (kept waiting, it claimed the next task for a reply nobody reads, leased to a gone
         # worker). Everything but a fetch is shielded from that cancellation (``_run``).
         runner = web.AppRunner(
-            self.app, access_log=None, handle_signals=False, shutdown_timeout=self.grace, handler_cancellation=True
+            self.app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=self.grace,
+            handler_cancellation=True,
+            # A request that does not arrive within it (a connection left idle, or sent a byte at
+            # a time: slowloris) is closed; aiohttp's own limit is an hour.
+            keepalive_timeout=self.read_timeout,
         )
         await runner.setup()
         try:
@@ -306,10 +314,16 @@ class GatewayServer:
             raise UnsupportedMediaType(f"send the body as application/json, not {request.content_type}")
         data = bytearray()
         try:
-            while chunk := await request.content.read(CHUNK):
-                data += chunk
-                if len(data) > self.limit:
-                    raise PayloadTooLarge(f"the body is more than {self.limit} bytes, the limit")
+            # Bounded: a body sent a byte at a time kept its handler and buffer (up to the limit)
+            # for as long as the client liked; a few thousand such clients held the bridge's memory
+            # and file descriptors.
+            async with asyncio.timeout(self.read_timeout):
+                while chunk := await request.content.read(CHUNK):
+                    data += chunk
+                    if len(data) > self.limit:
+                        raise PayloadTooLarge(f"the body is more than {self.limit} bytes, the limit")
+        except TimeoutError:
+            raise HttpError(f"the body was not received within {self.read_timeout:g} s", 408) from None
         except (ConnectionResetError, asyncio.IncompleteReadError, HttpProcessingError):
             # The client went away mid-body, or sent a malformed (chunked) body: its fault, not a
             # bug of the bridge (not counted as internal, not logged as an error).

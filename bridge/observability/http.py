@@ -24,6 +24,7 @@ log = logging.getLogger("bridge.http")
 
 Check = Callable[[], Awaitable[bool] | bool]
 DEFAULT_CHECK_TIMEOUT = 1.0
+DEFAULT_READ_TIMEOUT = 60.0  # BRIDGE_HTTP_READ_TIMEOUT's default
 
 
 class OpsServer:
@@ -33,7 +34,9 @@ class OpsServer:
         checks: Mapping[str, Check],
         *,
         check_timeout: float = DEFAULT_CHECK_TIMEOUT,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
     ) -> None:
+        self.read_timeout = read_timeout
         self.registry = metrics.registry if isinstance(metrics, BridgeMetrics) else metrics
         self.checks = dict(checks)
         self.check_timeout = check_timeout
@@ -50,7 +53,10 @@ class OpsServer:
         """Listen on ``host:port`` (port 0 picks a free one) and return the bound port."""
         if self._runner is not None:
             raise RuntimeError("OpsServer already started")
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # aiohttp's idle limit is 3,630 s unless set (``run_app`` sets 75 s; a runner does not):
+        # connections opened and never finished (slowloris) would each hold a file descriptor,
+        # shared with the bridge's Cassandra and AMQP connections, for an hour.
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False, keepalive_timeout=self.read_timeout)
         await runner.setup()
         try:
             site = web.TCPSite(runner, host, port)

@@ -768,3 +768,38 @@ async def test_a_failed_task_is_not_handed_out_before_its_retry_in_ms_by_a_bridg
     assert again["task"]["id"] == task_id
     after_s = received - sent  # at most the true time between the fail and the hand-out
     assert after_s >= 3.0, f"retryInMs 3000, handed out again {after_s * 1000:.0f} ms after the fail was sent"
+
+
+# -- slow clients (slowloris) ------------------------------------------------------------------------
+async def test_a_request_sent_a_byte_at_a_time_is_cut_at_the_read_timeout_on_both_http_servers(start_gateway):
+    """aiohttp's runner keeps a connection that never finishes its request for 3,630 s (its own
+    default; only ``run_app`` sets 75 s), and a body may trickle in for ever: a few thousand such
+    connections, opened without credentials, held the bridge's file descriptors (shared with its
+    Cassandra and AMQP connections) and memory. Both servers now close a connection whose request
+    does not arrive within ``BRIDGE_HTTP_READ_TIMEOUT``, and the gateway answers 408 to a body that
+    does not."""
+    b, gw = await start_gateway(http_port=free_port(), http_host="127.0.0.1", http_read_timeout=1.5)
+
+    async def closed_by_the_server(port: int, head: bytes, *, until_closed: bool = True) -> tuple[float, bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = time.monotonic()
+        writer.write(head)  # never finished: no blank line, or not the whole body
+        await writer.drain()
+        try:
+            # Until the server closes; or its first answer (after one, aiohttp may linger up to
+            # 10 s reading what is left of the body before it closes: bounded too).
+            answer = await asyncio.wait_for(reader.read() if until_closed else reader.read(4096), 10)
+        finally:
+            writer.close()
+        return time.monotonic() - started, answer
+
+    for port in (gw.port, b.http_port):
+        took, answer = await closed_by_the_server(port, b"GET /health/live HTTP/1.1\r\nHost: x\r\n")
+        assert answer == b"" and 1.0 < took < 8, (port, took, answer)
+    head = (
+        f"POST /api/queue/{service_id()}/fetch HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {gw.keys['a']}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+    ).encode()
+    took, answer = await closed_by_the_server(gw.port, head, until_closed=False)
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b'"bad_request"' in answer and 1.0 < took < 8, (took, answer)
