@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from bridge.domain.clock import next_stamp, pointer_stamp
+from bridge.domain.condemn import condemn
 from bridge.domain.context import QueueContext
 from bridge.domain.counting import landed_later, was_delayed
 from bridge.domain.dispatch import Dispatcher
@@ -36,6 +37,7 @@ from bridge.domain.records import (
     WorkerPointer,
     WorkerRow,
 )
+from bridge.domain.relay import ResultRelay
 from bridge.domain.sealing import open_value
 from bridge.domain.timeline import EXPIRY_BUCKET_MS, expiry_bucket, ms_of, ready_bucket
 from bridge.errors import BridgeError
@@ -163,8 +165,10 @@ class Fetcher:
         hints: TaskHints,
         reconcile: Reconciliation,
         soon: Callable[[ExpiryEntry, int], None],
+        relay: ResultRelay,
     ) -> None:
         self.ctx = ctx
+        self.relay = relay  # a dead-lettered task's engine is told (``condemn``)
         self.dispatcher = dispatcher
         self.hints = hints
         self.reconcile = reconcile
@@ -788,7 +792,7 @@ class Fetcher:
             # It can never be delivered: dead-letter it (kept until its TTL for inspection) so the
             # worker, and the queue, move on instead of being handed the same broken task forever.
             log.error("task dead-lettered: %s", exc.message, extra={"task_id": str(task_id), "epoch": epoch})
-            if await ctx.store.kill(q, task_id, epoch, worker, ctx.clock.now_ms()):
+            if await condemn(ctx, self.relay, q, task_id, epoch, worker, has_token=payload.token is not None):
                 ctx.count(q, ms_of(task_id), in_flight=-1)
             # No clear of the pointer: a dead task is never resent (the extension fails), and the
             # worker's next fetch replaces the pointer.

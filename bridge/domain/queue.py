@@ -105,7 +105,7 @@ class WorkQueue:
         # hints may still publish them, for the others (BRIDGE_HINTS=false: ``AmqpHints.takes``).
         self.hints: TaskHints = hints or NoHints()
         reconcile = reconcile or Reconciliation.scan_always()
-        self._fetcher = Fetcher(self.ctx, self.dispatcher, self.hints, reconcile, self.soon)
+        self._fetcher = Fetcher(self.ctx, self.dispatcher, self.hints, reconcile, self.soon, self.relay)
         self._acker = Acker(self.ctx, self.relay)
         self.lifecycle = Lifecycle(self.ctx, self.relay, self.soon, self.hints, settle_ms)
         # Set by the recovery scheduler: handles a timer-wheel entry due within moments, here.

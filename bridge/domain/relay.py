@@ -8,12 +8,16 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from bridge.crypto import TamperedCiphertext
+from bridge.domain import jsonvalue
 from bridge.domain.context import QueueContext
 from bridge.domain.records import Lease, OutboxEntry
 from bridge.domain.sealing import open_outcome, open_token, split_outcome
 from bridge.domain.timeline import OUTBOX_BUCKET_MS, ms_of
+from bridge.errors import ErrorCode
 
 log = logging.getLogger("bridge.queue")
+
+TAMPERED = "the task's stored result failed authentication"
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,12 +137,18 @@ class ResultRelay:
         result_key = token_key if result_key_id == payload.key_id else await self.ctx.keys.by_id(q.owner, result_key_id)
         try:
             token_json = open_token(token_key, q, entry.task_id, payload.token, payload.traceparent)
-            outcome_json = open_outcome(result_key, q, entry.task_id, entry.result)
         except TamperedCiphertext:
-            log.error("result of task %s failed authentication: not published", entry.task_id)
+            # Nothing can go to the engine without its token.
+            log.error("token of task %s failed authentication: its result not published", entry.task_id)
             await store.mark_published(entry)
             self.ctx.metrics.inc("results_dropped", reason="integrity")
             return
+        try:
+            outcome_json = open_outcome(result_key, q, entry.task_id, entry.result)
+        except TamperedCiphertext:
+            # The engine is told that much: dropped, its workflow waited for ever for this task.
+            log.error("result of task %s failed authentication: integrity_error sent instead", entry.task_id)
+            outcome_json = jsonvalue.dumps({"error": {"code": ErrorCode.INTEGRITY_ERROR.value, "message": TAMPERED}})
         kind, value_json = split_outcome(outcome_json)
         tid, cid = str(entry.task_id), str(entry.completion_id)
         done_ms = completed_at_ms(entry.completion_id)

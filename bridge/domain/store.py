@@ -156,8 +156,12 @@ class TaskStore(Protocol):
         """Mark done a lease still held by ``worker`` at ``epoch`` (with ``tokenless``: only if its
         lease records that the task carries no token; a refusal then reports ``has_token``)."""
 
-    async def kill(self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, now_ms: int) -> bool:
-        """Dead-letter a leased task that can never be delivered (kept until its TTL)."""
+    async def kill(
+        self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, now_ms: int, kill_id: uuid.UUID
+    ) -> bool:
+        """Dead-letter a leased task that can never be delivered (kept until its TTL). ``kill_id``
+        becomes the lease's ``completion_id``: the relay publishes the engine's result written
+        ahead under it (``condemn``)."""
 
     async def uncount(self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str) -> bool:
         """The claim at ``epoch`` (still held by ``worker``) found the task's key missing: it does

@@ -314,12 +314,14 @@ class MemoryTaskStore:
         self.leases[(q, task_id)] = replace(cur, state=LeaseState.DONE, completion_id=completion_id)
         return CasResult(True, None)
 
-    async def kill(self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, now_ms: int) -> bool:
+    async def kill(
+        self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, now_ms: int, kill_id: uuid.UUID
+    ) -> bool:
         await self._io()
         cur = self._lease(q, task_id)
         if cur is None or not cur.held_by(worker, epoch):
             return False
-        self.leases[(q, task_id)] = replace(cur, state=LeaseState.DEAD)
+        self.leases[(q, task_id)] = replace(cur, state=LeaseState.DEAD, completion_id=kill_id, completed_at_ms=now_ms)
         return True
 
     async def uncount(self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str) -> bool:

@@ -559,9 +559,11 @@ class CassandraTaskStore:
         attempt = functools.partial(self._lease_write, task_id, name, lambda ttl, end: (ttl, *values, *key, end))
         return await self._resolve(q, task_id, attempt, "completion_id", completion_id)
 
-    async def kill(self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, now_ms: int) -> bool:
+    async def kill(
+        self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, now_ms: int, kill_id: uuid.UUID
+    ) -> bool:
         now, key = to_datetime(now_ms), (q.owner, q.service, task_id, epoch, worker)
-        rows = await self._lease_write(task_id, "lease.kill", lambda ttl, end: (ttl, now, *key, end))
+        rows = await self._lease_write(task_id, "lease.kill", lambda ttl, end: (ttl, now, kill_id, *key, end))
         return bool(rows and rows[0].get("[applied]"))
 
     async def uncount(self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str) -> bool:

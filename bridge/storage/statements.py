@@ -120,7 +120,7 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         False,
     ),
     "lease.kill": (
-        "UPDATE {ks}.leases USING TTL ? SET state = 'dead', completed_at = ? "
+        "UPDATE {ks}.leases USING TTL ? SET state = 'dead', completed_at = ?, completion_id = ? "
         "WHERE owner = ? AND service = ? AND task_id = ? "
         "IF state = 'leased' AND epoch = ? AND worker = ? AND expires_at IN (?, null)",
         False,

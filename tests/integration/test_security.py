@@ -100,6 +100,77 @@ async def test_tampered_ciphertext_is_reported_and_dead_lettered_never_returned(
     assert nxt.value == {"n": 2}
 
 
+async def test_a_tampered_task_with_a_token_is_reported_to_its_engine(bridge, engine, workers, cql, servers, names):
+    """A tampered task is dead-lettered and its worker moves on; its workflow waits for a result.
+    Nothing was sent to the engine: the workflow waited for ever. It now gets an
+    ``integrity_error`` result, once."""
+    from bridge.client.rpc import results_consumer
+
+    svc = service_id()
+    bad_id = await engine.add(svc, {"n": 1, "pad": "x" * 9_000}, token={"wf": "tampered"})
+    flip_stored_value(cql, servers.keyspace, svc, bad_id)
+    consumer = results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"], routing_key=svc)
+    async with consumer as results:
+        w = await workers(svc)
+        with pytest.raises(BridgeClientError) as err:
+            await w.fetch()
+        assert err.value.code == "integrity_error"
+        got = await wait_for(
+            lambda: None if results.empty() else results.get_nowait(),
+            30,
+            interval=0.1,
+            what="the engine's integrity_error result of the dead-lettered task",
+        )
+        assert got["taskId"] == bad_id and got["token"] == {"wf": "tampered"}, got
+        assert got["error"]["code"] == "integrity_error", got
+        assert await w.fetch() is None  # dead: never handed out again
+        assert results.empty(), "one result"
+
+
+async def test_a_tampered_result_still_owed_reaches_the_engine_as_an_integrity_error(
+    make_bridge, engine, workers, cql, servers, names
+):
+    """A result whose stored ciphertext fails authentication when the relay reads it (its own
+    publish had failed: no queue bound yet) was dropped: marked published, never sent. The token
+    still opens, so the engine now gets an ``integrity_error`` for its workflow."""
+    from bridge.client.rpc import results_consumer
+
+    b = await make_bridge(results_queue="", result_republish_after=1.0)
+    await wait_for(lambda: b.duty.held, 10, what="the duty")
+    svc = service_id()
+    task_id = await engine.add(svc, {"n": 1}, token={"wf": "owed"})
+    w = await workers(svc)
+    task = await w.fetch()
+    assert task is not None and task.id == task_id
+    assert await task.ack({"secret": "result"}) is True
+    ks = servers.keyspace
+
+    def owed_rows() -> list[Any]:
+        return [
+            r
+            for r in cql.execute(f"SELECT * FROM {ks}.outbox_shards ALLOW FILTERING")
+            if str(r["task_id"]) == task_id and not r["published"]
+        ]
+
+    [row] = await wait_for(owed_rows, 10, what="the owed result in the outbox")
+    flipped = bytes([row["result_ct"][0] ^ 0x01]) + row["result_ct"][1:]
+    cql.execute(
+        f"UPDATE {ks}.outbox_shards SET result_ct = %s WHERE bucket = %s AND shard = %s AND owner = %s "
+        "AND service = %s AND task_id = %s AND completion_id = %s",
+        (flipped, row["bucket"], row["shard"], row["owner"], row["service"], row["task_id"], row["completion_id"]),
+    )
+    consumer = results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"], routing_key=svc)
+    async with consumer as results:
+        got = await wait_for(
+            lambda: None if results.empty() else results.get_nowait(),
+            40,
+            interval=0.2,
+            what="the engine's integrity_error in place of the tampered result",
+        )
+    assert got["taskId"] == task_id and got["token"] == {"wf": "owed"}, got
+    assert got["error"]["code"] == "integrity_error" and "secret" not in str(got), got
+
+
 async def test_a_tampered_row_is_never_returned_when_the_hint_carries_the_value(bridge, engine, workers, cql, servers):
     """A small task's sealed value rides on its hint (1.3): the worker gets the authenticated
     copy; the tampered row is not read now, and is detected when it is (a redelivery)."""
