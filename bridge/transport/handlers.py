@@ -62,6 +62,17 @@ R = TypeVar("R", bound=BaseModel)
 Reply = tuple[bytes | None, dict[str, Any] | None]  # body, headers
 
 
+async def ack_early(message: RequestMessage) -> None:
+    """Acknowledge a request before it is answered; :class:`DeliveryGone` if its channel closed
+    meanwhile (the ack did not reach the broker, which delivers the request again)."""
+    try:
+        await message.ack()
+    except Exception as exc:
+        if channel_gone(message):
+            raise DeliveryGone from exc
+        raise
+
+
 def _answerable(exc: BaseException, what: str, internal_message: str) -> BridgeError:
     """The error to answer for ``exc``: itself, or (a bug: ``internal``) a generic one, logged."""
     if wire_code(exc) is ErrorCode.INTERNAL or not isinstance(exc, BridgeError):
@@ -320,6 +331,12 @@ class RequestHandlers:
                     outcome, (body, headers) = EXPIRED, (None, None)
                 finally:
                     request_deadline_ms.reset(deadline_set)
+        except DeliveryGone:
+            # Acknowledged early (a waiting fetch, a redrive) on a channel that was closing: the
+            # broker delivers the request again, and that copy is answered. Answered here too, the
+            # worker got ``internal ... dead-lettered`` (not retried) for a request that was not.
+            log.warning("a request's channel closed as it was acknowledged: the broker delivers it again")
+            return LEFT_TO_BROKER
         except Exception as exc:
             return await self.fail(message, method, exc)
         return await self.conclude(message, method, outcome, body, headers)
@@ -343,7 +360,7 @@ class RequestHandlers:
             # A fetch may wait up to 30 s: its delivery must not hold one of the consumer's prefetch
             # slots that long (a bridge with as many waiting fetches as slots would take no request).
             # Acknowledged now; if the bridge dies while it waits, the worker's retry asks again.
-            await message.ack()
+            await ack_early(message)
             deadline = deadline_of(message)
             if deadline is not None and (left := deadline - self.queue.clock.now_ms()) < req.wait_ms:
                 # The caller stops listening at its deadline and may have sent another fetch: a
@@ -399,7 +416,7 @@ class RequestHandlers:
                 # window would stop every extend, fail and cancel of every owner on this bridge
                 # (leases of healthy work would run out). Acknowledged now, as a waiting fetch
                 # is: a redrive is idempotent, and if the bridge dies, the caller's retry asks again.
-                await message.ack()
+                await ack_early(message)
             return wire.encode(await operation.call(self.queue, owner, req)), None
 
         async def handle(message: RequestMessage) -> str:

@@ -544,3 +544,39 @@ async def test_an_add_whose_write_timed_out_but_landed_is_handed_to_a_waiting_fe
     assert got is not None, "the waiting fetch never heard of the task that landed"
     assert got.id == str(landed[0]) and time.monotonic() - started < 8.0
     assert await got.ack("done") is True
+
+
+async def test_a_waiting_fetch_whose_early_ack_meets_a_closing_channel_is_left_to_the_broker(
+    make_bridge, engine, workers, monkeypatch
+):
+    """A fetch that may wait is acknowledged at once (it must not hold a prefetch slot for 30 s).
+    If its channel is closing at that moment (a broker restart, a channel error), the ack fails:
+    the broker still holds the request and delivers it again. The failure went to the catch-all,
+    which answered ``internal ... the request was dead-lettered``: a worker got a non-retryable
+    error, logged with a traceback, for a request neither failed nor dead-lettered. It is now left
+    to the broker, unanswered (the client's timeout, which it retries)."""
+    import aiormq
+
+    from bridge.client.errors import RequestTimeout
+    from bridge.transport import request as transport_request
+
+    await make_bridge()
+    svc = service_id()
+    cut: list[Any] = []
+    real_ack = transport_request.Delivery.ack
+    real_closing = transport_request.Delivery.channel_closing
+
+    async def ack(self: Any) -> None:
+        if not cut and self.routing_key == "fetch" and b'"waitMs"' in self.body:
+            cut.append(self)  # its channel closes now: the ack never reaches the broker
+            raise aiormq.exceptions.ChannelInvalidStateError("channel closed (injected)")
+        await real_ack(self)
+
+    monkeypatch.setattr(transport_request.Delivery, "ack", ack)
+    monkeypatch.setattr(
+        transport_request.Delivery, "channel_closing", property(lambda self: self in cut or real_closing.fget(self))
+    )
+    w = await workers(svc, timeout=2.0)
+    with pytest.raises(RequestTimeout):
+        await w.fetch(wait_ms=500)
+    assert cut, "the fetch's early ack was cut"
