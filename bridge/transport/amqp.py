@@ -520,6 +520,8 @@ class AmqpTransport:
 
     async def _consume_orphans(self, name: str) -> None:
         for method in self._orphans_on(name):
+            if method not in self._orphans:
+                continue  # paused meanwhile (pause() clears the orphans it is asked to stop)
             try:
                 await self._consume(method)
             except aiormq.exceptions.ChannelNotFoundEntity:
@@ -532,6 +534,11 @@ class AmqpTransport:
             except Exception:
                 self._refused.add(name)
                 raise
+            if method not in self._orphans:
+                # pause() ran while its basic.consume was on its way, and found no tag to cancel:
+                # left, the bridge consumed while paused, and the gate never paused it again.
+                await self.pause([method])
+                continue
             self._orphans.discard(method)
         self._refused.discard(name)
 

@@ -434,3 +434,40 @@ async def test_a_first_copys_retry_claims_its_message_id_and_answers_a_copy_that
     task_id = await asyncio.wait_for(engine.add(svc, {"n": 1}), 30.0)
     assert other and task_id == other[0], "the first copy answered the task the other copy stored"
     await _one_task(workers, svc, task_id)
+
+
+async def test_a_pause_while_a_reopened_channel_consumes_again_is_not_undone(make_bridge, servers):
+    """A consuming channel reopened (a channel error, a reconnection) registers its lost consumers
+    again, one after the other. A pause meanwhile (the serving gate on a Cassandra outage, or a
+    shutdown) cleared the list of lost consumers and cancelled those already back, and the
+    registration went on from the list it had taken: the bridge consumed while paused, and the
+    gate, thinking it paused, never paused it again (requests answered ``unavailable``, adds held
+    30 s each). Consumers registered meanwhile are now cancelled."""
+    b = await make_bridge()
+    t = b.transport
+    real_consume = t._consume
+    entered, released = asyncio.Event(), asyncio.Event()
+    calls: list[str] = []
+    running = [0]
+
+    async def consume(method: str) -> None:
+        running[0] += 1
+        try:
+            calls.append(method)
+            if len(calls) == 1:
+                entered.set()  # the first lost consumer's registration is under way
+                await released.wait()
+            await real_consume(method)
+        finally:
+            running[0] -= 1
+
+    t._consume = consume  # type: ignore[method-assign]
+    await _close_by_the_broker(t._channel_named("consume"))
+    await wait_for(entered.is_set, 15, what="the reopened channel consuming again")
+    await t.pause()  # the gate pauses the bridge meanwhile
+    released.set()
+    await wait_for(lambda: running[0] == 0 and not t._orphans_on("consume"), 15, what="the registration done")
+    assert t.consuming() == frozenset(), t.consuming()
+    url = servers.amqp_url("guest")
+    assert await consumers_on(url, t.queue_name("fetch")) == 0
+    assert await consumers_on(url, t.queue_name("ack")) == 0
