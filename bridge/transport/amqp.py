@@ -387,6 +387,7 @@ class AmqpTransport:
         # leaves them to its reopen task): that task consumes them now, not when its backoff ends
         # (up to RETRY_MAX_DELAY_S later, the bridge unready meanwhile if they are requests').
         self._reconnect_seen.set()
+        self.replies.forget_proven()  # a node may have left the cluster: see forget_proven
         # The reconnection restored every channel: say so now, not when a reopen task next wakes.
         for name in CHANNELS:
             if self._back(name):

@@ -175,6 +175,13 @@ class ReplyPublisher:
         if len(self.proven) < MAX_PROVEN_NODES:
             self.proven.add(node)  # confirmed: the broker knows this node
 
+    def forget_proven(self) -> None:
+        """After a reconnection: nodes are proven again, through the probation connection. A node
+        proven once and gone from the cluster since stayed proven, and RabbitMQ closed the main
+        connection (541) at each reply to it: the reply went before its request's ack, so the
+        request came back, was answered on the main connection again, and so on."""
+        self.proven.clear()
+
     async def _main_channel(self) -> aiormq.Channel:
         channel = self._main_frames
         if channel is None or frames.closing(channel):

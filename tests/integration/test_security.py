@@ -300,6 +300,42 @@ async def test_a_forged_reply_to_cannot_close_the_bridges_connection(bridge, ser
     assert bridge.transport.is_ready()
 
 
+async def test_a_reply_to_a_node_proven_once_and_gone_since_closes_the_main_connection_once_at_most(
+    bridge, servers, names
+):
+    """A node, once proven (a worker's reply went through), stayed proven for the life of the
+    process. After it left the cluster, every request naming it (stale queued ones, a reused reply
+    name, or one delivered again because its ack was lost with the connection) got its reply on
+    the main connection, which RabbitMQ closes for an unknown node (541): every fetch and ack in
+    flight on the bridge cut, at each such request. A reconnection now forgets the proven nodes:
+    the next reply to that node goes through the probation connection and is refused there."""
+    import aio_pika
+    import orjson
+
+    from bridge.transport.replies import reply_node
+
+    gone_node = "amq.rabbitmq.reply-to.g1h2AAlyZXh1c0BvbmUAAF0nAAAAAAAAAAA=.Z3Vlc3Q="
+    replies = bridge.transport.replies
+    replies.proven.add(reply_node(gone_node))  # proven while it was a member of the cluster
+    closed: list[object] = []
+    bridge.transport.connection.close_callbacks.add(lambda *args: closed.append(args))
+    conn = await aio_pika.connect(servers.amqp_url(OWNERS[0]))
+    try:
+        ch = await conn.channel()
+        ex = await ch.get_exchange(names["exchange"], ensure=False)
+        for n in range(2):
+            body = orjson.dumps({"serviceId": service_id(), "workerId": "w"})
+            message = aio_pika.Message(body, reply_to=gone_node, user_id=OWNERS[0], correlation_id=f"c{n}")
+            await ex.publish(message, routing_key="fetch")
+            # The first reply closes the main connection (541), once: the bridge reconnects.
+            await wait_for(lambda: closed, 20, what="the main connection closed by the first reply")
+            await wait_for(bridge.transport.is_ready, 30, what="the bridge ready again")
+        await wait_for(lambda: replies.refused >= 1, 20, what="the second reply refused on the probation connection")
+    finally:
+        await conn.close()
+    assert len(closed) == 1, f"the main connection was closed {len(closed)} times"
+
+
 async def test_a_direct_reply_to_naming_a_real_node_with_a_broken_pid_is_refused_before_it_runs(
     bridge, servers, names, workers, dead_letters, monkeypatch
 ):
