@@ -42,11 +42,36 @@ OwnerOption = Annotated[
     typer.Option("--owner", help="Owner of the queue; only for users the bridge trusts (BRIDGE_TRUSTED_USERS)."),
 ]
 TaskIdOption = Annotated[
-    str | None, typer.Option("--task-id", help="The task (default: the one the worker holds).", show_default=False)
+    str | None,
+    typer.Option("--task-id", help="The task, as fetch printed it (or --held).", show_default=False),
 ]
 EpochOption = Annotated[
     int | None, typer.Option("--epoch", help="The lease's epoch, from the fetch (fences a late request).")
 ]
+HeldOption = Annotated[
+    bool,
+    typer.Option(
+        "--held",
+        help="No --task-id: whatever task the worker holds when the request arrives (contract 1.0). Only for a "
+        "worker that is not running: a running one's task would be taken from under it.",
+    ),
+]
+
+
+def _check_named(task_id: str | None, epoch: int | None, held: bool) -> None:
+    """A worker-side request names its task, or says ``--held``: without either, the bridge would
+    apply it to whatever the worker id holds at that moment (a live worker's task, completed or
+    given back under it), which nobody means by leaving an option out."""
+    if task_id is not None and held:
+        raise typer.BadParameter("give --task-id or --held, not both", param_hint="--task-id / --held")
+    if task_id is None and epoch is not None:
+        raise typer.BadParameter("--epoch goes with --task-id", param_hint="--epoch")
+    if task_id is None and not held:
+        raise typer.BadParameter(
+            "name the task: --task-id (and --epoch) as fetch printed them, or --held for whatever task the "
+            "worker holds (never for a running worker: its task would be taken from under it)",
+            param_hint="--task-id / --held",
+        )
 
 
 async def _with_client(client: C, timeout: float, use: Callable[[C], Awaitable[T]]) -> T:
@@ -230,19 +255,27 @@ def ack(
     error: Annotated[
         str | None, typer.Option("--error", metavar="JSON", help="Fail the task with this error (JSON).")
     ] = None,
+    task_id: TaskIdOption = None,
+    epoch: EpochOption = None,
+    held: HeldOption = False,
     amqp_url: AmqpUrlOption = None,
     timeout: TimeoutOption = 10.0,
 ) -> None:
-    """Acknowledge the worker's task with a result or an error; print true or false (no task held)."""
+    """Acknowledge a task of the worker with a result or an error; print true, or false (not this worker's).
+
+    Name the task with --task-id and --epoch, as fetch printed them; --held acks whatever task the
+    worker holds.
+    """
     if result is not None and error is not None:
         raise typer.BadParameter("give --result or --error, not both", param_hint="--result / --error")
     result_value = parse_json(result, "--result") if result is not None else None
     error_value = parse_json(error, "--error") if error is not None else None
     if error is not None and error_value is None:
         raise typer.BadParameter("the error must not be null", param_hint="--error")
+    _check_named(task_id, epoch, held)
 
     async def use(w: Worker) -> bool:
-        return await w.ack(result_value, error=error_value)
+        return await w.ack(result_value, error=error_value, task_id=task_id, epoch=epoch, held=held)
 
     typer.echo("true" if _worker_call(service, worker, amqp_url, timeout, use) else "false")
 
@@ -257,13 +290,19 @@ def extend(
     ] = None,
     task_id: TaskIdOption = None,
     epoch: EpochOption = None,
+    held: HeldOption = False,
     amqp_url: AmqpUrlOption = None,
     timeout: TimeoutOption = 10.0,
 ) -> None:
-    """Renew the lease of the worker's task; print true, or false (the task is no longer this worker's)."""
+    """Renew the lease of a task of the worker; print true, or false (the task is no longer this worker's).
+
+    Name the task with --task-id and --epoch, as fetch printed them; --held renews whatever task
+    the worker holds.
+    """
+    _check_named(task_id, epoch, held)
 
     async def use(w: Worker) -> bool:
-        return await w.extend(ttr, task_id=task_id, epoch=epoch)
+        return await w.extend(ttr, task_id=task_id, epoch=epoch, held=held)
 
     typer.echo("true" if _worker_call(service, worker, amqp_url, timeout, use) else "false")
 
@@ -281,18 +320,21 @@ def fail_task(
     ] = None,
     task_id: TaskIdOption = None,
     epoch: EpochOption = None,
+    held: HeldOption = False,
     amqp_url: AmqpUrlOption = None,
     timeout: TimeoutOption = 10.0,
 ) -> None:
-    """Give the worker's task back after a technical failure: it comes back later, or is parked at its
+    """Give a task of the worker back after a technical failure: it comes back later, or is parked at its
     delivery limit. Print {id, deliveries, parked, retryAt}, or false (the task is no longer this worker's).
 
-    A business error that completes the task is `ack --error`.
+    Name the task with --task-id and --epoch, as fetch printed them; --held gives back whatever task
+    the worker holds. A business error that completes the task is `ack --error`.
     """
     error_value = parse_json(error, "--error") if error is not None else None
+    _check_named(task_id, epoch, held)
 
     async def use(w: Worker) -> FailOutcome | None:
-        return await w.fail(error_value, retry_in_ms=retry_in, task_id=task_id, epoch=epoch)
+        return await w.fail(error_value, retry_in_ms=retry_in, task_id=task_id, epoch=epoch, held=held)
 
     outcome = _worker_call(service, worker, amqp_url, timeout, use)
     if outcome is None:

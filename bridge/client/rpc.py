@@ -18,12 +18,17 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from aiormq.exceptions import ChannelAccessRefused, ChannelInvalidStateError, ChannelNotFoundEntity
 
 from bridge.client.errors import (
+    BadRequestError,
     BridgeClientError,
     BrokerRefused,
     ConnectionLost,
+    IntegrityError,
+    PayloadTooLargeError,
     RequestTimeout,
     TransportError,
+    UnauthorizedError,
     UnavailableError,
+    UnknownOwnerError,
     error_from_reply,
 )
 from bridge.client.results import results_consumer
@@ -69,6 +74,14 @@ class RpcClient:
     RPC is safe to repeat (fetch returns the held task again, a repeated ack of a completed task
     is answered true), so callers retry on :class:`~bridge.client.errors.TransportError`
     (:class:`RequestTimeout`, :class:`ConnectionLost`).
+
+    ``timeout`` bounds each call as a whole (plus what the request itself may take: a long-poll's
+    wait, a redrive's pace): getting a connection and a channel, sending the request, awaiting
+    its reply. A broker that stops reading this client's socket (a memory or disk alarm: it stops
+    reading publishers) blocks the send of a large request; the call then raises
+    :class:`RequestTimeout` at its deadline instead of waiting for the alarm to end, and the next
+    call goes on a new connection. Connecting tries each node for ``timeout`` at most; a call whose
+    deadline cut a node's connect starts the next call at the node after it.
     """
 
     def __init__(
@@ -92,6 +105,8 @@ class RpcClient:
         self._closed = False
         # The channel a request got no reply on: the next request goes on a new connection.
         self._suspect: AbstractChannel | None = None
+        # Closes of replaced connections, under way in the background (see _retire).
+        self._retiring: set[asyncio.Task[None]] = set()
 
     async def open(self) -> None:
         self._closed = False
@@ -108,30 +123,73 @@ class RpcClient:
                 return self.channel
             if self.channel is not None and self.channel is self._suspect:
                 log.warning("no reply to a request on this connection: sending the next one on a new connection")
-            self._suspect = None
             if self.connection is not None:
                 self._node = (self._node + 1) % len(self.urls)  # its node may be the trouble: start after it
-                if not self.connection.is_closed:
-                    await self.connection.close()
+            self._retire()
             order = self.urls[self._node :] + self.urls[: self._node]
-            connection, step = await connect_first(order, timeout=self.timeout)
+            try:
+                connection, step = await connect_first(order, timeout=self.timeout)
+            except asyncio.CancelledError:
+                # The call's deadline (or its caller) cut the connect: the node being tried did not
+                # accept in time. The next call starts after it, or a node that never answers (a
+                # host gone without a reset) would take every call's whole time.
+                self._node = (self._node + 1) % len(self.urls)
+                raise
             self.connection = connection
             self._node = (self._node + step) % len(self.urls)
             connection.close_callbacks.add(self._on_lost)
-            channel = await connection.channel(publisher_confirms=False)
-            channel.close_callbacks.add(self._on_lost)
-            # Direct reply-to: consume the pseudo-queue (no-ack) on the channel we publish on.
-            reply_queue = await channel.get_queue(REPLY_TO, ensure=False)
-            await reply_queue.consume(self._on_reply, no_ack=True)
+            # Bounded: a broker that stopped reading this socket (an alarm) never answers the
+            # channel's open, and open() has no deadline of a call around it.
+            async with asyncio.timeout(self.timeout):
+                channel = await connection.channel(publisher_confirms=False)
+                channel.close_callbacks.add(self._on_lost)
+                # Direct reply-to: consume the pseudo-queue (no-ack) on the channel we publish on.
+                reply_queue = await channel.get_queue(REPLY_TO, ensure=False)
+                await reply_queue.consume(self._on_reply, no_ack=True)
             if self._closed:
                 # close() was called while this connected and waits for the lock: it would close
                 # what is stored, but a connection handed on from here would be used (and left
                 # open, with its reply consumer) by a client that is closed. Closed here instead.
                 self.connection = None
-                await connection.close()
+                await self._close_bounded(connection)
                 raise ConnectionLost("the client was closed before the request was sent", sent=False)
             self.channel = channel
             return channel
+
+    def _detach(self) -> AbstractConnection | None:
+        """Take the connection out of use (the caller closes it): its requests still awaiting a
+        reply fail now (ConnectionLost: retry them), and its close callbacks are removed, so that
+        its close, however late it ends (a broker that stopped reading answers no close), fails
+        nothing sent on the next connection."""
+        connection, channel = self.connection, self.channel
+        self.connection, self.channel, self._suspect = None, None, None
+        for closable in (connection, channel):
+            if closable is not None:
+                with contextlib.suppress(RuntimeError):  # frozen: its close is running the callbacks now
+                    closable.close_callbacks.discard(self._on_lost)
+        self._on_lost()
+        return connection
+
+    def _retire(self) -> None:
+        """Detach the connection and close it in the background: the call that replaces it does
+        not wait for that (a connection whose socket the broker stopped reading takes minutes to
+        close). :meth:`close` waits for it."""
+        connection = self._detach()
+        if connection is None or connection.is_closed:
+            return
+        closing = asyncio.create_task(self._close_bounded(connection), name="close a replaced connection")
+        self._retiring.add(closing)
+        closing.add_done_callback(self._retiring.discard)
+
+    async def _close_bounded(self, connection: AbstractConnection) -> None:
+        """Close ``connection``, waiting ``timeout`` at most (a broker that stopped reading its
+        socket answers no close); never raises: it is being given up either way."""
+        if connection.is_closed:
+            return
+        try:
+            await asyncio.wait_for(connection.close(), self.timeout)
+        except Exception as exc:  # already failing: the reply-to dies with it all the same
+            log.warning("closing the broker connection: %s: %s", type(exc).__name__, exc)
 
     def _on_lost(self, _sender: object = None, exc: object = None, *_: Any) -> None:
         # Replies to the old connection are gone: fail what was waiting so callers retry. A channel
@@ -158,23 +216,23 @@ class RpcClient:
         # Under the connect lock: a call may be (re)connecting, and the connection it is making
         # is not stored yet. Waiting for it (bounded by the connect timeout) means that when this
         # returns, no connection of this client is open and none will be: the call, seeing the
-        # client closed, closes what it made and raises ConnectionLost.
+        # client closed, closes what it made and raises ConnectionLost. So are the connections
+        # replaced earlier, whose close went on in the background.
         async with self._connecting:
-            connection, self.connection, self.channel = self.connection, None, None
-            if connection is not None and not connection.is_closed:
-                await connection.close()
+            connection = self._detach()
+            if connection is not None:
+                await self._close_bounded(connection)
+        if self._retiring:
+            await asyncio.wait(set(self._retiring))
 
     async def _drop_connection(self) -> None:
         """Close the broker connection, and with it the reply-to of every request still awaiting
         its answer, but not the client: the next call connects afresh. A bridge then claims
         nothing for such a request's long-poll (it probes the reply-to before a claim)."""
         async with self._connecting:
-            connection, self.connection, self.channel = self.connection, None, None
-        if connection is not None and not connection.is_closed:
-            try:
-                await asyncio.wait_for(connection.close(), self.timeout)
-            except Exception as exc:  # already failing: the reply-to dies with it all the same
-                log.warning("closing the broker connection: %s: %s", type(exc).__name__, exc)
+            connection = self._detach()
+        if connection is not None:
+            await self._close_bounded(connection)
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -202,16 +260,60 @@ class RpcClient:
         headers: dict[str, Any] | None = None,
         raw: bytes | None = None,
         wait_s: float = 0.0,
+        deadline: float | None = None,
     ) -> asyncio.Future[Any] | None:
+        """Send a request: the future of its reply (None without ``reply``).
+
+        ``deadline`` (on the event loop's clock; by default ``timeout`` from now) bounds getting a
+        channel and the send. Past it, a request not yet being written raises ConnectionLost
+        (``sent`` false); one being written raises RequestTimeout: its frames are queued on the
+        connection and may still go out when the broker reads again (a bridge drops an RPC that
+        comes past its ``x-deadline``; an add is stored: retry it with its ``message_id``), and
+        the next call goes on a new connection."""
         if self._closed:
             raise RuntimeError("client is closed")
         # Encoded first: a value JSON cannot carry fails here, before a reply is awaited (a future
         # registered for a request never sent would stay pending until the connection closes).
         payload = raw if raw is not None else jsonvalue.dumps(body)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        at = deadline if deadline is not None else started + self.timeout
+        writing: list[AbstractChannel] = []  # the channel, once the write began (read on a timeout)
         try:
-            channel = await self._ensure_open()
-        except (OSError, aio_pika.exceptions.AMQPError) as exc:
-            raise ConnectionLost(f"cannot reach RabbitMQ: {exc}", sent=False) from None
+            async with asyncio.timeout_at(at):
+                # Built once connected: its ``timestamp`` says when it was sent (a nameless ack is
+                # judged by it) and its ``x-deadline`` is this deadline.
+                return await self._send(
+                    method, lambda: self._message(method, payload, at, reply, owner, message_id, headers), writing
+                )
+        except TimeoutError:
+            # Only the deadline's: _send turns every other error (TimeoutError is an OSError) into
+            # ConnectionLost.
+            waited = round(at - started, 3)
+            if not writing:
+                raise ConnectionLost(
+                    f"{method} not sent: no channel to RabbitMQ within {waited:g}s", sent=False
+                ) from None
+            # A write that does not end: the broker does not read this connection's socket (an
+            # alarm blocks publishers) or the network stalls. Every request after it would queue
+            # behind it, so the next call goes on a new connection.
+            self._suspect = writing[0]
+            raise RequestTimeout(
+                f"{method} not sent within {waited:g}s (RabbitMQ is not reading this connection: an alarm?); "
+                "it may still go out",
+                waited_s=waited,
+            ) from None
+
+    def _message(
+        self,
+        method: str,
+        payload: bytes,
+        at: float,
+        reply: bool,
+        owner: str | None,
+        message_id: str | None,
+        headers: dict[str, Any] | None,
+    ) -> aio_pika.Message:
         hdrs: dict[str, Any] = dict(headers or {})
         if owner is not None:
             hdrs["x-owner"] = owner
@@ -219,19 +321,12 @@ class RpcClient:
         if reply:
             # Past this moment we will have given up (and may retry): the bridge drops the request
             # instead of executing it late, when its outcome could only act on state that moved on.
-            hdrs.setdefault(DEADLINE_HEADER, int((now + wait_s + self.timeout) * 1000))
-        correlation_id = uuid.uuid4().hex
-        fut: asyncio.Future[Any] | None = None
-        if reply:
-            # Registered before the publish (a reply can come before publish returns) and taken out
-            # again on every way out of it that is not a sent request, cancellation included.
-            fut = asyncio.get_running_loop().create_future()
-            self._pending[correlation_id] = fut
-            self._pending_method[correlation_id] = method
-        message = aio_pika.Message(
+            left = at - asyncio.get_running_loop().time()
+            hdrs.setdefault(DEADLINE_HEADER, int((now + left) * 1000))
+        return aio_pika.Message(
             payload,
             content_type="application/json",
-            correlation_id=correlation_id,
+            correlation_id=uuid.uuid4().hex,
             reply_to=REPLY_TO if reply else None,
             user_id=self.user,
             message_id=message_id,
@@ -239,10 +334,31 @@ class RpcClient:
             timestamp=datetime.fromtimestamp(now, tz=UTC),
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
+
+    async def _send(
+        self, method: str, build: Callable[[], aio_pika.Message], writing: list[AbstractChannel]
+    ) -> asyncio.Future[Any] | None:
+        """Publish the message ``build`` makes on this client's channel (connecting first if need
+        be); the future of its reply, when it asks for one. ``writing`` gets the channel once the
+        write begins."""
+        try:
+            channel = await self._ensure_open()
+        except (OSError, aio_pika.exceptions.AMQPError) as exc:
+            raise ConnectionLost(f"cannot reach RabbitMQ: {type(exc).__name__}: {exc}", sent=False) from None
+        message = build()
+        correlation_id = message.correlation_id or ""
+        fut: asyncio.Future[Any] | None = None
+        if message.reply_to:
+            # Registered before the publish (a reply can come before publish returns) and taken out
+            # again on every way out of it that is not a sent request, cancellation included.
+            fut = asyncio.get_running_loop().create_future()
+            self._pending[correlation_id] = fut
+            self._pending_method[correlation_id] = method
         try:
             exchange = await channel.get_exchange(self.exchange_name, ensure=False)
             if self._closed:  # close() ran since the channel was handed out: send nothing more
                 raise ConnectionLost("the client was closed before the request was sent", sent=False)
+            writing.append(channel)
             await exchange.publish(message, routing_key=method)
         except ConnectionLost:
             self._forget(correlation_id, fut)
@@ -258,7 +374,7 @@ class RpcClient:
             unsent = isinstance(exc, ChannelInvalidStateError)
             what = "request not sent" if unsent else "connection lost while sending the request"
             raise ConnectionLost(f"{what} ({type(exc).__name__}); retry it", sent=not unsent) from None
-        except BaseException:  # cancelled while publishing: nobody will await this reply
+        except BaseException:  # cancelled while publishing (its deadline, its caller): nobody awaits the reply
             self._forget(correlation_id, fut)
             raise
         return fut
@@ -278,13 +394,17 @@ class RpcClient:
             fut.exception()
 
     async def call_raw(self, method: str, body: Any, **kw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Send a request and return (reply body, reply headers) without interpreting errors."""
+        """Send a request and return (reply body, reply headers) without interpreting errors.
+
+        One deadline, ``timeout`` (plus the request's own ``wait_s``) from now, bounds the whole
+        call: connecting, sending (see :meth:`publish`) and awaiting the reply."""
         sent = time.monotonic()
-        fut = await self.publish(method, body, **kw)
-        assert fut is not None
         limit = self.timeout + kw.get("wait_s", 0.0)  # a long-poll fetch is answered after its wait
+        at = asyncio.get_running_loop().time() + limit
+        fut = await self.publish(method, body, deadline=at, **kw)
+        assert fut is not None
         try:
-            async with asyncio.timeout(limit):
+            async with asyncio.timeout_at(at):
                 reply: tuple[dict[str, Any], dict[str, Any]] = await fut
                 return reply
         except TimeoutError:
@@ -590,6 +710,11 @@ def _seconds_until(iso: str) -> float | None:
     return (at - datetime.now(UTC)).total_seconds()
 
 
+def _settling(task: Task | None) -> contextlib.AbstractAsyncContextManager[None]:
+    """While an ack or fail of ``task`` is on its way (nothing when it is not a fetched task)."""
+    return task._settling_it() if task is not None else contextlib.nullcontext()
+
+
 @dataclass
 class Task:
     worker: Worker
@@ -736,6 +861,10 @@ class Task:
 
 
 ACK_ATTEMPTS = 3  # Worker.run: an ack (with next, or alone on stop) sent again after no answer
+# Worker.run: answers that say the worker itself is wrong (who it is: an owner without a key, a
+# user the bridge refuses; what it asks: a bad service or worker id). No retry fixes them, and a
+# loop retrying them would look alive while serving nothing: they end ``run`` (and ``async for``).
+MISCONFIGURED = (BadRequestError, PayloadTooLargeError, UnauthorizedError, UnknownOwnerError)
 POLL_PAUSE_MAX_S = 5.0  # Worker.run: the longest pause between fetches that got no answer
 ERROR_MESSAGE_MAX = 4096  # Worker.run: characters of a handler's exception kept in a fail's error
 # Worker.run on stop, while a request without an answer may still claim a task for it: the
@@ -851,13 +980,36 @@ class Worker(RpcClient):
         return self.current
 
     def _named(self, task_id: str | None, epoch: int | None) -> dict[str, Any]:
-        """A request body about a task: the one named, else the held one (the bridge knows it)."""
+        """A request body about a task: the one named, else (``task_id`` None: only with
+        ``held=True``, see :meth:`_about`) none, and the bridge takes the one it holds."""
         body: dict[str, Any] = {"serviceId": self.service, "workerId": self.worker_id}
         if task_id is not None:
             body["taskId"] = task_id
         if epoch is not None:
             body["epoch"] = epoch
         return body
+
+    def _about(
+        self, what: str, task_id: str | None, epoch: int | None, held: bool
+    ) -> tuple[Task | None, str | None, int | None]:
+        """The task an ack, fail or extend is about: ``(current task if it is that one, id, epoch)``.
+
+        The one named, else the one the last fetch returned. With neither, the request would name
+        no task and the bridge would apply it to whatever this worker id holds when it arrives
+        (contract 1.0): another process's under the same id (the CLI's) or one a late fetch claimed
+        meanwhile. That is refused here (ValueError, nothing sent) unless ``held`` asks for it."""
+        current = self.current
+        if task_id is None:
+            if current is not None:
+                return current, current.id, current.epoch
+            if not held:
+                raise ValueError(
+                    f"no task to {what}: fetch one first or name it (task_id, epoch); "
+                    f"held=True to {what} whatever task worker {self.worker_id!r} holds at the bridge"
+                )
+            return None, None, None
+        same = current is not None and current.id == task_id and (epoch is None or epoch == current.epoch)
+        return (current if same else None), task_id, epoch
 
     async def ack(
         self,
@@ -867,13 +1019,19 @@ class Worker(RpcClient):
         task_id: str | None = None,
         epoch: int | None = None,
         has_token: bool | None = None,
+        held: bool = False,
     ) -> bool:
         """Ack a task: the one named (``task_id``, ``epoch`` from the fetch reply), by default the
-        one the last fetch returned. The ack always names its task, so a late or repeated copy of
-        it can never complete another one."""
-        current = self.current
-        if task_id is None and current is not None:
-            task_id, epoch, has_token = current.id, current.epoch, current.has_token
+        one the last fetch returned (:attr:`current`). The ack always names its task, so a late or
+        repeated copy of it can never complete another one; with no task named and none fetched it
+        is refused (ValueError), unless ``held=True``: then it names none and completes whatever
+        task this worker id holds at the bridge when it arrives (contract 1.0; for acting on behalf
+        of a worker that is not running: a running one's task would be completed under it).
+
+        Once answered, the task is settled: a :meth:`Task.keep_alive` heartbeat of it stops."""
+        task, task_id, epoch = self._about("ack", task_id, epoch, held)
+        if task is not None and has_token is None:
+            has_token = task.has_token
         body = self._named(task_id, epoch)
         if has_token is not None:
             body["hasToken"] = has_token
@@ -881,9 +1039,12 @@ class Worker(RpcClient):
             body["error"] = error
         else:
             body["result"] = result
-        reply = await self.call("ack", body)
-        if current is not None and task_id == current.id:
-            # Answered (true, or false: it is someone else's now): this worker holds nothing.
+        async with _settling(task):
+            reply = await self.call("ack", body)
+        if task is not None:
+            # Answered (true, or false: it is someone else's now): nothing left to keep, and this
+            # worker holds nothing.
+            task._settled = True
             self._knows_it_holds_nothing()
         return bool(reply["result"])
 
@@ -926,12 +1087,15 @@ class Worker(RpcClient):
         return acked, self._handed(following, reply["_headers"])
 
     async def _renew(
-        self, time_to_recover_ms: int | None = None, *, task_id: str | None = None, epoch: int | None = None
+        self,
+        time_to_recover_ms: int | None = None,
+        *,
+        task_id: str | None = None,
+        epoch: int | None = None,
+        held: bool = False,
     ) -> dict[str, Any] | None:
         """:meth:`extend`, answering the renewed lease (``{"id", "epoch", "leaseExpiresAt"}``) or None."""
-        current = self.current
-        if task_id is None and current is not None:
-            task_id, epoch = current.id, current.epoch
+        _, task_id, epoch = self._about("extend", task_id, epoch, held)
         body = self._named(task_id, epoch)
         ttr = time_to_recover_ms or self.time_to_recover_ms
         if ttr is not None:
@@ -941,20 +1105,26 @@ class Worker(RpcClient):
             # Not this worker's any more; whether it holds another is unknown (no ``fresh``).
             return None
         renewed: dict[str, Any] = reply["task"]
-        held = self.current
-        if held is not None and held.id == renewed.get("id"):
-            held._renewed(renewed)
+        current = self.current
+        if current is not None and current.id == renewed.get("id"):
+            current._renewed(renewed)
         return renewed
 
     async def extend(
-        self, time_to_recover_ms: int | None = None, *, task_id: str | None = None, epoch: int | None = None
+        self,
+        time_to_recover_ms: int | None = None,
+        *,
+        task_id: str | None = None,
+        epoch: int | None = None,
+        held: bool = False,
     ) -> bool:
         """Renew a task's lease to now + ``time_to_recover_ms`` (default: this worker's, else the
         bridge's): the one named, by default the one the last fetch returned, whose
         ``lease_expires_at`` is updated. False if the task is no longer this worker's (another
         worker got it, it was acked, cancelled or parked): stop working on it. Like the ack, the
-        request names its task, so a late copy of it can never renew another one."""
-        return await self._renew(time_to_recover_ms, task_id=task_id, epoch=epoch) is not None
+        request names its task, so a late copy of it can never renew another one; with none named
+        and none fetched it is refused (ValueError) unless ``held=True`` (see :meth:`ack`)."""
+        return await self._renew(time_to_recover_ms, task_id=task_id, epoch=epoch, held=held) is not None
 
     async def fail(
         self,
@@ -963,23 +1133,26 @@ class Worker(RpcClient):
         retry_in_ms: int | None = None,
         task_id: str | None = None,
         epoch: int | None = None,
+        held: bool = False,
     ) -> FailOutcome | None:
         """Give a task back after a technical failure (the one named, by default the one the last
         fetch returned): it comes back after ``retry_in_ms`` (default: the bridge's backoff), or
         is parked at its delivery limit. ``error`` (any JSON) is kept as its last error. None if
         the task is no longer this worker's. A business error that completes the task is an ack
-        with ``error``."""
-        current = self.current
-        if task_id is None and current is not None:
-            task_id, epoch = current.id, current.epoch
+        with ``error``. Like the ack, it names its task: with none named and none fetched it is
+        refused (ValueError) unless ``held=True`` (see :meth:`ack`). Once answered, the task is
+        settled: a :meth:`Task.keep_alive` heartbeat of it stops."""
+        task, task_id, epoch = self._about("fail", task_id, epoch, held)
         body = self._named(task_id, epoch)
         if error is not None:
             body["error"] = error
         if retry_in_ms is not None:
             body["retryInMs"] = retry_in_ms
-        reply = await self.call("fail", body)
-        if current is not None and task_id == current.id:
-            self._knows_it_holds_nothing()  # answered either way: the task is not this worker's now
+        async with _settling(task):
+            reply = await self.call("fail", body)
+        if task is not None:
+            task._settled = True  # answered either way: the task is not this worker's now
+            self._knows_it_holds_nothing()
         if not reply.get("result"):
             return None
         return FailOutcome.from_wire(reply["task"])
@@ -1002,7 +1175,19 @@ class Worker(RpcClient):
         request whose reply was lost, may still claim a task for this worker at the bridge: the
         worker closes their reply-to (a waiting fetch then claims nothing) and, for up to
         :attr:`stop_grace` seconds, fetches the task it holds and handles what comes, before
-        ``run`` returns (see :meth:`_claimed_after_stop`).
+        ``run`` returns (see :meth:`_claimed_after_stop`): it returns within about ``stop_grace``
+        plus one request's ``timeout`` after the task in hand was settled (plus the handler's
+        time for a task that drain hands it).
+
+        The loop goes on through what the bridge or RabbitMQ answers about a fetch: no answer,
+        ``unavailable``, ``internal`` or an error code this client does not know pause the next
+        fetch a little longer each time (see :meth:`_poll`); ``integrity_error`` (a task that could
+        not be opened: tampered, or sealed with a key since removed from the key ring, which the
+        bridge dead-lettered) is logged and the next fetch moves on at once. Only answers that
+        say the worker itself is misconfigured end ``run`` with that error
+        (:data:`MISCONFIGURED`: ``unknown_owner``, no key for its owner; ``unauthorized``;
+        ``bad_request``, such as a service or worker id the bridge refuses): a worker that cannot
+        be served then stops with a clear error instead of looking alive forever.
         """
         handled = 0
         task: Task | None = None
@@ -1047,6 +1232,12 @@ class Worker(RpcClient):
         :data:`STOP_FETCH_WAIT_MS` at most, then once more, and yields what comes, to be
         handled. Nothing when every request was answered.
 
+        Bounded: a fetch under way when the grace ends is given up then (answered or not), and
+        the last fetch's answer is awaited the client's ``timeout`` at most, so the fetching ends
+        within ``stop_grace`` plus one ``timeout`` (see :meth:`_stop_fetch`); handling what it
+        yields takes the handler's time on top. An ``integrity_error`` answer moves on to the next
+        fetch, an answer saying the worker is misconfigured ends the fetching (logged).
+
         A fetch may also claim a new task (the bridge has no "only the held one"): it is yielded
         as well. A fetch of its own that loses its reply too is not waited for (logged)."""
         if time.monotonic() >= self._unsure_until:
@@ -1064,13 +1255,20 @@ class Worker(RpcClient):
             left = until - time.monotonic()
             self._holds_nothing = False  # never ``fresh``: the bridge must look up the held task
             try:
-                task = await self.fetch(wait_ms=max(0, min(STOP_FETCH_WAIT_MS, int(left * 1000))))
-            except (TransportError, UnavailableError) as exc:
+                task = await self._stop_fetch(left)
+            except IntegrityError as exc:  # dead-lettered: the next fetch moves on
+                log.error("stopping: a task could not be opened (%s); the bridge dead-lettered it", exc)
+                task = None
+            except MISCONFIGURED as exc:  # no fetch of this worker can succeed: nothing to hand back
+                log.error("stopping: fetch refused (%s: %s); not fetching any more", exc.code, exc)
+                break
+            except (BridgeClientError, TimeoutError) as exc:  # TimeoutError: the grace ended first
                 failed += 1
                 log.warning("stopping: fetch got no answer (%d in a row): %s", failed, exc)
                 task = None
-                if left > 0:  # paused as the loop's fetches are (RabbitMQ may be down)
-                    await asyncio.sleep(min(left, POLL_PAUSE_MAX_S, self.poll_interval * 2 ** min(failed - 1, 16)))
+                rest = until - time.monotonic()
+                if left > 0 and rest > 0:  # paused as the loop's fetches are (RabbitMQ may be down)
+                    await asyncio.sleep(min(rest, POLL_PAUSE_MAX_S, self.poll_interval * 2 ** min(failed - 1, 16)))
             else:
                 failed = 0
             if task is not None:
@@ -1079,6 +1277,17 @@ class Worker(RpcClient):
                 break
         if self._unsure_until > unsure_until:
             log.warning("stopping: a fetch got no answer; a task it may still claim returns when its lease ends")
+
+    async def _stop_fetch(self, left: float) -> Task | None:
+        """One fetch of :meth:`_claimed_after_stop`, ``left`` seconds before its end: while some
+        are left, a long-poll of :data:`STOP_FETCH_WAIT_MS` at most, given up (TimeoutError) when
+        they are over, unanswered or not; then the last one, which does not wait for a task and
+        whose answer is awaited the client's ``timeout`` at most. So the drain ends within
+        ``stop_grace`` plus one request's timeout (plus a handler's time for what it hands)."""
+        if left <= 0:
+            return await self.fetch()
+        async with asyncio.timeout(left):
+            return await self.fetch(wait_ms=min(STOP_FETCH_WAIT_MS, int(left * 1000)))
 
     async def _ack_in_loop(self, task: Task, result: Any, *, take_next: bool) -> Task | None:
         """Ack ``task`` with ``result`` and, with ``take_next``, take the next task from the same
@@ -1133,17 +1342,30 @@ class Worker(RpcClient):
 
     async def _poll(self, stop: asyncio.Event | None = None) -> Task | None:
         """One fetch of the worker's loop (a long-poll of :attr:`wait_ms`); None when it found
-        nothing (after :attr:`poll_interval` when not long-polling) or got no answer. Fetches
-        that get no answer (RabbitMQ down or refusing, Cassandra down at the bridge) in a row
-        pause longer each time, up to :data:`POLL_PAUSE_MAX_S`, instead of reconnecting as fast
-        as the loop turns; ``stop`` ends the pause."""
+        nothing (after :attr:`poll_interval` when not long-polling), found a task it could not
+        hand out, or got no answer. Fetches that get no answer (RabbitMQ down or refusing,
+        Cassandra down at the bridge) or an error that is not the worker's (``internal``, a code
+        this client does not know) in a row pause longer each time, up to
+        :data:`POLL_PAUSE_MAX_S`, instead of reconnecting as fast as the loop turns; ``stop`` ends
+        the pause. ``integrity_error`` (the task could not be opened: tampered, or sealed with a
+        key the key ring no longer has) is logged and the next fetch goes at once: the bridge
+        dead-lettered that task and cleared this worker's pointer, so it moves on. An error that
+        says the worker itself is wrong (:data:`MISCONFIGURED`) is raised: no retry fixes it."""
         try:
             task = await self._fetch_unless_stopped(stop)
-        except (TransportError, UnavailableError) as exc:
+        except IntegrityError as exc:
+            log.error("fetch: a task could not be opened (%s); the bridge dead-lettered it, moving on", exc)
+            self._failed_polls = 0
+            return None
+        except MISCONFIGURED:
+            raise
+        except BridgeClientError as exc:
             self._failed_polls += 1
             pause = min(POLL_PAUSE_MAX_S, self.poll_interval * 2 ** min(self._failed_polls - 1, 16))
             if self._failed_polls == 1 or self._failed_polls % 10 == 0:
-                log.warning("fetch got no answer (%d in a row, next in %.1fs): %s", self._failed_polls, pause, exc)
+                log.warning(
+                    "fetch failed (%d in a row, next in %.1fs): %s: %s", self._failed_polls, pause, exc.code, exc
+                )
             await self._pause(pause, stop)
             return None
         self._failed_polls = 0

@@ -96,9 +96,13 @@ async def test_add_stats_fetch_ack_round_trip(bridge: Any, bridge_env: dict[str,
     assert (s["ready"], s["in_flight"], s["done"], s["dead"]) == (0, 1, 0, 0), s
     assert s["oldest_ready_age_s"] is None
 
+    lease = ("--task-id", fetched["id"], "--epoch", str(fetched["epoch"]))  # an ack names its task
     acked = ok(
-        await cli("ack", svc, "--worker", "w1", "--result", '{"paid": true}', "--amqp-url", worker_url, env=bridge_env)
-    )
+        await cli(
+            "ack", svc, "--worker", "w1", *lease, "--result", '{"paid": true}', "--amqp-url", worker_url,
+            env=bridge_env,
+        )
+    )  # fmt: skip
     assert acked.strip() == "true"
 
     s = await stats(svc, bridge_env)

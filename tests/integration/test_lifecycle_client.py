@@ -341,10 +341,11 @@ async def test_cli_lifecycle_round_trip(
     task_id = ok(await cli("add", svc, '{"n": 1}', "--max-deliveries", "1", *engine_args, env=bridge_env)).strip()
     fetched = await run("fetch", svc, "--ttr", "60000", *worker_args)
     assert fetched["id"] == task_id and "epoch" in fetched
-    assert await run("extend", svc, "--ttr", "30000", *worker_args) is True
-    failed = await run("fail", svc, "--error", '{"why": "cli"}', *worker_args)
+    lease = ("--task-id", task_id, "--epoch", str(fetched["epoch"]))  # as fetch printed them
+    assert await run("extend", svc, "--ttr", "30000", *lease, *worker_args) is True
+    failed = await run("fail", svc, "--error", '{"why": "cli"}', *lease, *worker_args)
     assert failed["id"] == task_id and failed["parked"] is True and failed["retryAt"] is None
-    assert await run("extend", svc, *worker_args) is False  # parked: not this worker's any more
+    assert await run("extend", svc, *lease, *worker_args) is False  # parked: not this worker's any more
 
     parked = await run("parked", svc, *engine_args)
     assert [t["id"] for t in parked["tasks"]] == [task_id]

@@ -75,7 +75,7 @@ async def test_fifo_order_and_fetch_repeats_until_ack(bridge, engine, workers):
 
 async def test_ack_without_a_task_is_false(bridge, workers):
     w = await workers(service_id())
-    assert await w.ack(result=1) is False
+    assert await w.ack(result=1, held=True) is False
 
 
 async def test_two_workers_get_different_tasks(bridge, engine, workers):

@@ -205,7 +205,7 @@ async def test_owners_never_see_each_others_tasks(bridge, servers, names, worker
         await ea.add(svc, "for a")
     other = await workers(svc, "same-worker-id", user=OWNERS[1])
     assert await other.fetch() is None
-    assert await other.ack("x") is False
+    assert await other.ack("x", held=True) is False
     mine = await workers(svc, "same-worker-id", user=OWNERS[0])
     assert (await mine.fetch()).value == "for a"
 

@@ -40,7 +40,7 @@ async def test_tasks_expire_after_the_ttl_acked_or_not(make_bridge, engine, work
         what="TTL expiry of every row of the task",
     )
     assert await w.fetch() is None
-    assert await w.ack("too late") is False
+    assert await w.ack("too late", held=True) is False
 
 
 @pytest.fixture

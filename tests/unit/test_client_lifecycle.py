@@ -365,6 +365,34 @@ async def test_a_fail_without_an_answer_leaves_the_worker_unsure(monkeypatch: py
     assert "fresh" not in bridge.bodies("fetch")[0]  # it may still hold the task
 
 
+async def test_a_request_about_no_task_is_refused_unless_held_is_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Worker that fetched nothing and names no task would send a request naming none, which
+    the bridge applies to whatever the worker id holds (contract 1.0): refused before anything
+    is sent, unless ``held=True`` asks for exactly that (then no ``taskId`` goes)."""
+    worker = Worker(URL, service="svc", worker_id="w1")
+    outcome = {"id": "t9", "deliveries": 1, "parked": False, "retryAt": "2026-01-01T00:00:05.000Z"}
+    bridge = attach(
+        worker,
+        FakeBridge(ack=[{"result": True}], fail=[{"result": True, "task": outcome}], extend=[renewed]),
+        monkeypatch,
+    )
+    for name, request in {
+        "ack": lambda: worker.ack("r"),
+        "fail": lambda: worker.fail({"e": 1}),
+        "extend": lambda: worker.extend(),
+    }.items():
+        with pytest.raises(ValueError, match=f"no task to {name}"):
+            await request()
+    assert bridge.calls == []
+    assert await worker.ack("r", held=True) is True
+    assert (await worker.fail({"e": 1}, held=True)) == FailOutcome("t9", 1, False, "2026-01-01T00:00:05.000Z")
+    assert await worker.extend(held=True) is True
+    nameless = {"serviceId": "svc", "workerId": "w1"}
+    assert bridge.bodies("ack") == [{**nameless, "result": "r"}]
+    assert bridge.bodies("fail") == [{**nameless, "error": {"e": 1}}]
+    assert bridge.bodies("extend") == [nameless]
+
+
 # --- keep_alive ---------------------------------------------------------------------------------
 
 
