@@ -287,3 +287,30 @@ async def test_a_redrive_whose_unpark_reply_is_lost_counts_the_task_claimed_mome
     task = await waiting
     assert task is not None and task.id == task_id
     await counts_become(engine, svc, {"ready": 0, "inFlight": 1, "parked": 0})
+
+
+async def test_stats_count_only_the_parked_index_rows_whose_task_is_still_parked(bridge, engine, workers, cql, servers):
+    """Stats counted the parked index's rows as they were. A row outlives its park when a bridge
+    dies between a redrive's (or discard's, or cancel's) compare-and-set and the row's delete, and
+    only a listing removes it: stats and the parked gauge showed tasks parked that a worker held,
+    or that were long done, until someone listed the queue."""
+    from cassandra.util import uuid_from_time  # type: ignore[import-untyped]
+
+    svc = service_id()
+    task_id = await add_limited(engine, svc, "poison", 1)
+    w = await workers(svc, "w")
+    got = await fetch_until(w, 5)
+    assert got["task"]["id"] == task_id
+    assert (await call(w, "fail", {"serviceId": svc, "workerId": "w"}))["task"]["parked"] is True
+    held = await engine.add(svc, "held by a worker")
+    other = await workers(svc, "other")
+    assert (await fetch_until(other, 5))["task"]["id"] == held
+    ks = servers.keyspace
+    insert = cql.prepare(
+        f"INSERT INTO {ks}.parked (owner, service, task_id, epoch, parked_at, reason, has_token) "
+        "VALUES (?, ?, ?, 1, toTimestamp(now()), 'delivery_limit', false) USING TTL 600"
+    )
+    # What such crashes leave: a row of a task a worker holds now, and rows of tasks long gone.
+    for stale in [uuid.UUID(held), *(uuid_from_time(time.time() - 3600 + i) for i in range(3))]:
+        cql.execute(insert, (OWNERS[0], svc, stale))
+    await counts_become(engine, svc, {"parked": 1, "inFlight": 1})
