@@ -202,6 +202,7 @@ class KeyringFileProvider:
         signature = _signature(self._path)
         self._ring: _Ring = load_keyring(self._path)
         self._signature: _Signature | None = signature
+        self._unreadable: _Signature | None = None  # a version of the file that could not be read
         self._last_check = clock()
         self.reloads = 0
         self.failed_reloads = 0
@@ -254,13 +255,25 @@ class KeyringFileProvider:
             return False
         if signature == self._signature and not force:
             return False
-        self._signature = signature  # retry only after the next change, whatever the outcome
         try:
             ring = load_keyring(self._path)
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
+            # Not recorded: read again at the next check. A file written by another user (a
+            # `keyring rotate` run as someone else: mode 0600) is unreadable until its owner or
+            # mode is fixed, which changes neither its mtime nor its size: recorded, it was never
+            # read again, and this bridge kept the old keys (the new ones' tasks unopenable here,
+            # a removed key still usable) until it restarted.
+            if signature != self._unreadable:  # warned once per version of the file
+                self.failed_reloads += 1
+                log.warning("keyring %s cannot be read, keeping the previous keyring: %s", self._path, exc)
+            self._unreadable = signature
+            return False
+        except ValueError as exc:
+            self._signature = signature  # malformed: read again once the file changes
             self.failed_reloads += 1
             log.warning("keyring reload failed, keeping the previous keyring: %s", exc)
             return False
+        self._signature, self._unreadable = signature, None
         self._ring = ring
         self.reloads += 1
         log.info("keyring %s reloaded (%d owners)", self._path, len(ring))

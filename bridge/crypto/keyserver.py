@@ -242,6 +242,11 @@ class HttpKeyProvider:
         encoded = doc.get("key")
         if not isinstance(got_id, str) or not got_id:
             raise BadKeyAnswer(f"malformed key server response for {what}: missing 'id'")
+        if got_id == _CURRENT:
+            # Reserved (the path of the current key): a server echoing it had every add sealed
+            # under an id that no lookup by id can ever answer, so those tasks and their results
+            # became unopenable once the cache let go of it.
+            raise BadKeyAnswer(f"malformed key server response for {what}: {_CURRENT!r} is not a key id")
         if key_id is not None and got_id != key_id:
             raise BadKeyAnswer(f"malformed key server response for {what}: it names key {got_id!r}")
         if not isinstance(encoded, str):

@@ -243,6 +243,38 @@ async def test_rotation_via_reload(ring_path: Path, ring_doc: dict[str, Any], cl
 
 
 @pytest.mark.anyio
+async def test_a_rotated_file_that_cannot_be_read_is_read_again_once_it_can(
+    ring_path: Path, ring_doc: dict[str, Any], clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rotated key-ring written by another user (mode 0600) cannot be read until an operator
+    fixes its owner or mode, which changes neither its mtime nor its size: the bridge recorded the
+    new version as seen and never read it again, keeping the old keys until it restarted."""
+    from bridge.crypto import keyring_file
+
+    provider = KeyringFileProvider(ring_path, clock=clock)
+    old = await provider.current_key("acme")
+    new_id = rotate_keyring(ring_doc, "acme")
+    _write(ring_path, ring_doc)
+    real_load = keyring_file.load_keyring
+    unreadable = [True]
+
+    def load(path: Path) -> Any:
+        if unreadable[0]:  # as root, a chmod does not stop this process reading: refused here
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_load(path)
+
+    monkeypatch.setattr(keyring_file, "load_keyring", load)
+    for _ in range(3):
+        clock.advance(1.01)
+        assert (await provider.current_key("acme")).key_id == old.key_id  # the previous ring is kept
+    assert provider.failed_reloads == 1, "warned once, not at every check"
+    unreadable[0] = False  # chown / chmod: the same mtime and size
+    clock.advance(1.01)
+    assert (await provider.current_key("acme")).key_id == new_id
+    assert provider.reloads == 1
+
+
+@pytest.mark.anyio
 async def test_reload_is_checked_at_most_once_per_second(
     ring_path: Path, ring_doc: dict[str, Any], clock: FakeClock
 ) -> None:

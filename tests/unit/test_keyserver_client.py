@@ -307,6 +307,24 @@ async def test_malformed_answers_are_key_unavailable(status: int, body: bytes, e
     assert "eHh4" not in str(info.value)  # the body (key material) is never echoed
 
 
+async def test_a_current_key_named_current_is_refused() -> None:
+    """The id "current" names the path of the current key, never a key: a server that echoed it as its
+    key's id had every add sealed under an id no lookup by id could answer (the tasks and their
+    results unopenable once the cache let it go)."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = b'{"id": "current", "key": "' + base64.b64encode(b"x" * 32) + b'"}'
+        return web.Response(status=200, body=body, content_type="application/json")
+
+    async with _custom_server(handler) as url:
+        prov = HttpKeyProvider(url)
+        try:
+            with pytest.raises(KeyUnavailable, match="'current' is not a key id"):
+                await prov.current_key("acme")
+        finally:
+            await prov.close()
+
+
 async def test_closed_provider_is_unavailable(server: KeyServer) -> None:
     server.add_owner("acme")
     prov = HttpKeyProvider(server.url)
