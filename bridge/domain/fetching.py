@@ -21,7 +21,7 @@ from bridge.domain.condemn import condemn
 from bridge.domain.context import QueueContext
 from bridge.domain.counting import landed_later, was_delayed
 from bridge.domain.dispatch import Dispatcher
-from bridge.domain.errors import IntegrityError, KeyMissing, MaybeApplied, Unavailable
+from bridge.domain.errors import IntegrityError, KeyMissing, KeysUnavailable, MaybeApplied, Unavailable
 from bridge.domain.hints import HintsUnavailable, Taken, TaskHints
 from bridge.domain.models import Delivery, FetchRequest
 from bridge.domain.reconcile import Reconciliation
@@ -777,16 +777,24 @@ class Fetcher:
             raise Unavailable("the task expired while being fetched; fetch again")
         try:
             plain, payload = await self._open(q, task_id, payload, from_hint=payload is carried)
-        except KeyMissing:
+        except (KeyMissing, KeysUnavailable) as exc:
             # Let the worker move on to other tasks; this lease runs out and the task is offered
             # again later (by then, perhaps, with its key back). The worker never saw it: this
             # claim is not a delivery, or a long key outage would park healthy tasks at their limit.
+            # A lookup that failed (the key server slow or away for this key) is let go alike: kept,
+            # the worker's retries re-sent this task and failed again, never reaching the tasks
+            # sealed with the current key behind it.
             await asyncio.gather(
                 ctx.store.clear_worker(q, worker, _after(stamp, ctx.clock.now_ms())),
                 ctx.store.uncount(q, task_id, epoch, worker),
             )
-            ctx.metrics.inc("deliveries_failed", reason="key_missing")
-            log.error("task not delivered: its key is missing", extra={"task_id": str(task_id), "epoch": epoch})
+            missing = isinstance(exc, KeyMissing)
+            ctx.metrics.inc("deliveries_failed", reason="key_missing" if missing else "key_unavailable")
+            log.error(
+                "task not delivered: its key is %s",
+                "missing" if missing else "unavailable",
+                extra={"task_id": str(task_id), "epoch": epoch},
+            )
             raise
         except IntegrityError as exc:
             # It can never be delivered: dead-letter it (kept until its TTL for inspection) so the

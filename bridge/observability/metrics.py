@@ -159,7 +159,7 @@ ROUTES: dict[str, Route] = {
     ),
     "deliveries_failed": Route(
         "deliveries_failed",
-        "Claimed tasks that could not be handed out, by reason (key_missing, expired).",
+        "Claimed tasks that could not be handed out, by reason (key_missing, key_unavailable, expired).",
         labels=("reason",),
     ),
     "amqp_channels_lost": Route(

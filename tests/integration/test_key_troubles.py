@@ -323,3 +323,48 @@ async def test_one_owners_broken_key_entry_does_not_stall_every_other_owners_add
                 await wait_for(all_landed, 50, interval=0, what=f"every one of the broken owner's {flood} adds")
         finally:
             await b.stop()
+
+
+async def test_a_key_lookup_that_fails_does_not_pin_the_worker_to_its_task(make_bridge, engine, workers, tmp_path):
+    """A fetch claims a task sealed with an older key, and the lookup of that key fails (the key
+    server slow or away, or a bad entry for that one id): ``unavailable``. Unlike a key found
+    missing, the claim kept the worker's pointer, so each retry of the worker re-sent that task's
+    lease and failed again: the worker never got to the healthy tasks sealed with the current key
+    behind it (after a rotation, every worker of the queue), and each claim counted toward the
+    delivery limit. It is now let go as a missing key is: the worker moves on."""
+    from bridge.crypto import KeyUnavailable
+    from bridge.crypto.keyring_file import rotate_keyring
+
+    path, doc = _keyring(tmp_path)
+    b = await make_bridge(keyring=str(path), **FAST)
+    ring = b.keys.upstream
+    svc = service_id()
+    old_id = doc["owners"][OWNERS[0]]["current"]
+    first = await engine.add(svc, "sealed with the old key")
+    rotate_keyring(doc, OWNERS[0])
+    write_keyring(path, doc)
+    assert ring.maybe_reload(force=True)
+    b.keys.invalidate()
+    second = await engine.add(svc, "sealed with the new key")
+    real_by_id = ring.key_by_id
+
+    async def key_by_id(owner: str, key_id: str) -> Any:
+        if key_id == old_id:
+            raise KeyUnavailable("the key server timed out (injected)")
+        return await real_by_id(owner, key_id)
+
+    ring.key_by_id = key_by_id  # type: ignore[method-assign]
+    b.keys.invalidate()
+    w = await workers(svc)
+    with pytest.raises(UnavailableError):
+        await w.fetch(time_to_recover_ms=60_000)  # claims the first task, whose key cannot be had
+
+    async def the_healthy_task() -> Any:
+        try:
+            return await w.fetch(time_to_recover_ms=60_000)
+        except UnavailableError:
+            return None
+
+    task = await wait_for(the_healthy_task, 10, interval=0.1, what="the task sealed with the current key")
+    assert task.id == second and task.value == "sealed with the new key"
+    assert first != second
