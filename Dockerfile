@@ -68,9 +68,12 @@ USER 10001:10001
 EXPOSE 8080
 
 # No curl in the slim image: the standard library does the probe. urlopen raises on a refused
-# connection or an HTTP status >= 400, so python exits 1 = unhealthy.
+# connection or an HTTP status >= 400, so python exits 1 = unhealthy. Liveness, not readiness:
+# Swarm and autoheal tools replace an unhealthy container, and readiness fails during a RabbitMQ
+# or Cassandra outage, when every bridge would be replaced (and the new ones exit while the
+# outage lasts). docker-compose.yml probes readiness instead, to start the demos once it serves.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health/ready' % os.environ.get('BRIDGE_HTTP_PORT', '8080'), timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health/live' % os.environ.get('BRIDGE_HTTP_PORT', '8080'), timeout=4)"]
 
 # Exec form: queue-bridge is PID 1 and receives SIGTERM itself (graceful stop, BRIDGE_SHUTDOWN_GRACE).
 STOPSIGNAL SIGTERM

@@ -114,6 +114,7 @@ class Bridge:
         self.hints = AmqpHints(settings, on_loss=lambda: self.reconcile.alarm(self.clock.now_ms()))
         # One bridge of the fleet runs the recovery scheduler and the result relay (RabbitMQ elects it).
         self.duty = Duty(f"{settings.queue_prefix}.duty", queue_arguments=durable_queue_arguments(settings))
+        self.metrics.bind_duty(lambda: self.duty.held)
         # Wired complete at construction: the queue publishes through this, the transport attaches it.
         self.results = ResultPublisher(settings)
         self.counts = QueueCounts()  # stats deltas, flushed about once a second

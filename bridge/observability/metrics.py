@@ -349,6 +349,13 @@ class BridgeMetrics:
             ("channel",),
             registry=r,
         )
+        self.duty_held = Gauge(
+            f"{PREFIX}_duty_held",
+            "1 while this bridge holds the fleet's duty (the recovery scheduler and the result relay). "
+            "Summed over the fleet it is 1; 0 for a minute means no bridge takes expired leases back "
+            "or publishes owed results, though every bridge reports no scheduler lag.",
+            registry=r,
+        )
         self.info = Info(PREFIX, "Build and instance of this bridge.", registry=r)
         self.info.info({"version": version or package_version(), "instance": instance})
         self._callbacks = _CallbackCollector(monotonic)
@@ -421,6 +428,9 @@ class BridgeMetrics:
         """``consumed``: every request queue the bridge consumes (one series each, 0 or 1)."""
         for queue in consumed:
             self.paused.labels(queue).set(1 if queue in paused else 0)
+
+    def bind_duty(self, held: Callable[[], bool]) -> None:
+        self.duty_held.set_function(lambda: 1.0 if held() else 0.0)
 
     def bind_clock_uncertainty(self, uncertainty_ms: Callable[[], float | None]) -> None:
         def seconds() -> float:

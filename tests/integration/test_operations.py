@@ -33,8 +33,11 @@ async def test_health_and_metrics_of_a_running_bridge(make_bridge, engine, worke
     await engine.add(svc, 1, token={"p": 1})
     w = await workers(svc)
     await (await w.fetch()).ack(2)
+    await wait_for(lambda: b.duty.held, 10, what="the duty")
     status, text = await http_get(port, "/metrics")
     assert status == 200
+    # A fleet with no duty holder runs no scheduler and no relay, and reports no lag: alerted on this.
+    assert "queue_bridge_duty_held 1.0" in text
     for needle in (
         'queue_bridge_requests_total{method="add",outcome="ok"}',
         'queue_bridge_requests_total{method="fetch",outcome="ok"}',

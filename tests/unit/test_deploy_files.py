@@ -158,13 +158,15 @@ def test_dockerfile_entrypoint_is_exec_form_console_script() -> None:
     assert stopsignals in ([], ["SIGTERM"])
 
 
-def test_dockerfile_healthcheck_probes_readiness() -> None:
+def test_dockerfile_healthcheck_probes_liveness() -> None:
+    """Not readiness: Swarm and autoheal tools replace an unhealthy container, and readiness fails
+    through a RabbitMQ or Cassandra outage, which would replace every bridge of the fleet."""
     checks = [args for keyword, args in _stages()[-1] if keyword == "HEALTHCHECK"]
     assert checks, "the runtime stage has no HEALTHCHECK"
     options, sep, command = checks[-1].partition("CMD ")
     assert sep, f"HEALTHCHECK without CMD: {checks[-1]}"
     code = _python_code(_exec_form(command))
-    assert "/health/ready" in code
+    assert "/health/live" in code
     assert "127.0.0.1" in code
     assert str(Settings.model_fields["http_port"].default) in code
     assert "--timeout=" in options
