@@ -39,6 +39,7 @@ from bridge.transport.topology import durable_queue_arguments
 
 COUNTS_FLUSH_S = 1.0  # queue-count deltas are written this often (a kill -9 loses at most this much)
 MAX_GAUGE_QUEUES = 1_000
+STOP_STEP_MIN_S = 0.5  # each waiting step of a stop gets this much even past the grace
 WRITE_LATE_MS = 1_000  # how late a write may land after the time it was stamped with (dispatcher settle)
 
 log = logging.getLogger("bridge.app")
@@ -317,6 +318,15 @@ class Bridge:
         """Graceful: stop consuming, finish in-flight requests, flush results, then close."""
         self._stop.set()
         grace = self.settings.shutdown_grace
+        # One deadline for the steps that wait (each given the whole grace, a stop took several
+        # times it, past a pod's termination grace: SIGKILL mid-stop), and each given a moment
+        # at least, so that what is quick still happens.
+        loop = asyncio.get_running_loop()
+        ends = loop.time() + grace
+
+        def left() -> float:
+            return max(STOP_STEP_MIN_S, ends - loop.time())
+
         for task in self._tasks:  # the serving gate must not resume consumers during shutdown
             task.cancel()
         # Not the queue counts' flusher: cancelled mid-flush, it lost the deltas it had taken and
@@ -325,16 +335,18 @@ class Bridge:
         await self.duty.release()  # another bridge takes the background loops over now
         await self.transport.pause()
         # The gateway stops listening and finishes its requests (within the grace) alongside AMQP's.
-        idle, _ = await asyncio.gather(self.transport.wait_idle(grace), self._stop_gateway())
+        idle, _ = await asyncio.gather(self.transport.wait_idle(left()), self._stop_gateway())
         if not idle:
             log.warning("in-flight requests did not finish within %.1fs", grace)
         self.scheduler.cancel_timers()  # best-effort timers: the timer wheel has their entries
-        await self.queue.stop_background(timeout=max(1.0, grace))
+        await self.queue.stop_background(timeout=left())
         if self._counts_flusher is not None:
             with suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self._counts_flusher), timeout=max(1.0, grace))
+                await asyncio.wait_for(asyncio.shield(self._counts_flusher), timeout=left())
         with suppress(Exception):
-            await self.counts.flush(self.store)  # the last second of queue-count deltas
+            # The last second of queue-count deltas; bounded: a statement a queue, each waiting up
+            # to the driver's timeout while Cassandra stalls, and it waited for all of them.
+            await asyncio.wait_for(self.counts.flush(self.store), timeout=left())
         for task in [*self._tasks, *([self._counts_flusher] if self._counts_flusher else [])]:
             task.cancel()
             with suppress(asyncio.CancelledError):

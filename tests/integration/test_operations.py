@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
+import time
 import uuid
 from typing import Any
 
@@ -313,3 +314,26 @@ async def test_results_reach_the_results_queue_after_the_results_exchange_was_re
         await wait_for(arrived, 20, interval=0.2, what="the result in the engine's results queue")
     finally:
         await conn.close()
+
+
+async def test_a_stop_while_cassandra_stalls_ends_within_its_grace(make_bridge, engine, workers):
+    """Each waiting step of a stop was given the whole ``BRIDGE_SHUTDOWN_GRACE``, and the last
+    flush of the queue counts none at all: a statement per queue, each waiting on a stalled
+    Cassandra. A stop then took several times its grace, or for ever, past a pod's termination
+    grace (SIGKILL mid-stop). The steps now share one deadline."""
+    b = await make_bridge(shutdown_grace=2.0)
+    svc = service_id()
+    await engine.add(svc, "counted")  # a queue-count delta to flush
+    stalled = asyncio.Event()
+
+    async def flush(_store: Any) -> int:
+        stalled.set()
+        await asyncio.Event().wait()  # Cassandra does not answer
+        return 0
+
+    b.counts.flush = flush  # type: ignore[method-assign]
+    await wait_for(stalled.is_set, 5, what="a flush under way")
+    started = time.monotonic()
+    await asyncio.wait_for(make_bridge.stop(b), 30)
+    took = time.monotonic() - started
+    assert took < 2.0 + 3.0, f"the stop took {took:.1f}s with a 2 s grace"
