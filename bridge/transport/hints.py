@@ -486,8 +486,21 @@ class AmqpHints:
         async def delivered(message: AbstractIncomingMessage) -> None:
             await self._delivered(waiting, message)
 
+        # A set: added once per aiormq channel (a reopened channel is a new one).
+        channel.on_consumer_cancel_callbacks.add(self._consumer_cancelled)
         waiting.consumer_tag = await queue.consume(delivered, consumer_tag=tag)
         waiting.channel = channel
+
+    def _consumer_cancelled(self, frame: Basic.Cancel) -> None:
+        """The broker cancelled a hint consumer: its queue was deleted, or the node holding it went
+        down. Its waiting fetches are answered null now, and the queue declared again at its next
+        use: left, they slept until their waitMs ran out (up to 30 s) and no task reached them,
+        since nothing else answers a fetch whose consumer is gone while its channel stays open."""
+        for waiting in list(self._waiting.values()):
+            if waiting.consumer_tag == frame.consumer_tag:
+                self._declared.pop(waiting.queue.name, None)
+                waiting.consumer_tag = None
+                waiting.answer_all()
 
     def _consumers_lost(self) -> None:
         """The consumers' channel was opened again (a reconnection, a channel error): every hint

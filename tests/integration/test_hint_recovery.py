@@ -92,15 +92,21 @@ async def test_long_poll_works_again_after_an_operator_deleted_the_hint_queue(br
     await wait_for(lambda: _waiters(bridge) == 1, 10.0, what="the first long-poll waiting")
     await wait_for(lambda: consumers_on(url, ours), 5.0, interval=0.2, what="the bridge consuming the hint queue")
     await _delete_queue(url, ours)
-    # The first fetches after the deletion find the hint channel closed (404) and are answered
-    # null at once; the bridge's robust channel comes back and declares the hint queue again.
+    # The waiting fetch is answered null at the broker's cancel of its consumer; the first fetches
+    # after the deletion find the hint channel closed (404) and are answered null at once; the
+    # bridge's robust channel comes back and declares the hint queue again. Each worker long-polls
+    # again, as its loop would.
+    assert await asyncio.wait_for(first, 10.0) is None, "answered at the cancel of its consumer"
+    first = asyncio.create_task(w1.fetch(wait_ms=25_000))
     second = asyncio.create_task(w2.fetch(wait_ms=25_000))
     deadline = time.monotonic() + 20
     while _waiters(bridge) < 2:
-        assert time.monotonic() < deadline, "the second long-poll never waited"
-        if second.done():
-            assert second.result() is None
-            second = asyncio.create_task(w2.fetch(wait_ms=25_000))
+        assert time.monotonic() < deadline, "the long-polls never waited again"
+        for n, (w, t) in enumerate(((w1, first), (w2, second))):
+            if t.done():
+                assert t.result() is None
+                again = asyncio.create_task(w.fetch(wait_ms=25_000))
+                first, second = (again, second) if n == 0 else (first, again)
         await asyncio.sleep(0.05)
 
     async def exists() -> bool:
@@ -224,3 +230,38 @@ async def test_a_reconnection_does_not_declare_again_hint_queues_the_bridge_no_l
                 await ch.queue_delete(name)
         await conn.close()
     assert back <= 5, f"{back} of 30 deleted hint queues declared again by the reconnection (MAX_DECLARED 5)"
+
+
+async def test_a_lone_long_poll_whose_hint_consumer_the_broker_cancelled_gets_the_next_task(
+    make_bridge, engine, workers, servers
+):
+    """The broker cancels a hint consumer when its queue is deleted or the node holding it goes
+    down; the consuming channel stays open. Nothing answered the fetches waiting on it: with no
+    other worker arriving to start a consumer again, a worker waited out its whole long-poll (30 s
+    by the client's default) while tasks were added. They are now answered at the cancel, and the
+    worker's next long-poll gets the task."""
+    bridge = await make_bridge()
+    await make_bridge()  # the add is stored by another bridge (no local hand-off)
+    await bridge.transport.pause(["add"])
+    svc = service_id()
+    ours = hint_queue_name(bridge.settings.queue_prefix, QueueKey(OWNERS[0], svc))
+    url = servers.amqp_url("guest")
+    w = await workers(svc)
+
+    async def loop() -> Any:  # a worker's loop: long-poll again until a task comes
+        while True:
+            got = await w.fetch(wait_ms=25_000)
+            if got is not None:
+                return got
+
+    polling = asyncio.create_task(loop())
+    await wait_for(lambda: _waiters(bridge) == 1, 10.0, what="the long-poll waiting")
+    await wait_for(lambda: consumers_on(url, ours), 5.0, interval=0.2, what="the bridge consuming the hint queue")
+    await _delete_queue(url, ours)
+    added = time.monotonic()
+    task_id = await engine.add(svc, {"n": 1})
+    try:
+        got = await asyncio.wait_for(polling, 10.0)
+    finally:
+        polling.cancel()
+    assert got.id == task_id and time.monotonic() - added < 10
