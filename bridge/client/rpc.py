@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Self
@@ -38,6 +38,7 @@ from bridge.transport.failover import connect_first
 
 __all__ = [
     "DEADLINE_HEADER",
+    "NOW_HEADER",
     "REPLY_TO",
     "Engine",
     "FailOutcome",
@@ -53,6 +54,9 @@ __all__ = [
 
 REPLY_TO = "amq.rabbitmq.reply-to"
 DEADLINE_HEADER = "x-deadline"
+# On replies: the bridge's clock (Cassandra's time, ms since the epoch) as it built the reply.
+NOW_HEADER = "x-now"
+CLOCK_WARN_MS = 1_000  # an offset from the bridge's clock beyond this is worth telling the user, once
 IDEMPOTENCY_HEADER = "x-idempotency-key"  # contract 1.5: the add's own idempotency key (empty: none)
 MIN_BEAT_S = 0.1  # keep_alive never beats faster than this, however short the lease
 REDRIVE_RATE = 50.0  # the bridge's default BRIDGE_REDRIVE_RATE: parked tasks put back per second
@@ -107,6 +111,11 @@ class RpcClient:
         self._suspect: AbstractChannel | None = None
         # Closes of replaced connections, under way in the background (see _retire).
         self._retiring: set[asyncio.Task[None]] = set()
+        # The bridge's clock minus this host's (ms), from the last reply's x-now (None until one
+        # says it, or with bridges that do not): deadlines are set on the bridge's clock, which
+        # judges them, so a host clock that is off does not make every request late or early.
+        self.clock_offset_ms: int | None = None
+        self._clock_warned = False
 
     async def open(self) -> None:
         self._closed = False
@@ -242,12 +251,37 @@ class RpcClient:
         await self.close()
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        self._learn_clock(message.headers)  # from any reply, a late one included
         fut = self._pending.pop(message.correlation_id or "", None)
         method = self._pending_method.pop(message.correlation_id or "", None)
         if method is not None:
             self._replied[method] = time.monotonic()
         if fut is not None and not fut.done():
             fut.set_result((jsonvalue.loads(message.body), dict(message.headers or {})))
+
+    def _learn_clock(self, headers: Mapping[str, Any] | None) -> None:
+        """Take the offset of the bridge's clock from a reply's x-now. The reply was built just
+        before it was sent, so the error is about one broker hop (it can only make the offset
+        smaller: a deadline a little early by the bridge's clock, never late). A header that is
+        missing or not an integer (a bridge before it, anything else) is ignored."""
+        now = (headers or {}).get(NOW_HEADER)
+        if isinstance(now, bool) or not isinstance(now, int) or now <= 0:
+            return
+        offset = now - int(time.time() * 1000)
+        self.clock_offset_ms = offset
+        if abs(offset) > CLOCK_WARN_MS and not self._clock_warned:
+            self._clock_warned = True
+            log.warning(
+                "this host's clock is %.1f s %s the bridge's (Cassandra's time): request deadlines are "
+                "set on the bridge's clock from now on, but fix this host's clock (NTP)",
+                abs(offset) / 1000,
+                "behind" if offset > 0 else "ahead of",
+            )
+
+    def bridge_time(self) -> float:
+        """Now by the bridge's clock (seconds since the epoch), as far as this client knows: this
+        host's clock corrected by :attr:`clock_offset_ms` once a reply told it."""
+        return time.time() + (self.clock_offset_ms or 0) / 1000
 
     async def publish(
         self,
@@ -317,7 +351,8 @@ class RpcClient:
         hdrs: dict[str, Any] = dict(headers or {})
         if owner is not None:
             hdrs["x-owner"] = owner
-        now = time.time()
+        # The bridge's clock judges both the deadline and (an ack without a task id) the timestamp.
+        now = self.bridge_time()
         if reply:
             # Past this moment we will have given up (and may retry): the bridge drops the request
             # instead of executing it late, when its outcome could only act on state that moved on.
@@ -699,15 +734,16 @@ class Engine(RpcClient):
         return int((await self._result("discard", {"serviceId": service, "taskIds": list(task_ids)}))["discarded"])
 
 
-def _seconds_until(iso: str) -> float | None:
-    """Seconds from now to an ISO 8601 instant of the bridge's (None if it does not parse)."""
+def _seconds_until(iso: str, now: float) -> float | None:
+    """Seconds from ``now`` (the bridge's time, seconds since the epoch) to an ISO 8601 instant of
+    the bridge's (None if it does not parse)."""
     try:
         at = datetime.fromisoformat(iso)
     except (TypeError, ValueError):
         return None
     if at.tzinfo is None:
         at = at.replace(tzinfo=UTC)
-    return (at - datetime.now(UTC)).total_seconds()
+    return at.timestamp() - now
 
 
 def _settling(task: Task | None) -> contextlib.AbstractAsyncContextManager[None]:
@@ -827,7 +863,8 @@ class Task:
 
     def _beat_interval(self, ttr_ms: int | None) -> float:
         """A third of the lease that is left (capped by the lease each beat asks for)."""
-        left = _seconds_until(self.lease_expires_at)
+        # On the bridge's clock, as the lease is: a host clock behind would beat too late.
+        left = _seconds_until(self.lease_expires_at, self.worker.bridge_time())
         if left is None:  # not a date-time this client can read: trust the lease asked for
             asked = ttr_ms or self.worker.time_to_recover_ms
             left = asked / 1000 if asked is not None else UNKNOWN_LEASE_S

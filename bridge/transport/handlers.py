@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from bridge.config import Settings
 from bridge.domain.deadlines import request_deadline_ms
-from bridge.domain.errors import BadRequest, NotSent, OwnerKeyUnusable
+from bridge.domain.errors import BadRequest, NotSent, OwnerKeyUnusable, Unavailable
 from bridge.domain.fetching import RequestAbandoned
 from bridge.domain.models import AckWithNextRequest, AddCommand, FetchRequest, parse
 from bridge.domain.queue import PendingAdd, WorkQueue
@@ -103,6 +103,9 @@ class RequestHandlers:
         # The bridge's own user names the owner of the adds it moved to its retry lane.
         self.identity = Identity([*settings.trusted_users, self.lane.user])
         self._consuming = consuming  # false once the bridge stops taking requests (shutdown)
+        # Every reply says this bridge's time (x-now): a client whose host clock is off sets its
+        # requests' x-deadline on it.
+        replies.now_ms = lambda: self.queue.clock.now_ms()
 
     # -- one place that settles every request ---------------------------------------------------
     async def conclude(
@@ -318,7 +321,8 @@ class RequestHandlers:
                 service=getattr(request, "service_id", None),
                 worker=getattr(request, "worker_id", None),
             )
-            if self._expired(method, deadline):
+            if (late_ms := self._expired(method, deadline)) is not None:
+                await self._answer_late(message, late_ms)
                 outcome, (body, headers) = EXPIRED, (None, None)
             else:
                 # The store gives a second try at an unknown outcome only if it ends in time.
@@ -341,14 +345,30 @@ class RequestHandlers:
             return await self.fail(message, method, exc)
         return await self.conclude(message, method, outcome, body, headers)
 
-    def _expired(self, method: str, deadline: int | None) -> bool:
-        """The caller gave up (and may have retried elsewhere): executing it now could only act on
-        state that has moved on. Dropped before touching Cassandra, and counted."""
+    def _expired(self, method: str, deadline: int | None) -> int | None:
+        """How many ms past its deadline the request came (None: in time). The caller gave up (and
+        may have retried elsewhere): executing it now could only act on state that has moved on.
+        Not executed (nothing touches Cassandra), and counted."""
         if deadline is None or (late_ms := self.queue.clock.now_ms() - deadline) <= 0:
-            return False
+            return None
         self.queue.metrics.inc("requests_expired", method=method)
-        log.info("request past its deadline dropped", extra={"late_ms": late_ms})
-        return True
+        log.info("request past its deadline not executed", extra={"late_ms": late_ms})
+        return late_ms
+
+    async def _answer_late(self, message: RequestMessage, late_ms: int) -> None:
+        """Answer a request that came past its deadline ``unavailable`` (its delivery is settled as
+        ``expired`` all the same). A deadline reckoned on a client's clock that is behind this
+        bridge's by more than its timeout makes every request of it late: unanswered, each looked
+        like a lost reply, and nothing said why. A caller still waiting learns it (and the clocks'
+        offset, from the reply's x-now) and sends it again; one that gave up drops the reply."""
+        if not usable_reply_to(message.reply_to):
+            return
+        error = Unavailable(
+            f"the request arrived past its x-deadline by {late_ms} ms by this bridge's clock, and was not "
+            "executed: if it was sent just now, the client's clock is behind the bridge's (Cassandra's "
+            "time); send it again with a deadline on the bridge's clock (the x-now header of this reply)"
+        )
+        await self.replies.answer(message, reply_body(error=error), is_error=True)
 
     async def _fetch(self, owner: str, req: FetchRequest, message: RequestMessage) -> Reply:
         if message.redelivered and req.fresh:

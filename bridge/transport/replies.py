@@ -48,6 +48,9 @@ _PID_TAILS = {ord("X"): 12, ord("g"): 9}
 MAX_PROVEN_NODES = 256
 MAX_CHECKED_NAMES = 4096  # reply_to names already parsed (a worker keeps its name for its connection)
 NOT_PERSISTENT = 1
+# On every reply: the bridge's clock (Cassandra's time, ms since the epoch) as it built the reply.
+# Clients set their requests' x-deadline on that clock instead of their host's, which may be off.
+NOW_HEADER = "x-now"
 
 
 def message_ids() -> Iterator[str]:
@@ -124,14 +127,18 @@ class ReplyPublisher:
         self.proven: set[str] = set()
         self._opening = asyncio.Lock()
         self.refused = 0  # replies the broker refused (forged reply_to): only the probation connection paid
+        self.now_ms: Callable[[], int] | None = None  # the bridge's clock, for NOW_HEADER (None: not sent)
 
     async def answer(
         self, request: RequestMessage, body: bytes, *, is_error: bool, headers: dict[str, Any] | None = None
     ) -> None:
         """Reply to ``request`` (if it has a reply_to); a requester that is gone is only logged:
-        it retries, and the state is in Cassandra."""
+        it retries, and the state is in Cassandra. With :attr:`now_ms` set, the reply says the
+        bridge's time (:data:`NOW_HEADER`), read here: just before it is sent."""
         if not request.reply_to or self.main is None:
             return
+        if self.now_ms is not None:
+            headers = {**(headers or {}), NOW_HEADER: self.now_ms()}
         fields: dict[str, Any] = {
             "content_type": "application/json",
             "correlation_id": request.correlation_id,

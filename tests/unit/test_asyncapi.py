@@ -715,6 +715,7 @@ class _Incoming:
 
 class _WorkQueue:
     def __init__(self) -> None:
+        self.clock = ManualClock(1_700_000_000_000)  # the replies' x-now
         self.error: Exception | None = None
         self.delivery: Delivery | None = None
         self.acked = True

@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -618,3 +619,66 @@ async def test_ack_and_fetch_answered_by_a_bridge_before_1_6_is_an_ack_only(monk
     assert await worker.ack_and_fetch("done") == (True, None)
     await worker.fetch()
     assert "fresh" not in bridge.bodies("fetch")[0]
+
+
+# --- the bridge's clock (x-now on replies) -------------------------------------------------------
+
+
+def reply_saying(now_ms: Any, correlation_id: str | None = None) -> Any:
+    """A reply as the client's consumer gets it, with ``now_ms`` as its x-now header (``...``: none)."""
+    headers = {} if now_ms is ... else {"x-now": now_ms}
+    return SimpleNamespace(correlation_id=correlation_id, headers=headers, body=b'{"result": null}')
+
+
+async def test_deadlines_are_set_on_the_bridges_clock_once_a_reply_says_it() -> None:
+    """A host clock 30 s behind the bridge's made every deadline 30 s late by the bridge's clock
+    (past it on arrival, with a 10 s timeout): the client now adds the offset the replies say."""
+    worker = Worker(URL, service="svc", worker_id="w1", timeout=10.0)
+    loop = asyncio.get_running_loop()
+
+    def deadline_and_timestamp() -> tuple[float, float]:
+        message = worker._message("ack", b"{}", loop.time() + worker.timeout, True, None, None, None)
+        assert message.timestamp is not None
+        return (message.headers or {})["x-deadline"] / 1000, message.timestamp.timestamp()
+
+    deadline, sent = deadline_and_timestamp()
+    assert worker.clock_offset_ms is None
+    assert deadline == pytest.approx(time.time() + 10.0, abs=0.5), "no offset before any reply"
+    await worker._on_reply(reply_saying(int(time.time() * 1000) + 30_000))  # a late one: nobody waits for it
+    assert worker.clock_offset_ms == pytest.approx(30_000, abs=500)
+    deadline, sent = deadline_and_timestamp()
+    assert deadline == pytest.approx(time.time() + 30.0 + 10.0, abs=0.5)
+    assert sent == pytest.approx(time.time() + 30.0, abs=1.5)  # whole seconds: judged by the bridge's clock too
+    await worker._on_reply(reply_saying(int(time.time() * 1000) - 5_000))  # the last reply is the one that counts
+    assert worker.clock_offset_ms == pytest.approx(-5_000, abs=500)
+    assert deadline_and_timestamp()[0] == pytest.approx(time.time() - 5.0 + 10.0, abs=0.5)
+
+
+@pytest.mark.parametrize("now", [..., None, "1800000000000", 1.8e12, True, 0, -5, [1]])
+async def test_a_reply_without_a_usable_x_now_changes_nothing(now: Any) -> None:
+    worker = Worker(URL, service="svc", worker_id="w1")
+    await worker._on_reply(reply_saying(now))
+    assert worker.clock_offset_ms is None
+    await worker._on_reply(reply_saying(int(time.time() * 1000) + 20_000))
+    await worker._on_reply(reply_saying(now))  # a bridge without it (an older one) keeps what was learnt
+    assert worker.clock_offset_ms == pytest.approx(20_000, abs=500)
+
+
+async def test_a_clock_off_by_more_than_a_second_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
+    worker = Worker(URL, service="svc", worker_id="w1")
+    with caplog.at_level(logging.WARNING, logger="bridge.client"):
+        await worker._on_reply(reply_saying(int(time.time() * 1000) + 300))  # within a second: nothing said
+        assert caplog.records == []
+        for _ in range(3):
+            await worker._on_reply(reply_saying(int(time.time() * 1000) - 12_000))
+    (record,) = caplog.records
+    assert "12.0 s ahead of the bridge's" in record.getMessage()
+
+
+async def test_the_beat_reckons_the_lease_left_on_the_bridges_clock() -> None:
+    """A lease of 30 s by the bridge's clock, on a host 60 s behind it: a third of 90 s (30 s)
+    would beat after the lease ran out."""
+    worker = Worker(URL, service="svc", worker_id="w1")
+    await worker._on_reply(reply_saying(int(time.time() * 1000) + 60_000))
+    task = held_task(worker, lease_s=60 + 30)  # the bridge's now + 30 s, on this host's clock
+    assert task._beat_interval(None) == pytest.approx(10.0, abs=0.5)
