@@ -115,6 +115,15 @@ class BridgeClient {
     // Method -> when a reply to it last came: a timeout while others of the same method are
     // answered is a slow bridge, not a stuck channel (the connection is kept).
     this.replied = new Map();
+    // The bridge's clock less this host's (ms), from the x-now header of the last reply: request
+    // deadlines are judged on the bridge's clock, and a host clock behind it by more than a
+    // request's timeout had every request dropped as late.
+    this.clockOffsetMs = 0;
+  }
+
+  /** The bridge's time now, as this host reckons it from the last reply's x-now. */
+  bridgeNow() {
+    return Date.now() + this.clockOffsetMs;
   }
 
   /**
@@ -170,6 +179,8 @@ class BridgeClient {
 
   onReply(msg) {
     if (msg === null) return; // consumer cancelled by the broker
+    const now = (msg.properties.headers || {})['x-now'];
+    if (Number.isSafeInteger(now) && now > 0) this.clockOffsetMs = now - Date.now(); // even a late reply's
     const id = msg.properties.correlationId;
     const call = id === undefined ? undefined : this.pending.get(id);
     if (call === undefined) return; // late reply to a request we gave up on: drop it
@@ -215,14 +226,14 @@ class BridgeClient {
     const content = options.raw ?? Buffer.from(JSON.stringify(body));
     const headers = { ...(options.headers || {}) };
     if (method !== 'add' && headers['x-deadline'] === undefined) {
-      headers['x-deadline'] = Date.now() + timeoutMs; // an integer: the bridge drops it once past
+      headers['x-deadline'] = this.bridgeNow() + timeoutMs; // on the bridge's clock; refused once past
     }
     const properties = {
       replyTo: DIRECT_REPLY_TO,
       correlationId,
       contentType: 'application/json',
       deliveryMode: 2,
-      timestamp: Math.floor(Date.now() / 1000), // AMQP timestamps are whole seconds
+      timestamp: Math.floor(this.bridgeNow() / 1000), // AMQP timestamps are whole seconds
       headers,
     };
     const userId = options.userId === undefined ? this.user : options.userId;

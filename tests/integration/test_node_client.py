@@ -410,3 +410,40 @@ async def test_node_client_sends_the_request_after_one_without_a_reply_on_a_new_
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out == {"codes": ["timeout"] * 3, "distinct": 3}, out
+
+
+CLOCK_BEHIND = """
+const { BridgeClient } = require('./bridge');
+const realNow = Date.now;
+Date.now = () => realNow() - 30000; // this host's clock is 30 s behind the bridge's
+(async () => {
+  const client = await BridgeClient.open({ url: process.env.QB_AMQP_URL, exchange: process.env.QB_EXCHANGE });
+  const outcomes = [];
+  for (let i = 0; i < 2; i += 1) {
+    try {
+      await client.request('fetch', { serviceId: process.env.QB_SERVICE, workerId: 'w' }, { timeoutMs: 5000 });
+      outcomes.push('answered');
+    } catch (err) {
+      outcomes.push(err.code);
+    }
+  }
+  process.stdout.write(JSON.stringify({ outcomes, offset: client.clockOffsetMs }) + '\\n');
+  await client.close();
+})();
+"""
+
+
+async def test_node_client_whose_clock_is_behind_sets_its_deadlines_on_the_bridges_clock(
+    bridge: Any, node: str, servers: Servers, names: dict[str, str]
+) -> None:
+    """A host 30 s behind: its first request comes past its x-deadline by the bridge's clock and
+    is answered unavailable with the bridge's time (x-now); its next one, with a deadline on the
+    bridge's clock, is served. Before, every request was dropped unanswered (a timeout each)."""
+    env = {**os.environ, **env_of(servers, names, OWNERS[0]), "QB_SERVICE": service_id()}
+    done = await asyncio.to_thread(
+        subprocess.run, [node, "-e", CLOCK_BEHIND], cwd=NODE_DIR, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["outcomes"] == ["unavailable", "answered"], out
+    assert 29_000 < out["offset"] < 31_000, out
