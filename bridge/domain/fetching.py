@@ -356,7 +356,7 @@ class Fetcher:
             except HintsUnavailable:
                 # The hints published to it meanwhile are lost: scan, without the grace for what
                 # is in the store already (its hints are not on their way).
-                self.reconcile.alarm(self.ctx.clock.now_ms())
+                self.reconcile.alarm_queue(a.q, self.ctx.clock.now_ms())
                 break
             if taken is None:
                 break
@@ -434,7 +434,7 @@ class Fetcher:
         worker, the bridge and the broker (about 50 fetches a second per worker) for as long as
         the hint queue was gone."""
         await asyncio.sleep(min(left_ms, HINTLESS_POLL_MS) / 1000)
-        self.reconcile.alarm(self.ctx.clock.now_ms())  # what is stored by now has no hint coming
+        self.reconcile.alarm_queue(a.q, self.ctx.clock.now_ms())  # what is stored by now has no hint coming
         if still_wanted is not None:
             if a.requester is not None:
                 a.requester.cancel()
@@ -470,7 +470,7 @@ class Fetcher:
         # Never past the present: a delayed task's entry sits at its due time (``WorkQueue.add``).
         # With hints on the cutoff is older than the present by the grace (seconds), far more than
         # the skew margin the scheduler waits before it announces a due task.
-        cutoff = min(self.reconcile.cutoff_ms(now), now)
+        cutoff = min(self.reconcile.cutoff_ms(now, a.q), now)
         for _ in range(MAX_CLAIM_ATTEMPTS):
             entry = await self.dispatcher.next_candidate(a.q, LANE_RECOVERED, spread=spread)
             if entry is None or ms_of(entry.seq) > cutoff:

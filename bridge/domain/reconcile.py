@@ -36,6 +36,7 @@ class Reconciliation:
         self.max_queues = max_queues
         self._quiet_until: OrderedDict[QueueKey, int] = OrderedDict()
         self._alarm_ms = 0  # the last alarm: entries placed before it are scanned without grace
+        self._queue_alarms: OrderedDict[QueueKey, int] = OrderedDict()  # the same, for one queue
 
     @classmethod
     def scan_always(cls) -> Reconciliation:
@@ -44,15 +45,30 @@ class Reconciliation:
     def due(self, q: QueueKey, now_ms: int) -> bool:
         return now_ms >= self._quiet_until.get(q, 0)
 
-    def cutoff_ms(self, now_ms: int) -> int:
-        """Entries placed after this moment are left to their hints."""
-        return NO_CUTOFF if self.grace_ms is None else max(now_ms - self.grace_ms, self._alarm_ms)
+    def cutoff_ms(self, now_ms: int, q: QueueKey | None = None) -> int:
+        """Entries (of ``q``) placed after this moment are left to their hints."""
+        if self.grace_ms is None:
+            return NO_CUTOFF
+        return max(now_ms - self.grace_ms, self._alarm_ms, self._queue_alarms.get(q, 0) if q is not None else 0)
 
     def alarm(self, now_ms: int) -> None:
         """Hints may have been lost until now: scan every queue again at its next fetch, taking
         what was placed before this moment without waiting for the grace."""
         self._alarm_ms = max(self._alarm_ms, now_ms)
         self._quiet_until.clear()
+
+    def alarm_queue(self, q: QueueKey, now_ms: int) -> None:
+        """The hints of ``q`` alone may have been lost until now (its hint queue cannot be used: the
+        node holding it is down): ``q`` is scanned at its next fetch, without the grace for what
+        was placed before this moment. Every other queue keeps its quiet interval: with the
+        bridge-wide alarm, one queue's unusable hint queue (its waiting fetches raise it every
+        second) made every fetch of every queue of the bridge scan, and claim brand-new tasks
+        whose hints other bridges' waiting fetches were being handed."""
+        self._queue_alarms[q] = max(self._queue_alarms.get(q, 0), now_ms)
+        self._queue_alarms.move_to_end(q)
+        while len(self._queue_alarms) > self.max_queues:
+            self._queue_alarms.popitem(last=False)
+        self._quiet_until.pop(q, None)
 
     def found(self, q: QueueKey) -> None:
         self._quiet_until.pop(q, None)
