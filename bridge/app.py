@@ -26,6 +26,7 @@ from bridge.gateway.server import GatewayServer
 from bridge.observability import storage_metrics
 from bridge.observability.http import OpsServer
 from bridge.observability.metrics import BridgeMetrics
+from bridge.observability.throttled import ThrottledWarning
 from bridge.serving import ALL, ServingGate
 from bridge.storage.repository import CassandraTaskStore
 from bridge.storage.schema import create_schema
@@ -119,6 +120,7 @@ class Bridge:
         # Wired complete at construction: the queue publishes through this, the transport attaches it.
         self.results = ResultPublisher(settings)
         self.counts = QueueCounts()  # stats deltas, flushed about once a second
+        self._warn_gauges_cut = ThrottledWarning(log, every_s=3600.0)
         # The duty holder deletes counter rows past every reader's window (counters take no TTL).
         self.trim = CounterTrim(self.store, self.clock, settings.task_ttl_seconds * 1000)
         self.queue = WorkQueue(
@@ -295,18 +297,38 @@ class Bridge:
                     exported = False
                 continue
             try:
-                rows = []
-                now = self.clock.now_ms()
-                ttl = self.settings.task_ttl_seconds * 1000
-                margin = int(self.settings.clock_skew_margin * 1000)
-                for q in await self.store.queues(MAX_GAUGE_QUEUES):
-                    s = await service_stats(self.store, q, now, ttl, margin, margin + WRITE_LATE_MS)
-                    states = {"ready": s.ready, "in_flight": s.in_flight, "delayed": s.delayed, "parked": s.parked}
-                    rows.append((q.owner, q.service, states, s.oldest_ready_age_ms))
-                self.metrics.set_queue_stats(rows)
+                self.metrics.set_queue_stats(await self._queue_gauge_rows())
                 exported = True
             except Exception as exc:
                 log.warning("queue gauges not refreshed: %s", type(exc).__name__)
+
+    async def _queue_gauge_rows(self) -> list[tuple[str, str, dict[str, int], int | None]]:
+        """The gauges' rows, a queue at a time. A queue whose reads fail (its parked index full of
+        tombstones after a mass redrive, a timeout) is left out of this refresh alone: one such
+        queue failed the whole refresh, and every tenant's gauges froze."""
+        rows = []
+        now = self.clock.now_ms()
+        ttl = self.settings.task_ttl_seconds * 1000
+        margin = int(self.settings.clock_skew_margin * 1000)
+        queues = await self.store.queues(MAX_GAUGE_QUEUES + 1)
+        if len(queues) > MAX_GAUGE_QUEUES:
+            self._warn_gauges_cut.warning(
+                "more than %d queues: gauges for the first %d only (the stats RPC answers for any)",
+                MAX_GAUGE_QUEUES,
+                MAX_GAUGE_QUEUES,
+            )
+        failed: list[str] = []
+        for q in queues[:MAX_GAUGE_QUEUES]:
+            try:
+                s = await service_stats(self.store, q, now, ttl, margin, margin + WRITE_LATE_MS)
+            except Exception as exc:
+                failed.append(f"{q.owner}/{q.service}: {type(exc).__name__}")
+                continue
+            states = {"ready": s.ready, "in_flight": s.in_flight, "delayed": s.delayed, "parked": s.parked}
+            rows.append((q.owner, q.service, states, s.oldest_ready_age_ms))
+        if failed:
+            log.warning("queue gauges of %d queues not refreshed: %s", len(failed), "; ".join(failed[:5]))
+        return rows
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -624,6 +624,37 @@ async def test_the_duty_bridge_exports_queue_gauges(make_bridge, engine, workers
     assert await metric(port, f"queue_bridge_queue_oldest_ready_age_seconds{{{labels}}}") >= 0
 
 
+async def test_one_queue_whose_stats_fail_leaves_the_other_queues_gauges_refreshed(
+    make_bridge, engine, workers, monkeypatch
+):
+    """The gauges are refreshed a queue at a time; one queue whose reads failed (its parked index
+    full of tombstones after a mass redrive reads past Cassandra's tombstone limit) failed the
+    whole refresh, and every tenant's gauges froze."""
+    import bridge.app
+    from tests.conftest import free_port, metric
+
+    broken, healthy = service_id(), service_id()
+    real = bridge.app.service_stats
+
+    async def service_stats(store: Any, q: Any, *args: Any) -> Any:
+        if q.service == broken:
+            raise RuntimeError("TombstoneOverwhelmingException (injected)")
+        return await real(store, q, *args)
+
+    monkeypatch.setattr(bridge.app, "service_stats", service_stats)
+    port = free_port()
+    await make_bridge(**FAST, http_port=port, stats_interval=0.3)
+    await engine.add(broken, "its reads fail")
+    await engine.add(healthy, "a")
+    await engine.add(healthy, "b")
+    labels = f'owner="{OWNERS[0]}",service="{healthy}"'
+
+    async def exported() -> bool:
+        return await metric(port, f'queue_bridge_queue_tasks{{{labels},state="ready"}}') == 2
+
+    await wait_for(exported, 15, what="the healthy queue's gauge beside a queue whose stats fail")
+
+
 async def test_another_owner_cannot_touch_a_queue_it_does_not_own(make_bridge, engine, workers):
     await make_bridge(**FAST)
     svc = service_id()
