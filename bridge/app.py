@@ -22,12 +22,14 @@ from bridge.domain.queue import Limits, Metrics, WorkQueue
 from bridge.domain.reconcile import Reconciliation
 from bridge.domain.scheduler import RecoveryScheduler
 from bridge.domain.stats import service_stats
+from bridge.errors import BridgeError
 from bridge.gateway.server import GatewayServer
 from bridge.observability import storage_metrics
 from bridge.observability.http import OpsServer
 from bridge.observability.metrics import BridgeMetrics
 from bridge.observability.throttled import ThrottledWarning
 from bridge.serving import ALL, ServingGate
+from bridge.storage.errors import StorageUnavailable
 from bridge.storage.repository import CassandraTaskStore
 from bridge.storage.schema import create_schema
 from bridge.storage.session import open_session
@@ -41,6 +43,22 @@ from bridge.transport.topology import durable_queue_arguments
 COUNTS_FLUSH_S = 1.0  # queue-count deltas are written this often (a kill -9 loses at most this much)
 MAX_GAUGE_QUEUES = 1_000
 STOP_STEP_MIN_S = 0.5  # each waiting step of a stop gets this much even past the grace
+START_RETRY_FIRST_S, START_RETRY_MAX_S = 1.0, 15.0  # BRIDGE_START_TIMEOUT's tries
+
+
+class StartCancelled(Exception):
+    """Stopped (SIGTERM) while waiting for a dependency at start."""
+
+
+def _storage_unreachable() -> tuple[type[BaseException], ...]:
+    """What the drivers raise for a Cassandra out of reach at start (acsylla's are mapped to
+    StorageUnavailable; the datastax driver's connect is not mapped)."""
+    from cassandra import OperationTimedOut
+    from cassandra.cluster import NoHostAvailable
+
+    return (StorageUnavailable, NoHostAvailable, OperationTimedOut)
+
+
 WRITE_LATE_MS = 1_000  # how late a write may land after the time it was stamped with (dispatcher settle)
 
 log = logging.getLogger("bridge.app")
@@ -222,13 +240,11 @@ class Bridge:
                 self.ops.start, "BRIDGE_HTTP_PORT", self.settings.http_host, self.settings.http_port
             )
         try:
-            await self.db.connect()
-            await create_schema(self.db, self.settings)
-            await self.store.prepare()
+            await self._until_reachable("Cassandra", self._connect_store, _storage_unreachable())
             # Measure the clock before taking any request: a skewed bridge never grants a lease.
             with suppress(Exception):
                 await self.skew.measure()
-            await self._start_transport()
+            await self._until_reachable("RabbitMQ", self._start_transport, (BrokerUnreachable,))
             if self.gateway is not None:
                 self.gateway_port = await _listen(
                     self.gateway.start, "BRIDGE_GATEWAY_PORT", self.settings.gateway_host, self.settings.gateway_port
@@ -246,6 +262,40 @@ class Bridge:
             await self.ops.stop()
             raise
         log.info("bridge started", extra={"http_port": self.http_port, "gateway_port": self.gateway_port})
+
+    async def _connect_store(self) -> None:
+        await self.db.connect()
+        await create_schema(self.db, self.settings)
+        await self.store.prepare()
+
+    async def _until_reachable(
+        self, what: str, connect: Callable[[], Awaitable[None]], unreachable: tuple[type[BaseException], ...]
+    ) -> None:
+        """``connect``, tried again while ``what`` cannot be reached, for ``BRIDGE_START_TIMEOUT``.
+        Exiting at once, a sidecar started during a dependency's outage (or restarted in one) went
+        into a crash loop whose backoff, up to 5 minutes in Kubernetes, kept its pod down long
+        after the dependency was back. A stop meanwhile ends the wait."""
+        loop = asyncio.get_running_loop()
+        gives_up = loop.time() + self.settings.start_timeout
+        delay = START_RETRY_FIRST_S
+        while True:
+            try:
+                await connect()
+                return
+            except unreachable as exc:
+                if self._stop.is_set() or loop.time() + delay > gives_up:
+                    raise
+                log.warning(
+                    "%s cannot be reached at start (%s); trying again in %.0f s (BRIDGE_START_TIMEOUT)",
+                    what,
+                    exc if isinstance(exc, BridgeError) else type(exc).__name__,
+                    delay,
+                )
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=delay)
+            if self._stop.is_set():
+                raise StartCancelled(f"stopped while waiting for {what} at start")
+            delay = min(delay * 2, START_RETRY_MAX_S)
 
     async def _start_transport(self) -> None:
         """Connect to RabbitMQ, declare the topology, consume. What the broker or the network
@@ -395,7 +445,11 @@ async def run_forever(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, bridge.request_stop)
-    await bridge.start()
+    try:
+        await bridge.start()
+    except StartCancelled:
+        log.info("stopped while waiting for a dependency at start")
+        return
     try:
         await bridge.wait_stopped()
     finally:

@@ -236,6 +236,13 @@ class Settings(BaseSettings):
         "(idle, or sent a byte at a time) is closed; a request body not received within it is refused (408).",
     )
     shutdown_grace: float = Field(10.0, ge=0)
+    start_timeout: float = Field(
+        0.0,
+        ge=0,
+        le=3600,
+        description="At start, how long to keep trying a Cassandra or RabbitMQ that cannot be reached or refuses "
+        "the bridge, 1 s doubling to 15 s between tries (0: exit at once, code 1). Liveness answers meanwhile.",
+    )
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     instance_id: str | None = Field(None, description="Name of this bridge instance in logs and metrics.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import time
@@ -337,3 +338,55 @@ async def test_a_stop_while_cassandra_stalls_ends_within_its_grace(make_bridge, 
     await asyncio.wait_for(make_bridge.stop(b), 30)
     took = time.monotonic() - started
     assert took < 2.0 + 3.0, f"the stop took {took:.1f}s with a 2 s grace"
+
+
+@pytest.mark.parametrize("down", ["cassandra", "rabbitmq"])
+async def test_a_bridge_started_while_a_dependency_is_down_waits_for_it(
+    bridge_env, servers, engine, workers, caplog, down
+):
+    """A sidecar started (or restarted) during a Cassandra or RabbitMQ outage exited with code 1,
+    and Kubernetes' restart backoff (up to 5 minutes) kept its pod down long after the dependency
+    was back. With ``BRIDGE_START_TIMEOUT`` it keeps trying, liveness answering meanwhile."""
+    import logging
+
+    from bridge.app import Bridge
+    from tests.conftest import BRIDGE_USER, settings_from
+    from tests.faults import TcpProxy
+
+    overrides: dict[str, Any]
+    if down == "cassandra":
+        proxy = await TcpProxy(servers.cassandra_hosts[0], servers.cassandra_port).start()
+        overrides = {"cassandra_hosts": ["127.0.0.1"], "cassandra_port": proxy.port}
+    else:
+        proxy = await TcpProxy(servers.amqp_host, servers.amqp_port).start()
+        overrides = {"amqp_url": f"amqp://{BRIDGE_USER}:{BRIDGE_USER}@127.0.0.1:{proxy.port}/"}
+    proxy.cut()  # the dependency cannot be reached
+    caplog.set_level(logging.WARNING, logger="bridge.app")
+    b = Bridge(settings_from(bridge_env, start_timeout=60, **overrides))
+    starting = asyncio.create_task(b.start())
+    try:
+        await wait_for(lambda: "cannot be reached at start" in caplog.text or starting.done(), 30, what="a try")
+        assert not starting.done(), "it exited instead of waiting"
+        proxy.restore()
+        await asyncio.wait_for(starting, 40)
+        svc = service_id()
+        await engine.add(svc, "served once it was back")
+        w = await workers(svc)
+        task = await wait_for(lambda: w.fetch(), 15, interval=0.2, what="the task served")
+        assert task.value == "served once it was back"
+    finally:
+        if not starting.done():
+            starting.cancel()
+        with contextlib.suppress(Exception):
+            await b.stop()
+        await proxy.stop()
+
+
+async def test_sigterm_while_waiting_for_a_dependency_at_start_exits_at_once(bridge_processes):
+    """SIGTERM while a bridge waits for Cassandra at start (BRIDGE_START_TIMEOUT): it exits 0 at
+    once, not after its start timeout."""
+    p = bridge_processes(BRIDGE_CASSANDRA_PORT="1", BRIDGE_START_TIMEOUT="120", BRIDGE_HTTP_PORT="0")
+    await wait_for(lambda: "cannot be reached at start" in p.log_path.read_text(), 60, what="a try at start")
+    started = time.monotonic()
+    assert await asyncio.to_thread(p.terminate, 15) == 0
+    assert time.monotonic() - started < 5
