@@ -547,8 +547,18 @@ class Lifecycle:
             done += 1
             # Only this park's row: the task may be claimed and parked again (at a later epoch)
             # before this delete lands, and that park's row must stay.
-            await self.store.remove_parked(q, task_id, epoch=lease.epoch)
+            await self._drop_parked_row(q, task_id, lease.epoch)
         return done
+
+    async def _drop_parked_row(self, q: QueueKey, task_id: uuid.UUID, epoch: int | None) -> None:
+        """The parked-index row of a park an applied decision (redrive, discard, cancel) ended. A
+        delete that fails leaves a row listings pass (and remove) and stats do not count: the
+        decision stands. Raised, the caller was answered ``unavailable`` for a decision that had
+        applied, and its retry found the task no longer parked (a cancel answered false)."""
+        try:
+            await self.store.remove_parked(q, task_id, epoch=epoch)
+        except Unavailable as exc:  # a storage error (a timeout, an unknown outcome)
+            log.warning("parked-index row of task %s left behind: %s", task_id, type(exc).__name__)
 
     async def _paced(self, q: QueueKey, interval: float) -> None:
         """Wait for this queue's next redrive slot on this bridge (``interval`` apart)."""
@@ -573,7 +583,7 @@ class Lifecycle:
                 continue
             res = await self.store.cancel(q, task_id, LeaseState.PARKED, lease.epoch, to=LeaseState.DISCARDED)
             if res.applied:
-                await self.store.remove_parked(q, task_id)
+                await self._drop_parked_row(q, task_id, None)
                 self.ctx.metrics.inc("tasks_discarded")
                 done += 1
         return done
@@ -645,7 +655,7 @@ class Lifecycle:
             res = await self.store.cancel(q, task_id, lease.state, lease.epoch)
             if res.applied:
                 if lease.state is LeaseState.PARKED:
-                    await self.store.remove_parked(q, task_id, epoch=lease.epoch)
+                    await self._drop_parked_row(q, task_id, lease.epoch)
                 elif lease.base_epoch == lease.epoch:
                     ctx.count(q, ms_of(task_id), ready=-1)  # redriven, not claimed since
                 else:

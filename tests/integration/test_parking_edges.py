@@ -314,3 +314,26 @@ async def test_stats_count_only_the_parked_index_rows_whose_task_is_still_parked
     for stale in [uuid.UUID(held), *(uuid_from_time(time.time() - 3600 + i) for i in range(3))]:
         cql.execute(insert, (OWNERS[0], svc, stale))
     await counts_become(engine, svc, {"parked": 1, "inFlight": 1})
+
+
+async def test_a_cancel_of_a_parked_task_whose_index_row_delete_fails_answers_true(
+    make_bridge, engine, workers, monkeypatch
+):
+    """A cancel (or discard, or redrive) whose decision applied and whose parked-index row delete
+    then failed was answered ``unavailable``; the caller's retry found the task cancelled already
+    and answered false ("it had finished or is unknown") for a task this request cancelled."""
+    from bridge.storage.errors import StorageUnavailable
+
+    b = await make_bridge(**FAST)
+    svc = service_id()
+    task_id = await add_limited(engine, svc, "poison", 1)
+    w = await workers(svc, "w")
+    assert (await fetch_until(w, 5))["task"]["id"] == task_id
+    assert (await call(w, "fail", {"serviceId": svc, "workerId": "w"}))["task"]["parked"] is True
+
+    async def remove_parked(*args: Any, **kwargs: Any) -> None:
+        raise StorageUnavailable("cassandra write timed out (injected)")
+
+    monkeypatch.setattr(b.queue.ctx.store, "remove_parked", remove_parked)
+    assert (await call(engine, "cancel", {"serviceId": svc, "taskId": task_id}))["result"] is True
+    await counts_become(engine, svc, {"parked": 0})  # the row left behind is not counted
