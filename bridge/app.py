@@ -138,6 +138,10 @@ class Bridge:
         # Wired complete at construction: the queue publishes through this, the transport attaches it.
         self.results = ResultPublisher(settings)
         self.counts = QueueCounts()  # stats deltas, flushed about once a second
+        self._start_gives_up = 0.0  # BRIDGE_START_TIMEOUT's end, on the event loop's clock
+        # Each queue's last exported gauges: kept while its reads fail, so that its series (and the
+        # backlog alerts on them) do not vanish when the queue is in trouble.
+        self._gauge_rows: dict[tuple[str, str], tuple[str, str, dict[str, int], int | None]] = {}
         self._warn_gauges_cut = ThrottledWarning(log, every_s=3600.0)
         # The duty holder deletes counter rows past every reader's window (counters take no TTL).
         self.trim = CounterTrim(self.store, self.clock, settings.task_ttl_seconds * 1000)
@@ -239,6 +243,8 @@ class Bridge:
             self.http_port = await _listen(
                 self.ops.start, "BRIDGE_HTTP_PORT", self.settings.http_host, self.settings.http_port
             )
+        # One budget for both dependencies (the Kubernetes example's startupProbe counts the whole start).
+        self._start_gives_up = asyncio.get_running_loop().time() + self.settings.start_timeout
         try:
             await self._until_reachable("Cassandra", self._connect_store, _storage_unreachable())
             # Measure the clock before taking any request: a skewed bridge never grants a lease.
@@ -264,9 +270,16 @@ class Bridge:
         log.info("bridge started", extra={"http_port": self.http_port, "gateway_port": self.gateway_port})
 
     async def _connect_store(self) -> None:
-        await self.db.connect()
-        await create_schema(self.db, self.settings)
-        await self.store.prepare()
+        try:
+            await self.db.connect()
+            await create_schema(self.db, self.settings)
+            await self.store.prepare()
+        except BaseException:
+            # Closed before another try: a connected session (the schema step failed) left
+            # behind was a live connection pool, heartbeats and all, per try.
+            with suppress(Exception):
+                await self.db.close()
+            raise
 
     async def _until_reachable(
         self, what: str, connect: Callable[[], Awaitable[None]], unreachable: tuple[type[BaseException], ...]
@@ -276,7 +289,7 @@ class Bridge:
         into a crash loop whose backoff, up to 5 minutes in Kubernetes, kept its pod down long
         after the dependency was back. A stop meanwhile ends the wait."""
         loop = asyncio.get_running_loop()
-        gives_up = loop.time() + self.settings.start_timeout
+        gives_up = self._start_gives_up
         delay = START_RETRY_FIRST_S
         while True:
             try:
@@ -368,14 +381,20 @@ class Bridge:
                 MAX_GAUGE_QUEUES,
             )
         failed: list[str] = []
+        last, self._gauge_rows = self._gauge_rows, {}
         for q in queues[:MAX_GAUGE_QUEUES]:
+            key = (q.owner, q.service)
             try:
                 s = await service_stats(self.store, q, now, ttl, margin, margin + WRITE_LATE_MS)
             except Exception as exc:
                 failed.append(f"{q.owner}/{q.service}: {type(exc).__name__}")
+                if key in last:  # its last values, as a whole failed refresh keeps them all
+                    self._gauge_rows[key] = last[key]
+                    rows.append(last[key])
                 continue
             states = {"ready": s.ready, "in_flight": s.in_flight, "delayed": s.delayed, "parked": s.parked}
-            rows.append((q.owner, q.service, states, s.oldest_ready_age_ms))
+            self._gauge_rows[key] = (q.owner, q.service, states, s.oldest_ready_age_ms)
+            rows.append(self._gauge_rows[key])
         if failed:
             log.warning("queue gauges of %d queues not refreshed: %s", len(failed), "; ".join(failed[:5]))
         return rows

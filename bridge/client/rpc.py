@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -57,6 +58,7 @@ DEADLINE_HEADER = "x-deadline"
 # On replies: the bridge's clock (Cassandra's time, ms since the epoch) as it built the reply.
 NOW_HEADER = "x-now"
 CLOCK_WARN_MS = 1_000  # an offset from the bridge's clock beyond this is worth telling the user, once
+OFFSET_WINDOW_S = 60.0  # replies whose x-now the clock offset is taken from (the largest of them)
 IDEMPOTENCY_HEADER = "x-idempotency-key"  # contract 1.5: the add's own idempotency key (empty: none)
 MIN_BEAT_S = 0.1  # keep_alive never beats faster than this, however short the lease
 REDRIVE_RATE = 50.0  # the bridge's default BRIDGE_REDRIVE_RATE: parked tasks put back per second
@@ -115,6 +117,7 @@ class RpcClient:
         # says it, or with bridges that do not): deadlines are set on the bridge's clock, which
         # judges them, so a host clock that is off does not make every request late or early.
         self.clock_offset_ms: int | None = None
+        self._offsets: deque[tuple[float, int]] = deque()  # (when seen, offset) of the last replies
         self._clock_warned = False
 
     async def open(self) -> None:
@@ -268,6 +271,14 @@ class RpcClient:
         if isinstance(now, bool) or not isinstance(now, int) or now <= 0:
             return
         offset = now - int(time.time() * 1000)
+        # The largest of the last minute's: a reply held on its way (behind a broker's flow
+        # control or alarm) says a time already past, so its offset is too small by the delay,
+        # never too large. Taken as it came, a keep-alive timed on it beat after its lease ended.
+        seen_at = time.monotonic()
+        self._offsets.append((seen_at, offset))
+        while self._offsets and seen_at - self._offsets[0][0] > OFFSET_WINDOW_S:
+            self._offsets.popleft()
+        offset = max(o for _, o in self._offsets)
         self.clock_offset_ms = offset
         if abs(offset) > CLOCK_WARN_MS and not self._clock_warned:
             self._clock_warned = True

@@ -15,6 +15,7 @@ import uuid
 
 from bridge.domain import jsonvalue
 from bridge.domain.context import QueueContext
+from bridge.domain.errors import KeysUnavailable
 from bridge.domain.records import OutboxEntry, QueueKey
 from bridge.domain.relay import ResultRelay, decided_by_itself
 from bridge.domain.sealing import seal_outcome
@@ -57,7 +58,11 @@ async def _owed(ctx: QueueContext, q: QueueKey, task_id: uuid.UUID, kill_id: uui
     it now (the task is dead-lettered all the same: the worker must move on)."""
     try:
         key = await ctx.keys.current(q.owner)
-    except BridgeError as exc:
+    except KeysUnavailable:
+        # Passing (the key server slow or away): raised before the kill, so that the worker's
+        # retry dead-letters it with its result then. Killed now, the engine was never told.
+        raise
+    except BridgeError as exc:  # the owner has no key any more: nothing can be sealed for it
         log.error("integrity_error of task %s not sent to the engine: %s", task_id, exc.message)
         return None
     outcome = {"error": {"code": ErrorCode.INTEGRITY_ERROR.value, "message": INTEGRITY_MESSAGE}}

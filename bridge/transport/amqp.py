@@ -199,6 +199,16 @@ class AmqpTransport:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
+        # A start after a failed one (BRIDGE_START_TIMEOUT: the bridge tries again) follows the
+        # close() that failure ran: left closing, every channel reopen and consumer registration
+        # after the next connection loss was skipped, and the bridge never consumed again.
+        self._closing = False
+        self._consumer_tags.clear()
+        self._orphans.clear()
+        self._refused.clear()
+        self._lost.clear()
+        self._restores.clear()
+        self._reopening.clear()
         # Before the first frame is read: a content header pamqp cannot decode would otherwise
         # close the whole connection, for ever (the request is redelivered at every reconnection).
         tolerant_decoding.install()

@@ -629,15 +629,17 @@ async def test_one_queue_whose_stats_fail_leaves_the_other_queues_gauges_refresh
 ):
     """The gauges are refreshed a queue at a time; one queue whose reads failed (its parked index
     full of tombstones after a mass redrive reads past Cassandra's tombstone limit) failed the
-    whole refresh, and every tenant's gauges froze."""
+    whole refresh, and every tenant's gauges froze. That queue keeps its last values meanwhile:
+    dropped, its series vanished, and the backlog alerts on them resolved while it was in trouble."""
     import bridge.app
     from tests.conftest import free_port, metric
 
     broken, healthy = service_id(), service_id()
     real = bridge.app.service_stats
+    failing = [False]
 
     async def service_stats(store: Any, q: Any, *args: Any) -> Any:
-        if q.service == broken:
+        if q.service == broken and failing[0]:
             raise RuntimeError("TombstoneOverwhelmingException (injected)")
         return await real(store, q, *args)
 
@@ -646,13 +648,18 @@ async def test_one_queue_whose_stats_fail_leaves_the_other_queues_gauges_refresh
     await make_bridge(**FAST, http_port=port, stats_interval=0.3)
     await engine.add(broken, "its reads fail")
     await engine.add(healthy, "a")
+
+    def ready(svc: str) -> str:
+        return f'queue_bridge_queue_tasks{{owner="{OWNERS[0]}",service="{svc}",state="ready"}}'
+
+    async def exported(svc: str, n: int) -> bool:
+        return await metric(port, ready(svc)) == n
+
+    await wait_for(lambda: exported(broken, 1), 15, what="the queue's gauge before its reads fail")
+    failing[0] = True
     await engine.add(healthy, "b")
-    labels = f'owner="{OWNERS[0]}",service="{healthy}"'
-
-    async def exported() -> bool:
-        return await metric(port, f'queue_bridge_queue_tasks{{{labels},state="ready"}}') == 2
-
-    await wait_for(exported, 15, what="the healthy queue's gauge beside a queue whose stats fail")
+    await wait_for(lambda: exported(healthy, 2), 15, what="the healthy queue's gauge beside a queue whose stats fail")
+    assert await metric(port, ready(broken)) == 1, "its last value kept"
 
 
 async def test_another_owner_cannot_touch_a_queue_it_does_not_own(make_bridge, engine, workers):

@@ -374,6 +374,19 @@ async def test_a_bridge_started_while_a_dependency_is_down_waits_for_it(
         w = await workers(svc)
         task = await wait_for(lambda: w.fetch(), 15, interval=0.2, what="the task served")
         assert task.value == "served once it was back"
+        assert await task.ack("done") is True
+        # A channel error after such a start: the bridge consumes again. (The failed start's
+        # close() left the transport closing, and no channel was ever reopened.)
+        channel = b.transport._channel_named("consume")
+        closed: list[object] = []
+        channel.close_callbacks.add(lambda *args: closed.append(args))
+        frames = await channel.get_underlay_channel()
+        await frames.basic_ack(delivery_tag=2**40)  # an unknown delivery tag: the broker closes the channel
+        await wait_for(lambda: closed, 10, what="the channel closed by the broker")
+        await wait_for(b.transport.is_ready, 30, what="consuming again after the channel error")
+        await engine.add(svc, "after the channel error")
+        again = await wait_for(lambda: w.fetch(), 15, interval=0.2, what="the next task served")
+        assert again.value == "after the channel error"
     finally:
         if not starting.done():
             starting.cancel()

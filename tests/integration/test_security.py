@@ -127,6 +127,49 @@ async def test_a_tampered_task_with_a_token_is_reported_to_its_engine(bridge, en
         assert results.empty(), "one result"
 
 
+async def test_a_tampered_task_met_while_the_key_server_stalls_is_still_reported_to_its_engine(
+    make_bridge, engine, workers, cql, servers, names, monkeypatch
+):
+    """The engine's integrity_error is sealed with the owner's current key. When that lookup failed
+    for a moment (the key server slow), the task was dead-lettered all the same with nothing
+    written for the engine, and its workflow waited for ever. The fetch now answers unavailable
+    before the kill, and the worker's retry dead-letters it with its result."""
+    from bridge.client.errors import UnavailableError
+    from bridge.client.rpc import results_consumer
+    from bridge.domain.errors import KeysUnavailable
+
+    b = await make_bridge()
+    svc = service_id()
+    bad_id = await engine.add(svc, {"n": 1, "pad": "x" * 9_000}, token={"wf": "stalled keys"})
+    flip_stored_value(cql, servers.keyspace, svc, bad_id)
+    keys = b.queue.ctx.keys
+    real_current = keys.current
+    calls = [0]
+
+    async def current(owner: str) -> Any:
+        calls[0] += 1
+        if calls[0] == 2:  # the second lookup of the fetch: the one that seals the engine's result
+            raise KeysUnavailable("key provider unavailable: timed out (injected)")
+        return await real_current(owner)
+
+    monkeypatch.setattr(keys, "current", current)
+    consumer = results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"], routing_key=svc)
+    async with consumer as results:
+        w = await workers(svc)
+        with pytest.raises(UnavailableError):
+            await w.fetch()
+        with pytest.raises(BridgeClientError) as err:
+            await w.fetch()  # the retry: the task is dead-lettered now, with its result
+        assert err.value.code == "integrity_error"
+        got = await wait_for(
+            lambda: None if results.empty() else results.get_nowait(),
+            30,
+            interval=0.1,
+            what="the engine's integrity_error result",
+        )
+        assert got["taskId"] == bad_id and got["error"]["code"] == "integrity_error", got
+
+
 async def test_a_tampered_result_still_owed_reaches_the_engine_as_an_integrity_error(
     make_bridge, engine, workers, cql, servers, names
 ):
