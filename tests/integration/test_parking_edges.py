@@ -26,6 +26,17 @@ async def add_limited(engine: Any, svc: str, value: Any, limit: int, token: Any 
     return str(reply["task"]["id"])
 
 
+async def park_by_its_worker(engine: Any, workers: Any, svc: str, ttr: int | None = None) -> tuple[str, Any]:
+    """A task with a limit of one delivery, fetched by worker ``w`` and failed: parked. Returns
+    (its id, the worker)."""
+    task_id = await add_limited(engine, svc, "poison", 1)
+    w = await workers(svc, "w")
+    got = await fetch_until(w, 5, ttr=ttr)
+    assert got["task"]["id"] == task_id
+    assert (await call(w, "fail", {"serviceId": svc, "workerId": "w"}))["task"]["parked"] is True
+    return task_id, w
+
+
 async def park_owing_its_result(make_bridge: Any, engine: Any, workers: Any) -> tuple[Any, str, str]:
     """A bridge that cannot publish results yet (no results queue bound), and a token task parked
     by its worker's fail at a limit of 1: the relay owes its delivery_limit result."""
@@ -92,12 +103,7 @@ async def test_a_redrive_read_by_the_scheduler_before_its_unpark_is_still_handed
     store, sched = b.queue.ctx.store, b.scheduler
     svc = service_id()
     q = QueueKey(OWNERS[0], svc)
-    task_id = await add_limited(engine, svc, "poison", 1)
-    w = await workers(svc, "w")
-    got = await fetch_until(w, 5, ttr=300)
-    assert got["task"]["id"] == task_id
-    failed = await call(w, "fail", {"serviceId": svc, "workerId": "w"})
-    assert failed["task"]["parked"] is True
+    task_id, w = await park_by_its_worker(engine, workers, svc, ttr=300)
     # The claim's own deadline (300 ms) is past and confirmed by the scheduler's passes.
     claim_bucket = expiry_bucket(int(time.time() * 1000) + 1000)
     await wait_for(lambda: (sched.expiry_position or 0) > claim_bucket, 20, what="the claim's deadline passed")
@@ -170,11 +176,7 @@ async def test_stale_parked_rows_hide_neither_the_listing_nor_redrive_all(bridge
     from cassandra.util import uuid_from_time  # type: ignore[import-untyped]
 
     svc = service_id()
-    task_id = await add_limited(engine, svc, "poison", 1)
-    w = await workers(svc, "w")
-    got = await fetch_until(w, 5)
-    assert got["task"]["id"] == task_id
-    assert (await call(w, "fail", {"serviceId": svc, "workerId": "w"}))["task"]["parked"] is True
+    task_id, w = await park_by_its_worker(engine, workers, svc)
 
     # What such crashes leave: index rows of earlier tasks whose leases are no longer parked (here
     # gone altogether, as once a discarded task's lease expired), ahead of the parked task's row.
@@ -264,11 +266,7 @@ async def test_a_redrive_whose_unpark_reply_is_lost_counts_the_task_claimed_mome
     await wait_for(lambda: b.duty.held, 10, what="the duty")
     store = b.queue.ctx.store
     svc = service_id()
-    task_id = await add_limited(engine, svc, "poison", 1)
-    w = await workers(svc, "w")
-    got = await fetch_until(w, 5)
-    assert got["task"]["id"] == task_id
-    assert (await call(w, "fail", {"serviceId": svc, "workerId": "w"}))["task"]["parked"] is True
+    task_id, _ = await park_by_its_worker(engine, workers, svc)
     await counts_become(engine, svc, {"ready": 0, "inFlight": 0, "parked": 1})
     other = await workers(svc, "other")
     waiting = asyncio.ensure_future(other.fetch(wait_ms=15_000))
@@ -297,11 +295,7 @@ async def test_stats_count_only_the_parked_index_rows_whose_task_is_still_parked
     from cassandra.util import uuid_from_time  # type: ignore[import-untyped]
 
     svc = service_id()
-    task_id = await add_limited(engine, svc, "poison", 1)
-    w = await workers(svc, "w")
-    got = await fetch_until(w, 5)
-    assert got["task"]["id"] == task_id
-    assert (await call(w, "fail", {"serviceId": svc, "workerId": "w"}))["task"]["parked"] is True
+    await park_by_its_worker(engine, workers, svc)
     held = await engine.add(svc, "held by a worker")
     other = await workers(svc, "other")
     assert (await fetch_until(other, 5))["task"]["id"] == held
@@ -326,10 +320,7 @@ async def test_a_cancel_of_a_parked_task_whose_index_row_delete_fails_answers_tr
 
     b = await make_bridge(**FAST)
     svc = service_id()
-    task_id = await add_limited(engine, svc, "poison", 1)
-    w = await workers(svc, "w")
-    assert (await fetch_until(w, 5))["task"]["id"] == task_id
-    assert (await call(w, "fail", {"serviceId": svc, "workerId": "w"}))["task"]["parked"] is True
+    task_id, _ = await park_by_its_worker(engine, workers, svc)
 
     async def remove_parked(*args: Any, **kwargs: Any) -> None:
         raise StorageUnavailable("cassandra write timed out (injected)")
