@@ -11,7 +11,6 @@ against a real bridge: tests/integration/test_client_clock.py.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from typing import Any, cast
 
 import orjson
@@ -24,6 +23,7 @@ from bridge.transport.amqp import AmqpTransport
 from bridge.transport.fate import EXPIRED, Settle, fate_of
 from bridge.transport.replies import NOW_HEADER, reply_node
 from tests.unit.frame_sink import FrameChannel
+from tests.unit.test_error_model import _Message as ErrorModelMessage
 
 REPLY_TO = "amq.rabbitmq.reply-to.g1h2AAlyZXh1c0BvbmUAAF0nAAAAAAAAAAA=.Z3Vlc3Q="  # as the broker rewrites it
 NOW_MS = 1_800_000_000_000
@@ -64,31 +64,14 @@ class _Queue:
         return True
 
 
-class _Message:
+class _Message(ErrorModelMessage):
+    """A request as the transport hands it to the handlers (the error model's), with headers."""
+
     def __init__(self, method: str, headers: dict[str, Any]) -> None:
+        super().__init__(method)
         self.body = orjson.dumps({"serviceId": "s", "workerId": "w", "result": 1})
-        self.routing_key = method
-        self.user_id = "worker-a"
-        self.reply_to = REPLY_TO
-        self.correlation_id = uuid.uuid4().hex
         self.headers = headers
         self.message_id = None
-        self.timestamp = None
-        self.redelivered = False
-        self.settled: list[Settle] = []
-
-    @property
-    def processed(self) -> bool:
-        return bool(self.settled)
-
-    async def ack(self) -> None:
-        self.settled.append(Settle.ACK)
-
-    async def reject(self, requeue: bool = False) -> None:
-        self.settled.append(Settle.REQUEUE if requeue else Settle.DEAD_LETTER)
-
-    async def nack(self, requeue: bool = True) -> None:
-        self.settled.append(Settle.REQUEUE if requeue else Settle.DEAD_LETTER)
 
 
 def _handle(method: str, headers: dict[str, Any]) -> tuple[_Queue, _Message, _Channel, list[tuple[str, str]]]:
