@@ -304,6 +304,12 @@ class AmqpTransport:
     def _channel_lost(self, name: str, _channel: object, exc: BaseException | None = None) -> None:
         if self._closing:
             return
+        if name == "replies":
+            # Its connection closed (a 541 for a reply to a node gone from the cluster, among
+            # others): proven again from now. Forgotten only at the reconnection, a request
+            # redelivered on the reopened consume channel before it was answered to that node on
+            # the main connection once more.
+            self.replies.forget_proven()
         if name in self._reopening:
             return  # a refused attempt to reopen it (aio-pika's or the reopen task's): logged by the task
         # In-flight requests finish (their reply or ack may fail; the broker then redelivers them).
