@@ -29,7 +29,7 @@ from bridge.observability.http import OpsServer
 from bridge.observability.metrics import BridgeMetrics
 from bridge.observability.throttled import ThrottledWarning
 from bridge.serving import ALL, ServingGate
-from bridge.storage.errors import StorageUnavailable
+from bridge.storage.errors import StorageUnavailable, UnknownOutcome
 from bridge.storage.repository import CassandraTaskStore
 from bridge.storage.schema import create_schema
 from bridge.storage.session import open_session
@@ -56,7 +56,9 @@ def _storage_unreachable() -> tuple[type[BaseException], ...]:
     from cassandra import OperationTimedOut
     from cassandra.cluster import NoHostAvailable
 
-    return (StorageUnavailable, NoHostAvailable, OperationTimedOut)
+    # UnknownOutcome: the schema step's compare-and-set timed out (a node of the cluster going
+    # down or coming back); it is idempotent, so tried again like an unreachable node.
+    return (StorageUnavailable, UnknownOutcome, NoHostAvailable, OperationTimedOut)
 
 
 WRITE_LATE_MS = 1_000  # how late a write may land after the time it was stamped with (dispatcher settle)

@@ -398,6 +398,9 @@ def rf3_bridges(bridge_processes, keyspace: str, hosts: list[str]) -> str:  # ty
             BRIDGE_CASSANDRA_HOSTS=",".join(hosts),
             BRIDGE_CASSANDRA_KEYSPACE=keyspace,
             BRIDGE_CASSANDRA_REPLICATION=RF3,
+            # As an operator of a cluster would: a bridge started while a node is going down or
+            # coming back (its schema step's compare-and-set timed out in a CI run) tries again.
+            BRIDGE_START_TIMEOUT="60",
         )
     return keyspace
 
