@@ -416,6 +416,11 @@ async def wait_for(predicate: Callable[[], Any], timeout: float, interval: float
         await asyncio.sleep(interval)
 
 
+async def next_result(results: asyncio.Queue[Any], timeout: float, what: str) -> Any:
+    """The next result message an engine's consumer (``results_consumer``) receives."""
+    return await wait_for(lambda: None if results.empty() else results.get_nowait(), timeout, interval=0.1, what=what)
+
+
 async def _queue_counts(url: str, queue: str) -> tuple[int, int]:
     """(consumers, messages ready) of a queue, (0, 0) if it does not exist."""
     import aio_pika

@@ -17,6 +17,8 @@ class TcpProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self.up = True
         self.muted = False  # the server's bytes are dropped: requests arrive, replies never come back
+        self.reading = asyncio.Event()  # cleared by ``stall``: the clients' bytes are not read
+        self.reading.set()
 
     async def start(self, port: int = 0, *, tls: ssl.SSLContext | None = None) -> TcpProxy:
         """Listen (with ``tls``: a TLS listener that forwards the decrypted stream to the target)."""
@@ -26,7 +28,11 @@ class TcpProxy:
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, replies: bool) -> None:
         try:
-            while data := await reader.read(65536):
+            while True:
+                if not replies:
+                    await self.reading.wait()
+                if not (data := await reader.read(65536)):
+                    break
                 if replies and self.muted:
                     continue
                 writer.write(data)
@@ -68,6 +74,14 @@ class TcpProxy:
         """Keep forwarding requests but drop every reply: a request is applied by the server and
         its client never learns it (what a coordinator dying after the write looks like)."""
         self.muted = True
+
+    def stall(self) -> None:
+        """Stop reading what the clients send (what RabbitMQ does to a publisher's socket during a
+        memory or disk alarm), for this proxy's connections only, until ``resume``."""
+        self.reading.clear()
+
+    def resume(self) -> None:
+        self.reading.set()
 
     async def stop(self) -> None:
         self.cut()

@@ -274,11 +274,15 @@ class RpcClient:
         # The largest of the last minute's: a reply held on its way (behind a broker's flow
         # control or alarm) says a time already past, so its offset is too small by the delay,
         # never too large. Taken as it came, a keep-alive timed on it beat after its lease ended.
+        # A sliding maximum: offsets no larger than a newer one can never be the maximum again,
+        # so each reply costs O(1) however many a busy worker gets in a minute.
         seen_at = time.monotonic()
+        while self._offsets and self._offsets[-1][1] <= offset:
+            self._offsets.pop()
         self._offsets.append((seen_at, offset))
-        while self._offsets and seen_at - self._offsets[0][0] > OFFSET_WINDOW_S:
+        while seen_at - self._offsets[0][0] > OFFSET_WINDOW_S:
             self._offsets.popleft()
-        offset = max(o for _, o in self._offsets)
+        offset = self._offsets[0][1]
         self.clock_offset_ms = offset
         if abs(offset) > CLOCK_WARN_MS and not self._clock_warned:
             self._clock_warned = True

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from bridge.domain.records import QueueKey
-from tests.conftest import ENGINE_USER, OWNERS, service_id, settle_owed_results, wait_for
+from tests.conftest import ENGINE_USER, OWNERS, next_result, service_id, settle_owed_results, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -180,10 +180,5 @@ async def test_a_pending_park_result_is_still_published_after_a_redrive(make_bri
     # Bound to this service only (the relay also sweeps the owed results of earlier tests here).
     consumer = results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"], routing_key=svc)
     async with consumer as results:
-        got = await wait_for(
-            lambda: None if results.empty() else results.get_nowait(),
-            20,
-            interval=0.2,
-            what="the engine's delivery_limit result of the park",
-        )
+        got = await next_result(results, 20, "the engine's delivery_limit result of the park")
         assert got["taskId"] == task_id and got["error"]["code"] == "delivery_limit"

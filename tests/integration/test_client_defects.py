@@ -5,7 +5,6 @@ read, requests that name no task, and a stopping worker's drain."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 import uuid
@@ -137,40 +136,6 @@ async def test_a_worker_whose_owner_has_no_key_ends_run_with_a_clear_error(make_
 # --- 2. a request whose send RabbitMQ does not read --------------------------------------------
 
 
-class _StallingProxy(TcpProxy):
-    """A proxy in front of the real RabbitMQ that stops reading what its clients send
-    (``stall``) until ``resume``: what the broker does to a publisher's socket during a memory
-    or disk alarm, here for this proxy's connections only (a real alarm is global: it would
-    block every test running beside this one)."""
-
-    def __init__(self, target_host: str, target_port: int) -> None:
-        super().__init__(target_host, target_port)
-        self.reading = asyncio.Event()
-        self.reading.set()
-
-    def stall(self) -> None:
-        self.reading.clear()
-
-    def resume(self) -> None:
-        self.reading.set()
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, replies: bool) -> None:
-        try:
-            while True:
-                if not replies:
-                    await self.reading.wait()
-                data = await reader.read(65536)
-                if not data:
-                    break
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            with contextlib.suppress(Exception):
-                writer.close()
-
-
 BLOCKED_ADD_BYTES = 8 * 1024 * 1024  # far more than the socket buffers on both sides hold
 
 
@@ -181,7 +146,7 @@ async def test_a_request_whose_send_is_not_read_raises_request_timeout_at_its_de
     timeout. The timeout now bounds the whole call: the add raises RequestTimeout at its
     deadline, and the next call, once the broker reads again, goes on a new connection (the
     stuck one is closed) and is answered. Here the proxy in front of RabbitMQ stops reading."""
-    proxy = await _StallingProxy(servers.amqp_host, servers.amqp_port).start()
+    proxy = await TcpProxy(servers.amqp_host, servers.amqp_port).start()
     svc = service_id()
     url = f"amqp://{ENGINE_USER}:{ENGINE_USER}@127.0.0.1:{proxy.port}/"
     timeout = 2.0
@@ -215,7 +180,7 @@ async def test_a_request_whose_send_is_not_read_raises_request_timeout_at_its_de
 async def test_an_add_without_reply_is_bounded_by_the_timeout_too(bridge, servers, names):
     """``add(wait=False)`` awaits no reply but still sends: its send, too, waited for as long as
     the broker did not read; now it raises RequestTimeout after ``timeout``."""
-    proxy = await _StallingProxy(servers.amqp_host, servers.amqp_port).start()
+    proxy = await TcpProxy(servers.amqp_host, servers.amqp_port).start()
     url = f"amqp://{ENGINE_USER}:{ENGINE_USER}@127.0.0.1:{proxy.port}/"
     engine = Engine(url, owner=OWNERS[0], exchange=names["exchange"], timeout=2.0)
     try:
@@ -240,7 +205,7 @@ async def test_a_channel_that_does_not_open_is_bounded_by_the_calls_timeout(brid
     the broker reads again, connects afresh and is answered."""
     from bridge.client import ConnectionLost, rpc
 
-    proxy = await _StallingProxy(servers.amqp_host, servers.amqp_port).start()
+    proxy = await TcpProxy(servers.amqp_host, servers.amqp_port).start()
     real = rpc.connect_first
     stall_next = True
 

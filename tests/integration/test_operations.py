@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from bridge.client import Engine, RequestTimeout, TransportError, UnavailableError, Worker
-from tests.conftest import ENGINE_USER, OWNERS, free_port, service_id, wait_bridges, wait_for
+from tests.conftest import ENGINE_USER, OWNERS, free_port, next_result, service_id, wait_bridges, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -272,12 +272,7 @@ async def test_a_park_by_a_bridge_without_park_ids_still_has_its_result_sent(
     assert await engine.discard(svc, [task_id]) == 1
     consumer = results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"], routing_key=svc)
     async with consumer as results:
-        got = await wait_for(
-            lambda: None if results.empty() else results.get_nowait(),
-            30,
-            interval=0.2,
-            what="the park's delivery_limit result (the relay took the park for one that never applied)",
-        )
+        got = await next_result(results, 30, "the park's delivery_limit result (taken for a park never applied)")
     assert got["taskId"] == task_id and got["error"]["code"] == "delivery_limit"
     assert got["_message_id"] == f"{task_id}:{lease.park_id}"
 

@@ -12,7 +12,7 @@ import pytest
 
 from bridge.client.rpc import results_consumer
 from bridge.domain.records import QueueKey
-from tests.conftest import OWNERS, service_id, wait_for
+from tests.conftest import OWNERS, next_result, service_id, wait_for
 from tests.integration.test_lifecycle import FAST, call, counts_become, fetch_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -69,12 +69,7 @@ async def test_a_pending_park_result_is_still_published_after_a_discard(make_bri
         # The relay retries the owed result (1 s, 2 s, 4 s ...). Not waited for by its count of
         # stuck results: that counts the whole keyspace's, and earlier tests leave some owed on
         # purpose (a CI run went red on one whose owner's key a test had taken away).
-        got = await wait_for(
-            lambda: None if results.empty() else results.get_nowait(),
-            40,
-            interval=0.2,
-            what="the engine's delivery_limit result of the park (the relay dropped it unpublished)",
-        )
+        got = await next_result(results, 40, "the delivery_limit result of the park (dropped unpublished)")
         assert got["taskId"] == task_id and got["error"]["code"] == "delivery_limit"
 
 
@@ -241,12 +236,7 @@ async def test_a_scheduler_park_whose_first_copy_lands_after_its_read_still_tell
         got = await fetch_until(w, 5, ttr=300)  # never acked: parked when its lease ends (limit 1)
         assert got["task"]["id"] == task_id
         await wait_for(lambda: bool(landed), 20, what="the park's first copy landing after its read")
-        got = await wait_for(
-            lambda: None if results.empty() else results.get_nowait(),
-            45,
-            interval=0.2,
-            what="the engine's delivery_limit result (voided by a park judged not applied)",
-        )
+        got = await next_result(results, 45, "the engine's delivery_limit result (voided by a park judged not applied)")
         assert got["taskId"] == task_id and got["error"]["code"] == "delivery_limit"
     listed = await call(engine, "parked", {"serviceId": svc})
     assert [t["id"] for t in listed["result"]["tasks"]] == [task_id], listed

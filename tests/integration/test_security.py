@@ -10,7 +10,7 @@ import pytest
 
 from bridge.client import Engine, UnauthorizedError, Worker
 from bridge.client.errors import BridgeClientError, UnknownOwnerError
-from tests.conftest import ENGINE_USER, OWNERS, service_id, wait_for
+from tests.conftest import ENGINE_USER, OWNERS, next_result, service_id, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -115,12 +115,7 @@ async def test_a_tampered_task_with_a_token_is_reported_to_its_engine(bridge, en
         with pytest.raises(BridgeClientError) as err:
             await w.fetch()
         assert err.value.code == "integrity_error"
-        got = await wait_for(
-            lambda: None if results.empty() else results.get_nowait(),
-            30,
-            interval=0.1,
-            what="the engine's integrity_error result of the dead-lettered task",
-        )
+        got = await next_result(results, 30, "the engine's integrity_error result of the dead-lettered task")
         assert got["taskId"] == bad_id and got["token"] == {"wf": "tampered"}, got
         assert got["error"]["code"] == "integrity_error", got
         assert await w.fetch() is None  # dead: never handed out again
@@ -161,12 +156,7 @@ async def test_a_tampered_task_met_while_the_key_server_stalls_is_still_reported
         with pytest.raises(BridgeClientError) as err:
             await w.fetch()  # the retry: the task is dead-lettered now, with its result
         assert err.value.code == "integrity_error"
-        got = await wait_for(
-            lambda: None if results.empty() else results.get_nowait(),
-            30,
-            interval=0.1,
-            what="the engine's integrity_error result",
-        )
+        got = await next_result(results, 30, "the engine's integrity_error result")
         assert got["taskId"] == bad_id and got["error"]["code"] == "integrity_error", got
 
 
@@ -204,12 +194,7 @@ async def test_a_tampered_result_still_owed_reaches_the_engine_as_an_integrity_e
     )
     consumer = results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"], routing_key=svc)
     async with consumer as results:
-        got = await wait_for(
-            lambda: None if results.empty() else results.get_nowait(),
-            40,
-            interval=0.2,
-            what="the engine's integrity_error in place of the tampered result",
-        )
+        got = await next_result(results, 40, "the engine's integrity_error in place of the tampered result")
     assert got["taskId"] == task_id and got["token"] == {"wf": "owed"}, got
     assert got["error"]["code"] == "integrity_error" and "secret" not in str(got), got
 
