@@ -11,7 +11,7 @@
 # no build tools. docker-compose.yml and deploy/kubernetes/ use this image.
 
 ############################ builder ############################
-FROM python:3.11-slim-bookworm AS builder
+FROM python:3.11.11-slim-bookworm AS builder
 
 ARG UV_VERSION=0.13.9
 ENV UV_COMPILE_BYTECODE=1 \
@@ -40,7 +40,7 @@ RUN --mount=type=cache,target=/root/.cache/uv \
  && mkdir -p /app/examples
 
 ############################ runtime ############################
-FROM python:3.11-slim-bookworm AS runtime
+FROM python:3.11.11-slim-bookworm AS runtime
 
 LABEL org.opencontainers.image.title="queue-bridge" \
       org.opencontainers.image.description="Persistent work queue: AMQP in front, Apache Cassandra behind, tasks encrypted per owner." \

@@ -124,8 +124,8 @@ def _testcontainers(keyspace: str) -> Iterator[Servers]:  # pragma: no cover - n
     from testcontainers.cassandra import CassandraContainer
     from testcontainers.rabbitmq import RabbitMqContainer
 
-    rabbit = RabbitMqContainer("rabbitmq:3.13-management")
-    cassandra = CassandraContainer("cassandra:5.0")
+    rabbit = RabbitMqContainer("rabbitmq:3.13.7-management")
+    cassandra = CassandraContainer("cassandra:5.0.8")
     rabbit.start()
     cassandra.start()
     # The same least-privilege users as the local stack (deploy/local/rabbitmq.sh).
