@@ -31,7 +31,7 @@ from bridge.observability.throttled import ThrottledWarning
 from bridge.serving import ALL, ServingGate
 from bridge.storage.errors import StorageUnavailable, UnknownOutcome
 from bridge.storage.repository import CassandraTaskStore
-from bridge.storage.schema import create_schema
+from bridge.storage.schema import SchemaNotReady, ensure_schema
 from bridge.storage.session import open_session
 from bridge.transport.amqp import AmqpTransport, Observer
 from bridge.transport.duty import Duty
@@ -274,7 +274,7 @@ class Bridge:
     async def _connect_store(self) -> None:
         try:
             await self.db.connect()
-            await create_schema(self.db, self.settings)
+            await ensure_schema(self.db, self.settings)
             await self.store.prepare()
         except BaseException:
             # Closed before another try: a connected session (the schema step failed) left
@@ -301,8 +301,8 @@ class Bridge:
                 if self._stop.is_set() or loop.time() + delay > gives_up:
                     raise
                 log.warning(
-                    "%s cannot be reached at start (%s); trying again in %.0f s (BRIDGE_START_TIMEOUT)",
-                    what,
+                    "%s at start (%s); trying again in %.0f s (BRIDGE_START_TIMEOUT)",
+                    "the schema is not ready" if isinstance(exc, SchemaNotReady) else f"{what} cannot be reached",
                     exc if isinstance(exc, BridgeError) else type(exc).__name__,
                     delay,
                 )

@@ -104,6 +104,11 @@ class Settings(BaseSettings):
         "{'class': 'SimpleStrategy', 'replication_factor': 1}",
         description="Replication map used when the bridge creates its keyspace.",
     )
+    schema_mode: Literal["create", "verify"] = Field(
+        "create",
+        description="create: a bridge that finds tables or columns missing creates them (DDL at start only then). "
+        "verify: it never runs DDL; it waits (under BRIDGE_START_TIMEOUT) for `queue-bridge schema`, run once.",
+    )
     cassandra_local_dc: str | None = Field(None, description="Local data centre for the load balancing policy.")
     cassandra_username: str | None = None
     cassandra_password: SecretStr | None = None
@@ -252,6 +257,12 @@ class Settings(BaseSettings):
     gateway_host: str = Field("127.0.0.1", description="HTTP gateway listen address.")
     gateway_keys_file: Path | None = Field(
         None, description="The gateway's API keys: a JSON list of {id, owner, sha256, trusted} (hashed secrets)."
+    )
+    gateway_max_in_flight_per_key: int = Field(
+        256,
+        ge=1,
+        description="HTTP gateway: requests one API key may have in flight at once (long-polls included, and "
+        "writes still finishing after their client hung up); more are answered 503 with Retry-After.",
     )
     console_write: bool = Field(
         False, description="The operator console (/console on the gateway) may redrive and discard parked tasks."

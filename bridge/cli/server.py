@@ -27,6 +27,7 @@ def run() -> None:
     from bridge.app import run_forever
     from bridge.observability.logging import configure_logging
     from bridge.storage.errors import StorageUnavailable
+    from bridge.storage.schema import SchemaNotReady
     from bridge.transport.errors import BrokerUnreachable
 
     configure_logging(settings)
@@ -36,6 +37,8 @@ def run() -> None:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
     except BrokerUnreachable as exc:  # only at start, like Cassandra's below; the message masks the password
+        fail(str(exc))
+    except SchemaNotReady as exc:  # BRIDGE_SCHEMA_MODE=verify and nobody ran `queue-bridge schema`
         fail(str(exc))
     except StorageUnavailable as exc:
         # Only at start: once started, a bridge rides out a Cassandra outage (it pauses its
@@ -111,7 +114,7 @@ def schema(
 
     async def apply() -> None:
         from bridge.storage.cassandra import CassandraSession
-        from bridge.storage.schema import create_schema
+        from bridge.storage.schema import LayoutMismatch, check_layout, create_schema
 
         db = CassandraSession(settings)
         try:
@@ -121,6 +124,9 @@ def schema(
                 raise Failure(f"cannot connect to Cassandra at {where}: {type(exc).__name__}: {exc}") from None
             try:
                 await create_schema(db, settings)
+                await check_layout(db, settings.cassandra_keyspace)
+            except LayoutMismatch as exc:
+                raise Failure(str(exc)) from None
             except errors as exc:
                 raise Failure(
                     f"creating the schema in keyspace {settings.cassandra_keyspace!r} at {where} failed: "

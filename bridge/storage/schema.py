@@ -17,8 +17,9 @@ import re
 import time
 from typing import TYPE_CHECKING
 
+from bridge.config import ConfigError
 from bridge.domain.timeline import EXPIRY_BUCKET_MS, OUTBOX_BUCKET_MS, READY_BUCKET_MS
-from bridge.storage.errors import InvalidQuery
+from bridge.storage.errors import InvalidQuery, StorageUnavailable
 
 if TYPE_CHECKING:
     from bridge.config import Settings
@@ -26,6 +27,19 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 1
 SCHEMA_SETTLE_S = 30.0  # how long a bridge waits for columns another bridge is adding
+LAYOUT_NAME = "queue-bridge"  # the schema_meta row of the layout
+
+
+class SchemaNotReady(StorageUnavailable):
+    """The keyspace lacks tables or columns (or its layout record), and this bridge does not create
+    them (``BRIDGE_SCHEMA_MODE=verify``): it waits for ``queue-bridge schema`` as it waits for a
+    Cassandra that cannot be reached, under ``BRIDGE_START_TIMEOUT``."""
+
+
+class LayoutMismatch(ConfigError):
+    """The keyspace was made by a release of another layout (its time buckets are of other widths):
+    this bridge would read and write other partitions than the fleet's. Never retried: exit 2."""
+
 
 # The time-bucket widths are the domain's slots (bridge.domain.timeline); recorded in schema_meta
 # because they are part of the data layout: changing one needs a migration.
@@ -257,6 +271,82 @@ async def _added_columns_live(db: CqlSession) -> None:
                 if "Undefined column" not in str(exc) or time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.1)  # the schema change is still being applied
+
+
+def table_names(keyspace: str = "ks") -> list[str]:
+    """The tables this release creates, in the order it creates them."""
+    found = (re.search(rf"TABLE IF NOT EXISTS {keyspace}\.(\w+)", cql) for cql in table_cql(keyspace, 1))
+    return [m.group(1) for m in found if m]
+
+
+async def missing_parts(db: CqlSession, keyspace: str) -> list[str]:
+    """What this release needs and the keyspace lacks: tables, then ``table.column`` of the columns
+    added by later releases (empty: nothing to create). Read from ``system_schema``, which a
+    node answers from its own copy of the schema."""
+    # The keyspace name is restricted by the settings to [A-Za-z][A-Za-z0-9_]*: nothing a caller controls.
+    tables = {
+        row["table_name"]
+        for row in await db.execute_raw(
+            f"SELECT table_name FROM system_schema.tables WHERE keyspace_name = '{keyspace}'"  # nosec B608
+        )
+    }
+    columns = {
+        (row["table_name"], row["column_name"])
+        for row in await db.execute_raw(
+            f"SELECT table_name, column_name FROM system_schema.columns WHERE keyspace_name = '{keyspace}'"  # nosec B608
+        )
+    }
+    missing = [table for table in table_names() if table not in tables]
+    missing += [f"{t}.{c}" for t, c, _ in ADDED_COLUMNS if t in tables and (t, c) not in columns]
+    return missing
+
+
+def _layout() -> dict[str, int]:
+    return {
+        "version": SCHEMA_VERSION,
+        "ready_bucket_ms": READY_BUCKET_MS,
+        "expiry_bucket_ms": EXPIRY_BUCKET_MS,
+        "outbox_bucket_ms": OUTBOX_BUCKET_MS,
+    }
+
+
+async def check_layout(db: CqlSession, keyspace: str) -> bool:
+    """Whether the keyspace records a layout (False: none yet). A recorded layout other than this
+    release's raises :class:`LayoutMismatch`."""
+    rows = await db.execute_raw(
+        "SELECT version, ready_bucket_ms, expiry_bucket_ms, outbox_bucket_ms FROM {ks}.schema_meta "  # nosec B608
+        f"WHERE name = '{LAYOUT_NAME}'"
+    )
+    if not rows:
+        return False
+    recorded = {name: rows[0].get(name) for name in _layout()}
+    if recorded != _layout():
+        raise LayoutMismatch(
+            f"keyspace {keyspace} holds the layout {recorded}, this release writes {_layout()}: "
+            "a bridge of another layout would read and write other partitions than the fleet's"
+        )
+    return True
+
+
+async def ensure_schema(db: CqlSession, settings: Settings) -> None:
+    """At a bridge's start: create what is missing (``BRIDGE_SCHEMA_MODE=create``) or wait for it
+    (``verify``), then check the layout. A keyspace already complete gets no DDL at all: every
+    sidecar of a fleet starts with this, and Cassandra 5.0 can give one table two ids when several
+    nodes create it at once (CASSANDRA-10699), so only a fleet's very first start may run a CREATE."""
+    keyspace = settings.cassandra_keyspace
+    missing = await missing_parts(db, keyspace)
+    if missing and settings.schema_mode == "verify":
+        raise SchemaNotReady(
+            f"keyspace {keyspace} lacks {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}: "
+            "BRIDGE_SCHEMA_MODE=verify, so run `queue-bridge schema` once"
+        )
+    if missing:
+        await create_schema(db, settings)
+    if not await check_layout(db, keyspace):
+        if settings.schema_mode == "verify":
+            raise SchemaNotReady(f"keyspace {keyspace} has no layout record yet: run `queue-bridge schema` once")
+        await db.execute_raw(layout_cql("{ks}"))
+        await check_layout(db, keyspace)
 
 
 async def create_schema(db: CqlSession, settings: Settings) -> None:

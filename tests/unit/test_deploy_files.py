@@ -597,3 +597,21 @@ def test_the_readme_permissions_are_the_ones_the_bridge_prints() -> None:
     for user, role in users.items():
         r = roles[role]
         assert found[user] == (r.configure, r.write, r.read), user
+
+
+def test_k8s_schema_is_created_once_by_a_job_and_the_sidecars_wait_for_it(k8s: dict[str, dict[str, Any]]) -> None:
+    """Every worker pod starts a bridge: left to each, the fleet's first rollout ran one CREATE per
+    sidecar at once (on Cassandra 5.0, a table created by several nodes at once can get two ids).
+    The example runs `queue-bridge schema` once, in a Job of the same image and settings, and the
+    sidecars never run DDL (BRIDGE_SCHEMA_MODE=verify) and wait for it (BRIDGE_START_TIMEOUT)."""
+    config = _configmap_data(k8s)
+    assert config.get("BRIDGE_SCHEMA_MODE") == "verify"
+    assert float(config.get("BRIDGE_START_TIMEOUT", "0")) > 0, "a sidecar started before the Job must wait for it"
+    job = k8s["Job"]["spec"]["template"]["spec"]
+    (container,) = job["containers"]
+    assert container["args"] == ["schema"]
+    assert container["image"] == _sidecar(k8s)["image"]
+    refs = [src["configMapRef"]["name"] for src in container.get("envFrom") or [] if "configMapRef" in src]
+    assert k8s["ConfigMap"]["metadata"]["name"] in refs, "the Job must read the same keyspace settings"
+    ctx = {**(job.get("securityContext") or {}), **(container.get("securityContext") or {})}
+    assert ctx.get("runAsNonRoot") is True and ctx.get("readOnlyRootFilesystem") is True
