@@ -137,6 +137,7 @@ class Bridge:
         # One bridge of the fleet runs the recovery scheduler and the result relay (RabbitMQ elects it).
         self.duty = Duty(f"{settings.queue_prefix}.duty", queue_arguments=durable_queue_arguments(settings))
         self.metrics.bind_duty(lambda: self.duty.held)
+        self.duty.on_lost(self._drop_queue_gauges)
         # Wired complete at construction: the queue publishes through this, the transport attaches it.
         self.results = ResultPublisher(settings)
         self.counts = QueueCounts()  # stats deltas, flushed about once a second
@@ -362,10 +363,17 @@ class Bridge:
                     exported = False
                 continue
             try:
-                self.metrics.set_queue_stats(await self._queue_gauge_rows())
-                exported = True
+                rows = await self._queue_gauge_rows()
             except Exception as exc:
                 log.warning("queue gauges not refreshed: %s", type(exc).__name__)
+                continue
+            if self.duty.held:  # not lost while the rows were read (its gauges were dropped then)
+                self.metrics.set_queue_stats(rows)
+                exported = True
+
+    def _drop_queue_gauges(self) -> None:
+        """The duty left this bridge: its new holder exports the queues from now on."""
+        self.metrics.set_queue_stats([])
 
     async def _queue_gauge_rows(self) -> list[tuple[str, str, dict[str, int], int | None]]:
         """The gauges' rows, a queue at a time. A queue whose reads fail (its parked index full of

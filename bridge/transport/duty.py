@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
@@ -62,6 +63,23 @@ class Duty:
         # (the loops it would run fail at every tick while another bridge could run them).
         self.standing_down = False
         self._standing: asyncio.Task[None] | None = None
+        # Called as the duty leaves this bridge: what it exports as the holder goes at once, not at
+        # its next refresh (until then the fleet exported it twice: a sum doubled).
+        self._lost_callbacks: list[Callable[[], None]] = []
+
+    def on_lost(self, callback: Callable[[], None]) -> None:
+        self._lost_callbacks.append(callback)
+
+    def _let_go(self) -> None:
+        was_held, self._token = self._token is not None, None
+        self._renewing = False
+        self.acquired.clear()
+        if was_held:
+            for callback in self._lost_callbacks:
+                try:
+                    callback()
+                except Exception:
+                    log.exception("a duty-lost callback failed")
 
     @property
     def held(self) -> bool:
@@ -146,9 +164,7 @@ class Duty:
     def _lost(self, *_: object) -> None:
         if self._token is not None:
             log.warning("scheduler duty lost with the AMQP channel; another bridge takes it over")
-        self._token = None
-        self._renewing = False
-        self.acquired.clear()
+        self._let_go()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Offer a token now and then while holding none (a lost token is replaced); renew the one
@@ -189,8 +205,7 @@ class Duty:
     async def release(self) -> None:
         """Shutdown: hand the duty over now. Closing the channel cancels this consumer and makes the
         broker requeue the token to the next one (a nack first would hand it back to us)."""
-        self._token = None
-        self.acquired.clear()
+        self._let_go()
         if self._channel is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._channel.close(), BROKER_CALL_S)
@@ -204,6 +219,9 @@ class AlwaysOnDuty:
     def __init__(self) -> None:
         self.acquired = asyncio.Event()
         self.acquired.set()
+
+    def on_lost(self, callback: Callable[[], None]) -> None:
+        """Never lost."""
 
 
 __all__ = ["AlwaysOnDuty", "Duty"]

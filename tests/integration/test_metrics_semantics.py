@@ -90,6 +90,44 @@ async def test_queue_gauges_are_dropped_by_a_bridge_that_lost_the_duty(
         await cut_off.stop()
 
 
+async def test_queue_gauges_go_with_the_duty_at_once_not_at_the_next_refresh(make_bridge, engine):
+    """The holder's per-queue gauges carry its pod's labels; when the duty moves, the new holder
+    exports them. The old one dropped its copy only at its next refresh (up to
+    BRIDGE_STATS_INTERVAL later): meanwhile the fleet exported every queue twice and a sum over
+    the fleet doubled. Now they go as the duty goes."""
+    port = free_port()
+    b = await make_bridge(http_port=port, stats_interval=0.3)
+    await wait_for(lambda: b.duty.held, 10, what="the bridge holding the duty")
+    svc = service_id()
+    await engine.add(svc, "counted")
+    ready = f'queue_bridge_queue_tasks{{owner="{OWNERS[0]}",service="{svc}",state="ready"}}'
+
+    async def exported() -> bool:
+        return await metric(port, ready) == 1
+
+    await wait_for(exported, 15, what="the holder exporting the queue")
+    # Its next refresh now far away (the interval is read at each wait): once a refresh that
+    # started after this change has returned its rows, the exporter sets them and waits 60 s.
+    refreshes = [0]
+    rows_of = b._queue_gauge_rows
+
+    async def counted() -> Any:
+        rows = await rows_of()
+        refreshes[0] += 1
+        return rows
+
+    b._queue_gauge_rows = counted
+    b.settings = b.settings.model_copy(update={"stats_interval": 60.0})
+    await wait_for(lambda: refreshes[0] >= 1, 5, what="a refresh read with the long interval set")
+    await wait_for(exported, 5, what="its rows exported")
+    await b.duty.release()  # the duty goes (as at a lost channel)
+
+    async def dropped() -> bool:
+        return ready not in await _metrics_text(port)
+
+    await wait_for(dropped, 3, what="the gauges dropped with the duty, not a refresh later")
+
+
 async def test_a_long_poll_fetch_duration_lands_in_a_finite_bucket(make_bridge, workers):
     """The request-duration histogram counts a fetch from its receipt to its ack, long-poll wait
     included (up to waitMs 30,000; the Python worker long-polls 30 s by default), but its buckets
