@@ -336,9 +336,9 @@ class Bridge:
         if not self._stop.is_set():
             self.duty.follow_storage(up=not paused)
 
-    async def _stop_gateway(self) -> None:
+    async def _stop_gateway(self, deadline: float) -> None:
         if self.gateway is not None:
-            await self.gateway.stop()
+            await self.gateway.stop(deadline)
 
     async def _flush_counts(self) -> None:
         while not self._stop.is_set():
@@ -436,7 +436,7 @@ class Bridge:
         await self.duty.release()  # another bridge takes the background loops over now
         await self.transport.pause()
         # The gateway stops listening and finishes its requests (within the grace) alongside AMQP's.
-        idle, _ = await asyncio.gather(self.transport.wait_idle(left()), self._stop_gateway())
+        idle, _ = await asyncio.gather(self.transport.wait_idle(left()), self._stop_gateway(ends))
         if not idle:
             log.warning("in-flight requests did not finish within %.1fs", grace)
         self.scheduler.cancel_timers()  # best-effort timers: the timer wheel has their entries

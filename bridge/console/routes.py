@@ -7,7 +7,8 @@
 ``GET  /console/api/metrics``                                 this bridge's adds/completions/redeliveries
                                                               per minute, the last hour
 ``GET  /console/api/queues/{serviceId}/tasks/{taskId}``       one task's history (never its value); 404
-``GET  /console/api/queues/{serviceId}/parked?limit=``        parked tasks (no lastError: that is data)
+``GET  /console/api/queues/{serviceId}/parked?limit=``        parked tasks (no lastError: that is data; none
+                                                              is even read)
 ``POST /console/api/queues/{serviceId}/redrive``              ``{"taskIds": [...]}`` or ``{"all": true}`` (and
                                                               ``parkedBefore``, ``after``: as on the wire)
 ``POST /console/api/queues/{serviceId}/discard``              ``{"taskIds": [...]}``
@@ -39,6 +40,8 @@ from bridge.console.history import Counters, MetricsHistory
 from bridge.domain.errors import BadRequest
 from bridge.domain.lifecycle import TaskInfo
 from bridge.domain.models import DiscardRequest, Identifier, ParkedRequest, RedriveRequest, TaskId, parse
+from bridge.domain.queue import MAX_STATS_SERVICES
+from bridge.domain.stats import ServiceStats
 from bridge.gateway.errors import Forbidden, NotFound
 from bridge.gateway.server import KEY, GatewayServer
 from bridge.transport import wire
@@ -46,6 +49,7 @@ from bridge.transport import wire
 QUEUE_PATH = CONSOLE_API + "/queues/{serviceId}"
 JSON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 LIMIT_PATTERN = re.compile(r"[0-9]{1,6}")
+STATS_CONCURRENCY = 16  # services whose counts /services reads at once
 READ_ONLY = "the console is read-only here (BRIDGE_CONSOLE_WRITE=false); redrive and discard are off"
 
 
@@ -121,7 +125,19 @@ class Console:
 
     async def services(self, request: web.Request) -> web.Response:
         owner = self._owner(request)
-        return _json(wire.stats(await self.queue.stats(owner, None))["result"])
+        # Not WorkQueue.stats(owner, None): it reads the counts of up to 1,000 services all at once
+        # (thousands of Cassandra reads in one burst, every 2 s per open console). At most
+        # STATS_CONCURRENCY services are read at a time; the same counts, the same order.
+        await self.queue.ctx.keys.current(owner)  # an owner without a key: unknown_owner, as stats says
+        names = await self.queue.ctx.store.services(owner, MAX_STATS_SERVICES)
+        limit = asyncio.Semaphore(STATS_CONCURRENCY)
+
+        async def one(service: str) -> list[ServiceStats]:
+            async with limit:
+                return await self.queue.stats(owner, service)
+
+        found = await asyncio.gather(*(one(s) for s in names))
+        return _json(wire.stats([s for got in found for s in got])["result"])
 
     async def metrics(self, request: web.Request) -> web.Response:
         self._owner(request)  # a bad X-Owner is refused here too
@@ -146,26 +162,35 @@ class Console:
                 raise BadRequest("limit must be a number from 1 to 1000")
             body["limit"] = int(limit)
         req = parse(ParkedRequest, body)
-        found = await self.queue.parked(owner, req.service_id, req.limit)
+        # Without errors: the worker's error may carry task data and is not shown here, so none is
+        # read nor decrypted (up to 100 of them every 2 s per open console, all thrown away).
+        found = await self.queue.lifecycle.parked(owner, req.service_id, req.limit, with_errors=False)
         tasks = wire.parked(found)["result"]["tasks"]
         for t in tasks:
-            t.pop("lastError", None)  # the worker's error may carry task data: not shown here
+            t.pop("lastError", None)
         return _json({"tasks": tasks})
 
+    # Writes run as the gateway's do (``GatewayServer.shielded``): a tab closed mid-way does not
+    # cut an unpark or a discard in two (counts drifting, an index row left), and the gateway's
+    # stop waits for them before the store closes.
     async def redrive(self, request: web.Request) -> web.Response:
         owner, body = await self._write(request)
         req = parse(RedriveRequest, body)
         if req.task_ids is not None:
-            return _json({"redriven": await self.queue.redrive(owner, req.service_id, self._task_ids(req.task_ids))})
+            ids = self._task_ids(req.task_ids)
+            n = await self.gateway.shielded(request, "redrive", self.queue.redrive(owner, req.service_id, ids))
+            return _json({"redriven": n})
         after = None if req.after is None else self._task_ids([req.after])[0]
-        done = await self.queue.redrive_all(owner, req.service_id, req.parked_before_ms(), after)
+        round_ = self.queue.redrive_all(owner, req.service_id, req.parked_before_ms(), after)
+        done = await self.gateway.shielded(request, "redrive", round_)
         return _json(wire.redriven_round(done)["result"])
 
     async def discard(self, request: web.Request) -> web.Response:
         owner, body = await self._write(request)
         req = parse(DiscardRequest, body)
         ids = self._task_ids(req.task_ids)
-        return _json({"discarded": await self.queue.discard(owner, req.service_id, ids)})
+        n = await self.gateway.shielded(request, "discard", self.queue.discard(owner, req.service_id, ids))
+        return _json({"discarded": n})
 
     # -- helpers -----------------------------------------------------------------------------------
     def _owner(self, request: web.Request) -> str:

@@ -13,8 +13,9 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from bridge.domain.clock import next_stamp, pointer_stamp
 from bridge.domain.condemn import condemn
@@ -43,6 +44,7 @@ from bridge.domain.timeline import EXPIRY_BUCKET_MS, expiry_bucket, ms_of, ready
 from bridge.errors import BridgeError
 
 log = logging.getLogger("bridge.queue")
+_T = TypeVar("_T")
 
 MAX_CLAIM_ATTEMPTS = 8  # claims a fetch may lose to other fetches before it tries a scan
 # Hints of tasks that had finished (cancelled, done, parked, discarded, dead: the failed claim's
@@ -86,6 +88,62 @@ class RequestAbandoned(BridgeError):
     fetch's worker is gone): it ends without a reply. Never on the wire: there is nobody to tell."""
 
     code = "abandoned"
+
+
+class Requester:
+    """A ``still_wanted`` that can also say at once that its caller is gone (``hang_up``): a
+    waiting fetch then stops waiting (``RequestAbandoned``) instead of holding its place in the
+    queue's waiters, the oldest of them, until a task comes or its waitMs ends. Only the wait is
+    cut short: a claim under way is finished (a compare-and-set that may apply whatever the caller
+    does), with its bookkeeping, and one not begun is not made (asked before it, as any
+    ``still_wanted``). The HTTP gateway's (the AMQP transport's probe asks the broker instead)."""
+
+    def __init__(self, alive: Callable[[], bool]) -> None:
+        self._alive = alive
+        self.gone = asyncio.Event()
+
+    def hang_up(self) -> None:
+        self.gone.set()
+
+    async def __call__(self) -> bool:
+        return not self.gone.is_set() and self._alive()
+
+
+async def _unless_gone(
+    wait: Awaitable[_T],
+    still_wanted: Callable[[], Awaitable[bool]] | None,
+    give_back: Callable[[_T], Awaitable[None]] | None = None,
+) -> _T:
+    """``wait``, cut short (``RequestAbandoned``) when ``still_wanted`` is a :class:`Requester`
+    whose caller hangs up meanwhile. A hint taken as the wait was cut goes back, for another fetch."""
+    if not isinstance(still_wanted, Requester):
+        return await wait
+    if still_wanted.gone.is_set():
+        if asyncio.iscoroutine(wait):
+            wait.close()
+        raise RequestAbandoned("its caller hung up")
+    waiting = asyncio.ensure_future(wait)
+    gone = asyncio.ensure_future(still_wanted.gone.wait())
+    try:
+        await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        waiting.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if not waiting.done():
+        waiting.cancel()
+        with suppress(asyncio.CancelledError):
+            got = await waiting
+            if give_back is not None:  # it came as the wait was cut: not decided, another gets it
+                await asyncio.shield(give_back(got))
+        raise RequestAbandoned("its caller hung up while it waited")
+    return waiting.result()
+
+
+async def _give_back(taken: Taken | None) -> None:
+    if taken is not None:
+        await taken.retry()
 
 
 @dataclass
@@ -396,7 +454,7 @@ class Fetcher:
             granted = a.flight.granted
             self._leave_turn(a)
             try:
-                taken = await self.hints.take(a.q, left_ms)
+                taken = await _unless_gone(self.hints.take(a.q, left_ms), still_wanted, _give_back)
             except HintsUnavailable:
                 delivery = await self._poll_store(a, left_ms, granted, still_wanted)
                 if delivery is not None:
@@ -433,7 +491,7 @@ class Fetcher:
         lost). Answered null at once, it was sent again at once by its worker: a spin of the
         worker, the bridge and the broker (about 50 fetches a second per worker) for as long as
         the hint queue was gone."""
-        await asyncio.sleep(min(left_ms, HINTLESS_POLL_MS) / 1000)
+        await _unless_gone(asyncio.sleep(min(left_ms, HINTLESS_POLL_MS) / 1000), still_wanted)
         self.reconcile.alarm_queue(a.q, self.ctx.clock.now_ms())  # what is stored by now has no hint coming
         if still_wanted is not None:
             if a.requester is not None:

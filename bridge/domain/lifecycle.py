@@ -432,10 +432,19 @@ class Lifecycle:
         for e in rows:
             await self.store.remove_parked(q, e.task_id, epoch=e.epoch)
 
-    async def parked(self, owner: str, service: str, limit: int) -> list[ParkedTask]:
+    async def parked(self, owner: str, service: str, limit: int, *, with_errors: bool = True) -> list[ParkedTask]:
+        """``with_errors=False``: no error read or opened, none listed (the operator console polls
+        this list and never shows an error: it may carry task data)."""
         q = QueueKey(owner, service)
         key = await self.ctx.keys.current(owner)
         listed = await self._live_parked(q, limit)
+        if not with_errors:
+            return [
+                ParkedTask(
+                    e.task_id, lease.epoch, lease.park_reason or e.reason, _parked_at(e, lease), e.has_token, None
+                )
+                for e, lease in listed
+            ]
         errors, read = await self._errors_within_budget(q, [e.task_id for e, _ in listed])
         found = []
         for n, (e, lease) in enumerate(listed):

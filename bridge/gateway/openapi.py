@@ -32,6 +32,15 @@ Errors answer `{"error": {"code", "message"}}` with the contract's code; the sta
 for HTTP: bad_request 400 (404 no such path, 405 wrong method, 415 not JSON), unauthorized 401
 (no or invalid credentials) or 403 (valid key, not allowed), unknown_owner 403,
 payload_too_large 413, integrity_error 422, unavailable 503 (retry; Retry-After), internal 500.
+A key with BRIDGE_GATEWAY_MAX_IN_FLIGHT_PER_KEY requests in flight is answered 503 (Retry-After)
+until one ends. JSON answers say `Cache-Control: no-store` and `X-Content-Type-Options: nosniff`.
+
+A request whose client hangs up is still carried out to its end (an add, an ack, a redrive...):
+retry it with the same Idempotency-Key (add) or the same taskId and epoch (ack, extend, fail). A
+long-poll fetch whose client hangs up stops waiting and claims nothing more; if its claim was
+already under way, the reply is lost but the task stays leased to that workerId until its
+timeToRecover runs out, or until the worker's next fetch without `fresh`, which hands it the same
+task again.
 """
 
 ERRORS: dict[str, str] = {
@@ -42,7 +51,8 @@ ERRORS: dict[str, str] = {
     "415": "bad_request: the body is not application/json",
     "422": "integrity_error: stored data failed authentication",
     "500": "internal: a bug (see the bridge log)",
-    "503": "unavailable: Cassandra or the key provider is down, or the bridge is stopping; retry",
+    "503": "unavailable: Cassandra or the key provider is down, the bridge is stopping, or the key has "
+    "too many requests in flight; retry",
 }
 
 SERVICE_ID_NOTE = "Optional here: it comes from the path. A value different from the path's is bad_request."
@@ -109,13 +119,15 @@ def _service_param() -> dict[str, Any]:
 
 X_OWNER = _header(
     "X-Owner",
-    "Act for this owner (trusted keys only; another key may only name its own owner). AMQP: x-owner.",
-    {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[^\\x00-\\x1f\\x7f]+$"},
+    "Act for this owner (trusted keys only; another key may only name its own owner); empty: the key's own"
+    " owner. AMQP: x-owner.",
+    {"type": "string", "maxLength": 255, "pattern": "^[^\\x00-\\x1f\\x7f]*$"},
 )
 IDEMPOTENCY_KEY = _header(
     "Idempotency-Key",
-    "Makes the add idempotent: the same key adds one task, whose id every repeat answers. AMQP: message_id.",
-    {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x20-\\x7e]+$"},
+    "Makes the add idempotent: the same key adds one task, whose id every repeat answers (printable"
+    " characters, UTF-8; empty: no key). AMQP: x-idempotency-key.",
+    {"type": "string", "maxLength": 255, "pattern": "^[^\\x00-\\x1f\\x7f]*$"},
 )
 TRACEPARENT = _header(
     "traceparent",

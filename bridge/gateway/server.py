@@ -20,11 +20,12 @@ Each request is parsed with the same pydantic models as on AMQP, run against the
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from aiohttp import hdrs, web
@@ -35,6 +36,7 @@ from bridge.console import CONSOLE_PATH
 from bridge.console.history import Counters
 from bridge.domain import jsonvalue
 from bridge.domain.errors import BadRequest, PayloadTooLarge, Unavailable
+from bridge.domain.fetching import RequestAbandoned, Requester
 from bridge.domain.models import AckRequest, AddCommand, FetchRequest, parse
 from bridge.domain.queue import WorkQueue
 from bridge.errors import BridgeError, ErrorCode, wire_code
@@ -56,12 +58,25 @@ log = logging.getLogger("bridge.gateway")
 
 Observer = Callable[[str, str, float], None]  # (method, outcome, seconds), as the AMQP transport's
 Reply = tuple[wire.Body, Mapping[str, str] | None]
+_R = TypeVar("_R")
 
 OK = "ok"
+# A request whose client hung up before its answer: a waiting fetch that stopped waiting (it claimed
+# nothing). Shielded work that went on after the hang-up is counted by how it ended instead.
+CLIENT_GONE = "client_gone"
 KEY = web.RequestKey("qb.key", ApiKey)
+# Set when a request's work goes on without its handler (the client hung up): that work, when it
+# ends, is observed and frees its key's in-flight slot, not the middleware.
+HANDED_OVER = web.RequestKey("qb.handed_over", bool)
+STARTED = web.RequestKey("qb.started", float)
 INTERNAL_MESSAGE = "internal error; see the bridge log"
-IDEMPOTENCY_PATTERN = re.compile(r"[\x20-\x7e]{1,255}")
+# As AMQP's x-idempotency-key (bridge.transport.envelope): printable characters (Unicode), at most
+# 255; empty: no key of the caller's own.
+IDEMPOTENCY_PATTERN = re.compile(r"[^\x00-\x1f\x7f]{0,255}")
+# Every JSON answer: never cached (the data is an owner's), never sniffed as another type.
+JSON_HEADERS: Mapping[str, str] = {hdrs.CACHE_CONTROL: "no-store", hdrs.X_CONTENT_TYPE_OPTIONS: "nosniff"}
 RETRY_AFTER_S = 1
+MIN_SHUTDOWN_WAIT_S = 0.05
 CHUNK = 65_536
 PUBLIC_PATHS = frozenset({OPENAPI_PATH, CONSOLE_PATH})  # no data on either
 
@@ -88,10 +103,12 @@ class GatewayServer:
         self.limit = settings.max_value_bytes + ENVELOPE_ALLOWANCE
         self.grace = settings.shutdown_grace
         self.read_timeout = settings.http_read_timeout
+        self.max_in_flight = settings.gateway_max_in_flight_per_key
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
         self._closing = False
-        self._shielded: set[asyncio.Future[Reply]] = set()  # shielded requests still running
+        self._shielded: set[asyncio.Future[Any]] = set()  # shielded requests still running
+        self._in_flight: dict[str, int] = {}  # requests in flight per key id (``_admit``)
         from bridge.gateway.openapi import document, dumps
 
         self._openapi = dumps(document())
@@ -112,7 +129,8 @@ class GatewayServer:
             raise RuntimeError("the gateway is already started")
         # A handler is cancelled when its client hangs up: a long-poll fetch then stops waiting
         # (kept waiting, it claimed the next task for a reply nobody reads, leased to a gone
-        # worker). Everything but a fetch is shielded from that cancellation (``_run``).
+        # worker). The work itself is shielded from that cancellation (``shielded``): only a
+        # fetch's wait is cut short, never a claim or a write under way.
         runner = web.AppRunner(
             self.app,
             access_log=None,
@@ -134,15 +152,34 @@ class GatewayServer:
         log.info("http gateway listening on %s:%d", host, self.port, extra={"keys": len(self.keys)})
         return self.port
 
-    async def stop(self) -> None:
-        """Stop listening; requests in flight finish within BRIDGE_SHUTDOWN_GRACE (new ones on open
-        connections are answered ``unavailable``)."""
+    async def stop(self, deadline: float | None = None) -> None:
+        """Stop listening; requests in flight finish by ``deadline`` (the event loop's time;
+        default: BRIDGE_SHUTDOWN_GRACE from now), new ones on open connections are answered
+        ``unavailable``. Work still running then is cancelled: the store closes after this."""
+        loop = asyncio.get_running_loop()
+        if deadline is None:
+            deadline = loop.time() + self.grace
         self._closing = True
         runner, self._runner = self._runner, None
         if runner is not None:
+            for site in list(runner.sites):  # no new connection: a balancer sends them elsewhere
+                await site.stop()
+        # Every request's work is tracked (``shielded``): it ends, and its handler answers, by the
+        # deadline. The runner's own wait came first, and it waits its timeout twice (for the
+        # handler, then again after cancelling it), then this wait: up to three graces in all.
+        if self._shielded:
+            await asyncio.wait(set(self._shielded), timeout=max(0.0, deadline - loop.time()))
+        leftovers = set(self._shielded)
+        for work in leftovers:  # past the deadline the store closes under them: end them first
+            work.cancel()
+        if leftovers:
+            log.warning("%d gateway requests cut short at the shutdown deadline", len(leftovers))
+            await asyncio.wait(leftovers)
+        if runner is not None:
+            # What is left is handlers without work of the store's (reading a body, a console
+            # read): half the time left, which aiohttp waits twice. Never 0 (that is no limit).
+            runner._shutdown_timeout = max(MIN_SHUTDOWN_WAIT_S, (deadline - loop.time()) / 2)
             await runner.cleanup()
-        if self._shielded:  # requests whose client hung up: they finish before the store closes
-            await asyncio.wait(set(self._shielded), timeout=self.grace)
         self.port = None
 
     # -- every request -----------------------------------------------------------------------------
@@ -153,7 +190,9 @@ class GatewayServer:
         started = time.perf_counter()
         route = request.match_info.route.name or ""
         method = route.split(".", 1)[0]
+        request[STARTED] = started
         outcome: str = ErrorCode.INTERNAL
+        admitted: str | None = None
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(method=method or None, transport="http")
         try:
@@ -161,6 +200,7 @@ class GatewayServer:
                 key = self.keys.authenticate(request.headers.get(hdrs.AUTHORIZATION))
                 request[KEY] = key
                 structlog.contextvars.bind_contextvars(user=f"key:{key.id}")
+                admitted = self._admit(key)
             if self._closing:
                 raise Unavailable("the bridge is shutting down; retry (another bridge may answer)")
             response = await handler(request)
@@ -168,10 +208,16 @@ class GatewayServer:
             return response
         except asyncio.CancelledError:
             # The client hung up (handlers are cancelled then, ``start``), or the gateway stopped
-            # past its grace: no answer goes out. The client broke the request off, as a read
-            # cut short did before handler cancellation (nginx's 499: a 4xx, not a bug).
+            # past its grace: no answer goes out. Work under way goes on and is counted when it
+            # ends (``shielded``); a request broken off before (its body not all sent) is the
+            # client's doing, as a read cut short was before handler cancellation (nginx's 499).
             outcome = ErrorCode.BAD_REQUEST
             raise
+        except RequestAbandoned:
+            # Its connection closed as it waited, before the handler's cancellation came: the
+            # answer goes nowhere (no error of the bridge's, none of the client's request either).
+            outcome = CLIENT_GONE
+            return self._error(Unavailable("the client hung up"))
         except web.HTTPException as exc:  # the router's: no such path, wrong method
             err = self._router_error(request, exc)
             outcome = wire_code(err)
@@ -180,8 +226,31 @@ class GatewayServer:
             outcome = wire_code(exc)
             return self._error(exc)
         finally:
-            if method:
-                self.observe(method, str(outcome), time.perf_counter() - started)
+            if not request.get(HANDED_OVER, False):
+                self._release(admitted)
+                if method:
+                    self.observe(method, str(outcome), time.perf_counter() - started)
+
+    def _admit(self, key: ApiKey) -> str:
+        """Count a request of ``key`` in flight; refused (503, ``Retry-After``) past the limit:
+        one key's client (a runaway retry loop, thousands of long-polls) cannot take every
+        connection and task of the bridge from the others."""
+        n = self._in_flight.get(key.id, 0)
+        if n >= self.max_in_flight:
+            raise Unavailable(
+                f"key {key.id!r} has {n} requests in flight, the limit (BRIDGE_GATEWAY_MAX_IN_FLIGHT_PER_KEY); retry"
+            )
+        self._in_flight[key.id] = n + 1
+        return key.id
+
+    def _release(self, key_id: str | None) -> None:
+        if key_id is None:
+            return
+        n = self._in_flight.get(key_id, 0) - 1
+        if n > 0:
+            self._in_flight[key_id] = n
+        else:
+            self._in_flight.pop(key_id, None)
 
     @staticmethod
     def _router_error(request: web.Request, exc: web.HTTPException) -> BridgeError:
@@ -213,7 +282,7 @@ class GatewayServer:
             log.warning("gateway request refused: %s (%s)", code, err.message)
         else:
             log.debug("gateway request refused: %s (%s)", code, err.message)
-        response = web.Response(status=status, body=wire.encode(wire.error(err)), headers=headers)
+        response = web.Response(status=status, body=wire.encode(wire.error(err)), headers={**JSON_HEADERS, **headers})
         response.content_type = "application/json"
         if status == 413:
             response.force_close()  # the rest of the body is not read: the connection cannot be reused
@@ -249,32 +318,77 @@ class GatewayServer:
             owner=owner, service=getattr(req, "service_id", None), worker=getattr(req, "worker_id", None)
         )
         reply, headers = await self._run(ep.method, owner, req, request, received_ms)
-        response = web.Response(body=wire.encode(reply), headers=headers)
+        response = web.Response(body=wire.encode(reply), headers={**JSON_HEADERS, **(headers or {})})
         response.content_type = "application/json"
         return response
 
     async def _run(self, method: str, owner: str, req: Any, request: web.Request, received_ms: int) -> Reply:
         if method == "fetch":
-            # Not shielded: a client gone while its fetch waits ends the wait (a hint it was
-            # handed goes back); one gone after the claim is a lost reply, which the worker's next
-            # fetch (not ``fresh``) gets again through its pointer.
             assert isinstance(req, FetchRequest)
-            delivery = await self.queue.fetch(owner, req)
-            child = child_traceparent(delivery.traceparent) if delivery is not None else None
-            return wire.fetched(delivery), ({"traceparent": child} if child else None)
+            # A fetch whose client hangs up stops waiting at once (a hint it was handed goes back)
+            # and makes no claim after (asked before each); a claim under way is finished, with
+            # its counts, the lease's timer and the pointer's cleanup. One that claimed is a lost
+            # reply: the task stays leased to the worker until its timeToRecover, and the
+            # worker's next fetch without ``fresh`` gets it again through its pointer.
+            requester = Requester(lambda: _connected(request))
+            fetching = self._fetch(owner, req, requester)
+            return await self.shielded(request, method, fetching, on_hang_up=requester.hang_up)
         # Finished even when the client hangs up meanwhile: a write cut short is retried by the
         # client into an unknown state (an add without an idempotency key twice, half an ack).
-        work = asyncio.ensure_future(self._run_to_the_end(method, owner, req, request, received_ms))
-        self._shielded.add(work)
-        work.add_done_callback(self._finished)
-        return await asyncio.shield(work)
+        return await self.shielded(request, method, self._run_to_the_end(method, owner, req, request, received_ms))
 
-    def _finished(self, work: asyncio.Future[Reply]) -> None:
+    async def shielded(
+        self,
+        request: web.Request,
+        method: str,
+        work: Awaitable[_R],
+        *,
+        on_hang_up: Callable[[], None] | None = None,
+    ) -> _R:
+        """Run a request's ``work`` to its end whatever its client does: a handler cancelled by a
+        hang-up leaves it running (``on_hang_up`` is told), and :meth:`stop` waits for it (up to
+        the shutdown deadline) before the store closes. Work that outlives its handler is
+        observed by how it ended, and holds its key's in-flight slot until then."""
+        running = asyncio.ensure_future(work)
+        self._shielded.add(running)
+        running.add_done_callback(self._finished)
+        try:
+            return await asyncio.shield(running)
+        except asyncio.CancelledError:
+            if on_hang_up is not None:
+                on_hang_up()
+            request[HANDED_OVER] = True
+            key = request.get(KEY)
+            left = functools.partial(
+                self._left_ended, method, request.get(STARTED, time.perf_counter()), None if key is None else key.id
+            )
+            running.add_done_callback(left)
+            raise
+
+    def _left_ended(self, method: str, started: float, key_id: str | None, work: asyncio.Future[Any]) -> None:
+        """Work that went on after its client hung up has ended: counted by how it ended."""
+        self._release(key_id)
+        if work.cancelled():
+            outcome: str = ErrorCode.UNAVAILABLE  # cut at the shutdown deadline
+        elif isinstance(work.exception(), RequestAbandoned):
+            outcome = CLIENT_GONE  # a waiting fetch that stopped waiting: it claimed nothing
+        elif (exc := work.exception()) is not None:
+            outcome = wire_code(exc)
+        else:
+            outcome = OK  # done; its answer was lost with the connection
+        self.observe(method, str(outcome), time.perf_counter() - started)
+
+    def _finished(self, work: asyncio.Future[Any]) -> None:
         self._shielded.discard(work)
         # Retrieved here: after a hang-up nobody awaits it, and the middleware never saw its end.
         exc = None if work.cancelled() else work.exception()
         if exc is not None and not isinstance(exc, BridgeError):
             log.warning("request failed after its client hung up: %s", type(exc).__name__)
+
+    async def _fetch(self, owner: str, req: FetchRequest, requester: Requester) -> Reply:
+        delivery = await self.queue.fetch(owner, req, still_wanted=requester)
+        child = child_traceparent(delivery.traceparent) if delivery is not None else None
+        return wire.fetched(delivery), ({"traceparent": child} if child else None)
 
     async def _run_to_the_end(self, method: str, owner: str, req: Any, request: web.Request, received_ms: int) -> Reply:
         if method == "add":
@@ -292,8 +406,9 @@ class GatewayServer:
 
     @staticmethod
     def _owner(key: ApiKey, named: str | None) -> str:
-        """The owner the request acts for: the key's, or (trusted keys only) the one X-Owner names."""
-        if named is None:
+        """The owner the request acts for: the key's, or (trusted keys only) the one X-Owner names.
+        An empty X-Owner names nobody (the key's own owner), as an empty x-owner on AMQP."""
+        if not named:
             return key.owner
         if not OWNER_PATTERN.fullmatch(named) or not _is_utf8(named):
             raise BadRequest("the X-Owner header must be 1 to 255 printable characters (UTF-8)")
@@ -352,10 +467,19 @@ def _is_utf8(value: str) -> bool:
     return True
 
 
+def _connected(request: web.Request) -> bool:
+    """Whether the request's client is still connected (aiohttp drops the transport once the
+    connection is lost)."""
+    transport = request.transport
+    return transport is not None and not transport.is_closing()
+
+
 def _idempotency_key(request: web.Request) -> str | None:
+    """The add's idempotency key, as AMQP's x-idempotency-key: up to 255 printable characters
+    (UTF-8); empty, or absent: none of the caller's own."""
     value = request.headers.get("Idempotency-Key")
     if value is None:
         return None
-    if not IDEMPOTENCY_PATTERN.fullmatch(value):
-        raise BadRequest("the Idempotency-Key header must be 1 to 255 printable ASCII characters")
-    return value
+    if not IDEMPOTENCY_PATTERN.fullmatch(value) or not _is_utf8(value):
+        raise BadRequest("the Idempotency-Key header must be 0 to 255 printable characters (UTF-8)")
+    return value or None

@@ -436,3 +436,145 @@ async def test_the_console_in_a_browser_shows_a_real_bridge_and_redrives_a_parke
         got = await wait_for(lambda w=worker: writable.fetch_task(svc, w), 10, what="a task handed out")
         ids.add(got["task"]["id"])
     assert task_id in ids
+
+
+# -- load and hang-ups ------------------------------------------------------------------------------
+async def _bridge_and_client(make_bridge: Any, console_keys: tuple[Path, dict[str, str]], **overrides: Any) -> Any:
+    path, keys = console_keys
+    b = await make_bridge(gateway_port=free_port(), gateway_keys_file=path, clock_skew_margin=0.2, **overrides)
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+    return b, Client(b.gateway_port, keys, session), session
+
+
+async def test_a_redrive_whose_tab_closed_mid_way_is_finished(make_bridge, console_keys, monkeypatch):
+    """Console writes were not shielded as the gateway's are: a tab closed (or a page reloaded)
+    while a redrive ran cancelled it mid-way (counts drifting, an index row left behind), and the
+    gateway's stop did not wait for it. Now it runs to its end, and is counted by how it ended."""
+    b, c, session = await _bridge_and_client(make_bridge, console_keys, console_write=True)
+    try:
+        svc = service_id()
+        parked_id = await c.parked_task(svc)
+        started, release = asyncio.Event(), asyncio.Event()
+        real = b.queue.redrive
+
+        async def redrive(owner: str, service: str, task_ids: Any) -> int:
+            started.set()
+            await release.wait()  # the tab closes here
+            return int(await real(owner, service, task_ids))
+
+        monkeypatch.setattr(b.queue, "redrive", redrive)
+        body = json.dumps({"taskIds": [parked_id]}).encode()
+        head = (
+            f"POST /console/api/queues/{svc}/redrive HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: Bearer {c.keys['a']}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        _, writer = await asyncio.open_connection("127.0.0.1", c.port)
+        writer.write(head + body)
+        await writer.drain()
+        await asyncio.wait_for(started.wait(), 10)
+        server = b.gateway._runner.server
+        (serving,) = [h for h in server.connections if getattr(h, "_current_request", None) is not None]
+        writer.close()
+        await writer.wait_closed()
+        await wait_for(lambda: serving._manager is None, 10, what="the gateway seeing the tab gone")
+        release.set()
+        back = await wait_for(lambda: c.fetch_task(svc, "w-again"), 10, what="the redriven task handed out")
+        assert back["task"]["id"] == parked_id
+        assert (await c.console(f"/queues/{svc}/parked")).result["tasks"] == []
+        ok = b.metrics.registry.get_sample_value("queue_bridge_requests_total", {"method": "redrive", "outcome": "ok"})
+        assert ok == 1, "the redrive is counted by how it ended, not as the client's bad request"
+    finally:
+        await session.close()
+
+
+async def test_the_console_reads_no_parked_errors_and_reads_service_counts_16_at_a_time(
+    make_bridge, console_keys, monkeypatch, cql, servers
+):
+    """Every 2 s the console asked for up to 100 parked tasks with their errors (read from
+    Cassandra and decrypted, then thrown away: it never shows them), and for the counts of up to
+    1,000 services all at once (one unbounded gather of their reads)."""
+    import bridge.domain.queue as queue_module
+
+    b, c, session = await _bridge_and_client(make_bridge, console_keys)
+    try:
+        svc = service_id()
+        await c.parked_task(svc)
+        reads: list[int] = []
+        real_errors = b.queue.lifecycle._errors_within_budget
+
+        async def errors(q: Any, task_ids: Any) -> Any:
+            reads.append(len(task_ids))
+            return await real_errors(q, task_ids)
+
+        monkeypatch.setattr(b.queue.lifecycle, "_errors_within_budget", errors)
+        parked = (await c.console(f"/queues/{svc}/parked?limit=100")).result["tasks"]
+        assert len(parked) == 1 and "lastError" not in parked[0]
+        assert reads == [], "the console's parked list read the tasks' errors"
+        # The gateway's parked (the contract's) still lists them.
+        listed = (await c.api(svc, "parked"))["result"]["tasks"]
+        assert listed[0]["lastError"] == "boom" and reads == [1]
+
+        # Many services of one owner (OWNERS[1]: key "b"); their counts read at most 16 at once.
+        owner, prefix = OWNERS[1], f"AAbound-{uuid.uuid4().hex[:6]}-"
+        insert = cql.prepare(f"INSERT INTO {servers.keyspace}.services (owner, service) VALUES (?, ?) USING TTL 600")
+        for i in range(60):
+            cql.execute(insert, (owner, f"{prefix}{i:03d}"))
+        running, most = 0, 0
+        real_stats = queue_module.service_stats
+
+        async def service_stats(*args: Any) -> Any:
+            nonlocal running, most
+            running += 1
+            most = max(most, running)
+            try:
+                return await real_stats(*args)
+            finally:
+                running -= 1
+
+        monkeypatch.setattr(queue_module, "service_stats", service_stats)
+        try:
+            services = (await c.console("/services", key="b")).result["services"]
+            mine = [s["serviceId"] for s in services if s["serviceId"].startswith(prefix)]
+            assert mine == sorted(mine) and len(mine) == 60
+            assert 1 < most <= 16, f"{most} services' counts read at once"
+        finally:
+            cql.execute(
+                f"DELETE FROM {servers.keyspace}.services WHERE owner = %s AND service >= %s AND service < %s",
+                (owner, prefix, prefix + "~"),
+            )
+    finally:
+        await session.close()
+
+
+async def test_a_console_tab_in_the_background_stops_polling_and_resumes_when_shown(make_bridge, console_keys, chrome):
+    """The page polled /services (every service's counts, read from Cassandra) every 2 s whether
+    anybody looked at it or not: a forgotten background tab cost the bridge as much as a watched
+    one. It now stops while ``document.hidden`` and polls again as soon as it is shown."""
+    b, c, session = await _bridge_and_client(make_bridge, console_keys)
+    try:
+
+        def polls() -> float:
+            labels = {"method": "stats", "outcome": "ok"}
+            return b.metrics.registry.get_sample_value("queue_bridge_requests_total", labels) or 0.0
+
+        await asyncio.to_thread(_sign_in, chrome, c.base, c.keys["a"])
+        first = polls()
+        await wait_for(lambda: polls() >= first + 1, UI_TIMEOUT, what="the page polling while visible")
+        hide = (
+            "Object.defineProperty(document, 'hidden', {configurable: true, get: () => arguments[0]});"
+            "document.dispatchEvent(new Event('visibilitychange'));"
+        )
+        await asyncio.to_thread(chrome.execute_script, hide, True)
+        settled = polls()  # a poll already under way may still land: one more is allowed below
+        window = asyncio.get_running_loop().time() + 3 * 2.0  # three poll intervals (POLL_MS 2 s)
+        hidden_polls: list[float] = []
+        while asyncio.get_running_loop().time() < window:
+            hidden_polls.append(polls())
+            await asyncio.sleep(0.2)  # observing a window: the page must ask nothing in it
+        assert max(hidden_polls) <= settled + 1, f"{max(hidden_polls) - settled:.0f} polls from a hidden tab"
+        quiet = polls()
+        await asyncio.to_thread(chrome.execute_script, hide, False)
+        await wait_for(lambda: polls() >= quiet + 1, 5, what="polling resumed when the tab was shown")
+    finally:
+        await session.close()

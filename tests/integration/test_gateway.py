@@ -712,6 +712,88 @@ async def test_a_long_poll_whose_client_hung_up_does_not_claim_the_next_task(sta
     )
 
 
+async def _long_poll_then_hang_up_later(gw: Gateway, svc: str, worker: str) -> asyncio.StreamWriter:
+    """A long-poll fetch on a raw connection, left open: the caller closes it (hangs up)."""
+    body = json.dumps({"workerId": worker, "waitMs": 30_000, "timeToRecover": 600_000}).encode()
+    head = (
+        f"POST /api/queue/{svc}/fetch HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {gw.keys['a']}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(head + body)
+    await writer.drain()
+    return writer
+
+
+def _fetches(bridge: Any, outcome: str) -> float:
+    value = bridge.metrics.registry.get_sample_value(
+        "queue_bridge_requests_total", {"method": "fetch", "outcome": outcome}
+    )
+    return value or 0.0
+
+
+async def test_a_long_poll_whose_client_hangs_up_while_it_waits_stops_and_is_counted_client_gone(start_gateway):
+    """A waiting fetch cut short by its client's hang-up was counted ``bad_request`` (the client's
+    error, alerting as one); it is ``client_gone``, and it stops waiting at once."""
+    bridge, gw = await start_gateway()
+    svc = service_id()
+    assert (await gw.ok(svc, "fetch", {"workerId": "live"}))["result"] is None  # the queue exists
+    bad_before = _fetches(bridge, "bad_request")
+    writer = await _long_poll_then_hang_up_later(gw, svc, "gone")
+    await wait_for(lambda: _waiters(bridge) == 1, 10, what="the HTTP fetch waiting for a hint")
+    writer.close()
+    await writer.wait_closed()
+    await wait_for(lambda: _waiters(bridge) == 0, 10, what="the wait cut short")
+    await wait_for(lambda: _fetches(bridge, "client_gone") == 1, 10, what="the fetch counted client_gone")
+    assert _fetches(bridge, "bad_request") == bad_before
+    assert not bridge.gateway._shielded and bridge.gateway._in_flight == {}
+
+
+async def test_a_claim_under_way_when_the_client_hangs_up_is_finished_with_its_bookkeeping(start_gateway, monkeypatch):
+    """aiohttp cancels a handler whose client hangs up; the fetch was not shielded, so a hang-up
+    while its claim was in flight (the compare-and-set sent, its answer on the way) cut it there:
+    the claim applied, but it was never counted (stats kept the task ready, not in flight), its
+    short-lease timer and slow-claim refile were skipped, and its hint went back to the queue
+    though the task was leased. Now the claim ends as any other; the worker, which got no answer,
+    is handed the task by its next fetch (not ``fresh``)."""
+    bridge, gw = await start_gateway()
+    svc = service_id()
+    assert (await gw.ok(svc, "fetch", {"workerId": "live"}))["result"] is None
+    writer = await _long_poll_then_hang_up_later(gw, svc, "gone")
+    await wait_for(lambda: _waiters(bridge) == 1, 10, what="the HTTP fetch waiting for a hint")
+    (serving,) = _serving(bridge, svc)
+    store = bridge.queue.ctx.store
+    real = store.claim_new
+    claimed, release = asyncio.Event(), asyncio.Event()
+
+    async def claim_new(*args: Any, **kwargs: Any) -> Any:
+        res = await real(*args, **kwargs)  # applied in Cassandra; its answer is "on the way"
+        claimed.set()
+        await release.wait()
+        return res
+
+    monkeypatch.setattr(store, "claim_new", claim_new)
+    ok_before = _fetches(bridge, "ok")
+    task_id = (await gw.ok(svc, "tasks", {"value": "claimed as the worker left"}))["task"]["id"]
+    await asyncio.wait_for(claimed.wait(), 10)
+    writer.close()
+    await writer.wait_closed()
+    await wait_for(lambda: serving._manager is None, 10, what="the gateway seeing the connection closed")
+    release.set()
+
+    async def counted() -> dict[str, Any] | None:
+        (row,) = (await gw.ok(svc, "stats"))["result"]["services"]
+        return row if row["inFlight"] == 1 and row["ready"] == 0 else None
+
+    await wait_for(counted, 10, what="the claim counted: in flight 1, ready 0")
+    await wait_for(lambda: _fetches(bridge, "ok") == ok_before + 1, 10, what="the hung-up fetch counted ok")
+    monkeypatch.setattr(store, "claim_new", real)
+    # Nobody else gets the leased task; the worker's next fetch (not fresh) gets it again.
+    assert (await gw.ok(svc, "fetch", {"workerId": "live"}))["result"] is None
+    again = await gw.ok(svc, "fetch", {"workerId": "gone"})
+    assert again["task"]["id"] == task_id and again["result"] == "claimed as the worker left"
+
+
 # -- Clock skew between the bridge that granted a lease and the one a request goes through: host
 # time with the 1 s margin the docs give for it, bridges 400 ms ahead and behind (within half the
 # margin: both serve). Both went wrong before (compared across clocks without the margin).

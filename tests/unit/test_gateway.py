@@ -4,6 +4,7 @@ The gateway on the real servers: tests/integration/test_gateway.py."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import subprocess
@@ -260,6 +261,21 @@ class StandInQueue:
         self.clock = ManualClock(1_700_000_000_000)
         self.error: BaseException | None = None
         self.calls: list[tuple[str, str, Any]] = []
+        self.hold: asyncio.Event | None = None  # set: calls wait for it before they answer
+        self.held = 0  # calls waiting for ``hold`` now
+        self.cut = 0  # calls cancelled while they waited
+
+    async def _held(self) -> None:
+        if self.hold is None:
+            return
+        self.held += 1
+        try:
+            await self.hold.wait()
+        except asyncio.CancelledError:
+            self.cut += 1
+            raise
+        finally:
+            self.held -= 1
 
     def _call(self, method: str, owner: str, req: Any, answer: Any) -> Any:
         self.calls.append((method, owner, req))
@@ -268,9 +284,11 @@ class StandInQueue:
         return answer
 
     async def add(self, owner: str, cmd: Any, *, message_id: str | None, traceparent: str | None) -> str:
+        await self._held()
         return str(self._call("add", owner, (cmd, message_id, traceparent), str(uuid.uuid1())))
 
-    async def fetch(self, owner: str, req: Any) -> None:
+    async def fetch(self, owner: str, req: Any, *, still_wanted: Any = None) -> None:
+        await self._held()
         return self._call("fetch", owner, req, None)  # type: ignore[no-any-return]
 
     async def ack(self, owner: str, req: Any, *, sent_before_ms: int | None = None) -> bool:
@@ -280,8 +298,9 @@ class StandInQueue:
         return list(self._call("stats", owner, service, []))
 
 
-@pytest.fixture
-async def standin(tmp_path: Path) -> AsyncIterator[tuple[StandInQueue, str, dict[str, str], list[tuple[str, str]]]]:
+async def _standin_server(
+    tmp_path: Path, **settings: Any
+) -> tuple[GatewayServer, StandInQueue, str, dict[str, str], list[tuple[str, str]]]:
     keys: dict[str, str] = {}
     entries = []
     for name, trusted in (("w", False), ("e", True)):
@@ -291,10 +310,16 @@ async def standin(tmp_path: Path) -> AsyncIterator[tuple[StandInQueue, str, dict
     path.write_text(json.dumps(entries))
     queue = StandInQueue()
     observed: list[tuple[str, str]] = []
-    settings = Settings(keyring=None, gateway_keys_file=path, max_value_bytes=1000, shutdown_grace=1)
-    server = GatewayServer(settings, queue, lambda m, o, s: observed.append((m, o)))  # type: ignore[arg-type]
+    config = Settings(keyring=None, gateway_keys_file=path, max_value_bytes=1000, **{"shutdown_grace": 1, **settings})
+    server = GatewayServer(config, queue, lambda m, o, s: observed.append((m, o)))  # type: ignore[arg-type]
     port = await server.start("127.0.0.1", 0)
-    yield queue, f"http://127.0.0.1:{port}", keys, observed
+    return server, queue, f"http://127.0.0.1:{port}", keys, observed
+
+
+@pytest.fixture
+async def standin(tmp_path: Path) -> AsyncIterator[tuple[StandInQueue, str, dict[str, str], list[tuple[str, str]]]]:
+    server, queue, base, keys, observed = await _standin_server(tmp_path)
+    yield queue, base, keys, observed
     await server.stop()
 
 
@@ -354,9 +379,21 @@ async def test_the_request_reaches_the_queue_as_on_amqp(standin) -> None:
     assert status == 200 and body == {"result": True}
     _, owner, (req, sent_before) = queue.calls[-1]
     assert owner == "owner-w" and req.service_id == "s" and sent_before == queue.clock.now_ms()
+    # Idempotency-Key as AMQP's x-idempotency-key: printable Unicode, up to 255 characters; empty is
+    # no key; control characters are refused. (Printable ASCII only before: "clé" was a 400.)
     status, body, _ = await _post(base, "/api/queue/s/tasks", keys["w"], b'{"value": 1}', **{"Idempotency-Key": "clé"})
+    assert status == 200, body
+    assert queue.calls[-1][2][1] == "clé"
+    status, body, _ = await _post(base, "/api/queue/s/tasks", keys["w"], b'{"value": 1}', **{"Idempotency-Key": ""})
+    assert status == 200 and queue.calls[-1][2][1] is None
+    status, body, _ = await _post(
+        base, "/api/queue/s/tasks", keys["w"], b'{"value": 1}', **{"Idempotency-Key": "é" * 256}
+    )
     assert status == 400 and "Idempotency-Key" in body["error"]["message"]
-    assert [o for m, o in observed] == ["ok", "ok", "bad_request"]
+    # An empty X-Owner names nobody: the key's own owner (as an empty x-owner on AMQP), not a 400.
+    status, body, _ = await _post(base, "/api/queue/s/tasks", keys["w"], b'{"value": 1}', **{"X-Owner": ""})
+    assert status == 200 and queue.calls[-1][1] == "owner-w", body
+    assert [o for m, o in observed] == ["ok", "ok", "ok", "ok", "bad_request", "ok"]
 
 
 async def test_a_body_over_the_limit_is_413_and_the_limit_is_the_amqp_one(standin) -> None:
@@ -421,3 +458,75 @@ def test_run_with_an_invalid_keys_file_exits_2_naming_it(tmp_path: Path) -> None
     )
     assert proc.returncode == 2, proc.stderr
     assert "BRIDGE_GATEWAY_KEYS_FILE" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- response headers, per-key limits, stop ------------------------------------------------------------------
+async def test_every_json_answer_is_not_cached_nor_sniffed(standin) -> None:
+    """The console's JSON said ``Cache-Control: no-store`` and ``nosniff``; the gateway's, the same
+    owners' data, said neither (a shared cache or a browser could keep or reinterpret it)."""
+    queue, base, keys, _ = standin
+    answers = [
+        await _post(base, "/api/queue/s/fetch", keys["w"], b'{"workerId": "w"}'),  # 200
+        await _post(base, "/api/queue/s/fetch", keys["w"], b"{"),  # 400
+        await _post(base, "/api/queue/s/fetch", None, b"{}"),  # 401
+        await _post(base, "/api/queue/s/nope", keys["w"], b"{}"),  # 404
+    ]
+    queue.error = Unavailable("down")
+    answers.append(await _post(base, "/api/queue/s/fetch", keys["w"], b'{"workerId": "w"}'))  # 503
+    assert [status for status, _, _ in answers] == [200, 400, 401, 404, 503]
+    for status, _, headers in answers:
+        assert headers.get("Cache-Control") == "no-store", status
+        assert headers.get("X-Content-Type-Options") == "nosniff", status
+
+
+async def test_a_key_past_its_in_flight_limit_is_answered_503_with_retry_after(tmp_path: Path) -> None:
+    """Nothing bounded what one API key could hold open: a runaway client (or a stolen key) took
+    every connection and task of the bridge from the other keys."""
+    server, queue, base, keys, _observed = await _standin_server(tmp_path, gateway_max_in_flight_per_key=2)
+    try:
+        queue.hold = asyncio.Event()
+        body = b'{"workerId": "w", "waitMs": 20000}'
+        waiting = [asyncio.create_task(_post(base, "/api/queue/s/fetch", keys["w"], body)) for _ in range(2)]
+        for _ in range(500):  # both in the stand-in's fetch (no sleep-for-a-while: a condition, bounded)
+            if queue.held == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert queue.held == 2
+        # Answered at once (bounded here: before the limit it waited with the others).
+        status, reply, headers = await asyncio.wait_for(_post(base, "/api/queue/s/fetch", keys["w"], body), 5)
+        assert status == 503 and reply["error"]["code"] == "unavailable", reply
+        assert "BRIDGE_GATEWAY_MAX_IN_FLIGHT_PER_KEY" in reply["error"]["message"]
+        assert headers["Retry-After"] == "1"
+        # Another key is not held back by this one's requests.
+        queue.hold.set()
+        assert (await _post(base, "/api/queue/s/fetch", keys["e"], body))[0] == 200
+        assert [r[0] for r in await asyncio.gather(*waiting)] == [200, 200]
+        # The slots are given back: the key is served again.
+        assert (await _post(base, "/api/queue/s/fetch", keys["w"], body))[0] == 200
+        assert server._in_flight == {}
+    finally:
+        await server.stop()
+
+
+async def test_stop_ends_within_its_deadline_and_cancels_work_still_running(tmp_path: Path) -> None:
+    """stop() waited the grace for the runner's handlers, then another grace for the shielded work
+    of requests whose handler it had cut: twice the grace, and work still running after that kept
+    going while the bridge closed the store under it."""
+    server, queue, base, keys, observed = await _standin_server(tmp_path, shutdown_grace=1)
+    queue.hold = asyncio.Event()  # never set: the add never ends by itself
+    adding = asyncio.create_task(_post(base, "/api/queue/s/tasks", keys["w"], b'{"value": 1}'))
+    for _ in range(500):
+        if queue.held == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert queue.held == 1
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await server.stop()
+    took = loop.time() - started
+    assert took < 1.5, f"stop took {took:.2f} s with a 1 s grace"
+    assert queue.cut == 1 and queue.held == 0, "the add still ran after stop returned"
+    assert not server._shielded
+    with pytest.raises(aiohttp.ClientError):
+        await adding
+    assert ("add", "unavailable") in observed
