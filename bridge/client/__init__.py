@@ -13,7 +13,8 @@ after a backoff or be parked at its delivery limit. The engine side also manages
 ``cancel``, ``purge``, ``stats``, ``parked``, ``redrive``, ``discard`` (contract 1.4).
 
 Errors of the wire contract arrive as :class:`BridgeClientError` subclasses; no reply at all
-(a timeout, a lost connection) as :class:`TransportError`: retry the request.
+(a timeout, a lost connection) as :class:`TransportError`: retry the request (an add only with
+a ``message_id``: retried without one, it may be stored twice).
 """
 
 from bridge.client.errors import (

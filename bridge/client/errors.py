@@ -4,8 +4,9 @@ A reply ``{"error": {"code", "message"}}`` is raised as the class of its code
 (:func:`error_from_reply`; :class:`BridgeClientError` for a code this client does not know).
 When no reply can come, a :class:`TransportError` is raised instead: :class:`RequestTimeout` (no
 reply in time) or :class:`ConnectionLost` (the connection to RabbitMQ failed before the reply).
-Every bridge request is safe to repeat (an add with the same ``message_id``), so retry on
-:class:`TransportError` and :class:`UnavailableError`. The whole tree is drawn in
+Retry on :class:`TransportError` and :class:`UnavailableError`: every bridge request is safe to
+repeat but an add without a ``message_id`` (a retried one may store a second task: give adds a
+``message_id`` to retry them). The whole tree is drawn in
 :mod:`bridge.errors`.
 """
 
@@ -69,7 +70,8 @@ class InternalError(BridgeClientError):
 
 
 class TransportError(BridgeClientError):
-    """No reply came (never a code on the wire): the request may or may not have run; retry it."""
+    """No reply came (never a code on the wire): the request may or may not have run; retry it
+    (an add only with a ``message_id``, or it may be stored twice)."""
 
     code = "transport"
 

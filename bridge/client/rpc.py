@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 import uuid
 from collections import deque
@@ -16,7 +17,13 @@ from urllib.parse import unquote, urlparse
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
-from aiormq.exceptions import ChannelAccessRefused, ChannelInvalidStateError, ChannelNotFoundEntity
+from aiormq.exceptions import (
+    ChannelAccessRefused,
+    ChannelInvalidStateError,
+    ChannelNotFoundEntity,
+    DeliveryError,
+    PublishError,
+)
 
 from bridge.client.errors import (
     BadRequestError,
@@ -61,6 +68,8 @@ CLOCK_WARN_MS = 1_000  # an offset from the bridge's clock beyond this is worth 
 OFFSET_WINDOW_S = 60.0  # replies whose x-now the clock offset is taken from (the largest of them)
 IDEMPOTENCY_HEADER = "x-idempotency-key"  # contract 1.5: the add's own idempotency key (empty: none)
 MIN_BEAT_S = 0.1  # keep_alive never beats faster than this, however short the lease
+LEASE_ENDED_BEAT_S = 1.0  # keep_alive after extends without an answer, once the lease ran out: this at least
+BEAT_BACKOFF_MAX_S = 10.0  # ... backing off (full jitter) up to this
 REDRIVE_RATE = 50.0  # the bridge's default BRIDGE_REDRIVE_RATE: parked tasks put back per second
 REDRIVE_ALL_MAX = 1000  # parked tasks one ``redrive all`` request puts back at most
 UNKNOWN_LEASE_S = 3.0  # a lease keep_alive cannot read, of a length it was not told: beat every second
@@ -76,10 +85,12 @@ def user_of(url: str) -> str:
 class RpcClient:
     """Publishes requests to the bridge's exchange and awaits replies on direct reply-to.
 
-    Direct reply-to is at-most-once: a reply can be lost if the connection drops. Every bridge
-    RPC is safe to repeat (fetch returns the held task again, a repeated ack of a completed task
-    is answered true), so callers retry on :class:`~bridge.client.errors.TransportError`
-    (:class:`RequestTimeout`, :class:`ConnectionLost`).
+    Direct reply-to is at-most-once: a reply can be lost if the connection drops. The worker's
+    RPCs are safe to repeat (fetch returns the held task again, a repeated ack of a completed task
+    is answered true), so callers retry them on :class:`~bridge.client.errors.TransportError`
+    (:class:`RequestTimeout`, :class:`ConnectionLost`). An add is safe to repeat only with a
+    ``message_id`` (its idempotency key): the first copy may have been stored, and a retry without
+    one stores a second task.
 
     ``timeout`` bounds each call as a whole (plus what the request itself may take: a long-poll's
     wait, a redrive's pace): getting a connection and a channel, sending the request, awaiting
@@ -104,6 +115,11 @@ class RpcClient:
         self.user = user_of(url)
         self.connection: AbstractConnection | None = None
         self.channel: AbstractChannel | None = None
+        # Requests without a reply (``add(wait=False)``) go on a channel of their own in confirm
+        # mode, opened on first use on the same connection: with nothing to answer them, the
+        # broker's ack is the only word that one was taken (RPCs, answered by the bridge, need no
+        # confirm and do not wait for one).
+        self._confirms: AbstractChannel | None = None
         self._pending: dict[str, asyncio.Future[Any]] = {}
         self._pending_method: dict[str, str] = {}  # correlation id -> method, while its reply is awaited
         self._replied: dict[str, float] = {}  # method -> when a reply to it last came (monotonic)
@@ -113,11 +129,15 @@ class RpcClient:
         self._suspect: AbstractChannel | None = None
         # Closes of replaced connections, under way in the background (see _retire).
         self._retiring: set[asyncio.Task[None]] = set()
-        # The bridge's clock minus this host's (ms), from the last reply's x-now (None until one
-        # says it, or with bridges that do not): deadlines are set on the bridge's clock, which
-        # judges them, so a host clock that is off does not make every request late or early.
-        self.clock_offset_ms: int | None = None
-        self._offsets: deque[tuple[float, int]] = deque()  # (when seen, offset) of the last replies
+        # The bridge's clock minus this host's monotonic clock (ms), from the replies' x-now (None
+        # until one says it, or with bridges that do not): deadlines are set on the bridge's clock,
+        # which judges them, so a host clock that is off does not make every request late or
+        # early. Carried by the monotonic clock, not the wall clock: a step of the host's clock
+        # (NTP, an operator) moves neither the bridge's time as this client reckons it nor the
+        # deadlines (against the wall clock, a step forward was kept in the largest offset of the
+        # window for a minute).
+        self._mono_offset_ms: int | None = None
+        self._offsets: deque[tuple[float, int]] = deque()  # (when seen, monotonic offset) of the last replies
         self._clock_warned = False
 
     async def open(self) -> None:
@@ -174,7 +194,7 @@ class RpcClient:
         its close, however late it ends (a broker that stopped reading answers no close), fails
         nothing sent on the next connection."""
         connection, channel = self.connection, self.channel
-        self.connection, self.channel, self._suspect = None, None, None
+        self.connection, self.channel, self._suspect, self._confirms = None, None, None, None
         for closable in (connection, channel):
             if closable is not None:
                 with contextlib.suppress(RuntimeError):  # frozen: its close is running the callbacks now
@@ -270,20 +290,20 @@ class RpcClient:
         now = (headers or {}).get(NOW_HEADER)
         if isinstance(now, bool) or not isinstance(now, int) or now <= 0:
             return
-        offset = now - int(time.time() * 1000)
+        seen_at = time.monotonic()
+        offset = now - int(seen_at * 1000)
         # The largest of the last minute's: a reply held on its way (behind a broker's flow
         # control or alarm) says a time already past, so its offset is too small by the delay,
         # never too large. Taken as it came, a keep-alive timed on it beat after its lease ended.
         # A sliding maximum: offsets no larger than a newer one can never be the maximum again,
         # so each reply costs O(1) however many a busy worker gets in a minute.
-        seen_at = time.monotonic()
         while self._offsets and self._offsets[-1][1] <= offset:
             self._offsets.pop()
         self._offsets.append((seen_at, offset))
         while seen_at - self._offsets[0][0] > OFFSET_WINDOW_S:
             self._offsets.popleft()
-        offset = self._offsets[0][1]
-        self.clock_offset_ms = offset
+        self._mono_offset_ms = self._offsets[0][1]
+        offset = self.clock_offset_ms or 0
         if abs(offset) > CLOCK_WARN_MS and not self._clock_warned:
             self._clock_warned = True
             log.warning(
@@ -293,10 +313,21 @@ class RpcClient:
                 "behind" if offset > 0 else "ahead of",
             )
 
+    @property
+    def clock_offset_ms(self) -> int | None:
+        """The bridge's clock minus this host's wall clock (ms) now, as the replies' ``x-now`` told
+        it; None until one did."""
+        if self._mono_offset_ms is None:
+            return None
+        return round((self.bridge_time() - time.time()) * 1000)
+
     def bridge_time(self) -> float:
-        """Now by the bridge's clock (seconds since the epoch), as far as this client knows: this
-        host's clock corrected by :attr:`clock_offset_ms` once a reply told it."""
-        return time.time() + (self.clock_offset_ms or 0) / 1000
+        """Now by the bridge's clock (seconds since the epoch), as far as this client knows: from
+        the replies' ``x-now``, carried by this host's monotonic clock (a step of its wall clock
+        does not move it); this host's wall clock until a reply told it."""
+        if self._mono_offset_ms is None:
+            return time.time()
+        return time.monotonic() + self._mono_offset_ms / 1000
 
     async def publish(
         self,
@@ -318,7 +349,50 @@ class RpcClient:
         (``sent`` false); one being written raises RequestTimeout: its frames are queued on the
         connection and may still go out when the broker reads again (a bridge drops an RPC that
         comes past its ``x-deadline``; an add is stored: retry it with its ``message_id``), and
-        the next call goes on a new connection."""
+        the next call goes on a new connection.
+
+        Without ``reply`` the request goes in confirm mode (mandatory): this returns once RabbitMQ
+        has taken it (routed to a queue, and on a durable queue written), and raises
+        :class:`BrokerRefused` if it was not (no queue bound for ``method``, the exchange missing,
+        the broker nacked it) and RequestTimeout if the broker did not say by the deadline. What a
+        bridge then does with it is not awaited.
+
+        With ``reply``, the future fails with RequestTimeout if no reply came by the deadline (plus
+        ``wait_s``): nothing is kept waiting for a reply that will not come."""
+        loop = asyncio.get_running_loop()
+        at = deadline if deadline is not None else loop.time() + self.timeout
+        correlation_id, fut = await self._request(
+            method, body, reply=reply, owner=owner, message_id=message_id, headers=headers, raw=raw, deadline=deadline
+        )
+        if fut is not None:
+            expires = at + (wait_s if deadline is None else 0.0)  # a caller's deadline already holds the wait
+            loop.call_at(expires, self._expire, correlation_id, method, round(expires - loop.time(), 3))
+        return fut
+
+    def _expire(self, correlation_id: str, method: str, waited: float) -> None:
+        """The deadline of a :meth:`publish` reply: its entry is taken out (a reply that never
+        comes would keep it for the life of the connection) and its future fails."""
+        fut = self._pending.pop(correlation_id, None)
+        self._pending_method.pop(correlation_id, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(RequestTimeout(f"no reply to {method} within {waited:g}s", waited_s=waited))
+
+    async def _request(
+        self,
+        method: str,
+        body: Any,
+        *,
+        reply: bool = True,
+        owner: str | None = None,
+        message_id: str | None = None,
+        headers: dict[str, Any] | None = None,
+        raw: bytes | None = None,
+        wait_s: float = 0.0,
+        deadline: float | None = None,
+    ) -> tuple[str, asyncio.Future[Any] | None]:
+        """:meth:`publish`: (the request's correlation id, the future of its reply or None).
+        ``wait_s`` is the caller's to count in ``deadline``."""
+        del wait_s
         if self._closed:
             raise RuntimeError("client is closed")
         # Encoded first: a value JSON cannot carry fails here, before a reply is awaited (a future
@@ -345,7 +419,8 @@ class RpcClient:
                 ) from None
             # A write that does not end: the broker does not read this connection's socket (an
             # alarm blocks publishers) or the network stalls. Every request after it would queue
-            # behind it, so the next call goes on a new connection.
+            # behind it, so the next call goes on a new connection. (Without a reply, also a
+            # confirm that did not come: it may still have been taken.)
             self._suspect = writing[0]
             raise RequestTimeout(
                 f"{method} not sent within {waited:g}s (RabbitMQ is not reading this connection: an alarm?); "
@@ -387,10 +462,11 @@ class RpcClient:
 
     async def _send(
         self, method: str, build: Callable[[], aio_pika.Message], writing: list[AbstractChannel]
-    ) -> asyncio.Future[Any] | None:
+    ) -> tuple[str, asyncio.Future[Any] | None]:
         """Publish the message ``build`` makes on this client's channel (connecting first if need
-        be); the future of its reply, when it asks for one. ``writing`` gets the channel once the
-        write begins."""
+        be), or, without a reply, on its confirm channel, awaiting the broker's ack; its correlation
+        id and the future of its reply, when it asks for one. ``writing`` gets the (main) channel
+        once the write begins."""
         try:
             channel = await self._ensure_open()
         except (OSError, aio_pika.exceptions.AMQPError) as exc:
@@ -405,14 +481,22 @@ class RpcClient:
             self._pending[correlation_id] = fut
             self._pending_method[correlation_id] = method
         try:
-            exchange = await channel.get_exchange(self.exchange_name, ensure=False)
+            target = channel if message.reply_to else await self._confirming(channel)
+            exchange = await target.get_exchange(self.exchange_name, ensure=False)
             if self._closed:  # close() ran since the channel was handed out: send nothing more
                 raise ConnectionLost("the client was closed before the request was sent", sent=False)
             writing.append(channel)
+            # Mandatory (aio-pika's default): in confirm mode a message no queue takes comes back
+            # (PublishError) instead of being dropped in silence.
             await exchange.publish(message, routing_key=method)
         except ConnectionLost:
             self._forget(correlation_id, fut)
             raise
+        except (DeliveryError, ChannelNotFoundEntity, ChannelAccessRefused) as refused:
+            # Confirm mode only: returned, nacked, or the channel closed by the broker (no such
+            # exchange, no permission) before its ack. Nothing was taken: not a network trouble.
+            self._forget(correlation_id, fut)
+            raise BrokerRefused(self._refusal(method, refused)) from None
         except Exception as exc:
             # Not only AMQP, OS and runtime errors: aiormq fails a publish whose frames were being
             # written when the connection closed with a bare ``Exception()``. Callers catch
@@ -421,13 +505,45 @@ class RpcClient:
             # Only a channel already closed before the write means nothing left; a connection lost
             # while the frames were being written may have delivered them (a fetch may still claim
             # a task for this worker: Worker.run waits out its deadline when stopping).
-            unsent = isinstance(exc, ChannelInvalidStateError)
+            unsent = not writing or isinstance(exc, ChannelInvalidStateError)
             what = "request not sent" if unsent else "connection lost while sending the request"
             raise ConnectionLost(f"{what} ({type(exc).__name__}); retry it", sent=not unsent) from None
         except BaseException:  # cancelled while publishing (its deadline, its caller): nobody awaits the reply
             self._forget(correlation_id, fut)
             raise
-        return fut
+        return correlation_id, fut
+
+    def _refusal(self, method: str, exc: BaseException) -> str:
+        """What a :class:`BrokerRefused` of a confirmed publish says."""
+        if isinstance(exc, PublishError):
+            return (
+                f"RabbitMQ returned {method}: no queue is bound to exchange {self.exchange_name!r} for it "
+                "(has a bridge declared its queues?); nothing was taken"
+            )
+        if isinstance(exc, DeliveryError):
+            return f"RabbitMQ nacked {method} on exchange {self.exchange_name!r}: it did not take it; retry it"
+        return (
+            f"RabbitMQ refused {method} on exchange {self.exchange_name!r} ({exc}): "
+            "is a bridge running with this exchange, and may this user publish to it?"
+        )
+
+    async def _confirming(self, channel: AbstractChannel) -> AbstractChannel:
+        """The confirm-mode channel (see :attr:`_confirms`) on the connection of ``channel``,
+        opened on first use or after the broker closed it (a publish it refused)."""
+        async with self._connecting:
+            connection = self.connection
+            if connection is None or channel is not self.channel:
+                raise ConnectionLost("the connection was replaced before the request was sent", sent=False)
+            if self._confirms is None or self._confirms.is_closed:
+                try:
+                    self._confirms = await connection.channel(publisher_confirms=True, on_return_raises=True)
+                except asyncio.CancelledError:
+                    # The call's deadline cut the open: a broker that does not answer a channel's
+                    # open (an alarm, a stalled network) would not take requests either: the next
+                    # call goes on a new connection.
+                    self._suspect = channel
+                    raise
+            return self._confirms
 
     def _forget(self, correlation_id: str, fut: asyncio.Future[Any] | None) -> None:
         """Drop the reply future of a request whose publish failed: nobody will await it. The
@@ -451,7 +567,8 @@ class RpcClient:
         sent = time.monotonic()
         limit = self.timeout + kw.get("wait_s", 0.0)  # a long-poll fetch is answered after its wait
         at = asyncio.get_running_loop().time() + limit
-        fut = await self.publish(method, body, deadline=at, **kw)
+        # Not publish(): the entry of its reply is taken out here, by its id, however the call ends.
+        correlation_id, fut = await self._request(method, body, deadline=at, **kw)
         assert fut is not None
         try:
             async with asyncio.timeout_at(at):
@@ -469,10 +586,8 @@ class RpcClient:
                 self._suspect = self.channel
             raise RequestTimeout(f"no reply to {method} within {limit}s", waited_s=limit) from None
         finally:
-            for cid, pending in list(self._pending.items()):
-                if pending is fut:
-                    del self._pending[cid]
-                    self._pending_method.pop(cid, None)
+            self._pending.pop(correlation_id, None)
+            self._pending_method.pop(correlation_id, None)
 
     async def call(self, method: str, body: Any, **kw: Any) -> dict[str, Any]:
         reply, headers = await self.call_raw(method, body, **kw)
@@ -634,6 +749,15 @@ class Engine(RpcClient):
         ``max_deliveries`` bounds its deliveries: one more failure parks it (see :meth:`parked`)
         instead of handing it out again. ``priority`` (0 to 3, higher first; FIFO within a level)
         orders it in its queue. A bridge before contract 1.4 ignores these fields.
+
+        ``wait=False`` awaits no bridge: it returns None once RabbitMQ has *accepted* the add (a
+        publisher confirm: routed to the bridge's add queue and, that queue being durable,
+        written there), not once a bridge has *stored* it. A bridge stores it later, or refuses it
+        then (a bad request, an owner without a key: dead-lettered, see README "Errors") with
+        nobody told. An add RabbitMQ does not take raises :class:`BrokerRefused` (no queue bound
+        for adds on this exchange: no bridge declared it; no such exchange; a nack) and nothing
+        was taken; no confirm by ``timeout`` raises RequestTimeout and it may have been taken:
+        retry with the same ``message_id`` (without one, a retry may add a second task).
         """
         body: dict[str, Any] = {"serviceId": service, "value": value}
         if token is not None:
@@ -856,8 +980,10 @@ class Task:
         :attr:`lease_expires_at` before each beat and capped by ``ttr_ms``; at least 0.1 s), each
         renewing the lease to now + ``ttr_ms`` (see :meth:`extend`). A beat that got no answer is
         followed by quicker ones, a third of an ever shorter remainder, so a lost reply or two
-        do not cost the lease. The default assumes the worker's clock is within about a second of the
-        bridge's (the bridge's own skew margin); pass ``every_s`` otherwise.
+        do not cost the lease; once the lease has run out (:attr:`lease_expired`) they back off
+        instead (1 s at least, doubling with jitter up to 10 s) while no answer comes. The
+        default assumes the worker's clock is within about a second of the bridge's (the bridge's
+        own skew margin); pass ``every_s`` otherwise.
 
         An extend answered false stops the heartbeat and sets :attr:`lost`; the handler is not
         interrupted, it checks :attr:`lost`. A request that got no answer (or ``unavailable``,
@@ -876,6 +1002,15 @@ class Task:
             # cancellation of this task itself propagates (a suppress() would swallow that too).
             await asyncio.wait([beat])
 
+    @property
+    def lease_expired(self) -> bool:
+        """Whether the lease is believed to have run out: :attr:`lease_expires_at` is past by the
+        bridge's clock (as far as this client knows it). The task may then go to another worker
+        (its ack would be answered false); a keep-alive whose extends got no answer beats once a
+        second or slower then. False when the lease's end cannot be read."""
+        left = _seconds_until(self.lease_expires_at, self.worker.bridge_time())
+        return left is not None and left <= 0
+
     def _beat_interval(self, ttr_ms: int | None) -> float:
         """A third of the lease that is left (capped by the lease each beat asks for)."""
         # On the bridge's clock, as the lease is: a host clock behind would beat too late.
@@ -887,17 +1022,40 @@ class Task:
             left = min(left, ttr_ms / 1000)
         return max(MIN_BEAT_S, left / 3)
 
+    def _next_beat(self, every_s: float | None, ttr_ms: int | None, failed: int) -> float:
+        """The wait before the next beat, ``failed`` beats in a row having got no answer since the
+        lease ran out. While the lease runs, the usual beat (a third of what is left: quicker ones
+        after a lost reply, to save the lease). Once it has run out there is nothing left to save
+        in time: the shrinking third would beat every :data:`MIN_BEAT_S` for as long as RabbitMQ
+        or the bridge is away, so the beats back off instead, doubling with full jitter (a fleet
+        whose broker went away together does not come back in step) up to
+        :data:`BEAT_BACKOFF_MAX_S`, never quicker than :data:`LEASE_ENDED_BEAT_S` (nor than
+        ``every_s``)."""
+        regular = every_s if every_s is not None else self._beat_interval(ttr_ms)
+        if not failed or not self.lease_expired:
+            return regular
+        backoff = random.uniform(0.0, min(BEAT_BACKOFF_MAX_S, LEASE_ENDED_BEAT_S * 2 ** min(failed, 16)))  # nosec B311: jitter, not a secret
+        return max(LEASE_ENDED_BEAT_S, regular, backoff)
+
     async def _heartbeat(self, every_s: float | None, ttr_ms: int | None) -> None:
+        failed = 0  # beats in a row that got no answer since the lease ran out (the backoff's exponent)
         while not self._settled:
-            await asyncio.sleep(every_s if every_s is not None else self._beat_interval(ttr_ms))
+            await asyncio.sleep(self._next_beat(every_s, ttr_ms, failed))
             if self._settled:
                 return
             try:
                 alive = await self.extend(ttr_ms)
             except (TransportError, UnavailableError) as exc:
-                log.warning("keep-alive of task %s: extend not answered (%s); again at the next beat", self.id, exc)
+                failed = failed + 1 if self.lease_expired else 0
+                log.warning(
+                    "keep-alive of task %s: extend not answered (%s)%s; again at the next beat",
+                    self.id,
+                    exc,
+                    " and the lease has run out" if self.lease_expired else "",
+                )
                 continue
             except BridgeClientError as exc:
+                failed = failed + 1 if self.lease_expired else 0
                 log.error(
                     "keep-alive of task %s: extend answered %s: %s; again at the next beat", self.id, exc.code, exc
                 )
@@ -906,6 +1064,7 @@ class Task:
                 # Not the bridge's answer (the worker was closed, a bug): beating on would repeat it.
                 log.exception("keep-alive of task %s stopped", self.id)
                 return
+            failed = 0
             if not alive:
                 if self.lost:
                     log.warning("keep-alive of task %s: the task is no longer this worker's; stopped", self.id)
@@ -919,10 +1078,10 @@ ACK_ATTEMPTS = 3  # Worker.run: an ack (with next, or alone on stop) sent again 
 MISCONFIGURED = (BadRequestError, PayloadTooLargeError, UnauthorizedError, UnknownOwnerError)
 POLL_PAUSE_MAX_S = 5.0  # Worker.run: the longest pause between fetches that got no answer
 ERROR_MESSAGE_MAX = 4096  # Worker.run: characters of a handler's exception kept in a fail's error
-# Worker.run on stop, while a request without an answer may still claim a task for it: the
-# long-poll of each fetch. Short, so that a task the lost request claimed is handled soon (its
-# lease runs meanwhile), not only when the wait is over.
-STOP_FETCH_WAIT_MS = 1_000
+# Worker.run on stop, while a request without an answer may still claim a task for it: how often
+# it asks the bridge whether it holds a task (an extend naming none: one read of its pointer).
+# Short, so that a task the lost request claimed is handled soon (its lease runs meanwhile).
+STOP_ASK_EVERY_S = 0.2
 # Worker.run on stop: how long it goes on fetching what a request without an answer may still
 # claim, at most (the default of ``Worker.stop_grace``). Its reply-to is closed first, so a
 # waiting fetch claims nothing after that (the bridge probes the reply-to before a claim): what is
@@ -931,6 +1090,10 @@ STOP_FETCH_WAIT_MS = 1_000
 # its kill deadline (30 s by default on Kubernetes), which the whole deadline of a lost long-poll
 # (``wait_ms`` + the client's timeout + 1 s: 41 s by default) would not.
 STOP_GRACE_S = 5.0
+
+
+class _StopTimeout(Exception):
+    """Worker.run: a handler still running ``stop_timeout`` after stop was cancelled."""
 
 
 class Worker(RpcClient):
@@ -946,9 +1109,20 @@ class Worker(RpcClient):
         poll_interval: float = 0.2,
         wait_ms: int = 30_000,
         stop_grace: float = STOP_GRACE_S,
+        stop_timeout: float | None = None,
         **kw: Any,
     ) -> None:
+        if stop_timeout is not None and stop_timeout < 0:
+            raise ValueError("stop_timeout must be None (wait for the handler) or >= 0 seconds")
         super().__init__(url, **kw)
+        # run(): how long a handler may go on after ``stop`` is set before it is cancelled and its
+        # task given back to come again at once (``fail`` with ``retry_in_ms=0``). None: waited for
+        # however long it takes (a pod's kill deadline may then end it, and its task comes back
+        # only when its lease runs out).
+        self.stop_timeout = stop_timeout
+        # run(): tasks whose handler ran but whose ack was answered false (the lease was lost: the
+        # task runs again elsewhere); not counted in what run() returns. Logged one by one too.
+        self.lost = 0
         self.wait_ms = wait_ms  # the long-poll of ``async for task in worker`` (0: poll every poll_interval)
         self.stop_grace = stop_grace  # run(): seconds it may go on fetching after stop (see STOP_GRACE_S)
         self.service = service
@@ -989,6 +1163,10 @@ class Worker(RpcClient):
 
     async def _claiming_call(self, method: str, body: dict[str, Any], wait_s: float = 0.0) -> dict[str, Any]:
         """A request that may claim a task for this worker (a fetch, an ack with ``next``)."""
+        # Its deadline (the bridge ends a long-poll there, and executes nothing after it) on this
+        # host's monotonic clock, plus a second for the two hosts' clocks: from when it was sent,
+        # not from when it failed (a RequestTimeout comes at that deadline already).
+        deadline = time.monotonic() + wait_s + self.timeout + 1.0
         try:
             return await self.call(method, body, wait_s=wait_s)
         except TransportError as exc:
@@ -996,15 +1174,13 @@ class Worker(RpcClient):
             # never left this client, nor one RabbitMQ refused (then a stopping run would wait for
             # nothing, and fetch meanwhile, while RabbitMQ is down or the exchange missing).
             if not isinstance(exc, BrokerRefused) and not (isinstance(exc, ConnectionLost) and not exc.sent):
-                # Its deadline (the bridge ends a long-poll there) on this host's clock, plus a
-                # second for the two hosts' clocks.
-                self._unsure_until = max(self._unsure_until, time.monotonic() + wait_s + self.timeout + 1.0)
+                self._unsure_until = max(self._unsure_until, deadline)
             raise
         except asyncio.CancelledError:
             # Cancelled by its caller (a timeout around it, a task group torn down): the request
             # may be at a bridge, still waiting, and claim a task for this worker there while the
             # connection (its reply-to) lives. The next fetch must not say ``fresh`` until then.
-            self._unsure_until = max(self._unsure_until, time.monotonic() + wait_s + self.timeout + 1.0)
+            self._unsure_until = max(self._unsure_until, deadline)
             raise
 
     def _knows_it_holds_nothing(self) -> None:
@@ -1210,7 +1386,11 @@ class Worker(RpcClient):
         return FailOutcome.from_wire(reply["task"])
 
     async def run(self, handler: Callable[[Task], Awaitable[Any]], *, stop: asyncio.Event | None = None) -> int:
-        """Serve tasks with ``handler`` until ``stop`` is set; returns how many it handled.
+        """Serve tasks with ``handler`` until ``stop`` is set; returns how many it handled: not
+        counting a task whose ack was answered false (the lease was lost while the handler ran:
+        the task went to another worker, or was cancelled or parked; its result was not applied),
+        which is logged with its id and epoch and counted in :attr:`lost`, nor one whose handler
+        :attr:`stop_timeout` cut short.
 
         What ``handler`` returns is the task's result. If it raises, the task is given back
         (:meth:`Task.fail`, the exception's type and message as its error) to come again after the
@@ -1222,14 +1402,17 @@ class Worker(RpcClient):
 
         ``stop`` is checked between tasks: the task in hand is finished and acked first (without
         fetching another; sent again after no answer, as every ack of the loop), so stopping never
-        leaves a task leased to this worker. A long-poll under way is given up at once (an idle
-        worker stops within seconds, not after its wait of up to :attr:`wait_ms`). It, and any
-        request whose reply was lost, may still claim a task for this worker at the bridge: the
-        worker closes their reply-to (a waiting fetch then claims nothing) and, for up to
-        :attr:`stop_grace` seconds, fetches the task it holds and handles what comes, before
-        ``run`` returns (see :meth:`_claimed_after_stop`): it returns within about ``stop_grace``
-        plus one request's ``timeout`` after the task in hand was settled (plus the handler's
-        time for a task that drain hands it).
+        leaves a task leased to this worker. Its handler is waited for however long it takes,
+        unless :attr:`stop_timeout` is set: that long after ``stop`` it is cancelled and its task
+        given back (``fail`` with ``retry_in_ms=0``: it comes back at once). A long-poll under
+        way is given up at once (an idle worker stops within seconds, not after its wait of up to
+        :attr:`wait_ms`). It, and any request whose reply was lost, may still claim a task for
+        this worker at the bridge: the worker closes their reply-to (a waiting fetch then claims
+        nothing) and, for up to :attr:`stop_grace` seconds, asks the bridge whether it holds a
+        task and fetches and handles only that one (never new work), before ``run`` returns (see
+        :meth:`_claimed_after_stop`): it returns within about ``stop_grace`` plus two requests'
+        ``timeout`` after the task in hand was settled (plus the handler's time for a task that
+        drain hands it).
 
         The loop goes on through what the bridge or RabbitMQ answers about a fetch: no answer,
         ``unavailable``, ``internal`` or an error code this client does not know pause the next
@@ -1248,29 +1431,76 @@ class Worker(RpcClient):
                 task = await self._poll(stop)
                 if task is None:
                     continue
-            handled += 1
-            task = await self._serve(task, handler, stop)
+            counted, task = await self._serve(task, handler, stop)
+            handled += counted
         async for claimed in self._claimed_after_stop():
-            handled += 1
-            await self._serve(claimed, handler, stop)
+            counted, _ = await self._serve(claimed, handler, stop)
+            handled += counted
         return handled
 
     async def _serve(
         self, task: Task, handler: Callable[[Task], Awaitable[Any]], stop: asyncio.Event | None
-    ) -> Task | None:
+    ) -> tuple[bool, Task | None]:
         """Run ``handler`` on ``task`` and settle it: ack its result, or give it back if it raised
-        (unless the handler settled it itself). The next task when the ack took one: not once
-        ``stop`` is set (it may be set while the handler runs)."""
+        (unless the handler settled it itself). ``(handled, next task)``: the next task when the
+        ack took one (not once ``stop`` is set: it may be set while the handler runs). Not
+        handled: a task whose ack was answered false (see :attr:`lost`) or whose handler
+        :attr:`stop_timeout` cut short."""
         try:
-            result = await handler(task)
+            result = await self._handle(task, handler, stop)
+        except _StopTimeout:
+            log.warning(
+                "task %s: its handler was still running %gs after stop (stop_timeout): cancelled, "
+                "the task given back to come again at once",
+                task.id,
+                self.stop_timeout,
+            )
+            if not task._settled:
+                await self._give_back(task, "StopTimeout", "cancelled at the worker's stop", retry_in_ms=0)
+            return False, None
         except Exception as exc:
             log.warning("task %s failed in its handler: %s: %s", task.id, type(exc).__name__, exc)
             if not task._settled:
                 await self._give_back(task, type(exc).__name__, str(exc))
-            return None
+            return True, None
         if task._settled:  # the handler settled it (an ack with an error, a fail)
-            return None
-        return await self._ack_in_loop(task, result, take_next=stop is None or not stop.is_set())
+            return True, None
+        acked, following = await self._ack_in_loop(task, result, take_next=stop is None or not stop.is_set())
+        if acked is False:
+            # The bridge did not apply the result: the lease had run out and another worker took the
+            # task (it runs again there), or it was cancelled or parked. Work done for nothing, which
+            # a user must be able to see: counted in ``lost``, not in what ``run`` handled.
+            self.lost += 1
+            log.warning(
+                "task %s (epoch %s): its ack was answered false: this worker's lease was lost (it ran out "
+                "and another worker took the task, or it was cancelled or parked); its result was not applied",
+                task.id,
+                task.epoch,
+            )
+            return False, following
+        return True, following
+
+    async def _handle(self, task: Task, handler: Callable[[Task], Awaitable[Any]], stop: asyncio.Event | None) -> Any:
+        """``handler(task)``; with :attr:`stop_timeout`, cancelled that long after ``stop`` is set
+        (raises _StopTimeout). Without it, a handler is waited for however long it takes."""
+        if stop is None or self.stop_timeout is None:
+            return await handler(task)
+        running = asyncio.ensure_future(handler(task))
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not running.done():
+                await asyncio.wait({running}, timeout=self.stop_timeout)
+        finally:
+            stopping.cancel()
+            # Also when ``run`` itself is cancelled meanwhile: the handler does not outlive it.
+            cut = not running.done()
+            if cut:
+                running.cancel()
+                await asyncio.wait({running})
+        if cut:
+            raise _StopTimeout
+        return running.result()
 
     async def _claimed_after_stop(self) -> AsyncIterator[Task]:
         """On stop: the tasks a request of this worker without an answer (a fetch given up at
@@ -1279,19 +1509,19 @@ class Worker(RpcClient):
         worker and its reply goes nowhere: returning at once would leave it leased to a stopped
         worker for its whole lease. The worker first closes its connection, so that such a
         request's long-poll claims nothing more (the bridge probes the reply-to before a claim).
-        Then, until the deadline but for :attr:`stop_grace` seconds at most, it fetches without
-        ``fresh`` (the bridge hands the task it holds first), long-polling
-        :data:`STOP_FETCH_WAIT_MS` at most, then once more, and yields what comes, to be
-        handled. Nothing when every request was answered.
+        Then, until the deadline but for :attr:`stop_grace` seconds at most, it asks the bridge
+        whether it holds a task (an ``extend`` naming none: the bridge reads the worker's pointer
+        and never claims), every :data:`STOP_ASK_EVERY_S`, and only when it does fetches it (not
+        ``fresh``: the bridge hands the task held) and yields it, to be handled. A fetch there
+        would claim the queue's next task for a worker that is stopping: it takes no new work.
+        Nothing when every request was answered.
 
-        Bounded: a fetch under way when the grace ends is given up then (answered or not), and
-        the last fetch's answer is awaited the client's ``timeout`` at most, so the fetching ends
-        within ``stop_grace`` plus one ``timeout`` (see :meth:`_stop_fetch`); handling what it
-        yields takes the handler's time on top. An ``integrity_error`` answer moves on to the next
-        fetch, an answer saying the worker is misconfigured ends the fetching (logged).
-
-        A fetch may also claim a new task (the bridge has no "only the held one"): it is yielded
-        as well. A fetch of its own that loses its reply too is not waited for (logged)."""
+        Bounded: no request starts after the grace; one under way then is awaited (the client's
+        ``timeout`` at most each, an extend and the fetch it calls for), so the asking ends within
+        ``stop_grace`` plus two ``timeout``; handling what it yields takes the handler's time on
+        top. An ``integrity_error`` answer moves on, an answer saying the worker is misconfigured
+        ends the asking (logged). A fetch of its own that loses its reply too is not waited for
+        (logged)."""
         if time.monotonic() >= self._unsure_until:
             return
         # Such a request's reply-to dies with the connection: a long-poll waiting at a bridge then
@@ -1301,49 +1531,49 @@ class Worker(RpcClient):
         await self._drop_connection()
         unsure_until = self._unsure_until
         until = min(unsure_until, time.monotonic() + self.stop_grace)
-        log.info("stopping: fetching what a request without an answer may claim, for %.1fs", until - time.monotonic())
+        log.info(
+            "stopping: asking for a task a request without an answer may claim, for %.1fs", until - time.monotonic()
+        )
+        self.current = None  # settled: the extend must name no task, to read what the bridge says is held
         failed = 0
-        while True:
-            left = until - time.monotonic()
-            self._holds_nothing = False  # never ``fresh``: the bridge must look up the held task
+        while time.monotonic() < until:
             try:
-                task = await self._stop_fetch(left)
+                task = await self._stop_fetch()
             except IntegrityError as exc:  # dead-lettered: the next fetch moves on
                 log.error("stopping: a task could not be opened (%s); the bridge dead-lettered it", exc)
                 task = None
-            except MISCONFIGURED as exc:  # no fetch of this worker can succeed: nothing to hand back
-                log.error("stopping: fetch refused (%s: %s); not fetching any more", exc.code, exc)
+            except MISCONFIGURED as exc:  # no request of this worker can succeed: nothing to hand back
+                log.error("stopping: request refused (%s: %s); not asking any more", exc.code, exc)
                 break
-            except (BridgeClientError, TimeoutError) as exc:  # TimeoutError: the grace ended first
+            except BridgeClientError as exc:
                 failed += 1
-                log.warning("stopping: fetch got no answer (%d in a row): %s", failed, exc)
+                log.warning("stopping: request got no answer (%d in a row): %s", failed, exc)
                 task = None
-                rest = until - time.monotonic()
-                if left > 0 and rest > 0:  # paused as the loop's fetches are (RabbitMQ may be down)
-                    await asyncio.sleep(min(rest, POLL_PAUSE_MAX_S, self.poll_interval * 2 ** min(failed - 1, 16)))
-            else:
-                failed = 0
+                # Paused as the loop's fetches are (RabbitMQ may be down), never past the grace.
+                await asyncio.sleep(max(0.0, min(until - time.monotonic(), self._backoff_s(failed))))
+                continue
+            failed = 0
             if task is not None:
                 yield task
-            if left <= 0:  # the fetch after the deadline: whatever was claimed is handed now
-                break
+            else:
+                await asyncio.sleep(max(0.0, min(until - time.monotonic(), STOP_ASK_EVERY_S)))
         if self._unsure_until > unsure_until:
             log.warning("stopping: a fetch got no answer; a task it may still claim returns when its lease ends")
 
-    async def _stop_fetch(self, left: float) -> Task | None:
-        """One fetch of :meth:`_claimed_after_stop`, ``left`` seconds before its end: while some
-        are left, a long-poll of :data:`STOP_FETCH_WAIT_MS` at most, given up (TimeoutError) when
-        they are over, unanswered or not; then the last one, which does not wait for a task and
-        whose answer is awaited the client's ``timeout`` at most. So the drain ends within
-        ``stop_grace`` plus one request's timeout (plus a handler's time for what it hands)."""
-        if left <= 0:
-            return await self.fetch()
-        async with asyncio.timeout(left):
-            return await self.fetch(wait_ms=min(STOP_FETCH_WAIT_MS, int(left * 1000)))
+    async def _stop_fetch(self) -> Task | None:
+        """One step of :meth:`_claimed_after_stop`: the task this worker holds at the bridge, if
+        any. Asked with an extend naming no task (``held``), which reads the worker's pointer and
+        never claims; fetched (never ``fresh``, never waiting) only when it holds one."""
+        if not await self.extend(held=True):
+            return None
+        self._holds_nothing = False  # never ``fresh``: the bridge must hand the held task
+        return await self.fetch()
 
-    async def _ack_in_loop(self, task: Task, result: Any, *, take_next: bool) -> Task | None:
+    async def _ack_in_loop(self, task: Task, result: Any, *, take_next: bool) -> tuple[bool | None, Task | None]:
         """Ack ``task`` with ``result`` and, with ``take_next``, take the next task from the same
-        reply; None when there is none (the caller fetches, and long-polls). On stop the ack goes
+        reply: ``(what the ack answered, the next task)``, the answer None when there was none (or
+        the result was refused), the task None when there is none (the caller fetches, and
+        long-polls). On stop the ack goes
         alone (``take_next`` false). A request without an answer, or answered ``unavailable``, is
         sent again (a retry hands the same next task, see :meth:`ack_and_fetch`), up to 3 times;
         then the caller's fetch, not ``fresh``, gets this worker's task again if the ack never
@@ -1359,21 +1589,20 @@ class Worker(RpcClient):
             self.current = task
             try:
                 if not take_next:
-                    await task.ack(result)
-                    return None
-                return (await self.ack_and_fetch(result))[1]
+                    return await task.ack(result), None
+                return await self.ack_and_fetch(result)
             except (TransportError, UnavailableError) as exc:
                 log.warning("ack of task %s not answered (%s), attempt %d", task.id, exc, attempt + 1)
-                await asyncio.sleep(self.poll_interval)
+                await asyncio.sleep(self._backoff_s(attempt + 1))
             except (BridgeClientError, jsonvalue.JsonError) as refused:
                 log.warning("task %s: its result was refused (%s: %s)", task.id, type(refused).__name__, refused)
                 await self._give_back(task, "ResultRefused", f"{type(refused).__name__}: {refused}")
-                return None
+                return None, None
         if not take_next:
             log.warning("task %s not acked before stop: it returns when its lease ends", task.id)
-        return None
+        return None, None
 
-    async def _give_back(self, task: Task, kind: str, message: str) -> None:
+    async def _give_back(self, task: Task, kind: str, message: str, *, retry_in_ms: int | None = None) -> None:
         """Fail ``task``: its handler raised (``kind`` is the exception's type) or its result was
         refused. The error names ``kind`` and ``message`` (cut to :data:`ERROR_MESSAGE_MAX`
         characters); if the bridge refuses that (larger than its limit) or JSON cannot carry it,
@@ -1383,7 +1612,7 @@ class Worker(RpcClient):
             message = f"{message[:ERROR_MESSAGE_MAX]}... ({len(message)} characters)"
         for error in ({"type": kind, "message": message}, {"type": kind}):
             try:
-                await task.fail(error)
+                await task.fail(error, retry_in_ms=retry_in_ms)
                 return
             except (TransportError, UnavailableError) as lost:
                 log.warning("task %s not given back (%s): it returns when its lease ends", task.id, lost)
@@ -1391,6 +1620,13 @@ class Worker(RpcClient):
             except (BridgeClientError, ValueError) as refused:
                 log.warning("task %s: its error was refused (%s)", task.id, refused)
         log.warning("task %s not given back: it returns when its lease ends", task.id)
+
+    def _backoff_s(self, failed: int) -> float:
+        """The pause after ``failed`` requests in a row got no answer: full jitter (uniform up to
+        :attr:`poll_interval` doubled per failure, at most :data:`POLL_PAUSE_MAX_S`), so that the
+        workers of a fleet that lost RabbitMQ or a bridge at the same moment do not all come back
+        at the same moments."""
+        return random.uniform(0.0, min(POLL_PAUSE_MAX_S, self.poll_interval * 2 ** min(failed - 1, 16)))  # nosec B311: jitter, not a secret
 
     async def _poll(self, stop: asyncio.Event | None = None) -> Task | None:
         """One fetch of the worker's loop (a long-poll of :attr:`wait_ms`); None when it found
@@ -1413,7 +1649,7 @@ class Worker(RpcClient):
             raise
         except BridgeClientError as exc:
             self._failed_polls += 1
-            pause = min(POLL_PAUSE_MAX_S, self.poll_interval * 2 ** min(self._failed_polls - 1, 16))
+            pause = self._backoff_s(self._failed_polls)
             if self._failed_polls == 1 or self._failed_polls % 10 == 0:
                 log.warning(
                     "fetch failed (%d in a row, next in %.1fs): %s: %s", self._failed_polls, pause, exc.code, exc

@@ -165,3 +165,24 @@ async def test_a_worker_whose_clock_is_ahead_sets_its_deadlines_on_the_bridges_c
     assert isinstance(deadline, int)
     bridge_now = bridge.queue.clock.now_ms()
     assert bridge_now + TIMEOUT_S * 1000 - 1000 <= deadline <= bridge_now + TIMEOUT_S * 1000 + 1000
+
+
+async def test_a_step_of_the_host_clock_does_not_move_the_bridges_time_or_the_deadlines(
+    bridge: Any, workers: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The offset was measured against the host's wall clock and the largest of the last minute's
+    kept: a host clock stepped forward (NTP, an operator) moved ``bridge_time()`` by the step for
+    a minute (every deadline set that much later, a keep-alive reckoning its lease that much
+    shorter). The bridge's time is now carried by the monotonic clock: the step moves nothing."""
+    svc = service_id()
+    worker = await workers(svc, timeout=TIMEOUT_S)
+    assert await worker.fetch() is None  # learns the bridge's clock
+    host_clock_off(monkeypatch, LAG_S)  # the host's clock steps 30 s forward
+    assert await worker.fetch() is None  # a reply after the step
+    bridge_now = bridge.queue.clock.now_ms() / 1000
+    assert abs(worker.bridge_time() - bridge_now) < 1.0, f"off by {worker.bridge_time() - bridge_now:.1f}s"
+    message = worker._message("fetch", b"{}", asyncio.get_running_loop().time() + TIMEOUT_S, True, None, None, None)
+    deadline = (message.headers or {})["x-deadline"] / 1000
+    assert abs(deadline - (bridge_now + TIMEOUT_S)) < 1.0
+    # What the offset says about the host's clock follows the step at once.
+    assert worker.clock_offset_ms is not None and abs(worker.clock_offset_ms + LAG_S * 1000) < 1000

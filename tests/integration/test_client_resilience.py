@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import subprocess
 import traceback
 import uuid
@@ -515,18 +516,23 @@ async def test_stop_acks_the_task_in_hand_through_a_connection_blip(bridge, engi
     assert held is None, f"task {task_id} was not acked: still leased to the stopped worker ({held and held.id})"
 
 
-async def test_stop_after_a_lost_long_poll_leaves_no_task_leased_to_the_worker(bridge, engine, servers, names):
+async def test_stop_after_a_lost_long_poll_takes_no_new_work_and_leaves_no_task_leased(
+    bridge, engine, servers, names, caplog
+):
     """A fetch whose reply was lost may still claim a task for this worker until its deadline
     (``_unsure_until``): the bridge's long-poll goes on waiting and, the oldest waiter, takes the
     next task's hint and leases that task to this worker. ``Worker.run`` returned as soon as the
     failed fetch's pause ended once ``stop`` was set, without waiting out (or fetching back) what
     that orphaned long-poll could still claim: the next task added was leased to the stopped
     worker for its whole lease (60 s here) and no other worker could have it. On stop ``run``
-    now fetches (not ``fresh``) until that deadline, and handles what comes.
+    now closes the orphan's reply-to (a waiting fetch then claims nothing) and, until that
+    deadline (``stop_grace`` at most), asks the bridge whether it holds a task.
 
     Here SIGTERM comes while the worker's long-poll waits, and its broker connection drops at
-    that moment; a task is added while ``run`` stops (the orphan claims it: ``run`` handles it),
-    another after it returned (another worker gets it)."""
+    that moment; a task is added while ``run`` drains, another after it returned. The drain used
+    to fetch (not ``fresh``), which claimed the task added meanwhile: a stopping worker took new
+    work. It now fetches only a task it holds: both tasks go to another worker, and the stopped
+    worker holds none."""
     proxy = await TcpProxy(servers.amqp_host, servers.amqp_port).start()
     svc = service_id()
     url = f"amqp://{OWNERS[0]}:{OWNERS[0]}@127.0.0.1:{proxy.port}/"
@@ -541,28 +547,37 @@ async def test_stop_after_a_lost_long_poll_leaves_no_task_leased_to_the_worker(b
         return "handled"
 
     try:
-        running = asyncio.create_task(w.run(handler, stop=stop))
-        await wait_for(lambda: _waiters(bridge) == 1, 10.0, what="the worker's long-poll waiting")
-        stop.set()  # SIGTERM ...
-        proxy.cut()  # ... while the broker connection drops
-        proxy.restore()
-        await asyncio.sleep(0.5)  # the loss is noticed; the orphaned long-poll still waits (8 s)
-        during = await engine.add(svc, {"n": 1})
-        handled = await asyncio.wait_for(running, 40.0)
+        with caplog.at_level(logging.INFO, logger="bridge.client"):
+            running = asyncio.create_task(w.run(handler, stop=stop))
+            await wait_for(lambda: _waiters(bridge) == 1, 10.0, what="the worker's long-poll waiting")
+            stop.set()  # SIGTERM ...
+            proxy.cut()  # ... while the broker connection drops
+            proxy.restore()
+            await wait_for(
+                lambda: any(r.getMessage().startswith("stopping: ") for r in caplog.records),
+                10.0,
+                what="the drain to start",
+            )
+            during = await engine.add(svc, {"n": 1})
+            handled = await asyncio.wait_for(running, 40.0)
     finally:
         with contextlib.suppress(Exception):
             await w.close()
         await proxy.stop()
-    assert handled == 1 and seen == [during], f"run returned {handled}, handled {seen}; {during} was added"
+    assert handled == 0 and seen == [], f"the stopping worker took new work: handled {seen}; {during} was added"
 
     after = await engine.add(svc, {"n": 2})
     async with Worker(servers.amqp_url(OWNERS[0]), service=svc, worker_id="other", exchange=names["exchange"]) as o:
-        got = await o.fetch(wait_ms=3_000)
+        got = []
+        for _ in range(2):
+            got.append(task := await o.fetch(wait_ms=3_000))
+            if task is not None:
+                assert await task.ack("done") is True
     async with Worker(servers.amqp_url(OWNERS[0]), service=svc, worker_id="runner", exchange=names["exchange"]) as r:
         held = await r.fetch()
-    assert got is not None and got.id == after, (
-        f"task {after}, added after run returned, went to nobody who works: another worker's fetch got "
-        f"{got and got.id}; the stopped worker 'runner' holds {held and held.id}"
+    assert [t and t.id for t in got] == [during, after], (
+        f"tasks {during} and {after} went to nobody who works: another worker's fetches got "
+        f"{[t and t.id for t in got]}; the stopped worker 'runner' holds {held and held.id}"
     )
     assert held is None, f"task {held.id} is leased to the stopped worker"
 
