@@ -26,7 +26,9 @@ Exception hierarchy::
     │   ├── NotSent (never reached Cassandra: certainly not applied)
     │   └── StorageError                                          bridge.storage.errors
     │       ├── StorageUnavailable
-    │       │   └── StorageNotSent (also a NotSent)
+    │       │   ├── StorageNotSent (also a NotSent)
+    │       │   └── SchemaNotReady (start only: waits for  bridge.storage.schema
+    │       │       `queue-bridge schema`)
     │       └── UnknownOutcome (also a MaybeApplied)
     ├── RequestAbandoned ...................... (no reply: nobody  bridge.domain.fetching
     │                                                waits for it)
@@ -38,6 +40,7 @@ Exception hierarchy::
     │   ├── UnknownKey ........................ integrity_error
     │   └── TamperedCiphertext ................ integrity_error
     ├── ConfigError ........................... config           bridge.config
+    │   └── LayoutMismatch (start only) ....... exit 2           bridge.storage.schema
     ├── BrokerUnreachable ..................... (start only)     bridge.transport.errors
     └── BridgeClientError ..................... (the reply's)    bridge.client.errors
         ├── BadRequestError, PayloadTooLargeError, UnauthorizedError, UnknownOwnerError,

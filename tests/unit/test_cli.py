@@ -151,7 +151,7 @@ RUN_WITHOUT_CASSANDRA = textwrap.dedent(
 
     AcsyllaSession.connect = _noop
     CassandraTaskStore.prepare = _noop
-    bridge.app.create_schema = _noop
+    bridge.app.ensure_schema = _noop
 
     import sys
     from bridge.cli import main
