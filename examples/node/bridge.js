@@ -18,6 +18,8 @@ const crypto = require('node:crypto');
 const amqp = require('amqplib');
 
 const DIRECT_REPLY_TO = 'amq.rabbitmq.reply-to';
+const OFFSET_WINDOW_MS = 60_000; // replies whose x-now the clock offset is taken from (the largest of them)
+const BACKOFF_CAP_MS = 5_000; // the longest pause between retries (backoffMs)
 
 function env(name, fallback) {
   const value = process.env[name];
@@ -25,9 +27,9 @@ function env(name, fallback) {
 }
 
 function intEnv(name, fallback) {
-  const value = Number.parseInt(env(name, String(fallback)), 10);
-  if (!Number.isInteger(value)) throw new Error(`${name} must be an integer`);
-  return value;
+  const text = env(name, String(fallback)).trim();
+  if (!/^-?\d+$/.test(text)) throw new Error(`${name} must be an integer, not ${JSON.stringify(text)}`);
+  return Number.parseInt(text, 10);
 }
 
 /** The user of an AMQP URL: what the `user-id` property must say (RabbitMQ's default: guest). */
@@ -86,19 +88,60 @@ class RequestTimeout extends Error {
   }
 }
 
+/**
+ * The transport failed under a request (code `connection_lost`): the connection or channel was
+ * lost while it waited (a broker restart, a failover, an operator's close), the publish failed, or
+ * no node could be reached (refused, out of reach, no handshake within the connect timeout).
+ * `sent`: whether the request may have reached the broker (it may then have run). Safe to retry
+ * as a timeout is: an add with the same message-id, an ack naming its task.
+ */
+class ConnectionLost extends Error {
+  constructor(message, { sent = true, cause } = {}) {
+    super(message, cause === undefined ? undefined : { cause });
+    this.name = 'ConnectionLost';
+    this.code = 'connection_lost';
+    this.sent = sent;
+  }
+}
+
+/** The request was cut short by close() (code `closed`): this client is going away; do not retry. */
+class ClientClosed extends Error {
+  constructor() {
+    super('client closed');
+    this.name = 'ClientClosed';
+    this.code = 'closed';
+  }
+}
+
+/**
+ * The pause (ms) before retry number `failed` (1, 2, ...): full jitter, uniform between 0 and
+ * `baseMs` doubled per failure, at most `capMs`. A fleet that lost RabbitMQ or its bridge at the
+ * same moment then comes back spread out, instead of all at once and again and again in step.
+ */
+function backoffMs(failed, baseMs, capMs = BACKOFF_CAP_MS) {
+  const ceiling = Math.min(capMs, baseMs * 2 ** Math.min(Math.max(failed - 1, 0), 30));
+  return Math.floor(Math.random() * ceiling);
+}
+
 class BridgeClient {
   /**
    * Connect and get ready for RPCs: one channel that consumes direct reply-to and publishes the
    * requests (the broker delivers replies only to the channel that published with that reply-to).
    */
-  static async open({ url, exchange, hosts = [] }) {
-    const client = new BridgeClient(url, exchange, hosts);
+  static async open(options) {
+    const client = new BridgeClient(options);
     await client.connect();
     return client;
   }
 
-  constructor(url, exchange, hosts = []) {
+  /**
+   * A client not connected yet: its first request connects (a failure to connect then rejects
+   * that request with ConnectionLost, for the caller's retry loop). `connectTimeoutMs`: how long
+   * one node may take to accept the connection and finish the AMQP handshake (default 5 s).
+   */
+  constructor({ url, exchange, hosts = [], connectTimeoutMs = 5_000 }) {
     this.url = url;
+    this.connectTimeoutMs = connectTimeoutMs;
     // With hosts (a cluster's nodes): a new connection starts at the node after the one whose
     // connection was lost or left a request without a reply; each node is tried in turn.
     this.urls = nodeUrls(url, hosts);
@@ -108,6 +151,7 @@ class BridgeClient {
     this.connection = null;
     this.channel = null; // null: not connected (never, or lost); the next request connects again
     this.pending = new Map(); // correlation-id -> {resolve, reject, timer, method}
+    this.closes = 0; // close() calls: a connect() under way when one comes is given up
     // The channel a request got no reply on: the next request connects afresh. On RabbitMQ
     // before 3.11 a channel whose first publish to a quorum queue came during a leader election
     // keeps sending to the lost leader (rabbitmq-server#9208), and retries on it are dropped.
@@ -115,15 +159,39 @@ class BridgeClient {
     // Method -> when a reply to it last came: a timeout while others of the same method are
     // answered is a slow bridge, not a stuck channel (the connection is kept).
     this.replied = new Map();
-    // The bridge's clock less this host's (ms), from the x-now header of the last reply: request
-    // deadlines are judged on the bridge's clock, and a host clock behind it by more than a
-    // request's timeout had every request dropped as late.
-    this.clockOffsetMs = 0;
+    // The bridge's clock less this host's *monotonic* clock (performance.now(), ms), from the
+    // replies' x-now header (null until one says it): request deadlines are judged on the
+    // bridge's clock, and a host clock behind it by more than a request's timeout had every
+    // request dropped as late. The largest offset of the last minute's replies: a reply that
+    // waited (in the broker, or for this process's busy event loop) says a time already past, so
+    // its offset is too small by the delay; the largest is the least delayed. Against the
+    // monotonic clock, so that a step of this host's wall clock (NTP, an operator) does not move
+    // the deadlines.
+    this.monoOffsetMs = null;
+    this.offsets = []; // [seenAt (performance.now()), offset]: a sliding maximum, largest first
   }
 
-  /** The bridge's time now, as this host reckons it from the last reply's x-now. */
+  /** The bridge's time now (ms since the epoch), as this host reckons it from the replies' x-now. */
   bridgeNow() {
-    return Date.now() + this.clockOffsetMs;
+    if (this.monoOffsetMs === null) return Date.now(); // no reply yet: this host's clock
+    return Math.round(performance.now() + this.monoOffsetMs);
+  }
+
+  /** The bridge's clock less this host's wall clock (ms) now; 0 until a reply said it. */
+  get clockOffsetMs() {
+    return this.monoOffsetMs === null ? 0 : this.bridgeNow() - Date.now();
+  }
+
+  /** Take the offset of the bridge's clock from a reply's x-now (a late reply's too). */
+  learnClock(now) {
+    if (!Number.isSafeInteger(now) || now <= 0) return;
+    const seenAt = performance.now();
+    const offset = now - seenAt;
+    // Offsets no larger than a newer one can never be the maximum again: drop them.
+    while (this.offsets.length > 0 && this.offsets[this.offsets.length - 1][1] <= offset) this.offsets.pop();
+    this.offsets.push([seenAt, offset]);
+    while (seenAt - this.offsets[0][0] > OFFSET_WINDOW_MS) this.offsets.shift();
+    this.monoOffsetMs = this.offsets[0][1];
   }
 
   /**
@@ -133,20 +201,33 @@ class BridgeClient {
    * disconnected; the next request connects again, so a worker's retry loop recovers by itself.
    */
   async connect() {
+    // One pass over the nodes (each tried once, from the one after the node last lost): a caller
+    // that gets ConnectionLost pauses (backoffMs) before it asks again, so a fleet whose broker is
+    // down does not hammer it.
+    const closes = this.closes;
     let connection = null;
     let failure = null;
     for (let step = 0; step < this.urls.length && connection === null; step++) {
       const index = (this.node + step) % this.urls.length;
       try {
-        connection = await amqp.connect(this.urls[index]);
+        // The timeout bounds the TCP connect and the AMQP handshake: a node that accepts and
+        // never answers (stalled, half dead, a black-holing firewall) would hang us for good.
+        connection = await amqp.connect(this.urls[index], { timeout: this.connectTimeoutMs });
         this.node = index;
       } catch (err) {
-        failure = err; // refused or out of reach: the next node
+        failure = err; // refused, out of reach or silent: the next node
       }
     }
-    if (connection === null) throw failure;
+    if (connection === null) {
+      throw new ConnectionLost(`could not connect to RabbitMQ: ${failure.message}`, { sent: false, cause: failure });
+    }
     // A connection error also closes the channel: listen, so that it is not an unhandled 'error'.
     connection.on('error', () => {});
+    if (this.closes !== closes) {
+      // close() came while we connected (a worker told to stop): this connection is not wanted.
+      await connection.close().catch(() => {});
+      throw new ClientClosed();
+    }
     let channel;
     try {
       channel = await connection.createChannel();
@@ -154,13 +235,17 @@ class BridgeClient {
       await channel.consume(DIRECT_REPLY_TO, (msg) => this.onReply(msg), { noAck: true });
     } catch (err) {
       await connection.close().catch(() => {});
-      throw err;
+      throw new ConnectionLost(`could not open a channel: ${err.message}`, { sent: false, cause: err });
+    }
+    if (this.closes !== closes) {
+      await connection.close().catch(() => {});
+      throw new ClientClosed();
     }
     const lost = () => {
       if (this.channel !== channel) return; // an earlier channel's late event
       this.channel = null;
       this.node = (this.node + 1) % this.urls.length; // its node may be the trouble: start after it
-      this.failAll(new Error('channel closed'));
+      this.failAll(new ConnectionLost('connection lost: the channel was closed'));
       connection.close().catch(() => {}); // a 404 closes only the channel: drop its connection too
     };
     channel.on('close', lost);
@@ -179,8 +264,7 @@ class BridgeClient {
 
   onReply(msg) {
     if (msg === null) return; // consumer cancelled by the broker
-    const now = (msg.properties.headers || {})['x-now'];
-    if (Number.isSafeInteger(now) && now > 0) this.clockOffsetMs = now - Date.now(); // even a late reply's
+    this.learnClock((msg.properties.headers || {})['x-now']); // even a late reply's
     const id = msg.properties.correlationId;
     const call = id === undefined ? undefined : this.pending.get(id);
     if (call === undefined) return; // late reply to a request we gave up on: drop it
@@ -206,7 +290,9 @@ class BridgeClient {
 
   /**
    * Send one request and wait for its reply. Resolves to {body, properties} for a `result`
-   * reply; rejects with BridgeError for an `error` reply, RequestTimeout when none comes.
+   * reply; rejects with BridgeError for an `error` reply, RequestTimeout when none comes,
+   * ConnectionLost when the transport failed (not connected, lost while waiting), ClientClosed
+   * when close() cut it short.
    *
    * options: headers (application headers), messageId, timeoutMs (default 10 s; also sets the
    * `x-deadline` header), raw (a Buffer sent as is: no JSON), userId (default: the connection's
@@ -217,7 +303,7 @@ class BridgeClient {
       const { connection } = this;
       this.channel = null;
       this.node = (this.node + 1) % this.urls.length;
-      this.failAll(new Error('connection replaced after a request without a reply'));
+      this.failAll(new ConnectionLost('connection replaced after a request without a reply'));
       connection.close().catch(() => {});
     }
     if (this.channel === null) await this.connect(); // lost earlier: a failure here is the caller's to retry
@@ -253,15 +339,21 @@ class BridgeClient {
       } catch (err) {
         clearTimeout(timer);
         this.pending.delete(correlationId);
-        reject(err);
+        reject(new ConnectionLost(`publish failed: ${err.message}`, { sent: false, cause: err }));
       }
     });
   }
 
+  /**
+   * Close the connection: the requests in flight reject with ClientClosed (their direct reply-to
+   * is gone with the channel, so a long-poll fetch waiting at a bridge claims nothing more), and
+   * so does a connect() under way. A later request connects again.
+   */
   async close() {
     const { connection } = this;
+    this.closes += 1;
     this.channel = null;
-    this.failAll(new Error('client closed'));
+    this.failAll(new ClientClosed());
     if (connection === null) return;
     this.connection = null;
     try {
@@ -289,10 +381,14 @@ function run(main, crashCode = 1) {
 }
 
 module.exports = {
+  BACKOFF_CAP_MS,
   BridgeClient,
   BridgeError,
+  ClientClosed,
+  ConnectionLost,
   DIRECT_REPLY_TO,
   RequestTimeout,
+  backoffMs,
   emit,
   env,
   hostsEnv,

@@ -11,16 +11,30 @@
 //   QB_PROCESS_ID (random)     goes into each token, so results.js can tell this run's results
 //   QB_FAIL_EVERY 0            every Nth task asks the worker for a business error (0: none)
 //   QB_TIMEOUT_MS 10000        reply timeout of one add (then it is retried, same message-id)
+//   QB_RETRY_FOR_MS 120000     how long one add is retried (no reply, `unavailable`, the connection
+//                 lost or RabbitMQ out of reach) before the engine gives up (exit 1)
+//   QB_RETRY_BASE_MS 200       first retry pause; doubles per retry up to 5 s, full jitter
+//   QB_CONNECT_TIMEOUT_MS 5000 how long connecting to one RabbitMQ node may take
 //
-// Prints one JSON line per task: {"event": "added", "n", "taskId", "messageId", "token"}.
+// Prints one JSON line per task: {"event": "added", "n", "taskId", "messageId", "token"}, and
+// {"event": "retry", "messageId", "attempt", "code", "message", "pauseMs"} before each retry.
 // Exit 0 when every add was answered, 1 otherwise.
+//
+// Every add carries a message-id, `<processId>:<n>`, the same on each retry: the bridge stores the
+// add once per (owner, serviceId, message-id), so a retry of an add that ran after all (its reply
+// lost with the connection) answers the task it stored, never a second one.
 
 const crypto = require('node:crypto');
-const { BridgeClient, BridgeError, emit, env, hostsEnv, intEnv, run, sleep } = require('./bridge');
+const { BridgeClient, BridgeError, backoffMs, emit, env, hostsEnv, intEnv, run, sleep } = require('./bridge');
 
-const RETRYABLE = new Set(['unavailable', 'timeout']); // the only codes worth sending again
+// The codes worth sending the same add again for: no reply in time, the bridge's store
+// unavailable, the connection lost under the add or RabbitMQ out of reach (a broker restart, a
+// failover). The others (bad_request, unauthorized, unknown_owner, payload_too_large, ...) answer
+// the same however often they are asked.
+const RETRYABLE = new Set(['unavailable', 'timeout', 'connection_lost']);
 
-async function addOne(client, { owner, service, value, token, messageId, timeoutMs }) {
+async function addOne(client, { owner, service, value, token, messageId, timeoutMs, retryForMs, retryBaseMs }) {
+  const started = performance.now();
   for (let attempt = 1; ; attempt++) {
     try {
       // `x-owner` is an application header; user-id, reply-to, correlation-id and message-id are
@@ -32,9 +46,10 @@ async function addOne(client, { owner, service, value, token, messageId, timeout
       );
       return reply.body.task.id;
     } catch (err) {
-      if (!RETRYABLE.has(err.code) || attempt >= 5) throw err;
-      emit('retry', { messageId, attempt, code: err.code });
-      await sleep(500 * attempt);
+      const pauseMs = backoffMs(attempt, retryBaseMs);
+      if (!RETRYABLE.has(err.code) || performance.now() - started + pauseMs > retryForMs) throw err;
+      emit('retry', { messageId, attempt, code: err.code, message: String(err.message), pauseMs });
+      await sleep(pauseMs);
     }
   }
 }
@@ -48,15 +63,29 @@ async function main() {
   const processId = env('QB_PROCESS_ID', crypto.randomUUID());
   const failEvery = intEnv('QB_FAIL_EVERY', 0);
   const timeoutMs = intEnv('QB_TIMEOUT_MS', 10_000);
+  const retryForMs = intEnv('QB_RETRY_FOR_MS', 120_000);
+  const retryBaseMs = intEnv('QB_RETRY_BASE_MS', 200);
+  const connectTimeoutMs = intEnv('QB_CONNECT_TIMEOUT_MS', 5_000);
 
-  const client = await BridgeClient.open({ url, exchange, hosts: hostsEnv() });
+  // Not connected yet: the first add connects, and a broker out of reach then is retried as any
+  // lost connection is.
+  const client = new BridgeClient({ url, exchange, hosts: hostsEnv(), connectTimeoutMs });
   try {
     for (let n = 0; n < count; n++) {
       const fail = failEvery > 0 && n % failEvery === failEvery - 1;
       const value = { n, text: `task ${n} of ${processId}`, fail };
       const token = { processId, n }; // never shown to workers; comes back in the result
       const messageId = `${processId}:${n}`;
-      const taskId = await addOne(client, { owner, service, value, token, messageId, timeoutMs });
+      const taskId = await addOne(client, {
+        owner,
+        service,
+        value,
+        token,
+        messageId,
+        timeoutMs,
+        retryForMs,
+        retryBaseMs,
+      });
       emit('added', { n, taskId, messageId, token });
     }
     return 0;

@@ -9,9 +9,11 @@
 //   QB_USER_ID      the user-id property (default: the URL's user; "-" leaves it out)
 //   QB_MESSAGE_ID   the message-id property (the idempotency key of an add)
 //   QB_TIMEOUT_MS   10000
+//   QB_CONNECT_TIMEOUT_MS 5000  how long connecting to RabbitMQ may take
 //
 // Prints one JSON line: {"event": "reply", "type", "correlationId", "messageId", "body"} (an error
-// reply too); exit 0 on any reply, 2 when none comes in time.
+// reply too); exit 0 on any reply, 2 when none comes in time, RabbitMQ cannot be reached or an
+// option is wrong (then before connecting).
 
 const { BridgeClient, emit, env, intEnv, run } = require('./bridge');
 
@@ -21,18 +23,29 @@ async function main() {
     process.stderr.write('usage: node request.js METHOD [BODY]\n');
     return 64;
   }
-  const client = await BridgeClient.open({
-    url: env('QB_AMQP_URL', 'amqp://worker-a:worker-a@127.0.0.1:5672/'),
-    exchange: env('QB_EXCHANGE', 'queue-bridge'),
-  });
+  // Every option first: one that is wrong must end the script before a connection keeps it alive.
   const userId = env('QB_USER_ID', undefined);
+  let headers;
+  try {
+    headers = JSON.parse(env('QB_HEADERS', '{}'));
+  } catch (err) {
+    throw new Error(`QB_HEADERS must be a JSON object: ${err.message}`);
+  }
+  if (headers === null || typeof headers !== 'object' || Array.isArray(headers)) {
+    throw new Error('QB_HEADERS must be a JSON object');
+  }
   const options = {
     raw: Buffer.from(body, 'utf8'),
-    headers: JSON.parse(env('QB_HEADERS', '{}')),
+    headers,
     timeoutMs: intEnv('QB_TIMEOUT_MS', 10_000),
     userId: userId === '-' ? null : userId,
     messageId: env('QB_MESSAGE_ID', undefined),
   };
+  const client = new BridgeClient({
+    url: env('QB_AMQP_URL', 'amqp://worker-a:worker-a@127.0.0.1:5672/'),
+    exchange: env('QB_EXCHANGE', 'queue-bridge'),
+    connectTimeoutMs: intEnv('QB_CONNECT_TIMEOUT_MS', 5_000),
+  });
   try {
     const reply = await client.request(method, null, options).catch((err) => {
       if (err.reply === undefined) throw err; // no reply at all

@@ -13,21 +13,52 @@
 //                                   declare queues and read the exchange: the shipped engine
 //                                   permissions do not allow it.
 //   QB_RESULTS_EXCHANGE  queue-bridge.results   (BRIDGE_RESULTS_EXCHANGE), with QB_BIND
+//   QB_DEDUP_SIZE        100000     message-ids remembered to drop duplicates (the most recent ones:
+//                                   a copy comes soon after the first, so memory stays bounded)
+//   QB_RETRY_BASE_MS     200        first pause before reconnecting; doubles up to 5 s, full jitter
+//   QB_CONNECT_TIMEOUT_MS 5000      how long connecting to RabbitMQ may take
 //
-// Results are at least once: de-duplicated on the `message-id` property. The results queue is
+// Results are at least once: de-duplicated on the `message-id` property (of the last QB_DEDUP_SIZE
+// results). A lost connection (a broker restart, a failover) is reconnected, with backoff: what was
+// not acked comes again, and is de-duplicated. With QB_BIND the queue is exclusive, so results
+// published while the connection was down are not in the new one. A refusal (403: the user may not
+// read the queue or bind; 404: no such queue or exchange) ends the script (exit 1). A message whose
+// body is not a JSON object is acked and reported ("bad_result"): requeued, it would come back for
+// ever. The results queue is
 // shared by every owner and service: results this consumer does not keep are acked and reported
 // as "skipped" (run one consumer per results queue, or bind a queue of your own).
-// Prints JSON lines: {"event": "ready", "queue"} once consuming, then {"event": "result", "taskId",
-// "serviceId", "owner", "token", "result" | "error", "completedAt", "messageId", "type"} and
-// {"event": "skipped", ...}.
+// Prints JSON lines: {"event": "ready", "queue"} once consuming (again after each reconnection),
+// then {"event": "result", "taskId", "serviceId", "owner", "token", "result" | "error",
+// "completedAt", "messageId", "type"}, {"event": "skipped", ...}, {"event": "bad_result",
+// "messageId", "message"} and {"event": "reconnecting", "message", "pauseMs"}.
 
 const amqp = require('amqplib');
-const { emit, env, intEnv, run } = require('./bridge');
+const { backoffMs, emit, env, intEnv, run } = require('./bridge');
 
 function text(value) {
   // Header values of the AMQP table: strings (longstr) may reach us as Buffers.
   return Buffer.isBuffer(value) ? value.toString('utf8') : value;
 }
+
+/** The message-ids of the last `limit` results: a set that forgets the oldest (least recently seen). */
+class RecentIds {
+  constructor(limit) {
+    this.limit = Math.max(1, limit);
+    this.ids = new Map(); // insertion order: the oldest first
+  }
+
+  /** Whether `id` was seen (it then counts as seen now); remembers it either way. */
+  seen(id) {
+    const known = this.ids.delete(id);
+    this.ids.set(id, true);
+    while (this.ids.size > this.limit) this.ids.delete(this.ids.keys().next().value);
+    return known;
+  }
+}
+
+// Channel errors that say this consumer is misconfigured (no retry fixes them): access refused,
+// not found (queue or exchange), precondition failed.
+const REFUSED = new Set([403, 404, 406]);
 
 async function main() {
   const url = env('QB_AMQP_URL', 'amqp://engine:engine@127.0.0.1:5672/');
@@ -37,30 +68,24 @@ async function main() {
   const expect = intEnv('QB_EXPECT', 0);
   const timeoutMs = intEnv('QB_TIMEOUT_MS', 60_000);
   const pattern = env('QB_BIND', '');
+  const dedupSize = intEnv('QB_DEDUP_SIZE', 100_000);
+  const retryBaseMs = intEnv('QB_RETRY_BASE_MS', 200);
+  const connectTimeoutMs = intEnv('QB_CONNECT_TIMEOUT_MS', 5_000);
 
-  const connection = await amqp.connect(url);
-  connection.on('error', (err) => emit('error', { message: String(err) })); // e.g. 403 ACCESS_REFUSED
-  const channel = await connection.createChannel();
-  await channel.prefetch(50);
-  let queue = env('QB_RESULTS_QUEUE', 'queue-bridge.results');
-  if (pattern !== '') {
-    const declared = await channel.assertQueue('', { exclusive: true });
-    queue = declared.queue;
-    await channel.bindQueue(queue, env('QB_RESULTS_EXCHANGE', 'queue-bridge.results'), pattern);
-  }
-
-  const seen = new Set();
+  const recent = new RecentIds(dedupSize);
+  let kept = 0; // distinct results kept
+  let rc = null; // set: stop
   let finish;
   const finished = new Promise((resolve) => {
-    finish = resolve;
+    finish = (code) => {
+      if (rc === null) rc = code;
+      resolve(rc);
+    };
   });
   const timer = expect > 0 ? setTimeout(() => finish(1), timeoutMs) : null;
   for (const signal of ['SIGTERM', 'SIGINT']) process.on(signal, () => finish(0));
-  channel.on('close', () => finish(1));
-  channel.on('error', (err) => emit('error', { message: String(err) }));
 
-  await channel.consume(queue, (msg) => {
-    if (msg === null) return finish(1); // the broker cancelled the consumer (queue deleted)
+  function onMessage(channel, msg) {
     const headers = msg.properties.headers || {};
     const msgOwner = text(headers['x-owner']);
     const serviceId = msg.fields.routingKey; // the routing key of a result is its serviceId
@@ -68,11 +93,20 @@ async function main() {
     if ((owner !== '' && msgOwner !== owner) || (service !== '' && serviceId !== service)) {
       emit('skipped', { owner: msgOwner, serviceId, messageId });
       channel.ack(msg);
-      return undefined;
+      return;
     }
-    if (!seen.has(messageId)) {
-      seen.add(messageId);
-      const body = JSON.parse(msg.content.toString('utf8'));
+    let body;
+    try {
+      body = JSON.parse(msg.content.toString('utf8'));
+      if (body === null || typeof body !== 'object' || Array.isArray(body)) throw new Error('not a JSON object');
+    } catch (err) {
+      // Not a result this consumer can read: acked (requeued it would come back for ever), and said.
+      emit('bad_result', { messageId: messageId ?? null, serviceId, message: String(err.message) });
+      channel.ack(msg);
+      return;
+    }
+    if (messageId === undefined || !recent.seen(messageId)) {
+      kept += 1;
       const outcome = 'error' in body ? { error: body.error } : { result: body.result };
       emit('result', {
         taskId: body.taskId,
@@ -86,19 +120,80 @@ async function main() {
       });
     }
     channel.ack(msg); // after it is handled: a crash before this gets it again (at least once)
-    if (expect > 0 && seen.size >= expect) finish(0);
-    return undefined;
-  });
-  emit('ready', { queue }); // consuming (and, with QB_BIND, bound): results published from now on reach us
-
-  const rc = await finished;
-  if (timer) clearTimeout(timer);
-  try {
-    await connection.close();
-  } catch {
-    // already closed
+    if (expect > 0 && kept >= expect) finish(0);
   }
-  return rc;
+
+  /** One connection's life: consume until it is lost (resolves) or refused (rejects). */
+  async function consumeOnce() {
+    const connection = await amqp.connect(url, { timeout: connectTimeoutMs });
+    let lost;
+    const closed = new Promise((resolve) => {
+      lost = resolve;
+    });
+    connection.on('error', (err) => emit('connection_error', { message: String(err) }));
+    connection.on('close', () => lost('connection closed'));
+    try {
+      const channel = await connection.createChannel();
+      channel.on('error', (err) => emit('channel_error', { message: String(err) }));
+      channel.on('close', () => lost('channel closed'));
+      await channel.prefetch(50);
+      let queue = env('QB_RESULTS_QUEUE', 'queue-bridge.results');
+      if (pattern !== '') {
+        const declared = await channel.assertQueue('', { exclusive: true });
+        queue = declared.queue;
+        await channel.bindQueue(queue, env('QB_RESULTS_EXCHANGE', 'queue-bridge.results'), pattern);
+      }
+      await channel.consume(queue, (msg) => {
+        if (msg === null) return lost('consumer cancelled'); // the queue deleted, or moved
+        try {
+          onMessage(channel, msg);
+        } catch (err) {
+          // Never let one message end the consumer: say it and leave it unacked (it comes back
+          // with the next connection, or to another consumer).
+          emit('error', { code: null, message: `handling ${msg.properties.messageId}: ${err}` });
+        }
+        return undefined;
+      });
+      emit('ready', { queue }); // consuming (and, with QB_BIND, bound): results published from now on reach us
+      return await Promise.race([closed, finished.then(() => null)]);
+    } finally {
+      await connection.close().catch(() => {});
+    }
+  }
+
+  /** A pause that the end (a signal, QB_EXPECT reached, the timeout) cuts short. */
+  const pause = (ms) =>
+    new Promise((resolve) => {
+      const wait = setTimeout(resolve, ms);
+      finished.then(() => {
+        clearTimeout(wait);
+        resolve();
+      });
+    });
+
+  let failed = 0;
+  while (rc === null) {
+    try {
+      const why = await consumeOnce();
+      if (why === null || rc !== null) break; // finished
+      failed = 0;
+      const pauseMs = backoffMs(1, retryBaseMs);
+      emit('reconnecting', { message: why, pauseMs });
+      await pause(pauseMs);
+    } catch (err) {
+      if (REFUSED.has(err.code)) {
+        emit('error', { code: err.code, message: String(err) }); // e.g. 403 ACCESS_REFUSED: misconfigured
+        finish(1);
+        break;
+      }
+      failed += 1;
+      const pauseMs = backoffMs(failed, retryBaseMs);
+      emit('reconnecting', { message: String(err.message ?? err), pauseMs });
+      await pause(pauseMs);
+    }
+  }
+  if (timer) clearTimeout(timer);
+  return finished;
 }
 
 run(main);

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import time
 import uuid
 from typing import Any
 
@@ -50,6 +53,7 @@ class NodeScript:
         self.cmd = [node, str(NODE_DIR / script), *args]
         self.env = {**os.environ, **env}
         self.events: list[dict[str, Any]] = []
+        self.times: list[float] = []  # when each event was read (time.monotonic())
         self.proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
         self.stderr = b""
@@ -64,6 +68,7 @@ class NodeScript:
     async def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         async for line in self.proc.stdout:
+            self.times.append(time.monotonic())
             self.events.append(json.loads(line))
 
     async def event(self, name: str, timeout: float = 30) -> dict[str, Any]:
@@ -93,6 +98,20 @@ class NodeScript:
 
     def all(self, name: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e["event"] == name]
+
+    async def count(self, name: str, n: int, timeout: float = 30) -> list[dict[str, Any]]:
+        """The first ``n`` events called ``name`` (waits for them)."""
+        async with asyncio.timeout(timeout):
+            while len(self.all(name)) < n:
+                assert self.proc is not None
+                if self.proc.returncode is not None and self._reader is not None and self._reader.done():
+                    raise AssertionError(f"{self.cmd[1]} exited with {len(self.all(name))} {name!r}: {self.events}")
+                await asyncio.sleep(0.05)
+        return self.all(name)[:n]
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
 
     async def stop(self) -> None:
         """Kill the process if it still runs and reap it, its pipes read to their end: left to the
@@ -447,3 +466,450 @@ async def test_node_client_whose_clock_is_behind_sets_its_deadlines_on_the_bridg
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["outcomes"] == ["unavailable", "answered"], out
     assert 29_000 < out["offset"] < 31_000, out
+
+
+# -- the reviewer's findings (engine retries, worker loop, signals, clock, results consumer) ---------
+
+
+async def test_node_engine_retries_an_add_whose_connection_was_lost_with_the_same_message_id(
+    bridge: Any, workers: Any, node: str, servers: Servers, names: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An add is at the bridge when the engine's connection goes (a broker restart, a failover),
+    and RabbitMQ then refuses connections for a while. The engine used to exit 1 at once: the
+    lost channel failed the add with an uncoded error, and a refused connect was no better. Both
+    are ``connection_lost`` now, retried (backing off) with the same message-id, so the add that
+    ran after all answers its task again: two adds, two tasks, none twice."""
+    from tests.faults import TcpProxy
+
+    svc, process_id = service_id(), uuid.uuid4().hex
+    arrived, release = asyncio.Event(), asyncio.Event()
+    stored: list[str] = []
+    real = bridge.queue.store_add
+
+    async def held_first(*args: Any, **kw: Any) -> str:
+        first = not arrived.is_set()
+        arrived.set()
+        if first:
+            await release.wait()
+        task_id = await real(*args, **kw)
+        stored.append(task_id)
+        return task_id
+
+    monkeypatch.setattr(bridge.queue, "store_add", held_first)
+    proxy = await TcpProxy(servers.amqp_host, servers.amqp_port).start()
+    port = proxy.port
+    extra = {
+        "QB_AMQP_URL": f"amqp://{ENGINE_USER}:{ENGINE_USER}@127.0.0.1:{port}/",
+        "QB_SERVICE": svc,
+        "QB_OWNER": OWNERS[0],
+        "QB_COUNT": "2",
+        "QB_PROCESS_ID": process_id,
+        "QB_RETRY_BASE_MS": "100",
+    }
+    proc = await NodeScript(node, "engine.js", {**env_of(servers, names, ENGINE_USER), **extra}).start()
+    again = None
+    try:
+        async with asyncio.timeout(30):
+            await arrived.wait()
+        await proxy.stop()  # the connection is lost, and the port refuses connections
+        retries = await proc.count("retry", 2)
+        assert [r["code"] for r in retries] == ["connection_lost"] * 2, proc.events
+        assert "ECONNREFUSED" in json.dumps(proc.events), proc.events
+        assert {r["messageId"] for r in retries} == {f"{process_id}:0"}
+        release.set()  # the first add completes at the bridge; its reply has nowhere to go
+        from tests.conftest import wait_for
+
+        await wait_for(lambda: len(stored) == 1, 30, what="the first add stored")
+        again = await TcpProxy(servers.amqp_host, servers.amqp_port).start(port)
+        assert await proc.wait(60) == 0, (proc.events, proc.stderr)
+    finally:
+        await proc.stop()
+        if again is not None:
+            await again.stop()
+    added = proc.all("added")
+    assert [a["n"] for a in added] == [0, 1]
+    assert added[0]["taskId"] == stored[0], "the retry answered the task the lost add stored"
+    # Two tasks at the bridge, not three: the retried add was stored once.
+    w = await workers(svc, "check")
+    fetched = []
+    while (task := await w.fetch()) is not None:
+        fetched.append(task.id)
+        assert await task.ack("done") is True
+    assert sorted(fetched) == sorted(a["taskId"] for a in added)
+
+
+async def test_node_worker_goes_on_after_a_fetch_answered_internal(
+    bridge: Any, engine: Any, node: str, servers: Servers, names: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fetch answered ``internal`` (a bug at the bridge, a passing fault it did not map) ended the
+    Node worker: one such answer took down every Node worker of a fleet. As the Python client, it
+    pauses and fetches again; only an answer that says the worker is misconfigured ends it."""
+    svc = service_id()
+    real = bridge.queue.fetch
+    calls = 0
+
+    async def broken_once(*args: Any, **kw: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug at the bridge (test)")  # answered internal
+        return await real(*args, **kw)
+
+    monkeypatch.setattr(bridge.queue, "fetch", broken_once)
+    task_id = await engine.add(svc, {"n": 1, "text": "after internal"})
+    extra = {"QB_SERVICE": svc, "QB_WAIT_MS": "1000", "QB_MAX_TASKS": "1"}
+    worker = await NodeScript(node, "worker.js", env_of(servers, names, OWNERS[0], **extra)).start()
+    try:
+        assert await worker.wait(30) == 0, (worker.events, worker.stderr)
+    finally:
+        await worker.stop()
+    assert [f["code"] for f in worker.all("fetch_failed")] == ["internal"]
+    assert worker.all("acked") == [{"event": "acked", "taskId": task_id, "completed": True}]
+
+
+async def test_node_worker_gives_back_a_task_whose_result_the_bridge_refuses(
+    bridge: Any,
+    engine: Any,
+    workers: Any,
+    node: str,
+    servers: Servers,
+    names: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An ack the bridge refuses (``payload_too_large``: a result larger than its limit) ended the
+    Node worker with the task still leased to it (back only when its lease ran out, here 60 s).
+    Sending it again cannot help: the task is given back with ``fail``, and comes again at once."""
+    from bridge.domain.errors import PayloadTooLarge
+
+    svc = service_id()
+    real = bridge.queue.ack
+    calls = 0
+
+    async def refused_once(*args: Any, **kw: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise PayloadTooLarge("the result is larger than the limit (test)")
+        return await real(*args, **kw)
+
+    monkeypatch.setattr(bridge.queue, "ack", refused_once)
+    task_id = await engine.add(svc, {"n": 1, "text": "too large"})
+    extra = {"QB_SERVICE": svc, "QB_WAIT_MS": "1000", "QB_MAX_TASKS": "1", "QB_TTR_MS": "60000"}
+    worker = await NodeScript(node, "worker.js", env_of(servers, names, OWNERS[0], **extra)).start()
+    try:
+        assert await worker.wait(30) == 0, (worker.events, worker.stderr)
+    finally:
+        await worker.stop()
+    assert [(a["taskId"], a["code"]) for a in worker.all("ack_failed")] == [(task_id, "payload_too_large")]
+    assert worker.all("given_back") == [
+        {"event": "given_back", "taskId": task_id, "reason": "ResultRefused", "answered": True}
+    ]
+    # Given back, not left leased for its 60 s: it comes again within the bridge's backoff (1 s).
+    again = await (await workers(svc, "other")).fetch(wait_ms=10_000)
+    assert again is not None and (again.id, again.deliveries) == (task_id, 2)
+    assert await again.ack({"ok": True}) is True
+
+
+async def test_node_worker_not_long_polling_pauses_between_empty_fetches(
+    bridge: Any, node: str, servers: Servers, names: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With QB_WAIT_MS=0 an empty reply was followed by the next fetch at once: a worker of an
+    empty queue sent fetches as fast as the bridge answered them. It waits QB_POLL_MS between."""
+    svc = service_id()
+    real = bridge.queue.fetch
+    seen: list[float] = []
+
+    async def timed(owner: str, req: Any, **kw: Any) -> Any:
+        if req.service_id == svc:
+            seen.append(time.monotonic())
+        return await real(owner, req, **kw)
+
+    monkeypatch.setattr(bridge.queue, "fetch", timed)
+    extra = {"QB_SERVICE": svc, "QB_WAIT_MS": "0", "QB_POLL_MS": "500", "QB_IDLE_EXIT": "4"}
+    worker = await NodeScript(node, "worker.js", env_of(servers, names, OWNERS[0], **extra)).start()
+    try:
+        assert await worker.wait(30) == 0, (worker.events, worker.stderr)
+    finally:
+        await worker.stop()
+    assert len(seen) == 4, seen
+    gaps = [b - a for a, b in itertools.pairwise(seen)]
+    assert all(g >= 0.45 for g in gaps), gaps
+
+
+async def test_node_worker_backs_off_with_full_jitter_after_failed_fetches(
+    node: str, servers: Servers, names: dict[str, str]
+) -> None:
+    """No bridge yet (the exchange does not exist: each fetch's channel is closed by a 404). The
+    worker paused a fixed second after every failure, so a fleet hammered the broker in step. Its
+    pauses now grow from QB_POLL_MS, doubling, with full jitter, up to 5 s."""
+    extra = {"QB_SERVICE": service_id(), "QB_WAIT_MS": "1000", "QB_POLL_MS": "50"}
+    worker = await NodeScript(node, "worker.js", env_of(servers, names, OWNERS[0], **extra)).start()
+    try:
+        failed = await worker.count("fetch_failed", 7, timeout=60)
+        times = [worker.times[worker.events.index(f)] for f in failed]
+    finally:
+        await worker.stop()
+    assert {f["code"] for f in failed} == {"connection_lost"}, failed
+    pauses = [f["pauseMs"] for f in failed]
+    ceilings = [min(5000, 50 * 2**n) for n in range(len(pauses))]
+    assert all(0 <= p <= c for p, c in zip(pauses, ceilings, strict=True)), (pauses, ceilings)
+    assert len(set(pauses)) > 1, f"no jitter: {pauses}"
+    # Each pause was waited before the next fetch (reading the lines adds a little uncertainty).
+    assert times[-1] - times[0] >= sum(pauses[:-1]) / 1000 - 0.2, (times, pauses)
+
+
+async def test_node_worker_told_to_stop_gives_up_its_long_poll_at_once(
+    bridge: Any, engine: Any, workers: Any, node: str, servers: Servers, names: dict[str, str]
+) -> None:
+    """SIGTERM while the worker waits in a 30 s long-poll: it used to wait it out (a pod's kill
+    deadline is 30 s). It closes its connection and exits; the abandoned fetch, its reply-to gone,
+    claims nothing: the next task goes to another worker at once."""
+    from tests.conftest import wait_for
+    from tests.integration.test_client_resilience import _waiters
+
+    svc = service_id()
+    extra = {"QB_SERVICE": svc, "QB_WAIT_MS": "30000"}
+    worker = await NodeScript(node, "worker.js", env_of(servers, names, OWNERS[0], **extra)).start()
+    try:
+        await wait_for(lambda: _waiters(bridge) >= 1, 30, what="the Node worker long-polling")
+        worker.signal(signal.SIGTERM)
+        assert await worker.wait(5) == 0, (worker.events, worker.stderr)
+    finally:
+        await worker.stop()
+    assert worker.all("stopping") == [{"event": "stopping", "signal": "SIGTERM", "phase": "fetching"}]
+    task_id = await engine.add(svc, {"n": 1})
+    got = await (await workers(svc, "other")).fetch(wait_ms=10_000)
+    assert got is not None and (got.id, got.deliveries) == (task_id, 1), got
+    assert await got.ack("done") is True
+
+
+async def test_node_worker_told_to_stop_gives_back_a_task_its_handler_has_not_finished(
+    bridge: Any, engine: Any, workers: Any, node: str, servers: Servers, names: dict[str, str]
+) -> None:
+    """SIGTERM while the handler works: after QB_STOP_TIMEOUT_MS the task is given back (``fail``,
+    retryInMs 0) and comes again at once elsewhere, instead of staying leased to a stopped worker
+    until its lease runs out (here 60 s)."""
+    svc = service_id()
+    task_id = await engine.add(svc, {"n": 1, "text": "slow"})
+    extra = {"QB_SERVICE": svc, "QB_WAIT_MS": "5000", "QB_TTR_MS": "60000", "QB_WORK_MS": "60000"}
+    extra["QB_STOP_TIMEOUT_MS"] = "300"
+    worker = await NodeScript(node, "worker.js", env_of(servers, names, OWNERS[0], **extra)).start()
+    try:
+        await worker.event("task")
+        worker.signal(signal.SIGTERM)
+        assert await worker.wait(10) == 0, (worker.events, worker.stderr)
+    finally:
+        await worker.stop()
+    assert not worker.all("acked")
+    assert worker.all("given_back") == [
+        {"event": "given_back", "taskId": task_id, "reason": "StopTimeout", "answered": True}
+    ]
+    got = await (await workers(svc, "other")).fetch(wait_ms=5_000)
+    assert got is not None and (got.id, got.deliveries) == (task_id, 2), got
+    assert await got.ack("done") is True
+
+
+async def test_node_worker_exits_at_once_on_a_second_signal(
+    bridge: Any, engine: Any, node: str, servers: Servers, names: dict[str, str]
+) -> None:
+    """The first signal lets the task in hand finish (QB_STOP_TIMEOUT_MS, here a minute); a second
+    one means it: the worker exits at once (128 + the signal's number)."""
+    svc = service_id()
+    await engine.add(svc, {"n": 1, "text": "slow"})
+    extra = {"QB_SERVICE": svc, "QB_WAIT_MS": "5000", "QB_WORK_MS": "60000", "QB_STOP_TIMEOUT_MS": "60000"}
+    worker = await NodeScript(node, "worker.js", env_of(servers, names, OWNERS[0], **extra)).start()
+    try:
+        await worker.event("task")
+        worker.signal(signal.SIGTERM)
+        assert (await worker.event("stopping"))["phase"] == "working"
+        worker.signal(signal.SIGTERM)
+        assert await worker.wait(5) == 128 + signal.SIGTERM, (worker.events, worker.stderr)
+    finally:
+        await worker.stop()
+    assert not worker.all("acked") and not worker.all("given_back")
+
+
+async def test_node_client_gives_up_connecting_to_a_node_that_never_answers(
+    node: str, servers: Servers, names: dict[str, str]
+) -> None:
+    """A node that accepts the TCP connection and never answers (stalled, half dead, a firewall
+    that drops): amqp.connect had no timeout and the script hung for good. It gives up after
+    QB_CONNECT_TIMEOUT_MS with ``connection_lost``."""
+    from tests.faults import TcpProxy
+
+    silent = await TcpProxy(servers.amqp_host, servers.amqp_port).start()
+    silent.mute()
+    env = {
+        **env_of(servers, names, OWNERS[0]),
+        "QB_AMQP_URL": f"amqp://{OWNERS[0]}:{OWNERS[0]}@127.0.0.1:{silent.port}/",
+        "QB_CONNECT_TIMEOUT_MS": "1000",
+    }
+    proc = await NodeScript(node, "request.js", env, "stats", "{}").start()
+    try:
+        assert await proc.wait(15) == 2, (proc.events, proc.stderr)
+    finally:
+        await proc.stop()
+        await silent.stop()
+    (error,) = proc.all("error")
+    assert error["code"] == "connection_lost" and "ETIMEDOUT" in error["message"], error
+
+
+@pytest.mark.parametrize(
+    "bad", [{"QB_HEADERS": "not json"}, {"QB_HEADERS": "[1]"}, {"QB_TIMEOUT_MS": "soon"}], ids=lambda b: str(b)
+)
+async def test_node_request_with_a_bad_option_exits_before_connecting(
+    node: str, servers: Servers, names: dict[str, str], bad: dict[str, str]
+) -> None:
+    """request.js parsed QB_HEADERS and QB_TIMEOUT_MS after it connected, outside its try: a bad
+    value left the connection open and the process never exited. They are parsed first."""
+    proc = await NodeScript(node, "request.js", env_of(servers, names, OWNERS[0], **bad), "stats", "{}").start()
+    try:
+        assert await proc.wait(15) == 2, (proc.events, proc.stderr)
+    finally:
+        await proc.stop()
+    (error,) = proc.all("error")
+    assert next(iter(bad)) in error["message"], error
+
+
+CLOCK_STEPS = """
+const { BridgeClient } = require('./bridge');
+const busy = (ms) => { const end = performance.now() + ms; while (performance.now() < end); };
+(async () => {
+  const client = await BridgeClient.open({ url: process.env.QB_AMQP_URL, exchange: process.env.QB_EXCHANGE });
+  const body = { serviceId: process.env.QB_SERVICE, workerId: 'w' };
+  const fetch = () => client.request('fetch', body, { timeoutMs: 5000 });
+  const out = {};
+  await fetch();
+  out.first = client.clockOffsetMs;
+  // A reply that waits 1.5 s for this process (a busy event loop; or held in the broker) says
+  // a time already 1.5 s past: its offset is 1.5 s too small.
+  const late = fetch();
+  for (let i = 0; i < 3; i += 1) await new Promise((resolve) => setImmediate(resolve)); // the request is out
+  busy(1500);
+  await late;
+  out.afterLate = client.clockOffsetMs;
+  // This host's wall clock steps back 30 s (NTP, an operator): the bridge's clock did not.
+  const realNow = Date.now;
+  Date.now = () => realNow() - 30000;
+  try {
+    await fetch();
+    out.afterStep = 'answered';
+  } catch (err) {
+    out.afterStep = err.code;
+  }
+  out.offsetAfterStep = client.clockOffsetMs;
+  process.stdout.write(JSON.stringify(out) + '\\n');
+  await client.close();
+})();
+"""
+
+
+async def test_node_client_keeps_the_bridges_clock_on_a_monotonic_clock_with_a_sliding_max(
+    bridge: Any, node: str, servers: Servers, names: dict[str, str]
+) -> None:
+    """The offset of the bridge's clock was the last reply's, on the wall clock: a reply that came
+    late (a busy client, a slow broker) made it too small, and a step of the host's wall clock
+    moved every deadline with it (a step back of 30 s: every request refused as late). As
+    rpc.py: the largest offset of the last minute's replies, carried by the monotonic clock."""
+    env = {**os.environ, **env_of(servers, names, OWNERS[0]), "QB_SERVICE": service_id()}
+    done = await asyncio.to_thread(
+        subprocess.run, [node, "-e", CLOCK_STEPS], cwd=NODE_DIR, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert abs(out["first"]) < 1000, out  # one host: the bridge's clock is this host's
+    assert abs(out["afterLate"] - out["first"]) < 500, out  # not 1.5 s smaller
+    assert out["afterStep"] == "answered", out
+    assert 29_000 < out["offsetAfterStep"] < 31_000, out  # the bridge is now 30 s ahead of this host's clock
+
+
+async def _publish_results(
+    servers: Servers, names: dict[str, str], svc: str, messages: list[tuple[str, bytes]]
+) -> None:
+    """Publish raw result messages (message-id, body) as the bridge does: to its results exchange,
+    routing key = serviceId, header x-owner."""
+    import aio_pika
+
+    conn = await aio_pika.connect(servers.amqp_url("guest"))
+    try:
+        exchange = await (await conn.channel()).get_exchange(names["results_exchange"])
+        for message_id, body in messages:
+            msg = aio_pika.Message(body, message_id=message_id, headers={"x-owner": OWNERS[0]}, type="result")
+            await exchange.publish(msg, routing_key=svc)
+    finally:
+        await conn.close()
+
+
+def _result(task_id: str, svc: str) -> bytes:
+    return json.dumps({"taskId": task_id, "serviceId": svc, "result": {"ok": task_id}, "token": None}).encode()
+
+
+async def test_node_results_acks_and_reports_a_body_that_is_not_json(
+    bridge: Any, node: str, servers: Servers, names: dict[str, str]
+) -> None:
+    """A result whose body is not a JSON object threw inside the consumer's callback: the script
+    crashed, and the message, redelivered, crashed the next one (a crash loop). It is acked and
+    reported, and the results after it are kept."""
+    svc = service_id()
+    extra = {"QB_SERVICE": svc, "QB_OWNER": OWNERS[0], "QB_EXPECT": "1", "QB_TIMEOUT_MS": "20000"}
+    results = await NodeScript(node, "results.js", env_of(servers, names, ENGINE_USER, **extra)).start()
+    try:
+        await results.event("ready")
+        await _publish_results(
+            servers, names, svc, [("bad:1", b"not json"), ("bad:2", b"null"), ("t1:c1", _result("t1", svc))]
+        )
+        assert await results.wait(30) == 0, (results.events, results.stderr)
+    finally:
+        await results.stop()
+    assert [b["messageId"] for b in results.all("bad_result")] == ["bad:1", "bad:2"]
+    assert [r["messageId"] for r in results.all("result")] == ["t1:c1"]
+
+
+async def test_node_results_remembers_a_bounded_number_of_message_ids(
+    bridge: Any, node: str, servers: Servers, names: dict[str, str]
+) -> None:
+    """results.js kept every message-id it ever saw (run until stopped: memory without bound). It
+    keeps the last QB_DEDUP_SIZE: a copy within them is dropped, an id older than them is not."""
+    svc = service_id()
+    extra = {"QB_SERVICE": svc, "QB_OWNER": OWNERS[0], "QB_EXPECT": "4", "QB_TIMEOUT_MS": "10000", "QB_DEDUP_SIZE": "2"}
+    results = await NodeScript(node, "results.js", env_of(servers, names, ENGINE_USER, **extra)).start()
+    try:
+        await results.event("ready")
+        ids = ["a:1", "a:1", "b:1", "c:1", "a:1"]  # the second a:1 is a copy; the last one is forgotten
+        await _publish_results(servers, names, svc, [(i, _result(i.split(":")[0], svc)) for i in ids])
+        assert await results.wait(30) == 0, (results.events, results.stderr)
+    finally:
+        await results.stop()
+    assert [r["messageId"] for r in results.all("result")] == ["a:1", "b:1", "c:1", "a:1"]
+
+
+async def test_node_results_reconnects_when_the_broker_closes_its_connection(
+    bridge: Any, node: str, servers: Servers, names: dict[str, str], tmp_path: Any
+) -> None:
+    """The broker closes the results consumer's connection (a restart, a failover): it used to exit
+    1. It connects again (backing off) and goes on consuming."""
+    from tests.integration.test_client_resilience import _close_connection_named
+
+    svc, conn_name = service_id(), f"node-results-{uuid.uuid4().hex[:8]}"
+    preload = tmp_path / "name_connection.js"
+    preload.write_text(NAME_CONNECTION)
+    extra = {
+        "QB_SERVICE": svc,
+        "QB_OWNER": OWNERS[0],
+        "QB_EXPECT": "1",
+        "QB_TIMEOUT_MS": "45000",
+        "QB_CONN_NAME": conn_name,
+        "NODE_OPTIONS": f"--require {preload}",
+        "NODE_PATH": str(NODE_DIR / "node_modules"),
+    }
+    results = await NodeScript(node, "results.js", env_of(servers, names, ENGINE_USER, **extra)).start()
+    try:
+        await results.event("ready")
+        await asyncio.to_thread(_close_connection_named, conn_name)
+        await results.count("ready", 2)
+        await _publish_results(servers, names, svc, [("t1:c1", _result("t1", svc))])
+        assert await results.wait(30) == 0, (results.events, results.stderr)
+    finally:
+        await results.stop()
+    assert results.all("reconnecting"), results.events
+    assert [r["messageId"] for r in results.all("result")] == ["t1:c1"]
