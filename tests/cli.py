@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 import anyio
+import anyio.abc
 
 from tests.conftest import ROOT
 
@@ -23,9 +24,34 @@ async def cli(
     full_env = {**os.environ, **env, **(extra or {})}
     full_env.pop("COLUMNS", None)
     full_env["COLUMNS"] = "200"  # wide help and error boxes: messages are not wrapped mid-phrase
-    with anyio.fail_after(limit):
-        proc = await anyio.run_process([sys.executable, "-m", "bridge", *args], env=full_env, cwd=ROOT, check=False)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+    argv = [sys.executable, "-m", "bridge", *args]
+    async with await anyio.open_process(argv, env=full_env, cwd=ROOT) as proc:
+        try:
+            with anyio.fail_after(limit):
+                out, err = await _communicate(proc)
+        finally:
+            # A command that overran its limit (a `run` that did not exit, under a test that
+            # expected it to) is killed, not left running as an orphan that keeps consuming.
+            if proc.returncode is None:
+                proc.kill()
+                with anyio.CancelScope(shield=True):
+                    await proc.wait()
+    return subprocess.CompletedProcess(argv, proc.returncode, out.decode(), err.decode())
+
+
+async def _communicate(proc: anyio.abc.Process) -> tuple[bytes, bytes]:
+    chunks: dict[str, list[bytes]] = {"out": [], "err": []}
+
+    async def drain(stream: anyio.abc.ByteReceiveStream | None, into: list[bytes]) -> None:
+        if stream is not None:
+            async for chunk in stream:
+                into.append(chunk)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain, proc.stdout, chunks["out"])
+        tg.start_soon(drain, proc.stderr, chunks["err"])
+        await proc.wait()
+    return b"".join(chunks["out"]), b"".join(chunks["err"])
 
 
 async def cli_many(*calls: tuple[tuple[str, ...], dict[str, str]], env: dict[str, str]) -> list[Any]:
