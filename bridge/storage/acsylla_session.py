@@ -53,6 +53,10 @@ _NOT_SENT: tuple[type[BaseException], ...] = (
     cass.CassErrorServerIsBootstrapping,
     cass.CassErrorLibUnableToConnect,
 )
+# ... except for a compare-and-set: with Paxos v1 a coordinator commits a proposal a quorum has
+# accepted, and that commit can answer Unavailable (a replica gone meanwhile) or Overloaded (a hint
+# backlog for a node down) for an LWT already decided. Unknown, then: settled by the SERIAL read.
+_LWT_UNKNOWN: tuple[type[BaseException], ...] = (cass.CassErrorServerUnavailable, cass.CassErrorServerOverloaded)
 # The CQL itself is wrong (or the schema is still changing): a bug, not an outage.
 _INVALID: tuple[type[BaseException], ...] = (
     cass.CassErrorServerInvalidQuery,
@@ -224,6 +228,8 @@ class AcsyllaSession:
 def _storage_error(exc: BaseException, *, lwt: bool) -> Exception:
     if isinstance(exc, _INVALID):
         return InvalidQuery(str(exc))
+    if lwt and isinstance(exc, _LWT_UNKNOWN):
+        return UnknownOutcome(f"{type(exc).__name__}: {exc}")
     if isinstance(exc, _NOT_SENT):
         return StorageNotSent(f"cassandra unavailable: {type(exc).__name__}")
     # A timeout, a connection lost under the request, a failure on a replica: a conditional write

@@ -73,6 +73,17 @@ class NoBlindRetries(RetryPolicy):  # type: ignore[misc]  # the driver ships no 
             return self.RETHROW, None
         return super().on_request_error(query, consistency, error, retry_num)  # type: ignore[no-any-return]
 
+    def on_unavailable(
+        self, query: Any, consistency: Any, required_replicas: int, alive_replicas: int, retry_num: int
+    ) -> tuple[int, Any]:
+        # The default sends it to the next host once: an LWT whose commit answered Unavailable may
+        # be decided already, and sent again it is a second proposal. Rethrown: settled as unknown.
+        if query is not None and not query.is_idempotent:
+            return self.RETHROW, None
+        return super().on_unavailable(  # type: ignore[no-any-return]
+            query, consistency, required_replicas, alive_replicas, retry_num
+        )
+
 
 class ClockTimestamps:
     """Client-side write timestamps (microseconds) from the bridge's clock, strictly increasing.
@@ -276,8 +287,10 @@ class CassandraSession:
             # Never sent anywhere: not applied, whatever the statement.
             raise StorageNotSent("cassandra unavailable: no host available") from exc
         except (WriteTimeout, OperationTimedOut, Unavailable) as exc:
-            if lwt and not isinstance(exc, Unavailable):
-                # A conditional write that timed out may still be applied later (CASSANDRA-9328).
+            if lwt:
+                # A conditional write that timed out may still be applied later (CASSANDRA-9328);
+                # one answered Unavailable may have been decided already (Paxos v1 commits an
+                # accepted proposal, and that commit can answer Unavailable).
                 raise UnknownOutcome(f"{type(exc).__name__}: {exc}") from exc
             raise StorageUnavailable(f"cassandra unavailable: {type(exc).__name__}") from exc
         except proto.RequestValidationException:

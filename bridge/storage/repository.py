@@ -50,7 +50,7 @@ from bridge.domain.timeline import (
     shard_of,
 )
 from bridge.storage.cassandra import Row
-from bridge.storage.errors import UnknownOutcome
+from bridge.storage.errors import StorageError, UnknownOutcome
 from bridge.storage.rows import (
     cas_result,
     expiry_entry,
@@ -461,11 +461,19 @@ class CassandraTaskStore:
             # alone, and a first copy landing after it is a known limit (docs/storage.md).
             if not self._in_time():
                 raise
-            if resend:
-                again = cas_result(await attempt())
-                if again.applied:
-                    return again
-            current = await self.lease(q, task_id, serial=True)
+            try:
+                if resend:
+                    again = cas_result(await attempt())
+                    if again.applied:
+                        return again
+                current = await self.lease(q, task_id, serial=True)
+            except UnknownOutcome:
+                raise
+            except StorageError as exc:
+                # The first copy may still have applied: the caller must hear "unknown" (it looks
+                # the lease up later and counts what landed), not "unavailable", which says
+                # nothing landed and left a claim or a completion that applied uncounted.
+                raise UnknownOutcome(f"outcome unknown, and settling it failed: {exc}") from exc
             if current is not None and won(current):
                 return CasResult(applied=True, current=None)
             return CasResult(applied=False, current=current, may_land_late=not resend)

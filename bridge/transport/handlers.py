@@ -243,17 +243,19 @@ class RequestHandlers:
                     in_place = True
                 may_have_landed = may_have_landed or not isinstance(exc, NotSent)
                 if isinstance(exc, NotSent) and not may_have_landed and self._stale(pending):
-                    # Its id (its place in the ready index) would land behind where the dispatchers
-                    # have moved on by now, and no scan would find it. No attempt of it reached
-                    # Cassandra, so the next attempt gets a new id. (Once one timed out, it may
-                    # still land: it keeps its id for good, or the add could become two tasks.)
                     assert pending is not None
-                    replaces = pending.task_id
-                    if pending.due_ms is not None:
-                        # A delayed add whose time came while it was retried: added ready now (a
-                        # new delay from now would hand it out later than asked).
-                        cmd = cmd.model_copy(update={"delay_ms": None, "not_before": None})
-                    pending = None
+                    # Its id (its place in the ready index) would land behind where the dispatchers
+                    # have moved on by now, and no scan would find it: no attempt of it reached
+                    # Cassandra, so the next attempt gets a new id. Unless it was stored after all
+                    # (a driver reports "no host available" for an idempotent write it sent before
+                    # its connection closed): kept then, its retry writes the same rows again and
+                    # finishes the add; or unless that read failed too (decided at the next try).
+                    # A new id then would make the add two tasks. (Once an attempt timed out, it
+                    # may still land: it keeps its id for good, for the same reason.)
+                    landed = await self._landed_after_all(pending)
+                    may_have_landed = bool(landed)
+                    if landed is False:
+                        replaces, cmd, pending = pending.task_id, _ready_now_if_due(pending, cmd), None
                 log.warning("add failed (%s), retrying in %.1fs", exc.message, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -281,6 +283,14 @@ class RequestHandlers:
         self.queue.metrics.inc("adds_deferred")
         log.warning("owner's key-server entry unusable: add moved to the retry lane %s", self.lane.name)
         return True
+
+    async def _landed_after_all(self, pending: PendingAdd) -> bool | None:
+        """Whether an add whose attempts were all reported not sent stored its task after all
+        (None: the read failed too)."""
+        try:
+            return await self.queue.add_stored(pending)
+        except Unavailable:
+            return None
 
     def _stale(self, pending: PendingAdd | None) -> bool:
         """The prepared task's id is older than a write may land behind the dispatchers' cursors.
@@ -443,3 +453,11 @@ class RequestHandlers:
             return await self._rpc(message, method, operation.model, call)
 
         return handle
+
+
+def _ready_now_if_due(pending: PendingAdd, cmd: AddCommand) -> AddCommand:
+    """A delayed add whose time came while it was retried is added ready now (a new delay from
+    now would hand it out later than asked)."""
+    if pending.due_ms is None:
+        return cmd
+    return cmd.model_copy(update={"delay_ms": None, "not_before": None})

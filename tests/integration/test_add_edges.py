@@ -236,3 +236,63 @@ async def test_an_add_whose_write_timed_out_and_landed_is_not_stored_twice(make_
         f"one add with key {key!r} answered {reply['task']['id']} and the queue handed out {handed} "
         f"(the first attempt's task {first_id[0]} landed and was stored again under a new id)"
     )
+
+
+async def test_a_keyless_add_reported_not_sent_after_its_write_landed_is_not_stored_twice(
+    make_bridge, workers, servers, names, monkeypatch
+):
+    """A driver sends an idempotent write to the next node when the connection to the first closes
+    under it, and reports "no host available" (``NotSent``: "certainly not applied") when no node
+    is left, though the first may have applied it. An add with neither a key nor a message-id (many
+    AMQP clients set none) whose prepared id had gone stale then took a new id: its first task was
+    stored, and the second made the add two tasks. Now the add looks whether its task is stored
+    before it takes a new id."""
+    import aiormq
+
+    import bridge.transport.handlers as handlers
+    from bridge.storage.errors import StorageNotSent
+    from bridge.transport import frames
+    from tests.conftest import ENGINE_USER
+
+    monkeypatch.setattr(handlers, "ADD_ID_FRESH_MS", -(10**9))  # every prepared id is stale at once
+    bridge = await make_bridge(hints=False)  # every fetch scans: every stored task is found at once
+    store = bridge.queue.ctx.store
+    real_store_task = store.store_task
+    writes: list[uuid.UUID] = []
+
+    async def store_task(q: Any, task_id: uuid.UUID, *args: Any, **kwargs: Any) -> None:
+        writes.append(task_id)
+        await real_store_task(q, task_id, *args, **kwargs)  # it lands ...
+        if len(writes) == 1:
+            raise StorageNotSent("cassandra unavailable (injected): no host available")  # ... said not sent
+
+    monkeypatch.setattr(store, "store_task", store_task)
+    svc = service_id()
+    # Written frame by frame: every aiormq publish gets a random message-id, which guards a
+    # redelivery and, recorded beside the task, also caught this case.
+    connection = await aiormq.connect(servers.amqp_url(ENGINE_USER))
+    try:
+        channel = await connection.channel(publisher_confirms=False)
+        props = frames.properties(
+            content_type="application/json",
+            headers={IDEMPOTENCY_HEADER: "", "x-owner": OWNERS[0]},
+            delivery_mode=2,
+            user_id=ENGINE_USER,
+        )
+        body = b'{"serviceId": "' + svc.encode() + b'", "value": "once"}'
+        await frames.publish_on(channel, "add", body, props, exchange=names["exchange"])
+        w = await workers(svc, "w")
+        handed: list[str] = []
+
+        async def drained() -> bool:
+            t = await w.fetch()
+            if t is None:
+                return len(handed) > 0 and len(writes) >= 1
+            handed.append(t.id)
+            assert await t.ack("ok") is True
+            return False
+
+        await wait_for(drained, 10, interval=0.1, what="the queue drained")
+        assert len(handed) == 1, f"one add, {len(handed)} tasks handed out: {handed} (written: {writes})"
+    finally:
+        await connection.close()

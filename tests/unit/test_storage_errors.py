@@ -1,0 +1,76 @@
+"""How driver errors become the domain's storage errors: what an outcome is said to be.
+
+Pure logic (a scripted session, no Cassandra): the outcome a caller hears decides whether it
+counts, retries or looks the lease up later, so each mapping is pinned here.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from acsylla import errors as cass
+
+from bridge.domain.errors import MaybeApplied, NotSent
+from bridge.domain.records import QueueKey
+from bridge.storage.acsylla_session import _storage_error
+from bridge.storage.cassandra import NoBlindRetries
+from bridge.storage.errors import StorageNotSent, StorageUnavailable, UnknownOutcome
+from bridge.storage.repository import CassandraTaskStore
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.mark.parametrize("error", [cass.CassErrorServerUnavailable, cass.CassErrorServerOverloaded])
+def test_an_lwt_answered_unavailable_or_overloaded_is_an_unknown_outcome(error: type[Exception]) -> None:
+    """Paxos v1 commits a proposal a quorum accepted; that commit can answer Unavailable (a replica
+    gone meanwhile) or Overloaded (a hint backlog): the compare-and-set may be decided already.
+    Said "not sent", a claim or a cancel that applied was answered unavailable and its retry false."""
+    assert isinstance(_storage_error(error("injected"), lwt=True), UnknownOutcome)
+    # A plain statement answered so was refused before any replica wrote: not sent.
+    assert isinstance(_storage_error(error("injected"), lwt=False), StorageNotSent)
+
+
+def test_the_datastax_driver_does_not_send_an_lwt_again_after_unavailable() -> None:
+    policy = NoBlindRetries()
+
+    class Query:
+        def __init__(self, idempotent: bool) -> None:
+            self.is_idempotent = idempotent
+
+    decision, _ = policy.on_unavailable(Query(False), None, 2, 1, 0)
+    assert decision == policy.RETHROW
+    decision, _ = policy.on_unavailable(Query(True), None, 2, 1, 0)
+    assert decision == policy.RETRY_NEXT_HOST  # the driver's default for a plain statement
+
+
+class _Session:
+    """A session whose SERIAL lease read fails as scripted."""
+
+    def __init__(self, read_error: Exception) -> None:
+        self.read_error = read_error
+
+    async def execute(self, name: str, params: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        raise self.read_error
+
+
+@pytest.mark.parametrize("resend", [True, False])
+@pytest.mark.parametrize("failure", [StorageNotSent("no host"), StorageUnavailable("read timeout")])
+async def test_an_unknown_outcome_whose_settling_fails_stays_unknown(resend: bool, failure: Exception) -> None:
+    """A compare-and-set timed out (unknown), and settling it (the resend, the SERIAL read) failed:
+    the caller heard plain ``unavailable``, which says nothing landed, and never looked the lease up
+    later: a claim or a completion that applied went uncounted."""
+    store = CassandraTaskStore(_Session(failure), lambda: 0, 3600)  # type: ignore[arg-type]
+    sent: list[int] = []
+
+    async def attempt() -> list[dict[str, Any]]:
+        sent.append(1)
+        if len(sent) == 1:
+            raise UnknownOutcome("write timeout (injected)")
+        raise failure
+
+    with pytest.raises(MaybeApplied) as raised:
+        await store._cas(QueueKey("o", "s"), uuid.uuid4(), attempt, lambda lease: True, resend=resend)
+    assert not isinstance(raised.value, NotSent)
+    assert len(sent) == (2 if resend else 1)
