@@ -40,8 +40,6 @@ from bridge.console.history import Counters, MetricsHistory
 from bridge.domain.errors import BadRequest
 from bridge.domain.lifecycle import TaskInfo
 from bridge.domain.models import DiscardRequest, Identifier, ParkedRequest, RedriveRequest, TaskId, parse
-from bridge.domain.queue import MAX_STATS_SERVICES
-from bridge.domain.stats import ServiceStats
 from bridge.gateway.errors import Forbidden, NotFound
 from bridge.gateway.server import KEY, GatewayServer
 from bridge.transport import wire
@@ -125,19 +123,9 @@ class Console:
 
     async def services(self, request: web.Request) -> web.Response:
         owner = self._owner(request)
-        # Not WorkQueue.stats(owner, None): it reads the counts of up to 1,000 services all at once
-        # (thousands of Cassandra reads in one burst, every 2 s per open console). At most
-        # STATS_CONCURRENCY services are read at a time; the same counts, the same order.
-        await self.queue.ctx.keys.current(owner)  # an owner without a key: unknown_owner, as stats says
-        names = await self.queue.ctx.store.services(owner, MAX_STATS_SERVICES)
-        limit = asyncio.Semaphore(STATS_CONCURRENCY)
-
-        async def one(service: str) -> list[ServiceStats]:
-            async with limit:
-                return await self.queue.stats(owner, service)
-
-        found = await asyncio.gather(*(one(s) for s in names))
-        return _json(wire.stats([s for got in found for s in got])["result"])
+        # WorkQueue.stats reads at most STATS_CONCURRENCY services at a time (every 2 s per open
+        # console: all of up to 1,000 at once was thousands of Cassandra reads in one burst).
+        return _json(wire.stats(await self.queue.stats(owner, None))["result"])
 
     async def metrics(self, request: web.Request) -> web.Response:
         self._owner(request)  # a bad X-Owner is refused here too

@@ -44,6 +44,9 @@ IDEMPOTENCY_SETTLE_MS = 30_000
 # The first pause of a redelivered add's wait for its first delivery's write (doubling to 1 s).
 FIRST_COPY_POLL_S = 0.05
 MAX_STATS_SERVICES = 1_000
+# Services whose counts one `stats` of every queue reads at once: each is about ten reads, and up
+# to 1,000 at once was ten thousand requests from one call on the fleet's shared Cassandra.
+STATS_CONCURRENCY = 16
 # Timer-wheel entries due sooner than this are also handled by a timer of the bridge that filed
 # them: the scheduler reads the wheel's marks once a second (``MARKS_REFRESH_MS``).
 SOON_MS = 2_000
@@ -192,6 +195,12 @@ class WorkQueue:
             # The task's life is fixed here, by this bridge's TTL: its rows and its hint carry it.
             payload = replace(payload, expires_at_ms=ms_of(task_id) + ctx.limits.task_ttl_ms)
         return PendingAdd(q, task_id, payload, due, token_json is not None, cmd.priority)
+
+    async def add_stored(self, add: PendingAdd) -> bool:
+        """Whether ``add``'s task row is stored (an attempt reported not sent may have landed: a
+        driver sends an idempotent write to the next node after a connection closed under it, and
+        reports "no host available" when none is left)."""
+        return await self.ctx.store.task_exists(add.q, add.task_id)
 
     async def store_add(
         self,
@@ -432,11 +441,13 @@ class WorkQueue:
         ttl = ctx.limits.task_ttl_ms or DAY_MS * 7
         margin = ctx.limits.skew_margin_ms
         settle = self.dispatcher.settle_ms
-        return list(
-            await asyncio.gather(
-                *(service_stats(ctx.store, QueueKey(owner, s), now, ttl, margin, settle) for s in services)
-            )
-        )
+        limit = asyncio.Semaphore(STATS_CONCURRENCY)
+
+        async def one(name: str) -> ServiceStats:
+            async with limit:
+                return await service_stats(ctx.store, QueueKey(owner, name), now, ttl, margin, settle)
+
+        return list(await asyncio.gather(*(one(s) for s in services)))
 
 
 __all__ = ["Limits", "Metrics", "ResultMessage", "ResultSink", "WorkQueue"]

@@ -538,6 +538,11 @@ async def test_the_console_reads_no_parked_errors_and_reads_service_counts_16_at
             mine = [s["serviceId"] for s in services if s["serviceId"].startswith(prefix)]
             assert mine == sorted(mine) and len(mine) == 60
             assert 1 < most <= 16, f"{most} services' counts read at once"
+            # The contract's `stats` of every queue (AMQP and the gateway) reads them as boundedly.
+            most = 0
+            every = await b.queue.stats(owner, None)
+            assert len([s for s in every if s.service.startswith(prefix)]) == 60
+            assert 1 < most <= 16, f"the stats RPC read {most} services' counts at once"
         finally:
             cql.execute(
                 f"DELETE FROM {servers.keyspace}.services WHERE owner = %s AND service >= %s AND service < %s",
