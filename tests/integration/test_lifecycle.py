@@ -585,7 +585,10 @@ async def test_kill_9_while_tasks_are_delayed_or_parked_loses_none(bridge_proces
     delayed = await engine.call("add", {"serviceId": svc, "value": "d", "delayMs": 4000}, owner=OWNERS[0])
     due = parse_iso(delayed["task"]["notBefore"])
     first.kill()
-    bridge_processes(**env)
+    second = bridge_processes(**env)
+    # Its start (imports, Cassandra, the broker) can take longer than a request's timeout on a
+    # loaded machine: the first fetch is sent once it serves (seen in CI: a fetch timed out).
+    await wait_for(lambda: "bridge started" in second.log_path.read_text(), 60, what="the second bridge serving")
     got = await fetch_until(w, 40)
     assert got["task"]["id"] == delayed["task"]["id"] and time.time() >= due - 0.02
     assert await parked_ids(engine, svc) == [parked_id]
