@@ -13,6 +13,7 @@ Layout rules that every statement in ``statements.py`` follows:
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from typing import TYPE_CHECKING
@@ -25,9 +26,25 @@ if TYPE_CHECKING:
     from bridge.config import Settings
     from bridge.storage.session import CqlSession
 
+log = logging.getLogger("bridge.schema")
+
 SCHEMA_VERSION = 1
 SCHEMA_SETTLE_S = 30.0  # how long a bridge waits for columns another bridge is adding
 LAYOUT_NAME = "queue-bridge"  # the schema_meta row of the layout
+# Tables whose reads pass over their tombstones from a partition's start: `parked` (a row deleted
+# at each redrive, discard or cancel of a parked task) and `cursors` (rows that expire). Cassandra
+# keeps a tombstone gc_grace_seconds (10 days by default): after a mass redrive of some 100,000
+# parked tasks every stats request and parked listing of that queue failed for as long. A day is
+# enough for repairs here, and a row brought back by a replica that missed its delete is harmless
+# (a parked row is checked against its lease and dropped; a cursor row is an older position).
+SHORT_GC_GRACE_S = 86_400
+# Set only over Cassandra's own default: an operator's deliberate value (repairs that run less
+# often than daily need a longer grace) is left alone.
+CASSANDRA_DEFAULTS: dict[str, int] = {"gc_grace_seconds": 864_000}
+TABLE_OPTIONS: dict[str, dict[str, int]] = {
+    "parked": {"gc_grace_seconds": SHORT_GC_GRACE_S},
+    "cursors": {"gc_grace_seconds": SHORT_GC_GRACE_S},
+}
 
 
 class SchemaNotReady(StorageUnavailable):
@@ -55,6 +72,7 @@ def table_cql(keyspace: str, ttl_seconds: int) -> list[str]:
         "'compaction_window_unit': 'HOURS', 'compaction_window_size': 6}"
     )
     ttl = f"default_time_to_live = {ttl_seconds}"
+    short_grace = f"gc_grace_seconds = {SHORT_GC_GRACE_S}"
     ks = keyspace
     return [
         # Fresh tasks (lane 1, payload here) and re-exposed ones (lane 0, pointing at lane 1).
@@ -76,7 +94,7 @@ def table_cql(keyspace: str, ttl_seconds: int) -> list[str]:
         f"""CREATE TABLE IF NOT EXISTS {ks}.cursors (
             owner text, service text, lane tinyint, bucket bigint, seq timeuuid,
             PRIMARY KEY ((owner, service, lane), bucket, seq)
-        ) WITH CLUSTERING ORDER BY (bucket DESC, seq DESC) AND {ttl}""",
+        ) WITH CLUSTERING ORDER BY (bucket DESC, seq DESC) AND {ttl} AND {short_grace}""",
         # Mutable task state. One partition per task; written only by LWT. `epoch` is the fencing
         # token (+1 on every claim); `claim_id` resolves an LWT whose outcome was unknown.
         f"""CREATE TABLE IF NOT EXISTS {ks}.leases (
@@ -148,7 +166,7 @@ def table_cql(keyspace: str, ttl_seconds: int) -> list[str]:
             owner text, service text, task_id timeuuid, epoch int, parked_at timestamp, reason text,
             has_token boolean,
             PRIMARY KEY ((owner, service), task_id)
-        ) WITH {ttl}""",
+        ) WITH {ttl} AND {short_grace}""",
         # 1.4: queue counts for stats, as counters of deltas that bridges flush about once a second.
         # A row per day of the tasks' ids: rows older than the task TTL are not read (their tasks
         # expired, counted or not), so a count never drifts for longer than a TTL and a day. Counter tables
@@ -231,7 +249,7 @@ def printed_cql(keyspace: str, replication: str, ttl_seconds: int) -> list[str]:
         for table, column, cql_type in ADDED_COLUMNS
         if not any(re.search(rf"TABLE IF NOT EXISTS {keyspace}\.{table} \(.*\b{column} ", c, re.S) for c in creates)
     ]
-    return [keyspace_cql(keyspace, replication), *creates, *alters, layout_cql(keyspace)]
+    return [keyspace_cql(keyspace, replication), *creates, *alters, *options_cql(keyspace), layout_cql(keyspace)]
 
 
 def layout_cql(keyspace: str) -> str:
@@ -284,12 +302,14 @@ async def missing_parts(db: CqlSession, keyspace: str) -> list[str]:
     added by later releases (empty: nothing to create). Read from ``system_schema``, which a
     node answers from its own copy of the schema."""
     # The keyspace name is restricted by the settings to [A-Za-z][A-Za-z0-9_]*: nothing a caller controls.
-    tables = {
-        row["table_name"]
+    options = {
+        row["table_name"]: row
         for row in await db.execute_raw(
-            f"SELECT table_name FROM system_schema.tables WHERE keyspace_name = '{keyspace}'"  # nosec B608
+            "SELECT table_name, gc_grace_seconds FROM system_schema.tables "  # nosec B608
+            f"WHERE keyspace_name = '{keyspace}'"
         )
     }
+    tables = set(options)
     columns = {
         (row["table_name"], row["column_name"])
         for row in await db.execute_raw(
@@ -298,7 +318,22 @@ async def missing_parts(db: CqlSession, keyspace: str) -> list[str]:
     }
     missing = [table for table in table_names() if table not in tables]
     missing += [f"{t}.{c}" for t, c, _ in ADDED_COLUMNS if t in tables and (t, c) not in columns]
+    missing += [
+        f"{table} {name} = {value}"
+        for table, wanted in TABLE_OPTIONS.items()
+        if table in tables
+        for name, value in wanted.items()
+        if options[table].get(name) == CASSANDRA_DEFAULTS[name] != value
+    ]
     return missing
+
+
+def options_cql(keyspace: str) -> list[str]:
+    """The table options this release sets on tables made by an earlier one."""
+    return [
+        f"ALTER TABLE {keyspace}.{table} WITH " + " AND ".join(f"{name} = {value}" for name, value in wanted.items())
+        for table, wanted in TABLE_OPTIONS.items()
+    ]
 
 
 def _layout() -> dict[str, int]:
@@ -335,13 +370,19 @@ async def ensure_schema(db: CqlSession, settings: Settings) -> None:
     nodes create it at once (CASSANDRA-10699), so only a fleet's very first start may run a CREATE."""
     keyspace = settings.cassandra_keyspace
     missing = await missing_parts(db, keyspace)
-    if missing and settings.schema_mode == "verify":
-        raise SchemaNotReady(
-            f"keyspace {keyspace} lacks {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}: "
-            "BRIDGE_SCHEMA_MODE=verify, so run `queue-bridge schema` once"
-        )
-    if missing:
+    needed = [part for part in missing if " = " not in part]  # options aside: nothing works without these
+    if settings.schema_mode == "verify":
+        if needed:
+            raise SchemaNotReady(
+                f"keyspace {keyspace} lacks {', '.join(needed[:5])}{' ...' if len(needed) > 5 else ''}: "
+                "BRIDGE_SCHEMA_MODE=verify, so run `queue-bridge schema` once"
+            )
+        if missing:  # the queue works without them: said, not waited for
+            log.warning("keyspace %s lacks the table options %s: run `queue-bridge schema`", keyspace, missing)
+    elif needed:
         await create_schema(db, settings)
+    elif missing:
+        await _set_table_options(db, keyspace)  # only options an earlier release did not set
     if not await check_layout(db, keyspace):
         if settings.schema_mode == "verify":
             raise SchemaNotReady(f"keyspace {keyspace} has no layout record yet: run `queue-bridge schema` once")
@@ -370,4 +411,24 @@ async def create_schema(db: CqlSession, settings: Settings) -> None:
                 if "already exists" not in str(exc):
                     raise
     await _added_columns_live(db)
+    await _set_table_options(db, settings.cassandra_keyspace)
     await db.execute_raw(layout_cql("{ks}"))
+
+
+async def _set_table_options(db: CqlSession, keyspace: str) -> None:
+    """:data:`TABLE_OPTIONS` on tables an earlier release made without them (only where they
+    differ: each ALTER is a schema change the whole cluster agrees on)."""
+    rows = await db.execute_raw(
+        "SELECT table_name, gc_grace_seconds FROM system_schema.tables "  # nosec B608
+        f"WHERE keyspace_name = '{keyspace}'"
+    )
+    current = {row["table_name"]: row for row in rows}
+    for table, wanted in TABLE_OPTIONS.items():
+        differ = {
+            name: value
+            for name, value in wanted.items()
+            if current.get(table, {}).get(name) == CASSANDRA_DEFAULTS[name] != value
+        }
+        if differ:
+            settings_cql = " AND ".join(f"{name} = {value}" for name, value in differ.items())
+            await db.execute_raw(f"ALTER TABLE {{ks}}.{table} WITH {settings_cql}")  # nosec B608

@@ -141,3 +141,44 @@ async def test_a_keyspace_of_another_layout_is_refused(fresh_keyspace) -> None:
     schema = await cli("schema", env=env, limit=60)
     no_traceback(schema)
     assert schema.returncode != 0 and "layout" in schema.stderr
+
+
+async def _gc_grace(db: Any, keyspace: str, table: str) -> int:
+    rows = await db.execute_raw(
+        "SELECT gc_grace_seconds FROM system_schema.tables "
+        f"WHERE keyspace_name = '{keyspace}' AND table_name = '{table}'"
+    )
+    return int(rows[0]["gc_grace_seconds"])
+
+
+async def test_tables_read_past_their_tombstones_keep_them_a_day_not_ten(fresh_keyspace) -> None:
+    """`parked` (a row deleted at each redrive, discard or cancel of a parked task, and every stats
+    request reads the queue's partition from its start) and `cursors` kept their tombstones for
+    Cassandra's default 10 days: after a mass redrive of some 100,000 parked tasks, that queue's
+    stats and parked listing failed (TombstoneOverwhelming) for as long. A keyspace an earlier
+    release made gets the option at the next start, with that one ALTER, and then no DDL."""
+    from bridge.storage.schema import SHORT_GC_GRACE_S, ensure_schema
+
+    env, db = fresh_keyspace
+    keyspace = env["BRIDGE_CASSANDRA_KEYSPACE"]
+    settings = settings_from(env)
+    await ensure_schema(db, settings)
+    for table in ("parked", "cursors"):
+        assert await _gc_grace(db, keyspace, table) == SHORT_GC_GRACE_S
+    assert await _gc_grace(db, keyspace, "leases") == 864_000  # the others keep Cassandra's default
+    # As an earlier release made it:
+    await db.execute_raw("ALTER TABLE {ks}.parked WITH gc_grace_seconds = 864000")
+    db.statements.clear()
+    await ensure_schema(db, settings)
+    assert await _gc_grace(db, keyspace, "parked") == SHORT_GC_GRACE_S
+    ddl = [s for s in db.statements if s.lstrip().upper().startswith(DDL)]
+    assert ddl == ["ALTER TABLE {ks}.parked WITH gc_grace_seconds = 86400"], ddl
+    db.statements.clear()
+    await ensure_schema(db, settings)
+    assert not [s for s in db.statements if s.lstrip().upper().startswith(DDL)]
+    # An operator's own value (repairs run weekly) is left alone.
+    await db.execute_raw("ALTER TABLE {ks}.cursors WITH gc_grace_seconds = 604800")
+    db.statements.clear()
+    await ensure_schema(db, settings)
+    assert await _gc_grace(db, keyspace, "cursors") == 604_800
+    assert not [s for s in db.statements if s.lstrip().upper().startswith(DDL)]
