@@ -66,24 +66,39 @@ WRITE_LATE_MS = 1_000  # how late a write may land after the time it was stamped
 log = logging.getLogger("bridge.app")
 
 
-def build_key_provider(settings: Settings) -> KeyProvider:
+def build_key_provider(settings: Settings, *, clock: Callable[[], float] = time.monotonic) -> KeyProvider:
     """The bridge's key source; a missing or unreadable one is a :class:`ConfigError` naming its
-    variable (the CLI's clients need none, so the settings alone do not require one)."""
-    upstream: KeyProvider
+    variable (the CLI's clients need none, so the settings alone do not require one). ``clock``
+    (monotonic seconds) times the key-ring's change checks and the cache's ages (tests)."""
+
+    def cached(upstream: KeyProvider, revalidate: Callable[[], object] | None = None) -> CachingKeyProvider:
+        return CachingKeyProvider(
+            upstream,
+            max_entries=settings.key_cache_size,
+            max_age=settings.key_cache_seconds,
+            clock=clock,
+            revalidate=revalidate,
+        )
+
     if settings.key_server_url:
         token = settings.key_server_token.get_secret_value() if settings.key_server_token else None
         try:
-            upstream = HttpKeyProvider(settings.key_server_url, token=token, timeout=settings.key_server_timeout)
+            server = HttpKeyProvider(settings.key_server_url, token=token, timeout=settings.key_server_timeout)
         except ValueError as exc:
             raise ConfigError(f"BRIDGE_KEY_SERVER_URL: {exc}") from None
-    elif settings.keyring is not None:
-        try:
-            upstream = KeyringFileProvider(settings.keyring)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"BRIDGE_KEYRING: cannot use {settings.keyring}: {exc}") from None
-    else:
+        return cached(server)
+    if settings.keyring is None:
         raise ConfigError("no key source: set BRIDGE_KEYRING or BRIDGE_KEY_SERVER_URL")
-    return CachingKeyProvider(upstream, max_entries=settings.key_cache_size, max_age=settings.key_cache_seconds)
+    try:
+        ring = KeyringFileProvider(settings.keyring, clock=clock)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"BRIDGE_KEYRING: cannot use {settings.keyring}: {exc}") from None
+    # The file is checked on every lookup (a stat at most once a second), hits included, and a
+    # changed file empties the cache: a key rotated out (it leaked) stops sealing new tasks and a
+    # removed key stops opening them at once, not key_cache_seconds (5 minutes) later.
+    cache = cached(ring, ring.maybe_reload)
+    ring.on_reload(cache.invalidate)
+    return cache
 
 
 class Bridge:

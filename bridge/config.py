@@ -364,8 +364,10 @@ class Settings(BaseSettings):
         out: dict[str, Any] = {}
         for name in type(self).model_fields:
             value = getattr(self, name)
-            if isinstance(value, SecretStr):
-                shown: Any = "**********"
+            if name == "amqp_url":
+                shown: Any = _shown_amqp_url(value.get_secret_value())
+            elif isinstance(value, SecretStr):
+                shown = "**********"
             elif name == "key_server_url" and value:
                 shown = without_password(value)  # basic-auth credentials can read every key
             elif isinstance(value, Path):
@@ -376,6 +378,15 @@ class Settings(BaseSettings):
                 shown = value
             out[ENV_PREFIX + name.upper()] = shown
         return out
+
+
+def _shown_amqp_url(url: str) -> str:
+    """The RabbitMQ URL with only its password masked: the operator checking which broker, vhost
+    and user a bridge uses saw nothing but stars."""
+    try:
+        return without_password(url)
+    except ValueError:  # a port that is no number: nothing of it can be shown safely
+        return "**********"
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -60,13 +59,13 @@ def gateway_key(
 
 
 def _write(path: Path, doc: list[Any]) -> None:
-    """Replace the file at once (a bridge re-reading it sees the old or the new list, never half)."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Replace the file at once (a bridge re-reading it sees the old or the new list, never half),
+    as the key-ring is: a fresh temporary name (a fixed ``.tmp`` left over by a crashed run kept
+    its old mode through O_TRUNC), the old file's mode and owner (the bridge must keep reading
+    it), a symlink's target, fsynced."""
+    from bridge.crypto.keyring_file import replace_file
+
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
+        replace_file(path, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
     except OSError as exc:
         fail(f"cannot write {path}: {exc.strerror or exc}")

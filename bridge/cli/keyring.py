@@ -1,43 +1,128 @@
 """``keyring generate|rotate``: the one key-ring command line (file format in
-:mod:`bridge.crypto.keyring_file`)."""
+:mod:`bridge.crypto.keyring_file`).
+
+Both write the file durably, keep the version they replace as ``<name>.bak`` and keep its mode
+and owner (:func:`bridge.crypto.keyring_file.replace_file`); both hold an exclusive lock on
+``<name>.lock`` beside the key-ring while they read and write it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from bridge.cli.base import fail, keyring_app
 
 
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<name>.lock`` beside the key-ring (its symlink's target).
+
+    Two rotations at once each read the file, add their key and write it back: the second write
+    dropped the first one's key, and whatever was sealed with it became unreadable. The lock is a
+    file of its own (the key-ring is replaced by a rename, so a lock on it would be on the old
+    inode); it is never removed (removing it would let a third process lock a new inode while a
+    second still holds the old one)."""
+    target = Path(os.path.realpath(path))
+    lock_path = target.with_name(target.name + ".lock")
+    try:
+        # Read-only is enough for flock, so a lock file another user created stays usable; it
+        # holds nothing, hence readable by all.
+        fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT, 0o644)
+    except OSError as exc:
+        fail(f"cannot open the lock file {lock_path}: {exc.strerror or exc}")
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            typer.echo(f"waiting for the lock on {lock_path} (another keyring command is running)", err=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _read_doc(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc.strerror or exc}")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        fail(f"{path} is not valid JSON ({type(exc).__name__})")
+
+
+def _refuse_to_destroy(path: Path) -> None:
+    """Fail if ``path`` holds a key-ring (or cannot be read to tell): --force is for a file that
+    is not one. Replacing a live key-ring loses every key in it for good, and every task sealed
+    with them with it."""
+    from bridge.crypto.keyring_file import parse_keyring
+
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        fail(
+            f"cannot read {path} to check that it is not a live key-ring ({exc.strerror or exc}); "
+            "add --destroy-existing-keys to replace it anyway"
+        )
+    try:
+        ring = parse_keyring(json.loads(raw), source=str(path))
+    except (UnicodeDecodeError, ValueError):  # JSONDecodeError is a ValueError
+        return  # not a key-ring: --force replaces it
+    keys = sum(len(owner.keys) for owner in ring.values())
+    fail(
+        f"{path} is a key-ring with {len(ring)} owner(s) and {keys} key(s): replacing it loses them for "
+        "good, and every task sealed with them becomes unreadable. Rotate instead (keyring rotate), or add "
+        "--destroy-existing-keys to replace it anyway (the old file is kept as .bak)"
+    )
+
+
 @keyring_app.command("generate")
 def keyring_generate(
     path: Annotated[Path, typer.Argument(metavar="PATH", help="The key-ring file to write.")],
     owners: Annotated[list[str], typer.Option("--owner", help="An owner to create a key for (repeatable).")],
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file that is not a key-ring.")] = False,
+    destroy: Annotated[
+        bool,
+        typer.Option(
+            "--destroy-existing-keys",
+            help="Overwrite an existing key-ring: its keys are lost, and the tasks sealed with them "
+            "(the old file is kept as PATH.bak).",
+        ),
+    ] = False,
 ) -> None:
-    """Write a new key-ring with one fresh key per owner (file mode 0600)."""
+    """Write a new key-ring with one fresh key per owner (a new file gets mode 0600)."""
     from bridge.crypto import generate_keyring, write_keyring
 
-    if path.exists() and not force:
-        fail(f"{path} exists; use --force to overwrite it")
     try:
         doc = generate_keyring(owners)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--owner") from None
-    try:
-        write_keyring(path, doc)
-    except OSError as exc:
-        fail(f"cannot write {path}: {exc.strerror or exc}")
+    with _locked(path):
+        if path.exists() and not (force or destroy):
+            fail(f"{path} exists; use --force to overwrite it")
+        if path.exists() and not destroy:
+            _refuse_to_destroy(path)
+        try:
+            write_keyring(path, doc)
+        except OSError as exc:
+            fail(f"cannot write {path}: {exc.strerror or exc}")
     typer.echo(f"wrote {path} with owners: {', '.join(owners)}")
 
 
 @keyring_app.command("rotate")
 def keyring_rotate(
     path: Annotated[Path, typer.Argument(metavar="PATH", help="The key-ring file to update in place.")],
-    owner: Annotated[str, typer.Option("--owner", help="The owner that gets a new current key (created if new).")],
+    owner: Annotated[str, typer.Option("--owner", help="The owner that gets a new current key.")],
+    create: Annotated[
+        bool, typer.Option("--create", help="Add the owner if the key-ring has none of that name.")
+    ] = False,
 ) -> None:
     """Add a new current key for an owner; old keys are kept so existing tasks stay readable."""
     from bridge.crypto import rotate_keyring, write_keyring
@@ -45,21 +130,22 @@ def keyring_rotate(
 
     if not owner:
         raise typer.BadParameter("must not be empty", param_hint="--owner")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        fail(f"cannot read {path}: {exc.strerror or exc}")
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        fail(f"{path} is not valid JSON ({type(exc).__name__})")
-    try:
-        parse_keyring(doc, source=str(path))
-    except ValueError as exc:
-        fail(f"not a valid key-ring: {exc}")
-    existed = owner in doc["owners"]
-    key_id = rotate_keyring(doc, owner)
-    try:
-        write_keyring(path, doc)
-    except OSError as exc:
-        fail(f"cannot write {path}: {exc.strerror or exc}")
+    with _locked(path):
+        doc = _read_doc(path)
+        try:
+            parse_keyring(doc, source=str(path))
+        except ValueError as exc:
+            fail(f"not a valid key-ring: {exc}")
+        existed = owner in doc["owners"]
+        if not existed and not create:
+            # A typo in --owner made a new owner with a key nobody uses, and left the owner meant
+            # on the key the operator wanted gone.
+            known = ", ".join(sorted(doc["owners"])) or "none"
+            fail(f"{path} has no owner {owner!r} (owners: {known}); add --create to add it")
+        key_id = rotate_keyring(doc, owner)
+        try:
+            write_keyring(path, doc)
+        except OSError as exc:
+            fail(f"cannot write {path}: {exc.strerror or exc}")
     what = "new current key" if existed else "added with key"
     typer.echo(f"owner {owner!r}: {what} {key_id}")

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -35,6 +36,27 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 C = TypeVar("C", bound="RpcClient")
+
+# How long the bridge may take per task of a request that changes tasks one compare-and-set (a
+# Cassandra LWT, several round trips) at a time: the reply is awaited --timeout plus this much per
+# task it may touch, as a redrive's is by its pace. Generous on purpose: waiting longer costs only
+# the wait when no bridge answers, while a wait too short reported "no reply" (exit 1) for a purge
+# the bridge went on with.
+PURGE_MAX = 20_000  # ready tasks one purge request looks at (bridge.domain.lifecycle.PURGE_MAX)
+PURGE_SECONDS_PER_TASK = 0.01  # a lease read (shared by 50), a compare-and-set, a mark
+DISCARD_SECONDS_PER_TASK = 0.02  # a lease read, a compare-and-set and a delete, one id after another
+REDRIVE_ALL_MAX = 1_000  # parked tasks one ``redrive all`` request puts back (bridge.domain.lifecycle)
+
+
+@dataclass
+class _Done:
+    """What the answered requests of a multi-request command did so far (reported with a failure
+    of a later one: those tasks stay purged or redriven, and the operator needs the count)."""
+
+    what: str
+    count: int = 0
+    requests: int = 0
+
 
 ServiceArgument = Annotated[str, typer.Argument(metavar="SERVICE", help="The queue's serviceId.")]
 OwnerOption = Annotated[
@@ -74,8 +96,9 @@ def _check_named(task_id: str | None, epoch: int | None, held: bool) -> None:
         )
 
 
-async def _with_client(client: C, timeout: float, use: Callable[[C], Awaitable[T]]) -> T:
-    """Open an RPC client, run ``use`` with it, close it; map failures to :class:`Failure`."""
+async def _with_client(client: C, timeout: float, use: Callable[[C], Awaitable[T]], *, changes: bool = False) -> T:
+    """Open an RPC client, run ``use`` with it, close it; map failures to :class:`Failure`.
+    ``changes``: the request changes tasks and may take long (purge, discard, redrive)."""
     from aiormq.exceptions import AMQPError
 
     from bridge.client.errors import BridgeClientError, BrokerRefused, ConnectionLost, RequestTimeout
@@ -94,6 +117,13 @@ async def _with_client(client: C, timeout: float, use: Callable[[C], Awaitable[T
         except RequestTimeout as exc:
             # The real wait: a redrive's reply is awaited --timeout plus the time its pace takes.
             waited = exc.waited_s if exc.waited_s is not None else timeout
+            if changes:
+                # The bridge may have taken the request and still be at it: "is a bridge
+                # consuming?" sent the operator looking for a problem while tasks were purged.
+                raise Failure(
+                    f"no answer within {waited:g}s: the outcome is unknown, the bridge may still be working; "
+                    "run it again to continue"
+                ) from None
             raise Failure(
                 f"no reply from the bridge within {waited:g}s (is a bridge consuming exchange "
                 f"{client.exchange_name!r} on {where}?)"
@@ -111,11 +141,15 @@ async def _with_client(client: C, timeout: float, use: Callable[[C], Awaitable[T
             await client.close()
 
 
-def _run_client(client: C, timeout: float, use: Callable[[C], Awaitable[T]]) -> T:
+def _run_client(
+    client: C, timeout: float, use: Callable[[C], Awaitable[T]], *, changes: bool = False, done: _Done | None = None
+) -> T:
     quiet_driver_logs()
     try:
-        result: T = run_async(_with_client(client, timeout, use))
+        result: T = run_async(_with_client(client, timeout, use, changes=changes))
     except Failure as exc:
+        if done is not None and done.requests:
+            fail(f"{exc} ({done.count} {done.what} by the {done.requests} request(s) answered before it)")
         fail(str(exc))
     return result
 
@@ -183,19 +217,56 @@ def _not_before(text: str | None, delay_ms: int | None) -> str | None:
         raise typer.BadParameter(str(exc), param_hint="--not-before") from None
 
 
-def _engine_call(owner: str | None, amqp_url: str | None, timeout: float, use: Callable[[Engine], Awaitable[T]]) -> T:
-    """Run ``use`` with an Engine of the configured exchange (``x-owner`` = ``owner`` if given)."""
+def _engine_call(
+    owner: str | None,
+    amqp_url: str | None,
+    timeout: float,
+    use: Callable[[Engine], Awaitable[T]],
+    *,
+    changing: str | None = None,
+    done: _Done | None = None,
+) -> T:
+    """Run ``use`` with an Engine of the configured exchange (``x-owner`` = ``owner`` if given).
+    ``changing``: what a destructive request is about to do, printed on stderr with its target
+    before it is sent (a wrong BRIDGE_AMQP_URL or --owner shows before tasks are gone, not after)."""
     settings = settings_or_exit()
     from bridge.client.rpc import Engine
 
-    engine = Engine(
-        amqp_url_of(settings, amqp_url),
-        owner=owner,
-        exchange=settings.exchange,
-        timeout=timeout,
-        hosts=() if amqp_url else settings.amqp_hosts,  # BRIDGE_AMQP_HOSTS go with BRIDGE_AMQP_URL
+    url = amqp_url_of(settings, amqp_url)
+    hosts = () if amqp_url else settings.amqp_hosts  # BRIDGE_AMQP_HOSTS go with BRIDGE_AMQP_URL
+    engine = Engine(url, owner=owner, exchange=settings.exchange, timeout=timeout, hosts=hosts)
+    if changing is not None:
+        typer.echo(f"{changing} {_target(url, hosts, owner, settings.exchange)}", err=True)
+    return _run_client(engine, timeout, use, changes=changing is not None or done is not None, done=done)
+
+
+def _target(url: str, hosts: Sequence[str], owner: str | None, exchange: str) -> str:
+    """Where a request goes and for whom: broker host(s), vhost, user, owner, exchange."""
+    from bridge.transport.permissions import amqp_user, amqp_vhost
+
+    where = ",".join(hosts) if hosts else _host_port(url)
+    whose = f"owner {owner!r}" if owner else f"the user's own queues ({amqp_user(url)!r})"
+    return (
+        f"on RabbitMQ {where} vhost {amqp_vhost(url)!r} as user {amqp_user(url)!r}, {whose}, "
+        f"bridge exchange {exchange!r}"
     )
-    return _run_client(engine, timeout, use)
+
+
+def _host_port(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        return f"{parts.hostname}:{parts.port or (5671 if parts.scheme == 'amqps' else 5672)}"
+    except ValueError:
+        return "<unparsable URL>"
+
+
+async def _call(engine: Engine, method: str, body: dict[str, Any], wait_s: float = 0.0) -> Any:
+    """One request's ``result`` (errors raised as the client raises them), awaited ``wait_s``
+    longer than --timeout. Here rather than the client's looping methods: a command sending
+    several requests reports what the answered ones did when a later one fails."""
+    return (await engine.call(method, body, owner=engine.owner, wait_s=wait_s))["result"]
 
 
 def _worker_call(
@@ -379,10 +450,21 @@ def purge(
             f"purge cancels every ready task of {service!r} for good: add --yes to do it", param_hint="--yes"
         )
 
-    async def use(engine: Engine) -> int:
-        return await engine.purge(service)
+    done = _Done("purged")
 
-    typer.echo(json.dumps({"purged": _engine_call(owner, amqp_url, timeout, use)}))
+    async def use(engine: Engine) -> int:
+        # As Engine.purge: sent again while the reply says ``more`` and the round cancelled
+        # something (a round that cancels nothing would look at the same entries again).
+        while True:
+            result = await _call(engine, "purge", {"serviceId": service}, PURGE_MAX * PURGE_SECONDS_PER_TASK)
+            now = int(result["purged"])
+            done.count += now
+            done.requests += 1
+            if not result.get("more") or not now:
+                return done.count
+
+    what = f"purge: cancelling every ready task of service {service!r}"
+    typer.echo(json.dumps({"purged": _engine_call(owner, amqp_url, timeout, use, changing=what, done=done)}))
 
 
 def _stats_doc(s: ServiceStats) -> dict[str, object]:
@@ -482,12 +564,35 @@ def redrive(
     # would be reported as no reply).
     rate = settings_or_exit().redrive_rate
 
+    done = _Done("redriven")
+
     async def use(engine: Engine) -> int:
         if all_parked:
-            return await engine.redrive(service, all=True, redrive_rate=rate)
+            return await _redrive_all(engine, service, rate, done)
         return await engine.redrive(service, list(task_ids or ()), redrive_rate=rate)
 
-    typer.echo(json.dumps({"redriven": _engine_call(owner, amqp_url, timeout, use)}))
+    what = f"redrive --all: putting back every parked task of service {service!r}" if all_parked else None
+    redriven = _engine_call(owner, amqp_url, timeout, use, changing=what, done=done if all_parked else None)
+    typer.echo(json.dumps({"redriven": redriven}))
+
+
+async def _redrive_all(engine: Engine, service: str, rate: float, done: _Done) -> int:
+    """As Engine.redrive(all=True), counting each answered round into ``done``: the first reply's
+    bound (``parkedBefore``, the bridge's clock) and each reply's ``after`` are sent back until a
+    reply has no ``after``; a bridge before contract 1.9 is asked until it answers 0."""
+    body: dict[str, Any] = {"serviceId": service, "all": True}
+    while True:
+        result = await _call(engine, "redrive", body, REDRIVE_ALL_MAX / rate)
+        now = int(result["redriven"])
+        done.count += now
+        done.requests += 1
+        if "parkedBefore" not in result:
+            if not now:
+                return done.count
+            continue
+        if "after" not in result:
+            return done.count
+        body = {**body, "parkedBefore": result["parkedBefore"], "after": result["after"]}
 
 
 @app.command()
@@ -501,6 +606,8 @@ def discard(
     """Drop parked tasks for good (only parked ones); print {"discarded": n}."""
 
     async def use(engine: Engine) -> int:
-        return await engine.discard(service, task_ids)
+        body = {"serviceId": service, "taskIds": list(task_ids)}
+        return int((await _call(engine, "discard", body, len(task_ids) * DISCARD_SECONDS_PER_TASK))["discarded"])
 
-    typer.echo(json.dumps({"discarded": _engine_call(owner, amqp_url, timeout, use)}))
+    what = f"discard: dropping {len(task_ids)} parked task(s) of service {service!r} for good"
+    typer.echo(json.dumps({"discarded": _engine_call(owner, amqp_url, timeout, use, changing=what)}))

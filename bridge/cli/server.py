@@ -64,14 +64,19 @@ def permissions(
         list[str] | None, typer.Option(help="An engine user (repeatable; default: BRIDGE_TRUSTED_USERS).")
     ] = None,
     worker: Annotated[list[str] | None, typer.Option(help="A worker user (repeatable).")] = None,
-    vhost: Annotated[str, typer.Option(help="The virtual host.")] = "/",
+    vhost: Annotated[
+        str | None, typer.Option(help="The virtual host (default: BRIDGE_AMQP_URL's).", show_default=False)
+    ] = None,
 ) -> None:
     """Print the rabbitmqctl lines that give each user the narrowest permissions that work."""
-    from bridge.transport.permissions import amqp_user, role_permissions
+    from bridge.transport.permissions import amqp_user, amqp_vhost, role_permissions
 
     s = settings_or_exit()
     roles = role_permissions(s.exchange, s.results_exchange, s.queue_prefix, s.results_queue)
-    users = {"bridge": [bridge_user or amqp_user(s.amqp_url.get_secret_value())]}
+    url = s.amqp_url.get_secret_value()
+    # The bridge's own vhost: "/" for a bridge on another one granted its users nothing it uses.
+    vhost = amqp_vhost(url) if vhost is None else vhost
+    users = {"bridge": [bridge_user or amqp_user(url)]}
     users["engine"] = engine or list(s.trusted_users)
     users["worker"] = worker or ["<worker-user>"]
     for role, names in users.items():

@@ -14,7 +14,7 @@ that fails keeps the previous keyring and logs a warning; it is retried when the
 Make and rotate key-rings with the command line (:mod:`bridge.cli.keyring`)::
 
     queue-bridge keyring generate keys.json --owner tenant-a --owner tenant-b [--force]
-    queue-bridge keyring rotate keys.json --owner tenant-a
+    queue-bridge keyring rotate keys.json --owner tenant-a [--create]
 
 or in code with :func:`generate_keyring`, :func:`rotate_keyring` and :func:`write_keyring`.
 """
@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import json
 import logging
 import os
 import secrets
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -43,6 +45,7 @@ __all__ = [
     "load_keyring",
     "new_key_id",
     "parse_keyring",
+    "replace_file",
     "rotate_keyring",
     "write_keyring",
 ]
@@ -98,20 +101,77 @@ def rotate_keyring(doc: dict[str, Any], owner: str) -> str:
     return key_id
 
 
-def write_keyring(path: Path, doc: Mapping[str, Any]) -> None:
-    """Validate ``doc`` and write it atomically (temp file + rename) with mode 0600."""
+def write_keyring(path: Path, doc: Mapping[str, Any], *, backup: bool = True) -> None:
+    """Validate ``doc`` and replace the file with it durably (see :func:`replace_file`); the
+    version it replaces is kept as ``<name>.bak`` unless ``backup`` is false."""
     parse_keyring(doc, source=str(path))
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
+    replace_file(Path(path), text.encode("utf-8"), backup=backup)
+
+
+def replace_file(path: Path, data: bytes, *, backup: bool = False, mode: int = 0o600) -> Path:
+    """Replace the file at ``path`` with ``data`` at once and durably; return the file written.
+
+    * A symlink is followed and its target replaced: replacing the link with a plain file would
+      leave whatever else reads the target (a mounted secret, another path) on the old version.
+    * The new file gets the old one's mode, and its owner and group when running as root (else
+      its group, if the caller is a member): written 0600 by whoever ran the command, it was
+      unreadable to the bridge's own user, which kept the old keys and then could not start.
+      A new file gets ``mode``. The temporary file is never readable by others while written.
+    * The data is fsynced before the rename and the directory after it: without that a power
+      loss could leave the renamed file empty (the rename reached the disk, the data had not).
+    * ``backup``: the previous version is kept as ``<name>.bak``, same mode and owner, written
+      the same way (a bad edit, or a disk that lost the new version, still has the old keys).
+    """
+    target = Path(os.path.realpath(path))
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
+        old: os.stat_result | None = target.stat()
+    except FileNotFoundError:
+        old = None
+    if backup and old is not None:
+        _write_new(target.with_name(target.name + ".bak"), target.read_bytes(), old, mode)
+    _write_new(target, data, old, mode)
+    _fsync_dir(target.parent)
+    return target
+
+
+def _write_new(target: Path, data: bytes, like: os.stat_result | None, mode: int) -> None:
+    """Write ``data`` to a fresh temporary file beside ``target`` (mode and owner of ``like``),
+    fsync it and rename it over ``target``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            _same_owner(fh.fileno(), like)
+            os.fchmod(fh.fileno(), stat.S_IMODE(like.st_mode) if like is not None else mode)
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _same_owner(fd: int, like: os.stat_result | None) -> None:
+    # Before the mode: chown clears set-id bits, and a key-ring has none to keep anyway.
+    if like is None:
+        return
+    if os.geteuid() == 0:
+        os.fchown(fd, like.st_uid, like.st_gid)
+    elif like.st_gid != os.getegid() and like.st_gid in os.getgroups():
+        os.fchown(fd, -1, like.st_gid)  # a bridge reading through its group keeps reading
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # Some file systems cannot fsync a directory; the file itself is on disk by now.
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
 
 
 def parse_keyring(doc: object, *, source: str = "keyring") -> dict[str, _OwnerRing]:
@@ -204,6 +264,7 @@ class KeyringFileProvider:
         self._signature: _Signature | None = signature
         self._unreadable: _Signature | None = None  # a version of the file that could not be read
         self._last_check = clock()
+        self._listeners: list[Callable[[], None]] = []
         self.reloads = 0
         self.failed_reloads = 0
 
@@ -238,6 +299,12 @@ class KeyringFileProvider:
             return self._ring[owner]
         except KeyError:
             raise UnknownOwner(f"no keys for owner {owner!r}") from None
+
+    def on_reload(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after every reload that changed the keyring (a cache in front of this
+        provider forgets what it holds: a key rotated out because it leaked must stop sealing at
+        once, not when the cache's entries expire)."""
+        self._listeners.append(listener)
 
     def maybe_reload(self, *, force: bool = False) -> bool:
         """Reload the file if it changed (rate-limited unless ``force``); True if reloaded."""
@@ -277,4 +344,6 @@ class KeyringFileProvider:
         self._ring = ring
         self.reloads += 1
         log.info("keyring %s reloaded (%d owners)", self._path, len(ring))
+        for listener in self._listeners:
+            listener()
         return True

@@ -96,6 +96,10 @@ class CachingKeyProvider:
       ``coalesced`` (answered by joining another caller's upstream call).
     * Rotation: a rotated current key is picked up after at most ``max_age`` seconds, or at once
       after :meth:`invalidate`.
+    * ``revalidate``, if given, is called before every lookup, hits included: an upstream that can
+      tell cheaply whether its keys changed (the key-ring file: a rate-limited ``stat``) checks
+      there and invalidates this cache when they did. Without it a hot owner's keys were served
+      from the cache and the file was never looked at until they expired.
     """
 
     def __init__(
@@ -105,6 +109,7 @@ class CachingKeyProvider:
         max_entries: int = 1024,
         max_age: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
+        revalidate: Callable[[], object] | None = None,
     ) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be >= 1")
@@ -114,6 +119,7 @@ class CachingKeyProvider:
         self._max_entries = max_entries
         self._max_age = max_age
         self._clock = clock
+        self._revalidate = revalidate
         self._entries: OrderedDict[_CacheKey, tuple[OwnerKey, float]] = OrderedDict()
         self._flights: dict[_CacheKey, _Flight] = {}
         self._generation = 0
@@ -169,6 +175,8 @@ class CachingKeyProvider:
             self._entries.popitem(last=False)
 
     async def _get(self, slot: _CacheKey, fetch: Callable[[], Awaitable[OwnerKey]]) -> OwnerKey:
+        if self._revalidate is not None:
+            self._revalidate()
         while True:
             key = self._lookup(slot)
             if key is not None:

@@ -18,6 +18,7 @@ bind from an exchange).
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass
 from urllib.parse import unquote, urlparse
 
@@ -31,7 +32,10 @@ class Permission:
     read: str
 
     def rabbitmqctl(self, user: str, vhost: str = "/") -> str:
-        return f"rabbitmqctl set_permissions -p {vhost} {user} '{self.configure}' '{self.write}' '{self.read}'"
+        # Every argument quoted for the shell: a user or vhost name is the operator's (or the
+        # URL's) text, and one with a space, a quote or a ';' made a line that set the wrong
+        # permissions or ran something else when pasted.
+        return shlex.join(["rabbitmqctl", "set_permissions", "-p", vhost, user, self.configure, self.write, self.read])
 
 
 def bridge_names(exchange: str, results_exchange: str, queue_prefix: str, results_queue: str | None) -> list[str]:
@@ -64,10 +68,15 @@ def role_permissions(
     exchange: str, results_exchange: str, queue_prefix: str, results_queue: str | None
 ) -> dict[str, Permission]:
     own = bridge_names(exchange, results_exchange, queue_prefix, results_queue)
+    # The results queue is the engine's: the bridge declares it and binds it to the results
+    # exchange (configure, write on the queue, read on the exchange), and never consumes it. Read
+    # on it would let the bridge's user take the engine's results; it stays only when the queue
+    # shares its name with something the bridge reads (the results exchange, by default).
+    readable = bridge_names(exchange, results_exchange, queue_prefix, None)
     hints = hint_queues(queue_prefix)
     return {
         "bridge": Permission(
-            _exactly(own, (hints,)), _exactly([*own, "amq.default"], (hints,)), _exactly(own, (hints,))
+            _exactly(own, (hints,)), _exactly([*own, "amq.default"], (hints,)), _exactly(readable, (hints,))
         ),
         "engine": Permission(NOTHING, _exactly([exchange]), _exactly([results_queue]) if results_queue else NOTHING),
         "worker": Permission(NOTHING, _exactly([exchange]), NOTHING),
@@ -77,3 +86,11 @@ def role_permissions(
 def amqp_user(url: str) -> str:
     """The user of an AMQP URL (RabbitMQ's default ``guest`` when none is given)."""
     return unquote(urlparse(url).username or "guest")
+
+
+def amqp_vhost(url: str) -> str:
+    """The virtual host of an AMQP URL: its path without the leading slash, percent-decoded
+    (``/%2F`` is ``/``, ``/prod`` is ``prod``); ``/`` when the path is empty, as the clients
+    the bridge uses read it."""
+    path = urlparse(url).path
+    return unquote(path[1:]) if len(path) > 1 else "/"

@@ -223,3 +223,48 @@ async def test_a_bridge_whose_user_may_not_declare_the_add_retry_lane_still_star
             await b.stop()
     finally:
         await asyncio.to_thread(rabbitmqctl, "delete_user", user)
+
+
+async def test_a_bridge_granted_what_permissions_prints_binds_a_results_queue_of_its_own_name_it_cannot_read(
+    bridge_env, servers, names
+):
+    """The results queue is the engine's: the bridge declares it and binds it to the results
+    exchange, and never consumes it. `queue-bridge permissions` granted the bridge read on it when
+    it had a name of its own (not the results exchange's): the bridge's user could take the
+    engine's results. Granted exactly what it prints now, the bridge starts (declare and bind
+    work) and the broker refuses it the queue."""
+    import subprocess
+    import uuid
+
+    from bridge.app import Bridge
+    from bridge.transport.permissions import role_permissions
+    from tests.conftest import settings_from
+
+    def rabbitmqctl(*args: str) -> str:
+        return subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, check=True).stdout
+
+    results_queue = f"{names['queue_prefix']}.engine-results"
+    role = role_permissions(names["exchange"], names["results_exchange"], names["queue_prefix"], results_queue)
+    user = f"qb-printed-perms-{uuid.uuid4().hex[:6]}"
+    await asyncio.to_thread(rabbitmqctl, "add_user", user, user)
+    try:
+        await asyncio.to_thread(
+            rabbitmqctl, "set_permissions", "-p", "/", user, role["bridge"].configure, role["bridge"].write,
+            role["bridge"].read,
+        )  # fmt: skip
+        b = Bridge(settings_from(bridge_env, amqp_url=servers.amqp_url(user), results_queue=results_queue))
+        await b.start()
+        try:
+            assert b.transport.is_ready()
+        finally:
+            await b.stop()
+        assert await refused(servers.amqp_url(user), consume(results_queue)), "the bridge's user read the results"
+        assert await refused(servers.amqp_url(user), consume(f"{names['queue_prefix']}.fetch")) is False
+    finally:
+        await asyncio.to_thread(rabbitmqctl, "delete_user", user)
+        guest = await aio_pika.connect(servers.amqp_url("guest"))
+        try:
+            ch = await guest.channel()
+            await ch.queue_delete(results_queue)
+        finally:
+            await guest.close()

@@ -272,3 +272,28 @@ async def test_schema_print_gives_the_schema_the_bridge_needs(bridge_env, cql):
         assert not undefined, "\n".join(undefined)
     finally:
         cql.execute(f"DROP KEYSPACE IF EXISTS {ks}", timeout=120)
+
+
+@pytest.mark.timeout(120)
+async def test_purge_says_where_it_acts_and_purges_the_queue_through_the_bridge(
+    bridge: Any, bridge_env: dict[str, str], servers: Servers, names: dict[str, str]
+) -> None:
+    """``purge`` names its target on stderr before acting (broker, vhost, user, owner, service),
+    sends its rounds itself (to report what earlier ones did if a later one fails) and waits for
+    a round as long as its 20,000 tasks may take, not the bare --timeout."""
+    svc = service_id()
+    n = 300
+    engine_url = servers.amqp_url(ENGINE_USER)
+    async with Engine(engine_url, owner=OWNER, exchange=names["exchange"]) as engine:
+        for i in range(n):
+            assert await engine.add(svc, {"n": i}) is not None  # stored once answered
+        proc = await cli(
+            "purge", svc, "--yes", "--owner", OWNER, "--amqp-url", engine_url, env=bridge_env, limit=90,
+        )  # fmt: skip
+        assert json.loads(ok(proc)) == {"purged": n}
+        line = proc.stderr.strip()
+        assert line.startswith(f"purge: cancelling every ready task of service {svc!r} on RabbitMQ "), line
+        assert f"as user {ENGINE_USER!r}, owner {OWNER!r}" in line and f"bridge exchange {names['exchange']!r}" in line
+        assert "vhost '/'" in line
+    async with Worker(servers.amqp_url(OWNER), service=svc, worker_id="w-after", exchange=names["exchange"]) as w:
+        assert await w.fetch() is None, "a task survived the purge"

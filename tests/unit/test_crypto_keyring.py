@@ -646,3 +646,148 @@ def test_cache_rejects_bad_limits(upstream: CountingProvider) -> None:
         CachingKeyProvider(upstream, max_entries=0)
     with pytest.raises(ValueError, match="max_age"):
         CachingKeyProvider(upstream, max_age=0)
+
+
+# -- the bridge's provider stack (bridge.app.build_key_provider) -------------------------------
+
+
+def _stack(ring_path: Path, clock: FakeClock) -> KeyProvider:
+    from bridge.app import build_key_provider
+    from bridge.config import Settings
+
+    settings = Settings(_env_file=None, keyring=ring_path, key_server_url=None)  # type: ignore[call-arg]
+    assert settings.key_cache_seconds == 300  # the default this is about: minutes of a stale key
+    return build_key_provider(settings, clock=clock)
+
+
+@pytest.mark.anyio
+async def test_a_rotated_key_ring_seals_with_the_new_key_at_the_next_check(
+    ring_path: Path, ring_doc: dict[str, Any], clock: FakeClock
+) -> None:
+    """The cache in front of the key-ring served a hot owner's current key for key_cache_seconds
+    (5 minutes) after a rotation: a key rotated out because it leaked still sealed new tasks."""
+    keys = _stack(ring_path, clock)
+    old = await keys.current_key("acme")
+    new_id = rotate_keyring(ring_doc, "acme")
+    write_keyring(ring_path, ring_doc)
+    clock.advance(1.0)  # the file's next change check (once a second), nowhere near the cache's age
+    current = await keys.current_key("acme")
+    assert current.key_id == new_id != old.key_id
+    sealed = seal(current, b"v", service="s", task_id="t", field="value")
+    assert sealed.key_id == new_id
+    assert open_sealed(await keys.key_by_id("acme", new_id), sealed, service="s", task_id="t", field="value") == b"v"
+
+
+@pytest.mark.anyio
+async def test_a_key_removed_from_the_key_ring_stops_opening_at_the_next_check(
+    ring_path: Path, ring_doc: dict[str, Any], clock: FakeClock
+) -> None:
+    keys = _stack(ring_path, clock)
+    old = await keys.current_key("acme")
+    assert await keys.key_by_id("acme", old.key_id) == old  # cached by id too
+    new_id = rotate_keyring(ring_doc, "acme")
+    del ring_doc["owners"]["acme"]["keys"][old.key_id]
+    write_keyring(ring_path, ring_doc)
+    clock.advance(1.0)
+    with pytest.raises(UnknownKey):
+        await keys.key_by_id("acme", old.key_id)
+    assert (await keys.current_key("acme")).key_id == new_id
+
+
+@pytest.mark.anyio
+async def test_a_forced_reload_of_the_key_ring_empties_the_cache(
+    ring_path: Path, ring_doc: dict[str, Any], clock: FakeClock
+) -> None:
+    keys = _stack(ring_path, clock)
+    assert isinstance(keys, CachingKeyProvider) and isinstance(keys.upstream, KeyringFileProvider)
+    await keys.current_key("acme")
+    new_id = rotate_keyring(ring_doc, "acme")
+    write_keyring(ring_path, ring_doc)
+    assert keys.upstream.maybe_reload(force=True)  # no time passes: the reload alone must do it
+    assert (await keys.current_key("acme")).key_id == new_id
+
+
+# -- writing a key-ring (write_keyring) ----------------------------------------------------------
+
+
+def test_write_keyring_syncs_the_data_before_the_rename_and_the_directory_after(
+    tmp_path: Path, ring_path: Path, ring_doc: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without fsync a power loss could leave the renamed key-ring empty: every owner's keys gone."""
+    events: list[tuple[str, object]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        events.append(("fsync-dir" if st.st_mode & 0o170000 == 0o040000 else "fsync-file", st.st_ino))
+        real_fsync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        events.append(("replace", (os.stat(src).st_ino, Path(dst).name)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    rotate_keyring(ring_doc, "acme")
+    write_keyring(ring_path, ring_doc)
+    monkeypatch.undo()
+
+    written = ring_path.stat().st_ino
+    renamed = events.index(("replace", (written, ring_path.name)))
+    assert ("fsync-file", written) in events[:renamed], events
+    assert ("fsync-dir", tmp_path.stat().st_ino) in events[renamed + 1 :], events
+    assert load_keyring_doc(ring_path) == ring_doc
+
+
+def load_keyring_doc(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_write_keyring_keeps_the_previous_version_as_bak_with_its_mode(
+    ring_path: Path, ring_doc: dict[str, Any]
+) -> None:
+    os.chmod(ring_path, 0o640)
+    before = ring_path.read_bytes()
+    rotate_keyring(ring_doc, "acme")
+    write_keyring(ring_path, ring_doc)
+    bak = ring_path.with_name(ring_path.name + ".bak")
+    assert bak.read_bytes() == before
+    assert bak.stat().st_mode & 0o777 == 0o640
+    assert load_keyring_doc(ring_path) == ring_doc
+    assert not [p.name for p in ring_path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_write_keyring_writes_a_symlinks_target_keeping_its_mode(
+    tmp_path: Path, ring_path: Path, ring_doc: dict[str, Any]
+) -> None:
+    """Replacing the link with a plain file left the target (what the bridge may read through
+    another path, a mounted secret) on the old keys; a 0600 file lost the bridge's read access."""
+    os.chmod(ring_path, 0o640)
+    link = tmp_path / "link.json"
+    link.symlink_to(ring_path)
+    new_id = rotate_keyring(ring_doc, "acme")
+    write_keyring(link, ring_doc)
+    assert link.is_symlink() and link.resolve() == ring_path
+    assert load_keyring_doc(ring_path)["owners"]["acme"]["current"] == new_id
+    assert ring_path.stat().st_mode & 0o777 == 0o640
+    assert ring_path.with_name(ring_path.name + ".bak").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_write_keyring_as_root_keeps_the_owner_of_the_file(ring_path: Path, ring_doc: dict[str, Any]) -> None:
+    """A rotation run as root gave the key-ring to root (0600): the bridge (uid 10001) could no
+    longer read it."""
+    os.chown(ring_path, 10001, 10001)
+    os.chmod(ring_path, 0o600)
+    rotate_keyring(ring_doc, "acme")
+    write_keyring(ring_path, ring_doc)
+    for path in (ring_path, ring_path.with_name(ring_path.name + ".bak")):
+        st = path.stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (10001, 10001, 0o600), path
+
+
+def test_write_keyring_makes_a_new_file_0600(tmp_path: Path, ring_doc: dict[str, Any]) -> None:
+    path = tmp_path / "new.json"
+    write_keyring(path, ring_doc)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert not path.with_name("new.json.bak").exists()

@@ -1,0 +1,98 @@
+"""``queue-bridge keyring``: what it refuses to do to a live key-ring, and its lock."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+from typer.testing import CliRunner
+
+from bridge.cli import app
+from bridge.crypto import generate_keyring, write_keyring
+from tests.conftest import ROOT
+
+
+@pytest.fixture
+def ring(tmp_path: Path) -> Path:
+    path = tmp_path / "ring.json"
+    write_keyring(path, generate_keyring(["alpha", "beta"]))
+    return path
+
+
+def _invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, list(args))
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, result.output
+
+
+def test_generate_force_refuses_to_replace_a_live_key_ring(ring: Path) -> None:
+    """--force replaced a live key-ring: every key in it, and every task sealed with one, lost."""
+    before = ring.read_bytes()
+    code, out = _invoke("keyring", "generate", str(ring), "--owner", "gamma", "--force")
+    assert code == 1, out
+    assert "2 owner(s) and 2 key(s)" in out and "--destroy-existing-keys" in out
+    assert ring.read_bytes() == before
+
+
+def test_generate_destroy_existing_keys_replaces_it_keeping_a_backup(ring: Path) -> None:
+    before = ring.read_bytes()
+    code, out = _invoke("keyring", "generate", str(ring), "--owner", "gamma", "--destroy-existing-keys")
+    assert code == 0, out
+    assert set(json.loads(ring.read_text())["owners"]) == {"gamma"}
+    assert ring.with_name("ring.json.bak").read_bytes() == before
+
+
+def test_generate_force_replaces_a_file_that_is_no_key_ring(tmp_path: Path) -> None:
+    path = tmp_path / "ring.json"
+    path.write_text("{}\n")
+    code, out = _invoke("keyring", "generate", str(path), "--owner", "gamma", "--force")
+    assert code == 0, out
+    assert set(json.loads(path.read_text())["owners"]) == {"gamma"}
+
+
+def test_rotate_refuses_an_owner_not_in_the_file_without_create(ring: Path) -> None:
+    """A typo in --owner silently made a new owner, and the owner meant kept its old key."""
+    before = ring.read_bytes()
+    code, out = _invoke("keyring", "rotate", str(ring), "--owner", "alpah")
+    assert code == 1, out
+    assert "no owner 'alpah'" in out and "alpha, beta" in out and "--create" in out
+    assert ring.read_bytes() == before
+    code, out = _invoke("keyring", "rotate", str(ring), "--owner", "gamma", "--create")
+    assert code == 0, out
+    assert set(json.loads(ring.read_text())["owners"]) == {"alpha", "beta", "gamma"}
+
+
+def _bytes(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+@pytest.mark.anyio
+async def test_rotate_waits_for_the_lock_of_another_keyring_command(ring: Path) -> None:
+    """Two rotations at once each read the file and wrote it back with their own key: the first
+    one's key was lost. A rotation waits while another command holds the lock beside the file."""
+    before = _bytes(ring)
+    lock = os.open(ring.with_name("ring.json.lock"), os.O_RDONLY | os.O_CREAT, 0o644)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    argv = [sys.executable, "-m", "bridge", "keyring", "rotate", str(ring), "--owner", "alpha"]
+    try:
+        async with await anyio.open_process(argv, cwd=ROOT) as proc:
+            assert proc.stderr is not None
+            with anyio.fail_after(30):
+                said = b""
+                async for chunk in proc.stderr:  # until it says it waits (or exits without waiting)
+                    said += chunk
+                    if b"waiting for the lock" in said:
+                        break
+                assert b"waiting for the lock" in said, (said, proc.returncode)
+                assert _bytes(ring) == before, "it wrote while another command held the lock"
+                fcntl.flock(lock, fcntl.LOCK_UN)
+                assert await proc.wait() == 0
+    finally:
+        os.close(lock)
+    alpha = json.loads(_bytes(ring))["owners"]["alpha"]
+    assert len(alpha["keys"]) == 2
