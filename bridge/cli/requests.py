@@ -13,7 +13,7 @@ import contextlib
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
@@ -37,16 +37,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 C = TypeVar("C", bound="RpcClient")
 
-# How long the bridge may take per task of a request that changes tasks one compare-and-set (a
-# Cassandra LWT, several round trips) at a time: the reply is awaited --timeout plus this much per
-# task it may touch, as a redrive's is by its pace. Generous on purpose: waiting longer costs only
-# the wait when no bridge answers, while a wait too short reported "no reply" (exit 1) for a purge
-# the bridge went on with.
-PURGE_MAX = 20_000  # ready tasks one purge request looks at (bridge.domain.lifecycle.PURGE_MAX)
-PURGE_SECONDS_PER_TASK = 0.01  # a lease read (shared by 50), a compare-and-set, a mark
-DISCARD_SECONDS_PER_TASK = 0.02  # a lease read, a compare-and-set and a delete, one id after another
-REDRIVE_ALL_MAX = 1_000  # parked tasks one ``redrive all`` request puts back (bridge.domain.lifecycle)
-
 
 @dataclass
 class _Done:
@@ -56,6 +46,10 @@ class _Done:
     what: str
     count: int = 0
     requests: int = 0
+
+    def add(self, count: int) -> None:
+        self.count += count
+        self.requests += 1
 
 
 ServiceArgument = Annotated[str, typer.Argument(metavar="SERVICE", help="The queue's serviceId.")]
@@ -262,13 +256,6 @@ def _host_port(url: str) -> str:
         return "<unparsable URL>"
 
 
-async def _call(engine: Engine, method: str, body: dict[str, Any], wait_s: float = 0.0) -> Any:
-    """One request's ``result`` (errors raised as the client raises them), awaited ``wait_s``
-    longer than --timeout. Here rather than the client's looping methods: a command sending
-    several requests reports what the answered ones did when a later one fails."""
-    return (await engine.call(method, body, owner=engine.owner, wait_s=wait_s))["result"]
-
-
 def _worker_call(
     service: str, worker: str, amqp_url: str | None, timeout: float, use: Callable[[Worker], Awaitable[T]]
 ) -> T:
@@ -453,15 +440,7 @@ def purge(
     done = _Done("purged")
 
     async def use(engine: Engine) -> int:
-        # As Engine.purge: sent again while the reply says ``more`` and the round cancelled
-        # something (a round that cancels nothing would look at the same entries again).
-        while True:
-            result = await _call(engine, "purge", {"serviceId": service}, PURGE_MAX * PURGE_SECONDS_PER_TASK)
-            now = int(result["purged"])
-            done.count += now
-            done.requests += 1
-            if not result.get("more") or not now:
-                return done.count
+        return await engine.purge(service, progress=done.add)
 
     what = f"purge: cancelling every ready task of service {service!r}"
     typer.echo(json.dumps({"purged": _engine_call(owner, amqp_url, timeout, use, changing=what, done=done)}))
@@ -568,31 +547,12 @@ def redrive(
 
     async def use(engine: Engine) -> int:
         if all_parked:
-            return await _redrive_all(engine, service, rate, done)
+            return await engine.redrive(service, all=True, redrive_rate=rate, progress=done.add)
         return await engine.redrive(service, list(task_ids or ()), redrive_rate=rate)
 
     what = f"redrive --all: putting back every parked task of service {service!r}" if all_parked else None
     redriven = _engine_call(owner, amqp_url, timeout, use, changing=what, done=done if all_parked else None)
     typer.echo(json.dumps({"redriven": redriven}))
-
-
-async def _redrive_all(engine: Engine, service: str, rate: float, done: _Done) -> int:
-    """As Engine.redrive(all=True), counting each answered round into ``done``: the first reply's
-    bound (``parkedBefore``, the bridge's clock) and each reply's ``after`` are sent back until a
-    reply has no ``after``; a bridge before contract 1.9 is asked until it answers 0."""
-    body: dict[str, Any] = {"serviceId": service, "all": True}
-    while True:
-        result = await _call(engine, "redrive", body, REDRIVE_ALL_MAX / rate)
-        now = int(result["redriven"])
-        done.count += now
-        done.requests += 1
-        if "parkedBefore" not in result:
-            if not now:
-                return done.count
-            continue
-        if "after" not in result:
-            return done.count
-        body = {**body, "parkedBefore": result["parkedBefore"], "after": result["after"]}
 
 
 @app.command()
@@ -606,8 +566,7 @@ def discard(
     """Drop parked tasks for good (only parked ones); print {"discarded": n}."""
 
     async def use(engine: Engine) -> int:
-        body = {"serviceId": service, "taskIds": list(task_ids)}
-        return int((await _call(engine, "discard", body, len(task_ids) * DISCARD_SECONDS_PER_TASK))["discarded"])
+        return await engine.discard(service, list(task_ids))
 
     what = f"discard: dropping {len(task_ids)} parked task(s) of service {service!r} for good"
     typer.echo(json.dumps({"discarded": _engine_call(owner, amqp_url, timeout, use, changing=what)}))

@@ -72,6 +72,14 @@ LEASE_ENDED_BEAT_S = 1.0  # keep_alive after extends without an answer, once the
 BEAT_BACKOFF_MAX_S = 10.0  # ... backing off (full jitter) up to this
 REDRIVE_RATE = 50.0  # the bridge's default BRIDGE_REDRIVE_RATE: parked tasks put back per second
 REDRIVE_ALL_MAX = 1000  # parked tasks one ``redrive all`` request puts back at most
+PURGE_MAX = 20_000  # ready tasks one purge request looks at, at most (the bridge's bound)
+# How long the bridge may take per task of a request that changes tasks one compare-and-set (a
+# Cassandra LWT, several round trips) at a time: its reply is awaited the client's timeout plus
+# this much per task it may touch, as a redrive's is by its pace. Generous on purpose: a wait too
+# short reported "no reply" for a purge the bridge went on with; a longer one costs only the wait
+# when no bridge answers.
+PURGE_SECONDS_PER_TASK = 0.01  # a lease read (shared by 50), a compare-and-set, a mark
+DISCARD_SECONDS_PER_TASK = 0.02  # a lease read, a compare-and-set and a delete, one id after another
 UNKNOWN_LEASE_S = 3.0  # a lease keep_alive cannot read, of a length it was not told: beat every second
 
 log = logging.getLogger("bridge.client")
@@ -786,17 +794,21 @@ class Engine(RpcClient):
         false on its next ack, extend or fail: nothing is published for it."""
         return bool(await self._result("cancel", {"serviceId": service, "taskId": task_id}))
 
-    async def purge(self, service: str) -> int:
+    async def purge(self, service: str, *, progress: Callable[[int], object] | None = None) -> int:
         """Cancel the queue's ready tasks (never in-flight, delayed or parked ones); how many.
 
-        One request looks at a bounded part of the queue (20000 index entries) and says
-        ``more`` when it stopped short: it is sent again while it says so and still cancels
-        something (a round that cancels nothing would look at the same entries again)."""
+        One request looks at a bounded part of the queue (:data:`PURGE_MAX` index entries) and
+        says ``more`` when it stopped short: it is sent again while it says so and still cancels
+        something (a round that cancels nothing would look at the same entries again). Each
+        reply is awaited as long as its tasks may take; ``progress`` gets each answered round's
+        count (if a later round fails, those tasks stay cancelled)."""
         purged = 0
         while True:
-            result = await self._result("purge", {"serviceId": service})
+            result = await self._result("purge", {"serviceId": service}, wait_s=PURGE_MAX * PURGE_SECONDS_PER_TASK)
             now = int(result["purged"])
             purged += now
+            if progress is not None:
+                progress(now)
             if not result.get("more") or not now:
                 return purged
 
@@ -818,6 +830,7 @@ class Engine(RpcClient):
         *,
         all: bool = False,
         redrive_rate: float = REDRIVE_RATE,
+        progress: Callable[[int], object] | None = None,
     ) -> int:
         """Put parked tasks back in the queue (the named ones, or ``all=True``: every task parked
         when the call starts), their delivery count toward the limit starting again; how many
@@ -836,7 +849,7 @@ class Engine(RpcClient):
 
         The bridge puts them back at ``BRIDGE_REDRIVE_RATE`` a second and answers when done, so
         the reply is awaited that much longer than other requests: pass the bridge's rate as
-        ``redrive_rate`` if it is not the default."""
+        ``redrive_rate`` if it is not the default. ``progress`` gets each answered request's count."""
         if all == (task_ids is not None):
             raise ValueError("give task_ids or all=True (exactly one)")
         if task_ids is not None and not task_ids:
@@ -845,15 +858,17 @@ class Engine(RpcClient):
             ids = list(task_ids or ())
             body: dict[str, Any] = {"serviceId": service, "taskIds": ids}
             return int((await self._result("redrive", body, wait_s=len(ids) / redrive_rate))["redriven"])
-        return await self._redrive_all(service, redrive_rate)
+        return await self._redrive_all(service, redrive_rate, progress)
 
-    async def _redrive_all(self, service: str, redrive_rate: float) -> int:
+    async def _redrive_all(self, service: str, redrive_rate: float, progress: Callable[[int], object] | None) -> int:
         total = 0
         body: dict[str, Any] = {"serviceId": service, "all": True}
         while True:
             result = await self._result("redrive", body, wait_s=REDRIVE_ALL_MAX / redrive_rate)
             now = int(result["redriven"])
             total += now
+            if progress is not None:
+                progress(now)
             if "parkedBefore" not in result:
                 # A bridge before 1.9. Not "until a request answers fewer than 1000": it lists up to
                 # 1000 parked rows and skips those no longer parked, so only 0 means none is left.
@@ -870,7 +885,9 @@ class Engine(RpcClient):
         """Drop parked tasks for good (only parked ones: others are left alone); how many."""
         if not task_ids:
             return 0
-        return int((await self._result("discard", {"serviceId": service, "taskIds": list(task_ids)}))["discarded"])
+        body = {"serviceId": service, "taskIds": list(task_ids)}
+        wait_s = len(task_ids) * DISCARD_SECONDS_PER_TASK  # one id after another, each a compare-and-set
+        return int((await self._result("discard", body, wait_s=wait_s))["discarded"])
 
 
 def _seconds_until(iso: str, now: float) -> float | None:

@@ -162,8 +162,8 @@ def test_destructive_commands_name_their_target_before_acting(
 
 
 def test_the_commands_bounds_are_the_bridges() -> None:
-    from bridge.cli import requests
+    from bridge.client import rpc
     from bridge.domain import lifecycle
 
-    assert requests.PURGE_MAX == lifecycle.PURGE_MAX
-    assert requests.REDRIVE_ALL_MAX == lifecycle.REDRIVE_ALL_MAX
+    assert rpc.PURGE_MAX == lifecycle.PURGE_MAX
+    assert rpc.REDRIVE_ALL_MAX == lifecycle.REDRIVE_ALL_MAX
