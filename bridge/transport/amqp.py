@@ -34,7 +34,7 @@ from pamqp.commands import Basic
 
 from bridge.config import Settings
 from bridge.domain.queue import WorkQueue
-from bridge.transport import failover, tolerant_decoding
+from bridge.transport import failover, replies, tolerant_decoding
 from bridge.transport.duty import Duty
 from bridge.transport.handlers import ADD_RETRY_BUDGET_S, RequestHandlers
 from bridge.transport.hints import AmqpHints
@@ -145,6 +145,11 @@ class AmqpTransport:
         # Request queues whose consumer died with its channel (closed by the broker, or a lost
         # connection): consumed again once the channel is back (_consume_again, _reopen).
         self._orphans: set[str] = set()
+        # One orphan registration at a time per channel: aio-pika's restore (_consume_again) and the
+        # reopen task (_reopen_once) both consume a reopened channel's orphans, and two loops at once
+        # registered one method twice; the second took the first's registration for a pause and
+        # cancelled one tag, leaving a consumer the bridge could not pause and itself unready.
+        self._consuming_orphans = {name: asyncio.Lock() for name in CONSUMING}
         # Consuming channels where the broker refused a consume since they were lost: only _reopen
         # consumes there (with backoff), not each reopen (see _consume_again).
         self._refused: set[str] = set()
@@ -536,6 +541,10 @@ class AmqpTransport:
             log.warning("could not consume again on the reopened %s channel (%s); retrying", name, _refusal(exc))
 
     async def _consume_orphans(self, name: str) -> None:
+        async with self._consuming_orphans[name]:
+            await self._consume_orphans_now(name)
+
+    async def _consume_orphans_now(self, name: str) -> None:
         for method in self._orphans_on(name):
             if method not in self._orphans:
                 continue  # paused meanwhile (pause() clears the orphans it is asked to stop)
@@ -604,9 +613,11 @@ class AmqpTransport:
             return False
 
     async def _connect_probation(self) -> AbstractConnection:
+        # Each node's attempt bounded (a node that accepts TCP and never answers held the rest).
         connection, _ = await failover.connect_first(
             self._amqp_urls,
             client_properties={"connection_name": "queue-bridge replies (probation)"},
+            timeout=replies.PROBATION_CONNECT_S,
         )
         return connection
 

@@ -471,3 +471,41 @@ async def test_a_pause_while_a_reopened_channel_consumes_again_is_not_undone(mak
     url = servers.amqp_url("guest")
     assert await consumers_on(url, t.queue_name("fetch")) == 0
     assert await consumers_on(url, t.queue_name("ack")) == 0
+
+
+async def test_a_reopened_channels_consumers_registered_by_two_loops_at_once_are_registered_once(make_bridge, servers):
+    """Both aio-pika's restore of a reopened consuming channel and the bridge's reopen task (woken
+    by its backoff, or by the other connection's reconnection) register the channel's lost
+    consumers. Two loops at once sent ``basic.consume`` for the same method; the one answered
+    second found the method gone from the list and took it for a pause, cancelling one tag: a
+    consumer stayed registered under a tag the bridge no longer knew (it could not pause it), and
+    the bridge stayed unready until it restarted. Found by a review, 2026-12-05."""
+    b = await make_bridge()
+    t = b.transport
+    real_consume = t._consume
+    entered, released = asyncio.Event(), asyncio.Event()
+    calls: list[str] = []
+
+    async def consume(method: str) -> None:
+        calls.append(method)
+        if len(calls) == 1:
+            entered.set()  # the first loop's first registration is on its way
+            await released.wait()
+        await real_consume(method)
+
+    t._consume = consume  # type: ignore[method-assign]
+    await _close_by_the_broker(t._channel_named("consume"))
+    await wait_for(entered.is_set, 15, what="the reopened channel consuming again")
+    second = asyncio.create_task(t._consume_orphans("consume"))  # the reopen task, at the same moment
+    await asyncio.sleep(0)  # one turn of the loop (not a timed wait): it starts while the first is held
+    released.set()
+    await second
+    await wait_for(lambda: not t._orphans_on("consume"), 15, what="the registrations done")
+    url = servers.amqp_url("guest")
+    for method in ("fetch", "ack"):
+        assert await consumers_on(url, t.queue_name(method)) == 1, method
+    assert {"fetch", "ack"} <= set(t._consumer_tags), t._consumer_tags
+    await wait_for(t.is_ready, 10, what="the bridge ready")
+    await t.pause()  # and it can still be paused: no consumer left it does not know
+    for method in ("fetch", "ack"):
+        assert await consumers_on(url, t.queue_name(method)) == 0, method
