@@ -60,6 +60,15 @@ def message_ids() -> Iterator[str]:
     return (f"{prefix}{n:012x}" for n in itertools.count())
 
 
+# A reply to a node not proven yet goes over a probation connection: opening it and the confirm
+# are bounded, as every reply is best effort (the requester retries). Unbounded, a connection to a
+# node that accepts TCP and never answers (or a dead one the OS tries for two minutes) held every
+# such reply, and the deliveries they answer, while the prefetch windows filled: after a failover
+# every reply goes through probation until its node is proven.
+PROBATION_CONNECT_S = 5.0
+PROBATION_REPLY_S = 10.0
+
+
 class BadReplyTo(ValueError):
     pass
 
@@ -164,6 +173,10 @@ class ReplyPublisher:
             # (bridge.transport.frames): one reply per request.
             await frames.publish_on(await self._main_channel(), reply_to, body, frames.properties(**fields))
             return
+        async with asyncio.timeout(PROBATION_REPLY_S):
+            await self._publish_on_probation(node, body, fields, reply_to)
+
+    async def _publish_on_probation(self, node: str, body: bytes, fields: dict[str, Any], reply_to: str) -> None:
         channel = await self._probation_open()
         try:
             confirming = await channel.get_underlay_channel()
@@ -201,8 +214,9 @@ class ReplyPublisher:
             if self._probation_channel is not None and not self._probation_channel.is_closed:
                 return self._probation_channel
             await self.close_probation()
-            self._probation = await self._connect()
-            self._probation_channel = await self._probation.channel(publisher_confirms=True)
+            async with asyncio.timeout(PROBATION_CONNECT_S):
+                self._probation = await self._connect()
+                self._probation_channel = await self._probation.channel(publisher_confirms=True)
             return self._probation_channel
 
     async def close_probation(self) -> None:
