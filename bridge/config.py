@@ -81,6 +81,13 @@ class Settings(BaseSettings):
         description="AMQP users (comma separated) allowed to name the owner in the x-owner header.",
     )
     prefetch: int = Field(64, ge=1, le=10_000, description="AMQP prefetch per consumer.")
+    max_waiting_fetches: int = Field(
+        1_000,
+        ge=0,
+        le=100_000,
+        description="Long-poll fetches a bridge lets wait outside the prefetch window (their deliveries "
+        "acknowledged at once); past it a waiting fetch keeps its delivery, and so its slot, until answered.",
+    )
     max_value_bytes: int = Field(
         1_048_576,
         ge=1,

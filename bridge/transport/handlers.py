@@ -98,6 +98,11 @@ class RequestHandlers:
         self.settings = settings
         self.queue = queue
         self.replies = replies
+        # Long-poll fetches waiting with their deliveries already acknowledged: outside the prefetch
+        # window, so bounded here (BRIDGE_MAX_WAITING_FETCHES). Unbounded, a flood of long-polls
+        # (each acked at once, so the broker kept delivering) grew memory and store polling without
+        # limit, for every tenant of the bridge.
+        self.waiting_unbounded = 0
         self.requester_alive = requester_alive  # asked before a long-poll that waited claims a task
         self.lane = lane or AddRetryLane(settings)
         # The bridge's own user names the owner of the adds it moved to its retry lane.
@@ -386,19 +391,27 @@ class RequestHandlers:
             # fetch whose reply may have been lost, which ``fresh`` must not be. The first copy
             # may have claimed a task and written the worker's pointer: this copy hands it out.
             req = req.model_copy(update={"fresh": False})
-        if req.wait_ms > 0:
+        early = req.wait_ms > 0 and self.waiting_unbounded < self.settings.max_waiting_fetches
+        if early:
             # A fetch may wait up to 30 s: its delivery must not hold one of the consumer's prefetch
             # slots that long (a bridge with as many waiting fetches as slots would take no request).
             # Acknowledged now; if the bridge dies while it waits, the worker's retry asks again.
+            # Past BRIDGE_MAX_WAITING_FETCHES it keeps its slot: the prefetch bounds the rest.
             await ack_early(message)
-            deadline = deadline_of(message)
-            if deadline is not None and (left := deadline - self.queue.clock.now_ms()) < req.wait_ms:
-                # The caller stops listening at its deadline and may have sent another fetch: a
-                # wait past it would only claim a task for a reply nobody reads.
-                req = req.model_copy(update={"wait_ms": max(0, left)})
-        delivery = await self.queue.fetch(
-            owner, req, still_wanted=self._still_wanted(message), deadline_ms=deadline_of(message)
-        )
+            self.waiting_unbounded += 1
+        try:
+            if req.wait_ms > 0:
+                deadline = deadline_of(message)
+                if deadline is not None and (left := deadline - self.queue.clock.now_ms()) < req.wait_ms:
+                    # The caller stops listening at its deadline and may have sent another fetch: a
+                    # wait past it would only claim a task for a reply nobody reads.
+                    req = req.model_copy(update={"wait_ms": max(0, left)})
+            delivery = await self.queue.fetch(
+                owner, req, still_wanted=self._still_wanted(message), deadline_ms=deadline_of(message)
+            )
+        finally:
+            if early:
+                self.waiting_unbounded -= 1
         if delivery is None:
             return wire.encode(wire.fetched(None)), None
         # The worker's span continues the engine's trace: same trace id, a new parent span id.

@@ -1,0 +1,68 @@
+"""Long-poll fetches outside the prefetch window are bounded (BRIDGE_MAX_WAITING_FETCHES).
+
+A waiting fetch's delivery is acknowledged as it starts waiting, so that waiting workers do not
+hold every prefetch slot; that also took it out of the only bound the broker gives: a flood of
+long-polls (each acked at once, so the broker kept delivering) grew the bridge's memory and its
+store polling without limit, for every tenant of the bridge. Past the bound a waiting fetch keeps
+its delivery, and the prefetch bounds the rest. Found by a review, 2026-12-05.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+import orjson
+import pytest
+
+from bridge.config import Settings
+from bridge.domain.clock import ManualClock
+from bridge.transport.amqp import AmqpTransport
+from bridge.transport.fate import Settle
+from bridge.transport.replies import reply_node
+from tests.unit.test_late_requests import NOW_MS, REPLY_TO, _Channel, _Metrics
+from tests.unit.test_late_requests import _Message as _LateMessage
+
+pytestmark = pytest.mark.anyio
+
+
+class _WaitingQueue:
+    """A queue whose fetches wait until released."""
+
+    def __init__(self) -> None:
+        self.clock = ManualClock(NOW_MS)
+        self.metrics = _Metrics()
+        self.release = asyncio.Event()
+        self.all_waiting = asyncio.Event()
+        self.waiting = 0
+
+    async def fetch(self, *_: Any, **__: Any) -> None:
+        self.waiting += 1
+        if self.waiting == 3:
+            self.all_waiting.set()
+        await self.release.wait()
+        return None
+
+
+class _Fetch(_LateMessage):
+    def __init__(self) -> None:
+        super().__init__("fetch", {})
+        self.body = orjson.dumps({"serviceId": "s", "workerId": "w", "waitMs": 5_000})
+
+
+async def test_past_the_bound_a_waiting_fetch_keeps_its_delivery_until_answered() -> None:
+    queue = _WaitingQueue()
+    transport = AmqpTransport(Settings(keyring=None, max_waiting_fetches=2), cast(Any, queue), lambda m, o, s: None)
+    channel = _Channel()
+    transport.replies.main = cast(Any, channel)
+    transport.replies.proven.add(str(reply_node(REPLY_TO)))
+    messages = [_Fetch() for _ in range(3)]
+    handling = [asyncio.create_task(transport._on_fetch(cast(Any, m))) for m in messages]
+    await asyncio.wait_for(queue.all_waiting.wait(), 5)
+    assert [m.settled for m in messages] == [[Settle.ACK], [Settle.ACK], []], "the third kept its slot"
+    assert transport.handlers.waiting_unbounded == 2
+    queue.release.set()
+    await asyncio.gather(*handling)
+    assert [m.settled for m in messages] == [[Settle.ACK]] * 3, "each settled once"
+    assert transport.handlers.waiting_unbounded == 0
+    assert len(channel.replies) == 3
