@@ -644,9 +644,11 @@ class RecoveryScheduler:
         for bucket, again_at in sorted(self._outbox_second.items()):
             if now < again_at:
                 continue
-            del self._outbox_second[bucket]
             if bucket not in self._outbox_retry and (owed := await self._relay_bucket(bucket, now)):
                 self._outbox_retry[bucket] = _Retry.first(now, owed)
+            # Only once read: taken off before, a read that failed (a timeout, likely while results
+            # land late) lost the bucket, and a result in it stayed owed for good.
+            del self._outbox_second[bucket]
         while self._outbox_next < limit:
             if owed := await self._relay_bucket(self._outbox_next, now):
                 self._outbox_retry[self._outbox_next] = _Retry.first(now, owed)

@@ -594,3 +594,54 @@ async def test_a_lease_whose_deadline_falls_at_the_end_of_a_catch_up_batch_comes
     h.clock.advance(150_000)  # the scheduler stalled past the deadline (no tick: the store was away)
     back = await h.fetch_until("next", step_ms=500, limit_ms=30_000)
     assert back.task_id == held.task_id and back.epoch == held.epoch + 1
+
+
+async def test_a_second_read_of_an_outbox_bucket_that_fails_is_read_again(harness: Harness) -> None:
+    """The relay reads each outbox bucket a second time, later, for a result written after its
+    first read. It took the bucket off its list of second reads before reading it: a read that
+    failed (a Cassandra timeout, likely when results land late) lost the bucket for good, and the
+    result stayed owed, never published. Found by a review, 2026-12-05."""
+    import asyncio
+    import contextlib
+
+    from bridge.domain.errors import Unavailable as DomainUnavailable
+    from bridge.domain.records import OutboxEntry
+    from bridge.storage.errors import StorageUnavailable
+
+    h = harness
+    await h.add("v", token="t")
+    got = await h.fetch("w", ttr_ms=3_600_000)
+    assert got is not None
+    real_insert, release, buckets = h.store.insert_outbox, asyncio.Event(), []
+
+    async def late_insert(entry: OutboxEntry) -> None:
+        buckets.append(entry.bucket)
+        await release.wait()
+        await real_insert(entry)
+
+    h.store.insert_outbox = late_insert  # type: ignore[method-assign]
+    acking = asyncio.create_task(h.ack("w", got, result="done"))
+    await wait_for(lambda: not release.is_set() and not acking.done(), 5.0, what="the ack under way")
+    for _ in range(4):  # the relay reads the ack's bucket once (nothing there yet) and moves past it
+        await h.advance(10_000)
+    h.sink.down = True  # its own publish fails
+    release.set()
+    assert await acking is True
+    await h.queue.drain_background(5.0)
+    h.sink.down = False
+    real_outbox, failed = h.store.outbox, []
+
+    async def outbox(bucket: int, *args: object, **kwargs: object) -> object:
+        if not failed and buckets == [bucket]:
+            failed.append(bucket)  # the second read of the result's bucket times out, once
+            raise StorageUnavailable("read timeout (injected)")
+        return await real_outbox(bucket, *args, **kwargs)  # type: ignore[arg-type]
+
+    h.store.outbox = outbox  # type: ignore[method-assign]
+    for _ in range(12):
+        with contextlib.suppress(DomainUnavailable):  # the relay's loop logs it and sweeps again
+            await h.advance(10_000)
+        if h.sink.messages:
+            break
+    assert failed, "no second read happened"
+    assert [m.task_id for m in h.sink.messages] == [got.task_id], "the result was never published"
