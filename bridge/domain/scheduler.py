@@ -545,7 +545,12 @@ class RecoveryScheduler:
         if lease is None or not lease.is_leased or lease.epoch != entry.epoch or lease.lease_until_ms is None:
             return True
         if not lease.not_claimable_before(now, margin):
-            return False  # still expired (the park failed otherwise): the next pass tries again
+            # Still expired, not parked (the park may land late, or failed otherwise): tried again
+            # from a bucket still to come. Left to "the next pass", the second pass had none: the
+            # task stayed leased to nobody until its TTL, never parked, the engine never told.
+            again = expiry_bucket(now) + 1
+            await self.store.watch_expiry(again, entry)
+            return again != bucket
         until = lease.lease_until_ms
         again = expiry_bucket(until + margin)
         await self.store.watch_expiry(

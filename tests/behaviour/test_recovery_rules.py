@@ -645,3 +645,40 @@ async def test_a_second_read_of_an_outbox_bucket_that_fails_is_read_again(harnes
             break
     assert failed, "no second read happened"
     assert [m.task_id for m in h.sink.messages] == [got.task_id], "the result was never published"
+
+
+async def test_a_park_at_the_limit_that_cannot_be_settled_in_either_pass_is_tried_again(harness: Harness) -> None:
+    """A lease at its delivery limit expired: the scheduler parks it. A park whose compare-and-set
+    timed out, and whose read still showed the lease held, answers "not parked" (it may land
+    late); the first pass left the entry to the second, but the second pass moved on too, and the
+    task stayed leased to nobody until its TTL: never handed out again, never parked, the engine
+    never told. The entry is filed again in a bucket still to come. Found by a review, 2026-12-05."""
+    import uuid
+    from typing import Any
+
+    from bridge.domain.records import LeaseState, QueueKey
+
+    h = harness
+    body = {"serviceId": h.service, "value": "poison", "maxDeliveries": 1}
+    task_id = await h.queue.add(OWNER, parse(AddCommand, body), message_id=None, traceparent=None)
+    got = await h.fetch("w", ttr_ms=500)
+    assert got is not None
+    real_park, refused = h.queue.lifecycle.park, []
+    refusals = 3  # every try a deadline gets: its timer, the first and the second pass of its bucket
+
+    async def park(*args: Any, **kwargs: Any) -> bool:
+        if len(refused) < refusals:  # timed out, the read showed it held
+            refused.append(1)
+            return False
+        return bool(await real_park(*args, **kwargs))
+
+    h.queue.lifecycle.park = park  # type: ignore[method-assign]
+    q = QueueKey(OWNER, h.service)
+    for _ in range(30):
+        await h.advance(500)
+        lease = await h.store.lease(q, uuid.UUID(task_id), serial=False)
+        if lease is not None and lease.state is LeaseState.PARKED:
+            break
+    assert len(refused) == refusals, f"the park was tried {len(refused)} times before it could apply"
+    lease = await h.store.lease(q, uuid.UUID(task_id), serial=False)
+    assert lease is not None and lease.state is LeaseState.PARKED, f"never parked: {lease}"
