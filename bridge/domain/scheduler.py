@@ -25,7 +25,16 @@ from bridge.domain.errors import KeyMissing, KeysUnavailable, Unavailable
 from bridge.domain.hints import Hint
 from bridge.domain.lifecycle import PARK_DELIVERY_LIMIT
 from bridge.domain.queue import WorkQueue
-from bridge.domain.records import DUE_EPOCH, LANE_FRESH, LANE_RECOVERED, ExpiryEntry, Lease, LeaseState, QueueKey
+from bridge.domain.records import (
+    DUE_EPOCH,
+    LANE_FRESH,
+    LANE_RECOVERED,
+    ExpiryEntry,
+    Lease,
+    LeaseState,
+    OutboxEntry,
+    QueueKey,
+)
 from bridge.domain.relay import may_still_land, names_entry
 from bridge.domain.store import TaskStore
 from bridge.domain.timeline import (
@@ -670,27 +679,33 @@ class RecoveryScheduler:
     async def _relay_bucket(self, bucket: int, now: int) -> _Owed:
         """Publish the bucket's owed results; what is still owed (not published, or undecided)."""
         stuck = undecided = 0
-        for entry in await self.store.outbox(bucket):
-            if entry.published:
-                continue
-            lease = await self.store.lease(entry.queue, entry.task_id, serial=True)
-            if not names_entry(lease, entry):
-                if may_still_land(lease, entry, now):
-                    log.info("result of task %s kept: its decision may still land", entry.task_id)
-                    undecided += 1
-                else:  # void: the decision never applied, and can no longer
-                    await self.store.mark_published(entry)
-                continue
-            log.info("re-publishing the pending result of task %s", entry.task_id)
-            try:
-                await self.queue.publish(entry)
-            except Exception as exc:  # broker down, no queue bound, ...: keep it pending
-                log.warning("result of task %s still not published: %s", entry.task_id, type(exc).__name__)
-                stuck += 1
-                continue
-            self.state.republished += 1
-            self.queue.metrics.inc("results_republished")
+        async for page in self.store.outbox_pages(bucket):  # one page of results in memory at a time
+            for entry in page:
+                owed = await self._relay_entry(entry, now)
+                stuck, undecided = stuck + (owed == "stuck"), undecided + (owed == "undecided")
         return _Owed(stuck, undecided)
+
+    async def _relay_entry(self, entry: OutboxEntry, now: int) -> str | None:
+        """Publish one owed result: None once done (published, or void), else why it is still
+        owed ("undecided": its decision may still land; "stuck": the publish failed)."""
+        if entry.published:
+            return None
+        lease = await self.store.lease(entry.queue, entry.task_id, serial=True)
+        if not names_entry(lease, entry):
+            if may_still_land(lease, entry, now):
+                log.info("result of task %s kept: its decision may still land", entry.task_id)
+                return "undecided"
+            await self.store.mark_published(entry)  # void: the decision never applied, and can no longer
+            return None
+        log.info("re-publishing the pending result of task %s", entry.task_id)
+        try:
+            await self.queue.publish(entry)
+        except Exception as exc:  # broker down, no queue bound, ...: keep it pending
+            log.warning("result of task %s still not published: %s", entry.task_id, type(exc).__name__)
+            return "stuck"
+        self.state.republished += 1
+        self.queue.metrics.inc("results_republished")
+        return None
 
 
 __all__ = ["OUTBOX_BUCKET_MS", "RecoveryScheduler"]

@@ -21,7 +21,7 @@ What the queue's correctness rests on, and each adapter must provide:
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
 from bridge.crypto import Sealed
@@ -286,6 +286,10 @@ class TaskStore(Protocol):
 
     async def outbox(self, bucket: int) -> list[OutboxEntry]:
         """The bucket's entries still unpublished (their results read only for those)."""
+
+    def outbox_pages(self, bucket: int) -> AsyncIterator[list[OutboxEntry]]:
+        """:meth:`outbox` a page at a time (a few results each): the relay holds one page of
+        results in memory, not the bucket's (hundreds of results of up to 1 MiB after an outage)."""
 
     # -- loop progress -------------------------------------------------------------------------------
     async def scheduler_cursor(self, name: str, now_ms: int) -> int | None:

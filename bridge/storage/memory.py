@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,8 @@ from bridge.domain.records import (
     WorkerRow,
 )
 from bridge.domain.timeline import bucket_of_task, ms_of
+
+OUTBOX_PAGE = 16  # results a page of outbox_pages holds (as the Cassandra adapter reads them)
 
 
 def _order(seq: uuid.UUID) -> tuple[int, bytes]:
@@ -555,6 +557,11 @@ class MemoryTaskStore:
         await self._io()
         rows = self.outbox_rows.get(bucket, {}).values()
         return [e for e in rows if self.alive(e.task_id) and not e.published]
+
+    async def outbox_pages(self, bucket: int) -> AsyncIterator[list[OutboxEntry]]:
+        found = await self.outbox(bucket)
+        for start in range(0, len(found), OUTBOX_PAGE):
+            yield found[start : start + OUTBOX_PAGE]
 
     # -- loop progress ---------------------------------------------------------------------------
     async def scheduler_cursor(self, name: str, now_ms: int) -> int | None:

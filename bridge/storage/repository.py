@@ -15,7 +15,7 @@ import asyncio
 import functools
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -911,8 +911,12 @@ class CassandraTaskStore:
         await self.db.execute("outbox.mark_published", (self.ttl_for(e.task_id), e.bucket, shard, *key))
 
     async def outbox(self, bucket: int) -> list[OutboxEntry]:
+        return [entry async for page in self.outbox_pages(bucket) for entry in page]
+
+    async def outbox_pages(self, bucket: int) -> AsyncIterator[list[OutboxEntry]]:
         # The bucket's keys first (a few dozen bytes a row, not each row's result), then the
-        # unpublished entries whole: after a normal day there are none.
+        # unpublished entries whole, a page of OUTBOX_READS_AT_ONCE side by side: after a normal day
+        # there are none; after a broker outage, hundreds, each result up to 1 MiB.
         # (keys read, entry read whole, the keys' parameters, the shard it is read from)
         tables: list[tuple[str, str, tuple[Any, ...], int | None]] = [
             ("outbox.bucket", "outbox.get", (bucket, ALL_OUTBOX_SHARDS), None)
@@ -927,13 +931,11 @@ class CassandraTaskStore:
                 key = (r["owner"], r["service"], r["task_id"], r["completion_id"])
                 where = (bucket, *key) if shard == UNSHARDED else (bucket, shard_of(r["task_id"], OUTBOX_SHARDS), *key)
                 owed.append((entry_read, where, shard))
-        found: list[OutboxEntry] = []
-        for start in range(0, len(owed), OUTBOX_READS_AT_ONCE):  # at most this many results in memory
+        for start in range(0, len(owed), OUTBOX_READS_AT_ONCE):
             group = owed[start : start + OUTBOX_READS_AT_ONCE]
             wholes = await asyncio.gather(*(self.db.execute(name, params) for name, params, _ in group))
-            for (_, _, shard), whole in zip(group, wholes, strict=True):
-                found.extend(outbox_entry(r, shard) for r in whole if not r["published"])
-        return found
+            page = [outbox_entry(r, shard) for (_, _, shard), whole in zip(group, wholes, strict=True) for r in whole]
+            yield [entry for entry in page if not entry.published]
 
     # -- loop progress ---------------------------------------------------------------------------------
     async def scheduler_cursor(self, name: str, now_ms: int) -> int | None:

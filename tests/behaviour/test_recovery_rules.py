@@ -603,6 +603,7 @@ async def test_a_second_read_of_an_outbox_bucket_that_fails_is_read_again(harnes
     result stayed owed, never published. Found by a review, 2026-12-05."""
     import asyncio
     import contextlib
+    from collections.abc import AsyncIterator
 
     from bridge.domain.errors import Unavailable as DomainUnavailable
     from bridge.domain.records import OutboxEntry
@@ -629,15 +630,16 @@ async def test_a_second_read_of_an_outbox_bucket_that_fails_is_read_again(harnes
     assert await acking is True
     await h.queue.drain_background(5.0)
     h.sink.down = False
-    real_outbox, failed = h.store.outbox, []
+    real_pages, failed = h.store.outbox_pages, []
 
-    async def outbox(bucket: int, *args: object, **kwargs: object) -> object:
+    async def outbox_pages(bucket: int) -> AsyncIterator[list[OutboxEntry]]:
         if not failed and buckets == [bucket]:
             failed.append(bucket)  # the second read of the result's bucket times out, once
             raise StorageUnavailable("read timeout (injected)")
-        return await real_outbox(bucket, *args, **kwargs)  # type: ignore[arg-type]
+        async for page in real_pages(bucket):
+            yield page
 
-    h.store.outbox = outbox  # type: ignore[method-assign]
+    h.store.outbox_pages = outbox_pages  # type: ignore[method-assign]
     for _ in range(12):
         with contextlib.suppress(DomainUnavailable):  # the relay's loop logs it and sweeps again
             await h.advance(10_000)
@@ -682,3 +684,41 @@ async def test_a_park_at_the_limit_that_cannot_be_settled_in_either_pass_is_trie
     assert len(refused) == refusals, f"the park was tried {len(refused)} times before it could apply"
     lease = await h.store.lease(q, uuid.UUID(task_id), serial=False)
     assert lease is not None and lease.state is LeaseState.PARKED, f"never parked: {lease}"
+
+
+async def test_the_relay_holds_a_page_of_owed_results_not_a_whole_bucket(harness: Harness) -> None:
+    """After a broker outage an outbox bucket holds hundreds of owed results of up to 1 MiB each:
+    the relay read the whole bucket into memory, results and all, and did so again at each retry
+    (its comment said "at most 16 results in memory"). It now takes them a page at a time.
+    Found by a review, 2026-12-05."""
+    from collections.abc import AsyncIterator
+
+    from bridge.domain.records import OutboxEntry
+
+    h = harness
+    h.sink.down = True  # the broker is away while the tasks complete
+    delivered = []
+    for n in range(40):
+        await h.add(n, token=f"t{n}")
+    for n in range(40):
+        got = await h.fetch(f"w{n}", ttr_ms=3_600_000)
+        assert got is not None
+        delivered.append(got)
+    for n, got in enumerate(delivered):
+        assert await h.ack(f"w{n}", got, result=n) is True
+    await h.queue.drain_background(5.0)
+    real_pages, pages = h.store.outbox_pages, []
+
+    async def outbox_pages(bucket: int) -> AsyncIterator[list[OutboxEntry]]:
+        async for page in real_pages(bucket):
+            pages.append(len(page))
+            yield page
+
+    h.store.outbox_pages = outbox_pages  # type: ignore[method-assign]
+    h.sink.down = False
+    for _ in range(12):
+        await h.advance(10_000)
+        if len({m.task_id for m in h.sink.messages}) == 40:
+            break
+    assert {m.task_id for m in h.sink.messages} == {d.task_id for d in delivered}
+    assert pages and max(pages) <= 16, pages
