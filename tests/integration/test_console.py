@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 
 from bridge.gateway.keys import new_key
+from tests import raw_http
 from tests.conftest import ENGINE_USER, OWNERS, ROOT, free_port, service_id, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -464,14 +465,7 @@ async def test_a_redrive_whose_tab_closed_mid_way_is_finished(make_bridge, conso
 
         monkeypatch.setattr(b.queue, "redrive", redrive)
         body = json.dumps({"taskIds": [parked_id]}).encode()
-        head = (
-            f"POST /console/api/queues/{svc}/redrive HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            f"Authorization: Bearer {c.keys['a']}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        ).encode()
-        _, writer = await asyncio.open_connection("127.0.0.1", c.port)
-        writer.write(head + body)
-        await writer.drain()
+        writer = await raw_http.send(c.port, raw_http.post(f"/console/api/queues/{svc}/redrive", c.keys["a"], body))
         await asyncio.wait_for(started.wait(), 10)
         server = b.gateway._runner.server
         (serving,) = [h for h in server.connections if getattr(h, "_current_request", None) is not None]

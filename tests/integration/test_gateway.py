@@ -23,6 +23,7 @@ from aiohttp import web
 
 from bridge.client.rpc import results_consumer
 from bridge.gateway.keys import new_key
+from tests import raw_http
 from tests.conftest import ENGINE_USER, OWNERS, free_port, service_id, wait_for
 from tests.integration.test_security import flip_stored_value
 from tests.keyserver import KeyServer
@@ -519,13 +520,7 @@ async def test_a_body_the_client_never_finishes_is_a_bad_request_not_an_internal
                     total += s.value
         return total
 
-    head = (
-        f"POST /api/queue/{service_id()}/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        f"Authorization: Bearer {keys['a']}\r\nContent-Type: application/json\r\n"
-    ).encode()
-    _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-    writer.write(head + tail)
-    await writer.drain()
+    writer = await raw_http.send(gw.port, raw_http.post(f"/api/queue/{service_id()}/tasks", keys["a"]) + tail)
 
     def reading() -> bool:  # the gateway's handler is waiting for the rest of the body
         server = bridge.gateway._runner.server
@@ -690,13 +685,7 @@ async def test_a_long_poll_whose_client_hung_up_does_not_claim_the_next_task(sta
     assert (await gw.ok(svc, "fetch", {"workerId": "live"}))["result"] is None  # the queue exists
 
     body = json.dumps({"workerId": "gone", "waitMs": 30_000, "timeToRecover": 600_000}).encode()
-    head = (
-        f"POST /api/queue/{svc}/fetch HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {keys['a']}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode()
-    _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-    writer.write(head + body)
-    await writer.drain()
+    writer = await raw_http.send(gw.port, raw_http.post(f"/api/queue/{svc}/fetch", keys["a"], body))
     await wait_for(lambda: _waiters(bridge) == 1, 10, what="the HTTP fetch waiting for a hint")
     (waiting,) = _serving(bridge, svc)
     writer.close()  # the worker hangs up (its client timed out, the pod went away...)
@@ -715,14 +704,7 @@ async def test_a_long_poll_whose_client_hung_up_does_not_claim_the_next_task(sta
 async def _long_poll_then_hang_up_later(gw: Gateway, svc: str, worker: str) -> asyncio.StreamWriter:
     """A long-poll fetch on a raw connection, left open: the caller closes it (hangs up)."""
     body = json.dumps({"workerId": worker, "waitMs": 30_000, "timeToRecover": 600_000}).encode()
-    head = (
-        f"POST /api/queue/{svc}/fetch HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {gw.keys['a']}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode()
-    _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-    writer.write(head + body)
-    await writer.drain()
-    return writer
+    return await raw_http.send(gw.port, raw_http.post(f"/api/queue/{svc}/fetch", gw.keys["a"], body))
 
 
 def _fetches(bridge: Any, outcome: str) -> float:
