@@ -82,6 +82,11 @@ def _answerable(exc: BaseException, what: str, internal_message: str) -> BridgeE
 
 
 PACED_METHOD = "redrive"  # the one lifecycle method that waits on purpose (its rate)
+# Redrives one bridge paces at once, their deliveries acknowledged (outside the prefetch window).
+# Past it a redrive is answered ``unavailable`` at once: holding its delivery instead would let a
+# burst of redrives take the lifecycle consumer's every slot (each paced for seconds), and every
+# extend of every owner on this bridge would wait behind them.
+MAX_PACED_REDRIVES = 64
 
 
 class RequestHandlers:
@@ -103,6 +108,7 @@ class RequestHandlers:
         # (each acked at once, so the broker kept delivering) grew memory and store polling without
         # limit, for every tenant of the bridge.
         self.waiting_unbounded = 0
+        self.paced_redrives = 0  # redrives acknowledged early, being paced (MAX_PACED_REDRIVES)
         self.requester_alive = requester_alive  # asked before a long-poll that waited claims a task
         self.lane = lane or AddRetryLane(settings)
         # The bridge's own user names the owner of the adds it moved to its retry lane.
@@ -453,14 +459,25 @@ class RequestHandlers:
         operation = wire.LIFECYCLE[method]
 
         async def call(owner: str, req: Any, message: RequestMessage) -> Reply:
-            if method == PACED_METHOD:
-                # A redrive paces itself (BRIDGE_REDRIVE_RATE a queue): up to 1,000 tasks take
-                # many seconds. Holding its delivery meanwhile, as many redrives as the prefetch
-                # window would stop every extend, fail and cancel of every owner on this bridge
-                # (leases of healthy work would run out). Acknowledged now, as a waiting fetch
-                # is: a redrive is idempotent, and if the bridge dies, the caller's retry asks again.
-                await ack_early(message)
-            return wire.encode(await operation.call(self.queue, owner, req)), None
+            if method != PACED_METHOD:
+                return wire.encode(await operation.call(self.queue, owner, req)), None
+            # A redrive paces itself (BRIDGE_REDRIVE_RATE a queue): up to 1,000 tasks take many
+            # seconds. Holding its delivery meanwhile, as many redrives as the prefetch window
+            # would stop every extend, fail and cancel of every owner on this bridge (leases of
+            # healthy work would run out). Acknowledged now, as a waiting fetch is: a redrive is
+            # idempotent, and if the bridge dies, the caller's retry asks again. Bounded: each
+            # one acked early is memory and a waiter on its queue's pace, outside the prefetch.
+            if self.paced_redrives >= MAX_PACED_REDRIVES:
+                raise Unavailable(
+                    f"this bridge is already pacing {self.paced_redrives} redrives (at most "
+                    f"{MAX_PACED_REDRIVES} at once); nothing was redriven: send it again when they end"
+                )
+            await ack_early(message)
+            self.paced_redrives += 1
+            try:
+                return wire.encode(await operation.call(self.queue, owner, req)), None
+            finally:
+                self.paced_redrives -= 1
 
         async def handle(message: RequestMessage) -> str:
             return await self._rpc(message, method, operation.model, call)
