@@ -1656,6 +1656,7 @@ class Worker(RpcClient):
         key the key ring no longer has) is logged and the next fetch goes at once: the bridge
         dead-lettered that task and cleared this worker's pointer, so it moves on. An error that
         says the worker itself is wrong (:data:`MISCONFIGURED`) is raised: no retry fixes it."""
+        started = time.monotonic()
         try:
             task = await self._fetch_unless_stopped(stop)
         except IntegrityError as exc:
@@ -1674,7 +1675,10 @@ class Worker(RpcClient):
             await self._pause(pause, stop)
             return None
         self._failed_polls = 0
-        if task is None and not self.wait_ms:
+        if task is None and (not self.wait_ms or time.monotonic() - started < self.wait_ms / 2000):
+            # Not long-polling, or a long-poll answered empty well before its wait: a bridge that
+            # does not long-poll (BRIDGE_HINTS=false, or one before contract 1.2) answers at once,
+            # and fetching again at once turned the loop into a busy poll of its store.
             await self._pause(self.poll_interval, stop)
         return task
 

@@ -100,3 +100,22 @@ async def test_the_worker_loops_pauses_after_failures_are_jittered(servers, name
         assert all(0 <= p <= cap for p, cap in zip(pauses, caps, strict=True)), pauses
     assert first != second, f"both workers paused {first}: in lockstep"
     assert any(p < 0.99 * cap for p, cap in zip(first + second, caps + caps, strict=True)), (first, second)
+
+
+async def test_a_long_polling_worker_pauses_when_its_bridge_answers_an_empty_fetch_at_once(make_bridge, servers, names):
+    """A bridge with BRIDGE_HINTS=false does not long-poll: a fetch with ``waitMs`` answers null at
+    once. The Worker (long-polling by default) paused between empty fetches only when not
+    long-polling, so against such a bridge it fetched again at once, in a busy loop, each fetch a
+    scan of the store. Found by the docs review, 2026-12-05."""
+    await make_bridge(hints=False)
+    w = _PauseRecorder(
+        servers.amqp_url(OWNERS[0]), service=service_id(), worker_id="w", exchange=names["exchange"], poll_interval=0.2
+    )
+    assert w.wait_ms > 0, "long-polls by default"
+    await w.open()
+    try:
+        for _ in range(3):
+            assert await w._poll() is None  # the loop's one fetch, on an empty queue
+    finally:
+        await w.close()
+    assert w.pauses == [0.2, 0.2, 0.2], "a pause after each empty fetch answered at once"
