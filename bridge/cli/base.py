@@ -40,7 +40,12 @@ TimeoutOption = Annotated[
 
 
 class Failure(Exception):
-    """An expected failure: printed as one line on stderr, exit code 1."""
+    """An expected failure: printed as one line on stderr, exit code ``code`` (1; 2 for a
+    configuration the command refuses, as ``run`` exits)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

@@ -175,6 +175,10 @@ def add(
         int | None,
         typer.Option("--max-deliveries", min=1, max=1000, help="Park the task after this many deliveries."),
     ] = None,
+    priority: Annotated[
+        int | None,
+        typer.Option("--priority", min=0, max=3, help="0 to 3, higher handed out first (FIFO within a level)."),
+    ] = None,
     amqp_url: AmqpUrlOption = None,
     timeout: TimeoutOption = 10.0,
 ) -> None:
@@ -192,6 +196,7 @@ def add(
             delay_ms=delay_ms,
             not_before=when,
             max_deliveries=max_deliveries,
+            priority=priority,
         )
 
     typer.echo(_engine_call(owner, amqp_url, timeout, use))
@@ -279,7 +284,7 @@ def fetch(
     worker: Annotated[str, typer.Option("--worker", help="The worker id (one task held at a time per id).")],
     ttr: Annotated[
         int | None,
-        typer.Option("--ttr", min=1, help="Time to recover, ms: the lease length (default: the bridge's)."),
+        typer.Option("--ttr", min=100, help="Time to recover, ms: the lease length (default: the bridge's)."),
     ] = None,
     amqp_url: AmqpUrlOption = None,
     timeout: TimeoutOption = 10.0,
@@ -311,7 +316,12 @@ def ack(
         str | None, typer.Option("--result", metavar="JSON", help="The task's result (JSON; default null).")
     ] = None,
     error: Annotated[
-        str | None, typer.Option("--error", metavar="JSON", help="Fail the task with this error (JSON).")
+        str | None,
+        typer.Option(
+            "--error",
+            metavar="JSON",
+            help="Complete the task with this business error (JSON), sent to the engine; see `fail` for a retry.",
+        ),
     ] = None,
     task_id: TaskIdOption = None,
     epoch: EpochOption = None,
@@ -344,7 +354,7 @@ def extend(
     worker: Annotated[str, typer.Option("--worker", help="The worker id that fetched the task.")],
     ttr: Annotated[
         int | None,
-        typer.Option("--ttr", min=1, help="Time to recover, ms: the new lease, from now (default: the bridge's)."),
+        typer.Option("--ttr", min=100, help="Time to recover, ms: the new lease, from now (default: the bridge's)."),
     ] = None,
     task_id: TaskIdOption = None,
     epoch: EpochOption = None,
@@ -374,7 +384,13 @@ def fail_task(
     ] = None,
     retry_in: Annotated[
         int | None,
-        typer.Option("--retry-in", metavar="MS", min=0, help="Deliver it again after this many ms (default: backoff)."),
+        typer.Option(
+            "--retry-in",
+            metavar="MS",
+            min=0,
+            max=86_400_000,
+            help="Deliver it again after this many ms (default: backoff).",
+        ),
     ] = None,
     task_id: TaskIdOption = None,
     epoch: EpochOption = None,

@@ -131,7 +131,7 @@ def schema(
                 await create_schema(db, settings)
                 await check_layout(db, settings.cassandra_keyspace)
             except LayoutMismatch as exc:
-                raise Failure(str(exc)) from None
+                raise Failure(str(exc), code=2) from None  # bad configuration, as `run` exits
             except errors as exc:
                 raise Failure(
                     f"creating the schema in keyspace {settings.cassandra_keyspace!r} at {where} failed: "
@@ -143,5 +143,5 @@ def schema(
     try:
         run_async(apply())
     except Failure as exc:
-        fail(str(exc))
+        fail(str(exc), exc.code)
     typer.echo(f"schema ready in keyspace {settings.cassandra_keyspace}")

@@ -297,3 +297,26 @@ async def test_purge_says_where_it_acts_and_purges_the_queue_through_the_bridge(
         assert "vhost '/'" in line
     async with Worker(servers.amqp_url(OWNER), service=svc, worker_id="w-after", exchange=names["exchange"]) as w:
         assert await w.fetch() is None, "a task survived the purge"
+
+
+async def test_add_takes_a_priority_and_fetch_a_lease_the_bridge_accepts(
+    bridge: Any, bridge_env: dict[str, str], servers: Servers
+) -> None:
+    """`add` had no `--priority` (the contract and the client have it since 1.4); `fetch --ttr`
+    took values down to 1 ms that the bridge refuses (bad_request under 100): refused here now."""
+    svc = service_id()
+    engine_url, worker_url = servers.amqp_url(ENGINE_USER), servers.amqp_url(OWNER)
+    added = {}
+    for level in ("0", "3"):
+        added[level] = ok(
+            await cli(
+                "add", svc, f'{{"level": {level}}}', "--priority", level, "--owner", OWNER, "--amqp-url", engine_url,
+                env=bridge_env,
+            )
+        ).strip()  # fmt: skip
+    fetched = json.loads(
+        ok(await cli("fetch", svc, "--worker", "w1", "--ttr", "60000", "--amqp-url", worker_url, env=bridge_env))
+    )
+    assert fetched["id"] == added["3"], "the higher level first, though added last"
+    refused = await cli("fetch", svc, "--worker", "w2", "--ttr", "50", "--amqp-url", worker_url, env=bridge_env)
+    assert refused.returncode == 2 and "--ttr" in refused.stderr, refused.stderr
