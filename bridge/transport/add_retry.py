@@ -18,7 +18,11 @@ place as before.
 
 The copy is published with the bridge's own ``user_id`` (RabbitMQ checks it is the connection's
 user, so no tenant can forge it) and the owner in ``x-owner``, which the bridge trusts from its
-own user only (:class:`~bridge.transport.envelope.Identity`). It carries :data:`DEFERRED_HEADER`,
+own user only (:class:`~bridge.transport.envelope.Identity`). Of the caller's headers it carries
+only those an add reads (:data:`LANE_HEADERS`): a copied ``CC`` or ``BCC`` header would have the
+broker route the copy, in the bridge's name, to any queue those name too (the default exchange
+reaches every queue): a tenant's forged results on the engine's queue, or a copy of itself back
+in the add queue at each pass, doubling. It carries :data:`DEFERRED_HEADER`,
 which makes its idempotency key checked with an LWT (``envelope.idempotency_of``): if the
 original's acknowledgement were lost, the broker would deliver both.
 """
@@ -47,6 +51,11 @@ log = logging.getLogger("bridge.amqp")
 LANE_DELAY_MS = 10_000
 LANE_SUFFIX = "add-retry"
 DEFERRED_HEADER = "x-qb-deferred"  # how many times the add went through the lane
+# The caller's headers a lane copy keeps: what an add reads (its deadline, idempotency key and
+# trace context); ``x-owner`` and DEFERRED_HEADER are the bridge's own. Nothing else: a header
+# the broker acts on (``CC``, ``BCC``) must not be published in the bridge's name.
+# (envelope's DEADLINE_HEADER and IDEMPOTENCY_HEADER, spelled out: envelope imports this module)
+LANE_HEADERS = ("x-deadline", "x-idempotency-key", "traceparent", "tracestate")
 
 
 class AddRetryLane:
@@ -90,8 +99,9 @@ class AddRetryLane:
         broker did not take it: the caller then keeps the original)."""
         if self._exchange is None:
             raise RuntimeError("transport not started")
-        headers: dict[str, Any] = dict(message.headers or {})
-        passes = headers.get(DEFERRED_HEADER)
+        given = message.headers or {}
+        headers: dict[str, Any] = {name: given[name] for name in LANE_HEADERS if name in given}
+        passes = given.get(DEFERRED_HEADER)
         headers[DEFERRED_HEADER] = (passes if isinstance(passes, int) and not isinstance(passes, bool) else 0) + 1
         headers["x-owner"] = owner
         copy = aio_pika.Message(

@@ -368,3 +368,65 @@ async def test_a_key_lookup_that_fails_does_not_pin_the_worker_to_its_task(make_
     task = await wait_for(the_healthy_task, 10, interval=0.1, what="the task sealed with the current key")
     assert task.id == second and task.value == "sealed with the new key"
     assert first != second
+
+
+async def test_an_add_moved_to_the_retry_lane_keeps_no_header_the_broker_routes_by(bridge_env, servers, names, workers):
+    """The lane's copy of an add is published in the bridge's name on the default exchange, which
+    reaches every queue. It copied every header of the caller's: a ``CC`` header had the broker
+    deliver the copy, as the bridge's, to the queues it named too (forged results on an engine's
+    queue, or a copy back in the add queue at each pass). Found by the security review, 2026-12-05."""
+    import secrets
+
+    import aio_pika
+
+    from bridge.app import Bridge
+    from tests.keyserver import KeyServer
+
+    async with KeyServer() as keys:
+        for owner in (*OWNERS, ENGINE_USER, "guest"):
+            keys.add_owner(owner)
+        broken = OWNERS[1]
+        key_id = keys.current_id(broken)
+        good = keys._owners[broken][key_id]
+        keys._owners[broken][key_id] = secrets.token_bytes(16)
+        env = {k: v for k, v in bridge_env.items() if k != "BRIDGE_KEYRING"}
+        b = Bridge(settings_from(env, key_server_url=keys.url, key_cache_seconds=0.05))
+        await b.start()
+        admin = await aio_pika.connect(servers.amqp_url())
+        engine = await aio_pika.connect(servers.amqp_url(ENGINE_USER))
+        try:
+            probe_channel = await admin.channel()
+            probe = await probe_channel.declare_queue(f"probe-cc-{uuid.uuid4().hex[:8]}", auto_delete=True)
+            channel = await engine.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(names["exchange"], ensure=False)
+            svc = service_id()
+            flood = b.settings.prefetch + 16  # past the owner's share of the window: most go to the lane
+            for n in range(flood):
+                message = aio_pika.Message(
+                    json.dumps({"serviceId": svc, "value": {"n": n}}).encode(),
+                    content_type="application/json",
+                    user_id=ENGINE_USER,
+                    message_id=f"cc-{n}",
+                    headers={"x-owner": broken, "CC": [probe.name], "x-other": "dropped"},
+                )
+                await exchange.publish(message, routing_key="add")
+            await wait_for(lambda: b.transport.handlers.lane.full(broken), 20, what="the broken owner's share used up")
+            keys._owners[broken][key_id] = good  # the operator fixes the entry
+            worker = await workers(svc, "w", user=broken)
+            seen: set[int] = set()
+
+            async def all_landed() -> bool:
+                task = await worker.fetch()
+                if task is not None:
+                    seen.add(task.value["n"])
+                    await task.ack("done")
+                return len(seen) == flood
+
+            await wait_for(all_landed, 50, interval=0, what=f"every one of the broken owner's {flood} adds")
+            await probe.declare()  # its message count now
+            leaked = probe.declaration_result.message_count
+            assert leaked == 0, f"{leaked} lane copies routed, in the bridge's name, to the queue a CC header named"
+        finally:
+            await engine.close()
+            await admin.close()
+            await b.stop()
