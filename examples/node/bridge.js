@@ -91,8 +91,9 @@ class RequestTimeout extends Error {
 /**
  * The transport failed under a request (code `connection_lost`): the connection or channel was
  * lost while it waited (a broker restart, a failover, an operator's close), the publish failed, or
- * no node could be reached (refused, out of reach, no handshake within the connect timeout).
- * `sent`: whether the request may have reached the broker (it may then have run). Safe to retry
+ * no node could be reached (refused, out of reach, no handshake within the connect timeout), or
+ * the broker refused it (closed the channel: no such exchange yet, no permission).
+ * `sent`: whether the request may have reached a bridge (it may then have run). Safe to retry
  * as a timeout is: an add with the same message-id, an ack naming its task.
  */
 class ConnectionLost extends Error {
@@ -104,12 +105,17 @@ class ConnectionLost extends Error {
   }
 }
 
-/** The request was cut short by close() (code `closed`): this client is going away; do not retry. */
+/**
+ * The request was cut short by close() (code `closed`): this client is going away; do not retry.
+ * `sent`, as for ConnectionLost: whether it may have reached the broker (a long-poll fetch given
+ * up so may still claim a task for its worker at a busy bridge: the worker asks for it on stop).
+ */
 class ClientClosed extends Error {
-  constructor() {
+  constructor({ sent = true } = {}) {
     super('client closed');
     this.name = 'ClientClosed';
     this.code = 'closed';
+    this.sent = sent;
   }
 }
 
@@ -226,12 +232,16 @@ class BridgeClient {
     if (this.closes !== closes) {
       // close() came while we connected (a worker told to stop): this connection is not wanted.
       await connection.close().catch(() => {});
-      throw new ClientClosed();
+      throw new ClientClosed({ sent: false });
     }
     let channel;
+    let refusal = null; // the broker's reason, when it closed the channel over a request of ours
     try {
       channel = await connection.createChannel();
-      channel.on('error', () => {}); // the 'close' that follows says it
+      // The 'close' that follows says it; its code tells a refusal from a loss.
+      channel.on('error', (err) => {
+        refusal = err;
+      });
       await channel.consume(DIRECT_REPLY_TO, (msg) => this.onReply(msg), { noAck: true });
     } catch (err) {
       await connection.close().catch(() => {});
@@ -239,13 +249,21 @@ class BridgeClient {
     }
     if (this.closes !== closes) {
       await connection.close().catch(() => {});
-      throw new ClientClosed();
+      throw new ClientClosed({ sent: false });
     }
     const lost = () => {
       if (this.channel !== channel) return; // an earlier channel's late event
       this.channel = null;
       this.node = (this.node + 1) % this.urls.length; // its node may be the trouble: start after it
-      this.failAll(new ConnectionLost('connection lost: the channel was closed'));
+      // 404 (no such exchange: no bridge declared it yet) or 403 (no permission on it): RabbitMQ
+      // refused our publishes to the exchange, and so the requests in flight: none reached a
+      // bridge (`sent` false: a worker then knows no fetch of it can claim anything), as rpc.py's
+      // BrokerRefused. Any other close may have come after a request was taken.
+      const refused = refusal !== null && (refusal.code === 404 || refusal.code === 403);
+      const why = refused
+        ? `RabbitMQ refused the request: ${refusal.message}`
+        : 'connection lost: the channel was closed';
+      this.failAll(new ConnectionLost(why, { sent: !refused }));
       connection.close().catch(() => {}); // a 404 closes only the channel: drop its connection too
     };
     channel.on('close', lost);
@@ -346,8 +364,9 @@ class BridgeClient {
 
   /**
    * Close the connection: the requests in flight reject with ClientClosed (their direct reply-to
-   * is gone with the channel, so a long-poll fetch waiting at a bridge claims nothing more), and
-   * so does a connect() under way. A later request connects again.
+   * is gone with the channel, so a long-poll fetch waiting at a bridge claims nothing more; one
+   * still queued at a busy bridge may claim a ready task at once: worker.js asks for it on stop),
+   * and so does a connect() under way. A later request connects again.
    */
   async close() {
     const { connection } = this;

@@ -17,13 +17,17 @@
 //   QB_WORK_MS    0                the demo work's duration (stands for your handler's time)
 //   QB_STOP_TIMEOUT_MS 20000       after SIGTERM/SIGINT, how long the task in hand may still take:
 //                                  then it is given back (`fail`, retryInMs 0) to come again at once
+//   QB_STOP_GRACE_MS 5000          at the stop, how long it may go on asking whether a fetch it gave
+//                                  up on (or that got no answer) claimed a task for it (Worker.stop_grace)
 //   QB_CONNECT_TIMEOUT_MS 5000     how long connecting to one RabbitMQ node may take
 //
 // The work: {"upper": value.text upper-cased, "n": value.n}; a value with "fail": true is acked
 // with a business error instead ({"message": ...}): it reaches the engine as an error result.
 // Prints JSON lines: {"event": "task", ...}, {"event": "acked", "taskId", "completed"},
 // {"event": "fetch_failed", "code", "message", "pauseMs"}, {"event": "ack_failed", ...},
-// {"event": "given_back", "taskId", "reason", "answered"}, {"event": "stopping", "signal"}.
+// {"event": "given_back", "taskId", "reason", "answered"}, {"event": "stopping", "signal"},
+// {"event": "draining", "forMs"}, {"event": "drain_failed", "code", "message", "pauseMs"},
+// {"event": "drained", "tasks", "unsure"}.
 //
 // What ends the loop, as the Python client's Worker.run:
 // * Only an answer that says this worker itself is wrong (bad_request, payload_too_large,
@@ -41,6 +45,16 @@
 //   bridge checks a waiting fetch's reply-to before it claims a task for it: gone, it claims
 //   nothing); the task in hand is finished and acked, or given back after QB_STOP_TIMEOUT_MS.
 //   A second signal exits at once (a task in hand returns when its lease runs out).
+// * Then, as the Python Worker.run (_claimed_after_stop): a fetch given up at the stop, or one that
+//   got no answer, may still claim a task for this worker until its deadline, its reply going
+//   nowhere: one still queued at a busy bridge claims a ready task at once, without that check,
+//   and so does a claim already past it. Exiting then would leave that task leased to a stopped
+//   worker for its whole lease (QB_TTR_MS). So, with its connection closed (nothing waiting can
+//   claim any more), the worker asks the bridge every 200 ms whether it holds a task (an `extend`
+//   naming none: it reads the worker's pointer and never claims), until that deadline but
+//   QB_STOP_GRACE_MS at most, and only when it does fetches it (not `fresh`, not waiting: the
+//   bridge hands the task held) and handles it as any. A fetch there would claim the queue's next
+//   task: a stopping worker takes no new work. Nothing to ask when every fetch was answered.
 
 const os = require('node:os');
 const { BridgeClient, backoffMs, emit, env, hostsEnv, intEnv, run, sleep } = require('./bridge');
@@ -50,10 +64,14 @@ const MISCONFIGURED = new Set(['bad_request', 'payload_too_large', 'unauthorized
 // Ack failures after which the ack may have applied or may apply when sent again.
 const UNANSWERED = new Set(['timeout', 'connection_lost', 'unavailable']);
 const ACK_ATTEMPTS = 3;
+// On stop, while a fetch without an answer may still claim a task for us: how often we ask the
+// bridge whether we hold one (rpc.py STOP_ASK_EVERY_S). Short: the claimed task's lease runs.
+const STOP_ASK_EVERY_MS = 200;
 const SIGNAL_EXIT = { SIGINT: 130, SIGTERM: 143 };
 const CUT = Symbol('cut');
 
 let client = null;
+let closing = Promise.resolve(); // the close a signal started (under a long-poll)
 let phase = 'idle'; // 'fetching' while a fetch waits: a signal then closes the connection
 let stopping = false;
 let cutHandler = false; // a handler still ran when we gave its task back
@@ -76,7 +94,8 @@ for (const signal of ['SIGTERM', 'SIGINT']) {
     if (wake !== null) wake();
     // A long-poll can wait 30 s: give it up now. With its channel gone, its reply-to is gone, and
     // the bridge, which checks that before it claims a task for a waiting fetch, claims nothing.
-    if (phase === 'fetching' && client !== null) client.close();
+    // What it may still claim at a busy bridge is asked for at the end of main (drain).
+    if (phase === 'fetching' && client !== null) closing = client.close();
   });
 }
 
@@ -130,6 +149,7 @@ async function main() {
   const idleExit = intEnv('QB_IDLE_EXIT', 0);
   const workMs = intEnv('QB_WORK_MS', 0);
   const stopTimeoutMs = intEnv('QB_STOP_TIMEOUT_MS', 20_000);
+  const stopGraceMs = intEnv('QB_STOP_GRACE_MS', 5_000);
   const connectTimeoutMs = intEnv('QB_CONNECT_TIMEOUT_MS', 5_000);
 
   // Not connected yet: the first fetch connects, and RabbitMQ out of reach then is retried as any
@@ -180,11 +200,125 @@ async function main() {
     return null; // the next fetch (not `fresh`) hands the task back if the ack never applied
   }
 
+  // A fetch that got no answer (given up at the stop, timed out, its connection lost once sent)
+  // may still claim a task for us at a bridge until its deadline (performance.now(), ms): its
+  // reply goes nowhere, and only a fetch without `fresh` (the bridge reads our pointer) gets that
+  // task back. Until then we do not know that we hold nothing.
+  let unsureUntil = 0;
+  const unsure = () => performance.now() < unsureUntil;
+
+  /**
+   * Note a fetch that failed: whether it may still claim a task for us at a bridge, until its
+   * deadline (rpc.py _claiming_call).
+   */
+  function mayStillClaim(err, sentAt, timeoutMs) {
+    // Answered (an error reply), or never taken (not published, closed while connecting, refused
+    // by RabbitMQ): it cannot claim anything. Otherwise its deadline is its x-deadline, timeoutMs
+    // from when it was sent, plus a second for the two hosts' clocks.
+    if (err.reply !== undefined || err.sent === false) return false;
+    if (!['timeout', 'connection_lost', 'closed'].includes(err.code)) return false;
+    unsureUntil = Math.max(unsureUntil, sentAt + timeoutMs + 1_000);
+    return true;
+  }
+
+  /**
+   * Handle a task and ack it (or give it back when the work failed). Whether the bridge answered
+   * about it (true: we hold nothing now), or null when the stop cut the work short (given back).
+   */
+  async function serve(task, value) {
+    emit('task', { taskId: task.id, epoch: task.epoch, deliveries: task.deliveries, hasToken: task.hasToken, value });
+    phase = 'working';
+    let outcome;
+    try {
+      outcome = await handle(value, workMs, stopTimeoutMs);
+    } catch (err) {
+      // The work failed: give the task back, to come again after the bridge's backoff.
+      return (await giveBack(task, err.name || 'Error', err.message)) !== null;
+    } finally {
+      phase = 'idle';
+    }
+    if (outcome === CUT) {
+      // Told to stop, and the work did not end in time: give the task back to come again at
+      // once (another worker takes it), instead of leaving it leased to a stopped worker.
+      cutHandler = true;
+      await giveBack(task, 'StopTimeout', 'cancelled at the worker stop', 0);
+      return null;
+    }
+    phase = 'acking';
+    const completed = await ackTask(task, outcome);
+    phase = 'idle';
+    return completed !== null; // answered, true or false: we hold nothing now
+  }
+
+  /**
+   * At the end: the task a fetch without an answer may still have claimed for us (see the top of
+   * this file), asked for until its deadline, QB_STOP_GRACE_MS at most, and handled. Bounded: no
+   * request starts after the grace; one under way then is awaited (10 s at most each, an extend
+   * and the fetch it calls for), plus the handling of what it hands back.
+   */
+  async function drain() {
+    if (!unsure()) return;
+    // Closed first (the signal may have started it): a long-poll of ours waiting at a bridge then
+    // claims nothing more (the bridge checks its reply-to before a claim). What is left: a claim
+    // already past that check, or made by a fetch still queued at a busy bridge.
+    await closing;
+    await client.close();
+    const until = Math.min(unsureUntil, performance.now() + stopGraceMs);
+    emit('draining', { forMs: Math.round(until - performance.now()) });
+    const named = { serviceId, workerId, timeToRecover }; // no taskId: what the bridge says we hold
+    let tasks = 0;
+    let failed = 0;
+    let lost = false; // a fetch of our own here got no answer
+    while (performance.now() < until) {
+      let reply = null;
+      try {
+        // Never a fetch to ask: with nothing held it would claim the queue's next task.
+        const held = await client.request('extend', named);
+        if (held.body.result === true) {
+          const sentAt = performance.now();
+          try {
+            reply = await client.request('fetch', named); // not `fresh`, not waiting: the task held
+          } catch (err) {
+            if (mayStillClaim(err, sentAt, 10_000)) lost = true;
+            throw err;
+          }
+        }
+      } catch (err) {
+        if (MISCONFIGURED.has(err.code)) {
+          // No request of this worker can succeed: nothing to hand back.
+          emit('drain_failed', { code: err.code, message: String(err.message), pauseMs: null });
+          break;
+        }
+        if (err.code !== 'integrity_error') {
+          // No answer, unavailable, ...: paused as the loop's fetches are, never past the grace.
+          failed += 1;
+          const pauseMs = Math.max(0, Math.min(until - performance.now(), backoffMs(failed, pollMs)));
+          emit('drain_failed', { code: err.code ?? null, message: String(err.message), pauseMs });
+          await sleep(pauseMs);
+          continue;
+        }
+        // integrity_error: the bridge dead-lettered the task it could not open; ask again.
+        emit('drain_failed', { code: err.code, message: String(err.message), pauseMs: 0 });
+      }
+      failed = 0;
+      if (reply !== null && reply.body.task !== undefined) {
+        tasks += 1;
+        await serve(reply.body.task, reply.body.result);
+      } else {
+        await sleep(Math.max(0, Math.min(until - performance.now(), STOP_ASK_EVERY_MS)));
+      }
+    }
+    // `unsure`: a fetch of the drain itself got no answer; what it may claim returns when its
+    // lease runs out.
+    emit('drained', { tasks, unsure: lost });
+  }
+
   let done = 0;
   let idle = 0;
   let failed = 0; // fetches in a row that failed: their pause grows
   // `fresh` (1.3): we know we hold no task (our last fetch answered none, or our last ack was
-  // answered). Never after a request that failed: then we may still hold one.
+  // answered), and no fetch without an answer may still claim one for us. Never after a request
+  // that failed: then we may still hold one.
   let fresh = false;
   try {
     while (!stopping && (maxTasks === 0 || done < maxTasks)) {
@@ -193,11 +327,14 @@ async function main() {
       fresh = false; // until this fetch is answered
       let reply;
       phase = 'fetching';
+      // The reply may take waitMs: wait longer than that (x-deadline follows the timeout).
+      const timeoutMs = waitMs + 10_000;
+      const sentAt = performance.now();
       try {
-        // The reply may take waitMs: wait longer than that (x-deadline follows the timeout).
-        reply = await client.request('fetch', fetch, { timeoutMs: waitMs + 10_000 });
+        reply = await client.request('fetch', fetch, { timeoutMs });
       } catch (err) {
-        if (stopping) break; // the signal closed the connection under the long-poll
+        mayStillClaim(err, sentAt, timeoutMs);
+        if (stopping) break; // the signal closed the connection under the long-poll (see drain)
         if (MISCONFIGURED.has(err.code)) throw err; // this worker cannot be served: say so and stop
         if (err.code === 'integrity_error') {
           // The bridge could not open a task (tampered, or its key gone), dead-lettered it and
@@ -219,40 +356,21 @@ async function main() {
       failed = 0;
       // A task's value may itself be null: test for `task`, not for `result`.
       if (reply.body.task === undefined) {
-        fresh = true;
+        fresh = !unsure();
         idle += 1;
         if (idleExit > 0 && idle >= idleExit) break;
-        if (waitMs === 0) await pause(pollMs); // not long-polling: do not ask again at once
+        // Not long-polling, or a long-poll answered empty well before its wait (a bridge with
+        // BRIDGE_HINTS=false does not long-poll: it answers at once): do not ask again at once.
+        if (waitMs === 0 || performance.now() - sentAt < waitMs / 2) await pause(pollMs);
         continue;
       }
       idle = 0;
-      const { task, result: value } = reply.body;
-      emit('task', { taskId: task.id, epoch: task.epoch, deliveries: task.deliveries, hasToken: task.hasToken, value });
-      phase = 'working';
-      let outcome;
-      try {
-        outcome = await handle(value, workMs, stopTimeoutMs);
-      } catch (err) {
-        // The work failed: give the task back, to come again after the bridge's backoff.
-        fresh = (await giveBack(task, err.name || 'Error', err.message)) !== null;
-        done += 1;
-        continue;
-      } finally {
-        phase = 'idle';
-      }
-      if (outcome === CUT) {
-        // Told to stop, and the work did not end in time: give the task back to come again at
-        // once (another worker takes it), instead of leaving it leased to a stopped worker.
-        cutHandler = true;
-        await giveBack(task, 'StopTimeout', 'cancelled at the worker stop', 0);
-        break;
-      }
-      phase = 'acking';
-      const completed = await ackTask(task, outcome);
-      phase = 'idle';
-      fresh = completed !== null; // answered, true or false: we hold nothing now
+      const answered = await serve(reply.body.task, reply.body.result);
+      if (answered === null) break; // the stop cut its work short: given back
+      fresh = answered && !unsure();
       done += 1;
     }
+    await drain();
     return 0;
   } catch (err) {
     emit('error', { code: err.code ?? null, message: err.detail ?? String(err.message) });

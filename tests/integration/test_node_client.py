@@ -636,6 +636,34 @@ async def test_node_worker_not_long_polling_pauses_between_empty_fetches(
     assert all(g >= 0.45 for g in gaps), gaps
 
 
+async def test_node_worker_pauses_when_its_bridge_answers_a_long_poll_empty_at_once(
+    make_bridge: Any, node: str, servers: Servers, names: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bridge with BRIDGE_HINTS=false does not long-poll: a fetch with waitMs answers null at
+    once. The worker paused between empty fetches only with QB_WAIT_MS=0, so against such a bridge
+    it fetched again at once, in a busy loop. Found by the docs review, 2026-12-05."""
+    b = await make_bridge(hints=False)
+    svc = service_id()
+    real = b.queue.fetch
+    seen: list[float] = []
+
+    async def timed(owner: str, req: Any, **kw: Any) -> Any:
+        if req.service_id == svc:
+            seen.append(time.monotonic())
+        return await real(owner, req, **kw)
+
+    monkeypatch.setattr(b.queue, "fetch", timed)
+    extra = {"QB_SERVICE": svc, "QB_WAIT_MS": "10000", "QB_POLL_MS": "500", "QB_IDLE_EXIT": "4"}
+    worker = await NodeScript(node, "worker.js", env_of(servers, names, OWNERS[0], **extra)).start()
+    try:
+        assert await worker.wait(30) == 0, (worker.events, worker.stderr)
+    finally:
+        await worker.stop()
+    assert len(seen) == 4, seen
+    gaps = [b - a for a, b in itertools.pairwise(seen)]
+    assert all(g >= 0.45 for g in gaps), gaps
+
+
 async def test_node_worker_backs_off_with_full_jitter_after_failed_fetches(
     node: str, servers: Servers, names: dict[str, str]
 ) -> None:
@@ -662,25 +690,101 @@ async def test_node_worker_told_to_stop_gives_up_its_long_poll_at_once(
     bridge: Any, engine: Any, workers: Any, node: str, servers: Servers, names: dict[str, str]
 ) -> None:
     """SIGTERM while the worker waits in a 30 s long-poll: it used to wait it out (a pod's kill
-    deadline is 30 s). It closes its connection and exits; the abandoned fetch, its reply-to gone,
-    claims nothing: the next task goes to another worker at once."""
+    deadline is 30 s). It closes its connection and exits within its grace (QB_STOP_GRACE_MS, 5 s
+    by default, spent asking whether the given-up fetch claimed a task); the abandoned fetch, its
+    reply-to gone, claims nothing, and the asking (an extend, never a fetch) takes no new work: a
+    task added meanwhile goes to another worker at once."""
     from tests.conftest import wait_for
     from tests.integration.test_client_resilience import _waiters
 
     svc = service_id()
-    extra = {"QB_SERVICE": svc, "QB_WAIT_MS": "30000"}
+    extra = {"QB_SERVICE": svc, "QB_WAIT_MS": "30000", "QB_WORKER_ID": "node-idle"}
     worker = await NodeScript(node, "worker.js", env_of(servers, names, OWNERS[0], **extra)).start()
     try:
         await wait_for(lambda: _waiters(bridge) >= 1, 30, what="the Node worker long-polling")
         worker.signal(signal.SIGTERM)
-        assert await worker.wait(5) == 0, (worker.events, worker.stderr)
+        await worker.event("draining", 5)
+        task_id = await engine.add(svc, {"n": 1})  # while the stopping worker asks what it holds
+        assert await worker.wait(5 + 2) == 0, (worker.events, worker.stderr)
     finally:
         await worker.stop()
     assert worker.all("stopping") == [{"event": "stopping", "signal": "SIGTERM", "phase": "fetching"}]
-    task_id = await engine.add(svc, {"n": 1})
+    assert worker.all("drained") == [{"event": "drained", "tasks": 0, "unsure": False}], worker.events
+    assert not worker.all("task"), worker.events
     got = await (await workers(svc, "other")).fetch(wait_ms=10_000)
     assert got is not None and (got.id, got.deliveries) == (task_id, 1), got
     assert await got.ack("done") is True
+    assert await (await workers(svc, "node-idle")).fetch() is None, "a task is leased to the stopped worker"
+
+
+async def test_node_worker_told_to_stop_hands_back_a_task_its_given_up_fetch_claimed(
+    bridge: Any,
+    engine: Any,
+    workers: Any,
+    node: str,
+    servers: Servers,
+    names: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGTERM while the worker's long-poll is still queued at a busy bridge: the worker gives it up
+    (closes its connection) and exited at once. The bridge ran that fetch after all; a task was
+    ready, so it claimed it at once (a probe of the reply-to comes only before a claim a wait woke
+    up) for a worker that was gone: the task stayed leased to it for its whole lease (here 60 s).
+    As the Python client's ``Worker.run`` (test_client_stop.py), the stopping worker now asks the
+    bridge whether it holds a task (an extend naming none) for QB_STOP_GRACE_MS, and fetches and
+    handles the one a given-up fetch claimed. Here the fetch is held at the bridge until the worker
+    has closed its connection (exited, or started asking), and released then."""
+    from tests.conftest import wait_for
+
+    svc, worker_id = service_id(), "node-stopping"
+    gate = asyncio.Event()
+    real = bridge.queue.fetch
+    held: list[Any] = []  # what the held fetch claimed, once it ran
+
+    async def held_up(owner: str, req: Any, **kw: Any) -> Any:
+        if req.service_id != svc or gate.is_set():
+            return await real(owner, req, **kw)
+        held.append("arrived")
+        await gate.wait()
+        delivery = await real(owner, req, **kw)
+        held.append(delivery)
+        return delivery
+
+    monkeypatch.setattr(bridge.queue, "fetch", held_up)
+    extra = {"QB_SERVICE": svc, "QB_WORKER_ID": worker_id, "QB_WAIT_MS": "30000", "QB_TTR_MS": "60000"}
+    worker = await NodeScript(node, "worker.js", env_of(servers, names, OWNERS[0], **extra)).start()
+    try:
+        await wait_for(lambda: held == ["arrived"], 30, what="the Node worker's fetch held at the bridge")
+        task_id = await engine.add(svc, {"n": 1, "text": "claimed at the stop"})
+        worker.signal(signal.SIGTERM)
+        assert worker.proc is not None
+        proc = worker.proc
+        await wait_for(
+            lambda: proc.returncode is not None or worker.all("draining"),
+            10,
+            what="the Node worker to close its connection (exit, or start asking what it holds)",
+        )
+        gate.set()  # the given-up fetch goes on at the bridge and claims the task for the worker
+        await wait_for(lambda: len(held) == 2, 10, what="the given-up fetch to run at the bridge")
+        assert held[1] is not None and held[1].task_id == task_id, f"the given-up fetch claimed {held[1]}"
+        assert await worker.wait(20) == 0, (worker.events, worker.stderr)
+    finally:
+        gate.set()
+        await worker.stop()
+    assert worker.all("stopping") == [{"event": "stopping", "signal": "SIGTERM", "phase": "fetching"}]
+    handled = [a["completed"] for a in worker.all("acked") if a["taskId"] == task_id]
+    # Not stranded: handled by the stopping worker, or else another worker has it now (a few
+    # seconds after the claim, well before the 60 s lease would run out).
+    got = await (await workers(svc, "other")).fetch(wait_ms=3_000)
+    if got is not None:
+        assert await got.ack("done") is True
+    stuck = await (await workers(svc, worker_id)).fetch()  # not `fresh`: the task it holds, if any
+    assert handled == [True] or (got is not None and got.id == task_id), (
+        f"task {task_id} went to nobody who works: the stopped Node worker handled {handled}, another "
+        f"worker's fetch got {got and got.id}; the stopped worker's id holds {stuck and stuck.id} "
+        f"(until its 60 s lease runs out). Events: {worker.events}"
+    )
+    assert stuck is None, f"task {stuck.id} is still leased to the stopped Node worker"
 
 
 async def test_node_worker_told_to_stop_gives_back_a_task_its_handler_has_not_finished(
