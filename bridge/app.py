@@ -83,7 +83,12 @@ def build_key_provider(settings: Settings, *, clock: Callable[[], float] = time.
     if settings.key_server_url:
         token = settings.key_server_token.get_secret_value() if settings.key_server_token else None
         try:
-            server = HttpKeyProvider(settings.key_server_url, token=token, timeout=settings.key_server_timeout)
+            server = HttpKeyProvider(
+                settings.key_server_url,
+                token=token,
+                allow_plain_http=settings.key_server_allow_plain_http,
+                timeout=settings.key_server_timeout,
+            )
         except ValueError as exc:
             raise ConfigError(f"BRIDGE_KEY_SERVER_URL: {exc}") from None
         return cached(server)

@@ -140,6 +140,10 @@ class Settings(BaseSettings):
     keyring: Path | None = Field(None, description="Key-ring JSON file (owner -> keys).")
     key_server_url: str | None = Field(None, description="HTTP key server base URL (instead of a key-ring).")
     key_server_token: SecretStr | None = None
+    key_server_allow_plain_http: bool = Field(
+        False,
+        description="Allow BRIDGE_KEY_SERVER_URL http:// to a host not on loopback (only where the network encrypts).",
+    )
     key_server_timeout: float = Field(2.0, gt=0, le=60, description="Per-request timeout of the key server, seconds.")
     key_cache_seconds: float = Field(300.0, gt=0)
     key_cache_size: int = Field(1024, ge=1)

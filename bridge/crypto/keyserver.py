@@ -101,6 +101,7 @@ class HttpKeyProvider:
         base_url: str,
         *,
         token: str | None = None,
+        allow_plain_http: bool = False,
         timeout: float = 2.0,
         backoff_base: float = 0.2,
         backoff_cap: float = 5.0,
@@ -112,9 +113,18 @@ class HttpKeyProvider:
             raise ValueError("key server URL must be http(s)://host[:port][/prefix]")
         if timeout <= 0:
             raise ValueError("timeout must be > 0")
-        if token is not None and url.scheme == "http":
-            if not _loopback(url.host):
-                raise ValueError("refusing to send the key server token over plain http:// to a remote host; use https")
+        if url.scheme == "http" and not _loopback(url.host):
+            # Its answers are the owners' keys, in clear: whoever reads the path reads every key,
+            # and whoever answers on it chooses the key new tasks are sealed with. A token or
+            # basic-auth credentials would go in clear too. Allowed only where the network itself
+            # encrypts and authenticates (a service mesh's mTLS), said explicitly.
+            if not allow_plain_http:
+                raise ValueError(
+                    "refusing plain http:// to a remote key server: it serves the owners' keys in clear; use "
+                    "https, or set BRIDGE_KEY_SERVER_ALLOW_PLAIN_HTTP=true where the network encrypts (mTLS mesh)"
+                )
+            log.warning("the key server is reached over plain http:// (allowed by BRIDGE_KEY_SERVER_ALLOW_PLAIN_HTTP)")
+        elif token is not None and url.scheme == "http":
             log.warning("the key server token goes over plain http:// (loopback only): use https in production")
         self._backoff = (backoff_base, backoff_cap)
         self._clock = clock
@@ -128,10 +138,12 @@ class HttpKeyProvider:
 
     @property
     def base_url(self) -> str:
-        return self._base
+        """The base URL, its basic-auth password masked (it can read every key)."""
+        url = URL(self._base)
+        return str(url.with_password("***")) if url.password else self._base
 
-    def __repr__(self) -> str:  # never show the token
-        return f"HttpKeyProvider({self._base!r}, token={'set' if self._token else 'none'})"
+    def __repr__(self) -> str:  # never show the token nor the URL's password
+        return f"HttpKeyProvider({self.base_url!r}, token={'set' if self._token else 'none'})"
 
     async def current_key(self, owner: str) -> OwnerKey:
         return await self._fetch(owner, None)

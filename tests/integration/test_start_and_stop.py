@@ -128,6 +128,24 @@ def test_run_with_an_unusable_key_source_fails_as_a_configuration_error(case, en
     assert "BRIDGE_KEYRING" in out, f"{case}: the message does not name the variable\n{out[-600:]}"
 
 
+@pytest.mark.parametrize(
+    "url",
+    ["http://keys.example.internal:8080/", "http://svc:secret@keys.example.internal/"],
+    ids=["plain", "basic-auth"],
+)
+def test_run_refuses_a_remote_key_server_over_plain_http(url, tmp_path):
+    """A key server's answers are the owners' keys, in clear: over plain http:// to another host
+    anyone on the path read every key, and anyone answering on it chose the key new tasks were
+    sealed with. Refused unless the operator allows it (a mesh's mTLS), like a token over http
+    was; the password of the URL is not printed. Found by the security review, 2026-12-05."""
+    proc = _run({"BRIDGE_KEY_SERVER_URL": url}, tmp_path)
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out, out[-600:]
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{out[-600:]}"
+    assert "BRIDGE_KEY_SERVER_URL" in out and "https" in out, out[-600:]
+    assert "secret" not in out
+
+
 def test_an_empty_key_server_url_is_not_a_second_key_source(tmp_path):
     """BRIDGE_KEY_SERVER_URL="" (a template or ConfigMap that leaves it blank) next to a key-ring:
     the settings refused it as "set BRIDGE_KEYRING or BRIDGE_KEY_SERVER_URL, not both" (config.py

@@ -175,12 +175,21 @@ async def test_an_oversized_response_is_refused(server: KeyServer, provider: Htt
         await provider.current_key("acme")
 
 
-def test_a_token_is_never_sent_over_plain_http_to_a_remote_host() -> None:
-    with pytest.raises(ValueError, match="https"):
-        HttpKeyProvider("http://keys.example.com", token="t")
-    HttpKeyProvider("https://keys.example.com", token="t")
-    HttpKeyProvider("http://127.0.0.1:8089", token="t")  # loopback: allowed, with a warning
-    HttpKeyProvider("http://keys.example.com")  # no token: nothing to leak
+def test_keys_are_never_fetched_over_plain_http_from_a_remote_host_unless_allowed() -> None:
+    """The answers are the owners' keys: over plain http:// to another host they go in clear,
+    token or not (a provider without a token was accepted: "nothing to leak")."""
+    for token in ("t", None):
+        with pytest.raises(ValueError, match="https"):
+            HttpKeyProvider("http://keys.example.com", token=token)
+        HttpKeyProvider("https://keys.example.com", token=token)
+        HttpKeyProvider("http://127.0.0.1:8089", token=token)  # loopback: allowed (a warning with a token)
+        HttpKeyProvider("http://keys.example.com", token=token, allow_plain_http=True)  # the mesh encrypts
+
+
+def test_the_providers_url_and_repr_do_not_show_its_password() -> None:
+    provider = HttpKeyProvider("https://svc:secret@keys.example.com/v1")
+    assert "secret" not in provider.base_url and "secret" not in repr(provider)
+    assert provider.base_url.startswith("https://svc:") and provider.base_url.endswith("@keys.example.com/v1")
 
 
 async def test_server_stopped_is_key_unavailable(server: KeyServer, provider: HttpKeyProvider) -> None:
