@@ -17,7 +17,7 @@ import pytest
 from bridge.client import Engine, Worker
 from bridge.domain import lifecycle
 from tests.cli import cli, cli_many, no_traceback, ok
-from tests.conftest import ENGINE_USER, OWNERS, Servers, service_id
+from tests.conftest import ENGINE_USER, OWNERS, Servers, service_id, wait_for
 from tests.integration.test_fault_drills import HAVE_FAKETIME, faketime
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -196,11 +196,11 @@ async def test_redrive_waits_as_long_as_the_bridges_redrive_rate_needs(
     assert "no reply from the bridge within 1.06s" in late.stderr, late.stderr
     # The bridge still puts them back (and leaves nothing parked behind this test).
     async with Engine(engine_url, owner=OWNER, exchange=names["exchange"]) as engine:
-        for _ in range(30):
-            if not await engine.parked(svc):
-                break
-            await anyio.sleep(0.5)
-        assert await engine.parked(svc) == []
+
+        async def none_parked() -> bool:
+            return await engine.parked(svc) == []
+
+        await wait_for(none_parked, 15, interval=0.5, what="the 3 tasks put back at 1/s")
 
 
 @pytest.mark.timeout(120)  # 101 tasks parked one fail each, then put back in three requests

@@ -58,7 +58,7 @@ async def test_the_duty_holder_keeps_the_duty_past_rabbitmqs_consumer_timeout(
     watch_until = time.monotonic() + 10.0  # a measured window: more than three consumer timeouts
     while time.monotonic() < watch_until:
         not_held += not b.duty.held
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # the window's sampling pace: seeing that nothing happens takes time
     assert not lost, f"the broker closed the duty channel: {lost[0]!r}"
     assert not_held == 0, f"the duty was not held at {not_held} of the window's samples"
     assert b.duty.renewals >= 10, f"{b.duty.renewals} renewals in 10 s at one per 0.5 s"

@@ -98,7 +98,7 @@ def gateway(servers: Servers, keyring_path: Path, tmp_path_factory: pytest.TempP
                 urllib.request.urlopen(base + "/openapi.json", timeout=2).close()
                 break
             assert time.monotonic() < deadline, "the gateway did not answer within 60 s"
-            time.sleep(0.2)
+            time.sleep(0.2)  # the pace of this wait for the gateway to answer (a sync fixture: no wait_for)
         yield {"base": base, "key": key, "log": str(log_path)}
     finally:
         proc.terminate()

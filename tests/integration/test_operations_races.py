@@ -25,7 +25,9 @@ import pytest
 
 from bridge.client.rpc import Engine, Worker, results_consumer
 from bridge.domain.errors import Unavailable
-from bridge.domain.records import LeaseState, QueueKey
+from bridge.domain.records import LANE_RECOVERED, LeaseState, QueueKey
+from bridge.domain.stats import walk_lane
+from bridge.domain.timeline import ms_of
 from tests.conftest import OWNERS, service_id, wait_for
 from tests.integration.test_lifecycle import FAST, counts_become, parked_ids
 
@@ -251,7 +253,7 @@ async def test_redrive_racing_discard_on_two_bridges_settles_each_task_once(make
     while len(seen) < len(back) and time.monotonic() < deadline:
         task = await fetch(w, fresh=True)
         if task is None:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the worker's polling pace (the loop's deadline bounds the wait)
             continue
         seen.append(task["id"])
         assert await ack(w, task)
@@ -427,26 +429,35 @@ async def test_purge_of_expired_leases_backoffs_and_redriven_tasks_leaves_exact_
     assert held is not None and held["id"] == held_id
     assert await a.queue.redrive(OWNER, svc, [uuid.UUID(limited)]) == 1
     q = QueueKey(OWNER, svc)
+    margin = a.queue.ctx.limits.skew_margin_ms
 
     async def reexposed() -> bool:
-        # The abandoned lease and the backoff have run out and been re-exposed (lane 0), like the
-        # redriven task: every one of them is ready.
+        # The abandoned lease and the backoff have run out (past their deadline and the skew
+        # margin, as purge requires) and the scheduler has re-exposed them in lane 0, like the
+        # redriven task (a redrive files a deadline): an unclaimed lane-0 entry of each at its
+        # lease's epoch, what purge takes. Every one of them is ready.
+        entries, _ = await walk_lane(a.queue.ctx.store, q, LANE_RECOVERED, 100)
+        exposed = {(e.task_id, e.epoch) for e in entries if not e.claimed}
+        now = a.queue.ctx.clock.now_ms()
         n = 0
         for t in (abandoned_id, failed_id, limited):
             lease = await a.queue.ctx.store.lease(q, uuid.UUID(t), serial=True)
-            until = None if lease is None else lease.lease_until_ms
-            n += until is not None and until + 400 < a.queue.ctx.clock.now_ms()
+            n += (
+                lease is not None
+                and lease.lease_until_ms is not None
+                and lease.lease_until_ms + margin <= now
+                and (uuid.UUID(t), lease.epoch) in exposed
+            )
         return n == 3
 
-    await wait_for(reexposed, 10, what="the leases run out")
-    await asyncio.sleep(0.5)  # a tick or two of the scheduler: re-exposed
+    await wait_for(reexposed, 10, what="the leases run out and are re-exposed")
     await counts_become(engine, svc, {"ready": 4, "inFlight": 3, "delayed": 0, "parked": 0})
     purged, more = await b.queue.purge(OWNER, svc)
     assert (purged, more) == (6, False), f"purged {purged} (more {more}) of the 6 ready tasks"
     other = await workers(svc, "other")
     for _ in range(10):
         assert await fetch(other, fresh=True) is None, "a task handed out after the purge"
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # seeing that nothing happens takes time: 10 fetches over 0.5 s
     assert await ack(h, held) is True, "the held task was taken by the purge"
     assert await ack(x, {"id": abandoned_id, "epoch": 1, "hasToken": False}) is False
     await background_idle(a, b)
@@ -489,7 +500,13 @@ async def test_cancel_of_delayed_tasks_around_their_due_time_keeps_exact_counts(
     ws = [await workers(svc, f"w{i}") for i in range(3)]
     runs = [asyncio.create_task(work(w)) for w in ws]
     await cancel_some()
-    await asyncio.sleep(1.5)
+    # The workers take every task not cancelled as it comes due.
+    await wait_for(lambda: all(cancelled[t] or acked.get(t) for t in ids), 10, what="the rest completed")
+    # A cancelled task handed out all the same would be by now: past the last task's due time (a
+    # delayed task's id is its due time), the margin the bridge announces it after, and two of the
+    # workers' 300 ms long-polls (seeing that nothing happens takes time).
+    quiet_until = max(ms_of(uuid.UUID(t)) for t in ids) + a.queue.ctx.limits.skew_margin_ms + 2 * 300
+    await wait_for(lambda: a.queue.ctx.clock.now_ms() > quiet_until, 10, what="the last task due, and a window")
     stop.set()
     await asyncio.gather(*runs)
     for task_id in ids:
@@ -518,7 +535,7 @@ async def test_a_purge_after_a_redrive_answered_takes_every_redriven_task(make_b
         if task is not None:
             late.append(task["id"])
             assert await ack(w, task)
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # seeing that nothing happens takes time: 20 fetches over 1 s
     assert (purged, late) == (n, []), f"purged {purged} of {n} redriven tasks; handed out after the purge: {late}"
     await background_idle(a, b)
     await counts_become(engine, svc, ZERO)

@@ -378,7 +378,7 @@ async def _results_once_settled(servers: Any, names: Any, svc: str, rounds: int)
         return len({r["taskId"] for r in got}) >= rounds
 
     await wait_for(all_results, 20.0, interval=0.2, what="a result for every task")
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(1.0)  # seeing that nothing happens takes time: 1 s for a second result of any task
     got.extend(await results_of(servers, names, svc))
     return got
 
@@ -416,7 +416,7 @@ async def test_an_ack_racing_the_leases_expiry_and_redelivery_completes_or_is_re
                 got = await b1.queue.fetch(OWNER, fetch_req(svc, "w2"))
                 if got is not None:
                     return got
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # a worker's polling pace; when the ack won, a window that stays empty
             return None
 
         acked, other = await asyncio.gather(late_ack(), poll())
@@ -450,7 +450,7 @@ async def _poll(b: Any, svc: str, worker: str, seconds: float) -> Any:
         got = await b.queue.fetch(OWNER, fetch_req(svc, worker, fresh=True, timeToRecover=60_000))
         if got is not None:
             return got
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # a worker's polling pace; a task that must not come back: a window
     return None
 
 

@@ -269,7 +269,7 @@ async def test_a_stall_that_ends_every_rpc_answered_nothing_lost_or_doubled(
             asyncio.create_task(op("fetch", ws[2].fetch(time_to_recover_ms=60_000))),  # a resend
             asyncio.create_task(op("long_poll", lp.fetch(wait_ms=3000))),
         ]
-        await asyncio.sleep(6)
+        await asyncio.sleep(6)  # the fault itself: a 6 s stall, past BRIDGE_CASSANDRA_TIMEOUT
         slow_proxy.release()
         await asyncio.gather(*ops)
         added = await bounded(asyncio.gather(*adds), 60, "adds after the stall")
@@ -523,12 +523,12 @@ async def test_background_loops_during_a_stall_do_not_spin_or_pile_up_and_recove
         return sum(b.db.statements.values())
 
     n0 = total()
-    await asyncio.sleep(6)
+    await asyncio.sleep(6)  # a measured window: the statements of 6 s of normal running
     normal = total() - n0
     cpu0 = time.process_time()
     slow_proxy.stall_requests()
     n1 = total()
-    await asyncio.sleep(6)
+    await asyncio.sleep(6)  # the fault itself: a 6 s stall, measured like the window above
     stalled = total() - n1
     cpu = time.process_time() - cpu0
     slow_proxy.release()

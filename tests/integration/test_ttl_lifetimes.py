@@ -137,6 +137,8 @@ def _lease_row(cql: Any, keyspace: str, svc: str, task_id: str) -> Any:
 
 
 async def _pause() -> None:
+    # The pace of the windows below: seeing that nothing happens (a row expiring, a task handed out
+    # twice) takes time, watched for seconds past the short TTL.
     await asyncio.sleep(0.1)
 
 
