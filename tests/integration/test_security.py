@@ -536,3 +536,40 @@ async def test_a_worker_whose_owner_has_no_key_is_told_so(make_bridge, servers, 
             await w.ack("x", task_id=str(uuid.uuid1()), epoch=1)
     async with Worker(servers.amqp_url(OWNERS[0]), service="s", worker_id="w", exchange=names["exchange"]) as ok:
         assert await ok.fetch() is None  # an owner with a key: nothing ready, no error
+
+
+async def test_the_bundled_results_consumer_takes_results_only_from_the_bridges_user(
+    bridge, engine, workers, servers, names
+):
+    """docs/security.md asks every engine to check that a result's ``user_id`` is the bridge's user;
+    the bundled ``results_consumer`` (the demo's) could not: it gave neither the ``user_id`` nor a
+    filter, so a message anyone may publish to the results exchange was taken for a result. Found
+    by the security review, 2026-12-05."""
+    import aio_pika
+    import orjson
+
+    from bridge.client.rpc import results_consumer
+
+    svc = service_id()
+    async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
+        forger = await aio_pika.connect(servers.amqp_url("guest"))
+        try:
+            channel = await forger.channel()
+            exchange = await channel.get_exchange(names["results_exchange"], ensure=False)
+            forged = {"taskId": "forged", "serviceId": svc, "result": "forged"}
+            await exchange.publish(aio_pika.Message(orjson.dumps(forged), user_id="guest"), routing_key=svc)
+        finally:
+            await forger.close()
+        task_id = await engine.add(svc, {"n": 1}, token={"t": 1})
+        task = await (await workers(svc)).fetch()
+        assert task is not None and await task.ack("real") is True
+        got: list[dict[str, Any]] = []
+
+        def arrived() -> bool:
+            while not results.empty():
+                got.append(results.get_nowait())
+            return any(m.get("taskId") == task_id for m in got)
+
+        await wait_for(arrived, 15, what="the real result")
+    assert [m["taskId"] for m in got] == [task_id], "the forged message was taken for a result"
+    assert got[0]["_user_id"] == "queue-bridge"
