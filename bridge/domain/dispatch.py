@@ -27,6 +27,7 @@ from bridge.domain.timeline import MIN_TIMEUUID, READY_BUCKET_MS, ms_of
 
 SCAN_LIMIT = 64
 MAX_PAGES = 16  # per refill; a later refill resumes where this one stopped
+REFILLS_PER_CANDIDATE = 4  # refills one fetch runs in a row while each stops on its page budget
 BUFFER_MAX_AGE_MS = 2_000
 PERSIST_EVERY_MS = 1_000
 EMPTY_RESCAN_MS = {LANE_RECOVERED: 100, 1: 0}
@@ -54,6 +55,9 @@ class _Lane:
     # seqs handed to a fetch whose claim is still running: not offered twice, position stops before
     inflight: set[uuid.UUID] = field(default_factory=set)
     resume: tuple[int, uuid.UUID | None] | None = None
+    # The last refill stopped on its page budget: there is more to read (from ``resume``, or from
+    # the position when that refill moved it to where it stopped).
+    more: bool = False
     # Decaying count of claim races lost on this lane: > 0 means other instances read the same
     # head, so candidates are spread at random instead of all instances trying the head first.
     contention: float = 0.0
@@ -155,11 +159,11 @@ class Dispatcher:
             async with st.lock:
                 # Another fetch may have refilled it while we waited. A refill that stopped on its
                 # page budget (long runs of claimed entries) is continued a few times right away.
-                for _ in range(4):
+                for _ in range(REFILLS_PER_CANDIDATE):
                     if st.buffer:
                         break
                     await self._refill(q, lane, st)
-                    if st.resume is None:
+                    if not st.more:
                         break
         if not st.buffer:
             return None
@@ -179,6 +183,11 @@ class Dispatcher:
         st.inflight.discard(entry.seq)
         st.taken.add(entry.seq)
         st.contention = st.contention * CONTENTION_DECAY + (1.0 if lost_race else 0.0)
+
+    def more(self, q: QueueKey, lane: int) -> bool:
+        """The lane's last refill stopped on its page budget: an empty answer is not an empty lane."""
+        st = self._lanes.get((q, lane))
+        return st is not None and st.more
 
     def release(self, q: QueueKey, entry: ReadyEntry) -> None:
         """The claim attempt failed for a transient reason: a later scan offers the entry again."""
@@ -206,7 +215,14 @@ class Dispatcher:
             scan.passed_bucket(bucket)
         # Went through everything there is: the next scan starts again from the position, so
         # that entries released after a failed claim, or written late, are seen again.
-        st.resume = scan.resume if (scan.pages >= MAX_PAGES and not scan.found) else None
+        st.more = scan.pages >= MAX_PAGES and not scan.found
+        # Stopped on the budget with the position moved all the way (every entry read was taken
+        # and settled): the next refill goes on from the position itself, and may move it again.
+        # Resumed from a point past the position, a refill could not move it at all: with hints
+        # on, only scans move the cursor, and a queue taking more than a refill chain's entries
+        # (4,096) per reconciliation interval fell behind for good (a lost hint was found minutes
+        # to days late, and every idle scan re-read the claimed history).
+        st.resume = scan.resume if (st.more and not scan.movable) else None
         st.buffer.extend(scan.found)
         st.found_nothing = not scan.found
         st.scanned_at_ms = now

@@ -555,7 +555,11 @@ class Fetcher:
                 self.reconcile.found(a.q)
                 return delivery
             spread = True  # lost a race: another worker or instance reads the same head
-        self.reconcile.found_nothing(a.q, self.ctx.clock.now_ms())
+        if not (self.dispatcher.more(a.q, LANE_RECOVERED) or self.dispatcher.more(a.q, LANE_FRESH)):
+            # Quiet only after a scan that read to the end: one stopped on its page budget (a long
+            # run of entries claimed through hints) goes on at the queue's next fetch, or a lost
+            # hint behind that run waited an interval per 4,096 entries.
+            self.reconcile.found_nothing(a.q, self.ctx.clock.now_ms())
         return None
 
     async def _may_claim(self, a: _Attempt) -> None:

@@ -209,3 +209,40 @@ async def test_a_fetch_behind_a_long_run_of_cancelled_tasks_hints_is_bounded(
     got = [await h.fetch("w") for _ in range(3)]
     assert got[0] is None, "the first fetch stopped after 4 stale hints (the task is younger than the grace)"
     assert [d.task_id for d in got if d is not None] == [ready]
+
+
+async def test_a_lost_hint_behind_a_long_run_of_tasks_taken_through_hints_is_found_at_the_next_fetch(
+    hinted: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With hints on, only reconciliation scans move a queue's scan position, and a scan continued
+    past its first refill could not move it; a fetch reads four refills at most, and a scan that
+    stopped on that budget was taken for an empty one (the queue went quiet for the interval). So
+    a queue that took more than a chain's entries (4,096) per interval through hints fell behind
+    for good: a task whose hint was lost waited an interval per 4,096 entries (45 minutes after an
+    hour at 100 tasks/s), and every idle scan re-read the claimed history. Here the budget is made
+    small (64 entries a fetch) and 100 tasks are taken through hints. Found by review, 2026-12-05."""
+    from bridge.domain import dispatch
+
+    monkeypatch.setattr(dispatch, "SCAN_LIMIT", 8)
+    monkeypatch.setattr(dispatch, "MAX_PAGES", 2)  # 4 refills of 2 pages of 8: 64 entries a fetch
+    h = hinted
+    assert h.hints is not None
+    for i in range(100):
+        await h.add(i)
+        d = await h.fetch("w")
+        assert d is not None and await h.ack("w", d) is True
+    await h.queue.drain_background(5.0)  # the index marks of the claims
+    lost = await h.add("behind them")
+    assert h.hints.drop(QueueKey(OWNER, h.service)) == 1  # its hint lost (a bridge killed, a broker restart)
+    await h.advance(GRACE_MS + 1_000)
+    got = await h.fetch("w")
+    if got is None:  # the first scan stopped on its budget: not an empty queue
+        got = await h.fetch("w")
+    assert got is not None and got.task_id == lost, "found at the next fetch, not an interval later"
+    assert await h.ack("w", got) is True
+    # The scan position moved over the run: the next scan does not read it again.
+    await h.advance(6_000)  # past the quiet interval after an empty scan
+    before = getattr(h.store, "operations", None)
+    assert await h.fetch("w") is None
+    if before is not None:
+        assert h.store.operations - before <= 6, f"{h.store.operations - before} store calls for an empty scan"
