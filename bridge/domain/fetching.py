@@ -203,6 +203,17 @@ def _claim_not_landed(held: WorkerPointer, current: Lease | None) -> bool:
     return current is not None and current.is_leased and current.epoch == held.epoch - 1
 
 
+async def _outcome_of(read: asyncio.Future[Payload | None]) -> tuple[Payload | None, Exception | None]:
+    """The payload read beside a claim, or how it failed. The claim is made whatever the read does:
+    a claim that applied beside a failed read is counted before the error goes up (the worker's
+    retry gets the task through its pointer, which counts nothing), or stats drifted for the
+    task's TTL."""
+    try:
+        return await read, None
+    except Exception as exc:
+        return None, exc
+
+
 def _drop(read: asyncio.Future[Payload | None] | None) -> None:
     """A task read whose claim is not made: cancelled, and its outcome retrieved if it failed."""
     if read is not None:
@@ -394,7 +405,12 @@ class Fetcher:
             False,
         )
         a.attempted = True
-        claim = await self._try_claim(a, entry)
+        # Only a task that is stored: a pointer can announce one that never will be. A fetch handed
+        # an add's hint in the process writes its pointer ahead of the add's write; a bridge killed
+        # -9 in between never stores the task (the broker redelivers the add, stored under another
+        # id). Claimed, that id was leased to the worker for its TTL, re-exposed and claimed at
+        # every lease's end (each a delivery that failed) and parked, a phantom in every listing.
+        claim = await self._try_claim(a, entry, only_if_stored=True)
         a.stamp = claim.stamp
         self.ctx.metrics.inc("claims", source="pointer", outcome="won" if claim.delivery else "lost")
         if claim.delivery is not None and fresh:
@@ -582,10 +598,12 @@ class Fetcher:
         carried: Payload | None = None,
         *,
         stored: asyncio.Future[bool] | None = None,
+        only_if_stored: bool = False,
     ) -> _Claim:
         """Claim one candidate: the delivery (None if the task is not ours), the stamp of the
         pointer write, and whether the task had finished. ``stored``: the hint was handed in the
-        process while its task was being written (``Hint.stored``); the claim waits for the write."""
+        process while its task was being written (``Hint.stored``); the claim waits for the write.
+        ``only_if_stored``: no claim when the payload read finds no task (see ``_claim_announced``)."""
         q, worker, ttr, stamp = a.q, a.worker, a.ttr, a.stamp
         store, margin = self.ctx.store, self.ctx.limits.skew_margin_ms
         if stored is not None and carried is None and not await asyncio.shield(stored):
@@ -629,16 +647,9 @@ class Fetcher:
         except BaseException:
             _drop(read)
             raise
-        payload: Payload | None = carried
-        read_failed: BaseException | None = None
-        if read is not None:
-            # The claim is made whatever the read does: a claim that applied beside a failed read
-            # is counted before the error goes up (the worker's retry gets the task through its
-            # pointer, which counts nothing), or stats drifted for the task's TTL.
-            try:
-                payload = await read
-            except Exception as exc:
-                read_failed = exc
+        payload, read_failed = (carried, None) if read is None else await _outcome_of(read)
+        if read is not None and payload is None and read_failed is None and only_if_stored:
+            return _Claim(None, stamp, finished=True)
         ends = None if payload is None else payload.expires_at_ms
         try:
             if recovered:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import pytest
 
@@ -246,3 +247,66 @@ async def test_a_lost_hint_behind_a_long_run_of_tasks_taken_through_hints_is_fou
     assert await h.fetch("w") is None
     if before is not None:
         assert h.store.operations - before <= 6, f"{h.store.operations - before} store calls for an empty scan"
+
+
+class _Handed:
+    """A hint as ``AmqpHints.hand_here`` gives it to a waiting fetch of the adding bridge."""
+
+    def __init__(self, hint: Any) -> None:
+        self.hint = hint
+
+    async def done(self) -> None:
+        return None
+
+    async def retry(self) -> None:
+        return None
+
+
+class _OneHintHandedHere:
+    """Hints that hand one add's hint to the next fetch, before the add's write is acknowledged."""
+
+    def __init__(self, hint: Any) -> None:
+        self.hint: Any = hint
+
+    async def take(self, q: QueueKey, wait_ms: int) -> _Handed | None:
+        hint, self.hint = self.hint, None
+        return _Handed(hint) if hint is not None else None
+
+    async def offer(self, q: QueueKey, hint: Any) -> None:
+        return None
+
+    def hand_here(self, q: QueueKey, hint: Any) -> bool:
+        return False
+
+    async def discard(self, q: QueueKey) -> int:
+        return 0
+
+
+async def test_a_pointer_naming_a_task_never_stored_claims_nothing(harness: Harness) -> None:
+    """A fetch handed an add's hint in the process writes its pointer ahead of the add's write; the
+    bridge killed -9 in between never stores that task (the broker redelivers the add, stored under
+    a new id). The worker's retry on another bridge read the pointer, found no lease and claimed
+    the id: a lease on a task that does not exist, for its TTL, re-exposed and claimed at each
+    lease's end and parked at the limit, a phantom in every listing. Found by review, 2026-12-05."""
+    h = harness
+    q = QueueKey(OWNER, h.service)
+    pending = await h.queue.prepare_add(
+        OWNER, parse(AddCommand, {"serviceId": h.service, "value": "v"}), traceparent=None
+    )
+    stored: asyncio.Future[bool] = asyncio.get_running_loop().create_future()  # the add's write: never acknowledged
+    h.queue._fetcher.hints = _OneHintHandedHere(pending.hint(stored))  # type: ignore[assignment]
+
+    async def written_ahead() -> bool:
+        return (await h.store.worker(q, "w")).pointer is not None
+
+    fetch = asyncio.create_task(h.fetch("w", ttr_ms=2_000, fresh=True))
+    await wait_for(written_ahead, 5.0, interval=0.001, what="the fetch's pointer written ahead")
+    fetch.cancel()  # the bridge killed -9: the add's write never lands
+    with pytest.raises(asyncio.CancelledError):
+        await fetch
+    again = await h.add("the redelivered add, under its own id")
+    other, _ = h.instance(h.clock)
+    got = await h.fetch("w", ttr_ms=2_000, queue=other)  # the worker's retry (not fresh), on another bridge
+    assert got is not None and got.task_id == again
+    assert not await h.store.task_exists(q, pending.task_id)
+    assert await h.store.lease(q, pending.task_id) is None, "a lease on a task that was never stored"
