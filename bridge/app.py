@@ -153,7 +153,11 @@ class Bridge:
         # With BRIDGE_HINTS=false the bridge takes no hints (every fetch scans) but still publishes
         # them (``AmqpHints.takes``): in a fleet switched pod by pod, the bridges that take hints
         # learn of what it adds and, holding the scheduler duty, re-exposes or finds due.
-        self.hints = AmqpHints(settings, on_loss=lambda: self.reconcile.alarm(self.clock.now_ms()))
+        self.hints = AmqpHints(
+            settings,
+            on_loss=lambda: self.reconcile.alarm(self.clock.now_ms()),
+            on_queue_loss=lambda q: self.reconcile.alarm_queue(q, self.clock.now_ms()),
+        )
         # One bridge of the fleet runs the recovery scheduler and the result relay (RabbitMQ elects it).
         self.duty = Duty(f"{settings.queue_prefix}.duty", queue_arguments=durable_queue_arguments(settings))
         self.metrics.bind_duty(lambda: self.duty.held)

@@ -223,10 +223,20 @@ class _Waiting:
 
 
 class AmqpHints:
-    def __init__(self, settings: Settings, *, on_loss: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        on_loss: Callable[[], None] | None = None,
+        on_queue_loss: Callable[[QueueKey], None] | None = None,
+    ) -> None:
         self.settings = settings
         # Hints may have been lost (a broker reconnect, a failed publish): reconciliation scans again.
         self.on_loss = on_loss or (lambda: None)
+        # The hints of one queue alone (its hint queue cannot be declared: the node holding it is
+        # down): that queue is scanned again, not every queue of the bridge (fetching.py's
+        # alarm_queue, for the same cause met by a fetch).
+        self.on_queue_loss = on_queue_loss or (lambda q: self.on_loss())
         self._expires_ms = (settings.task_ttl_seconds + 86_400) * 1000
         self._channel: AbstractRobustChannel | None = None  # publish + get
         self._connection: AbstractRobustConnection | None = None
@@ -332,7 +342,10 @@ class AmqpHints:
         try:
             queue = await self._queue(q)
         except Exception as exc:
-            self._lost(exc)
+            # Its queue alone: with the bridge-wide alarm, each add of a queue whose hint queue's
+            # node was down cleared every queue's quiet interval and lifted the grace for all of
+            # them (claims of tasks whose hints other bridges' waiting fetches were being handed).
+            self._lost(exc, q)
             return
         await self._publish(encode(hint), priority, queue.name)
 
@@ -393,10 +406,14 @@ class AmqpHints:
         except Exception as exc:
             self._lost(exc)
 
-    def _lost(self, exc: BaseException) -> None:
-        """A hint lost is found again by reconciliation (alarmed here)."""
+    def _lost(self, exc: BaseException, q: QueueKey | None = None) -> None:
+        """A hint lost is found again by reconciliation (alarmed here: for its queue, or for every
+        queue when the cause is the bridge's channel or connection)."""
         self.lost += 1
-        self.on_loss()
+        if q is not None:
+            self.on_queue_loss(q)
+        else:
+            self.on_loss()
         self._warn_lost.warning("hint not published (%s): reconciliation will find the task", type(exc).__name__)
 
     async def take(self, q: QueueKey, wait_ms: int) -> Taken | None:
