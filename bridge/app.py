@@ -43,6 +43,7 @@ from bridge.transport.topology import durable_queue_arguments
 COUNTS_FLUSH_S = 1.0  # queue-count deltas are written this often (a kill -9 loses at most this much)
 MAX_GAUGE_QUEUES = 1_000
 STOP_STEP_MIN_S = 0.5  # each waiting step of a stop gets this much even past the grace
+READY_PING_AFTER_S = 30.0  # readiness pings Cassandra only when nothing was answered for this long
 START_RETRY_FIRST_S, START_RETRY_MAX_S = 1.0, 15.0  # BRIDGE_START_TIMEOUT's tries
 
 
@@ -254,6 +255,14 @@ class Bridge:
         return self.transport.is_ready()
 
     async def _cassandra_ready(self) -> bool:
+        """From what the bridge knows already: a node up, nothing stalled, and a statement answered
+        lately. Only an idle bridge (nothing answered for READY_PING_AFTER_S) sends a probe: a ping
+        per readiness call (Kubernetes' every 5 s) was the largest idle cost of a fleet, 20
+        requests a second for 100 bridges."""
+        if not self.db.any_host_up() or self.db.stalled():
+            return False
+        if self.db.answered_within(READY_PING_AFTER_S):
+            return True
         await asyncio.wait_for(self.store.ping(), timeout=1.0)
         return True
 

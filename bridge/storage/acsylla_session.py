@@ -146,6 +146,9 @@ class AcsyllaSession:
     def stalled(self) -> bool:
         return self.stall.stalled()
 
+    def answered_within(self, seconds: float) -> bool:
+        return self.stall.answered_within(seconds)
+
     @property
     def session(self) -> Any:
         if self._session is None:

@@ -227,6 +227,9 @@ class CassandraSession:
     def stalled(self) -> bool:
         return self.stall.stalled()
 
+    def answered_within(self, seconds: float) -> bool:
+        return self.stall.answered_within(seconds)
+
     @property
     def session(self) -> Session:
         if self._session is None:

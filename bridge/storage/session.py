@@ -31,6 +31,10 @@ class CqlSession(Protocol):
         """Statements wait on a node that answers none of them (``bridge.storage.stall``)."""
         ...
 
+    def answered_within(self, seconds: float) -> bool:
+        """A statement was answered less than ``seconds`` ago (``bridge.storage.stall``)."""
+        ...
+
     async def prepare(self, name: str, cql: str, *, idempotent: bool) -> None: ...
 
     async def execute(

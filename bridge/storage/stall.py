@@ -57,3 +57,7 @@ class StallWatch:
         oldest = next(iter(self._pending.values()))
         self._latched = now - oldest > self.after_s and now - self._answered > self.after_s
         return self._latched
+
+    def answered_within(self, seconds: float) -> bool:
+        """A statement was answered less than ``seconds`` ago: the store answers, no probe needed."""
+        return self._clock() - self._answered < seconds

@@ -332,3 +332,45 @@ async def _ready(conn: Any, name: str) -> int:
     """Messages ready in a queue (a passive declare)."""
     queue = await (await conn.channel()).declare_queue(name, passive=True)
     return int(queue.declaration_result.message_count or 0)
+
+
+async def test_readiness_asks_cassandra_nothing_while_the_bridge_hears_from_it(make_bridge):
+    """Each readiness call (Kubernetes' probe: every 5 s a pod) sent Cassandra a ping: for a fleet of
+    100 idle bridges, 20 requests a second, its largest idle cost. Readiness now answers from what
+    the bridge knows (a node up, nothing stalled, a statement answered lately); only a bridge that
+    heard nothing from Cassandra for a while pings. Found by the fleet-cost review, 2026-12-05."""
+    from tests.integration.test_operations import free_port, http_get
+
+    b = await make_bridge(http_port=free_port(), http_host="127.0.0.1")
+    await wait_for(lambda: b.db.statements["clock.now"] > 0, 10, what="the clock measured (a statement answered)")
+    before = b.db.statements["ping"]
+    for _ in range(20):
+        status, body = await http_get(b.http_port, "/health/ready")
+        assert status == 200, body
+    assert b.db.statements["ping"] - before == 0, "a ping per readiness call"
+
+
+async def test_readiness_still_turns_unready_when_cassandra_goes_away(make_bridge, servers):
+    """Answered from what the bridge knows, readiness must still see Cassandra go: a node whose
+    connections drop is down for the driver at once."""
+    from tests.faults import TcpProxy
+    from tests.integration.test_operations import free_port, http_get
+
+    proxy = await TcpProxy(servers.cassandra_hosts[0], servers.cassandra_port).start()
+    try:
+        b = await make_bridge(
+            cassandra_hosts=["127.0.0.1"], cassandra_port=proxy.port, http_port=free_port(), http_host="127.0.0.1"
+        )
+
+        async def readiness() -> int:
+            return (await http_get(b.http_port, "/health/ready"))[0]
+
+        assert await readiness() == 200
+        proxy.cut()
+        await wait_for(lambda: _is(readiness, 503), 15, what="unready with Cassandra out of reach")
+    finally:
+        await proxy.stop()
+
+
+async def _is(probe: Any, status: int) -> bool:
+    return await probe() == status
