@@ -31,6 +31,11 @@ REFILLS_PER_CANDIDATE = 4  # refills one fetch runs in a row while each stops on
 BUFFER_MAX_AGE_MS = 2_000
 PERSIST_EVERY_MS = 1_000
 EMPTY_RESCAN_MS = {LANE_RECOVERED: 100, 1: 0}
+# A scan that starts afresh reads the fleet's persisted position first if this bridge's is older
+# than this: every bridge of a fleet consumes every queue's requests, so each one's own position
+# lagged by as long as it went without scanning the queue (about the fleet's size times the queue's
+# fetch interval), and each reconciliation scan re-read the history the others had passed.
+CURSOR_REREAD_MS = 5_000
 RECOVERED_EXTRA_SETTLE_MS = 2_000
 SPREAD_WINDOW = 32
 CONTENTION_DECAY = 0.95  # per claim: a lost race weighs ~20 claims
@@ -49,6 +54,7 @@ def settled_before(lane: int, now_ms: int, settle_ms: int) -> int:
 class _Lane:
     position: tuple[int, uuid.UUID | None] | None = None  # (bucket, last seq) ; None seq = bucket start
     loaded: bool = False
+    cursor_read_ms: int = 0  # when the persisted position was last read (CURSOR_REREAD_MS)
     buffer: deque[ReadyEntry] = field(default_factory=deque)
     # seqs seen or tried after the position that are known to be taken; pruned as the position moves
     taken: set[uuid.UUID] = field(default_factory=set)
@@ -206,6 +212,9 @@ class Dispatcher:
             st.position = (cur[0], cur[1]) if cur else None
             st.persisted = st.position
             st.loaded = True
+            st.cursor_read_ms = now
+        elif st.resume is None and now - st.cursor_read_ms >= CURSOR_REREAD_MS:
+            await self._catch_up(q, lane, st, now)
         settled_until = settled_before(lane, now, self.settle_ms)
         scan = _Scan(st, settled_until, start=st.resume or st.position or (0, None))
         for bucket in await self.store.buckets_from(q, lane, scan.start[0], MAX_PAGES):
@@ -228,6 +237,18 @@ class Dispatcher:
         st.scanned_at_ms = now
         st.position = scan.position
         await self._maybe_persist(q, lane, st, now)
+
+    async def _catch_up(self, q: QueueKey, lane: int, st: _Lane, now: int) -> None:
+        """Take the persisted position if another bridge (or stats, or a purge) moved it past ours:
+        every entry before it is taken and settled, by the rule each of them follows."""
+        st.cursor_read_ms = now
+        cur = await self.store.cursor(q, lane)
+        if cur is None or not _ahead(cur, st.position):
+            return
+        st.position = st.persisted = (cur[0], cur[1])
+        # What lies before it is taken, by whoever moved it: no candidate there, nothing to remember.
+        st.buffer = deque(e for e in st.buffer if e.seq.time > cur[1].time)
+        st.taken = {seq for seq in st.taken if seq.time > cur[1].time}
 
     async def _scan_bucket(self, q: QueueKey, lane: int, bucket: int, scan: _Scan) -> bool:
         """Read one bucket page by page until something is found. True if the bucket was read to its end."""
@@ -254,3 +275,14 @@ class Dispatcher:
         await self.store.advance_cursor(q, lane, bucket, seq)
         st.persisted = st.position
         st.persisted_at_ms = now
+
+
+def _ahead(cursor: tuple[int, uuid.UUID], position: tuple[int, uuid.UUID | None] | None) -> bool:
+    """Whether a persisted cursor lies strictly after ``position`` in the ready index's order (by
+    bucket, then by the time in the id: a tie in time is not taken as ahead, never a step back)."""
+    if position is None:
+        return True
+    if cursor[0] != position[0]:
+        return cursor[0] > position[0]
+    seq = position[1]
+    return seq is None or cursor[1].time > seq.time

@@ -246,7 +246,8 @@ async def test_a_lost_hint_behind_a_long_run_of_tasks_taken_through_hints_is_fou
     before = getattr(h.store, "operations", None)
     assert await h.fetch("w") is None
     if before is not None:
-        assert h.store.operations - before <= 6, f"{h.store.operations - before} store calls for an empty scan"
+        # The persisted position read, each lane's buckets and first page: the run is 13 pages.
+        assert h.store.operations - before <= 8, f"{h.store.operations - before} store calls for an empty scan"
 
 
 class _Handed:
