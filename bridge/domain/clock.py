@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -168,6 +169,10 @@ class SkewGuard:
     PROBES = 2  # the shorter round trip of two reads; per bridge and interval: the fleet pays N times
     MAX_PROBES = 6  # ... or more while none of them came back fast enough to bound the time well
     RETRY_S = 1.0  # measuring again this soon while leases are refused (not after a whole interval)
+    # ... then twice as long at each refusal in a row, up to this (and the interval), with jitter:
+    # a Cassandra slow for the whole fleet (round trips past the limit) had every bridge send up to
+    # six probes a second, 600 reads a second for 100 bridges, while none of them served fetches.
+    RETRY_MAX_S = 8.0
 
     def __init__(
         self,
@@ -247,8 +252,15 @@ class SkewGuard:
     async def run(self, stop: asyncio.Event) -> None:
         """Measure every ``interval_s`` (the first measurement is the caller's, before serving), and
         every second while leases are refused, to serve again as soon as the clock allows it."""
+        refused = 0  # measurements in a row after which leases were still refused
         while True:
-            wait_s = self.interval_s if self.ok else min(self.interval_s, self.RETRY_S)
+            if self.ok:
+                refused, wait_s = 0, self.interval_s
+            else:
+                refused += 1
+                ceiling = min(self.interval_s, self.RETRY_MAX_S, self.RETRY_S * 2 ** min(refused - 1, 16))
+                # Jitter, not a secret: the fleet's bridges met the slow Cassandra at one moment.
+                wait_s = random.uniform(ceiling / 2, ceiling)  # nosec B311
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=wait_s)
             if stop.is_set():

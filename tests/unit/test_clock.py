@@ -126,3 +126,33 @@ async def test_host_mode_judges_the_hosts_offset() -> None:
     assert guard.ok  # host mode: allowed until a reading says otherwise
     await guard.measure()
     assert not guard.ok and "off Cassandra's" in guard.describe()
+
+
+async def test_while_leases_are_refused_the_probes_back_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Leases refused (here the host's clock is 3 s off), the guard measured again every second,
+    up to six probes each: a Cassandra slow for the whole fleet (every round trip past the limit)
+    had 100 bridges send it some 600 reads a second while none of them served. It now backs off,
+    doubling up to RETRY_MAX_S, with jitter. (Times scaled down a hundredfold: 1 s of it.)"""
+    import asyncio
+
+    monkeypatch.setattr(SkewGuard, "RETRY_S", 0.01)
+    monkeypatch.setattr(SkewGuard, "RETRY_MAX_S", 0.16, raising=False)
+    mono = Monotonic()
+    host = ManualClock(T0 + 3_000)
+    ref = Reference(mono, host)
+    probes = 0
+
+    async def probe() -> int:
+        nonlocal probes
+        probes += 1
+        return await ref.probe()
+
+    guard = SkewGuard(host, probe, margin_ms=1_000, interval_s=30)
+    await guard.measure()
+    assert not guard.ok
+    stop = asyncio.Event()
+    running = asyncio.create_task(guard.run(stop))
+    await asyncio.sleep(1.0)  # a measured window: how often it probes in 1 s (every 10 ms before: ~200)
+    stop.set()
+    await running
+    assert probes - 2 <= 40, f"{probes - 2} probes in 1 s while leases were refused"
