@@ -232,9 +232,12 @@ async def service_stats(
     # past only until the cursor moves past them): per stats request, and per
     # BRIDGE_STATS_INTERVAL for the gauges, which only the duty bridge refreshes (once per fleet,
     # whatever its size: ``App._export_queue_stats``).
-    oldest = await _oldest_ready(store, q, now_ms, margin_ms, settle_ms)
-    if oldest is not None and ready <= 0:
-        ready = 1  # a task waits: at least one is ready (a lower bound) whatever the drifted counter says
+    oldest, never_claimed = await _oldest_ready(store, q, now_ms, margin_ms, settle_ms)
+    if never_claimed and ready <= 0:
+        # A task never claimed waits: at least one is ready (a lower bound) whatever the drifted
+        # counter says. Not for a lease that ran out (the oldest waiting may be one): that task
+        # counts in flight by the contract, and was counted twice, ready and in flight.
+        ready = 1
     parked_now = await _still_parked(store, q, parked) if len(parked) <= PARKED_CHECKED_MAX else len(parked)
     return ServiceStats(q.service, max(ready, 0), max(in_flight, 0), max(delayed, 0), parked_now, oldest)
 
@@ -253,13 +256,18 @@ async def _still_parked(store: TaskStore, q: QueueKey, rows: list[ParkedEntry]) 
     )
 
 
-async def _oldest_ready(store: TaskStore, q: QueueKey, now_ms: int, margin_ms: int, settle_ms: int) -> int | None:
+async def _oldest_ready(
+    store: TaskStore, q: QueueKey, now_ms: int, margin_ms: int, settle_ms: int
+) -> tuple[int | None, bool]:
+    """The age of the oldest task waiting to be claimed, and whether a never-claimed one waits."""
     since: int | None = None
+    never_claimed = False
     for lane in (LANE_FRESH, LANE_RECOVERED):
         at = await _oldest_of_lane(store, q, lane, now_ms, margin_ms, settle_ms)
         if at is not None:
             since = at if since is None else min(since, at)
-    return None if since is None else max(0, now_ms - since)
+            never_claimed = never_claimed or lane == LANE_FRESH
+    return (None if since is None else max(0, now_ms - since)), never_claimed
 
 
 def _ready_since(e: ReadyEntry, lease: Lease | None, now_ms: int, margin_ms: int) -> int | None:

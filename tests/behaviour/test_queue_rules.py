@@ -13,7 +13,7 @@ import pytest
 from bridge.domain.errors import PayloadTooLarge, Unavailable
 from bridge.domain.models import AddCommand, parse
 from tests.conftest import wait_for
-from tests.queue_harness import OWNER, TTL_S, Harness
+from tests.queue_harness import MARGIN_MS, OWNER, TTL_S, Harness
 
 pytestmark = pytest.mark.anyio
 
@@ -388,3 +388,22 @@ async def test_a_bridge_scans_on_from_where_another_bridge_of_the_fleet_left_the
     got = await h.fetch("w2", queue=other)
     assert got is not None and got.task_id == last
     assert scans <= 3, f"{scans} pages read to reach the task (the run of 120 claimed entries is 15 pages)"
+
+
+async def test_a_task_whose_lease_ran_out_counts_in_flight_only(harness: Harness) -> None:
+    """The contract: a task whose lease ran out counts in flight until a worker claims it again.
+    The floor that keeps a drifted counter from hiding a waiting task (ready at least 1 when one is
+    found) also fired for it: one task counted ready and in flight. Its age is still reported (a
+    backlog alert). Found by review, 2026-12-05."""
+    from bridge.domain.counting import QueueCounts
+
+    h = harness
+    counts = QueueCounts()
+    h.queue.ctx.counts = counts
+    await h.add("v")
+    assert await h.fetch("gone", ttr_ms=1_000) is not None  # its worker dies with it
+    await h.advance(1_000 + MARGIN_MS + 3_000, ticks=4)  # the lease runs out, re-exposed
+    assert await counts.flush(h.store) == 0
+    [stats] = await h.queue.stats(OWNER, h.service)
+    assert (stats.ready, stats.in_flight) == (0, 1), stats
+    assert stats.oldest_ready_age_ms is not None and stats.oldest_ready_age_ms >= 3_000
