@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -268,6 +269,51 @@ async def test_claims_that_found_the_key_missing_do_not_count_toward_the_deliver
     assert await engine.parked(svc) == []
 
 
+BROKEN = OWNERS[1]  # the owner whose key-server entry is broken
+
+
+@contextlib.asynccontextmanager
+async def _bridge_with_a_broken_key_entry(bridge_env: dict[str, str]) -> AsyncIterator[tuple[Any, Any, Any]]:
+    """A bridge on a key server whose entry for BROKEN answers a 16-byte key (``BadKeyAnswer``):
+    the bridge, the key server, and a function that fixes the entry (the operator's repair)."""
+    import secrets
+
+    from bridge.app import Bridge
+    from tests.keyserver import KeyServer
+
+    async with KeyServer() as keys:
+        for owner in (*OWNERS, ENGINE_USER, "guest"):
+            keys.add_owner(owner)
+        key_id = keys.current_id(BROKEN)
+        good = keys._owners[BROKEN][key_id]
+        keys._owners[BROKEN][key_id] = secrets.token_bytes(16)
+
+        def fix() -> None:
+            keys._owners[BROKEN][key_id] = good
+
+        env = {k: v for k, v in bridge_env.items() if k != "BRIDGE_KEYRING"}
+        b = Bridge(settings_from(env, key_server_url=keys.url, key_cache_seconds=0.05))
+        await b.start()
+        try:
+            yield b, keys, fix
+        finally:
+            await b.stop()
+
+
+async def _take_all(worker: Any, n: int) -> None:
+    """Fetch and ack until the ``n`` adds of the broken owner (values ``{"n": i}``) all landed."""
+    seen: set[int] = set()
+
+    async def all_landed() -> bool:
+        task = await worker.fetch()
+        if task is not None:
+            seen.add(task.value["n"])
+            await task.ack("done")
+        return len(seen) == n
+
+    await wait_for(all_landed, 50, interval=0, what=f"every one of the broken owner's {n} adds")
+
+
 async def test_one_owners_broken_key_entry_does_not_stall_every_other_owners_adds(bridge_env, servers, names, workers):
     """An add whose owner's key-server entry is unusable (``BadKeyAnswer``) is ``unavailable``,
     which an add met by retrying in place for 30 s while holding its delivery, then requeueing it
@@ -275,54 +321,28 @@ async def test_one_owners_broken_key_entry_does_not_stall_every_other_owners_add
     slot of the bridge: other owners' adds waited as long as the entry stayed broken. Now an owner
     holds at most a few slots retrying in place; its other adds wait in a delay queue of the bridge
     (``<prefix>.add-retry``) and come back, still that owner's, until its entry is fixed."""
-    import secrets
     import time
 
-    from bridge.app import Bridge
     from bridge.client import Engine
-    from tests.keyserver import KeyServer
 
-    async with KeyServer() as keys:
-        for owner in (*OWNERS, ENGINE_USER, "guest"):
-            keys.add_owner(owner)
-        broken = OWNERS[1]
-        key_id = keys.current_id(broken)
-        good = keys._owners[broken][key_id]
-        keys._owners[broken][key_id] = secrets.token_bytes(16)
-        env = {k: v for k, v in bridge_env.items() if k != "BRIDGE_KEYRING"}
-        b = Bridge(settings_from(env, key_server_url=keys.url, key_cache_seconds=0.05))
-        await b.start()
-        try:
-            svc = service_id()
-            flood = b.settings.prefetch + 16
-            url = servers.amqp_url(ENGINE_USER)
-            async with (
-                Engine(url, owner=broken, exchange=names["exchange"]) as eng_broken,
-                Engine(url, owner=OWNERS[0], exchange=names["exchange"]) as eng_healthy,
-            ):
-                before = keys.requests
-                for n in range(flood):
-                    await eng_broken.add(svc, {"n": n}, wait=False)
-                await wait_for(lambda: keys.requests - before >= 4, 20, what="the broken owner's adds under way")
-                start = time.monotonic()
-                assert await asyncio.wait_for(eng_healthy.add(svc, "healthy"), 25)
-                took = time.monotonic() - start
-                assert took < 5, f"a healthy owner's add took {took:.1f}s behind a broken owner's adds"
-
-                keys._owners[broken][key_id] = good  # the operator fixes the entry
-                worker = await workers(svc, "w", user=broken)
-                seen: set[int] = set()
-
-                async def all_landed() -> bool:
-                    task = await worker.fetch()
-                    if task is not None:
-                        seen.add(task.value["n"])
-                        await task.ack("done")
-                    return len(seen) == flood
-
-                await wait_for(all_landed, 50, interval=0, what=f"every one of the broken owner's {flood} adds")
-        finally:
-            await b.stop()
+    async with _bridge_with_a_broken_key_entry(bridge_env) as (b, keys, fix):
+        svc = service_id()
+        flood = b.settings.prefetch + 16
+        url = servers.amqp_url(ENGINE_USER)
+        async with (
+            Engine(url, owner=BROKEN, exchange=names["exchange"]) as eng_broken,
+            Engine(url, owner=OWNERS[0], exchange=names["exchange"]) as eng_healthy,
+        ):
+            before = keys.requests
+            for n in range(flood):
+                await eng_broken.add(svc, {"n": n}, wait=False)
+            await wait_for(lambda: keys.requests - before >= 4, 20, what="the broken owner's adds under way")
+            start = time.monotonic()
+            assert await asyncio.wait_for(eng_healthy.add(svc, "healthy"), 25)
+            took = time.monotonic() - start
+            assert took < 5, f"a healthy owner's add took {took:.1f}s behind a broken owner's adds"
+            fix()  # the operator fixes the entry
+            await _take_all(await workers(svc, "w", user=BROKEN), flood)
 
 
 async def test_a_key_lookup_that_fails_does_not_pin_the_worker_to_its_task(make_bridge, engine, workers, tmp_path):
@@ -375,23 +395,9 @@ async def test_an_add_moved_to_the_retry_lane_keeps_no_header_the_broker_routes_
     reaches every queue. It copied every header of the caller's: a ``CC`` header had the broker
     deliver the copy, as the bridge's, to the queues it named too (forged results on an engine's
     queue, or a copy back in the add queue at each pass). Found by the security review, 2026-12-05."""
-    import secrets
-
     import aio_pika
 
-    from bridge.app import Bridge
-    from tests.keyserver import KeyServer
-
-    async with KeyServer() as keys:
-        for owner in (*OWNERS, ENGINE_USER, "guest"):
-            keys.add_owner(owner)
-        broken = OWNERS[1]
-        key_id = keys.current_id(broken)
-        good = keys._owners[broken][key_id]
-        keys._owners[broken][key_id] = secrets.token_bytes(16)
-        env = {k: v for k, v in bridge_env.items() if k != "BRIDGE_KEYRING"}
-        b = Bridge(settings_from(env, key_server_url=keys.url, key_cache_seconds=0.05))
-        await b.start()
+    async with _bridge_with_a_broken_key_entry(bridge_env) as (b, _, fix):
         admin = await aio_pika.connect(servers.amqp_url())
         engine = await aio_pika.connect(servers.amqp_url(ENGINE_USER))
         try:
@@ -407,26 +413,15 @@ async def test_an_add_moved_to_the_retry_lane_keeps_no_header_the_broker_routes_
                     content_type="application/json",
                     user_id=ENGINE_USER,
                     message_id=f"cc-{n}",
-                    headers={"x-owner": broken, "CC": [probe.name], "x-other": "dropped"},
+                    headers={"x-owner": BROKEN, "CC": [probe.name], "x-other": "dropped"},
                 )
                 await exchange.publish(message, routing_key="add")
-            await wait_for(lambda: b.transport.handlers.lane.full(broken), 20, what="the broken owner's share used up")
-            keys._owners[broken][key_id] = good  # the operator fixes the entry
-            worker = await workers(svc, "w", user=broken)
-            seen: set[int] = set()
-
-            async def all_landed() -> bool:
-                task = await worker.fetch()
-                if task is not None:
-                    seen.add(task.value["n"])
-                    await task.ack("done")
-                return len(seen) == flood
-
-            await wait_for(all_landed, 50, interval=0, what=f"every one of the broken owner's {flood} adds")
+            await wait_for(lambda: b.transport.handlers.lane.full(BROKEN), 20, what="the broken owner's share used up")
+            fix()  # the operator fixes the entry
+            await _take_all(await workers(svc, "w", user=BROKEN), flood)
             await probe.declare()  # its message count now
             leaked = probe.declaration_result.message_count
             assert leaked == 0, f"{leaked} lane copies routed, in the bridge's name, to the queue a CC header named"
         finally:
             await engine.close()
             await admin.close()
-            await b.stop()

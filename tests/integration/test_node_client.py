@@ -610,39 +610,10 @@ async def test_node_worker_gives_back_a_task_whose_result_the_bridge_refuses(
     assert await again.ack({"ok": True}) is True
 
 
-async def test_node_worker_not_long_polling_pauses_between_empty_fetches(
-    bridge: Any, node: str, servers: Servers, names: dict[str, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """With QB_WAIT_MS=0 an empty reply was followed by the next fetch at once: a worker of an
-    empty queue sent fetches as fast as the bridge answered them. It waits QB_POLL_MS between."""
-    svc = service_id()
-    real = bridge.queue.fetch
-    seen: list[float] = []
-
-    async def timed(owner: str, req: Any, **kw: Any) -> Any:
-        if req.service_id == svc:
-            seen.append(time.monotonic())
-        return await real(owner, req, **kw)
-
-    monkeypatch.setattr(bridge.queue, "fetch", timed)
-    extra = {"QB_SERVICE": svc, "QB_WAIT_MS": "0", "QB_POLL_MS": "500", "QB_IDLE_EXIT": "4"}
-    worker = await NodeScript(node, "worker.js", env_of(servers, names, OWNERS[0], **extra)).start()
-    try:
-        assert await worker.wait(30) == 0, (worker.events, worker.stderr)
-    finally:
-        await worker.stop()
-    assert len(seen) == 4, seen
-    gaps = [b - a for a, b in itertools.pairwise(seen)]
-    assert all(g >= 0.45 for g in gaps), gaps
-
-
-async def test_node_worker_pauses_when_its_bridge_answers_a_long_poll_empty_at_once(
-    make_bridge: Any, node: str, servers: Servers, names: dict[str, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A bridge with BRIDGE_HINTS=false does not long-poll: a fetch with waitMs answers null at
-    once. The worker paused between empty fetches only with QB_WAIT_MS=0, so against such a bridge
-    it fetched again at once, in a busy loop. Found by the docs review, 2026-12-05."""
-    b = await make_bridge(hints=False)
+async def _gaps_between_empty_fetches(
+    b: Any, node: str, servers: Servers, names: dict[str, str], monkeypatch: pytest.MonkeyPatch, wait_ms: int
+) -> list[float]:
+    """The seconds between the fetches a Node worker of an empty queue sends (4, QB_POLL_MS 500)."""
     svc = service_id()
     real = b.queue.fetch
     seen: list[float] = []
@@ -653,14 +624,33 @@ async def test_node_worker_pauses_when_its_bridge_answers_a_long_poll_empty_at_o
         return await real(owner, req, **kw)
 
     monkeypatch.setattr(b.queue, "fetch", timed)
-    extra = {"QB_SERVICE": svc, "QB_WAIT_MS": "10000", "QB_POLL_MS": "500", "QB_IDLE_EXIT": "4"}
+    extra = {"QB_SERVICE": svc, "QB_WAIT_MS": str(wait_ms), "QB_POLL_MS": "500", "QB_IDLE_EXIT": "4"}
     worker = await NodeScript(node, "worker.js", env_of(servers, names, OWNERS[0], **extra)).start()
     try:
         assert await worker.wait(30) == 0, (worker.events, worker.stderr)
     finally:
         await worker.stop()
     assert len(seen) == 4, seen
-    gaps = [b - a for a, b in itertools.pairwise(seen)]
+    return [later - earlier for earlier, later in itertools.pairwise(seen)]
+
+
+async def test_node_worker_not_long_polling_pauses_between_empty_fetches(
+    bridge: Any, node: str, servers: Servers, names: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With QB_WAIT_MS=0 an empty reply was followed by the next fetch at once: a worker of an
+    empty queue sent fetches as fast as the bridge answered them. It waits QB_POLL_MS between."""
+    gaps = await _gaps_between_empty_fetches(bridge, node, servers, names, monkeypatch, wait_ms=0)
+    assert all(g >= 0.45 for g in gaps), gaps
+
+
+async def test_node_worker_pauses_when_its_bridge_answers_a_long_poll_empty_at_once(
+    make_bridge: Any, node: str, servers: Servers, names: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bridge with BRIDGE_HINTS=false does not long-poll: a fetch with waitMs answers null at
+    once. The worker paused between empty fetches only with QB_WAIT_MS=0, so against such a bridge
+    it fetched again at once, in a busy loop. Found by the docs review, 2026-12-05."""
+    b = await make_bridge(hints=False)
+    gaps = await _gaps_between_empty_fetches(b, node, servers, names, monkeypatch, wait_ms=10_000)
     assert all(g >= 0.45 for g in gaps), gaps
 
 
