@@ -24,6 +24,7 @@ from bridge.domain.counting import landed_later, was_delayed
 from bridge.domain.dispatch import Dispatcher
 from bridge.domain.errors import IntegrityError, KeyMissing, KeysUnavailable, MaybeApplied, Unavailable
 from bridge.domain.hints import HintsUnavailable, Taken, TaskHints
+from bridge.domain.lifecycle import renew
 from bridge.domain.models import Delivery, FetchRequest
 from bridge.domain.reconcile import Reconciliation
 from bridge.domain.records import (
@@ -374,14 +375,20 @@ class Fetcher:
         Refused: None, and the lease as the refusal saw it.
 
         The extension is conditional on the epoch only, not on the deadline: if nobody re-claimed
-        the task since the lease ran out, it was nobody else's in between."""
+        the task since the lease ran out, it was nobody else's in between. A shorter lease than the
+        one held (this fetch's timeToRecover) has its deadline filed first (``renew``)."""
+
+        async def has_token(_seen: Lease) -> bool:
+            return held.has_token  # the pointer's, written ahead of the claim with its deadline
+
         q, worker = a.q, a.worker
         until = self.ctx.clock.now_ms() + a.ttr
-        res = await self.ctx.store.extend(q, held.task_id, held.epoch, worker, until)
+        res = await renew(self.ctx, self.soon, q, held.task_id, held.epoch, worker, until, has_token)
         if not res.applied:
             return None, res.current
         a.flight.granted += 1
-        # The scheduler will meet the old deadline, see the later one, and re-arm itself.
+        # The scheduler will meet the old deadline, see the later one, and re-arm itself (a shorter
+        # lease's earlier deadline was filed by ``renew``).
         self.ctx.metrics.inc("tasks_redelivered", kind="resend")
         return await self._deliver(q, worker, held.task_id, held.epoch, until, stamp=stamp), None
 

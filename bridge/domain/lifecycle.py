@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,6 +145,41 @@ class _PurgeWalk:
     truncated: bool = False
 
 
+async def renew(
+    ctx: QueueContext,
+    soon: Callable[[ExpiryEntry, int], None],
+    q: QueueKey,
+    task_id: uuid.UUID,
+    epoch: int,
+    worker: str,
+    until: int,
+    has_token: Callable[[Lease], Awaitable[bool]],
+) -> CasResult:
+    """Move the deadline of the lease ``worker`` holds at ``epoch`` to ``until``: an extend, or a
+    fetch that hands the worker its task again (``Fetcher._resend``).
+
+    To a later deadline (the usual heartbeat): one compare-and-set, nothing else. The old deadline
+    stays in the timer wheel; the scheduler meets it, finds the later one and files that. To an
+    earlier one (a shorter ``timeToRecover`` than the lease had left), the wheel held only the later
+    deadline, and a worker that died after shortening its lease was taken back then (up to 12 h
+    late). That compare-and-set refuses an earlier deadline (reporting the lease's), so the rare
+    shortening files its own deadline first (as a claim does, written ahead), then shortens the
+    lease (``shorten``). ``has_token``: whether the task carries a token, from the refused row
+    (for the filed deadline: a claim of the re-exposed task records it)."""
+    store = ctx.store
+    res = await store.extend(q, task_id, epoch, worker, until)
+    seen = res.current
+    if res.applied or seen is None or not seen.held_by(worker, epoch):
+        return res  # renewed, or not the worker's lease any more
+    due = until + ctx.limits.skew_margin_ms
+    watch = ExpiryEntry(until, q, task_id, epoch, await has_token(seen))
+    await store.watch_expiry(expiry_bucket(due), watch)
+    res = await store.extend(q, task_id, epoch, worker, until, shorten=True)
+    if res.applied:
+        soon(watch, due)  # a deadline moments away: this bridge takes the lease back itself then
+    return res
+
+
 class Lifecycle:
     def __init__(
         self,
@@ -182,8 +217,8 @@ class Lifecycle:
     # -- extend -----------------------------------------------------------------------------------
     async def extend(self, owner: str, req: ExtendRequest) -> Extended | None:
         """Renew the worker's lease (no payload read); None once it is not the worker's any more.
-        The old deadline stays in the timer wheel: the scheduler meets it, finds the later one and
-        watches that instead."""
+        A later deadline: the old one stays in the timer wheel, and the scheduler meets it, finds
+        the later one and watches that instead. An earlier one is filed first (``renew``)."""
         ctx = self.ctx
         q = QueueKey(owner, req.service_id)
         await ctx.keys.current(owner)
@@ -193,7 +228,7 @@ class Lifecycle:
         task_id, epoch = target
         ttr = min(req.time_to_recover or ctx.limits.default_ttr_ms, ctx.limits.max_ttr_ms)
         until = ctx.clock.now_ms() + ttr
-        res = await self.store.extend(q, task_id, epoch, req.worker_id, until)
+        res = await renew(ctx, self.soon, q, task_id, epoch, req.worker_id, until, self._token_of(q, task_id))
         ctx.metrics.inc("leases_extended", outcome="ok" if res.applied else "refused")
         return Extended(task_id, epoch, until) if res.applied else None
 
@@ -272,6 +307,18 @@ class Lifecycle:
             return  # already cleared, or it names the worker's next task
         await self.store.clear_worker(q, worker, row.stamp + 1)
 
+    def _token_of(self, q: QueueKey, task_id: uuid.UUID) -> Callable[[Lease], Awaitable[bool]]:
+        """Whether the task carries a token, for a lease seen without it (a refused compare-and-set
+        reports only its condition's columns): the lease row says (claims record it since 1.3),
+        else the task row."""
+
+        async def has_token(seen: Lease) -> bool:
+            if seen.has_token is None:
+                seen = (await self.store.leases_of(q, [task_id])).get(task_id, seen)
+            return await self._has_token(q, task_id, seen)
+
+        return has_token
+
     async def _has_token(self, q: QueueKey, task_id: uuid.UUID, lease: Lease) -> bool:
         if lease.has_token is not None:
             return lease.has_token
@@ -290,11 +337,13 @@ class Lifecycle:
         *,
         worker: str | None = None,
         expired_before_ms: int | None = None,
+        base_epoch: int | None = None,
         error: Any = None,
         earlier_park_id: uuid.UUID | None = None,
     ) -> bool:
         """Hold the task aside for an operator; tell the engine (tasks with a token) exactly once.
-        ``earlier_park_id``: the lease's ``park_id`` as the caller read it (see ``TaskStore.park``)."""
+        ``earlier_park_id``: the lease's ``park_id`` as the caller read it; ``base_epoch`` (with
+        ``expired_before_ms``): its ``base_epoch`` as read (see ``TaskStore.park``)."""
         ctx = self.ctx
         now = ctx.clock.now_ms()
         park_id = timeuuid_from_ms(now)  # time-based: the engine's result says when (completedAt)
@@ -308,7 +357,7 @@ class Lifecycle:
             outcome = {"error": {"code": PARK_DELIVERY_LIMIT, "message": message, "deliveries": deliveries}}
             sealed = seal_outcome(key, q, task_id, jsonvalue.dumps(outcome))
             intent = OutboxEntry(outbox_bucket(now), q, task_id, park_id, sealed, False)
-        await self.store.add_parked(q, ParkedEntry(task_id, epoch, now, reason, has_token))
+        await self.store.add_parked(q, ParkedEntry(task_id, epoch, now, reason, has_token, park_id))
         if intent is not None:
             await self.store.insert_outbox(intent)
         res = await self.store.park(
@@ -320,6 +369,7 @@ class Lifecycle:
             park_id,
             worker=worker,
             expired_before_ms=expired_before_ms,
+            base_epoch=base_epoch,
             error=error,
             earlier_park_id=earlier_park_id,
         )
@@ -339,8 +389,11 @@ class Lifecycle:
             if current is None or current.state is not LeaseState.PARKED:
                 # Refused (a late ack completed it, it was re-claimed or cancelled): the row written
                 # ahead would count a parked task that is not one (stats) and take a slot of the
-                # listing. Taken back only while it is this park's (a later park keeps its own).
-                await self.store.remove_parked(q, task_id, epoch=epoch)
+                # listing. Taken back only while it is this park's: a later park keeps its own, even
+                # at the same epoch (this park refused by a late extend, then the worker's fail
+                # parking it at that epoch: by epoch, the fail's row went, and a parked task was
+                # missing from listings, stats and ``redrive all``).
+                await self.store.remove_parked(q, task_id, park_id=park_id)
             return False
         ctx.count(q, ms_of(task_id), in_flight=-1)
         ctx.metrics.inc("tasks_parked", reason=reason)
@@ -590,7 +643,9 @@ class Lifecycle:
             lease = await self.store.lease(q, task_id, serial=False)
             if lease is None or lease.state is not LeaseState.PARKED:
                 continue
-            res = await self.store.cancel(q, task_id, LeaseState.PARKED, lease.epoch, to=LeaseState.DISCARDED)
+            res = await self.store.cancel(
+                q, task_id, LeaseState.PARKED, lease.epoch, to=LeaseState.DISCARDED, base_epoch=lease.base_epoch
+            )
             if res.applied:
                 await self._drop_parked_row(q, task_id, None)
                 self.ctx.metrics.inc("tasks_discarded")
@@ -661,7 +716,9 @@ class Lifecycle:
                 continue  # claimed meanwhile: look again
             if lease.state in FINAL_STATES:
                 return False
-            res = await self.store.cancel(q, task_id, lease.state, lease.epoch)
+            # Only the lease as read: a park and a redrive since (leased at the same epoch again,
+            # but counted ready, not in flight) refuse it, and the next attempt reads it again.
+            res = await self.store.cancel(q, task_id, lease.state, lease.epoch, base_epoch=lease.base_epoch)
             if res.applied:
                 if lease.state is LeaseState.PARKED:
                     await self._drop_parked_row(q, task_id, lease.epoch)
@@ -753,7 +810,14 @@ class Lifecycle:
             expired = lease is not None and lease.is_leased and lease.epoch == e.epoch
             if not expired or lease is None or lease.lease_until_ms is None or lease.lease_until_ms + margin > now:
                 return False
-            res = await self.store.cancel(q, e.task_id, LeaseState.LEASED, lease.epoch, expired_before_ms=now - margin)
+            res = await self.store.cancel(
+                q,
+                e.task_id,
+                LeaseState.LEASED,
+                lease.epoch,
+                expired_before_ms=now - margin,
+                base_epoch=lease.base_epoch,
+            )
         if not res.applied:
             return False
         if e.lane == LANE_FRESH and was_delayed(e.task_id, e.created_at_ms):

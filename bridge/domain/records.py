@@ -232,6 +232,11 @@ class ParkedEntry:
     parked_at_ms: int
     reason: str
     has_token: bool
+    # The id of the park that wrote the row (its ``park_id``): epochs are not unique to a park (a
+    # scheduler's park refused by a late extend, then the worker's ``fail`` parking at the same
+    # epoch), so a refused park takes back only the row that names it. None: a row written by a
+    # bridge before the column.
+    park_id: uuid.UUID | None = None
 
 
 __all__ = [

@@ -520,6 +520,9 @@ class RecoveryScheduler:
                 PARK_DELIVERY_LIMIT,
                 lease.deliveries_counted,
                 expired_before_ms=now - self.queue.skew_margin_ms,
+                # As read: an operator's redrive since (after the worker's fail parked it) leaves the
+                # lease leased at this epoch and expired, and this park must not apply to it.
+                base_epoch=lease.base_epoch,
                 earlier_park_id=lease.park_id,
             )
             return parked or await self._watch_if_renewed(entry, now, bucket)

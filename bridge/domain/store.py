@@ -139,8 +139,13 @@ class TaskStore(Protocol):
         """Lease at ``expected_epoch + 1`` a task still leased at ``expected_epoch`` whose deadline is
         at or before ``expired_before_ms`` (``expires_at_ms`` as for :meth:`claim_new`)."""
 
-    async def extend(self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, until_ms: int) -> CasResult:
-        """Move the deadline of a lease still held by ``worker`` at ``epoch``."""
+    async def extend(
+        self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, until_ms: int, *, shorten: bool = False
+    ) -> CasResult:
+        """Move the deadline of a lease still held by ``worker`` at ``epoch`` to ``until_ms``: only
+        to a deadline at or after the lease's own, unless ``shorten`` (a refusal reports the
+        lease's deadline). A shorter lease's deadline is not in the timer wheel: its caller files
+        it first, then shortens (``lifecycle.renew``)."""
 
     async def complete(
         self,
@@ -185,11 +190,15 @@ class TaskStore(Protocol):
         *,
         worker: str | None = None,
         expired_before_ms: int | None = None,
+        base_epoch: int | None = None,
         error: Sealed | None = None,
         earlier_park_id: uuid.UUID | None = None,
     ) -> CasResult:
         """Park a lease at ``epoch``: held by ``worker`` (a fail past the limit), or whose deadline is
-        at or before ``expired_before_ms`` (the scheduler). ``park_id`` becomes its completion id
+        at or before ``expired_before_ms`` (the scheduler) and whose ``base_epoch`` is the one the
+        caller read: a redrive since (it sets ``base_epoch`` to the epoch it puts back, and leaves
+        the lease leased at that epoch and expired) refuses a park decided on a read from before
+        it. ``park_id`` becomes its completion id
         (the engine's ``delivery_limit`` result in the outbox names it) and joins the lease's
         ``park_ids``, as does ``earlier_park_id``: the ``park_id`` the caller read from the lease, which
         a bridge before ``park_ids`` wrote alone (its result may still be owed)."""
@@ -207,16 +216,24 @@ class TaskStore(Protocol):
         *,
         expired_before_ms: int | None = None,
         to: LeaseState = LeaseState.CANCELLED,
+        base_epoch: int | None = None,
     ) -> CasResult:
         """Move a task in ``state`` at ``epoch`` (None: never claimed) to ``to`` (cancelled or
-        discarded); with ``expired_before_ms``, only a lease whose deadline is at or before it."""
+        discarded); with ``expired_before_ms``, only a lease whose deadline is at or before it.
+        With a ``state``, only while its ``base_epoch`` is the one the caller read (required then):
+        a park and a redrive since leave it in the same state at the same epoch, but redriven
+        (counted ready, not in flight)."""
 
     async def add_parked(self, q: QueueKey, entry: ParkedEntry) -> None:
         """Index a parked task (written before the park, so none is ever missing; stale rows are
         filtered out by their lease)."""
 
-    async def remove_parked(self, q: QueueKey, task_id: uuid.UUID, *, epoch: int | None = None) -> None:
-        """Remove a task's parked-index row; with ``epoch``, only if the row is that park's."""
+    async def remove_parked(
+        self, q: QueueKey, task_id: uuid.UUID, *, epoch: int | None = None, park_id: uuid.UUID | None = None
+    ) -> None:
+        """Remove a task's parked-index row; with ``park_id``, only if the row names that park (a
+        row written before the column names none: kept); else with ``epoch``, only if the row is of
+        a park at that epoch (a later park, at a later epoch, keeps its row)."""
 
     async def parked(self, q: QueueKey, limit: int, after: uuid.UUID | None = None) -> list[ParkedEntry]:
         """The first ``limit`` rows of the parked index (after the task ``after``, if given)."""

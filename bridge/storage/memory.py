@@ -223,7 +223,12 @@ class MemoryTaskStore:
 
     @staticmethod
     def _refused(
-        cur: Lease | None, *, with_until: bool = False, with_worker: bool = False, with_token: bool = False
+        cur: Lease | None,
+        *,
+        with_until: bool = False,
+        with_worker: bool = False,
+        with_token: bool = False,
+        with_base: bool = False,
     ) -> CasResult:
         """What Cassandra reports of a failed conditional update: the columns of its condition."""
         if cur is None:
@@ -236,6 +241,7 @@ class MemoryTaskStore:
             None,
             None,
             cur.has_token if with_token else None,
+            base_epoch=cur.base_epoch if with_base else 0,
         )
         return CasResult(False, seen)
 
@@ -290,11 +296,15 @@ class MemoryTaskStore:
         )
         return CasResult(True, None)
 
-    async def extend(self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, until_ms: int) -> CasResult:
+    async def extend(
+        self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, until_ms: int, *, shorten: bool = False
+    ) -> CasResult:
         await self._io()
         cur = self._lease(q, task_id)
         if cur is None or not cur.held_by(worker, epoch):
-            return self._refused(cur, with_worker=True)
+            return self._refused(cur, with_worker=True, with_until=not shorten)
+        if not shorten and (cur.lease_until_ms is None or cur.lease_until_ms > until_ms):
+            return self._refused(cur, with_worker=True, with_until=True)  # an earlier deadline
         self.leases[(q, task_id)] = replace(cur, lease_until_ms=until_ms)
         return CasResult(True, None)
 
@@ -366,17 +376,24 @@ class MemoryTaskStore:
         *,
         worker: str | None = None,
         expired_before_ms: int | None = None,
+        base_epoch: int | None = None,
         error: Sealed | None = None,
         earlier_park_id: uuid.UUID | None = None,
     ) -> CasResult:
         await self._io()
         cur = self._lease(q, task_id)
         if cur is None or not cur.is_leased or cur.epoch != epoch:
-            return self._refused(cur, with_worker=True, with_until=True)
+            return self._refused(cur, with_worker=True, with_until=True, with_base=worker is None)
         if worker is not None and cur.worker != worker:
             return self._refused(cur, with_worker=True)
-        if worker is None and (cur.lease_until_ms is None or cur.lease_until_ms > (expired_before_ms or 0)):
-            return self._refused(cur, with_until=True)
+        if worker is None:
+            assert base_epoch is not None
+            if (
+                cur.lease_until_ms is None
+                or cur.lease_until_ms > (expired_before_ms or 0)
+                or cur.base_epoch != base_epoch
+            ):
+                return self._refused(cur, with_until=True, with_base=True)
         error = error if worker is not None else cur.last_error
         self.leases[(q, task_id)] = replace(
             cur,
@@ -409,6 +426,7 @@ class MemoryTaskStore:
         *,
         expired_before_ms: int | None = None,
         to: LeaseState = LeaseState.CANCELLED,
+        base_epoch: int | None = None,
     ) -> CasResult:
         await self._io()
         cur = self._lease(q, task_id)
@@ -417,10 +435,11 @@ class MemoryTaskStore:
                 return CasResult(False, cur)
             self.leases[(q, task_id)] = Lease(to, 0, None, None, None, uuid.uuid4())
             return CasResult(True, None)
-        if cur is None or cur.state is not state or cur.epoch != epoch:
-            return self._refused(cur, with_until=True)
+        assert base_epoch is not None
+        if cur is None or cur.state is not state or cur.epoch != epoch or cur.base_epoch != base_epoch:
+            return self._refused(cur, with_until=expired_before_ms is not None, with_base=True)
         if expired_before_ms is not None and (cur.lease_until_ms is None or cur.lease_until_ms > expired_before_ms):
-            return self._refused(cur, with_until=True)
+            return self._refused(cur, with_until=True, with_base=True)
         self.leases[(q, task_id)] = replace(cur, state=to, completion_id=uuid.uuid4())
         return CasResult(True, None)
 
@@ -428,10 +447,18 @@ class MemoryTaskStore:
         await self._io()
         self.parked_rows.setdefault(q, {})[entry.task_id] = entry
 
-    async def remove_parked(self, q: QueueKey, task_id: uuid.UUID, *, epoch: int | None = None) -> None:
+    async def remove_parked(
+        self, q: QueueKey, task_id: uuid.UUID, *, epoch: int | None = None, park_id: uuid.UUID | None = None
+    ) -> None:
         await self._io()
         rows = self.parked_rows.get(q, {})
-        if task_id in rows and (epoch is None or rows[task_id].epoch == epoch):
+        row = rows.get(task_id)
+        if row is None:
+            return
+        if park_id is not None:
+            if row.park_id == park_id:  # ``IF park_id = ?``: a row without one (an older bridge's) stays
+                del rows[task_id]
+        elif epoch is None or row.epoch == epoch:
             del rows[task_id]
 
     async def parked(self, q: QueueKey, limit: int, after: uuid.UUID | None = None) -> list[ParkedEntry]:

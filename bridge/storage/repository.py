@@ -537,19 +537,36 @@ class CassandraTaskStore:
         )
         return await self._resolve(q, task_id, attempt, "claim_id", claim_id)
 
-    async def extend(self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, until_ms: int) -> CasResult:
+    async def extend(
+        self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, until_ms: int, *, shorten: bool = False
+    ) -> CasResult:
         until, key = to_datetime(until_ms), (q.owner, q.service, task_id, epoch, worker)
-        attempt = functools.partial(
-            self._lease_write, task_id, "lease.extend", lambda ttl, end: (ttl, until, *key, end), outlive_ms=until_ms
-        )
+        attempt: Callable[[], Awaitable[list[Row]]]
+        if shorten:
+            attempt = functools.partial(
+                self._lease_write,
+                task_id,
+                "lease.shorten",
+                lambda ttl, end: (ttl, until, *key, end),
+                outlive_ms=until_ms,
+            )
+        else:
+            # Only to a deadline at or after the lease's (``lease_until <= ?``): refused, the row
+            # reports the later one, and the caller shortens the lease once it has filed its deadline.
+            attempt = functools.partial(
+                self._lease_write,
+                task_id,
+                "lease.extend",
+                lambda ttl, end: (ttl, until, *key, until, end),
+                outlive_ms=until_ms,
+            )
         # Resent: "held by this worker at this epoch" stays false once false ("the lifecycle" below).
-        # A first copy that applied leaves it true: the resend writes the same deadline again.
-        return await self._cas(
-            q,
-            task_id,
-            attempt,
-            lambda c: c.held_by(worker, epoch) and c.lease_until_ms is not None and c.lease_until_ms >= until_ms,
-        )
+        # A first copy that applied leaves it true (and its deadline ``until``): the resend writes the
+        # same deadline again. A resend of ``lease.extend`` refused by a later deadline is judged by
+        # the read: ours only if the lease ends at ours. A later one is a shortening that never
+        # applied (or another extend of the worker's since), and the caller, told "refused" with the
+        # lease read, shortens it (its deadline filed first): what it answers is what the lease says.
+        return await self._cas(q, task_id, attempt, lambda c: c.held_by(worker, epoch) and c.lease_until_ms == until_ms)
 
     async def complete(
         self,
@@ -599,9 +616,15 @@ class CassandraTaskStore:
     # * "Leased at this epoch" (cancel, park_expired, cancel_expired) can hold again: a park then a
     #   redrive put the lease back to leased at the SAME epoch (a redrive keeps it), and its deadline
     #   then is the redriving bridge's now less the skew margin, at or before an earlier call's
-    #   ``expired_before`` bound if that bridge's clock is behind the caller's.
+    #   ``expired_before`` bound if that bridge's clock is behind the caller's. Their conditions
+    #   also name the ``base_epoch`` the caller read, which that redrive moves on (to the epoch it
+    #   put back; the caller read a lower one for any lease that can be parked at its limit), so a
+    #   decision read before a park and a redrive no longer applies after them (a scheduler's park
+    #   re-parked the task the operator had just redriven). Still, a lease extended past
+    #   ``expired_before`` can run out again (shortened, or given back by a fail) at the same epoch.
     # * "Parked at this epoch" (unpark, cancel of a parked task) can hold again too: a park_expired
-    #   of that epoch still on its way (the case above) parks the redriven lease again.
+    #   of that epoch still on its way parks the redriven lease again (of a bridge before the
+    #   ``base_epoch`` condition, during a rolling upgrade).
     # Those are settled by the SERIAL read alone, as before.
 
     async def release(
@@ -633,6 +656,7 @@ class CassandraTaskStore:
         *,
         worker: str | None = None,
         expired_before_ms: int | None = None,
+        base_epoch: int | None = None,
         error: Sealed | None = None,
         earlier_park_id: uuid.UUID | None = None,
     ) -> CasResult:
@@ -648,13 +672,16 @@ class CassandraTaskStore:
             sealed = (error.key_id, error.nonce, error.ciphertext) if error else (None, None, None)
             name, tail = "lease.park_held", (*head, *sealed, *key, epoch, worker)
         else:
-            assert expired_before_ms is not None
-            name, tail = "lease.park_expired", (*head, *key, epoch, to_datetime(expired_before_ms))
+            assert expired_before_ms is not None and base_epoch is not None
+            cond = (epoch, to_datetime(expired_before_ms), base_epoch)
+            name, tail = "lease.park_expired", (*head, *key, *cond)
         attempt = functools.partial(self._lease_write, task_id, name, lambda ttl, end: (ttl, *tail, end))
         # park_held is resent ("held by this worker at this epoch": false for good, above). Not
-        # park_expired ("leased at this epoch, its deadline passed"): after a park and a redrive
-        # at this epoch it can hold again (above), and a resend could then park a task an operator
-        # has just redriven, or be refused while the first copy still lands after it.
+        # park_expired ("leased at this epoch, its deadline passed, never redriven since the read"),
+        # which a park and a redrive at this epoch no longer satisfy (the redrive moves
+        # ``base_epoch``), but which can still turn true again: a lease extended past the bound, then
+        # shortened (``lease.shorten``) or given back by a fail, runs out once more. Settled by the
+        # read alone, as before: a first copy landing after it is the known limit.
         resend = worker is not None
         # Ours if the lease still names it, or lists it: an applied park adds its id to park_ids,
         # which stays after a discard or a redrive that moved the lease on before the read.
@@ -694,6 +721,7 @@ class CassandraTaskStore:
         *,
         expired_before_ms: int | None = None,
         to: LeaseState = LeaseState.CANCELLED,
+        base_epoch: int | None = None,
     ) -> CasResult:
         done_id = uuid.uuid4()
         now = to_datetime(self.now_ms())
@@ -710,8 +738,11 @@ class CassandraTaskStore:
             )
             return await self._cas(q, task_id, insert, won)
         attempt: Callable[[], Awaitable[list[Row]]]
+        # Only while the lease's base epoch is the one the caller read: a park and a redrive since
+        # leave it leased (or parked) at the same epoch, but redriven.
+        assert base_epoch is not None
         if expired_before_ms is not None:
-            cond = (epoch, to_datetime(expired_before_ms))
+            cond = (epoch, to_datetime(expired_before_ms), base_epoch)
             attempt = functools.partial(
                 self._lease_write,
                 task_id,
@@ -719,7 +750,7 @@ class CassandraTaskStore:
                 lambda ttl, end: (ttl, now, done_id, *key, *cond, end),
             )
         else:
-            values, cond2 = (str(to), now, done_id), (str(state), epoch)
+            values, cond2 = (str(to), now, done_id), (str(state), epoch, base_epoch)
             attempt = functools.partial(
                 self._lease_write, task_id, "lease.cancel", lambda ttl, end: (ttl, *values, *key, *cond2, end)
             )
@@ -732,20 +763,24 @@ class CassandraTaskStore:
     async def add_parked(self, q: QueueKey, entry: ParkedEntry) -> None:
         e = entry
         params = (q.owner, q.service, e.task_id, e.epoch, to_datetime(e.parked_at_ms), e.reason, e.has_token)
-        await self.db.execute("parked.insert", (*params, self.ttl_for(e.task_id)))
+        await self.db.execute("parked.insert", (*params, e.park_id, self.ttl_for(e.task_id)))
 
-    async def remove_parked(self, q: QueueKey, task_id: uuid.UUID, *, epoch: int | None = None) -> None:
-        if epoch is None:
-            await self.db.execute("parked.delete", (q.owner, q.service, task_id))
-        else:
+    async def remove_parked(
+        self, q: QueueKey, task_id: uuid.UUID, *, epoch: int | None = None, park_id: uuid.UUID | None = None
+    ) -> None:
+        if park_id is not None:
+            await self.db.execute("parked.delete_if_park", (q.owner, q.service, task_id, park_id))
+        elif epoch is not None:
             await self.db.execute("parked.delete_if_epoch", (q.owner, q.service, task_id, epoch))
+        else:
+            await self.db.execute("parked.delete", (q.owner, q.service, task_id))
 
     async def parked(self, q: QueueKey, limit: int, after: uuid.UUID | None = None) -> list[ParkedEntry]:
         if after is None:
             rows = await self.db.execute("parked.list", (q.owner, q.service, limit))
         else:
             rows = await self.db.execute("parked.list_after", (q.owner, q.service, after, limit))
-        return [parked_entry(r) for r in rows]
+        return [replace(parked_entry(r), park_id=r.get("park_id")) for r in rows]
 
     # -- queue counts ------------------------------------------------------------------------------------
     async def add_counts(self, q: QueueKey, day: int, ready: int, in_flight: int) -> None:

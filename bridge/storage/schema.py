@@ -231,6 +231,11 @@ ADDED_COLUMNS: list[tuple[str, str, str]] = [
     # writing it (a setting changed pod by pod).
     ("ready", "expires_at", "bigint"),
     ("leases", "expires_at", "bigint"),
+    # The park that wrote a parked-index row (its `park_id`): a park refused by its compare-and-set
+    # takes back only the row that names it. By epoch, it deleted the row of a later park at the
+    # same epoch (the worker's `fail` after a late extend refused the scheduler's park): a parked
+    # task missing from listings, stats and `redrive all`. Null in rows of earlier releases.
+    ("parked", "park_id", "timeuuid"),
 ]
 
 

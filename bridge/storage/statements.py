@@ -103,8 +103,17 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         False,
     ),
     # The holder may extend even past its deadline as long as nobody re-claimed the task (the
-    # epoch is unchanged): it was never anyone else's in between.
+    # epoch is unchanged): it was never anyone else's in between. Only to a later deadline (or the
+    # same): the timer wheel holds the lease's own deadline, which is met first. A shorter lease is
+    # refused (reporting the deadline it has), and its deadline filed before `lease.shorten`.
     "lease.extend": (
+        "UPDATE {ks}.leases USING TTL ? SET lease_until = ? "
+        "WHERE owner = ? AND service = ? AND task_id = ? "
+        "IF state = 'leased' AND epoch = ? AND worker = ? AND lease_until <= ? AND expires_at IN (?, null)",
+        False,
+    ),
+    # An extend to an earlier deadline (a shorter timeToRecover), once that deadline is filed.
+    "lease.shorten": (
         "UPDATE {ks}.leases USING TTL ? SET lease_until = ? "
         "WHERE owner = ? AND service = ? AND task_id = ? "
         "IF state = 'leased' AND epoch = ? AND worker = ? AND expires_at IN (?, null)",
@@ -155,10 +164,15 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         "IF state = 'leased' AND epoch = ? AND worker = ? AND expires_at IN (?, null)",
         False,
     ),
+    # `base_epoch` as the scheduler read it (null: never redriven, read as 0): a redrive since
+    # leaves the lease leased at the same epoch and expired, but moves `base_epoch` to that epoch
+    # (the park's read had it lower: the lease was at its limit), so a park decided before it is
+    # refused instead of parking the task the operator just put back.
     "lease.park_expired": (
         "UPDATE {ks}.leases USING TTL ? SET state = 'parked', parked_at = ?, park_reason = ?, completion_id = ?, "
         "park_id = ?, park_ids = park_ids + ? WHERE owner = ? AND service = ? AND task_id = ? "
-        "IF state = 'leased' AND epoch = ? AND lease_until <= ? AND expires_at IN (?, null)",
+        "IF state = 'leased' AND epoch = ? AND lease_until <= ? AND base_epoch IN (?, null) "
+        "AND expires_at IN (?, null)",
         False,
     ),
     "lease.unpark": (
@@ -172,35 +186,49 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         "VALUES (?, ?, ?, 'cancelled', 0, ?, ?, ?) IF NOT EXISTS USING TTL ?",
         False,
     ),
+    # Both with `base_epoch` as the caller read it (as `lease.park_expired`): a park and a redrive
+    # since leave the lease in the same state at the same epoch, but redriven (counted ready, not
+    # in flight: the caller's counts would be off).
     "lease.cancel": (
         "UPDATE {ks}.leases USING TTL ? SET state = ?, completed_at = ?, completion_id = ? "
-        "WHERE owner = ? AND service = ? AND task_id = ? IF state = ? AND epoch = ? AND expires_at IN (?, null)",
+        "WHERE owner = ? AND service = ? AND task_id = ? "
+        "IF state = ? AND epoch = ? AND base_epoch IN (?, null) AND expires_at IN (?, null)",
         False,
     ),
     "lease.cancel_expired": (
         "UPDATE {ks}.leases USING TTL ? SET state = 'cancelled', completed_at = ?, completion_id = ? "
         "WHERE owner = ? AND service = ? AND task_id = ? "
-        "IF state = 'leased' AND epoch = ? AND lease_until <= ? AND expires_at IN (?, null)",
+        "IF state = 'leased' AND epoch = ? AND lease_until <= ? AND base_epoch IN (?, null) "
+        "AND expires_at IN (?, null)",
         False,
     ),
     "parked.insert": (
-        "INSERT INTO {ks}.parked (owner, service, task_id, epoch, parked_at, reason, has_token) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?) USING TTL ?",
+        "INSERT INTO {ks}.parked (owner, service, task_id, epoch, parked_at, reason, has_token, park_id) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?",
         True,
     ),
     "parked.delete": ("DELETE FROM {ks}.parked WHERE owner = ? AND service = ? AND task_id = ?", True),
-    # A park whose compare-and-set was refused takes back its own row, not a later park's.
+    # A row whose park is over (a listing's clean-up) goes only while it is of that park's epoch:
+    # a later park, at a later epoch, keeps its row.
     "parked.delete_if_epoch": (
         "DELETE FROM {ks}.parked WHERE owner = ? AND service = ? AND task_id = ? IF epoch = ?",
         False,
     ),
+    # A park whose compare-and-set was refused takes back its own row, not a later park's: not by
+    # epoch, which another park can share (a scheduler's park refused by a late extend, then the
+    # worker's `fail` parking at the same epoch), but by the park's own id.
+    "parked.delete_if_park": (
+        "DELETE FROM {ks}.parked WHERE owner = ? AND service = ? AND task_id = ? IF park_id = ?",
+        False,
+    ),
     "parked.list": (
-        "SELECT task_id, epoch, parked_at, reason, has_token FROM {ks}.parked WHERE owner = ? AND service = ? LIMIT ?",
+        "SELECT task_id, epoch, parked_at, reason, has_token, park_id FROM {ks}.parked "
+        "WHERE owner = ? AND service = ? LIMIT ?",
         True,
     ),
     # The next page, past rows already read (a listing goes on past rows whose park is over).
     "parked.list_after": (
-        "SELECT task_id, epoch, parked_at, reason, has_token FROM {ks}.parked "
+        "SELECT task_id, epoch, parked_at, reason, has_token, park_id FROM {ks}.parked "
         "WHERE owner = ? AND service = ? AND task_id > ? LIMIT ?",
         True,
     ),

@@ -1,0 +1,255 @@
+"""Races of the worker lifecycle (parks, extends, redrives) with the recovery scheduler, on both
+stores. Each interleaving is forced by hooking a store (or lifecycle) call: the racing request runs
+inside the hook, between a decision's read and its compare-and-set. Found by a review (2026-12)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+
+from bridge.domain.models import AddCommand, ExtendRequest, FailRequest, parse
+from bridge.domain.records import LeaseState, QueueKey, TaskOptions
+from tests.queue_harness import MARGIN_MS, OWNER, Harness
+
+pytestmark = pytest.mark.anyio
+
+
+async def _add_limited(h: Harness, *, token: bool = True) -> str:
+    """A task with a delivery limit of 1 (and a token: the engine is told when it is parked)."""
+    body: dict[str, Any] = {"serviceId": h.service, "value": "poison", "maxDeliveries": 1}
+    if token:
+        body["token"] = "t"
+    task_id = await h.queue.add(OWNER, parse(AddCommand, body), message_id=None, traceparent=None)
+    h.clock.advance(1)
+    return task_id
+
+
+def _extend(h: Harness, worker: str, task_id: str, epoch: int, ttr_ms: int) -> ExtendRequest:
+    body = {"serviceId": h.service, "workerId": worker, "taskId": task_id, "epoch": epoch, "timeToRecover": ttr_ms}
+    req: ExtendRequest = parse(ExtendRequest, body)
+    return req
+
+
+def _fail(h: Harness, worker: str, task_id: str, epoch: int) -> FailRequest:
+    body = {"serviceId": h.service, "workerId": worker, "taskId": task_id, "epoch": epoch, "error": {"why": "boom"}}
+    req: FailRequest = parse(FailRequest, body)
+    return req
+
+
+async def _lease(h: Harness, task_id: str) -> Any:
+    return await h.store.lease(QueueKey(OWNER, h.service), uuid.UUID(task_id), serial=True)
+
+
+def _limit_results(h: Harness) -> list[bytes]:
+    return [m.value_json for m in h.sink.messages if b"delivery_limit" in m.value_json]
+
+
+# -- 1. a refused park takes back its own parked-index row, not a later park's at the same epoch -------
+async def test_a_refused_park_leaves_the_row_of_a_later_park_at_the_same_epoch(harness: Harness) -> None:
+    """The scheduler parks an expired lease at its limit (epoch E): row written ahead, then the
+    compare-and-set. The worker's late extend lands in between (allowed: nobody took the task) and
+    refuses it; the worker's ``fail`` then parks the task at the SAME epoch E (its row replaces the
+    scheduler's). The refused park took back "its" row by epoch (``IF epoch = ?``) and deleted the
+    fail's: the task was parked, but missing from the listing, stats and ``redrive all``."""
+    h = harness
+    task_id = await _add_limited(h)
+    got = await h.fetch("W", ttr_ms=1_000)
+    assert got is not None and got.task_id == task_id
+    h.scheduler.cancel_timers()  # the scheduler's pass makes the park, under the hooks below
+    h.clock.advance(1_000 + MARGIN_MS + 300)  # W's lease ran out; W is still at work
+    real_park, real_remove = h.store.park, h.store.remove_parked
+    seen = {"park": 0, "remove": 0}
+
+    async def park(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("worker") is None and seen["park"] == 0:
+            seen["park"] += 1
+            # W's late heartbeat lands just before the scheduler's compare-and-set.
+            assert await h.queue.extend(OWNER, _extend(h, "W", task_id, got.epoch, 5_000)) is not None
+        return await real_park(*args, **kwargs)
+
+    async def remove_parked(*args: Any, **kwargs: Any) -> None:
+        if seen["remove"] == 0:
+            seen["remove"] += 1
+            # ... and W's work fails right after: on its last allowed delivery, ``fail`` parks it.
+            failed = await h.queue.fail(OWNER, _fail(h, "W", task_id, got.epoch))
+            assert failed is not None and failed.parked
+        await real_remove(*args, **kwargs)
+
+    h.store.park = park  # type: ignore[method-assign]
+    h.store.remove_parked = remove_parked  # type: ignore[method-assign]
+    await h.scheduler.tick()
+    await h.queue.drain_background(5.0)
+    h.store.park, h.store.remove_parked = real_park, real_remove  # type: ignore[method-assign]
+    assert seen == {"park": 1, "remove": 1}, f"the interleaving did not happen: {seen}"
+    lease = await _lease(h, task_id)
+    assert lease is not None and lease.state is LeaseState.PARKED and lease.park_reason == "failed"
+    listed = [p.task_id for p in await h.queue.parked(OWNER, h.service, 100)]
+    assert listed == [uuid.UUID(task_id)], "a parked task missing from the parked listing"
+    assert (await h.queue.stats(OWNER, h.service))[0].parked == 1
+    h.clock.advance(1)  # ``redrive all`` takes the tasks parked before its now
+    assert await h.queue.redrive(OWNER, h.service, None) == 1, "`redrive all` did not find the parked task"
+
+
+# -- 2. a lease shortened by an extend (or a resend) is recovered at its new deadline ----------------
+async def test_an_extend_that_shortens_the_lease_is_recovered_at_the_new_deadline(harness: Harness) -> None:
+    """A worker holding a 10-minute lease extends it with a shorter timeToRecover (5 s), then dies.
+    The answer said the lease ends in 5 s, but the only deadline in the timer wheel was the old,
+    later one: the task came back 10 minutes later instead of 5 s (+ the skew margin)."""
+    h = harness
+    task_id = await h.add("v")
+    got = await h.fetch("W", ttr_ms=600_000)
+    assert got is not None and got.task_id == task_id
+    extended = await h.queue.extend(OWNER, _extend(h, "W", task_id, got.epoch, 5_000))
+    assert extended is not None and extended.lease_until_ms == h.clock.now_ms() + 5_000
+    start = h.clock.now_ms()
+    again = await h.fetch_until("other", step_ms=500, limit_ms=20_000)  # W died
+    waited = h.clock.now_ms() - start
+    assert again.task_id == task_id and again.epoch == 2
+    assert 5_000 + MARGIN_MS <= waited <= 5_000 + MARGIN_MS + 1_000, f"recovered {waited} ms after the extend"
+    assert await h.ack("W", got) is False
+    assert await h.ack("other", again) is True
+
+
+async def test_a_resend_with_a_shorter_lease_is_recovered_at_the_new_deadline(harness: Harness) -> None:
+    """The same through a fetch that hands the worker its task again (the pointer's resend) with a
+    shorter timeToRecover than the lease it holds."""
+    h = harness
+    task_id = await h.add("v")
+    got = await h.fetch("W", ttr_ms=600_000)
+    assert got is not None and got.task_id == task_id
+    resent = await h.fetch("W", ttr_ms=5_000)  # a retry of the fetch, say: the same task, a short lease
+    assert resent is not None and resent.task_id == task_id and resent.epoch == got.epoch
+    assert resent.lease_expires_at_ms == h.clock.now_ms() + 5_000
+    start = h.clock.now_ms()
+    again = await h.fetch_until("other", step_ms=500, limit_ms=20_000)  # W died
+    waited = h.clock.now_ms() - start
+    assert again.task_id == task_id and again.epoch == 2
+    assert 5_000 + MARGIN_MS <= waited <= 5_000 + MARGIN_MS + 1_000, f"recovered {waited} ms after the resend"
+
+
+async def test_a_lengthening_extend_still_moves_the_deadline_later(harness: Harness) -> None:
+    """The usual heartbeat (a later deadline) is unchanged: the task is not handed out before it."""
+    h = harness
+    task_id = await h.add("v")
+    got = await h.fetch("W", ttr_ms=2_000)
+    assert got is not None
+    await h.advance(1_500)
+    extended = await h.queue.extend(OWNER, _extend(h, "W", task_id, got.epoch, 10_000))
+    assert extended is not None and extended.lease_until_ms == h.clock.now_ms() + 10_000
+    for _ in range(10):  # past the first deadline + margin, up to 10 s later: still W's
+        await h.advance(1_000)
+        assert await h.fetch("other") is None
+    assert await h.ack("W", got) is True
+
+
+# -- 3. a scheduler's park decided before a redrive does not apply after it -------------------------
+async def test_the_schedulers_park_does_not_apply_to_a_task_redriven_since_its_read(harness: Harness) -> None:
+    """The scheduler reads an expired lease at its limit (epoch E) and goes to park it. Meanwhile the
+    worker fails it (parked at E) and an operator redrives it: leased to nobody at E again, expired
+    (claimable at once). ``park_expired``'s condition (leased, epoch E, deadline passed) held again,
+    and the scheduler parked the task the operator had just put back, with no delivery since, and
+    told the engine a second time."""
+    h = harness
+    task_id = await _add_limited(h)
+    got = await h.fetch("W", ttr_ms=1_000)
+    assert got is not None and got.task_id == task_id
+    h.scheduler.cancel_timers()
+    h.clock.advance(1_000 + MARGIN_MS + 300)
+    real_options, target = h.store.task_options, uuid.UUID(task_id)
+    seen: list[int] = []
+
+    async def task_options(q: QueueKey, task_id: uuid.UUID) -> TaskOptions:
+        if not seen and task_id == target:
+            seen.append(1)
+            # Between the scheduler's lease read and its park: W fails it, an operator redrives it.
+            failed = await h.queue.fail(OWNER, _fail(h, "W", str(target), got.epoch))
+            assert failed is not None and failed.parked
+            assert await h.queue.redrive(OWNER, h.service, [target]) == 1
+        return await real_options(q, task_id)
+
+    h.store.task_options = task_options  # type: ignore[method-assign]
+    await h.scheduler.tick()
+    await h.queue.drain_background(5.0)
+    h.store.task_options = real_options  # type: ignore[method-assign]
+    assert seen, "the interleaving did not happen"
+    lease = await _lease(h, task_id)
+    assert lease is not None and lease.state is LeaseState.LEASED, f"the redriven task was parked again: {lease}"
+    assert lease.base_epoch == lease.epoch == got.epoch
+    assert len(_limit_results(h)) == 1, "the engine was told of a park twice"
+    assert await h.queue.parked(OWNER, h.service, 100) == []
+    assert (await h.queue.stats(OWNER, h.service))[0].parked == 0
+    again = await h.fetch_until("other", step_ms=250, limit_ms=5_000)
+    assert again.task_id == task_id and again.epoch == got.epoch + 1
+    assert await h.ack("other", again) is True
+
+
+async def test_a_redriven_task_whose_lease_runs_out_again_is_parked_again(harness: Harness) -> None:
+    """The condition on ``base_epoch`` does not stand in the way of a park decided after the
+    redrive (its read sees the redrive's ``base_epoch``), nor of a cancel of the redriven task."""
+    h = harness
+    task_id = await _add_limited(h)
+    got = await h.fetch("W", ttr_ms=500)
+    assert got is not None and got.task_id == task_id
+    lease = None
+    for _ in range(20):  # its lease runs out at its limit: parked
+        await h.advance(250)
+        lease = await _lease(h, task_id)
+        if lease.state is LeaseState.PARKED:
+            break
+    assert lease is not None and lease.state is LeaseState.PARKED and lease.park_reason == "delivery_limit"
+    h.clock.advance(1)
+    assert await h.queue.redrive(OWNER, h.service, [uuid.UUID(task_id)]) == 1
+    again = await h.fetch_until("W2", step_ms=250, limit_ms=5_000, ttr_ms=500)
+    assert again.task_id == task_id and again.epoch == got.epoch + 1
+    for _ in range(20):  # runs out again (its one delivery since the redrive): parked again
+        await h.advance(250)
+        lease = await _lease(h, task_id)
+        if lease.state is LeaseState.PARKED:
+            break
+    assert lease.state is LeaseState.PARKED and lease.epoch == again.epoch and lease.base_epoch == got.epoch
+    assert len(_limit_results(h)) == 2
+    assert [p.task_id for p in await h.queue.parked(OWNER, h.service, 100)] == [uuid.UUID(task_id)]
+    h.clock.advance(1)
+    assert await h.queue.redrive(OWNER, h.service, [uuid.UUID(task_id)]) == 1
+    assert await h.queue.cancel(OWNER, h.service, uuid.UUID(task_id)) is True  # redriven: leased to nobody
+    lease = await _lease(h, task_id)
+    assert lease.state is LeaseState.CANCELLED
+    assert await h.queue.parked(OWNER, h.service, 100) == []
+
+
+@pytest.mark.parametrize("applied", [False, True], ids=["lost", "landed"])
+async def test_an_extend_whose_outcome_was_unknown_is_settled_by_the_deadline_it_left(
+    harness: Harness, applied: bool
+) -> None:
+    """An extend's compare-and-set timed out (Cassandra's adapter resolves it: the same statement
+    once more, then a SERIAL read). A shortening one never applies (its condition wants a later
+    deadline): the resend is refused, and the read must not take the lease's later deadline for
+    ours, or the lease is never shortened. A lengthening one whose first copy landed: the resend
+    applies (the same deadline), and nothing more is sent."""
+    from bridge.storage.errors import UnknownOutcome
+
+    h = harness
+    if not hasattr(h.store, "_lease_write"):
+        pytest.skip("unknown outcomes are the Cassandra adapter's")
+    task_id = await h.add("v")
+    got = await h.fetch("W", ttr_ms=10_000 if applied else 600_000)
+    assert got is not None
+    real, sent = h.store._lease_write, []
+
+    async def lease_write(tid: uuid.UUID, name: str, *args: Any, **kwargs: Any) -> Any:
+        sent.append(name)
+        if name == "lease.extend" and sent.count(name) == 1:
+            if applied:
+                await real(tid, name, *args, **kwargs)
+            raise UnknownOutcome("the extend's reply timed out (injected)")
+        return await real(tid, name, *args, **kwargs)
+
+    h.store._lease_write = lease_write
+    extended = await h.queue.extend(OWNER, _extend(h, "W", task_id, got.epoch, 60_000 if applied else 5_000))
+    h.store._lease_write = real
+    assert extended is not None
+    assert sent == (["lease.extend"] * 2 if applied else ["lease.extend", "lease.extend", "lease.shorten"])
+    lease = await _lease(h, task_id)
+    assert lease is not None and lease.held_by("W", got.epoch) and lease.lease_until_ms == extended.lease_until_ms
