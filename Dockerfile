@@ -46,6 +46,15 @@ LABEL org.opencontainers.image.title="queue-bridge" \
       org.opencontainers.image.description="Persistent work queue: AMQP in front, Apache Cassandra behind, tasks encrypted per owner." \
       org.opencontainers.image.licenses="MIT"
 
+# tini runs as PID 1 and starts the bridge (ENTRYPOINT below). The kernel gives PID 1 no default
+# action for a signal: as PID 1, the bridge dropped a SIGTERM that came before it installed its
+# handler (its first second or two: imports, settings), and the container ran on until the SIGKILL
+# a stop grace later. tini forwards the signal (the bridge's default action or its handler ends
+# it), reaps, and exits with the bridge's code.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends tini \
+ && rm -rf /var/lib/apt/lists/*
+
 # An unprivileged user with a fixed uid (deploy/kubernetes/deployment.yaml sets runAsUser: 10001).
 # /keys is owned by it, so a named volume mounted there (the compose dev key-ring) is writable.
 RUN groupadd --gid 10001 bridge \
@@ -75,7 +84,9 @@ EXPOSE 8080
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health/live' % os.environ.get('BRIDGE_HTTP_PORT', '8080'), timeout=4)"]
 
-# Exec form: queue-bridge is PID 1 and receives SIGTERM itself (graceful stop, BRIDGE_SHUTDOWN_GRACE).
+# Exec form, under tini (see above): the SIGTERM sent to PID 1 reaches queue-bridge (graceful stop,
+# BRIDGE_SHUTDOWN_GRACE). -s: tini reaps as a subreaper where it is not PID 1 itself (docker-compose.yml's
+# `init: true` puts Docker's own init first), instead of warning at every start.
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["queue-bridge"]
+ENTRYPOINT ["/usr/bin/tini", "-s", "--", "queue-bridge"]
 CMD ["run"]

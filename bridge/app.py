@@ -286,7 +286,10 @@ class Bridge:
             # Measure the clock before taking any request: a skewed bridge never grants a lease.
             with suppress(Exception):
                 await self.skew.measure()
-            await self._until_reachable("RabbitMQ", self._start_transport, (BrokerUnreachable,))
+            # A stop cuts a RabbitMQ attempt short (each node's attempt is bounded too, by
+            # BRIDGE_AMQP_CONNECT_TIMEOUT). Not Cassandra's: acsylla's connect, cancelled, never
+            # returns; its attempts end on the driver's own timeouts, and the stop is seen then.
+            await self._until_reachable("RabbitMQ", self._start_transport, (BrokerUnreachable,), interruptible=True)
             if self.gateway is not None:
                 self.gateway_port = await _listen(
                     self.gateway.start, "BRIDGE_GATEWAY_PORT", self.settings.gateway_host, self.settings.gateway_port
@@ -299,11 +302,24 @@ class Bridge:
             self._tasks.append(asyncio.create_task(self._export_queue_stats(), name="queue gauges"))
             self._tasks.append(asyncio.create_task(self.trim.run(self._stop, self.duty), name="counter trim"))
         except BaseException:
-            if self.gateway is not None:
-                await self.gateway.stop()
-            await self.ops.stop()
+            await self._abandon_start()
             raise
         log.info("bridge started", extra={"http_port": self.http_port, "gateway_port": self.gateway_port})
+
+    async def _abandon_start(self) -> None:
+        """A start that failed or was stopped closes what it had opened. A gateway port that could
+        not be bound (exit 2) left the bridge consuming its request queues and competing for the
+        duty, its Cassandra session open, until the process ended (for ever in-process); a stop
+        after Cassandra had connected left that session open."""
+        if self.gateway is not None:
+            await self.gateway.stop()
+        with suppress(Exception):
+            await self.duty.release()  # (a step-up under way, too)
+        with suppress(Exception):
+            await self.transport.close()
+        with suppress(Exception):
+            await self.db.close()
+        await self.ops.stop()
 
     async def _connect_store(self) -> None:
         try:
@@ -318,21 +334,38 @@ class Bridge:
             raise
 
     async def _until_reachable(
-        self, what: str, connect: Callable[[], Awaitable[None]], unreachable: tuple[type[BaseException], ...]
+        self,
+        what: str,
+        connect: Callable[[], Awaitable[None]],
+        unreachable: tuple[type[BaseException], ...],
+        *,
+        interruptible: bool = False,
     ) -> None:
         """``connect``, tried again while ``what`` cannot be reached, for ``BRIDGE_START_TIMEOUT``.
         Exiting at once, a sidecar started during a dependency's outage (or restarted in one) went
         into a crash loop whose backoff, up to 5 minutes in Kubernetes, kept its pod down long
-        after the dependency was back. A stop meanwhile ends the wait."""
+        after the dependency was back.
+
+        A stop meanwhile ends the start with :class:`StartCancelled` (SIGTERM: exit 0): during the
+        wait between attempts; during an attempt, which is cancelled (``interruptible``: it
+        closes what it opened) or else ends first; and after an attempt that succeeded (the start
+        goes no further). Only the wait looked at it: a stop during an attempt ended the start
+        with the attempt's own error (exit 1), or, the attempt succeeding, not at all."""
         loop = asyncio.get_running_loop()
         gives_up = self._start_gives_up
         delay = START_RETRY_FIRST_S
         while True:
+            if self._stop.is_set():
+                raise StartCancelled(f"stopped before {what} was reached at start")
             try:
-                await connect()
-                return
+                if interruptible:
+                    await self._unless_stopped(connect())
+                else:
+                    await connect()
             except unreachable as exc:
-                if self._stop.is_set() or loop.time() + delay > gives_up:
+                if self._stop.is_set():
+                    raise StartCancelled(f"stopped while trying {what} at start") from exc
+                if loop.time() + delay > gives_up:
                     raise
                 log.warning(
                     "%s at start (%s); trying again in %.0f s (BRIDGE_START_TIMEOUT)",
@@ -340,11 +373,30 @@ class Bridge:
                     exc if isinstance(exc, BridgeError) else type(exc).__name__,
                     delay,
                 )
+            else:
+                if self._stop.is_set():  # reached as the stop came: the start goes no further
+                    raise StartCancelled(f"stopped as {what} was reached at start")
+                return
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=delay)
             if self._stop.is_set():
                 raise StartCancelled(f"stopped while waiting for {what} at start")
             delay = min(delay * 2, START_RETRY_MAX_S)
+
+    async def _unless_stopped(self, attempt: Awaitable[None]) -> None:
+        """``attempt``, cancelled if a stop comes first (:class:`StartCancelled` then)."""
+        task = asyncio.ensure_future(attempt)
+        stopped = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not task.done():  # stopped (or this start cancelled): the attempt is abandoned
+                task.cancel()
+                await asyncio.wait({task})
+        if task.cancelled():
+            raise StartCancelled("stopped during an attempt at start")
+        task.result()
 
     async def _start_transport(self) -> None:
         """Connect to RabbitMQ, declare the topology, consume. What the broker or the network
@@ -359,6 +411,10 @@ class Bridge:
             with suppress(Exception):
                 await self.transport.close()
             raise BrokerUnreachable(where, exc, secret=password) from exc
+        except BaseException:  # cancelled (a stop during the attempt): nothing left connected
+            with suppress(Exception):
+                await self.transport.close()
+            raise
 
     def _serving_changed(self, paused: frozenset[str]) -> None:
         self.metrics.set_paused(paused, ALL)

@@ -57,6 +57,16 @@ class Settings(BaseSettings):
             "shuffled per process, moving to the next node when one is lost or out of reach."
         ),
     )
+    amqp_connect_timeout: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description=(
+            "Seconds one RabbitMQ node has to accept a connection (TCP, TLS and the AMQP handshake), at "
+            "start and at each reconnection, before the next node is tried: a node that accepts TCP and "
+            "never answers (a load balancer with no backend, a stuck node) held the bridge for ever."
+        ),
+    )
     exchange: str = Field("queue-bridge", min_length=1, description="Direct exchange for add/fetch/ack.")
     results_exchange: str = Field(
         "queue-bridge.results",

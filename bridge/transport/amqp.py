@@ -217,8 +217,11 @@ class AmqpTransport:
         # Before the first frame is read: a content header pamqp cannot decode would otherwise
         # close the whole connection, for ever (the request is redelivered at every reconnection).
         tolerant_decoding.install()
+        # Each node's attempt bounded, at start and at every reconnection (BRIDGE_AMQP_CONNECT_TIMEOUT).
         self.connection = await failover.connect_robust(
-            self._amqp_urls, client_properties={"connection_name": "queue-bridge"}
+            self._amqp_urls,
+            client_properties={"connection_name": "queue-bridge"},
+            timeout=self.settings.amqp_connect_timeout,
         )
         self._consume_channel = await self.connection.channel(publisher_confirms=False)
         await self._consume_channel.set_qos(prefetch_count=self.settings.prefetch)
@@ -258,7 +261,9 @@ class AmqpTransport:
 
     async def _open_add_connection(self) -> None:
         self._add_connection = await failover.connect_robust(
-            self._amqp_urls, client_properties={"connection_name": "queue-bridge adds"}
+            self._amqp_urls,
+            client_properties={"connection_name": "queue-bridge adds"},
+            timeout=self.settings.amqp_connect_timeout,
         )
         self._add_channel = await self._add_connection.channel(publisher_confirms=False)
         await self._add_channel.set_qos(prefetch_count=self.settings.prefetch)

@@ -204,7 +204,17 @@ class Duty:
 
     async def release(self) -> None:
         """Shutdown: hand the duty over now. Closing the channel cancels this consumer and makes the
-        broker requeue the token to the next one (a nack first would hand it back to us)."""
+        broker requeue the token to the next one (a nack first would hand it back to us).
+
+        A step-up under way (``follow_storage``: Cassandra back) is cancelled first: left running,
+        it consumed the duty queue again after this release and took the token back, and the
+        stopping bridge held the duty with its loops already cancelled (the fleet ran no recovery
+        and no result relay until its transport closed)."""
+        standing = self._standing
+        if standing is not None and standing is not asyncio.current_task():  # (not the stand-down's own release)
+            self._standing = None
+            standing.cancel()
+            await asyncio.wait({standing}, timeout=BROKER_CALL_S)
         self._let_go()
         if self._channel is not None:
             with contextlib.suppress(Exception):

@@ -9,6 +9,7 @@ turn, starting after the node it was on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections.abc import Sequence
@@ -82,7 +83,7 @@ class FailoverConnection(RobustConnection):
             except CONNECTION_EXCEPTIONS as exc:
                 failure = exc
                 if count > 1:
-                    log.warning("RabbitMQ at %s refused or out of reach (%s): trying the next node", self, exc)
+                    log.warning("RabbitMQ at %s refused or out of reach (%s): trying the next node", self, _why(exc))
                 continue
             if index != self._current:
                 log.info("connected to RabbitMQ at %s (another node of BRIDGE_AMQP_HOSTS)", self)
@@ -99,12 +100,29 @@ class FailoverConnection(RobustConnection):
         return f"{url.host}:{url.port}"
 
 
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):  # str() is empty
+        return "no answer within the connect timeout"
+    return str(exc) or type(exc).__name__
+
+
 async def connect_robust(
     urls: Sequence[str], *, client_properties: dict[str, Any] | None = None, timeout: float | None = None
 ) -> AbstractRobustConnection:
-    """aio-pika's ``connect_robust`` over :class:`FailoverConnection`."""
+    """aio-pika's ``connect_robust`` over :class:`FailoverConnection`.
+
+    ``timeout`` bounds each node's attempt (TCP, TLS, the AMQP handshake), at this first connection
+    and at every reconnection: without it a node that accepts TCP and never answers held the
+    attempt for ever, and the next node was never tried. A connection that does not come up here
+    (every node refused, or this call was cancelled) is closed: aio-pika's reconnection loop
+    swallows a cancelled attempt and goes on reconnecting, for ever, until its connection closes."""
     connection = FailoverConnection(urls, client_properties=client_properties)
-    await connection.connect(timeout=timeout)
+    try:
+        await connection.connect(timeout=timeout)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await connection.close()
+        raise
     return connection
 
 

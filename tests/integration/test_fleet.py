@@ -343,6 +343,11 @@ async def test_readiness_asks_cassandra_nothing_while_the_bridge_hears_from_it(m
 
     b = await make_bridge(http_port=free_port(), http_host="127.0.0.1")
     await wait_for(lambda: b.db.statements["clock.now"] > 0, 10, what="the clock measured (a statement answered)")
+
+    async def ready() -> bool:
+        return (await http_get(b.http_port, "/health/ready"))[0] == 200
+
+    await wait_for(ready, 15, what="ready (its scheduler ticking, on a fresh keyspace a start takes seconds)")
     before = b.db.statements["ping"]
     for _ in range(20):
         status, body = await http_get(b.http_port, "/health/ready")

@@ -144,18 +144,50 @@ def test_dockerfile_runs_as_a_non_root_user() -> None:
     assert _dockerfile_uid() != 0
 
 
-def test_dockerfile_entrypoint_is_exec_form_console_script() -> None:
+def _entrypoint() -> list[str]:
     runtime = _stages()[-1]
     entrypoints = [args for keyword, args in runtime if keyword == "ENTRYPOINT"]
     assert entrypoints, "the runtime stage has no ENTRYPOINT"
-    entrypoint = _exec_form(entrypoints[-1])
-    assert entrypoint[0] in _pyproject()["project"]["scripts"]
+    return _exec_form(entrypoints[-1])
+
+
+def _init_and_command(entrypoint: list[str]) -> tuple[list[str], list[str]]:
+    """(the init's argv up to its ``--``, the command it runs): an ENTRYPOINT ``[init, ..., "--", cmd, ...]``."""
+    assert "--" in entrypoint, f"expected an init that runs the bridge after `--`: {entrypoint}"
+    split = entrypoint.index("--")
+    return entrypoint[:split], entrypoint[split + 1 :]
+
+
+def test_dockerfile_entrypoint_is_exec_form_console_script() -> None:
+    runtime = _stages()[-1]
+    _, command = _init_and_command(_entrypoint())
+    assert command, "the init is given no command"
+    assert command[0] in _pyproject()["project"]["scripts"]
     cmds = [args for keyword, args in runtime if keyword == "CMD"]
     assert cmds, "the runtime stage has no CMD"
     commands = {info.name or info.callback.__name__ for info in cli_app.registered_commands if info.callback}
     assert _exec_form(cmds[-1])[0] in commands
     stopsignals = [args for keyword, args in runtime if keyword == "STOPSIGNAL"]
     assert stopsignals in ([], ["SIGTERM"])
+
+
+def test_dockerfile_runs_the_bridge_under_an_init() -> None:
+    """PID 1 gets no default action for a signal: the kernel drops a SIGTERM that arrives before
+    the bridge installed its handler (the first second or two of a start: imports, settings), and
+    the container then runs until SIGKILL, a stop grace later. An init (tini) as PID 1 forwards the
+    signal to the bridge (whose default action then ends it), reaps, and exits with its code."""
+    init, _ = _init_and_command(_entrypoint())
+    assert init, "the ENTRYPOINT starts with `--`: no init"
+    assert PurePosixPath(init[0]).name == "tini", f"expected tini as PID 1, got {init}"
+    assert PurePosixPath(init[0]).is_absolute(), "the init by its absolute path (no PATH lookup in PID 1)"
+    installs = [args for keyword, args in _stages()[-1] if keyword == "RUN" and "apt-get install" in args]
+    assert any(re.search(r"\btini\b", args) for args in installs), "the runtime stage does not install tini"
+    for args in installs:
+        assert "--no-install-recommends" in args, args
+        assert "rm -rf /var/lib/apt/lists" in args, f"the apt lists stay in the image: {args}"
+    user_at = max(i for i, (keyword, _) in enumerate(_stages()[-1]) if keyword == "USER")
+    installed_at = [i for i, (keyword, args) in enumerate(_stages()[-1]) if keyword == "RUN" and "apt-get" in args]
+    assert all(i < user_at for i in installed_at), "apt-get runs as root, before USER"
 
 
 def test_dockerfile_healthcheck_probes_liveness() -> None:
@@ -289,6 +321,11 @@ def test_compose_bridge_is_built_from_this_repository(compose: dict[str, Any]) -
         assert "build" in services[name] or services[name].get("pull_policy") == "never", (
             f"{name}: the image is built by the bridge service, not pulled"
         )
+
+
+def test_compose_bridge_runs_under_an_init(compose: dict[str, Any]) -> None:
+    """The bridge is not PID 1 of its container (a SIGTERM in its first second would be dropped)."""
+    assert compose["services"]["bridge"].get("init") is True
 
 
 def test_compose_bridge_env_is_valid_settings(compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
