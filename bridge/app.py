@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import time
@@ -501,6 +502,10 @@ class Bridge:
     def request_stop(self) -> None:
         self._stop.set()
 
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
     async def wait_stopped(self) -> None:
         await self._stop.wait()
 
@@ -558,11 +563,23 @@ async def _listen(start: Callable[[str, int], Awaitable[int]], variable: str, ho
         raise ConfigError(f"{variable}: cannot listen on {host}:{port}: {reason}") from None
 
 
+def _on_signal(bridge: Bridge, sig: signal.Signals) -> None:
+    """The first SIGTERM or SIGINT stops the bridge gracefully; a second one, during that stop, ends
+    the process at once (an operator's second Ctrl-C, or a stop stuck on a dependency that does not
+    answer): it set the same flag again, and only SIGKILL ended a stop that hung."""
+    if not bridge.stop_requested:
+        bridge.request_stop()
+        return
+    log.warning("a second %s during the stop: exiting now, without finishing it", sig.name)
+    logging.shutdown()
+    os._exit(128 + sig.value)  # as the signal's default action would report it
+
+
 async def run_forever(settings: Settings) -> None:
     bridge = Bridge(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, bridge.request_stop)
+        loop.add_signal_handler(sig, _on_signal, bridge, sig)
     try:
         await bridge.start()
     except StartCancelled:

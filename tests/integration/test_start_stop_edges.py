@@ -307,3 +307,30 @@ async def test_a_gateway_port_that_cannot_be_bound_leaves_nothing_consuming(brid
     finally:
         taken.close()
         await dispose(b)
+
+
+async def test_a_second_sigterm_ends_a_stop_that_waits(bridge_processes, hole):
+    """The first SIGTERM stops gracefully; here the stop waits on a Cassandra attempt the driver
+    only ends at its timeout (10 s). A second SIGTERM set the same flag again: only SIGKILL ended a
+    stop that hung. It now exits at once, saying so. Found by the lifecycle review, 2026-12-05."""
+    import os
+    import signal
+
+    p = bridge_processes(BRIDGE_CASSANDRA_PORT=str(hole.port), BRIDGE_CASSANDRA_TIMEOUT="10", BRIDGE_START_TIMEOUT="60")
+    await wait_for(lambda: hole.conns or not p.alive(), 30, what="the attempt on the silent Cassandra node")
+    assert p.proc is not None
+    os.kill(p.proc.pid, signal.SIGTERM)
+    # Two SIGTERMs pending at once are one to the kernel: the second goes once the first is taken
+    # (its handler only sets a flag; nothing to wait on from outside), half a second later.
+    await asyncio.sleep(0.5)
+    sent = time.monotonic()
+    os.kill(p.proc.pid, signal.SIGTERM)
+    try:
+        code = await asyncio.to_thread(p.proc.wait, 15)
+    finally:
+        hole.drop()
+    took = time.monotonic() - sent
+    log = p.log_path.read_text()
+    assert took < 3, f"exited {took:.1f} s after the second SIGTERM (exit {code})\n{log[-800:]}"
+    assert code == 128 + signal.SIGTERM, f"exit {code}"
+    assert "second SIGTERM" in log
