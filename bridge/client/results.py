@@ -28,6 +28,7 @@ async def results_consumer(
     routing_key: str = "#",
     hosts: Sequence[str] = (),
     bridge_user: str | None = "queue-bridge",
+    connect_timeout: float = 10.0,
 ) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
     """Consume result messages into an asyncio queue (an exclusive, auto-deleted queue).
 
@@ -40,8 +41,10 @@ async def results_consumer(
     not queued): anyone allowed to publish to the exchange could otherwise forge a result.
     ``None`` takes every message (each carries ``_user_id`` to check).
 
-    ``hosts``: a RabbitMQ cluster's nodes, as ``RpcClient``'s (a reconnection tries the next)."""
-    connection = await failover.connect_robust(node_urls(url, hosts))
+    ``hosts``: a RabbitMQ cluster's nodes, as ``RpcClient``'s (a reconnection tries the next).
+    ``connect_timeout`` bounds each node's attempt: a node that accepts TCP and never answers
+    held the connect for ever (and the next node was never tried)."""
+    connection = await failover.connect_robust(node_urls(url, hosts), timeout=connect_timeout)
     try:
         channel = await connection.channel()
         ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)

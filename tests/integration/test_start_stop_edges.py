@@ -334,3 +334,18 @@ async def test_a_second_sigterm_ends_a_stop_that_waits(bridge_processes, hole):
     assert took < 3, f"exited {took:.1f} s after the second SIGTERM (exit {code})\n{log[-800:]}"
     assert code == 128 + signal.SIGTERM, f"exit {code}"
     assert "second SIGTERM" in log
+
+
+async def test_the_results_consumer_gives_up_a_node_that_never_answers(hole):
+    """The bundled results consumer connected with no timeout: a node that accepts TCP and never
+    speaks AMQP held it for ever. Found by the lifecycle fix's review, 2026-12-05."""
+    from bridge.client.rpc import results_consumer
+
+    async def consume() -> None:
+        async with results_consumer(amqp_url(hole.port)):  # as called: its default timeout (10 s)
+            pass
+
+    task = asyncio.create_task(consume())
+    ended, exc = await ends_within(task, 15, hole.drop)
+    assert ended, "still connecting to a node that never answers"
+    assert isinstance(exc, TimeoutError | ConnectionError | aio_pika.exceptions.AMQPConnectionError), repr(exc)
