@@ -51,7 +51,9 @@ def _not_json(name: str) -> Any:
 def _finite(text: str) -> float:
     value = float(text)
     if math.isinf(value):
-        raise JsonError(f"{text} is too large for a JSON number the bridge can give back")
+        # Its length, never its digits: the message goes into the reply and the log, and a value's
+        # content stays out of both.
+        raise JsonError(f"a number of {len(text)} characters is too large for a JSON number the bridge can give back")
     return value
 
 

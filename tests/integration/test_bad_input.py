@@ -329,3 +329,17 @@ async def test_a_dead_letter_queue_declared_without_limits_still_works(make_brid
     assert "rabbitmqctl set_policy" in caplog.text
     err = await _error(engine, "add", raw=b"{not json")
     assert err["code"] == "bad_request"
+
+
+async def test_a_number_too_large_is_refused_without_echoing_its_digits(bridge, engine, dead_letters, caplog):
+    # A value's content stays out of replies and logs: a number too large for a float once came
+    # back whole (up to the 1 MiB limit) in the error's message and in the bridge's warning.
+    digits = "9" * 400
+    raw = b'{"serviceId": "s", "value": {"big": 12345678901234567890, "huge": ' + digits.encode() + b".5}}"
+    err = await _error(engine, "add", raw=raw)
+    assert err["code"] == "bad_request"
+    assert "too large" in err["message"]
+    assert "9999999999" not in err["message"]
+    assert len(await dead_letters.drain(1)) == 1
+    assert "too large" in caplog.text, "the refusal is logged"
+    assert "9999999999" not in caplog.text
