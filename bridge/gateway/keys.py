@@ -11,8 +11,9 @@ compared against a dummy digest, so timing tells nothing either). A ``trusted`` 
 owner with ``X-Owner``, as the users of ``BRIDGE_TRUSTED_USERS`` do with ``x-owner`` on AMQP.
 
 The file is read at start (a missing or invalid file stops the bridge) and re-read when it changes
-(checked at most once a second): keys are added and revoked without a restart. A change that does
-not parse is logged and ignored, the keys read before stay in force.
+(checked at most once a second): keys are added and revoked without a restart. A file that is
+gone, unreadable or does not parse fails closed: no key is accepted until it is fixed (logged as
+an error). ``queue-bridge gateway-key-revoke`` removes a key without editing the file by hand.
 """
 
 from __future__ import annotations
@@ -98,12 +99,17 @@ def parse_keys(doc: Any, source: str = "the keys file") -> dict[str, ApiKey]:
     return keys
 
 
+class KeysFileUnreadable(ValueError):
+    """The keys file exists but cannot be read (its mode or owner): fixing that changes neither its
+    mtime nor its size, so it is read again at every look, not only once it changes."""
+
+
 def read_keys_file(path: Path) -> dict[str, ApiKey]:
     """The keys of a file; ``ValueError`` if it cannot be read or is invalid."""
     try:
         doc = json.loads(path.read_bytes())
     except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise KeysFileUnreadable(f"cannot read {path}: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON ({type(exc).__name__})") from None
     return parse_keys(doc, str(path))
@@ -144,26 +150,41 @@ class KeyFile:
         return st.st_mtime_ns, st.st_size, st.st_ino
 
     def refresh(self) -> None:
-        """Re-read the file if it changed since the last look (at most once per ``recheck_s``)."""
+        """Re-read the file if it changed since the last look (at most once per ``recheck_s``).
+
+        A file that is gone, cannot be read or does not parse fails closed: no key is accepted
+        until it is fixed. Keeping the keys read before (as this once did) kept a revoked key in
+        force after the usual slips of a revocation by hand (the file emptied, deleted, or left
+        with a trailing comma), with nothing but a warning to show for it; a gateway that
+        answers 401 to everyone is noticed and fixed, a leaked key still accepted is not."""
         now = self._monotonic()
         if now - self._checked < self.recheck_s:
             return
         self._checked = now
         try:
-            stamp = self._stat()
+            stamp: tuple[int, int, int] | None = self._stat()
         except OSError as exc:
-            log.warning("gateway keys file unreadable, keeping the keys read before: %s", exc.strerror or exc)
+            self._fail_closed(None, f"unreadable ({exc.strerror or exc})")
             return
         if stamp == self._stamp:
             return
         try:
             keys = read_keys_file(self.path)
+        except KeysFileUnreadable as exc:
+            self._fail_closed(None, str(exc))
+            return
         except ValueError as exc:
-            log.warning("gateway keys file changed but is invalid, keeping the keys read before: %s", exc)
+            self._fail_closed(stamp, f"invalid ({exc})")
             return
         self._stamp = stamp
         self._keys = keys
         log.info("gateway keys reloaded", extra={"keys": len(keys)})
+
+    def _fail_closed(self, stamp: tuple[int, int, int] | None, why: str) -> None:
+        if self._keys or stamp != self._stamp:  # said once per version of the file, not every second
+            log.error("gateway keys file %s: no API key is accepted until it is fixed", why)
+        self._stamp = stamp
+        self._keys = {}
 
     def authenticate(self, authorization: str | None) -> ApiKey:
         """The key an ``Authorization`` header presents; :class:`Unauthenticated` otherwise."""

@@ -867,3 +867,32 @@ async def test_a_request_sent_a_byte_at_a_time_is_cut_at_the_read_timeout_on_bot
     took, answer = await closed_by_the_server(gw.port, head, until_closed=False)
     assert answer.startswith(b"HTTP/1.1 408"), answer
     assert b'"bad_request"' in answer and 1.0 < took < 8, (took, answer)
+
+
+async def test_a_keys_file_broken_by_a_revocation_fails_closed(start_gateway, gateway_keys):
+    # The slips of a revocation by hand (a trailing comma left, the file emptied or deleted) kept
+    # every key read before in force, the revoked one with them, with only a warning to show.
+    path, _ = gateway_keys
+    _, gw = await start_gateway()
+    entries = json.loads(path.read_text())
+    kept = [e for e in entries if e["id"] != "test-a"]
+
+    async def status(key: str) -> int:
+        return (await gw.request("GET", "/api/queue/stats", key=key)).status
+
+    assert await status("a") == 200 and await status("b") == 200
+    broken_by_hand = json.dumps(kept)[:-1] + ",]"  # the last entry deleted, its comma left
+    for version in (broken_by_hand, ""):
+        path.write_text(version)
+        await wait_for(lambda: _is(status("a"), 401), 10, what=f"the revoked key refused ({version[-3:]!r})")
+        assert await status("b") == 401, "no key is accepted until the file is fixed"
+    path.unlink()
+    await wait_for(lambda: _is(status("b"), 401), 10, what="no key accepted once the file is gone")
+    assert await status("a") == 401
+    path.write_text(json.dumps(kept))
+    await wait_for(lambda: _is(status("b"), 200), 10, what="the fixed file's keys accepted again")
+    assert await status("a") == 401, "the revoked key stays revoked"
+
+
+async def _is(value: Any, expected: Any) -> bool:
+    return await value == expected

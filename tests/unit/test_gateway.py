@@ -128,11 +128,19 @@ def test_the_keys_file_is_reread_when_it_changes(keyfile) -> None:
     assert keys_file.authenticate(f"Bearer {added}").owner == "owner-n"
     with pytest.raises(Unauthenticated):
         keys_file.authenticate(f"Bearer {keys['w']}")
-    # A broken file is ignored: the keys read before stay in force.
-    path.write_text("[{not json")
-    clock.now += 1.5
-    assert keys_file.authenticate(f"Bearer {added}").owner == "owner-n"
+    # A broken or missing file fails closed: no key until it is fixed (keeping the keys read
+    # before kept a revoked key in force after a slip of the revocation).
+    fixed = path.read_text()
+    for broken in ("[{not json", ""):
+        path.write_text(broken)
+        clock.now += 1.5
+        with pytest.raises(Unauthenticated):
+            keys_file.authenticate(f"Bearer {added}")
     path.unlink()
+    clock.now += 1.5
+    with pytest.raises(Unauthenticated):
+        keys_file.authenticate(f"Bearer {added}")
+    path.write_text(fixed)
     clock.now += 1.5
     assert keys_file.authenticate(f"Bearer {added}").owner == "owner-n"
 
@@ -435,6 +443,59 @@ def test_gateway_key_prints_a_key_and_its_entry(tmp_path: Path) -> None:
     assert again.exit_code == 1 and "already has" in again.output
     bad = runner.invoke(app, ["gateway-key", "--owner", "c", "--id", "has_underscore"])
     assert bad.exit_code == 2
+
+
+def test_gateway_key_revoke_removes_only_the_named_keys(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from bridge.cli import app
+
+    runner = CliRunner()
+    path = tmp_path / "keys.json"
+    made = {}
+    for owner in ("a", "b", "c"):
+        out = runner.invoke(app, ["gateway-key", "--owner", owner, "--id", f"id-{owner}", "--keys-file", str(path)])
+        assert out.exit_code == 0, out.output
+        made[owner] = next(line for line in out.output.splitlines() if line.startswith("qb_"))
+    unknown = runner.invoke(app, ["gateway-key-revoke", "id-a", "id-x", "--keys-file", str(path)])
+    assert unknown.exit_code == 1 and "id-x" in unknown.output and "nothing revoked" in unknown.output
+    assert len(KeyFile(path)) == 3
+    revoked = runner.invoke(app, ["gateway-key-revoke", "id-a", "id-c", "--keys-file", str(path)])
+    assert revoked.exit_code == 0, revoked.output
+    keys = KeyFile(path)
+    assert keys.authenticate(f"Bearer {made['b']}").owner == "b"
+    for gone in ("a", "c"):
+        with pytest.raises(Unauthenticated):
+            keys.authenticate(f"Bearer {made[gone]}")
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_gateway_key_waits_for_a_command_holding_the_file(tmp_path: Path) -> None:
+    # Two runs at once each read the list and wrote it back with their own entry: one was lost.
+    import threading
+
+    from typer.testing import CliRunner
+
+    from bridge.cli import app
+    from bridge.cli.keyring import locked
+
+    path = tmp_path / "keys.json"
+    runner = CliRunner()
+    assert runner.invoke(app, ["gateway-key", "--owner", "a", "--id", "id-a", "--keys-file", str(path)]).exit_code == 0
+    done = threading.Event()
+    with locked(path):
+        worker = threading.Thread(
+            target=lambda: (
+                runner.invoke(app, ["gateway-key", "--owner", "b", "--id", "id-b", "--keys-file", str(path)]),
+                done.set(),
+            )
+        )
+        worker.start()
+        assert not done.wait(0.5), "gateway-key wrote the file while another command held it"
+        path.write_text(json.dumps([*json.loads(path.read_text()), new_key("c", key_id="id-c")[1]]))
+    assert done.wait(10)
+    worker.join()
+    assert {e["id"] for e in json.loads(path.read_text())} == {"id-a", "id-b", "id-c"}
 
 
 def test_run_with_an_invalid_keys_file_exits_2_naming_it(tmp_path: Path) -> None:
