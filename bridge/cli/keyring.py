@@ -22,7 +22,7 @@ from bridge.cli.base import fail, keyring_app
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``<name>.lock`` beside the key-ring (its symlink's target).
 
     Two rotations at once each read the file, add their key and write it back: the second write
@@ -42,7 +42,7 @@ def _locked(path: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            typer.echo(f"waiting for the lock on {lock_path} (another keyring command is running)", err=True)
+            typer.echo(f"waiting for the lock on {lock_path} (another command is changing the file)", err=True)
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
@@ -97,20 +97,20 @@ def keyring_generate(
         ),
     ] = False,
 ) -> None:
-    """Write a new key-ring with one fresh key per owner (a new file gets mode 0600)."""
+    """Write a new key-ring with one fresh key per owner (mode 0600, whatever file was there)."""
     from bridge.crypto import generate_keyring, write_keyring
 
     try:
         doc = generate_keyring(owners)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--owner") from None
-    with _locked(path):
+    with locked(path):
         if path.exists() and not (force or destroy):
             fail(f"{path} exists; use --force to overwrite it")
         if path.exists() and not destroy:
             _refuse_to_destroy(path)
         try:
-            write_keyring(path, doc)
+            write_keyring(path, doc, new=True)
         except OSError as exc:
             fail(f"cannot write {path}: {exc.strerror or exc}")
     typer.echo(f"wrote {path} with owners: {', '.join(owners)}")
@@ -130,7 +130,7 @@ def keyring_rotate(
 
     if not owner:
         raise typer.BadParameter("must not be empty", param_hint="--owner")
-    with _locked(path):
+    with locked(path):
         doc = _read_doc(path)
         try:
             parse_keyring(doc, source=str(path))

@@ -101,15 +101,18 @@ def rotate_keyring(doc: dict[str, Any], owner: str) -> str:
     return key_id
 
 
-def write_keyring(path: Path, doc: Mapping[str, Any], *, backup: bool = True) -> None:
+def write_keyring(path: Path, doc: Mapping[str, Any], *, backup: bool = True, new: bool = False) -> None:
     """Validate ``doc`` and replace the file with it durably (see :func:`replace_file`); the
-    version it replaces is kept as ``<name>.bak`` unless ``backup`` is false."""
+    version it replaces is kept as ``<name>.bak`` unless ``backup`` is false. ``new``: a new
+    key-ring (``keyring generate``), mode 0600 whatever file was there: a placeholder made by
+    ``touch`` or a configuration tool (0644) passed its mode on, and every owner's keys were
+    readable by every local user from then on, through every rotation."""
     parse_keyring(doc, source=str(path))
     text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
-    replace_file(Path(path), text.encode("utf-8"), backup=backup)
+    replace_file(Path(path), text.encode("utf-8"), backup=backup, keep_mode=not new)
 
 
-def replace_file(path: Path, data: bytes, *, backup: bool = False, mode: int = 0o600) -> Path:
+def replace_file(path: Path, data: bytes, *, backup: bool = False, mode: int = 0o600, keep_mode: bool = True) -> Path:
     """Replace the file at ``path`` with ``data`` at once and durably; return the file written.
 
     * A symlink is followed and its target replaced: replacing the link with a plain file would
@@ -117,7 +120,8 @@ def replace_file(path: Path, data: bytes, *, backup: bool = False, mode: int = 0
     * The new file gets the old one's mode, and its owner and group when running as root (else
       its group, if the caller is a member): written 0600 by whoever ran the command, it was
       unreadable to the bridge's own user, which kept the old keys and then could not start.
-      A new file gets ``mode``. The temporary file is never readable by others while written.
+      A new file gets ``mode``, as does any file when ``keep_mode`` is false. The temporary file is
+      never readable by others while written.
     * The data is fsynced before the rename and the directory after it: without that a power
       loss could leave the renamed file empty (the rename reached the disk, the data had not).
     * ``backup``: the previous version is kept as ``<name>.bak``, same mode and owner, written
@@ -130,12 +134,12 @@ def replace_file(path: Path, data: bytes, *, backup: bool = False, mode: int = 0
         old = None
     if backup and old is not None:
         _write_new(target.with_name(target.name + ".bak"), target.read_bytes(), old, mode)
-    _write_new(target, data, old, mode)
+    _write_new(target, data, old, mode, keep_mode=keep_mode)
     _fsync_dir(target.parent)
     return target
 
 
-def _write_new(target: Path, data: bytes, like: os.stat_result | None, mode: int) -> None:
+def _write_new(target: Path, data: bytes, like: os.stat_result | None, mode: int, *, keep_mode: bool = True) -> None:
     """Write ``data`` to a fresh temporary file beside ``target`` (mode and owner of ``like``),
     fsync it and rename it over ``target``."""
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -144,7 +148,7 @@ def _write_new(target: Path, data: bytes, like: os.stat_result | None, mode: int
             fh.write(data)
             fh.flush()
             _same_owner(fh.fileno(), like)
-            os.fchmod(fh.fileno(), stat.S_IMODE(like.st_mode) if like is not None else mode)
+            os.fchmod(fh.fileno(), stat.S_IMODE(like.st_mode) if like is not None and keep_mode else mode)
             os.fsync(fh.fileno())
         os.replace(tmp, target)
     except BaseException:
@@ -222,11 +226,26 @@ def load_keyring(path: Path) -> dict[str, _OwnerRing]:
     """Read and validate a keyring file (ValueError on invalid content, OSError on I/O)."""
     raw = Path(path).read_bytes()
     try:
-        doc = json.loads(raw)
+        doc = json.loads(raw, object_pairs_hook=_no_duplicate_names)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         # The message of a JSON error quotes no document content beyond a position.
         raise ValueError(f"{path}: not valid JSON ({exc.__class__.__name__} at {_position(exc)})") from None
+    except ValueError as exc:  # a name given twice
+        raise ValueError(f"{path}: {exc}") from None
     return parse_keyring(doc, source=str(path))
+
+
+def _no_duplicate_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object that names a key id (or an owner) twice is refused: JSON readers keep the last
+    one silently, so a line copied in a hand edit without its id changed gave the id a second
+    secret, and every task sealed under the first failed authentication and was condemned as
+    tampered with (a wrong key cannot be told from tampering)."""
+    doc: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in doc:
+            raise ValueError(f"the name {name!r} appears twice in one object (a key id or an owner given twice?)")
+        doc[name] = value
+    return doc
 
 
 def _position(exc: Exception) -> str:
@@ -238,6 +257,17 @@ def _position(exc: Exception) -> str:
 def _signature(path: Path) -> _Signature:
     st = path.stat()
     return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _warn_if_others_can_read(path: Path) -> None:
+    """A key-ring any local user can read gives them every owner's keys: said at start and at each
+    reload, not refused (the bridge would then stop serving every owner)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if mode & stat.S_IROTH:
+        log.warning("keyring %s is readable by every local user (mode %o): chmod o-rwx it", path, stat.S_IMODE(mode))
 
 
 class KeyringFileProvider:
@@ -261,6 +291,7 @@ class KeyringFileProvider:
         self._clock = clock
         signature = _signature(self._path)
         self._ring: _Ring = load_keyring(self._path)
+        _warn_if_others_can_read(self._path)
         self._signature: _Signature | None = signature
         self._unreadable: _Signature | None = None  # a version of the file that could not be read
         self._last_check = clock()
@@ -342,6 +373,7 @@ class KeyringFileProvider:
             return False
         self._signature, self._unreadable = signature, None
         self._ring = ring
+        _warn_if_others_can_read(self._path)
         self.reloads += 1
         log.info("keyring %s reloaded (%d owners)", self._path, len(ring))
         for listener in self._listeners:

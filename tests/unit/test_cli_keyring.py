@@ -96,3 +96,44 @@ async def test_rotate_waits_for_the_lock_of_another_keyring_command(ring: Path) 
         os.close(lock)
     alpha = json.loads(_bytes(ring))["owners"]["alpha"]
     assert len(alpha["keys"]) == 2
+
+
+def test_generate_force_over_a_placeholder_writes_mode_0600(tmp_path: Path) -> None:
+    """A placeholder made by ``touch`` (0644) passed its mode to the new key-ring, and every
+    rotation after kept it: every owner's keys readable by every local user."""
+    path = tmp_path / "ring.json"
+    path.touch()
+    os.chmod(path, 0o644)
+    code, out = _invoke("keyring", "generate", str(path), "--owner", "alpha", "--force")
+    assert code == 0, out
+    assert path.stat().st_mode & 0o777 == 0o600
+    code, out = _invoke("keyring", "rotate", str(path), "--owner", "alpha")
+    assert code == 0, out
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_key_ring_readable_by_everyone_is_warned_about(ring: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from bridge.crypto import KeyringFileProvider
+
+    KeyringFileProvider(ring)
+    assert "readable by every local user" not in caplog.text
+    os.chmod(ring, 0o644)
+    KeyringFileProvider(ring)
+    assert "readable by every local user" in caplog.text
+
+
+def test_a_key_id_given_twice_is_refused_not_the_last_one_kept(ring: Path) -> None:
+    """JSON readers keep the last of two equal names: a line copied by hand without its id changed
+    gave the id a new secret, and the tasks sealed under the old one were condemned as tampered."""
+    from bridge.crypto import KeyringFileProvider
+
+    doc = json.loads(ring.read_text())
+    key_id, secret = next(iter(doc["owners"]["alpha"]["keys"].items()))
+    other = generate_keyring(["x"])["owners"]["x"]["keys"]
+    twice = json.dumps(doc).replace(
+        f'"{key_id}": "{secret}"', f'"{key_id}": "{secret}", "{key_id}": "{next(iter(other.values()))}"'
+    )
+    assert twice.count(key_id) >= 3
+    ring.write_text(twice)
+    with pytest.raises(ValueError, match="appears twice"):
+        KeyringFileProvider(ring)
