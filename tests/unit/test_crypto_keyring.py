@@ -48,6 +48,7 @@ def _write(path: Path, doc: dict[str, Any], *, bump_mtime: bool = True) -> None:
     """Write ``doc`` and make sure the mtime differs from the previous one (coarse filesystems)."""
     before = path.stat().st_mtime_ns if path.exists() else 0
     path.write_text(json.dumps(doc), encoding="utf-8")
+    path.chmod(0o600)  # as a key-ring is kept (readable by others, the bridge warns of it)
     if bump_mtime:
         st = path.stat()
         if st.st_mtime_ns <= before:
