@@ -200,6 +200,10 @@ class OutboxEntry:
     # Where the entry was read from: None for the shard of its task (``timeline.shard_of``), or
     # ``UNSHARDED`` for the table of bridges before 1.3 (read during a rolling upgrade).
     shard: int | None = None
+    # The task's sealed token and trace context, copied here once a publish failed (the result may
+    # be owed past the task's end, when its own row is gone): None until then.
+    token: Sealed | None = None
+    traceparent: str | None = None
 
 
 UNSHARDED = -1

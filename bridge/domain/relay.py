@@ -5,15 +5,18 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from bridge.crypto import TamperedCiphertext
+from bridge.crypto import Sealed, TamperedCiphertext
 from bridge.domain import jsonvalue
 from bridge.domain.context import QueueContext
 from bridge.domain.records import Lease, OutboxEntry
 from bridge.domain.sealing import open_outcome, open_token, split_outcome
 from bridge.domain.timeline import OUTBOX_BUCKET_MS, ms_of
 from bridge.errors import ErrorCode
+
+if TYPE_CHECKING:
+    from bridge.domain.store import TaskStore
 
 log = logging.getLogger("bridge.queue")
 
@@ -82,6 +85,13 @@ def may_still_land(lease: Lease | None, entry: OutboxEntry, now_ms: int) -> bool
     return now_ms - written < DECISION_IN_FLIGHT_MS
 
 
+async def _keep_token(store: TaskStore, entry: OutboxEntry, token: Sealed, traceparent: str | None) -> None:
+    try:
+        await store.keep_token(entry, token, traceparent)
+    except Exception as exc:  # the publish's own failure is the one to report; the next one tries again
+        log.warning("token of task %s not copied beside its owed result: %s", entry.task_id, type(exc).__name__)
+
+
 async def decided_by_itself(ctx: QueueContext, entry: OutboxEntry) -> bool:
     """A compare-and-set written ahead as ``entry`` and refused may have been refused by its own
     first copy (sent twice: a driver re-sending it after its connection died); the lease says."""
@@ -128,15 +138,26 @@ class ResultRelay:
 
     async def _publish(self, sink: ResultSink, entry: OutboxEntry) -> None:
         store, q = self.ctx.store, entry.queue
-        payload = await store.payload(q, entry.task_id)
-        if payload is None or payload.token is None:
+        token, traceparent, copied = entry.token, entry.traceparent, entry.token is not None
+        if token is None:
+            payload = await store.payload(q, entry.task_id)
+            if payload is None:
+                # The task's row (its token) ended before the result went out and no copy was kept
+                # (a bridge before RESULT_OWED_MS, or no publish failed before the end): said, not
+                # silent. A task without a token (None below) owes nothing.
+                log.error("result of task %s not published: its task ended, and its token with it", entry.task_id)
+                self.ctx.metrics.inc("results_dropped", reason="expired")
+                await store.mark_published(entry)
+                return
+            token, traceparent = payload.token, payload.traceparent
+        if token is None:
             await store.mark_published(entry)
             return
-        token_key = await self.ctx.keys.by_id(q.owner, payload.key_id)
+        token_key = await self.ctx.keys.by_id(q.owner, token.key_id)
         result_key_id = entry.result.key_id
-        result_key = token_key if result_key_id == payload.key_id else await self.ctx.keys.by_id(q.owner, result_key_id)
+        result_key = token_key if result_key_id == token.key_id else await self.ctx.keys.by_id(q.owner, result_key_id)
         try:
-            token_json = open_token(token_key, q, entry.task_id, payload.token, payload.traceparent)
+            token_json = open_token(token_key, q, entry.task_id, token, traceparent)
         except TamperedCiphertext:
             # Nothing can go to the engine without its token.
             log.error("token of task %s failed authentication: its result not published", entry.task_id)
@@ -152,8 +173,14 @@ class ResultRelay:
         kind, value_json = split_outcome(outcome_json)
         tid, cid = str(entry.task_id), str(entry.completion_id)
         done_ms = completed_at_ms(entry.completion_id)
-        await sink.publish_result(
-            ResultMessage(q.owner, q.service, tid, cid, token_json, kind, value_json, payload.traceparent, done_ms)
-        )
+        message = ResultMessage(q.owner, q.service, tid, cid, token_json, kind, value_json, traceparent, done_ms)
+        try:
+            await sink.publish_result(message)
+        except Exception:
+            if not copied:
+                # Owed for longer than the send: the token is kept beside the result, which may be
+                # owed past the task's end (one write per result, on this rare path only).
+                await _keep_token(store, entry, token, traceparent)
+            raise
         await store.mark_published(entry)
         self.ctx.metrics.inc("results_published")

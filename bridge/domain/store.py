@@ -301,6 +301,10 @@ class TaskStore(Protocol):
 
     async def mark_published(self, entry: OutboxEntry) -> None: ...
 
+    async def keep_token(self, entry: OutboxEntry, token: Sealed, traceparent: str | None) -> None:
+        """Copy the task's sealed token (and trace context) into the entry's row: a result whose
+        publish failed may be owed past the task's end (``RESULT_OWED_MS``), its task's row not."""
+
     async def outbox(self, bucket: int) -> list[OutboxEntry]:
         """The bucket's entries still unpublished (their results read only for those)."""
 

@@ -19,6 +19,12 @@ import zlib
 READY_BUCKET_MS = 10_000
 EXPIRY_BUCKET_MS = 250
 OUTBOX_BUCKET_MS = 10_000
+# How long past its task's end a result still owed to the engine can be sent: its outbox row and
+# the decision on the lease (the completion, the park) live that much longer than the task, and
+# its token is copied into the outbox row once a publish of it fails (the task's own row, which
+# holds the token, ends with the task). Without it a result decided near the task's end, during
+# a broker outage or with no queue bound, was dropped unsent once the task's rows expired.
+RESULT_OWED_MS = 86_400_000
 
 # 100-ns intervals between the UUID epoch (1582-10-15) and the Unix epoch.
 _UUID_EPOCH_OFFSET = 0x01B21DD213814000

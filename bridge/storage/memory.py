@@ -39,7 +39,7 @@ from bridge.domain.records import (
     WorkerPointer,
     WorkerRow,
 )
-from bridge.domain.timeline import bucket_of_task, ms_of
+from bridge.domain.timeline import RESULT_OWED_MS, bucket_of_task, ms_of
 
 OUTBOX_PAGE = 16  # results a page of outbox_pages holds (as the Cassandra adapter reads them)
 
@@ -99,8 +99,16 @@ class MemoryTaskStore:
     def alive(self, task_id: uuid.UUID) -> bool:
         """Every row about a task lives as long as the task: until the end its add fixed (else, a
         task stored without one, this store's TTL from the time in its id)."""
+        return self.now_ms() < self._end(task_id)
+
+    def _end(self, task_id: uuid.UUID) -> int:
         ends = self.task_ends.get(task_id)
-        return self.now_ms() < (ends if ends is not None else ms_of(task_id) + self.task_ttl_s * 1000)
+        return ends if ends is not None else ms_of(task_id) + self.task_ttl_s * 1000
+
+    def owed_alive(self, task_id: uuid.UUID) -> bool:
+        """A result owed to the engine, and the decision that owes it, outlive the task by
+        ``RESULT_OWED_MS`` (as the Cassandra adapter writes them)."""
+        return self.now_ms() < self._end(task_id) + RESULT_OWED_MS
 
     # -- tasks -------------------------------------------------------------------------------
     async def store_task(
@@ -200,7 +208,14 @@ class MemoryTaskStore:
     # -- leases ------------------------------------------------------------------------------
     def _lease(self, q: QueueKey, task_id: uuid.UUID) -> Lease | None:
         lease = self.leases.get((q, task_id))
-        return lease if lease is not None and self.alive(task_id) else None
+        if lease is None:
+            return None
+        if self.alive(task_id):
+            return lease
+        # A decision that may owe the engine a result (a token task's completion, park or kill)
+        # outlives the task as its outbox row does; the rest of the lease ends with the task.
+        owing = lease.state in (LeaseState.DONE, LeaseState.DEAD, LeaseState.PARKED) and lease.has_token is not False
+        return lease if owing and self.owed_alive(task_id) else None
 
     async def lease(self, q: QueueKey, task_id: uuid.UUID, *, serial: bool = True) -> Lease | None:
         await self._io()
@@ -580,10 +595,18 @@ class MemoryTaskStore:
         if key in rows:
             rows[key] = replace(rows[key], published=True)
 
+    async def keep_token(self, entry: OutboxEntry, token: Sealed, traceparent: str | None) -> None:
+        await self._io()
+        e = entry
+        rows = self.outbox_rows.get(e.bucket, {})
+        key = (e.queue.owner, e.queue.service, e.task_id, e.completion_id)
+        if key in rows:
+            rows[key] = replace(rows[key], token=token, traceparent=traceparent)
+
     async def outbox(self, bucket: int) -> list[OutboxEntry]:
         await self._io()
         rows = self.outbox_rows.get(bucket, {}).values()
-        return [e for e in rows if self.alive(e.task_id) and not e.published]
+        return [e for e in rows if self.owed_alive(e.task_id) and not e.published]
 
     async def outbox_pages(self, bucket: int) -> AsyncIterator[list[OutboxEntry]]:
         found = await self.outbox(bucket)

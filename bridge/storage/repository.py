@@ -45,6 +45,7 @@ from bridge.domain.timeline import (
     EXPIRY_SHARDS,
     MIN_TIMEUUID,
     OUTBOX_SHARDS,
+    RESULT_OWED_MS,
     bucket_of_task,
     ms_of,
     shard_of,
@@ -161,6 +162,11 @@ class CassandraTaskStore:
             ttl = max(ttl, self._seconds_until(outlive_ms + LEASE_ROW_GRACE_S * 1000))
         return ttl
 
+    def owed_ttl_for(self, task_id: uuid.UUID) -> int:
+        """Seconds a result owed to the engine stays deliverable: the task's life plus
+        ``RESULT_OWED_MS`` (its outbox row, and the lease cells its decision wrote)."""
+        return int(min(self.ttl_for(task_id) + RESULT_OWED_MS // 1000, MAX_CASSANDRA_TTL_S))
+
     def _own_end(self, task_id: uuid.UUID) -> int:
         """A task's end of life by this bridge's own TTL: what it gives a task it adds."""
         return ms_of(task_id) + self.task_ttl_s * 1000
@@ -208,8 +214,12 @@ class CassandraTaskStore:
         *,
         expires_at_ms: int | None = None,
         outlive_ms: int | None = None,
+        owed: bool = False,
     ) -> list[Row]:
-        """A compare-and-set of a lease, its cells given the rest of the task's life.
+        """A compare-and-set of a lease, its cells given the rest of the task's life (``owed``: a
+        decision whose result may be owed to the engine, given ``RESULT_OWED_MS`` more, as its
+        outbox row is: the relay reads the lease to know the decision applied, and past the task's
+        end it found no lease and marked the result published unsent).
 
         ``params(ttl, end)``: the statement's parameters for a life ending at ``end``, which the
         condition ``expires_at IN (end, null)`` checks (``statements.SAME_LIFE``). A writer that
@@ -220,13 +230,17 @@ class CassandraTaskStore:
         pod) and it has not read the task lately."""
         known = self._known_end(task_id, expires_at_ms)
         end = known if known is not None else self._own_end(task_id)
-        rows = await self.db.execute(name, params(self.ttl_for(task_id, known, outlive_ms=outlive_ms), end))
+        extra = RESULT_OWED_MS // 1000 if owed else 0
+        ttl = min(self.ttl_for(task_id, known, outlive_ms=outlive_ms) + extra, MAX_CASSANDRA_TTL_S)
+        rows = await self.db.execute(name, params(ttl, end))
         row = rows[0] if rows else {}
         recorded = row.get("expires_at")
         if row.get("[applied]") or recorded is None or recorded == end:
             return rows  # applied, or refused by the rest of the condition
         self._remember_end(task_id, recorded)
-        return await self.db.execute(name, params(self.ttl_for(task_id, recorded), recorded))
+        return await self.db.execute(
+            name, params(min(self.ttl_for(task_id, recorded) + extra, MAX_CASSANDRA_TTL_S), recorded)
+        )
 
     async def _index_bucket(
         self,
@@ -579,16 +593,23 @@ class CassandraTaskStore:
         *,
         tokenless: bool = False,
     ) -> CasResult:
-        values, key = (to_datetime(now_ms), completion_id), (q.owner, q.service, task_id, epoch, worker)
+        key = (q.owner, q.service, task_id, epoch, worker)
+        # lease.complete also rewrites the epoch: the decision's cells (and the epoch, without which
+        # the lease reads as none) live as long as the result the relay may still owe.
+        values = (to_datetime(now_ms), completion_id) if tokenless else (to_datetime(now_ms), completion_id, epoch)
         name = "lease.complete_tokenless" if tokenless else "lease.complete"
-        attempt = functools.partial(self._lease_write, task_id, name, lambda ttl, end: (ttl, *values, *key, end))
+        attempt = functools.partial(
+            self._lease_write, task_id, name, lambda ttl, end: (ttl, *values, *key, end), owed=not tokenless
+        )
         return await self._resolve(q, task_id, attempt, "completion_id", completion_id)
 
     async def kill(
         self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, now_ms: int, kill_id: uuid.UUID
     ) -> bool:
         now, key = to_datetime(now_ms), (q.owner, q.service, task_id, epoch, worker)
-        rows = await self._lease_write(task_id, "lease.kill", lambda ttl, end: (ttl, now, kill_id, *key, end))
+        rows = await self._lease_write(
+            task_id, "lease.kill", lambda ttl, end: (ttl, now, kill_id, epoch, *key, end), owed=True
+        )
         return bool(rows and rows[0].get("[applied]"))
 
     async def uncount(self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str) -> bool:
@@ -670,12 +691,12 @@ class CassandraTaskStore:
         tail: tuple[Any, ...]
         if worker is not None:
             sealed = (error.key_id, error.nonce, error.ciphertext) if error else (None, None, None)
-            name, tail = "lease.park_held", (*head, *sealed, *key, epoch, worker)
+            name, tail = "lease.park_held", (*head, *sealed, epoch, *key, epoch, worker)
         else:
             assert expired_before_ms is not None and base_epoch is not None
             cond = (epoch, to_datetime(expired_before_ms), base_epoch)
-            name, tail = "lease.park_expired", (*head, *key, *cond)
-        attempt = functools.partial(self._lease_write, task_id, name, lambda ttl, end: (ttl, *tail, end))
+            name, tail = "lease.park_expired", (*head, epoch, *key, *cond)
+        attempt = functools.partial(self._lease_write, task_id, name, lambda ttl, end: (ttl, *tail, end), owed=True)
         # park_held is resent ("held by this worker at this epoch": false for good, above). Not
         # park_expired ("leased at this epoch, its deadline passed, never redriven since the read"),
         # which a park and a redrive at this epoch no longer satisfy (the redrive moves
@@ -934,16 +955,24 @@ class CassandraTaskStore:
         e = entry
         params = (e.bucket, shard_of(e.task_id, OUTBOX_SHARDS), e.queue.owner, e.queue.service, e.task_id)
         sealed = (e.result.key_id, e.result.nonce, e.result.ciphertext)
-        await self.db.execute("outbox.insert", (*params, e.completion_id, *sealed, self.ttl_for(e.task_id)))
+        await self.db.execute("outbox.insert", (*params, e.completion_id, *sealed, self.owed_ttl_for(e.task_id)))
+
+    async def keep_token(self, entry: OutboxEntry, token: Sealed, traceparent: str | None) -> None:
+        e = entry
+        if e.shard == UNSHARDED:
+            return  # the table of bridges before 1.3 has no room for it: its rows end with the task
+        key = (e.bucket, shard_of(e.task_id, OUTBOX_SHARDS), e.queue.owner, e.queue.service, e.task_id)
+        sealed = (token.key_id, token.nonce, token.ciphertext, traceparent)
+        await self.db.execute("outbox.keep_token", (self.owed_ttl_for(e.task_id), *sealed, *key, e.completion_id))
 
     async def mark_published(self, entry: OutboxEntry) -> None:
         e = entry
         key = (e.queue.owner, e.queue.service, e.task_id, e.completion_id)
         if e.shard == UNSHARDED:
-            await self.db.execute("outbox.unsharded_mark_published", (self.ttl_for(e.task_id), e.bucket, *key))
+            await self.db.execute("outbox.unsharded_mark_published", (self.owed_ttl_for(e.task_id), e.bucket, *key))
             return
         shard = shard_of(e.task_id, OUTBOX_SHARDS)
-        await self.db.execute("outbox.mark_published", (self.ttl_for(e.task_id), e.bucket, shard, *key))
+        await self.db.execute("outbox.mark_published", (self.owed_ttl_for(e.task_id), e.bucket, shard, *key))
 
     async def outbox(self, bucket: int) -> list[OutboxEntry]:
         return [entry async for page in self.outbox_pages(bucket) for entry in page]

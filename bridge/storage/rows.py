@@ -140,4 +140,6 @@ def outbox_entry(r: Row, shard: int | None = None) -> OutboxEntry:
         result=Sealed(r["key_id"], r["result_nonce"], r["result_ct"]),
         published=bool(r["published"]),
         shard=shard,
+        token=None if r.get("token_ct") is None else Sealed(r["token_key"], r["token_nonce"], r["token_ct"]),
+        traceparent=r.get("traceparent"),
     )

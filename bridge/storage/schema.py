@@ -236,6 +236,12 @@ ADDED_COLUMNS: list[tuple[str, str, str]] = [
     # same epoch (the worker's `fail` after a late extend refused the scheduler's park): a parked
     # task missing from listings, stats and `redrive all`. Null in rows of earlier releases.
     ("parked", "park_id", "timeuuid"),
+    # A copy of the task's sealed token and trace context, written once a publish of the result
+    # failed: the result can be owed past the task's end (RESULT_OWED_MS), the task's row not.
+    ("outbox_shards", "token_key", "text"),
+    ("outbox_shards", "token_nonce", "blob"),
+    ("outbox_shards", "token_ct", "blob"),
+    ("outbox_shards", "traceparent", "text"),
 ]
 
 

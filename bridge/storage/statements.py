@@ -129,13 +129,13 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         False,
     ),
     "lease.kill": (
-        "UPDATE {ks}.leases USING TTL ? SET state = 'dead', completed_at = ?, completion_id = ? "
+        "UPDATE {ks}.leases USING TTL ? SET state = 'dead', completed_at = ?, completion_id = ?, epoch = ? "
         "WHERE owner = ? AND service = ? AND task_id = ? "
         "IF state = 'leased' AND epoch = ? AND worker = ? AND expires_at IN (?, null)",
         False,
     ),
     "lease.complete": (
-        "UPDATE {ks}.leases USING TTL ? SET state = 'done', completed_at = ?, completion_id = ? "
+        "UPDATE {ks}.leases USING TTL ? SET state = 'done', completed_at = ?, completion_id = ?, epoch = ? "
         "WHERE owner = ? AND service = ? AND task_id = ? "
         "IF state = 'leased' AND epoch = ? AND worker = ? AND expires_at IN (?, null)",
         False,
@@ -159,7 +159,7 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     # long as the task) and still writes `park_id` (the last park), which bridges before it read.
     "lease.park_held": (
         "UPDATE {ks}.leases USING TTL ? SET state = 'parked', parked_at = ?, park_reason = ?, completion_id = ?, "
-        "park_id = ?, park_ids = park_ids + ?, error_key = ?, error_nonce = ?, error_ct = ? "
+        "park_id = ?, park_ids = park_ids + ?, error_key = ?, error_nonce = ?, error_ct = ?, epoch = ? "
         "WHERE owner = ? AND service = ? AND task_id = ? "
         "IF state = 'leased' AND epoch = ? AND worker = ? AND expires_at IN (?, null)",
         False,
@@ -170,7 +170,7 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     # refused instead of parking the task the operator just put back.
     "lease.park_expired": (
         "UPDATE {ks}.leases USING TTL ? SET state = 'parked', parked_at = ?, park_reason = ?, completion_id = ?, "
-        "park_id = ?, park_ids = park_ids + ? WHERE owner = ? AND service = ? AND task_id = ? "
+        "park_id = ?, park_ids = park_ids + ?, epoch = ? WHERE owner = ? AND service = ? AND task_id = ? "
         "IF state = 'leased' AND epoch = ? AND lease_until <= ? AND base_epoch IN (?, null) "
         "AND expires_at IN (?, null)",
         False,
@@ -310,6 +310,13 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         "result_nonce, result_ct, published) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, false) USING TTL ?",
         True,
     ),
+    # A copy of the task's sealed token (and trace context) for a result whose publish failed: the
+    # task's row holding them ends with the task, and the result may be owed past that.
+    "outbox.keep_token": (
+        "UPDATE {ks}.outbox_shards USING TTL ? SET token_key = ?, token_nonce = ?, token_ct = ?, traceparent = ? "
+        "WHERE bucket = ? AND shard = ? AND owner = ? AND service = ? AND task_id = ? AND completion_id = ?",
+        True,
+    ),
     "outbox.mark_published": (
         "UPDATE {ks}.outbox_shards USING TTL ? SET published = true "
         "WHERE bucket = ? AND shard = ? AND owner = ? AND service = ? AND task_id = ? AND completion_id = ?",
@@ -323,8 +330,8 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         True,
     ),
     "outbox.get": (
-        "SELECT bucket, owner, service, task_id, completion_id, key_id, result_nonce, result_ct, published "
-        "FROM {ks}.outbox_shards "
+        "SELECT bucket, owner, service, task_id, completion_id, key_id, result_nonce, result_ct, published, "
+        "token_key, token_nonce, token_ct, traceparent FROM {ks}.outbox_shards "
         "WHERE bucket = ? AND shard = ? AND owner = ? AND service = ? AND task_id = ? AND completion_id = ?",
         True,
     ),

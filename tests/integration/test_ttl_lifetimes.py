@@ -287,3 +287,35 @@ async def test_counter_rows_past_every_readers_window_are_trimmed_and_recent_one
     # What stats read is untouched (the window is the TTL): the same counts as before the trim.
     assert await b.queue.stats(q.owner, q.service) == before
     assert before[0].delayed >= 1, "the task due in 5 minutes"
+
+
+async def test_a_result_still_owed_when_its_task_ends_reaches_the_engine(make_bridge, engine, workers, servers, names):
+    """A result owed to the engine (its publish not confirmed: no queue bound, a broker outage)
+    when its task's life ended was marked published unsent: its outbox row, the lease naming its
+    completion and the token (in the task's own row) all expired with the task, and the relay
+    found no lease, then no token, and dropped it without a word. The engine's workflow waited
+    for ever. It outlives the task now (RESULT_OWED_MS), the token copied beside it."""
+    from bridge.client.rpc import results_consumer
+    from bridge.domain.records import QueueKey
+    from tests.conftest import next_result
+
+    b = await make_bridge(results_queue="", result_republish_after=1.0, task_ttl=6)
+    await wait_for(lambda: b.duty.held, 10, what="the duty")
+    svc = service_id()
+    await engine.add(svc, {"n": 1}, token={"workflow": "end-of-life"})
+    w = await workers(svc)
+    task = await w.fetch()
+    assert task is not None and task.value == {"n": 1}
+    assert await task.ack({"ok": True}) is True  # its publish fails: nothing is bound to the exchange
+    await wait_for(lambda: b.scheduler.state.results_stuck >= 1, 20, interval=0.2, what="the result to be owed")
+    store, q, task_id = b.queue.ctx.store, QueueKey(OWNERS[0], svc), uuid.UUID(task.id)
+    await wait_for(lambda: _gone(store.payload(q, task_id)), 20, interval=0.2, what="the task's end (its row gone)")
+    async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"], routing_key=svc) as got:
+        message = await next_result(got, 30, "the owed result, after its task's end")
+    assert message["taskId"] == task.id
+    assert message["token"] == {"workflow": "end-of-life"}
+    assert message["result"] == {"ok": True}
+
+
+async def _gone(payload: Any) -> bool:
+    return await payload is None
