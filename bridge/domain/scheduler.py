@@ -527,8 +527,13 @@ class RecoveryScheduler:
             )
             return parked or await self._watch_if_renewed(entry, now, bucket)
         # Re-expose it in the recovered lane. The id is derived from (task, epoch, time
-        # of this second) so instances running the same pass write the same row.
-        seq_ms = max(until, now - now % 1000)
+        # of this second) so instances running the same pass write the same row. The second is
+        # the clock's now, not the tick's start: scans move their position over taken entries
+        # older than a couple of seconds (``dispatch``), and an entry of a tick that ran long (a
+        # catch-up, thousands of deadlines at once, a slow store) dated from its start landed
+        # behind them: never handed out again while its hint was lost (or with hints off).
+        written = self.queue.clock.now_ms()
+        seq_ms = max(until, written - written % 1000)
         # The expiry's bucket is part of the id: a re-armed deadline (a claim that found the lease
         # not yet claimable) re-exposes the task as a new entry, which dispatchers that skipped the
         # first one will offer again.

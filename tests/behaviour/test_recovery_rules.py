@@ -4,6 +4,7 @@ the old one loses it. Time is a manual clock: every duration below is exact, not
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -656,7 +657,6 @@ async def test_a_park_at_the_limit_that_cannot_be_settled_in_either_pass_is_trie
     task stayed leased to nobody until its TTL: never handed out again, never parked, the engine
     never told. The entry is filed again in a bucket still to come. Found by a review, 2026-12-05."""
     import uuid
-    from typing import Any
 
     from bridge.domain.records import LeaseState, QueueKey
 
@@ -722,3 +722,51 @@ async def test_the_relay_holds_a_page_of_owed_results_not_a_whole_bucket(harness
             break
     assert {m.task_id for m in h.sink.messages} == {d.task_id for d in delivered}
     assert pages and max(pages) <= 16, pages
+
+
+async def test_a_task_re_exposed_late_in_a_long_tick_is_still_handed_out(harness: Harness) -> None:
+    """A re-exposed task's lane-0 entry took its id from the time the scheduler's tick began: a tick
+    that ran long (a catch-up after a duty handover, thousands of leases ending at once, a slow
+    store) wrote entries dated seconds before their write, and the scans of other bridges, which
+    had taken the tick's first entries and moved their position over everything older than a
+    couple of seconds, passed behind them. The task stayed leased to its dead worker for the rest
+    of its life (with hints off; with hints on, until its hint was lost too)."""
+    h = harness
+    other, _ = h.instance(h.clock)  # a second bridge of the fleet, scanning with its own dispatcher
+    first_added, late_added = await h.add("first"), await h.add("late")
+    assert {(await h.fetch("gone-1", ttr_ms=5_000)).task_id, (await h.fetch("gone-2", ttr_ms=5_000)).task_id} == {
+        first_added,
+        late_added,
+    }
+    h.clock.advance(5_000 + MARGIN_MS + 600)  # both deadlines, in one expiry bucket, have passed
+
+    store = h.store
+    real_expose = store.expose_recovered
+    exposed: list[object] = []
+    early: list[Any] = []
+
+    async def expose_then_run_long(*args: object, **kw: object) -> None:
+        await real_expose(*args, **kw)
+        exposed.append(args[3])
+        if len(exposed) == 1:
+            # The tick runs on for 15 s before it reaches the second deadline; meanwhile the other
+            # bridge's fetches take the first re-exposed task and scan on past it.
+            h.clock.advance(15_000)
+            early.append(await h.fetch("w-early", queue=other))
+            await h.fetch("w-scan", queue=other)
+
+    store.expose_recovered = expose_then_run_long  # type: ignore[method-assign]
+    try:
+        await h.scheduler.tick()
+    finally:
+        store.expose_recovered = real_expose  # type: ignore[method-assign]
+    assert len(exposed) == 2
+    assert early[0] is not None and str(early[0].task_id) == str(exposed[0]), "the other bridge took the first"
+    late = str(exposed[1])
+    for attempt in range(60):
+        got = await h.fetch(f"w-{attempt}", queue=other if attempt % 2 else h.queue)
+        if got is not None and str(got.task_id) == late:
+            break
+        await h.advance(500)
+    else:
+        raise AssertionError("the task re-exposed late in the tick was never handed out again")
