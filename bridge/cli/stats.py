@@ -55,7 +55,9 @@ async def _stats(settings: Settings, owner: str, service: str, limit: int) -> Qu
         try:
             if anchor is not None:
                 await _anchor(anchor, store)
-            return await queue_stats(store, owner, service, clock.now_ms(), limit=limit)
+            now = clock.now_ms()
+            # A lane with no cursor is walked from a TTL ago, not from its first bucket ever.
+            return await queue_stats(store, owner, service, now, limit=limit, ttl_ms=settings.task_ttl_seconds * 1000)
         except errors as exc:
             raise Failure(f"reading the queue from Cassandra at {where} failed: {type(exc).__name__}: {exc}") from None
     finally:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from bridge.domain.records import LANE_RECOVERED, QueueKey, ReadyEntry
 from bridge.domain.store import TaskStore
-from bridge.domain.timeline import MIN_TIMEUUID, READY_BUCKET_MS, ms_of
+from bridge.domain.timeline import MIN_TIMEUUID, READY_BUCKET_MS, ms_of, ready_bucket
 
 SCAN_LIMIT = 64
 MAX_PAGES = 16  # per refill; a later refill resumes where this one stopped
@@ -40,6 +40,34 @@ RECOVERED_EXTRA_SETTLE_MS = 2_000
 SPREAD_WINDOW = 32
 CONTENTION_DECAY = 0.95  # per claim: a lost race weighs ~20 claims
 CONTENTION_THRESHOLD = 0.1
+
+
+# How far before the task TTL a walk of a lane with no stored cursor starts (``first_live_bucket``):
+# covers the clocks of the bridges that added the tasks and wrote their rows (within the skew
+# margin, far less than this), the whole seconds a row's TTL is rounded up to, and the index rows'
+# own grace past their entries. An hour of a busy lane is 360 index rows: far from Cassandra's
+# tombstone thresholds (1,000 to warn, 100,000 to fail a read).
+SCAN_FLOOR_MARGIN_MS = 3_600_000
+
+
+def first_live_bucket(now_ms: int, ttl_ms: int | None) -> int:
+    """The first ready-index bucket a walk of a lane with no stored cursor reads (a queue never
+    walked, or quiet for longer than the TTL, so that its cursor rows expired): no live task's entry
+    lies in an earlier one. A task's whole life ends a TTL after the time in its id (``expires_at``,
+    fixed by its add), and its entry is in the bucket of that time: a delayed task's id is its due
+    time, so its entry lies ahead, not behind; a recovered entry's id is the time of its
+    re-exposure, within the life of its task. Walked from bucket 0, the walk read every index row
+    the lane ever wrote: on Cassandra an expired row is a tombstone, kept ``gc_grace_seconds``, and
+    a busy lane's (8,640 rows a day) failed the read with too many tombstones, so fetches and stats
+    of that queue answered ``unavailable`` for 10 days and more after a restart lost the hints.
+
+    The price: after ``BRIDGE_TASK_TTL`` is lowered, tasks added under the longer TTL and older than
+    the new one are not found by a walk that has no cursor (they are by their hints, and by a walk
+    from a stored cursor, which is never moved back to this floor). ``ttl_ms`` None: the TTL is not
+    known here, and the walk starts at bucket 0."""
+    if ttl_ms is None:
+        return 0
+    return max(0, ready_bucket(now_ms - ttl_ms - SCAN_FLOOR_MARGIN_MS))
 
 
 def settled_before(lane: int, now_ms: int, settle_ms: int) -> int:
@@ -113,10 +141,14 @@ class Dispatcher:
         now_ms: Callable[[], int],
         settle_ms: int,
         max_lanes: int = 10_000,
+        *,
+        ttl_ms: int | None = None,
     ) -> None:
         self.store = store
         self.now_ms = now_ms
         self.settle_ms = settle_ms
+        # The tasks' TTL: a lane with no stored cursor is scanned from ``first_live_bucket``.
+        self.ttl_ms = ttl_ms
         # Least recently used first. Bounded: any caller can name new serviceIds, so an unbounded map
         # would let fetches grow memory without limit (issue 13.4). A lane forgotten is only a
         # cache miss: its position is persisted in `cursors` and read back on the next fetch.
@@ -216,7 +248,10 @@ class Dispatcher:
         elif st.resume is None and now - st.cursor_read_ms >= CURSOR_REREAD_MS:
             await self._catch_up(q, lane, st, now)
         settled_until = settled_before(lane, now, self.settle_ms)
-        scan = _Scan(st, settled_until, start=st.resume or st.position or (0, None))
+        # No position (no cursor stored): from the first bucket a live task's entry can be in, not
+        # from bucket 0 (``first_live_bucket``). The position stays unset until the scan moves it.
+        start = st.resume or st.position or (first_live_bucket(now, self.ttl_ms), None)
+        scan = _Scan(st, settled_until, start=start)
         for bucket in await self.store.buckets_from(q, lane, scan.start[0], MAX_PAGES):
             exhausted = await self._scan_bucket(q, lane, bucket, scan)
             if scan.found or scan.pages >= MAX_PAGES or not exhausted:

@@ -26,7 +26,7 @@ from bridge.crypto import Sealed
 from bridge.domain import jsonvalue
 from bridge.domain.context import QueueContext
 from bridge.domain.counting import was_delayed
-from bridge.domain.dispatch import settled_before
+from bridge.domain.dispatch import first_live_bucket, settled_before
 from bridge.domain.errors import Unavailable
 from bridge.domain.hints import TaskHints
 from bridge.domain.models import ExtendRequest, FailRequest
@@ -771,8 +771,10 @@ class Lifecycle:
         lead: tuple[int, uuid.UUID] | None = None  # the cursor may move past the entries up to here
         leading = True
         settled = settled_before(lane, now, self.settle_ms)
+        # A lane with no cursor is walked from the first bucket a live task can be in, not bucket 0.
+        first = first_live_bucket(now, self.ctx.limits.task_ttl_ms)
         while True:
-            entries, cut = await walk_lane(self.store, q, lane, PURGE_PAGE, resume=after)
+            entries, cut = await walk_lane(self.store, q, lane, PURGE_PAGE, resume=after, first_bucket=first)
             walk.read += len(entries)
             # Claimed entries have a lease that is not ready (or a re-exposure of it, in lane 0).
             candidates = [e for e in entries if not e.claimed and ms_of(e.seq) <= now]

@@ -102,7 +102,7 @@ class WorkQueue:
             background=Background(),
             counts=counts,
         )
-        self.dispatcher = Dispatcher(store, clock.now_ms, settle_ms, max_lanes)
+        self.dispatcher = Dispatcher(store, clock.now_ms, settle_ms, max_lanes, ttl_ms=limits.task_ttl_ms)
         self.relay = ResultRelay(self.ctx, results)
         # Without hints every fetch scans the ready index (as before 1.2). A bridge that takes no
         # hints may still publish them, for the others (BRIDGE_HINTS=false: ``AmqpHints.takes``).

@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 
 from bridge.domain.counting import DAY_MS, MINUTE_MS
-from bridge.domain.dispatch import settled_before
+from bridge.domain.dispatch import first_live_bucket, settled_before
 from bridge.domain.records import LANE_FRESH, LANE_RECOVERED, Lease, LeaseState, ParkedEntry, QueueKey, ReadyEntry
 from bridge.domain.store import TaskStore
 from bridge.domain.timeline import ms_of
@@ -38,15 +38,23 @@ class QueueStats:
 
 
 async def walk_lane(
-    store: TaskStore, q: QueueKey, lane: int, budget: int, *, resume: tuple[int, uuid.UUID] | None = None
+    store: TaskStore,
+    q: QueueKey,
+    lane: int,
+    budget: int,
+    *,
+    resume: tuple[int, uuid.UUID] | None = None,
+    first_bucket: int = 0,
 ) -> tuple[list[ReadyEntry], bool]:
     """The entries of one lane after its persisted cursor (or after the entry ``resume``: a walk
-    resumed), at most ``budget`` of them.
+    resumed), at most ``budget`` of them. A lane with no cursor is walked from ``first_bucket``:
+    pass ``first_live_bucket`` (from bucket 0, the walk reads every index row the lane ever wrote,
+    on Cassandra the expired ones as tombstones, see ``bridge.domain.dispatch``).
 
     Returns (entries, truncated); truncated is True only if at least one more entry exists.
     """
     cursor = resume if resume is not None else await store.cursor(q, lane)
-    start_bucket, cursor_seq = cursor if cursor is not None else (0, None)
+    start_bucket, cursor_seq = cursor if cursor is not None else (first_bucket, None)
     entries: list[ReadyEntry] = []
     next_bucket = start_bucket
     while True:
@@ -105,11 +113,13 @@ async def queue_stats(
     now_ms: int,
     *,
     limit: int = DEFAULT_LIMIT,
+    ttl_ms: int | None = None,
 ) -> QueueStats:
     """Count the tasks of queue (owner, service) by state.
 
-    What is walked: both lanes of the ``ready`` index, each from its persisted cursor (or from its
-    first registered bucket if it has none), through the registered buckets, reading at most
+    What is walked: both lanes of the ``ready`` index, each from its persisted cursor (or, if it has
+    none, from the first bucket a live task can be in, ``ttl_ms`` ago and a margin: pass the tasks'
+    TTL, without it the walk starts at bucket 0), through the registered buckets, reading at most
     ``limit`` entries in all (lane 0 first). Every task found is counted once, by task id: lane-0
     entries are re-exposure pointers to tasks that also have a lane-1 entry, so a task seen in
     both lanes is one task. Its state comes from its lease (a plain, non-serial read):
@@ -134,8 +144,9 @@ async def queue_stats(
     scanned = 0
     truncated = False
     task_ids: dict[uuid.UUID, None] = {}  # insertion-ordered set
+    first = first_live_bucket(now_ms, ttl_ms)
     for lane in (LANE_RECOVERED, LANE_FRESH):
-        entries, lane_truncated = await walk_lane(store, q, lane, limit - scanned)
+        entries, lane_truncated = await walk_lane(store, q, lane, limit - scanned, first_bucket=first)
         scanned += len(entries)
         for entry in entries:
             task_ids.setdefault(entry.task_id, None)
@@ -232,7 +243,9 @@ async def service_stats(
     # past only until the cursor moves past them): per stats request, and per
     # BRIDGE_STATS_INTERVAL for the gauges, which only the duty bridge refreshes (once per fleet,
     # whatever its size: ``App._export_queue_stats``).
-    oldest, never_claimed = await _oldest_ready(store, q, now_ms, margin_ms, settle_ms)
+    oldest, never_claimed = await _oldest_ready(
+        store, q, now_ms, first_live_bucket(now_ms, ttl_ms), margin_ms, settle_ms
+    )
     if never_claimed and ready <= 0:
         # A task never claimed waits: at least one is ready (a lower bound) whatever the drifted
         # counter says. Not for a lease that ran out (the oldest waiting may be one): that task
@@ -257,13 +270,14 @@ async def _still_parked(store: TaskStore, q: QueueKey, rows: list[ParkedEntry]) 
 
 
 async def _oldest_ready(
-    store: TaskStore, q: QueueKey, now_ms: int, margin_ms: int, settle_ms: int
+    store: TaskStore, q: QueueKey, now_ms: int, first_bucket: int, margin_ms: int, settle_ms: int
 ) -> tuple[int | None, bool]:
-    """The age of the oldest task waiting to be claimed, and whether a never-claimed one waits."""
+    """The age of the oldest task waiting to be claimed, and whether a never-claimed one waits.
+    A lane with no cursor is read from ``first_bucket`` (``walk_lane``)."""
     since: int | None = None
     never_claimed = False
     for lane in (LANE_FRESH, LANE_RECOVERED):
-        at = await _oldest_of_lane(store, q, lane, now_ms, margin_ms, settle_ms)
+        at = await _oldest_of_lane(store, q, lane, now_ms, first_bucket, margin_ms, settle_ms)
         if at is not None:
             since = at if since is None else min(since, at)
             never_claimed = never_claimed or lane == LANE_FRESH
@@ -299,7 +313,7 @@ def _taken(e: ReadyEntry, lease: Lease | None, read: bool) -> bool:
 
 
 async def _oldest_of_lane(
-    store: TaskStore, q: QueueKey, lane: int, now_ms: int, margin_ms: int, settle_ms: int
+    store: TaskStore, q: QueueKey, lane: int, now_ms: int, first_bucket: int, margin_ms: int, settle_ms: int
 ) -> int | None:
     """When the lane's first ready task became claimable; None if none is found within
     ``OLDEST_SCAN_MAX`` entries after the lane's cursor.
@@ -316,7 +330,8 @@ async def _oldest_of_lane(
     leading, passed, read, page = True, 0, 0, OLDEST_LOOKAHEAD
     found: int | None = None
     while found is None and read < OLDEST_SCAN_MAX:
-        entries, more = await walk_lane(store, q, lane, min(page, OLDEST_SCAN_MAX - read), resume=resume)
+        budget = min(page, OLDEST_SCAN_MAX - read)
+        entries, more = await walk_lane(store, q, lane, budget, resume=resume, first_bucket=first_bucket)
         read += len(entries)
         leases: dict[uuid.UUID, Lease] = {}
         looked: set[uuid.UUID] = set()  # entries whose lease was read

@@ -37,6 +37,12 @@ LAYOUT_NAME = "queue-bridge"  # the schema_meta row of the layout
 # parked tasks every stats request and parked listing of that queue failed for as long. A day is
 # enough for repairs here, and a row brought back by a replica that missed its delete is harmless
 # (a parked row is checked against its lease and dropped; a cursor row is an older position).
+# The tables whose rows only expire (written with a TTL, never deleted: no DELETE in
+# statements.py, tests/unit/test_storage_grace.py) get it too. An expired cell is a tombstone kept
+# for the grace as well, and TimeWindowCompactionStrategy drops a window's SSTable only once all of
+# it is past the grace: each window stayed on disk for the TTL plus 10 days, and a `ready_buckets`
+# read from a lane's start passed over 10 days of expired rows. Nothing can come back from a
+# replica there: no delete shadows anything, and a cell that expired expires on every replica.
 SHORT_GC_GRACE_S = 86_400
 # Set only over Cassandra's own default: an operator's deliberate value (repairs that run less
 # often than daily need a longer grace) is left alone.
@@ -44,6 +50,11 @@ CASSANDRA_DEFAULTS: dict[str, int] = {"gc_grace_seconds": 864_000}
 TABLE_OPTIONS: dict[str, dict[str, int]] = {
     "parked": {"gc_grace_seconds": SHORT_GC_GRACE_S},
     "cursors": {"gc_grace_seconds": SHORT_GC_GRACE_S},
+    # Rows that only expire (see SHORT_GC_GRACE_S).
+    **{
+        table: {"gc_grace_seconds": SHORT_GC_GRACE_S}
+        for table in ("ready", "ready_buckets", "expiry_shards", "expiries", "expiry_marks", "outbox_shards", "outbox")
+    },
 }
 
 
@@ -83,12 +94,12 @@ def table_cql(keyspace: str, ttl_seconds: int) -> list[str]:
             traceparent text, created_at timestamp,
             claimed boolean,
             PRIMARY KEY ((owner, service, lane, bucket), seq)
-        ) WITH {twcs} AND {ttl}""",
+        ) WITH {twcs} AND {ttl} AND {short_grace}""",
         # Which buckets of a lane hold entries, so a scan jumps over empty time.
         f"""CREATE TABLE IF NOT EXISTS {ks}.ready_buckets (
             owner text, service text, lane tinyint, bucket bigint,
             PRIMARY KEY ((owner, service, lane), bucket)
-        ) WITH {ttl}""",
+        ) WITH {ttl} AND {short_grace}""",
         # Monotonic cursor: each advance inserts a row, the effective cursor is the greatest one,
         # so concurrent writers can never move it backwards (no read-modify-write, no LWT).
         f"""CREATE TABLE IF NOT EXISTS {ks}.cursors (
@@ -117,14 +128,14 @@ def table_cql(keyspace: str, ttl_seconds: int) -> list[str]:
             bucket bigint, lease_until timestamp, owner text, service text, task_id timeuuid, epoch int,
             has_token boolean,
             PRIMARY KEY ((bucket), lease_until, owner, service, task_id, epoch)
-        ) WITH {twcs} AND {ttl}""",
+        ) WITH {twcs} AND {ttl} AND {short_grace}""",
         # Which expiry buckets hold (or held) deadlines, an hour of buckets per partition: the
         # recovery scheduler reads a bucket only if it is marked, so an idle fleet reads one small
         # partition a second instead of every 250 ms bucket twice. Written before the deadline.
         f"""CREATE TABLE IF NOT EXISTS {ks}.expiry_marks (
             hour bigint, bucket bigint,
             PRIMARY KEY ((hour), bucket)
-        ) WITH {ttl}""",
+        ) WITH {ttl} AND {short_grace}""",
         # 1.3: the same, spread over EXPIRY_SHARDS partitions per bucket (no single partition, and
         # so no single replica set, takes every claim of a 250 ms window); read with one request
         # per bucket (IN over the shards); `expiry_marks` above marks its buckets. The unsharded
@@ -133,21 +144,21 @@ def table_cql(keyspace: str, ttl_seconds: int) -> list[str]:
             bucket bigint, shard tinyint, lease_until timestamp, owner text, service text,
             task_id timeuuid, epoch int, has_token boolean,
             PRIMARY KEY ((bucket, shard), lease_until, owner, service, task_id, epoch)
-        ) WITH {twcs} AND {ttl}""",
+        ) WITH {twcs} AND {ttl} AND {short_grace}""",
         # Results to publish to the engine, written BEFORE the completing LWT (transactional outbox).
         f"""CREATE TABLE IF NOT EXISTS {ks}.outbox (
             bucket bigint, owner text, service text, task_id timeuuid, completion_id uuid,
             key_id text, result_nonce blob, result_ct blob,
             published boolean,
             PRIMARY KEY ((bucket), owner, service, task_id, completion_id)
-        ) WITH {twcs} AND {ttl}""",
+        ) WITH {twcs} AND {ttl} AND {short_grace}""",
         # 1.3: the outbox spread over OUTBOX_SHARDS partitions per 10 s bucket.
         f"""CREATE TABLE IF NOT EXISTS {ks}.outbox_shards (
             bucket bigint, shard tinyint, owner text, service text, task_id timeuuid, completion_id uuid,
             key_id text, result_nonce blob, result_ct blob,
             published boolean,
             PRIMARY KEY ((bucket, shard), owner, service, task_id, completion_id)
-        ) WITH {twcs} AND {ttl}""",
+        ) WITH {twcs} AND {ttl} AND {short_grace}""",
         # Progress of the scheduler loops (same monotonic-max trick as `cursors`).
         f"""CREATE TABLE IF NOT EXISTS {ks}.scheduler_cursors (
             name text, pos bigint,
