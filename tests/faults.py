@@ -19,6 +19,7 @@ class TcpProxy:
         self.muted = False  # the server's bytes are dropped: requests arrive, replies never come back
         self.reading = asyncio.Event()  # cleared by ``stall``: the clients' bytes are not read
         self.reading.set()
+        self.accepted = 0  # connections taken (a client's reconnection attempts show here)
 
     async def start(self, port: int = 0, *, tls: ssl.SSLContext | None = None) -> TcpProxy:
         """Listen (with ``tls``: a TLS listener that forwards the decrypted stream to the target)."""
@@ -44,6 +45,7 @@ class TcpProxy:
                 writer.close()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
         if not self.up:
             writer.close()
             return

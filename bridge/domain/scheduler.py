@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from bridge.domain.cancellation import stray_as_failure
 from bridge.domain.errors import KeyMissing, KeysUnavailable, Unavailable
 from bridge.domain.hints import Hint
 from bridge.domain.lifecycle import PARK_DELIVERY_LIMIT
@@ -239,7 +240,8 @@ class RecoveryScheduler:
                         await asyncio.wait_for(stop.wait(), timeout=self.interval_s)
                     continue
                 try:
-                    await self.tick(relay=False)
+                    with stray_as_failure():
+                        await self.tick(relay=False)
                 except Unavailable as exc:
                     log.warning("scheduler tick failed: %s", exc)
                 except Exception:
@@ -257,7 +259,8 @@ class RecoveryScheduler:
                 self._forget_relay()
             else:
                 try:
-                    await self._relay_sweep(self.queue.clock.now_ms())
+                    with stray_as_failure():
+                        await self._relay_sweep(self.queue.clock.now_ms())
                 except Unavailable as exc:
                     log.warning("result relay sweep failed: %s", exc)
                 except Exception:
@@ -707,8 +710,9 @@ class RecoveryScheduler:
             return None
         log.info("re-publishing the pending result of task %s", entry.task_id)
         try:
-            await self.queue.publish(entry)
-        except Exception as exc:  # broker down, no queue bound, ...: keep it pending
+            with stray_as_failure():
+                await self.queue.publish(entry)
+        except Exception as exc:  # broker down, no queue bound, a stuck connection, ...: keep it pending
             log.warning("result of task %s still not published: %s", entry.task_id, type(exc).__name__)
             return "stuck"
         self.state.republished += 1

@@ -26,6 +26,8 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from pamqp.common import FieldTable
 
+from bridge.domain.cancellation import ConnectionCancelled, stray_as_failure
+
 log = logging.getLogger("bridge.duty")
 
 BROKER_CALL_S = 3.0  # bounded: a robust channel without a connection waits for it forever
@@ -175,10 +177,16 @@ class Duty:
                 await asyncio.wait_for(stop.wait(), timeout=wait_s)
             if stop.is_set():
                 return
-            if self.held:
-                await self.renew()
-            else:
-                await self.offer_token()
+            try:
+                # A stuck connection's close cancels the broker calls in flight: the loop goes on
+                # (it ended, and this bridge stopped renewing and offering tokens).
+                with stray_as_failure():
+                    if self.held:
+                        await self.renew()
+                    else:
+                        await self.offer_token()
+            except ConnectionCancelled:
+                log.debug("duty: a token call was cut short by its connection's close")
 
     async def renew(self) -> None:
         """Swap the held token for a fresh one without letting the duty go: the fresh token is

@@ -15,6 +15,7 @@ from aio_pika.abc import AbstractExchange
 
 from bridge.config import Settings
 from bridge.domain import jsonvalue
+from bridge.domain.cancellation import stray_as_failure
 from bridge.domain.queue import ResultMessage
 from bridge.observability.tracing import child_traceparent
 from bridge.transport.permissions import amqp_user
@@ -66,7 +67,8 @@ class ResultPublisher:
         )
         # Publisher confirm: raises unless the broker took responsibility for the message.
         try:
-            await self._exchange.publish(amqp_message, routing_key=message.service, mandatory=True)
+            with stray_as_failure():  # a stuck connection's close cancels the confirm's wait
+                await self._exchange.publish(amqp_message, routing_key=message.service, mandatory=True)
         except Exception as exc:
             self.on_failure(exc)
             raise
