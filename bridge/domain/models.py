@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from pydantic import (
@@ -87,15 +87,31 @@ class AddCommand(_Request):
         return None
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+# The times the contract can name: those a datetime holds in UTC (years 1 to 9999), which every
+# reply that writes one back (``wire.iso``) can write.
+FIRST_INSTANT_MS = (datetime.min.replace(tzinfo=UTC) - _EPOCH) // _MS
+LAST_INSTANT_MS = (datetime.max.replace(tzinfo=UTC) - _EPOCH) // _MS
+
+
 def instant(text: str) -> int:
-    """An ISO 8601 time with its UTC offset, as milliseconds since the epoch."""
+    """An ISO 8601 time with its UTC offset, as milliseconds since the epoch (exact: no float).
+
+    Its UTC time must fall in years 1 to 9999: ``9999-12-31T23:59:59-23:59`` parses (its offset
+    applies only when it is converted) but is in year 10000 in UTC. Taken, it went through a
+    request (a ``redrive all`` put tasks back with it as its bound) whose reply then could not
+    write it back: ``internal`` for work done."""
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:
         raise ValueError("must be an ISO 8601 time, e.g. 2026-12-02T10:00:00Z") from None
     if parsed.tzinfo is None:
         raise ValueError("must carry a UTC offset (Z or +hh:mm)")
-    return int(parsed.timestamp() * 1000)
+    ms = (parsed - _EPOCH) // _MS  # aware datetimes subtract in UTC, with no range to overflow
+    if not FIRST_INSTANT_MS <= ms <= LAST_INSTANT_MS:
+        raise ValueError("must be a time from 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999Z in UTC")
+    return ms
 
 
 class FetchRequest(_Request):

@@ -27,6 +27,14 @@ the one retryable code. An add is a command that nobody may be waiting for, so t
 it with backoff for up to 30 s while it holds the delivery, then hands it back to RabbitMQ (no
 reply until it is over). An RPC has a caller waiting with a deadline who retries it, so it is
 answered and acked: requeued, it would only run late.
+
+Some RPCs are acknowledged before they are answered, so that they do not hold a prefetch slot
+while they run: a long-poll fetch once its wait begins, a redrive as its pacing starts, a purge,
+stats, parked or discard still running after a moment (``bridge.transport.handlers``). What can
+refuse them without running anything (the request itself, the caller, an owner without a key) is
+decided before that ack, so those refusals are dead-lettered as the table says; an error after it
+(``integrity_error``, ``internal``, ``unavailable``) is answered only: the delivery is no longer
+the bridge's to dead-letter (:func:`dead_letters`), and the answer does not say it was.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from enum import StrEnum
 from bridge.errors import ErrorCode
 from bridge.transport.request import RequestMessage
 
-__all__ = ["EXPIRED", "FATES", "OK", "Fate", "Rule", "Settle", "fate_of", "markdown_table", "settle"]
+__all__ = ["EXPIRED", "FATES", "OK", "Fate", "Rule", "Settle", "dead_letters", "fate_of", "markdown_table", "settle"]
 
 OK = "ok"
 EXPIRED = "expired"
@@ -103,9 +111,16 @@ def markdown_table() -> str:
     return "\n".join(lines)
 
 
+def dead_letters(message: RequestMessage, fate: Fate) -> bool:
+    """Whether :func:`settle` dead-letters ``message`` for ``fate``: not once it was acknowledged
+    early (it is only answered then)."""
+    return fate.settle is Settle.DEAD_LETTER and not message.processed
+
+
 async def settle(message: RequestMessage, fate: Fate) -> None:
-    """Acknowledge, requeue or dead-letter the delivery, as ``fate`` says (once: a waiting fetch's
-    delivery is acknowledged when its wait begins, and its outcome is only answered)."""
+    """Acknowledge, requeue or dead-letter the delivery, as ``fate`` says (once: a delivery
+    acknowledged early, a waiting fetch's when its wait begins, a redrive's, a long lifecycle
+    request's, is not settled again, and its outcome is only answered)."""
     if message.processed:
         return
     if fate.settle is Settle.ACK:

@@ -8,6 +8,7 @@ timing wrapper (:mod:`bridge.transport.timing`) observes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -42,7 +43,7 @@ from bridge.transport.envelope import (
     sent_before_ms,
     usable_reply_to,
 )
-from bridge.transport.fate import EXPIRED, OK, RETRY_BUDGET_S, Settle, fate_of, settle
+from bridge.transport.fate import EXPIRED, OK, RETRY_BUDGET_S, Settle, dead_letters, fate_of, settle
 from bridge.transport.replies import ReplyPublisher
 from bridge.transport.request import DeliveryGone, RequestMessage, channel_gone
 from bridge.transport.topology import ROUTING_KEYS
@@ -57,6 +58,9 @@ ADD_ID_FRESH_MS = 500
 DEFERRED = "deferred"  # an add moved to the retry lane (bridge.transport.add_retry): no reply yet
 LEFT_TO_BROKER = "left_to_broker"  # its channel closed before it was stored: the broker delivers it again
 INTERNAL_MESSAGE = "internal error; the request was dead-lettered, see the bridge log"
+# The same for a request whose delivery was acknowledged before it failed (acknowledged early: a
+# long-poll fetch, a redrive, a long lifecycle request): nothing dead-lettered it.
+INTERNAL_ANSWERED_MESSAGE = "internal error; see the bridge log"
 
 R = TypeVar("R", bound=BaseModel)
 Reply = tuple[bytes | None, dict[str, Any] | None]  # body, headers
@@ -87,6 +91,21 @@ PACED_METHOD = "redrive"  # the one lifecycle method that waits on purpose (its 
 # burst of redrives take the lifecycle consumer's every slot (each paced for seconds), and every
 # extend of every owner on this bridge would wait behind them.
 MAX_PACED_REDRIVES = 64
+# The lifecycle methods that may run for seconds: a purge (a compare-and-set per ready task, up to
+# 20,000 a request: ~200 s), stats of every queue of an owner, a listing of up to 1,000 parked
+# tasks with their errors, a discard of up to 1,000 ids. All lifecycle methods share one queue and
+# one prefetch window: held while they ran, a few of them (two, with a prefetch of 2) stopped every
+# extend, fail and cancel of every owner on this bridge, and leases of healthy work ran out.
+LONG_METHODS = frozenset({"purge", "stats", "parked", "discard"})
+# Long requests one bridge runs at once (their deliveries acknowledged once they outlast
+# LONG_HOLD_S). Past it one is answered ``unavailable`` at once and nothing of it is done, as a
+# redrive past MAX_PACED_REDRIVES: a flood of purges can take neither every slot nor every
+# Cassandra connection of the bridge.
+MAX_LONG_REQUESTS = 32
+# A long request holds its delivery this long at most, then it is acknowledged and answered when
+# it ends. The quick ones (one queue's stats, a short listing: milliseconds) end within it and are
+# settled as every request is; an extend waits behind long ones this long at most.
+LONG_HOLD_S = 0.02
 
 
 class RequestHandlers:
@@ -109,6 +128,7 @@ class RequestHandlers:
         # limit, for every tenant of the bridge.
         self.waiting_unbounded = 0
         self.paced_redrives = 0  # redrives acknowledged early, being paced (MAX_PACED_REDRIVES)
+        self.long_requests = 0  # purge, stats, parked, discard requests running (MAX_LONG_REQUESTS)
         self.requester_alive = requester_alive  # asked before a long-poll that waited claims a task
         self.lane = lane or AddRetryLane(settings)
         # The bridge's own user names the owner of the adds it moved to its retry lane.
@@ -138,13 +158,23 @@ class RequestHandlers:
         return outcome
 
     async def fail(self, message: RequestMessage, method: str, exc: BaseException) -> str:
-        """Conclude a request that raised: its wire code (``internal`` for a bug) decides its fate."""
+        """Conclude a request that raised: its wire code (``internal`` for a bug) decides its fate.
+        A delivery acknowledged early is only answered, and its ``internal`` answer says so."""
         code = wire_code(exc)
-        error = _answerable(exc, method, INTERNAL_MESSAGE)
         fate = fate_of(code, method)
-        if fate.settle is Settle.DEAD_LETTER:
+        dead = dead_letters(message, fate)
+        error = _answerable(exc, method, INTERNAL_MESSAGE if dead else INTERNAL_ANSWERED_MESSAGE)
+        if dead:
             log.warning(
                 "rejected %s request: %s (%s)",
+                method,
+                code,
+                error.message,
+                extra={"correlation_id": message.correlation_id},
+            )
+        elif fate.settle is Settle.DEAD_LETTER:
+            log.warning(
+                "%s request failed after its delivery was acknowledged: %s (%s), answered, not dead-lettered",
                 method,
                 code,
                 error.message,
@@ -399,13 +429,17 @@ class RequestHandlers:
             req = req.model_copy(update={"fresh": False})
         early = req.wait_ms > 0 and self.waiting_unbounded < self.settings.max_waiting_fetches
         if early:
-            # A fetch may wait up to 30 s: its delivery must not hold one of the consumer's prefetch
-            # slots that long (a bridge with as many waiting fetches as slots would take no request).
-            # Acknowledged now; if the bridge dies while it waits, the worker's retry asks again.
-            # Past BRIDGE_MAX_WAITING_FETCHES it keeps its slot: the prefetch bounds the rest.
-            await ack_early(message)
-            self.waiting_unbounded += 1
+            self.waiting_unbounded += 1  # counted at once: the awaits below must not overshoot it
         try:
+            if early:
+                # A fetch may wait up to 30 s: its delivery must not hold one of the consumer's
+                # prefetch slots that long (a bridge with as many waiting fetches as slots would
+                # take no request). Acknowledged now, once its owner is known to have a key (an
+                # owner without one is refused and dead-lettered, as at waitMs 0); if the bridge
+                # dies while it waits, the worker's retry asks again. Past
+                # BRIDGE_MAX_WAITING_FETCHES it keeps its slot: the prefetch bounds the rest.
+                await self._owner_has_key(owner)
+                await ack_early(message)
             if req.wait_ms > 0:
                 deadline = deadline_of(message)
                 if deadline is not None and (left := deadline - self.queue.clock.now_ms()) < req.wait_ms:
@@ -424,6 +458,15 @@ class RequestHandlers:
         child = child_traceparent(delivery.traceparent)
         headers = {"traceparent": child} if child else None
         return wire.encode(wire.fetched(delivery)), headers
+
+    async def _owner_has_key(self, owner: str) -> None:
+        """``unknown_owner`` now if the owner has no key: asked before a delivery is acknowledged
+        early, while that refusal can still be dead-lettered as the fate table says (after the
+        ack it could only be answered). The domain call asks the same first (``Fetcher.fetch``,
+        every lifecycle method), from the same cache (``OwnerKeys``): a known owner costs no I/O."""
+        ctx = getattr(self.queue, "ctx", None)  # (the unit tests' stand-in queues have no keys)
+        if ctx is not None:
+            await ctx.keys.current(owner)
 
     def _still_wanted(self, message: RequestMessage) -> Callable[[], Awaitable[bool]] | None:
         """For a fetch that may wait: whether its requester is still there to take a task."""
@@ -459,30 +502,76 @@ class RequestHandlers:
         operation = wire.LIFECYCLE[method]
 
         async def call(owner: str, req: Any, message: RequestMessage) -> Reply:
-            if method != PACED_METHOD:
-                return wire.encode(await operation.call(self.queue, owner, req)), None
-            # A redrive paces itself (BRIDGE_REDRIVE_RATE a queue): up to 1,000 tasks take many
-            # seconds. Holding its delivery meanwhile, as many redrives as the prefetch window
-            # would stop every extend, fail and cancel of every owner on this bridge (leases of
-            # healthy work would run out). Acknowledged now, as a waiting fetch is: a redrive is
-            # idempotent, and if the bridge dies, the caller's retry asks again. Bounded: each
-            # one acked early is memory and a waiter on its queue's pace, outside the prefetch.
-            if self.paced_redrives >= MAX_PACED_REDRIVES:
-                raise Unavailable(
-                    f"this bridge is already pacing {self.paced_redrives} redrives (at most "
-                    f"{MAX_PACED_REDRIVES} at once); nothing was redriven: send it again when they end"
-                )
-            await ack_early(message)
-            self.paced_redrives += 1
-            try:
-                return wire.encode(await operation.call(self.queue, owner, req)), None
-            finally:
-                self.paced_redrives -= 1
+            work = functools.partial(operation.call, self.queue, owner, req)
+            if method == PACED_METHOD:
+                body = await self._paced(owner, message, work)
+            elif method in LONG_METHODS:
+                body = await self._long(owner, message, work)
+            else:  # extend, fail, cancel: quick, and held as every request is
+                body = await work()
+            return wire.encode(body), None
 
         async def handle(message: RequestMessage) -> str:
             return await self._rpc(message, method, operation.model, call)
 
         return handle
+
+    async def _paced(self, owner: str, message: RequestMessage, work: Callable[[], Awaitable[wire.Body]]) -> wire.Body:
+        """A redrive paces itself (BRIDGE_REDRIVE_RATE a queue): up to 1,000 tasks take many
+        seconds. Holding its delivery meanwhile, as many redrives as the prefetch window would stop
+        every extend, fail and cancel of every owner on this bridge (leases of healthy work would
+        run out). Acknowledged now, as a waiting fetch is (once its owner is known to have a key):
+        a redrive is idempotent, and if the bridge dies, the caller's retry asks again. Bounded:
+        each one acked early is memory and a waiter on its queue's pace, outside the prefetch."""
+        await self._owner_has_key(owner)
+        if self.paced_redrives >= MAX_PACED_REDRIVES:
+            raise Unavailable(
+                f"this bridge is already pacing {self.paced_redrives} redrives (at most "
+                f"{MAX_PACED_REDRIVES} at once); nothing was redriven: send it again when they end"
+            )
+        self.paced_redrives += 1
+        try:
+            await ack_early(message)
+            return await work()
+        finally:
+            self.paced_redrives -= 1
+
+    async def _long(self, owner: str, message: RequestMessage, work: Callable[[], Awaitable[wire.Body]]) -> wire.Body:
+        """A purge, stats, parked or discard (LONG_METHODS): run at most MAX_LONG_REQUESTS at once,
+        each holding its delivery LONG_HOLD_S at most (:meth:`_held_briefly`)."""
+        await self._owner_has_key(owner)
+        if self.long_requests >= MAX_LONG_REQUESTS:
+            raise Unavailable(
+                f"this bridge is already running {self.long_requests} purge, stats, parked and discard "
+                f"requests (at most {MAX_LONG_REQUESTS} at once); nothing was done: send it again when they end"
+            )
+        self.long_requests += 1
+        try:
+            return await _held_briefly(message, work())
+        finally:
+            self.long_requests -= 1
+
+
+async def _held_briefly(message: RequestMessage, work: Awaitable[wire.Body]) -> wire.Body:
+    """``work``'s reply, its delivery held LONG_HOLD_S at most: one that ends within it is settled
+    by its fate as every request is; one that goes on is acknowledged then (off the prefetch
+    window), and answered when it ends (an error after that is answered only: ``fate.dead_letters``).
+    Every request is safe to repeat: if the bridge dies meanwhile, the caller's retry asks again."""
+    running = asyncio.ensure_future(work)
+    try:
+        await asyncio.wait({running}, timeout=LONG_HOLD_S)
+        if not running.done():
+            await ack_early(message)
+    except asyncio.CancelledError:
+        running.cancel()  # as awaiting it would: the request is being cut (the bridge's stop)
+        raise
+    except Exception:
+        # The ack failed (DeliveryGone: its channel is closing, the broker delivers the request
+        # again, and that copy is answered): this run is finished, not cut, unanswered.
+        with contextlib.suppress(Exception):
+            await running
+        raise
+    return await running
 
 
 def _ready_now_if_due(pending: PendingAdd, cmd: AddCommand) -> AddCommand:

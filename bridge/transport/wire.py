@@ -14,7 +14,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -44,9 +44,15 @@ if TYPE_CHECKING:
 Body = dict[str, Any]
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def iso(ms: int) -> str:
-    """Milliseconds since the epoch as the contract writes times: ISO 8601, UTC, milliseconds."""
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """Milliseconds since the epoch as the contract writes times: ISO 8601, UTC, milliseconds.
+
+    Exact, for every time a request may name (``models.instant``: years 1 to 9999 in UTC): no
+    float, and not the platform's ``gmtime``, which some refuse before 1970."""
+    return (_EPOCH + timedelta(milliseconds=ms)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def reply(result: Any = None, *, extra: dict[str, Any] | None = None) -> Body:
