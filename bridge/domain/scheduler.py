@@ -153,6 +153,13 @@ class RecoveryScheduler:
         # Names of the persisted positions (a separate prefix gives a separate timeline, e.g. per test).
         self._expiry_cursor = progress_prefix + EXPIRY_CURSOR
         self._outbox_cursor = progress_prefix + OUTBOX_CURSOR
+        # Outbox buckets still owing a publish, recorded apart from the position (which moves past
+        # them): held in the position, one result nobody could take (a service whose engine has no
+        # queue bound) held it back for the rest of its life, and every duty holder after a
+        # handover (each rolling deploy) read a week of empty buckets, 50 a second, before the
+        # results owed since (a bridge killed between an ack and its publish) went out.
+        self._outbox_owed = self._outbox_cursor + ".owed"
+        self._owed_recorded: set[int] = set()
         self.state = SchedulerState()
         self._timers: set[asyncio.Task[None]] = set()
         self._timer_keys: set[EntryKey] = set()
@@ -194,6 +201,7 @@ class RecoveryScheduler:
         self._outbox_next = self._outbox_persisted = None
         self._outbox_retry.clear()
         self._outbox_second.clear()
+        self._owed_recorded.clear()
 
     async def _refresh_marks(self, now: int, due: int) -> None:
         """Which buckets hold deadlines: re-read once a bucket has ended since the last read, so the
@@ -651,7 +659,11 @@ class RecoveryScheduler:
     async def _relay(self, now: int) -> None:
         if self._outbox_next is None:
             saved = await self.store.scheduler_cursor(self._outbox_cursor, now)
+            recorded = await self.store.owed_positions(self._outbox_owed, now)
             self._outbox_next = saved if saved is not None else outbox_bucket(now) - 1
+            for bucket in sorted(b for b in recorded if b < self._outbox_next):
+                self._outbox_retry.setdefault(bucket, _Retry(now, RELAY_RETRY_FIRST_MS, 0))  # at once
+                self._owed_recorded.add(bucket)
         # Only buckets old enough that their normal publish must have happened are swept.
         limit = min(outbox_bucket(now - self.republish_after_ms), self._outbox_next + RELAY_CATCH_UP_BATCH)
         # Buckets with a result that could not be published are retried, but they do not hold up
@@ -666,26 +678,48 @@ class RecoveryScheduler:
                 self._outbox_retry[bucket] = retry.again(now, owed)
             else:
                 del self._outbox_retry[bucket]
+                await self._settled(bucket)
         for bucket, again_at in sorted(self._outbox_second.items()):
             if now < again_at:
                 continue
             if bucket not in self._outbox_retry and (owed := await self._relay_bucket(bucket, now)):
                 self._outbox_retry[bucket] = _Retry.first(now, owed)
+                await self._record_owed(bucket)
             # Only once read: taken off before, a read that failed (a timeout, likely while results
             # land late) lost the bucket, and a result in it stayed owed for good.
             del self._outbox_second[bucket]
         while self._outbox_next < limit:
             if owed := await self._relay_bucket(self._outbox_next, now):
                 self._outbox_retry[self._outbox_next] = _Retry.first(now, owed)
+                await self._record_owed(self._outbox_next)
             self._outbox_second[self._outbox_next] = now + RELAY_SECOND_PASS_MS
             self._outbox_next += 1
         self.state.results_stuck = sum(r.stuck for r in self._outbox_retry.values())
-        # Persist only up to the first bucket still owing a publish or its second read, so a
-        # restart (or the next duty holder) reads it again.
-        safe = min([*self._outbox_retry, *self._outbox_second, self._outbox_next])
+        # Persist only up to the first bucket still owing its second read, or a publish it could not
+        # record apart (``_record_owed``), so a restart (or the next duty holder) reads it again.
+        unrecorded = [b for b in self._outbox_retry if b not in self._owed_recorded]
+        safe = min([*unrecorded, *self._outbox_second, self._outbox_next])
         if safe != self._outbox_persisted:
             await self.store.advance_scheduler_cursor(self._outbox_cursor, safe, safe * OUTBOX_BUCKET_MS)
             self._outbox_persisted = safe
+
+    async def _record_owed(self, bucket: int) -> None:
+        """Record a bucket owing a publish apart from the position, which may then move past it."""
+        try:
+            await self.store.remember_owed(self._outbox_owed, bucket, bucket * OUTBOX_BUCKET_MS)
+        except Exception as exc:  # kept in the position instead, as before
+            log.warning("result relay: an owed bucket not recorded (%s); the position waits at it", exc)
+            return
+        self._owed_recorded.add(bucket)
+
+    async def _settled(self, bucket: int) -> None:
+        if bucket not in self._owed_recorded:
+            return
+        self._owed_recorded.discard(bucket)
+        try:
+            await self.store.forget_owed(self._outbox_owed, bucket, bucket * OUTBOX_BUCKET_MS)
+        except Exception as exc:  # the next holder reads the bucket once more, finds nothing owed
+            log.info("result relay: a settled bucket's record not removed (%s)", type(exc).__name__)
 
     async def _relay_bucket(self, bucket: int, now: int) -> _Owed:
         """Publish the bucket's owed results; what is still owed (not published, or undecided)."""

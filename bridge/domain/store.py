@@ -313,6 +313,15 @@ class TaskStore(Protocol):
         results in memory, not the bucket's (hundreds of results of up to 1 MiB after an outage)."""
 
     # -- loop progress -------------------------------------------------------------------------------
+    async def owed_positions(self, name: str, now_ms: int) -> set[int]:
+        """Positions a loop recorded as still owing work (:meth:`remember_owed`), of the last month."""
+
+    async def remember_owed(self, name: str, pos: int, pos_ms: int) -> None:
+        """Record a position still owing work, apart from the loop's own position (which can then
+        move past it); ``pos_ms`` names its time (its partition)."""
+
+    async def forget_owed(self, name: str, pos: int, pos_ms: int) -> None: ...
+
     async def scheduler_cursor(self, name: str, now_ms: int) -> int | None:
         """The greatest persisted position of a background loop (recent ones; None if none)."""
 

@@ -85,6 +85,7 @@ class MemoryTaskStore:
         self.expiry_wheel: dict[int, dict[tuple[int, str, str, uuid.UUID, int], ExpiryEntry]] = {}
         self.outbox_rows: dict[int, dict[tuple[str, str, uuid.UUID, uuid.UUID], OutboxEntry]] = {}
         self.loop_cursors: dict[str, int] = {}
+        self.owed: dict[str, set[int]] = {}  # positions loops recorded as still owing work
         self.parked_rows: dict[QueueKey, dict[uuid.UUID, ParkedEntry]] = {}
         self.count_rows: dict[tuple[QueueKey, int], tuple[int, int]] = {}
         self.delayed_rows: dict[tuple[QueueKey, int], int] = {}
@@ -621,6 +622,18 @@ class MemoryTaskStore:
     async def advance_scheduler_cursor(self, name: str, pos: int, pos_ms: int) -> None:
         await self._io()
         self.loop_cursors[name] = max(pos, self.loop_cursors.get(name, pos))
+
+    async def owed_positions(self, name: str, now_ms: int) -> set[int]:
+        await self._io()
+        return set(self.owed.get(name, ()))
+
+    async def remember_owed(self, name: str, pos: int, pos_ms: int) -> None:
+        await self._io()
+        self.owed.setdefault(name, set()).add(pos)
+
+    async def forget_owed(self, name: str, pos: int, pos_ms: int) -> None:
+        await self._io()
+        self.owed.get(name, set()).discard(pos)
 
 
 if TYPE_CHECKING:  # typed to the same port as the Cassandra adapter (mypy checks the assignment)

@@ -1017,5 +1017,18 @@ class CassandraTaskStore:
         """Insert a position (the greatest row wins); its partition is the day it falls in."""
         await self.db.execute("sched.advance", (name, pos_ms // DAY_MS, pos, LOOP_CURSOR_TTL_S))
 
+    async def owed_positions(self, name: str, now_ms: int) -> set[int]:
+        found: set[int] = set()
+        now_day = now_ms // DAY_MS
+        for day in range(now_day, now_day - LOOP_CURSOR_MAX_DAYS - 1, -1):
+            found.update(int(r["pos"]) for r in await self.db.execute("sched.list", (name, day)))
+        return found
+
+    async def remember_owed(self, name: str, pos: int, pos_ms: int) -> None:
+        await self.db.execute("sched.advance", (name, pos_ms // DAY_MS, pos, LOOP_CURSOR_TTL_S))
+
+    async def forget_owed(self, name: str, pos: int, pos_ms: int) -> None:
+        await self.db.execute("sched.forget", (name, pos_ms // DAY_MS, pos))
+
 
 __all__ = ["CassandraTaskStore"]

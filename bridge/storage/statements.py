@@ -351,6 +351,10 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     ),
     "sched.get": ("SELECT pos FROM {ks}.scheduler_progress WHERE name = ? AND day = ? LIMIT 1", True),
     "sched.advance": ("INSERT INTO {ks}.scheduler_progress (name, day, pos) VALUES (?, ?, ?) USING TTL ?", True),
+    # Outbox buckets still owing a publish, kept apart from the relay's position (``<name>.owed``):
+    # a result nobody can take no longer holds the position back for the rest of its life.
+    "sched.list": ("SELECT pos FROM {ks}.scheduler_progress WHERE name = ? AND day = ?", True),
+    "sched.forget": ("DELETE FROM {ks}.scheduler_progress WHERE name = ? AND day = ? AND pos = ?", True),
     "sched.legacy_get": ("SELECT pos FROM {ks}.scheduler_cursors WHERE name = ? LIMIT 1", True),
     "idem.insert": (
         "INSERT INTO {ks}.idempotency (owner, service, message_id, task_id) VALUES (?, ?, ?, ?) "

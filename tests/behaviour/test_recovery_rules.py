@@ -770,3 +770,35 @@ async def test_a_task_re_exposed_late_in_a_long_tick_is_still_handed_out(harness
         await h.advance(500)
     else:
         raise AssertionError("the task re-exposed late in the tick was never handed out again")
+
+
+async def test_a_result_nobody_can_take_does_not_hold_back_the_next_duty_holders_relay(harness: Harness) -> None:
+    """The relay persisted its position up to the first outbox bucket still owing a publish: one
+    result nobody could take (a service whose engine has no queue bound) held it back for the rest
+    of its life, and the next duty holder (after every rolling deploy) read every bucket since, 50
+    a sweep, before the results owed since went out. Owed buckets are recorded apart now."""
+    h = harness
+    h.sink.down = True  # nobody can take results: each stays owed
+    await h.add("stuck", token={"wf": "stuck"})
+    assert await h.ack("w1", await h.fetch("w1"))
+    for _ in range(20):  # the relay meets it (buckets older than republish_after), can't publish it
+        await h.advance(1_000)
+    assert h.scheduler.state.results_stuck == 1
+    h.clock.advance(7_200_000)  # two hours (720 outbox buckets) on: the holder's relay catches up
+    for _ in range(60):  # (and reads each bucket a second time, 30 s later)
+        await h.advance(1_000)
+    await h.add("recent", token={"wf": "recent"})
+    assert await h.ack("w2", await h.fetch("w2"))  # its publish fails too: owed in a recent bucket
+    for _ in range(10):
+        await h.advance(1_000)
+    # The holder goes (a rolling deploy); the broker is fine again; the next holder takes over.
+    h.sink.down = False
+    _, successor = h.instance(h.clock)
+    for _sweep in range(1, 6):
+        h.clock.advance(1_000)
+        await successor.tick()
+        await h.queue.drain_background(5.0)
+        if {m.token_json for m in h.sink.messages} == {b'{"wf":"stuck"}', b'{"wf":"recent"}'}:
+            break
+    else:
+        raise AssertionError(f"after 5 sweeps of the next holder, published: {[m.token_json for m in h.sink.messages]}")
