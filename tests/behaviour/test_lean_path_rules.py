@@ -91,11 +91,12 @@ async def test_a_hint_that_outlived_its_task_hands_nothing_out(hinted: Harness) 
     await h.add("short-lived")
     h.clock.advance(TTL_S * 1000 + 1)
     got = await h.fetch("w")
-    assert h.metrics.total("deliveries_failed", reason="expired") == 1
+    assert h.metrics.total("deliveries_failed", reason="expired") >= 1
     assert h.metrics.total("claims", source="hint", outcome="won") == 0, "the hint's copy was not handed out"
-    # Past the hint, the store is the judge: the in-memory store expires the row on the test's
-    # clock; Cassandra's TTL runs on real time, so there a scan may still find the row alive.
-    assert got is None or h.metrics.total("claims", source="scan", outcome="won") == 1
+    # Past the hint: the in-memory store expires the row on the test's clock; Cassandra's TTL runs
+    # on real time, so there a scan finds the row alive, and the task's end (stored with it) says
+    # it is over: nothing is handed out either way.
+    assert got is None
 
 
 async def test_a_named_tokenless_ack_is_one_compare_and_set(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
