@@ -736,7 +736,11 @@ class RecoveryScheduler:
         if entry.published:
             return None
         lease = await self.store.lease(entry.queue, entry.task_id, serial=True)
-        if not names_entry(lease, entry):
+        if lease is None and entry.completion_id in await self.store.decisions(entry.queue, entry.task_id):
+            # The task's life ended (its lease reads as none) with its result still owed: the
+            # decision's id outlives it as the result does (RESULT_OWED_MS). Sent, not voided.
+            pass
+        elif not names_entry(lease, entry):
             if may_still_land(lease, entry, now):
                 log.info("result of task %s kept: its decision may still land", entry.task_id)
                 return "undecided"

@@ -301,6 +301,11 @@ class TaskStore(Protocol):
 
     async def mark_published(self, entry: OutboxEntry) -> None: ...
 
+    async def decisions(self, q: QueueKey, task_id: uuid.UUID) -> frozenset[uuid.UUID]:
+        """The ids of the decisions (a completion, parks) the task's lease recorded, also past the
+        task's end: a decision that may owe the engine a result outlives the task by
+        ``RESULT_OWED_MS``, the rest of its lease does not (:meth:`lease` then reads None)."""
+
     async def keep_token(self, entry: OutboxEntry, token: Sealed, traceparent: str | None) -> None:
         """Copy the task's sealed token (and trace context) into the entry's row: a result whose
         publish failed may be owed past the task's end (``RESULT_OWED_MS``), its task's row not."""

@@ -209,14 +209,15 @@ class MemoryTaskStore:
     # -- leases ------------------------------------------------------------------------------
     def _lease(self, q: QueueKey, task_id: uuid.UUID) -> Lease | None:
         lease = self.leases.get((q, task_id))
-        if lease is None:
-            return None
-        if self.alive(task_id):
-            return lease
-        # A decision that may owe the engine a result (a token task's completion, park or kill)
-        # outlives the task as its outbox row does; the rest of the lease ends with the task.
-        owing = lease.state in (LeaseState.DONE, LeaseState.DEAD, LeaseState.PARKED) and lease.has_token is not False
-        return lease if owing and self.owed_alive(task_id) else None
+        return lease if lease is not None and self.alive(task_id) else None
+
+    async def decisions(self, q: QueueKey, task_id: uuid.UUID) -> frozenset[uuid.UUID]:
+        # The ids of a decision that may owe a result outlive the task (RESULT_OWED_MS).
+        await self._io()
+        lease = self.leases.get((q, task_id))
+        if lease is None or not self.owed_alive(task_id):
+            return frozenset()
+        return frozenset(i for i in (lease.completion_id, lease.park_id) if i is not None) | lease.park_ids
 
     async def lease(self, q: QueueKey, task_id: uuid.UUID, *, serial: bool = True) -> Lease | None:
         await self._io()

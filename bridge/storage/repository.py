@@ -62,6 +62,7 @@ from bridge.storage.rows import (
     ready_entry,
     sealed_error,
     to_datetime,
+    uuid_set,
     worker_row,
 )
 from bridge.storage.session import CqlSession
@@ -218,8 +219,10 @@ class CassandraTaskStore:
     ) -> list[Row]:
         """A compare-and-set of a lease, its cells given the rest of the task's life (``owed``: a
         decision whose result may be owed to the engine, given ``RESULT_OWED_MS`` more, as its
-        outbox row is: the relay reads the lease to know the decision applied, and past the task's
-        end it found no lease and marked the result published unsent).
+        outbox row is: the relay reads the decision's id to know it applied (``decisions``), and
+        past the task's end it found none and marked the result published unsent). The epoch is
+        not written by these: past the task's end the lease reads as none (``lease_of``), and no
+        other request acts on it.
 
         ``params(ttl, end)``: the statement's parameters for a life ending at ``end``, which the
         condition ``expires_at IN (end, null)`` checks (``statements.SAME_LIFE``). A writer that
@@ -420,6 +423,14 @@ class CassandraTaskStore:
         self._remember_end(task_id, rows[0].get("expires_at"))
         return lease_of(rows[0])
 
+    async def decisions(self, q: QueueKey, task_id: uuid.UUID) -> frozenset[uuid.UUID]:
+        rows = await self.db.execute("lease.decisions", (q.owner, q.service, task_id), serial_read=True)
+        if not rows:
+            return frozenset()
+        row = rows[0]
+        found = {row["completion_id"], row.get("park_id")} - {None}
+        return frozenset(found) | uuid_set(row.get("park_ids"))
+
     async def leases_of(self, q: QueueKey, task_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Lease]:
         if not task_ids:
             return {}
@@ -594,9 +605,9 @@ class CassandraTaskStore:
         tokenless: bool = False,
     ) -> CasResult:
         key = (q.owner, q.service, task_id, epoch, worker)
-        # lease.complete also rewrites the epoch: the decision's cells (and the epoch, without which
-        # the lease reads as none) live as long as the result the relay may still owe.
-        values = (to_datetime(now_ms), completion_id) if tokenless else (to_datetime(now_ms), completion_id, epoch)
+        # A completion that may owe the engine a result: its cells (``completion_id``) live as long
+        # as that result may (``owed``); the rest of the lease, its epoch with it, ends with the task.
+        values = (to_datetime(now_ms), completion_id)
         name = "lease.complete_tokenless" if tokenless else "lease.complete"
         attempt = functools.partial(
             self._lease_write, task_id, name, lambda ttl, end: (ttl, *values, *key, end), owed=not tokenless
@@ -608,7 +619,7 @@ class CassandraTaskStore:
     ) -> bool:
         now, key = to_datetime(now_ms), (q.owner, q.service, task_id, epoch, worker)
         rows = await self._lease_write(
-            task_id, "lease.kill", lambda ttl, end: (ttl, now, kill_id, epoch, *key, end), owed=True
+            task_id, "lease.kill", lambda ttl, end: (ttl, now, kill_id, *key, end), owed=True
         )
         return bool(rows and rows[0].get("[applied]"))
 
@@ -691,11 +702,11 @@ class CassandraTaskStore:
         tail: tuple[Any, ...]
         if worker is not None:
             sealed = (error.key_id, error.nonce, error.ciphertext) if error else (None, None, None)
-            name, tail = "lease.park_held", (*head, *sealed, epoch, *key, epoch, worker)
+            name, tail = "lease.park_held", (*head, *sealed, *key, epoch, worker)
         else:
             assert expired_before_ms is not None and base_epoch is not None
             cond = (epoch, to_datetime(expired_before_ms), base_epoch)
-            name, tail = "lease.park_expired", (*head, epoch, *key, *cond)
+            name, tail = "lease.park_expired", (*head, *key, *cond)
         attempt = functools.partial(self._lease_write, task_id, name, lambda ttl, end: (ttl, *tail, end), owed=True)
         # park_held is resent ("held by this worker at this epoch": false for good, above). Not
         # park_expired ("leased at this epoch, its deadline passed, never redriven since the read"),
@@ -969,10 +980,15 @@ class CassandraTaskStore:
         e = entry
         key = (e.queue.owner, e.queue.service, e.task_id, e.completion_id)
         if e.shard == UNSHARDED:
-            await self.db.execute("outbox.unsharded_mark_published", (self.owed_ttl_for(e.task_id), e.bucket, *key))
+            await self.db.execute("outbox.unsharded_mark_published", (self._published_ttl(e.task_id), e.bucket, *key))
             return
         shard = shard_of(e.task_id, OUTBOX_SHARDS)
-        await self.db.execute("outbox.mark_published", (self.owed_ttl_for(e.task_id), e.bucket, shard, *key))
+        await self.db.execute("outbox.mark_published", (self._published_ttl(e.task_id), e.bucket, shard, *key))
+
+    def _published_ttl(self, task_id: uuid.UUID) -> int:
+        # Past its row's: a mark that ended before the result it marks (written by a bridge that
+        # computed the task's end otherwise) made a result sent long ago read as owed again.
+        return int(min(self.owed_ttl_for(task_id) + RESULT_OWED_MS // 1000, MAX_CASSANDRA_TTL_S))
 
     async def outbox(self, bucket: int) -> list[OutboxEntry]:
         return [entry async for page in self.outbox_pages(bucket) for entry in page]

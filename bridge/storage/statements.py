@@ -73,6 +73,13 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         "INSERT INTO {ks}.cursors (owner, service, lane, bucket, seq) VALUES (?, ?, ?, ?, ?) USING TTL ?",
         True,
     ),
+    # The ids of the decisions a lease recorded (a completion, parks), whatever else of it is left:
+    # the cells of a decision that may owe the engine a result outlive the task by a day
+    # (RESULT_OWED_MS), the rest of the lease (its epoch) ends with the task.
+    "lease.decisions": (
+        "SELECT completion_id, park_id, park_ids FROM {ks}.leases WHERE owner = ? AND service = ? AND task_id = ?",
+        True,
+    ),
     "lease.get": (
         f"SELECT {LEASE_COLS} FROM {{ks}}.leases WHERE owner = ? AND service = ? AND task_id = ?",  # nosec B608
         True,
@@ -129,13 +136,13 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         False,
     ),
     "lease.kill": (
-        "UPDATE {ks}.leases USING TTL ? SET state = 'dead', completed_at = ?, completion_id = ?, epoch = ? "
+        "UPDATE {ks}.leases USING TTL ? SET state = 'dead', completed_at = ?, completion_id = ? "
         "WHERE owner = ? AND service = ? AND task_id = ? "
         "IF state = 'leased' AND epoch = ? AND worker = ? AND expires_at IN (?, null)",
         False,
     ),
     "lease.complete": (
-        "UPDATE {ks}.leases USING TTL ? SET state = 'done', completed_at = ?, completion_id = ?, epoch = ? "
+        "UPDATE {ks}.leases USING TTL ? SET state = 'done', completed_at = ?, completion_id = ? "
         "WHERE owner = ? AND service = ? AND task_id = ? "
         "IF state = 'leased' AND epoch = ? AND worker = ? AND expires_at IN (?, null)",
         False,
@@ -159,7 +166,7 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     # long as the task) and still writes `park_id` (the last park), which bridges before it read.
     "lease.park_held": (
         "UPDATE {ks}.leases USING TTL ? SET state = 'parked', parked_at = ?, park_reason = ?, completion_id = ?, "
-        "park_id = ?, park_ids = park_ids + ?, error_key = ?, error_nonce = ?, error_ct = ?, epoch = ? "
+        "park_id = ?, park_ids = park_ids + ?, error_key = ?, error_nonce = ?, error_ct = ? "
         "WHERE owner = ? AND service = ? AND task_id = ? "
         "IF state = 'leased' AND epoch = ? AND worker = ? AND expires_at IN (?, null)",
         False,
@@ -170,7 +177,7 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     # refused instead of parking the task the operator just put back.
     "lease.park_expired": (
         "UPDATE {ks}.leases USING TTL ? SET state = 'parked', parked_at = ?, park_reason = ?, completion_id = ?, "
-        "park_id = ?, park_ids = park_ids + ?, epoch = ? WHERE owner = ? AND service = ? AND task_id = ? "
+        "park_id = ?, park_ids = park_ids + ? WHERE owner = ? AND service = ? AND task_id = ? "
         "IF state = 'leased' AND epoch = ? AND lease_until <= ? AND base_epoch IN (?, null) "
         "AND expires_at IN (?, null)",
         False,

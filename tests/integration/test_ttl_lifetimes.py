@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from bridge.domain.models import AckRequest, AddCommand, FetchRequest, parse
-from bridge.domain.records import LANE_RECOVERED
+from bridge.domain.records import LANE_RECOVERED, QueueKey
 from bridge.domain.timeline import bucket_of_task, ms_of
 from tests.conftest import OWNERS, service_id, wait_for
 
@@ -296,7 +296,6 @@ async def test_a_result_still_owed_when_its_task_ends_reaches_the_engine(make_br
     found no lease, then no token, and dropped it without a word. The engine's workflow waited
     for ever. It outlives the task now (RESULT_OWED_MS), the token copied beside it."""
     from bridge.client.rpc import results_consumer
-    from bridge.domain.records import QueueKey
     from tests.conftest import next_result
 
     b = await make_bridge(results_queue="", result_republish_after=1.0, task_ttl=6)
@@ -319,3 +318,31 @@ async def test_a_result_still_owed_when_its_task_ends_reaches_the_engine(make_br
 
 async def _gone(payload: Any) -> bool:
     return await payload is None
+
+
+async def test_a_park_result_still_owed_after_a_discard_and_the_tasks_end_reaches_the_engine(
+    make_bridge, engine, workers, servers, names
+):
+    """A park's result (the engine's delivery_limit error) still owed when an operator discarded
+    the task, then the task's life ended: the discard rewrote the lease with the task's own life,
+    the lease read as none past the end, and the relay voided the result unsent."""
+    from bridge.client.rpc import results_consumer
+    from tests.conftest import next_result
+
+    b = await make_bridge(results_queue="", result_republish_after=1.0, task_ttl=6)
+    await wait_for(lambda: b.duty.held, 10, what="the duty")
+    svc = service_id()
+    await engine.add(svc, {"n": 1}, token={"workflow": "parked"}, max_deliveries=1)
+    w = await workers(svc)
+    task = await w.fetch()
+    assert task is not None
+    failed = await task.fail({"why": "poison"})
+    assert failed is not None and failed.parked
+    assert await engine.discard(svc, [task.id]) == 1
+    await wait_for(lambda: b.scheduler.state.results_stuck >= 1, 20, interval=0.2, what="the park's result owed")
+    store, q, task_id = b.queue.ctx.store, QueueKey(OWNERS[0], svc), uuid.UUID(task.id)
+    await wait_for(lambda: _gone(store.payload(q, task_id)), 20, interval=0.2, what="the task's end (its row gone)")
+    async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"], routing_key=svc) as got:
+        message = await next_result(got, 30, "the park's owed result, after its task's end")
+    assert message["token"] == {"workflow": "parked"}
+    assert message["error"]["code"] == "delivery_limit"
