@@ -50,12 +50,19 @@ def locked(path: Path) -> Iterator[None]:
 
 
 def _read_doc(path: Path) -> Any:
+    from bridge.crypto.keyring_file import reject_duplicate_names
+
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        # A key id given twice is refused, as the bridges refuse it: read leniently, the last
+        # secret would win and be written back clean, and the tasks sealed under the first would
+        # be condemned as tampered with once the bridges loaded it.
+        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=reject_duplicate_names)
     except OSError as exc:
         fail(f"cannot read {path}: {exc.strerror or exc}")
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         fail(f"{path} is not valid JSON ({type(exc).__name__})")
+    except ValueError as exc:
+        fail(f"{path}: {exc}; fix the file by hand (keep the secret the tasks were sealed with)")
 
 
 def _refuse_to_destroy(path: Path) -> None:

@@ -45,6 +45,7 @@ __all__ = [
     "load_keyring",
     "new_key_id",
     "parse_keyring",
+    "reject_duplicate_names",
     "replace_file",
     "rotate_keyring",
     "write_keyring",
@@ -104,9 +105,9 @@ def rotate_keyring(doc: dict[str, Any], owner: str) -> str:
 def write_keyring(path: Path, doc: Mapping[str, Any], *, backup: bool = True, new: bool = False) -> None:
     """Validate ``doc`` and replace the file with it durably (see :func:`replace_file`); the
     version it replaces is kept as ``<name>.bak`` unless ``backup`` is false. ``new``: a new
-    key-ring (``keyring generate``), mode 0600 whatever file was there: a placeholder made by
-    ``touch`` or a configuration tool (0644) passed its mode on, and every owner's keys were
-    readable by every local user from then on, through every rotation."""
+    key-ring (``keyring generate``), never readable by others whatever file was there: a
+    placeholder made by ``touch`` or a configuration tool (0644) passed its mode on, and every
+    owner's keys were readable by every local user from then on, through every rotation."""
     parse_keyring(doc, source=str(path))
     text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
     replace_file(Path(path), text.encode("utf-8"), backup=backup, keep_mode=not new)
@@ -148,12 +149,22 @@ def _write_new(target: Path, data: bytes, like: os.stat_result | None, mode: int
             fh.write(data)
             fh.flush()
             _same_owner(fh.fileno(), like)
-            os.fchmod(fh.fileno(), stat.S_IMODE(like.st_mode) if like is not None and keep_mode else mode)
+            os.fchmod(fh.fileno(), _mode_like(like, mode, keep_mode))
             os.fsync(fh.fileno())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _mode_like(like: os.stat_result | None, mode: int, keep_mode: bool) -> int:
+    """The old file's mode, or ``mode`` for a new file; without ``keep_mode`` the old mode less
+    what it gives others (a placeholder's 0644 becomes 0640: group kept, as its group is by
+    ``_same_owner``, so a bridge reading through its group still can)."""
+    if like is None:
+        return mode
+    old = stat.S_IMODE(like.st_mode)
+    return old if keep_mode else (old & ~stat.S_IRWXO & ~stat.S_IXGRP & ~stat.S_IXUSR) | stat.S_IRUSR | stat.S_IWUSR
 
 
 def _same_owner(fd: int, like: os.stat_result | None) -> None:
@@ -226,7 +237,7 @@ def load_keyring(path: Path) -> dict[str, _OwnerRing]:
     """Read and validate a keyring file (ValueError on invalid content, OSError on I/O)."""
     raw = Path(path).read_bytes()
     try:
-        doc = json.loads(raw, object_pairs_hook=_no_duplicate_names)
+        doc = json.loads(raw, object_pairs_hook=reject_duplicate_names)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         # The message of a JSON error quotes no document content beyond a position.
         raise ValueError(f"{path}: not valid JSON ({exc.__class__.__name__} at {_position(exc)})") from None
@@ -235,7 +246,7 @@ def load_keyring(path: Path) -> dict[str, _OwnerRing]:
     return parse_keyring(doc, source=str(path))
 
 
-def _no_duplicate_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def reject_duplicate_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:  # json's object_pairs_hook
     """An object that names a key id (or an owner) twice is refused: JSON readers keep the last
     one silently, so a line copied in a hand edit without its id changed gave the id a second
     secret, and every task sealed under the first failed authentication and was condemned as

@@ -98,18 +98,19 @@ async def test_rotate_waits_for_the_lock_of_another_keyring_command(ring: Path) 
     assert len(alpha["keys"]) == 2
 
 
-def test_generate_force_over_a_placeholder_writes_mode_0600(tmp_path: Path) -> None:
+def test_generate_force_over_a_placeholder_is_not_readable_by_others(tmp_path: Path) -> None:
     """A placeholder made by ``touch`` (0644) passed its mode to the new key-ring, and every
-    rotation after kept it: every owner's keys readable by every local user."""
+    rotation after kept it: every owner's keys readable by every local user. Its group keeps
+    reading (a bridge may read the key-ring through its group)."""
     path = tmp_path / "ring.json"
     path.touch()
     os.chmod(path, 0o644)
     code, out = _invoke("keyring", "generate", str(path), "--owner", "alpha", "--force")
     assert code == 0, out
-    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.stat().st_mode & 0o777 == 0o640
     code, out = _invoke("keyring", "rotate", str(path), "--owner", "alpha")
     assert code == 0, out
-    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.stat().st_mode & 0o777 == 0o640
 
 
 def test_a_key_ring_readable_by_everyone_is_warned_about(ring: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -137,3 +138,17 @@ def test_a_key_id_given_twice_is_refused_not_the_last_one_kept(ring: Path) -> No
     ring.write_text(twice)
     with pytest.raises(ValueError, match="appears twice"):
         KeyringFileProvider(ring)
+
+
+def test_rotate_refuses_a_key_ring_naming_a_key_id_twice(ring: Path) -> None:
+    """rotate read the file leniently: the last of two secrets under one id won and was written
+    back clean, and the bridges (which refuse the duplicate) then loaded it, condemning the tasks
+    sealed under the first secret."""
+    doc = json.loads(ring.read_text())
+    key_id, secret = next(iter(doc["owners"]["alpha"]["keys"].items()))
+    wrong = next(iter(generate_keyring(["x"])["owners"]["x"]["keys"].values()))
+    twice = json.dumps(doc).replace(f'"{key_id}": "{secret}"', f'"{key_id}": "{secret}", "{key_id}": "{wrong}"')
+    ring.write_text(twice)
+    code, out = _invoke("keyring", "rotate", str(ring), "--owner", "alpha")
+    assert code == 1 and "appears twice" in out, out
+    assert ring.read_text() == twice
