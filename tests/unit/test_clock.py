@@ -156,3 +156,23 @@ async def test_while_leases_are_refused_the_probes_back_off(monkeypatch: pytest.
     stop.set()
     await running
     assert probes - 2 <= 40, f"{probes - 2} probes in 1 s while leases were refused"
+
+
+@pytest.mark.parametrize(("margin_ms", "interval_s"), [(25, 300), (25, 3_600), (5, 30)])
+async def test_the_next_probe_comes_before_the_times_bound_runs_out(margin_ms: int, interval_s: float) -> None:
+    """The bound on the time widens by the drift allowed since the last reading; the guard
+    measured again only after a whole interval, so a long interval or a tight margin (both
+    accepted by the settings) let the bound run out between probes, and every bridge of the fleet
+    refused leases for much of each interval."""
+    mono = Monotonic()
+    host = ManualClock(T0)
+    clock = AnchoredClock(host, monotonic=mono)
+    ref = Reference(mono, host)
+    guard = SkewGuard(host, ref.probe, margin_ms=margin_ms, interval_s=interval_s, anchor=clock)
+    for _ in range(5):  # several rounds of: measure, wait as run() would, still granting leases?
+        await guard.measure()
+        assert guard.ok
+        wait_s = guard.next_probe_s()
+        assert wait_s <= interval_s
+        ref.advance(wait_s)
+        assert guard.ok, f"leases refused {wait_s:.0f} s after a probe (margin {margin_ms} ms)"
