@@ -265,6 +265,11 @@ class RecoveryScheduler:
         while not stop.is_set():
             if duty is not None and not duty.held:
                 self._forget_relay()
+                if self.report_pending is not None:
+                    # This bridge's own publishes still waiting for confirms, and nothing else: the
+                    # holder's figure it reported last stayed in the gauge for good once the duty
+                    # had gone (an alert on pending results fired until the pod restarted).
+                    self.report_pending(self.queue.results_in_flight)
             else:
                 try:
                     with stray_as_failure():
@@ -303,6 +308,11 @@ class RecoveryScheduler:
             await self._recover(now)
         except Exception as exc:
             failure = exc
+            if self._expiry_next is not None:
+                # Grows while the passes fail (an expiry partition that cannot be read): set only
+                # after a bucket was read, it stayed at its last healthy value, and an alert on the
+                # lag never fired for a scheduler stuck for good.
+                self.state.lag_ms = max(0, now - self._expiry_next * EXPIRY_BUCKET_MS)
         if relay:
             await self._relay_tick(now)
         if failure is not None:

@@ -1,0 +1,81 @@
+"""What the scheduler reports to its gauges when its passes fail or the duty leaves: pure logic,
+on the memory store (the gauges' wiring to /metrics is in tests/integration/test_metrics_semantics.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from bridge.crypto import KeyringFileProvider, generate_keyring, write_keyring
+from bridge.domain.clock import ManualClock
+from bridge.storage.memory import MemoryTaskStore
+from tests.queue_harness import OWNER, TTL_S, Harness
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def h(tmp_path: Path) -> Harness:
+    path = tmp_path / "keyring.json"
+    write_keyring(path, generate_keyring([OWNER]))
+    clock = ManualClock(1_700_000_000_000)
+    harness = Harness(MemoryTaskStore(clock.now_ms, TTL_S), KeyringFileProvider(path), clock, prefix="")
+    yield harness
+    await harness.close()
+
+
+async def test_the_lag_grows_while_every_pass_fails(h: Harness) -> None:
+    """The lag was set only after a bucket was read: with an expiry partition that cannot be read
+    (a timeout, too many tombstones) every tick failed and the gauge kept its last healthy value,
+    so an alert on the lag never fired for a scheduler stuck for good."""
+    await h.scheduler.tick(relay=False)
+    h.clock.advance(100)
+    await h.scheduler.tick(relay=False)
+    assert h.scheduler.state.lag_ms < 1_000
+
+    async def unreadable(*_a: object, **_k: object) -> object:
+        raise TimeoutError("expiry partition read timed out")
+
+    h.store.expiries = unreadable  # type: ignore[method-assign]
+    h.store.marked_expiry_buckets = unreadable  # type: ignore[method-assign]
+    failed = 0
+    for _ in range(100):  # 10 s of ticks
+        h.clock.advance(100)
+        try:
+            await h.scheduler.tick(relay=False)
+        except TimeoutError:
+            failed += 1
+    assert failed >= 90, "the passes did fail"
+    assert h.scheduler.state.lag_ms >= 9_000
+
+
+async def test_a_bridge_that_lost_the_duty_reports_only_its_own_pending_results(h: Harness) -> None:
+    """Only the holder's relay set the pending-results gauge: once the duty had gone, the last
+    figure stayed in it for good (an alert on pending results fired until the pod restarted)."""
+    reported: list[int] = []
+    scheduler = h.scheduler
+    scheduler.report_pending = reported.append
+
+    class Duty:
+        held = False
+
+    h.queue.relay.publishing = 400  # its own publishes, waiting for their confirms
+    reported.append(403)  # what it reported last as the holder (3 stuck at the relay)
+    stop = asyncio.Event()
+    relay = asyncio.create_task(scheduler._run_relay(stop, Duty()))  # type: ignore[arg-type]
+    try:
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if reported[-1] == 400:
+                break
+        h.queue.relay.publishing = 0  # every publish confirmed
+        for _ in range(300):
+            await asyncio.sleep(0.01)
+            if reported[-1] == 0:
+                break
+    finally:
+        stop.set()
+        await relay
+    assert reported[-1] == 0, f"the gauge stayed at {reported[-1]} with nothing pending on this bridge"
