@@ -233,12 +233,20 @@ async def declare_dead_letter(settings: Settings, connection: AbstractConnection
                 # queues; the queue and what it holds are left as they are.
                 log.warning("dead-letter queue %s exists with another queue type: %s", names.dead_letter_queue, exc)
                 raise
-            # Declared by an older bridge without limits: queue arguments cannot change in place.
+            # Declared without limits (an older bridge) or with other ones (the settings changed since):
+            # queue arguments cannot change in place. A policy bounds a queue declared without
+            # them; where both set one, RabbitMQ applies the lower, so a policy cannot raise a limit
+            # the queue was declared with.
             policy = {"max-length": s.dead_letter_max_length, "max-length-bytes": s.dead_letter_max_bytes}
             log.warning(
-                "dead-letter queue %s exists without the configured limits; bound it with a policy: "
-                "rabbitmqctl set_policy qb-dead-letter '^%s$' '%s' --apply-to queues",
+                "dead-letter queue %s exists with other arguments than the configured limits "
+                "(BRIDGE_DEAD_LETTER_MAX_LENGTH %d, _MAX_BYTES %d), which stay in force. Declared without "
+                "limits (an older bridge), bound it with a policy: rabbitmqctl set_policy qb-dead-letter "
+                "'^%s$' '%s' --apply-to queues. Declared with other limits, a policy can only lower them: "
+                "to raise them, drain the queue, delete it, and restart a bridge (it declares it anew)",
                 names.dead_letter_queue,
+                s.dead_letter_max_length,
+                s.dead_letter_max_bytes,
                 re.escape(names.dead_letter_queue),
                 orjson.dumps({**policy, "overflow": "drop-head"}).decode(),
             )

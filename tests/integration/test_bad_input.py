@@ -331,6 +331,27 @@ async def test_a_dead_letter_queue_declared_without_limits_still_works(make_brid
     assert err["code"] == "bad_request"
 
 
+async def test_a_dead_letter_queue_declared_with_other_limits_says_how_to_raise_them(
+    make_bridge, engine, servers, names, caplog
+):
+    """A changed BRIDGE_DEAD_LETTER_MAX_LENGTH was kept out by the queue's own argument, and the
+    warning offered a policy, which RabbitMQ applies only where it is lower than the argument."""
+    import aio_pika
+
+    conn = await aio_pika.connect(servers.amqp_url("guest"))
+    try:
+        ch = await conn.channel()
+        args = {"x-max-length": 10, "x-max-length-bytes": 1_000_000, "x-overflow": "drop-head"}
+        await ch.declare_queue(f"{names['queue_prefix']}.dead-letter", durable=True, arguments=args)
+    finally:
+        await conn.close()
+    await make_bridge()
+    assert "a policy can only lower them" in caplog.text
+    assert "delete it" in caplog.text
+    err = await _error(engine, "add", raw=b"{not json")
+    assert err["code"] == "bad_request"
+
+
 async def test_a_number_too_large_is_refused_without_echoing_its_digits(bridge, engine, dead_letters, caplog):
     # A value's content stays out of replies and logs: a number too large for a float once came
     # back whole (up to the 1 MiB limit) in the error's message and in the bridge's warning.
