@@ -462,8 +462,11 @@ class Bridge:
                 exported = True
 
     def _drop_queue_gauges(self) -> None:
-        """The duty left this bridge: its new holder exports the queues from now on."""
+        """The duty left this bridge: its new holder exports the queues from now on. The rows kept
+        for queues whose reads fail go too: kept, a bridge taking the duty back days later exported
+        a failing queue's values from its last time as the holder."""
         self.metrics.set_queue_stats([])
+        self._gauge_rows.clear()
 
     async def _queue_gauge_rows(self) -> list[tuple[str, str, dict[str, int], int | None]]:
         """The gauges' rows, a queue at a time. A queue whose reads fail (its parked index full of
