@@ -429,7 +429,23 @@ class Fetcher:
 
     async def _claim_next(self, a: _Attempt) -> Delivery | None:
         """Claim by hints first; scan the ready index when there are none (reconciliation), or
-        when claims kept being lost. Hints of finished tasks count apart (``MAX_STALE_HINTS``)."""
+        when claims kept being lost. Hints of finished tasks count apart (``MAX_STALE_HINTS``).
+
+        Once an interval (and after an alarm) a queue is also swept before its hints are taken
+        (``Reconciliation.sweep_due``): scanned only when a fetch found no hint, a queue whose
+        hint queue never ran dry (adds keeping pace with its workers) left a task whose hint was
+        lost (a bridge killed between its write and its hint; after a broker restart, the whole
+        backlog from before it) unserved until the backlog drained, up to its TTL. The sweep takes
+        only what is older than the grace (younger entries' hints are on their way); it costs a
+        busy queue what an idle one costs, a small scan per bridge per interval. One task a sweep
+        outside an alarm: a scan takes the oldest first, whatever its priority, and kept on while
+        it found tasks it would serve a whole backlog older than the grace by age, not priority."""
+        now = self.ctx.clock.now_ms()
+        if self.reconcile.sweep_due(a.q, now):
+            scanned = await self._claim_scanned(a)
+            self.reconcile.swept(a.q, now, found=scanned is not None)
+            if scanned is not None:
+                return scanned
         lost = stale = 0
         while lost < MAX_CLAIM_ATTEMPTS and stale < MAX_STALE_HINTS:
             try:

@@ -37,6 +37,7 @@ class Reconciliation:
         self._quiet_until: OrderedDict[QueueKey, int] = OrderedDict()
         self._alarm_ms = 0  # the last alarm: entries placed before it are scanned without grace
         self._queue_alarms: OrderedDict[QueueKey, int] = OrderedDict()  # the same, for one queue
+        self._swept: OrderedDict[QueueKey, int] = OrderedDict()  # when a fetch last swept the queue
 
     @classmethod
     def scan_always(cls) -> Reconciliation:
@@ -44,6 +45,35 @@ class Reconciliation:
 
     def due(self, q: QueueKey, now_ms: int) -> bool:
         return now_ms >= self._quiet_until.get(q, 0)
+
+    def sweep_due(self, q: QueueKey, now_ms: int) -> bool:
+        """Whether a fetch that may find hints scans ``q`` first: once an interval, and after an
+        alarm (hints its queue had may be lost). A queue first seen here waits an interval (its
+        first fetches take hints, in priority order; one that finds none scans as ever)."""
+        if self.grace_ms is None or self.interval_ms <= 0:
+            return False
+        last = self._swept.get(q)
+        if last is None:
+            self._note_swept(q, now_ms)
+            return False
+        return last < self._alarm_at(q) or now_ms - last >= self.interval_ms
+
+    def swept(self, q: QueueKey, now_ms: int, *, found: bool) -> None:
+        """A sweep ran. After an alarm, sweeps go on while they find tasks (the backlog from before
+        the alarm, hintless, is served first); otherwise the next one is an interval away."""
+        last = self._swept.get(q, 0)
+        if found and last < self._alarm_at(q):
+            return
+        self._note_swept(q, now_ms)
+
+    def _alarm_at(self, q: QueueKey) -> int:
+        return max(self._alarm_ms, self._queue_alarms.get(q, 0))
+
+    def _note_swept(self, q: QueueKey, now_ms: int) -> None:
+        self._swept[q] = now_ms
+        self._swept.move_to_end(q)
+        while len(self._swept) > self.max_queues:
+            self._swept.popitem(last=False)
 
     def cutoff_ms(self, now_ms: int, q: QueueKey | None = None) -> int:
         """Entries (of ``q``) placed after this moment are left to their hints."""

@@ -311,3 +311,50 @@ async def test_a_pointer_naming_a_task_never_stored_claims_nothing(harness: Harn
     assert got is not None and got.task_id == again
     assert not await h.store.task_exists(q, pending.task_id)
     assert await h.store.lease(q, pending.task_id) is None, "a lease on a task that was never stored"
+
+
+async def test_a_task_whose_hint_was_lost_is_found_while_hints_keep_coming(hinted: Harness) -> None:
+    """Reconciliation scanned only when a fetch found no hint: on a queue whose hint queue never
+    ran dry (adds keeping pace with the workers), a task whose hint was lost (a bridge killed
+    between its write and its hint, a broker restart) waited until the backlog drained, up to
+    its TTL. A queue due for reconciliation is scanned before its hints are taken."""
+    h = hinted
+    assert h.hints is not None
+    lost = await h.add("lost")
+    assert h.hints.drop(QueueKey(OWNER, h.service)) == 1
+    backlog = [await h.add(f"b{i}") for i in range(5)]  # hints keep coming from here on
+    seen = []
+    for i in range(60):  # 30 s: an add and a fetch every half second
+        await h.add(f"n{i}")
+        got = await h.fetch("w")
+        assert got is not None, "a hint was always there"
+        seen.append(got.task_id)
+        assert await h.ack("w", got) is True
+        if got.task_id == lost:
+            break
+        await h.advance(500)
+    assert lost in seen, f"never handed out in {len(seen)} fetches while hints kept coming"
+    assert seen.index(lost) <= (GRACE_MS + 5_000) // 500 + 2, "found within the grace and an interval"
+    assert backlog[0] in seen
+
+
+async def test_after_a_broker_restart_the_backlog_from_before_it_is_served_while_new_hints_come(
+    hinted: Harness,
+) -> None:
+    """A broker restart loses every hint, and the bridge raises its alarm; but a queue was scanned
+    only by fetches that found no hint, so under steady traffic (new adds bring new hints) the
+    whole backlog from before the restart waited for the new one to drain. It is served first."""
+    h = hinted
+    assert h.hints is not None
+    assert await h.fetch("w") is None  # the queue is known to this bridge
+    before = [await h.add(f"old{i}") for i in range(5)]
+    h.hints.drop(QueueKey(OWNER, h.service))  # the broker restarts ...
+    h.reconciles[0].alarm(h.clock.now_ms())  # ... and the bridge's transport raises its alarm
+    served = []
+    for i in range(len(before) + 2):
+        await h.add(f"new{i}")  # each with its hint
+        got = await h.fetch("w")
+        assert got is not None
+        served.append(got.task_id)
+        assert await h.ack("w", got) is True
+    assert served[: len(before)] == before, "the backlog from before the restart, in order, first"
