@@ -241,6 +241,9 @@ class AmqpHints:
         self._channel: AbstractRobustChannel | None = None  # publish + get
         self._connection: AbstractRobustConnection | None = None
         self._declaring: aiormq.Channel | None = None  # declarations only (a refusal closes it)
+        # One opening at a time: concurrent first declarations (at start, after a refusal closed
+        # the channel) each opened a channel and kept the last, the others left open unused.
+        self._declaring_lock = asyncio.Lock()
         self._frames: aiormq.Channel | None = None  # its aiormq channel (changes on reconnect)
         self._ids = message_ids()
         self._consume: AbstractChannel | None = None  # waiting fetches' consumers (prefetch 1 each)
@@ -314,11 +317,15 @@ class AmqpHints:
 
     async def _declaring_channel(self) -> aiormq.Channel:
         channel = self._declaring
-        if channel is None or channel.is_closed:
-            assert self._connection is not None and self._connection.transport is not None, "hints not attached"
-            underlay = cast(aiormq.Connection, self._connection.transport.connection)
-            channel = self._declaring = cast(aiormq.Channel, await underlay.channel())
-        return channel
+        if channel is not None and not channel.is_closed:
+            return channel
+        async with self._declaring_lock:
+            channel = self._declaring
+            if channel is None or channel.is_closed:
+                assert self._connection is not None and self._connection.transport is not None, "hints not attached"
+                underlay = cast(aiormq.Connection, self._connection.transport.connection)
+                channel = self._declaring = cast(aiormq.Channel, await underlay.channel())
+            return channel
 
     async def _channel_frames(self) -> aiormq.Channel:
         """The publish-and-get channel's aiormq channel: hints are published and taken on its frames

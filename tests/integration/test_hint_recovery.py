@@ -265,3 +265,19 @@ async def test_a_lone_long_poll_whose_hint_consumer_the_broker_cancelled_gets_th
     finally:
         polling.cancel()
     assert got.id == task_id and time.monotonic() - added < 10
+
+
+async def test_concurrent_first_declarations_open_one_declaring_channel(bridge, servers):
+    """Concurrent first uses of hint queues (a bridge's start, prefetch 64; every refusal closes
+    the declaring channel) each opened a channel of their own and kept the last: 20 at once left
+    19 channels open, unused, on the bridge's connection (a broker process each, against its
+    channel_max)."""
+    h = bridge.hints
+    connection = h._connection.transport.connection
+    channels_before = len(connection.channels)
+    queues = [QueueKey(OWNERS[0], service_id()) for _ in range(20)]
+    await asyncio.gather(*(h._queue(q) for q in queues))
+    opened = len(connection.channels) - channels_before
+    for q in queues:
+        await _delete_queue(servers.amqp_url("guest"), hint_queue_name(bridge.settings.queue_prefix, q))
+    assert opened <= 1, f"{opened} channels opened for 20 concurrent first declarations"
