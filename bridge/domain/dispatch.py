@@ -181,11 +181,12 @@ class Dispatcher:
     def lanes_in_memory(self) -> int:
         return len(self._lanes)
 
-    async def next_candidate(self, q: QueueKey, lane: int, *, spread: bool) -> ReadyEntry | None:
+    async def next_candidate(self, q: QueueKey, lane: int, *, spread: bool, oldest: bool = False) -> ReadyEntry | None:
         """Pop a candidate of the lane, the oldest one unless claims on this lane have been lost to
-        other instances lately (or ``spread``): then one at random among the first few."""
+        other instances lately (or ``spread``): then one at random among the first few. ``oldest``:
+        the oldest whatever the contention."""
         st = self._lane(q, lane)
-        spread = spread or st.contention >= CONTENTION_THRESHOLD
+        spread = not oldest and (spread or st.contention >= CONTENTION_THRESHOLD)
         now = self.now_ms()
         if st.buffer and now - st.scanned_at_ms > BUFFER_MAX_AGE_MS:
             st.buffer.clear()

@@ -568,15 +568,22 @@ class Fetcher:
         # With hints on the cutoff is older than the present by the grace (seconds), far more than
         # the skew margin the scheduler waits before it announces a due task.
         cutoff = min(self.reconcile.cutoff_ms(now, a.q), now)
+        oldest = False  # the head of each lane, not a spread pick (after a young pick)
         for _ in range(MAX_CLAIM_ATTEMPTS):
-            entry = await self.dispatcher.next_candidate(a.q, LANE_RECOVERED, spread=spread)
+            entry = await self.dispatcher.next_candidate(a.q, LANE_RECOVERED, spread=spread, oldest=oldest)
             if entry is None or ms_of(entry.seq) > cutoff:
                 if entry is not None:
                     self.dispatcher.release(a.q, entry)
-                entry = await self.dispatcher.next_candidate(a.q, LANE_FRESH, spread=spread)
+                entry = await self.dispatcher.next_candidate(a.q, LANE_FRESH, spread=spread, oldest=oldest)
             if entry is None or ms_of(entry.seq) > cutoff:
                 if entry is not None:
                     self.dispatcher.release(a.q, entry)
+                if entry is not None and not oldest:
+                    # A pick spread at random (after lost races) says nothing of the entries before
+                    # it: the head may hold older ones. Ended here, the queue went quiet for an
+                    # interval while older hintless tasks waited in the buffer.
+                    oldest = True
+                    continue
                 break
             a.attempted = True
             try:

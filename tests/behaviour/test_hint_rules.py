@@ -358,3 +358,28 @@ async def test_after_a_broker_restart_the_backlog_from_before_it_is_served_while
         served.append(got.task_id)
         assert await h.ack("w", got) is True
     assert served[: len(before)] == before, "the backlog from before the restart, in order, first"
+
+
+async def test_a_scan_spreading_its_picks_does_not_stop_at_a_young_pick(hinted: Harness) -> None:
+    """A bridge that lost scan races picks at random among the first entries it read; a pick
+    younger than the grace ended the scan, and the queue went quiet for an interval while older
+    hintless tasks waited in the same buffer (36 times in 40 in the review's repro)."""
+    from bridge.domain.records import LANE_FRESH
+
+    h = hinted
+    assert h.hints is not None
+    q = QueueKey(OWNER, h.service)
+    old = [await h.add(f"old{i}") for i in range(3)]
+    h.hints.drop(q)  # their hints lost
+    await h.advance(GRACE_MS + 1_000)  # older than the grace, in the same 10 s ready bucket
+    for i in range(40):
+        await h.add(f"young{i}")
+    h.hints.drop(q)  # their hints went to other bridges' waiting fetches
+    for _ in range(10):  # each round: this bridge has lost scan races lately
+        h.queue.dispatcher._lane(q, LANE_FRESH).contention = 1.0
+        got = await h.fetch("w", fresh=True)
+        assert got is not None and got.task_id in old, "answered null with old hintless tasks ready"
+        assert await h.ack("w", got) is True
+        if not (remaining := [t for t in old if t != got.task_id]):
+            break
+        old = remaining
