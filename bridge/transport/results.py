@@ -6,6 +6,7 @@ publish before then raises, and the outbox keeps the result pending)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,11 @@ from bridge.transport.permissions import amqp_user
 from bridge.transport.wire import iso
 
 JSON = "application/json"
+# A result's publisher confirm is awaited this long at most; past it the result stays owed and the
+# relay publishes it again (at least once: the engine de-duplicates on message_id). Unbounded, one
+# publish on a connection that went stuck (a black-holed network: no frame back, no close) held
+# the relay, the fleet's only one, for as long as the connection lived.
+CONFIRM_TIMEOUT_S = 15.0
 
 
 class ResultPublisher:
@@ -68,7 +74,8 @@ class ResultPublisher:
         # Publisher confirm: raises unless the broker took responsibility for the message.
         try:
             with stray_as_failure():  # a stuck connection's close cancels the confirm's wait
-                await self._exchange.publish(amqp_message, routing_key=message.service, mandatory=True)
+                async with asyncio.timeout(CONFIRM_TIMEOUT_S):
+                    await self._exchange.publish(amqp_message, routing_key=message.service, mandatory=True)
         except Exception as exc:
             self.on_failure(exc)
             raise
