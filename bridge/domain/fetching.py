@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ UNCERTAIN_CLAIM_LOOKUPS_S = (0.5, 2.0, 8.0)
 # A waiting fetch whose queue's hints cannot be used (``HintsUnavailable``: the node of its hint
 # queue is down) scans the store this often for the rest of its wait.
 HINTLESS_POLL_MS = 1_000
+MAX_HINTLESS_QUEUES = 10_000  # queues whose last hintless poll is remembered (any caller names new ones)
 
 
 class _Claim(NamedTuple):
@@ -244,6 +246,11 @@ class Fetcher:
         self.reconcile = reconcile
         self.soon = soon  # ``WorkQueue.soon``: a timer of this bridge for a deadline moments away
         self._flights: dict[tuple[str, str, str], _Flight] = {}
+        # When a waiting fetch of a queue whose hints cannot be used last scanned it and found
+        # nothing (loop time): the other waiters of that queue skip their scans until a poll
+        # interval has passed. Each scanned every second: store reads grew with the waiting workers
+        # (100 waiters, 133 a second) for as long as the node holding the hint queue was down.
+        self._hintless_polls: OrderedDict[QueueKey, float] = OrderedDict()
 
     async def fetch(
         self,
@@ -532,6 +539,14 @@ class Fetcher:
         the hint queue was gone."""
         await _unless_gone(asyncio.sleep(min(left_ms, HINTLESS_POLL_MS) / 1000), still_wanted)
         self.reconcile.alarm_queue(a.q, self.ctx.clock.now_ms())  # what is stored by now has no hint coming
+        loop_now = asyncio.get_running_loop().time()
+        if loop_now - self._hintless_polls.get(a.q, -1e9) < HINTLESS_POLL_MS / 1000:
+            return None  # another waiter of this queue looks, or looked a moment ago and found nothing
+        # Taken before the scan, so that the waiters waking with this one do not all scan at once.
+        self._hintless_polls[a.q] = loop_now
+        self._hintless_polls.move_to_end(a.q)
+        while len(self._hintless_polls) > MAX_HINTLESS_QUEUES:
+            self._hintless_polls.popitem(last=False)
         if still_wanted is not None:
             if a.requester is not None:
                 a.requester.cancel()
@@ -541,7 +556,10 @@ class Fetcher:
             resent = await self._look(a, fresh=False)
             if resent is not None:
                 return resent
-        return await self._claim_scanned(a)
+        found = await self._claim_scanned(a)
+        if found is not None:
+            self._hintless_polls.pop(a.q, None)  # there may be more: the next waiter looks at once
+        return found
 
     async def _claim_hinted(self, a: _Attempt, taken: Taken) -> _Claim:
         entry = taken.hint.entry()

@@ -1,0 +1,50 @@
+"""Waiting fetches of a queue whose hint queue cannot be used (its RabbitMQ node down) poll the
+store: pure logic on the memory store, counting its operations."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.crypto import KeyringFileProvider, generate_keyring, write_keyring
+from bridge.domain.clock import ManualClock
+from bridge.domain.hints import HintsUnavailable, MemoryHints
+from bridge.storage.memory import MemoryTaskStore
+from tests.queue_harness import OWNER, TTL_S, Harness
+
+pytestmark = pytest.mark.anyio
+
+
+class UnusableHints(MemoryHints):
+    """Every take refused: the node holding the queue's hint queue is down."""
+
+    async def take(self, q: Any, wait_ms: int) -> Any:
+        raise HintsUnavailable("node down")
+
+
+async def _store_operations_while_waiting(tmp_path: Path, waiters: int, wait_ms: int) -> int:
+    path = tmp_path / f"keyring-{waiters}-{wait_ms}.json"
+    write_keyring(path, generate_keyring([OWNER]))
+    clock = ManualClock(1_700_000_000_000)
+    h = Harness(MemoryTaskStore(clock.now_ms, TTL_S), KeyringFileProvider(path), clock, "", hints=UnusableHints())
+    try:
+        await h.fetch("warm")
+        before = h.store.operations  # type: ignore[attr-defined]
+        got = await asyncio.gather(*(h.fetch(f"w{i}", wait_ms=wait_ms, fresh=True) for i in range(waiters)))
+        assert got == [None] * waiters
+        return int(h.store.operations) - before  # type: ignore[attr-defined]
+    finally:
+        await h.close()
+
+
+async def test_the_store_reads_do_not_grow_with_the_waiting_fetches(tmp_path: Path) -> None:
+    """Each waiting fetch scanned the store every second on its own: 1 waiter cost about 1 read a
+    second, 100 waiters 133, 1,000 waiters 1,333 (for as long as the node was down, on every
+    bridge)."""
+    # What two more seconds of waiting cost 50 waiters (each fetch's own first look is the same).
+    short = await _store_operations_while_waiting(tmp_path, 50, 1_500)
+    long = await _store_operations_while_waiting(tmp_path, 50, 3_500)
+    assert long - short <= 10, f"two more seconds of 50 waiting fetches cost {long - short} store operations"
