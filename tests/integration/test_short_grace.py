@@ -4,42 +4,24 @@ for why)."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from tests.conftest import settings_from
+from tests.integration.test_schema_modes import DDL, fresh_keyspace  # noqa: F401  (a fixture, used by name)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 EXPIRE_ONLY = ("ready", "ready_buckets", "expiry_shards", "expiries", "expiry_marks", "outbox_shards", "outbox")
-DDL = ("CREATE", "ALTER", "DROP")
 
 
 @pytest.fixture
-async def keyspace(bridge_env: dict[str, str]) -> AsyncIterator[tuple[dict[str, str], Any, list[str]]]:
+def keyspace(fresh_keyspace: tuple[dict[str, str], Any]) -> tuple[dict[str, str], Any, list[str]]:  # noqa: F811
     """A keyspace of its own (not created yet), its bridge environment, a session, and the raw
-    statements the session runs."""
-    from bridge.storage.cassandra import CassandraSession
-
-    env = {**bridge_env, "BRIDGE_CASSANDRA_KEYSPACE": f"qb_grace_{uuid.uuid4().hex[:8]}"}
-    db = CassandraSession(settings_from(env))
-    await db.connect()
-    statements: list[str] = []
-    execute_raw = db.execute_raw
-
-    async def recorded(cql: str) -> Any:
-        statements.append(cql)
-        return await execute_raw(cql)
-
-    db.execute_raw = recorded  # type: ignore[method-assign]
-    try:
-        yield env, db, statements
-    finally:
-        await execute_raw(f"DROP KEYSPACE IF EXISTS {env['BRIDGE_CASSANDRA_KEYSPACE']}")
-        await db.close()
+    statements the session runs (``fresh_keyspace`` of test_schema_modes.py)."""
+    env, db = fresh_keyspace
+    return env, db, db.statements
 
 
 async def _graces(db: Any, keyspace: str) -> dict[str, int]:
