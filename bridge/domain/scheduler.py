@@ -735,8 +735,13 @@ class RecoveryScheduler:
         """Publish the bucket's owed results; what is still owed (not published, or undecided)."""
         stuck = undecided = 0
         async for page in self.store.outbox_pages(bucket):  # one page of results in memory at a time
-            for entry in page:
-                owed = await self._relay_entry(entry, now)
+            # A page's entries side by side (a lease read at SERIAL and a publish each): one after
+            # the other, the results owed after an hour's broker outage (180,000 at 50 a second)
+            # took minutes a sweep, and those owed since waited behind them.
+            outcomes = await asyncio.gather(*(self._relay_entry(e, now) for e in page), return_exceptions=True)
+            for owed in outcomes:
+                if isinstance(owed, BaseException):
+                    raise owed
                 stuck, undecided = stuck + (owed == "stuck"), undecided + (owed == "undecided")
         return _Owed(stuck, undecided)
 
