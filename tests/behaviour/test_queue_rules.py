@@ -213,7 +213,7 @@ async def test_a_redelivered_copy_whose_first_copy_never_stored_is_stored_after_
     start = time.monotonic()
     assert await _redelivered(q, pending, "m-1") == str(pending.task_id)
     waited = time.monotonic() - start
-    assert timeouts * 0.2 <= waited < timeouts * 0.2 + 2.5, waited
+    assert timeouts * 0.2 <= waited < timeouts * 0.2 + 5.0, waited  # plus a loaded machine's delays
     if delay_ms is None:
         assert await _drain(h) == ["alone"]
 

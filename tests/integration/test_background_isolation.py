@@ -97,8 +97,12 @@ async def test_results_stuck_unroutable_hold_up_lease_recovery(make_bridge, engi
     settle_owed_results(cql, servers.keyspace, [stuck_svc])
     gaps = [round(later - earlier, 2) for earlier, later in itertools.pairwise(passes)]
     # A deadline is near all along: a pass every 100 ms (BRIDGE_SCHEDULER_INTERVAL), 250 ms when idle.
-    assert max(gaps) < 1.0, (
-        f"recovery passes {max(gaps)} s apart (relay sweeps took {[round(x, 2) for x in sweeps]} s with {n} "
+    # Held up by the sweeps, passes were seconds apart all along; one slow tick of a loaded CI is
+    # not that (the 95th percentile, and a looser bound on the slowest).
+    p95 = sorted(gaps)[int(len(gaps) * 0.95)]
+    assert p95 < 1.0 and max(gaps) < 2.5, (
+        f"recovery passes {p95} s apart at the 95th percentile, {max(gaps)} s at most "
+        f"(relay sweeps took {[round(x, 2) for x in sweeps]} s with {n} "
         f"stuck results); abandoned leases re-exposed {delays} ms after deadline + margin"
     )
 

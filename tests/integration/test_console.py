@@ -574,6 +574,6 @@ async def test_a_console_tab_in_the_background_stops_polling_and_resumes_when_sh
         assert max(hidden_polls) <= settled + 1, f"{max(hidden_polls) - settled:.0f} polls from a hidden tab"
         quiet = polls()
         await asyncio.to_thread(chrome.execute_script, hide, False)
-        await wait_for(lambda: polls() >= quiet + 1, 5, what="polling resumed when the tab was shown")
+        await wait_for(lambda: polls() >= quiet + 1, UI_TIMEOUT, what="polling resumed when the tab was shown")
     finally:
         await session.close()

@@ -81,18 +81,20 @@ async def test_extend_keeps_the_task_past_its_first_deadline(make_bridge, engine
     svc = service_id()
     await engine.add(svc, "long job")
     holder, other = await workers(svc, "holder"), await workers(svc, "other")
-    first = await fetch_raw(holder, ttr=1000)
+    # 2 s leases: a renewal every 0.3 s of polling plus two round trips, which on a loaded CI
+    # came near a 1 s lease's deadline.
+    first = await fetch_raw(holder, ttr=2000)
     assert first is not None
     task = first["task"]
     started = time.monotonic()
-    # Renew twice while the other worker polls well past the first deadline (+ margin).
-    while time.monotonic() - started < 2.0:
-        reply = await call(holder, "extend", {"serviceId": svc, "workerId": "holder", "timeToRecover": 1000})
+    # Renew while the other worker polls well past the first deadline (+ margin).
+    while time.monotonic() - started < 3.5:
+        reply = await call(holder, "extend", {"serviceId": svc, "workerId": "holder", "timeToRecover": 2000})
         assert reply["result"] is True and reply["task"]["id"] == task["id"]
         assert reply["task"]["epoch"] == task["epoch"]
         await nothing_for(other, 0.3)
     # Stop renewing: the task goes to the other worker, and the holder's extend is refused.
-    taken = await fetch_until(other, 5)
+    taken = await fetch_until(other, 10)
     assert taken["task"]["id"] == task["id"] and taken["task"]["deliveries"] == 2
     stale = {"serviceId": svc, "workerId": "holder", "taskId": task["id"], "epoch": task["epoch"]}
     assert (await call(holder, "extend", stale))["result"] is False

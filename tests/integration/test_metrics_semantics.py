@@ -105,9 +105,11 @@ async def test_queue_gauges_go_with_the_duty_at_once_not_at_the_next_refresh(mak
     async def exported() -> bool:
         return await metric(port, ready) == 1
 
-    await wait_for(exported, 15, what="the holder exporting the queue")
-    # Its next refresh now far away (the interval is read at each wait): once a refresh that
-    # started after this change has returned its rows, the exporter sets them and waits 60 s.
+    await wait_for(exported, 30, what="the holder exporting the queue")
+    # Its next refresh now far away (the interval is read at each wait, after a refresh): once a
+    # refresh has returned its rows after this change, the exporter sets them and waits 60 s.
+    # Counted from before the change: a refresh under way as it was made is counted too (one that
+    # read its rows before the counter was in place left it at 0 for good, a red CI).
     refreshes = [0]
     rows_of = b._queue_gauge_rows
 
@@ -117,8 +119,10 @@ async def test_queue_gauges_go_with_the_duty_at_once_not_at_the_next_refresh(mak
         return rows
 
     b._queue_gauge_rows = counted
+    await wait_for(lambda: refreshes[0] >= 1, 30, what="a counted refresh")
     b.settings = b.settings.model_copy(update={"stats_interval": 60.0})
-    await wait_for(lambda: refreshes[0] >= 1, 5, what="a refresh read with the long interval set")
+    before = refreshes[0]
+    await wait_for(lambda: refreshes[0] > before, 30, what="a refresh returned with the long interval set")
     await wait_for(exported, 5, what="its rows exported")
     await b.duty.release()  # the duty goes (as at a lost channel)
 
@@ -137,6 +141,9 @@ async def test_a_long_poll_fetch_duration_lands_in_a_finite_bucket(make_bridge, 
     await make_bridge(http_port=port)
     w = await workers(service_id(), "idle")
     assert await w.fetch(wait_ms=5_600) is None  # an empty queue: the long-poll waits it out
+    fetches = 'queue_bridge_request_duration_seconds_count{method="fetch"}'
+    # Observed once the request is settled, which may come a moment after the reply.
+    await wait_for(lambda: _metric_at_least(port, fetches, 1), 10, what="the fetch observed")
     text = await _metrics_text(port)
 
     def sample(name: str) -> float:
@@ -153,7 +160,7 @@ async def test_a_long_poll_fetch_duration_lands_in_a_finite_bucket(make_bridge, 
     ]
     largest_finite = max(finite, key=lambda ln: float(ln.split('le="', 1)[1].split('"', 1)[0]))
     in_finite = float(largest_finite.rsplit(" ", 1)[1])
-    assert total == 1
+    assert total == 1  # this one fetch (the queue is the test's own, the bridge too)
     assert in_finite == total, (
         f"a {5.6:.1f} s long-poll fetch is in no finite bucket ({largest_finite!r}): "
         "the fetch histogram cannot show long-poll waits"
@@ -298,3 +305,7 @@ async def test_a_claim_refused_on_a_cancelled_tasks_hint_is_no_conflict(bridge, 
     assert await w.fetch() is None
     await wait_for(lambda: bridge.metrics.counter_value("claims_stale") >= 1, 10, what="the stale claim counted")
     assert bridge.metrics.counter_value("claim_conflicts") == 0
+
+
+async def _metric_at_least(port: int, name: str, value: float) -> bool:
+    return await metric(port, name) >= value

@@ -231,6 +231,7 @@ async def test_slow_round_trips_every_rpc_answered_and_settled(slow_bridge, slow
     assert len(set(stored_tasks(cql, servers.keyspace, svc))) == 12
 
 
+@pytest.mark.timeout(120)  # 40 s in a loaded CI, and its own waits bound each step
 @pytest.mark.parametrize("direction", ["requests", "replies"])
 async def test_a_stall_that_ends_every_rpc_answered_nothing_lost_or_doubled(
     slow_bridge, slow_proxy, servers, names, workers, cql, direction
