@@ -1592,25 +1592,33 @@ class Worker(RpcClient):
         the result was refused), the task None when there is none (the caller fetches, and
         long-polls). On stop the ack goes
         alone (``take_next`` false). A request without an answer, or answered ``unavailable``, is
-        sent again (a retry hands the same next task, see :meth:`ack_and_fetch`), up to 3 times;
-        then the caller's fetch, not ``fresh``, gets this worker's task again if the ack never
-        applied (at least once). On stop there is no such fetch: a task still not acked then
-        returns when its lease ends (logged).
+        sent again (a retry hands the same next task, see :meth:`ack_and_fetch`) while the lease
+        lasts, at least 3 times (:meth:`_ack_retry_until`); then the caller's fetch, not
+        ``fresh``, gets this worker's task again if the ack never applied and nobody took it (at
+        least once). On stop there is no such fetch, and the retries last ``stop_grace`` at most:
+        a task still not acked then returns when its lease ends (logged).
 
         A result the bridge refuses (any error it answers but ``unavailable``: one larger than its
         ``BRIDGE_MAX_VALUE_BYTES`` is ``payload_too_large``) or that JSON cannot carry (a set, a
         coroutine never awaited: :class:`~bridge.domain.jsonvalue.JsonError`, before anything is
         sent) was not applied: sending it again cannot help, and raising would end the loop with
         the task leased to it. The task is given back instead (``type`` ``ResultRefused``)."""
-        for attempt in range(ACK_ATTEMPTS):
+        until = self._ack_retry_until(task, stopping=not take_next)
+        attempt = 0
+        while attempt < ACK_ATTEMPTS or time.monotonic() < until:
+            attempt += 1
             self.current = task
             try:
                 if not take_next:
                     return await task.ack(result), None
                 return await self.ack_and_fetch(result)
             except (TransportError, UnavailableError) as exc:
-                log.warning("ack of task %s not answered (%s), attempt %d", task.id, exc, attempt + 1)
-                await asyncio.sleep(self._backoff_s(attempt + 1))
+                if attempt == 1 or attempt % 10 == 0:
+                    log.warning("ack of task %s not answered (%s), attempt %d", task.id, exc, attempt)
+                pause = self._backoff_s(attempt)
+                if attempt >= ACK_ATTEMPTS:
+                    pause = min(pause, max(0.0, until - time.monotonic()))
+                await asyncio.sleep(pause)
             except (BridgeClientError, jsonvalue.JsonError) as refused:
                 log.warning("task %s: its result was refused (%s: %s)", task.id, type(refused).__name__, refused)
                 await self._give_back(task, "ResultRefused", f"{type(refused).__name__}: {refused}")
@@ -1618,6 +1626,21 @@ class Worker(RpcClient):
         if not take_next:
             log.warning("task %s not acked before stop: it returns when its lease ends", task.id)
         return None, None
+
+    def _ack_retry_until(self, task: Task, *, stopping: bool) -> float:
+        """Until when (monotonic) an ack of ``task`` that gets no answer is sent again: while its
+        lease lasts (by the bridge's clock), on stop :attr:`stop_grace` at most. Given up after
+        :data:`ACK_ATTEMPTS` (about 1.4 s), the next fetch got the task back and its handler ran
+        again (work done twice) whenever RabbitMQ was away a few seconds as a task finished: the
+        result is in hand and an ack is idempotent, so it waits for the broker instead. Past the
+        lease the task may be another worker's: the loop's fetch (not ``fresh``) then gets it
+        back only if nobody took it."""
+        left = _seconds_until(task.lease_expires_at, self.bridge_time())
+        if left is None:  # a lease end this client cannot read: the attempts alone
+            return 0.0
+        if stopping:
+            left = min(left, self.stop_grace)
+        return time.monotonic() + left
 
     async def _give_back(self, task: Task, kind: str, message: str, *, retry_in_ms: int | None = None) -> None:
         """Fail ``task``: its handler raised (``kind`` is the exception's type) or its result was

@@ -349,7 +349,19 @@ class RequestHandlers:
         return await self._rpc(message, "ack", AckWithNextRequest, self._ack)
 
     async def unrouted(self, message: RequestMessage) -> str:
-        err = BadRequest(f"unknown method {message.routing_key!r}; use one of {', '.join(ROUTING_KEYS)}")
+        key = message.routing_key
+        if key in ROUTING_KEYS and key != "add" and message.reply_to:
+            # A method the bridges serve, whose queue is missing: deleted by an operator, or lost
+            # with its node, and being declared again (a moment, at most seconds). Answered as an
+            # unknown method (``bad_request``, a client's mistake), it ended every worker's loop of
+            # the fleet that fetched meanwhile, and a worker's finished result was given back.
+            # Its caller retries it. (An add has no caller waiting: dead-lettered, kept.)
+            err: BaseException = Unavailable(
+                f"the bridges' queue for {key!r} is missing (deleted, or its node lost) and is being "
+                "declared again: send the request again in a moment"
+            )
+        else:
+            err = BadRequest(f"unknown method {key!r}; use one of {', '.join(ROUTING_KEYS)}")
         return await self.fail(message, "unknown", err)
 
     async def _rpc(

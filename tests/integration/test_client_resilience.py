@@ -624,3 +624,47 @@ async def test_run_stopped_while_its_long_poll_waits_returns_within_its_grace(br
         f"the stopped worker holds {held and held.id}"
     )
     assert held is None, f"task {held.id} is leased to the stopped worker"
+
+
+async def test_a_finished_task_whose_ack_meets_a_broker_outage_is_not_run_again(bridge, engine, servers, names):
+    """``Worker.run`` sent an ack that got no answer 3 times, about 1.4 s in all, then fetched (not
+    ``fresh``) and the bridge handed the same task back: its handler ran twice (a charge made
+    twice) whenever RabbitMQ was away for more than a second or two as a task finished (a broker
+    restart takes 7-11 s). The result is in hand and an ack is idempotent: it is sent again until
+    it is answered, for as long as the lease lasts."""
+    proxy = await TcpProxy(servers.amqp_host, servers.amqp_port).start()
+    svc = service_id()
+    task_id = await engine.add(svc, {"charge": 1})
+    url = f"amqp://{OWNERS[0]}:{OWNERS[0]}@127.0.0.1:{proxy.port}/"
+    w = Worker(url, service=svc, worker_id="payer", exchange=names["exchange"], time_to_recover_ms=60_000)
+    w.wait_ms = 1_000
+    await w.open()
+    stop = asyncio.Event()
+    runs: list[str] = []
+
+    async def handler(task):  # type: ignore[no-untyped-def]
+        runs.append(task.id)
+        if len(runs) == 1:
+            proxy.cut()  # the broker goes away as the task finishes, for 5 s
+            asyncio.get_running_loop().call_later(5.0, proxy.restore)
+        else:
+            stop.set()
+        return "charged"
+
+    running = asyncio.ensure_future(w.run(handler, stop=stop))
+    try:
+        # Served again by the loop once the broker is back: a second task, or the first again.
+        second = await engine.add(svc, {"charge": 2})
+        await wait_for(lambda: len(runs) >= 2, 40, what="the loop serving after the outage")
+        stop.set()
+        await asyncio.wait_for(running, 30)
+    finally:
+        running.cancel()
+        with contextlib.suppress(BaseException):
+            await running
+        with contextlib.suppress(Exception):
+            await w.close()
+        await proxy.stop()
+    assert runs[0] == task_id
+    assert runs.count(task_id) == 1, f"the handler ran task {task_id} {runs.count(task_id)} times: {runs}"
+    assert runs[1] == second

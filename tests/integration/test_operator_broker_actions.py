@@ -366,3 +366,62 @@ async def test_a_result_published_while_write_on_the_results_exchange_was_revoke
         assert b.transport.is_ready()
     finally:
         await b.stop()
+
+
+async def test_a_worker_loop_goes_on_while_its_fetch_queue_is_declared_again(
+    bridge, engine, servers, names, monkeypatch
+):
+    """While a deleted request queue is being declared again, the requests sent to it go through
+    the alternate exchange to ``.unrouted``, and were answered ``bad_request: unknown method``: a
+    worker's mistake, which ends ``Worker.run`` (and ``async for``) for good. Every worker of the
+    fleet that fetched in that window stopped serving. They are ``unavailable`` now: retried."""
+    import bridge.transport.amqp as amqp
+    from bridge.client import Worker
+
+    url = servers.amqp_url("guest")
+    fetch_q = f"{names['queue_prefix']}.fetch"
+    real = amqp.declare_consumed_queue
+    refusing = True
+
+    async def refused_for_a_while(*args: Any, **kwargs: Any) -> Any:
+        if refusing:
+            raise RuntimeError("refused (test)")
+        return await real(*args, **kwargs)
+
+    def unrouted_answers() -> float:
+        samples = bridge.metrics.registry.collect()
+        return sum(
+            s.value
+            for m in samples
+            if m.name == "queue_bridge_requests"
+            for s in m.samples
+            if s.name == "queue_bridge_requests_total" and s.labels.get("method") == "unknown"
+        )
+
+    svc = service_id()
+    w = Worker(servers.amqp_url(OWNERS[0]), service=svc, worker_id="w", exchange=names["exchange"])
+    w.wait_ms = 500
+    w.poll_interval = 0.1
+    handled: list[str] = []
+    stop = asyncio.Event()
+
+    async def handler(task: Any) -> str:
+        handled.append(task.id)
+        stop.set()
+        return "done"
+
+    monkeypatch.setattr(amqp, "declare_consumed_queue", refused_for_a_while)
+    await _delete_queue(url, fetch_q)
+    async with w:
+        running = asyncio.ensure_future(w.run(handler, stop=stop))
+        try:
+            await wait_for(
+                lambda: unrouted_answers() >= 2 or running.done(), 15, what="answers through the unrouted queue"
+            )
+            assert not running.done(), f"the worker's loop ended: {running.exception()!r}"
+            refusing = False
+            task_id = await engine.add(svc, {"n": 1})
+            await asyncio.wait_for(running, 30)
+        finally:
+            running.cancel()
+    assert handled == [task_id]
