@@ -77,15 +77,18 @@ def process(value: Any, work_time: tuple[float, float]) -> tuple[float, dict[str
 
 async def _settle(task: Task, *, result: Any = None, error: Any = None, attempts: int = 5) -> bool:
     """Ack the task with its result or its business error; a lost reply or connection is retried, which the bridge
-    answers idempotently."""
-    for attempt in range(attempts):
+    answers idempotently: at least ``attempts`` times, and for as long as the lease lasts (given up after 2.5 s, a
+    broker restart made the worker exit, the work done lost). Past the lease the task may be another worker's: False,
+    and the next fetch hands it back if nobody took it."""
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             return await (task.ack_error(error) if error is not None else task.ack(result))
         except TransportError:
-            if attempt == attempts - 1:
-                raise
+            if attempt >= attempts and task.lease_expired():
+                return False
             await asyncio.sleep(0.5)
-    return False
 
 
 async def main(

@@ -668,3 +668,28 @@ async def test_a_finished_task_whose_ack_meets_a_broker_outage_is_not_run_again(
     assert runs[0] == task_id
     assert runs.count(task_id) == 1, f"the handler ran task {task_id} {runs.count(task_id)} times: {runs}"
     assert runs[1] == second
+
+
+async def test_an_ack_with_next_says_not_fresh_while_a_cancelled_long_poll_may_still_claim(bridge, engine, workers):
+    """A long-poll its caller cancelled may still be waiting at a bridge and claim the next task
+    for this worker there. ``fetch`` says ``fresh`` only once that request's deadline has passed;
+    ``ack_and_fetch`` looked only at its own retries and said ``fresh``: the bridge skipped the
+    pointer naming the task the orphan claimed, which waited out its whole lease unseen."""
+    svc = service_id()
+    w = await workers(svc, "w")
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(w.fetch(wait_ms=20_000), 0.5)  # given up by its caller: still at the bridge
+    first = await engine.add(svc, {"n": 1})
+    task = await w.fetch()  # the orphan may hand it, or this fetch claims it
+    assert task is not None and task.id == first
+    sent: list[dict[str, Any]] = []
+    real_call = w.call
+
+    async def recorded(method: str, body: dict[str, Any], **kw: Any) -> Any:
+        sent.append(body)
+        return await real_call(method, body, **kw)
+
+    w.call = recorded  # type: ignore[method-assign]
+    acked, _following = await w.ack_and_fetch("done")
+    assert acked is True
+    assert sent[0]["next"]["fresh"] is False, sent[0]
