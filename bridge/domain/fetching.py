@@ -193,6 +193,9 @@ class _Attempt:
     deadline_ms: int | None = None
     # A waiting fetch's question "is my worker still there?", asked beside the write-ahead.
     requester: asyncio.Future[bool] | None = None
+    # Set when the caller hangs up (the HTTP gateway's ``Requester``): checked again just before
+    # the claim, since the question above may have been answered before the hang-up.
+    hung_up: asyncio.Event | None = None
 
 
 def _claim_not_landed(held: WorkerPointer, current: Lease | None) -> bool:
@@ -279,6 +282,8 @@ class Fetcher:
                 self._flights[key] = flight
         flight.users += 1
         a = _Attempt(q, req.worker_id, ttr, None, stale_pointer=False, deadline_ms=deadline_ms, flight=flight)
+        if isinstance(still_wanted, Requester):
+            a.hung_up = still_wanted.gone
         try:
             return await self._fetch(a, req, still_wanted)
         finally:
@@ -634,7 +639,11 @@ class Fetcher:
             self.ctx.metrics.inc("requests_expired", method="fetch")
             raise RequestAbandoned("past the caller's deadline")
         probe, a.requester = a.requester, None
-        if probe is not None and not await probe:
+        # Asked before the turn wait, the write-ahead and the wait for the add's write: a caller
+        # that hung up meanwhile was answered "alive" all the same, and the task was leased to
+        # it for its whole timeToRecover.
+        gone = a.hung_up is not None and a.hung_up.is_set()
+        if probe is not None and (not await probe or gone):
             self.ctx.metrics.inc("long_polls_abandoned")
             log.info("a waiting fetch's worker is gone: its task goes to another", extra={"worker": a.worker})
             raise RequestAbandoned("the worker is gone")

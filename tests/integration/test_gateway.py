@@ -776,6 +776,44 @@ async def test_a_claim_under_way_when_the_client_hangs_up_is_finished_with_its_b
     assert again["task"]["id"] == task_id and again["result"] == "claimed as the worker left"
 
 
+async def test_a_hang_up_after_the_still_wanted_check_claims_nothing(start_gateway, monkeypatch):
+    """A long-poll that takes a hint asks whether its caller is still there beside the
+    write-ahead, and the claim waited for that answer only. A client that hung up after it was
+    answered (during the write-ahead, the turn wait, the wait for the add's write) was claimed for
+    all the same: the task leased to a gone worker for its whole timeToRecover (an ephemeral
+    workerId never fetches it back). The hang-up is looked at again just before the claim."""
+    bridge, gw = await start_gateway()
+    svc = service_id()
+    writer = await _long_poll_then_hang_up_later(gw, svc, "gone")
+    await wait_for(lambda: _waiters(bridge) == 1, 10, what="the HTTP fetch waiting for a hint")
+    (serving,) = _serving(bridge, svc)
+    store = bridge.queue.ctx.store
+    real = store.write_ahead
+    written, release = asyncio.Event(), asyncio.Event()
+
+    async def write_ahead(*args: Any, **kwargs: Any) -> Any:
+        res = await real(*args, **kwargs)
+        written.set()
+        await release.wait()  # the caller hangs up here: after "still wanted" was answered
+        return res
+
+    monkeypatch.setattr(store, "write_ahead", write_ahead)
+    ended = _fetches(bridge, "ok") + _fetches(bridge, "client_gone")
+    task_id = (await gw.ok(svc, "tasks", {"value": "for a live worker"}))["task"]["id"]
+    await asyncio.wait_for(written.wait(), 10)
+    writer.close()
+    await writer.wait_closed()
+    await wait_for(lambda: serving._manager is None, 10, what="the gateway seeing the connection closed")
+    release.set()
+    await wait_for(
+        lambda: _fetches(bridge, "ok") + _fetches(bridge, "client_gone") > ended, 10, what="the hung-up fetch ended"
+    )
+    monkeypatch.setattr(store, "write_ahead", real)
+    got = await gw.ok(svc, "fetch", {"workerId": "live"})
+    assert got.get("task", {}).get("id") == task_id, f"the task was leased to the worker that hung up: {got}"
+    assert _fetches(bridge, "client_gone") >= 1
+
+
 # -- Clock skew between the bridge that granted a lease and the one a request goes through: host
 # time with the 1 s margin the docs give for it, bridges 400 ms ahead and behind (within half the
 # margin: both serve). Both went wrong before (compared across clocks without the margin).
