@@ -1315,9 +1315,7 @@ class Worker(RpcClient):
         # while a request without an answer (a long-poll its caller cancelled) may still claim one
         # for this worker at another bridge (:attr:`_unsure_until`): ``fresh``, the bridge skipped
         # the pointer naming that task, which then waited out its whole lease.
-        nxt: dict[str, Any] = {
-            "fresh": self._unanswered_ack != current.id and time.monotonic() >= self._unsure_until
-        }
+        nxt: dict[str, Any] = {"fresh": self._unanswered_ack != current.id and time.monotonic() >= self._unsure_until}
         ttr = time_to_recover_ms or self.time_to_recover_ms
         if ttr is not None:
             nxt["timeToRecover"] = ttr
