@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.config import ConfigError
+from bridge.domain.errors import Unavailable
 from bridge.gateway.errors import Unauthenticated
 from bridge.transport.envelope import OWNER_PATTERN
 
@@ -43,6 +44,10 @@ SECRET_PATTERN = re.compile(r"[\x21-\x7e]{1,512}")  # printable ASCII, no spaces
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 RECHECK_S = 1.0
 _DUMMY_DIGEST = hashlib.sha256(b"no such key").digest()
+
+
+class KeysUnavailable(Unavailable):
+    """The keys file cannot be used (gone, unreadable, not valid): no key is accepted (503)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +139,7 @@ class KeyFile:
         self._monotonic = monotonic
         self._stamp: tuple[int, int, int] | None = None
         self._checked = monotonic()
+        self._broken: str | None = None  # why the file last read could not be used (fail closed)
         try:
             # The stamp before the read (as refresh() does): a change made while the file is read
             # then differs from it and is read at the next look, not missed until the next change.
@@ -178,6 +184,7 @@ class KeyFile:
             return
         self._stamp = stamp
         self._keys = keys
+        self._broken = None
         log.info("gateway keys reloaded", extra={"keys": len(keys)})
 
     def _fail_closed(self, stamp: tuple[int, int, int] | None, why: str) -> None:
@@ -185,6 +192,7 @@ class KeyFile:
             log.error("gateway keys file %s: no API key is accepted until it is fixed", why)
         self._stamp = stamp
         self._keys = {}
+        self._broken = why
 
     def authenticate(self, authorization: str | None) -> ApiKey:
         """The key an ``Authorization`` header presents; :class:`Unauthenticated` otherwise."""
@@ -195,6 +203,13 @@ class KeyFile:
         if parts is None:
             raise Unauthenticated("malformed credentials: send Authorization: Bearer qb_<id>_<secret>")
         self.refresh()
+        if self._broken is not None:
+            # Closed, but not ``unauthorized``: that says the key is wrong, and clients (this
+            # project's among them) do not retry it; a worker stopped for a file caught half
+            # written by an editor (truncated, then written) for the second it was read.
+            raise KeysUnavailable(
+                f"the gateway's keys file is {self._broken}: no API key can be checked until it is fixed; retry"
+            )
         key_id, secret = parts
         key = self._keys.get(key_id)
         presented = hashlib.sha256(secret.encode()).digest()

@@ -36,7 +36,7 @@ from bridge.gateway import keys as gateway_keys
 from bridge.gateway import replies
 from bridge.gateway.endpoints import ENDPOINTS, STATS_ALL_PATH
 from bridge.gateway.errors import STATUS, Unauthenticated
-from bridge.gateway.keys import KeyFile, hash_secret, new_key, parse_keys, split_key
+from bridge.gateway.keys import KeyFile, KeysUnavailable, hash_secret, new_key, parse_keys, split_key
 from bridge.gateway.openapi import document, dumps
 from bridge.gateway.server import GatewayServer
 from bridge.transport import wire
@@ -129,17 +129,22 @@ def test_the_keys_file_is_reread_when_it_changes(keyfile) -> None:
     with pytest.raises(Unauthenticated):
         keys_file.authenticate(f"Bearer {keys['w']}")
     # A broken or missing file fails closed: no key until it is fixed (keeping the keys read
-    # before kept a revoked key in force after a slip of the revocation).
+    # before kept a revoked key in force after a slip of the revocation). Answered ``unavailable``
+    # (503, retried), not ``unauthorized`` (401, which clients do not retry): an editor's write
+    # read half done (truncated, then written) stopped every worker for good.
     fixed = path.read_text()
     for broken in ("[{not json", ""):
         path.write_text(broken)
         clock.now += 1.5
-        with pytest.raises(Unauthenticated):
+        with pytest.raises(KeysUnavailable) as err:
             keys_file.authenticate(f"Bearer {added}")
+        assert err.value.code == ErrorCode.UNAVAILABLE
     path.unlink()
     clock.now += 1.5
-    with pytest.raises(Unauthenticated):
+    with pytest.raises(KeysUnavailable):
         keys_file.authenticate(f"Bearer {added}")
+    with pytest.raises(Unauthenticated):  # credentials that are malformed are the caller's mistake still
+        keys_file.authenticate("Bearer qb_")
     path.write_text(fixed)
     clock.now += 1.5
     assert keys_file.authenticate(f"Bearer {added}").owner == "owner-n"
