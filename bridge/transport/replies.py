@@ -67,6 +67,7 @@ def message_ids() -> Iterator[str]:
 # every reply goes through probation until its node is proven.
 PROBATION_CONNECT_S = 5.0
 PROBATION_REPLY_S = 10.0
+RESTORE_WAIT_S = 3.0  # how long a reply waits for its channel to be restored after a reconnection
 
 
 class BadReplyTo(ValueError):
@@ -206,7 +207,15 @@ class ReplyPublisher:
         channel = self._main_frames
         if channel is None or frames.closing(channel):
             assert self.main is not None
-            channel = self._main_frames = cast(aiormq.Channel, await self.main.get_underlay_channel())
+            # A reconnection restores the channels one after the other, and the consume channel
+            # may deliver requests before this one is back: their replies failed at once
+            # (ChannelInvalidStateError), an ack applied and its caller never told. Waited for,
+            # boundedly (a requester that is gone simply retries).
+            async with asyncio.timeout(RESTORE_WAIT_S):
+                ready = getattr(self.main, "ready", None)  # a robust channel's: restored
+                if ready is not None:
+                    await ready()
+                channel = self._main_frames = cast(aiormq.Channel, await self.main.get_underlay_channel())
         return channel
 
     async def _probation_open(self) -> AbstractChannel:

@@ -511,3 +511,39 @@ async def test_a_reopened_channels_consumers_registered_by_two_loops_at_once_are
     await t.pause()  # and it can still be paused: no consumer left it does not know
     for method in ("fetch", "ack"):
         assert await consumers_on(url, t.queue_name(method)) == 0, method
+
+
+async def test_a_request_answered_while_the_replies_channel_is_being_restored_gets_its_reply(
+    make_bridge, engine, workers, monkeypatch
+):
+    """A reconnection restores the bridge's channels one after the other; the consume channel may
+    deliver requests before the replies channel is back. Their replies failed at once
+    (``ChannelInvalidStateError``, "reply not delivered"): an ack applied and its worker never
+    learned it (a cluster drill's red CI). A reply now waits, boundedly, for its channel."""
+    import aio_pika.robust_channel
+
+    from bridge.transport import frames
+
+    b = await make_bridge()
+    svc = service_id()
+    w = await workers(svc, "w")
+    assert await w.fetch() is None  # the reply path works, and its node is proven
+    replies = b.transport._reply_channel
+    real_reopen = aio_pika.robust_channel.RobustChannel.reopen
+    reopening = asyncio.Event()
+
+    async def slow_reopen(self: Any) -> None:
+        if self is replies:
+            reopening.set()
+            await asyncio.sleep(1.0)  # the restore takes a moment (other channels go first)
+        await real_reopen(self)
+
+    monkeypatch.setattr(aio_pika.robust_channel.RobustChannel, "reopen", slow_reopen)
+    underlay = await replies.get_underlay_channel()
+    # A channel error closes the replies channel (the broker's 404 on an exchange nobody declared).
+    await underlay.basic_publish(b"x", exchange=f"no-such-exchange-{uuid.uuid4().hex}", routing_key="x")
+    await wait_for(lambda: frames.closing(underlay), 5, what="the replies channel closed by the broker")
+    await asyncio.wait_for(reopening.wait(), 5)
+    task_id = await engine.add(svc, {"n": 1})
+    task = await w.fetch()  # answered while the replies channel is still being restored
+    assert task is not None and task.id == task_id

@@ -78,7 +78,7 @@ class Retrying:
     svc: str
     added: set[str] = field(default_factory=set)
     acked: set[str] = field(default_factory=set)
-    missed: dict[str, int] = field(default_factory=lambda: {"add": 0, "fetch": 0})
+    missed: dict[str, int] = field(default_factory=lambda: {"add": 0, "fetch": 0, "ack": 0})
 
     async def add(self, engine: Engine, n: int) -> None:
         while True:  # the same message id: a retried add is the same task
@@ -92,10 +92,20 @@ class Retrying:
         while len(self.acked) < tasks:
             try:
                 task = await worker.fetch(30_000, wait_ms=1_000)
-                if task is not None and await task.ack(1):
-                    self.acked.add(task.id)
             except (TransportError, UnavailableError):
                 self.missed["fetch"] += 1
+                continue
+            if task is not None and await self._ack(task):
+                self.acked.add(task.id)
+
+    async def _ack(self, task: Any) -> bool:
+        """An ack whose reply was lost may have applied: sent again (idempotent) until answered,
+        as ``Worker.run`` does. Given up, the task was completed unseen and never fetched again."""
+        while True:
+            try:
+                return bool(await task.ack(1))
+            except (TransportError, UnavailableError):
+                self.missed["ack"] += 1
 
     def __str__(self) -> str:
         return f"{len(self.added)} tasks added and {len(self.acked)} acked (requests without a reply: {self.missed})"
