@@ -33,7 +33,7 @@ from acsylla import errors as cass
 
 from bridge.config import Settings
 from bridge.storage.cassandra import ClockTimestamps
-from bridge.storage.errors import InvalidQuery, StorageNotSent, StorageUnavailable, UnknownOutcome
+from bridge.storage.errors import InvalidQuery, StorageNotSent, StorageUnavailable, UnknownOutcome, kind_of
 from bridge.storage.schema import uuid_columns
 from bridge.storage.session import Row
 from bridge.storage.stall import StallWatch, stall_after_s
@@ -232,14 +232,14 @@ def _storage_error(exc: BaseException, *, lwt: bool) -> Exception:
     if isinstance(exc, _INVALID):
         return InvalidQuery(str(exc))
     if lwt and isinstance(exc, _LWT_UNKNOWN):
-        return UnknownOutcome(f"{type(exc).__name__}: {exc}")
+        return UnknownOutcome(f"{kind_of(exc)}: the write may or may not have applied")
     if isinstance(exc, _NOT_SENT):
         return StorageNotSent(f"cassandra unavailable: {type(exc).__name__}")
     # A timeout, a connection lost under the request, a failure on a replica: a conditional write
     # may still be applied later (CASSANDRA-9328); a plain statement is simply retried.
     if lwt:
-        return UnknownOutcome(f"{type(exc).__name__}: {exc}")
-    return StorageUnavailable(f"cassandra error: {type(exc).__name__}: {exc}")
+        return UnknownOutcome(f"{kind_of(exc)}: the write may or may not have applied")
+    return StorageUnavailable(f"cassandra error: {kind_of(exc)}")
 
 
 @dataclass(frozen=True)

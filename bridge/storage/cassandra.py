@@ -47,7 +47,7 @@ from cassandra.policies import (
 from cassandra.query import BatchStatement, BatchType, PreparedStatement, dict_factory
 
 from bridge.config import Settings
-from bridge.storage.errors import InvalidQuery, StorageNotSent, StorageUnavailable, UnknownOutcome
+from bridge.storage.errors import InvalidQuery, StorageNotSent, StorageUnavailable, UnknownOutcome, kind_of
 from bridge.storage.stall import StallWatch, stall_after_s
 
 _CL = {
@@ -294,8 +294,8 @@ class CassandraSession:
                 # A conditional write that timed out may still be applied later (CASSANDRA-9328);
                 # one answered Unavailable may have been decided already (Paxos v1 commits an
                 # accepted proposal, and that commit can answer Unavailable).
-                raise UnknownOutcome(f"{type(exc).__name__}: {exc}") from exc
-            raise StorageUnavailable(f"cassandra unavailable: {type(exc).__name__}") from exc
+                raise UnknownOutcome(f"{kind_of(exc)}: the write may or may not have applied") from exc
+            raise StorageUnavailable(f"cassandra unavailable: {kind_of(exc)}") from exc
         except proto.RequestValidationException:
             raise  # invalid CQL or schema: a bug, not an outage
         except (RequestExecutionException, DriverException, proto.ErrorMessage, ConnectionException, OSError) as exc:
@@ -304,8 +304,8 @@ class CassandraSession:
             # ErrorMessage covers server-side failures the driver passes through as they are
             # (ServerError, Overloaded, IsBootstrapping, ...): all "try again later".
             if lwt:
-                raise UnknownOutcome(f"{type(exc).__name__}: {exc}") from exc
-            raise StorageUnavailable(f"cassandra error: {type(exc).__name__}: {exc}") from exc
+                raise UnknownOutcome(f"{kind_of(exc)}: the write may or may not have applied") from exc
+            raise StorageUnavailable(f"cassandra error: {kind_of(exc)}") from exc
 
     async def execute_raw(self, cql: str) -> list[Row]:
         """Run unprepared CQL (schema changes, admin); not for the hot path."""

@@ -4,7 +4,10 @@ The Cassandra adapter raises these from its driver's errors; nothing above the a
 know them apart from ``Unavailable``.
 """
 
+import logging
+
 from bridge.domain.errors import BridgeError, MaybeApplied, NotSent, Unavailable
+from bridge.observability.throttled import ThrottledWarning
 
 
 class StorageError(Unavailable):
@@ -29,3 +32,15 @@ class InvalidQuery(BridgeError):
     """The node refused the CQL itself (invalid, an undefined column, a table that already exists):
     a bug, or a schema change still being applied; never an outage, so never ``Unavailable``
     (answered ``internal``)."""
+
+
+# The driver's text names replicas' addresses, consistency levels, server exceptions: the
+# operator's to read, not the tenants' (an ``unavailable`` answer carried it to every caller).
+# Answers name the exception's type; the text goes to the log, once every 10 s at most.
+_detail = ThrottledWarning(logging.getLogger("bridge.storage"))
+
+
+def kind_of(exc: BaseException) -> str:
+    """``exc``'s type name, for an answer; its whole text logged (throttled) for the operator."""
+    _detail.warning("cassandra request failed: %s: %s", type(exc).__name__, exc)
+    return type(exc).__name__

@@ -182,3 +182,30 @@ async def test_tables_read_past_their_tombstones_keep_them_a_day_not_ten(fresh_k
     await ensure_schema(db, settings)
     assert await _gc_grace(db, keyspace, "cursors") == 604_800
     assert not [s for s in db.statements if s.lstrip().upper().startswith(DDL)]
+
+
+@pytest.mark.parametrize("lwt", [False, True])
+async def test_a_datastax_driver_error_is_answered_by_its_type_not_its_text(cassandra_settings, monkeypatch, lwt):
+    """cassandra-driver's text names the replica (``Connection to 10.9.8.7:9042 is defunct``):
+    it went into every tenant's ``unavailable`` answer. The answer names the type only."""
+    from cassandra.connection import ConnectionShutdown
+
+    from bridge.storage.cassandra import CassandraSession
+    from bridge.storage.errors import StorageUnavailable, UnknownOutcome
+    from bridge.storage.repository import CassandraTaskStore
+
+    db = CassandraSession(cassandra_settings)
+    await db.connect()
+    try:
+        await CassandraTaskStore(db, lambda: 0, 3600).prepare()
+
+        def defunct(*args: Any, **kwargs: Any) -> Any:
+            raise ConnectionShutdown("Connection to 10.9.8.7:9042 is defunct")
+
+        monkeypatch.setattr(db.session, "execute_async", defunct)
+        bound = db._prepared["services.all"].bind((10,))
+        with pytest.raises((StorageUnavailable, UnknownOutcome)) as err:
+            await db._run(bound, lwt=lwt)  # as a plain statement, and as a compare-and-set
+        assert "10.9.8.7" not in err.value.message and "ConnectionShutdown" in err.value.message, err.value.message
+    finally:
+        await db.close()

@@ -74,3 +74,23 @@ async def test_an_unknown_outcome_whose_settling_fails_stays_unknown(resend: boo
         await store._cas(QueueKey("o", "s"), uuid.uuid4(), attempt, lambda lease: True, resend=resend)
     assert not isinstance(raised.value, NotSent)
     assert len(sent) == (2 if resend else 1)
+
+
+@pytest.mark.parametrize("lwt", [False, True])
+def test_an_answer_names_the_drivers_error_type_not_its_text(
+    lwt: bool, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A driver's text names replicas' addresses and server exceptions: it went into every
+    tenant's ``unavailable`` answer (the gateway's 503 body, the AMQP reply). The answer names the
+    type; the text is logged for the operator (once every 10 s: a fresh throttle here)."""
+    import logging
+
+    from bridge.observability.throttled import ThrottledWarning
+    from bridge.storage import errors
+
+    monkeypatch.setattr(errors, "_detail", ThrottledWarning(logging.getLogger("bridge.storage")), raising=False)
+    exc = cass.CassErrorServerReadFailure("Connection to 10.9.8.7:9042 failed: replica 10.9.8.6 ReadFailure")
+    mapped = _storage_error(exc, lwt=lwt)
+    assert isinstance(mapped, StorageUnavailable | UnknownOutcome)
+    assert "10.9.8" not in mapped.message and "CassErrorServerReadFailure" in mapped.message, mapped.message
+    assert "10.9.8.7" in caplog.text  # the operator's copy
