@@ -205,6 +205,8 @@ class GatewayServer:
                 raise Unavailable("the bridge is shutting down; retry (another bridge may answer)")
             response = await handler(request)
             outcome = OK
+            if self._closing:
+                response.force_close()  # answered while stopping: the next request goes elsewhere
             return response
         except asyncio.CancelledError:
             # The client hung up (handlers are cancelled then, ``start``), or the gateway stopped
@@ -286,6 +288,10 @@ class GatewayServer:
         response.content_type = "application/json"
         if status == 413:
             response.force_close()  # the rest of the body is not read: the connection cannot be reused
+        elif self._closing:
+            # Stopping: a keep-alive connection left open kept its client (and a balancer's pool)
+            # coming back to this bridge, answered 503 each time until it was gone.
+            response.force_close()
         return response
 
     # -- the endpoints -----------------------------------------------------------------------------

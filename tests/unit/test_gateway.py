@@ -596,3 +596,31 @@ async def test_stop_ends_within_its_deadline_and_cancels_work_still_running(tmp_
     with pytest.raises(aiohttp.ClientError):
         await adding
     assert ("add", "unavailable") in observed
+
+
+async def test_answers_while_stopping_close_their_keep_alive_connection(tmp_path: Path) -> None:
+    """While ``stop`` waits for work under way, requests on open keep-alive connections are
+    answered 503; the connection stayed open, so its client (and a balancer's pool) kept coming
+    back to the stopping bridge. Those answers say ``Connection: close`` now."""
+    server, queue, base, keys, _observed = await _standin_server(tmp_path, shutdown_grace=5)
+    queue.hold = asyncio.Event()
+    headers = {"Authorization": f"Bearer {keys['w']}"}
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{base}/api/queue/stats", headers=headers) as resp:
+            assert resp.status == 200 and resp.headers.get("Connection", "").lower() != "close"
+        adding = asyncio.create_task(_post(base, "/api/queue/s/tasks", keys["w"], b'{"value": 1}'))
+        for _ in range(500):
+            if queue.held == 1:
+                break
+            await asyncio.sleep(0.01)
+        stopping = asyncio.create_task(server.stop())
+        for _ in range(500):
+            if server._closing:
+                break
+            await asyncio.sleep(0.01)
+        async with session.get(f"{base}/api/queue/stats", headers=headers) as resp:  # the pooled connection
+            assert resp.status == 503
+            assert resp.headers.get("Connection", "").lower() == "close", dict(resp.headers)
+        queue.hold.set()
+        await stopping
+        await adding
