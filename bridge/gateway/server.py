@@ -355,6 +355,13 @@ class GatewayServer:
         hang-up leaves it running (``on_hang_up`` is told), and :meth:`stop` waits for it (up to
         the shutdown deadline) before the store closes. Work that outlives its handler is
         observed by how it ended, and holds its key's in-flight slot until then."""
+        if self._closing:
+            # Its body was still arriving when ``stop`` began: work started now would be waited
+            # for by nobody (stop's wait took the work under way when it began) and would run
+            # on while the store closed under it. Nothing of it is done: the client retries.
+            if asyncio.iscoroutine(work):
+                work.close()
+            raise Unavailable("the bridge is shutting down; retry (another bridge may answer)")
         running = asyncio.ensure_future(work)
         self._shielded.add(running)
         running.add_done_callback(self._finished)

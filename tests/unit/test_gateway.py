@@ -624,3 +624,45 @@ async def test_answers_while_stopping_close_their_keep_alive_connection(tmp_path
         queue.hold.set()
         await stopping
         await adding
+
+
+async def test_work_whose_body_arrives_after_stop_began_is_not_started(tmp_path: Path) -> None:
+    """``stop`` waits for the work under way when it begins. A request whose body was still
+    arriving then started its work afterwards: nobody waited for it, aiohttp cut its handler at
+    half the time left, and the work ran on while the bridge closed the store under it. It is
+    answered 503 now, nothing of it done."""
+    server, queue, base, keys, _observed = await _standin_server(tmp_path, shutdown_grace=5)
+    queue.hold = asyncio.Event()  # an add started waits here
+    # An add under way when stop begins: stop waits for it.
+    first = asyncio.create_task(_post(base, "/api/queue/s/tasks", keys["w"], b'{"value": 1}'))
+    for _ in range(500):
+        if queue.held == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert queue.held == 1
+    port = int(base.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    body = b'{"value": 12}'
+    head = (
+        f"POST /api/queue/s/tasks HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {keys['w']}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    writer.write(head + body[:5])
+    await writer.drain()
+    await asyncio.sleep(0.2)  # the handler is reading the body (no condition to wait on from outside)
+    stopping = asyncio.create_task(server.stop())
+    for _ in range(500):
+        if server._closing:
+            break
+        await asyncio.sleep(0.01)
+    writer.write(body[5:])
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), 10)
+    late_adds = queue.held - 1  # adds waiting besides the first
+    queue.hold.set()
+    await stopping
+    (first_answer,) = await asyncio.gather(first, return_exceptions=True)
+    writer.close()
+    assert b"503" in status_line, f"answered {status_line!r}; adds started after stop began: {late_adds}"
+    # The work under way when stop began was waited for, and answered.
+    assert not isinstance(first_answer, BaseException) and first_answer[0] == 200, first_answer
