@@ -1554,9 +1554,12 @@ class Worker(RpcClient):
         log.info(
             "stopping: asking for a task a request without an answer may claim, for %.1fs", until - time.monotonic()
         )
-        self.current = None  # settled: the extend must name no task, to read what the bridge says is held
         failed = 0
         while time.monotonic() < until:
+            # Settled: the extend must name no task, to read what the bridge says is held. Again
+            # at every question: a task handled here (its ack sets it as current) was named by
+            # every later one (answered false), and a second task claimed for this worker was left.
+            self.current = None
             try:
                 task = await self._stop_fetch()
             except IntegrityError as exc:  # dead-lettered: the next fetch moves on

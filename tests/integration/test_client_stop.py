@@ -76,6 +76,72 @@ async def test_the_drain_hands_back_a_task_claimed_for_the_worker_after_it_stopp
         assert await r.fetch() is None, "the task is still leased to the stopped worker"
 
 
+async def test_the_drain_hands_back_every_task_claimed_for_the_worker_after_it_stopped(
+    bridge, engine, servers, names, monkeypatch, caplog
+):
+    """Two fetches of the worker's given up and held at a busy bridge, each claiming a task after
+    the worker stopped. The drain handled the first, and its ack left the task as the worker's
+    current one: every later question "what do I hold?" named that task (answered false) instead
+    of reading the pointer, and the second task stayed leased to the stopped worker."""
+    svc = service_id()
+    gates = [asyncio.Event(), asyncio.Event()]
+    real_fetch, real_ack = bridge.queue.fetch, bridge.queue.ack
+    arrived = 0
+    acked = asyncio.Event()
+
+    async def held_up(owner, req, **kw):  # type: ignore[no-untyped-def]
+        nonlocal arrived
+        gate = gates[arrived] if arrived < len(gates) else None
+        arrived += 1
+        if gate is not None:
+            await gate.wait()
+        return await real_fetch(owner, req, **kw)
+
+    async def ack(owner, req, **kw):  # type: ignore[no-untyped-def]
+        done = await real_ack(owner, req, **kw)
+        acked.set()
+        return done
+
+    monkeypatch.setattr(bridge.queue, "fetch", held_up)
+    monkeypatch.setattr(bridge.queue, "ack", ack)
+    url = servers.amqp_url(OWNERS[0])
+    w = Worker(url, service=svc, worker_id="runner", exchange=names["exchange"], time_to_recover_ms=60_000)
+    w.stop_grace = 15.0
+    await w.open()
+    stop = asyncio.Event()
+    seen: list[str] = []
+
+    async def handler(task: Task) -> str:
+        seen.append(task.id)
+        return "handled"
+
+    try:
+        with caplog.at_level(logging.INFO, logger="bridge.client"):
+            running = asyncio.create_task(w.run(handler, stop=stop))
+            await wait_for(lambda: arrived >= 1, 10.0, what="the worker's long-poll held at the bridge")
+            # Its connection drops: the loop's fetch fails (ConnectionLost) and the next goes on a
+            # new connection, while the first, within its deadline, is still at the bridge.
+            conn = w.connection
+            assert conn is not None
+            await conn.close()
+            await wait_for(lambda: arrived >= 2, 20.0, what="two fetches of the worker held at the bridge")
+            ids = [await engine.add(svc, {"n": n}) for n in range(2)]
+            stop.set()
+            await wait_for(lambda: _draining(caplog), 10.0, what="the drain to start")
+            gates[0].set()  # the first claims a task, which the drain handles and acks
+            await asyncio.wait_for(acked.wait(), 15.0)
+            gates[1].set()  # the second claims the other one
+            await asyncio.wait_for(running, 40.0)
+    finally:
+        for gate in gates:
+            gate.set()
+        await w.close()
+    async with Worker(servers.amqp_url(OWNERS[0]), service=svc, worker_id="runner", exchange=names["exchange"]) as r:
+        left = await r.fetch()
+    assert left is None, f"task {left and left.id} is still leased to the stopped worker (handled: {seen})"
+    assert sorted(seen) == sorted(ids)
+
+
 async def test_a_fetch_without_an_answer_keeps_the_worker_unsure_until_its_own_deadline(servers, names):
     """Nobody consumes the requests (the exchange exists, no bridge runs): a long-poll of 1 s with
     a 1 s timeout raises RequestTimeout 2 s after it was sent, and could run at a bridge until
