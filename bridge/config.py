@@ -352,6 +352,20 @@ class Settings(BaseSettings):
             raise ValueError(f"{reason}: {value}")
         return value
 
+    @field_validator("cassandra_replication")
+    @classmethod
+    def _replication_is_a_cql_map(cls, value: str) -> str:
+        # Pasted into CREATE KEYSPACE: checked here, not found wrong by Cassandra at the first
+        # start (a traceback; in verify mode, a schema Job failing and every sidecar crash-looping).
+        entries = _REPLICATION_MAP.fullmatch(value.strip())
+        keys = _REPLICATION_ENTRY.findall(value)
+        if entries is None or "class" not in [k for k, _ in keys]:
+            raise ValueError(
+                "must be a CQL map with a 'class', in single quotes: "
+                "{'class': 'NetworkTopologyStrategy', 'dc1': 3} (JSON's double quotes are not CQL)"
+            )
+        return value
+
     @field_validator("cassandra_hosts")
     @classmethod
     def _hosts_not_empty(cls, value: list[str]) -> list[str]:
@@ -363,6 +377,16 @@ class Settings(BaseSettings):
     def _one_key_source(self) -> Settings:
         if self.keyring is not None and self.key_server_url is not None:
             raise ValueError("set BRIDGE_KEYRING or BRIDGE_KEY_SERVER_URL, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _default_lease_within_the_maximum(self) -> Settings:
+        if self.default_time_to_recover_ms > self.max_time_to_recover_ms:
+            raise ValueError(
+                f"BRIDGE_DEFAULT_TIME_TO_RECOVER_MS ({self.default_time_to_recover_ms}) is above "
+                f"BRIDGE_MAX_TIME_TO_RECOVER_MS ({self.max_time_to_recover_ms}): every fetch without a "
+                "timeToRecover would silently get the maximum"
+            )
         return self
 
     @model_validator(mode="after")
@@ -399,6 +423,14 @@ class Settings(BaseSettings):
                 shown = value
             out[ENV_PREFIX + name.upper()] = shown
         return out
+
+
+# A CQL map literal: 'key': 'text' or 'key': number, comma separated.
+_REPLICATION_ENTRY = re.compile(r"'([A-Za-z0-9_.-]+)'\s*:\s*('[A-Za-z0-9_.-]*'|\d+)")
+_REPLICATION_MAP = re.compile(
+    r"\{\s*'[A-Za-z0-9_.-]+'\s*:\s*(?:'[A-Za-z0-9_.-]*'|\d+)"
+    r"(?:\s*,\s*'[A-Za-z0-9_.-]+'\s*:\s*(?:'[A-Za-z0-9_.-]*'|\d+))*\s*\}"
+)
 
 
 def _shown_amqp_url(url: str) -> str:

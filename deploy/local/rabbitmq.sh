@@ -64,10 +64,25 @@ if [[ -n ${QB_RABBITMQ_NODENAME:-} ]]; then
   export RABBITMQ_NODENAME=$QB_RABBITMQ_NODENAME
 fi
 
+# Whether every folder from / down to $1 lets other users through (the broker runs as
+# `rabbitmq`, not as the user who runs these scripts).
+qb_traversable_by_others() {
+  local d=$1
+  while [[ -n $d && $d != / ]]; do
+    [[ $(stat -c %A "$d" 2>/dev/null) =~ ^d........[xt]$ ]] || return 1
+    d=$(dirname "$d")
+  done
+}
+
 rabbitmq_paths() {
   mkdir -p "$QB_STATE_DIR"
   QB_STATE_DIR=$(cd "$QB_STATE_DIR" && pwd)
   R_DIR=$QB_STATE_DIR/rabbitmq
+  if ! qb_traversable_by_others "$QB_STATE_DIR"; then
+    # A checkout in root's home (mode 0700 on Debian): the broker's state goes where `rabbitmq`
+    # can reach it, one folder per state dir (the same one at every call), instead of failing.
+    R_DIR=/var/tmp/queue-bridge-rabbitmq-$(printf '%s' "$QB_STATE_DIR" | md5sum | cut -c1-12)
+  fi
   R_MNESIA=$R_DIR/mnesia
   R_LOGS=$R_DIR/logs
   R_PIDFILE=$R_DIR/rabbitmq.pid

@@ -43,6 +43,11 @@ def test_lists_and_durations_from_the_environment(monkeypatch: pytest.MonkeyPatc
         ("BRIDGE_PREFETCH", "many"),
         ("BRIDGE_CASSANDRA_KEYSPACE", "bad-name"),
         ("BRIDGE_LOG_LEVEL", "LOUD"),
+        # JSON's quotes are no CQL: accepted, Cassandra refused them at the first start (a
+        # traceback; in verify mode every sidecar crash-looped on a failed schema Job).
+        ("BRIDGE_CASSANDRA_REPLICATION", '{"class": "NetworkTopologyStrategy", "dc1": 3}'),
+        ("BRIDGE_CASSANDRA_REPLICATION", "{'replication_factor': 3}"),
+        ("BRIDGE_CASSANDRA_REPLICATION", "{'class': 'SimpleStrategy', 'replication_factor': 1}; DROP TABLE t"),
     ],
 )
 def test_invalid_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, var: str, value: str) -> None:
@@ -139,3 +144,25 @@ def test_an_empty_tls_file_variable_means_none(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setenv(var, "")
     settings = load_settings()
     assert getattr(settings, var.removeprefix("BRIDGE_").lower()) is None
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "{'class': 'SimpleStrategy', 'replication_factor': 1}",
+        "{'class': 'NetworkTopologyStrategy', 'datacenter1': 3}",
+        "{ 'class' : 'org.apache.cassandra.locator.NetworkTopologyStrategy', 'dc-east': '3', 'dc_west': 2 }",
+    ],
+)
+def test_cql_replication_maps_are_accepted(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("BRIDGE_CASSANDRA_REPLICATION", value)
+    assert load_settings(_env_file=None).cassandra_replication == value
+
+
+def test_a_default_lease_above_the_maximum_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Accepted, every fetch without a timeToRecover silently got the maximum instead."""
+    monkeypatch.setenv("BRIDGE_DEFAULT_TIME_TO_RECOVER_MS", "120000")
+    monkeypatch.setenv("BRIDGE_MAX_TIME_TO_RECOVER_MS", "60000")
+    with pytest.raises(ConfigError) as err:
+        load_settings(_env_file=None)
+    assert "BRIDGE_DEFAULT_TIME_TO_RECOVER_MS" in str(err.value) and "BRIDGE_MAX_TIME_TO_RECOVER_MS" in str(err.value)

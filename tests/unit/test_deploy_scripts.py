@@ -51,3 +51,41 @@ def test_a_detached_launch_returns_once_the_pid_runs_the_command(tmp_path: Path)
 def test_a_detached_launch_that_dies_at_once_is_reported(tmp_path: Path) -> None:
     out = _run_with_cassandra_sh(tmp_path, 'source "$1"\nqb_spawn_detached /dev/null false && echo ok || echo failed\n')
     assert out.stdout.strip() == "failed", out.stdout + out.stderr
+
+
+def test_the_brokers_state_goes_where_its_user_can_reach_it(tmp_path: Path) -> None:
+    """A checkout in root's home (0700 on Debian): the broker, run as `rabbitmq`, could not reach
+    deploy/local/state, and the README's first command failed ("set QB_STATE_DIR elsewhere")."""
+    rabbitmq_sh = ROOT / "deploy" / "local" / "rabbitmq.sh"
+    home = tmp_path / "home"
+    (home / "checkout").mkdir(parents=True)
+    home.chmod(0o700)
+    script = 'source "$1"; echo "$R_DIR"; QB_STATE_DIR="$2"; rabbitmq_paths; echo "$R_DIR"'
+    runs = [
+        subprocess.run(
+            ["bash", "-c", script, "x", str(rabbitmq_sh), str(state)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "QB_STATE_DIR": str(state)},
+        )
+        for state in (home / "checkout" / "state", home / "checkout" / "state")
+    ]
+    for out in runs:
+        assert out.returncode == 0, out.stderr
+    hidden = runs[0].stdout.split()
+    assert hidden[0].startswith("/var/tmp/queue-bridge-rabbitmq-"), hidden
+    assert hidden[0] == hidden[1] == runs[1].stdout.split()[0], "the same folder at every call"
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o755)
+    out = subprocess.run(
+        ["bash", "-c", script, "x", str(rabbitmq_sh), str(open_dir / "state")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "QB_STATE_DIR": str(open_dir / "state")},
+    )
+    reachable = all(oct(p.stat().st_mode)[-1] in "1357" for p in [open_dir, *open_dir.parents] if str(p) != "/")
+    expected = str(open_dir / "state" / "rabbitmq") if reachable else "/var/tmp/queue-bridge-rabbitmq-"
+    assert out.stdout.split()[1].startswith(expected), out.stdout
