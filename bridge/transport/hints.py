@@ -65,7 +65,6 @@ from bridge.transport.request import Delivery
 
 log = logging.getLogger("bridge.hints")
 
-MAX_QUEUE_EXPIRES_MS = 2**32 - 1  # the broker's largest x-expires
 MAX_DECLARED = 10_000
 # The queue names after the prefix (broker permissions): ``p`` since 1.4, whose queues have five
 # priorities (task priorities 0-3, recovered tasks above them); a queue's arguments cannot change,
@@ -238,10 +237,7 @@ class AmqpHints:
         # down): that queue is scanned again, not every queue of the bridge (fetching.py's
         # alarm_queue, for the same cause met by a fetch).
         self.on_queue_loss = on_queue_loss or (lambda q: self.on_loss())
-        # RabbitMQ refuses an x-expires above 2^32 - 1 ms (about 49.7 days): with a longer task TTL
-        # every hint queue's declaration was refused, and every fetch of the fleet scanned the
-        # store. An idle hint queue past that only goes; its next use declares it again.
-        self._expires_ms = min((settings.task_ttl_seconds + 86_400) * 1000, MAX_QUEUE_EXPIRES_MS)
+        self._expires_ms = (settings.task_ttl_seconds + 86_400) * 1000
         self._channel: AbstractRobustChannel | None = None  # publish + get
         self._connection: AbstractRobustConnection | None = None
         self._declaring: aiormq.Channel | None = None  # declarations only (a refusal closes it)

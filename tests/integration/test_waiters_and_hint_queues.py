@@ -142,32 +142,3 @@ async def test_long_poll_still_waits_on_a_bridge_whose_task_ttl_differs_from_the
         )
     finally:
         await _delete_queue(admin, name)
-
-
-async def test_a_task_ttl_past_49_days_still_has_hint_queues(make_bridge, workers, engine, servers, names):
-    """A hint queue expires a day after the task TTL (x-expires), and RabbitMQ refuses an x-expires
-    above 2^32 - 1 ms (49.7 days): with BRIDGE_TASK_TTL=P60D (accepted) every hint queue was
-    refused, and every fetch of the fleet scanned the store, silently but for "hints unavailable"."""
-    from datetime import timedelta
-
-    from bridge.domain.records import QueueKey
-    from bridge.transport.hints import hint_queue_name
-
-    svc = service_id()
-    name = hint_queue_name(names["queue_prefix"], QueueKey(OWNERS[0], svc))
-    admin = servers.amqp_url("guest")
-    b = await make_bridge(task_ttl=timedelta(days=60))
-    try:
-        w = await workers(svc, "w")
-        waiting = asyncio.ensure_future(w.fetch(wait_ms=10_000))
-        await wait_for(
-            lambda: sum(len(x.waiters) for x in b.hints._waiting.values()) == 1,
-            10,
-            what="the fetch waiting on its hint queue",
-        )
-        task_id = await engine.add(svc, {"n": 1})
-        got = await asyncio.wait_for(waiting, 15)
-        assert got is not None and got.id == task_id
-        assert b.hints.lost == 0, f"hints lost: {b.hints.lost}"
-    finally:
-        await _delete_queue(admin, name)
