@@ -359,7 +359,7 @@ class Settings(BaseSettings):
         # start (a traceback; in verify mode, a schema Job failing and every sidecar crash-looping).
         entries = _REPLICATION_MAP.fullmatch(value.strip())
         keys = _REPLICATION_ENTRY.findall(value)
-        if entries is None or "class" not in [k for k, _ in keys]:
+        if entries is None or "class" not in keys:
             raise ValueError(
                 "must be a CQL map with a 'class', in single quotes: "
                 "{'class': 'NetworkTopologyStrategy', 'dc1': 3} (JSON's double quotes are not CQL)"
@@ -381,7 +381,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _default_lease_within_the_maximum(self) -> Settings:
-        if self.default_time_to_recover_ms > self.max_time_to_recover_ms:
+        # Refused only when both are set: a deployment that lowered the maximum alone below the
+        # default (60 s) kept starting, its default lease the maximum, as before.
+        explicit = {"default_time_to_recover_ms", "max_time_to_recover_ms"} <= self.model_fields_set
+        if explicit and self.default_time_to_recover_ms > self.max_time_to_recover_ms:
             raise ValueError(
                 f"BRIDGE_DEFAULT_TIME_TO_RECOVER_MS ({self.default_time_to_recover_ms}) is above "
                 f"BRIDGE_MAX_TIME_TO_RECOVER_MS ({self.max_time_to_recover_ms}): every fetch without a "
@@ -425,11 +428,12 @@ class Settings(BaseSettings):
         return out
 
 
-# A CQL map literal: 'key': 'text' or 'key': number, comma separated.
-_REPLICATION_ENTRY = re.compile(r"'([A-Za-z0-9_.-]+)'\s*:\s*('[A-Za-z0-9_.-]*'|\d+)")
+# A CQL map literal: 'key': 'text' or 'key': number, comma separated. A quoted part may hold
+# anything but a lone quote (data centre names with spaces, transient replication's '3/1').
+_CQL_TEXT = r"'(?:[^']|'')*'"
+_REPLICATION_ENTRY = re.compile(rf"'((?:[^']|'')*)'\s*:\s*(?:{_CQL_TEXT}|\d+)")
 _REPLICATION_MAP = re.compile(
-    r"\{\s*'[A-Za-z0-9_.-]+'\s*:\s*(?:'[A-Za-z0-9_.-]*'|\d+)"
-    r"(?:\s*,\s*'[A-Za-z0-9_.-]+'\s*:\s*(?:'[A-Za-z0-9_.-]*'|\d+))*\s*\}"
+    rf"\{{\s*{_CQL_TEXT}\s*:\s*(?:{_CQL_TEXT}|\d+)(?:\s*,\s*{_CQL_TEXT}\s*:\s*(?:{_CQL_TEXT}|\d+))*\s*\}}"
 )
 
 

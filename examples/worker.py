@@ -34,7 +34,7 @@ from typing import Any
 import aio_pika
 import orjson
 
-from bridge.client import BridgeClientError, Task, TransportError, Worker
+from bridge.client import BridgeClientError, Task, TransportError, UnavailableError, Worker
 
 DEFAULT_URL = "amqp://worker-a:worker-a@127.0.0.1:5672/"
 
@@ -85,8 +85,9 @@ async def _settle(task: Task, *, result: Any = None, error: Any = None, attempts
         attempt += 1
         try:
             return await (task.ack_error(error) if error is not None else task.ack(result))
-        except TransportError:
-            if attempt >= attempts and task.lease_expired():
+        except (TransportError, UnavailableError):
+            # A lease end this client cannot read never expires: bounded by attempts then.
+            if attempt >= attempts and (task.lease_expired or attempt >= 100 * attempts):
                 return False
             await asyncio.sleep(0.5)
 

@@ -1485,7 +1485,7 @@ class Worker(RpcClient):
             return True, None
         if task._settled:  # the handler settled it (an ack with an error, a fail)
             return True, None
-        acked, following = await self._ack_in_loop(task, result, take_next=stop is None or not stop.is_set())
+        acked, following = await self._ack_in_loop(task, result, stop=stop)
         if acked is False:
             # The bridge did not apply the result: the lease had run out and another worker took the
             # task (it runs again there), or it was cancelled or parked. Work done for nothing, which
@@ -1592,27 +1592,36 @@ class Worker(RpcClient):
         self._holds_nothing = False  # never ``fresh``: the bridge must hand the held task
         return await self.fetch()
 
-    async def _ack_in_loop(self, task: Task, result: Any, *, take_next: bool) -> tuple[bool | None, Task | None]:
-        """Ack ``task`` with ``result`` and, with ``take_next``, take the next task from the same
-        reply: ``(what the ack answered, the next task)``, the answer None when there was none (or
-        the result was refused), the task None when there is none (the caller fetches, and
-        long-polls). On stop the ack goes
-        alone (``take_next`` false). A request without an answer, or answered ``unavailable``, is
-        sent again (a retry hands the same next task, see :meth:`ack_and_fetch`) while the lease
-        lasts, at least 3 times (:meth:`_ack_retry_until`); then the caller's fetch, not
-        ``fresh``, gets this worker's task again if the ack never applied and nobody took it (at
-        least once). On stop there is no such fetch, and the retries last ``stop_grace`` at most:
-        a task still not acked then returns when its lease ends (logged).
+    async def _ack_in_loop(
+        self, task: Task, result: Any, *, stop: asyncio.Event | None
+    ) -> tuple[bool | None, Task | None]:
+        """Ack ``task`` with ``result`` and, unless ``stop`` is set, take the next task from the
+        same reply: ``(what the ack answered, the next task)``, the answer None when there was none
+        (or the result was refused), the task None when there is none (the caller fetches, and
+        long-polls). On stop (set before or during the retries) the ack goes alone. A request
+        without an answer, or answered ``unavailable``, is sent again (a retry hands the same next
+        task, see :meth:`ack_and_fetch`) while the lease lasts, at least 3 times
+        (:meth:`_ack_retry_until`); then the caller's fetch, not ``fresh``, gets this worker's
+        task again if the ack never applied and nobody took it (at least once). On stop there is
+        no such fetch, and the retries last ``stop_grace`` at most: a task still not acked then
+        returns when its lease ends (logged).
 
         A result the bridge refuses (any error it answers but ``unavailable``: one larger than its
         ``BRIDGE_MAX_VALUE_BYTES`` is ``payload_too_large``) or that JSON cannot carry (a set, a
         coroutine never awaited: :class:`~bridge.domain.jsonvalue.JsonError`, before anything is
         sent) was not applied: sending it again cannot help, and raising would end the loop with
         the task leased to it. The task is given back instead (``type`` ``ResultRefused``)."""
+        take_next = stop is None or not stop.is_set()
         until = self._ack_retry_until(task, stopping=not take_next)
         attempt = 0
         while attempt < ACK_ATTEMPTS or time.monotonic() < until:
             attempt += 1
+            if take_next and stop is not None and stop.is_set():
+                # Stopped while the ack was being sent again (a broker outage): no next task is
+                # taken, and the retries end within ``stop_grace``, not at the lease's end (up to
+                # 12 h: the pod ran until it was killed).
+                take_next = False
+                until = min(until, time.monotonic() + self.stop_grace)
             self.current = task
             try:
                 if not take_next:

@@ -207,9 +207,9 @@ class KeyFile:
             # Closed, but not ``unauthorized``: that says the key is wrong, and clients (this
             # project's among them) do not retry it; a worker stopped for a file caught half
             # written by an editor (truncated, then written) for the second it was read.
-            raise KeysUnavailable(
-                f"the gateway's keys file is {self._broken}: no API key can be checked until it is fixed; retry"
-            )
+            # Not why: the reason names the file's path and its entries (key ids), and any
+            # caller with a well-formed token reads this; the operator has it in the log.
+            raise KeysUnavailable("the gateway's keys file cannot be used now: no API key can be checked; retry")
         key_id, secret = parts
         key = self._keys.get(key_id)
         presented = hashlib.sha256(secret.encode()).digest()

@@ -118,6 +118,7 @@ class AmqpTransport:
             self.replies,
             consuming=lambda: bool(self._consumer_tags or self._orphans),
             requester_alive=self.probe.alive,
+            queue_restoring=self.queue_restoring,
         )
         # The results channel also carries the add retry lane; both publish to quorum queues on a
         # cluster (BRIDGE_QUEUE_TYPE): a channel RabbitMQ keeps nacking is opened afresh.
@@ -474,12 +475,19 @@ class AmqpTransport:
         assert ok.consumer_tag is not None
         self._consumer_tags[method] = ok.consumer_tag
 
+    def queue_restoring(self, routing_key: str) -> bool:
+        """Whether the queue that takes ``routing_key`` lost its consumer here and is being
+        declared again (its requests meanwhile go to ``.unrouted``)."""
+        method = LIFECYCLE_QUEUE if routing_key in LIFECYCLE_METHODS else routing_key
+        return method in self._lost or method in self._restores
+
     def _consumer_cancelled(self, frame: Basic.Cancel) -> None:
         """The broker cancelled a request consumer (basic.cancel): its queue was deleted (or its
         node lost). aiormq has dropped the consumer; without this the bridge still counted it, said
         it was ready, and the method's requests, no longer routed to a queue, went through the
         alternate exchange to ``.unrouted``, answered ``bad_request: unknown method`` (adds lost as
-        the caller's errors). Runs on aiormq's frame reader: only bookkeeping here."""
+        the caller's errors; RPCs answered ``unavailable`` now while it is declared again, see
+        ``RequestHandlers.unrouted``). Runs on aiormq's frame reader: only bookkeeping here."""
         method = next((m for m, tag in self._consumer_tags.items() if tag == frame.consumer_tag), None)
         if method is None:
             return  # no longer ours (a pause cancelled it meanwhile)
@@ -489,7 +497,7 @@ class AmqpTransport:
             return
         log.warning(
             "the broker cancelled the bridge's consumer of %s (the queue was deleted?): declaring it again "
-            "with its bindings and consuming it; until then its requests are answered as unknown methods",
+            "with its bindings and consuming it; until then its RPCs are answered unavailable, its adds dead-lettered",
             self.queue_name(method),
         )
         self._start_restore(method)

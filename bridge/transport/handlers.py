@@ -28,6 +28,7 @@ from bridge.domain.models import AckWithNextRequest, AddCommand, FetchRequest, p
 from bridge.domain.queue import PendingAdd, WorkQueue
 from bridge.domain.timeline import ms_of
 from bridge.errors import BridgeError, ErrorCode, wire_code
+from bridge.observability.throttled import ThrottledWarning
 from bridge.observability.tracing import child_traceparent, extract_traceparent
 from bridge.transport import wire
 from bridge.transport.add_retry import AddRetryLane
@@ -118,8 +119,13 @@ class RequestHandlers:
         consuming: Callable[[], bool],
         requester_alive: Callable[[str], Awaitable[bool]] | None = None,
         lane: AddRetryLane | None = None,
+        queue_restoring: Callable[[str], bool] | None = None,
     ) -> None:
         self.settings = settings
+        # Whether the queue of a routing key is being declared again here (the broker cancelled
+        # its consumer: deleted, or lost with its node): its requests land in ``.unrouted``.
+        self.queue_restoring = queue_restoring or (lambda key: False)
+        self._warn_unrouted = ThrottledWarning(log)
         self.queue = queue
         self.replies = replies
         # Long-poll fetches waiting with their deliveries already acknowledged: outside the prefetch
@@ -350,12 +356,18 @@ class RequestHandlers:
 
     async def unrouted(self, message: RequestMessage) -> str:
         key = message.routing_key
-        if key in ROUTING_KEYS and key != "add" and message.reply_to:
-            # A method the bridges serve, whose queue is missing: deleted by an operator, or lost
-            # with its node, and being declared again (a moment, at most seconds). Answered as an
-            # unknown method (``bad_request``, a client's mistake), it ended every worker's loop of
-            # the fleet that fetched meanwhile, and a worker's finished result was given back.
-            # Its caller retries it. (An add has no caller waiting: dead-lettered, kept.)
+        if key in ROUTING_KEYS and key != "add" and message.reply_to and self.queue_restoring(key):
+            # A method whose queue this bridge is declaring again (the broker cancelled its
+            # consumer: deleted by an operator, or lost with its node), for a moment. Answered as
+            # an unknown method (``bad_request``, a client's mistake), it ended every worker's loop
+            # of the fleet that fetched meanwhile, and a worker's finished result was given back.
+            # Its caller retries it. Only then: a queue missing for another cause (a binding
+            # removed) stays the caller's ``bad_request``, dead-lettered, not retried for ever.
+            # An add is dead-lettered as before, kept for replay (a fire-and-forget one has
+            # nobody to send it again).
+            self._warn_unrouted.warning(
+                "a %s request came while its queue is being declared again: answered unavailable", key
+            )
             err: BaseException = Unavailable(
                 f"the bridges' queue for {key!r} is missing (deleted, or its node lost) and is being "
                 "declared again: send the request again in a moment"

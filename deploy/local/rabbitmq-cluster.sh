@@ -50,9 +50,16 @@ join() {
   echo "rabbitmq cluster: $(name "$i") joined $(name 1)"
 }
 
+# Node N's broker folder (pid file, Mnesia, logs): rabbitmq.sh's own choice (under the state dir,
+# or under /var/tmp when the broker's user cannot reach that).
+rdir() {
+  QB_STATE_DIR=$BASE/rabbit-cluster/node$1 bash -c 'source "$1" >/dev/null && echo "$R_DIR"' _ "$HERE/rabbitmq.sh"
+}
+
 # Node N's process is alive (its pid file names a live process), whether or not it serves yet.
 running() {
-  local f=$BASE/rabbit-cluster/node$1/rabbitmq/rabbitmq.pid
+  local f
+  f=$(rdir "$1")/rabbitmq.pid
   [[ -f $f ]] && kill -0 "$(tr -dc '0-9' <"$f")" 2>/dev/null
 }
 
@@ -62,6 +69,7 @@ case ${1:-} in
       # A fresh cluster each time none runs: one stopped in another order than it started (a node
       # the drill killed, then started again) waits at boot for the node that stopped last (Mnesia:
       # "Waiting for Mnesia tables"), and node 1 never came up. The drills keep nothing across runs.
+      for i in 1 2 3; do rm -rf "$(rdir "$i")"; done
       rm -rf "$BASE/rabbit-cluster"
     fi
     # `up` (start, wait, users) in one process each: its wait knows when the node was launched.
@@ -75,7 +83,7 @@ case ${1:-} in
   down) for i in 3 2 1; do node "$i" stop || true; done ;;
   start) node "${2:?node 1-3}" up ;;
   kill)
-    pid=$(tr -dc '0-9' <"$BASE/rabbit-cluster/node${2:?node 1-3}/rabbitmq/rabbitmq.pid")
+    pid=$(tr -dc '0-9' <"$(rdir "${2:?node 1-3}")/rabbitmq.pid")
     kill -9 "$pid"
     echo "rabbitmq node $2 (pid $pid) killed"
     ;;

@@ -69,7 +69,7 @@ fi
 qb_traversable_by_others() {
   local d=$1
   while [[ -n $d && $d != / ]]; do
-    [[ $(stat -c %A "$d" 2>/dev/null) =~ ^d........[xt]$ ]] || return 1
+    [[ $(stat -L -c %A "$d" 2>/dev/null) =~ ^d........[xt]$ ]] || return 1
     d=$(dirname "$d")
   done
 }

@@ -693,3 +693,39 @@ async def test_an_ack_with_next_says_not_fresh_while_a_cancelled_long_poll_may_s
     acked, _following = await w.ack_and_fetch("done")
     assert acked is True
     assert sent[0]["next"]["fresh"] is False, sent[0]
+
+
+async def test_a_stop_during_an_ack_sent_again_ends_within_the_stop_grace(bridge, engine, servers, names):
+    """An ack is sent again while the task's lease lasts (a broker outage as the task finished).
+    A stop set meanwhile was not looked at: the worker kept retrying until the lease's end (up to
+    12 h), and the pod ran until it was killed. Stop now caps the retries at ``stop_grace``."""
+    proxy = await TcpProxy(servers.amqp_host, servers.amqp_port).start()
+    svc = service_id()
+    await engine.add(svc, {"n": 1})
+    url = f"amqp://{OWNERS[0]}:{OWNERS[0]}@127.0.0.1:{proxy.port}/"
+    w = Worker(url, service=svc, worker_id="stopper", exchange=names["exchange"], time_to_recover_ms=120_000)
+    w.wait_ms = 1_000
+    w.stop_grace = 2.0
+    await w.open()
+    stop = asyncio.Event()
+
+    async def handler(task):  # type: ignore[no-untyped-def]
+        proxy.cut()  # the broker goes away as the task finishes, and stays away
+        asyncio.get_running_loop().call_later(1.0, stop.set)  # SIGTERM while the ack is retried
+        return "done"
+
+    loop = asyncio.get_running_loop()
+    running = asyncio.ensure_future(w.run(handler, stop=stop))
+    try:
+        await wait_for(stop.is_set, 30, what="the stop set while the ack is retried")
+        stopped_at = loop.time()
+        await asyncio.wait_for(asyncio.shield(running), 20)
+        took = loop.time() - stopped_at
+    finally:
+        running.cancel()
+        with contextlib.suppress(BaseException):
+            await running
+        with contextlib.suppress(Exception):
+            await w.close()
+        await proxy.stop()
+    assert took < 15, f"run returned {took:.1f} s after stop (stop_grace 2 s)"

@@ -152,6 +152,7 @@ def test_an_empty_tls_file_variable_means_none(monkeypatch: pytest.MonkeyPatch, 
         "{'class': 'SimpleStrategy', 'replication_factor': 1}",
         "{'class': 'NetworkTopologyStrategy', 'datacenter1': 3}",
         "{ 'class' : 'org.apache.cassandra.locator.NetworkTopologyStrategy', 'dc-east': '3', 'dc_west': 2 }",
+        "{'class': 'NetworkTopologyStrategy', 'dc 1': '3/1', 'eu:west': 2}",  # spaces, transient replicas
     ],
 )
 def test_cql_replication_maps_are_accepted(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
@@ -166,3 +167,11 @@ def test_a_default_lease_above_the_maximum_is_an_error(monkeypatch: pytest.Monke
     with pytest.raises(ConfigError) as err:
         load_settings(_env_file=None)
     assert "BRIDGE_DEFAULT_TIME_TO_RECOVER_MS" in str(err.value) and "BRIDGE_MAX_TIME_TO_RECOVER_MS" in str(err.value)
+
+
+def test_a_maximum_lease_set_alone_below_the_default_still_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deployment that lowered only the maximum (below the 60 s default) starts as before,
+    its default lease the maximum: refusing it would crash-loop every bridge at the upgrade."""
+    monkeypatch.setenv("BRIDGE_MAX_TIME_TO_RECOVER_MS", "30000")
+    settings = load_settings(_env_file=None)
+    assert settings.max_time_to_recover_ms == 30_000

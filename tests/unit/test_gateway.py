@@ -139,6 +139,7 @@ def test_the_keys_file_is_reread_when_it_changes(keyfile) -> None:
         with pytest.raises(KeysUnavailable) as err:
             keys_file.authenticate(f"Bearer {added}")
         assert err.value.code == ErrorCode.UNAVAILABLE
+        assert str(path) not in err.value.message and "id-" not in err.value.message  # nothing of the file
     path.unlink()
     clock.now += 1.5
     with pytest.raises(KeysUnavailable):
