@@ -129,6 +129,27 @@ function backoffMs(failed, baseMs, capMs = BACKOFF_CAP_MS) {
   return Math.floor(Math.random() * ceiling);
 }
 
+/**
+ * Close an amqplib connection, waiting `ms` at most, never rejecting (it is given up either way):
+ * amqplib's close() waits for the broker's close-ok, and a path to the broker that went silent (a
+ * black-holing firewall, a half-dead node: the socket stays open, nothing comes back) never
+ * answers it: close() never settled, and a stopping worker hung in it for good. Then the socket is
+ * destroyed, with an error, so that amqplib ends the connection (its heartbeat timers with it,
+ * which would keep the process alive) as it does a lost one. As rpc.py's _close_bounded.
+ */
+async function closeBounded(connection, ms) {
+  let timer;
+  const gaveUp = new Promise((resolve) => {
+    timer = setTimeout(() => resolve(true), ms);
+  });
+  try {
+    const silent = await Promise.race([connection.close().then(() => false, () => false), gaveUp]);
+    if (silent) connection.connection.stream.destroy(new Error(`no close-ok within ${ms} ms`));
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 class BridgeClient {
   /**
    * Connect and get ready for RPCs: one channel that consumes direct reply-to and publishes the
@@ -136,14 +157,15 @@ class BridgeClient {
    */
   static async open(options) {
     const client = new BridgeClient(options);
-    await client.connect();
+    await client.connectOnce();
     return client;
   }
 
   /**
    * A client not connected yet: its first request connects (a failure to connect then rejects
    * that request with ConnectionLost, for the caller's retry loop). `connectTimeoutMs`: how long
-   * one node may take to accept the connection and finish the AMQP handshake (default 5 s).
+   * one node may take to accept the connection and finish the AMQP handshake (default 5 s), and
+   * to answer our close of it (see closeBounded).
    */
   constructor({ url, exchange, hosts = [], connectTimeoutMs = 5_000 }) {
     this.url = url;
@@ -157,6 +179,10 @@ class BridgeClient {
     this.connection = null;
     this.channel = null; // null: not connected (never, or lost); the next request connects again
     this.pending = new Map(); // correlation-id -> {resolve, reject, timer, method}
+    // The connect() under way, shared by every request that finds the client disconnected: each
+    // connecting on its own (requests sent together, an engine's Promise.all), all but the last
+    // connection were left open (close() closes the one kept) and the process never exited.
+    this.connecting = null;
     this.closes = 0; // close() calls: a connect() under way when one comes is given up
     // The channel a request got no reply on: the next request connects afresh. On RabbitMQ
     // before 3.11 a channel whose first publish to a quorum queue came during a leader election
@@ -200,11 +226,22 @@ class BridgeClient {
     this.monoOffsetMs = this.offsets[0][1];
   }
 
+  /** connect(), or the one already under way: one connection, however many requests wait for it. */
+  connectOnce() {
+    if (this.connecting === null) {
+      this.connecting = this.connect().finally(() => {
+        this.connecting = null;
+      });
+    }
+    return this.connecting;
+  }
+
   /**
-   * (Re)connect: a connection and one channel that consumes direct reply-to. A channel the broker
-   * closed (a publish to an exchange that does not exist yet: 404) or a lost connection (a broker
-   * restart, an operator's close) fails the requests in flight and leaves the client
-   * disconnected; the next request connects again, so a worker's retry loop recovers by itself.
+   * (Re)connect (callers go through connectOnce): a connection and one channel that consumes
+   * direct reply-to. A channel the broker closed (a publish to an exchange that does not exist
+   * yet: 404) or a lost connection (a broker restart, an operator's close) fails the requests in
+   * flight and leaves the client disconnected; the next request connects again, so a worker's
+   * retry loop recovers by itself.
    */
   async connect() {
     // One pass over the nodes (each tried once, from the one after the node last lost): a caller
@@ -231,7 +268,7 @@ class BridgeClient {
     connection.on('error', () => {});
     if (this.closes !== closes) {
       // close() came while we connected (a worker told to stop): this connection is not wanted.
-      await connection.close().catch(() => {});
+      await closeBounded(connection, this.connectTimeoutMs);
       throw new ClientClosed({ sent: false });
     }
     let channel;
@@ -244,11 +281,11 @@ class BridgeClient {
       });
       await channel.consume(DIRECT_REPLY_TO, (msg) => this.onReply(msg), { noAck: true });
     } catch (err) {
-      await connection.close().catch(() => {});
+      await closeBounded(connection, this.connectTimeoutMs);
       throw new ConnectionLost(`could not open a channel: ${err.message}`, { sent: false, cause: err });
     }
     if (this.closes !== closes) {
-      await connection.close().catch(() => {});
+      await closeBounded(connection, this.connectTimeoutMs);
       throw new ClientClosed({ sent: false });
     }
     const lost = () => {
@@ -264,7 +301,7 @@ class BridgeClient {
         ? `RabbitMQ refused the request: ${refusal.message}`
         : 'connection lost: the channel was closed';
       this.failAll(new ConnectionLost(why, { sent: !refused }));
-      connection.close().catch(() => {}); // a 404 closes only the channel: drop its connection too
+      closeBounded(connection, this.connectTimeoutMs); // a 404 closes only the channel: drop its connection too
     };
     channel.on('close', lost);
     connection.on('close', lost);
@@ -322,9 +359,10 @@ class BridgeClient {
       this.channel = null;
       this.node = (this.node + 1) % this.urls.length;
       this.failAll(new ConnectionLost('connection replaced after a request without a reply'));
-      connection.close().catch(() => {});
+      closeBounded(connection, this.connectTimeoutMs); // in the background: this request does not wait
     }
-    if (this.channel === null) await this.connect(); // lost earlier: a failure here is the caller's to retry
+    // Lost earlier, or never connected: a failure here is the caller's to retry.
+    if (this.channel === null) await this.connectOnce();
     const timeoutMs = options.timeoutMs ?? 10_000;
     const correlationId = crypto.randomUUID();
     const content = options.raw ?? Buffer.from(JSON.stringify(body));
@@ -366,7 +404,8 @@ class BridgeClient {
    * Close the connection: the requests in flight reject with ClientClosed (their direct reply-to
    * is gone with the channel, so a long-poll fetch waiting at a bridge claims nothing more; one
    * still queued at a busy bridge may claim a ready task at once: worker.js asks for it on stop),
-   * and so does a connect() under way. A later request connects again.
+   * and so does a connect() under way. A later request connects again. Bounded: a broker that
+   * does not answer the close within connectTimeoutMs has its socket destroyed (closeBounded).
    */
   async close() {
     const { connection } = this;
@@ -375,11 +414,7 @@ class BridgeClient {
     this.failAll(new ClientClosed());
     if (connection === null) return;
     this.connection = null;
-    try {
-      await connection.close();
-    } catch {
-      // already closed
-    }
+    await closeBounded(connection, this.connectTimeoutMs);
   }
 }
 

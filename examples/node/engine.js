@@ -14,7 +14,8 @@
 //   QB_RETRY_FOR_MS 120000     how long one add is retried (no reply, `unavailable`, the connection
 //                 lost or RabbitMQ out of reach) before the engine gives up (exit 1)
 //   QB_RETRY_BASE_MS 200       first retry pause; doubles per retry up to 5 s, full jitter
-//   QB_CONNECT_TIMEOUT_MS 5000 how long connecting to one RabbitMQ node may take
+//   QB_CONNECT_TIMEOUT_MS 5000 how long connecting to one RabbitMQ node may take, and how long
+//                 closing the connection may (then its socket is destroyed)
 //
 // Prints one JSON line per task: {"event": "added", "n", "taskId", "messageId", "token"}, and
 // {"event": "retry", "messageId", "attempt", "code", "message", "pauseMs"} before each retry.

@@ -9,7 +9,7 @@
 //   QB_USER_ID      the user-id property (default: the URL's user; "-" leaves it out)
 //   QB_MESSAGE_ID   the message-id property (the idempotency key of an add)
 //   QB_TIMEOUT_MS   10000
-//   QB_CONNECT_TIMEOUT_MS 5000  how long connecting to RabbitMQ may take
+//   QB_CONNECT_TIMEOUT_MS 5000  how long connecting to RabbitMQ may take, and closing the connection
 //
 // Prints one JSON line: {"event": "reply", "type", "correlationId", "messageId", "body"} (an error
 // reply too); exit 0 on any reply, 2 when none comes in time, RabbitMQ cannot be reached or an

@@ -2,6 +2,9 @@
 // The engine's results consumer: read result messages, keep those of one owner and service.
 //
 //   QB_AMQP_URL          amqp://engine:engine@127.0.0.1:5672/
+//   QB_AMQP_HOSTS        (none)     a RabbitMQ cluster's nodes, host[:port] comma separated, used with
+//                                   QB_AMQP_URL's user and vhost: the next node when one is lost
+//                                   (BRIDGE_AMQP_HOSTS), as bridge.js does
 //   QB_RESULTS_QUEUE     queue-bridge.results   (BRIDGE_RESULTS_QUEUE) the queue to consume
 //   QB_OWNER             worker-a   keep results whose `x-owner` header is this owner ("" = any)
 //   QB_SERVICE           demo       keep results whose routing key (= serviceId) is this ("" = any)
@@ -16,11 +19,12 @@
 //   QB_DEDUP_SIZE        100000     message-ids remembered to drop duplicates (the most recent ones:
 //                                   a copy comes soon after the first, so memory stays bounded)
 //   QB_RETRY_BASE_MS     200        first pause before reconnecting; doubles up to 5 s, full jitter
-//   QB_CONNECT_TIMEOUT_MS 5000      how long connecting to RabbitMQ may take
+//   QB_CONNECT_TIMEOUT_MS 5000      how long connecting to one RabbitMQ node may take
 //
 // Results are at least once: de-duplicated on the `message-id` property (of the last QB_DEDUP_SIZE
-// results). A lost connection (a broker restart, a failover) is reconnected, with backoff: what was
-// not acked comes again, and is de-duplicated. With QB_BIND the queue is exclusive, so results
+// results). A lost connection (a broker restart, a failover) is reconnected, with backoff, starting
+// at the node after the one lost (each node of QB_AMQP_HOSTS tried in turn): what was not acked
+// comes again, and is de-duplicated. With QB_BIND the queue is exclusive, so results
 // published while the connection was down are not in the new one. A refusal (403: the user may not
 // read the queue or bind; 404: no such queue or exchange) ends the script (exit 1). A message whose
 // body is not a JSON object is acked and reported ("bad_result"): requeued, it would come back for
@@ -33,7 +37,7 @@
 // "messageId", "message"} and {"event": "reconnecting", "message", "pauseMs"}.
 
 const amqp = require('amqplib');
-const { backoffMs, emit, env, intEnv, run } = require('./bridge');
+const { backoffMs, emit, env, hostsEnv, intEnv, nodeUrls, run } = require('./bridge');
 
 function text(value) {
   // Header values of the AMQP table: strings (longstr) may reach us as Buffers.
@@ -71,6 +75,28 @@ async function main() {
   const dedupSize = intEnv('QB_DEDUP_SIZE', 100_000);
   const retryBaseMs = intEnv('QB_RETRY_BASE_MS', 200);
   const connectTimeoutMs = intEnv('QB_CONNECT_TIMEOUT_MS', 5_000);
+
+  // Each node's URL (QB_AMQP_URL alone without QB_AMQP_HOSTS), shuffled as bridge.js does, and
+  // the one to try first: after the node whose connection was lost, which may be down. With the
+  // URL's node only, a consumer whose node died consumed nothing until that node came back.
+  const urls = nodeUrls(url, hostsEnv());
+  let node = 0;
+
+  /** A connection to the first node that takes it (each tried once, from `node`), or the last error. */
+  async function connectAny() {
+    let failure = null;
+    for (let step = 0; step < urls.length; step++) {
+      const index = (node + step) % urls.length;
+      try {
+        const connection = await amqp.connect(urls[index], { timeout: connectTimeoutMs });
+        node = index;
+        return connection;
+      } catch (err) {
+        failure = err; // refused, out of reach or silent: the next node
+      }
+    }
+    throw failure;
+  }
 
   const recent = new RecentIds(dedupSize);
   let kept = 0; // distinct results kept
@@ -125,7 +151,7 @@ async function main() {
 
   /** One connection's life: consume until it is lost (resolves) or refused (rejects). */
   async function consumeOnce() {
-    const connection = await amqp.connect(url, { timeout: connectTimeoutMs });
+    const connection = await connectAny();
     let lost;
     const closed = new Promise((resolve) => {
       lost = resolve;
@@ -177,6 +203,7 @@ async function main() {
       const why = await consumeOnce();
       if (why === null || rc !== null) break; // finished
       failed = 0;
+      node = (node + 1) % urls.length; // its node may be the trouble: start after it
       const pauseMs = backoffMs(1, retryBaseMs);
       emit('reconnecting', { message: why, pauseMs });
       await pause(pauseMs);
@@ -187,6 +214,7 @@ async function main() {
         break;
       }
       failed += 1;
+      node = (node + 1) % urls.length; // lost while setting up, or every node failed: move on
       const pauseMs = backoffMs(failed, retryBaseMs);
       emit('reconnecting', { message: String(err.message ?? err), pauseMs });
       await pause(pauseMs);

@@ -19,7 +19,8 @@
 //                                  then it is given back (`fail`, retryInMs 0) to come again at once
 //   QB_STOP_GRACE_MS 5000          at the stop, how long it may go on asking whether a fetch it gave
 //                                  up on (or that got no answer) claimed a task for it (Worker.stop_grace)
-//   QB_CONNECT_TIMEOUT_MS 5000     how long connecting to one RabbitMQ node may take
+//   QB_CONNECT_TIMEOUT_MS 5000     how long connecting to one RabbitMQ node may take, and how long
+//                                  closing a connection may (then its socket is destroyed)
 //
 // The work: {"upper": value.text upper-cased, "n": value.n}; a value with "fail": true is acked
 // with a business error instead ({"message": ...}): it reaches the engine as an error result.
@@ -36,11 +37,17 @@
 //   `unavailable`, `internal`, a code this script does not know) pauses and fetches again, a
 //   little longer each time; `integrity_error` (a task the bridge could not open and
 //   dead-lettered) fetches again at once.
-// * An ack without an answer (or `unavailable`) is sent again, 3 times at most (it names its task,
-//   so it can never complete another one); then the next fetch, not `fresh`, hands the task back
-//   if the ack never applied. An ack the bridge refuses (payload_too_large: the result is larger
-//   than BRIDGE_MAX_VALUE_BYTES; bad_request; ...) cannot succeed by being sent again: the task is
-//   given back with `fail` instead of being left leased to us until its lease runs out.
+// * An ack without an answer (or `unavailable`) is sent again, backing off, while the task's lease
+//   lasts (its `leaseExpiresAt`, on the bridge's clock), 3 times at least; on stop for
+//   QB_STOP_GRACE_MS at most (as the Python Worker's _ack_in_loop). It names its task, so it can
+//   never complete another one. Given up after 3 tries (under a second), the next fetch handed the
+//   task back and its handler ran a second time whenever RabbitMQ was away a few seconds as a task
+//   finished: the result is in hand, so the ack waits for the broker instead. Past the lease the
+//   task may be another worker's: the next fetch, not `fresh`, then hands it back only if nobody
+//   took it and the ack never applied. An ack the bridge refuses (payload_too_large: the result
+//   is larger than BRIDGE_MAX_VALUE_BYTES; bad_request; ...) cannot succeed by being sent again:
+//   the task is given back with `fail` instead of being left leased to us until its lease runs
+//   out.
 // * SIGTERM/SIGINT: a long-poll under way is given up at once by closing the connection (the
 //   bridge checks a waiting fetch's reply-to before it claims a task for it: gone, it claims
 //   nothing); the task in hand is finished and acked, or given back after QB_STOP_TIMEOUT_MS.
@@ -63,6 +70,7 @@ const { BridgeClient, backoffMs, emit, env, hostsEnv, intEnv, run, sleep } = req
 const MISCONFIGURED = new Set(['bad_request', 'payload_too_large', 'unauthorized', 'unknown_owner']);
 // Ack failures after which the ack may have applied or may apply when sent again.
 const UNANSWERED = new Set(['timeout', 'connection_lost', 'unavailable']);
+// An ack without an answer is sent this many times at least, and then on while the lease lasts.
 const ACK_ATTEMPTS = 3;
 // On stop, while a fetch without an answer may still claim a task for us: how often we ask the
 // bridge whether we hold one (rpc.py STOP_ASK_EVERY_S). Short: the claimed task's lease runs.
@@ -75,10 +83,11 @@ let closing = Promise.resolve(); // the close a signal started (under a long-pol
 let phase = 'idle'; // 'fetching' while a fetch waits: a signal then closes the connection
 let stopping = false;
 let cutHandler = false; // a handler still ran when we gave its task back
-let signalled = () => {};
-const stopped = new Promise((resolve) => {
-  signalled = resolve;
-});
+// What the signal tells (a handler's cut-off timer): each listener is removed once its task is
+// done. Not a reaction to a promise the signal settles: one such per task stayed attached for the
+// life of the process (memory grew with every task), and the signal then started a
+// QB_STOP_TIMEOUT_MS timer for every task ever handled, which kept the process alive that long.
+const onStop = new Set();
 let wake = null; // ends the pause under way (a signal)
 
 for (const signal of ['SIGTERM', 'SIGINT']) {
@@ -90,7 +99,7 @@ for (const signal of ['SIGTERM', 'SIGINT']) {
     }
     stopping = true;
     emit('stopping', { signal, phase });
-    signalled();
+    for (const listener of onStop) listener();
     if (wake !== null) wake();
     // A long-poll can wait 30 s: give it up now. With its channel gone, its reply-to is gone, and
     // the bridge, which checks that before it claims a task for a waiting fetch, claims nothing.
@@ -124,15 +133,20 @@ async function work(value, workMs) {
 /** The work, or CUT when a signal came and it still ran stopTimeoutMs later. */
 async function handle(value, workMs, stopTimeoutMs) {
   let timer = null;
-  const cut = stopped.then(
-    () =>
-      new Promise((resolve) => {
-        timer = setTimeout(() => resolve(CUT), stopTimeoutMs);
-      }),
-  );
+  let listener = null;
+  const cut = new Promise((resolve) => {
+    listener = () => {
+      timer = setTimeout(() => resolve(CUT), stopTimeoutMs);
+    };
+    if (stopping) listener(); // signalled before the work began (the drain's task)
+    else onStop.add(listener);
+  });
   try {
     return await Promise.race([work(value, workMs), cut]);
   } finally {
+    // Nothing of this task's is left behind: the listener is removed, the timer (if the signal
+    // came meanwhile) cleared, and `cut`, never settled then, is unreferenced and collected.
+    onStop.delete(listener);
     if (timer !== null) clearTimeout(timer);
   }
 }
@@ -177,11 +191,33 @@ async function main() {
     return null;
   }
 
+  /**
+   * Until when (performance.now(), ms) an ack of `task` that gets no answer is sent again: while
+   * its lease lasts, judged on the bridge's clock as the lease is (rpc.py _ack_retry_until); when
+   * stopping, QB_STOP_GRACE_MS at most. A lease end that does not parse: the attempts alone.
+   */
+  function ackRetryUntil(task) {
+    let left = Date.parse(task.leaseExpiresAt) - client.bridgeNow();
+    if (Number.isNaN(left)) return 0;
+    if (stopping) left = Math.min(left, stopGraceMs);
+    return performance.now() + left;
+  }
+
   /** Ack (sent again after no answer); true/false as answered, null when not applied. */
   async function ackTask(task, outcome) {
     // Name the task and its lease: this ack completes exactly that, or answers false.
     const ack = { serviceId, workerId, taskId: task.id, epoch: task.epoch, hasToken: task.hasToken, ...outcome };
-    for (let attempt = 1; attempt <= ACK_ATTEMPTS; attempt++) {
+    let until = ackRetryUntil(task);
+    let graced = stopping; // the stop's bound applied to `until`
+    let attempt = 0;
+    while (attempt < ACK_ATTEMPTS || performance.now() < until) {
+      attempt += 1;
+      if (stopping && !graced) {
+        // Told to stop while the ack was being sent again (a broker outage): the retries end
+        // within the grace, not at the lease's end (QB_TTR_MS: the pod would run until killed).
+        graced = true;
+        until = Math.min(until, performance.now() + stopGraceMs);
+      }
       try {
         const acked = await client.request('ack', ack);
         emit('acked', { taskId: task.id, completed: acked.body.result });
@@ -194,10 +230,18 @@ async function main() {
           await giveBack(task, 'ResultRefused', err.message);
           return null;
         }
-        if (attempt < ACK_ATTEMPTS) await sleep(backoffMs(attempt, pollMs));
+        // Backing off (full jitter, up to 5 s), as a failed fetch does; never past `until` once
+        // the first attempts are spent. A signal cuts the pause short, and the next attempt then
+        // bounds the retries by the grace.
+        let pauseMs = backoffMs(attempt, pollMs);
+        if (attempt >= ACK_ATTEMPTS) pauseMs = Math.min(pauseMs, Math.max(0, until - performance.now()));
+        if (stopping) await sleep(pauseMs);
+        else await pause(pauseMs);
       }
     }
-    return null; // the next fetch (not `fresh`) hands the task back if the ack never applied
+    // Past the lease (or the grace): the next fetch (not `fresh`) hands the task back if the ack
+    // never applied and nobody took it; on stop it returns when its lease ends.
+    return null;
   }
 
   // A fetch that got no answer (given up at the stop, timed out, its connection lost once sent)

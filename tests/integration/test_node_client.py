@@ -1007,3 +1007,205 @@ async def test_node_results_reconnects_when_the_broker_closes_its_connection(
         await results.stop()
     assert results.all("reconnecting"), results.events
     assert [r["messageId"] for r in results.all("result")] == ["t1:c1"]
+
+
+# -- the second review's findings (ack retries, stop, bounded close, connecting once, results failover)
+
+
+async def test_node_worker_sends_an_unanswered_ack_again_while_the_lease_lasts(
+    bridge: Any, engine: Any, node: str, servers: Servers, names: dict[str, str]
+) -> None:
+    """RabbitMQ out of reach for a few seconds as a task's work ends: the worker sent its ack 3
+    times in under a second, gave up, and its next fetch (not ``fresh``) handed the same task back,
+    so the handler ran a second time. As rpc.py's ``_ack_in_loop``, the ack is sent again (backing
+    off) while the task's lease lasts (here 30 s): the result is in hand and an ack naming its task
+    is safe to repeat. The outage: the worker's only path to RabbitMQ (a proxy) cut for ~3 s."""
+    from tests.conftest import wait_for
+    from tests.faults import TcpProxy
+
+    proxy = await TcpProxy(servers.amqp_host, servers.amqp_port).start()
+    svc = service_id()
+    task_id = await engine.add(svc, {"n": 1, "text": "handled once"})
+    extra = {
+        "QB_AMQP_URL": f"amqp://{OWNERS[0]}:{OWNERS[0]}@127.0.0.1:{proxy.port}/",
+        "QB_SERVICE": svc,
+        "QB_WAIT_MS": "2000",
+        "QB_WORK_MS": "1500",  # time to cut the proxy between the fetch and the ack
+        "QB_TTR_MS": "30000",
+    }
+    worker = await NodeScript(node, "worker.js", {**env_of(servers, names, OWNERS[0]), **extra}).start()
+    try:
+        await worker.event("task")
+        proxy.cut()  # the connection drops and reconnecting is refused: the ack gets no answer
+        await worker.event("ack_failed", 10)
+        first_failure = worker.times[worker.events.index(worker.all("ack_failed")[0])]
+        # Out of reach past the 3 attempts the worker used to stop at (then its next fetch fails
+        # too), and ~3 s in all: the worker's next move after its last retry is what is tested.
+        await wait_for(
+            lambda: (
+                (len(worker.all("ack_failed")) > 3 or worker.all("fetch_failed"))
+                and time.monotonic() - first_failure >= 3
+            ),
+            15,
+            what="the ack unanswered for 3 s",
+        )
+        proxy.restore()
+        await worker.event("acked", 15)
+    finally:
+        await worker.stop()
+        await proxy.stop()
+    tasks = [t for t in worker.all("task") if t["taskId"] == task_id]
+    assert len(tasks) == 1, f"the handler ran {len(tasks)} times: {worker.events}"
+    assert worker.all("acked") == [{"event": "acked", "taskId": task_id, "completed": True}], worker.events
+    assert {f["code"] for f in worker.all("ack_failed")} == {"connection_lost"}, worker.events
+
+
+async def test_node_worker_that_handled_a_task_exits_promptly_when_told_to_stop(
+    bridge: Any, engine: Any, node: str, servers: Servers, names: dict[str, str]
+) -> None:
+    """Each task handled left a reaction on the worker's stop promise (which never settles: memory
+    grew with every task), and the signal then started a QB_STOP_TIMEOUT_MS timer for each of
+    them, never cleared: a worker idle in its long-poll that had handled a task lingered for
+    QB_STOP_TIMEOUT_MS (here 60 s) after it was done with its stop."""
+    from tests.conftest import wait_for
+    from tests.integration.test_client_resilience import _waiters
+
+    svc = service_id()
+    task_id = await engine.add(svc, {"n": 1, "text": "before the stop"})
+    extra = {"QB_SERVICE": svc, "QB_WAIT_MS": "30000", "QB_STOP_TIMEOUT_MS": "60000", "QB_STOP_GRACE_MS": "1000"}
+    worker = await NodeScript(node, "worker.js", env_of(servers, names, OWNERS[0], **extra)).start()
+    try:
+        await worker.event("acked")
+        await wait_for(lambda: _waiters(bridge) >= 1, 10, what="the Node worker long-polling again")
+        worker.signal(signal.SIGTERM)
+        # The grace (1 s) asking what the given-up long-poll claimed, and the close: not 60 s.
+        assert await worker.wait(1 + 4) == 0, (worker.events, worker.stderr)
+    finally:
+        await worker.stop()
+    assert worker.all("acked") == [{"event": "acked", "taskId": task_id, "completed": True}]
+    assert worker.all("stopping") == [{"event": "stopping", "signal": "SIGTERM", "phase": "fetching"}]
+
+
+async def test_node_worker_told_to_stop_exits_when_its_connection_went_silent(
+    bridge: Any, node: str, servers: Servers, names: dict[str, str]
+) -> None:
+    """The path to RabbitMQ goes silent (a black-holing firewall, a half-dead node: the socket
+    stays open, nothing comes back). SIGTERM under the long-poll closed the connection and awaited
+    amqplib's close(), which waits for the broker's close-ok: it never came, and the worker hung in
+    its stop for good. As rpc.py's ``_close_bounded``, the close is given up after
+    QB_CONNECT_TIMEOUT_MS (the socket destroyed) and the stop goes on, within its grace."""
+    from tests.conftest import wait_for
+    from tests.faults import TcpProxy
+    from tests.integration.test_client_resilience import _waiters
+
+    proxy = await TcpProxy(servers.amqp_host, servers.amqp_port).start()
+    grace_s = 2
+    extra = {
+        "QB_AMQP_URL": f"amqp://{OWNERS[0]}:{OWNERS[0]}@127.0.0.1:{proxy.port}/",
+        "QB_SERVICE": service_id(),
+        "QB_WAIT_MS": "30000",
+        "QB_STOP_GRACE_MS": str(grace_s * 1000),
+        "QB_CONNECT_TIMEOUT_MS": "500",
+    }
+    worker = await NodeScript(node, "worker.js", {**env_of(servers, names, OWNERS[0]), **extra}).start()
+    try:
+        await wait_for(lambda: _waiters(bridge) >= 1, 30, what="the Node worker long-polling")
+        proxy.mute()  # RabbitMQ's bytes (the close-ok among them) no longer reach the worker
+        worker.signal(signal.SIGTERM)
+        assert await worker.wait(grace_s + 2) == 0, (worker.events, worker.stderr)
+    finally:
+        await worker.stop()
+        await proxy.stop()
+    assert worker.all("stopping") == [{"event": "stopping", "signal": "SIGTERM", "phase": "fetching"}]
+    assert worker.all("drained"), worker.events
+
+
+# Five adds sent together on a client not connected yet, then (on SIGUSR1, once the test has
+# counted the broker's connections) close(): the process must then exit by itself.
+CONCURRENT_ADDS = """
+'use strict';
+const { BridgeClient } = require(process.env.QB_BRIDGE_JS);
+(async () => {
+  const client = new BridgeClient({ url: process.env.QB_AMQP_URL, exchange: process.env.QB_EXCHANGE });
+  const add = (n) =>
+    client.request(
+      'add',
+      { serviceId: process.env.QB_SERVICE, value: { n } },
+      { headers: { 'x-owner': process.env.QB_OWNER }, messageId: `${process.env.QB_SERVICE}:${n}` },
+    );
+  const replies = await Promise.all([0, 1, 2, 3, 4].map(add));
+  process.stdout.write(JSON.stringify({ event: 'added', tasks: replies.map((r) => r.body.task.id) }) + '\\n');
+  await new Promise((resolve) => process.once('SIGUSR1', resolve));
+  await client.close();
+  process.stdout.write(JSON.stringify({ event: 'closed' }) + '\\n');
+})();
+"""
+
+
+async def test_node_client_connects_once_for_requests_sent_together(
+    bridge: Any, node: str, servers: Servers, names: dict[str, str], tmp_path: Any
+) -> None:
+    """Requests sent together on a BridgeClient not connected yet (an engine's Promise.all) each
+    opened a connection of their own; the client kept the last, and close() closed only that one:
+    the others stayed open, and the process never exited. They share one connect now."""
+    from tests.integration.test_client_resilience import _broker_connections
+
+    svc, conn_name = service_id(), f"node-together-{uuid.uuid4().hex[:8]}"
+    script, preload = tmp_path / "concurrent_adds.js", tmp_path / "name_connection.js"
+    script.write_text(CONCURRENT_ADDS)
+    preload.write_text(NAME_CONNECTION)
+    extra = {
+        "QB_SERVICE": svc,
+        "QB_OWNER": OWNERS[0],
+        "QB_BRIDGE_JS": str(NODE_DIR / "bridge.js"),
+        "QB_CONN_NAME": conn_name,
+        "NODE_OPTIONS": f"--require {preload}",
+        "NODE_PATH": str(NODE_DIR / "node_modules"),
+    }
+    proc = await NodeScript(node, str(script), env_of(servers, names, ENGINE_USER, **extra)).start()
+    try:
+        added = await proc.event("added", 30)
+        assert len(set(added["tasks"])) == 5, added
+        connections = await asyncio.to_thread(_broker_connections, conn_name)
+        assert len(connections) == 1, f"{len(connections)} connections for one client: {connections}"
+        proc.signal(signal.SIGUSR1)
+        assert await proc.wait(5) == 0, (proc.events, proc.stderr)
+    finally:
+        await proc.stop()
+    assert proc.all("closed"), proc.events
+
+
+async def test_node_results_whose_node_goes_away_goes_on_through_another_of_its_hosts(
+    bridge: Any, node: str, servers: Servers, names: dict[str, str]
+) -> None:
+    """QB_AMQP_HOSTS, which the README gives as the cluster setting, was ignored by results.js: it
+    reconnected to QB_AMQP_URL's one node only, and while that node stayed down no result was
+    consumed. Two nodes (TCP proxies to the one broker); the one carrying its connection dies."""
+    from tests.faults import TcpProxy
+
+    a = await TcpProxy(servers.amqp_host, servers.amqp_port).start()
+    b = await TcpProxy(servers.amqp_host, servers.amqp_port).start()
+    svc = service_id()
+    extra = {
+        "QB_AMQP_URL": f"amqp://{ENGINE_USER}:{ENGINE_USER}@127.0.0.1:{a.port}/",
+        "QB_AMQP_HOSTS": f"127.0.0.1:{a.port},127.0.0.1:{b.port}",
+        "QB_SERVICE": svc,
+        "QB_OWNER": OWNERS[0],
+        "QB_EXPECT": "1",
+        "QB_TIMEOUT_MS": "30000",
+        "QB_RETRY_BASE_MS": "100",
+    }
+    results = await NodeScript(node, "results.js", {**env_of(servers, names, ENGINE_USER), **extra}).start()
+    try:
+        await results.event("ready")
+        [first] = [p for p in (a, b) if p._conns]
+        first.cut()  # its connection drops, and the node refuses new ones
+        await results.count("ready", 2, timeout=10)
+        await _publish_results(servers, names, svc, [("t1:c1", _result("t1", svc))])
+        assert await results.wait(15) == 0, (results.events, results.stderr)
+    finally:
+        await results.stop()
+        await a.stop()
+        await b.stop()
+    assert results.all("reconnecting"), results.events
+    assert [r["messageId"] for r in results.all("result")] == ["t1:c1"]
