@@ -401,8 +401,9 @@ class Fetcher:
         a.flight.granted += 1
         # The scheduler will meet the old deadline, see the later one, and re-arm itself (a shorter
         # lease's earlier deadline was filed by ``renew``).
-        self.ctx.metrics.inc("tasks_redelivered", kind="resend")
-        return await self._deliver(q, worker, held.task_id, held.epoch, until, stamp=stamp), None
+        delivery = await self._deliver(q, worker, held.task_id, held.epoch, until, stamp=stamp)
+        self.ctx.metrics.inc("tasks_redelivered", kind="resend")  # handed out (``_claim``)
+        return delivery, None
 
     async def _claim_announced(self, a: _Attempt, held: WorkerPointer) -> Delivery | None:
         """Claim, for the worker, the task its pointer announces and no lease shows yet. That claim
@@ -750,9 +751,12 @@ class Fetcher:
             # The task's lifetime (TTL) ended: a hint or an index entry outlived it. Nothing to hand out.
             self.ctx.metrics.inc("deliveries_failed", reason="expired")
             return _Claim(None, stamp)
-        self.ctx.metrics.inc("tasks_delivered" if not recovered or epoch == 1 else "tasks_redelivered", kind="claim")
         log.debug("task claimed", extra={"task_id": str(task_id), "epoch": epoch, "lease_ms": ttr})
         delivery = await self._deliver(q, worker, task_id, epoch, until, payload, stamp=stamp, carried=carried)
+        # Counted once the task can be handed out: a claim whose key is missing (or whose task is
+        # dead-lettered) never reaches a worker, and counted, a key outage read as a storm of
+        # deliveries and redeliveries.
+        self.ctx.metrics.inc("tasks_delivered" if not recovered or epoch == 1 else "tasks_redelivered", kind="claim")
         return _Claim(delivery, stamp, expires_at_ms=ends)
 
     async def _refused(

@@ -167,6 +167,7 @@ class RecoveryScheduler:
         self._expiry_next: int | None = None  # first bucket not yet read at all
         self._expiry_confirmed: int | None = None  # first bucket not yet read for the second time
         self._handled: dict[int, set[EntryKey]] = {}
+        self._handling: dict[EntryKey, asyncio.Future[bool]] = {}  # entries being handled (``_alone``)
         # Deadlines whose lease was read ahead (a timer set if still held): not read ahead again.
         self._armed: dict[int, set[EntryKey]] = {}
         self._outbox_next: int | None = None
@@ -390,8 +391,10 @@ class RecoveryScheduler:
         handled = self._handled.setdefault(bucket, set())
 
         async def handle(entry: ExpiryEntry, lease: Lease | None, stored: bool) -> None:
+            if entry_key(entry) in handled:
+                return  # settled by this bridge's timer since the leases were read (``_pass_set``)
             try:
-                settled = await self._handle(entry, lease, now, bucket, stored=stored)
+                settled = await self._alone(entry, lambda: self._handle(entry, lease, now, bucket, stored=stored))
             except Exception as exc:
                 if isinstance(exc, Unavailable) and not isinstance(exc, KeyMissing | KeysUnavailable):
                     raise  # the store: the bucket is retried at the next tick, as every other entry's
@@ -565,12 +568,16 @@ class RecoveryScheduler:
         redriven = lease.base_epoch == lease.epoch
         hint = Hint(entry.task_id, LANE_RECOVERED, seq, entry.epoch, entry.has_token, redriven=redriven)
         await self.queue.announce(q, hint)
-        self.state.recovered += 1
-        self.queue.metrics.inc("tasks_recovered")
-        log.info(
-            "lease expired: task re-exposed",
-            extra={"task_id": str(entry.task_id), "epoch": entry.epoch, "owner": q.owner, "service": q.service},
-        )
+        where = {"task_id": str(entry.task_id), "epoch": entry.epoch, "owner": q.owner, "service": q.service}
+        if lease.worker:
+            # A lease that ran out: its worker was lost (or too slow). Given back (``fail``) or put
+            # back (a redrive), a task's lease names no worker: counted as failed or redriven where
+            # that happened, not as a lost worker here (an alert on this rate means workers dying).
+            self.state.recovered += 1
+            self.queue.metrics.inc("tasks_recovered")
+            log.info("lease expired: task re-exposed", extra=where)
+        else:
+            log.debug("task given back or redriven: back in the queue", extra=where)
         return True
 
     async def _watch_if_renewed(self, entry: ExpiryEntry, now: int, bucket: int) -> bool:
@@ -617,6 +624,37 @@ class RecoveryScheduler:
         for timer in list(self._timers):
             timer.cancel()
 
+    async def _alone(self, entry: ExpiryEntry, handle: Callable[[], Awaitable[bool]]) -> bool:
+        """Handle an entry, one handling of it at a time on this bridge. A timer and a pass meet a
+        deadline at the same moment (both are due then): each read the lease still expired and
+        each re-exposed the task. The one that comes second waits for the first and takes a
+        settled outcome as its own; an unsettled one (a claim on its way, a store error) it
+        handles itself, as before."""
+        key = entry_key(entry)
+        running = self._handling.get(key)
+        if running is not None and await asyncio.shield(running):
+            return True
+        mine: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._handling[key] = mine
+        settled = False
+        try:
+            settled = await handle()
+            return settled
+        finally:
+            mine.set_result(settled)
+            if self._handling.get(key) is mine:
+                del self._handling[key]
+
+    def _pass_set(self, bucket: int) -> set[EntryKey] | None:
+        """The set of a bucket's entries the passes skip, when this bridge runs them (it holds the
+        recovery duty) and has still to finish the bucket; None otherwise. A timer set by a claim,
+        a fail or a redrive (``WorkQueue.soon``) settles its entry there: else the pass met the
+        deadline again and, the task not yet claimed (a backlog), re-exposed it a second time (a
+        second ready entry, a second hint, counted twice); and the other way round."""
+        if self._expiry_confirmed is None or bucket < self._expiry_confirmed:
+            return None
+        return self._handled.setdefault(bucket, set())
+
     async def _soon(self, entry: ExpiryEntry, handled: set[EntryKey] | None = None) -> None:
         due = self._due_ms(entry)
         clock = self.queue.clock
@@ -632,9 +670,21 @@ class RecoveryScheduler:
                 return  # this bridge's clock is beyond the skew limit: the wheel entry is met elsewhere
             if entry.epoch != DUE_EPOCH and self.queue.completed_here(entry.task_id, entry.epoch):
                 return  # acked through this bridge: nothing to read
-            lease = await self.store.lease(entry.queue, entry.task_id, serial=False)
+            bucket = expiry_bucket(due)
+            if handled is None:
+                handled = self._pass_set(bucket)
+            if handled is not None and entry_key(entry) in handled:
+                return  # the pass met it first: re-exposed again, the task had two ready entries
+            lease: Lease | None = None
             now = clock.now_ms()
-            settled = await self._handle(entry, lease, now, expiry_bucket(due))
+
+            async def handle() -> bool:
+                nonlocal lease, now
+                lease = await self.store.lease(entry.queue, entry.task_id, serial=False)
+                now = clock.now_ms()
+                return await self._handle(entry, lease, now, bucket)
+
+            settled = await self._alone(entry, handle)
             # Watched again (extended meanwhile) is not settled: the later deadline is a new entry,
             # but the same entry re-filed in the same bucket must still be met by the passes.
             rewatched = (

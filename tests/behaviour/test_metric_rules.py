@@ -1,0 +1,122 @@
+"""What the counters say, on both stores: an operator alerts on them, so each counts what its help
+text says, once. ``tasks_recovered`` is leases that ran out (workers lost), not tasks given back by
+a ``fail`` or put back by a redrive; one deadline re-exposes its task once, whether this bridge's
+own timer or the scheduler's pass meets it first; a claim whose task could not be handed out is no
+delivery."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from bridge.crypto.errors import UnknownKey
+from bridge.domain.errors import KeyMissing
+from bridge.domain.models import FailRequest, parse
+from tests.conftest import wait_for
+from tests.queue_harness import MARGIN_MS, OWNER, Harness
+
+pytestmark = pytest.mark.anyio
+
+# Past both passes over a bucket (the harness's scheduler confirms 5 s after a deadline).
+BOTH_PASSES_MS = 8_000
+
+
+def _count_exposures(h: Harness, monkeypatch: pytest.MonkeyPatch) -> Counter[tuple[uuid.UUID, int]]:
+    """How many recovered-lane entries the store is asked to write per (task, epoch)."""
+    written: Counter[tuple[uuid.UUID, int]] = Counter()
+    expose = h.store.expose_recovered
+
+    async def counted(q: Any, bucket: int, seq: uuid.UUID, task_id: uuid.UUID, epoch: int, has_token: bool) -> None:
+        written[(task_id, epoch)] += 1
+        await expose(q, bucket, seq, task_id, epoch, has_token)
+
+    monkeypatch.setattr(h.store, "expose_recovered", counted)
+    return written
+
+
+async def _timers_done(h: Harness) -> None:
+    await wait_for(lambda: not h.scheduler._timers, 10.0, what="the bridge's own deadline timers to end")
+
+
+async def _both_passes(h: Harness) -> None:
+    for _ in range(BOTH_PASSES_MS // 250):
+        await h.advance(250)
+
+
+async def test_a_short_lease_met_by_its_timer_first_is_re_exposed_and_counted_once(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = harness
+    written = _count_exposures(h, monkeypatch)
+    await h.scheduler.tick()
+    await h.add("lost")
+    held = await h.fetch("gone", ttr_ms=500)  # short: this bridge sets a timer at its deadline + margin
+    assert held is not None
+    h.clock.advance(500 + MARGIN_MS + 1)
+    await _timers_done(h)
+    assert written[(uuid.UUID(held.task_id), held.epoch)] == 1
+    await _both_passes(h)
+    assert written[(uuid.UUID(held.task_id), held.epoch)] == 1
+    assert h.metrics.total("tasks_recovered") == 1
+
+
+async def test_a_short_lease_met_by_the_pass_first_is_not_re_exposed_again_by_its_timer(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = harness
+    written = _count_exposures(h, monkeypatch)
+    await h.scheduler.tick()
+    await h.add("lost")
+    held = await h.fetch("gone", ttr_ms=500)
+    assert held is not None
+    # The first pass meets the deadline while the timer still sleeps (both come due together, the
+    # timer on the event loop's clock); the second pass comes seconds later.
+    await h.advance(500 + MARGIN_MS + 1)
+    assert written[(uuid.UUID(held.task_id), held.epoch)] == 1
+    await _timers_done(h)
+    assert written[(uuid.UUID(held.task_id), held.epoch)] == 1
+    await _both_passes(h)
+    assert written[(uuid.UUID(held.task_id), held.epoch)] == 1
+    assert h.metrics.total("tasks_recovered") == 1
+
+
+async def test_a_task_given_back_by_fail_comes_back_once_and_is_not_counted_recovered(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = harness
+    written = _count_exposures(h, monkeypatch)
+    await h.scheduler.tick()
+    await h.add("flaky")
+    held = await h.fetch("w")
+    assert held is not None
+    body = {"serviceId": h.service, "workerId": "w", "taskId": held.task_id, "epoch": held.epoch, "retryInMs": 500}
+    failed = await h.queue.fail(OWNER, parse(FailRequest, body))
+    assert failed is not None and not failed.parked
+    h.clock.advance(500 + MARGIN_MS + 1)
+    await _timers_done(h)
+    await _both_passes(h)
+    assert written[(uuid.UUID(held.task_id), held.epoch)] == 1
+    assert h.metrics.total("tasks_failed") == 1
+    assert h.metrics.total("tasks_recovered") == 0  # no worker was lost: it gave the task back
+    again = await h.fetch("w2")
+    assert again is not None and again.task_id == held.task_id and again.deliveries == 2
+
+
+async def test_a_claim_whose_key_is_missing_is_not_counted_as_a_delivery(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = harness
+    await h.add("sealed with a key about to go")
+
+    async def missing(owner: str, key_id: str) -> Any:
+        raise UnknownKey(f"owner {owner!r} has no key {key_id!r}")
+
+    monkeypatch.setattr(h.keys, "key_by_id", missing)
+    with pytest.raises(KeyMissing):
+        await h.fetch("w", ttr_ms=1_000)
+    assert h.metrics.total("deliveries_failed", reason="key_missing") == 1
+    assert h.metrics.total("tasks_delivered") == 0
+    assert h.metrics.total("tasks_redelivered") == 0
