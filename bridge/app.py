@@ -32,7 +32,7 @@ from bridge.observability.throttled import ThrottledWarning
 from bridge.serving import ALL, ServingGate
 from bridge.storage.errors import StorageUnavailable, UnknownOutcome
 from bridge.storage.repository import CassandraTaskStore
-from bridge.storage.schema import SchemaNotReady, ensure_schema
+from bridge.storage.schema import SchemaNotReady, ensure_schema, once_served
 from bridge.storage.session import open_session
 from bridge.transport.amqp import AmqpTransport, Observer
 from bridge.transport.duty import Duty
@@ -326,7 +326,7 @@ class Bridge:
         try:
             await self.db.connect()
             await ensure_schema(self.db, self.settings)
-            await self.store.prepare()
+            await once_served(self.store.prepare)  # a node the schema has not reached yet: waited for
         except BaseException:
             # Closed before another try: a connected session (the schema step failed) left
             # behind was a live connection pool, heartbeats and all, per try.

@@ -21,6 +21,9 @@ from bridge.errors import BridgeError
 from bridge.transport.addresses import node_urls, parse_host, without_password
 
 ENV_PREFIX = "BRIDGE_"
+# Both Cassandra drivers wait this long before their first reconnection attempt, doubling up to
+# BRIDGE_CASSANDRA_RECONNECT_MAX_DELAY; each refuses a longest wait below it.
+CASSANDRA_RECONNECT_BASE_DELAY_S = 0.2
 # One order of BRIDGE_AMQP_HOSTS per process (every connection of a bridge starts on the same node),
 # another in the next process (a fleet spreads over the nodes).
 _NODE_ORDER_SEED = int.from_bytes(os.urandom(8), "big")
@@ -133,7 +136,9 @@ class Settings(BaseSettings):
         "acsylla",
         description="CQL driver: acsylla (C++ driver, asyncio-native) or datastax (cassandra-driver, pure Python).",
     )
-    cassandra_consistency: Literal["LOCAL_QUORUM", "QUORUM", "ONE", "LOCAL_ONE"] = "LOCAL_QUORUM"
+    cassandra_consistency: Literal["LOCAL_QUORUM", "QUORUM"] = Field(
+        "LOCAL_QUORUM", description="Reads, plain writes and the LWT commit: a quorum, so that reads see writes."
+    )
     cassandra_serial_consistency: Literal["SERIAL", "LOCAL_SERIAL"] = "SERIAL"
     cassandra_timeout: float = Field(5.0, gt=0, description="Per-request timeout in seconds.")
     cassandra_tls: bool = Field(False, description="Connect to Cassandra over TLS (implied by a TLS file below).")
@@ -143,7 +148,7 @@ class Settings(BaseSettings):
     cassandra_tls_cert_file: Path | None = Field(None, description="Client certificate, for mutual TLS.")
     cassandra_tls_key_file: Path | None = Field(None, description="Client private key, for mutual TLS.")
     cassandra_reconnect_max_delay: float = Field(
-        2.0, gt=0, le=600, description="Longest wait between reconnection attempts to a Cassandra node, seconds."
+        2.0, le=600, description="Longest wait between reconnection attempts to a Cassandra node, seconds."
     )
 
     # --- keys ------------------------------------------------------------------------------
@@ -363,6 +368,29 @@ class Settings(BaseSettings):
             raise ValueError(
                 "must be a CQL map with a 'class', in single quotes: "
                 "{'class': 'NetworkTopologyStrategy', 'dc1': 3} (JSON's double quotes are not CQL)"
+            )
+        return value
+
+    @field_validator("cassandra_consistency", mode="before")
+    @classmethod
+    def _consistency_is_a_quorum(cls, value: Any) -> Any:
+        # A read sees every acknowledged write only while reads and writes both take a quorum of
+        # the replicas (R + W > RF, docs/storage.md "Consistency"): at ONE a write acknowledged by
+        # one replica and a read answered by another miss each other (a lease read as it was).
+        if value not in ("LOCAL_QUORUM", "QUORUM"):
+            raise ValueError(
+                f"{value!r} is not a quorum: must be LOCAL_QUORUM or QUORUM (reads see the queue's "
+                "writes only if both take a quorum of the replicas; a one-node cluster works with either)"
+            )
+        return value
+
+    @field_validator("cassandra_reconnect_max_delay")
+    @classmethod
+    def _reconnect_delay_from_the_base(cls, value: float) -> float:
+        # The drivers refuse it only when the session connects: a traceback naming no variable.
+        if not value >= CASSANDRA_RECONNECT_BASE_DELAY_S:
+            raise ValueError(
+                f"must be at least {CASSANDRA_RECONNECT_BASE_DELAY_S} (the drivers' first wait before reconnecting)"
             )
         return value
 

@@ -31,7 +31,7 @@ from typing import Any
 import acsylla
 from acsylla import errors as cass
 
-from bridge.config import Settings
+from bridge.config import CASSANDRA_RECONNECT_BASE_DELAY_S, Settings
 from bridge.storage.cassandra import ClockTimestamps
 from bridge.storage.errors import InvalidQuery, StorageNotSent, StorageUnavailable, UnknownOutcome, kind_of
 from bridge.storage.schema import uuid_columns
@@ -103,8 +103,9 @@ class AcsyllaSession:
             options["password"] = s.cassandra_password.get_secret_value() if s.cassandra_password else ""
         if s.cassandra_local_dc:
             options["load_balance_dc_aware"] = s.cassandra_local_dc
-        else:
-            options["load_balance_round_robin"] = True
+        # Unset: the driver's default, DC-aware with the DC of the first contact point it reaches.
+        # Never round robin over every DC: LOCAL_QUORUM counts the coordinator's DC, so a write
+        # coordinated in one DC and a read in another would not overlap.
         options.update(_tls_options(s))
         cluster = acsylla.create_cluster(
             list(s.cassandra_hosts),
@@ -119,8 +120,11 @@ class AcsyllaSession:
             token_aware_routing=True,
             tcp_nodelay=True,
             heartbeat_interval_sec=10,
+            # A connection whose heartbeats go unanswered this long is closed, its requests failed
+            # (cassandra-driver's idle_heartbeat_timeout; acsylla's default is 60 s).
+            idle_timeout_sec=30,
             # Cassandra outages are short: a few cheap reconnection attempts a second are fine.
-            exponential_reconnect_base_delay_ms=200,
+            exponential_reconnect_base_delay_ms=int(CASSANDRA_RECONNECT_BASE_DELAY_S * 1000),
             exponential_reconnect_max_delay_ms=int(s.cassandra_reconnect_max_delay * 1000),
             # The C++ driver's own log (connection errors, ...) goes to the "acsylla" logger.
             log_level="warn",
@@ -159,8 +163,10 @@ class AcsyllaSession:
     async def prepare(self, name: str, cql: str, *, idempotent: bool) -> None:
         try:
             self._prepared[name] = await self.session.create_prepared(cql.replace("{ks}", self.keyspace))
-        except _INVALID as exc:
-            raise InvalidQuery(str(exc)) from exc
+        except cass.CassException as exc:
+            # Mapped as a statement is: a timeout or no host at start is an outage the start
+            # tries again (BRIDGE_START_TIMEOUT), not a crash. Nothing to apply: never unknown.
+            raise _storage_error(exc, lwt=False) from exc
         self._idempotent[name] = idempotent
 
     def _bind(self, name: str, params: Sequence[Any], fetch_size: int | None = None) -> Any:

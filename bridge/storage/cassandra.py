@@ -41,20 +41,17 @@ from cassandra.policies import (
     DCAwareRoundRobinPolicy,
     ExponentialReconnectionPolicy,
     RetryPolicy,
-    RoundRobinPolicy,
     TokenAwarePolicy,
 )
 from cassandra.query import BatchStatement, BatchType, PreparedStatement, dict_factory
 
-from bridge.config import Settings
+from bridge.config import CASSANDRA_RECONNECT_BASE_DELAY_S, Settings
 from bridge.storage.errors import InvalidQuery, StorageNotSent, StorageUnavailable, UnknownOutcome, kind_of
 from bridge.storage.stall import StallWatch, stall_after_s
 
 _CL = {
     "LOCAL_QUORUM": ConsistencyLevel.LOCAL_QUORUM,
     "QUORUM": ConsistencyLevel.QUORUM,
-    "ONE": ConsistencyLevel.ONE,
-    "LOCAL_ONE": ConsistencyLevel.LOCAL_ONE,
     "SERIAL": ConsistencyLevel.SERIAL,
     "LOCAL_SERIAL": ConsistencyLevel.LOCAL_SERIAL,
 }
@@ -168,11 +165,10 @@ class CassandraSession:
 
     def _connect_blocking(self) -> None:
         s = self.settings
-        lb = (
-            TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=s.cassandra_local_dc))
-            if s.cassandra_local_dc
-            else TokenAwarePolicy(RoundRobinPolicy())
-        )
+        # No local DC set: "" lets the policy take the DC of the contact points, as the driver's
+        # default does. Never round robin over every DC: LOCAL_QUORUM counts the coordinator's
+        # DC, so a write coordinated in one DC and a read in another would not overlap.
+        lb = TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=s.cassandra_local_dc or ""))
         profile = ExecutionProfile(
             load_balancing_policy=lb,
             consistency_level=self.consistency,
@@ -201,7 +197,9 @@ class CassandraSession:
             # The driver's default backs off from 1 s to 600 s: after a 10 s cut a bridge came back
             # only 16 s later. Cassandra outages are short; a few cheap retries per second are fine.
             reconnection_policy=ExponentialReconnectionPolicy(
-                base_delay=0.2, max_delay=s.cassandra_reconnect_max_delay, max_attempts=None
+                base_delay=CASSANDRA_RECONNECT_BASE_DELAY_S,
+                max_delay=s.cassandra_reconnect_max_delay,
+                max_attempts=None,
             ),
         )
         if self.timestamps is not None:
@@ -240,8 +238,13 @@ class CassandraSession:
     async def prepare(self, name: str, cql: str, *, idempotent: bool) -> None:
         try:
             stmt = await anyio.to_thread.run_sync(self.session.prepare, cql.replace("{ks}", self.keyspace))
-        except RequestValidationException as exc:
+        except (RequestValidationException, proto.RequestValidationException) as exc:
             raise InvalidQuery(str(exc)) from exc
+        except NoHostAvailable as exc:
+            raise StorageNotSent("cassandra unavailable: no host available") from exc
+        except (DriverException, proto.ErrorMessage, ConnectionException, OSError) as exc:
+            # A timeout, a connection lost: an outage the start tries again (BRIDGE_START_TIMEOUT).
+            raise StorageUnavailable(f"cassandra error: {kind_of(exc)}") from exc
         # LWTs must not be retried blindly or speculatively: their outcome is resolved by reading.
         stmt.is_idempotent = idempotent
         self._prepared[name] = stmt
@@ -279,10 +282,13 @@ class CassandraSession:
         self.statements[name] += 1
         await self._run(batch, lwt=False)
 
-    async def _run(self, bound: Any, *, lwt: bool) -> list[Row]:
+    async def _run(self, bound: Any, *, lwt: bool, timeout: float | None = None) -> list[Row]:
         try:
             with self.stall.track():
-                rf = self.session.execute_async(bound)
+                if timeout is None:  # the profile's: BRIDGE_CASSANDRA_TIMEOUT
+                    rf = self.session.execute_async(bound)
+                else:
+                    rf = self.session.execute_async(bound, timeout=timeout)
                 return await _to_asyncio(rf, asyncio.get_running_loop())
         except RequestValidationException:
             raise  # a bug in our CQL or bind values, not an outage
@@ -308,9 +314,10 @@ class CassandraSession:
             raise StorageUnavailable(f"cassandra error: {kind_of(exc)}") from exc
 
     async def execute_raw(self, cql: str) -> list[Row]:
-        """Run unprepared CQL (schema changes, admin); not for the hot path."""
-        rf = self.session.execute_async(cql.replace("{ks}", self.keyspace), timeout=60)
+        """Run unprepared CQL (schema changes, admin); not for the hot path. Its errors map as a
+        statement's do: a timeout or an unavailable replica of a schema statement is an outage the
+        start tries again (BRIDGE_START_TIMEOUT), not a crash."""
         try:
-            return await _to_asyncio(rf, asyncio.get_running_loop())
-        except RequestValidationException as exc:
+            return await self._run(cql.replace("{ks}", self.keyspace), lwt=" IF " in cql, timeout=60)
+        except (RequestValidationException, proto.RequestValidationException) as exc:
             raise InvalidQuery(str(exc)) from exc

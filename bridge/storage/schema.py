@@ -16,6 +16,7 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from bridge.config import ConfigError
@@ -30,6 +31,7 @@ log = logging.getLogger("bridge.schema")
 
 SCHEMA_VERSION = 1
 SCHEMA_SETTLE_S = 30.0  # how long a bridge waits for columns another bridge is adding
+SCHEMA_RETRY_S = 0.1  # first wait before preparing again what a node does not serve yet (doubling to 2 s)
 LAYOUT_NAME = "queue-bridge"  # the schema_meta row of the layout
 # Tables whose reads pass over their tombstones from a partition's start: `parked` (a row deleted
 # at each redrive, discard or cancel of a parked task) and `cursors` (rows that expire). Cassandra
@@ -311,6 +313,32 @@ async def _added_columns_live(db: CqlSession) -> None:
                 if "Undefined column" not in str(exc) or time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.1)  # the schema change is still being applied
+
+
+def _not_served_yet(exc: InvalidQuery) -> bool:
+    """The node refused a table or a column as unknown: one the keyspace has (``system_schema``
+    listed it), a change that has not reached that node yet."""
+    return "Undefined column" in str(exc) or "unconfigured table" in str(exc)
+
+
+async def once_served(prepare: Callable[[], Awaitable[None]]) -> None:
+    """``prepare`` (the store's statements, at start), tried again for up to SCHEMA_SETTLE_S while a
+    node refuses a table or column as unknown. A bridge that finds the keyspace complete (verify
+    mode after ``queue-bridge schema``, or after another bridge's ALTER) read ``system_schema``
+    from one node and prepares on others, which may not have the change yet: refused, it exited
+    1 (``InvalidQuery`` is no outage). Past the bound the refusal is what it says: a bug."""
+    deadline = time.monotonic() + SCHEMA_SETTLE_S
+    delay = SCHEMA_RETRY_S
+    while True:
+        try:
+            await prepare()
+            return
+        except InvalidQuery as exc:
+            if not _not_served_yet(exc) or time.monotonic() >= deadline:
+                raise
+            log.info("a node does not serve the schema yet (%s): preparing again in %.1f s", exc, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)  # each try prepares every statement again: not 10 times a second
 
 
 def table_names(keyspace: str = "ks") -> list[str]:

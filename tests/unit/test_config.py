@@ -175,3 +175,38 @@ def test_a_maximum_lease_set_alone_below_the_default_still_starts(monkeypatch: p
     monkeypatch.setenv("BRIDGE_MAX_TIME_TO_RECOVER_MS", "30000")
     settings = load_settings(_env_file=None)
     assert settings.max_time_to_recover_ms == 30_000
+
+
+@pytest.mark.parametrize("level", ["ONE", "LOCAL_ONE", "ANY", "TWO"])
+def test_a_consistency_below_a_quorum_is_refused(monkeypatch: pytest.MonkeyPatch, level: str) -> None:
+    """docs/storage.md, "Consistency": a read sees every acknowledged write because reads and
+    writes both take a quorum (R + W > RF). ONE and LOCAL_ONE were accepted: a write acknowledged
+    by one replica, a read answered by another, and the queue read a lease or a ready row as it
+    was before the write (a task handed out twice, a completion unseen)."""
+    monkeypatch.setenv("BRIDGE_CASSANDRA_CONSISTENCY", level)
+    with pytest.raises(ConfigError) as err:
+        load_settings(_env_file=None)
+    assert "BRIDGE_CASSANDRA_CONSISTENCY" in str(err.value)
+    assert "quorum" in str(err.value).lower()
+
+
+@pytest.mark.parametrize("level", ["LOCAL_QUORUM", "QUORUM"])
+def test_a_quorum_consistency_is_accepted(monkeypatch: pytest.MonkeyPatch, level: str) -> None:
+    monkeypatch.setenv("BRIDGE_CASSANDRA_CONSISTENCY", level)
+    assert load_settings(_env_file=None).cassandra_consistency == level
+
+
+@pytest.mark.parametrize("value", ["0.1", "0.05", "0.199"])
+def test_a_reconnect_delay_below_the_drivers_first_wait_is_refused(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    """Both drivers start reconnecting 0.2 s after a loss and refuse a longest wait below it
+    (acsylla CassErrorLibBadParams, cassandra-driver ValueError): accepted here, the bridge died
+    at connect with a traceback naming no variable."""
+    monkeypatch.setenv("BRIDGE_CASSANDRA_RECONNECT_MAX_DELAY", value)
+    with pytest.raises(ConfigError) as err:
+        load_settings(_env_file=None)
+    assert "BRIDGE_CASSANDRA_RECONNECT_MAX_DELAY" in str(err.value) and "0.2" in str(err.value)
+
+
+def test_a_reconnect_delay_of_the_drivers_first_wait_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BRIDGE_CASSANDRA_RECONNECT_MAX_DELAY", "0.2")
+    assert load_settings(_env_file=None).cassandra_reconnect_max_delay == 0.2
