@@ -15,6 +15,7 @@ from bridge.domain.counting import QueueCounts
 from bridge.domain.records import QueueKey
 from bridge.domain.sealing import OwnerKeys
 from bridge.domain.store import TaskStore
+from bridge.observability.throttled import ThrottledWarning
 
 log = logging.getLogger("bridge.queue")
 
@@ -84,13 +85,19 @@ class Background:
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
+        # One per kind of work (a few fixed names): a cause that lasts (the broker away, every
+        # ack's immediate publish failing) wrote a line per request.
+        self._warnings: dict[str, ThrottledWarning] = {}
 
     def spawn(self, coro: Awaitable[Any], what: str) -> None:
         async def run() -> None:
             try:
                 await coro
             except Exception as exc:
-                log.warning("background %s failed: %s", what, type(exc).__name__)
+                warn = self._warnings.get(what)
+                if warn is None:
+                    warn = self._warnings[what] = ThrottledWarning(log)
+                warn.warning("background %s failed: %s", what, type(exc).__name__)
 
         task = asyncio.get_running_loop().create_task(run())
         self._tasks.add(task)

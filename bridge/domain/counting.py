@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 from bridge.domain.errors import MaybeApplied, Unavailable
 from bridge.domain.records import QueueKey
 from bridge.domain.timeline import ms_of
+from bridge.observability.throttled import ThrottledWarning
 
 if TYPE_CHECKING:
     from bridge.domain.store import TaskStore
@@ -83,6 +84,8 @@ class QueueCounts:
     def __init__(self) -> None:
         self._moves: dict[tuple[QueueKey, int], list[int]] = defaultdict(lambda: [0, 0])
         self._delays: dict[tuple[QueueKey, int], int] = defaultdict(int)
+        # Flushed every second: an outage of minutes wrote a line a second on every bridge.
+        self._warn_unflushed = ThrottledWarning(log, every_s=60.0)
 
     def move(self, q: QueueKey, task_ms: int, *, ready: int = 0, in_flight: int = 0) -> None:
         pending = self._moves[(q, task_ms // DAY_MS)]
@@ -128,7 +131,9 @@ class QueueCounts:
         if dropped:
             log.warning("%d queue count update(s) timed out and may or may not have applied: not repeated", dropped)
         if failed is not None:
-            log.warning("queue counts not flushed (kept for the next flush): %s", type(failed).__name__)
+            self._warn_unflushed.warning(
+                "queue counts not flushed (kept for the next flush): %s", type(failed).__name__
+            )
         return dropped
 
 

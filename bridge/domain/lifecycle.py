@@ -286,7 +286,7 @@ class Lifecycle:
             return None
         self.soon(watch, due + ctx.limits.skew_margin_ms)
         ctx.metrics.inc("tasks_failed")
-        log.info("task failed by its worker", extra={"task_id": str(task_id), "epoch": epoch, "retry_in_ms": backoff})
+        log.debug("task failed by its worker", extra={"task_id": str(task_id), "epoch": epoch, "retry_in_ms": backoff})
         await self._forget(q, req.worker_id, task_id, epoch)
         return Failed(task_id, epoch, False, due)
 

@@ -239,7 +239,6 @@ class WorkQueue:
             await self._store_task(add, recorded)
             self.soon(watch, at)
             self._count_add(add)
-            ctx.metrics.inc("tasks_added", kind="delayed")
             return str(task_id)
         stored: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         hint = add.hint(stored)
@@ -260,7 +259,6 @@ class WorkQueue:
         if not handed:
             await self.hints.offer(q, hint)
         self._count_add(add)
-        ctx.metrics.inc("tasks_added", kind="ready")
         log.debug("task added", extra={"task_id": str(task_id)})
         return str(task_id)
 
@@ -293,6 +291,9 @@ class WorkQueue:
             self.ctx.count_delayed(add.q, add.due_ms, 1)
         else:
             self.ctx.count(add.q, ms_of(add.task_id), ready=1)
+        # Here, not beside the reply: an add whose write timed out and landed is counted only by
+        # the lookup (its retry finds it stored and counts it deduplicated), and was missing.
+        self.ctx.metrics.inc("tasks_added", kind="delayed" if add.due_ms is not None else "ready")
 
     async def _count_add_if_stored(self, add: PendingAdd) -> None:
         """Whether a task whose write timed out was stored after all, read after the write's own

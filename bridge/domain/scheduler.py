@@ -17,6 +17,8 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -47,6 +49,7 @@ from bridge.domain.timeline import (
     ready_bucket,
 )
 from bridge.errors import BridgeError
+from bridge.observability.throttled import ThrottledWarning
 
 log = logging.getLogger("bridge.scheduler")
 
@@ -71,6 +74,9 @@ ENTRY_RETRY_MS = 10_000  # a deadline that could not be handled is met again thi
 RELAY_INTERVAL_S = 1.0  # the result relay sweeps once a second
 RELAY_RETRY_FIRST_MS = 1_000
 RELAY_RETRY_MAX_MS = 60_000
+# Owed results remembered as decided (about 150 bytes each): past it the oldest are read again.
+OWED_DECIDED_KEPT = 100_000
+STUCK_WARNING_EVERY_S = 60.0
 # Each outbox bucket is read once more this long after its first sweep: a result filed under it
 # can land later than that sweep (its ack took the bucket when it began, then a key lookup and
 # a write near their timeouts, or a paused process), and when its own publish failed too, it
@@ -172,6 +178,9 @@ class RecoveryScheduler:
         self._armed: dict[int, set[EntryKey]] = {}
         self._outbox_next: int | None = None
         self._outbox_retry: dict[int, _Retry] = {}  # outbox buckets owing a publish
+        # Owed results whose decision this holder read as applied (task id, completion id), oldest first.
+        self._owed_decided: OrderedDict[tuple[uuid.UUID, uuid.UUID], None] = OrderedDict()
+        self._warn_stuck = ThrottledWarning(log, every_s=STUCK_WARNING_EVERY_S)
         self._outbox_second: dict[int, int] = {}  # outbox bucket -> when it is read once more
         self._outbox_persisted: int | None = None
         self._expiry_persisted: int | None = None
@@ -201,6 +210,7 @@ class RecoveryScheduler:
                 self.report_pending(self.queue.results_in_flight)
         self._outbox_next = self._outbox_persisted = None
         self._outbox_retry.clear()
+        self._owed_decided.clear()
         self._outbox_second.clear()
         self._owed_recorded.clear()
 
@@ -800,24 +810,37 @@ class RecoveryScheduler:
         owed ("undecided": its decision may still land; "stuck": the publish failed)."""
         if entry.published:
             return None
-        lease = await self.store.lease(entry.queue, entry.task_id, serial=True)
-        if lease is None and entry.completion_id in await self.store.decisions(entry.queue, entry.task_id):
-            # The task's life ended (its lease reads as none) with its result still owed: the
-            # decision's id outlives it as the result does (RESULT_OWED_MS). Sent, not voided.
-            pass
-        elif not names_entry(lease, entry):
-            if may_still_land(lease, entry, now):
-                log.info("result of task %s kept: its decision may still land", entry.task_id)
-                return "undecided"
-            await self.store.mark_published(entry)  # void: the decision never applied, and can no longer
-            return None
-        log.info("re-publishing the pending result of task %s", entry.task_id)
+        decided = (entry.task_id, entry.completion_id)
+        if decided not in self._owed_decided:
+            lease = await self.store.lease(entry.queue, entry.task_id, serial=True)
+            if lease is None and entry.completion_id in await self.store.decisions(entry.queue, entry.task_id):
+                # The task's life ended (its lease reads as none) with its result still owed: the
+                # decision's id outlives it as the result does (RESULT_OWED_MS). Sent, not voided.
+                pass
+            elif not names_entry(lease, entry):
+                if may_still_land(lease, entry, now):
+                    log.debug("result of task %s kept: its decision may still land", entry.task_id)
+                    return "undecided"
+                await self.store.mark_published(entry)  # void: the decision never applied, and can no longer
+                return None
+            # Decided, and a decision that applied stays applied: the next sweeps publish it without
+            # a Paxos read each (results nobody can take, thousands owed, were each read at SERIAL
+            # every minute for their whole life).
+            self._owed_decided[decided] = None
+            if len(self._owed_decided) > OWED_DECIDED_KEPT:
+                self._owed_decided.popitem(last=False)
+        log.debug("re-publishing the pending result of task %s", entry.task_id)
         try:
             with stray_as_failure():
                 await self.queue.publish(entry)
         except Exception as exc:  # broker down, no queue bound, a stuck connection, ...: keep it pending
-            log.warning("result of task %s still not published: %s", entry.task_id, type(exc).__name__)
+            # One line for them all, not one per result and sweep: a backlog of results nobody can
+            # take wrote thousands a second (counted in the results-stuck gauge).
+            self._warn_stuck.warning(
+                "results still not published (the latest: task %s, %s)", entry.task_id, type(exc).__name__
+            )
             return "stuck"
+        self._owed_decided.pop(decided, None)
         self.state.republished += 1
         self.queue.metrics.inc("results_republished")
         return None

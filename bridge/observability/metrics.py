@@ -100,7 +100,9 @@ ROUTES: dict[str, Route] = {
         "Tasks handed out again: kind=claim after a lease expired, kind=resend for a repeated fetch.",
         labels=("kind",),
     ),
-    "tasks_recovered": Route("tasks_recovered", "Expired leases re-exposed by the recovery scheduler."),
+    "tasks_recovered": Route(
+        "tasks_recovered", "Leases that ran out (a worker lost or too slow), re-exposed by the recovery scheduler."
+    ),
     "tasks_completed": Route("tasks_completed", "Tasks acked by their worker, by outcome.", labels=("outcome",)),
     "tasks_dead_lettered": Route(
         "tasks_dead_lettered", "Tasks removed without a result, by reason.", labels=("reason",)

@@ -1,4 +1,4 @@
-"""What the counters say, on both stores: an operator alerts on them, so each counts what its help
+"""What the counters and the logs say, on both stores: an operator alerts on them, so each counts what its help
 text says, once. ``tasks_recovered`` is leases that ran out (workers lost), not tasks given back by
 a ``fail`` or put back by a redrive; one deadline re-exposes its task once, whether this bridge's
 own timer or the scheduler's pass meets it first; a claim whose task could not be handed out is no
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from bridge.crypto.errors import UnknownKey
-from bridge.domain.errors import KeyMissing
+from bridge.domain.errors import KeyMissing, Unavailable
 from bridge.domain.models import FailRequest, parse
 from tests.conftest import wait_for
 from tests.queue_harness import MARGIN_MS, OWNER, Harness
@@ -84,9 +84,10 @@ async def test_a_short_lease_met_by_the_pass_first_is_not_re_exposed_again_by_it
 
 
 async def test_a_task_given_back_by_fail_comes_back_once_and_is_not_counted_recovered(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     h = harness
+    caplog.set_level("INFO", logger="bridge")
     written = _count_exposures(h, monkeypatch)
     await h.scheduler.tick()
     await h.add("flaky")
@@ -101,6 +102,8 @@ async def test_a_task_given_back_by_fail_comes_back_once_and_is_not_counted_reco
     assert written[(uuid.UUID(held.task_id), held.epoch)] == 1
     assert h.metrics.total("tasks_failed") == 1
     assert h.metrics.total("tasks_recovered") == 0  # no worker was lost: it gave the task back
+    # Nothing at INFO for one request's ordinary path (README: DEBUG adds a line per request).
+    assert [r.getMessage() for r in caplog.records if r.levelno >= 20] == []
     again = await h.fetch("w2")
     assert again is not None and again.task_id == held.task_id and again.deliveries == 2
 
@@ -120,3 +123,61 @@ async def test_a_claim_whose_key_is_missing_is_not_counted_as_a_delivery(
     assert h.metrics.total("deliveries_failed", reason="key_missing") == 1
     assert h.metrics.total("tasks_delivered") == 0
     assert h.metrics.total("tasks_redelivered") == 0
+
+
+async def test_results_nobody_can_take_cost_neither_a_log_line_nor_a_serial_read_each_per_sweep(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Results owed for long (no queue bound for them, a results channel that cannot reopen) are
+    swept again every minute for their whole life: each sweep wrote two lines per result and read
+    each one's lease at SERIAL (a Paxos round), thousands a second from a backlog."""
+    h = harness
+    owed = 12
+    serial_reads = Counter[str]()
+    lease = h.store.lease
+
+    async def counted(q: Any, task_id: uuid.UUID, *, serial: bool = True) -> Any:
+        if serial:
+            serial_reads[str(task_id)] += 1
+        return await lease(q, task_id, serial=serial)
+
+    monkeypatch.setattr(h.store, "lease", counted)
+    await h.scheduler.tick()
+    h.sink.down = True
+    for n in range(owed):
+        await h.add(n, token={"n": n})
+        got = await h.fetch("w")
+        assert got is not None and await h.ack("w", got)
+    caplog.set_level("INFO", logger="bridge.scheduler")
+    caplog.clear()
+    for _ in range(5 * 60):  # five minutes of relay sweeps, a tick a second (retries: 1 s doubling to 60 s)
+        await h.advance(1_000)
+    lines = [r for r in caplog.records if r.levelno >= 20 and "publish" in r.getMessage()]
+    assert 1 <= len(lines) <= 6, [r.getMessage() for r in lines]  # a line a minute, whatever the backlog
+    assert len(serial_reads) == owed and max(serial_reads.values()) <= 2, serial_reads
+    h.sink.down = False
+    for _ in range(70):
+        await h.advance(1_000)
+        if len(h.sink.messages) >= owed:
+            break
+    assert sorted(m.value_json for m in h.sink.messages) == sorted(b'"ok"' for _ in range(owed))
+    assert len({m.task_id for m in h.sink.messages}) == owed
+
+
+async def test_an_add_whose_write_timed_out_and_landed_is_counted_added_once(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = harness
+    store_task = h.store.store_task
+
+    async def landed_then_timed_out(*args: Any, **kwargs: Any) -> None:
+        await store_task(*args, **kwargs)
+        raise Unavailable("write timed out")
+
+    monkeypatch.setattr(h.store, "store_task", landed_then_timed_out)
+    with pytest.raises(Unavailable):
+        await h.add("in doubt")
+    # Looked up off the request's path (2 s later): found stored, counted once, as the queue's counts.
+    await wait_for(lambda: h.metrics.total("tasks_added") >= 1, 15.0, what="the landed add counted")
+    await h.queue.drain_background(5.0)
+    assert h.metrics.total("tasks_added") == 1

@@ -48,3 +48,25 @@ async def test_a_failed_flush_is_retried_only_when_it_cannot_have_applied(
     assert await counts.flush(store) == 0
     assert counts.pending == 0
     assert await store.counts(Q, 0) == expected
+
+
+class Unreachable(MemoryTaskStore):
+    def __init__(self) -> None:
+        super().__init__(lambda: 0, 3600)
+
+    async def add_counts(self, q: QueueKey, day: int, ready: int, in_flight: int) -> None:
+        raise Unavailable("cassandra unavailable: no host available")
+
+
+async def test_flushes_failing_through_an_outage_write_one_warning_not_one_a_second(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The counts are flushed every second and kept while Cassandra is away: an outage of a minute
+    wrote 60 warnings on every bridge of the fleet."""
+    store, counts = Unreachable(), QueueCounts()
+    caplog.set_level("WARNING", logger="bridge.counts")
+    for _ in range(60):
+        counts.move(Q, 3 * DAY_MS, ready=1)
+        await counts.flush(store)
+    assert counts.pending == 1  # kept, all along
+    assert len([r for r in caplog.records if "not flushed" in r.getMessage()]) == 1
