@@ -131,6 +131,9 @@ class Duty(Protocol):
 @dataclass
 class SchedulerState:
     last_tick_monotonic: float = field(default_factory=time.monotonic)
+    # Each turn of the loop, a tick that failed included: readiness asks whether the loop runs
+    # (not hung), and the failures are the lag's and the last tick's age's to tell (alerts).
+    loop_alive_monotonic: float = field(default_factory=time.monotonic)
     lag_ms: int = 0
     recovered: int = 0
     republished: int = 0
@@ -247,6 +250,7 @@ class RecoveryScheduler:
         relay = asyncio.create_task(self._run_relay(stop, duty), name="result relay")
         try:
             while not stop.is_set():
+                self.state.loop_alive_monotonic = time.monotonic()
                 # A bridge whose clock is beyond the skew limit acts on no deadline either: it would
                 # park a lease still held and announce delayed tasks early, judged by its clock (its
                 # duty goes to another bridge meanwhile: ``Bridge._serving_changed``).

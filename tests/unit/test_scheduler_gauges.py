@@ -4,13 +4,16 @@ on the memory store (the gauges' wiring to /metrics is in tests/integration/test
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from bridge.crypto import KeyringFileProvider, generate_keyring, write_keyring
 from bridge.domain.clock import ManualClock
 from bridge.storage.memory import MemoryTaskStore
+from tests.conftest import wait_for
 from tests.queue_harness import OWNER, TTL_S, Harness
 
 pytestmark = pytest.mark.anyio
@@ -79,3 +82,32 @@ async def test_a_bridge_that_lost_the_duty_reports_only_its_own_pending_results(
         stop.set()
         await relay
     assert reported[-1] == 0, f"the gauge stayed at {reported[-1]} with nothing pending on this bridge"
+
+
+async def test_the_duty_holder_whose_ticks_fail_stays_ready_while_its_loop_turns(h: Harness) -> None:
+    """Readiness asked whether the last tick succeeded: ticks run on the duty holder alone, so a
+    tick failing there (an expiry partition that cannot be read) made that one pod unready, for
+    as long as it lasted, while it served requests as well as any and kept the duty. It asks now
+    whether the loop turns; the failing ticks show in the last tick's age (and the lag)."""
+    from bridge.app import Bridge
+    from bridge.domain.errors import Unavailable
+
+    async def unreadable(*_a: object, **_k: object) -> object:
+        raise Unavailable("expiry partition read timed out")
+
+    h.store.scheduler_cursor = unreadable  # type: ignore[method-assign]
+    bridge = SimpleNamespace(settings=SimpleNamespace(scheduler_interval=0.1), scheduler=h.scheduler)
+    state = h.scheduler.state
+    state.last_tick_monotonic -= 600  # ten minutes of failing ticks
+    state.loop_alive_monotonic -= 600
+    stop = asyncio.Event()
+    loop = asyncio.create_task(h.scheduler.run(stop))
+    try:
+        await wait_for(lambda: time.monotonic() - state.loop_alive_monotonic < 1, 5.0, what="the loop turning")
+        assert await Bridge._scheduler_ready(bridge)  # type: ignore[arg-type]
+        assert time.monotonic() - state.last_tick_monotonic > 590  # no tick succeeded meanwhile
+    finally:
+        stop.set()
+        await loop
+    state.loop_alive_monotonic -= 600  # a loop that stopped turning (hung) is unready
+    assert not await Bridge._scheduler_ready(bridge)  # type: ignore[arg-type]
