@@ -176,7 +176,8 @@ class RecoveryScheduler:
         self._expiry_next: int | None = None  # first bucket not yet read at all
         self._expiry_confirmed: int | None = None  # first bucket not yet read for the second time
         self._handled: dict[int, set[EntryKey]] = {}
-        self._handling: dict[EntryKey, asyncio.Future[bool]] = {}  # entries being handled (``_alone``)
+        # Entries being handled, by key and deadline (``_alone``).
+        self._handling: dict[tuple[str, str, object, int, int], asyncio.Future[bool]] = {}
         # Deadlines whose lease was read ahead (a timer set if still held): not read ahead again.
         self._armed: dict[int, set[EntryKey]] = {}
         self._outbox_next: int | None = None
@@ -408,7 +409,7 @@ class RecoveryScheduler:
             if entry_key(entry) in handled:
                 return  # settled by this bridge's timer since the leases were read (``_pass_set``)
             try:
-                settled = await self._alone(entry, lambda: self._handle(entry, lease, now, bucket, stored=stored))
+                settled, _ = await self._alone(entry, lambda: self._handle(entry, lease, now, bucket, stored=stored))
             except Exception as exc:
                 if isinstance(exc, Unavailable) and not isinstance(exc, KeyMissing | KeysUnavailable):
                     raise  # the store: the bucket is retried at the next tick, as every other entry's
@@ -510,7 +511,7 @@ class RecoveryScheduler:
             if not lease.is_leased or lease.epoch != entry.epoch:
                 handled.add(entry_key(entry))  # completed or re-claimed: final for this entry
             elif lease.lease_until_ms is None or lease.lease_until_ms <= entry.lease_until_ms:
-                self.handle_soon(entry, handled)  # (extended by a heartbeat: the pass re-files it)
+                self.handle_soon(entry, handled=handled)  # (extended by a heartbeat: the pass re-files it)
 
         leases = [e for e in entries if e.epoch != DUE_EPOCH]
         for error in await self._with_leases(leases, handled, armed, arm):
@@ -583,10 +584,12 @@ class RecoveryScheduler:
         hint = Hint(entry.task_id, LANE_RECOVERED, seq, entry.epoch, entry.has_token, redriven=redriven)
         await self.queue.announce(q, hint)
         where = {"task_id": str(entry.task_id), "epoch": entry.epoch, "owner": q.owner, "service": q.service}
-        if lease.worker:
+        if lease.worker and lease.uncounted_epoch != lease.epoch:
             # A lease that ran out: its worker was lost (or too slow). Given back (``fail``) or put
             # back (a redrive), a task's lease names no worker: counted as failed or redriven where
             # that happened, not as a lost worker here (an alert on this rate means workers dying).
+            # Nor one whose worker was never handed the task (its key missing: uncounted, and in
+            # ``deliveries_failed``): a key outage read as a storm of dead workers.
             self.state.recovered += 1
             self.queue.metrics.inc("tasks_recovered")
             log.info("lease expired: task re-exposed", extra=where)
@@ -617,14 +620,16 @@ class RecoveryScheduler:
         )
         return again != bucket
 
-    def handle_soon(self, entry: ExpiryEntry, handled: set[EntryKey] | None = None) -> None:
+    def handle_soon(
+        self, entry: ExpiryEntry, filed: int | None = None, *, handled: set[EntryKey] | None = None
+    ) -> None:
         """Handle one timer-wheel entry at its time, on this bridge (``WorkQueue.soon``). Best
         effort: cancelled at shutdown (the wheel entry stays the guarantee). ``handled``: the
         scheduler's set for the entry's bucket, which its passes then skip."""
         key = entry_key(entry)
         if len(self._timers) >= MAX_TIMERS or key in self._timer_keys:
             return  # one timer per entry (the claim's own and the look-ahead's may both ask)
-        timer = asyncio.create_task(self._soon(entry, handled), name="due soon")
+        timer = asyncio.create_task(self._soon(entry, handled, filed), name="due soon")
         self._timers.add(timer)
         self._timer_keys.add(key)
 
@@ -638,22 +643,25 @@ class RecoveryScheduler:
         for timer in list(self._timers):
             timer.cancel()
 
-    async def _alone(self, entry: ExpiryEntry, handle: Callable[[], Awaitable[bool]]) -> bool:
-        """Handle an entry, one handling of it at a time on this bridge. A timer and a pass meet a
-        deadline at the same moment (both are due then): each read the lease still expired and
-        each re-exposed the task. The one that comes second waits for the first and takes a
-        settled outcome as its own; an unsettled one (a claim on its way, a store error) it
-        handles itself, as before."""
-        key = entry_key(entry)
+    async def _alone(self, entry: ExpiryEntry, handle: Callable[[], Awaitable[bool]]) -> tuple[bool, bool]:
+        """Handle an entry, one handling of it at a time on this bridge: (settled, whether this
+        call ran ``handle``). A timer and a pass meet a deadline at the same moment (both are due
+        then): each read the lease still expired and each re-exposed the task. The one that comes
+        second waits for the first and takes a settled outcome as its own; an unsettled one (a
+        claim on its way, a store error) it handles itself, as before. Only the very same entry
+        (its deadline too) is shared: two deadlines of one lease (a claim's, and a fail's just
+        after it) are two entries, and the first one's outcome ("filed again for later") settled
+        the second, which then no pass met (the task stuck until its TTL)."""
+        key = (*entry_key(entry), entry.lease_until_ms)
         running = self._handling.get(key)
         if running is not None and await asyncio.shield(running):
-            return True
+            return True, False
         mine: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._handling[key] = mine
         settled = False
         try:
             settled = await handle()
-            return settled
+            return settled, True
         finally:
             mine.set_result(settled)
             if self._handling.get(key) is mine:
@@ -669,7 +677,7 @@ class RecoveryScheduler:
             return None
         return self._handled.setdefault(bucket, set())
 
-    async def _soon(self, entry: ExpiryEntry, handled: set[EntryKey] | None = None) -> None:
+    async def _soon(self, entry: ExpiryEntry, handled: set[EntryKey] | None = None, filed: int | None = None) -> None:
         due = self._due_ms(entry)
         clock = self.queue.clock
         try:
@@ -684,7 +692,7 @@ class RecoveryScheduler:
                 return  # this bridge's clock is beyond the skew limit: the wheel entry is met elsewhere
             if entry.epoch != DUE_EPOCH and self.queue.completed_here(entry.task_id, entry.epoch):
                 return  # acked through this bridge: nothing to read
-            bucket = expiry_bucket(due)
+            bucket = filed if filed is not None else expiry_bucket(due)
             if handled is None:
                 handled = self._pass_set(bucket)
             if handled is not None and entry_key(entry) in handled:
@@ -698,7 +706,7 @@ class RecoveryScheduler:
                 now = clock.now_ms()
                 return await self._handle(entry, lease, now, bucket)
 
-            settled = await self._alone(entry, handle)
+            settled, ran = await self._alone(entry, handle)
             # Watched again (extended meanwhile) is not settled: the later deadline is a new entry,
             # but the same entry re-filed in the same bucket must still be met by the passes.
             rewatched = (
@@ -706,7 +714,9 @@ class RecoveryScheduler:
                 and lease.epoch == entry.epoch
                 and lease.not_claimable_before(now, self.queue.skew_margin_ms)
             )
-            if settled and handled is not None and not rewatched:
+            # Only from its own reading of the lease: an outcome taken from the pass is the pass's
+            # to record (it does, for its bucket).
+            if settled and ran and handled is not None and not rewatched:
                 handled.add(entry_key(entry))
         except Exception as exc:  # the wheel entry is met by the scheduler anyway
             log.debug("timer for task %s failed: %s", entry.task_id, type(exc).__name__)

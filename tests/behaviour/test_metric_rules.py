@@ -6,6 +6,7 @@ delivery."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections import Counter
 from typing import Any
@@ -14,7 +15,8 @@ import pytest
 
 from bridge.crypto.errors import UnknownKey
 from bridge.domain.errors import KeyMissing, Unavailable
-from bridge.domain.models import FailRequest, parse
+from bridge.domain.models import AddCommand, FailRequest, parse
+from bridge.domain.records import QueueKey
 from tests.conftest import wait_for
 from tests.queue_harness import MARGIN_MS, OWNER, Harness
 
@@ -118,11 +120,19 @@ async def test_a_claim_whose_key_is_missing_is_not_counted_as_a_delivery(
         raise UnknownKey(f"owner {owner!r} has no key {key_id!r}")
 
     monkeypatch.setattr(h.keys, "key_by_id", missing)
+    written = _count_exposures(h, monkeypatch)
+    await h.scheduler.tick()
     with pytest.raises(KeyMissing):
         await h.fetch("w", ttr_ms=1_000)
     assert h.metrics.total("deliveries_failed", reason="key_missing") == 1
     assert h.metrics.total("tasks_delivered") == 0
     assert h.metrics.total("tasks_redelivered") == 0
+    # Its lease runs out and the task is offered again; no worker was lost (none saw the task).
+    h.clock.advance(1_000 + MARGIN_MS + 1)
+    await _timers_done(h)
+    await _both_passes(h)
+    assert sum(written.values()) == 1
+    assert h.metrics.total("tasks_recovered") == 0
 
 
 async def test_results_nobody_can_take_cost_neither_a_log_line_nor_a_serial_read_each_per_sweep(
@@ -181,3 +191,82 @@ async def test_an_add_whose_write_timed_out_and_landed_is_counted_added_once(
     await wait_for(lambda: h.metrics.total("tasks_added") >= 1, 15.0, what="the landed add counted")
     await h.queue.drain_background(5.0)
     assert h.metrics.total("tasks_added") == 1
+
+
+async def test_a_fail_ending_just_after_the_claims_deadline_comes_back_whatever_the_timer_meets(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two deadlines of one lease: the claim's, met by the pass (the lease is given back, not yet
+    claimable: filed again for the backoff's end), and the fail's own just after it, whose timer
+    came due while the pass wrote that. The timer took the pass's outcome for its own entry
+    ("settled"), marked the fail's bucket handled, and no pass over it looked: the task stayed in
+    flight, leased to nobody, until its TTL."""
+    h = harness
+    s = h.scheduler
+    await s.tick()
+    await h.add("given back at the last moment")
+    held = await h.fetch("w", ttr_ms=10_000)
+    assert held is not None
+    task_id = uuid.UUID(held.task_id)
+    lease = await h.store.lease(QueueKey(OWNER, h.service), task_id, serial=False)
+    assert lease is not None and lease.lease_until_ms is not None
+    claim_until = lease.lease_until_ms
+    h.clock.advance(claim_until - 200 - h.clock.now_ms())
+    body = {"serviceId": h.service, "workerId": "w", "taskId": held.task_id, "epoch": held.epoch, "retryInMs": 500}
+    failed = await h.queue.fail(OWNER, parse(FailRequest, body))
+    assert failed is not None and not failed.parked
+    fail_until = claim_until + 300
+
+    refiling, release = asyncio.Event(), asyncio.Event()
+    watch_expiry = h.store.watch_expiry
+
+    async def held_up(bucket: int, entry: Any) -> None:
+        if entry.task_id == task_id and entry.lease_until_ms == fail_until and not refiling.is_set():
+            refiling.set()  # the pass files the backoff's end again: held here
+            await release.wait()
+        await watch_expiry(bucket, entry)
+
+    timer_handling = asyncio.Event()
+    alone = s._alone
+
+    async def seen(entry: Any, handle: Any) -> tuple[bool, bool]:
+        if entry.lease_until_ms == fail_until:
+            timer_handling.set()
+        return await alone(entry, handle)
+
+    monkeypatch.setattr(h.store, "watch_expiry", held_up)
+    monkeypatch.setattr(s, "_alone", seen)
+    h.clock.advance(claim_until + MARGIN_MS + 100 - h.clock.now_ms())  # the claim's deadline is past
+    tick = asyncio.create_task(s.tick())
+    await asyncio.wait_for(refiling.wait(), 10)
+    h.clock.advance(fail_until + MARGIN_MS + 10 - h.clock.now_ms())  # and now the fail's
+    await asyncio.wait_for(timer_handling.wait(), 10)
+    release.set()
+    await tick
+    await _timers_done(h)
+    await _both_passes(h)
+    again = await h.fetch("w2")
+    assert again is not None and again.task_id == held.task_id
+
+
+async def test_a_redriven_task_is_re_exposed_once(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A redrive files its deadline one bucket ahead; its timer marked the bucket of the
+    deadline's time, and the pass over the next one re-exposed the task again."""
+    h = harness
+    written = _count_exposures(h, monkeypatch)
+    await h.scheduler.tick()
+    body = {"serviceId": h.service, "value": "poison", "maxDeliveries": 1}
+    task_id = await h.queue.add(OWNER, parse(AddCommand, body), message_id=None, traceparent=None)
+    got = await h.fetch("w")
+    assert got is not None
+    failed = await h.queue.fail(
+        OWNER, parse(FailRequest, {"serviceId": h.service, "workerId": "w", "taskId": got.task_id, "epoch": got.epoch})
+    )
+    assert failed is not None and failed.parked
+    await h.advance(1_000)
+    assert await h.queue.redrive(OWNER, h.service, [uuid.UUID(task_id)]) == 1
+    await _timers_done(h)
+    await _both_passes(h)
+    assert written[(uuid.UUID(task_id), got.epoch)] == 1
+    again = await h.fetch("w2")
+    assert again is not None and again.task_id == task_id
