@@ -19,6 +19,8 @@ Exception hierarchy::
     ├── UnknownOwner .......................... unknown_owner
     ├── IntegrityError ........................ integrity_error
     ├── Unavailable ........................... unavailable (retryable)
+    │   ├── Busy (turned away on purpose: a cap,  bridge.transport.errors
+    │   │   a stop; counted outcome="busy")
     │   ├── KeyMissing
     │   ├── KeysUnavailable (the key provider failed for an owner)
     │   │   └── OwnerKeyUnusable (that owner's key-server entry is unusable)

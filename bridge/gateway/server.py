@@ -53,6 +53,7 @@ from bridge.gateway.keys import ApiKey, KeyFile
 from bridge.observability.tracing import child_traceparent, extract_traceparent
 from bridge.transport import wire
 from bridge.transport.envelope import ENVELOPE_ALLOWANCE, OWNER_PATTERN
+from bridge.transport.errors import Busy, observed_outcome
 
 log = logging.getLogger("bridge.gateway")
 
@@ -202,7 +203,7 @@ class GatewayServer:
                 structlog.contextvars.bind_contextvars(user=f"key:{key.id}")
                 admitted = self._admit(key)
             if self._closing:
-                raise Unavailable("the bridge is shutting down; retry (another bridge may answer)")
+                raise Busy("the bridge is shutting down; retry (another bridge may answer)")
             response = await handler(request)
             outcome = OK
             if self._closing:
@@ -225,7 +226,7 @@ class GatewayServer:
             outcome = wire_code(err)
             return self._error(err)
         except Exception as exc:
-            outcome = wire_code(exc)
+            outcome = observed_outcome(exc, wire_code(exc))  # answered by its code, shedding counted apart
             return self._error(exc)
         finally:
             if not request.get(HANDED_OVER, False):
@@ -239,7 +240,7 @@ class GatewayServer:
         connection and task of the bridge from the others."""
         n = self._in_flight.get(key.id, 0)
         if n >= self.max_in_flight:
-            raise Unavailable(
+            raise Busy(
                 f"key {key.id!r} has {n} requests in flight, the limit (BRIDGE_GATEWAY_MAX_IN_FLIGHT_PER_KEY); retry"
             )
         self._in_flight[key.id] = n + 1
@@ -361,7 +362,7 @@ class GatewayServer:
             # on while the store closed under it. Nothing of it is done: the client retries.
             if asyncio.iscoroutine(work):
                 work.close()
-            raise Unavailable("the bridge is shutting down; retry (another bridge may answer)")
+            raise Busy("the bridge is shutting down; retry (another bridge may answer)")
         running = asyncio.ensure_future(work)
         self._shielded.add(running)
         running.add_done_callback(self._finished)
@@ -386,7 +387,7 @@ class GatewayServer:
         elif isinstance(work.exception(), RequestAbandoned):
             outcome = CLIENT_GONE  # a waiting fetch that stopped waiting: it claimed nothing
         elif (exc := work.exception()) is not None:
-            outcome = wire_code(exc)
+            outcome = observed_outcome(exc, wire_code(exc))
         else:
             outcome = OK  # done; its answer was lost with the connection
         self.observe(method, str(outcome), time.perf_counter() - started)

@@ -13,8 +13,8 @@ reason; its further adds are published, confirmed, to ``<prefix>.add-retry`` and
 acknowledged. That queue has no consumer: its messages expire after :data:`LANE_DELAY_MS` and the
 broker dead-letters them back to the bridge's exchange with routing key ``add``, so they are taken
 again, by any bridge, until the entry is fixed. Nothing is dropped on the way: the publish is
-confirmed before the original is acknowledged, and a failed publish leaves the add retrying in
-place as before.
+confirmed before the original is acknowledged, and a failed publish (or one not confirmed within
+:data:`LANE_CONFIRM_TIMEOUT_S`) leaves the add retrying in place as before.
 
 The copy is published with the bridge's own ``user_id`` (RabbitMQ checks it is the connection's
 user, so no tenant can forge it) and the owner in ``x-owner``, which the bridge trusts from its
@@ -29,6 +29,7 @@ original's acknowledgement were lost, the broker would deliver both.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -39,6 +40,7 @@ import aio_pika
 from aio_pika.abc import AbstractExchange
 
 from bridge.config import Settings
+from bridge.domain.cancellation import stray_as_failure
 from bridge.transport.permissions import amqp_user
 from bridge.transport.request import RequestMessage
 
@@ -56,6 +58,12 @@ DEFERRED_HEADER = "x-qb-deferred"  # how many times the add went through the lan
 # the broker acts on (``CC``, ``BCC``) must not be published in the bridge's name.
 # (envelope's DEADLINE_HEADER and IDEMPOTENCY_HEADER, spelled out: envelope imports this module)
 LANE_HEADERS = ("x-deadline", "x-idempotency-key", "traceparent", "tracestate")
+# A lane publish's confirm is awaited this long at most; past it the publish counts as failed and
+# the add is retried in place (``RequestHandlers._defer``). A healthy broker confirms in
+# milliseconds. Should the copy land after all (its confirm only late), the add has a twin, as after
+# any publish that fails once it left: the copy is flagged deferred, and its idempotency key (if
+# it has one) is checked with an LWT (``envelope.idempotency_of``).
+LANE_CONFIRM_TIMEOUT_S = 5.0
 
 
 class AddRetryLane:
@@ -116,7 +124,15 @@ class AddRetryLane:
             user_id=self.user,
         )
         try:
-            await self._exchange.publish(copy, routing_key=self.name, mandatory=True)
+            # Bounded, as the results' confirms on the same channel (results.CONFIRM_TIMEOUT_S): the
+            # add holds its slot of the adds window while it waits. Unbounded, a main connection
+            # gone stuck (a black hole: no frame back, no close) held every deferred add until
+            # aiormq gave the connection up (three heartbeats: minutes), while the adds connection
+            # kept delivering: a broken owner's flood stalled every owner's adds. That close then
+            # cancels the wait in a task nobody cancelled: a failure too, not the request's end.
+            with stray_as_failure():
+                async with asyncio.timeout(LANE_CONFIRM_TIMEOUT_S):
+                    await self._exchange.publish(copy, routing_key=self.name, mandatory=True)
         except Exception as exc:
             self.on_failure(exc)
             raise

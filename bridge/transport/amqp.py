@@ -33,6 +33,7 @@ from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
 from bridge.config import Settings
+from bridge.domain.cancellation import is_stray
 from bridge.domain.queue import WorkQueue
 from bridge.transport import failover, replies, tolerant_decoding
 from bridge.transport.duty import Duty
@@ -674,18 +675,29 @@ class AmqpTransport:
             try:
                 await consumer(message)
             except Exception as exc:
-                if channel_gone(message):
-                    # A lost connection or a channel error: it cannot be answered or settled here,
-                    # and the broker delivers it again (every request is safe to repeat).
-                    log.warning(
-                        "a request's channel closed before it was settled (%s): the broker delivers it again",
-                        type(exc).__name__,
-                    )
-                    return
-                log.exception("request handler failed unexpectedly")
-                await self.handlers.last_resort(message)
+                await self._unsettled(message, exc)
+            except asyncio.CancelledError as exc:
+                if not is_stray(exc):
+                    raise  # the bridge's stop: the delivery is left to the broker, which delivers it again
+                # Not this task's cancellation: a call on a connection aiormq closed as stuck (the
+                # handlers settle those themselves; this is the net under them). Raised on, it
+                # ended the task with the delivery unsettled, a prefetch slot lost, nothing logged.
+                await self._unsettled(message, exc)
 
         return handle
+
+    async def _unsettled(self, message: RequestMessage, exc: BaseException) -> None:
+        """A request whose handler raised ``exc``: settled by the last resort, if it still can be."""
+        if channel_gone(message):
+            # A lost connection or a channel error: it cannot be answered or settled here,
+            # and the broker delivers it again (every request is safe to repeat).
+            log.warning(
+                "a request's channel closed before it was settled (%s): the broker delivers it again",
+                type(exc).__name__,
+            )
+            return
+        log.error("request handler failed unexpectedly", exc_info=exc)
+        await self.handlers.last_resort(message)
 
     def _tracked(self, consumer: Consumer) -> Callable[[DeliveredMessage], Coroutine[Any, Any, None]]:
         """The aiormq consumer callback: each delivery handled by ``consumer`` in a task of its own."""

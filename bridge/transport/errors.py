@@ -4,9 +4,27 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+from bridge.domain.errors import Unavailable
 from bridge.errors import BridgeError
 
-__all__ = ["BrokerUnreachable", "amqp_where"]
+__all__ = ["BUSY", "BrokerUnreachable", "Busy", "amqp_where", "observed_outcome"]
+
+# How a shed request is counted (``queue_bridge_requests_total{outcome}``): not ``unavailable``,
+# which operators alert on as the sign of a store or key-provider outage.
+BUSY = "busy"
+
+
+class Busy(Unavailable):
+    """A request a bridge turned away on purpose, nothing of it done: a cap reached (a gateway
+    key's requests in flight, the redrives or long lifecycle requests one bridge runs), the bridge
+    stopping, a request queue being declared again. ``unavailable`` on the wire (the contract's
+    retryable code, unchanged: the caller sends it again) and counted :data:`BUSY`: counted
+    ``unavailable``, one tenant's runaway client or a routine deploy paged on-call as an outage."""
+
+
+def observed_outcome(exc: BaseException, code: str) -> str:
+    """The outcome to count for a request that ended on ``exc``, answered ``code``."""
+    return BUSY if isinstance(exc, Busy) else code
 
 
 class BrokerUnreachable(BridgeError):

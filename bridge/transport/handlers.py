@@ -21,6 +21,7 @@ import structlog
 from pydantic import BaseModel
 
 from bridge.config import Settings
+from bridge.domain.cancellation import ConnectionCancelled, is_stray, stray_as_failure
 from bridge.domain.deadlines import request_deadline_ms
 from bridge.domain.errors import BadRequest, NotSent, OwnerKeyUnusable, Unavailable
 from bridge.domain.fetching import RequestAbandoned
@@ -44,6 +45,7 @@ from bridge.transport.envelope import (
     sent_before_ms,
     usable_reply_to,
 )
+from bridge.transport.errors import Busy, observed_outcome
 from bridge.transport.fate import EXPIRED, OK, RETRY_BUDGET_S, Settle, dead_letters, fate_of, settle
 from bridge.transport.replies import ReplyPublisher
 from bridge.transport.request import DeliveryGone, RequestMessage, channel_gone
@@ -78,6 +80,17 @@ async def ack_early(message: RequestMessage) -> None:
         raise
 
 
+def _connection_cut(exc: BaseException) -> BaseException:
+    """A call of the request cut short by its broker connection's close (a stray
+    ``CancelledError``, or :class:`ConnectionCancelled` made of one): ``unavailable``, as any
+    broker or store outage, not a bug. aiormq closes a connection it finds stuck (a black hole)
+    that way, and a request waits on connections other than its delivery's own (the probation
+    reply connection, the retry lane's confirm and the hint queues on the main connection)."""
+    if isinstance(exc, asyncio.CancelledError | ConnectionCancelled):
+        return Unavailable("a broker connection this request used was closed under it: send it again")
+    return exc
+
+
 def _answerable(exc: BaseException, what: str, internal_message: str) -> BridgeError:
     """The error to answer for ``exc``: itself, or (a bug: ``internal``) a generic one, logged."""
     if wire_code(exc) is ErrorCode.INTERNAL or not isinstance(exc, BridgeError):
@@ -109,6 +122,27 @@ MAX_LONG_REQUESTS = 32
 LONG_HOLD_S = 0.02
 
 
+class _LaneOnce:
+    """The add retry lane, asked at most once for one delivery: a try on a stuck connection waits
+    up to LANE_CONFIRM_TIMEOUT_S with the add's slot of the adds window held, and once the lane
+    failed it the add is retried in place (asked again, it would hold the slot that long again)."""
+
+    def __init__(self, defer: Callable[[], Awaitable[bool]], full: Callable[[], bool]) -> None:
+        self._defer = defer
+        self._full = full
+        self._failed = False
+
+    async def moved(self) -> bool:
+        """Whether the add was moved to the lane: its owner holds its share of the window, and the
+        broker confirmed the copy."""
+        if self._failed or not self._full():
+            return False
+        if await self._defer():
+            return True
+        self._failed = True
+        return False
+
+
 class RequestHandlers:
     def __init__(
         self,
@@ -126,6 +160,10 @@ class RequestHandlers:
         # its consumer: deleted, or lost with its node): its requests land in ``.unrouted``.
         self.queue_restoring = queue_restoring or (lambda key: False)
         self._warn_unrouted = ThrottledWarning(log)
+        # Requests that came past their deadline: a backlog of them (a paused bridge, a slow store,
+        # a client whose clock is behind) wrote a line each. Said at most every 10 s, with how
+        # many (each is at DEBUG, and counted in requests_expired).
+        self._warn_late = ThrottledWarning(log)
         self.queue = queue
         self.replies = replies
         # Long-poll fetches waiting with their deliveries already acknowledged: outside the prefetch
@@ -166,6 +204,7 @@ class RequestHandlers:
     async def fail(self, message: RequestMessage, method: str, exc: BaseException) -> str:
         """Conclude a request that raised: its wire code (``internal`` for a bug) decides its fate.
         A delivery acknowledged early is only answered, and its ``internal`` answer says so."""
+        exc = _connection_cut(exc)
         code = wire_code(exc)
         fate = fate_of(code, method)
         dead = dead_letters(message, fate)
@@ -188,7 +227,8 @@ class RequestHandlers:
             )
         elif fate.settle is Settle.REQUEUE:
             log.warning("%s still failing (%s): requeued", method, error.message)
-        return await self.conclude(message, method, code, reply_body(error=error))
+        outcome = await self.conclude(message, method, code, reply_body(error=error))
+        return observed_outcome(exc, outcome)  # settled as its code says; a shed one counted apart
 
     async def last_resort(self, message: RequestMessage) -> None:
         """Whatever raised past a handler: ``internal``, so that one bad message can never sit
@@ -197,7 +237,10 @@ class RequestHandlers:
             return
         method = message.routing_key if message.routing_key in ROUTING_KEYS else "unknown"
         try:
-            await self.conclude(message, method, ErrorCode.INTERNAL, reply_body(error=BridgeError(INTERNAL_MESSAGE)))
+            with stray_as_failure():  # its reply's probation connection closed as stuck, too
+                await self.conclude(
+                    message, method, ErrorCode.INTERNAL, reply_body(error=BridgeError(INTERNAL_MESSAGE))
+                )
         except Exception as exc:  # the channel is gone: the broker redelivers it for another try
             log.warning("could not settle a failed request: %s", type(exc).__name__)
 
@@ -216,6 +259,12 @@ class RequestHandlers:
             log.warning("an add's channel closed before it was stored: left to the broker, which delivers it again")
             return LEFT_TO_BROKER
         except Exception as exc:
+            return await self.fail(message, "add", exc)
+        except asyncio.CancelledError as exc:
+            if not is_stray(exc):
+                raise  # the bridge's stop: the delivery is left to the broker, which delivers it again
+            # A broker call of another connection, cut by its close (``_connection_cut``): settled
+            # as the failure it is. Raised on, it ended this task with the delivery never settled.
             return await self.fail(message, "add", exc)
         if task_id is None:  # a copy waits in the retry lane (confirmed): this delivery is done
             await message.ack()
@@ -250,12 +299,13 @@ class RequestHandlers:
         replaces: uuid.UUID | None = None
         may_have_landed = False  # an attempt of ``pending`` failed in a way that may have stored it
         in_place = False  # counted in the owner's share of in-place retries for a bad key
+        lane = _LaneOnce(functools.partial(self._defer, message, owner), functools.partial(self.lane.full, owner))
         # A redelivery's wait for its first delivery's write runs from now, once for all attempts.
         redelivered_at = time.monotonic() if key.first_copy_may_be_storing else None
         attempts = 0
         while True:
             # Nothing of it can have been stored yet: it may wait in the lane (no key lookup).
-            if not in_place and pending is None and self.lane.full(owner) and await self._defer(message, owner):
+            if not in_place and pending is None and await lane.moved():
                 return None
             try:
                 if pending is None:
@@ -284,7 +334,7 @@ class RequestHandlers:
                 if not retry or time.monotonic() + delay > give_up or not self._consuming():
                     raise
                 if isinstance(exc, OwnerKeyUnusable) and pending is None and not in_place:
-                    if self.lane.full(owner) and await self._defer(message, owner):
+                    if await lane.moved():
                         return None
                     held.enter_context(self.lane.retrying_in_place(owner))
                     in_place = True
@@ -368,7 +418,7 @@ class RequestHandlers:
             self._warn_unrouted.warning(
                 "a %s request came while its queue is being declared again: answered unavailable", key
             )
-            err: BaseException = Unavailable(
+            err: BaseException = Busy(
                 f"the bridges' queue for {key!r} is missing (deleted, or its node lost) and is being "
                 "declared again: send the request again in a moment"
             )
@@ -406,7 +456,9 @@ class RequestHandlers:
                     outcome, (body, headers) = OK, await call(owner, request, message)
                 except RequestAbandoned as why:
                     # Nobody reads the reply: settled as an expired request (counted where raised).
-                    log.info("request abandoned: %s", why)
+                    # A line per request (DEBUG, as README says of them): a worker fleet stopping
+                    # abandons every long-poll it had waiting.
+                    log.debug("request abandoned: %s", why)
                     outcome, (body, headers) = EXPIRED, (None, None)
                 finally:
                     request_deadline_ms.reset(deadline_set)
@@ -418,6 +470,10 @@ class RequestHandlers:
             return LEFT_TO_BROKER
         except Exception as exc:
             return await self.fail(message, method, exc)
+        except asyncio.CancelledError as exc:
+            if not is_stray(exc):
+                raise  # the bridge's stop: the delivery is left to the broker, which delivers it again
+            return await self.fail(message, method, exc)  # a connection's close, as in ``add``
         return await self.conclude(message, method, outcome, body, headers)
 
     def _expired(self, method: str, deadline: int | None) -> int | None:
@@ -427,7 +483,13 @@ class RequestHandlers:
         if deadline is None or (late_ms := self.queue.clock.now_ms() - deadline) <= 0:
             return None
         self.queue.metrics.inc("requests_expired", method=method)
-        log.info("request past its deadline not executed", extra={"late_ms": late_ms})
+        log.debug("request past its deadline not executed", extra={"late_ms": late_ms})
+        self._warn_late.warning(
+            "requests past their x-deadline not executed (a %s %d ms late): their callers gave up, or their "
+            "clocks are behind the bridge's; counted in queue_bridge_requests_expired_total",
+            method,
+            late_ms,
+        )
         return late_ms
 
     async def _answer_late(self, message: RequestMessage, late_ms: int) -> None:
@@ -510,13 +572,19 @@ class RequestHandlers:
         """(1.6) The ack is decided: its answer stands whatever the fetch of the next task does.
         A fetch that fails answers its error as ``next`` (the worker fetches on its own then)."""
         try:
-            delivery = await self.queue.fetch(
-                owner, req.next_fetch(done), still_wanted=self._still_wanted(message), deadline_ms=deadline_of(message)
-            )
+            with stray_as_failure():  # a connection's close cutting the fetch leaves the ack decided
+                delivery = await self.queue.fetch(
+                    owner,
+                    req.next_fetch(done),
+                    still_wanted=self._still_wanted(message),
+                    deadline_ms=deadline_of(message),
+                )
         except RequestAbandoned:
             delivery = None  # nobody reads this reply either; the ack's answer is sent all the same
         except Exception as exc:
-            error = _answerable(exc, "fetch after an ack", "internal error fetching the next task; see the bridge log")
+            error = _answerable(
+                _connection_cut(exc), "fetch after an ack", "internal error fetching the next task; see the bridge log"
+            )
             return wire.encode(wire.acked(done, wire.error(error))), None
         child = child_traceparent(delivery.traceparent) if delivery is not None else None
         return wire.encode(wire.acked(done, wire.fetched(delivery))), {"traceparent": child} if child else None
@@ -549,7 +617,7 @@ class RequestHandlers:
         each one acked early is memory and a waiter on its queue's pace, outside the prefetch."""
         await self._owner_has_key(owner)
         if self.paced_redrives >= MAX_PACED_REDRIVES:
-            raise Unavailable(
+            raise Busy(
                 f"this bridge is already pacing {self.paced_redrives} redrives (at most "
                 f"{MAX_PACED_REDRIVES} at once); nothing was redriven: send it again when they end"
             )
@@ -565,7 +633,7 @@ class RequestHandlers:
         each holding its delivery LONG_HOLD_S at most (:meth:`_held_briefly`)."""
         await self._owner_has_key(owner)
         if self.long_requests >= MAX_LONG_REQUESTS:
-            raise Unavailable(
+            raise Busy(
                 f"this bridge is already running {self.long_requests} purge, stats, parked and discard "
                 f"requests (at most {MAX_LONG_REQUESTS} at once); nothing was done: send it again when they end"
             )

@@ -56,6 +56,7 @@ from pamqp.common import Arguments
 
 from bridge.config import Settings
 from bridge.crypto import Sealed
+from bridge.domain.cancellation import stray_as_failure
 from bridge.domain.hints import Hint, HintsUnavailable, Taken
 from bridge.domain.records import PRIORITY_MAX, Payload, QueueKey
 from bridge.observability.throttled import ThrottledWarning
@@ -190,11 +191,12 @@ TRANSIENT = 1  # delivery mode: hints are not written to disk
 
 async def _settle(message: Received, *, requeue: bool | None) -> None:
     try:
-        async with asyncio.timeout(BROKER_CALL_S):
-            if requeue is None:
-                await message.ack()
-            else:
-                await message.nack(requeue=requeue)
+        with stray_as_failure():  # its channel's connection closed as stuck: as gone
+            async with asyncio.timeout(BROKER_CALL_S):
+                if requeue is None:
+                    await message.ack()
+                else:
+                    await message.nack(requeue=requeue)
     except Exception as exc:  # the channel is gone: the broker requeues the hint itself
         log.debug("hint not settled: %s", type(exc).__name__)
 
@@ -347,7 +349,11 @@ class AmqpHints:
             await self._publish(encode(hint), priority, name, expiration=self._expiration)
             return
         try:
-            queue = await self._queue(q)
+            # An add's path: a declaration cut by the close of a connection aiormq found stuck
+            # ends in a CancelledError nobody sent this task. A hint lost, like any failure here;
+            # raised on, it ended the add's task with its delivery never settled.
+            with stray_as_failure():
+                queue = await self._queue(q)
         except Exception as exc:
             # Its queue alone: with the bridge-wide alarm, each add of a queue whose hint queue's
             # node was down cleared every queue's quiet interval and lifted the grace for all of
@@ -403,7 +409,8 @@ class AmqpHints:
         self, body: bytes, priority: int | None, queue_name: str, *, expiration: str | None = None
     ) -> None:
         try:
-            channel = await self._channel_frames()
+            with stray_as_failure():  # (as in ``offer``)
+                channel = await self._channel_frames()
             props = frames.properties(
                 priority=priority, delivery_mode=TRANSIENT, expiration=expiration, message_id=next(self._ids)
             )
@@ -428,10 +435,13 @@ class AmqpHints:
             return None
         message: Delivery | None
         try:
-            queue = await self._queue(q)
-            channel = await self._channel_frames()
-            async with asyncio.timeout(BROKER_CALL_S):
-                got = await channel.basic_get(queue.name, no_ack=False)
+            # A fetch's path: a call cut by a stuck connection's close is hints unavailable (the
+            # fetch scans the store), not the end of the fetch's task (``offer``).
+            with stray_as_failure():
+                queue = await self._queue(q)
+                channel = await self._channel_frames()
+                async with asyncio.timeout(BROKER_CALL_S):
+                    got = await channel.basic_get(queue.name, no_ack=False)
             message = Delivery(got) if isinstance(got.delivery, Basic.GetOk) else None
         except Exception as exc:
             self._forget_if_gone(q, exc)
@@ -474,7 +484,8 @@ class AmqpHints:
                 # basic.consume all the same, and only its tag can cancel it.
                 tag = f"hints.{uuid.uuid4().hex}"
                 try:
-                    await asyncio.wait_for(self._start_consuming(waiting, tag), BROKER_CALL_S)
+                    with stray_as_failure():  # (as in ``take``)
+                        await asyncio.wait_for(self._start_consuming(waiting, tag), BROKER_CALL_S)
                 except Exception as exc:  # the broker is away, or the hint queue's node is down
                     self._warn_no_wait.warning("cannot wait for hints (%s)", type(exc).__name__)
                     raise HintsUnavailable(f"cannot wait for hints: {type(exc).__name__}") from exc

@@ -31,6 +31,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from pamqp.commands import Basic
 
+from bridge.domain.cancellation import stray_as_failure
 from bridge.transport import frames
 from bridge.transport.request import RequestMessage
 
@@ -159,7 +160,12 @@ class ReplyPublisher:
             "message_id": next(self._ids),
         }
         try:
-            await self.publish(body, fields, request.reply_to)
+            # A reply to a node not proven yet waits for a confirm on the probation connection:
+            # when aiormq closes that connection as stuck, the wait ends in a CancelledError this
+            # task was not sent. Raised on, it ended the request's task before its delivery was
+            # settled (the settle comes after the reply): a lost reply, like any other here.
+            with stray_as_failure():
+                await self.publish(body, fields, request.reply_to)
         except BadReplyTo:
             return  # checked before the request ran: nobody to answer
         except Exception as exc:

@@ -157,16 +157,42 @@ rabbitmq_install() {
 
 # --- commands ------------------------------------------------------------------------------------
 
+# The largest message body the broker takes (bytes): RabbitMQ 4.x's default, 3.x's is 128 MiB. The
+# bridge reads a whole delivery into memory before it can check its size (the AMQP library buffers
+# the body), so without it any tenant could have a bridge hold 128 MiB messages, a few of them at
+# once, and redeliver each to the next bridge once this one died. It must stay above what the
+# bridge itself sends: a result carries a token and a result of up to BRIDGE_MAX_VALUE_BYTES each
+# (docs/security.md, "Limits"). As deploy/compose/rabbitmq.conf.
+R_MAX_MESSAGE_SIZE=16777216
+
+# The broker's config file, as rendered for its start.
+rabbitmq_conf() {
+  echo "# Rendered by deploy/local/rabbitmq.sh; edits are overwritten."
+  echo "listeners.tcp.default = $QB_AMQP_HOST:$QB_AMQP_PORT"
+  echo "max_message_size = $R_MAX_MESSAGE_SIZE"
+  if [[ $QB_RABBITMQ_MANAGEMENT == 1 ]]; then
+    echo "management.tcp.ip = 127.0.0.1"
+    echo "management.tcp.port = $QB_RABBITMQ_MGMT_PORT"
+  fi
+}
+
+# A broker these scripts started earlier runs on the config rendered for its start, and `up` leaves
+# it running. max_message_size is read by each channel as it opens: applied to the running broker
+# here (new channels get it). Any other change waits for the broker's next start (stack.sh down, up).
+rabbitmq_apply_conf_live() {
+  if [[ -f $R_DIR/rabbitmq.conf ]] && rabbitmq_conf | cmp -s - "$R_DIR/rabbitmq.conf"; then
+    return 0
+  fi
+  if timeout 60 rabbitmqctl -q eval "application:set_env(rabbit, max_message_size, $R_MAX_MESSAGE_SIZE)." >/dev/null 2>&1; then
+    qb_log "rabbitmq: its config predates this script's: max_message_size = $R_MAX_MESSAGE_SIZE applied to the running broker; any other change takes effect at its next start (stack.sh down, then up)"
+  else
+    qb_log "rabbitmq: its config predates this script's, and rabbitmqctl could not apply max_message_size: restart it (stack.sh down, then up)"
+  fi
+}
+
 rabbitmq_prepare_state() {
   mkdir -p "$R_MNESIA" "$R_LOGS"
-  {
-    echo "# Rendered by deploy/local/rabbitmq.sh; edits are overwritten."
-    echo "listeners.tcp.default = $QB_AMQP_HOST:$QB_AMQP_PORT"
-    if [[ $QB_RABBITMQ_MANAGEMENT == 1 ]]; then
-      echo "management.tcp.ip = 127.0.0.1"
-      echo "management.tcp.port = $QB_RABBITMQ_MGMT_PORT"
-    fi
-  } >"$R_DIR/rabbitmq.conf"
+  rabbitmq_conf >"$R_DIR/rabbitmq.conf"
   if [[ $QB_RABBITMQ_MANAGEMENT == 1 ]]; then
     echo '[rabbitmq_management].' >"$R_DIR/enabled_plugins"
   else
@@ -186,6 +212,7 @@ rabbitmq_start() {
   if pid=$(rabbitmq_pid); then
     qb_log "rabbitmq: already running (pid $pid, started by these scripts)"
     echo started >"$R_OWNER"
+    rabbitmq_apply_conf_live
     return 0
   fi
   if rabbitmq_amqp_once --quiet; then

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from bridge.transport import frames
-from tests.conftest import OWNERS, service_id
+from tests.conftest import ENGINE_USER, OWNERS, service_id
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -59,6 +59,71 @@ async def test_oversized_value_is_rejected(bridge, engine, dead_letters):
     err = await _error(engine, "add", {"serviceId": "s", "value": big})
     assert err["code"] == "payload_too_large"
     assert len(await dead_letters.drain(1)) == 1
+
+
+BROKER_MAX_MESSAGE_SIZE = 16 * 1024 * 1024  # deploy/compose/rabbitmq.conf, deploy/local/rabbitmq.sh
+
+
+async def _publish_refused(url: str, exchange: str, routing_key: str, body: bytes) -> BaseException | None:
+    """Publish ``body`` with a confirm: what the broker refused it with (None: it took it)."""
+    import aio_pika
+
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        target = channel.default_exchange if not exchange else await channel.get_exchange(exchange, ensure=False)
+        try:
+            await asyncio.wait_for(target.publish(aio_pika.Message(body), routing_key=routing_key), 15)
+        except Exception as exc:
+            return exc
+        return None
+    finally:
+        await connection.close()
+
+
+async def test_a_body_above_the_brokers_bound_is_refused_by_the_broker_and_never_reaches_the_bridge(
+    bridge, servers, names, engine, workers, monkeypatch
+):
+    """A bridge reads a whole delivery into memory before it can check its size (the AMQP library
+    buffers the body), and RabbitMQ 3.x takes bodies up to 128 MiB: any tenant could have a bridge
+    hold such messages, a few at once (and the next bridge, once that one was OOM-killed). The
+    shipped broker configs bound them to 16 MiB (``max_message_size``): the broker refuses a larger
+    one, closing the publisher's channel (406), and the bridge never receives it. Found by a review."""
+    import aio_pika
+    from aiormq.exceptions import ChannelPreconditionFailed
+
+    from bridge.transport import amqp
+    from bridge.transport.request import Delivery
+
+    oversized = b"x" * (BROKER_MAX_MESSAGE_SIZE + 1)
+    # A broker started before the bound was shipped: `deploy/local/stack.sh up` applies it live.
+    probe = await aio_pika.connect(servers.amqp_url("guest"))
+    try:
+        queue = await (await probe.channel()).declare_queue("", exclusive=True)
+        if await _publish_refused(servers.amqp_url("guest"), "", queue.name, oversized) is None:
+            pytest.skip("the running broker takes bodies over 16 MiB: run deploy/local/stack.sh up to bound it")
+    finally:
+        await probe.close()
+    received: list[int] = []
+
+    class _Recorded(Delivery):
+        __slots__ = ()
+
+        def __init__(self, delivered: Any) -> None:
+            super().__init__(delivered)
+            received.append(len(self.body))
+
+    monkeypatch.setattr(amqp, "Delivery", _Recorded)
+    body = b'{"serviceId": "s", "value": "' + oversized + b'"}'
+    refused = await _publish_refused(servers.amqp_url(ENGINE_USER), names["exchange"], "add", body)
+    assert isinstance(refused, ChannelPreconditionFailed), refused
+    assert "message size" in str(refused) and "larger than configured max size" in str(refused)
+    # The bridge still serves, and of all it was delivered meanwhile nothing came near the bound.
+    svc = service_id()
+    await engine.add(svc, "still alive")
+    w = await workers(svc)
+    assert (await w.fetch()).value == "still alive"
+    assert received and max(received) < 1024 * 1024, received
 
 
 async def test_rpc_without_reply_to_is_dead_lettered(bridge, engine, dead_letters):

@@ -12,9 +12,11 @@ from typing import Any
 
 import pytest
 
-from bridge.client import UnavailableError
+from bridge.client import Engine, UnavailableError
 from bridge.crypto import generate_keyring, write_keyring
-from tests.conftest import ENGINE_USER, OWNERS, service_id, settings_from, settle_owed_results, wait_for
+from bridge.domain.cancellation import ConnectionCancelled
+from tests.conftest import BRIDGE_USER, ENGINE_USER, OWNERS, service_id, settings_from, settle_owed_results, wait_for
+from tests.faults import TcpProxy
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -273,7 +275,9 @@ BROKEN = OWNERS[1]  # the owner whose key-server entry is broken
 
 
 @contextlib.asynccontextmanager
-async def _bridge_with_a_broken_key_entry(bridge_env: dict[str, str]) -> AsyncIterator[tuple[Any, Any, Any]]:
+async def _bridge_with_a_broken_key_entry(
+    bridge_env: dict[str, str], **overrides: Any
+) -> AsyncIterator[tuple[Any, Any, Any]]:
     """A bridge on a key server whose entry for BROKEN answers a 16-byte key (``BadKeyAnswer``):
     the bridge, the key server, and a function that fixes the entry (the operator's repair)."""
     import secrets
@@ -292,7 +296,7 @@ async def _bridge_with_a_broken_key_entry(bridge_env: dict[str, str]) -> AsyncIt
             keys._owners[BROKEN][key_id] = good
 
         env = {k: v for k, v in bridge_env.items() if k != "BRIDGE_KEYRING"}
-        b = Bridge(settings_from(env, key_server_url=keys.url, key_cache_seconds=0.05))
+        b = Bridge(settings_from(env, key_server_url=keys.url, key_cache_seconds=0.05, **overrides))
         await b.start()
         try:
             yield b, keys, fix
@@ -425,3 +429,102 @@ async def test_an_add_moved_to_the_retry_lane_keeps_no_header_the_broker_routes_
         finally:
             await engine.close()
             await admin.close()
+
+
+class _OneConnectionMuted(TcpProxy):
+    """A proxy that black-holes one of its connections: the broker's bytes to it are dropped (the
+    bridge hears nothing on it, the broker hears the bridge), the others go on as they are."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(host, port)
+        self.clients: list[asyncio.StreamWriter] = []  # the client sides, in the order accepted
+        self.silenced: set[asyncio.StreamWriter] = set()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.clients.append(writer)
+        await super()._accept(reader, writer)
+
+    def mute_connection(self, index: int) -> None:
+        self.silenced.add(self.clients[index])
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, replies: bool) -> None:
+        # TcpProxy's, with the broker's bytes to a silenced connection dropped.
+        try:
+            while data := await reader.read(65536):
+                if replies and writer in self.silenced:
+                    continue
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+
+
+@pytest.mark.parametrize(
+    ("heartbeat", "lane_bound_s", "failure"),
+    [
+        # The confirm never comes and the connection is not given up for minutes: the lane's bound.
+        pytest.param(60, 1.0, TimeoutError, id="confirm-bounded"),
+        # aiormq gives the connection up first (three heartbeats) and cancels the confirm's wait.
+        pytest.param(1, 60.0, ConnectionCancelled, id="connection-given-up"),
+    ],
+)
+async def test_an_add_moved_to_the_lane_on_a_black_holed_main_connection_is_settled(
+    bridge_env, servers, monkeypatch, heartbeat, lane_bound_s, failure
+):
+    """The lane's copy is published, confirmed, on the main connection's results channel; adds are
+    consumed on a connection of their own. Main connection black-holed (the adds one alive): the
+    copy's confirm never came and nothing bounded the wait, so each add moved to the lane held its
+    slot of the adds window until aiormq gave the connection up (183 s at a 60 s heartbeat), and
+    a broken owner's flood stalled every owner's adds. When aiormq did give it up, it cancelled the
+    wait in a task nobody cancelled: the CancelledError ended the add's task with its delivery
+    never settled (a slot lost until the channel closed), nothing logged. Found by a review."""
+    from bridge.transport import add_retry, amqp
+    from bridge.transport.request import Delivery
+
+    monkeypatch.setattr(add_retry, "LANE_CONFIRM_TIMEOUT_S", lane_bound_s, raising=False)
+    deliveries: list[Delivery] = []
+
+    class _Recorded(Delivery):
+        __slots__ = ()
+
+        def __init__(self, delivered: Any) -> None:
+            super().__init__(delivered)
+            deliveries.append(self)
+
+    monkeypatch.setattr(amqp, "Delivery", _Recorded)
+    proxy = await _OneConnectionMuted(servers.amqp_host, servers.amqp_port).start()
+    url = f"amqp://{BRIDGE_USER}:{BRIDGE_USER}@127.0.0.1:{proxy.port}/?heartbeat={heartbeat}"
+    try:
+        async with _bridge_with_a_broken_key_entry(bridge_env, amqp_url=url) as (b, _, fix):
+            try:
+                lane = b.transport.handlers.lane
+                failures: list[BaseException] = []
+                told = lane.on_failure
+
+                def recorded(exc: BaseException) -> None:
+                    failures.append(exc)
+                    told(exc)
+
+                lane.on_failure = recorded
+                svc = service_id()
+                exchange = bridge_env["BRIDGE_EXCHANGE"]
+                async with Engine(servers.amqp_url(ENGINE_USER), owner=BROKEN, exchange=exchange) as eng:
+                    for n in range(lane.in_place_limit):
+                        await eng.add(svc, {"n": n}, wait=False)
+                    await wait_for(lambda: lane.full(BROKEN), 10, what="the broken owner's share of the window used up")
+                    proxy.mute_connection(0)  # the main connection (opened first); the adds one goes on
+                    await eng.add(svc, {"n": "moved"}, wait=False)
+                    # aiormq gives a connection up once it heard nothing for 3 x (heartbeat + 1) s.
+                    given_up_s = min(lane_bound_s, 3 * (heartbeat + 1))
+                    await wait_for(lambda: failures, given_up_s + 5, what="the lane's publish given up")
+                    assert isinstance(failures[0], failure), failures
+                    fix()  # the entry repaired: the add, retried in place, is stored
+                    moved = next(d for d in deliveries if b'"moved"' in d.body)
+                    await wait_for(lambda: moved.processed, 10, what="the moved add's delivery settled")
+            finally:
+                proxy.cut()  # before the bridge stops: its close would wait on the black-holed connection
+    finally:
+        await proxy.stop()

@@ -449,7 +449,7 @@ def test_rabbitmq_definitions_create_the_dev_users(definitions: dict[str, Any]) 
         assert granted[user] == (r.configure, r.write, r.read), user
 
 
-def test_rabbitmq_conf_loads_the_mounted_definitions(compose: dict[str, Any]) -> None:
+def _rabbit_conf() -> dict[str, str]:
     settings = {}
     for line in RABBIT_CONF.read_text(encoding="utf-8").splitlines():
         line = line.split("#", 1)[0].strip()
@@ -457,6 +457,11 @@ def test_rabbitmq_conf_loads_the_mounted_definitions(compose: dict[str, Any]) ->
             key, sep, value = line.partition("=")
             assert sep, f"rabbitmq.conf: not `key = value`: {line}"
             settings[key.strip()] = value.strip()
+    return settings
+
+
+def test_rabbitmq_conf_loads_the_mounted_definitions(compose: dict[str, Any]) -> None:
+    settings = _rabbit_conf()
     assert settings.get("loopback_users") == "none"
     mounts = {target: source for source, target in _mounts(compose["services"]["rabbitmq"])}
     target = settings.get("load_definitions")
@@ -468,6 +473,23 @@ def test_rabbitmq_conf_loads_the_mounted_definitions(compose: dict[str, Any]) ->
         t == "/etc/rabbitmq/rabbitmq.conf" or (t.startswith("/etc/rabbitmq/conf.d/") and t.endswith(".conf"))
         for t in conf_targets
     ), conf_targets
+
+
+MAX_MESSAGE_SIZE = 16 * 1024 * 1024  # RabbitMQ 4.x's default; 3.x's (the image's 3.13) is 128 MiB
+
+
+def test_rabbitmq_conf_bounds_the_message_size_above_what_the_bridge_sends(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bridge reads a whole delivery into memory before it checks its size (the AMQP library
+    buffers the body): on the broker's 3.x default of 128 MiB, any tenant could have a bridge
+    hold 128 MiB messages, a few at once. Found by a review. The bound must stay above what the
+    bridge publishes itself: a result carries the add's token and the ack's result, each up to
+    BRIDGE_MAX_VALUE_BYTES (requests are at most that + 64 KiB)."""
+    assert int(_rabbit_conf().get("max_message_size", "0")) == MAX_MESSAGE_SIZE
+    bridge_env = _service_env(compose["services"]["bridge"])
+    limit = _assert_settings_env(bridge_env, monkeypatch, "docker-compose.yml bridge").max_value_bytes
+    assert 2 * limit + 64 * 1024 < MAX_MESSAGE_SIZE
 
 
 # --------------------------------------------------------------------------------------------- Kubernetes

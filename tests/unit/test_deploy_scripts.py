@@ -89,3 +89,54 @@ def test_the_brokers_state_goes_where_its_user_can_reach_it(tmp_path: Path) -> N
     reachable = all(oct(p.stat().st_mode)[-1] in "1357" for p in [open_dir, *open_dir.parents] if str(p) != "/")
     expected = str(open_dir / "state" / "rabbitmq") if reachable else "/var/tmp/queue-bridge-rabbitmq-"
     assert out.stdout.split()[1].startswith(expected), out.stdout
+
+
+RABBITMQ_SH = ROOT / "deploy" / "local" / "rabbitmq.sh"
+MAX_MESSAGE_SIZE = 16 * 1024 * 1024  # as deploy/compose/rabbitmq.conf (tests/unit/test_deploy_files.py)
+
+
+def _run_with_rabbitmq_sh(tmp_path: Path, script: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in bash after sourcing deploy/local/rabbitmq.sh, its broker folder (R_DIR) in
+    ``tmp_path``; ``rabbitmqctl`` is a stub on PATH that records its arguments in ``ctl.log``."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    ctl = bin_dir / "rabbitmqctl"
+    ctl.write_text(f'#!/bin/sh\necho "$@" >>{tmp_path / "ctl.log"}\n')
+    ctl.chmod(0o755)
+    prelude = (
+        'source "$1"; R_DIR="$2/rabbitmq"; R_MNESIA="$R_DIR/mnesia"; R_LOGS="$R_DIR/logs"\n'
+        # The broker's user is not needed to render its config (nor may exist on this machine).
+        "chown() { :; }; su() { :; }\n"
+    )
+    return subprocess.run(
+        ["bash", "-c", prelude + script, "x", str(RABBITMQ_SH), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin:/usr/sbin:/sbin", "QB_STATE_DIR": str(tmp_path / "state")},
+    )
+
+
+def test_the_local_brokers_config_bounds_the_message_size(tmp_path: Path) -> None:
+    """RabbitMQ 3.x takes message bodies up to 128 MiB, and a bridge reads a whole delivery into
+    memory before it can check its size: the local broker (and each node of rabbitmq-cluster.sh,
+    which runs rabbitmq.sh) is started with RabbitMQ 4.x's 16 MiB, as the compose file's."""
+    out = _run_with_rabbitmq_sh(tmp_path, 'rabbitmq_prepare_state && cat "$R_DIR/rabbitmq.conf"')
+    assert out.returncode == 0, out.stderr
+    conf = dict(line.split(" = ", 1) for line in out.stdout.splitlines() if " = " in line)
+    assert conf.get("max_message_size") == str(MAX_MESSAGE_SIZE), out.stdout
+
+
+def test_a_running_broker_started_on_an_older_config_gets_the_message_size_bound_live(tmp_path: Path) -> None:
+    """`stack.sh up` leaves a broker these scripts started running, on the config rendered for its
+    start: the bound is applied to it live (each new channel reads it), and only when its config
+    differs from the one rendered now."""
+    older = 'mkdir -p "$R_DIR"; echo "listeners.tcp.default = 127.0.0.1:5672" >"$R_DIR/rabbitmq.conf"\n'
+    out = _run_with_rabbitmq_sh(tmp_path, older + "rabbitmq_apply_conf_live")
+    assert out.returncode == 0, out.stderr
+    applied = (tmp_path / "ctl.log").read_text()
+    assert f"application:set_env(rabbit, max_message_size, {MAX_MESSAGE_SIZE})." in applied, applied
+    (tmp_path / "ctl.log").unlink()
+    out = _run_with_rabbitmq_sh(tmp_path, "rabbitmq_prepare_state && rabbitmq_apply_conf_live")
+    assert out.returncode == 0, out.stderr
+    assert not (tmp_path / "ctl.log").exists(), "a broker on the current config is left alone"

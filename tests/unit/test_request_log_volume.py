@@ -1,0 +1,58 @@
+"""Requests past their deadline, or abandoned, do not write a log line each (no servers).
+
+Each one wrote an INFO line ("request past its deadline not executed", "request abandoned"). After
+a backlog of requests past their deadline (a paused bridge, a slow store, a client whose clock is
+behind) that was a line per request, thousands, burying the lines that name the cause; README
+says only ``BRIDGE_LOG_LEVEL=DEBUG`` adds per-request lines. They are counted in the metrics
+(``requests_expired_total``) already. Found by a review.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, cast
+
+import pytest
+
+from bridge.domain.fetching import RequestAbandoned
+from tests.unit.test_fuzz import REPLY_TO, _Message, _transport
+
+pytestmark = pytest.mark.anyio
+
+N = 200
+FETCH = b'{"serviceId": "s", "workerId": "w"}'
+
+
+def _lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "bridge.amqp" and r.levelno >= logging.INFO]
+
+
+async def test_requests_past_their_deadline_write_one_line_between_them(caplog: pytest.LogCaptureFixture) -> None:
+    transport, _ = _transport()
+    past = transport.queue.clock.now_ms() - 5_000  # (the stand-in's clock stands still)
+    with caplog.at_level(logging.DEBUG, logger="bridge.amqp"):
+        for _ in range(N):
+            message = _Message(FETCH, "fetch", {"x-deadline": past}, "worker-a", REPLY_TO)
+            await transport._guarded(transport._on_fetch)(cast(Any, message))
+            assert message.settled == ["ack"]
+    lines = _lines(caplog)
+    assert len(lines) <= 1, f"{len(lines)} lines for {N} late requests: {lines[:3]}"
+    assert all("deadline" in line for line in lines), lines
+    # Each is still there at DEBUG, as every per-request line.
+    debug = [r for r in caplog.records if r.levelno == logging.DEBUG and "deadline" in r.getMessage()]
+    assert len(debug) == N
+
+
+async def test_abandoned_requests_write_no_line_each(caplog: pytest.LogCaptureFixture) -> None:
+    transport, _ = _transport()
+
+    async def abandoned(*args: Any, **kwargs: Any) -> Any:
+        raise RequestAbandoned("its worker is gone")
+
+    transport.handlers.queue.fetch = abandoned  # type: ignore[method-assign]
+    with caplog.at_level(logging.DEBUG, logger="bridge.amqp"):
+        for _ in range(N):
+            message = _Message(FETCH, "fetch", {}, "worker-a", REPLY_TO)
+            await transport._guarded(transport._on_fetch)(cast(Any, message))
+            assert message.settled == ["ack"]
+    assert _lines(caplog) == []
