@@ -20,7 +20,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from bridge.crypto import Sealed
 from bridge.domain import jsonvalue
@@ -180,19 +180,12 @@ async def renew(
     return res
 
 
-class Soon(Protocol):
-    """``WorkQueue.soon``: a timer of this bridge for a deadline moments away; ``filed``, the
-    bucket the entry went to when not the one of its time."""
-
-    def __call__(self, entry: ExpiryEntry, due_ms: int, filed: int | None = None) -> None: ...
-
-
 class Lifecycle:
     def __init__(
         self,
         ctx: QueueContext,
         relay: ResultRelay,
-        soon: Soon,
+        soon: Callable[[ExpiryEntry, int], None],
         hints: TaskHints,
         settle_ms: int,
     ) -> None:
@@ -604,12 +597,11 @@ class Lifecycle:
             # and marked this task and epoch handled there, and that bucket's later passes skip
             # an entry of the same task and epoch (seen in a trace; the redriving bridge's own
             # timer below is best effort).
-            filed = expiry_bucket(now) + 1
-            await self.store.watch_expiry(filed, watch)
+            await self.store.watch_expiry(expiry_bucket(now) + 1, watch)
             res = await self.store.unpark(q, task_id, lease.epoch, until)
             if not res.applied:
                 continue
-            self.soon(watch, now, filed)
+            self.soon(watch, now)
             # Ready again (waiting for a worker); its claim moves it to in flight (the hint says
             # so). Counted before the index row's delete: if that fails, the task is ready anyway.
             ctx.count(q, ms_of(task_id), ready=1)

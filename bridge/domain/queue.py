@@ -112,7 +112,7 @@ class WorkQueue:
         self._acker = Acker(self.ctx, self.relay)
         self.lifecycle = Lifecycle(self.ctx, self.relay, self.soon, self.hints, settle_ms)
         # Set by the recovery scheduler: handles a timer-wheel entry due within moments, here.
-        self.due_soon: Callable[[ExpiryEntry, int | None], None] | None = None
+        self.due_soon: Callable[[ExpiryEntry], None] | None = None
         self._registered: dict[QueueKey, int] = {}
         # Adds whose task write timed out here (task id -> counted yet): see ``_count_add``.
         self._adds_in_doubt: OrderedDict[uuid.UUID, bool] = OrderedDict()
@@ -315,15 +315,13 @@ class WorkQueue:
         elif self._adds_in_doubt.get(add.task_id) is False:
             log.warning("add of task %s left uncounted: not found stored (it may land later)", add.task_id)
 
-    def soon(self, entry: ExpiryEntry, due_ms: int, filed: int | None = None) -> None:
+    def soon(self, entry: ExpiryEntry, due_ms: int) -> None:
         """An entry filed in the timer wheel for a moment so near (a short backoff, a redrive, a
         short delay) that the scheduler may have read that bucket's marks already and would meet
         it only on its second pass: this bridge handles it itself at its time as well (best
-        effort; the wheel entry stays the guarantee, and handling it twice is idempotent).
-        ``filed``: the bucket the entry was filed in, when not the one of its time (a redrive
-        files one ahead): the passes over that bucket are told when the timer settled it."""
+        effort; the wheel entry stays the guarantee, and handling it twice is idempotent)."""
         if self.due_soon is not None and due_ms - self.ctx.clock.now_ms() < SOON_MS:
-            self.due_soon(entry, filed)
+            self.due_soon(entry)
 
     def _register(self, q: QueueKey) -> None:
         """Record the owner's service queue for stats, once a day per bridge (not per task)."""

@@ -406,8 +406,6 @@ class RecoveryScheduler:
         handled = self._handled.setdefault(bucket, set())
 
         async def handle(entry: ExpiryEntry, lease: Lease | None, stored: bool) -> None:
-            if entry_key(entry) in handled:
-                return  # settled by this bridge's timer since the leases were read (``_pass_set``)
             try:
                 settled, _ = await self._alone(entry, lambda: self._handle(entry, lease, now, bucket, stored=stored))
             except Exception as exc:
@@ -511,7 +509,7 @@ class RecoveryScheduler:
             if not lease.is_leased or lease.epoch != entry.epoch:
                 handled.add(entry_key(entry))  # completed or re-claimed: final for this entry
             elif lease.lease_until_ms is None or lease.lease_until_ms <= entry.lease_until_ms:
-                self.handle_soon(entry, handled=handled)  # (extended by a heartbeat: the pass re-files it)
+                self.handle_soon(entry, handled)  # (extended by a heartbeat: the pass re-files it)
 
         leases = [e for e in entries if e.epoch != DUE_EPOCH]
         for error in await self._with_leases(leases, handled, armed, arm):
@@ -620,16 +618,14 @@ class RecoveryScheduler:
         )
         return again != bucket
 
-    def handle_soon(
-        self, entry: ExpiryEntry, filed: int | None = None, *, handled: set[EntryKey] | None = None
-    ) -> None:
+    def handle_soon(self, entry: ExpiryEntry, handled: set[EntryKey] | None = None) -> None:
         """Handle one timer-wheel entry at its time, on this bridge (``WorkQueue.soon``). Best
         effort: cancelled at shutdown (the wheel entry stays the guarantee). ``handled``: the
         scheduler's set for the entry's bucket, which its passes then skip."""
         key = entry_key(entry)
         if len(self._timers) >= MAX_TIMERS or key in self._timer_keys:
             return  # one timer per entry (the claim's own and the look-ahead's may both ask)
-        timer = asyncio.create_task(self._soon(entry, handled, filed), name="due soon")
+        timer = asyncio.create_task(self._soon(entry, handled), name="due soon")
         self._timers.add(timer)
         self._timer_keys.add(key)
 
@@ -667,17 +663,7 @@ class RecoveryScheduler:
             if self._handling.get(key) is mine:
                 del self._handling[key]
 
-    def _pass_set(self, bucket: int) -> set[EntryKey] | None:
-        """The set of a bucket's entries the passes skip, when this bridge runs them (it holds the
-        recovery duty) and has still to finish the bucket; None otherwise. A timer set by a claim,
-        a fail or a redrive (``WorkQueue.soon``) settles its entry there: else the pass met the
-        deadline again and, the task not yet claimed (a backlog), re-exposed it a second time (a
-        second ready entry, a second hint, counted twice); and the other way round."""
-        if self._expiry_confirmed is None or bucket < self._expiry_confirmed:
-            return None
-        return self._handled.setdefault(bucket, set())
-
-    async def _soon(self, entry: ExpiryEntry, handled: set[EntryKey] | None = None, filed: int | None = None) -> None:
+    async def _soon(self, entry: ExpiryEntry, handled: set[EntryKey] | None = None) -> None:
         due = self._due_ms(entry)
         clock = self.queue.clock
         try:
@@ -692,11 +678,13 @@ class RecoveryScheduler:
                 return  # this bridge's clock is beyond the skew limit: the wheel entry is met elsewhere
             if entry.epoch != DUE_EPOCH and self.queue.completed_here(entry.task_id, entry.epoch):
                 return  # acked through this bridge: nothing to read
-            bucket = filed if filed is not None else expiry_bucket(due)
-            if handled is None:
-                handled = self._pass_set(bucket)
-            if handled is not None and entry_key(entry) in handled:
-                return  # the pass met it first: re-exposed again, the task had two ready entries
+            # Not told the passes' outcomes (nor they its own, but through ``handled`` for the
+            # look-ahead's timers): their marks are per task and epoch, not per deadline, and a mark
+            # left by another deadline of the lease (a claim's, met before a fail's just after it; a
+            # look-ahead that read the lease before the claim landed) made a timer skip its own and
+            # every pass skip it after: a task leased to nobody until its TTL. Met by both before
+            # any claim, a deadline re-exposes its task twice (docs/reliability.md, known limits).
+            bucket = expiry_bucket(due)
             lease: Lease | None = None
             now = clock.now_ms()
 
@@ -715,7 +703,7 @@ class RecoveryScheduler:
                 and lease.not_claimable_before(now, self.queue.skew_margin_ms)
             )
             # Only from its own reading of the lease: an outcome taken from the pass is the pass's
-            # to record (it does, for its bucket).
+            # to record.
             if settled and ran and handled is not None and not rewatched:
                 handled.add(entry_key(entry))
         except Exception as exc:  # the wheel entry is met by the scheduler anyway
