@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import os
+import re
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aio_pika
 
+from benchmarks import serverside
 from benchmarks.procs import CpuMeter, Managed, server_pids, start_bridge, start_echo
 from benchmarks.progress import say
 from benchmarks.stats import Figure, Sample, Target
@@ -24,7 +29,9 @@ HOST = "127.0.0.1"  # benchmarks never target anything else
 KEYSPACE = "qb_bench"
 ENGINE_USER = "engine"
 OWNER = "worker-a"
-CASSANDRA_REQUESTS = "queue_bridge_cassandra_requests"  # the bridges' counter, by statement
+CASSANDRA_REQUESTS = "queue_bridge_cassandra_requests"  # the bridges' counter, by statement (a batch: 1)
+CASSANDRA_STATEMENTS = "queue_bridge_cassandra_statements"  # by statement, each member of a batch counted
+CQL_PORT = 9042
 OWNERS = ("engine", "worker-a", "worker-b", "guest")
 
 # Tables for B-lwt and B-write, shaped like the bridge's `leases` and `ready` rows.
@@ -42,6 +49,57 @@ BENCH_TABLES = (
 
 class StackDown(RuntimeError):
     pass
+
+
+Labels = tuple[tuple[str, str], ...]
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? ([^ ]+)(?: [0-9]+)?$")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_metrics(texts: Iterable[str]) -> dict[tuple[str, Labels], float]:
+    """Samples of Prometheus text pages, summed over the pages by name (``_total`` dropped) and
+    labels (sorted); the ``_created`` timestamps are not counts and are left out."""
+    out: dict[tuple[str, Labels], float] = {}
+    for text in texts:
+        for line in text.splitlines():
+            if not line or line.startswith("#"):
+                continue
+            m = _SAMPLE.match(line)
+            if m is None:
+                continue
+            name = m.group(1)
+            if name.endswith("_created"):
+                continue
+            name = name.removesuffix("_total")
+            labels = tuple(sorted(_LABEL.findall(m.group(2) or "")))
+            out[(name, labels)] = out.get((name, labels), 0.0) + float(m.group(3))
+    return out
+
+
+@dataclass
+class Scrape:
+    """One scrape of the running bridges' /metrics, every sample kept with its labels."""
+
+    samples: dict[tuple[str, Labels], float] = field(default_factory=dict)
+    answered: int = 0  # bridges whose /metrics answered
+    asked: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.samples)
+
+    def total(self, name: str, **labels: str) -> float:
+        """The sum of ``name``'s samples whose labels include ``labels`` (all of them without)."""
+        want = set(labels.items())
+        return sum(v for (n, ls), v in self.samples.items() if n == name and want <= set(ls))
+
+    def by(self, name: str, label: str) -> dict[str, float]:
+        """``name``'s samples summed by the value of one label."""
+        out: dict[str, float] = {}
+        for (n, ls), v in self.samples.items():
+            if n == name:
+                key = dict(ls).get(label, "")
+                out[key] = out.get(key, 0.0) + v
+        return out
 
 
 @dataclass
@@ -204,7 +262,8 @@ class Bench:
 
     async def _metrics_texts(self, *, tolerant: bool) -> list[str]:
         """The running bridges' /metrics pages (none without --metrics); ``tolerant``: skip a
-        bridge that does not answer."""
+        bridge that does not answer, else fail naming it (a sum over the fleet without it is not
+        the fleet's)."""
         import urllib.request
 
         texts: list[str] = []
@@ -217,34 +276,43 @@ class Bench:
                 texts.append(
                     await asyncio.to_thread(lambda u=url: urllib.request.urlopen(u, timeout=5).read().decode())
                 )
-            except OSError:
+            except OSError as exc:
                 if not tolerant:
-                    raise
+                    raise RuntimeError(f"{b.name}: its /metrics ({url}) did not answer: {exc}") from exc
         return texts
 
-    async def counters(self) -> dict[str, float]:
-        """queue_bridge_* counters summed over the running bridges (empty without --metrics)."""
-        import re
+    async def scrape(self, *, tolerant: bool = False) -> Scrape:
+        """Every sample of the running bridges' /metrics, with its labels (empty without --metrics)."""
+        asked = sum(1 for b in self.bridges if b.name in self.metrics_ports)
+        texts = await self._metrics_texts(tolerant=tolerant)
+        return Scrape(parse_metrics(texts), answered=len(texts), asked=asked)
 
-        pattern = re.compile(r"^(queue_bridge_[a-z_]+?)(?:_total)?(?:\{[^}]*\})? ([0-9.e+-]+)$")
+    async def counters(self) -> dict[str, float]:
+        """queue_bridge_* counters summed over the running bridges and over their labels (empty
+        without --metrics; a bridge that does not answer is skipped: see ``scrape``)."""
         out: dict[str, float] = {}
-        for text in await self._metrics_texts(tolerant=True):
-            for line in text.splitlines():
-                m = pattern.match(line)
-                if m and not m.group(1).endswith("_created"):
-                    out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
+        for (name, _labels), value in parse_metrics(await self._metrics_texts(tolerant=True)).items():
+            if name.startswith("queue_bridge_") and math.isfinite(value):
+                out[name] = out.get(name, 0.0) + value
         return out
 
     async def statements(self) -> dict[str, float]:
-        """Cassandra requests sent by the running bridges, by statement (empty without --metrics)."""
-        total: dict[str, float] = {}
-        for text in await self._metrics_texts(tolerant=False):
-            for line in text.splitlines():
-                if line.startswith(CASSANDRA_REQUESTS + "_total{"):
-                    labels, value = line.rsplit(" ", 1)
-                    name = labels.split('statement="', 1)[1].split('"', 1)[0]
-                    total[name] = total.get(name, 0.0) + float(value)
-        return total
+        """Cassandra requests sent by the running bridges, by statement (empty without --metrics):
+        a batch counts once, under the batch's name."""
+        return (await self.scrape()).by(CASSANDRA_REQUESTS, "statement")
+
+    async def executed_statements(self) -> dict[str, float]:
+        """Statements Cassandra executed for the running bridges, by statement: each member of a
+        batch counted under its own name (empty without --metrics, or for bridges before it)."""
+        return (await self.scrape()).by(CASSANDRA_STATEMENTS, "statement")
+
+    async def cassandra_clients(self) -> serverside.Snapshot:
+        """Cassandra's own count of the requests each client connection sent (system_views.clients),
+        with each connection attributed to the bridge process holding it (or to this process:
+        "benchmark", the probe session reading the table among them)."""
+        groups = {b.name: [b.pid] for b in self.bridges}
+        groups["benchmark"] = [os.getpid()]
+        return await serverside.snapshot(self.db, CQL_PORT, groups)
 
     def service(self, what: str) -> str:
         return f"bench-{what}-{uuid.uuid4().hex[:6]}"

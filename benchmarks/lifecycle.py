@@ -738,6 +738,7 @@ async def _delayed_run(
     )
     st = Delayed(n)
     statements_before = await bench.statements()
+    executed_before = await bench.executed_statements()
     counters_before = await bench.counters()
     meter = bench.cpu_meter()
     consumers = [asyncio.create_task(_delayed_worker(st, w, args.wait_ms, args.ack_next)) for w in workers]
@@ -779,16 +780,28 @@ async def _delayed_run(
         rows.append(Row(f"delayed ({bridges}b)", "max backlog: due not announced / announced not out", backlog))
     out["cpu_percent"] = meter.stop()  # of one core, adds to the last delivery, by process group
     # Per task handed out: the add, the scheduler's work on its due time, the claim and the ack.
+    # Requests (a batch once) and statements (each member of a batch counted).
     spent = {k: v - statements_before.get(k, 0.0) for k, v in (await bench.statements()).items()}
     per = {k: round(v / max(len(st.seen), 1), 3) for k, v in sorted(spent.items()) if v > 0}
+    done = {k: v - executed_before.get(k, 0.0) for k, v in (await bench.executed_statements()).items()}
+    per_statement = {k: round(v / max(len(st.seen), 1), 3) for k, v in sorted(done.items()) if v > 0}
     out["ack_next"] = args.ack_next
     counters = await bench.counters()  # what the bridges did meanwhile (fetch outcomes, scans, hints, ...)
     out["counters"] = {
         k: round(v - counters_before.get(k, 0.0), 3) for k, v in sorted(counters.items()) if v != counters_before.get(k)
     }
-    out["statements_per_task"] = round(sum(per.values()), 2)
-    out["by_statement"] = per
-    rows.append(Row(f"delayed ({bridges}b)", "Cassandra statements per task", fmt(out["statements_per_task"], "", 2)))
+    out["requests_per_task"] = round(sum(per.values()), 2)
+    out["statements_per_task"] = round(sum(per_statement.values()), 2) if per_statement else math.nan
+    out["by_request"] = per
+    out["by_statement"] = per_statement
+    rows.append(Row(f"delayed ({bridges}b)", "Cassandra requests per task", fmt(out["requests_per_task"], "", 2)))
+    rows.append(
+        Row(
+            f"delayed ({bridges}b)",
+            "Cassandra statements per task (batch members counted)",
+            fmt(out["statements_per_task"], "", 2),
+        )
+    )
     say(f"delayed ({bridges} bridge(s)): {out}")
     return out
 

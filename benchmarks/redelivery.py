@@ -18,14 +18,17 @@ Each round measures two kinds of lease, 16 long-polling (``waitMs``) workers eac
 Spread out so, every expiry meets workers that wait (a burst would measure how fast they drain it).
 Each redelivery is timed against the abandoned delivery's ``leaseExpiresAt``. Goal: p50 <= 50 ms,
 p99 <= 500 ms (the original service, which re-checks on every fetch, measured p50 52-56 ms). The
-bridges and this process share one host, hence one clock; a negative delay (a task handed out
-before its lease ended) is counted, and fails the goal.
+percentiles are over every task of the row: a task never redelivered before the round stopped is
+a delay of infinity (it counts, and a row missing one is not met). The bridges and this process
+share one host, hence one clock; a negative delay (a task handed out before its lease ended) is
+counted, and fails the goal.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import sys
 import time
 import uuid
@@ -36,9 +39,9 @@ from typing import Any
 
 from benchmarks.context import ENGINE_USER, OWNER, Bench, Plan
 from benchmarks.progress import say
-from benchmarks.report import git_commit, machine, now_iso, write_json
+from benchmarks.report import _clean, git_commit, machine, now_iso, write_json
 from benchmarks.run import run_locked
-from benchmarks.stats import Sample
+from benchmarks.stats import Sample, percentile
 from benchmarks.workloads import close_all, open_workers
 from bridge.client import Engine, Task
 
@@ -87,15 +90,33 @@ class Redeliveries:
             self.delay.add(max(received_ms - end, 0.0) / 1000)
 
     def summary(self, tasks: int, lease: str) -> dict[str, Any]:
+        """Percentiles over all ``tasks``: one never redelivered (or never even delivered first) is
+        a delay of infinity, not left out (99 of 100 within 10 ms and one lost: p99 is infinite)."""
+        missing = max(tasks - self.delay.count, 0)
+        delays = sorted(self.delay.latencies) + [math.inf] * missing
         return {
             "lease_ms": lease,
             "redelivered": self.delay.count,
             "tasks": tasks,
-            "p50_ms": round(self.delay.p(50), 1),
-            "p99_ms": round(self.delay.p(99), 1),
-            "max_ms": round(self.delay.p(100), 1),
+            "missing": missing,
+            "p50_ms": _ms(percentile(delays, 50)),
+            "p99_ms": _ms(percentile(delays, 99)),
+            "max_ms": _ms(percentile(delays, 100)),
             "early": self.early,
         }
+
+
+def _ms(seconds: float) -> float:
+    return seconds if math.isinf(seconds) or math.isnan(seconds) else round(seconds * 1000, 1)
+
+
+def goal_met(rows: list[dict[str, Any]]) -> bool:
+    """Every row within the goal: p50 and p99 (over every task: one missing is infinitely late),
+    none handed out early, none missing."""
+    return bool(rows) and all(
+        r["p50_ms"] <= GOAL_P50_MS and r["p99_ms"] <= GOAL_P99_MS and r["early"] == 0 and r.get("missing", 0) == 0
+        for r in rows
+    )
 
 
 async def short_leases(bench: Bench, label: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -194,6 +215,7 @@ async def run(args: argparse.Namespace) -> int:
     print(f"\nW-redeliver ({git_commit()}, {now_iso()}): {args.tasks} tasks per row, {WORKERS} waiting workers")
     head = ("setting", "lease ms", "p50 ms", "p99 ms", "max ms", "early", "redelivered")
     print(f"{head[0]:10s} {head[1]:>12s} {head[2]:>8s} {head[3]:>8s} {head[4]:>8s} {head[5]:>6s} {head[6]:>12s}")
+    print("(percentiles over every task: a task never redelivered counts as infinitely late)")
     for label, items in by.items():
         for rnd in items:
             for kind in ("short", "long"):
@@ -203,13 +225,15 @@ async def run(args: argparse.Namespace) -> int:
                     f"{r['early']:6d} {r['redelivered']:>6d}/{r['tasks']}"
                 )
     cas = [rnd[kind] for rnd in by.get("cassandra", []) for kind in ("short", "long")]
-    met = bool(cas) and all(r["p50_ms"] <= GOAL_P50_MS and r["p99_ms"] <= GOAL_P99_MS and r["early"] == 0 for r in cas)
+    met = goal_met(cas)
     print(
-        f"goal (cassandra time, every row): p50 <= {GOAL_P50_MS:.0f} ms, p99 <= {GOAL_P99_MS:.0f} ms, 0 early: "
-        + ("met" if met else "NOT met")
+        f"goal (cassandra time, every row): p50 <= {GOAL_P50_MS:.0f} ms, p99 <= {GOAL_P99_MS:.0f} ms, 0 early, "
+        "0 missing: " + ("met" if met else "NOT met")
     )
     if args.out:
-        write_json(Path(args.out), {"machine": machine(), "commit": git_commit(), "rounds": rounds, "met": met})
+        # JSON has no infinity: a p99 with a task missing is written null (and "missing" says why).
+        doc = {"machine": machine(), "commit": git_commit(), "rounds": rounds, "met": met}
+        write_json(Path(args.out), _clean(doc))
     return 0
 
 

@@ -131,22 +131,36 @@ def cpu_table(cpu: dict[str, dict[str, float]]) -> str:
 
 
 def _fixed_rate_lines(fixed: list[dict[str, Any]] | None) -> list[str]:
-    """W-scale's fixed-rate step (``--scale-rate``): fetch latency and conflicts per bridge count."""
+    """W-scale's fixed-rate step (``--scale-rate``): the rate offered and the rate reached (a fleet
+    that fell behind its offered load measured its latency at a lower one), fetch latency, failed
+    claim LWTs (every refused or unknown claim, ``workloads.claim_counts``) and conflicts among them,
+    per bridge count."""
     if not fixed:
         return []
     rows = [
         [
             str(pt["bridges"]),
             _num(pt["offered_per_s"], 0),
+            _num(pt.get("throughput", math.nan), 1),
             _num(pt["fetch_p50_ms"], 2),
             _num(pt.get("fetch_p50_vs_one_bridge", math.nan), 2),
             _num(pt["ack_p50_ms"], 2),
+            _num(pt.get("failed_claim_lwts_per_task", math.nan), 3),
             _num(pt.get("claim_conflicts_per_task", math.nan), 3),
         ]
         for pt in fixed
     ]
-    headers = ["W-scale fixed rate, bridges", "offered/s", "fetch p50", "vs 1 bridge", "ack p50", "conflicts/task"]
-    return ["", _table(headers, rows, set(range(6)))]
+    headers = [
+        "W-scale fixed rate, bridges",
+        "offered/s",
+        "achieved/s",
+        "fetch p50",
+        "vs 1 bridge",
+        "ack p50",
+        "failed LWTs/task",
+        "conflicts/task",
+    ]
+    return ["", _table(headers, rows, set(range(len(headers))))]
 
 
 def render(bench: Bench, meta: dict[str, Any]) -> str:
@@ -196,12 +210,13 @@ def render(bench: Bench, meta: dict[str, Any]) -> str:
                 _num(pt["ack_p50_ms"], 2),
                 _num(pt["cpu_percent"].get("bridges", math.nan), 0),
                 _num(pt["cpu_percent"].get("cassandra", math.nan), 0),
+                _num(pt["failed_claim_lwts"] / max(pt["tasks"], 1), 2) if "failed_claim_lwts" in pt else "-",
                 _num(pt["claim_conflicts"] / max(pt["tasks"], 1), 2) if "claim_conflicts" in pt else "-",
             ]
             for pt in scale
         ]
         headers = ["W-scale bridges", "tasks/s", "speedup", "fetch p50", "ack p50", "cpu% bridges", "cpu% cassandra"]
-        out.append(_table([*headers, "conflicts/task"], rows, set(range(8))))
+        out.append(_table([*headers, "failed LWTs/task", "conflicts/task"], rows, set(range(9))))
     out.extend(_fixed_rate_lines(bench.sections.get("scale_fixed_rate")))
     mem = bench.sections.get("memory")
     if mem:

@@ -89,7 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         metavar="FRACTION",
         help="W-scale also runs each bridge count at a fixed offered load: this fraction (e.g. 0.5) "
-        "of one bridge's saturation throughput in the same run; reports fetch p50 and conflicts",
+        "of one bridge's saturation throughput in the same run; reports the rate reached, fetch p50 and failed "
+        "claim LWTs",
     )
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results file (default {DEFAULT_OUT})")
     ap.add_argument(
@@ -102,8 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--metrics",
         action="store_true",
-        help="give each bridge an HTTP port on 127.0.0.1 (default BRIDGE_HTTP_PORT=0) and report its claim "
-        "conflicts in W-scale",
+        help="give each bridge an HTTP port on 127.0.0.1 (default BRIDGE_HTTP_PORT=0) and report its failed claim "
+        "LWTs (and the conflicts among them) in W-scale",
     )
     ap.add_argument(
         "--profile-clock",

@@ -17,6 +17,8 @@ def percentile(sorted_values: list[float], q: float) -> float:
     pos = (len(sorted_values) - 1) * q / 100.0
     lo = math.floor(pos)
     hi = min(lo + 1, len(sorted_values) - 1)
+    if pos == lo or sorted_values[hi] == sorted_values[lo]:
+        return sorted_values[lo]  # (an infinite value, a task that never came: inf - inf is NaN)
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 

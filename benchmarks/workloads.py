@@ -12,7 +12,7 @@ from datetime import datetime
 from benchmarks import logs
 from benchmarks.baselines import key
 from benchmarks.clients import AddPublisher, closed_loop, pipelined_adds, task_value
-from benchmarks.context import ENGINE_USER, OWNER, Bench
+from benchmarks.context import CASSANDRA_REQUESTS, ENGINE_USER, OWNER, Bench, Scrape
 from benchmarks.fill import DirectFiller
 from benchmarks.progress import Progress, say
 from benchmarks.stats import Figure, Sample, Target
@@ -582,6 +582,35 @@ async def w_recover(bench: Bench) -> None:
 
 
 # -- W-scale ----------------------------------------------------------------------------------
+CLAIM_LWTS = ("lease.claim_new", "lease.claim_expired")  # a fetch's claim: the only statements that claim
+
+
+def claim_counts(before: Scrape, after: Scrape) -> dict[str, float]:
+    """Claim LWTs between two scrapes (issue 9, figure 1: failed claim LWTs per task).
+
+    Failed = claim LWTs sent (``lease.claim_new`` and ``lease.claim_expired`` requests: each one a
+    Paxos round, a claim's second try included) - claims won (``queue_bridge_claims_total{outcome=
+    "won"}``: the claim applied and the task was handed out). That counts every refusal, whether
+    the lease was another claim's (``claim_conflicts``) or already finished (``claims_stale``: a
+    stale hint or index entry), and every claim whose outcome stayed unknown (counted nowhere
+    else). Off by the rare claim that applied but handed nothing out (its task's key missing, its
+    row expired: counted failed) or that was refused but handed out the worker's own lease (a
+    second fetch of the same worker: counted won)."""
+
+    def delta(name: str, **labels: str) -> float:
+        return after.total(name, **labels) - before.total(name, **labels)
+
+    sent = sum(delta(CASSANDRA_REQUESTS, statement=s) for s in CLAIM_LWTS)
+    won = delta("queue_bridge_claims", outcome="won")
+    return {
+        "claim_lwts": sent,
+        "claims_won": won,
+        "failed_claim_lwts": sent - won,
+        "claim_conflicts": delta("queue_bridge_claim_conflicts"),
+        "claims_stale": delta("queue_bridge_claims_stale"),
+    }
+
+
 async def w_scale(bench: Bench) -> None:
     plan = bench.plan
     curve: list[dict[str, object]] = []
@@ -598,12 +627,12 @@ async def w_scale(bench: Bench) -> None:
             # workers polled the empty queue for the idle timeout inside the CPU window, charging
             # seconds of empty fetches to the tasks (CPU and statements per task).
             left = stored - warm.acked
-            before = await bench.counters()
+            before = await bench.scrape()
             meter = bench.cpu_meter()
             async with Progress(f"W-scale {n} bridge(s)", total=left, unit="tasks") as p:
                 res = await drive_cycles(workers, left, until=deadline(bench, "scale"), progress=p)
             cpu = bench.record_cpu(f"W-scale {n} bridge(s)", meter, res.throughput)
-            after = await bench.counters()
+            after = await bench.scrape()
         finally:
             await close_all(workers)
         bench.check_processes()
@@ -615,13 +644,11 @@ async def w_scale(bench: Bench) -> None:
             "ack_p50_ms": res.ack.p(50),
             "cpu_percent": cpu,
         }
-        conflicts = None
+        claims = None
         if after:  # --metrics: the bridges' own counters
-            conflicts = after.get("queue_bridge_claim_conflicts", 0.0) - before.get("queue_bridge_claim_conflicts", 0.0)
-            point["claim_conflicts"] = conflicts
-            requests = after.get("queue_bridge_cassandra_requests", 0.0) - before.get(
-                "queue_bridge_cassandra_requests", 0.0
-            )
+            claims = claim_counts(before, after)
+            point.update(claims)
+            requests = after.total(CASSANDRA_REQUESTS) - before.total(CASSANDRA_REQUESTS)
             point["cassandra_requests_per_task"] = requests / max(res.acked, 1)
             point["bridge_cpu_ms_per_task"] = 10.0 * cpu.get("bridges", 0.0) / max(res.throughput, 1e-9)
         curve.append(point)
@@ -640,8 +667,10 @@ async def w_scale(bench: Bench) -> None:
                 note=f"cpu% bridges {cpu.get('bridges', 0):.0f} cassandra {cpu.get('cassandra', 0):.0f} "
                 f"rabbitmq {cpu.get('rabbitmq', 0):.0f} generator {cpu.get('generator', 0):.0f}"
                 + (
-                    f"; claim conflicts {conflicts:.0f} ({conflicts / max(res.acked, 1):.2f} per task)"
-                    if conflicts is not None
+                    f"; failed claim LWTs {claims['failed_claim_lwts']:.0f} "
+                    f"({claims['failed_claim_lwts'] / max(res.acked, 1):.2f} per task; of which conflicts "
+                    f"{claims['claim_conflicts']:.0f}, stale {claims['claims_stale']:.0f})"
+                    if claims is not None
                     else ""
                 ),
             )
@@ -669,11 +698,11 @@ async def _w_scale_fixed_rate(bench: Bench, rate: float) -> list[dict[str, objec
         workers = await open_workers(bench, svc, plan.workers, f"r{n}")
         try:
             await drive_cycles(workers, plan.workers * 5, until=time.monotonic() + 10)  # warm-up
-            before = await bench.counters()
+            before = await bench.scrape()
             meter = bench.cpu_meter()
             res = await drive_cycles(workers, want, until=time.monotonic() + seconds, rate=rate)
             cpu = bench.record_cpu(f"W-scale fixed rate, {n} bridge(s)", meter, res.throughput)
-            after = await bench.counters()
+            after = await bench.scrape()
         finally:
             await close_all(workers)
         point: dict[str, object] = {
@@ -687,8 +716,9 @@ async def _w_scale_fixed_rate(bench: Bench, rate: float) -> list[dict[str, objec
             "bridge_cpu_ms_per_task": round(10.0 * cpu.get("bridges", 0.0) / max(res.throughput, 1e-9), 2),
         }
         if after:
-            conflicts = after.get("queue_bridge_claim_conflicts", 0.0) - before.get("queue_bridge_claim_conflicts", 0.0)
-            point["claim_conflicts_per_task"] = round(conflicts / max(res.acked, 1), 3)
+            claims = claim_counts(before, after)
+            for k in ("failed_claim_lwts", "claim_conflicts", "claims_stale"):
+                point[f"{k}_per_task"] = round(claims[k] / max(res.acked, 1), 3)
         points.append(point)
         say(f"W-scale fixed rate {rate:.0f}/s, {n} bridge(s): {point}")
     base = points[0]["fetch_p50_ms"] if points else math.nan

@@ -222,7 +222,7 @@ class Bridge:
         )
         self.metrics.bind_scheduler(self.scheduler.state)
         self.metrics.bind_amqp_nodes(self.transport.amqp_nodes)
-        storage_metrics.register(self.metrics.registry, self.db.statements)
+        storage_metrics.register(self.metrics.registry, self.db.statements, self.db.executed)
         self.ops = OpsServer(
             self.metrics,
             {

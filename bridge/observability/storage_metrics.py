@@ -1,7 +1,13 @@
 """Cassandra requests sent by this bridge, by statement: what a fleet of bridges costs the cluster.
 
-Read at scrape time from the session's own counts (``CassandraSession.statements``), so counting
-costs one dictionary increment per request.
+Read at scrape time from the session's own counts (``CassandraSession.statements`` and
+``executed``), so counting costs one dictionary increment per request.
+
+Two counters, because a batch is one request but several statements:
+``queue_bridge_cassandra_requests_total{statement}`` counts requests (a batch once, under the
+batch's name, e.g. ``add.recorded``); ``queue_bridge_cassandra_statements_total{statement}``
+counts the statements Cassandra executes (each member of a batch under its own name, e.g.
+``idem.record`` and ``ready.insert``; a statement sent alone as in the first).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 NAME = "queue_bridge_cassandra_requests"
+STATEMENTS_NAME = "queue_bridge_cassandra_statements"
 
 
 class CassandraRequests(Collector):
@@ -31,5 +38,26 @@ class CassandraRequests(Collector):
         yield family
 
 
-def register(registry: CollectorRegistry, counts: Mapping[str, int]) -> None:
+class CassandraStatements(Collector):
+    def __init__(self, counts: Mapping[str, int]) -> None:
+        self.counts = counts
+
+    def describe(self) -> Iterable[Metric]:
+        return [CounterMetricFamily(STATEMENTS_NAME, "")]
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(
+            STATEMENTS_NAME,
+            "Statements Cassandra executed for this bridge, by statement: each member of a batch counted under its "
+            "own name (cassandra_requests counts the batch once).",
+            labels=["statement"],
+        )
+        for statement, n in sorted(self.counts.items()):
+            family.add_metric([statement], n)
+        yield family
+
+
+def register(registry: CollectorRegistry, counts: Mapping[str, int], executed: Mapping[str, int] | None = None) -> None:
     registry.register(CassandraRequests(counts))
+    if executed is not None:
+        registry.register(CassandraStatements(executed))

@@ -86,6 +86,9 @@ class AcsyllaSession:
         self.settings = settings
         self.timestamps = ClockTimestamps(now_ms) if now_ms is not None else None
         self.statements: Counter[str] = Counter()  # requests sent, by statement name (tests, benchmarks)
+        # Statements Cassandra executes, by name: a batch's members each under their own name (one
+        # request, several statements); a single statement as in ``statements``.
+        self.executed: Counter[str] = Counter()
         self.keyspace = settings.cassandra_keyspace
         self._session: Any = None
         self._prepared: dict[str, Any] = {}
@@ -186,6 +189,7 @@ class AcsyllaSession:
     ) -> list[Row]:
         stmt = self._bind(name, params, fetch_size)
         self.statements[name] += 1
+        self.executed[name] += 1
         if serial_read:
             stmt.set_consistency(self._serial)
         return await self._all_pages(stmt, lwt=not self._idempotent[name])
@@ -201,6 +205,7 @@ class AcsyllaSession:
         if self.timestamps is not None:
             batch.set_timestamp(self.timestamps())
         self.statements[name] += 1
+        self.executed.update(part for part, _ in items)
         try:
             with self.stall.track():
                 await self.session.execute_batch(batch)

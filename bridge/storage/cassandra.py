@@ -151,6 +151,9 @@ class CassandraSession:
         self.settings = settings
         self.timestamps = ClockTimestamps(now_ms) if now_ms is not None else None
         self.statements: Counter[str] = Counter()  # requests sent, by statement name (tests, benchmarks)
+        # Statements Cassandra executes, by name: a batch's members each under their own name (one
+        # request, several statements); a single statement as in ``statements``.
+        self.executed: Counter[str] = Counter()
         self.keyspace = settings.cassandra_keyspace
         self._cluster: Cluster | None = None
         self._session: Session | None = None
@@ -259,6 +262,7 @@ class CassandraSession:
     ) -> list[Row]:
         stmt = self._prepared[name]
         self.statements[name] += 1
+        self.executed[name] += 1
         bound = stmt.bind(params)
         if serial_read:
             bound.consistency_level = self.serial_consistency
@@ -280,6 +284,7 @@ class CassandraSession:
             batch.add(stmt, params)
         batch.is_idempotent = True
         self.statements[name] += 1
+        self.executed.update(part for part, _ in items)
         await self._run(batch, lwt=False)
 
     async def _run(self, bound: Any, *, lwt: bool, timeout: float | None = None) -> list[Row]:

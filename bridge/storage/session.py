@@ -19,6 +19,7 @@ Row = dict[str, Any]
 
 class CqlSession(Protocol):
     statements: Counter[str]  # requests sent, by statement name (metrics, tests, benchmarks)
+    executed: Counter[str]  # statements executed, by name: each member of a batch counted under its own
     keyspace: str
 
     async def connect(self) -> None: ...

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from benchmarks import lifecycle, workloads
-from benchmarks.context import Plan
+from benchmarks.context import Plan, Scrape
 
 pytestmark = pytest.mark.anyio
 
@@ -80,6 +80,9 @@ async def test_w_scale_cpu_and_rate_cover_the_same_window(monkeypatch: pytest.Mo
     async def nothing(*_a: Any, **_k: Any) -> dict[str, float]:
         return {}
 
+    async def scrape(*_a: Any, **_k: Any) -> Scrape:
+        return Scrape()  # no --metrics
+
     plan = replace(Plan.quick_plan(), scale_bridges=(1,), scale_tasks=400, caps={"scale": 30.0})
     bench = SimpleNamespace(
         plan=plan,
@@ -90,6 +93,7 @@ async def test_w_scale_cpu_and_rate_cover_the_same_window(monkeypatch: pytest.Mo
         ensure_bridges=nothing,
         service=lambda what: f"svc-{what}",
         counters=nothing,
+        scrape=scrape,
         cpu_meter=cpu_meter,
         record_cpu=record_cpu,
         check_processes=lambda: None,
