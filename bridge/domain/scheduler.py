@@ -176,8 +176,6 @@ class RecoveryScheduler:
         self._expiry_next: int | None = None  # first bucket not yet read at all
         self._expiry_confirmed: int | None = None  # first bucket not yet read for the second time
         self._handled: dict[int, set[EntryKey]] = {}
-        # Entries being handled, by key and deadline (``_alone``).
-        self._handling: dict[tuple[str, str, object, int, int], asyncio.Future[bool]] = {}
         # Deadlines whose lease was read ahead (a timer set if still held): not read ahead again.
         self._armed: dict[int, set[EntryKey]] = {}
         self._outbox_next: int | None = None
@@ -407,7 +405,7 @@ class RecoveryScheduler:
 
         async def handle(entry: ExpiryEntry, lease: Lease | None, stored: bool) -> None:
             try:
-                settled, _ = await self._alone(entry, lambda: self._handle(entry, lease, now, bucket, stored=stored))
+                settled = await self._handle(entry, lease, now, bucket, stored=stored)
             except Exception as exc:
                 if isinstance(exc, Unavailable) and not isinstance(exc, KeyMissing | KeysUnavailable):
                     raise  # the store: the bucket is retried at the next tick, as every other entry's
@@ -639,30 +637,6 @@ class RecoveryScheduler:
         for timer in list(self._timers):
             timer.cancel()
 
-    async def _alone(self, entry: ExpiryEntry, handle: Callable[[], Awaitable[bool]]) -> tuple[bool, bool]:
-        """Handle an entry, one handling of it at a time on this bridge: (settled, whether this
-        call ran ``handle``). A timer and a pass meet a deadline at the same moment (both are due
-        then): each read the lease still expired and each re-exposed the task. The one that comes
-        second waits for the first and takes a settled outcome as its own; an unsettled one (a
-        claim on its way, a store error) it handles itself, as before. Only the very same entry
-        (its deadline too) is shared: two deadlines of one lease (a claim's, and a fail's just
-        after it) are two entries, and the first one's outcome ("filed again for later") settled
-        the second, which then no pass met (the task stuck until its TTL)."""
-        key = (*entry_key(entry), entry.lease_until_ms)
-        running = self._handling.get(key)
-        if running is not None and await asyncio.shield(running):
-            return True, False
-        mine: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._handling[key] = mine
-        settled = False
-        try:
-            settled = await handle()
-            return settled, True
-        finally:
-            mine.set_result(settled)
-            if self._handling.get(key) is mine:
-                del self._handling[key]
-
     async def _soon(self, entry: ExpiryEntry, handled: set[EntryKey] | None = None) -> None:
         due = self._due_ms(entry)
         clock = self.queue.clock
@@ -684,17 +658,9 @@ class RecoveryScheduler:
             # look-ahead that read the lease before the claim landed) made a timer skip its own and
             # every pass skip it after: a task leased to nobody until its TTL. Met by both before
             # any claim, a deadline re-exposes its task twice (docs/reliability.md, known limits).
-            bucket = expiry_bucket(due)
-            lease: Lease | None = None
+            lease = await self.store.lease(entry.queue, entry.task_id, serial=False)
             now = clock.now_ms()
-
-            async def handle() -> bool:
-                nonlocal lease, now
-                lease = await self.store.lease(entry.queue, entry.task_id, serial=False)
-                now = clock.now_ms()
-                return await self._handle(entry, lease, now, bucket)
-
-            settled, ran = await self._alone(entry, handle)
+            settled = await self._handle(entry, lease, now, expiry_bucket(due))
             # Watched again (extended meanwhile) is not settled: the later deadline is a new entry,
             # but the same entry re-filed in the same bucket must still be met by the passes.
             rewatched = (
@@ -702,9 +668,7 @@ class RecoveryScheduler:
                 and lease.epoch == entry.epoch
                 and lease.not_claimable_before(now, self.queue.skew_margin_ms)
             )
-            # Only from its own reading of the lease: an outcome taken from the pass is the pass's
-            # to record.
-            if settled and ran and handled is not None and not rewatched:
+            if settled and handled is not None and not rewatched:
                 handled.add(entry_key(entry))
         except Exception as exc:  # the wheel entry is met by the scheduler anyway
             log.debug("timer for task %s failed: %s", entry.task_id, type(exc).__name__)

@@ -162,9 +162,9 @@ async def test_a_fail_ending_just_after_the_claims_deadline_comes_back_whatever_
 ) -> None:
     """Two deadlines of one lease: the claim's, met by the pass (the lease is given back, not yet
     claimable: filed again for the backoff's end), and the fail's own just after it, whose timer
-    came due while the pass wrote that. The timer took the pass's outcome for its own entry
-    ("settled"), marked the fail's bucket handled, and no pass over it looked: the task stayed in
-    flight, leased to nobody, until its TTL."""
+    came due while the pass wrote that. A version of the timer that took the pass's outcome for its
+    own entry ("settled") marked the fail's bucket handled, and no pass over it looked: the task
+    stayed in flight, leased to nobody, until its TTL."""
     h = harness
     s = h.scheduler
     await s.tick()
@@ -191,15 +191,15 @@ async def test_a_fail_ending_just_after_the_claims_deadline_comes_back_whatever_
         await watch_expiry(bucket, entry)
 
     timer_handling = asyncio.Event()
-    alone = s._alone
+    read_lease = h.store.lease
 
-    async def seen(entry: Any, handle: Any) -> tuple[bool, bool]:
-        if entry.lease_until_ms == fail_until:
-            timer_handling.set()
-        return await alone(entry, handle)
+    async def seen(q: Any, tid: uuid.UUID, *, serial: bool = True) -> Any:
+        if tid == task_id and refiling.is_set():
+            timer_handling.set()  # the fail's timer reads the lease while the pass's write is held
+        return await read_lease(q, tid, serial=serial)
 
     monkeypatch.setattr(h.store, "watch_expiry", held_up)
-    monkeypatch.setattr(s, "_alone", seen)
+    monkeypatch.setattr(h.store, "lease", seen)
     h.clock.advance(claim_until + MARGIN_MS + 100 - h.clock.now_ms())  # the claim's deadline is past
     tick = asyncio.create_task(s.tick())
     await asyncio.wait_for(refiling.wait(), 10)
