@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import subprocess
 import time
 import uuid
@@ -73,14 +74,22 @@ def old_bridges(
     return spawn
 
 
-def log_problems(path: Path) -> list[str]:
-    """Error lines and tracebacks of a bridge's log."""
+# The C++ driver's schema metadata follows every keyspace of the cluster, and logs an error when a
+# table vanishes under its refresh: another test of the suite dropping its own keyspace meanwhile
+# (seen: "No row found for table (or view) qb_schema_....outbox in system schema tables").
+_FOREIGN_METADATA = re.compile(r"No row found for table \(or view\) (\w+)\.")
+
+
+def log_problems(path: Path, keyspace: str) -> list[str]:
+    """Error lines and tracebacks of a bridge's log (not the driver's about other keyspaces)."""
     text = path.read_text(errors="replace")
-    return [
-        line[:300]
-        for line in text.splitlines()
-        if '"level": "error"' in line or '"level": "critical"' in line or "Traceback" in line
-    ]
+    problems = []
+    for line in text.splitlines():
+        if '"level": "error"' in line or '"level": "critical"' in line or "Traceback" in line:
+            foreign = _FOREIGN_METADATA.search(line) if '"logger": "acsylla"' in line else None
+            if foreign is None or foreign.group(1) == keyspace:
+                problems.append(line[:300])
+    return problems
 
 
 async def fetch(w: Worker, *, ttr: int = 30_000) -> dict[str, Any] | None:
@@ -218,7 +227,7 @@ async def test_schema_migrated_under_old_bridges_and_old_bridges_started_after_i
             restarted.terminate()
     finally:
         drop_keyspace(cql, keyspace)
-    problems = {p.name: log_problems(p) for p in Path(old.log_path).parent.glob("*.log")}
+    problems = {p.name: log_problems(p, keyspace) for p in Path(old.log_path).parent.glob("*.log")}
     assert not any(problems.values()), problems
 
 
