@@ -22,42 +22,30 @@ NAME = "queue_bridge_cassandra_requests"
 STATEMENTS_NAME = "queue_bridge_cassandra_statements"
 
 
-class CassandraRequests(Collector):
-    def __init__(self, counts: Mapping[str, int]) -> None:
-        self.counts = counts
+REQUESTS_HELP = "Requests sent to Cassandra, by statement (docs/storage.md lists them)."
+STATEMENTS_HELP = (
+    "Statements Cassandra executed for this bridge, by statement: each member of a batch counted under its "
+    "own name (cassandra_requests counts the batch once)."
+)
+
+
+class CountsByStatement(Collector):
+    """A counter family read from a session's counts at scrape time, one sample per statement."""
+
+    def __init__(self, name: str, help_text: str, counts: Mapping[str, int]) -> None:
+        self.name, self.help_text, self.counts = name, help_text, counts
 
     def describe(self) -> Iterable[Metric]:
-        return [CounterMetricFamily(NAME, "")]
+        return [CounterMetricFamily(self.name, "")]
 
     def collect(self) -> Iterable[Metric]:
-        family = CounterMetricFamily(
-            NAME, "Requests sent to Cassandra, by statement (docs/storage.md lists them).", labels=["statement"]
-        )
-        for statement, n in sorted(self.counts.items()):
-            family.add_metric([statement], n)
-        yield family
-
-
-class CassandraStatements(Collector):
-    def __init__(self, counts: Mapping[str, int]) -> None:
-        self.counts = counts
-
-    def describe(self) -> Iterable[Metric]:
-        return [CounterMetricFamily(STATEMENTS_NAME, "")]
-
-    def collect(self) -> Iterable[Metric]:
-        family = CounterMetricFamily(
-            STATEMENTS_NAME,
-            "Statements Cassandra executed for this bridge, by statement: each member of a batch counted under its "
-            "own name (cassandra_requests counts the batch once).",
-            labels=["statement"],
-        )
+        family = CounterMetricFamily(self.name, self.help_text, labels=["statement"])
         for statement, n in sorted(self.counts.items()):
             family.add_metric([statement], n)
         yield family
 
 
 def register(registry: CollectorRegistry, counts: Mapping[str, int], executed: Mapping[str, int] | None = None) -> None:
-    registry.register(CassandraRequests(counts))
+    registry.register(CountsByStatement(NAME, REQUESTS_HELP, counts))
     if executed is not None:
-        registry.register(CassandraStatements(executed))
+        registry.register(CountsByStatement(STATEMENTS_NAME, STATEMENTS_HELP, executed))
