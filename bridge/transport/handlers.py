@@ -132,6 +132,15 @@ class _LaneOnce:
         self._full = full
         self._failed = False
 
+    @property
+    def copy_may_exist(self) -> bool:
+        """A publish to the lane failed: its copy may be in the lane all the same (a confirm that
+        came after the bound, a connection cut after the frames went out), and come back as another
+        delivery of this add. The original's write then claims its key with the LWT, as a retry's
+        does: recorded unguarded, it overwrote the copy's record when the copy was stored first,
+        and the add became two tasks."""
+        return self._failed
+
     async def moved(self) -> bool:
         """Whether the add was moved to the lane: its owner holds its share of the window, and the
         broker confirmed the copy."""
@@ -326,7 +335,7 @@ class RequestHandlers:
                     # retry's write started after a redelivered copy's wait ran out made the add two
                     # tasks. A retry claims the key with the LWT (an attempt of its own that landed
                     # recorded this very task id: the retry finds it its own).
-                    first_copy=key.first_copy and attempts == 1,
+                    first_copy=key.first_copy and attempts == 1 and not lane.copy_may_exist,
                     replaces=replaces,
                 )
             except BridgeError as exc:

@@ -60,3 +60,49 @@ async def test_the_lane_bound_is_what_the_results_channel_allows() -> None:
 
     # An add holds its slot of the adds window while it waits: no longer than a result would.
     assert 0 < add_retry.LANE_CONFIRM_TIMEOUT_S <= CONFIRM_TIMEOUT_S
+
+
+async def test_an_add_whose_lane_copy_may_exist_claims_its_key_with_the_lwt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a review of the bound above: the copy left for the lane but its confirm came after
+    the bound, so the original was retried in place, and its first write recorded its key
+    unguarded (a first delivery's). The copy, back from the lane, stored first with the LWT; the
+    original's plain record overwrote it and stored a second task. After a failed lane publish,
+    the original's write claims the key with the LWT, as a retry's does."""
+    from bridge.domain.errors import OwnerKeyUnusable
+    from tests.unit.test_stray_cancellation import _FailingQueue
+
+    monkeypatch.setattr(add_retry, "LANE_CONFIRM_TIMEOUT_S", 0.1)
+    transport, _ = _transport()
+    h = transport.handlers
+    h._consuming = lambda: True
+    writes: list[dict[str, Any]] = []
+    prepared = 0
+
+    class _KeyUnusableOnce(_FailingQueue):
+        async def prepare_add(self, *a: Any, **k: Any) -> Any:
+            nonlocal prepared
+            prepared += 1
+            if prepared == 1:
+                raise OwnerKeyUnusable("the owner's key-server entry is unusable")
+            return await self._queue.prepare_add(*a, **k)
+
+        async def store_add(self, pending: Any, **k: Any) -> Any:
+            writes.append(k)
+            return await self._queue.store_add(pending, **k)
+
+    h.queue = cast(Any, _KeyUnusableOnce(h.queue))
+    copies: list[Any] = []
+
+    class _ConfirmLate:
+        async def publish(self, copy: Any, **kwargs: Any) -> None:
+            copies.append(copy)  # the broker took the copy; its confirm comes after the bound
+            await asyncio.Event().wait()
+
+    h.lane.attach(cast(Any, _ConfirmLate()))
+    h.lane.in_place_limit = 0  # the owner's share of in-place retries is used: the lane first
+    add = _Message(ADD, "add", {"x-idempotency-key": ""}, "engine", REPLY_TO)
+    add.message_id = "m-1"
+    await _run(h.add, add)
+    assert copies and copies[0].message_id == "m-1"
+    assert writes and all(w["first_copy"] is False for w in writes), writes
+    assert add.settled == ["ack"]
