@@ -27,6 +27,10 @@ class TcpProxy:
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
+    def drops(self, client: asyncio.StreamWriter) -> bool:
+        """Whether the server's bytes to this client side are dropped (all of them while muted)."""
+        return self.muted
+
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, replies: bool) -> None:
         try:
             while True:
@@ -34,7 +38,7 @@ class TcpProxy:
                     await self.reading.wait()
                 if not (data := await reader.read(65536)):
                     break
-                if replies and self.muted:
+                if replies and self.drops(writer):
                     continue
                 writer.write(data)
                 await writer.drain()

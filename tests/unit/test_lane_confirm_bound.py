@@ -68,29 +68,14 @@ async def test_an_add_whose_lane_copy_may_exist_claims_its_key_with_the_lwt(monk
     unguarded (a first delivery's). The copy, back from the lane, stored first with the LWT; the
     original's plain record overwrote it and stored a second task. After a failed lane publish,
     the original's write claims the key with the LWT, as a retry's does."""
-    from bridge.domain.errors import OwnerKeyUnusable
-    from tests.unit.test_stray_cancellation import _FailingQueue
+    from tests.unit.test_stray_cancellation import KeyUnusableOnce
 
     monkeypatch.setattr(add_retry, "LANE_CONFIRM_TIMEOUT_S", 0.1)
     transport, _ = _transport()
     h = transport.handlers
     h._consuming = lambda: True
-    writes: list[dict[str, Any]] = []
-    prepared = 0
-
-    class _KeyUnusableOnce(_FailingQueue):
-        async def prepare_add(self, *a: Any, **k: Any) -> Any:
-            nonlocal prepared
-            prepared += 1
-            if prepared == 1:
-                raise OwnerKeyUnusable("the owner's key-server entry is unusable")
-            return await self._queue.prepare_add(*a, **k)
-
-        async def store_add(self, pending: Any, **k: Any) -> Any:
-            writes.append(k)
-            return await self._queue.store_add(pending, **k)
-
-    h.queue = cast(Any, _KeyUnusableOnce(h.queue))
+    queue = KeyUnusableOnce(h.queue)
+    h.queue = cast(Any, queue)
     copies: list[Any] = []
 
     class _ConfirmLate:
@@ -104,5 +89,5 @@ async def test_an_add_whose_lane_copy_may_exist_claims_its_key_with_the_lwt(monk
     add.message_id = "m-1"
     await _run(h.add, add)
     assert copies and copies[0].message_id == "m-1"
-    assert writes and all(w["first_copy"] is False for w in writes), writes
+    assert queue.writes and all(w["first_copy"] is False for w in queue.writes), queue.writes
     assert add.settled == ["ack"]

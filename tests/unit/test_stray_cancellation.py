@@ -150,6 +150,26 @@ class _FailingQueue:
         await _cut_by_its_connection()
 
 
+class KeyUnusableOnce(_FailingQueue):
+    """The owner's key-server entry unusable at the add's first preparation (so it goes to the
+    retry lane, or is retried in place), fine after; the adds' writes recorded (their arguments)."""
+
+    def __init__(self, queue: Any) -> None:
+        super().__init__(queue)
+        self.prepared = 0
+        self.writes: list[dict[str, Any]] = []
+
+    async def prepare_add(self, *args: Any, **kwargs: Any) -> Any:
+        self.prepared += 1
+        if self.prepared == 1:
+            raise OwnerKeyUnusable("the owner's key-server entry is unusable")
+        return await self._queue.prepare_add(*args, **kwargs)
+
+    async def store_add(self, pending: Any, **kwargs: Any) -> Any:
+        self.writes.append(kwargs)
+        return await self._queue.store_add(pending, **kwargs)
+
+
 @pytest.mark.parametrize("method", ["fetch", "ack"])
 async def test_a_domain_call_cut_by_a_connection_answers_unavailable_and_settles(
     method: str, caplog: pytest.LogCaptureFixture
@@ -214,17 +234,7 @@ async def test_an_add_of_an_owner_whose_key_is_unusable_is_retried_in_place_when
     transport, _ = _transport()
     handlers = transport.handlers
     handlers._consuming = lambda: True  # the bridge is not stopping: unavailable adds are retried
-    calls = 0
-
-    class _Queue(_FailingQueue):
-        async def prepare_add(self, *args: Any, **kwargs: Any) -> Any:
-            nonlocal calls
-            calls += 1
-            if calls == 1:
-                raise OwnerKeyUnusable("the owner's key-server entry is unusable")
-            return await self._queue.prepare_add(*args, **kwargs)
-
-    handlers.queue = cast(Any, _Queue(handlers.queue))
+    handlers.queue = cast(Any, KeyUnusableOnce(handlers.queue))
     published = 0
 
     class _Exchange:
