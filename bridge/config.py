@@ -150,6 +150,16 @@ class Settings(BaseSettings):
     cassandra_reconnect_max_delay: float = Field(
         2.0, le=600, description="Longest wait between reconnection attempts to a Cassandra node, seconds."
     )
+    # An idle connection sends a heartbeat (an OPTIONS request) this long after its last write, and
+    # a connection that has read nothing for the idle timeout is closed and its requests failed.
+    # The interval is a fleet's cost (two connections a bridge: 100 bridges at 10 s sent 20
+    # requests a second doing nothing); detection rests on the idle timeout, not on it.
+    cassandra_heartbeat_interval: int = Field(
+        20, ge=1, le=3600, description="Seconds of no writes on a Cassandra connection before a heartbeat."
+    )
+    cassandra_idle_timeout: int = Field(
+        30, ge=2, le=7200, description="Seconds a Cassandra connection may read nothing before it is closed."
+    )
 
     # --- keys ------------------------------------------------------------------------------
     keyring: Path | None = Field(None, description="Key-ring JSON file (owner -> keys).")
@@ -417,6 +427,18 @@ class Settings(BaseSettings):
                 f"BRIDGE_DEFAULT_TIME_TO_RECOVER_MS ({self.default_time_to_recover_ms}) is above "
                 f"BRIDGE_MAX_TIME_TO_RECOVER_MS ({self.max_time_to_recover_ms}): every fetch without a "
                 "timeToRecover would silently get the maximum"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _heartbeats_within_the_idle_timeout(self) -> Settings:
+        # A healthy idle connection reads only its heartbeats' answers: one sent at or after the idle
+        # timeout (or too close before it to be answered) would have every quiet connection closed.
+        if self.cassandra_heartbeat_interval > self.cassandra_idle_timeout - 1:
+            raise ValueError(
+                f"BRIDGE_CASSANDRA_HEARTBEAT_INTERVAL ({self.cassandra_heartbeat_interval}) must be below "
+                f"BRIDGE_CASSANDRA_IDLE_TIMEOUT ({self.cassandra_idle_timeout}) by at least 1 s: a quiet "
+                "connection reads nothing but its heartbeats' answers, and would be closed before its next one"
             )
         return self
 

@@ -122,10 +122,11 @@ class AcsyllaSession:
             retry_policy="fallthrough",
             token_aware_routing=True,
             tcp_nodelay=True,
-            heartbeat_interval_sec=10,
-            # A connection whose heartbeats go unanswered this long is closed, its requests failed
-            # (cassandra-driver's idle_heartbeat_timeout; acsylla's default is 60 s).
-            idle_timeout_sec=30,
+            # A heartbeat once the connection wrote nothing for the interval; closed (its requests
+            # failed) once it read nothing for the idle timeout, heartbeats' answers included
+            # (acsylla's default idle timeout is 60 s: a dead connection held requests twice as long).
+            heartbeat_interval_sec=s.cassandra_heartbeat_interval,
+            idle_timeout_sec=s.cassandra_idle_timeout,
             # Cassandra outages are short: a few cheap reconnection attempts a second are fine.
             exponential_reconnect_base_delay_ms=int(CASSANDRA_RECONNECT_BASE_DELAY_S * 1000),
             exponential_reconnect_max_delay_ms=int(s.cassandra_reconnect_max_delay * 1000),

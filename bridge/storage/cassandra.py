@@ -196,7 +196,10 @@ class CassandraSession:
             # connection is unacknowledged (the two writes a fetch sends side by side, concurrent
             # requests of a quiet bridge) waits for the server's delayed ACK, up to 40 ms on Linux.
             sockopts=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-            idle_heartbeat_interval=10,
+            # Every interval, a heartbeat on each connection that read nothing since the last
+            # round; one unanswered within the rest of the idle timeout closes its connection.
+            idle_heartbeat_interval=s.cassandra_heartbeat_interval,
+            idle_heartbeat_timeout=s.cassandra_idle_timeout - s.cassandra_heartbeat_interval,
             # The driver's default backs off from 1 s to 600 s: after a 10 s cut a bridge came back
             # only 16 s later. Cassandra outages are short; a few cheap retries per second are fine.
             reconnection_policy=ExponentialReconnectionPolicy(

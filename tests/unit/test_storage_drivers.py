@@ -18,7 +18,7 @@ from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 
 import bridge.app
 from bridge.app import Bridge, _storage_unreachable
-from bridge.config import Settings, load_settings
+from bridge.config import ConfigError, Settings, load_settings
 from bridge.crypto import generate_keyring, write_keyring
 from bridge.storage import cassandra as datastax
 from bridge.storage.acsylla_session import AcsyllaSession
@@ -101,14 +101,29 @@ def test_datastax_routes_to_the_local_dc_token_aware(
 # -- dead connections ------------------------------------------------------------------------------
 
 
-async def test_acsylla_drops_a_connection_whose_heartbeats_go_unanswered_for_30_s(
+async def test_acsylla_heartbeats_a_quiet_connection_every_20_s_and_drops_a_silent_one_at_30_s(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """docs/storage.md (result relay): the driver closes a connection whose 10 s heartbeats go
-    unanswered for 30 s, as cassandra-driver does (idle_heartbeat_timeout). acsylla's own default
-    is 60 s: a dead connection held its requests twice as long."""
+    """docs/storage.md ("The CQL driver"): a heartbeat once a connection wrote nothing for 20 s, and
+    a connection that read nothing for 30 s is closed. acsylla's own idle timeout is 60 s (a dead
+    connection held its requests twice as long); a 10 s interval cost an idle fleet of 32
+    bridges 6.4 of its 12.8 requests a second (docs/performance.md)."""
     kwargs = await _acsylla_cluster_arguments(monkeypatch, _settings(tmp_path))
-    assert (kwargs["heartbeat_interval_sec"], kwargs["idle_timeout_sec"]) == (10, 30)
+    assert (kwargs["heartbeat_interval_sec"], kwargs["idle_timeout_sec"]) == (20, 30)
+
+
+def test_datastax_gives_a_heartbeat_the_rest_of_the_idle_timeout(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    kwargs = _datastax_cluster_arguments(monkeypatch, _settings(tmp_path))
+    assert (kwargs["idle_heartbeat_interval"], kwargs["idle_heartbeat_timeout"]) == (20, 10)
+
+
+@pytest.mark.parametrize(("interval", "idle"), [(30, 30), (29, 29), (10, 5)])
+def test_a_heartbeat_interval_not_below_the_idle_timeout_is_refused(tmp_path: Path, interval: int, idle: int) -> None:
+    """A quiet connection reads nothing but its heartbeats' answers: every one would be closed."""
+    with pytest.raises(ConfigError, match="BRIDGE_CASSANDRA_HEARTBEAT_INTERVAL"):
+        _settings(tmp_path, cassandra_heartbeat_interval=interval, cassandra_idle_timeout=idle)
 
 
 # -- start-time errors ---------------------------------------------------------------------------
