@@ -66,7 +66,7 @@ CATCH_UP_BATCH = 400  # expiry buckets read per tick at most (a long outage is c
 # in one tick that held recovery up (a day behind: 8,640 reads, 14 s here).
 RELAY_CATCH_UP_BATCH = 50
 MARKS_REFRESH_MS = 1_000
-MARKS_AHEAD = 8  # buckets (2 s) of marks read ahead of the clock
+MARKS_AHEAD = 8  # buckets (2 s) of marks read ahead of the clock: more than a refresh and a bucket
 MAX_TIMERS = 100_000  # in-process timers for wheel entries due within moments (``handle_soon``)
 ENTRY_RETRY_MS = 10_000  # a deadline that could not be handled is met again this much later
 
@@ -217,24 +217,29 @@ class RecoveryScheduler:
         self._owed_recorded.clear()
 
     async def _refresh_marks(self, now: int, due: int) -> None:
-        """Which buckets hold deadlines: re-read once a bucket has ended since the last read, so the
-        fleet's duty holder reads one small partition per bucket (4 a second) instead of every bucket.
-        A bucket's first pass then knows of every deadline filed before the bucket ended: a lease's
-        own, and the ones filed moments ahead (a heartbeated lease watched again, a claim's re-arm).
-        Read once a second instead, a bucket marked just after a read and passed before the next
-        one was skipped, and its deadline met only by the second pass, 5 s late. (One filed after
-        its bucket ended is late by definition: the second pass is for it.)"""
+        """Which buckets hold deadlines: read once a second (``MARKS_REFRESH_MS``), two seconds
+        ahead (``MARKS_AHEAD``), so the fleet's duty holder reads one small partition a second
+        instead of every bucket. A bucket's first pass then knows of every deadline filed at least
+        a refresh and a bucket before the bucket ended (a lease's own, filed its timeToRecover
+        ahead), and of every one this process filed (``marked_here``: the holder's own, moments
+        ahead: a heartbeated lease watched again). One that another bridge filed moments ahead (a
+        claim's re-arm, a short lease, backoff or delay) is met by that bridge's own timer at its
+        time (``WorkQueue.soon``), and by the second pass should that bridge die first. Read at
+        each bucket's end instead (4 a second, until 2026-12-06), the holder cost an idle fleet
+        more than all of its other bridges' own requests."""
         assert self._expiry_confirmed is not None and self._expiry_next is not None
         # Up to the end of this tick's first-pass batch, which starts at the first pass's position
         # (about 20 buckets ahead of the second's): counted from the second's, the batch's last
         # buckets had no marks after a stall of over 100 s, and both passes skipped them as empty.
         needed = min(due + 1, max(self._expiry_next, self._expiry_confirmed) + CATCH_UP_BATCH)
-        passed_since_read = self._marks_read_ms < due * EXPIRY_BUCKET_MS and self._expiry_next != due
-        if not passed_since_read and now - self._marks_read_ms < MARKS_REFRESH_MS and needed <= self._marks_hi:
+        if now - self._marks_read_ms < MARKS_REFRESH_MS and needed <= self._marks_hi:
             return
         hi = needed + MARKS_AHEAD
         self._marks = await self.store.marked_expiry_buckets(self._expiry_confirmed, hi)
         self._marks_hi, self._marks_read_ms = hi, now
+
+    def _marked(self, bucket: int) -> bool:
+        return bucket in self._marks or self.store.marked_here(bucket)
 
     @property
     def expiry_position(self) -> int | None:
@@ -307,7 +312,7 @@ class RecoveryScheduler:
             return self.interval_s
         now = self.queue.clock.now_ms()
         running = expiry_bucket(now)
-        if self._expiry_next < running or running in self._marks or running + 1 in self._marks:
+        if self._expiry_next < running or self._marked(running) or self._marked(running + 1):
             return self.interval_s
         until_next_ms = (running + 1) * EXPIRY_BUCKET_MS - now + 1
         return max(self.interval_s, until_next_ms / 1000)
@@ -375,7 +380,7 @@ class RecoveryScheduler:
             # still held just before its deadline is taken back at that moment, by a timer.
             ahead = await self._process_bucket(due, now, only_expired=True)
             await self._arm(due, ahead)
-            if due + 1 not in self._armed and (due + 1 in self._marks or self.read_unmarked):
+            if due + 1 not in self._armed and (self._marked(due + 1) or self.read_unmarked):
                 await self._arm(due + 1, await self.store.expiries(due + 1))
         # Second pass, then persist the cursor: nothing can still arrive in these buckets.
         confirm_due = expiry_bucket(now - self.late_ms)
@@ -394,7 +399,7 @@ class RecoveryScheduler:
     async def _process_bucket(self, bucket: int, now: int, *, only_expired: bool = False) -> list[ExpiryEntry]:
         """Handle the bucket's deadlines (with ``only_expired``, those already past); returns the
         ones left for later (not yet past)."""
-        if bucket not in self._marks and not self.read_unmarked:
+        if not self._marked(bucket) and not self.read_unmarked:
             return []  # no deadline was ever filed here
         entries = await self.store.expiries(bucket)
         later: list[ExpiryEntry] = []

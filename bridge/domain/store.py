@@ -294,6 +294,10 @@ class TaskStore(Protocol):
     async def marked_expiry_buckets(self, first: int, last: int) -> set[int]:
         """The buckets in ``[first, last]`` that deadlines were filed under (a superset is fine)."""
 
+    def marked_here(self, bucket: int) -> bool:
+        """Whether this process marked ``bucket`` lately (no I/O; False is no answer): the duty
+        holder's own filings, met by the bucket's first pass without waiting for a read."""
+
     async def expiries(self, bucket: int) -> list[ExpiryEntry]:
         """Every deadline filed under a bucket (all its shards, in one request)."""
 

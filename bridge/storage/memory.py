@@ -575,6 +575,9 @@ class MemoryTaskStore:
         key = (e.lease_until_ms, e.queue.owner, e.queue.service, e.task_id, e.epoch)
         self.expiry_wheel.setdefault(bucket, {})[key] = e
 
+    def marked_here(self, bucket: int) -> bool:
+        return bucket in self.expiry_wheel  # one process: every mark is this one's
+
     async def marked_expiry_buckets(self, first: int, last: int) -> set[int]:
         await self._io()
         return {b for b in self.expiry_wheel if first <= b <= last}

@@ -955,6 +955,9 @@ class CassandraTaskStore:
         found = await asyncio.gather(*reads)
         return [expiry_entry(r) for rows in found for r in rows]
 
+    def marked_here(self, bucket: int) -> bool:
+        return bucket in self._marked
+
     async def marked_expiry_buckets(self, first: int, last: int) -> set[int]:
         found: set[int] = set()
         for hour in range(first // MARK_HOUR_BUCKETS, last // MARK_HOUR_BUCKETS + 1):

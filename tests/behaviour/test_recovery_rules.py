@@ -349,6 +349,37 @@ async def test_a_deadline_a_claimer_files_again_is_met_by_its_buckets_first_pass
     assert 0 <= late <= 500, f"re-exposed {late} ms after the extended deadline + margin"
 
 
+async def test_a_deadline_another_bridge_files_again_moments_ahead_is_met_by_its_own_timer(
+    hinted: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but the claimer is another bridge than the duty holder: the holder reads the
+    marks once a second and knows of nothing that bridge filed since, so a re-arm moments ahead
+    can pass its bucket's first pass unseen. The claimer meets it at its time itself (a timer, as
+    for its short leases); without one, the task came back at the second pass, 5 s late."""
+    h = hinted
+    monkeypatch.setattr(h.store, "marked_here", lambda bucket: False)  # none of the holder's own
+    task_id = await h.add("v")
+    start = await _on_a_bucket_boundary_marks_just_read(h)
+    held = await h.fetch("holder", ttr_ms=100)
+    assert held is not None and held.task_id == task_id
+    await h.advance(1_100)  # deadline + margin: re-exposed, its hint announced
+    await h.advance(100)
+    extend = parse(ExtendRequest, {"serviceId": h.service, "workerId": "holder", "timeToRecover": 200})
+    extended = await h.queue.lifecycle.extend(OWNER, extend)
+    assert extended is not None and extended.lease_until_ms == start + 1_400
+    await h.advance(950)
+    assert await h.fetch("other") is None  # the hint's claim finds the lease extended: re-armed
+    assert h.metrics.total("claim_conflicts") >= 1  # (re-exposed by the claim's timer and the pass: two hints)
+    # To its deadline + margin, with no pass: only a timer can bring it back now.
+    h.clock.advance(start + 1_400 + MARGIN_MS - h.clock.now_ms())
+    await wait_for(lambda: not h.scheduler._timers, 10, what="the claimer's timer to have run")
+    await h.queue.drain_background(5.0)
+    got = await h.fetch("other")
+    assert got is not None, "the re-armed deadline was not met at its time"
+    assert got.task_id == task_id and got.epoch == 2
+    assert await h.ack("other", got) is True
+
+
 async def test_an_idle_scheduler_ticks_once_a_bucket_and_a_near_deadline_brings_ticks_back(harness: Harness) -> None:
     """Nothing marked in the running or the next bucket: the duty holder waits for the next bucket
     to begin (4 ticks a second, not 10). A deadline in the next bucket: the tick interval again."""
