@@ -42,6 +42,7 @@ from bridge.domain.relay import may_still_land, names_entry
 from bridge.domain.store import TaskStore
 from bridge.domain.timeline import (
     EXPIRY_BUCKET_MS,
+    MARKS_REFRESH_MS,
     OUTBOX_BUCKET_MS,
     deterministic_timeuuid,
     expiry_bucket,
@@ -65,7 +66,6 @@ CATCH_UP_BATCH = 400  # expiry buckets read per tick at most (a long outage is c
 # at the oldest result it still owes) catches up in steps, between the lease recovery passes, not
 # in one tick that held recovery up (a day behind: 8,640 reads, 14 s here).
 RELAY_CATCH_UP_BATCH = 50
-MARKS_REFRESH_MS = 1_000
 MARKS_AHEAD = 8  # buckets (2 s) of marks read ahead of the clock: more than a refresh and a bucket
 MAX_TIMERS = 100_000  # in-process timers for wheel entries due within moments (``handle_soon``)
 ENTRY_RETRY_MS = 10_000  # a deadline that could not be handled is met again this much later
@@ -219,14 +219,15 @@ class RecoveryScheduler:
     async def _refresh_marks(self, now: int, due: int) -> None:
         """Which buckets hold deadlines: read once a second (``MARKS_REFRESH_MS``), two seconds
         ahead (``MARKS_AHEAD``), so the fleet's duty holder reads one small partition a second
-        instead of every bucket. A bucket's first pass then knows of every deadline filed at least
-        a refresh and a bucket before the bucket ended (a lease's own, filed its timeToRecover
-        ahead), and of every one this process filed (``marked_here``: the holder's own, moments
-        ahead: a heartbeated lease watched again). One that another bridge filed moments ahead (a
-        claim's re-arm, a short lease, backoff or delay) is met by that bridge's own timer at its
-        time (``WorkQueue.soon``), and by the second pass should that bridge die first. Read at
-        each bucket's end instead (4 a second, until 2026-12-06), the holder cost an idle fleet
-        more than all of its other bridges' own requests."""
+        instead of one per bucket (4 a second, until 2026-12-06: more than all of an idle fleet's
+        other bridges' own requests). A bucket's first pass then knows of every deadline filed at
+        least a refresh and a bucket before the bucket ended (a lease's own, filed its
+        timeToRecover ahead) and of every one this process filed (``marked_here``: the holder's
+        own, such as a heartbeated lease watched again). One another bridge files moments ahead
+        (a short lease, backoff or delay, a claimer's re-arm) is met at its time by that bridge's
+        own timer (``WorkQueue.soon``), and, should the timer never run (that bridge stopped or
+        died), by the first pass of the bucket it is filed under once more
+        (``NEAR_DEADLINE_MS`` ahead, ``CassandraTaskStore._backstop``): a second or so late."""
         assert self._expiry_confirmed is not None and self._expiry_next is not None
         # Up to the end of this tick's first-pass batch, which starts at the first pass's position
         # (about 20 buckets ahead of the second's): counted from the second's, the batch's last
@@ -383,7 +384,10 @@ class RecoveryScheduler:
             if due + 1 not in self._armed and (self._marked(due + 1) or self.read_unmarked):
                 await self._arm(due + 1, await self.store.expiries(due + 1))
         # Second pass, then persist the cursor: nothing can still arrive in these buckets.
-        confirm_due = expiry_bucket(now - self.late_ms)
+        # Only buckets that ended ``late_ms`` before the marks were read: read up to a second
+        # before this tick, the marks would leave a mark stored late (a paused claimer) a second
+        # less than ``late_ms`` to be seen, and a bucket passed twice unseen is never read again.
+        confirm_due = expiry_bucket(min(now, self._marks_read_ms) - self.late_ms)
         moved = False
         while self._expiry_confirmed < min(confirm_due, self._expiry_next):
             await self._process_bucket(self._expiry_confirmed, now)

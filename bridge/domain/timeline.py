@@ -19,6 +19,15 @@ import zlib
 READY_BUCKET_MS = 10_000
 EXPIRY_BUCKET_MS = 250
 OUTBOX_BUCKET_MS = 10_000
+# The duty holder reads the expiry marks once this often (``RecoveryScheduler``), two seconds
+# ahead: a bucket's first pass knows of every deadline whose mark was stored at least this long
+# and a bucket before the bucket ended.
+MARKS_REFRESH_MS = 1_000
+# A deadline filed closer than this to its bucket's end (moments ahead: a short lease, backoff,
+# delay or re-arm) may pass its bucket's first pass unseen; its bridge meets it with a timer, and
+# it is filed once more this far ahead (a backstop: a refresh, a bucket, and a write's time), met
+# by that bucket's first pass should the timer never run (the bridge stopped or died).
+NEAR_DEADLINE_MS = 1_500
 # How long past its task's end a result still owed to the engine can be sent: its outbox row and
 # the decision on the lease (the completion, the park) live that much longer than the task, and
 # its token is copied into the outbox row once a publish of it fails (the task's own row, which

@@ -385,3 +385,37 @@ async def test_readiness_still_turns_unready_when_cassandra_goes_away(make_bridg
 
 async def _is(probe: Any, status: int) -> bool:
     return await probe() == status
+
+
+async def test_a_deadline_filed_moments_ahead_by_a_bridge_that_stops_is_met_by_a_first_pass(make_bridge, engine):
+    """The duty holder reads the expiry marks once a second: a deadline another bridge files
+    moments ahead (a fail's short backoff) can be marked after the holder's last read and pass its
+    bucket's first pass unseen. That bridge's own timer meets it at its time, but a stop cancels
+    its timers (a rolling deploy; a kill -9 too): the deadline is also filed 1.5 s ahead, in a
+    bucket the holder has read the marks of before it ends. Without it, the task came back at the
+    second pass, 5 s late (or on time, when the holder happened to read the marks in between)."""
+    from bridge.domain.timeline import NEAR_DEADLINE_MS, expiry_bucket
+    from tests.integration.test_same_worker_races import OWNER, fail_req, fetch_req
+
+    bridges = [await make_bridge() for _ in range(2)]
+    await wait_for(lambda: sum(b.duty.held for b in bridges) == 1, 10, what="one holder")
+    holder = next(b for b in bridges if b.duty.held)
+    other = next(b for b in bridges if not b.duty.held)
+    svc = service_id()
+    task_id = await engine.add(svc, "v")
+    first = await wait_for(lambda: other.queue.fetch(OWNER, fetch_req(svc, "w1")), 10, interval=0.05, what="a task")
+    assert str(first.task_id) == str(task_id)
+    failed_at = other.queue.clock.now_ms()
+    assert await other.queue.fail(OWNER, fail_req(svc, "w1", str(first.task_id), first.epoch, retry_in_ms=300))
+    other.scheduler.cancel_timers()  # as its stop does: its own timer for the backoff never runs
+    due = failed_at + 300 + holder.queue.ctx.limits.skew_margin_ms
+    # Filed once more, in the bucket NEAR_DEADLINE_MS from when it was filed (or the one after).
+    backstop = {expiry_bucket(failed_at + NEAR_DEADLINE_MS), expiry_bucket(failed_at + NEAR_DEADLINE_MS) + 1}
+    found = [e for b in backstop for e in await other.queue.store.expiries(b) if str(e.task_id) == str(first.task_id)]
+    assert found, "the near deadline was not filed again ahead"
+    again = await wait_for(
+        lambda: holder.queue.fetch(OWNER, fetch_req(svc, "w2")), 10, interval=0.05, what="the task back"
+    )
+    late = holder.queue.clock.now_ms() - due
+    assert str(again.task_id) == str(task_id) and again.epoch == first.epoch + 1
+    assert late <= 3_000, f"back {late} ms after its backoff ended"  # the second pass: 6 s
