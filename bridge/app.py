@@ -132,6 +132,7 @@ class Bridge:
             settings.task_ttl_seconds,
             read_unsharded=settings.read_unsharded or settings.read_unmarked_expiries,
             request_timeout_ms=int(settings.cassandra_timeout * 1000),
+            skew_margin_ms=int(settings.clock_skew_margin * 1000),
         )
         self.keys = build_key_provider(settings)
         self.metrics = BridgeMetrics(instance=settings.instance_id or socket.gethostname())

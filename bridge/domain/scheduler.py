@@ -190,6 +190,8 @@ class RecoveryScheduler:
         self._marks: set[int] = set()
         self._marks_hi = -1
         self._marks_read_ms = -(10**15)
+        self._duty: Duty | None = None
+        self._running = False  # ``run`` was called: with no duty (no election) this bridge is the holder
 
     def _forget_positions(self) -> None:
         """Not this bridge's loops any more: if the duty comes back, they start again from the
@@ -243,6 +245,14 @@ class RecoveryScheduler:
         return bucket in self._marks or self.store.marked_here(bucket)
 
     @property
+    def holder(self) -> bool:
+        """Whether this bridge holds the duty: its own filings need no second one (``watch_expiry``'s
+        backstop), its passes know them (``marked_here``), and a successor reads every mark from
+        the persisted position. A bridge that never ran the loops (no duty yet) is no holder."""
+        duty = self._duty
+        return self._running and (duty is None or duty.held)
+
+    @property
     def expiry_position(self) -> int | None:
         """The first expiry bucket not yet read twice (None before the first tick)."""
         return self._expiry_confirmed
@@ -252,6 +262,7 @@ class RecoveryScheduler:
         The result relay runs beside the recovery passes, in a loop of its own: in the same tick,
         a sweep retrying a few hundred results nobody could take (an engine with no queue bound)
         lasted seconds, and every lease of the fleet came back that much late."""
+        self._duty, self._running = duty, True
         relay = asyncio.create_task(self._run_relay(stop, duty), name="result relay")
         try:
             while not stop.is_set():
@@ -546,7 +557,9 @@ class RecoveryScheduler:
             # Extended, or not yet past its deadline plus the skew margin (no claim could take it
             # back yet): watch it again then (idempotent row).
             again = expiry_bucket(until + self.queue.skew_margin_ms)
-            await self.store.watch_expiry(again, ExpiryEntry(until, q, entry.task_id, lease.epoch, entry.has_token))
+            await self.store.watch_expiry(
+                again, ExpiryEntry(until, q, entry.task_id, lease.epoch, entry.has_token), backstop=not self.holder
+            )
             # Filed again in this very bucket (extended at its deadline by less than a bucket): it
             # has the same key, so handled, every later pass of the bucket skipped it and nobody
             # ever took the task back. Left unhandled, the next pass meets the later deadline.
@@ -616,12 +629,14 @@ class RecoveryScheduler:
             # from a bucket still to come. Left to "the next pass", the second pass had none: the
             # task stayed leased to nobody until its TTL, never parked, the engine never told.
             again = expiry_bucket(now) + 1
-            await self.store.watch_expiry(again, entry)
+            await self.store.watch_expiry(again, entry, backstop=not self.holder)
             return again != bucket
         until = lease.lease_until_ms
         again = expiry_bucket(until + margin)
         await self.store.watch_expiry(
-            again, ExpiryEntry(until, entry.queue, entry.task_id, lease.epoch, entry.has_token)
+            again,
+            ExpiryEntry(until, entry.queue, entry.task_id, lease.epoch, entry.has_token),
+            backstop=not self.holder,
         )
         return again != bucket
 

@@ -288,8 +288,10 @@ class TaskStore(Protocol):
     async def clear_worker(self, q: QueueKey, worker: str, stamp: int) -> None: ...
 
     # -- recovery timer wheel and result outbox ------------------------------------------------------
-    async def watch_expiry(self, bucket: int, entry: ExpiryEntry) -> None:
-        """File a lease deadline under an expiry bucket (idempotent); the bucket is marked first."""
+    async def watch_expiry(self, bucket: int, entry: ExpiryEntry, *, backstop: bool = True) -> None:
+        """File a lease deadline under an expiry bucket (idempotent); the bucket is marked first.
+        ``backstop``: a deadline moments ahead is filed once more a little later, for a duty holder
+        that may not have read this bucket's mark in time (False: the duty holder's own filing)."""
 
     async def marked_expiry_buckets(self, first: int, last: int) -> set[int]:
         """The buckets in ``[first, last]`` that deadlines were filed under (a superset is fine)."""

@@ -569,7 +569,8 @@ class MemoryTaskStore:
         )
 
     # -- recovery timer wheel and outbox ---------------------------------------------------------
-    async def watch_expiry(self, bucket: int, entry: ExpiryEntry) -> None:
+    async def watch_expiry(self, bucket: int, entry: ExpiryEntry, *, backstop: bool = True) -> None:
+        # No second filing: this store is one process's, whose marks its scheduler knows (``marked_here``).
         await self._io()
         e = entry
         key = (e.lease_until_ms, e.queue.owner, e.queue.service, e.task_id, e.epoch)

@@ -126,8 +126,10 @@ class CassandraTaskStore:
         *,
         read_unsharded: bool = False,
         request_timeout_ms: int | None = None,
+        skew_margin_ms: int = 0,
     ) -> None:
         self.db = db
+        self.skew_margin_ms = skew_margin_ms  # BRIDGE_CLOCK_SKEW_MARGIN: see ``_backstop``
         self.now_ms = now_ms
         self.task_ttl_s = task_ttl_s
         # How long one more statement may take (the driver's request timeout): a second try at an
@@ -898,7 +900,8 @@ class CassandraTaskStore:
         *,
         expires_at_ms: int | None = None,
     ) -> None:
-        # Two partitions, one UNLOGGED batch: the claim waits for both anyway, and one request
+        # Two partitions (up to five: the marks, a near deadline's second filing), one UNLOGGED
+        # batch: the claim waits for both anyway, and one request
         # instead of two saves the bridge a request's CPU (per task, the larger cost) and
         # Cassandra a round of request handling; the coordinator still writes each partition.
         # A bucket not marked yet is marked in the same batch (one round trip, not two in a row):
@@ -924,29 +927,31 @@ class CassandraTaskStore:
         await self.db.execute("worker.clear", (stamp, stamp, q.owner, q.service, worker))
 
     # -- recovery timer wheel and outbox -----------------------------------------------------------------
-    async def watch_expiry(self, bucket: int, entry: ExpiryEntry) -> None:
+    async def watch_expiry(self, bucket: int, entry: ExpiryEntry, *, backstop: bool = True) -> None:
         params = self._expiry_insert(bucket, entry)
-        backstop = self._backstop(bucket, entry)
-        if bucket in self._marked and not backstop.items:
+        copy = self._backstop(bucket, entry) if backstop else _Backstop(None, [])
+        if bucket in self._marked and not copy.items:
             await self.db.execute("expiry.insert", params)
             return
         # The mark and the deadline it announces in one request: stored together when it succeeds.
-        marked = [*self._mark_if_new(bucket, params[-1]), ("expiry.insert", params), *backstop.items]
+        marked = [*self._mark_if_new(bucket, params[-1]), ("expiry.insert", params), *copy.items]
         await self.db.execute_batch("expiry.watch_marked", marked)
         self._remember_mark(bucket)
-        backstop.remember(self)
+        copy.remember(self)
 
     def _backstop(self, bucket: int, entry: ExpiryEntry, expires_at_ms: int | None = None) -> _Backstop:
         """A deadline filed moments ahead (its bucket ends within ``NEAR_DEADLINE_MS``) may be
         marked after the duty holder last read the marks (once a second) and pass its bucket's
         first pass unseen. Its bridge meets it with a timer (``WorkQueue.soon``); should that
         never run (the bridge stopped or died first), the same deadline is filed once more, in
-        the bucket ``NEAR_DEADLINE_MS`` from now, whose mark the holder has read before that
+        the bucket ``NEAR_DEADLINE_MS`` (and the skew margin) from now, whose mark the holder has read before that
         bucket ends: met then, a second or so late, not at the second pass (5 s). Met twice, a
         deadline is idempotent (a lease already taken back or renewed is left alone)."""
         now = self.now_ms()
-        later = expiry_bucket(now + NEAR_DEADLINE_MS)
-        if (bucket + 1) * EXPIRY_BUCKET_MS - now >= NEAR_DEADLINE_MS or later <= bucket:
+        # The duty holder's clock may be ahead of this bridge's by up to the skew margin.
+        near = NEAR_DEADLINE_MS + self.skew_margin_ms
+        later = expiry_bucket(now + near)
+        if (bucket + 1) * EXPIRY_BUCKET_MS - now >= near:
             return _Backstop(None, [])
         insert = self._expiry_insert(later, entry, expires_at_ms)
         return _Backstop(later, [*self._mark_if_new(later, insert[-1]), ("expiry.insert", insert)])

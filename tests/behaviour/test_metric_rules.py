@@ -184,11 +184,11 @@ async def test_a_fail_ending_just_after_the_claims_deadline_comes_back_whatever_
     refiling, release = asyncio.Event(), asyncio.Event()
     watch_expiry = h.store.watch_expiry
 
-    async def held_up(bucket: int, entry: Any) -> None:
+    async def held_up(bucket: int, entry: Any, **kw: Any) -> None:
         if entry.task_id == task_id and entry.lease_until_ms == fail_until and not refiling.is_set():
             refiling.set()  # the pass files the backoff's end again: held here
             await release.wait()
-        await watch_expiry(bucket, entry)
+        await watch_expiry(bucket, entry, **kw)
 
     timer_handling = asyncio.Event()
     read_lease = h.store.lease

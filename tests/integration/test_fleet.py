@@ -419,3 +419,37 @@ async def test_a_deadline_filed_moments_ahead_by_a_bridge_that_stops_is_met_by_a
     late = holder.queue.clock.now_ms() - due
     assert str(again.task_id) == str(task_id) and again.epoch == first.epoch + 1
     assert late <= 3_000, f"back {late} ms after its backoff ended"  # the second pass: 6 s
+
+
+async def test_the_duty_holder_files_no_second_copy_of_its_own_near_deadlines(bridge, engine):
+    """The holder knows its own marks without reading them, and a successor reads every mark from
+    the persisted position: a deadline the holder re-files moments ahead (a short lease extended,
+    met at its first deadline) needs no copy 1.5 s ahead. With one, a short lease heartbeated
+    every 200 ms made each met copy file a copy of its own: three times the writes (a review)."""
+    from bridge.domain.timeline import expiry_bucket
+    from tests.integration.test_same_worker_races import OWNER, extend_req, fetch_req
+
+    await wait_for(lambda: bridge.duty.held, 10, what="the duty")
+    svc = service_id()
+    await engine.add(svc, "v")
+    got = await wait_for(
+        lambda: bridge.queue.fetch(OWNER, fetch_req(svc, "w", timeToRecover=300)), 10, interval=0.05, what="a task"
+    )
+    extended = await bridge.queue.lifecycle.extend(OWNER, extend_req(svc, "w", str(got.task_id), got.epoch, ttr=600))
+    assert extended is not None
+    until = extended.lease_until_ms
+    margin = bridge.queue.ctx.limits.skew_margin_ms
+    # The first deadline is met (by the claim's timer or the pass): extended, filed again.
+    own = expiry_bucket(until + margin)
+
+    async def refiled() -> bool:
+        return any(str(e.task_id) == str(got.task_id) for e in await bridge.queue.store.expiries(own))
+
+    await wait_for(refiled, 10, interval=0.05, what="the later deadline filed again")
+    copies = [
+        (b, e)
+        for b in range(own + 1, own + 20)
+        for e in await bridge.queue.store.expiries(b)
+        if str(e.task_id) == str(got.task_id) and e.lease_until_ms == until
+    ]
+    assert not copies, f"the holder filed a copy of its own deadline: {copies}"

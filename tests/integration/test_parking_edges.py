@@ -108,8 +108,8 @@ async def test_a_redrive_read_by_the_scheduler_before_its_unpark_is_still_handed
     unparked = asyncio.Event()
     timer_read_failed = asyncio.Event()
 
-    async def watch_expiry(bucket: int, entry: Any) -> None:
-        await real_watch(bucket, entry)
+    async def watch_expiry(bucket: int, entry: Any, **kw: Any) -> None:
+        await real_watch(bucket, entry, **kw)
         if str(entry.task_id) == task_id:
             filed.append((bucket, entry))
 
