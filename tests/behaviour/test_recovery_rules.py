@@ -323,25 +323,33 @@ async def test_a_heartbeated_lease_is_recovered_at_its_last_deadline_not_a_pass_
     assert await h.ack("other", got) is True
 
 
-async def test_a_deadline_a_claimer_files_again_is_met_by_its_buckets_first_pass(hinted: Harness) -> None:
-    """A claimer that finds a re-exposed task extended meanwhile files its deadline again, moments
-    ahead (``_rearm``). With hints, nothing else brings the task back: its hint was spent on that
-    claim. The scheduler read the marks once a second, so a bucket marked just after a read and
-    passed before the next one was skipped: the task came back 5 s after its deadline."""
-    h = hinted
+async def _a_claim_finding_the_lease_extended(h: Harness, *, timers: bool) -> tuple[str, int]:
+    """A lease re-exposed at its deadline, then extended by its holder before the hint's claim:
+    that claim finds it extended and files its deadline again, moments ahead (``_rearm``). With
+    hints, nothing else brings the task back: its hint was spent on that claim. Returns the task
+    and the start; the extended deadline is start + 1,400."""
     task_id = await h.add("v")
     start = await _on_a_bucket_boundary_marks_just_read(h)
     held = await h.fetch("holder", ttr_ms=100)
     assert held is not None and held.task_id == task_id
-    h.scheduler.cancel_timers()  # best effort; the passes are the guarantee
+    if not timers:
+        h.scheduler.cancel_timers()  # best effort; the passes are the guarantee
     await h.advance(1_100)  # deadline + margin: re-exposed, its hint announced
     await h.advance(100)
     extend = parse(ExtendRequest, {"serviceId": h.service, "workerId": "holder", "timeToRecover": 200})
     extended = await h.queue.lifecycle.extend(OWNER, extend)
     assert extended is not None and extended.lease_until_ms == start + 1_400
     await h.advance(950)
-    # The hint goes to this fetch, whose claim finds the lease extended: it files the deadline again.
-    assert await h.fetch("other") is None
+    assert await h.fetch("other") is None  # the hint's claim finds the lease extended: re-armed
+    return task_id, start
+
+
+async def test_a_deadline_a_claimer_files_again_is_met_by_its_buckets_first_pass(hinted: Harness) -> None:
+    """The claimer is the duty holder: its first pass knows the re-armed bucket (``marked_here``).
+    Reading the marks once a second, with nothing else, a bucket marked just after a read and
+    passed before the next one was skipped: the task came back 5 s after its deadline."""
+    h = hinted
+    task_id, start = await _a_claim_finding_the_lease_extended(h, timers=False)
     assert h.metrics.total("claim_conflicts") == 1
     got = await h.fetch_until("other", step_ms=100, limit_ms=2_000)
     late = h.clock.now_ms() - (start + 1_400 + MARGIN_MS)
@@ -358,17 +366,7 @@ async def test_a_deadline_another_bridge_files_again_moments_ahead_is_met_by_its
     for its short leases); without one, the task came back at the second pass, 5 s late."""
     h = hinted
     monkeypatch.setattr(h.store, "marked_here", lambda bucket: False)  # none of the holder's own
-    task_id = await h.add("v")
-    start = await _on_a_bucket_boundary_marks_just_read(h)
-    held = await h.fetch("holder", ttr_ms=100)
-    assert held is not None and held.task_id == task_id
-    await h.advance(1_100)  # deadline + margin: re-exposed, its hint announced
-    await h.advance(100)
-    extend = parse(ExtendRequest, {"serviceId": h.service, "workerId": "holder", "timeToRecover": 200})
-    extended = await h.queue.lifecycle.extend(OWNER, extend)
-    assert extended is not None and extended.lease_until_ms == start + 1_400
-    await h.advance(950)
-    assert await h.fetch("other") is None  # the hint's claim finds the lease extended: re-armed
+    task_id, start = await _a_claim_finding_the_lease_extended(h, timers=True)
     assert h.metrics.total("claim_conflicts") >= 1  # (re-exposed by the claim's timer and the pass: two hints)
     # To its deadline + margin, with no pass: only a timer can bring it back now.
     h.clock.advance(start + 1_400 + MARGIN_MS - h.clock.now_ms())
