@@ -155,10 +155,13 @@ class Settings(BaseSettings):
     # The interval is a fleet's cost (two connections a bridge: 100 bridges at 10 s sent 20
     # requests a second doing nothing); detection rests on the idle timeout, not on it.
     cassandra_heartbeat_interval: int = Field(
-        20, ge=1, le=3600, description="Seconds of no writes on a Cassandra connection before a heartbeat."
+        20, ge=1, le=80, description="Seconds of no writes on a Cassandra connection before a heartbeat."
     )
+    # At most 2 minutes: a decision (an ack's compare-and-set) held on a stuck connection may land
+    # until that connection is closed, and the result relay waits 5 minutes for one to land
+    # (``relay.DECISION_IN_FLIGHT_MS``); cassandra-driver closes it up to timeout + interval late.
     cassandra_idle_timeout: int = Field(
-        30, ge=2, le=7200, description="Seconds a Cassandra connection may read nothing before it is closed."
+        30, ge=3, le=120, description="Seconds a Cassandra connection may read nothing before it is closed."
     )
 
     # --- keys ------------------------------------------------------------------------------
@@ -434,11 +437,13 @@ class Settings(BaseSettings):
     def _heartbeats_within_the_idle_timeout(self) -> Settings:
         # A healthy idle connection reads only its heartbeats' answers: one sent at or after the idle
         # timeout (or too close before it to be answered) would have every quiet connection closed.
-        if self.cassandra_heartbeat_interval > self.cassandra_idle_timeout - 1:
+        # ... and the answer gets at least a third of the timeout (cassandra-driver waits only the
+        # rest for it: 1 s, and a one-second stall of a node marked it down).
+        if 3 * self.cassandra_heartbeat_interval > 2 * self.cassandra_idle_timeout:
             raise ValueError(
-                f"BRIDGE_CASSANDRA_HEARTBEAT_INTERVAL ({self.cassandra_heartbeat_interval}) must be below "
-                f"BRIDGE_CASSANDRA_IDLE_TIMEOUT ({self.cassandra_idle_timeout}) by at least 1 s: a quiet "
-                "connection reads nothing but its heartbeats' answers, and would be closed before its next one"
+                f"BRIDGE_CASSANDRA_HEARTBEAT_INTERVAL ({self.cassandra_heartbeat_interval}) must be at most two "
+                f"thirds of BRIDGE_CASSANDRA_IDLE_TIMEOUT ({self.cassandra_idle_timeout}): a quiet connection "
+                "reads nothing but its heartbeats' answers, and each answer needs time to come"
             )
         return self
 

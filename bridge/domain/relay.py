@@ -65,8 +65,9 @@ def names_entry(lease: Lease | None, entry: OutboxEntry) -> bool:
 
 # How long after its result was written a decision (a completion, a park) may still land on the
 # lease: its compare-and-set can be on its way that long after its bridge gave up on it (a stalled
-# coordinator, a link retransmitting; the driver closes a connection whose heartbeats, every 10 s,
-# go unanswered 30 s, and a coordinator drops client requests queued past its own timeout).
+# coordinator, a link retransmitting; the driver closes a connection that read nothing for
+# BRIDGE_CASSANDRA_IDLE_TIMEOUT, 30 s, at most 2 minutes (cassandra-driver: up to the interval
+# more), and a coordinator drops client requests queued past its own timeout).
 DECISION_IN_FLIGHT_MS = 300_000
 
 

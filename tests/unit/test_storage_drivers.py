@@ -119,11 +119,24 @@ def test_datastax_gives_a_heartbeat_the_rest_of_the_idle_timeout(
     assert (kwargs["idle_heartbeat_interval"], kwargs["idle_heartbeat_timeout"]) == (20, 10)
 
 
-@pytest.mark.parametrize(("interval", "idle"), [(30, 30), (29, 29), (10, 5)])
-def test_a_heartbeat_interval_not_below_the_idle_timeout_is_refused(tmp_path: Path, interval: int, idle: int) -> None:
-    """A quiet connection reads nothing but its heartbeats' answers: every one would be closed."""
+@pytest.mark.parametrize(("interval", "idle"), [(30, 30), (29, 30), (21, 30), (10, 5)])
+def test_a_heartbeat_interval_above_two_thirds_of_the_idle_timeout_is_refused(
+    tmp_path: Path, interval: int, idle: int
+) -> None:
+    """A quiet connection reads nothing but its heartbeats' answers: at the timeout or near it,
+    every one would be closed, or closed for an answer a second late (cassandra-driver)."""
     with pytest.raises(ConfigError, match="BRIDGE_CASSANDRA_HEARTBEAT_INTERVAL"):
         _settings(tmp_path, cassandra_heartbeat_interval=interval, cassandra_idle_timeout=idle)
+
+
+def test_an_idle_timeout_past_two_minutes_is_refused(tmp_path: Path) -> None:
+    """A decision held on a stuck connection may land until the connection is closed; the result
+    relay waits 5 minutes for one (``DECISION_IN_FLIGHT_MS``), then voids its result for good."""
+    with pytest.raises(ConfigError, match="BRIDGE_CASSANDRA_IDLE_TIMEOUT"):
+        _settings(tmp_path, cassandra_heartbeat_interval=20, cassandra_idle_timeout=600)
+    assert (
+        _settings(tmp_path, cassandra_heartbeat_interval=80, cassandra_idle_timeout=120).cassandra_idle_timeout == 120
+    )
 
 
 # -- start-time errors ---------------------------------------------------------------------------
