@@ -118,17 +118,25 @@ async def test_an_add_retried_in_place_never_lands_behind_the_scan_position(make
 
     b = await make_bridge(hints=False)
     store = b.queue.ctx.store
-    real = store.store_task
-    late: list[uuid.UUID] = []
+    real, prepare = store.store_task, b.queue.prepare_add
+    late: list[uuid.UUID] = []  # every id the first add was prepared with: its first, then new ones
     released = asyncio.Event()
 
+    async def prepare_add(owner, cmd, **kw):  # type: ignore[no-untyped-def]
+        pending = await prepare(owner, cmd, **kw)
+        if cmd.value == "retried in place":
+            late.append(pending.task_id)
+        return pending
+
     async def store_task(q, task_id, payload, **kw):  # type: ignore[no-untyped-def]
-        if not late:
-            late.append(task_id)
-        if task_id == late[0] and not released.is_set():
+        # Every attempt of the first add fails until released, under whichever id: a retry under
+        # a new id (once its first is stale, 0.5 s) stored it before the position had moved on
+        # when the steps below took over 2.4 s (a loaded CI), and the test failed on its task.
+        if task_id in late and not released.is_set():
             raise StorageNotSent("cassandra unavailable: no host available (injected)")
         await real(q, task_id, payload, **kw)
 
+    monkeypatch.setattr(b.queue, "prepare_add", prepare_add)
     monkeypatch.setattr(store, "store_task", store_task)
     svc = service_id()
     add_late = asyncio.create_task(engine.add(svc, "retried in place"))
