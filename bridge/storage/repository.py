@@ -16,7 +16,7 @@ import functools
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from bridge.crypto import Sealed
@@ -103,18 +103,6 @@ BATCHED_PAYLOAD_MAX_BYTES = 4096
 def _sealed_bytes(payload: Payload) -> int:
     token = payload.token
     return len(payload.value.ciphertext) + (len(token.ciphertext) if token else 0) + len(payload.traceparent or "")
-
-
-@dataclass(frozen=True, slots=True)
-class _Backstop:
-    """A near deadline's second filing (``CassandraTaskStore._backstop``): its bucket, its writes."""
-
-    bucket: int | None
-    items: list[tuple[str, tuple[Any, ...]]]
-
-    def remember(self, store: CassandraTaskStore) -> None:
-        if self.bucket is not None:
-            store._remember_mark(self.bucket)
 
 
 class CassandraTaskStore:
@@ -910,15 +898,14 @@ class CassandraTaskStore:
         # Both live the rest of the task's life; where it is not known yet (the task's row is read
         # beside this batch), at least until the lease's deadline is long past.
         insert = self._expiry_insert(bucket, entry, expires_at_ms)
-        backstop = self._backstop(bucket, entry, expires_at_ms)
-        items = [*self._mark_if_new(bucket, insert[-1]), ("expiry.insert", insert), *backstop.items]
+        later, copy = self._backstop(bucket, entry, expires_at_ms)
+        items = [*self._mark_if_new(bucket, insert[-1]), ("expiry.insert", insert), *copy]
         pointing = self._worker_set(
             q, worker, pointer, stamp, expires_at_ms=expires_at_ms, outlive_ms=entry.lease_until_ms
         )
         items.append(("worker.set", pointing))
         await self.db.execute_batch("fetch.write_ahead", items)
-        self._remember_mark(bucket)
-        backstop.remember(self)
+        self._remember_mark(bucket, later)
 
     async def finish_worker(self, q: QueueKey, worker: str, task_id: uuid.UUID, stamp: int) -> None:
         await self.db.execute("worker.finish", (self.ttl_for(task_id), stamp, task_id, q.owner, q.service, worker))
@@ -929,32 +916,34 @@ class CassandraTaskStore:
     # -- recovery timer wheel and outbox -----------------------------------------------------------------
     async def watch_expiry(self, bucket: int, entry: ExpiryEntry, *, backstop: bool = True) -> None:
         params = self._expiry_insert(bucket, entry)
-        copy = self._backstop(bucket, entry) if backstop else _Backstop(None, [])
-        if bucket in self._marked and not copy.items:
+        later, copy = self._backstop(bucket, entry) if backstop else (None, [])
+        if bucket in self._marked and not copy:
             await self.db.execute("expiry.insert", params)
             return
         # The mark and the deadline it announces in one request: stored together when it succeeds.
-        marked = [*self._mark_if_new(bucket, params[-1]), ("expiry.insert", params), *copy.items]
+        marked = [*self._mark_if_new(bucket, params[-1]), ("expiry.insert", params), *copy]
         await self.db.execute_batch("expiry.watch_marked", marked)
-        self._remember_mark(bucket)
-        copy.remember(self)
+        self._remember_mark(bucket, later)
 
-    def _backstop(self, bucket: int, entry: ExpiryEntry, expires_at_ms: int | None = None) -> _Backstop:
+    def _backstop(
+        self, bucket: int, entry: ExpiryEntry, expires_at_ms: int | None = None
+    ) -> tuple[int | None, list[tuple[str, tuple[Any, ...]]]]:
         """A deadline filed moments ahead (its bucket ends within ``NEAR_DEADLINE_MS``) may be
         marked after the duty holder last read the marks (once a second) and pass its bucket's
         first pass unseen. Its bridge meets it with a timer (``WorkQueue.soon``); should that
         never run (the bridge stopped or died first), the same deadline is filed once more, in
-        the bucket ``NEAR_DEADLINE_MS`` (and the skew margin) from now, whose mark the holder has read before that
-        bucket ends: met then, a second or so late, not at the second pass (5 s). Met twice, a
-        deadline is idempotent (a lease already taken back or renewed is left alone)."""
+        the bucket ``NEAR_DEADLINE_MS`` (and the skew margin) from now, whose mark the holder has
+        read before that bucket ends: met then, a second or so late, not at the second pass
+        (5 s). Met twice, a deadline is idempotent (a lease already taken back or renewed is left
+        alone). Returns that bucket and its writes (None and none: not near)."""
         now = self.now_ms()
         # The duty holder's clock may be ahead of this bridge's by up to the skew margin.
         near = NEAR_DEADLINE_MS + self.skew_margin_ms
         later = expiry_bucket(now + near)
         if (bucket + 1) * EXPIRY_BUCKET_MS - now >= near:
-            return _Backstop(None, [])
+            return None, []
         insert = self._expiry_insert(later, entry, expires_at_ms)
-        return _Backstop(later, [*self._mark_if_new(later, insert[-1]), ("expiry.insert", insert)])
+        return later, [*self._mark_if_new(later, insert[-1]), ("expiry.insert", insert)]
 
     def _mark_if_new(self, bucket: int, entry_ttl_s: int) -> list[tuple[str, tuple[Any, ...]]]:
         """The mark of an expiry bucket this process has not marked lately (the scheduler reads
@@ -972,12 +961,13 @@ class CassandraTaskStore:
         ttl = max(entry_ttl_s, self._seconds_until((bucket + 1) * EXPIRY_BUCKET_MS + self.task_ttl_s * 1000))
         return [("expiry.mark", (bucket // MARK_HOUR_BUCKETS, bucket, ttl))]
 
-    def _remember_mark(self, bucket: int) -> None:
-        """Only after the write that carried the mark succeeded (a failed one is sent again)."""
-        if bucket not in self._marked:
-            if len(self._marked) > MAX_REMEMBERED_BUCKETS:
-                self._marked.clear()
-            self._marked.add(bucket)
+    def _remember_mark(self, *buckets: int | None) -> None:
+        """Only after the write that carried the marks succeeded (a failed one is sent again)."""
+        for bucket in buckets:
+            if bucket is not None and bucket not in self._marked:
+                if len(self._marked) > MAX_REMEMBERED_BUCKETS:
+                    self._marked.clear()
+                self._marked.add(bucket)
 
     def _expiry_insert(self, bucket: int, entry: ExpiryEntry, expires_at_ms: int | None = None) -> tuple[Any, ...]:
         e = entry
