@@ -82,6 +82,11 @@ OUTBOX_READS_AT_ONCE = 16  # unpublished outbox entries read side by side (each 
 LOOP_CURSOR_TTL_S = 30 * 24 * 3600  # a restart after an outage this long still resumes where it stopped
 LOOP_CURSOR_MAX_DAYS = 31
 BUCKET_INDEX_GRACE_S = 60  # an index row outlives the rows it points at
+# An index row's ends are rounded up to the minute: the writes of one bucket by bridges of one
+# BRIDGE_TASK_TTL (their entries' lives end within the bucket's ten seconds) name one or two ends,
+# a cell each, however many bridges write it. Coarser, a scan with no cursor (from a TTL and an
+# hour ago) would meet more rows still alive after their entries' end, and read their buckets.
+BUCKET_INDEX_ROUNDING_MS = 60_000
 MAX_REMEMBERED_BUCKETS = 100_000
 MARK_HOUR_BUCKETS = 3_600_000 // EXPIRY_BUCKET_MS  # expiry marks: one partition per hour of buckets
 # A row about a task whose end of life is not known (a task stored by an older bridge) that must
@@ -272,8 +277,13 @@ class CassandraTaskStore:
         # earlier ones (their grace covers the entries added later in the same ten seconds).
         if not force and self._indexed.get(key, 0) >= now + life * 1000:
             return
-        ttl = int(min(life, MAX_CASSANDRA_TTL_S - BUCKET_INDEX_GRACE_S)) + BUCKET_INDEX_GRACE_S
-        await self.db.execute("buckets.insert", (q.owner, q.service, lane, bucket, ttl))
+        rounding = BUCKET_INDEX_ROUNDING_MS
+        longest = MAX_CASSANDRA_TTL_S - BUCKET_INDEX_GRACE_S - rounding // 1000
+        end = -(-(now + min(life, longest) * 1000) // rounding) * rounding  # rounded up
+        ttl = -(-(end - now) // 1000) + BUCKET_INDEX_GRACE_S
+        # The row's life is its longest-lived write's (an element of ``ends`` each), so that a
+        # bridge on a shorter BRIDGE_TASK_TTL writing last cannot end it under longer-lived tasks.
+        await self.db.execute("buckets.insert", (ttl, {end}, q.owner, q.service, lane, bucket))
         if len(self._indexed) > MAX_REMEMBERED_BUCKETS:
             self._indexed.clear()
         self._indexed[key] = max(self._indexed.get(key, 0), now + ttl * 1000)

@@ -255,6 +255,9 @@ ADDED_COLUMNS: list[tuple[str, str, str]] = [
     ("outbox_shards", "token_nonce", "blob"),
     ("outbox_shards", "token_ct", "blob"),
     ("outbox_shards", "traceparent", "text"),
+    # The ends (ms, rounded up to the minute) of the writes keeping a bucket's index row: one cell
+    # each, so the row lives as long as its longest-lived write, not its last one.
+    ("ready_buckets", "ends", "set<bigint>"),
 ]
 
 

@@ -57,8 +57,13 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         "WHERE owner = ? AND service = ? AND lane = ? AND bucket = ? AND seq = ?",
         True,
     ),
+    # The row lives while any element of ``ends`` does (each element is a cell with its own TTL,
+    # named by the end it was given): bridges of different BRIDGE_TASK_TTLs keep it for their own
+    # entries. An INSERT's row marker took the TTL of the last write, and a bridge on a shorter
+    # TTL cut the row's life under a longer-TTL bridge's tasks (a setting changed pod by pod).
     "buckets.insert": (
-        "INSERT INTO {ks}.ready_buckets (owner, service, lane, bucket) VALUES (?, ?, ?, ?) USING TTL ?",
+        "UPDATE {ks}.ready_buckets USING TTL ? SET ends = ends + ? WHERE owner = ? AND service = ? "
+        "AND lane = ? AND bucket = ?",
         True,
     ),
     "buckets.from": (

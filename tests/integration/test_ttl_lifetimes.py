@@ -108,6 +108,47 @@ async def test_a_recovered_lane_bucket_stays_indexed_while_a_task_in_it_lives(
     assert indexed(), "the bucket's index row expired while the entry of a live task was in it: no scan finds B"
 
 
+async def test_a_bucket_stays_indexed_while_a_longer_ttl_bridges_task_in_it_lives(
+    make_bridge, cql, servers, monkeypatch
+):
+    """BRIDGE_TASK_TTL changed pod by pod (a fleet of sidecars is never changed at once): a bridge
+    on the longer TTL adds a task, then one on the shorter TTL adds another to the same 10 s
+    bucket. The bucket's ``ready_buckets`` row was an INSERT, whose row marker takes the TTL of
+    the LAST write: the shorter-TTL bridge cut the row's life to its own, and the longer-lived
+    task dropped out of every scan (fetches with ``BRIDGE_HINTS=false``, reconciliation after a
+    lost hint, purge, stats' oldest ready task) for the rest of its life. Here the TTLs are 1 h
+    and 3 s, the index's grace 1 s and the rounding of its end 1 s (60 s and a minute in
+    production)."""
+    from bridge.storage import repository
+
+    monkeypatch.setattr(repository, "BUCKET_INDEX_GRACE_S", 1)
+    monkeypatch.setattr(repository, "BUCKET_INDEX_ROUNDING_MS", 1_000, raising=False)
+    longer = await make_bridge(task_ttl=3600, hints=False)
+    shorter = await make_bridge(task_ttl=3, hints=False)
+    ks = servers.keyspace
+    for _ in range(3):  # both adds in one 10 s bucket (a retry if the first pair straddles two)
+        svc = service_id()
+        kept = uuid.UUID(await longer.queue.add(OWNERS[0], _add(svc, "kept"), message_id=None, traceparent=None))
+        brief = uuid.UUID(await shorter.queue.add(OWNERS[0], _add(svc, "brief"), message_id=None, traceparent=None))
+        if bucket_of_task(kept) == bucket_of_task(brief):
+            break
+    bucket = bucket_of_task(kept)
+    assert bucket_of_task(brief) == bucket, "set-up: three pairs of adds straddled two buckets"
+
+    def indexed() -> bool:
+        query = f"SELECT bucket FROM {ks}.ready_buckets WHERE owner = %s AND service = %s AND lane = 1"
+        return any(r["bucket"] == bucket for r in cql.execute(query, (OWNERS[0], svc)))
+
+    assert indexed()
+    # Past the shorter-TTL bridge's index write (its task's 3 s, the grace and the rounding).
+    clock = shorter.queue.clock
+    await wait_for(lambda: clock.now_ms() > ms_of(brief) + 6_500, 15, interval=0.1, what="the brief task's row gone")
+    assert _rows(cql, ks, "ready", svc, bucket=bucket, task_id=kept), "the longer-TTL task is alive"
+    assert indexed(), "the bucket's index row took the shorter TTL of its last write: no scan finds the live task"
+    got = await longer.queue.fetch(OWNERS[0], _fetch(svc, "w1", timeToRecover=60_000))
+    assert got is not None and got.task_id == str(kept), "a scan finds the longer-TTL task"
+
+
 # -- a fleet whose bridges have different task TTLs -------------------------------------------------
 # Requests go to a chosen bridge through its ``WorkQueue`` (the domain, on the real servers): with
 # both bridges consuming the same AMQP queues a client cannot choose which one answers.
