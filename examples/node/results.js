@@ -26,7 +26,8 @@
 // at the node after the one lost (each node of QB_AMQP_HOSTS tried in turn): what was not acked
 // comes again, and is de-duplicated. With QB_BIND the queue is exclusive, so results
 // published while the connection was down are not in the new one. A refusal (403: the user may not
-// read the queue or bind; 404: no such queue or exchange) ends the script (exit 1). A message whose
+// read the queue or bind; 404: no such queue or exchange) ends the script (exit 1); a classic queue
+// whose home node is down (404 too) is waited for, reconnecting with backoff. A message whose
 // body is not a JSON object is acked and reported ("bad_result"): requeued, it would come back for
 // ever. The results queue is
 // shared by every owner and service: results this consumer does not keep are acked and reported
@@ -63,6 +64,14 @@ class RecentIds {
 // Channel errors that say this consumer is misconfigured (no retry fixes them): access refused,
 // not found (queue or exchange), precondition failed.
 const REFUSED = new Set([403, 404, 406]);
+
+/** A 404 that is an outage, not a misconfiguration: a classic durable queue whose home node is down
+ * (RabbitMQ: "home node ... of durable queue ... is down or inaccessible"). The queue comes back
+ * with its node: wait for it as for a lost connection (ended, no results were read until someone
+ * restarted the consumer). */
+function homeNodeDown(err) {
+  return err.code === 404 && /down or inaccessible/.test(String(err.message ?? ''));
+}
 
 async function main() {
   const url = env('QB_AMQP_URL', 'amqp://engine:engine@127.0.0.1:5672/');
@@ -208,7 +217,7 @@ async function main() {
       emit('reconnecting', { message: why, pauseMs });
       await pause(pauseMs);
     } catch (err) {
-      if (REFUSED.has(err.code)) {
+      if (REFUSED.has(err.code) && !homeNodeDown(err)) {
         emit('error', { code: err.code, message: String(err) }); // e.g. 403 ACCESS_REFUSED: misconfigured
         finish(1);
         break;

@@ -343,3 +343,55 @@ async def test_the_only_bridge_whose_node_is_killed_serves_through_another_node_
         f"\nthe bridge moved from node {node} to node {moved_to}; all served "
         f"{time.monotonic() - killed:.1f} s after the kill; requests without a reply: {traffic.missed}"
     )
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(180)
+async def test_the_node_results_consumer_waits_for_its_classic_queues_home_node(rabbit_cluster):
+    """``examples/node/results.js`` on a classic results queue whose home node is down: RabbitMQ
+    refuses the consume with 404 ("home node ... is down or inaccessible"), which the script took
+    for a misconfiguration (no such queue) and ended (exit 1): the engine's results were not read
+    again until someone restarted it. It now waits for the node, as for a lost connection, and
+    reads the results once the node is back."""
+    import shutil
+    import uuid
+
+    import aio_pika
+
+    from tests.integration.test_node_client import NodeScript, _result
+
+    node_bin = shutil.which("node")
+    assert node_bin is not None, "node is not installed: run `bash deploy/local/node.sh` (make test does)"
+    queue = f"qb-test-results-{uuid.uuid4().hex[:8]}"
+    conn = await aio_pika.connect(node_url("guest", 1))  # a classic queue's home: the node declaring it
+    async with conn:
+        await (await conn.channel()).declare_queue(queue, durable=True)
+    await asyncio.to_thread(cluster_cmd, "kill", "1")
+    env = {
+        "QB_AMQP_URL": node_url("guest", 2),
+        "QB_AMQP_HOSTS": "127.0.0.1:5682,127.0.0.1:5683",
+        "QB_RESULTS_QUEUE": queue,
+        "QB_OWNER": "",
+        "QB_SERVICE": "",
+        "QB_EXPECT": "1",
+        "QB_TIMEOUT_MS": "120000",
+        "QB_RETRY_BASE_MS": "200",
+    }
+    results = await NodeScript(node_bin, "results.js", env).start()
+    try:
+        refused = await results.event("reconnecting", timeout=30)
+        assert "down or inaccessible" in refused["message"], results.events
+        assert results.proc is not None and results.proc.returncode is None, (results.events, results.stderr)
+        await asyncio.to_thread(cluster_cmd, "start", "1")
+        conn = await aio_pika.connect(node_url("guest", 2))
+        async with conn:
+            msg = aio_pika.Message(_result("t1", "svc"), message_id="t1:c1", headers={"x-owner": OWNER}, type="result")
+            await (await conn.channel()).default_exchange.publish(msg, routing_key=queue)
+        assert await results.wait(60) == 0, (results.events, results.stderr)
+    finally:
+        await results.stop()
+        with contextlib.suppress(Exception):
+            conn = await aio_pika.connect(node_url("guest", 2))
+            async with conn:
+                await (await conn.channel()).queue_delete(queue)
+    assert [r["messageId"] for r in results.all("result")] == ["t1:c1"], results.events
