@@ -6,6 +6,11 @@
 //                                   QB_AMQP_URL's user and vhost: the next node when one is lost
 //                                   (BRIDGE_AMQP_HOSTS), as bridge.js does
 //   QB_RESULTS_QUEUE     queue-bridge.results   (BRIDGE_RESULTS_QUEUE) the queue to consume
+//   QB_BRIDGE_USER       queue-bridge  the bridge's broker user: a result whose broker-validated
+//                                   `user-id` is another user's is not the bridge's (anyone allowed to
+//                                   publish to the results exchange could forge one, naming any owner
+//                                   and token; docs/security.md): acked and reported, never kept
+//                                   ("" = keep whoever published it)
 //   QB_OWNER             worker-a   keep results whose `x-owner` header is this owner ("" = any)
 //   QB_SERVICE           demo       keep results whose routing key (= serviceId) is this ("" = any)
 //   QB_EXPECT            0          exit 0 after this many distinct results kept (0: run until stopped)
@@ -34,7 +39,8 @@
 // as "skipped" (run one consumer per results queue, or bind a queue of your own).
 // Prints JSON lines: {"event": "ready", "queue"} once consuming (again after each reconnection),
 // then {"event": "result", "taskId", "serviceId", "owner", "token", "result" | "error",
-// "completedAt", "messageId", "type"}, {"event": "skipped", ...}, {"event": "bad_result",
+// "completedAt", "messageId", "type"}, {"event": "skipped", ...}, {"event": "not_from_bridge",
+// "userId", "messageId"}, {"event": "bad_result",
 // "messageId", "message"} and {"event": "reconnecting", "message", "pauseMs"}.
 
 const amqp = require('amqplib');
@@ -77,6 +83,7 @@ async function main() {
   const url = env('QB_AMQP_URL', 'amqp://engine:engine@127.0.0.1:5672/');
   // Not env(): an empty value means "any" here, not "the default".
   const owner = process.env.QB_OWNER ?? 'worker-a';
+  const bridgeUser = process.env.QB_BRIDGE_USER ?? 'queue-bridge';
   const service = process.env.QB_SERVICE ?? 'demo';
   const expect = intEnv('QB_EXPECT', 0);
   const timeoutMs = intEnv('QB_TIMEOUT_MS', 60_000);
@@ -121,6 +128,12 @@ async function main() {
   for (const signal of ['SIGTERM', 'SIGINT']) process.on(signal, () => finish(0));
 
   function onMessage(channel, msg) {
+    const userId = msg.properties.userId; // RabbitMQ refuses a user-id that is not the publisher's
+    if (bridgeUser !== '' && userId !== bridgeUser) {
+      emit('not_from_bridge', { userId: userId ?? null, messageId: msg.properties.messageId ?? null });
+      channel.ack(msg); // requeued, it would come back for ever
+      return;
+    }
     const headers = msg.properties.headers || {};
     const msgOwner = text(headers['x-owner']);
     const serviceId = msg.fields.routingKey; // the routing key of a result is its serviceId

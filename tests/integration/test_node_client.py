@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ENGINE_USER, OWNERS, ROOT, DeadLetters, Servers, service_id
+from tests.conftest import BRIDGE_USER, ENGINE_USER, OWNERS, ROOT, DeadLetters, Servers, service_id
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -918,17 +918,20 @@ async def test_node_client_keeps_the_bridges_clock_on_a_monotonic_clock_with_a_s
 
 
 async def _publish_results(
-    servers: Servers, names: dict[str, str], svc: str, messages: list[tuple[str, bytes]]
+    servers: Servers, names: dict[str, str], svc: str, messages: list[tuple[str, bytes]], *, user: str = BRIDGE_USER
 ) -> None:
     """Publish raw result messages (message-id, body) as the bridge does: to its results exchange,
-    routing key = serviceId, header x-owner."""
+    routing key = serviceId, header x-owner, the broker-validated ``user_id`` of ``user`` (the
+    bridge's broker user by default: results.js keeps no result from anyone else)."""
     import aio_pika
 
-    conn = await aio_pika.connect(servers.amqp_url("guest"))
+    conn = await aio_pika.connect(servers.amqp_url(user))
     try:
-        exchange = await (await conn.channel()).get_exchange(names["results_exchange"])
+        exchange = await (await conn.channel()).get_exchange(names["results_exchange"], ensure=False)
         for message_id, body in messages:
-            msg = aio_pika.Message(body, message_id=message_id, headers={"x-owner": OWNERS[0]}, type="result")
+            msg = aio_pika.Message(
+                body, message_id=message_id, headers={"x-owner": OWNERS[0]}, type="result", user_id=user
+            )
             await exchange.publish(msg, routing_key=svc)
     finally:
         await conn.close()
@@ -957,6 +960,28 @@ async def test_node_results_acks_and_reports_a_body_that_is_not_json(
         await results.stop()
     assert [b["messageId"] for b in results.all("bad_result")] == ["bad:1", "bad:2"]
     assert [r["messageId"] for r in results.all("result")] == ["t1:c1"]
+
+
+async def test_node_results_keeps_only_results_the_bridge_published(
+    bridge: Any, node: str, servers: Servers, names: dict[str, str]
+) -> None:
+    """docs/security.md asks every engine to take a result only if its broker-validated ``user_id``
+    is the bridge's user (anyone else allowed to publish to the results exchange could forge one,
+    naming any owner and token), and the Python client does; results.js, the engine's consumer
+    we ship, kept every message. A result from another user (here one with write access to the
+    exchange) is acked and reported, and the bridge's own is kept (``QB_BRIDGE_USER``)."""
+    svc = service_id()
+    extra = {"QB_SERVICE": svc, "QB_OWNER": OWNERS[0], "QB_EXPECT": "1", "QB_TIMEOUT_MS": "20000"}
+    results = await NodeScript(node, "results.js", env_of(servers, names, ENGINE_USER, **extra)).start()
+    try:
+        await results.event("ready")
+        await _publish_results(servers, names, svc, [("forged:1", _result("forged", svc))], user="guest")
+        await _publish_results(servers, names, svc, [("t1:c1", _result("t1", svc))])
+        assert await results.wait(30) == 0, (results.events, results.stderr)
+    finally:
+        await results.stop()
+    assert [(e["messageId"], e["userId"]) for e in results.all("not_from_bridge")] == [("forged:1", "guest")]
+    assert [r["messageId"] for r in results.all("result")] == ["t1:c1"], results.events
 
 
 async def test_node_results_remembers_a_bounded_number_of_message_ids(

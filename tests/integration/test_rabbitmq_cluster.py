@@ -371,6 +371,7 @@ async def test_the_node_results_consumer_waits_for_its_classic_queues_home_node(
         "QB_AMQP_URL": node_url("guest", 2),
         "QB_AMQP_HOSTS": "127.0.0.1:5682,127.0.0.1:5683",
         "QB_RESULTS_QUEUE": queue,
+        "QB_BRIDGE_USER": "guest",  # the results below are published as guest
         "QB_OWNER": "",
         "QB_SERVICE": "",
         "QB_EXPECT": "1",
@@ -385,7 +386,9 @@ async def test_the_node_results_consumer_waits_for_its_classic_queues_home_node(
         await asyncio.to_thread(cluster_cmd, "start", "1")
         conn = await aio_pika.connect(node_url("guest", 2))
         async with conn:
-            msg = aio_pika.Message(_result("t1", "svc"), message_id="t1:c1", headers={"x-owner": OWNER}, type="result")
+            msg = aio_pika.Message(
+                _result("t1", "svc"), message_id="t1:c1", headers={"x-owner": OWNER}, type="result", user_id="guest"
+            )
             await (await conn.channel()).default_exchange.publish(msg, routing_key=queue)
         assert await results.wait(60) == 0, (results.events, results.stderr)
     finally:
