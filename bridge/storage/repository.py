@@ -16,7 +16,7 @@ import functools
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from bridge.crypto import Sealed
@@ -103,6 +103,16 @@ ROW_TTL_TOLERANCE_MS = 3_000
 # A task row batched with its idempotency record stays under Cassandra's default
 # batch_size_warn_threshold (5 KiB) with room for the row's other columns.
 BATCHED_PAYLOAD_MAX_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class _IndexWrite:
+    """A bucket's index row to write with an entry: the bucket, until when the row lives (ms), and
+    the statement's parameters."""
+
+    key: tuple[QueueKey, int, int]
+    until_ms: int
+    params: tuple[Any, ...]
 
 
 def _sealed_bytes(payload: Payload) -> int:
@@ -254,6 +264,63 @@ class CassandraTaskStore:
             name, params(min(self.ttl_for(task_id, recorded) + extra, MAX_CASSANDRA_TTL_S), recorded)
         )
 
+    def _bucket_index(
+        self,
+        q: QueueKey,
+        lane: int,
+        bucket: int,
+        task_id: uuid.UUID,
+        *,
+        force: bool,
+        expires_at_ms: int | None = None,
+    ) -> _IndexWrite | None:
+        """The write of a bucket's index row that an entry of ``task_id`` needs, None if a row this
+        process wrote outlives it. Sent with the entry's own write, in one request (``_store``),
+        and remembered once that succeeded (``_remember_index``)."""
+        life = self.ttl_for(task_id, expires_at_ms)  # the entry's
+        if lane == LANE_RECOVERED:
+            # A bucket of the recovered lane takes tasks of any age (those whose leases ran out
+            # in its ten seconds): a full TTL from now outlives every one this bridge adds. Given
+            # the first entry's remaining life, the row expired under a younger task's entry, and
+            # no scan found it. A task added by a bridge with a longer TTL: the rest of its life.
+            life = max(life, self.task_ttl_s)
+        now = self.now_ms()
+        key = (q, lane, bucket)
+        # Written once per bucket and process, unless an entry outlives the row written for the
+        # earlier ones (their grace covers the entries added later in the same ten seconds).
+        if not force and self._indexed.get(key, 0) >= now + life * 1000:
+            return None
+        rounding = BUCKET_INDEX_ROUNDING_MS
+        longest = MAX_CASSANDRA_TTL_S - BUCKET_INDEX_GRACE_S - rounding // 1000
+        end = -(-(now + min(life, longest) * 1000) // rounding) * rounding  # rounded up
+        ttl = -(-(end - now) // 1000) + BUCKET_INDEX_GRACE_S
+        # The row's life is its longest-lived write's (an element of ``ends`` each), so that a
+        # bridge on a shorter BRIDGE_TASK_TTL writing last cannot end it under longer-lived tasks.
+        return _IndexWrite(key, now + ttl * 1000, (ttl, {end}, q.owner, q.service, lane, bucket))
+
+    def _remember_index(self, index: _IndexWrite | None) -> None:
+        if index is None:
+            return
+        if len(self._indexed) > MAX_REMEMBERED_BUCKETS:
+            self._indexed.clear()
+        self._indexed[index.key] = max(self._indexed.get(index.key, 0), index.until_ms)
+
+    async def _store(self, batch: str, writes: list[tuple[str, tuple[Any, ...]]], *, batchable: bool = True) -> None:
+        """An entry's writes (its bucket's index row first, when it needs one) in one request: an
+        UNLOGGED batch, not atomic, and no less safe than the index row written first. The
+        request fails unless every write applied; one that failed may have left the entry without
+        its index row, and is retried (an add's redelivered copy indexes the task again, a
+        re-exposure's next pass writes it again). Sent one after the other, an add whose queue
+        this bridge had not indexed in the last 10 s paid a round trip more: in a fleet of sidecars
+        every bridge takes every queue's adds, so a quiet queue's add nearly always did.
+        ``batchable`` False (a value over the batch size warning): the writes at once."""
+        if len(writes) == 1:
+            await self.db.execute(*writes[0])
+        elif batchable:
+            await self.db.execute_batch(batch, writes)
+        else:
+            await asyncio.gather(*(self.db.execute(name, params) for name, params in writes))
+
     async def _index_bucket(
         self,
         q: QueueKey,
@@ -264,29 +331,10 @@ class CassandraTaskStore:
         force: bool,
         expires_at_ms: int | None = None,
     ) -> None:
-        key = (q, lane, bucket)
-        life = self.ttl_for(task_id, expires_at_ms)  # the entry's
-        if lane == LANE_RECOVERED:
-            # A bucket of the recovered lane takes tasks of any age (those whose leases ran out
-            # in its ten seconds): a full TTL from now outlives every one this bridge adds. Given
-            # the first entry's remaining life, the row expired under a younger task's entry, and
-            # no scan found it. A task added by a bridge with a longer TTL: the rest of its life.
-            life = max(life, self.task_ttl_s)
-        now = self.now_ms()
-        # Written once per bucket and process, unless an entry outlives the row written for the
-        # earlier ones (their grace covers the entries added later in the same ten seconds).
-        if not force and self._indexed.get(key, 0) >= now + life * 1000:
-            return
-        rounding = BUCKET_INDEX_ROUNDING_MS
-        longest = MAX_CASSANDRA_TTL_S - BUCKET_INDEX_GRACE_S - rounding // 1000
-        end = -(-(now + min(life, longest) * 1000) // rounding) * rounding  # rounded up
-        ttl = -(-(end - now) // 1000) + BUCKET_INDEX_GRACE_S
-        # The row's life is its longest-lived write's (an element of ``ends`` each), so that a
-        # bridge on a shorter BRIDGE_TASK_TTL writing last cannot end it under longer-lived tasks.
-        await self.db.execute("buckets.insert", (ttl, {end}, q.owner, q.service, lane, bucket))
-        if len(self._indexed) > MAX_REMEMBERED_BUCKETS:
-            self._indexed.clear()
-        self._indexed[key] = max(self._indexed.get(key, 0), now + ttl * 1000)
+        index = self._bucket_index(q, lane, bucket, task_id, force=force, expires_at_ms=expires_at_ms)
+        if index is not None:
+            await self.db.execute("buckets.insert", index.params)
+            self._remember_index(index)
 
     # -- tasks ---------------------------------------------------------------------------------
     async def store_task(
@@ -297,7 +345,7 @@ class CassandraTaskStore:
         # it, so that whichever bridge writes about it later gives its rows the same life.
         ends = payload.expires_at_ms if payload.expires_at_ms is not None else self._own_end(task_id)
         self._remember_end(task_id, ends)
-        await self._index_bucket(q, LANE_FRESH, bucket, task_id, force=False, expires_at_ms=ends)
+        index = self._bucket_index(q, LANE_FRESH, bucket, task_id, force=False, expires_at_ms=ends)
         token = payload.token
         created = None if payload.created_at_ms is None else to_datetime(payload.created_at_ms)
         ttl = self.ttl_for(task_id, ends)
@@ -308,19 +356,18 @@ class CassandraTaskStore:
             *(payload.traceparent, created, payload.max_deliveries, payload.priority or None, ends),
             ttl,
         )
-        if message_id is None:
-            await self.db.execute("ready.insert", task)
-            return
-        # One UNLOGGED batch (two partitions, one request). Not atomic: a record whose task row
-        # is missing reads as an add that died between its writes (see WorkQueue._dedupe).
-        record = (q.owner, q.service, message_id, task_id, ttl)
-        if _sealed_bytes(payload) <= BATCHED_PAYLOAD_MAX_BYTES:
-            await self.db.execute_batch("add.recorded", [("idem.record", record), ("ready.insert", task)])
-            return
+        writes: list[tuple[str, tuple[Any, ...]]] = [] if index is None else [("buckets.insert", index.params)]
+        if message_id is not None:
+            # Not atomic either: a record whose task row is missing reads as an add that died
+            # between its writes (see WorkQueue._dedupe).
+            writes.append(("idem.record", (q.owner, q.service, message_id, task_id, ttl)))
+        writes.append(("ready.insert", task))
         # Cassandra refuses a batch over batch_size_fail_threshold (50 KiB by default) and logs a
-        # warning for one over batch_size_warn_threshold (5 KiB): a large value goes as two writes
-        # at once, as not atomic as the batch and as fast, one request more.
-        await asyncio.gather(self.db.execute("idem.record", record), self.db.execute("ready.insert", task))
+        # warning for one over batch_size_warn_threshold (5 KiB): a large value goes as writes at
+        # once, as not atomic as the batch and as fast, a request more each.
+        batch = "add.recorded" if message_id is not None else "add.indexed"
+        await self._store(batch, writes, batchable=_sealed_bytes(payload) <= BATCHED_PAYLOAD_MAX_BYTES)
+        self._remember_index(index)
 
     async def task_exists(self, q: QueueKey, task_id: uuid.UUID) -> bool:
         rows = await self.db.execute("ready.payload", (q.owner, q.service, bucket_of_task(task_id), task_id))
@@ -424,10 +471,12 @@ class CassandraTaskStore:
         self, q: QueueKey, bucket: int, seq: uuid.UUID, task_id: uuid.UUID, epoch: int, has_token: bool
     ) -> None:
         # The scheduler read the task's lease just before (``leases_of``): its end of life is known.
-        await self._index_bucket(q, LANE_RECOVERED, bucket, task_id, force=False)
+        index = self._bucket_index(q, LANE_RECOVERED, bucket, task_id, force=False)
         marker = b"\x01" if has_token else None  # lane-0 rows say "has a token" by a non-null token_nonce
         params = (q.owner, q.service, bucket, seq, task_id, epoch, marker, self.ttl_for(task_id))
-        await self.db.execute("ready.insert_recovered", params)
+        writes: list[tuple[str, tuple[Any, ...]]] = [] if index is None else [("buckets.insert", index.params)]
+        await self._store("ready.insert_recovered.indexed", [*writes, ("ready.insert_recovered", params)])
+        self._remember_index(index)
 
     # -- leases (LWT only) ---------------------------------------------------------------------------
     async def lease(self, q: QueueKey, task_id: uuid.UUID, *, serial: bool = True) -> Lease | None:
