@@ -30,6 +30,9 @@ the benchmark's own session and any other client of the server.
    precedes each add (like for like).
 4. Burst (``--phases burst``): one bridge, 32 workers long-polling one empty queue, 32 tasks added
    at once: time to the last worker's reply (and each reply), over 20 bursts.
+5. Spread (``--phases spread``): one bridge, adds at c=1 alternately to one queue and to each of
+   ``--spread-services`` queues in turn (each add the first the bridge makes in that queue's 10 s
+   bucket, as a quiet queue's adds are in a fleet of sidecars): add p50 of each, and their ratio.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from benchmarks.baselines import b_rpc, key
 from benchmarks.context import CASSANDRA_REQUESTS, ENGINE_USER, OWNER, Bench, Plan
 from benchmarks.procs import CpuMeter
 from benchmarks.progress import say
-from benchmarks.stats import percentile
+from benchmarks.stats import Sample, percentile
 from benchmarks.workloads import close_all, open_workers
 from bridge.client import Engine, RpcClient
 from bridge.config import Settings
@@ -395,6 +398,48 @@ async def per_task(bench: Bench, tasks: int, concurrency: int, *, ack_next: bool
     }
 
 
+async def spread_adds(bench: Bench, services: int, samples: int) -> dict[str, Any]:
+    """One bridge; adds at concurrency 1, alternately to one queue (its 10 s ready bucket indexed
+    by the bridge's first add in it) and to the next of ``services`` queues in turn, each visited
+    again only after more than 10 s: every such add is the first the bridge makes in its queue's
+    bucket, as nearly every add of a quiet queue is in a fleet of sidecars (every bridge takes
+    every queue's adds). Each queue is added to once before (its registration). p50 of each and
+    their ratio, in the same run: what writing a bucket's index row costs an add."""
+    await bench.ensure_bridges(1)
+    names = [bench.service(f"spread{i}") for i in range(services)]
+    hot = bench.service("spread-hot")
+    same, spread = Sample(), Sample()
+    async with Engine(bench.amqp_url(ENGINE_USER), owner=OWNER, exchange=bench.exchange) as engine:
+        todo = iter([hot, *names])
+
+        async def warm() -> None:
+            for svc in todo:
+                await engine.add(svc, {"warm": True})
+
+        await asyncio.gather(*(warm() for _ in range(8)))
+        await asyncio.sleep(10.5)  # a new 10 s bucket: none of the queues indexed in it yet
+        started = time.monotonic()
+        for i in range(samples):
+            for svc, sample in ((hot, same), (names[i % services], spread)):
+                t = time.perf_counter()
+                await engine.add(svc, {"n": i})
+                sample.add((time.perf_counter() - t) * 1000)
+        elapsed = time.monotonic() - started
+    revisit_s = elapsed / samples * services
+    if samples > services and revisit_s < 10:
+        say(f"spread: queues revisited after {revisit_s:.1f} s (within a bucket): raise --spread-services")
+    return {
+        "samples": samples,
+        "services": services,
+        "revisited_after_s": round(revisit_s, 1) if samples > services else None,
+        "same_queue_add_p50_ms": round(same.p(50), 3),
+        "spread_add_p50_ms": round(spread.p(50), 3),
+        "same_queue_add_p99_ms": round(same.p(99), 3),
+        "spread_add_p99_ms": round(spread.p(99), 3),
+        "ratio_p50": round(spread.p(50) / same.p(50), 3),
+    }
+
+
 def _per_task(before: dict[str, float], after: dict[str, float], done: int) -> dict[str, float]:
     spent = {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0) > 0}
     return {k: round(v / max(done, 1), 3) for k, v in sorted(spent.items())}
@@ -414,6 +459,9 @@ async def main(args: argparse.Namespace) -> None:
         if "per-task" in phases:
             report["per_task"] = await per_task(bench, args.tasks, 16, ack_next=args.ack_next)
             say(f"per task: {report['per_task']}")
+        if "spread" in phases:
+            report["spread"] = await spread_adds(bench, args.spread_services, args.spread_samples)
+            say(f"spread: {report['spread']}")
         if "burst" in phases:
             await bench.ensure_bridges(1)
             report["burst"] = await burst(bench, args.burst_waiters, args.burst_rounds)
@@ -473,11 +521,14 @@ if __name__ == "__main__":
     ap.add_argument("--ack-next", action="store_true", help="per-task phase: acks fetch the next task (1.6)")
     ap.add_argument("--burst-waiters", type=int, default=32, help="burst phase: workers waiting, and tasks per burst")
     ap.add_argument("--burst-rounds", type=int, default=20)
+    ap.add_argument("--spread-services", type=int, default=3000, help="spread phase: queues the adds go round")
+    ap.add_argument("--spread-samples", type=int, default=1500, help="spread phase: adds of each kind")
     ap.add_argument("--profile", metavar="DIR", help="bridges under cProfile timed by CPU (benchmarks.cpuprofile)")
     ap.add_argument("--tasks", type=int, default=2000, help="per-task phase: tasks added, fetched and acked")
     ap.add_argument(
         "--phases",
         default="waiting,per-task,latency,idle",
-        help="which phases (run in this order): waiting (4 bridges), per-task (1), burst (1), latency (4), idle (N)",
+        help="which phases (run in this order): waiting (4 bridges), per-task (1), spread (1), burst (1), "
+        "latency (4), idle (N)",
     )
     asyncio.run(main(ap.parse_args()))
