@@ -443,6 +443,7 @@ module.exports = {
   DIRECT_REPLY_TO,
   RequestTimeout,
   backoffMs,
+  closeBounded,
   emit,
   env,
   hostsEnv,

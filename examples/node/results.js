@@ -6,11 +6,14 @@
 //                                   QB_AMQP_URL's user and vhost: the next node when one is lost
 //                                   (BRIDGE_AMQP_HOSTS), as bridge.js does
 //   QB_RESULTS_QUEUE     queue-bridge.results   (BRIDGE_RESULTS_QUEUE) the queue to consume
-//   QB_BRIDGE_USER       queue-bridge  the bridge's broker user: a result whose broker-validated
-//                                   `user-id` is another user's is not the bridge's (anyone allowed to
-//                                   publish to the results exchange could forge one, naming any owner
-//                                   and token; docs/security.md): acked and reported, never kept
-//                                   ("" = keep whoever published it)
+//   QB_BRIDGE_USER       queue-bridge  the bridge's broker user (BRIDGE_AMQP_URL's): a result whose
+//                                   broker-validated `user-id` is another user's is not the bridge's
+//                                   (anyone allowed to publish to the results exchange could forge one,
+//                                   naming any owner and token; docs/security.md). It stops the script
+//                                   (exit 1, "not_from_bridge"), the message left in the queue: either
+//                                   this setting is wrong (dropped, every real result would be lost
+//                                   from the shared queue) or someone publishes results who must not.
+//                                   "" = keep whoever published it
 //   QB_OWNER             worker-a   keep results whose `x-owner` header is this owner ("" = any)
 //   QB_SERVICE           demo       keep results whose routing key (= serviceId) is this ("" = any)
 //   QB_EXPECT            0          exit 0 after this many distinct results kept (0: run until stopped)
@@ -39,12 +42,11 @@
 // as "skipped" (run one consumer per results queue, or bind a queue of your own).
 // Prints JSON lines: {"event": "ready", "queue"} once consuming (again after each reconnection),
 // then {"event": "result", "taskId", "serviceId", "owner", "token", "result" | "error",
-// "completedAt", "messageId", "type"}, {"event": "skipped", ...}, {"event": "not_from_bridge",
-// "userId", "messageId"}, {"event": "bad_result",
+// "completedAt", "messageId", "type"}, {"event": "skipped", ...}, {"event": "bad_result",
 // "messageId", "message"} and {"event": "reconnecting", "message", "pauseMs"}.
 
 const amqp = require('amqplib');
-const { backoffMs, emit, env, hostsEnv, intEnv, nodeUrls, run } = require('./bridge');
+const { backoffMs, closeBounded, emit, env, hostsEnv, intEnv, nodeUrls, run } = require('./bridge');
 
 function text(value) {
   // Header values of the AMQP table: strings (longstr) may reach us as Buffers.
@@ -130,8 +132,16 @@ async function main() {
   function onMessage(channel, msg) {
     const userId = msg.properties.userId; // RabbitMQ refuses a user-id that is not the publisher's
     if (bridgeUser !== '' && userId !== bridgeUser) {
-      emit('not_from_bridge', { userId: userId ?? null, messageId: msg.properties.messageId ?? null });
-      channel.ack(msg); // requeued, it would come back for ever
+      // Left in the queue, and the script stops: acked, a wrong QB_BRIDGE_USER would have dropped
+      // every real result from the queue every engine shares.
+      emit('error', {
+        code: 'not_from_bridge',
+        message: `a result published by ${JSON.stringify(userId ?? null)}, not by the bridge's user ${JSON.stringify(bridgeUser)} (QB_BRIDGE_USER)`,
+        userId: userId ?? null,
+        messageId: msg.properties.messageId ?? null,
+      });
+      channel.nack(msg, false, true);
+      finish(1);
       return;
     }
     const headers = msg.properties.headers || {};
@@ -205,7 +215,8 @@ async function main() {
       emit('ready', { queue }); // consuming (and, with QB_BIND, bound): results published from now on reach us
       return await Promise.race([closed, finished.then(() => null)]);
     } finally {
-      await connection.close().catch(() => {});
+      // Bounded: a connection gone silent never answers the close (the script hung until killed).
+      await closeBounded(connection, connectTimeoutMs);
     }
   }
 

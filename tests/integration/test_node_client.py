@@ -962,26 +962,38 @@ async def test_node_results_acks_and_reports_a_body_that_is_not_json(
     assert [r["messageId"] for r in results.all("result")] == ["t1:c1"]
 
 
-async def test_node_results_keeps_only_results_the_bridge_published(
+async def test_node_results_stops_at_a_result_not_from_the_bridge_and_leaves_it_queued(
     bridge: Any, node: str, servers: Servers, names: dict[str, str]
 ) -> None:
     """docs/security.md asks every engine to take a result only if its broker-validated ``user_id``
     is the bridge's user (anyone else allowed to publish to the results exchange could forge one,
     naming any owner and token), and the Python client does; results.js, the engine's consumer
-    we ship, kept every message. A result from another user (here one with write access to the
-    exchange) is acked and reported, and the bridge's own is kept (``QB_BRIDGE_USER``)."""
+    we ship, kept every message. A result from another user now stops it (exit 1) with the
+    message left in the queue, not acked: dropped, a wrong ``QB_BRIDGE_USER`` would have taken
+    every real result out of the queue every engine shares. The bridge's own results before it
+    are kept; a consumer told to take that user's results (``QB_BRIDGE_USER``) then reads it."""
     svc = service_id()
-    extra = {"QB_SERVICE": svc, "QB_OWNER": OWNERS[0], "QB_EXPECT": "1", "QB_TIMEOUT_MS": "20000"}
+    extra = {"QB_SERVICE": svc, "QB_OWNER": OWNERS[0], "QB_EXPECT": "2", "QB_TIMEOUT_MS": "20000"}
     results = await NodeScript(node, "results.js", env_of(servers, names, ENGINE_USER, **extra)).start()
     try:
         await results.event("ready")
-        await _publish_results(servers, names, svc, [("forged:1", _result("forged", svc))], user="guest")
         await _publish_results(servers, names, svc, [("t1:c1", _result("t1", svc))])
-        assert await results.wait(30) == 0, (results.events, results.stderr)
+        await results.event("result")
+        await _publish_results(servers, names, svc, [("forged:1", _result("forged", svc))], user="guest")
+        assert await results.wait(30) == 1, (results.events, results.stderr)
     finally:
         await results.stop()
-    assert [(e["messageId"], e["userId"]) for e in results.all("not_from_bridge")] == [("forged:1", "guest")]
     assert [r["messageId"] for r in results.all("result")] == ["t1:c1"], results.events
+    [refused] = [e for e in results.all("error") if e["code"] == "not_from_bridge"]
+    assert (refused["messageId"], refused["userId"]) == ("forged:1", "guest"), refused
+    # Still in the queue.
+    extra = {**extra, "QB_EXPECT": "1", "QB_BRIDGE_USER": "guest"}
+    again = await NodeScript(node, "results.js", env_of(servers, names, ENGINE_USER, **extra)).start()
+    try:
+        assert await again.wait(30) == 0, (again.events, again.stderr)
+    finally:
+        await again.stop()
+    assert [r["messageId"] for r in again.all("result")] == ["forged:1"], again.events
 
 
 async def test_node_results_remembers_a_bounded_number_of_message_ids(
@@ -1143,6 +1155,33 @@ async def test_node_worker_told_to_stop_exits_when_its_connection_went_silent(
         await proxy.stop()
     assert worker.all("stopping") == [{"event": "stopping", "signal": "SIGTERM", "phase": "fetching"}]
     assert worker.all("drained"), worker.events
+
+
+async def test_node_results_told_to_stop_exits_when_its_connection_went_silent(
+    bridge: Any, node: str, servers: Servers, names: dict[str, str]
+) -> None:
+    """As the worker above: results.js awaited amqplib's close(), which waits for the broker's
+    close-ok; on a connection gone silent it never came, and SIGTERM left the consumer hanging
+    until it was killed. The close is given up after QB_CONNECT_TIMEOUT_MS (the socket
+    destroyed). Unacked results are not lost either way: the broker requeues them."""
+    from tests.faults import TcpProxy
+
+    proxy = await TcpProxy(servers.amqp_host, servers.amqp_port).start()
+    extra = {
+        "QB_AMQP_URL": f"amqp://{ENGINE_USER}:{ENGINE_USER}@127.0.0.1:{proxy.port}/",
+        "QB_SERVICE": service_id(),
+        "QB_OWNER": OWNERS[0],
+        "QB_CONNECT_TIMEOUT_MS": "500",
+    }
+    results = await NodeScript(node, "results.js", {**env_of(servers, names, ENGINE_USER), **extra}).start()
+    try:
+        await results.event("ready")
+        proxy.mute()  # RabbitMQ's bytes (the close-ok among them) no longer reach the consumer
+        results.signal(signal.SIGTERM)
+        assert await results.wait(3) == 0, (results.events, results.stderr)
+    finally:
+        await results.stop()
+        await proxy.stop()
 
 
 # Five adds sent together on a client not connected yet, then (on SIGUSR1, once the test has
