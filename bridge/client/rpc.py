@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 import time
 import uuid
 from collections import deque
@@ -21,6 +22,7 @@ from aiormq.exceptions import (
     ChannelAccessRefused,
     ChannelInvalidStateError,
     ChannelNotFoundEntity,
+    ChannelPreconditionFailed,
     DeliveryError,
     PublishError,
 )
@@ -90,6 +92,25 @@ def user_of(url: str) -> str:
     return unquote(parsed.username or "guest")
 
 
+_BROKER_MAX_SIZE = re.compile(r"larger than configured max size (\d+)")
+
+
+def _too_large(closed_by: object, size: int) -> PayloadTooLargeError | None:
+    """The error of a request of ``size`` bytes whose channel the broker closed because of a
+    message over its ``max_message_size`` (406 PRECONDITION_FAILED, "message size N is larger
+    than configured max size M"), None for any other close or a request within the bound. Taken
+    for a lost connection, such a request was sent again and again: an engine's add for ever, a
+    worker's ack until the lease ended (and the task ran again, every lease)."""
+    if not isinstance(closed_by, ChannelPreconditionFailed):
+        return None
+    bound = _BROKER_MAX_SIZE.search(str(closed_by))
+    if bound is None or size <= int(bound.group(1)):
+        return None
+    return PayloadTooLargeError(
+        f"the request's {size} bytes are over RabbitMQ's max_message_size ({bound.group(1)}): refused by the broker"
+    )
+
+
 class RpcClient:
     """Publishes requests to the bridge's exchange and awaits replies on direct reply-to.
 
@@ -130,6 +151,7 @@ class RpcClient:
         self._confirms: AbstractChannel | None = None
         self._pending: dict[str, asyncio.Future[Any]] = {}
         self._pending_method: dict[str, str] = {}  # correlation id -> method, while its reply is awaited
+        self._pending_bytes: dict[str, int] = {}  # correlation id -> its body's size (see ``_too_large``)
         self._replied: dict[str, float] = {}  # method -> when a reply to it last came (monotonic)
         self._connecting = asyncio.Lock()
         self._closed = False
@@ -236,10 +258,13 @@ class RpcClient:
         # the broker closed because the exchange is missing or the user may not publish to it is
         # said so: no network retry fixes that, a bridge starting or a permission granted does.
         refused = isinstance(exc, ChannelNotFoundEntity | ChannelAccessRefused)
-        for fut in self._pending.values():
+        for correlation_id, fut in self._pending.items():
             if fut.done():
                 continue
-            if refused:
+            too_large = _too_large(exc, self._pending_bytes.get(correlation_id, 0))
+            if too_large is not None:
+                fut.set_exception(too_large)
+            elif refused:
                 fut.set_exception(
                     BrokerRefused(
                         f"RabbitMQ refused the request on exchange {self.exchange_name!r} ({exc}): "
@@ -250,6 +275,7 @@ class RpcClient:
                 fut.set_exception(ConnectionLost("connection to RabbitMQ was lost before the reply; retry the request"))
         self._pending.clear()
         self._pending_method.clear()
+        self._pending_bytes.clear()
 
     async def close(self) -> None:
         self._closed = True
@@ -285,6 +311,7 @@ class RpcClient:
         self._learn_clock(message.headers)  # from any reply, a late one included
         fut = self._pending.pop(message.correlation_id or "", None)
         method = self._pending_method.pop(message.correlation_id or "", None)
+        self._pending_bytes.pop(message.correlation_id or "", None)
         if method is not None:
             self._replied[method] = time.monotonic()
         if fut is not None and not fut.done():
@@ -382,6 +409,7 @@ class RpcClient:
         comes would keep it for the life of the connection) and its future fails."""
         fut = self._pending.pop(correlation_id, None)
         self._pending_method.pop(correlation_id, None)
+        self._pending_bytes.pop(correlation_id, None)
         if fut is not None and not fut.done():
             fut.set_exception(RequestTimeout(f"no reply to {method} within {waited:g}s", waited_s=waited))
 
@@ -488,6 +516,7 @@ class RpcClient:
             fut = asyncio.get_running_loop().create_future()
             self._pending[correlation_id] = fut
             self._pending_method[correlation_id] = method
+            self._pending_bytes[correlation_id] = len(message.body)
         try:
             target = channel if message.reply_to else await self._confirming(channel)
             exchange = await target.get_exchange(self.exchange_name, ensure=False)
@@ -505,6 +534,14 @@ class RpcClient:
             # exchange, no permission) before its ack. Nothing was taken: not a network trouble.
             self._forget(correlation_id, fut)
             raise BrokerRefused(self._refusal(method, refused)) from None
+        except ChannelPreconditionFailed as exc:
+            # Confirm mode: the channel closed under the publish. Over the broker's max_message_size,
+            # the request itself was refused, and sending it again cannot help.
+            self._forget(correlation_id, fut)
+            too_large = _too_large(exc, len(message.body))
+            if too_large is not None:
+                raise too_large from None
+            raise ConnectionLost(f"the channel closed under the request ({exc}); retry it", sent=True) from None
         except Exception as exc:
             # Not only AMQP, OS and runtime errors: aiormq fails a publish whose frames were being
             # written when the connection closed with a bare ``Exception()``. Callers catch
@@ -560,6 +597,7 @@ class RpcClient:
         logs "Future exception was never retrieved" for an outcome the caller got from publish."""
         self._pending.pop(correlation_id, None)
         self._pending_method.pop(correlation_id, None)
+        self._pending_bytes.pop(correlation_id, None)
         if fut is None:
             return
         if not fut.done():
@@ -596,6 +634,8 @@ class RpcClient:
         finally:
             self._pending.pop(correlation_id, None)
             self._pending_method.pop(correlation_id, None)
+            self._pending_bytes.pop(correlation_id, None)
+        self._pending_bytes.pop(correlation_id, None)
 
     async def call(self, method: str, body: Any, **kw: Any) -> dict[str, Any]:
         reply, headers = await self.call_raw(method, body, **kw)

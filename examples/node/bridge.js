@@ -69,6 +69,9 @@ function emit(event, fields) {
   process.stdout.write(`${JSON.stringify({ event, ...fields })}\n`);
 }
 
+// RabbitMQ's reason for closing a channel whose publish was over its max_message_size.
+const BROKER_MAX_SIZE = /larger than configured max size (\d+)/;
+
 /** An error reply of the bridge (`type: error`): `code` is one of the document's ErrorCode. */
 class BridgeError extends Error {
   constructor(code, message) {
@@ -300,7 +303,19 @@ class BridgeClient {
       const why = refused
         ? `RabbitMQ refused the request: ${refusal.message}`
         : 'connection lost: the channel was closed';
-      this.failAll(new ConnectionLost(why, { sent: !refused }));
+      // 406 "message size N is larger than configured max size M": the broker refused a request
+      // over its max_message_size. That one is payload_too_large, as the bridge's own refusal of
+      // a value over its limit: taken for a lost connection it was sent again and again (an
+      // engine's add until its retries ran out, a worker's ack until the lease ended).
+      const bound = refusal !== null && refusal.code === 406 ? BROKER_MAX_SIZE.exec(String(refusal.message)) : null;
+      const tooLarge = (call) =>
+        bound !== null && call.size > Number(bound[1])
+          ? new BridgeError(
+              'payload_too_large',
+              `the request's ${call.size} bytes are over RabbitMQ's max_message_size (${bound[1]}): refused by the broker`,
+            )
+          : null;
+      this.failAll(new ConnectionLost(why, { sent: !refused }), tooLarge);
       closeBounded(connection, this.connectTimeoutMs); // a 404 closes only the channel: drop its connection too
     };
     channel.on('close', lost);
@@ -309,10 +324,11 @@ class BridgeClient {
     this.channel = channel;
   }
 
-  failAll(err) {
+  /** Reject every request in flight with `err`, or with what `own(call)` says for it (non-null). */
+  failAll(err, own = () => null) {
     for (const [id, call] of this.pending) {
       clearTimeout(call.timer);
-      call.reject(err);
+      call.reject(own(call) ?? err);
       this.pending.delete(id);
     }
   }
@@ -389,7 +405,7 @@ class BridgeClient {
         if ((this.replied.get(method) ?? -1) < sentAt) this.suspect = channel;
         reject(new RequestTimeout(method, timeoutMs));
       }, timeoutMs);
-      this.pending.set(correlationId, { resolve, reject, timer, method });
+      this.pending.set(correlationId, { resolve, reject, timer, method, size: content.length });
       try {
         this.channel.publish(this.exchange, method, content, properties);
       } catch (err) {

@@ -4,6 +4,7 @@ and the bridge keeps serving."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -124,6 +125,72 @@ async def test_a_body_above_the_brokers_bound_is_refused_by_the_broker_and_never
     w = await workers(svc)
     assert (await w.fetch()).value == "still alive"
     assert received and max(received) < 1024 * 1024, received
+
+
+async def _broker_bounds_messages(servers: Any) -> None:
+    import aio_pika
+
+    probe = await aio_pika.connect(servers.amqp_url("guest"))
+    try:
+        queue = await (await probe.channel()).declare_queue("", exclusive=True)
+        taken = await _publish_refused(servers.amqp_url("guest"), "", queue.name, b"x" * (BROKER_MAX_MESSAGE_SIZE + 1))
+        if taken is None:
+            pytest.skip("the running broker takes bodies over 16 MiB: run deploy/local/stack.sh up to bound it")
+    finally:
+        await probe.close()
+
+
+@pytest.mark.parametrize("wait", [True, False], ids=["replied", "confirmed"])
+async def test_an_add_over_the_brokers_bound_raises_payload_too_large_not_connection_lost(
+    bridge, servers, engine, wait
+):
+    """The broker refuses a body over its ``max_message_size`` by closing the channel (406). The
+    client took that for a lost connection (``ConnectionLost``), which callers retry: an engine
+    retried such an add for ever. It is ``PayloadTooLargeError`` now, as the bridge's own refusal
+    of a value over ``BRIDGE_MAX_VALUE_BYTES`` is; requests in flight beside it on the channel
+    are failed as lost (sent again, they are answered)."""
+    from bridge.client.errors import ConnectionLost, PayloadTooLargeError
+
+    await _broker_bounds_messages(servers)
+    svc = service_id()
+    small = asyncio.ensure_future(engine.call("fetch", {"serviceId": svc, "workerId": "w", "waitMs": 3_000}))
+    await asyncio.sleep(0.2)  # the long-poll in flight on the channel
+    with pytest.raises(PayloadTooLargeError, match="max"):
+        await engine.add(svc, "x" * (BROKER_MAX_MESSAGE_SIZE + 1), wait=wait)
+    with contextlib.suppress(ConnectionLost):
+        await small
+    assert await engine.add(svc, "fits") is not None  # and the client goes on
+
+
+async def test_a_result_over_the_brokers_bound_gives_the_task_back_at_once(bridge, servers, engine, workers):
+    """A handler's result over the broker's ``max_message_size``: the ack's channel closed (406),
+    the client took it for a lost connection and ``Worker.run`` sent the ack again and again until
+    the lease ended; the next fetch handed the task back and the handler ran again, every lease,
+    until the delivery limit parked it. The result is refused now, and the task given back at once
+    (``ResultRefused``), as one over the bridge's own limit is."""
+    import time
+
+    await _broker_bounds_messages(servers)
+    svc = service_id()
+    task_id = await engine.add(svc, {"n": 1}, max_deliveries=1)
+    w = await workers(svc)
+    w.wait_ms = 1_000
+    w.time_to_recover_ms = 60_000
+    stop = asyncio.Event()
+    runs = 0
+
+    async def handler(task):  # type: ignore[no-untyped-def]
+        nonlocal runs
+        runs += 1
+        stop.set()
+        return "x" * (BROKER_MAX_MESSAGE_SIZE + 1)
+
+    started = time.monotonic()
+    assert await asyncio.wait_for(w.run(handler, stop=stop), 30.0) == 1
+    assert time.monotonic() - started < 15, "the ack was sent again until the lease ended"
+    (parked,) = await engine.parked(svc)
+    assert parked.id == task_id and parked.last_error["type"] == "ResultRefused", parked
+    assert runs == 1
 
 
 async def test_rpc_without_reply_to_is_dead_lettered(bridge, engine, dead_letters):

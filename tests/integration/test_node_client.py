@@ -1184,6 +1184,50 @@ async def test_node_results_told_to_stop_exits_when_its_connection_went_silent(
         await proxy.stop()
 
 
+# An add over the broker's max_message_size, beside a long-poll fetch on the same channel: what
+# each was rejected with.
+OVERSIZED_ADD = """
+'use strict';
+const { BridgeClient } = require(process.env.QB_BRIDGE_JS);
+(async () => {
+  const client = new BridgeClient({ url: process.env.QB_AMQP_URL, exchange: process.env.QB_EXCHANGE });
+  const headers = { 'x-owner': process.env.QB_OWNER };
+  const svc = process.env.QB_SERVICE;
+  const outcome = (p) => p.then(() => 'answered', (err) => err.code);
+  const fetch = outcome(client.request('fetch', { serviceId: svc, workerId: 'w', waitMs: 3000 }, { headers }));
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  const big = 'x'.repeat(16 * 1024 * 1024 + 1);
+  const add = await outcome(client.request('add', { serviceId: svc, value: big }, { headers, messageId: 'big' }));
+  process.stdout.write(JSON.stringify({ event: 'outcomes', add, fetch: await fetch }) + '\\n');
+  await client.close();
+})();
+"""
+
+
+async def test_node_client_rejects_a_request_over_the_brokers_bound_as_payload_too_large(
+    bridge: Any, node: str, servers: Servers, names: dict[str, str], tmp_path: Any
+) -> None:
+    """RabbitMQ closes the channel of a publish over its ``max_message_size`` (406). bridge.js
+    took it for a lost connection (``connection_lost``, retryable): engine.js retried such an
+    add until its retries ran out, worker.js sent such an ack again until the lease ended (and
+    the task ran again, every lease). It is ``payload_too_large`` now, as the bridge's own
+    refusal; a request beside it on the channel is failed as lost."""
+    from tests.integration.test_bad_input import _broker_bounds_messages
+
+    await _broker_bounds_messages(servers)
+    script = tmp_path / "oversized_add.js"
+    script.write_text(OVERSIZED_ADD)
+    extra = {"QB_SERVICE": service_id(), "QB_OWNER": OWNERS[0], "QB_BRIDGE_JS": str(NODE_DIR / "bridge.js")}
+    proc = await NodeScript(node, str(script), env_of(servers, names, ENGINE_USER, **extra)).start()
+    try:
+        assert await proc.wait(30) == 0, (proc.events, proc.stderr)
+    finally:
+        await proc.stop()
+    (outcomes,) = proc.all("outcomes")
+    assert outcomes["add"] == "payload_too_large", outcomes
+    assert outcomes["fetch"] in ("connection_lost", "answered"), outcomes
+
+
 # Five adds sent together on a client not connected yet, then (on SIGUSR1, once the test has
 # counted the broker's connections) close(): the process must then exit by itself.
 CONCURRENT_ADDS = """
