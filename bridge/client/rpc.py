@@ -957,6 +957,8 @@ class Task:
     headers: dict[str, Any] = field(default_factory=dict)
     epoch: int | None = None  # the lease's fencing token (bridges before 1.1 do not send it)
     has_token: bool | None = None  # its result goes to the engine (bridges before 1.3 do not say)
+    # The lease length its fetch asked for (None: the bridge's default): what keep_alive renews to.
+    time_to_recover_ms: int | None = None
     # Set when an extend (the keep_alive heartbeat's, or the handler's own) answered false: the
     # task is no longer this worker's (it went to another, was cancelled or parked). A handler in
     # a long job checks it to stop early: its ack would be answered false anyway.
@@ -1035,7 +1037,9 @@ class Task:
 
         A beat every ``every_s`` seconds (default: a third of what is left of the lease, read from
         :attr:`lease_expires_at` before each beat and capped by ``ttr_ms``; at least 0.1 s), each
-        renewing the lease to now + ``ttr_ms`` (see :meth:`extend`). A beat that got no answer is
+        renewing the lease to now + ``ttr_ms`` (default: the length the task was fetched with,
+        :attr:`time_to_recover_ms`; a beat renewing a 10-minute lease to the worker's or the
+        bridge's default of a minute would shorten it). A beat that got no answer is
         followed by quicker ones, a third of an ever shorter remainder, so a lost reply or two
         do not cost the lease; once the lease has run out (:attr:`lease_expired`) they back off
         instead (1 s at least, doubling with jitter up to 10 s) while no answer comes. The
@@ -1050,6 +1054,8 @@ class Task:
         """
         if every_s is not None and every_s <= 0:
             raise ValueError("every_s must be positive")
+        if ttr_ms is None:
+            ttr_ms = self.time_to_recover_ms
         beat = asyncio.create_task(self._heartbeat(every_s, ttr_ms), name=f"keep-alive {self.id}")
         try:
             yield self
@@ -1216,7 +1222,7 @@ class Worker(RpcClient):
             body["fresh"] = True
         self._holds_nothing = False  # until this fetch is answered
         reply = await self._claiming_call("fetch", body, wait_s=wait_ms / 1000)
-        return self._handed(reply, reply["_headers"])
+        return self._handed(reply, reply["_headers"], ttr)
 
     async def _claiming_call(self, method: str, body: dict[str, Any], wait_s: float = 0.0) -> dict[str, Any]:
         """A request that may claim a task for this worker (a fetch, an ack with ``next``)."""
@@ -1245,8 +1251,9 @@ class Worker(RpcClient):
         an unanswered request of it may still claim one (:attr:`_unsure_until`)."""
         self._holds_nothing = time.monotonic() >= self._unsure_until
 
-    def _handed(self, reply: dict[str, Any], headers: dict[str, Any]) -> Task | None:
-        """The task a fetch reply (or an ack's ``next``) hands this worker, now :attr:`current`."""
+    def _handed(self, reply: dict[str, Any], headers: dict[str, Any], ttr_ms: int | None) -> Task | None:
+        """The task a fetch reply (or an ack's ``next``) hands this worker, now :attr:`current`;
+        ``ttr_ms``: the lease length the request asked for."""
         if reply.get("result") is None and "task" not in reply:
             self.current = None
             self._knows_it_holds_nothing()
@@ -1261,6 +1268,7 @@ class Worker(RpcClient):
             headers,
             t.get("epoch"),
             t.get("hasToken"),
+            ttr_ms,
         )
         return self.current
 
@@ -1372,7 +1380,7 @@ class Worker(RpcClient):
             # case it claimed a task before it failed).
             self.current = None
             return acked, None
-        return acked, self._handed(following, reply["_headers"])
+        return acked, self._handed(following, reply["_headers"], ttr)
 
     async def _renew(
         self,
@@ -1522,6 +1530,23 @@ class Worker(RpcClient):
             log.warning("task %s failed in its handler: %s: %s", task.id, type(exc).__name__, exc)
             if not task._settled:
                 await self._give_back(task, type(exc).__name__, str(exc))
+            return True, None
+        except asyncio.CancelledError as exc:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                # ``run`` itself is cancelled (``stop`` is the way to end it): the task is given
+                # back before the cancellation goes on, not left leased to a worker that is gone.
+                if not task._settled:
+                    with contextlib.suppress(Exception, asyncio.CancelledError):
+                        giving = self._give_back(task, "Cancelled", "the worker's run was cancelled", retry_in_ms=0)
+                        await asyncio.wait_for(asyncio.shield(giving), self.timeout)
+                raise
+            # Nobody cancelled ``run``: the handler awaited something another part of the program
+            # cancelled. Its failure, as any exception: ended, ``run`` left the task leased to a
+            # worker that no longer served.
+            log.warning("task %s failed in its handler: CancelledError: %s", task.id, exc)
+            if not task._settled:
+                await self._give_back(task, "CancelledError", str(exc) or "an await of the handler was cancelled")
             return True, None
         if task._settled:  # the handler settled it (an ack with an error, a fail)
             return True, None

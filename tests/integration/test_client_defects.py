@@ -395,3 +395,62 @@ async def test_a_stopping_workers_drain_ends_within_its_grace_and_one_timeout(br
     # none) and so sends no fetch, which would claim a new task for a stopping worker.
     assert handled == 0 and taken == 1, f"handled {handled}, {taken} fetches reached the bridge"
     assert took < grace + timeout + 1.0, f"run took {took:.1f}s to stop (grace {grace}s, timeout {timeout}s)"
+
+
+# --- 5. found by the review of 2026-12-06 ------------------------------------------------------
+
+
+async def test_keep_alive_renews_a_lease_to_its_own_length_not_the_bridges_default(bridge, engine, workers):
+    """A task fetched with a 10-minute lease (``fetch(time_to_recover_ms=600_000)``) by a worker
+    with no time to recover of its own: ``keep_alive``'s first beat renewed it to now + the
+    bridge's default (60 s), a tenth of what it had. A handler that held the event loop for
+    longer than a minute (CPU-bound work: the reason to ask for a long lease) lost its task
+    because of its heartbeat. Each beat renews it to the length it was fetched with."""
+    from datetime import datetime
+
+    svc = service_id()
+    await engine.add(svc, {"n": 1})
+    w = await workers(svc, "w-long")
+    w.time_to_recover_ms = None
+    task = await w.fetch(time_to_recover_ms=600_000)
+    assert task is not None
+    granted = datetime.fromisoformat(task.lease_expires_at)
+    async with task.keep_alive(every_s=0.2):
+        await wait_for(lambda: task.lease_expires_at != str(granted.isoformat()) and _beaten(task, granted), 5.0)
+    renewed = datetime.fromisoformat(task.lease_expires_at)
+    assert renewed >= granted, f"the heartbeat shortened the lease from {granted} to {renewed}"
+    assert await task.ack("done") is True
+
+
+def _beaten(task: Task, granted: Any) -> bool:
+    from datetime import datetime
+
+    return datetime.fromisoformat(task.lease_expires_at) != granted
+
+
+async def test_a_handler_whose_await_was_cancelled_gives_its_task_back_and_the_loop_goes_on(bridge, engine, workers):
+    """A handler awaited a future that another part of the program cancelled: the
+    ``CancelledError`` went through ``Worker.run``'s handler guard (it catches ``Exception``) and
+    ended ``run`` although nobody cancelled ``run``, the task left leased to a worker that no
+    longer served. It is the handler's failure now: the task is given back and the loop goes on."""
+    svc = service_id()
+    task_id = await engine.add(svc, {"n": 1})
+    w = await workers(svc, "w-cancel")
+    w.wait_ms = 1_000
+    w.time_to_recover_ms = 60_000
+    stop = asyncio.Event()
+    seen: list[int] = []
+
+    async def handler(task: Task) -> Any:
+        seen.append(task.deliveries)
+        if len(seen) == 1:
+            cancelled = asyncio.get_running_loop().create_future()
+            cancelled.cancel()
+            await cancelled
+        stop.set()
+        return "done"
+
+    handled = await asyncio.wait_for(w.run(handler, stop=stop), 30.0)
+    assert seen == [1, 2], f"the task was not given back and fetched again: {seen}"
+    assert handled == 2
+    assert task_id
