@@ -454,3 +454,28 @@ async def test_a_handler_whose_await_was_cancelled_gives_its_task_back_and_the_l
     assert seen == [1, 2], f"the task was not given back and fetched again: {seen}"
     assert handled == 2
     assert task_id
+
+
+async def test_a_cancelled_run_gives_the_task_in_hand_back(bridge, engine, workers):
+    """``run`` cancelled (a task group torn down, a timeout around it) while its handler works:
+    the task stayed leased to a worker that was gone, for its whole lease. It is given back first."""
+    svc = service_id()
+    task_id = await engine.add(svc, {"n": 1})
+    w = await workers(svc, "w-torn")
+    w.wait_ms = 1_000
+    w.time_to_recover_ms = 600_000
+    started = asyncio.Event()
+
+    async def handler(task: Task) -> Any:
+        started.set()
+        await asyncio.sleep(3600)
+
+    running = asyncio.create_task(w.run(handler))
+    await asyncio.wait_for(started.wait(), 15)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    other = await workers(svc, "w-other")
+    again = await other.fetch(wait_ms=5_000)
+    assert again is not None and (again.id, again.deliveries) == (task_id, 2), again
+    assert await again.ack("done") is True
