@@ -620,7 +620,8 @@ def test_k8s_sidecar_takes_config_and_keys_from_the_manifests(
         ref = (item.get("valueFrom") or {}).get("secretKeyRef")
         if ref:
             assert ref["name"] == secret, item
-            assert ref["key"] in secret_data, f"the Secret has no key {ref['key']!r}"
+            # An optional key (Cassandra credentials) is the user's to add.
+            assert ref.get("optional") or ref["key"] in secret_data, f"the Secret has no key {ref['key']!r}"
     assert "BRIDGE_AMQP_URL" in env_names or "BRIDGE_AMQP_URL" in _configmap_data(k8s)
 
     keyring = PurePosixPath(_configmap_data(k8s)["BRIDGE_KEYRING"])
@@ -674,3 +675,60 @@ def test_k8s_schema_is_created_once_by_a_job_and_the_sidecars_wait_for_it(k8s: d
     assert k8s["ConfigMap"]["metadata"]["name"] in refs, "the Job must read the same keyspace settings"
     ctx = {**(job.get("securityContext") or {}), **(container.get("securityContext") or {})}
     assert ctx.get("runAsNonRoot") is True and ctx.get("readOnlyRootFilesystem") is True
+
+
+def _secret_env(container: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {
+        item["name"]: (ref["name"], ref["key"])
+        for item in container.get("env") or []
+        if (ref := (item.get("valueFrom") or {}).get("secretKeyRef"))
+    }
+
+
+def test_k8s_schema_job_connects_to_cassandra_as_the_sidecar_does(k8s: dict[str, dict[str, Any]]) -> None:
+    """The Job loaded the sidecar's ConfigMap but had none of its secrets or files: with
+    ``BRIDGE_CASSANDRA_TLS_CA_FILE`` set (the README's TLS advice) its settings were refused (no
+    readable file) and it exited 2; with Cassandra credentials there was no place for them but the
+    plain ConfigMap. The sidecars then waited for a schema that never came, and crash-looped:
+    no worker container started anywhere in the fleet. Found by review, 2026-12-06."""
+    sidecar = _sidecar(k8s)
+    job_pod = k8s["Job"]["spec"]["template"]["spec"]
+    (job,) = job_pod["containers"]
+    missing = set(_secret_env(sidecar).items()) - set(_secret_env(job).items())
+    assert not missing, f"secrets the sidecar reads and the Job does not: {sorted(missing)}"
+    assert {"BRIDGE_CASSANDRA_USERNAME", "BRIDGE_CASSANDRA_PASSWORD"} <= set(_secret_env(job))
+    config = _configmap_data(k8s)
+    assert not [k for k in config if k.endswith(("PASSWORD", "USERNAME"))], "credentials belong in the Secret"
+    pods = {"sidecar": (sidecar, k8s["Deployment"]["spec"]["template"]["spec"]), "job": (job, job_pod)}
+    sources = {}
+    for who, (container, pod) in pods.items():
+        volumes = {v["name"]: v for v in pod.get("volumes") or []}
+        sources[who] = {
+            m["mountPath"]: {k: v for k, v in volumes[m["name"]].items() if k != "name"}
+            for m in container.get("volumeMounts") or []
+        }
+    # Every mount of the sidecar's but its key-ring and scratch space: the TLS files.
+    shared = {p: v for p, v in sources["sidecar"].items() if p not in ("/keys", "/tmp")}
+    assert shared, "the sidecar mounts no TLS files"
+    for path, source in shared.items():
+        assert sources["job"].get(path) == source, f"the Job does not mount {path} as the sidecar does"
+        assert (source.get("secret") or {}).get("optional") is True, "the TLS Secret is the user's to create"
+
+
+def test_k8s_startup_probe_outlasts_the_bridges_start_timeout_and_its_last_attempt(
+    k8s: dict[str, dict[str, Any]],
+) -> None:
+    """The bridge gives up starting only after an attempt failed past BRIDGE_START_TIMEOUT, and an
+    attempt takes up to the Cassandra timeout then the AMQP connect timeout per node: at 170 s
+    against a 180 s probe window, a bridge reaching both at 172 s was killed at 180 s and went
+    into a crash-loop backoff. Found by review, 2026-12-06."""
+    config = _configmap_data(k8s)
+    fields = Settings.model_fields
+    start = float(config["BRIDGE_START_TIMEOUT"])
+    cassandra = float(config.get("BRIDGE_CASSANDRA_TIMEOUT", fields["cassandra_timeout"].default))
+    amqp = float(config.get("BRIDGE_AMQP_CONNECT_TIMEOUT", fields["amqp_connect_timeout"].default))
+    nodes = max(1, len([h for h in str(config.get("BRIDGE_AMQP_HOSTS", "")).split(",") if h.strip()]))
+    probe = _sidecar(k8s)["startupProbe"]
+    window = probe["periodSeconds"] * probe["failureThreshold"]
+    needed = start + cassandra + amqp * nodes + probe["periodSeconds"]
+    assert window >= needed, f"startupProbe window {window}s < {needed}s"
