@@ -1204,6 +1204,9 @@ class Worker(RpcClient):
         # nothing, and only a fetch without ``fresh`` (the bridge reads the worker's pointer)
         # gets that task back.
         self._unsure_until = 0.0
+        # Such a request may also have claimed a task already, its reply lost: until an answer
+        # says what this worker holds, a stopping worker asks the bridge (past that deadline too).
+        self._claim_unanswered = False
         self._failed_polls = 0  # fetches of the loop in a row that got no answer (their pause grows)
 
     @classmethod
@@ -1231,20 +1234,27 @@ class Worker(RpcClient):
         # not from when it failed (a RequestTimeout comes at that deadline already).
         deadline = time.monotonic() + wait_s + self.timeout + 1.0
         try:
-            return await self.call(method, body, wait_s=wait_s)
+            reply = await self.call(method, body, wait_s=wait_s)
         except TransportError as exc:
             # Only a request that may have reached a bridge can still claim there: not one that
             # never left this client, nor one RabbitMQ refused (then a stopping run would wait for
             # nothing, and fetch meanwhile, while RabbitMQ is down or the exchange missing).
             if not isinstance(exc, BrokerRefused) and not (isinstance(exc, ConnectionLost) and not exc.sent):
                 self._unsure_until = max(self._unsure_until, deadline)
+                self._claim_unanswered = True
             raise
         except asyncio.CancelledError:
             # Cancelled by its caller (a timeout around it, a task group torn down): the request
             # may be at a bridge, still waiting, and claim a task for this worker there while the
             # connection (its reply-to) lives. The next fetch must not say ``fresh`` until then.
             self._unsure_until = max(self._unsure_until, deadline)
+            self._claim_unanswered = True
             raise
+        # Answered: what it says this worker holds is known (an ack's ``next`` answered with an
+        # error may have claimed before it failed: not known).
+        following = reply.get("next") if method == "ack" else None
+        self._claim_unanswered = isinstance(following, dict) and "error" in following
+        return reply
 
     def _knows_it_holds_nothing(self) -> None:
         """An answer says this worker holds no task now: its next fetch may say ``fresh``, unless
@@ -1606,8 +1616,10 @@ class Worker(RpcClient):
         ``stop_grace`` plus two ``timeout``; handling what it yields takes the handler's time on
         top. An ``integrity_error`` answer moves on, an answer saying the worker is misconfigured
         ends the asking (logged). A fetch of its own that loses its reply too is not waited for
-        (logged)."""
-        if time.monotonic() >= self._unsure_until:
+        (logged). Past the deadline, it asks once all the same if such a request may have
+        claimed a task before its reply was lost (:attr:`_claim_unanswered`: until an answer
+        said what the worker holds): otherwise that task stayed leased to the stopped worker."""
+        if time.monotonic() >= self._unsure_until and not self._claim_unanswered:
             return
         # Such a request's reply-to dies with the connection: a long-poll waiting at a bridge then
         # claims nothing more. Left to fetch back: a claim past its probe already, or made by a
@@ -1617,10 +1629,13 @@ class Worker(RpcClient):
         unsure_until = self._unsure_until
         until = min(unsure_until, time.monotonic() + self.stop_grace)
         log.info(
-            "stopping: asking for a task a request without an answer may claim, for %.1fs", until - time.monotonic()
+            "stopping: asking for a task a request without an answer may claim, for %.1fs",
+            max(0.0, until - time.monotonic()),
         )
         failed = 0
-        while time.monotonic() < until:
+        asked = False
+        while not asked or time.monotonic() < until:
+            asked = True
             # Settled: the extend must name no task, to read what the bridge says is held. Again
             # at every question: a task handled here (its ack sets it as current) was named by
             # every later one (answered false), and a second task claimed for this worker was left.

@@ -479,3 +479,43 @@ async def test_a_cancelled_run_gives_the_task_in_hand_back(bridge, engine, worke
     again = await other.fetch(wait_ms=5_000)
     assert again is not None and (again.id, again.deliveries) == (task_id, 2), again
     assert await again.ack("done") is True
+
+
+async def test_a_stopping_worker_fetches_back_what_an_unanswered_fetch_claimed_past_its_deadline(
+    bridge, engine, servers, names, monkeypatch
+):
+    """A fetch claimed a task and its reply was lost; RabbitMQ stayed away past that fetch's
+    deadline; then the worker was told to stop. Its drain asked the bridge what it held only
+    until the deadline of the last request without an answer: past it, it returned at once, and
+    the claimed task stayed leased to the stopped worker for its whole lease (10 minutes here).
+    It now asks once all the same whenever a claiming request went unanswered. Found by review."""
+    from bridge.client import TransportError
+
+    svc = service_id()
+    task_id = await engine.add(svc, {"n": 1})
+    url = servers.amqp_url(OWNERS[0])
+    async with Worker(url, service=svc, worker_id="w-late", exchange=names["exchange"], timeout=1.0) as w:
+        w.time_to_recover_ms = 600_000
+        real = bridge.queue.fetch
+
+        async def claim_then_lose_the_reply(owner: str, req: Any, **kw: Any) -> Any:
+            got = await real(owner, req, **kw)
+            if req.worker_id == "w-late" and w.connection is not None:
+                await w.connection.close()  # its reply has nowhere to go
+            return got
+
+        monkeypatch.setattr(bridge.queue, "fetch", claim_then_lose_the_reply)
+        with pytest.raises(TransportError):
+            await w.fetch()
+        monkeypatch.setattr(bridge.queue, "fetch", real)
+        await wait_for(lambda: time.monotonic() > w._unsure_until, 10, what="the lost fetch's deadline")
+        handled: list[str] = []
+
+        async def handler(task: Task) -> Any:
+            handled.append(task.id)
+            return "ok"
+
+        stop = asyncio.Event()
+        stop.set()
+        assert await asyncio.wait_for(w.run(handler, stop=stop), 30) == 1
+    assert handled == [task_id]
