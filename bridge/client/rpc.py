@@ -9,7 +9,7 @@ import random
 import re
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -92,6 +92,9 @@ def user_of(url: str) -> str:
     return unquote(parsed.username or "guest")
 
 
+# Requests whose late replies still tell the bridge's time (a few seconds of a busy client's).
+ISSUED_REMEMBERED = 4096
+
 _BROKER_MAX_SIZE = re.compile(r"larger than configured max size (\d+)")
 
 
@@ -152,6 +155,9 @@ class RpcClient:
         self._pending: dict[str, asyncio.Future[Any]] = {}
         self._pending_method: dict[str, str] = {}  # correlation id -> method, while its reply is awaited
         self._pending_bytes: dict[str, int] = {}  # correlation id -> its body's size (see ``_too_large``)
+        # The correlation ids of the last requests sent (a reply to one, a late one included, tells
+        # the bridge's time; any other message on the reply channel does not): see ``_on_reply``.
+        self._issued: OrderedDict[str, None] = OrderedDict()
         self._replied: dict[str, float] = {}  # method -> when a reply to it last came (monotonic)
         self._connecting = asyncio.Lock()
         self._closed = False
@@ -308,7 +314,12 @@ class RpcClient:
         await self.close()
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        self._learn_clock(message.headers)  # from any reply, a late one included
+        # The bridge's time from a reply to a request of ours, a late one included; not from any
+        # message: one with a far-future x-now (from whoever learns the reply-to address and may
+        # publish to the default exchange) moved the clock for a minute (every lease read as
+        # ended, keep-alives beat every 0.1 s).
+        if (message.correlation_id or "") in self._issued:
+            self._learn_clock(message.headers)
         fut = self._pending.pop(message.correlation_id or "", None)
         method = self._pending_method.pop(message.correlation_id or "", None)
         self._pending_bytes.pop(message.correlation_id or "", None)
@@ -517,6 +528,9 @@ class RpcClient:
             self._pending[correlation_id] = fut
             self._pending_method[correlation_id] = method
             self._pending_bytes[correlation_id] = len(message.body)
+            self._issued[correlation_id] = None
+            if len(self._issued) > ISSUED_REMEMBERED:
+                self._issued.popitem(last=False)
         try:
             target = channel if message.reply_to else await self._confirming(channel)
             exchange = await target.get_exchange(self.exchange_name, ensure=False)

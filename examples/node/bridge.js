@@ -69,6 +69,9 @@ function emit(event, fields) {
   process.stdout.write(`${JSON.stringify({ event, ...fields })}\n`);
 }
 
+// Requests whose late replies still tell the bridge's time (a few seconds of a busy client's).
+const ISSUED_REMEMBERED = 4096;
+
 // RabbitMQ's reason for closing a channel whose publish was over its max_message_size.
 const BROKER_MAX_SIZE = /larger than configured max size (\d+)/;
 
@@ -204,6 +207,9 @@ class BridgeClient {
     // the deadlines.
     this.monoOffsetMs = null;
     this.offsets = []; // [seenAt (performance.now()), offset]: a sliding maximum, largest first
+    // The correlation ids of the last requests sent (insertion order): only a reply to one of them,
+    // a late one included, tells the bridge's time (see onReply).
+    this.issued = new Set();
   }
 
   /** The bridge's time now (ms since the epoch), as this host reckons it from the replies' x-now. */
@@ -335,8 +341,11 @@ class BridgeClient {
 
   onReply(msg) {
     if (msg === null) return; // consumer cancelled by the broker
-    this.learnClock((msg.properties.headers || {})['x-now']); // even a late reply's
     const id = msg.properties.correlationId;
+    // A reply to a request of ours tells the bridge's time, a late one too; not any message: one
+    // with a far-future x-now (from whoever learns the reply-to address and may publish to the
+    // default exchange) moved the clock for a minute, every deadline with it.
+    if (id !== undefined && this.issued.has(id)) this.learnClock((msg.properties.headers || {})['x-now']);
     const call = id === undefined ? undefined : this.pending.get(id);
     if (call === undefined) return; // late reply to a request we gave up on: drop it
     this.pending.delete(id);
@@ -381,6 +390,8 @@ class BridgeClient {
     if (this.channel === null) await this.connectOnce();
     const timeoutMs = options.timeoutMs ?? 10_000;
     const correlationId = crypto.randomUUID();
+    this.issued.add(correlationId);
+    if (this.issued.size > ISSUED_REMEMBERED) this.issued.delete(this.issued.values().next().value);
     const content = options.raw ?? Buffer.from(JSON.stringify(body));
     const headers = { ...(options.headers || {}) };
     if (method !== 'add' && headers['x-deadline'] === undefined) {

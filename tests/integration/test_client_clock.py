@@ -186,3 +186,46 @@ async def test_a_step_of_the_host_clock_does_not_move_the_bridges_time_or_the_de
     assert abs(deadline - (bridge_now + TIMEOUT_S)) < 1.0
     # What the offset says about the host's clock follows the step at once.
     assert worker.clock_offset_ms is not None and abs(worker.clock_offset_ms + LAG_S * 1000) < 1000
+
+
+async def test_a_message_answering_no_request_of_ours_does_not_move_the_clients_clock(servers: Any) -> None:
+    """The client took the bridge's time from the ``x-now`` of ANY message on its reply channel,
+    before looking its correlation id up, and kept the largest offset of the last minute: one
+    message with a far-future ``x-now`` (whoever may publish to the default exchange and learns the
+    reply-to address: a request's receiver) shifted its idea of the bridge's clock for a minute:
+    every lease read as ended, keep-alives beat every 0.1 s, deadlines protected nothing. Only a
+    reply to a request of this client's (a late one included) tells the time now. Found by review."""
+    import aio_pika
+
+    from bridge.client import RpcClient
+
+    name = f"qb-test-{uuid.uuid4().hex[:8]}"
+    conn = await aio_pika.connect(servers.amqp_url("guest"))
+    try:
+        channel = await conn.channel()
+        exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.DIRECT, auto_delete=True)
+        queue = await channel.declare_queue("", exclusive=True)
+        await queue.bind(exchange, routing_key="fetch")
+        async with RpcClient(servers.amqp_url("guest"), exchange=name, timeout=10.0) as client:
+            call = asyncio.ensure_future(client.call("fetch", {"serviceId": "s", "workerId": "w"}))
+            request = None
+            async with asyncio.timeout(10):
+                while request is None:
+                    request = await queue.get(fail=False)
+                    if request is None:
+                        await asyncio.sleep(0.05)
+            await request.ack()
+            now_ms = int(time.time() * 1000)
+            forged = aio_pika.Message(
+                b'{"result": null}', correlation_id=uuid.uuid4().hex, headers={"x-now": now_ms + 3_600_000}
+            )
+            await channel.default_exchange.publish(forged, routing_key=request.reply_to or "")
+            reply = aio_pika.Message(
+                b'{"result": null}', correlation_id=request.correlation_id, headers={"x-now": now_ms}
+            )
+            await channel.default_exchange.publish(reply, routing_key=request.reply_to or "")
+            await asyncio.wait_for(call, 10)
+            offset = client.clock_offset_ms
+    finally:
+        await conn.close()
+    assert offset is not None and abs(offset) < 5_000, f"a message answering nothing set the clock {offset} ms off"

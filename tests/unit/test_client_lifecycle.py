@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -630,6 +631,22 @@ def reply_saying(now_ms: Any, correlation_id: str | None = None) -> Any:
     return SimpleNamespace(correlation_id=correlation_id, headers=headers, body=b'{"result": null}')
 
 
+async def answered(client: Any, now_ms: Any) -> None:
+    """A reply to a request ``client`` sent (a late one: nobody waits for it), saying ``now_ms``."""
+    correlation_id = uuid.uuid4().hex
+    client._issued[correlation_id] = None
+    await client._on_reply(reply_saying(now_ms, correlation_id))
+
+
+async def test_a_message_answering_no_request_sent_tells_no_time() -> None:
+    """Only a reply to a request of the client's tells the bridge's time: any other message on the
+    reply channel (a forged one with a far-future x-now) moved the clock for a minute."""
+    worker = Worker(URL, service="svc", worker_id="w1")
+    await worker._on_reply(reply_saying(int(time.time() * 1000) + 3_600_000, uuid.uuid4().hex))
+    await worker._on_reply(reply_saying(int(time.time() * 1000) + 3_600_000))
+    assert worker.clock_offset_ms is None
+
+
 async def test_deadlines_are_set_on_the_bridges_clock_once_a_reply_says_it() -> None:
     """A host clock 30 s behind the bridge's made every deadline 30 s late by the bridge's clock
     (past it on arrival, with a 10 s timeout): the client now adds the offset the replies say."""
@@ -644,7 +661,7 @@ async def test_deadlines_are_set_on_the_bridges_clock_once_a_reply_says_it() -> 
     deadline, sent = deadline_and_timestamp()
     assert worker.clock_offset_ms is None
     assert deadline == pytest.approx(time.time() + 10.0, abs=0.5), "no offset before any reply"
-    await worker._on_reply(reply_saying(int(time.time() * 1000) + 30_000))  # a late one: nobody waits for it
+    await answered(worker, int(time.time() * 1000) + 30_000)  # a late one: nobody waits for it
     assert worker.clock_offset_ms == pytest.approx(30_000, abs=500)
     deadline, sent = deadline_and_timestamp()
     assert deadline == pytest.approx(time.time() + 30.0 + 10.0, abs=0.5)
@@ -660,32 +677,32 @@ async def test_a_reply_held_on_its_way_does_not_pull_the_offset_down(monkeypatch
     mono = [1_000.0]
     monkeypatch.setattr(rpc.time, "monotonic", lambda: mono[0])
     worker = Worker(URL, service="svc", worker_id="w1", timeout=10.0)
-    await worker._on_reply(reply_saying(int(time.time() * 1000) + 30_000))
-    await worker._on_reply(reply_saying(int(time.time() * 1000) + 30_000 - 20_000))  # held 20 s on its way
+    await answered(worker, int(time.time() * 1000) + 30_000)
+    await answered(worker, int(time.time() * 1000) + 30_000 - 20_000)  # held 20 s on its way
     assert worker.clock_offset_ms == pytest.approx(30_000, abs=500)
     mono[0] += rpc.OFFSET_WINDOW_S + 1  # a minute on, the host's clock stepped: the new offset holds
-    await worker._on_reply(reply_saying(int(time.time() * 1000) - 5_000))
+    await answered(worker, int(time.time() * 1000) - 5_000)
     assert worker.clock_offset_ms == pytest.approx(-5_000, abs=500)
 
 
 @pytest.mark.parametrize("now", [..., None, "1800000000000", 1.8e12, True, 0, -5, [1]])
 async def test_a_reply_without_a_usable_x_now_changes_nothing(now: Any) -> None:
     worker = Worker(URL, service="svc", worker_id="w1")
-    await worker._on_reply(reply_saying(now))
+    await answered(worker, now)
     assert worker.clock_offset_ms is None
-    await worker._on_reply(reply_saying(int(time.time() * 1000) + 20_000))
-    await worker._on_reply(reply_saying(now))  # a bridge without it (an older one) keeps what was learnt
+    await answered(worker, int(time.time() * 1000) + 20_000)
+    await answered(worker, now)  # a bridge without it (an older one) keeps what was learnt
     assert worker.clock_offset_ms == pytest.approx(20_000, abs=500)
 
 
 async def test_a_clock_off_by_more_than_a_second_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="bridge.client"):
         close = Worker(URL, service="svc", worker_id="w0")
-        await close._on_reply(reply_saying(int(time.time() * 1000) + 300))  # within a second: nothing said
+        await answered(close, int(time.time() * 1000) + 300)  # within a second: nothing said
         assert caplog.records == []
         worker = Worker(URL, service="svc", worker_id="w1")
         for _ in range(3):
-            await worker._on_reply(reply_saying(int(time.time() * 1000) - 12_000))
+            await answered(worker, int(time.time() * 1000) - 12_000)
     (record,) = caplog.records
     assert "12.0 s ahead of the bridge's" in record.getMessage()
 
@@ -694,6 +711,6 @@ async def test_the_beat_reckons_the_lease_left_on_the_bridges_clock() -> None:
     """A lease of 30 s by the bridge's clock, on a host 60 s behind it: a third of 90 s (30 s)
     would beat after the lease ran out."""
     worker = Worker(URL, service="svc", worker_id="w1")
-    await worker._on_reply(reply_saying(int(time.time() * 1000) + 60_000))
+    await answered(worker, int(time.time() * 1000) + 60_000)
     task = held_task(worker, lease_s=60 + 30)  # the bridge's now + 30 s, on this host's clock
     assert task._beat_interval(None) == pytest.approx(10.0, abs=0.5)
