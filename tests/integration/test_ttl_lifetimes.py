@@ -387,3 +387,42 @@ async def test_a_park_result_still_owed_after_a_discard_and_the_tasks_end_reache
         message = await next_result(got, 30, "the park's owed result, after its task's end")
     assert message["token"] == {"workflow": "parked"}
     assert message["error"]["code"] == "delivery_limit"
+
+
+async def test_an_add_whose_batch_landed_only_in_part_is_indexed_when_found_stored(make_bridge, servers):
+    """The bucket's index row goes in the add's own request (an UNLOGGED batch: not atomic). A
+    batch that timed out may have stored the task row and not the index row; an add without a
+    message-id then has no redelivered copy to index the task again (``WorkQueue._dedupe``), and
+    the lookup that finds it stored (``_count_add_if_stored``) counted it and offered a hint but
+    left it out of every scan: with the hint lost, or hints off, never handed out until its TTL.
+    The lookup indexes it again. Found by review, 2026-12-06."""
+    from bridge.domain.records import LANE_FRESH, QueueKey
+    from bridge.storage.errors import StorageUnavailable
+
+    b = await make_bridge(hints=False)
+    store = b.queue.ctx.store
+    real = store.db.execute_batch
+
+    async def task_row_only(name: str, items: Any) -> None:
+        if name == "add.indexed":
+            for part, params in items:
+                if part == "ready.insert":
+                    await store.db.execute(part, params)
+            raise StorageUnavailable("write timed out (test): the index row was not applied")
+        await real(name, items)
+
+    store.db.execute_batch = task_row_only
+    svc = service_id()
+    q = QueueKey(OWNERS[0], svc)
+    with pytest.raises(StorageUnavailable):
+        await b.queue.add(OWNERS[0], _add(svc, {"n": 1}), message_id=None, traceparent=None)
+    store.db.execute_batch = real
+    (task_id,) = [t for t, counted in b.queue._adds_in_doubt.items() if counted is False]
+    bucket = bucket_of_task(task_id)
+    assert bucket not in await store.buckets_from(q, LANE_FRESH, bucket, 4), "set-up: the index row was written"
+    # The lookup (2 s after the write) finds the task stored and indexes its bucket again.
+    await wait_for(lambda: b.queue._adds_in_doubt.get(task_id) is True, 15, what="the uncertain add counted")
+    indexed = await store.buckets_from(q, LANE_FRESH, bucket, 4)
+    assert bucket in indexed, "a stored task left out of every scan"
+    got = await b.queue.fetch(OWNERS[0], _fetch(svc, "w1", timeToRecover=60_000))
+    assert got is not None and got.task_id == str(task_id)
