@@ -95,7 +95,7 @@ def user_of(url: str) -> str:
 # Requests whose late replies still tell the bridge's time (a few seconds of a busy client's).
 ISSUED_REMEMBERED = 4096
 
-_BROKER_MAX_SIZE = re.compile(r"larger than configured max size (\d+)")
+_BROKER_MAX_SIZE = re.compile(r"larger than (?:configured )?max size (\d+)")  # both of RabbitMQ's wordings
 
 
 def _too_large(closed_by: object, size: int) -> PayloadTooLargeError | None:

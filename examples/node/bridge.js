@@ -73,7 +73,7 @@ function emit(event, fields) {
 const ISSUED_REMEMBERED = 4096;
 
 // RabbitMQ's reason for closing a channel whose publish was over its max_message_size.
-const BROKER_MAX_SIZE = /larger than configured max size (\d+)/;
+const BROKER_MAX_SIZE = /larger than (?:configured )?max size (\d+)/; // both of RabbitMQ's wordings
 
 /** An error reply of the bridge (`type: error`): `code` is one of the document's ErrorCode. */
 class BridgeError extends Error {

@@ -714,3 +714,23 @@ async def test_the_beat_reckons_the_lease_left_on_the_bridges_clock() -> None:
     await answered(worker, int(time.time() * 1000) + 60_000)
     task = held_task(worker, lease_s=60 + 30)  # the bridge's now + 30 s, on this host's clock
     assert task._beat_interval(None) == pytest.approx(10.0, abs=0.5)
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        "PRECONDITION_FAILED - message size 17825793 is larger than configured max size 16777216",
+        "PRECONDITION_FAILED - message size 17825793 is larger than max size 16777216",  # at the 512 MiB ceiling
+    ],
+)
+def test_a_channel_closed_for_a_message_over_the_brokers_size_is_payload_too_large(reason: str) -> None:
+    """RabbitMQ says it two ways (``rabbit_channel:check_msg_size``); only the request over the
+    bound is refused, the others on the channel were merely lost with it."""
+    from aiormq.exceptions import ChannelNotFoundEntity, ChannelPreconditionFailed
+
+    from bridge.client.errors import PayloadTooLargeError
+    from bridge.client.rpc import _too_large
+
+    assert isinstance(_too_large(ChannelPreconditionFailed(reason), 17825793), PayloadTooLargeError)
+    assert _too_large(ChannelPreconditionFailed(reason), 100) is None
+    assert _too_large(ChannelNotFoundEntity(reason), 17825793) is None

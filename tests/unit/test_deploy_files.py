@@ -715,8 +715,9 @@ def test_k8s_schema_job_connects_to_cassandra_as_the_sidecar_does(k8s: dict[str,
         assert (source.get("secret") or {}).get("optional") is True, "the TLS Secret is the user's to create"
 
 
+@pytest.mark.parametrize("hosts", ["", "rabbit-0:5672,rabbit-1:5672,rabbit-2:5672"], ids=["one node", "three nodes"])
 def test_k8s_startup_probe_outlasts_the_bridges_start_timeout_and_its_last_attempt(
-    k8s: dict[str, dict[str, Any]],
+    k8s: dict[str, dict[str, Any]], hosts: str
 ) -> None:
     """The bridge gives up starting only after an attempt failed past BRIDGE_START_TIMEOUT, and an
     attempt takes up to the Cassandra timeout then the AMQP connect timeout per node: at 170 s
@@ -727,8 +728,31 @@ def test_k8s_startup_probe_outlasts_the_bridges_start_timeout_and_its_last_attem
     start = float(config["BRIDGE_START_TIMEOUT"])
     cassandra = float(config.get("BRIDGE_CASSANDRA_TIMEOUT", fields["cassandra_timeout"].default))
     amqp = float(config.get("BRIDGE_AMQP_CONNECT_TIMEOUT", fields["amqp_connect_timeout"].default))
-    nodes = max(1, len([h for h in str(config.get("BRIDGE_AMQP_HOSTS", "")).split(",") if h.strip()]))
+    # The ConfigMap's own advice is to list a cluster's nodes: three must fit too.
+    nodes = max(1, len([h for h in (str(config.get("BRIDGE_AMQP_HOSTS", "")) or hosts).split(",") if h.strip()]))
     probe = _sidecar(k8s)["startupProbe"]
     window = probe["periodSeconds"] * probe["failureThreshold"]
     needed = start + cassandra + amqp * nodes + probe["periodSeconds"]
     assert window >= needed, f"startupProbe window {window}s < {needed}s"
+
+
+def test_k8s_pods_can_read_the_secret_files_they_mount(k8s: dict[str, dict[str, Any]]) -> None:
+    """A Secret volume's files belong to root unless the pod sets ``fsGroup``: with a mode that
+    gives others no read (0440), a container running as 10001 could not read them. The schema Job
+    mounted the TLS files so, without an ``fsGroup``: a CA file setting made it exit 2 (no readable
+    file). Found by review, 2026-12-06."""
+    for kind in ("Deployment", "Job"):
+        pod = k8s[kind]["spec"]["template"]["spec"]
+        containers = (pod.get("initContainers") or []) + pod["containers"]
+        for volume in pod.get("volumes") or []:
+            secret = volume.get("secret")
+            if secret is None or int(secret.get("defaultMode", 0o644)) & 0o004:
+                continue
+            for c in containers:
+                if volume["name"] not in {m["name"] for m in c.get("volumeMounts") or []}:
+                    continue
+                group = (c.get("securityContext") or {}).get("runAsGroup")
+                assert group is not None, f"{kind}/{c['name']}: no runAsGroup"
+                assert (pod.get("securityContext") or {}).get("fsGroup") == group, (
+                    f"{kind}: {volume['name']} (mode {oct(secret['defaultMode'])}) unreadable by {c['name']}"
+                )
