@@ -321,21 +321,6 @@ class CassandraTaskStore:
         else:
             await asyncio.gather(*(self.db.execute(name, params) for name, params in writes))
 
-    async def _index_bucket(
-        self,
-        q: QueueKey,
-        lane: int,
-        bucket: int,
-        task_id: uuid.UUID,
-        *,
-        force: bool,
-        expires_at_ms: int | None = None,
-    ) -> None:
-        index = self._bucket_index(q, lane, bucket, task_id, force=force, expires_at_ms=expires_at_ms)
-        if index is not None:
-            await self.db.execute("buckets.insert", index.params)
-            self._remember_index(index)
-
     # -- tasks ---------------------------------------------------------------------------------
     async def store_task(
         self, q: QueueKey, task_id: uuid.UUID, payload: Payload, *, message_id: str | None = None
@@ -392,7 +377,10 @@ class CassandraTaskStore:
         return found
 
     async def reindex_task(self, q: QueueKey, task_id: uuid.UUID) -> None:
-        await self._index_bucket(q, LANE_FRESH, bucket_of_task(task_id), task_id, force=True)
+        index = self._bucket_index(q, LANE_FRESH, bucket_of_task(task_id), task_id, force=True)
+        if index is not None:  # forced: always one
+            await self.db.execute("buckets.insert", index.params)
+            self._remember_index(index)
 
     async def payload(self, q: QueueKey, task_id: uuid.UUID) -> Payload | None:
         rows = await self.db.execute("ready.payload", (q.owner, q.service, bucket_of_task(task_id), task_id))

@@ -15,10 +15,12 @@ bridge, the test and the servers keep the real one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import types
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -188,16 +190,12 @@ async def test_a_step_of_the_host_clock_does_not_move_the_bridges_time_or_the_de
     assert worker.clock_offset_ms is not None and abs(worker.clock_offset_ms + LAG_S * 1000) < 1000
 
 
-async def test_a_message_answering_no_request_of_ours_does_not_move_the_clients_clock(servers: Any) -> None:
-    """The client took the bridge's time from the ``x-now`` of ANY message on its reply channel,
-    before looking its correlation id up, and kept the largest offset of the last minute: one
-    message with a far-future ``x-now`` (whoever may publish to the default exchange and learns the
-    reply-to address: a request's receiver) shifted its idea of the bridge's clock for a minute:
-    every lease read as ended, keep-alives beat every 0.1 s, deadlines protected nothing. Only a
-    reply to a request of this client's (a late one included) tells the time now. Found by review."""
+@contextlib.asynccontextmanager
+async def a_stand_in_bridge(servers: Any) -> AsyncIterator[tuple[str, Callable[[], Awaitable[None]]]]:
+    """An exchange of the test's own, whose ``fetch`` requests the test serves: (its name,
+    ``answer``). ``answer()`` takes the one request sent, then publishes to its reply-to a message
+    answering nothing whose ``x-now`` is an hour ahead, then the reply (``x-now``: now)."""
     import aio_pika
-
-    from bridge.client import RpcClient
 
     name = f"qb-test-{uuid.uuid4().hex[:8]}"
     conn = await aio_pika.connect(servers.amqp_url("guest"))
@@ -206,26 +204,38 @@ async def test_a_message_answering_no_request_of_ours_does_not_move_the_clients_
         exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.DIRECT, auto_delete=True)
         queue = await channel.declare_queue("", exclusive=True)
         await queue.bind(exchange, routing_key="fetch")
-        async with RpcClient(servers.amqp_url("guest"), exchange=name, timeout=10.0) as client:
-            call = asyncio.ensure_future(client.call("fetch", {"serviceId": "s", "workerId": "w"}))
+
+        async def answer() -> None:
             request = None
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(15):
                 while request is None:
                     request = await queue.get(fail=False)
                     if request is None:
                         await asyncio.sleep(0.05)
             await request.ack()
             now_ms = int(time.time() * 1000)
-            forged = aio_pika.Message(
-                b'{"result": null}', correlation_id=uuid.uuid4().hex, headers={"x-now": now_ms + 3_600_000}
-            )
-            await channel.default_exchange.publish(forged, routing_key=request.reply_to or "")
-            reply = aio_pika.Message(
-                b'{"result": null}', correlation_id=request.correlation_id, headers={"x-now": now_ms}
-            )
-            await channel.default_exchange.publish(reply, routing_key=request.reply_to or "")
-            await asyncio.wait_for(call, 10)
-            offset = client.clock_offset_ms
+            for correlation_id, now in ((str(uuid.uuid4()), now_ms + 3_600_000), (request.correlation_id, now_ms)):
+                message = aio_pika.Message(b'{"result": null}', correlation_id=correlation_id, headers={"x-now": now})
+                await channel.default_exchange.publish(message, routing_key=request.reply_to or "")
+
+        yield name, answer
     finally:
         await conn.close()
+
+
+async def test_a_message_answering_no_request_of_ours_does_not_move_the_clients_clock(servers: Any) -> None:
+    """The client took the bridge's time from the ``x-now`` of ANY message on its reply channel,
+    before looking its correlation id up, and kept the largest offset of the last minute: one
+    message with a far-future ``x-now`` (whoever may publish to the default exchange and learns the
+    reply-to address: a request's receiver) shifted its idea of the bridge's clock for a minute:
+    every lease read as ended, keep-alives beat every 0.1 s, deadlines protected nothing. Only a
+    reply to a request of this client's (a late one included) tells the time now. Found by review."""
+    from bridge.client import RpcClient
+
+    async with a_stand_in_bridge(servers) as (name, answer):  # noqa: SIM117 (the client needs its name)
+        async with RpcClient(servers.amqp_url("guest"), exchange=name, timeout=10.0) as client:
+            call = asyncio.ensure_future(client.call("fetch", {"serviceId": "s", "workerId": "w"}))
+            await answer()
+            await asyncio.wait_for(call, 10)
+            offset = client.clock_offset_ms
     assert offset is not None and abs(offset) < 5_000, f"a message answering nothing set the clock {offset} ms off"

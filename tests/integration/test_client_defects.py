@@ -433,16 +433,12 @@ async def test_a_handler_whose_await_was_cancelled_gives_its_task_back_and_the_l
     ``CancelledError`` went through ``Worker.run``'s handler guard (it catches ``Exception``) and
     ended ``run`` although nobody cancelled ``run``, the task left leased to a worker that no
     longer served. It is the handler's failure now: the task is given back and the loop goes on."""
-    svc = service_id()
-    task_id = await engine.add(svc, {"n": 1})
-    w = await workers(svc, "w-cancel")
-    w.wait_ms = 1_000
-    w.time_to_recover_ms = 60_000
+    _, task_id, w = await _one_task_and_its_worker(engine, workers, "w-cancel", 60_000)
     stop = asyncio.Event()
-    seen: list[int] = []
+    seen: list[tuple[str, int]] = []
 
     async def handler(task: Task) -> Any:
-        seen.append(task.deliveries)
+        seen.append((task.id, task.deliveries))
         if len(seen) == 1:
             cancelled = asyncio.get_running_loop().create_future()
             cancelled.cancel()
@@ -451,19 +447,24 @@ async def test_a_handler_whose_await_was_cancelled_gives_its_task_back_and_the_l
         return "done"
 
     handled = await asyncio.wait_for(w.run(handler, stop=stop), 30.0)
-    assert seen == [1, 2], f"the task was not given back and fetched again: {seen}"
+    assert seen == [(task_id, 1), (task_id, 2)], f"the task was not given back and fetched again: {seen}"
     assert handled == 2
-    assert task_id
+
+
+async def _one_task_and_its_worker(engine: Any, workers: Any, name: str, ttr_ms: int) -> tuple[str, str, Worker]:
+    """A new queue holding one task, and a worker of it long-polling 1 s with leases of ``ttr_ms``."""
+    svc = service_id()
+    task_id = await engine.add(svc, {"n": 1})
+    w = await workers(svc, name)
+    w.wait_ms = 1_000
+    w.time_to_recover_ms = ttr_ms
+    return svc, task_id, w
 
 
 async def test_a_cancelled_run_gives_the_task_in_hand_back(bridge, engine, workers):
     """``run`` cancelled (a task group torn down, a timeout around it) while its handler works:
     the task stayed leased to a worker that was gone, for its whole lease. It is given back first."""
-    svc = service_id()
-    task_id = await engine.add(svc, {"n": 1})
-    w = await workers(svc, "w-torn")
-    w.wait_ms = 1_000
-    w.time_to_recover_ms = 600_000
+    svc, task_id, w = await _one_task_and_its_worker(engine, workers, "w-torn", 600_000)
     started = asyncio.Event()
 
     async def handler(task: Task) -> Any:

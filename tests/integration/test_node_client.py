@@ -935,36 +935,15 @@ async def test_node_client_takes_the_bridges_time_only_from_replies_to_its_reque
     """bridge.js took the bridge's time from the ``x-now`` of ANY message on its reply channel:
     one message with a far-future ``x-now`` shifted its clock (and every deadline) for a minute.
     Only a reply to a request of its own counts, as in rpc.py. Found by review, 2026-12-06."""
-    import aio_pika
+    from tests.integration.test_client_clock import a_stand_in_bridge
 
-    name = f"qb-test-{uuid.uuid4().hex[:8]}"
-    conn = await aio_pika.connect(servers.amqp_url("guest"))
-    try:
-        channel = await conn.channel()
-        exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.DIRECT, auto_delete=True)
-        queue = await channel.declare_queue("", exclusive=True)
-        await queue.bind(exchange, routing_key="fetch")
+    async with a_stand_in_bridge(servers) as (name, answer):
         env = {**os.environ, "QB_AMQP_URL": servers.amqp_url("guest"), "QB_EXCHANGE": name}
         proc = await asyncio.create_subprocess_exec(
             node, "-e", CLOCK_FROM_REPLIES, cwd=NODE_DIR, env=env, stdout=asyncio.subprocess.PIPE
         )
-        request = None
-        async with asyncio.timeout(15):
-            while request is None:
-                request = await queue.get(fail=False)
-                if request is None:
-                    await asyncio.sleep(0.05)
-        await request.ack()
-        now_ms = int(time.time() * 1000)
-        forged = aio_pika.Message(
-            b'{"result": null}', correlation_id=str(uuid.uuid4()), headers={"x-now": now_ms + 3_600_000}
-        )
-        await channel.default_exchange.publish(forged, routing_key=request.reply_to or "")
-        reply = aio_pika.Message(b'{"result": null}', correlation_id=request.correlation_id, headers={"x-now": now_ms})
-        await channel.default_exchange.publish(reply, routing_key=request.reply_to or "")
+        await answer()
         out, _ = await asyncio.wait_for(proc.communicate(), 15)
-    finally:
-        await conn.close()
     offset = json.loads(out.decode().strip().splitlines()[-1])["offset"]
     assert abs(offset) < 5_000, f"a message answering nothing set the clock {offset} ms off"
 

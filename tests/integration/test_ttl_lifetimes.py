@@ -65,7 +65,7 @@ async def test_a_recovered_lane_bucket_stays_indexed_while_a_task_in_it_lives(
 ):
     """A lane-0 (recovered) entry lives for its task's remaining life, but the ``ready_buckets``
     row that makes scans find it is written once per process and 10 s bucket
-    (``CassandraTaskStore._index_bucket``, remembered in ``_indexed``) and took the remaining life
+    (``CassandraTaskStore._bucket_index``, remembered in ``_indexed``) and took the remaining life
     of the FIRST task recovered into that bucket, plus a grace. Recovered tasks are of every age
     (a bucket takes those whose leases ran out in its ten seconds), so when an old task is
     recovered first, a young task recovered into the same bucket loses its index row long before
