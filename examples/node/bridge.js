@@ -422,6 +422,14 @@ class BridgeClient {
       } catch (err) {
         clearTimeout(timer);
         this.pending.delete(correlationId);
+        // A channel that closed unseen (its close came in the same read as the consume's answer,
+        // before our listeners) throws at every publish: dropped, the next request connects
+        // again; kept, every request failed the same way for ever.
+        if (this.channel === channel) {
+          const { connection } = this;
+          this.channel = null;
+          if (connection !== null) closeBounded(connection, this.connectTimeoutMs);
+        }
         reject(new ConnectionLost(`publish failed: ${err.message}`, { sent: false, cause: err }));
       }
     });

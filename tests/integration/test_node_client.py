@@ -917,6 +917,50 @@ async def test_node_client_keeps_the_bridges_clock_on_a_monotonic_clock_with_a_s
     assert 29_000 < out["offsetAfterStep"] < 31_000, out  # the bridge is now 30 s ahead of this host's clock
 
 
+# amqplib stubbed: every channel it opens is already closed (its publish throws), as one whose
+# close came before bridge.js listened for it. Two requests: how many connections they made.
+DEAD_CHANNEL = """
+const amqp = require('amqplib');
+let connects = 0;
+const channel = () => ({
+  on() {},
+  async consume() {},
+  publish() { throw new Error('Channel closed'); },
+});
+amqp.connect = async () => {
+  connects += 1;
+  const stream = { destroy() {} };
+  return { on() {}, async createChannel() { return channel(); }, async close() {}, connection: { stream } };
+};
+const { BridgeClient } = require('./bridge');
+(async () => {
+  const client = new BridgeClient({ url: 'amqp://u:u@127.0.0.1:1/', exchange: 'x', connectTimeoutMs: 200 });
+  const codes = [];
+  for (let i = 0; i < 2; i += 1) {
+    try {
+      await client.request('fetch', {}, { timeoutMs: 500 });
+    } catch (err) {
+      codes.push(err.code);
+    }
+  }
+  process.stdout.write(JSON.stringify({ connects, codes }) + '\\n');
+})();
+"""
+
+
+async def test_node_client_drops_a_channel_that_closed_unseen(node: str) -> None:
+    """A channel whose close came in the same socket read as the consume's answer (before bridge.js
+    attached its listeners) stayed the client's: every publish threw "Channel closed", and every
+    request failed the same way, for ever, without reconnecting. A publish that throws drops it:
+    the next request connects again. Found by review, 2026-12-06 (amqplib stubbed: no broker)."""
+    done = await asyncio.to_thread(
+        subprocess.run, [node, "-e", DEAD_CHANNEL], cwd=NODE_DIR, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out == {"connects": 2, "codes": ["connection_lost", "connection_lost"]}, out
+
+
 # One fetch to an exchange the test serves itself; the offset of the bridge's clock it then knows.
 CLOCK_FROM_REPLIES = """
 const { BridgeClient } = require('./bridge');
