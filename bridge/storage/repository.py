@@ -115,6 +115,11 @@ class _IndexWrite:
     params: tuple[Any, ...]
 
 
+def _with_index(index: _IndexWrite | None, *writes: tuple[str, tuple[Any, ...]]) -> list[tuple[str, tuple[Any, ...]]]:
+    """An entry's writes, its bucket's index row first when it needs one."""
+    return [*([] if index is None else [("buckets.insert", index.params)]), *writes]
+
+
 def _sealed_bytes(payload: Payload) -> int:
     token = payload.token
     return len(payload.value.ciphertext) + (len(token.ciphertext) if token else 0) + len(payload.traceparent or "")
@@ -341,7 +346,7 @@ class CassandraTaskStore:
             *(payload.traceparent, created, payload.max_deliveries, payload.priority or None, ends),
             ttl,
         )
-        writes: list[tuple[str, tuple[Any, ...]]] = [] if index is None else [("buckets.insert", index.params)]
+        writes = _with_index(index)
         if message_id is not None:
             # Not atomic either: a record whose task row is missing reads as an add that died
             # between its writes (see WorkQueue._dedupe).
@@ -462,8 +467,7 @@ class CassandraTaskStore:
         index = self._bucket_index(q, LANE_RECOVERED, bucket, task_id, force=False)
         marker = b"\x01" if has_token else None  # lane-0 rows say "has a token" by a non-null token_nonce
         params = (q.owner, q.service, bucket, seq, task_id, epoch, marker, self.ttl_for(task_id))
-        writes: list[tuple[str, tuple[Any, ...]]] = [] if index is None else [("buckets.insert", index.params)]
-        await self._store("ready.insert_recovered.indexed", [*writes, ("ready.insert_recovered", params)])
+        await self._store("ready.insert_recovered.indexed", _with_index(index, ("ready.insert_recovered", params)))
         self._remember_index(index)
 
     # -- leases (LWT only) ---------------------------------------------------------------------------

@@ -150,11 +150,12 @@ async def test_an_add_over_the_brokers_bound_raises_payload_too_large_not_connec
     of a value over ``BRIDGE_MAX_VALUE_BYTES`` is; requests in flight beside it on the channel
     are failed as lost (sent again, they are answered)."""
     from bridge.client.errors import ConnectionLost, PayloadTooLargeError
+    from tests.conftest import wait_for
 
     await _broker_bounds_messages(servers)
     svc = service_id()
     small = asyncio.ensure_future(engine.call("fetch", {"serviceId": svc, "workerId": "w", "waitMs": 3_000}))
-    await asyncio.sleep(0.2)  # the long-poll in flight on the channel
+    await wait_for(lambda: bool(engine._pending), 5, what="the long-poll in flight on the channel")
     with pytest.raises(PayloadTooLargeError, match="max"):
         await engine.add(svc, "x" * (BROKER_MAX_MESSAGE_SIZE + 1), wait=wait)
     with contextlib.suppress(ConnectionLost):
