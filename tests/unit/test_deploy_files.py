@@ -756,3 +756,33 @@ def test_k8s_pods_can_read_the_secret_files_they_mount(k8s: dict[str, dict[str, 
                 assert (pod.get("securityContext") or {}).get("fsGroup") == group, (
                     f"{kind}: {volume['name']} (mode {oct(secret['defaultMode'])}) unreadable by {c['name']}"
                 )
+
+
+def test_k8s_network_policy_lets_only_prometheus_reach_the_unauthenticated_ops_port(
+    k8s: dict[str, dict[str, Any]],
+) -> None:
+    """The ops port shows every tenant's request counts and queue depths without authentication:
+    docs/security.md says only a NetworkPolicy keeps other pods from reading it, so one ships.
+    It must select the worker's pods, isolate their ingress, and open the ops port to a selected
+    source only (a rule without `from` admits every pod of the cluster; a namespaceSelector and a
+    podSelector in two entries would admit a whole namespace)."""
+    policy = k8s["NetworkPolicy"]["spec"]
+    pod_labels = k8s["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert "Ingress" in policy["policyTypes"]
+    http_port = int(_configmap_data(k8s).get("BRIDGE_HTTP_PORT", Settings.model_fields["http_port"].default))
+    named_ports = {p["name"]: p["containerPort"] for p in _sidecar(k8s).get("ports") or [] if "name" in p}
+    rules = policy.get("ingress") or []
+    assert rules, "no rule: Prometheus could not scrape the bridge"
+    opened: set[int] = set()
+    for rule in rules:
+        sources = rule.get("from")
+        assert sources, f"a rule open to every pod: {rule}"
+        for source in sources:
+            assert "podSelector" in source or "ipBlock" in source, f"a whole namespace admitted: {source}"
+        ports = rule.get("ports")
+        assert ports, f"a rule opening every port: {rule}"
+        opened |= {named_ports.get(p["port"], p["port"]) for p in ports}
+    assert opened == {http_port}
+    annotations = k8s["Deployment"]["spec"]["template"]["metadata"].get("annotations") or {}
+    assert int(annotations["prometheus.io/port"]) == http_port
