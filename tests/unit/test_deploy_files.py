@@ -677,6 +677,19 @@ def test_k8s_schema_is_created_once_by_a_job_and_the_sidecars_wait_for_it(k8s: d
     assert ctx.get("runAsNonRoot") is True and ctx.get("readOnlyRootFilesystem") is True
 
 
+def test_k8s_schema_job_is_named_for_its_release(k8s: dict[str, dict[str, Any]]) -> None:
+    """A Job's pod template cannot be changed: with one name for every release, `kubectl apply -k`
+    of a new image failed on the finished Job ("field is immutable") until it was deleted by hand,
+    and an upgrade whose schema changed had sidecars waiting for a schema command nobody ran. The
+    name carries the image's tag, so a new release is a new Job."""
+    job = k8s["Job"]
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    tag = container["image"].rsplit(":", 1)[1]
+    assert job["metadata"]["name"] == "queue-bridge-schema-" + re.sub(r"[^a-z0-9]+", "-", tag.lower()).strip("-")
+    assert len(job["metadata"]["name"]) <= 63, "a Job's name becomes its pods' label value: 63 characters at most"
+    assert job["spec"].get("ttlSecondsAfterFinished"), "finished Jobs of old releases would pile up"
+
+
 def _secret_env(container: dict[str, Any]) -> dict[str, tuple[str, str]]:
     return {
         item["name"]: (ref["name"], ref["key"])
