@@ -640,13 +640,17 @@ class Fetcher:
             self.ctx.metrics.inc("requests_expired", method="fetch")
             raise RequestAbandoned("past the caller's deadline")
         probe, a.requester = a.requester, None
-        # Asked before the turn wait, the write-ahead and the wait for the add's write: a caller
-        # that hung up meanwhile was answered "alive" all the same, and the task was leased to
-        # it for its whole timeToRecover.
+        # The probe was asked before the turn wait, the write-ahead and the wait for the add's
+        # write, and a fetch that never waited has none: a caller that hung up meanwhile (the
+        # HTTP gateway says so at once) was claimed for all the same, the task leased to it for
+        # its whole timeToRecover. So the hang-up is looked at first, then the probe's answer.
         gone = a.hung_up is not None and a.hung_up.is_set()
-        if probe is not None and (not await probe or gone):
-            self.ctx.metrics.inc("long_polls_abandoned")
-            log.info("a waiting fetch's worker is gone: its task goes to another", extra={"worker": a.worker})
+        if gone and probe is not None:
+            probe.cancel()
+        if gone or (probe is not None and not await probe):
+            if probe is not None:  # it waited
+                self.ctx.metrics.inc("long_polls_abandoned")
+            log.info("a fetch's worker is gone: its task goes to another", extra={"worker": a.worker})
             raise RequestAbandoned("the worker is gone")
 
     async def _try_claim(

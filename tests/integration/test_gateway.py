@@ -814,6 +814,47 @@ async def test_a_hang_up_after_the_still_wanted_check_claims_nothing(start_gatew
     assert _fetches(bridge, "client_gone") >= 1
 
 
+async def test_a_fetch_that_does_not_wait_claims_nothing_once_its_client_hung_up(start_gateway, monkeypatch):
+    """The hang-up was looked at before the claim only by a fetch that had waited (its "still
+    wanted" question is asked beside a long-poll's write-ahead): a fetch that found a task at once
+    (waitMs 0, or a task ready when a long-poll began) whose client hung up during its write-ahead
+    or its turn (a slow Cassandra, the client's own timeout) claimed the task all the same, leased
+    to a gone worker for its whole timeToRecover while a live worker found the queue empty."""
+    bridge, gw = await start_gateway()
+    svc = service_id()
+    task_id = (await gw.ok(svc, "tasks", {"value": "for a live worker"}))["task"]["id"]
+    store = bridge.queue.ctx.store
+    real = store.write_ahead
+    written, release = asyncio.Event(), asyncio.Event()
+
+    async def write_ahead(*args: Any, **kwargs: Any) -> Any:
+        res = await real(*args, **kwargs)
+        written.set()
+        await release.wait()  # the caller hangs up here, before the claim
+        return res
+
+    monkeypatch.setattr(store, "write_ahead", write_ahead)
+    ended = _fetches(bridge, "ok") + _fetches(bridge, "client_gone")
+    body = json.dumps({"workerId": "gone", "timeToRecover": 600_000}).encode()
+    writer = await raw_http.send(gw.port, raw_http.post(f"/api/queue/{svc}/fetch", gw.keys["a"], body))
+    await asyncio.wait_for(written.wait(), 10)
+    (serving,) = _serving(bridge, svc)
+    writer.close()
+    await writer.wait_closed()
+    await wait_for(lambda: serving._manager is None, 10, what="the gateway seeing the connection closed")
+    release.set()
+    await wait_for(
+        lambda: _fetches(bridge, "ok") + _fetches(bridge, "client_gone") > ended, 10, what="the hung-up fetch ended"
+    )
+    monkeypatch.setattr(store, "write_ahead", real)
+    got = await gw.ok(svc, "fetch", {"workerId": "live"})
+    info = await bridge.queue.task_info(OWNERS[0], svc, uuid.UUID(task_id))
+    assert got.get("task", {}).get("id") == task_id, (
+        f"the task was leased to the worker that hung up: {got}, state={info.state} worker={info.worker}"
+    )
+    assert _fetches(bridge, "client_gone") >= 1
+
+
 # -- Clock skew between the bridge that granted a lease and the one a request goes through: host
 # time with the 1 s margin the docs give for it, bridges 400 ms ahead and behind (within half the
 # margin: both serve). Both went wrong before (compared across clocks without the margin).
