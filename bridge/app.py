@@ -35,6 +35,7 @@ from bridge.storage.repository import CassandraTaskStore
 from bridge.storage.schema import SchemaNotReady, ensure_schema, once_served
 from bridge.storage.session import open_session
 from bridge.transport.amqp import AmqpTransport, Observer
+from bridge.transport.capacity import Capacity
 from bridge.transport.duty import Duty
 from bridge.transport.errors import BrokerUnreachable, amqp_where
 from bridge.transport.hints import AmqpHints
@@ -204,6 +205,9 @@ class Bridge:
             max_lanes=settings.max_queues_in_memory,
             results=self.results,
         )
+        # One count of the long lifecycle requests (purge, stats, parked, discard, redrive) for
+        # AMQP and the HTTP gateway: the bound is the bridge's, whichever way they come.
+        self.capacity = Capacity()
         self.transport = AmqpTransport(
             settings,
             self.queue,
@@ -212,6 +216,7 @@ class Bridge:
             hints=self.hints,
             duty=self.duty,
             on_channel_down=self.metrics.set_channel_down,
+            capacity=self.capacity,
         )
         self.scheduler = RecoveryScheduler(
             self.queue,
@@ -244,7 +249,9 @@ class Bridge:
         self.http_port: int | None = None  # the bound port once started (BRIDGE_HTTP_PORT=0: no HTTP)
         # The HTTP gateway (opt-in): the same queue, the same contract, bearer API keys.
         self.gateway = (
-            GatewayServer(settings, self.queue, observe or self.metrics.observe, metrics=self.metrics)
+            GatewayServer(
+                settings, self.queue, observe or self.metrics.observe, metrics=self.metrics, capacity=self.capacity
+            )
             if settings.gateway_port
             else None
         )

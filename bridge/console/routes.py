@@ -27,9 +27,9 @@ import hashlib
 import importlib.resources
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import suppress
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
@@ -43,6 +43,8 @@ from bridge.domain.models import DiscardRequest, Identifier, ParkedRequest, Redr
 from bridge.gateway.errors import Forbidden, NotFound
 from bridge.gateway.server import KEY, GatewayServer
 from bridge.transport import wire
+
+_T = TypeVar("_T")
 
 QUEUE_PATH = CONSOLE_API + "/queues/{serviceId}"
 JSON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
@@ -125,7 +127,8 @@ class Console:
         owner = self._owner(request)
         # WorkQueue.stats reads at most STATS_CONCURRENCY services at a time (every 2 s per open
         # console: all of up to 1,000 at once was thousands of Cassandra reads in one burst).
-        return _json(wire.stats(await self.queue.stats(owner, None))["result"])
+        with self.gateway.capacity.slot("stats"):
+            return _json(wire.stats(await self.queue.stats(owner, None))["result"])
 
     async def metrics(self, request: web.Request) -> web.Response:
         self._owner(request)  # a bad X-Owner is refused here too
@@ -152,7 +155,8 @@ class Console:
         req = parse(ParkedRequest, body)
         # Without errors: the worker's error may carry task data and is not shown here, so none is
         # read nor decrypted (up to 100 of them every 2 s per open console, all thrown away).
-        found = await self.queue.lifecycle.parked(owner, req.service_id, req.limit, with_errors=False)
+        with self.gateway.capacity.slot("parked"):
+            found = await self.queue.lifecycle.parked(owner, req.service_id, req.limit, with_errors=False)
         tasks = wire.parked(found)["result"]["tasks"]
         for t in tasks:
             t.pop("lastError", None)
@@ -166,21 +170,35 @@ class Console:
         req = parse(RedriveRequest, body)
         if req.task_ids is not None:
             ids = self._task_ids(req.task_ids)
-            n = await self.gateway.shielded(request, "redrive", self.queue.redrive(owner, req.service_id, ids))
+            n = await self._shielded(request, "redrive", self.queue.redrive(owner, req.service_id, ids))
             return _json({"redriven": n})
         after = None if req.after is None else self._task_ids([req.after])[0]
         round_ = self.queue.redrive_all(owner, req.service_id, req.parked_before_ms(), after)
-        done = await self.gateway.shielded(request, "redrive", round_)
+        done = await self._shielded(request, "redrive", round_)
         return _json(wire.redriven_round(done)["result"])
 
     async def discard(self, request: web.Request) -> web.Response:
         owner, body = await self._write(request)
         req = parse(DiscardRequest, body)
         ids = self._task_ids(req.task_ids)
-        n = await self.gateway.shielded(request, "discard", self.queue.discard(owner, req.service_id, ids))
+        n = await self._shielded(request, "discard", self.queue.discard(owner, req.service_id, ids))
         return _json({"discarded": n})
 
     # -- helpers -----------------------------------------------------------------------------------
+    async def _shielded(self, request: web.Request, method: str, work: Coroutine[Any, Any, _T]) -> _T:
+        """``work`` run to its end as the gateway's writes are, in one of the bridge's slots for
+        long lifecycle requests (shared with AMQP and the gateway's API: ``Capacity``), held until
+        it ends even when the tab is closed; ``Busy`` (503), nothing done, when they are taken."""
+
+        async def in_slot() -> _T:
+            try:
+                with self.gateway.capacity.slot(method):
+                    return await work
+            finally:
+                work.close()  # never started when the slot was refused; a no-op once it ran
+
+        return await self.gateway.shielded(request, method, in_slot())
+
     def _owner(self, request: web.Request) -> str:
         return GatewayServer._owner(request[KEY], request.headers.get("X-Owner"))
 

@@ -52,6 +52,7 @@ from bridge.gateway.errors import (
 from bridge.gateway.keys import ApiKey, KeyFile
 from bridge.observability.tracing import child_traceparent, extract_traceparent
 from bridge.transport import wire
+from bridge.transport.capacity import Capacity
 from bridge.transport.envelope import ENVELOPE_ALLOWANCE, OWNER_PATTERN
 from bridge.transport.errors import Busy, observed_outcome
 
@@ -93,6 +94,7 @@ class GatewayServer:
         *,
         keys: KeyFile | None = None,
         metrics: Counters | None = None,
+        capacity: Capacity | None = None,
     ) -> None:
         if keys is None:
             if settings.gateway_keys_file is None:
@@ -100,6 +102,9 @@ class GatewayServer:
             keys = KeyFile(settings.gateway_keys_file)
         self.keys = keys
         self.queue = queue
+        # The bridge's count of long lifecycle requests, shared with AMQP (and the console): a
+        # flood of purges through the gateway takes no more of the store than one through AMQP.
+        self.capacity = capacity or Capacity()
         self.observe = observe
         self.limit = settings.max_value_bytes + ENVELOPE_ALLOWANCE
         self.grace = settings.shutdown_grace
@@ -416,7 +421,8 @@ class GatewayServer:
             # Received now, so sent before now: an ack without taskId older than the worker's
             # current lease is refused, as on AMQP (where the message timestamp says it).
             return wire.acked(await self.queue.ack(owner, req, sent_before_ms=received_ms)), None
-        return await wire.LIFECYCLE[method].call(self.queue, owner, req), None
+        with self.capacity.slot(method):
+            return await wire.LIFECYCLE[method].call(self.queue, owner, req), None
 
     @staticmethod
     def _owner(key: ApiKey, named: str | None) -> str:

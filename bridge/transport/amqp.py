@@ -36,6 +36,7 @@ from bridge.config import Settings
 from bridge.domain.cancellation import is_stray
 from bridge.domain.queue import WorkQueue
 from bridge.transport import failover, replies, tolerant_decoding
+from bridge.transport.capacity import Capacity
 from bridge.transport.duty import Duty
 from bridge.transport.handlers import ADD_RETRY_BUDGET_S, RequestHandlers
 from bridge.transport.hints import AmqpHints
@@ -103,6 +104,7 @@ class AmqpTransport:
         hints: AmqpHints | None = None,
         duty: Duty | None = None,
         on_channel_down: ChannelReporter = _report_nothing,
+        capacity: Capacity | None = None,
     ) -> None:
         self.settings = settings
         self.queue = queue
@@ -120,6 +122,7 @@ class AmqpTransport:
             consuming=lambda: bool(self._consumer_tags or self._orphans),
             requester_alive=self.probe.alive,
             queue_restoring=self.queue_restoring,
+            capacity=capacity,
         )
         # The results channel also carries the add retry lane; both publish to quorum queues on a
         # cluster (BRIDGE_QUEUE_TYPE): a channel RabbitMQ keeps nacking is opened afresh.

@@ -33,6 +33,7 @@ from bridge.observability.throttled import ThrottledWarning
 from bridge.observability.tracing import child_traceparent, extract_traceparent
 from bridge.transport import wire
 from bridge.transport.add_retry import AddRetryLane
+from bridge.transport.capacity import LONG_METHODS, PACED_METHOD, Capacity
 from bridge.transport.envelope import (
     AddKey,
     Identity,
@@ -99,23 +100,6 @@ def _answerable(exc: BaseException, what: str, internal_message: str) -> BridgeE
     return exc
 
 
-PACED_METHOD = "redrive"  # the one lifecycle method that waits on purpose (its rate)
-# Redrives one bridge paces at once, their deliveries acknowledged (outside the prefetch window).
-# Past it a redrive is answered ``unavailable`` at once: holding its delivery instead would let a
-# burst of redrives take the lifecycle consumer's every slot (each paced for seconds), and every
-# extend of every owner on this bridge would wait behind them.
-MAX_PACED_REDRIVES = 64
-# The lifecycle methods that may run for seconds: a purge (a compare-and-set per ready task, up to
-# 20,000 a request: ~200 s), stats of every queue of an owner, a listing of up to 1,000 parked
-# tasks with their errors, a discard of up to 1,000 ids. All lifecycle methods share one queue and
-# one prefetch window: held while they ran, a few of them (two, with a prefetch of 2) stopped every
-# extend, fail and cancel of every owner on this bridge, and leases of healthy work ran out.
-LONG_METHODS = frozenset({"purge", "stats", "parked", "discard"})
-# Long requests one bridge runs at once (their deliveries acknowledged once they outlast
-# LONG_HOLD_S). Past it one is answered ``unavailable`` at once and nothing of it is done, as a
-# redrive past MAX_PACED_REDRIVES: a flood of purges can take neither every slot nor every
-# Cassandra connection of the bridge.
-MAX_LONG_REQUESTS = 32
 # A long request holds its delivery this long at most, then it is acknowledged and answered when
 # it ends. The quick ones (one queue's stats, a short listing: milliseconds) end within it and are
 # settled as every request is; an extend waits behind long ones this long at most.
@@ -163,6 +147,7 @@ class RequestHandlers:
         requester_alive: Callable[[str], Awaitable[bool]] | None = None,
         lane: AddRetryLane | None = None,
         queue_restoring: Callable[[str], bool] | None = None,
+        capacity: Capacity | None = None,
     ) -> None:
         self.settings = settings
         # Whether the queue of a routing key is being declared again here (the broker cancelled
@@ -180,8 +165,8 @@ class RequestHandlers:
         # (each acked at once, so the broker kept delivering) grew memory and store polling without
         # limit, for every tenant of the bridge.
         self.waiting_unbounded = 0
-        self.paced_redrives = 0  # redrives acknowledged early, being paced (MAX_PACED_REDRIVES)
-        self.long_requests = 0  # purge, stats, parked, discard requests running (MAX_LONG_REQUESTS)
+        # The bridge's long lifecycle requests and paced redrives, shared with the HTTP gateway.
+        self.capacity = capacity or Capacity()
         self.requester_alive = requester_alive  # asked before a long-poll that waited claims a task
         self.lane = lane or AddRetryLane(settings)
         # The bridge's own user names the owner of the adds it moved to its retry lane.
@@ -607,7 +592,7 @@ class RequestHandlers:
             if method == PACED_METHOD:
                 body = await self._paced(owner, message, work)
             elif method in LONG_METHODS:
-                body = await self._long(owner, message, work)
+                body = await self._long(method, owner, message, work)
             else:  # extend, fail, cancel: quick, and held as every request is
                 body = await work()
             return wire.encode(body), None
@@ -625,32 +610,18 @@ class RequestHandlers:
         a redrive is idempotent, and if the bridge dies, the caller's retry asks again. Bounded:
         each one acked early is memory and a waiter on its queue's pace, outside the prefetch."""
         await self._owner_has_key(owner)
-        if self.paced_redrives >= MAX_PACED_REDRIVES:
-            raise Busy(
-                f"this bridge is already pacing {self.paced_redrives} redrives (at most "
-                f"{MAX_PACED_REDRIVES} at once); nothing was redriven: send it again when they end"
-            )
-        self.paced_redrives += 1
-        try:
+        with self.capacity.slot(PACED_METHOD):
             await ack_early(message)
             return await work()
-        finally:
-            self.paced_redrives -= 1
 
-    async def _long(self, owner: str, message: RequestMessage, work: Callable[[], Awaitable[wire.Body]]) -> wire.Body:
+    async def _long(
+        self, method: str, owner: str, message: RequestMessage, work: Callable[[], Awaitable[wire.Body]]
+    ) -> wire.Body:
         """A purge, stats, parked or discard (LONG_METHODS): run at most MAX_LONG_REQUESTS at once,
         each holding its delivery LONG_HOLD_S at most (:meth:`_held_briefly`)."""
         await self._owner_has_key(owner)
-        if self.long_requests >= MAX_LONG_REQUESTS:
-            raise Busy(
-                f"this bridge is already running {self.long_requests} purge, stats, parked and discard "
-                f"requests (at most {MAX_LONG_REQUESTS} at once); nothing was done: send it again when they end"
-            )
-        self.long_requests += 1
-        try:
+        with self.capacity.slot(method):
             return await _held_briefly(message, work())
-        finally:
-            self.long_requests -= 1
 
 
 async def _held_briefly(message: RequestMessage, work: Awaitable[wire.Body]) -> wire.Body:

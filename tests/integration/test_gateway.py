@@ -855,6 +855,52 @@ async def test_a_fetch_that_does_not_wait_claims_nothing_once_its_client_hung_up
     assert _fetches(bridge, "client_gone") >= 1
 
 
+async def test_long_lifecycle_requests_through_http_and_amqp_share_the_bridges_bound(
+    start_gateway, engine, monkeypatch
+):
+    """A purge, stats, parked or discard may run for seconds on the store; one bridge runs at most
+    MAX_LONG_REQUESTS of them (2 here) and answers the next ``unavailable`` with nothing done. The
+    bound was the AMQP handlers' only: the gateway ran as many as its per-key bound allows (256 a
+    key) beside AMQP's, so one tenant's flood of purges through HTTP took the store from every
+    tenant of the bridge. Now it is the bridge's, whichever way the requests come."""
+    import bridge.transport.capacity as capacity
+    from bridge.domain import lifecycle
+
+    monkeypatch.setattr(capacity, "MAX_LONG_REQUESTS", 2)
+    gate = asyncio.Event()
+    started: list[str] = []
+    real_purge = lifecycle.Lifecycle.purge
+
+    async def purge(self: Any, owner: str, service: str) -> tuple[int, bool]:
+        started.append(service)
+        await gate.wait()
+        return await real_purge(self, owner, service)
+
+    monkeypatch.setattr(lifecycle.Lifecycle, "purge", purge)
+    bridge, gw = await start_gateway()
+    svc = service_id()
+    await gw.ok(svc, "tasks", {"value": 1})
+    running = [
+        asyncio.create_task(engine.call("purge", {"serviceId": svc}, owner=OWNERS[0])),
+        asyncio.create_task(gw.post(svc, "purge")),
+    ]
+    try:
+        await wait_for(lambda: len(started) == 2, 10, what="one purge through AMQP, one through HTTP, running")
+        refused = await gw.post(svc, "purge")
+        assert refused.status == 503 and refused.code == "unavailable", (refused.status, refused.body)
+        assert "at most 2 at once" in refused.body["error"]["message"], refused.body
+        reply, _ = await engine.call_raw("purge", {"serviceId": svc}, owner=OWNERS[0])
+        assert reply.get("error", {}).get("code") == "unavailable", reply
+        assert len(started) == 2, "a purge past the bound ran"
+        assert bridge.capacity.long_requests == 2
+    finally:
+        gate.set()
+    amqp_reply, http_reply = await asyncio.gather(*running)
+    assert http_reply.status == 200, (http_reply.status, http_reply.body)
+    assert amqp_reply["result"]["purged"] + http_reply.body["result"]["purged"] == 1
+    assert bridge.capacity.long_requests == 0
+
+
 # -- Clock skew between the bridge that granted a lease and the one a request goes through: host
 # time with the 1 s margin the docs give for it, bridges 400 ms ahead and behind (within half the
 # margin: both serve). Both went wrong before (compared across clocks without the margin).

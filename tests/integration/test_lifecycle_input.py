@@ -220,9 +220,9 @@ async def test_past_its_bound_a_long_request_is_answered_unavailable_and_nothing
     """Long requests run acknowledged, outside the prefetch window: bounded (MAX_LONG_REQUESTS, 2
     here), past it one is answered ``unavailable`` at once, not executed; the ones running are
     answered when they end, and an extend meanwhile is answered at once."""
-    import bridge.transport.handlers as handlers
+    import bridge.transport.capacity as capacity
 
-    monkeypatch.setattr(handlers, "MAX_LONG_REQUESTS", 2)
+    monkeypatch.setattr(capacity, "MAX_LONG_REQUESTS", 2)
     gate = asyncio.Event()
     started: list[str] = []
     real_purge = lifecycle.Lifecycle.purge

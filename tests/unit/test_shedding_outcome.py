@@ -20,7 +20,7 @@ import pytest
 
 from bridge.config import Settings
 from bridge.domain.errors import Unavailable
-from bridge.transport import handlers as handlers_module
+from bridge.transport import capacity as capacity_module
 from bridge.transport.amqp import AmqpTransport
 from bridge.transport.replies import reply_node
 from tests.unit.test_fuzz import REPLY_TO, _Channel, _Message, _Queue
@@ -112,17 +112,17 @@ def _error_code(channel: _Channel) -> str:
 
 async def test_a_redrive_over_the_bridges_cap_counts_busy() -> None:
     transport, channel, observed = _transport()
-    transport.handlers.paced_redrives = handlers_module.MAX_PACED_REDRIVES
+    transport.handlers.capacity.paced_redrives = capacity_module.MAX_PACED_REDRIVES
     message = await _lifecycle(transport, "redrive", {"serviceId": "s", "all": True})
     assert _error_code(channel) == "unavailable", "the wire is unchanged"
     assert message.settled == ["ack"], "answered and acked, as any unavailable RPC"
     assert observed == [("redrive", "busy")], observed
 
 
-@pytest.mark.parametrize("method", sorted(handlers_module.LONG_METHODS))
+@pytest.mark.parametrize("method", sorted(capacity_module.LONG_METHODS))
 async def test_a_long_request_over_the_bridges_cap_counts_busy(method: str) -> None:
     transport, channel, observed = _transport()
-    transport.handlers.long_requests = handlers_module.MAX_LONG_REQUESTS
+    transport.handlers.capacity.long_requests = capacity_module.MAX_LONG_REQUESTS
     body: dict[str, Any] = {"serviceId": "s"}
     if method == "discard":
         body["taskIds"] = ["00000000-0000-1000-8000-000000000000"]

@@ -19,8 +19,8 @@ import pytest
 from bridge.config import Settings
 from bridge.domain.clock import ManualClock
 from bridge.transport.amqp import AmqpTransport
+from bridge.transport.capacity import MAX_PACED_REDRIVES
 from bridge.transport.fate import Settle
-from bridge.transport.handlers import MAX_PACED_REDRIVES
 from bridge.transport.replies import reply_node
 from tests.unit.test_late_requests import NOW_MS, REPLY_TO, _Channel, _Metrics
 from tests.unit.test_late_requests import _Message as _LateMessage
@@ -120,6 +120,6 @@ async def test_redrives_acknowledged_early_are_bounded_past_it_one_is_answered_u
     queue.release.set()
     await asyncio.gather(*handling)
     assert len(queue.redriven) == MAX_PACED_REDRIVES
-    assert transport.handlers.paced_redrives == 0
+    assert transport.handlers.capacity.paced_redrives == 0
     assert [m.settled for m in paced] == [[Settle.ACK]] * MAX_PACED_REDRIVES, "each settled once"
     assert len(channel.replies) == MAX_PACED_REDRIVES + 1
