@@ -20,6 +20,8 @@ class TcpProxy:
         self.reading = asyncio.Event()  # cleared by ``stall``: the clients' bytes are not read
         self.reading.set()
         self.accepted = 0  # connections taken (a client's reconnection attempts show here)
+        # One more gate per connection, by the order they were taken (0: the first): ``stall(n)``.
+        self._reading_of: list[asyncio.Event] = []
 
     async def start(self, port: int = 0, *, tls: ssl.SSLContext | None = None) -> TcpProxy:
         """Listen (with ``tls``: a TLS listener that forwards the decrypted stream to the target)."""
@@ -31,11 +33,20 @@ class TcpProxy:
         """Whether the server's bytes to this client side are dropped (all of them while muted)."""
         return self.muted
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, replies: bool) -> None:
+    async def _pipe(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        replies: bool,
+        reading: asyncio.Event | None = None,
+    ) -> None:
         try:
             while True:
                 if not replies:
                     await self.reading.wait()
+                    if reading is not None:
+                        await reading.wait()
                 if not (data := await reader.read(65536)):
                     break
                 if replies and self.drops(writer):
@@ -50,6 +61,9 @@ class TcpProxy:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
+        reading = asyncio.Event()
+        reading.set()
+        self._reading_of.append(reading)
         if not self.up:
             writer.close()
             return
@@ -59,7 +73,11 @@ class TcpProxy:
             writer.close()
             return
         self._conns.update((writer, up_writer))
-        for t in (self._pipe(reader, up_writer, replies=False), self._pipe(up_reader, writer, replies=True)):
+        pipes = (
+            self._pipe(reader, up_writer, replies=False, reading=reading),
+            self._pipe(up_reader, writer, replies=True),
+        )
+        for t in pipes:
             task = asyncio.create_task(t)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -81,13 +99,19 @@ class TcpProxy:
         its client never learns it (what a coordinator dying after the write looks like)."""
         self.muted = True
 
-    def stall(self) -> None:
+    def stall(self, connection: int | None = None) -> None:
         """Stop reading what the clients send (what RabbitMQ does to a publisher's socket during a
-        memory or disk alarm), for this proxy's connections only, until ``resume``."""
-        self.reading.clear()
+        memory or disk alarm), for this proxy's connections only, until ``resume``; with
+        ``connection``, for that one only (0: the first this proxy took)."""
+        if connection is None:
+            self.reading.clear()
+        else:
+            self._reading_of[connection].clear()
 
     def resume(self) -> None:
         self.reading.set()
+        for reading in self._reading_of:
+            reading.set()
 
     async def stop(self) -> None:
         self.cut()

@@ -17,6 +17,7 @@ publishes with confirms).
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Mapping
 from typing import Any
@@ -145,10 +146,37 @@ def closing(channel: aiormq.Channel) -> bool:
 
 async def write(channel: aiormq.Channel, frames: bytes) -> None:
     """Queue ``frames`` on the channel's connection, in order with everything aiormq queues, without
-    waiting for the socket. A channel closed or being closed raises, as aiormq's own methods do."""
+    waiting for the socket. A channel closed or being closed raises, as aiormq's own methods do.
+
+    The queue holds 10 frames and only the connection's writer takes them out; a writer waiting
+    for the socket (the broker stopped reading it: a resource alarm, a dead link) leaves it full,
+    and a write then waits for room. That wait ends with the channel too: once the connection
+    closes nothing takes from this queue again, and a write waiting on it alone never returned
+    (adds waiting to publish their hints held every add slot of the bridge, their deliveries
+    unacked on a healthy connection, until the broker's consumer timeout)."""
     if closing(channel):
         raise ChannelInvalidStateError(f"{channel!r} closed")
-    await channel.write_queue.put(ChannelFrame(payload=frames, should_close=False))
+    frame = ChannelFrame(payload=frames, should_close=False)
+    queue = channel.write_queue
+    try:
+        queue.put_nowait(frame)  # the common case, what ``put`` does without waiting
+        return
+    except asyncio.QueueFull:
+        pass
+    closed = channel.closing  # an observer: cancelling it leaves the channel alone
+    putting = asyncio.ensure_future(queue.put(frame))
+    try:
+        await asyncio.wait({putting, closed}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        putting.cancel()
+        raise
+    finally:
+        closed.cancel()
+    if putting.done():
+        putting.result()  # queued
+        return
+    putting.cancel()
+    raise ChannelInvalidStateError(f"{channel!r} closed while its frames waited for the connection's writer")
 
 
 async def publish_on(

@@ -54,3 +54,37 @@ async def test_no_frame_is_queued_after_the_close_ok_of_a_channel_the_broker_clo
         await frames.write(channel, b"after")
     assert connector.write_queue.qsize() == 2, "nothing queued after the CloseOk"
     await channel.close()
+
+
+async def test_a_write_waiting_for_room_on_a_connection_that_closes_ends() -> None:
+    """aiormq's write queue holds 10 frames and only the connection's writer takes them out. A
+    writer stuck on the socket (the broker stopped reading it: a resource alarm, a dead link)
+    leaves a full queue, and a write waited for room without end: once the connection closed
+    nothing took from that queue again. Adds waiting to publish their hints held every add slot of
+    the bridge (their deliveries unacked on a healthy connection) until the broker's consumer
+    timeout, 30 minutes. Found by review. Now the channel's close ends the wait."""
+    connector = _Connector()
+    connector.write_queue = asyncio.Queue(maxsize=1)
+    channel = aiormq.Channel(connector, number=7, publisher_confirms=False)  # type: ignore[arg-type]
+    await frames.write(channel, b"fills the queue")
+    waiting = asyncio.ensure_future(frames.write(channel, b"waits for room"))
+    await asyncio.sleep(0)
+    assert not waiting.done(), "the queue is full: the write waits"
+    await connector.close(ConnectionError("the connection is gone"))  # as aiormq's reader does
+    with pytest.raises(ChannelInvalidStateError):
+        await asyncio.wait_for(waiting, 5)
+    assert connector.write_queue.qsize() == 1, "nothing queued on the closed connection"
+
+
+async def test_a_write_waiting_for_room_is_queued_when_the_writer_takes_a_frame() -> None:
+    connector = _Connector()
+    connector.write_queue = asyncio.Queue(maxsize=1)
+    channel = aiormq.Channel(connector, number=7, publisher_confirms=False)  # type: ignore[arg-type]
+    await frames.write(channel, b"first")
+    waiting = asyncio.ensure_future(frames.write(channel, b"second"))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    assert connector.write_queue.get_nowait().payload == b"first"  # the writer takes one
+    await asyncio.wait_for(waiting, 5)
+    assert connector.write_queue.get_nowait().payload == b"second"
+    await connector.close()
