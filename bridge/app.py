@@ -299,8 +299,14 @@ class Bridge:
         try:
             await self._until_reachable("Cassandra", self._connect_store, _storage_unreachable())
             # Measure the clock before taking any request: a skewed bridge never grants a lease.
-            with suppress(Exception):
-                await self.skew.measure()
+            if self.anchor is not None:
+                # Cassandra's time is the bridge's: until it is read, the host's clock stood in for
+                # it, and a bridge whose first probe failed took adds and acks on it (task ids,
+                # outbox buckets minutes off on a host minutes off). Read as Cassandra is reached.
+                await self._until_reachable("Cassandra's clock", self._read_clock, _storage_unreachable())
+            else:
+                with suppress(Exception):
+                    await self.skew.measure()
             # A stop cuts a RabbitMQ attempt short (each node's attempt is bounded too, by
             # BRIDGE_AMQP_CONNECT_TIMEOUT). Not Cassandra's: acsylla's connect, cancelled, never
             # returns; its attempts end on the driver's own timeouts, and the stop is seen then.
@@ -347,6 +353,9 @@ class Bridge:
             with suppress(Exception):
                 await self.db.close()
             raise
+
+    async def _read_clock(self) -> None:
+        await self.skew.measure()
 
     async def _until_reachable(
         self,

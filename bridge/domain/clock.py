@@ -105,9 +105,10 @@ class AnchoredClock:
     """Cassandra's clock, carried between readings by this host's monotonic clock.
 
     ``now_ms`` = the reference's time at the anchor reading + monotonic time elapsed since it. The
-    host's wall clock is used only before the first reading (a bridge grants no lease then: see
-    :class:`SkewGuard`). The time never goes backwards: a new anchor a millisecond behind the old
-    one's extrapolation holds the clock still for that millisecond instead.
+    host's wall clock is used only before the first reading (a bridge's start waits for one before
+    it takes any request, and grants no lease without one: see :class:`SkewGuard`). The time never
+    goes backwards: a new anchor a millisecond behind the old one's extrapolation holds the clock
+    still for that millisecond instead.
     """
 
     def __init__(
@@ -143,14 +144,35 @@ class AnchoredClock:
 
     def offer(self, reading: SkewReading) -> bool:
         """Anchor on ``reading`` if it bounds the time better than the current anchor does by now
-        (a probe slowed by a busy Cassandra must not replace a better, older one)."""
+        (a probe slowed by a busy Cassandra must not replace a better, older one), or if the two
+        cannot both be right: the anchor carried to the reading's moment is further from it than
+        both their bounds together. The monotonic clock then stood still or jumped (a host
+        suspended, a VM paused or live-migrated: the guest's monotonic clock does not count that
+        time), and every time read since was that far off, however small its bound said it was.
+        Kept for being the better bound, such an anchor threw away the one reading that showed it
+        wrong: leases granted already expired on other bridges' clocks, deadlines filed in buckets
+        the recovery passes had read, for as long as the bridge ran."""
         a = self.anchor
         if a is not None and self._aged(reading) >= self._aged(a):
-            return False
+            if abs(self._gap_ms(a, reading)) <= self._aged_at(a, reading.at_monotonic) + reading.error_ms:
+                return False
+            log.error(
+                "clock: this bridge's time was %+.0f ms off Cassandra's (the host or its VM paused, or its "
+                "monotonic clock jumped); it keeps Cassandra's time from this reading on",
+                -self._gap_ms(a, reading),
+            )
         if a is None:
             self._last = -(2**62)  # the host's clock, used until now, says nothing about this one
         self.anchor = reading
         return True
+
+    @staticmethod
+    def _gap_ms(anchor: SkewReading, reading: SkewReading) -> float:
+        """The reading's time minus the anchor's, carried to the reading's monotonic moment."""
+        return reading.reference_ms - (anchor.reference_ms + (reading.at_monotonic - anchor.at_monotonic) * 1000)
+
+    def _aged_at(self, reading: SkewReading, at_monotonic: float) -> float:
+        return reading.error_ms + max(0.0, at_monotonic - reading.at_monotonic) * 1000 * self.drift
 
 
 class SkewGuard:

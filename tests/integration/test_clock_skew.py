@@ -235,3 +235,61 @@ async def test_a_bridge_refusing_leases_for_its_clock_hands_over_the_duty_and_pa
     await asyncio.sleep(work_s)
     assert time.time() < deadline_s - 0.5
     assert await task.ack("done in time") is True, f"ack before the deadline refused; skewed holds={skewed.duty.held}"
+
+
+async def test_a_bridge_whose_monotonic_clock_stood_still_takes_cassandras_time_at_its_next_probe(make_bridge):
+    """A host suspended, or its VM paused or live-migrated, does not count that time on the guest's
+    monotonic clock, by which a bridge carries Cassandra's time between probes: afterwards its
+    time is behind by the pause, its bound still a millisecond. Its next probe saw the gap and was
+    thrown away for bounding the time worse than the old anchor did (a slower round trip), so the
+    bridge kept granting leases that had already expired on every other bridge's clock, and filing
+    deadlines in buckets the recovery passes had read. Found by review. Here the pause is played
+    by setting the anchor back 10 s (what a pause leaves: Cassandra's time and the world moved on,
+    the monotonic clock did not), and the probe after it is slowed by 5 ms."""
+    import dataclasses
+
+    b = await make_bridge()
+    assert b.anchor is not None
+    await b.skew.measure()
+    anchor = b.anchor.anchor
+    assert anchor is not None
+    b.anchor.anchor = dataclasses.replace(anchor, reference_ms=anchor.reference_ms - 10_000)
+    b.anchor._last = -(2**62)
+    behind = await b.store.server_time_ms() - b.anchor.now_ms()
+    assert behind >= 9_000, behind
+    probe = b.skew.probe
+
+    async def slow_probe() -> int:
+        await asyncio.sleep(0.005)
+        return await probe()
+
+    b.skew.probe = slow_probe
+    await b.skew.measure()
+    cassandra = await b.store.server_time_ms()
+    assert abs(cassandra - b.anchor.now_ms()) < 100, f"{cassandra - b.anchor.now_ms()} ms off after the probe"
+
+
+async def test_a_bridge_whose_first_clock_probes_fail_takes_no_request_before_it_reads_cassandras_time(
+    make_bridge, monkeypatch
+):
+    """With ``BRIDGE_CLOCK_SOURCE=cassandra`` the bridge's time is Cassandra's, read by a probe; a
+    start whose probe failed went on serving on the host's clock (only fetches were held back):
+    adds and acks took task ids, write stamps and outbox buckets from a host that may be minutes
+    off. Found by review. The start now tries the probe again, as it does Cassandra itself."""
+    from bridge.storage.errors import StorageUnavailable
+    from bridge.storage.repository import CassandraTaskStore
+
+    real = CassandraTaskStore.server_time_ms
+    failures = 2
+
+    async def flaky(self: Any) -> int:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise StorageUnavailable("the clock probe's node went away")
+        return await real(self)
+
+    monkeypatch.setattr(CassandraTaskStore, "server_time_ms", flaky)
+    b = await make_bridge(start_timeout=30)
+    assert failures == 0
+    assert b.anchor is not None and b.anchor.anchor is not None, "serving before Cassandra's time was read"

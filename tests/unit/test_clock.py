@@ -105,6 +105,35 @@ async def test_leases_are_refused_while_the_time_is_not_known_within_half_the_ma
     assert not guard.ok
 
 
+async def test_a_reading_that_shows_the_monotonic_clock_stood_still_replaces_the_anchor() -> None:
+    """A host suspended, or its VM paused or live-migrated, does not count that time on the
+    guest's monotonic clock: carried by it, the bridge's time fell behind Cassandra's by the pause
+    while its bound still said a millisecond. The next probe saw it, and was thrown away for a
+    worse bound (3 ms against 1), so the bridge kept the wrong time for as long as it ran. Found by
+    review."""
+    clock, guard, ref, _ = rig()
+    ref.rtt_s = 0.001
+    await guard.measure()
+    assert guard.ok
+    ref.true_ms += 10_000  # ten seconds pass for Cassandra (and the world), none for this host
+    assert ref.true_ms - clock.now_ms() >= 9_990
+    ref.rtt_s = 0.003  # a worse bound than the anchor's by itself
+    await guard.measure()
+    assert abs(clock.now_ms() - ref.true_ms) <= 3, "the reading that contradicts the anchor is taken"
+    assert guard.ok
+
+
+async def test_a_worse_reading_within_both_bounds_does_not_move_the_anchor() -> None:
+    clock, guard, ref, _ = rig()
+    ref.rtt_s = 0.001
+    await guard.measure()
+    best = clock.anchor
+    ref.true_ms += 1.0  # a millisecond apart: both bounds cover it
+    ref.rtt_s = 0.003
+    await guard.measure()
+    assert clock.anchor is best
+
+
 def test_the_time_never_goes_backwards_when_a_new_anchor_is_a_little_behind() -> None:
     mono = Monotonic()
     clock = AnchoredClock(ManualClock(0), monotonic=mono)
