@@ -6,13 +6,16 @@ pydantic-settings reports the field and we map the field back to its variable na
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import random
 import re
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -322,6 +325,44 @@ class Settings(BaseSettings):
 
     _split_lists = field_validator("trusted_users", "cassandra_hosts", "amqp_hosts", mode="before")(_split_csv)
 
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_url_parses(cls, value: SecretStr) -> SecretStr:
+        # Checked here, not at the first connect: "rabbit:5672" (no scheme) loaded, and
+        # `queue-bridge permissions` printed vhost "672" for it. The message never shows the URL
+        # (it holds the password).
+        url = urlsplit(value.get_secret_value())
+        if url.scheme not in ("amqp", "amqps"):
+            raise ValueError("must be an amqp:// or amqps:// URL, such as amqp://user:password@rabbitmq:5672/")
+        if not url.hostname:
+            raise ValueError("names no host (amqp://user:password@HOST:5672/vhost)")
+        try:
+            url.port  # noqa: B018 (it raises for a port that is not a number from 0 to 65535)
+        except ValueError:
+            raise ValueError("has a port that is not a number from 1 to 65535") from None
+        return value
+
+    @field_validator("cassandra_hosts")
+    @classmethod
+    def _cassandra_hosts_without_ports(cls, value: list[str]) -> list[str]:
+        # BRIDGE_AMQP_HOSTS takes host[:port]; these do not, and "cass-0:9042" was taken for a
+        # host name: every start failed with "cannot connect", naming no format problem.
+        for host in value:
+            if host.startswith("[") or re.fullmatch(r"[^:]+:\d*", host):
+                raise ValueError(
+                    f"{host!r}: give host names or addresses only; the port is BRIDGE_CASSANDRA_PORT (one for all)"
+                )
+        return value
+
+    @field_validator("cassandra_keyspace")
+    @classmethod
+    def _keyspace_as_cassandra_names_it(cls, value: str) -> str:
+        # The DDL and statements name the keyspace unquoted, so Cassandra folds it to lower case;
+        # the schema checks compared the name as given, found nothing under "QueueBridge", and in
+        # verify mode every bridge waited for a schema that was there (create mode ran the DDL at
+        # every start). Lower case here is the keyspace Cassandra made, under either spelling.
+        return value.lower()
+
     @field_validator("amqp_hosts")
     @classmethod
     def _amqp_hosts_parse(cls, value: list[str]) -> list[str]:
@@ -422,9 +463,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _default_lease_within_the_maximum(self) -> Settings:
-        # Refused only when both are set: a deployment that lowered the maximum alone below the
-        # default (60 s) kept starting, its default lease the maximum, as before.
-        explicit = {"default_time_to_recover_ms", "max_time_to_recover_ms"} <= self.model_fields_set
+        # Refused whenever the default is set: a deployment that lowered the maximum alone below
+        # the default (60 s) kept starting, its default lease the maximum, as before. (A default
+        # raised alone past the 12 h maximum was taken and silently capped.)
+        explicit = "default_time_to_recover_ms" in self.model_fields_set
         if explicit and self.default_time_to_recover_ms > self.max_time_to_recover_ms:
             raise ValueError(
                 f"BRIDGE_DEFAULT_TIME_TO_RECOVER_MS ({self.default_time_to_recover_ms}) is above "
@@ -499,6 +541,19 @@ def _shown_amqp_url(url: str) -> str:
         return without_password(url)
     except ValueError:  # a port that is no number: nothing of it can be shown safely
         return "**********"
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """What to say of each ``BRIDGE_*`` variable that names no setting: a misspelt one
+    (``BRIDGE_CASSANDRA_HOST``) is ignored, and its setting silently keeps its default."""
+    names = [ENV_PREFIX + field.upper() for field in Settings.model_fields]
+    said = []
+    for var in sorted(environ):
+        if var.upper().startswith(ENV_PREFIX) and var.upper() not in names:
+            close = difflib.get_close_matches(var.upper(), names, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            said.append(f"{var} is not a setting of this bridge{hint}: ignored")
+    return said
 
 
 def load_settings(**overrides: Any) -> Settings:

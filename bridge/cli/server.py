@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 from typing import Annotated
 
 import typer
@@ -17,7 +19,7 @@ from bridge.cli.base import (
     run_async,
     settings_or_exit,
 )
-from bridge.config import ConfigError
+from bridge.config import ConfigError, unknown_variables
 
 
 @app.command()
@@ -31,6 +33,8 @@ def run() -> None:
     from bridge.transport.errors import BrokerUnreachable
 
     configure_logging(settings)
+    for said in unknown_variables(os.environ):
+        logging.getLogger("bridge.config").warning(said)
     try:
         run_async(run_forever(settings))
     except ConfigError as exc:  # found at start (e.g. an invalid gateway keys file): exit 2, no traceback

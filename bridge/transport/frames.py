@@ -158,11 +158,9 @@ async def write(channel: aiormq.Channel, frames: bytes) -> None:
         raise ChannelInvalidStateError(f"{channel!r} closed")
     frame = ChannelFrame(payload=frames, should_close=False)
     queue = channel.write_queue
-    try:
-        queue.put_nowait(frame)  # the common case, what ``put`` does without waiting
+    if not queue.full():
+        await queue.put(frame)  # the common case: room, so queued without waiting
         return
-    except asyncio.QueueFull:
-        pass
     closed = channel.closing  # an observer: cancelling it leaves the channel alone
     putting = asyncio.ensure_future(queue.put(frame))
     try:

@@ -209,3 +209,27 @@ async def test_a_datastax_driver_error_is_answered_by_its_type_not_its_text(cass
         assert "10.9.8.7" not in err.value.message and "ConnectionShutdown" in err.value.message, err.value.message
     finally:
         await db.close()
+
+
+async def test_a_keyspace_named_with_capitals_is_found_in_verify_mode(bridge_env: dict[str, str]) -> None:
+    """The DDL and statements name the keyspace unquoted, so Cassandra makes it lower case, and the
+    schema checks compared the name as given: with BRIDGE_CASSANDRA_KEYSPACE=QB_Schema_... they
+    found no table, `queue-bridge schema` ran to its end, and every verify-mode bridge (the
+    Kubernetes example's sidecars) waited for a schema that was there, for good. Found by review."""
+    from bridge.app import Bridge
+    from bridge.storage.cassandra import CassandraSession
+
+    keyspace = f"QB_Schema_{uuid.uuid4().hex[:8]}"
+    env = {**bridge_env, "BRIDGE_CASSANDRA_KEYSPACE": keyspace}
+    b = Bridge(settings_from(env, schema_mode="verify", start_timeout=0))
+    try:
+        ok(await cli("schema", env=env, limit=60))
+        await asyncio.wait_for(b.start(), 40)
+        assert b.transport.is_ready()
+    finally:
+        with contextlib.suppress(Exception):
+            await b.stop()
+        db = CassandraSession(settings_from(bridge_env))
+        await db.connect()
+        await db.execute_raw(f"DROP KEYSPACE IF EXISTS {keyspace}")
+        await db.close()

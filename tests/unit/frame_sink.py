@@ -18,6 +18,9 @@ class _DecodingQueue:
     def __init__(self, owner: FrameChannel) -> None:
         self.owner = owner
 
+    def full(self) -> bool:
+        return False
+
     async def put(self, queued: ChannelFrame) -> None:
         data, decoded = queued.payload, []
         while data:

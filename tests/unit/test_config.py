@@ -177,6 +177,63 @@ def test_a_maximum_lease_set_alone_below_the_default_still_starts(monkeypatch: p
     assert settings.max_time_to_recover_ms == 30_000
 
 
+def test_a_default_lease_raised_alone_above_the_maximum_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused only with both set: a default of 50,000,000 ms alone (above the 12 h maximum) was
+    taken and silently capped, where the README says it is refused. Found by review."""
+    monkeypatch.setenv("BRIDGE_DEFAULT_TIME_TO_RECOVER_MS", "50000000")
+    with pytest.raises(ConfigError) as err:
+        load_settings(_env_file=None)
+    assert "BRIDGE_DEFAULT_TIME_TO_RECOVER_MS" in str(err.value)
+
+
+def test_a_keyspace_is_named_as_cassandra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unquoted, Cassandra folds the name to lower case (tests/integration/test_schema_modes.py)."""
+    monkeypatch.setenv("BRIDGE_CASSANDRA_KEYSPACE", "QueueBridge")
+    assert load_settings(_env_file=None).cassandra_keyspace == "queuebridge"
+
+
+@pytest.mark.parametrize("hosts", ["cass-0:9042", "cass-0,cass-1:9042", "[::1]:9042", "10.0.0.1:"])
+def test_cassandra_hosts_with_a_port_are_refused(monkeypatch: pytest.MonkeyPatch, hosts: str) -> None:
+    """BRIDGE_AMQP_HOSTS takes host[:port]; these do not, and "cass-0:9042" was taken for a host
+    name: the start failed with "cannot connect", naming no format problem. Found by review."""
+    monkeypatch.setenv("BRIDGE_CASSANDRA_HOSTS", hosts)
+    with pytest.raises(ConfigError) as err:
+        load_settings(_env_file=None)
+    assert "BRIDGE_CASSANDRA_HOSTS" in str(err.value) and "BRIDGE_CASSANDRA_PORT" in str(err.value)
+
+
+@pytest.mark.parametrize("hosts", ["cass-0,cass-1", "10.0.0.1", "::1", "fe80::1"])
+def test_cassandra_hosts_and_ipv6_addresses_are_accepted(monkeypatch: pytest.MonkeyPatch, hosts: str) -> None:
+    monkeypatch.setenv("BRIDGE_CASSANDRA_HOSTS", hosts)
+    assert load_settings(_env_file=None).cassandra_hosts == hosts.split(",")
+
+
+@pytest.mark.parametrize(
+    "url", ["rabbit:5672", "http://u:s3cret@rabbit/", "amqp://u:s3cret@:5672/", "amqp://u:s3cret@rabbit:99999/"]
+)
+def test_an_amqp_url_that_does_not_parse_is_refused_without_its_password(
+    monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    """Loaded as any string: "rabbit:5672" started, and `queue-bridge permissions` printed vhost
+    "672" for it; a port out of range failed later, naming no variable. Found by review."""
+    monkeypatch.setenv("BRIDGE_AMQP_URL", url)
+    with pytest.raises(ConfigError) as err:
+        load_settings(_env_file=None)
+    assert "BRIDGE_AMQP_URL" in str(err.value)
+    assert "s3cret" not in str(err.value)
+
+
+def test_a_misspelt_variable_is_named_with_the_setting_it_may_mean() -> None:
+    """Ignored in silence, BRIDGE_CASSANDRA_HOST=cass-0 left the hosts at 127.0.0.1. Found by
+    review. `run` logs each such variable at start."""
+    from bridge.config import unknown_variables
+
+    said = unknown_variables({"BRIDGE_CASSANDRA_HOST": "cass-0", "BRIDGE_AMQP_URL": "amqp://x/", "PATH": "/bin"})
+    assert said == [
+        "BRIDGE_CASSANDRA_HOST is not a setting of this bridge (did you mean BRIDGE_CASSANDRA_HOSTS?): ignored"
+    ]
+
+
 @pytest.mark.parametrize("level", ["ONE", "LOCAL_ONE", "ANY", "TWO"])
 def test_a_consistency_below_a_quorum_is_refused(monkeypatch: pytest.MonkeyPatch, level: str) -> None:
     """docs/storage.md, "Consistency": a read sees every acknowledged write because reads and
