@@ -120,6 +120,11 @@ def encode(hint: Hint) -> bytes:
 
 def decode(body: bytes) -> Hint:
     d = orjson.loads(body)
+    # JSON that is no object (``[1]``, published by hand into a hint queue) raised AttributeError,
+    # which the "malformed hint dropped" guards let through: the fetch answered internal, and the
+    # hint, unsettled, came back to the next one.
+    if not isinstance(d, dict) or not isinstance(d.get("p", {}), dict | None):
+        raise ValueError("a hint is a JSON object")
     payload = None
     if (p := d.get("p")) is not None:
         token = None if p["k"] is None else _unsealed(p["k"])

@@ -580,3 +580,27 @@ async def test_a_waiting_fetch_whose_early_ack_meets_a_closing_channel_is_left_t
     with pytest.raises(RequestTimeout):
         await w.fetch(wait_ms=500)
     assert cut, "the fetch's early ack was cut"
+
+
+async def test_a_hint_that_is_json_but_no_object_is_dropped_and_the_fetch_answered(bridge, engine, workers, servers):
+    """JSON that is no object (``[1]``, an operator's test message published into a hint queue by
+    hand) raised AttributeError past the "malformed hint dropped" guard: the fetch was answered
+    ``internal`` and the hint, left unsettled, came back to the next fetch. Found by review."""
+    import aio_pika
+
+    svc = service_id()
+    await engine.add(svc, "ready")
+    w = await workers(svc, "w")
+    task = await w.fetch()
+    assert task is not None and await task.ack(True) is True  # the queue and its hint queue exist
+    ours = hint_queue_name(bridge.settings.queue_prefix, QueueKey(OWNERS[0], svc))
+    connection = await aio_pika.connect(servers.amqp_url("guest"))
+    async with connection:
+        channel = await connection.channel()
+        for body in (b"[1]", b'"x"', b"1", b'{"p": 2}'):
+            await channel.default_exchange.publish(aio_pika.Message(body), routing_key=ours)
+    for _ in range(4):
+        assert await w.fetch() is None
+    task_id = await engine.add(svc, "after them")
+    got = await w.fetch(wait_ms=5_000)
+    assert got is not None and got.id == task_id

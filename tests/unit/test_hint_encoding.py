@@ -49,3 +49,10 @@ def test_only_small_payloads_without_a_token_ride_on_hints() -> None:
 def test_malformed_hints_raise_what_the_consumer_catches(body: bytes) -> None:
     with pytest.raises((ValueError, KeyError, TypeError)):
         decode(body)
+
+
+@pytest.mark.parametrize("body", [b"[1]", b'"x"', b"1", b"null", b'{"p": 2}', b'{"p": [1]}'])
+def test_json_that_is_no_hint_object_is_a_value_error(body: bytes) -> None:
+    """What the "malformed hint dropped" guards catch (an AttributeError went past them)."""
+    with pytest.raises(ValueError, match="a hint is a JSON object"):
+        decode(body)
