@@ -325,11 +325,12 @@ class TaskStore(Protocol):
 
     # -- loop progress -------------------------------------------------------------------------------
     async def owed_positions(self, name: str, now_ms: int) -> set[int]:
-        """Positions a loop recorded as still owing work (:meth:`remember_owed`), of the last month."""
+        """Positions a loop recorded as still owing work (:meth:`remember_owed`) and not forgotten."""
 
     async def remember_owed(self, name: str, pos: int, pos_ms: int) -> None:
         """Record a position still owing work, apart from the loop's own position (which can then
-        move past it); ``pos_ms`` names its time (its partition)."""
+        move past it), for as long as what it owes may live (a result: its task's life + 1 day);
+        ``pos_ms`` names its time."""
 
     async def forget_owed(self, name: str, pos: int, pos_ms: int) -> None: ...
 

@@ -81,6 +81,7 @@ ALL_OUTBOX_SHARDS = list(range(OUTBOX_SHARDS))
 OUTBOX_READS_AT_ONCE = 16  # unpublished outbox entries read side by side (each holds a result)
 LOOP_CURSOR_TTL_S = 30 * 24 * 3600  # a restart after an outage this long still resumes where it stopped
 LOOP_CURSOR_MAX_DAYS = 31
+OWED_PARTITION = -1  # the ``day`` of the partition that holds a loop's owed positions (no day's)
 BUCKET_INDEX_GRACE_S = 60  # an index row outlives the rows it points at
 # An index row's ends are rounded up to the minute: the writes of one bucket by bridges of one
 # BRIDGE_TASK_TTL (their entries' lives end within the bucket's ten seconds) name one or two ends,
@@ -1115,18 +1116,25 @@ class CassandraTaskStore:
         """Insert a position (the greatest row wins); its partition is the day it falls in."""
         await self.db.execute("sched.advance", (name, pos_ms // DAY_MS, pos, LOOP_CURSOR_TTL_S))
 
+    # Owed positions are recorded in one partition of their own, each for as long as what it owes
+    # lives (a result lives its task's life + 1 day). Recorded under their own day for 30 days, as
+    # a position is, those of a fleet whose BRIDGE_TASK_TTL is over 29 days outlived their record:
+    # a result nobody could take for a month was forgotten at the next duty handover, and owed
+    # for good. (Records of earlier releases, in the day partitions, are still read.)
     async def owed_positions(self, name: str, now_ms: int) -> set[int]:
-        found: set[int] = set()
+        found = {int(r["pos"]) for r in await self.db.execute("sched.list", (name, OWED_PARTITION))}
         now_day = now_ms // DAY_MS
         for day in range(now_day, now_day - LOOP_CURSOR_MAX_DAYS - 1, -1):
             found.update(int(r["pos"]) for r in await self.db.execute("sched.list", (name, day)))
         return found
 
     async def remember_owed(self, name: str, pos: int, pos_ms: int) -> None:
-        await self.db.execute("sched.advance", (name, pos_ms // DAY_MS, pos, LOOP_CURSOR_TTL_S))
+        life = min(max(LOOP_CURSOR_TTL_S, self.task_ttl_s + RESULT_OWED_MS // 1000), MAX_CASSANDRA_TTL_S)
+        await self.db.execute("sched.advance", (name, OWED_PARTITION, pos, life))
 
     async def forget_owed(self, name: str, pos: int, pos_ms: int) -> None:
-        await self.db.execute("sched.forget", (name, pos_ms // DAY_MS, pos))
+        await self.db.execute("sched.forget", (name, OWED_PARTITION, pos))
+        await self.db.execute("sched.forget", (name, pos_ms // DAY_MS, pos))  # an earlier release's record
 
 
 __all__ = ["CassandraTaskStore"]

@@ -285,3 +285,30 @@ async def test_stats_count_every_task_exactly_across_midnight(at_midnight):
     for w, d in (("b", second), ("c", third), ("d", fourth)):
         assert await h.ack(w, d) is True
     assert await stats() == (0, 0, 0)
+
+
+async def test_an_owed_result_bucket_is_remembered_as_long_as_a_result_lives(cassandra_settings: Any) -> None:
+    """The relay records an outbox bucket still owing a publish apart from its position. The record
+    lived 30 days under the bucket's day, and a new duty holder looked a month back: with
+    BRIDGE_TASK_TTL over 29 days, a result nobody could take for a month (no queue bound) outlived
+    its record, was forgotten at the next handover, and stayed owed for good. Found by review."""
+    from bridge.domain.timeline import OUTBOX_BUCKET_MS
+    from bridge.storage.repository import CassandraTaskStore
+    from bridge.storage.session import open_session
+
+    db = open_session(cassandra_settings)
+    await db.connect()
+    try:
+        store = CassandraTaskStore(db, lambda: int(time.time() * 1000), 60 * 24 * 3600)  # 60 days
+        await store.prepare()
+        name = f"relay-{uuid.uuid4().hex[:8]}.owed"
+        now = int(time.time() * 1000)
+        bucket = now // OUTBOX_BUCKET_MS
+        await store.remember_owed(name, bucket, bucket * OUTBOX_BUCKET_MS)
+        assert bucket in await store.owed_positions(name, now)
+        forty_days_on = now + 40 * DAY_MS  # results of a 60-day task still live then
+        assert bucket in await store.owed_positions(name, forty_days_on), "a handover 40 days on forgot it"
+        await store.forget_owed(name, bucket, bucket * OUTBOX_BUCKET_MS)
+        assert bucket not in await store.owed_positions(name, now)
+    finally:
+        await db.close()
