@@ -338,7 +338,18 @@ class WorkQueue:
         self._registered[q] = now
         if len(self._registered) > self.dispatcher.max_lanes:
             self._registered.clear()
-        self.ctx.background.spawn(self.ctx.store.register_service(q), "register service")
+        self.ctx.background.spawn(self._registration(q, now), "register service")
+
+    async def _registration(self, q: QueueKey, at_ms: int) -> None:
+        """A registration that failed (a Cassandra timeout) is tried again at the queue's next add,
+        not a day later: meanwhile a new or quiet queue was missing from the owner's stats, the
+        console, the gauges and the counter trim."""
+        try:
+            await self.ctx.store.register_service(q)
+        except BaseException:
+            if self._registered.get(q) == at_ms:
+                del self._registered[q]
+            raise
 
     async def first_copy_settled(self, add: PendingAdd, message_id: str, since: float) -> None:
         """Wait until a first delivery of this add that may still be storing has stored it, or

@@ -447,3 +447,34 @@ async def test_tasks_expired_by_ttl_stay_counted_but_no_oldest_age_names_them(ma
     row = await stats_row(engine, svc)
     assert row["oldestReadyAgeMs"] is None, f"the oldest age names an expired task: {row}"
     assert row["ready"] == 3, f"documented: expired tasks stay counted until their day leaves the window; {row}"
+
+
+async def test_a_queue_whose_registration_failed_is_registered_at_its_next_add(make_bridge, engine, monkeypatch):
+    """A bridge registers a queue (for owner-wide stats, the console, the gauges, the counter trim)
+    at its first add of the day, in the background; one that failed (a Cassandra timeout) was not
+    tried again for a day, and a new or quiet queue was missing from all of them meanwhile. Found
+    by review."""
+    from bridge.storage.errors import UnknownOutcome
+
+    b = await make_bridge()
+    store = b.queue.ctx.store
+    real = store.register_service
+    calls: list[QueueKey] = []
+
+    async def flaky(q: QueueKey) -> None:
+        calls.append(q)
+        if len(calls) == 1:
+            raise UnknownOutcome("the registration timed out")
+        await real(q)
+
+    monkeypatch.setattr(store, "register_service", flaky)
+    svc = service_id()
+    await engine.add(svc, 1)
+    await wait_for(lambda: len(calls) == 1, 10, what="the first registration")
+    await engine.add(svc, 2)
+    await wait_for(lambda: len(calls) == 2, 10, what="the registration tried again at the next add")
+
+    async def listed() -> bool:
+        return svc in await store.services(OWNERS[0], 10_000)
+
+    await wait_for(listed, 10, what="the queue listed for its owner")
