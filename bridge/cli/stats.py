@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 
 
 async def _stats(settings: Settings, owner: str, service: str, limit: int) -> QueueStats:
-    from bridge.domain.stats import queue_stats
+    from bridge.app import WRITE_LATE_MS
+    from bridge.domain.records import QueueKey
+    from bridge.domain.stats import queue_stats, service_stats
     from bridge.storage.cassandra import CassandraSession
     from bridge.storage.repository import CassandraTaskStore
 
@@ -56,8 +58,20 @@ async def _stats(settings: Settings, owner: str, service: str, limit: int) -> Qu
             if anchor is not None:
                 await _anchor(anchor, store)
             now = clock.now_ms()
+            ttl_ms = settings.task_ttl_seconds * 1000
             # A lane with no cursor is walked from a TTL ago, not from its first bucket ever.
-            return await queue_stats(store, owner, service, now, limit=limit, ttl_ms=settings.task_ttl_seconds * 1000)
+            walked = await queue_stats(store, owner, service, now, limit=limit, ttl_ms=ttl_ms)
+            # The walk starts at the scan cursors, which scans and the live stats move past claimed
+            # entries: a task leased or parked a while ago is behind them, and the walk alone said
+            # 0 in flight and 0 parked for a queue with 90 leases held and 10 tasks parked. Those
+            # two are also read as the stats RPC reads them (the counters, the parked index).
+            margin_ms = int(settings.clock_skew_margin * 1000)
+            live = await service_stats(
+                store, QueueKey(owner, service), now, ttl_ms, margin_ms, margin_ms + WRITE_LATE_MS
+            )
+            return replace(
+                walked, in_flight=max(walked.in_flight, live.in_flight), parked=max(walked.parked, live.parked)
+            )
         except errors as exc:
             raise Failure(f"reading the queue from Cassandra at {where} failed: {type(exc).__name__}: {exc}") from None
     finally:
@@ -97,7 +111,8 @@ def stats(
 ) -> None:
     """Count a queue's tasks: ready, in flight, delayed, parked, done, dead (reads Cassandra directly).
 
-    Counts start at the queue's scan cursors (all before them were claimed), so done/dead cover recent tasks only.
+    The walk starts at the queue's scan cursors (all before them were claimed), so done/dead cover recent tasks
+    only; in flight and parked are also read from the queue's counters and parked index.
     Tasks are judged on the bridges' clock: Cassandra's (BRIDGE_CLOCK_SOURCE=cassandra), or this host's (host).
     """
     settings = settings_or_exit()
@@ -123,6 +138,8 @@ def stats(
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         typer.echo(f"{name:<{width}}  {value}")
-    typer.echo("note: done/dead count only tasks after the queue's scan cursors")
+    typer.echo(
+        "note: done/dead count only tasks after the queue's scan cursors; in flight and parked include the counters'"
+    )
     if result.truncated:
         typer.echo(f"note: stopped after --limit {limit} entries: the counts are lower bounds")
