@@ -566,7 +566,12 @@ def redrive(
             return await engine.redrive(service, all=True, redrive_rate=rate, progress=done.add)
         return await engine.redrive(service, list(task_ids or ()), redrive_rate=rate)
 
-    what = f"redrive --all: putting back every parked task of service {service!r}" if all_parked else None
+    # Named or not, a redrive changes tasks: a reply that does not come says the outcome is
+    # unknown (the bridge may still be pacing it), not "is a bridge consuming?".
+    if all_parked:
+        what = f"redrive --all: putting back every parked task of service {service!r}"
+    else:
+        what = f"redrive: putting back {len(task_ids or ())} parked task(s) of service {service!r}"
     redriven = _engine_call(owner, amqp_url, timeout, use, changing=what, done=done if all_parked else None)
     typer.echo(json.dumps({"redriven": redriven}))
 

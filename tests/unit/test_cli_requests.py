@@ -97,6 +97,18 @@ def test_discard_awaits_its_ids_and_says_a_timeout_leaves_the_outcome_unknown(
     assert code == 1 and "the outcome is unknown" in err and "is a bridge consuming" not in err
 
 
+def test_a_named_redrive_with_no_answer_says_the_outcome_is_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only `redrive --all` said so: a named redrive that timed out (the bridge still pacing it at
+    BRIDGE_REDRIVE_RATE) asked "is a bridge consuming?" while tasks were being put back. Found by
+    review."""
+    ids = [f"00000000-0000-1000-8000-{n:012d}" for n in range(3)]
+    FakeBridge(RequestTimeout("no reply", waited_s=30.0)).install(monkeypatch)
+    code, _, err = _run("redrive", "svc", *ids)
+    assert code == 1
+    assert "the outcome is unknown" in err and "is a bridge consuming" not in err
+    assert "redrive: putting back 3 parked task(s) of service 'svc'" in err
+
+
 def test_a_failed_later_purge_round_reports_what_the_earlier_ones_purged(monkeypatch: pytest.MonkeyPatch) -> None:
     """Those tasks stay purged: reporting only the error left the operator without the count."""
     bridge = FakeBridge(
@@ -144,6 +156,7 @@ def test_redrive_all_goes_on_until_a_reply_has_no_after(monkeypatch: pytest.Monk
         (("purge", "svc", "--yes", "--owner", "tenant-a"), {"purged": 0, "more": False}, "purge"),
         (("discard", "svc", "00000000-0000-1000-8000-000000000001"), {"discarded": 0}, "discard"),
         (("redrive", "svc", "--all", "--owner", "tenant-a"), {"redriven": 0, "parkedBefore": 1}, "redrive --all"),
+        (("redrive", "svc", "00000000-0000-1000-8000-000000000001"), {"redriven": 1}, "redrive"),
     ],
 )
 def test_destructive_commands_name_their_target_before_acting(
