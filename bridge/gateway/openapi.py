@@ -24,20 +24,24 @@ The queue-bridge wire contract (docs/asyncapi.yaml) over HTTP: one endpoint per 
 same request bodies (without `serviceId`, which comes from the path; a body `serviceId` that differs
 from the path's is bad_request), the same limits, the same reply bodies.
 
-Every path but this document needs `Authorization: Bearer qb_<id>_<secret>` (an API key of
+Every path but this document and the operator console's page (`GET /console`, which holds no
+data) needs `Authorization: Bearer qb_<id>_<secret>` (an API key of
 BRIDGE_GATEWAY_KEYS_FILE, made with `queue-bridge gateway-key`). A trusted key may act for any
 owner with `X-Owner`; other keys only for their own owner (403 otherwise).
 
 Errors answer `{"error": {"code", "message"}}` with the contract's code; the status says the same
-for HTTP: bad_request 400 (404 no such path, 405 wrong method, 415 not JSON), unauthorized 401
+for HTTP: bad_request 400 (404 no such path, 405 wrong method, 408 a body not received within
+BRIDGE_HTTP_READ_TIMEOUT, 415 not JSON), unauthorized 401
 (no or invalid credentials) or 403 (valid key, not allowed), unknown_owner 403,
 payload_too_large 413, integrity_error 422, unavailable 503 (retry; Retry-After), internal 500.
 A key with BRIDGE_GATEWAY_MAX_IN_FLIGHT_PER_KEY requests in flight is answered 503 (Retry-After)
-until one ends. JSON answers say `Cache-Control: no-store` and `X-Content-Type-Options: nosniff`.
+until one ends; so is a purge, stats, parked, discard or redrive past the bridge's bound on those
+(shared with AMQP: 32 at once, 64 redrives), nothing of it done. JSON answers say
+`Cache-Control: no-store` and `X-Content-Type-Options: nosniff`.
 
 A request whose client hangs up is still carried out to its end (an add, an ack, a redrive...):
 retry it with the same Idempotency-Key (add) or the same taskId and epoch (ack, extend, fail). A
-long-poll fetch whose client hangs up stops waiting and claims nothing more; if its claim was
+fetch (long-poll or not) whose client hangs up stops waiting and claims nothing more; if its claim was
 already under way, the reply is lost but the task stays leased to that workerId until its
 timeToRecover runs out, or until the worker's next fetch without `fresh`, which hands it the same
 task again.
@@ -47,12 +51,13 @@ ERRORS: dict[str, str] = {
     "400": "bad_request: malformed JSON, wrong types, missing fields, a bad header",
     "401": "unauthorized: no credentials, malformed ones, an unknown key or a wrong secret",
     "403": "unauthorized (a key that is not trusted sent another owner in X-Owner) or unknown_owner",
+    "408": "bad_request: the body was not received within BRIDGE_HTTP_READ_TIMEOUT",
     "413": "payload_too_large: the body, or the value or result in it, is over the limit",
     "415": "bad_request: the body is not application/json",
     "422": "integrity_error: stored data failed authentication",
     "500": "internal: a bug (see the bridge log)",
-    "503": "unavailable: Cassandra or the key provider is down, the bridge is stopping, or the key has "
-    "too many requests in flight; retry",
+    "503": "unavailable: Cassandra or the key provider is down, the bridge is stopping, the key has "
+    "too many requests in flight, or the bridge runs its most long lifecycle requests; retry",
 }
 
 SERVICE_ID_NOTE = "Optional here: it comes from the path. A value different from the path's is bad_request."
@@ -173,7 +178,7 @@ def document() -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for ep in ENDPOINTS:
         paths[ep.path] = {"post": _operation(ep, components, errors, with_body=True)}
-    stats_errors = {k: v for k, v in errors.items() if k not in ("413", "415")}
+    stats_errors = {k: v for k, v in errors.items() if k not in ("408", "413", "415")}
     paths[STATS_ALL_PATH] = {"get": _operation(STATS_ALL, components, stats_errors, with_body=False)}
     paths[OPENAPI_PATH] = {
         "get": {
