@@ -81,8 +81,11 @@ EXPOSE 8080
 # Swarm and autoheal tools replace an unhealthy container, and readiness fails during a RabbitMQ
 # or Cassandra outage, when every bridge would be replaced (and the new ones exit while the
 # outage lasts). docker-compose.yml probes readiness instead, to start the demos once it serves.
+# It asks where the bridge listens: BRIDGE_HTTP_HOST (its wildcard as loopback), BRIDGE_HTTP_PORT;
+# with the port 0 (no HTTP) there is nothing to ask and the container counts as healthy (it
+# probed 127.0.0.1:8080 whatever the settings, and such a bridge was replaced in a loop).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health/live' % os.environ.get('BRIDGE_HTTP_PORT', '8080'), timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request as r; p = os.environ.get('BRIDGE_HTTP_PORT', '8080'); h = os.environ.get('BRIDGE_HTTP_HOST', '0.0.0.0'); h = {'0.0.0.0': '127.0.0.1', '': '127.0.0.1', '::': '[::1]'}.get(h, '[%s]' % h if ':' in h else h); p == '0' or r.urlopen('http://%s:%s/health/live' % (h, p), timeout=4)"]
 
 # Exec form, under tini (see above): the SIGTERM sent to PID 1 reaches queue-bridge (graceful stop,
 # BRIDGE_SHUTDOWN_GRACE). -s: tini reaps as a subreaper where it is not PID 1 itself (docker-compose.yml's

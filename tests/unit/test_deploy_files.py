@@ -13,6 +13,8 @@ import json
 import os
 import re
 import shlex
+import subprocess
+import sys
 import tomllib
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -202,6 +204,54 @@ def test_dockerfile_healthcheck_probes_liveness() -> None:
     assert "127.0.0.1" in code
     assert str(Settings.model_fields["http_port"].default) in code
     assert "--timeout=" in options
+
+
+def _healthcheck_code() -> str:
+    checks = [args for keyword, args in _stages()[-1] if keyword == "HEALTHCHECK"]
+    return _python_code(_exec_form(checks[-1].partition("CMD ")[2]))
+
+
+@pytest.mark.parametrize(
+    ("env", "healthy"),
+    [
+        ({"BRIDGE_HTTP_PORT": "{port}"}, True),  # the wildcard default: asked on loopback
+        ({"BRIDGE_HTTP_PORT": "{port}", "BRIDGE_HTTP_HOST": "127.0.0.1"}, True),
+        ({"BRIDGE_HTTP_PORT": "{port}", "BRIDGE_HTTP_HOST": "127.0.0.2"}, False),  # listening elsewhere
+        ({"BRIDGE_HTTP_PORT": "{closed}"}, False),
+        ({"BRIDGE_HTTP_PORT": "0"}, True),  # no HTTP: nothing to ask, the process runs
+    ],
+)
+def test_dockerfile_healthcheck_asks_where_the_bridge_listens(env: dict[str, str], healthy: bool) -> None:
+    """It asked 127.0.0.1:BRIDGE_HTTP_PORT whatever BRIDGE_HTTP_HOST said, and with the port 0
+    ("no HTTP") a port nothing listens on: the container stayed unhealthy, and Swarm or an
+    autoheal tool replaced it in a loop. Found by review. Run here against a real HTTP server."""
+    import http.server
+    import socket
+    import threading
+
+    class Live(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/health/live" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Live)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with socket.socket() as spare:
+        spare.bind(("127.0.0.1", 0))
+        closed = spare.getsockname()[1]
+    try:
+        values = {k: v.format(port=server.server_port, closed=closed) for k, v in env.items()}
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+        done = subprocess.run(
+            [sys.executable, "-c", _healthcheck_code()], env={**clean, **values}, capture_output=True, timeout=30
+        )
+        assert (done.returncode == 0) == healthy, done.stderr.decode()[-500:]
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_dockerfile_runtime_environment() -> None:
