@@ -343,7 +343,7 @@ cassandra_start() {
     qb_log "cassandra: no Java 17 (JAVA_HOME, /usr/lib/jvm/java-17-openjdk-amd64, PATH): apt-get install openjdk-17-jdk-headless..."
     mkdir -p "$C_LOGS"
     qb_apt_install "$C_LOGS/apt.log" openjdk-17-jdk-headless && java=$(cassandra_java) \
-      || qb_die "cassandra: no Java 17 found and apt-get install openjdk-17-jdk-headless failed (see $C_LOGS/apt.log)"
+      || qb_die "cassandra: no Java 17 found and apt-get install openjdk-17-jdk-headless failed (see $C_LOGS/apt.log; Debian 13 has no such package: install a JDK 17, such as Eclipse Temurin 17, and set JAVA_HOME to it)"
   fi
   cassandra_fetch
   cassandra_render_config
