@@ -188,7 +188,11 @@ class Acker:
         if target.has_token:
             key = await ctx.keys.current(q.owner)
             sealed = seal_outcome(key, q, target.task_id, outcome_json)
-            intent = OutboxEntry(outbox_bucket(now), q, target.task_id, completion_id, sealed, False)
+            # Filed under the bucket it is written in, not the one the ack began in: the key lookup
+            # may take up to the key server's timeout, and a write filed behind both of the
+            # relay's reads of its bucket was never read (an engine never told, its publish lost).
+            bucket = outbox_bucket(ctx.clock.now_ms())
+            intent = OutboxEntry(bucket, q, target.task_id, completion_id, sealed, False)
             await ctx.store.insert_outbox(intent)
         res = await self._compare_and_set(q, req, target.task_id, target.epoch, now, completion_id)
         points_here = row.pointer is not None and row.pointer.task_id == target.task_id

@@ -66,8 +66,8 @@ async def _owed(ctx: QueueContext, q: QueueKey, task_id: uuid.UUID, kill_id: uui
         log.error("integrity_error of task %s not sent to the engine: %s", task_id, exc.message)
         return None
     outcome = {"error": {"code": ErrorCode.INTEGRITY_ERROR.value, "message": INTEGRITY_MESSAGE}}
-    intent = OutboxEntry(
-        outbox_bucket(now), q, task_id, kill_id, seal_outcome(key, q, task_id, jsonvalue.dumps(outcome)), False
-    )
+    sealed = seal_outcome(key, q, task_id, jsonvalue.dumps(outcome))
+    # The bucket it is written in, after the key lookup (see ``Acking._complete``).
+    intent = OutboxEntry(outbox_bucket(ctx.clock.now_ms()), q, task_id, kill_id, sealed, False)
     await ctx.store.insert_outbox(intent)
     return intent

@@ -356,7 +356,8 @@ class Lifecycle:
             message = f"parked after {deliveries} deliveries without an ack ({reason})"
             outcome = {"error": {"code": PARK_DELIVERY_LIMIT, "message": message, "deliveries": deliveries}}
             sealed = seal_outcome(key, q, task_id, jsonvalue.dumps(outcome))
-            intent = OutboxEntry(outbox_bucket(now), q, task_id, park_id, sealed, False)
+            # The bucket it is written in, after the key lookup (see ``Acking._complete``).
+            intent = OutboxEntry(outbox_bucket(ctx.clock.now_ms()), q, task_id, park_id, sealed, False)
         await self.store.add_parked(q, ParkedEntry(task_id, epoch, now, reason, has_token, park_id))
         if intent is not None:
             await self.store.insert_outbox(intent)

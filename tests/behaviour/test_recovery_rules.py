@@ -528,6 +528,33 @@ async def test_a_result_written_after_the_relay_swept_its_bucket_is_still_publis
     await _published_once_the_broker_is_back(h, got, sweeps=12)
 
 
+async def test_a_result_whose_key_lookup_outlasted_both_relay_passes_is_still_published(harness: Harness) -> None:
+    """The ack filed its result under the bucket of when it began, then looked its owner's key up
+    (a key server, up to BRIDGE_KEY_SERVER_TIMEOUT, 60 s at most) before the write: a lookup that
+    outlasted both of the relay's reads of that bucket (its sweep, and the second one 30 s later)
+    left the result in a bucket nobody read again, and with its own publish failed (a broker
+    restart) the engine never heard of it. The bucket is now the one the write is made in. Found
+    by review."""
+    h = harness
+    await h.add("v", token="t")
+    got = await h.fetch("w", ttr_ms=3_600_000)
+    assert got is not None
+    real_current = h.queue.ctx.keys.current
+
+    async def slow_current(owner: str) -> object:
+        for _ in range(9):  # 90 s go by, and the relay sweeps meanwhile, as its loop would
+            await h.advance(10_000)
+        h.sink.down = True  # its own publish fails
+        return await real_current(owner)
+
+    h.queue.ctx.keys.current = slow_current  # type: ignore[method-assign]
+    try:
+        assert await h.ack("w", got, result="done") is True
+    finally:
+        h.queue.ctx.keys.current = real_current  # type: ignore[method-assign]
+    await _published_once_the_broker_is_back(h, got, sweeps=12)
+
+
 async def test_a_task_redriven_in_the_bucket_where_the_scheduler_parked_it_comes_back(hinted: Harness) -> None:
     """The scheduler parks a task whose lease ran out at its delivery limit, in a pass over the
     running expiry bucket, and marks that bucket's entry for the task and epoch handled. A redrive
