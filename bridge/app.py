@@ -22,7 +22,7 @@ from bridge.domain.housekeeping import CounterTrim
 from bridge.domain.queue import Limits, Metrics, WorkQueue
 from bridge.domain.reconcile import Reconciliation
 from bridge.domain.scheduler import RecoveryScheduler
-from bridge.domain.stats import service_stats
+from bridge.domain.stats import fair_share, service_stats
 from bridge.errors import BridgeError
 from bridge.gateway.server import GatewayServer
 from bridge.observability import storage_metrics
@@ -44,6 +44,9 @@ from bridge.transport.topology import durable_queue_arguments
 
 COUNTS_FLUSH_S = 1.0  # queue-count deltas are written this often (a kill -9 loses at most this much)
 MAX_GAUGE_QUEUES = 1_000
+# Queues listed to choose the gauges' from (one small row each, by the duty holder per refresh):
+# shared out among their owners, so that one tenant's thousand services cannot push the others out.
+GAUGE_QUEUES_LISTED = 20 * MAX_GAUGE_QUEUES
 STOP_STEP_MIN_S = 0.5  # each waiting step of a stop gets this much even past the grace
 READY_PING_AFTER_S = 30.0  # readiness pings Cassandra only when nothing was answered for this long
 SCHEDULER_HUNG_AFTER_S = 60.0  # readiness: the scheduler loop has not turned for this long (hung)
@@ -499,16 +502,16 @@ class Bridge:
         now = self.clock.now_ms()
         ttl = self.settings.task_ttl_seconds * 1000
         margin = int(self.settings.clock_skew_margin * 1000)
-        queues = await self.store.queues(MAX_GAUGE_QUEUES + 1)
-        if len(queues) > MAX_GAUGE_QUEUES:
+        listed = await self.store.queues(GAUGE_QUEUES_LISTED)
+        if len(listed) > MAX_GAUGE_QUEUES:
             self._warn_gauges_cut.warning(
-                "more than %d queues: gauges for the first %d only (the stats RPC answers for any)",
+                "more than %d queues: gauges for %d, shared out among their owners (the stats RPC answers for any)",
                 MAX_GAUGE_QUEUES,
                 MAX_GAUGE_QUEUES,
             )
         failed: list[str] = []
         last, self._gauge_rows = self._gauge_rows, {}
-        for q in queues[:MAX_GAUGE_QUEUES]:
+        for q in fair_share(listed, MAX_GAUGE_QUEUES):
             key = (q.owner, q.service)
             try:
                 s = await service_stats(self.store, q, now, ttl, margin, margin + WRITE_LATE_MS)

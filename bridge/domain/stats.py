@@ -363,4 +363,22 @@ async def _oldest_of_lane(
     return found
 
 
-__all__ = ["DEFAULT_LIMIT", "QueueStats", "ServiceStats", "queue_stats", "service_stats", "walk_lane"]
+def fair_share(queues: list[QueueKey], limit: int) -> list[QueueKey]:
+    """At most ``limit`` of ``queues``, taken a queue of each owner in turn (in the order listed,
+    each owner's in its own order): the first ``limit`` as listed (Cassandra's token order of the
+    owner) let one tenant with that many services push every other tenant's queues out of the
+    gauges, and alerts on series that vanished never fired."""
+    by_owner: dict[str, list[QueueKey]] = {}
+    for q in queues:
+        by_owner.setdefault(q.owner, []).append(q)
+    chosen: list[QueueKey] = []
+    depth = 0
+    while len(chosen) < limit and any(depth < len(own) for own in by_owner.values()):
+        for own in by_owner.values():
+            if depth < len(own) and len(chosen) < limit:
+                chosen.append(own[depth])
+        depth += 1
+    return chosen
+
+
+__all__ = ["DEFAULT_LIMIT", "QueueStats", "ServiceStats", "fair_share", "queue_stats", "service_stats", "walk_lane"]

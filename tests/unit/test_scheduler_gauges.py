@@ -111,3 +111,18 @@ async def test_the_duty_holder_whose_ticks_fail_stays_ready_while_its_loop_turns
         await loop
     state.loop_alive_monotonic -= 600  # a loop that stopped turning (hung) is unready
     assert not await Bridge._scheduler_ready(bridge)  # type: ignore[arg-type]
+
+
+def test_the_gauges_queues_are_shared_out_among_their_owners() -> None:
+    """The first 1,000 queues in Cassandra's token order (the owner is the partition key) were
+    exported: a tenant whose token sorts first and who has 1,000 services pushed every other
+    tenant's series out, and alerts on absent series never fired. Found by review."""
+    from bridge.domain.records import QueueKey
+    from bridge.domain.stats import fair_share
+
+    listed = [QueueKey("a", f"s{i}") for i in range(1001)] + [QueueKey("b", "x"), QueueKey("c", "y")]
+    chosen = fair_share(listed, 1000)
+    assert len(chosen) == 1000
+    assert QueueKey("b", "x") in chosen and QueueKey("c", "y") in chosen
+    assert chosen[:3] == [QueueKey("a", "s0"), QueueKey("b", "x"), QueueKey("c", "y")]
+    assert fair_share(listed[:5], 1000) == listed[:5], "under the bound, every queue, in order"
