@@ -97,17 +97,26 @@ class Duty:
         await self.offer_token()
 
     async def _consume(self, connection: AbstractRobustConnection) -> None:
-        self._channel = await connection.channel(publisher_confirms=False)
-        await self._channel.set_qos(prefetch_count=1)
-        self._channel.close_callbacks.add(self._lost)
-        args: FieldTable = {
-            **self.queue_arguments,
-            "x-single-active-consumer": True,
-            "x-max-length": 1,
-            "x-overflow": "drop-head",
-        }
-        queue = await self._channel.declare_queue(self.queue_name, durable=True, arguments=args)
-        await queue.consume(self._delivered)
+        channel = self._channel = await connection.channel(publisher_confirms=False)
+        try:
+            await channel.set_qos(prefetch_count=1)
+            channel.close_callbacks.add(self._lost)
+            args: FieldTable = {
+                **self.queue_arguments,
+                "x-single-active-consumer": True,
+                "x-max-length": 1,
+                "x-overflow": "drop-head",
+            }
+            queue = await channel.declare_queue(self.queue_name, durable=True, arguments=args)
+            await queue.consume(self._delivered)
+        except BaseException:
+            # An attempt cut short (a step-up's bound) after the broker registered its consume:
+            # left open, that consumer could take the token, which nothing here would know of,
+            # renew or release, and no bridge held the duty until the broker's consumer timeout.
+            # Closed, the broker hands a token it took to the next consumer.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(asyncio.wait_for(channel.close(), BROKER_CALL_S))
+            raise
 
     def follow_storage(self, up: bool) -> None:
         """Cassandra went out of reach from this bridge (``up`` False): hand the duty over and stop

@@ -282,6 +282,62 @@ async def test_a_duty_step_up_under_way_does_not_take_the_duty_back_after_releas
         await proxy.stop()
 
 
+async def test_a_duty_step_up_whose_consume_was_answered_too_late_leaves_no_consumer_behind(
+    servers, names, monkeypatch
+):
+    """A step-up's consume is bounded (3 s). When the broker had registered it and only its
+    consume-ok came late, the retry opened another channel and left the first consuming: the
+    orphan could become the active consumer and take the token, which nothing on this bridge
+    knew of, acked, or released (the next stand-down closed only the newer channel), and no bridge
+    held the duty until the broker's consumer timeout, 30 minutes. Found by review. A failed
+    attempt's channel is closed now."""
+    import aio_pika.queue
+
+    from bridge.transport import duty as duty_module
+
+    connection = await aio_pika.connect_robust(servers.amqp_url("guest"))
+    queue = f"{names['queue_prefix']}.duty"
+    duty = Duty(queue)
+    guest = servers.amqp_url("guest")
+    real_consume = aio_pika.queue.Queue.consume
+    late = {"left": 0}
+
+    async def consume(self: Any, *args: Any, **kwargs: Any) -> Any:
+        tag = await real_consume(self, *args, **kwargs)  # registered by the broker
+        if late["left"]:
+            late["left"] -= 1
+            await asyncio.sleep(duty_module.BROKER_CALL_S + 1)  # its consume-ok "comes" too late
+        return tag
+
+    monkeypatch.setattr(aio_pika.queue.Queue, "consume", consume)
+    try:
+        await duty.attach(connection)
+        await wait_for(lambda: duty.held, 10, what="the duty taken")
+        duty.follow_storage(up=False)
+        await wait_for(lambda: not duty.held and duty._channel is not None and duty._channel.is_closed, 10)
+        late["left"] = 1
+        duty.follow_storage(up=True)  # the first attempt times out after its consume was registered
+        stepping = duty._standing
+        assert stepping is not None
+        await asyncio.wait_for(stepping, 20)  # the retry consumed and offered a token
+        assert late["left"] == 0, "the late consume-ok was played"
+        await wait_for(lambda: duty.held, 10, what="the duty taken again")
+
+        async def one_consumer() -> bool:
+            return await consumers_on(guest, queue) == 1
+
+        await wait_for(one_consumer, 10, what="one consumer of the duty queue (no orphan)")
+        await duty.release()
+
+        async def no_consumer() -> bool:
+            return await consumers_on(guest, queue) == 0
+
+        await wait_for(no_consumer, 10, what="no consumer after the release")
+    finally:
+        await duty.release()
+        await connection.close()
+
+
 # -- 4. the gateway port cannot be bound ------------------------------------------------------------------
 
 
