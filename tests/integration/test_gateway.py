@@ -1023,3 +1023,55 @@ async def test_a_keys_file_broken_by_a_revocation_fails_closed(start_gateway, ga
 
 async def _is(value: Any, expected: Any) -> bool:
     return await value == expected
+
+
+async def _expecting(port: int, head: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """``head`` (request line and headers, Expect included) sent alone; the first status line back."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head.encode())
+    await writer.drain()
+    first = await asyncio.wait_for(reader.readline(), 10)
+    return reader, writer, first
+
+
+async def test_expect_100_continue_is_answered_only_for_a_good_key_and_size(start_gateway, gateway_keys):
+    """aiohttp answers ``Expect`` before any middleware: an unauthenticated client announcing a
+    gigabyte was told ``100 Continue`` (to upload it), and any other expectation got a plain-text
+    417 the contract does not know. Found by review. Refused now as the request itself would be."""
+    _, keys = gateway_keys
+    _, gw = await start_gateway()
+    svc = service_id()
+    path = f"/api/queue/{svc}/tasks"
+    base = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+
+    _, writer, first = await _expecting(gw.port, base + "Content-Length: 1000000000\r\nExpect: 100-continue\r\n\r\n")
+    writer.close()
+    assert first.startswith(b"HTTP/1.1 401"), first
+
+    auth = f"Authorization: Bearer {keys['a']}\r\n"
+    _, writer, first = await _expecting(
+        gw.port, base + auth + "Content-Length: 1000000000\r\nExpect: 100-continue\r\n\r\n"
+    )
+    writer.close()
+    assert first.startswith(b"HTTP/1.1 413"), first
+
+    reader, writer, first = await _expecting(gw.port, base + auth + "Content-Length: 2\r\nExpect: something\r\n\r\n")
+    rest = await asyncio.wait_for(reader.read(4096), 10)
+    writer.close()
+    assert first.startswith(b"HTTP/1.1 417"), first
+    assert b'"bad_request"' in rest and b"application/json" in rest, rest
+
+    body = json.dumps({"value": "sent after 100 Continue"}).encode()
+    reader, writer, first = await _expecting(
+        gw.port, base + auth + f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n"
+    )
+    assert first.startswith(b"HTTP/1.1 100"), first
+    writer.write(body)
+    await writer.drain()
+    answer = b""
+    while b'"result"' not in answer:
+        chunk = await asyncio.wait_for(reader.read(4096), 10)
+        assert chunk, answer
+        answer += chunk
+    writer.close()
+    assert b"HTTP/1.1 200" in answer and b'"result":true' in answer.replace(b" ", b""), answer
