@@ -67,7 +67,7 @@ async def _stats(settings: Settings, owner: str, service: str, limit: int) -> Qu
             # two are also read as the stats RPC reads them (the counters, the parked index).
             margin_ms = int(settings.clock_skew_margin * 1000)
             live = await service_stats(
-                store, QueueKey(owner, service), now, ttl_ms, margin_ms, margin_ms + WRITE_LATE_MS
+                store, QueueKey(owner, service), now, ttl_ms, margin_ms, margin_ms + WRITE_LATE_MS, move_cursors=False
             )
             return replace(
                 walked, in_flight=max(walked.in_flight, live.in_flight), parked=max(walked.parked, live.parked)

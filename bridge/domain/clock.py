@@ -135,9 +135,16 @@ class AnchoredClock:
         return t
 
     def uncertainty_ms(self) -> float | None:
-        """How far ``now_ms`` may be from the reference's time now (None before any reading)."""
+        """How far ``now_ms`` may be from the reference's time now (None before any reading): the
+        anchor's bound, plus how far the clock is held ahead of its extrapolation (it never goes
+        backwards: after an anchor behind the time already read, it stands still until the
+        reference catches up, and a bridge whose bound left that out said it was within a
+        millisecond while ahead by all of it)."""
         a = self.anchor
-        return None if a is None else self._aged(a)
+        if a is None:
+            return None
+        t = a.reference_ms + (self.monotonic() - a.at_monotonic) * 1000
+        return self._aged(a) + max(0.0, self._last - t)
 
     def _aged(self, reading: SkewReading) -> float:
         return reading.error_ms + max(0.0, self.monotonic() - reading.at_monotonic) * 1000 * self.drift

@@ -210,7 +210,14 @@ class ServiceStats:
 
 
 async def service_stats(
-    store: TaskStore, q: QueueKey, now_ms: int, ttl_ms: int, margin_ms: int, settle_ms: int
+    store: TaskStore,
+    q: QueueKey,
+    now_ms: int,
+    ttl_ms: int,
+    margin_ms: int,
+    settle_ms: int,
+    *,
+    move_cursors: bool = True,
 ) -> ServiceStats:
     """The queue's counts from its counters (``bridge.domain.counting``), its parked index, and the
     first few entries after each lane's cursor (for the oldest ready task): a handful of reads,
@@ -244,7 +251,7 @@ async def service_stats(
     # BRIDGE_STATS_INTERVAL for the gauges, which only the duty bridge refreshes (once per fleet,
     # whatever its size: ``App._export_queue_stats``).
     oldest, never_claimed = await _oldest_ready(
-        store, q, now_ms, first_live_bucket(now_ms, ttl_ms), margin_ms, settle_ms
+        store, q, now_ms, first_live_bucket(now_ms, ttl_ms), margin_ms, settle_ms, move_cursors
     )
     if never_claimed and ready <= 0:
         # A task never claimed waits: at least one is ready (a lower bound) whatever the drifted
@@ -270,14 +277,14 @@ async def _still_parked(store: TaskStore, q: QueueKey, rows: list[ParkedEntry]) 
 
 
 async def _oldest_ready(
-    store: TaskStore, q: QueueKey, now_ms: int, first_bucket: int, margin_ms: int, settle_ms: int
+    store: TaskStore, q: QueueKey, now_ms: int, first_bucket: int, margin_ms: int, settle_ms: int, move: bool
 ) -> tuple[int | None, bool]:
     """The age of the oldest task waiting to be claimed, and whether a never-claimed one waits.
     A lane with no cursor is read from ``first_bucket`` (``walk_lane``)."""
     since: int | None = None
     never_claimed = False
     for lane in (LANE_FRESH, LANE_RECOVERED):
-        at = await _oldest_of_lane(store, q, lane, now_ms, first_bucket, margin_ms, settle_ms)
+        at = await _oldest_of_lane(store, q, lane, now_ms, first_bucket, margin_ms, settle_ms, move)
         if at is not None:
             since = at if since is None else min(since, at)
             never_claimed = never_claimed or lane == LANE_FRESH
@@ -313,7 +320,14 @@ def _taken(e: ReadyEntry, lease: Lease | None, read: bool) -> bool:
 
 
 async def _oldest_of_lane(
-    store: TaskStore, q: QueueKey, lane: int, now_ms: int, first_bucket: int, margin_ms: int, settle_ms: int
+    store: TaskStore,
+    q: QueueKey,
+    lane: int,
+    now_ms: int,
+    first_bucket: int,
+    margin_ms: int,
+    settle_ms: int,
+    move: bool = True,
 ) -> int | None:
     """When the lane's first ready task became claimable; None if none is found within
     ``OLDEST_SCAN_MAX`` entries after the lane's cursor.
@@ -357,8 +371,10 @@ async def _oldest_of_lane(
             break
         resume = (entries[-1].bucket, entries[-1].seq)
         page *= 4
-    if lead is not None and passed >= OLDEST_LOOKAHEAD:
-        # Only when it saves the next stats a page: one row per advance (``cursors``).
+    if move and lead is not None and passed >= OLDEST_LOOKAHEAD:
+        # Only when it saves the next stats a page: one row per advance (``cursors``). Not for
+        # `queue-bridge stats` (``move`` False): a read-only command, whose host clock in host
+        # mode is nobody's check, must not move a scan cursor past entries still being written.
         await store.advance_cursor(q, lane, *lead)
     return found
 

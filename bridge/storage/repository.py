@@ -1131,6 +1131,9 @@ class CassandraTaskStore:
     async def remember_owed(self, name: str, pos: int, pos_ms: int) -> None:
         life = min(max(LOOP_CURSOR_TTL_S, self.task_ttl_s + RESULT_OWED_MS // 1000), MAX_CASSANDRA_TTL_S)
         await self.db.execute("sched.advance", (name, OWED_PARTITION, pos, life))
+        # Under its day as well, where a relay of an earlier release looks (a rolling upgrade, a
+        # rollback): one write more per bucket that becomes owed, which is rare.
+        await self.db.execute("sched.advance", (name, pos_ms // DAY_MS, pos, LOOP_CURSOR_TTL_S))
 
     async def forget_owed(self, name: str, pos: int, pos_ms: int) -> None:
         await self.db.execute("sched.forget", (name, OWED_PARTITION, pos))

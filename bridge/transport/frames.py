@@ -153,7 +153,9 @@ async def write(channel: aiormq.Channel, frames: bytes) -> None:
     and a write then waits for room. That wait ends with the channel too: once the connection
     closes nothing takes from this queue again, and a write waiting on it alone never returned
     (adds waiting to publish their hints held every add slot of the bridge, their deliveries
-    unacked on a healthy connection, until the broker's consumer timeout)."""
+    unacked on a healthy connection, until the broker's consumer timeout). A write cancelled as its
+    room came may have been queued all the same, as a frame handed to a socket may have gone out:
+    the callers settle their delivery before they write its ack, and hints are fenced."""
     if closing(channel):
         raise ChannelInvalidStateError(f"{channel!r} closed")
     frame = ChannelFrame(payload=frames, should_close=False)

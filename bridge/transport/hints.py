@@ -119,6 +119,13 @@ def encode(hint: Hint) -> bytes:
 
 
 def decode(body: bytes) -> Hint:
+    try:
+        return _decode(body)
+    except (AttributeError, TypeError) as exc:  # a field of another type: {"t": 1}, {"s": [1]}
+        raise ValueError(f"a hint with a field of the wrong type: {type(exc).__name__}") from None
+
+
+def _decode(body: bytes) -> Hint:
     d = orjson.loads(body)
     # JSON that is no object (``[1]``, published by hand into a hint queue) raised AttributeError,
     # which the "malformed hint dropped" guards let through: the fetch answered internal, and the

@@ -359,3 +359,31 @@ async def test_stats_counts_leases_and_parks_behind_the_scan_cursors(
         await wait_for(cursor_moved, 30, interval=0.5, what="the scan cursor moved past the taken entries")
     s = await stats(svc, bridge_env)
     assert (s["in_flight"], s["parked"]) == (70, 1), s
+
+
+async def test_stats_moves_no_scan_cursor(bridge: Any, bridge_env: dict[str, str], servers: Servers) -> None:
+    """`queue-bridge stats` reads the live counts as the stats RPC does, and those move a lane's
+    scan cursor past a run of taken entries: a read-only command (a role with SELECT only failed
+    it), and in host clock mode judged on the operator's unchecked host clock, moved it. It
+    leaves the cursors alone. Found by review."""
+    from bridge.domain.records import LANE_FRESH, QueueKey
+
+    svc = service_id()
+    q = QueueKey(OWNER, svc)
+    async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNER, exchange=bridge.settings.exchange) as engine:
+        for i in range(70):
+            await engine.add(svc, i)
+        for i in range(70):
+            got = await engine.call(
+                "fetch", {"serviceId": svc, "workerId": f"w{i}", "timeToRecover": 600_000}, owner=OWNER
+            )
+            assert got["result"] is not None
+    from bridge.app import WRITE_LATE_MS
+
+    before = await bridge.store.cursor(q, LANE_FRESH)
+    # The taken entries may be passed once older than the dispatcher's settle window.
+    settled_at = bridge.clock.now_ms() + int(bridge.settings.clock_skew_margin * 1000) + WRITE_LATE_MS
+    await wait_for(lambda: bridge.clock.now_ms() > settled_at, 10, what="the settle window gone by")
+    s = await stats(svc, bridge_env)
+    assert s["in_flight"] == 70, s
+    assert await bridge.store.cursor(q, LANE_FRESH) == before, "stats moved the scan cursor"

@@ -205,3 +205,24 @@ async def test_the_next_probe_comes_before_the_times_bound_runs_out(margin_ms: i
         assert wait_s <= interval_s
         ref.advance(wait_s)
         assert guard.ok, f"leases refused {wait_s:.0f} s after a probe (margin {margin_ms} ms)"
+
+
+def test_a_clock_held_still_after_an_anchor_behind_it_says_how_far_ahead_it_is() -> None:
+    """The time never goes backwards: after a new anchor 5 s behind what was read (a monotonic
+    clock that ran fast, a probe answered by a node behind), the clock stands still until the
+    reference catches up. Its bound left that out: ahead by up to 5 s, it said a millisecond, and
+    the guard let it take other bridges' leases back early. Found by review."""
+    mono = Monotonic()
+    clock = AnchoredClock(ManualClock(0), monotonic=mono)
+    guard = SkewGuard(ManualClock(0), lambda: None, margin_ms=25, interval_s=30, anchor=clock)  # type: ignore[arg-type, return-value]
+    clock.offer(SkewReading(0.0, 1.0, mono(), float(T0)))
+    mono.advance(10.0)
+    held = clock.now_ms()
+    assert held == T0 + 10_000
+    clock.offer(SkewReading(0.0, 1.0, mono(), float(T0 + 5_000)))  # 5 s behind: contradicts, taken
+    assert clock.now_ms() == held, "never backwards"
+    assert clock.uncertainty_ms() == pytest.approx(5_001.0, abs=1.0)
+    assert not guard.ok
+    mono.advance(5.0)  # the reference has caught up: the anchor's bound and 5 s of drift
+    assert clock.uncertainty_ms() == pytest.approx(1.0 + 5_000 * MONOTONIC_DRIFT, abs=0.1)
+    assert guard.ok
