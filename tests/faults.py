@@ -20,8 +20,10 @@ class TcpProxy:
         self.reading = asyncio.Event()  # cleared by ``stall``: the clients' bytes are not read
         self.reading.set()
         self.accepted = 0  # connections taken (a client's reconnection attempts show here)
-        # One more gate per connection, by the order they were taken (0: the first): ``stall(n)``.
+        # One more gate per connection, by the order they were taken (0: the first): ``stall(n)``;
+        # found by the writer towards the server, so that subclasses' ``_pipe`` keep their signature.
         self._reading_of: list[asyncio.Event] = []
+        self._gate_of: dict[asyncio.StreamWriter, asyncio.Event] = {}
 
     async def start(self, port: int = 0, *, tls: ssl.SSLContext | None = None) -> TcpProxy:
         """Listen (with ``tls``: a TLS listener that forwards the decrypted stream to the target)."""
@@ -33,20 +35,13 @@ class TcpProxy:
         """Whether the server's bytes to this client side are dropped (all of them while muted)."""
         return self.muted
 
-    async def _pipe(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        *,
-        replies: bool,
-        reading: asyncio.Event | None = None,
-    ) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, replies: bool) -> None:
         try:
             while True:
                 if not replies:
                     await self.reading.wait()
-                    if reading is not None:
-                        await reading.wait()
+                    if (gate := self._gate_of.get(writer)) is not None:
+                        await gate.wait()
                 if not (data := await reader.read(65536)):
                     break
                 if replies and self.drops(writer):
@@ -73,11 +68,8 @@ class TcpProxy:
             writer.close()
             return
         self._conns.update((writer, up_writer))
-        pipes = (
-            self._pipe(reader, up_writer, replies=False, reading=reading),
-            self._pipe(up_reader, writer, replies=True),
-        )
-        for t in pipes:
+        self._gate_of[up_writer] = reading
+        for t in (self._pipe(reader, up_writer, replies=False), self._pipe(up_reader, writer, replies=True)):
             task = asyncio.create_task(t)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
