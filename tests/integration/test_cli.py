@@ -105,7 +105,13 @@ async def test_add_stats_fetch_ack_round_trip(bridge: Any, bridge_env: dict[str,
     )  # fmt: skip
     assert acked.strip() == "true"
 
-    s = await stats(svc, bridge_env)
+    # In flight is also read from the queue's counters, which the bridge writes about once a
+    # second: the ack's -1 lands within that.
+    async def settled() -> dict[str, Any] | None:
+        got = await stats(svc, bridge_env)
+        return got if got["in_flight"] == 0 else None
+
+    s = await wait_for(settled, 15, interval=0.2, what="in flight 0 once the counts are written")
     assert (s["ready"], s["in_flight"], s["dead"]) == (0, 0, 0), s
     assert s["done"] == 1, s  # no fetch since the task's: the scan cursor has not moved past it yet
 
