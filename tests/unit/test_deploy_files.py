@@ -851,3 +851,15 @@ def test_k8s_network_policy_lets_only_prometheus_reach_the_unauthenticated_ops_p
     assert opened == {http_port}
     annotations = k8s["Deployment"]["spec"]["template"]["metadata"].get("annotations") or {}
     assert int(annotations["prometheus.io/port"]) == http_port
+
+
+def test_the_readme_quotes_the_k8s_start_timeout_and_startup_probe_window(k8s: dict[str, dict[str, Any]]) -> None:
+    """The README's BRIDGE_START_TIMEOUT row said "just under its startupProbe's 180 s" while the
+    manifests set 150 s against 200 s: an operator copying the rule ("just under") got the
+    crash-loop the setting exists to prevent. Found by review, 2026-12-06."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    row = next(line for line in readme.splitlines() if line.startswith("| `BRIDGE_START_TIMEOUT`"))
+    start = int(float(_configmap_data(k8s)["BRIDGE_START_TIMEOUT"]))
+    probe = _sidecar(k8s)["startupProbe"]
+    window = probe["periodSeconds"] * probe["failureThreshold"]
+    assert f"{start} s" in row and f"{window} s" in row, row

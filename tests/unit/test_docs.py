@@ -29,3 +29,20 @@ def test_readme_first_screen_gives_the_two_commands_and_ci_runs_the_test_one() -
     assert "\nmake test\n" in ci
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^run:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
+
+
+def test_every_request_outcome_label_is_in_the_readme() -> None:
+    """`deferred` and `left_to_broker` (adds) were counted in queue_bridge_requests_total but not
+    documented: an alert on "outcome not ok" written from the README fired on them. Found by
+    review, 2026-12-06."""
+    from bridge.errors import ErrorCode
+    from bridge.gateway import server as gateway
+    from bridge.transport import errors, fate, handlers
+
+    outcomes = {fate.OK, fate.EXPIRED, errors.BUSY, handlers.DEFERRED, handlers.LEFT_TO_BROKER}
+    outcomes |= {gateway.CLIENT_GONE, gateway.OK}
+    outcomes |= {code.value for code in ErrorCode}
+    missing = {o for o in outcomes if f"`{o}`" not in README and f'outcome="{o}"' not in README}
+    # The error codes are documented as "an error code" there and listed in the wire protocol.
+    missing -= {code.value for code in ErrorCode}
+    assert missing == set()
