@@ -124,7 +124,11 @@ class HttpKeyProvider:
                     "https, or set BRIDGE_KEY_SERVER_ALLOW_PLAIN_HTTP=true where the network encrypts (mTLS mesh)"
                 )
             log.warning("the key server is reached over plain http:// (allowed by BRIDGE_KEY_SERVER_ALLOW_PLAIN_HTTP)")
-        elif token is not None and url.scheme == "http":
+        if token is not None and (url.user or url.password):
+            # aiohttp refuses both at every request (a ValueError each lookup, answered
+            # ``internal``): refused here, at start, with the reason.
+            raise ValueError("give the key server a token or basic-auth credentials in its URL, not both")
+        if url.scheme == "http" and _loopback(url.host) and token is not None:
             log.warning("the key server token goes over plain http:// (loopback only): use https in production")
         self._backoff = (backoff_base, backoff_cap)
         self._clock = clock
@@ -233,11 +237,11 @@ class HttpKeyProvider:
                     continue
                 # The message reaches tenants (``unavailable``): the exception, which names the key
                 # server's host and port, goes to the log only.
-                log.warning("key server unreachable fetching %s: %r", what, exc)
-                raise KeyUnavailable(f"key server unreachable fetching {what}: {type(exc).__name__}") from exc
+                log.warning("key server unreachable fetching %s: %s", what, _described(exc))
+                raise KeyUnavailable(f"key server unreachable fetching {what}: {type(exc).__name__}") from None
             except aiohttp.ClientError as exc:
-                log.warning("key server request failed fetching %s: %r", what, exc)
-                raise KeyUnavailable(f"key server request failed fetching {what}: {type(exc).__name__}") from exc
+                log.warning("key server request failed fetching %s: %s", what, _described(exc))
+                raise KeyUnavailable(f"key server request failed fetching {what}: {type(exc).__name__}") from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
@@ -284,3 +288,15 @@ def _error_code(body: bytes) -> str | None:
         if isinstance(error, str):
             return error
     return None
+
+
+def _described(exc: aiohttp.ClientError) -> str:
+    """An aiohttp error without what it carries of the request: its repr, and a response error's
+    str (through its URL), show the request's headers or the URL's credentials, and a key
+    server's token or password reads every owner's key. (Not chained either, for the same reason:
+    a traceback prints the cause.)"""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"{type(exc).__name__}: HTTP {exc.status}, {exc.message}"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"{type(exc).__name__}: {exc.host}:{exc.port}: {exc.os_error.strerror or exc.os_error}"
+    return type(exc).__name__

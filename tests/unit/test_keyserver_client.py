@@ -439,3 +439,64 @@ async def _custom_server(handler: Handler) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
+
+
+@asynccontextmanager
+async def _raw_server(answer: bytes) -> AsyncIterator[int]:
+    """A socket that answers every request with these bytes: HTTP no client library accepts."""
+    import asyncio
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    async with server:
+        yield server.sockets[0].getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 9000 + b"\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+    ],
+    ids=["oversized header", "two content lengths"],
+)
+@pytest.mark.parametrize("by_token", [True, False], ids=["token", "password in the URL"])
+async def test_a_malformed_answer_never_logs_the_key_servers_credentials(
+    answer: bytes, by_token: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp's error for a malformed answer carries the request's headers: logged with %r, the
+    bridge wrote the token (or the URL's basic-auth password, base64) to its log on every failed
+    lookup, fleet-wide; whoever reads the logs could then read every owner's key. Found by review,
+    2026-12-06."""
+    import traceback
+
+    token, password = "canary-token-1f2e", "canary-pass-9d8c"
+    basic = base64.b64encode(f"kb:{password}".encode()).decode()
+    async with _raw_server(answer) as port:
+        if by_token:
+            prov = HttpKeyProvider(f"http://127.0.0.1:{port}", token=token)
+        else:
+            prov = HttpKeyProvider(f"http://kb:{password}@127.0.0.1:{port}")
+        try:
+            with caplog.at_level("DEBUG"), pytest.raises(KeyUnavailable) as raised:
+                await prov.key_by_id("acme", "k1")
+        finally:
+            await prov.close()
+    # What reaches the log, and what a caller logging the error with its traceback would write.
+    written = caplog.text + "".join(traceback.format_exception(raised.value))
+    assert "key server request failed" in caplog.text
+    for secret in (token, password, basic, "Authorization"):
+        assert secret not in written
+
+
+def test_a_token_and_credentials_in_the_url_are_refused_at_start() -> None:
+    """aiohttp refuses an Authorization header beside a URL's credentials at every request: each
+    lookup raised a ValueError (answered ``internal``, every add refused) instead of one clear
+    error at start. Found by review, 2026-12-06."""
+    with pytest.raises(ValueError, match="not both"):
+        HttpKeyProvider("https://kb:pw@keys.example", token="t")
