@@ -1,4 +1,4 @@
-"""``keyring generate|rotate``: the one key-ring command line (file format in
+"""``keyring generate|rotate|promote``: the one key-ring command line (file format in
 :mod:`bridge.crypto.keyring_file`).
 
 Both write the file durably, keep the version they replace as ``<name>.bak`` and keep its mode
@@ -130,29 +130,73 @@ def keyring_rotate(
     create: Annotated[
         bool, typer.Option("--create", help="Add the owner if the key-ring has none of that name.")
     ] = False,
+    stage: Annotated[
+        bool,
+        typer.Option(
+            "--stage",
+            help="Add the key without making it current; `keyring promote` once every bridge has the "
+            "file (a fleet: a task sealed with a key a fetching bridge has not loaded yet waits out a lease).",
+        ),
+    ] = False,
 ) -> None:
     """Add a new current key for an owner; old keys are kept so existing tasks stay readable."""
     from bridge.crypto import rotate_keyring, write_keyring
-    from bridge.crypto.keyring_file import parse_keyring
 
     if not owner:
         raise typer.BadParameter("must not be empty", param_hint="--owner")
     with locked(path):
-        doc = _read_doc(path)
-        try:
-            parse_keyring(doc, source=str(path))
-        except ValueError as exc:
-            fail(f"not a valid key-ring: {exc}")
+        doc = _read_valid_doc(path)
         existed = owner in doc["owners"]
         if not existed and not create:
             # A typo in --owner made a new owner with a key nobody uses, and left the owner meant
             # on the key the operator wanted gone.
             known = ", ".join(sorted(doc["owners"])) or "none"
             fail(f"{path} has no owner {owner!r} (owners: {known}); add --create to add it")
-        key_id = rotate_keyring(doc, owner)
+        key_id = rotate_keyring(doc, owner, make_current=not stage)
         try:
             write_keyring(path, doc)
         except OSError as exc:
             fail(f"cannot write {path}: {exc.strerror or exc}")
-    what = "new current key" if existed else "added with key"
-    typer.echo(f"owner {owner!r}: {what} {key_id}")
+    if not existed:
+        typer.echo(f"owner {owner!r}: added with key {key_id}")
+    elif stage:
+        typer.echo(
+            f"owner {owner!r}: staged key {key_id} (not current); once every bridge has this file: "
+            f"queue-bridge keyring promote {path} --owner {owner} {key_id}"
+        )
+    else:
+        typer.echo(f"owner {owner!r}: new current key {key_id}")
+
+
+@keyring_app.command("promote")
+def keyring_promote(
+    path: Annotated[Path, typer.Argument(metavar="PATH", help="The key-ring file to update in place.")],
+    key_id: Annotated[str, typer.Argument(metavar="KEY_ID", help="The staged key to make current.")],
+    owner: Annotated[str, typer.Option("--owner", help="The owner whose key it is.")],
+) -> None:
+    """Make a key staged by `rotate --stage` the owner's current key (new tasks are sealed with it)."""
+    from bridge.crypto import write_keyring
+    from bridge.crypto.keyring_file import promote_key
+
+    with locked(path):
+        doc = _read_valid_doc(path)
+        try:
+            promote_key(doc, owner, key_id)
+        except KeyError as exc:
+            fail(f"{path}: {exc.args[0]}")
+        try:
+            write_keyring(path, doc)
+        except OSError as exc:
+            fail(f"cannot write {path}: {exc.strerror or exc}")
+    typer.echo(f"owner {owner!r}: current key {key_id}")
+
+
+def _read_valid_doc(path: Path) -> Any:
+    from bridge.crypto.keyring_file import parse_keyring
+
+    doc = _read_doc(path)
+    try:
+        parse_keyring(doc, source=str(path))
+    except ValueError as exc:
+        fail(f"not a valid key-ring: {exc}")
+    return doc

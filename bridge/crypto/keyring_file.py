@@ -88,18 +88,33 @@ def generate_keyring(owners: Sequence[str]) -> dict[str, Any]:
     return doc
 
 
-def rotate_keyring(doc: dict[str, Any], owner: str) -> str:
+def rotate_keyring(doc: dict[str, Any], owner: str, *, make_current: bool = True) -> str:
     """Add a fresh key for ``owner`` to ``doc`` (in place), make it current, return its id.
 
-    Old keys are kept so existing data stays readable.  Creates the owner if missing.
+    Old keys are kept so existing data stays readable.  Creates the owner if missing (its first
+    key is current whatever ``make_current`` says). ``make_current=False`` stages the key: every
+    bridge can open what it seals once the file has reached them all, and :func:`promote_key`
+    makes it current then (a fleet's bridges reload a changed file at different moments: a task
+    sealed with a key that the bridge fetching it has not loaded yet waits out a lease).
     """
     entry = doc.setdefault("owners", {}).setdefault(owner, {"current": None, "keys": {}})
     key_id = new_key_id()
     while key_id in entry["keys"]:
         key_id = new_key_id()
     entry["keys"][key_id] = _new_secret_b64()
-    entry["current"] = key_id
+    if make_current or entry["current"] is None:
+        entry["current"] = key_id
     return key_id
+
+
+def promote_key(doc: dict[str, Any], owner: str, key_id: str) -> None:
+    """Make ``owner``'s key ``key_id`` (already in ``doc``) its current key, in place."""
+    entry = doc.get("owners", {}).get(owner)
+    if entry is None:
+        raise KeyError(f"no owner {owner!r}")
+    if key_id not in entry["keys"]:
+        raise KeyError(f"owner {owner!r} has no key {key_id!r} (keys: {', '.join(sorted(entry['keys']))})")
+    entry["current"] = key_id
 
 
 def write_keyring(path: Path, doc: Mapping[str, Any], *, backup: bool = True, new: bool = False) -> None:

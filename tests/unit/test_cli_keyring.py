@@ -152,3 +152,39 @@ def test_rotate_refuses_a_key_ring_naming_a_key_id_twice(ring: Path) -> None:
     code, out = _invoke("keyring", "rotate", str(ring), "--owner", "alpha")
     assert code == 1 and "appears twice" in out, out
     assert ring.read_text() == twice
+
+
+def test_a_staged_key_opens_tasks_and_seals_none_until_promoted(ring: Path) -> None:
+    """Rotation in a fleet: the kubelet (or configuration management) brings a changed key-ring to
+    each host at its own moment, and a task sealed with a key the fetching bridge has not loaded
+    yet waited out its whole lease. A staged key is in every bridge's file before any bridge
+    seals with it. Found by review, 2026-12-06."""
+    from bridge.crypto import KeyringFileProvider
+
+    before = json.loads(ring.read_text())["owners"]["alpha"]["current"]
+    code, out = _invoke("keyring", "rotate", str(ring), "--owner", "alpha", "--stage")
+    assert code == 0, out
+    staged = next(k for k in json.loads(ring.read_text())["owners"]["alpha"]["keys"] if k != before)
+    assert f"promote {ring} --owner alpha {staged}" in out
+
+    async def keys() -> tuple[str, str]:
+        provider = KeyringFileProvider(ring)
+        current = await provider.current_key("alpha")
+        opened = await provider.key_by_id("alpha", staged)
+        return current.key_id, opened.key_id
+
+    assert anyio.run(keys) == (before, staged)  # opens with it, still seals with the old key
+    code, out = _invoke("keyring", "promote", str(ring), "--owner", "alpha", staged)
+    assert code == 0, out
+    assert anyio.run(keys) == (staged, staged)
+    assert before in json.loads(ring.read_text())["owners"]["alpha"]["keys"]  # old tasks stay readable
+
+
+@pytest.mark.parametrize(("owner", "key"), [("alpha", "k-nope"), ("nobody", None)])
+def test_promote_refuses_a_key_or_owner_not_in_the_file(ring: Path, owner: str, key: str | None) -> None:
+    before = ring.read_bytes()
+    key_id = key or json.loads(ring.read_text())["owners"]["alpha"]["current"]
+    result = CliRunner().invoke(app, ["keyring", "promote", str(ring), "--owner", owner, key_id])
+    assert result.exit_code == 1
+    assert (f"no key {key_id!r}" if key else f"no owner {owner!r}") in result.output
+    assert ring.read_bytes() == before
