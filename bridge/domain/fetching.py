@@ -767,6 +767,13 @@ class Fetcher:
         self, a: _Attempt, entry: ReadyEntry, cur: Lease | None, epoch: int, stamp: int, now: int, ends: int | None
     ) -> _Claim:
         """A claim refused, as its own row says (no read to tell a stale hint from a lost race)."""
+        if cur is not None and cur.is_leased and cur.epoch == epoch and cur.worker is None:
+            # A refused re-claim (an UPDATE) reports only its condition's columns: leased at the
+            # very epoch this one announced, by whom? Another fetch of this worker, which wrote the
+            # same pointer ahead (a retry's slow first copy), or another worker's claim. Read,
+            # once, on this rare path: taken for a lost race, the worker was handed another task
+            # and this one stayed leased to it, to nobody, for its whole lease.
+            cur = await self.ctx.store.lease(a.q, entry.task_id)
         if cur is not None and cur.held_by(a.worker, epoch) and cur.uncounted_epoch != epoch:
             # Leased to this worker at this very epoch by another fetch of it, which claimed the
             # task this one announced (``_claim_announced``): both hand it out. Not a lease whose

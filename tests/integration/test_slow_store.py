@@ -702,3 +702,47 @@ async def test_a_fetch_retried_on_another_bridge_while_its_slow_re_claim_is_on_i
     assert late is None or late.task_id == task_id
     claims = other.metrics.registry.get_sample_value
     assert claims("queue_bridge_claims_total", {"source": "pointer", "outcome": "won"}) == 1
+
+
+async def test_a_retried_fetch_whose_re_claim_loses_to_its_slow_first_copy_gets_that_task_not_another(
+    slow_bridge, slow_proxy, make_bridge, engine, servers, cql
+):
+    """The first copy's re-claim (epoch 2) lands between the retry's refused resend and the
+    retry's own re-claim: the retry's is refused by a lease leased to its worker at the epoch it
+    announced. A refused UPDATE reports only the columns of its condition (no worker), so the
+    refusal read as a lost race: the retry claimed the next task, and the first one stayed leased
+    to the worker for its whole lease, handed to nobody. Found by review, 2026-12-06."""
+    slow = await slow_bridge(cassandra_timeout=5.0)
+    other = await make_bridge()
+    svc = service_id()
+    task_id = await engine.add(svc, "abandoned by w0")
+    gone = await bounded(other.queue.fetch(OWNERS[0], worker_fetch(svc, "w0", ttr=300)), 20, "w0's fetch")
+    assert gone is not None and gone.task_id == task_id
+    held = hold_statement(slow, slow_proxy, "claim_expired", "claim_id", 2.5)
+    first = asyncio.ensure_future(slow.queue.fetch(OWNERS[0], worker_fetch(svc, wait_ms=10_000)))
+    await wait_for(lambda: bool(held) and slow_proxy.held_frames == 1, 15, what="the slow re-claim on its way")
+    next_id = await engine.add(svc, "the next task")
+
+    def epoch_of_the_lease() -> int:
+        rows = cql.execute(
+            f"SELECT epoch FROM {servers.keyspace}.leases WHERE owner = %s AND service = %s AND task_id = %s",
+            (OWNERS[0], svc, uuid.UUID(task_id)),
+        )
+        return int(rows.one()["epoch"])
+
+    real = other.store.claim_expired
+
+    async def after_the_slow_one(*args: Any, **kwargs: Any) -> Any:
+        # The retry's own re-claim goes once the slow one landed (its resend was refused before).
+        await wait_for(lambda: epoch_of_the_lease() == 2, 15, what="the slow re-claim landed")
+        return await real(*args, **kwargs)
+
+    other.store.claim_expired = after_the_slow_one
+    retry = await bounded(other.queue.fetch(OWNERS[0], worker_fetch(svc)), 30, "the retry on another bridge")
+    late = await bounded(first, 20, "the slow fetch")
+    leased = tasks_leased_to(cql, servers.keyspace, svc, "w")
+    assert retry is not None and (retry.task_id, retry.epoch) == (task_id, 2), (
+        f"the retry answered {retry!r} (the next task is {next_id}); the slow fetch answered {late!r}, "
+        f"to nobody; the worker holds the leases of {leased}"
+    )
+    assert leased == [task_id]
