@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
 import re
@@ -683,6 +684,17 @@ def iso_not_before(when: datetime | str) -> str:
     return utc.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _amqp_message_id(key: str) -> str:
+    """The AMQP ``message_id`` of an add with this idempotency key: the key itself, or its
+    SHA-256 when it is longer than the property's 255 bytes (the key travels whole in its header,
+    contract 1.5, up to 255 characters). Put there as is, a longer key failed the publish at every
+    try, reported as a lost connection ("retry it"); the digest is the same at every retry, so a
+    bridge before 1.5, which de-duplicates on ``message_id``, still sees one add."""
+    if len(key.encode("utf-8", "surrogatepass")) <= 255:
+        return key
+    return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def _add_options(
     delay_ms: int | None, not_before: datetime | str | None, max_deliveries: int | None, priority: int | None = None
 ) -> dict[str, Any]:
@@ -832,7 +844,7 @@ class Engine(RpcClient):
         headers: dict[str, Any] = {IDEMPOTENCY_HEADER: message_id or ""}
         if traceparent:
             headers["traceparent"] = traceparent
-        mid = message_id or uuid.uuid4().hex
+        mid = _amqp_message_id(message_id) if message_id else uuid.uuid4().hex
         if not wait:
             await self.publish("add", body, reply=False, owner=self.owner, message_id=mid, headers=headers)
             return None

@@ -51,6 +51,23 @@ async def test_a_key_of_the_callers_own_still_stores_one_task(bridge, engine, wo
     assert await _handed_out(workers, svc) == ["once"]
 
 
+async def test_a_key_longer_than_255_bytes_stores_one_task_and_a_longer_one_is_refused(bridge, engine, workers):
+    """The key went into the AMQP message-id too, whose 255 bytes a key of 86 CJK characters
+    (258 bytes, within the contract's 255 characters) passes: the publish failed at every try,
+    reported as a lost connection ("retry it"), and the add never reached a bridge. Found by
+    review, 2026-12-06."""
+    from bridge.client import BadRequestError
+
+    svc = service_id()
+    key = "键" * 86
+    first = await asyncio.wait_for(engine.add(svc, "once", message_id=key), 15)
+    assert await asyncio.wait_for(engine.add(svc, "once", message_id=key), 15) == first
+    assert await asyncio.wait_for(engine.add(svc, "other", message_id="键" * 85 + "k"), 15) != first
+    with pytest.raises(BadRequestError, match="x-idempotency-key"):  # over the contract's 255 characters
+        await asyncio.wait_for(engine.add(svc, "too long", message_id="k" * 256), 15)
+    assert sorted(await _handed_out(workers, svc)) == ["once", "other"]
+
+
 async def test_the_header_is_the_key_whatever_the_message_id(bridge, engine, workers):
     svc = service_id()
     body = {"serviceId": svc, "value": "v"}
