@@ -55,7 +55,13 @@ TABLE_OPTIONS: dict[str, dict[str, int]] = {
     # Rows that only expire (see SHORT_GC_GRACE_S).
     **{
         table: {"gc_grace_seconds": SHORT_GC_GRACE_S}
-        for table in ("ready", "ready_buckets", "expiry_shards", "expiries", "expiry_marks", "outbox_shards", "outbox")
+        for table in (
+            *("ready", "ready_buckets", "expiry_shards", "expiries", "expiry_marks", "outbox_shards", "outbox"),
+            # Read from an owner's partition start (stats of all services) and across the table
+            # (housekeeping): an owner with short-lived serviceIds had 10 days of expired rows
+            # ahead of its live ones, and READ_TOO_MANY_TOMBSTONES failed both reads.
+            "services",
+        )
     },
 }
 
@@ -196,7 +202,7 @@ def table_cql(keyspace: str, ttl_seconds: int) -> list[str]:
         f"""CREATE TABLE IF NOT EXISTS {ks}.services (
             owner text, service text,
             PRIMARY KEY ((owner), service)
-        ) WITH {ttl}""",
+        ) WITH {ttl} AND {short_grace}""",
         # add with a message_id: the first writer wins (LWT), later copies map to the same task.
         f"""CREATE TABLE IF NOT EXISTS {ks}.idempotency (
             owner text, service text, message_id text, task_id timeuuid,

@@ -13,7 +13,16 @@ from tests.integration.test_schema_modes import DDL, fresh_keyspace  # noqa: F40
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
-EXPIRE_ONLY = ("ready", "ready_buckets", "expiry_shards", "expiries", "expiry_marks", "outbox_shards", "outbox")
+EXPIRE_ONLY = (
+    "ready",
+    "ready_buckets",
+    "expiry_shards",
+    "expiries",
+    "expiry_marks",
+    "outbox_shards",
+    "outbox",
+    "services",
+)
 
 
 @pytest.fixture

@@ -15,7 +15,10 @@ import re
 from bridge.storage.schema import SHORT_GC_GRACE_S, TABLE_OPTIONS, options_cql, printed_cql, table_cql
 
 # Tables whose rows only expire (written with a TTL, never deleted), read or compacted by time.
-EXPIRE_ONLY = {"ready", "ready_buckets", "expiry_shards", "expiries", "expiry_marks", "outbox_shards", "outbox"}
+EXPIRE_ONLY = {
+    *("ready", "ready_buckets", "expiry_shards", "expiries", "expiry_marks", "outbox_shards", "outbox"),
+    "services",  # an owner's services are listed from its partition's start (found by review, 2026-12-06)
+}
 # Tables deleted from, whose deletes brought back are harmless (see bridge/storage/schema.py).
 DELETES_HARMLESS = {"parked", "cursors"}
 
