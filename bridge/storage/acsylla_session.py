@@ -48,11 +48,16 @@ _NOT_SENT: tuple[type[BaseException], ...] = (
     cass.CassErrorLibRequestQueueFull,
     cass.CassErrorLibNoStreams,
     cass.CassErrorLibNoAvailableIoThread,
-    cass.CassErrorServerUnavailable,
-    cass.CassErrorServerOverloaded,
     cass.CassErrorServerIsBootstrapping,
     cass.CassErrorLibUnableToConnect,
 )
+# Refused before any replica acted only for a statement of one partition: a coordinator checks a
+# mutation's live replicas before it sends it, but a batch's mutations one after the other (those
+# before the one refused were sent). Overloaded is not here: Cassandra's hint check runs replica by
+# replica as it sends (sendToHintedReplicas), after the live replicas before it got the write. A
+# batch taken for not sent was never counted nor hinted (its task row had landed), as
+# cassandra-driver's adapter, which calls both "may have landed", never did.
+_NOT_SENT_ONE_PARTITION: tuple[type[BaseException], ...] = (cass.CassErrorServerUnavailable,)
 # ... except for a compare-and-set: with Paxos v1 a coordinator commits a proposal a quorum has
 # accepted, and that commit can answer Unavailable (a replica gone meanwhile) or Overloaded (a hint
 # backlog for a node down) for an LWT already decided. Unknown, then: settled by the SERIAL read.
@@ -211,7 +216,7 @@ class AcsyllaSession:
             with self.stall.track():
                 await self.session.execute_batch(batch)
         except cass.CassException as exc:
-            raise _storage_error(exc, lwt=False) from exc
+            raise _storage_error(exc, lwt=False, batch=len(items) > 1) from exc
 
     async def _all_pages(self, stmt: Any, *, lwt: bool) -> list[Row]:
         rows: list[Row] = []
@@ -240,12 +245,12 @@ class AcsyllaSession:
         return await self._all_pages(stmt, lwt=" IF " in cql)
 
 
-def _storage_error(exc: BaseException, *, lwt: bool) -> Exception:
+def _storage_error(exc: BaseException, *, lwt: bool, batch: bool = False) -> Exception:
     if isinstance(exc, _INVALID):
         return InvalidQuery(str(exc))
     if lwt and isinstance(exc, _LWT_UNKNOWN):
         return UnknownOutcome(f"{kind_of(exc)}: the write may or may not have applied")
-    if isinstance(exc, _NOT_SENT):
+    if isinstance(exc, _NOT_SENT) or (not batch and isinstance(exc, _NOT_SENT_ONE_PARTITION)):
         return StorageNotSent(f"cassandra unavailable: {type(exc).__name__}")
     # A timeout, a connection lost under the request, a failure on a replica: a conditional write
     # may still be applied later (CASSANDRA-9328); a plain statement is simply retried.

@@ -28,8 +28,25 @@ def test_an_lwt_answered_unavailable_or_overloaded_is_an_unknown_outcome(error: 
     gone meanwhile) or Overloaded (a hint backlog): the compare-and-set may be decided already.
     Said "not sent", a claim or a cancel that applied was answered unavailable and its retry false."""
     assert isinstance(_storage_error(error("injected"), lwt=True), UnknownOutcome)
-    # A plain statement answered so was refused before any replica wrote: not sent.
-    assert isinstance(_storage_error(error("injected"), lwt=False), StorageNotSent)
+
+
+def test_a_plain_write_answered_unavailable_is_not_sent_unless_it_is_a_batch_of_several_partitions() -> None:
+    """A coordinator checks each mutation's live replicas before sending it, but a batch's
+    mutations one after another: a batch answered Unavailable may have written the partitions
+    before the one refused. Said "not sent", an add whose task row had landed was neither counted
+    nor hinted (cassandra-driver's adapter said "may have landed"). Found by review, 2026-12-06."""
+    unavailable = cass.CassErrorServerUnavailable("injected")
+    assert isinstance(_storage_error(unavailable, lwt=False), StorageNotSent)
+    batch = _storage_error(unavailable, lwt=False, batch=True)
+    assert isinstance(batch, StorageUnavailable) and not isinstance(batch, StorageNotSent)
+
+
+def test_a_plain_write_answered_overloaded_may_have_landed() -> None:
+    """Cassandra's hint check answers Overloaded replica by replica as it sends the write (after
+    the live replicas before it got it): not a refusal before anything was written."""
+    for batch in (False, True):
+        mapped = _storage_error(cass.CassErrorServerOverloaded("injected"), lwt=False, batch=batch)
+        assert isinstance(mapped, StorageUnavailable) and not isinstance(mapped, StorageNotSent)
 
 
 def test_the_datastax_driver_does_not_send_an_lwt_again_after_unavailable() -> None:
