@@ -111,6 +111,10 @@ class WorkQueue:
         self._fetcher = Fetcher(self.ctx, self.dispatcher, self.hints, reconcile, self.soon, self.relay)
         self._acker = Acker(self.ctx, self.relay)
         self.lifecycle = Lifecycle(self.ctx, self.relay, self.soon, self.hints, settle_ms)
+        # How late after its id's time a task's entry may land and still be met by every scan: a
+        # scan moves over entries taken and older than the settle window, on a clock up to the
+        # skew margin ahead of this one (``_enter_again_if_late``).
+        self._lands_in_time_ms = settle_ms - limits.skew_margin_ms
         # Set by the recovery scheduler: handles a timer-wheel entry due within moments, here.
         self.due_soon: Callable[[ExpiryEntry], None] | None = None
         self._registered: dict[QueueKey, int] = {}
@@ -250,6 +254,7 @@ class WorkQueue:
         handed = self.hints.hand_here(q, hint)
         try:
             await self._store_task(add, recorded)
+            await self._enter_again_if_late(add.q, add.task_id, add.payload)
         except BaseException:
             if not stored.done():
                 stored.set_result(False)
@@ -315,12 +320,36 @@ class WorkQueue:
                 log.warning("task %s found stored; indexing its bucket again failed: %s", add.task_id, exc)
             self._count_add(add)
             if add.due_ms is None:
+                try:
+                    await self._enter_again_if_late(add.q, add.task_id, add.payload)
+                except Unavailable as exc:
+                    log.warning("task %s found stored; entering it again failed: %s", add.task_id, exc)
                 # Nobody has heard of the task: a hint goes out only once its write is acknowledged,
                 # and this one timed out. Without one, a waiting fetch met it at the next
                 # reconciliation scan (every 30 s), long after it landed.
                 await self.hints.offer(add.q, add.hint())
         elif self._adds_in_doubt.get(add.task_id) is False:
             log.warning("add of task %s left uncounted: not found stored (it may land later)", add.task_id)
+
+    async def _enter_again_if_late(self, q: QueueKey, task_id: uuid.UUID, payload: Payload | None) -> None:
+        """A task stored later after its id's time than the scans wait for (a write held up or
+        timed out and retried with the same id, a key's compare-and-set, a paused process) may
+        have landed behind where a scan's position moved on (over tasks added after it and taken
+        meanwhile), and no scan reads there again: stored and answered, it was never handed out
+        with hints off, nor with hints on once its hint was lost. It gets a second entry now, at
+        the head of its lane, unless it is claimed already (then it was found). A claim of either
+        entry is decided by the lease, as for two entries of a re-exposed task. Rare: nothing is
+        read or written for an add that lands in time (the reply waits for this otherwise)."""
+        if self.ctx.clock.now_ms() - ms_of(task_id) <= self._lands_in_time_ms:
+            return  # in time (a delayed task's id is its due time: not yet due, never late)
+        store = self.ctx.store
+        if await store.lease(q, task_id, serial=False) is not None:
+            return
+        if payload is None and (payload := await store.payload(q, task_id)) is None:
+            return  # gone (its TTL)
+        await store.enter_again(q, task_id, new_task_id(self.ctx.clock.now_ms()), payload)
+        self.ctx.metrics.inc("adds_entered_again")
+        log.debug("task entered again: stored late", extra={"task_id": str(task_id)})
 
     def soon(self, entry: ExpiryEntry, due_ms: int) -> None:
         """An entry filed in the timer wheel for a moment so near (a short backoff, a redrive, a
@@ -391,8 +420,10 @@ class WorkQueue:
             return None
         if await store.task_exists(q, existing):
             # A redelivery or a retried publish: same task. Index it again in case the first
-            # attempt died between its two writes.
+            # attempt died between its two writes, and enter it again if its entry may have
+            # landed behind the scans (the first attempt's write timed out, or was held up).
             await store.reindex_task(q, existing)
+            await self._enter_again_if_late(q, existing, None)
             self.ctx.metrics.inc("adds_deduplicated")
             return existing
         # Measured from the record's write, not the task id: a delayed task's id holds its due

@@ -51,6 +51,11 @@ class TaskStore(Protocol):
         ``message_id``: also record message_id -> task_id, unconditionally (a plain write, in the
         same request where the store can): only for a message no other copy of can exist yet."""
 
+    async def enter_again(self, q: QueueKey, task_id: uuid.UUID, seq: uuid.UUID, payload: Payload) -> None:
+        """A second entry of a stored task in the fresh lane, at ``seq`` (a time uuid of now), as
+        a scan reads entries (its value stays in the task's own row): a task whose own entry may
+        have landed behind where the scans' positions moved on (``WorkQueue._enter_again``)."""
+
     async def task_exists(self, q: QueueKey, task_id: uuid.UUID) -> bool: ...
 
     async def task_options(self, q: QueueKey, task_id: uuid.UUID) -> TaskOptions:

@@ -92,6 +92,10 @@ ROUTES: dict[str, Route] = {
     "tasks_cancelled": Route("tasks_cancelled", "Tasks cancelled by cancel."),
     "tasks_purged": Route("tasks_purged", "Ready tasks cancelled by purge."),
     "adds_deduplicated": Route("tasks_deduplicated", "Adds answered from an earlier add with the same message id."),
+    "adds_entered_again": Route(
+        "tasks_entered_again",
+        "Tasks stored too late for the scans' positions (a write held up), given a second entry in their queue.",
+    ),
     "tasks_delivered": Route(
         "tasks_delivered", "Tasks handed to a worker for the first time.", dropped=frozenset({"kind"})
     ),

@@ -124,6 +124,11 @@ class MemoryTaskStore:
             self.task_ends[task_id] = payload.expires_at_ms
         self.ready.setdefault((q, LANE_FRESH, bucket_of_task(task_id)), {})[task_id] = row
 
+    async def enter_again(self, q: QueueKey, task_id: uuid.UUID, seq: uuid.UUID, payload: Payload) -> None:
+        await self._io()
+        row = _Ready(task_id, None, payload.token is not None, payload)
+        self.ready.setdefault((q, LANE_FRESH, bucket_of_task(seq)), {})[seq] = row
+
     async def task_exists(self, q: QueueKey, task_id: uuid.UUID) -> bool:
         return await self.payload(q, task_id) is not None
 

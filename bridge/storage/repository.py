@@ -360,6 +360,19 @@ class CassandraTaskStore:
         await self._store(batch, writes, batchable=_sealed_bytes(payload) <= BATCHED_PAYLOAD_MAX_BYTES)
         self._remember_index(index)
 
+    async def enter_again(self, q: QueueKey, task_id: uuid.UUID, seq: uuid.UUID, payload: Payload) -> None:
+        ends = payload.expires_at_ms if payload.expires_at_ms is not None else self._own_end(task_id)
+        bucket = bucket_of_task(seq)
+        index = self._bucket_index(q, LANE_FRESH, bucket, task_id, force=False, expires_at_ms=ends)
+        token = payload.token
+        created = None if payload.created_at_ms is None else to_datetime(payload.created_at_ms)
+        entry = (
+            *(q.owner, q.service, bucket, seq, task_id, token.nonce if token else None, created),
+            *(payload.max_deliveries, payload.priority or None, ends, self.ttl_for(task_id, ends)),
+        )
+        await self._store("ready.enter_again.indexed", _with_index(index, ("ready.enter_again", entry)))
+        self._remember_index(index)
+
     async def task_exists(self, q: QueueKey, task_id: uuid.UUID) -> bool:
         rows = await self.db.execute("ready.payload", (q.owner, q.service, bucket_of_task(task_id), task_id))
         return bool(rows)

@@ -27,6 +27,13 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         "VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?",
         True,
     ),
+    # A second entry of a stored task, at a later place in its lane (``TaskStore.enter_again``):
+    # what a scan reads (``ready.scan``), not the value (read from the task's own row).
+    "ready.enter_again": (
+        "INSERT INTO {ks}.ready (owner, service, lane, bucket, seq, task_id, token_nonce, created_at, "
+        "max_deliveries, priority, expires_at) VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?",
+        True,
+    ),
     "ready.insert_recovered": (
         "INSERT INTO {ks}.ready (owner, service, lane, bucket, seq, task_id, epoch, token_nonce) "
         "VALUES (?, ?, 0, ?, ?, ?, ?, ?) USING TTL ?",

@@ -18,6 +18,7 @@ DOMAIN = Path(__file__).resolve().parents[2] / "bridge" / "domain"
 DOCUMENTED = {
     "tasks_added",
     "adds_deduplicated",
+    "adds_entered_again",
     "tasks_delivered",
     "tasks_redelivered",
     "claim_conflicts",
@@ -39,6 +40,7 @@ DOCUMENTED = {
 EXPECTED_COUNTERS = {
     "tasks_added": ("queue_bridge_tasks_added_total", ()),
     "adds_deduplicated": ("queue_bridge_tasks_deduplicated_total", ()),
+    "adds_entered_again": ("queue_bridge_tasks_entered_again_total", ()),
     "tasks_delivered": ("queue_bridge_tasks_delivered_total", ()),
     "tasks_redelivered": ("queue_bridge_tasks_redelivered_total", ("kind",)),
     "tasks_recovered": ("queue_bridge_tasks_recovered_total", ()),
