@@ -16,6 +16,7 @@ import aiormq.exceptions
 
 from bridge.config import ConfigError, Settings
 from bridge.crypto import CachingKeyProvider, HttpKeyProvider, KeyProvider, KeyringFileProvider
+from bridge.domain.cancellation import ConnectionCancelled, is_stray
 from bridge.domain.clock import AnchoredClock, Clock, SkewGuard, SystemClock
 from bridge.domain.counting import QueueCounts
 from bridge.domain.housekeeping import CounterTrim
@@ -438,9 +439,18 @@ class Bridge:
             with suppress(Exception):
                 await self.transport.close()
             raise BrokerUnreachable(where, exc, secret=password) from exc
-        except BaseException:  # cancelled (a stop during the attempt): nothing left connected
+        except BaseException as exc:  # cancelled (a stop during the attempt): nothing left connected
             with suppress(Exception):
                 await self.transport.close()
+            if is_stray(exc):
+                # Nobody cancelled the attempt: aiormq ended its connection as stuck (the handshake
+                # done, then nothing) and cut the calls pending on it. Taken for a stop, the start
+                # ended and the process exited 0 ("stopped"); it is an unreachable broker.
+                where, password = amqp_where(self.settings.amqp_url.get_secret_value())
+                if self.settings.amqp_hosts:
+                    where = ", ".join(self.settings.amqp_hosts)
+                cut = ConnectionCancelled("the connection was ended as stuck during the attempt")
+                raise BrokerUnreachable(where, cut, secret=password) from None
             raise
 
     def _serving_changed(self, paused: frozenset[str]) -> None:

@@ -23,6 +23,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+from bridge.domain.cancellation import stray_as_failure
 from bridge.transport.topology import CONSUMED
 
 log = logging.getLogger("bridge.serving")
@@ -106,7 +107,11 @@ class ServingGate:
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
-                await self.step()
+                # A consume or cancel pending on a connection aiormq ends as stuck raises a
+                # CancelledError nobody asked for: it ended this loop, silently, and the bridge
+                # stayed paused (unready) for good and never paused for an outage again.
+                with stray_as_failure():
+                    await self.step()
             except Exception as exc:  # AMQP down: the robust connection restores it; try again
                 log.debug("serving gate: %s", type(exc).__name__)
             with contextlib.suppress(TimeoutError):

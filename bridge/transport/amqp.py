@@ -33,7 +33,7 @@ from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
 from bridge.config import Settings
-from bridge.domain.cancellation import is_stray
+from bridge.domain.cancellation import is_stray, stray_as_failure
 from bridge.domain.queue import WorkQueue
 from bridge.transport import failover, replies, tolerant_decoding
 from bridge.transport.capacity import Capacity
@@ -468,7 +468,15 @@ class AmqpTransport:
                     # the loss, runs until then).
                     self._orphans.add(method)
                     continue
-                await self._consume(method)
+                try:
+                    await self._consume(method)
+                except BaseException:
+                    if self._channel_of(method).is_closed:
+                        # Cut by its channel's close (its connection ended as stuck): consumed with
+                        # the channel again (_reopen), as a method found orphaned above. Left out,
+                        # it was consumed by nothing once the connection was back.
+                        self._orphans.add(method)
+                    raise
 
     async def _consume(self, method: str) -> None:
         frames = await self._channel_of(method).get_underlay_channel()
@@ -523,15 +531,18 @@ class AmqpTransport:
         delay = RETRY_FIRST_DELAY_S
         while not self._closing and method not in self._consumer_tags:
             try:
-                if method in self._lost:
-                    assert self.connection is not None
-                    await declare_consumed_queue(self.settings, self.connection, method)
-                    self._lost.discard(method)
-                self._registering.add(method)
-                try:
-                    await self._consume(method)
-                finally:
-                    self._registering.discard(method)
+                # A stuck connection's close cuts these with a CancelledError nobody asked for:
+                # retried as any failure (it ended this task, and the queue was never consumed).
+                with stray_as_failure():
+                    if method in self._lost:
+                        assert self.connection is not None
+                        await declare_consumed_queue(self.settings, self.connection, method)
+                        self._lost.discard(method)
+                    self._registering.add(method)
+                    try:
+                        await self._consume(method)
+                    finally:
+                        self._registering.discard(method)
                 log.warning("declared %s again: consuming it again", queue)
                 return
             except Exception as exc:

@@ -248,6 +248,29 @@ async def test_a_start_attempt_that_succeeds_after_a_stop_goes_no_further(bridge
         await proxy.stop()
 
 
+async def test_an_attempt_cut_by_its_connections_close_is_tried_again_not_taken_for_a_stop(bridge_env, monkeypatch):
+    """aiormq ends a connection it finds stuck (the handshake done, then nothing) by cancelling the
+    calls pending on it: a start attempt so cut was taken for a stop, and the process exited 0
+    ("stopped while waiting"), which a `restart: on-failure` policy leaves down. Found by review,
+    2026-12-06."""
+    b = Bridge(settings_from(bridge_env, start_timeout=30))
+    real_start = b.transport.start
+    cut: list[int] = []
+
+    async def cut_once() -> None:
+        if not cut:
+            cut.append(1)
+            raise asyncio.CancelledError()  # as aiormq's close(CancelledError) raises it in a pending call
+        await real_start()
+
+    monkeypatch.setattr(b.transport, "start", cut_once)
+    try:
+        await asyncio.wait_for(b.start(), 60)
+        assert cut == [1] and not b.stop_requested
+    finally:
+        await b.stop()
+
+
 # -- 3. the duty's step-up after the stop's release ----------------------------------------------------
 
 

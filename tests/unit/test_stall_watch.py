@@ -109,3 +109,46 @@ async def test_the_gate_probes_the_store_only_while_paused_for_it_and_resumes_wh
     assert len(probes) == 1
     await gate.step()
     assert consumers.consuming() == ALL
+
+
+@pytest.mark.anyio
+async def test_the_gate_outlives_a_resume_cut_by_its_connections_close() -> None:
+    """aiormq ends a stuck connection's pending calls with a CancelledError in tasks nobody
+    cancelled: a resume cut so ended the gate's loop, silently; the bridge stayed paused
+    (unready) for good and never paused for a store outage again. Found by review, 2026-12-06."""
+    up = {"store": False}
+    cut = {"resume": 1}
+
+    class CutOnce(Consumers):
+        async def resume(self, methods: frozenset[str] | None = None) -> None:
+            if cut["resume"]:
+                cut["resume"] -= 1
+                raise asyncio.CancelledError()  # as aiormq's close(CancelledError) raises it
+            await super().resume(methods)
+
+    consumers = CutOnce()
+    gate = ServingGate(consumers, storage_up=lambda: up["store"], clock_ok=lambda: True, interval_s=0.01)
+    stop = asyncio.Event()
+    running = asyncio.ensure_future(gate.run(stop))
+    try:
+        for _ in range(200):
+            if consumers.consuming() == frozenset():
+                break
+            await asyncio.sleep(0.01)
+        assert consumers.consuming() == frozenset()
+        up["store"] = True  # back: the first resume is cut, the next one goes through
+        for _ in range(200):
+            if consumers.consuming() == ALL or running.done():
+                break
+            await asyncio.sleep(0.01)
+        assert not running.done(), "the gate's loop ended"
+        assert consumers.consuming() == ALL and cut["resume"] == 0
+        up["store"] = False  # and it still pauses for an outage
+        for _ in range(200):
+            if consumers.consuming() == frozenset():
+                break
+            await asyncio.sleep(0.01)
+        assert consumers.consuming() == frozenset()
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 5)
