@@ -44,6 +44,7 @@ from bridge.domain.relay import ResultRelay
 from bridge.domain.sealing import open_value
 from bridge.domain.timeline import EXPIRY_BUCKET_MS, expiry_bucket, ms_of, ready_bucket
 from bridge.errors import BridgeError
+from bridge.observability.throttled import ThrottledWarning
 
 log = logging.getLogger("bridge.queue")
 _T = TypeVar("_T")
@@ -249,6 +250,9 @@ class Fetcher:
         self.reconcile = reconcile
         self.soon = soon  # ``WorkQueue.soon``: a timer of this bridge for a deadline moments away
         self._flights: dict[tuple[str, str, str], _Flight] = {}
+        # A key outage meets every fetch that claims a task sealed with it: a line each flooded a
+        # fleet's logs for as long as it lasted (deliveries_failed counts them all).
+        self._error_undelivered = ThrottledWarning(log, level=logging.ERROR)
         # When a waiting fetch of a queue whose hints cannot be used last scanned it and found
         # nothing (loop time): the other waiters of that queue skip their scans until a poll
         # interval has passed. Each scanned every second: store reads grew with the waiting workers
@@ -944,10 +948,8 @@ class Fetcher:
             )
             missing = isinstance(exc, KeyMissing)
             ctx.metrics.inc("deliveries_failed", reason="key_missing" if missing else "key_unavailable")
-            log.error(
-                "task not delivered: its key is %s",
-                "missing" if missing else "unavailable",
-                extra={"task_id": str(task_id), "epoch": epoch},
+            self._error_undelivered.warning(
+                "task %s not delivered: its key is %s", task_id, "missing" if missing else "unavailable"
             )
             raise
         except IntegrityError as exc:

@@ -16,10 +16,16 @@ from collections.abc import Callable
 
 class ThrottledWarning:
     def __init__(
-        self, logger: logging.Logger, every_s: float = 10.0, clock: Callable[[], float] = time.monotonic
+        self,
+        logger: logging.Logger,
+        every_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        level: int = logging.WARNING,
     ) -> None:
         self.logger = logger
         self.every_s = every_s
+        self.level = level
         self._clock = clock
         self._written_at: float | None = None
         self._left_out = 0
@@ -32,4 +38,4 @@ class ThrottledWarning:
         if self._left_out and self._written_at is not None:
             msg = f"{msg} (and {self._left_out} more like it in the last {now - self._written_at:.0f} s)"
         self._written_at, self._left_out = now, 0
-        self.logger.warning(msg, *args)
+        self.logger.log(self.level, msg, *args)

@@ -158,6 +158,13 @@ class RequestHandlers:
         # a client whose clock is behind) wrote a line each. Said at most every 10 s, with how
         # many (each is at DEBUG, and counted in requests_expired).
         self._warn_late = ThrottledWarning(log)
+        # An outage (a key server down, Cassandra refusing writes) meets every add, each retried
+        # ten times over 30 s and then requeued, at once again: a line per attempt was ~27 lines a
+        # second a bridge, thousands a second across a fleet. Said at most every 10 s each (the
+        # counters, requests_total and adds_deferred_total, count them all).
+        self._warn_add_retry = ThrottledWarning(log)
+        self._warn_requeued = ThrottledWarning(log)
+        self._warn_deferred = ThrottledWarning(log)
         self.queue = queue
         self.replies = replies
         # Long-poll fetches waiting with their deliveries already acknowledged: outside the prefetch
@@ -220,7 +227,7 @@ class RequestHandlers:
                 extra={"correlation_id": message.correlation_id},
             )
         elif fate.settle is Settle.REQUEUE:
-            log.warning("%s still failing (%s): requeued", method, error.message)
+            self._warn_requeued.warning("%s still failing (%s): requeued", method, error.message)
         outcome = await self.conclude(message, method, code, reply_body(error=error))
         return observed_outcome(exc, outcome)  # settled as its code says; a shed one counted apart
 
@@ -347,7 +354,7 @@ class RequestHandlers:
                     may_have_landed = bool(landed)
                     if landed is False:
                         replaces, cmd, pending = pending.task_id, _ready_now_if_due(pending, cmd), None
-                log.warning("add failed (%s), retrying in %.1fs", exc.message, delay)
+                self._warn_add_retry.warning("add failed (%s), retrying in %.1fs", exc.message, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
@@ -372,7 +379,7 @@ class RequestHandlers:
             log.warning("could not move an add to the retry lane (%s): retried in place", type(exc).__name__)
             return False
         self.queue.metrics.inc("adds_deferred")
-        log.warning("owner's key-server entry unusable: add moved to the retry lane %s", self.lane.name)
+        self._warn_deferred.warning("owner's key-server entry unusable: add moved to the retry lane %s", self.lane.name)
         return True
 
     async def _landed_after_all(self, pending: PendingAdd) -> bool | None:

@@ -56,3 +56,33 @@ async def test_abandoned_requests_write_no_line_each(caplog: pytest.LogCaptureFi
             await transport._guarded(transport._on_fetch)(cast(Any, message))
             assert message.settled == ["ack"]
     assert _lines(caplog) == []
+
+
+async def test_adds_failing_in_an_outage_write_one_line_a_kind_between_them(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each add retried in place wrote a line per attempt (ten over its 30 s), and one more when
+    requeued, at once again: ~27 lines a second a bridge in an outage, thousands across a fleet.
+    Found by review, 2026-12-06."""
+    import asyncio
+
+    from bridge.domain.errors import Unavailable
+    from bridge.transport import handlers as handlers_module
+
+    monkeypatch.setattr(handlers_module, "ADD_RETRY_BUDGET_S", 0.5)
+    transport, _ = _transport()
+    transport._consumer_tags["add"] = "tag"  # consuming: adds are retried in place
+
+    async def unavailable(*args: Any, **kwargs: Any) -> str:
+        raise Unavailable("cassandra unavailable (injected)")
+
+    transport.handlers.queue.store_add = unavailable  # type: ignore[method-assign]
+    add = b'{"serviceId": "s", "value": 1}'
+    messages = [_Message(add, "add", {}, "engine", REPLY_TO) for _ in range(N // 4)]
+    with caplog.at_level(logging.DEBUG, logger="bridge.amqp"):
+        await asyncio.gather(*(transport._guarded(transport._on_add)(cast(Any, m)) for m in messages))
+    assert all(m.settled == ["requeue"] for m in messages), {tuple(m.settled) for m in messages}
+    lines = _lines(caplog)
+    retried = [line for line in lines if "retrying" in line]
+    requeued = [line for line in lines if "requeued" in line]
+    assert len(retried) <= 1 and len(requeued) <= 1, f"{len(lines)} lines for {len(messages)} adds: {lines[:4]}"
