@@ -177,7 +177,8 @@ class Bridge:
         self._start_gives_up = 0.0  # BRIDGE_START_TIMEOUT's end, on the event loop's clock
         # Each queue's last exported gauges: kept while its reads fail, so that its series (and the
         # backlog alerts on them) do not vanish when the queue is in trouble.
-        self._gauge_rows: dict[tuple[str, str], tuple[str, str, dict[str, int], int | None]] = {}
+        # Each queue's last gauge row and when it was read (this bridge's clock, ms).
+        self._gauge_rows: dict[tuple[str, str], tuple[tuple[str, str, dict[str, int], int | None], int]] = {}
         self._warn_gauges_cut = ThrottledWarning(log, every_s=3600.0)
         # The duty holder deletes counter rows past every reader's window (counters take no TTL).
         self.trim = CounterTrim(self.store, self.clock, settings.task_ttl_seconds * 1000)
@@ -477,25 +478,41 @@ class Bridge:
         """Per-queue gauges, from the bridge holding the duty only (a fleet exports them once)."""
         if not self.settings.stats_interval:
             return  # off (the default): the stats RPC and the CLI still answer, on demand
-        exported = False
+        exported = failed = False
         while not self._stop.is_set():
-            with suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=self.settings.stats_interval)
+            # An interval, or less when the duty comes here: the bridge it left dropped its gauges,
+            # and waiting out an interval first left the fleet with none (dashboards blank and
+            # alerts' `for:` started over at every move; 60 s with BRIDGE_STATS_INTERVAL=60).
+            await self._sleep_unless(self.settings.stats_interval, None if exported or failed else self.duty.acquired)
             if not self.duty.held or self._stop.is_set():
                 if exported:
                     # The duty went elsewhere: its new holder exports the queues now. Kept, this
                     # bridge's last values stayed frozen beside the new ones (a sum doubled).
                     self.metrics.set_queue_stats([])
                     exported = False
+                failed = False
                 continue
             try:
                 rows = await self._queue_gauge_rows()
             except Exception as exc:
                 log.warning("queue gauges not refreshed: %s", type(exc).__name__)
+                failed = True  # an interval before the next try, not at once again
                 continue
+            failed = False
             if self.duty.held:  # not lost while the rows were read (its gauges were dropped then)
                 self.metrics.set_queue_stats(rows)
                 exported = True
+
+    async def _sleep_unless(self, seconds: float, event: asyncio.Event | None) -> None:
+        """Sleep ``seconds``, less if the bridge stops or ``event`` is set."""
+        waits = [asyncio.ensure_future(self._stop.wait())]
+        if event is not None:
+            waits.append(asyncio.ensure_future(event.wait()))
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
 
     def _drop_queue_gauges(self) -> None:
         """The duty left this bridge: its new holder exports the queues from now on. The rows kept
@@ -520,7 +537,8 @@ class Bridge:
                 MAX_GAUGE_QUEUES,
             )
         failed: list[str] = []
-        last, self._gauge_rows = self._gauge_rows, {}
+        last = self._gauge_rows
+        kept: dict[tuple[str, str], tuple[tuple[str, str, dict[str, int], int | None], int]] = {}
         for q in fair_share(listed, MAX_GAUGE_QUEUES):
             key = (q.owner, q.service)
             try:
@@ -528,12 +546,19 @@ class Bridge:
             except Exception as exc:
                 failed.append(f"{q.owner}/{q.service}: {type(exc).__name__}")
                 if key in last:  # its last values, as a whole failed refresh keeps them all
-                    self._gauge_rows[key] = last[key]
-                    rows.append(last[key])
+                    (owner, service, states, age), read_at = kept[key] = last[key]
+                    # The age of its oldest ready task goes on growing: kept as read, a queue whose
+                    # reads fail (its workers dead too, perhaps) never reached a backlog alert's
+                    # threshold, however long its task waited.
+                    rows.append((owner, service, states, None if age is None else age + max(0, now - read_at)))
                 continue
             states = {"ready": s.ready, "in_flight": s.in_flight, "delayed": s.delayed, "parked": s.parked}
-            self._gauge_rows[key] = (q.owner, q.service, states, s.oldest_ready_age_ms)
-            rows.append(self._gauge_rows[key])
+            kept[key] = ((q.owner, q.service, states, s.oldest_ready_age_ms), now)
+            rows.append(kept[key][0])
+        if self.duty.held:
+            # Lost meanwhile, the duty's release dropped the kept rows: refilled here, a bridge
+            # taking the duty back days later exported a failing queue's values from back then.
+            self._gauge_rows = kept
         if failed:
             log.warning("queue gauges of %d queues not refreshed: %s", len(failed), "; ".join(failed[:5]))
         return rows

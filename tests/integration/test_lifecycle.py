@@ -665,6 +665,17 @@ async def test_one_queue_whose_stats_fail_leaves_the_other_queues_gauges_refresh
     await engine.add(healthy, "b")
     await wait_for(lambda: exported(healthy, 2), 15, what="the healthy queue's gauge beside a queue whose stats fail")
     assert await metric(port, ready(broken)) == 1, "its last value kept"
+    # Its oldest ready task's age goes on growing (kept as read, an alert on it never fired while
+    # the queue's reads failed, however long the task waited; found by review, 2026-12-06).
+    age = f'queue_bridge_queue_oldest_ready_age_seconds{{owner="{OWNERS[0]}",service="{broken}"}}'
+    first = await metric(port, age)
+    assert first is not None
+
+    async def grown() -> bool:
+        now = await metric(port, age)
+        return now is not None and now >= first + 1.5
+
+    await wait_for(grown, 15, what="the kept age growing")
 
 
 async def test_another_owner_cannot_touch_a_queue_it_does_not_own(make_bridge, engine, workers):

@@ -309,3 +309,25 @@ async def test_a_claim_refused_on_a_cancelled_tasks_hint_is_no_conflict(bridge, 
 
 async def _metric_at_least(port: int, name: str, value: float) -> bool:
     return await metric(port, name) >= value
+
+
+async def test_a_bridge_taking_the_duty_exports_the_queue_gauges_at_once_not_an_interval_later(make_bridge, engine):
+    """The bridge the duty leaves drops its gauges at once; the one taking it exported them only
+    after its exporter's sleep (up to BRIDGE_STATS_INTERVAL): meanwhile no bridge of the fleet
+    exported them, dashboards went blank and alerts' `for:` started over at every move (each
+    rolling deploy). Found by review, 2026-12-06."""
+    first_port, second_port = free_port(), free_port()
+    first = await make_bridge(http_port=first_port, stats_interval=0.3)
+    await wait_for(lambda: first.duty.held, 10, what="the first bridge holding the duty")
+    second = await make_bridge(http_port=second_port, stats_interval=60)
+    svc = service_id()
+    await engine.add(svc, "counted")
+    ready = f'queue_bridge_queue_tasks{{owner="{OWNERS[0]}",service="{svc}",state="ready"}}'
+
+    async def exports(port: int) -> bool:
+        return await metric(port, ready) == 1
+
+    await wait_for(lambda: exports(first_port), 15, what="the holder exporting the queue")
+    await make_bridge.stop(first)  # its release hands the duty over
+    await wait_for(lambda: second.duty.held, 15, what="the second bridge taking the duty")
+    await wait_for(lambda: exports(second_port), 10, what="the new holder exporting the queue (its interval is 60 s)")
