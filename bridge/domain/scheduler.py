@@ -74,6 +74,7 @@ ENTRY_RETRY_MS = 10_000  # a deadline that could not be handled is met again thi
 RELAY_INTERVAL_S = 1.0  # the result relay sweeps once a second
 RELAY_RETRY_FIRST_MS = 1_000
 RELAY_RETRY_MAX_MS = 60_000
+RELAY_RETRY_BUDGET_S = 2.0  # a sweep's time for buckets owing results, after its new buckets
 # Owed results remembered as decided (about 150 bytes each): past it the oldest are read again.
 OWED_DECIDED_KEPT = 100_000
 STUCK_WARNING_EVERY_S = 60.0
@@ -726,19 +727,10 @@ class RecoveryScheduler:
                 self._owed_recorded.add(bucket)
         # Only buckets old enough that their normal publish must have happened are swept.
         limit = min(outbox_bucket(now - self.republish_after_ms), self._outbox_next + RELAY_CATCH_UP_BATCH)
-        # Buckets with a result that could not be published are retried, but they do not hold up
-        # the buckets after them (one unroutable result must not delay all others). Each is
-        # retried later and later (1 s, doubling, up to a minute): every sweep, a few hundred
-        # results nobody can take (an engine with no queue bound) cost 3 requests each a second.
-        for bucket, retry in sorted(self._outbox_retry.items()):
-            if now < retry.not_before_ms:
-                continue
-            owed = await self._relay_bucket(bucket, now)
-            if owed:
-                self._outbox_retry[bucket] = retry.again(now, owed)
-            else:
-                del self._outbox_retry[bucket]
-                await self._settled(bucket)
+        # New buckets and second reads first, then the buckets owing results: a tenant whose
+        # results are never confirmed (its queue without a majority holds the confirms: 15 s a
+        # page) made each retry of its buckets wait, one after the other, and the results of every
+        # other tenant behind them waited for the whole pass (16 minutes for 64 such buckets).
         for bucket, again_at in sorted(self._outbox_second.items()):
             if now < again_at:
                 continue
@@ -754,6 +746,7 @@ class RecoveryScheduler:
                 await self._record_owed(self._outbox_next)
             self._outbox_second[self._outbox_next] = now + RELAY_SECOND_PASS_MS
             self._outbox_next += 1
+        await self._retry_owed(now)
         self.state.results_stuck = sum(r.stuck for r in self._outbox_retry.values())
         # Persist only up to the first bucket still owing its second read, or a publish it could not
         # record apart (``_record_owed``), so a restart (or the next duty holder) reads it again.
@@ -762,6 +755,27 @@ class RecoveryScheduler:
         if safe != self._outbox_persisted:
             await self.store.advance_scheduler_cursor(self._outbox_cursor, safe, safe * OUTBOX_BUCKET_MS)
             self._outbox_persisted = safe
+
+    async def _retry_owed(self, now: int) -> None:
+        """Buckets with a result that could not be published are retried, but they do not hold up
+        the buckets after them (one unroutable result must not delay all others). Each is retried
+        later and later (1 s, doubling, up to a minute): every sweep, a few hundred results nobody
+        can take (an engine with no queue bound) cost 3 requests each a second. The longest due
+        first, and for ``RELAY_RETRY_BUDGET_S`` a sweep: the rest wait for the next sweep, after
+        its new buckets (the sweep is one loop: a pass over every owed bucket held them all)."""
+        loop = asyncio.get_running_loop()
+        ends = loop.time() + RELAY_RETRY_BUDGET_S
+        due = sorted((retry.not_before_ms, bucket) for bucket, retry in self._outbox_retry.items())
+        for not_before, bucket in due:
+            if now < not_before or loop.time() >= ends:
+                break
+            retry = self._outbox_retry[bucket]
+            owed = await self._relay_bucket(bucket, now)
+            if owed:
+                self._outbox_retry[bucket] = retry.again(now, owed)
+            else:
+                del self._outbox_retry[bucket]
+                await self._settled(bucket)
 
     async def _record_owed(self, bucket: int) -> None:
         """Record a bucket owing a publish apart from the position, which may then move past it."""

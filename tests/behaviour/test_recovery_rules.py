@@ -892,3 +892,49 @@ async def test_the_relay_sends_a_pages_owed_results_side_by_side(harness: Harnes
             break
     assert len(h.sink.messages) == 12
     assert most > 1, "each owed result waited for the one before"
+
+
+async def test_a_result_whose_publish_failed_goes_out_before_the_retries_of_results_nobody_confirms(
+    harness: Harness,
+) -> None:
+    """A tenant whose results are never confirmed (its quorum queue without a majority holds the
+    confirms, 15 s a page) owed results in many buckets: a sweep retried each of them, one after
+    the other, before it read any new bucket, and the results of every other tenant whose first
+    publish had failed waited for the whole pass (16 minutes for 64 such buckets). Found by
+    review, 2026-12-06."""
+    h = harness
+    never: set[str] = set()
+    tried: list[str] = []
+    real_publish = h.sink.publish_result
+
+    async def publish(message: Any) -> None:
+        tried.append(message.task_id)
+        if message.task_id in never:
+            await asyncio.sleep(0.05)  # the confirm that never comes (15 s), shortened
+            raise ConnectionError("no confirm within its timeout (injected)")
+        await real_publish(message)
+
+    h.sink.publish_result = publish  # type: ignore[method-assign]
+    for n in range(12):  # a result owed in each of 12 buckets
+        task_id = await h.add(n, token=f"never-{n}")
+        never.add(task_id)
+        got = await h.fetch(f"w{n}", ttr_ms=3_600_000)
+        assert got is not None and got.task_id == task_id
+        assert await h.ack(f"w{n}", got, result=n) is True
+        await h.queue.drain_background(5.0)
+        await h.advance(OUTBOX_BUCKET_MS)
+    for _ in range(8):  # swept: every one of them owed, retried at a backoff
+        await h.advance(OUTBOX_BUCKET_MS)
+    other = await h.add("other", token="other")
+    got = await h.fetch("w-other", ttr_ms=3_600_000)
+    assert got is not None and got.task_id == other
+    h.sink.down = True  # its own publish fails (the broker away a moment)
+    assert await h.ack("w-other", got, result="done") is True
+    await h.queue.drain_background(5.0)
+    h.sink.down = False
+    tried.clear()
+    while other not in {m.task_id for m in h.sink.messages}:
+        assert len(tried) < 40, f"the other result still waits after {len(tried)} attempts: {tried}"
+        await h.advance(RELAY_RETRY_MAX_MS)  # every owed bucket due again at each sweep
+    retried_first = [t for t in tried[: tried.index(other)] if t in never]
+    assert len(retried_first) <= 8, f"{len(retried_first)} retries of never-confirmed results went first"
