@@ -154,9 +154,20 @@ class ResultRelay:
         if token is None:
             await store.mark_published(entry)
             return
-        token_key = await self.ctx.keys.by_id(q.owner, token.key_id)
-        result_key_id = entry.result.key_id
-        result_key = token_key if result_key_id == token.key_id else await self.ctx.keys.by_id(q.owner, result_key_id)
+        try:
+            token_key = await self.ctx.keys.by_id(q.owner, token.key_id)
+            result_key_id = entry.result.key_id
+            result_key = (
+                token_key if result_key_id == token.key_id else await self.ctx.keys.by_id(q.owner, result_key_id)
+            )
+        except Exception:
+            if not copied:
+                # Owed while its key is missing or its key server away: the token is kept too, as
+                # for a failed publish (it is sealed, no key is needed to copy it). Not kept, a
+                # result acked late in its task's life was dropped as expired once the task ended,
+                # though the key came back within the day a result is owed beyond it.
+                await _keep_token(store, entry, token, traceparent)
+            raise
         try:
             token_json = open_token(token_key, q, entry.task_id, token, traceparent)
         except TamperedCiphertext:

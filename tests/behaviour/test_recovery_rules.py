@@ -938,3 +938,33 @@ async def test_a_result_whose_publish_failed_goes_out_before_the_retries_of_resu
         await h.advance(RELAY_RETRY_MAX_MS)  # every owed bucket due again at each sweep
     retried_first = [t for t in tried[: tried.index(other)] if t in never]
     assert len(retried_first) <= 8, f"{len(retried_first)} retries of never-confirmed results went first"
+
+
+async def test_a_result_owed_for_a_missing_key_keeps_its_token_beside_it(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A result is owed a day past its task's end, its token copied beside it: copied only when the
+    publish itself failed. One that failed earlier, on its token's key (removed from the key-ring,
+    or its key server away), kept no copy, and once its task ended it was dropped as expired though
+    the key came back within that day. Found by review, 2026-12-06."""
+    from bridge.crypto import UnknownKey
+
+    h = harness
+    task_id = await h.add("v", token="the engine's token")
+    got = await h.fetch("w", ttr_ms=3_600_000)
+    assert got is not None and got.task_id == task_id
+
+    async def missing(owner: str, key_id: str) -> Any:
+        raise UnknownKey(f"owner {owner!r} has no key {key_id!r}")
+
+    monkeypatch.setattr(h.keys, "key_by_id", missing)
+    assert await h.ack("w", got, result="done") is True
+    await h.queue.drain_background(5.0)
+    owed = [
+        e
+        for b in range(outbox_bucket(h.clock.now_ms()) - 2, outbox_bucket(h.clock.now_ms()) + 1)
+        for e in await h.store.outbox(b)
+    ]
+    assert [str(e.task_id) for e in owed] == [task_id], owed
+    assert owed[0].token is not None, "the token was not kept beside the result owed for its key"
+    assert not h.sink.messages
