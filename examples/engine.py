@@ -17,6 +17,7 @@ Environment (all optional):
   QB_SERVICE         demo         serviceId
   QB_EXCHANGE        queue-bridge the bridge's exchange (BRIDGE_EXCHANGE)
   QB_RESULTS_QUEUE   queue-bridge.results (BRIDGE_RESULTS_QUEUE)
+  QB_BRIDGE_USER     queue-bridge the bridge's broker user: a result is taken only from it (user_id)
   QB_COUNT           10           tasks to add; 0 = keep adding at QB_RATE until stopped
   QB_RATE            2            tasks per second when QB_COUNT=0
   QB_TIMEOUT         120          seconds to wait for all results (and for the bridge to appear)
@@ -100,9 +101,16 @@ class _Collector:
     """Records the results of this run's tasks (n -> result body) as they arrive on the results queue."""
 
     def __init__(
-        self, process_id: str, count: int, results: dict[int, dict[str, Any]], say: Callable[[str], None]
+        self,
+        process_id: str,
+        count: int,
+        results: dict[int, dict[str, Any]],
+        say: Callable[[str], None],
+        bridge_user: str = "queue-bridge",
     ) -> None:
         self.process_id = process_id
+        self.bridge_user = bridge_user
+        self.forged = 0
         self.count = count
         self.results = results
         self.say = say
@@ -119,6 +127,13 @@ class _Collector:
             await message.ack()  # manual ack, after the result is recorded
 
     def _record(self, message: AbstractIncomingMessage) -> None:
+        if message.user_id != self.bridge_user:
+            # The broker checks user_id against the publishing connection's user: a message from
+            # anyone else who may publish to the results exchange is no result (docs/security.md).
+            if self.forged == 0:
+                self.say(f"dropping a message on the results queue not from the bridge (user_id {message.user_id!r})")
+            self.forged += 1
+            return
         body = orjson.loads(message.body)
         token = body.get("token") or {}
         n = token.get("n") if isinstance(token, dict) else None
@@ -213,6 +228,7 @@ async def main(
     stop: asyncio.Event | None = None,
     results: dict[int, dict[str, Any]] | None = None,
     log: Callable[[str], None] | None = None,
+    bridge_user: str | None = None,
 ) -> int:
     """Add ``count`` tasks and wait for their results. Arguments left None come from QB_* variables.
 
@@ -224,6 +240,7 @@ async def main(
     service = service or _env("QB_SERVICE", "demo")
     exchange = exchange or _env("QB_EXCHANGE", "queue-bridge")
     results_queue = results_queue or _env("QB_RESULTS_QUEUE", "queue-bridge.results")
+    bridge_user = bridge_user or _env("QB_BRIDGE_USER", "queue-bridge")
     count = int(_env("QB_COUNT", "10")) if count is None else count
     rate = float(_env("QB_RATE", "2")) if rate is None else rate
     timeout = float(_env("QB_TIMEOUT", "120")) if timeout is None else timeout
@@ -234,7 +251,7 @@ async def main(
     process_id = uuid.uuid4().hex[:12]
     started = time.monotonic()
     deadline = started + timeout
-    collector = _Collector(process_id, count, results, say)
+    collector = _Collector(process_id, count, results, say, bridge_user)
 
     try:
         connection = await wait_for_bridge(url, exchange, results_queue, deadline, say)
