@@ -37,10 +37,11 @@ if ! declare -F qb_apt_install >/dev/null; then
       trap '[[ $created == 1 ]] && rm -f "$policy"' EXIT
       export DEBIAN_FRONTEND=noninteractive
       if [[ -z ${QB_APT_UPDATED:-} ]]; then
-        apt-get update -q
+        apt-get -o DPkg::Lock::Timeout=300 update -q
       fi
-      apt-get install -y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "$@" \
-        || dpkg --configure -a
+      apt-get -o DPkg::Lock::Timeout=300 install -y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "$@" \
+        || { dpkg --configure -a && apt-get -o DPkg::Lock::Timeout=300 install -y -q \
+          -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "$@"; }
     ) >>"$log" 2>&1 || rc=$?
     QB_APT_UPDATED=1
     export QB_APT_UPDATED
@@ -197,7 +198,9 @@ cassandra_fetch() {
   rm -rf "$tmp"
   qb_log "cassandra: downloading jars (mvn dependency:copy-dependencies, log $C_LOGS/mvn.log)..."
   local t0=$EPOCHSECONDS
-  if ! mvn -B -q -f "$pom" dependency:copy-dependencies -Dcassandra.lib.dir="$tmp" >"$C_LOGS/mvn.log" 2>&1; then
+  # -C: a jar whose checksum does not match (a flaky mirror or proxy) fails the download; Maven only
+  # warned (hidden by -q), and the broken jar was kept for every later run by the .complete marker.
+  if ! mvn -B -q -C -f "$pom" dependency:copy-dependencies -Dcassandra.lib.dir="$tmp" >"$C_LOGS/mvn.log" 2>&1; then
     tail -n 30 "$C_LOGS/mvn.log" >&2
     qb_die "cassandra: mvn dependency:copy-dependencies failed (see $C_LOGS/mvn.log)"
   fi

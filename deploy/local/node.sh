@@ -34,10 +34,11 @@ if ! declare -F qb_apt_install >/dev/null; then
       trap '[[ $created == 1 ]] && rm -f "$policy"' EXIT
       export DEBIAN_FRONTEND=noninteractive
       if [[ -z ${QB_APT_UPDATED:-} ]]; then
-        apt-get update -q
+        apt-get -o DPkg::Lock::Timeout=300 update -q
       fi
-      apt-get install -y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "$@" \
-        || dpkg --configure -a
+      apt-get -o DPkg::Lock::Timeout=300 install -y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "$@" \
+        || { dpkg --configure -a && apt-get -o DPkg::Lock::Timeout=300 install -y -q \
+          -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "$@"; }
     ) >>"$log" 2>&1 || rc=$?
     QB_APT_UPDATED=1
     export QB_APT_UPDATED

@@ -39,10 +39,11 @@ if ! declare -F qb_apt_install >/dev/null; then
       trap '[[ $created == 1 ]] && rm -f "$policy"' EXIT
       export DEBIAN_FRONTEND=noninteractive
       if [[ -z ${QB_APT_UPDATED:-} ]]; then
-        apt-get update -q
+        apt-get -o DPkg::Lock::Timeout=300 update -q
       fi
-      apt-get install -y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "$@" \
-        || dpkg --configure -a
+      apt-get -o DPkg::Lock::Timeout=300 install -y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "$@" \
+        || { dpkg --configure -a && apt-get -o DPkg::Lock::Timeout=300 install -y -q \
+          -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "$@"; }
     ) >>"$log" 2>&1 || rc=$?
     QB_APT_UPDATED=1
     export QB_APT_UPDATED
@@ -89,6 +90,27 @@ rabbitmq_paths() {
   R_OWNER=$R_DIR/owner                         # "started" (by these scripts) or "external"
 }
 rabbitmq_paths
+
+# The broker's folder, made if missing. The /var/tmp fallback's name can be computed by anyone: a
+# folder another local user made there first (symlinks in it) had root write through them (the
+# config, the apt log) and let that user swap the broker's config. It is made here (mode 0750),
+# or must be a real folder owned by root or rabbitmq that nobody else may write to.
+rabbitmq_dir() {
+  if [[ $R_DIR != /var/tmp/* ]]; then
+    mkdir -p "$R_DIR"
+    return 0
+  fi
+  if [[ ! -e $R_DIR && ! -L $R_DIR ]] && mkdir -m 0750 "$R_DIR" 2>/dev/null; then
+    return 0
+  fi
+  local owner mode
+  [[ -d $R_DIR && ! -L $R_DIR ]] || qb_die "rabbitmq: $R_DIR is not a folder these scripts made: remove it"
+  owner=$(stat -c %U "$R_DIR")
+  mode=$(stat -c %a "$R_DIR")
+  if [[ $owner != root && $owner != rabbitmq ]] || ((8#$mode & 8#022)); then
+    qb_die "rabbitmq: $R_DIR belongs to $owner (mode $mode), not made by these scripts: remove it"
+  fi
+}
 
 # --- helpers -------------------------------------------------------------------------------------
 
@@ -144,7 +166,7 @@ rabbitmq_install() {
   if command -v rabbitmq-server >/dev/null || [[ -x /usr/sbin/rabbitmq-server ]]; then
     return 0
   fi
-  mkdir -p "$R_DIR"
+  rabbitmq_dir
   local t0=$EPOCHSECONDS
   qb_log "rabbitmq: rabbitmq-server missing: apt-get update + install (log $R_DIR/apt.log)..."
   if ! qb_apt_install "$R_DIR/apt.log" rabbitmq-server || ! [[ -x /usr/sbin/rabbitmq-server ]]; then
@@ -153,6 +175,24 @@ rabbitmq_install() {
   fi
   # shellcheck disable=SC2016  # ${Version} is dpkg-query's field, not a shell expansion
   qb_log "rabbitmq: installed rabbitmq-server $(dpkg-query -W -f='${Version}' rabbitmq-server) in $((EPOCHSECONDS - t0))s"
+}
+
+# Debian's postinst enables its own broker at boot (rabbitmq-server.service, and epmd.socket),
+# listening on every interface with Debian's data dir: after a reboot that broker answered on 5672,
+# these scripts took it for an external one and gave it the dev users (password = name), reachable
+# from the network. This stack starts its own broker, on loopback: Debian's is kept off at boot
+# (links only: nothing running is stopped; our broker starts epmd itself when it needs one).
+rabbitmq_debian_service_off() {
+  [[ $EUID == 0 ]] || return 0
+  if [[ -e /etc/systemd/system/multi-user.target.wants/rabbitmq-server.service ]] \
+    || [[ -e /etc/systemd/system/sockets.target.wants/epmd.socket ]]; then
+    qb_log "rabbitmq: Debian's rabbitmq-server service was enabled at boot: disabling it (this stack starts its own)"
+    # (systemctl edits the links without a running systemd too; deb-systemd-helper runs only under dpkg)
+    systemctl disable rabbitmq-server.service epmd.socket >/dev/null 2>&1 || true
+  fi
+  if compgen -G '/etc/rc[2-5].d/S*rabbitmq-server' >/dev/null; then
+    update-rc.d rabbitmq-server disable >/dev/null 2>&1 || true
+  fi
 }
 
 # --- commands ------------------------------------------------------------------------------------
@@ -170,6 +210,9 @@ rabbitmq_conf() {
   echo "# Rendered by deploy/local/rabbitmq.sh; edits are overwritten."
   echo "listeners.tcp.default = $QB_AMQP_HOST:$QB_AMQP_PORT"
   echo "max_message_size = $R_MAX_MESSAGE_SIZE"
+  # The stack is left running between runs: its log grew without end (11.6 MiB in 4.5 hours).
+  echo "log.file.rotation.size = 10485760"
+  echo "log.file.rotation.count = 5"
   if [[ $QB_RABBITMQ_MANAGEMENT == 1 ]]; then
     echo "management.tcp.ip = 127.0.0.1"
     echo "management.tcp.port = $QB_RABBITMQ_MGMT_PORT"
@@ -208,7 +251,7 @@ rabbitmq_prepare_state() {
 # (external: used as is). Does not wait: see rabbitmq_wait.
 rabbitmq_start() {
   local pid
-  mkdir -p "$R_DIR"
+  rabbitmq_dir
   if pid=$(rabbitmq_pid); then
     qb_log "rabbitmq: already running (pid $pid, started by these scripts)"
     echo started >"$R_OWNER"
@@ -217,12 +260,18 @@ rabbitmq_start() {
   fi
   if rabbitmq_amqp_once --quiet; then
     qb_log "rabbitmq: something already answers AMQP on $QB_AMQP_HOST:$QB_AMQP_PORT: using it, not starting ours"
+    if systemctl is-active --quiet rabbitmq-server 2>/dev/null; then
+      # Debian's own broker (started at boot): on every interface, and given the dev users below.
+      qb_log "rabbitmq: it is Debian's rabbitmq-server service; to use this stack's own broker (loopback only):" \
+        "systemctl disable --now rabbitmq-server epmd.socket, then make stack-up"
+    fi
     echo external >"$R_OWNER"
     return 0
   fi
   (exec 3<>"/dev/tcp/$QB_AMQP_HOST/$QB_AMQP_PORT") 2>/dev/null \
     && qb_die "rabbitmq: $QB_AMQP_HOST:$QB_AMQP_PORT is taken by something that does not speak AMQP 0-9-1"
   rabbitmq_install
+  rabbitmq_debian_service_off
   rabbitmq_prepare_state
   rm -f "$R_PIDFILE"
   # shellcheck disable=SC2016  # ${Version} is dpkg-query's field, not a shell expansion
@@ -351,7 +400,9 @@ rabbitmq_stop() {
   fi
   if ! pid=$(rabbitmq_pid); then
     qb_log "rabbitmq: not running"
-    rm -f "$R_OWNER"
+    # Its pid file too (a node the drills killed): the cluster script's check of a node trusts it,
+    # and a pid the system gave to another process since kept a dead cluster's state for the next.
+    rm -f "$R_OWNER" "$R_PIDFILE"
     return 0
   fi
   qb_log "rabbitmq: stopping pid $pid (rabbitmqctl stop)"

@@ -5,8 +5,11 @@ No server is started: the launch helper is exercised with ``sleep``, which is al
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CASSANDRA_SH = ROOT / "deploy" / "local" / "cassandra.sh"
@@ -140,3 +143,39 @@ def test_a_running_broker_started_on_an_older_config_gets_the_message_size_bound
     out = _run_with_rabbitmq_sh(tmp_path, "rabbitmq_prepare_state && rabbitmq_apply_conf_live")
     assert out.returncode == 0, out.stderr
     assert not (tmp_path / "ctl.log").exists(), "a broker on the current config is left alone"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the scripts run as root; the folder's owner is checked against root")
+@pytest.mark.parametrize(
+    ("made_by_another", "ok"),
+    [("missing", True), ("mode 0755", True), ("mode 0777", False), ("a symlink", False)],
+)
+def test_the_brokers_var_tmp_folder_is_used_only_if_these_scripts_could_have_made_it(
+    tmp_path: Path, made_by_another: str, ok: bool
+) -> None:
+    """The /var/tmp fallback's name can be computed by anyone: a folder another local user made
+    there first, with symlinks in it, had root write through them (the config, the apt log).
+    Found by review, 2026-12-06."""
+    import shutil
+    import uuid
+
+    r_dir = Path(f"/var/tmp/queue-bridge-rabbitmq-test-{uuid.uuid4().hex[:8]}")
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    try:
+        if made_by_another.startswith("mode"):
+            r_dir.mkdir()
+            r_dir.chmod(int(made_by_another.split()[1], 8))
+        elif made_by_another == "a symlink":
+            r_dir.symlink_to(target)
+        out = _run_with_rabbitmq_sh(tmp_path, f'R_DIR="{r_dir}"; rabbitmq_dir && echo usable')
+        assert ("usable" in out.stdout) == ok, out.stdout + out.stderr
+        if ok and made_by_another == "missing":
+            assert r_dir.is_dir() and oct(r_dir.stat().st_mode & 0o777) == "0o750"
+        if not ok:
+            assert "not made by these scripts" in out.stderr or "is not a folder" in out.stderr, out.stderr
+    finally:
+        if r_dir.is_symlink():
+            r_dir.unlink()
+        elif r_dir.exists():
+            shutil.rmtree(r_dir)
