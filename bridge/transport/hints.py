@@ -591,9 +591,10 @@ class AmqpHints:
         its tag too: the broker may have registered the consumer before the cancellation (it
         answers cancel-ok for a tag it does not know), and that consumer would hold hints for no
         waiter. One cut short in its basic.consume call closes its channel instead (aiormq), and
-        the consumer goes with it."""
-        if self._closed:
-            return  # shutting down: the connection closes with its consumers
+        the consumer goes with it. Shutting down too: the connection closes only at the end of the
+        stop, up to its grace later, and a consumer left meanwhile took each hint published to its
+        queue and gave it back at once, round and round, while other bridges' fetches of that
+        queue found it empty."""
         task = asyncio.get_running_loop().create_task(self._cancel_consumer(waiting, tag))
         self._cancelling.add(task)
         task.add_done_callback(self._cancelling.discard)

@@ -281,3 +281,26 @@ async def test_concurrent_first_declarations_open_one_declaring_channel(bridge, 
     for q in queues:
         await _delete_queue(servers.amqp_url("guest"), hint_queue_name(bridge.settings.queue_prefix, q))
     assert opened <= 1, f"{opened} channels opened for 20 concurrent first declarations"
+
+
+async def test_a_stopping_bridge_cancels_its_hint_consumers_before_its_connection_closes(make_bridge, workers, servers):
+    """A stop answers the waiting long-polls first and closes the connection only at its end (up
+    to the grace later). Their hint consumers were left registered meanwhile: each took every hint
+    published to its queue and gave it back at once, round and round, while the other bridges'
+    fetches of that queue found it empty. Found by review, 2026-12-06."""
+    b = await make_bridge()
+    svc = service_id()
+    hints = hint_queue_name(b.settings.queue_prefix, QueueKey(OWNERS[0], svc))
+    url = servers.amqp_url("guest")
+    w = await workers(svc, "w")
+    waiting = asyncio.create_task(w.fetch(wait_ms=25_000))
+
+    async def consumed(n: int) -> bool:
+        return await consumers_on(url, hints) == n
+
+    await wait_for(lambda: consumed(1), 15, interval=0.2, what="a long-poll consuming the hint queue")
+    b.hints.close()  # the stop's first step: the waiting fetches are answered (null)
+    await wait_for(lambda: consumed(0), 10, interval=0.2, what="its consumer cancelled, the connection still open")
+    assert b.transport.connection is not None and not b.transport.connection.is_closed
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(waiting, 10)
