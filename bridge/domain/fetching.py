@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections import OrderedDict
@@ -197,6 +198,9 @@ class _Attempt:
     # Set when the caller hangs up (the HTTP gateway's ``Requester``): checked again just before
     # the claim, since the question above may have been answered before the hang-up.
     hung_up: asyncio.Event | None = None
+    # The claim under way is the one the worker's pointer announced (``_claim_announced``): the
+    # task and epoch another fetch of this worker may be claiming too.
+    announced: tuple[uuid.UUID, int] | None = None
 
 
 def _claim_not_landed(held: WorkerPointer, current: Lease | None) -> bool:
@@ -434,7 +438,11 @@ class Fetcher:
         # -9 in between never stores the task (the broker redelivers the add, stored under another
         # id). Claimed, that id was leased to the worker for its TTL, re-exposed and claimed at
         # every lease's end (each a delivery that failed) and parked, a phantom in every listing.
-        claim = await self._try_claim(a, entry, only_if_stored=True)
+        a.announced = (held.task_id, held.epoch)
+        try:
+            claim = await self._try_claim(a, entry, only_if_stored=True)
+        finally:
+            a.announced = None
         a.stamp = claim.stamp
         self.ctx.metrics.inc("claims", source="pointer", outcome="won" if claim.delivery else "lost")
         if claim.delivery is not None and fresh:
@@ -771,13 +779,22 @@ class Fetcher:
         self, a: _Attempt, entry: ReadyEntry, cur: Lease | None, epoch: int, stamp: int, now: int, ends: int | None
     ) -> _Claim:
         """A claim refused, as its own row says (no read to tell a stale hint from a lost race)."""
-        if cur is not None and cur.is_leased and cur.epoch == epoch and cur.worker is None:
+        if (
+            cur is not None
+            and cur.is_leased
+            and cur.epoch == epoch
+            and cur.worker is None
+            and a.announced == (entry.task_id, epoch)
+        ):
             # A refused re-claim (an UPDATE) reports only its condition's columns: leased at the
             # very epoch this one announced, by whom? Another fetch of this worker, which wrote the
-            # same pointer ahead (a retry's slow first copy), or another worker's claim. Read,
-            # once, on this rare path: taken for a lost race, the worker was handed another task
-            # and this one stayed leased to it, to nobody, for its whole lease.
-            cur = await self.ctx.store.lease(a.q, entry.task_id)
+            # same pointer ahead (a retry's slow first copy), or another worker's claim. Read, for
+            # a claim of the task the worker's pointer announced only (an ordinary lost race on a
+            # re-exposed task reads nothing): taken for a lost race, the worker was handed another
+            # task and this one stayed leased to it, to nobody, for its whole lease. A read that
+            # fails leaves it a lost race, as before.
+            with contextlib.suppress(Unavailable):
+                cur = await self.ctx.store.lease(a.q, entry.task_id)
         if cur is not None and cur.held_by(a.worker, epoch) and cur.uncounted_epoch != epoch:
             # Leased to this worker at this very epoch by another fetch of it, which claimed the
             # task this one announced (``_claim_announced``): both hand it out. Not a lease whose
