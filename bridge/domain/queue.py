@@ -254,7 +254,6 @@ class WorkQueue:
         handed = self.hints.hand_here(q, hint)
         try:
             await self._store_task(add, recorded)
-            await self._enter_again_if_late(add.q, add.task_id, add.payload)
         except BaseException:
             if not stored.done():
                 stored.set_result(False)
@@ -264,6 +263,8 @@ class WorkQueue:
         if not handed:
             await self.hints.offer(q, hint)
         self._count_add(add)
+        if not handed:  # (handed: a fetch of this bridge claims it now, or puts its hint back)
+            await self._enter_again_if_late_or_later(add.q, add.task_id, add.payload)
         log.debug("task added", extra={"task_id": str(task_id)})
         return str(task_id)
 
@@ -320,16 +321,31 @@ class WorkQueue:
                 log.warning("task %s found stored; indexing its bucket again failed: %s", add.task_id, exc)
             self._count_add(add)
             if add.due_ms is None:
-                try:
-                    await self._enter_again_if_late(add.q, add.task_id, add.payload)
-                except Unavailable as exc:
-                    log.warning("task %s found stored; entering it again failed: %s", add.task_id, exc)
+                await self._enter_again_if_late_or_later(add.q, add.task_id, add.payload)
                 # Nobody has heard of the task: a hint goes out only once its write is acknowledged,
                 # and this one timed out. Without one, a waiting fetch met it at the next
                 # reconciliation scan (every 30 s), long after it landed.
                 await self.hints.offer(add.q, add.hint())
         elif self._adds_in_doubt.get(add.task_id) is False:
             log.warning("add of task %s left uncounted: not found stored (it may land later)", add.task_id)
+
+    async def _enter_again_if_late_or_later(self, q: QueueKey, task_id: uuid.UUID, payload: Payload | None) -> None:
+        """:meth:`_enter_again_if_late`, best effort: the task is stored and answered whatever it
+        does (failing the add there left a stored task uncounted, its hint never offered); a
+        store that fails it (slow, the reason the add was late) is asked again in the background."""
+        try:
+            await self._enter_again_if_late(q, task_id, payload)
+        except Unavailable:
+
+            async def entered() -> bool:
+                await self._enter_again_if_late(q, task_id, payload)
+                return True
+
+            async def later() -> None:
+                if not await landed_later(entered, UNCERTAIN_ADD_LOOKUPS_S, self.ctx.background.pause):
+                    log.warning("task %s stored late, and not entered again: the store kept failing", task_id)
+
+            self.ctx.background.spawn(later(), "enter a late task again")
 
     async def _enter_again_if_late(self, q: QueueKey, task_id: uuid.UUID, payload: Payload | None) -> None:
         """A task stored later after its id's time than the scans wait for (a write held up or
@@ -423,7 +439,7 @@ class WorkQueue:
             # attempt died between its two writes, and enter it again if its entry may have
             # landed behind the scans (the first attempt's write timed out, or was held up).
             await store.reindex_task(q, existing)
-            await self._enter_again_if_late(q, existing, None)
+            await self._enter_again_if_late_or_later(q, existing, None)
             self.ctx.metrics.inc("adds_deduplicated")
             return existing
         # Measured from the record's write, not the task id: a delayed task's id holds its due

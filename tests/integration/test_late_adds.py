@@ -43,7 +43,15 @@ async def _fetch_and_ack(b: Any, svc: str) -> str | None:
     return str(got.task_id)
 
 
-async def test_an_add_whose_write_lands_after_a_scan_passed_its_place_is_handed_out(make_bridge, monkeypatch):
+@pytest.mark.parametrize("entering_fails", [False, True], ids=["entered again", "entering again fails once"])
+async def test_an_add_whose_write_lands_after_a_scan_passed_its_place_is_handed_out(
+    make_bridge, monkeypatch, entering_fails
+):
+    """Its second entry is best effort: one that fails (the store slow, the reason the add was
+    late) does not fail the add, whose task is stored (its retry, or requeue, left it uncounted
+    and unhinted); it is tried again in the background (found by the session's re-review)."""
+    from bridge.storage.errors import StorageUnavailable
+
     adding = await make_bridge(hints=False)
     serving = await make_bridge(hints=False)
     svc = service_id()
@@ -58,6 +66,16 @@ async def test_an_add_whose_write_lands_after_a_scan_passed_its_place_is_handed_
         await real_store_task(q, task_id, *args, **kwargs)
 
     monkeypatch.setattr(store, "store_task", slow_store_task)
+    real_enter_again = store.enter_again
+    failed: list[uuid.UUID] = []
+
+    async def enter_again(q: Any, task_id: uuid.UUID, *args: Any) -> None:
+        if entering_fails and not failed:
+            failed.append(task_id)
+            raise StorageUnavailable("cassandra timeout (injected)")
+        await real_enter_again(q, task_id, *args)
+
+    monkeypatch.setattr(store, "enter_again", enter_again)
     late = asyncio.ensure_future(adding.queue.add(OWNER, _add(svc, "late"), message_id=None, traceparent=None))
     await wait_for(held.is_set, 10, what="the late add's write on its way")
     # Tasks added after it (later ids), handed out and acked through the other bridge.
@@ -72,6 +90,7 @@ async def test_an_add_whose_write_lands_after_a_scan_passed_its_place_is_handed_
     assert await _fetch_and_ack(serving, svc) is None
     release.set()
     late_id = await asyncio.wait_for(late, 20)  # answered: the engine was told it is added
+    assert [str(t) for t in failed] == ([late_id] if entering_fails else [])
 
     handed: list[str] = []
 
