@@ -208,6 +208,22 @@ class OutboxEntry:
 
 UNSHARDED = -1
 
+
+@dataclass(frozen=True, slots=True)
+class OutboxKey:
+    """Where an owed result is, without the result (a few dozen bytes): what the relay remembers
+    of a bucket's owed entries, to read those again and not the whole bucket."""
+
+    queue: QueueKey
+    task_id: uuid.UUID
+    completion_id: uuid.UUID
+    shard: int | None = None
+
+    @staticmethod
+    def of(entry: OutboxEntry) -> OutboxKey:
+        return OutboxKey(entry.queue, entry.task_id, entry.completion_id, entry.shard)
+
+
 PRIORITY_MAX = 3  # task priorities 0..3 (hints carry them; recovered tasks still come first)
 
 

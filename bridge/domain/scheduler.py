@@ -19,8 +19,8 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from bridge.domain.cancellation import stray_as_failure
@@ -36,6 +36,7 @@ from bridge.domain.records import (
     Lease,
     LeaseState,
     OutboxEntry,
+    OutboxKey,
     QueueKey,
 )
 from bridge.domain.relay import may_still_land, names_entry
@@ -75,6 +76,7 @@ RELAY_INTERVAL_S = 1.0  # the result relay sweeps once a second
 RELAY_RETRY_FIRST_MS = 1_000
 RELAY_RETRY_MAX_MS = 60_000
 RELAY_RETRY_BUDGET_S = 2.0  # a sweep's time for buckets owing results, after its new buckets
+RELAY_RETRY_KEYS_MAX = 256  # owed entries of a bucket remembered for its retry (past it: its keys read)
 # Owed results remembered as decided (about 150 bytes each): past it the oldest are read again.
 OWED_DECIDED_KEPT = 100_000
 STUCK_WARNING_EVERY_S = 60.0
@@ -92,14 +94,21 @@ class _Retry:
     not_before_ms: int
     backoff_ms: int
     stuck: int  # results that could not be published (what ``results_stuck`` reports)
+    # Its owed entries as its last read found them: the retry reads those alone. Each retry read
+    # the bucket's keys whole (10,000 rows a bucket at 1,000 results a second), and a trickle of
+    # results nobody could take (one a minute for a service whose engine has no queue) had the
+    # duty holder re-read a day of buckets a minute, growing for the results' whole life. None:
+    # not known (a bucket taken over, or too many owed), or due a whole read again (its second
+    # pass: results may land late): the retry reads the bucket's keys.
+    owed: tuple[OutboxKey, ...] | None = None
 
     @staticmethod
     def first(now: int, owed: _Owed) -> _Retry:
-        return _Retry(now + RELAY_RETRY_FIRST_MS, RELAY_RETRY_FIRST_MS, owed.stuck)
+        return _Retry(now + RELAY_RETRY_FIRST_MS, RELAY_RETRY_FIRST_MS, owed.stuck, owed.remembered())
 
     def again(self, now: int, owed: _Owed) -> _Retry:
         backoff = min(self.backoff_ms * 2, RELAY_RETRY_MAX_MS)
-        return _Retry(now + backoff, backoff, owed.stuck)
+        return _Retry(now + backoff, backoff, owed.stuck, owed.remembered())
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,9 +119,13 @@ class _Owed:
     # Results whose decision is not on the lease yet but may still land (``may_still_land``): they
     # keep the bucket owed (retried at the backoff), but nothing failed, so they are not "stuck".
     undecided: int = 0
+    keys: tuple[OutboxKey, ...] = ()  # where the owed ones are (up to RELAY_RETRY_KEYS_MAX + 1)
 
     def __bool__(self) -> bool:
         return bool(self.stuck or self.undecided)
+
+    def remembered(self) -> tuple[OutboxKey, ...] | None:
+        return self.keys if len(self.keys) <= RELAY_RETRY_KEYS_MAX else None
 
 
 EntryKey = tuple[str, str, object, int]  # (owner, service, task id, epoch): one deadline of one lease
@@ -734,7 +747,10 @@ class RecoveryScheduler:
         for bucket, again_at in sorted(self._outbox_second.items()):
             if now < again_at:
                 continue
-            if bucket not in self._outbox_retry and (owed := await self._relay_bucket(bucket, now)):
+            if (retry := self._outbox_retry.get(bucket)) is not None:
+                # Owing already: its next retry reads it whole once more, for what landed late.
+                self._outbox_retry[bucket] = replace(retry, owed=None)
+            elif owed := await self._relay_bucket(bucket, now):
                 self._outbox_retry[bucket] = _Retry.first(now, owed)
                 await self._record_owed(bucket)
             # Only once read: taken off before, a read that failed (a timeout, likely while results
@@ -760,17 +776,24 @@ class RecoveryScheduler:
         """Buckets with a result that could not be published are retried, but they do not hold up
         the buckets after them (one unroutable result must not delay all others). Each is retried
         later and later (1 s, doubling, up to a minute): every sweep, a few hundred results nobody
-        can take (an engine with no queue bound) cost 3 requests each a second. The longest due
-        first, and for ``RELAY_RETRY_BUDGET_S`` a sweep: the rest wait for the next sweep, after
-        its new buckets (the sweep is one loop: a pass over every owed bucket held them all)."""
+        can take (an engine with no queue bound) cost 3 requests each a second. Those that failed
+        fewer times first (the longest due first among them), and for ``RELAY_RETRY_BUDGET_S`` a
+        sweep: the rest wait for the next sweep, after its new buckets (the sweep is one loop: a
+        pass over every owed bucket held them all). So a tenant whose results keep failing (its
+        confirms never come: 15 s a bucket) takes a bucket's time a sweep, and another tenant's
+        result that failed once goes before its buckets."""
         loop = asyncio.get_running_loop()
         ends = loop.time() + RELAY_RETRY_BUDGET_S
-        due = sorted((retry.not_before_ms, bucket) for bucket, retry in self._outbox_retry.items())
-        for not_before, bucket in due:
-            if now < not_before or loop.time() >= ends:
+        due = sorted(
+            (retry.backoff_ms, retry.not_before_ms, bucket)
+            for bucket, retry in self._outbox_retry.items()
+            if retry.not_before_ms <= now
+        )
+        for _, _, bucket in due:
+            if loop.time() >= ends:
                 break
             retry = self._outbox_retry[bucket]
-            owed = await self._relay_bucket(bucket, now)
+            owed = await self._relay_bucket(bucket, now, retry.owed)
             if owed:
                 self._outbox_retry[bucket] = retry.again(now, owed)
             else:
@@ -795,19 +818,24 @@ class RecoveryScheduler:
         except Exception as exc:  # the next holder reads the bucket once more, finds nothing owed
             log.info("result relay: a settled bucket's record not removed (%s)", type(exc).__name__)
 
-    async def _relay_bucket(self, bucket: int, now: int) -> _Owed:
-        """Publish the bucket's owed results; what is still owed (not published, or undecided)."""
+    async def _relay_bucket(self, bucket: int, now: int, keys: Sequence[OutboxKey] | None = None) -> _Owed:
+        """Publish the bucket's owed results (those at ``keys`` only, when given); what is still
+        owed (not published, or undecided), and where."""
         stuck = undecided = 0
-        async for page in self.store.outbox_pages(bucket):  # one page of results in memory at a time
+        owed_at: list[OutboxKey] = []
+        pages = self.store.outbox_pages(bucket) if keys is None else self.store.outbox_pages_of(bucket, keys)
+        async for page in pages:  # one page of results in memory at a time
             # A page's entries side by side (a lease read at SERIAL and a publish each): one after
             # the other, the results owed after an hour's broker outage (180,000 at 50 a second)
             # took minutes a sweep, and those owed since waited behind them.
             outcomes = await asyncio.gather(*(self._relay_entry(e, now) for e in page), return_exceptions=True)
-            for owed in outcomes:
+            for entry, owed in zip(page, outcomes, strict=True):
                 if isinstance(owed, BaseException):
                     raise owed
                 stuck, undecided = stuck + (owed == "stuck"), undecided + (owed == "undecided")
-        return _Owed(stuck, undecided)
+                if owed is not None and len(owed_at) <= RELAY_RETRY_KEYS_MAX:
+                    owed_at.append(OutboxKey.of(entry))
+        return _Owed(stuck, undecided, tuple(owed_at))
 
     async def _relay_entry(self, entry: OutboxEntry, now: int) -> str | None:
         """Publish one owed result: None once done (published, or void), else why it is still

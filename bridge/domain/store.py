@@ -31,6 +31,7 @@ from bridge.domain.records import (
     Lease,
     LeaseState,
     OutboxEntry,
+    OutboxKey,
     ParkedEntry,
     Payload,
     QueueKey,
@@ -327,6 +328,10 @@ class TaskStore(Protocol):
     def outbox_pages(self, bucket: int) -> AsyncIterator[list[OutboxEntry]]:
         """:meth:`outbox` a page at a time (a few results each): the relay holds one page of
         results in memory, not the bucket's (hundreds of results of up to 1 MiB after an outage)."""
+
+    def outbox_pages_of(self, bucket: int, keys: Sequence[OutboxKey]) -> AsyncIterator[list[OutboxEntry]]:
+        """The entries at ``keys`` (of ``bucket``) still unpublished, a page at a time, read by
+        their keys: a retry of a bucket owing a few results reads those, not the bucket's keys."""
 
     # -- loop progress -------------------------------------------------------------------------------
     async def owed_positions(self, name: str, now_ms: int) -> set[int]:

@@ -31,6 +31,7 @@ from bridge.domain.records import (
     Lease,
     LeaseState,
     OutboxEntry,
+    OutboxKey,
     ParkedEntry,
     Payload,
     QueueKey,
@@ -621,6 +622,17 @@ class MemoryTaskStore:
 
     async def outbox_pages(self, bucket: int) -> AsyncIterator[list[OutboxEntry]]:
         found = await self.outbox(bucket)
+        for start in range(0, len(found), OUTBOX_PAGE):
+            yield found[start : start + OUTBOX_PAGE]
+
+    async def outbox_pages_of(self, bucket: int, keys: Sequence[OutboxKey]) -> AsyncIterator[list[OutboxEntry]]:
+        await self._io()
+        wanted = {(k.queue, k.task_id, k.completion_id) for k in keys}
+        found = [
+            e
+            for e in self.outbox_rows.get(bucket, {}).values()
+            if (e.queue, e.task_id, e.completion_id) in wanted and self.owed_alive(e.task_id) and not e.published
+        ]
         for start in range(0, len(found), OUTBOX_PAGE):
             yield found[start : start + OUTBOX_PAGE]
 

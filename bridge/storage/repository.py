@@ -32,6 +32,7 @@ from bridge.domain.records import (
     Lease,
     LeaseState,
     OutboxEntry,
+    OutboxKey,
     ParkedEntry,
     Payload,
     QueueKey,
@@ -1107,6 +1108,23 @@ class CassandraTaskStore:
                 key = (r["owner"], r["service"], r["task_id"], r["completion_id"])
                 where = (bucket, *key) if shard == UNSHARDED else (bucket, shard_of(r["task_id"], OUTBOX_SHARDS), *key)
                 owed.append((entry_read, where, shard))
+        async for page in self._whole_entries(owed):
+            yield page
+
+    async def outbox_pages_of(self, bucket: int, keys: Sequence[OutboxKey]) -> AsyncIterator[list[OutboxEntry]]:
+        owed: list[tuple[str, tuple[Any, ...], int | None]] = []
+        for k in keys:
+            key = (k.queue.owner, k.queue.service, k.task_id, k.completion_id)
+            if k.shard == UNSHARDED:
+                owed.append(("outbox.unsharded_get", (bucket, *key), UNSHARDED))
+            else:
+                owed.append(("outbox.get", (bucket, shard_of(k.task_id, OUTBOX_SHARDS), *key), None))
+        async for page in self._whole_entries(owed):
+            yield page
+
+    async def _whole_entries(
+        self, owed: list[tuple[str, tuple[Any, ...], int | None]]
+    ) -> AsyncIterator[list[OutboxEntry]]:
         for start in range(0, len(owed), OUTBOX_READS_AT_ONCE):
             group = owed[start : start + OUTBOX_READS_AT_ONCE]
             wholes = await asyncio.gather(*(self.db.execute(name, params) for name, params, _ in group))
