@@ -497,6 +497,13 @@ class Bridge:
             except Exception as exc:
                 log.warning("queue gauges not refreshed: %s", type(exc).__name__)
                 failed = True  # an interval before the next try, not at once again
+                if exported and self.duty.held:
+                    # Its last counts kept, and the oldest ready ages growing (as for one queue whose
+                    # reads fail: frozen, a backlog alert never fired while the store failed).
+                    now = self.clock.now_ms()
+                    self.metrics.set_queue_stats(
+                        [_aged(row, read_at, now) for row, read_at in self._gauge_rows.values()]
+                    )
                 continue
             failed = False
             if self.duty.held:  # not lost while the rows were read (its gauges were dropped then)
@@ -546,11 +553,11 @@ class Bridge:
             except Exception as exc:
                 failed.append(f"{q.owner}/{q.service}: {type(exc).__name__}")
                 if key in last:  # its last values, as a whole failed refresh keeps them all
-                    (owner, service, states, age), read_at = kept[key] = last[key]
+                    row, read_at = kept[key] = last[key]
                     # The age of its oldest ready task goes on growing: kept as read, a queue whose
                     # reads fail (its workers dead too, perhaps) never reached a backlog alert's
                     # threshold, however long its task waited.
-                    rows.append((owner, service, states, None if age is None else age + max(0, now - read_at)))
+                    rows.append(_aged(row, read_at, now))
                 continue
             states = {"ready": s.ready, "in_flight": s.in_flight, "delayed": s.delayed, "parked": s.parked}
             kept[key] = ((q.owner, q.service, states, s.oldest_ready_age_ms), now)
@@ -653,3 +660,11 @@ async def run_forever(settings: Settings) -> None:
         await bridge.wait_stopped()
     finally:
         await bridge.stop()
+
+
+def _aged(
+    row: tuple[str, str, dict[str, int], int | None], read_at: int, now: int
+) -> tuple[str, str, dict[str, int], int | None]:
+    """A queue's gauge row read at ``read_at``, its oldest ready age as of ``now``."""
+    owner, service, states, age = row
+    return owner, service, states, None if age is None else age + max(0, now - read_at)

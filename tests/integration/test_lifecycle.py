@@ -650,7 +650,7 @@ async def test_one_queue_whose_stats_fail_leaves_the_other_queues_gauges_refresh
 
     monkeypatch.setattr(bridge.app, "service_stats", service_stats)
     port = free_port()
-    await make_bridge(**FAST, http_port=port, stats_interval=0.3)
+    b = await make_bridge(**FAST, http_port=port, stats_interval=0.3)
     await engine.add(broken, "its reads fail")
     await engine.add(healthy, "a")
 
@@ -676,6 +676,20 @@ async def test_one_queue_whose_stats_fail_leaves_the_other_queues_gauges_refresh
         return now is not None and now >= first + 1.5
 
     await wait_for(grown, 15, what="the kept age growing")
+    # So does every queue's when the whole refresh fails (the list of queues cannot be read).
+    healthy_age = f'queue_bridge_queue_oldest_ready_age_seconds{{owner="{OWNERS[0]}",service="{healthy}"}}'
+
+    async def no_queues(limit: int) -> Any:
+        raise RuntimeError("ReadTimeout (injected)")
+
+    monkeypatch.setattr(b.store, "queues", no_queues)
+    before = await metric(port, healthy_age)
+
+    async def healthy_grown() -> bool:
+        return await metric(port, healthy_age) >= before + 1.5
+
+    await wait_for(healthy_grown, 15, what="the ages growing while no refresh succeeds")
+    assert await metric(port, ready(healthy)) == 2, "its counts kept"
 
 
 async def test_another_owner_cannot_touch_a_queue_it_does_not_own(make_bridge, engine, workers):
