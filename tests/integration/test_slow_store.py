@@ -173,9 +173,10 @@ async def idle(b: Any, timeout: float) -> None:
 
 
 def stored_tasks(cql: Any, ks: str, svc: str) -> list[Any]:
-    """The stored tasks of a service: their rows in lane 1 (fresh) of ``ready``."""
-    rows = cql.execute(f"SELECT task_id FROM {ks}.ready WHERE service = %s AND lane = 1 ALLOW FILTERING", (svc,))
-    return [r["task_id"] for r in rows]
+    """The stored tasks of a service: their own rows in lane 1 (fresh) of ``ready`` (not the second
+    entries of tasks whose write landed late: ``seq`` is another time uuid there)."""
+    rows = cql.execute(f"SELECT seq, task_id FROM {ks}.ready WHERE service = %s AND lane = 1 ALLOW FILTERING", (svc,))
+    return [r["task_id"] or r["seq"] for r in rows if r["task_id"] in (None, r["seq"])]
 
 
 async def test_slow_round_trips_every_rpc_answered_and_settled(slow_bridge, slow_proxy, servers, names, workers, cql):
@@ -672,15 +673,9 @@ async def test_a_fetch_retried_on_another_bridge_while_its_slow_claim_still_land
     assert late is None or late.task_id == retry.task_id
 
 
-async def test_a_fetch_retried_on_another_bridge_while_its_slow_re_claim_is_on_its_way_gets_that_task(
-    slow_bridge, slow_proxy, make_bridge, engine, servers, cql
-):
-    """The same for a task whose lease ran out: the first copy's re-claim (epoch 2) is held 2.5 s.
-    The retry reads the pointer the first copy wrote ahead, finds the lease still at epoch 1 (run
-    out, not yet re-claimed) and re-claims that task for the worker (``claims{source="pointer"}``).
-    The code before passed this too, by another way: finding no hint (the first copy held the
-    task's), its fetch scanned the ready index and re-claimed the task from there. This test keeps
-    the re-claim branch of the pointer's claim, which nothing else runs."""
+async def _a_slow_re_claim_on_its_way(slow_bridge: Any, slow_proxy: Any, make_bridge: Any, engine: Any) -> Any:
+    """A task whose lease (w0's) ran out, and worker w's fetch on the slow bridge, whose re-claim
+    of it (epoch 2) is held 2.5 s on its way: (the other bridge, service, task id, w's fetch)."""
     slow = await slow_bridge(cassandra_timeout=5.0)
     other = await make_bridge()
     svc = service_id()
@@ -691,6 +686,19 @@ async def test_a_fetch_retried_on_another_bridge_while_its_slow_re_claim_is_on_i
     # A long-poll, woken by the task's hint once w0's lease is taken back: its re-claim is held.
     first = asyncio.ensure_future(slow.queue.fetch(OWNERS[0], worker_fetch(svc, wait_ms=10_000)))
     await wait_for(lambda: bool(held) and slow_proxy.held_frames == 1, 15, what="the slow re-claim on its way")
+    return other, svc, task_id, first
+
+
+async def test_a_fetch_retried_on_another_bridge_while_its_slow_re_claim_is_on_its_way_gets_that_task(
+    slow_bridge, slow_proxy, make_bridge, engine, servers, cql
+):
+    """The same for a task whose lease ran out: the first copy's re-claim (epoch 2) is held 2.5 s.
+    The retry reads the pointer the first copy wrote ahead, finds the lease still at epoch 1 (run
+    out, not yet re-claimed) and re-claims that task for the worker (``claims{source="pointer"}``).
+    The code before passed this too, by another way: finding no hint (the first copy held the
+    task's), its fetch scanned the ready index and re-claimed the task from there. This test keeps
+    the re-claim branch of the pointer's claim, which nothing else runs."""
+    other, svc, task_id, first = await _a_slow_re_claim_on_its_way(slow_bridge, slow_proxy, make_bridge, engine)
     retry = await bounded(other.queue.fetch(OWNERS[0], worker_fetch(svc)), 20, "the retry on another bridge")
     late = await bounded(first, 20, "the slow fetch")  # its reply would go to a client that gave up
     leased = tasks_leased_to(cql, servers.keyspace, svc, "w")
@@ -712,15 +720,7 @@ async def test_a_retried_fetch_whose_re_claim_loses_to_its_slow_first_copy_gets_
     announced. A refused UPDATE reports only the columns of its condition (no worker), so the
     refusal read as a lost race: the retry claimed the next task, and the first one stayed leased
     to the worker for its whole lease, handed to nobody. Found by review, 2026-12-06."""
-    slow = await slow_bridge(cassandra_timeout=5.0)
-    other = await make_bridge()
-    svc = service_id()
-    task_id = await engine.add(svc, "abandoned by w0")
-    gone = await bounded(other.queue.fetch(OWNERS[0], worker_fetch(svc, "w0", ttr=300)), 20, "w0's fetch")
-    assert gone is not None and gone.task_id == task_id
-    held = hold_statement(slow, slow_proxy, "claim_expired", "claim_id", 2.5)
-    first = asyncio.ensure_future(slow.queue.fetch(OWNERS[0], worker_fetch(svc, wait_ms=10_000)))
-    await wait_for(lambda: bool(held) and slow_proxy.held_frames == 1, 15, what="the slow re-claim on its way")
+    other, svc, task_id, first = await _a_slow_re_claim_on_its_way(slow_bridge, slow_proxy, make_bridge, engine)
     next_id = await engine.add(svc, "the next task")
 
     def epoch_of_the_lease() -> int:
