@@ -436,10 +436,11 @@ class WorkQueue:
             return None
         if await store.task_exists(q, existing):
             # A redelivery or a retried publish: same task. Index it again in case the first
-            # attempt died between its two writes, and enter it again if its entry may have
-            # landed behind the scans (the first attempt's write timed out, or was held up).
+            # attempt died between its two writes. (Not entered again: its first copy did that if
+            # its own write landed late, or its lookup of a write that timed out will; entered at
+            # every retried publish of an add still waiting, a backlog got a second entry a task,
+            # each a refused claim, and a fetch answered null with tasks waiting.)
             await store.reindex_task(q, existing)
-            await self._enter_again_if_late_or_later(q, existing, None)
             self.ctx.metrics.inc("adds_deduplicated")
             return existing
         # Measured from the record's write, not the task id: a delayed task's id holds its due
