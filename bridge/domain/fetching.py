@@ -58,6 +58,11 @@ MAX_CLAIM_ATTEMPTS = 8  # claims a fetch may lose to other fetches before it tri
 # a write-ahead and a failed claim, so a fetch behind a long run of them (a mass cancel) stops
 # after this many and goes on as after its lost races; the next fetch takes the rest.
 MAX_STALE_HINTS = 64
+# Second entries of late adds (``WorkQueue._enter_again_if_late``) whose tasks were taken through
+# their first entries, passed over by a scan after one plain read each (``_spent_second_entry``):
+# no lost races either. A store stall makes many adds late at once, and eight of them in a row
+# made a fetch answer null with a task ready behind them.
+MAX_SPENT_ENTRIES = 64
 TTL_GRANULARITY_MS = 1_000  # Cassandra expires rows on whole seconds
 # Workers with fetches in flight on one bridge that are made to take turns (``_Flight``). An entry
 # lives only while a fetch of its worker is in flight, so this bounds the memory of a burst of
@@ -605,7 +610,9 @@ class Fetcher:
         # the skew margin the scheduler waits before it announces a due task.
         cutoff = min(self.reconcile.cutoff_ms(now, a.q), now)
         oldest = False  # the head of each lane, not a spread pick (after a young pick)
-        for _ in range(MAX_CLAIM_ATTEMPTS):
+        attempts = spent = 0
+        while attempts < MAX_CLAIM_ATTEMPTS:
+            attempts += 1
             entry = await self.dispatcher.next_candidate(a.q, LANE_RECOVERED, spread=spread, oldest=oldest)
             if entry is None or ms_of(entry.seq) > cutoff:
                 if entry is not None:
@@ -621,6 +628,10 @@ class Fetcher:
                     oldest = True
                     continue
                 break
+            second = _second_entry(entry)
+            if second and spent < MAX_SPENT_ENTRIES and await self._spent_second_entry(a.q, entry):
+                spent, attempts = spent + 1, attempts - 1  # a read, not a lost race
+                continue
             a.attempted = True
             try:
                 claim = await self._try_claim(a, entry)
@@ -636,6 +647,8 @@ class Fetcher:
                 self.ctx.background.spawn(marking, "mark claimed")
                 self.reconcile.found(a.q)
                 return delivery
+            if second:  # its task was taken through its first entry after all (the read missed it)
+                self.ctx.background.spawn(self.ctx.store.mark_claimed(a.q, entry), "mark claimed")
             spread = True  # lost a race: another worker or instance reads the same head
         if not (self.dispatcher.more(a.q, LANE_RECOVERED) or self.dispatcher.more(a.q, LANE_FRESH)):
             # Quiet only after a scan that read to the end: one stopped on its page budget (a long
@@ -643,6 +656,23 @@ class Fetcher:
             # hint behind that run waited an interval per 4,096 entries.
             self.reconcile.found_nothing(a.q, self.ctx.clock.now_ms())
         return None
+
+    async def _spent_second_entry(self, q: QueueKey, entry: ReadyEntry) -> bool:
+        """Whether a second entry's task is leased already (taken through its first entry, as
+        nearly all are): then nobody can claim it through this one (a fresh claim is an insert if
+        not exists), so it is passed over, marked claimed for every other bridge's scan (nobody
+        else marks it: its task's claimant marked the entry it claimed through). A plain read, not
+        a write-ahead and a failed claim; one that fails or finds no lease leaves it to the claim."""
+        try:
+            lease = await self.ctx.store.lease(q, entry.task_id, serial=False)
+        except Unavailable:
+            return False
+        if lease is None:
+            return False
+        self.dispatcher.taken(q, entry)
+        self.ctx.metrics.inc("claims", source="scan", outcome="passed")
+        self.ctx.background.spawn(self.ctx.store.mark_claimed(q, entry), "mark claimed")
+        return True
 
     async def _may_claim(self, a: _Attempt) -> None:
         """The last check before a claim: is anybody still waiting for this fetch's reply?"""
@@ -1005,3 +1035,8 @@ class Fetcher:
         if stored is None:
             raise Unavailable("the task expired while being fetched; fetch again")
         return await self._open(q, task_id, stored, from_hint=False)
+
+
+def _second_entry(entry: ReadyEntry) -> bool:
+    """A fresh-lane entry at another place than its task id's: a late add's second entry."""
+    return entry.lane == LANE_FRESH and entry.seq != entry.task_id

@@ -229,6 +229,14 @@ class WorkQueue:
         if message_id and not first_copy:
             existing = await self._dedupe(q, message_id, task_id, now, replaces)
             if existing is not None:
+                if due is None:
+                    # The first copy's bridge enters its task again if its write landed late, but
+                    # it may have died first (kill -9 while its write was held up): then only this
+                    # copy can. Unless the task was claimed meanwhile (a lease read: a retried
+                    # publish of a task still waiting gets a second entry, passed over by a read
+                    # once its task is taken, ``Fetcher._spent_second_entry``). Its own payload is
+                    # sealed for its own task id: the stored task's row is read.
+                    await self._enter_again_if_late_or_later(q, existing, None)
                 return str(existing)
         self._register(q)
         recorded = message_id if message_id and first_copy else None
@@ -436,10 +444,7 @@ class WorkQueue:
             return None
         if await store.task_exists(q, existing):
             # A redelivery or a retried publish: same task. Index it again in case the first
-            # attempt died between its two writes. (Not entered again: its first copy did that if
-            # its own write landed late, or its lookup of a write that timed out will; entered at
-            # every retried publish of an add still waiting, a backlog got a second entry a task,
-            # each a refused claim, and a fetch answered null with tasks waiting.)
+            # attempt died between its two writes (and entered again if late: ``store_add``).
             await store.reindex_task(q, existing)
             self.ctx.metrics.inc("adds_deduplicated")
             return existing

@@ -132,7 +132,8 @@ ROUTES: dict[str, Route] = {
     "claims": Route(
         "claims",
         "Claims tried, by source (hint: handed out by the broker; scan: found in the ready index; pointer: "
-        "the task a worker's pointer announces while that claim may be on its way) and outcome (won, lost).",
+        "the task a worker's pointer announces while that claim may be on its way) and outcome (won, lost; "
+        "passed: a late add's second entry whose task was leased already, passed over after a read).",
         labels=("source", "outcome"),
     ),
     "hint_payloads_refused": Route(

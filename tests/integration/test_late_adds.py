@@ -101,3 +101,97 @@ async def test_an_add_whose_write_lands_after_a_scan_passed_its_place_is_handed_
 
     await wait_for(handed_out, 15, interval=0.2, what="the late task handed out")
     assert handed == [late_id]
+
+
+async def test_second_entries_of_tasks_taken_through_their_first_are_passed_over_and_marked(make_bridge):
+    """After a store stall that made many adds late, their second entries meet a scan as claims
+    refused (their tasks were taken through their first entries): eight in a row made a fetch
+    answer null while a task waited behind them, and every scanning bridge paid a write-ahead and
+    an LWT for each, as nobody marked them claimed (found in CI, 2026-12-06: a worker loop that
+    stops at its first null fetch stopped early). A second entry is looked up first (one read)
+    and, once its task is known claimed, passed over and marked claimed for every other bridge."""
+    from bridge.domain.records import LANE_FRESH, QueueKey
+    from bridge.domain.timeline import bucket_of_task, new_task_id
+
+    b = await make_bridge(hints=False)
+    svc = service_id()
+    q = QueueKey(OWNER, svc)
+    store = b.queue.ctx.store
+    taken = [await b.queue.add(OWNER, _add(svc, n), message_id=None, traceparent=None) for n in range(24)]
+    seconds = []
+    for task in taken:
+        payload = await store.payload(q, uuid.UUID(task))
+        assert payload is not None
+        seq = new_task_id(b.queue.clock.now_ms())
+        await store.enter_again(q, uuid.UUID(task), seq, payload)
+        seconds.append(seq)
+    waiting = await b.queue.add(OWNER, _add(svc, "waiting"), message_id=None, traceparent=None)
+    handed = [await _fetch_and_ack(b, svc) for _ in range(len(taken) + 1)]
+    assert sorted(map(str, handed)) == sorted([*taken, waiting])  # never null while one waits
+    assert await _fetch_and_ack(b, svc) is None  # a scan that reads past every second entry
+
+    def claims(outcome: str) -> float:
+        labels = {"source": "scan", "outcome": outcome}
+        return b.metrics.registry.get_sample_value("queue_bridge_claims_total", labels) or 0.0
+
+    assert claims("lost") == 0  # no write-ahead and refused claim a second entry
+
+    async def marked() -> bool:
+        rows = []
+        for bucket in sorted({bucket_of_task(s) for s in seconds}):
+            rows += await store.scan(q, LANE_FRESH, bucket, None, 100)
+        return all(r.claimed for r in rows if r.seq in seconds)
+
+    await wait_for(marked, 10, interval=0.1, what="the second entries marked claimed")
+
+
+async def test_a_late_add_whose_bridge_died_is_entered_again_by_the_copy_that_finds_it_stored(make_bridge, monkeypatch):
+    """The bridge whose write landed late dies (kill -9) before it gives its task a second
+    entry; the broker redelivers the add to another bridge (or the engine retries its publish),
+    which finds the task stored and answered it as added: that copy enters it again (it did not
+    since ``c5fa63f``: the task stayed behind the scans' positions, never handed out with hints
+    off; found by review, 2026-12-06)."""
+    adding = await make_bridge(hints=False)
+    serving = await make_bridge(hints=False)
+    svc = service_id()
+    store = adding.queue.ctx.store
+    real_store_task = store.store_task
+    held = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_store_task(q: Any, task_id: uuid.UUID, *args: Any, **kwargs: Any) -> None:
+        held.set()
+        await release.wait()
+        await real_store_task(q, task_id, *args, **kwargs)
+
+    async def dies_first(*args: Any) -> None:
+        return None  # killed before its second entry: nothing more of this bridge runs
+
+    monkeypatch.setattr(store, "store_task", slow_store_task)
+    monkeypatch.setattr(adding.queue, "_enter_again_if_late_or_later", dies_first)
+    late = asyncio.ensure_future(
+        adding.queue.add(OWNER, _add(svc, "late"), message_id="m-late", traceparent=None, first_copy=True)
+    )
+    await wait_for(held.is_set, 10, what="the late add's write on its way")
+    others = [await serving.queue.add(OWNER, _add(svc, n), message_id=None, traceparent=None) for n in range(3)]
+    assert [await _fetch_and_ack(serving, svc) for _ in others] == others
+    settle_ms = serving.queue.dispatcher.settle_ms
+    await wait_for(
+        lambda: serving.queue.clock.now_ms() > ms_of(uuid.UUID(others[-1])) + settle_ms + 50, 10, what="settled"
+    )
+    assert await _fetch_and_ack(serving, svc) is None  # the scan's position moved past its place
+    release.set()
+    late_id = await asyncio.wait_for(late, 20)
+    # The redelivered copy, on the other bridge: the same task.
+    again = await serving.queue.add(OWNER, _add(svc, "late"), message_id="m-late", traceparent=None)
+    assert again == late_id
+
+    handed: list[str] = []
+
+    async def handed_out() -> bool:
+        if (got := await _fetch_and_ack(serving, svc)) is not None:
+            handed.append(got)
+        return late_id in handed
+
+    await wait_for(handed_out, 15, interval=0.2, what="the late task handed out")
+    assert handed == [late_id]
