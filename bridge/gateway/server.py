@@ -50,11 +50,13 @@ from bridge.gateway.errors import (
     status_of,
 )
 from bridge.gateway.keys import ApiKey, KeyFile
+from bridge.observability.throttled import ThrottledWarning
 from bridge.observability.tracing import child_traceparent, extract_traceparent
 from bridge.transport import wire
 from bridge.transport.capacity import Capacity
 from bridge.transport.envelope import ENVELOPE_ALLOWANCE, OWNER_PATTERN
 from bridge.transport.errors import Busy, observed_outcome
+from bridge.transport.fate import fate_of
 
 log = logging.getLogger("bridge.gateway")
 
@@ -78,6 +80,9 @@ IDEMPOTENCY_PATTERN = re.compile(r"[^\x00-\x1f\x7f]{0,255}")
 # Every JSON answer: never cached (the data is an owner's), never sniffed as another type.
 JSON_HEADERS: Mapping[str, str] = {hdrs.CACHE_CONTROL: "no-store", hdrs.X_CONTENT_TYPE_OPTIONS: "nosniff"}
 RETRY_AFTER_S = 1
+# How long an add is retried in place (``Gateway._add``): an HTTP client waits on its request,
+# so less than the AMQP handler's 30 s, which hold a delivery; past it the client is told 503.
+ADD_RETRY_BUDGET_S = 10.0
 MIN_SHUTDOWN_WAIT_S = 0.05
 CHUNK = 65_536
 PUBLIC_PATHS = frozenset({OPENAPI_PATH, CONSOLE_PATH})  # no data on either
@@ -113,6 +118,7 @@ class GatewayServer:
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
         self._closing = False
+        self._warn_add_retry = ThrottledWarning(log)  # an outage retries every add: said once a while
         self._shielded: set[asyncio.Future[Any]] = set()  # shielded requests still running
         self._in_flight: dict[str, int] = {}  # requests in flight per key id (``_admit``)
         from bridge.gateway.openapi import document, dumps
@@ -438,9 +444,7 @@ class GatewayServer:
     async def _run_to_the_end(self, method: str, owner: str, req: Any, request: web.Request, received_ms: int) -> Reply:
         if method == "add":
             assert isinstance(req, AddCommand)
-            task_id = await self.queue.add(
-                owner, req, message_id=_idempotency_key(request), traceparent=extract_traceparent(request.headers)
-            )
+            task_id = await self._add(owner, req, request)
             return wire.added(task_id, req), None
         if method == "ack":
             assert isinstance(req, AckRequest)
@@ -449,6 +453,27 @@ class GatewayServer:
             return wire.acked(await self.queue.ack(owner, req, sent_before_ms=received_ms)), None
         with self.capacity.slot(method):
             return await wire.LIFECYCLE[method].call(self.queue, owner, req), None
+
+    async def _add(self, owner: str, req: AddCommand, request: web.Request) -> str:
+        """Store an add, retried in place while its failure is one to retry, within
+        :data:`ADD_RETRY_BUDGET_S`, with the same prepared task (one task id), as the AMQP
+        handler does: its Idempotency-Key is recorded (a compare-and-set) before the task is
+        written, and a client's retry after one failed write prepared another task id, found the
+        key naming the first (never stored) and was refused as "still being stored" for 30 s, on
+        every gateway. An attempt that failed but landed later rewrites the same rows."""
+        pending = await self.queue.prepare_add(owner, req, traceparent=extract_traceparent(request.headers))
+        message_id = _idempotency_key(request)
+        give_up = time.monotonic() + ADD_RETRY_BUDGET_S
+        delay = 0.1
+        while True:
+            try:
+                return await self.queue.store_add(pending, message_id=message_id)
+            except BridgeError as exc:
+                if not fate_of(wire_code(exc), "add").retry or self._closing or time.monotonic() + delay > give_up:
+                    raise
+                self._warn_add_retry.warning("add failed (%s), retrying in %.1fs", exc.message, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     @staticmethod
     def _owner(key: ApiKey, named: str | None) -> str:

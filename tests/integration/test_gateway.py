@@ -245,6 +245,36 @@ async def test_idempotency_key_and_traceparent_are_the_amqp_message_id_and_trace
     assert (await gw.ok(svc, "fetch", {"workerId": "t2"}))["result"] is None, "no second task"
 
 
+async def test_an_add_whose_write_failed_once_is_retried_in_place_not_refused_for_30_s(start_gateway, monkeypatch):
+    """An add with an Idempotency-Key records its key (a compare-and-set) before it writes its
+    task; a write that failed once (a node restarting: "no host available") answered 503, and
+    the client's retry with the same key prepared another task id, found the key naming the
+    first (never stored), and was refused for 30 s as "still being stored", on every gateway.
+    The gateway retries in place, with the same task, as the AMQP handler does (found by
+    review, 2026-12-06)."""
+    from bridge.storage.errors import StorageNotSent
+
+    bridge, gw = await start_gateway()
+    svc = service_id()
+    store = bridge.queue.ctx.store
+    real = store.store_task
+    failed: list[Any] = []
+
+    async def fails_once(*args: Any, **kwargs: Any) -> None:
+        if not failed:
+            failed.append(args[1])
+            raise StorageNotSent("no host available (injected)")
+        await real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "store_task", fails_once)
+    added = await gw.ok(svc, "tasks", {"value": 1}, headers={"Idempotency-Key": "k-once"})
+    assert [str(t) for t in failed] == [added["task"]["id"]]  # the same task, stored by the retry
+    again = await gw.ok(svc, "tasks", {"value": 1}, headers={"Idempotency-Key": "k-once"})
+    assert again["task"]["id"] == added["task"]["id"]
+    assert (await _fetch_task(gw, svc, "t"))["task"]["id"] == added["task"]["id"]  # type: ignore[index]
+    assert await _fetch_task(gw, svc, "t2") is None  # one task
+
+
 # -- identity ---------------------------------------------------------------------------------------
 async def test_requests_without_valid_credentials_are_401(gw):
     svc = service_id()
