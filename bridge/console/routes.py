@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import importlib.resources
 import re
@@ -88,16 +89,20 @@ class Console:
 
     def install(self, app: web.Application) -> None:
         r = app.router
+        # The gateway's answer to ``Expect`` (aiohttp's own, before any middleware, told an
+        # unauthenticated client announcing a gigabyte to send it).
+        get = functools.partial(r.add_get, allow_head=False, expect_handler=self.gateway.expect)
+        post = functools.partial(r.add_post, expect_handler=self.gateway.expect)
         # Named "<method>.console" where the contract has the method: observed like the gateway's
         # requests (queue_bridge_requests_total{method}); the others are not observed.
-        r.add_get(CONSOLE_PATH, self.page, allow_head=False)
-        r.add_get(CONSOLE_API + "/session", self.session, allow_head=False)
-        r.add_get(CONSOLE_API + "/services", self.services, name="stats.console", allow_head=False)
-        r.add_get(CONSOLE_API + "/metrics", self.metrics, allow_head=False)
-        r.add_get(QUEUE_PATH + "/tasks/{taskId}", self.task, allow_head=False)
-        r.add_get(QUEUE_PATH + "/parked", self.parked, name="parked.console", allow_head=False)
-        r.add_post(QUEUE_PATH + "/redrive", self.redrive, name="redrive.console")
-        r.add_post(QUEUE_PATH + "/discard", self.discard, name="discard.console")
+        get(CONSOLE_PATH, self.page)
+        get(CONSOLE_API + "/session", self.session)
+        get(CONSOLE_API + "/services", self.services, name="stats.console")
+        get(CONSOLE_API + "/metrics", self.metrics)
+        get(QUEUE_PATH + "/tasks/{taskId}", self.task)
+        get(QUEUE_PATH + "/parked", self.parked, name="parked.console")
+        post(QUEUE_PATH + "/redrive", self.redrive, name="redrive.console")
+        post(QUEUE_PATH + "/discard", self.discard, name="discard.console")
         app.cleanup_ctx.append(self._sampling)
 
     async def _sampling(self, app: web.Application) -> AsyncIterator[None]:

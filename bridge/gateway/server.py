@@ -126,9 +126,11 @@ class GatewayServer:
         self._openapi = dumps(document())
         app = web.Application(middlewares=[self._middleware], client_max_size=self.limit)
         for ep in ENDPOINTS:
-            app.router.add_post(ep.path, self._handler(ep), name=ep.method, expect_handler=self._expect)
-        app.router.add_get(STATS_ALL_PATH, self._handler(STATS_ALL), name="stats.all", allow_head=False)
-        app.router.add_get(OPENAPI_PATH, self._openapi_doc, name="openapi", allow_head=False)
+            app.router.add_post(ep.path, self._handler(ep), name=ep.method, expect_handler=self.expect)
+        # Every route answers ``Expect`` itself (``expect``), the console's too.
+        get = functools.partial(app.router.add_get, allow_head=False, expect_handler=self.expect)
+        get(STATS_ALL_PATH, self._handler(STATS_ALL), name="stats.all")
+        get(OPENAPI_PATH, self._openapi_doc, name="openapi")
         from bridge.console.routes import Console
 
         Console(self, settings, metrics).install(app)  # /console: the operator console (issue 11)
@@ -245,7 +247,7 @@ class GatewayServer:
                 if method:
                     self.observe(method, str(outcome), time.perf_counter() - started)
 
-    async def _expect(self, request: web.Request) -> web.StreamResponse | None:
+    async def expect(self, request: web.Request) -> web.StreamResponse | None:
         """``Expect: 100-continue``, which aiohttp answers before any middleware: the client is told
         to send its body only when its key and the body's announced size are good; otherwise it
         gets the answer the request would get, at once, and the connection is closed (aiohttp's
@@ -255,7 +257,8 @@ class GatewayServer:
         try:
             if expect.lower() != "100-continue":
                 raise HttpError(f"unsupported Expect: {expect[:64]!r} (only 100-continue)", 417)
-            self.keys.authenticate(request.headers.get(hdrs.AUTHORIZATION))
+            if request.path not in PUBLIC_PATHS:
+                self.keys.authenticate(request.headers.get(hdrs.AUTHORIZATION))
             length = request.content_length
             if length is not None and length > self.limit:
                 raise PayloadTooLarge(f"the body is {length} bytes; the limit is {self.limit}")

@@ -1105,3 +1105,31 @@ async def test_expect_100_continue_is_answered_only_for_a_good_key_and_size(star
         answer += chunk
     writer.close()
     assert b"HTTP/1.1 200" in answer and b'"result":true' in answer.replace(b" ", b""), answer
+
+
+async def test_expect_is_answered_by_the_gateway_on_every_route(start_gateway, gateway_keys):
+    """The console's routes and ``GET /api/queue/stats`` kept aiohttp's own answer: ``100
+    Continue`` to an unauthenticated client announcing a gigabyte, a plain-text 417 to any
+    other expectation (found by review, 2026-12-06). The public page still takes none."""
+    _, keys = gateway_keys
+    _, gw = await start_gateway(console_write=True)
+    svc = service_id()
+    for method, path in (("POST", f"/console/api/queues/{svc}/redrive"), ("GET", "/api/queue/stats")):
+        base = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        _, writer, first = await _expecting(
+            gw.port, base + "Content-Length: 1000000000\r\nExpect: 100-continue\r\n\r\n"
+        )
+        writer.close()
+        assert first.startswith(b"HTTP/1.1 401"), (path, first)
+        auth = f"Authorization: Bearer {keys['a']}\r\n"
+        reader, writer, first = await _expecting(
+            gw.port, base + auth + "Content-Length: 2\r\nExpect: something\r\n\r\n"
+        )
+        rest = await asyncio.wait_for(reader.read(4096), 10)
+        writer.close()
+        assert first.startswith(b"HTTP/1.1 417"), (path, first)
+        assert b'"bad_request"' in rest and b"application/json" in rest, (path, rest)
+    page = "GET /console HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n\r\n"
+    _, writer, first = await _expecting(gw.port, page)
+    writer.close()
+    assert first.startswith(b"HTTP/1.1 100"), first  # public: no key asked
