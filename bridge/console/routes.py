@@ -132,7 +132,7 @@ class Console:
         owner = self._owner(request)
         # WorkQueue.stats reads at most STATS_CONCURRENCY services at a time (every 2 s per open
         # console: all of up to 1,000 at once was thousands of Cassandra reads in one burst).
-        with self.gateway.capacity.slot("stats"):
+        with self.gateway.capacity.slot("stats", owner):
             return _json(wire.stats(await self.queue.stats(owner, None))["result"])
 
     async def metrics(self, request: web.Request) -> web.Response:
@@ -160,7 +160,7 @@ class Console:
         req = parse(ParkedRequest, body)
         # Without errors: the worker's error may carry task data and is not shown here, so none is
         # read nor decrypted (up to 100 of them every 2 s per open console, all thrown away).
-        with self.gateway.capacity.slot("parked"):
+        with self.gateway.capacity.slot("parked", owner):
             found = await self.queue.lifecycle.parked(owner, req.service_id, req.limit, with_errors=False)
         tasks = wire.parked(found)["result"]["tasks"]
         for t in tasks:
@@ -175,29 +175,29 @@ class Console:
         req = parse(RedriveRequest, body)
         if req.task_ids is not None:
             ids = self._task_ids(req.task_ids)
-            n = await self._shielded(request, "redrive", self.queue.redrive(owner, req.service_id, ids))
+            n = await self._shielded(request, owner, "redrive", self.queue.redrive(owner, req.service_id, ids))
             return _json({"redriven": n})
         after = None if req.after is None else self._task_ids([req.after])[0]
         round_ = self.queue.redrive_all(owner, req.service_id, req.parked_before_ms(), after)
-        done = await self._shielded(request, "redrive", round_)
+        done = await self._shielded(request, owner, "redrive", round_)
         return _json(wire.redriven_round(done)["result"])
 
     async def discard(self, request: web.Request) -> web.Response:
         owner, body = await self._write(request)
         req = parse(DiscardRequest, body)
         ids = self._task_ids(req.task_ids)
-        n = await self._shielded(request, "discard", self.queue.discard(owner, req.service_id, ids))
+        n = await self._shielded(request, owner, "discard", self.queue.discard(owner, req.service_id, ids))
         return _json({"discarded": n})
 
     # -- helpers -----------------------------------------------------------------------------------
-    async def _shielded(self, request: web.Request, method: str, work: Coroutine[Any, Any, _T]) -> _T:
+    async def _shielded(self, request: web.Request, owner: str, method: str, work: Coroutine[Any, Any, _T]) -> _T:
         """``work`` run to its end as the gateway's writes are, in one of the bridge's slots for
         long lifecycle requests (shared with AMQP and the gateway's API: ``Capacity``), held until
         it ends even when the tab is closed; ``Busy`` (503), nothing done, when they are taken."""
 
         async def in_slot() -> _T:
             try:
-                with self.gateway.capacity.slot(method):
+                with self.gateway.capacity.slot(method, owner):
                     return await work
             finally:
                 work.close()  # never started when the slot was refused; a no-op once it ran

@@ -454,7 +454,7 @@ class GatewayServer:
             # Received now, so sent before now: an ack without taskId older than the worker's
             # current lease is refused, as on AMQP (where the message timestamp says it).
             return wire.acked(await self.queue.ack(owner, req, sent_before_ms=received_ms)), None
-        with self.capacity.slot(method):
+        with self.capacity.slot(method, owner):
             return await wire.LIFECYCLE[method].call(self.queue, owner, req), None
 
     async def _add(self, owner: str, req: AddCommand, request: web.Request) -> str:

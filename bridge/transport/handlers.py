@@ -617,7 +617,7 @@ class RequestHandlers:
         a redrive is idempotent, and if the bridge dies, the caller's retry asks again. Bounded:
         each one acked early is memory and a waiter on its queue's pace, outside the prefetch."""
         await self._owner_has_key(owner)
-        with self.capacity.slot(PACED_METHOD):
+        with self.capacity.slot(PACED_METHOD, owner):
             await ack_early(message)
             return await work()
 
@@ -627,7 +627,7 @@ class RequestHandlers:
         """A purge, stats, parked or discard (LONG_METHODS): run at most MAX_LONG_REQUESTS at once,
         each holding its delivery LONG_HOLD_S at most (:meth:`_held_briefly`)."""
         await self._owner_has_key(owner)
-        with self.capacity.slot(method):
+        with self.capacity.slot(method, owner):
             return await _held_briefly(message, work())
 
 

@@ -897,6 +897,7 @@ async def test_long_lifecycle_requests_through_http_and_amqp_share_the_bridges_b
     from bridge.domain import lifecycle
 
     monkeypatch.setattr(capacity, "MAX_LONG_REQUESTS", 2)
+    monkeypatch.setattr(capacity, "OWNER_SHARE_DIVISOR", 1)  # one owner may take them all here
     gate = asyncio.Event()
     started: list[str] = []
     real_purge = lifecycle.Lifecycle.purge
@@ -928,6 +929,44 @@ async def test_long_lifecycle_requests_through_http_and_amqp_share_the_bridges_b
     amqp_reply, http_reply = await asyncio.gather(*running)
     assert http_reply.status == 200, (http_reply.status, http_reply.body)
     assert amqp_reply["result"]["purged"] + http_reply.body["result"]["purged"] == 1
+    assert bridge.capacity.long_requests == 0
+
+
+async def test_one_owner_holds_at_most_its_share_of_the_long_request_slots(start_gateway, gateway_keys, monkeypatch):
+    """One owner's key held every long-request slot of the bridge (32 purges of big queues, about
+    200 s each): every other tenant's stats, purges, listings and console pages were answered 503
+    meanwhile, though the docs say one key cannot take the whole bridge (found by review,
+    2026-12-06). An owner holds at most a quarter of them; the others are served."""
+    import bridge.transport.capacity as capacity
+    from bridge.domain import lifecycle
+
+    monkeypatch.setattr(capacity, "MAX_LONG_REQUESTS", 8)  # a share of 2
+    gate = asyncio.Event()
+    started: list[str] = []
+    real_purge = lifecycle.Lifecycle.purge
+
+    async def purge(self: Any, owner: str, service: str) -> tuple[int, bool]:
+        started.append(owner)
+        if owner == OWNERS[0]:
+            await gate.wait()
+        return await real_purge(self, owner, service)
+
+    monkeypatch.setattr(lifecycle.Lifecycle, "purge", purge)
+    bridge, gw = await start_gateway()
+    svc = service_id()
+    running = [asyncio.create_task(gw.post(svc, "purge", key="a")) for _ in range(2)]
+    try:
+        await wait_for(lambda: len(started) == 2, 10, what="two purges of one owner running")
+        refused = await gw.post(svc, "purge", key="a")
+        assert refused.status == 503 and "of this owner" in refused.body["error"]["message"], refused.body
+        other = await gw.post(svc, "purge", key="b")  # another owner (OWNERS[1]) is served meanwhile
+        assert other.status == 200, (other.status, other.body)
+        stats = await gw.request("GET", "/console/api/services", key="b")
+        assert stats.status == 200, (stats.status, stats.body)
+        assert started.count(OWNERS[0]) == 2 and started.count(OWNERS[1]) == 1
+    finally:
+        gate.set()
+    assert [r.status for r in await asyncio.gather(*running)] == [200, 200]
     assert bridge.capacity.long_requests == 0
 
 
