@@ -297,7 +297,11 @@ class StandInQueue:
             raise self.error
         return answer
 
-    async def add(self, owner: str, cmd: Any, *, message_id: str | None, traceparent: str | None) -> str:
+    async def prepare_add(self, owner: str, cmd: Any, *, traceparent: str | None) -> Any:
+        return (owner, cmd, traceparent)  # the stand-in's prepared add
+
+    async def store_add(self, add: Any, *, message_id: str | None) -> str:
+        owner, cmd, traceparent = add
         await self._held()
         return str(self._call("add", owner, (cmd, message_id, traceparent), str(uuid.uuid1())))
 

@@ -18,6 +18,7 @@ import pytest
 
 from bridge.config import Settings
 from bridge.domain.clock import ManualClock
+from bridge.transport import capacity
 from bridge.transport.amqp import AmqpTransport
 from bridge.transport.capacity import MAX_PACED_REDRIVES
 from bridge.transport.fate import Settle
@@ -94,10 +95,13 @@ class _Redrive(_LateMessage):
         self.body = orjson.dumps({"serviceId": "s", "taskIds": [str(uuid.uuid1())]})
 
 
-async def test_redrives_acknowledged_early_are_bounded_past_it_one_is_answered_unavailable_at_once() -> None:
+async def test_redrives_acknowledged_early_are_bounded_past_it_one_is_answered_unavailable_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Redrives are acknowledged as their pacing starts (as waiting fetches are), and were unbounded:
     a burst of them grew memory and waiters without limit. Past the bound one is answered
     ``unavailable`` at once, settled, and nothing of it is done. Found by a review, 2026-12-05."""
+    monkeypatch.setattr(capacity, "OWNER_SHARE_DIVISOR", 1)  # one owner's redrives here, up to the bridge's bound
     queue = _PacingQueue(until_waiting=MAX_PACED_REDRIVES)
     transport = AmqpTransport(Settings(keyring=None), cast(Any, queue), lambda m, o, s: None)
     channel = _Channel()
