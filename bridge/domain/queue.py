@@ -271,8 +271,10 @@ class WorkQueue:
         if not handed:
             await self.hints.offer(q, hint)
         self._count_add(add)
-        if not handed:  # (handed: a fetch of this bridge claims it now, or puts its hint back)
-            await self._enter_again_if_late_or_later(add.q, add.task_id, add.payload)
+        # Handed or not: a fetch of this bridge that took its hint may not decide its claim (its
+        # caller's deadline passed while the write was held up, its worker gone) and put the hint
+        # back, and a late task whose one hint is then lost stood behind every scan's position.
+        await self._enter_again_if_late_or_later(add.q, add.task_id, add.payload)
         log.debug("task added", extra={"task_id": str(task_id)})
         return str(task_id)
 

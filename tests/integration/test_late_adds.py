@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from bridge.domain.fetching import RequestAbandoned
 from bridge.domain.models import AckRequest, AddCommand, FetchRequest, parse
 from bridge.domain.timeline import ms_of
 from tests.conftest import OWNERS, service_id, wait_for
@@ -185,6 +186,57 @@ async def test_a_late_add_whose_bridge_died_is_entered_again_by_the_copy_that_fi
     # The redelivered copy, on the other bridge: the same task.
     again = await serving.queue.add(OWNER, _add(svc, "late"), message_id="m-late", traceparent=None)
     assert again == late_id
+
+    handed: list[str] = []
+
+    async def handed_out() -> bool:
+        if (got := await _fetch_and_ack(serving, svc)) is not None:
+            handed.append(got)
+        return late_id in handed
+
+    await wait_for(handed_out, 15, interval=0.2, what="the late task handed out")
+    assert handed == [late_id]
+
+
+async def test_a_late_add_handed_to_a_waiting_fetch_that_gives_it_up_is_entered_again(make_bridge, monkeypatch):
+    """A late add handed to a fetch waiting on its own bridge got no second entry (that fetch
+    would claim it); a claim that is then not decided (its caller's deadline passed while the
+    write was held up, the worker gone) puts the hint back, and once that one hint is lost the
+    task stood behind every scan's position: answered as added, never handed out (found by
+    review, 2026-12-06). The serving bridge here takes no hints: only the store can lead to it."""
+    adding = await make_bridge(hints=True)
+    serving = await make_bridge(hints=False)
+    svc = service_id()
+    store = adding.queue.ctx.store
+    real_store_task = store.store_task
+    held = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_store_task(q: Any, task_id: uuid.UUID, *args: Any, **kwargs: Any) -> None:
+        held.set()
+        await release.wait()
+        await real_store_task(q, task_id, *args, **kwargs)
+
+    monkeypatch.setattr(store, "store_task", slow_store_task)
+    waiting_req = parse(FetchRequest, {"serviceId": svc, "workerId": "waiter", "waitMs": 20_000})
+    now = adding.queue.clock.now_ms()
+    waiter = asyncio.ensure_future(adding.queue.fetch(OWNER, waiting_req, deadline_ms=now + 1_000))
+    await wait_for(lambda: sum(len(w.waiters) for w in adding.hints._waiting.values()) > 0, 10, what="a fetch waiting")
+    late = asyncio.ensure_future(adding.queue.add(OWNER, _add(svc, "late"), message_id=None, traceparent=None))
+    await wait_for(held.is_set, 10, what="the late add's write on its way, its hint handed to the waiting fetch")
+    assert adding.hints.handed_here == 1
+    others = [await serving.queue.add(OWNER, _add(svc, n), message_id=None, traceparent=None) for n in range(3)]
+    assert [await _fetch_and_ack(serving, svc) for _ in others] == others
+    settle_ms = serving.queue.dispatcher.settle_ms
+    await wait_for(
+        lambda: serving.queue.clock.now_ms() > ms_of(uuid.UUID(others[-1])) + settle_ms + 50, 10, what="settled"
+    )
+    assert await _fetch_and_ack(serving, svc) is None
+    release.set()
+    late_id = await asyncio.wait_for(late, 20)
+    # The waiting fetch's caller gave up meanwhile (its deadline passed): it claims nothing.
+    with pytest.raises(RequestAbandoned):
+        await asyncio.wait_for(waiter, 20)
 
     handed: list[str] = []
 
