@@ -58,7 +58,7 @@ from bridge.config import Settings
 from bridge.crypto import Sealed
 from bridge.domain.cancellation import stray_as_failure
 from bridge.domain.hints import Hint, HintsUnavailable, Taken
-from bridge.domain.records import PRIORITY_MAX, Payload, QueueKey
+from bridge.domain.records import LANE_FRESH, LANE_RECOVERED, PRIORITY_MAX, Payload, QueueKey
 from bridge.observability.throttled import ThrottledWarning
 from bridge.transport import frames
 from bridge.transport.replies import message_ids
@@ -90,6 +90,9 @@ def _sealed(s: Sealed) -> list[str]:
 def _unsealed(v: list[str]) -> Sealed:
     key_id, nonce, ciphertext = v
     return Sealed(str(key_id), base64.b64decode(nonce), base64.b64decode(ciphertext))
+
+
+EPOCH_MAX = 2**31 - 1  # a lease's epoch is a Cassandra int; a claim writes the hint's + 1
 
 
 def encode(hint: Hint) -> bytes:
@@ -140,7 +143,18 @@ def _decode(body: bytes) -> Hint:
         payload = Payload(_unsealed(p["v"]), token, p["tp"], created, expires_at_ms=expires)
     priority = min(max(int(d.get("r", 0)), 0), PRIORITY_MAX)
     redriven = bool(d.get("d", 0))
-    return Hint(uuid.UUID(d["t"]), int(d["l"]), uuid.UUID(d["s"]), d["e"], bool(d["k"]), payload, priority, redriven)
+    lane, epoch = d["l"], d["e"]
+    # Checked here, not by the claim: an epoch of another type (``"3"``, ``1.5``, past
+    # Cassandra's int) failed the claim, and the hint, put back at the top of its queue, answered
+    # every fetch of the queue on every bridge ``internal``. A re-exposed task's hint names the
+    # epoch of its expired lease; a fresh one's none.
+    if type(lane) is not int or lane not in (LANE_RECOVERED, LANE_FRESH):
+        raise ValueError(f"a hint's lane is {int(LANE_RECOVERED)} or {int(LANE_FRESH)}")
+    if lane == LANE_FRESH and epoch is not None:
+        raise ValueError("a fresh task's hint names no epoch")
+    if lane == LANE_RECOVERED and (type(epoch) is not int or not 0 <= epoch < EPOCH_MAX):
+        raise ValueError(f"a re-exposed task's hint names its epoch: a whole number below {EPOCH_MAX}")
+    return Hint(uuid.UUID(d["t"]), lane, uuid.UUID(d["s"]), epoch, bool(d["k"]), payload, priority, redriven)
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from datetime import datetime
 from typing import Any
 
@@ -597,9 +598,15 @@ async def test_a_hint_that_is_json_but_no_object_is_dropped_and_the_fetch_answer
     connection = await aio_pika.connect(servers.amqp_url("guest"))
     async with connection:
         channel = await connection.channel()
-        for body in (b"[1]", b'"x"', b"1", b'{"p": 2}'):
+        # The last: an epoch of another type, which parsed (found by review, 2026-12-06): its
+        # claim failed, and the hint, put back at the top of its queue, answered every fetch
+        # ``internal``.
+        t = str(uuid.uuid1())
+        epoch_as_text = f'{{"t": "{t}", "l": 0, "s": "{t}", "e": "3", "k": 0}}'.encode()
+        junk = (b"[1]", b'"x"', b"1", b'{"p": 2}', epoch_as_text)
+        for body in junk:
             await channel.default_exchange.publish(aio_pika.Message(body), routing_key=ours)
-    for _ in range(4):
+    for _ in range(len(junk)):
         assert await w.fetch() is None
     task_id = await engine.add(svc, "after them")
     got = await w.fetch(wait_ms=5_000)
