@@ -71,6 +71,7 @@ REDRIVE_ALL_MAX = 1_000  # parked tasks one ``redrive all`` request puts back at
 # Index rows a ``redrive all`` reads at a time at least: rows parked after its bound are passed,
 # and reading one row at a time past many of them would take a request each.
 REDRIVE_SCAN_PAGE = 100
+REDRIVE_PACES_MAX = 1_000  # queues whose redrive pace a bridge remembers (idle ones forgotten past it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -625,12 +626,17 @@ class Lifecycle:
 
     async def _paced(self, q: QueueKey, interval: float) -> None:
         """Wait for this queue's next redrive slot on this bridge (``interval`` apart)."""
+        loop = asyncio.get_running_loop()
         if q not in self._redrive_pace:
-            if len(self._redrive_pace) >= 1_000:  # queues redriven long ago: their slots have passed
-                self._redrive_pace.clear()
+            if len(self._redrive_pace) >= REDRIVE_PACES_MAX:
+                # Only queues whose pace is idle (unlocked, their next slot passed) are forgotten:
+                # cleared whole, a redrive still pacing lost its lock, and a second redrive of its
+                # queue ran beside it at twice the rate (found by review, 2026-12-06).
+                now = loop.time()
+                for idle in [k for k, (lk, at) in self._redrive_pace.items() if not lk.locked() and at[0] <= now]:
+                    del self._redrive_pace[idle]
             self._redrive_pace[q] = (asyncio.Lock(), [0.0])
         lock, next_at = self._redrive_pace[q]
-        loop = asyncio.get_running_loop()
         async with lock:
             if (wait := next_at[0] - loop.time()) > 0:
                 await asyncio.sleep(wait)

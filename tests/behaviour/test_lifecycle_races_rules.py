@@ -11,6 +11,7 @@ import pytest
 
 from bridge.domain.models import AddCommand, ExtendRequest, FailRequest, parse
 from bridge.domain.records import LeaseState, QueueKey, TaskOptions
+from tests.conftest import wait_for
 from tests.queue_harness import MARGIN_MS, OWNER, Harness
 
 pytestmark = pytest.mark.anyio
@@ -253,3 +254,31 @@ async def test_an_extend_whose_outcome_was_unknown_is_settled_by_the_deadline_it
     assert sent == (["lease.extend"] * 2 if applied else ["lease.extend", "lease.extend", "lease.shorten"])
     lease = await _lease(h, task_id)
     assert lease is not None and lease.held_by("W", got.epoch) and lease.lease_until_ms == extended.lease_until_ms
+
+
+# -- a redrive still pacing keeps its pace when the bridge forgets idle queues' paces ------------------
+async def test_a_redrive_still_pacing_keeps_its_pace_when_idle_paces_are_forgotten(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past 1,000 queues redriven, a bridge cleared every queue's pace: a redrive still pacing lost
+    its lock, and a second redrive of its queue ran beside it, twice the configured rate (the
+    flood of poison tasks the rate is there to stop). Found by review, 2026-12-06."""
+    import asyncio
+
+    from bridge.domain import lifecycle
+
+    monkeypatch.setattr(lifecycle, "REDRIVE_PACES_MAX", 3)
+    paces = harness.queue.lifecycle
+    q = QueueKey(OWNER, harness.service)
+    loop = asyncio.get_running_loop()
+    await paces._paced(q, 0.5)  # its first slot: now; the next one half a second later
+    started = loop.time()
+    pacing = asyncio.ensure_future(paces._paced(q, 0.5))  # waits for that slot, holding the pace
+    lock, _ = paces._redrive_pace[q]
+    await wait_for(lock.locked, 5, interval=0.01, what="the second redrive pacing")
+    for n in range(3):  # other queues, redriven once each: the third is past the bound
+        await paces._paced(QueueKey(OWNER, f"{harness.service}-other-{n}"), 0.5)
+    assert q in paces._redrive_pace, "a pace in use was forgotten"
+    second = asyncio.ensure_future(paces._paced(q, 0.5))  # another redrive of the same queue
+    await asyncio.wait_for(asyncio.gather(pacing, second), 5)
+    assert loop.time() - started >= 0.95, "the second redrive did not wait for the first one's pace"
