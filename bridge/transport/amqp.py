@@ -641,9 +641,16 @@ class AmqpTransport:
             return False
 
     async def _connect_probation(self) -> AbstractConnection:
-        # Each node's attempt bounded (a node that accepts TCP and never answers held the rest).
+        # Each node's attempt bounded (a node that accepts TCP and never answers held the rest),
+        # and the node the bridge's connection is on first: it is up, and in the same order as
+        # the connections' a hung node first in it took the whole budget at every reply, and no
+        # reply was ever sent (the bridge ready all the same).
+        urls = list(self._amqp_urls)
+        if isinstance(self.connection, failover.FailoverConnection):
+            on = self.connection.node_index
+            urls = urls[on:] + urls[:on]
         connection, _ = await failover.connect_first(
-            self._amqp_urls,
+            urls,
             client_properties={"connection_name": "queue-bridge replies (probation)"},
             timeout=replies.PROBATION_CONNECT_S,
         )

@@ -94,6 +94,11 @@ class FailoverConnection(RobustConnection):
         raise failure
 
     @property
+    def node_index(self) -> int:
+        """The index in its URLs of the node this connection is on (or last was)."""
+        return self._current
+
+    @property
     def node(self) -> str:
         """host:port of the node this connection is on (or last was)."""
         url = self._urls[self._current]

@@ -125,6 +125,27 @@ async def test_a_bridge_starts_when_the_first_node_of_its_order_is_out_of_reach(
         assert await engine.add(service_id(), "v")
 
 
+async def test_a_bridge_whose_first_node_hangs_answers_through_the_node_it_is_on(
+    make_bridge, bridge_env, servers, names, nodes
+):
+    """A node that accepts TCP and never answers (a stuck node, a partition) first in a bridge's
+    order: its connections went to the next node, but the probation connection that carries the
+    first reply to every node (and every reply after a failover) tried the nodes in the same
+    order, each within the one 5-second budget, and never got past the hung one: no request was
+    ever answered, while the bridge said it was ready (found by review, 2026-12-06). It tries the
+    node the bridge's connection is on first."""
+    a, b = nodes
+    url = f"amqp://{BRIDGE_USER}:{BRIDGE_USER}@127.0.0.1:{a.port}/"
+    hosts = ",".join(hosts_of(a, b))
+    first_url = settings_from(bridge_env, amqp_url=url, amqp_hosts=hosts).amqp_urls[0]  # one order per process
+    hung, up = (a, b) if f":{a.port}/" in first_url else (b, a)
+    hung.stall()  # takes connections, reads nothing: the AMQP handshake never ends
+    bridge = await make_bridge(amqp_url=url, amqp_hosts=hosts, amqp_connect_timeout=1.0)
+    assert bridge.transport.connection.node == f"127.0.0.1:{up.port}"
+    async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"], timeout=4) as engine:
+        assert await engine.add(service_id(), "v")
+
+
 async def test_a_client_whose_node_goes_away_sends_its_next_request_through_another(bridge, servers, names, nodes):
     a, b = nodes
     url = f"amqp://{ENGINE_USER}:{ENGINE_USER}@127.0.0.1:{a.port}/"
