@@ -407,8 +407,7 @@ class Fetcher:
             return held.has_token  # the pointer's, written ahead of the claim with its deadline
 
         q, worker = a.q, a.worker
-        until = self.ctx.clock.now_ms() + a.ttr
-        res = await renew(self.ctx, self.soon, q, held.task_id, held.epoch, worker, until, has_token)
+        res, until = await renew(self.ctx, self.soon, q, held.task_id, held.epoch, worker, a.ttr, has_token)
         if not res.applied:
             return None, res.current
         a.flight.granted += 1

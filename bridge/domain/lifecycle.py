@@ -153,11 +153,12 @@ async def renew(
     task_id: uuid.UUID,
     epoch: int,
     worker: str,
-    until: int,
+    ttr: int,
     has_token: Callable[[Lease], Awaitable[bool]],
-) -> CasResult:
-    """Move the deadline of the lease ``worker`` holds at ``epoch`` to ``until``: an extend, or a
-    fetch that hands the worker its task again (``Fetcher._resend``).
+) -> tuple[CasResult, int]:
+    """Move the deadline of the lease ``worker`` holds at ``epoch`` to ``ttr`` from now: an
+    extend, or a fetch that hands the worker its task again (``Fetcher._resend``). The outcome and
+    the deadline set (or tried).
 
     To a later deadline (the usual heartbeat): one compare-and-set, nothing else. The old deadline
     stays in the timer wheel; the scheduler meets it, finds the later one and files that. To an
@@ -166,19 +167,39 @@ async def renew(
     late). That compare-and-set refuses an earlier deadline (reporting the lease's), so the rare
     shortening files its own deadline first (as a claim does, written ahead), then shortens the
     lease (``shorten``). ``has_token``: whether the task carries a token, from the refused row
-    (for the filed deadline: a claim of the re-exposed task records it)."""
+    (for the filed deadline: a claim of the re-exposed task records it).
+
+    A refusal may also be a late copy of this very request: its deadline measured before a stall
+    (a paused process, a slow coordinator), while the worker's retry through another bridge was
+    told a later one. Taken for a shortening, it set the lease to its older deadline, and another
+    worker took the task while the first still held it, as told. So the deadline is measured again
+    once refused: a late copy then extends the lease further (after a later one it lands later);
+    only a real shortening shortens."""
     store = ctx.store
+    until = ctx.clock.now_ms() + ttr
     res = await store.extend(q, task_id, epoch, worker, until)
     seen = res.current
     if res.applied or seen is None or not seen.held_by(worker, epoch):
-        return res  # renewed, or not the worker's lease any more
+        return res, until  # renewed, or not the worker's lease any more
+    until = ctx.clock.now_ms() + ttr
+    if seen.lease_until_ms is not None and until >= seen.lease_until_ms:
+        # A late copy: measured now, its deadline extends the lease.
+        res = await store.extend(q, task_id, epoch, worker, until)
+        now_seen = res.current
+        if res.applied or now_seen is None or not now_seen.held_by(worker, epoch):
+            return res, until
+        if now_seen.lease_until_ms is not None and now_seen.lease_until_ms > until:
+            # Refused again, the lease ending later still: another copy of the worker's extends
+            # landed in between. The worker holds its lease, to the deadline it has.
+            return CasResult(True, now_seen), now_seen.lease_until_ms
+        return res, until
     due = until + ctx.limits.skew_margin_ms
     watch = ExpiryEntry(until, q, task_id, epoch, await has_token(seen))
     await store.watch_expiry(expiry_bucket(due), watch)
     res = await store.extend(q, task_id, epoch, worker, until, shorten=True)
     if res.applied:
         soon(watch, due)  # a deadline moments away: this bridge takes the lease back itself then
-    return res
+    return res, until
 
 
 class Lifecycle:
@@ -228,8 +249,7 @@ class Lifecycle:
             return None
         task_id, epoch = target
         ttr = min(req.time_to_recover or ctx.limits.default_ttr_ms, ctx.limits.max_ttr_ms)
-        until = ctx.clock.now_ms() + ttr
-        res = await renew(ctx, self.soon, q, task_id, epoch, req.worker_id, until, self._token_of(q, task_id))
+        res, until = await renew(ctx, self.soon, q, task_id, epoch, req.worker_id, ttr, self._token_of(q, task_id))
         ctx.metrics.inc("leases_extended", outcome="ok" if res.applied else "refused")
         return Extended(task_id, epoch, until) if res.applied else None
 

@@ -210,3 +210,46 @@ async def test_a_beat_answered_false_while_the_ack_is_in_flight_is_not_a_loss(br
         go.set()
         assert await ack is True
     assert not task.lost, "the task this worker just completed is marked lost"
+
+
+# -- a late copy of an extend vs the worker's own later extend ------------------------------------------
+async def test_a_late_extend_never_shortens_a_lease_below_what_its_worker_was_told(make_bridge, engine, workers):
+    """A worker's extend reached bridge B1, which computed its deadline (now + timeToRecover) and
+    stalled (a paused VM, a slow coordinator) before its compare-and-set; the worker's retry went
+    through B2 and was told a later deadline. B1's extend then ran, was refused (the lease ends
+    later than its deadline) and took itself for a shortening: it set the lease to its older
+    deadline, and another worker took the task while the first still held it, as told (found by
+    review, 2026-12-06). A shortening measures its deadline from the moment it applies."""
+    from bridge.domain.models import ExtendRequest, parse
+
+    first, second = await make_bridge(), await make_bridge()
+    svc = service_id()
+    q = QueueKey(OWNERS[0], svc)
+    task_id = await engine.add(svc, "long work")
+    w = await workers(svc, "w")
+    task = await w.fetch(time_to_recover_ms=20_000)
+    assert task is not None and task.id == task_id
+    real = first.store.extend
+    stalled, resume = asyncio.Event(), asyncio.Event()
+
+    async def stalls_once(*args: Any, **kwargs: Any) -> Any:
+        if not stalled.is_set():
+            stalled.set()
+            await resume.wait()
+        return await real(*args, **kwargs)
+
+    first.store.extend = stalls_once  # type: ignore[method-assign]
+    body = {"serviceId": svc, "workerId": "w", "taskId": task_id, "epoch": task.epoch, "timeToRecover": 20_000}
+    late = asyncio.ensure_future(first.queue.extend(OWNERS[0], parse(ExtendRequest, body)))
+    await wait_for(stalled.is_set, 10, what="B1's extend stalled before its compare-and-set")
+    began = first.queue.clock.now_ms()
+    await wait_for(lambda: first.queue.clock.now_ms() > began + 1_500, 10, what="time passing")
+    told = await second.queue.extend(OWNERS[0], parse(ExtendRequest, body))
+    assert told is not None
+    resume.set()
+    await asyncio.wait_for(late, 20)
+    lease = await second.store.lease(q, uuid.UUID(task_id))
+    assert lease is not None and lease.worker == "w"
+    assert lease.lease_until_ms is not None and lease.lease_until_ms >= told.lease_until_ms, (
+        f"the lease ends {told.lease_until_ms - lease.lease_until_ms} ms before the deadline its worker was told"
+    )
