@@ -518,8 +518,12 @@ class Fetcher:
         the worker's next fetch (not ``fresh``: it got no answer) is handed that task again."""
         loop = asyncio.get_running_loop()
         until = loop.time() + wait_ms / 1000
+        # Taken once, when the wait begins (a grant of this fetch's own returns it): taken afresh
+        # at each round, a grant to another fetch of the worker during a round that looked at
+        # nothing (a poll of the store skipped: another waiter had just looked) was missed, and
+        # the next round claimed the worker a second task.
+        granted = a.flight.granted
         while (left_ms := int((until - loop.time()) * 1000)) > 0:
-            granted = a.flight.granted
             self._leave_turn(a)
             try:
                 taken = await _unless_gone(self.hints.take(a.q, left_ms), still_wanted, _give_back)

@@ -11,6 +11,7 @@ import pytest
 
 from bridge.crypto import KeyringFileProvider, generate_keyring, write_keyring
 from bridge.domain.clock import ManualClock
+from bridge.domain.fetching import HINTLESS_POLL_MS
 from bridge.domain.hints import HintsUnavailable, MemoryHints
 from bridge.storage.memory import MemoryTaskStore
 from tests.queue_harness import OWNER, TTL_S, Harness
@@ -48,3 +49,43 @@ async def test_the_store_reads_do_not_grow_with_the_waiting_fetches(tmp_path: Pa
     short = await _store_operations_while_waiting(tmp_path, 50, 1_500)
     long = await _store_operations_while_waiting(tmp_path, 50, 3_500)
     assert long - short <= 10, f"two more seconds of 50 waiting fetches cost {long - short} store operations"
+
+
+async def test_a_waiting_fetch_whose_poll_was_skipped_still_sees_its_workers_grant(tmp_path: Path) -> None:
+    """A worker's long-poll F1 polls the store (its hint queue unusable); its retry F2 on the same
+    bridge claims a task while F1's poll of that second is skipped (another waiter of the queue
+    had just looked). F1 took the worker's grant count afresh at each poll, so its next poll did
+    not see that grant, scanned, and claimed a second task for the worker: the one it worked on
+    was not the one its pointer named, and the other waited out its whole lease (found by review,
+    2026-12-06). F1 hands out the task granted meanwhile instead."""
+    path = tmp_path / "keyring.json"
+    write_keyring(path, generate_keyring([OWNER]))
+    clock = ManualClock(1_700_000_000_000)
+    h = Harness(MemoryTaskStore(clock.now_ms, TTL_S), KeyringFileProvider(path), clock, "", hints=UnusableHints())
+    try:
+        fetcher = h.queue._fetcher
+        real_poll = fetcher._poll_store
+        polls = 0
+        granted: list[Any] = []
+
+        async def poll(a: Any, *args: Any) -> Any:
+            nonlocal polls
+            polls += 1
+            if polls == 1:
+                # F2, the worker's retry, claims the first task; this poll is then skipped, as
+                # when another waiter of the queue has just looked.
+                await h.add("first")
+                granted.append(await h.fetch("w"))
+                # (It sleeps a poll interval first: the other waiter looks just before it wakes.)
+                fetcher._hintless_polls[a.q] = asyncio.get_running_loop().time() + 0.9 * HINTLESS_POLL_MS / 1000
+            elif polls == 2:
+                await h.add("second")
+            return await real_poll(a, *args)
+
+        fetcher._poll_store = poll  # type: ignore[method-assign]
+        got = await asyncio.wait_for(h.fetch("w", wait_ms=10_000), 15)
+        assert polls >= 2
+        assert granted[0] is not None
+        assert got is not None and got.task_id == granted[0].task_id, "a second task claimed for the worker"
+    finally:
+        await h.close()
