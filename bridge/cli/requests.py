@@ -447,19 +447,31 @@ def purge(
     amqp_url: AmqpUrlOption = None,
     timeout: TimeoutOption = 10.0,
 ) -> None:
-    """Cancel the queue's ready tasks (never in-flight, delayed or parked ones); print {"purged": n}."""
+    """Cancel the queue's ready tasks (never in-flight, delayed or parked ones); print {"purged": n}
+    (and "more": true when it stopped short: ready tasks may remain)."""
     if not yes:
         raise typer.BadParameter(
             f"purge cancels every ready task of {service!r} for good: add --yes to do it", param_hint="--yes"
         )
 
     done = _Done("purged")
+    short: list[bool] = []
 
     async def use(engine: Engine) -> int:
-        return await engine.purge(service, progress=done.add)
+        return await engine.purge(service, progress=done.add, stopped_short=lambda: short.append(True))
 
     what = f"purge: cancelling every ready task of service {service!r}"
-    typer.echo(json.dumps({"purged": _engine_call(owner, amqp_url, timeout, use, changing=what, done=done)}))
+    purged = _engine_call(owner, amqp_url, timeout, use, changing=what, done=done)
+    if short:
+        # The count alone read as "the queue is purged" while ready tasks remained.
+        typer.echo(
+            "purge stopped short: its last request looked at as many entries as one may and cancelled "
+            "none; ready tasks may remain (run it again later)",
+            err=True,
+        )
+        typer.echo(json.dumps({"purged": purged, "more": True}))
+        return
+    typer.echo(json.dumps({"purged": purged}))
 
 
 def _stats_doc(s: ServiceStats) -> dict[str, object]:

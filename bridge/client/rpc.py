@@ -860,14 +860,21 @@ class Engine(RpcClient):
         false on its next ack, extend or fail: nothing is published for it."""
         return bool(await self._result("cancel", {"serviceId": service, "taskId": task_id}))
 
-    async def purge(self, service: str, *, progress: Callable[[int], object] | None = None) -> int:
+    async def purge(
+        self,
+        service: str,
+        *,
+        progress: Callable[[int], object] | None = None,
+        stopped_short: Callable[[], object] | None = None,
+    ) -> int:
         """Cancel the queue's ready tasks (never in-flight, delayed or parked ones); how many.
 
         One request looks at a bounded part of the queue (:data:`PURGE_MAX` index entries) and
         says ``more`` when it stopped short: it is sent again while it says so and still cancels
         something (a round that cancels nothing would look at the same entries again). Each
         reply is awaited as long as its tasks may take; ``progress`` gets each answered round's
-        count (if a later round fails, those tasks stay cancelled)."""
+        count (if a later round fails, those tasks stay cancelled). ``stopped_short`` is called
+        when the last round still said ``more`` (it cancelled nothing): ready tasks may remain."""
         purged = 0
         while True:
             result = await self._result("purge", {"serviceId": service}, wait_s=PURGE_MAX * PURGE_SECONDS_PER_TASK)
@@ -875,7 +882,18 @@ class Engine(RpcClient):
             purged += now
             if progress is not None:
                 progress(now)
-            if not result.get("more") or not now:
+            if not result.get("more"):
+                return purged
+            if not now:
+                # Sent again, it would look at the same entries: the operator is told that ready
+                # tasks may remain (the count alone read as "the queue is purged").
+                log.warning(
+                    "purge of %r stopped: its last request looked at as many entries as one may and "
+                    "cancelled none; ready tasks may remain past them (purge again later)",
+                    service,
+                )
+                if stopped_short is not None:
+                    stopped_short()
                 return purged
 
     async def stats(self, service: str | None = None) -> list[ServiceStats]:

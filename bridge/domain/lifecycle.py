@@ -801,7 +801,9 @@ class Lifecycle:
         # A lane with no cursor is walked from the first bucket a live task can be in, not bucket 0.
         first = first_live_bucket(now, self.ctx.limits.task_ttl_ms)
         while True:
-            entries, cut = await walk_lane(self.store, q, lane, PURGE_PAGE, resume=after, first_bucket=first)
+            entries, cut = await walk_lane(
+                self.store, q, lane, PURGE_PAGE, resume=after, first_bucket=first, until_ms=now
+            )
             walk.read += len(entries)
             # Claimed entries have a lease that is not ready (or a re-exposure of it, in lane 0).
             candidates = [e for e in entries if not e.claimed and ms_of(e.seq) <= now]

@@ -45,11 +45,14 @@ async def walk_lane(
     *,
     resume: tuple[int, uuid.UUID] | None = None,
     first_bucket: int = 0,
+    until_ms: int | None = None,
 ) -> tuple[list[ReadyEntry], bool]:
     """The entries of one lane after its persisted cursor (or after the entry ``resume``: a walk
     resumed), at most ``budget`` of them. A lane with no cursor is walked from ``first_bucket``:
     pass ``first_live_bucket`` (from bucket 0, the walk reads every index row the lane ever wrote,
-    on Cassandra the expired ones as tombstones, see ``bridge.domain.dispatch``).
+    on Cassandra the expired ones as tombstones, see ``bridge.domain.dispatch``). ``until_ms``:
+    the walk ends at the first entry placed later (a lane is in time order; a delayed task's entry
+    sits at its due time, up to a TTL ahead, and nothing past the present is ready).
 
     Returns (entries, truncated); truncated is True only if at least one more entry exists.
     """
@@ -65,6 +68,9 @@ async def walk_lane(
                 remaining = budget - len(entries)
                 # Ask for one entry more than we may take: if it comes back, the walk is truncated.
                 rows = await store.scan(q, lane, bucket, after, min(_SCAN_PAGE, remaining + 1))
+                if until_ms is not None and rows and ms_of(rows[-1].seq) > until_ms:
+                    entries.extend(r for r in rows[:remaining] if ms_of(r.seq) <= until_ms)
+                    return entries, False  # the present reached: nothing past it is ready
                 if len(rows) > remaining:
                     entries.extend(rows[:remaining])
                     return entries, True

@@ -308,6 +308,32 @@ async def test_purge_says_where_it_acts_and_purges_the_queue_through_the_bridge(
         assert await w.fetch() is None, "a task survived the purge"
 
 
+async def test_purge_that_stops_short_says_ready_tasks_may_remain(
+    bridge: Any, bridge_env: dict[str, str], servers: Servers, names: dict[str, str], monkeypatch: Any
+) -> None:
+    """A purge whose last request read as many entries as one may and cancelled none (a long run
+    of tasks in flight ahead of the ready ones) stops, as sending it again would read the same:
+    the CLI printed {"purged": 0} alone, and the operator took the queue for purged while tasks
+    stayed ready (found by review, 2026-12-06)."""
+    import bridge.domain.lifecycle as lifecycle
+
+    monkeypatch.setattr(lifecycle, "PURGE_SCAN_MAX", 3)
+    monkeypatch.setattr(lifecycle, "PURGE_PAGE", 3)
+    svc = service_id()
+    engine_url = servers.amqp_url(ENGINE_USER)
+    async with Engine(engine_url, owner=OWNER, exchange=names["exchange"]) as engine:
+        for i in range(5):
+            await engine.add(svc, {"n": i})
+        for i in range(4):  # in flight, ahead of the last one
+            async with Worker(servers.amqp_url(OWNER), service=svc, worker_id=f"w{i}", exchange=names["exchange"]) as w:
+                assert await w.fetch(time_to_recover_ms=120_000) is not None
+        proc = await cli(
+            "purge", svc, "--yes", "--owner", OWNER, "--amqp-url", engine_url, env=bridge_env, limit=90,
+        )  # fmt: skip
+        assert json.loads(ok(proc)) == {"purged": 0, "more": True}
+        assert "ready tasks may remain" in proc.stderr
+
+
 async def test_add_takes_a_priority_and_fetch_a_lease_the_bridge_accepts(
     bridge: Any, bridge_env: dict[str, str], servers: Servers
 ) -> None:

@@ -395,6 +395,38 @@ async def test_purge_of_a_queue_longer_than_one_request_budget_leaves_tasks(
     )
 
 
+async def test_purge_stops_each_lane_at_the_present_past_it_nothing_is_ready(
+    make_bridge, engine, workers, cql, servers, monkeypatch
+):
+    """A delayed task's entry sits at its due time, up to a TTL ahead, and purge's walk of the
+    fresh lane read them all: never candidates, each counted against the request's read budget
+    (100,000). A queue of many reminders made every request stop there, before the re-exposed
+    lane, answering {purged: 0, more: true}; the client stopped and the re-exposed tasks stayed
+    ready (found by review, 2026-12-06). The walk stops a lane at the present, as stats does."""
+    import bridge.domain.lifecycle as lifecycle
+
+    monkeypatch.setattr(lifecycle, "PURGE_SCAN_MAX", 6)
+    monkeypatch.setattr(lifecycle, "PURGE_PAGE", 3)
+    await make_bridge(**FAST)
+    svc = service_id()
+    task_id = await engine.add(svc, "abandoned")
+    w = await workers(svc, "w")
+    assert (await fetch_raw(w, ttr=200)) is not None  # never acked: re-exposed once its lease ends
+    ks = servers.keyspace
+
+    def re_exposed() -> bool:
+        query = f"SELECT task_id FROM {ks}.ready WHERE owner = %s AND service = %s AND lane = 0 ALLOW FILTERING"
+        return any(str(r["task_id"]) == task_id for r in cql.execute(query, (OWNERS[0], svc)))
+
+    await wait_for(re_exposed, 15, interval=0.2, what="the abandoned task re-exposed")
+    for n in range(10):
+        await engine.call("add", {"serviceId": svc, "value": n, "delayMs": 3_600_000}, owner=OWNERS[0])
+    assert await engine.purge(svc) == 1
+    query = f"SELECT state FROM {ks}.leases WHERE owner = %s AND service = %s AND task_id = %s"
+    [row] = list(cql.execute(query, (OWNERS[0], svc, uuid.UUID(task_id))))
+    assert row["state"] == "cancelled"
+
+
 async def at_start_of_a_minute(latest_s: float = 25) -> None:
     """Wait (for at most a minute) until the wall clock is early in a minute: the counts of a
     delayed task move under its due minute, and a test of them must run inside that minute."""
