@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,6 +51,7 @@ from benchmarks.baselines import b_rpc, key
 from benchmarks.context import CASSANDRA_REQUESTS, ENGINE_USER, OWNER, Bench, Plan
 from benchmarks.procs import CpuMeter
 from benchmarks.progress import say
+from benchmarks.run import run_locked
 from benchmarks.stats import Sample, percentile
 from benchmarks.workloads import close_all, open_workers
 from bridge.client import Engine, RpcClient
@@ -445,7 +447,7 @@ def _per_task(before: dict[str, float], after: dict[str, float], done: int) -> d
     return {k: round(v / max(done, 1), 3) for k, v in sorted(spent.items())}
 
 
-async def main(args: argparse.Namespace) -> None:
+async def main(args: argparse.Namespace) -> int:
     profile_dir = Path(args.profile) if args.profile else None
     if profile_dir is not None:
         profile_dir.mkdir(parents=True, exist_ok=True)
@@ -453,6 +455,9 @@ async def main(args: argparse.Namespace) -> None:
     await bench.setup()
     report: dict[str, Any] = {}
     phases = set(args.phases.split(","))
+    # Other bridges, benchmarks or tests on the machine while it measures: said with the report
+    # (the figures are then not to be used).
+    watcher = asyncio.create_task(bench.watch_others())
     try:
         if "waiting" in phases:  # first: no deadlines of earlier phases to meet while it measures
             report["waiting"] = await waiting_workers(bench, args.waiters, args.seconds, wait_ms=args.wait_ms)
@@ -487,8 +492,13 @@ async def main(args: argparse.Namespace) -> None:
             report["idle"] = await idle_fleet(bench, args.idle_bridges, args.seconds)
             say(f"idle: {report['idle']}")
     finally:
+        watcher.cancel()
         await bench.teardown()
+    if bench.disturbances:
+        report["disturbed"] = {phase: sorted(others) for phase, others in bench.disturbances.items()}
+        say(f"DISTURBED (other processes ran while it measured; do not use these figures): {report['disturbed']}")
     print("W-fleet", report)
+    return 0
 
 
 if __name__ == "__main__":
@@ -531,4 +541,6 @@ if __name__ == "__main__":
         help="which phases (run in this order): waiting (4 bridges), per-task (1), spread (1), burst (1), "
         "latency (4), idle (N)",
     )
-    asyncio.run(main(ap.parse_args()))
+    # Under the benchmarks' run lock: its setup drops and re-creates the keyspace qb_bench, which
+    # a run under way (``benchmarks.run``, ``lifecycle``, ``redelivery``) was using.
+    sys.exit(run_locked(main(ap.parse_args())))

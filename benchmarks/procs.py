@@ -212,8 +212,34 @@ async def start_echo(env: dict[str, str], log_path: Path) -> Managed:
     return m
 
 
+def _parent_of(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so read after the last ")".
+    fields = stat.rsplit(")", 1)[-1].split()
+    return int(fields[1]) if len(fields) > 1 else None
+
+
+def _ours(pid: int, me: int) -> bool:
+    """Whether ``pid`` descends from this process (its bridges, echo server, profiled bridges)."""
+    for _ in range(16):  # (a bounded walk: a process tree is shallow)
+        parent = _parent_of(pid)
+        if parent is None or parent <= 1:
+            return False
+        if parent == me:
+            return True
+        pid = parent
+    return False
+
+
 def other_activity() -> list[str]:
-    """Other bridges or test runs on this machine (they share the 2 cores: the figures get noisy)."""
+    """Other bridges, benchmark runs or test runs on this machine (they share the 2 cores: the
+    figures get noisy). Every benchmark module counts (``benchmarks.fleet``, ``lifecycle``,
+    ``redelivery``, ``gateway``, ``drivers`` as well as ``run``): only ``run`` did, and another
+    run's profiled bridges (``benchmarks.cpuprofile``) were taken for this run's own. This run's
+    own processes are those that descend from it."""
     found = []
     me = os.getpid()
     for entry in Path("/proc").iterdir():
@@ -224,7 +250,9 @@ def other_activity() -> list[str]:
         except OSError:
             continue
         cmd = " ".join(a.decode(errors="replace") for a in argv if a)
-        ours = "benchmarks.echo" in cmd or "benchmarks.cpuprofile" in cmd or os.getppid() == int(entry.name)
-        if ("-m bridge run" in cmd or "pytest" in cmd or "benchmarks.run" in cmd) and not ours:
-            found.append(f"{entry.name}: {cmd[:100]}")
+        if not ("-m bridge run" in cmd or "pytest" in cmd or "benchmarks." in cmd):
+            continue
+        if int(entry.name) == os.getppid() or _ours(int(entry.name), me):
+            continue
+        found.append(f"{entry.name}: {cmd[:100]}")
     return found

@@ -202,13 +202,18 @@ async def run(args: argparse.Namespace) -> int:
     bench = Bench(Plan.quick_plan(), bridges=1, metrics=False)
     await bench.setup()
     rounds: list[dict[str, Any]] = []
+    watcher = asyncio.create_task(bench.watch_others())  # other processes measured beside it: said below
     try:
         for r in range(args.rounds):
             for label in args.settings.split(","):
                 say(f"round {r + 1}/{args.rounds}: {label}")
                 rounds.append(await one_round(bench, label, args))
     finally:
+        watcher.cancel()
         await bench.teardown()
+    if bench.disturbances:
+        others = sorted({o for found in bench.disturbances.values() for o in found})
+        say(f"DISTURBED (other processes ran while it measured; do not use these figures): {others}")
     by: dict[str, list[dict[str, Any]]] = {}
     for rnd in rounds:
         by.setdefault(rnd["setting"], []).append(rnd)
