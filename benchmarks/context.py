@@ -375,6 +375,8 @@ class Bench:
                 "QB_ECHO_EXCHANGE": self.echo_exchange,
                 "QB_ECHO_QUEUE": self.echo_queue,
                 "QB_ECHO_PREFETCH": "64",  # the bridge's default BRIDGE_PREFETCH
+                # aiormq (the bridge's request path) unless told aio-pika (the echo until 2026-12-06)
+                "QB_ECHO_PATH": os.environ.get("QB_ECHO_PATH", "aiormq"),
             }
             say("starting the echo server (B-rpc)")
             self.echo = await start_echo(env, self.workdir / "echo.log")
