@@ -53,6 +53,7 @@ from bridge.transport.topology import (
     LIFECYCLE_QUEUE,
     METHODS,
     Names,
+    declare_add_retry_lane,
     declare_consumed_queue,
     declare_dead_letter,
     declare_topology,
@@ -128,7 +129,7 @@ class AmqpTransport:
         # cluster (BRIDGE_QUEUE_TYPE): a channel RabbitMQ keeps nacking is opened afresh.
         self.results_renewal = ChannelRenewal("results", lambda: self._publish_channel, self._spawn)
         self.results.on_failure = self.results_renewal.refused
-        self.handlers.lane.on_failure = self.results_renewal.refused
+        self.handlers.lane.on_failure = self._lane_publish_failed
         self._observer = observe or (lambda method, outcome, seconds: None)
         self._on_channel_down = on_channel_down
         self.connection: AbstractRobustConnection | None = None
@@ -162,6 +163,7 @@ class AmqpTransport:
         # Set by a reconnection: a reopen task waiting out its backoff tries at once (see _reconnected).
         self._reconnect_seen = asyncio.Event()
         self._dead_letter_task: asyncio.Task[None] | None = None
+        self._lane_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()  # the tasks above, cancelled by close()
         self._inflight: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
@@ -246,6 +248,7 @@ class AmqpTransport:
             self._report_channel(name, False)  # a series from the start, not from the first loss
         self.connection.reconnect_callbacks.add(self._reconnected)
         self.connection.reconnect_callbacks.add(self._declare_dead_letter_again)
+        self.connection.reconnect_callbacks.add(self._declare_lane_again)
         await self._declare_topology()
         if self._add_retry_lane:
             self.handlers.lane.attach(self._publish_channel.default_exchange)
@@ -447,6 +450,33 @@ class AmqpTransport:
                 )
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_DELAY_S)
+
+    def _lane_publish_failed(self, exc: BaseException) -> None:
+        """A deferral to the add retry lane failed: nacked (the channel is renewed), or returned
+        as unroutable (the lane was deleted: declared again)."""
+        self.results_renewal.refused(exc)
+        if isinstance(exc, aiormq.exceptions.PublishError):
+            self._declare_lane_again()
+
+    def _declare_lane_again(self, *_: object) -> None:
+        """After a reconnection, or a deferral returned: the add retry lane is declared on a
+        short-lived channel (``declare_add_retry_lane``), and an operator may have deleted it or
+        granted the bridge's user a permission on it since. Once declared, deferrals use it."""
+        if self._closing or (self._lane_task is not None and not self._lane_task.done()):
+            return
+        self._lane_task = self._spawn(self._redeclare_lane())
+
+    async def _redeclare_lane(self) -> None:
+        if self.connection is None or self._publish_channel is None:
+            return
+        try:
+            declared = await declare_add_retry_lane(self.settings, self.connection)
+        except Exception as exc:  # the broker away again: the next reconnection tries again
+            log.warning("could not declare the add retry lane again (%s)", _refusal(exc))
+            return
+        if declared and not self.handlers.lane.available:
+            self.handlers.lane.attach(self._publish_channel.default_exchange)
+            log.info("the add retry lane is declared: adds of an owner with an unusable key wait there again")
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(work)

@@ -124,7 +124,7 @@ async def declare_topology(
                     exchange.name, exchange.kind, durable=True, arguments=exchange.arguments
                 )
     queues = {method: await _declare_consumed_on(consume, spec, exchanges) for method, spec in specs.items()}
-    lane = await _declare_add_retry_lane(settings, Names(s.exchange, s.queue_prefix), connection)
+    lane = await declare_add_retry_lane(settings, connection)
     results = await publish.declare_exchange(s.results_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
     if s.results_queue:
         # A durable queue for the engine, so results published while it is down wait for it.
@@ -175,10 +175,14 @@ async def declare_consumed_queue(settings: Settings, connection: AbstractConnect
         await _declare_consumed_on(probe, spec, exchanges)
 
 
-async def _declare_add_retry_lane(settings: Settings, names: Names, connection: AbstractConnection) -> bool:
+async def declare_add_retry_lane(settings: Settings, connection: AbstractConnection) -> bool:
     """The add retry lane (bridge.transport.add_retry): nobody consumes it; its messages expire
     back to the add queue. On a channel of its own: a broker that refuses it (permissions set
-    before the lane existed) closes only that channel, and adds keep being retried in place."""
+    before the lane existed) closes only that channel, and adds keep being retried in place.
+    Declared again after each reconnection and when a publish to it is returned (an operator
+    deleted it), as the dead-letter queue is: declared once at start, a deleted lane returned
+    every deferral, and a broken owner's adds all retried in place, holding the add window."""
+    names = Names(settings.exchange, settings.queue_prefix)
     lane = durable_queue_arguments(
         settings,
         {

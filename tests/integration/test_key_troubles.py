@@ -349,6 +349,45 @@ async def test_one_owners_broken_key_entry_does_not_stall_every_other_owners_add
             await _take_all(await workers(svc, "w", user=BROKEN), flood)
 
 
+async def test_an_add_retry_lane_deleted_by_an_operator_is_declared_again(bridge_env, servers, names, workers):
+    """The lane was declared once, at start: deleted (an operator dropping a broken owner's
+    looping adds, definitions reset), every deferral was returned as unroutable, and every add of
+    a broken owner retried in place, holding the add window, until the bridge restarted (found by
+    review, 2026-12-06). A returned deferral has the lane declared again."""
+    import aio_pika
+    import aiormq
+
+    from bridge.client import Engine
+
+    async with _bridge_with_a_broken_key_entry(bridge_env) as (b, _keys, fix):
+        lane = f"{b.settings.queue_prefix}.add-retry"
+        admin = await aio_pika.connect(servers.amqp_url("guest"))
+        async with admin:
+            channel = await admin.channel()
+            await channel.queue_delete(lane)
+
+            async def lane_exists() -> bool:
+                probe = await admin.channel()
+                try:
+                    await probe.declare_queue(lane, passive=True)
+                    return True
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    return False
+                finally:
+                    if not probe.is_closed:
+                        await probe.close()
+
+            assert not await lane_exists()
+            svc = service_id()
+            n = b.settings.prefetch // 16 + 4  # more than the owner's share of in-place retries
+            async with Engine(servers.amqp_url(ENGINE_USER), owner=BROKEN, exchange=names["exchange"]) as eng:
+                for i in range(n):
+                    await eng.add(svc, {"n": i}, wait=False)
+                await wait_for(lane_exists, 30, interval=0.2, what="the add retry lane declared again")
+                fix()
+                await _take_all(await workers(svc, "w", user=BROKEN), n)
+
+
 async def test_a_key_lookup_that_fails_does_not_pin_the_worker_to_its_task(make_bridge, engine, workers, tmp_path):
     """A fetch claims a task sealed with an older key, and the lookup of that key fails (the key
     server slow or away, or a bad entry for that one id): ``unavailable``. Unlike a key found
