@@ -17,6 +17,7 @@ class TcpProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self.up = True
         self.muted = False  # the server's bytes are dropped: requests arrive, replies never come back
+        self.swallowing = False  # the clients' bytes are dropped: requests are sent, and never arrive
         self.reading = asyncio.Event()  # cleared by ``stall``: the clients' bytes are not read
         self.reading.set()
         self.accepted = 0  # connections taken (a client's reconnection attempts show here)
@@ -45,6 +46,8 @@ class TcpProxy:
                 if not (data := await reader.read(65536)):
                     break
                 if replies and self.drops(writer):
+                    continue
+                if not replies and self.swallowing:
                     continue
                 writer.write(data)
                 await writer.drain()
@@ -85,6 +88,7 @@ class TcpProxy:
     def restore(self) -> None:
         self.up = True
         self.muted = False
+        self.swallowing = False
 
     def mute(self) -> None:
         """Keep forwarding requests but drop every reply: a request is applied by the server and

@@ -1252,6 +1252,10 @@ class Worker(RpcClient):
         # says what this worker holds, a stopping worker asks the bridge (past that deadline too).
         self._claim_unanswered = False
         self._failed_polls = 0  # fetches of the loop in a row that got no answer (their pause grows)
+        # (task id, epoch, result) of the last task whose handler ran and whose ack never got an
+        # answer: if the bridge hands this worker that very lease again (a fetch not ``fresh``, the
+        # drain at stop), the result in hand is acked; the handler does not run a second time.
+        self._result_in_hand: tuple[str, int, Any] | None = None
 
     @classmethod
     def connect(cls, url: str, *, service: str, worker_id: str, **kw: Any) -> Self:
@@ -1568,6 +1572,9 @@ class Worker(RpcClient):
         ack took one (not once ``stop`` is set: it may be set while the handler runs). Not
         handled: a task whose ack was answered false (see :attr:`lost`) or whose handler
         :attr:`stop_timeout` cut short."""
+        held, self._result_in_hand = self._result_in_hand, None
+        if held is not None and held[:2] == (task.id, task.epoch):
+            return await self._ack_result_in_hand(task, held[2], stop)
         try:
             result = await self._handle(task, handler, stop)
         except _StopTimeout:
@@ -1618,6 +1625,21 @@ class Worker(RpcClient):
             )
             return False, following
         return True, following
+
+    async def _ack_result_in_hand(
+        self, task: Task, result: Any, stop: asyncio.Event | None
+    ) -> tuple[bool, Task | None]:
+        """``task`` is the lease whose handler ran already and whose ack got no answer, handed
+        back (a fetch not ``fresh``, the drain at stop): its result is acked. Run again, the
+        handler's side effects were made twice. Not counted again in what ``run`` handled."""
+        log.info("task %s (epoch %s) handed back after its ack got no answer: its result is acked", task.id, task.epoch)
+        acked, following = await self._ack_in_loop(task, result, stop=stop)
+        if acked is False:
+            self.lost += 1
+            log.warning(
+                "task %s (epoch %s): its ack was answered false: its result was not applied", task.id, task.epoch
+            )
+        return False, following
 
     async def _handle(self, task: Task, handler: Callable[[Task], Awaitable[Any]], stop: asyncio.Event | None) -> Any:
         """``handler(task)``; with :attr:`stop_timeout`, cancelled that long after ``stop`` is set
@@ -1738,7 +1760,9 @@ class Worker(RpcClient):
         take_next = stop is None or not stop.is_set()
         until = self._ack_retry_until(task, stopping=not take_next)
         attempt = 0
-        while attempt < ACK_ATTEMPTS or time.monotonic() < until:
+        # At least ACK_ATTEMPTS, but on stop one (then ``stop_grace`` bounds them): three no-answer
+        # attempts of ``timeout`` each outlasted Kubernetes' 30 s grace with the defaults.
+        while attempt < (ACK_ATTEMPTS if take_next else 1) or time.monotonic() < until:
             attempt += 1
             if take_next and stop is not None and stop.is_set():
                 # Stopped while the ack was being sent again (a broker outage): no next task is
@@ -1746,6 +1770,8 @@ class Worker(RpcClient):
                 # 12 h: the pod ran until it was killed).
                 take_next = False
                 until = min(until, time.monotonic() + self.stop_grace)
+                if time.monotonic() >= until:
+                    break
             self.current = task
             try:
                 if not take_next:
@@ -1762,6 +1788,8 @@ class Worker(RpcClient):
                 log.warning("task %s: its result was refused (%s: %s)", task.id, type(refused).__name__, refused)
                 await self._give_back(task, "ResultRefused", f"{type(refused).__name__}: {refused}")
                 return None, None
+        if task.epoch is not None:  # (a bridge before 1.1 names no epoch: no lease to recognise)
+            self._result_in_hand = (task.id, task.epoch, result)  # never answered: see ``_serve``
         if not take_next:
             log.warning("task %s not acked before stop: it returns when its lease ends", task.id)
         return None, None

@@ -730,3 +730,102 @@ async def test_a_stop_during_an_ack_sent_again_ends_within_the_stop_grace(bridge
             await w.close()
         await proxy.stop()
     assert took < 15, f"run returned {took:.1f} s after stop (stop_grace 2 s)"
+
+
+async def test_a_stopping_worker_acks_the_result_in_hand_and_never_runs_its_handler_again(
+    bridge, engine, servers, names, monkeypatch
+):
+    """The handler of T returned R; its ack (which also claims the next task) got no answer
+    (RabbitMQ cut off), so the worker may hold a task it was never told of; stop came, the ack
+    alone kept failing until stop_grace. Then the drain asked the bridge what the worker holds:
+    T itself, still leased to it, which it fetched and handed to the handler a second time, a side
+    effect made twice (found by review, 2026-12-06). The result in hand is acked instead."""
+    from bridge.client import rpc
+
+    proxy = await TcpProxy(servers.amqp_host, servers.amqp_port).start()
+    svc = service_id()
+    task_id = await engine.add(svc, {"n": 1})
+    url = f"amqp://{OWNERS[0]}:{OWNERS[0]}@127.0.0.1:{proxy.port}/"
+    w = Worker(url, service=svc, worker_id="once", exchange=names["exchange"], time_to_recover_ms=120_000, timeout=2)
+    w.wait_ms = 1_000
+    w.stop_grace = 3.0
+    await w.open()
+    stop = asyncio.Event()
+    calls: list[str] = []
+    real_ack = rpc.Task.ack
+    real_drain = w._claimed_after_stop
+    draining = False
+    cut = False
+
+    def drain() -> Any:
+        nonlocal draining
+        draining = True
+        return real_drain()
+
+    async def ack(self: Any, result: Any = None) -> bool:
+        nonlocal cut
+        if not draining:  # the outage outlasts the ack's tries until the drain
+            if not cut:
+                # The link works again for the drain's requests (the ack that claims the next
+                # task was swallowed: never delivered).
+                cut = True
+                proxy.cut()
+                proxy.restore()
+            raise TransportError("no answer (injected)")
+        return await real_ack(self, result)
+
+    async def handler(task: Any) -> str:
+        calls.append(task.id)
+        if len(calls) == 1:
+            proxy.swallowing = True  # the ack and the claim it carries never reach the broker
+            asyncio.get_running_loop().call_later(0.5, stop.set)  # SIGTERM while it is on its way
+        return "R"
+
+    monkeypatch.setattr(rpc.Task, "ack", ack)
+    monkeypatch.setattr(w, "_claimed_after_stop", drain)
+    try:
+        handled = await asyncio.wait_for(w.run(handler, stop=stop), 60)
+    finally:
+        with contextlib.suppress(Exception):
+            await w.close()
+        await proxy.stop()
+    assert draining and cut
+    assert calls == [task_id], f"the handler ran {len(calls)} times on one task"
+    assert handled == 1
+    async with Worker(servers.amqp_url(OWNERS[0]), service=svc, worker_id="after", exchange=names["exchange"]) as other:
+        assert await other.fetch() is None, "the task was not completed with its result"
+
+
+async def test_a_stop_while_the_ack_gets_no_answer_ends_after_one_try_past_the_stop_grace(
+    bridge, engine, servers, names
+):
+    """On stop the ack was still tried at least three times, each waiting its whole ``timeout``
+    for no answer: with the defaults (10 s) about 31 s, past Kubernetes' 30 s grace, though the
+    docs bound it by ``stop_grace`` (found by review, 2026-12-06). Past the grace, no new try."""
+    proxy = await TcpProxy(servers.amqp_host, servers.amqp_port).start()
+    svc = service_id()
+    await engine.add(svc, {"n": 1})
+    url = f"amqp://{OWNERS[0]}:{OWNERS[0]}@127.0.0.1:{proxy.port}/"
+    w = Worker(url, service=svc, worker_id="brief", exchange=names["exchange"], time_to_recover_ms=120_000, timeout=2)
+    w.wait_ms = 1_000
+    w.stop_grace = 1.0
+    await w.open()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    stopped_at: list[float] = []
+
+    async def handler(task: Any) -> str:
+        proxy.swallowing = True  # every request from now on is sent and never arrives
+        stop.set()
+        stopped_at.append(loop.time())
+        return "done"
+
+    try:
+        await asyncio.wait_for(w.run(handler, stop=stop), 60)
+        took = loop.time() - stopped_at[0]
+    finally:
+        with contextlib.suppress(Exception):
+            await w.close()
+        await proxy.stop()
+    # One try (its 2 s timeout) outlasts the 1 s grace: nothing more. Three took 6 s and more.
+    assert took < 4.5, f"run returned {took:.1f} s after stop (timeout 2 s, stop_grace 1 s)"
