@@ -69,6 +69,16 @@ class Harness:
         self.schedulers: list[RecoveryScheduler] = []
         self.queue, self.scheduler = self.instance(clock)
 
+    def store_requests(self) -> int:
+        """What the store was asked so far: calls on the memory store, statements sent on
+        Cassandra (both sessions count them by name). A test that counts the store's work counts
+        it on both stores: read as ``getattr(store, "operations", 0)`` the Cassandra store was 0
+        before and after, and the rule it checked held by construction there."""
+        operations = getattr(self.store, "operations", None)
+        if operations is not None:
+            return int(operations)
+        return sum(self.store.db.statements.values())  # type: ignore[attr-defined]
+
     def instance(self, clock: ManualClock) -> tuple[WorkQueue, RecoveryScheduler]:
         """Another bridge process on the same store (its own clock, dispatcher and caches)."""
         limits = Limits(

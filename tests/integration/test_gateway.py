@@ -576,11 +576,14 @@ async def test_tampered_data_is_422_integrity_error(gw, cql, servers):
 
 
 # -- long-poll ---------------------------------------------------------------------------------------
-async def test_a_long_poll_through_http_gets_a_task_added_later(gw, engine):
+async def test_a_long_poll_through_http_gets_a_task_added_later(start_gateway, engine):
+    bridge, gw = await start_gateway(clock_skew_margin=0.2)
     svc = service_id()
     assert (await gw.ok(svc, "fetch", {"workerId": "lp"}))["result"] is None  # the queue exists, empty
     waiting = asyncio.create_task(gw.ok(svc, "fetch", {"workerId": "lp", "waitMs": 20_000}))
-    await asyncio.sleep(0.3)  # the fetch is waiting on the bridge (it must not answer null meanwhile)
+    # Waiting on the bridge before the add (a sleep let the add come first on a loaded machine:
+    # the fetch then took the task at once, and no long-poll was tested).
+    await wait_for(lambda: _waiters(bridge) == 1, 10, what="the fetch waiting")
     assert not waiting.done()
     added_at = time.monotonic()
     task_id = await engine.add(svc, "worth the wait")
@@ -593,7 +596,7 @@ async def test_a_waiting_http_fetch_is_answered_when_the_bridge_stops(start_gate
     bridge, gw = await start_gateway()
     svc = service_id()
     waiting = asyncio.create_task(gw.ok(svc, "fetch", {"workerId": "lp", "waitMs": 30_000}))
-    await asyncio.sleep(0.3)
+    await wait_for(lambda: _waiters(bridge) == 1, 10, what="the fetch waiting")
     started = time.monotonic()
     await bridge.stop()
     assert (await asyncio.wait_for(waiting, 15))["result"] is None

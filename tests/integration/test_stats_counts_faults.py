@@ -272,7 +272,8 @@ async def test_a_bridge_killed_mid_work_leaves_waiting_tasks_visible(
     if phase == "after_adds":
         a.kill()  # within the second after the replies: the adds' +1s die with it
     else:
-        await asyncio.sleep(1.5)  # the adds' deltas flushed
+        # The adds' deltas flushed (about once a second): stats show them all.
+        await settle_on(engine, svc, {"ready": n, "inFlight": 0, "delayed": 0, "parked": 0})
         ws = [await workers(svc, f"w{i}", timeout=10) for i in range(4)]
         done = 0
 
@@ -373,8 +374,8 @@ async def test_oldest_ready_age_follows_the_oldest_task_taken_cancelled_purged(b
     svc = service_id()
     await engine.add(svc, "first")
     await asyncio.sleep(1.5)
+    t_second = time.monotonic()  # before the add: its task id's time is later (an add may be slow)
     second = await engine.add(svc, "second")
-    t_second = time.monotonic()
     await settle_on(engine, svc, {"ready": 2, "inFlight": 0, "delayed": 0, "parked": 0})
     assert (await stats_row(engine, svc))["oldestReadyAgeMs"] >= 1_500
     w = await workers(svc, "w", timeout=15)
@@ -442,8 +443,12 @@ async def test_tasks_expired_by_ttl_stay_counted_but_no_oldest_age_names_them(ma
     svc = service_id()
     ids = [await engine.add(svc, i) for i in range(3)]
     await settle_on(engine, svc, {"ready": 3, "inFlight": 0, "delayed": 0, "parked": 0})
-    await asyncio.sleep(4.5)
-    assert await b.store.payload(QueueKey(OWNERS[0], svc), uuid.UUID(ids[0])) is None, "the task expired"
+    q = QueueKey(OWNERS[0], svc)
+
+    async def expired() -> bool:
+        return all([await b.store.payload(q, uuid.UUID(t)) is None for t in ids])
+
+    await wait_for(expired, 15, interval=0.2, what="the tasks expired (their TTL: 3 s)")
     row = await stats_row(engine, svc)
     assert row["oldestReadyAgeMs"] is None, f"the oldest age names an expired task: {row}"
     assert row["ready"] == 3, f"documented: expired tasks stay counted until their day leaves the window; {row}"
