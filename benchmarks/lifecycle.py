@@ -706,10 +706,12 @@ def _delayed_report(st: Delayed, bridges: int, window_s: float, lead_s: float, r
     rows += [
         Row(
             tag,
-            "handed out - notBefore p99",
+            # Over every task: one never handed out is infinitely late (the percentile of those
+            # handed out alone read 46 s as the p99 with 2,707 of 10,000 never handed out).
+            "handed out - notBefore p99" + (f" ({missing} never handed out: infinite)" if missing else ""),
             fmt(p99, " ms", 1),
             f"<= {DELAYED_GOAL_MS:.0f} ms",
-            None if p99 is None else p99 <= DELAYED_GOAL_MS,
+            None if p99 is None and not missing else (not missing and p99 is not None and p99 <= DELAYED_GOAL_MS),
         ),
         Row(tag, "p50 / max", f"{fmt(received['p50_ms'], '', 1)} / {fmt(received['max_ms'], ' ms', 0)}"),
         Row(tag, "early deliveries", str(early), "0", early == 0),

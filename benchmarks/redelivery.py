@@ -83,10 +83,14 @@ class Redeliveries:
     delay: Sample = field(default_factory=Sample)
     early: int = 0
 
-    def timed(self, task: Task, received_ms: float) -> None:
+    def timed(self, task: Task, received_ms: float, ttr_ms: int) -> None:
+        """Early: claimed before the old lease's end, by the bridge's clock (the new lease's end
+        less its ``ttr_ms``), or received before it; judged by the receipt alone, a claim early by
+        less than the reply's trip went unseen."""
         end = self.expiry.pop(task.id, None)
         if end is not None:
-            self.early += received_ms < end
+            claimed_ms = expires_ms(task) - ttr_ms
+            self.early += received_ms < end or claimed_ms < end
             self.delay.add(max(received_ms - end, 0.0) / 1000)
 
     def summary(self, tasks: int, lease: str) -> dict[str, Any]:
@@ -137,7 +141,7 @@ async def short_leases(bench: Bench, label: str, args: argparse.Namespace) -> di
             if task.deliveries <= 1:
                 seen.expiry[task.id] = expires_ms(task)
                 continue
-            seen.timed(task, received_ms)
+            seen.timed(task, received_ms, args.short_ttr_ms)
             await task.ack({"redelivered": True})
             if seen.delay.count >= args.tasks:
                 done.set()
@@ -183,7 +187,7 @@ async def long_leases(bench: Bench, label: str, args: argparse.Namespace) -> dic
             received_ms = time.time() * 1000
             if task is None:
                 continue
-            seen.timed(task, received_ms)
+            seen.timed(task, received_ms, 60_000)
             await task.ack({"redelivered": True})
             if not seen.expiry:
                 done.set()

@@ -14,6 +14,7 @@ import socket
 import time
 from collections import Counter
 from dataclasses import replace
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
@@ -623,7 +624,7 @@ def test_redelivery_counts_the_tasks_never_redelivered() -> None:
     for i in range(100):
         seen.expiry[str(i)] = 1_000.0
     for i in range(99):
-        seen.timed(SimpleNamespace(id=str(i)), 1_010.0)  # type: ignore[arg-type]
+        seen.timed(_redelivered(str(i), claimed_ms=1_005.0), 1_010.0, TTR_MS)  # type: ignore[arg-type]
     row = seen.summary(100, "1000")
     assert row["p99_ms"] == math.inf, row
     assert row["missing"] == 1
@@ -632,8 +633,28 @@ def test_redelivery_counts_the_tasks_never_redelivered() -> None:
     assert not redelivery.goal_met([row])
     full = redelivery.Redeliveries()
     full.expiry["a"] = 1_000.0
-    full.timed(SimpleNamespace(id="a"), 1_010.0)  # type: ignore[arg-type]
+    full.timed(_redelivered("a", claimed_ms=1_005.0), 1_010.0, TTR_MS)  # type: ignore[arg-type]
     assert redelivery.goal_met([full.summary(1, "1000")])
+
+
+TTR_MS = 60_000
+
+
+def _redelivered(task_id: str, *, claimed_ms: float) -> SimpleNamespace:
+    """A redelivered task as the client has it: its new lease ends TTR_MS after its claim."""
+    end = datetime.fromtimestamp((claimed_ms + TTR_MS) / 1000, tz=UTC)
+    return SimpleNamespace(id=task_id, lease_expires_at=end.isoformat(timespec="milliseconds").replace("+00:00", "Z"))
+
+
+def test_a_redelivery_claimed_before_the_old_lease_ended_is_early_whenever_it_is_received() -> None:
+    """Early was judged by when the worker received the task: one claimed 5 ms before the old
+    lease's end and received 2 ms after it (its reply's trip) was neither flagged nor shown (found
+    by review, 2026-12-06). The claim's time is the new lease's end less its timeToRecover."""
+    seen = redelivery.Redeliveries()
+    seen.expiry["a"] = 1_000.0
+    seen.timed(_redelivered("a", claimed_ms=995.0), 1_002.0, TTR_MS)  # type: ignore[arg-type]
+    assert seen.summary(1, "1000")["early"] == 1
+    assert not redelivery.goal_met([seen.summary(1, "1000")])
 
 
 # -- W-scale's fixed-rate table ------------------------------------------------------------------------------
@@ -653,3 +674,20 @@ def test_fixed_rate_table_prints_the_achieved_rate_beside_the_offered_one() -> N
     header = lines.strip().splitlines()[0]
     assert "achieved/s" in header
     assert "97.3" in lines
+
+
+# -- issue 10, delayed tasks: tasks never handed out --------------------------------------------------
+async def test_the_delayed_figure_fails_when_a_task_was_never_handed_out() -> None:
+    """The p99 of (handed out - notBefore) was taken over the tasks handed out only: with a
+    quarter of them never handed out it could read as met (found by review, 2026-12-06)."""
+    from benchmarks import lifecycle
+
+    st = lifecycle.Delayed(total=4)
+    for n in range(3):
+        st.added[f"t{n}"] = 900
+        st.seen[f"t{n}"] = (1_000, 1_010, 1_005)  # due, received, claimed: 10 ms late each
+    rows: list[lifecycle.Row] = []
+    report = lifecycle._delayed_report(st, 1, 60.0, 5.0, rows)
+    assert report["missing"] == 1
+    [p99] = [r for r in rows if r.name.startswith("handed out - notBefore p99")]
+    assert p99.passed is False, p99
