@@ -36,6 +36,7 @@ import binascii
 import contextlib
 import hashlib
 import logging
+import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -212,6 +213,11 @@ class _Handed:
 # Every broker call here is bounded: a robust channel whose connection is gone waits for the
 # reconnection, and a shutdown (or a cancelled fetch) must never wait on that.
 BROKER_CALL_S = 3.0
+# A hint queue that failed (its node down, the broker refusing it) is not asked for again for this
+# long, whatever the number of fetches waiting on it: each asked every second (a declaration, a
+# channel the refusal closed), hundreds of waiters a bridge times the fleet's bridges at a broker
+# that had just lost a node. The waiters scan the store meanwhile, one look a second for all.
+FAILED_QUEUE_HOLD_S = 1.0
 TRANSIENT = 1  # delivery mode: hints are not written to disk
 
 
@@ -276,6 +282,7 @@ class AmqpHints:
         self._ids = message_ids()
         self._consume: AbstractChannel | None = None  # waiting fetches' consumers (prefetch 1 each)
         self._declared: OrderedDict[str, AbstractQueue] = OrderedDict()
+        self._failed: OrderedDict[str, float] = OrderedDict()  # hint queue -> when it last failed (monotonic)
         self._waiting: dict[str, _Waiting] = {}
         self._cancelling: set[asyncio.Task[None]] = set()  # consumer cancels under way
         self._republishing: set[asyncio.Task[None]] = set()  # handed hints waiting for their write
@@ -459,6 +466,10 @@ class AmqpHints:
     async def take(self, q: QueueKey, wait_ms: int) -> Taken | None:
         if self._closed or not self.takes:
             return None
+        name = hint_queue_name(self.settings.queue_prefix, q)
+        failed_at = self._failed.get(name)
+        if failed_at is not None and time.monotonic() - failed_at < FAILED_QUEUE_HOLD_S:
+            raise HintsUnavailable("the hint queue failed a moment ago")
         message: Delivery | None
         try:
             # A fetch's path: a call cut by a stuck connection's close is hints unavailable (the
@@ -471,8 +482,13 @@ class AmqpHints:
             message = Delivery(got) if isinstance(got.delivery, Basic.GetOk) else None
         except Exception as exc:
             self._forget_if_gone(q, exc)
+            self._failed[name] = time.monotonic()
+            self._failed.move_to_end(name)
+            while len(self._failed) > MAX_DECLARED:
+                self._failed.popitem(last=False)
             self._warn_unavailable.warning("hints unavailable (%s): fetches scan the store", type(exc).__name__)
             raise HintsUnavailable(f"the hint queue cannot be used: {type(exc).__name__}") from exc
+        self._failed.pop(name, None)
         if message is not None:
             try:
                 return _Taken(decode(message.body), message)

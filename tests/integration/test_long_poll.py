@@ -611,3 +611,36 @@ async def test_a_hint_that_is_json_but_no_object_is_dropped_and_the_fetch_answer
     task_id = await engine.add(svc, "after them")
     got = await w.fetch(wait_ms=5_000)
     assert got is not None and got.id == task_id
+
+
+async def test_waiting_fetches_of_a_queue_whose_hint_queue_fails_do_not_each_ask_the_broker(make_bridge):
+    """The node holding a queue's hint queue is down: each waiting fetch polls the store, one
+    look a second for all of them, but each also asked the broker again every second (a channel
+    opened and closed by the refusal, a declaration): 500 waiters on 100 bridges, 50,000 channel
+    opens a second at a broker that had lost a node (found by review, 2026-12-06). A failure is
+    remembered for a moment; the waiters scan the store as before."""
+    import aiormq
+
+    from bridge.domain.models import FetchRequest, parse
+
+    b = await make_bridge()
+    svc = service_id()
+    declared: list[str] = []
+
+    async def node_down(name: str) -> None:
+        declared.append(name)
+        raise aiormq.exceptions.ChannelNotFoundEntity("home node down (injected)")
+
+    b.hints._declare = node_down
+    waiters = 20
+
+    async def wait(n: int) -> Any:
+        req = parse(FetchRequest, {"serviceId": svc, "workerId": f"w{n}", "waitMs": 3_000, "fresh": True})
+        return await b.queue.fetch(OWNERS[0], req)
+
+    started = time.monotonic()
+    got = await asyncio.gather(*(wait(n) for n in range(waiters)))
+    took = time.monotonic() - started
+    assert got == [None] * waiters
+    # About one attempt per second of the wait, for all of them (not one per waiter per second).
+    assert len(declared) <= took + 3, f"{len(declared)} declarations in {took:.1f} s for {waiters} waiters"
