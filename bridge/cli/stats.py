@@ -69,8 +69,16 @@ async def _stats(settings: Settings, owner: str, service: str, limit: int) -> Qu
             live = await service_stats(
                 store, QueueKey(owner, service), now, ttl_ms, margin_ms, margin_ms + WRITE_LATE_MS, move_cursors=False
             )
+            if live.in_flight <= walked.in_flight:
+                return replace(walked, parked=max(walked.parked, live.parked))
+            # The counters' in flight includes the leases that ran out and nobody claimed since,
+            # which the walk counts as ready: taken from ready, or each was counted twice (three
+            # dead workers' tasks read as 3 ready and 3 in flight, a drift that does not exist).
             return replace(
-                walked, in_flight=max(walked.in_flight, live.in_flight), parked=max(walked.parked, live.parked)
+                walked,
+                ready=max(0, walked.ready - walked.expired_leases),
+                in_flight=live.in_flight,
+                parked=max(walked.parked, live.parked),
             )
         except errors as exc:
             raise Failure(f"reading the queue from Cassandra at {where} failed: {type(exc).__name__}: {exc}") from None

@@ -35,6 +35,9 @@ class QueueStats:
     truncated: bool  # the walk stopped at ``limit``: the counts are lower bounds
     parked: int = 0  # delivered their limit of times unacked (1.4): see ``queue-bridge parked``
     delayed: int = 0  # added with a delay that has not passed yet (1.4)
+    # Of ``ready``: leases that ran out and nobody claimed since (the queue's counters count them
+    # in flight until then: a reader of both counts each once, ``bridge.cli.stats``).
+    expired_leases: int = 0
 
 
 async def walk_lane(
@@ -86,6 +89,7 @@ async def walk_lane(
 class _Counts:
     def __init__(self) -> None:
         self.ready = self.in_flight = self.done = self.dead = self.parked = self.delayed = 0
+        self.expired_leases = 0
         self.oldest_ready_since: int | None = None
 
     def add(self, task_id: uuid.UUID, lease: Lease | None, now_ms: int) -> None:
@@ -100,6 +104,7 @@ class _Counts:
                 self.in_flight += 1
             else:
                 ready_since = until if until is not None else ms_of(task_id)
+                self.expired_leases += 1
         elif lease.state in (LeaseState.DONE, LeaseState.CANCELLED, LeaseState.DISCARDED):
             self.done += 1
         elif lease.state is LeaseState.PARKED:
@@ -186,6 +191,7 @@ async def queue_stats(
         truncated=truncated,
         parked=counts.parked,
         delayed=counts.delayed,
+        expired_leases=counts.expired_leases,
     )
 
 

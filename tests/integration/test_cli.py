@@ -334,6 +334,31 @@ async def test_purge_that_stops_short_says_ready_tasks_may_remain(
         assert "ready tasks may remain" in proc.stderr
 
 
+async def test_stats_counts_an_expired_lease_once(
+    bridge: Any, bridge_env: dict[str, str], servers: Servers, names: dict[str, str]
+) -> None:
+    """The walk counts a lease that ran out as ready; the queue's counters count it in flight
+    until it is claimed again, and the CLI printed the walk's ready beside the larger in flight:
+    three workers dead holding three tasks read as 3 ready and 3 in flight, a drift of 3 that does
+    not exist, which README tells operators to look for (found by review, 2026-12-06)."""
+    svc = service_id()
+    async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNER, exchange=names["exchange"]) as engine:
+        for i in range(3):
+            await engine.add(svc, i)
+    for i in range(3):
+        async with Worker(servers.amqp_url(OWNER), service=svc, worker_id=f"dies{i}", exchange=names["exchange"]) as w:
+            assert await w.fetch(time_to_recover_ms=200) is not None  # and never acked
+    async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNER, exchange=names["exchange"]) as engine:
+
+        async def ran_out() -> bool:
+            [row] = (await engine.call("stats", {"serviceId": svc}, owner=OWNER))["result"]["services"]
+            return row["oldestReadyAgeMs"] is not None
+
+        await wait_for(ran_out, 20, interval=0.3, what="the leases ran out")
+    doc = await stats(svc, bridge_env)
+    assert doc["ready"] + doc["in_flight"] == 3, doc
+
+
 async def test_add_takes_a_priority_and_fetch_a_lease_the_bridge_accepts(
     bridge: Any, bridge_env: dict[str, str], servers: Servers
 ) -> None:
