@@ -151,6 +151,7 @@ class AmqpTransport:
         # Request queues whose consumer died with its channel (closed by the broker, or a lost
         # connection): consumed again once the channel is back (_consume_again, _reopen).
         self._orphans: set[str] = set()
+        self._paused: set[str] = set()  # methods whose consumer a pause cancelled (resume declares their queue first)
         # One orphan registration at a time per channel: aio-pika's restore (_consume_again) and the
         # reopen task (_reopen_once) both consume a reopened channel's orphans, and two loops at once
         # registered one method twice; the second took the first's registration for a pause and
@@ -499,7 +500,15 @@ class AmqpTransport:
                     self._orphans.add(method)
                     continue
                 try:
+                    if method in self._paused:
+                        # Paused, its consumer got no basic.cancel if its queue was deleted meanwhile
+                        # (nothing marked it lost): consumed as it was, the 404 closed the shared
+                        # consume channel, every other request consumer with it. Declared again
+                        # first, on a short-lived channel (idempotent; a deleted queue comes back).
+                        assert self.connection is not None
+                        await declare_consumed_queue(self.settings, self.connection, method)
                     await self._consume(method)
+                    self._paused.discard(method)
                 except BaseException:
                     if self._channel_of(method).is_closed:
                         # Cut by its channel's close (its connection ended as stuck): consumed with
@@ -646,6 +655,7 @@ class AmqpTransport:
         for method, tag in list(self._consumer_tags.items()):
             if wanted is not None and method not in wanted:
                 continue
+            self._paused.add(method)
             channel = self._channel_of(method)
             try:
                 # A channel that is closed (the connection is being restored) took its consumer

@@ -204,6 +204,33 @@ async def test_a_pause_stops_the_redeclaration_and_a_resume_starts_it_again(brid
     await wait_for(transport.is_ready, 5.0, what="the bridge ready again")
 
 
+async def test_a_queue_deleted_while_its_consumer_was_paused_is_declared_again_at_resume(
+    bridge, engine, workers, servers, names
+):
+    """A paused method gets no basic.cancel when its queue is deleted, so nothing marked it lost:
+    resume consumed the missing queue, and the 404 closed the shared consume channel, every other
+    request consumer with it (their deliveries in flight redelivered and run again; found by
+    review, 2026-12-06). Resume declares a paused method's queue again before consuming it."""
+    url = servers.amqp_url("guest")
+    fetch_q = f"{names['queue_prefix']}.fetch"
+    transport = bridge.transport
+
+    def lost() -> float:
+        labels = {"channel": "consume"}
+        return bridge.metrics.registry.get_sample_value("queue_bridge_amqp_channels_lost_total", labels) or 0.0
+
+    lost_before = lost()
+    await transport.pause(frozenset({"fetch"}))
+    await _delete_queue(url, fetch_q)
+    await transport.resume(frozenset({"fetch"}))
+    svc = service_id()
+    task_id = await engine.add(svc, {"n": 1})  # adds are consumed on the same channel
+    w = await workers(svc, "w1")
+    got = await w.fetch()
+    assert got is not None and got.id == task_id
+    assert lost() == lost_before, "the consume channel was closed by the resume"
+
+
 # --- rabbitmqctl close_connection on the bridge's main connection under fetch/ack traffic --------
 
 
