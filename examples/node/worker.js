@@ -210,13 +210,16 @@ async function main() {
     let until = ackRetryUntil(task);
     let graced = stopping; // the stop's bound applied to `until`
     let attempt = 0;
-    while (attempt < ACK_ATTEMPTS || performance.now() < until) {
+    // At least ACK_ATTEMPTS, but on stop one, then the grace bounds them (three tries of the whole
+    // timeout outlasted Kubernetes' 30 s).
+    while (attempt < (stopping ? 1 : ACK_ATTEMPTS) || performance.now() < until) {
       attempt += 1;
       if (stopping && !graced) {
         // Told to stop while the ack was being sent again (a broker outage): the retries end
         // within the grace, not at the lease's end (QB_TTR_MS: the pod would run until killed).
         graced = true;
         until = Math.min(until, performance.now() + stopGraceMs);
+        if (performance.now() >= until) break;
       }
       try {
         const acked = await client.request('ack', ack);
@@ -240,9 +243,16 @@ async function main() {
       }
     }
     // Past the lease (or the grace): the next fetch (not `fresh`) hands the task back if the ack
-    // never applied and nobody took it; on stop it returns when its lease ends.
+    // never applied and nobody took it; on stop it returns when its lease ends. Its outcome is
+    // kept: handed back (that fetch, or the drain at stop), it is acked, not worked again.
+    resultInHand = { id: task.id, epoch: task.epoch, outcome };
     return null;
   }
+
+  // The task whose work ended and whose ack never got an answer, with its outcome: the same lease
+  // handed back is acked with it (worked again, its side effects were made twice; rpc.py
+  // Worker._serve).
+  let resultInHand = null;
 
   // A fetch that got no answer (given up at the stop, timed out, its connection lost once sent)
   // may still claim a task for us at a bridge until its deadline (performance.now(), ms): its
@@ -271,6 +281,15 @@ async function main() {
    */
   async function serve(task, value) {
     emit('task', { taskId: task.id, epoch: task.epoch, deliveries: task.deliveries, hasToken: task.hasToken, value });
+    const held = resultInHand;
+    resultInHand = null;
+    if (held !== null && held.id === task.id && held.epoch === task.epoch && task.epoch != null) {
+      emit('result_in_hand', { taskId: task.id, epoch: task.epoch });
+      phase = 'acking';
+      const completed = await ackTask(task, held.outcome);
+      phase = 'idle';
+      return completed !== null;
+    }
     phase = 'working';
     let outcome;
     try {
