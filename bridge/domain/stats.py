@@ -104,7 +104,10 @@ class _Counts:
                 self.in_flight += 1
             else:
                 ready_since = until if until is not None else ms_of(task_id)
-                self.expired_leases += 1
+                # (A redriven lease nobody claimed since, its epoch its base, is ready in the
+                # counters too: not one the counters hold in flight.)
+                if lease.base_epoch != lease.epoch:
+                    self.expired_leases += 1
         elif lease.state in (LeaseState.DONE, LeaseState.CANCELLED, LeaseState.DISCARDED):
             self.done += 1
         elif lease.state is LeaseState.PARKED:

@@ -381,6 +381,12 @@ class AmqpHints:
             name = hint_queue_name(self.settings.queue_prefix, q)
             await self._publish(encode(hint), priority, name, expiration=self._expiration)
             return
+        if self._failed_lately(q):
+            # Its queue failed a moment ago (its node down): each add declared it again, a channel
+            # the refusal closed and a round trip on the add's reply path, at every add. Lost, as
+            # below: reconciliation finds the task.
+            self._lost(HintsUnavailable("the hint queue failed a moment ago"), q)
+            return
         try:
             # An add's path: a declaration cut by the close of a connection aiormq found stuck
             # ends in a CancelledError nobody sent this task. A hint lost, like any failure here;
@@ -388,6 +394,7 @@ class AmqpHints:
             with stray_as_failure():
                 queue = await self._queue(q)
         except Exception as exc:
+            self._note_failure(q)
             # Its queue alone: with the bridge-wide alarm, each add of a queue whose hint queue's
             # node was down cleared every queue's quiet interval and lifted the grace for all of
             # them (claims of tasks whose hints other bridges' waiting fetches were being handed).
@@ -467,8 +474,7 @@ class AmqpHints:
         if self._closed or not self.takes:
             return None
         name = hint_queue_name(self.settings.queue_prefix, q)
-        failed_at = self._failed.get(name)
-        if failed_at is not None and time.monotonic() - failed_at < FAILED_QUEUE_HOLD_S:
+        if self._failed_lately(q):
             raise HintsUnavailable("the hint queue failed a moment ago")
         message: Delivery | None
         try:
@@ -482,10 +488,7 @@ class AmqpHints:
             message = Delivery(got) if isinstance(got.delivery, Basic.GetOk) else None
         except Exception as exc:
             self._forget_if_gone(q, exc)
-            self._failed[name] = time.monotonic()
-            self._failed.move_to_end(name)
-            while len(self._failed) > MAX_DECLARED:
-                self._failed.popitem(last=False)
+            self._note_failure(q)
             self._warn_unavailable.warning("hints unavailable (%s): fetches scan the store", type(exc).__name__)
             raise HintsUnavailable(f"the hint queue cannot be used: {type(exc).__name__}") from exc
         self._failed.pop(name, None)
@@ -586,6 +589,18 @@ class AmqpHints:
         for waiting in list(self._waiting.values()):
             if waiting.consumer_tag != "starting":
                 waiting.answer_all()
+
+    def _failed_lately(self, q: QueueKey) -> bool:
+        """The queue's hint queue failed less than FAILED_QUEUE_HOLD_S ago: not asked for again yet."""
+        failed_at = self._failed.get(hint_queue_name(self.settings.queue_prefix, q))
+        return failed_at is not None and time.monotonic() - failed_at < FAILED_QUEUE_HOLD_S
+
+    def _note_failure(self, q: QueueKey) -> None:
+        name = hint_queue_name(self.settings.queue_prefix, q)
+        self._failed[name] = time.monotonic()
+        self._failed.move_to_end(name)
+        while len(self._failed) > MAX_DECLARED:
+            self._failed.popitem(last=False)
 
     def _forget_if_gone(self, q: QueueKey, exc: BaseException) -> None:
         """The hint queue does not exist (deleted by an operator, or expired): declared again on

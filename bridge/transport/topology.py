@@ -191,20 +191,20 @@ async def declare_add_retry_lane(settings: Settings, connection: AbstractConnect
             "x-dead-letter-routing-key": "add",
         },
     )
-    probe = await connection.channel(publisher_confirms=False)
-    try:
-        await probe.declare_queue(names.queue(LANE_SUFFIX), durable=True, arguments=lane)
-    except aiormq.exceptions.ChannelAccessRefused:
-        log.warning(
-            "the bridge's AMQP user may not declare %s: adds of an owner whose key-server entry is unusable are "
-            "retried in place (they can hold the add window); grant it the permissions `queue-bridge permissions` "
-            "prints",
-            names.queue(LANE_SUFFIX),
-        )
-        return False
-    finally:
-        if not probe.is_closed:
-            await probe.close()
+    # A short-lived channel closed by us even when a refusal closed it: left to itself, a robust
+    # channel the broker closed reopens, one more idle channel at every declaration (after every
+    # reconnection and every returned deferral).
+    async with _probe(connection) as probe:
+        try:
+            await probe.declare_queue(names.queue(LANE_SUFFIX), durable=True, arguments=lane)
+        except aiormq.exceptions.ChannelAccessRefused:
+            log.warning(
+                "the bridge's AMQP user may not declare %s: adds of an owner whose key-server entry is unusable "
+                "are retried in place (they can hold the add window); grant it the permissions `queue-bridge "
+                "permissions` prints",
+                names.queue(LANE_SUFFIX),
+            )
+            return False
     return True
 
 

@@ -644,3 +644,17 @@ async def test_waiting_fetches_of_a_queue_whose_hint_queue_fails_do_not_each_ask
     assert got == [None] * waiters
     # About one attempt per second of the wait, for all of them (not one per waiter per second).
     assert len(declared) <= took + 3, f"{len(declared)} declarations in {took:.1f} s for {waiters} waiters"
+    # Nor one per add (found by the session's re-review): an add right after a failure loses its
+    # hint (reconciliation finds the task) without asking the broker again.
+    from bridge.domain.hints import HintsUnavailable
+    from bridge.domain.models import AddCommand
+    from bridge.domain.records import QueueKey
+
+    with pytest.raises(HintsUnavailable):
+        await b.hints.take(QueueKey(OWNERS[0], svc), 0)
+    before = len(declared)
+    for n in range(10):
+        await b.queue.add(
+            OWNERS[0], parse(AddCommand, {"serviceId": svc, "value": n}), message_id=None, traceparent=None
+        )
+    assert len(declared) - before <= 1, f"{len(declared) - before} declarations for 10 adds"
