@@ -229,14 +229,14 @@ class WorkQueue:
         if message_id and not first_copy:
             existing = await self._dedupe(q, message_id, task_id, now, replaces)
             if existing is not None:
-                if due is None:
-                    # The first copy's bridge enters its task again if its write landed late, but
-                    # it may have died first (kill -9 while its write was held up): then only this
-                    # copy can. Unless the task was claimed meanwhile (a lease read: a retried
-                    # publish of a task still waiting gets a second entry, passed over by a read
-                    # once its task is taken, ``Fetcher._spent_second_entry``). Its own payload is
-                    # sealed for its own task id: the stored task's row is read.
-                    await self._enter_again_if_late_or_later(q, existing, None)
+                # The first copy's bridge enters its task again if its write landed late, but it
+                # may have died first (kill -9 while its write was held up): then only this copy
+                # can. Unless the task was claimed meanwhile (a lease read: a retried publish of a
+                # task still waiting gets a second entry, passed over by a read once its task is
+                # taken, ``Fetcher._spent_second_entry``). Its own payload is sealed for its own
+                # task id: the stored task's row is read. A delayed task is late only once past
+                # its due time (its id), as any.
+                await self._enter_again_if_late_or_later(q, existing, None)
                 return str(existing)
         self._register(q)
         recorded = message_id if message_id and first_copy else None
@@ -251,6 +251,9 @@ class WorkQueue:
             await self._store_task(add, recorded)
             self.soon(watch, at)
             self._count_add(add)
+            # Due already when its write landed (a short delay, a write held up past it): as late as
+            # any add, and the due announcement gives up on a row still missing 5 s after its time.
+            await self._enter_again_if_late_or_later(add.q, add.task_id, add.payload)
             return str(task_id)
         stored: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         hint = add.hint(stored)
@@ -330,8 +333,8 @@ class WorkQueue:
             except Unavailable as exc:
                 log.warning("task %s found stored; indexing its bucket again failed: %s", add.task_id, exc)
             self._count_add(add)
+            await self._enter_again_if_late_or_later(add.q, add.task_id, add.payload)
             if add.due_ms is None:
-                await self._enter_again_if_late_or_later(add.q, add.task_id, add.payload)
                 # Nobody has heard of the task: a hint goes out only once its write is acknowledged,
                 # and this one timed out. Without one, a waiting fetch met it at the next
                 # reconciliation scan (every 30 s), long after it landed.
@@ -367,7 +370,7 @@ class WorkQueue:
         entry is decided by the lease, as for two entries of a re-exposed task. Rare: nothing is
         read or written for an add that lands in time (the reply waits for this otherwise)."""
         if self.ctx.clock.now_ms() - ms_of(task_id) <= self._lands_in_time_ms:
-            return  # in time (a delayed task's id is its due time: not yet due, never late)
+            return  # in time (a delayed task's id is its due time: late only once past it)
         store = self.ctx.store
         if await store.lease(q, task_id, serial=False) is not None:
             return

@@ -247,3 +247,49 @@ async def test_a_late_add_handed_to_a_waiting_fetch_that_gives_it_up_is_entered_
 
     await wait_for(handed_out, 15, interval=0.2, what="the late task handed out")
     assert handed == [late_id]
+
+
+async def test_a_delayed_add_whose_write_lands_after_its_due_time_and_a_scan_is_handed_out(make_bridge, monkeypatch):
+    """A delayed task's entry sits at its due time; its write held up past it (a slow coordinator,
+    a retry with the same id) landed behind a scan position that had moved on over tasks added
+    after its due time and taken, and the due announcement gives up on a row still missing 5 s
+    after its time: with hints off it was never handed out. Late adds got a second entry, delayed
+    ones not (found by review, 2026-12-06)."""
+    adding = await make_bridge(hints=False)
+    serving = await make_bridge(hints=False)
+    svc = service_id()
+    store = adding.queue.ctx.store
+    real_store_task = store.store_task
+    held = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_store_task(q: Any, task_id: uuid.UUID, *args: Any, **kwargs: Any) -> None:
+        held.set()
+        await release.wait()
+        await real_store_task(q, task_id, *args, **kwargs)
+
+    monkeypatch.setattr(store, "store_task", slow_store_task)
+    delayed = parse(AddCommand, {"serviceId": svc, "value": "delayed", "delayMs": 100})
+    late = asyncio.ensure_future(adding.queue.add(OWNER, delayed, message_id=None, traceparent=None))
+    await wait_for(held.is_set, 10, what="the delayed add's write on its way")
+    due_ms = adding.queue.clock.now_ms() + 100
+    await wait_for(lambda: serving.queue.clock.now_ms() > due_ms + 50, 10, what="past its due time")
+    others = [await serving.queue.add(OWNER, _add(svc, n), message_id=None, traceparent=None) for n in range(3)]
+    assert [await _fetch_and_ack(serving, svc) for _ in others] == others
+    settle_ms = serving.queue.dispatcher.settle_ms
+    await wait_for(
+        lambda: serving.queue.clock.now_ms() > ms_of(uuid.UUID(others[-1])) + settle_ms + 50, 10, what="settled"
+    )
+    assert await _fetch_and_ack(serving, svc) is None
+    release.set()
+    late_id = await asyncio.wait_for(late, 20)
+
+    handed: list[str] = []
+
+    async def handed_out() -> bool:
+        if (got := await _fetch_and_ack(serving, svc)) is not None:
+            handed.append(got)
+        return late_id in handed
+
+    await wait_for(handed_out, 15, interval=0.2, what="the late delayed task handed out")
+    assert handed == [late_id]
