@@ -131,6 +131,9 @@ class Bridge:
         self.anchor = AnchoredClock(host) if clock is None and settings.clock_source == "cassandra" else None
         self.clock: Clock = clock or self.anchor or host
         self.db = open_session(settings, self.clock.now_ms)
+        stamps = getattr(self.db, "timestamps", None)
+        if self.anchor is not None and stamps is not None:
+            self.anchor.on_first_anchor(stamps.rebase)
         self.store = CassandraTaskStore(
             self.db,
             self.clock.now_ms,

@@ -96,9 +96,18 @@ class SkewReading:
     reference_ms: float = 0.0  # the reference's time at that midpoint (best estimate)
 
 
-# How fast this host's monotonic clock may run apart from Cassandra's, as a fraction: NTP-disciplined
-# clocks stay within a few ppm, free-running quartz within about 50 ppm; 100 ppm is 3 ms in 30 s.
+# How fast this host's monotonic clock may run apart from Cassandra's, as a fraction: a free-running
+# quartz stays within about 50 ppm; 100 ppm is 3 ms in 30 s. The raw clock (below), not the one NTP
+# slews: chrony slews CLOCK_MONOTONIC at up to 83,333 ppm (ntpd 500) after a step of the wall
+# clock, and carried by it, a bridge's time ran 150 ms off in 30 s while its bound said 4.
 MONOTONIC_DRIFT = 100e-6
+_RAW_CLOCK: int | None = getattr(time, "CLOCK_MONOTONIC_RAW", None)
+
+
+def raw_monotonic() -> float:
+    """Seconds of CLOCK_MONOTONIC_RAW (the hardware's rate, never slewed by NTP) where the platform
+    has it, else ``time.monotonic``. Like it, it stops while the host is suspended."""
+    return time.clock_gettime(_RAW_CLOCK) if _RAW_CLOCK is not None else time.monotonic()
 
 
 class AnchoredClock:
@@ -116,13 +125,20 @@ class AnchoredClock:
         fallback: Clock,
         *,
         drift: float = MONOTONIC_DRIFT,
-        monotonic: Callable[[], float] = time.monotonic,
+        monotonic: Callable[[], float] = raw_monotonic,
     ) -> None:
         self.fallback = fallback
         self.drift = drift
         self.monotonic = monotonic
         self.anchor: SkewReading | None = None
         self._last = -(2**62)
+        # Told when the first reading replaces the host's clock (``on_first_anchor``).
+        self._first_anchor: list[Callable[[], None]] = []
+
+    def on_first_anchor(self, callback: Callable[[], None]) -> None:
+        """``callback`` runs when the first reading replaces the host's clock: what was derived
+        from the host's time until then (the driver's write timestamps) starts again from this one."""
+        self._first_anchor.append(callback)
 
     def now_ms(self) -> int:
         a = self.anchor
@@ -168,9 +184,11 @@ class AnchoredClock:
                 "monotonic clock jumped); it keeps Cassandra's time from this reading on",
                 -self._gap_ms(a, reading),
             )
+        self.anchor = reading
         if a is None:
             self._last = -(2**62)  # the host's clock, used until now, says nothing about this one
-        self.anchor = reading
+            for callback in self._first_anchor:
+                callback()
         return True
 
     @staticmethod
@@ -228,7 +246,9 @@ class SkewGuard:
             u = self.anchor.uncertainty_ms()
             return u is not None and u <= self.limit_ms
         r = self.reading
-        return r is None or abs(r.offset_ms) <= self.limit_ms
+        # The offset's error counts: one slow probe (Cassandra busy: now() read 700 ms into a
+        # 720 ms round trip) put an 800 ms offset at 460, within a 500 ms limit.
+        return r is None or abs(r.offset_ms) + r.error_ms <= self.limit_ms
 
     def describe(self) -> str:
         r = self.reading

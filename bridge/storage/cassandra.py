@@ -101,6 +101,14 @@ class ClockTimestamps:
             self._last = now if now > self._last else self._last + 1
             return self._last
 
+    def rebase(self) -> None:
+        """The clock changed source (its first reading of Cassandra's time replaced the host's):
+        stamps follow it from now on. Kept strictly above the host's, every write of a bridge
+        started on a host minutes ahead was stamped minutes ahead for as long (a retried write,
+        a delete by compare-and-set, then lost to it)."""
+        with self._lock:
+            self._last = 0
+
 
 def _to_asyncio(rf: ResponseFuture, loop: asyncio.AbstractEventLoop) -> asyncio.Future[list[Row]]:
     fut: asyncio.Future[list[Row]] = loop.create_future()

@@ -226,3 +226,59 @@ def test_a_clock_held_still_after_an_anchor_behind_it_says_how_far_ahead_it_is()
     mono.advance(5.0)  # the reference has caught up: the anchor's bound and 5 s of drift
     assert clock.uncertainty_ms() == pytest.approx(1.0 + 5_000 * MONOTONIC_DRIFT, abs=0.1)
     assert guard.ok
+
+
+def test_cassandras_time_is_carried_by_the_clock_ntp_does_not_slew() -> None:
+    """Carried by CLOCK_MONOTONIC, which NTP slews (chrony up to 83,333 ppm after a step of the
+    wall clock), a bridge's time ran 150 ms off in 30 s while its bound, built on a 100 ppm drift,
+    said 4 ms (found by review, 2026-12-06). The raw clock runs at the hardware's rate."""
+    import time
+
+    from bridge.domain.clock import raw_monotonic
+
+    assert AnchoredClock(ManualClock(T0)).monotonic is raw_monotonic
+    if hasattr(time, "CLOCK_MONOTONIC_RAW"):  # Linux
+        before = time.clock_gettime(time.CLOCK_MONOTONIC_RAW)
+        assert before <= raw_monotonic() <= time.clock_gettime(time.CLOCK_MONOTONIC_RAW)
+
+
+async def test_host_mode_counts_the_probes_error_against_the_limit() -> None:
+    """A host 800 ms ahead, refused at a 1 s margin (limit 500 ms), was granted leases again by one
+    slow probe: Cassandra read now() 700 ms into a 720 ms round trip, the offset estimated at
+    460 ms, within the limit, its 360 ms error ignored (found by review, 2026-12-06)."""
+    mono = Monotonic()
+    host = ManualClock(T0 + 800)
+    true_ms = float(T0)
+
+    async def slow_probe() -> int:
+        nonlocal true_ms
+        mono.advance(0.7)
+        host.advance(700)
+        true_ms += 700
+        answer = int(true_ms)
+        mono.advance(0.02)
+        host.advance(20)
+        true_ms += 20
+        return answer
+
+    guard = SkewGuard(host, slow_probe, margin_ms=1_000, interval_s=30)
+    guard._monotonic = mono  # the probe's round trip on the fake monotonic clock
+    reading = await guard.measure()
+    assert abs(reading.offset_ms) <= guard.limit_ms < abs(reading.offset_ms) + reading.error_ms
+    assert not guard.ok, guard.describe()
+
+
+def test_write_timestamps_follow_cassandras_time_once_the_clock_is_anchored() -> None:
+    """Before the first reading the clock is the host's; the driver stamped a first statement (the
+    probe itself) with it, and kept every later stamp above it: on a host 10 minutes ahead, every
+    write was stamped up to 10 minutes ahead for 10 minutes (found by review, 2026-12-06)."""
+    from bridge.storage.cassandra import ClockTimestamps
+
+    mono = Monotonic()
+    host = ManualClock(T0 + 600_000)
+    clock = AnchoredClock(host, monotonic=mono)
+    stamps = ClockTimestamps(clock.now_ms)
+    clock.on_first_anchor(stamps.rebase)
+    assert stamps() == (T0 + 600_000) * 1000  # the host's time, before any reading
+    clock.offer(SkewReading(offset_ms=600_000, error_ms=1.0, at_monotonic=mono(), reference_ms=T0))
+    assert abs(stamps() - T0 * 1000) < 1_000, "stamped from the host's time, minutes ahead"
