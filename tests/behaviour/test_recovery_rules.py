@@ -1055,3 +1055,35 @@ async def test_a_bucket_owing_a_result_nobody_takes_is_retried_by_that_result_no
     nobody.clear()  # its engine binds a queue: the result goes out at the next retry
     await h.advance(RELAY_RETRY_MAX_MS)
     assert {m.task_id for m in h.sink.messages} == set(added)
+
+
+async def test_a_claim_that_lands_after_its_deadlines_passes_is_still_taken_back(harness: Harness) -> None:
+    """A claim's deadline is filed ahead of it; the scheduler passes that deadline twice and, no
+    lease there yet, lets it go. A claim that lands after that (its LWT held up at a coordinator
+    while its bridge was killed -9, or its outcome unknown) leaves a lease its own deadline no
+    longer watches. Raised by review (2026-12-06) as a task stuck until its TTL; checked here: its
+    index entry was never marked claimed (the claimer died first), so the next fetch that tries
+    it files a deadline at the same epoch ahead of its own (refused) claim, and the scheduler
+    takes the lease back at that deadline. This test holds that path to it."""
+    import uuid as _uuid
+
+    from bridge.domain.records import ExpiryEntry
+    from bridge.domain.relay import DECISION_IN_FLIGHT_MS
+    from bridge.domain.timeline import expiry_bucket
+
+    h = harness
+    task_id = _uuid.UUID(await h.add("claimed late"))
+    q = QueueKey(OWNER, h.service)
+    until = h.clock.now_ms() + 1_000
+    # The claimer's write-ahead: the deadline filed; its claim is on its way, held up.
+    await h.store.watch_expiry(expiry_bucket(until + MARGIN_MS), ExpiryEntry(until, q, task_id, 1, False))
+    await h.advance(1_000 + MARGIN_MS + 10_000, ticks=3)  # both passes over that deadline: no lease
+    # The claim lands now (the claimer died meanwhile): leased to it, its deadline long passed.
+    res = await h.store.claim_new(q, task_id, "dead", until, _uuid.uuid4(), has_token=False, expires_at_ms=None)
+    assert res.applied
+    for _ in range(40):
+        got = await h.fetch("alive")
+        if got is not None:
+            break
+        await h.advance(DECISION_IN_FLIGHT_MS // 20, ticks=2)
+    assert got is not None and got.task_id == str(task_id), "the late claim's task never came back"
