@@ -55,6 +55,8 @@ SOON_MS = 2_000
 # 2 s by default), the later ones for a write held up longer on its way.
 UNCERTAIN_ADD_LOOKUPS_S = (2.0, 8.0, 30.0)
 ADDS_IN_DOUBT_MAX = 100_000  # bounded: the oldest forgotten first (each is an add whose write timed out)
+# Writes of a late add's second entry, each at a later place, while each lands later than the scans wait for.
+ENTER_AGAIN_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -376,9 +378,18 @@ class WorkQueue:
             return
         if payload is None and (payload := await store.payload(q, task_id)) is None:
             return  # gone (its TTL)
-        await store.enter_again(q, task_id, new_task_id(self.ctx.clock.now_ms()), payload)
-        self.ctx.metrics.inc("adds_entered_again")
-        log.debug("task entered again: stored late", extra={"task_id": str(task_id)})
+        for _ in range(ENTER_AGAIN_ATTEMPTS):
+            seq = new_task_id(self.ctx.clock.now_ms())
+            await store.enter_again(q, task_id, seq, payload)
+            self.ctx.metrics.inc("adds_entered_again")
+            log.debug("task entered again: stored late", extra={"task_id": str(task_id)})
+            # Its place is taken from the clock before its write: held up as the add was (the same
+            # slow store), it too landed behind scans that moved on. Written again, at a later place.
+            if self.ctx.clock.now_ms() - ms_of(seq) <= self._lands_in_time_ms:
+                return
+        log.warning(
+            "task %s entered again %d times, each landing late: the store is slow", task_id, ENTER_AGAIN_ATTEMPTS
+        )
 
     def soon(self, entry: ExpiryEntry, due_ms: int) -> None:
         """An entry filed in the timer wheel for a moment so near (a short backoff, a redrive, a

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from bridge.domain.cancellation import stray_as_failure
+from bridge.domain.dispatch import settled_before
 from bridge.domain.errors import KeyMissing, KeysUnavailable, Unavailable
 from bridge.domain.hints import Hint
 from bridge.domain.lifecycle import PARK_DELIVERY_LIMIT
@@ -70,6 +71,7 @@ RELAY_CATCH_UP_BATCH = 50
 MARKS_AHEAD = 8  # buckets (2 s) of marks read ahead of the clock: more than a refresh and a bucket
 MAX_TIMERS = 100_000  # in-process timers for wheel entries due within moments (``handle_soon``)
 ENTRY_RETRY_MS = 10_000  # a deadline that could not be handled is met again this much later
+EXPOSE_ATTEMPTS = 3  # writes of a re-exposure, each at a later place, while each lands later than scans wait for
 
 
 RELAY_INTERVAL_S = 1.0  # the result relay sweeps once a second
@@ -603,14 +605,22 @@ class RecoveryScheduler:
         # older than a couple of seconds (``dispatch``), and an entry of a tick that ran long (a
         # catch-up, thousands of deadlines at once, a slow store) dated from its start landed
         # behind them: never handed out again while its hint was lost (or with hints off).
-        written = self.queue.clock.now_ms()
-        seq_ms = max(until, written - written % 1000)
-        # The expiry's bucket is part of the id: a re-armed deadline (a claim that found the lease
-        # not yet claimable) re-exposes the task as a new entry, which dispatchers that skipped the
-        # first one will offer again.
-        seq = deterministic_timeuuid(seq_ms, f"{entry.task_id}:{bucket}", entry.epoch)
-        rbucket = ready_bucket(seq_ms)
-        await self.store.expose_recovered(q, rbucket, seq, entry.task_id, entry.epoch, entry.has_token)
+        for attempt in range(EXPOSE_ATTEMPTS):
+            written = self.queue.clock.now_ms()
+            seq_ms = max(until, written - written % 1000)
+            # The expiry's bucket is part of the id: a re-armed deadline (a claim that found the
+            # lease not yet claimable) re-exposes the task as a new entry, which dispatchers that
+            # skipped the first one will offer again.
+            seq = deterministic_timeuuid(seq_ms, f"{entry.task_id}:{bucket}", entry.epoch)
+            await self.store.expose_recovered(q, ready_bucket(seq_ms), seq, entry.task_id, entry.epoch, entry.has_token)
+            # Its place is taken before its write: a write held up past what the scans wait for
+            # (a slow store) landed behind a position that moved on, and with its hint lost (or
+            # hints off) the task stayed leased to nobody. Written again then, at a later place.
+            settle_ms = self.queue.dispatcher.settle_ms
+            if settled_before(LANE_RECOVERED, self.queue.clock.now_ms(), settle_ms) <= seq_ms:
+                break
+            if attempt + 1 < EXPOSE_ATTEMPTS:
+                log.warning("task %s re-exposed late (a slow store): written again at a later place", entry.task_id)
         # Redriven and not claimed since: its claim moves it from ready to in flight (counts).
         redriven = lease.base_epoch == lease.epoch
         hint = Hint(entry.task_id, LANE_RECOVERED, seq, entry.epoch, entry.has_token, redriven=redriven)

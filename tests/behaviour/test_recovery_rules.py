@@ -819,9 +819,12 @@ async def test_a_task_re_exposed_late_in_a_long_tick_is_still_handed_out(harness
         await h.scheduler.tick()
     finally:
         store.expose_recovered = real_expose  # type: ignore[method-assign]
-    assert len(exposed) == 2
-    assert early[0] is not None and str(early[0].task_id) == str(exposed[0]), "the other bridge took the first"
-    late = str(exposed[1])
+    # (The first one's call returned 15 s after its place was taken, as a write held up that long
+    # would: it is written again at a later place, EXPOSE_ATTEMPTS; a copy of a task taken since.)
+    distinct = list(dict.fromkeys(str(x) for x in exposed))
+    assert len(distinct) == 2
+    assert early[0] is not None and str(early[0].task_id) == distinct[0], "the other bridge took the first"
+    late = distinct[1]
     for attempt in range(60):
         got = await h.fetch(f"w-{attempt}", queue=other if attempt % 2 else h.queue)
         if got is not None and str(got.task_id) == late:

@@ -293,3 +293,61 @@ async def test_a_delayed_add_whose_write_lands_after_its_due_time_and_a_scan_is_
 
     await wait_for(handed_out, 15, interval=0.2, what="the late delayed task handed out")
     assert handed == [late_id]
+
+
+async def test_a_second_entry_whose_own_write_lands_late_is_written_again(make_bridge, monkeypatch):
+    """The second entry of a late add takes its place from the clock, then is written: the same
+    slow store that made the add late could hold that write up too, and it landed behind a scan
+    position that had moved on meanwhile (found by review, 2026-12-06). One that lands later than
+    the scans wait for is written again, at a later place."""
+    adding = await make_bridge(hints=False)
+    serving = await make_bridge(hints=False)
+    svc = service_id()
+    store = adding.queue.ctx.store
+    real_store_task, real_enter_again = store.store_task, store.enter_again
+    held, release = asyncio.Event(), asyncio.Event()
+    entering, go_on = asyncio.Event(), asyncio.Event()
+
+    async def slow_store_task(q: Any, task_id: uuid.UUID, *args: Any, **kwargs: Any) -> None:
+        held.set()
+        await release.wait()
+        await real_store_task(q, task_id, *args, **kwargs)
+
+    async def slow_enter_again(*args: Any) -> None:
+        if not entering.is_set():
+            entering.set()
+            await go_on.wait()  # its place taken from the clock already, its write held up
+        await real_enter_again(*args)
+
+    monkeypatch.setattr(store, "store_task", slow_store_task)
+    monkeypatch.setattr(store, "enter_again", slow_enter_again)
+    late = asyncio.ensure_future(adding.queue.add(OWNER, _add(svc, "late"), message_id=None, traceparent=None))
+    await wait_for(held.is_set, 10, what="the late add's write on its way")
+    settle_ms = serving.queue.dispatcher.settle_ms
+
+    async def taken_and_passed(after_ms: int, tag: str) -> None:
+        """Tasks added and taken through the serving bridge, and a scan's position past them."""
+        others = [
+            await serving.queue.add(OWNER, _add(svc, f"{tag}{n}"), message_id=None, traceparent=None) for n in range(3)
+        ]
+        assert [await _fetch_and_ack(serving, svc) for _ in others] == others
+        last = max(after_ms, ms_of(uuid.UUID(others[-1])))
+        await wait_for(lambda: serving.queue.clock.now_ms() > last + settle_ms + 50, 10, what="settled")
+        assert await _fetch_and_ack(serving, svc) is None
+
+    await taken_and_passed(0, "a")  # past the late task's own place
+    release.set()
+    await wait_for(entering.is_set, 10, what="its second entry placed, its write held up")
+    await taken_and_passed(serving.queue.clock.now_ms(), "b")  # past the second entry's place too
+    go_on.set()
+    late_id = await asyncio.wait_for(late, 20)
+
+    handed: list[str] = []
+
+    async def handed_out() -> bool:
+        if (got := await _fetch_and_ack(serving, svc)) is not None:
+            handed.append(got)
+        return late_id in handed
+
+    await wait_for(handed_out, 15, interval=0.2, what="the late task handed out")
+    assert handed == [late_id]
