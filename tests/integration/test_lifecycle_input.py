@@ -223,6 +223,7 @@ async def test_past_its_bound_a_long_request_is_answered_unavailable_and_nothing
     import bridge.transport.capacity as capacity
 
     monkeypatch.setattr(capacity, "MAX_LONG_REQUESTS", 2)
+    monkeypatch.setattr(capacity, "OWNER_SHARE_DIVISOR", 1)  # one owner's requests reach the bridge's bound here
     gate = asyncio.Event()
     started: list[str] = []
     real_purge = lifecycle.Lifecycle.purge

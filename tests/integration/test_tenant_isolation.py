@@ -27,7 +27,9 @@ async def _timed(coro: Any, limit: float) -> float:
     return time.monotonic() - start
 
 
-async def test_paced_redrives_do_not_hold_up_other_owners_lease_extends(make_bridge, engine, workers, servers, names):
+async def test_paced_redrives_do_not_hold_up_other_owners_lease_extends(
+    make_bridge, engine, workers, servers, names, monkeypatch
+):
     """A redrive puts parked tasks back at ``BRIDGE_REDRIVE_RATE`` a queue, sleeping between them
     while it holds its request's delivery (lifecycle.py ``redrive``/``_paced``), and every
     lifecycle request (extend, fail, cancel, purge, stats, parked, redrive, discard) shares one
@@ -37,6 +39,11 @@ async def test_paced_redrives_do_not_hold_up_other_owners_lease_extends(make_bri
     taken: leases of healthy work run out (the client's keep-alive gets no answer, its x-deadline
     passes and the bridge drops the extend unexecuted). Reproduced at a slower rate (one request =
     two tasks = 10 s) with the default prefetch."""
+    import bridge.transport.capacity as capacity
+
+    # One owner's redrives up to the prefetch window here (a bridge's own bound, 64, is what this
+    # is about; an owner's share, a quarter, is tested in test_gateway.py).
+    monkeypatch.setattr(capacity, "OWNER_SHARE_DIVISOR", 1)
     rate = 0.1
     b = await make_bridge(redrive_rate=rate, shutdown_grace=1.0)
     window = b.settings.prefetch
