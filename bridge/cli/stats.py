@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Annotated
 
@@ -92,9 +91,11 @@ async def _anchor(anchor: AnchoredClock, store: CassandraTaskStore) -> None:
 
     Task ids, due times and lease deadlines are on the bridges' clock: judged against this host's
     wall clock, a host 30 s behind counted tasks ready for a worker now as delayed."""
-    m0 = time.monotonic()
+    # On the anchor's own monotonic clock (the raw one): read on another, the time it carries was
+    # off by their difference since boot (NTP's corrections, tens of seconds after weeks).
+    m0 = anchor.monotonic()
     reference = await store.server_time_ms()
-    m1 = time.monotonic()
+    m1 = anchor.monotonic()
     # As the bridge's SkewGuard reads it: the reference's true time is within [reference, +1 ms),
     # taken at the middle of the round trip. Its offset from this host is no concern here.
     anchor.offer(SkewReading(0.0, (m1 - m0) * 500 + 0.5, (m0 + m1) / 2, reference + 0.5))

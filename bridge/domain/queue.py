@@ -35,6 +35,7 @@ from bridge.domain.sealing import OwnerKeys, encode, seal_task
 from bridge.domain.stats import ServiceStats, service_stats
 from bridge.domain.store import TaskStore
 from bridge.domain.timeline import expiry_bucket, ms_of, new_task_id
+from bridge.observability.throttled import ThrottledWarning
 
 log = logging.getLogger("bridge.queue")
 
@@ -55,7 +56,8 @@ SOON_MS = 2_000
 # 2 s by default), the later ones for a write held up longer on its way.
 UNCERTAIN_ADD_LOOKUPS_S = (2.0, 8.0, 30.0)
 ADDS_IN_DOUBT_MAX = 100_000  # bounded: the oldest forgotten first (each is an add whose write timed out)
-# Writes of a late add's second entry, each at a later place, while each lands later than the scans wait for.
+# Writes of a late add's second entry: the first at now, then (off the add's reply path) placed
+# ahead by as long as the last write took, while each lands later than the scans wait for.
 ENTER_AGAIN_ATTEMPTS = 3
 
 
@@ -122,6 +124,7 @@ class WorkQueue:
         self._registered: dict[QueueKey, int] = {}
         # Adds whose task write timed out here (task id -> counted yet): see ``_count_add``.
         self._adds_in_doubt: OrderedDict[uuid.UUID, bool] = OrderedDict()
+        self._warn_entered_late = ThrottledWarning(log)  # a slow store makes many adds late at once
 
     # -- what the scheduler and the process use ------------------------------------------------------
     @property
@@ -378,16 +381,36 @@ class WorkQueue:
             return
         if payload is None and (payload := await store.payload(q, task_id)) is None:
             return  # gone (its TTL)
-        for _ in range(ENTER_AGAIN_ATTEMPTS):
-            seq = new_task_id(self.ctx.clock.now_ms())
-            await store.enter_again(q, task_id, seq, payload)
-            self.ctx.metrics.inc("adds_entered_again")
-            log.debug("task entered again: stored late", extra={"task_id": str(task_id)})
-            # Its place is taken from the clock before its write: held up as the add was (the same
-            # slow store), it too landed behind scans that moved on. Written again, at a later place.
-            if self.ctx.clock.now_ms() - ms_of(seq) <= self._lands_in_time_ms:
+        took = await self._enter_at(q, task_id, payload, ahead_ms=0)
+        if took is not None:
+            # Its place was taken from the clock before its write, and the write was held up as
+            # the add's was (the same slow store): it may have landed behind scans that moved on.
+            # Once more, off the add's reply path, placed ahead by as long as that write took, so
+            # that a write as slow lands before scans may pass its place (claimable from there).
+            self.ctx.background.spawn(self._enter_ahead(q, task_id, payload, took), "enter a late task again, ahead")
+
+    async def _enter_at(self, q: QueueKey, task_id: uuid.UUID, payload: Payload, *, ahead_ms: int) -> int | None:
+        """Write a second entry ``ahead_ms`` after now; None if it landed in time for its place,
+        else how long its write took (ms)."""
+        started = self.ctx.clock.now_ms()
+        seq = new_task_id(started + ahead_ms)
+        await self.ctx.store.enter_again(q, task_id, seq, payload)
+        self.ctx.metrics.inc("adds_entered_again")
+        log.debug("task entered again: stored late", extra={"task_id": str(task_id)})
+        done = self.ctx.clock.now_ms()
+        return None if done - ms_of(seq) <= self._lands_in_time_ms else done - started
+
+    async def _enter_ahead(self, q: QueueKey, task_id: uuid.UUID, payload: Payload, took_ms: int) -> None:
+        for _ in range(ENTER_AGAIN_ATTEMPTS - 1):
+            try:
+                took = await self._enter_at(q, task_id, payload, ahead_ms=took_ms)
+            except Unavailable as exc:
+                self._warn_entered_late.warning("task %s not entered again ahead: %s", task_id, exc)
                 return
-        log.warning(
+            if took is None:
+                return
+            took_ms = max(took_ms, took) * 2  # slower than foreseen: further ahead
+        self._warn_entered_late.warning(
             "task %s entered again %d times, each landing late: the store is slow", task_id, ENTER_AGAIN_ATTEMPTS
         )
 

@@ -71,7 +71,7 @@ RELAY_CATCH_UP_BATCH = 50
 MARKS_AHEAD = 8  # buckets (2 s) of marks read ahead of the clock: more than a refresh and a bucket
 MAX_TIMERS = 100_000  # in-process timers for wheel entries due within moments (``handle_soon``)
 ENTRY_RETRY_MS = 10_000  # a deadline that could not be handled is met again this much later
-EXPOSE_ATTEMPTS = 3  # writes of a re-exposure, each at a later place, while each lands later than scans wait for
+EXPOSE_ATTEMPTS = 2  # writes of a re-exposure: a second, placed ahead, when the first landed later than scans wait for
 
 
 RELAY_INTERVAL_S = 1.0  # the result relay sweeps once a second
@@ -199,6 +199,7 @@ class RecoveryScheduler:
         # Owed results whose decision this holder read as applied (task id, completion id), oldest first.
         self._owed_decided: OrderedDict[tuple[uuid.UUID, uuid.UUID], None] = OrderedDict()
         self._warn_stuck = ThrottledWarning(log, every_s=STUCK_WARNING_EVERY_S)
+        self._warn_exposed_late = ThrottledWarning(log)  # a slow store makes many re-exposures late at once
         self._outbox_second: dict[int, int] = {}  # outbox bucket -> when it is read once more
         self._outbox_persisted: int | None = None
         self._expiry_persisted: int | None = None
@@ -605,9 +606,11 @@ class RecoveryScheduler:
         # older than a couple of seconds (``dispatch``), and an entry of a tick that ran long (a
         # catch-up, thousands of deadlines at once, a slow store) dated from its start landed
         # behind them: never handed out again while its hint was lost (or with hints off).
-        for attempt in range(EXPOSE_ATTEMPTS):
+        ahead_ms = 0
+        for _ in range(EXPOSE_ATTEMPTS):
             written = self.queue.clock.now_ms()
-            seq_ms = max(until, written - written % 1000)
+            # (Ahead, rounded up: a second write placed as far ahead as the first one took.)
+            seq_ms = max(until, written - written % 1000) if not ahead_ms else -(-(written + ahead_ms) // 1000) * 1000
             # The expiry's bucket is part of the id: a re-armed deadline (a claim that found the
             # lease not yet claimable) re-exposes the task as a new entry, which dispatchers that
             # skipped the first one will offer again.
@@ -615,12 +618,15 @@ class RecoveryScheduler:
             await self.store.expose_recovered(q, ready_bucket(seq_ms), seq, entry.task_id, entry.epoch, entry.has_token)
             # Its place is taken before its write: a write held up past what the scans wait for
             # (a slow store) landed behind a position that moved on, and with its hint lost (or
-            # hints off) the task stayed leased to nobody. Written again then, at a later place.
-            settle_ms = self.queue.dispatcher.settle_ms
-            if settled_before(LANE_RECOVERED, self.queue.clock.now_ms(), settle_ms) <= seq_ms:
+            # hints off) the task stayed leased to nobody. Written once more then, placed ahead by
+            # as long as this write took (claimable from there): a write as slow lands in time.
+            done = self.queue.clock.now_ms()
+            if settled_before(LANE_RECOVERED, done, self.queue.dispatcher.settle_ms) <= seq_ms:
                 break
-            if attempt + 1 < EXPOSE_ATTEMPTS:
-                log.warning("task %s re-exposed late (a slow store): written again at a later place", entry.task_id)
+            ahead_ms = done - written
+            self._warn_exposed_late.warning(
+                "task %s re-exposed late (a slow store): written again ahead", entry.task_id
+            )
         # Redriven and not claimed since: its claim moves it from ready to in flight (counts).
         redriven = lease.base_epoch == lease.epoch
         hint = Hint(entry.task_id, LANE_RECOVERED, seq, entry.epoch, entry.has_token, redriven=redriven)

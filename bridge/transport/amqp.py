@@ -648,6 +648,9 @@ class AmqpTransport:
                 # cancelled (every other consumer on it with it): let it land, cancelled below.
                 await asyncio.wait([task], timeout=CANCEL_TIMEOUT_S)
             task.cancel()
+        # Orphans too (their channel reopened, their consume refused or waiting): paused now, their
+        # queue may be deleted before the resume as well (``_paused``: declared first).
+        self._paused |= self._orphans if wanted is None else (self._orphans & wanted)
         if wanted is None:
             self._orphans.clear()
         else:

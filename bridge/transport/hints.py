@@ -381,10 +381,11 @@ class AmqpHints:
             name = hint_queue_name(self.settings.queue_prefix, q)
             await self._publish(encode(hint), priority, name, expiration=self._expiration)
             return
-        if self._failed_lately(q):
-            # Its queue failed a moment ago (its node down): each add declared it again, a channel
-            # the refusal closed and a round trip on the add's reply path, at every add. Lost, as
-            # below: reconciliation finds the task.
+        if self._failed_lately(q) and hint_queue_name(self.settings.queue_prefix, q) not in self._declared:
+            # Its queue failed a moment ago and must be declared again (its node down): each add
+            # declared it, a channel the refusal closed and a round trip on the add's reply path,
+            # at every add. Lost, as below: reconciliation finds the task. (One still declared is
+            # published to: a take's failure may have had nothing to do with the queue.)
             self._lost(HintsUnavailable("the hint queue failed a moment ago"), q)
             return
         try:

@@ -253,6 +253,7 @@ async function main() {
   // handed back is acked with it (worked again, its side effects were made twice; rpc.py
   // Worker._serve).
   let resultInHand = null;
+  let handedBack = false; // the task just served was such a lease handed back: not counted again
 
   // A fetch that got no answer (given up at the stop, timed out, its connection lost once sent)
   // may still claim a task for us at a bridge until its deadline (performance.now(), ms): its
@@ -288,6 +289,7 @@ async function main() {
       phase = 'acking';
       const completed = await ackTask(task, held.outcome);
       phase = 'idle';
+      handedBack = true; // counted when its work ran (rpc.py: not counted again)
       return completed !== null;
     }
     phase = 'working';
@@ -431,7 +433,8 @@ async function main() {
       const answered = await serve(reply.body.task, reply.body.result);
       if (answered === null) break; // the stop cut its work short: given back
       fresh = answered && !unsure();
-      done += 1;
+      if (handedBack) handedBack = false;
+      else done += 1;
     }
     await drain();
     return 0;

@@ -81,7 +81,7 @@ async def test_an_add_whose_write_lands_after_a_scan_passed_its_place_is_handed_
     await wait_for(held.is_set, 10, what="the late add's write on its way")
     # Tasks added after it (later ids), handed out and acked through the other bridge.
     others = [await serving.queue.add(OWNER, _add(svc, n), message_id=None, traceparent=None) for n in range(3)]
-    assert [await _fetch_and_ack(serving, svc) for _ in others] == others
+    assert sorted([await _fetch_and_ack(serving, svc) for _ in others]) == sorted(others)  # (one ms: no order)
     # Once they are older than the settle window, a scan moves its position past them (and past
     # the late task's place, where nothing is stored yet).
     settle_ms = serving.queue.dispatcher.settle_ms
@@ -175,7 +175,7 @@ async def test_a_late_add_whose_bridge_died_is_entered_again_by_the_copy_that_fi
     )
     await wait_for(held.is_set, 10, what="the late add's write on its way")
     others = [await serving.queue.add(OWNER, _add(svc, n), message_id=None, traceparent=None) for n in range(3)]
-    assert [await _fetch_and_ack(serving, svc) for _ in others] == others
+    assert sorted([await _fetch_and_ack(serving, svc) for _ in others]) == sorted(others)  # (one ms: no order)
     settle_ms = serving.queue.dispatcher.settle_ms
     await wait_for(
         lambda: serving.queue.clock.now_ms() > ms_of(uuid.UUID(others[-1])) + settle_ms + 50, 10, what="settled"
@@ -226,7 +226,7 @@ async def test_a_late_add_handed_to_a_waiting_fetch_that_gives_it_up_is_entered_
     await wait_for(held.is_set, 10, what="the late add's write on its way, its hint handed to the waiting fetch")
     assert adding.hints.handed_here == 1
     others = [await serving.queue.add(OWNER, _add(svc, n), message_id=None, traceparent=None) for n in range(3)]
-    assert [await _fetch_and_ack(serving, svc) for _ in others] == others
+    assert sorted([await _fetch_and_ack(serving, svc) for _ in others]) == sorted(others)  # (one ms: no order)
     settle_ms = serving.queue.dispatcher.settle_ms
     await wait_for(
         lambda: serving.queue.clock.now_ms() > ms_of(uuid.UUID(others[-1])) + settle_ms + 50, 10, what="settled"
@@ -275,7 +275,7 @@ async def test_a_delayed_add_whose_write_lands_after_its_due_time_and_a_scan_is_
     due_ms = adding.queue.clock.now_ms() + 100
     await wait_for(lambda: serving.queue.clock.now_ms() > due_ms + 50, 10, what="past its due time")
     others = [await serving.queue.add(OWNER, _add(svc, n), message_id=None, traceparent=None) for n in range(3)]
-    assert [await _fetch_and_ack(serving, svc) for _ in others] == others
+    assert sorted([await _fetch_and_ack(serving, svc) for _ in others]) == sorted(others)  # (one ms: no order)
     settle_ms = serving.queue.dispatcher.settle_ms
     await wait_for(
         lambda: serving.queue.clock.now_ms() > ms_of(uuid.UUID(others[-1])) + settle_ms + 50, 10, what="settled"
@@ -330,7 +330,7 @@ async def test_a_second_entry_whose_own_write_lands_late_is_written_again(make_b
         others = [
             await serving.queue.add(OWNER, _add(svc, f"{tag}{n}"), message_id=None, traceparent=None) for n in range(3)
         ]
-        assert [await _fetch_and_ack(serving, svc) for _ in others] == others
+        assert sorted([await _fetch_and_ack(serving, svc) for _ in others]) == sorted(others)  # (one ms: no order)
         last = max(after_ms, ms_of(uuid.UUID(others[-1])))
         await wait_for(lambda: serving.queue.clock.now_ms() > last + settle_ms + 50, 10, what="settled")
         assert await _fetch_and_ack(serving, svc) is None
