@@ -732,6 +732,16 @@ async def test_a_stop_during_an_ack_sent_again_ends_within_the_stop_grace(bridge
     assert took < 15, f"run returned {took:.1f} s after stop (stop_grace 2 s)"
 
 
+async def _worker_behind(proxy: TcpProxy, svc: str, worker_id: str, names: Any, *, stop_grace: float) -> Worker:
+    """An open Worker whose RabbitMQ link goes through ``proxy``: a 2 s timeout, a 120 s lease."""
+    url = f"amqp://{OWNERS[0]}:{OWNERS[0]}@127.0.0.1:{proxy.port}/"
+    w = Worker(url, service=svc, worker_id=worker_id, exchange=names["exchange"], time_to_recover_ms=120_000, timeout=2)
+    w.wait_ms = 1_000
+    w.stop_grace = stop_grace
+    await w.open()
+    return w
+
+
 async def test_a_stopping_worker_acks_the_result_in_hand_and_never_runs_its_handler_again(
     bridge, engine, servers, names, monkeypatch
 ):
@@ -745,11 +755,7 @@ async def test_a_stopping_worker_acks_the_result_in_hand_and_never_runs_its_hand
     proxy = await TcpProxy(servers.amqp_host, servers.amqp_port).start()
     svc = service_id()
     task_id = await engine.add(svc, {"n": 1})
-    url = f"amqp://{OWNERS[0]}:{OWNERS[0]}@127.0.0.1:{proxy.port}/"
-    w = Worker(url, service=svc, worker_id="once", exchange=names["exchange"], time_to_recover_ms=120_000, timeout=2)
-    w.wait_ms = 1_000
-    w.stop_grace = 3.0
-    await w.open()
+    w = await _worker_behind(proxy, svc, "once", names, stop_grace=3.0)
     stop = asyncio.Event()
     calls: list[str] = []
     real_ack = rpc.Task.ack
@@ -805,11 +811,7 @@ async def test_a_stop_while_the_ack_gets_no_answer_ends_after_one_try_past_the_s
     proxy = await TcpProxy(servers.amqp_host, servers.amqp_port).start()
     svc = service_id()
     await engine.add(svc, {"n": 1})
-    url = f"amqp://{OWNERS[0]}:{OWNERS[0]}@127.0.0.1:{proxy.port}/"
-    w = Worker(url, service=svc, worker_id="brief", exchange=names["exchange"], time_to_recover_ms=120_000, timeout=2)
-    w.wait_ms = 1_000
-    w.stop_grace = 1.0
-    await w.open()
+    w = await _worker_behind(proxy, svc, "brief", names, stop_grace=1.0)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     stopped_at: list[float] = []

@@ -44,6 +44,57 @@ async def _fetch_and_ack(b: Any, svc: str) -> str | None:
     return str(got.task_id)
 
 
+def _hold_store_task(store: Any, monkeypatch: Any) -> tuple[asyncio.Event, asyncio.Event]:
+    """The store's next task writes wait for ``release`` (``held`` set once one is on its way):
+    a write held up at a slow coordinator."""
+    real_store_task = store.store_task
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_store_task(q: Any, task_id: uuid.UUID, *args: Any, **kwargs: Any) -> None:
+        held.set()
+        await release.wait()  # the write on its way, held up
+        await real_store_task(q, task_id, *args, **kwargs)
+
+    monkeypatch.setattr(store, "store_task", slow_store_task)
+    return held, release
+
+
+async def _adding_and_serving(make_bridge: Any, monkeypatch: Any, *, adding_hints: bool = False) -> Any:
+    """Two bridges, the serving one without hints (only the store leads to a task there): the
+    adding one's task writes held (``_hold_store_task``). (adding, serving, svc, store, held, release)."""
+    adding = await make_bridge(hints=adding_hints)
+    serving = await make_bridge(hints=False)
+    store = adding.queue.ctx.store
+    held, release = _hold_store_task(store, monkeypatch)
+    return adding, serving, service_id(), store, held, release
+
+
+async def _taken_and_passed(serving: Any, svc: str, tag: str, after_ms: int = 0) -> None:
+    """Tasks added through the serving bridge (later ids), handed out and acked, and a scan's
+    position moved past them (and past anything placed before ``after_ms``) once they are older
+    than the settle window."""
+    adds = [serving.queue.add(OWNER, _add(svc, f"{tag}{n}"), message_id=None, traceparent=None) for n in range(3)]
+    others = [await a for a in adds]
+    assert sorted([await _fetch_and_ack(serving, svc) for _ in others]) == sorted(others)  # (one ms: no order)
+    last = max(after_ms, ms_of(uuid.UUID(others[-1])))
+    settle_ms = serving.queue.dispatcher.settle_ms
+    await wait_for(lambda: serving.queue.clock.now_ms() > last + settle_ms + 50, 10, what="settled")
+    assert await _fetch_and_ack(serving, svc) is None
+
+
+async def _handed_out_alone(serving: Any, svc: str, late_id: str) -> None:
+    """The late task is handed out, and nothing else (a scan of the serving bridge's finds it)."""
+    handed: list[str] = []
+
+    async def handed_out() -> bool:
+        if (got := await _fetch_and_ack(serving, svc)) is not None:
+            handed.append(got)
+        return late_id in handed
+
+    await wait_for(handed_out, 15, interval=0.2, what="the late task handed out")
+    assert handed == [late_id]
+
+
 @pytest.mark.parametrize("entering_fails", [False, True], ids=["entered again", "entering again fails once"])
 async def test_an_add_whose_write_lands_after_a_scan_passed_its_place_is_handed_out(
     make_bridge, monkeypatch, entering_fails
@@ -53,20 +104,7 @@ async def test_an_add_whose_write_lands_after_a_scan_passed_its_place_is_handed_
     and unhinted); it is tried again in the background (found by the session's re-review)."""
     from bridge.storage.errors import StorageUnavailable
 
-    adding = await make_bridge(hints=False)
-    serving = await make_bridge(hints=False)
-    svc = service_id()
-    store = adding.queue.ctx.store
-    real_store_task = store.store_task
-    held = asyncio.Event()
-    release = asyncio.Event()
-
-    async def slow_store_task(q: Any, task_id: uuid.UUID, *args: Any, **kwargs: Any) -> None:
-        held.set()
-        await release.wait()  # the write on its way, held up
-        await real_store_task(q, task_id, *args, **kwargs)
-
-    monkeypatch.setattr(store, "store_task", slow_store_task)
+    adding, serving, svc, store, held, release = await _adding_and_serving(make_bridge, monkeypatch)
     real_enter_again = store.enter_again
     failed: list[uuid.UUID] = []
 
@@ -79,29 +117,11 @@ async def test_an_add_whose_write_lands_after_a_scan_passed_its_place_is_handed_
     monkeypatch.setattr(store, "enter_again", enter_again)
     late = asyncio.ensure_future(adding.queue.add(OWNER, _add(svc, "late"), message_id=None, traceparent=None))
     await wait_for(held.is_set, 10, what="the late add's write on its way")
-    # Tasks added after it (later ids), handed out and acked through the other bridge.
-    others = [await serving.queue.add(OWNER, _add(svc, n), message_id=None, traceparent=None) for n in range(3)]
-    assert sorted([await _fetch_and_ack(serving, svc) for _ in others]) == sorted(others)  # (one ms: no order)
-    # Once they are older than the settle window, a scan moves its position past them (and past
-    # the late task's place, where nothing is stored yet).
-    settle_ms = serving.queue.dispatcher.settle_ms
-    await wait_for(
-        lambda: serving.queue.clock.now_ms() > ms_of(uuid.UUID(others[-1])) + settle_ms + 50, 10, what="settled"
-    )
-    assert await _fetch_and_ack(serving, svc) is None
+    await _taken_and_passed(serving, svc, "a")  # past the late task's place, where nothing is stored yet
     release.set()
     late_id = await asyncio.wait_for(late, 20)  # answered: the engine was told it is added
     assert [str(t) for t in failed] == ([late_id] if entering_fails else [])
-
-    handed: list[str] = []
-
-    async def handed_out() -> bool:
-        if (got := await _fetch_and_ack(serving, svc)) is not None:
-            handed.append(got)
-        return late_id in handed
-
-    await wait_for(handed_out, 15, interval=0.2, what="the late task handed out")
-    assert handed == [late_id]
+    await _handed_out_alone(serving, svc, late_id)
 
 
 async def test_second_entries_of_tasks_taken_through_their_first_are_passed_over_and_marked(make_bridge):
@@ -152,50 +172,23 @@ async def test_a_late_add_whose_bridge_died_is_entered_again_by_the_copy_that_fi
     which finds the task stored and answered it as added: that copy enters it again (it did not
     since ``c5fa63f``: the task stayed behind the scans' positions, never handed out with hints
     off; found by review, 2026-12-06)."""
-    adding = await make_bridge(hints=False)
-    serving = await make_bridge(hints=False)
-    svc = service_id()
-    store = adding.queue.ctx.store
-    real_store_task = store.store_task
-    held = asyncio.Event()
-    release = asyncio.Event()
-
-    async def slow_store_task(q: Any, task_id: uuid.UUID, *args: Any, **kwargs: Any) -> None:
-        held.set()
-        await release.wait()
-        await real_store_task(q, task_id, *args, **kwargs)
+    adding, serving, svc, _store, held, release = await _adding_and_serving(make_bridge, monkeypatch)
 
     async def dies_first(*args: Any) -> None:
         return None  # killed before its second entry: nothing more of this bridge runs
 
-    monkeypatch.setattr(store, "store_task", slow_store_task)
     monkeypatch.setattr(adding.queue, "_enter_again_if_late_or_later", dies_first)
     late = asyncio.ensure_future(
         adding.queue.add(OWNER, _add(svc, "late"), message_id="m-late", traceparent=None, first_copy=True)
     )
     await wait_for(held.is_set, 10, what="the late add's write on its way")
-    others = [await serving.queue.add(OWNER, _add(svc, n), message_id=None, traceparent=None) for n in range(3)]
-    assert sorted([await _fetch_and_ack(serving, svc) for _ in others]) == sorted(others)  # (one ms: no order)
-    settle_ms = serving.queue.dispatcher.settle_ms
-    await wait_for(
-        lambda: serving.queue.clock.now_ms() > ms_of(uuid.UUID(others[-1])) + settle_ms + 50, 10, what="settled"
-    )
-    assert await _fetch_and_ack(serving, svc) is None  # the scan's position moved past its place
+    await _taken_and_passed(serving, svc, "a")  # past the late task's place, where nothing is stored yet
     release.set()
     late_id = await asyncio.wait_for(late, 20)
     # The redelivered copy, on the other bridge: the same task.
     again = await serving.queue.add(OWNER, _add(svc, "late"), message_id="m-late", traceparent=None)
     assert again == late_id
-
-    handed: list[str] = []
-
-    async def handed_out() -> bool:
-        if (got := await _fetch_and_ack(serving, svc)) is not None:
-            handed.append(got)
-        return late_id in handed
-
-    await wait_for(handed_out, 15, interval=0.2, what="the late task handed out")
-    assert handed == [late_id]
+    await _handed_out_alone(serving, svc, late_id)
 
 
 async def test_a_late_add_handed_to_a_waiting_fetch_that_gives_it_up_is_entered_again(make_bridge, monkeypatch):
@@ -204,20 +197,7 @@ async def test_a_late_add_handed_to_a_waiting_fetch_that_gives_it_up_is_entered_
     write was held up, the worker gone) puts the hint back, and once that one hint is lost the
     task stood behind every scan's position: answered as added, never handed out (found by
     review, 2026-12-06). The serving bridge here takes no hints: only the store can lead to it."""
-    adding = await make_bridge(hints=True)
-    serving = await make_bridge(hints=False)
-    svc = service_id()
-    store = adding.queue.ctx.store
-    real_store_task = store.store_task
-    held = asyncio.Event()
-    release = asyncio.Event()
-
-    async def slow_store_task(q: Any, task_id: uuid.UUID, *args: Any, **kwargs: Any) -> None:
-        held.set()
-        await release.wait()
-        await real_store_task(q, task_id, *args, **kwargs)
-
-    monkeypatch.setattr(store, "store_task", slow_store_task)
+    adding, serving, svc, _store, held, release = await _adding_and_serving(make_bridge, monkeypatch, adding_hints=True)
     waiting_req = parse(FetchRequest, {"serviceId": svc, "workerId": "waiter", "waitMs": 20_000})
     now = adding.queue.clock.now_ms()
     waiter = asyncio.ensure_future(adding.queue.fetch(OWNER, waiting_req, deadline_ms=now + 1_000))
@@ -225,28 +205,13 @@ async def test_a_late_add_handed_to_a_waiting_fetch_that_gives_it_up_is_entered_
     late = asyncio.ensure_future(adding.queue.add(OWNER, _add(svc, "late"), message_id=None, traceparent=None))
     await wait_for(held.is_set, 10, what="the late add's write on its way, its hint handed to the waiting fetch")
     assert adding.hints.handed_here == 1
-    others = [await serving.queue.add(OWNER, _add(svc, n), message_id=None, traceparent=None) for n in range(3)]
-    assert sorted([await _fetch_and_ack(serving, svc) for _ in others]) == sorted(others)  # (one ms: no order)
-    settle_ms = serving.queue.dispatcher.settle_ms
-    await wait_for(
-        lambda: serving.queue.clock.now_ms() > ms_of(uuid.UUID(others[-1])) + settle_ms + 50, 10, what="settled"
-    )
-    assert await _fetch_and_ack(serving, svc) is None
+    await _taken_and_passed(serving, svc, "a")  # past the late task's place, where nothing is stored yet
     release.set()
     late_id = await asyncio.wait_for(late, 20)
     # The waiting fetch's caller gave up meanwhile (its deadline passed): it claims nothing.
     with pytest.raises(RequestAbandoned):
         await asyncio.wait_for(waiter, 20)
-
-    handed: list[str] = []
-
-    async def handed_out() -> bool:
-        if (got := await _fetch_and_ack(serving, svc)) is not None:
-            handed.append(got)
-        return late_id in handed
-
-    await wait_for(handed_out, 15, interval=0.2, what="the late task handed out")
-    assert handed == [late_id]
+    await _handed_out_alone(serving, svc, late_id)
 
 
 async def test_a_delayed_add_whose_write_lands_after_its_due_time_and_a_scan_is_handed_out(make_bridge, monkeypatch):
@@ -255,44 +220,16 @@ async def test_a_delayed_add_whose_write_lands_after_its_due_time_and_a_scan_is_
     after its due time and taken, and the due announcement gives up on a row still missing 5 s
     after its time: with hints off it was never handed out. Late adds got a second entry, delayed
     ones not (found by review, 2026-12-06)."""
-    adding = await make_bridge(hints=False)
-    serving = await make_bridge(hints=False)
-    svc = service_id()
-    store = adding.queue.ctx.store
-    real_store_task = store.store_task
-    held = asyncio.Event()
-    release = asyncio.Event()
-
-    async def slow_store_task(q: Any, task_id: uuid.UUID, *args: Any, **kwargs: Any) -> None:
-        held.set()
-        await release.wait()
-        await real_store_task(q, task_id, *args, **kwargs)
-
-    monkeypatch.setattr(store, "store_task", slow_store_task)
+    adding, serving, svc, _store, held, release = await _adding_and_serving(make_bridge, monkeypatch)
     delayed = parse(AddCommand, {"serviceId": svc, "value": "delayed", "delayMs": 100})
     late = asyncio.ensure_future(adding.queue.add(OWNER, delayed, message_id=None, traceparent=None))
     await wait_for(held.is_set, 10, what="the delayed add's write on its way")
     due_ms = adding.queue.clock.now_ms() + 100
     await wait_for(lambda: serving.queue.clock.now_ms() > due_ms + 50, 10, what="past its due time")
-    others = [await serving.queue.add(OWNER, _add(svc, n), message_id=None, traceparent=None) for n in range(3)]
-    assert sorted([await _fetch_and_ack(serving, svc) for _ in others]) == sorted(others)  # (one ms: no order)
-    settle_ms = serving.queue.dispatcher.settle_ms
-    await wait_for(
-        lambda: serving.queue.clock.now_ms() > ms_of(uuid.UUID(others[-1])) + settle_ms + 50, 10, what="settled"
-    )
-    assert await _fetch_and_ack(serving, svc) is None
+    await _taken_and_passed(serving, svc, "a")  # past the late task's place, where nothing is stored yet
     release.set()
     late_id = await asyncio.wait_for(late, 20)
-
-    handed: list[str] = []
-
-    async def handed_out() -> bool:
-        if (got := await _fetch_and_ack(serving, svc)) is not None:
-            handed.append(got)
-        return late_id in handed
-
-    await wait_for(handed_out, 15, interval=0.2, what="the late delayed task handed out")
-    assert handed == [late_id]
+    await _handed_out_alone(serving, svc, late_id)
 
 
 async def test_a_second_entry_whose_own_write_lands_late_is_written_again(make_bridge, monkeypatch):
@@ -304,14 +241,9 @@ async def test_a_second_entry_whose_own_write_lands_late_is_written_again(make_b
     serving = await make_bridge(hints=False)
     svc = service_id()
     store = adding.queue.ctx.store
-    real_store_task, real_enter_again = store.store_task, store.enter_again
-    held, release = asyncio.Event(), asyncio.Event()
+    real_enter_again = store.enter_again
+    held, release = _hold_store_task(store, monkeypatch)
     entering, go_on = asyncio.Event(), asyncio.Event()
-
-    async def slow_store_task(q: Any, task_id: uuid.UUID, *args: Any, **kwargs: Any) -> None:
-        held.set()
-        await release.wait()
-        await real_store_task(q, task_id, *args, **kwargs)
 
     async def slow_enter_again(*args: Any) -> None:
         if not entering.is_set():
@@ -319,35 +251,13 @@ async def test_a_second_entry_whose_own_write_lands_late_is_written_again(make_b
             await go_on.wait()  # its place taken from the clock already, its write held up
         await real_enter_again(*args)
 
-    monkeypatch.setattr(store, "store_task", slow_store_task)
     monkeypatch.setattr(store, "enter_again", slow_enter_again)
     late = asyncio.ensure_future(adding.queue.add(OWNER, _add(svc, "late"), message_id=None, traceparent=None))
     await wait_for(held.is_set, 10, what="the late add's write on its way")
-    settle_ms = serving.queue.dispatcher.settle_ms
-
-    async def taken_and_passed(after_ms: int, tag: str) -> None:
-        """Tasks added and taken through the serving bridge, and a scan's position past them."""
-        others = [
-            await serving.queue.add(OWNER, _add(svc, f"{tag}{n}"), message_id=None, traceparent=None) for n in range(3)
-        ]
-        assert sorted([await _fetch_and_ack(serving, svc) for _ in others]) == sorted(others)  # (one ms: no order)
-        last = max(after_ms, ms_of(uuid.UUID(others[-1])))
-        await wait_for(lambda: serving.queue.clock.now_ms() > last + settle_ms + 50, 10, what="settled")
-        assert await _fetch_and_ack(serving, svc) is None
-
-    await taken_and_passed(0, "a")  # past the late task's own place
+    await _taken_and_passed(serving, svc, "a")  # past the late task's own place
     release.set()
     await wait_for(entering.is_set, 10, what="its second entry placed, its write held up")
-    await taken_and_passed(serving.queue.clock.now_ms(), "b")  # past the second entry's place too
+    await _taken_and_passed(serving, svc, "b", serving.queue.clock.now_ms())  # past the second entry's place too
     go_on.set()
     late_id = await asyncio.wait_for(late, 20)
-
-    handed: list[str] = []
-
-    async def handed_out() -> bool:
-        if (got := await _fetch_and_ack(serving, svc)) is not None:
-            handed.append(got)
-        return late_id in handed
-
-    await wait_for(handed_out, 15, interval=0.2, what="the late task handed out")
-    assert handed == [late_id]
+    await _handed_out_alone(serving, svc, late_id)
