@@ -441,6 +441,22 @@ async def consumers_on(url: str, queue: str) -> int:
     return (await _queue_counts(url, queue))[0]
 
 
+async def queue_exists(url: str, name: str) -> bool:
+    """Whether the queue exists (a passive declare on a connection of its own)."""
+    import aio_pika
+
+    conn = await aio_pika.connect(url)
+    try:
+        ch = await conn.channel()
+        try:
+            await ch.declare_queue(name, passive=True)
+            return True
+        except aio_pika.exceptions.ChannelClosed:
+            return False
+    finally:
+        await conn.close()
+
+
 async def messages_ready(url: str, queue: str) -> int:
     """Messages waiting in a queue (0 if it does not exist)."""
     return (await _queue_counts(url, queue))[1]

@@ -593,6 +593,8 @@ class AmqpHints:
 
     def _failed_lately(self, q: QueueKey) -> bool:
         """The queue's hint queue failed less than FAILED_QUEUE_HOLD_S ago: not asked for again yet."""
+        if not self._failed:
+            return False  # the usual case: no name to compute on an add's or a take's path
         failed_at = self._failed.get(hint_queue_name(self.settings.queue_prefix, q))
         return failed_at is not None and time.monotonic() - failed_at < FAILED_QUEUE_HOLD_S
 

@@ -13,7 +13,7 @@ import pytest
 
 from bridge.domain.records import QueueKey
 from bridge.transport.hints import hint_queue_name
-from tests.conftest import OWNERS, consumers_on, service_id, wait_for
+from tests.conftest import OWNERS, consumers_on, queue_exists, service_id, wait_for
 from tests.integration.test_client_resilience import _close_connection_named
 from tests.integration.test_long_poll import slow_consumer_start_once
 
@@ -109,21 +109,7 @@ async def test_long_poll_works_again_after_an_operator_deleted_the_hint_queue(br
                 first, second = (again, second) if n == 0 else (first, again)
         await asyncio.sleep(0.05)
 
-    async def exists() -> bool:
-        import aio_pika
-
-        conn = await aio_pika.connect(url)
-        try:
-            ch = await conn.channel()
-            try:
-                await ch.declare_queue(ours, passive=True)
-                return True
-            except aio_pika.exceptions.ChannelClosed:
-                return False
-        finally:
-            await conn.close()
-
-    await wait_for(exists, 10.0, interval=0.2, what="the bridge declared the hint queue again")
+    await wait_for(lambda: queue_exists(url, ours), 10.0, interval=0.2, what="the bridge declared the hint queue again")
     consumers = await consumers_on(url, ours)
     task_id = await engine.add(svc, {"n": 1})
     done, _ = await asyncio.wait([first, second], timeout=5.0, return_when=asyncio.FIRST_COMPLETED)

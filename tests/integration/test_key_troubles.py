@@ -15,7 +15,16 @@ import pytest
 from bridge.client import Engine, UnavailableError
 from bridge.crypto import generate_keyring, write_keyring
 from bridge.domain.cancellation import ConnectionCancelled
-from tests.conftest import BRIDGE_USER, ENGINE_USER, OWNERS, service_id, settings_from, settle_owed_results, wait_for
+from tests.conftest import (
+    BRIDGE_USER,
+    ENGINE_USER,
+    OWNERS,
+    queue_exists,
+    service_id,
+    settings_from,
+    settle_owed_results,
+    wait_for,
+)
 from tests.faults import TcpProxy
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -355,7 +364,6 @@ async def test_an_add_retry_lane_deleted_by_an_operator_is_declared_again(bridge
     a broken owner retried in place, holding the add window, until the bridge restarted (found by
     review, 2026-12-06). A returned deferral has the lane declared again."""
     import aio_pika
-    import aiormq
 
     from bridge.client import Engine
 
@@ -366,24 +374,16 @@ async def test_an_add_retry_lane_deleted_by_an_operator_is_declared_again(bridge
             channel = await admin.channel()
             await channel.queue_delete(lane)
 
-            async def lane_exists() -> bool:
-                probe = await admin.channel()
-                try:
-                    await probe.declare_queue(lane, passive=True)
-                    return True
-                except aiormq.exceptions.ChannelNotFoundEntity:
-                    return False
-                finally:
-                    if not probe.is_closed:
-                        await probe.close()
-
-            assert not await lane_exists()
+            url = servers.amqp_url("guest")
+            assert not await queue_exists(url, lane)
             svc = service_id()
             n = b.settings.prefetch // 16 + 4  # more than the owner's share of in-place retries
             async with Engine(servers.amqp_url(ENGINE_USER), owner=BROKEN, exchange=names["exchange"]) as eng:
                 for i in range(n):
                     await eng.add(svc, {"n": i}, wait=False)
-                await wait_for(lane_exists, 30, interval=0.2, what="the add retry lane declared again")
+                await wait_for(
+                    lambda: queue_exists(url, lane), 30, interval=0.2, what="the add retry lane declared again"
+                )
                 fix()
                 await _take_all(await workers(svc, "w", user=BROKEN), n)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import OWNERS, consumers_on, service_id, settings_from, wait_for
+from tests.conftest import OWNERS, consumers_on, queue_exists, service_id, settings_from, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -48,21 +48,6 @@ async def _declared_as(url: str, name: str, arguments: dict[str, Any]) -> bool:
         except aio_pika.exceptions.ChannelPreconditionFailed:
             return False
         return True
-    finally:
-        await conn.close()
-
-
-async def _exists(url: str, name: str) -> bool:
-    import aio_pika
-
-    conn = await aio_pika.connect(url)
-    try:
-        ch = await conn.channel()
-        try:
-            await ch.declare_queue(name, passive=True)
-            return True
-        except aio_pika.exceptions.ChannelClosed:
-            return False
     finally:
         await conn.close()
 
@@ -107,7 +92,7 @@ async def test_a_deleted_fetch_queue_is_declared_again_with_its_arguments_and_fe
     assert got is not None and got.id == task_id, (
         f"fetches after an operator deleted the fetch queue were never served again within 15 s "
         f"(is_ready={bridge.transport.is_ready()}, consuming={sorted(bridge.transport.consuming())}, "
-        f"queue exists={await _exists(url, fetch_q)}); answers: {errors[:2]} ... x{len(errors)}"
+        f"queue exists={await queue_exists(url, fetch_q)}); answers: {errors[:2]} ... x{len(errors)}"
     )
     assert await _declared_as(url, fetch_q, {"x-dead-letter-exchange": f"{names['exchange']}.dead"})
     await wait_for(bridge.transport.is_ready, 5.0, what="the bridge ready again")
@@ -124,7 +109,7 @@ async def test_a_deleted_add_queue_is_declared_again_and_adds_are_stored(bridge,
     added, errors = await _until_served(lambda: engine.add(svc, {"n": 1}), 15)
     assert added is not None, (
         f"adds after an operator deleted the add queue were refused for 15 s "
-        f"(is_ready={bridge.transport.is_ready()}, queue exists={await _exists(url, add_q)}): "
+        f"(is_ready={bridge.transport.is_ready()}, queue exists={await queue_exists(url, add_q)}): "
         f"{errors[:1]} x{len(errors)}"
     )
     w = await workers(svc, "w1")
@@ -198,7 +183,7 @@ async def test_a_pause_stops_the_redeclaration_and_a_resume_starts_it_again(brid
     monkeypatch.setattr(amqp, "declare_consumed_queue", real)
     await asyncio.sleep(1.5)  # longer than the next retry would have waited
     assert len(attempts) == tried
-    assert not await _exists(url, fetch_q), "declared again (and consumed) while paused"
+    assert not await queue_exists(url, fetch_q), "declared again (and consumed) while paused"
     await transport.resume(frozenset({"fetch"}))
     await wait_for(lambda: consumers_on(url, fetch_q), 10.0, interval=0.2, what="the fetch queue consumed again")
     await wait_for(transport.is_ready, 5.0, what="the bridge ready again")
@@ -294,7 +279,7 @@ async def test_after_an_operator_deleted_the_dead_letter_queue_a_reconnection_re
         f"(reconnected={conn is not None and conn.transport is not before}, is_ready={b.transport.is_ready()}, "
         f"consume channel closed={b.transport._consume_channel.is_closed}); answers {errors[:2]} x{len(errors)}"
     )
-    await wait_for(lambda: _exists(url, dlq), 10.0, interval=0.2, what="the dead-letter queue declared again")
+    await wait_for(lambda: queue_exists(url, dlq), 10.0, interval=0.2, what="the dead-letter queue declared again")
     limits = {
         "x-max-length": b.settings.dead_letter_max_length,
         "x-max-length-bytes": b.settings.dead_letter_max_bytes,
