@@ -73,9 +73,12 @@ async def _stats(settings: Settings, owner: str, service: str, limit: int) -> Qu
             # The counters' in flight includes the leases that ran out and nobody claimed since,
             # which the walk counts as ready: taken from ready, or each was counted twice (three
             # dead workers' tasks read as 3 ready and 3 in flight, a drift that does not exist).
+            ready = max(0, walked.ready - walked.expired_leases)
             return replace(
                 walked,
-                ready=max(0, walked.ready - walked.expired_leases),
+                ready=ready,
+                # With none left ready, the oldest "ready" was one of those leases: no age to show.
+                oldest_ready_age_s=walked.oldest_ready_age_s if ready else None,
                 in_flight=live.in_flight,
                 parked=max(walked.parked, live.parked),
             )

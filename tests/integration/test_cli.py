@@ -357,6 +357,9 @@ async def test_stats_counts_an_expired_lease_once(
         await wait_for(ran_out, 20, interval=0.3, what="the leases ran out")
     doc = await stats(svc, bridge_env)
     assert doc["ready"] + doc["in_flight"] == 3, doc
+    # An age of the oldest ready task beside 0 ready (the leases taken from ready) read as a task
+    # waiting that is not there.
+    assert (doc["ready"] == 0) == (doc["oldest_ready_age_s"] is None), doc
 
 
 async def test_add_takes_a_priority_and_fetch_a_lease_the_bridge_accepts(
