@@ -1172,6 +1172,49 @@ async def test_node_worker_sends_an_unanswered_ack_again_while_the_lease_lasts(
     assert {f["code"] for f in worker.all("ack_failed")} == {"connection_lost"}, worker.events
 
 
+async def test_node_worker_acks_the_result_in_hand_when_its_lease_is_handed_back(
+    bridge: Any, engine: Any, node: str, servers: Servers, names: dict[str, str]
+) -> None:
+    """The ack of a task's result got no answer until its lease ended: the worker keeps the result
+    (``resultInHand``), and its next fetch (not ``fresh``: the bridge reads its pointer) hands the
+    same lease back. That task is acked with the result in hand, its handler not run again (its
+    side effects would be made twice; rpc.py ``_result_in_hand``), and counted once."""
+    from tests.conftest import wait_for
+    from tests.faults import TcpProxy
+
+    proxy = await TcpProxy(servers.amqp_host, servers.amqp_port).start()
+    svc = service_id()
+    task_id = await engine.add(svc, {"n": 1, "text": "handled once"})
+    extra = {
+        "QB_AMQP_URL": f"amqp://{OWNERS[0]}:{OWNERS[0]}@127.0.0.1:{proxy.port}/",
+        "QB_SERVICE": svc,
+        "QB_WAIT_MS": "1000",
+        "QB_WORK_MS": "1000",  # time to cut the proxy between the fetch and the ack
+        "QB_TTR_MS": "2000",  # the ack's retries end with the lease, 1 s after the work
+    }
+    worker = await NodeScript(node, "worker.js", {**env_of(servers, names, OWNERS[0]), **extra}).start()
+    try:
+        await worker.event("task")
+        proxy.cut()  # the ack gets no answer while the lease lasts
+        await worker.event("ack_failed", 10)
+        # Past the lease the worker fetches again (and fails while cut off): the result is in hand.
+        await wait_for(lambda: bool(worker.all("fetch_failed")), 20, what="a fetch after the ack gave up")
+        proxy.restore()
+        await worker.event("result_in_hand", 20)
+        await worker.event("acked", 15)
+    finally:
+        await worker.stop()
+        await proxy.stop()
+    mine = [e for e in worker.all("task") if e["taskId"] == task_id]
+    in_hand = [e for e in worker.all("result_in_hand") if e["taskId"] == task_id]
+    assert len(mine) == 2 and len(in_hand) == 1, f"handed out twice, worked once: {worker.events}"
+    assert worker.all("acked")[0] == {"event": "acked", "taskId": task_id, "completed": True}, worker.events
+    from bridge.client import Worker
+
+    async with Worker(servers.amqp_url(OWNERS[0]), service=svc, worker_id="after", exchange=names["exchange"]) as other:
+        assert await other.fetch() is None, "the task was not completed with its result"
+
+
 async def test_node_worker_that_handled_a_task_exits_promptly_when_told_to_stop(
     bridge: Any, engine: Any, node: str, servers: Servers, names: dict[str, str]
 ) -> None:
