@@ -292,11 +292,19 @@ async def test_a_duty_step_up_under_way_does_not_take_the_duty_back_after_releas
         await wait_for(lambda: not duty.held and duty._channel is not None and duty._channel.is_closed, 10)
         assert await consumers_on(guest, queue) == 0
         proxy.stall()  # the broker is slow: the step-up waits for its channel
+        amqp = connection.transport.connection
+        channels = len(amqp.channels)
         duty.follow_storage(up=True)  # Cassandra back: the step-up starts
-        await asyncio.sleep(0.3)
-        asyncio.get_running_loop().call_later(0.5, proxy.resume)
+        stepping = duty._standing
+        assert stepping is not None
+        # Its channel asked for (numbered as it is sent), and no answer through the stalled proxy.
+        await wait_for(lambda: len(amqp.channels) > channels, 10, what="the step-up waiting for its channel")
+        resumed = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.5, lambda: (proxy.resume(), resumed.set()))
         await duty.release()  # the stop hands the duty over (Bridge.stop)
-        await asyncio.sleep(3.0)  # the broker answered long since
+        # The step-up ended (cancelled, or on to its consume once the broker answered): what it
+        # left is all there will be.
+        await wait_for(lambda: resumed.is_set() and stepping.done(), 15, what="the step-up ended")
         consumers = await consumers_on(guest, queue)
         assert (duty.held, consumers) == (False, 0), f"after release: held={duty.held}, consumers={consumers}"
     finally:
