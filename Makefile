@@ -11,7 +11,8 @@ PYTEST := .venv/bin/pytest -p no:cacheprovider
 help:
 	@echo "make run         start RabbitMQ + Cassandra, the bridge and the demo engine/worker"
 	@echo "make test        start the stack and run the whole test suite against it"
-	@echo "make lint        ruff + mypy (strict on bridge/)"
+	@echo "make lint        ruff (check + format)"
+	@echo "make check       ruff + mypy (strict on bridge/) + bandit"
 	@echo "make bench       benchmark suite (add --quick via make bench-quick)"
 	@echo "make stack-up | stack-down | stack-status"
 

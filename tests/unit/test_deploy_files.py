@@ -289,7 +289,9 @@ def test_dockerfile_installs_locked_dependencies_before_the_project() -> None:
 
 def test_dockerignore_excludes_local_state() -> None:
     patterns = {line.strip().rstrip("/") for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()}
-    for needed in (".venv", ".git", "deploy/local/state", "benchmarks/results"):
+    # node_modules: `make test` installs the Node example's packages there; copied with examples/,
+    # the runtime image shipped an npm tree nothing in it uses.
+    for needed in (".venv", ".git", "deploy/local/state", "benchmarks/results", "examples/node/node_modules"):
         assert needed in patterns, f".dockerignore should exclude {needed}"
 
 
@@ -354,6 +356,24 @@ def test_compose_bridge_waits_for_healthy_dependencies(compose: dict[str, Any]) 
         if dep.get("condition") == "service_completed_successfully":
             assert services[name].get("restart") in (None, "no"), f"one-shot {name!r} must not restart"
     assert (deps.get("keyinit") or {}).get("condition") == "service_completed_successfully"
+
+
+def test_compose_bridge_waits_for_a_broker_whose_listener_is_not_up_yet(compose: dict[str, Any]) -> None:
+    """RabbitMQ's healthcheck (ping) passes a moment before its AMQP listener and the definitions'
+    users exist: with BRIDGE_START_TIMEOUT 0 the bridge exited 1 at its first refused attempt, and
+    a `docker compose up` that saw it exited failed the demo services that wait for it."""
+    env = compose["services"]["bridge"]["environment"]
+    assert float(env.get("BRIDGE_START_TIMEOUT", 0)) >= 30, env
+
+
+def test_make_help_describes_what_each_target_runs() -> None:
+    """`make help` said `make lint` runs mypy: it runs ruff only (mypy is `make typecheck`)."""
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    lint = re.search(r"^lint:.*\n((?:\t.*\n)+)", makefile, re.M)
+    assert lint is not None
+    said = re.search(r'echo "make lint +(.*)"', makefile)
+    assert said is not None
+    assert ("mypy" in said.group(1)) == ("mypy" in lint.group(1)), (said.group(1), lint.group(1))
 
 
 def test_compose_bridge_is_built_from_this_repository(compose: dict[str, Any]) -> None:
