@@ -124,6 +124,13 @@ class HttpKeyProvider:
                     "https, or set BRIDGE_KEY_SERVER_ALLOW_PLAIN_HTTP=true where the network encrypts (mTLS mesh)"
                 )
             log.warning("the key server is reached over plain http:// (allowed by BRIDGE_KEY_SERVER_ALLOW_PLAIN_HTTP)")
+        if token is not None:
+            # A token read from a file (a Secret made with ``--from-file`` of a file ``echo`` wrote)
+            # ends in a newline: aiohttp refuses such a header at every lookup, while the bridge
+            # says ready. Surrounding whitespace is no part of a token; what is left must be one.
+            token = token.strip()
+            if not token or any(ord(c) < 0x20 or ord(c) == 0x7F for c in token):
+                raise ValueError("the key server token is empty or has a control character inside it")
         if token is not None and (url.user or url.password):
             # aiohttp refuses both at every request (a ValueError each lookup, answered
             # ``internal``): refused here, at start, with the reason.

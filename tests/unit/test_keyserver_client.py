@@ -286,6 +286,26 @@ async def test_bearer_token_required() -> None:
                 await prov.close()
 
 
+async def test_a_token_read_from_a_file_with_its_newline_is_sent_without_it() -> None:
+    """A token mounted from a Secret made of a file written by ``echo`` ends in a newline: aiohttp
+    refused the header at every lookup (a ValueError, answered ``internal``: every add
+    dead-lettered) while the bridge said ready. Surrounding whitespace is no part of a token."""
+    async with KeyServer(token="t0ps3cret") as server:
+        key_id = server.add_owner("acme")
+        provider = HttpKeyProvider(server.url, token="t0ps3cret\n")
+        try:
+            assert (await provider.current_key("acme")).key_id == key_id
+        finally:
+            await provider.close()
+
+
+def test_a_token_with_a_control_character_inside_is_refused_at_start() -> None:
+    with pytest.raises(ValueError, match="token"):
+        HttpKeyProvider("https://keys.example.com", token="t0p\ns3cret")
+    with pytest.raises(ValueError, match="token"):
+        HttpKeyProvider("https://keys.example.com", token=" \n")
+
+
 @pytest.mark.parametrize(
     ("status", "body", "error"),
     [
