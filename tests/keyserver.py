@@ -42,6 +42,7 @@ class KeyServer:
         self.host = host
         self.port = port
         self.fail = False  # answer 503 to everything
+        self.failing_owners: dict[str, int] = {}  # owner -> an HTTP error status answered for it
         self.delay = 0.0  # seconds to wait before answering (makes concurrent requests overlap)
         self.padding = 0  # extra bytes of whitespace in every 200 answer (an oversized response)
         self.requests = 0  # requests received, whatever the outcome
@@ -124,6 +125,8 @@ class KeyServer:
             await asyncio.sleep(self.delay)
         if self.fail:
             return web.json_response({"error": "unavailable"}, status=503)
+        if (status := self.failing_owners.get(request.match_info.get("owner", ""))) is not None:
+            return web.json_response({"error": "failing for this owner"}, status=status)
         if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
             return web.json_response({"error": "unauthorized"}, status=401)
         return await handler(request)

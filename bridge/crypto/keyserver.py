@@ -25,9 +25,11 @@ stale keep-alive connection) is retried once; timeouts are not retried.  Wrap th
 :class:`~bridge.crypto.keys.CachingKeyProvider` for production use.
 
 Hardening: a response is read up to ``MAX_RESPONSE_BYTES`` (a key is a few dozen bytes); after a
-failure of the server (unreachable, timeout, 5xx, refused credentials) it is not asked again for a
-backoff period (exponential, ``backoff_base`` doubling up to ``backoff_cap`` seconds, with jitter):
-callers get ``KeyUnavailable`` at once instead of piling requests on a struggling server; and a
+failure of the server (unreachable, timeout) it is not asked again for a backoff period
+(exponential, ``backoff_base`` doubling up to ``backoff_cap`` seconds, with jitter): callers get
+``KeyUnavailable`` at once instead of piling requests on a struggling server. An error status it
+answers (5xx, refused credentials, a 404 without a code) backs off the owner asked about only
+(``BadKeyAnswer``: that owner's trouble), and the whole server once a second owner fails so; and a
 bearer token is never sent over plain ``http://`` except to a loopback address.
 """
 
@@ -39,6 +41,7 @@ import ipaddress
 import logging
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
@@ -54,7 +57,12 @@ __all__ = ["HttpKeyProvider"]
 
 _CURRENT = "current"
 MAX_RESPONSE_BYTES = 64 * 1024
+MAX_OWNERS_BACKED_OFF = 4096  # owners whose answered errors are remembered (each a few dozen bytes)
 log = logging.getLogger("bridge.keyserver")
+
+
+class _AnsweredError(KeyUnavailable):
+    """An error status the server answered about one owner's key (not a transport failure)."""
 
 
 def _loopback(host: str) -> bool:
@@ -141,6 +149,13 @@ class HttpKeyProvider:
         self._clock = clock
         self._failures = 0
         self._retry_at = 0.0
+        # An error the server answered about one owner (a 5xx, 401/403 for that owner's path: its
+        # KMS key disabled, a per-tenant policy) backs off that owner only: one backoff for the
+        # whole server let the broken owner's constant retries reopen it at each end, and every
+        # other owner's cache misses were turned away (``unavailable``) for as long as it lasted.
+        # Two owners failing so with no success between: the server's trouble, backed off whole.
+        self._owner_backoff: OrderedDict[str, tuple[int, float]] = OrderedDict()  # failures, retry at
+        self._answered_failing: set[str] = set()
         self._base = base_url.rstrip("/")
         self._token = token
         self._timeout = timeout
@@ -186,26 +201,57 @@ class HttpKeyProvider:
         if not owner:
             raise UnknownOwner("empty owner name")
         path = _path(owner, key_id)  # before the backoff: a name no server can know is the caller's fault
-        wait = self._retry_at - self._clock()
+        now = self._clock()
+        wait = self._retry_at - now
         if wait > 0:
             raise KeyUnavailable(f"key server failing: not asked again for {wait:.1f}s")
+        held = self._owner_backoff.get(owner)
+        if held is not None and held[1] > now:
+            raise BadKeyAnswer(f"key server failing for owner {owner!r}: not asked again for {held[1] - now:.1f}s")
         try:
             key = await self._ask(owner, key_id, path)
+        except _AnsweredError as exc:
+            self._answered_failing.add(owner)
+            if len(self._answered_failing) > 1:
+                self._answered_failing.clear()
+                self._owner_backoff.pop(owner, None)
+                self._server_failed()
+                raise KeyUnavailable(exc.message) from None
+            self._owner_failed(owner)
+            # That owner's trouble (``OwnerKeyUnusable`` to the add path: its adds wait in the
+            # retry lane instead of holding the shared slots), until a second owner fails alike.
+            raise BadKeyAnswer(exc.message) from None
         except BadKeyAnswer:
-            self._failures = 0  # the server answered (about this owner's entry): it is healthy
+            self._served(owner)  # the server answered (about this owner's entry): it is healthy
             raise
         except KeyUnavailable:
-            self._failures += 1
-            base, cap = self._backoff
-            delay = min(cap, base * 2 ** (self._failures - 1))
-            # Jitter, not secrecy.
-            self._retry_at = self._clock() + random.uniform(delay / 2, delay)  # nosec B311
+            self._server_failed()
             raise
         except (UnknownOwner, UnknownKey):
-            self._failures = 0  # the server answered: it is healthy
+            self._served(owner)  # the server answered: it is healthy
             raise
-        self._failures = 0
+        self._served(owner)
         return key
+
+    def _delay(self, failures: int) -> float:
+        base, cap = self._backoff
+        delay = min(cap, base * 2 ** (failures - 1))
+        return random.uniform(delay / 2, delay)  # nosec B311  (jitter, not secrecy)
+
+    def _server_failed(self) -> None:
+        self._failures += 1
+        self._retry_at = self._clock() + self._delay(self._failures)
+
+    def _owner_failed(self, owner: str) -> None:
+        failures = self._owner_backoff.pop(owner, (0, 0.0))[0] + 1
+        self._owner_backoff[owner] = (failures, self._clock() + self._delay(failures))
+        while len(self._owner_backoff) > MAX_OWNERS_BACKED_OFF:
+            self._owner_backoff.popitem(last=False)  # the longest-failing: asked again at its next call
+
+    def _served(self, owner: str) -> None:
+        self._failures = 0
+        self._answered_failing.clear()
+        self._owner_backoff.pop(owner, None)
 
     async def _ask(self, owner: str, key_id: str | None, path: str) -> OwnerKey:
         what = f"owner {owner!r} " + ("current key" if key_id is None else f"key {key_id!r}")
@@ -219,10 +265,10 @@ class HttpKeyProvider:
                 raise UnknownOwner(f"key server has no keys for owner {owner!r}")
             if error == "unknown_key":
                 raise UnknownKey(f"key server has no {what}")
-            raise KeyUnavailable(f"key server answered 404 without an error code for {what} (wrong URL?)")
+            raise _AnsweredError(f"key server answered 404 without an error code for {what} (wrong URL?)")
         if status in {401, 403}:
-            raise KeyUnavailable(f"key server refused our credentials (HTTP {status}) for {what}")
-        raise KeyUnavailable(f"key server answered HTTP {status} for {what}")
+            raise _AnsweredError(f"key server refused our credentials (HTTP {status}) for {what}")
+        raise _AnsweredError(f"key server answered HTTP {status} for {what}")
 
     async def _get(self, url: URL, what: str) -> tuple[int, bytes]:
         session = self._client()

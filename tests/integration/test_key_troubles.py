@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -127,16 +127,16 @@ async def test_a_park_cut_short_by_a_missing_key_leaves_no_parked_count_behind(
     await wait_for(no_parked_count, 15, interval=0.5, what="stats to stop counting a parked task that does not exist")
 
 
+@pytest.mark.parametrize("broken_by", ["a malformed key", "HTTP 500", "HTTP 403"])
 async def test_one_owners_malformed_key_on_the_key_server_does_not_deny_every_other_owner(
-    bridge_env, servers, names, workers
+    bridge_env, servers, names, workers, broken_by
 ):
     """The key server answers well for every owner but one, whose entry is broken (a 16-byte key: a
     misconfiguration of that tenant). HttpKeyProvider counts that answer as a failure of the server
     and backs off (keyserver.py ``_fetch``: any KeyUnavailable): for the backoff, every other owner's
     key lookup is refused too, and as the broken owner's workers keep asking, the healthy owners'
-    fetches keep answering ``unavailable``."""
-    import secrets
-
+    fetches keep answering ``unavailable``. Likewise an error status the server answers for that
+    owner only (its KMS key disabled, a per-tenant policy: found by review, 2026-12-06)."""
     from bridge.app import Bridge
     from tests.keyserver import KeyServer
 
@@ -144,7 +144,7 @@ async def test_one_owners_malformed_key_on_the_key_server_does_not_deny_every_ot
         for owner in (*OWNERS, ENGINE_USER, "guest"):
             keys.add_owner(owner)
         broken = OWNERS[1]
-        keys._owners[broken][keys.current_id(broken)] = secrets.token_bytes(16)
+        _break(keys, broken, broken_by)
         env = {k: v for k, v in bridge_env.items() if k != "BRIDGE_KEYRING"}
         b = Bridge(settings_from(env, key_server_url=keys.url, key_cache_seconds=0.05))
         await b.start()
@@ -283,26 +283,38 @@ async def test_claims_that_found_the_key_missing_do_not_count_toward_the_deliver
 BROKEN = OWNERS[1]  # the owner whose key-server entry is broken
 
 
-@contextlib.asynccontextmanager
-async def _bridge_with_a_broken_key_entry(
-    bridge_env: dict[str, str], **overrides: Any
-) -> AsyncIterator[tuple[Any, Any, Any]]:
-    """A bridge on a key server whose entry for BROKEN answers a 16-byte key (``BadKeyAnswer``):
-    the bridge, the key server, and a function that fixes the entry (the operator's repair)."""
+def _break(keys: Any, owner: str, how: str) -> Callable[[], None]:
+    """Break ``owner``'s entry on the key server ``how``; the function that repairs it."""
     import secrets
 
+    key_id = keys.current_id(owner)
+    good = keys._owners[owner][key_id]
+    if how == "a malformed key":
+        keys._owners[owner][key_id] = secrets.token_bytes(16)  # ``BadKeyAnswer``
+    else:
+        keys.failing_owners[owner] = int(how.removeprefix("HTTP "))
+
+    def fix() -> None:
+        keys._owners[owner][key_id] = good
+        keys.failing_owners.pop(owner, None)
+
+    return fix
+
+
+@contextlib.asynccontextmanager
+async def _bridge_with_a_broken_key_entry(
+    bridge_env: dict[str, str], broken_by: str = "a malformed key", **overrides: Any
+) -> AsyncIterator[tuple[Any, Any, Any]]:
+    """A bridge on a key server whose entry for BROKEN is broken (by default a 16-byte key,
+    ``BadKeyAnswer``): the bridge, the key server, and a function that fixes the entry (the
+    operator's repair)."""
     from bridge.app import Bridge
     from tests.keyserver import KeyServer
 
     async with KeyServer() as keys:
         for owner in (*OWNERS, ENGINE_USER, "guest"):
             keys.add_owner(owner)
-        key_id = keys.current_id(BROKEN)
-        good = keys._owners[BROKEN][key_id]
-        keys._owners[BROKEN][key_id] = secrets.token_bytes(16)
-
-        def fix() -> None:
-            keys._owners[BROKEN][key_id] = good
+        fix = _break(keys, BROKEN, broken_by)
 
         env = {k: v for k, v in bridge_env.items() if k != "BRIDGE_KEYRING"}
         b = Bridge(settings_from(env, key_server_url=keys.url, key_cache_seconds=0.05, **overrides))
@@ -318,7 +330,10 @@ async def _take_all(worker: Any, n: int) -> None:
     seen: set[int] = set()
 
     async def all_landed() -> bool:
-        task = await worker.fetch()
+        try:
+            task = await worker.fetch()
+        except UnavailableError:  # the owner's backoff after the key server's errors, up to 5 s
+            return False
         if task is not None:
             seen.add(task.value["n"])
             await task.ack("done")
@@ -327,7 +342,10 @@ async def _take_all(worker: Any, n: int) -> None:
     await wait_for(all_landed, 50, interval=0, what=f"every one of the broken owner's {n} adds")
 
 
-async def test_one_owners_broken_key_entry_does_not_stall_every_other_owners_adds(bridge_env, servers, names, workers):
+@pytest.mark.parametrize("broken_by", ["a malformed key", "HTTP 500"])
+async def test_one_owners_broken_key_entry_does_not_stall_every_other_owners_adds(
+    bridge_env, servers, names, workers, broken_by
+):
     """An add whose owner's key-server entry is unusable (``BadKeyAnswer``) is ``unavailable``,
     which an add met by retrying in place for 30 s while holding its delivery, then requeueing it
     at the head of the queue. A burst of such adds larger than the prefetch window held every add
@@ -338,7 +356,7 @@ async def test_one_owners_broken_key_entry_does_not_stall_every_other_owners_add
 
     from bridge.client import Engine
 
-    async with _bridge_with_a_broken_key_entry(bridge_env) as (b, keys, fix):
+    async with _bridge_with_a_broken_key_entry(bridge_env, broken_by) as (b, keys, fix):
         svc = service_id()
         flood = b.settings.prefetch + 16
         url = servers.amqp_url(ENGINE_USER)

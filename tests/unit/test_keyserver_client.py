@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from bridge.crypto import (
+    BadKeyAnswer,
     CachingKeyProvider,
     HttpKeyProvider,
     KeyUnavailable,
@@ -159,13 +160,54 @@ async def test_a_failing_server_is_not_asked_again_before_its_backoff(
         with pytest.raises(KeyUnavailable, match="not asked again for"):
             await provider.current_key("acme")
         assert server.requests == asked, "asked during the backoff"
-        wait = float(provider._retry_at - clock.now)
+        # One owner failing: that owner is backed off (test below); the whole server once two are.
+        wait = float(max(provider._retry_at, provider._owner_backoff.get("acme", (0, 0.0))[1]) - clock.now)
         delays.append(wait)
         clock.now += wait + 0.001
     assert delays[0] <= 0.2 and max(delays) <= 5.0 and delays[-1] >= 2.5  # exponential, capped, jittered
     server.fail = False
     assert (await provider.current_key("acme")).owner == "acme"
-    assert provider._failures == 0
+    assert provider._failures == 0 and not provider._owner_backoff
+
+
+@pytest.mark.parametrize("status", [500, 503, 403])
+async def test_an_error_answered_for_one_owner_backs_off_that_owner_only(
+    server: KeyServer, provider: HttpKeyProvider, clock: FakeClock, status: int
+) -> None:
+    """The server answers an error for one owner only (its KMS key disabled, a per-tenant policy):
+    one backoff for the whole server let that owner's constant retries reopen it at each end, and
+    every other owner's lookup was refused meanwhile (found by review, 2026-12-06)."""
+    for owner in ("broken", "healthy", "other"):
+        server.add_owner(owner)
+    server.failing_owners["broken"] = status
+    with pytest.raises(BadKeyAnswer, match=str(status)):  # that owner's trouble (the add retry lane)
+        await provider.current_key("broken")
+    asked = server.requests
+    with pytest.raises(BadKeyAnswer, match="not asked again"):
+        await provider.current_key("broken")
+    assert server.requests == asked, "the failing owner was asked during its backoff"
+    assert (await provider.current_key("healthy")).owner == "healthy"
+    server.failing_owners.clear()
+    clock.now += 10
+    assert (await provider.current_key("broken")).owner == "broken"
+    assert not provider._owner_backoff
+
+
+async def test_errors_answered_for_two_owners_back_off_the_whole_server(
+    server: KeyServer, provider: HttpKeyProvider, clock: FakeClock
+) -> None:
+    for owner in ("a", "b", "c"):
+        server.add_owner(owner)
+    server.fail = True  # 503 for every owner: the server's trouble
+    with pytest.raises(BadKeyAnswer):
+        await provider.current_key("a")
+    with pytest.raises(KeyUnavailable) as second:
+        await provider.current_key("b")
+    assert not isinstance(second.value, BadKeyAnswer)
+    asked = server.requests
+    with pytest.raises(KeyUnavailable, match="key server failing: not asked again"):
+        await provider.current_key("c")
+    assert server.requests == asked
 
 
 async def test_an_oversized_response_is_refused(server: KeyServer, provider: HttpKeyProvider) -> None:
