@@ -91,6 +91,10 @@ class _Claim(NamedTuple):
     # When the claimed task's life ends, if known (``Payload.expires_at_ms``): its ready entry's
     # claimed mark lives as long.
     expires_at_ms: int | None = None
+    # A recovered-lane entry whose task was claimed at a later epoch since (through another entry
+    # of the same re-exposure, written again ahead of a slow store): no claim through it can ever
+    # apply again.
+    superseded: bool = False
 
 
 class RequestAbandoned(BridgeError):
@@ -549,9 +553,15 @@ class Fetcher:
             if resent is not None:
                 await asyncio.shield(taken.retry())
                 return resent
+            before = a.flight.granted  # no other fetch of the worker claims while this one has the turn
             claim = await self._claim_hinted(a, taken)
             if claim.delivery is not None:
                 return claim.delivery
+            if a.flight.granted == before + 1:
+                # This fetch's own claim, which handed nothing out (its task's life ended as it
+                # was claimed): not a grant to another fetch, whose task the next round resends
+                # (it resent this one, found nothing to hand out and answered ``unavailable``).
+                granted += 1
         return None
 
     async def _poll_store(
@@ -650,7 +660,11 @@ class Fetcher:
                 self.ctx.background.spawn(marking, "mark claimed")
                 self.reconcile.found(a.q)
                 return delivery
-            if second:  # its task was taken through its first entry after all (the read missed it)
+            if second or claim.superseded:
+                # Its task was taken through its other entry (a late add's first, a re-exposure's
+                # entry written again ahead): marked claimed, so that no other bridge's scan pays a
+                # write-ahead and a refused claim for it (a run of them answered a fetch null with
+                # tasks ready behind them, found by review, 2026-12-06).
                 self.ctx.background.spawn(self.ctx.store.mark_claimed(a.q, entry), "mark claimed")
             spread = True  # lost a race: another worker or instance reads the same head
         if not (self.dispatcher.more(a.q, LANE_RECOVERED) or self.dispatcher.more(a.q, LANE_FRESH)):
@@ -842,7 +856,8 @@ class Fetcher:
             await self._rearm(a.q, entry, cur.lease_until_ms or now, now)
         finished = cur is not None and cur.state is not LeaseState.LEASED
         self.ctx.metrics.inc("claims_stale" if finished else "claim_conflicts")
-        return _Claim(None, stamp, finished=finished)
+        superseded = recovered and cur is not None and entry.epoch is not None and cur.epoch > entry.epoch
+        return _Claim(None, stamp, finished=finished, superseded=superseded)
 
     async def _count_claim(self, q: QueueKey, entry: ReadyEntry, payload: Payload | None) -> None:
         """Count a claim that applied: a fresh task (or a redriven one) leaves ``ready`` for in flight."""

@@ -59,6 +59,9 @@ ADDS_IN_DOUBT_MAX = 100_000  # bounded: the oldest forgotten first (each is an a
 # Writes of a late add's second entry: the first at now, then (off the add's reply path) placed
 # ahead by as long as the last write took, while each lands later than the scans wait for.
 ENTER_AGAIN_ATTEMPTS = 3
+# Failed writes of an entry written again ahead, each tried again after 1, 2, 4, 8 s: about the
+# span of the lookups of an add whose outcome is unknown (``UNCERTAIN_ADD_LOOKUPS_S``).
+ENTER_AHEAD_FAILURES = 4
 
 
 @dataclass(frozen=True)
@@ -401,14 +404,26 @@ class WorkQueue:
         return None if done - ms_of(seq) <= self._lands_in_time_ms else done - started
 
     async def _enter_ahead(self, q: QueueKey, task_id: uuid.UUID, payload: Payload, took_ms: int) -> None:
-        for _ in range(ENTER_AGAIN_ATTEMPTS - 1):
+        failures = 0
+        attempts = 0
+        while attempts < ENTER_AGAIN_ATTEMPTS - 1:
             try:
                 took = await self._enter_at(q, task_id, payload, ahead_ms=took_ms)
             except Unavailable as exc:
-                self._warn_entered_late.warning("task %s not entered again ahead: %s", task_id, exc)
-                return
+                # The add was answered already, and both of its entries may lie behind the scans'
+                # positions: given up here, it was never handed out with hints off (or its hint
+                # lost). Tried again after a pause (a write timeout that did not land, a store
+                # away for a moment), further ahead.
+                failures += 1
+                if failures > ENTER_AHEAD_FAILURES:
+                    self._warn_entered_late.warning("task %s not entered again ahead: %s", task_id, exc)
+                    return
+                await self.ctx.background.pause(float(2 ** (failures - 1)))
+                took_ms *= 2
+                continue
             if took is None:
                 return
+            attempts += 1
             took_ms = max(took_ms, took) * 2  # slower than foreseen: further ahead
         self._warn_entered_late.warning(
             "task %s entered again %d times, each landing late: the store is slow", task_id, ENTER_AGAIN_ATTEMPTS

@@ -382,3 +382,32 @@ async def test_a_scan_spreading_its_picks_does_not_stop_at_a_young_pick(hinted: 
         if not (remaining := [t for t in old if t != got.task_id]):
             break
         old = remaining
+
+
+async def test_a_long_polls_own_claim_of_a_task_whose_life_ended_does_not_end_its_wait_unavailable(
+    hinted: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long-poll claims a hinted task whose row reached its TTL as it was claimed (its payload
+    read finds nothing): nothing to hand out, the wait goes on. Its own claim counted as a grant
+    to another fetch of the worker, and at the next hint the wait resent that task, found no
+    payload, and answered ``unavailable`` instead of the task the hint named (found by review,
+    2026-12-06)."""
+    h = hinted
+    assert h.hints is not None
+    waiting = asyncio.create_task(h.fetch("w", wait_ms=5_000))
+    await wait_for(lambda: h.hints.waiting == 1, 10.0, what="the fetch waiting")  # type: ignore[union-attr]
+    ended: set[uuid.UUID] = set()
+    real_payload = h.store.payload
+
+    async def payload(q: QueueKey, task_id: uuid.UUID) -> Any:
+        return None if task_id in ended else await real_payload(q, task_id)
+
+    monkeypatch.setattr(h.store, "payload", payload)
+    # A token: its hint carries no value, the claim reads the payload (which is gone).
+    gone = uuid.UUID(await h.add("its life ended", token={"processId": "p"}))
+    ended.add(gone)
+    await wait_for(lambda: h.metrics.total("deliveries_failed", reason="expired") >= 1, 10.0, what="the claim")
+    await wait_for(lambda: h.hints.waiting == 1, 10.0, what="the fetch waiting again")  # type: ignore[union-attr]
+    task_id = await h.add("next")
+    got = await asyncio.wait_for(waiting, 4.5)
+    assert got is not None and got.task_id == task_id

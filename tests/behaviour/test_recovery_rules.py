@@ -1090,3 +1090,34 @@ async def test_a_claim_that_lands_after_its_deadlines_passes_is_still_taken_back
             break
         await h.advance(DECISION_IN_FLIGHT_MS // 20, ticks=2)
     assert got is not None and got.task_id == str(task_id), "the late claim's task never came back"
+
+
+async def test_a_re_exposures_entry_spent_through_its_other_entry_costs_one_refused_claim_not_one_per_bridge(
+    harness: Harness,
+) -> None:
+    """A re-exposure written again ahead (its first write held up by a slow store) leaves two
+    recovered-lane entries; the task is claimed through one. Every bridge whose scan then met the
+    other paid a write-ahead and a refused claim for it (only a late add's second entries were
+    marked claimed once refused: found by review, 2026-12-06). The first refusal marks it claimed."""
+    from bridge.domain.records import LANE_RECOVERED
+    from bridge.domain.timeline import new_task_id, ready_bucket
+
+    h = harness
+    q = QueueKey(OWNER, h.service)
+    task_id = uuid.UUID(await h.add("once"))
+    assert await h.fetch("gone", ttr_ms=500) is not None  # and never acked
+    first = await h.fetch_until("second")  # re-exposed by the scheduler, claimed at epoch 2
+    assert first.task_id == str(task_id) and first.epoch == 2
+    # The same re-exposure's entry written again ahead (``scheduler._expose``'s second write).
+    ahead_ms = h.clock.now_ms() + 1_000
+    await h.store.expose_recovered(q, ready_bucket(ahead_ms), new_task_id(ahead_ms), task_id, 1, False)
+    await h.advance(3_000)  # its place reached, settled for the scans
+    bridges = [h.instance(h.clock)[0] for _ in range(3)]
+    for n, bridge in enumerate(bridges):
+        assert await h.fetch(f"other{n}", queue=bridge) is None
+        await bridge.drain_background(5.0)
+    refused = h.metrics.total("claim_conflicts") + h.metrics.total("claims_stale")
+    assert refused == 1, f"{refused} refused claims of one spent entry by three bridges"
+    scanned = await h.store.scan(q, LANE_RECOVERED, ready_bucket(ahead_ms), None, 100)
+    lanes = [e for e in scanned if e.task_id == task_id]
+    assert lanes and all(e.claimed for e in lanes), lanes
