@@ -169,6 +169,7 @@ class Bridge:
             settings,
             on_loss=lambda: self.reconcile.alarm(self.clock.now_ms()),
             on_queue_loss=lambda q: self.reconcile.alarm_queue(q, self.clock.now_ms()),
+            now_ms=self.clock.now_ms,
         )
         # One bridge of the fleet runs the recovery scheduler and the result relay (RabbitMQ elects it).
         self.duty = Duty(f"{settings.queue_prefix}.duty", queue_arguments=durable_queue_arguments(settings))

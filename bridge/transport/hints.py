@@ -60,6 +60,7 @@ from bridge.crypto import Sealed
 from bridge.domain.cancellation import stray_as_failure
 from bridge.domain.hints import Hint, HintsUnavailable, Taken
 from bridge.domain.records import LANE_FRESH, LANE_RECOVERED, PRIORITY_MAX, Payload, QueueKey
+from bridge.domain.timeline import ms_of
 from bridge.observability.throttled import ThrottledWarning
 from bridge.transport import frames
 from bridge.transport.replies import message_ids
@@ -219,6 +220,9 @@ BROKER_CALL_S = 3.0
 # that had just lost a node. The waiters scan the store meanwhile, one look a second for all.
 FAILED_QUEUE_HOLD_S = 1.0
 TRANSIENT = 1  # delivery mode: hints are not written to disk
+# A hint outlives its task by this much (the broker counts its expiration from when it takes the
+# hint; the publish may take a moment): gone early, its task is found by a scan all the same.
+HINT_LIFE_SLACK_MS = 2_000
 
 
 async def _settle(message: Received, *, requeue: bool | None) -> None:
@@ -263,8 +267,11 @@ class AmqpHints:
         *,
         on_loss: Callable[[], None] | None = None,
         on_queue_loss: Callable[[QueueKey], None] | None = None,
+        now_ms: Callable[[], int] | None = None,
     ) -> None:
         self.settings = settings
+        # The bridges' clock (Cassandra's, by default), which task ids and lives are on.
+        self._now_ms = now_ms or (lambda: int(time.time() * 1000))
         # Hints may have been lost (a broker reconnect, a failed publish): reconciliation scans again.
         self.on_loss = on_loss or (lambda: None)
         # The hints of one queue alone (its hint queue cannot be declared: the node holding it is
@@ -401,7 +408,19 @@ class AmqpHints:
             # them (claims of tasks whose hints other bridges' waiting fetches were being handed).
             self._lost(exc, q)
             return
-        await self._publish(encode(hint), priority, queue.name)
+        await self._publish(encode(hint), priority, queue.name, expiration=self._life_left(hint))
+
+    def _life_left(self, hint: Hint) -> str:
+        """The hint's expiration: as long as its task lives (plus the clocks' margin). Without one,
+        the hints of a queue nobody fetched from piled up for ever (publishing does not renew its
+        queue's ``x-expires``; any bridge's next add declares it again): a tenant adding with no
+        workers grew the broker's memory by a hint a task (kilobytes each) past its tasks' TTL,
+        and the workers that came back took the oldest first, each a claim of a task long gone."""
+        ends = hint.payload.expires_at_ms if hint.payload is not None else None
+        if ends is None:
+            ends = ms_of(hint.task_id) + self.settings.task_ttl_seconds * 1000  # a delayed one's: later
+        left = ends - self._now_ms() + HINT_LIFE_SLACK_MS
+        return str(max(HINT_LIFE_SLACK_MS, left))
 
     def hand_here(self, q: QueueKey, hint: Hint) -> bool:
         """A fetch of this bridge waits for this queue: the hint is handed to the oldest such fetch

@@ -290,3 +290,24 @@ async def test_a_stopping_bridge_cancels_its_hint_consumers_before_its_connectio
     assert b.transport.connection is not None and not b.transport.connection.is_closed
     with contextlib.suppress(Exception):
         await asyncio.wait_for(waiting, 10)
+
+
+async def test_the_hints_of_tasks_whose_life_ended_leave_their_hint_queue(make_bridge, engine, servers):
+    """Hints had no expiration: a tenant adding to a queue nobody fetched from piled up one hint
+    a task (kilobytes each in the broker's memory) for ever, past its tasks' TTL, and workers that
+    came back took the oldest first, each a claim of a task long gone (found by review,
+    2026-12-06). A hint now expires with its task."""
+    from tests.conftest import _queue_counts
+
+    b = await make_bridge(task_ttl=2)
+    svc = service_id()
+    name = hint_queue_name(b.settings.queue_prefix, QueueKey(OWNERS[0], svc))
+    for n in range(5):
+        await engine.add(svc, {"n": n}, token={"p": n})  # a token: the hint carries no value
+    guest = servers.amqp_url("guest")
+    assert (await _queue_counts(guest, name))[1] == 5, "a hint a task, nobody fetching"
+
+    async def gone() -> bool:
+        return (await _queue_counts(guest, name))[1] == 0
+
+    await wait_for(gone, 20, interval=0.5, what="the hints gone with their tasks (a 2 s TTL)")
