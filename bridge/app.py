@@ -160,7 +160,9 @@ class Bridge:
             self.metrics.bind_clock_uncertainty(self.anchor.uncertainty_ms)
         # Dispatch by hints on RabbitMQ (attached when the transport connects).
         self.reconcile = Reconciliation(
-            grace_ms=int(settings.hint_grace * 1000), interval_ms=int(settings.reconcile_interval * 1000)
+            grace_ms=int(settings.hint_grace * 1000),
+            interval_ms=int(settings.reconcile_interval * 1000),
+            max_queues=settings.max_queues_in_memory,
         )
         # With BRIDGE_HINTS=false the bridge takes no hints (every fetch scans) but still publishes
         # them (``AmqpHints.takes``): in a fleet switched pod by pod, the bridges that take hints

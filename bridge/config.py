@@ -213,7 +213,8 @@ class Settings(BaseSettings):
         10_000,
         ge=10,
         description="Queue lanes whose scan position a bridge caches (about 3 kB each); the least recently "
-        "used beyond this are forgotten and re-read from Cassandra when needed.",
+        "used beyond this are forgotten and re-read from Cassandra when needed. Also bounds the hint queues "
+        "kept declared and the queues' sweep times.",
     )
     result_republish_after: float = Field(
         10.0, gt=0, description="A result still unpublished after this many seconds is re-published."

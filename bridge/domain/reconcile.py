@@ -38,6 +38,7 @@ class Reconciliation:
         self._alarm_ms = 0  # the last alarm: entries placed before it are scanned without grace
         self._queue_alarms: OrderedDict[QueueKey, int] = OrderedDict()  # the same, for one queue
         self._swept: OrderedDict[QueueKey, int] = OrderedDict()  # when a fetch last swept the queue
+        self._since: int | None = None  # the first sweep asked about: this bridge's start, nearly
 
     @classmethod
     def scan_always(cls) -> Reconciliation:
@@ -48,14 +49,20 @@ class Reconciliation:
 
     def sweep_due(self, q: QueueKey, now_ms: int) -> bool:
         """Whether a fetch that may find hints scans ``q`` first: once an interval, and after an
-        alarm (hints its queue had may be lost). A queue first seen here waits an interval (its
-        first fetches take hints, in priority order; one that finds none scans as ever)."""
+        alarm (hints its queue had may be lost). A queue first seen in this bridge's first interval
+        waits an interval (a started bridge does not sweep every queue at once; their first fetches
+        take hints, in priority order; one that finds none scans as ever). Later, a queue not known
+        here is swept at once: it may be one forgotten (``max_queues``, the least recently used
+        first), and one forgotten between its fetches on this bridge (more queues than the bound, a
+        queue fetched seldom here) was never swept."""
         if self.grace_ms is None or self.interval_ms <= 0:
             return False
+        if self._since is None:
+            self._since = now_ms
         last = self._swept.get(q)
         if last is None:
             self._note_swept(q, now_ms)
-            return False
+            return now_ms - self._since >= self.interval_ms
         return last < self._alarm_at(q) or now_ms - last >= self.interval_ms
 
     def swept(self, q: QueueKey, now_ms: int, *, found: bool) -> None:

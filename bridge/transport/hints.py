@@ -68,7 +68,6 @@ from bridge.transport.request import Delivery
 
 log = logging.getLogger("bridge.hints")
 
-MAX_DECLARED = 10_000
 # The queue names after the prefix (broker permissions): ``p`` since 1.4, whose queues have five
 # priorities (task priorities 0-3, recovered tasks above them); a queue's arguments cannot change,
 # so the 1.3 queues (two priorities) keep their names and 1.4 bridges use new ones.
@@ -289,6 +288,9 @@ class AmqpHints:
         self._ids = message_ids()
         self._consume: AbstractChannel | None = None  # waiting fetches' consumers (prefetch 1 each)
         self._declared: OrderedDict[str, AbstractQueue] = OrderedDict()
+        # As many as the queues whose state the bridge keeps (a miss is a declaration on the
+        # request's path: with more queues in use than a fixed 10,000, about every other one).
+        self._max_declared = settings.max_queues_in_memory
         self._failed: OrderedDict[str, float] = OrderedDict()  # hint queue -> when it last failed (monotonic)
         self._waiting: dict[str, _Waiting] = {}
         self._cancelling: set[asyncio.Task[None]] = set()  # consumer cancels under way
@@ -329,7 +331,7 @@ class AmqpHints:
         # The queue object only names the queue for the publish-and-get channel: no broker call.
         declared = await self._channel.get_queue(name, ensure=False)
         self._declared[name] = declared
-        while len(self._declared) > MAX_DECLARED:
+        while len(self._declared) > self._max_declared:
             self._declared.popitem(last=False)
         return declared
 
@@ -621,7 +623,7 @@ class AmqpHints:
         name = hint_queue_name(self.settings.queue_prefix, q)
         self._failed[name] = time.monotonic()
         self._failed.move_to_end(name)
-        while len(self._failed) > MAX_DECLARED:
+        while len(self._failed) > self._max_declared:
             self._failed.popitem(last=False)
 
     def _forget_if_gone(self, q: QueueKey, exc: BaseException) -> None:

@@ -1,5 +1,5 @@
 """Hints and long-poll through broker trouble (real servers): a reconnection, a hint queue
-deleted, a consumer start that fails, many queues (MAX_DECLARED)."""
+deleted, a consumer start that fails, many queues (BRIDGE_MAX_QUEUES_IN_MEMORY)."""
 
 from __future__ import annotations
 
@@ -139,19 +139,17 @@ async def _hint_queues_of_new_services(bridge: Any, n: int) -> list[str]:
 
 
 async def test_the_declared_hint_queues_stay_bounded(bridge, servers, monkeypatch):
-    """MAX_DECLARED bounds the hint queues a bridge keeps declared objects of (any caller can name
+    """BRIDGE_MAX_QUEUES_IN_MEMORY bounds the hint queues a bridge keeps declared objects of (any caller can name
     new services). The robust channel they are declared on keeps every queue it declared, for
     ever, and declares them all again at each reconnection."""
-    from bridge.transport import hints as hints_module
-
-    monkeypatch.setattr(hints_module, "MAX_DECLARED", 10)
     h = bridge.hints
+    monkeypatch.setattr(h, "_max_declared", 10)
     names = await _hint_queues_of_new_services(bridge, 100)
     kept = sum(len(s) for s in h._channel._queues.values())
     for name in names:
         await _delete_queue(servers.amqp_url("guest"), name)
     assert len(h._declared) <= 10
-    assert kept <= 10, f"the hint channel keeps {kept} declared queues (MAX_DECLARED is 10)"
+    assert kept <= 10, f"the hint channel keeps {kept} declared queues (the bound is 10)"
 
 
 async def test_a_waiter_that_joined_a_consumer_start_that_failed_is_still_woken(bridge, engine, workers, monkeypatch):
@@ -180,17 +178,15 @@ async def test_a_waiter_that_joined_a_consumer_start_that_failed_is_still_woken(
 async def test_a_reconnection_does_not_declare_again_hint_queues_the_bridge_no_longer_keeps(
     named_bridge, servers, monkeypatch
 ):
-    """Hint queues expire when unused (x-expires). A bridge forgets the queues past MAX_DECLARED,
+    """Hint queues expire when unused (x-expires). A bridge forgets the queues past its bound,
     but its robust channel declares every hint queue it ever declared again at each reconnection
     (and at each channel error): expired queues come back, and the restore takes one round trip
     per queue ever touched by the process."""
     import aio_pika
 
-    from bridge.transport import hints as hints_module
-
-    monkeypatch.setattr(hints_module, "MAX_DECLARED", 5)
     b, conn_name = await named_bridge()
     h = b.hints
+    monkeypatch.setattr(h, "_max_declared", 5)
     queues = await _hint_queues_of_new_services(b, 30)
     url = servers.amqp_url("guest")
     for name in queues:  # as if they had expired
@@ -215,7 +211,7 @@ async def test_a_reconnection_does_not_declare_again_hint_queues_the_bridge_no_l
             with contextlib.suppress(Exception):
                 await ch.queue_delete(name)
         await conn.close()
-    assert back <= 5, f"{back} of 30 deleted hint queues declared again by the reconnection (MAX_DECLARED 5)"
+    assert back <= 5, f"{back} of 30 deleted hint queues declared again by the reconnection (a bound of 5)"
 
 
 async def test_a_lone_long_poll_whose_hint_consumer_the_broker_cancelled_gets_the_next_task(

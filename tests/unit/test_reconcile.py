@@ -43,3 +43,30 @@ def test_queue_alarms_are_bounded() -> None:
         r.alarm_queue(QueueKey("acme", f"s{i}"), 1_000 + i)
     assert r.cutoff_ms(3_500, QueueKey("acme", "s0")) == 500, "the oldest forgotten"
     assert r.cutoff_ms(3_500, QueueKey("acme", "s4")) == 1_004, "the newest kept"
+
+
+def test_a_queue_forgotten_between_its_fetches_is_still_swept() -> None:
+    """A queue not known here waited an interval before its first sweep; forgotten between its
+    fetches on this bridge (more queues in use than the bound, a queue fetched seldom here), every
+    fetch found it unknown, and it was never swept: a task whose hint was lost waited behind a hint
+    queue that never ran dry (found by review, 2026-12-06)."""
+    r = Reconciliation(grace_ms=3_000, interval_ms=30_000, max_queues=3)
+    seldom = QueueKey("acme", "seldom")
+    assert not r.sweep_due(seldom, 0), "the bridge's first interval: no sweep of every queue at its start"
+    for now in range(40_000, 2_000_000, 40_000):
+        for i in range(5):  # other queues in between: it is forgotten each time
+            r.sweep_due(QueueKey("acme", f"busy{i}"), now)
+        if r.sweep_due(seldom, now + 1):
+            break
+    else:
+        raise AssertionError("a queue forgotten between its fetches was never swept")
+    assert now == 40_000
+
+
+def test_a_known_queue_is_swept_once_an_interval() -> None:
+    r = Reconciliation(grace_ms=3_000, interval_ms=30_000)
+    assert not r.sweep_due(BROKEN, 0)
+    assert not r.sweep_due(BROKEN, 29_999)
+    assert r.sweep_due(BROKEN, 30_000)
+    r.swept(BROKEN, 30_000, found=False)
+    assert not r.sweep_due(BROKEN, 30_001)
