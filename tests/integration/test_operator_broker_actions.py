@@ -117,6 +117,41 @@ async def test_a_deleted_add_queue_is_declared_again_and_adds_are_stored(bridge,
     assert task is not None and task.id == added
 
 
+async def test_an_add_sent_while_its_queue_is_declared_again_is_stored_not_refused_as_an_unknown_method(
+    bridge, engine, workers, servers, names, monkeypatch
+):
+    """While the bridge declares ``<prefix>.add`` again (an operator deleted it), an add goes to
+    ``.unrouted``: it was answered ``bad_request: unknown method 'add'`` (listing ``add`` as a
+    method in the same breath), which a client does not retry, and dead-lettered, so a replay
+    made it a task after its engine was told it failed (found by review, 2026-12-06). Taken as
+    the add it is."""
+    import bridge.transport.amqp as amqp
+
+    url = servers.amqp_url("guest")
+    add_q = f"{names['queue_prefix']}.add"
+    real = amqp.declare_consumed_queue
+    declaring = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        if "add" in args or kwargs.get("method") == "add":
+            declaring.set()
+            await go_on.wait()
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(amqp, "declare_consumed_queue", held)
+    await _delete_queue(url, add_q)
+    await wait_for(declaring.is_set, 10.0, what="the add queue being declared again")
+    svc = service_id()
+    try:
+        added = await asyncio.wait_for(engine.add(svc, {"n": 1}), 20)
+    finally:
+        go_on.set()
+    w = await workers(svc, "w1")
+    task = await w.fetch()
+    assert task is not None and task.id == added
+
+
 async def test_a_deleted_lifecycle_queue_is_declared_again_with_every_binding(bridge, engine, servers, names):
     """``<prefix>.lifecycle`` takes eight routing keys: each is bound again (``stats`` and
     ``parked`` are served, by the bridge that declared the queue again)."""
