@@ -37,7 +37,9 @@ Exception hierarchy::
     ├── InvalidQuery .......................... internal (a bug)   bridge.storage.errors
     ├── CryptoError ........................... (per subclass)     bridge.crypto.errors
     │   ├── KeyUnavailable .................... unavailable
-    │   │   └── BadKeyAnswer (one owner's key-server entry unusable)
+    │   │   ├── BadKeyAnswer (one owner's key-server entry unusable, or the server failing
+    │   │   │   for that owner only)
+    │   │   └── _AnsweredError (an error status answered; never leaves bridge.crypto.keyserver)
     │   ├── UnknownOwner (crypto) ............. unknown_owner
     │   ├── UnknownKey ........................ integrity_error
     │   └── TamperedCiphertext ................ integrity_error
