@@ -35,6 +35,8 @@ FRAME_OVERHEAD = 8  # type, channel, size (7 bytes) and the end octet
 BASIC = 60
 BASIC_PUBLISH = 40
 BASIC_ACK = 80
+BASIC_REJECT = 90
+BASIC_NACK = 120
 
 _FRAME_HEAD = struct.Struct(">BHI")  # frame type, channel, payload size
 _PUBLISH_HEAD = struct.pack(">HHH", BASIC, BASIC_PUBLISH, 0)  # class, method, reserved (ticket)
@@ -127,6 +129,16 @@ def publish(
 
 def ack(channel: int, delivery_tag: int, *, multiple: bool = False) -> bytes:
     return _ACK.pack(FRAME_METHOD, channel, _ACK_SIZE, BASIC, BASIC_ACK, delivery_tag, multiple) + FRAME_END
+
+
+def nack(channel: int, delivery_tag: int, *, requeue: bool, multiple: bool = False) -> bytes:
+    """Basic.Nack: the same layout as an ack, its two bits in one octet (multiple, requeue)."""
+    bits = int(multiple) | int(requeue) << 1
+    return _ACK.pack(FRAME_METHOD, channel, _ACK_SIZE, BASIC, BASIC_NACK, delivery_tag, bits) + FRAME_END
+
+
+def reject(channel: int, delivery_tag: int, *, requeue: bool) -> bytes:
+    return _ACK.pack(FRAME_METHOD, channel, _ACK_SIZE, BASIC, BASIC_REJECT, delivery_tag, requeue) + FRAME_END
 
 
 def closing(channel: aiormq.Channel) -> bool:

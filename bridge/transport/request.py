@@ -122,10 +122,16 @@ class Delivery:
         channel = cast(aiormq.Channel, self._channel)
         await frames.write(channel, frames.ack(channel.number, self._tag))
 
+    # A requeue and a dead-letter are written as bytes too: aiormq's basic_nack and basic_reject
+    # wait for room in the connection's write queue without end, and once the connection closed
+    # with that queue full (a writer stuck on its socket) nothing took from it again: the request's
+    # task never ended, and every later graceful stop waited its whole grace for it.
     async def nack(self, requeue: bool = True) -> None:
         self._settle_once()
-        await self._channel.basic_nack(self._tag, requeue=requeue, wait=False)
+        channel = cast(aiormq.Channel, self._channel)
+        await frames.write(channel, frames.nack(channel.number, self._tag, requeue=requeue))
 
     async def reject(self, requeue: bool = False) -> None:
         self._settle_once()
-        await self._channel.basic_reject(self._tag, requeue=requeue, wait=False)
+        channel = cast(aiormq.Channel, self._channel)
+        await frames.write(channel, frames.reject(channel.number, self._tag, requeue=requeue))

@@ -88,3 +88,28 @@ async def test_a_write_waiting_for_room_is_queued_when_the_writer_takes_a_frame(
     await asyncio.wait_for(waiting, 5)
     assert connector.write_queue.get_nowait().payload == b"second"
     await connector.close()
+
+
+@pytest.mark.parametrize("settle", ["nack", "reject"])
+async def test_a_refused_request_waiting_for_room_on_a_connection_that_closes_ends(settle: str) -> None:
+    """A request refused (dead-lettered) or requeued went through aiormq's basic_reject and
+    basic_nack, whose wait for room in a full write queue never ended once the connection closed:
+    the request's task stayed in flight and every later graceful stop waited its whole grace
+    (found by review, 2026-12-06). Written as bytes, as acks are, the close ends the wait."""
+    from aiormq.abc import DeliveredMessage
+
+    from bridge.transport.request import Delivery
+
+    connector = _Connector()
+    connector.write_queue = asyncio.Queue(maxsize=1)
+    channel = aiormq.Channel(connector, number=7, publisher_confirms=False)  # type: ignore[arg-type]
+    await frames.write(channel, b"fills the queue")
+    deliver = spec.Basic.Deliver(consumer_tag="c", delivery_tag=3, routing_key="fetch")
+    header = SimpleNamespace(properties=spec.Basic.Properties())
+    delivery = Delivery(DeliveredMessage(deliver, header, b"{}", channel))  # type: ignore[arg-type]
+    waiting = asyncio.ensure_future(getattr(delivery, settle)())
+    await asyncio.sleep(0)
+    assert not waiting.done(), "the queue is full: the settle waits"
+    await connector.close(ConnectionError("the connection is gone"))
+    with pytest.raises(ChannelInvalidStateError):
+        await asyncio.wait_for(waiting, 5)

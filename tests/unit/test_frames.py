@@ -131,6 +131,16 @@ def test_an_ack_is_what_pamqp_writes(channel: int, tag: int, multiple: bool) -> 
     )
 
 
+@given(channel=st.integers(1, 2047), tag=st.integers(1, 2**63 - 1), requeue=st.booleans(), multiple=st.booleans())
+def test_a_nack_and_a_reject_are_what_pamqp_writes(channel: int, tag: int, requeue: bool, multiple: bool) -> None:
+    assert frames.nack(channel, tag, requeue=requeue, multiple=multiple) == pamqp.frame.marshal(
+        Basic.Nack(delivery_tag=tag, multiple=multiple, requeue=requeue), channel
+    )
+    assert frames.reject(channel, tag, requeue=requeue) == pamqp.frame.marshal(
+        Basic.Reject(delivery_tag=tag, requeue=requeue), channel
+    )
+
+
 def test_a_short_string_over_255_bytes_is_refused() -> None:
     with pytest.raises(ValueError, match="255"):
         frames.short_string("é" * 128)
