@@ -296,9 +296,9 @@ class CassandraSession:
         batch.is_idempotent = True
         self.statements[name] += 1
         self.executed.update(part for part, _ in items)
-        await self._run(batch, lwt=False)
+        await self._run(batch, lwt=False, batch=True)
 
-    async def _run(self, bound: Any, *, lwt: bool, timeout: float | None = None) -> list[Row]:
+    async def _run(self, bound: Any, *, lwt: bool, timeout: float | None = None, batch: bool = False) -> list[Row]:
         try:
             with self.stall.track():
                 if timeout is None:  # the profile's: BRIDGE_CASSANDRA_TIMEOUT
@@ -306,28 +306,11 @@ class CassandraSession:
                 else:
                     rf = self.session.execute_async(bound, timeout=timeout)
                 return await _to_asyncio(rf, asyncio.get_running_loop())
-        except RequestValidationException:
-            raise  # a bug in our CQL or bind values, not an outage
-        except NoHostAvailable as exc:
-            # Never sent anywhere: not applied, whatever the statement.
-            raise StorageNotSent("cassandra unavailable: no host available") from exc
-        except (WriteTimeout, OperationTimedOut, Unavailable) as exc:
-            if lwt:
-                # A conditional write that timed out may still be applied later (CASSANDRA-9328);
-                # one answered Unavailable may have been decided already (Paxos v1 commits an
-                # accepted proposal, and that commit can answer Unavailable).
-                raise UnknownOutcome(f"{kind_of(exc)}: the write may or may not have applied") from exc
-            raise StorageUnavailable(f"cassandra unavailable: {kind_of(exc)}") from exc
-        except proto.RequestValidationException:
-            raise  # invalid CQL or schema: a bug, not an outage
-        except (RequestExecutionException, DriverException, proto.ErrorMessage, ConnectionException, OSError) as exc:
-            # ConnectionException (not a DriverException): the connection died under the request,
-            # which may have reached the server: for a statement that is not idempotent, unknown.
-            # ErrorMessage covers server-side failures the driver passes through as they are
-            # (ServerError, Overloaded, IsBootstrapping, ...): all "try again later".
-            if lwt:
-                raise UnknownOutcome(f"{kind_of(exc)}: the write may or may not have applied") from exc
-            raise StorageUnavailable(f"cassandra error: {kind_of(exc)}") from exc
+        except Exception as exc:
+            mapped = storage_error(exc, lwt=lwt, batch=batch)
+            if mapped is None:
+                raise
+            raise mapped from exc
 
     async def execute_raw(self, cql: str) -> list[Row]:
         """Run unprepared CQL (schema changes, admin); not for the hot path. Its errors map as a
@@ -337,3 +320,35 @@ class CassandraSession:
             return await self._run(cql.replace("{ks}", self.keyspace), lwt=" IF " in cql, timeout=60)
         except (RequestValidationException, proto.RequestValidationException) as exc:
             raise InvalidQuery(str(exc)) from exc
+
+
+def storage_error(exc: BaseException, *, lwt: bool, batch: bool = False) -> Exception | None:
+    """The domain's storage error for a cassandra-driver error (None: raised as it is, a bug), as
+    the acsylla adapter maps its own (``acsylla_session._storage_error``): both keep one contract."""
+    if isinstance(exc, RequestValidationException | proto.RequestValidationException):
+        return None  # a bug in our CQL or bind values (or the schema), not an outage
+    if isinstance(exc, NoHostAvailable):
+        # Never sent anywhere: not applied, whatever the statement.
+        return StorageNotSent("cassandra unavailable: no host available")
+    if isinstance(exc, WriteTimeout | OperationTimedOut | Unavailable):
+        if lwt:
+            # A conditional write that timed out may still be applied later (CASSANDRA-9328);
+            # one answered Unavailable may have been decided already (Paxos v1 commits an
+            # accepted proposal, and that commit can answer Unavailable).
+            return UnknownOutcome(f"{kind_of(exc)}: the write may or may not have applied")
+        if isinstance(exc, Unavailable) and not batch:
+            # A coordinator checks a mutation's live replicas before it sends it: nothing was
+            # written (a batch's mutations are checked one after the other: some may have been).
+            return StorageNotSent(f"cassandra unavailable: {kind_of(exc)}")
+        return StorageUnavailable(f"cassandra unavailable: {kind_of(exc)}")
+    if isinstance(
+        exc, RequestExecutionException | DriverException | proto.ErrorMessage | ConnectionException | OSError
+    ):
+        # ConnectionException (not a DriverException): the connection died under the request,
+        # which may have reached the server: for a statement that is not idempotent, unknown.
+        # ErrorMessage covers server-side failures the driver passes through as they are
+        # (ServerError, Overloaded, IsBootstrapping, ...): all "try again later".
+        if lwt:
+            return UnknownOutcome(f"{kind_of(exc)}: the write may or may not have applied")
+        return StorageUnavailable(f"cassandra error: {kind_of(exc)}")
+    return None

@@ -41,6 +41,21 @@ def test_a_plain_write_answered_unavailable_is_not_sent_unless_it_is_a_batch_of_
     assert isinstance(batch, StorageUnavailable) and not isinstance(batch, StorageNotSent)
 
 
+def test_both_drivers_say_a_single_statement_answered_unavailable_was_not_sent() -> None:
+    """cassandra-driver's adapter said "may have landed" where acsylla's said "not sent" for the
+    same refusal of one statement: on the datastax driver, an add refused so kept its ageing task
+    id for good and looked up a write that never happened (found by review, 2026-12-06)."""
+    from cassandra import ConsistencyLevel, Unavailable
+
+    from bridge.storage.cassandra import storage_error
+
+    refused = Unavailable("injected", consistency=ConsistencyLevel.QUORUM, required_replicas=2, alive_replicas=1)
+    assert isinstance(storage_error(refused, lwt=False), StorageNotSent)
+    batch = storage_error(refused, lwt=False, batch=True)
+    assert isinstance(batch, StorageUnavailable) and not isinstance(batch, StorageNotSent)
+    assert isinstance(storage_error(refused, lwt=True), UnknownOutcome)
+
+
 def test_a_plain_write_answered_overloaded_may_have_landed() -> None:
     """Cassandra's hint check answers Overloaded replica by replica as it sends the write (after
     the live replicas before it got it): not a refusal before anything was written."""
