@@ -1542,9 +1542,10 @@ class Worker(RpcClient):
 
         The loop goes on through what the bridge or RabbitMQ answers about a fetch: no answer,
         ``unavailable``, ``internal`` or an error code this client does not know pause the next
-        fetch a little longer each time (see :meth:`_poll`); ``integrity_error`` (a task that could
-        not be opened: tampered, or sealed with a key since removed from the key ring, which the
-        bridge dead-lettered) is logged and the next fetch moves on at once. Only answers that
+        fetch a little longer each time (see :meth:`_poll`); ``integrity_error`` (a task that
+        failed authentication, which the bridge dead-lettered) is logged and the next fetch moves
+        on at once. (A task sealed with a key not known now is let go by the bridge, which hands
+        out the next task instead, or answers ``unavailable`` when there is none.) Only answers that
         say the worker itself is misconfigured end ``run`` with that error
         (:data:`MISCONFIGURED`: ``unknown_owner``, no key for its owner; ``unauthorized``;
         ``bad_request``, such as a service or worker id the bridge refuses): a worker that cannot
@@ -1842,9 +1843,9 @@ class Worker(RpcClient):
         Cassandra down at the bridge) or an error that is not the worker's (``internal``, a code
         this client does not know) in a row pause longer each time, up to
         :data:`POLL_PAUSE_MAX_S`, instead of reconnecting as fast as the loop turns; ``stop`` ends
-        the pause. ``integrity_error`` (the task could not be opened: tampered, or sealed with a
-        key the key ring no longer has) is logged and the next fetch goes at once: the bridge
-        dead-lettered that task and cleared this worker's pointer, so it moves on. An error that
+        the pause. ``integrity_error`` (the task failed authentication: tampered) is logged and
+        the next fetch goes at once: the bridge dead-lettered that task and cleared this worker's
+        pointer, so it moves on. An error that
         says the worker itself is wrong (:data:`MISCONFIGURED`) is raised: no retry fixes it."""
         started = time.monotonic()
         try:

@@ -63,6 +63,12 @@ MAX_STALE_HINTS = 64
 # no lost races either. A store stall makes many adds late at once, and eight of them in a row
 # made a fetch answer null with a task ready behind them.
 MAX_SPENT_ENTRIES = 64
+# Tasks one fetch may claim and find it cannot open (their key missing, the key provider failing
+# for it) before it answers so: each is let go (its lease runs out, it comes back later), and the
+# fetch goes on to the next task. Answered at the first, a worker backed off at each and never
+# reached the healthy tasks behind a run of them (a removed key's tasks, served first once they
+# come back in the recovered lane).
+MAX_UNOPENED = 4
 TTL_GRANULARITY_MS = 1_000  # Cassandra expires rows on whole seconds
 # Workers with fetches in flight on one bridge that are made to take turns (``_Flight``). An entry
 # lives only while a fetch of its worker is in flight, so this bounds the memory of a burst of
@@ -210,6 +216,17 @@ class _Attempt:
     # The claim under way is the one the worker's pointer announced (``_claim_announced``): the
     # task and epoch another fetch of this worker may be claiming too.
     announced: tuple[uuid.UUID, int] | None = None
+    # Tasks claimed that could not be opened (``MAX_UNOPENED``), and why the last could not: the
+    # fetch's answer if it finds nothing else.
+    unopened: int = 0
+    unopenable: Exception | None = None
+
+    def passed_over(self, exc: Exception) -> None:
+        """A task claimed and let go, its key not usable now: the next one, up to ``MAX_UNOPENED``."""
+        if self.unopened >= MAX_UNOPENED:
+            raise exc
+        self.unopened += 1
+        self.unopenable = exc
 
 
 def _claim_not_landed(held: WorkerPointer, current: Lease | None) -> bool:
@@ -323,7 +340,8 @@ class Fetcher:
             return delivery
         try:
             delivery = await self._claim_next(a)
-            if delivery is None and req.wait_ms > 0:
+            # (Not after tasks it could not open: the worker hears why at once, as before.)
+            if delivery is None and req.wait_ms > 0 and a.unopenable is None:
                 delivery = await self._wait_for_hint(a, req.wait_ms, still_wanted)
         except RequestAbandoned:
             delivery = None
@@ -345,6 +363,12 @@ class Fetcher:
             await ctx.store.clear_worker(a.q, a.worker, stamp)
         if abandoned:
             raise RequestAbandoned("nobody waits for this fetch's reply any more")
+        if delivery is None and a.unopenable is not None:
+            # Nothing else to hand out: the worker hears why (``unavailable``), once the pointers
+            # this fetch wrote ahead of claims it lost after it are undone (above). Raised before
+            # them, the pointer of such a lost claim named the task let go, and the worker's next
+            # fetch resent it and failed on it again.
+            raise a.unopenable
         return delivery
 
     async def _take_turn(self, a: _Attempt, *, bounded: bool = True) -> None:
@@ -490,7 +514,11 @@ class Fetcher:
                 break
             if taken is None:
                 break
-            claim = await self._claim_hinted(a, taken)
+            try:
+                claim = await self._claim_hinted(a, taken)
+            except (KeyMissing, KeysUnavailable) as exc:
+                a.passed_over(exc)
+                continue
             if claim.delivery is not None:
                 return claim.delivery
             if claim.finished:
@@ -602,6 +630,12 @@ class Fetcher:
         a.attempted = True
         try:
             claim = await self._try_claim(a, entry, taken.hint.payload, stored=taken.hint.stored)
+        except (KeyMissing, KeysUnavailable):
+            # Claimed, and let go unopened (``_deliver``): decided, the task comes back with a
+            # hint of its own once its lease runs out. Put back, the hint sent another fetch to a
+            # claim the lease refuses.
+            await asyncio.shield(taken.done())
+            raise
         except BaseException:
             await asyncio.shield(taken.retry())  # not decided: another fetch gets the hint
             raise
@@ -646,11 +680,9 @@ class Fetcher:
                 spent, attempts = spent + 1, attempts - 1  # a read, not a lost race
                 continue
             a.attempted = True
-            try:
-                claim = await self._try_claim(a, entry)
-            except BaseException:
-                self.dispatcher.release(a.q, entry)
-                raise
+            claim = await self._claim_entry(a, entry)
+            if claim is None:
+                continue
             delivery, a.stamp = claim.delivery, claim.stamp
             # Claimed by us, or it was not claimable (another worker or instance got it first).
             self.dispatcher.taken(a.q, entry, lost_race=delivery is None)
@@ -673,6 +705,19 @@ class Fetcher:
             # hint behind that run waited an interval per 4,096 entries.
             self.reconcile.found_nothing(a.q, self.ctx.clock.now_ms())
         return None
+
+    async def _claim_entry(self, a: _Attempt, entry: ReadyEntry) -> _Claim | None:
+        """A scan's claim of ``entry``; None once it was claimed and let go unopened (its key not
+        usable now: ``_Attempt.passed_over``)."""
+        try:
+            return await self._try_claim(a, entry)
+        except (KeyMissing, KeysUnavailable) as exc:
+            self.dispatcher.taken(a.q, entry)  # claimed (and let go): its lease decides
+            a.passed_over(exc)
+            return None
+        except BaseException:
+            self.dispatcher.release(a.q, entry)
+            raise
 
     async def _spent_second_entry(self, q: QueueKey, entry: ReadyEntry) -> bool:
         """Whether a second entry's task is leased already (taken through its first entry, as

@@ -402,8 +402,9 @@ async function main() {
         if (stopping) break; // the signal closed the connection under the long-poll (see drain)
         if (MISCONFIGURED.has(err.code)) throw err; // this worker cannot be served: say so and stop
         if (err.code === 'integrity_error') {
-          // The bridge could not open a task (tampered, or its key gone), dead-lettered it and
-          // cleared our pointer: the next fetch moves on at once.
+          // A task failed authentication (tampered): the bridge dead-lettered it and cleared our
+          // pointer, so the next fetch moves on at once. (One whose key is gone for now is let go
+          // by the bridge, which hands out the next task, or answers unavailable.)
           emit('fetch_failed', { code: err.code, message: String(err.message), pauseMs: 0 });
           failed = 0;
           continue;

@@ -412,7 +412,8 @@ async def test_a_key_lookup_that_fails_does_not_pin_the_worker_to_its_task(make_
     missing, the claim kept the worker's pointer, so each retry of the worker re-sent that task's
     lease and failed again: the worker never got to the healthy tasks sealed with the current key
     behind it (after a rotation, every worker of the queue), and each claim counted toward the
-    delivery limit. It is now let go as a missing key is: the worker moves on."""
+    delivery limit. It is now let go as a missing key is: the worker moves on (since 2026-12-06
+    within the same fetch)."""
     from bridge.crypto import KeyUnavailable
     from bridge.crypto.keyring_file import rotate_keyring
 
@@ -437,8 +438,6 @@ async def test_a_key_lookup_that_fails_does_not_pin_the_worker_to_its_task(make_
     ring.key_by_id = key_by_id  # type: ignore[method-assign]
     b.keys.invalidate()
     w = await workers(svc)
-    with pytest.raises(UnavailableError):
-        await w.fetch(time_to_recover_ms=60_000)  # claims the first task, whose key cannot be had
 
     async def the_healthy_task() -> Any:
         try:
@@ -574,3 +573,29 @@ async def test_an_add_moved_to_the_lane_on_a_black_holed_main_connection_is_sett
                 proxy.cut()  # before the bridge stops: its close would wait on the black-holed connection
     finally:
         await proxy.stop()
+
+
+@pytest.mark.parametrize("hints", [True, False])
+async def test_tasks_whose_key_was_removed_do_not_keep_a_worker_from_the_tasks_behind_them(
+    make_bridge, engine, workers, tmp_path, hints
+):
+    """A removed key's tasks wait (docs/reliability.md): each fetch that claimed one answered
+    ``unavailable``, its worker paused (backing off up to 5 s) and at its next fetch claimed the
+    next such task, so a run of them kept every worker from the healthy tasks behind them, and
+    they came back, recovered tasks first, at each lease's end (found by review, 2026-12-06). A
+    fetch lets such a task go and goes on to the next."""
+    path, doc = _keyring(tmp_path)
+    b = await make_bridge(keyring=str(path), hints=hints, **FAST)
+    ring = b.keys.upstream
+    svc = service_id()
+    for n in range(3):
+        await engine.add(svc, {"sealed with": "the removed key", "n": n})
+    _drop_owner_keys(path, doc)
+    assert ring.maybe_reload(force=True)
+    b.keys.invalidate()
+    healthy = await engine.add(svc, "sealed with the new key")
+    w = await workers(svc)
+    task = await w.fetch(time_to_recover_ms=60_000)
+    assert task is not None and task.id == healthy, "the first fetch reached the task behind the three"
+    assert await task.ack("done") is True
+    assert await w.fetch() is None  # the three let go, leased until their leases run out
