@@ -21,7 +21,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from bridge.errors import BridgeError
-from bridge.transport.addresses import node_urls, parse_host, without_password
+from bridge.transport.addresses import node_urls, parse_host, without_password, without_secrets
 
 ENV_PREFIX = "BRIDGE_"
 # Both Cassandra drivers wait this long before their first reconnection attempt, doubling up to
@@ -515,7 +515,7 @@ class Settings(BaseSettings):
             elif isinstance(value, SecretStr):
                 shown = "**********"
             elif name == "key_server_url" and value:
-                shown = without_password(value)  # basic-auth credentials can read every key
+                shown = without_secrets(value)  # basic-auth credentials (or a query's token) read every key
             elif isinstance(value, Path):
                 shown = str(value)
             elif isinstance(value, timedelta):

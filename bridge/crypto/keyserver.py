@@ -119,6 +119,10 @@ class HttpKeyProvider:
         if url.scheme not in {"http", "https"} or not url.host:
             # The URL itself is not repeated: it may carry basic-auth credentials.
             raise ValueError("key server URL must be http(s)://host[:port][/prefix]")
+        if url.query_string or url.fragment:
+            # The paths are appended to the base (``{base}/owners/...``): a query there broke every
+            # lookup, and a token in it was shown wherever the URL is.
+            raise ValueError("key server URL takes no query or fragment (a token goes in BRIDGE_KEY_SERVER_TOKEN)")
         if timeout <= 0:
             raise ValueError("timeout must be > 0")
         if url.scheme == "http" and not _loopback(url.host):

@@ -46,6 +46,17 @@ def without_password(url: str) -> str:
     return _with_host(url, host, parts.port, userinfo=f"{parts.username}:**********")
 
 
+def without_secrets(url: str) -> str:
+    """``url`` with its password and its query's values masked: a key server's URL may carry a
+    token as a query parameter (``?token=...``), which reads every owner's key."""
+    url = without_password(url)
+    parts = urlsplit(url)
+    if not parts.query:
+        return url
+    masked = "&".join(f"{pair.partition('=')[0]}=**********" if pair else pair for pair in parts.query.split("&"))
+    return urlunsplit(parts._replace(query=masked))
+
+
 def _with_host(url: str, host: str, port: int | None, *, userinfo: str | None = None) -> str:
     parts = urlsplit(url)
     if userinfo is None:

@@ -234,6 +234,20 @@ def test_the_providers_url_and_repr_do_not_show_its_password() -> None:
     assert provider.base_url.startswith("https://svc:") and provider.base_url.endswith("@keys.example.com/v1")
 
 
+def test_a_url_with_a_query_is_refused_and_shown_without_its_values() -> None:
+    """A key server URL may carry its token as a query parameter: `queue-bridge config`, the
+    provider's repr and its logs showed it (only a basic-auth password was masked; found by
+    review, 2026-12-06)."""
+    from bridge.config import Settings
+
+    url = "https://keys.example.com/v1?token=s3cr3t-value&region=eu"
+    with pytest.raises(ValueError, match="no query") as refused:  # its paths go after the base
+        HttpKeyProvider(url)
+    assert "s3cr3t-value" not in str(refused.value)
+    shown = Settings(key_server_url=url).masked()["BRIDGE_KEY_SERVER_URL"]
+    assert "s3cr3t-value" not in shown and shown.startswith("https://keys.example.com/v1?token="), shown
+
+
 async def test_server_stopped_is_key_unavailable(server: KeyServer, provider: HttpKeyProvider) -> None:
     server.add_owner("acme")
     await provider.current_key("acme")  # a keep-alive connection now exists
