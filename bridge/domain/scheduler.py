@@ -79,6 +79,7 @@ RELAY_RETRY_FIRST_MS = 1_000
 RELAY_RETRY_MAX_MS = 60_000
 RELAY_RETRY_BUDGET_S = 2.0  # a sweep's time for buckets owing results, after its new buckets
 RELAY_RETRY_KEYS_MAX = 256  # owed entries of a bucket remembered for its retry (past it: its keys read)
+RELAY_RECORD_AGAIN_MAX = 16  # owed buckets whose failed record is tried again, a sweep
 # Owed results remembered as decided (about 150 bytes each): past it the oldest are read again.
 OWED_DECIDED_KEPT = 100_000
 STUCK_WARNING_EVERY_S = 60.0
@@ -122,12 +123,13 @@ class _Owed:
     # keep the bucket owed (retried at the backoff), but nothing failed, so they are not "stuck".
     undecided: int = 0
     keys: tuple[OutboxKey, ...] = ()  # where the owed ones are (up to RELAY_RETRY_KEYS_MAX + 1)
+    unread: bool = False  # the bucket could not be read (the store failed): owed, all of it
 
     def __bool__(self) -> bool:
-        return bool(self.stuck or self.undecided)
+        return bool(self.stuck or self.undecided or self.unread)
 
     def remembered(self) -> tuple[OutboxKey, ...] | None:
-        return self.keys if len(self.keys) <= RELAY_RETRY_KEYS_MAX else None
+        return self.keys if len(self.keys) <= RELAY_RETRY_KEYS_MAX and not self.unread else None
 
 
 EntryKey = tuple[str, str, object, int]  # (owner, service, task id, epoch): one deadline of one lease
@@ -200,6 +202,7 @@ class RecoveryScheduler:
         self._owed_decided: OrderedDict[tuple[uuid.UUID, uuid.UUID], None] = OrderedDict()
         self._warn_stuck = ThrottledWarning(log, every_s=STUCK_WARNING_EVERY_S)
         self._warn_exposed_late = ThrottledWarning(log)  # a slow store makes many re-exposures late at once
+        self._warn_unread = ThrottledWarning(log)  # a relay read failing, for each entry of a pass
         self._outbox_second: dict[int, int] = {}  # outbox bucket -> when it is read once more
         self._outbox_persisted: int | None = None
         self._expiry_persisted: int | None = None
@@ -766,19 +769,20 @@ class RecoveryScheduler:
             if (retry := self._outbox_retry.get(bucket)) is not None:
                 # Owing already: its next retry reads it whole once more, for what landed late.
                 self._outbox_retry[bucket] = replace(retry, owed=None)
-            elif owed := await self._relay_bucket(bucket, now):
+            elif owed := await self._relay_bucket_or_owe(bucket, now):
                 self._outbox_retry[bucket] = _Retry.first(now, owed)
                 await self._record_owed(bucket)
             # Only once read: taken off before, a read that failed (a timeout, likely while results
             # land late) lost the bucket, and a result in it stayed owed for good.
             del self._outbox_second[bucket]
         while self._outbox_next < limit:
-            if owed := await self._relay_bucket(self._outbox_next, now):
+            if owed := await self._relay_bucket_or_owe(self._outbox_next, now):
                 self._outbox_retry[self._outbox_next] = _Retry.first(now, owed)
                 await self._record_owed(self._outbox_next)
             self._outbox_second[self._outbox_next] = now + RELAY_SECOND_PASS_MS
             self._outbox_next += 1
         await self._retry_owed(now)
+        await self._record_owed_again()
         self.state.results_stuck = sum(r.stuck for r in self._outbox_retry.values())
         # Persist only up to the first bucket still owing its second read, or a publish it could not
         # record apart (``_record_owed``), so a restart (or the next duty holder) reads it again.
@@ -809,12 +813,30 @@ class RecoveryScheduler:
             if loop.time() >= ends:
                 break
             retry = self._outbox_retry[bucket]
-            owed = await self._relay_bucket(bucket, now, retry.owed)
+            owed = await self._relay_bucket_or_owe(bucket, now, retry.owed)
             if owed:
                 self._outbox_retry[bucket] = retry.again(now, owed)
             else:
                 del self._outbox_retry[bucket]
                 await self._settled(bucket)
+
+    async def _record_owed_again(self) -> None:
+        """Buckets owing results whose record failed (``_record_owed``) are recorded again, a few a
+        sweep: recorded once only, one failure left the position waiting at that bucket for as long
+        as it owed (the result's life), and the next duty holder read every bucket from there."""
+        for bucket in [b for b in self._outbox_retry if b not in self._owed_recorded][:RELAY_RECORD_AGAIN_MAX]:
+            await self._record_owed(bucket)
+
+    async def _relay_bucket_or_owe(self, bucket: int, now: int, keys: Sequence[OutboxKey] | None = None) -> _Owed:
+        """``_relay_bucket``, with a bucket that could not be read owed whole (retried at the
+        backoff) instead of stopping the sweep: raised, one bucket whose partition had lost its
+        quorum stopped the relay of every tenant's results (the new buckets after it, the owed
+        buckets sorted after it) until it could be read."""
+        try:
+            return await self._relay_bucket(bucket, now, keys)
+        except Exception as exc:
+            self._warn_unread.warning("result relay: outbox bucket %s not read (%s): retried later", bucket, exc)
+            return _Owed(unread=True)
 
     async def _record_owed(self, bucket: int) -> None:
         """Record a bucket owing a publish apart from the position, which may then move past it."""
@@ -846,8 +868,13 @@ class RecoveryScheduler:
             # took minutes a sweep, and those owed since waited behind them.
             outcomes = await asyncio.gather(*(self._relay_entry(e, now) for e in page), return_exceptions=True)
             for entry, owed in zip(page, outcomes, strict=True):
-                if isinstance(owed, BaseException):
+                if isinstance(owed, asyncio.CancelledError) or not isinstance(owed, Exception | str | None):
                     raise owed
+                if isinstance(owed, Exception):
+                    # Its lease or its decisions could not be read (their partition without a
+                    # quorum): owed still, retried at the backoff; the bucket's others go on.
+                    self._warn_unread.warning("result relay: result of task %s not relayed (%s)", entry.task_id, owed)
+                    owed = "undecided"
                 stuck, undecided = stuck + (owed == "stuck"), undecided + (owed == "undecided")
                 if owed is not None and len(owed_at) <= RELAY_RETRY_KEYS_MAX:
                     owed_at.append(OutboxKey.of(entry))

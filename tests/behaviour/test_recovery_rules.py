@@ -1121,3 +1121,71 @@ async def test_a_re_exposures_entry_spent_through_its_other_entry_costs_one_refu
     scanned = await h.store.scan(q, LANE_RECOVERED, ready_bucket(ahead_ms), None, 100)
     lanes = [e for e in scanned if e.task_id == task_id]
     assert lanes and all(e.claimed for e in lanes), lanes
+
+
+async def test_one_result_whose_lease_cannot_be_read_does_not_stop_the_relay_of_the_others(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One owed result whose task's lease could not be read (its partition without a quorum)
+    failed its whole outbox bucket, and the sweep stopped there: the buckets after it, and the
+    owed buckets sorted after it, waited until that partition could be read, for every tenant
+    (found by review, 2026-12-06). It stays owed; the others go out."""
+    h = harness
+    h.sink.down = True  # both results owed (their own publishes fail)
+    await h.add("unreadable", token={"wf": "a"})
+    first = await h.fetch("w1")
+    assert first is not None and await h.ack("w1", first)
+    h.clock.advance(20_000)  # the second result in a later outbox bucket
+    await h.add("fine", token={"wf": "b"})
+    second = await h.fetch("w2")
+    assert second is not None and await h.ack("w2", second)
+    real_lease = h.store.lease
+
+    async def lease(q: QueueKey, task_id: uuid.UUID, *, serial: bool = True) -> Any:
+        if serial and str(task_id) == first.task_id:
+            raise Unavailable("its lease partition has no quorum (injected)")
+        return await real_lease(q, task_id, serial=serial)
+
+    monkeypatch.setattr(h.store, "lease", lease)
+    h.sink.down = False
+    for _ in range(40):
+        await h.advance(1_000)
+        if {m.token_json for m in h.sink.messages} == {b'{"wf":"b"}'}:
+            break
+    assert [m.token_json for m in h.sink.messages] == [b'{"wf":"b"}'], "the readable result went out"
+    monkeypatch.setattr(h.store, "lease", real_lease)  # the partition is back
+    for _ in range(80):
+        await h.advance(1_000)
+        if len(h.sink.messages) == 2:
+            break
+    assert {m.token_json for m in h.sink.messages} == {b'{"wf":"a"}', b'{"wf":"b"}'}
+
+
+async def test_an_owed_bucket_whose_record_failed_is_recorded_again(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bucket owing a result is recorded apart so that the relay's position may move past it;
+    that record was tried once: one failure left the position waiting at the bucket for as long
+    as the result stayed owed, and the next duty holder read every bucket since (found by review,
+    2026-12-06). It is tried again at the next sweeps."""
+    h = harness
+    h.sink.down = True  # nobody can take the result: it stays owed
+    real_remember = h.store.remember_owed
+    failed: list[int] = []
+
+    async def remember_owed(name: str, bucket: int, at_ms: int) -> None:
+        if not failed:
+            failed.append(bucket)
+            raise Unavailable("write timeout (injected)")
+        await real_remember(name, bucket, at_ms)
+
+    monkeypatch.setattr(h.store, "remember_owed", remember_owed)
+    await h.add("stuck", token={"wf": "stuck"})
+    assert await h.ack("w1", await h.fetch("w1"))
+    for _ in range(20):
+        await h.advance(1_000)
+    assert failed, "the record failed once"
+    for _ in range(60):  # past the bucket's second read
+        await h.advance(1_000)
+    position = await h.store.scheduler_cursor(h.scheduler._outbox_cursor, h.clock.now_ms())
+    assert position is not None and position > failed[0], (position, failed)
