@@ -34,7 +34,8 @@ class KeyUnavailable(CryptoError):
 
 class BadKeyAnswer(KeyUnavailable):
     """The key server answered, but its entry for this owner is unusable (a key of the wrong
-    length, not base64, another key's id): that owner's trouble, not the server's (no backoff)."""
+    length, not base64, another key's id), or it answers an error for this owner only (while it
+    serves others): that owner's trouble, not the server's (no backoff of the whole server)."""
 
 
 class UnknownOwner(CryptoError):

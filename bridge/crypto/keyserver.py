@@ -29,7 +29,8 @@ failure of the server (unreachable, timeout) it is not asked again for a backoff
 (exponential, ``backoff_base`` doubling up to ``backoff_cap`` seconds, with jitter): callers get
 ``KeyUnavailable`` at once instead of piling requests on a struggling server. An error status it
 answers (5xx, refused credentials, a 404 without a code) backs off the owner asked about only
-(``BadKeyAnswer``: that owner's trouble), and the whole server once a second owner fails so; and a
+(``BadKeyAnswer``: that owner's trouble) while the server answers other owners well, else the
+whole server; and a
 bearer token is never sent over plain ``http://`` except to a loopback address.
 """
 
@@ -58,6 +59,10 @@ __all__ = ["HttpKeyProvider"]
 _CURRENT = "current"
 MAX_RESPONSE_BYTES = 64 * 1024
 MAX_OWNERS_BACKED_OFF = 4096  # owners whose answered errors are remembered (each a few dozen bytes)
+# An error status answered for one owner is that owner's trouble while another owner was served
+# within this (the keys are cached 300 s: a fleet of many owners misses some every few seconds).
+SERVED_LATELY_S = 600.0
+SERVED_OWNERS_KEPT = 4  # the owners served last (one other than the failing one is enough)
 log = logging.getLogger("bridge.keyserver")
 
 
@@ -157,9 +162,12 @@ class HttpKeyProvider:
         # KMS key disabled, a per-tenant policy) backs off that owner only: one backoff for the
         # whole server let the broken owner's constant retries reopen it at each end, and every
         # other owner's cache misses were turned away (``unavailable``) for as long as it lasted.
-        # Two owners failing so with no success between: the server's trouble, backed off whole.
+        # Only while the server answers another owner well (within ``SERVED_LATELY_S``): with no
+        # other owner served lately (a server restarting behind a proxy answering 503, a revoked
+        # token, a fleet of one owner) it is the server's trouble, backed off whole, and the adds
+        # wait where they are (their back-pressure), not in the add retry lane.
         self._owner_backoff: OrderedDict[str, tuple[int, float]] = OrderedDict()  # failures, retry at
-        self._answered_failing: set[str] = set()
+        self._served_lately: OrderedDict[str, float] = OrderedDict()  # owner -> when last served
         self._base = base_url.rstrip("/")
         self._token = token
         self._timeout = timeout
@@ -215,15 +223,13 @@ class HttpKeyProvider:
         try:
             key = await self._ask(owner, key_id, path)
         except _AnsweredError as exc:
-            self._answered_failing.add(owner)
-            if len(self._answered_failing) > 1:
-                self._answered_failing.clear()
+            if not self._another_served(owner):
                 self._owner_backoff.pop(owner, None)
                 self._server_failed()
                 raise KeyUnavailable(exc.message) from None
             self._owner_failed(owner)
             # That owner's trouble (``OwnerKeyUnusable`` to the add path: its adds wait in the
-            # retry lane instead of holding the shared slots), until a second owner fails alike.
+            # retry lane instead of holding the shared slots).
             raise BadKeyAnswer(exc.message) from None
         except BadKeyAnswer:
             self._served(owner)  # the server answered (about this owner's entry): it is healthy
@@ -254,8 +260,16 @@ class HttpKeyProvider:
 
     def _served(self, owner: str) -> None:
         self._failures = 0
-        self._answered_failing.clear()
         self._owner_backoff.pop(owner, None)
+        self._served_lately[owner] = self._clock()
+        self._served_lately.move_to_end(owner)
+        while len(self._served_lately) > SERVED_OWNERS_KEPT:
+            self._served_lately.popitem(last=False)
+
+    def _another_served(self, owner: str) -> bool:
+        """Whether the server answered another owner well within ``SERVED_LATELY_S``."""
+        since = self._clock() - SERVED_LATELY_S
+        return any(o != owner and at >= since for o, at in reversed(self._served_lately.items()))
 
     async def _ask(self, owner: str, key_id: str | None, path: str) -> OwnerKey:
         what = f"owner {owner!r} " + ("current key" if key_id is None else f"key {key_id!r}")

@@ -63,11 +63,13 @@ MAX_STALE_HINTS = 64
 # no lost races either. A store stall makes many adds late at once, and eight of them in a row
 # made a fetch answer null with a task ready behind them.
 MAX_SPENT_ENTRIES = 64
-# Tasks one fetch may claim and find it cannot open (their key missing, the key provider failing
-# for it) before it answers so: each is let go (its lease runs out, it comes back later), and the
+# Tasks one fetch may claim and find it cannot open (their key missing: removed, or not loaded
+# here yet) before it answers so: each is let go (its lease runs out, it comes back later), and the
 # fetch goes on to the next task. Answered at the first, a worker backed off at each and never
 # reached the healthy tasks behind a run of them (a removed key's tasks, served first once they
-# come back in the recovered lane).
+# come back in the recovered lane). Not a lookup that failed (``KeysUnavailable``): a blip of the
+# key server would lease a backlog away four tasks a fetch, each for its whole timeToRecover; that
+# fetch answers ``unavailable`` at once, and its worker backs off.
 MAX_UNOPENED = 4
 TTL_GRANULARITY_MS = 1_000  # Cassandra expires rows on whole seconds
 # Workers with fetches in flight on one bridge that are made to take turns (``_Flight``). An entry
@@ -516,7 +518,7 @@ class Fetcher:
                 break
             try:
                 claim = await self._claim_hinted(a, taken)
-            except (KeyMissing, KeysUnavailable) as exc:
+            except KeyMissing as exc:
                 a.passed_over(exc)
                 continue
             if claim.delivery is not None:
@@ -563,6 +565,8 @@ class Fetcher:
                 delivery = await self._poll_store(a, left_ms, granted, still_wanted)
                 if delivery is not None:
                     return delivery
+                if a.holding:  # it looked and claimed with the turn: as after a hint's claim
+                    granted = a.flight.granted
                 continue
             if taken is None:
                 return None
@@ -581,15 +585,14 @@ class Fetcher:
             if resent is not None:
                 await asyncio.shield(taken.retry())
                 return resent
-            before = a.flight.granted  # no other fetch of the worker claims while this one has the turn
             claim = await self._claim_hinted(a, taken)
             if claim.delivery is not None:
                 return claim.delivery
-            if a.flight.granted == before + 1:
-                # This fetch's own claim, which handed nothing out (its task's life ended as it
-                # was claimed): not a grant to another fetch, whose task the next round resends
-                # (it resent this one, found nothing to hand out and answered ``unavailable``).
-                granted += 1
+            # This fetch holds the turn: every grant since the wait began was looked at (above) or
+            # is this fetch's own claim, which handed nothing out (its task's life ended as it was
+            # claimed). Counted as another fetch's grant, the next round resent that task, found
+            # nothing to hand out and answered ``unavailable``.
+            granted = a.flight.granted
         return None
 
     async def _poll_store(
@@ -630,7 +633,7 @@ class Fetcher:
         a.attempted = True
         try:
             claim = await self._try_claim(a, entry, taken.hint.payload, stored=taken.hint.stored)
-        except (KeyMissing, KeysUnavailable):
+        except KeyMissing:
             # Claimed, and let go unopened (``_deliver``): decided, the task comes back with a
             # hint of its own once its lease runs out. Put back, the hint sent another fetch to a
             # claim the lease refuses.
@@ -711,7 +714,7 @@ class Fetcher:
         usable now: ``_Attempt.passed_over``)."""
         try:
             return await self._try_claim(a, entry)
-        except (KeyMissing, KeysUnavailable) as exc:
+        except KeyMissing as exc:
             self.dispatcher.taken(a.q, entry)  # claimed (and let go): its lease decides
             a.passed_over(exc)
             return None

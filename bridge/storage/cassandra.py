@@ -299,6 +299,7 @@ class CassandraSession:
         await self._run(batch, lwt=False, batch=True)
 
     async def _run(self, bound: Any, *, lwt: bool, timeout: float | None = None, batch: bool = False) -> list[Row]:
+        rf = None
         try:
             with self.stall.track():
                 if timeout is None:  # the profile's: BRIDGE_CASSANDRA_TIMEOUT
@@ -307,7 +308,10 @@ class CassandraSession:
                     rf = self.session.execute_async(bound, timeout=timeout)
                 return await _to_asyncio(rf, asyncio.get_running_loop())
         except Exception as exc:
-            mapped = storage_error(exc, lwt=lwt, batch=batch)
+            # Sent more than once (the retry policy's next host after a connection lost under it):
+            # an earlier copy may have landed, whatever the last one was answered.
+            resent = rf is not None and len(getattr(rf, "attempted_hosts", None) or ()) > 1
+            mapped = storage_error(exc, lwt=lwt, batch=batch, resent=resent)
             if mapped is None:
                 raise
             raise mapped from exc
@@ -322,7 +326,7 @@ class CassandraSession:
             raise InvalidQuery(str(exc)) from exc
 
 
-def storage_error(exc: BaseException, *, lwt: bool, batch: bool = False) -> Exception | None:
+def storage_error(exc: BaseException, *, lwt: bool, batch: bool = False, resent: bool = False) -> Exception | None:
     """The domain's storage error for a cassandra-driver error (None: raised as it is, a bug), as
     the acsylla adapter maps its own (``acsylla_session._storage_error``): both keep one contract."""
     if isinstance(exc, RequestValidationException | proto.RequestValidationException):
@@ -336,9 +340,10 @@ def storage_error(exc: BaseException, *, lwt: bool, batch: bool = False) -> Exce
             # one answered Unavailable may have been decided already (Paxos v1 commits an
             # accepted proposal, and that commit can answer Unavailable).
             return UnknownOutcome(f"{kind_of(exc)}: the write may or may not have applied")
-        if isinstance(exc, Unavailable) and not batch:
+        if isinstance(exc, Unavailable) and not batch and not resent:
             # A coordinator checks a mutation's live replicas before it sends it: nothing was
-            # written (a batch's mutations are checked one after the other: some may have been).
+            # written (a batch's mutations are checked one after the other: some may have been;
+            # a statement the driver sent again, its first copy may have been).
             return StorageNotSent(f"cassandra unavailable: {kind_of(exc)}")
         return StorageUnavailable(f"cassandra unavailable: {kind_of(exc)}")
     if isinstance(

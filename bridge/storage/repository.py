@@ -54,7 +54,7 @@ from bridge.domain.timeline import (
     shard_of,
 )
 from bridge.storage.cassandra import Row
-from bridge.storage.errors import StorageError, UnknownOutcome
+from bridge.storage.errors import StorageError, StorageNotSent, StorageUnavailable, UnknownOutcome
 from bridge.storage.rows import (
     cas_result,
     expiry_entry,
@@ -326,7 +326,22 @@ class CassandraTaskStore:
         elif batchable:
             await self.db.execute_batch(batch, writes)
         else:
-            await asyncio.gather(*(self.db.execute(name, params) for name, params in writes))
+            results = await asyncio.gather(
+                *(self.db.execute(name, params) for name, params in writes), return_exceptions=True
+            )
+            failures = [r for r in results if isinstance(r, BaseException)]
+            if not failures:
+                return
+            # A write that may have landed says so first; all of them refused unsent: nothing was.
+            landed = [f for f in failures if not isinstance(f, StorageNotSent)]
+            if landed:
+                raise landed[0]
+            if len(failures) < len(writes):
+                # Refused unsent beside writes that landed (the index row or the idempotency record
+                # in a partition without a quorum, the task row written): not "nothing stored", or
+                # a stored add was neither counted nor hinted.
+                raise StorageUnavailable(f"some of the writes landed: {failures[0]}") from failures[0]
+            raise failures[0]
 
     # -- tasks ---------------------------------------------------------------------------------
     async def store_task(

@@ -548,7 +548,8 @@ class AmqpTransport:
             return
         log.warning(
             "the broker cancelled the bridge's consumer of %s (the queue was deleted?): declaring it again "
-            "with its bindings and consuming it; until then its RPCs are answered unavailable, its adds dead-lettered",
+            "with its bindings and consuming it; until then its RPCs are answered unavailable "
+            "(adds are taken from .unrouted)",
             self.queue_name(method),
         )
         self._start_restore(method)

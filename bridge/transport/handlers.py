@@ -407,11 +407,13 @@ class RequestHandlers:
 
     async def unrouted(self, message: RequestMessage) -> str:
         key = message.routing_key
-        if key == "add" and self.queue_restoring(key):
-            # An add while its queue is declared again: taken as any add (it is one, and this
-            # bridge holds it). Answered as an unknown method, its caller was told a valid add was
-            # its own permanent mistake (``bad_request``, not retried), and the copy kept in the
-            # dead-letter queue for replay made it a task after the engine was told it failed.
+        if key == "add":
+            # An add whose queue is missing (being declared again, or its binding gone): taken as
+            # any add (it is one, and this bridge holds it). Answered as an unknown method, its
+            # caller was told a valid add was its own permanent mistake (``bad_request``, not
+            # retried), and the copy kept in the dead-letter queue for replay made it a task after
+            # the engine was told it failed. (Whenever it comes: one requeued after its retries,
+            # or redelivered, after the queue was back, was judged an unknown method then.)
             return await self.add(message)
         if key in ROUTING_KEYS and key != "add" and message.reply_to and self.queue_restoring(key):
             # A method whose queue this bridge is declaring again (the broker cancelled its
@@ -419,8 +421,7 @@ class RequestHandlers:
             # an unknown method (``bad_request``, a client's mistake), it ended every worker's loop
             # of the fleet that fetched meanwhile, and a worker's finished result was given back.
             # Its caller retries it. Only then: a queue missing for another cause (a binding
-            # removed) stays the caller's ``bad_request``, dead-lettered, not retried for ever
-            # (an add too, kept for replay: a fire-and-forget one has nobody to send it again).
+            # removed) stays the caller's ``bad_request``, dead-lettered, not retried for ever.
             self._warn_unrouted.warning(
                 "a %s request came while its queue is being declared again: answered unavailable", key
             )

@@ -129,6 +129,13 @@ def decode(body: bytes) -> Hint:
         raise ValueError(f"a hint with a field of the wrong type: {type(exc).__name__}") from None
 
 
+def _decoded_or_none(body: bytes) -> Hint | None:
+    try:
+        return decode(body)
+    except Exception:  # malformed: its taker drops it
+        return None
+
+
 def _decode(body: bytes) -> Hint:
     d = orjson.loads(body)
     # JSON that is no object (``[1]``, published by hand into a hint queue) raised AttributeError,
@@ -459,7 +466,11 @@ class AmqpHints:
         if stored is not None and not stored.result():
             return
         assert message.routing_key is not None  # the hint queue's name (default exchange)
-        await self._publish(message.body, message.priority, message.routing_key)
+        # With its task's life, as when first published: published again without, a hint handed
+        # back (its fetch cancelled, its worker gone) outlived its task in a queue nobody fetched.
+        hint = message.hint if isinstance(message, LocalHint) else _decoded_or_none(message.body)
+        expiration = None if hint is None else self._life_left(hint)
+        await self._publish(message.body, message.priority, message.routing_key, expiration=expiration)
 
     async def _republish_once_stored(self, message: Handed, stored: asyncio.Future[bool]) -> None:
         # Shielded: cancelled (at shutdown), this task must not cancel the add's own future, which

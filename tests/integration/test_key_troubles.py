@@ -152,6 +152,7 @@ async def test_one_owners_malformed_key_on_the_key_server_does_not_deny_every_ot
             svc = service_id()
             healthy = await workers(svc, "healthy", user=OWNERS[0])
             bad = await workers(svc, "bad", user=broken)
+            assert await healthy.fetch() is None  # the key server serves the other owners
             stop = asyncio.Event()
 
             async def broken_tenant() -> None:
@@ -364,6 +365,7 @@ async def test_one_owners_broken_key_entry_does_not_stall_every_other_owners_add
             Engine(url, owner=BROKEN, exchange=names["exchange"]) as eng_broken,
             Engine(url, owner=OWNERS[0], exchange=names["exchange"]) as eng_healthy,
         ):
+            assert await eng_healthy.add(svc, "served first")  # the key server serves the other owners
             before = keys.requests
             for n in range(flood):
                 await eng_broken.add(svc, {"n": n}, wait=False)

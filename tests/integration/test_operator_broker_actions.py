@@ -152,6 +152,33 @@ async def test_an_add_sent_while_its_queue_is_declared_again_is_stored_not_refus
     assert task is not None and task.id == added
 
 
+async def test_an_add_routed_to_unrouted_after_its_queue_is_back_is_still_taken_as_an_add(
+    bridge, engine, workers, servers, names
+):
+    """An add that reached ``.unrouted`` while no bridge was declaring its queue (its binding
+    removed; or one requeued after its retries, or redelivered, once the queue was back) was
+    answered ``bad_request: unknown method 'add'`` and dead-lettered (found by the session's
+    re-review, 2026-12-06). Taken as the add it is, whenever it comes."""
+    import aio_pika
+
+    add_q = f"{names['queue_prefix']}.add"
+    conn = await aio_pika.connect(servers.amqp_url("guest"))
+    try:
+        ch = await conn.channel()
+        queue = await ch.declare_queue(add_q, passive=True)
+        await queue.unbind(names["exchange"], "add")  # adds now go through the alternate exchange
+        try:
+            svc = service_id()
+            added = await asyncio.wait_for(engine.add(svc, {"n": 1}), 20)
+        finally:
+            await queue.bind(names["exchange"], "add")
+    finally:
+        await conn.close()
+    w = await workers(svc, "w1")
+    task = await w.fetch()
+    assert task is not None and task.id == added
+
+
 async def test_a_deleted_lifecycle_queue_is_declared_again_with_every_binding(bridge, engine, servers, names):
     """``<prefix>.lifecycle`` takes eight routing keys: each is bound again (``stats`` and
     ``parked`` are served, by the bridge that declared the queue again)."""

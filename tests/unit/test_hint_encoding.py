@@ -83,3 +83,32 @@ def test_json_that_is_no_hint_is_a_value_error(body: bytes) -> None:
     """What the "malformed hint dropped" guards catch (an AttributeError went past them)."""
     with pytest.raises(ValueError, match="hint"):
         decode(body)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("local", [True, False])
+async def test_a_hint_published_again_keeps_its_tasks_life(local: bool) -> None:
+    """A hint handed back (its waiting fetch cancelled, its worker gone) was published again with
+    no expiration: in a queue nobody fetched from it outlived its task for ever (found by the
+    session's re-review, 2026-12-06). Published again, it expires with its task, as at first."""
+    from types import SimpleNamespace
+
+    from bridge.config import Settings
+    from bridge.domain.records import LANE_FRESH
+    from bridge.domain.timeline import new_task_id
+    from bridge.transport.hints import AmqpHints, LocalHint
+
+    now = 1_800_000_000_000
+    hints = AmqpHints(Settings(keyring=None, task_ttl=3600), now_ms=lambda: now)
+    published: list[str | None] = []
+
+    async def publish(body: bytes, priority: int | None, queue_name: str, *, expiration: str | None = None) -> None:
+        published.append(expiration)
+
+    hints._publish = publish  # type: ignore[method-assign]
+    task_id = new_task_id(now - 600_000)  # added ten minutes ago: 50 minutes of its hour left
+    hint = Hint(task_id, LANE_FRESH, task_id, None, False)
+    message = LocalHint(hint, "q", 0) if local else SimpleNamespace(body=encode(hint), priority=0, routing_key="q")
+    await hints.republish(message)  # type: ignore[arg-type]
+    [expiration] = published
+    assert expiration is not None and 3_000_000 <= int(expiration) <= 3_010_000, expiration

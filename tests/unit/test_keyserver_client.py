@@ -179,6 +179,7 @@ async def test_an_error_answered_for_one_owner_backs_off_that_owner_only(
     every other owner's lookup was refused meanwhile (found by review, 2026-12-06)."""
     for owner in ("broken", "healthy", "other"):
         server.add_owner(owner)
+    assert (await provider.current_key("other")).owner == "other"  # the server serves others
     server.failing_owners["broken"] = status
     with pytest.raises(BadKeyAnswer, match=str(status)):  # that owner's trouble (the add retry lane)
         await provider.current_key("broken")
@@ -193,21 +194,51 @@ async def test_an_error_answered_for_one_owner_backs_off_that_owner_only(
     assert not provider._owner_backoff
 
 
-async def test_errors_answered_for_two_owners_back_off_the_whole_server(
-    server: KeyServer, provider: HttpKeyProvider, clock: FakeClock
+@pytest.mark.parametrize("served_before", [False, True])
+async def test_an_error_answered_while_no_other_owner_is_served_backs_off_the_whole_server(
+    server: KeyServer, provider: HttpKeyProvider, clock: FakeClock, served_before: bool
 ) -> None:
+    """A server answering 503 to everyone (restarting behind a proxy), or a fleet of one owner:
+    the server's trouble. Taken for the owner's, each owner had a backoff of its own, and a fleet
+    of one owner sent every add to the add retry lane and back, round and round, for the whole
+    outage instead of holding it (found by the session's re-review, 2026-12-06)."""
     for owner in ("a", "b", "c"):
         server.add_owner(owner)
-    server.fail = True  # 503 for every owner: the server's trouble
-    with pytest.raises(BadKeyAnswer):
+    if served_before:  # served long ago: no sign the server is well now
+        assert (await provider.current_key("b")).owner == "b"
+        clock.now += 3_600
+    server.fail = True
+    with pytest.raises(KeyUnavailable) as first:
         await provider.current_key("a")
-    with pytest.raises(KeyUnavailable) as second:
-        await provider.current_key("b")
-    assert not isinstance(second.value, BadKeyAnswer)
+    assert not isinstance(first.value, BadKeyAnswer)
     asked = server.requests
     with pytest.raises(KeyUnavailable, match="key server failing: not asked again"):
         await provider.current_key("c")
     assert server.requests == asked
+
+
+async def test_two_owners_failing_do_not_turn_away_an_owner_the_server_serves(
+    server: KeyServer, provider: HttpKeyProvider, clock: FakeClock
+) -> None:
+    """Two broken owners asking all the time, each failure escalated to a backoff of the whole
+    server: a healthy owner's cache misses were refused (19-83% of them in the re-review's
+    simulation; found by the session's re-review, 2026-12-06)."""
+    for owner in ("bad0", "bad1", *(f"good{i}" for i in range(20))):
+        server.add_owner(owner)
+    assert (await provider.current_key("good0")).owner == "good0"
+    server.failing_owners.update({"bad0": 403, "bad1": 500})
+    refused = 0
+    for step in range(200):
+        clock.now += 0.25
+        for bad in ("bad0", "bad1"):
+            with pytest.raises(BadKeyAnswer):
+                await provider.current_key(bad)
+        if step % 10 == 0:
+            try:
+                await provider.current_key(f"good{step % 20}")
+            except KeyUnavailable:
+                refused += 1
+    assert refused == 0, f"{refused} of 20 lookups of healthy owners refused"
 
 
 async def test_an_oversized_response_is_refused(server: KeyServer, provider: HttpKeyProvider) -> None:

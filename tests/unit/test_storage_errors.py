@@ -54,6 +54,9 @@ def test_both_drivers_say_a_single_statement_answered_unavailable_was_not_sent()
     batch = storage_error(refused, lwt=False, batch=True)
     assert isinstance(batch, StorageUnavailable) and not isinstance(batch, StorageNotSent)
     assert isinstance(storage_error(refused, lwt=True), UnknownOutcome)
+    # Sent again by the driver (its first host lost the connection under it): may have landed.
+    resent = storage_error(refused, lwt=False, resent=True)
+    assert isinstance(resent, StorageUnavailable) and not isinstance(resent, StorageNotSent)
 
 
 def test_a_plain_write_answered_overloaded_may_have_landed() -> None:
@@ -126,3 +129,29 @@ def test_an_answer_names_the_drivers_error_type_not_its_text(
     assert isinstance(mapped, StorageUnavailable | UnknownOutcome)
     assert "10.9.8" not in mapped.message and "CassErrorServerReadFailure" in mapped.message, mapped.message
     assert "10.9.8.7" in caplog.text  # the operator's copy
+
+
+async def test_writes_sent_side_by_side_of_which_one_was_refused_unsent_may_have_landed() -> None:
+    """An add over the batch size sends its writes side by side: one refused unsent (its
+    partition without a quorum) beside a task row that landed was said "not sent", and the stored
+    add was neither counted nor hinted (found by the session's re-review, 2026-12-06)."""
+
+    class Db:
+        async def execute(self, name: str, params: Any, **kwargs: Any) -> list[dict[str, Any]]:
+            if name == "idem.record":
+                raise StorageNotSent("cassandra unavailable: Unavailable (injected)")
+            return []
+
+    store = CassandraTaskStore(Db(), lambda: 0, 3600)  # type: ignore[arg-type]
+    writes = [("ready.insert", ()), ("idem.record", ())]
+    with pytest.raises(StorageUnavailable) as raised:
+        await store._store("add", writes, batchable=False)
+    assert not isinstance(raised.value, NotSent)
+
+    class Refused:
+        async def execute(self, name: str, params: Any, **kwargs: Any) -> list[dict[str, Any]]:
+            raise StorageNotSent("no host available (injected)")
+
+    store = CassandraTaskStore(Refused(), lambda: 0, 3600)  # type: ignore[arg-type]
+    with pytest.raises(StorageNotSent):  # every one of them refused unsent: nothing landed
+        await store._store("add", writes, batchable=False)
