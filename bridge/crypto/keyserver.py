@@ -28,9 +28,9 @@ Hardening: a response is read up to ``MAX_RESPONSE_BYTES`` (a key is a few dozen
 failure of the server (unreachable, timeout) it is not asked again for a backoff period
 (exponential, ``backoff_base`` doubling up to ``backoff_cap`` seconds, with jitter): callers get
 ``KeyUnavailable`` at once instead of piling requests on a struggling server. An error status it
-answers (5xx, refused credentials, a 404 without a code) backs off the owner asked about only
-(``BadKeyAnswer``: that owner's trouble) while the server answers other owners well, else the
-whole server; and a
+answers (5xx, refused credentials, a 404 without a code) backs off the owner asked about only,
+and failing owners' retries share a budget a second (``BadKeyAnswer``, that owner's trouble, while
+the server answers other owners well); and a
 bearer token is never sent over plain ``http://`` except to a loopback address.
 """
 
@@ -63,6 +63,11 @@ MAX_OWNERS_BACKED_OFF = 4096  # owners whose answered errors are remembered (eac
 # within this (the keys are cached 300 s: a fleet of many owners misses some every few seconds).
 SERVED_LATELY_S = 600.0
 SERVED_OWNERS_KEPT = 4  # the owners served last (one other than the failing one is enough)
+# Lookups of owners already failing, a second per bridge (and at once): an owner not failing is
+# always asked. 100 bridges ask a restarting key server 200 times a second at most, not once per
+# owner whose key expired meanwhile.
+FAILING_RETRIES_PER_S = 2.0
+FAILING_RETRIES_BURST = 4
 log = logging.getLogger("bridge.keyserver")
 
 
@@ -162,12 +167,14 @@ class HttpKeyProvider:
         # KMS key disabled, a per-tenant policy) backs off that owner only: one backoff for the
         # whole server let the broken owner's constant retries reopen it at each end, and every
         # other owner's cache misses were turned away (``unavailable``) for as long as it lasted.
-        # Only while the server answers another owner well (within ``SERVED_LATELY_S``): with no
-        # other owner served lately (a server restarting behind a proxy answering 503, a revoked
-        # token, a fleet of one owner) it is the server's trouble, backed off whole, and the adds
-        # wait where they are (their back-pressure), not in the add retry lane.
+        # Said to be that owner's trouble (``BadKeyAnswer``) while the server answers another owner
+        # well (within ``SERVED_LATELY_S``); with no other owner served lately (a fleet of one
+        # owner, a server failing for all) the adds wait where they are (their back-pressure), not
+        # in the add retry lane.
         self._owner_backoff: OrderedDict[str, tuple[int, float]] = OrderedDict()  # failures, retry at
         self._served_lately: OrderedDict[str, float] = OrderedDict()  # owner -> when last served
+        self._retry_tokens = float(FAILING_RETRIES_BURST)
+        self._tokens_at = clock()
         self._base = base_url.rstrip("/")
         self._token = token
         self._timeout = timeout
@@ -218,19 +225,22 @@ class HttpKeyProvider:
         if wait > 0:
             raise KeyUnavailable(f"key server failing: not asked again for {wait:.1f}s")
         held = self._owner_backoff.get(owner)
-        if held is not None and held[1] > now:
-            raise BadKeyAnswer(f"key server failing for owner {owner!r}: not asked again for {held[1] - now:.1f}s")
+        if held is not None:
+            if held[1] > now:
+                raise self._owner_error(owner, f"not asked again for {held[1] - now:.1f}s")
+            if not self._retry_allowed(now):
+                # Owners already failing are asked again within a budget a second, whatever their
+                # number: a key server restarting would otherwise get a retry from every owner
+                # whose key expired meanwhile (owners x bridges, every few seconds).
+                raise self._owner_error(owner, "its retries are spaced out while it fails")
         try:
             key = await self._ask(owner, key_id, path)
         except _AnsweredError as exc:
-            if not self._another_served(owner):
-                self._owner_backoff.pop(owner, None)
-                self._server_failed()
-                raise KeyUnavailable(exc.message) from None
+            # An error status answered about this owner: backed off for this owner only (one
+            # backoff for the whole server let a failing owner's retries turn every other owner
+            # away); a server failing for everyone is held to the retry budget above.
             self._owner_failed(owner)
-            # That owner's trouble (``OwnerKeyUnusable`` to the add path: its adds wait in the
-            # retry lane instead of holding the shared slots).
-            raise BadKeyAnswer(exc.message) from None
+            raise self._owner_error(owner, exc.message) from None
         except BadKeyAnswer:
             self._served(owner)  # the server answered (about this owner's entry): it is healthy
             raise
@@ -270,6 +280,25 @@ class HttpKeyProvider:
         """Whether the server answered another owner well within ``SERVED_LATELY_S``."""
         since = self._clock() - SERVED_LATELY_S
         return any(o != owner and at >= since for o, at in reversed(self._served_lately.items()))
+
+    def _owner_error(self, owner: str, why: str) -> KeyUnavailable:
+        """What a failing owner's lookup raises: ``BadKeyAnswer`` (that owner's trouble: its adds
+        wait in the add retry lane, not in the slots every owner's adds share) while the server
+        serves another owner; else ``KeyUnavailable`` (a fleet of one owner, or a server failing
+        for all: the adds are held where they are, their back-pressure)."""
+        message = f"key server failing for owner {owner!r}: {why}"
+        return BadKeyAnswer(message) if self._another_served(owner) else KeyUnavailable(message)
+
+    def _retry_allowed(self, now: float) -> bool:
+        """A token of the failing owners' retry budget (``FAILING_RETRIES_PER_S``), if one is left."""
+        self._retry_tokens = min(
+            FAILING_RETRIES_BURST, self._retry_tokens + (now - self._tokens_at) * FAILING_RETRIES_PER_S
+        )
+        self._tokens_at = now
+        if self._retry_tokens < 1:
+            return False
+        self._retry_tokens -= 1
+        return True
 
     async def _ask(self, owner: str, key_id: str | None, path: str) -> OwnerKey:
         what = f"owner {owner!r} " + ("current key" if key_id is None else f"key {key_id!r}")

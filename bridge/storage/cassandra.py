@@ -308,9 +308,12 @@ class CassandraSession:
                     rf = self.session.execute_async(bound, timeout=timeout)
                 return await _to_asyncio(rf, asyncio.get_running_loop())
         except Exception as exc:
-            # Sent more than once (the retry policy's next host after a connection lost under it):
-            # an earlier copy may have landed, whatever the last one was answered.
-            resent = rf is not None and len(getattr(rf, "attempted_hosts", None) or ()) > 1
+            # Sent more than once, and an earlier copy failed in a way that may have applied (a
+            # connection lost under it, a timeout; the retry policy then tried the next host): it
+            # may have landed, whatever the last one was answered. (Copies answered Unavailable
+            # were applied nowhere: the coordinator checks live replicas before it sends.)
+            earlier = getattr(rf, "_errors", None) or {}
+            resent = any(not isinstance(e, Unavailable) for e in earlier.values())
             mapped = storage_error(exc, lwt=lwt, batch=batch, resent=resent)
             if mapped is None:
                 raise

@@ -155,3 +155,46 @@ async def test_writes_sent_side_by_side_of_which_one_was_refused_unsent_may_have
     store = CassandraTaskStore(Refused(), lambda: 0, 3600)  # type: ignore[arg-type]
     with pytest.raises(StorageNotSent):  # every one of them refused unsent: nothing landed
         await store._store("add", writes, batchable=False)
+
+
+@pytest.mark.parametrize(
+    ("earlier", "landed"), [((), False), (("Unavailable",), False), (("ConnectionException",), True)]
+)
+async def test_a_statement_the_datastax_driver_sent_again_after_a_lost_connection_may_have_landed(
+    monkeypatch: pytest.MonkeyPatch, earlier: tuple[str, ...], landed: bool
+) -> None:
+    """The driver sends an idempotent statement to the next host after a connection lost under it
+    (its first copy may have applied) and reports only the last answer: an Unavailable there was
+    said "not sent". Copies answered Unavailable before it were applied nowhere: still not sent."""
+    from cassandra import ConsistencyLevel, Unavailable
+    from cassandra.connection import ConnectionException
+
+    from bridge.storage import cassandra as datastax
+
+    made = {
+        "Unavailable": lambda: Unavailable(
+            "i", consistency=ConsistencyLevel.QUORUM, required_replicas=2, alive_replicas=1
+        ),
+        "ConnectionException": lambda: ConnectionException("lost under it (injected)"),
+    }
+    errors = {f"host{i}": made[kind]() for i, kind in enumerate(earlier)}
+    final = Unavailable("i", consistency=ConsistencyLevel.QUORUM, required_replicas=2, alive_replicas=1)
+    errors["last"] = final
+    future = type("ResponseFuture", (), {"_errors": errors})()
+
+    class Session:
+        def execute_async(self, bound: Any, **kwargs: Any) -> Any:
+            return future
+
+    async def to_asyncio(rf: Any, loop: Any) -> Any:
+        raise final
+
+    monkeypatch.setattr(datastax, "_to_asyncio", to_asyncio)
+    session = datastax.CassandraSession.__new__(datastax.CassandraSession)
+    session._session = Session()  # type: ignore[assignment]
+    from bridge.storage.stall import StallWatch
+
+    session.stall = StallWatch(10.0)
+    with pytest.raises(StorageUnavailable) as raised:
+        await session._run(object(), lwt=False)
+    assert isinstance(raised.value, NotSent) is not landed
