@@ -27,6 +27,7 @@ from bridge.domain.counting import DAY_MS
 
 if TYPE_CHECKING:
     from bridge.domain.clock import Clock
+    from bridge.domain.records import QueueKey
     from bridge.domain.store import TaskStore
 
 log = logging.getLogger("bridge.housekeeping")
@@ -34,7 +35,8 @@ log = logging.getLogger("bridge.housekeeping")
 TRIM_INTERVAL_S = 6 * 3600.0  # two deletions per queue, four times a day: nothing for the cluster
 TRIM_FIRST_S = 300.0  # after the duty came here (a fleet restarting does not trim at once)
 MIN_RETENTION_DAYS = 30
-MAX_QUEUES = 1_000_000  # the registered queues walked per pass (paged by the driver)
+MAX_QUEUES = 1_000_000  # the registered queues walked per pass
+TRIM_PAGE = 1_000  # read a page at a time: a million registered queues held at once took 370 MB
 
 
 class Duty(Protocol):
@@ -58,12 +60,20 @@ class CounterTrim:
     async def trim_once(self) -> int:
         """One pass over every registered queue; the number of queues trimmed."""
         before_day = first_kept_day(self.clock.now_ms(), self.ttl_ms)
-        queues = await self.store.queues(MAX_QUEUES)
-        for q in queues:
-            await self.store.trim_counts(q, before_day)
+        trimmed = 0
+        after: QueueKey | None = None
+        while trimmed < MAX_QUEUES:
+            size = min(TRIM_PAGE, MAX_QUEUES - trimmed)
+            page = await self.store.queue_page(after, size)
+            for q in page:
+                await self.store.trim_counts(q, before_day)
+            trimmed += len(page)
+            if len(page) < size:
+                break
+            after = page[-1]
         self.passes += 1
-        log.info("queue counters trimmed", extra={"queues": len(queues), "before_day": before_day})
-        return len(queues)
+        log.info("queue counters trimmed", extra={"queues": trimmed, "before_day": before_day})
+        return trimmed
 
     async def run(self, stop: asyncio.Event, duty: Duty) -> None:
         """Trim while this bridge holds the duty: first :data:`TRIM_FIRST_S` after it came, then

@@ -268,6 +268,10 @@ class TaskStore(Protocol):
     async def queues(self, limit: int) -> list[QueueKey]:
         """Every registered queue of every owner, up to ``limit`` (the fleet's gauges)."""
 
+    async def queue_page(self, after: QueueKey | None, limit: int) -> list[QueueKey]:
+        """Up to ``limit`` registered queues after ``after`` (from the first with None), in an order
+        of the store's that a walk of pages follows to its end (the counter trim)."""
+
     # -- worker pointers ---------------------------------------------------------------------------
     async def worker(self, q: QueueKey, worker: str) -> WorkerRow: ...
 

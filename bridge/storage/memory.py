@@ -530,6 +530,13 @@ class MemoryTaskStore:
         await self._io()
         return sorted(self.service_rows, key=lambda q: (q.owner, q.service))[:limit]
 
+    async def queue_page(self, after: QueueKey | None, limit: int) -> list[QueueKey]:
+        await self._io()
+        ordered = sorted(self.service_rows, key=lambda q: (q.owner, q.service))
+        if after is not None:
+            ordered = [q for q in ordered if (q.owner, q.service) > (after.owner, after.service)]
+        return ordered[:limit]
+
     # -- worker pointers -----------------------------------------------------------------------
     async def worker(self, q: QueueKey, worker: str) -> WorkerRow:
         await self._io()

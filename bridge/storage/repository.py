@@ -936,6 +936,19 @@ class CassandraTaskStore:
         rows = await self.db.execute("services.all", (limit,), fetch_size=5000)
         return [QueueKey(r["owner"], r["service"]) for r in rows]
 
+    async def queue_page(self, after: QueueKey | None, limit: int) -> list[QueueKey]:
+        # Token order: the rest of ``after``'s owner (its partition), then the owners after it.
+        if after is None:
+            rows = await self.db.execute("services.all", (limit,), fetch_size=limit)
+        else:
+            rows = await self.db.execute(
+                "services.rest_of_owner", (after.owner, after.service, limit), fetch_size=limit
+            )
+            if len(rows) < limit:
+                more = limit - len(rows)
+                rows = [*rows, *await self.db.execute("services.after_owner", (after.owner, more), fetch_size=more)]
+        return [QueueKey(r["owner"], r["service"]) for r in rows]
+
     # -- worker pointers -------------------------------------------------------------------------------
     async def worker(self, q: QueueKey, worker: str) -> WorkerRow:
         return worker_row(await self.db.execute("worker.get", (q.owner, q.service, worker)))

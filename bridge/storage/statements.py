@@ -277,6 +277,13 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     "services.insert": ("INSERT INTO {ks}.services (owner, service) VALUES (?, ?) USING TTL ?", True),
     "services.of": ("SELECT service FROM {ks}.services WHERE owner = ? LIMIT ?", True),
     "services.all": ("SELECT owner, service FROM {ks}.services LIMIT ?", True),
+    # The counter trim's walk, a page at a time (a tenant naming a new service per add registers a
+    # million in days: read at once, the duty holder held them all in memory).
+    "services.rest_of_owner": (
+        "SELECT owner, service FROM {ks}.services WHERE owner = ? AND service > ? LIMIT ?",
+        True,
+    ),
+    "services.after_owner": ("SELECT owner, service FROM {ks}.services WHERE token(owner) > token(?) LIMIT ?", True),
     # The worker pointer decides what a fetch re-sends and what a legacy ack completes, so it must
     # not be lost to last-write-wins between hosts whose clocks differ: every write carries an
     # explicit timestamp greater than the stamp it read (see ``next_stamp``), and it is never

@@ -1124,6 +1124,35 @@ async def test_node_results_reconnects_when_the_broker_closes_its_connection(
 # -- the second review's findings (ack retries, stop, bounded close, connecting once, results failover)
 
 
+async def _node_worker_cut_off_before_its_ack(
+    engine: Any, node: str, servers: Servers, names: dict[str, str], *, wait_ms: int, work_ms: int, ttr_ms: int
+) -> tuple[Any, str, NodeScript]:
+    """A Node worker whose only path to RabbitMQ (a proxy) is cut while it works on the task added
+    here, once its first ack failed: the proxy, the task's id, the worker (stop both after)."""
+    from tests.faults import TcpProxy
+
+    proxy = await TcpProxy(servers.amqp_host, servers.amqp_port).start()
+    svc = service_id()
+    task_id = await engine.add(svc, {"n": 1, "text": "handled once"})
+    extra = {
+        "QB_AMQP_URL": f"amqp://{OWNERS[0]}:{OWNERS[0]}@127.0.0.1:{proxy.port}/",
+        "QB_SERVICE": svc,
+        "QB_WAIT_MS": str(wait_ms),
+        "QB_WORK_MS": str(work_ms),  # time to cut the proxy between the fetch and the ack
+        "QB_TTR_MS": str(ttr_ms),
+    }
+    worker = await NodeScript(node, "worker.js", {**env_of(servers, names, OWNERS[0]), **extra}).start()
+    try:
+        await worker.event("task")
+        proxy.cut()  # the connection drops and reconnecting is refused: the ack gets no answer
+        await worker.event("ack_failed", 10)
+    except BaseException:
+        await worker.stop()
+        await proxy.stop()
+        raise
+    return proxy, task_id, worker
+
+
 async def test_node_worker_sends_an_unanswered_ack_again_while_the_lease_lasts(
     bridge: Any, engine: Any, node: str, servers: Servers, names: dict[str, str]
 ) -> None:
@@ -1133,23 +1162,11 @@ async def test_node_worker_sends_an_unanswered_ack_again_while_the_lease_lasts(
     off) while the task's lease lasts (here 30 s): the result is in hand and an ack naming its task
     is safe to repeat. The outage: the worker's only path to RabbitMQ (a proxy) cut for ~3 s."""
     from tests.conftest import wait_for
-    from tests.faults import TcpProxy
 
-    proxy = await TcpProxy(servers.amqp_host, servers.amqp_port).start()
-    svc = service_id()
-    task_id = await engine.add(svc, {"n": 1, "text": "handled once"})
-    extra = {
-        "QB_AMQP_URL": f"amqp://{OWNERS[0]}:{OWNERS[0]}@127.0.0.1:{proxy.port}/",
-        "QB_SERVICE": svc,
-        "QB_WAIT_MS": "2000",
-        "QB_WORK_MS": "1500",  # time to cut the proxy between the fetch and the ack
-        "QB_TTR_MS": "30000",
-    }
-    worker = await NodeScript(node, "worker.js", {**env_of(servers, names, OWNERS[0]), **extra}).start()
+    proxy, task_id, worker = await _node_worker_cut_off_before_its_ack(
+        engine, node, servers, names, wait_ms=2000, work_ms=1500, ttr_ms=30000
+    )
     try:
-        await worker.event("task")
-        proxy.cut()  # the connection drops and reconnecting is refused: the ack gets no answer
-        await worker.event("ack_failed", 10)
         first_failure = worker.times[worker.events.index(worker.all("ack_failed")[0])]
         # Out of reach past the 3 attempts the worker used to stop at (then its next fetch fails
         # too), and ~3 s in all: the worker's next move after its last retry is what is tested.
@@ -1179,24 +1196,14 @@ async def test_node_worker_acks_the_result_in_hand_when_its_lease_is_handed_back
     (``resultInHand``), and its next fetch (not ``fresh``: the bridge reads its pointer) hands the
     same lease back. That task is acked with the result in hand, its handler not run again (its
     side effects would be made twice; rpc.py ``_result_in_hand``), and counted once."""
+    from bridge.client import Worker
     from tests.conftest import wait_for
-    from tests.faults import TcpProxy
 
-    proxy = await TcpProxy(servers.amqp_host, servers.amqp_port).start()
-    svc = service_id()
-    task_id = await engine.add(svc, {"n": 1, "text": "handled once"})
-    extra = {
-        "QB_AMQP_URL": f"amqp://{OWNERS[0]}:{OWNERS[0]}@127.0.0.1:{proxy.port}/",
-        "QB_SERVICE": svc,
-        "QB_WAIT_MS": "1000",
-        "QB_WORK_MS": "1000",  # time to cut the proxy between the fetch and the ack
-        "QB_TTR_MS": "2000",  # the ack's retries end with the lease, 1 s after the work
-    }
-    worker = await NodeScript(node, "worker.js", {**env_of(servers, names, OWNERS[0]), **extra}).start()
+    # A 2 s lease: the ack's retries end with it, 1 s after the work.
+    proxy, task_id, worker = await _node_worker_cut_off_before_its_ack(
+        engine, node, servers, names, wait_ms=1000, work_ms=1000, ttr_ms=2000
+    )
     try:
-        await worker.event("task")
-        proxy.cut()  # the ack gets no answer while the lease lasts
-        await worker.event("ack_failed", 10)
         # Past the lease the worker fetches again (and fails while cut off): the result is in hand.
         await wait_for(lambda: bool(worker.all("fetch_failed")), 20, what="a fetch after the ack gave up")
         proxy.restore()
@@ -1209,8 +1216,7 @@ async def test_node_worker_acks_the_result_in_hand_when_its_lease_is_handed_back
     in_hand = [e for e in worker.all("result_in_hand") if e["taskId"] == task_id]
     assert len(mine) == 2 and len(in_hand) == 1, f"handed out twice, worked once: {worker.events}"
     assert worker.all("acked")[0] == {"event": "acked", "taskId": task_id, "completed": True}, worker.events
-    from bridge.client import Worker
-
+    svc = worker.env["QB_SERVICE"]
     async with Worker(servers.amqp_url(OWNERS[0]), service=svc, worker_id="after", exchange=names["exchange"]) as other:
         assert await other.fetch() is None, "the task was not completed with its result"
 
