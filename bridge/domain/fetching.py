@@ -842,7 +842,9 @@ class Fetcher:
         except MaybeApplied:
             # The fetch is answered ``unavailable``; if the claim applied, the worker's retry gets
             # the task through its pointer, which counts nothing: this claim is counted if it landed.
-            self.ctx.background.spawn(self._count_if_claimed(q, entry, claim_id, payload), "count an uncertain claim")
+            self.ctx.background.spawn(
+                self._count_if_claimed(q, entry, claim_id, payload, epoch, until), "count an uncertain claim"
+            )
             raise
         if not res.applied:
             return await self._refused(a, entry, res.current, epoch, stamp, now, ends)
@@ -920,11 +922,16 @@ class Fetcher:
             self.ctx.count(q, ms_of(task_id), ready=-1, in_flight=1)
 
     async def _count_if_claimed(
-        self, q: QueueKey, entry: ReadyEntry, claim_id: uuid.UUID, payload: Payload | None
+        self, q: QueueKey, entry: ReadyEntry, claim_id: uuid.UUID, payload: Payload | None, epoch: int, until: int
     ) -> None:
         """A claim whose outcome stayed unknown: counted as any claim if the lease names its claim id
         (a SERIAL read settles the compare-and-set). Missed if the lease was claimed again before
-        the read (a lease shorter than the lookups): logged."""
+        the read (a lease shorter than the lookups): logged.
+
+        Landed (or still unknown), its deadline is filed again in a bucket still to come: it may
+        have landed after the scheduler's second pass over the deadline written ahead, which,
+        finding no lease, let the entry go; if its worker is gone (its retry never came), nobody
+        would take the task back before its TTL (found by review: a claim counted, never watched)."""
         base = entry.epoch if entry.lane == LANE_RECOVERED else None
 
         async def ours() -> bool | None:
@@ -940,6 +947,8 @@ class Fetcher:
             return False  # claimed by another (or past it): this compare-and-set can no longer apply
 
         landed = await landed_later(ours, UNCERTAIN_CLAIM_LOOKUPS_S, self.ctx.background.pause)
+        if landed is not False:
+            await self._refile(q, entry, epoch, until)
         if landed:
             if payload is None and entry.lane == LANE_FRESH:
                 payload = await self.ctx.store.payload(q, entry.task_id)  # was it delayed? (its read failed)
@@ -1007,8 +1016,14 @@ class Fetcher:
         after = self.ctx.clock.now_ms()
         if after - started < (until - started + margin // 2) // 2:
             return  # far from the deadline: the scheduler has not read its bucket yet
+        await self._refile(q, entry, epoch, until)
+
+    async def _refile(self, q: QueueKey, entry: ReadyEntry, epoch: int, until: int) -> None:
+        """File a claim's deadline again, in a bucket the scheduler has not read yet."""
         self.ctx.metrics.inc("claims_refiled")
+        after = self.ctx.clock.now_ms()
         watch = ExpiryEntry(until, q, entry.task_id, epoch, entry.has_token)
+        margin = self.ctx.limits.skew_margin_ms
         await self.ctx.store.watch_expiry(expiry_bucket(max(until + margin, after) + 4 * EXPIRY_BUCKET_MS), watch)
 
     async def _rearm(self, q: QueueKey, entry: ReadyEntry, lease_until_ms: int, now: int) -> None:

@@ -1189,3 +1189,35 @@ async def test_an_owed_bucket_whose_record_failed_is_recorded_again(
         await h.advance(1_000)
     position = await h.store.scheduler_cursor(h.scheduler._outbox_cursor, h.clock.now_ms())
     assert position is not None and position > failed[0], (position, failed)
+
+
+async def test_a_claim_whose_outcome_was_unknown_and_landed_after_the_schedulers_passes_is_still_watched(
+    harness: Harness,
+) -> None:
+    """A fetch's claim timed out unsettled (``MaybeApplied``: the fetch answered ``unavailable``);
+    the scheduler met the deadline written ahead twice, found no lease, and let it go; then the
+    claim landed. Its worker never came back: the task stayed leased to it until its TTL. The
+    lookup that finds the claim landed files its deadline again (found by review, 2026-12-06)."""
+    h = harness
+    task_id = await h.add("v")
+    real = h.store.claim_new
+    held: list[Held] = []
+
+    async def on_its_way(*args: object, **kwargs: object) -> CasResult:
+        h.store.claim_new = real  # type: ignore[method-assign]
+        held.append((args, kwargs))
+        raise MaybeApplied("cassandra: write timeout")
+
+    h.store.claim_new = on_its_way  # type: ignore[method-assign]
+    with pytest.raises(Unavailable):
+        await h.fetch("w", ttr_ms=1_000)
+    assert len(held) == 1
+    # Past the deadline and the scheduler's second pass over it (late_ms 5 s), with no lease yet.
+    for _ in range(4):
+        h.clock.advance(2_500)
+        await h.scheduler.tick()
+    args, kwargs = held[0]
+    assert (await h.store.claim_new(*args, **kwargs)).applied  # type: ignore[arg-type]
+    await wait_for(lambda: h.metrics.total("claims_refiled") >= 1, timeout=15.0)
+    got = await h.fetch_until("other", limit_ms=5_000)
+    assert str(got.task_id) == str(task_id) and got.epoch == 2
