@@ -243,6 +243,7 @@ class Lifecycle:
         the later one and watches that instead. An earlier one is filed first (``renew``)."""
         ctx = self.ctx
         q = QueueKey(owner, req.service_id)
+        self._deadlines_allowed()
         await ctx.keys.current(owner)
         target = await self._target(q, req.worker_id, req.task_id, req.epoch)
         if target is None:
@@ -257,6 +258,7 @@ class Lifecycle:
     async def fail(self, owner: str, req: FailRequest) -> Failed | None:
         ctx = self.ctx
         q = QueueKey(owner, req.service_id)
+        self._deadlines_allowed()
         key = await ctx.keys.current(owner)
         error = None
         error_json = None
@@ -310,6 +312,17 @@ class Lifecycle:
         log.debug("task failed by its worker", extra={"task_id": str(task_id), "epoch": epoch, "retry_in_ms": backoff})
         await self._forget(q, req.worker_id, task_id, epoch)
         return Failed(task_id, epoch, False, due)
+
+    def _deadlines_allowed(self) -> None:
+        """An extend sets a lease's end, a fail its backoff's, on this bridge's clock as a claim
+        does: with that clock not known within half the margin, refused as a fetch is (a bridge
+        3 s behind applied a shortening extend already past on every other bridge, and the task
+        went to a second worker while the first kept working). Its queue is not consumed
+        meanwhile (``bridge.serving``): this answers what was taken before."""
+        gate = self.ctx.gate
+        if not gate.ok:
+            self.ctx.metrics.inc("leases_refused", reason="clock_skew")
+            raise Unavailable(f"this bridge does not grant leases now: {gate.describe()}; retry on another bridge")
 
     async def _forget(self, q: QueueKey, worker: str, task_id: uuid.UUID, epoch: int) -> None:
         """The worker gave its task back: its next fetch claims another one.

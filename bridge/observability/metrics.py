@@ -156,7 +156,9 @@ ROUTES: dict[str, Route] = {
     ),
     "results_dropped": Route("results_dropped", "Results that could not be published, by reason.", labels=("reason",)),
     "leases_refused": Route(
-        "leases_refused", "Fetches refused without touching a lease, by reason (clock_skew).", labels=("reason",)
+        "leases_refused",
+        "Fetches, extends and fails refused without touching a lease, by reason (clock_skew).",
+        labels=("reason",),
     ),
     "acks_without_task_id": Route(
         "acks_without_task_id", "Acks that name no taskId (clients of contract v1.0): upgrade those clients."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from dataclasses import replace
 from typing import Any
 
@@ -272,6 +273,42 @@ async def test_a_bridge_whose_clock_is_too_far_off_grants_no_lease(harness: Harn
     h.queue.ctx.gate = Skewed()
     with pytest.raises(Unavailable, match="does not grant leases"):
         await h.fetch("w")
+
+
+@pytest.mark.parametrize("request_kind", ["extend", "fail"])
+async def test_a_bridge_whose_clock_is_too_far_off_sets_no_deadline(harness: Harness, request_kind: str) -> None:
+    """An extend and a fail set a deadline on this bridge's clock as a claim does (the lease's end,
+    the backoff's): with that clock known to be off, they are refused as fetches are, and the lease
+    is left as it was. A bridge 3 s behind applied a shortening extend whose end had already passed
+    on every other bridge: the task went to a second worker while the first kept working (found
+    by review, 2026-12-06)."""
+    from bridge.domain.models import ExtendRequest, FailRequest
+    from bridge.domain.records import QueueKey
+
+    h = harness
+
+    class Skewed:
+        ok = False
+
+        def describe(self) -> str:
+            return "offset 3000 ms"
+
+    await h.add("v")
+    held = await h.fetch("w", ttr_ms=5_000)
+    assert held is not None
+    q = QueueKey(OWNER, h.service)
+    before = await h.store.lease(q, uuid.UUID(held.task_id), serial=False)
+    h.queue.ctx.gate = Skewed()
+    body = {"serviceId": h.service, "workerId": "w", "timeToRecover": 1_000}
+    life = h.queue.lifecycle
+    sent = (
+        life.extend(OWNER, parse(ExtendRequest, body))
+        if request_kind == "extend"
+        else life.fail(OWNER, parse(FailRequest, {**body, "error": "e", "retryInMs": 0}))
+    )
+    with pytest.raises(Unavailable, match="does not grant leases"):
+        await sent
+    assert await h.store.lease(q, uuid.UUID(held.task_id), serial=False) == before
 
 
 def _fields(d: object) -> dict[str, object]:
