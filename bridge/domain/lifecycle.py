@@ -120,6 +120,13 @@ class ParkedTask:
     last_error_omitted: bool = False
 
 
+def _cancel_id(q: QueueKey, task_id: uuid.UUID, request_id: str | None) -> uuid.UUID | None:
+    """A cancel's completion id, the same for every copy of one request (None without an id)."""
+    if not request_id:
+        return None
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"queue-bridge:cancel:{q.owner}\0{q.service}\0{task_id}\0{request_id}")
+
+
 def _parked_at(e: ParkedEntry, lease: Lease) -> int:
     """When the park the lease is in happened (the index row's time for leases that lack one)."""
     return lease.parked_at_ms or e.parked_at_ms
@@ -726,12 +733,19 @@ class Lifecycle:
         )
 
     # -- cancel and purge ---------------------------------------------------------------------------
-    async def cancel(self, owner: str, service: str, task_id: uuid.UUID) -> bool:
+    async def cancel(self, owner: str, service: str, task_id: uuid.UUID, *, request_id: str | None = None) -> bool:
         """Cancel a task wherever it is (ready, delayed, in flight, parked); false if it had finished
-        or does not exist. A worker holding it is refused on ack, extend and fail."""
+        or does not exist. A worker holding it is refused on ack, extend and fail.
+
+        ``request_id`` (the AMQP message-id, else the correlation-id): the cancel's completion id
+        is derived from it, so that a copy of the request (redelivered to another bridge after this
+        one applied it and died before its reply, or resent by a caller that lost the reply) finds
+        its own cancel and answers true again. Answered false, the engine read "it had finished"
+        and waited for a result that never came."""
         ctx = self.ctx
         q = QueueKey(owner, service)
         await ctx.keys.current(owner)
+        done_id = _cancel_id(q, task_id, request_id)
         for _ in range(CANCEL_ATTEMPTS):
             lease = await self.store.lease(q, task_id, serial=True)
             now = ctx.clock.now_ms()
@@ -739,7 +753,7 @@ class Lifecycle:
                 payload = await self.store.payload(q, task_id)
                 if payload is None:
                     return False
-                res = await self.store.cancel(q, task_id, None, 0)
+                res = await self.store.cancel(q, task_id, None, 0, done_id=done_id)
                 if res.applied:
                     # Marked taken, as a claim or a purge marks its entry: scans, purges and stats
                     # pass it without a claim or a lease read, and the cursor may move past it. Its
@@ -755,10 +769,13 @@ class Lifecycle:
                     return self._cancelled(task_id)
                 continue  # claimed meanwhile: look again
             if lease.state in FINAL_STATES:
-                return False
+                # This very request's cancel (its first copy): true again, counted once.
+                return done_id is not None and lease.state is LeaseState.CANCELLED and lease.completion_id == done_id
             # Only the lease as read: a park and a redrive since (leased at the same epoch again,
             # but counted ready, not in flight) refuse it, and the next attempt reads it again.
-            res = await self.store.cancel(q, task_id, lease.state, lease.epoch, base_epoch=lease.base_epoch)
+            res = await self.store.cancel(
+                q, task_id, lease.state, lease.epoch, base_epoch=lease.base_epoch, done_id=done_id
+            )
             if res.applied:
                 if lease.state is LeaseState.PARKED:
                     await self._drop_parked_row(q, task_id, lease.epoch)

@@ -535,8 +535,8 @@ class WorkQueue:
     async def fail(self, owner: str, req: FailRequest) -> Failed | None:
         return await self.lifecycle.fail(owner, req)
 
-    async def cancel(self, owner: str, service: str, task_id: uuid.UUID) -> bool:
-        return await self.lifecycle.cancel(owner, service, task_id)
+    async def cancel(self, owner: str, service: str, task_id: uuid.UUID, *, request_id: str | None = None) -> bool:
+        return await self.lifecycle.cancel(owner, service, task_id, request_id=request_id)
 
     async def purge(self, owner: str, service: str) -> tuple[int, bool]:
         return await self.lifecycle.purge(owner, service)

@@ -223,12 +223,14 @@ class TaskStore(Protocol):
         expired_before_ms: int | None = None,
         to: LeaseState = LeaseState.CANCELLED,
         base_epoch: int | None = None,
+        done_id: uuid.UUID | None = None,
     ) -> CasResult:
         """Move a task in ``state`` at ``epoch`` (None: never claimed) to ``to`` (cancelled or
         discarded); with ``expired_before_ms``, only a lease whose deadline is at or before it.
         With a ``state``, only while its ``base_epoch`` is the one the caller read (required then):
         a park and a redrive since leave it in the same state at the same epoch, but redriven
-        (counted ready, not in flight)."""
+        (counted ready, not in flight). ``done_id``: the completion id written (a new one if
+        None); a cancel's is its request's, so that a copy of the request knows it applied."""
 
     async def add_parked(self, q: QueueKey, entry: ParkedEntry) -> None:
         """Index a parked task (written before the park, so none is ever missing; stale rows are

@@ -450,20 +450,22 @@ class MemoryTaskStore:
         expired_before_ms: int | None = None,
         to: LeaseState = LeaseState.CANCELLED,
         base_epoch: int | None = None,
+        done_id: uuid.UUID | None = None,
     ) -> CasResult:
         await self._io()
         cur = self._lease(q, task_id)
+        done_id = done_id or uuid.uuid4()
         if state is None:
             if cur is not None:
                 return CasResult(False, cur)
-            self.leases[(q, task_id)] = Lease(to, 0, None, None, None, uuid.uuid4())
+            self.leases[(q, task_id)] = Lease(to, 0, None, None, None, done_id)
             return CasResult(True, None)
         assert base_epoch is not None
         if cur is None or cur.state is not state or cur.epoch != epoch or cur.base_epoch != base_epoch:
             return self._refused(cur, with_until=expired_before_ms is not None, with_base=True)
         if expired_before_ms is not None and (cur.lease_until_ms is None or cur.lease_until_ms > expired_before_ms):
             return self._refused(cur, with_until=True, with_base=True)
-        self.leases[(q, task_id)] = replace(cur, state=to, completion_id=uuid.uuid4())
+        self.leases[(q, task_id)] = replace(cur, state=to, completion_id=done_id)
         return CasResult(True, None)
 
     async def add_parked(self, q: QueueKey, entry: ParkedEntry) -> None:

@@ -839,8 +839,9 @@ class CassandraTaskStore:
         expired_before_ms: int | None = None,
         to: LeaseState = LeaseState.CANCELLED,
         base_epoch: int | None = None,
+        done_id: uuid.UUID | None = None,
     ) -> CasResult:
-        done_id = uuid.uuid4()
+        done_id = done_id or uuid.uuid4()
         now = to_datetime(self.now_ms())
         key = (q.owner, q.service, task_id)
 

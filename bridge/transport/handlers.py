@@ -601,7 +601,10 @@ class RequestHandlers:
         operation = wire.LIFECYCLE[method]
 
         async def call(owner: str, req: Any, message: RequestMessage) -> Reply:
-            work = functools.partial(operation.call, self.queue, owner, req)
+            work: Callable[[], Awaitable[wire.Body]] = functools.partial(operation.call, self.queue, owner, req)
+            if method == "cancel":
+                request_id = message.message_id or message.correlation_id
+                work = functools.partial(wire.cancel_once, self.queue, owner, req, request_id)
             if method == PACED_METHOD:
                 body = await self._paced(owner, message, work)
             elif method in LONG_METHODS:

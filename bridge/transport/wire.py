@@ -198,6 +198,11 @@ async def _cancel(queue: WorkQueue, owner: str, req: CancelRequest) -> Body:
     return cancelled(await queue.cancel(owner, req.service_id, uuid.UUID(req.task_id)))
 
 
+async def cancel_once(queue: WorkQueue, owner: str, req: CancelRequest, request_id: str | None) -> Body:
+    """A cancel whose copies (a redelivery, a resend with the same id) all answer as the first."""
+    return cancelled(await queue.cancel(owner, req.service_id, uuid.UUID(req.task_id), request_id=request_id))
+
+
 async def _purge(queue: WorkQueue, owner: str, req: QueueRequest) -> Body:
     return purged(*await queue.purge(owner, req.service_id))
 

@@ -282,3 +282,22 @@ async def test_a_redrive_still_pacing_keeps_its_pace_when_idle_paces_are_forgott
     second = asyncio.ensure_future(paces._paced(q, 0.5))  # another redrive of the same queue
     await asyncio.wait_for(asyncio.gather(pacing, second), 5)
     assert loop.time() - started >= 0.95, "the second redrive did not wait for the first one's pace"
+
+
+@pytest.mark.parametrize("where", ["ready", "held"])
+async def test_a_copy_of_a_cancel_answers_true_as_its_first_copy_did(harness: Harness, where: str) -> None:
+    """A cancel applied, and its reply was lost (the bridge died before it, or the caller's wait
+    ended): the copy (redelivered to another bridge, or resent with the same message-id) read the
+    task cancelled and answered false, "it had finished", and the engine waited for a result that
+    never came (found by review, 2026-12-06). The copy answers true; another request, false."""
+    h = harness
+    task_id = await h.add("v")
+    if where == "held":
+        assert await h.fetch("w") is not None
+    tid = uuid.UUID(task_id)
+    assert await h.queue.cancel(OWNER, h.service, tid, request_id="req-1") is True
+    other, _ = h.instance(h.clock)  # another bridge: nothing of the first copy in its memory
+    assert await other.cancel(OWNER, h.service, tid, request_id="req-1") is True
+    assert await other.cancel(OWNER, h.service, tid, request_id="req-2") is False
+    assert await other.cancel(OWNER, h.service, tid) is False
+    assert h.metrics.total("tasks_cancelled") == 1

@@ -760,7 +760,7 @@ class _WorkQueue:
     async def fail(self, owner: str, req: FailRequest) -> Failed | None:
         return cast(Failed | None, self._lifecycle("fail", req))
 
-    async def cancel(self, owner: str, service: str, task_id: uuid.UUID) -> bool:
+    async def cancel(self, owner: str, service: str, task_id: uuid.UUID, *, request_id: str | None = None) -> bool:
         return bool(self._lifecycle("cancel", service, task_id))
 
     async def purge(self, owner: str, service: str) -> tuple[int, bool]:
