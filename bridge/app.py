@@ -22,6 +22,7 @@ from bridge.domain.counting import QueueCounts
 from bridge.domain.housekeeping import CounterTrim
 from bridge.domain.queue import Limits, Metrics, WorkQueue
 from bridge.domain.reconcile import Reconciliation
+from bridge.domain.records import QueueKey
 from bridge.domain.scheduler import RecoveryScheduler
 from bridge.domain.stats import fair_share, service_stats
 from bridge.errors import BridgeError
@@ -45,9 +46,16 @@ from bridge.transport.topology import durable_queue_arguments
 
 COUNTS_FLUSH_S = 1.0  # queue-count deltas are written this often (a kill -9 loses at most this much)
 MAX_GAUGE_QUEUES = 1_000
-# Queues listed to choose the gauges' from (one small row each, by the duty holder per refresh):
-# shared out among their owners, so that one tenant's thousand services cannot push the others out.
+# Registry rows read to choose the gauges' queues from (one small row each, by the duty holder per
+# refresh), at most, in a walk that reads GAUGE_FIRST_PER_OWNER services of each owner first
+# (20,000 rows: 1,000 owners), then more of those that have more while slots are left: shared out
+# among their owners, so that one tenant's many services cannot push the others out.
 GAUGE_QUEUES_LISTED = 20 * MAX_GAUGE_QUEUES
+GAUGE_FIRST_PER_OWNER = 20
+GAUGE_PAGE_MAX = 1_000  # registry rows a page of the walk reads, at most
+# Sorts after every service name (at most 255 characters): a page after (owner, this) starts at
+# the next owner.
+PAST_EVERY_SERVICE = "\U0010ffff" * 256
 STOP_STEP_MIN_S = 0.5  # each waiting step of a stop gets this much even past the grace
 READY_PING_AFTER_S = 30.0  # readiness pings Cassandra only when nothing was answered for this long
 SCHEDULER_HUNG_AFTER_S = 60.0  # readiness: the scheduler loop has not turned for this long (hung)
@@ -542,8 +550,8 @@ class Bridge:
         now = self.clock.now_ms()
         ttl = self.settings.task_ttl_seconds * 1000
         margin = int(self.settings.clock_skew_margin * 1000)
-        listed = await self.store.queues(GAUGE_QUEUES_LISTED)
-        if len(listed) > MAX_GAUGE_QUEUES:
+        chosen, cut = await self._gauge_queues()
+        if cut:
             self._warn_gauges_cut.warning(
                 "more than %d queues: gauges for %d, shared out among their owners (the stats RPC answers for any)",
                 MAX_GAUGE_QUEUES,
@@ -552,7 +560,7 @@ class Bridge:
         failed: list[str] = []
         last = self._gauge_rows
         kept: dict[tuple[str, str], tuple[tuple[str, str, dict[str, int], int | None], int]] = {}
-        for q in fair_share(listed, MAX_GAUGE_QUEUES):
+        for q in chosen:
             key = (q.owner, q.service)
             try:
                 s = await service_stats(self.store, q, now, ttl, margin, margin + WRITE_LATE_MS)
@@ -575,6 +583,53 @@ class Bridge:
         if failed:
             log.warning("queue gauges of %d queues not refreshed: %s", len(failed), "; ".join(failed[:5]))
         return rows
+
+    async def _gauge_queues(self) -> tuple[list[QueueKey], bool]:
+        """The queues whose gauges are exported (``fair_share`` of the registry), and whether some
+        were left out. The registry was listed with a plain LIMIT, in token order: one tenant with
+        20,000 services (a service named per workflow) took every row, and every owner after it
+        lost its gauges (an absent series looks healthy). Walked a page at a time now: the first
+        GAUGE_FIRST_PER_OWNER services of each owner, then, while the slots are not all taken,
+        more of the owners that have more. What ``fair_share`` picks from these rows is what it
+        would pick from the whole registry: an owner read only in part has at least as many rows
+        as the round of slots that fills them."""
+        by_owner: dict[str, list[QueueKey]] = {}  # in the registry's (token) order
+        more: set[str] = set()  # owners with services not read
+        read, size, after, ended = 0, GAUGE_FIRST_PER_OWNER + 1, None, False
+        while read < GAUGE_QUEUES_LISTED:
+            limit = min(size, GAUGE_QUEUES_LISTED - read)
+            page = await self.store.queue_page(after, limit)
+            read += len(page)
+            jumped = False
+            for q in page:
+                own = by_owner.setdefault(q.owner, [])
+                if len(own) < GAUGE_FIRST_PER_OWNER:
+                    own.append(q)
+                    after = q
+                else:  # on to the next owner, past this one's services
+                    more.add(q.owner)
+                    after, jumped = QueueKey(q.owner, PAST_EVERY_SERVICE), True
+                    break
+            if not jumped and len(page) < limit:
+                ended = True
+                break
+            # Small pages where owners have many services (the rest of a page is not used), larger
+            # ones while they have few (fewer reads).
+            size = GAUGE_FIRST_PER_OWNER + 1 if jumped else min(2 * size, GAUGE_PAGE_MAX)
+        if not ended and after is not None and after.service != PAST_EVERY_SERVICE:
+            more.add(after.owner)  # cut by the budget: it may have more
+        cap = GAUGE_FIRST_PER_OWNER
+        while more and cap < MAX_GAUGE_QUEUES and sum(map(len, by_owner.values())) < MAX_GAUGE_QUEUES:
+            cap = min(4 * cap, MAX_GAUGE_QUEUES)
+            for owner in list(more):
+                own = by_owner[owner]
+                want = cap - len(own)
+                mine = [q for q in await self.store.queue_page(own[-1], want + 1) if q.owner == owner]
+                own.extend(mine[:want])
+                if len(mine) <= want:
+                    more.discard(owner)
+        listed = [q for own in by_owner.values() for q in own]
+        return fair_share(listed, MAX_GAUGE_QUEUES), bool(more) or not ended or len(listed) > MAX_GAUGE_QUEUES
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -601,13 +656,21 @@ class Bridge:
 
         for task in self._tasks:  # the serving gate must not resume consumers during shutdown
             task.cancel()
+        # The gateway's stop begins first: new requests are answered 503 (another bridge takes
+        # them) and it stops listening; those under way finish within the grace from now. Begun
+        # after the duty's release and the consumers' pause (15-21 s with a broker that stopped
+        # answering), the open gateway answered new long-polls null at once (the hints closed)
+        # and took adds that its stop, its deadline passed, then cut: a reset, not an answer.
+        if self.gateway is not None:
+            self.gateway.closing()  # at once: the task below takes its first step later
+        gateway_stopped = asyncio.ensure_future(self._stop_gateway(ends))
         # Not the queue counts' flusher: cancelled mid-flush, it lost the deltas it had taken and
         # not yet written. It sees the stop, flushes once more and ends (awaited below).
         self.hints.close()  # fetches waiting for a task are answered now (null)
         await self.duty.release()  # another bridge takes the background loops over now
         await self.transport.pause()
-        # The gateway stops listening and finishes its requests (within the grace) alongside AMQP's.
-        idle, _ = await asyncio.gather(self.transport.wait_idle(left()), self._stop_gateway(ends))
+        # The gateway finishes its requests (within the grace) alongside AMQP's.
+        idle, _ = await asyncio.gather(self.transport.wait_idle(left()), gateway_stopped)
         if not idle:
             log.warning("in-flight requests did not finish within %.1fs", grace)
         self.scheduler.cancel_timers()  # best-effort timers: the timer wheel has their entries

@@ -134,6 +134,11 @@ class GatewayServer:
         from bridge.console.routes import Console
 
         Console(self, settings, metrics).install(app)  # /console: the operator console (issue 11)
+        # Last, so that it matches only what no route above does: a path of none (404), or a
+        # method the path does not take (405). Unmatched, aiohttp answered ``Expect`` itself,
+        # before any middleware: ``100 Continue`` to a client with no key announcing a gigabyte,
+        # a plain-text 417 to any other expectation.
+        app.router.add_route("*", "/{tail:.*}", self._unmatched, expect_handler=self.expect)
         self.app = app
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -165,6 +170,11 @@ class GatewayServer:
         self.port = int(runner.addresses[0][1])
         log.info("http gateway listening on %s:%d", host, self.port, extra={"keys": len(self.keys)})
         return self.port
+
+    def closing(self) -> None:
+        """From now on, new requests are answered ``unavailable`` (503) and those whose body was
+        still arriving start no work: the first step of :meth:`stop`, taken at once."""
+        self._closing = True
 
     async def stop(self, deadline: float | None = None) -> None:
         """Stop listening; requests in flight finish by ``deadline`` (the event loop's time;
@@ -342,6 +352,17 @@ class GatewayServer:
 
         return handle
 
+    async def _unmatched(self, request: web.Request) -> web.StreamResponse:
+        """What the router answered without the catch-all route: 405 (with the methods the path
+        takes) when another route has the path, else 404; the middleware words both."""
+        allowed: set[str] = set()
+        for resource in request.app.router.resources():
+            if resource is not request.match_info.route.resource:
+                allowed |= (await resource.resolve(request))[1]
+        if allowed:
+            raise web.HTTPMethodNotAllowed(request.method, allowed)
+        raise web.HTTPNotFound()
+
     async def _openapi_doc(self, request: web.Request) -> web.Response:
         response = web.Response(body=self._openapi)
         response.content_type = "application/json"
@@ -361,6 +382,10 @@ class GatewayServer:
                 raise BadRequest("the body's serviceId differs from the path's; leave it out of the body")
             body = {**body, "serviceId": service}
         req = parse(ep.model, body)
+        # Dropped now, not held through the request (a 30 s long-poll): the models ignore unknown
+        # fields, and a body padded to the limit with ``[{}, {}, ...]`` parses to ~24 times its
+        # size in objects; 256 such fetches of one key held gigabytes. As on AMQP, a temporary.
+        del body
         structlog.contextvars.bind_contextvars(
             owner=owner, service=getattr(req, "service_id", None), worker=getattr(req, "worker_id", None)
         )
