@@ -32,7 +32,7 @@ from bridge.domain.reconcile import Reconciliation
 from bridge.domain.records import DUE_EPOCH, LANE_FRESH, ExpiryEntry, OutboxEntry, Payload, QueueKey
 from bridge.domain.relay import ResultMessage, ResultRelay, ResultSink
 from bridge.domain.sealing import OwnerKeys, encode, seal_task
-from bridge.domain.stats import ServiceStats, service_stats
+from bridge.domain.stats import ServiceStats, StatsFound, service_stats
 from bridge.domain.store import TaskStore
 from bridge.domain.timeline import expiry_bucket, ms_of, new_task_id
 from bridge.observability.throttled import ThrottledWarning
@@ -558,8 +558,15 @@ class WorkQueue:
     async def discard(self, owner: str, service: str, task_ids: list[uuid.UUID]) -> int:
         return await self.lifecycle.discard(owner, service, task_ids)
 
-    async def stats(self, owner: str, service: str | None) -> list[ServiceStats]:
-        """Live counts of one service queue of the owner, or of all of them (up to 1,000)."""
+    async def stats(self, owner: str, service: str | None) -> StatsFound:
+        """Live counts of one service queue of the owner, or of all of them (up to 1,000).
+
+        Of all of them, a queue whose counts cannot be read now (its partitions without a
+        quorum, a parked partition full of tombstones) is named in ``unavailable`` and the others
+        are answered: one such queue failed the whole request (every console page and dashboard
+        of the owner empty, as long as it lasted), and the reads of the others went on after the
+        answer, outside the bridge's bound on long requests (each poll started another batch).
+        All of them failing is the store's outage: raised."""
         ctx = self.ctx
         await ctx.keys.current(owner)
         services = [service] if service is not None else await ctx.store.services(owner, MAX_STATS_SERVICES)
@@ -573,7 +580,19 @@ class WorkQueue:
             async with limit:
                 return await service_stats(ctx.store, QueueKey(owner, name), now, ttl, margin, settle)
 
-        return list(await asyncio.gather(*(one(s) for s in services)))
+        if service is not None:
+            return StatsFound([await one(service)])
+        outcomes = await asyncio.gather(*(one(s) for s in services), return_exceptions=True)
+        found = [o for o in outcomes if isinstance(o, ServiceStats)]
+        failed = [(name, o) for name, o in zip(services, outcomes, strict=True) if isinstance(o, BaseException)]
+        for _, exc in failed:
+            if not isinstance(exc, Exception):
+                raise exc  # a cancellation (the request cut, the bridge stopping): not a queue's
+        if failed and not found:
+            raise failed[0][1]
+        if failed:
+            log.warning("stats of %d of %d queues of %s not read: %s", len(failed), len(services), owner, failed[0][1])
+        return StatsFound(found, [name for name, _ in failed])
 
 
 __all__ = ["Limits", "Metrics", "ResultMessage", "ResultSink", "WorkQueue"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from bridge.domain.counting import DAY_MS, MINUTE_MS
@@ -224,6 +225,15 @@ class ServiceStats:
     oldest_ready_age_ms: int | None
 
 
+class StatsFound(list[ServiceStats]):
+    """The counts of the queues asked for (a list, as before), and the queues whose counts could
+    not be read now (``unavailable``)."""
+
+    def __init__(self, services: Iterable[ServiceStats], unavailable: Iterable[str] = ()) -> None:
+        super().__init__(services)
+        self.unavailable = list(unavailable)
+
+
 async def service_stats(
     store: TaskStore,
     q: QueueKey,
@@ -412,4 +422,13 @@ def fair_share(queues: list[QueueKey], limit: int) -> list[QueueKey]:
     return chosen
 
 
-__all__ = ["DEFAULT_LIMIT", "QueueStats", "ServiceStats", "fair_share", "queue_stats", "service_stats", "walk_lane"]
+__all__ = [
+    "DEFAULT_LIMIT",
+    "QueueStats",
+    "ServiceStats",
+    "StatsFound",
+    "fair_share",
+    "queue_stats",
+    "service_stats",
+    "walk_lane",
+]

@@ -89,6 +89,9 @@ class ServiceStats(_Reply):
 
 class Services(_Reply):
     services: list[ServiceStats]
+    # Of every service: those whose counts could not be read now (left out of ``services``);
+    # absent when every one was read.
+    unavailable: list[str] | None = None
 
 
 class StatsReply(_Reply):

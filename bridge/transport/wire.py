@@ -33,13 +33,13 @@ from bridge.domain.models import (
     RedriveRequest,
     StatsRequest,
 )
+from bridge.domain.stats import ServiceStats, StatsFound
 from bridge.domain.timeline import ms_of
 from bridge.errors import BridgeError
 
 if TYPE_CHECKING:
     from bridge.domain.lifecycle import Extended, Failed, ParkedTask, RedriveRound
     from bridge.domain.queue import WorkQueue
-    from bridge.domain.stats import ServiceStats
 
 Body = dict[str, Any]
 
@@ -138,7 +138,9 @@ def stats(found: list[ServiceStats]) -> Body:
         }
         for s in found
     ]
-    return reply({"services": services})
+    # Only when some queue's counts could not be read: an answer of 1.4-1.9's shape otherwise.
+    unavailable = found.unavailable if isinstance(found, StatsFound) else []
+    return reply({"services": services, **({"unavailable": unavailable} if unavailable else {})})
 
 
 def parked(found: list[ParkedTask]) -> Body:

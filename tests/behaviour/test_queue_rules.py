@@ -451,3 +451,33 @@ async def test_a_task_whose_life_ended_is_not_handed_out_while_its_row_lingers(h
     await h.add("ended")
     h.clock.advance(TTL_S * 1000 + 5)  # the task's end, by the bridge's clock
     assert await h.fetch("w1") is None
+
+
+async def test_stats_of_every_queue_answers_the_others_when_one_queue_cannot_be_read(harness: Harness) -> None:
+    """One queue whose counts cannot be read (its parked partition full of tombstones, its
+    replicas without a quorum) failed the owner's whole stats request: every console page and
+    dashboard empty, and the other queues' reads went on after the answer, outside the bridge's
+    bound on long requests. It is named in ``unavailable``, the others answered (found by review,
+    2026-12-06); all of them failing is raised, as an outage."""
+    from bridge.domain.records import QueueKey
+
+    h = harness
+    names = [f"{h.service}-{i}" for i in range(3)]
+    for name in names:
+        await h.queue.add(OWNER, parse(AddCommand, {"serviceId": name, "value": 1}), message_id=None, traceparent=None)
+    real = h.store.parked
+    broken = {names[1]}
+
+    async def parked(q: QueueKey, limit: int, after: Any = None) -> Any:
+        if q.service in broken:
+            raise Unavailable("cassandra: read timeout")
+        return await real(q, limit, after)
+
+    h.store.parked = parked  # type: ignore[method-assign]
+    found = await h.queue.stats(OWNER, None)
+    assert sorted(s.service for s in found if s.service in names) == [names[0], names[2]]
+    assert all(s.ready == 1 for s in found if s.service in names)
+    assert found.unavailable == [names[1]]
+    broken.update(s.service for s in found)
+    with pytest.raises(Unavailable):
+        await h.queue.stats(OWNER, None)
