@@ -174,16 +174,23 @@ class AnchoredClock:
         time), and every time read since was that far off, however small its bound said it was.
         Kept for being the better bound, such an anchor threw away the one reading that showed it
         wrong: leases granted already expired on other bridges' clocks, deadlines filed in buckets
-        the recovery passes had read, for as long as the bridge ran."""
+        the recovery passes had read, for as long as the bridge ran.
+
+        A better bound that disagrees so is taken too, and said as loudly: one reading cannot tell a
+        host that paused from a Cassandra node whose clock is off (its ``now()`` answered the probe),
+        and before, a node ahead by minutes moved the bridge's time that far without a word."""
         a = self.anchor
-        if a is not None and self._aged(reading) >= self._aged(a):
-            if abs(self._gap_ms(a, reading)) <= self._aged_at(a, reading.at_monotonic) + reading.error_ms:
+        if a is not None:
+            agrees = abs(self._gap_ms(a, reading)) <= self._aged_at(a, reading.at_monotonic) + reading.error_ms
+            if agrees and self._aged(reading) >= self._aged(a):
                 return False
-            log.error(
-                "clock: this bridge's time was %+.0f ms off Cassandra's (the host or its VM paused, or its "
-                "monotonic clock jumped); it keeps Cassandra's time from this reading on",
-                -self._gap_ms(a, reading),
-            )
+            if not agrees:
+                log.error(
+                    "clock: this bridge's time was %+.0f ms off Cassandra's as read now (the host or its VM "
+                    "paused, its monotonic clock jumped, or the Cassandra node that answered keeps another "
+                    "time); it keeps Cassandra's time from this reading on",
+                    -self._gap_ms(a, reading),
+                )
         self.anchor = reading
         if a is None:
             self._last = -(2**62)  # the host's clock, used until now, says nothing about this one

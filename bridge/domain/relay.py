@@ -145,10 +145,11 @@ class ResultRelay:
             if payload is None:
                 # The task's row (its token) ended before the result went out and no copy was kept
                 # (a bridge before RESULT_OWED_MS, or no publish failed before the end): said, not
-                # silent. A task without a token (None below) owes nothing.
+                # silent. A task without a token (None below) owes nothing. Said and counted once
+                # marked: before, a mark that failed counted it again at every retry of the relay.
+                await store.mark_published(entry)
                 log.error("result of task %s not published: its task ended, and its token with it", entry.task_id)
                 self.ctx.metrics.inc("results_dropped", reason="expired")
-                await store.mark_published(entry)
                 return
             token, traceparent = payload.token, payload.traceparent
         if token is None:

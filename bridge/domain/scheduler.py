@@ -72,6 +72,16 @@ MARKS_AHEAD = 8  # buckets (2 s) of marks read ahead of the clock: more than a r
 MAX_TIMERS = 100_000  # in-process timers for wheel entries due within moments (``handle_soon``)
 ENTRY_RETRY_MS = 10_000  # a deadline that could not be handled is met again this much later
 EXPOSE_ATTEMPTS = 2  # writes of a re-exposure: a second, placed ahead, when the first landed later than scans wait for
+# A position (saved, or this holder's own) further ahead of the present than the skew margin and
+# this is not trusted: a holder whose clock had jumped ahead (an NTP step of a host clock, a probe
+# answered by a coordinator ahead) saved it there, and the saved positions are read greatest-first,
+# so every later holder started from it and, its clock right, never read the buckets in between
+# (leases of dead workers kept until their TTL, owed results never relayed, a lag of 0). Read from
+# ``REWIND_LOOKBACK_MS`` before the present instead: a bucket read twice is harmless (each deadline
+# is checked against its lease, each owed result against its flag), and the look-back covers what
+# the holder whose clock was wrong read too early before its clock was found wrong.
+AHEAD_TOLERANCE_MS = MARKS_AHEAD * EXPIRY_BUCKET_MS
+REWIND_LOOKBACK_MS = 60_000
 
 
 RELAY_INTERVAL_S = 1.0  # the result relay sweeps once a second
@@ -210,6 +220,8 @@ class RecoveryScheduler:
         self._marks: set[int] = set()
         self._marks_hi = -1
         self._marks_read_ms = -(10**15)
+        self._warn_ahead = ThrottledWarning(log)  # a position ahead of the present, rewound (each loop apart)
+        self._warn_relay_ahead = ThrottledWarning(log)
         self._duty: Duty | None = None
         self._running = False  # ``run`` was called: with no duty (no election) this bridge is the holder
 
@@ -371,8 +383,8 @@ class RecoveryScheduler:
         self.state.last_tick_monotonic = time.monotonic()
 
     async def _relay_tick(self, now: int) -> None:
-        """A relay sweep, at most once a second."""
-        if now - self._last_outbox_ms >= RELAY_INTERVAL_S * 1000:
+        """A relay sweep, at most once a second (or at once after the clock was set back)."""
+        if now - self._last_outbox_ms >= RELAY_INTERVAL_S * 1000 or now < self._last_outbox_ms:
             await self._relay_sweep(now)
 
     async def _relay_sweep(self, now: int) -> None:
@@ -381,11 +393,59 @@ class RecoveryScheduler:
         if self.report_pending is not None:
             self.report_pending(self.queue.results_in_flight + self.state.results_stuck)
 
+    # -- positions ahead of the present ------------------------------------------------------
+    def _too_far_ahead(self, position_ms: int, now: int) -> bool:
+        """Whether a position (the start of its bucket) is ahead of the present by more than any
+        holder's clock could be (the skew margin) and the normal look-ahead (``AHEAD_TOLERANCE_MS``)."""
+        return position_ms > now + self.queue.skew_margin_ms + AHEAD_TOLERANCE_MS
+
+    def _rewind_recovery(self, now: int, position: int, whose: str) -> int:
+        """A recovery position ahead of the present (``AHEAD_TOLERANCE_MS``): read from shortly
+        before the present instead. What this holder knew of the buckets ahead (settled deadlines,
+        leases read ahead, marks read as of a time to come) is forgotten: read once more."""
+        start = expiry_bucket(now - REWIND_LOOKBACK_MS)
+        self._warn_ahead.warning(
+            "recovery scheduler: %s position is %.0f s ahead of the present (a clock that jumped ahead): "
+            "read again from %d s before the present",
+            whose,
+            (position * EXPIRY_BUCKET_MS - now) / 1000,
+            REWIND_LOOKBACK_MS // 1000,
+        )
+        self._handled.clear()
+        self._armed.clear()
+        self._marks, self._marks_hi, self._marks_read_ms = set(), -1, -(10**15)
+        return start
+
+    def _rewind_relay(self, now: int, position: int, whose: str) -> int:
+        """As ``_rewind_recovery``, for the relay: its second reads and retries due at a time to come
+        (dated by the clock ahead) are due now; the buckets ahead are read again as the walk comes."""
+        start = outbox_bucket(now - REWIND_LOOKBACK_MS)
+        self._warn_relay_ahead.warning(
+            "result relay: %s position is %.0f s ahead of the present (a clock that jumped ahead): "
+            "read again from %d s before the present",
+            whose,
+            (position * OUTBOX_BUCKET_MS - now) / 1000,
+            REWIND_LOOKBACK_MS // 1000,
+        )
+        self._outbox_second = {b: min(at, now) for b, at in self._outbox_second.items() if b < start}
+        late = now + RELAY_RETRY_MAX_MS
+        for bucket, retry in list(self._outbox_retry.items()):
+            if retry.not_before_ms > late:
+                self._outbox_retry[bucket] = replace(retry, not_before_ms=now)
+        self._outbox_persisted = None
+        return start
+
     # -- recovery ----------------------------------------------------------------------------
     async def _recover(self, now: int) -> None:
+        if self._expiry_next is not None and self._too_far_ahead(self._expiry_next * EXPIRY_BUCKET_MS, now):
+            # This holder's own position, its clock set back (an NTP step): as for a saved one.
+            self._expiry_next = self._expiry_confirmed = self._rewind_recovery(now, self._expiry_next, "its")
+            self._expiry_persisted = None
         if self._expiry_next is None:
             saved = await self.store.scheduler_cursor(self._expiry_cursor, now)
             start = saved if saved is not None else expiry_bucket(now) - 1
+            if saved is not None and self._too_far_ahead(saved * EXPIRY_BUCKET_MS, now):
+                start = self._rewind_recovery(now, saved, "the saved")
             if saved is None:
                 # The first scheduler of this keyspace: persist where it starts, or a successor
                 # taking the duty before the first grid position is written would start at its
@@ -750,10 +810,15 @@ class RecoveryScheduler:
 
     # -- result relay ------------------------------------------------------------------------
     async def _relay(self, now: int) -> None:
+        if self._outbox_next is not None and self._too_far_ahead(self._outbox_next * OUTBOX_BUCKET_MS, now):
+            # This holder's own position, its clock set back (an NTP step): as for a saved one.
+            self._outbox_next = self._rewind_relay(now, self._outbox_next, "its")
         if self._outbox_next is None:
             saved = await self.store.scheduler_cursor(self._outbox_cursor, now)
             recorded = await self.store.owed_positions(self._outbox_owed, now)
             self._outbox_next = saved if saved is not None else outbox_bucket(now) - 1
+            if saved is not None and self._too_far_ahead(saved * OUTBOX_BUCKET_MS, now):
+                self._outbox_next = self._rewind_relay(now, saved, "the saved")
             for bucket in sorted(b for b in recorded if b < self._outbox_next):
                 self._outbox_retry.setdefault(bucket, _Retry(now, RELAY_RETRY_FIRST_MS, 0))  # at once
                 self._owed_recorded.add(bucket)

@@ -201,15 +201,28 @@ class Duty:
         """Swap the held token for a fresh one without letting the duty go: the fresh token is
         published first, then the held one acknowledged. This bridge is the queue's single active
         consumer, with prefetch 1, so the broker hands it the next token (the fresh one, or a
-        spare that was waiting) as soon as the ack frees its slot. Were that token lost (the
-        broker dropped the publish), nobody holds one: the next renewal publishes another, which
-        comes to this bridge's free slot."""
+        spare that was waiting) as soon as the ack frees its slot.
+
+        A fresh token that has not come back by the next renewal lets the duty go (the held one is
+        acked: this bridge holds none), and a token is offered at once. Either the broker dropped
+        the publish, and as the active consumer this bridge receives the offered one and holds the
+        duty again; or this bridge is no longer the active consumer: the broker cancelled its
+        consumer (the duty queue deleted, or a classic one's node restarted), the queue was
+        declared and consumed again, and another consumer became the active one and received the
+        tokens. Publishing another and waiting, as before, it kept ``held`` for good beside the new
+        holder: two bridges ran the scheduler and the relay (results published twice, gauges
+        doubled) until its channel closed."""
         token, channel = self._token, self._channel
         if token is None or channel is None or self.standing_down:
             return
-        if self._renewing:  # the fresh token never came: another one (the held one is acked)
-            with contextlib.suppress(Exception):
-                await self._publish_token(channel)
+        if self._renewing:
+            log.warning(
+                "scheduler duty: the renewed token did not come back within %.0f s (this bridge is no longer "
+                "the duty queue's active consumer, or the broker dropped it): letting the duty go",
+                self.renew_s,
+            )
+            self._let_go()
+            await self.offer_token()
             return
         try:
             await self._publish_token(channel)
