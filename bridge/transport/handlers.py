@@ -176,8 +176,11 @@ class RequestHandlers:
         self.capacity = capacity or Capacity()
         self.requester_alive = requester_alive  # asked before a long-poll that waited claims a task
         self.lane = lane or AddRetryLane(settings)
-        # The bridge's own user names the owner of the adds it moved to its retry lane.
+        # The bridge's own user names the owner of the adds it moved to its retry lane: trusted for
+        # adds alone. Trusted for every method, anyone with the bridge's credentials (the default
+        # guest, a user shared with another component) fetched and acked any tenant's tasks.
         self.identity = Identity([*settings.trusted_users, self.lane.user])
+        self.rpc_identity = Identity(list(settings.trusted_users))
         self._consuming = consuming  # false once the bridge stops taking requests (shutdown)
         # Every reply says this bridge's time (x-now): a client whose host clock is off sets its
         # requests' x-deadline on it.
@@ -445,7 +448,7 @@ class RequestHandlers:
             if not message.reply_to:
                 raise BadRequest(f"{method} is an RPC: set reply_to (and correlation_id)")
             check_reply_to(message)
-            owner = self.identity.owner_of(message)
+            owner = self.rpc_identity.owner_of(message)
             deadline = deadline_of(message)
             request = parse(model, read_body(message, self.settings.max_value_bytes))
             structlog.contextvars.bind_contextvars(
