@@ -46,3 +46,28 @@ def test_every_request_outcome_label_is_in_the_readme() -> None:
     # The error codes are documented as "an error code" there and listed in the wire protocol.
     missing -= {code.value for code in ErrorCode}
     assert missing == set()
+
+
+def test_every_statement_storage_md_names_exists() -> None:
+    """storage.md traces each request to its statements by name (``bridge/storage/statements.py``
+    says so): a name it gives that no statement has (``ready.limit`` renamed ``ready.options``)
+    left a reader with nothing to find. A ``table.column`` of the schema is not a statement."""
+    import re
+
+    from bridge.storage import schema
+    from bridge.storage.statements import STATEMENTS
+
+    doc = (ROOT / "docs" / "storage.md").read_text()
+    schema_text = Path(schema.__file__).read_text()
+    families = {name.split(".")[0] for name in STATEMENTS}
+
+    def is_column(table: str, column: str) -> bool:
+        created = re.search(rf"\{{ks}}\.{table} \((.*?)PRIMARY KEY", schema_text, re.S)
+        in_create = created is not None and re.search(rf"\b{column} \w", created.group(1)) is not None
+        return in_create or f'("{table}", "{column}",' in schema_text
+
+    named = set(re.findall(r"`([a-z_]+)\.([a-z_]+)`", doc))
+    missing = sorted(
+        f"{t}.{c}" for t, c in named if t in families and f"{t}.{c}" not in STATEMENTS and not is_column(t, c)
+    )
+    assert missing == []
