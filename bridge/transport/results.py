@@ -7,6 +7,7 @@ publish before then raises, and the outbox keeps the result pending)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +40,12 @@ class ResultPublisher:
         self._exchange: AbstractExchange | None = None
         # Told of a failed publish (the transport renews the channel when RabbitMQ nacks).
         self.on_failure: Callable[[BaseException], None] = lambda exc: None
+        # Publishes under way, by message id. aiormq maps a basic.return to its publish by message
+        # id alone: with two copies of one result in flight (a confirm slower than the relay's
+        # republish, e.g. a memory alarm), the first's return failed the second, and the first's
+        # ack confirmed a result no queue took (marked published, never sent again). A copy asked
+        # for while one is under way waits for that one's outcome instead.
+        self._in_flight: dict[str, asyncio.Task[None]] = {}
 
     def attach(self, exchange: AbstractExchange) -> None:
         """The results exchange on a channel with publisher confirms (the transport, at start)."""
@@ -71,11 +78,27 @@ class ResultPublisher:
             type="result",
             user_id=self.user,
         )
+        mid = amqp_message.message_id
+        assert mid is not None
+        running = self._in_flight.get(mid)
+        if running is None:
+            running = asyncio.ensure_future(self._publish(self._exchange, amqp_message, message.service))
+            self._in_flight[mid] = running
+            running.add_done_callback(functools.partial(self._ended, mid))
+        # Shielded: a caller cut short (the relay's sweep cancelled) leaves the other's wait whole.
+        await asyncio.shield(running)
+
+    def _ended(self, mid: str, task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(mid, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: every caller may have been cut short (each raised its own)
+
+    async def _publish(self, exchange: AbstractExchange, amqp_message: aio_pika.Message, service: str) -> None:
         # Publisher confirm: raises unless the broker took responsibility for the message.
         try:
             with stray_as_failure():  # a stuck connection's close cancels the confirm's wait
                 async with asyncio.timeout(CONFIRM_TIMEOUT_S):
-                    await self._exchange.publish(amqp_message, routing_key=message.service, mandatory=True)
+                    await exchange.publish(amqp_message, routing_key=service, mandatory=True)
         except Exception as exc:
             self.on_failure(exc)
             raise
