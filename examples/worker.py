@@ -7,8 +7,10 @@ The work: upper-case the task's text after a short, random pause. Every 7th task
 fails on purpose, with ``task.ack_error({"message": ...})``, to show how an error result reaches the
 engine. The owner of the tasks this worker sees is its AMQP user (worker-a by default).
 
-SIGTERM / SIGINT stop it gracefully: a task in hand is finished and acked first; a worker that is
-waiting for work stops at once.
+It serves with ``Worker.run``. SIGTERM / SIGINT stop it gracefully: a task in hand is finished and
+acked first; a worker waiting for work gives up its long-poll at once, then (``stop_grace``, 5 s at
+most) hands on only a task that long-poll may still have claimed for it, so that no task stays
+leased to a stopped worker (see README, "Worker.run").
 
 Environment (all optional):
   QB_AMQP_URL     amqp://worker-a:worker-a@127.0.0.1:5672/
@@ -21,7 +23,6 @@ Environment (all optional):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import random
 import signal
@@ -75,11 +76,11 @@ def process(value: Any, work_time: tuple[float, float]) -> tuple[float, dict[str
     return random.uniform(*work_time), {"text": text.upper(), "length": len(text)}
 
 
-async def _settle(task: Task, *, result: Any = None, error: Any = None, attempts: int = 5) -> bool:
+async def _settle(task: Task, *, result: Any = None, error: Any = None, attempts: int = 5) -> bool | None:
     """Ack the task with its result or its business error; a lost reply or connection is retried, which the bridge
     answers idempotently: at least ``attempts`` times, and for as long as the lease lasts (given up after 2.5 s, a
-    broker restart made the worker exit, the work done lost). Past the lease the task may be another worker's: False,
-    and the next fetch hands it back if nobody took it."""
+    broker restart made the worker exit, the work done lost). What the ack answered; None when no answer came before
+    the lease ended (the task may be another worker's then, and the next fetch hands it back if nobody took it)."""
     attempt = 0
     while True:
         attempt += 1
@@ -88,7 +89,7 @@ async def _settle(task: Task, *, result: Any = None, error: Any = None, attempts
         except (TransportError, UnavailableError):
             # A lease end this client cannot read never expires: bounded by attempts then.
             if attempt >= attempts and (task.lease_expired or attempt >= 100 * attempts):
-                return False
+                return None
             await asyncio.sleep(0.5)
 
 
@@ -121,53 +122,56 @@ async def main(
         return 1
 
     done = 0
-    busy = False  # holding a task: finish it before stopping
+    stopping = asyncio.Event()  # run's own stop: ``stop`` (a signal), or max_tasks reached here
 
-    async def work(worker: Worker) -> None:
-        nonlocal done, busy
-        async for task in worker:
-            busy = True
-            # The demo engine numbers its tasks ("n"); tasks added otherwise are named by their id.
-            number = task.value.get("n") if isinstance(task.value, dict) else None
-            n = number if isinstance(number, int) else done + 1
-            name = f"task {number}" if isinstance(number, int) else f"task {task.id}"
-            if task.deliveries > 1:
-                name += f" (delivery {task.deliveries})"
-            pause, result = process(task.value, work_time)
-            await asyncio.sleep(pause)
-            if fail_every and n % fail_every == 0:
-                why = f"every {fail_every}th task{'' if isinstance(number, int) else ' of this worker'} fails"
-                error = {"message": f"{name} failed on purpose ({why})"}
-                ok = await _settle(task, error=error)
-                say(f"{name}: failed on purpose")
-            else:
-                ok = await _settle(task, result={**result, "worker": worker_id})
-                shown = repr(task.value["text"]) if isinstance(task.value, dict) and "text" in task.value else None
-                say(f"{name}: {shown or short(task.value)} -> {result['text']!r}")
+    async def handle(task: Task) -> Any:
+        """One task: the result (Worker.run acks it, sent again after no answer); a business error
+        is acked by the handler itself (``task.ack_error``), which run leaves as it is."""
+        nonlocal done
+        # The demo engine numbers its tasks ("n"); tasks added otherwise are named by their id.
+        number = task.value.get("n") if isinstance(task.value, dict) else None
+        n = number if isinstance(number, int) else done + 1
+        name = f"task {number}" if isinstance(number, int) else f"task {task.id}"
+        if task.deliveries > 1:
+            name += f" (delivery {task.deliveries})"
+        pause, result = process(task.value, work_time)
+        await asyncio.sleep(pause)
+        done += 1
+        if max_tasks and done >= max_tasks:
+            stopping.set()  # this task is acked, no next one taken
+        if fail_every and n % fail_every == 0:
+            why = f"every {fail_every}th task{'' if isinstance(number, int) else ' of this worker'} fails"
+            error = {"message": f"{name} failed on purpose ({why})"}
+            ok = await _settle(task, error=error)
+            say(f"{name}: failed on purpose")
+            if ok is None:  # never answered: raised, run gives the task back (returned, run would ack None)
+                raise RuntimeError(f"{name}: its business error got no answer")
             if not ok:
                 say(f"{name}: the bridge did not take the ack (lease lost: the task went to another worker)")
-            done += 1
-            busy = False
-            if stop.is_set() or (max_tasks and done >= max_tasks):
-                break
+            return None
+        shown = repr(task.value["text"]) if isinstance(task.value, dict) and "text" in task.value else None
+        say(f"{name}: {shown or short(task.value)} -> {result['text']!r}")
+        return {**result, "worker": worker_id}
 
+    async def relay_stop() -> None:
+        await stop.wait()
+        stopping.set()
+
+    relaying = asyncio.create_task(relay_stop())
     try:
         async with Worker(url, service=service, worker_id=worker_id, exchange=exchange) as worker:
             say(f"fetching tasks of service {service!r}" + (f" (at most {max_tasks})" if max_tasks else ""))
-            loop_task = asyncio.create_task(work(worker))
-            stop_task = asyncio.create_task(stop.wait())
-            try:
-                await asyncio.wait({loop_task, stop_task}, return_when="FIRST_COMPLETED")
-                if not loop_task.done() and not busy:
-                    loop_task.cancel()  # idle, waiting for a task: stop now
-                with contextlib.suppress(asyncio.CancelledError):
-                    await loop_task  # else: the task in hand is finished and acked, then the loop ends
-            finally:
-                stop_task.cancel()
-                loop_task.cancel()
+            # Not ``async for`` cancelled at stop: a long-poll given up then may still claim a task
+            # at the bridge, which stayed leased to this stopped worker for its whole lease. run's
+            # stop closes that request's reply-to and hands on only what it claimed (its drain).
+            await worker.run(handle, stop=stopping)
+            if worker.lost:
+                say(f"{worker.lost} result(s) not taken by the bridge (lease lost: the task went to another worker)")
     except BridgeClientError as exc:
         say(f"the bridge refused a request: {exc.code}: {exc.message}")
         return 1
+    finally:
+        relaying.cancel()
     say(f"stopped after {done} tasks")
     return 0
 

@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlparse
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from aiormq.exceptions import (
     ChannelAccessRefused,
     ChannelInvalidStateError,
@@ -73,6 +74,7 @@ IDEMPOTENCY_HEADER = "x-idempotency-key"  # contract 1.5: the add's own idempote
 MIN_BEAT_S = 0.1  # keep_alive never beats faster than this, however short the lease
 LEASE_ENDED_BEAT_S = 1.0  # keep_alive after extends without an answer, once the lease ran out: this at least
 BEAT_BACKOFF_MAX_S = 10.0  # ... backing off (full jitter) up to this
+BEAT_WAIT_MIN_S = 0.5  # keep_alive: a beat waits for its reply half the lease left, but at least this
 REDRIVE_RATE = 50.0  # the bridge's default BRIDGE_REDRIVE_RATE: parked tasks put back per second
 REDRIVE_ALL_MAX = 1000  # parked tasks one ``redrive all`` request puts back at most
 PURGE_MAX = 20_000  # ready tasks one purge request looks at, at most (the bridge's bound)
@@ -207,14 +209,26 @@ class RpcClient:
             self.connection = connection
             self._node = (self._node + step) % len(self.urls)
             connection.close_callbacks.add(self._on_lost)
-            # Bounded: a broker that stopped reading this socket (an alarm) never answers the
-            # channel's open, and open() has no deadline of a call around it.
-            async with asyncio.timeout(self.timeout):
-                channel = await connection.channel(publisher_confirms=False)
-                channel.close_callbacks.add(self._on_lost)
-                # Direct reply-to: consume the pseudo-queue (no-ack) on the channel we publish on.
-                reply_queue = await channel.get_queue(REPLY_TO, ensure=False)
-                await reply_queue.consume(self._on_reply, no_ack=True)
+            try:
+                # Bounded: a broker that stopped reading this socket (an alarm) never answers the
+                # channel's open, and open() has no deadline of a call around it.
+                async with asyncio.timeout(self.timeout):
+                    channel = await connection.channel(publisher_confirms=False)
+                    channel.close_callbacks.add(self._on_lost)
+                    # Direct reply-to: consume the pseudo-queue (no-ack) on the channel we publish on.
+                    reply_queue = await channel.get_queue(REPLY_TO, ensure=False)
+                    await reply_queue.consume(self._on_reply, no_ack=True)
+            except (OSError, aio_pika.exceptions.AMQPError):
+                raise
+            except Exception as exc:
+                # A connection that closed as its channel opened: aiormq raises a plain
+                # RuntimeError ("<Connection> closed"), a ChannelInvalidStateError (a consume on a
+                # closed channel), even a bare Exception() for an open the close cut. Said as the
+                # connection's failure it is (a ConnectionError, as open()'s callers expect, and
+                # ConnectionLost not sent in a call, see _send); the next call connects afresh.
+                raise ConnectionError(
+                    f"the connection to RabbitMQ closed as it opened ({type(exc).__name__}: {exc})"
+                ) from None
             if self._closed:
                 # close() was called while this connected and waits for the lock: it would close
                 # what is stored, but a connection handed on from here would be used (and left
@@ -517,7 +531,11 @@ class RpcClient:
         once the write begins."""
         try:
             channel = await self._ensure_open()
-        except (OSError, aio_pika.exceptions.AMQPError) as exc:
+        except CONNECTION_EXCEPTIONS as exc:
+            # Every failure aio-pika counts as a connection's (connect_first re-raises the last
+            # node's as it came: a RuntimeError, a StopAsyncIteration of a handshake that met EOF,
+            # not only OSError and AMQPError) is a request not sent: escaping as itself, it ended
+            # Worker.run (whose loop retries BridgeClientError only) and stopped a keep-alive.
             raise ConnectionLost(f"cannot reach RabbitMQ: {type(exc).__name__}: {exc}", sent=False) from None
         message = build()
         correlation_id = message.correlation_id or ""
@@ -620,13 +638,18 @@ class RpcClient:
         elif not fut.cancelled():
             fut.exception()
 
-    async def call_raw(self, method: str, body: Any, **kw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    async def call_raw(
+        self, method: str, body: Any, *, within: float | None = None, **kw: Any
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Send a request and return (reply body, reply headers) without interpreting errors.
 
         One deadline, ``timeout`` (plus the request's own ``wait_s``) from now, bounds the whole
-        call: connecting, sending (see :meth:`publish`) and awaiting the reply."""
+        call: connecting, sending (see :meth:`publish`) and awaiting the reply; ``within``, when
+        shorter, bounds it instead (the request's ``x-deadline`` too)."""
         sent = time.monotonic()
         limit = self.timeout + kw.get("wait_s", 0.0)  # a long-poll fetch is answered after its wait
+        if within is not None:
+            limit = min(limit, within)
         at = asyncio.get_running_loop().time() + limit
         # Not publish(): the entry of its reply is taken out here, by its id, however the call ends.
         correlation_id, fut = await self._request(method, body, deadline=at, **kw)
@@ -1004,8 +1027,9 @@ class Task:
     # The lease length its fetch asked for (None: the bridge's default): what keep_alive renews to.
     time_to_recover_ms: int | None = None
     # Set when an extend (the keep_alive heartbeat's, or the handler's own) answered false: the
-    # task is no longer this worker's (it went to another, was cancelled or parked). A handler in
-    # a long job checks it to stop early: its ack would be answered false anyway.
+    # task is no longer this worker's (it went to another, was cancelled or parked). Also when the
+    # heartbeat stopped on an error that is not the bridge's (the worker closed): its lease runs
+    # out. A handler in a long job checks it to stop early: its ack would be answered false anyway.
     lost: bool = False
     # An ack, ack_error or fail of this task was answered: a heartbeat has nothing left to keep
     # (one that raised may be retried, so the lease is kept until an answer).
@@ -1014,6 +1038,9 @@ class Task:
     # the bridge seeing that ack applied already (ack and extend go through different queues), not
     # a loss; the answer to the ack says which.
     _settling: int = field(default=0, repr=False)
+    # An ack or ack_error of this task was answered false (its result was not applied): Worker.run
+    # counts a task its handler acked so in ``lost``, as it does its own acks answered false.
+    _ack_refused: bool = field(default=False, repr=False)
 
     @contextlib.asynccontextmanager
     async def _settling_it(self) -> AsyncIterator[None]:
@@ -1028,6 +1055,7 @@ class Task:
         async with self._settling_it():
             done = await self.worker.ack(result=result, task_id=self.id, epoch=self.epoch, has_token=self.has_token)
         self._settled = True  # answered (a request without an answer may be retried: keep the lease)
+        self._ack_refused = self._ack_refused or not done
         return done
 
     async def ack_error(self, error: Any) -> bool:
@@ -1038,6 +1066,7 @@ class Task:
         async with self._settling_it():
             done = await self.worker.ack(error=error, task_id=self.id, epoch=self.epoch, has_token=self.has_token)
         self._settled = True
+        self._ack_refused = self._ack_refused or not done
         return done
 
     async def fail(self, error: Any = None, retry_in_ms: int | None = None) -> FailOutcome | None:
@@ -1055,7 +1084,11 @@ class Task:
         """Renew this task's lease to now + ``ttr_ms`` (default: the worker's time to recover, else
         the bridge's default); updates :attr:`lease_expires_at`. False, and :attr:`lost` set, if
         the task is no longer this worker's."""
-        renewed = await self.worker._renew(ttr_ms, task_id=self.id, epoch=self.epoch)
+        return await self._extend(ttr_ms)
+
+    async def _extend(self, ttr_ms: int | None, within: float | None = None) -> bool:
+        """:meth:`extend`, its call bounded by ``within`` seconds when given (see ``_heartbeat``)."""
+        renewed = await self.worker._renew(ttr_ms, task_id=self.id, epoch=self.epoch, within=within)
         if renewed is None:
             if not self._settled and not self._settling:  # false after our own ack is expected, not a loss
                 self.lost = True
@@ -1083,18 +1116,20 @@ class Task:
         :attr:`lease_expires_at` before each beat and capped by ``ttr_ms``; at least 0.1 s), each
         renewing the lease to now + ``ttr_ms`` (default: the length the task was fetched with,
         :attr:`time_to_recover_ms`; a beat renewing a 10-minute lease to the worker's or the
-        bridge's default of a minute would shorten it). A beat that got no answer is
-        followed by quicker ones, a third of an ever shorter remainder, so a lost reply or two
-        do not cost the lease; once the lease has run out (:attr:`lease_expired`) they back off
+        bridge's default of a minute would shorten it). A beat waits for its reply half of what
+        is left of the lease at most (the client's ``timeout`` once it has run out), and a beat
+        that got no answer is followed by quicker ones, a third of an ever shorter remainder, so
+        a lost reply or two do not cost the lease; once the lease has run out (:attr:`lease_expired`) they back off
         instead (1 s at least, doubling with jitter up to 10 s) while no answer comes. The
         default assumes the worker's clock is within about a second of the bridge's (the bridge's
         own skew margin); pass ``every_s`` otherwise.
 
         An extend answered false stops the heartbeat and sets :attr:`lost`; the handler is not
         interrupted, it checks :attr:`lost`. A request that got no answer (or ``unavailable``,
-        or any other error) is logged and tried again at the next beat, never raised into the
-        handler. The heartbeat ends with the block, however the block ends (an exception, a
-        cancellation), and once the task is acked or failed.
+        or any other error the bridge answers) is logged and tried again at the next beat, never
+        raised into the handler; one that fails otherwise (the worker was closed) stops the
+        heartbeat and sets :attr:`lost` too (logged). The heartbeat ends with the block, however
+        the block ends (an exception, a cancellation), and once the task is acked or failed.
         """
         if every_s is not None and every_s <= 0:
             raise ValueError("every_s must be positive")
@@ -1144,6 +1179,19 @@ class Task:
         backoff = random.uniform(0.0, min(BEAT_BACKOFF_MAX_S, LEASE_ENDED_BEAT_S * 2 ** min(failed, 16)))  # nosec B311: jitter, not a secret
         return max(LEASE_ENDED_BEAT_S, regular, backoff)
 
+    def _beat_wait(self) -> float | None:
+        """How long a beat waits for its reply: half of what is left of the lease (at least
+        :data:`BEAT_WAIT_MIN_S`), when that is less than the client's ``timeout``; None (the
+        ``timeout``) once the lease has run out or when its end cannot be read. Waiting the whole
+        ``timeout`` (10 s by default) whatever was left, the next beat went out only after it: two
+        lost replies cost a 30 s lease, one a 15 s lease. Bounded, a beat that got no answer is
+        followed by the next while a third of an ever shorter remainder is still left."""
+        left = _seconds_until(self.lease_expires_at, self.worker.bridge_time())
+        if left is None or left <= 0:
+            return None
+        within = max(BEAT_WAIT_MIN_S, left / 2)
+        return within if within < self.worker.timeout else None
+
     async def _heartbeat(self, every_s: float | None, ttr_ms: int | None) -> None:
         failed = 0  # beats in a row that got no answer since the lease ran out (the backoff's exponent)
         while not self._settled:
@@ -1151,7 +1199,7 @@ class Task:
             if self._settled:
                 return
             try:
-                alive = await self.extend(ttr_ms)
+                alive = await self._extend(ttr_ms, self._beat_wait())
             except (TransportError, UnavailableError) as exc:
                 failed = failed + 1 if self.lease_expired else 0
                 log.warning(
@@ -1169,7 +1217,11 @@ class Task:
                 continue
             except Exception:
                 # Not the bridge's answer (the worker was closed, a bug): beating on would repeat it.
-                log.exception("keep-alive of task %s stopped", self.id)
+                # Not in silence: the lease will run out, and a handler in a long job that checks
+                # ``lost`` stops (it went on for nothing, its ack answered false).
+                if not self._settled and not self._settling:
+                    self.lost = True
+                log.exception("keep-alive of task %s stopped: its lease will run out (marked lost)", self.id)
                 return
             failed = 0
             if not alive:
@@ -1256,6 +1308,12 @@ class Worker(RpcClient):
         # answer: if the bridge hands this worker that very lease again (a fetch not ``fresh``, the
         # drain at stop), the result in hand is acked; the handler does not run a second time.
         self._result_in_hand: tuple[str, int, Any] | None = None
+        # (task id, epoch, error, retry_in_ms) of the last task run() gave back whose fail never got
+        # an answer: handed that very lease again (the fail did not apply: the next fetch, not
+        # ``fresh``, gets the task this worker holds), the fail is sent again; the handler does
+        # not run again at once, without the fail's backoff (and its ack then refused if the
+        # first fail landed late).
+        self._fail_in_hand: tuple[str, int, Any, int | None] | None = None
 
     @classmethod
     def connect(cls, url: str, *, service: str, worker_id: str, **kw: Any) -> Self:
@@ -1396,6 +1454,7 @@ class Worker(RpcClient):
             # Answered (true, or false: it is someone else's now): nothing left to keep, and this
             # worker holds nothing.
             task._settled = True
+            task._ack_refused = task._ack_refused or not reply["result"]
             self._knows_it_holds_nothing()
         return bool(reply["result"])
 
@@ -1447,14 +1506,16 @@ class Worker(RpcClient):
         task_id: str | None = None,
         epoch: int | None = None,
         held: bool = False,
+        within: float | None = None,
     ) -> dict[str, Any] | None:
-        """:meth:`extend`, answering the renewed lease (``{"id", "epoch", "leaseExpiresAt"}``) or None."""
+        """:meth:`extend`, answering the renewed lease (``{"id", "epoch", "leaseExpiresAt"}``) or
+        None; ``within``: a bound on the call shorter than the client's ``timeout`` (a heartbeat's)."""
         _, task_id, epoch = self._about("extend", task_id, epoch, held)
         body = self._named(task_id, epoch)
         ttr = time_to_recover_ms or self.time_to_recover_ms
         if ttr is not None:
             body["timeToRecover"] = ttr
-        reply = await self.call("extend", body)
+        reply = await (self.call("extend", body) if within is None else self.call("extend", body, within=within))
         if not reply.get("result"):
             # Not this worker's any more; whether it holds another is unknown (no ``fresh``).
             return None
@@ -1522,7 +1583,8 @@ class Worker(RpcClient):
         (:meth:`Task.fail`, the exception's type and message as its error) to come again after the
         bridge's backoff. So is a task whose result the bridge refuses (larger than its limit) or
         JSON cannot carry (its error's type is ``ResultRefused``). A task the handler acked, acked
-        with an error or failed itself is left as it is. Unlike ``async for``, the ack of each task
+        with an error or failed itself is left as it is (its own ack answered false counts in
+        :attr:`lost`, as the loop's do). Unlike ``async for``, the ack of each task
         also fetches the next one (contract 1.6: one request per task instead of two, ``fetch``
         only when the queue ran dry).
 
@@ -1573,9 +1635,9 @@ class Worker(RpcClient):
         ack took one (not once ``stop`` is set: it may be set while the handler runs). Not
         handled: a task whose ack was answered false (see :attr:`lost`) or whose handler
         :attr:`stop_timeout` cut short."""
-        held, self._result_in_hand = self._result_in_hand, None
-        if held is not None and held[:2] == (task.id, task.epoch):
-            return await self._ack_result_in_hand(task, held[2], stop)
+        settled = await self._settle_in_hand(task, stop)
+        if settled is not None:
+            return settled
         try:
             result = await self._handle(task, handler, stop)
         except _StopTimeout:
@@ -1611,7 +1673,7 @@ class Worker(RpcClient):
                 await self._give_back(task, "CancelledError", str(exc) or "an await of the handler was cancelled")
             return True, None
         if task._settled:  # the handler settled it (an ack with an error, a fail)
-            return True, None
+            return self._settled_by_handler(task), None
         acked, following = await self._ack_in_loop(task, result, stop=stop)
         if acked is False:
             # The bridge did not apply the result: the lease had run out and another worker took the
@@ -1626,6 +1688,39 @@ class Worker(RpcClient):
             )
             return False, following
         return True, following
+
+    async def _settle_in_hand(self, task: Task, stop: asyncio.Event | None) -> tuple[bool, Task | None] | None:
+        """``task`` handed back at the lease whose handler ran already and whose ack or fail got
+        no answer: settled as the handler's outcome said (what ``_serve`` returns), the handler not
+        run again; None for any other task. Either remembered outcome is forgotten here: a lease
+        handed back after another task is no longer this worker's."""
+        held, self._result_in_hand = self._result_in_hand, None
+        if held is not None and held[:2] == (task.id, task.epoch):
+            return await self._ack_result_in_hand(task, held[2], stop)
+        failing, self._fail_in_hand = self._fail_in_hand, None
+        if failing is not None and failing[:2] == (task.id, task.epoch):
+            log.info(
+                "task %s (epoch %s) handed back after its fail got no answer: the fail is sent again",
+                task.id,
+                task.epoch,
+            )
+            await self._send_fail(task, [failing[2]], retry_in_ms=failing[3])
+            return False, None
+        return None
+
+    def _settled_by_handler(self, task: Task) -> bool:
+        """Whether ``task``, settled by its handler itself, counts as handled: not when its own
+        ack was answered false (work done for nothing, counted in :attr:`lost` as the loop's are)."""
+        if not task._ack_refused:
+            return True
+        self.lost += 1
+        log.warning(
+            "task %s (epoch %s): the ack its handler sent was answered false: this worker's lease "
+            "was lost (or the task cancelled or parked); its result was not applied",
+            task.id,
+            task.epoch,
+        )
+        return False
 
     async def _ack_result_in_hand(
         self, task: Task, result: Any, stop: asyncio.Event | None
@@ -1745,7 +1840,9 @@ class Worker(RpcClient):
         """Ack ``task`` with ``result`` and, unless ``stop`` is set, take the next task from the
         same reply: ``(what the ack answered, the next task)``, the answer None when there was none
         (or the result was refused), the task None when there is none (the caller fetches, and
-        long-polls). On stop (set before or during the retries) the ack goes alone. A request
+        long-polls). On stop (set before or during the retries) the ack goes alone; a next task
+        its reply hands once stop is set (stop came while the request was on its way) is given
+        back at once, unrun (``fail`` with ``retry_in_ms=0``). A request
         without an answer, or answered ``unavailable``, is sent again (a retry hands the same next
         task, see :meth:`ack_and_fetch`) while the lease lasts, at least 3 times
         (:meth:`_ack_retry_until`); then the caller's fetch, not ``fresh``, gets this worker's
@@ -1777,7 +1874,7 @@ class Worker(RpcClient):
             try:
                 if not take_next:
                     return await task.ack(result), None
-                return await self.ack_and_fetch(result)
+                acked, following = await self.ack_and_fetch(result)
             except (TransportError, UnavailableError) as exc:
                 if attempt == 1 or attempt % 10 == 0:
                     log.warning("ack of task %s not answered (%s), attempt %d", task.id, exc, attempt)
@@ -1789,11 +1886,23 @@ class Worker(RpcClient):
                 log.warning("task %s: its result was refused (%s: %s)", task.id, type(refused).__name__, refused)
                 await self._give_back(task, "ResultRefused", f"{type(refused).__name__}: {refused}")
                 return None, None
+            else:
+                return acked, await self._unless_stopped(following, stop)
         if task.epoch is not None:  # (a bridge before 1.1 names no epoch: no lease to recognise)
             self._result_in_hand = (task.id, task.epoch, result)  # never answered: see ``_serve``
         if not take_next:
             log.warning("task %s not acked before stop: it returns when its lease ends", task.id)
         return None, None
+
+    async def _unless_stopped(self, following: Task | None, stop: asyncio.Event | None) -> Task | None:
+        """The next task an ack's reply handed, unless ``stop`` was set while the request was on
+        its way: a stopping worker takes no next task (it was run in full). Given back to come
+        again at once, unrun (``fail`` with ``retry_in_ms=0``, as a handler cut by stop_timeout)."""
+        if following is None or stop is None or not stop.is_set():
+            return following
+        log.info("task %s handed to this worker as it stopped: given back unrun", following.id)
+        await self._give_back(following, "Stopping", "handed to the worker as it stopped: not run", retry_in_ms=0)
+        return None
 
     def _ack_retry_until(self, task: Task, *, stopping: bool) -> float:
         """Until when (monotonic) an ack of ``task`` that gets no answer is sent again: while its
@@ -1818,12 +1927,25 @@ class Worker(RpcClient):
         its lease ends."""
         if len(message) > ERROR_MESSAGE_MAX:
             message = f"{message[:ERROR_MESSAGE_MAX]}... ({len(message)} characters)"
-        for error in ({"type": kind, "message": message}, {"type": kind}):
+        await self._send_fail(task, [{"type": kind, "message": message}, {"type": kind}], retry_in_ms=retry_in_ms)
+
+    async def _send_fail(self, task: Task, errors: Sequence[Any], *, retry_in_ms: int | None) -> None:
+        """:meth:`_give_back`: fail ``task`` with the first of ``errors`` the bridge takes. One
+        without an answer may not have applied: its lease is remembered (:attr:`_fail_in_hand`),
+        and if a fetch hands it back, the fail is sent again (see ``_serve``)."""
+        for error in errors:
             try:
                 await task.fail(error, retry_in_ms=retry_in_ms)
                 return
             except (TransportError, UnavailableError) as lost:
-                log.warning("task %s not given back (%s): it returns when its lease ends", task.id, lost)
+                if task.epoch is not None:  # (a bridge before 1.1 names no epoch: no lease to recognise)
+                    self._fail_in_hand = (task.id, task.epoch, error, retry_in_ms)
+                log.warning(
+                    "task %s: its fail got no answer (%s): sent again if the bridge hands it back to this "
+                    "worker; else it returns when its lease ends",
+                    task.id,
+                    lost,
+                )
                 return
             except (BridgeClientError, ValueError) as refused:
                 log.warning("task %s: its error was refused (%s)", task.id, refused)

@@ -1,0 +1,100 @@
+"""The keep_alive heartbeat, without servers (``Worker.call`` replaced, as in test_client_lifecycle).
+
+* A beat waited the client's whole ``timeout`` (10 s by default) for its reply whatever was left of
+  the lease, and the next beat was sent only after that: two lost replies cost a 30 s lease, one a
+  15 s lease. Each beat's wait is now bounded by what is left of the lease.
+* A beat that raised anything but the bridge's answer stopped the heartbeat with only a log line:
+  the handler went on working on a task whose lease would run out, ``lost`` never set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from bridge.client import RequestTimeout, Task, Worker
+from bridge.client.rpc import _seconds_until
+
+pytestmark = pytest.mark.anyio
+
+URL = "amqp://worker-a:worker-a@127.0.0.1:1/"  # never connected: every request goes to the fake
+
+
+def iso_in(seconds: float) -> str:
+    at = datetime.now(UTC) + timedelta(seconds=seconds)
+    return at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+async def until(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def test_a_beat_whose_reply_is_lost_leaves_time_for_the_next_ones_before_the_lease_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 4 s lease, a client timeout of 3 s: the first two beats get no reply (each waits as long
+    as the call lets it, then RequestTimeout), the third is answered. It used to be sent after
+    the lease had run out (the first beat alone waited 3 s of the 2.7 s left)."""
+    worker = Worker(URL, service="svc", worker_id="w1", timeout=3.0)
+    task = Task(worker, "t1", {"v": 1}, 1, iso_in(4.0), {}, 7, True, 4_000)
+    worker.current = task
+    sent_left: list[float] = []  # what was left of the first lease as each extend went out
+    lease_end = task.lease_expires_at
+    third = asyncio.Event()
+
+    async def call(method: str, body: Any, **kw: Any) -> dict[str, Any]:
+        assert method == "extend"
+        left = _seconds_until(lease_end, time.time())
+        assert left is not None
+        sent_left.append(left)
+        if len(sent_left) == 3:
+            third.set()
+        if len(sent_left) <= 2:
+            # No reply: the call waits its whole bound (the client's timeout, or a shorter one asked).
+            waited = kw.get("within") or worker.timeout
+            await asyncio.sleep(min(worker.timeout, waited))
+            raise RequestTimeout(f"no reply to extend within {waited}s", waited_s=waited)
+        return {"result": True, "task": {"id": "t1", "epoch": 7, "leaseExpiresAt": iso_in(4.0)}, "_headers": {}}
+
+    monkeypatch.setattr(worker, "call", call)
+    async with task.keep_alive():
+        ended = (_seconds_until(lease_end, time.time()) or 0.0) + 0.5
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(third.wait(), ended)  # or the lease is over (and a little more)
+    assert len(sent_left) >= 3, f"only {len(sent_left)} beats went out before the lease ended: {sent_left}"
+    assert sent_left[2] > 0, f"the third beat went out {-sent_left[2]:.2f}s after the lease ended: {sent_left}"
+    assert not task.lost
+
+
+async def test_a_beat_that_fails_otherwise_than_by_the_bridge_marks_the_task_lost(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker closed under the handler (``client is closed``), or a bug: beating on would
+    repeat it, so the heartbeat stops, but not in silence: the task is marked lost (its lease
+    will run out), which a handler in a long job checks."""
+    worker = Worker(URL, service="svc", worker_id="w1")
+    task = Task(worker, "t1", {"v": 1}, 1, iso_in(30.0), {}, 7, True)
+    worker.current = task
+    calls = 0
+
+    async def call(method: str, body: Any, **kw: Any) -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("client is closed")
+
+    monkeypatch.setattr(worker, "call", call)
+    with caplog.at_level(logging.WARNING, logger="bridge.client"):
+        async with task.keep_alive(every_s=0.01):
+            await until(lambda: task.lost, 3.0, "the task marked lost")
+    assert calls == 1
+    assert any("keep-alive of task t1 stopped" in r.getMessage() for r in caplog.records)
