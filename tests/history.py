@@ -10,7 +10,8 @@ Checked against Cassandra's rows and the result messages:
   false did not (its lease had been taken over: at least once, not an error);
 - acks answering true equal completions (one per task; a retried ack of the same lease counts once);
 - every result message carries the value of the task it names (no result on the wrong task),
-  one result per completion;
+  one result per completion (more than one only where the caller allows duplicates: after a crash
+  or a broker restart, docs/reliability.md, "Results at least once");
 - no two workers hold one task at once in true time beyond a tolerance, where a worker holds a
   task from receiving the fetch reply until the fetch was sent + timeToRecover (an under-estimate
   of the lease: the bridge granted it after the request was sent).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,16 +78,18 @@ class History:
         results: list[dict[str, Any]] | None,
         *,
         tolerance_s: float = 0.05,
+        allow_duplicates: bool = False,
     ) -> None:
         """``lease_rows``: task id -> its ``leases`` row; ``results``: the result messages (None
-        when the tasks carried no token)."""
+        when the tasks carried no token). ``allow_duplicates``: a task's result may come more than
+        once (only for runs with a crash or a broker restart, where at least once allows it)."""
         problems: list[str] = []
         lost = [t for t in self.values if (lease_rows.get(t) or {}).get("state") != "done"]
         if lost:
             problems.append(f"{len(lost)} tasks not completed, e.g. {lost[:3]}")
         problems += self._ack_problems(lease_rows)
         if results is not None:
-            problems += self._result_problems(results)
+            problems += self._result_problems(results, allow_duplicates)
         bad = self.overlaps(tolerance_s)
         if bad:
             worst = max(o for _, _, o in bad)
@@ -123,19 +127,23 @@ class History:
             problems.append(f"{len(per_task)} tasks acked true but {completions} completions in Cassandra")
         return problems
 
-    def _result_problems(self, results: list[dict[str, Any]]) -> list[str]:
-        """Each result carries its own task's value, and every task has one."""
+    def _result_problems(self, results: list[dict[str, Any]], allow_duplicates: bool) -> list[str]:
+        """Each result carries its own task's value, every task has one, and (unless duplicates
+        are allowed) only one: without this check a drill passed with every result sent twice."""
         problems: list[str] = []
-        seen: set[str] = set()
+        per_task: dict[str, int] = defaultdict(int)
         for msg in results:
             task = msg["taskId"]
-            seen.add(task)
+            per_task[task] += 1
             carried = (msg.get("result") or {}).get("task")
             if task in self.values and carried != self.values[task]:
                 problems.append(f"result of {task} carries {carried!r}, the task's value is {self.values[task]!r}")
-        missing = set(self.values) - seen
+        missing = set(self.values) - set(per_task)
         if missing:
             problems.append(f"{len(missing)} completed tasks without a result message")
+        twice = {t: n for t, n in per_task.items() if n > 1}
+        if twice and not allow_duplicates:
+            problems.append(f"{len(twice)} tasks with more than one result message, e.g. {list(twice.items())[:3]}")
         return problems
 
 
@@ -156,6 +164,43 @@ def lease_rows(cql: Any, keyspace: str, owner: str, service: str, tasks: list[st
         if found:
             out[task] = found[0]
     return out
+
+
+# Bridges built with this relay a result not marked published within 2 s of its outbox bucket's end
+# (the default, 10 s, puts a re-published copy 10-20 s after the result: beyond any short window).
+# Not less: a result completed at a bucket's end whose publish and mark took longer (a loaded CI
+# machine) is re-published, which at least once allows, and the test would count it as a duplicate.
+FAST_RELAY: dict[str, Any] = {"result_republish_after": 2.0}
+FAST_SECOND_PASS_MS = 1000  # for ``RELAY_SECOND_PASS_MS`` (30 s), monkeypatched by the test
+
+
+async def relay_read_past_now(bridges: Sequence[Any], timeout: float = 30.0) -> None:
+    """Wait until the fleet's result relay has read (twice) every outbox bucket up to now: once it
+    has, a copy of any result completed before this call has had its chance to be re-published, so
+    counting the results after it shows a duplicate. The condition is the relay's own position
+    (the holder's next bucket past now's, and no second read of one pending), not a sleep: a result
+    is re-read only once ``outbox_bucket(now - republish_after)`` has passed its bucket. For a wait
+    of seconds, not minutes: bridges built with ``FAST_RELAY`` and ``RELAY_SECOND_PASS_MS``
+    monkeypatched to ``FAST_SECOND_PASS_MS``."""
+    from bridge.domain import scheduler
+    from bridge.domain.timeline import outbox_bucket
+    from tests.conftest import wait_for
+
+    assert all(b.settings.result_republish_after <= FAST_RELAY["result_republish_after"] for b in bridges), (
+        "build the bridges with FAST_RELAY (the default re-publishes after 10 s)"
+    )
+    assert scheduler.RELAY_SECOND_PASS_MS <= FAST_SECOND_PASS_MS, "monkeypatch RELAY_SECOND_PASS_MS"
+    bucket = max(outbox_bucket(b.queue.clock.now_ms()) for b in bridges)
+
+    def read_past() -> bool:
+        for b in bridges:
+            s = b.scheduler
+            nxt = s._outbox_next
+            if s.holder and nxt is not None and nxt > bucket and not any(k <= bucket for k in s._outbox_second):
+                return True
+        return False
+
+    await wait_for(read_past, timeout, interval=0.1, what=f"the result relay past outbox bucket {bucket} (twice)")
 
 
 async def run_workers(

@@ -18,8 +18,11 @@ import pytest
 
 from bridge.client.errors import BadRequestError
 from bridge.client.rpc import Engine, Worker, results_consumer
+from bridge.domain import scheduler
 from bridge.domain.timeline import timeuuid_from_ms
 from tests.conftest import OWNERS, service_id, wait_for
+from tests.history import FAST_RELAY, FAST_SECOND_PASS_MS, relay_read_past_now
+from tests.integration.test_same_worker_races import results_of
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -161,11 +164,13 @@ async def test_fail_without_retry_in_uses_the_servers_backoff(make_bridge, engin
 
 # -- delivery limit, parking, redrive, discard --------------------------------------------------------
 async def test_a_task_delivered_its_limit_of_times_is_parked_and_the_engine_told_once(
-    make_bridge, engine, workers, servers, names
+    make_bridge, engine, workers, servers, names, monkeypatch
 ):
     svc = service_id()
-    # The service's own limit (BRIDGE_SERVICE_MAX_DELIVERIES), 4 instead of the default 10.
-    await make_bridge(**FAST, service_max_deliveries={f"{OWNERS[0]}/{svc}": 4})
+    monkeypatch.setattr(scheduler, "RELAY_SECOND_PASS_MS", FAST_SECOND_PASS_MS)
+    # The service's own limit (BRIDGE_SERVICE_MAX_DELIVERIES), 4 instead of the default 10. The relay
+    # re-publishes what is unmarked 2 s after its bucket (FAST_RELAY): "told once" is checked below.
+    b = await make_bridge(**FAST, **FAST_RELAY, service_max_deliveries={f"{OWNERS[0]}/{svc}": 4})
     async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
         task_id = await engine.add(svc, "poison", token={"processId": "p-9"})
         await engine.call("add", {"serviceId": svc, "value": "limit 2", "maxDeliveries": 2}, owner=OWNERS[0])
@@ -195,9 +200,21 @@ async def test_a_task_delivered_its_limit_of_times_is_parked_and_the_engine_told
         assert "value" not in poison
         assert next(t for t in listing if t["id"] != task_id)["deliveries"] == 2, "its own maxDeliveries: 2"
         assert len(ids) == 2
-        # Exactly once: nothing more reaches the engine.
-        await asyncio.sleep(1.5)  # a window for a duplicate to show up (the relay sweeps every second)
-        assert results.empty(), "the engine was told twice"
+        # Exactly once: nothing more reaches the engine. A re-published copy would come from the
+        # relay's read of the result's outbox bucket (2 s after the bucket's end here, 10-20 s by
+        # default: the 1.5 s window this test waited before could not see one): waited for, then
+        # the durable results queue (read by basic.get: no delivery window) holds one result.
+        await relay_read_past_now([b])
+        told = [m for m in await results_of(servers, names, svc) if m["taskId"] == task_id]
+        assert len(told) == 1, f"the engine was told {len(told)} times: {told}"
+        assert [m for m in _drain(results) if m.get("taskId") == task_id] == [], "the engine was told twice"
+
+
+def _drain(results: asyncio.Queue[Any]) -> list[Any]:
+    out = []
+    while not results.empty():
+        out.append(results.get_nowait())
+    return out
 
 
 def _has(results: asyncio.Queue[Any]) -> bool:

@@ -83,7 +83,7 @@ async def test_kill_9_in_the_middle_of_a_load_loses_nothing(bridge_processes, se
         # A result whose publish was cut by the crash comes from the outbox relay, 10-20 s later.
         msgs = await drain_results(results, set(history.values), 90)
     rows = lease_rows(cql, servers.keyspace, OWNERS[0], svc, list(history.values))
-    history.check(rows, msgs)
+    history.check(rows, msgs, allow_duplicates=True)  # a bridge killed: at least once
 
 
 async def drain_results(results: asyncio.Queue, tasks: set[str], timeout: float) -> list[dict]:

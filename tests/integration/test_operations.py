@@ -104,12 +104,21 @@ def rabbitmqctl(*args: str) -> None:
 @pytest.mark.slow
 @pytest.mark.exclusive
 async def test_rabbitmq_restart_under_load_nothing_lost(bridge_processes, servers, names):
+    """A broker restart with work in flight: adds being sent (the second half paced across the
+    restart) and a worker fetching and acking throughout. Every task added is handed out and
+    acked. (Before, the first half was confirmed before stop_app and the second started after
+    await_startup: nothing was in flight, and the worker only fetched once the broker was back.)"""
     port = free_port()
     bridge_processes(BRIDGE_HTTP_PORT=str(port), BRIDGE_HTTP_HOST="127.0.0.1")
     await wait_bridges(servers, names, 1)
     await wait_for(lambda: _ready(port), 20, what="bridge ready")
     svc = service_id()
-    total = 200
+    half = 100
+    restarted = asyncio.Event()
+    outage = {"adds_retried": 0, "worker_errors": 0}
+    done: set[int] = set()
+    stop_fetching = asyncio.Event()
+    loop = asyncio.get_running_loop()
     async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"], timeout=5) as engine:
 
         async def add(i: int) -> str:
@@ -117,27 +126,63 @@ async def test_rabbitmq_restart_under_load_nothing_lost(bridge_processes, server
                 try:
                     task_id = await engine.add(svc, i, message_id=f"r-{i}")
                 except (TransportError, UnavailableError):  # broker gone (ConnectionLost) or no reply (RequestTimeout)
+                    outage["adds_retried"] += 1
                     await asyncio.sleep(0.5)  # the engine's retry back-off, not a wait for a result
                     continue
                 assert task_id is not None
                 return task_id
 
-        first = await asyncio.gather(*(add(i) for i in range(total // 2)))
-        rabbitmqctl("stop_app")
-        await asyncio.sleep(1)  # the fault itself: the broker stays down for a second
-        rabbitmqctl("start_app")
-        rabbitmqctl("await_startup")
-        second = await asyncio.gather(*(add(i) for i in range(total // 2, total)))
-        await wait_for(lambda: _ready(port), 60, what="bridge ready again after the broker restart")
-    assert len(set(first) | set(second)) == total
-    async with Worker(
-        servers.amqp_url(OWNERS[0]), service=svc, worker_id=str(uuid.uuid4()), exchange=names["exchange"], timeout=5
-    ) as w:
-        got = []
-        while (task := await w.fetch()) is not None:
-            got.append(task.value)
-            assert await task.ack(None)
-    assert sorted(got) == list(range(total))
+        async def add_across_the_restart() -> list[str]:
+            """One add after the other, at a pace, until the restart is over and ``half`` are in."""
+            ids, i = [], half
+            while not restarted.is_set() or i < 2 * half:
+                ids.append(await add(i))
+                i += 1
+                await asyncio.sleep(0.02)  # the engine's pace: the adds span the restart
+            return ids
+
+        async def fetch_throughout() -> None:
+            async with Worker(
+                servers.amqp_url(OWNERS[0]),
+                service=svc,
+                worker_id=str(uuid.uuid4()),
+                exchange=names["exchange"],
+                timeout=5,
+            ) as w:
+                while not stop_fetching.is_set():
+                    try:
+                        task = await w.fetch(time_to_recover_ms=5_000)
+                        if task is None:
+                            await asyncio.sleep(0.05)  # a worker's polling pace on an empty queue
+                        elif await task.ack(None):
+                            done.add(task.value)
+                    except (TransportError, UnavailableError):  # its lease, if it held one, comes back
+                        outage["worker_errors"] += 1
+                        await asyncio.sleep(0.2)  # a worker's back-off while the broker is away
+
+        first = await asyncio.gather(*(add(i) for i in range(half)))
+        fetching = asyncio.create_task(fetch_throughout())
+        second = asyncio.create_task(add_across_the_restart())  # under way before the broker stops
+        try:
+            await wait_for(lambda: done or None, 20, what="the worker acking before the restart")
+            # rabbitmqctl in a thread: run in the loop, it held the adds and the worker still.
+            await loop.run_in_executor(None, rabbitmqctl, "stop_app")
+            await asyncio.sleep(1)  # the fault itself: the broker stays down for a second
+            await loop.run_in_executor(None, rabbitmqctl, "start_app")
+            await loop.run_in_executor(None, rabbitmqctl, "await_startup")
+            restarted.set()
+            ids = first + await asyncio.wait_for(second, 90)
+            await wait_for(lambda: _ready(port), 60, what="bridge ready again after the broker restart")
+            added = half + len(ids) - len(first)
+            assert len(set(ids)) == added, "an add retried across the restart stored a second task"
+            await wait_for(lambda: done >= set(range(added)), 45, what="every task added acked")
+        finally:
+            restarted.set()
+            stop_fetching.set()
+            await asyncio.wait_for(fetching, 30)
+            second.cancel()
+    assert done == set(range(added)), f"lost: {sorted(set(range(added)) - done)[:10]}"
+    assert outage["adds_retried"] + outage["worker_errors"] > 0, f"nothing was in flight during the restart: {outage}"
 
 
 async def test_result_nobody_can_take_stays_pending_until_a_queue_is_bound(

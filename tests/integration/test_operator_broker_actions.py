@@ -242,9 +242,16 @@ async def test_a_pause_stops_the_redeclaration_and_a_resume_starts_it_again(brid
     await wait_for(lambda: attempts, 10.0, what="an attempt to declare the queue again")
     await transport.pause(frozenset({"fetch"}))
     tried = len(attempts)
-    monkeypatch.setattr(amqp, "declare_consumed_queue", real)
+
+    async def recorded(*args: Any, **kwargs: Any) -> None:
+        attempts.append(time.monotonic())
+        await real(*args, **kwargs)
+
+    # Still recorded (it was swapped back to the bare function before, and the count below could not
+    # change), and now able to succeed: an attempt while paused would declare the queue.
+    monkeypatch.setattr(amqp, "declare_consumed_queue", recorded)
     await asyncio.sleep(1.5)  # longer than the next retry would have waited
-    assert len(attempts) == tried
+    assert len(attempts) == tried, f"{len(attempts) - tried} attempts to declare the queue while paused"
     assert not await queue_exists(url, fetch_q), "declared again (and consumed) while paused"
     await transport.resume(frozenset({"fetch"}))
     await wait_for(lambda: consumers_on(url, fetch_q), 10.0, interval=0.2, what="the fetch queue consumed again")

@@ -522,7 +522,8 @@ async def test_kill_9_of_the_old_duty_holder_mid_load_loses_nothing(old_bridges,
             await work
         assert sorted(history.values.values()) == list(range(total)), "every task added was handed out"
         msgs = await drain(results, lambda g: {m["taskId"] for m in g} >= set(history.values), 30)
-    history.check(lease_rows(cql, servers.keyspace, OWNER, svc, list(history.values)), msgs)
+    # The old duty holder killed -9: a result may go out twice (at least once).
+    history.check(lease_rows(cql, servers.keyspace, OWNER, svc, list(history.values)), msgs, allow_duplicates=True)
 
 
 # -- 3. the duty handed from a new bridge to an old one ------------------------------------------------------------

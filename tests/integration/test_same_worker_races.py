@@ -18,9 +18,11 @@ import aio_pika
 import orjson
 import pytest
 
+from bridge.domain import scheduler
 from bridge.domain.fetching import RequestAbandoned
 from bridge.domain.models import AckRequest, ExtendRequest, FailRequest, FetchRequest
 from tests.conftest import OWNERS, service_id, wait_for
+from tests.history import FAST_RELAY, FAST_SECOND_PASS_MS, relay_read_past_now
 from tests.integration.test_client_resilience import _waiters
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -334,14 +336,17 @@ async def _stats(b: Any, svc: str) -> tuple[int, int]:
 
 @pytest.mark.parametrize("second", ["error", "other_result", "same_result"])
 async def test_an_ack_sent_to_two_bridges_at_once_completes_once_and_sends_one_result(
-    make_bridge, engine, servers, names, cql, second
+    make_bridge, engine, servers, names, cql, second, monkeypatch
 ):
     """The same delivery acked through two bridges at the same moment (a retry on another bridge,
     or two pods sharing a worker id), with the same result, a different one, or an error: one
     completion, one result message to the engine, both requests answered (true for the first,
-    and a repeat of a completed ack answers true as well), and the queue's counts back at zero."""
-    b1 = await make_bridge()
-    b2 = await make_bridge()
+    and a repeat of a completed ack answers true as well), and the queue's counts back at zero.
+    The relay re-publishes a result unmarked 2 s after its bucket (FAST_RELAY), so a second copy
+    shows up within the wait on the relay's position (``relay_read_past_now``)."""
+    monkeypatch.setattr(scheduler, "RELAY_SECOND_PASS_MS", FAST_SECOND_PASS_MS)
+    b1 = await make_bridge(**FAST_RELAY)
+    b2 = await make_bridge(**FAST_RELAY)
     svc = service_id()
     rounds = 20
     outcomes = {"error": {"error": {"e": 2}}, "other_result": {"result": {"r": 2}}, "same_result": {"result": {"r": 1}}}
@@ -354,8 +359,9 @@ async def test_an_ack_sent_to_two_bridges_at_once_completes_once_and_sends_one_r
             b2.queue.ack(OWNER, ack_req(svc, "w", d.task_id, d.epoch, **outcomes[second])),
         )
         answers.append((a1, a2))
-    assert all(a1 or a2 for a1, a2 in answers), f"neither ack completed the task: {answers}"
-    got = await _results_once_settled(servers, names, svc, rounds)
+    # Both true (as the docstring says): ``a1 or a2`` passed with the repeat refused.
+    assert all(a1 is True and a2 is True for a1, a2 in answers), f"an ack answered other than true: {answers}"
+    got = await _results_once_settled(servers, names, svc, rounds, [b1, b2])
     per_task: dict[str, int] = {}
     for r in got:
         per_task[r["taskId"]] = per_task.get(r["taskId"], 0) + 1
@@ -368,9 +374,12 @@ async def _counts_zero(b: Any, svc: str) -> bool:
     return await _stats(b, svc) == (0, 0)
 
 
-async def _results_once_settled(servers: Any, names: Any, svc: str, rounds: int) -> list[dict[str, Any]]:
-    """Every result the engine got: once each of ``rounds`` tasks has one, and a second longer
-    (what a second publication of any of them would take, at most: an absence needs a window)."""
+async def _results_once_settled(
+    servers: Any, names: Any, svc: str, rounds: int, bridges: list[Any]
+) -> list[dict[str, Any]]:
+    """Every result the engine got: once each of ``rounds`` tasks has one, and once the relay has
+    read every result's outbox bucket twice (a second publication of any of them is in the queue
+    by then). It waited 1 s, where a re-published copy comes 10-20 s after the result by default."""
     got: list[dict[str, Any]] = []
 
     async def all_results() -> bool:
@@ -378,7 +387,7 @@ async def _results_once_settled(servers: Any, names: Any, svc: str, rounds: int)
         return len({r["taskId"] for r in got}) >= rounds
 
     await wait_for(all_results, 20.0, interval=0.2, what="a result for every task")
-    await asyncio.sleep(1.0)  # seeing that nothing happens takes time: 1 s for a second result of any task
+    await relay_read_past_now(bridges)
     got.extend(await results_of(servers, names, svc))
     return got
 
@@ -387,13 +396,14 @@ async def _results_once_settled(servers: Any, names: Any, svc: str, rounds: int)
 
 
 async def test_an_ack_racing_the_leases_expiry_and_redelivery_completes_or_is_refused_never_both(
-    make_bridge, engine, servers, names
+    make_bridge, engine, servers, names, monkeypatch
 ):
     """w1's lease (300 ms) runs out; its ack goes to b2 just as the task is taken back and a
     fetch of w2 on b1 polls for it. Either the ack completes the task (true) and nobody is handed
     it again, or it is refused (false) and w2 gets it: never both, never neither. One result."""
-    b1 = await make_bridge()
-    b2 = await make_bridge()
+    monkeypatch.setattr(scheduler, "RELAY_SECOND_PASS_MS", FAST_SECOND_PASS_MS)  # "one result": see below
+    b1 = await make_bridge(**FAST_RELAY)
+    b2 = await make_bridge(**FAST_RELAY)
     svc = service_id()
     rounds = 24
     bad = []
@@ -435,7 +445,7 @@ async def test_an_ack_racing_the_leases_expiry_and_redelivery_completes_or_is_re
         if again != acked:
             bad.append((rnd, offset_ms, "repeat of w1's ack answered", again, "first", acked))
     assert not bad, f"{bad} ({stats})"
-    got = await _results_once_settled(servers, names, svc, rounds)
+    got = await _results_once_settled(servers, names, svc, rounds, [b1, b2])
     assert len(got) == rounds, f"{len(got)} results for {rounds} tasks ({stats})"
     await wait_for(lambda: _counts_zero(b1, svc), 10.0, what="counts back to 0")
     print("STATS", stats)
@@ -455,13 +465,14 @@ async def _poll(b: Any, svc: str, worker: str, seconds: float) -> Any:
 
 
 async def test_a_fail_and_an_ack_of_one_task_on_two_bridges_at_once_exactly_one_wins(
-    make_bridge, engine, servers, names
+    make_bridge, engine, servers, names, monkeypatch
 ):
     """``fail`` (retry at once) through b1 and ``ack`` through b2 of the same delivery: exactly
     one applies. Failed: the ack is false and the task comes back; acked: the fail is refused and
     the task never comes back. One result per task, counts back to zero."""
-    b1 = await make_bridge()
-    b2 = await make_bridge()
+    monkeypatch.setattr(scheduler, "RELAY_SECOND_PASS_MS", FAST_SECOND_PASS_MS)  # "one result": see below
+    b1 = await make_bridge(**FAST_RELAY)
+    b2 = await make_bridge(**FAST_RELAY)
     svc = service_id()
     rounds = 20
     bad = []
@@ -484,7 +495,7 @@ async def test_a_fail_and_an_ack_of_one_task_on_two_bridges_at_once_exactly_one_
             bad.append((rnd, "failed, never came back"))
         tally["fail" if failed is not None else "ack"] += 1
     assert not bad, f"{bad} {tally}"
-    got = await _results_once_settled(servers, names, svc, rounds)
+    got = await _results_once_settled(servers, names, svc, rounds, [b1, b2])
     assert len(got) == rounds, f"{len(got)} results for {rounds} tasks {tally}"
     await wait_for(lambda: _counts_zero(b1, svc), 10.0, what="counts back to 0")
     print("TALLY", tally)
