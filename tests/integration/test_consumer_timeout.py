@@ -68,8 +68,9 @@ async def test_a_renewal_whose_fresh_token_was_lost_is_followed_by_another(
     short_consumer_timeout, make_bridge, monkeypatch, names
 ):
     """Were a renewal's fresh token lost (the broker dropped the publish), the held one is acked
-    already and nobody holds a token: the next renewal publishes another, which comes to the
-    holder (the queue's single active consumer, its one slot free), and renewals go on."""
+    already and nobody holds a token: at the next renewal the holder lets the duty go and offers
+    a token at once, which comes back to it (the queue's single active consumer, its one slot
+    free): it holds the duty again, and renewals go on."""
     monkeypatch.setattr("bridge.transport.duty.RENEW_S", 0.5, raising=False)
     b = await make_bridge()
     await wait_for(lambda: b.duty.held, 10, what="the duty")
