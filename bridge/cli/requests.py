@@ -93,6 +93,7 @@ def _check_named(task_id: str | None, epoch: int | None, held: bool) -> None:
 async def _with_client(client: C, timeout: float, use: Callable[[C], Awaitable[T]], *, changes: bool = False) -> T:
     """Open an RPC client, run ``use`` with it, close it; map failures to :class:`Failure`.
     ``changes``: the request changes tasks and may take long (purge, discard, redrive)."""
+    from aio_pika.exceptions import CONNECTION_EXCEPTIONS
     from aiormq.exceptions import AMQPError
 
     from bridge.client.errors import BridgeClientError, BrokerRefused, ConnectionLost, RequestTimeout
@@ -104,7 +105,7 @@ async def _with_client(client: C, timeout: float, use: Callable[[C], Awaitable[T
                 await client.open()
         except TimeoutError:
             raise Failure(f"cannot connect to RabbitMQ at {where}: no connection within {timeout}s") from None
-        except (AMQPError, OSError) as exc:
+        except CONNECTION_EXCEPTIONS as exc:  # AMQPError, OSError, and what aio-pika counts as such too
             raise Failure(f"cannot connect to RabbitMQ at {where}: {type(exc).__name__}: {exc}") from None
         try:
             return await use(client)

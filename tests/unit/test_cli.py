@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -251,3 +252,31 @@ async def test_keyring_generate_and_rotate(offline_env: dict[str, str], tmp_path
     provider = KeyringFileProvider(path)
     assert (await provider.current_key("alpha")).key_id == alpha_after["current"]
     assert (await provider.key_by_id("alpha", alpha_before["current"])).secret
+
+
+async def test_a_connection_closing_as_it_opens_is_a_one_line_failure() -> None:
+    """aiormq raises a plain RuntimeError ("<Connection> closed"), StopAsyncIteration (a handshake
+    that met EOF) for a connection that closed as it opened: they escaped the CLI as a traceback
+    (found by review, 2026-12-06). Said as a connection failure, as OSError and AMQPError are."""
+    from bridge.cli.base import Failure
+    from bridge.cli.requests import _with_client
+
+    class Closing:
+        url = "amqp://u:secret@mq.example:5672/"
+        exchange_name = "x"
+
+        def __init__(self, cause: BaseException) -> None:
+            self.cause = cause
+
+        async def open(self) -> None:
+            raise self.cause
+
+        async def close(self) -> None:
+            pass
+
+    async def use(client: object) -> None:
+        raise AssertionError("not reached")
+
+    for cause in (RuntimeError("<Connection> closed"), StopAsyncIteration()):
+        with pytest.raises(Failure, match=re.escape("cannot connect to RabbitMQ at amqp://u@mq.example:5672/: ")):
+            await _with_client(Closing(cause), 1.0, use)  # type: ignore[arg-type,type-var]
