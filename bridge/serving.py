@@ -8,10 +8,10 @@ has, with no network I/O of its own (so it costs nothing per second, whatever th
   (``bridge.storage.stall``: a statement waited half its timeout with nothing answered): stop
   consuming everything. Only then does the loop ask the store something itself, a ping a second,
   so that a bridge with no statement of its own to send learns when the store is back;
-- clock beyond the skew limit (:class:`~bridge.domain.clock.SkewGuard`): stop consuming fetches
-  and the lifecycle queue, whose requests set deadlines on this bridge's clock (a claim's lease,
-  an extend's new end, a fail's backoff; the operator requests that share the queue go to other
-  bridges with them); adds and acks go on.
+- clock beyond the skew limit (:class:`~bridge.domain.clock.SkewGuard`): stop consuming fetches,
+  the only requests that grant leases; adds, acks and the lifecycle queue go on (an extend on a
+  clock far off for its lease is refused by the lifecycle itself: pausing the queue, a Cassandra
+  slow for the whole fleet stopped every heartbeat, and leases of healthy work ran out).
 
 When the cause is gone, consuming resumes. What was not taken waits in RabbitMQ meanwhile (requests
 carry their callers' deadlines: a request whose caller gave up is dropped unexecuted when taken).
@@ -26,12 +26,12 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from bridge.domain.cancellation import stray_as_failure
-from bridge.transport.topology import CONSUMED, LIFECYCLE_QUEUE
+from bridge.transport.topology import CONSUMED
 
 log = logging.getLogger("bridge.serving")
 
 ALL = frozenset(CONSUMED)
-LEASING = frozenset({"fetch", LIFECYCLE_QUEUE})
+LEASING = frozenset({"fetch"})
 
 
 class Consumers(Protocol):

@@ -257,6 +257,14 @@ class SkewGuard:
         # 720 ms round trip) put an 800 ms offset at 460, within a 500 ms limit.
         return r is None or abs(r.offset_ms) + r.error_ms <= self.limit_ms
 
+    def error_bound_ms(self) -> float | None:
+        """How far this bridge's time may be off Cassandra's now: the anchor's uncertainty, or
+        the host's measured offset plus the measurement's error (None before a measurement)."""
+        if self.anchor is not None:
+            return self.anchor.uncertainty_ms()
+        r = self.reading
+        return None if r is None else abs(r.offset_ms) + r.error_ms
+
     def describe(self) -> str:
         r = self.reading
         if self.anchor is not None:

@@ -32,6 +32,10 @@ class LeaseGate(Protocol):
 
     def describe(self) -> str: ...
 
+    def error_bound_ms(self) -> float | None:
+        """How far this bridge's time may be off the reference now (None: not known)."""
+        ...
+
 
 class NoMetrics:
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
@@ -43,6 +47,9 @@ class AlwaysGrant:
 
     def describe(self) -> str:
         return "no clock check"
+
+    def error_bound_ms(self) -> float | None:
+        return 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -120,6 +120,11 @@ class ParkedTask:
     last_error_omitted: bool = False
 
 
+# An extend on a bridge whose clock is off is served while its error is within 1/EXTEND_SKEW_SHARE
+# of the lease it grants (see ``Lifecycle._extend_allowed``).
+EXTEND_SKEW_SHARE = 4
+
+
 def _cancel_id(q: QueueKey, task_id: uuid.UUID, request_id: str | None) -> uuid.UUID | None:
     """A cancel's completion id, the same for every copy of one request (None without an id)."""
     if not request_id:
@@ -250,13 +255,13 @@ class Lifecycle:
         the later one and watches that instead. An earlier one is filed first (``renew``)."""
         ctx = self.ctx
         q = QueueKey(owner, req.service_id)
-        self._deadlines_allowed()
+        ttr = min(req.time_to_recover or ctx.limits.default_ttr_ms, ctx.limits.max_ttr_ms)
+        self._extend_allowed(ttr)
         await ctx.keys.current(owner)
         target = await self._target(q, req.worker_id, req.task_id, req.epoch)
         if target is None:
             return None
         task_id, epoch = target
-        ttr = min(req.time_to_recover or ctx.limits.default_ttr_ms, ctx.limits.max_ttr_ms)
         res, until = await renew(ctx, self.soon, q, task_id, epoch, req.worker_id, ttr, self._token_of(q, task_id))
         ctx.metrics.inc("leases_extended", outcome="ok" if res.applied else "refused")
         return Extended(task_id, epoch, until) if res.applied else None
@@ -265,7 +270,6 @@ class Lifecycle:
     async def fail(self, owner: str, req: FailRequest) -> Failed | None:
         ctx = self.ctx
         q = QueueKey(owner, req.service_id)
-        self._deadlines_allowed()
         key = await ctx.keys.current(owner)
         error = None
         error_json = None
@@ -320,16 +324,23 @@ class Lifecycle:
         await self._forget(q, req.worker_id, task_id, epoch)
         return Failed(task_id, epoch, False, due)
 
-    def _deadlines_allowed(self) -> None:
-        """An extend sets a lease's end, a fail its backoff's, on this bridge's clock as a claim
-        does: with that clock not known within half the margin, refused as a fetch is (a bridge
-        3 s behind applied a shortening extend already past on every other bridge, and the task
-        went to a second worker while the first kept working). Its queue is not consumed
-        meanwhile (``bridge.serving``): this answers what was taken before."""
+    def _extend_allowed(self, ttr_ms: int) -> None:
+        """An extend sets the lease's end on this bridge's clock; the worker is told it has
+        ``ttr_ms`` (by this clock's ``x-now``), while the other bridges take the task back by
+        theirs. With this clock known off by more than a quarter of the lease (its worker beats
+        every third of it), refused as a fetch is: a bridge 3 s behind renewed a 2 s lease to an
+        end already past on every other bridge, and the task went to a second worker while the
+        first kept working. Within it, served: refusing every extend while the clock is merely
+        less certain than half the margin (a Cassandra slow for the whole fleet) lost the leases
+        of every long task of the fleet."""
         gate = self.ctx.gate
-        if not gate.ok:
-            self.ctx.metrics.inc("leases_refused", reason="clock_skew")
-            raise Unavailable(f"this bridge does not grant leases now: {gate.describe()}; retry on another bridge")
+        if gate.ok:
+            return
+        bound = gate.error_bound_ms()
+        if bound is not None and bound * EXTEND_SKEW_SHARE <= ttr_ms:
+            return
+        self.ctx.metrics.inc("leases_refused", reason="clock_skew")
+        raise Unavailable(f"this bridge does not grant leases now: {gate.describe()}; retry on another bridge")
 
     async def _forget(self, q: QueueKey, worker: str, task_id: uuid.UUID, epoch: int) -> None:
         """The worker gave its task back: its next fetch claims another one.

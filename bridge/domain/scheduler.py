@@ -80,8 +80,10 @@ EXPOSE_ATTEMPTS = 2  # writes of a re-exposure: a second, placed ahead, when the
 # ``REWIND_LOOKBACK_MS`` before the present instead: a bucket read twice is harmless (each deadline
 # is checked against its lease, each owed result against its flag), and the look-back covers what
 # the holder whose clock was wrong read too early before its clock was found wrong.
-AHEAD_TOLERANCE_MS = MARKS_AHEAD * EXPIRY_BUCKET_MS
-REWIND_LOOKBACK_MS = 60_000
+# (A sound holder's position is never past its bucket of the present, and a saved one is behind the
+# saver's present by the second pass's delay: two buckets beyond the margin never trip it.)
+AHEAD_TOLERANCE_MS = 2 * EXPIRY_BUCKET_MS
+REWIND_LOOKBACK_MS = 60_000  # at least; see ``RecoveryScheduler._lookback_ms``
 
 
 RELAY_INTERVAL_S = 1.0  # the result relay sweeps once a second
@@ -399,17 +401,28 @@ class RecoveryScheduler:
         holder's clock could be (the skew margin) and the normal look-ahead (``AHEAD_TOLERANCE_MS``)."""
         return position_ms > now + self.queue.skew_margin_ms + AHEAD_TOLERANCE_MS
 
+    def _lookback_ms(self) -> int:
+        """How far before the present a rewound loop reads again: what a sound holder may still
+        have to read there (its second passes, ``late_ms`` behind, the relay's second reads,
+        ``republish_after`` and 30 s behind), a minute at least."""
+        margin = self.queue.skew_margin_ms
+        return max(
+            REWIND_LOOKBACK_MS,
+            self.late_ms + margin + 10_000,
+            self.republish_after_ms + RELAY_SECOND_PASS_MS + OUTBOX_BUCKET_MS + margin,
+        )
+
     def _rewind_recovery(self, now: int, position: int, whose: str) -> int:
         """A recovery position ahead of the present (``AHEAD_TOLERANCE_MS``): read from shortly
         before the present instead. What this holder knew of the buckets ahead (settled deadlines,
         leases read ahead, marks read as of a time to come) is forgotten: read once more."""
-        start = expiry_bucket(now - REWIND_LOOKBACK_MS)
+        start = expiry_bucket(now - self._lookback_ms())
         self._warn_ahead.warning(
             "recovery scheduler: %s position is %.0f s ahead of the present (a clock that jumped ahead): "
             "read again from %d s before the present",
             whose,
             (position * EXPIRY_BUCKET_MS - now) / 1000,
-            REWIND_LOOKBACK_MS // 1000,
+            self._lookback_ms() // 1000,
         )
         self._handled.clear()
         self._armed.clear()
@@ -419,13 +432,13 @@ class RecoveryScheduler:
     def _rewind_relay(self, now: int, position: int, whose: str) -> int:
         """As ``_rewind_recovery``, for the relay: its second reads and retries due at a time to come
         (dated by the clock ahead) are due now; the buckets ahead are read again as the walk comes."""
-        start = outbox_bucket(now - REWIND_LOOKBACK_MS)
+        start = outbox_bucket(now - self._lookback_ms())
         self._warn_relay_ahead.warning(
             "result relay: %s position is %.0f s ahead of the present (a clock that jumped ahead): "
             "read again from %d s before the present",
             whose,
             (position * OUTBOX_BUCKET_MS - now) / 1000,
-            REWIND_LOOKBACK_MS // 1000,
+            self._lookback_ms() // 1000,
         )
         self._outbox_second = {b: min(at, now) for b, at in self._outbox_second.items() if b < start}
         late = now + RELAY_RETRY_MAX_MS
@@ -439,7 +452,11 @@ class RecoveryScheduler:
     async def _recover(self, now: int) -> None:
         if self._expiry_next is not None and self._too_far_ahead(self._expiry_next * EXPIRY_BUCKET_MS, now):
             # This holder's own position, its clock set back (an NTP step): as for a saved one.
-            self._expiry_next = self._expiry_confirmed = self._rewind_recovery(now, self._expiry_next, "its")
+            start = self._rewind_recovery(now, self._expiry_next, "its")
+            self._expiry_next = start
+            # Never moved forward: its second passes below where they were still to come.
+            confirmed = self._expiry_confirmed
+            self._expiry_confirmed = start if confirmed is None else min(confirmed, start)
             self._expiry_persisted = None
         if self._expiry_next is None:
             saved = await self.store.scheduler_cursor(self._expiry_cursor, now)
