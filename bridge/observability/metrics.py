@@ -157,7 +157,7 @@ ROUTES: dict[str, Route] = {
     "results_dropped": Route("results_dropped", "Results that could not be published, by reason.", labels=("reason",)),
     "leases_refused": Route(
         "leases_refused",
-        "Fetches, extends and fails refused without touching a lease, by reason (clock_skew).",
+        "Fetches and extends refused without touching a lease, by reason (clock_skew).",
         labels=("reason",),
     ),
     "acks_without_task_id": Route(
