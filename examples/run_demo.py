@@ -8,7 +8,8 @@
 2. runs two workers (examples/worker.py) and the engine (examples/engine.py) side by side: the
    engine adds QB_COUNT tasks (default 20) for owner worker-a and prints each result as it arrives;
 3. then keeps the bridge and the workers running, so tasks added from another terminal are
-   processed, until Ctrl-C (or exits at once with --once; the exit code is the engine's).
+   processed, until Ctrl-C (or, with --once, exits once the demo is done and its workers have
+   stopped; the exit code is the engine's).
 
 Defaults it fills in when unset: BRIDGE_TRUSTED_USERS=engine, BRIDGE_HTTP_PORT=8080 (a free port
 instead if 8080 is taken), BRIDGE_LOG_LEVEL=WARNING, and BRIDGE_KEYRING=deploy/local/state/keyring.json
@@ -265,15 +266,21 @@ async def demo(once: bool) -> int:
     finally:
         say("stopping")
         workers_stop.set()
+        # Together, for a worker's stop grace and a little more: a stopping worker first asks the
+        # bridge for a task its given-up long-poll may have claimed (up to 5 s); one after the
+        # other, the second worker's ask was cut by a cancel.
+        pending = [task for task in workers if not task.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=WORKERS_STOP_S)
         for task in workers:
-            if not task.done():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(task), 5.0)
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
         await bridge.stop()
         say("bye")
     return rc
+
+
+WORKERS_STOP_S = 8.0  # Worker.run's stop_grace (5 s) and its last requests
 
 
 def main() -> None:

@@ -74,6 +74,7 @@ IDEMPOTENCY_HEADER = "x-idempotency-key"  # contract 1.5: the add's own idempote
 MIN_BEAT_S = 0.1  # keep_alive never beats faster than this, however short the lease
 LEASE_ENDED_BEAT_S = 1.0  # keep_alive after extends without an answer, once the lease ran out: this at least
 BEAT_BACKOFF_MAX_S = 10.0  # ... backing off (full jitter) up to this
+FAIL_RESENDS = 2  # a fail without an answer is sent again this many times when its lease comes back
 BEAT_WAIT_MIN_S = 0.5  # keep_alive: a beat waits for its reply half the lease left, but at least this
 REDRIVE_RATE = 50.0  # the bridge's default BRIDGE_REDRIVE_RATE: parked tasks put back per second
 REDRIVE_ALL_MAX = 1000  # parked tasks one ``redrive all`` request puts back at most
@@ -221,6 +222,10 @@ class RpcClient:
             except (OSError, aio_pika.exceptions.AMQPError):
                 raise
             except Exception as exc:
+                # Only what a closing connection raises; a TypeError or an AttributeError (an API
+                # changed under us) is a bug to see, not a connection to retry for ever.
+                if not isinstance(exc, CONNECTION_EXCEPTIONS) and type(exc) is not Exception:
+                    raise
                 # A connection that closed as its channel opened: aiormq raises a plain
                 # RuntimeError ("<Connection> closed"), a ChannelInvalidStateError (a consume on a
                 # closed channel), even a bare Exception() for an open the close cut. Said as the
@@ -645,20 +650,25 @@ class RpcClient:
 
         One deadline, ``timeout`` (plus the request's own ``wait_s``) from now, bounds the whole
         call: connecting, sending (see :meth:`publish`) and awaiting the reply; ``within``, when
-        shorter, bounds it instead (the request's ``x-deadline`` too)."""
+        shorter, bounds the wait for the reply alone: the request's ``x-deadline`` stays the
+        whole ``timeout`` (a heartbeat's extend that a slow bridge applies late still keeps the
+        lease; cut at ``within``, a bridge 3.5 s behind dropped every beat of a 9 s lease)."""
         sent = time.monotonic()
         limit = self.timeout + kw.get("wait_s", 0.0)  # a long-poll fetch is answered after its wait
-        if within is not None:
-            limit = min(limit, within)
-        at = asyncio.get_running_loop().time() + limit
+        now = asyncio.get_running_loop().time()
+        at = now + limit
+        shortened = within is not None and within < limit
+        wait_at = now + within if within is not None and shortened else at
         # Not publish(): the entry of its reply is taken out here, by its id, however the call ends.
         correlation_id, fut = await self._request(method, body, deadline=at, **kw)
         assert fut is not None
         try:
-            async with asyncio.timeout_at(at):
+            async with asyncio.timeout_at(wait_at):
                 reply: tuple[dict[str, Any], dict[str, Any]] = await fut
                 return reply
         except TimeoutError:
+            if shortened:  # a wait cut short by its caller says nothing of the route (below)
+                raise RequestTimeout(f"no reply to {method} within {within}s", waited_s=within) from None
             # The channel may route nothing to this method's queue any more: RabbitMQ before
             # 3.11.x/3.12.x kept sending a channel's publishes to a quorum queue's lost leader when
             # the channel's first publish to that queue came while the queue elected a new one
@@ -1313,7 +1323,10 @@ class Worker(RpcClient):
         # ``fresh``, gets the task this worker holds), the fail is sent again; the handler does
         # not run again at once, without the fail's backoff (and its ack then refused if the
         # first fail landed late).
-        self._fail_in_hand: tuple[str, int, Any, int | None] | None = None
+        # The last element: how many times it was sent again so. At most FAIL_RESENDS: with fails
+        # unanswered while fetches are (the lifecycle queue's consumers down), each fetch handed the
+        # lease back and the fail went again, for ever; past it the handler runs again, as before.
+        self._fail_in_hand: tuple[str, int, Any, int | None, int] | None = None
 
     @classmethod
     def connect(cls, url: str, *, service: str, worker_id: str, **kw: Any) -> Self:
@@ -1704,7 +1717,7 @@ class Worker(RpcClient):
                 task.id,
                 task.epoch,
             )
-            await self._send_fail(task, [failing[2]], retry_in_ms=failing[3])
+            await self._send_fail(task, [failing[2]], retry_in_ms=failing[3], resent=failing[4] + 1)
             return False, None
         return None
 
@@ -1841,8 +1854,8 @@ class Worker(RpcClient):
         same reply: ``(what the ack answered, the next task)``, the answer None when there was none
         (or the result was refused), the task None when there is none (the caller fetches, and
         long-polls). On stop (set before or during the retries) the ack goes alone; a next task
-        its reply hands once stop is set (stop came while the request was on its way) is given
-        back at once, unrun (``fail`` with ``retry_in_ms=0``). A request
+        its reply hands once stop is set (stop came while the request was on its way) is handled
+        then, as the drain handles a task claimed for the worker. A request
         without an answer, or answered ``unavailable``, is sent again (a retry hands the same next
         task, see :meth:`ack_and_fetch`) while the lease lasts, at least 3 times
         (:meth:`_ack_retry_until`); then the caller's fetch, not ``fresh``, gets this worker's
@@ -1887,22 +1900,16 @@ class Worker(RpcClient):
                 await self._give_back(task, "ResultRefused", f"{type(refused).__name__}: {refused}")
                 return None, None
             else:
-                return acked, await self._unless_stopped(following, stop)
+                # A next task the reply hands once stop is set (it came while the request was on
+                # its way) was claimed for this worker: handled, as the stop's drain handles one.
+                # Given back (a fail), it counted a second delivery: a task on its last allowed
+                # one was parked without ever running.
+                return acked, following
         if task.epoch is not None:  # (a bridge before 1.1 names no epoch: no lease to recognise)
             self._result_in_hand = (task.id, task.epoch, result)  # never answered: see ``_serve``
         if not take_next:
             log.warning("task %s not acked before stop: it returns when its lease ends", task.id)
         return None, None
-
-    async def _unless_stopped(self, following: Task | None, stop: asyncio.Event | None) -> Task | None:
-        """The next task an ack's reply handed, unless ``stop`` was set while the request was on
-        its way: a stopping worker takes no next task (it was run in full). Given back to come
-        again at once, unrun (``fail`` with ``retry_in_ms=0``, as a handler cut by stop_timeout)."""
-        if following is None or stop is None or not stop.is_set():
-            return following
-        log.info("task %s handed to this worker as it stopped: given back unrun", following.id)
-        await self._give_back(following, "Stopping", "handed to the worker as it stopped: not run", retry_in_ms=0)
-        return None
 
     def _ack_retry_until(self, task: Task, *, stopping: bool) -> float:
         """Until when (monotonic) an ack of ``task`` that gets no answer is sent again: while its
@@ -1929,7 +1936,7 @@ class Worker(RpcClient):
             message = f"{message[:ERROR_MESSAGE_MAX]}... ({len(message)} characters)"
         await self._send_fail(task, [{"type": kind, "message": message}, {"type": kind}], retry_in_ms=retry_in_ms)
 
-    async def _send_fail(self, task: Task, errors: Sequence[Any], *, retry_in_ms: int | None) -> None:
+    async def _send_fail(self, task: Task, errors: Sequence[Any], *, retry_in_ms: int | None, resent: int = 0) -> None:
         """:meth:`_give_back`: fail ``task`` with the first of ``errors`` the bridge takes. One
         without an answer may not have applied: its lease is remembered (:attr:`_fail_in_hand`),
         and if a fetch hands it back, the fail is sent again (see ``_serve``)."""
@@ -1938,8 +1945,9 @@ class Worker(RpcClient):
                 await task.fail(error, retry_in_ms=retry_in_ms)
                 return
             except (TransportError, UnavailableError) as lost:
-                if task.epoch is not None:  # (a bridge before 1.1 names no epoch: no lease to recognise)
-                    self._fail_in_hand = (task.id, task.epoch, error, retry_in_ms)
+                # (A bridge before 1.1 names no epoch: no lease to recognise.)
+                if task.epoch is not None and resent < FAIL_RESENDS:
+                    self._fail_in_hand = (task.id, task.epoch, error, retry_in_ms, resent)
                 log.warning(
                     "task %s: its fail got no answer (%s): sent again if the bridge hands it back to this "
                     "worker; else it returns when its lease ends",

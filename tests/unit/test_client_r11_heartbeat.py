@@ -98,3 +98,50 @@ async def test_a_beat_that_fails_otherwise_than_by_the_bridge_marks_the_task_los
             await until(lambda: task.lost, 3.0, "the task marked lost")
     assert calls == 1
     assert any("keep-alive of task t1 stopped" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_beat_waits_less_but_its_request_keeps_the_whole_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A beat bounds its wait for the reply (``within``), not the request: its ``x-deadline``
+    stays the client's whole ``timeout``. Cut to ``within``, a bridge 3.5 s behind dropped every
+    beat of a 9 s lease as past its deadline, and the lease ran out (a re-review, 2026-12-06).
+    Nor does a wait cut short mark the channel suspect (a new connection at every beat)."""
+    w = Worker(URL, service="s", worker_id="w", timeout=10.0)
+    deadlines: list[float] = []
+
+    async def request(method: str, body: Any, *, deadline: float | None = None, **kw: Any) -> Any:
+        assert deadline is not None
+        deadlines.append(deadline - asyncio.get_running_loop().time())
+        return "cid", asyncio.get_running_loop().create_future()  # never answered
+
+    monkeypatch.setattr(w, "_request", request)
+    started = time.monotonic()
+    with pytest.raises(RequestTimeout):
+        await w.call_raw("extend", {"serviceId": "s"}, within=0.2)
+    assert time.monotonic() - started < 2.0, "the wait was not bounded by within"
+    assert deadlines and deadlines[0] > 9.0, f"the request's deadline was cut to {deadlines[0]:.2f}s"
+    assert w._suspect is None
+
+
+async def test_a_fail_without_an_answer_is_sent_again_a_bounded_number_of_times(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fail without an answer is remembered, and sent again when a fetch hands its lease back;
+    with fails never answered while fetches are (the lifecycle queue's consumers down), each
+    fetch handed the lease back and the fail went again, for ever: the task never ran and never
+    came back. After FAIL_RESENDS the lease is forgotten and the handler runs again (a re-review)."""
+    from bridge.client.errors import ConnectionLost
+    from bridge.client.rpc import FAIL_RESENDS
+
+    w = Worker(URL, service="s", worker_id="w", timeout=10.0)
+    task = Task(w, "t1", {"v": 1}, deliveries=1, lease_expires_at=iso_in(60), epoch=3)
+
+    async def fail(error: Any = None, retry_in_ms: int | None = None) -> None:
+        raise ConnectionLost("no answer", sent=True)
+
+    monkeypatch.setattr(task, "fail", fail)
+    await w._send_fail(task, ["e"], retry_in_ms=None)
+    assert w._fail_in_hand is not None and w._fail_in_hand[:2] == ("t1", 3)
+    for resent in range(1, FAIL_RESENDS + 1):
+        w._fail_in_hand = None
+        await w._send_fail(task, ["e"], retry_in_ms=None, resent=resent)
+        assert (w._fail_in_hand is None) == (resent >= FAIL_RESENDS)
