@@ -53,9 +53,6 @@ MAX_GAUGE_QUEUES = 1_000
 GAUGE_QUEUES_LISTED = 20 * MAX_GAUGE_QUEUES
 GAUGE_FIRST_PER_OWNER = 20
 GAUGE_PAGE_MAX = 1_000  # registry rows a page of the walk reads, at most
-# Sorts after every service name (at most 255 characters): a page after (owner, this) starts at
-# the next owner.
-PAST_EVERY_SERVICE = "\U0010ffff" * 256
 STOP_STEP_MIN_S = 0.5  # each waiting step of a stop gets this much even past the grace
 READY_PING_AFTER_S = 30.0  # readiness pings Cassandra only when nothing was answered for this long
 SCHEDULER_HUNG_AFTER_S = 60.0  # readiness: the scheduler loop has not turned for this long (hung)
@@ -595,28 +592,35 @@ class Bridge:
         as the round of slots that fills them."""
         by_owner: dict[str, list[QueueKey]] = {}  # in the registry's (token) order
         more: set[str] = set()  # owners with services not read
-        read, size, after, ended = 0, GAUGE_FIRST_PER_OWNER + 1, None, False
-        while read < GAUGE_QUEUES_LISTED:
-            limit = min(size, GAUGE_QUEUES_LISTED - read)
-            page = await self.store.queue_page(after, limit)
-            read += len(page)
-            jumped = False
+        kept, size, ended = 0, GAUGE_FIRST_PER_OWNER + 1, False
+        after: QueueKey | None = None
+        past: str | None = None  # an owner read enough of: the next page begins after it
+        # The budget counts the rows kept: the one read past an owner's first services only says
+        # it has more (counted, 1,000 owners of 21 services or more left 47 of them out).
+        while kept < GAUGE_QUEUES_LISTED:
+            limit = min(size, GAUGE_QUEUES_LISTED - kept + 1)
+            if past is not None:
+                page = await self.store.queues_after_owner(past, limit)
+            else:
+                page = await self.store.queue_page(after, limit)
+            past = None
             for q in page:
                 own = by_owner.setdefault(q.owner, [])
                 if len(own) < GAUGE_FIRST_PER_OWNER:
                     own.append(q)
+                    kept += 1
                     after = q
                 else:  # on to the next owner, past this one's services
                     more.add(q.owner)
-                    after, jumped = QueueKey(q.owner, PAST_EVERY_SERVICE), True
+                    past = q.owner
                     break
-            if not jumped and len(page) < limit:
+            if past is None and len(page) < limit:
                 ended = True
                 break
             # Small pages where owners have many services (the rest of a page is not used), larger
             # ones while they have few (fewer reads).
-            size = GAUGE_FIRST_PER_OWNER + 1 if jumped else min(2 * size, GAUGE_PAGE_MAX)
-        if not ended and after is not None and after.service != PAST_EVERY_SERVICE:
+            size = GAUGE_FIRST_PER_OWNER + 1 if past is not None else min(2 * size, GAUGE_PAGE_MAX)
+        if not ended and past is None and after is not None:
             more.add(after.owner)  # cut by the budget: it may have more
         cap = GAUGE_FIRST_PER_OWNER
         while more and cap < MAX_GAUGE_QUEUES and sum(map(len, by_owner.values())) < MAX_GAUGE_QUEUES:

@@ -274,6 +274,10 @@ class TaskStore(Protocol):
         """Up to ``limit`` registered queues after ``after`` (from the first with None), in an order
         of the store's that a walk of pages follows to its end (the counter trim)."""
 
+    async def queues_after_owner(self, owner: str, limit: int) -> list[QueueKey]:
+        """Up to ``limit`` registered queues of the owners after ``owner`` in :meth:`queue_page`'s
+        order: a walk that has read enough of one owner goes on to the next (the gauges')."""
+
     # -- worker pointers ---------------------------------------------------------------------------
     async def worker(self, q: QueueKey, worker: str) -> WorkerRow: ...
 

@@ -539,6 +539,10 @@ class MemoryTaskStore:
             ordered = [q for q in ordered if (q.owner, q.service) > (after.owner, after.service)]
         return ordered[:limit]
 
+    async def queues_after_owner(self, owner: str, limit: int) -> list[QueueKey]:
+        await self._io()
+        return sorted((q for q in self.service_rows if q.owner > owner), key=lambda q: (q.owner, q.service))[:limit]
+
     # -- worker pointers -----------------------------------------------------------------------
     async def worker(self, q: QueueKey, worker: str) -> WorkerRow:
         await self._io()

@@ -950,6 +950,10 @@ class CassandraTaskStore:
                 rows = [*rows, *await self.db.execute("services.after_owner", (after.owner, more), fetch_size=more)]
         return [QueueKey(r["owner"], r["service"]) for r in rows]
 
+    async def queues_after_owner(self, owner: str, limit: int) -> list[QueueKey]:
+        rows = await self.db.execute("services.after_owner", (owner, limit), fetch_size=limit)
+        return [QueueKey(r["owner"], r["service"]) for r in rows]
+
     # -- worker pointers -------------------------------------------------------------------------------
     async def worker(self, q: QueueKey, worker: str) -> WorkerRow:
         return worker_row(await self.db.execute("worker.get", (q.owner, q.service, worker)))

@@ -32,6 +32,11 @@ class CountingStore(MemoryTaskStore):
         self.rows_read += len(page)
         return page
 
+    async def queues_after_owner(self, owner: str, limit: int) -> list[QueueKey]:
+        page = await super().queues_after_owner(owner, limit)
+        self.rows_read += len(page)
+        return page
+
 
 async def _walk(store: CountingStore) -> tuple[list[QueueKey], bool]:
     stand_in: Any = SimpleNamespace(store=store)
@@ -69,3 +74,17 @@ async def test_a_large_tenant_first_in_order_hides_no_owner_after_it(monkeypatch
     assert QueueKey("b-small", "one") in chosen and QueueKey("c-small", "two") in chosen
     assert len(chosen) == 10 and cut
     assert store.rows_read < 100, store.rows_read
+
+
+async def test_every_owner_has_its_gauges_when_a_thousand_have_more_than_their_first_services() -> None:
+    """1,000 owners of 21 services each, at the real bounds: the row read past an owner's first
+    20 services (it only says the owner has more) was counted in the 20,000 rows' budget, and
+    the same 47 owners had no gauges at every refresh (a re-review, 2026-12-06)."""
+    store = CountingStore()
+    for o in range(1_000):
+        for s in range(21):
+            store.service_rows.add(QueueKey(f"owner-{o:04d}", f"svc-{s:02d}"))
+    chosen, cut = await _walk(store)
+    assert cut
+    assert len({q.owner for q in chosen}) == 1_000
+    assert store.rows_read <= 22_000, store.rows_read
