@@ -54,7 +54,8 @@ async def test_an_owner_after_a_tenant_with_very_many_services_keeps_its_gauges(
     assert (small, "the-small-tenants-queue") in {(row[0], row[1]) for row in gauges}, (
         f"{small}'s queue missing from the gauges; owners exported: {len(owners)}"
     )
-    # The large tenant still has its fair share: the slots the others leave.
+    # The large tenant still has its fair share: a slot in turn with every other owner (the
+    # keyspace is shared with the suite's other tests, whose owners may have many queues too).
     mine = [row for row in gauges if row[0] == big]
-    assert len(mine) >= SLOTS - (len(owners) - 1) * FIRST - 1, len(mine)
+    assert len(mine) >= SLOTS // len(owners), len(mine)
     assert len(gauges) <= SLOTS
