@@ -505,7 +505,14 @@ def queue_stats(
         return await engine.stats(service)
 
     services = _engine_call(owner, amqp_url, timeout, use)
-    typer.echo(json.dumps({"services": [_stats_doc(s) for s in services]}))
+    unavailable = list(getattr(services, "unavailable", []))
+    doc: dict[str, object] = {"services": [_stats_doc(s) for s in services]}
+    if unavailable:
+        doc["unavailable"] = unavailable
+    typer.echo(json.dumps(doc))
+    if unavailable:
+        # The counts printed are not all the owner's: a script must not read them as complete.
+        fail(f"counts of {len(unavailable)} queues could not be read now (ask again): {', '.join(unavailable[:10])}")
 
 
 def _parked_doc(t: ParkedTask) -> dict[str, object]:

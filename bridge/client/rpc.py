@@ -11,7 +11,7 @@ import re
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Self
@@ -772,6 +772,15 @@ class ServiceStats:
         )
 
 
+class StatsList(list[ServiceStats]):
+    """``Engine.stats``' answer: the counts (a list, as it always was), and ``unavailable``: the
+    queues whose counts the bridge could not read now (left out of the list)."""
+
+    def __init__(self, found: Iterable[ServiceStats], unavailable: Iterable[str] = ()) -> None:
+        super().__init__(found)
+        self.unavailable = [str(name) for name in unavailable]
+
+
 @dataclass(frozen=True)
 class ParkedTask:
     """A parked task (``parked``), without its value: what an operator needs to decide between
@@ -929,11 +938,20 @@ class Engine(RpcClient):
                     stopped_short()
                 return purged
 
-    async def stats(self, service: str | None = None) -> list[ServiceStats]:
-        """Counts of one queue, or (``service`` None) of every queue of the owner, from the bridge."""
+    async def stats(self, service: str | None = None) -> StatsList:
+        """Counts of one queue, or (``service`` None) of every queue of the owner, from the bridge.
+        Of every queue, those whose counts the bridge could not read now are left out and named
+        in the list's ``unavailable`` (logged as a warning): ask again later."""
         body: dict[str, Any] = {} if service is None else {"serviceId": service}
         result = await self._result("stats", body)
-        return [ServiceStats.from_wire(doc) for doc in result["services"]]
+        found = StatsList([ServiceStats.from_wire(doc) for doc in result["services"]], result.get("unavailable") or ())
+        if found.unavailable:
+            log.warning(
+                "counts of %d queues could not be read now (left out): %s",
+                len(found.unavailable),
+                ", ".join(found.unavailable[:10]),
+            )
+        return found
 
     async def parked(self, service: str, limit: int = 100) -> list[ParkedTask]:
         """The queue's parked tasks (at most ``limit``, 1..1000), without their values."""
