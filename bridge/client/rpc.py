@@ -896,11 +896,17 @@ class Engine(RpcClient):
     async def _result(self, method: str, body: dict[str, Any], *, wait_s: float = 0.0) -> Any:
         return (await self.call(method, body, owner=self.owner, wait_s=wait_s))["result"]
 
-    async def cancel(self, service: str, task_id: str) -> bool:
+    async def cancel(self, service: str, task_id: str, *, request_id: str | None = None) -> bool:
         """Cancel a task wherever it is (ready, delayed, in flight, parked): true if this request
         cancelled it, false if it had already finished or is unknown. A worker holding it gets
-        false on its next ack, extend or fail: nothing is published for it."""
-        return bool(await self._result("cancel", {"serviceId": service, "taskId": task_id}))
+        false on its next ack, extend or fail: nothing is published for it.
+
+        ``request_id`` (sent as the AMQP ``message-id``): a retry after no answer with the same
+        one answers true again if the first copy cancelled the task (without it, the retry is a
+        new request, answered false: "it had finished")."""
+        body = {"serviceId": service, "taskId": task_id}
+        reply = await self.call("cancel", body, owner=self.owner, message_id=request_id)
+        return bool(reply["result"])
 
     async def purge(
         self,

@@ -26,3 +26,13 @@ async def test_a_cancel_sent_twice_with_one_message_id_answers_true_twice(make_b
     # Another request (its own message-id, or none: its correlation-id) is told the truth.
     assert (await engine.call("cancel", body, owner=OWNERS[0], message_id=uuid.uuid4().hex))["result"] is False
     assert (await engine.call("cancel", body, owner=OWNERS[0]))["result"] is False
+
+
+async def test_engine_cancel_resent_with_its_request_id_answers_true_again(make_bridge, engine):
+    await make_bridge()
+    svc = service_id()
+    task_id = await engine.add(svc, "v")
+    rid = uuid.uuid4().hex
+    assert await engine.cancel(svc, task_id, request_id=rid) is True
+    assert await engine.cancel(svc, task_id, request_id=rid) is True  # the retry after a lost reply
+    assert await engine.cancel(svc, task_id) is False
