@@ -280,7 +280,7 @@ async def demo(once: bool) -> int:
     return rc
 
 
-WORKERS_STOP_S = 8.0  # Worker.run's stop_grace (5 s) and its last requests
+WORKERS_STOP_S = 25.0  # Worker.run's stop_grace (5 s) and two request timeouts (10 s each): its documented bound
 
 
 def main() -> None:

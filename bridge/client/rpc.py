@@ -456,9 +456,11 @@ class RpcClient:
         raw: bytes | None = None,
         wait_s: float = 0.0,
         deadline: float | None = None,
+        send_by: float | None = None,
     ) -> tuple[str, asyncio.Future[Any] | None]:
         """:meth:`publish`: (the request's correlation id, the future of its reply or None).
-        ``wait_s`` is the caller's to count in ``deadline``."""
+        ``wait_s`` is the caller's to count in ``deadline``; ``send_by``, when earlier than the
+        deadline, bounds connecting and writing alone (the request still says ``deadline``)."""
         del wait_s
         if self._closed:
             raise RuntimeError("client is closed")
@@ -468,9 +470,10 @@ class RpcClient:
         loop = asyncio.get_running_loop()
         started = loop.time()
         at = deadline if deadline is not None else started + self.timeout
+        bound = at if send_by is None else min(at, send_by)
         writing: list[AbstractChannel] = []  # the channel, once the write began (read on a timeout)
         try:
-            async with asyncio.timeout_at(at):
+            async with asyncio.timeout_at(bound):
                 # Built once connected: its ``timestamp`` says when it was sent (a nameless ack is
                 # judged by it) and its ``x-deadline`` is this deadline.
                 return await self._send(
@@ -479,7 +482,7 @@ class RpcClient:
         except TimeoutError:
             # Only the deadline's: _send turns every other error (TimeoutError is an OSError) into
             # ConnectionLost.
-            waited = round(at - started, 3)
+            waited = round(bound - started, 3)
             if not writing:
                 raise ConnectionLost(
                     f"{method} not sent: no channel to RabbitMQ within {waited:g}s", sent=False
@@ -660,7 +663,9 @@ class RpcClient:
         shortened = within is not None and within < limit
         wait_at = now + within if within is not None and shortened else at
         # Not publish(): the entry of its reply is taken out here, by its id, however the call ends.
-        correlation_id, fut = await self._request(method, body, deadline=at, **kw)
+        correlation_id, fut = await self._request(
+            method, body, deadline=at, send_by=wait_at if shortened else None, **kw
+        )
         assert fut is not None
         try:
             async with asyncio.timeout_at(wait_at):
@@ -905,7 +910,9 @@ class Engine(RpcClient):
         one answers true again if the first copy cancelled the task (without it, the retry is a
         new request, answered false: "it had finished")."""
         body = {"serviceId": service, "taskId": task_id}
-        reply = await self.call("cancel", body, owner=self.owner, message_id=request_id)
+        # A long id as its digest: put whole past the property's 255 bytes, the publish failed.
+        mid = None if request_id is None else _amqp_message_id(request_id)
+        reply = await self.call("cancel", body, owner=self.owner, message_id=mid)
         return bool(reply["result"])
 
     async def purge(

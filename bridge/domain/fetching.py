@@ -947,17 +947,21 @@ class Fetcher:
             return False  # claimed by another (or past it): this compare-and-set can no longer apply
 
         landed = await landed_later(ours, UNCERTAIN_CLAIM_LOOKUPS_S, self.ctx.background.pause)
-        if landed:
-            if payload is None and entry.lane == LANE_FRESH:
-                payload = await self.ctx.store.payload(q, entry.task_id)  # was it delayed? (its read failed)
-            await self._count_claim(q, entry, payload)
-        elif landed is None:
-            log.warning("claim of task %s left uncounted: its outcome stayed unknown", entry.task_id)
-        if landed is not False:
-            try:
-                await self._refile(q, entry, epoch, until)
-            except Exception as exc:  # the store just failed once: the deadline written ahead is left
-                log.warning("deadline of task %s not filed again after its uncertain claim: %s", entry.task_id, exc)
+        try:
+            if landed:
+                if payload is None and entry.lane == LANE_FRESH:
+                    payload = await self.ctx.store.payload(q, entry.task_id)  # was it delayed? (its read failed)
+                await self._count_claim(q, entry, payload)
+            elif landed is None:
+                log.warning("claim of task %s left uncounted: its outcome stayed unknown", entry.task_id)
+        finally:
+            # Whatever the count's reads did (the store is struggling: that is why the outcome was
+            # unknown), the deadline is filed again: the count is a figure, this is the task.
+            if landed is not False:
+                try:
+                    await self._refile(q, entry, epoch, until)
+                except Exception as exc:  # the deadline written ahead is left
+                    log.warning("deadline of task %s not filed again after its uncertain claim: %s", entry.task_id, exc)
 
     async def _was_redriven(self, q: QueueKey, entry: ReadyEntry) -> bool:
         """Whether the recovered entry we just claimed was a redriven lease nobody had claimed since

@@ -123,6 +123,9 @@ class ParkedTask:
 # An extend on a bridge whose clock is off is served while its error is within 1/EXTEND_SKEW_SHARE
 # of the lease it grants (see ``Lifecycle._extend_allowed``).
 EXTEND_SKEW_SHARE = 4
+# A fail, a redrive or a purge on a bridge whose clock is off is served while its error is within
+# this (the scheduler's second pass over a bucket comes 5 s after it at the least).
+CLOCK_OFF_FOR_FILING_MS = 1_000
 
 
 def _cancel_id(q: QueueKey, task_id: uuid.UUID, request_id: str | None) -> uuid.UUID | None:
@@ -270,6 +273,7 @@ class Lifecycle:
     async def fail(self, owner: str, req: FailRequest) -> Failed | None:
         ctx = self.ctx
         q = QueueKey(owner, req.service_id)
+        self._filing_allowed()
         key = await ctx.keys.current(owner)
         error = None
         error_json = None
@@ -323,6 +327,22 @@ class Lifecycle:
         log.debug("task failed by its worker", extra={"task_id": str(task_id), "epoch": epoch, "retry_in_ms": backoff})
         await self._forget(q, req.worker_id, task_id, epoch)
         return Failed(task_id, epoch, False, due)
+
+    def _filing_allowed(self) -> None:
+        """A fail and a redrive file the task's return in the timer wheel at a time on this bridge's
+        clock (the backoff's end, now), and a purge judges what is due by it. With that clock known
+        off by more than CLOCK_OFF_FOR_FILING_MS, refused as a fetch is: 10 s behind, a fail's
+        return was filed in buckets the duty holder had read twice, and the task, released, was
+        never handed out again before its TTL; ahead, a purge cancelled delayed tasks not yet due.
+        Within it (a Cassandra merely slow for the whole fleet: milliseconds), served: the
+        scheduler's later pass over a bucket still meets it."""
+        gate = self.ctx.gate
+        if gate.ok:
+            return
+        bound = gate.error_bound_ms()
+        if bound is not None and bound <= CLOCK_OFF_FOR_FILING_MS:
+            return
+        raise Unavailable(f"this bridge's clock is off now: {gate.describe()}; retry on another bridge")
 
     def _extend_allowed(self, ttr_ms: int) -> None:
         """An extend sets the lease's end on this bridge's clock; the worker is told it has
@@ -605,6 +625,7 @@ class Lifecycle:
         if task_ids is None:
             return (await self.redrive_all(owner, service)).redriven
         q = QueueKey(owner, service)
+        self._filing_allowed()
         await self.ctx.keys.current(owner)
         return await self._put_back(q, [(task_id, None) for task_id in task_ids])
 
@@ -621,6 +642,7 @@ class Lifecycle:
         later adds do not grow. Without a bound each request takes its own now, as in 1.4: a
         caller that sends it again until it answers 0 goes on while tasks are parked again."""
         q = QueueKey(owner, service)
+        self._filing_allowed()
         await self.ctx.keys.current(owner)
         bound = self.ctx.clock.now_ms() if parked_before_ms is None else parked_before_ms
         listed, stopped_at = await self._scan_parked(q, REDRIVE_ALL_MAX, after=after, parked_before_ms=bound)
@@ -805,6 +827,7 @@ class Lifecycle:
     async def purge(self, owner: str, service: str) -> tuple[int, bool]:
         """Cancel the queue's ready tasks: never claimed and due, or whose lease ran out. In-flight,
         delayed and parked tasks are left alone. Returns (purged, more may remain)."""
+        self._filing_allowed()
         ctx = self.ctx
         q = QueueKey(owner, service)
         await ctx.keys.current(owner)

@@ -489,3 +489,43 @@ async def test_stats_of_every_queue_answers_the_others_when_one_queue_cannot_be_
     broken.update(s.service for s in found)
     with pytest.raises(Unavailable):
         await h.queue.stats(OWNER, None)
+
+
+@pytest.mark.parametrize("bound_ms", [10_000.0, 50.0])
+async def test_a_fail_redrive_or_purge_on_a_bridge_whose_clock_is_far_off_is_refused(
+    harness: Harness, bound_ms: float
+) -> None:
+    """A fail and a redrive file the task's return at a time on this bridge's clock, and a purge
+    judges what is due by it: with that clock known off by seconds they are refused (10 s behind,
+    a fail's return was filed in buckets the duty holder had read twice, and the released task
+    was never handed out again; a re-review, 2026-12-06). An error of milliseconds (a Cassandra
+    slow for the whole fleet) is served."""
+    from bridge.domain.models import FailRequest
+
+    h = harness
+
+    class Skewed:
+        ok = False
+
+        def describe(self) -> str:
+            return "uncertain"
+
+        def error_bound_ms(self) -> float | None:
+            return bound_ms
+
+    await h.add("v")
+    held = await h.fetch("w", ttr_ms=60_000)
+    assert held is not None
+    h.queue.ctx.gate = Skewed()
+    life = h.queue.lifecycle
+    fail = life.fail(OWNER, parse(FailRequest, {"serviceId": h.service, "workerId": "w", "retryInMs": 0}))
+    if bound_ms > 1_000:
+        with pytest.raises(Unavailable):
+            await fail
+        with pytest.raises(Unavailable):
+            await life.redrive(OWNER, h.service, [uuid.UUID(held.task_id)])
+        with pytest.raises(Unavailable):
+            await life.purge(OWNER, h.service)
+    else:
+        assert await fail is not None
+        assert await life.purge(OWNER, h.service) == (0, False)

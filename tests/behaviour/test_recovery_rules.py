@@ -1191,15 +1191,24 @@ async def test_an_owed_bucket_whose_record_failed_is_recorded_again(
     assert position is not None and position > failed[0], (position, failed)
 
 
+@pytest.mark.parametrize("count_fails", [False, True])
 async def test_a_claim_whose_outcome_was_unknown_and_landed_after_the_schedulers_passes_is_still_watched(
-    harness: Harness,
+    harness: Harness, count_fails: bool
 ) -> None:
     """A fetch's claim timed out unsettled (``MaybeApplied``: the fetch answered ``unavailable``);
     the scheduler met the deadline written ahead twice, found no lease, and let it go; then the
     claim landed. Its worker never came back: the task stayed leased to it until its TTL. The
-    lookup that finds the claim landed files its deadline again (found by review, 2026-12-06)."""
+    lookup that finds the claim landed files its deadline again (found by review, 2026-12-06),
+    also when the claim's count fails (its reads meet the struggling store: a re-review)."""
     h = harness
     task_id = await h.add("v")
+    if count_fails:
+        real_count = h.queue._fetcher._count_claim
+
+        async def count_claim(*args: object) -> None:
+            h.queue._fetcher._count_claim = real_count  # type: ignore[method-assign]
+            raise Unavailable("cassandra: read timeout")
+
     real = h.store.claim_new
     held: list[Held] = []
 
@@ -1212,6 +1221,8 @@ async def test_a_claim_whose_outcome_was_unknown_and_landed_after_the_schedulers
     with pytest.raises(Unavailable):
         await h.fetch("w", ttr_ms=1_000)
     assert len(held) == 1
+    if count_fails:
+        h.queue._fetcher._count_claim = count_claim  # type: ignore[method-assign]
     # Past the deadline and the scheduler's second pass over it (late_ms 5 s), with no lease yet.
     for _ in range(4):
         h.clock.advance(2_500)

@@ -145,3 +145,21 @@ async def test_a_fail_without_an_answer_is_sent_again_a_bounded_number_of_times(
         w._fail_in_hand = None
         await w._send_fail(task, ["e"], retry_in_ms=None, resent=resent)
         assert (w._fail_in_hand is None) == (resent >= FAIL_RESENDS)
+
+
+async def test_a_beats_wait_bounds_its_connect_and_write_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``within`` bounds the whole call a beat makes, its connect and write included (a node that
+    does not answer, a write a broker alarm stalls), while its ``x-deadline`` stays whole: bounded
+    only in its wait for the reply, a beat stuck connecting took the whole timeout (a re-review)."""
+    w = Worker(URL, service="s", worker_id="w", timeout=10.0)
+
+    async def stuck(*args: Any, **kw: Any) -> Any:
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(w, "_send", stuck)
+    started = time.monotonic()
+    from bridge.client.errors import TransportError
+
+    with pytest.raises(TransportError):  # not sent (ConnectionLost) or no reply (RequestTimeout)
+        await w.call_raw("extend", {"serviceId": "s"}, within=0.3)
+    assert time.monotonic() - started < 2.0
