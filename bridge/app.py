@@ -20,6 +20,7 @@ from bridge.domain.cancellation import ConnectionCancelled, is_stray
 from bridge.domain.clock import AnchoredClock, Clock, SkewGuard, SystemClock
 from bridge.domain.counting import QueueCounts
 from bridge.domain.housekeeping import CounterTrim
+from bridge.domain.lifecycle import CLOCK_OFF_FOR_FILING_MS
 from bridge.domain.queue import Limits, Metrics, WorkQueue
 from bridge.domain.reconcile import Reconciliation
 from bridge.domain.records import QueueKey
@@ -259,6 +260,7 @@ class Bridge:
             self.transport,
             storage_up=lambda: self.db.any_host_up() and not self.db.stalled(),
             clock_ok=lambda: self.skew.ok,
+            clock_far_off=self._clock_far_off,
             on_change=self._serving_changed,
             probe_storage=self.store.ping,
         )
@@ -300,6 +302,11 @@ class Bridge:
         say it, and are what to alert on. A catch-up tick (hundreds of buckets) may take seconds."""
         max_age = max(SCHEDULER_HUNG_AFTER_S, 20 * self.settings.scheduler_interval)
         return time.monotonic() - self.scheduler.state.loop_alive_monotonic < max_age
+
+    def _clock_far_off(self) -> bool:
+        """Off by more than a fail, redrive or purge may be (the lifecycle refuses them then)."""
+        bound = self.skew.error_bound_ms()
+        return bound is None or bound > CLOCK_OFF_FOR_FILING_MS
 
     async def _clock_ready(self) -> bool:
         return self.skew.ok

@@ -9,9 +9,11 @@ has, with no network I/O of its own (so it costs nothing per second, whatever th
   consuming everything. Only then does the loop ask the store something itself, a ping a second,
   so that a bridge with no statement of its own to send learns when the store is back;
 - clock beyond the skew limit (:class:`~bridge.domain.clock.SkewGuard`): stop consuming fetches,
-  the only requests that grant leases; adds, acks and the lifecycle queue go on (an extend on a
-  clock far off for its lease is refused by the lifecycle itself: pausing the queue, a Cassandra
-  slow for the whole fleet stopped every heartbeat, and leases of healthy work ran out).
+  the only requests that grant leases; adds, acks and the lifecycle queue go on. Off by over a
+  second (or not known at all): the lifecycle queue too, whose fails, redrives and purges it would
+  refuse (answered, not requeued: a worker's fail sent back to it again and again). Merely
+  uncertain (a Cassandra slow for the whole fleet: milliseconds), the lifecycle queue goes on:
+  paused then, every heartbeat of the fleet stopped and leases of healthy work ran out.
 
 When the cause is gone, consuming resumes. What was not taken waits in RabbitMQ meanwhile (requests
 carry their callers' deadlines: a request whose caller gave up is dropped unexecuted when taken).
@@ -26,12 +28,13 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from bridge.domain.cancellation import stray_as_failure
-from bridge.transport.topology import CONSUMED
+from bridge.transport.topology import CONSUMED, LIFECYCLE_QUEUE
 
 log = logging.getLogger("bridge.serving")
 
 ALL = frozenset(CONSUMED)
 LEASING = frozenset({"fetch"})
+CLOCK_FAR_OFF = frozenset({"fetch", LIFECYCLE_QUEUE})
 
 
 class Consumers(Protocol):
@@ -49,6 +52,7 @@ class ServingGate:
         *,
         storage_up: Callable[[], bool],
         clock_ok: Callable[[], bool],
+        clock_far_off: Callable[[], bool] = lambda: False,
         interval_s: float = 0.25,
         on_change: Callable[[frozenset[str]], None] | None = None,
         probe_storage: Callable[[], Awaitable[object]] | None = None,
@@ -61,6 +65,7 @@ class ServingGate:
         self._probe: asyncio.Task[None] | None = None
         self._probed_at = 0.0
         self.clock_ok = clock_ok
+        self.clock_far_off = clock_far_off
         self.interval_s = interval_s
         self.on_change = on_change
         self.paused: frozenset[str] = frozenset()
@@ -69,7 +74,7 @@ class ServingGate:
         if not self.storage_up():
             return ALL
         if not self.clock_ok():
-            return LEASING
+            return CLOCK_FAR_OFF if self.clock_far_off() else LEASING
         return frozenset()
 
     async def step(self) -> None:

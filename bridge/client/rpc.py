@@ -75,6 +75,7 @@ MIN_BEAT_S = 0.1  # keep_alive never beats faster than this, however short the l
 LEASE_ENDED_BEAT_S = 1.0  # keep_alive after extends without an answer, once the lease ran out: this at least
 BEAT_BACKOFF_MAX_S = 10.0  # ... backing off (full jitter) up to this
 FAIL_RESENDS = 2  # a fail without an answer is sent again this many times when its lease comes back
+SEND_MIN_S = 2.0  # a call whose wait is shortened (a beat's) still has this long to connect and write
 BEAT_WAIT_MIN_S = 0.5  # keep_alive: a beat waits for its reply half the lease left, but at least this
 REDRIVE_RATE = 50.0  # the bridge's default BRIDGE_REDRIVE_RATE: parked tasks put back per second
 REDRIVE_ALL_MAX = 1000  # parked tasks one ``redrive all`` request puts back at most
@@ -663,9 +664,10 @@ class RpcClient:
         shortened = within is not None and within < limit
         wait_at = now + within if within is not None and shortened else at
         # Not publish(): the entry of its reply is taken out here, by its id, however the call ends.
-        correlation_id, fut = await self._request(
-            method, body, deadline=at, send_by=wait_at if shortened else None, **kw
-        )
+        # A shortened call bounds its connect and write too, but never under SEND_MIN_S: cut at a
+        # beat's half second, a reconnect that takes a second (TLS to a remote broker) never made it.
+        send_by = max(wait_at, now + min(limit, SEND_MIN_S)) if shortened else None
+        correlation_id, fut = await self._request(method, body, deadline=at, send_by=send_by, **kw)
         assert fut is not None
         try:
             async with asyncio.timeout_at(wait_at):

@@ -656,6 +656,9 @@ class Lifecycle:
         interval = 1.0 / ctx.limits.redrive_rate
         done = 0
         for task_id, listed_epoch in tasks:
+            # Again at each task: a paced round runs for seconds (minutes behind other redrives),
+            # and a clock found off meanwhile would file the rest where nobody reads.
+            self._filing_allowed()
             lease = await self.store.lease(q, task_id, serial=False)
             if lease is None or lease.state is not LeaseState.PARKED:
                 continue

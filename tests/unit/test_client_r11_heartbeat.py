@@ -162,4 +162,5 @@ async def test_a_beats_wait_bounds_its_connect_and_write_too(monkeypatch: pytest
 
     with pytest.raises(TransportError):  # not sent (ConnectionLost) or no reply (RequestTimeout)
         await w.call_raw("extend", {"serviceId": "s"}, within=0.3)
-    assert time.monotonic() - started < 2.0
+    # Bounded by SEND_MIN_S (2 s: a slow reconnect still makes it), not the whole 10 s timeout.
+    assert time.monotonic() - started < 3.5

@@ -152,3 +152,23 @@ async def test_the_gate_outlives_a_resume_cut_by_its_connections_close() -> None
     finally:
         stop.set()
         await asyncio.wait_for(running, 5)
+
+
+@pytest.mark.anyio
+async def test_a_clock_far_off_pauses_the_lifecycle_queue_a_merely_uncertain_one_does_not() -> None:
+    """Beyond the skew limit fetches stop; off by over a second (or not known) the lifecycle queue
+    too, whose fails, redrives and purges the lifecycle would refuse (answered, not left to a
+    healthy bridge). Merely uncertain (a Cassandra slow for the whole fleet), it goes on: paused,
+    every heartbeat of the fleet stopped (a re-review, 2026-12-06)."""
+    from bridge.serving import LEASING, ServingGate
+    from bridge.transport.topology import LIFECYCLE_QUEUE
+
+    far = {"off": False}
+    consumers = Consumers()
+    gate = ServingGate(consumers, storage_up=lambda: True, clock_ok=lambda: False, clock_far_off=lambda: far["off"])
+    await gate.step()
+    assert gate.paused == LEASING and LIFECYCLE_QUEUE in consumers.consuming()
+    far["off"] = True
+    await gate.step()
+    assert LIFECYCLE_QUEUE not in consumers.consuming() and "fetch" not in consumers.consuming()
+    assert "add" in consumers.consuming() and "ack" in consumers.consuming()
