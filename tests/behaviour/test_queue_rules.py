@@ -260,20 +260,26 @@ async def test_a_restarted_bridge_skips_long_runs_of_consumed_tasks(harness: Har
     assert took < 20, f"{took} store requests: the new instance starts from the persisted cursor, not the queue's start"
 
 
+class Skewed:
+    """A clock gate that refuses leases: its bridge's clock may be off by ``bound_ms``."""
+
+    ok = False
+
+    def __init__(self, bound_ms: float) -> None:
+        self.bound_ms = bound_ms
+
+    def describe(self) -> str:
+        return f"off by up to {self.bound_ms:.0f} ms"
+
+    def error_bound_ms(self) -> float | None:
+        return self.bound_ms
+
+
 async def test_a_bridge_whose_clock_is_too_far_off_grants_no_lease(harness: Harness) -> None:
     h = harness
 
-    class Skewed:
-        ok = False
-
-        def describe(self) -> str:
-            return "offset 3000 ms"
-
-        def error_bound_ms(self) -> float | None:
-            return 3_000.0
-
     await h.add("v")
-    h.queue.ctx.gate = Skewed()
+    h.queue.ctx.gate = Skewed(3_000.0)
     with pytest.raises(Unavailable, match="does not grant leases"):
         await h.fetch("w")
 
@@ -293,21 +299,12 @@ async def test_an_extend_on_a_bridge_whose_clock_is_off_by_much_of_the_lease_is_
 
     h = harness
 
-    class Skewed:
-        ok = False
-
-        def describe(self) -> str:
-            return "offset 3000 ms"
-
-        def error_bound_ms(self) -> float | None:
-            return 3_000.0
-
     await h.add("v")
     held = await h.fetch("w", ttr_ms=5_000)
     assert held is not None
     q = QueueKey(OWNER, h.service)
     before = await h.store.lease(q, uuid.UUID(held.task_id), serial=False)
-    h.queue.ctx.gate = Skewed()
+    h.queue.ctx.gate = Skewed(3_000.0)
     body = {"serviceId": h.service, "workerId": "w", "timeToRecover": ttr_ms}
     sent = h.queue.lifecycle.extend(OWNER, parse(ExtendRequest, body))
     if ttr_ms == 1_000:
@@ -504,19 +501,10 @@ async def test_a_fail_redrive_or_purge_on_a_bridge_whose_clock_is_far_off_is_ref
 
     h = harness
 
-    class Skewed:
-        ok = False
-
-        def describe(self) -> str:
-            return "uncertain"
-
-        def error_bound_ms(self) -> float | None:
-            return bound_ms
-
     await h.add("v")
     held = await h.fetch("w", ttr_ms=60_000)
     assert held is not None
-    h.queue.ctx.gate = Skewed()
+    h.queue.ctx.gate = Skewed(bound_ms)
     life = h.queue.lifecycle
     fail = life.fail(OWNER, parse(FailRequest, {"serviceId": h.service, "workerId": "w", "retryInMs": 0}))
     if bound_ms > 1_000:

@@ -445,6 +445,21 @@ async def test_due_tasks_of_one_pass_are_checked_for_their_rows_together(
 Held = tuple[tuple[object, ...], dict[str, object]]
 
 
+def on_its_way(h: Harness, name: str) -> list[Held]:
+    """The store's compare-and-set ``name`` times out once without applying (``MaybeApplied``),
+    as one still on its way to Cassandra: its arguments are held, to land it later."""
+    real = getattr(h.store, name)
+    held: list[Held] = []
+
+    async def held_back(*args: object, **kwargs: object) -> CasResult:
+        setattr(h.store, name, real)
+        held.append((args, kwargs))
+        raise MaybeApplied("cassandra: write timeout")
+
+    setattr(h.store, name, held_back)
+    return held
+
+
 async def acked_while_on_its_way(h: Harness, ttr_ms: int) -> tuple[Delivery, Held]:
     """A task with a token, fetched by "w" and acked; its completion times out at the bridge
     without applying (``MaybeApplied``), as a compare-and-set still on its way to Cassandra. The
@@ -452,15 +467,7 @@ async def acked_while_on_its_way(h: Harness, ttr_ms: int) -> tuple[Delivery, Hel
     await h.add("v", token="t")
     got = await h.fetch("w", ttr_ms=ttr_ms)
     assert got is not None
-    real = h.store.complete
-    held: list[Held] = []
-
-    async def on_its_way(*args: object, **kwargs: object) -> CasResult:
-        h.store.complete = real  # type: ignore[method-assign]
-        held.append((args, kwargs))
-        raise MaybeApplied("cassandra: write timeout")
-
-    h.store.complete = on_its_way  # type: ignore[method-assign]
+    held = on_its_way(h, "complete")
     with pytest.raises(Unavailable):
         await h.ack("w", got)
     assert len(held) == 1
@@ -1209,15 +1216,7 @@ async def test_a_claim_whose_outcome_was_unknown_and_landed_after_the_schedulers
             h.queue._fetcher._count_claim = real_count  # type: ignore[method-assign]
             raise Unavailable("cassandra: read timeout")
 
-    real = h.store.claim_new
-    held: list[Held] = []
-
-    async def on_its_way(*args: object, **kwargs: object) -> CasResult:
-        h.store.claim_new = real  # type: ignore[method-assign]
-        held.append((args, kwargs))
-        raise MaybeApplied("cassandra: write timeout")
-
-    h.store.claim_new = on_its_way  # type: ignore[method-assign]
+    held = on_its_way(h, "claim_new")
     with pytest.raises(Unavailable):
         await h.fetch("w", ttr_ms=1_000)
     assert len(held) == 1
