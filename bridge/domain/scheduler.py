@@ -412,18 +412,19 @@ class RecoveryScheduler:
             self.republish_after_ms + RELAY_SECOND_PASS_MS + OUTBOX_BUCKET_MS + margin,
         )
 
+    def _say_rewound(self, warning: ThrottledWarning, loop: str, whose: str, ahead_ms: int) -> None:
+        warning.warning(
+            "%s: %s position is %.0f s ahead of the present (a clock that jumped ahead): "
+            "read again from %d s before the present",
+            *(loop, whose, ahead_ms / 1000, self._lookback_ms() // 1000),
+        )
+
     def _rewind_recovery(self, now: int, position: int, whose: str) -> int:
         """A recovery position ahead of the present (``AHEAD_TOLERANCE_MS``): read from shortly
         before the present instead. What this holder knew of the buckets ahead (settled deadlines,
         leases read ahead, marks read as of a time to come) is forgotten: read once more."""
         start = expiry_bucket(now - self._lookback_ms())
-        self._warn_ahead.warning(
-            "recovery scheduler: %s position is %.0f s ahead of the present (a clock that jumped ahead): "
-            "read again from %d s before the present",
-            whose,
-            (position * EXPIRY_BUCKET_MS - now) / 1000,
-            self._lookback_ms() // 1000,
-        )
+        self._say_rewound(self._warn_ahead, "recovery scheduler", whose, position * EXPIRY_BUCKET_MS - now)
         self._handled.clear()
         self._armed.clear()
         self._marks, self._marks_hi, self._marks_read_ms = set(), -1, -(10**15)
@@ -433,13 +434,7 @@ class RecoveryScheduler:
         """As ``_rewind_recovery``, for the relay: its second reads and retries due at a time to come
         (dated by the clock ahead) are due now; the buckets ahead are read again as the walk comes."""
         start = outbox_bucket(now - self._lookback_ms())
-        self._warn_relay_ahead.warning(
-            "result relay: %s position is %.0f s ahead of the present (a clock that jumped ahead): "
-            "read again from %d s before the present",
-            whose,
-            (position * OUTBOX_BUCKET_MS - now) / 1000,
-            self._lookback_ms() // 1000,
-        )
+        self._say_rewound(self._warn_relay_ahead, "result relay", whose, position * OUTBOX_BUCKET_MS - now)
         self._outbox_second = {b: min(at, now) for b, at in self._outbox_second.items() if b < start}
         late = now + RELAY_RETRY_MAX_MS
         for bucket, retry in list(self._outbox_retry.items()):
