@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -10,6 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 from bridge.crypto import Sealed, TamperedCiphertext
 from bridge.domain import jsonvalue
 from bridge.domain.context import QueueContext
+from bridge.domain.errors import Unavailable
 from bridge.domain.records import Lease, OutboxEntry
 from bridge.domain.sealing import open_outcome, open_token, split_outcome
 from bridge.domain.timeline import OUTBOX_BUCKET_MS, ms_of
@@ -111,6 +114,14 @@ class ResultSink(Protocol):
 # long as the alarm lasted.
 MAX_PUBLISHING = 1_000
 
+# A result the broker confirmed whose mark Cassandra did not take (this bridge cut off from it for
+# a moment) is marked again after these pauses (doubling), for as long as the relay waits before
+# it re-publishes an unmarked result: given up at once, a blip of a second on one bridge sent the
+# engine every result that bridge had just published a second time (the fault drill "a bridge cut
+# off from Cassandra"). Only on that rare path: one write per pause and result.
+MARK_RETRY_FIRST_S = 0.2
+MARK_RETRY_MAX_S = 2.0
+
 
 class ResultRelay:
     def __init__(self, ctx: QueueContext, sink: ResultSink | None, max_publishing: int = MAX_PUBLISHING) -> None:
@@ -118,6 +129,9 @@ class ResultRelay:
         self.sink = sink
         self.max_publishing = max_publishing
         self.publishing = 0  # results being published right now (for the results_pending gauge)
+        # When the relay's sweep re-publishes a result still unmarked (the scheduler sets it from
+        # BRIDGE_RESULT_REPUBLISH_AFTER): a published result's mark is tried again until then.
+        self.republish_after_ms = 10_000
 
     async def publish_soon(self, entry: OutboxEntry) -> None:
         """The publish beside the request that decided the result; with ``max_publishing``
@@ -125,19 +139,33 @@ class ResultRelay:
         if self.publishing >= self.max_publishing:
             self.ctx.metrics.inc("results_left_to_relay")
             return
-        await self.publish(entry)
+        await self.publish(entry, mark_for_s=self.republish_after_ms / 1000)
 
-    async def publish(self, entry: OutboxEntry) -> None:
-        """Publish one completion's result to the engine, then mark the outbox entry done."""
+    async def publish(self, entry: OutboxEntry, *, mark_for_s: float = 0.0) -> None:
+        """Publish one completion's result to the engine, then mark the outbox entry done (its
+        mark tried again for ``mark_for_s`` while Cassandra is unavailable). The relay's sweep
+        tries once: an entry it could not mark is owed still, and its next sweep tries again."""
         if self.sink is None:
             return
         self.publishing += 1
         try:
-            await self._publish(self.sink, entry)
+            await self._publish(self.sink, entry, mark_for_s)
         finally:
             self.publishing -= 1
 
-    async def _publish(self, sink: ResultSink, entry: OutboxEntry) -> None:
+    async def _mark_published(self, entry: OutboxEntry, keep_trying_s: float) -> None:
+        give_up_at, pause = time.monotonic() + keep_trying_s, MARK_RETRY_FIRST_S
+        while True:
+            try:
+                await self.ctx.store.mark_published(entry)
+                return
+            except Unavailable:
+                if time.monotonic() + pause > give_up_at:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, MARK_RETRY_MAX_S)
+
+    async def _publish(self, sink: ResultSink, entry: OutboxEntry, mark_for_s: float) -> None:
         store, q = self.ctx.store, entry.queue
         token, traceparent, copied = entry.token, entry.traceparent, entry.token is not None
         if token is None:
@@ -195,5 +223,5 @@ class ResultRelay:
                 # owed past the task's end (one write per result, on this rare path only).
                 await _keep_token(store, entry, token, traceparent)
             raise
-        await store.mark_published(entry)
+        await self._mark_published(entry, mark_for_s)
         self.ctx.metrics.inc("results_published")

@@ -187,6 +187,8 @@ class RecoveryScheduler:
         self.interval_s = interval_s
         self.late_ms = late_ms
         self.republish_after_ms = republish_after_ms
+        # A result published beside its ack keeps trying its mark until this relay would re-send it.
+        queue.relay.republish_after_ms = republish_after_ms
         self.report_pending = report_pending
         self.read_unmarked = read_unmarked  # a rolling upgrade from 1.1: its deadlines carry no marks
         # Names of the persisted positions (a separate prefix gives a separate timeline, e.g. per test).
