@@ -56,6 +56,8 @@ GAUGE_FIRST_PER_OWNER = 20
 GAUGE_PAGE_MAX = 1_000  # registry rows a page of the walk reads, at most
 STOP_STEP_MIN_S = 0.5  # each waiting step of a stop gets this much even past the grace
 READY_PING_AFTER_S = 30.0  # readiness pings Cassandra only when nothing was answered for this long
+# A stop waits this long at most for the scheduler's pass and relay sweep under way to end.
+SCHEDULER_STOP_S = 5.0
 SCHEDULER_HUNG_AFTER_S = 60.0  # readiness: the scheduler loop has not turned for this long (hung)
 START_RETRY_FIRST_S, START_RETRY_MAX_S = 1.0, 15.0  # BRIDGE_START_TIMEOUT's tries
 
@@ -219,7 +221,7 @@ class Bridge:
             hints=self.hints,
             reconcile=self.reconcile if settings.hints else None,
             may_grant_leases=self.skew,
-            max_lanes=settings.max_queues_in_memory,
+            max_lanes=2 * settings.max_queues_in_memory,  # two lanes a queue: fresh and recovered
             results=self.results,
         )
         # One count of the long lifecycle requests (purge, stats, parked, discard, redrive) for
@@ -276,6 +278,7 @@ class Bridge:
         self.gateway_port: int | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._scheduler_task: asyncio.Task[None] | None = None
         self._counts_flusher: asyncio.Task[None] | None = None
 
     # -- readiness checks (GET /health/ready) ----------------------------------------------------
@@ -338,7 +341,8 @@ class Bridge:
                 self.gateway_port = await _listen(
                     self.gateway.start, "BRIDGE_GATEWAY_PORT", self.settings.gateway_host, self.settings.gateway_port
                 )
-            self._tasks.append(asyncio.create_task(self.scheduler.run(self._stop, self.duty), name="scheduler"))
+            self._scheduler_task = asyncio.create_task(self.scheduler.run(self._stop, self.duty), name="scheduler")
+            self._tasks.append(self._scheduler_task)
             self._tasks.append(asyncio.create_task(self.duty.run(self._stop), name="duty"))
             self._tasks.append(asyncio.create_task(self.skew.run(self._stop), name="clock"))
             self._tasks.append(asyncio.create_task(self.gate.run(self._stop), name="serving gate"))
@@ -665,8 +669,14 @@ class Bridge:
         def left() -> float:
             return max(STOP_STEP_MIN_S, ends - loop.time())
 
-        for task in self._tasks:  # the serving gate must not resume consumers during shutdown
-            task.cancel()
+        # The serving gate must not resume consumers during shutdown. The scheduler sees the stop
+        # and ends its pass and its relay sweep first (awaited below): cancelled mid-step, a
+        # relayed result the broker confirmed was never marked (the next holder sent it again),
+        # and a park applied went uncounted.
+        scheduler = self._scheduler_task
+        for task in self._tasks:
+            if task is not scheduler:
+                task.cancel()
         # The gateway's stop begins first: new requests are answered 503 (another bridge takes
         # them) and it stops listening; those under way finish within the grace from now. Begun
         # after the duty's release and the consumers' pause (15-21 s with a broker that stopped
@@ -678,6 +688,9 @@ class Bridge:
         # Not the queue counts' flusher: cancelled mid-flush, it lost the deltas it had taken and
         # not yet written. It sees the stop, flushes once more and ends (awaited below).
         self.hints.close()  # fetches waiting for a task are answered now (null)
+        if scheduler is not None:
+            with suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(scheduler), timeout=min(left(), SCHEDULER_STOP_S))
         await self.duty.release()  # another bridge takes the background loops over now
         await self.transport.pause()
         # The gateway finishes its requests (within the grace) alongside AMQP's.

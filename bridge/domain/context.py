@@ -110,6 +110,10 @@ class Background:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
     async def pause(self, seconds: float) -> None:
         """Sleep between the steps of background work, cut short once the bridge stops: the
         lookups of an outcome left unknown wait 2, 8 and 30 s for a write held up on its way, and

@@ -169,13 +169,18 @@ class Dispatcher:
         excess = len(self._lanes) - self.max_lanes
         if excess <= 0:
             return
-        for key, st in list(self._lanes.items()):
-            if excess <= 0:
-                break
+        # From the least recently used, stopping once enough went: a copy of the whole map (10,000
+        # lanes) at every miss made each fetch of a bridge serving more queues than it keeps walk it.
+        kept: list[tuple[tuple[QueueKey, int], _Lane]] = []
+        while excess > 0 and self._lanes:
+            key, st = self._lanes.popitem(last=False)
             if st.inflight or st.lock.locked():
-                continue  # in use right now: keep it
-            del self._lanes[key]
+                kept.append((key, st))  # in use right now: keep it
+                continue
             excess -= 1
+        for key, st in reversed(kept):  # back at the front, in their order
+            self._lanes[key] = st
+            self._lanes.move_to_end(key, last=False)
 
     @property
     def lanes_in_memory(self) -> int:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -115,12 +113,17 @@ class ResultSink(Protocol):
 MAX_PUBLISHING = 1_000
 
 # A result the broker confirmed whose mark Cassandra did not take (this bridge cut off from it for
-# a moment) is marked again after these pauses (doubling), for as long as the relay waits before
-# it re-publishes an unmarked result: given up at once, a blip of a second on one bridge sent the
-# engine every result that bridge had just published a second time (the fault drill "a bridge cut
-# off from Cassandra"). Only on that rare path: one write per pause and result.
+# a moment) is marked again after these pauses (doubling), until the relay's sweep would re-publish
+# it: given up at once, a blip of a second on one bridge sent the engine every result that bridge
+# had just published a second time (the fault drill "a bridge cut off from Cassandra"). Only on
+# that rare path: one write per pause and result.
 MARK_RETRY_FIRST_S = 0.2
 MARK_RETRY_MAX_S = 2.0
+
+
+class PublishedUnmarked(Exception):
+    """The broker confirmed the result, Cassandra did not take its outbox mark: published, though
+    the outbox still says owed. The relay's next try of it only marks it (``ResultRelay.mark``)."""
 
 
 class ResultRelay:
@@ -129,8 +132,8 @@ class ResultRelay:
         self.sink = sink
         self.max_publishing = max_publishing
         self.publishing = 0  # results being published right now (for the results_pending gauge)
-        # When the relay's sweep re-publishes a result still unmarked (the scheduler sets it from
-        # BRIDGE_RESULT_REPUBLISH_AFTER): a published result's mark is tried again until then.
+        # How long after its bucket ends the relay's sweep re-publishes a result still unmarked (the
+        # scheduler sets it from BRIDGE_RESULT_REPUBLISH_AFTER): a mark is tried again until then.
         self.republish_after_ms = 10_000
 
     async def publish_soon(self, entry: OutboxEntry) -> None:
@@ -139,33 +142,42 @@ class ResultRelay:
         if self.publishing >= self.max_publishing:
             self.ctx.metrics.inc("results_left_to_relay")
             return
-        await self.publish(entry, mark_for_s=self.republish_after_ms / 1000)
+        await self.publish(entry, keep_marking=True)
 
-    async def publish(self, entry: OutboxEntry, *, mark_for_s: float = 0.0) -> None:
-        """Publish one completion's result to the engine, then mark the outbox entry done (its
-        mark tried again for ``mark_for_s`` while Cassandra is unavailable). The relay's sweep
-        tries once: an entry it could not mark is owed still, and its next sweep tries again."""
+    async def publish(self, entry: OutboxEntry, *, keep_marking: bool = False) -> None:
+        """Publish one completion's result to the engine, then mark the outbox entry done. Raises
+        :class:`PublishedUnmarked` when the mark failed (``keep_marking``: tried again first, until
+        the relay's sweep would read the entry's bucket; the sweep itself tries once, and its next
+        try only marks)."""
         if self.sink is None:
             return
         self.publishing += 1
         try:
-            await self._publish(self.sink, entry, mark_for_s)
+            await self._publish(self.sink, entry, keep_marking)
         finally:
             self.publishing -= 1
 
-    async def _mark_published(self, entry: OutboxEntry, keep_trying_s: float) -> None:
-        give_up_at, pause = time.monotonic() + keep_trying_s, MARK_RETRY_FIRST_S
+    async def mark(self, entry: OutboxEntry) -> None:
+        """Mark a result published whose mark failed after its publish (:class:`PublishedUnmarked`)."""
+        await self.ctx.store.mark_published(entry)
+
+    async def _mark_published(self, entry: OutboxEntry, keep_marking: bool) -> None:
+        # The sweep reads a bucket once its end is ``republish_after`` old (``RecoveryScheduler``).
+        give_up_ms = (entry.bucket + 1) * OUTBOX_BUCKET_MS + self.republish_after_ms if keep_marking else 0
+        pause = MARK_RETRY_FIRST_S
         while True:
             try:
                 await self.ctx.store.mark_published(entry)
                 return
-            except Unavailable:
-                if time.monotonic() + pause > give_up_at:
-                    raise
-            await asyncio.sleep(pause)
+            except Unavailable as exc:
+                # Not past a stop either: its pauses end at once then, and the relay's sweep (of
+                # another bridge, soon) re-publishes what is left.
+                if self.ctx.background.stopping or self.ctx.clock.now_ms() + pause * 1000 > give_up_ms:
+                    raise PublishedUnmarked(f"result of task {entry.task_id} published, not marked: {exc}") from exc
+            await self.ctx.background.pause(pause)
             pause = min(pause * 2, MARK_RETRY_MAX_S)
 
-    async def _publish(self, sink: ResultSink, entry: OutboxEntry, mark_for_s: float) -> None:
+    async def _publish(self, sink: ResultSink, entry: OutboxEntry, keep_marking: bool) -> None:
         store, q = self.ctx.store, entry.queue
         token, traceparent, copied = entry.token, entry.traceparent, entry.token is not None
         if token is None:
@@ -223,5 +235,5 @@ class ResultRelay:
                 # owed past the task's end (one write per result, on this rare path only).
                 await _keep_token(store, entry, token, traceparent)
             raise
-        await self._mark_published(entry, mark_for_s)
-        self.ctx.metrics.inc("results_published")
+        self.ctx.metrics.inc("results_published")  # published, whatever its mark does
+        await self._mark_published(entry, keep_marking)

@@ -40,7 +40,7 @@ from bridge.domain.records import (
     OutboxKey,
     QueueKey,
 )
-from bridge.domain.relay import may_still_land, names_entry
+from bridge.domain.relay import PublishedUnmarked, may_still_land, names_entry
 from bridge.domain.store import TaskStore
 from bridge.domain.timeline import (
     EXPIRY_BUCKET_MS,
@@ -91,6 +91,10 @@ RELAY_RETRY_FIRST_MS = 1_000
 RELAY_RETRY_MAX_MS = 60_000
 RELAY_RETRY_BUDGET_S = 2.0  # a sweep's time for buckets owing results, after its new buckets
 RELAY_RETRY_KEYS_MAX = 256  # owed entries of a bucket remembered for its retry (past it: its keys read)
+# Owed entries remembered over all buckets (about 440 bytes each): a service whose engine has no
+# queue took a result every 10 s bucket for its results' whole life (8 days: 69,120 buckets, up
+# to 256 keys each, gigabytes on the duty holder). Past it, a bucket's retry reads its keys.
+RELAY_KEYS_KEPT_MAX = 100_000
 RELAY_RECORD_AGAIN_MAX = 16  # owed buckets whose failed record is tried again, a sweep
 # Owed results remembered as decided (about 150 bytes each): past it the oldest are read again.
 OWED_DECIDED_KEPT = 100_000
@@ -118,12 +122,12 @@ class _Retry:
     owed: tuple[OutboxKey, ...] | None = None
 
     @staticmethod
-    def first(now: int, owed: _Owed) -> _Retry:
-        return _Retry(now + RELAY_RETRY_FIRST_MS, RELAY_RETRY_FIRST_MS, owed.stuck, owed.remembered())
+    def first(now: int, owed: _Owed, keys: tuple[OutboxKey, ...] | None) -> _Retry:
+        return _Retry(now + RELAY_RETRY_FIRST_MS, RELAY_RETRY_FIRST_MS, owed.stuck, keys)
 
-    def again(self, now: int, owed: _Owed) -> _Retry:
+    def again(self, now: int, owed: _Owed, keys: tuple[OutboxKey, ...] | None) -> _Retry:
         backoff = min(self.backoff_ms * 2, RELAY_RETRY_MAX_MS)
-        return _Retry(now + backoff, backoff, owed.stuck, owed.remembered())
+        return _Retry(now + backoff, backoff, owed.stuck, keys)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,8 +216,10 @@ class RecoveryScheduler:
         self._armed: dict[int, set[EntryKey]] = {}
         self._outbox_next: int | None = None
         self._outbox_retry: dict[int, _Retry] = {}  # outbox buckets owing a publish
-        # Owed results whose decision this holder read as applied (task id, completion id), oldest first.
-        self._owed_decided: OrderedDict[tuple[uuid.UUID, uuid.UUID], None] = OrderedDict()
+        self._keys_left = RELAY_KEYS_KEPT_MAX  # owed keys the retries may still remember (a sweep's)
+        # Owed results whose decision this holder read as applied (task id, completion id), oldest
+        # first; True once published and only its mark is owed (``PublishedUnmarked``).
+        self._owed_decided: OrderedDict[tuple[uuid.UUID, uuid.UUID], bool] = OrderedDict()
         self._warn_stuck = ThrottledWarning(log, every_s=STUCK_WARNING_EVERY_S)
         self._warn_exposed_late = ThrottledWarning(log)  # a slow store makes many re-exposures late at once
         self._warn_unread = ThrottledWarning(log)  # a relay read failing, for each entry of a pass
@@ -323,8 +329,13 @@ class RecoveryScheduler:
                     log.exception("scheduler tick crashed; continuing")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=self.pause_s())
-        finally:
+        except BaseException:
             relay.cancel()
+            raise
+        finally:
+            # Stopped (not cancelled): the relay ends its sweep first. Cancelled mid-sweep, results
+            # the broker then confirmed were never marked, and the next holder sent them again
+            # (the bridge's stop waits for both loops, bounded: ``Bridge.stop``).
             with contextlib.suppress(asyncio.CancelledError):
                 await relay
 
@@ -836,6 +847,7 @@ class RecoveryScheduler:
             for bucket in sorted(b for b in recorded if b < self._outbox_next):
                 self._outbox_retry.setdefault(bucket, _Retry(now, RELAY_RETRY_FIRST_MS, 0))  # at once
                 self._owed_recorded.add(bucket)
+        self._keys_left = RELAY_KEYS_KEPT_MAX - sum(len(r.owed or ()) for r in self._outbox_retry.values())
         # Only buckets old enough that their normal publish must have happened are swept.
         limit = min(outbox_bucket(now - self.republish_after_ms), self._outbox_next + RELAY_CATCH_UP_BATCH)
         # New buckets and second reads first, then the buckets owing results: a tenant whose
@@ -849,14 +861,14 @@ class RecoveryScheduler:
                 # Owing already: its next retry reads it whole once more, for what landed late.
                 self._outbox_retry[bucket] = replace(retry, owed=None)
             elif owed := await self._relay_bucket_or_owe(bucket, now):
-                self._outbox_retry[bucket] = _Retry.first(now, owed)
+                self._outbox_retry[bucket] = _Retry.first(now, owed, self._remember(owed))
                 await self._record_owed(bucket)
             # Only once read: taken off before, a read that failed (a timeout, likely while results
             # land late) lost the bucket, and a result in it stayed owed for good.
             del self._outbox_second[bucket]
         while self._outbox_next < limit:
             if owed := await self._relay_bucket_or_owe(self._outbox_next, now):
-                self._outbox_retry[self._outbox_next] = _Retry.first(now, owed)
+                self._outbox_retry[self._outbox_next] = _Retry.first(now, owed, self._remember(owed))
                 await self._record_owed(self._outbox_next)
             self._outbox_second[self._outbox_next] = now + RELAY_SECOND_PASS_MS
             self._outbox_next += 1
@@ -870,6 +882,14 @@ class RecoveryScheduler:
         if safe != self._outbox_persisted:
             await self.store.advance_scheduler_cursor(self._outbox_cursor, safe, safe * OUTBOX_BUCKET_MS)
             self._outbox_persisted = safe
+
+    def _remember(self, owed: _Owed) -> tuple[OutboxKey, ...] | None:
+        """The owed keys a bucket's retry reads alone, within what the relay keeps in all."""
+        keys = owed.remembered()
+        if keys is None or len(keys) > self._keys_left:
+            return None
+        self._keys_left -= len(keys)
+        return keys
 
     async def _retry_owed(self, now: int) -> None:
         """Buckets with a result that could not be published are retried, but they do not hold up
@@ -894,7 +914,8 @@ class RecoveryScheduler:
             retry = self._outbox_retry[bucket]
             owed = await self._relay_bucket_or_owe(bucket, now, retry.owed)
             if owed:
-                self._outbox_retry[bucket] = retry.again(now, owed)
+                self._keys_left += len(retry.owed or ())  # replaced by what this read left
+                self._outbox_retry[bucket] = retry.again(now, owed, self._remember(owed))
             else:
                 del self._outbox_retry[bucket]
                 await self._settled(bucket)
@@ -959,12 +980,27 @@ class RecoveryScheduler:
                     owed_at.append(OutboxKey.of(entry))
         return _Owed(stuck, undecided, tuple(owed_at))
 
+    def _remember_decided(self, decided: tuple[uuid.UUID, uuid.UUID], *, published: bool) -> None:
+        self._owed_decided[decided] = published
+        if len(self._owed_decided) > OWED_DECIDED_KEPT:
+            self._owed_decided.popitem(last=False)
+
     async def _relay_entry(self, entry: OutboxEntry, now: int) -> str | None:
         """Publish one owed result: None once done (published, or void), else why it is still
-        owed ("undecided": its decision may still land; "stuck": the publish failed)."""
+        owed ("undecided": its decision may still land; "stuck": the publish failed; "unmarked":
+        published, its mark failed)."""
         if entry.published:
             return None
         decided = (entry.task_id, entry.completion_id)
+        if self._owed_decided.get(decided):
+            # Published by this holder, its mark failed: marked now, not published again (a blip
+            # of Cassandra under the holder's mark sent the engine the result again a second later).
+            try:
+                await self.queue.relay.mark(entry)
+            except Exception:
+                return "unmarked"
+            self._owed_decided.pop(decided, None)
+            return None
         if decided not in self._owed_decided:
             lease = await self.store.lease(entry.queue, entry.task_id, serial=True)
             if lease is None and entry.completion_id in await self.store.decisions(entry.queue, entry.task_id):
@@ -980,13 +1016,16 @@ class RecoveryScheduler:
             # Decided, and a decision that applied stays applied: the next sweeps publish it without
             # a Paxos read each (results nobody can take, thousands owed, were each read at SERIAL
             # every minute for their whole life).
-            self._owed_decided[decided] = None
-            if len(self._owed_decided) > OWED_DECIDED_KEPT:
-                self._owed_decided.popitem(last=False)
+            self._remember_decided(decided, published=False)
         log.debug("re-publishing the pending result of task %s", entry.task_id)
         try:
             with stray_as_failure():
                 await self.queue.publish(entry)
+        except PublishedUnmarked:
+            self._remember_decided(decided, published=True)
+            self.state.republished += 1
+            self.queue.metrics.inc("results_republished")
+            return "unmarked"
         except Exception as exc:  # broker down, no queue bound, a stuck connection, ...: keep it pending
             # One line for them all, not one per result and sweep: a backlog of results nobody can
             # take wrote thousands a second (counted in the results-stuck gauge).

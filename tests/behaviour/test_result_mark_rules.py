@@ -5,6 +5,7 @@ drill "a bridge cut off from Cassandra" (CI of stop 47: one result published twi
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -42,3 +43,153 @@ async def test_a_result_whose_mark_failed_once_is_not_published_again(
     for _ in range(4):  # past the harness's republish delay (5 s) and both sweeps of its bucket
         await h.advance(10_000, ticks=2)
     assert len(h.sink.messages) == 1, "the engine was sent the result twice"
+
+
+async def test_a_result_the_relay_published_whose_mark_failed_is_only_marked_next(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay's own publish (the one beside the ack failed) whose mark failed: its next try
+    marks it, and does not send it again (found by review: sent again a second later)."""
+    h = harness
+    mark = h.store.mark_published
+    marks: list[OutboxEntry] = []
+
+    async def cut_off_once(entry: OutboxEntry, *args: Any, **kwargs: Any) -> None:
+        marks.append(entry)
+        if len(marks) == 1:
+            raise StorageNotSent("no host could take the request (cut off)")
+        await mark(entry, *args, **kwargs)
+
+    await h.scheduler.tick()
+    await h.add("v", token={"pid": 8})
+    got = await h.fetch("w")
+    assert got is not None
+    h.sink.down = True  # the publish beside the ack fails: the result is the relay's
+    assert await h.ack("w", got) is True
+    await h.queue.drain_background(5.0)
+    h.sink.down = False
+    monkeypatch.setattr(h.store, "mark_published", cut_off_once)
+    for _ in range(8):  # past the republish delay, the relay's publish, and its retries
+        await h.advance(10_000, ticks=2)
+    assert len(h.sink.messages) == 1, "the engine was sent the result again"
+    assert len(marks) >= 2, "its mark was never tried again"
+
+
+async def test_a_mark_is_tried_again_until_the_relay_would_read_its_bucket(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A result written at the start of its 10 s bucket is read by the relay's sweep 10 s + the
+    republish delay (5 s here) later: a mark failing for 12 s lands before that, no second copy
+    (found by review: the retries stopped the republish delay after the publish)."""
+    import bridge.domain.relay as relay
+
+    h = harness
+    monkeypatch.setattr(relay, "MARK_RETRY_FIRST_S", 0.01)
+    monkeypatch.setattr(relay, "MARK_RETRY_MAX_S", 0.01)
+    await h.scheduler.tick()
+    await h.add("v", token={"pid": 9})
+    got = await h.fetch("w")
+    assert got is not None
+    h.clock.advance(10_000 - h.clock.now_ms() % 10_000)  # the start of an outbox bucket
+    started = h.clock.now_ms()
+    mark = h.store.mark_published
+    tried_at: list[int] = []
+
+    async def cut_off_for_12_s(entry: OutboxEntry, *args: Any, **kwargs: Any) -> None:
+        tried_at.append(h.clock.now_ms())
+        if h.clock.now_ms() < started + 12_000:
+            raise StorageNotSent("no host could take the request (cut off)")
+        await mark(entry, *args, **kwargs)
+
+    monkeypatch.setattr(h.store, "mark_published", cut_off_for_12_s)
+    assert await h.ack("w", got) is True
+    await wait_for(lambda: len(h.sink.messages) == 1 and tried_at, 10.0, what="the result published, its mark tried")
+    for second in range(1, 13):
+        h.clock.advance(1_000)
+        await wait_for(
+            lambda s=second: any(t >= started + s * 1000 for t in tried_at), 10.0, what=f"a mark tried at {second} s"
+        )
+    await wait_for(lambda: tried_at[-1] >= started + 12_000, 10.0, what="the mark landed")
+    await h.queue.drain_background(5.0)
+    for _ in range(4):  # past the relay's sweep of the bucket
+        await h.advance(10_000, ticks=2)
+    assert len(h.sink.messages) == 1, "the engine was sent the result again"
+
+
+async def test_a_stop_lets_the_relays_sweep_under_way_mark_what_it_published(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The duty holder stops while its relay publishes an owed result: the sweep ends (its
+    publish confirmed, marked) before the loops do. Cancelled mid-sweep, the publish (shielded,
+    as the AMQP sink's is) was confirmed unmarked, and the next holder sent it again (found by
+    review, 2026-12-07)."""
+    h = harness
+    await h.scheduler.tick()
+    await h.add("v", token={"pid": 10})
+    got = await h.fetch("w")
+    assert got is not None
+    h.sink.down = True  # the publish beside the ack fails: the result is the relay's
+    assert await h.ack("w", got) is True
+    await h.queue.drain_background(5.0)
+    h.sink.down = False
+    gate, publishing = asyncio.Event(), asyncio.Event()
+    real = h.sink.publish_result
+
+    async def confirmed_later(message: Any) -> None:
+        await gate.wait()
+        await real(message)
+
+    async def held(message: Any) -> None:
+        publishing.set()
+        await asyncio.shield(confirmed_later(message))
+
+    monkeypatch.setattr(h.sink, "publish_result", held)
+    h.clock.advance(30_000)  # past the republish delay
+    stop = asyncio.Event()
+    run = asyncio.create_task(h.scheduler.run(stop))
+    await wait_for(publishing.is_set, 10.0, what="the relay publishing the owed result")
+    stop.set()
+    # The loops wait for the sweep (the gate holds its publish): not done within half a second.
+    done, _ = await asyncio.wait({run}, timeout=0.5)
+    gate.set()
+    await asyncio.wait_for(run, 10.0)
+    await wait_for(lambda: len(h.sink.messages) == 1, 10.0, what="the publish confirmed")
+    assert not done, "the loops ended with the relay's publish under way"
+    _, next_holder = h.instance(h.clock)
+    for _ in range(4):
+        h.clock.advance(10_000)
+        await next_holder.tick()
+    assert len(h.sink.messages) == 1, "the next holder sent the result again"
+
+
+async def test_the_relay_remembers_a_bounded_number_of_owed_keys_and_still_sends_them_all(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Results nobody can take for days (an engine whose queue was deleted) kept up to 256 keys
+    per 10 s bucket in the duty holder's memory, for every bucket of their life (found by review,
+    2026-12-07: gigabytes). Past the bound a bucket's retry reads its keys; all still go out."""
+    import bridge.domain.scheduler as scheduler
+
+    h = harness
+    monkeypatch.setattr(scheduler, "RELAY_KEYS_KEPT_MAX", 2)
+    await h.scheduler.tick()
+    h.sink.down = True
+    owed: list[str] = []
+    for i in range(5):  # one owed result in each of five outbox buckets
+        await h.add(i, token={"i": i})
+        got = await h.fetch("w")
+        assert got is not None
+        assert await h.ack("w", got) is True
+        owed.append(got.task_id)
+        await h.advance(10_000)
+    for _ in range(4):
+        await h.advance(10_000, ticks=2)
+    retries = h.scheduler._outbox_retry
+    assert len(retries) == 5, retries
+    assert sum(len(r.owed or ()) for r in retries.values()) <= 2
+    h.sink.down = False
+    for _ in range(10):
+        await h.advance(60_000, ticks=2)
+        if len(h.sink.messages) >= 5:
+            break
+    assert sorted(m.task_id for m in h.sink.messages) == sorted(owed)
