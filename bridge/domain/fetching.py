@@ -81,6 +81,8 @@ MAX_FLIGHTS = 100_000
 # When a claim's outcome is unknown, its lease is read again after these pauses (seconds), as a
 # completion's is (``acking.UNCERTAIN_COMPLETION_LOOKUPS_S``).
 UNCERTAIN_CLAIM_LOOKUPS_S = (0.5, 2.0, 8.0)
+# Writes of an uncertain claim's deadline filed again, each retried after 1, 2 s on failure.
+REFILE_ATTEMPTS = 3
 # A waiting fetch whose queue's hints cannot be used (``HintsUnavailable``: the node of its hint
 # queue is down) scans the store this often for the rest of its wait.
 HINTLESS_POLL_MS = 1_000
@@ -933,6 +935,11 @@ class Fetcher:
         finding no lease, let the entry go; if its worker is gone (its retry never came), nobody
         would take the task back before its TTL (found by review: a claim counted, never watched)."""
         base = entry.epoch if entry.lane == LANE_RECOVERED else None
+        # Filed at once too, for past the lookups' end: they take seconds, and a bridge killed (or
+        # stopped) before their end left a claim that landed after the scheduler's passes over its
+        # deadline unwatched until its TTL (found by review).
+        lookups_end = self.ctx.clock.now_ms() + int(sum(UNCERTAIN_CLAIM_LOOKUPS_S) * 1000)
+        await self._refile_logged(q, entry, epoch, until, lookups_end)
 
         async def ours() -> bool | None:
             lease = await self.ctx.store.lease(q, entry.task_id, serial=True)
@@ -958,10 +965,19 @@ class Fetcher:
             # Whatever the count's reads did (the store is struggling: that is why the outcome was
             # unknown), the deadline is filed again: the count is a figure, this is the task.
             if landed is not False:
-                try:
-                    await self._refile(q, entry, epoch, until)
-                except Exception as exc:  # the deadline written ahead is left
+                await self._refile_logged(q, entry, epoch, until)
+
+    async def _refile_logged(self, q: QueueKey, entry: ReadyEntry, epoch: int, until: int, not_before: int = 0) -> None:
+        """:meth:`_refile`, tried again (after 1 and 2 s) when Cassandra does not take it."""
+        for attempt in range(REFILE_ATTEMPTS):
+            try:
+                await self._refile(q, entry, epoch, until, not_before)
+                return
+            except Exception as exc:
+                if attempt + 1 == REFILE_ATTEMPTS or self.ctx.background.stopping:
                     log.warning("deadline of task %s not filed again after its uncertain claim: %s", entry.task_id, exc)
+                    return
+            await self.ctx.background.pause(2**attempt)
 
     async def _was_redriven(self, q: QueueKey, entry: ReadyEntry) -> bool:
         """Whether the recovered entry we just claimed was a redriven lease nobody had claimed since
@@ -1025,10 +1041,11 @@ class Fetcher:
             return  # far from the deadline: the scheduler has not read its bucket yet
         await self._refile(q, entry, epoch, until)
 
-    async def _refile(self, q: QueueKey, entry: ReadyEntry, epoch: int, until: int) -> None:
-        """File a claim's deadline again, in a bucket the scheduler has not read yet."""
+    async def _refile(self, q: QueueKey, entry: ReadyEntry, epoch: int, until: int, not_before: int = 0) -> None:
+        """File a claim's deadline again, in a bucket the scheduler has not read yet (and not
+        before ``not_before``)."""
         self.ctx.metrics.inc("claims_refiled")
-        after = self.ctx.clock.now_ms()
+        after = max(self.ctx.clock.now_ms(), not_before)
         watch = ExpiryEntry(until, q, entry.task_id, epoch, entry.has_token)
         margin = self.ctx.limits.skew_margin_ms
         await self.ctx.store.watch_expiry(expiry_bucket(max(until + margin, after) + 4 * EXPIRY_BUCKET_MS), watch)

@@ -1228,6 +1228,30 @@ async def test_a_claim_whose_outcome_was_unknown_and_landed_after_the_schedulers
         await h.scheduler.tick()
     args, kwargs = held[0]
     assert (await h.store.claim_new(*args, **kwargs)).applied  # type: ignore[arg-type]
-    await wait_for(lambda: h.metrics.total("claims_refiled") >= 1, timeout=15.0)
+    # Filed again at once (for past the lookups), and by the lookup that finds it landed.
+    await wait_for(lambda: h.metrics.total("claims_refiled") >= 2, timeout=15.0)
     got = await h.fetch_until("other", limit_ms=5_000)
+    assert str(got.task_id) == str(task_id) and got.epoch == 2
+
+
+async def test_an_uncertain_claims_deadline_is_filed_again_before_its_lookups(harness: Harness) -> None:
+    """As above, but the bridge dies during the lookups of the claim's outcome (seconds long):
+    filed again only after them, the claim that landed after the scheduler's passes was watched by
+    nobody until its TTL. Filed again at once too (found by review, 2026-12-07)."""
+    h = harness
+    task_id = await h.add("v")
+    held = on_its_way(h, "claim_new")
+    with pytest.raises(Unavailable):
+        await h.fetch("w", ttr_ms=1_000)
+    assert len(held) == 1
+    # The first lookup comes 0.5 s after the claim, the last one 10.5 s after: the refile is first.
+    await wait_for(lambda: h.metrics.total("claims_refiled") >= 1, timeout=2.0, what="the deadline filed again")
+    for task in list(h.queue.ctx.background._tasks):  # the bridge dies: its lookups never end
+        task.cancel()
+    for _ in range(4):
+        h.clock.advance(2_500)
+        await h.scheduler.tick()
+    args, kwargs = held[0]
+    assert (await h.store.claim_new(*args, **kwargs)).applied  # type: ignore[arg-type]
+    got = await h.fetch_until("other", limit_ms=10_000)
     assert str(got.task_id) == str(task_id) and got.epoch == 2
