@@ -211,9 +211,17 @@ async def renew(
     due = until + ctx.limits.skew_margin_ms
     watch = ExpiryEntry(until, q, task_id, epoch, await has_token(seen))
     await store.watch_expiry(expiry_bucket(due), watch)
-    res = await store.extend(q, task_id, epoch, worker, until, shorten=True)
+    # Only from the deadline this was decided on: stalled between its read and here (the filing),
+    # a shortening overwrote the later deadline a retry through another bridge had set and told
+    # the worker, and another worker took the task while the first held it (found by review).
+    res = await store.extend(q, task_id, epoch, worker, until, shorten_from_ms=seen.lease_until_ms)
     if res.applied:
         soon(watch, due)  # a deadline moments away: this bridge takes the lease back itself then
+        return res, until
+    moved = res.current
+    if moved is not None and moved.held_by(worker, epoch) and moved.lease_until_ms is not None:
+        # Moved by another copy of the worker's requests since: the worker holds it to that end.
+        return CasResult(True, moved), moved.lease_until_ms
     return res, until
 
 

@@ -146,12 +146,20 @@ class TaskStore(Protocol):
         at or before ``expired_before_ms`` (``expires_at_ms`` as for :meth:`claim_new`)."""
 
     async def extend(
-        self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, until_ms: int, *, shorten: bool = False
+        self,
+        q: QueueKey,
+        task_id: uuid.UUID,
+        epoch: int,
+        worker: str,
+        until_ms: int,
+        *,
+        shorten_from_ms: int | None = None,
     ) -> CasResult:
         """Move the deadline of a lease still held by ``worker`` at ``epoch`` to ``until_ms``: only
-        to a deadline at or after the lease's own, unless ``shorten`` (a refusal reports the
-        lease's deadline). A shorter lease's deadline is not in the timer wheel: its caller files
-        it first, then shortens (``lifecycle.renew``)."""
+        to a deadline at or after the lease's own; with ``shorten_from_ms``, to an earlier one,
+        only while the lease still ends at ``shorten_from_ms`` (a refusal reports the lease's
+        deadline). A shorter lease's deadline is not in the timer wheel: its caller files it first,
+        then shortens (``lifecycle.renew``)."""
 
     async def complete(
         self,

@@ -320,13 +320,23 @@ class MemoryTaskStore:
         return CasResult(True, None)
 
     async def extend(
-        self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, until_ms: int, *, shorten: bool = False
+        self,
+        q: QueueKey,
+        task_id: uuid.UUID,
+        epoch: int,
+        worker: str,
+        until_ms: int,
+        *,
+        shorten_from_ms: int | None = None,
     ) -> CasResult:
         await self._io()
         cur = self._lease(q, task_id)
         if cur is None or not cur.held_by(worker, epoch):
-            return self._refused(cur, with_worker=True, with_until=not shorten)
-        if not shorten and (cur.lease_until_ms is None or cur.lease_until_ms > until_ms):
+            return self._refused(cur, with_worker=True, with_until=True)
+        if shorten_from_ms is not None:
+            if cur.lease_until_ms != shorten_from_ms:
+                return self._refused(cur, with_worker=True, with_until=True)  # moved since it was read
+        elif cur.lease_until_ms is None or cur.lease_until_ms > until_ms:
             return self._refused(cur, with_worker=True, with_until=True)  # an earlier deadline
         self.leases[(q, task_id)] = replace(cur, lease_until_ms=until_ms)
         return CasResult(True, None)

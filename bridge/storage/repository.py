@@ -648,16 +648,24 @@ class CassandraTaskStore:
         return await self._resolve(q, task_id, attempt, "claim_id", claim_id)
 
     async def extend(
-        self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, until_ms: int, *, shorten: bool = False
+        self,
+        q: QueueKey,
+        task_id: uuid.UUID,
+        epoch: int,
+        worker: str,
+        until_ms: int,
+        *,
+        shorten_from_ms: int | None = None,
     ) -> CasResult:
         until, key = to_datetime(until_ms), (q.owner, q.service, task_id, epoch, worker)
         attempt: Callable[[], Awaitable[list[Row]]]
-        if shorten:
+        if shorten_from_ms is not None:
+            was = to_datetime(shorten_from_ms)
             attempt = functools.partial(
                 self._lease_write,
                 task_id,
                 "lease.shorten",
-                lambda ttl, end: (ttl, until, *key, end),
+                lambda ttl, end: (ttl, until, *key, was, end),
                 outlive_ms=until_ms,
             )
         else:

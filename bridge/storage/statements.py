@@ -131,11 +131,12 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         "IF state = 'leased' AND epoch = ? AND worker = ? AND lease_until <= ? AND expires_at IN (?, null)",
         False,
     ),
-    # An extend to an earlier deadline (a shorter timeToRecover), once that deadline is filed.
+    # An extend to an earlier deadline (a shorter timeToRecover), once that deadline is filed; only
+    # from the deadline it was decided on (a later one since is another copy's: not undone).
     "lease.shorten": (
         "UPDATE {ks}.leases USING TTL ? SET lease_until = ? "
         "WHERE owner = ? AND service = ? AND task_id = ? "
-        "IF state = 'leased' AND epoch = ? AND worker = ? AND expires_at IN (?, null)",
+        "IF state = 'leased' AND epoch = ? AND worker = ? AND lease_until = ? AND expires_at IN (?, null)",
         False,
     ),
     # The same, for a task known (from its lease) to carry no token: an ack that names its task

@@ -301,3 +301,36 @@ async def test_a_copy_of_a_cancel_answers_true_as_its_first_copy_did(harness: Ha
     assert await other.cancel(OWNER, h.service, tid, request_id="req-2") is False
     assert await other.cancel(OWNER, h.service, tid) is False
     assert h.metrics.total("tasks_cancelled") == 1
+
+
+async def test_a_shortening_held_up_after_its_read_never_undoes_a_later_deadline(harness: Harness) -> None:
+    """A worker shortens its lease (extend with a shorter timeToRecover); the bridge reads the
+    lease, files the earlier deadline, and is held up there (a slow coordinator). The worker's
+    retry, through another bridge, shortens the lease to a later deadline (measured later) and is
+    told it. Then the first shortening landed, unconditionally: the lease ended before what the
+    worker was told, and another worker took the task while the first still held it. A shortening
+    applies only from the deadline it was decided on (found by review, 2026-12-07)."""
+    h = harness
+    await h.add("v")
+    got = await h.fetch("W", ttr_ms=20_000)
+    assert got is not None
+    other, _ = h.instance(h.clock)
+    real_watch = h.store.watch_expiry
+    told: list[Any] = []
+
+    async def watch_expiry(*args: Any, **kwargs: Any) -> None:
+        if not told:
+            told.append(None)  # the retry below files its own deadline through here too: once
+            h.clock.advance(1_500)  # the client's timeout, then its retry through another bridge
+            told[0] = await other.extend(OWNER, _extend(h, "W", got.task_id, got.epoch, 5_000))
+        await real_watch(*args, **kwargs)
+
+    h.store.watch_expiry = watch_expiry  # type: ignore[method-assign]
+    try:
+        late = await h.queue.extend(OWNER, _extend(h, "W", got.task_id, got.epoch, 5_000))
+    finally:
+        h.store.watch_expiry = real_watch  # type: ignore[method-assign]
+    assert told and told[0] is not None
+    lease = await _lease(h, got.task_id)
+    assert lease.lease_until_ms >= told[0].lease_until_ms, "the lease ends before what the worker was told"
+    assert late is not None and late.lease_until_ms == lease.lease_until_ms, "the late copy is told the lease's end"
