@@ -52,6 +52,11 @@ CASSANDRA_DEFAULTS: dict[str, int] = {"gc_grace_seconds": 864_000}
 TABLE_OPTIONS: dict[str, dict[str, int]] = {
     "parked": {"gc_grace_seconds": SHORT_GC_GRACE_S},
     "cursors": {"gc_grace_seconds": SHORT_GC_GRACE_S},
+    # The relay's owed buckets, one partition read whole at every takeover: a record deleted as its
+    # bucket settles (a bucket a day, each day, for a service whose results nobody takes) kept ten
+    # days of tombstones there, past tombstone_failure_threshold; a record brought back by a
+    # replica that missed its delete only has that bucket read once more.
+    "scheduler_progress": {"gc_grace_seconds": SHORT_GC_GRACE_S},
     # Rows that only expire (see SHORT_GC_GRACE_S).
     **{
         table: {"gc_grace_seconds": SHORT_GC_GRACE_S}
@@ -178,7 +183,7 @@ def table_cql(keyspace: str, ttl_seconds: int) -> list[str]:
         f"""CREATE TABLE IF NOT EXISTS {ks}.scheduler_progress (
             name text, day bigint, pos bigint,
             PRIMARY KEY ((name, day), pos)
-        ) WITH CLUSTERING ORDER BY (pos DESC) AND {ttl}""",
+        ) WITH CLUSTERING ORDER BY (pos DESC) AND {ttl} AND {short_grace}""",
         # 1.4: the parked tasks of a queue (few: a parked task is an incident), written before the
         # parking LWT; a row whose lease is no longer parked is stale and filtered when read.
         f"""CREATE TABLE IF NOT EXISTS {ks}.parked (
