@@ -246,8 +246,11 @@ async def service_stats(
 ) -> ServiceStats:
     """The queue's counts from its counters (``bridge.domain.counting``), its parked index, and the
     first few entries after each lane's cursor (for the oldest ready task): a handful of reads,
-    whatever the queue's length. ``settle_ms`` is the dispatcher's (``settled_before``): stats move
-    a lane's cursor past the taken entries they read, by the dispatcher's rule.
+    whatever the queue's length; the delayed read returns a row per minute that has delayed tasks
+    counted (from the day a TTL ago to the last due minute: up to about 20,000 rows for a service
+    that delays tasks over a week, one a minute or more). ``settle_ms`` is the dispatcher's
+    (``settled_before``): stats move a lane's cursor past the taken entries they read, by the
+    dispatcher's rule.
 
     What the counts guarantee (docs/storage.md, "Queue counts"): exact while no bridge was killed
     and no counter update timed out; otherwise they may drift, for the tasks' TTL plus up to a day.
