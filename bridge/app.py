@@ -685,12 +685,18 @@ class Bridge:
         if self.gateway is not None:
             self.gateway.closing()  # at once: the task below takes its first step later
         gateway_stopped = asyncio.ensure_future(self._stop_gateway(ends))
+        if scheduler is not None:
+            # Bounded; past it cancelled here, before the duty goes: still running, it published
+            # and moved positions beside the next holder.
+            with suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(scheduler), timeout=min(left(), SCHEDULER_STOP_S))
+            if not scheduler.done():
+                scheduler.cancel()
+                with suppress(asyncio.CancelledError, Exception):
+                    await scheduler
         # Not the queue counts' flusher: cancelled mid-flush, it lost the deltas it had taken and
         # not yet written. It sees the stop, flushes once more and ends (awaited below).
         self.hints.close()  # fetches waiting for a task are answered now (null)
-        if scheduler is not None:
-            with suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(scheduler), timeout=min(left(), SCHEDULER_STOP_S))
         await self.duty.release()  # another bridge takes the background loops over now
         await self.transport.pause()
         # The gateway finishes its requests (within the grace) alongside AMQP's.

@@ -140,9 +140,13 @@ class _Owed:
     undecided: int = 0
     keys: tuple[OutboxKey, ...] = ()  # where the owed ones are (up to RELAY_RETRY_KEYS_MAX + 1)
     unread: bool = False  # the bucket could not be read (the store failed): owed, all of it
+    # Results published whose mark failed (``PublishedUnmarked``): owed a mark, not "stuck". Not
+    # counted, a bucket owing only marks was taken for settled: the mark never tried again, and a
+    # later holder sent the result again (found by re-review).
+    unmarked: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.stuck or self.undecided or self.unread)
+        return bool(self.stuck or self.undecided or self.unread or self.unmarked)
 
     def remembered(self) -> tuple[OutboxKey, ...] | None:
         return self.keys if len(self.keys) <= RELAY_RETRY_KEYS_MAX and not self.unread else None
@@ -959,7 +963,7 @@ class RecoveryScheduler:
     async def _relay_bucket(self, bucket: int, now: int, keys: Sequence[OutboxKey] | None = None) -> _Owed:
         """Publish the bucket's owed results (those at ``keys`` only, when given); what is still
         owed (not published, or undecided), and where."""
-        stuck = undecided = 0
+        stuck = undecided = unmarked = 0
         owed_at: list[OutboxKey] = []
         pages = self.store.outbox_pages(bucket) if keys is None else self.store.outbox_pages_of(bucket, keys)
         async for page in pages:  # one page of results in memory at a time
@@ -976,9 +980,10 @@ class RecoveryScheduler:
                     self._warn_unread.warning("result relay: result of task %s not relayed (%s)", entry.task_id, owed)
                     owed = "undecided"
                 stuck, undecided = stuck + (owed == "stuck"), undecided + (owed == "undecided")
+                unmarked += owed == "unmarked"
                 if owed is not None and len(owed_at) <= RELAY_RETRY_KEYS_MAX:
                     owed_at.append(OutboxKey.of(entry))
-        return _Owed(stuck, undecided, tuple(owed_at))
+        return _Owed(stuck, undecided, tuple(owed_at), unmarked=unmarked)
 
     def _remember_decided(self, decided: tuple[uuid.UUID, uuid.UUID], *, published: bool) -> None:
         self._owed_decided[decided] = published

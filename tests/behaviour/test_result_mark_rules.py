@@ -193,3 +193,55 @@ async def test_the_relay_remembers_a_bounded_number_of_owed_keys_and_still_sends
         if len(h.sink.messages) >= 5:
             break
     assert sorted(m.task_id for m in h.sink.messages) == sorted(owed)
+
+
+async def _owed_in_retry(h: Harness) -> None:
+    """A result whose publishes all failed for 80 s: its bucket is in the relay's retries, past
+    its second read."""
+    await h.scheduler.tick()
+    await h.add("v", token={"pid": 11})
+    got = await h.fetch("w")
+    assert got is not None
+    h.sink.down = True
+    assert await h.ack("w", got) is True
+    await h.queue.drain_background(5.0)
+    for _ in range(8):
+        await h.advance(10_000, ticks=2)
+    assert h.scheduler._outbox_retry and not h.sink.messages
+    h.sink.down = False
+
+
+async def test_a_retried_buckets_result_whose_mark_failed_stays_owed_until_marked(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Published from a bucket's retry, its mark failed: the bucket was taken for settled (a mark
+    owed counted as nothing owed), the mark never tried again, and with the owed record's removal
+    failing too, the next duty holder sent the result again (found by re-review, 2026-12-07)."""
+    h = harness
+    await _owed_in_retry(h)
+    mark, forget = h.store.mark_published, h.store.forget_owed
+    tried = {"mark": 0, "forget": 0}
+
+    async def cut_mark_once(entry: OutboxEntry, *args: Any, **kwargs: Any) -> None:
+        tried["mark"] += 1
+        if tried["mark"] == 1:
+            raise StorageNotSent("no host could take the request (cut off)")
+        await mark(entry, *args, **kwargs)
+
+    async def cut_forget_once(*args: Any, **kwargs: Any) -> None:
+        tried["forget"] += 1
+        if tried["forget"] == 1:
+            raise StorageNotSent("no host could take the request (cut off)")
+        await forget(*args, **kwargs)
+
+    monkeypatch.setattr(h.store, "mark_published", cut_mark_once)
+    monkeypatch.setattr(h.store, "forget_owed", cut_forget_once)
+    for _ in range(10):
+        await h.advance(10_000, ticks=2)
+    assert len(h.sink.messages) == 1
+    assert tried["mark"] >= 2, "the mark was never tried again"
+    _, next_holder = h.instance(h.clock)  # the duty moves (a rolling deploy)
+    for _ in range(4):
+        h.clock.advance(10_000)
+        await next_holder.tick()
+    assert len(h.sink.messages) == 1, "the next holder sent the result again"
