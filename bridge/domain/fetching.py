@@ -938,8 +938,12 @@ class Fetcher:
         # Filed at once too, for past the lookups' end: they take seconds, and a bridge killed (or
         # stopped) before their end left a claim that landed after the scheduler's passes over its
         # deadline unwatched until its TTL (found by review).
+        # Beside the lookups, not before them: its retries (Cassandra is struggling: that is why
+        # the outcome was unknown) delayed the first lookup by seconds, past a short lease.
         lookups_end = self.ctx.clock.now_ms() + int(sum(UNCERTAIN_CLAIM_LOOKUPS_S) * 1000)
-        await self._refile_logged(q, entry, epoch, until, lookups_end)
+        self.ctx.background.spawn(
+            self._refile_logged(q, entry, epoch, until, lookups_end), "file an uncertain claim's deadline"
+        )
 
         async def ours() -> bool | None:
             lease = await self.ctx.store.lease(q, entry.task_id, serial=True)
@@ -1044,11 +1048,11 @@ class Fetcher:
     async def _refile(self, q: QueueKey, entry: ReadyEntry, epoch: int, until: int, not_before: int = 0) -> None:
         """File a claim's deadline again, in a bucket the scheduler has not read yet (and not
         before ``not_before``)."""
-        self.ctx.metrics.inc("claims_refiled")
         after = max(self.ctx.clock.now_ms(), not_before)
         watch = ExpiryEntry(until, q, entry.task_id, epoch, entry.has_token)
         margin = self.ctx.limits.skew_margin_ms
         await self.ctx.store.watch_expiry(expiry_bucket(max(until + margin, after) + 4 * EXPIRY_BUCKET_MS), watch)
+        self.ctx.metrics.inc("claims_refiled")  # filed (an uncertain claim's: twice)
 
     async def _rearm(self, q: QueueKey, entry: ReadyEntry, lease_until_ms: int, now: int) -> None:
         """Not ours to take yet: the holder extended its lease after the scheduler re-exposed the

@@ -127,7 +127,9 @@ ROUTES: dict[str, Route] = {
         "entry): not a race between claims.",
     ),
     "claims_refiled": Route(
-        "claims_refiled", "Claims so slow that their deadline was filed again (a paused bridge, a slow round)."
+        "claims_refiled",
+        "Deadlines of claims filed again: a claim so slow (a paused bridge, a slow round) or of "
+        "unknown outcome (filed at once and once its lookups end) that the scheduler may have met the first.",
     ),
     "claims": Route(
         "claims",
