@@ -37,6 +37,7 @@ from bridge.storage.errors import InvalidQuery, StorageNotSent, StorageUnavailab
 from bridge.storage.schema import uuid_columns
 from bridge.storage.session import Row
 from bridge.storage.stall import StallWatch, stall_after_s
+from bridge.storage.statements import NULLS_UNSET
 
 log = logging.getLogger("acsylla")
 
@@ -178,8 +179,18 @@ class AcsyllaSession:
             raise _storage_error(exc, lwt=False) from exc
         self._idempotent[name] = idempotent
 
+    def _bound(self, name: str, params: Sequence[Any], page_size: int | None = None) -> Any:
+        if name not in NULLS_UNSET:
+            return self._prepared[name].bind(list(params), page_size=page_size)
+        # Absent values left unbound: the C++ driver sends them unset (protocol v4+), not null.
+        stmt = self._prepared[name].bind(page_size=page_size)
+        for index, value in enumerate(params):
+            if value is not None:
+                stmt.bind(index, value)
+        return stmt
+
     def _bind(self, name: str, params: Sequence[Any], fetch_size: int | None = None) -> Any:
-        stmt = self._prepared[name].bind(list(params), page_size=fetch_size or DEFAULT_PAGE_SIZE)
+        stmt = self._bound(name, params, fetch_size or DEFAULT_PAGE_SIZE)
         stmt.set_is_idempotent(self._idempotent[name])
         if self.timestamps is not None:
             stmt.set_timestamp(self.timestamps())
@@ -206,7 +217,7 @@ class AcsyllaSession:
         for part, params in items:
             if not self._idempotent[part]:
                 raise ValueError(f"{part} is conditional: an LWT never goes in a batch here")
-            batch.add_statement(self._prepared[part].bind(list(params)))
+            batch.add_statement(self._bound(part, params))
         batch.set_is_idempotent(True)
         if self.timestamps is not None:
             batch.set_timestamp(self.timestamps())

@@ -43,11 +43,12 @@ from cassandra.policies import (
     RetryPolicy,
     TokenAwarePolicy,
 )
-from cassandra.query import BatchStatement, BatchType, PreparedStatement, dict_factory
+from cassandra.query import UNSET_VALUE, BatchStatement, BatchType, PreparedStatement, dict_factory
 
 from bridge.config import CASSANDRA_RECONNECT_BASE_DELAY_S, Settings
 from bridge.storage.errors import InvalidQuery, StorageNotSent, StorageUnavailable, UnknownOutcome, kind_of
 from bridge.storage.stall import StallWatch, stall_after_s
+from bridge.storage.statements import NULLS_UNSET
 
 _CL = {
     "LOCAL_QUORUM": ConsistencyLevel.LOCAL_QUORUM,
@@ -274,7 +275,7 @@ class CassandraSession:
         stmt = self._prepared[name]
         self.statements[name] += 1
         self.executed[name] += 1
-        bound = stmt.bind(params)
+        bound = stmt.bind(_values(name, params))
         if serial_read:
             bound.consistency_level = self.serial_consistency
         if fetch_size is not None:
@@ -292,7 +293,7 @@ class CassandraSession:
             stmt = self._prepared[part]
             if not stmt.is_idempotent:
                 raise ValueError(f"{part} is conditional: an LWT never goes in a batch here")
-            batch.add(stmt, params)
+            batch.add(stmt, _values(part, params))
         batch.is_idempotent = True
         self.statements[name] += 1
         self.executed.update(part for part, _ in items)
@@ -360,3 +361,10 @@ def storage_error(exc: BaseException, *, lwt: bool, batch: bool = False, resent:
             return UnknownOutcome(f"{kind_of(exc)}: the write may or may not have applied")
         return StorageUnavailable(f"cassandra error: {kind_of(exc)}")
     return None
+
+
+def _values(name: str, params: Sequence[Any]) -> Sequence[Any]:
+    """The values to bind: absent ones unset, not null, for the inserts of ``NULLS_UNSET``."""
+    if name not in NULLS_UNSET:
+        return params
+    return [UNSET_VALUE if v is None else v for v in params]

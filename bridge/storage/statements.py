@@ -408,3 +408,11 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     ),
     "ping": ("SELECT release_version FROM system.local", True),
 }
+
+# Inserts of new rows in the tables that scans read (a queue's `ready` entries, the scheduler's
+# `expiry_shards` buckets) whose absent values (no token, no traceparent, the default priority or
+# delivery limit) are sent unset, not null: a null is a cell tombstone, and every entry of a
+# tokenless queue carried four, so each scan page read four tombstones a row (Cassandra warned of
+# "1133 tombstone cells" for 283 rows; past tombstone_failure_threshold a read fails). Unset leaves
+# the cell absent, which reads as null alike. Only where no earlier value could need clearing.
+NULLS_UNSET = frozenset({"ready.insert", "ready.enter_again", "ready.insert_recovered", "expiry.insert"})
