@@ -212,9 +212,9 @@ class Settings(BaseSettings):
     max_queues_in_memory: int = Field(
         10_000,
         ge=10,
-        description="Queue lanes whose scan position a bridge caches (about 3 kB each); the least recently "
-        "used beyond this are forgotten and re-read from Cassandra when needed. Also bounds the hint queues "
-        "kept declared and the queues' sweep times.",
+        description="Queues whose scan positions a bridge caches (two lanes a queue, about 3 kB a lane); the "
+        "least recently used beyond this are forgotten and re-read from Cassandra when needed. Also bounds the "
+        "hint queues kept declared and the queues' sweep times.",
     )
     result_republish_after: float = Field(
         10.0, gt=0, description="A result still unpublished after this many seconds is re-published."

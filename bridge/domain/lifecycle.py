@@ -181,8 +181,9 @@ async def renew(
     deadline, and a worker that died after shortening its lease was taken back then (up to 12 h
     late). That compare-and-set refuses an earlier deadline (reporting the lease's), so the rare
     shortening files its own deadline first (as a claim does, written ahead), then shortens the
-    lease (``shorten``). ``has_token``: whether the task carries a token, from the refused row
-    (for the filed deadline: a claim of the re-exposed task records it).
+    lease (``shorten_from_ms``: only from the deadline read). ``has_token``: whether the task
+    carries a token, from the refused row (for the filed deadline: a claim of the re-exposed task
+    records it).
 
     A refusal may also be a late copy of this very request: its deadline measured before a stall
     (a paused process, a slow coordinator), while the worker's retry through another bridge was
