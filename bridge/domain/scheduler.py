@@ -221,9 +221,12 @@ class RecoveryScheduler:
         self._outbox_next: int | None = None
         self._outbox_retry: dict[int, _Retry] = {}  # outbox buckets owing a publish
         self._keys_left = RELAY_KEYS_KEPT_MAX  # owed keys the retries may still remember (a sweep's)
-        # Owed results whose decision this holder read as applied (task id, completion id), oldest
-        # first; True once published and only its mark is owed (``PublishedUnmarked``).
-        self._owed_decided: OrderedDict[tuple[uuid.UUID, uuid.UUID], bool] = OrderedDict()
+        # Owed results whose decision this holder read as applied (task id, completion id), oldest first.
+        self._owed_decided: OrderedDict[tuple[uuid.UUID, uuid.UUID], None] = OrderedDict()
+        # Owed results this holder published whose mark failed (``PublishedUnmarked``): only marked
+        # next. Apart from ``_owed_decided``, whose oldest go first when it is full (thousands of
+        # results nobody takes): evicted from there, a result was sent again (found by re-review).
+        self._owed_marks: OrderedDict[tuple[uuid.UUID, uuid.UUID], None] = OrderedDict()
         self._warn_stuck = ThrottledWarning(log, every_s=STUCK_WARNING_EVERY_S)
         self._warn_exposed_late = ThrottledWarning(log)  # a slow store makes many re-exposures late at once
         self._warn_unread = ThrottledWarning(log)  # a relay read failing, for each entry of a pass
@@ -261,6 +264,7 @@ class RecoveryScheduler:
         self._outbox_next = self._outbox_persisted = None
         self._outbox_retry.clear()
         self._owed_decided.clear()
+        self._owed_marks.clear()
         self._outbox_second.clear()
         self._owed_recorded.clear()
 
@@ -985,8 +989,8 @@ class RecoveryScheduler:
                     owed_at.append(OutboxKey.of(entry))
         return _Owed(stuck, undecided, tuple(owed_at), unmarked=unmarked)
 
-    def _remember_decided(self, decided: tuple[uuid.UUID, uuid.UUID], *, published: bool) -> None:
-        self._owed_decided[decided] = published
+    def _remember_decided(self, decided: tuple[uuid.UUID, uuid.UUID]) -> None:
+        self._owed_decided[decided] = None
         if len(self._owed_decided) > OWED_DECIDED_KEPT:
             self._owed_decided.popitem(last=False)
 
@@ -994,17 +998,18 @@ class RecoveryScheduler:
         """Publish one owed result: None once done (published, or void), else why it is still
         owed ("undecided": its decision may still land; "stuck": the publish failed; "unmarked":
         published, its mark failed)."""
-        if entry.published:
-            return None
         decided = (entry.task_id, entry.completion_id)
-        if self._owed_decided.get(decided):
+        if entry.published:
+            self._owed_marks.pop(decided, None)
+            return None
+        if decided in self._owed_marks:
             # Published by this holder, its mark failed: marked now, not published again (a blip
             # of Cassandra under the holder's mark sent the engine the result again a second later).
             try:
                 await self.queue.relay.mark(entry)
             except Exception:
                 return "unmarked"
-            self._owed_decided.pop(decided, None)
+            self._owed_marks.pop(decided, None)
             return None
         if decided not in self._owed_decided:
             lease = await self.store.lease(entry.queue, entry.task_id, serial=True)
@@ -1021,13 +1026,16 @@ class RecoveryScheduler:
             # Decided, and a decision that applied stays applied: the next sweeps publish it without
             # a Paxos read each (results nobody can take, thousands owed, were each read at SERIAL
             # every minute for their whole life).
-            self._remember_decided(decided, published=False)
+            self._remember_decided(decided)
         log.debug("re-publishing the pending result of task %s", entry.task_id)
         try:
             with stray_as_failure():
                 await self.queue.publish(entry)
         except PublishedUnmarked:
-            self._remember_decided(decided, published=True)
+            self._owed_decided.pop(decided, None)
+            self._owed_marks[decided] = None
+            if len(self._owed_marks) > OWED_DECIDED_KEPT:  # marks failing by the 100,000: sent again
+                self._owed_marks.popitem(last=False)
             self.state.republished += 1
             self.queue.metrics.inc("results_republished")
             return "unmarked"

@@ -245,3 +245,51 @@ async def test_a_retried_buckets_result_whose_mark_failed_stays_owed_until_marke
         h.clock.advance(10_000)
         await next_holder.tick()
     assert len(h.sink.messages) == 1, "the next holder sent the result again"
+
+
+async def test_a_published_results_mark_owed_survives_a_full_cache_of_decided_results(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay remembers results read as decided in a bounded cache, oldest out first; a result
+    published whose mark failed was remembered there too, and results nobody takes churning the
+    cache pushed it out: its next retry published it again (found by re-review, 2026-12-07)."""
+    import bridge.domain.scheduler as scheduler
+
+    h = harness
+    monkeypatch.setattr(scheduler, "OWED_DECIDED_KEPT", 2)
+    await h.scheduler.tick()
+    refused: set[str] = set()
+    publish = h.sink.publish_result
+
+    async def nobody_takes_some(message: Any) -> None:
+        if message.task_id in refused:
+            raise ConnectionError("no queue bound")
+        await publish(message)
+
+    monkeypatch.setattr(h.sink, "publish_result", nobody_takes_some)
+    ids = []
+    for i in range(4):  # three results nobody takes, and A
+        await h.add(i, token={"i": i})
+        got = await h.fetch("w")
+        assert got is not None
+        refused.add(got.task_id)
+        assert await h.ack("w", got) is True
+        ids.append(got.task_id)
+    a = ids[-1]
+    for _ in range(4):
+        await h.advance(10_000, ticks=2)
+    mark = h.store.mark_published
+    failures = {"left": 5}
+
+    async def a_mark_fails_a_while(entry: OutboxEntry, *args: Any, **kwargs: Any) -> None:
+        if str(entry.task_id) == a and failures["left"] > 0:
+            failures["left"] -= 1
+            raise StorageNotSent("no host could take the request (cut off)")
+        await mark(entry, *args, **kwargs)
+
+    monkeypatch.setattr(h.store, "mark_published", a_mark_fails_a_while)
+    refused.discard(a)
+    for _ in range(20):
+        await h.advance(10_000, ticks=2)
+    assert failures["left"] == 0, "A's mark was not tried again"
+    assert [m.task_id for m in h.sink.messages].count(a) == 1, "A was sent again"

@@ -314,9 +314,11 @@ async def test_acsylla_session_counts_each_batch_member_as_a_statement(monkeypat
 
     from bridge.storage.acsylla_session import AcsyllaSession
 
-    class Prepared:
-        def bind(self, params: list[Any], page_size: int | None = None) -> Any:
-            return SimpleNamespace(set_is_idempotent=lambda v: None, set_timestamp=lambda v: None)
+    class Prepared:  # acsylla's shape: parameters optional, bound one by one (``NULLS_UNSET``) or all
+        def bind(self, params: list[Any] | None = None, page_size: int | None = None) -> Any:
+            return SimpleNamespace(
+                set_is_idempotent=lambda v: None, set_timestamp=lambda v: None, bind=lambda i, v: None
+            )
 
     class Batch:
         def add_statement(self, stmt: Any) -> None:
