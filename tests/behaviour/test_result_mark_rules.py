@@ -18,12 +18,10 @@ from tests.queue_harness import Harness
 pytestmark = pytest.mark.anyio
 
 
-async def test_a_result_whose_mark_failed_once_is_not_published_again(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    h = harness
+def _marks_failing_once(h: Harness, marks: list[OutboxEntry]) -> Any:
+    """``mark_published`` whose first call fails unsent (the bridge cut off), the others land;
+    every call recorded in ``marks``."""
     mark = h.store.mark_published
-    marks: list[OutboxEntry] = []
 
     async def cut_off_once(entry: OutboxEntry, *args: Any, **kwargs: Any) -> None:
         marks.append(entry)
@@ -31,6 +29,15 @@ async def test_a_result_whose_mark_failed_once_is_not_published_again(
             raise StorageNotSent("no host could take the request (cut off)")
         await mark(entry, *args, **kwargs)
 
+    return cut_off_once
+
+
+async def test_a_result_whose_mark_failed_once_is_not_published_again(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = harness
+    marks: list[OutboxEntry] = []
+    cut_off_once = _marks_failing_once(h, marks)
     monkeypatch.setattr(h.store, "mark_published", cut_off_once)
     await h.scheduler.tick()
     await h.add("v", token={"pid": 7})
@@ -51,15 +58,8 @@ async def test_a_result_the_relay_published_whose_mark_failed_is_only_marked_nex
     """The relay's own publish (the one beside the ack failed) whose mark failed: its next try
     marks it, and does not send it again (found by review: sent again a second later)."""
     h = harness
-    mark = h.store.mark_published
     marks: list[OutboxEntry] = []
-
-    async def cut_off_once(entry: OutboxEntry, *args: Any, **kwargs: Any) -> None:
-        marks.append(entry)
-        if len(marks) == 1:
-            raise StorageNotSent("no host could take the request (cut off)")
-        await mark(entry, *args, **kwargs)
-
+    cut_off_once = _marks_failing_once(h, marks)
     await h.scheduler.tick()
     await h.add("v", token={"pid": 8})
     got = await h.fetch("w")
