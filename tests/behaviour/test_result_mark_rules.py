@@ -32,6 +32,26 @@ def _marks_failing_once(h: Harness, marks: list[OutboxEntry]) -> Any:
     return cut_off_once
 
 
+async def _owed_to_the_relay(h: Harness, pid: int) -> None:
+    """A result whose publish beside its ack failed: the relay's to publish."""
+    await h.scheduler.tick()
+    await h.add("v", token={"pid": pid})
+    got = await h.fetch("w")
+    assert got is not None
+    h.sink.down = True
+    assert await h.ack("w", got) is True
+    await h.queue.drain_background(5.0)
+    h.sink.down = False
+
+
+async def _next_holder_sweeps(h: Harness) -> None:
+    """The duty moves to another bridge (a rolling deploy), whose relay sweeps for 40 s of clock."""
+    _, next_holder = h.instance(h.clock)
+    for _ in range(4):
+        h.clock.advance(10_000)
+        await next_holder.tick()
+
+
 async def test_a_result_whose_mark_failed_once_is_not_published_again(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -60,14 +80,7 @@ async def test_a_result_the_relay_published_whose_mark_failed_is_only_marked_nex
     h = harness
     marks: list[OutboxEntry] = []
     cut_off_once = _marks_failing_once(h, marks)
-    await h.scheduler.tick()
-    await h.add("v", token={"pid": 8})
-    got = await h.fetch("w")
-    assert got is not None
-    h.sink.down = True  # the publish beside the ack fails: the result is the relay's
-    assert await h.ack("w", got) is True
-    await h.queue.drain_background(5.0)
-    h.sink.down = False
+    await _owed_to_the_relay(h, 8)
     monkeypatch.setattr(h.store, "mark_published", cut_off_once)
     for _ in range(8):  # past the republish delay, the relay's publish, and its retries
         await h.advance(10_000, ticks=2)
@@ -124,14 +137,7 @@ async def test_a_stop_lets_the_relays_sweep_under_way_mark_what_it_published(
     as the AMQP sink's is) was confirmed unmarked, and the next holder sent it again (found by
     review, 2026-12-07)."""
     h = harness
-    await h.scheduler.tick()
-    await h.add("v", token={"pid": 10})
-    got = await h.fetch("w")
-    assert got is not None
-    h.sink.down = True  # the publish beside the ack fails: the result is the relay's
-    assert await h.ack("w", got) is True
-    await h.queue.drain_background(5.0)
-    h.sink.down = False
+    await _owed_to_the_relay(h, 10)
     gate, publishing = asyncio.Event(), asyncio.Event()
     real = h.sink.publish_result
 
@@ -155,10 +161,7 @@ async def test_a_stop_lets_the_relays_sweep_under_way_mark_what_it_published(
     await asyncio.wait_for(run, 10.0)
     await wait_for(lambda: len(h.sink.messages) == 1, 10.0, what="the publish confirmed")
     assert not done, "the loops ended with the relay's publish under way"
-    _, next_holder = h.instance(h.clock)
-    for _ in range(4):
-        h.clock.advance(10_000)
-        await next_holder.tick()
+    await _next_holder_sweeps(h)
     assert len(h.sink.messages) == 1, "the next holder sent the result again"
 
 
@@ -240,10 +243,7 @@ async def test_a_retried_buckets_result_whose_mark_failed_stays_owed_until_marke
         await h.advance(10_000, ticks=2)
     assert len(h.sink.messages) == 1
     assert tried["mark"] >= 2, "the mark was never tried again"
-    _, next_holder = h.instance(h.clock)  # the duty moves (a rolling deploy)
-    for _ in range(4):
-        h.clock.advance(10_000)
-        await next_holder.tick()
+    await _next_holder_sweeps(h)
     assert len(h.sink.messages) == 1, "the next holder sent the result again"
 
 
