@@ -217,7 +217,9 @@ class Settings(BaseSettings):
         "hint queues kept declared and the queues' sweep times.",
     )
     result_republish_after: float = Field(
-        10.0, gt=0, description="A result still unpublished after this many seconds is re-published."
+        10.0,
+        gt=0,
+        description="A result still unpublished this many seconds after its 10 s outbox bucket ends is re-published.",
     )
     hints: bool = Field(
         True,
