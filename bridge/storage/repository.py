@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -71,6 +72,8 @@ from bridge.storage.rows import (
 from bridge.storage.session import CqlSession
 from bridge.storage.statements import STATEMENTS
 
+log = logging.getLogger(__name__)
+
 DAY_MS = 86_400_000
 # A second try at an unknown outcome must end this long before the caller's deadline: the reply's
 # way back through the broker, and clocks that differ by up to the skew limit's margin.
@@ -90,6 +93,8 @@ BUCKET_INDEX_GRACE_S = 60  # an index row outlives the rows it points at
 # hour ago) would meet more rows still alive after their entries' end, and read their buckets.
 BUCKET_INDEX_ROUNDING_MS = 60_000
 MAX_REMEMBERED_BUCKETS = 100_000
+# How often one bridge drops the rows behind a lane's position it wrote (``advance_cursor``).
+CURSOR_TRIM_EVERY_MS = 600_000
 MARK_HOUR_BUCKETS = 3_600_000 // EXPIRY_BUCKET_MS  # expiry marks: one partition per hour of buckets
 # A row about a task whose end of life is not known (a task stored by an older bridge) that must
 # outlive a lease (its row, its deadline, its worker's pointer) does by this much at least: more
@@ -149,6 +154,7 @@ class CassandraTaskStore:
         self._indexed: dict[tuple[QueueKey, int, int], int] = {}
         self._marked: set[int] = set()  # expiry buckets this process marked lately
         self._expiries: OrderedDict[uuid.UUID, int] = OrderedDict()  # task -> end of life, read lately
+        self._cursor_trims: dict[tuple[QueueKey, int], int] = {}  # lane -> when this process last trimmed it
         # A rolling upgrade from 1.2: also read the unsharded expiry and outbox tables it writes.
         self.read_unsharded = read_unsharded
 
@@ -474,6 +480,28 @@ class CassandraTaskStore:
     async def advance_cursor(self, q: QueueKey, lane: int, bucket: int, seq: uuid.UUID) -> None:
         # A cursor row must outlive every task after it: the full task lifetime from now.
         await self.db.execute("cursor.advance", (q.owner, q.service, lane, bucket, seq, self.task_ttl_s))
+        await self._trim_cursor(q, lane, bucket)
+
+    async def _trim_cursor(self, q: QueueKey, lane: int, bucket: int) -> None:
+        """Drop the lane's rows before ``bucket`` (every ``CURSOR_TRIM_EVERY_MS``): each advance
+        inserts a row, and each bridge of a fleet writes its own, so a busy lane's partition grew
+        with the fleet for the tasks' whole TTL (2 million rows a week at 100 bridges). Rows
+        behind the position this bridge just wrote are never the greatest again (the position
+        never moves back), so deleting them cannot move it; the delete comes after that write
+        landed. A range tombstone lies behind the partition's head, which is all a read takes.
+        A failed trim waits for the next period: nothing depends on it."""
+        key = (q, lane)
+        now = self.now_ms()
+        last = self._cursor_trims.get(key)
+        if last is not None and now - last < CURSOR_TRIM_EVERY_MS:
+            return
+        if len(self._cursor_trims) >= MAX_REMEMBERED_BUCKETS:
+            self._cursor_trims.clear()
+        self._cursor_trims[key] = now
+        try:
+            await self.db.execute("cursor.trim", (q.owner, q.service, lane, bucket))
+        except StorageError as exc:
+            log.debug("scan position rows not trimmed: %s", type(exc).__name__)
 
     async def buckets_from(self, q: QueueKey, lane: int, bucket: int, limit: int) -> list[int]:
         rows = await self.db.execute("buckets.from", (q.owner, q.service, lane, bucket, limit))

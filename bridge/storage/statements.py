@@ -85,6 +85,8 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         "INSERT INTO {ks}.cursors (owner, service, lane, bucket, seq) VALUES (?, ?, ?, ?, ?) USING TTL ?",
         True,
     ),
+    # The rows behind a position (never read again): a range tombstone, behind the partition's head.
+    "cursor.trim": ("DELETE FROM {ks}.cursors WHERE owner = ? AND service = ? AND lane = ? AND bucket < ?", True),
     # The ids of the decisions a lease recorded (a completion, parks), whatever else of it is left:
     # the cells of a decision that may owe the engine a result outlive the task by a day
     # (RESULT_OWED_MS), the rest of the lease (its epoch) ends with the task.
