@@ -40,7 +40,7 @@ until one ends; so is a purge, stats, parked, discard or redrive past the bridge
 `Cache-Control: no-store` and `X-Content-Type-Options: nosniff`.
 
 A request whose client hangs up is still carried out to its end (an add, an ack, a redrive...):
-retry it with the same Idempotency-Key (add) or the same taskId and epoch (ack, extend, fail). A
+retry it with the same Idempotency-Key (add, cancel) or the same taskId and epoch (ack, extend, fail). A
 fetch (long-poll or not) whose client hangs up stops waiting and claims nothing more; if its claim was
 already under way, the reply is lost but the task stays leased to that workerId until its
 timeToRecover runs out, or until the worker's next fetch without `fresh`, which hands it the same
@@ -134,6 +134,13 @@ IDEMPOTENCY_KEY = _header(
     " characters, UTF-8; empty: no key). AMQP: x-idempotency-key.",
     {"type": "string", "maxLength": 255, "pattern": "^[^\\x00-\\x1f\\x7f]*$"},
 )
+CANCEL_KEY = _header(
+    "Idempotency-Key",
+    "Names this cancel: sent again with the same key (its reply lost), it answers true again as the"
+    " first did; without a key, a copy answers false (the task is cancelled already). AMQP: the"
+    " message-id, else the correlation-id.",
+    {"type": "string", "maxLength": 255, "pattern": "^[^\\x00-\\x1f\\x7f]*$"},
+)
 TRACEPARENT = _header(
     "traceparent",
     "W3C trace context, kept with the task; the fetch that hands it out answers a child of it.",
@@ -147,6 +154,8 @@ def _operation(ep: Endpoint, components: _Components, errors: dict[str, Any], *,
         params = [_service_param(), *params]
     if ep.method == "add":
         params += [IDEMPOTENCY_KEY, TRACEPARENT]
+    if ep.method == "cancel":
+        params += [CANCEL_KEY]
     op: dict[str, Any] = {
         "operationId": ep.method if with_body else "statsAll",
         "summary": ep.summary,

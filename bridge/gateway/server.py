@@ -12,8 +12,8 @@ Each request is parsed with the same pydantic models as on AMQP, run against the
   larger one is refused with 413 from its ``Content-Length`` before it is read, or as soon as the
   bytes read pass the limit. An empty body is ``{}``; one not received whole is 400.
   ``GET /api/queue/stats`` reads no body.
-- The AMQP headers have HTTP twins: ``X-Owner`` (``x-owner``), ``Idempotency-Key`` on add (the
-  AMQP ``message_id``), ``traceparent`` (kept with the task; fetch answers a child of it).
+- The AMQP headers have HTTP twins: ``X-Owner`` (``x-owner``), ``Idempotency-Key`` on add and
+  cancel (the AMQP ``message_id``), ``traceparent`` (kept with the task; fetch answers a child of it).
 - Requests are observed as the AMQP ones are (``queue_bridge_requests_total{method,outcome}``).
 """
 
@@ -37,7 +37,7 @@ from bridge.console.history import Counters
 from bridge.domain import jsonvalue
 from bridge.domain.errors import BadRequest, PayloadTooLarge, Unavailable
 from bridge.domain.fetching import RequestAbandoned, Requester
-from bridge.domain.models import AckRequest, AddCommand, FetchRequest, parse
+from bridge.domain.models import AckRequest, AddCommand, CancelRequest, FetchRequest, parse
 from bridge.domain.queue import WorkQueue
 from bridge.errors import BridgeError, ErrorCode, wire_code
 from bridge.gateway.endpoints import ENDPOINTS, OPENAPI_PATH, STATS_ALL, STATS_ALL_PATH, Endpoint
@@ -480,6 +480,11 @@ class GatewayServer:
             # current lease is refused, as on AMQP (where the message timestamp says it).
             return wire.acked(await self.queue.ack(owner, req, sent_before_ms=received_ms)), None
         with self.capacity.slot(method, owner):
+            if method == "cancel":
+                # Its Idempotency-Key names the request, as the AMQP message-id does: a copy sent
+                # again after a lost reply answers true again (without it, false: "it had finished").
+                assert isinstance(req, CancelRequest)
+                return await wire.cancel_once(self.queue, owner, req, _idempotency_key(request)), None
             return await wire.LIFECYCLE[method].call(self.queue, owner, req), None
 
     async def _add(self, owner: str, req: AddCommand, request: web.Request) -> str:

@@ -190,6 +190,25 @@ async def test_add_fetch_extend_fail_ack_cancel_purge_through_http(gw):
     assert (await gw.ok(svc, "fetch", {"workerId": "h1"}))["result"] is None
 
 
+async def test_a_cancel_sent_again_with_its_idempotency_key_answers_true_again(gw):
+    """A cancel whose reply was lost (a 503 after its write landed, a proxy's 502, the client's own
+    timeout) and that the engine sends again: over AMQP its message-id makes the copy answer true
+    again; over HTTP the gateway passed no request id, the copy answered false ("it had finished
+    or does not exist") and the engine waited for a result that never came. Its Idempotency-Key
+    names the request now; another key's cancel of the cancelled task is still false (found by
+    review, 2026-12-07)."""
+    svc = service_id()
+    task_id = (await gw.ok(svc, "tasks", {"value": "to cancel"}))["task"]["id"]
+    once = {"headers": {"Idempotency-Key": "cancel-1"}}
+    assert (await gw.ok(svc, "cancel", {"taskId": task_id}, **once))["result"] is True
+    assert (await gw.ok(svc, "cancel", {"taskId": task_id}, **once))["result"] is True, "the same request, again"
+    other = {"headers": {"Idempotency-Key": "cancel-2"}}
+    assert (await gw.ok(svc, "cancel", {"taskId": task_id}, **other))["result"] is False, "another request"
+    assert (await gw.ok(svc, "cancel", {"taskId": task_id}))["result"] is False, "no key: as before"
+    bad = await gw.post(svc, "cancel", {"taskId": task_id}, headers={"Idempotency-Key": "k" * 256})
+    assert bad.status == 400 and bad.code == "bad_request"
+
+
 async def test_stats_parked_redrive_discard_and_delayed_adds_through_http(gw):
     svc = service_id()
     for i in range(2):
