@@ -25,6 +25,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import structlog
@@ -38,7 +39,7 @@ from bridge.domain import jsonvalue
 from bridge.domain.errors import BadRequest, PayloadTooLarge, Unavailable
 from bridge.domain.fetching import RequestAbandoned, Requester
 from bridge.domain.models import AckRequest, AddCommand, CancelRequest, FetchRequest, parse
-from bridge.domain.queue import WorkQueue
+from bridge.domain.queue import PendingAdd, WorkQueue
 from bridge.errors import BridgeError, ErrorCode, wire_code
 from bridge.gateway.endpoints import ENDPOINTS, OPENAPI_PATH, STATS_ALL, STATS_ALL_PATH, Endpoint
 from bridge.gateway.errors import (
@@ -86,6 +87,14 @@ ADD_RETRY_BUDGET_S = 10.0
 MIN_SHUTDOWN_WAIT_S = 0.05
 CHUNK = 65_536
 PUBLIC_PATHS = frozenset({OPENAPI_PATH, CONSOLE_PATH})  # no data on either
+
+
+@dataclass(frozen=True, slots=True)
+class _PreparedAdd:
+    """An add sealed before its write: its task, and its command without the value and token."""
+
+    pending: PendingAdd
+    cmd: AddCommand
 
 
 class GatewayServer:
@@ -389,6 +398,11 @@ class GatewayServer:
         structlog.contextvars.bind_contextvars(
             owner=owner, service=getattr(req, "service_id", None), worker=getattr(req, "worker_id", None)
         )
+        if isinstance(req, AddCommand):
+            # Sealed now, and the parsed value let go: held through the write and its retries in
+            # place (10 s while Cassandra is slow), 256 adds of a key held their values' JSON
+            # trees, some 24 times a body's bytes (gigabytes in a store's brownout).
+            req = await self._prepare_add(owner, req, request)
         reply, headers = await self._run(ep.method, owner, req, request, received_ms)
         response = web.Response(body=wire.encode(reply), headers={**JSON_HEADERS, **(headers or {})})
         response.content_type = "application/json"
@@ -469,11 +483,15 @@ class GatewayServer:
         child = child_traceparent(delivery.traceparent) if delivery is not None else None
         return wire.fetched(delivery), ({"traceparent": child} if child else None)
 
+    async def _prepare_add(self, owner: str, cmd: AddCommand, request: web.Request) -> _PreparedAdd:
+        pending = await self.queue.prepare_add(owner, cmd, traceparent=extract_traceparent(request.headers))
+        return _PreparedAdd(pending, cmd.model_copy(update={"value": None, "token": None}))
+
     async def _run_to_the_end(self, method: str, owner: str, req: Any, request: web.Request, received_ms: int) -> Reply:
         if method == "add":
-            assert isinstance(req, AddCommand)
-            task_id = await self._add(owner, req, request)
-            return wire.added(task_id, req), None
+            assert isinstance(req, _PreparedAdd)
+            task_id = await self._add(req.pending, request)
+            return wire.added(task_id, req.cmd), None
         if method == "ack":
             assert isinstance(req, AckRequest)
             # Received now, so sent before now: an ack without taskId older than the worker's
@@ -487,14 +505,13 @@ class GatewayServer:
                 return await wire.cancel_once(self.queue, owner, req, _idempotency_key(request)), None
             return await wire.LIFECYCLE[method].call(self.queue, owner, req), None
 
-    async def _add(self, owner: str, req: AddCommand, request: web.Request) -> str:
+    async def _add(self, pending: PendingAdd, request: web.Request) -> str:
         """Store an add, retried in place while its failure is one to retry, within
         :data:`ADD_RETRY_BUDGET_S`, with the same prepared task (one task id), as the AMQP
         handler does: its Idempotency-Key is recorded (a compare-and-set) before the task is
         written, and a client's retry after one failed write prepared another task id, found the
         key naming the first (never stored) and was refused as "still being stored" for 30 s, on
         every gateway. An attempt that failed but landed later rewrites the same rows."""
-        pending = await self.queue.prepare_add(owner, req, traceparent=extract_traceparent(request.headers))
         message_id = _idempotency_key(request)
         give_up = time.monotonic() + ADD_RETRY_BUDGET_S
         delay = 0.1

@@ -1194,3 +1194,35 @@ async def test_expect_is_answered_by_the_gateway_on_every_route(start_gateway, g
     _, writer, first = await _expecting(gw.port, page)
     writer.close()
     assert first.startswith(b"HTTP/1.1 100"), first  # public: no key asked
+
+
+async def test_an_add_held_up_by_the_store_keeps_its_sealed_value_not_its_parsed_json(start_gateway, monkeypatch):
+    """An add's value is sealed before its write; the parsed JSON (dicts and lists, some 24 times
+    the body's bytes for ``[{}, {}, ...]``) was still held through the write and its retries in
+    place (up to 10 s while Cassandra is slow), 256 adds a key: gigabytes during a brownout, the
+    bridge killed for memory in the middle of the store's incident. Found by review, 2026-12-07."""
+    import gc
+
+    bridge, gw = await start_gateway(max_value_bytes=1 << 20)
+    svc = service_id()
+    store = bridge.queue.ctx.store
+    real = store.store_task
+    writing, release = asyncio.Event(), asyncio.Event()
+
+    async def store_task(*args: Any, **kwargs: Any) -> Any:
+        writing.set()
+        await release.wait()
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "store_task", store_task)
+    marker = f"held-{uuid.uuid4().hex}"
+    # Lists (the collector tracks them, not dicts of atoms), sent as bytes: none of them on this side.
+    body = json.dumps({"value": [[marker, i] for i in range(20_000)]}).encode()
+    adding = asyncio.create_task(gw.post(svc, "tasks", raw=body))
+    await asyncio.wait_for(writing.wait(), 20)
+    gc.collect()
+    held = [o for o in gc.get_objects() if isinstance(o, list) and len(o) == 2 and o[0] == marker]
+    release.set()
+    reply = await adding
+    assert reply.status == 200, reply.body
+    assert len(held) < 100, f"{len(held)} of the value's 20,000 parsed objects held while the write waits"
