@@ -637,6 +637,8 @@ class RecoveryScheduler:
                 # on its way keeps this epoch: taken for final, every pass of the bucket skipped it
                 # and the task stayed leased to nobody until its TTL (as in ``_handle``).
                 return
+            if lease.is_leased and lease.epoch < entry.epoch:
+                return  # its claim not seen yet (on its way, or in a Paxos round): the passes decide
             if not lease.is_leased or lease.epoch != entry.epoch:
                 handled.add(entry_key(entry))  # completed or re-claimed: final for this entry
             elif lease.lease_until_ms is None or lease.lease_until_ms <= entry.lease_until_ms:
@@ -657,6 +659,15 @@ class RecoveryScheduler:
             # No claim yet: it never applied, or it is still on its way (a claimer paused between its
             # write-ahead and its claim). Not handled: the second pass looks again.
             return False
+        if lease is None or (lease.is_leased and lease.epoch < entry.epoch):
+            # The lease does not show the claim this deadline was written ahead for. A claim whose
+            # compare-and-set Paxos accepted but did not commit (its coordinator timed out before
+            # the commit, its bridge killed -9 before any lookup) is invisible to a plain read until
+            # the next round on the partition completes it: let go now, that round (another
+            # bridge's claim, refused) committed it later, and the task stayed leased to a dead
+            # worker with no deadline left until its TTL. A SERIAL read completes such a round
+            # first. Rare: a claim written ahead and never applied.
+            lease = await self.store.lease(q, entry.task_id, serial=True)
         if lease is not None and lease.state is LeaseState.PARKED and lease.epoch == entry.epoch:
             # Parked at this epoch, or a redrive on its way: it files this deadline, then unparks
             # (same epoch). Settled here, the entry's key was skipped by every later pass of the

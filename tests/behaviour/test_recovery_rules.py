@@ -1255,3 +1255,55 @@ async def test_an_uncertain_claims_deadline_is_filed_again_before_its_lookups(ha
     assert (await h.store.claim_new(*args, **kwargs)).applied  # type: ignore[arg-type]
     got = await h.fetch_until("other", limit_ms=10_000)
     assert str(got.task_id) == str(task_id) and got.epoch == 2
+
+
+@pytest.mark.parametrize("claim", ["claim_new", "claim_expired"])
+async def test_a_claim_committed_only_by_a_later_round_after_its_bridge_died_is_still_taken_back(
+    harness: Harness, claim: str
+) -> None:
+    """A claim's compare-and-set accepted by Paxos but not committed (its coordinator timed out
+    before the commit) is invisible to plain reads until a later round on the partition completes
+    it; its bridge was killed -9 meanwhile (no lookup, no refile). The scheduler met the deadline
+    written ahead, read the lease without the claim (no lease, or the epoch before), and let the
+    deadline go; the next compare-and-set committed the claim: the task stayed leased to a dead
+    worker with no deadline in the wheel until its TTL. A deadline whose lease does not show its
+    claim is settled only after a SERIAL read (which completes a round in progress). Found by
+    review, 2026-12-07."""
+    from dataclasses import replace
+
+    h = harness
+    task_id = uuid.UUID(await h.add("v"))
+    if claim == "claim_expired":  # the task's first lease ran out: the next claim is claim_expired
+        first = await h.fetch("w0", ttr_ms=1_000)
+        assert first is not None
+        await h.fetch_until("w", limit_ms=20_000, ttr_ms=10_000)  # handed to "w" at epoch 2
+    else:
+        assert await h.fetch("w", ttr_ms=10_000) is not None
+    claimed = await h.store.lease(QueueKey(OWNER, h.service), task_id, serial=True)
+    assert claimed is not None and claimed.worker == "w"
+    h.scheduler.cancel_timers()  # "w"'s bridge is killed -9: only the passes are left
+    real_leases_of, real_lease = h.store.leases_of, h.store.lease
+
+    def before_the_claim(found: Any) -> Any:
+        return None if claimed.epoch == 1 else replace(found, epoch=claimed.epoch - 1, worker="w0")
+
+    async def leases_of(q: QueueKey, ids: Any) -> dict[uuid.UUID, Any]:
+        found = await real_leases_of(q, ids)
+        if task_id in found and (seen := before_the_claim(found[task_id])) is None:
+            del found[task_id]
+        elif task_id in found:
+            found[task_id] = seen
+        return found
+
+    async def lease(q: QueueKey, tid: uuid.UUID, *, serial: bool = True) -> Any:
+        found = await real_lease(q, tid, serial=serial)
+        return found if serial or tid != task_id or found is None else before_the_claim(found)
+
+    h.store.leases_of, h.store.lease = leases_of, lease  # type: ignore[method-assign]
+    try:
+        for _ in range(12):  # past the deadline, the margin and the second pass (late_ms 5 s)
+            await h.advance(2_500)
+    finally:
+        h.store.leases_of, h.store.lease = real_leases_of, real_lease  # type: ignore[method-assign]
+    got = await h.fetch_until("other", limit_ms=10_000)
+    assert uuid.UUID(str(got.task_id)) == task_id and got.epoch == claimed.epoch + 1
