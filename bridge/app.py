@@ -352,6 +352,7 @@ class Bridge:
         except BaseException:
             await self._abandon_start()
             raise
+        self.ops.started = True
         log.info("bridge started", extra={"http_port": self.http_port, "gateway_port": self.gateway_port})
 
     async def _abandon_start(self) -> None:

@@ -5,6 +5,10 @@
 - ``GET /health/ready``: runs every readiness check concurrently, each bounded by a timeout;
   a check that raises or times out counts as False. 200 ``{"status": "ready", ...}`` when all
   pass, else 503 ``{"status": "not_ready", ...}``; ``checks`` maps each name to its result.
+- ``GET /health/started``: 200 ``{"status": "started"}`` once the bridge's start has ended (its
+  dependencies reached, its consumers up), for the rest of the process's life; 503 before. The
+  startup probe's: on ``/health/ready``, a sidecar unready just after its start (a clock probe
+  slower than the margin under a loaded Cassandra) was killed and restarted with back-off.
 - ``GET /metrics``: the Prometheus text exposition of the bridge's own registry.
 """
 
@@ -43,9 +47,11 @@ class OpsServer:
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
         self._last_ready: bool | None = None
+        self.started = False  # set by the bridge once its start has ended
         app = web.Application()
         app.router.add_get("/health/live", self._live)
         app.router.add_get("/health/ready", self._ready)
+        app.router.add_get("/health/started", self._started)
         app.router.add_get("/metrics", self._metrics)
         self.app = app
 
@@ -98,6 +104,11 @@ class OpsServer:
     # -- handlers ----------------------------------------------------------------------------
     async def _live(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
+
+    async def _started(self, request: web.Request) -> web.Response:
+        if self.started:
+            return web.json_response({"status": "started"})
+        return web.json_response({"status": "starting"}, status=503)
 
     async def _ready(self, request: web.Request) -> web.Response:
         checks = await self.readiness()

@@ -54,6 +54,8 @@ async def test_health_and_metrics_of_a_running_bridge(make_bridge, engine, worke
     status, body = await http_get(port, "/health/ready")
     assert status == 503
     assert (await http_get(port, "/health/live"))[0] == 200
+    # Started stays said (the startup probe's): unready is not "restart me".
+    assert (await http_get(port, "/health/started"))[0] == 200
 
 
 async def _ready(port: int):

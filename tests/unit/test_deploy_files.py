@@ -645,7 +645,7 @@ def test_k8s_deployment_runs_the_bridge_as_a_native_sidecar(k8s: dict[str, dict[
     config = _configmap_data(k8s)
     http_port = int(config.get("BRIDGE_HTTP_PORT", Settings.model_fields["http_port"].default))
     named_ports = {p["name"]: p["containerPort"] for p in sidecar.get("ports") or [] if "name" in p}
-    expected = {"startupProbe": "/health/ready", "readinessProbe": "/health/ready", "livenessProbe": "/health/live"}
+    expected = {"startupProbe": "/health/started", "readinessProbe": "/health/ready", "livenessProbe": "/health/live"}
     for probe_name, path in expected.items():
         probe = sidecar.get(probe_name)
         assert probe, f"sidecar has no {probe_name}"

@@ -80,6 +80,20 @@ async def test_live_is_always_ok(ops: Ops) -> None:
     assert all(c.calls == 0 for c in ops.checks.values())  # liveness runs no checks
 
 
+async def test_started_says_whether_the_start_has_ended_whatever_the_checks(ops: Ops) -> None:
+    """The startup probe's endpoint: a sidecar whose dependencies are slow once it has started (a
+    clock probe over the margin under a loaded Cassandra) was unready, and a startup probe on
+    ``/health/ready`` had the kubelet kill it and restart it with back-off, its worker never
+    started. Started is said once, for the process's life (found by review, 2026-12-07)."""
+    assert await get_json(ops, "/health/started") == (503, {"status": "starting"})
+    ops.server.started = True
+    for check in ops.checks.values():
+        check.mode = "fail"
+    assert await get_json(ops, "/health/started") == (200, {"status": "started"})
+    assert all(c.calls == 0 for c in ops.checks.values())  # it runs no checks
+    assert (await get_json(ops, "/health/ready"))[0] == 503
+
+
 async def test_ready_when_every_check_passes(ops: Ops) -> None:
     status, body = await get_json(ops, "/health/ready")
     assert status == 200
