@@ -39,9 +39,24 @@ class ConfigError(BridgeError):
 
 
 def _split_csv(value: Any) -> Any:
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value
+    """Comma separated, or a JSON list of strings (pydantic-settings' own list format: read as
+    comma separated, '["engine","engine-2"]' was the users '["engine"' and '"engine-2"]')."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    form = 'must be comma separated (a, b) or a JSON list of strings (["a", "b"])'
+    try:
+        parsed = json.loads(text) if text.startswith(("[", '"')) else None
+    except ValueError:
+        parsed = None  # not JSON: "[::1]:5672" is a host
+    if parsed is not None:
+        if not isinstance(parsed, list) or not all(isinstance(part, str) for part in parsed):
+            raise ValueError(form)
+        return [part.strip() for part in parsed if part.strip()]
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if any('"' in part for part in parts):
+        raise ValueError(form)  # a JSON list gone wrong, not names
+    return parts
 
 
 class Settings(BaseSettings):
@@ -51,6 +66,9 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         extra="ignore",
         frozen=True,
+        # ``inf`` passed every ``gt=0`` and the start crashed on it (``int(inf * 1000)``), exit 1
+        # instead of a configuration error naming the variable.
+        allow_inf_nan=False,
     )
 
     # --- transport -------------------------------------------------------------------------
@@ -219,7 +237,11 @@ class Settings(BaseSettings):
     result_republish_after: float = Field(
         10.0,
         gt=0,
-        description="A result still unpublished this many seconds after its 10 s outbox bucket ends is re-published.",
+        # An outbox row lives the task's remaining life plus a day, as little as a day: read later
+        # than that, a result whose first publish failed was never sent again nor reported.
+        le=3600,
+        description="A result still unpublished this many seconds after its 10 s outbox bucket ends is re-published "
+        "(at most an hour).",
     )
     hints: bool = Field(
         True,

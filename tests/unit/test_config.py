@@ -267,3 +267,62 @@ def test_a_reconnect_delay_below_the_drivers_first_wait_is_refused(monkeypatch: 
 def test_a_reconnect_delay_of_the_drivers_first_wait_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BRIDGE_CASSANDRA_RECONNECT_MAX_DELAY", "0.2")
     assert load_settings(_env_file=None).cassandra_reconnect_max_delay == 0.2
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("BRIDGE_TRUSTED_USERS", '["engine","engine-2"]', ["engine", "engine-2"]),
+        ("BRIDGE_TRUSTED_USERS", "engine, engine-2", ["engine", "engine-2"]),
+        ("BRIDGE_AMQP_HOSTS", '["rabbit-0", "rabbit-1:5673"]', ["rabbit-0", "rabbit-1:5673"]),
+        ("BRIDGE_CASSANDRA_HOSTS", '["cass-0","cass-1"]', ["cass-0", "cass-1"]),
+    ],
+)
+def test_a_list_setting_is_read_comma_separated_or_as_a_json_list(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, expected: list[str]
+) -> None:
+    """A JSON list (pydantic-settings' own list format, and BRIDGE_SERVICE_MAX_DELIVERIES's)
+    loaded as the users '["engine"' and '"engine-2"]': every engine add naming an owner was
+    refused ``unauthorized`` and dead-lettered, pod by pod as a ConfigMap rolled out. Found by
+    review, 2026-12-07."""
+    monkeypatch.setenv(name, value)
+    assert getattr(load_settings(_env_file=None), name.removeprefix("BRIDGE_").lower()) == expected
+
+
+@pytest.mark.parametrize("value", ['["engine"', '["engine", 2]', '"engine"'])
+def test_a_list_setting_that_is_neither_form_is_refused(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("BRIDGE_TRUSTED_USERS", value)
+    with pytest.raises(ConfigError) as err:
+        load_settings(_env_file=None)
+    assert "BRIDGE_TRUSTED_USERS" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("BRIDGE_CASSANDRA_TIMEOUT", "inf"),
+        ("BRIDGE_SHUTDOWN_GRACE", "inf"),
+        ("BRIDGE_KEY_CACHE_SECONDS", "nan"),
+        ("BRIDGE_RESULT_REPUBLISH_AFTER", "inf"),
+    ],
+)
+def test_an_infinite_or_nan_number_is_refused_naming_its_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    """``inf`` passed the bounds (``gt=0``) and the start crashed with a traceback (``int(inf *
+    1000)``), exit 1 instead of the configuration error's exit 2 naming it. Found by review."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as err:
+        load_settings(_env_file=None)
+    assert name in str(err.value)
+
+
+def test_a_result_republished_after_its_outbox_row_is_gone_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The relay reads an outbox bucket BRIDGE_RESULT_REPUBLISH_AFTER after it ends; an outbox row
+    lives the task's remaining life plus a day: set past that, a result whose first publish failed
+    was never sent again nor reported. Found by review, 2026-12-07."""
+    monkeypatch.setenv("BRIDGE_TASK_TTL", "86400")
+    monkeypatch.setenv("BRIDGE_RESULT_REPUBLISH_AFTER", str(3 * 86400))
+    with pytest.raises(ConfigError) as err:
+        load_settings(_env_file=None)
+    assert "BRIDGE_RESULT_REPUBLISH_AFTER" in str(err.value)
