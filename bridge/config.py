@@ -581,6 +581,15 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     return said
 
 
+def configured_variables(environ: Mapping[str, str]) -> dict[str, str]:
+    """What the settings are read from: ``environ`` over the ``.env`` file of the working directory
+    (read by the settings too: a misspelt name there was dropped without a word)."""
+    from dotenv import dotenv_values
+
+    from_file = {k: v for k, v in dotenv_values(".env").items() if v is not None} if Path(".env").is_file() else {}
+    return {**from_file, **environ}
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Build the settings, turning validation errors into a ConfigError naming each variable."""
     try:

@@ -19,7 +19,7 @@ from bridge.cli.base import (
     run_async,
     settings_or_exit,
 )
-from bridge.config import ConfigError, unknown_variables
+from bridge.config import ConfigError, configured_variables, unknown_variables
 
 
 @app.command()
@@ -33,7 +33,7 @@ def run() -> None:
     from bridge.transport.errors import BrokerUnreachable
 
     configure_logging(settings)
-    for said in unknown_variables(os.environ):
+    for said in unknown_variables(configured_variables(os.environ)):
         logging.getLogger("bridge.config").warning(said)
     try:
         run_async(run_forever(settings))

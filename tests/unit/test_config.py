@@ -326,3 +326,16 @@ def test_a_result_republished_after_its_outbox_row_is_gone_is_refused(monkeypatc
     with pytest.raises(ConfigError) as err:
         load_settings(_env_file=None)
     assert "BRIDGE_RESULT_REPUBLISH_AFTER" in str(err.value)
+
+
+def test_a_misspelt_variable_in_the_env_file_is_named_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The settings read ``.env`` as well; a misspelt name there (BRIDGE_CASANDRA_HOSTS) was
+    dropped without the warning the README promises. Found by review, 2026-12-07."""
+    from bridge.config import configured_variables, unknown_variables
+
+    (tmp_path / ".env").write_text("BRIDGE_CASANDRA_HOSTS=cass-1\nBRIDGE_CASSANDRA_PORT=9042\n")
+    monkeypatch.chdir(tmp_path)
+    said = unknown_variables(configured_variables({"PATH": "/bin"}))
+    assert said == [
+        "BRIDGE_CASANDRA_HOSTS is not a setting of this bridge (did you mean BRIDGE_CASSANDRA_HOSTS?): ignored"
+    ]
