@@ -280,7 +280,13 @@ class RpcClient:
         except Exception as exc:  # already failing: the reply-to dies with it all the same
             log.warning("closing the broker connection: %s: %s", type(exc).__name__, exc)
 
-    def _on_lost(self, _sender: object = None, exc: object = None, *_: Any) -> None:
+    def _on_lost(self, sender: object = None, exc: object = None, *_: Any) -> None:
+        if sender is not None and sender is not self.connection and sender is not self.channel:
+            # A connection or channel no longer in use: a channel given up while it opened (a
+            # call's deadline cut its consume) kept this callback, and the old connection's close,
+            # ending later, failed every request waiting on the next one. Its requests were failed
+            # when it was detached.
+            return
         # Replies to the old connection are gone: fail what was waiting so callers retry. A channel
         # the broker closed because the exchange is missing or the user may not publish to it is
         # said so: no network retry fixes that, a bridge starting or a permission granted does.
@@ -1279,6 +1285,7 @@ ACK_ATTEMPTS = 3  # Worker.run: an ack (with next, or alone on stop) sent again 
 # loop retrying them would look alive while serving nothing: they end ``run`` (and ``async for``).
 MISCONFIGURED = (BadRequestError, PayloadTooLargeError, UnauthorizedError, UnknownOwnerError)
 POLL_PAUSE_MAX_S = 5.0  # Worker.run: the longest pause between fetches that got no answer
+BACKOFF_BASE_S = 0.1  # ... and the least its doubling starts from, whatever ``poll_interval``
 ERROR_MESSAGE_MAX = 4096  # Worker.run: characters of a handler's exception kept in a fail's error
 # Worker.run on stop, while a request without an answer may still claim a task for it: how often
 # it asks the bridge whether it holds a task (an extend naming none: one read of its pointer).
@@ -1316,6 +1323,8 @@ class Worker(RpcClient):
     ) -> None:
         if stop_timeout is not None and stop_timeout < 0:
             raise ValueError("stop_timeout must be None (wait for the handler) or >= 0 seconds")
+        if poll_interval < 0:
+            raise ValueError("poll_interval must be >= 0 seconds")
         super().__init__(url, **kw)
         # run(): how long a handler may go on after ``stop`` is set before it is cancelled and its
         # task given back to come again at once (``fail`` with ``retry_in_ms=0``). None: waited for
@@ -1997,7 +2006,11 @@ class Worker(RpcClient):
         :attr:`poll_interval` doubled per failure, at most :data:`POLL_PAUSE_MAX_S`), so that the
         workers of a fleet that lost RabbitMQ or a bridge at the same moment do not all come back
         at the same moments."""
-        return random.uniform(0.0, min(POLL_PAUSE_MAX_S, self.poll_interval * 2 ** min(failed - 1, 16)))  # nosec B311: jitter, not a secret
+        # From at least BACKOFF_BASE_S: with ``poll_interval=0`` (a long-polling user's natural
+        # choice) every pause was 0, and a fleet's workers retried a restarting broker by the
+        # hundreds a second each, a refused connection a millisecond.
+        base = max(self.poll_interval, BACKOFF_BASE_S)
+        return random.uniform(0.0, min(POLL_PAUSE_MAX_S, base * 2 ** min(failed - 1, 16)))  # nosec B311: jitter, not a secret
 
     async def _poll(self, stop: asyncio.Event | None = None) -> Task | None:
         """One fetch of the worker's loop (a long-poll of :attr:`wait_ms`); None when it found
