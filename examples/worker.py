@@ -90,7 +90,9 @@ async def _settle(task: Task, *, result: Any = None, error: Any = None, attempts
             # A lease end this client cannot read never expires: bounded by attempts then.
             if attempt >= attempts and (task.lease_expired or attempt >= 100 * attempts):
                 return None
-            await asyncio.sleep(0.5)
+            # Full jitter, doubling up to 5 s: a fleet's workers that lost the broker at the same
+            # moment do not all retry at the same moments.
+            await asyncio.sleep(random.uniform(0, min(5.0, 0.2 * 2 ** min(attempt, 16))))  # nosec B311
 
 
 async def main(

@@ -31,7 +31,7 @@ from bridge.client.errors import (
     UnavailableError,
     UnknownOwnerError,
 )
-from bridge.client.rpc import Engine, FailOutcome, ParkedTask, RpcClient, ServiceStats, Task, Worker
+from bridge.client.rpc import Engine, FailOutcome, ParkedTask, RpcClient, ServiceStats, Task, TaskError, Worker
 
 __all__ = [
     "BadRequestError",
@@ -48,6 +48,7 @@ __all__ = [
     "RpcClient",
     "ServiceStats",
     "Task",
+    "TaskError",
     "TransportError",
     "UnauthorizedError",
     "UnavailableError",

@@ -1063,6 +1063,18 @@ def _settling(task: Task | None) -> contextlib.AbstractAsyncContextManager[None]
     return task._settling_it() if task is not None else contextlib.nullcontext()
 
 
+class TaskError(Exception):
+    """Raised by a ``Worker.run`` handler: the task's answer is this business error (any JSON but
+    None): it completes the task and goes to the engine, and is sent again while its ack gets no
+    answer, as a result is. Any other exception is a technical failure (the task comes back)."""
+
+    def __init__(self, error: Any) -> None:
+        if error is None:  # on the wire that is an ack with a null result: a success
+            raise ValueError("a business error cannot be None")
+        super().__init__(error)
+        self.error = error
+
+
 @dataclass
 class Task:
     worker: Worker
@@ -1090,6 +1102,10 @@ class Task:
     # An ack or ack_error of this task was answered false (its result was not applied): Worker.run
     # counts a task its handler acked so in ``lost``, as it does its own acks answered false.
     _ack_refused: bool = field(default=False, repr=False)
+    # The (result, error) its handler last asked ``ack`` or ``ack_error`` to send: ``Worker.run``
+    # sends it again when that request got no answer (the handler raised, or caught it and
+    # returned), not the handler's failure nor its return value.
+    _attempted: tuple[Any, Any] | None = field(default=None, repr=False)
 
     @contextlib.asynccontextmanager
     async def _settling_it(self) -> AsyncIterator[None]:
@@ -1101,6 +1117,7 @@ class Task:
 
     async def ack(self, result: Any = None) -> bool:
         """Complete this task (never another one): true if this lease completed it."""
+        self._attempted = (result, None)
         async with self._settling_it():
             done = await self.worker.ack(result=result, task_id=self.id, epoch=self.epoch, has_token=self.has_token)
         self._settled = True  # answered (a request without an answer may be retried: keep the lease)
@@ -1112,6 +1129,7 @@ class Task:
         work was done and its answer is an error. For a failure to do the work, see :meth:`fail`."""
         if error is None:  # on the wire that is an ack with a null result: a success
             raise ValueError("a business error cannot be None")
+        self._attempted = (None, error)
         async with self._settling_it():
             done = await self.worker.ack(error=error, task_id=self.id, epoch=self.epoch, has_token=self.has_token)
         self._settled = True
@@ -1359,7 +1377,7 @@ class Worker(RpcClient):
         # (task id, epoch, result) of the last task whose handler ran and whose ack never got an
         # answer: if the bridge hands this worker that very lease again (a fetch not ``fresh``, the
         # drain at stop), the result in hand is acked; the handler does not run a second time.
-        self._result_in_hand: tuple[str, int, Any] | None = None
+        self._result_in_hand: tuple[str, int, Any, Any] | None = None  # (task, epoch, result, error)
         # (task id, epoch, error, retry_in_ms) of the last task run() gave back whose fail never got
         # an answer: handed that very lease again (the fail did not apply: the next fetch, not
         # ``fresh``, gets the task this worker holds), the fail is sent again; the handler does
@@ -1693,8 +1711,11 @@ class Worker(RpcClient):
         settled = await self._settle_in_hand(task, stop)
         if settled is not None:
             return settled
+        error: Any = None
         try:
             result = await self._handle(task, handler, stop)
+        except TaskError as business:  # the task's answer is a business error
+            result, error = None, business.error
         except _StopTimeout:
             log.warning(
                 "task %s: its handler was still running %gs after stop (stop_timeout): cancelled, "
@@ -1706,10 +1727,9 @@ class Worker(RpcClient):
                 await self._give_back(task, "StopTimeout", "cancelled at the worker's stop", retry_in_ms=0)
             return False, None
         except Exception as exc:
-            log.warning("task %s failed in its handler: %s: %s", task.id, type(exc).__name__, exc)
-            if not task._settled:
-                await self._give_back(task, type(exc).__name__, str(exc))
-            return True, None
+            if not await self._failed_in_handler(task, exc):
+                return True, None
+            result = None  # (its own ack's outcome is sent: ``_conclude``)
         except asyncio.CancelledError as exc:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
@@ -1727,9 +1747,18 @@ class Worker(RpcClient):
             if not task._settled:
                 await self._give_back(task, "CancelledError", str(exc) or "an await of the handler was cancelled")
             return True, None
+        return await self._conclude(task, result, error, stop)
+
+    async def _conclude(
+        self, task: Task, result: Any, error: Any, stop: asyncio.Event | None
+    ) -> tuple[bool, Task | None]:
+        """``task``'s handler ended with ``result`` (or the business ``error``): acked, unless the
+        handler settled it; what the handler's own unanswered ack said wins over its return."""
         if task._settled:  # the handler settled it (an ack with an error, a fail)
             return self._settled_by_handler(task), None
-        acked, following = await self._ack_in_loop(task, result, stop=stop)
+        if task._attempted is not None:  # its own ack got no answer: that outcome, not the return value
+            result, error = task._attempted
+        acked, following = await self._ack_in_loop(task, result, error=error, stop=stop)
         if acked is False:
             # The bridge did not apply the result: the lease had run out and another worker took the
             # task (it runs again there), or it was cancelled or parked. Work done for nothing, which
@@ -1751,7 +1780,7 @@ class Worker(RpcClient):
         handed back after another task is no longer this worker's."""
         held, self._result_in_hand = self._result_in_hand, None
         if held is not None and held[:2] == (task.id, task.epoch):
-            return await self._ack_result_in_hand(task, held[2], stop)
+            return await self._ack_result_in_hand(task, held[2], held[3], stop)
         failing, self._fail_in_hand = self._fail_in_hand, None
         if failing is not None and failing[:2] == (task.id, task.epoch):
             log.info(
@@ -1762,6 +1791,19 @@ class Worker(RpcClient):
             await self._send_fail(task, [failing[2]], retry_in_ms=failing[3], resent=failing[4] + 1)
             return False, None
         return None
+
+    async def _failed_in_handler(self, task: Task, exc: Exception) -> bool:
+        """``task``'s handler raised ``exc``: given back (a technical failure) unless the handler
+        settled it; True (nothing given back) when the handler's own ack or ack_error got no
+        answer: that outcome is to be sent again (``_serve``). Given back, a business error
+        whose ack met a broker blip ran again and was parked "failed", the engine never told it."""
+        if task._settled or task._attempted is None:
+            log.warning("task %s failed in its handler: %s: %s", task.id, type(exc).__name__, exc)
+            if not task._settled:
+                await self._give_back(task, type(exc).__name__, str(exc))
+            return False
+        log.warning("task %s: its handler's ack got no answer (%s): sent again", task.id, type(exc).__name__)
+        return True
 
     def _settled_by_handler(self, task: Task) -> bool:
         """Whether ``task``, settled by its handler itself, counts as handled: not when its own
@@ -1778,13 +1820,13 @@ class Worker(RpcClient):
         return False
 
     async def _ack_result_in_hand(
-        self, task: Task, result: Any, stop: asyncio.Event | None
+        self, task: Task, result: Any, error: Any, stop: asyncio.Event | None
     ) -> tuple[bool, Task | None]:
         """``task`` is the lease whose handler ran already and whose ack got no answer, handed
         back (a fetch not ``fresh``, the drain at stop): its result is acked. Run again, the
         handler's side effects were made twice. Not counted again in what ``run`` handled."""
         log.info("task %s (epoch %s) handed back after its ack got no answer: its result is acked", task.id, task.epoch)
-        acked, following = await self._ack_in_loop(task, result, stop=stop)
+        acked, following = await self._ack_in_loop(task, result, error=error, stop=stop)
         if acked is False:
             self.lost += 1
             log.warning(
@@ -1890,26 +1932,26 @@ class Worker(RpcClient):
         return await self.fetch()
 
     async def _ack_in_loop(
-        self, task: Task, result: Any, *, stop: asyncio.Event | None
+        self, task: Task, result: Any, *, error: Any = None, stop: asyncio.Event | None
     ) -> tuple[bool | None, Task | None]:
-        """Ack ``task`` with ``result`` and, unless ``stop`` is set, take the next task from the
-        same reply: ``(what the ack answered, the next task)``, the answer None when there was none
-        (or the result was refused), the task None when there is none (the caller fetches, and
-        long-polls). On stop (set before or during the retries) the ack goes alone; a next task
-        its reply hands once stop is set (stop came while the request was on its way) is handled
-        then, as the drain handles a task claimed for the worker. A request
-        without an answer, or answered ``unavailable``, is sent again (a retry hands the same next
-        task, see :meth:`ack_and_fetch`) while the lease lasts, at least 3 times
-        (:meth:`_ack_retry_until`); then the caller's fetch, not ``fresh``, gets this worker's
-        task again if the ack never applied and nobody took it (at least once). On stop there is
-        no such fetch, and the retries last ``stop_grace`` at most: a task still not acked then
-        returns when its lease ends (logged).
+        """Ack ``task`` with ``result`` (or the business ``error``) and, unless ``stop`` is set, take
+        the next task from the same reply: ``(what the ack answered, the next task)``, the answer
+        None when there was none (or the result was refused), the task None when there is none (the
+        caller fetches, and long-polls). On stop (set before or during the retries) the ack goes
+        alone; a next task its reply hands once stop is set (stop came while the request was on its
+        way) is handled then, as the drain handles a task claimed for the worker. A request without
+        an answer, or answered ``unavailable``, is sent again (a retry hands the same next task, see
+        :meth:`ack_and_fetch`) while the lease lasts, at least 3 times (:meth:`_ack_retry_until`);
+        then the caller's fetch, not ``fresh``, gets this worker's task again if the ack never
+        applied and nobody took it (at least once). On stop there is no such fetch, and the retries
+        last ``stop_grace`` at most: a task still not acked then returns when its lease ends
+        (logged).
 
         A result the bridge refuses (any error it answers but ``unavailable``: one larger than its
         ``BRIDGE_MAX_VALUE_BYTES`` is ``payload_too_large``) or that JSON cannot carry (a set, a
         coroutine never awaited: :class:`~bridge.domain.jsonvalue.JsonError`, before anything is
-        sent) was not applied: sending it again cannot help, and raising would end the loop with
-        the task leased to it. The task is given back instead (``type`` ``ResultRefused``)."""
+        sent) was not applied: sending it again cannot help, and raising would end the loop with the
+        task leased to it. The task is given back instead (``type`` ``ResultRefused``)."""
         take_next = stop is None or not stop.is_set()
         until = self._ack_retry_until(task, stopping=not take_next)
         attempt = 0
@@ -1928,8 +1970,8 @@ class Worker(RpcClient):
             self.current = task
             try:
                 if not take_next:
-                    return await task.ack(result), None
-                acked, following = await self.ack_and_fetch(result)
+                    return await (task.ack(result) if error is None else task.ack_error(error)), None
+                acked, following = await self.ack_and_fetch(result, error=error)
             except (TransportError, UnavailableError) as exc:
                 if attempt == 1 or attempt % 10 == 0:
                     log.warning("ack of task %s not answered (%s), attempt %d", task.id, exc, attempt)
@@ -1948,7 +1990,7 @@ class Worker(RpcClient):
                 # one was parked without ever running.
                 return acked, following
         if task.epoch is not None:  # (a bridge before 1.1 names no epoch: no lease to recognise)
-            self._result_in_hand = (task.id, task.epoch, result)  # never answered: see ``_serve``
+            self._result_in_hand = (task.id, task.epoch, result, error)  # never answered: see ``_serve``
         if not take_next:
             log.warning("task %s not acked before stop: it returns when its lease ends", task.id)
         return None, None

@@ -1,0 +1,73 @@
+"""``Worker.run``: a business error is acked as one, also when its ack meets a broker blip
+(real servers; the blip is one request the client fails as a lost connection would).
+
+``run`` gave a handler no way to return a business error but ``task.ack_error`` itself; when that
+ack got no answer (a broker blip) the exception left the handler, and ``run`` took it for the
+handler failing: the task was given back (``fail``), ran again, and was parked "failed" after its
+limit, the engine never told the business error. Caught by the handler, which then returned,
+``run`` acked its return value as a success. The handler's own outcome is sent again now, as the
+loop's acks are, and ``raise TaskError(error)`` returns a business error. Found by review,
+2026-12-07."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import pytest
+
+from bridge.client import ConnectionLost, Task, TaskError, Worker
+from tests.conftest import OWNERS, service_id
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+DECLINED = {"message": "payment declined"}
+
+
+@pytest.mark.parametrize("how", ["ack_error raises", "ack_error caught", "TaskError"])
+async def test_a_business_error_is_acked_as_one_through_a_lost_ack(bridge, engine, servers, names, how):
+    svc = service_id()
+    task_id = await engine.add(svc, {"n": 1})
+    w = Worker(servers.amqp_url(OWNERS[0]), service=svc, worker_id=f"r13-{how[:9]}", exchange=names["exchange"])
+    w.wait_ms = 1_000
+    sent: list[tuple[str, dict[str, Any]]] = []
+    real_call, blips = w.call, [1]
+
+    async def call(method: str, body: Any, **kw: Any) -> dict[str, Any]:
+        sent.append((method, dict(body)))
+        if method == "ack" and blips:
+            blips.pop()
+            raise ConnectionLost("the broker went away (a blip)", sent=False)
+        return await real_call(method, body, **kw)
+
+    w.call = call  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    runs: list[str] = []
+
+    async def handler(task: Task) -> str:
+        runs.append(task.id)
+        stop.set()
+        if how == "TaskError":
+            blips.clear()
+            raise TaskError(DECLINED)
+        if how == "ack_error caught":
+            with contextlib.suppress(ConnectionLost):
+                await task.ack_error(DECLINED)
+            return "not a success"
+        await task.ack_error(DECLINED)
+        return "unreachable"
+
+    await w.open()
+    try:
+        await asyncio.wait_for(w.run(handler, stop=stop), 30.0)
+    finally:
+        await w.close()
+    assert runs == [task_id], "the handler ran once"
+    assert not [m for m, _ in sent if m == "fail"], f"given back as a technical failure: {sent}"
+    acks = [body for m, body in sent if m == "ack"]
+    assert acks and all(b.get("error") == DECLINED and "result" not in b for b in acks), acks
+    # Completed: nobody gets it again.
+    other = Worker(servers.amqp_url(OWNERS[0]), service=svc, worker_id="r13-other", exchange=names["exchange"])
+    async with other:
+        assert await other.fetch(wait_ms=0) is None
