@@ -18,9 +18,9 @@ from bridge.config import ConfigError, Settings
 from bridge.crypto import CachingKeyProvider, HttpKeyProvider, KeyProvider, KeyringFileProvider
 from bridge.domain.cancellation import ConnectionCancelled, is_stray
 from bridge.domain.clock import AnchoredClock, Clock, SkewGuard, SystemClock
+from bridge.domain.context import CLOCK_OFF_FOR_FILING_MS
 from bridge.domain.counting import QueueCounts
 from bridge.domain.housekeeping import CounterTrim
-from bridge.domain.lifecycle import CLOCK_OFF_FOR_FILING_MS
 from bridge.domain.queue import Limits, Metrics, WorkQueue
 from bridge.domain.reconcile import Reconciliation
 from bridge.domain.records import QueueKey

@@ -11,7 +11,9 @@ has, with no network I/O of its own (so it costs nothing per second, whatever th
 - clock beyond the skew limit (:class:`~bridge.domain.clock.SkewGuard`): stop consuming fetches,
   the only requests that grant leases; adds, acks and the lifecycle queue go on. Off by over a
   second (or not known at all): the lifecycle queue too, whose fails, redrives and purges it would
-  refuse (answered, not requeued: a worker's fail sent back to it again and again). Merely
+  refuse (answered, not requeued: a worker's fail sent back to it again and again), and adds
+  (and the unrouted queue, which takes adds), whose ids would place them behind the fleet's scans
+  (the domain refuses them too: the HTTP gateway's). Acks go on. Merely
   uncertain (a Cassandra slow for the whole fleet: milliseconds), the lifecycle queue goes on:
   paused then, every heartbeat of the fleet stopped and leases of healthy work ran out.
 
@@ -34,7 +36,9 @@ log = logging.getLogger("bridge.serving")
 
 ALL = frozenset(CONSUMED)
 LEASING = frozenset({"fetch"})
-CLOCK_FAR_OFF = frozenset({"fetch", LIFECYCLE_QUEUE})
+# Off by over a second: adds too (an add's id is its place in the queue: placed behind what the
+# fleet's scans had passed, a task was answered stored and never handed out with its hint lost).
+CLOCK_FAR_OFF = frozenset({"fetch", LIFECYCLE_QUEUE, "add", "unrouted"})
 
 
 class Consumers(Protocol):

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from bridge.domain.clock import Clock
 from bridge.domain.counting import QueueCounts
+from bridge.domain.errors import Unavailable
 from bridge.domain.records import QueueKey
 from bridge.domain.sealing import OwnerKeys
 from bridge.domain.store import TaskStore
@@ -50,6 +51,24 @@ class AlwaysGrant:
 
     def error_bound_ms(self) -> float | None:
         return 0.0
+
+
+# A clock known off by more than this (or not known at all) files nothing and places nothing: a
+# fail's return, a redrive, a purge's judgement of what is due, an add's id (its place in the
+# queue). Within it (a Cassandra merely slow for the whole fleet: milliseconds), served: the
+# scheduler's second pass over a bucket comes 5 s after it at the least.
+CLOCK_OFF_FOR_FILING_MS = 1_000
+
+
+def require_clock_for_filing(gate: LeaseGate) -> None:
+    """Raise ``Unavailable`` (retry on another bridge) when this bridge's clock is known off by
+    more than :data:`CLOCK_OFF_FOR_FILING_MS`, or not known."""
+    if gate.ok:
+        return
+    bound = gate.error_bound_ms()
+    if bound is not None and bound <= CLOCK_OFF_FOR_FILING_MS:
+        return
+    raise Unavailable(f"this bridge's clock is off now: {gate.describe()}; retry on another bridge")
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from typing import Any
 
 from bridge.crypto import Sealed
 from bridge.domain import jsonvalue
-from bridge.domain.context import QueueContext
+from bridge.domain.context import QueueContext, require_clock_for_filing
 from bridge.domain.counting import was_delayed
 from bridge.domain.dispatch import first_live_bucket, settled_before
 from bridge.domain.errors import Unavailable
@@ -123,9 +123,6 @@ class ParkedTask:
 # An extend on a bridge whose clock is off is served while its error is within 1/EXTEND_SKEW_SHARE
 # of the lease it grants (see ``Lifecycle._extend_allowed``).
 EXTEND_SKEW_SHARE = 4
-# A fail, a redrive or a purge on a bridge whose clock is off is served while its error is within
-# this (the scheduler's second pass over a bucket comes 5 s after it at the least).
-CLOCK_OFF_FOR_FILING_MS = 1_000
 
 
 def _cancel_id(q: QueueKey, task_id: uuid.UUID, request_id: str | None) -> uuid.UUID | None:
@@ -345,13 +342,7 @@ class Lifecycle:
         never handed out again before its TTL; ahead, a purge cancelled delayed tasks not yet due.
         Within it (a Cassandra merely slow for the whole fleet: milliseconds), served: the
         scheduler's later pass over a bucket still meets it."""
-        gate = self.ctx.gate
-        if gate.ok:
-            return
-        bound = gate.error_bound_ms()
-        if bound is not None and bound <= CLOCK_OFF_FOR_FILING_MS:
-            return
-        raise Unavailable(f"this bridge's clock is off now: {gate.describe()}; retry on another bridge")
+        require_clock_for_filing(self.ctx.gate)
 
     def _extend_allowed(self, ttr_ms: int) -> None:
         """An extend sets the lease's end on this bridge's clock; the worker is told it has

@@ -20,7 +20,16 @@ from dataclasses import dataclass, replace
 from bridge.crypto import KeyProvider
 from bridge.domain.acking import Acker
 from bridge.domain.clock import Clock
-from bridge.domain.context import AlwaysGrant, Background, LeaseGate, Limits, Metrics, NoMetrics, QueueContext
+from bridge.domain.context import (
+    AlwaysGrant,
+    Background,
+    LeaseGate,
+    Limits,
+    Metrics,
+    NoMetrics,
+    QueueContext,
+    require_clock_for_filing,
+)
 from bridge.domain.counting import DAY_MS, QueueCounts, landed_later
 from bridge.domain.dispatch import Dispatcher
 from bridge.domain.errors import BadRequest, NotSent, Unavailable
@@ -183,8 +192,14 @@ class WorkQueue:
         return await self.store_add(pending, message_id=message_id, first_copy=first_copy)
 
     async def prepare_add(self, owner: str, cmd: AddCommand, *, traceparent: str | None) -> PendingAdd:
-        """Check and seal an add and give it its task id; nothing is stored yet."""
+        """Check and seal an add and give it its task id; nothing is stored yet.
+
+        Refused (``unavailable``: another bridge takes it) while this bridge's clock is known off
+        by more than a second: the id is its present, its place in the queue, and a bridge 1.5-3 s
+        behind placed tasks behind what the fleet's scans had passed (with their hints lost, or
+        hints off, answered stored and never handed out)."""
         ctx = self.ctx
+        require_clock_for_filing(ctx.gate)
         q = QueueKey(owner, cmd.service_id)
         limit = ctx.limits.max_value_bytes
         value_json = encode(cmd.value, "the value", limit)
@@ -578,7 +593,12 @@ class WorkQueue:
 
         async def one(name: str) -> ServiceStats:
             async with limit:
-                return await service_stats(ctx.store, QueueKey(owner, name), now, ttl, margin, settle)
+                # Cursors moved only by a clock within its limit: stats settle the entries they
+                # pass by it, and one ahead moved a lane's cursor past an add still in time.
+                move = ctx.gate.ok
+                return await service_stats(
+                    ctx.store, QueueKey(owner, name), now, ttl, margin, settle, move_cursors=move
+                )
 
         if service is not None:
             return StatsFound([await one(service)])

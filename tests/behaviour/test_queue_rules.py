@@ -13,6 +13,7 @@ import pytest
 
 from bridge.domain.errors import PayloadTooLarge, Unavailable
 from bridge.domain.models import AddCommand, parse
+from bridge.domain.records import QueueKey
 from tests.conftest import wait_for
 from tests.queue_harness import MARGIN_MS, OWNER, TTL_S, Harness
 
@@ -464,7 +465,6 @@ async def test_stats_of_every_queue_answers_the_others_when_one_queue_cannot_be_
     dashboard empty, and the other queues' reads went on after the answer, outside the bridge's
     bound on long requests. It is named in ``unavailable``, the others answered (found by review,
     2026-12-06); all of them failing is raised, as an outage."""
-    from bridge.domain.records import QueueKey
 
     h = harness
     names = [f"{h.service}-{i}" for i in range(3)]
@@ -517,3 +517,39 @@ async def test_a_fail_redrive_or_purge_on_a_bridge_whose_clock_is_far_off_is_ref
     else:
         assert await fail is not None
         assert await life.purge(OWNER, h.service) == (0, False)
+
+
+@pytest.mark.parametrize("bound_ms", [3_000.0, 50.0])
+async def test_an_add_on_a_bridge_whose_clock_is_far_off_is_refused(harness: Harness, bound_ms: float) -> None:
+    """An add's id is its bridge's present: a bridge 1.5-3 s behind gave its tasks ids behind what
+    the other bridges' scans had already passed (they move over taken entries up to their own
+    present less the settle window), and with the hint lost (or hints off) the task was answered
+    stored and never handed out. Refused as a fail is when the clock is known off by over a
+    second (the add goes to another bridge; AMQP: the consumer is paused, see ``serving``); an
+    error of milliseconds is served. Found by review, 2026-12-07."""
+    h = harness
+    h.queue.ctx.gate = Skewed(bound_ms)
+    if bound_ms > 1_000:
+        with pytest.raises(Unavailable, match="clock"):
+            await h.add("v")
+    else:
+        assert await h.add("v")
+
+
+async def test_stats_on_a_bridge_whose_clock_is_off_move_no_cursor(harness: Harness) -> None:
+    """Stats move a lane's cursor over the taken, settled entries they read, settled by this
+    bridge's clock: one ahead moved it past the slot of an add still being written in time by the
+    adder's rule. Moved only while the clock is within its limit (found by review, 2026-12-07)."""
+    h = harness
+    for i in range(80):
+        await h.add(i)
+    for i in range(80):
+        got = await h.fetch(f"w{i}")
+        assert got is not None
+        assert await h.ack(f"w{i}", got)
+    h.clock.advance(10_000)
+    q = QueueKey(OWNER, h.service)
+    before = [await h.store.cursor(q, lane) for lane in (0, 1)]
+    h.queue.ctx.gate = Skewed(300.0)
+    await h.queue.stats(OWNER, h.service)
+    assert [await h.store.cursor(q, lane) for lane in (0, 1)] == before

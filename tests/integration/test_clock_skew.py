@@ -23,7 +23,7 @@ import pytest
 
 from bridge.client import Engine
 from bridge.domain.errors import Unavailable
-from bridge.domain.models import FetchRequest, parse
+from bridge.domain.models import AddCommand, FetchRequest, parse
 from tests.conftest import ENGINE_USER, OWNERS, consumers_on, service_id, wait_bridges, wait_for
 from tests.history import History, lease_rows, run_workers
 
@@ -126,15 +126,22 @@ async def test_a_host_mode_bridge_3s_ahead_reports_the_skew_and_refuses_leases(
     fetch_queue = f"{names['queue_prefix']}.fetch"
     await wait_for(lambda: "fetch" not in skewed.transport.consuming(), 5, what="fetches paused")
     assert await consumers_on(servers.amqp_url("guest"), fetch_queue) == 0
-    assert {"add", "ack"} <= skewed.transport.consuming()  # adds and acks grant no lease
+    assert "ack" in skewed.transport.consuming()  # acks grant no lease and place nothing
+    # Off by over a second, adds too: an add's id is this clock's present, its place in the queue
+    # (found by review, 2026-12-07); a healthy bridge takes them.
+    assert "add" not in skewed.transport.consuming()
+    with pytest.raises(Unavailable, match="clock"):
+        await skewed.queue.add(
+            OWNERS[0], parse(AddCommand, {"serviceId": "x", "value": 1}), message_id=None, traceparent=None
+        )
+    healthy = await make_bridge(clock_source="host")
+    assert healthy.skew.ok
     svc = service_id()
     await engine.add(svc, "held back")
     # ... and a fetch that reaches it anyway is refused without touching a lease.
     with pytest.raises(Unavailable, match="clock"):
         await skewed.queue.fetch(OWNERS[0], parse(FetchRequest, {"serviceId": svc, "workerId": "w"}))
     # A bridge within the limit hands the task out: nothing was leased.
-    healthy = await make_bridge(clock_source="host")
-    assert healthy.skew.ok
     w = await workers(svc, "w")
     task = await w.fetch()
     assert task is not None and task.value == "held back" and task.deliveries == 1
