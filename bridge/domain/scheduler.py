@@ -728,7 +728,13 @@ class RecoveryScheduler:
             # hints off) the task stayed leased to nobody. Written once more then, placed ahead by
             # as long as this write took (claimable from there): a write as slow lands in time.
             done = self.queue.clock.now_ms()
-            if settled_before(LANE_RECOVERED, done, self.queue.dispatcher.settle_ms) <= seq_ms:
+            # In time if every scan still meets it: one on a clock up to the skew margin ahead of
+            # this one passes what is older than its present less the settle window (as the add
+            # path judges its own entry: ``WorkQueue._lands_in_time_ms``).
+            if (
+                settled_before(LANE_RECOVERED, done + self.queue.skew_margin_ms, self.queue.dispatcher.settle_ms)
+                <= seq_ms
+            ):
                 break
             ahead_ms = done - written
             self._warn_exposed_late.warning(

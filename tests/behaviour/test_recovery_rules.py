@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from bridge.domain.clock import ManualClock
+from bridge.domain.dispatch import RECOVERED_EXTRA_SETTLE_MS
 from bridge.domain.errors import MaybeApplied, Unavailable
 from bridge.domain.models import AddCommand, Delivery, ExtendRequest, FailRequest, parse
 from bridge.domain.records import CasResult, QueueKey
@@ -1307,3 +1308,35 @@ async def test_a_claim_committed_only_by_a_later_round_after_its_bridge_died_is_
         h.store.leases_of, h.store.lease = real_leases_of, real_lease  # type: ignore[method-assign]
     got = await h.fetch_until("other", limit_ms=10_000)
     assert uuid.UUID(str(got.task_id)) == task_id and got.epoch == claimed.epoch + 1
+
+
+async def test_a_re_exposure_landing_later_than_the_settle_window_less_the_margin_is_written_again(
+    harness: Harness,
+) -> None:
+    """Whether a re-exposed entry landed in time was judged on the scheduler's own clock, without
+    the skew margin the add path allows for: a scanning bridge up to the margin ahead passes
+    entries older than its present less the settle window, so an entry whose write took between
+    the settle window less the margin and the window itself was judged in time and could land
+    behind that bridge's position (found by review, 2026-12-07). Judged as an add's is now."""
+    h = harness
+    await h.add("v")
+    assert await h.fetch("gone", ttr_ms=5_000) is not None
+    h.clock.advance(5_000 + MARGIN_MS + 600)
+    store, real_expose = h.store, h.store.expose_recovered
+    writes: list[object] = []
+
+    async def slow_expose(*args: object, **kw: object) -> None:
+        await real_expose(*args, **kw)
+        writes.append(args[2])  # the entry's seq: its place
+        if len(writes) == 1:
+            # Landed as late as a scan on this clock allows for a place rounded down to its
+            # second (the window and the lane's extra), less the margin, and a millisecond: in
+            # time for a scan on this clock, not for one the margin ahead.
+            h.clock.advance(h.queue.dispatcher.settle_ms + RECOVERED_EXTRA_SETTLE_MS - MARGIN_MS + 1)
+
+    store.expose_recovered = slow_expose  # type: ignore[method-assign]
+    try:
+        await h.scheduler.tick()
+    finally:
+        store.expose_recovered = real_expose  # type: ignore[method-assign]
+    assert len(set(map(str, writes))) == 2, f"written once ({writes}): it may land behind a scan ahead by the margin"
