@@ -478,8 +478,12 @@ class CassandraTaskStore:
         return (rows[0]["bucket"], rows[0]["seq"]) if rows else None
 
     async def advance_cursor(self, q: QueueKey, lane: int, bucket: int, seq: uuid.UUID) -> None:
-        # A cursor row must outlive every task after it: the full task lifetime from now.
-        await self.db.execute("cursor.advance", (q.owner, q.service, lane, bucket, seq, self.task_ttl_s))
+        # A cursor row must outlive every task after it: the full task lifetime from now, and at
+        # least a month, the fleet's TTL being whatever: while BRIDGE_TASK_TTL was raised pod by
+        # pod, a short-TTL bridge's head row (the rows behind it trimmed) expired after a quiet
+        # spell, and scans started from the short TTL ago, past longer-lived tasks' entries.
+        ttl = max(self.task_ttl_s, LOOP_CURSOR_TTL_S)
+        await self.db.execute("cursor.advance", (q.owner, q.service, lane, bucket, seq, ttl))
         await self._trim_cursor(q, lane, bucket)
 
     async def _trim_cursor(self, q: QueueKey, lane: int, bucket: int) -> None:

@@ -63,3 +63,25 @@ async def test_a_fleets_scan_positions_stay_a_few_rows_and_never_move_back(harne
     # A bridge that lags far behind writes an old position after the trims: the position stays.
     await fleet[-1].advance_cursor(q, lane, 1_000, _seq(0))
     assert await h.store.cursor(q, lane) == newest
+
+
+async def test_a_lanes_position_outlives_a_short_task_ttl(harness: Harness) -> None:
+    """A position row lived the writing bridge's task TTL. While the TTL is raised pod by pod
+    (1 day to 7), a 1-day bridge's head row, with the rows behind it trimmed, expired after a quiet
+    day: the lane had no position, a scan started from a TTL (the short one) ago and moved past
+    7-day tasks' entries it never read (their hints lost). The row now lives at least a month,
+    whatever the TTL (the trims keep the partition small). Found by review, 2026-12-07."""
+    import asyncio
+    import time
+
+    h = harness
+    if not hasattr(h.store, "db"):
+        pytest.skip("row lifetimes are Cassandra's")
+    short = CassandraTaskStore(h.store.db, h.clock.now_ms, 1)  # type: ignore[attr-defined]
+    q = QueueKey("owner-cursors", f"svc-{uuid.uuid4().hex[:8]}")
+    position = (2_000, _seq(h.clock.now_ms()))
+    await short.advance_cursor(q, 0, *position)
+    ends = time.monotonic() + 2.5  # more than twice the short TTL
+    while time.monotonic() < ends:
+        assert await h.store.cursor(q, 0) == position, "the position expired with the short task TTL"
+        await asyncio.sleep(0.25)
