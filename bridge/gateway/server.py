@@ -128,6 +128,7 @@ class GatewayServer:
         self._runner: web.AppRunner | None = None
         self._closing = False
         self._warn_add_retry = ThrottledWarning(log)  # an outage retries every add: said once a while
+        self._warn_unread = ThrottledWarning(log)  # answers their clients did not take: cut
         self._shielded: set[asyncio.Future[Any]] = set()  # shielded requests still running
         self._in_flight: dict[str, int] = {}  # requests in flight per key id (``_admit``)
         from bridge.gateway.openapi import document, dumps
@@ -240,13 +241,16 @@ class GatewayServer:
             outcome = OK
             if self._closing:
                 response.force_close()  # answered while stopping: the next request goes elsewhere
+            await self._answer(request, response)
             return response
         except asyncio.CancelledError:
             # The client hung up (handlers are cancelled then, ``start``), or the gateway stopped
             # past its grace: no answer goes out. Work under way goes on and is counted when it
             # ends (``shielded``); a request broken off before (its body not all sent) is the
             # client's doing, as a read cut short was before handler cancellation (nginx's 499).
-            outcome = ErrorCode.BAD_REQUEST
+            # (One that hung up while its answer was being written was served: ok.)
+            if outcome != OK:
+                outcome = ErrorCode.BAD_REQUEST
             raise
         except RequestAbandoned:
             # Its connection closed as it waited, before the handler's cancellation came: the
@@ -265,6 +269,25 @@ class GatewayServer:
                 self._release(admitted)
                 if method:
                     self.observe(method, str(outcome), time.perf_counter() - started)
+
+    async def _answer(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Write the answer now, and have it taken within ``BRIDGE_HTTP_READ_TIMEOUT``, else cut
+        the connection. aiohttp writes a handler's response after the middleware and waits for
+        the client to read it with no deadline (its keep-alive timer only runs between
+        requests): a client that never read its answers (megabytes of a parked listing, a tiny
+        receive window) held each one in the bridge's memory for ever, outside every limit (its
+        key's in-flight slot was freed as the handler returned; it is freed after this now)."""
+        try:
+            async with asyncio.timeout(self.read_timeout):
+                await response.prepare(request)
+                await response.write_eof()
+        except TimeoutError:
+            transport = request.transport
+            if transport is not None:
+                transport.abort()  # its buffered answer is let go with it
+            self._warn_unread.warning(
+                "an answer was not taken within %g s (BRIDGE_HTTP_READ_TIMEOUT): connection cut", self.read_timeout
+            )
 
     async def expect(self, request: web.Request) -> web.StreamResponse | None:
         """``Expect: 100-continue``, which aiohttp answers before any middleware: the client is told

@@ -517,12 +517,12 @@ async def test_the_console_reads_no_parked_errors_and_reads_service_counts_16_at
         running, most = 0, 0
         real_stats = queue_module.service_stats
 
-        async def service_stats(*args: Any) -> Any:
+        async def service_stats(*args: Any, **kwargs: Any) -> Any:
             nonlocal running, most
             running += 1
             most = max(most, running)
             try:
-                return await real_stats(*args)
+                return await real_stats(*args, **kwargs)
             finally:
                 running -= 1
 

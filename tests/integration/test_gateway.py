@@ -1226,3 +1226,52 @@ async def test_an_add_held_up_by_the_store_keeps_its_sealed_value_not_its_parsed
     reply = await adding
     assert reply.status == 200, reply.body
     assert len(held) < 100, f"{len(held)} of the value's 20,000 parsed objects held while the write waits"
+
+
+async def test_a_response_its_client_never_reads_is_cut_at_the_read_timeout(start_gateway):
+    """aiohttp writes a response after the handler returned and waits for the client to read it
+    with no deadline; the keep-alive timer only closes a connection waiting for a request. A
+    client that never read its answers (a parked listing of megabytes, a tiny receive window)
+    held each response in the bridge's memory for ever, outside every limit (its key's in-flight
+    slot was already freed). The answer must be taken within ``BRIDGE_HTTP_READ_TIMEOUT``, else
+    the connection is cut (found by review, 2026-12-07)."""
+    b, gw = await start_gateway(max_value_bytes=1 << 20, http_read_timeout=1.5)
+    svc = service_id()
+    big = {"blob": "x" * (1 << 19)}  # (a body over 1 MiB is a warning of aiohttp's client)
+    for i in range(12):  # parked, each with an error of 512 KiB: a listing of about 6 MiB
+        await gw.ok(svc, "tasks", {"value": i, "maxDeliveries": 1})
+        got = await gw.ok(svc, "fetch", {"workerId": f"p{i}"})
+        task = got["task"]
+        named = {"workerId": f"p{i}", "taskId": task["id"], "epoch": task["epoch"], "error": big}
+        assert (await gw.ok(svc, "fail", named))["task"]["parked"] is True
+    runner = b.gateway._runner
+    assert runner is not None and runner.server is not None
+    before = set(map(id, runner.server.connections))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", gw.port))
+    body = json.dumps({"limit": 100}).encode()
+    request = (
+        f"POST /api/queue/{svc}/parked HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {gw.keys['a']}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    sock.sendall(request * 3)  # pipelined: some 12 MiB of answers, past what the sockets buffer
+
+    def stuck() -> list[Any]:
+        return [
+            c
+            for c in runner.server.connections
+            if id(c) not in before and c.transport is not None and c.transport.get_write_buffer_size() > 0
+        ]
+
+    try:
+        (held,) = await wait_for(stuck, 10, what="an answer waiting for its client to read it")
+        # Never read: cut within the read timeout, its buffered answer let go, not held for ever.
+        await wait_for(
+            lambda: held not in runner.server.connections and (held.transport is None or held.transport.is_closing()),
+            15,
+            what="the unread answer's connection cut",
+        )
+    finally:
+        sock.close()
