@@ -7,6 +7,7 @@ import socket
 import sys
 
 import structlog
+from aiohttp.http_exceptions import BadHttpMessage
 
 from bridge.config import Settings
 
@@ -35,6 +36,23 @@ class _ExpectedChannelClose(logging.Filter):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             record.exc_info = None
             record.exc_text = None
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+class _MalformedHttpRequest(logging.Filter):
+    """aiohttp logs a traceback at ERROR (``aiohttp.server``) for every malformed request it
+    answers 400 itself (a bad header line, a broken chunk), before any middleware: anyone who can
+    reach a port flooded the log, and tripped alerts on errors, with one ``nc`` loop. The client's
+    doing, not the bridge's: one DEBUG line; anything else aiohttp logs stays as it is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, BadHttpMessage):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.exc_info = None
+            record.exc_text = None
+            record.msg, record.args = "malformed HTTP request answered 400: %s", (exc.message,)
             return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
         return True
 
@@ -84,3 +102,6 @@ def configure_logging(settings: Settings) -> None:
     tools = logging.getLogger("aio_pika.tools")
     if not any(isinstance(f, _ExpectedChannelClose) for f in tools.filters):
         tools.addFilter(_ExpectedChannelClose())
+    http = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _MalformedHttpRequest) for f in http.filters):
+        http.addFilter(_MalformedHttpRequest())
