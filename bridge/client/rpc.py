@@ -1373,6 +1373,12 @@ class Worker(RpcClient):
         # Such a request may also have claimed a task already, its reply lost: until an answer
         # says what this worker holds, a stopping worker asks the bridge (past that deadline too).
         self._claim_unanswered = False
+        # Set with ``_unsure_until``: the worker's pointer at the bridge may name a task such a
+        # request claimed, and nothing has read it since. Past that deadline the first claiming
+        # request goes without ``fresh`` (the bridge reads the pointer and hands that task), and
+        # ``fresh`` comes back once one sent past the deadline is answered: said at once, the
+        # bridge skipped the pointer, and the task waited out its whole lease.
+        self._pointer_unread = False
         self._failed_polls = 0  # fetches of the loop in a row that got no answer (their pause grows)
         # (task id, epoch, result) of the last task whose handler ran and whose ack never got an
         # answer: if the bridge hands this worker that very lease again (a fetch not ``fresh``, the
@@ -1400,7 +1406,7 @@ class Worker(RpcClient):
             body["timeToRecover"] = ttr
         if wait_ms:
             body["waitMs"] = wait_ms
-        if self._holds_nothing:
+        if self._holds_nothing and not self._pointer_unread:
             body["fresh"] = True
         self._holds_nothing = False  # until this fetch is answered
         reply = await self._claiming_call("fetch", body, wait_s=wait_ms / 1000)
@@ -1411,7 +1417,10 @@ class Worker(RpcClient):
         # Its deadline (the bridge ends a long-poll there, and executes nothing after it) on this
         # host's monotonic clock, plus a second for the two hosts' clocks: from when it was sent,
         # not from when it failed (a RequestTimeout comes at that deadline already).
-        deadline = time.monotonic() + wait_s + self.timeout + 1.0
+        now = time.monotonic()
+        deadline = now + wait_s + self.timeout + 1.0
+        fresh = body.get("fresh") if method == "fetch" else body.get("next", {}).get("fresh")
+        reads_pointer = not fresh and now >= self._unsure_until
         try:
             reply = await self.call(method, body, wait_s=wait_s)
         except TransportError as exc:
@@ -1420,15 +1429,17 @@ class Worker(RpcClient):
             # nothing, and fetch meanwhile, while RabbitMQ is down or the exchange missing).
             if not isinstance(exc, BrokerRefused) and not (isinstance(exc, ConnectionLost) and not exc.sent):
                 self._unsure_until = max(self._unsure_until, deadline)
-                self._claim_unanswered = True
+                self._claim_unanswered = self._pointer_unread = True
             raise
         except asyncio.CancelledError:
             # Cancelled by its caller (a timeout around it, a task group torn down): the request
             # may be at a bridge, still waiting, and claim a task for this worker there while the
             # connection (its reply-to) lives. The next fetch must not say ``fresh`` until then.
             self._unsure_until = max(self._unsure_until, deadline)
-            self._claim_unanswered = True
+            self._claim_unanswered = self._pointer_unread = True
             raise
+        if reads_pointer and now >= self._unsure_until:
+            self._pointer_unread = False  # read past every unanswered request's deadline
         # Answered: what it says this worker holds is known (an ack's ``next`` answered with an
         # error may have claimed before it failed: not known).
         following = reply.get("next") if method == "ack" else None
@@ -1553,7 +1564,11 @@ class Worker(RpcClient):
         # while a request without an answer (a long-poll its caller cancelled) may still claim one
         # for this worker at another bridge (:attr:`_unsure_until`): ``fresh``, the bridge skipped
         # the pointer naming that task, which then waited out its whole lease.
-        nxt: dict[str, Any] = {"fresh": self._unanswered_ack != current.id and time.monotonic() >= self._unsure_until}
+        nxt: dict[str, Any] = {
+            "fresh": self._unanswered_ack != current.id
+            and time.monotonic() >= self._unsure_until
+            and not self._pointer_unread
+        }
         ttr = time_to_recover_ms or self.time_to_recover_ms
         if ttr is not None:
             nxt["timeToRecover"] = ttr
@@ -1877,8 +1892,10 @@ class Worker(RpcClient):
         ends the asking (logged). A fetch of its own that loses its reply too is not waited for
         (logged). Past the deadline, it asks once all the same if such a request may have
         claimed a task before its reply was lost (:attr:`_claim_unanswered`: until an answer
-        said what the worker holds): otherwise that task stayed leased to the stopped worker."""
-        if time.monotonic() >= self._unsure_until and not self._claim_unanswered:
+        said what the worker holds; nor the pointer read since, :attr:`_pointer_unread`: a
+        retry's answer did not say what the lost request claimed after it): otherwise that task
+        stayed leased to the stopped worker."""
+        if time.monotonic() >= self._unsure_until and not self._claim_unanswered and not self._pointer_unread:
             return
         # Such a request's reply-to dies with the connection: a long-poll waiting at a bridge then
         # claims nothing more. Left to fetch back: a claim past its probe already, or made by a

@@ -601,6 +601,32 @@ async def test_ack_and_fetch_retried_after_a_lost_reply_is_not_fresh(monkeypatch
     assert retry["taskId"] == first["taskId"] == "t1"
 
 
+async def test_after_an_unanswered_claim_the_first_request_past_its_deadline_reads_the_pointer(monkeypatch) -> None:
+    """A request that got no answer may have claimed a task for this worker at a bridge (its reply
+    lost) any time until its deadline; past that deadline the worker said ``fresh`` again at once,
+    the bridge skipped the pointer naming that task, and it waited out its whole lease (up to
+    12 h; a delivery spent, a task at its limit parked without running). The first claiming request
+    past the deadline (a fetch, or an ack's ``next``) is sent without ``fresh``, and ``fresh`` comes
+    back once such a request is answered (found by review, 2026-12-07)."""
+    worker = Worker(URL, service="svc", worker_id="w1")
+    bridge = attach(
+        worker,
+        FakeBridge(ack=[RequestTimeout("no reply"), next_task("t2"), next_task("t3")]),
+        monkeypatch,
+    )
+    held_task(worker)
+    with pytest.raises(RequestTimeout):
+        await worker.ack_and_fetch("done")  # its copy may claim at a bridge until its deadline
+    _, t2 = await worker.ack_and_fetch("done")  # the retry (not fresh), answered: t2
+    assert t2 is not None
+    worker._unsure_until = 0.0  # the unanswered copy's deadline has passed
+    _, t3 = await worker.ack_and_fetch("done with t2")
+    assert t3 is not None
+    assert bridge.bodies("ack")[2]["next"]["fresh"] is False, "the pointer unread since the lost claim"
+    await worker.ack_and_fetch("done with t3")
+    assert bridge.bodies("ack")[3]["next"]["fresh"] is True, "read once past the deadline: fresh again"
+
+
 async def test_ack_and_fetch_whose_next_fetch_failed_leaves_the_next_fetch_not_fresh(monkeypatch) -> None:
     worker = Worker(URL, service="svc", worker_id="w1")
     failed = {"result": True, "next": {"error": {"code": "unavailable", "message": "cassandra unavailable"}}}
