@@ -1739,10 +1739,10 @@ class Worker(RpcClient):
                 self.stop_timeout,
             )
             if not task._settled:
-                await self._give_back(task, "StopTimeout", "cancelled at the worker's stop", retry_in_ms=0)
+                await self._give_back(task, "StopTimeout", "cancelled at the worker's stop", retry_in_ms=0, stop=stop)
             return False, None
         except Exception as exc:
-            if not await self._failed_in_handler(task, exc):
+            if not await self._failed_in_handler(task, exc, stop):
                 return True, None
             result = None  # (its own ack's outcome is sent: ``_conclude``)
         except asyncio.CancelledError as exc:
@@ -1807,7 +1807,7 @@ class Worker(RpcClient):
             return False, None
         return None
 
-    async def _failed_in_handler(self, task: Task, exc: Exception) -> bool:
+    async def _failed_in_handler(self, task: Task, exc: Exception, stop: asyncio.Event | None) -> bool:
         """``task``'s handler raised ``exc``: given back (a technical failure) unless the handler
         settled it; True (nothing given back) when the handler's own ack or ack_error got no
         answer: that outcome is to be sent again (``_serve``). Given back, a business error
@@ -1815,7 +1815,7 @@ class Worker(RpcClient):
         if task._settled or task._attempted is None:
             log.warning("task %s failed in its handler: %s: %s", task.id, type(exc).__name__, exc)
             if not task._settled:
-                await self._give_back(task, type(exc).__name__, str(exc))
+                await self._give_back(task, type(exc).__name__, str(exc), stop=stop)
             return False
         log.warning("task %s: its handler's ack got no answer (%s): sent again", task.id, type(exc).__name__)
         return True
@@ -2027,23 +2027,44 @@ class Worker(RpcClient):
             left = min(left, self.stop_grace)
         return time.monotonic() + left
 
-    async def _give_back(self, task: Task, kind: str, message: str, *, retry_in_ms: int | None = None) -> None:
+    async def _give_back(
+        self,
+        task: Task,
+        kind: str,
+        message: str,
+        *,
+        retry_in_ms: int | None = None,
+        stop: asyncio.Event | None = None,
+    ) -> None:
         """Fail ``task``: its handler raised (``kind`` is the exception's type) or its result was
         refused. The error names ``kind`` and ``message`` (cut to :data:`ERROR_MESSAGE_MAX`
         characters); if the bridge refuses that (larger than its limit) or JSON cannot carry it,
         ``kind`` alone. The loop goes on whatever happens: a task not given back returns when
-        its lease ends."""
+        its lease ends. With ``stop`` set (the loop ends after this task), a fail without an answer
+        is sent again within :attr:`stop_grace`, as the ack at stop is: nothing would send it
+        again later, and the task stayed leased for the whole lease its heartbeat last set."""
         if len(message) > ERROR_MESSAGE_MAX:
             message = f"{message[:ERROR_MESSAGE_MAX]}... ({len(message)} characters)"
-        await self._send_fail(task, [{"type": kind, "message": message}, {"type": kind}], retry_in_ms=retry_in_ms)
+        errors = [{"type": kind, "message": message}, {"type": kind}]
+        until = time.monotonic() + self.stop_grace if stop is not None and stop.is_set() else None
+        await self._send_fail(task, errors, retry_in_ms=retry_in_ms, until=until)
 
-    async def _send_fail(self, task: Task, errors: Sequence[Any], *, retry_in_ms: int | None, resent: int = 0) -> None:
+    async def _send_fail(
+        self,
+        task: Task,
+        errors: Sequence[Any],
+        *,
+        retry_in_ms: int | None,
+        resent: int = 0,
+        until: float | None = None,
+    ) -> None:
         """:meth:`_give_back`: fail ``task`` with the first of ``errors`` the bridge takes. One
         without an answer may not have applied: its lease is remembered (:attr:`_fail_in_hand`),
-        and if a fetch hands it back, the fail is sent again (see ``_serve``)."""
+        and if a fetch hands it back, the fail is sent again (see ``_serve``); with ``until``
+        (monotonic: the worker stops), sent again until then instead."""
         for error in errors:
             try:
-                await task.fail(error, retry_in_ms=retry_in_ms)
+                await self._fail_until(task, error, retry_in_ms, until)
                 return
             except (TransportError, UnavailableError) as lost:
                 # (A bridge before 1.1 names no epoch: no lease to recognise.)
@@ -2059,6 +2080,19 @@ class Worker(RpcClient):
             except (BridgeClientError, ValueError) as refused:
                 log.warning("task %s: its error was refused (%s)", task.id, refused)
         log.warning("task %s not given back: it returns when its lease ends", task.id)
+
+    async def _fail_until(self, task: Task, error: Any, retry_in_ms: int | None, until: float | None) -> None:
+        """``task.fail``, sent again after no answer (jittered pauses) until ``until`` when given."""
+        failed = 0
+        while True:
+            try:
+                await task.fail(error, retry_in_ms=retry_in_ms)
+                return
+            except (TransportError, UnavailableError):
+                failed += 1
+                if until is None or time.monotonic() >= until:
+                    raise
+                await asyncio.sleep(max(0.0, min(until - time.monotonic(), self._backoff_s(failed))))
 
     def _backoff_s(self, failed: int) -> float:
         """The pause after ``failed`` requests in a row got no answer: full jitter (uniform up to

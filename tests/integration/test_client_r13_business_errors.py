@@ -71,3 +71,47 @@ async def test_a_business_error_is_acked_as_one_through_a_lost_ack(bridge, engin
     other = Worker(servers.amqp_url(OWNERS[0]), service=svc, worker_id="r13-other", exchange=names["exchange"])
     async with other:
         assert await other.fetch(wait_ms=0) is None
+
+
+async def test_a_task_given_back_at_stop_whose_fail_got_no_answer_is_given_back_again(bridge, engine, servers, names):
+    """At stop, a task whose handler failed (or ``stop_timeout`` cut it) was given back with one
+    fail; lost to a blip, nothing sent it again (the loop was ending), and the task stayed leased
+    for the whole lease its heartbeat last set, not back "at once" as the README says. The fail is
+    sent again within ``stop_grace``, as the ack at stop is (found by review, 2026-12-07)."""
+    svc = service_id()
+    task_id = await engine.add(svc, {"n": 1})
+    w = Worker(
+        servers.amqp_url(OWNERS[0]),
+        service=svc,
+        worker_id="r13-stop-fail",
+        exchange=names["exchange"],
+        time_to_recover_ms=600_000,
+    )
+    w.wait_ms = 1_000
+    sent: list[str] = []
+    real_call, blips = w.call, [1]
+
+    async def call(method: str, body: Any, **kw: Any) -> dict[str, Any]:
+        sent.append(method)
+        if method == "fail" and blips:
+            blips.pop()
+            raise ConnectionLost("the broker went away (a blip)", sent=False)
+        return await real_call(method, body, **kw)
+
+    w.call = call  # type: ignore[method-assign]
+    stop = asyncio.Event()
+
+    async def handler(task: Task) -> None:
+        stop.set()
+        raise RuntimeError("the work failed as the worker stopped")
+
+    await w.open()
+    try:
+        await asyncio.wait_for(w.run(handler, stop=stop), 30.0)
+    finally:
+        await w.close()
+    assert sent.count("fail") == 2, sent
+    other = Worker(servers.amqp_url(OWNERS[0]), service=svc, worker_id="r13-next", exchange=names["exchange"])
+    async with other:
+        again = await other.fetch(wait_ms=5_000)
+    assert again is not None and again.id == task_id, "back at once, not after its 10-minute lease"
