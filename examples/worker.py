@@ -146,7 +146,7 @@ async def main(
             error = {"message": f"{name} failed on purpose ({why})"}
             ok = await _settle(task, error=error)
             say(f"{name}: failed on purpose")
-            if ok is None:  # never answered: raised, run gives the task back (returned, run would ack None)
+            if ok is None:  # never answered: run sends the business error again (raised or returned alike)
                 raise RuntimeError(f"{name}: its business error got no answer")
             if not ok:
                 say(f"{name}: the bridge did not take the ack (lease lost: the task went to another worker)")

@@ -1108,6 +1108,20 @@ class Task:
     _attempted: tuple[Any, Any] | None = field(default=None, repr=False)
 
     @contextlib.asynccontextmanager
+    async def _attempting(self, result: Any, error: Any) -> AsyncIterator[None]:
+        """Remember the outcome sent while it may still be without an answer (``Worker.run``
+        sends it again); forgotten when the bridge (or this client, before sending) refused it:
+        that is an answer, and what the handler does next is its outcome."""
+        self._attempted = (result, error)
+        try:
+            yield
+        except (TransportError, UnavailableError):
+            raise
+        except (BridgeClientError, ValueError):
+            self._attempted = None
+            raise
+
+    @contextlib.asynccontextmanager
     async def _settling_it(self) -> AsyncIterator[None]:
         self._settling += 1
         try:
@@ -1117,8 +1131,7 @@ class Task:
 
     async def ack(self, result: Any = None) -> bool:
         """Complete this task (never another one): true if this lease completed it."""
-        self._attempted = (result, None)
-        async with self._settling_it():
+        async with self._settling_it(), self._attempting(result, None):
             done = await self.worker.ack(result=result, task_id=self.id, epoch=self.epoch, has_token=self.has_token)
         self._settled = True  # answered (a request without an answer may be retried: keep the lease)
         self._ack_refused = self._ack_refused or not done
@@ -1129,8 +1142,7 @@ class Task:
         work was done and its answer is an error. For a failure to do the work, see :meth:`fail`."""
         if error is None:  # on the wire that is an ack with a null result: a success
             raise ValueError("a business error cannot be None")
-        self._attempted = (None, error)
-        async with self._settling_it():
+        async with self._settling_it(), self._attempting(None, error):
             done = await self.worker.ack(error=error, task_id=self.id, epoch=self.epoch, has_token=self.has_token)
         self._settled = True
         self._ack_refused = self._ack_refused or not done
@@ -1304,6 +1316,8 @@ ACK_ATTEMPTS = 3  # Worker.run: an ack (with next, or alone on stop) sent again 
 MISCONFIGURED = (BadRequestError, PayloadTooLargeError, UnauthorizedError, UnknownOwnerError)
 POLL_PAUSE_MAX_S = 5.0  # Worker.run: the longest pause between fetches that got no answer
 BACKOFF_BASE_S = 0.1  # ... and the least its doubling starts from, whatever ``poll_interval``
+_STOPPED = asyncio.Event()  # a stop already set: an ack sent on the way out takes no next task
+_STOPPED.set()
 ERROR_MESSAGE_MAX = 4096  # Worker.run: characters of a handler's exception kept in a fail's error
 # Worker.run on stop, while a request without an answer may still claim a task for it: how often
 # it asks the bridge whether it holds a task (an extend naming none: one read of its pointer).
@@ -1732,15 +1746,7 @@ class Worker(RpcClient):
         except TaskError as business:  # the task's answer is a business error
             result, error = None, business.error
         except _StopTimeout:
-            log.warning(
-                "task %s: its handler was still running %gs after stop (stop_timeout): cancelled, "
-                "the task given back to come again at once",
-                task.id,
-                self.stop_timeout,
-            )
-            if not task._settled:
-                await self._give_back(task, "StopTimeout", "cancelled at the worker's stop", retry_in_ms=0, stop=stop)
-            return False, None
+            return await self._cut_at_stop(task, stop)
         except Exception as exc:
             if not await self._failed_in_handler(task, exc, stop):
                 return True, None
@@ -1752,17 +1758,41 @@ class Worker(RpcClient):
                 # back before the cancellation goes on, not left leased to a worker that is gone.
                 if not task._settled:
                     with contextlib.suppress(Exception, asyncio.CancelledError):
-                        giving = self._give_back(task, "Cancelled", "the worker's run was cancelled", retry_in_ms=0)
+                        giving = (
+                            self._conclude(task, None, None, _STOPPED)  # an ack alone: no next task
+                            if task._attempted is not None
+                            else self._give_back(task, "Cancelled", "the worker's run was cancelled", retry_in_ms=0)
+                        )
                         await asyncio.wait_for(asyncio.shield(giving), self.timeout)
                 raise
             # Nobody cancelled ``run``: the handler awaited something another part of the program
             # cancelled. Its failure, as any exception: ended, ``run`` left the task leased to a
             # worker that no longer served.
+            if task._attempted is not None and not task._settled:
+                return await self._conclude(task, None, None, stop)  # its own unanswered ack: again
             log.warning("task %s failed in its handler: CancelledError: %s", task.id, exc)
             if not task._settled:
-                await self._give_back(task, "CancelledError", str(exc) or "an await of the handler was cancelled")
+                await self._give_back(
+                    task, "CancelledError", str(exc) or "an await of the handler was cancelled", stop=stop
+                )
             return True, None
         return await self._conclude(task, result, error, stop)
+
+    async def _cut_at_stop(self, task: Task, stop: asyncio.Event | None) -> tuple[bool, Task | None]:
+        """``task``'s handler was cancelled by :attr:`stop_timeout`: given back to come again at
+        once, unless its own ack (or ack_error) got no answer before the cut: that outcome is
+        sent again, not the finished task given back to run a second time."""
+        log.warning(
+            "task %s: its handler was still running %gs after stop (stop_timeout): cancelled, "
+            "the task given back to come again at once",
+            task.id,
+            self.stop_timeout,
+        )
+        if task._attempted is not None and not task._settled:
+            return await self._conclude(task, None, None, stop)
+        if not task._settled:
+            await self._give_back(task, "StopTimeout", "cancelled at the worker's stop", retry_in_ms=0, stop=stop)
+        return False, None
 
     async def _conclude(
         self, task: Task, result: Any, error: Any, stop: asyncio.Event | None
@@ -1803,7 +1833,8 @@ class Worker(RpcClient):
                 task.id,
                 task.epoch,
             )
-            await self._send_fail(task, [failing[2]], retry_in_ms=failing[3], resent=failing[4] + 1)
+            until = time.monotonic() + self.stop_grace if stop is not None and stop.is_set() else None
+            await self._send_fail(task, [failing[2]], retry_in_ms=failing[3], resent=failing[4] + 1, until=until)
             return False, None
         return None
 
@@ -1998,7 +2029,7 @@ class Worker(RpcClient):
                 await asyncio.sleep(pause)
             except (BridgeClientError, jsonvalue.JsonError) as refused:
                 log.warning("task %s: its result was refused (%s: %s)", task.id, type(refused).__name__, refused)
-                await self._give_back(task, "ResultRefused", f"{type(refused).__name__}: {refused}")
+                await self._give_back(task, "ResultRefused", f"{type(refused).__name__}: {refused}", stop=stop)
                 return None, None
             else:
                 # A next task the reply hands once stop is set (it came while the request was on
@@ -2139,7 +2170,9 @@ class Worker(RpcClient):
             # Not long-polling, or a long-poll answered empty well before its wait: a bridge that
             # does not long-poll (BRIDGE_HINTS=false, or one before contract 1.2) answers at once,
             # and fetching again at once turned the loop into a busy poll of its store.
-            await self._pause(self.poll_interval, stop)
+            # (At least BACKOFF_BASE_S: with ``poll_interval=0`` a worker sent hundreds of fetches
+            # a second to such a bridge, each a scan of the ready index.)
+            await self._pause(max(self.poll_interval, BACKOFF_BASE_S), stop)
         return task
 
     async def _fetch_unless_stopped(self, stop: asyncio.Event | None) -> Task | None:

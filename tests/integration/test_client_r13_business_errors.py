@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from bridge.client import ConnectionLost, Task, TaskError, Worker
+from bridge.client import ConnectionLost, PayloadTooLargeError, Task, TaskError, Worker
 from tests.conftest import OWNERS, service_id
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -115,3 +115,81 @@ async def test_a_task_given_back_at_stop_whose_fail_got_no_answer_is_given_back_
     async with other:
         again = await other.fetch(wait_ms=5_000)
     assert again is not None and again.id == task_id, "back at once, not after its 10-minute lease"
+
+
+async def test_an_ack_the_bridge_refused_is_not_sent_again_in_place_of_the_handlers_fallback(
+    bridge, engine, servers, names
+):
+    """A refusal is an answer: a handler whose ack was refused (too large) and that returned a
+    smaller fallback had its refused ack sent again in place of the fallback, refused again, and
+    the task given back (a re-review, 2026-12-07)."""
+    svc = service_id()
+    task_id = await engine.add(svc, {"n": 1})
+    w = Worker(servers.amqp_url(OWNERS[0]), service=svc, worker_id="r13-refused", exchange=names["exchange"])
+    w.wait_ms = 1_000
+    sent: list[tuple[str, dict[str, Any]]] = []
+    real_call = w.call
+
+    async def call(method: str, body: Any, **kw: Any) -> dict[str, Any]:
+        sent.append((method, {k: v for k, v in body.items() if k != "result" or len(str(v)) < 100}))
+        return await real_call(method, body, **kw)
+
+    w.call = call  # type: ignore[method-assign]
+    stop = asyncio.Event()
+
+    async def handler(task: Task) -> str:
+        stop.set()
+        with contextlib.suppress(PayloadTooLargeError):
+            await task.ack("x" * (2 << 20))
+        return "a summary instead"
+
+    await w.open()
+    try:
+        await asyncio.wait_for(w.run(handler, stop=stop), 30.0)
+    finally:
+        await w.close()
+    assert not [m for m, _ in sent if m == "fail"], sent
+    acks = [body for m, body in sent if m == "ack"]
+    assert len(acks) == 2 and acks[1].get("result") == "a summary instead", acks
+    other = Worker(servers.amqp_url(OWNERS[0]), service=svc, worker_id="r13-refused-2", exchange=names["exchange"])
+    async with other:
+        assert await other.fetch(wait_ms=0) is None, f"{task_id} came back"
+
+
+async def test_a_handler_cut_at_stop_after_its_own_ack_got_no_answer_has_that_ack_sent_again(
+    bridge, engine, servers, names
+):
+    """``stop_timeout`` cut a handler that was retrying its own ``ack_error`` through a blip: the
+    task was given back (``StopTimeout``) to run again, the engine never told (a re-review,
+    2026-12-07). Its outcome is sent again instead."""
+    svc = service_id()
+    await engine.add(svc, {"n": 1})
+    w = Worker(
+        servers.amqp_url(OWNERS[0]), service=svc, worker_id="r13-cut", exchange=names["exchange"], stop_timeout=0.5
+    )
+    w.wait_ms = 1_000
+    sent: list[str] = []
+    real_call, blips = w.call, [1]
+
+    async def call(method: str, body: Any, **kw: Any) -> dict[str, Any]:
+        sent.append(method)
+        if method == "ack" and blips:
+            blips.pop()
+            raise ConnectionLost("the broker went away (a blip)", sent=False)
+        return await real_call(method, body, **kw)
+
+    w.call = call  # type: ignore[method-assign]
+    stop = asyncio.Event()
+
+    async def handler(task: Task) -> None:
+        stop.set()
+        with contextlib.suppress(ConnectionLost):
+            await task.ack_error(DECLINED)
+        await asyncio.Event().wait()  # retrying, say, until stop_timeout cuts it
+
+    await w.open()
+    try:
+        await asyncio.wait_for(w.run(handler, stop=stop), 30.0)
+    finally:
+        await w.close()
+    assert "fail" not in sent and sent.count("ack") == 2, sent

@@ -126,3 +126,25 @@ def test_a_worker_polling_without_pause_still_backs_off_after_failures() -> None
     assert all(0 <= p <= rpc.POLL_PAUSE_MAX_S for p in pauses)
     with pytest.raises(ValueError, match="poll_interval"):
         Worker("amqp://u:p@127.0.0.1:1/", service="s", worker_id="w", poll_interval=-1)
+
+
+async def test_a_worker_polling_without_pause_pauses_after_an_empty_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bridge that does not long-poll (BRIDGE_HINTS=false) answers an empty queue at once: with
+    ``poll_interval=0`` one idle worker sent some 450 fetches a second, each a scan of the ready
+    index (a re-review, 2026-12-07). The pause after such an answer is at least
+    ``BACKOFF_BASE_S``."""
+    from bridge.client import Worker
+
+    worker = Worker("amqp://u:p@127.0.0.1:1/", service="s", worker_id="w", poll_interval=0)
+    paused: list[float] = []
+
+    async def call(method: str, body: Any, **kw: Any) -> dict[str, Any]:
+        return {"result": None, "_headers": {}}
+
+    async def pause(seconds: float, stop: Any) -> None:
+        paused.append(seconds)
+
+    monkeypatch.setattr(worker, "call", call)
+    monkeypatch.setattr(worker, "_pause", pause)
+    assert await worker._poll() is None
+    assert paused and min(paused) >= rpc.BACKOFF_BASE_S, paused
