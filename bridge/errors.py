@@ -21,6 +21,7 @@ Exception hierarchy::
     ├── Unavailable ........................... unavailable (retryable)
     │   ├── Busy (turned away on purpose: a cap,  bridge.transport.errors
     │   │   a stop; counted outcome="busy")
+    │   ├── ClockOff (this bridge's clock may be too far off to file or place: another bridge serves it)
     │   ├── KeyMissing
     │   ├── KeysUnavailable (the key provider failed for an owner)
     │   │   └── OwnerKeyUnusable (that owner's key-server entry is unusable)

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from bridge.domain.clock import Clock
 from bridge.domain.counting import QueueCounts
-from bridge.domain.errors import Unavailable
+from bridge.domain.errors import ClockOff
 from bridge.domain.records import QueueKey
 from bridge.domain.sealing import OwnerKeys
 from bridge.domain.store import TaskStore
@@ -61,14 +61,14 @@ CLOCK_OFF_FOR_FILING_MS = 1_000
 
 
 def require_clock_for_filing(gate: LeaseGate) -> None:
-    """Raise ``Unavailable`` (retry on another bridge) when this bridge's clock is known off by
+    """Raise ``ClockOff`` (``unavailable``: retry on another bridge) when this bridge's clock is known off by
     more than :data:`CLOCK_OFF_FOR_FILING_MS`, or not known."""
     if gate.ok:
         return
     bound = gate.error_bound_ms()
     if bound is not None and bound <= CLOCK_OFF_FOR_FILING_MS:
         return
-    raise Unavailable(f"this bridge's clock is off now: {gate.describe()}; retry on another bridge")
+    raise ClockOff(f"this bridge's clock is off now: {gate.describe()}; retry on another bridge")
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ from bridge.errors import BridgeError, ErrorCode
 __all__ = [
     "BadRequest",
     "BridgeError",
+    "ClockOff",
     "IntegrityError",
     "KeyMissing",
     "KeysUnavailable",
@@ -71,6 +72,11 @@ class KeysUnavailable(Unavailable):
 class OwnerKeyUnusable(KeysUnavailable):
     """The key server answered, but this owner's entry is unusable (``BadKeyAnswer``): that owner's
     misconfiguration, not an outage of the server; it lasts until an operator fixes the entry."""
+
+
+class ClockOff(Unavailable):
+    """This bridge's clock may be off by more than it may file or place by: another bridge serves
+    the request. Not retried in place (the condition is this bridge's, for seconds or more)."""
 
 
 class KeyMissing(Unavailable):

@@ -894,9 +894,11 @@ class Lifecycle:
             if walk.looked >= PURGE_MAX or walk.read >= PURGE_SCAN_MAX:
                 walk.truncated = True
                 break
-        if lead is not None:
+        if lead is not None and self.ctx.gate.ok:
             # The dispatcher's rule: past a leading run of taken entries, settled (no write can
-            # land before them any more), later walks and scans start after it.
+            # land before them any more), later walks and scans start after it. Settled by this
+            # bridge's clock: not moved while it is uncertain (served within a second, a purge
+            # ahead moved the cursor past an add still in time by its adder's rule).
             await self.store.advance_cursor(q, lane, *lead)
 
     async def _purge_one(self, q: QueueKey, e: ReadyEntry, lease: Lease | None, now: int, margin: int) -> bool:

@@ -392,7 +392,7 @@ class WorkQueue:
         the head of its lane, unless it is claimed already (then it was found). A claim of either
         entry is decided by the lease, as for two entries of a re-exposed task. Rare: nothing is
         read or written for an add that lands in time (the reply waits for this otherwise)."""
-        if self.ctx.clock.now_ms() - ms_of(task_id) <= self._lands_in_time_ms:
+        if self.ctx.clock.now_ms() - ms_of(task_id) <= self._lands_in_time_ms - self._clock_slack_ms():
             return  # in time (a delayed task's id is its due time: late only once past it)
         store = self.ctx.store
         if await store.lease(q, task_id, serial=False) is not None:
@@ -411,12 +411,24 @@ class WorkQueue:
         """Write a second entry ``ahead_ms`` after now; None if it landed in time for its place,
         else how long its write took (ms)."""
         started = self.ctx.clock.now_ms()
-        seq = new_task_id(started + ahead_ms)
+        slack = self._clock_slack_ms()
+        seq = new_task_id(started + ahead_ms + slack)
         await self.ctx.store.enter_again(q, task_id, seq, payload)
         self.ctx.metrics.inc("adds_entered_again")
         log.debug("task entered again: stored late", extra={"task_id": str(task_id)})
         done = self.ctx.clock.now_ms()
-        return None if done - ms_of(seq) <= self._lands_in_time_ms else done - started
+        return None if done - ms_of(seq) <= self._lands_in_time_ms - slack else done - started
+
+    def _clock_slack_ms(self) -> int:
+        """How far behind this bridge's clock may be now, beyond the skew margin: served while it
+        is known within a second (``require_clock_for_filing``), it stamps ids up to that much in
+        the past, and the time the scans leave a write to land is that much shorter (a bridge
+        900 ms behind judged a 200 ms write in time, and it landed behind a busy lane's scans)."""
+        gate = self.ctx.gate
+        if gate.ok:
+            return 0
+        bound = gate.error_bound_ms()
+        return 0 if bound is None else int(bound)
 
     async def _enter_ahead(self, q: QueueKey, task_id: uuid.UUID, payload: Payload, took_ms: int) -> None:
         failures = 0

@@ -666,8 +666,13 @@ class RecoveryScheduler:
             # the next round on the partition completes it: let go now, that round (another
             # bridge's claim, refused) committed it later, and the task stayed leased to a dead
             # worker with no deadline left until its TTL. A SERIAL read completes such a round
-            # first. Rare: a claim written ahead and never applied.
-            lease = await self.store.lease(q, entry.task_id, serial=True)
+            # first. Rare: a claim written ahead and never applied. A SERIAL read fails where the
+            # batched plain read did not (a round in progress to finish, an LWT-timeout storm):
+            # this entry alone is put off, not every later deadline of the fleet behind it.
+            try:
+                lease = await self.store.lease(q, entry.task_id, serial=True)
+            except Unavailable as exc:
+                return await self._put_off(entry, now, exc)
         if lease is not None and lease.state is LeaseState.PARKED and lease.epoch == entry.epoch:
             # Parked at this epoch, or a redrive on its way: it files this deadline, then unparks
             # (same epoch). Settled here, the entry's key was skipped by every later pass of the

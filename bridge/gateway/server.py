@@ -281,6 +281,10 @@ class GatewayServer:
             async with asyncio.timeout(self.read_timeout):
                 await response.prepare(request)
                 await response.write_eof()
+        except ConnectionError:
+            # The client went as its answer was written (its hang-up not seen by aiohttp yet): the
+            # request was served; aiohttp's own write ignores this quietly too.
+            return
         except TimeoutError:
             transport = request.transport
             if transport is not None:

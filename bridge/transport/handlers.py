@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from bridge.config import Settings
 from bridge.domain.cancellation import ConnectionCancelled, is_stray, stray_as_failure
 from bridge.domain.deadlines import request_deadline_ms
-from bridge.domain.errors import BadRequest, NotSent, OwnerKeyUnusable, Unavailable
+from bridge.domain.errors import BadRequest, ClockOff, NotSent, OwnerKeyUnusable, Unavailable
 from bridge.domain.fetching import RequestAbandoned
 from bridge.domain.models import AckWithNextRequest, AddCommand, FetchRequest, parse
 from bridge.domain.queue import PendingAdd, WorkQueue
@@ -334,7 +334,9 @@ class RequestHandlers:
                     replaces=replaces,
                 )
             except BridgeError as exc:
-                retry = fate_of(wire_code(exc), "add").retry
+                retry = fate_of(wire_code(exc), "add").retry and not isinstance(exc, ClockOff)
+                # (ClockOff: this bridge's clock, for seconds or more: requeued at once for a
+                # bridge that can place it, not held here 30 s as its consumer pauses.)
                 if not retry or time.monotonic() + delay > give_up or not self._consuming():
                     raise
                 if isinstance(exc, OwnerKeyUnusable) and pending is None and not in_place:

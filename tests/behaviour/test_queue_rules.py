@@ -553,3 +553,6 @@ async def test_stats_on_a_bridge_whose_clock_is_off_move_no_cursor(harness: Harn
     h.queue.ctx.gate = Skewed(300.0)
     await h.queue.stats(OWNER, h.service)
     assert [await h.store.cursor(q, lane) for lane in (0, 1)] == before
+    # Nor a purge (served within a second: it cancels by this clock, but moves no cursor by it).
+    assert await h.queue.lifecycle.purge(OWNER, h.service) == (0, False)
+    assert [await h.store.cursor(q, lane) for lane in (0, 1)] == before

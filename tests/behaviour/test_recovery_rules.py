@@ -1340,3 +1340,39 @@ async def test_a_re_exposure_landing_later_than_the_settle_window_less_the_margi
     finally:
         store.expose_recovered = real_expose  # type: ignore[method-assign]
     assert len(set(map(str, writes))) == 2, f"written once ({writes}): it may land behind a scan ahead by the margin"
+
+
+async def test_a_failed_serial_read_puts_off_its_deadline_alone(harness: Harness) -> None:
+    """The SERIAL read before settling a deadline whose lease does not show its claim can fail
+    where the batched plain read did not (a round in progress to finish): raised, it failed the
+    whole pass, and every later deadline of the fleet waited behind it. That deadline alone is
+    put off (filed ENTRY_RETRY_MS later); the task still comes back (a re-review, 2026-12-07)."""
+    from bridge.domain.scheduler import ENTRY_RETRY_MS
+
+    h = harness
+    task_id = uuid.UUID(await h.add("v"))
+    assert await h.fetch("w", ttr_ms=10_000) is not None
+    h.scheduler.cancel_timers()
+    real_leases_of, real_lease = h.store.leases_of, h.store.lease
+    failures = [1]
+
+    async def leases_of(q: QueueKey, ids: Any) -> dict[uuid.UUID, Any]:
+        found = await real_leases_of(q, ids)
+        found.pop(task_id, None)  # the claim not seen by a plain read
+        return found
+
+    async def lease(q: QueueKey, tid: uuid.UUID, *, serial: bool = True) -> Any:
+        if serial and tid == task_id and failures:
+            failures.pop()
+            raise Unavailable("cassandra: CAS timeout")
+        return None if not serial and tid == task_id else await real_lease(q, tid, serial=serial)
+
+    h.store.leases_of, h.store.lease = leases_of, lease  # type: ignore[method-assign]
+    try:
+        for _ in range(12):
+            await h.advance(2_500)
+    finally:
+        h.store.leases_of, h.store.lease = real_leases_of, real_lease  # type: ignore[method-assign]
+    assert not failures, "the SERIAL read was not asked"
+    got = await h.fetch_until("other", limit_ms=ENTRY_RETRY_MS + 10_000)
+    assert uuid.UUID(str(got.task_id)) == task_id

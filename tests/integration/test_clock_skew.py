@@ -300,3 +300,40 @@ async def test_a_bridge_whose_first_clock_probes_fail_takes_no_request_before_it
     b = await make_bridge(start_timeout=30)
     assert failures == 0
     assert b.anchor is not None and b.anchor.anchor is not None, "serving before Cassandra's time was read"
+
+
+async def test_adds_taken_by_a_bridge_whose_clock_is_far_off_are_requeued_not_held(
+    make_bridge, servers, names, workers, monkeypatch
+):
+    """Adds a bridge took as its clock went far off (its prefetch window, the moment before its add
+    consumer pauses) were refused (``unavailable``) and retried in place for 30 s, each failing the
+    same way, before they were requeued: the engine waited although every other bridge could
+    store them. Requeued at once now; the bridge that takes the copy waits, as for any redelivery,
+    until a first copy could have stored it (two store timeouts: 10 s), and stores it (a
+    re-review, 2026-12-07)."""
+    from bridge.client import Engine
+
+    healthy = await make_bridge(clock_source="host")
+    skewed = await make_bridge(clock_source="host", clock_offset_ms=3000, clock_check_interval=0.2)
+    await wait_for(lambda: not skewed.skew.ok, 10, what="the skewed bridge's clock judged off")
+    # The moment before its consumer pauses, made longer: it takes adds until the gate's next step.
+    real_wanted = skewed.gate.wanted_paused
+    monkeypatch.setattr(skewed.gate, "wanted_paused", lambda: frozenset())
+    await wait_for(lambda: "add" in skewed.transport.consuming(), 5, what="the skewed bridge taking adds")
+    svc = service_id()
+    async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"], timeout=40) as eng:
+        started = time.monotonic()
+        adding = asyncio.gather(*(eng.add(svc, i) for i in range(8)))
+        await asyncio.sleep(0.3)  # (the window: adds reach the skewed bridge meanwhile)
+        monkeypatch.setattr(skewed.gate, "wanted_paused", real_wanted)
+        ids = await adding
+        took = time.monotonic() - started
+    assert len(set(ids)) == 8 and took < 20.0, f"8 adds took {took:.1f} s (held 30 s before)"
+    w = await workers(svc, "w")
+    got: set[str] = set()
+    for _ in range(8):
+        task = await wait_for(w.fetch, 15, what="the next stored add handed out")
+        assert await task.ack("ok")
+        got.add(task.id)
+    assert got == set(ids)
+    assert healthy.skew.ok
