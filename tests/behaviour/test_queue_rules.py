@@ -556,3 +556,18 @@ async def test_stats_on_a_bridge_whose_clock_is_off_move_no_cursor(harness: Harn
     # Nor a purge (served within a second: it cancels by this clock, but moves no cursor by it).
     assert await h.queue.lifecycle.purge(OWNER, h.service) == (0, False)
     assert [await h.store.cursor(q, lane) for lane in (0, 1)] == before
+
+
+async def test_an_add_on_a_bridge_whose_clock_is_off_within_a_second_allows_for_it(harness: Harness) -> None:
+    """Served while its clock may be off by up to a second, a bridge stamps ids up to that much in
+    the past: the time the scans leave a write to land is that much shorter than on a sound
+    clock, and judged without it, a write landing behind a busy lane's scans was taken for one in
+    time (no second entry; with its hint lost, never handed out). The clock's possible error is
+    taken off that time (a re-review, 2026-12-07)."""
+    h = harness
+    h.queue.ctx.gate = Skewed(900.0)
+    await h.add("v")
+    assert h.metrics.total("adds_entered_again") == 1, "a write as late as the clock may be off: entered again"
+    h.queue.ctx.gate = Skewed(0.0)
+    await h.add("w")
+    assert h.metrics.total("adds_entered_again") == 1, "a sound clock: in time"
