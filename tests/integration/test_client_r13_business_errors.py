@@ -25,23 +25,51 @@ pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 DECLINED = {"message": "payment declined"}
 
 
+class _Blipping:
+    """A worker's requests, recorded; the first ``blips`` of ``method`` fail as a lost connection
+    would (never sent), the rest go to the real servers."""
+
+    def __init__(self, worker: Worker, method: str, blips: int = 1) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+        self.method, self.blips, self._real = method, blips, worker.call
+        worker.call = self.call  # type: ignore[method-assign]
+
+    async def call(self, method: str, body: Any, **kw: Any) -> dict[str, Any]:
+        self.sent.append((method, {k: v for k, v in body.items() if k != "result" or len(str(v)) < 100}))
+        if method == self.method and self.blips:
+            self.blips -= 1
+            raise ConnectionLost("the broker went away (a blip)", sent=False)
+        return await self._real(method, body, **kw)
+
+    def methods(self) -> list[str]:
+        return [m for m, _ in self.sent]
+
+
+def _worker(servers: Any, names: dict[str, str], svc: str, worker_id: str, **kw: Any) -> Worker:
+    w = Worker(servers.amqp_url(OWNERS[0]), service=svc, worker_id=worker_id, exchange=names["exchange"], **kw)
+    w.wait_ms = 1_000
+    return w
+
+
+async def _run_once(w: Worker, handler: Any, stop: asyncio.Event) -> None:
+    await w.open()
+    try:
+        await asyncio.wait_for(w.run(handler, stop=stop), 30.0)
+    finally:
+        await w.close()
+
+
+async def _nothing_left(servers: Any, names: dict[str, str], svc: str) -> bool:
+    async with _worker(servers, names, svc, f"r13-check-{svc}") as other:
+        return await other.fetch(wait_ms=0) is None
+
+
 @pytest.mark.parametrize("how", ["ack_error raises", "ack_error caught", "TaskError"])
 async def test_a_business_error_is_acked_as_one_through_a_lost_ack(bridge, engine, servers, names, how):
     svc = service_id()
     task_id = await engine.add(svc, {"n": 1})
-    w = Worker(servers.amqp_url(OWNERS[0]), service=svc, worker_id=f"r13-{how[:9]}", exchange=names["exchange"])
-    w.wait_ms = 1_000
-    sent: list[tuple[str, dict[str, Any]]] = []
-    real_call, blips = w.call, [1]
-
-    async def call(method: str, body: Any, **kw: Any) -> dict[str, Any]:
-        sent.append((method, dict(body)))
-        if method == "ack" and blips:
-            blips.pop()
-            raise ConnectionLost("the broker went away (a blip)", sent=False)
-        return await real_call(method, body, **kw)
-
-    w.call = call  # type: ignore[method-assign]
+    w = _worker(servers, names, svc, f"r13-{how[:9]}")
+    calls = _Blipping(w, "ack")
     stop = asyncio.Event()
     runs: list[str] = []
 
@@ -49,7 +77,7 @@ async def test_a_business_error_is_acked_as_one_through_a_lost_ack(bridge, engin
         runs.append(task.id)
         stop.set()
         if how == "TaskError":
-            blips.clear()
+            calls.blips = 0
             raise TaskError(DECLINED)
         if how == "ack_error caught":
             with contextlib.suppress(ConnectionLost):
@@ -58,19 +86,12 @@ async def test_a_business_error_is_acked_as_one_through_a_lost_ack(bridge, engin
         await task.ack_error(DECLINED)
         return "unreachable"
 
-    await w.open()
-    try:
-        await asyncio.wait_for(w.run(handler, stop=stop), 30.0)
-    finally:
-        await w.close()
+    await _run_once(w, handler, stop)
     assert runs == [task_id], "the handler ran once"
-    assert not [m for m, _ in sent if m == "fail"], f"given back as a technical failure: {sent}"
-    acks = [body for m, body in sent if m == "ack"]
+    assert "fail" not in calls.methods(), f"given back as a technical failure: {calls.sent}"
+    acks = [body for m, body in calls.sent if m == "ack"]
     assert acks and all(b.get("error") == DECLINED and "result" not in b for b in acks), acks
-    # Completed: nobody gets it again.
-    other = Worker(servers.amqp_url(OWNERS[0]), service=svc, worker_id="r13-other", exchange=names["exchange"])
-    async with other:
-        assert await other.fetch(wait_ms=0) is None
+    assert await _nothing_left(servers, names, svc), "completed: nobody gets it again"
 
 
 async def test_a_task_given_back_at_stop_whose_fail_got_no_answer_is_given_back_again(bridge, engine, servers, names):
@@ -80,39 +101,17 @@ async def test_a_task_given_back_at_stop_whose_fail_got_no_answer_is_given_back_
     sent again within ``stop_grace``, as the ack at stop is (found by review, 2026-12-07)."""
     svc = service_id()
     task_id = await engine.add(svc, {"n": 1})
-    w = Worker(
-        servers.amqp_url(OWNERS[0]),
-        service=svc,
-        worker_id="r13-stop-fail",
-        exchange=names["exchange"],
-        time_to_recover_ms=600_000,
-    )
-    w.wait_ms = 1_000
-    sent: list[str] = []
-    real_call, blips = w.call, [1]
-
-    async def call(method: str, body: Any, **kw: Any) -> dict[str, Any]:
-        sent.append(method)
-        if method == "fail" and blips:
-            blips.pop()
-            raise ConnectionLost("the broker went away (a blip)", sent=False)
-        return await real_call(method, body, **kw)
-
-    w.call = call  # type: ignore[method-assign]
+    w = _worker(servers, names, svc, "r13-stop-fail", time_to_recover_ms=600_000)
+    calls = _Blipping(w, "fail")
     stop = asyncio.Event()
 
     async def handler(task: Task) -> None:
         stop.set()
         raise RuntimeError("the work failed as the worker stopped")
 
-    await w.open()
-    try:
-        await asyncio.wait_for(w.run(handler, stop=stop), 30.0)
-    finally:
-        await w.close()
-    assert sent.count("fail") == 2, sent
-    other = Worker(servers.amqp_url(OWNERS[0]), service=svc, worker_id="r13-next", exchange=names["exchange"])
-    async with other:
+    await _run_once(w, handler, stop)
+    assert calls.methods().count("fail") == 2, calls.sent
+    async with _worker(servers, names, svc, "r13-next") as other:
         again = await other.fetch(wait_ms=5_000)
     assert again is not None and again.id == task_id, "back at once, not after its 10-minute lease"
 
@@ -125,16 +124,8 @@ async def test_an_ack_the_bridge_refused_is_not_sent_again_in_place_of_the_handl
     the task given back (a re-review, 2026-12-07)."""
     svc = service_id()
     task_id = await engine.add(svc, {"n": 1})
-    w = Worker(servers.amqp_url(OWNERS[0]), service=svc, worker_id="r13-refused", exchange=names["exchange"])
-    w.wait_ms = 1_000
-    sent: list[tuple[str, dict[str, Any]]] = []
-    real_call = w.call
-
-    async def call(method: str, body: Any, **kw: Any) -> dict[str, Any]:
-        sent.append((method, {k: v for k, v in body.items() if k != "result" or len(str(v)) < 100}))
-        return await real_call(method, body, **kw)
-
-    w.call = call  # type: ignore[method-assign]
+    w = _worker(servers, names, svc, "r13-refused")
+    calls = _Blipping(w, "ack", blips=0)
     stop = asyncio.Event()
 
     async def handler(task: Task) -> str:
@@ -143,17 +134,11 @@ async def test_an_ack_the_bridge_refused_is_not_sent_again_in_place_of_the_handl
             await task.ack("x" * (2 << 20))
         return "a summary instead"
 
-    await w.open()
-    try:
-        await asyncio.wait_for(w.run(handler, stop=stop), 30.0)
-    finally:
-        await w.close()
-    assert not [m for m, _ in sent if m == "fail"], sent
-    acks = [body for m, body in sent if m == "ack"]
+    await _run_once(w, handler, stop)
+    assert "fail" not in calls.methods(), calls.sent
+    acks = [body for m, body in calls.sent if m == "ack"]
     assert len(acks) == 2 and acks[1].get("result") == "a summary instead", acks
-    other = Worker(servers.amqp_url(OWNERS[0]), service=svc, worker_id="r13-refused-2", exchange=names["exchange"])
-    async with other:
-        assert await other.fetch(wait_ms=0) is None, f"{task_id} came back"
+    assert await _nothing_left(servers, names, svc), f"{task_id} came back"
 
 
 async def test_a_handler_cut_at_stop_after_its_own_ack_got_no_answer_has_that_ack_sent_again(
@@ -164,21 +149,8 @@ async def test_a_handler_cut_at_stop_after_its_own_ack_got_no_answer_has_that_ac
     2026-12-07). Its outcome is sent again instead."""
     svc = service_id()
     await engine.add(svc, {"n": 1})
-    w = Worker(
-        servers.amqp_url(OWNERS[0]), service=svc, worker_id="r13-cut", exchange=names["exchange"], stop_timeout=0.5
-    )
-    w.wait_ms = 1_000
-    sent: list[str] = []
-    real_call, blips = w.call, [1]
-
-    async def call(method: str, body: Any, **kw: Any) -> dict[str, Any]:
-        sent.append(method)
-        if method == "ack" and blips:
-            blips.pop()
-            raise ConnectionLost("the broker went away (a blip)", sent=False)
-        return await real_call(method, body, **kw)
-
-    w.call = call  # type: ignore[method-assign]
+    w = _worker(servers, names, svc, "r13-cut", stop_timeout=0.5)
+    calls = _Blipping(w, "ack")
     stop = asyncio.Event()
 
     async def handler(task: Task) -> None:
@@ -187,9 +159,5 @@ async def test_a_handler_cut_at_stop_after_its_own_ack_got_no_answer_has_that_ac
             await task.ack_error(DECLINED)
         await asyncio.Event().wait()  # retrying, say, until stop_timeout cuts it
 
-    await w.open()
-    try:
-        await asyncio.wait_for(w.run(handler, stop=stop), 30.0)
-    finally:
-        await w.close()
-    assert "fail" not in sent and sent.count("ack") == 2, sent
+    await _run_once(w, handler, stop)
+    assert "fail" not in calls.methods() and calls.methods().count("ack") == 2, calls.sent
