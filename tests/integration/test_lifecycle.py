@@ -692,10 +692,10 @@ async def test_one_queue_whose_stats_fail_leaves_the_other_queues_gauges_refresh
     real = bridge.app.service_stats
     failing = [False]
 
-    async def service_stats(store: Any, q: Any, *args: Any) -> Any:
+    async def service_stats(store: Any, q: Any, *args: Any, **kwargs: Any) -> Any:
         if q.service == broken and failing[0]:
             raise RuntimeError("TombstoneOverwhelmingException (injected)")
-        return await real(store, q, *args)
+        return await real(store, q, *args, **kwargs)
 
     monkeypatch.setattr(bridge.app, "service_stats", service_stats)
     port = free_port()

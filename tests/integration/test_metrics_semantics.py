@@ -113,8 +113,8 @@ async def test_queue_gauges_go_with_the_duty_at_once_not_at_the_next_refresh(mak
     refreshes = [0]
     rows_of = b._queue_gauge_rows
 
-    async def counted() -> Any:
-        rows = await rows_of()
+    async def counted(*args: Any) -> Any:
+        rows = await rows_of(*args)
         refreshes[0] += 1
         return rows
 
@@ -331,3 +331,44 @@ async def test_a_bridge_taking_the_duty_exports_the_queue_gauges_at_once_not_an_
     await make_bridge.stop(first)  # its release hands the duty over
     await wait_for(lambda: second.duty.held, 15, what="the second bridge taking the duty")
     await wait_for(lambda: exports(second_port), 10, what="the new holder exporting the queue (its interval is 60 s)")
+
+
+async def test_a_new_duty_holder_exports_queue_gauges_as_it_reads_them(make_bridge, engine, monkeypatch):
+    """The duty's new holder exported the per-queue gauges only once its first refresh had read
+    every queue (8-25 s for 1,000 queues, a read after another): for that long after every move
+    the fleet had no series, and an alert's `for:` started over. The first refresh after the duty
+    comes exports them a batch at a time (found by review, 2026-12-07)."""
+    import asyncio
+
+    import bridge.app
+
+    holder = await make_bridge()  # holds the duty while the queues fill
+    await wait_for(lambda: holder.duty.held, 10, what="the first bridge holding the duty")
+    services = [service_id() for _ in range(bridge.app.GAUGE_EXPORT_BATCH + 5)]
+    for svc in services:
+        await engine.add(svc, "counted")
+    real, slow = bridge.app.service_stats, asyncio.Event()
+    seen: list[str] = []
+
+    async def service_stats(store: Any, q: Any, *args: Any, **kwargs: Any) -> Any:
+        if q.service in services:
+            seen.append(q.service)
+            if len(seen) > bridge.app.GAUGE_EXPORT_BATCH:
+                await slow.wait()  # the rest of the first refresh is slow
+        return await real(store, q, *args, **kwargs)
+
+    monkeypatch.setattr(bridge.app, "service_stats", service_stats)
+    port = free_port()
+    b = await make_bridge(http_port=port, stats_interval=0.3)
+    try:
+        await holder.stop()  # the duty moves to ``b``
+        await wait_for(lambda: b.duty.held, 20, what="the duty moved to the exporting bridge")
+        await wait_for(lambda: len(seen) > bridge.app.GAUGE_EXPORT_BATCH, 30, what="the refresh past a batch")
+
+        async def some_exported() -> bool:
+            text = await _metrics_text(port)
+            return sum(f'service="{svc}",state="ready"' in text for svc in seen) >= bridge.app.GAUGE_EXPORT_BATCH
+
+        await wait_for(some_exported, 10, what="a batch exported before the refresh ended")
+    finally:
+        slow.set()
