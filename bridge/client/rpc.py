@@ -1758,12 +1758,13 @@ class Worker(RpcClient):
                 # back before the cancellation goes on, not left leased to a worker that is gone.
                 if not task._settled:
                     with contextlib.suppress(Exception, asyncio.CancelledError):
-                        giving = (
-                            self._conclude(task, None, None, _STOPPED)  # an ack alone: no next task
-                            if task._attempted is not None
-                            else self._give_back(task, "Cancelled", "the worker's run was cancelled", retry_in_ms=0)
-                        )
-                        await asyncio.wait_for(asyncio.shield(giving), self.timeout)
+                        if task._attempted is not None:
+                            # Its own unanswered ack, sent again (an ack alone: no next task), for
+                            # the client's timeout at most: ``run`` is ending, the client closing.
+                            await asyncio.wait_for(self._conclude(task, None, None, _STOPPED), self.timeout)
+                        else:
+                            giving = self._give_back(task, "Cancelled", "the worker's run was cancelled", retry_in_ms=0)
+                            await asyncio.wait_for(asyncio.shield(giving), self.timeout)
                 raise
             # Nobody cancelled ``run``: the handler awaited something another part of the program
             # cancelled. Its failure, as any exception: ended, ``run`` left the task leased to a
@@ -1782,14 +1783,20 @@ class Worker(RpcClient):
         """``task``'s handler was cancelled by :attr:`stop_timeout`: given back to come again at
         once, unless its own ack (or ack_error) got no answer before the cut: that outcome is
         sent again, not the finished task given back to run a second time."""
+        if task._attempted is not None and not task._settled:
+            log.warning(
+                "task %s: its handler was still running %gs after stop (stop_timeout): cancelled; "
+                "the ack it had sent got no answer: sent again",
+                task.id,
+                self.stop_timeout,
+            )
+            return await self._conclude(task, None, None, stop)
         log.warning(
             "task %s: its handler was still running %gs after stop (stop_timeout): cancelled, "
             "the task given back to come again at once",
             task.id,
             self.stop_timeout,
         )
-        if task._attempted is not None and not task._settled:
-            return await self._conclude(task, None, None, stop)
         if not task._settled:
             await self._give_back(task, "StopTimeout", "cancelled at the worker's stop", retry_in_ms=0, stop=stop)
         return False, None

@@ -71,6 +71,15 @@ def require_clock_for_filing(gate: LeaseGate) -> None:
     raise ClockOff(f"this bridge's clock is off now: {gate.describe()}; retry on another bridge")
 
 
+def clock_slack_ms(gate: LeaseGate) -> int:
+    """How far this bridge's clock may be off now, as served within :data:`CLOCK_OFF_FOR_FILING_MS`
+    (past it, what needs the clock is refused): 0 while the gate is ok."""
+    if gate.ok:
+        return 0
+    bound = gate.error_bound_ms()
+    return 0 if bound is None else int(min(bound, CLOCK_OFF_FOR_FILING_MS))
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_value_bytes: int

@@ -24,7 +24,7 @@ from typing import Any
 
 from bridge.crypto import Sealed
 from bridge.domain import jsonvalue
-from bridge.domain.context import QueueContext, require_clock_for_filing
+from bridge.domain.context import QueueContext, clock_slack_ms, require_clock_for_filing
 from bridge.domain.counting import was_delayed
 from bridge.domain.dispatch import first_live_bucket, settled_before
 from bridge.domain.errors import Unavailable
@@ -864,7 +864,11 @@ class Lifecycle:
         after: tuple[int, uuid.UUID] | None = None
         lead: tuple[int, uuid.UUID] | None = None  # the cursor may move past the entries up to here
         leading = True
-        settled = settled_before(lane, now, self.settle_ms)
+        # Settled by this bridge's clock, less what it may be off by (a purge is served within a
+        # second): ahead, a purge moved the cursor past an add still in time by its adder's rule;
+        # not moved at all, the next requests walked the entries it had cancelled again, 100,000
+        # a request, and answered {purged: 0, more: true} until a sound bridge took one.
+        settled = settled_before(lane, now - clock_slack_ms(self.ctx.gate), self.settle_ms)
         # A lane with no cursor is walked from the first bucket a live task can be in, not bucket 0.
         first = first_live_bucket(now, self.ctx.limits.task_ttl_ms)
         while True:
@@ -894,11 +898,9 @@ class Lifecycle:
             if walk.looked >= PURGE_MAX or walk.read >= PURGE_SCAN_MAX:
                 walk.truncated = True
                 break
-        if lead is not None and self.ctx.gate.ok:
+        if lead is not None:
             # The dispatcher's rule: past a leading run of taken entries, settled (no write can
-            # land before them any more), later walks and scans start after it. Settled by this
-            # bridge's clock: not moved while it is uncertain (served within a second, a purge
-            # ahead moved the cursor past an add still in time by its adder's rule).
+            # land before them any more), later walks and scans start after it.
             await self.store.advance_cursor(q, lane, *lead)
 
     async def _purge_one(self, q: QueueKey, e: ReadyEntry, lease: Lease | None, now: int, margin: int) -> bool:

@@ -28,6 +28,7 @@ from bridge.domain.context import (
     Metrics,
     NoMetrics,
     QueueContext,
+    clock_slack_ms,
     require_clock_for_filing,
 )
 from bridge.domain.counting import DAY_MS, QueueCounts, landed_later
@@ -423,12 +424,9 @@ class WorkQueue:
         """How far behind this bridge's clock may be now, beyond the skew margin: served while it
         is known within a second (``require_clock_for_filing``), it stamps ids up to that much in
         the past, and the time the scans leave a write to land is that much shorter (a bridge
-        900 ms behind judged a 200 ms write in time, and it landed behind a busy lane's scans)."""
-        gate = self.ctx.gate
-        if gate.ok:
-            return 0
-        bound = gate.error_bound_ms()
-        return 0 if bound is None else int(bound)
+        900 ms behind judged a 200 ms write in time, and it landed behind a busy lane's scans).
+        At most that second: a bound grown while the write ran is not this add's."""
+        return clock_slack_ms(self.ctx.gate)
 
     async def _enter_ahead(self, q: QueueKey, task_id: uuid.UUID, payload: Payload, took_ms: int) -> None:
         failures = 0

@@ -536,7 +536,9 @@ async def test_an_add_on_a_bridge_whose_clock_is_far_off_is_refused(harness: Har
         assert await h.add("v")
 
 
-async def test_stats_on_a_bridge_whose_clock_is_off_move_no_cursor(harness: Harness) -> None:
+async def test_stats_on_a_bridge_whose_clock_is_off_move_no_cursor_and_purges_only_past_its_error(
+    harness: Harness,
+) -> None:
     """Stats move a lane's cursor over the taken, settled entries they read, settled by this
     bridge's clock: one ahead moved it past the slot of an add still being written in time by the
     adder's rule. Moved only while the clock is within its limit (found by review, 2026-12-07)."""
@@ -553,9 +555,20 @@ async def test_stats_on_a_bridge_whose_clock_is_off_move_no_cursor(harness: Harn
     h.queue.ctx.gate = Skewed(300.0)
     await h.queue.stats(OWNER, h.service)
     assert [await h.store.cursor(q, lane) for lane in (0, 1)] == before
-    # Nor a purge (served within a second: it cancels by this clock, but moves no cursor by it).
-    assert await h.queue.lifecycle.purge(OWNER, h.service) == (0, False)
-    assert [await h.store.cursor(q, lane) for lane in (0, 1)] == before
+    # A purge (served within a second) moves it, but only over entries settled by this clock less
+    # what it may be off by: not moved at all, each request of a long purge walked the entries the
+    # last ones had cancelled again (a re-review, 2026-12-07).
+    for i in range(3):
+        await h.add(f"late-{i}")  # added just now: not settled by a clock 300 ms uncertain
+    assert (await h.queue.lifecycle.purge(OWNER, h.service))[0] == 3
+    now = h.clock.now_ms()
+    from bridge.domain.timeline import ms_of
+
+    moved = [await h.store.cursor(q, lane) for lane in (0, 1)]
+    assert moved != before, "the purge moved no cursor"
+    for lane, position in enumerate(moved):
+        if position is not None and position != before[lane]:
+            assert ms_of(position[1]) < now - 300 - h.queue.dispatcher.settle_ms, (lane, position, now)
 
 
 async def test_an_add_on_a_bridge_whose_clock_is_off_within_a_second_allows_for_it(harness: Harness) -> None:
