@@ -512,7 +512,8 @@ class GatewayServer:
 
     async def _prepare_add(self, owner: str, cmd: AddCommand, request: web.Request) -> _PreparedAdd:
         pending = await self.queue.prepare_add(owner, cmd, traceparent=extract_traceparent(request.headers))
-        return _PreparedAdd(pending, cmd.model_copy(update={"value": None, "token": None}))
+        # The command kept for its reply (delay fields) without its value and token: let go.
+        return _PreparedAdd(pending, cmd.model_copy(update=dict.fromkeys(("value", "token"))))
 
     async def _run_to_the_end(self, method: str, owner: str, req: Any, request: web.Request, received_ms: int) -> Reply:
         if method == "add":
