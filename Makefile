@@ -5,7 +5,7 @@ STATE := deploy/local/state
 # The test command that README.md shows and .ci/run runs.
 PYTEST := .venv/bin/pytest -p no:cacheprovider
 
-.PHONY: help venv node-deps browser run bridge demo test test-unit test-quorum soak lint bandit typecheck check bench bench-quick bench-json keyring clean \
+.PHONY: help venv node-deps browser run bridge demo test test-unit test-quorum soak lint bandit typecheck check bench bench-quick bench-json bench-decode keyring clean \
 	stack-up stack-down stack-status
 
 help:
@@ -97,6 +97,10 @@ bench-quick: venv stack-up keyring
 # CPU per request of the JSON pass-through, both ways in one run (no servers).
 bench-json: venv
 	$(PY) -m benchmarks.json_passthrough
+
+# CPU per request of decoding its frames, pamqp's way and the bridge's, in one run (no servers).
+bench-decode: venv
+	$(PY) -m benchmarks.frame_decode
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache

@@ -5,7 +5,8 @@ and no confirms, a durable queue bound to a direct exchange, and a reply channel
 confirms on which the reply goes (not mandatory) to the request's ``reply_to`` (direct reply-to)
 before the request is acked. As the bridge does since it moved its request path off aio-pika, the
 deliveries are consumed on aiormq's channel and the reply and the ack are written as frames
-(``bridge.transport.frames``): on aio-pika's path (``QB_ECHO_PATH=aio-pika``, the echo until
+(``bridge.transport.frames``), and the frames read are decoded as the bridge decodes them
+(``bridge.transport.frame_decoding``): on aio-pika's path (``QB_ECHO_PATH=aio-pika``, the echo until
 2026-12-06) each request cost the echo about 0.1 ms of CPU more than the bridge's own transport,
 which raised B-rpc and flattered every ratio measured against it (found by review).
 The client side is ``bridge.client.RpcClient`` itself, so B-rpc is the floor of any fetch or ack.
@@ -23,10 +24,12 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 from aiormq.abc import DeliveredMessage
 
-from bridge.transport import frames
+from bridge.transport import frame_decoding, frames
 
 
 async def serve(url: str, exchange: str, queue: str, prefetch: int, path: str) -> None:
+    if path != "aio-pika":
+        frame_decoding.install()  # as the bridge reads its frames (since 2026-12-07)
     connection = await aio_pika.connect_robust(url, client_properties={"connection_name": "qb-bench-echo"})
     consume = await connection.channel(publisher_confirms=False)
     await consume.set_qos(prefetch_count=prefetch)

@@ -20,13 +20,13 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import IO, Any
 
-from benchmarks import baselines, json_passthrough, logs, workloads
+from benchmarks import baselines, frame_decode, json_passthrough, logs, workloads
 from benchmarks.context import Bench, Plan, StackDown
 from benchmarks.procs import ROOT, ProcessFailed, other_activity
 from benchmarks.progress import say
 from benchmarks.report import code_fingerprint, git_commit, machine, now_iso, render, to_json, write_json
 
-WORKLOADS = ["W-add", "W-cycle", "W-e2e", "W-recover", "W-scale", "Memory", "B-json"]
+WORKLOADS = ["W-add", "W-cycle", "W-e2e", "W-recover", "W-scale", "Memory", "B-json", "B-decode"]
 BASELINES = ["B-rpc", "B-lwt", "B-write"]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "latest.json"
 
@@ -164,6 +164,7 @@ def _steps(bench: Bench, selected: list[str], plan: Plan) -> list[tuple[str, Cal
         "W-scale": workloads.w_scale,
         "Memory": workloads.memory,
         "B-json": json_passthrough.figures,
+        "B-decode": frame_decode.figures,
     }
     for name in WORKLOADS:
         if name in selected:

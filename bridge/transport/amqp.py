@@ -35,7 +35,7 @@ from pamqp.commands import Basic
 from bridge.config import Settings
 from bridge.domain.cancellation import is_stray, stray_as_failure
 from bridge.domain.queue import WorkQueue
-from bridge.transport import failover, replies, tolerant_decoding
+from bridge.transport import failover, frame_decoding, replies
 from bridge.transport.capacity import Capacity
 from bridge.transport.duty import Duty
 from bridge.transport.handlers import ADD_RETRY_BUDGET_S, RequestHandlers
@@ -224,7 +224,8 @@ class AmqpTransport:
         self._reopening.clear()
         # Before the first frame is read: a content header pamqp cannot decode would otherwise
         # close the whole connection, for ever (the request is redelivered at every reconnection).
-        tolerant_decoding.install()
+        # The hot path's frames are then decoded in one pass, the rest by pamqp made tolerant.
+        frame_decoding.install()
         # Each node's attempt bounded, at start and at every reconnection (BRIDGE_AMQP_CONNECT_TIMEOUT).
         self.connection = await failover.connect_robust(
             self._amqp_urls,
