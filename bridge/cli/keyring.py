@@ -79,8 +79,19 @@ def _refuse_to_destroy(path: Path) -> None:
             "add --destroy-existing-keys to replace it anyway"
         )
     try:
-        ring = parse_keyring(json.loads(raw), source=str(path))
+        doc = json.loads(raw)
     except (UnicodeDecodeError, ValueError):  # JSONDecodeError is a ValueError
+        return  # not JSON, so not a key-ring: --force replaces it
+    try:
+        ring = parse_keyring(doc, source=str(path))
+    except ValueError as exc:
+        if isinstance(doc, dict) and isinstance(doc.get("owners"), dict) and doc["owners"]:
+            # A key-ring with an entry broken (a hand edit): the bridges kept their keys, and the
+            # other entries are as live as ever. Not "not a key-ring" (found by review).
+            fail(
+                f"{path} is a key-ring with {len(doc['owners'])} owners that does not parse ({exc}): replacing it loses every key in it for good. Fix the entry, or add "
+                "--destroy-existing-keys to replace it anyway (the old file is kept as .bak)"
+            )
         return  # not a key-ring: --force replaces it
     keys = sum(len(owner.keys) for owner in ring.values())
     fail(

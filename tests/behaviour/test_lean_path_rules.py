@@ -160,3 +160,27 @@ def test_a_hint_without_payload_still_names_its_entry() -> None:
     task_id = uuid.uuid1()
     hint = Hint(task_id, 1, task_id, None, False)
     assert hint.payload is None and hint.entry().task_id == task_id
+
+
+async def test_a_copy_whose_life_ends_while_its_claim_is_written_ahead_is_not_handed_out(
+    hinted: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last-second rule (a task's copy is not handed out in the last second of its life: its
+    completed lease may already be gone, and the claim would hand a finished task out again) holds
+    at the claim, not only where the copy was first looked at: a write-ahead that took a second
+    (a slow Cassandra) carried a copy checked with 1.5 s of life left into its last second, and the
+    claim was made (found by review, 2026-12-06)."""
+    h = hinted
+    await h.add("short-lived")
+    h.clock.advance(TTL_S * 1000 - 1_500)  # 1.5 s of life left: past the first look
+    real = h.store.write_ahead
+
+    async def slow(*args: Any, **kwargs: Any) -> Any:
+        h.clock.advance(1_000)  # the write-ahead took a second: half a second left at the claim
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(h.store, "write_ahead", slow)
+    got = await h.fetch("w")
+    assert h.metrics.total("deliveries_failed", reason="expired") >= 1
+    assert h.metrics.total("claims", source="hint", outcome="won") == 0, "claimed in its last second"
+    assert got is None

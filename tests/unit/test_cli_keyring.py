@@ -39,6 +39,21 @@ def test_generate_force_refuses_to_replace_a_live_key_ring(ring: Path) -> None:
     assert ring.read_bytes() == before
 
 
+def test_generate_force_refuses_to_replace_a_key_ring_with_one_broken_entry(ring: Path) -> None:
+    """A hand edit broke one owner's secret (the bridges kept their old keys), and ``--force``
+    took the file for "not a key-ring" and replaced it: every other key in it lost for good (found
+    by review, 2026-12-07)."""
+    doc = json.loads(ring.read_text())
+    alpha = doc["owners"]["alpha"]
+    alpha["keys"][alpha["current"]] = "not base64 !"
+    ring.write_text(json.dumps(doc))
+    before = ring.read_bytes()
+    code, out = _invoke("keyring", "generate", str(ring), "--owner", "gamma", "--force")
+    assert code == 1, out
+    assert "--destroy-existing-keys" in out and "owners" in out
+    assert ring.read_bytes() == before
+
+
 def test_generate_destroy_existing_keys_replaces_it_keeping_a_backup(ring: Path) -> None:
     before = ring.read_bytes()
     code, out = _invoke("keyring", "generate", str(ring), "--owner", "gamma", "--destroy-existing-keys")
