@@ -95,6 +95,7 @@ def build_key_provider(settings: Settings, *, clock: Callable[[], float] = time.
             max_age=settings.key_cache_seconds,
             clock=clock,
             revalidate=revalidate,
+            stale_if_error=settings.key_stale_if_error_seconds,
         )
 
     if settings.key_server_url:

@@ -196,6 +196,9 @@ class Settings(BaseSettings):
     key_server_timeout: float = Field(2.0, gt=0, le=60, description="Per-request timeout of the key server, seconds.")
     key_cache_seconds: float = Field(300.0, gt=0)
     key_cache_size: int = Field(1024, ge=1)
+    # A key past the cache's age is still served while the key source cannot answer, for this long
+    # past it (stale-if-error): never when the source answers (a revoked key, an unknown owner).
+    key_stale_if_error_seconds: float = Field(3600.0, ge=0)
 
     # --- queue semantics -------------------------------------------------------------------
     task_ttl: timedelta = Field(timedelta(days=7), description="Lifetime of a task (ISO 8601 or seconds).")

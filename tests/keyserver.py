@@ -43,6 +43,7 @@ class KeyServer:
         self.port = port
         self.fail = False  # answer 503 to everything
         self.failing_owners: dict[str, int] = {}  # owner -> an HTTP error status answered for it
+        self.forgotten: set[str] = set()  # owners answered 404 unknown_owner (a restart, its store not loaded)
         self.delay = 0.0  # seconds to wait before answering (makes concurrent requests overlap)
         self.padding = 0  # extra bytes of whitespace in every 200 answer (an oversized response)
         self.requests = 0  # requests received, whatever the outcome
@@ -135,7 +136,7 @@ class KeyServer:
         owner = request.match_info["owner"]
         key_id = request.match_info["key_id"]
         keys = self._owners.get(owner)
-        if keys is None:
+        if keys is None or owner in self.forgotten:
             return web.json_response({"error": "unknown_owner"}, status=404)
         if key_id == "current":
             key_id = self._current[owner]

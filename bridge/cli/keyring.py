@@ -89,7 +89,8 @@ def _refuse_to_destroy(path: Path) -> None:
             # A key-ring with an entry broken (a hand edit): the bridges kept their keys, and the
             # other entries are as live as ever. Not "not a key-ring" (found by review).
             fail(
-                f"{path} is a key-ring with {len(doc['owners'])} owners that does not parse ({exc}): replacing it loses every key in it for good. Fix the entry, or add "
+                f"{path} is a key-ring with {len(doc['owners'])} owners that does not parse ({exc}): replacing it "
+                "loses every key in it for good. Fix the entry, or add "
                 "--destroy-existing-keys to replace it anyway (the old file is kept as .bak)"
             )
         return  # not a key-ring: --force replaces it

@@ -20,6 +20,8 @@ from typing import Protocol, runtime_checkable
 
 import anyio
 
+from bridge.crypto.errors import KeyUnavailable, UnknownOwner
+
 __all__ = ["KEY_SIZE", "CachingKeyProvider", "KeyProvider", "OwnerKey"]
 
 KEY_SIZE = 32
@@ -89,9 +91,17 @@ class CachingKeyProvider:
     * Concurrent misses for the same ``(owner, current)`` or ``(owner, key_id)`` are coalesced
       into a single upstream call (single flight); its result or error is shared by all waiters.
       If the caller that started the fetch is cancelled, one of the waiters retries.
-    * Errors are never cached and there is no stale serving: when the upstream raises
-      (:class:`~bridge.crypto.errors.KeyUnavailable` included) the error propagates, even if an
-      expired entry for that key was cached.  Simple and predictable; revocation cannot be masked.
+    * Errors are never cached. An entry past ``max_age`` is asked for again; if the upstream then
+      cannot answer (:class:`~bridge.crypto.errors.KeyUnavailable`: down, timed out, an unusable
+      answer) and the entry is younger than ``max_age + stale_if_error``, the entry is served
+      (counted in ``stale``), as HTTP's ``stale-if-error``. Without it, a key server away longer
+      than the cache's age stopped every request that names an owner: a worker's extends and acks
+      were refused, its leases ran out and the finished work was done again (found by review).
+      An answer is never masked: a key revoked (``UnknownKey``) is not served stale, and an owner
+      the upstream says it does not know (``UnknownOwner``) while it had a key for it within the
+      window is taken for a key server restarting before its store is loaded (``KeyUnavailable``:
+      retried, not ``unknown_owner``, which dead-letters adds), and served no key. Past the
+      window, the upstream's answer or error stands.
     * Counters for metrics: ``hits`` (answered from the cache), ``misses`` (upstream calls made),
       ``coalesced`` (answered by joining another caller's upstream call).
     * Rotation: a rotated current key is picked up after at most ``max_age`` seconds, or at once
@@ -110,11 +120,15 @@ class CachingKeyProvider:
         max_age: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
         revalidate: Callable[[], object] | None = None,
+        stale_if_error: float = 0.0,
     ) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be >= 1")
         if max_age <= 0:
             raise ValueError("max_age must be > 0")
+        if stale_if_error < 0:
+            raise ValueError("stale_if_error must be >= 0")
+        self._stale_if_error = stale_if_error
         self._upstream = upstream
         self._max_entries = max_entries
         self._max_age = max_age
@@ -126,6 +140,7 @@ class CachingKeyProvider:
         self.hits = 0
         self.misses = 0
         self.coalesced = 0
+        self.stale = 0
 
     @property
     def upstream(self) -> KeyProvider:
@@ -162,11 +177,30 @@ class CachingKeyProvider:
         if entry is None:
             return None
         key, stored_at = entry
-        if self._clock() - stored_at >= self._max_age:
-            del self._entries[slot]
-            return None
+        age = self._clock() - stored_at
+        if age >= self._max_age:
+            if age >= self._max_age + self._stale_if_error:
+                del self._entries[slot]
+            return None  # asked for again (and kept, within the window, for an upstream that fails)
         self._entries.move_to_end(slot)
         return key
+
+    def _stale(self, slot: _CacheKey) -> OwnerKey | None:
+        """The entry past its age still within ``stale_if_error``, if any."""
+        entry = self._entries.get(slot)
+        if entry is None or not self._stale_if_error:
+            return None
+        key, stored_at = entry
+        return key if self._clock() - stored_at < self._max_age + self._stale_if_error else None
+
+    def _known_lately(self, owner: str) -> float | None:
+        """Seconds since the upstream last gave a key of ``owner``, if within the stale window."""
+        if not self._stale_if_error:
+            return None
+        now, limit = self._clock(), self._max_age + self._stale_if_error
+        ages = [now - stored_at for (o, _), (_, stored_at) in self._entries.items() if o == owner]
+        fresh = [age for age in ages if age < limit]
+        return min(fresh) if fresh else None
 
     def _store(self, slot: _CacheKey, key: OwnerKey, now: float) -> None:
         self._entries[slot] = (key, now)
@@ -201,6 +235,26 @@ class CachingKeyProvider:
         self.misses += 1
         try:
             key = await fetch()
+        except KeyUnavailable as exc:
+            stale = self._stale(slot) if generation == self._generation else None
+            if stale is None:
+                flight.error = exc
+                raise
+            self.stale += 1  # served past its age: the upstream cannot answer (kept at its old age)
+            flight.result = stale
+            return stale
+        except UnknownOwner as exc:
+            owner = slot[0]
+            lately = self._known_lately(owner) if generation == self._generation else None
+            if lately is None:
+                flight.error = exc
+                raise
+            error = KeyUnavailable(
+                f"the key source does not know owner {owner!r}, though it gave a key of it {lately:.0f} s ago: "
+                "taken for a key source restarting (retried), not an owner without keys"
+            )
+            flight.error = error
+            raise error from None
         except Exception as exc:
             flight.error = exc
             raise

@@ -72,6 +72,11 @@ class OwnerKeys:
             raise UnknownOwner(f"no encryption key is configured for owner {owner!r}") from None
         except BadKeyAnswer as exc:
             raise OwnerKeyUnusable(f"key provider unavailable: {exc}") from None
+        except UnknownKey as exc:
+            # The owner's current key names a key the source does not have (a key server whose
+            # "current" is not replicated yet): that owner's entry is unusable, not corruption.
+            # Untranslated, it was ``integrity_error``: adds dead-lettered, fetches spinning.
+            raise OwnerKeyUnusable(f"key provider unavailable: the owner's current key is missing ({exc})") from None
         except KeyUnavailable as exc:
             raise KeysUnavailable(f"key provider unavailable: {exc}") from None
 

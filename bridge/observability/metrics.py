@@ -227,6 +227,7 @@ class _CallbackCollector(Collector):
             CounterMetricFamily(f"{PREFIX}_key_cache_hits", ""),
             CounterMetricFamily(f"{PREFIX}_key_cache_misses", ""),
             CounterMetricFamily(f"{PREFIX}_key_cache_coalesced", ""),
+            CounterMetricFamily(f"{PREFIX}_key_cache_stale", ""),
             GaugeMetricFamily(f"{PREFIX}_scheduler_lag_seconds", ""),
             GaugeMetricFamily(f"{PREFIX}_scheduler_last_tick_age_seconds", ""),
             GaugeMetricFamily(f"{PREFIX}_amqp_node_info", ""),
@@ -248,6 +249,13 @@ class _CallbackCollector(Collector):
                     f"{PREFIX}_key_cache_coalesced",
                     "Key lookups that joined another caller's call to the key source.",
                     value=coalesced,
+                )
+            stale = getattr(cache, "stale", None)
+            if isinstance(stale, int):
+                yield CounterMetricFamily(
+                    f"{PREFIX}_key_cache_stale",
+                    "Keys served past the cache's age because the key source could not answer (stale-if-error).",
+                    value=stale,
                 )
         state = self.scheduler
         if state is not None:

@@ -154,6 +154,82 @@ async def test_key_server_outage(bridge_env, servers, names, workers):
             await b.stop()
 
 
+async def test_a_key_server_away_longer_than_the_key_cache_leaves_known_owners_working(
+    bridge_env, servers, names, workers
+):
+    """A key server away longer than the cache's age refused every request naming an owner, those
+    that seal nothing too: a worker's extends and acks were `unavailable`, its lease ran out and the
+    finished work was done again. The cached keys are served past their age while the server cannot
+    answer (BRIDGE_KEY_STALE_IF_ERROR_SECONDS) (found by review, 2026-12-07)."""
+    from bridge.app import Bridge
+
+    async with KeyServer() as keys:
+        keys.add_owner(OWNERS[0])
+        env = {k: v for k, v in bridge_env.items() if k != "BRIDGE_KEYRING"}
+        b = Bridge(settings_from(env, key_server_url=keys.url, key_cache_seconds=0.3))
+        await b.start()
+        try:
+            svc = service_id()
+            async with Engine(
+                servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"], timeout=60
+            ) as engine:
+                await engine.add(svc, "held through the outage")
+                await engine.add(svc, "next")
+                w: Worker = await workers(svc)
+                held = await w.fetch()
+                assert held.value == "held through the outage"
+                keys.fail = True
+                # The cache's age (0.3 s) running out is the condition under test: nothing to wait on.
+                await asyncio.sleep(0.5)
+                assert await held.extend(30_000) is True
+                assert await held.ack("done") is True
+                await engine.add(svc, "added during the outage")
+                nxt = await w.fetch()
+                assert nxt.value == "next"
+                assert await nxt.ack(None) is True
+                last = await w.fetch()
+                assert last.value == "added during the outage"
+                assert b.keys.stale >= 3
+        finally:
+            await b.stop()
+
+
+async def test_an_owner_a_restarting_key_server_does_not_know_yet_is_an_outage_not_an_unknown_owner(
+    bridge_env, servers, names, workers
+):
+    """A key server restarting answers 404 unknown_owner until its store is loaded: an owner it
+    served within the stale window is `unavailable` (retried), not `unknown_owner` (an add
+    dead-lettered, a worker's run ended) (found by review, 2026-12-07)."""
+    from bridge.app import Bridge
+
+    async with KeyServer() as keys:
+        keys.add_owner(OWNERS[0])
+        env = {k: v for k, v in bridge_env.items() if k != "BRIDGE_KEYRING"}
+        b = Bridge(settings_from(env, key_server_url=keys.url, key_cache_seconds=0.3))
+        await b.start()
+        try:
+            svc = service_id()
+            async with Engine(
+                servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"], timeout=60
+            ) as engine:
+                await engine.add(svc, "before the restart")
+                w: Worker = await workers(svc)
+                assert await (await w.fetch()).ack(None) is True
+                keys.forgotten.add(OWNERS[0])
+                await asyncio.sleep(0.5)  # past the cache's age (0.3 s): the condition under test
+                with pytest.raises(UnavailableError):
+                    await w.fetch()
+                pending = asyncio.create_task(engine.add(svc, "added while it restarts"))
+                # A negative check, so a fixed wait: nothing to observe but the add not answered.
+                await asyncio.sleep(1.0)
+                assert not pending.done()
+                keys.forgotten.clear()
+                await asyncio.wait_for(pending, 30)
+                assert (await w.fetch()).value == "added while it restarts"
+        finally:
+            await b.stop()
+
+
 async def test_a_missing_key_is_an_outage_and_destroys_nothing(make_bridge, engine, workers, tmp_path, cql, servers):
     """Issue 13.5: a key lookup failure (key server 404 while restarting, a key-ring edit that drops
     a key) used to mark the task dead for good. Now: `unavailable`, and delivered once the key is back."""

@@ -792,3 +792,105 @@ def test_write_keyring_makes_a_new_file_0600(tmp_path: Path, ring_doc: dict[str,
     write_keyring(path, ring_doc)
     assert path.stat().st_mode & 0o777 == 0o600
     assert not path.with_name("new.json.bak").exists()
+
+
+# -- stale-if-error --------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_key_past_its_age_is_served_while_the_key_source_cannot_answer(
+    upstream: CountingProvider, clock: FakeClock
+) -> None:
+    """A key server away longer than the cache's age refused every request naming an owner (a
+    worker's extends and acks: leases ran out, finished work done again): the last key it gave is
+    served, within the window, and asked for again at each miss (found by review, 2026-12-07)."""
+    cache = CachingKeyProvider(upstream, max_age=300, clock=clock, stale_if_error=3600)
+    key = await cache.current_key("acme")
+    upstream.error = KeyUnavailable("key server down")
+    clock.advance(301)
+    assert await cache.current_key("acme") == key
+    assert await cache.key_by_id("acme", key.key_id) == key
+    assert cache.stale == 2 and len(upstream.calls) == 3, "each miss asked the source first"
+    clock.advance(3_000)  # 3,301 s old: still within 300 + 3,600
+    assert await cache.current_key("acme") == key
+    clock.advance(600)  # past the window: the source's error stands, and the entry is gone
+    with pytest.raises(KeyUnavailable):
+        await cache.current_key("acme")
+    upstream.error = None
+    clock.advance(1)
+    assert await cache.current_key("acme") == key
+    assert cache.stale == 3
+
+
+@pytest.mark.anyio
+async def test_no_stale_key_without_the_window_nor_once_the_source_answers(
+    upstream: CountingProvider, clock: FakeClock, ring_doc: dict[str, Any]
+) -> None:
+    plain = CachingKeyProvider(upstream, max_age=300, clock=clock)  # stale_if_error=0: as before
+    await plain.current_key("acme")
+    upstream.error = KeyUnavailable("down")
+    clock.advance(301)
+    with pytest.raises(KeyUnavailable):
+        await plain.current_key("acme")
+    # An answer is never masked: a revoked key is not served stale.
+    upstream.error = UnknownKey("revoked")
+    cache = CachingKeyProvider(upstream, max_age=300, clock=clock, stale_if_error=3600)
+    upstream.error = None
+    kid = ring_doc["owners"]["acme"]["current"]
+    await cache.key_by_id("acme", kid)
+    upstream.error = UnknownKey("revoked")
+    clock.advance(301)
+    with pytest.raises(UnknownKey):
+        await cache.key_by_id("acme", kid)
+    # Nor a key dropped by invalidate (a key-ring file's change is an answer).
+    upstream.error = None
+    await cache.current_key("acme")
+    cache.invalidate()
+    upstream.error = KeyUnavailable("down")
+    with pytest.raises(KeyUnavailable):
+        await cache.current_key("acme")
+    assert cache.stale == 0
+
+
+@pytest.mark.anyio
+async def test_an_owner_the_source_gave_a_key_of_lately_and_now_says_it_does_not_know_is_an_outage(
+    upstream: CountingProvider, clock: FakeClock
+) -> None:
+    """A key server restarting answers 404 unknown_owner before its store is loaded: an owner it
+    served within the window is ``KeyUnavailable`` (retried), no key served; one it never served,
+    or not for longer than the window, is ``UnknownOwner`` (answered ``unknown_owner``)."""
+    cache = CachingKeyProvider(upstream, max_age=300, clock=clock, stale_if_error=3600)
+    await cache.current_key("acme")
+    upstream.error = UnknownOwner("no such owner")
+    clock.advance(301)
+    with pytest.raises(KeyUnavailable, match="restarting") as raised:
+        await cache.current_key("acme")
+    assert not isinstance(raised.value, UnknownOwner)
+    with pytest.raises(UnknownOwner):
+        await cache.current_key("globex")  # never served by this cache
+    clock.advance(3_600)
+    with pytest.raises(UnknownOwner):
+        await cache.current_key("acme")  # past the window: the answer stands
+    assert cache.stale == 0
+
+
+@pytest.mark.anyio
+async def test_waiters_on_a_failing_lookup_get_the_stale_key_too(upstream: CountingProvider, clock: FakeClock) -> None:
+    cache = CachingKeyProvider(upstream, max_age=300, clock=clock, stale_if_error=3600)
+    key = await cache.current_key("acme")
+    clock.advance(301)
+    upstream.gate = anyio.Event()
+    upstream.error = KeyUnavailable("timed out")
+    results: list[OwnerKey] = []
+
+    async def lookup() -> None:
+        results.append(await cache.current_key("acme"))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(lookup)
+        await anyio.wait_all_tasks_blocked()
+        assert len(upstream.calls) == 2, "one upstream call for the three"
+        upstream.gate.set()
+    assert results == [key, key, key]
+    assert cache.coalesced == 2 and len(upstream.calls) == 2
