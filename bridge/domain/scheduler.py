@@ -991,8 +991,10 @@ class RecoveryScheduler:
         owed (not published, or undecided), and where."""
         stuck = undecided = unmarked = 0
         owed_at: list[OutboxKey] = []
+        seen: set[tuple[QueueKey, uuid.UUID, uuid.UUID]] = set()
         pages = self.store.outbox_pages(bucket) if keys is None else self.store.outbox_pages_of(bucket, keys)
         async for page in pages:  # one page of results in memory at a time
+            seen.update((e.queue, e.task_id, e.completion_id) for e in page)
             # A page's entries side by side (a lease read at SERIAL and a publish each): one after
             # the other, the results owed after an hour's broker outage (180,000 at 50 a second)
             # took minutes a sweep, and those owed since waited behind them.
@@ -1009,7 +1011,27 @@ class RecoveryScheduler:
                 unmarked += owed == "unmarked"
                 if owed is not None and len(owed_at) <= RELAY_RETRY_KEYS_MAX:
                     owed_at.append(OutboxKey.of(entry))
+        for key in keys or ():
+            if (key.queue, key.task_id, key.completion_id) not in seen:
+                self._ended_owed(key)
         return _Owed(stuck, undecided, tuple(owed_at), unmarked=unmarked)
+
+    def _ended_owed(self, key: OutboxKey) -> None:
+        """A result this holder still owed, whose row has ended (its task's life plus
+        ``RESULT_OWED_MS``) before it could go out: said and counted, once (the key is not
+        remembered again). Settled in silence, ``results_pending`` fell as if it had been sent."""
+        decided = (key.task_id, key.completion_id)
+        if decided in self._owed_marks:
+            del self._owed_marks[decided]
+            return  # published: only its mark was owed
+        log.error(
+            "result of task %s (%s/%s) not published: it was owed until its row's end (the task's life plus a "
+            "day) and could not go out (no queue bound for its results, its key missing?)",
+            key.task_id,
+            key.queue.owner,
+            key.queue.service,
+        )
+        self.queue.metrics.inc("results_dropped", reason="expired")
 
     def _remember_decided(self, decided: tuple[uuid.UUID, uuid.UUID]) -> None:
         self._owed_decided[decided] = None

@@ -348,8 +348,10 @@ class TaskStore(Protocol):
         results in memory, not the bucket's (hundreds of results of up to 1 MiB after an outage)."""
 
     def outbox_pages_of(self, bucket: int, keys: Sequence[OutboxKey]) -> AsyncIterator[list[OutboxEntry]]:
-        """The entries at ``keys`` (of ``bucket``) still unpublished, a page at a time, read by
-        their keys: a retry of a bucket owing a few results reads those, not the bucket's keys."""
+        """The entries at ``keys`` (of ``bucket``), published ones too, a page at a time, read by
+        their keys: a retry of a bucket owing a few results reads those, not the bucket's keys. A
+        key with no entry has ended (its row's life, the task's plus ``RESULT_OWED_MS``): the
+        relay counts a result still owed then as dropped, where a published one says so."""
 
     # -- loop progress -------------------------------------------------------------------------------
     async def owed_positions(self, name: str, now_ms: int) -> set[int]:

@@ -654,7 +654,7 @@ class MemoryTaskStore:
         found = [
             e
             for e in self.outbox_rows.get(bucket, {}).values()
-            if (e.queue, e.task_id, e.completion_id) in wanted and self.owed_alive(e.task_id) and not e.published
+            if (e.queue, e.task_id, e.completion_id) in wanted and self.owed_alive(e.task_id)
         ]
         for start in range(0, len(found), OUTBOX_PAGE):
             yield found[start : start + OUTBOX_PAGE]

@@ -1192,17 +1192,17 @@ class CassandraTaskStore:
                 owed.append(("outbox.unsharded_get", (bucket, *key), UNSHARDED))
             else:
                 owed.append(("outbox.get", (bucket, shard_of(k.task_id, OUTBOX_SHARDS), *key), None))
-        async for page in self._whole_entries(owed):
+        async for page in self._whole_entries(owed, published_too=True):
             yield page
 
     async def _whole_entries(
-        self, owed: list[tuple[str, tuple[Any, ...], int | None]]
+        self, owed: list[tuple[str, tuple[Any, ...], int | None]], *, published_too: bool = False
     ) -> AsyncIterator[list[OutboxEntry]]:
         for start in range(0, len(owed), OUTBOX_READS_AT_ONCE):
             group = owed[start : start + OUTBOX_READS_AT_ONCE]
             wholes = await asyncio.gather(*(self.db.execute(name, params) for name, params, _ in group))
             page = [outbox_entry(r, shard) for (_, _, shard), whole in zip(group, wholes, strict=True) for r in whole]
-            yield [entry for entry in page if not entry.published]
+            yield page if published_too else [entry for entry in page if not entry.published]
 
     # -- loop progress ---------------------------------------------------------------------------------
     async def scheduler_cursor(self, name: str, now_ms: int) -> int | None:

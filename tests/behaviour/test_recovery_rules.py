@@ -18,7 +18,7 @@ from bridge.domain.models import AddCommand, Delivery, ExtendRequest, FailReques
 from bridge.domain.records import CasResult, QueueKey
 from bridge.domain.relay import DECISION_IN_FLIGHT_MS
 from bridge.domain.scheduler import RELAY_RETRY_MAX_MS
-from bridge.domain.timeline import OUTBOX_BUCKET_MS, outbox_bucket
+from bridge.domain.timeline import OUTBOX_BUCKET_MS, OUTBOX_SHARDS, outbox_bucket, shard_of
 from tests.conftest import wait_for
 from tests.queue_harness import MARGIN_MS, OWNER, Harness
 
@@ -1376,3 +1376,51 @@ async def test_a_failed_serial_read_puts_off_its_deadline_alone(harness: Harness
     assert not failures, "the SERIAL read was not asked"
     got = await h.fetch_until("other", limit_ms=ENTRY_RETRY_MS + 10_000)
     assert uuid.UUID(str(got.task_id)) == task_id
+
+
+async def _end_outbox_row(h: Harness, bucket: int, task_id: str) -> None:
+    """What the outbox row's TTL does at the end of its life (its task's life plus a day)."""
+    from bridge.storage.memory import MemoryTaskStore
+
+    if isinstance(h.store, MemoryTaskStore):
+        rows = h.store.outbox_rows.get(bucket, {})
+        for key in [k for k in rows if str(k[2]) == task_id]:
+            del rows[key]
+        return
+    await h.store.db.execute_raw(  # type: ignore[attr-defined]
+        f"DELETE FROM {{ks}}.outbox_shards WHERE bucket = {bucket} AND shard = "
+        f"{shard_of(uuid.UUID(task_id), OUTBOX_SHARDS)} AND owner = '{OWNER}' AND service = '{h.service}' "
+        f"AND task_id = {task_id}"
+    )
+
+
+async def test_a_result_still_owed_when_its_row_ends_is_counted_dropped_once(harness: Harness) -> None:
+    """A result nobody could take (no queue bound for its service) for its task's life plus a day:
+    its outbox row ended, the relay's next retry read nothing and settled the bucket, with no log
+    line and no count; ``results_pending`` fell as if it had gone out, though docs/storage.md says
+    the drop is logged and counted (``results_dropped{reason="expired"}``) (found by review,
+    2026-12-07)."""
+    h = harness
+    nobody: set[str] = set()
+    real_publish = h.sink.publish_result
+
+    async def publish(message: Any) -> None:
+        if message.task_id in nobody:
+            raise ConnectionError("unroutable: no queue bound for its service (injected)")
+        await real_publish(message)
+
+    h.sink.publish_result = publish  # type: ignore[method-assign]
+    task_id = await h.add("v", token="t")
+    nobody.add(task_id)
+    got = await h.fetch("w", ttr_ms=3_600_000)
+    assert got is not None and await h.ack("w", got, result=1) is True
+    await h.queue.drain_background(5.0)
+    acked_in = outbox_bucket(h.clock.now_ms())
+    for _ in range(6):  # its first sweep, its second pass, a few retries: retried by its key now
+        await h.advance(OUTBOX_BUCKET_MS)
+    assert h.metrics.total("results_dropped") == 0
+    await _end_outbox_row(h, acked_in, task_id)
+    for _ in range(3):
+        await h.advance(RELAY_RETRY_MAX_MS)
+    assert h.metrics.total("results_dropped", reason="expired") == 1
+    assert not h.sink.messages
