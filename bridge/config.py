@@ -127,6 +127,13 @@ class Settings(BaseSettings):
         ge=1,
         description="Largest accepted task value (or ack result), as JSON bytes; request bodies may be 64 KiB larger.",
     )
+    broker_max_message_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="RabbitMQ's max_message_size (4.x's default, 16 MiB): a result the bridge sends carries a token "
+        "and a result of up to BRIDGE_MAX_VALUE_BYTES each, so the bridge refuses to start when 2 x that + 128 KiB "
+        "does not fit (the broker would refuse the result and close the results channel, at every retry).",
+    )
 
     dead_letter_max_length: int = Field(
         100_000, ge=1, description="Most messages kept in the dead-letter queue (the oldest are dropped beyond)."
@@ -514,6 +521,22 @@ class Settings(BaseSettings):
                 f"BRIDGE_CASSANDRA_HEARTBEAT_INTERVAL ({self.cassandra_heartbeat_interval}) must be at most two "
                 f"thirds of BRIDGE_CASSANDRA_IDLE_TIMEOUT ({self.cassandra_idle_timeout}): a quiet connection "
                 "reads nothing but its heartbeats' answers, and each answer needs time to come"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _results_fit_the_broker(self) -> Settings:
+        # A result message carries the task's token (an add body: up to the value limit + 64 KiB)
+        # and the result (up to the value limit). Past the broker's max_message_size, each publish
+        # was refused with a 406 that closed the results channel (the add retry lane's too) and
+        # failed the results beside it, at every retry of the relay, for the result's life.
+        needed = 2 * self.max_value_bytes + 2 * 65_536
+        if needed > self.broker_max_message_bytes:
+            raise ValueError(
+                f"BRIDGE_MAX_VALUE_BYTES ({self.max_value_bytes}) is too large for the broker's message size "
+                f"(BRIDGE_BROKER_MAX_MESSAGE_BYTES, {self.broker_max_message_bytes}): a result carries a token and "
+                f"a result of that size each, {needed} bytes in all; raise RabbitMQ's max_message_size and "
+                "BRIDGE_BROKER_MAX_MESSAGE_BYTES with it, or lower BRIDGE_MAX_VALUE_BYTES"
             )
         return self
 

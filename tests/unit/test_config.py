@@ -186,6 +186,23 @@ def test_a_default_lease_raised_alone_above_the_maximum_is_an_error(monkeypatch:
     assert "BRIDGE_DEFAULT_TIME_TO_RECOVER_MS" in str(err.value)
 
 
+def test_a_value_limit_whose_results_do_not_fit_the_brokers_message_size_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A result carries a token and a result of up to the value limit each: with values of 9 MiB
+    on a broker taking 16 MiB, every such result was refused by the broker, which closed the
+    results channel at every retry of the relay (found by review, 2026-12-07)."""
+    monkeypatch.setenv("BRIDGE_MAX_VALUE_BYTES", str(9 * 1024 * 1024))
+    with pytest.raises(ConfigError) as err:
+        load_settings(_env_file=None)
+    assert "BRIDGE_BROKER_MAX_MESSAGE_BYTES" in str(err.value) and "BRIDGE_MAX_VALUE_BYTES" in str(err.value)
+    monkeypatch.setenv("BRIDGE_BROKER_MAX_MESSAGE_BYTES", str(32 * 1024 * 1024))  # the broker raised with it
+    assert load_settings(_env_file=None).max_value_bytes == 9 * 1024 * 1024
+    monkeypatch.delenv("BRIDGE_BROKER_MAX_MESSAGE_BYTES")
+    monkeypatch.setenv("BRIDGE_MAX_VALUE_BYTES", str(8 * 1024 * 1024 - 65_536))  # the largest that fits 16 MiB
+    assert load_settings(_env_file=None).broker_max_message_bytes == 16 * 1024 * 1024
+
+
 def test_a_keyspace_is_named_as_cassandra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """Unquoted, Cassandra folds the name to lower case (tests/integration/test_schema_modes.py)."""
     monkeypatch.setenv("BRIDGE_CASSANDRA_KEYSPACE", "QueueBridge")
