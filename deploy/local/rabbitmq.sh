@@ -370,18 +370,40 @@ rabbitmq_users() {
   fi
   users=$(awk '{print $1}' <<<"$users")
   perms=$(rabbitmqctl list_permissions -p / --silent)
+  # A broker these scripts did not start (Debian's own service, on every interface) gets no dev
+  # users (password = user name) unless asked: shown what to run instead (found by review).
+  local dry=0 cmd
+  if [[ $(cat "$R_OWNER" 2>/dev/null) == external && ${QB_RABBITMQ_USERS_ON_EXTERNAL:-0} != 1 ]]; then
+    dry=1
+  fi
   for u in $QB_RABBITMQ_USERS; do
     if ! grep -qxF "$u" <<<"$users"; then
-      rabbitmqctl add_user "$u" "$u" >/dev/null
+      if ((dry)); then
+        cmd+="  rabbitmqctl add_user $u <password>"$'\n'
+      else
+        rabbitmqctl add_user "$u" "$u" >/dev/null
+      fi
       added+=("$u")
     fi
     want=$(rabbitmq_permissions_of "$(rabbitmq_role_of "$u")")
     if ! grep -qxF "$(printf '%s\t%s' "$u" "$want")" <<<"$perms"; then
       IFS=$'\t' read -r c w r <<<"$want"
-      rabbitmqctl set_permissions -p / "$u" "$c" "$w" "$r" >/dev/null
+      if ((dry)); then
+        cmd+="  rabbitmqctl set_permissions -p / $u '$c' '$w' '$r'"$'\n'
+      else
+        rabbitmqctl set_permissions -p / "$u" "$c" "$w" "$r" >/dev/null
+      fi
       granted+=("$u")
     fi
   done
+  if ((dry)) && ((${#added[@]} + ${#granted[@]})); then
+    qb_log "rabbitmq: the broker on $QB_AMQP_HOST:$QB_AMQP_PORT was not started by these scripts: its users are left" \
+      "as they are. The bridge and the tests need users [${added[*]}] and permissions for [${granted[*]}]; run:"
+    printf '%s' "$cmd" >&2
+    qb_log "rabbitmq: or set QB_RABBITMQ_USERS_ON_EXTERNAL=1 to have them created with password = user name" \
+      "(only on a broker nobody else can reach)"
+    return 0
+  fi
   if ((${#added[@]} + ${#granted[@]})); then
     qb_log "rabbitmq: users: added [${added[*]}], least-privilege permissions set for [${granted[*]}] (password = user name; guest kept)"
   else

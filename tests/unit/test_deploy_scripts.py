@@ -145,6 +145,29 @@ def test_a_running_broker_started_on_an_older_config_gets_the_message_size_bound
     assert not (tmp_path / "ctl.log").exists(), "a broker on the current config is left alone"
 
 
+def test_a_broker_these_scripts_did_not_start_gets_no_dev_users_unless_asked(tmp_path: Path) -> None:
+    """`stack.sh up` found something answering AMQP (Debian's own rabbitmq-server, on every
+    interface) and still added the dev users to it, each with its name as password: anyone on
+    the network could publish into that broker as queue-bridge (found by review, 2026-12-07). An
+    external broker is left as it is, and told what to run, unless QB_RABBITMQ_USERS_ON_EXTERNAL=1."""
+    external = 'mkdir -p "$R_DIR"; R_OWNER="$R_DIR/owner"; echo external >"$R_OWNER"\n'
+    out = _run_with_rabbitmq_sh(tmp_path, external + "rabbitmq_users")
+    assert out.returncode == 0, out.stderr
+    calls = (tmp_path / "ctl.log").read_text()
+    assert "add_user" not in calls and "set_permissions" not in calls, calls
+    assert "QB_RABBITMQ_USERS_ON_EXTERNAL=1" in out.stderr + out.stdout
+    assert "rabbitmqctl add_user" in out.stderr + out.stdout, "the commands to run are shown"
+    out = _run_with_rabbitmq_sh(tmp_path, external + "QB_RABBITMQ_USERS_ON_EXTERNAL=1 rabbitmq_users")
+    assert out.returncode == 0, out.stderr
+    assert "add_user queue-bridge queue-bridge" in (tmp_path / "ctl.log").read_text()
+    # A broker these scripts started gets them, as before.
+    (tmp_path / "ctl.log").unlink()
+    started = 'mkdir -p "$R_DIR"; R_OWNER="$R_DIR/owner"; echo started >"$R_OWNER"\n'
+    out = _run_with_rabbitmq_sh(tmp_path, started + "rabbitmq_users")
+    assert out.returncode == 0, out.stderr
+    assert "add_user queue-bridge queue-bridge" in (tmp_path / "ctl.log").read_text()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="the scripts run as root; the folder's owner is checked against root")
 @pytest.mark.parametrize(
     ("made_by_another", "ok"),
