@@ -448,8 +448,9 @@ def purge(
     amqp_url: AmqpUrlOption = None,
     timeout: TimeoutOption = 10.0,
 ) -> None:
-    """Cancel the queue's ready tasks (never in-flight, delayed or parked ones); print {"purged": n}
-    (and "more": true when it stopped short: ready tasks may remain)."""
+    """Cancel the queue's tasks claimable now: ready ones, and those whose lease ran out (a late ack
+    of one is then false); never a running lease, delayed or parked tasks. Print {"purged": n} (and
+    "more": true when it stopped short: ready tasks may remain)."""
     if not yes:
         raise typer.BadParameter(
             f"purge cancels every ready task of {service!r} for good: add --yes to do it", param_hint="--yes"

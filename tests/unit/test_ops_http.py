@@ -221,3 +221,33 @@ async def test_start_twice_is_an_error() -> None:
             await server.start("127.0.0.1", 0)
     finally:
         await server.stop()
+
+
+@pytest.mark.parametrize(
+    ("host", "reachable", "unreachable"),
+    [("", ["127.0.0.1", "[::1]"], []), ("::", ["[::1]"], ["127.0.0.1"]), ("0.0.0.0", ["127.0.0.1"], ["[::1]"])],  # nosec B104
+)
+async def test_the_listen_address_families_are_as_the_docs_say(
+    host: str, reachable: list[str], unreachable: list[str]
+) -> None:
+    """The ConfigMap said "::" listens on IPv6 and IPv4 both: Python's servers set IPV6_V6ONLY, so a
+    dual-stack cluster's IPv4 probes were refused (found by review, 2026-12-07). "" is both."""
+    import socket
+
+    with socket.socket() as probe:  # a port free on IPv4; "" binds it on both families
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    metrics = BridgeMetrics(instance="ops-test", version="1.2.3", scheduler=SchedulerState())
+    server = OpsServer(metrics, {}, check_timeout=0.2)
+    await server.start(host, port)
+    try:
+        async with aiohttp.ClientSession() as http:
+            for address in reachable:
+                async with http.get(f"http://{address}:{port}/health/live") as resp:
+                    assert resp.status == 200, address
+            for address in unreachable:
+                with pytest.raises(aiohttp.ClientConnectionError):
+                    async with http.get(f"http://{address}:{port}/health/live"):
+                        pass
+    finally:
+        await server.stop()
