@@ -44,6 +44,7 @@ class KeyServer:
         self.fail = False  # answer 503 to everything
         self.failing_owners: dict[str, int] = {}  # owner -> an HTTP error status answered for it
         self.forgotten: set[str] = set()  # owners answered 404 unknown_owner (a restart, its store not loaded)
+        self.slow_owners: dict[str, float] = {}  # owner -> seconds before answering for it (its KMS hangs)
         self.delay = 0.0  # seconds to wait before answering (makes concurrent requests overlap)
         self.padding = 0  # extra bytes of whitespace in every 200 answer (an oversized response)
         self.requests = 0  # requests received, whatever the outcome
@@ -124,6 +125,8 @@ class KeyServer:
         self.paths.append(request.raw_path)
         if self.delay:
             await asyncio.sleep(self.delay)
+        if (slow := self.slow_owners.get(request.match_info.get("owner", ""))) is not None:
+            await asyncio.sleep(slow)
         if self.fail:
             return web.json_response({"error": "unavailable"}, status=503)
         if (status := self.failing_owners.get(request.match_info.get("owner", ""))) is not None:

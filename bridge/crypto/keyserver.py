@@ -71,6 +71,10 @@ FAILING_RETRIES_BURST = 4
 log = logging.getLogger("bridge.keyserver")
 
 
+class _TimedOut(KeyUnavailable):
+    """The key server did not answer a lookup in time."""
+
+
 class _AnsweredError(KeyUnavailable):
     """An error status the server answered about one owner's key (not a transport failure)."""
 
@@ -233,6 +237,7 @@ class HttpKeyProvider:
                 # number: a key server restarting would otherwise get a retry from every owner
                 # whose key expired meanwhile (owners x bridges, every few seconds).
                 raise self._owner_error(owner, "its retries are spaced out while it fails")
+        asked_at = now
         try:
             key = await self._ask(owner, key_id, path)
         except _AnsweredError as exc:
@@ -243,6 +248,17 @@ class HttpKeyProvider:
             raise self._owner_error(owner, exc.message) from None
         except BadKeyAnswer:
             self._served(owner)  # the server answered (about this owner's entry): it is healthy
+            raise
+        except _TimedOut as exc:
+            if self._another_served(owner, since=asked_at):
+                # Slow for this owner while it answered others meanwhile (a tenant's KMS that
+                # hangs): this owner's trouble, as an answered error is. Taken for the server's,
+                # each of this owner's retries backed off every other owner's lookups for up to
+                # 5 s, and its adds held the add slots every owner shares (found by review). With
+                # nobody answered meanwhile (the server away for all), the server's, as before.
+                self._owner_failed(owner)
+                raise self._owner_error(owner, str(exc)) from None
+            self._server_failed()
             raise
         except KeyUnavailable:
             self._server_failed()
@@ -276,10 +292,16 @@ class HttpKeyProvider:
         while len(self._served_lately) > SERVED_OWNERS_KEPT:
             self._served_lately.popitem(last=False)
 
-    def _another_served(self, owner: str) -> bool:
-        """Whether the server answered another owner well within ``SERVED_LATELY_S``."""
-        since = self._clock() - SERVED_LATELY_S
-        return any(o != owner and at >= since for o, at in reversed(self._served_lately.items()))
+    def _another_served(self, owner: str, since: float | None = None) -> bool:
+        """Whether the server answered another owner well since ``since`` (default: within
+        ``SERVED_LATELY_S``)."""
+        since = self._clock() - SERVED_LATELY_S if since is None else since
+        for o, at in reversed(self._served_lately.items()):  # the latest first
+            if at < since:
+                return False
+            if o != owner:
+                return True
+        return False
 
     def _owner_error(self, owner: str, why: str) -> KeyUnavailable:
         """What a failing owner's lookup raises: ``BadKeyAnswer`` (that owner's trouble: its adds
@@ -331,7 +353,7 @@ class HttpKeyProvider:
                             raise KeyUnavailable(f"key server response for {what} exceeds {MAX_RESPONSE_BYTES} bytes")
                     return resp.status, bytes(body)
             except TimeoutError as exc:
-                raise KeyUnavailable(f"key server timed out after {self._timeout}s fetching {what}") from exc
+                raise _TimedOut(f"key server timed out after {self._timeout}s fetching {what}") from exc
             except aiohttp.ClientConnectionError as exc:
                 if attempt == 1:
                     continue

@@ -284,6 +284,65 @@ async def test_claims_that_found_the_key_missing_do_not_count_toward_the_deliver
 BROKEN = OWNERS[1]  # the owner whose key-server entry is broken
 
 
+# Without stale keys: a key served past its age while the key source fails hides the rule under test
+# for owners whose key is cached, not for an owner's first lookup.
+NO_STALE_KEYS = {"key_stale_if_error_seconds": 0}
+
+
+async def test_one_owner_whose_key_lookups_time_out_does_not_deny_every_other_owner(
+    bridge_env, servers, names, workers
+):
+    """Only answered errors backed off one owner: a lookup that timed out (that tenant's KMS hangs,
+    the key server answers everyone else at once) backed off the whole key server, and every
+    other owner's lookup was refused for up to 5 s, again at each of that owner's retries (found
+    by review, 2026-12-07). While the server serves other owners, a timeout is that owner's."""
+    from bridge.app import Bridge
+    from tests.keyserver import KeyServer
+
+    async with KeyServer() as keys:
+        for owner in (*OWNERS, ENGINE_USER, "guest"):
+            keys.add_owner(owner)
+        slow = OWNERS[1]
+        keys.slow_owners[slow] = 1.0
+        env = {k: v for k, v in bridge_env.items() if k != "BRIDGE_KEYRING"}
+        b = Bridge(
+            settings_from(env, key_server_url=keys.url, key_cache_seconds=0.05, key_server_timeout=0.3, **NO_STALE_KEYS)
+        )
+        await b.start()
+        try:
+            svc = service_id()
+            healthy = await workers(svc, "healthy", user=OWNERS[0])
+            bad = await workers(svc, "bad", user=slow)
+            assert await healthy.fetch() is None  # the key server serves the other owners
+            stop = asyncio.Event()
+            timeouts = 0
+
+            async def slow_tenant() -> None:
+                nonlocal timeouts
+                while not stop.is_set():
+                    try:
+                        await bad.fetch()
+                    except UnavailableError:
+                        timeouts += 1
+
+            noisy = asyncio.create_task(slow_tenant())
+            refused = 0
+            try:
+                for _ in range(40):
+                    try:
+                        assert await healthy.fetch() is None
+                    except UnavailableError:
+                        refused += 1
+                    await asyncio.sleep(0.06)  # past the key cache's age: each fetch asks the server
+            finally:
+                stop.set()
+                await noisy
+            assert timeouts > 0, "the slow owner's lookups timed out"
+            assert refused == 0, f"{refused} of 40 fetches of a healthy owner answered unavailable"
+        finally:
+            await b.stop()
+
+
 def _break(keys: Any, owner: str, how: str) -> Callable[[], None]:
     """Break ``owner``'s entry on the key server ``how``; the function that repairs it."""
     import secrets

@@ -351,6 +351,42 @@ async def test_timeout_is_key_unavailable(server: KeyServer) -> None:
     assert server.requests == 1  # timeouts are not retried
 
 
+async def test_a_timeout_is_the_servers_when_nobody_was_answered_meanwhile_else_the_owners(
+    server: KeyServer,
+) -> None:
+    """A key server away for everyone (nobody answered while the lookup waited) is backed off as a
+    whole, as before; one slow for one owner while it answers others backs off that owner only."""
+    for owner in ("acme", "globex", "initech"):
+        server.add_owner(owner)
+    prov = HttpKeyProvider(server.url, timeout=0.3)
+    try:
+        with anyio.fail_after(10):
+            server.delay = 1.0  # away for everyone
+            with pytest.raises(KeyUnavailable, match="timed out"):
+                await prov.current_key("acme")
+            server.delay = 0.0
+            with pytest.raises(KeyUnavailable, match="not asked again"):
+                await prov.current_key("globex")  # the whole server is backed off
+            prov._retry_at = 0.0  # the backoff's end
+            await prov.current_key("globex")
+            server.slow_owners["acme"] = 1.0  # slow for one owner; the others answered meanwhile
+            async with anyio.create_task_group() as tg:
+
+                async def others() -> None:
+                    for _ in range(5):
+                        await prov.current_key("initech")
+                        await anyio.sleep(0.05)
+
+                tg.start_soon(others)
+                with pytest.raises(KeyUnavailable, match="timed out"):
+                    await prov.current_key("acme")
+            await prov.current_key("globex")  # not backed off: only acme is
+            with pytest.raises(KeyUnavailable, match="not asked again"):
+                await prov.current_key("acme")
+    finally:
+        await prov.close()
+
+
 def _dropping_handler(drops: int, secret: bytes) -> tuple[Handler, list[int]]:
     """A handler that kills the first ``drops`` connections without answering, then serves a key."""
     attempts = [0]
