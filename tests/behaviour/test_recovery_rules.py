@@ -1424,3 +1424,45 @@ async def test_a_result_still_owed_when_its_row_ends_is_counted_dropped_once(har
         await h.advance(RELAY_RETRY_MAX_MS)
     assert h.metrics.total("results_dropped", reason="expired") == 1
     assert not h.sink.messages
+
+
+class _ClockFarOff:
+    """A clock gate that says its bridge's clock may be off by ``bound_ms`` (not ok)."""
+
+    ok = False
+
+    def __init__(self, bound_ms: float) -> None:
+        self.bound_ms = bound_ms
+
+    def describe(self) -> str:
+        return f"off by up to {self.bound_ms:.0f} ms"
+
+    def error_bound_ms(self) -> float | None:
+        return self.bound_ms
+
+
+async def test_a_result_acked_on_a_bridge_whose_clock_is_behind_and_whose_publish_failed_still_goes_out(
+    harness: Harness,
+) -> None:
+    """Acks go on while a bridge's clock is off (refusing them would cost the leases), and an ack
+    files its result under its own clock's bucket: two minutes behind, that bucket had been read
+    twice by the duty holder already, and with the publish beside the ack failing (a broker blip,
+    likely on a paused VM), nothing ever read it again: the worker told true, the engine never told
+    (found by review, 2026-12-07). Such an ack records its bucket as owed, and the holder reads the
+    owed records again as it runs."""
+    h = harness
+    task_id = await h.add("v", token="t")
+    got = await h.fetch("w", ttr_ms=3_600_000)
+    assert got is not None
+    for _ in range(12):  # the holder's relay two minutes on: the buckets behind read twice
+        await h.advance(OUTBOX_BUCKET_MS)
+    behind, _ = h.instance(ManualClock(h.clock.now_ms() - 120_000))
+    behind.ctx.gate = _ClockFarOff(120_000.0)
+    h.sink.down = True  # the publish beside the ack fails
+    assert await h.ack("w", got, result=1, queue=behind) is True
+    await behind.drain_background(5.0)
+    assert not h.sink.messages
+    h.sink.down = False
+    for _ in range(12):
+        await h.advance(OUTBOX_BUCKET_MS)
+    assert [m.task_id for m in h.sink.messages] == [task_id]
