@@ -81,6 +81,14 @@ def _refuse_to_destroy(path: Path) -> None:
     try:
         doc = json.loads(raw)
     except (UnicodeDecodeError, ValueError):  # JSONDecodeError is a ValueError
+        if b'"owners"' in raw:
+            # A key-ring a hand edit left unparsable (a trailing comma, a stray quote): the bridges
+            # kept their keys, and its other entries are as live as ever (found by re-review).
+            fail(
+                f'{path} looks like a key-ring (it names "owners") but is not valid JSON: replacing it loses '
+                "every key in it for good. Fix it, or add --destroy-existing-keys to replace it anyway "
+                "(the old file is kept as .bak)"
+            )
         return  # not JSON, so not a key-ring: --force replaces it
     try:
         ring = parse_keyring(doc, source=str(path))

@@ -27,15 +27,28 @@ class CryptoError(BridgeError):
 
 
 class KeyUnavailable(CryptoError):
-    """The key provider is unreachable, timed out, or answered something unusable (transient)."""
+    """The key provider is unreachable, timed out, or answered something unusable (transient).
+
+    ``stale_ok``: whether a key cached before may stand in meanwhile (``CachingKeyProvider``'s
+    stale-if-error): true when the source gave no answer (down, timed out, an error of its own);
+    false when it answered about this owner (refused it: 401/403, an unusable entry), which a
+    cached key must not mask (a tenant suspended by disabling its key)."""
 
     code = ErrorCode.UNAVAILABLE
+
+    def __init__(self, message: str = "", code: str | None = None, *, stale_ok: bool = True) -> None:
+        super().__init__(message, code)
+        self.stale_ok = stale_ok
 
 
 class BadKeyAnswer(KeyUnavailable):
     """The key server answered, but its entry for this owner is unusable (a key of the wrong
     length, not base64, another key's id), or it answers an error for this owner only (while it
-    serves others): that owner's trouble, not the server's (no backoff of the whole server)."""
+    serves others): that owner's trouble, not the server's (no backoff of the whole server).
+    Not served stale unless said so (an error status of the server's own, a timeout)."""
+
+    def __init__(self, message: str = "", code: str | None = None, *, stale_ok: bool = False) -> None:
+        super().__init__(message, code, stale_ok=stale_ok)
 
 
 class UnknownOwner(CryptoError):

@@ -20,7 +20,7 @@ from typing import Protocol, runtime_checkable
 
 import anyio
 
-from bridge.crypto.errors import KeyUnavailable, UnknownOwner
+from bridge.crypto.errors import BadKeyAnswer, KeyUnavailable, UnknownOwner
 
 __all__ = ["KEY_SIZE", "CachingKeyProvider", "KeyProvider", "OwnerKey"]
 
@@ -65,6 +65,10 @@ class KeyProvider(Protocol):
     async def close(self) -> None: ...
 
 
+# How long after its cached key expired an owner the key source says it does not know is taken for
+# the source restarting (its store not loaded yet) rather than removed: a restart's time.
+RESTART_GRACE_S = 600.0
+
 # Cache slot: (owner, key id), or (owner, None) for the owner's current key -- None cannot collide
 # with any key id string.
 _CacheKey = tuple[str, str | None]
@@ -92,16 +96,17 @@ class CachingKeyProvider:
       into a single upstream call (single flight); its result or error is shared by all waiters.
       If the caller that started the fetch is cancelled, one of the waiters retries.
     * Errors are never cached. An entry past ``max_age`` is asked for again; if the upstream then
-      cannot answer (:class:`~bridge.crypto.errors.KeyUnavailable`: down, timed out, an unusable
-      answer) and the entry is younger than ``max_age + stale_if_error``, the entry is served
-      (counted in ``stale``), as HTTP's ``stale-if-error``. Without it, a key server away longer
+      gives no answer (:class:`~bridge.crypto.errors.KeyUnavailable` whose ``stale_ok``: down,
+      timed out, an error of its own) and the entry is younger than ``max_age + stale_if_error``,
+      the entry is served (counted in ``stale``), as HTTP's ``stale-if-error``. Without it, a key server away longer
       than the cache's age stopped every request that names an owner: a worker's extends and acks
       were refused, its leases ran out and the finished work was done again (found by review).
-      An answer is never masked: a key revoked (``UnknownKey``) is not served stale, and an owner
-      the upstream says it does not know (``UnknownOwner``) while it had a key for it within the
-      window is taken for a key server restarting before its store is loaded (``KeyUnavailable``:
-      retried, not ``unknown_owner``, which dead-letters adds), and served no key. Past the
-      window, the upstream's answer or error stands.
+      An answer is never masked: a key revoked (``UnknownKey``), an owner refused (401/403) or its
+      entry unusable is not served stale, and an owner the upstream says it does not know
+      (``UnknownOwner``) while it had a key for it within ``max_age`` + ``RESTART_GRACE_S`` is
+      taken for a key server restarting before its store is loaded (``BadKeyAnswer``: that
+      owner's trouble, retried, not ``unknown_owner``, which dead-letters adds), and served no
+      key. Past those windows, the upstream's answer or error stands.
     * Counters for metrics: ``hits`` (answered from the cache), ``misses`` (upstream calls made),
       ``coalesced`` (answered by joining another caller's upstream call).
     * Rotation: a rotated current key is picked up after at most ``max_age`` seconds, or at once
@@ -194,10 +199,12 @@ class CachingKeyProvider:
         return key if self._clock() - stored_at < self._max_age + self._stale_if_error else None
 
     def _known_lately(self, owner: str) -> float | None:
-        """Seconds since the upstream last gave a key of ``owner``, if within the stale window."""
+        """Seconds since the upstream last gave a key of ``owner``, if within ``max_age`` plus
+        a restart's time (``RESTART_GRACE_S``, at most the stale window): past it, an owner the
+        source does not know is one removed (``unknown_owner``), not a source restarting."""
         if not self._stale_if_error:
             return None
-        now, limit = self._clock(), self._max_age + self._stale_if_error
+        now, limit = self._clock(), self._max_age + min(self._stale_if_error, RESTART_GRACE_S)
         ages = [now - stored_at for (o, _), (_, stored_at) in self._entries.items() if o == owner]
         fresh = [age for age in ages if age < limit]
         return min(fresh) if fresh else None
@@ -236,7 +243,7 @@ class CachingKeyProvider:
         try:
             key = await fetch()
         except KeyUnavailable as exc:
-            stale = self._stale(slot) if generation == self._generation else None
+            stale = self._stale(slot) if generation == self._generation and exc.stale_ok else None
             if stale is None:
                 flight.error = exc
                 raise
@@ -249,7 +256,9 @@ class CachingKeyProvider:
             if lately is None:
                 flight.error = exc
                 raise
-            error = KeyUnavailable(
+            # That owner's trouble (its adds wait in the add retry lane, not in the add slots every
+            # owner shares: an offboarded tenant's backlog held them all), and no key is served.
+            error = BadKeyAnswer(
                 f"the key source does not know owner {owner!r}, though it gave a key of it {lately:.0f} s ago: "
                 "taken for a key source restarting (retried), not an owner without keys"
             )

@@ -76,7 +76,9 @@ class _TimedOut(KeyUnavailable):
 
 
 class _AnsweredError(KeyUnavailable):
-    """An error status the server answered about one owner's key (not a transport failure)."""
+    """An error status the server answered about one owner's key (not a transport failure):
+    ``stale_ok`` for an error of the server's own (5xx), not for a refusal (401/403, a 404
+    without its code)."""
 
 
 def _loopback(host: str) -> bool:
@@ -175,7 +177,8 @@ class HttpKeyProvider:
         # well (within ``SERVED_LATELY_S``); with no other owner served lately (a fleet of one
         # owner, a server failing for all) the adds wait where they are (their back-pressure), not
         # in the add retry lane.
-        self._owner_backoff: OrderedDict[str, tuple[int, float]] = OrderedDict()  # failures, retry at
+        # failures, retry at, whether a cached key may stand in meanwhile (not after a refusal)
+        self._owner_backoff: OrderedDict[str, tuple[int, float, bool]] = OrderedDict()
         self._served_lately: OrderedDict[str, float] = OrderedDict()  # owner -> when last served
         self._retry_tokens = float(FAILING_RETRIES_BURST)
         self._tokens_at = clock()
@@ -231,12 +234,12 @@ class HttpKeyProvider:
         held = self._owner_backoff.get(owner)
         if held is not None:
             if held[1] > now:
-                raise self._owner_error(owner, f"not asked again for {held[1] - now:.1f}s")
+                raise self._owner_error(owner, f"not asked again for {held[1] - now:.1f}s", stale_ok=held[2])
             if not self._retry_allowed(now):
                 # Owners already failing are asked again within a budget a second, whatever their
                 # number: a key server restarting would otherwise get a retry from every owner
                 # whose key expired meanwhile (owners x bridges, every few seconds).
-                raise self._owner_error(owner, "its retries are spaced out while it fails")
+                raise self._owner_error(owner, "its retries are spaced out while it fails", stale_ok=held[2])
         asked_at = now
         try:
             key = await self._ask(owner, key_id, path)
@@ -244,8 +247,8 @@ class HttpKeyProvider:
             # An error status answered about this owner: backed off for this owner only (one
             # backoff for the whole server let a failing owner's retries turn every other owner
             # away); a server failing for everyone is held to the retry budget above.
-            self._owner_failed(owner)
-            raise self._owner_error(owner, exc.message) from None
+            self._owner_failed(owner, stale_ok=exc.stale_ok)
+            raise self._owner_error(owner, exc.message, stale_ok=exc.stale_ok) from None
         except BadKeyAnswer:
             self._served(owner)  # the server answered (about this owner's entry): it is healthy
             raise
@@ -256,8 +259,8 @@ class HttpKeyProvider:
                 # each of this owner's retries backed off every other owner's lookups for up to
                 # 5 s, and its adds held the add slots every owner shares (found by review). With
                 # nobody answered meanwhile (the server away for all), the server's, as before.
-                self._owner_failed(owner)
-                raise self._owner_error(owner, str(exc)) from None
+                self._owner_failed(owner, stale_ok=True)
+                raise self._owner_error(owner, str(exc), stale_ok=True) from None
             self._server_failed()
             raise
         except KeyUnavailable:
@@ -278,9 +281,9 @@ class HttpKeyProvider:
         self._failures += 1
         self._retry_at = self._clock() + self._delay(self._failures)
 
-    def _owner_failed(self, owner: str) -> None:
-        failures = self._owner_backoff.pop(owner, (0, 0.0))[0] + 1
-        self._owner_backoff[owner] = (failures, self._clock() + self._delay(failures))
+    def _owner_failed(self, owner: str, *, stale_ok: bool) -> None:
+        failures = self._owner_backoff.pop(owner, (0, 0.0, stale_ok))[0] + 1
+        self._owner_backoff[owner] = (failures, self._clock() + self._delay(failures), stale_ok)
         while len(self._owner_backoff) > MAX_OWNERS_BACKED_OFF:
             self._owner_backoff.popitem(last=False)  # the longest-failing: asked again at its next call
 
@@ -303,13 +306,15 @@ class HttpKeyProvider:
                 return True
         return False
 
-    def _owner_error(self, owner: str, why: str) -> KeyUnavailable:
+    def _owner_error(self, owner: str, why: str, *, stale_ok: bool) -> KeyUnavailable:
         """What a failing owner's lookup raises: ``BadKeyAnswer`` (that owner's trouble: its adds
         wait in the add retry lane, not in the slots every owner's adds share) while the server
         serves another owner; else ``KeyUnavailable`` (a fleet of one owner, or a server failing
         for all: the adds are held where they are, their back-pressure)."""
         message = f"key server failing for owner {owner!r}: {why}"
-        return BadKeyAnswer(message) if self._another_served(owner) else KeyUnavailable(message)
+        if self._another_served(owner):
+            return BadKeyAnswer(message, stale_ok=stale_ok)
+        return KeyUnavailable(message, stale_ok=stale_ok)
 
     def _retry_allowed(self, now: float) -> bool:
         """A token of the failing owners' retry budget (``FAILING_RETRIES_PER_S``), if one is left."""
@@ -334,10 +339,12 @@ class HttpKeyProvider:
                 raise UnknownOwner(f"key server has no keys for owner {owner!r}")
             if error == "unknown_key":
                 raise UnknownKey(f"key server has no {what}")
-            raise _AnsweredError(f"key server answered 404 without an error code for {what} (wrong URL?)")
+            raise _AnsweredError(
+                f"key server answered 404 without an error code for {what} (wrong URL?)", stale_ok=False
+            )
         if status in {401, 403}:
-            raise _AnsweredError(f"key server refused our credentials (HTTP {status}) for {what}")
-        raise _AnsweredError(f"key server answered HTTP {status} for {what}")
+            raise _AnsweredError(f"key server refused our credentials (HTTP {status}) for {what}", stale_ok=False)
+        raise _AnsweredError(f"key server answered HTTP {status} for {what}", stale_ok=status >= 500)
 
     async def _get(self, url: URL, what: str) -> tuple[int, bytes]:
         session = self._client()

@@ -46,7 +46,7 @@ class Acker:
         task the worker holds, unless the request was sent before that lease was granted
         (``sent_before_ms``: an upper bound of the send time, from the AMQP timestamp)."""
         q = QueueKey(owner, req.service_id)
-        await self.ctx.keys.current(owner)  # unknown_owner, as add and fetch answer (cached: no I/O)
+        await self.ctx.keys.current(owner)  # unknown_owner, as add and fetch answer (cached, mostly)
         outcome_json = encode(req.outcome, "the outcome", self.ctx.limits.max_value_bytes)
         if req.task_id is not None and req.epoch is not None and req.has_token is False:
             done = await self._complete_tokenless(q, req, req.task_id, req.epoch)

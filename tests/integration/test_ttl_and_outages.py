@@ -194,6 +194,31 @@ async def test_a_key_server_away_longer_than_the_key_cache_leaves_known_owners_w
             await b.stop()
 
 
+async def test_an_owner_the_key_server_refuses_is_not_served_a_cached_key(bridge_env, servers, names, workers):
+    """A tenant suspended by disabling its key: the key server answers 403 for that owner only.
+    A refusal is an answer, and a cached key must not mask it past the cache's age (found by the
+    re-review of the stale-if-error fix, 2026-12-07)."""
+    from bridge.app import Bridge
+
+    async with KeyServer() as keys:
+        for owner in (*OWNERS, ENGINE_USER, "guest"):
+            keys.add_owner(owner)
+        env = {k: v for k, v in bridge_env.items() if k != "BRIDGE_KEYRING"}
+        b = Bridge(settings_from(env, key_server_url=keys.url, key_cache_seconds=0.3))
+        await b.start()
+        try:
+            svc = service_id()
+            suspended = await workers(svc, "suspended", user=OWNERS[1])
+            assert await suspended.fetch() is None  # its key cached
+            keys.failing_owners[OWNERS[1]] = 403
+            await asyncio.sleep(0.5)  # past the cache's age (0.3 s): the condition under test
+            with pytest.raises(UnavailableError):
+                await suspended.fetch()
+            assert b.keys.stale == 0
+        finally:
+            await b.stop()
+
+
 async def test_an_owner_a_restarting_key_server_does_not_know_yet_is_an_outage_not_an_unknown_owner(
     bridge_env, servers, names, workers
 ):

@@ -54,6 +54,17 @@ def test_generate_force_refuses_to_replace_a_key_ring_with_one_broken_entry(ring
     assert ring.read_bytes() == before
 
 
+def test_generate_force_refuses_to_replace_a_key_ring_a_hand_edit_left_unparsable(ring: Path) -> None:
+    """A trailing comma made the key-ring invalid JSON (the bridges kept their keys), and
+    ``--force`` took it for "not a key-ring" (found by re-review, 2026-12-07)."""
+    broken = ring.read_text().rstrip().removesuffix("}") + ",}"
+    ring.write_text(broken)
+    code, out = _invoke("keyring", "generate", str(ring), "--owner", "gamma", "--force")
+    assert code == 1, out
+    assert "--destroy-existing-keys" in out
+    assert ring.read_text() == broken
+
+
 def test_generate_destroy_existing_keys_replaces_it_keeping_a_backup(ring: Path) -> None:
     before = ring.read_bytes()
     code, out = _invoke("keyring", "generate", str(ring), "--owner", "gamma", "--destroy-existing-keys")
