@@ -197,11 +197,6 @@ class Acker:
             bucket = outbox_bucket(ctx.clock.now_ms())
             intent = OutboxEntry(bucket, q, target.task_id, completion_id, sealed, False)
             await ctx.store.insert_outbox(intent)
-            if not ctx.gate.ok:
-                # This clock may be off: behind, the bucket may be one the duty holder has read
-                # twice already. Recorded as owed (one write, only while the clock is in doubt),
-                # the holder reads it again whatever happens to the publish beside this ack.
-                await self.relay.file_owed(intent)
         res = await self._compare_and_set(q, req, target.task_id, target.epoch, now, completion_id)
         points_here = row.pointer is not None and row.pointer.task_id == target.task_id
         stamp = next_stamp(now, row.stamp)

@@ -135,17 +135,6 @@ class ResultRelay:
         # How long after its bucket ends the relay's sweep re-publishes a result still unmarked (the
         # scheduler sets it from BRIDGE_RESULT_REPUBLISH_AFTER): a mark is tried again until then.
         self.republish_after_ms = 10_000
-        # Where buckets owing a publish are recorded apart from the relay's position (the scheduler
-        # sets it: its progress prefix); None: not recorded (no scheduler in this process).
-        self.owed_name: str | None = None
-
-    async def file_owed(self, entry: OutboxEntry) -> None:
-        """Record ``entry``'s bucket as owing a publish, where the duty holder reads such records
-        again as it runs. For an entry filed under a clock that may be off: behind, its bucket may
-        have been read twice by the holder already, and with the publish beside its ack failing
-        nothing read it again (an engine never told)."""
-        if self.owed_name is not None:
-            await self.ctx.store.remember_owed(self.owed_name, entry.bucket, entry.bucket * OUTBOX_BUCKET_MS)
 
     async def publish_soon(self, entry: OutboxEntry) -> None:
         """The publish beside the request that decided the result; with ``max_publishing``

@@ -104,9 +104,6 @@ STUCK_WARNING_EVERY_S = 60.0
 # a write near their timeouts, or a paused process), and when its own publish failed too, it
 # stayed owed in a bucket nobody read again.
 RELAY_SECOND_PASS_MS = 30_000
-# How often the duty holder reads the owed-bucket records again as it runs (one read): buckets
-# recorded by other bridges (an ack filed under a clock in doubt, ``ResultRelay.file_owed``).
-OWED_REREAD_MS = 60_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,8 +208,6 @@ class RecoveryScheduler:
         # handover (each rolling deploy) read a week of empty buckets, 50 a second, before the
         # results owed since (a bridge killed between an ack and its publish) went out.
         self._outbox_owed = self._outbox_cursor + ".owed"
-        queue.relay.owed_name = self._outbox_owed
-        self._owed_reread_at = 0
         self._owed_recorded: set[int] = set()
         self.state = SchedulerState()
         self._timers: set[asyncio.Task[None]] = set()
@@ -874,9 +869,14 @@ class RecoveryScheduler:
             # This holder's own position, its clock set back (an NTP step): as for a saved one.
             self._outbox_next = self._rewind_relay(now, self._outbox_next, "its")
         if self._outbox_next is None:
-            self._outbox_next = await self._start_relay(now)
-        elif now >= self._owed_reread_at:
-            await self._reread_owed(now)
+            saved = await self.store.scheduler_cursor(self._outbox_cursor, now)
+            recorded = await self.store.owed_positions(self._outbox_owed, now)
+            self._outbox_next = saved if saved is not None else outbox_bucket(now) - 1
+            if saved is not None and self._too_far_ahead(saved * OUTBOX_BUCKET_MS, now):
+                self._outbox_next = self._rewind_relay(now, saved, "the saved")
+            for bucket in sorted(b for b in recorded if b < self._outbox_next):
+                self._outbox_retry.setdefault(bucket, _Retry(now, RELAY_RETRY_FIRST_MS, 0))  # at once
+                self._owed_recorded.add(bucket)
         self._keys_left = RELAY_KEYS_KEPT_MAX - sum(len(r.owed or ()) for r in self._outbox_retry.values())
         # Only buckets old enough that their normal publish must have happened are swept.
         limit = min(outbox_bucket(now - self.republish_after_ms), self._outbox_next + RELAY_CATCH_UP_BATCH)
@@ -949,36 +949,6 @@ class RecoveryScheduler:
             else:
                 del self._outbox_retry[bucket]
                 await self._settled(bucket)
-
-    async def _start_relay(self, now: int) -> int:
-        """Where this holder's relay begins (its first bucket to read): the saved position, and the
-        buckets recorded as owed, retried at once."""
-        saved = await self.store.scheduler_cursor(self._outbox_cursor, now)
-        recorded = await self.store.owed_positions(self._outbox_owed, now)
-        start = saved if saved is not None else outbox_bucket(now) - 1
-        if saved is not None and self._too_far_ahead(saved * OUTBOX_BUCKET_MS, now):
-            start = self._rewind_relay(now, saved, "the saved")
-        for bucket in sorted(b for b in recorded if b < start):
-            self._outbox_retry.setdefault(bucket, _Retry(now, RELAY_RETRY_FIRST_MS, 0))  # at once
-            self._owed_recorded.add(bucket)
-        self._owed_reread_at = now + OWED_REREAD_MS
-        return start
-
-    async def _reread_owed(self, now: int) -> None:
-        """Buckets other bridges recorded as owed since this holder began (an ack filed under a
-        clock in doubt), behind its position: retried at once. One read a minute."""
-        self._owed_reread_at = now + OWED_REREAD_MS
-        assert self._outbox_next is not None
-        try:
-            recorded = await self.store.owed_positions(self._outbox_owed, now)
-        except Exception as exc:  # read again at the next minute
-            self._warn_unread.warning("result relay: owed buckets not read again (%s)", type(exc).__name__)
-            return
-        for bucket in sorted(b for b in recorded if b < self._outbox_next and b not in self._outbox_retry):
-            if bucket in self._outbox_second:
-                continue  # its second read is still to come
-            self._outbox_retry[bucket] = _Retry(now, RELAY_RETRY_FIRST_MS, 0)  # at once
-            self._owed_recorded.add(bucket)
 
     async def _record_owed_again(self) -> None:
         """Buckets owing results whose record failed (``_record_owed``) are recorded again, a few a
