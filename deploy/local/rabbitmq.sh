@@ -379,7 +379,7 @@ rabbitmq_users() {
   for u in $QB_RABBITMQ_USERS; do
     if ! grep -qxF "$u" <<<"$users"; then
       if ((dry)); then
-        cmd+="  rabbitmqctl add_user $u <password>"$'\n'
+        cmd+="  rabbitmqctl add_user $u $u"$'\n'
       else
         rabbitmqctl add_user "$u" "$u" >/dev/null
       fi
@@ -400,8 +400,9 @@ rabbitmq_users() {
     qb_log "rabbitmq: the broker on $QB_AMQP_HOST:$QB_AMQP_PORT was not started by these scripts: its users are left" \
       "as they are. The bridge and the tests need users [${added[*]}] and permissions for [${granted[*]}]; run:"
     printf '%s' "$cmd" >&2
-    qb_log "rabbitmq: or set QB_RABBITMQ_USERS_ON_EXTERNAL=1 to have them created with password = user name" \
-      "(only on a broker nobody else can reach)"
+    qb_log "rabbitmq: (make bridge, make run and make test log in with password = user name), or set" \
+      "QB_RABBITMQ_USERS_ON_EXTERNAL=1 to have them created so (only on a broker nobody else can reach)"
+    R_USERS_LEFT=1
     return 0
   fi
   if ((${#added[@]} + ${#granted[@]})); then

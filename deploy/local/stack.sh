@@ -48,8 +48,10 @@ stack_up() {
   rabbitmq_wait
   rabbitmq_users
   cassandra_wait
+  local users="users: $QB_RABBITMQ_USERS, password = name"
+  [[ -n ${R_USERS_LEFT:-} ]] && users="users not set up: see above"
   qb_log "up: done in $((EPOCHSECONDS - QB_T0))s: CQL $QB_CASSANDRA_HOST:$QB_CASSANDRA_PORT," \
-    "AMQP amqp://guest:guest@$QB_AMQP_HOST:$QB_AMQP_PORT/ (users: $QB_RABBITMQ_USERS, password = name)"
+    "AMQP amqp://guest:guest@$QB_AMQP_HOST:$QB_AMQP_PORT/ ($users)"
 }
 
 stack_down() {

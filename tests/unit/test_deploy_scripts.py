@@ -156,7 +156,7 @@ def test_a_broker_these_scripts_did_not_start_gets_no_dev_users_unless_asked(tmp
     calls = (tmp_path / "ctl.log").read_text()
     assert "add_user" not in calls and "set_permissions" not in calls, calls
     assert "QB_RABBITMQ_USERS_ON_EXTERNAL=1" in out.stderr + out.stdout
-    assert "rabbitmqctl add_user" in out.stderr + out.stdout, "the commands to run are shown"
+    assert "rabbitmqctl add_user queue-bridge queue-bridge" in out.stderr + out.stdout, "the commands to run"
     out = _run_with_rabbitmq_sh(tmp_path, external + "QB_RABBITMQ_USERS_ON_EXTERNAL=1 rabbitmq_users")
     assert out.returncode == 0, out.stderr
     assert "add_user queue-bridge queue-bridge" in (tmp_path / "ctl.log").read_text()
