@@ -40,7 +40,8 @@ Exception hierarchy::
     │   ├── KeyUnavailable .................... unavailable
     │   │   ├── BadKeyAnswer (one owner's key-server entry unusable, or the server failing
     │   │   │   for that owner only)
-    │   │   └── _AnsweredError (an error status answered; never leaves bridge.crypto.keyserver)
+    │   │   ├── _AnsweredError (an error status answered; never leaves bridge.crypto.keyserver)
+    │   │   └── _TimedOut (a lookup unanswered in time; never leaves bridge.crypto.keyserver)
     │   ├── UnknownOwner (crypto) ............. unknown_owner
     │   ├── UnknownKey ........................ integrity_error
     │   └── TamperedCiphertext ................ integrity_error
