@@ -262,7 +262,7 @@ class HttpKeyProvider:
                 self._owner_failed(owner, stale_ok=True)
                 raise self._owner_error(owner, str(exc), stale_ok=True) from None
             self._server_failed()
-            raise
+            raise KeyUnavailable(str(exc)) from exc.__cause__
         except KeyUnavailable:
             self._server_failed()
             raise
