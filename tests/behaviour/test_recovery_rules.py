@@ -1010,6 +1010,20 @@ async def test_a_result_owed_for_a_missing_key_keeps_its_token_beside_it(
     assert json.loads(delivered[0].value_json) == "done"
 
 
+def _results_nobody_takes(h: Harness) -> set[str]:
+    """Task ids whose results nobody can take (publishes refused: no queue bound for the service)."""
+    nobody: set[str] = set()
+    real_publish = h.sink.publish_result
+
+    async def publish(message: Any) -> None:
+        if message.task_id in nobody:
+            raise ConnectionError("unroutable: no queue bound for its service (injected)")
+        await real_publish(message)
+
+    h.sink.publish_result = publish  # type: ignore[method-assign]
+    return nobody
+
+
 async def test_a_bucket_owing_a_result_nobody_takes_is_retried_by_that_result_not_by_the_whole_bucket(
     harness: Harness,
 ) -> None:
@@ -1023,15 +1037,7 @@ async def test_a_bucket_owing_a_result_nobody_takes_is_retried_by_that_result_no
     from bridge.domain.records import OutboxEntry, OutboxKey
 
     h = harness
-    nobody: set[str] = set()
-    real_publish = h.sink.publish_result
-
-    async def publish(message: Any) -> None:
-        if message.task_id in nobody:
-            raise ConnectionError("unroutable: no queue bound for its service (injected)")
-        await real_publish(message)
-
-    h.sink.publish_result = publish  # type: ignore[method-assign]
+    nobody = _results_nobody_takes(h)
     added = [await h.add(n, token=f"t{n}") for n in range(6)]
     nobody.add(added[0])
     for n, task_id in enumerate(added):
@@ -1401,15 +1407,7 @@ async def test_a_result_still_owed_when_its_row_ends_is_counted_dropped_once(har
     the drop is logged and counted (``results_dropped{reason="expired"}``) (found by review,
     2026-12-07)."""
     h = harness
-    nobody: set[str] = set()
-    real_publish = h.sink.publish_result
-
-    async def publish(message: Any) -> None:
-        if message.task_id in nobody:
-            raise ConnectionError("unroutable: no queue bound for its service (injected)")
-        await real_publish(message)
-
-    h.sink.publish_result = publish  # type: ignore[method-assign]
+    nobody = _results_nobody_takes(h)
     task_id = await h.add("v", token="t")
     nobody.add(task_id)
     got = await h.fetch("w", ttr_ms=3_600_000)

@@ -149,32 +149,43 @@ async def test_one_owners_malformed_key_on_the_key_server_does_not_deny_every_ot
         b = Bridge(settings_from(env, key_server_url=keys.url, key_cache_seconds=0.05))
         await b.start()
         try:
-            svc = service_id()
-            healthy = await workers(svc, "healthy", user=OWNERS[0])
-            bad = await workers(svc, "bad", user=broken)
-            assert await healthy.fetch() is None  # the key server serves the other owners
-            stop = asyncio.Event()
-
-            async def broken_tenant() -> None:
-                while not stop.is_set():
-                    with contextlib.suppress(UnavailableError):
-                        await bad.fetch()
-
-            noisy = asyncio.create_task(broken_tenant())
-            refused = 0
-            try:
-                for _ in range(40):
-                    try:
-                        assert await healthy.fetch() is None
-                    except UnavailableError:
-                        refused += 1
-                    await asyncio.sleep(0.06)  # past the key cache's age: each fetch asks the server
-            finally:
-                stop.set()
-                await noisy
+            refused, _ = await _healthy_fetches_refused_beside(workers, broken)
             assert refused == 0, f"{refused} of 40 fetches of a healthy owner answered unavailable"
         finally:
             await b.stop()
+
+
+async def _healthy_fetches_refused_beside(workers: Any, troubled: str) -> tuple[int, int]:
+    """40 fetches of a healthy owner, each past the key cache's age, while ``troubled``'s worker
+    keeps fetching: how many were refused ``unavailable``, and how many of the other's were."""
+    svc = service_id()
+    healthy = await workers(svc, "healthy", user=OWNERS[0])
+    other = await workers(svc, "troubled", user=troubled)
+    assert await healthy.fetch() is None  # the key server serves the other owners
+    stop = asyncio.Event()
+    troubled_refused = 0
+
+    async def troubled_tenant() -> None:
+        nonlocal troubled_refused
+        while not stop.is_set():
+            try:
+                await other.fetch()
+            except UnavailableError:
+                troubled_refused += 1
+
+    noisy = asyncio.create_task(troubled_tenant())
+    refused = 0
+    try:
+        for _ in range(40):
+            try:
+                assert await healthy.fetch() is None
+            except UnavailableError:
+                refused += 1
+            await asyncio.sleep(0.06)  # past the key cache's age: each fetch asks the server
+    finally:
+        stop.set()
+        await noisy
+    return refused, troubled_refused
 
 
 async def test_one_owners_key_lookup_failing_does_not_stop_lease_recovery_for_every_owner(
@@ -310,33 +321,7 @@ async def test_one_owner_whose_key_lookups_time_out_does_not_deny_every_other_ow
         )
         await b.start()
         try:
-            svc = service_id()
-            healthy = await workers(svc, "healthy", user=OWNERS[0])
-            bad = await workers(svc, "bad", user=slow)
-            assert await healthy.fetch() is None  # the key server serves the other owners
-            stop = asyncio.Event()
-            timeouts = 0
-
-            async def slow_tenant() -> None:
-                nonlocal timeouts
-                while not stop.is_set():
-                    try:
-                        await bad.fetch()
-                    except UnavailableError:
-                        timeouts += 1
-
-            noisy = asyncio.create_task(slow_tenant())
-            refused = 0
-            try:
-                for _ in range(40):
-                    try:
-                        assert await healthy.fetch() is None
-                    except UnavailableError:
-                        refused += 1
-                    await asyncio.sleep(0.06)  # past the key cache's age: each fetch asks the server
-            finally:
-                stop.set()
-                await noisy
+            refused, timeouts = await _healthy_fetches_refused_beside(workers, slow)
             assert timeouts > 0, "the slow owner's lookups timed out"
             assert refused == 0, f"{refused} of 40 fetches of a healthy owner answered unavailable"
         finally:

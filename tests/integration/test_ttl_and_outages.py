@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -120,38 +123,48 @@ async def test_an_unready_bridge_stops_consuming_so_the_others_serve(
         await cut_off.stop()
 
 
-async def test_key_server_outage(bridge_env, servers, names, workers):
+@contextlib.asynccontextmanager
+async def _on_a_key_server(
+    bridge_env: dict[str, str], servers: Any, names: dict[str, str], owners: tuple[str, ...], **settings: Any
+) -> AsyncIterator[tuple[Any, KeyServer, Engine]]:
+    """A bridge whose keys come from a test key server knowing ``owners``, and an engine of the
+    first owner: (the bridge, the key server, the engine)."""
     from bridge.app import Bridge
 
     async with KeyServer() as keys:
-        keys.add_owner(OWNERS[0])
+        for owner in owners:
+            keys.add_owner(owner)
         env = {k: v for k, v in bridge_env.items() if k != "BRIDGE_KEYRING"}
-        settings = settings_from(env, key_server_url=keys.url, key_cache_seconds=0.2)
-        b = Bridge(settings)
+        b = Bridge(settings_from(env, key_server_url=keys.url, **settings))
         await b.start()
         try:
-            svc = service_id()
             async with Engine(
-                servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"], timeout=60
+                servers.amqp_url(ENGINE_USER), owner=owners[0], exchange=names["exchange"], timeout=60
             ) as engine:
-                await engine.add(svc, "sealed with the key server's key")
-                w: Worker = await workers(svc)
-                b.keys.invalidate()  # what the cache's 0.2 s max age does, without waiting for it
-                keys.fail = True
-                with pytest.raises(UnavailableError):
-                    await w.fetch()
-                pending = asyncio.create_task(engine.add(svc, "added while keys are down"))
-                # A negative check, so a fixed wait: nothing to observe but the add not answered.
-                await asyncio.sleep(1.0)
-                assert not pending.done()
-                keys.fail = False
-                await asyncio.wait_for(pending, 30)
-                first = await w.fetch()
-                assert first.value == "sealed with the key server's key"
-                await first.ack(None)
-                assert (await w.fetch()).value == "added while keys are down"
+                yield b, keys, engine
         finally:
             await b.stop()
+
+
+async def test_key_server_outage(bridge_env, servers, names, workers):
+    async with _on_a_key_server(bridge_env, servers, names, (OWNERS[0],), key_cache_seconds=0.2) as (b, keys, engine):
+        svc = service_id()
+        await engine.add(svc, "sealed with the key server's key")
+        w: Worker = await workers(svc)
+        b.keys.invalidate()  # what the cache's 0.2 s max age does, without waiting for it
+        keys.fail = True
+        with pytest.raises(UnavailableError):
+            await w.fetch()
+        pending = asyncio.create_task(engine.add(svc, "added while keys are down"))
+        # A negative check, so a fixed wait: nothing to observe but the add not answered.
+        await asyncio.sleep(1.0)
+        assert not pending.done()
+        keys.fail = False
+        await asyncio.wait_for(pending, 30)
+        first = await w.fetch()
+        assert first.value == "sealed with the key server's key"
+        await first.ack(None)
+        assert (await w.fetch()).value == "added while keys are down"
 
 
 async def test_a_key_server_away_longer_than_the_key_cache_leaves_known_owners_working(
@@ -161,62 +174,40 @@ async def test_a_key_server_away_longer_than_the_key_cache_leaves_known_owners_w
     that seal nothing too: a worker's extends and acks were `unavailable`, its lease ran out and the
     finished work was done again. The cached keys are served past their age while the server cannot
     answer (BRIDGE_KEY_STALE_IF_ERROR_SECONDS) (found by review, 2026-12-07)."""
-    from bridge.app import Bridge
-
-    async with KeyServer() as keys:
-        keys.add_owner(OWNERS[0])
-        env = {k: v for k, v in bridge_env.items() if k != "BRIDGE_KEYRING"}
-        b = Bridge(settings_from(env, key_server_url=keys.url, key_cache_seconds=0.3))
-        await b.start()
-        try:
-            svc = service_id()
-            async with Engine(
-                servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"], timeout=60
-            ) as engine:
-                await engine.add(svc, "held through the outage")
-                await engine.add(svc, "next")
-                w: Worker = await workers(svc)
-                held = await w.fetch()
-                assert held.value == "held through the outage"
-                keys.fail = True
-                # The cache's age (0.3 s) running out is the condition under test: nothing to wait on.
-                await asyncio.sleep(0.5)
-                assert await held.extend(30_000) is True
-                assert await held.ack("done") is True
-                await engine.add(svc, "added during the outage")
-                nxt = await w.fetch()
-                assert nxt.value == "next"
-                assert await nxt.ack(None) is True
-                last = await w.fetch()
-                assert last.value == "added during the outage"
-                assert b.keys.stale >= 3
-        finally:
-            await b.stop()
+    async with _on_a_key_server(bridge_env, servers, names, (OWNERS[0],), key_cache_seconds=0.3) as (b, keys, engine):
+        svc = service_id()
+        await engine.add(svc, "held through the outage")
+        await engine.add(svc, "next")
+        w: Worker = await workers(svc)
+        held = await w.fetch()
+        assert held.value == "held through the outage"
+        keys.fail = True
+        # The cache's age (0.3 s) running out is the condition under test: nothing to wait on.
+        await asyncio.sleep(0.5)
+        assert await held.extend(30_000) is True
+        assert await held.ack("done") is True
+        await engine.add(svc, "added during the outage")
+        nxt = await w.fetch()
+        assert nxt.value == "next"
+        assert await nxt.ack(None) is True
+        last = await w.fetch()
+        assert last.value == "added during the outage"
+        assert b.keys.stale >= 3
 
 
 async def test_an_owner_the_key_server_refuses_is_not_served_a_cached_key(bridge_env, servers, names, workers):
     """A tenant suspended by disabling its key: the key server answers 403 for that owner only.
     A refusal is an answer, and a cached key must not mask it past the cache's age (found by the
     re-review of the stale-if-error fix, 2026-12-07)."""
-    from bridge.app import Bridge
-
-    async with KeyServer() as keys:
-        for owner in (*OWNERS, ENGINE_USER, "guest"):
-            keys.add_owner(owner)
-        env = {k: v for k, v in bridge_env.items() if k != "BRIDGE_KEYRING"}
-        b = Bridge(settings_from(env, key_server_url=keys.url, key_cache_seconds=0.3))
-        await b.start()
-        try:
-            svc = service_id()
-            suspended = await workers(svc, "suspended", user=OWNERS[1])
-            assert await suspended.fetch() is None  # its key cached
-            keys.failing_owners[OWNERS[1]] = 403
-            await asyncio.sleep(0.5)  # past the cache's age (0.3 s): the condition under test
-            with pytest.raises(UnavailableError):
-                await suspended.fetch()
-            assert b.keys.stale == 0
-        finally:
-            await b.stop()
+    everyone = (*OWNERS, ENGINE_USER, "guest")
+    async with _on_a_key_server(bridge_env, servers, names, everyone, key_cache_seconds=0.3) as (b, keys, _):
+        suspended = await workers(service_id(), "suspended", user=OWNERS[1])
+        assert await suspended.fetch() is None  # its key cached
+        keys.failing_owners[OWNERS[1]] = 403
+        await asyncio.sleep(0.5)  # past the cache's age (0.3 s): the condition under test
+        with pytest.raises(UnavailableError):
+            await suspended.fetch()
+        assert b.keys.stale == 0
 
 
 async def test_an_owner_a_restarting_key_server_does_not_know_yet_is_an_outage_not_an_unknown_owner(
@@ -225,34 +216,22 @@ async def test_an_owner_a_restarting_key_server_does_not_know_yet_is_an_outage_n
     """A key server restarting answers 404 unknown_owner until its store is loaded: an owner it
     served within the stale window is `unavailable` (retried), not `unknown_owner` (an add
     dead-lettered, a worker's run ended) (found by review, 2026-12-07)."""
-    from bridge.app import Bridge
-
-    async with KeyServer() as keys:
-        keys.add_owner(OWNERS[0])
-        env = {k: v for k, v in bridge_env.items() if k != "BRIDGE_KEYRING"}
-        b = Bridge(settings_from(env, key_server_url=keys.url, key_cache_seconds=0.3))
-        await b.start()
-        try:
-            svc = service_id()
-            async with Engine(
-                servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"], timeout=60
-            ) as engine:
-                await engine.add(svc, "before the restart")
-                w: Worker = await workers(svc)
-                assert await (await w.fetch()).ack(None) is True
-                keys.forgotten.add(OWNERS[0])
-                await asyncio.sleep(0.5)  # past the cache's age (0.3 s): the condition under test
-                with pytest.raises(UnavailableError):
-                    await w.fetch()
-                pending = asyncio.create_task(engine.add(svc, "added while it restarts"))
-                # A negative check, so a fixed wait: nothing to observe but the add not answered.
-                await asyncio.sleep(1.0)
-                assert not pending.done()
-                keys.forgotten.clear()
-                await asyncio.wait_for(pending, 30)
-                assert (await w.fetch()).value == "added while it restarts"
-        finally:
-            await b.stop()
+    async with _on_a_key_server(bridge_env, servers, names, (OWNERS[0],), key_cache_seconds=0.3) as (_, keys, engine):
+        svc = service_id()
+        await engine.add(svc, "before the restart")
+        w: Worker = await workers(svc)
+        assert await (await w.fetch()).ack(None) is True
+        keys.forgotten.add(OWNERS[0])
+        await asyncio.sleep(0.5)  # past the cache's age (0.3 s): the condition under test
+        with pytest.raises(UnavailableError):
+            await w.fetch()
+        pending = asyncio.create_task(engine.add(svc, "added while it restarts"))
+        # A negative check, so a fixed wait: nothing to observe but the add not answered.
+        await asyncio.sleep(1.0)
+        assert not pending.done()
+        keys.forgotten.clear()
+        await asyncio.wait_for(pending, 30)
+        assert (await w.fetch()).value == "added while it restarts"
 
 
 async def test_a_missing_key_is_an_outage_and_destroys_nothing(make_bridge, engine, workers, tmp_path, cql, servers):
