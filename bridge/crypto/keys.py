@@ -12,6 +12,8 @@ that stay readable by id until they are revoked.  Providers:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -98,9 +100,12 @@ class CachingKeyProvider:
     * Errors are never cached. An entry past ``max_age`` is asked for again; if the upstream then
       gives no answer (:class:`~bridge.crypto.errors.KeyUnavailable` whose ``stale_ok``: down,
       timed out, an error of its own) and the entry is younger than ``max_age + stale_if_error``,
-      the entry is served (counted in ``stale``), as HTTP's ``stale-if-error``. Without it, a key server away longer
-      than the cache's age stopped every request that names an owner: a worker's extends and acks
-      were refused, its leases ran out and the finished work was done again (found by review).
+      the entry is served (counted in ``stale``), as HTTP's ``stale-if-error``; from then on,
+      until the upstream answers, it is served at once and asked for in the background (one
+      lookup at a time per entry), so a hung upstream costs no request its timeout again.
+      Without it, a key server away longer than the cache's age stopped every request that names
+      an owner: a worker's extends and acks were refused, its leases ran out and the finished
+      work was done again (found by review).
       An answer is never masked: a key revoked (``UnknownKey``), an owner refused (401/403) or its
       entry unusable is not served stale, and an owner the upstream says it does not know
       (``UnknownOwner``) while it had a key for it within ``max_age`` + ``RESTART_GRACE_S`` is
@@ -141,6 +146,10 @@ class CachingKeyProvider:
         self._revalidate = revalidate
         self._entries: OrderedDict[_CacheKey, tuple[OwnerKey, float]] = OrderedDict()
         self._flights: dict[_CacheKey, _Flight] = {}
+        # Slots last answered stale because the upstream gave no answer: served stale at once
+        # while their lookup is retried in the background (see ``_get``).
+        self._outage: set[_CacheKey] = set()
+        self._revalidating: dict[_CacheKey, asyncio.Task[None]] = {}
         self._generation = 0
         self.hits = 0
         self.misses = 0
@@ -166,12 +175,18 @@ class CachingKeyProvider:
         self._generation += 1
         if owner is None:
             self._entries.clear()
+            self._outage.clear()
         else:
             for slot in [slot for slot in self._entries if slot[0] == owner]:
                 del self._entries[slot]
+            self._outage = {slot for slot in self._outage if slot[0] != owner}
 
     async def close(self) -> None:
         """Drop the cache and close the upstream provider."""
+        tasks = list(self._revalidating.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.invalidate()
         await self._upstream.close()
 
@@ -186,6 +201,7 @@ class CachingKeyProvider:
         if age >= self._max_age:
             if age >= self._max_age + self._stale_if_error:
                 del self._entries[slot]
+                self._outage.discard(slot)
             return None  # asked for again (and kept, within the window, for an upstream that fails)
         self._entries.move_to_end(slot)
         return key
@@ -213,7 +229,7 @@ class CachingKeyProvider:
         self._entries[slot] = (key, now)
         self._entries.move_to_end(slot)
         while len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
+            self._outage.discard(self._entries.popitem(last=False)[0])
 
     async def _get(self, slot: _CacheKey, fetch: Callable[[], Awaitable[OwnerKey]]) -> OwnerKey:
         if self._revalidate is not None:
@@ -223,6 +239,14 @@ class CachingKeyProvider:
             if key is not None:
                 self.hits += 1
                 return key
+            if slot in self._outage and (stale := self._stale(slot)) is not None:
+                # The upstream gave no answer the last time: serve stale now and ask again in the
+                # background. Before, each retry (as each backoff ended) made the request that
+                # started it, and every request of that owner joining it, wait the lookup's
+                # timeout (2 s) against a server that hangs (found by review).
+                self._revalidate_in_background(slot, fetch)
+                self.stale += 1
+                return stale
             flight = self._flights.get(slot)
             if flight is None:
                 return await self._lead(slot, fetch)
@@ -235,22 +259,28 @@ class CachingKeyProvider:
                 raise flight.error
             # The leader was cancelled before it got an answer: loop and try again ourselves.
 
-    async def _lead(self, slot: _CacheKey, fetch: Callable[[], Awaitable[OwnerKey]]) -> OwnerKey:
+    async def _lead(
+        self, slot: _CacheKey, fetch: Callable[[], Awaitable[OwnerKey]], *, for_a_request: bool = True
+    ) -> OwnerKey:
         flight = _Flight()
         self._flights[slot] = flight
         generation = self._generation
-        self.misses += 1
+        self.misses += 1  # upstream calls, background ones included
         try:
             key = await fetch()
         except KeyUnavailable as exc:
             stale = self._stale(slot) if generation == self._generation and exc.stale_ok else None
             if stale is None:
+                self._outage.discard(slot)
                 flight.error = exc
                 raise
-            self.stale += 1  # served past its age: the upstream cannot answer (kept at its old age)
+            self._outage.add(slot)
+            if for_a_request:
+                self.stale += 1  # served past its age: the upstream cannot answer (kept at its old age)
             flight.result = stale
             return stale
         except UnknownOwner as exc:
+            self._outage.discard(slot)  # an answer: the next request hears it, no key served stale
             owner = slot[0]
             lately = self._known_lately(owner) if generation == self._generation else None
             if lately is None:
@@ -265,9 +295,11 @@ class CachingKeyProvider:
             flight.error = error
             raise error from None
         except Exception as exc:
+            self._outage.discard(slot)
             flight.error = exc
             raise
         else:
+            self._outage.discard(slot)
             flight.result = key
             if generation == self._generation:  # not invalidated meanwhile
                 now = self._clock()
@@ -279,3 +311,23 @@ class CachingKeyProvider:
         finally:
             del self._flights[slot]
             flight.done.set()
+
+    def _revalidate_in_background(self, slot: _CacheKey, fetch: Callable[[], Awaitable[OwnerKey]]) -> None:
+        """Ask the upstream for ``slot`` again without anyone waiting on it (one at a time per
+        slot). Its outcome lands where a foreground lookup's would: a key is stored and ends the
+        outage; a refusal or any other answer ends it too, so the next request asks in the
+        foreground and hears the answer (never masked by a stale key); no answer keeps it."""
+        if slot in self._flights or slot in self._revalidating:
+            return
+
+        async def revalidate() -> None:
+            with contextlib.suppress(Exception):
+                await self._lead(slot, fetch, for_a_request=False)
+
+        def forget(done: asyncio.Task[None]) -> None:
+            if self._revalidating.get(slot) is done:
+                del self._revalidating[slot]
+
+        task = asyncio.get_running_loop().create_task(revalidate())
+        self._revalidating[slot] = task
+        task.add_done_callback(forget)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -193,6 +194,45 @@ async def test_a_key_server_away_longer_than_the_key_cache_leaves_known_owners_w
         last = await w.fetch()
         assert last.value == "added during the outage"
         assert b.keys.stale >= 3
+
+
+async def test_a_key_server_that_hangs_costs_known_owners_one_wait_not_one_per_retry(
+    bridge_env, servers, names, workers
+):
+    """A key server that accepts connections and never answers (a hung KMS behind it): once a
+    cached key had been served stale, every retry of the lookup (as each backoff ended, every
+    0.2-5 s) made the request that started it, and every request of that owner joining it, wait
+    the lookup's timeout (2 s) before the stale key was served. Now the key is served stale at once
+    while the lookup is retried in the background; the first request of the outage still waits
+    once (found by review, 2026-12-07; fixed 2026-12-07)."""
+    timeout = 2.0
+    async with _on_a_key_server(
+        bridge_env, servers, names, (OWNERS[0],), key_cache_seconds=0.3, key_server_timeout=timeout
+    ) as (b, keys, _):
+        w: Worker = await workers(service_id())
+        assert await w.fetch() is None  # its owner's key cached
+        keys.slow_owners[OWNERS[0]] = 10.0
+        try:
+            await asyncio.sleep(0.5)  # past the cache's age (0.3 s): the condition under test
+            assert await w.fetch() is None  # the outage's first request: waits the timeout once
+            assert b.keys.stale == 1
+            slowest, until = 0.0, time.monotonic() + 3 * timeout
+            while time.monotonic() < until:  # several backoff windows end in this span
+                started = time.monotonic()
+                assert await w.fetch() is None
+                slowest = max(slowest, time.monotonic() - started)
+            assert slowest < timeout / 2, f"a request waited {slowest:.2f} s on the hung key server"
+            assert b.keys.stale > 2
+        finally:
+            keys.slow_owners.clear()
+
+        # Back: the background lookup stores a fresh key, and requests stop being served stale.
+        async def served_fresh() -> bool:
+            before = b.keys.stale
+            assert await w.fetch() is None
+            return b.keys.stale == before
+
+        await wait_for(served_fresh, 15, what="the key refreshed once the server answers")
 
 
 async def test_an_owner_the_key_server_refuses_is_not_served_a_cached_key(bridge_env, servers, names, workers):

@@ -915,3 +915,63 @@ async def test_waiters_on_a_failing_lookup_get_the_stale_key_too(upstream: Count
         upstream.gate.set()
     assert results == [key, key, key]
     assert cache.coalesced == 2 and len(upstream.calls) == 2
+
+
+async def _background_lookups_done(cache: CachingKeyProvider) -> None:
+    with anyio.fail_after(5):
+        while cache._revalidating:
+            await anyio.sleep(0.01)
+
+
+@pytest.mark.anyio
+async def test_once_served_stale_a_key_is_served_at_once_and_asked_for_in_the_background(
+    upstream: CountingProvider, clock: FakeClock
+) -> None:
+    """A key server that hangs: each retry of the lookup made the requests of that owner wait its
+    timeout before the stale key was served. Once an answer was stale, the next misses are served
+    at once and the source is asked in the background, one lookup at a time; its answer lands as a
+    foreground one would (a key ends the outage, a refusal is heard by the next request)."""
+    cache = CachingKeyProvider(upstream, max_age=300, clock=clock, stale_if_error=3600)
+    key = await cache.current_key("acme")
+    clock.advance(301)
+    upstream.error = KeyUnavailable("timed out")
+    assert await cache.current_key("acme") == key  # the outage's first request asked and waited
+    upstream.gate = anyio.Event()  # the source hangs from now on
+    calls = len(upstream.calls)
+    with anyio.fail_after(1):
+        assert await cache.current_key("acme") == key
+        assert await cache.current_key("acme") == key
+    await anyio.wait_all_tasks_blocked()
+    assert len(upstream.calls) == calls + 1, "one background lookup, none waited on"
+    assert cache.stale == 3
+    # The source answers a refusal (the tenant suspended meanwhile): the next request hears it.
+    upstream.error = KeyUnavailable("HTTP 403", stale_ok=False)
+    upstream.gate.set()
+    upstream.gate = None
+    await _background_lookups_done(cache)
+    with pytest.raises(KeyUnavailable, match="403"):
+        await cache.current_key("acme")
+    # The source answers again: stored, and no longer served stale.
+    upstream.error = KeyUnavailable("timed out")
+    assert await cache.current_key("acme") == key
+    stale = cache.stale
+    upstream.error = None
+    assert await cache.current_key("acme") == key  # served stale, the background lookup succeeds
+    await _background_lookups_done(cache)
+    calls = len(upstream.calls)
+    assert await cache.current_key("acme") == key
+    assert cache.stale == stale + 1 and len(upstream.calls) == calls, "a fresh hit, not stale"
+
+
+@pytest.mark.anyio
+async def test_close_cancels_the_background_lookups(upstream: CountingProvider, clock: FakeClock) -> None:
+    cache = CachingKeyProvider(upstream, max_age=300, clock=clock, stale_if_error=3600)
+    await cache.current_key("acme")
+    clock.advance(301)
+    upstream.error = KeyUnavailable("timed out")
+    await cache.current_key("acme")
+    upstream.gate = anyio.Event()  # never set: the background lookup hangs
+    await cache.current_key("acme")
+    await anyio.wait_all_tasks_blocked()
+    with anyio.fail_after(1):
+        await cache.close()
