@@ -459,6 +459,19 @@ async def wait_for(predicate: Callable[[], Any], timeout: float, interval: float
         await asyncio.sleep(interval)
 
 
+async def re_exposed(bridge: Any, owner: str, service: str, task_id: str) -> bool:
+    """Whether the recovery scheduler has re-exposed this task (an unclaimed entry of it in the
+    recovered lane). ``scheduler.state.recovered`` counts every re-exposure of the keyspace,
+    earlier tests' leftovers included, so it cannot tell that this task's came."""
+    import uuid as _uuid
+
+    from bridge.domain.records import LANE_RECOVERED, QueueKey
+    from bridge.domain.stats import walk_lane
+
+    entries, _ = await walk_lane(bridge.queue.ctx.store, QueueKey(owner, service), LANE_RECOVERED, 100)
+    return any(e.task_id == _uuid.UUID(str(task_id)) and not e.claimed for e in entries)
+
+
 async def next_result(results: asyncio.Queue[Any], timeout: float, what: str) -> Any:
     """The next result message an engine's consumer (``results_consumer``) receives."""
     return await wait_for(lambda: None if results.empty() else results.get_nowait(), timeout, interval=0.1, what=what)

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from bridge.client import Engine
-from bridge.domain.errors import Unavailable
+from bridge.domain.errors import ClockOff, Unavailable
 from bridge.domain.models import AddCommand, FetchRequest, parse
 from tests.conftest import ENGINE_USER, OWNERS, consumers_on, service_id, wait_bridges, wait_for
 from tests.history import History, lease_rows, run_workers
@@ -320,14 +320,28 @@ async def test_adds_taken_by_a_bridge_whose_clock_is_far_off_are_requeued_not_he
     real_wanted = skewed.gate.wanted_paused
     monkeypatch.setattr(skewed.gate, "wanted_paused", lambda: frozenset())
     await wait_for(lambda: "add" in skewed.transport.consuming(), 5, what="the skewed bridge taking adds")
+    # Which adds the skewed bridge refused for its clock: the path under test runs only if one did.
+    refused: list[BaseException] = []
+    prepare_add = skewed.queue.prepare_add
+
+    async def recording_prepare_add(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await prepare_add(*args, **kwargs)
+        except ClockOff as exc:
+            refused.append(exc)
+            raise
+
+    monkeypatch.setattr(skewed.queue, "prepare_add", recording_prepare_add)
     svc = service_id()
     async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"], timeout=40) as eng:
         started = time.monotonic()
         adding = asyncio.gather(*(eng.add(svc, i) for i in range(8)))
-        await asyncio.sleep(0.3)  # (the window: adds reach the skewed bridge meanwhile)
+        await wait_for(lambda: refused, 10, what="an add reaching the skewed bridge")
         monkeypatch.setattr(skewed.gate, "wanted_paused", real_wanted)
         ids = await adding
         took = time.monotonic() - started
+    # Stored by the other bridge once a first copy could have been (two store timeouts), not after
+    # the 30 s of retries in place.
     assert len(set(ids)) == 8 and took < 20.0, f"8 adds took {took:.1f} s (held 30 s before)"
     w = await workers(svc, "w")
     got: set[str] = set()

@@ -20,6 +20,7 @@ from tests.conftest import (
     ENGINE_USER,
     OWNERS,
     queue_exists,
+    re_exposed,
     service_id,
     settings_from,
     settle_owed_results,
@@ -238,7 +239,9 @@ async def test_one_owners_key_lookup_failing_does_not_stop_lease_recovery_for_ev
                 assert first.id == task_a
                 # Its lease ends 3 s from now: the scheduler re-exposes it (whatever the key server
                 # answers A's own fetches meanwhile).
-                await wait_for(lambda: b.scheduler.state.recovered >= 1, 20, what="owner A's abandoned task taken back")
+                await wait_for(
+                    lambda: re_exposed(b, OWNERS[0], svc, task_a), 20, what="owner A's abandoned task taken back"
+                )
         finally:
             await b.stop()
 

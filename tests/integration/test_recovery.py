@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from bridge.client.rpc import results_consumer
-from tests.conftest import service_id, wait_for
+from tests.conftest import OWNERS, re_exposed, service_id, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -63,7 +63,7 @@ async def test_own_expired_task_comes_back_to_the_same_worker_if_nobody_took_it(
     first = await a.fetch(time_to_recover_ms=200)
     assert first is not None
     # Wait until the lease has run out and the scheduler has re-exposed the task.
-    await wait_for(lambda: bridge.scheduler.state.recovered >= 1, 5.0, what="lease expired and re-exposed")
+    await wait_for(lambda: re_exposed(bridge, OWNERS[0], svc, first.id), 5.0, what="lease expired and re-exposed")
     again = await a.fetch(time_to_recover_ms=5000)
     assert again is not None and again.id == first.id
     # Nobody else held it in between: the same lease (epoch) is extended, not a new delivery.
@@ -81,7 +81,7 @@ async def test_recovery_does_not_lose_the_requesters_own_task(bridge, engine, wo
     t1 = await b.fetch(time_to_recover_ms=60_000)  # B takes t1
     assert t0 is not None and t1 is not None
     # Once t0's lease has run out and been re-exposed, B's fetch still returns its own task.
-    await wait_for(lambda: bridge.scheduler.state.recovered >= 1, 5.0, what="t0 re-exposed")
+    await wait_for(lambda: re_exposed(bridge, OWNERS[0], svc, t0.id), 5.0, what="t0 re-exposed")
     assert (await b.fetch()).id == t1.id
     c = await workers(svc, "c")
     recovered = await wait_for(c.fetch, 4.0, interval=0.02, what="t0 recovered")
