@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -919,8 +920,7 @@ async def test_waiters_on_a_failing_lookup_get_the_stale_key_too(upstream: Count
 
 async def _background_lookups_done(cache: CachingKeyProvider) -> None:
     with anyio.fail_after(5):
-        while cache._revalidating:
-            await anyio.sleep(0.01)
+        await asyncio.gather(*cache._revalidating.values())
 
 
 @pytest.mark.anyio
