@@ -195,6 +195,7 @@ class Bridge:
         # backlog alerts on them) do not vanish when the queue is in trouble.
         # Each queue's last gauge row and when it was read (this bridge's clock, ms).
         self._gauge_rows: dict[tuple[str, str], tuple[tuple[str, str, dict[str, int], int | None], int]] = {}
+        self._gauges_dropped = asyncio.Event()  # set as the duty leaves (its gauges dropped)
         self._warn_gauges_cut = ThrottledWarning(log, every_s=3600.0)
         # The duty holder deletes counter rows past every reader's window (counters take no TTL).
         self.trim = CounterTrim(self.store, self.clock, settings.task_ttl_seconds * 1000)
@@ -508,7 +509,14 @@ class Bridge:
             # An interval, or less when the duty comes here: the bridge it left dropped its gauges,
             # and waiting out an interval first left the fleet with none (dashboards blank and
             # alerts' `for:` started over at every move; 60 s with BRIDGE_STATS_INTERVAL=60).
-            await self._sleep_unless(self.settings.stats_interval, None if exported or failed else self.duty.acquired)
+            # Exported, the sleep ends as the duty leaves: it may come back to this very bridge
+            # (a renewed token the broker dropped, a connection's blip), whose gauges went as it
+            # left; sleeping on, it exported none for an interval and a full refresh (found by review).
+            wake = self._gauges_dropped if exported else None if failed else self.duty.acquired
+            await self._sleep_unless(self.settings.stats_interval, wake)
+            if self._gauges_dropped.is_set():
+                self._gauges_dropped.clear()
+                exported = False  # dropped as the duty left: exported early once it is here again
             if not self.duty.held or self._stop.is_set():
                 if exported:
                     # The duty went elsewhere: its new holder exports the queues now. Kept, this
@@ -555,6 +563,7 @@ class Bridge:
         a failing queue's values from its last time as the holder."""
         self.metrics.set_queue_stats([])
         self._gauge_rows.clear()
+        self._gauges_dropped.set()
 
     def _export_early(self, rows: list[tuple[str, str, dict[str, int], int | None]]) -> None:
         """The first refresh's rows read so far (the duty holder's, none exported before them)."""

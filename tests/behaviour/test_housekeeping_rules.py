@@ -10,6 +10,7 @@ import pytest
 from bridge.domain import housekeeping
 from bridge.domain.housekeeping import CounterTrim
 from bridge.domain.records import QueueKey
+from bridge.storage.errors import StorageUnavailable
 from tests.queue_harness import TTL_S, Harness
 
 pytestmark = pytest.mark.anyio
@@ -47,3 +48,49 @@ async def test_the_counter_trim_walks_every_registered_queue_a_page_at_a_time(
     assert mine <= set(trimmed), sorted(mine - set(trimmed))
     assert len(trimmed) == len(set(trimmed)) == walked, "each queue once"
     assert max(pages) <= 3 and len(pages) >= len(mine) // 3
+
+
+async def test_a_queue_whose_trim_fails_does_not_end_the_pass_for_the_queues_after_it(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One failed delete ended the whole pass, and the next began 6 h later from the first queue:
+    with 200,000 queues (400,000 deletes a pass) a pass seldom got through, and the queues past
+    where it failed were never trimmed (their counter partitions grew for good). Each queue's
+    failure is its own now (found by review, 2026-12-07)."""
+    h = harness
+    tag = uuid.uuid4().hex[:8]
+    mine = {QueueKey(f"trim-{tag}", f"svc{s}") for s in range(6)}
+    for q in mine:
+        await h.store.register_service(q)
+    failing: list[QueueKey] = []
+    trimmed: list[QueueKey] = []
+
+    async def trim_counts(q: QueueKey, before_day: int) -> Any:
+        if not failing and q in mine:  # the first of these the walk reaches
+            failing.append(q)
+            raise StorageUnavailable("a delete timed out (injected)")
+        trimmed.append(q)
+
+    monkeypatch.setattr(h.store, "trim_counts", trim_counts)
+    trim = CounterTrim(h.store, h.clock, TTL_S * 1000)
+    await trim.trim_once()
+    assert mine - set(failing) <= set(trimmed), "the queues after the failing one trimmed too"
+    assert trim.failed == 1
+
+
+async def test_a_trim_pass_stops_when_the_duty_leaves(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The duty moved mid-pass: the bridge it left went on deleting beside the new holder's pass."""
+    h = harness
+    tag = uuid.uuid4().hex[:8]
+    for s in range(6):
+        await h.store.register_service(QueueKey(f"trim-{tag}", f"svc{s}"))
+    held = [True]
+    trimmed: list[QueueKey] = []
+
+    async def trim_counts(q: QueueKey, before_day: int) -> Any:
+        trimmed.append(q)
+        held[0] = False  # the duty leaves after the first delete
+
+    monkeypatch.setattr(h.store, "trim_counts", trim_counts)
+    await CounterTrim(h.store, h.clock, TTL_S * 1000).trim_once(held=lambda: held[0])
+    assert len(trimmed) == 1

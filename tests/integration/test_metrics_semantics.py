@@ -372,3 +372,43 @@ async def test_a_new_duty_holder_exports_queue_gauges_as_it_reads_them(make_brid
         await wait_for(some_exported, 10, what="a batch exported before the refresh ended")
     finally:
         slow.set()
+
+
+async def test_queue_gauges_come_back_at_once_when_the_duty_comes_back_to_the_same_bridge(
+    make_bridge, engine, monkeypatch
+):
+    """The duty let go and taken again by the same bridge (a renewed token the broker dropped: the
+    bridge offers one and, as the duty queue's active consumer, receives it). Letting go dropped
+    every queue's series, and the export loop, which had exported before, slept its whole
+    interval without watching for the duty's return, then exported only once every queue was
+    read: with BRIDGE_STATS_INTERVAL=60 and 1,000 queues, 60-85 s without series, and backlog
+    alerts' `for:` started over (found by review, 2026-12-07)."""
+    port = free_port()
+    adder = await make_bridge()
+    svc = service_id()
+    await engine.add(svc, "counted")
+    await adder.stop()  # its counts flushed: the next bridge's first export (as the duty comes) has the queue
+    b = await make_bridge(http_port=port, stats_interval=60)
+    ready = f'queue_bridge_queue_tasks{{owner="{OWNERS[0]}",service="{svc}",state="ready"}}'
+
+    async def exported() -> bool:
+        return await metric(port, ready) == 1
+
+    await wait_for(lambda: b.duty.held, 10, what="the bridge holding the duty")
+    await wait_for(exported, 15, what="the queue's gauge, exported as the duty came")
+    # A renewal whose fresh token the broker dropped; the next renewal lets the duty go and offers
+    # a token, which comes back to this bridge.
+    publish = b.duty._publish_token
+
+    async def dropped(channel: Any) -> None:
+        return None
+
+    monkeypatch.setattr(b.duty, "_publish_token", dropped)
+    await b.duty.renew()
+    monkeypatch.setattr(b.duty, "_publish_token", publish)
+    renewals = b.duty.renewals
+    await b.duty.renew()
+    assert await metric(port, ready) == 0, "dropped as the duty went"
+    await wait_for(lambda: b.duty.held, 10, what="the duty back on the same bridge")
+    assert b.duty.renewals == renewals, "taken again, not renewed"
+    await wait_for(exported, 10, what="the queue's gauge exported again, well within the 60 s interval")
