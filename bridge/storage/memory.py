@@ -40,7 +40,7 @@ from bridge.domain.records import (
     WorkerPointer,
     WorkerRow,
 )
-from bridge.domain.timeline import RESULT_OWED_MS, bucket_of_task, ms_of
+from bridge.domain.timeline import RESULT_OWED_MS, bucket_of_task, ms_of, timeuuid_from_ms
 
 OUTBOX_PAGE = 16  # results a page of outbox_pages holds (as the Cassandra adapter reads them)
 
@@ -445,8 +445,15 @@ class MemoryTaskStore:
         cur = self._lease(q, task_id)
         if cur is None or cur.state is not LeaseState.PARKED or cur.epoch != epoch:
             return self._refused(cur)
+        unpark_id = timeuuid_from_ms(self.now_ms())  # as Cassandra's: listed in park_ids
         self.leases[(q, task_id)] = replace(
-            cur, state=LeaseState.LEASED, base_epoch=epoch, uncounted=0, worker=NO_WORKER, lease_until_ms=until_ms
+            cur,
+            state=LeaseState.LEASED,
+            base_epoch=epoch,
+            uncounted=0,
+            worker=NO_WORKER,
+            lease_until_ms=until_ms,
+            park_ids=cur.park_ids | {unpark_id},
         )
         return CasResult(True, None)
 

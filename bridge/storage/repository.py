@@ -53,6 +53,7 @@ from bridge.domain.timeline import (
     expiry_bucket,
     ms_of,
     shard_of,
+    timeuuid_from_ms,
 )
 from bridge.storage.cassandra import Row
 from bridge.storage.errors import StorageError, StorageNotSent, StorageUnavailable, UnknownOutcome
@@ -847,8 +848,9 @@ class CassandraTaskStore:
         )
 
     async def unpark(self, q: QueueKey, task_id: uuid.UUID, epoch: int, until_ms: int) -> CasResult:
-        claim_id = uuid.uuid4()
-        values, key = (epoch, to_datetime(until_ms), claim_id), (q.owner, q.service, task_id, epoch)
+        # Time-based: it also goes into ``park_ids`` (a set of timeuuids), where no claim overwrites it.
+        claim_id = timeuuid_from_ms(self.now_ms())
+        values, key = (epoch, to_datetime(until_ms), claim_id, {claim_id}), (q.owner, q.service, task_id, epoch)
         attempt = functools.partial(
             self._lease_write,
             task_id,
@@ -858,15 +860,13 @@ class CassandraTaskStore:
         )
         # By the read alone: "parked at this epoch" can hold again after a redrive (a late
         # park_expired of this epoch: above), and a resend could then undo that park, or be
-        # refused while the first copy still lands after it. Ours if the lease names our claim
-        # id, or was unparked at this epoch (only an unpark sets ``base_epoch``) and claimed
-        # since: a worker's claim, moments after, overwrites the claim id.
+        # refused while the first copy still lands after it. Ours if the lease names our id in
+        # ``claim_id`` or in ``park_ids``: a worker's claim, moments after, overwrites the claim id,
+        # not the set. Judged by "unparked at this epoch and claimed since", another redrive's
+        # unpark (a retry on another bridge, `redrive all` beside a named one) was taken for ours:
+        # the task counted ready twice and both answered redriven (found by review).
         return await self._cas(
-            q,
-            task_id,
-            attempt,
-            lambda c: c.claim_id == claim_id or (c.base_epoch == epoch and c.epoch > epoch),
-            resend=False,
+            q, task_id, attempt, lambda c: c.claim_id == claim_id or claim_id in c.park_ids, resend=False
         )
 
     async def cancel(

@@ -199,7 +199,7 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     ),
     "lease.unpark": (
         "UPDATE {ks}.leases USING TTL ? SET state = 'leased', base_epoch = ?, uncounted = 0, worker = '', "
-        "lease_until = ?, claim_id = ? WHERE owner = ? AND service = ? AND task_id = ? "
+        "lease_until = ?, claim_id = ?, park_ids = park_ids + ? WHERE owner = ? AND service = ? AND task_id = ? "
         "IF state = 'parked' AND epoch = ? AND expires_at IN (?, null)",
         False,
     ),

@@ -334,3 +334,49 @@ async def test_a_shortening_held_up_after_its_read_never_undoes_a_later_deadline
     lease = await _lease(h, got.task_id)
     assert lease.lease_until_ms >= told[0].lease_until_ms, "the lease ends before what the worker was told"
     assert late is not None and late.lease_until_ms == lease.lease_until_ms, "the late copy is told the lease's end"
+
+
+async def test_a_redrive_whose_unpark_was_unknown_does_not_take_another_redrives_for_its_own(
+    harness: Harness,
+) -> None:
+    """Two redrives of one parked task (a retry on another bridge, `redrive all` beside a named
+    one). The other's unpark applies and a worker claims the task at once; ours timed out unsent.
+    Settled by a SERIAL read, ours was judged applied because the lease was unparked at the parked
+    epoch and claimed since: the task counted ready twice (stats showed a ready task that did not
+    exist for a day) and both answered `redriven: 1` (found by review, 2026-12-07)."""
+    from bridge.storage.errors import UnknownOutcome
+
+    h = harness
+    if not hasattr(h.store, "_lease_write"):
+        pytest.skip("unknown outcomes are the Cassandra adapter's")
+    from bridge.domain.counting import QueueCounts
+
+    counts = h.queue.ctx.counts = QueueCounts()
+    task_id = await _add_limited(h, token=False)
+    got = await h.fetch("W", ttr_ms=60_000)
+    assert got is not None and got.task_id == task_id
+    assert await h.queue.fail(OWNER, _fail(h, "W", task_id, got.epoch)) is not None
+    assert (await _lease(h, task_id)).state is LeaseState.PARKED
+    real, sent, others = h.store._lease_write, [], []
+    claimed: list[Any] = []
+
+    async def lease_write(tid: uuid.UUID, name: str, *args: Any, **kwargs: Any) -> Any:
+        sent.append(name)
+        if name == "lease.unpark" and sent.count(name) == 1:
+            others.append(await h.queue.redrive(OWNER, h.service, [uuid.UUID(task_id)]))  # the other copy
+            claimed.append(await h.fetch_until("W2", step_ms=250, limit_ms=5_000, ttr_ms=60_000))
+            raise UnknownOutcome("the unpark's reply timed out, never sent (injected)")
+        return await real(tid, name, *args, **kwargs)
+
+    h.store._lease_write = lease_write
+    try:
+        ours = await h.queue.redrive(OWNER, h.service, [uuid.UUID(task_id)])
+    finally:
+        h.store._lease_write = real
+    assert others == [1] and claimed[0].task_id == task_id
+    assert ours == 0, "took the other redrive's unpark for its own"
+    assert await h.ack("W2", claimed[0]) is True
+    await h.queue.drain_background(5.0)
+    assert await counts.flush(h.store) == 0
+    [stats] = await h.queue.stats(OWNER, h.service)
+    assert (stats.ready, stats.in_flight, stats.parked) == (0, 0, 0)
