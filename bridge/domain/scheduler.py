@@ -211,7 +211,7 @@ class RecoveryScheduler:
         self._owed_recorded: set[int] = set()
         self.state = SchedulerState()
         self._timers: set[asyncio.Task[None]] = set()
-        self._timer_keys: set[EntryKey] = set()
+        self._timer_keys: set[tuple[str, str, object, int, int]] = set()  # an entry's key and deadline
         queue.due_soon = self.handle_soon
         self._expiry_next: int | None = None  # first bucket not yet read at all
         self._expiry_confirmed: int | None = None  # first bucket not yet read for the second time
@@ -792,9 +792,13 @@ class RecoveryScheduler:
         """Handle one timer-wheel entry at its time, on this bridge (``WorkQueue.soon``). Best
         effort: cancelled at shutdown (the wheel entry stays the guarantee). ``handled``: the
         scheduler's set for the entry's bucket, which its passes then skip."""
-        key = entry_key(entry)
+        # One timer per deadline of a lease (the claim's own and the look-ahead's may both ask).
+        # The deadline is part of the key: keyed by task and epoch alone, a fail's earlier deadline
+        # on the bridge that granted a short lease was taken for the claim's, and its task came
+        # back at the lease's old deadline, 1-2 s late, not at once (found by review).
+        key = (*entry_key(entry), entry.lease_until_ms)
         if len(self._timers) >= MAX_TIMERS or key in self._timer_keys:
-            return  # one timer per entry (the claim's own and the look-ahead's may both ask)
+            return
         timer = asyncio.create_task(self._soon(entry, handled), name="due soon")
         self._timers.add(timer)
         self._timer_keys.add(key)

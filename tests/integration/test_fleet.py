@@ -494,3 +494,32 @@ async def test_the_duty_holder_files_no_second_copy_of_its_own_near_deadlines(br
         if str(e.task_id) == str(got.task_id) and e.lease_until_ms == until
     ]
     assert not copies, f"the holder filed a copy of its own deadline: {copies}"
+
+
+async def test_a_fail_on_the_bridge_that_granted_a_short_lease_gives_the_task_back_at_once(make_bridge, engine):
+    """A lease under 2 s gets a timer on the bridge that granted it; a fail of it on that bridge
+    (a worker stopping, `retryInMs` 0) asked for a timer for its own, earlier deadline, and was
+    taken for the same one (a timer per task and epoch): the task came back at the lease's old
+    deadline or the holder's backstop, 1.3-1.8 s late, instead of at once (found by review,
+    2026-12-07)."""
+    from tests.integration.test_same_worker_races import OWNER, fail_req, fetch_req
+
+    bridges = [await make_bridge() for _ in range(2)]
+    await wait_for(lambda: sum(b.duty.held for b in bridges) == 1, 10, what="one holder")
+    holder = next(b for b in bridges if b.duty.held)
+    other = next(b for b in bridges if not b.duty.held)
+    svc = service_id()
+    task_id = await engine.add(svc, "v")
+    first = await wait_for(
+        lambda: other.queue.fetch(OWNER, fetch_req(svc, "w1", timeToRecover=1_900)), 10, interval=0.05, what="a task"
+    )
+    assert str(first.task_id) == str(task_id)
+    failed_at = other.queue.clock.now_ms()
+    assert await other.queue.fail(OWNER, fail_req(svc, "w1", str(first.task_id), first.epoch, retry_in_ms=0))
+    again = await wait_for(
+        lambda: holder.queue.fetch(OWNER, fetch_req(svc, "w2")), 10, interval=0.02, what="the task back"
+    )
+    late = holder.queue.clock.now_ms() - failed_at
+    assert str(again.task_id) == str(task_id) and again.epoch == first.epoch + 1
+    # Its own timer meets the fail's deadline a tick after it; the lease's own ended 1.9 s on.
+    assert late <= 600, f"back {late} ms after the fail"
