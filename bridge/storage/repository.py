@@ -609,6 +609,10 @@ class CassandraTaskStore:
                     again = cas_result(await attempt())
                     if again.applied:
                         return again
+                    if not self._in_time():
+                        # The read too must end before the caller's deadline: read anyway, an ack
+                        # was answered after its caller had given up and retried elsewhere.
+                        raise UnknownOutcome("outcome unknown: no time left to read which copy applied")
                 current = await self.lease(q, task_id, serial=True)
             except UnknownOutcome:
                 raise

@@ -380,3 +380,45 @@ async def test_a_redrive_whose_unpark_was_unknown_does_not_take_another_redrives
     assert await counts.flush(h.store) == 0
     [stats] = await h.queue.stats(OWNER, h.service)
     assert (stats.ready, stats.in_flight, stats.parked) == (0, 0, 0)
+
+
+async def test_an_unknown_outcome_is_not_read_after_a_resend_left_no_time_for_it(harness: Harness) -> None:
+    """A compare-and-set whose outcome was unknown is sent once more only if that can end before
+    the caller's deadline; its refusal was then followed by a SERIAL read whatever time was left,
+    so an ack could be answered after its caller had given up (and retried elsewhere). The read
+    is made only if it too can end in time; else the caller hears `unavailable` while it still
+    listens (found by review, 2026-12-07)."""
+    from bridge.domain.deadlines import request_deadline_ms
+    from bridge.domain.errors import Unavailable
+    from bridge.storage.errors import UnknownOutcome
+
+    h = harness
+    if not hasattr(h.store, "_lease_write"):
+        pytest.skip("unknown outcomes are the Cassandra adapter's")
+    await h.add("v")
+    got = await h.fetch("W", ttr_ms=60_000)
+    assert got is not None
+    timeout_ms = 1_000
+    h.store.request_timeout_ms = timeout_ms
+    real, sent = h.store._lease_write, []
+
+    async def lease_write(tid: uuid.UUID, name: str, *args: Any, **kwargs: Any) -> Any:
+        sent.append(name)
+        if name.startswith("lease.complete"):
+            if sent.count(name) == 1:
+                await real(tid, name, *args, **kwargs)  # applied, its reply lost
+                raise UnknownOutcome("the completion's reply timed out (injected)")
+            h.clock.advance(timeout_ms)  # the resend takes its whole timeout (refused: applied already)
+        return await real(tid, name, *args, **kwargs)
+
+    h.store._lease_write = lease_write
+    deadline = request_deadline_ms.set(h.clock.now_ms() + 2 * timeout_ms + 400)  # room for one more, not two
+    try:
+        with pytest.raises(Unavailable):
+            await h.ack("W", got)
+    finally:
+        request_deadline_ms.reset(deadline)
+        h.store._lease_write = real
+        h.store.request_timeout_ms = None
+    completions = [n for n in sent if n.startswith("lease.complete")]
+    assert len(completions) == 2 and len(set(completions)) == 1, completions  # the first copy and its resend
