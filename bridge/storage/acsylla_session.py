@@ -99,6 +99,7 @@ class AcsyllaSession:
         self._session: Any = None
         self._prepared: dict[str, Any] = {}
         self._idempotent: dict[str, bool] = {}
+        self._conditional: set[str] = set()  # compare-and-sets (``IF``), decided by Paxos
         self._uuid_columns = uuid_columns()
         self._serial = acsylla.Consistency[settings.cassandra_serial_consistency]
         self.stall = StallWatch(stall_after_s(settings.cassandra_timeout))
@@ -178,6 +179,8 @@ class AcsyllaSession:
             # tries again (BRIDGE_START_TIMEOUT), not a crash. Nothing to apply: never unknown.
             raise _storage_error(exc, lwt=False) from exc
         self._idempotent[name] = idempotent
+        if " IF " in cql:
+            self._conditional.add(name)
 
     def _bound(self, name: str, params: Sequence[Any], page_size: int | None = None) -> Any:
         if name not in NULLS_UNSET:
@@ -209,7 +212,7 @@ class AcsyllaSession:
         self.executed[name] += 1
         if serial_read:
             stmt.set_consistency(self._serial)
-        return await self._all_pages(stmt, lwt=not self._idempotent[name])
+        return await self._all_pages(stmt, lwt=not self._idempotent[name], conditional=name in self._conditional)
 
     async def execute_batch(self, name: str, items: Sequence[tuple[str, Sequence[Any]]]) -> None:
         """Plain writes to several partitions as one UNLOGGED batch (see ``CassandraSession``)."""
@@ -229,14 +232,14 @@ class AcsyllaSession:
         except cass.CassException as exc:
             raise _storage_error(exc, lwt=False, batch=len(items) > 1) from exc
 
-    async def _all_pages(self, stmt: Any, *, lwt: bool) -> list[Row]:
+    async def _all_pages(self, stmt: Any, *, lwt: bool, conditional: bool | None = None) -> list[Row]:
         rows: list[Row] = []
         while True:
             try:
                 with self.stall.track():
                     result = await self.session.execute(stmt)
             except cass.CassException as exc:
-                raise _storage_error(exc, lwt=lwt) from exc
+                raise _storage_error(exc, lwt=lwt, conditional=conditional) from exc
             rows.extend(self._row(r) for r in result.all())
             if not result.has_more_pages():
                 return rows
@@ -256,10 +259,15 @@ class AcsyllaSession:
         return await self._all_pages(stmt, lwt=" IF " in cql)
 
 
-def _storage_error(exc: BaseException, *, lwt: bool, batch: bool = False) -> Exception:
+def _storage_error(exc: BaseException, *, lwt: bool, batch: bool = False, conditional: bool | None = None) -> Exception:
+    """``lwt``: a statement that must not be sent twice (a compare-and-set, a counter update);
+    ``conditional`` (default: ``lwt``): a compare-and-set. A counter update refused Unavailable was
+    applied nowhere (checked before it is forwarded and before it is applied): not sent, kept by
+    the counts' flush for the next, not dropped as an unknown outcome (found by review)."""
+    conditional = lwt if conditional is None else conditional
     if isinstance(exc, _INVALID):
         return InvalidQuery(str(exc))
-    if lwt and isinstance(exc, _LWT_UNKNOWN):
+    if conditional and isinstance(exc, _LWT_UNKNOWN):
         return UnknownOutcome(f"{kind_of(exc)}: the write may or may not have applied")
     if isinstance(exc, _NOT_SENT) or (not batch and isinstance(exc, _NOT_SENT_ONE_PARTITION)):
         return StorageNotSent(f"cassandra unavailable: {type(exc).__name__}")

@@ -280,7 +280,7 @@ class CassandraSession:
             bound.consistency_level = self.serial_consistency
         if fetch_size is not None:
             bound.fetch_size = fetch_size
-        return await self._run(bound, lwt=not stmt.is_idempotent)
+        return await self._run(bound, lwt=not stmt.is_idempotent, conditional=" IF " in stmt.query_string)
 
     async def execute_batch(self, name: str, items: Sequence[tuple[str, Sequence[Any]]]) -> None:
         """Send plain writes (no LWT) to several partitions as one UNLOGGED batch: one request
@@ -299,7 +299,9 @@ class CassandraSession:
         self.executed.update(part for part, _ in items)
         await self._run(batch, lwt=False, batch=True)
 
-    async def _run(self, bound: Any, *, lwt: bool, timeout: float | None = None, batch: bool = False) -> list[Row]:
+    async def _run(
+        self, bound: Any, *, lwt: bool, timeout: float | None = None, batch: bool = False, conditional: bool = False
+    ) -> list[Row]:
         rf = None
         try:
             with self.stall.track():
@@ -315,7 +317,7 @@ class CassandraSession:
             # were applied nowhere: the coordinator checks live replicas before it sends.)
             earlier = getattr(rf, "_errors", None) or {}
             resent = any(not isinstance(e, Unavailable) for e in earlier.values())
-            mapped = storage_error(exc, lwt=lwt, batch=batch, resent=resent)
+            mapped = storage_error(exc, lwt=lwt, batch=batch, resent=resent, conditional=conditional)
             if mapped is None:
                 raise
             raise mapped from exc
@@ -325,21 +327,29 @@ class CassandraSession:
         statement's do: a timeout or an unavailable replica of a schema statement is an outage the
         start tries again (BRIDGE_START_TIMEOUT), not a crash."""
         try:
-            return await self._run(cql.replace("{ks}", self.keyspace), lwt=" IF " in cql, timeout=60)
+            conditional = " IF " in cql
+            return await self._run(
+                cql.replace("{ks}", self.keyspace), lwt=conditional, timeout=60, conditional=conditional
+            )
         except (RequestValidationException, proto.RequestValidationException) as exc:
             raise InvalidQuery(str(exc)) from exc
 
 
-def storage_error(exc: BaseException, *, lwt: bool, batch: bool = False, resent: bool = False) -> Exception | None:
+def storage_error(
+    exc: BaseException, *, lwt: bool, batch: bool = False, resent: bool = False, conditional: bool | None = None
+) -> Exception | None:
     """The domain's storage error for a cassandra-driver error (None: raised as it is, a bug), as
-    the acsylla adapter maps its own (``acsylla_session._storage_error``): both keep one contract."""
+    the acsylla adapter maps its own (``acsylla_session._storage_error``): both keep one contract.
+    ``lwt``: a statement that must not be sent twice (a compare-and-set, a counter update);
+    ``conditional`` (default: ``lwt``): a compare-and-set, decided by Paxos."""
+    conditional = lwt if conditional is None else conditional
     if isinstance(exc, RequestValidationException | proto.RequestValidationException):
         return None  # a bug in our CQL or bind values (or the schema), not an outage
     if isinstance(exc, NoHostAvailable):
         # Never sent anywhere: not applied, whatever the statement.
         return StorageNotSent("cassandra unavailable: no host available")
     if isinstance(exc, WriteTimeout | OperationTimedOut | Unavailable):
-        if lwt:
+        if lwt and conditional:
             # A conditional write that timed out may still be applied later (CASSANDRA-9328);
             # one answered Unavailable may have been decided already (Paxos v1 commits an
             # accepted proposal, and that commit can answer Unavailable).
@@ -348,7 +358,12 @@ def storage_error(exc: BaseException, *, lwt: bool, batch: bool = False, resent:
             # A coordinator checks a mutation's live replicas before it sends it: nothing was
             # written (a batch's mutations are checked one after the other: some may have been;
             # a statement the driver sent again, its first copy may have been).
+            # A counter update too: its coordinator checks before it forwards it to the leader
+            # replica, which checks again before it applies it. Taken for unknown, as before, a
+            # flush dropped every delta of a queue whose counter replicas were down (found by review).
             return StorageNotSent(f"cassandra unavailable: {kind_of(exc)}")
+        if lwt:
+            return UnknownOutcome(f"{kind_of(exc)}: the write may or may not have applied")
         return StorageUnavailable(f"cassandra unavailable: {kind_of(exc)}")
     if isinstance(
         exc, RequestExecutionException | DriverException | proto.ErrorMessage | ConnectionException | OSError

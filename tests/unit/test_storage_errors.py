@@ -198,3 +198,35 @@ async def test_a_statement_the_datastax_driver_sent_again_after_a_lost_connectio
     with pytest.raises(StorageUnavailable) as raised:
         await session._run(object(), lwt=False)
     assert isinstance(raised.value, NotSent) is not landed
+
+
+def test_a_counter_update_answered_unavailable_was_not_sent_and_its_timeout_is_unknown() -> None:
+    """A counter update must not be sent twice (not idempotent), but one refused Unavailable was
+    applied nowhere: its coordinator checks the live replicas before it forwards it to the leader
+    replica, which checks again before it applies it. Both drivers took it for an unknown outcome,
+    and the counts' flush dropped every delta of a queue whose counter replicas were down: stats
+    said 0 ready over a backlog for days (found by review, 2026-12-07). Kept for the next flush
+    now; a timeout (it may have applied) is still unknown, and a compare-and-set's refusal too."""
+    from cassandra import ConsistencyLevel, Unavailable, WriteTimeout
+
+    from bridge.storage.cassandra import storage_error
+
+    refused = Unavailable("injected", consistency=ConsistencyLevel.QUORUM, required_replicas=2, alive_replicas=1)
+    assert isinstance(storage_error(refused, lwt=True, conditional=False), StorageNotSent)
+    assert isinstance(storage_error(refused, lwt=True, conditional=True), UnknownOutcome)
+    timed_out = WriteTimeout("injected", consistency=ConsistencyLevel.QUORUM, required_responses=2, write_type=3)
+    assert isinstance(storage_error(timed_out, lwt=True, conditional=False), UnknownOutcome)
+    unavailable = cass.CassErrorServerUnavailable("injected")
+    assert isinstance(_storage_error(unavailable, lwt=True, conditional=False), StorageNotSent)
+    assert isinstance(_storage_error(unavailable, lwt=True, conditional=True), UnknownOutcome)
+    for maybe in (cass.CassErrorServerOverloaded("injected"), cass.CassErrorServerWriteTimeout("injected")):
+        assert isinstance(_storage_error(maybe, lwt=True, conditional=False), UnknownOutcome)
+
+
+def test_the_counter_updates_are_the_statements_sent_once_that_are_not_compare_and_sets() -> None:
+    """What the drivers' adapters take for a compare-and-set (``IF`` in its CQL) and what for a
+    statement sent once only (not idempotent): the counter updates are the second, not the first."""
+    from bridge.storage.statements import STATEMENTS
+
+    once_not_cas = {name for name, (cql, idempotent) in STATEMENTS.items() if not idempotent and " IF " not in cql}
+    assert once_not_cas == {"counts.add", "delayed.add"}
