@@ -167,6 +167,7 @@ class CassandraSession:
         self._cluster: Cluster | None = None
         self._session: Session | None = None
         self._prepared: dict[str, PreparedStatement] = {}
+        self._conditional: set[str] = set()
         self.consistency = _CL[settings.cassandra_consistency]
         self.serial_consistency = _CL[settings.cassandra_serial_consistency]
         self.stall = StallWatch(stall_after_s(settings.cassandra_timeout))
@@ -263,6 +264,8 @@ class CassandraSession:
         # LWTs must not be retried blindly or speculatively: their outcome is resolved by reading.
         stmt.is_idempotent = idempotent
         self._prepared[name] = stmt
+        if " IF " in cql:
+            self._conditional.add(name)  # a compare-and-set, decided by Paxos (else sent once: a counter)
 
     async def execute(
         self,
@@ -280,7 +283,7 @@ class CassandraSession:
             bound.consistency_level = self.serial_consistency
         if fetch_size is not None:
             bound.fetch_size = fetch_size
-        return await self._run(bound, lwt=not stmt.is_idempotent, conditional=" IF " in stmt.query_string)
+        return await self._run(bound, lwt=not stmt.is_idempotent, conditional=name in self._conditional)
 
     async def execute_batch(self, name: str, items: Sequence[tuple[str, Sequence[Any]]]) -> None:
         """Send plain writes (no LWT) to several partitions as one UNLOGGED batch: one request

@@ -362,7 +362,7 @@ async def test_datastax_session_counts_each_batch_member_as_a_statement(monkeypa
         def bind(self, params: Any) -> Any:
             return SimpleNamespace()
 
-    async def run(self: Any, bound: Any, *, lwt: bool, timeout: float | None = None, batch: bool = False) -> list[Any]:
+    async def run(self: Any, bound: Any, *, lwt: bool, timeout: float | None = None, **_: Any) -> list[Any]:
         return []
 
     monkeypatch.setattr(datastax, "BatchStatement", Batch)
