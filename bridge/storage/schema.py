@@ -287,7 +287,14 @@ def printed_cql(keyspace: str, replication: str, ttl_seconds: int) -> list[str]:
         for table, column, cql_type in ADDED_COLUMNS
         if not any(re.search(rf"TABLE IF NOT EXISTS {keyspace}\.{table} \(.*\b{column} ", c, re.S) for c in creates)
     ]
-    return [keyspace_cql(keyspace, replication), *creates, *alters, *options_cql(keyspace), layout_cql(keyspace)]
+    # The options as comments: `queue-bridge schema` sets one only where the table still has
+    # Cassandra's default, and printed plain, a DBA applying them reset a grace raised for weekly
+    # repairs to a day (found by review).
+    options = [
+        "-- only where the table still has Cassandra's default (gc_grace_seconds = 864000):\n-- " + cql
+        for cql in options_cql(keyspace)
+    ]
+    return [keyspace_cql(keyspace, replication), *creates, *alters, *options, layout_cql(keyspace)]
 
 
 def layout_cql(keyspace: str) -> str:
