@@ -853,7 +853,6 @@ class Fetcher:
         if not res.applied:
             return await self._refused(a, entry, res.current, epoch, stamp, now, ends)
         a.flight.granted += 1
-        await self._count_claim(q, entry, payload)
         # Both before a failed read is raised: the claim applied, and its lease must be taken back
         # if its worker never gets the task. From before a wait for the add's write: its deadline
         # entry was filed under the earlier deadline, which the scheduler may have met and let go.
@@ -862,6 +861,14 @@ class Fetcher:
         # instead of waiting for the scheduler's pass over its bucket (the wheel entry written
         # ahead stays the guarantee if this bridge dies).
         self.soon(ExpiryEntry(until, q, task_id, epoch, entry.has_token), until + margin)
+        try:
+            await self._count_claim(q, entry, payload)
+        except Unavailable:
+            # Its lease read failed (was a scanned entry redriven?): counted off the request path.
+            # Raised, the claim that applied was answered `unavailable`, never counted (the retry
+            # gets the task through the pointer, which counts nothing) and, before the timer
+            # above, never watched by this bridge (found by review).
+            self.ctx.background.spawn(self._count_claim_later(q, entry, payload), "count a claim")
         if read_failed is not None:
             raise read_failed
         if payload is None:
@@ -924,6 +931,19 @@ class Fetcher:
             self.ctx.count(q, ms_of(task_id), in_flight=1)
         elif not recovered or await self._was_redriven(q, entry):  # a re-claim stays in flight (counting)
             self.ctx.count(q, ms_of(task_id), ready=-1, in_flight=1)
+
+    async def _count_claim_later(self, q: QueueKey, entry: ReadyEntry, payload: Payload | None) -> None:
+        """:meth:`_count_claim` of a claim that applied, tried again (after 1 and 2 s) when its read
+        fails; left uncounted (logged) if it keeps failing."""
+        for attempt in range(REFILE_ATTEMPTS):
+            await self.ctx.background.pause(2**attempt)
+            try:
+                await self._count_claim(q, entry, payload)
+                return
+            except Unavailable as exc:
+                if attempt + 1 == REFILE_ATTEMPTS or self.ctx.background.stopping:
+                    log.warning("claim of task %s left uncounted: %s", entry.task_id, exc)
+                    return
 
     async def _count_if_claimed(
         self, q: QueueKey, entry: ReadyEntry, claim_id: uuid.UUID, payload: Payload | None, epoch: int, until: int

@@ -422,3 +422,52 @@ async def test_an_unknown_outcome_is_not_read_after_a_resend_left_no_time_for_it
         h.store.request_timeout_ms = None
     completions = [n for n in sent if n.startswith("lease.complete")]
     assert len(completions) == 2 and len(set(completions)) == 1, completions  # the first copy and its resend
+
+
+async def test_a_claim_whose_count_cannot_read_the_lease_still_hands_the_task_out_and_counts_it(
+    harness: Harness,
+) -> None:
+    """A redriven task found by a scan (hints off, or reconciliation) is counted by reading its
+    lease (was it redriven?). That read failing (Cassandra struggling) raised out of the claim
+    that had applied: the fetch was answered `unavailable`, its deadline's timer was never set,
+    and the task was never counted out of `ready` (its retry got it through the worker's pointer,
+    which counts nothing): stats showed a ready task that did not exist, and one in flight fewer
+    once it completed (found by review, 2026-12-07)."""
+    from bridge.domain.counting import QueueCounts
+    from bridge.storage.errors import StorageUnavailable
+
+    h = harness
+    counts = h.queue.ctx.counts = QueueCounts()
+    task_id = await _add_limited(h, token=False)
+    got = await h.fetch("W", ttr_ms=60_000)
+    assert got is not None and got.task_id == task_id
+    assert await h.queue.fail(OWNER, _fail(h, "W", task_id, got.epoch)) is not None
+    h.clock.advance(1)
+    assert await h.queue.redrive(OWNER, h.service, [uuid.UUID(task_id)]) == 1
+    real, real_claim, failures, failed = h.store.leases_of, h.store.claim_expired, [], []
+
+    async def claim_expired(*args: Any, **kwargs: Any) -> Any:
+        res = await real_claim(*args, **kwargs)
+        if res.applied and not failed:
+            failures.append(1)  # the next lease read (the count's) fails
+        return res
+
+    async def leases_of(q: QueueKey, task_ids: Any) -> Any:
+        if failures:
+            failed.append(failures.pop())
+            raise StorageUnavailable("the lease read timed out (injected)")
+        return await real(q, task_ids)
+
+    h.store.leases_of = leases_of  # type: ignore[method-assign]
+    h.store.claim_expired = claim_expired  # type: ignore[method-assign]
+    try:
+        again = await h.fetch_until("W2", step_ms=250, limit_ms=5_000, ttr_ms=60_000)
+    finally:
+        h.store.leases_of = real  # type: ignore[method-assign]
+        h.store.claim_expired = real_claim  # type: ignore[method-assign]
+    assert again.task_id == task_id and failed, "the failing read was made"
+    assert await h.ack("W2", again) is True
+    await h.queue.drain_background(5.0)
+    assert await counts.flush(h.store) == 0
+    [stats] = await h.queue.stats(OWNER, h.service)
+    assert (stats.ready, stats.in_flight, stats.parked) == (0, 0, 0)
