@@ -861,14 +861,7 @@ class Fetcher:
         # instead of waiting for the scheduler's pass over its bucket (the wheel entry written
         # ahead stays the guarantee if this bridge dies).
         self.soon(ExpiryEntry(until, q, task_id, epoch, entry.has_token), until + margin)
-        try:
-            await self._count_claim(q, entry, payload)
-        except Unavailable:
-            # Its lease read failed (was a scanned entry redriven?): counted off the request path.
-            # Raised, the claim that applied was answered `unavailable`, never counted (the retry
-            # gets the task through the pointer, which counts nothing) and, before the timer
-            # above, never watched by this bridge (found by review).
-            self.ctx.background.spawn(self._count_claim_later(q, entry, payload), "count a claim")
+        await self._count_claim_now_or_later(q, entry, payload)
         if read_failed is not None:
             raise read_failed
         if payload is None:
@@ -931,6 +924,16 @@ class Fetcher:
             self.ctx.count(q, ms_of(task_id), in_flight=1)
         elif not recovered or await self._was_redriven(q, entry):  # a re-claim stays in flight (counting)
             self.ctx.count(q, ms_of(task_id), ready=-1, in_flight=1)
+
+    async def _count_claim_now_or_later(self, q: QueueKey, entry: ReadyEntry, payload: Payload | None) -> None:
+        """Count a claim that applied; if its lease read fails (was a scanned entry redriven?),
+        off the request path. Raised, the claim was answered `unavailable`, never counted (the
+        retry gets the task through the pointer, which counts nothing) and, before its timer was
+        set first, never watched by this bridge (found by review)."""
+        try:
+            await self._count_claim(q, entry, payload)
+        except Unavailable:
+            self.ctx.background.spawn(self._count_claim_later(q, entry, payload), "count a claim")
 
     async def _count_claim_later(self, q: QueueKey, entry: ReadyEntry, payload: Payload | None) -> None:
         """:meth:`_count_claim` of a claim that applied, tried again (after 1 and 2 s) when its read
