@@ -14,7 +14,7 @@ import asyncio
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -67,7 +67,10 @@ def _memory(clock: ManualClock) -> TaskStore:
     return MemoryTaskStore(clock.now_ms, TTL_S)
 
 
-async def _harness(request: pytest.FixtureRequest, keyring_path: Path, *, hinted: bool) -> AsyncIterator[Harness]:
+async def _harness(
+    request: pytest.FixtureRequest, keyring_path: Path, *, hinted: bool, start: Callable[[int], int] | None = None
+) -> AsyncIterator[Harness]:
+    """``start``: the clock's start from the one chosen here (forward only), before the first tick."""
     keys = KeyringFileProvider(keyring_path)
     db, owned = None, False
     if request.param == "memory":
@@ -80,6 +83,8 @@ async def _harness(request: pytest.FixtureRequest, keyring_path: Path, *, hinted
         clock = ManualClock(int(time.time() * 1000) + random.randrange(1, 30 * 86_400) * 1000)
         db, owned = await _cassandra_session(request)
         store = CassandraTaskStore(db, clock.now_ms, TTL_S)
+    if start is not None:
+        clock.advance(start(clock.now_ms()) - clock.now_ms())
     hints = MemoryHints() if hinted else None
     h = Harness(store, keys, clock, prefix=f"test-{uuid.uuid4().hex[:8]}-", hints=hints)
     await h.scheduler.tick()  # the scheduler starts before any lease exists, as in a bridge

@@ -1,5 +1,7 @@
-"""A duty holder whose clock jumped forward saved its positions ahead of the present: pure logic,
-on the memory store and a manual clock set back as an NTP step (or a corrected anchor) would.
+"""A duty holder whose clock jumped forward saved its positions ahead of the present: on both
+stores (the Cassandra adapter keeps its positions in day partitions, read from the present's day
+backwards), with a manual clock set back as an NTP step (or a corrected anchor) would. The jump
+crosses a UTC midnight, so the positions saved ahead land in the next day's partition.
 
 The saved positions are read greatest-first, so a position saved an hour ahead was where every
 later holder started: once the clock was right again, they waited there for an hour and never
@@ -13,27 +15,29 @@ from pathlib import Path
 
 import pytest
 
-from bridge.crypto import KeyringFileProvider, generate_keyring, write_keyring
-from bridge.domain.clock import ManualClock
 from bridge.domain.scheduler import RecoveryScheduler
 from bridge.domain.timeline import EXPIRY_BUCKET_MS, OUTBOX_BUCKET_MS, outbox_bucket
-from bridge.storage.memory import MemoryTaskStore
-from tests.queue_harness import OWNER, TTL_S, Harness
+from tests.behaviour.conftest import STORES, _harness
+from tests.queue_harness import Harness
 
 pytestmark = pytest.mark.anyio
 
 START_MS = 1_700_000_000_000
 HOUR_MS = 3_600_000
+DAY_MS = 86_400_000
 
 
-@pytest.fixture
-async def h(tmp_path: Path) -> AsyncIterator[Harness]:
-    path = tmp_path / "keyring.json"
-    write_keyring(path, generate_keyring([OWNER]))
-    clock = ManualClock(START_MS)
-    harness = Harness(MemoryTaskStore(clock.now_ms, TTL_S), KeyringFileProvider(path), clock, prefix="")
-    yield harness
-    await harness.close()
+def _before_a_midnight(now_ms: int) -> int:
+    """Half an hour before the next UTC midnight: the jump an hour ahead crosses it."""
+    return (now_ms // DAY_MS + 1) * DAY_MS - HOUR_MS // 2
+
+
+@pytest.fixture(params=STORES)
+async def h(request: pytest.FixtureRequest, keyring_path: Path) -> AsyncIterator[Harness]:
+    global START_MS
+    async for harness in _harness(request, keyring_path, hinted=False, start=_before_a_midnight):
+        START_MS = harness.clock.now_ms()
+        yield harness
 
 
 async def _run_an_hour_ahead(h: Harness) -> None:
@@ -46,8 +50,8 @@ async def _run_an_hour_ahead(h: Harness) -> None:
         h.clock.advance(100)
         await h.scheduler.tick()
         jumped = h.clock.now_ms()
-        saved = await h.store.scheduler_cursor("expiries", jumped)
-        saved_outbox = await h.store.scheduler_cursor("outbox", jumped)
+        saved = await h.store.scheduler_cursor(h.scheduler._expiry_cursor, jumped)
+        saved_outbox = await h.store.scheduler_cursor(h.scheduler._outbox_cursor, jumped)
         if (
             saved is not None
             and saved_outbox is not None
