@@ -226,6 +226,10 @@ class CachingKeyProvider:
         return min(fresh) if fresh else None
 
     def _store(self, slot: _CacheKey, key: OwnerKey, now: float) -> None:
+        # A fresh entry ends the slot's outage: a by-id slot refreshed by its owner's current-key
+        # lookup stayed flagged, and past its age was served stale at once with the source healthy,
+        # a refusal since (a tenant suspended) heard only by a later request (a re-review).
+        self._outage.discard(slot)
         self._entries[slot] = (key, now)
         self._entries.move_to_end(slot)
         while len(self._entries) > self._max_entries:

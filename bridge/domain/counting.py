@@ -28,6 +28,7 @@ task TTL are summed, so whatever drift there is leaves the counts with the tasks
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from collections import defaultdict
@@ -106,28 +107,24 @@ class QueueCounts:
         the returned number)."""
         moves, self._moves = self._moves, defaultdict(lambda: [0, 0])
         delays, self._delays = self._delays, defaultdict(int)
-        failed: Exception | None = None
-        dropped = 0
+        # A queue's counters are one partition per table: once one of its updates is refused (its
+        # replicas down while the rest of the cluster serves), its other keys are kept unsent this
+        # flush. Sent one by one, a queue with a day of delayed minutes pending sent a thousand
+        # refused statements a second from every bridge, and healthy queues' flushes waited.
+        refused: set[tuple[str, QueueKey]] = set()
+        outcomes: list[bool | Exception] = []
         for (q, day), (ready, in_flight) in moves.items():
-            if not ready and not in_flight:
-                continue
-            try:
-                await store.add_counts(q, day, ready, in_flight)
-            except MaybeApplied:
-                dropped += 1
-            except Exception as exc:
-                self.move(q, day * DAY_MS, ready=ready, in_flight=in_flight)
-                failed = exc
+            if ready or in_flight:
+                send = functools.partial(store.add_counts, q, day, ready, in_flight)
+                keep = functools.partial(self.move, q, day * DAY_MS, ready=ready, in_flight=in_flight)
+                outcomes.append(await self._flush_one(("counts", q), refused, send, keep))
         for (q, minute), delta in delays.items():
-            if not delta:
-                continue
-            try:
-                await store.add_delayed(q, minute, delta)
-            except MaybeApplied:
-                dropped += 1
-            except Exception as exc:
-                self.delay(q, minute * MINUTE_MS, delta)
-                failed = exc
+            if delta:
+                send = functools.partial(store.add_delayed, q, minute, delta)
+                keep = functools.partial(self.delay, q, minute * MINUTE_MS, delta)
+                outcomes.append(await self._flush_one(("delayed", q), refused, send, keep))
+        dropped = sum(1 for outcome in outcomes if outcome is True)
+        failed = next((outcome for outcome in outcomes if isinstance(outcome, Exception)), None)
         if dropped:
             log.warning("%d queue count update(s) timed out and may or may not have applied: not repeated", dropped)
         if failed is not None:
@@ -135,6 +132,28 @@ class QueueCounts:
                 "queue counts not flushed (kept for the next flush): %s", type(failed).__name__
             )
         return dropped
+
+    @staticmethod
+    async def _flush_one(
+        key: tuple[str, QueueKey],
+        refused: set[tuple[str, QueueKey]],
+        send: Callable[[], Awaitable[None]],
+        keep: Callable[[], None],
+    ) -> bool | Exception:
+        """Send one update: True if dropped (it may have applied), the error if refused (kept for
+        the next flush), else False (sent, or kept unsent: its partition refused another this flush)."""
+        if key in refused:
+            keep()
+            return False
+        try:
+            await send()
+        except MaybeApplied:
+            return True
+        except Exception as exc:
+            keep()
+            refused.add(key)
+            return exc
+        return False
 
 
 __all__ = ["DAY_MS", "MINUTE_MS", "QueueCounts", "landed_later"]

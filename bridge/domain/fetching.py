@@ -1068,7 +1068,12 @@ class Fetcher:
         after = self.ctx.clock.now_ms()
         if after - started < (until - started + margin // 2) // 2:
             return  # far from the deadline: the scheduler has not read its bucket yet
-        await self._refile(q, entry, epoch, until)
+        try:
+            await self._refile(q, entry, epoch, until)
+        except Unavailable:
+            # Filed off the request path: the claim applied, and raised, it was answered
+            # `unavailable`, never counted and never given its timer (a re-review).
+            self.ctx.background.spawn(self._refile_logged(q, entry, epoch, until), "file a slow claim's deadline")
 
     async def _refile(self, q: QueueKey, entry: ReadyEntry, epoch: int, until: int, not_before: int = 0) -> None:
         """File a claim's deadline again, in a bucket the scheduler has not read yet (and not

@@ -471,3 +471,47 @@ async def test_a_claim_whose_count_cannot_read_the_lease_still_hands_the_task_ou
     assert await counts.flush(h.store) == 0
     [stats] = await h.queue.stats(OWNER, h.service)
     assert (stats.ready, stats.in_flight, stats.parked) == (0, 0, 0)
+
+
+async def test_a_slow_claim_whose_deadline_cannot_be_filed_again_is_still_handed_out_and_counted(
+    harness: Harness,
+) -> None:
+    """A claim that took half its lease to land files its deadline again (the scheduler may have
+    met the one written ahead already). That write failing raised out of the claim that had
+    applied: the fetch answered `unavailable`, the claim never counted (its retry got the task
+    through the pointer, which counts nothing) and no timer set (a re-review, 2026-12-07)."""
+    from bridge.domain.counting import QueueCounts
+    from bridge.storage.errors import StorageUnavailable
+
+    h = harness
+    counts = h.queue.ctx.counts = QueueCounts()
+    task_id = await h.add("v")
+    ttr = 2_000
+    real_claim, real_watch, armed, failed = h.store.claim_new, h.store.watch_expiry, [], []
+
+    async def claim_new(*args: Any, **kwargs: Any) -> Any:
+        res = await real_claim(*args, **kwargs)
+        if res.applied:
+            h.clock.advance(ttr - 200)  # landed late: near its deadline
+            armed.append(1)
+        return res
+
+    async def watch_expiry(*args: Any, **kwargs: Any) -> Any:
+        if armed:
+            failed.append(armed.pop())
+            raise StorageUnavailable("the deadline's write timed out (injected)")
+        return await real_watch(*args, **kwargs)
+
+    h.store.claim_new = claim_new  # type: ignore[method-assign]
+    h.store.watch_expiry = watch_expiry  # type: ignore[method-assign]
+    try:
+        got = await h.fetch("W", ttr_ms=ttr)
+    finally:
+        h.store.claim_new = real_claim  # type: ignore[method-assign]
+        h.store.watch_expiry = real_watch  # type: ignore[method-assign]
+    assert got is not None and got.task_id == task_id and failed, "the failing refile was made"
+    assert await h.ack("W", got) is True
+    await h.queue.drain_background(5.0)
+    assert await counts.flush(h.store) == 0
+    [stats] = await h.queue.stats(OWNER, h.service)
+    assert (stats.ready, stats.in_flight) == (0, 0)

@@ -317,7 +317,9 @@ async def test_a_park_by_a_new_bridge_still_owed_when_an_old_bridge_parks_the_ta
     await only_serving(servers, names, 1)
     await park_once(engine, w, svc, task_id, 2)  # the old bridge alone
     second = lease_row(cql, servers.keyspace, svc, task_id)
-    assert second["park_ids"] == {first["park_id"]}, "the old bridge does not add to park_ids"
+    # The new bridge's redrive added its unpark's id to park_ids (how an unknown outcome of it is
+    # settled); the old bridge's park added nothing.
+    assert first["park_id"] in second["park_ids"] and second["park_id"] not in second["park_ids"], second["park_ids"]
     # The relay must be a new bridge's: an old duty holder's judges by completion_id and park_id
     # alone and marks the first park's result published unsent (the bug 80ab487 fixed, still in
     # every old bridge: see the report). The old bridge goes before the new one takes the duty.
@@ -354,15 +356,17 @@ async def test_parks_recorded_by_a_new_bridge_reach_the_engine_when_an_old_bridg
     task_id = await engine.add(svc, "poison", token={"wf": 3}, max_deliveries=1)
     w = await workers(svc, "w")
     await park_once(engine, w, svc, task_id, 1)
+    first = lease_row(cql, servers.keyspace, svc, task_id)
     assert await engine.redrive(svc, [task_id]) == 1
     await park_once(engine, w, svc, task_id, 2)
     lease = lease_row(cql, servers.keyspace, svc, task_id)
-    assert len(lease["park_ids"]) == 2, lease["park_ids"]
+    # Both parks listed (beside the redrive's unpark id); park_id names the second alone.
+    assert {first["park_id"], lease["park_id"]} <= set(lease["park_ids"]) and first["park_id"] != lease["park_id"]
     old_bridges(PREVIOUS, BRIDGE_RESULTS_QUEUE="", BRIDGE_RESULT_REPUBLISH_AFTER="1")
     await wait_bridges(servers, names, 2)
     await new_bridges.stop(b)
     await only_serving(servers, names, 1)
-    parks = sorted(f"{task_id}:{p}" for p in lease["park_ids"])
+    parks = sorted(f"{task_id}:{p}" for p in (first["park_id"], lease["park_id"]))
     try:
         told = await results_told(servers, names, svc, 2, timeout=8)
         outbox = owed_rows(cql, servers.keyspace, svc)

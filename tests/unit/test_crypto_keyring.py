@@ -975,3 +975,26 @@ async def test_close_cancels_the_background_lookups(upstream: CountingProvider, 
     await anyio.wait_all_tasks_blocked()
     with anyio.fail_after(1):
         await cache.close()
+
+
+@pytest.mark.anyio
+async def test_a_slot_refreshed_by_another_lookup_is_no_longer_served_stale_at_once(
+    upstream: CountingProvider, clock: FakeClock
+) -> None:
+    """Both of an owner's slots served stale in an outage (its adds' current key, its fetches'
+    key by id); the source back, a current-key lookup refreshed the by-id slot too but left it
+    flagged: past its age it was served stale at once, with the source healthy, and a refusal
+    since was heard only by a later request (a re-review, 2026-12-07)."""
+    cache = CachingKeyProvider(upstream, max_age=300, clock=clock, stale_if_error=3600)
+    key = await cache.current_key("acme")
+    clock.advance(301)
+    upstream.error = KeyUnavailable("timed out")
+    assert await cache.current_key("acme") == key
+    assert await cache.key_by_id("acme", key.key_id) == key  # both slots served stale
+    upstream.error = None
+    assert await cache.current_key("acme") == key  # stale at once; its background lookup stores both
+    await _background_lookups_done(cache)
+    clock.advance(301)
+    upstream.error = KeyUnavailable("HTTP 403", stale_ok=False)  # the tenant suspended meanwhile
+    with pytest.raises(KeyUnavailable, match="403"):
+        await cache.key_by_id("acme", key.key_id)

@@ -70,3 +70,37 @@ async def test_flushes_failing_through_an_outage_write_one_warning_not_one_a_sec
         await counts.flush(store)
     assert counts.pending == 1  # kept, all along
     assert len([r for r in caplog.records if "not flushed" in r.getMessage()]) == 1
+
+
+class RefusingOneQueue(MemoryTaskStore):
+    """A store whose counter partition of one queue is refused (its replicas down)."""
+
+    def __init__(self, refused: QueueKey) -> None:
+        super().__init__(lambda: 0, 3600)
+        self.refused: QueueKey | None = refused
+        self.sent: list[QueueKey] = []
+
+    async def add_delayed(self, q: QueueKey, minute: int, delta: int) -> None:
+        self.sent.append(q)
+        if q == self.refused:
+            raise Unavailable("cassandra unavailable: Unavailable (replicas down)")
+        await super().add_delayed(q, minute, delta)
+
+
+async def test_a_queue_whose_counter_partition_is_refused_is_tried_once_a_flush_and_its_deltas_kept() -> None:
+    """Each pending minute of a queue whose counter replicas are down was sent, one refused
+    statement after another, at every flush of every bridge (a day of delayed minutes: a
+    thousand a second each) while healthy queues' flushes waited (a re-review, 2026-12-07)."""
+    down, healthy = QueueKey("worker-a", "down"), QueueKey("worker-a", "healthy")
+    store = RefusingOneQueue(down)
+    counts = QueueCounts()
+    for minute in range(1_000):
+        counts.delay(down, minute * 60_000, 1)
+    counts.delay(healthy, 0, 1)
+    assert await counts.flush(store) == 0
+    assert store.sent.count(down) == 1 and store.sent.count(healthy) == 1
+    assert counts.pending == 1_000, "the refused queue's deltas kept"
+    store.refused = None  # its replicas back
+    store.sent.clear()
+    assert await counts.flush(store) == 0
+    assert store.sent.count(down) == 1_000 and counts.pending == 0
