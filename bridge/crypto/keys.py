@@ -273,6 +273,13 @@ class CachingKeyProvider:
         try:
             key = await fetch()
         except KeyUnavailable as exc:
+            fresh = self._lookup(slot) if generation == self._generation and exc.stale_ok else None
+            if fresh is not None:
+                # Stored fresh while this lookup hung (its owner's current-key lookup fills the
+                # by-id slot): the source answered meanwhile. Flagged again as an outage, the fresh
+                # entry was served stale at once past its age, a refusal since unheard (a re-review).
+                flight.result = fresh
+                return fresh
             stale = self._stale(slot) if generation == self._generation and exc.stale_ok else None
             if stale is None:
                 self._outage.discard(slot)

@@ -510,6 +510,8 @@ async def test_a_slow_claim_whose_deadline_cannot_be_filed_again_is_still_handed
         h.store.claim_new = real_claim  # type: ignore[method-assign]
         h.store.watch_expiry = real_watch  # type: ignore[method-assign]
     assert got is not None and got.task_id == task_id and failed, "the failing refile was made"
+    await h.queue.drain_background(5.0)
+    assert h.metrics.total("claims_refiled") == 1, "its deadline filed again in the background"
     assert await h.ack("W", got) is True
     await h.queue.drain_background(5.0)
     assert await counts.flush(h.store) == 0

@@ -998,3 +998,38 @@ async def test_a_slot_refreshed_by_another_lookup_is_no_longer_served_stale_at_o
     upstream.error = KeyUnavailable("HTTP 403", stale_ok=False)  # the tenant suspended meanwhile
     with pytest.raises(KeyUnavailable, match="403"):
         await cache.key_by_id("acme", key.key_id)
+
+
+@pytest.mark.anyio
+async def test_a_lookup_that_hung_through_the_recovery_does_not_flag_a_fresh_entry_again(
+    upstream: CountingProvider, clock: FakeClock
+) -> None:
+    """A by-id lookup in the background hangs while the source recovers and a current-key lookup
+    stores both slots fresh; the hung one then times out and flagged the fresh slot again: past
+    its age it was served stale at once, a refusal since unheard (a re-review, 2026-12-07)."""
+    cache = CachingKeyProvider(upstream, max_age=300, clock=clock, stale_if_error=3600)
+    key = await cache.current_key("acme")
+    clock.advance(301)
+    upstream.error = KeyUnavailable("timed out")
+    assert await cache.current_key("acme") == key
+    assert await cache.key_by_id("acme", key.key_id) == key  # both slots served stale
+    hung = upstream.gate = anyio.Event()
+    assert await cache.key_by_id("acme", key.key_id) == key  # its background lookup hangs
+    await anyio.wait_all_tasks_blocked()
+    upstream.gate, upstream.error = None, None  # the source back
+    assert await cache.current_key("acme") == key  # stale once more; its lookup stores both fresh
+    await _background_lookup_of(cache, ("acme", None))
+    upstream.error = KeyUnavailable("timed out")
+    hung.set()  # the hung lookup ends in its timeout
+    await _background_lookups_done(cache)
+    clock.advance(301)
+    upstream.error = KeyUnavailable("HTTP 403", stale_ok=False)
+    with pytest.raises(KeyUnavailable, match="403"):
+        await cache.key_by_id("acme", key.key_id)
+
+
+async def _background_lookup_of(cache: CachingKeyProvider, slot: tuple[str, str | None]) -> None:
+    task = cache._revalidating.get(slot)
+    if task is not None:
+        with anyio.fail_after(5):
+            await asyncio.gather(task)

@@ -104,3 +104,26 @@ async def test_a_queue_whose_counter_partition_is_refused_is_tried_once_a_flush_
     store.sent.clear()
     assert await counts.flush(store) == 0
     assert store.sent.count(down) == 1_000 and counts.pending == 0
+
+
+class TimingOutOnOneQueue(RefusingOneQueue):
+    async def add_delayed(self, q: QueueKey, minute: int, delta: int) -> None:
+        self.sent.append(q)
+        if q == self.refused:
+            raise MaybeApplied("WriteTimeout (its replica up but not serving)")
+        await MemoryTaskStore.add_delayed(self, q, minute, delta)
+
+
+async def test_a_queue_whose_counter_update_timed_out_sends_no_more_of_its_keys_that_flush() -> None:
+    """One timed-out update (dropped: it may have applied) and the flush went on with the same
+    partition's next key, each waiting its timeout: a thousand pending minutes took 83 minutes
+    and all were dropped, while no other queue's counts were flushed (a re-review, 2026-12-07)."""
+    slow, healthy = QueueKey("worker-a", "slow"), QueueKey("worker-a", "healthy")
+    store = TimingOutOnOneQueue(slow)
+    counts = QueueCounts()
+    for minute in range(1_000):
+        counts.delay(slow, minute * 60_000, 1)
+    counts.delay(healthy, 0, 1)
+    assert await counts.flush(store) == 1
+    assert store.sent.count(slow) == 1 and store.sent.count(healthy) == 1
+    assert counts.pending == 999, "the unsent ones kept, the timed-out one dropped"
