@@ -30,6 +30,7 @@ Exception hierarchy::
     │   └── StorageError                                          bridge.storage.errors
     │       ├── StorageUnavailable
     │       │   ├── StorageNotSent (also a NotSent)
+    │       │   │   └── SchemaMissing (the keyspace or a table dropped)
     │       │   └── SchemaNotReady (start only: waits for  bridge.storage.schema
     │       │       `queue-bridge schema`)
     │       └── UnknownOutcome (also a MaybeApplied)

@@ -33,7 +33,15 @@ from acsylla import errors as cass
 
 from bridge.config import CASSANDRA_RECONNECT_BASE_DELAY_S, Settings
 from bridge.storage.cassandra import ClockTimestamps
-from bridge.storage.errors import InvalidQuery, StorageNotSent, StorageUnavailable, UnknownOutcome, kind_of
+from bridge.storage.errors import (
+    InvalidQuery,
+    SchemaMissing,
+    StorageNotSent,
+    StorageUnavailable,
+    UnknownOutcome,
+    kind_of,
+    names_missing_schema,
+)
 from bridge.storage.schema import uuid_columns
 from bridge.storage.session import Row
 from bridge.storage.stall import StallWatch, stall_after_s
@@ -266,6 +274,8 @@ def _storage_error(exc: BaseException, *, lwt: bool, batch: bool = False, condit
     the counts' flush for the next, not dropped as an unknown outcome (found by review)."""
     conditional = lwt if conditional is None else conditional
     if isinstance(exc, _INVALID):
+        if names_missing_schema(str(exc)):
+            return SchemaMissing(f"cassandra: the keyspace or a table is missing: {exc}")
         return InvalidQuery(str(exc))
     if conditional and isinstance(exc, _LWT_UNKNOWN):
         return UnknownOutcome(f"{kind_of(exc)}: the write may or may not have applied")

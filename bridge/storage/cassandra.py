@@ -46,7 +46,15 @@ from cassandra.policies import (
 from cassandra.query import UNSET_VALUE, BatchStatement, BatchType, PreparedStatement, dict_factory
 
 from bridge.config import CASSANDRA_RECONNECT_BASE_DELAY_S, Settings
-from bridge.storage.errors import InvalidQuery, StorageNotSent, StorageUnavailable, UnknownOutcome, kind_of
+from bridge.storage.errors import (
+    InvalidQuery,
+    SchemaMissing,
+    StorageNotSent,
+    StorageUnavailable,
+    UnknownOutcome,
+    kind_of,
+    names_missing_schema,
+)
 from bridge.storage.stall import StallWatch, stall_after_s
 from bridge.storage.statements import NULLS_UNSET
 
@@ -347,6 +355,8 @@ def storage_error(
     ``conditional`` (default: ``lwt``): a compare-and-set, decided by Paxos."""
     conditional = lwt if conditional is None else conditional
     if isinstance(exc, RequestValidationException | proto.RequestValidationException):
+        if names_missing_schema(str(exc)):
+            return SchemaMissing(f"cassandra: the keyspace or a table is missing: {exc}")
         return None  # a bug in our CQL or bind values (or the schema), not an outage
     if isinstance(exc, NoHostAvailable):
         # Never sent anywhere: not applied, whatever the statement.

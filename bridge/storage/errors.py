@@ -22,6 +22,19 @@ class StorageNotSent(StorageUnavailable, NotSent):
     """No host could take the request: it was never sent, so it was certainly not applied."""
 
 
+class SchemaMissing(StorageNotSent):
+    """The keyspace or a table is gone (a `DROP` by mistake, a restore under way): Cassandra refused
+    the statement before any replica acted. An outage until the schema is back, not a bug: taken
+    for invalid CQL (``internal``), every add was dead-lettered meanwhile (found by review)."""
+
+
+def names_missing_schema(message: str) -> bool:
+    """Whether Cassandra's refusal says the keyspace or the table does not exist ("unconfigured
+    table x", "keyspace x does not exist", "table x does not exist")."""
+    text = message.lower()
+    return "unconfigured table" in text or "does not exist" in text
+
+
 class UnknownOutcome(StorageError, MaybeApplied):
     """A lightweight transaction timed out: it may or may not have been applied (CASSANDRA-9328).
 

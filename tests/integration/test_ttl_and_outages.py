@@ -95,6 +95,50 @@ async def test_cassandra_outage_rpcs_get_unavailable_and_adds_are_not_lost(
         await b.stop()
 
 
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("driver", ["acsylla", "datastax"])
+async def test_a_dropped_keyspace_is_an_outage_and_dead_letters_no_add(
+    make_bridge, cql, servers, names, workers, driver
+):
+    """`DROP KEYSPACE` run by mistake: every statement was refused as invalid CQL (``internal``), so
+    every add was dead-lettered (a bounded queue: past 100,000, lost) until the schema was back.
+    A missing keyspace or table is an outage now: adds wait and are stored once it is restored
+    (found by review, 2026-12-07; cassandra-driver's adapter dead-lettered them, acsylla's C++
+    driver reports the keyspace's loss as no host available)."""
+    from tests.conftest import create_schema_now
+
+    ks = f"qb_drop_{uuid.uuid4().hex[:8]}"
+    b = await make_bridge(cassandra_keyspace=ks, cassandra_driver=driver)
+    svc = service_id()
+    async with Engine(
+        servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"], timeout=120
+    ) as engine:
+        before = await engine.add(svc, "before")
+        cql.execute(f"DROP KEYSPACE {ks}", timeout=120)
+        pending = asyncio.gather(*(engine.add(svc, i) for i in range(5)))
+        try:
+            # A negative check, so a fixed wait: adds tried against the missing keyspace meanwhile.
+            await asyncio.sleep(3.0)
+            dead_letter = f"{names['queue_prefix']}.dead-letter"
+            assert await messages_ready(servers.amqp_url("guest"), dead_letter) == 0, "adds dead-lettered"
+            assert not pending.done()
+            create_schema_now(b.settings)  # restored (without its rows: the task added before is gone)
+            ids = await asyncio.wait_for(pending, 120)
+        finally:
+            pending.cancel()
+    assert before not in ids and len(set(ids)) == 5
+    w = await workers(svc, timeout=30)
+    values = []
+    for _ in range(6):  # the five, and the one added before if its hint still carries it
+        got = await w.fetch()
+        if got is None:
+            break
+        values.append(got.value)
+        assert await got.ack(None)
+    assert set(range(5)) <= set(values), values
+    cql.execute(f"DROP KEYSPACE IF EXISTS {ks}", timeout=120)
+
+
 async def test_an_unready_bridge_stops_consuming_so_the_others_serve(
     bridge, bridge_env, cassandra_proxy, engine, workers
 ):

@@ -230,3 +230,20 @@ def test_the_counter_updates_are_the_statements_sent_once_that_are_not_compare_a
 
     once_not_cas = {name for name, (cql, idempotent) in STATEMENTS.items() if not idempotent and " IF " not in cql}
     assert once_not_cas == {"counts.add", "delayed.add"}
+
+
+def test_a_missing_keyspace_or_table_is_an_outage_not_invalid_cql() -> None:
+    """A `DROP KEYSPACE` by mistake: cassandra-driver's adapter raised the refusal as it was (a
+    bug: ``internal``) and every add was dead-lettered; acsylla's as ``InvalidQuery``. Both say
+    ``SchemaMissing`` now (an outage: not sent), and any other refusal of the CQL stays a bug."""
+    from cassandra import InvalidRequest
+
+    from bridge.storage.cassandra import storage_error
+    from bridge.storage.errors import InvalidQuery, SchemaMissing
+
+    for text in ("unconfigured table leases", "Keyspace qb does not exist", "table qb.leases does not exist"):
+        assert isinstance(storage_error(InvalidRequest(text), lwt=True), SchemaMissing), text
+        assert isinstance(_storage_error(cass.CassErrorServerInvalidQuery(text), lwt=False), SchemaMissing), text
+    assert storage_error(InvalidRequest("Undefined column name nope"), lwt=False) is None
+    assert isinstance(_storage_error(cass.CassErrorServerInvalidQuery("line 1:7 no viable"), lwt=False), InvalidQuery)
+    assert issubclass(SchemaMissing, StorageNotSent)
