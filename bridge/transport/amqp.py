@@ -16,6 +16,7 @@ and :mod:`~bridge.transport.results` (publishing), :mod:`~bridge.transport.toler
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Callable, Coroutine, Iterable
@@ -57,6 +58,7 @@ from bridge.transport.topology import (
     declare_consumed_queue,
     declare_dead_letter,
     declare_topology,
+    durable_queue_arguments,
 )
 
 __all__ = ["ADD_RETRY_BUDGET_S", "METHODS", "AmqpTransport", "Observer"]
@@ -69,6 +71,9 @@ CANCEL_TIMEOUT_S = 3.0  # a consumer cancel the broker does not answer within it
 # (a refusal that lasts is a permission or a policy to fix: one log line per attempt is enough).
 RETRY_FIRST_DELAY_S = 0.5
 RETRY_MAX_DELAY_S = 10.0
+# The results queue declared again after results were returned unroutable: at most this often.
+RESULTS_QUEUE_REDECLARE_S = 5.0
+RESULTS_DECLARE_TIMEOUT_S = 5.0  # a channel or a declare the broker does not answer is given up
 REOPEN_TIMEOUT_S = 10.0  # one attempt to reopen a channel the broker does not answer is given up
 # The channels the bridge consumes requests on (the adds have a connection of their own) and those
 # it publishes on (results and the add retry lane; replies). aio-pika restores a robust channel the
@@ -128,7 +133,7 @@ class AmqpTransport:
         # The results channel also carries the add retry lane; both publish to quorum queues on a
         # cluster (BRIDGE_QUEUE_TYPE): a channel RabbitMQ keeps nacking is opened afresh.
         self.results_renewal = ChannelRenewal("results", lambda: self._publish_channel, self._spawn)
-        self.results.on_failure = self.results_renewal.refused
+        self.results.on_failure = self._result_publish_failed
         self.handlers.lane.on_failure = self._lane_publish_failed
         self._observer = observe or (lambda method, outcome, seconds: None)
         self._on_channel_down = on_channel_down
@@ -165,6 +170,8 @@ class AmqpTransport:
         self._reconnect_seen = asyncio.Event()
         self._dead_letter_task: asyncio.Task[None] | None = None
         self._lane_task: asyncio.Task[None] | None = None
+        self._results_queue_task: asyncio.Task[None] | None = None
+        self._results_queue_next = 0.0  # loop time before which the results queue is not declared again
         self._background: set[asyncio.Task[None]] = set()  # the tasks above, cancelled by close()
         self._inflight: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
@@ -479,6 +486,46 @@ class AmqpTransport:
         if declared and not self.handlers.lane.available:
             self.handlers.lane.attach(self._publish_channel.default_exchange)
             log.info("the add retry lane is declared: adds of an owner with an unusable key wait there again")
+
+    def _result_publish_failed(self, exc: BaseException) -> None:
+        """A result publish failed: nacked (the channel is renewed), or returned as unroutable. With
+        ``BRIDGE_RESULTS_QUEUE`` set, a return means that queue is gone (an operator deleted it): it
+        is declared and bound again. Before, only a restart or a reconnection did, results stayed
+        owed until they were dropped past the task's life, and the engine's user, which may not
+        declare queues, could do nothing (found by review)."""
+        self.results_renewal.refused(exc)
+        if not isinstance(exc, aiormq.exceptions.PublishError) or not self.settings.results_queue:
+            return
+        now = asyncio.get_running_loop().time()
+        running = self._results_queue_task is not None and not self._results_queue_task.done()
+        if self._closing or running or now < self._results_queue_next:
+            return
+        self._results_queue_next = now + RESULTS_QUEUE_REDECLARE_S  # once per interval, whatever the returns
+        self._results_queue_task = self._spawn(self._redeclare_results_queue())
+
+    async def _redeclare_results_queue(self) -> None:
+        if self.connection is None:
+            return
+        s = self.settings
+        try:
+            # On a short-lived channel: a refusal (406: declared with other arguments) closes it alone.
+            channel = await asyncio.wait_for(
+                self.connection.channel(publisher_confirms=False), RESULTS_DECLARE_TIMEOUT_S
+            )
+            try:
+                async with asyncio.timeout(RESULTS_DECLARE_TIMEOUT_S):
+                    arguments = durable_queue_arguments(s)
+                    queue = await channel.declare_queue(s.results_queue, durable=True, arguments=arguments)
+                    await queue.bind(s.results_exchange, routing_key="#")
+            finally:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+        except Exception as exc:
+            log.warning("could not declare the results queue %s again (%s)", s.results_queue, _refusal(exc))
+            return
+        log.warning(
+            "results were returned unroutable: the results queue %s is declared and bound again", s.results_queue
+        )
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(work)

@@ -506,3 +506,55 @@ async def test_a_worker_loop_goes_on_while_its_fetch_queue_is_declared_again(
         finally:
             running.cancel()
     assert handled == [task_id]
+
+
+async def test_a_deleted_results_queue_is_declared_again_and_the_results_reach_it(
+    bridge_env, engine, workers, servers, names
+):
+    """An operator deletes the results queue while the fleet runs. Results were published
+    `mandatory` to an exchange bound to nothing, returned, kept owed and retried, and nothing
+    declared the queue again (only a restart or a reconnection did): past the task's life they
+    were dropped, and the workflows waited for ever (the engine's user may not declare it). A
+    returned result now makes the bridge declare and bind the queue again (found by review,
+    2026-12-07)."""
+    import aio_pika
+
+    from bridge.app import Bridge
+
+    b = Bridge(settings_from(bridge_env, result_republish_after=1.0))
+    await b.start()
+    try:
+        await wait_for(lambda: b.duty.held, 10, what="the duty")
+        results_queue = f"{names['queue_prefix']}.results"
+        await _delete_queue(servers.amqp_url("guest"), results_queue)
+        svc = service_id()
+        tid = await engine.add(svc, {"n": 1}, token={"t": 1})
+        w = await workers(svc, "w1")
+        task = await w.fetch()
+        assert task is not None and task.id == tid
+        assert await task.ack({"ok": 1})
+        conn = await aio_pika.connect(servers.amqp_url("guest"))
+        try:
+            ch = await conn.channel()
+
+            async def got() -> Any:
+                try:
+                    q = await ch.declare_queue(results_queue, passive=True)
+                except aio_pika.exceptions.ChannelClosed:
+                    return None
+                while (m := await q.get(fail=False, no_ack=True)) is not None:
+                    if json.loads(m.body)["taskId"] == tid:
+                        return True
+                return None
+
+            async def result_arrived() -> Any:
+                nonlocal ch
+                if ch.is_closed:
+                    ch = await conn.channel()
+                return await got()
+
+            await wait_for(result_arrived, 30.0, interval=0.3, what="the result in the results queue, declared again")
+        finally:
+            await conn.close()
+    finally:
+        await b.stop()
