@@ -38,8 +38,13 @@ class FetchedTask(_Reply):
 
 
 class FetchReply(_Reply):
-    result: Any = Field(description="The task's value as added; null when no task is ready.")
-    task: FetchedTask | None = Field(None, description="The task handed out (absent when result is null).")
+    result: Any = Field(
+        description="The task's value as added, which may itself be null; null when no task is ready. "
+        "Test for `task`, not for a null `result`."
+    )
+    task: FetchedTask | None = Field(
+        None, description="The task handed out: present exactly when a task was handed out (its value may be null)."
+    )
 
 
 class BoolReply(_Reply):
@@ -71,7 +76,10 @@ class FailReply(_Reply):
 
 class Purged(_Reply):
     purged: int = Field(description="Ready tasks cancelled.")
-    more: bool = Field(description="true: more ready tasks are left; purge again.")
+    more: bool = Field(
+        description="true: this round stopped at its bound and more ready tasks may remain; send it again "
+        "while a round purges something."
+    )
 
 
 class PurgeReply(_Reply):

@@ -190,6 +190,22 @@ async def test_add_fetch_extend_fail_ack_cancel_purge_through_http(gw):
     assert (await gw.ok(svc, "fetch", {"workerId": "h1"}))["result"] is None
 
 
+async def test_a_task_whose_value_is_null_is_fetched_with_its_task_object(gw):
+    """The OpenAPI said `result` is null when no task is ready and `task` absent then: an HTTP
+    worker written from it took a task whose value is null for none (its pointer then handed it
+    again at every fetch, or it was parked unworked). A task comes with `task` whatever its value,
+    and the document says to test for it (found by review, 2026-12-07)."""
+    svc = service_id()
+    added = await gw.ok(svc, "tasks", {"value": None}, key="engine", headers={"X-Owner": OWNERS[0]})
+    got = await gw.ok(svc, "fetch", {"workerId": "n1"})
+    assert got["result"] is None and got["task"]["id"] == added["task"]["id"]
+    assert "task" not in await gw.ok(svc, "fetch", {"workerId": "n2"}), "nothing ready: no task"
+    from bridge.gateway.openapi import document
+
+    fetch_reply = document()["components"]["schemas"]["FetchReply"]["properties"]
+    assert "test for `task`" in fetch_reply["result"]["description"].lower()
+
+
 async def test_a_cancel_sent_again_with_its_idempotency_key_answers_true_again(gw):
     """A cancel whose reply was lost (a 503 after its write landed, a proxy's 502, the client's own
     timeout) and that the engine sends again: over AMQP its message-id makes the copy answer true
