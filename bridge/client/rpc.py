@@ -963,7 +963,9 @@ class Engine(RpcClient):
         """Counts of one queue, or (``service`` None) of every queue of the owner, from the bridge.
         Of every queue, those whose counts the bridge could not read now are left out and named
         in the list's ``unavailable`` (logged as a warning): ask again later."""
-        body: dict[str, Any] = {} if service is None else {"serviceId": service}
+        # ``partial`` (1.10): the queues that can be read, the others named (a bridge before 1.10
+        # ignores unknown fields, and answers ``unavailable`` then, which is retried).
+        body: dict[str, Any] = {"partial": True} if service is None else {"serviceId": service}
         result = await self._result("stats", body)
         found = StatsList([ServiceStats.from_wire(doc) for doc in result["services"]], result.get("unavailable") or ())
         if found.unavailable:

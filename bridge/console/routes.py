@@ -134,7 +134,7 @@ class Console:
         # WorkQueue.stats reads at most STATS_CONCURRENCY services at a time (every 2 s per open
         # console: all of up to 1,000 at once was thousands of Cassandra reads in one burst).
         with self.gateway.capacity.slot("stats", owner):
-            return _json(wire.stats(await self.queue.stats(owner, None))["result"])
+            return _json(wire.stats(await self.queue.stats(owner, None, partial=True))["result"])
 
     async def metrics(self, request: web.Request) -> web.Response:
         self._owner(request)  # a bad X-Owner is refused here too

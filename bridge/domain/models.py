@@ -237,6 +237,10 @@ class QueueRequest(_Request):
 
 class StatsRequest(_Request):
     service_id: Identifier | None = Field(None, alias="serviceId")
+    # 1.10: of every queue, answer those that can be read and name the others in ``unavailable``;
+    # without it, one queue that cannot be read makes the request ``unavailable`` (as in 1.9, which
+    # clients of 1.4-1.9 retry: a partial answer they would read as queues gone or empty).
+    partial: StrictBool = False
 
 
 class ParkedRequest(_Request):

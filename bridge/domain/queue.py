@@ -583,7 +583,7 @@ class WorkQueue:
     async def discard(self, owner: str, service: str, task_ids: list[uuid.UUID]) -> int:
         return await self.lifecycle.discard(owner, service, task_ids)
 
-    async def stats(self, owner: str, service: str | None) -> StatsFound:
+    async def stats(self, owner: str, service: str | None, *, partial: bool = False) -> StatsFound:
         """Live counts of one service queue of the owner, or of all of them (up to 1,000).
 
         Of all of them, a queue whose counts cannot be read now (its partitions without a
@@ -591,7 +591,10 @@ class WorkQueue:
         are answered: one such queue failed the whole request (every console page and dashboard
         of the owner empty, as long as it lasted), and the reads of the others went on after the
         answer, outside the bridge's bound on long requests (each poll started another batch).
-        All of them failing is the store's outage: raised."""
+        All of them failing is the store's outage: raised. Only with ``partial`` (contract 1.10,
+        which the bundled clients and the console send): without it, any queue failing raises, as
+        in 1.9, whose clients retry that and would read a partial answer as queues gone (a
+        backlog alert silenced, an autoscaler scaling a queue's workers to zero; found by review)."""
         ctx = self.ctx
         await ctx.keys.current(owner)
         services = [service] if service is not None else await ctx.store.services(owner, MAX_STATS_SERVICES)
@@ -618,7 +621,7 @@ class WorkQueue:
         for _, exc in failed:
             if not isinstance(exc, Exception):
                 raise exc  # a cancellation (the request cut, the bridge stopping): not a queue's
-        if failed and not found:
+        if failed and (not found or not partial):
             raise failed[0][1]
         if failed:
             log.warning("stats of %d of %d queues of %s not read: %s", len(failed), len(services), owner, failed[0][1])

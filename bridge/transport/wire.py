@@ -210,7 +210,7 @@ async def _purge(queue: WorkQueue, owner: str, req: QueueRequest) -> Body:
 
 
 async def _stats(queue: WorkQueue, owner: str, req: StatsRequest) -> Body:
-    return stats(await queue.stats(owner, req.service_id))
+    return stats(await queue.stats(owner, req.service_id, partial=req.partial))
 
 
 async def _parked(queue: WorkQueue, owner: str, req: ParkedRequest) -> Body:

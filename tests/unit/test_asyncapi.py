@@ -766,7 +766,7 @@ class _WorkQueue:
     async def purge(self, owner: str, service: str) -> tuple[int, bool]:
         return cast(tuple[int, bool], self._lifecycle("purge", service))
 
-    async def stats(self, owner: str, service: str | None) -> list[ServiceStats]:
+    async def stats(self, owner: str, service: str | None, *, partial: bool = False) -> list[ServiceStats]:
         return cast(list[ServiceStats], self._lifecycle("stats", service))
 
     async def parked(self, owner: str, service: str, limit: int) -> list[ParkedTask]:

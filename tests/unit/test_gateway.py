@@ -312,7 +312,7 @@ class StandInQueue:
     async def ack(self, owner: str, req: Any, *, sent_before_ms: int | None = None) -> bool:
         return bool(self._call("ack", owner, (req, sent_before_ms), True))
 
-    async def stats(self, owner: str, service: str | None) -> list[Any]:
+    async def stats(self, owner: str, service: str | None, *, partial: bool = False) -> list[Any]:
         return list(self._call("stats", owner, service, []))
 
 
