@@ -324,6 +324,10 @@ class KeyringFileProvider:
         self._listeners: list[Callable[[], None]] = []
         self.reloads = 0
         self.failed_reloads = 0
+        # The file on disk is not the key-ring in use (gone, unreadable or malformed): the previous
+        # keys are kept, and a restart would fail. Exported as a gauge (found by review: one
+        # warning, then a crash loop at the next restart, hours later).
+        self.rejected = False
 
     generate_keyring = staticmethod(generate_keyring)
 
@@ -375,7 +379,7 @@ class KeyringFileProvider:
             if self._signature is not None:  # warn once per disappearance, not every second
                 log.warning("keyring %s: cannot stat (%s); keeping the previous keyring", self._path, exc)
                 self.failed_reloads += 1
-            self._signature = None
+            self._signature, self.rejected = None, True
             return False
         if signature == self._signature and not force:
             return False
@@ -390,14 +394,15 @@ class KeyringFileProvider:
             if signature != self._unreadable:  # warned once per version of the file
                 self.failed_reloads += 1
                 log.warning("keyring %s cannot be read, keeping the previous keyring: %s", self._path, exc)
-            self._unreadable = signature
+            self._unreadable, self.rejected = signature, True
             return False
         except ValueError as exc:
             self._signature = signature  # malformed: read again once the file changes
             self.failed_reloads += 1
+            self.rejected = True
             log.warning("keyring reload failed, keeping the previous keyring: %s", exc)
             return False
-        self._signature, self._unreadable = signature, None
+        self._signature, self._unreadable, self.rejected = signature, None, False
         self._ring = ring
         _warn_if_others_can_read(self._path)
         self.reloads += 1

@@ -228,6 +228,7 @@ class _CallbackCollector(Collector):
             CounterMetricFamily(f"{PREFIX}_key_cache_misses", ""),
             CounterMetricFamily(f"{PREFIX}_key_cache_coalesced", ""),
             CounterMetricFamily(f"{PREFIX}_key_cache_stale", ""),
+            GaugeMetricFamily(f"{PREFIX}_keyring_file_rejected", ""),
             GaugeMetricFamily(f"{PREFIX}_scheduler_lag_seconds", ""),
             GaugeMetricFamily(f"{PREFIX}_scheduler_last_tick_age_seconds", ""),
             GaugeMetricFamily(f"{PREFIX}_amqp_node_info", ""),
@@ -256,6 +257,14 @@ class _CallbackCollector(Collector):
                     f"{PREFIX}_key_cache_stale",
                     "Keys served past the cache's age because the key source could not answer (stale-if-error).",
                     value=stale,
+                )
+            rejected = getattr(getattr(cache, "upstream", None), "rejected", None)
+            if isinstance(rejected, bool):  # a key-ring file (BRIDGE_KEYRING)
+                yield GaugeMetricFamily(
+                    f"{PREFIX}_keyring_file_rejected",
+                    "1 while the key-ring file on disk is not the one in use (gone, unreadable or malformed): "
+                    "the previous keys are kept, and a restart would fail.",
+                    value=int(rejected),
                 )
         state = self.scheduler
         if state is not None:

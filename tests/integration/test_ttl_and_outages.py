@@ -368,3 +368,32 @@ async def test_a_missing_key_is_an_outage_and_destroys_nothing(make_bridge, engi
     task = await wait_for(lambda: w.fetch(time_to_recover_ms=5000), 10, what="the task delivered again")
     assert task.id == task_id and task.value == "sealed with worker-a's key"
     assert await task.ack("ok") is True
+
+
+async def test_a_key_ring_file_replaced_by_a_broken_one_is_reported_until_it_is_fixed(
+    make_bridge, workers, tmp_path, servers
+):
+    """A key-ring edit with a syntax error: the bridge keeps the keys it has (one warning), and
+    nothing else said so, until a restart failed hours later (a crash loop). The gauge
+    `queue_bridge_keyring_file_rejected` is 1 while the file on disk is not the one in use (found
+    by review, 2026-12-07)."""
+    from bridge.crypto import generate_keyring, write_keyring
+    from tests.conftest import free_port, metric
+
+    path = tmp_path / "keyring.json"
+    doc = generate_keyring([*OWNERS, ENGINE_USER])
+    write_keyring(path, doc)
+    port = free_port()
+    await make_bridge(keyring=str(path), http_port=port)
+    rejected = "queue_bridge_keyring_file_rejected"
+    assert await metric(port, rejected) == 0
+    w: Worker = await workers(service_id())
+    path.write_text(path.read_text() + ",")  # a trailing comma: not JSON any more
+
+    async def reported(value: int) -> bool:
+        assert await w.fetch() is None  # a lookup: the file is checked (once a second) on use
+        return await metric(port, rejected) == value
+
+    await wait_for(lambda: reported(1), 10, interval=0.3, what="the broken file reported")
+    write_keyring(path, doc)
+    await wait_for(lambda: reported(0), 10, interval=0.3, what="the fixed file loaded")
