@@ -14,7 +14,9 @@ from bridge.errors import ErrorCode
 
 
 class _Reply(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # Open, as the contract's replies are (1.10): a later version may add a field, and a client
+    # generated from a closed schema refused every reply that carried one (found by review).
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
 
 class AddedTask(_Reply):

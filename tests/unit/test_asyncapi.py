@@ -177,9 +177,15 @@ _KNOWN_KEYWORDS = {
 _DATE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
 
 
-def errors_of(doc: dict[str, Any], schema: Any, value: Any, where: str = "$") -> list[str]:
+def errors_of(doc: dict[str, Any], schema: Any, value: Any, where: str = "$", closed: bool | None = None) -> list[str]:
+    """``closed``: objects take no property they do not list. The document's replies are open to
+    clients (a later version may add a field: they ignore what they do not know), but the bridge
+    must send nothing undocumented: a schema that does not say ``additionalProperties: true`` (as
+    every request's does) is checked closed, with all it holds."""
     schema = deref(doc, schema)
     assert isinstance(schema, dict), f"{where}: schema is not an object"
+    if closed is None:
+        closed = schema.get("additionalProperties") is not True
     unknown = set(schema) - _KNOWN_KEYWORDS
     assert not unknown, f"{where}: the test's validator does not know {unknown}; extend it"
     if "type" in schema:
@@ -195,7 +201,11 @@ def errors_of(doc: dict[str, Any], schema: Any, value: Any, where: str = "$") ->
         out += _string_errors(schema, value, where)
     if _JSON_TYPES["number"](value):
         out += _number_errors(schema, value, where)
-    return out + _container_errors(doc, schema, value, where) + _combinator_errors(doc, schema, value, where)
+    return (
+        out
+        + _container_errors(doc, schema, value, where, closed)
+        + _combinator_errors(doc, schema, value, where, closed)
+    )
 
 
 def _string_errors(schema: dict[str, Any], value: str, where: str) -> list[str]:
@@ -223,31 +233,33 @@ def _number_errors(schema: dict[str, Any], value: float, where: str) -> list[str
     return out
 
 
-def _container_errors(doc: dict[str, Any], schema: dict[str, Any], value: Any, where: str) -> list[str]:
+def _container_errors(doc: dict[str, Any], schema: dict[str, Any], value: Any, where: str, closed: bool) -> list[str]:
     out: list[str] = []
     if isinstance(value, dict):
         props = schema.get("properties", {})
         out += [f"{where}: missing {name!r}" for name in schema.get("required", []) if name not in value]
         for name, item in value.items():
             if name in props:
-                out += errors_of(doc, props[name], item, f"{where}.{name}")
-            elif schema.get("additionalProperties") is False:
+                out += errors_of(doc, props[name], item, f"{where}.{name}", closed)
+            elif schema.get("additionalProperties") is False or (
+                closed and props and "additionalProperties" not in schema
+            ):
                 out.append(f"{where}: unexpected property {name!r}")
     if isinstance(value, list):
         if len(value) < schema.get("minItems", 0) or len(value) > schema.get("maxItems", len(value)):
             out.append(f"{where}: {len(value)} items, out of bounds")
         for i, item in enumerate(value if "items" in schema else []):
-            out += errors_of(doc, schema["items"], item, f"{where}[{i}]")
+            out += errors_of(doc, schema["items"], item, f"{where}[{i}]", closed)
     return out
 
 
-def _combinator_errors(doc: dict[str, Any], schema: dict[str, Any], value: Any, where: str) -> list[str]:
+def _combinator_errors(doc: dict[str, Any], schema: dict[str, Any], value: Any, where: str, closed: bool) -> list[str]:
     out: list[str] = []
     if "oneOf" in schema:
-        matching = sum(1 for branch in schema["oneOf"] if not errors_of(doc, branch, value, where))
+        matching = sum(1 for branch in schema["oneOf"] if not errors_of(doc, branch, value, where, closed))
         if matching != 1:
             out.append(f"{where}: {value!r} matches {matching} of the oneOf branches, not exactly one")
-    if "not" in schema and not errors_of(doc, schema["not"], value, where):
+    if "not" in schema and not errors_of(doc, schema["not"], value, where, closed):
         out.append(f"{where}: {value!r} must not match {schema['not']!r}")
     return out
 
@@ -289,6 +301,9 @@ def test_validator_rejects_what_it_should(doc: dict[str, Any]) -> None:
     assert errors_of(doc, discard, {"serviceId": "s", "taskIds": []})
     assert errors_of(doc, discard, {"serviceId": "s", "taskIds": ["not-a-uuid"]})
     assert errors_of(doc, schemas["ExtendReplyPayload"], {"result": True})
+    # Replies are open to clients (1.10), but the bridge must send no field the document lacks.
+    assert not errors_of(doc, schemas["CancelReplyPayload"], {"result": True})
+    assert errors_of(doc, schemas["CancelReplyPayload"], {"result": True, "undocumented": 1})
     assert errors_of(doc, schemas["FailReplyPayload"], {"result": False, "task": {}})
 
 
