@@ -61,7 +61,7 @@ class _OwnerRing:
 
 
 _Ring = Mapping[str, _OwnerRing]
-_Signature = tuple[int, int, int]  # (st_mtime_ns, st_size, st_ino)
+_Signature = tuple[int, int, int, int]  # (st_mtime_ns, st_size, st_ino, st_ctime_ns)
 
 
 def new_key_id() -> str:
@@ -282,7 +282,8 @@ def _position(exc: Exception) -> str:
 
 def _signature(path: Path) -> _Signature:
     st = path.stat()
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
+    # ctime too: a chown or chmod that makes the file unreadable changes nothing else.
+    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
 
 
 def _warn_if_others_can_read(path: Path) -> None:
@@ -319,6 +320,7 @@ class KeyringFileProvider:
         self._ring: _Ring = load_keyring(self._path)
         _warn_if_others_can_read(self._path)
         self._signature: _Signature | None = signature
+        self._loaded: _Signature | None = signature  # the version of the file in use
         self._unreadable: _Signature | None = None  # a version of the file that could not be read
         self._last_check = clock()
         self._listeners: list[Callable[[], None]] = []
@@ -381,6 +383,9 @@ class KeyringFileProvider:
                 self.failed_reloads += 1
             self._signature, self.rejected = None, True
             return False
+        # Judged at every check, against the version in use: a file rolled back to it (the same
+        # signature) is the key-ring in use again, though the broken one was seen last (a re-review).
+        self.rejected = signature != self._loaded
         if signature == self._signature and not force:
             return False
         try:
@@ -402,7 +407,7 @@ class KeyringFileProvider:
             self.rejected = True
             log.warning("keyring reload failed, keeping the previous keyring: %s", exc)
             return False
-        self._signature, self._unreadable, self.rejected = signature, None, False
+        self._signature, self._unreadable, self.rejected, self._loaded = signature, None, False, signature
         self._ring = ring
         _warn_if_others_can_read(self._path)
         self.reloads += 1

@@ -240,7 +240,11 @@ class StatsRequest(_Request):
     # 1.10: of every queue, answer those that can be read and name the others in ``unavailable``;
     # without it, one queue that cannot be read makes the request ``unavailable`` (as in 1.9, which
     # clients of 1.4-1.9 retry: a partial answer they would read as queues gone or empty).
-    partial: StrictBool = False
+    partial: StrictBool = Field(
+        False,
+        description="(1.10) Of every queue only (no serviceId): answer those whose counts can be read and "
+        "name the others in unavailable; else one that cannot be read makes the request unavailable.",
+    )
 
 
 class ParkedRequest(_Request):

@@ -141,6 +141,14 @@ CANCEL_KEY = _header(
     " message-id, else the correlation-id.",
     {"type": "string", "maxLength": 255, "pattern": "^[^\\x00-\\x1f\\x7f]*$"},
 )
+PARTIAL = {
+    "name": "partial",
+    "in": "query",
+    "required": False,
+    "description": "(1.10) true: answer the queues whose counts can be read now and name the others in"
+    " `unavailable`; else one queue that cannot be read makes the request 503, retried as any.",
+    "schema": {"type": "boolean", "default": False},
+}
 TRACEPARENT = _header(
     "traceparent",
     "W3C trace context, kept with the task; the fetch that hands it out answers a child of it.",
@@ -156,6 +164,8 @@ def _operation(ep: Endpoint, components: _Components, errors: dict[str, Any], *,
         params += [IDEMPOTENCY_KEY, TRACEPARENT]
     if ep.method == "cancel":
         params += [CANCEL_KEY]
+    if not with_body:  # GET /api/queue/stats
+        params += [PARTIAL]
     op: dict[str, Any] = {
         "operationId": ep.method if with_body else "statsAll",
         "summary": ep.summary,

@@ -409,7 +409,10 @@ class GatewayServer:
         owner = self._owner(request[KEY], request.headers.get("X-Owner"))
         # GET /api/queue/stats takes no body (its OpenAPI operation has none, nor 413/415): one
         # sent anyway is not read, so it can neither narrow the result nor be refused.
-        body = {} if ep is STATS_ALL else await self._read_json(request)
+        # Its one option comes as a query parameter: `?partial=true` (contract 1.10).
+        body = (
+            {"partial": request.query.get("partial") == "true"} if ep is STATS_ALL else await self._read_json(request)
+        )
         service = request.match_info.get("serviceId")
         if service is not None:
             if not isinstance(body, dict):

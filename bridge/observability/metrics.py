@@ -13,6 +13,7 @@ a task id or a correlation id.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import math
 import re
@@ -258,7 +259,12 @@ class _CallbackCollector(Collector):
                     "Keys served past the cache's age because the key source could not answer (stale-if-error).",
                     value=stale,
                 )
-            rejected = getattr(getattr(cache, "upstream", None), "rejected", None)
+            ring = getattr(cache, "upstream", None)
+            reload = getattr(ring, "maybe_reload", None)
+            if callable(reload):  # a key-ring file: checked (once a second at most) as it is scraped,
+                with contextlib.suppress(Exception):  # not only on a lookup: an idle bridge's stayed stale
+                    reload()
+            rejected = getattr(ring, "rejected", None)
             if isinstance(rejected, bool):  # a key-ring file (BRIDGE_KEYRING)
                 yield GaugeMetricFamily(
                     f"{PREFIX}_keyring_file_rejected",

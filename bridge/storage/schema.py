@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from bridge.config import ConfigError
 from bridge.domain.timeline import EXPIRY_BUCKET_MS, OUTBOX_BUCKET_MS, READY_BUCKET_MS
-from bridge.storage.errors import InvalidQuery, StorageUnavailable
+from bridge.storage.errors import InvalidQuery, SchemaMissing, StorageUnavailable
 
 if TYPE_CHECKING:
     from bridge.config import Settings
@@ -336,7 +336,7 @@ async def _added_columns_live(db: CqlSession) -> None:
                 await asyncio.sleep(0.1)  # the schema change is still being applied
 
 
-def _not_served_yet(exc: InvalidQuery) -> bool:
+def _not_served_yet(exc: Exception) -> bool:
     """The node refused a table or a column as unknown: one the keyspace has (``system_schema``
     listed it), a change that has not reached that node yet."""
     return "Undefined column" in str(exc) or "unconfigured table" in str(exc)
@@ -354,7 +354,8 @@ async def once_served(prepare: Callable[[], Awaitable[None]]) -> None:
         try:
             await prepare()
             return
-        except InvalidQuery as exc:
+        except (InvalidQuery, SchemaMissing) as exc:
+            # (acsylla's adapter says SchemaMissing for "unconfigured table": a re-review.)
             if not _not_served_yet(exc) or time.monotonic() >= deadline:
                 raise
             log.info("a node does not serve the schema yet (%s): preparing again in %.1f s", exc, delay)

@@ -206,6 +206,32 @@ async def test_a_task_whose_value_is_null_is_fetched_with_its_task_object(gw):
     assert "test for `task`" in fetch_reply["result"]["description"].lower()
 
 
+async def test_stats_of_every_queue_answer_partially_over_http_only_when_asked(start_gateway, monkeypatch):
+    """Contract 1.10: `GET /api/queue/stats?partial=true` answers the queues that can be read and
+    names the others in `unavailable`; without it one such queue makes the request 503 (as in
+    1.9, which clients retry). The GET had no way to ask (a re-review, 2026-12-07)."""
+    from bridge.domain.errors import Unavailable
+
+    b, gw = await start_gateway()
+    healthy, broken = service_id(), service_id()
+    for svc in (healthy, broken):
+        await gw.ok(svc, "tasks", {"value": 1}, key="engine", headers={"X-Owner": OWNERS[0]})
+    real = b.store.parked
+
+    async def parked(q: Any, limit: int, after: Any = None) -> Any:
+        if q.service == broken:
+            raise Unavailable("cassandra: read timeout (injected)")
+        return await real(q, limit, after)
+
+    monkeypatch.setattr(b.store, "parked", parked)
+    whole = await gw.request("GET", "/api/queue/stats")
+    assert whole.status == 503, (whole.status, whole.body)
+    partial = await gw.request("GET", "/api/queue/stats?partial=true")
+    assert partial.status == 200, (partial.status, partial.body)
+    assert partial.body["result"]["unavailable"] == [broken]
+    assert healthy in {s["serviceId"] for s in partial.body["result"]["services"]}
+
+
 async def test_a_cancel_sent_again_with_its_idempotency_key_answers_true_again(gw):
     """A cancel whose reply was lost (a 503 after its write landed, a proxy's 502, the client's own
     timeout) and that the engine sends again: over AMQP its message-id makes the copy answer true

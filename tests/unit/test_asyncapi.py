@@ -301,6 +301,15 @@ def test_validator_rejects_what_it_should(doc: dict[str, Any]) -> None:
     assert errors_of(doc, discard, {"serviceId": "s", "taskIds": []})
     assert errors_of(doc, discard, {"serviceId": "s", "taskIds": ["not-a-uuid"]})
     assert errors_of(doc, schemas["ExtendReplyPayload"], {"result": True})
+    # A task whose value is null matches the "a task" branch alone, whether replies are read
+    # closed (the bridge's own check) or open (a client's: a later version may add fields).
+    null_task = {
+        "result": None,
+        "task": {"id": TASK_ID, "epoch": 1, "deliveries": 1, "leaseExpiresAt": "2025-01-01T12:00:00.000Z"},
+    }
+    for closed in (True, False):
+        assert not errors_of(doc, schemas["FetchReplyPayload"], null_task, closed=closed)
+        assert not errors_of(doc, schemas["FetchReplyPayload"], {"result": None}, closed=closed)
     # Replies are open to clients (1.10), but the bridge must send no field the document lacks.
     assert not errors_of(doc, schemas["CancelReplyPayload"], {"result": True})
     assert errors_of(doc, schemas["CancelReplyPayload"], {"result": True, "undocumented": 1})

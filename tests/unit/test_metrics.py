@@ -275,3 +275,24 @@ def test_exposition_has_every_metric_name() -> None:
     ):
         assert name in text, name
     assert 'queue_bridge_tasks_redelivered_total{kind="claim"} 1.0' in text
+
+
+def test_the_key_ring_gauge_is_refreshed_as_it_is_scraped(tmp_path: Path) -> None:
+    """`queue_bridge_keyring_file_rejected` was refreshed only by a key lookup: an idle bridge
+    reported a broken file's state at the last lookup. Each scrape checks the file (once a second
+    at most); a file put back as it was is the key-ring in use again (a re-review, 2026-12-07)."""
+    from bridge.crypto import CachingKeyProvider, KeyringFileProvider, generate_keyring, write_keyring
+
+    path = tmp_path / "keyring.json"
+    write_keyring(path, generate_keyring(["acme"]))
+    good = path.read_bytes()
+    now = [0.0]
+    ring = KeyringFileProvider(path, clock=lambda: now[0])
+    m = BridgeMetrics(instance="i", key_cache=CachingKeyProvider(ring))
+    assert m.registry.get_sample_value("queue_bridge_keyring_file_rejected") == 0
+    path.write_bytes(good + b",")  # broken
+    now[0] += 2
+    assert m.registry.get_sample_value("queue_bridge_keyring_file_rejected") == 1  # no lookup made
+    path.write_bytes(good)  # put back
+    now[0] += 2
+    assert m.registry.get_sample_value("queue_bridge_keyring_file_rejected") == 0

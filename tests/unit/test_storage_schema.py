@@ -91,7 +91,13 @@ class _CompleteKeyspace:
     async def prepare(self, name: str, cql: str, *, idempotent: bool) -> None:
         if "error_ct" in cql and self.refused < self.times:
             self.refused += 1
-            raise InvalidQuery(self.refusal)
+            # As the default driver's adapter maps the node's refusal (a re-review: "unconfigured
+            # table" became SchemaMissing there, which the wait did not catch, and the start exited).
+            from acsylla import errors as cass
+
+            from bridge.storage.acsylla_session import _storage_error
+
+            raise _storage_error(cass.CassErrorServerInvalidQuery(self.refusal), lwt=False)
         self.prepared.add(name)
 
 
