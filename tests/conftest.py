@@ -472,6 +472,21 @@ async def re_exposed(bridge: Any, owner: str, service: str, task_id: str) -> boo
     return any(e.task_id == _uuid.UUID(str(task_id)) and not e.claimed for e in entries)
 
 
+def fail_parked_reads_of(monkeypatch: Any, store: Any, service: str) -> None:
+    """Make ``store``'s reads of one service's parked index fail (a partition full of tombstones,
+    a read timing out): that queue's stats cannot be read, the others can."""
+    from bridge.domain.errors import Unavailable
+
+    real = store.parked
+
+    async def parked(q: Any, limit: int, after: Any = None) -> Any:
+        if q.service == service:
+            raise Unavailable("cassandra: read timeout (injected)")
+        return await real(q, limit, after)
+
+    monkeypatch.setattr(store, "parked", parked)
+
+
 async def next_result(results: asyncio.Queue[Any], timeout: float, what: str) -> Any:
     """The next result message an engine's consumer (``results_consumer``) receives."""
     return await wait_for(lambda: None if results.empty() else results.get_nowait(), timeout, interval=0.1, what=what)

@@ -428,6 +428,24 @@ async def _is(probe: Any, status: int) -> bool:
     return await probe() == status
 
 
+async def _a_task_held_through_the_bridge_without_the_duty(make_bridge: Any, engine: Any, **fetch: Any) -> Any:
+    """Two bridges, one holding the duty; a task added and fetched (as worker "w1") through the
+    other, by its domain directly: (the holder, the other, the service, the delivery)."""
+    from tests.integration.test_same_worker_races import OWNER, fetch_req
+
+    bridges = [await make_bridge() for _ in range(2)]
+    await wait_for(lambda: sum(b.duty.held for b in bridges) == 1, 10, what="one holder")
+    holder = next(b for b in bridges if b.duty.held)
+    other = next(b for b in bridges if not b.duty.held)
+    svc = service_id()
+    task_id = await engine.add(svc, "v")
+    first = await wait_for(
+        lambda: other.queue.fetch(OWNER, fetch_req(svc, "w1", **fetch)), 10, interval=0.05, what="a task"
+    )
+    assert str(first.task_id) == str(task_id)
+    return holder, other, svc, first
+
+
 async def test_a_deadline_filed_moments_ahead_by_a_bridge_that_stops_is_met_by_a_first_pass(make_bridge, engine):
     """The duty holder reads the expiry marks once a second: a deadline another bridge files
     moments ahead (a fail's short backoff) can be marked after the holder's last read and pass its
@@ -438,14 +456,8 @@ async def test_a_deadline_filed_moments_ahead_by_a_bridge_that_stops_is_met_by_a
     from bridge.domain.timeline import NEAR_DEADLINE_MS, expiry_bucket
     from tests.integration.test_same_worker_races import OWNER, fail_req, fetch_req
 
-    bridges = [await make_bridge() for _ in range(2)]
-    await wait_for(lambda: sum(b.duty.held for b in bridges) == 1, 10, what="one holder")
-    holder = next(b for b in bridges if b.duty.held)
-    other = next(b for b in bridges if not b.duty.held)
-    svc = service_id()
-    task_id = await engine.add(svc, "v")
-    first = await wait_for(lambda: other.queue.fetch(OWNER, fetch_req(svc, "w1")), 10, interval=0.05, what="a task")
-    assert str(first.task_id) == str(task_id)
+    holder, other, svc, first = await _a_task_held_through_the_bridge_without_the_duty(make_bridge, engine)
+    task_id = first.task_id
     failed_at = other.queue.clock.now_ms()
     assert await other.queue.fail(OWNER, fail_req(svc, "w1", str(first.task_id), first.epoch, retry_in_ms=300))
     other.scheduler.cancel_timers()  # as its stop does: its own timer for the backoff never runs
@@ -504,16 +516,10 @@ async def test_a_fail_on_the_bridge_that_granted_a_short_lease_gives_the_task_ba
     2026-12-07)."""
     from tests.integration.test_same_worker_races import OWNER, fail_req, fetch_req
 
-    bridges = [await make_bridge() for _ in range(2)]
-    await wait_for(lambda: sum(b.duty.held for b in bridges) == 1, 10, what="one holder")
-    holder = next(b for b in bridges if b.duty.held)
-    other = next(b for b in bridges if not b.duty.held)
-    svc = service_id()
-    task_id = await engine.add(svc, "v")
-    first = await wait_for(
-        lambda: other.queue.fetch(OWNER, fetch_req(svc, "w1", timeToRecover=1_900)), 10, interval=0.05, what="a task"
+    holder, other, svc, first = await _a_task_held_through_the_bridge_without_the_duty(
+        make_bridge, engine, timeToRecover=1_900
     )
-    assert str(first.task_id) == str(task_id)
+    task_id = first.task_id
     failed_at = other.queue.clock.now_ms()
     assert await other.queue.fail(OWNER, fail_req(svc, "w1", str(first.task_id), first.epoch, retry_in_ms=0))
     again = await wait_for(

@@ -210,20 +210,13 @@ async def test_stats_of_every_queue_answer_partially_over_http_only_when_asked(s
     """Contract 1.10: `GET /api/queue/stats?partial=true` answers the queues that can be read and
     names the others in `unavailable`; without it one such queue makes the request 503 (as in
     1.9, which clients retry). The GET had no way to ask (a re-review, 2026-12-07)."""
-    from bridge.domain.errors import Unavailable
+    from tests.conftest import fail_parked_reads_of
 
     b, gw = await start_gateway()
     healthy, broken = service_id(), service_id()
     for svc in (healthy, broken):
         await gw.ok(svc, "tasks", {"value": 1}, key="engine", headers={"X-Owner": OWNERS[0]})
-    real = b.store.parked
-
-    async def parked(q: Any, limit: int, after: Any = None) -> Any:
-        if q.service == broken:
-            raise Unavailable("cassandra: read timeout (injected)")
-        return await real(q, limit, after)
-
-    monkeypatch.setattr(b.store, "parked", parked)
+    fail_parked_reads_of(monkeypatch, b.store, broken)
     whole = await gw.request("GET", "/api/queue/stats")
     assert whole.status == 503, (whole.status, whole.body)
     partial = await gw.request("GET", "/api/queue/stats?partial=true")

@@ -11,9 +11,8 @@ from typing import Any
 
 import pytest
 
-from bridge.domain.errors import Unavailable
 from tests.cli import cli
-from tests.conftest import ENGINE_USER, OWNERS, service_id
+from tests.conftest import ENGINE_USER, OWNERS, fail_parked_reads_of, service_id
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -24,14 +23,7 @@ async def test_a_queue_whose_counts_cannot_be_read_is_named_by_the_client_and_th
     healthy, broken = service_id(), service_id()
     await engine.add(healthy, 1)
     await engine.add(broken, 2)
-    real = bridge.store.parked
-
-    async def parked(q: Any, limit: int, after: Any = None) -> Any:
-        if q.service == broken:
-            raise Unavailable("cassandra: read timeout")
-        return await real(q, limit, after)
-
-    monkeypatch.setattr(bridge.store, "parked", parked)
+    fail_parked_reads_of(monkeypatch, bridge.store, broken)
     found = await engine.stats()
     assert healthy in {s.service_id for s in found} and broken not in {s.service_id for s in found}
     assert found.unavailable == [broken]

@@ -977,6 +977,18 @@ async def test_close_cancels_the_background_lookups(upstream: CountingProvider, 
         await cache.close()
 
 
+async def _both_slots_served_stale(upstream: CountingProvider, clock: FakeClock) -> tuple[CachingKeyProvider, OwnerKey]:
+    """A cache whose two slots of one owner (its current key, that key by id) were served stale: the
+    key source timed out past the cache's age. (The cache, the key.)"""
+    cache = CachingKeyProvider(upstream, max_age=300, clock=clock, stale_if_error=3600)
+    key = await cache.current_key("acme")
+    clock.advance(301)
+    upstream.error = KeyUnavailable("timed out")
+    assert await cache.current_key("acme") == key
+    assert await cache.key_by_id("acme", key.key_id) == key
+    return cache, key
+
+
 @pytest.mark.anyio
 async def test_a_slot_refreshed_by_another_lookup_is_no_longer_served_stale_at_once(
     upstream: CountingProvider, clock: FakeClock
@@ -985,12 +997,7 @@ async def test_a_slot_refreshed_by_another_lookup_is_no_longer_served_stale_at_o
     key by id); the source back, a current-key lookup refreshed the by-id slot too but left it
     flagged: past its age it was served stale at once, with the source healthy, and a refusal
     since was heard only by a later request (a re-review, 2026-12-07)."""
-    cache = CachingKeyProvider(upstream, max_age=300, clock=clock, stale_if_error=3600)
-    key = await cache.current_key("acme")
-    clock.advance(301)
-    upstream.error = KeyUnavailable("timed out")
-    assert await cache.current_key("acme") == key
-    assert await cache.key_by_id("acme", key.key_id) == key  # both slots served stale
+    cache, key = await _both_slots_served_stale(upstream, clock)
     upstream.error = None
     assert await cache.current_key("acme") == key  # stale at once; its background lookup stores both
     await _background_lookups_done(cache)
@@ -1007,12 +1014,7 @@ async def test_a_lookup_that_hung_through_the_recovery_does_not_flag_a_fresh_ent
     """A by-id lookup in the background hangs while the source recovers and a current-key lookup
     stores both slots fresh; the hung one then times out and flagged the fresh slot again: past
     its age it was served stale at once, a refusal since unheard (a re-review, 2026-12-07)."""
-    cache = CachingKeyProvider(upstream, max_age=300, clock=clock, stale_if_error=3600)
-    key = await cache.current_key("acme")
-    clock.advance(301)
-    upstream.error = KeyUnavailable("timed out")
-    assert await cache.current_key("acme") == key
-    assert await cache.key_by_id("acme", key.key_id) == key  # both slots served stale
+    cache, key = await _both_slots_served_stale(upstream, clock)
     hung = upstream.gate = anyio.Event()
     assert await cache.key_by_id("acme", key.key_id) == key  # its background lookup hangs
     await anyio.wait_all_tasks_blocked()

@@ -72,18 +72,29 @@ async def test_flushes_failing_through_an_outage_write_one_warning_not_one_a_sec
     assert len([r for r in caplog.records if "not flushed" in r.getMessage()]) == 1
 
 
-class RefusingOneQueue(MemoryTaskStore):
-    """A store whose counter partition of one queue is refused (its replicas down)."""
+def _a_thousand_minutes_pending(troubled: QueueKey, healthy: QueueKey) -> QueueCounts:
+    """Counts with a delayed delta pending for each of 1,000 minutes of ``troubled``, and one of ``healthy``."""
+    counts = QueueCounts()
+    for minute in range(1_000):
+        counts.delay(troubled, minute * 60_000, 1)
+    counts.delay(healthy, 0, 1)
+    return counts
 
-    def __init__(self, refused: QueueKey) -> None:
+
+class RefusingOneQueue(MemoryTaskStore):
+    """A store whose counter partition of one queue answers ``error`` (its replicas down:
+    refused; up but not serving: timed out)."""
+
+    def __init__(self, refused: QueueKey, error: Exception | None = None) -> None:
         super().__init__(lambda: 0, 3600)
         self.refused: QueueKey | None = refused
+        self.error = error or Unavailable("cassandra unavailable: Unavailable (replicas down)")
         self.sent: list[QueueKey] = []
 
     async def add_delayed(self, q: QueueKey, minute: int, delta: int) -> None:
         self.sent.append(q)
         if q == self.refused:
-            raise Unavailable("cassandra unavailable: Unavailable (replicas down)")
+            raise self.error
         await super().add_delayed(q, minute, delta)
 
 
@@ -93,10 +104,7 @@ async def test_a_queue_whose_counter_partition_is_refused_is_tried_once_a_flush_
     thousand a second each) while healthy queues' flushes waited (a re-review, 2026-12-07)."""
     down, healthy = QueueKey("worker-a", "down"), QueueKey("worker-a", "healthy")
     store = RefusingOneQueue(down)
-    counts = QueueCounts()
-    for minute in range(1_000):
-        counts.delay(down, minute * 60_000, 1)
-    counts.delay(healthy, 0, 1)
+    counts = _a_thousand_minutes_pending(down, healthy)
     assert await counts.flush(store) == 0
     assert store.sent.count(down) == 1 and store.sent.count(healthy) == 1
     assert counts.pending == 1_000, "the refused queue's deltas kept"
@@ -106,24 +114,13 @@ async def test_a_queue_whose_counter_partition_is_refused_is_tried_once_a_flush_
     assert store.sent.count(down) == 1_000 and counts.pending == 0
 
 
-class TimingOutOnOneQueue(RefusingOneQueue):
-    async def add_delayed(self, q: QueueKey, minute: int, delta: int) -> None:
-        self.sent.append(q)
-        if q == self.refused:
-            raise MaybeApplied("WriteTimeout (its replica up but not serving)")
-        await MemoryTaskStore.add_delayed(self, q, minute, delta)
-
-
 async def test_a_queue_whose_counter_update_timed_out_sends_no_more_of_its_keys_that_flush() -> None:
     """One timed-out update (dropped: it may have applied) and the flush went on with the same
     partition's next key, each waiting its timeout: a thousand pending minutes took 83 minutes
     and all were dropped, while no other queue's counts were flushed (a re-review, 2026-12-07)."""
     slow, healthy = QueueKey("worker-a", "slow"), QueueKey("worker-a", "healthy")
-    store = TimingOutOnOneQueue(slow)
-    counts = QueueCounts()
-    for minute in range(1_000):
-        counts.delay(slow, minute * 60_000, 1)
-    counts.delay(healthy, 0, 1)
+    store = RefusingOneQueue(slow, MaybeApplied("WriteTimeout (its replica up but not serving)"))
+    counts = _a_thousand_minutes_pending(slow, healthy)
     assert await counts.flush(store) == 1
     assert store.sent.count(slow) == 1 and store.sent.count(healthy) == 1
     assert counts.pending == 999, "the unsent ones kept, the timed-out one dropped"
