@@ -59,6 +59,21 @@ def _split_csv(value: Any) -> Any:
     return parts
 
 
+UNENCODED_PASSWORD = (
+    "has a user or password with '/', '?', '#' or '@' in it as is: percent-encode them (%2F, %3F, %23, %40)"
+)
+
+
+def password_unencoded(url: str) -> bool:
+    """Whether an AMQP URL's user or password holds a character that ends the URL's host part
+    (``/``, ``?``, ``#``) or ``@``, unencoded. Such a URL still parses: ``amqp://ops:4711#x@rabbit/``
+    is host ``ops``, port 4711, and part of the password then shows in every message that names
+    the host. Told by an ``@`` after the host part, which has none."""
+    rest = url.partition("://")[2]
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    return "@" not in rest[:end] and "@" in rest[end:]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -366,6 +381,8 @@ class Settings(BaseSettings):
         # Checked here, not at the first connect: "rabbit:5672" (no scheme) loaded, and
         # `queue-bridge permissions` printed vhost "672" for it. The message never shows the URL
         # (it holds the password).
+        if password_unencoded(value.get_secret_value()):
+            raise ValueError(UNENCODED_PASSWORD)
         url = urlsplit(value.get_secret_value())
         if url.scheme not in ("amqp", "amqps"):
             raise ValueError("must be an amqp:// or amqps:// URL, such as amqp://user:password@rabbitmq:5672/")

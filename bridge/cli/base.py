@@ -10,7 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import typer
 
-from bridge.config import ConfigError, Settings, load_settings
+from bridge.config import UNENCODED_PASSWORD, ConfigError, Settings, load_settings, password_unencoded
 from bridge.domain import jsonvalue
 
 app = typer.Typer(
@@ -153,11 +153,16 @@ def amqp_url_of(settings: Settings, url: str | None) -> str:
     the bridge's own BRIDGE_AMQP_URL."""
     if not url:
         return settings.amqp_url.get_secret_value()
+    if password_unencoded(url):
+        raise typer.BadParameter(f"not a RabbitMQ URL: it {UNENCODED_PASSWORD}", param_hint="'--amqp-url'")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number (or out of range)
-    except ValueError as exc:
-        raise typer.BadParameter(f"not a RabbitMQ URL ({exc})", param_hint="'--amqp-url'") from None
+    except ValueError:
+        # Never the parser's words: they quote the port, which may be part of the password.
+        raise typer.BadParameter(
+            "not a RabbitMQ URL (its port is not a number from 1 to 65535)", param_hint="'--amqp-url'"
+        ) from None
     if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
         raise typer.BadParameter(
             "not a RabbitMQ URL (amqp://user:password@host:port/vhost or amqps://...)", param_hint="'--amqp-url'"

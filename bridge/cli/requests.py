@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shlex
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, TypeVar
@@ -46,6 +48,7 @@ class _Done:
     what: str
     count: int = 0
     requests: int = 0
+    resume: str | None = None  # a command line that goes on where the answered requests ended
 
     def add(self, count: int) -> None:
         self.count += count
@@ -90,61 +93,120 @@ def _check_named(task_id: str | None, epoch: int | None, held: bool) -> None:
         )
 
 
-async def _with_client(client: C, timeout: float, use: Callable[[C], Awaitable[T]], *, changes: bool = False) -> T:
-    """Open an RPC client, run ``use`` with it, close it; map failures to :class:`Failure`.
-    ``changes``: the request changes tasks and may take long (purge, discard, redrive)."""
-    from aio_pika.exceptions import CONNECTION_EXCEPTIONS
-    from aiormq.exceptions import AMQPError
+def _run_again() -> str:
+    return "run it again to continue"
 
-    from bridge.client.errors import BridgeClientError, BrokerRefused, ConnectionLost, RequestTimeout
 
-    where = safe_url(client.url)
+@dataclass(frozen=True)
+class _Changing:
+    """A request that changes tasks: ``notice`` is printed on stderr with its target before it is
+    sent; ``advice`` says what to do when the outcome is unknown (no reply in time, the connection
+    lost after the send, Ctrl-C): the bridge may have done it, or still be at it. Asked when the
+    failure comes (a multi-request command's advice depends on how far it got)."""
+
+    notice: str | None
+    advice: Callable[[], str] = _run_again
+
+
+async def _with_client(
+    client: C, timeout: float, use: Callable[[C], Awaitable[T]], *, changing: _Changing | None = None
+) -> T:
+    """Open an RPC client, run ``use`` with it, close it; map failures to :class:`Failure`."""
+    where = ", ".join(safe_url(url) for url in client.urls)
     try:
-        try:
-            async with asyncio.timeout(timeout):
-                await client.open()
-        except TimeoutError:
-            raise Failure(f"cannot connect to RabbitMQ at {where}: no connection within {timeout}s") from None
-        except CONNECTION_EXCEPTIONS as exc:  # AMQPError, OSError, and what aio-pika counts as such too
-            raise Failure(f"cannot connect to RabbitMQ at {where}: {type(exc).__name__}: {exc}") from None
+        await _open(client, timeout, where)
         try:
             return await use(client)
-        except RequestTimeout as exc:
-            # The real wait: a redrive's reply is awaited --timeout plus the time its pace takes.
-            waited = exc.waited_s if exc.waited_s is not None else timeout
-            if changes:
-                # The bridge may have taken the request and still be at it: "is a bridge
-                # consuming?" sent the operator looking for a problem while tasks were purged.
-                raise Failure(
-                    f"no answer within {waited:g}s: the outcome is unknown, the bridge may still be working; "
-                    "run it again to continue"
-                ) from None
+        except asyncio.CancelledError:
+            if changing is None:
+                raise
+            # Ctrl-C (the runner cancels this task): typer exited 130 without a word, while the
+            # request in flight went on at the bridge and the totals so far were lost.
             raise Failure(
-                f"no reply from the bridge within {waited:g}s (is a bridge consuming exchange "
-                f"{client.exchange_name!r} on {where}?)"
+                f"interrupted: the outcome is unknown, the bridge may still be working; {changing.advice()}"
             ) from None
-        except ConnectionLost as exc:
-            raise Failure(f"RabbitMQ connection failed ({where}): {exc.message}") from None
-        except BrokerRefused as exc:
-            raise Failure(f"{exc.message} ({where})") from None
-        except BridgeClientError as exc:
-            raise Failure(f"the bridge answered {exc.code}: {exc.message}") from None
-        except (AMQPError, OSError) as exc:
-            raise Failure(f"RabbitMQ connection failed ({where}): {type(exc).__name__}: {exc}") from None
+        except Exception as exc:
+            failure = _failure_of(exc, client, timeout, where, changing)
+            if failure is None:
+                raise
+            raise failure from None
     finally:
         with contextlib.suppress(Exception):  # closing a broken connection: nothing more to report
             await client.close()
 
 
+async def _open(client: RpcClient, timeout: float, where: str) -> None:
+    from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+
+    # Every node has its connect bound (the last may be the one that answers), and the channel
+    # the call's: one --timeout around it all let a node that accepts TCP and never answers take
+    # it whole, and the nodes after it were never tried.
+    connecting = client.connect_timeout * len(client.urls) + timeout
+    try:
+        async with asyncio.timeout(connecting):
+            await client.open()
+    except TimeoutError:
+        raise Failure(f"cannot connect to RabbitMQ at {where}: no connection within {connecting:g}s") from None
+    except CONNECTION_EXCEPTIONS as exc:  # AMQPError, OSError, and what aio-pika counts as such too
+        raise Failure(f"cannot connect to RabbitMQ at {where}: {type(exc).__name__}: {exc}") from None
+
+
+def _failure_of(
+    exc: Exception, client: RpcClient, timeout: float, where: str, changing: _Changing | None
+) -> Failure | None:
+    """What a request's failure tells the operator (None: not one to map, a bug to see)."""
+    from aiormq.exceptions import AMQPError
+
+    from bridge.client.errors import BridgeClientError, BrokerRefused, ConnectionLost, RequestTimeout
+
+    if isinstance(exc, RequestTimeout):
+        # The real wait: a redrive's reply is awaited --timeout plus the time its pace takes.
+        waited = exc.waited_s if exc.waited_s is not None else timeout
+        if changing is not None:
+            # The bridge may have taken the request and still be at it: "is a bridge
+            # consuming?" sent the operator looking for a problem while tasks were purged.
+            return Failure(
+                f"no answer within {waited:g}s: the outcome is unknown, the bridge may still be working; "
+                f"{changing.advice()}"
+            )
+        return Failure(
+            f"no reply from the bridge within {waited:g}s (is a bridge consuming exchange "
+            f"{client.exchange_name!r} on {where}?)"
+        )
+    if isinstance(exc, ConnectionLost):
+        if changing is not None and exc.sent:
+            return Failure(
+                f"RabbitMQ connection failed ({where}) after the request was sent: {exc.message}; "
+                f"the outcome is unknown; {changing.advice()}"
+            )
+        return Failure(f"RabbitMQ connection failed ({where}): {exc.message}")
+    if isinstance(exc, BrokerRefused):
+        return Failure(f"{exc.message} ({where})")
+    if isinstance(exc, BridgeClientError):
+        return Failure(f"the bridge answered {exc.code}: {exc.message}")
+    if isinstance(exc, AMQPError | OSError):
+        said = f"RabbitMQ connection failed ({where}): {type(exc).__name__}: {exc}"
+        if changing is not None:
+            return Failure(f"{said}; the outcome may be unknown; {changing.advice()}")
+        return Failure(said)
+    return None
+
+
 def _run_client(
-    client: C, timeout: float, use: Callable[[C], Awaitable[T]], *, changes: bool = False, done: _Done | None = None
+    client: C,
+    timeout: float,
+    use: Callable[[C], Awaitable[T]],
+    *,
+    changing: _Changing | None = None,
+    done: _Done | None = None,
 ) -> T:
     quiet_driver_logs()
     try:
-        result: T = run_async(_with_client(client, timeout, use, changes=changes))
+        result: T = run_async(_with_client(client, timeout, use, changing=changing))
     except Failure as exc:
         if done is not None and done.requests:
-            fail(f"{exc} ({done.count} {done.what} by the {done.requests} request(s) answered before it)")
+            said = f"{exc} ({done.count} {done.what} by the {done.requests} request(s) answered before it)"
+            fail(f"{said}; to go on: {done.resume}" if done.resume else said)
         fail(str(exc))
     return result
 
@@ -161,7 +223,12 @@ def add(
         typer.Option("--owner", help="Owner of the task; only for users the bridge trusts (BRIDGE_TRUSTED_USERS)."),
     ] = None,
     message_id: Annotated[
-        str | None, typer.Option("--message-id", help="Idempotency key: the same id adds the task once.")
+        str | None,
+        typer.Option(
+            "--message-id",
+            help="Idempotency key: the same id adds the task once (default: a new one, printed with an error "
+            "that leaves the outcome unknown).",
+        ),
     ] = None,
     delay_ms: Annotated[
         int | None, typer.Option("--delay-ms", min=0, help="Hand the task out no sooner than this many ms from now.")
@@ -187,20 +254,25 @@ def add(
     value = parse_json(value_json, "VALUE_JSON")
     token_value = parse_json(token, "--token") if token is not None else None
     when = _not_before(not_before, delay_ms)
+    _check_service(service)
+    # Always an idempotency key: an add with no answer may have been stored, and a re-run
+    # without the key would add the task a second time.
+    key = message_id if message_id is not None else f"cli-{uuid.uuid4()}"
 
     async def use(client: Engine) -> str | None:
         return await client.add(
             service,
             value,
             token=token_value,
-            message_id=message_id,
+            message_id=key,
             delay_ms=delay_ms,
             not_before=when,
             max_deliveries=max_deliveries,
             priority=priority,
         )
 
-    typer.echo(_engine_call(owner, amqp_url, timeout, use))
+    again = f"run it again with --message-id {shlex.quote(key)}: the task is added once"
+    typer.echo(_engine_call(owner, amqp_url, timeout, use, changing=_Changing(None, lambda: again)))
 
 
 def _not_before(text: str | None, delay_ms: int | None) -> str | None:
@@ -223,21 +295,29 @@ def _engine_call(
     timeout: float,
     use: Callable[[Engine], Awaitable[T]],
     *,
-    changing: str | None = None,
+    changing: _Changing | None = None,
     done: _Done | None = None,
 ) -> T:
     """Run ``use`` with an Engine of the configured exchange (``x-owner`` = ``owner`` if given).
-    ``changing``: what a destructive request is about to do, printed on stderr with its target
-    before it is sent (a wrong BRIDGE_AMQP_URL or --owner shows before tasks are gone, not after)."""
+    ``changing``: a request that changes tasks; its notice, what it is about to do, is printed on
+    stderr with its target before it is sent (a wrong BRIDGE_AMQP_URL or --owner shows before
+    tasks are gone, not after)."""
     settings = settings_or_exit()
     from bridge.client.rpc import Engine
 
     url = amqp_url_of(settings, amqp_url)
     hosts = () if amqp_url else settings.amqp_hosts  # BRIDGE_AMQP_HOSTS go with BRIDGE_AMQP_URL
-    engine = Engine(url, owner=owner, exchange=settings.exchange, timeout=timeout, hosts=hosts)
-    if changing is not None:
-        typer.echo(f"{changing} {_target(url, hosts, owner, settings.exchange)}", err=True)
-    return _run_client(engine, timeout, use, changes=changing is not None or done is not None, done=done)
+    engine = Engine(
+        url,
+        owner=owner,
+        exchange=settings.exchange,
+        timeout=timeout,
+        hosts=hosts,
+        connect_timeout=min(settings.amqp_connect_timeout, timeout),
+    )
+    if changing is not None and changing.notice is not None:
+        typer.echo(f"{changing.notice} {_target(url, hosts, owner, settings.exchange)}", err=True)
+    return _run_client(engine, timeout, use, changing=changing, done=done)
 
 
 def _target(url: str, hosts: Sequence[str], owner: str | None, exchange: str) -> str:
@@ -275,6 +355,7 @@ def _worker_call(
         exchange=settings.exchange,
         timeout=timeout,
         hosts=() if amqp_url else settings.amqp_hosts,  # BRIDGE_AMQP_HOSTS go with BRIDGE_AMQP_URL
+        connect_timeout=min(settings.amqp_connect_timeout, timeout),
     )
     return _run_client(client, timeout, use)
 
@@ -428,16 +509,33 @@ def fail_task(
 def cancel(
     service: ServiceArgument,
     task_id: Annotated[str, typer.Argument(metavar="TASK_ID", help="The task's id (as add printed it).")],
+    request_id: Annotated[
+        str | None,
+        typer.Option(
+            "--request-id",
+            help="The request's id: a re-run with the id of one that got no answer answers true if that one "
+            "cancelled the task (default: a new one, printed with such an error).",
+        ),
+    ] = None,
     owner: OwnerOption = None,
     amqp_url: AmqpUrlOption = None,
     timeout: TimeoutOption = 10.0,
 ) -> None:
     """Cancel a task (ready, delayed, in flight or parked); print true, or false (already finished or unknown)."""
+    _check_task_ids([task_id], "TASK_ID")
+    _check_service(service)
+    rid = request_id if request_id is not None else f"cli-{uuid.uuid4()}"
 
     async def use(engine: Engine) -> bool:
-        return await engine.cancel(service, task_id)
+        return await engine.cancel(service, task_id, request_id=rid)
 
-    typer.echo("true" if _engine_call(owner, amqp_url, timeout, use) else "false")
+    # Without the request's id, a re-run after no answer printed false ("already finished") for
+    # a task the first copy had cancelled.
+    again = f"run it again with --request-id {shlex.quote(rid)}: true if this request cancelled it"
+    what = f"cancel: cancelling task {task_id} of service {service!r}"
+    typer.echo(
+        "true" if _engine_call(owner, amqp_url, timeout, use, changing=_Changing(what, lambda: again)) else "false"
+    )
 
 
 @app.command()
@@ -463,7 +561,7 @@ def purge(
         return await engine.purge(service, progress=done.add, stopped_short=lambda: short.append(True))
 
     what = f"purge: cancelling every ready task of service {service!r}"
-    purged = _engine_call(owner, amqp_url, timeout, use, changing=what, done=done)
+    purged = _engine_call(owner, amqp_url, timeout, use, changing=_Changing(what), done=done)
     if short:
         # The count alone read as "the queue is purged" while ready tasks remained.
         typer.echo(
@@ -560,6 +658,25 @@ def redrive(
             "parked again meanwhile (a worker still failing them) stay parked.",
         ),
     ] = False,
+    parked_before: Annotated[
+        str | None,
+        typer.Option(
+            "--parked-before",
+            metavar="ISO8601",
+            help="With --all: only tasks parked before this time (the bridge's clock). To go on with a --all "
+            "that failed part way, give the bound and --after its error printed.",
+            show_default=False,
+        ),
+    ] = None,
+    after: Annotated[
+        str | None,
+        typer.Option(
+            "--after",
+            metavar="TASK_ID",
+            help="With --all: go on after this task of the parked index.",
+            show_default=False,
+        ),
+    ] = None,
     owner: OwnerOption = None,
     amqp_url: AmqpUrlOption = None,
     timeout: TimeoutOption = 10.0,
@@ -572,9 +689,18 @@ def redrive(
     --all asks for 1000 at a time until every task parked when it started is back, and ends even
     while workers still fail what comes back: those parked again after it started stay parked
     (the bound is the bridge's clock; a bridge before contract 1.9 is asked until it answers 0).
+    If a later request fails, the error prints the command that goes on with the same bound: a
+    plain re-run takes a new one, and puts back again what workers parked since.
     """
     if all_parked == bool(task_ids):
         raise typer.BadParameter("give TASK_IDs or --all (exactly one)", param_hint="TASK_ID / --all")
+    if not all_parked and (parked_before is not None or after is not None):
+        raise typer.BadParameter("--parked-before and --after go with --all", param_hint="--parked-before / --after")
+    when = _parked_before(parked_before)
+    if after is not None:
+        _check_task_ids([after], "--after")
+    ids = _check_task_ids(task_ids or [], "TASK_ID")
+    _check_service(service)
     # The bridge answers only once it has put them all back, at BRIDGE_REDRIVE_RATE a second: the
     # reply is awaited that much longer (at the default rate's wait, a slower bridge's success
     # would be reported as no reply).
@@ -582,19 +708,99 @@ def redrive(
 
     done = _Done("redriven")
 
+    def went_to(bound: str, last: str) -> None:
+        done.resume = _resume_redrive(service, owner, amqp_url, timeout, bound, last)
+
     async def use(engine: Engine) -> int:
         if all_parked:
-            return await engine.redrive(service, all=True, redrive_rate=rate, progress=done.add)
-        return await engine.redrive(service, list(task_ids or ()), redrive_rate=rate)
+            return await engine.redrive(
+                service,
+                all=True,
+                redrive_rate=rate,
+                progress=done.add,
+                parked_before=when,
+                after=after,
+                position=went_to,
+            )
+        total = 0
+        for chunk in _chunks(ids):
+            count = await engine.redrive(service, chunk, redrive_rate=rate)
+            total += count
+            done.add(count)
+        return total
 
     # Named or not, a redrive changes tasks: a reply that does not come says the outcome is
     # unknown (the bridge may still be pacing it), not "is a bridge consuming?".
     if all_parked:
         what = f"redrive --all: putting back every parked task of service {service!r}"
+        changing = _Changing(what, lambda: "go on as below" if done.resume else "run it again to continue")
     else:
-        what = f"redrive: putting back {len(task_ids or ())} parked task(s) of service {service!r}"
-    redriven = _engine_call(owner, amqp_url, timeout, use, changing=what, done=done if all_parked else None)
+        what = f"redrive: putting back {len(ids)} parked task(s) of service {service!r}"
+        changing = _Changing(what)
+    redriven = _engine_call(owner, amqp_url, timeout, use, changing=changing, done=done)
     typer.echo(json.dumps({"redriven": redriven}))
+
+
+def _resume_redrive(
+    service: str, owner: str | None, amqp_url: str | None, timeout: float, bound: str, after: str
+) -> str:
+    """The command line that goes on with an interrupted ``redrive --all`` (the URL never: it
+    holds the password; the operator gives it again if it was on the command line)."""
+    words = ["queue-bridge", "redrive", service, "--all", "--parked-before", bound, "--after", after]
+    if owner is not None:
+        words += ["--owner", owner]
+    if amqp_url is not None:
+        words += ["--amqp-url", "URL"]
+    words += ["--timeout", f"{timeout:g}"]
+    return shlex.join(words)
+
+
+def _parked_before(text: str | None) -> str | None:
+    """``--parked-before`` checked as the bridge checks it (a usage error here, exit code 2)."""
+    if text is None:
+        return None
+    from bridge.client.rpc import iso_not_before
+
+    try:
+        return iso_not_before(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--parked-before") from None
+
+
+#: At most this many ids a redrive or discard request names (the bridge refuses more).
+IDS_PER_REQUEST = 1000
+
+
+def _chunks(ids: list[str]) -> list[list[str]]:
+    return [ids[i : i + IDS_PER_REQUEST] for i in range(0, len(ids), IDS_PER_REQUEST)]
+
+
+def _check_task_ids(ids: Sequence[str], param: str) -> list[str]:
+    """Task ids as the bridge takes them (version-1 time UUIDs), checked before anything is sent:
+    a typo was refused by the bridge (exit 1) after the "about to act" notice."""
+    from bridge.domain.models import a_task_id
+
+    for text in ids:
+        try:
+            a_task_id(uuid.UUID(text))
+        except ValueError:
+            raise typer.BadParameter(
+                f"{text!r} is not a task id (a version-1 time UUID, as add printed it)", param_hint=param
+            ) from None
+    return list(ids)
+
+
+def _check_service(service: str) -> None:
+    """A serviceId as the bridge takes it (the same rule), checked before anything is sent."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from bridge.domain.models import Identifier
+
+    try:
+        TypeAdapter(Identifier).validate_python(service)
+    except ValidationError as exc:
+        why = exc.errors()[0]["msg"]
+        raise typer.BadParameter(f"not a serviceId the bridge takes: {why}", param_hint="SERVICE") from None
 
 
 @app.command()
@@ -605,10 +811,21 @@ def discard(
     amqp_url: AmqpUrlOption = None,
     timeout: TimeoutOption = 10.0,
 ) -> None:
-    """Drop parked tasks for good (only parked ones); print {"discarded": n}."""
+    """Drop parked tasks for good (only parked ones); print {"discarded": n}. More than 1000 ids go
+    as several requests."""
+    ids = _check_task_ids(task_ids, "TASK_ID")
+    _check_service(service)
+    done = _Done("discarded")
 
     async def use(engine: Engine) -> int:
-        return await engine.discard(service, list(task_ids))
+        total = 0
+        for chunk in _chunks(ids):
+            count = await engine.discard(service, chunk)
+            total += count
+            done.add(count)
+        return total
 
-    what = f"discard: dropping {len(task_ids)} parked task(s) of service {service!r} for good"
-    typer.echo(json.dumps({"discarded": _engine_call(owner, amqp_url, timeout, use, changing=what)}))
+    what = f"discard: dropping {len(ids)} parked task(s) of service {service!r} for good"
+    typer.echo(
+        json.dumps({"discarded": _engine_call(owner, amqp_url, timeout, use, changing=_Changing(what), done=done)})
+    )

@@ -26,7 +26,21 @@ if TYPE_CHECKING:
     from bridge.storage.repository import CassandraTaskStore
 
 
-async def _stats(settings: Settings, owner: str, service: str, limit: int) -> QueueStats:
+#: A queue of an owner with more registered queues than this is not looked up (an empty one is
+#: then not told from a typo).
+KNOWN_LOOKUP_MAX = 10_000
+
+
+async def _known(store: CassandraTaskStore, owner: str, service: str) -> bool | None:
+    """Whether the pair is a registered queue (an add within the registry's lifetime, 2 TTLs and
+    a day); None when the owner has too many queues to look it up."""
+    services = await store.services(owner, KNOWN_LOOKUP_MAX + 1)
+    if service in services:
+        return True
+    return None if len(services) > KNOWN_LOOKUP_MAX else False
+
+
+async def _stats(settings: Settings, owner: str, service: str, limit: int) -> tuple[QueueStats, bool | None]:
     from bridge.app import WRITE_LATE_MS
     from bridge.domain.records import QueueKey
     from bridge.domain.stats import queue_stats, service_stats
@@ -60,6 +74,9 @@ async def _stats(settings: Settings, owner: str, service: str, limit: int) -> Qu
             ttl_ms = settings.task_ttl_seconds * 1000
             # A lane with no cursor is walked from a TTL ago, not from its first bucket ever.
             walked = await queue_stats(store, owner, service, now, limit=limit, ttl_ms=ttl_ms)
+            # A mistyped owner or service read as an empty, healthy queue: nothing is stored
+            # under a pair nobody used. Told apart from a drained queue by the registry.
+            known = await _known(store, owner, service)
             # The walk starts at the scan cursors, which scans and the live stats move past claimed
             # entries: a task leased or parked a while ago is behind them, and the walk alone said
             # 0 in flight and 0 parked for a queue with 90 leases held and 10 tasks parked. Those
@@ -69,7 +86,7 @@ async def _stats(settings: Settings, owner: str, service: str, limit: int) -> Qu
                 store, QueueKey(owner, service), now, ttl_ms, margin_ms, margin_ms + WRITE_LATE_MS, move_cursors=False
             )
             if live.in_flight <= walked.in_flight:
-                return replace(walked, parked=max(walked.parked, live.parked))
+                return replace(walked, parked=max(walked.parked, live.parked)), known
             # The counters' in flight includes the leases that ran out and nobody claimed since,
             # which the walk counts as ready: taken from ready, or each was counted twice (three
             # dead workers' tasks read as 3 ready and 3 in flight, a drift that does not exist).
@@ -81,7 +98,7 @@ async def _stats(settings: Settings, owner: str, service: str, limit: int) -> Qu
                 oldest_ready_age_s=walked.oldest_ready_age_s if ready else None,
                 in_flight=live.in_flight,
                 parked=max(walked.parked, live.parked),
-            )
+            ), known
         except errors as exc:
             raise Failure(f"reading the queue from Cassandra at {where} failed: {type(exc).__name__}: {exc}") from None
     finally:
@@ -130,11 +147,17 @@ def stats(
     settings = settings_or_exit()
     quiet_driver_logs()
     try:
-        result: QueueStats = run_async(_stats(settings, owner, service, limit))
+        result, known = run_async(_stats(settings, owner, service, limit))
     except Failure as exc:
         fail(str(exc))
+    if known is False:
+        typer.echo(
+            f"note: owner {owner!r} has no queue {service!r} registered (none of its tasks added in the last two "
+            "task TTLs and a day): a typo in SERVICE or --owner?",
+            err=True,
+        )
     if as_json:
-        typer.echo(json.dumps({"owner": owner, "service": service, **asdict(result)}, indent=2))
+        typer.echo(json.dumps({"owner": owner, "service": service, **asdict(result), "known": known}, indent=2))
         return
     rows = [
         ("queue", f"{owner} / {service}"),

@@ -134,12 +134,19 @@ class RpcClient:
     its reply. A broker that stops reading this client's socket (a memory or disk alarm: it stops
     reading publishers) blocks the send of a large request; the call then raises
     :class:`RequestTimeout` at its deadline instead of waiting for the alarm to end, and the next
-    call goes on a new connection. Connecting tries each node for ``timeout`` at most; a call whose
-    deadline cut a node's connect starts the next call at the node after it.
+    call goes on a new connection. Connecting tries each node for ``connect_timeout`` (default
+    ``timeout``) at most; a call whose deadline cut a node's connect starts the next call at the
+    node after it.
     """
 
     def __init__(
-        self, url: str, *, exchange: str = "queue-bridge", timeout: float = 10.0, hosts: Sequence[str] = ()
+        self,
+        url: str,
+        *,
+        exchange: str = "queue-bridge",
+        timeout: float = 10.0,
+        hosts: Sequence[str] = (),
+        connect_timeout: float | None = None,
     ) -> None:
         self.url = url
         # ``hosts``: the nodes of a RabbitMQ cluster, each with ``url``'s user, vhost and options
@@ -149,6 +156,9 @@ class RpcClient:
         self._node = 0  # index in self.urls of the node of the open (or last) connection
         self.exchange_name = exchange
         self.timeout = timeout
+        # Each node's bound to accept a connection (default ``timeout``): a node that accepts TCP
+        # and never answers takes that long before the next is tried.
+        self.connect_timeout = timeout if connect_timeout is None else connect_timeout
         self.user = user_of(url)
         self.connection: AbstractConnection | None = None
         self.channel: AbstractChannel | None = None
@@ -201,7 +211,7 @@ class RpcClient:
             self._retire()
             order = self.urls[self._node :] + self.urls[: self._node]
             try:
-                connection, step = await connect_first(order, timeout=self.timeout)
+                connection, step = await connect_first(order, timeout=self.connect_timeout)
             except asyncio.CancelledError:
                 # The call's deadline (or its caller) cut the connect: the node being tried did not
                 # accept in time. The next call starts after it, or a node that never answers (a
@@ -989,6 +999,9 @@ class Engine(RpcClient):
         all: bool = False,
         redrive_rate: float = REDRIVE_RATE,
         progress: Callable[[int], object] | None = None,
+        parked_before: str | None = None,
+        after: str | None = None,
+        position: Callable[[str, str], object] | None = None,
     ) -> int:
         """Put parked tasks back in the queue (the named ones, or ``all=True``: every task parked
         when the call starts), their delivery count toward the limit starting again; how many
@@ -1007,26 +1020,46 @@ class Engine(RpcClient):
 
         The bridge puts them back at ``BRIDGE_REDRIVE_RATE`` a second and answers when done, so
         the reply is awaited that much longer than other requests: pass the bridge's rate as
-        ``redrive_rate`` if it is not the default. ``progress`` gets each answered request's count."""
+        ``redrive_rate`` if it is not the default. ``progress`` gets each answered request's count.
+
+        To go on with an ``all`` redrive that failed part way (a later request not answered):
+        ``position`` gets each answered request's bound and, while there is more, its ``after``;
+        a call with ``parked_before`` and ``after`` set to the last ones goes on from there, with
+        the same bound (a call without them takes a new bound: it would put back again the tasks
+        the first put back and workers parked since)."""
         if all == (task_ids is not None):
             raise ValueError("give task_ids or all=True (exactly one)")
+        if not all and (parked_before is not None or after is not None):
+            raise ValueError("parked_before and after go with all=True")
         if task_ids is not None and not task_ids:
             return 0  # nothing named, nothing to ask
         if not all:
             ids = list(task_ids or ())
-            body: dict[str, Any] = {"serviceId": service, "taskIds": ids}
-            return int((await self._result("redrive", body, wait_s=len(ids) / redrive_rate))["redriven"])
-        return await self._redrive_all(service, redrive_rate, progress)
-
-    async def _redrive_all(self, service: str, redrive_rate: float, progress: Callable[[int], object] | None) -> int:
-        total = 0
+            named = {"serviceId": service, "taskIds": ids}
+            return int((await self._result("redrive", named, wait_s=len(ids) / redrive_rate))["redriven"])
         body: dict[str, Any] = {"serviceId": service, "all": True}
+        if parked_before is not None:
+            body["parkedBefore"] = parked_before
+        if after is not None:
+            body["after"] = after
+        return await self._redrive_all(body, redrive_rate, progress, position)
+
+    async def _redrive_all(
+        self,
+        body: dict[str, Any],
+        redrive_rate: float,
+        progress: Callable[[int], object] | None,
+        position: Callable[[str, str], object] | None,
+    ) -> int:
+        total = 0
         while True:
             result = await self._result("redrive", body, wait_s=REDRIVE_ALL_MAX / redrive_rate)
             now = int(result["redriven"])
             total += now
             if progress is not None:
                 progress(now)
+            if position is not None and "parkedBefore" in result and "after" in result:
+                position(str(result["parkedBefore"]), str(result["after"]))
             if "parkedBefore" not in result:
                 # A bridge before 1.9. Not "until a request answers fewer than 1000": it lists up to
                 # 1000 parked rows and skips those no longer parked, so only 0 means none is left.

@@ -453,3 +453,110 @@ async def test_stats_moves_no_scan_cursor(bridge: Any, bridge_env: dict[str, str
     s = await stats(svc, bridge_env)
     assert s["in_flight"] == 70, s
     assert await bridge.store.cursor(q, LANE_FRESH) == before, "stats moved the scan cursor"
+
+
+# Review round 16 (the operator's CLI in an incident).
+
+
+async def test_redrive_all_goes_on_from_a_position_with_the_first_runs_bound(
+    make_bridge: Any, bridge_env: dict[str, str], servers: Servers, names: dict[str, str]
+) -> None:
+    """What the error of a `redrive --all` that failed part way prints (`--parked-before` and
+    `--after` of its last answered request): the bridge goes on after that task with that bound, so
+    tasks parked since stay parked. Before, a re-run took a new bound and put them back again."""
+    await make_bridge(redrive_rate=5000.0)
+    svc = service_id()
+    first = await park(servers, names, svc, 3)
+    async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNER, exchange=names["exchange"]) as engine:
+        listed = {t.id: t for t in await engine.parked(svc, 1000)}
+        bound_ms = max(_ms(listed[i].parked_at) for i in first) + 1
+        bound = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(bound_ms // 1000)) + f".{bound_ms % 1000:03d}Z"
+        later = await park(servers, names, svc, 2)
+        listed = {t.id: t for t in await engine.parked(svc, 1000)}
+        assert all(_ms(listed[i].parked_at) >= bound_ms for i in later), "parked after the bound"
+        in_order = [t.id for t in await engine.parked(svc, 1000)]  # the index's order
+        position = next(i for i in in_order if i in first)
+        proc = await cli(
+            "redrive", svc, "--all", "--parked-before", bound, "--after", position, "--owner", OWNER,
+            "--amqp-url", servers.amqp_url(ENGINE_USER), "--timeout", "30",
+            env=bridge_env, extra={"BRIDGE_REDRIVE_RATE": "5000"}, limit=60,
+        )  # fmt: skip
+        assert json.loads(ok(proc)) == {"redriven": 2}
+        still = {t.id for t in await engine.parked(svc, 1000)}
+        assert still == {position, *later}
+
+
+def _ms(iso: str) -> int:
+    from datetime import datetime
+
+    return int(datetime.fromisoformat(iso).timestamp() * 1000)
+
+
+async def test_cancel_run_again_with_its_request_id_answers_whether_that_one_cancelled(
+    bridge: Any, bridge_env: dict[str, str], servers: Servers, names: dict[str, str]
+) -> None:
+    """What a cancel that got no answer tells the operator to do: the same --request-id answers
+    true again when that request cancelled the task; a new request answers false."""
+    svc = service_id()
+    async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNER, exchange=names["exchange"]) as engine:
+        task = await engine.add(svc, {"n": 1})
+    assert task is not None
+    base = ("cancel", svc, task, "--owner", OWNER, "--amqp-url", servers.amqp_url(ENGINE_USER))
+    rid = f"op-{uuid.uuid4()}"
+    first = await cli(*base, "--request-id", rid, env=bridge_env)
+    assert ok(first).strip() == "true"
+    assert f"cancel: cancelling task {task} of service {svc!r}" in first.stderr
+    again, other = await cli_many(((*base, "--request-id", rid), {}), (base, {}), env=bridge_env)
+    assert ok(again).strip() == "true"
+    assert ok(other).strip() == "false"
+
+
+async def test_the_cli_moves_past_a_node_that_never_answers(servers: Servers, monkeypatch: Any) -> None:
+    """BRIDGE_AMQP_HOSTS with a node that accepts TCP and never answers: each node was given the
+    whole --timeout, inside one --timeout around the connect, so the next node was never tried and
+    a run whose order started there failed. The order here is forced: hung node first."""
+    from bridge.cli.requests import _with_client
+    from bridge.client.rpc import Engine as CliEngine
+    from tests.integration.test_start_stop_edges import Blackhole
+
+    hole = await Blackhole().start()
+    try:
+        url = servers.amqp_url(ENGINE_USER)
+        engine = CliEngine(url, owner=OWNER, timeout=3.0, connect_timeout=1.0)
+        real = engine.urls[0]
+        engine.urls = [real.replace(f":{servers.amqp_port}/", f":{hole.port}/"), real]
+        assert f":{hole.port}/" in engine.urls[0]
+
+        async def use(client: CliEngine) -> bool:
+            return client.channel is not None and not client.channel.is_closed
+
+        began = time.monotonic()
+        assert await _with_client(engine, 3.0, use) is True
+        assert time.monotonic() - began < 3.0 + 1.0
+    finally:
+        await hole.stop()
+
+
+async def test_stats_says_when_the_queue_is_not_one_the_owner_has(
+    bridge: Any, bridge_env: dict[str, str], servers: Servers, names: dict[str, str]
+) -> None:
+    """A mistyped SERVICE or --owner printed all zeros and exit 0, as for a drained queue."""
+    svc = service_id()
+    async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNER, exchange=names["exchange"]) as engine:
+        assert await engine.add(svc, {"n": 1}) is not None
+
+    async def registered() -> bool:
+        proc = await cli("stats", svc, "--owner", OWNER, "--json", env=bridge_env)
+        return json.loads(ok(proc))["known"] is True
+
+    await wait_for(registered, 20, what="the queue registered (the add registers it in the background)")
+    typo, other_owner = await cli_many(
+        (("stats", svc + "x", "--owner", OWNER, "--json"), {}),
+        (("stats", svc, "--owner", OWNER + "x"), {}),
+        env=bridge_env,
+    )
+    doc = json.loads(ok(typo))
+    assert doc["known"] is False and doc["ready"] == 0
+    assert f"owner {OWNER!r} has no queue {svc + 'x'!r} registered" in typo.stderr
+    ok(other_owner)
+    assert f"owner {OWNER + 'x'!r} has no queue {svc!r} registered" in other_owner.stderr

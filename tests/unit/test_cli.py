@@ -263,7 +263,9 @@ async def test_a_connection_closing_as_it_opens_is_a_one_line_failure() -> None:
 
     class Closing:
         url = "amqp://u:secret@mq.example:5672/"
+        urls = [url]
         exchange_name = "x"
+        connect_timeout = 1.0
 
         def __init__(self, cause: BaseException) -> None:
             self.cause = cause

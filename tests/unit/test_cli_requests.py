@@ -5,6 +5,8 @@ the RPC client's connection and requests, everything in bridge.cli runs as it is
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -22,9 +24,10 @@ class FakeBridge:
     """Answers the engine's requests with ``replies`` in turn (a reply may be an exception);
     records each request's method, body and how much longer than --timeout it was awaited."""
 
-    def __init__(self, *replies: dict[str, Any] | Exception) -> None:
+    def __init__(self, *replies: Any) -> None:
         self.replies = list(replies)
         self.requests: list[tuple[str, dict[str, Any], float]] = []
+        self.message_ids: list[str | None] = []
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         async def open(engine: Engine) -> None:
@@ -36,9 +39,12 @@ class FakeBridge:
         async def call(engine: Engine, method: str, body: Any, **kw: Any) -> dict[str, Any]:
             wait_s = float(kw.get("wait_s", 0.0))
             self.requests.append((method, body, wait_s))
+            self.message_ids.append(kw.get("message_id"))
             reply = self.replies.pop(0)
             if isinstance(reply, Exception):
                 raise reply
+            if method == "add":  # the one reply not under "result"
+                return {"task": {"id": reply}, "_headers": {}}
             return {"result": reply, "_headers": {}}
 
         monkeypatch.setattr(Engine, "open", open)
@@ -180,3 +186,182 @@ def test_the_commands_bounds_are_the_bridges() -> None:
 
     assert rpc.PURGE_MAX == lifecycle.PURGE_MAX
     assert rpc.REDRIVE_ALL_MAX == lifecycle.REDRIVE_ALL_MAX
+
+
+# Review round 16 (the operator's CLI in an incident). Each test failed before its fix.
+
+PARKED_BOUND = "2026-12-07T10:00:00.000Z"
+AFTER_ID = "00000000-0000-1000-8000-000000000050"
+
+
+def test_a_redrive_all_that_fails_part_way_prints_the_command_that_goes_on_with_its_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A re-run of `redrive --all` took a new bound: it put back again the poison tasks the first
+    run put back and workers parked since (the loop contract 1.9 ended). The error now names the
+    bound and position, and the command that goes on with them."""
+    bridge = FakeBridge(
+        {"redriven": 1000, "parkedBefore": PARKED_BOUND, "after": AFTER_ID},
+        RequestTimeout("no reply", waited_s=30.0),
+    )
+    bridge.install(monkeypatch)
+    code, _, err = _run("redrive", "svc", "--all", "--owner", "tenant-a")
+    assert code == 1
+    assert "the outcome is unknown" in err and "run it again to continue" not in err
+    assert "1000 redriven by the 1 request(s) answered before it" in err
+    assert (
+        f"to go on: queue-bridge redrive svc --all --parked-before {PARKED_BOUND} --after {AFTER_ID} "
+        "--owner tenant-a --timeout 10"
+    ) in err
+
+    resumed = FakeBridge({"redriven": 7, "parkedBefore": PARKED_BOUND})
+    resumed.install(monkeypatch)
+    code, out, err = _run(
+        "redrive", "svc", "--all", "--parked-before", PARKED_BOUND, "--after", AFTER_ID, "--owner", "tenant-a"
+    )
+    assert code == 0, err
+    assert json.loads(out) == {"redriven": 7}
+    assert resumed.requests[0][1] == {"serviceId": "svc", "all": True, "parkedBefore": PARKED_BOUND, "after": AFTER_ID}
+
+
+def test_a_redrive_all_whose_first_request_fails_says_run_it_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    FakeBridge(RequestTimeout("no reply", waited_s=30.0)).install(monkeypatch)
+    code, _, err = _run("redrive", "svc", "--all")
+    assert code == 1
+    assert "run it again to continue" in err and "to go on:" not in err
+
+
+def test_a_resume_command_never_carries_the_amqp_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    FakeBridge(
+        {"redriven": 3, "parkedBefore": PARKED_BOUND, "after": AFTER_ID}, UnavailableError("Cassandra is unavailable")
+    ).install(monkeypatch)
+    code, _, err = _run("redrive", "svc", "--all", "--amqp-url", "amqp://ops:pw-on-cli@rabbit.example/prod")
+    assert code == 1
+    assert "pw-on-cli" not in err
+    assert "--amqp-url URL" in err and f"--after {AFTER_ID}" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "param"),
+    [
+        (("redrive", "svc", "--parked-before", PARKED_BOUND, AFTER_ID), "--parked-before / --after"),
+        (("redrive", "svc", "--all", "--parked-before", "yesterday"), "--parked-before"),
+        (("redrive", "svc", "--all", "--parked-before", "2026-12-07T10:00:00"), "--parked-before"),
+        (("redrive", "svc", "--all", "--after", "not-a-uuid"), "--after"),
+        (("redrive", "svc", str(uuid.uuid4())), "TASK_ID"),
+        (("discard", "svc", "00000000-0000-1000-8000-000000000001", "nope"), "TASK_ID"),
+        (("cancel", "svc", str(uuid.uuid4())), "TASK_ID"),
+        (("discard", "x" * 256, "00000000-0000-1000-8000-000000000001"), "SERVICE"),
+        (("redrive", "bad\nservice", "--all"), "SERVICE"),
+        (("add", "é" * 128, "1"), "SERVICE"),
+    ],
+)
+def test_arguments_the_bridge_would_refuse_are_usage_errors_before_anything_is_sent(
+    monkeypatch: pytest.MonkeyPatch, args: tuple[str, ...], param: str
+) -> None:
+    """Refused by the bridge (exit 1) after the "about to act" notice, or not at all until then."""
+    bridge = FakeBridge()
+    bridge.install(monkeypatch)
+    code, _, err = _run(*args)
+    assert code == 2, err
+    assert param in err
+    assert bridge.requests == []
+    assert "putting back" not in err and "dropping" not in err and "cancelling" not in err
+
+
+def test_more_than_1000_named_ids_go_as_several_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = [f"00000000-0000-1000-8000-{n:012d}" for n in range(2500)]
+    bridge = FakeBridge(
+        {"redriven": 1000},
+        {"redriven": 990},
+        {"redriven": 500},
+        {"discarded": 1000},
+        {"discarded": 1000},
+        {"discarded": 7},
+    )
+    bridge.install(monkeypatch)
+    code, out, err = _run("redrive", "svc", *ids)
+    assert code == 0, err
+    assert json.loads(out) == {"redriven": 2490}
+    assert [len(body["taskIds"]) for _, body, _ in bridge.requests] == [1000, 1000, 500]
+    assert [i for _, body, _ in bridge.requests for i in body["taskIds"]] == ids
+    code, out, err = _run("discard", "svc", *ids)
+    assert code == 0, err
+    assert json.loads(out) == {"discarded": 2007}
+    assert [len(body["taskIds"]) for _, body, _ in bridge.requests[3:]] == [1000, 1000, 500]
+
+
+def test_a_named_discard_that_fails_part_way_says_what_the_earlier_requests_did(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ids = [f"00000000-0000-1000-8000-{n:012d}" for n in range(1500)]
+    FakeBridge({"discarded": 1000}, RequestTimeout("no reply", waited_s=30.0)).install(monkeypatch)
+    code, _, err = _run("discard", "svc", *ids)
+    assert code == 1
+    assert "the outcome is unknown" in err and "1000 discarded by the 1 request(s) answered before it" in err
+
+
+def test_a_cancel_with_no_answer_says_the_outcome_is_unknown_and_how_to_learn_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """It asked "is a bridge consuming?", and a re-run printed false for the task it had cancelled."""
+    task = "00000000-0000-1000-8000-000000000001"
+    bridge = FakeBridge(RequestTimeout("no reply", waited_s=10.0))
+    bridge.install(monkeypatch)
+    code, _, err = _run("cancel", "svc", task)
+    assert code == 1
+    assert "the outcome is unknown" in err and "is a bridge consuming" not in err
+    assert f"cancel: cancelling task {task} of service 'svc'" in err
+    sent_id = bridge.message_ids[0]
+    assert sent_id is not None
+    assert f"run it again with --request-id {sent_id}" in err
+
+    again = FakeBridge(True)
+    again.install(monkeypatch)
+    code, out, err = _run("cancel", "svc", task, "--request-id", sent_id)
+    assert code == 0, err
+    assert out.strip() == "true"
+    assert again.message_ids == [sent_id]
+
+
+def test_an_add_with_no_answer_names_the_key_that_adds_it_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --message-id a re-run after no answer added the task a second time."""
+    bridge = FakeBridge(RequestTimeout("no reply", waited_s=10.0))
+    bridge.install(monkeypatch)
+    code, _, err = _run("add", "svc", '{"n": 1}')
+    assert code == 1
+    assert "the outcome is unknown" in err
+    key = bridge.message_ids[0]
+    assert key is not None and f"run it again with --message-id {key}" in err
+    again = FakeBridge("00000000-0000-1000-8000-000000000009")
+    again.install(monkeypatch)
+    code, out, err = _run("add", "svc", '{"n": 1}', "--message-id", key)
+    assert out.strip() == "00000000-0000-1000-8000-000000000009"
+    assert code == 0, err
+    assert again.message_ids == [key]
+
+
+def test_a_bad_amqp_url_never_shows_part_of_its_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    """urlsplit's error quoted the "port", the password's first part; a password of digits before
+    an unencoded '#' even parsed, as host and port."""
+    FakeBridge().install(monkeypatch)
+    for url in (
+        "amqp://ops:s3cr#et-pass@rabbit:5672/",
+        "amqp://ops:top/secret@rabbit/",
+        "amqp://ops:4711#xYz@rabbit.prod/prod",
+    ):
+        code, _, err = _run("parked", "svc", "--amqp-url", url)
+        assert code == 2, err
+        for part in ("s3cr", "top", "4711", "xYz", "secret"):
+            assert part not in err, (url, err)
+        assert "percent-encode" in err
+
+
+def test_bridge_amqp_url_with_an_unencoded_password_is_refused_at_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bridge.config import ConfigError, load_settings
+
+    monkeypatch.setenv("BRIDGE_AMQP_URL", "amqp://ops:4711#xYz@rabbit.prod/prod")
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+    assert "percent-encode" in str(raised.value)
+    assert "4711" not in str(raised.value) and "xYz" not in str(raised.value)
