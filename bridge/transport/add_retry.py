@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -119,7 +120,7 @@ class AddRetryLane:
             headers=headers,
             reply_to=message.reply_to,
             correlation_id=message.correlation_id,
-            message_id=message.message_id,
+            message_id=_copy_id(message, headers),
             timestamp=message.timestamp,
             user_id=self.user,
         )
@@ -136,3 +137,29 @@ class AddRetryLane:
         except Exception as exc:
             self.on_failure(exc)
             raise
+
+
+def _copy_id(message: RequestMessage, headers: dict[str, Any]) -> str | None:
+    """The copy's message id: the bridge's own, with the add's idempotency key moved to the
+    ``x-idempotency-key`` header (``headers``, changed here), where the copy's next delivery reads
+    it (``envelope.idempotency_of``: the same key, the same LWT as before).
+
+    Not the caller's: the copy is published on the results channel, and aiormq matches a
+    ``basic.return`` to its publish by message id alone. Two adds with one message id (a caller's
+    retry with its key) moved to a lane that was not there at once: the first's return failed the
+    second, the first's ack confirmed the first, whose original was then acknowledged, with no copy
+    anywhere and no reply. A message id the caller chose could also meet a result's on that channel.
+    A key the header cannot carry (control characters: a 1.4 message id, which AMQP allows) keeps
+    the caller's id, as before."""
+    from bridge.transport.envelope import IDEMPOTENCY_HEADER, IDEMPOTENCY_PATTERN  # envelope imports this module
+
+    given = (message.headers or {}).get(IDEMPOTENCY_HEADER)
+    if given not in (None, "", b""):
+        return f"qb-lane-{uuid.uuid4().hex}"  # the caller's key is in the header, copied
+    # 1.4 (no header): the message id is the key. An empty header: it guards against a redelivery
+    # of this message, the copy's twin if the original's acknowledgement was lost.
+    key = message.message_id or ""
+    if not IDEMPOTENCY_PATTERN.fullmatch(key):
+        return message.message_id
+    headers[IDEMPOTENCY_HEADER] = key
+    return f"qb-lane-{uuid.uuid4().hex}"

@@ -656,3 +656,75 @@ async def test_tasks_whose_key_was_removed_do_not_keep_a_worker_from_the_tasks_b
     assert task is not None and task.id == healthy, "the first fetch reached the task behind the three"
     assert await task.ack("done") is True
     assert await w.fetch() is None  # the three let go, leased until their leases run out
+
+
+class _Add:
+    """An add delivery as the lane reads it (RequestMessage's fields)."""
+
+    def __init__(self, message_id: str | None, headers: dict[str, Any] | None = None) -> None:
+        self.body = b'{"serviceId": "s", "value": 1}'
+        self.routing_key = "add"
+        self.reply_to = None
+        self.correlation_id = None
+        self.user_id = ENGINE_USER
+        self.message_id = message_id
+        self.headers = headers
+        self.redelivered = False
+        self.timestamp = None
+
+
+async def test_two_adds_of_one_message_id_moved_to_a_missing_lane_both_fail(bridge, servers):
+    """aiormq matches a returned publish to its publish by message id alone, and lane copies kept
+    the caller's: two adds of one message id (a caller's retry with its key) deferred at once to a
+    lane an operator had deleted were both returned, the first's return failed the second, and the
+    first's ack confirmed the first, whose original was then acknowledged: no copy anywhere, no
+    reply (found by review, 2026-12-07). Each copy now has a message id of its own."""
+    import aio_pika
+
+    from bridge.transport.add_retry import AddRetryLane
+    from bridge.transport.envelope import IDEMPOTENCY_HEADER
+
+    lane: AddRetryLane = bridge.transport.handlers.lane
+    url = servers.amqp_url("guest")
+    admin = await aio_pika.connect(url)
+    async with admin:
+        channel = await admin.channel()
+        for headers in (None, {IDEMPOTENCY_HEADER: ""}, {IDEMPOTENCY_HEADER: "key-1"}):
+            # A returned deferral has the lane declared again (in the background): deleted anew.
+            await wait_for(lambda: queue_exists(url, lane.name), 20, interval=0.1, what="the lane declared")
+            await channel.queue_delete(lane.name)
+            mid = f"same-{uuid.uuid4().hex[:8]}"
+            outcomes = await asyncio.gather(
+                lane.defer(_Add(mid, headers), BROKEN), lane.defer(_Add(mid, headers), BROKEN), return_exceptions=True
+            )
+            taken = [o for o in outcomes if not isinstance(o, BaseException)]
+            assert taken == [], f"headers {headers}: a copy the broker returned was taken as confirmed: {outcomes}"
+
+
+async def test_a_lane_copy_keeps_the_adds_idempotency_key(bridge, servers):
+    """The copy's own message id takes the key's place: the key goes in its header, so the copy's
+    next delivery is de-duplicated on the same key as its original (a twin if the original's
+    acknowledgement was lost)."""
+    import aio_pika
+
+    from bridge.transport.add_retry import AddRetryLane
+    from bridge.transport.envelope import IDEMPOTENCY_HEADER, idempotency_of
+
+    lane: AddRetryLane = bridge.transport.handlers.lane
+    admin = await aio_pika.connect(servers.amqp_url("guest"))
+    async with admin:
+        channel = await admin.channel()
+        queue = await channel.declare_queue(lane.name, passive=True)
+        await queue.purge()
+        cases = [("m-1", None), ("m-2", {IDEMPOTENCY_HEADER: ""}), ("m-3", {IDEMPOTENCY_HEADER: "k-3"})]
+        for mid, headers in cases:
+            await lane.defer(_Add(mid, headers), BROKEN)
+        copies = []
+        for _ in cases:
+            got = await wait_for(lambda: queue.get(fail=False), 10, what="a copy in the lane")
+            copies.append(got)
+            await got.ack()
+        for (mid, headers), copy in zip(cases, copies, strict=True):
+            original = idempotency_of(_Add(mid, headers))  # type: ignore[arg-type]
+            assert copy.message_id != mid
+            assert idempotency_of(copy).key == original.key  # type: ignore[arg-type]
