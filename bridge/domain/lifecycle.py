@@ -47,7 +47,14 @@ from bridge.domain.relay import ResultRelay, decided_by_itself
 from bridge.domain.sealing import encode, open_error, seal_error, seal_outcome
 from bridge.domain.stats import walk_lane
 from bridge.domain.store import TaskStore
-from bridge.domain.timeline import bucket_of_task, expiry_bucket, ms_of, outbox_bucket, timeuuid_from_ms
+from bridge.domain.timeline import (
+    EXPIRY_BUCKET_MS,
+    bucket_of_task,
+    expiry_bucket,
+    ms_of,
+    outbox_bucket,
+    timeuuid_from_ms,
+)
 
 log = logging.getLogger("bridge.queue")
 
@@ -676,9 +683,20 @@ class Lifecycle:
             # an entry of the same task and epoch (seen in a trace; the redriving bridge's own
             # timer below is best effort).
             await self.store.watch_expiry(expiry_bucket(now) + 1, watch)
-            res = await self.store.unpark(q, task_id, lease.epoch, until)
+            try:
+                res = await self.store.unpark(q, task_id, lease.epoch, until)
+            except Unavailable:
+                # Its outcome unknown: it may land after both passes over that bucket read the
+                # task parked, and a retry then finds it not parked (skipped): leased to nobody,
+                # listed nowhere, until its TTL. Watched again later (refused: read parked, let go).
+                self._watch_later(watch)
+                raise
             if not res.applied:
                 continue
+            if ctx.clock.now_ms() - now >= EXPIRY_BUCKET_MS:
+                # Slow (a Paxos round resolved by a resend or a SERIAL read): the bucket's passes
+                # may have read it parked and let the watch go (found by review, 2026-12-07).
+                self._watch_later(watch)
             self.soon(watch, now)
             # Ready again (waiting for a worker); its claim moves it to in flight (the hint says
             # so). Counted before the index row's delete: if that fails, the task is ready anyway.
@@ -689,6 +707,18 @@ class Lifecycle:
             # before this delete lands, and that park's row must stay.
             await self._drop_parked_row(q, task_id, lease.epoch)
         return done
+
+    def _watch_later(self, watch: ExpiryEntry) -> None:
+        """File an unpark's deadline again, in a bucket still to come (off the request path)."""
+
+        async def file() -> None:
+            at = expiry_bucket(self.ctx.clock.now_ms() + 4 * EXPIRY_BUCKET_MS)
+            try:
+                await self.store.watch_expiry(at, watch)
+            except Unavailable as exc:
+                log.warning("a redriven task's deadline not filed again (%s): the scheduler's second pass decides", exc)
+
+        self.ctx.background.spawn(file(), "file a slow unpark's deadline")
 
     async def _drop_parked_row(self, q: QueueKey, task_id: uuid.UUID, epoch: int | None) -> None:
         """The parked-index row of a park an applied decision (redrive, discard, cancel) ended. A

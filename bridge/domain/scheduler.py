@@ -648,13 +648,10 @@ class RecoveryScheduler:
         for error in await self._with_leases(leases, handled, armed, arm):
             log.debug("look-ahead at bucket %s failed: %s", bucket, type(error).__name__)  # the passes handle it
 
-    async def _handle(
-        self, entry: ExpiryEntry, lease: Lease | None, now: int, bucket: int, *, stored: bool | None = None
-    ) -> bool:
-        """``stored``: for a due entry with no lease, whether its task's row is stored (None: read it)."""
+    async def _lease_as_decided(self, entry: ExpiryEntry, lease: Lease | None, now: int) -> Lease | bool | None:
+        """The lease as the entry is judged on: read again (SERIAL) where a plain read may not show a
+        decision Paxos accepted; or whether the entry is settled (a bool) without more."""
         q = entry.queue
-        if entry.epoch == DUE_EPOCH:
-            return await self._announce_due(entry, lease, now, stored)
         if lease is None and now - entry.lease_until_ms < self.late_ms:
             # No claim yet: it never applied, or it is still on its way (a claimer paused between its
             # write-ahead and its claim). Not handled: the second pass looks again.
@@ -678,7 +675,31 @@ class RecoveryScheduler:
             # (same epoch). Settled here, the entry's key was skipped by every later pass of the
             # bucket and, the redriving bridge's own timer failing, the task stayed leased to
             # nobody for its TTL. Left unsettled, the second pass reads it again.
-            return False
+            if now - entry.lease_until_ms < self.late_ms:
+                return False
+            # The second pass: an unpark Paxos accepted and did not commit is invisible to a
+            # plain read until the next round on the partition completes it, and after this pass
+            # nothing reads the entry again. A SERIAL read completes it (rare: a redrive refused,
+            # or one whose round was cut short).
+            try:
+                lease = await self.store.lease(q, entry.task_id, serial=True)
+            except Unavailable as exc:
+                return await self._put_off(entry, now, exc)
+            if lease is not None and lease.state is LeaseState.PARKED and lease.epoch == entry.epoch:
+                return True
+        return lease
+
+    async def _handle(
+        self, entry: ExpiryEntry, lease: Lease | None, now: int, bucket: int, *, stored: bool | None = None
+    ) -> bool:
+        """``stored``: for a due entry with no lease, whether its task's row is stored (None: read it)."""
+        q = entry.queue
+        if entry.epoch == DUE_EPOCH:
+            return await self._announce_due(entry, lease, now, stored)
+        read = await self._lease_as_decided(entry, lease, now)
+        if isinstance(read, bool):
+            return read
+        lease = read
         if lease is None or not lease.is_leased or lease.epoch != entry.epoch or lease.lease_until_ms is None:
             return True  # completed, re-claimed, expired by TTL, or a claim that never applied
         until = lease.lease_until_ms

@@ -517,3 +517,110 @@ async def test_a_slow_claim_whose_deadline_cannot_be_filed_again_is_still_handed
     assert await counts.flush(h.store) == 0
     [stats] = await h.queue.stats(OWNER, h.service)
     assert (stats.ready, stats.in_flight) == (0, 0)
+
+
+# -- a redrive whose unpark lands late is still met by a deadline (review round 16) -----------------
+async def _parked(h: Harness) -> str:
+    """A task of delivery limit 1 whose lease ran out: parked by the scheduler."""
+    task_id = await _add_limited(h, token=False)
+    got = await h.fetch("W", ttr_ms=500)
+    assert got is not None and got.task_id == task_id
+    for _ in range(20):
+        await h.advance(250)
+        lease = await _lease(h, task_id)
+        if lease.state is LeaseState.PARKED:
+            return task_id
+    raise AssertionError("the task was not parked")
+
+
+async def test_a_redrive_whose_unpark_lands_after_both_passes_of_its_deadline_comes_back(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The redrive files the task's deadline one bucket ahead, then unparks it. An unpark whose
+    Paxos round took longer than the scheduler's two passes over that bucket (both read the task
+    parked and let the entry go), its bridge's own timer failing (the bridge died, its clock gate
+    closed): leased to nobody, with no deadline, no ready entry and no parked row, until its TTL
+    (found by review, 2026-12-07). A slow unpark's deadline is filed again, in a bucket to come."""
+    h = harness
+    task_id = await _parked(h)
+    monkeypatch.setattr(h.queue.lifecycle, "soon", lambda watch, due: None)
+    real = h.store.unpark
+
+    async def slow(*args: Any) -> Any:
+        for _ in range(30):  # 7.5 s of clock time: both passes (the second late_ms, 5 s, after)
+            await h.advance(250)
+        return await real(*args)
+
+    monkeypatch.setattr(h.store, "unpark", slow)
+    h.clock.advance(1)
+    assert await h.queue.redrive(OWNER, h.service, [uuid.UUID(task_id)]) == 1
+    await h.queue.drain_background(5.0)
+    again = await h.fetch_until("W2", step_ms=250, limit_ms=10_000, ttr_ms=500)
+    assert again.task_id == task_id
+
+
+async def test_an_unpark_a_plain_read_does_not_show_yet_is_read_serial_at_the_second_pass(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unpark Paxos accepted but did not commit (its coordinator cut short) is invisible to a
+    plain read until the next round on the partition completes it. Both passes read the task
+    parked and let the entry go; the second pass now reads it SERIAL, which completes the round."""
+    h = harness
+    task_id = await _parked(h)
+    target = uuid.UUID(task_id)
+    monkeypatch.setattr(h.queue.lifecycle, "soon", lambda watch, due: None)
+    parked_lease = await _lease(h, task_id)
+    committed = False
+    real_lease, real_leases = h.store.lease, h.store.leases_of
+
+    async def lease(q: QueueKey, task: uuid.UUID, *, serial: bool) -> Any:
+        nonlocal committed
+        if task == target and not committed:
+            if not serial:
+                return parked_lease  # the accepted round not seen by a plain read
+            committed = True
+        return await real_lease(q, task, serial=serial)
+
+    async def leases_of(q: QueueKey, tasks: Any) -> Any:
+        found = await real_leases(q, tasks)
+        if not committed and target in found:
+            found = {**found, target: parked_lease}
+        return found
+
+    monkeypatch.setattr(h.store, "lease", lease)
+    monkeypatch.setattr(h.store, "leases_of", leases_of)
+    h.clock.advance(1)
+    assert await h.queue.redrive(OWNER, h.service, [target]) == 1
+    again = await h.fetch_until("W2", step_ms=250, limit_ms=10_000, ttr_ms=500)
+    assert again.task_id == task_id
+    assert committed, "the task came back without the SERIAL read"
+
+
+async def test_a_redrive_whose_unpark_outcome_is_unknown_still_comes_back(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The unpark landed but its bridge could not learn it (the SERIAL read failed too): answered
+    `unavailable`, and the operator's retry found the task not parked and skipped it. Its deadline
+    was met only while the passes read it parked: leased to nobody until its TTL."""
+    from bridge.domain.errors import Unavailable
+
+    h = harness
+    task_id = await _parked(h)
+    monkeypatch.setattr(h.queue.lifecycle, "soon", lambda watch, due: None)
+    real = h.store.unpark
+
+    async def unknown(*args: Any) -> Any:
+        for _ in range(30):  # the round outlived both passes
+            await h.advance(250)
+        await real(*args)
+        raise Unavailable("the unpark's outcome is unknown")
+
+    monkeypatch.setattr(h.store, "unpark", unknown)
+    h.clock.advance(1)
+    with pytest.raises(Unavailable):
+        await h.queue.redrive(OWNER, h.service, [uuid.UUID(task_id)])
+    monkeypatch.setattr(h.store, "unpark", real)
+    assert await h.queue.redrive(OWNER, h.service, [uuid.UUID(task_id)]) == 0  # the retry: not parked
+    await h.queue.drain_background(5.0)
+    again = await h.fetch_until("W2", step_ms=250, limit_ms=10_000, ttr_ms=500)
+    assert again.task_id == task_id
