@@ -79,6 +79,13 @@ REDRIVE_ALL_MAX = 1_000  # parked tasks one ``redrive all`` request puts back at
 # and reading one row at a time past many of them would take a request each.
 REDRIVE_SCAN_PAGE = 100
 REDRIVE_PACES_MAX = 1_000  # queues whose redrive pace a bridge remembers (idle ones forgotten past it)
+# A task is redriven this many times at most: each park and each unpark adds an id to the lease's
+# ``park_ids`` (nothing can remove one: a park's result may still be owed), read with the lease by
+# every claim, extend, ack and scheduler pass. A task failed and redriven in a loop (a cron's
+# ``redrive all`` beside a poison task of maxDeliveries 1, or a tenant's loop) grew it by two ids
+# a cycle, without bound, for its TTL (found by review, 2026-12-07). Past it, the task stays
+# parked (listed, counted): discard or cancel it.
+REDRIVES_PER_TASK_MAX = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -671,6 +678,15 @@ class Lifecycle:
                 continue
             if listed_epoch is not None and lease.epoch != listed_epoch:
                 continue  # redriven and parked again since it was listed: after the bound
+            if len(lease.park_ids) >= 2 * REDRIVES_PER_TASK_MAX:
+                log.warning(
+                    "task %s of %s/%s redriven %d times already: left parked (discard or cancel it)",
+                    task_id,
+                    q.owner,
+                    q.service,
+                    REDRIVES_PER_TASK_MAX,
+                )
+                continue
             await self._paced(q, interval)
             now = ctx.clock.now_ms()
             until = now - ctx.limits.skew_margin_ms  # claimable at once

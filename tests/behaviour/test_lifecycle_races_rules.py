@@ -624,3 +624,30 @@ async def test_a_redrive_whose_unpark_outcome_is_unknown_still_comes_back(
     await h.queue.drain_background(5.0)
     again = await h.fetch_until("W2", step_ms=250, limit_ms=10_000, ttr_ms=500)
     assert again.task_id == task_id
+
+
+async def test_a_task_redriven_its_limit_of_times_stays_parked(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each park and each unpark adds an id to the lease's ``park_ids``, which nothing removes: a
+    task failed and redriven in a loop grew it without bound (read with the lease by every claim,
+    ack and scheduler pass). Past REDRIVES_PER_TASK_MAX redrives the task stays parked, listed."""
+    from bridge.domain import lifecycle
+
+    monkeypatch.setattr(lifecycle, "REDRIVES_PER_TASK_MAX", 2)
+    h = harness
+    task_id = await _add_limited(h, token=False)
+    target = uuid.UUID(task_id)
+    for cycle in range(3):
+        got = await h.fetch_until(f"W{cycle}", step_ms=250, limit_ms=5_000, ttr_ms=60_000)
+        assert got.task_id == task_id
+        outcome = await h.queue.fail(OWNER, _fail(h, f"W{cycle}", task_id, got.epoch))
+        assert outcome is not None and outcome.parked
+        h.clock.advance(1)
+        redriven = await h.queue.redrive(OWNER, h.service, [target])
+        assert redriven == (1 if cycle < 2 else 0), f"cycle {cycle}: {redriven}"
+    lease = await _lease(h, task_id)
+    assert lease.state is LeaseState.PARKED and len(lease.park_ids) == 5
+    assert [p.task_id for p in await h.queue.parked(OWNER, h.service, 100)] == [target]
+    h.clock.advance(1)
+    assert await h.queue.redrive(OWNER, h.service, None) == 0  # `redrive all` leaves it too

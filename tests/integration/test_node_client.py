@@ -611,7 +611,13 @@ async def test_node_worker_gives_back_a_task_whose_result_the_bridge_refuses(
 
 
 async def _gaps_between_empty_fetches(
-    b: Any, node: str, servers: Servers, names: dict[str, str], monkeypatch: pytest.MonkeyPatch, wait_ms: int
+    b: Any,
+    node: str,
+    servers: Servers,
+    names: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    wait_ms: int,
+    poll_ms: int = 500,
 ) -> list[float]:
     """The seconds between the fetches a Node worker of an empty queue sends (4, QB_POLL_MS 500)."""
     svc = service_id()
@@ -624,7 +630,7 @@ async def _gaps_between_empty_fetches(
         return await real(owner, req, **kw)
 
     monkeypatch.setattr(b.queue, "fetch", timed)
-    extra = {"QB_SERVICE": svc, "QB_WAIT_MS": str(wait_ms), "QB_POLL_MS": "500", "QB_IDLE_EXIT": "4"}
+    extra = {"QB_SERVICE": svc, "QB_WAIT_MS": str(wait_ms), "QB_POLL_MS": str(poll_ms), "QB_IDLE_EXIT": "4"}
     worker = await NodeScript(node, "worker.js", env_of(servers, names, OWNERS[0], **extra)).start()
     try:
         assert await worker.wait(30) == 0, (worker.events, worker.stderr)
@@ -654,13 +660,16 @@ async def test_node_worker_pauses_when_its_bridge_answers_a_long_poll_empty_at_o
     assert all(g >= 0.45 for g in gaps), gaps
 
 
+@pytest.mark.parametrize("poll_ms", [50, 0])
 async def test_node_worker_backs_off_with_full_jitter_after_failed_fetches(
-    node: str, servers: Servers, names: dict[str, str]
+    node: str, servers: Servers, names: dict[str, str], poll_ms: int
 ) -> None:
     """No bridge yet (the exchange does not exist: each fetch's channel is closed by a 404). The
     worker paused a fixed second after every failure, so a fleet hammered the broker in step. Its
-    pauses now grow from QB_POLL_MS, doubling, with full jitter, up to 5 s."""
-    extra = {"QB_SERVICE": service_id(), "QB_WAIT_MS": "1000", "QB_POLL_MS": "50"}
+    pauses now grow from QB_POLL_MS, doubling, with full jitter, up to 5 s; from 100 ms at least
+    (rpc.py BACKOFF_BASE_S): with QB_POLL_MS=0 every pause was 0, a refused connect retried as
+    fast as the loop turned (third review)."""
+    extra = {"QB_SERVICE": service_id(), "QB_WAIT_MS": "1000", "QB_POLL_MS": str(poll_ms)}
     worker = await NodeScript(node, "worker.js", env_of(servers, names, OWNERS[0], **extra)).start()
     try:
         failed = await worker.count("fetch_failed", 7, timeout=60)
@@ -669,7 +678,7 @@ async def test_node_worker_backs_off_with_full_jitter_after_failed_fetches(
         await worker.stop()
     assert {f["code"] for f in failed} == {"connection_lost"}, failed
     pauses = [f["pauseMs"] for f in failed]
-    ceilings = [min(5000, 50 * 2**n) for n in range(len(pauses))]
+    ceilings = [min(5000, max(poll_ms, 100) * 2**n) for n in range(len(pauses))]
     assert all(0 <= p <= c for p, c in zip(pauses, ceilings, strict=True)), (pauses, ceilings)
     assert len(set(pauses)) > 1, f"no jitter: {pauses}"
     # Each pause was waited before the next fetch (reading the lines adds a little uncertainty).
