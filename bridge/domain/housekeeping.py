@@ -8,7 +8,8 @@ again, yet they stayed on disk for ever: a queue with delayed tasks due every mi
 partition warnings.
 
 The bridge holding the fleet's duty deletes, every :data:`TRIM_INTERVAL_S`, each registered
-queue's rows older than the retention (two range deletions per queue: one tombstone each, at the
+queue's rows older than the retention (at most :data:`MAX_QUEUES` a pass, the next going on
+where it stopped) (two range deletions per queue: one tombstone each, at the
 head of the partition, which stats' reads from the window's first day skip). The retention is
 generous on purpose: twice the TTL and at least :data:`MIN_RETENTION_DAYS`, plus a day, so that a
 bridge with a shorter ``BRIDGE_TASK_TTL`` (a setting changed pod by pod) does not cut a longer
@@ -58,6 +59,10 @@ class CounterTrim:
         self.ttl_ms = ttl_ms
         self.passes = 0
         self.failed = 0  # queues whose trim failed, all passes together
+        # Where a pass stopped short (MAX_QUEUES walked, or the duty left): the next goes on from
+        # there. Each pass began at the first queue, so with more registered queues than a pass
+        # walks (a tenant naming a service per job), those after them were never trimmed.
+        self._resume: QueueKey | None = None
 
     async def trim_once(self, held: Callable[[], bool] = lambda: True) -> int:
         """One pass over every registered queue, while ``held`` (the duty is here); the number of
@@ -66,12 +71,14 @@ class CounterTrim:
         so the queues past where they failed were never trimmed (found by review)."""
         before_day = first_kept_day(self.clock.now_ms(), self.ttl_ms)
         walked = failed = 0
-        after: QueueKey | None = None
+        after = self._resume
         while walked < MAX_QUEUES and held():
             size = min(TRIM_PAGE, MAX_QUEUES - walked)
             page = await self.store.queue_page(after, size)
+            left = False
             for q in page:
                 if not held():
+                    left = True
                     break  # the duty left: its new holder trims (no second pass beside its own)
                 walked += 1
                 try:
@@ -80,9 +87,13 @@ class CounterTrim:
                     failed += 1
                     if failed == 1:
                         log.warning("queue counters of %s/%s not trimmed: %s", q.owner, q.service, exc)
-            if len(page) < size:
+                after = q
+            if left:
                 break
-            after = page[-1]
+            if len(page) < size:
+                after = None  # the end: the next pass starts again at the first queue
+                break
+        self._resume = after
         self.passes += 1
         self.failed += failed
         log.info("queue counters trimmed", extra={"queues": walked, "failed": failed, "before_day": before_day})

@@ -94,3 +94,44 @@ async def test_a_trim_pass_stops_when_the_duty_leaves(harness: Harness, monkeypa
     monkeypatch.setattr(h.store, "trim_counts", trim_counts)
     await CounterTrim(h.store, h.clock, TTL_S * 1000).trim_once(held=lambda: held[0])
     assert len(trimmed) == 1
+
+
+async def test_a_pass_that_stops_at_its_limit_is_gone_on_with_by_the_next(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass walks MAX_QUEUES queues at most, and each began at the first: with more registered
+    queues (a tenant naming a service per job), those after them were never trimmed again (their
+    counter partitions grew for good; found by review, 2026-12-07). The next pass goes on where
+    the last stopped, and starts again at the first once one reached the end."""
+    h = harness
+    tag = uuid.uuid4().hex[:8]
+    mine = [QueueKey(f"trim-{tag}", f"svc{s}") for s in range(5)]
+    for q in mine:
+        await h.store.register_service(q)
+    real_page = h.store.queue_page
+
+    async def only_mine(after: QueueKey | None, limit: int) -> list[QueueKey]:
+        # The keyspace holds every other test's queues too: this walk sees these five alone.
+        if after is None:
+            after = QueueKey(f"trim-{tag}", "")
+        page = [q for q in await real_page(after, limit) if q in mine]
+        return page
+
+    trimmed: list[list[QueueKey]] = []
+
+    async def trim_counts(q: QueueKey, before_day: int) -> Any:
+        trimmed[-1].append(q)
+
+    monkeypatch.setattr(h.store, "queue_page", only_mine)
+    monkeypatch.setattr(h.store, "trim_counts", trim_counts)
+    monkeypatch.setattr(housekeeping, "MAX_QUEUES", 3)
+    monkeypatch.setattr(housekeeping, "TRIM_PAGE", 2)
+    trim = CounterTrim(h.store, h.clock, TTL_S * 1000)
+    for _ in range(3):
+        trimmed.append([])
+        await trim.trim_once()
+    first, second, third = trimmed
+    assert first == sorted(mine, key=lambda q: q.service)[:3]
+    assert set(first) | set(second) == set(mine), f"queues never trimmed: {set(mine) - set(first) - set(second)}"
+    assert second == sorted(mine, key=lambda q: q.service)[3:]
+    assert third == first, "after the end, the walk starts again at the first queue"

@@ -1450,3 +1450,371 @@ async def test_node_results_whose_node_goes_away_goes_on_through_another_of_its_
         await b.stop()
     assert results.all("reconnecting"), results.events
     assert [r["messageId"] for r in results.all("result")] == ["t1:c1"]
+
+
+# -- the third review's findings (pointer after a lost fetch, fails without an answer, QB_POLL_MS=0,
+# a handler rejecting with a non-Error, results handled before they count as seen, a silent channel)
+
+
+def _node_worker_via(proxy: Any, servers: Servers, names: dict[str, str], **extra: str) -> dict[str, str]:
+    """A Node worker's environment, its only path to RabbitMQ through ``proxy`` (a TcpProxy)."""
+    url = f"amqp://{OWNERS[0]}:{OWNERS[0]}@127.0.0.1:{proxy.port}/"
+    return {**env_of(servers, names, OWNERS[0]), "QB_AMQP_URL": url, **extra}
+
+
+async def _until(moment: float) -> None:
+    """Wait until ``time.monotonic()`` reaches ``moment``: the scenario's own timeline (a lost
+    request's deadline), not a wait for something to happen."""
+    await asyncio.sleep(max(0.0, moment - time.monotonic()))
+
+
+# worker.js waits for a fetch's reply its QB_WAIT_MS plus 10 s, and a fetch that got no answer may
+# claim for it until then and a second more (its deadline, judged with the hosts' clocks apart).
+FETCH_DEADLINE_S = 10.0 + 1.0
+
+
+async def test_node_worker_reads_its_pointer_after_a_lost_fetch_before_it_says_fresh_again(
+    bridge: Any, engine: Any, workers: Any, node: str, servers: Servers, names: dict[str, str], monkeypatch: Any
+) -> None:
+    """A fetch (A) whose reply was lost may claim a task for the worker until its deadline; one
+    still queued at a busy bridge claims a ready task at once, after the worker's next fetch (B,
+    not ``fresh``) read its pointer. B, sent before A's deadline and answered after it, set
+    ``fresh`` again: the fetch after it skipped the pointer naming the task A claimed, which
+    waited out its whole lease (60 s here). As rpc.py's ``_pointer_unread``, ``fresh`` comes back
+    only once a fetch without it, sent past the deadline, is answered (third review)."""
+    from tests.faults import TcpProxy
+
+    svc = service_id()
+    real = bridge.queue.fetch
+    a_held, a_go, b_read, b_go = asyncio.Event(), asyncio.Event(), asyncio.Event(), asyncio.Event()
+    claimed: list[Any] = []
+    fresh: list[bool] = []  # each fetch's ``fresh``, in order
+
+    async def busy(owner: str, req: Any, **kw: Any) -> Any:
+        if req.service_id != svc:
+            return await real(owner, req, **kw)
+        fresh.append(req.fresh)
+        if len(fresh) == 1:  # A: queued at a busy bridge while its connection is lost
+            a_held.set()
+            await a_go.wait()
+            claimed.append(await real(owner, req, **kw))
+            return claimed[0]
+        if len(fresh) == 2:  # B: reads the pointer now; its answer comes past A's deadline
+            got = await real(owner, req, **kw)
+            b_read.set()
+            await b_go.wait()
+            return got
+        return await real(owner, req, **kw)
+
+    monkeypatch.setattr(bridge.queue, "fetch", busy)
+    proxy = await TcpProxy(servers.amqp_host, servers.amqp_port).start()
+    extra = {"QB_SERVICE": svc, "QB_WAIT_MS": "0", "QB_POLL_MS": "100", "QB_TTR_MS": "60000", "QB_MAX_TASKS": "1"}
+    worker = await NodeScript(node, "worker.js", _node_worker_via(proxy, servers, names, **extra)).start()
+    try:
+        async with asyncio.timeout(30):
+            await a_held.wait()
+        a_at = time.monotonic()  # A was sent before this: its deadline is before a_at + 11 s
+        # Lost 3 s after it was sent: B, sent then, waits for its own reply until a_at + 13 s,
+        # past A's deadline.
+        await _until(a_at + 3)
+        proxy.cut()
+        proxy.restore()
+        async with asyncio.timeout(10):
+            await b_read.wait()
+        task_id = await engine.add(svc, {"n": 1, "text": "claimed by a lost fetch"})
+        a_go.set()  # A runs now, after B read the pointer: it claims the task for the worker
+        from tests.conftest import wait_for
+
+        await wait_for(lambda: bool(claimed), 10, what="the lost fetch to run at the bridge")
+        assert claimed[0] is not None and claimed[0].task_id == task_id, claimed
+        await _until(a_at + FETCH_DEADLINE_S + 0.5)
+        b_go.set()  # B answered (nothing) past A's deadline
+        assert await worker.wait(15) == 0, (worker.events, fresh)
+    finally:
+        a_go.set()
+        b_go.set()
+        await worker.stop()
+        await proxy.stop()
+    assert fresh[:3] == [False, False, False], f"the fetch after B skipped the worker's pointer: {fresh}"
+    assert worker.all("acked") == [{"event": "acked", "taskId": task_id, "completed": True}], worker.events
+    assert await (await workers(svc, "other")).fetch() is None
+
+
+async def test_node_worker_told_to_stop_past_a_lost_fetchs_deadline_fetches_back_what_it_claimed(
+    bridge: Any, engine: Any, workers: Any, node: str, servers: Servers, names: dict[str, str], monkeypatch: Any
+) -> None:
+    """A fetch claimed a task and its reply was lost; RabbitMQ stayed out of reach past that
+    fetch's deadline (the fetches after it never left the worker); then SIGTERM. The drain asked
+    the bridge what the worker held only until that deadline: past it, it exited at once, and
+    the claimed task stayed leased to the stopped worker for its whole lease (60 s here). As
+    rpc.py (``_claim_unanswered``, test_client_defects.py), it asks while such a claim may be
+    unread, within QB_STOP_GRACE_MS (third review)."""
+    from tests.faults import TcpProxy
+
+    svc, worker_id = service_id(), "node-stop-late"
+    task_id = await engine.add(svc, {"n": 1, "text": "claimed, its reply lost"})
+    proxy = await TcpProxy(servers.amqp_host, servers.amqp_port).start()
+    real = bridge.queue.fetch
+    claimed: list[tuple[float, Any]] = []
+
+    async def claim_then_cut(owner: str, req: Any, **kw: Any) -> Any:
+        got = await real(owner, req, **kw)
+        if req.service_id == svc and not claimed:
+            claimed.append((time.monotonic(), got))
+            proxy.cut()  # the reply has nowhere to go, and RabbitMQ refuses the worker from now on
+        return got
+
+    monkeypatch.setattr(bridge.queue, "fetch", claim_then_cut)
+    extra = {"QB_SERVICE": svc, "QB_WORKER_ID": worker_id, "QB_WAIT_MS": "0", "QB_TTR_MS": "60000"}
+    worker = await NodeScript(node, "worker.js", _node_worker_via(proxy, servers, names, **extra)).start()
+    try:
+        from tests.conftest import wait_for
+
+        await wait_for(lambda: bool(claimed), 30, what="the worker's first fetch to claim")
+        assert claimed[0][1] is not None and claimed[0][1].task_id == task_id, claimed
+        await _until(claimed[0][0] + FETCH_DEADLINE_S + 0.5)
+        assert worker.proc is not None and worker.proc.returncode is None, worker.events
+        worker.signal(signal.SIGTERM)
+        await worker.event("drain_failed", 10)  # RabbitMQ still refuses: asked again, within the grace
+        proxy.restore()
+        assert await worker.wait(15) == 0, (worker.events, worker.stderr)
+    finally:
+        await worker.stop()
+        await proxy.stop()
+    assert worker.all("acked") == [{"event": "acked", "taskId": task_id, "completed": True}], worker.events
+    assert await (await workers(svc, worker_id)).fetch() is None, "a task is leased to the stopped worker"
+
+
+async def test_node_worker_handed_back_a_lease_whose_fail_got_no_answer_sends_the_fail_again(
+    bridge: Any, engine: Any, node: str, servers: Servers, names: dict[str, str], monkeypatch: Any
+) -> None:
+    """A handler threw and its task's ``fail`` got no answer (``unavailable``): the worker went on,
+    its next fetch (not ``fresh``) got the same lease back, and the handler ran again at once, at
+    the same epoch, skipping the fail's backoff and never counting toward parking. As rpc.py's
+    ``_fail_in_hand`` (test_client_r11_fail_in_hand.py), that lease handed back has its fail sent
+    again instead; the task comes back after the backoff, at a new epoch (third review)."""
+    from bridge.domain.errors import Unavailable
+
+    svc = service_id()
+    real = bridge.queue.fail
+    refused: list[int] = []
+
+    async def unavailable_once(owner: str, req: Any) -> Any:
+        if req.service_id == svc and not refused:
+            refused.append(1)
+            raise Unavailable("Cassandra timed out (test)")  # answered unavailable: may not have applied
+        return await real(owner, req)
+
+    monkeypatch.setattr(bridge.queue, "fail", unavailable_once)
+    task_id = await engine.add(svc, {"n": 1, "throw": "boom"})  # its handler throws, every time
+    extra = {"QB_SERVICE": svc, "QB_WAIT_MS": "1000", "QB_TTR_MS": "60000", "QB_MAX_TASKS": "2"}
+    worker = await NodeScript(node, "worker.js", env_of(servers, names, OWNERS[0], **extra)).start()
+    try:
+        assert await worker.wait(30) == 0, (worker.events, worker.stderr)
+    finally:
+        await worker.stop()
+    leases = [(t["taskId"], t["epoch"], t["deliveries"]) for t in worker.all("task")]
+    first = leases[0][1]
+    assert leases == [(task_id, first, 1), (task_id, first, 1), (task_id, first + 1, 2)], (
+        f"the handler ran again at the lease whose fail got no answer: {worker.events}"
+    )
+    assert worker.all("fail_in_hand") == [
+        {"event": "fail_in_hand", "taskId": task_id, "epoch": first, "resent": 1}
+    ], worker.events
+    assert [g["answered"] for g in worker.all("given_back")] == [None, True, True], worker.events
+
+
+async def test_node_worker_told_to_stop_sends_a_give_back_without_an_answer_again(
+    bridge: Any, engine: Any, workers: Any, node: str, servers: Servers, names: dict[str, str], monkeypatch: Any
+) -> None:
+    """At the stop a handler still running is given back (``fail``, retryInMs 0). That fail got no
+    answer (``unavailable``): the worker exited, the task leased to it for its whole lease (60 s
+    here). As rpc.py's ``_give_back`` on stop, it is sent again within QB_STOP_GRACE_MS (third
+    review)."""
+    from bridge.domain.errors import Unavailable
+
+    svc = service_id()
+    real = bridge.queue.fail
+    refused: list[int] = []
+
+    async def unavailable_once(owner: str, req: Any) -> Any:
+        if req.service_id == svc and not refused:
+            refused.append(1)
+            raise Unavailable("Cassandra timed out (test)")
+        return await real(owner, req)
+
+    monkeypatch.setattr(bridge.queue, "fail", unavailable_once)
+    task_id = await engine.add(svc, {"n": 1, "text": "slow"})
+    extra = {"QB_SERVICE": svc, "QB_WAIT_MS": "5000", "QB_TTR_MS": "60000", "QB_WORK_MS": "60000"}
+    extra["QB_STOP_TIMEOUT_MS"] = "300"
+    worker = await NodeScript(node, "worker.js", env_of(servers, names, OWNERS[0], **extra)).start()
+    try:
+        await worker.event("task")
+        worker.signal(signal.SIGTERM)
+        assert await worker.wait(10) == 0, (worker.events, worker.stderr)
+    finally:
+        await worker.stop()
+    assert [f["code"] for f in worker.all("give_back_failed")] == ["unavailable"], worker.events
+    assert worker.all("given_back") == [
+        {"event": "given_back", "taskId": task_id, "reason": "StopTimeout", "answered": True}
+    ], worker.events
+    got = await (await workers(svc, "other")).fetch(wait_ms=5_000)
+    assert got is not None and (got.id, got.deliveries) == (task_id, 2), got
+    assert await got.ack("done") is True
+
+
+async def test_node_worker_with_poll_ms_0_still_pauses_between_empty_fetches(
+    bridge: Any, node: str, servers: Servers, names: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QB_POLL_MS=0 (a long-polling user's natural choice) turned every pause off: not long-polling,
+    a worker of an empty queue sent fetches as fast as the bridge answered, each a scan of its
+    ready index. As rpc.py (``max(poll_interval, BACKOFF_BASE_S)``) it pauses 100 ms at least
+    (third review)."""
+    gaps = await _gaps_between_empty_fetches(bridge, node, servers, names, monkeypatch, wait_ms=0, poll_ms=0)
+    assert all(g >= 0.09 for g in gaps), gaps
+
+
+@pytest.mark.parametrize("thrown", [None, 42], ids=["null", "a number"])
+async def test_node_worker_gives_back_a_task_whose_handler_rejects_with_a_non_error(
+    bridge: Any, engine: Any, workers: Any, node: str, servers: Servers, names: dict[str, str], thrown: Any
+) -> None:
+    """A handler that rejects with ``null`` (``reject()``, ``throw null``): reading ``err.name``
+    threw in the catch, and the worker exited 1 with its task leased for the whole lease (60 s
+    here). A non-Error is taken as an Error of its text: the task is given back and the worker
+    goes on (third review)."""
+    svc = service_id()
+    task_id = await engine.add(svc, {"n": 1, "throw": thrown})
+    extra = {"QB_SERVICE": svc, "QB_WAIT_MS": "1000", "QB_TTR_MS": "60000", "QB_MAX_TASKS": "1"}
+    worker = await NodeScript(node, "worker.js", env_of(servers, names, OWNERS[0], **extra)).start()
+    try:
+        assert await worker.wait(30) == 0, (worker.events, worker.stderr)
+    finally:
+        await worker.stop()
+    assert worker.all("given_back") == [
+        {"event": "given_back", "taskId": task_id, "reason": "Error", "answered": True}
+    ], worker.events
+    got = await (await workers(svc, "other")).fetch(wait_ms=5_000)
+    assert got is not None and (got.id, got.deliveries) == (task_id, 2), got
+    assert await got.ack("done") is True
+
+
+# The results consumer's handling of its first result fails (what a crash of the code handling it
+# does): writing that result's line throws, once.
+FIRST_RESULT_FAILS = """
+'use strict';
+const write = process.stdout.write.bind(process.stdout);
+let failed = false;
+process.stdout.write = (chunk, ...rest) => {
+  if (!failed && String(chunk).includes('"event":"result"')) {
+    failed = true;
+    throw new Error('the handling of the result failed (test)');
+  }
+  return write(chunk, ...rest);
+};
+"""
+
+
+async def test_node_results_handles_again_a_result_whose_handling_failed(
+    bridge: Any, node: str, servers: Servers, names: dict[str, str], tmp_path: Any
+) -> None:
+    """results.js remembered a result's message-id before it handled it: a result whose handling
+    threw was left unacked, holding one of the channel's prefetch slots for the connection's life,
+    and when it came again (a reconnection) it was acked as a duplicate, never handled. Its id is
+    remembered once it was handled; one whose handling failed is requeued (third review)."""
+    svc = service_id()
+    preload = tmp_path / "first_result_fails.js"
+    preload.write_text(FIRST_RESULT_FAILS)
+    extra = {
+        "QB_SERVICE": svc,
+        "QB_OWNER": OWNERS[0],
+        "QB_EXPECT": "1",
+        "QB_TIMEOUT_MS": "10000",
+        "QB_RETRY_BASE_MS": "100",
+        "NODE_OPTIONS": f"--require {preload}",
+    }
+    results = await NodeScript(node, "results.js", env_of(servers, names, ENGINE_USER, **extra)).start()
+    try:
+        await results.event("ready")
+        await _publish_results(servers, names, svc, [("t1:c1", _result("t1", svc))])
+        assert await results.wait(20) == 0, (results.events, results.stderr)
+    finally:
+        await results.stop()
+    assert [f["messageId"] for f in results.all("handling_failed")] == ["t1:c1"], results.events
+    assert [r["messageId"] for r in results.all("result")] == ["t1:c1"], results.events
+
+
+# The AMQP Channel.Open method frame on channel 1 (type 1, channel 1, size, class 20, method 10).
+CHANNEL_OPEN = re.compile(rb"\x01\x00\x01.{4}\x00\x14\x00\x0a", re.DOTALL)
+
+
+def _silent_after_the_handshake(servers: Servers) -> Any:
+    """A TcpProxy to RabbitMQ that lets the AMQP handshake through, then drops everything RabbitMQ
+    sends from the moment a client opens a channel: a node that took the connection and went
+    silent (stalled, half dead, a black-holing firewall). ``channel_open`` is set then."""
+    from tests.faults import TcpProxy
+
+    class SilentAfterTheHandshake(TcpProxy):
+        def __init__(self) -> None:
+            super().__init__(servers.amqp_host, servers.amqp_port)
+            self.channel_open = asyncio.Event()
+
+        async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, replies: bool) -> None:
+            if replies:
+                await super()._pipe(reader, writer, replies=True)
+                return
+            try:
+                while data := await reader.read(65536):
+                    if CHANNEL_OPEN.search(data):
+                        self.mute()  # before it goes on: its Channel.OpenOk never comes back
+                        self.channel_open.set()
+                    writer.write(data)
+                    await writer.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                with contextlib.suppress(Exception):
+                    writer.close()
+
+    return SilentAfterTheHandshake()
+
+
+async def test_node_worker_gives_up_a_channel_a_silent_node_never_opens(
+    node: str, servers: Servers, names: dict[str, str]
+) -> None:
+    """The connect timeout bounded the TCP connect and the AMQP handshake only: a node silent after
+    the handshake held ``createChannel()`` (and the fetch waiting for it) until the heartbeats gave
+    up, minutes later. Opening the channel is bounded by QB_CONNECT_TIMEOUT_MS too: the fetch
+    fails (``connection_lost``) and is retried, as any (third review)."""
+    proxy = await _silent_after_the_handshake(servers).start()
+    extra = {"QB_SERVICE": service_id(), "QB_WAIT_MS": "1000", "QB_CONNECT_TIMEOUT_MS": "1000"}
+    worker = await NodeScript(node, "worker.js", _node_worker_via(proxy, servers, names, **extra)).start()
+    try:
+        failed = await worker.event("fetch_failed", 10)
+        assert failed["code"] == "connection_lost" and "channel" in failed["message"], failed
+        worker.signal(signal.SIGTERM)
+        assert await worker.wait(5) == 0, (worker.events, worker.stderr)
+    finally:
+        await worker.stop()
+        await proxy.stop()
+
+
+async def test_node_worker_told_to_stop_while_its_channel_opens_exits_at_once(
+    node: str, servers: Servers, names: dict[str, str]
+) -> None:
+    """SIGTERM while the worker waits for a silent node to open its channel: close() closed the
+    connection the client had (none yet) and left the connect under way alone, so the worker
+    waited in it (minutes: only the heartbeats ended it). close() now cuts a connect under way
+    (third review)."""
+    proxy = _silent_after_the_handshake(servers)
+    await proxy.start()
+    extra = {"QB_SERVICE": service_id(), "QB_WAIT_MS": "1000", "QB_CONNECT_TIMEOUT_MS": "30000"}
+    worker = await NodeScript(node, "worker.js", _node_worker_via(proxy, servers, names, **extra)).start()
+    try:
+        async with asyncio.timeout(10):
+            await proxy.channel_open.wait()
+        worker.signal(signal.SIGTERM)
+        assert await worker.wait(5) == 0, (worker.events, worker.stderr)
+    finally:
+        await worker.stop()
+        await proxy.stop()
+    assert worker.all("stopping") == [{"event": "stopping", "signal": "SIGTERM", "phase": "fetching"}], worker.events
