@@ -134,7 +134,7 @@ class WorkQueue:
         self._lands_in_time_ms = settle_ms - limits.skew_margin_ms
         # Set by the recovery scheduler: handles a timer-wheel entry due within moments, here.
         self.due_soon: Callable[[ExpiryEntry], None] | None = None
-        self._registered: dict[QueueKey, int] = {}
+        self._registered: OrderedDict[QueueKey, int] = OrderedDict()
         # Adds whose task write timed out here (task id -> counted yet): see ``_count_add``.
         self._adds_in_doubt: OrderedDict[uuid.UUID, bool] = OrderedDict()
         self._warn_entered_late = ThrottledWarning(log)  # a slow store makes many adds late at once
@@ -466,10 +466,14 @@ class WorkQueue:
         """Record the owner's service queue for stats, once a day per bridge (not per task)."""
         now = self.ctx.clock.now_ms()
         if now - self._registered.get(q, -DAY_MS) < DAY_MS:
+            self._registered.move_to_end(q)
             return
         self._registered[q] = now
-        if len(self._registered) > self.dispatcher.max_lanes:
-            self._registered.clear()
+        self._registered.move_to_end(q)
+        # The least recently added to are forgotten: cleared whole past the limit, a bridge taking
+        # adds to more queues than that registered nearly every add again (a write and a task each).
+        while len(self._registered) > self.dispatcher.max_lanes:
+            self._registered.popitem(last=False)
         self.ctx.background.spawn(self._registration(q, now), "register service")
 
     async def _registration(self, q: QueueKey, at_ms: int) -> None:

@@ -152,10 +152,14 @@ class CassandraTaskStore:
         # unknown outcome is sent only if it ends before the caller's deadline (``_in_time``).
         self.request_timeout_ms = request_timeout_ms
         # Buckets this process indexed lately, and until when their index rows live (ms).
-        self._indexed: dict[tuple[QueueKey, int, int], int] = {}
+        # Oldest first: past MAX_REMEMBERED_BUCKETS the oldest are forgotten, not all (cleared
+        # whole, a bridge seeing that many buckets wrote every queue's index row again at once).
+        self._indexed: OrderedDict[tuple[QueueKey, int, int], int] = OrderedDict()
         self._marked: set[int] = set()  # expiry buckets this process marked lately
         self._expiries: OrderedDict[uuid.UUID, int] = OrderedDict()  # task -> end of life, read lately
-        self._cursor_trims: dict[tuple[QueueKey, int], int] = {}  # lane -> when this process last trimmed it
+        self._cursor_trims: OrderedDict[tuple[QueueKey, int], int] = (
+            OrderedDict()
+        )  # lane -> when this process last trimmed it
         # A rolling upgrade from 1.2: also read the unsharded expiry and outbox tables it writes.
         self.read_unsharded = read_unsharded
 
@@ -315,9 +319,10 @@ class CassandraTaskStore:
     def _remember_index(self, index: _IndexWrite | None) -> None:
         if index is None:
             return
-        if len(self._indexed) > MAX_REMEMBERED_BUCKETS:
-            self._indexed.clear()
         self._indexed[index.key] = max(self._indexed.get(index.key, 0), index.until_ms)
+        self._indexed.move_to_end(index.key)
+        while len(self._indexed) > MAX_REMEMBERED_BUCKETS:
+            self._indexed.popitem(last=False)
 
     async def _store(self, batch: str, writes: list[tuple[str, tuple[Any, ...]]], *, batchable: bool = True) -> None:
         """An entry's writes (its bucket's index row first, when it needs one) in one request: an
@@ -500,9 +505,10 @@ class CassandraTaskStore:
         last = self._cursor_trims.get(key)
         if last is not None and now - last < CURSOR_TRIM_EVERY_MS:
             return
-        if len(self._cursor_trims) >= MAX_REMEMBERED_BUCKETS:
-            self._cursor_trims.clear()
         self._cursor_trims[key] = now
+        self._cursor_trims.move_to_end(key)
+        while len(self._cursor_trims) > MAX_REMEMBERED_BUCKETS:
+            self._cursor_trims.popitem(last=False)
         try:
             await self.db.execute("cursor.trim", (q.owner, q.service, lane, bucket))
         except StorageError as exc:

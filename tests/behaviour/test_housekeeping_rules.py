@@ -135,3 +135,40 @@ async def test_a_pass_that_stops_at_its_limit_is_gone_on_with_by_the_next(
     assert set(first) | set(second) == set(mine), f"queues never trimmed: {set(mine) - set(first) - set(second)}"
     assert second == sorted(mine, key=lambda q: q.service)[3:]
     assert third == first, "after the end, the walk starts again at the first queue"
+
+
+async def test_a_bridge_adding_to_more_queues_than_it_remembers_forgets_the_least_recent_only(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bridge registers each queue it adds to once a day. Past its limit of remembered queues it
+    forgot them all, and a bridge taking adds to more queues than that (every bridge of a fleet
+    takes every queue's adds) registered nearly every add again: a write and a background task each
+    (found by review, 2026-12-07). Only the least recently added to are forgotten now."""
+    from bridge.domain.models import AddCommand, parse
+    from tests.queue_harness import OWNER
+
+    h = harness
+    monkeypatch.setattr(h.queue.dispatcher, "max_lanes", 3)
+    registered: list[QueueKey] = []
+    real = h.store.register_service
+
+    async def register_service(q: QueueKey) -> None:
+        registered.append(q)
+        await real(q)
+
+    monkeypatch.setattr(h.store, "register_service", register_service)
+    tag = uuid.uuid4().hex[:6]
+
+    async def add(service: str) -> None:
+        command = parse(AddCommand, {"serviceId": f"{tag}-{service}", "value": 1})
+        await h.queue.add(OWNER, command, message_id=None, traceparent=None)
+        await h.queue.drain_background(5.0)
+
+    for name in ("a", "b", "c", "a", "d"):  # "d" is one more than remembered: "b" is the oldest
+        await add(name)
+    assert [q.service for q in registered] == [f"{tag}-{n}" for n in ("a", "b", "c", "d")]
+    for name in ("a", "c", "d"):
+        await add(name)
+    assert len(registered) == 4, f"registered again: {[q.service for q in registered[4:]]}"
+    await add("b")
+    assert registered[-1].service == f"{tag}-b"

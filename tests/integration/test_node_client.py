@@ -1482,6 +1482,7 @@ async def test_node_worker_reads_its_pointer_after_a_lost_fetch_before_it_says_f
     ``fresh`` again: the fetch after it skipped the pointer naming the task A claimed, which
     waited out its whole lease (60 s here). As rpc.py's ``_pointer_unread``, ``fresh`` comes back
     only once a fetch without it, sent past the deadline, is answered (third review)."""
+    from tests.conftest import wait_for
     from tests.faults import TcpProxy
 
     svc = service_id()
@@ -1523,8 +1524,6 @@ async def test_node_worker_reads_its_pointer_after_a_lost_fetch_before_it_says_f
             await b_read.wait()
         task_id = await engine.add(svc, {"n": 1, "text": "claimed by a lost fetch"})
         a_go.set()  # A runs now, after B read the pointer: it claims the task for the worker
-        from tests.conftest import wait_for
-
         await wait_for(lambda: bool(claimed), 10, what="the lost fetch to run at the bridge")
         assert claimed[0] is not None and claimed[0].task_id == task_id, claimed
         await _until(a_at + FETCH_DEADLINE_S + 0.5)
@@ -1549,6 +1548,7 @@ async def test_node_worker_told_to_stop_past_a_lost_fetchs_deadline_fetches_back
     the claimed task stayed leased to the stopped worker for its whole lease (60 s here). As
     rpc.py (``_claim_unanswered``, test_client_defects.py), it asks while such a claim may be
     unread, within QB_STOP_GRACE_MS (third review)."""
+    from tests.conftest import wait_for
     from tests.faults import TcpProxy
 
     svc, worker_id = service_id(), "node-stop-late"
@@ -1568,8 +1568,6 @@ async def test_node_worker_told_to_stop_past_a_lost_fetchs_deadline_fetches_back
     extra = {"QB_SERVICE": svc, "QB_WORKER_ID": worker_id, "QB_WAIT_MS": "0", "QB_TTR_MS": "60000"}
     worker = await NodeScript(node, "worker.js", _node_worker_via(proxy, servers, names, **extra)).start()
     try:
-        from tests.conftest import wait_for
-
         await wait_for(lambda: bool(claimed), 30, what="the worker's first fetch to claim")
         assert claimed[0][1] is not None and claimed[0][1].task_id == task_id, claimed
         await _until(claimed[0][0] + FETCH_DEADLINE_S + 0.5)
@@ -1618,9 +1616,9 @@ async def test_node_worker_handed_back_a_lease_whose_fail_got_no_answer_sends_th
     assert leases == [(task_id, first, 1), (task_id, first, 1), (task_id, first + 1, 2)], (
         f"the handler ran again at the lease whose fail got no answer: {worker.events}"
     )
-    assert worker.all("fail_in_hand") == [
-        {"event": "fail_in_hand", "taskId": task_id, "epoch": first, "resent": 1}
-    ], worker.events
+    assert worker.all("fail_in_hand") == [{"event": "fail_in_hand", "taskId": task_id, "epoch": first, "resent": 1}], (
+        worker.events
+    )
     assert [g["answered"] for g in worker.all("given_back")] == [None, True, True], worker.events
 
 
