@@ -74,6 +74,26 @@ def password_unencoded(url: str) -> bool:
     return "@" not in rest[:end] and "@" in rest[end:]
 
 
+def _amqp_tls_files_readable(query: str) -> None:
+    """The TLS files an AMQP URL names (``cafile``, ``certfile``, ``keyfile``; ``capath`` a
+    directory), checked at load: aiormq opens them at each connect, where a missing one raised a
+    FileNotFoundError naming no file, taken for RabbitMQ out of reach and retried until the start
+    timed out (exit 1; in a pod whose optional TLS Secret was not there, a crash loop)."""
+    from urllib.parse import parse_qs
+
+    for name, values in parse_qs(query).items():
+        if name not in ("cafile", "certfile", "keyfile", "capath"):
+            continue
+        for value in values:
+            path = Path(value)
+            if name == "capath":
+                if not (path.is_dir() and os.access(path, os.R_OK | os.X_OK)):
+                    raise ValueError(f"?capath= names no readable directory: {value}")
+            elif not (path.is_file() and os.access(path, os.R_OK)):
+                reason = "not a file" if path.exists() else "no readable file"
+                raise ValueError(f"?{name}= names {reason}: {value}")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -392,6 +412,7 @@ class Settings(BaseSettings):
             url.port  # noqa: B018 (it raises for a port that is not a number from 0 to 65535)
         except ValueError:
             raise ValueError("has a port that is not a number from 1 to 65535") from None
+        _amqp_tls_files_readable(url.query)
         return value
 
     @field_validator("cassandra_hosts")

@@ -23,7 +23,8 @@
 //                                  closing a connection may (then its socket is destroyed)
 //
 // The work: {"upper": value.text upper-cased, "n": value.n}; a value with "fail": true is acked
-// with a business error instead ({"message": ...}): it reaches the engine as an error result.
+// with a business error instead ({"message": ...}): it reaches the engine as an error result; a
+// value with "throw": X has the work throw X as it is (a handler's crash: the task is given back).
 // Prints JSON lines: {"event": "task", ...}, {"event": "acked", "taskId", "completed"},
 // {"event": "fetch_failed", "code", "message", "pauseMs"}, {"event": "ack_failed", ...},
 // {"event": "given_back", "taskId", "reason", "answered"}, {"event": "stopping", "signal"},
@@ -125,6 +126,8 @@ function pause(ms) {
 /** The demo work; replace it with yours (it may be async, and may throw: the task is given back). */
 async function work(value, workMs) {
   if (workMs > 0) await sleep(workMs);
+  // What a handler's crash looks like, whatever it throws (not always an Error): given back.
+  if (value && typeof value === 'object' && 'throw' in value) throw value.throw;
   if (value && value.fail) return { error: { message: `task ${value.n} failed on purpose` } };
   const text = value && typeof value.text === 'string' ? value.text : JSON.stringify(value);
   return { result: { upper: text.toUpperCase(), n: value ? value.n : null } };

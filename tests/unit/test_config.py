@@ -356,3 +356,32 @@ def test_a_misspelt_variable_in_the_env_file_is_named_too(tmp_path: Path, monkey
     assert said == [
         "BRIDGE_CASANDRA_HOSTS is not a setting of this bridge (did you mean BRIDGE_CASSANDRA_HOSTS?): ignored"
     ]
+
+
+@pytest.mark.parametrize("option", ["cafile", "certfile", "keyfile", "capath"])
+def test_a_tls_file_the_amqp_url_names_and_nobody_mounted_is_a_configuration_error(option: str, tmp_path: Path) -> None:
+    """aiormq opens the URL's TLS files at each connect: a missing one raised a FileNotFoundError
+    naming no file, read as "RabbitMQ cannot be reached", retried until the start timed out, then
+    exit 1 (a pod whose optional TLS Secret was missing crash-looped). Found by review, 2026-12-07."""
+    keyring = tmp_path / "keyring.json"
+    write_keyring(keyring, generate_keyring(["worker-a", "engine"]))
+    missing = str(tmp_path / "not-mounted" / "rabbit.pem")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+    env.update(
+        {
+            "BRIDGE_AMQP_URL": f"amqps://guest:guest@127.0.0.1:1/?{option}={missing}",
+            "BRIDGE_CASSANDRA_HOSTS": "127.0.0.1",
+            "BRIDGE_CASSANDRA_PORT": "1",
+            "BRIDGE_KEYRING": str(keyring),
+            "BRIDGE_HTTP_PORT": "0",
+            "COLUMNS": "200",
+        }
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "bridge", "run"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out, out[-1500:]
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{out[-1500:]}"
+    assert "BRIDGE_AMQP_URL" in proc.stderr and f"?{option}= names" in proc.stderr and missing in proc.stderr
+    assert "guest:guest" not in proc.stderr
