@@ -80,6 +80,14 @@ def permissions(
     url = s.amqp_url.get_secret_value()
     # The bridge's own vhost: "/" for a bridge on another one granted its users nothing it uses.
     vhost = amqp_vhost(url) if vhost is None else vhost
+    if not bridge_user and amqp_user(url) == "guest":
+        # BRIDGE_AMQP_URL unset (its default's user) or naming RabbitMQ's default administrator:
+        # the lines pasted cut guest down to the bridge's rules, and the bridge's user got none.
+        fail(
+            "the bridge's user would be 'guest' (BRIDGE_AMQP_URL unset, or naming RabbitMQ's default "
+            "administrator): give --bridge-user NAME, or set BRIDGE_AMQP_URL as the bridges have it",
+            code=2,
+        )
     users = {"bridge": [bridge_user or amqp_user(url)]}
     users["engine"] = engine or list(s.trusted_users)
     users["worker"] = worker or ["<worker-user>"]

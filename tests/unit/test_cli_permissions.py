@@ -68,3 +68,16 @@ def test_the_bridge_may_not_read_an_engine_results_queue_of_its_own_name() -> No
     # Sharing the exchange's name (the default), the queue's name is one the bridge must read.
     shared = role_permissions("qb", "qb.results", "qb", "qb.results")["bridge"]
     assert re.fullmatch(shared.read, "qb.results")
+
+
+def test_the_bridges_rules_are_never_printed_for_guest_unasked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run as documented where BRIDGE_AMQP_URL is not set, it printed the bridge's rules for
+    `guest` (the default URL's user, RabbitMQ's administrator): pasted, they cut guest down and
+    gave the bridge's user nothing (found by review, 2026-12-07). It asks for --bridge-user."""
+    monkeypatch.delenv("BRIDGE_AMQP_URL", raising=False)
+    monkeypatch.setenv("BRIDGE_TRUSTED_USERS", "engine")
+    result = CliRunner().invoke(app, ["permissions", "--worker", "tenant-a"])
+    assert result.exit_code == 2, result.output
+    assert "--bridge-user" in result.stderr and "rabbitmqctl" not in result.stdout
+    lines = _lines(monkeypatch, "amqp://guest:guest@127.0.0.1:5672/", "--bridge-user", "queue-bridge")
+    assert lines[0][4] == "queue-bridge"
