@@ -34,7 +34,7 @@ bridge: venv stack-up keyring
 
 # Everything a newcomer needs to see tasks flow.
 run: venv stack-up keyring
-	BRIDGE_KEYRING=$(STATE)/keyring.json $(PY) examples/run_demo.py
+	$(PY) examples/run_demo.py
 
 # The suite runs in TEST_WORKERS processes (pytest-xdist): most tests wait on the servers (a lease
 # running out, a long-poll), so more processes than cores fill the waits: the parallel pass took

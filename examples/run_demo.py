@@ -39,7 +39,7 @@ import worker as demo_worker  # noqa: E402  (examples/worker.py)
 
 from bridge.app import Bridge  # noqa: E402
 from bridge.client.rpc import results_consumer  # noqa: E402
-from bridge.config import ConfigError, Settings, load_settings  # noqa: E402
+from bridge.config import ConfigError, Settings, configured_variables, load_settings, unknown_variables  # noqa: E402
 
 OWNER = "worker-a"
 ENGINE_USER = "engine"
@@ -68,13 +68,23 @@ def port_in_use(host: str, port: int) -> bool:
 
 
 def default_environment() -> None:
-    # The bridge runs as its own least-privilege broker user (deploy/local/rabbitmq.sh).
-    os.environ.setdefault("BRIDGE_AMQP_URL", "amqp://queue-bridge:queue-bridge@127.0.0.1:5672/")
-    os.environ.setdefault("BRIDGE_TRUSTED_USERS", ENGINE_USER)
-    os.environ.setdefault("BRIDGE_HTTP_PORT", "8080")
-    os.environ.setdefault("BRIDGE_LOG_LEVEL", "WARNING")
-    os.environ.setdefault("BRIDGE_LOG_FORMAT", "console")
-    if not os.environ.get("BRIDGE_KEYRING") and not os.environ.get("BRIDGE_KEY_SERVER_URL"):
+    # What is set in the environment or in a .env file wins (the settings read both, the
+    # environment first: a default put in the environment here hid the .env's value).
+    given = configured_variables(os.environ)
+    for said in unknown_variables(given):
+        say(f"warning: {said}")
+    defaults = {
+        # The bridge runs as its own least-privilege broker user (deploy/local/rabbitmq.sh).
+        "BRIDGE_AMQP_URL": "amqp://queue-bridge:queue-bridge@127.0.0.1:5672/",
+        "BRIDGE_TRUSTED_USERS": ENGINE_USER,
+        "BRIDGE_HTTP_PORT": "8080",
+        "BRIDGE_LOG_LEVEL": "WARNING",
+        "BRIDGE_LOG_FORMAT": "console",
+    }
+    for name, value in defaults.items():
+        if name not in given:
+            os.environ[name] = value
+    if not given.get("BRIDGE_KEYRING") and not given.get("BRIDGE_KEY_SERVER_URL"):
         path = ROOT / "deploy/local/state/keyring.json"
         if not path.exists():
             from bridge.crypto import generate_keyring, write_keyring
