@@ -754,10 +754,13 @@ class CassandraTaskStore:
         self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, now_ms: int, kill_id: uuid.UUID
     ) -> bool:
         now, key = to_datetime(now_ms), (q.owner, q.service, task_id, epoch, worker)
-        rows = await self._lease_write(
-            task_id, "lease.kill", lambda ttl, end: (ttl, now, kill_id, *key, end), owed=True
+        attempt = functools.partial(
+            self._lease_write, task_id, "lease.kill", lambda ttl, end: (ttl, now, kill_id, *key, end), owed=True
         )
-        return bool(rows and rows[0].get("[applied]"))
+        # Settled as a completion is (held by this worker at this epoch stays false once false):
+        # an unknown outcome raised, the fetch was answered `unavailable`, the task was never
+        # counted out of flight (until its TTL) and no dead letter was counted (found by review).
+        return (await self._resolve(q, task_id, attempt, "completion_id", kill_id)).applied
 
     async def uncount(self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str) -> bool:
         # The count to raise is read first (SERIAL: this epoch's claim may not be on every replica

@@ -651,3 +651,55 @@ async def test_a_task_redriven_its_limit_of_times_stays_parked(
     assert [p.task_id for p in await h.queue.parked(OWNER, h.service, 100)] == [target]
     h.clock.advance(1)
     assert await h.queue.redrive(OWNER, h.service, None) == 0  # `redrive all` leaves it too
+
+
+async def test_a_kill_whose_outcome_was_unknown_is_settled_and_counted(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task whose stored value does not open is killed (dead-lettered) by the fetch that claimed
+    it. The kill's compare-and-set was the one lease write not settled after an unknown outcome:
+    it raised, the fetch was answered `unavailable`, and the task stayed counted in flight until its
+    TTL, no dead letter counted (found by review, 2026-12-07). It is resent and read as a
+    completion's is."""
+    import dataclasses
+
+    from bridge.domain.counting import QueueCounts
+    from bridge.storage.errors import UnknownOutcome
+
+    h = harness
+    if not hasattr(h.store, "_lease_write"):
+        pytest.skip("unknown outcomes are the Cassandra adapter's")
+    counts = h.queue.ctx.counts = QueueCounts()
+    task_id = await h.add("to be tampered with")
+    real_payload = h.store.payload
+
+    async def tampered(q: QueueKey, tid: uuid.UUID) -> Any:
+        p = await real_payload(q, tid)
+        if p is None or str(tid) != task_id:
+            return p
+        flipped = bytes([p.value.ciphertext[0] ^ 1]) + p.value.ciphertext[1:]
+        return dataclasses.replace(p, value=dataclasses.replace(p.value, ciphertext=flipped))
+
+    monkeypatch.setattr(h.store, "payload", tampered)
+    real_write, sent = h.store._lease_write, []
+
+    async def lease_write(tid: uuid.UUID, name: str, *args: Any, **kwargs: Any) -> Any:
+        sent.append(name)
+        if name == "lease.kill" and sent.count(name) == 1:
+            await real_write(tid, name, *args, **kwargs)  # applied, its reply lost
+            raise UnknownOutcome("the kill's reply timed out (injected)")
+        return await real_write(tid, name, *args, **kwargs)
+
+    monkeypatch.setattr(h.store, "_lease_write", lease_write)
+    from bridge.domain.errors import IntegrityError
+
+    with pytest.raises(IntegrityError):  # the worker is told, as for any dead-lettered task (not `unavailable`)
+        await h.fetch("W")
+    assert sent.count("lease.kill") == 2, sent
+    lease = await _lease(h, task_id)
+    assert lease.state is LeaseState.DEAD
+    assert h.metrics.total("tasks_dead_lettered", reason="integrity") == 1
+    await h.queue.drain_background(5.0)
+    await counts.flush(h.store)
+    [stats] = await h.queue.stats(OWNER, h.service)
+    assert (stats.ready, stats.in_flight) == (0, 0), stats
