@@ -356,7 +356,9 @@ class MemoryTaskStore:
         cur = self._lease(q, task_id)
         if cur is None or not cur.held_by(worker, epoch) or (tokenless and cur.has_token is not False):
             return self._refused(cur, with_worker=True, with_token=tokenless)
-        self.leases[(q, task_id)] = replace(cur, state=LeaseState.DONE, completion_id=completion_id)
+        self.leases[(q, task_id)] = replace(
+            cur, state=LeaseState.DONE, completion_id=completion_id, completed_at_ms=now_ms
+        )
         return CasResult(True, None)
 
     async def kill(
@@ -453,6 +455,7 @@ class MemoryTaskStore:
             uncounted=0,
             worker=NO_WORKER,
             lease_until_ms=until_ms,
+            claim_id=unpark_id,
             park_ids=cur.park_ids | {unpark_id},
         )
         return CasResult(True, None)
@@ -475,14 +478,14 @@ class MemoryTaskStore:
         if state is None:
             if cur is not None:
                 return CasResult(False, cur)
-            self.leases[(q, task_id)] = Lease(to, 0, None, None, None, done_id)
+            self.leases[(q, task_id)] = Lease(to, 0, None, None, None, done_id, completed_at_ms=self.now_ms())
             return CasResult(True, None)
         assert base_epoch is not None
         if cur is None or cur.state is not state or cur.epoch != epoch or cur.base_epoch != base_epoch:
             return self._refused(cur, with_until=expired_before_ms is not None, with_base=True)
         if expired_before_ms is not None and (cur.lease_until_ms is None or cur.lease_until_ms > expired_before_ms):
             return self._refused(cur, with_until=True, with_base=True)
-        self.leases[(q, task_id)] = replace(cur, state=to, completion_id=done_id)
+        self.leases[(q, task_id)] = replace(cur, state=to, completion_id=done_id, completed_at_ms=self.now_ms())
         return CasResult(True, None)
 
     async def add_parked(self, q: QueueKey, entry: ParkedEntry) -> None:

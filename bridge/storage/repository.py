@@ -913,6 +913,10 @@ class CassandraTaskStore:
         # leave it leased (or parked) at the same epoch, but redriven.
         assert base_epoch is not None
         if expired_before_ms is not None:
+            # The statement names both (purge, its one caller): another pair would be written as
+            # this one here and as asked by the in-memory store.
+            if state is not LeaseState.LEASED or to is not LeaseState.CANCELLED:
+                raise ValueError("an expired lease is only cancelled from leased to cancelled")
             cond = (epoch, to_datetime(expired_before_ms), base_epoch)
             attempt = functools.partial(
                 self._lease_write,

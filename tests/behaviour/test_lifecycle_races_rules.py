@@ -703,3 +703,30 @@ async def test_a_kill_whose_outcome_was_unknown_is_settled_and_counted(
     await counts.flush(h.store)
     [stats] = await h.queue.stats(OWNER, h.service)
     assert (stats.ready, stats.in_flight) == (0, 0), stats
+
+
+async def test_a_completed_or_cancelled_lease_says_when_on_both_stores(harness: Harness) -> None:
+    """The console's `completedAt` (a task's info) read null on the in-memory store, which did not
+    keep the time of a completion or a cancel as Cassandra's statements do; nor did its unpark
+    name its id in `claim_id` (found by review, 2026-12-07): a rule that read either would pass
+    on one store and fail on the other."""
+    h = harness
+    acked = await h.add("acked")
+    got = await h.fetch("W")
+    assert got is not None and got.task_id == acked
+    h.clock.advance(5)
+    done_at = h.clock.now_ms()
+    assert await h.ack("W", got) is True
+    lease = await _lease(h, acked)
+    assert lease.state is LeaseState.DONE and lease.completed_at_ms == done_at
+    cancelled = await h.add("cancelled")
+    h.clock.advance(5)
+    cancel_at = h.clock.now_ms()
+    assert await h.queue.cancel(OWNER, h.service, uuid.UUID(cancelled)) is True
+    lease = await _lease(h, cancelled)
+    assert lease.state is LeaseState.CANCELLED and lease.completed_at_ms == cancel_at
+    parked = await _parked(h)
+    h.clock.advance(1)
+    assert await h.queue.redrive(OWNER, h.service, [uuid.UUID(parked)]) == 1
+    lease = await _lease(h, parked)
+    assert lease.claim_id is not None and lease.claim_id in lease.park_ids
