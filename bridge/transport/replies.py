@@ -71,6 +71,10 @@ PROBATION_REPLY_S = 10.0
 RESTORE_WAIT_S = 3.0  # how long a reply waits for its channel to be restored after a reconnection
 
 
+class _NotConfirmed(RuntimeError):
+    """The broker answered a reply's publish with something other than an ack."""
+
+
 class BadReplyTo(ValueError):
     pass
 
@@ -192,11 +196,17 @@ class ReplyPublisher:
                 body, routing_key=reply_to, properties=Basic.Properties(**fields)
             )
             if not isinstance(confirmed, Basic.Ack):
-                raise RuntimeError(f"the broker refused the reply ({type(confirmed).__name__})")
-        except Exception:
+                raise _NotConfirmed(f"the broker refused the reply ({type(confirmed).__name__})")
+        except Exception as exc:
             if channel is self._probation_channel:  # not already replaced after another failure
-                log.warning("a reply to an unknown broker node was refused: its requester sent a forged reply_to")
-                self.refused += 1
+                if _refused_by_broker(exc):
+                    log.warning("a reply to an unknown broker node was refused: its requester sent a forged reply_to")
+                    self.refused += 1
+                else:
+                    # The probation connection lost (a node restarting, a failover: every reply goes
+                    # through it until its node is proven again), not a forged name: said as one, a
+                    # broker restart logged a forgery per reply.
+                    log.warning("a reply through the probation connection failed: %s", type(exc).__name__)
                 await self.close_probation()
             raise
         if len(self.proven) < MAX_PROVEN_NODES:
@@ -241,3 +251,14 @@ class ReplyPublisher:
                 await conn.close()
             except Exception as exc:  # already going away
                 log.debug("closing the probation connection: %s", type(exc).__name__)
+
+
+def _refused_by_broker(exc: BaseException) -> bool:
+    """The broker's own refusal of a reply's name: not confirmed, or the connection closed with
+    541 (INTERNAL_ERROR: what RabbitMQ does to a publish to a direct reply-to name it cannot
+    resolve)."""
+    if isinstance(exc, aiormq.exceptions.ConnectionInternalError):
+        return True
+    if isinstance(exc, aiormq.exceptions.ConnectionClosed | aiormq.exceptions.ChannelClosed):
+        return 541 in exc.args
+    return isinstance(exc, _NotConfirmed)
