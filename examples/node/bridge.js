@@ -20,6 +20,9 @@ const amqp = require('amqplib');
 const DIRECT_REPLY_TO = 'amq.rabbitmq.reply-to';
 const OFFSET_WINDOW_MS = 60_000; // replies whose x-now the clock offset is taken from (the largest of them)
 const BACKOFF_CAP_MS = 5_000; // the longest pause between retries (backoffMs)
+// The least a worker's pauses start from, whatever QB_POLL_MS (rpc.py BACKOFF_BASE_S): a base of 0
+// makes every backoffMs 0, and a fleet retried a refused connect as fast as its loops turned.
+const BACKOFF_BASE_MS = 100;
 
 function env(name, fallback) {
   const value = process.env[name];
@@ -129,6 +132,7 @@ class ClientClosed extends Error {
  * The pause (ms) before retry number `failed` (1, 2, ...): full jitter, uniform between 0 and
  * `baseMs` doubled per failure, at most `capMs`. A fleet that lost RabbitMQ or its bridge at the
  * same moment then comes back spread out, instead of all at once and again and again in step.
+ * A `baseMs` of 0 pauses never: worker.js floors its base at BACKOFF_BASE_MS.
  */
 function backoffMs(failed, baseMs, capMs = BACKOFF_CAP_MS) {
   const ceiling = Math.min(capMs, baseMs * 2 ** Math.min(Math.max(failed - 1, 0), 30));
@@ -150,10 +154,15 @@ async function closeBounded(connection, ms) {
   });
   try {
     const silent = await Promise.race([connection.close().then(() => false, () => false), gaveUp]);
-    if (silent) connection.connection.stream.destroy(new Error(`no close-ok within ${ms} ms`));
+    if (silent) dropConnection(connection, `no close-ok within ${ms} ms`);
   } finally {
     clearTimeout(timer);
   }
+}
+
+/** End an amqplib connection at once, without the close handshake: its socket is destroyed. */
+function dropConnection(connection, why) {
+  connection.connection.stream.destroy(new Error(why));
 }
 
 class BridgeClient {
@@ -190,6 +199,7 @@ class BridgeClient {
     // connection were left open (close() closes the one kept) and the process never exited.
     this.connecting = null;
     this.closes = 0; // close() calls: a connect() under way when one comes is given up
+    this.cuts = new Set(); // what close() calls to cut short the step of a connect() under way
     // The channel a request got no reply on: the next request connects afresh. On RabbitMQ
     // before 3.11 a channel whose first publish to a quorum queue came during a leader election
     // keeps sending to the lost leader (rabbitmq-server#9208), and retries on it are dropped.
@@ -235,6 +245,35 @@ class BridgeClient {
     this.monoOffsetMs = this.offsets[0][1];
   }
 
+  /**
+   * `step` (a promise: one step of connect()), or a rejection as soon as close() comes
+   * (ClientClosed, `sent` false) or `ms` (null: no bound) passed without it (an Error whose
+   * `silent` is true). What a step given up brings later is handed to `late` (a connection: closed).
+   */
+  async cuttable(step, ms, late = () => {}) {
+    let timer = null;
+    let cut = null;
+    const givenUp = new Promise((resolve) => {
+      cut = () => resolve(new ClientClosed({ sent: false }));
+      const silent = () => resolve(Object.assign(new Error(`no answer within ${ms} ms`), { silent: true }));
+      if (ms !== null) timer = setTimeout(silent, ms);
+    });
+    this.cuts.add(cut);
+    const outcome = step.then((value) => ({ value }), (error) => ({ error }));
+    try {
+      const first = await Promise.race([outcome, givenUp]);
+      if (first instanceof Error) {
+        outcome.then((o) => 'value' in o && late(o.value));
+        throw first;
+      }
+      if ('error' in first) throw first.error;
+      return first.value;
+    } finally {
+      clearTimeout(timer);
+      this.cuts.delete(cut);
+    }
+  }
+
   /** connect(), or the one already under way: one connection, however many requests wait for it. */
   connectOnce() {
     if (this.connecting === null) {
@@ -264,9 +303,15 @@ class BridgeClient {
       try {
         // The timeout bounds the TCP connect and the AMQP handshake: a node that accepts and
         // never answers (stalled, half dead, a black-holing firewall) would hang us for good.
-        connection = await amqp.connect(this.urls[index], { timeout: this.connectTimeoutMs });
+        // close() cuts it short: a connection it brings after all is closed.
+        const connecting = amqp.connect(this.urls[index], { timeout: this.connectTimeoutMs });
+        connection = await this.cuttable(connecting, null, (late) => {
+          late.on('error', () => {});
+          closeBounded(late, this.connectTimeoutMs);
+        });
         this.node = index;
       } catch (err) {
+        if (err instanceof ClientClosed) throw err;
         failure = err; // refused, out of reach or silent: the next node
       }
     }
@@ -282,15 +327,25 @@ class BridgeClient {
     }
     let channel;
     let refusal = null; // the broker's reason, when it closed the channel over a request of ours
-    try {
-      channel = await connection.createChannel();
+    const open = async () => {
+      const opened = await connection.createChannel();
       // The 'close' that follows says it; its code tells a refusal from a loss.
-      channel.on('error', (err) => {
+      opened.on('error', (err) => {
         refusal = err;
       });
-      await channel.consume(DIRECT_REPLY_TO, (msg) => this.onReply(msg), { noAck: true });
+      await opened.consume(DIRECT_REPLY_TO, (msg) => this.onReply(msg), { noAck: true });
+      return opened;
+    };
+    try {
+      // Bounded as the handshake is, and cut short by close(): a node silent once the handshake
+      // was done held createChannel() (every request waiting for this connect, a stopping worker
+      // with them) until the heartbeats gave up, minutes later.
+      channel = await this.cuttable(open(), this.connectTimeoutMs);
     } catch (err) {
-      await closeBounded(connection, this.connectTimeoutMs);
+      // Silent, or we are going away: its close would wait for an answer as long (dropped).
+      if (err.silent || err instanceof ClientClosed) dropConnection(connection, err.message);
+      else await closeBounded(connection, this.connectTimeoutMs);
+      if (err instanceof ClientClosed) throw err;
       throw new ConnectionLost(`could not open a channel: ${err.message}`, { sent: false, cause: err });
     }
     if (this.closes !== closes) {
@@ -439,12 +494,14 @@ class BridgeClient {
    * Close the connection: the requests in flight reject with ClientClosed (their direct reply-to
    * is gone with the channel, so a long-poll fetch waiting at a bridge claims nothing more; one
    * still queued at a busy bridge may claim a ready task at once: worker.js asks for it on stop),
-   * and so does a connect() under way. A later request connects again. Bounded: a broker that
+   * and so does a connect() under way, at once (a connection it brings later is closed; one
+   * whose channel is opening is dropped). A later request connects again. Bounded: a broker that
    * does not answer the close within connectTimeoutMs has its socket destroyed (closeBounded).
    */
   async close() {
     const { connection } = this;
     this.closes += 1;
+    for (const cut of this.cuts) cut(); // a connect() under way: given up at once
     this.channel = null;
     this.failAll(new ClientClosed());
     if (connection === null) return;
@@ -470,6 +527,7 @@ function run(main, crashCode = 1) {
 }
 
 module.exports = {
+  BACKOFF_BASE_MS,
   BACKOFF_CAP_MS,
   BridgeClient,
   BridgeError,

@@ -26,13 +26,16 @@
 //   QB_RESULTS_EXCHANGE  queue-bridge.results   (BRIDGE_RESULTS_EXCHANGE), with QB_BIND
 //   QB_DEDUP_SIZE        100000     message-ids remembered to drop duplicates (the most recent ones:
 //                                   a copy comes soon after the first, so memory stays bounded)
-//   QB_RETRY_BASE_MS     200        first pause before reconnecting; doubles up to 5 s, full jitter
+//   QB_RETRY_BASE_MS     200        first pause before reconnecting; doubles up to 5 s, full jitter;
+//                                   and the pause before a result whose handling failed is requeued
 //   QB_CONNECT_TIMEOUT_MS 5000      how long connecting to one RabbitMQ node may take
 //
 // Results are at least once: de-duplicated on the `message-id` property (of the last QB_DEDUP_SIZE
-// results). A lost connection (a broker restart, a failover) is reconnected, with backoff, starting
-// at the node after the one lost (each node of QB_AMQP_HOSTS tried in turn): what was not acked
-// comes again, and is de-duplicated. With QB_BIND the queue is exclusive, so results
+// results handled: an id is remembered once its result was handled, then acked). A result whose
+// handling throws is reported ("handling_failed") and requeued QB_RETRY_BASE_MS later, to come
+// again (to this consumer or another). A lost connection (a broker restart, a failover) is
+// reconnected, with backoff, starting at the node after the one lost (each node of QB_AMQP_HOSTS
+// tried in turn): what was not acked comes again, and is de-duplicated. With QB_BIND the queue is exclusive, so results
 // published while the connection was down are not in the new one. A refusal (403: the user may not
 // read the queue or bind; 404: no such queue or exchange) ends the script (exit 1); a classic queue
 // whose home node is down (404 too) is waited for, reconnecting with backoff. A message whose
@@ -43,7 +46,8 @@
 // Prints JSON lines: {"event": "ready", "queue"} once consuming (again after each reconnection),
 // then {"event": "result", "taskId", "serviceId", "owner", "token", "result" | "error",
 // "completedAt", "messageId", "type"}, {"event": "skipped", ...}, {"event": "bad_result",
-// "messageId", "message"} and {"event": "reconnecting", "message", "pauseMs"}.
+// "messageId", "message"}, {"event": "handling_failed", "messageId", "serviceId", "message"} and
+// {"event": "reconnecting", "message", "pauseMs"}.
 
 const amqp = require('amqplib');
 const { backoffMs, closeBounded, emit, env, hostsEnv, intEnv, nodeUrls, run } = require('./bridge');
@@ -60,12 +64,18 @@ class RecentIds {
     this.ids = new Map(); // insertion order: the oldest first
   }
 
-  /** Whether `id` was seen (it then counts as seen now); remembers it either way. */
-  seen(id) {
-    const known = this.ids.delete(id);
+  /** Whether `id` was seen (it then counts as seen now). */
+  has(id) {
+    if (!this.ids.delete(id)) return false;
+    this.ids.set(id, true);
+    return true;
+  }
+
+  /** Remember `id` as seen now (forgetting the oldest past the limit). */
+  add(id) {
+    this.ids.delete(id);
     this.ids.set(id, true);
     while (this.ids.size > this.limit) this.ids.delete(this.ids.keys().next().value);
-    return known;
   }
 }
 
@@ -163,22 +173,52 @@ async function main() {
       channel.ack(msg);
       return;
     }
-    if (messageId === undefined || !recent.seen(messageId)) {
-      kept += 1;
-      const outcome = 'error' in body ? { error: body.error } : { result: body.result };
-      emit('result', {
-        taskId: body.taskId,
-        serviceId: body.serviceId,
-        owner: msgOwner,
-        token: body.token,
-        ...outcome,
-        completedAt: body.completedAt ?? null,
-        messageId,
-        type: msg.properties.type,
-      });
+    if (messageId !== undefined && recent.has(messageId)) {
+      channel.ack(msg); // a copy of a result handled already
+      return;
     }
+    try {
+      handle(body, msgOwner, messageId, msg.properties.type);
+    } catch (err) {
+      // Not handled: its id is not remembered (remembered first, the result came again to be
+      // acked as a copy, never handled), and it is requeued, after a pause (at once, a result
+      // whose handling fails every time came back as fast as it failed). Left unacked, it held
+      // one of the channel's prefetch slots until the connection ended.
+      emit('handling_failed', { messageId: messageId ?? null, serviceId, message: String(err?.message ?? err) });
+      requeueLater(channel, msg);
+      return;
+    }
+    if (messageId !== undefined) recent.add(messageId);
+    kept += 1;
     channel.ack(msg); // after it is handled: a crash before this gets it again (at least once)
     if (expect > 0 && kept >= expect) finish(0);
+  }
+
+  /** What this consumer does with a result: print it (replace it with yours; it may throw). */
+  function handle(body, msgOwner, messageId, type) {
+    const outcome = 'error' in body ? { error: body.error } : { result: body.result };
+    emit('result', {
+      taskId: body.taskId,
+      serviceId: body.serviceId,
+      owner: msgOwner,
+      token: body.token,
+      ...outcome,
+      completedAt: body.completedAt ?? null,
+      messageId,
+      type,
+    });
+  }
+
+  /** Give `msg` back to the queue QB_RETRY_BASE_MS from now (its channel gone by then: it is anyway). */
+  function requeueLater(channel, msg) {
+    const timer = setTimeout(() => {
+      try {
+        channel.nack(msg, false, true);
+      } catch {
+        // The channel closed meanwhile: the broker requeued it then.
+      }
+    }, retryBaseMs);
+    timer.unref(); // nothing to wait for at the end: a closed channel gives it back too
   }
 
   /** One connection's life: consume until it is lost (resolves) or refused (rejects). */
@@ -206,8 +246,8 @@ async function main() {
         try {
           onMessage(channel, msg);
         } catch (err) {
-          // Never let one message end the consumer: say it and leave it unacked (it comes back
-          // with the next connection, or to another consumer).
+          // Never let one message end the consumer (an ack on a channel closed meanwhile): say it
+          // and leave it unacked (it comes back with the next connection, or to another consumer).
           emit('error', { code: null, message: `handling ${msg.properties.messageId}: ${err}` });
         }
         return undefined;
