@@ -13,7 +13,7 @@
 //   QB_TIMEOUT_MS 10000        reply timeout of one add (then it is retried, same message-id)
 //   QB_RETRY_FOR_MS 120000     how long one add is retried (no reply, `unavailable`, the connection
 //                 lost or RabbitMQ out of reach) before the engine gives up (exit 1)
-//   QB_RETRY_BASE_MS 200       first retry pause; doubles per retry up to 5 s, full jitter
+//   QB_RETRY_BASE_MS 200       first retry pause (at least 100); doubles per retry up to 5 s, full jitter
 //   QB_CONNECT_TIMEOUT_MS 5000 how long connecting to one RabbitMQ node may take, and how long
 //                 closing the connection may (then its socket is destroyed)
 //
@@ -26,7 +26,7 @@
 // lost with the connection) answers the task it stored, never a second one.
 
 const crypto = require('node:crypto');
-const { BridgeClient, BridgeError, backoffMs, emit, env, hostsEnv, intEnv, run, sleep } = require('./bridge');
+const { BACKOFF_BASE_MS, BridgeClient, BridgeError, backoffMs, emit, env, hostsEnv, intEnv, run, sleep } = require('./bridge');
 
 // The codes worth sending the same add again for: no reply in time, the bridge's store
 // unavailable, the connection lost under the add or RabbitMQ out of reach (a broker restart, a
@@ -65,7 +65,8 @@ async function main() {
   const failEvery = intEnv('QB_FAIL_EVERY', 0);
   const timeoutMs = intEnv('QB_TIMEOUT_MS', 10_000);
   const retryForMs = intEnv('QB_RETRY_FOR_MS', 120_000);
-  const retryBaseMs = intEnv('QB_RETRY_BASE_MS', 200);
+  // Never below BACKOFF_BASE_MS: a base of 0 retried as fast as the loop turned (as worker.js's pauses).
+  const retryBaseMs = Math.max(intEnv('QB_RETRY_BASE_MS', 200), BACKOFF_BASE_MS);
   const connectTimeoutMs = intEnv('QB_CONNECT_TIMEOUT_MS', 5_000);
 
   // Not connected yet: the first add connects, and a broker out of reach then is retried as any

@@ -26,7 +26,7 @@
 //   QB_RESULTS_EXCHANGE  queue-bridge.results   (BRIDGE_RESULTS_EXCHANGE), with QB_BIND
 //   QB_DEDUP_SIZE        100000     message-ids remembered to drop duplicates (the most recent ones:
 //                                   a copy comes soon after the first, so memory stays bounded)
-//   QB_RETRY_BASE_MS     200        first pause before reconnecting; doubles up to 5 s, full jitter;
+//   QB_RETRY_BASE_MS     200        first pause before reconnecting (at least 100); doubles up to 5 s, full jitter;
 //                                   and the pause before a result whose handling failed is requeued
 //   QB_CONNECT_TIMEOUT_MS 5000      how long connecting to one RabbitMQ node may take
 //
@@ -50,7 +50,7 @@
 // {"event": "reconnecting", "message", "pauseMs"}.
 
 const amqp = require('amqplib');
-const { backoffMs, closeBounded, emit, env, hostsEnv, intEnv, nodeUrls, run } = require('./bridge');
+const { BACKOFF_BASE_MS, backoffMs, closeBounded, emit, env, hostsEnv, intEnv, nodeUrls, run } = require('./bridge');
 
 function text(value) {
   // Header values of the AMQP table: strings (longstr) may reach us as Buffers.
@@ -101,7 +101,8 @@ async function main() {
   const timeoutMs = intEnv('QB_TIMEOUT_MS', 60_000);
   const pattern = env('QB_BIND', '');
   const dedupSize = intEnv('QB_DEDUP_SIZE', 100_000);
-  const retryBaseMs = intEnv('QB_RETRY_BASE_MS', 200);
+  // Never below BACKOFF_BASE_MS: a base of 0 reconnected (and requeued) as fast as the loop turned.
+  const retryBaseMs = Math.max(intEnv('QB_RETRY_BASE_MS', 200), BACKOFF_BASE_MS);
   const connectTimeoutMs = intEnv('QB_CONNECT_TIMEOUT_MS', 5_000);
 
   // Each node's URL (QB_AMQP_URL alone without QB_AMQP_HOSTS), shuffled as bridge.js does, and
