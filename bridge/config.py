@@ -60,18 +60,31 @@ def _split_csv(value: Any) -> Any:
 
 
 UNENCODED_PASSWORD = (
-    "has a user or password with '/', '?', '#' or '@' in it as is: percent-encode them (%2F, %3F, %23, %40)"
+    "has a user or password with '/', '?', '#' or '@' in it as is, or an '@' in its vhost: percent-encode "
+    "them (%2F, %3F, %23, %40)"
 )
 
 
 def password_unencoded(url: str) -> bool:
-    """Whether an AMQP URL's user or password holds a character that ends the URL's host part
-    (``/``, ``?``, ``#``) or ``@``, unencoded. Such a URL still parses: ``amqp://ops:4711#x@rabbit/``
-    is host ``ops``, port 4711, and part of the password then shows in every message that names
-    the host. Told by an ``@`` after the host part, which has none."""
+    """Whether an AMQP URL may hold a user or password with a character that ends the URL's host
+    part (``/``, ``?``, ``#``) or an ``@``, unencoded. Such a URL still parses, as another host
+    and vhost (``amqp://ops:4711#x@rabbit/`` is host ``ops``, port 4711; ``amqp://u:Xy@k9/Qr@rabbit/``
+    is host ``k9``, vhost ``Qr@rabbit/``), and part of the password then shows in every message
+    that names the host or the vhost. Told by an ``@`` where none can be: a second one in the host
+    part, or one in the vhost or the fragment. An ``@`` in a query value (``?name=bridge@pod``)
+    is taken; one in a vhost must be written ``%40``."""
     rest = url.partition("://")[2]
     end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    return "@" not in rest[:end] and "@" in rest[end:]
+    host_part, tail = rest[:end], rest[end:]
+    if host_part.count("@") > 1:
+        return True
+    path, _, after_path = tail.partition("?")
+    query, _, fragment = after_path.partition("#")
+    if "@" in path or "@" in fragment:
+        return True
+    # A query parameter whose name (or the whole of it, without a value) holds the '@': the rest
+    # of a password ("amqp://u:4711?b@rabbit/"), not a value such as "name=bridge@pod-7".
+    return any("@" in param.partition("=")[0] for param in query.split("&"))
 
 
 def _amqp_tls_files_readable(query: str) -> None:
@@ -81,17 +94,20 @@ def _amqp_tls_files_readable(query: str) -> None:
     timed out (exit 1; in a pod whose optional TLS Secret was not there, a crash loop)."""
     from urllib.parse import parse_qs
 
-    for name, values in parse_qs(query).items():
+    # As aiormq reads them: the first value of each; the key file only with a certificate.
+    given = {name: values[0] for name, values in parse_qs(query).items()}
+    if "certfile" not in given:
+        given.pop("keyfile", None)
+    for name, value in given.items():
         if name not in ("cafile", "certfile", "keyfile", "capath"):
             continue
-        for value in values:
-            path = Path(value)
-            if name == "capath":
-                if not (path.is_dir() and os.access(path, os.R_OK | os.X_OK)):
-                    raise ValueError(f"?capath= names no readable directory: {value}")
-            elif not (path.is_file() and os.access(path, os.R_OK)):
-                reason = "not a file" if path.exists() else "no readable file"
-                raise ValueError(f"?{name}= names {reason}: {value}")
+        path = Path(value)
+        if name == "capath":
+            if not (path.is_dir() and os.access(path, os.R_OK | os.X_OK)):
+                raise ValueError(f"?capath= names no readable directory: {value}")
+        elif not (path.is_file() and os.access(path, os.R_OK)):
+            reason = "not a file" if path.exists() else "no readable file"
+            raise ValueError(f"?{name}= names {reason}: {value}")
 
 
 class Settings(BaseSettings):
@@ -412,7 +428,8 @@ class Settings(BaseSettings):
             url.port  # noqa: B018 (it raises for a port that is not a number from 0 to 65535)
         except ValueError:
             raise ValueError("has a port that is not a number from 1 to 65535") from None
-        _amqp_tls_files_readable(url.query)
+        if url.scheme == "amqps":  # aiormq opens them for TLS only
+            _amqp_tls_files_readable(url.query)
         return value
 
     @field_validator("cassandra_hosts")

@@ -40,6 +40,7 @@ import worker as demo_worker  # noqa: E402  (examples/worker.py)
 from bridge.app import Bridge  # noqa: E402
 from bridge.client.rpc import results_consumer  # noqa: E402
 from bridge.config import ConfigError, Settings, configured_variables, load_settings, unknown_variables  # noqa: E402
+from bridge.transport.permissions import amqp_user  # noqa: E402
 
 OWNER = "worker-a"
 ENGINE_USER = "engine"
@@ -84,6 +85,13 @@ def default_environment() -> None:
     for name, value in defaults.items():
         if name not in given:
             os.environ[name] = value
+    trusted = [u.strip() for u in given.get("BRIDGE_TRUSTED_USERS", ENGINE_USER).split(",")]
+    if ENGINE_USER not in trusted:
+        say(f"warning: BRIDGE_TRUSTED_USERS does not name {ENGINE_USER!r}: the demo's engine adds will be refused")
+    if "BRIDGE_AMQP_URL" in given:
+        # Its host, the local stack's users: the engine and workers log in as engine, worker-a
+        # and worker-b with their names as passwords (deploy/local/rabbitmq.sh).
+        say("BRIDGE_AMQP_URL is set: the demo's engine and workers log in there as the local stack's users")
     if not given.get("BRIDGE_KEYRING") and not given.get("BRIDGE_KEY_SERVER_URL"):
         path = ROOT / "deploy/local/state/keyring.json"
         if not path.exists():
@@ -259,6 +267,9 @@ async def demo(once: bool) -> int:
                 timeout=float(os.environ.get("QB_TIMEOUT") or "60"),
                 stop=stop,
                 log=lambda line: say(line, "engine"),
+                # The bridge's own user publishes the results: the one of BRIDGE_AMQP_URL (a .env
+                # may name another than the local stack's queue-bridge; its results were dropped).
+                bridge_user=amqp_user(amqp),
             )
         )
         rc = await engine_task

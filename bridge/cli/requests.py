@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import shlex
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -142,11 +143,17 @@ async def _open(client: RpcClient, timeout: float, where: str) -> None:
     # the call's: one --timeout around it all let a node that accepts TCP and never answers take
     # it whole, and the nodes after it were never tried.
     connecting = client.connect_timeout * len(client.urls) + timeout
+    began = time.monotonic()
     try:
         async with asyncio.timeout(connecting):
             await client.open()
     except TimeoutError:
-        raise Failure(f"cannot connect to RabbitMQ at {where}: no connection within {connecting:g}s") from None
+        # The time waited, not the bound: a node's own connect bound ends the attempt first.
+        waited = time.monotonic() - began
+        raise Failure(
+            f"cannot connect to RabbitMQ at {where}: no connection within {waited:.1f}s "
+            f"({client.connect_timeout:g}s a node)"
+        ) from None
     except CONNECTION_EXCEPTIONS as exc:  # AMQPError, OSError, and what aio-pika counts as such too
         raise Failure(f"cannot connect to RabbitMQ at {where}: {type(exc).__name__}: {exc}") from None
 
@@ -746,12 +753,13 @@ def _resume_redrive(
 ) -> str:
     """The command line that goes on with an interrupted ``redrive --all`` (the URL never: it
     holds the password; the operator gives it again if it was on the command line)."""
-    words = ["queue-bridge", "redrive", service, "--all", "--parked-before", bound, "--after", after]
+    words = ["queue-bridge", "redrive", "--all", "--parked-before", bound, "--after", after]
     if owner is not None:
         words += ["--owner", owner]
     if amqp_url is not None:
         words += ["--amqp-url", "URL"]
-    words += ["--timeout", f"{timeout:g}"]
+    # The service last, after "--": one that begins with "-" is not read as an option.
+    words += ["--timeout", repr(timeout), "--", service]
     return shlex.join(words)
 
 

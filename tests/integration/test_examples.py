@@ -98,16 +98,22 @@ async def test_engine_and_two_workers(bridge: Any, servers: Servers, names: dict
     assert "[engine] all 15 results arrived" in output
 
 
-async def test_run_demo_once(bridge_env: dict[str, str], tmp_path: Path) -> None:
-    """`make run`'s script, --once: its own bridge, two workers and the engine, exit 0."""
+@pytest.mark.parametrize("bridge_user", ["queue-bridge", "guest"])
+async def test_run_demo_once(bridge_env: dict[str, str], tmp_path: Path, servers: Servers, bridge_user: str) -> None:
+    """`make run`'s script, --once: its own bridge, two workers and the engine, exit 0. Also with
+    the bridge as another broker user (a .env's BRIDGE_AMQP_URL, which the demo now keeps): its
+    engine took only results published by queue-bridge, and dropped every one (found by review,
+    2026-12-07)."""
     # bridge_env names this test's own exchange and queues (deleted after the test); no bridge
     # fixture runs here, the demo starts its own.
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "QB_"))},
         **bridge_env,
+        "BRIDGE_AMQP_URL": servers.amqp_url(bridge_user),
         "BRIDGE_HTTP_PORT": "0",
         "QB_COUNT": "5",
         "QB_SERVICE": service_id(),
+        "QB_TIMEOUT": "30",
     }
     proc = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -210,8 +210,8 @@ def test_a_redrive_all_that_fails_part_way_prints_the_command_that_goes_on_with_
     assert "the outcome is unknown" in err and "run it again to continue" not in err
     assert "1000 redriven by the 1 request(s) answered before it" in err
     assert (
-        f"to go on: queue-bridge redrive svc --all --parked-before {PARKED_BOUND} --after {AFTER_ID} "
-        "--owner tenant-a --timeout 10"
+        f"to go on: queue-bridge redrive --all --parked-before {PARKED_BOUND} --after {AFTER_ID} "
+        "--owner tenant-a --timeout 10.0 -- svc"
     ) in err
 
     resumed = FakeBridge({"redriven": 7, "parkedBefore": PARKED_BOUND})
@@ -365,3 +365,59 @@ def test_bridge_amqp_url_with_an_unencoded_password_is_refused_at_load(monkeypat
         load_settings()
     assert "percent-encode" in str(raised.value)
     assert "4711" not in str(raised.value) and "xYz" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://bridge:Xy@k9/Qr@rabbit:5672/",  # '@' and '/' in the password: host k9, vhost Qr@rabbit
+        "amqp://svc@corp:4711#x@rabbit/",  # '@' in the user: host corp, port 4711
+        "amqp://u:p@ss@host/",
+        "amqp://u:4711?b@rabbit/",
+    ],
+)
+def test_a_password_with_an_unencoded_at_is_refused_too(url: str) -> None:
+    """The first check missed a user or password holding an '@' before its '/', '?' or '#': it
+    loaded, and `config`, the connect errors and `permissions` showed most of the password as a
+    host or a vhost (found by the re-review, 2026-12-07)."""
+    from bridge.config import password_unencoded
+
+    assert password_unencoded(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://guest:guest@127.0.0.1:5672/",
+        "amqp://rabbit/?name=bridge@pod-7",
+        "amqps://rabbit:5671/?auth=external&certfile=/certs/bridge@prod.pem&keyfile=/certs/k.pem",
+        "amqp://u:p@[::1]:5672/vh?heartbeat=30",
+        "amqp://u:p%23x%40y@h/%2F",
+        "amqp://svc%40corp:pw@h/",
+    ],
+)
+def test_urls_with_nothing_to_leak_are_taken(url: str) -> None:
+    from bridge.config import password_unencoded
+
+    assert not password_unencoded(url)
+
+
+def test_the_resume_command_runs_for_a_service_that_begins_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Printed as `redrive -svc --all ...`, click read the service as an unknown option (the
+    re-review, 2026-12-07): the command printed is run here, as printed."""
+    import shlex
+
+    FakeBridge(
+        {"redriven": 1, "parkedBefore": PARKED_BOUND, "after": AFTER_ID}, RequestTimeout("no reply", waited_s=3.0)
+    ).install(monkeypatch)
+    code, _, err = _run("redrive", "--all", "--timeout", "1234567", "--", "-svc")
+    assert code == 1
+    printed = err.split("to go on: ", 1)[1].strip()
+    argv = shlex.split(printed)
+    assert argv[:2] == ["queue-bridge", "redrive"] and "1234567.0" in argv
+    resumed = FakeBridge({"redriven": 0, "parkedBefore": PARKED_BOUND})
+    resumed.install(monkeypatch)
+    code, out, err = _run(*argv[1:])
+    assert json.loads(out) == {"redriven": 0}
+    assert code == 0, err
+    assert resumed.requests[0][1] == {"serviceId": "-svc", "all": True, "parkedBefore": PARKED_BOUND, "after": AFTER_ID}

@@ -366,10 +366,13 @@ def test_a_tls_file_the_amqp_url_names_and_nobody_mounted_is_a_configuration_err
     keyring = tmp_path / "keyring.json"
     write_keyring(keyring, generate_keyring(["worker-a", "engine"]))
     missing = str(tmp_path / "not-mounted" / "rabbit.pem")
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    query = f"certfile={cert}&keyfile={missing}" if option == "keyfile" else f"{option}={missing}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
     env.update(
         {
-            "BRIDGE_AMQP_URL": f"amqps://guest:guest@127.0.0.1:1/?{option}={missing}",
+            "BRIDGE_AMQP_URL": f"amqps://guest:guest@127.0.0.1:1/?{query}",
             "BRIDGE_CASSANDRA_HOSTS": "127.0.0.1",
             "BRIDGE_CASSANDRA_PORT": "1",
             "BRIDGE_KEYRING": str(keyring),
@@ -385,3 +388,22 @@ def test_a_tls_file_the_amqp_url_names_and_nobody_mounted_is_a_configuration_err
     assert proc.returncode == 2, f"exit {proc.returncode}\n{out[-1500:]}"
     assert "BRIDGE_AMQP_URL" in proc.stderr and f"?{option}= names" in proc.stderr and missing in proc.stderr
     assert "guest:guest" not in proc.stderr
+
+
+def test_tls_files_are_checked_as_aiormq_opens_them(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Only for amqps (a plain amqp:// URL opens none), the first of a repeated option, and the
+    key file only with a certificate: refused otherwise, a URL that connects was refused at load
+    (found by the re-review, 2026-12-07)."""
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    missing = tmp_path / "missing.pem"
+    for url in (
+        f"amqp://u:p@rabbit/?cafile={missing}",
+        f"amqps://u:p@rabbit/?cafile={ca}&cafile={missing}",
+        f"amqps://u:p@rabbit/?cafile={ca}&keyfile={missing}",
+    ):
+        monkeypatch.setenv("BRIDGE_AMQP_URL", url)
+        load_settings(_env_file=None)
+    monkeypatch.setenv("BRIDGE_AMQP_URL", f"amqps://u:p@rabbit/?certfile={ca}&keyfile={missing}")
+    with pytest.raises(ConfigError, match="keyfile= names no readable file"):
+        load_settings(_env_file=None)
