@@ -606,9 +606,9 @@ async def test_an_add_moved_to_the_lane_on_a_black_holed_main_connection_is_sett
                 failures: list[BaseException] = []
                 told = lane.on_failure
 
-                def recorded(exc: BaseException) -> None:
+                def recorded(exc: BaseException, key: str) -> None:
                     failures.append(exc)
-                    told(exc)
+                    told(exc, key)
 
                 lane.on_failure = recorded
                 svc = service_id()
