@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from bridge.domain.counting import DAY_MS
@@ -52,6 +53,15 @@ def first_kept_day(now_ms: int, ttl_ms: int) -> int:
     return (now_ms - keep_ms) // DAY_MS
 
 
+@dataclass
+class _Walk:
+    """Where a trim pass is: the last queue it reached (None: the start), and its counts."""
+
+    after: QueueKey | None
+    walked: int = 0
+    failed: int = 0
+
+
 class CounterTrim:
     def __init__(self, store: TaskStore, clock: Clock, ttl_ms: int) -> None:
         self.store = store
@@ -65,39 +75,48 @@ class CounterTrim:
         self._resume: QueueKey | None = None
 
     async def trim_once(self, held: Callable[[], bool] = lambda: True) -> int:
-        """One pass over every registered queue, while ``held`` (the duty is here); the number of
-        queues walked. A queue whose delete fails is passed over (tried again next pass): one
-        failure ended the pass, and with 200,000 queues (400,000 deletes) few passes got through,
-        so the queues past where they failed were never trimmed (found by review)."""
+        """One pass over the registered queues, while ``held`` (the duty is here), from where the
+        last pass of this process stopped; the number of queues walked. A queue whose delete
+        fails is passed over (tried again next pass): one failure ended the pass, and with 200,000
+        queues (400,000 deletes) few passes got through, so the queues past where they failed
+        were never trimmed (found by review)."""
         before_day = first_kept_day(self.clock.now_ms(), self.ttl_ms)
-        walked = failed = 0
-        after = self._resume
-        while walked < MAX_QUEUES and held():
-            size = min(TRIM_PAGE, MAX_QUEUES - walked)
-            page = await self.store.queue_page(after, size)
+        walk = _Walk(self._resume)
+        try:
+            await self._walk(walk, before_day, held)
+        finally:
+            # Kept also when a page read fails (one timeout among a thousand reads): the pass's
+            # progress was lost, and the next began where the last one had (the re-review).
+            self._resume = walk.after
+            self.failed += walk.failed
+        self.passes += 1
+        log.info(
+            "queue counters trimmed", extra={"queues": walk.walked, "failed": walk.failed, "before_day": before_day}
+        )
+        return walk.walked
+
+    async def _walk(self, walk: _Walk, before_day: int, held: Callable[[], bool]) -> None:
+        while walk.walked < MAX_QUEUES and held():
+            size = min(TRIM_PAGE, MAX_QUEUES - walk.walked)
+            page = await self.store.queue_page(walk.after, size)
             left = False
             for q in page:
                 if not held():
                     left = True
                     break  # the duty left: its new holder trims (no second pass beside its own)
-                walked += 1
+                walk.walked += 1
                 try:
                     await self.store.trim_counts(q, before_day)
                 except Exception as exc:  # this queue's trouble: the next pass tries it again
-                    failed += 1
-                    if failed == 1:
+                    walk.failed += 1
+                    if walk.failed == 1:
                         log.warning("queue counters of %s/%s not trimmed: %s", q.owner, q.service, exc)
-                after = q
+                walk.after = q
             if left:
-                break
+                return
             if len(page) < size:
-                after = None  # the end: the next pass starts again at the first queue
-                break
-        self._resume = after
-        self.passes += 1
-        self.failed += failed
-        log.info("queue counters trimmed", extra={"queues": walked, "failed": failed, "before_day": before_day})
-        return walked
+                walk.after = None  # the end: the next pass starts again at the first queue
+                return
 
     async def run(self, stop: asyncio.Event, duty: Duty) -> None:
         """Trim while this bridge holds the duty: first :data:`TRIM_FIRST_S` after it came, then

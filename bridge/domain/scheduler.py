@@ -648,7 +648,9 @@ class RecoveryScheduler:
         for error in await self._with_leases(leases, handled, armed, arm):
             log.debug("look-ahead at bucket %s failed: %s", bucket, type(error).__name__)  # the passes handle it
 
-    async def _lease_as_decided(self, entry: ExpiryEntry, lease: Lease | None, now: int) -> Lease | bool | None:
+    async def _lease_as_decided(
+        self, entry: ExpiryEntry, lease: Lease | None, now: int, bucket: int
+    ) -> Lease | bool | None:
         """The lease as the entry is judged on: read again (SERIAL) where a plain read may not show a
         decision Paxos accepted; or whether the entry is settled (a bool) without more."""
         q = entry.queue
@@ -677,8 +679,13 @@ class RecoveryScheduler:
             # nobody for its TTL. Left unsettled, the second pass reads it again.
             if now - entry.lease_until_ms < self.late_ms:
                 return False
-            # The second pass: an unpark Paxos accepted and did not commit is invisible to a
-            # plain read until the next round on the partition completes it, and after this pass
+            if bucket <= expiry_bucket(entry.lease_until_ms + self.queue.skew_margin_ms):
+                # Filed in its deadline's own bucket: a claim's, whose task a fail or a pass
+                # parked at this epoch since. A redrive files its deadline past that bucket.
+                return True
+            # The second pass over an entry filed past its deadline's bucket (a redrive's, or one
+            # filed again): an unpark Paxos accepted and did not commit is invisible to a plain
+            # read until the next round on the partition completes it, and after this pass
             # nothing reads the entry again. A SERIAL read completes it (rare: a redrive refused,
             # or one whose round was cut short).
             try:
@@ -696,7 +703,7 @@ class RecoveryScheduler:
         q = entry.queue
         if entry.epoch == DUE_EPOCH:
             return await self._announce_due(entry, lease, now, stored)
-        read = await self._lease_as_decided(entry, lease, now)
+        read = await self._lease_as_decided(entry, lease, now, bucket)
         if isinstance(read, bool):
             return read
         lease = read

@@ -172,3 +172,40 @@ async def test_a_bridge_adding_to_more_queues_than_it_remembers_forgets_the_leas
     assert len(registered) == 4, f"registered again: {[q.service for q in registered[4:]]}"
     await add("b")
     assert registered[-1].service == f"{tag}-b"
+
+
+async def test_a_pass_whose_page_read_fails_keeps_its_progress(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The position was saved only by a pass that ended: one whose page read timed out (one
+    among a thousand) lost its progress, and the next began where the last had (the re-review,
+    2026-12-07)."""
+    h = harness
+    tag = uuid.uuid4().hex[:8]
+    mine = sorted((QueueKey(f"trim-{tag}", f"svc{s}") for s in range(5)), key=lambda q: q.service)
+    for q in mine:
+        await h.store.register_service(q)
+    real_page = h.store.queue_page
+    reads = 0
+
+    async def only_mine(after: QueueKey | None, limit: int) -> list[QueueKey]:
+        nonlocal reads
+        reads += 1
+        if reads == 2:
+            raise StorageUnavailable("a page read timed out (injected)")
+        return [q for q in await real_page(after or QueueKey(f"trim-{tag}", ""), limit) if q in mine]
+
+    trimmed: list[QueueKey] = []
+
+    async def trim_counts(q: QueueKey, before_day: int) -> Any:
+        trimmed.append(q)
+
+    monkeypatch.setattr(h.store, "queue_page", only_mine)
+    monkeypatch.setattr(h.store, "trim_counts", trim_counts)
+    monkeypatch.setattr(housekeeping, "TRIM_PAGE", 2)
+    trim = CounterTrim(h.store, h.clock, TTL_S * 1000)
+    with pytest.raises(StorageUnavailable):
+        await trim.trim_once()
+    assert trimmed == mine[:2]
+    await trim.trim_once()
+    assert trimmed == mine, "the next pass goes on after the queues the failed one trimmed"

@@ -730,3 +730,34 @@ async def test_a_completed_or_cancelled_lease_says_when_on_both_stores(harness: 
     assert await h.queue.redrive(OWNER, h.service, [uuid.UUID(parked)]) == 1
     lease = await _lease(h, parked)
     assert lease.claim_id is not None and lease.claim_id in lease.park_ids
+
+
+async def test_a_claims_deadline_on_a_task_parked_since_costs_no_serial_read(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second pass reads a lease still parked at its entry's epoch SERIAL, for an unpark Paxos
+    accepted and did not commit; it did so for every parked task's claim deadline too (a task
+    failed at its limit leaves its claim's entry in the wheel): a Paxos read per parked task on the
+    duty holder (the re-review, 2026-12-07). Only entries filed past their deadline's bucket (a
+    redrive's) are read SERIAL."""
+    h = harness
+    task_id = await _add_limited(h, token=False)
+    got = await h.fetch("W", ttr_ms=5_000)
+    assert got is not None and got.task_id == task_id
+    for _ in range(16):  # the holder's look-ahead reads the deadline's bucket while the task is held
+        await h.advance(250)
+    outcome = await h.queue.fail(OWNER, _fail(h, "W", task_id, got.epoch))
+    assert outcome is not None and outcome.parked
+    serial_reads: list[uuid.UUID] = []
+    real = h.store.lease
+
+    async def spied(q: QueueKey, tid: uuid.UUID, *, serial: bool = True) -> Any:
+        if serial:
+            serial_reads.append(tid)
+        return await real(q, tid, serial=serial)
+
+    monkeypatch.setattr(h.store, "lease", spied)
+    for _ in range(60):  # past the claim's deadline and both passes over its bucket (late_ms, 5 s)
+        await h.advance(250)
+    assert uuid.UUID(task_id) not in serial_reads, "a SERIAL read for a claim's deadline on a parked task"
+    assert (await _lease(h, task_id)).state is LeaseState.PARKED
