@@ -35,12 +35,13 @@ from bridge.config import CASSANDRA_RECONNECT_BASE_DELAY_S, Settings
 from bridge.storage.cassandra import ClockTimestamps
 from bridge.storage.errors import (
     InvalidQuery,
-    SchemaMissing,
     StorageNotSent,
     StorageUnavailable,
     UnknownOutcome,
     kind_of,
     names_missing_schema,
+    not_authorized,
+    schema_missing,
 )
 from bridge.storage.schema import uuid_columns
 from bridge.storage.session import Row
@@ -75,7 +76,6 @@ _LWT_UNKNOWN: tuple[type[BaseException], ...] = (cass.CassErrorServerUnavailable
 _INVALID: tuple[type[BaseException], ...] = (
     cass.CassErrorServerInvalidQuery,
     cass.CassErrorServerSyntaxError,
-    cass.CassErrorServerUnauthorized,
     cass.CassErrorServerConfigError,
     cass.CassErrorServerAlreadyExists,
     cass.CassErrorServerUnprepared,
@@ -273,9 +273,11 @@ def _storage_error(exc: BaseException, *, lwt: bool, batch: bool = False, condit
     applied nowhere (checked before it is forwarded and before it is applied): not sent, kept by
     the counts' flush for the next, not dropped as an unknown outcome (found by review)."""
     conditional = lwt if conditional is None else conditional
+    if isinstance(exc, cass.CassErrorServerUnauthorized):
+        return not_authorized(exc)
     if isinstance(exc, _INVALID):
         if names_missing_schema(str(exc)):
-            return SchemaMissing(f"cassandra: the keyspace or a table is missing: {exc}")
+            return schema_missing(exc)
         return InvalidQuery(str(exc))
     if conditional and isinstance(exc, _LWT_UNKNOWN):
         return UnknownOutcome(f"{kind_of(exc)}: the write may or may not have applied")

@@ -23,6 +23,7 @@ from cassandra import (
     OperationTimedOut,
     RequestExecutionException,
     RequestValidationException,
+    Unauthorized,
     Unavailable,
     WriteTimeout,
 )
@@ -48,12 +49,13 @@ from cassandra.query import UNSET_VALUE, BatchStatement, BatchType, PreparedStat
 from bridge.config import CASSANDRA_RECONNECT_BASE_DELAY_S, Settings
 from bridge.storage.errors import (
     InvalidQuery,
-    SchemaMissing,
     StorageNotSent,
     StorageUnavailable,
     UnknownOutcome,
     kind_of,
     names_missing_schema,
+    not_authorized,
+    schema_missing,
 )
 from bridge.storage.stall import StallWatch, stall_after_s
 from bridge.storage.statements import NULLS_UNSET
@@ -354,9 +356,11 @@ def storage_error(
     ``lwt``: a statement that must not be sent twice (a compare-and-set, a counter update);
     ``conditional`` (default: ``lwt``): a compare-and-set, decided by Paxos."""
     conditional = lwt if conditional is None else conditional
+    if isinstance(exc, Unauthorized | proto.UnauthorizedErrorMessage):
+        return not_authorized(exc)
     if isinstance(exc, RequestValidationException | proto.RequestValidationException):
         if names_missing_schema(str(exc)):
-            return SchemaMissing(f"cassandra: the keyspace or a table is missing: {exc}")
+            return schema_missing(exc)
         return None  # a bug in our CQL or bind values (or the schema), not an outage
     if isinstance(exc, NoHostAvailable):
         # Never sent anywhere: not applied, whatever the statement.

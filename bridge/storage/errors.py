@@ -57,3 +57,19 @@ def kind_of(exc: BaseException) -> str:
     """``exc``'s type name, for an answer; its whole text logged (throttled) for the operator."""
     _detail.warning("cassandra request failed: %s: %s", type(exc).__name__, exc)
     return type(exc).__name__
+
+
+def not_authorized(exc: BaseException) -> StorageNotSent:
+    """Cassandra refused a statement as not authorized. Not the caller's mistake, nor a bug: the
+    authorizer checks before anything is applied, and while the replicas of ``system_auth`` are
+    out of reach it refuses every statement so ("Unable to perform authorization of permissions").
+    Taken for an invalid query (``internal``), every add of the fleet was dead-lettered and every
+    request failed for good during such an outage (found by review, 2026-12-07); a grant revoked
+    by an operator is the operator's to fix, and is retried meanwhile like an outage."""
+    return StorageNotSent(f"cassandra refused the statement: {kind_of(exc)}")
+
+
+def schema_missing(exc: BaseException) -> SchemaMissing:
+    """The keyspace or a table is missing: the driver's words (keyspace and table names) logged for
+    the operator, not sent to every tenant in the reply (found by review, 2026-12-07)."""
+    return SchemaMissing(f"cassandra: the keyspace or a table is missing ({kind_of(exc)})")

@@ -247,3 +247,36 @@ def test_a_missing_keyspace_or_table_is_an_outage_not_invalid_cql() -> None:
     assert storage_error(InvalidRequest("Undefined column name nope"), lwt=False) is None
     assert isinstance(_storage_error(cass.CassErrorServerInvalidQuery("line 1:7 no viable"), lwt=False), InvalidQuery)
     assert issubclass(SchemaMissing, StorageNotSent)
+
+
+def test_an_unauthorized_statement_is_not_sent_on_both_drivers() -> None:
+    """While the replicas of `system_auth` are out of reach, Cassandra refuses every statement as
+    Unauthorized ("Unable to perform authorization of permissions"). Taken for an invalid query
+    (`internal`), every add of the fleet was dead-lettered and every request failed for good
+    (found by review, 2026-12-07). The authorizer refuses before anything is applied: not sent,
+    retried as an outage is."""
+    from cassandra import Unauthorized
+
+    from bridge.storage.cassandra import storage_error
+
+    text = "Unable to perform authorization of permissions: Cannot achieve consistency level LOCAL_ONE"
+    for lwt in (False, True):
+        assert isinstance(_storage_error(cass.CassErrorServerUnauthorized(text), lwt=lwt), StorageNotSent)
+        assert isinstance(storage_error(Unauthorized(text), lwt=lwt), StorageNotSent)
+
+
+def test_a_missing_keyspace_is_not_described_to_the_tenants() -> None:
+    """Every tenant's reply carried the driver's words (keyspace and table names) while the schema
+    was missing; the operator reads them in the log (found by review, 2026-12-07)."""
+    from cassandra import InvalidRequest
+
+    from bridge.storage.cassandra import storage_error
+    from bridge.storage.errors import SchemaMissing
+
+    text = "Keyspace 'tenant_queue_ks' does not exist"
+    for err in (
+        _storage_error(cass.CassErrorServerInvalidQuery(text), lwt=False),
+        storage_error(InvalidRequest(text), lwt=False),
+    ):
+        assert isinstance(err, SchemaMissing)
+        assert "tenant_queue_ks" not in str(err)
