@@ -245,10 +245,8 @@ def _claim_not_landed(held: WorkerPointer, current: Lease | None) -> bool:
 
 
 async def _outcome_of(read: asyncio.Future[Payload | None]) -> tuple[Payload | None, Exception | None]:
-    """The payload read beside a claim, or how it failed. The claim is made whatever the read does:
-    a claim that applied beside a failed read is counted before the error goes up (the worker's
-    retry gets the task through its pointer, which counts nothing), or stats drifted for the
-    task's TTL."""
+    """The payload read beside a claim's write-ahead, or how it failed (then no claim is made: the
+    claim records the end of life the read tells)."""
     try:
         return await read, None
     except Exception as exc:
@@ -819,7 +817,14 @@ class Fetcher:
             _drop(read)
             raise
         payload, read_failed = (carried, None) if read is None else await _outcome_of(read)
-        if read is not None and payload is None and read_failed is None and only_if_stored:
+        if read_failed is not None:
+            # Not claimed: the claim records the task's end of life, which the read tells; without
+            # it, this bridge's own BRIDGE_TASK_TTL went into the lease, and every later write of
+            # the lease followed it (a fleet changing its TTL: a lease that ended before its task,
+            # or after; found by review, 2026-12-07). The worker's retry reads its pointer, which
+            # announces this task, and claims it then (step 4 on, docs/storage.md).
+            raise read_failed
+        if read is not None and payload is None and only_if_stored:
             return _Claim(None, stamp, finished=True)
         if payload is not None and self._outlived(payload, max(now, self.ctx.clock.now_ms())):
             # In its last second: Cassandra ends each row at whole seconds, so the completed lease
@@ -862,8 +867,6 @@ class Fetcher:
         # ahead stays the guarantee if this bridge dies).
         self.soon(ExpiryEntry(until, q, task_id, epoch, entry.has_token), until + margin)
         await self._count_claim_now_or_later(q, entry, payload)
-        if read_failed is not None:
-            raise read_failed
         if payload is None:
             # The task's lifetime (TTL) ended: a hint or an index entry outlived it. Nothing to hand out.
             self.ctx.metrics.inc("deliveries_failed", reason="expired")

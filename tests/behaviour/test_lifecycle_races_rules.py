@@ -761,3 +761,33 @@ async def test_a_claims_deadline_on_a_task_parked_since_costs_no_serial_read(
         await h.advance(250)
     assert uuid.UUID(task_id) not in serial_reads, "a SERIAL read for a claim's deadline on a parked task"
     assert (await _lease(h, task_id)).state is LeaseState.PARKED
+
+
+async def test_a_claim_whose_task_read_failed_is_not_made(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The task's row is read beside the claim's write-ahead, and the claim records the task's end
+    of life that the row tells. Made whatever the read did, a claim beside a failed read recorded
+    this bridge's own BRIDGE_TASK_TTL instead, and every later write of the lease followed it: in
+    a fleet changing its TTL, a lease that ended before its task or after (found by review,
+    2026-12-07). No claim now: the fetch is answered `unavailable`, and the retry claims it."""
+    from bridge.domain.errors import Unavailable
+    from bridge.storage.errors import StorageUnavailable
+
+    h = harness
+    task_id = await h.add("v")
+    real = h.store.payload
+    failed: list[uuid.UUID] = []
+
+    async def payload(q: QueueKey, tid: uuid.UUID) -> Any:
+        if not failed:
+            failed.append(tid)
+            raise StorageUnavailable("the task's read timed out (injected)")
+        return await real(q, tid)
+
+    monkeypatch.setattr(h.store, "payload", payload)
+    with pytest.raises(Unavailable):
+        await h.fetch("W")
+    assert failed == [uuid.UUID(task_id)]
+    assert await _lease(h, task_id) is None, "claimed beside a failed read"
+    got = await h.fetch("W")
+    assert got is not None and got.task_id == task_id and got.epoch == 1
+    assert await h.ack("W", got) is True
