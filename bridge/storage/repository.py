@@ -1161,7 +1161,10 @@ class CassandraTaskStore:
             return  # the table of bridges before 1.3 has no room for it: its rows end with the task
         key = (e.bucket, shard_of(e.task_id, OUTBOX_SHARDS), e.queue.owner, e.queue.service, e.task_id)
         sealed = (token.key_id, token.nonce, token.ciphertext, traceparent)
-        await self.db.execute("outbox.keep_token", (self.owed_ttl_for(e.task_id), *sealed, *key, e.completion_id))
+        result = (e.result.key_id, e.result.nonce, e.result.ciphertext)
+        await self.db.execute(
+            "outbox.keep_token", (self.owed_ttl_for(e.task_id), *sealed, *result, *key, e.completion_id)
+        )
 
     async def mark_published(self, entry: OutboxEntry) -> None:
         e = entry
@@ -1218,7 +1221,14 @@ class CassandraTaskStore:
         for start in range(0, len(owed), OUTBOX_READS_AT_ONCE):
             group = owed[start : start + OUTBOX_READS_AT_ONCE]
             wholes = await asyncio.gather(*(self.db.execute(name, params) for name, params, _ in group))
-            page = [outbox_entry(r, shard) for (_, _, shard), whole in zip(group, wholes, strict=True) for r in whole]
+            page = [
+                outbox_entry(r, shard)
+                for (_, _, shard), whole in zip(group, wholes, strict=True)
+                for r in whole
+                # A row whose result cells ended (its token's live on, written later by a bridge
+                # before 2026-12-07): nothing left to send, as an ended row.
+                if r["result_ct"] is not None
+            ]
             yield page if published_too else [entry for entry in page if not entry.published]
 
     # -- loop progress ---------------------------------------------------------------------------------

@@ -341,8 +341,12 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     ),
     # A copy of the task's sealed token (and trace context) for a result whose publish failed: the
     # task's row holding them ends with the task, and the result may be owed past that.
+    # The result's cells written again with the token's, under one TTL: given the token's alone, a
+    # row whose result cells ended first lived on as a token with no result (its key id null: read
+    # as the owner's current key, the engine was sent an integrity_error; found by review).
     "outbox.keep_token": (
-        "UPDATE {ks}.outbox_shards USING TTL ? SET token_key = ?, token_nonce = ?, token_ct = ?, traceparent = ? "
+        "UPDATE {ks}.outbox_shards USING TTL ? SET token_key = ?, token_nonce = ?, token_ct = ?, traceparent = ?, "
+        "key_id = ?, result_nonce = ?, result_ct = ? "
         "WHERE bucket = ? AND shard = ? AND owner = ? AND service = ? AND task_id = ? AND completion_id = ?",
         True,
     ),

@@ -293,3 +293,63 @@ async def test_a_published_results_mark_owed_survives_a_full_cache_of_decided_re
         await h.advance(10_000, ticks=2)
     assert failures["left"] == 0, "A's mark was not tried again"
     assert [m.task_id for m in h.sink.messages].count(a) == 1, "A was sent again"
+
+
+async def test_an_outbox_row_keeps_its_result_as_long_as_its_token(harness: Harness) -> None:
+    """A result whose publish failed gets the task's token copied into its outbox row, under the
+    TTL the relay computes then; the result's own cells kept the TTL the acking bridge gave them.
+    Where those were shorter (a fleet changing its TTL, or a second's rounding), the row lived on
+    as a token without a result: read with a null key id (the owner's current key), the engine
+    was sent an integrity_error instead of its result (found by review, 2026-12-07). The token's
+    write gives the result's cells the same TTL, and a row without a result is not sent."""
+    import uuid as uuid_
+
+    from bridge.crypto import Sealed
+    from bridge.domain.records import OutboxEntry, QueueKey
+    from bridge.domain.timeline import OUTBOX_SHARDS, outbox_bucket, shard_of, timeuuid_from_ms
+    from tests.queue_harness import OWNER
+
+    h = harness
+    if not hasattr(h.store, "db"):
+        pytest.skip("cell lifetimes are Cassandra's")
+    db, ks = h.store.db, h.store.db.keyspace
+    q = QueueKey(OWNER, h.service)
+    now = h.clock.now_ms()
+    task_id, done_id, bucket = timeuuid_from_ms(now), uuid_.uuid4(), outbox_bucket(now)
+    entry = OutboxEntry(bucket, q, task_id, done_id, Sealed("k1", b"n" * 12, b"result"), False)
+    await h.store.insert_outbox(entry)
+    await h.store.keep_token(entry, Sealed("k1", b"t" * 12, b"token"), None)
+    shard = shard_of(task_id, OUTBOX_SHARDS)
+    where = (
+        f"WHERE bucket = {bucket} AND shard = {shard} AND owner = '{OWNER}' AND service = '{h.service}' "
+        f"AND task_id = {task_id} AND completion_id = {done_id}"
+    )
+    [row] = await db.execute_raw(f"SELECT TTL(result_ct) AS r, TTL(token_ct) AS t FROM {ks}.outbox_shards {where}")
+    assert abs(row["r"] - row["t"]) <= 1, f"the result's cells end apart from the token's: {row}"
+
+    # A row as a bridge before the fix left it: the result's cells about to end, the token's not.
+    other_task, other_done = timeuuid_from_ms(now + 1), uuid_.uuid4()
+    other_shard = shard_of(other_task, OUTBOX_SHARDS)
+    await db.execute_raw(
+        f"INSERT INTO {ks}.outbox_shards (bucket, shard, owner, service, task_id, completion_id, key_id, "
+        f"result_nonce, result_ct, published) VALUES ({bucket}, {other_shard}, '{OWNER}', '{h.service}', "
+        f"{other_task}, {other_done}, 'k1', 0x6e, 0x72, false) USING TTL 1"
+    )
+    await db.execute_raw(
+        f"UPDATE {ks}.outbox_shards USING TTL 300 SET token_key = 'k1', token_nonce = 0x74, token_ct = 0x74 "
+        f"WHERE bucket = {bucket} AND shard = {other_shard} AND owner = '{OWNER}' AND service = '{h.service}' "
+        f"AND task_id = {other_task} AND completion_id = {other_done}"
+    )
+
+    async def result_cells_ended() -> bool:  # Cassandra's TTL runs on real time
+        rows = await db.execute_raw(
+            f"SELECT result_ct FROM {ks}.outbox_shards WHERE bucket = {bucket} AND shard = {other_shard} "
+            f"AND owner = '{OWNER}' AND service = '{h.service}' AND task_id = {other_task} "
+            f"AND completion_id = {other_done}"
+        )
+        return bool(rows) and rows[0]["result_ct"] is None
+
+    await wait_for(result_cells_ended, 10, interval=0.1, what="the result's cells ended")
+    owed = {e.task_id for e in await h.store.outbox(bucket)}
+    assert other_task not in owed, "a token without its result read as a result owed"
+    assert task_id in owed
