@@ -55,6 +55,7 @@ GAUGE_QUEUES_LISTED = 20 * MAX_GAUGE_QUEUES
 GAUGE_FIRST_PER_OWNER = 20
 GAUGE_PAGE_MAX = 1_000  # registry rows a page of the walk reads, at most
 STOP_STEP_MIN_S = 0.5  # each waiting step of a stop gets this much even past the grace
+STOP_CLOSE_MIN_S = 2.0  # the broker connections' close, even past the grace (their readers end)
 GAUGE_EXPORT_BATCH = 50  # the first refresh after the duty comes: exported every this many queues read
 READY_PING_AFTER_S = 30.0  # readiness pings Cassandra only when nothing was answered for this long
 # A stop waits this long at most for the scheduler's pass and relay sweep under way to end.
@@ -500,6 +501,13 @@ class Bridge:
             if dropped := await self.counts.flush(self.store):
                 self.metrics.inc("count_updates_uncertain", dropped)
 
+    async def _flush_counts_once(self, timeout: float) -> None:
+        """The queue-count deltas now (a stop's), bounded: a statement a queue, each waiting up to
+        the driver's timeout while Cassandra stalls, and it waited for all of them."""
+        with suppress(Exception):
+            if dropped := await asyncio.wait_for(self.counts.flush(self.store), timeout=timeout):
+                self.metrics.inc("count_updates_uncertain", dropped)
+
     async def _export_queue_stats(self) -> None:
         """Per-queue gauges, from the bridge holding the duty only (a fleet exports them once)."""
         if not self.settings.stats_interval:
@@ -711,6 +719,10 @@ class Bridge:
         if self.gateway is not None:
             self.gateway.closing()  # at once: the task below takes its first step later
         gateway_stopped = asyncio.ensure_future(self._stop_gateway(ends))
+        # No new request taken from here (readiness 503): those consumed while the scheduler ended
+        # its pass and the duty went (up to 8 s with a broker that stopped answering) met closed
+        # hints, and long-polls were answered null at once with tasks ready (found by review).
+        await _stop_step("pausing the consumers", self.transport.pause(), left())
         if scheduler is not None:
             # Bounded; past it cancelled here, before the duty goes: still running, it published
             # and moved positions beside the next holder.
@@ -723,30 +735,55 @@ class Bridge:
         # Not the queue counts' flusher: cancelled mid-flush, it lost the deltas it had taken and
         # not yet written. It sees the stop, flushes once more and ends (awaited below).
         self.hints.close()  # fetches waiting for a task are answered now (null)
-        await self.duty.release()  # another bridge takes the background loops over now
-        await self.transport.pause()
+        # Another bridge takes the background loops over now.
+        await _stop_step("releasing the duty", self.duty.release(), left())
         # The gateway finishes its requests (within the grace) alongside AMQP's.
         idle, _ = await asyncio.gather(self.transport.wait_idle(left()), gateway_stopped)
         if not idle:
             log.warning("in-flight requests did not finish within %.1fs", grace)
-        self.scheduler.cancel_timers()  # best-effort timers: the timer wheel has their entries
-        await self.queue.stop_background(timeout=left())
+        # The counts of every request answered, written now, before the slower steps below: the
+        # flusher ended as the stop began, and a SIGKILL at the grace's end lost them all.
         if self._counts_flusher is not None:
             with suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._counts_flusher), timeout=left())
-        with suppress(Exception):
-            # The last second of queue-count deltas; bounded: a statement a queue, each waiting up
-            # to the driver's timeout while Cassandra stalls, and it waited for all of them.
-            await asyncio.wait_for(self.counts.flush(self.store), timeout=left())
+        await self._flush_counts_once(left())
+        self.scheduler.cancel_timers()  # best-effort timers: the timer wheel has their entries
+        await self.queue.stop_background(timeout=left())
+        await self._flush_counts_once(left())  # what the background work counted since
         for task in [*self._tasks, *([self._counts_flusher] if self._counts_flusher else [])]:
             task.cancel()
             with suppress(asyncio.CancelledError):
                 await task
-        await self.transport.close()
+        await _stop_step("closing the broker connections", self.transport.close(), max(left(), STOP_CLOSE_MIN_S))
         await self.keys.close()
         await self.db.close()
         await self.ops.stop()  # liveness answers through the grace period; readiness went 503 at pause()
         log.info("bridge stopped")
+
+
+async def _stop_step(what: str, step: Awaitable[None], timeout: float) -> None:
+    """One broker step of a stop, bounded: past ``timeout`` it is cancelled and left behind, not
+    awaited. aiormq's cancelled RPC queues a ``Channel.Close`` on its connection's writer, without
+    a bound: with a connection that could not write (a broker alarm, a dead link, its writer
+    queue full), ``wait_for`` waited for that cancellation, and the stop never ended (the duty
+    held, the consumers not paused, until SIGKILL; found by review, 2026-12-07). A
+    ``CancelledError`` of the step's own (aiormq closing a stuck connection under it) is its
+    failure, not the stop's: it ended the stop before the rest of it ran."""
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({task}, timeout=max(timeout, STOP_STEP_MIN_S))
+    if not done:
+        task.cancel()
+        task.add_done_callback(_retrieved)
+        log.warning("stop: %s took longer than %.1fs: left behind", what, max(timeout, STOP_STEP_MIN_S))
+    elif task.cancelled():
+        log.warning("stop: %s was cut short by its connection's close", what)
+    elif (exc := task.exception()) is not None:
+        log.warning("stop: %s failed: %s", what, type(exc).__name__)
+
+
+def _retrieved(task: asyncio.Future[None]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 async def _listen(start: Callable[[str, int], Awaitable[int]], variable: str, host: str, port: int) -> int:

@@ -23,7 +23,7 @@ from bridge.config import ConfigError
 from bridge.gateway.keys import new_key
 from bridge.transport.duty import Duty
 from bridge.transport.errors import BrokerUnreachable
-from tests.conftest import BRIDGE_USER, OWNERS, consumers_on, settings_from, wait_for
+from tests.conftest import BRIDGE_USER, OWNERS, consumers_on, service_id, settings_from, wait_for
 from tests.faults import TcpProxy
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -436,3 +436,37 @@ async def test_the_results_consumer_gives_up_a_node_that_never_answers(hole):
     ended, exc = await ends_within(task, 15, hole.drop)
     assert ended, "still connecting to a node that never answers"
     assert isinstance(exc, TimeoutError | ConnectionError | aio_pika.exceptions.AMQPConnectionError), repr(exc)
+
+
+@pytest.mark.parametrize("stuck", ["pause", "release", "close"])
+async def test_a_stop_whose_broker_step_never_ends_still_ends(make_bridge, engine, stuck):
+    """A broker step of the stop (the consumers' pause, the duty's release, the connections'
+    close) whose cancellation itself waits: aiormq's cancelled RPC queues a Channel.Close on its
+    connection's writer without a bound, and a connection that cannot write (an alarm, a dead link,
+    its writer queue full) never takes it. `wait_for` waited for that cancellation: the stop never
+    ended, the duty stayed held and the consumers were not paused (found by review, 2026-12-07).
+    The step is left behind; the stop goes on, and the counts are flushed before it."""
+    b = await make_bridge(shutdown_grace=2.0)
+    target = {"pause": b.transport, "release": b.duty, "close": b.transport}[stuck]
+    real = getattr(target, stuck)
+    unblock = asyncio.Event()
+
+    async def never_ends(*args: Any, **kwargs: Any) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await unblock.wait()  # as aiormq's put on a full writer queue
+            raise
+
+    setattr(target, stuck, never_ends)
+    await engine.add(service_id(), "counted")
+    began = time.monotonic()
+    try:
+        done, _ = await asyncio.wait([asyncio.ensure_future(b.stop())], timeout=2.0 + 8.0)
+        assert done, f"stop() still running {time.monotonic() - began:.1f}s after it began ({stuck} stuck)"
+        assert not b.counts.pending, "queue-count deltas left unwritten"
+    finally:
+        unblock.set()
+        setattr(target, stuck, real)
+        if stuck == "close":
+            await b.transport.close()
