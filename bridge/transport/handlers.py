@@ -21,12 +21,14 @@ import structlog
 from pydantic import BaseModel
 
 from bridge.config import Settings
+from bridge.domain import jsonvalue
 from bridge.domain.cancellation import ConnectionCancelled, is_stray, stray_as_failure
 from bridge.domain.deadlines import request_deadline_ms
 from bridge.domain.errors import BadRequest, ClockOff, NotSent, OwnerKeyUnusable, Unavailable
 from bridge.domain.fetching import RequestAbandoned
 from bridge.domain.models import AckWithNextRequest, AddCommand, FetchRequest, parse
 from bridge.domain.queue import PendingAdd, WorkQueue
+from bridge.domain.sealing import encode
 from bridge.domain.timeline import ms_of
 from bridge.errors import BridgeError, ErrorCode, wire_code
 from bridge.observability.throttled import ThrottledWarning
@@ -254,7 +256,7 @@ class RequestHandlers:
             check_text(message)
             check_reply_to(message)
             owner = self.identity.owner_of(message)
-            cmd: AddCommand = parse(AddCommand, read_body(message, self.settings.max_value_bytes))
+            cmd = _as_json(parse(AddCommand, read_body(message, self.settings.max_value_bytes)), self.settings)
             structlog.contextvars.bind_contextvars(owner=owner, service=cmd.service_id)
             # W3C trace context of the engine's span: kept with the task (a malformed one is dropped).
             traceparent = extract_traceparent(message.headers)
@@ -673,3 +675,15 @@ def _ready_now_if_due(pending: PendingAdd, cmd: AddCommand) -> AddCommand:
     if pending.due_ms is None:
         return cmd
     return cmd.model_copy(update={"delay_ms": None, "not_before": None})
+
+
+def _as_json(cmd: AddCommand, settings: Settings) -> AddCommand:
+    """The add with its value and token as their JSON bytes (written once, checked as an add's
+    are), not the parsed trees: an add is held through its retries (up to 30 s in a Cassandra
+    brownout, a window of 64 at once), and a 1 MiB value of small JSON objects is some 24 MiB of
+    Python objects, 1.5 GiB for one tenant's window (a sidecar's limit is 1 GiB; found by
+    review, 2026-12-07). The gateway lets go of its trees the same way (``_prepare_add``)."""
+    limit = settings.max_value_bytes
+    value = jsonvalue.fragment(encode(cmd.value, "the value", limit))
+    token = None if cmd.token is None else jsonvalue.fragment(encode(cmd.token, "the token", limit))
+    return cmd.model_copy(update={"value": value, "token": token})
