@@ -106,6 +106,9 @@ STUCK_WARNING_EVERY_S = 60.0
 RELAY_SECOND_PASS_MS = 30_000
 
 
+PUT_OFF_WARNINGS_KEPT = 1_000  # owners whose put-off deadlines are warned of apart (the least recent forgotten)
+
+
 @dataclass(frozen=True, slots=True)
 class _Retry:
     """An outbox bucket owing results: when to try it again, and how many it owes."""
@@ -239,6 +242,9 @@ class RecoveryScheduler:
         self._marks_read_ms = -(10**15)
         self._warn_ahead = ThrottledWarning(log)  # a position ahead of the present, rewound (each loop apart)
         self._warn_relay_ahead = ThrottledWarning(log)
+        self._warn_tick = ThrottledWarning(log)
+        self._warn_sweep = ThrottledWarning(log)
+        self._put_off_warnings: dict[str, ThrottledWarning] = {}  # by owner (PUT_OFF_WARNINGS_KEPT at most)
         self._duty: Duty | None = None
         self._running = False  # ``run`` was called: with no duty (no election) this bridge is the holder
 
@@ -332,7 +338,9 @@ class RecoveryScheduler:
                     with stray_as_failure():
                         await self.tick(relay=False)
                 except Unavailable as exc:
-                    log.warning("scheduler tick failed: %s", exc)
+                    # Throttled: a tick every 0.1 s while a token range has no quorum wrote ten
+                    # lines a second on the duty holder (found by review, 2026-12-07).
+                    self._warn_tick.warning("scheduler tick failed: %s", exc)
                 except Exception:
                     log.exception("scheduler tick crashed; continuing")
                 with contextlib.suppress(TimeoutError):
@@ -361,7 +369,7 @@ class RecoveryScheduler:
                     with stray_as_failure():
                         await self._relay_sweep(self.queue.clock.now_ms())
                 except Unavailable as exc:
-                    log.warning("result relay sweep failed: %s", exc)
+                    self._warn_sweep.warning("result relay sweep failed: %s", exc)
                 except Exception:
                     log.exception("result relay sweep crashed; continuing")
             # Once a second, holder or not: the relay never needed the tick's 100 ms, and every
@@ -562,15 +570,34 @@ class RecoveryScheduler:
             await self.store.watch_expiry(expiry_bucket(now + ENTRY_RETRY_MS), entry)
         except Exception:
             raise exc from None
-        log.warning(
-            "deadline of task %s put off by %d s: %s",
+        if not isinstance(exc, BridgeError):  # not a key trouble: a bug, traced each time
+            log.warning(
+                "deadline of task %s put off by %d s: %s",
+                entry.task_id,
+                ENTRY_RETRY_MS // 1000,
+                type(exc).__name__,
+                extra={"owner": entry.queue.owner, "service": entry.queue.service},
+                exc_info=exc,
+            )
+            return True
+        # Throttled per owner: an owner whose key is gone with N leases at their limit wrote N/10
+        # lines a second until their TTL, hiding every other owner's (found by review, 2026-12-07).
+        self._warn_put_off(entry.queue.owner).warning(
+            "deadline of task %s (owner %s, service %s) put off by %d s: %s",
             entry.task_id,
+            entry.queue.owner,
+            entry.queue.service,
             ENTRY_RETRY_MS // 1000,
             type(exc).__name__,
-            extra={"owner": entry.queue.owner, "service": entry.queue.service},
-            exc_info=None if isinstance(exc, BridgeError) else exc,  # not a key trouble: a bug, traced
         )
         return True
+
+    def _warn_put_off(self, owner: str) -> ThrottledWarning:
+        warn = self._put_off_warnings.pop(owner, None) or ThrottledWarning(log)
+        self._put_off_warnings[owner] = warn  # the most recent last
+        if len(self._put_off_warnings) > PUT_OFF_WARNINGS_KEPT:
+            del self._put_off_warnings[next(iter(self._put_off_warnings))]
+        return warn
 
     async def _with_leases(
         self,

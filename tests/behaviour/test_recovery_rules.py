@@ -1422,3 +1422,28 @@ async def test_a_result_still_owed_when_its_row_ends_is_counted_dropped_once(har
         await h.advance(RELAY_RETRY_MAX_MS)
     assert h.metrics.total("results_dropped", reason="expired") == 1
     assert not h.sink.messages
+
+
+async def test_deadlines_put_off_are_warned_of_once_in_a_while_per_owner(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A deadline that cannot be handled now (its owner's key gone, the key server away) is put
+    off 10 s, with a WARNING each time: an offboarded owner with N leases at their limit wrote N/10
+    lines a second until their TTL, and a tick failing every 0.1 s ten a second (found by review,
+    2026-12-07). Throttled, per owner for the deadlines."""
+    import logging
+    import uuid as uuid_
+
+    from bridge.domain.errors import Unavailable
+    from bridge.domain.records import ExpiryEntry, QueueKey
+
+    h = harness
+    caplog.set_level(logging.WARNING, logger="bridge.scheduler")
+    now = h.clock.now_ms()
+    for owner in ("gone-owner", "other-owner"):
+        for _ in range(20):
+            entry = ExpiryEntry(now, QueueKey(owner, h.service), uuid_.uuid1(), 1, False)
+            assert await h.scheduler._put_off(entry, now, Unavailable("the owner's key is missing")) is True
+    lines = [r.getMessage() for r in caplog.records if "put off" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert {("gone-owner" in line, "other-owner" in line) for line in lines} == {(True, False), (False, True)}
