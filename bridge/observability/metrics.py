@@ -351,6 +351,12 @@ class BridgeMetrics:
         self.results_pending = Gauge(
             f"{PREFIX}_results_pending", "Results written to the outbox and not yet published.", registry=r
         )
+        self.queue_gauges_unread = Gauge(
+            f"{PREFIX}_queue_gauges_unread",
+            "Queues whose counts the duty holder could not read at its last refresh (all it exports, at least "
+            "1, when it could not list them): their queue_tasks series are old or absent, not healthy.",
+            registry=r,
+        )
         self.clock_skew = Gauge(
             f"{PREFIX}_clock_skew_seconds",
             "This host's clock minus Cassandra's (positive: ahead), from the last measurement. With "
@@ -441,6 +447,9 @@ class BridgeMetrics:
     # -- gauges set by the code that knows ------------------------------------------------------
     def set_results_pending(self, n: int) -> None:
         self.results_pending.set(n)
+
+    def set_queue_gauges_unread(self, n: int) -> None:
+        self.queue_gauges_unread.set(n)
 
     def set_queue_stats(self, rows: Iterable[tuple[str, str, dict[str, int], int | None]]) -> None:
         """The fleet's queue counts (owner, service, {state: n}, oldest ready age in ms), exported by

@@ -416,3 +416,42 @@ async def test_queue_gauges_come_back_at_once_when_the_duty_comes_back_to_the_sa
     await wait_for(lambda: b.duty.held, 10, what="the duty back on the same bridge")
     assert b.duty.renewals == renewals, "taken again, not renewed"
     await wait_for(exported, 10, what="the queue's gauge exported again, well within the 60 s interval")
+
+
+async def test_queues_a_new_duty_holder_cannot_read_are_counted_not_left_out(make_bridge, engine, monkeypatch):
+    """A queue whose counts cannot be read keeps its last ones only on the bridge that read them:
+    the duty's new holder had none, exported no series for it, and a backlog alert on it resolved
+    as if the queue were healthy (found by review, 2026-12-07). The holder says how many it could
+    not read: `queue_bridge_queue_gauges_unread`."""
+    import bridge.app
+    from bridge.domain.errors import Unavailable
+
+    adder = await make_bridge()
+    svc = service_id()
+    await engine.add(svc, "counted")
+    await adder.stop()  # its registration of the queue written (in the background) before it stops
+    real = bridge.app.service_stats
+
+    async def service_stats(store: Any, q: Any, *args: Any, **kwargs: Any) -> Any:
+        if q.service == svc:
+            raise Unavailable("its parked index times out (injected)")
+        return await real(store, q, *args, **kwargs)
+
+    monkeypatch.setattr(bridge.app, "service_stats", service_stats)
+    port = free_port()
+    b = await make_bridge(http_port=port, stats_interval=0.3)
+    await wait_for(lambda: b.duty.held, 20, what="the duty held")
+    unread = "queue_bridge_queue_gauges_unread"
+
+    async def counted() -> bool:
+        return (await metric(port, unread) or 0) >= 1
+
+    await wait_for(counted, 20, what="the unread queue counted")
+    text = await _metrics_text(port)
+    assert f'service="{svc}"' not in text, "no series for the queue (it was never read)"
+    monkeypatch.setattr(bridge.app, "service_stats", real)
+
+    async def read_now() -> bool:
+        return await metric(port, unread) == 0 and f'service="{svc}"' in await _metrics_text(port)
+
+    await wait_for(read_now, 20, what="the queue read and exported, nothing unread")
