@@ -51,6 +51,7 @@ from bridge.gateway.errors import (
     status_of,
 )
 from bridge.gateway.keys import ApiKey, KeyFile
+from bridge.observability.metrics import METHODS
 from bridge.observability.throttled import ThrottledWarning
 from bridge.observability.tracing import child_traceparent, extract_traceparent
 from bridge.transport import wire
@@ -267,7 +268,9 @@ class GatewayServer:
         finally:
             if not request.get(HANDED_OVER, False):
                 self._release(admitted)
-                if method:
+                # The queue's requests only: the contract's document and the console's pages were
+                # counted as requests of an unknown method (an alert on those fired on a browser).
+                if method in METHODS and method != "unknown":
                     self.observe(method, str(outcome), time.perf_counter() - started)
 
     async def _answer(self, request: web.Request, response: web.StreamResponse) -> None:

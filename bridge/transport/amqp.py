@@ -182,7 +182,8 @@ class AmqpTransport:
         self._on_add = timed("add", self.handlers.add, self.observe)
         self._on_fetch = timed("fetch", self.handlers.fetch, self.observe)
         self._on_ack = timed("ack", self.handlers.ack, self.observe)
-        self._on_unrouted = timed("unknown", self.handlers.unrouted, self.observe)
+        # An add taken from the unrouted queue (its own queue being declared again) is an add.
+        self._on_unrouted = timed(_unrouted_method, self.handlers.unrouted, self.observe)
         # One queue, one consumer for the lifecycle methods: each timed under its own name.
         self._lifecycle = {
             method: timed(method, self.handlers.lifecycle_handler(method), self.observe) for method in LIFECYCLE_METHODS
@@ -833,3 +834,7 @@ class AmqpTransport:
         self._inflight.discard(work)
         if not self._inflight:
             self._idle.set()
+
+
+def _unrouted_method(message: RequestMessage) -> str:
+    return "add" if message.routing_key == "add" else "unknown"

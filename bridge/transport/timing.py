@@ -13,8 +13,10 @@ Handler = Callable[[RequestMessage], Awaitable[str]]  # returns the request's ou
 Consumer = Callable[[RequestMessage], Awaitable[None]]
 
 
-def timed(method: str, handler: Handler, observe: Observer) -> Consumer:
-    """``handler`` observed as ``(method, outcome, seconds)``; one that raises counts as ``internal``."""
+def timed(method: str | Callable[[RequestMessage], str], handler: Handler, observe: Observer) -> Consumer:
+    """``handler`` observed as ``(method, outcome, seconds)``; one that raises counts as ``internal``.
+    ``method``: a name, or what names it from the message (the unrouted consumer's: an add taken
+    there is an add, not an unknown method)."""
 
     async def run(message: RequestMessage) -> None:
         started = time.perf_counter()
@@ -22,6 +24,7 @@ def timed(method: str, handler: Handler, observe: Observer) -> Consumer:
         try:
             outcome = await handler(message)
         finally:
-            observe(method, str(outcome), time.perf_counter() - started)
+            name = method if isinstance(method, str) else method(message)
+            observe(name, str(outcome), time.perf_counter() - started)
 
     return run

@@ -1310,3 +1310,25 @@ async def test_a_response_its_client_never_reads_is_cut_at_the_read_timeout(star
         )
     finally:
         sock.close()
+
+
+async def test_the_contract_document_is_no_request_of_an_unknown_method(start_gateway):
+    """Every GET of the public /openapi.json (a browser, a scanner) was counted in
+    `queue_bridge_requests_total{method="unknown"}`, where an alert looks for clients sending
+    wrong routing keys (found by review, 2026-12-07)."""
+    b, gw = await start_gateway()
+    before = _requests_of(b, "unknown")
+    for _ in range(3):
+        doc = await gw.request("GET", "/openapi.json", key=None)
+        assert doc.status == 200
+    assert _requests_of(b, "unknown") == before
+
+
+def _requests_of(b: Any, method: str) -> float:
+    return sum(
+        s.value
+        for m in b.metrics.registry.collect()
+        if m.name == "queue_bridge_requests"
+        for s in m.samples
+        if s.name.endswith("_total") and s.labels.get("method") == method
+    )
