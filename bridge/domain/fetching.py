@@ -988,6 +988,13 @@ class Fetcher:
         landed = await landed_later(ours, UNCERTAIN_CLAIM_LOOKUPS_S, self.ctx.background.pause)
         try:
             if landed:
+                # A delivery (the worker's retry gets the task through its pointer, counted there as
+                # a resend): not counted, first deliveries went missing from tasks_delivered in an
+                # LWT-timeout storm (found by review, 2026-12-07).
+                recovered = entry.lane == LANE_RECOVERED
+                self.ctx.metrics.inc(
+                    "tasks_delivered" if not recovered or epoch == 1 else "tasks_redelivered", kind="claim"
+                )
                 if payload is None and entry.lane == LANE_FRESH:
                     payload = await self.ctx.store.payload(q, entry.task_id)  # was it delayed? (its read failed)
                 await self._count_claim(q, entry, payload)

@@ -791,3 +791,39 @@ async def test_a_claim_whose_task_read_failed_is_not_made(harness: Harness, monk
     got = await h.fetch("W")
     assert got is not None and got.task_id == task_id and got.epoch == 1
     assert await h.ack("W", got) is True
+
+
+async def test_a_first_delivery_whose_claim_stayed_uncertain_is_counted_delivered(harness: Harness) -> None:
+    """A claim whose outcome stayed unknown (its resend too) is answered `unavailable`; the worker's
+    retry gets the task through its pointer, counted as a resend. Landed, the claim was counted in
+    the queue's counts but never in tasks_delivered: first deliveries went missing from the metric
+    in an LWT-timeout storm (found by review, 2026-12-07)."""
+    from bridge.domain.errors import Unavailable
+    from bridge.storage.errors import UnknownOutcome
+
+    h = harness
+    if not hasattr(h.store, "_lease_insert"):
+        pytest.skip("unknown outcomes are the Cassandra adapter's")
+    task_id = await h.add("v")
+    real, sent = h.store._lease_insert, []
+
+    async def lease_insert(tid: uuid.UUID, name: str, *args: Any, **kwargs: Any) -> Any:
+        sent.append(name)
+        if name == "lease.claim_new" and sent.count(name) == 1:
+            await real(tid, name, *args, **kwargs)  # applied, its reply lost
+            raise UnknownOutcome("the claim's reply timed out (injected)")
+        if name == "lease.claim_new" and sent.count(name) == 2:
+            raise UnknownOutcome("its resend's reply timed out too (injected)")
+        return await real(tid, name, *args, **kwargs)
+
+    h.store._lease_insert = lease_insert
+    try:
+        with pytest.raises(Unavailable):
+            await h.fetch("W")
+    finally:
+        h.store._lease_insert = real
+    await h.queue.drain_background(10.0)
+    assert h.metrics.total("tasks_delivered", kind="claim") == 1
+    got = await h.fetch("W")  # the retry: through the worker's pointer
+    assert got is not None and got.task_id == task_id
+    assert h.metrics.total("tasks_delivered", kind="claim") == 1, "counted once"
