@@ -57,7 +57,12 @@ class Identity:
         user = message.user_id
         if not user:
             raise Unauthorized("the message has no user_id property; set it to your AMQP user name")
-        named = self._named_owner((message.headers or {}).get("x-owner"))
+        headers = message.headers or {}
+        if "x-owner" in headers and headers["x-owner"] is None:
+            # A void value (a Java client's null): taken for absent, the request acted for the
+            # trusted user itself, its tasks filed under the engine's own name (found by review).
+            raise BadRequest("the x-owner header must be a string (it is void)")
+        named = self._named_owner(headers.get("x-owner"))
         if user in self.trusted:
             return named or user
         if named is not None and named != user:
@@ -117,7 +122,11 @@ def idempotency_of(message: RequestMessage) -> AddKey:
     costs no LWT on the first delivery (RabbitMQ flags every redelivery). The bundled Python
     client sends the header because its AMQP library fills in a random ``message-id`` on every
     message, which under the 1.4 rule cost an LWT per add for a key nobody could repeat."""
-    header = (message.headers or {}).get(IDEMPOTENCY_HEADER)
+    headers = message.headers or {}
+    if IDEMPOTENCY_HEADER in headers and headers[IDEMPOTENCY_HEADER] is None:
+        # Void: neither a key nor "no key" (empty); taken for absent, the message id became the key.
+        raise BadRequest(f"the {IDEMPOTENCY_HEADER} header must be a string (it is void)")
+    header = headers.get(IDEMPOTENCY_HEADER)
     if header is None:
         return AddKey(message.message_id or None)
     if isinstance(header, bytes):

@@ -497,3 +497,17 @@ async def test_a_number_too_large_is_refused_without_echoing_its_digits(bridge, 
     assert len(await dead_letters.drain(1)) == 1
     assert "too large" in caplog.text, "the refusal is logged"
     assert "9999999999" not in caplog.text
+
+
+async def test_a_void_owner_or_idempotency_header_is_refused_not_taken_for_absent(bridge, engine, dead_letters):
+    """A void value (a Java client's null) of x-owner was taken for no header: the trusted engine's
+    request acted for its own user, its tasks filed under the engine's name (or `unknown_owner`);
+    of x-idempotency-key, the message id became the key. The contract: "present but not a string:
+    bad_request" (found by review, 2026-12-07)."""
+    body = {"serviceId": service_id(), "value": 1}
+    owner_void, _ = await engine.call_raw("add", body, headers={"x-owner": None})
+    key_void, _ = await engine.call_raw("add", body, headers={"x-owner": OWNERS[0], "x-idempotency-key": None})
+    for reply in (owner_void, key_void):
+        assert reply["error"]["code"] == "bad_request", reply
+    assert "x-owner" in owner_void["error"]["message"] and "x-idempotency-key" in key_void["error"]["message"]
+    assert len(await dead_letters.drain(2, timeout=30)) == 2
