@@ -418,6 +418,7 @@ class GatewayServer:
         )
         service = request.match_info.get("serviceId")
         if service is not None:
+            _check_service_segment(request.raw_path, service)
             if not isinstance(body, dict):
                 raise BadRequest("the body must be a JSON object")
             if "serviceId" in body and body["serviceId"] != service:
@@ -638,3 +639,20 @@ def _idempotency_key(request: web.Request) -> str | None:
     if not IDEMPOTENCY_PATTERN.fullmatch(value) or not _is_utf8(value):
         raise BadRequest("the Idempotency-Key header must be 0 to 255 printable characters (UTF-8)")
     return value or None
+
+
+def _check_service_segment(raw_path: str, service: str) -> None:
+    """The path's serviceId, as sent, must be UTF-8 once its escapes are decoded: aiohttp keeps an
+    escape that is not (``%ff``) as its text (``%FF``), so ``/api/queue/%ff/tasks`` was the queue
+    ``%FF``, the same as ``/api/queue/%25FF/tasks``, where an AMQP body with those bytes is refused
+    (found by review, 2026-12-07)."""
+    from urllib.parse import unquote_to_bytes
+
+    segments = raw_path.split("?", 1)[0].split("/")
+    sent = segments[3] if len(segments) > 3 else ""
+    try:
+        decoded = unquote_to_bytes(sent).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("the path's serviceId is not UTF-8 once its %-escapes are decoded") from None
+    if decoded != service:
+        raise BadRequest("the path's serviceId is not written as one path segment")

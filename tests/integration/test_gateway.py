@@ -1332,3 +1332,21 @@ def _requests_of(b: Any, method: str) -> float:
         for s in m.samples
         if s.name.endswith("_total") and s.labels.get("method") == method
     )
+
+
+async def test_a_service_id_whose_escapes_are_not_utf8_is_refused_not_aliased(gw):
+    """aiohttp keeps an escape that is not UTF-8 (`%ff`) as its text (`%FF`): the add went to the
+    queue `%FF`, the one `/api/queue/%25FF/tasks` names, where AMQP refuses a body with those bytes
+    (found by review, 2026-12-07)."""
+    refused = await gw.request(
+        "POST", "/api/queue/%ff/tasks", {"value": 1}, key="engine", headers={"X-Owner": OWNERS[0]}
+    )
+    assert refused.status == 400 and refused.body["error"]["code"] == "bad_request", refused
+    literal = await gw.request(
+        "POST", "/api/queue/%25FF/tasks", {"value": 1}, key="engine", headers={"X-Owner": OWNERS[0]}
+    )
+    assert literal.status == 200, literal
+    spaced = await gw.request(
+        "POST", "/api/queue/caf%C3%A9%20x/tasks", {"value": 1}, key="engine", headers={"X-Owner": OWNERS[0]}
+    )
+    assert spaced.status == 200, spaced
