@@ -246,6 +246,10 @@ class SkewGuard:
         self.anchor = anchor
         self._monotonic = anchor.monotonic if anchor is not None else time.monotonic
         self.reading: SkewReading | None = None
+        # Whether leases were last said granted (None: nothing said yet). With the anchor, the
+        # bound runs out between two measurements (its uncertainty grows with the drift allowed):
+        # judged at a measurement alone, the onset was almost never logged, only the recovery.
+        self._said_ok: bool | None = None
 
     @property
     def ok(self) -> bool:
@@ -299,19 +303,28 @@ class SkewGuard:
             if best is None or reading.error_ms < best.error_ms:
                 best = reading
         assert best is not None
-        was_ok, first = self.ok, self.reading is None
+        first = self.reading is None
         self.reading = best
         if self.anchor is not None:
             self.anchor.offer(best)
         if self.on_reading is not None:
             self.on_reading(best)
-        if not self.ok and (was_ok or first):
-            log.error("clock skew beyond the margin: refusing leases; %s", self.describe())
-        elif self.ok and not was_ok and not first:
-            log.warning("clock skew back within the margin: granting leases again; %s", self.describe())
-        elif first and self.anchor is not None:
+        if first and self.ok and self.anchor is not None:
             log.info("clock: %s (the host's own clock is %+.0f ms off)", self.describe(), best.offset_ms)
+        self.say_state()
         return best
+
+    def say_state(self) -> None:
+        """Log a change of whether leases are granted, wherever it is seen (a measurement, or the
+        bound running out between two)."""
+        ok = self.ok
+        if ok == self._said_ok:
+            return
+        if not ok:
+            log.error("clock skew beyond the margin: refusing leases; %s", self.describe())
+        elif self._said_ok is False:
+            log.warning("clock skew back within the margin: granting leases again; %s", self.describe())
+        self._said_ok = ok
 
     def next_probe_s(self) -> float:
         """While leases are granted: the interval, or sooner if the time's bound would run out before
@@ -333,6 +346,7 @@ class SkewGuard:
         every second while leases are refused, to serve again as soon as the clock allows it."""
         refused = 0  # measurements in a row after which leases were still refused
         while True:
+            self.say_state()
             if self.ok:
                 refused, wait_s = 0, self.next_probe_s()
             else:

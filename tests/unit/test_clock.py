@@ -282,3 +282,27 @@ def test_write_timestamps_follow_cassandras_time_once_the_clock_is_anchored() ->
     assert stamps() == (T0 + 600_000) * 1000  # the host's time, before any reading
     clock.offer(SkewReading(offset_ms=600_000, error_ms=1.0, at_monotonic=mono(), reference_ms=T0))
     assert abs(stamps() - T0 * 1000) < 1_000, "stamped from the host's time, minutes ahead"
+
+
+async def test_leases_refused_between_two_measurements_are_said_once_and_their_return_too(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With the anchor, the bound runs out between measurements (its uncertainty grows with the
+    drift allowed) and a slow Cassandra's readings are refused: judged at a measurement alone, the
+    onset ("refusing leases", with its advice) was almost never logged, only the recovery (found
+    by review, 2026-12-07)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="bridge.clock")
+    _, guard, ref, _ = rig(margin_ms=25)
+    await guard.measure()
+    assert guard.ok
+    ref.rtt_s = 2.0  # Cassandra slow from now on: its readings cannot tighten the bound
+    ref.advance(200.0)  # the bound ran out meanwhile
+    await guard.measure()
+    assert not guard.ok
+    ref.rtt_s = 0.002
+    await guard.measure()
+    assert guard.ok
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("clock skew")]
+    assert len(said) == 2 and "refusing leases" in said[0] and "granting leases again" in said[1], said
