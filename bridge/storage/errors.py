@@ -49,14 +49,23 @@ class InvalidQuery(BridgeError):
 
 # The driver's text names replicas' addresses, consistency levels, server exceptions: the
 # operator's to read, not the tenants' (an ``unavailable`` answer carried it to every caller).
-# Answers name the exception's type; the text goes to the log, once every 10 s at most.
-_detail = ThrottledWarning(logging.getLogger("bridge.storage"))
+# Answers name the exception's type; the text goes to the log, once every 10 s at most for each
+# type: one throttle for all, a storm of write timeouts hid a rare error of its own (a read over
+# too many tombstones naming its table) for as long as the storm lasted (found by review).
+_details: dict[str, ThrottledWarning] = {}
+DETAIL_TYPES_KEPT = 64
 
 
 def kind_of(exc: BaseException) -> str:
     """``exc``'s type name, for an answer; its whole text logged (throttled) for the operator."""
-    _detail.warning("cassandra request failed: %s: %s", type(exc).__name__, exc)
-    return type(exc).__name__
+    kind = type(exc).__name__
+    detail = _details.get(kind)
+    if detail is None:
+        if len(_details) >= DETAIL_TYPES_KEPT:
+            _details.pop(next(iter(_details)))
+        detail = _details[kind] = ThrottledWarning(logging.getLogger("bridge.storage"))
+    detail.warning("cassandra request failed: %s: %s", kind, exc)
+    return kind
 
 
 def not_authorized(exc: BaseException) -> StorageNotSent:

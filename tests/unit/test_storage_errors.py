@@ -118,12 +118,9 @@ def test_an_answer_names_the_drivers_error_type_not_its_text(
     """A driver's text names replicas' addresses and server exceptions: it went into every
     tenant's ``unavailable`` answer (the gateway's 503 body, the AMQP reply). The answer names the
     type; the text is logged for the operator (once every 10 s: a fresh throttle here)."""
-    import logging
-
-    from bridge.observability.throttled import ThrottledWarning
     from bridge.storage import errors
 
-    monkeypatch.setattr(errors, "_detail", ThrottledWarning(logging.getLogger("bridge.storage")), raising=False)
+    monkeypatch.setattr(errors, "_details", {})  # fresh throttles
     exc = cass.CassErrorServerReadFailure("Connection to 10.9.8.7:9042 failed: replica 10.9.8.6 ReadFailure")
     mapped = _storage_error(exc, lwt=lwt)
     assert isinstance(mapped, StorageUnavailable | UnknownOutcome)
@@ -280,3 +277,26 @@ def test_a_missing_keyspace_is_not_described_to_the_tenants() -> None:
     ):
         assert isinstance(err, SchemaMissing)
         assert "tenant_queue_ks" not in str(err)
+
+
+def test_a_rare_storage_error_is_logged_beside_a_storm_of_another(caplog: pytest.LogCaptureFixture) -> None:
+    """One throttle for every driver error text: in a storm of write timeouts, a rare error of
+    another kind (a read over too many tombstones, naming its table) was never the first of a
+    window, and never logged (found by review, 2026-12-07)."""
+    import logging
+
+    from bridge.storage.errors import kind_of
+
+    class WriteTimeoutStorm(Exception):
+        pass
+
+    class ReadFailure(Exception):
+        pass
+
+    caplog.set_level(logging.WARNING, logger="bridge.storage")
+    for _ in range(100):
+        kind_of(WriteTimeoutStorm("coordinator timed out"))
+    kind_of(ReadFailure("too many tombstones in table parked"))
+    said = [r.getMessage() for r in caplog.records]
+    assert any("too many tombstones in table parked" in line for line in said), said
+    assert sum("coordinator timed out" in line for line in said) == 1
