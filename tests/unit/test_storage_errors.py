@@ -279,13 +279,18 @@ def test_a_missing_keyspace_is_not_described_to_the_tenants() -> None:
         assert "tenant_queue_ks" not in str(err)
 
 
-def test_a_rare_storage_error_is_logged_beside_a_storm_of_another(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_rare_storage_error_is_logged_beside_a_storm_of_another(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """One throttle for every driver error text: in a storm of write timeouts, a rare error of
     another kind (a read over too many tombstones, naming its table) was never the first of a
     window, and never logged (found by review, 2026-12-07)."""
     import logging
 
+    from bridge.storage import errors
     from bridge.storage.errors import kind_of
+
+    monkeypatch.setattr(errors, "_details", {})  # fresh throttles
 
     class WriteTimeoutStorm(Exception):
         pass
