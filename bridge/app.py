@@ -543,7 +543,8 @@ class Bridge:
                 log.warning("queue gauges not refreshed: %s", type(exc).__name__)
                 failed = True  # an interval before the next try, not at once again
                 # A queue absent looks healthy: said (a new holder has no counts kept to export).
-                self.metrics.set_queue_gauges_unread(max(1, len(self._gauge_rows)))
+                if self.duty.held:  # (gone meanwhile: its drop said 0, the new holder says its own)
+                    self.metrics.set_queue_gauges_unread(max(1, len(self._gauge_rows)))
                 if exported and self.duty.held:
                     # Its last counts kept, and the oldest ready ages growing (as for one queue whose
                     # reads fail: frozen, a backlog alert never fired while the store failed).
@@ -630,7 +631,8 @@ class Bridge:
             log.warning("queue gauges of %d queues not refreshed: %s", len(failed), "; ".join(failed[:5]))
         # The queues read at no refresh of this holder's have no series at all (found by review,
         # 2026-12-07: a backlog alert on them resolved at every duty move): counted here.
-        self.metrics.set_queue_gauges_unread(len(failed))
+        if self.duty.held:
+            self.metrics.set_queue_gauges_unread(len(failed))
         return rows
 
     async def _gauge_queues(self) -> tuple[list[QueueKey], bool]:

@@ -991,12 +991,13 @@ class Fetcher:
                 # A delivery (the worker's retry gets the task through its pointer, counted there as
                 # a resend): not counted, first deliveries went missing from tasks_delivered in an
                 # LWT-timeout storm (found by review, 2026-12-07).
-                recovered = entry.lane == LANE_RECOVERED
-                self.ctx.metrics.inc(
-                    "tasks_delivered" if not recovered or epoch == 1 else "tasks_redelivered", kind="claim"
-                )
                 if payload is None and entry.lane == LANE_FRESH:
                     payload = await self.ctx.store.payload(q, entry.task_id)  # was it delayed? (its read failed)
+                if payload is not None:  # (none: the task's life ended, nothing to hand out)
+                    recovered = entry.lane == LANE_RECOVERED
+                    self.ctx.metrics.inc(
+                        "tasks_delivered" if not recovered or epoch == 1 else "tasks_redelivered", kind="claim"
+                    )
                 await self._count_claim(q, entry, payload)
             elif landed is None:
                 log.warning("claim of task %s left uncounted: its outcome stayed unknown", entry.task_id)

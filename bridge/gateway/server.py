@@ -418,7 +418,8 @@ class GatewayServer:
         )
         service = request.match_info.get("serviceId")
         if service is not None:
-            _check_service_segment(request.raw_path, service)
+            # The path alone (an absolute-form target's raw_path holds its scheme and host).
+            _check_service_segment(request.rel_url.raw_path, service)
             if not isinstance(body, dict):
                 raise BadRequest("the body must be a JSON object")
             if "serviceId" in body and body["serviceId"] != service:

@@ -41,6 +41,7 @@ from bridge.storage.errors import (
     kind_of,
     names_missing_schema,
     not_authorized,
+    refused_as_not_authorized,
     schema_missing,
 )
 from bridge.storage.schema import uuid_columns
@@ -264,7 +265,14 @@ class AcsyllaSession:
     async def execute_raw(self, cql: str) -> list[Row]:
         """Run unprepared CQL (schema changes, admin); not for the hot path."""
         stmt = acsylla.create_statement(cql.replace("{ks}", self.keyspace), timeout=60, page_size=DEFAULT_PAGE_SIZE)
-        return await self._all_pages(stmt, lwt=" IF " in cql)
+        try:
+            return await self._all_pages(stmt, lwt=" IF " in cql)
+        except StorageNotSent as exc:
+            if refused_as_not_authorized(exc):
+                # A schema change the bridge's role may not make: the operator's to grant, not an
+                # outage to wait out at start (retried for BRIDGE_START_TIMEOUT as "cannot be reached").
+                raise InvalidQuery(exc.message) from exc
+            raise
 
 
 def _storage_error(exc: BaseException, *, lwt: bool, batch: bool = False, conditional: bool | None = None) -> Exception:

@@ -55,6 +55,7 @@ from bridge.storage.errors import (
     kind_of,
     names_missing_schema,
     not_authorized,
+    refused_as_not_authorized,
     schema_missing,
 )
 from bridge.storage.stall import StallWatch, stall_after_s
@@ -346,6 +347,12 @@ class CassandraSession:
             )
         except (RequestValidationException, proto.RequestValidationException) as exc:
             raise InvalidQuery(str(exc)) from exc
+        except StorageNotSent as exc:
+            if refused_as_not_authorized(exc):
+                # A schema change the bridge's role may not make: the operator's to grant, not an
+                # outage to wait out at start (retried for BRIDGE_START_TIMEOUT as "cannot be reached").
+                raise InvalidQuery(exc.message) from exc
+            raise
 
 
 def storage_error(

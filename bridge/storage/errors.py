@@ -25,7 +25,11 @@ class StorageNotSent(StorageUnavailable, NotSent):
 class SchemaMissing(StorageNotSent):
     """The keyspace or a table is gone (a `DROP` by mistake, a restore under way): Cassandra refused
     the statement before any replica acted. An outage until the schema is back, not a bug: taken
-    for invalid CQL (``internal``), every add was dead-lettered meanwhile (found by review)."""
+    for invalid CQL (``internal``), every add was dead-lettered meanwhile (found by review).
+    ``detail``: the driver's words, for the bridge's own judgement (a node not serving a new table
+    yet, ``schema.once_served``) and its log; never in a reply."""
+
+    detail: str = ""
 
 
 def names_missing_schema(message: str) -> bool:
@@ -75,10 +79,22 @@ def not_authorized(exc: BaseException) -> StorageNotSent:
     Taken for an invalid query (``internal``), every add of the fleet was dead-lettered and every
     request failed for good during such an outage (found by review, 2026-12-07); a grant revoked
     by an operator is the operator's to fix, and is retried meanwhile like an outage."""
-    return StorageNotSent(f"cassandra refused the statement: {kind_of(exc)}")
+    refused = StorageNotSent(
+        f"cassandra refused the statement as not authorized ({kind_of(exc)}: a permission the bridge's role "
+        "lacks, or system_auth out of reach)"
+    )
+    refused.not_authorized = True  # type: ignore[attr-defined]  # (schema changes: fatal, see execute_raw)
+    return refused
 
 
 def schema_missing(exc: BaseException) -> SchemaMissing:
     """The keyspace or a table is missing: the driver's words (keyspace and table names) logged for
     the operator, not sent to every tenant in the reply (found by review, 2026-12-07)."""
-    return SchemaMissing(f"cassandra: the keyspace or a table is missing ({kind_of(exc)})")
+    missing = SchemaMissing(f"cassandra: the keyspace or a table is missing ({kind_of(exc)})")
+    missing.detail = str(exc)
+    return missing
+
+
+def refused_as_not_authorized(exc: BaseException) -> bool:
+    """A statement Cassandra refused as not authorized (``not_authorized``)."""
+    return bool(getattr(exc, "not_authorized", False))

@@ -339,7 +339,9 @@ async def _added_columns_live(db: CqlSession) -> None:
 def _not_served_yet(exc: Exception) -> bool:
     """The node refused a table or a column as unknown: one the keyspace has (``system_schema``
     listed it), a change that has not reached that node yet."""
-    return "Undefined column" in str(exc) or "unconfigured table" in str(exc)
+    # A SchemaMissing answers tenants without the driver's words: they are in its detail.
+    text = f"{exc} {getattr(exc, 'detail', '')}"
+    return "Undefined column" in text or "unconfigured table" in text
 
 
 async def once_served(prepare: Callable[[], Awaitable[None]]) -> None:

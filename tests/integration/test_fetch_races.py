@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import orjson
 import pytest
 
 from bridge.domain.records import LANE_FRESH, QueueKey
@@ -124,7 +125,7 @@ async def test_an_add_retried_in_place_never_lands_behind_the_scan_position(make
 
     async def prepare_add(owner, cmd, **kw):  # type: ignore[no-untyped-def]
         pending = await prepare(owner, cmd, **kw)
-        if cmd.value == "retried in place":
+        if orjson.dumps(cmd.value) == b'"retried in place"':  # (held as its JSON: an orjson.Fragment)
             late.append(pending.task_id)
         return pending
 

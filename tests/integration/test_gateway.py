@@ -1350,3 +1350,19 @@ async def test_a_service_id_whose_escapes_are_not_utf8_is_refused_not_aliased(gw
         "POST", "/api/queue/caf%C3%A9%20x/tasks", {"value": 1}, key="engine", headers={"X-Owner": OWNERS[0]}
     )
     assert spaced.status == 200, spaced
+
+
+async def test_an_absolute_form_request_is_served(gw):
+    """RFC 9112: a server accepts a target in absolute form (a client behind a proxy that passes
+    it on). The path's serviceId check read the segment from the raw target, which then holds the
+    scheme and host: every such request was refused 400 (the re-review, 2026-12-07)."""
+    body = json.dumps({"workerId": "abs-1", "timeToRecover": 1000}).encode()
+    svc = service_id()
+    auth = gw.auth("a")["Authorization"]
+    request = (
+        f"POST http://127.0.0.1:{gw.port}/api/queue/{svc}/fetch HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{gw.port}\r\nAuthorization: {auth}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+    answer = await asyncio.to_thread(raw_exchange, gw.port, request)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]

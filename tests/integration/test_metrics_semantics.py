@@ -373,7 +373,7 @@ async def test_a_new_duty_holder_exports_queue_gauges_as_it_reads_them(make_brid
             series = [line for line in text.splitlines() if line.startswith("queue_bridge_queue_tasks{")]
             return len({line.split('service="')[1].split('"')[0] for line in series}) >= bridge.app.GAUGE_EXPORT_BATCH
 
-        await wait_for(some_exported, 10, what="a batch exported before the refresh ended")
+        await wait_for(some_exported, 30, what="a batch exported before the refresh ended")
     finally:
         slow.set()
 

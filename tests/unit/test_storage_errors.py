@@ -305,3 +305,23 @@ def test_a_rare_storage_error_is_logged_beside_a_storm_of_another(
     said = [r.getMessage() for r in caplog.records]
     assert any("too many tombstones in table parked" in line for line in said), said
     assert sum("coordinator timed out" in line for line in said) == 1
+
+
+async def test_a_schema_change_the_role_may_not_make_stays_fatal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Statements refused as not authorized are an outage (not sent); a schema change is not:
+    retried as "Cassandra cannot be reached at start", a role without ALTER crash-looped for
+    BRIDGE_START_TIMEOUT with the reason in a throttled line (the re-review, 2026-12-07)."""
+    from cassandra import Unauthorized
+
+    from bridge.config import load_settings
+    from bridge.storage.cassandra import CassandraSession
+    from bridge.storage.errors import InvalidQuery, not_authorized
+
+    session = CassandraSession(load_settings(_env_file=None))
+
+    async def refused(*args: Any, **kwargs: Any) -> Any:
+        raise not_authorized(Unauthorized("User bridge has no ALTER permission on <table ks.leases>"))
+
+    monkeypatch.setattr(session, "_run", refused)
+    with pytest.raises(InvalidQuery, match="not authorized"):
+        await session.execute_raw("ALTER TABLE {ks}.leases ADD x int")
