@@ -59,7 +59,7 @@ def _split_csv(value: Any) -> Any:
     return parts
 
 
-UNENCODED_PASSWORD = (
+UNENCODED_USERINFO = (
     "has a user or password with '/', '?', '#' or '@' in it as is, or an '@' in its vhost: percent-encode "
     "them (%2F, %3F, %23, %40)"
 )
@@ -418,7 +418,7 @@ class Settings(BaseSettings):
         # `queue-bridge permissions` printed vhost "672" for it. The message never shows the URL
         # (it holds the password).
         if password_unencoded(value.get_secret_value()):
-            raise ValueError(UNENCODED_PASSWORD)
+            raise ValueError(UNENCODED_USERINFO)
         url = urlsplit(value.get_secret_value())
         if url.scheme not in ("amqp", "amqps"):
             raise ValueError("must be an amqp:// or amqps:// URL, such as amqp://user:password@rabbitmq:5672/")

@@ -691,3 +691,14 @@ def create_schema_now(settings: Settings, *, driver: str | None = None) -> None:
 
     with ThreadPoolExecutor(1) as pool:
         pool.submit(asyncio.run, setup()).result()
+
+
+def requests_counted(bridge: Any, method: str) -> float:
+    """``queue_bridge_requests_total`` of one method, all outcomes, on an in-process bridge."""
+    return sum(
+        s.value
+        for m in bridge.metrics.registry.collect()
+        if m.name == "queue_bridge_requests"
+        for s in m.samples
+        if s.name.endswith("_total") and s.labels.get("method") == method
+    )

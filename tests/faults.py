@@ -32,6 +32,9 @@ class TcpProxy:
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
+    def seen(self, data: bytes, *, replies: bool) -> None:
+        """Each chunk read, before it goes on (``replies``: the server's): a subclass's hook."""
+
     def drops(self, client: asyncio.StreamWriter) -> bool:
         """Whether the server's bytes to this client side are dropped (all of them while muted)."""
         return self.muted
@@ -54,6 +57,7 @@ class TcpProxy:
                     # calls ``stall``, and the chunk it then returned went through (the server
                     # answered a request sent after the stall). Held here until ``resume``.
                     await self._stalled(writer)
+                self.seen(data, replies=replies)
                 if replies and self.drops(writer):
                     continue
                 if not replies and self.swallowing:

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import typer
 
-from bridge.config import UNENCODED_PASSWORD, ConfigError, Settings, load_settings, password_unencoded
+from bridge.config import UNENCODED_USERINFO, ConfigError, Settings, load_settings, password_unencoded
 from bridge.domain import jsonvalue
 
 app = typer.Typer(
@@ -154,7 +154,7 @@ def amqp_url_of(settings: Settings, url: str | None) -> str:
     if not url:
         return settings.amqp_url.get_secret_value()
     if password_unencoded(url):
-        raise typer.BadParameter(f"not a RabbitMQ URL: it {UNENCODED_PASSWORD}", param_hint="'--amqp-url'")
+        raise typer.BadParameter(f"not a RabbitMQ URL: it {UNENCODED_USERINFO}", param_hint="'--amqp-url'")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number (or out of range)

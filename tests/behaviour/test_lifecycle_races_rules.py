@@ -533,27 +533,42 @@ async def _parked(h: Harness) -> str:
     raise AssertionError("the task was not parked")
 
 
+@pytest.mark.parametrize("outcome", ["slow", "unknown"])
 async def test_a_redrive_whose_unpark_lands_after_both_passes_of_its_deadline_comes_back(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, outcome: str
 ) -> None:
     """The redrive files the task's deadline one bucket ahead, then unparks it. An unpark whose
     Paxos round took longer than the scheduler's two passes over that bucket (both read the task
     parked and let the entry go), its bridge's own timer failing (the bridge died, its clock gate
     closed): leased to nobody, with no deadline, no ready entry and no parked row, until its TTL
-    (found by review, 2026-12-07). A slow unpark's deadline is filed again, in a bucket to come."""
+    (found by review, 2026-12-07). A slow unpark's deadline is filed again, in a bucket to come;
+    so is one whose outcome stayed unknown (answered `unavailable`: the operator's retry found
+    the task not parked, and skipped it)."""
+    from bridge.domain.errors import Unavailable
+
     h = harness
     task_id = await _parked(h)
+    target = [uuid.UUID(task_id)]
     monkeypatch.setattr(h.queue.lifecycle, "soon", lambda watch, due: None)
     real = h.store.unpark
 
-    async def slow(*args: Any) -> Any:
+    async def late(*args: Any) -> Any:
         for _ in range(30):  # 7.5 s of clock time: both passes (the second late_ms, 5 s, after)
             await h.advance(250)
-        return await real(*args)
+        res = await real(*args)
+        if outcome == "unknown":
+            raise Unavailable("the unpark's outcome is unknown")
+        return res
 
-    monkeypatch.setattr(h.store, "unpark", slow)
+    monkeypatch.setattr(h.store, "unpark", late)
     h.clock.advance(1)
-    assert await h.queue.redrive(OWNER, h.service, [uuid.UUID(task_id)]) == 1
+    if outcome == "slow":
+        assert await h.queue.redrive(OWNER, h.service, target) == 1
+    else:
+        with pytest.raises(Unavailable):
+            await h.queue.redrive(OWNER, h.service, target)
+        monkeypatch.setattr(h.store, "unpark", real)
+        assert await h.queue.redrive(OWNER, h.service, target) == 0  # the retry: not parked
     await h.queue.drain_background(5.0)
     again = await h.fetch_until("W2", step_ms=250, limit_ms=10_000, ttr_ms=500)
     assert again.task_id == task_id
@@ -594,36 +609,6 @@ async def test_an_unpark_a_plain_read_does_not_show_yet_is_read_serial_at_the_se
     again = await h.fetch_until("W2", step_ms=250, limit_ms=10_000, ttr_ms=500)
     assert again.task_id == task_id
     assert committed, "the task came back without the SERIAL read"
-
-
-async def test_a_redrive_whose_unpark_outcome_is_unknown_still_comes_back(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The unpark landed but its bridge could not learn it (the SERIAL read failed too): answered
-    `unavailable`, and the operator's retry found the task not parked and skipped it. Its deadline
-    was met only while the passes read it parked: leased to nobody until its TTL."""
-    from bridge.domain.errors import Unavailable
-
-    h = harness
-    task_id = await _parked(h)
-    monkeypatch.setattr(h.queue.lifecycle, "soon", lambda watch, due: None)
-    real = h.store.unpark
-
-    async def unknown(*args: Any) -> Any:
-        for _ in range(30):  # the round outlived both passes
-            await h.advance(250)
-        await real(*args)
-        raise Unavailable("the unpark's outcome is unknown")
-
-    monkeypatch.setattr(h.store, "unpark", unknown)
-    h.clock.advance(1)
-    with pytest.raises(Unavailable):
-        await h.queue.redrive(OWNER, h.service, [uuid.UUID(task_id)])
-    monkeypatch.setattr(h.store, "unpark", real)
-    assert await h.queue.redrive(OWNER, h.service, [uuid.UUID(task_id)]) == 0  # the retry: not parked
-    await h.queue.drain_background(5.0)
-    again = await h.fetch_until("W2", step_ms=250, limit_ms=10_000, ttr_ms=500)
-    assert again.task_id == task_id
 
 
 async def test_a_task_redriven_its_limit_of_times_stays_parked(

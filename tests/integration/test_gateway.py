@@ -24,7 +24,7 @@ from aiohttp import web
 from bridge.client.rpc import results_consumer
 from bridge.gateway.keys import new_key
 from tests import raw_http
-from tests.conftest import ENGINE_USER, OWNERS, free_port, service_id, wait_for
+from tests.conftest import ENGINE_USER, OWNERS, free_port, requests_counted, service_id, wait_for
 from tests.integration.test_security import flip_stored_value
 from tests.keyserver import KeyServer
 
@@ -1317,21 +1317,11 @@ async def test_the_contract_document_is_no_request_of_an_unknown_method(start_ga
     `queue_bridge_requests_total{method="unknown"}`, where an alert looks for clients sending
     wrong routing keys (found by review, 2026-12-07)."""
     b, gw = await start_gateway()
-    before = _requests_of(b, "unknown")
+    before = requests_counted(b, "unknown")
     for _ in range(3):
         doc = await gw.request("GET", "/openapi.json", key=None)
         assert doc.status == 200
-    assert _requests_of(b, "unknown") == before
-
-
-def _requests_of(b: Any, method: str) -> float:
-    return sum(
-        s.value
-        for m in b.metrics.registry.collect()
-        if m.name == "queue_bridge_requests"
-        for s in m.samples
-        if s.name.endswith("_total") and s.labels.get("method") == method
-    )
+    assert requests_counted(b, "unknown") == before
 
 
 async def test_a_service_id_whose_escapes_are_not_utf8_is_refused_not_aliased(gw):

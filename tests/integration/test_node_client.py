@@ -794,15 +794,7 @@ async def test_node_worker_told_to_stop_gives_back_a_task_its_handler_has_not_fi
     until its lease runs out (here 60 s)."""
     svc = service_id()
     task_id = await engine.add(svc, {"n": 1, "text": "slow"})
-    extra = {"QB_SERVICE": svc, "QB_WAIT_MS": "5000", "QB_TTR_MS": "60000", "QB_WORK_MS": "60000"}
-    extra["QB_STOP_TIMEOUT_MS"] = "300"
-    worker = await NodeScript(node, "worker.js", env_of(servers, names, OWNERS[0], **extra)).start()
-    try:
-        await worker.event("task")
-        worker.signal(signal.SIGTERM)
-        assert await worker.wait(10) == 0, (worker.events, worker.stderr)
-    finally:
-        await worker.stop()
+    worker = await _stopped_mid_task(node, servers, names, svc)
     assert not worker.all("acked")
     assert worker.all("given_back") == [
         {"event": "given_back", "taskId": task_id, "reason": "StopTimeout", "answered": True}
@@ -1591,19 +1583,8 @@ async def test_node_worker_handed_back_a_lease_whose_fail_got_no_answer_sends_th
     the same epoch, skipping the fail's backoff and never counting toward parking. As rpc.py's
     ``_fail_in_hand`` (test_client_r11_fail_in_hand.py), that lease handed back has its fail sent
     again instead; the task comes back after the backoff, at a new epoch (third review)."""
-    from bridge.domain.errors import Unavailable
-
     svc = service_id()
-    real = bridge.queue.fail
-    refused: list[int] = []
-
-    async def unavailable_once(owner: str, req: Any) -> Any:
-        if req.service_id == svc and not refused:
-            refused.append(1)
-            raise Unavailable("Cassandra timed out (test)")  # answered unavailable: may not have applied
-        return await real(owner, req)
-
-    monkeypatch.setattr(bridge.queue, "fail", unavailable_once)
+    _first_fail_unanswered(bridge, svc, monkeypatch)
     task_id = await engine.add(svc, {"n": 1, "throw": "boom"})  # its handler throws, every time
     extra = {"QB_SERVICE": svc, "QB_WAIT_MS": "1000", "QB_TTR_MS": "60000", "QB_MAX_TASKS": "2"}
     worker = await NodeScript(node, "worker.js", env_of(servers, names, OWNERS[0], **extra)).start()
@@ -1629,29 +1610,10 @@ async def test_node_worker_told_to_stop_sends_a_give_back_without_an_answer_agai
     answer (``unavailable``): the worker exited, the task leased to it for its whole lease (60 s
     here). As rpc.py's ``_give_back`` on stop, it is sent again within QB_STOP_GRACE_MS (third
     review)."""
-    from bridge.domain.errors import Unavailable
-
     svc = service_id()
-    real = bridge.queue.fail
-    refused: list[int] = []
-
-    async def unavailable_once(owner: str, req: Any) -> Any:
-        if req.service_id == svc and not refused:
-            refused.append(1)
-            raise Unavailable("Cassandra timed out (test)")
-        return await real(owner, req)
-
-    monkeypatch.setattr(bridge.queue, "fail", unavailable_once)
+    _first_fail_unanswered(bridge, svc, monkeypatch)
     task_id = await engine.add(svc, {"n": 1, "text": "slow"})
-    extra = {"QB_SERVICE": svc, "QB_WAIT_MS": "5000", "QB_TTR_MS": "60000", "QB_WORK_MS": "60000"}
-    extra["QB_STOP_TIMEOUT_MS"] = "300"
-    worker = await NodeScript(node, "worker.js", env_of(servers, names, OWNERS[0], **extra)).start()
-    try:
-        await worker.event("task")
-        worker.signal(signal.SIGTERM)
-        assert await worker.wait(10) == 0, (worker.events, worker.stderr)
-    finally:
-        await worker.stop()
+    worker = await _stopped_mid_task(node, servers, names, svc)
     assert [f["code"] for f in worker.all("give_back_failed")] == ["unavailable"], worker.events
     assert worker.all("given_back") == [
         {"event": "given_back", "taskId": task_id, "reason": "StopTimeout", "answered": True}
@@ -1756,22 +1718,10 @@ def _silent_after_the_handshake(servers: Servers) -> Any:
             super().__init__(servers.amqp_host, servers.amqp_port)
             self.channel_open = asyncio.Event()
 
-        async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, replies: bool) -> None:
-            if replies:
-                await super()._pipe(reader, writer, replies=True)
-                return
-            try:
-                while data := await reader.read(65536):
-                    if CHANNEL_OPEN.search(data):
-                        self.mute()  # before it goes on: its Channel.OpenOk never comes back
-                        self.channel_open.set()
-                    writer.write(data)
-                    await writer.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                with contextlib.suppress(Exception):
-                    writer.close()
+        def seen(self, data: bytes, *, replies: bool) -> None:
+            if not replies and CHANNEL_OPEN.search(data):
+                self.mute()  # before it goes on: its Channel.OpenOk never comes back
+                self.channel_open.set()
 
     return SilentAfterTheHandshake()
 
@@ -1816,3 +1766,35 @@ async def test_node_worker_told_to_stop_while_its_channel_opens_exits_at_once(
         await worker.stop()
         await proxy.stop()
     assert worker.all("stopping") == [{"event": "stopping", "signal": "SIGTERM", "phase": "fetching"}], worker.events
+
+
+async def _stopped_mid_task(node: str, servers: Servers, names: dict[str, str], svc: str) -> NodeScript:
+    """A Node worker whose handler works for a minute on its first task, SIGTERMed as it starts:
+    its handler cut after QB_STOP_TIMEOUT_MS (300 ms), the task given back; exited 0."""
+    extra = {"QB_SERVICE": svc, "QB_WAIT_MS": "5000", "QB_TTR_MS": "60000", "QB_WORK_MS": "60000"}
+    extra["QB_STOP_TIMEOUT_MS"] = "300"
+    worker = await NodeScript(node, "worker.js", env_of(servers, names, OWNERS[0], **extra)).start()
+    try:
+        await worker.event("task")
+        worker.signal(signal.SIGTERM)
+        assert await worker.wait(10) == 0, (worker.events, worker.stderr)
+    finally:
+        await worker.stop()
+    return worker
+
+
+def _first_fail_unanswered(bridge: Any, svc: str, monkeypatch: Any) -> None:
+    """The service's first ``fail`` is answered ``unavailable`` (it may not have applied); the
+    others go through."""
+    from bridge.domain.errors import Unavailable
+
+    real = bridge.queue.fail
+    refused: list[int] = []
+
+    async def unavailable_once(owner: str, req: Any) -> Any:
+        if req.service_id == svc and not refused:
+            refused.append(1)
+            raise Unavailable("Cassandra timed out (test)")
+        return await real(owner, req)
+
+    monkeypatch.setattr(bridge.queue, "fail", unavailable_once)

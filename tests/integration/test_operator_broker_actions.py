@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import OWNERS, consumers_on, queue_exists, service_id, settings_from, wait_for
+from tests.conftest import OWNERS, consumers_on, queue_exists, requests_counted, service_id, settings_from, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -162,13 +162,7 @@ async def test_an_add_routed_to_unrouted_after_its_queue_is_back_is_still_taken_
     import aio_pika
 
     def requests(method: str) -> float:
-        return sum(
-            s.value
-            for m in bridge.metrics.registry.collect()
-            if m.name == "queue_bridge_requests"
-            for s in m.samples
-            if s.name.endswith("_total") and s.labels.get("method") == method
-        )
+        return requests_counted(bridge, method)
 
     add_q = f"{names['queue_prefix']}.add"
     conn = await aio_pika.connect(servers.amqp_url("guest"))
