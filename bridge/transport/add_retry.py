@@ -76,8 +76,8 @@ class AddRetryLane:
         self._in_place: Counter[str] = Counter()  # owner -> adds retrying in place for a bad key
         self._exchange: AbstractExchange | None = None
         # Told of a failed publish (the transport renews the channel when RabbitMQ nacks).
-        self.on_failure: Callable[[BaseException, str], None] = lambda exc, key: None
-        self.on_success: Callable[[str], None] = lambda key: None  # told of a confirmed publish (its routing key)
+        self.on_failure: Callable[[BaseException], None] = lambda exc: None
+        self.on_success: Callable[[], None] = lambda: None  # told of a confirmed publish
 
     def attach(self, default_exchange: AbstractExchange) -> None:
         """The default exchange of a channel with publisher confirms (the transport, at start)."""
@@ -136,9 +136,9 @@ class AddRetryLane:
                 async with asyncio.timeout(LANE_CONFIRM_TIMEOUT_S):
                     await self._exchange.publish(copy, routing_key=self.name, mandatory=True)
         except Exception as exc:
-            self.on_failure(exc, self.name)
+            self.on_failure(exc)
             raise
-        self.on_success(self.name)
+        self.on_success()
 
 
 def _copy_id(message: RequestMessage, headers: dict[str, Any]) -> str | None:

@@ -462,10 +462,10 @@ class AmqpTransport:
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_DELAY_S)
 
-    def _lane_publish_failed(self, exc: BaseException, key: str) -> None:
+    def _lane_publish_failed(self, exc: BaseException) -> None:
         """A deferral to the add retry lane failed: nacked (the channel is renewed), or returned
         as unroutable (the lane was deleted: declared again)."""
-        self.results_renewal.refused(exc, key)
+        self.results_renewal.refused(exc)
         if isinstance(exc, aiormq.exceptions.PublishError):
             self._declare_lane_again()
 
@@ -489,13 +489,13 @@ class AmqpTransport:
             self.handlers.lane.attach(self._publish_channel.default_exchange)
             log.info("the add retry lane is declared: adds of an owner with an unusable key wait there again")
 
-    def _result_publish_failed(self, exc: BaseException, key: str) -> None:
+    def _result_publish_failed(self, exc: BaseException) -> None:
         """A result publish failed: nacked (the channel is renewed), or returned as unroutable. With
         ``BRIDGE_RESULTS_QUEUE`` set, a return means that queue is gone (an operator deleted it): it
         is declared and bound again. Before, only a restart or a reconnection did, results stayed
         owed until they were dropped past the task's life, and the engine's user, which may not
         declare queues, could do nothing (found by review)."""
-        self.results_renewal.refused(exc, key)
+        self.results_renewal.refused(exc)
         if not isinstance(exc, aiormq.exceptions.PublishError) or not self.settings.results_queue:
             return
         now = asyncio.get_running_loop().time()

@@ -9,15 +9,12 @@ channel had published no result before the kill (a bridge just started, or one t
 no task with a token) kept every result pending for that long. A new channel is served.
 
 Renewing costs one channel close and open (the robust channel's own restore replays what was
-declared on it), at most once every :data:`RENEW_MIN_INTERVAL_S`. A destination (a publish's
-routing key) still refused on the new channel is not what #9208 does: no renewal for it again
-until one of its publishes is confirmed. A queue that refuses publishes for another reason (a
-tenant's results queue at its length limit with ``reject-publish``) renewed the shared channel
-every 5 s, failing every other tenant's result in flight on it (sent again by the relay, some
-twice) and logging a broker bug that was not there; it costs one renewal now. Counting refusals
-in a row over the whole channel instead (a first fix) never renewed it in the very case above:
-#9208 refuses one quorum queue, and the results to every other queue, confirmed between, reset
-the count (found by review, 2026-12-07).
+declared on it), at most once every :data:`RENEW_MIN_INTERVAL_S`, and only once
+:data:`NACKS_BEFORE_RENEWAL` publishes in a row were refused with none confirmed between: the
+channel of #9208 refuses every publish. A queue that refuses publishes for another reason (a
+tenant's results queue at its length limit with ``reject-publish``) while others are confirmed
+renewed the shared channel every 5 s, failing every other tenant's result in flight on it (sent
+again by the relay, some twice) and logging a broker bug that was not there (found by review).
 """
 
 from __future__ import annotations
@@ -25,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -36,7 +32,7 @@ from pamqp import commands
 log = logging.getLogger("bridge.transport")
 
 RENEW_MIN_INTERVAL_S = 5.0
-TRIED_KEPT = 10_000  # destinations remembered as refused on a renewed channel
+NACKS_BEFORE_RENEWAL = 3
 
 
 class PublishesRefused(Exception):
@@ -71,39 +67,38 @@ class ChannelRenewal:
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
         self._last = -RENEW_MIN_INTERVAL_S
-        # Destinations a renewal was for, not confirmed since: refused on the new channel too,
-        # they do not renew it again.
-        self._tried: OrderedDict[str, None] = OrderedDict()
+        self._nacks = 0  # publishes refused since the last one confirmed
         self.renewals = 0
 
-    def confirmed(self, key: str) -> None:
-        """A publish to ``key`` (its routing key) was confirmed: it is served."""
-        self._tried.pop(key, None)
+    def confirmed(self) -> None:
+        """A publish on the channel was confirmed: the channel is served."""
+        self._nacks = 0
 
-    def refused(self, exc: BaseException, key: str) -> None:
-        """A publish to ``key`` failed with ``exc``: renew the channel if it was a nack, unless a
-        renewal was made for ``key`` already and it has been refused since."""
-        if not nacked(exc) or key in self._tried:
+    def refused(self, exc: BaseException) -> None:
+        """A publish on the channel failed with ``exc``: renew the channel if it was a nack, the
+        last of enough in a row."""
+        if not nacked(exc):
+            return
+        self._nacks += 1
+        if self._nacks < NACKS_BEFORE_RENEWAL:
             return
         now = self._clock()
         if (self._task is not None and not self._task.done()) or now - self._last < RENEW_MIN_INTERVAL_S:
             return
         self._last = now
-        self._tried[key] = None
-        while len(self._tried) > TRIED_KEPT:
-            self._tried.popitem(last=False)
+        self._nacks = 0
         self.renewals += 1
-        self._task = self._spawn(self._renew(key))
+        self._task = self._spawn(self._renew())
 
-    async def _renew(self, key: str) -> None:
+    async def _renew(self) -> None:
         channel = self._channel_of()
         if channel is None or channel.is_closed:
             return  # closed or being restored already: the new channel is what renewal would give
         log.warning(
-            "RabbitMQ refused a publish to %r on the %s channel (nack): opening it afresh (a quorum queue's "
-            "leader lost while the channel first published to it keeps refusing it on RabbitMQ before 3.11; "
-            "refused again on the new channel, it is the queue's own refusal, such as its length limit)",
-            key,
+            "RabbitMQ refused %d publishes in a row on the %s channel (nacks): opening it afresh (a quorum "
+            "queue's leader lost while the channel first published to it keeps refusing it on RabbitMQ before "
+            "3.11; or a queue refusing publishes, at its length limit with reject-publish)",
+            NACKS_BEFORE_RENEWAL,
             self.name,
         )
         try:

@@ -606,9 +606,9 @@ async def test_an_add_moved_to_the_lane_on_a_black_holed_main_connection_is_sett
                 failures: list[BaseException] = []
                 told = lane.on_failure
 
-                def recorded(exc: BaseException, key: str) -> None:
+                def recorded(exc: BaseException) -> None:
                     failures.append(exc)
-                    told(exc, key)
+                    told(exc)
 
                 lane.on_failure = recorded
                 svc = service_id()

@@ -10,7 +10,7 @@ from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import DeliveryError, PublishError
 from pamqp import commands
 
-from bridge.transport.renewal import RENEW_MIN_INTERVAL_S, ChannelRenewal, nacked
+from bridge.transport.renewal import NACKS_BEFORE_RENEWAL, RENEW_MIN_INTERVAL_S, ChannelRenewal, nacked
 
 
 class _Done:
@@ -35,42 +35,33 @@ NACK = DeliveryError(None, commands.Basic.Nack(delivery_tag=1))
 def test_a_nack_renews_the_channel_at_most_once_a_period() -> None:
     now = [100.0]
     renewal, spawned = _renewal(now)
-    for i in range(50):  # a nack every 0.1 s for 5 s, each to another destination
+    for i in range(50):  # a nack every 0.1 s for 5 s
         now[0] = 100.0 + i * 0.1
-        renewal.refused(NACK, f"svc-{i}")
+        renewal.refused(NACK)
     assert renewal.renewals == 1 and len(spawned) == 1
-    now[0] = 100.0 + RENEW_MIN_INTERVAL_S + 0.01
-    renewal.refused(NACK, "svc-x")
+    renewed_at = 100.0 + (NACKS_BEFORE_RENEWAL - 1) * 0.1  # at the third nack in a row
+    now[0] = renewed_at + RENEW_MIN_INTERVAL_S + 0.01
+    renewal.refused(NACK)
     assert renewal.renewals == 2
 
 
-def test_a_destination_still_refused_on_the_renewed_channel_does_not_renew_it_again() -> None:
+def test_nacks_between_confirmed_publishes_do_not_renew_the_channel() -> None:
     """One tenant's results queue at its length limit with reject-publish: its results nacked,
     every other tenant's confirmed. Each nack renewed the shared channel (every 5 s), failing the
-    other tenants' results in flight on it (found by review, 2026-12-07). It is renewed once for
-    that destination; again only after one of its publishes was confirmed."""
+    other tenants' results in flight on it (found by review, 2026-12-07). Only a channel that
+    refuses publishes in a row is renewed (RabbitMQ #9208's refuses every one)."""
     now = [0.0]
     renewal, spawned = _renewal(now)
     for i in range(100):
         now[0] = i * 1.0
-        renewal.refused(NACK, "full-queue")
-        renewal.confirmed("other-tenant")
-    assert renewal.renewals == 1 and len(spawned) == 1
-    renewal.confirmed("full-queue")  # drained: served again
-    now[0] += RENEW_MIN_INTERVAL_S
-    renewal.refused(NACK, "full-queue")
-    assert renewal.renewals == 2
-
-
-def test_a_quorum_queue_refused_among_confirmed_ones_renews_the_channel() -> None:
-    """RabbitMQ #9208 refuses one quorum queue on a channel while the others are served: a first
-    fix counted nacks in a row over the channel, and the other queues' confirms between reset it,
-    so the channel was never renewed (found by the re-review, 2026-12-07)."""
-    now = [0.0]
-    renewal, spawned = _renewal(now)
-    renewal.confirmed("svc-b")
-    renewal.refused(NACK, "svc-a")
-    assert renewal.renewals == 1 and len(spawned) == 1
+        renewal.refused(NACK)
+        renewal.confirmed()  # another tenant's result, confirmed between
+        renewal.refused(NACK)
+        renewal.confirmed()
+    assert renewal.renewals == 0 and not spawned
+    for _ in range(NACKS_BEFORE_RENEWAL):
+        renewal.refused(NACK)
+    assert renewal.renewals == 1
 
 
 def test_only_a_nack_renews_the_channel() -> None:
@@ -88,5 +79,5 @@ def test_only_a_nack_renews_the_channel() -> None:
     now = [0.0]
     renewal, spawned = _renewal(now)
     for exc in others:
-        renewal.refused(exc, "k")
+        renewal.refused(exc)
     assert renewal.renewals == 0 and not spawned

@@ -45,7 +45,7 @@ async def test_a_lane_publish_never_confirmed_gives_up_within_its_bound_and_the_
     handlers.lane.attach(cast(Any, exchange))
     handlers.lane.in_place_limit = 0  # the owner holds its share of the window: its add goes to the lane
     failures: list[BaseException] = []
-    handlers.lane.on_failure = lambda exc, key: failures.append(exc)
+    handlers.lane.on_failure = failures.append
     message = _Message(ADD, "add", {}, "engine", REPLY_TO)
     started = time.monotonic()
     await _run(handlers.add, message)

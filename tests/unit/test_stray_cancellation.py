@@ -221,7 +221,7 @@ async def test_a_retry_lane_confirm_cut_by_its_connection_leaves_the_add_retried
     handlers.lane.attach(cast(Any, _Exchange()))
     handlers.lane.in_place_limit = 0  # the owner holds its share: its next add goes to the lane
     failures: list[BaseException] = []
-    handlers.lane.on_failure = lambda exc, key: failures.append(exc)
+    handlers.lane.on_failure = failures.append
     message = _Message(ADD, "add", {}, "engine", REPLY_TO)
     transport.replies.proven.add("whatever")  # (replies are irrelevant here)
     outcome = await _run(handlers.add, message)
