@@ -88,6 +88,7 @@ async def test_an_add_whose_lane_copy_may_exist_claims_its_key_with_the_lwt(monk
     add = _Message(ADD, "add", {"x-idempotency-key": ""}, "engine", REPLY_TO)
     add.message_id = "m-1"
     await _run(h.add, add)
-    assert copies and copies[0].message_id == "m-1"
+    # The key travels in the copy's header; its message id is the bridge's own (add_retry._copy_id).
+    assert copies and copies[0].headers["x-idempotency-key"] == "m-1" and copies[0].message_id != "m-1"
     assert queue.writes and all(w["first_copy"] is False for w in queue.writes), queue.writes
     assert add.settled == ["ack"]
