@@ -28,8 +28,11 @@ DAY_MS = 86_400_000
 
 
 def _before_a_midnight(now_ms: int) -> int:
-    """Half an hour before the next UTC midnight: the jump an hour ahead crosses it."""
-    return (now_ms // DAY_MS + 1) * DAY_MS - HOUR_MS // 2
+    """Half an hour before the first UTC midnight still half an hour away: the jump an hour ahead
+    crosses it, and the clock only moves forward to it (a start in the last half hour of a day
+    takes the next day's: a CI run's random start fell there once)."""
+    at = (now_ms // DAY_MS + 1) * DAY_MS - HOUR_MS // 2
+    return at if at >= now_ms else at + DAY_MS
 
 
 @pytest.fixture(params=STORES)
@@ -132,3 +135,11 @@ async def test_an_owed_result_is_relayed_after_a_holder_saved_its_relay_position
     assert await _tick_until(scheduler, h, relayed, clock_ms=30_000), (
         f"the result owed in bucket {owed_bucket} was never relayed"
     )
+
+
+@pytest.mark.parametrize("minutes_to_midnight", [31, 30, 29, 1])
+def test_the_start_before_a_midnight_is_never_behind_the_clock(minutes_to_midnight: int) -> None:
+    now = 20 * DAY_MS - minutes_to_midnight * 60_000
+    at = _before_a_midnight(now)
+    assert now <= at < now + DAY_MS
+    assert (at + HOUR_MS) // DAY_MS == at // DAY_MS + 1  # the jump crosses a midnight
