@@ -73,6 +73,9 @@ RETRY_FIRST_DELAY_S = 0.5
 RETRY_MAX_DELAY_S = 10.0
 # The results queue declared again after results were returned unroutable: at most this often.
 RESULTS_QUEUE_REDECLARE_S = 5.0
+LANE_DESTINATION = (
+    "add retry lane"  # the retry lane's publishes, apart from results (routing keys "results <serviceId>")
+)
 RESULTS_DECLARE_TIMEOUT_S = 5.0  # a channel or a declare the broker does not answer is given up
 REOPEN_TIMEOUT_S = 10.0  # one attempt to reopen a channel the broker does not answer is given up
 # The channels the bridge consumes requests on (the adds have a connection of their own) and those
@@ -134,7 +137,9 @@ class AmqpTransport:
         # cluster (BRIDGE_QUEUE_TYPE): a channel RabbitMQ keeps nacking is opened afresh.
         self.results_renewal = ChannelRenewal("results", lambda: self._publish_channel, self._spawn)
         self.results.on_failure = self._result_publish_failed
+        self.results.on_success = lambda key: self.results_renewal.confirmed(f"results {key}")
         self.handlers.lane.on_failure = self._lane_publish_failed
+        self.handlers.lane.on_success = lambda: self.results_renewal.confirmed(LANE_DESTINATION)
         self._observer = observe or (lambda method, outcome, seconds: None)
         self._on_channel_down = on_channel_down
         self.connection: AbstractRobustConnection | None = None
@@ -464,7 +469,7 @@ class AmqpTransport:
     def _lane_publish_failed(self, exc: BaseException) -> None:
         """A deferral to the add retry lane failed: nacked (the channel is renewed), or returned
         as unroutable (the lane was deleted: declared again)."""
-        self.results_renewal.refused(exc)
+        self.results_renewal.refused(exc, LANE_DESTINATION)
         if isinstance(exc, aiormq.exceptions.PublishError):
             self._declare_lane_again()
 
@@ -488,13 +493,13 @@ class AmqpTransport:
             self.handlers.lane.attach(self._publish_channel.default_exchange)
             log.info("the add retry lane is declared: adds of an owner with an unusable key wait there again")
 
-    def _result_publish_failed(self, exc: BaseException) -> None:
+    def _result_publish_failed(self, exc: BaseException, key: str) -> None:
         """A result publish failed: nacked (the channel is renewed), or returned as unroutable. With
         ``BRIDGE_RESULTS_QUEUE`` set, a return means that queue is gone (an operator deleted it): it
         is declared and bound again. Before, only a restart or a reconnection did, results stayed
         owed until they were dropped past the task's life, and the engine's user, which may not
         declare queues, could do nothing (found by review)."""
-        self.results_renewal.refused(exc)
+        self.results_renewal.refused(exc, f"results {key}")
         if not isinstance(exc, aiormq.exceptions.PublishError) or not self.settings.results_queue:
             return
         now = asyncio.get_running_loop().time()

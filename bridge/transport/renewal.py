@@ -9,9 +9,18 @@ channel had published no result before the kill (a bridge just started, or one t
 no task with a token) kept every result pending for that long. A new channel is served.
 
 Renewing costs one channel close and open (the robust channel's own restore replays what was
-declared on it), at most once every :data:`RENEW_MIN_INTERVAL_S`: a queue that refuses
-publishes for another reason (its length limit with ``reject-publish``) costs a reopen every few
-seconds, nothing more.
+declared on it), at most once every :data:`RENEW_MIN_INTERVAL_S`, and it fails every other
+publish in flight on the channel (results are sent again by the relay). A destination (a
+publish's routing key) refused again after a renewal made for it waits twice as long for the
+next, from :data:`RENEW_MIN_INTERVAL_S` up to :data:`RENEW_MAX_INTERVAL_S`, until one of its
+publishes is confirmed: a queue that refuses publishes for another reason (a tenant's results
+queue at its length limit with ``reject-publish``) renewed the shared channel every 5 s for as
+long as it stayed full, failing every other tenant's result in flight each time; it now costs
+about ten renewals in its first quarter of an hour, then one every 5 minutes. #9208 is still
+served as before: its channel, renewed during the election and refused again, is renewed 5 s
+later (the 3-node drill). Two cheaper rules failed (found by review and CI, 2026-12-07): counting
+nacks in a row over the channel never renewed it in #9208's case (the other queues' confirms
+between reset the count), and one renewal per destination until confirmed was too few.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -29,6 +39,8 @@ from pamqp import commands
 log = logging.getLogger("bridge.transport")
 
 RENEW_MIN_INTERVAL_S = 5.0
+RENEW_MAX_INTERVAL_S = 300.0
+BACKOFFS_KEPT = 10_000  # destinations remembered as refused since a renewal (the oldest forgotten)
 
 
 class PublishesRefused(Exception):
@@ -63,15 +75,30 @@ class ChannelRenewal:
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
         self._last = -RENEW_MIN_INTERVAL_S
+        # By destination, since a renewal made for it: (no renewal for it before, the next wait).
+        self._backoff: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self.renewals = 0
 
-    def refused(self, exc: BaseException) -> None:
-        """A publish on the channel failed with ``exc``: renew the channel if it was a nack."""
+    def confirmed(self, key: str) -> None:
+        """A publish to ``key`` (its routing key) was confirmed: it is served."""
+        self._backoff.pop(key, None)
+
+    def refused(self, exc: BaseException, key: str) -> None:
+        """A publish to ``key`` failed with ``exc``: renew the channel if it was a nack, unless
+        ``key`` waits for its next renewal."""
         if not nacked(exc):
             return
         now = self._clock()
         if (self._task is not None and not self._task.done()) or now - self._last < RENEW_MIN_INTERVAL_S:
             return
+        waiting = self._backoff.get(key)
+        if waiting is not None and now < waiting[0]:
+            return
+        wait_s = RENEW_MIN_INTERVAL_S if waiting is None else waiting[1]
+        self._backoff[key] = (now + wait_s, min(wait_s * 2, RENEW_MAX_INTERVAL_S))
+        self._backoff.move_to_end(key)
+        while len(self._backoff) > BACKOFFS_KEPT:
+            self._backoff.popitem(last=False)
         self._last = now
         self.renewals += 1
         self._task = self._spawn(self._renew())

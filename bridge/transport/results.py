@@ -38,8 +38,10 @@ class ResultPublisher:
         # RabbitMQ checks that user_id is the connection's user: it proves the result is the bridge's.
         self.user = amqp_user(settings.amqp_url.get_secret_value())
         self._exchange: AbstractExchange | None = None
-        # Told of a failed publish (the transport renews the channel when RabbitMQ nacks).
-        self.on_failure: Callable[[BaseException], None] = lambda exc: None
+        # Told of each publish's outcome, with its routing key (the transport renews the channel
+        # when RabbitMQ nacks, backing off for a destination still refused).
+        self.on_failure: Callable[[BaseException, str], None] = lambda exc, key: None
+        self.on_success: Callable[[str], None] = lambda key: None
         # Publishes under way, by message id. aiormq maps a basic.return to its publish by message
         # id alone: with two copies of one result in flight (a confirm slower than the relay's
         # republish, e.g. a memory alarm), the first's return failed the second, and the first's
@@ -100,5 +102,6 @@ class ResultPublisher:
                 async with asyncio.timeout(CONFIRM_TIMEOUT_S):
                     await exchange.publish(amqp_message, routing_key=service, mandatory=True)
         except Exception as exc:
-            self.on_failure(exc)
+            self.on_failure(exc, service)
             raise
+        self.on_success(service)
