@@ -122,6 +122,7 @@ class GatewayServer:
         self.capacity = capacity or Capacity()
         self.observe = observe
         self.limit = settings.max_value_bytes + ENVELOPE_ALLOWANCE
+        self.max_value_bytes = settings.max_value_bytes
         self.grace = settings.shutdown_grace
         self.read_timeout = settings.http_read_timeout
         self.max_in_flight = settings.gateway_max_in_flight_per_key
@@ -425,7 +426,7 @@ class GatewayServer:
             if "serviceId" in body and body["serviceId"] != service:
                 raise BadRequest("the body's serviceId differs from the path's; leave it out of the body")
             body = {**body, "serviceId": service}
-        req = parse(ep.model, body)
+        req = wire.outcome_as_json(parse(ep.model, body), self.max_value_bytes)
         # Dropped now, not held through the request (a 30 s long-poll): the models ignore unknown
         # fields, and a body padded to the limit with ``[{}, {}, ...]`` parses to ~24 times its
         # size in objects; 256 such fetches of one key held gigabytes. As on AMQP, a temporary.

@@ -15,12 +15,12 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 from pydantic import BaseModel
 
-from bridge.domain import jsonvalue
+from bridge.domain import jsonvalue, sealing
 from bridge.domain.models import (
     AddCommand,
     CancelRequest,
@@ -238,3 +238,21 @@ LIFECYCLE: dict[str, Operation] = {
     "redrive": Operation(RedriveRequest, _redrive),
     "discard": Operation(DiscardRequest, _discard),
 }
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def outcome_as_json(request: M, max_value_bytes: int) -> M:
+    """An ack's result or error (a fail's error) as its JSON bytes, not the parsed tree, as an
+    add's value (``handlers._as_json``): an ack is held through its reads, its compare-and-set and the
+    retry of an unknown outcome, 64 at once, and 64 results of 1 MiB of small objects held as trees
+    were 1.5 GiB, past a sidecar's 1 GiB limit (found by review, 2026-12-07). Other requests are
+    returned as they are. The HTTP gateway's acks and fails are held the same way."""
+    fields = type(request).model_fields
+    update: dict[str, Any] = {
+        name: jsonvalue.fragment(sealing.encode(tree, f"the {name}", max_value_bytes))
+        for name in ("result", "error")
+        if name in fields and (tree := getattr(request, name)) is not None
+    }
+    return request.model_copy(update=update) if update else request
