@@ -71,6 +71,15 @@ NOW_HEADER = "x-now"
 CLOCK_WARN_MS = 1_000  # an offset from the bridge's clock beyond this is worth telling the user, once
 OFFSET_WINDOW_S = 60.0  # replies whose x-now the clock offset is taken from (the largest of them)
 IDEMPOTENCY_HEADER = "x-idempotency-key"  # contract 1.5: the add's own idempotency key (empty: none)
+# The keys the bridge takes in that header: 0 to 255 printable characters. A copy of
+# ``IDEMPOTENCY_PATTERN`` in bridge/transport/envelope.py (importing that module would load the
+# server's settings, crypto and HTTP stacks into every client); tests/unit/test_client_refusals.py
+# holds the two together. Any other key is refused ``bad_request``: an add without ``wait`` (no
+# reply-to) was dead-lettered with nobody told, so ``Engine.add`` refuses it before sending.
+IDEMPOTENCY_KEY_PATTERN = re.compile(r"[^\x00-\x1f\x7f]{0,255}")
+# The shortest lease the contract allows (``timeToRecover``: docs/asyncapi.yaml ``minimum: 100``,
+# ``ge=100`` in bridge/domain/models.py): a shorter one is refused ``bad_request`` at every beat.
+MIN_TIME_TO_RECOVER_MS = 100
 MIN_BEAT_S = 0.1  # keep_alive never beats faster than this, however short the lease
 LEASE_ENDED_BEAT_S = 1.0  # keep_alive after extends without an answer, once the lease ran out: this at least
 BEAT_BACKOFF_MAX_S = 10.0  # ... backing off (full jitter) up to this
@@ -751,6 +760,24 @@ def _amqp_message_id(key: str) -> str:
     return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def _checked_idempotency_key(key: str | None) -> str:
+    """The ``x-idempotency-key`` header of an add with this key ("" for none), or ValueError for a
+    key the bridge would refuse (see :data:`IDEMPOTENCY_KEY_PATTERN`): over 255 characters, a
+    control character, or one UTF-8 cannot carry (a lone surrogate: the publish itself fails)."""
+    if not key:
+        return ""
+    if not IDEMPOTENCY_KEY_PATTERN.fullmatch(key):
+        raise ValueError(
+            f"message_id (the idempotency key) must be 0 to 255 printable characters, the bridge refuses "
+            f"any other ({len(key)} characters{', with a control character' if len(key) <= 255 else ''})"
+        )
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("message_id (the idempotency key) is not valid Unicode (a lone surrogate)") from None
+    return key
+
+
 def _add_options(
     delay_ms: int | None, not_before: datetime | str | None, max_deliveries: int | None, priority: int | None = None
 ) -> dict[str, Any]:
@@ -897,7 +924,12 @@ class Engine(RpcClient):
         for adds on this exchange: no bridge declared it; no such exchange; a nack) and nothing
         was taken; no confirm by ``timeout`` raises RequestTimeout and it may have been taken:
         retry with the same ``message_id`` (without one, a retry may add a second task).
+
+        A ``message_id`` the bridge would refuse (over 255 characters, or with a control
+        character) raises ValueError and nothing is sent: with ``wait=False`` the bridge's
+        refusal would only have been dead-lettered.
         """
+        key_header = _checked_idempotency_key(message_id)
         body: dict[str, Any] = {"serviceId": service, "value": value}
         if token is not None:
             body["token"] = token
@@ -906,7 +938,7 @@ class Engine(RpcClient):
         # an empty header tells the bridge that the random message_id (which the AMQP library
         # sets anyway) guards only against a redelivery of this message, which costs no LWT. A
         # bridge before 1.5 ignores the header and de-duplicates on message_id as it always did.
-        headers: dict[str, Any] = {IDEMPOTENCY_HEADER: message_id or ""}
+        headers: dict[str, Any] = {IDEMPOTENCY_HEADER: key_header}
         if traceparent:
             headers["traceparent"] = traceparent
         mid = _amqp_message_id(message_id) if message_id else uuid.uuid4().hex
@@ -1124,8 +1156,9 @@ class Task:
     time_to_recover_ms: int | None = None
     # Set when an extend (the keep_alive heartbeat's, or the handler's own) answered false: the
     # task is no longer this worker's (it went to another, was cancelled or parked). Also when the
-    # heartbeat stopped on an error that is not the bridge's (the worker closed): its lease runs
-    # out. A handler in a long job checks it to stop early: its ack would be answered false anyway.
+    # heartbeat stopped on an error that is not the bridge's (the worker closed), or on an answer
+    # no retry changes (:data:`MISCONFIGURED`, such as ``unknown_owner``): its lease runs out. A
+    # handler in a long job checks it to stop early: its ack would be answered false anyway.
     lost: bool = False
     # An ack, ack_error or fail of this task was answered: a heartbeat has nothing left to keep
     # (one that raised may be retried, so the lease is kept until an answer).
@@ -1204,11 +1237,17 @@ class Task:
         """:meth:`extend`, its call bounded by ``within`` seconds when given (see ``_heartbeat``)."""
         renewed = await self.worker._renew(ttr_ms, task_id=self.id, epoch=self.epoch, within=within)
         if renewed is None:
-            if not self._settled and not self._settling:  # false after our own ack is expected, not a loss
-                self.lost = True
+            self._mark_lost()
             return False
         self._renewed(renewed)
         return True
+
+    def _mark_lost(self) -> None:
+        """The lease is gone or will run out: :attr:`lost`, unless an ack or fail of the task was
+        answered or is on its way (after our own ack, an extend answered false is expected; the
+        ack's answer says whether the result was applied)."""
+        if not self._settled and not self._settling:
+            self.lost = True
 
     def _renewed(self, doc: dict[str, Any]) -> None:
         self.lease_expires_at = str(doc.get("leaseExpiresAt", self.lease_expires_at))
@@ -1239,16 +1278,28 @@ class Task:
         own skew margin); pass ``every_s`` otherwise.
 
         An extend answered false stops the heartbeat and sets :attr:`lost`; the handler is not
-        interrupted, it checks :attr:`lost`. A request that got no answer (or ``unavailable``,
-        or any other error the bridge answers) is logged and tried again at the next beat, never
-        raised into the handler; one that fails otherwise (the worker was closed) stops the
-        heartbeat and sets :attr:`lost` too (logged). The heartbeat ends with the block, however
-        the block ends (an exception, a cancellation), and once the task is acked or failed.
+        interrupted, it checks :attr:`lost`. So does an answer no retry changes, which
+        ``Worker.run`` ends on too (:data:`MISCONFIGURED`: ``unknown_owner``, ``unauthorized``,
+        ``bad_request``), logged once: beating on, each beat was refused (and dead-lettered) again.
+        A request that got no answer (or ``unavailable``, ``internal`` or a code this client does
+        not know) is logged and tried again at the next beat, never raised into the handler; one
+        that fails otherwise (the worker was closed) stops the heartbeat and sets :attr:`lost` too
+        (logged). The heartbeat ends with the block, however the block ends (an exception, a
+        cancellation), and once the task is acked or failed.
+
+        ``ttr_ms`` under the contract's minimum (:data:`MIN_TIME_TO_RECOVER_MS`, 100 ms; seconds
+        given for milliseconds) raises ValueError before the block runs: the bridge would refuse
+        every beat.
         """
         if every_s is not None and every_s <= 0:
             raise ValueError("every_s must be positive")
         if ttr_ms is None:
             ttr_ms = self.time_to_recover_ms
+        if ttr_ms is not None and ttr_ms < MIN_TIME_TO_RECOVER_MS:
+            raise ValueError(
+                f"ttr_ms is in milliseconds, at least {MIN_TIME_TO_RECOVER_MS} "
+                f"(the bridge refuses a shorter lease): {ttr_ms}"
+            )
         beat = asyncio.create_task(self._heartbeat(every_s, ttr_ms), name=f"keep-alive {self.id}")
         try:
             yield self
@@ -1323,6 +1374,19 @@ class Task:
                     " and the lease has run out" if self.lease_expired else "",
                 )
                 continue
+            except MISCONFIGURED as exc:
+                # The worker itself is wrong (no key for its owner, a lease under the minimum): no
+                # beat will be answered otherwise, and each was refused (and dead-lettered) again,
+                # up to ten times a second. Stopped, as ``Worker.run`` is, and the handler told.
+                self._mark_lost()
+                log.error(
+                    "keep-alive of task %s stopped: extend answered %s: %s; no retry changes that, "
+                    "its lease will run out (marked lost)",
+                    self.id,
+                    exc.code,
+                    exc,
+                )
+                return
             except BridgeClientError as exc:
                 failed = failed + 1 if self.lease_expired else 0
                 log.error(
@@ -1333,8 +1397,7 @@ class Task:
                 # Not the bridge's answer (the worker was closed, a bug): beating on would repeat it.
                 # Not in silence: the lease will run out, and a handler in a long job that checks
                 # ``lost`` stops (it went on for nothing, its ack answered false).
-                if not self._settled and not self._settling:
-                    self.lost = True
+                self._mark_lost()
                 log.exception("keep-alive of task %s stopped: its lease will run out (marked lost)", self.id)
                 return
             failed = 0
