@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
@@ -73,6 +74,7 @@ RETRY_FIRST_DELAY_S = 0.5
 RETRY_MAX_DELAY_S = 10.0
 # The results queue declared again after results were returned unroutable: at most this often.
 RESULTS_QUEUE_REDECLARE_S = 5.0
+UNROUTED_AFTER_RESTORE_S = 60.0  # a method's unrouted requests are "unavailable" this long after its queue is back
 LANE_DESTINATION = (
     "add retry lane"  # the retry lane's publishes, apart from results (routing keys "results <serviceId>")
 )
@@ -162,6 +164,9 @@ class AmqpTransport:
         # connection): consumed again once the channel is back (_consume_again, _reopen).
         self._orphans: set[str] = set()
         self._paused: set[str] = set()  # methods whose consumer a pause cancelled (resume declares their queue first)
+        # When each method's queue was last declared again (monotonic): requests unrouted while it
+        # was missing may reach ``.unrouted``'s consumer after it is back (see queue_restoring).
+        self._restored_at: dict[str, float] = {}
         # One orphan registration at a time per channel: aio-pika's restore (_consume_again) and the
         # reopen task (_reopen_once) both consume a reopened channel's orphans, and two loops at once
         # registered one method twice; the second took the first's registration for a pause and
@@ -561,6 +566,7 @@ class AmqpTransport:
                         # first, on a short-lived channel (idempotent; a deleted queue comes back).
                         assert self.connection is not None
                         await declare_consumed_queue(self.settings, self.connection, method)
+                        self._restored_at[method] = time.monotonic()
                     await self._consume(method)
                     self._paused.discard(method)
                 except BaseException:
@@ -581,10 +587,18 @@ class AmqpTransport:
         self._consumer_tags[method] = ok.consumer_tag
 
     def queue_restoring(self, routing_key: str) -> bool:
-        """Whether the queue that takes ``routing_key`` lost its consumer here and is being
-        declared again (its requests meanwhile go to ``.unrouted``)."""
+        """Whether the queue that takes ``routing_key`` may be missing, or was a moment ago, so that
+        its requests went to ``.unrouted`` for a cause that passes: it lost its consumer here and
+        is being declared again; or its consumer is paused (a paused consumer gets no basic.cancel
+        when its queue is deleted, and while paused requests to a queue that exists wait in it);
+        or it was declared again within :data:`UNROUTED_AFTER_RESTORE_S` (a request unrouted
+        meanwhile, handled after: a backlog in ``.unrouted``, a requeue). Answered ``bad_request``,
+        these ended every bundled worker's loop of the fleet (found by review, 2026-12-07)."""
         method = LIFECYCLE_QUEUE if routing_key in LIFECYCLE_METHODS else routing_key
-        return method in self._lost or method in self._restores
+        if method in self._lost or method in self._restores or method in self._paused:
+            return True
+        restored = self._restored_at.get(method)
+        return restored is not None and time.monotonic() - restored < UNROUTED_AFTER_RESTORE_S
 
     def _consumer_cancelled(self, frame: Basic.Cancel) -> None:
         """The broker cancelled a request consumer (basic.cancel): its queue was deleted (or its
@@ -631,6 +645,7 @@ class AmqpTransport:
                     if method in self._lost:
                         assert self.connection is not None
                         await declare_consumed_queue(self.settings, self.connection, method)
+                        self._restored_at[method] = time.monotonic()
                         self._lost.discard(method)
                     self._registering.add(method)
                     try:

@@ -292,6 +292,50 @@ async def test_a_queue_deleted_while_its_consumer_was_paused_is_declared_again_a
     assert lost() == lost_before, "the consume channel was closed by the resume"
 
 
+async def test_a_request_whose_paused_queue_was_deleted_is_answered_unavailable_not_bad_request(
+    bridge, engine, workers, servers, names
+):
+    """A paused method gets no basic.cancel when its queue is deleted: its requests went through
+    the alternate exchange to ``.unrouted`` and were answered ``bad_request: unknown method``,
+    which ends every bundled worker loop (``Worker.run``, worker.js) though the queue comes back at
+    resume (found by review, 2026-12-07). A known method is ``unavailable`` while its queue is
+    paused, lost or being declared again, and for a while after it is back (a request that waited
+    in ``.unrouted`` meanwhile)."""
+    from bridge.client import BadRequestError, UnavailableError
+
+    url = servers.amqp_url("guest")
+    transport = bridge.transport
+    await transport.pause(frozenset({"fetch"}))
+    await _delete_queue(url, f"{names['queue_prefix']}.fetch")
+    svc = service_id()
+    w = await workers(svc, "w1")
+    with pytest.raises(UnavailableError, match="fetch"):
+        await w.fetch()
+    await transport.resume(frozenset({"fetch"}))
+    assert await w.fetch() is None  # served again
+    # A removed binding (the queue there, the requests unrouted for good) is still the caller's
+    # mistake once the queue has been back for a while: dead-lettered, not retried for ever.
+    transport._restored_at["fetch"] -= 3_600
+    conn = await _guest(url)
+    try:
+        ch = await conn.channel()
+        queue = await ch.declare_queue(f"{names['queue_prefix']}.fetch", passive=True)
+        await queue.unbind(names["exchange"], "fetch")
+        try:
+            with pytest.raises(BadRequestError, match="unknown method"):
+                await w.fetch()
+        finally:
+            await queue.bind(names["exchange"], "fetch")
+    finally:
+        await conn.close()
+
+
+async def _guest(url: str) -> Any:
+    import aio_pika
+
+    return await aio_pika.connect(url)
+
+
 # --- rabbitmqctl close_connection on the bridge's main connection under fetch/ack traffic --------
 
 
