@@ -487,6 +487,19 @@ def fail_parked_reads_of(monkeypatch: Any, store: Any, service: str) -> None:
     monkeypatch.setattr(store, "parked", parked)
 
 
+def own_results(servers: Servers, names: dict[str, str], service: str, **kwargs: Any) -> Any:
+    """``results_consumer`` of this test's results exchange, bound to ``service`` only (a result's
+    routing key is its service id). Bound with '#', a test also got results of EARLIER tests: every
+    test's bridge takes the scheduler duty of the session's shared keyspace and, on its first
+    sweep, relays what the others left owed (``outbox``) onto this test's exchange, with their
+    own service as routing key; a test reading its first result got another test's (a CI run)."""
+    from bridge.client.results import results_consumer
+
+    return results_consumer(
+        servers.amqp_url("guest"), exchange=names["results_exchange"], routing_key=service, **kwargs
+    )
+
+
 async def next_result(results: asyncio.Queue[Any], timeout: float, what: str) -> Any:
     """The next result message an engine's consumer (``results_consumer``) receives."""
     return await wait_for(lambda: None if results.empty() else results.get_nowait(), timeout, interval=0.1, what=what)

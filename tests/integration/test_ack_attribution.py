@@ -22,8 +22,7 @@ import orjson
 import pytest
 
 from bridge.client import TransportError, Worker
-from bridge.client.rpc import results_consumer
-from tests.conftest import OWNERS, free_port, metric, service_id, wait_bridges, wait_for
+from tests.conftest import OWNERS, free_port, metric, own_results, service_id, wait_bridges, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration, pytest.mark.slow]
 
@@ -96,7 +95,7 @@ async def test_a_late_copy_of_an_ack_never_completes_the_next_task(
     svc = service_id()
     url = servers.amqp_url(OWNERS[0])
     async with (
-        results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results,
+        own_results(servers, names, svc) as results,
         Worker(url, service=svc, worker_id="w1", exchange=names["exchange"], timeout=2.0) as w,
         raw_rpc(url, names["exchange"]) as (send, stale_replies),
     ):

@@ -27,8 +27,7 @@ import pytest
 
 from bridge.client import UnavailableError
 from bridge.client import rpc as client_rpc
-from bridge.client.rpc import results_consumer
-from tests.conftest import OWNERS, service_id, wait_for
+from tests.conftest import OWNERS, own_results, service_id, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -59,7 +58,7 @@ async def test_a_worker_whose_clock_is_behind_completes_its_tasks(
         handled.append(task.id)
         return {"done": task.value}
 
-    async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
+    async with own_results(servers, names, svc) as results:
         ids = [await engine.add(svc, i, token={"i": i}) for i in range(3)]
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(handler, stop=stop))

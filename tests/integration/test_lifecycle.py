@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 from bridge.client.errors import BadRequestError
-from bridge.client.rpc import Engine, Worker, results_consumer
+from bridge.client.rpc import Engine, Worker
 from bridge.domain import scheduler
 from bridge.domain.timeline import timeuuid_from_ms
-from tests.conftest import OWNERS, service_id, wait_for
+from tests.conftest import OWNERS, own_results, service_id, wait_for
 from tests.history import FAST_RELAY, FAST_SECOND_PASS_MS, relay_read_past_now
 from tests.integration.test_same_worker_races import results_of
 
@@ -171,7 +171,7 @@ async def test_a_task_delivered_its_limit_of_times_is_parked_and_the_engine_told
     # The service's own limit (BRIDGE_SERVICE_MAX_DELIVERIES), 4 instead of the default 10. The relay
     # re-publishes what is unmarked 2 s after its bucket (FAST_RELAY): "told once" is checked below.
     b = await make_bridge(**FAST, **FAST_RELAY, service_max_deliveries={f"{OWNERS[0]}/{svc}": 4})
-    async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
+    async with own_results(servers, names, svc) as results:
         task_id = await engine.add(svc, "poison", token={"processId": "p-9"})
         await engine.call("add", {"serviceId": svc, "value": "limit 2", "maxDeliveries": 2}, owner=OWNERS[0])
         deliveries = []

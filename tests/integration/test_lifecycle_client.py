@@ -23,7 +23,7 @@ import pytest
 from bridge.client import Engine, ServiceStats, Worker
 from bridge.client.rpc import results_consumer
 from tests.cli import cli, ok
-from tests.conftest import ENGINE_USER, OWNERS, Servers, service_id, wait_for
+from tests.conftest import ENGINE_USER, OWNERS, Servers, own_results, service_id, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -217,7 +217,7 @@ async def test_parked_redrive_and_discard(
     bridge: Any, engine: Engine, workers: Any, servers: Servers, names: dict[str, str]
 ) -> None:
     svc = service_id()
-    async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
+    async with own_results(servers, names, svc) as results:
         w = await workers(svc)
         with_token = await engine.add(svc, {"n": 1}, token={"processId": "p1"}, max_deliveries=2)
         first = await w.fetch(time_to_recover_ms=60_000)

@@ -14,8 +14,7 @@ from collections import Counter
 import pytest
 
 from bridge.client import Engine
-from bridge.client.rpc import results_consumer
-from tests.conftest import ENGINE_USER, OWNERS, service_id, wait_bridges, wait_for
+from tests.conftest import ENGINE_USER, OWNERS, own_results, service_id, wait_bridges, wait_for
 from tests.history import History, lease_rows, run_workers
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration, pytest.mark.slow]
@@ -28,7 +27,7 @@ async def test_three_bridges_24_workers_600_tasks(bridge_processes, servers, nam
     svc = service_id()
     total = 600  # about 30 s of load here (2000 took 90 s, beyond the per-test timeout)
     history = History()
-    async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
+    async with own_results(servers, names, svc) as results:
         async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"]) as engine:
             for start in range(0, total, 100):
                 batch = await asyncio.gather(*(engine.add(svc, i, token={"i": i}) for i in range(start, start + 100)))
@@ -52,7 +51,7 @@ async def test_kill_9_in_the_middle_of_a_load_loses_nothing(bridge_processes, se
     svc = service_id()
     total = 600
     history = History()
-    async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
+    async with own_results(servers, names, svc) as results:
         async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"]) as engine:
             message_ids = [uuid.uuid4().hex for _ in range(total)]
             # Adds without reply_to (as the engine does), with message_id for idempotency.

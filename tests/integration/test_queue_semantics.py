@@ -6,15 +6,14 @@ import os
 
 import pytest
 
-from bridge.client.rpc import results_consumer
-from tests.conftest import OWNERS, service_id, wait_for
+from tests.conftest import OWNERS, own_results, service_id, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 
 async def test_seed_usage_example(bridge, engine, workers, servers, names):
     svc = service_id()
-    async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
+    async with own_results(servers, names, svc) as results:
         task_id = await engine.add(svc, {"msg": "say hello to the world"}, token={"processId": "p-1"})
         worker = await workers(svc, "my external worker id")
         task = await worker.fetch()
@@ -41,7 +40,7 @@ async def test_a_value_of_the_largest_accepted_size_comes_back_whole(bridge, eng
     svc = service_id()
     value = os.urandom(1_048_576 // 2 - 2).hex()  # a JSON string of exactly 1 MiB, quotes included
     result = os.urandom(1_048_576 // 2 - 16).hex()  # the limit counts the outcome, {"result": ...}
-    async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
+    async with own_results(servers, names, svc) as results:
         task_id = await engine.add(svc, value, token={"processId": "big"})
         w = await workers(svc)
         task = await w.fetch()
@@ -93,7 +92,7 @@ async def test_two_workers_get_different_tasks(bridge, engine, workers):
 @pytest.mark.parametrize("falsy", [0, False, "", None, [], {}])
 async def test_falsy_results_are_published(bridge, engine, workers, servers, names, falsy):
     svc = service_id()
-    async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
+    async with own_results(servers, names, svc) as results:
         await engine.add(svc, "v", token={"processId": "p"})
         w = await workers(svc)
         assert await w.fetch() is not None
@@ -106,7 +105,7 @@ async def test_falsy_results_are_published(bridge, engine, workers, servers, nam
 
 async def test_error_is_published_back(bridge, engine, workers, servers, names):
     svc = service_id()
-    async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
+    async with own_results(servers, names, svc) as results:
         await engine.add(svc, "v", token={"processId": "p"})
         w = await workers(svc)
         assert await w.fetch() is not None
@@ -119,7 +118,7 @@ async def test_error_is_published_back(bridge, engine, workers, servers, names):
 
 async def test_task_without_token_publishes_nothing(bridge, engine, workers, servers, names):
     svc = service_id()
-    async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
+    async with own_results(servers, names, svc) as results:
         await engine.add(svc, "no token")
         await engine.add(svc, "with token", token={"t": 1})
         w = await workers(svc)
@@ -138,7 +137,7 @@ async def test_task_without_token_publishes_nothing(bridge, engine, workers, ser
 async def test_repeated_ack_is_idempotent_and_publishes_once(bridge, engine, workers, servers, names):
     """A worker whose ack reply was lost retries the ack: same answer, one completion, one result."""
     svc = service_id()
-    async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
+    async with own_results(servers, names, svc) as results:
         await engine.add(svc, "once", token={"p": 1})
         await engine.add(svc, "next")
         w = await workers(svc)
@@ -176,7 +175,7 @@ async def test_traceparent_travels_from_add_to_fetch_reply_and_result(bridge, en
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     parent = f"00-{trace_id}-00f067aa0ba902b7-01"
     svc = service_id()
-    async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
+    async with own_results(servers, names, svc) as results:
         await engine.add(svc, "traced", token={"p": 1}, traceparent=parent)
         await engine.add(svc, "malformed trace", traceparent="not-a-traceparent")
         w = await workers(svc)

@@ -10,15 +10,14 @@ import uuid
 
 import pytest
 
-from bridge.client.rpc import results_consumer
-from tests.conftest import OWNERS, re_exposed, service_id, wait_for
+from tests.conftest import OWNERS, own_results, re_exposed, service_id, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 
 async def test_abandoned_task_goes_to_next_worker_and_late_ack_loses(bridge, engine, workers, servers, names):
     svc = service_id()
-    async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
+    async with own_results(servers, names, svc) as results:
         task_id = await engine.add(svc, {"job": 1}, token={"processId": "p"})
         first, second = await workers(svc, "first"), await workers(svc, "second")
         # Before the fetch is sent: the lease starts at the bridge between this moment and the

@@ -564,7 +564,11 @@ async def test_the_bundled_results_consumer_takes_results_only_from_the_bridges_
     from bridge.client.rpc import results_consumer
 
     svc = service_id()
-    async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
+    # Bound to this service's results only (the duty holder relays results earlier tests left owed
+    # onto this test's exchange, each under its own service's key). The forged message is published
+    # under the same key: it reaches the consumer, and only its user check can keep it out.
+    consumer = results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"], routing_key=svc)
+    async with consumer as results:
         forger = await aio_pika.connect(servers.amqp_url("guest"))
         try:
             channel = await forger.channel()
