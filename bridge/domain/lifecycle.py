@@ -269,7 +269,14 @@ class Lifecycle:
             lease = await self.store.lease(q, task_id, serial=False)
             return (task_id, lease.epoch) if lease is not None and lease.worker == worker else None
         held = (await self.store.worker(q, worker)).pointer
-        return None if held is None or held.done else (held.task_id, held.epoch)
+        if held is None or held.done:
+            return None
+        if epoch is not None and epoch != held.epoch:
+            # As an ack's: with an epoch the request is for that lease, with or without its taskId.
+            # Ignored, a late extend renewed (a late fail failed) the worker's later lease of the
+            # task (found by review, 2026-12-07).
+            return None
+        return held.task_id, held.epoch
 
     # -- extend -----------------------------------------------------------------------------------
     async def extend(self, owner: str, req: ExtendRequest) -> Extended | None:

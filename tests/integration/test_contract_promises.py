@@ -43,6 +43,35 @@ async def test_an_ack_naming_an_earlier_epoch_without_task_id_is_false(
     assert late["result"] is False, "an ack naming epoch 1 completed the task at epoch 3"
 
 
+@pytest.mark.parametrize("method", ["extend", "fail"])
+async def test_an_extend_or_fail_naming_an_earlier_epoch_without_task_id_is_false(
+    make_bridge: Any, engine: Any, workers: Any, method: str
+) -> None:
+    """As an ack's (above): the request names the lease it is for by its epoch. Without ``taskId``
+    the epoch was ignored: a late extend renewed (a late fail failed) the worker's later lease of
+    the task (found by review, 2026-12-07)."""
+    await make_bridge(clock_skew_margin=0.05)
+    svc = service_id()
+    await engine.add(svc, "the one task")
+    w, other = await workers(svc, "w"), await workers(svc, "other")
+    first = await w.call("fetch", {"serviceId": svc, "workerId": "w", "timeToRecover": 100})
+    assert first["task"]["epoch"] == 1
+
+    async def taken(worker: Any, name: str, epoch: int, ttr: int) -> bool:
+        reply = await worker.call("fetch", {"serviceId": svc, "workerId": name, "timeToRecover": ttr})
+        return "task" in reply and reply["task"]["epoch"] == epoch
+
+    await wait_for(lambda: taken(other, "other", 2, 100), 10, what="the other worker takes the task (epoch 2)")
+    await wait_for(lambda: taken(w, "w", 3, 60_000), 10, what="w holds the task again (epoch 3)")
+    late = {"serviceId": svc, "workerId": "w", "epoch": 1}
+    late.update({"timeToRecover": 120_000} if method == "extend" else {"error": "from lease 1"})
+    reply = await w.call(method, late)
+    assert reply["result"] is False, f"a {method} naming epoch 1 applied to the lease at epoch 3: {reply}"
+    # The lease at epoch 3 is as it was: w acks it.
+    done = await w.call("ack", {"serviceId": svc, "workerId": "w", "epoch": 3, "result": "from lease 3"})
+    assert done["result"] is True
+
+
 async def test_stats_of_a_claimed_delayed_task_hide_no_ready_one(make_bridge: Any, engine: Any, workers: Any) -> None:
     """docs/asyncapi.yaml, ServiceStats: ``ready`` "Claimable now", ``inFlight`` "Leased to a
     worker", ``delayed`` "Added with a delay that has not passed yet"; the counts "may lag by about
