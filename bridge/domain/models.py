@@ -82,7 +82,7 @@ class AddCommand(_Request):
         if self.delay_ms:
             return now_ms + self.delay_ms
         if self.not_before is not None:
-            due = instant(self.not_before)
+            due = instant(self.not_before, round_up=True)
             return due if due > now_ms else None
         return None
 
@@ -95,8 +95,10 @@ FIRST_INSTANT_MS = (datetime.min.replace(tzinfo=UTC) - _EPOCH) // _MS
 LAST_INSTANT_MS = (datetime.max.replace(tzinfo=UTC) - _EPOCH) // _MS
 
 
-def instant(text: str) -> int:
-    """An ISO 8601 time with its UTC offset, as milliseconds since the epoch (exact: no float).
+def instant(text: str, *, round_up: bool = False) -> int:
+    """An ISO 8601 time with its UTC offset, as milliseconds since the epoch (exact: no float);
+    ``round_up`` for a time nothing may come before (a ``notBefore``: ``...00.0009Z`` floored was
+    due, and could be handed out, up to a millisecond early; found by review, 2026-12-07).
 
     Its UTC time must fall in years 1 to 9999: ``9999-12-31T23:59:59-23:59`` parses (its offset
     applies only when it is converted) but is in year 10000 in UTC. Taken, it went through a
@@ -109,6 +111,8 @@ def instant(text: str) -> int:
     if parsed.tzinfo is None:
         raise ValueError("must carry a UTC offset (Z or +hh:mm)")
     ms = (parsed - _EPOCH) // _MS  # aware datetimes subtract in UTC, with no range to overflow
+    if round_up and (parsed - _EPOCH) % _MS:
+        ms += 1
     if not FIRST_INSTANT_MS <= ms <= LAST_INSTANT_MS:
         raise ValueError("must be a time from 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999Z in UTC")
     return ms
