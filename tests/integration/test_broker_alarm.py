@@ -155,7 +155,9 @@ async def test_results_of_acks_during_an_alarm_reach_the_engine_after_it(
     caplog.set_level(logging.INFO)
     _, gw = await start_gateway()
     svc = service_id()
-    async with results_consumer(servers.amqp_url("guest"), exchange=names["results_exchange"]) as results:
+    # This test's own results only: a duty holder relays results earlier tests left owed onto it.
+    own = {"exchange": names["results_exchange"], "routing_key": svc}
+    async with results_consumer(servers.amqp_url("guest"), **own) as results:
         ids = []
         for i in range(10):
             added = await gw.ok(
