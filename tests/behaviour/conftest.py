@@ -63,6 +63,9 @@ async def _cassandra_session(request: pytest.FixtureRequest) -> tuple[Any, bool]
     return db, True
 
 
+AHEAD_DAYS_MAX = 1_000
+
+
 def _memory(clock: ManualClock) -> TaskStore:
     return MemoryTaskStore(clock.now_ms, TTL_S)
 
@@ -80,7 +83,10 @@ async def _harness(
         from bridge.storage.repository import CassandraTaskStore
 
         # Days ahead of real time, different for every test: its expiry and outbox buckets are its own.
-        clock = ManualClock(int(time.time() * 1000) + random.randrange(1, 30 * 86_400) * 1000)
+        # The duty holder of a test reads every queue's buckets of its stretch of time, so another
+        # test's leftovers there (owed results, held leases) reach it: drawn from 1,000 days, not
+        # 30, two tests' stretches (some 10 minutes each) overlap once in ~30,000 runs, not ~1,000.
+        clock = ManualClock(int(time.time() * 1000) + random.randrange(1, AHEAD_DAYS_MAX * 86_400) * 1000)
         db, owned = await _cassandra_session(request)
         store = CassandraTaskStore(db, clock.now_ms, TTL_S)
     if start is not None:
