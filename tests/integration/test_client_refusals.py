@@ -14,20 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from bridge.client import Task, Worker
+from tests.client_time import iso_in
 from tests.conftest import ENGINE_USER, OWNERS, service_id
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
-
-
-def iso_in(seconds: float) -> str:
-    at = datetime.now(UTC) + timedelta(seconds=seconds)
-    return at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 async def test_keep_alive_of_a_worker_whose_owner_has_no_key_stops_at_the_first_refusal(

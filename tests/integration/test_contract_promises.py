@@ -13,43 +13,9 @@ from tests.conftest import OWNERS, service_id, wait_for
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 
-async def test_an_ack_naming_an_earlier_epoch_without_task_id_is_false(
-    make_bridge: Any, engine: Any, workers: Any
-) -> None:
-    """docs/asyncapi.yaml, AckRequestPayload.epoch: "The task.epoch of the fetch reply: the lease this
-    ack is for. With it, an ack from an earlier lease of the same task (before it was recovered and
-    handed out again) is answered false." Here the ack names epoch 1 (and no taskId)."""
-    await make_bridge(clock_skew_margin=0.05)
-    svc = service_id()
-    await engine.add(svc, "the one task")
-    w, other = await workers(svc, "w"), await workers(svc, "other")
-    first = await w.call("fetch", {"serviceId": svc, "workerId": "w", "timeToRecover": 100})
-    assert first["task"]["epoch"] == 1
-
-    async def taken_by(worker: Any, name: str, epoch: int) -> bool:
-        reply = await worker.call("fetch", {"serviceId": svc, "workerId": name, "timeToRecover": 100})
-        return "task" in reply and reply["task"]["epoch"] == epoch
-
-    await wait_for(lambda: taken_by(other, "other", 2), 10, what="the other worker takes the task (epoch 2)")
-
-    # The same worker gets it back later, at epoch 3 (the other worker's lease ran out as well).
-    async def back_to_w() -> bool:
-        reply = await w.call("fetch", {"serviceId": svc, "workerId": "w", "timeToRecover": 60_000})
-        return "task" in reply and reply["task"]["epoch"] == 3
-
-    await wait_for(back_to_w, 10, what="w holds the task again (epoch 3)")
-    # A late ack of w's first lease: it names that lease's epoch.
-    late = await w.call("ack", {"serviceId": svc, "workerId": "w", "epoch": 1, "result": "from lease 1"})
-    assert late["result"] is False, "an ack naming epoch 1 completed the task at epoch 3"
-
-
-@pytest.mark.parametrize("method", ["extend", "fail"])
-async def test_an_extend_or_fail_naming_an_earlier_epoch_without_task_id_is_false(
-    make_bridge: Any, engine: Any, workers: Any, method: str
-) -> None:
-    """As an ack's (above): the request names the lease it is for by its epoch. Without ``taskId``
-    the epoch was ignored: a late extend renewed (a late fail failed) the worker's later lease of
-    the task (found by review, 2026-12-07)."""
+async def _held_again_at_epoch_3(make_bridge: Any, engine: Any, workers: Any) -> tuple[str, Any]:
+    """A task worker ``w`` held at epoch 1, another worker at epoch 2 (w's lease ran out), and w
+    again at epoch 3 (the other's ran out too): (its service, w)."""
     await make_bridge(clock_skew_margin=0.05)
     svc = service_id()
     await engine.add(svc, "the one task")
@@ -63,6 +29,29 @@ async def test_an_extend_or_fail_naming_an_earlier_epoch_without_task_id_is_fals
 
     await wait_for(lambda: taken(other, "other", 2, 100), 10, what="the other worker takes the task (epoch 2)")
     await wait_for(lambda: taken(w, "w", 3, 60_000), 10, what="w holds the task again (epoch 3)")
+    return svc, w
+
+
+async def test_an_ack_naming_an_earlier_epoch_without_task_id_is_false(
+    make_bridge: Any, engine: Any, workers: Any
+) -> None:
+    """docs/asyncapi.yaml, AckRequestPayload.epoch: "The task.epoch of the fetch reply: the lease this
+    ack is for. With it, an ack from an earlier lease of the same task (before it was recovered and
+    handed out again) is answered false." Here the ack names epoch 1 (and no taskId)."""
+    svc, w = await _held_again_at_epoch_3(make_bridge, engine, workers)
+    # A late ack of w's first lease: it names that lease's epoch.
+    late = await w.call("ack", {"serviceId": svc, "workerId": "w", "epoch": 1, "result": "from lease 1"})
+    assert late["result"] is False, "an ack naming epoch 1 completed the task at epoch 3"
+
+
+@pytest.mark.parametrize("method", ["extend", "fail"])
+async def test_an_extend_or_fail_naming_an_earlier_epoch_without_task_id_is_false(
+    make_bridge: Any, engine: Any, workers: Any, method: str
+) -> None:
+    """As an ack's (above): the request names the lease it is for by its epoch. Without ``taskId``
+    the epoch was ignored: a late extend renewed (a late fail failed) the worker's later lease of
+    the task (found by review, 2026-12-07)."""
+    svc, w = await _held_again_at_epoch_3(make_bridge, engine, workers)
     late = {"serviceId": svc, "workerId": "w", "epoch": 1}
     late.update({"timeToRecover": 120_000} if method == "extend" else {"error": "from lease 1"})
     reply = await w.call(method, late)

@@ -36,6 +36,7 @@ from bridge.client import (
 from bridge.client.rpc import MIN_BEAT_S, iso_not_before
 from bridge.crypto import generate_keyring, write_keyring
 from tests.cli import cli_many, no_traceback, ok
+from tests.client_time import iso_in, until
 
 pytestmark = pytest.mark.anyio
 
@@ -72,11 +73,6 @@ def attach(client: Engine | Worker, bridge: FakeBridge, monkeypatch: pytest.Monk
     return bridge
 
 
-def iso_in(seconds: float) -> str:
-    at = datetime.now(UTC) + timedelta(seconds=seconds)
-    return at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def held_task(worker: Worker, *, task_id: str = "t1", epoch: int = 7, lease_s: float = 30.0) -> Task:
     """A task as a fetch would have handed it out (and made current)."""
     task = Task(worker, task_id, {"v": 1}, 1, iso_in(lease_s), {}, epoch, True)
@@ -93,15 +89,6 @@ def extended(body: dict[str, Any], lease_s: float = 30.0) -> dict[str, Any]:
 
 async def renewed(body: dict[str, Any]) -> dict[str, Any]:
     return extended(body)
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 3.0, what: str = "") -> None:
-    """Wait for a condition (checked every few ms), failing after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        await asyncio.sleep(0.005)
 
 
 def heartbeats() -> list[asyncio.Task[Any]]:

@@ -13,30 +13,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from bridge.client import RequestTimeout, Task, Worker
 from bridge.client.rpc import _seconds_until
+from tests.client_time import iso_in, until
 
 pytestmark = pytest.mark.anyio
 
 URL = "amqp://worker-a:worker-a@127.0.0.1:1/"  # never connected: every request goes to the fake
-
-
-def iso_in(seconds: float) -> str:
-    at = datetime.now(UTC) + timedelta(seconds=seconds)
-    return at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-async def until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def test_a_beat_whose_reply_is_lost_leaves_time_for_the_next_ones_before_the_lease_ends(

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -35,23 +33,11 @@ from bridge.client import (
     UnknownOwnerError,
     Worker,
 )
+from tests.client_time import iso_in, until
 
 pytestmark = pytest.mark.anyio
 
 URL = "amqp://worker-a:worker-a@127.0.0.1:1/"  # never connected: every request goes to the fake
-
-
-def iso_in(seconds: float) -> str:
-    at = datetime.now(UTC) + timedelta(seconds=seconds)
-    return at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-async def until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def _worker_refusing(
