@@ -139,9 +139,7 @@ class AmqpTransport:
         # cluster (BRIDGE_QUEUE_TYPE): a channel RabbitMQ keeps nacking is opened afresh.
         self.results_renewal = ChannelRenewal("results", lambda: self._publish_channel, self._spawn)
         self.results.on_failure = self._result_publish_failed
-        self.results.on_success = lambda key: self.results_renewal.confirmed(f"results {key}")
         self.handlers.lane.on_failure = self._lane_publish_failed
-        self.handlers.lane.on_success = lambda: self.results_renewal.confirmed(LANE_DESTINATION)
         self._observer = observe or (lambda method, outcome, seconds: None)
         self._on_channel_down = on_channel_down
         self.connection: AbstractRobustConnection | None = None
@@ -164,6 +162,10 @@ class AmqpTransport:
         # connection): consumed again once the channel is back (_consume_again, _reopen).
         self._orphans: set[str] = set()
         self._paused: set[str] = set()  # methods whose consumer a pause cancelled (resume declares their queue first)
+        # Methods the last pause() stopped and no resume() has asked to consume since. Not
+        # ``_paused``, which a method resumed while its channel was down keeps after its reopen
+        # consumed it (queue_restoring answered its unrouted requests "unavailable" for ever).
+        self._gated: set[str] = set()
         # When each method's queue was last declared again (monotonic): requests unrouted while it
         # was missing may reach ``.unrouted``'s consumer after it is back (see queue_restoring).
         self._restored_at: dict[str, float] = {}
@@ -546,6 +548,7 @@ class AmqpTransport:
 
     async def resume(self, methods: Iterable[str] | None = None) -> None:
         """Consume requests (all queues, or only ``methods``)."""
+        self._gated -= set(self._consumers) if methods is None else set(methods)
         for method in self._consumers:
             if (methods is None or method in methods) and method not in self._consumer_tags:
                 if method in self._lost or method in self._restores:
@@ -595,7 +598,7 @@ class AmqpTransport:
         meanwhile, handled after: a backlog in ``.unrouted``, a requeue). Answered ``bad_request``,
         these ended every bundled worker's loop of the fleet (found by review, 2026-12-07)."""
         method = LIFECYCLE_QUEUE if routing_key in LIFECYCLE_METHODS else routing_key
-        if method in self._lost or method in self._restores or method in self._paused:
+        if method in self._lost or method in self._restores or method in self._gated:
             return True
         restored = self._restored_at.get(method)
         return restored is not None and time.monotonic() - restored < UNROUTED_AFTER_RESTORE_S
@@ -709,6 +712,7 @@ class AmqpTransport:
         """Stop taking new requests (all queues, or only ``methods``); in-flight ones go on. What is
         not taken stays in RabbitMQ for the other bridges."""
         wanted = None if methods is None else frozenset(methods)
+        self._gated |= set(self._consumers) if wanted is None else (wanted & set(self._consumers))
         for method, task in list(self._restores.items()):
             if wanted is not None and method not in wanted:
                 continue

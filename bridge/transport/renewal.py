@@ -9,18 +9,22 @@ channel had published no result before the kill (a bridge just started, or one t
 no task with a token) kept every result pending for that long. A new channel is served.
 
 Renewing costs one channel close and open (the robust channel's own restore replays what was
-declared on it), at most once every :data:`RENEW_MIN_INTERVAL_S`, and it fails every other
-publish in flight on the channel (results are sent again by the relay). A destination (a
-publish's routing key) refused again after a renewal made for it waits twice as long for the
-next, from :data:`RENEW_MIN_INTERVAL_S` up to :data:`RENEW_MAX_INTERVAL_S`, until one of its
-publishes is confirmed: a queue that refuses publishes for another reason (a tenant's results
-queue at its length limit with ``reject-publish``) renewed the shared channel every 5 s for as
-long as it stayed full, failing every other tenant's result in flight each time; it now costs
-about ten renewals in its first quarter of an hour, then one every 5 minutes. #9208 is still
-served as before: its channel, renewed during the election and refused again, is renewed 5 s
-later (the 3-node drill). Two cheaper rules failed (found by review and CI, 2026-12-07): counting
-nacks in a row over the channel never renewed it in #9208's case (the other queues' confirms
-between reset the count), and one renewal per destination until confirmed was too few.
+declared on it), and it fails every other publish in flight on the channel (results are sent
+again by the relay). So renewals back off while nacks keep coming: the first at once, the next
+after :data:`RENEW_MIN_INTERVAL_S`, each wait after twice the one before, up to
+:data:`RENEW_MAX_INTERVAL_S`; nacks quiet for longer than the wait (and than
+:data:`QUIET_RESET_S`) make the next incident start again from the shortest wait. A queue that
+refuses publishes for another reason (a tenant's results queue at its length limit with
+``reject-publish``, often bound to many services) renewed the shared channel every 5 s for as long
+as it stayed full, failing every other tenant's result in flight each time; it now costs renewals
+at 0, 5, 15, 35, 75, 155 and 315 s, then one every 5 minutes. #9208 is served as before: its
+channel, renewed during the election and refused again, is renewed 5 s later (the 3-node drill).
+While such a full queue keeps the wait long, a #9208 election meanwhile is served at the next
+renewal, up to 5 minutes later. Rules tried and dropped (found by review and CI, 2026-12-07):
+counting nacks in a row over the channel never renewed it in #9208's case (the other queues'
+confirms between reset the count); one renewal per routing key until it was confirmed was too
+few for #9208; a backoff per routing key still renewed every few seconds when the full queue took
+many services' results (each key started at 5 s), and never forgot a key's long wait.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -40,7 +43,7 @@ log = logging.getLogger("bridge.transport")
 
 RENEW_MIN_INTERVAL_S = 5.0
 RENEW_MAX_INTERVAL_S = 300.0
-BACKOFFS_KEPT = 10_000  # destinations remembered as refused since a renewal (the oldest forgotten)
+QUIET_RESET_S = 60.0  # no nack for this long (and for longer than the wait): the next starts afresh
 
 
 class PublishesRefused(Exception):
@@ -74,43 +77,38 @@ class ChannelRenewal:
         self._spawn = spawn
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
-        self._last = -RENEW_MIN_INTERVAL_S
-        # By destination, since a renewal made for it: (no renewal for it before, the next wait).
-        self._backoff: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._not_before = float("-inf")  # no renewal before then
+        self._wait = RENEW_MIN_INTERVAL_S  # from the next renewal to the one after it
+        self._last_nack = float("-inf")
         self.renewals = 0
 
-    def confirmed(self, key: str) -> None:
-        """A publish to ``key`` (its routing key) was confirmed: it is served."""
-        self._backoff.pop(key, None)
-
     def refused(self, exc: BaseException, key: str) -> None:
-        """A publish to ``key`` failed with ``exc``: renew the channel if it was a nack, unless
-        ``key`` waits for its next renewal."""
+        """A publish to ``key`` (its destination, for the log) failed with ``exc``: renew the
+        channel if it was a nack and no renewal is waited for."""
         if not nacked(exc):
             return
         now = self._clock()
-        if (self._task is not None and not self._task.done()) or now - self._last < RENEW_MIN_INTERVAL_S:
+        if now - self._last_nack > max(self._wait, QUIET_RESET_S):
+            self._wait = RENEW_MIN_INTERVAL_S  # a new incident, not the same one going on
+        self._last_nack = now
+        if (self._task is not None and not self._task.done()) or now < self._not_before:
             return
-        waiting = self._backoff.get(key)
-        if waiting is not None and now < waiting[0]:
-            return
-        wait_s = RENEW_MIN_INTERVAL_S if waiting is None else waiting[1]
-        self._backoff[key] = (now + wait_s, min(wait_s * 2, RENEW_MAX_INTERVAL_S))
-        self._backoff.move_to_end(key)
-        while len(self._backoff) > BACKOFFS_KEPT:
-            self._backoff.popitem(last=False)
-        self._last = now
+        self._not_before = now + self._wait
+        self._wait = min(self._wait * 2, RENEW_MAX_INTERVAL_S)
         self.renewals += 1
-        self._task = self._spawn(self._renew())
+        self._task = self._spawn(self._renew(key))
 
-    async def _renew(self) -> None:
+    async def _renew(self, key: str) -> None:
         channel = self._channel_of()
         if channel is None or channel.is_closed:
             return  # closed or being restored already: the new channel is what renewal would give
         log.warning(
-            "RabbitMQ refused a publish on the %s channel (nack): opening it afresh (a quorum queue's leader "
-            "lost while the channel first published to it keeps refusing it on RabbitMQ before 3.11)",
+            "RabbitMQ refused a publish on the %s channel (nack, to %s): opening it afresh (a quorum queue's "
+            "leader lost while the channel first published to it keeps refusing it on RabbitMQ before 3.11; a "
+            "queue at its length limit with reject-publish refuses too); next renewal in %.0f s at the earliest",
             self.name,
+            key,
+            self._not_before - self._clock(),
         )
         try:
             underlay = await asyncio.wait_for(channel.get_underlay_channel(), 5.0)
