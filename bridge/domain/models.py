@@ -68,7 +68,7 @@ class AddCommand(_Request):
     @classmethod
     def _is_an_instant(cls, value: str | None) -> str | None:
         if value is not None:
-            instant(value)
+            instant(value, round_up=True)  # as ``due_ms`` reads it (a last instant's fraction is past the range)
         return value
 
     @model_validator(mode="after")

@@ -250,8 +250,12 @@ def outcome_as_json(request: M, max_value_bytes: int) -> M:
     were 1.5 GiB, past a sidecar's 1 GiB limit (found by review, 2026-12-07). Other requests are
     returned as they are. The HTTP gateway's acks and fails are held the same way."""
     fields = type(request).model_fields
+    # An error wins over a result (``AckRequest.outcome``): the result is dropped, not encoded,
+    # or a result that grew past the limit when written again (``1e15`` is 18 bytes as
+    # ``1000000000000000.0``) refused an ack whose error was fine (found by the re-review).
+    dropped = "result" if "result" in fields and getattr(request, "error", None) is not None else None
     update: dict[str, Any] = {
-        name: jsonvalue.fragment(sealing.encode(tree, f"the {name}", max_value_bytes))
+        name: None if name == dropped else jsonvalue.fragment(sealing.encode(tree, f"the {name}", max_value_bytes))
         for name in ("result", "error")
         if name in fields and (tree := getattr(request, name)) is not None
     }

@@ -330,6 +330,22 @@ async def test_a_request_whose_paused_queue_was_deleted_is_answered_unavailable_
         await conn.close()
 
 
+async def test_a_method_resumed_while_its_channel_was_down_is_not_taken_for_restoring_after(bridge) -> None:
+    """A blip that took the broker and Cassandra: the gate paused the methods while their channel
+    was down, and resumed them while it still was (left to the channel's reopen, which consumed
+    them). The pause's mark stayed, and the method's unrouted requests were answered
+    "unavailable" for ever, a binding removed for good included (found by the re-review,
+    2026-12-07)."""
+    transport = bridge.transport
+    await transport.pause(frozenset({"fetch"}))
+    assert transport.queue_restoring("fetch")  # paused: a deletion would go unnoticed
+    transport._orphans.add("fetch")  # its channel down at the resume: left to the reopen
+    await transport.resume(frozenset({"fetch"}))
+    await transport._consume_orphans(transport._channel_name_of("fetch"))  # the reopen consumes it
+    assert "fetch" in transport.consuming()
+    assert not transport.queue_restoring("fetch")
+
+
 async def _guest(url: str) -> Any:
     import aio_pika
 

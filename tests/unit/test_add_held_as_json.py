@@ -77,3 +77,12 @@ def test_an_ack_without_an_error_keeps_its_result_as_the_outcome() -> None:
     ):
         req = outcome_as_json(parse(AckWithNextRequest, {**named, **sent}), settings.max_value_bytes)
         assert jsonvalue.dumps(req.outcome) == outcome, sent
+
+
+def test_an_ack_with_an_error_is_not_refused_for_its_result() -> None:
+    """The error is the outcome (``AckRequest.outcome``): its result is dropped, not written again
+    and measured, or a result grown past the limit refused the ack (found by the re-review)."""
+    settings = load_settings(_env_file=None, max_value_bytes=1_000)
+    body = '{"serviceId": "s", "workerId": "w", "error": "boom", "result": [' + ",".join(["1e15"] * 100) + "]}"
+    req = outcome_as_json(parse(AckWithNextRequest, jsonvalue.loads(body.encode())), settings.max_value_bytes)
+    assert jsonvalue.dumps(req.outcome) == b'{"error":"boom"}'
