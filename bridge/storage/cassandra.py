@@ -370,6 +370,11 @@ def storage_error(
             return schema_missing(exc)
         return None  # a bug in our CQL or bind values (or the schema), not an outage
     if isinstance(exc, NoHostAvailable):
+        if resent:
+            # The driver sent the (idempotent) statement before a connection lost under it, then
+            # ran out of hosts: it may have landed (taken for "not sent", a stale add was prepared
+            # again under a new id: two tasks; found by review, 2026-12-07).
+            return StorageUnavailable("cassandra unavailable: no host available after a copy was sent")
         # Never sent anywhere: not applied, whatever the statement.
         return StorageNotSent("cassandra unavailable: no host available")
     if isinstance(exc, WriteTimeout | OperationTimedOut | Unavailable):

@@ -154,11 +154,12 @@ async def test_writes_sent_side_by_side_of_which_one_was_refused_unsent_may_have
         await store._store("add", writes, batchable=False)
 
 
+@pytest.mark.parametrize("last", ["Unavailable", "NoHostAvailable"])
 @pytest.mark.parametrize(
     ("earlier", "landed"), [((), False), (("Unavailable",), False), (("ConnectionException",), True)]
 )
 async def test_a_statement_the_datastax_driver_sent_again_after_a_lost_connection_may_have_landed(
-    monkeypatch: pytest.MonkeyPatch, earlier: tuple[str, ...], landed: bool
+    monkeypatch: pytest.MonkeyPatch, earlier: tuple[str, ...], landed: bool, last: str
 ) -> None:
     """The driver sends an idempotent statement to the next host after a connection lost under it
     (its first copy may have applied) and reports only the last answer: an Unavailable there was
@@ -175,8 +176,12 @@ async def test_a_statement_the_datastax_driver_sent_again_after_a_lost_connectio
         "ConnectionException": lambda: ConnectionException("lost under it (injected)"),
     }
     errors = {f"host{i}": made[kind]() for i, kind in enumerate(earlier)}
-    final = Unavailable("i", consistency=ConsistencyLevel.QUORUM, required_replicas=2, alive_replicas=1)
+    final: Exception = Unavailable("i", consistency=ConsistencyLevel.QUORUM, required_replicas=2, alive_replicas=1)
     errors["last"] = final
+    if last == "NoHostAvailable":  # the driver ran out of hosts after them (found by review, 2026-12-07)
+        from cassandra.cluster import NoHostAvailable
+
+        final = NoHostAvailable("no host left (injected)", dict(errors))
     future = type("ResponseFuture", (), {"_errors": errors})()
 
     class Session:
