@@ -1,0 +1,62 @@
+"""The parked-task index on the real Cassandra, written by bridges whose clocks differ.
+
+Its row of a task is written by a plain insert (stamped by the writing bridge's clock) and taken
+back by compare-and-set deletes (stamped by their Paxos ballot): last-write-wins by those stamps,
+not by the order they happened in. Two parks of one task at one epoch (the scheduler's, refused by
+a late extend; the worker's `fail` at its limit) on bridges whose clocks differ within the skew
+margin: the first park's insert, stamped ahead, shadowed the second's; its refused park's delete
+(``IF park_id = <first>``) then applied and took the row: the task parked, in no listing, no
+stats, no `redrive all`, until its TTL (found by review, 2026-12-07)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from bridge.config import Settings
+from bridge.domain.records import ParkedEntry, QueueKey
+from bridge.storage.repository import CassandraTaskStore
+from bridge.storage.schema import create_schema
+from bridge.storage.session import open_session
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+TTL_S = 7 * 86_400
+AHEAD_MS = 50  # the first park's bridge, ahead within a skew margin
+
+
+async def test_a_refused_park_takes_back_its_own_row_not_a_later_park_of_a_bridge_behind(servers: Any) -> None:
+    settings = Settings(
+        cassandra_hosts=servers.cassandra_hosts,
+        cassandra_port=servers.cassandra_port,
+        cassandra_keyspace=servers.keyspace,
+        keyring=None,
+        key_server_url=None,
+    )
+    # Each bridge's session stamps its writes with its own clock.
+    clocks = {"ahead": lambda: int(time.time() * 1000) + AHEAD_MS, "behind": lambda: int(time.time() * 1000)}
+    sessions = {name: open_session(settings, now_ms=clock) for name, clock in clocks.items()}
+    for db in sessions.values():
+        await db.connect()
+    try:
+        await create_schema(sessions["behind"], settings)
+        ahead = CassandraTaskStore(sessions["ahead"], clocks["ahead"], TTL_S)
+        behind = CassandraTaskStore(sessions["behind"], clocks["behind"], TTL_S)
+        await ahead.prepare()
+        await behind.prepare()
+        q = QueueKey("worker-a", f"svc-{uuid.uuid4().hex[:10]}")
+        task = uuid.uuid1()
+        first, second = uuid.uuid1(), uuid.uuid1()
+        now = int(time.time() * 1000)
+        await ahead.add_parked(q, ParkedEntry(task, 3, now, "delivery_limit", True, park_id=first))
+        await behind.add_parked(q, ParkedEntry(task, 3, now + 1, "failed", True, park_id=second))
+        # The first park's compare-and-set was refused: it takes back its own row, if it is still its.
+        await ahead.remove_parked(q, task, park_id=first)
+        listed = await behind.parked(q, 10)
+        assert [(e.task_id, e.park_id) for e in listed] == [(task, second)], listed
+    finally:
+        for db in sessions.values():
+            await db.close()
