@@ -454,9 +454,9 @@ class RequestHandlers:
             check_reply_to(message)
             owner = self.rpc_identity.owner_of(message)
             deadline = deadline_of(message)
-            request = wire.outcome_as_json(
-                parse(model, read_body(message, self.settings.max_value_bytes)), self.settings.max_value_bytes
-            )
+            limit = self.settings.max_value_bytes
+            parsed = parse(model, read_body(message, limit))
+            request = wire.outcome_as_json(parsed, limit, body_bytes=len(message.body))
             structlog.contextvars.bind_contextvars(
                 owner=owner,
                 service=getattr(request, "service_id", None),

@@ -86,3 +86,16 @@ def test_an_ack_with_an_error_is_not_refused_for_its_result() -> None:
     body = '{"serviceId": "s", "workerId": "w", "error": "boom", "result": [' + ",".join(["1e15"] * 100) + "]}"
     req = outcome_as_json(parse(AckWithNextRequest, jsonvalue.loads(body.encode())), settings.max_value_bytes)
     assert jsonvalue.dumps(req.outcome) == b'{"error":"boom"}'
+
+
+def test_a_small_ack_keeps_its_tree() -> None:
+    """Converting costs an ack about half its parse again: only a body past 16 KiB is converted
+    (a smaller one's tree is at most some 400 KiB)."""
+    from bridge.transport.wire import TREE_KEPT_MAX_BYTES
+
+    named = {"serviceId": "s", "workerId": "w", "result": {"n": [1, 2, 3]}}
+    req = parse(AckWithNextRequest, named)
+    assert outcome_as_json(req, 1 << 20, body_bytes=TREE_KEPT_MAX_BYTES) is req
+    held = outcome_as_json(req, 1 << 20, body_bytes=TREE_KEPT_MAX_BYTES + 1)
+    assert isinstance(held.result, type(jsonvalue.fragment(b"1")))
+    assert jsonvalue.dumps(held.outcome) == jsonvalue.dumps(req.outcome) == b'{"result":{"n":[1,2,3]}}'
