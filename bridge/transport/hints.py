@@ -39,9 +39,9 @@ import logging
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TypeVar, cast
 
 import aiormq
 import orjson
@@ -52,6 +52,7 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
+from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 from pamqp.common import Arguments
 
@@ -67,6 +68,7 @@ from bridge.transport.replies import message_ids
 from bridge.transport.request import Delivery
 
 log = logging.getLogger("bridge.hints")
+_T = TypeVar("_T")
 
 # The queue names after the prefix (broker permissions): ``p`` since 1.4, whose queues have five
 # priorities (task priorities 0-3, recovered tasks above them); a queue's arguments cannot change,
@@ -241,6 +243,40 @@ async def _settle(message: Received, *, requeue: bool | None) -> None:
                     await message.nack(requeue=requeue)
     except Exception as exc:  # the channel is gone: the broker requeues the hint itself
         log.debug("hint not settled: %s", type(exc).__name__)
+
+
+async def _to_its_end(call: Awaitable[_T], give_back: Callable[[_T], Awaitable[None]] | None = None) -> _T:
+    """``call``, a broker call, run to its end even when its caller is cancelled meanwhile (a
+    waiting fetch whose client hung up: ``fetching._unless_gone`` cancels its take). aiormq closes
+    a channel whose RPC is cancelled, and all it carries with it: on the consumers' channel every
+    waiting fetch's hint consumer, of every queue (each answered null at the reopen,
+    ``_consumers_lost``); on the publish-and-get channel the hints other fetches hold, their claims
+    under way (the broker requeues them for a second claim), and the publishes on their way. The
+    call is bounded (``BROKER_CALL_S``): its caller waits for its end, then goes on cancelled, and
+    what it got is given back (``give_back``), nobody takes it now."""
+    running = asyncio.ensure_future(call)
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        while not running.done():
+            # A second cancellation (a shutdown's) waits too: it would close the channel as well.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([running])
+        # (Its own cancellation, a stray one from its connection's close: raised as it came.)
+        if give_back is not None and not running.cancelled() and running.exception() is None:
+            await give_back(running.result())
+        raise
+
+
+async def _bounded(call: Awaitable[_T]) -> _T:
+    async with asyncio.timeout(BROKER_CALL_S):
+        return await call
+
+
+async def _requeue_got(got: DeliveredMessage) -> None:
+    """A hint ``basic.get`` took for a fetch that left meanwhile: back to its queue, for another."""
+    if isinstance(got.delivery, Basic.GetOk):
+        await _settle(Delivery(got), requeue=True)
 
 
 @dataclass
@@ -516,8 +552,7 @@ class AmqpHints:
             with stray_as_failure():
                 queue = await self._queue(q)
                 channel = await self._channel_frames()
-                async with asyncio.timeout(BROKER_CALL_S):
-                    got = await channel.basic_get(queue.name, no_ack=False)
+                got = await _to_its_end(_bounded(channel.basic_get(queue.name, no_ack=False)), _requeue_got)
             message = Delivery(got) if isinstance(got.delivery, Basic.GetOk) else None
         except Exception as exc:
             self._forget_if_gone(q, exc)
@@ -563,7 +598,9 @@ class AmqpHints:
                 tag = f"hints.{uuid.uuid4().hex}"
                 try:
                     with stray_as_failure():  # (as in ``take``)
-                        await asyncio.wait_for(self._start_consuming(waiting, tag), BROKER_CALL_S)
+                        # Not cut by a fetch that leaves meanwhile (``_to_its_end``): a consumer
+                        # started for nobody is cancelled as it leaves (``_stop_consuming_if_idle``).
+                        await _to_its_end(_bounded(self._start_consuming(waiting, tag)))
                 except Exception as exc:  # the broker is away, or the hint queue's node is down
                     self._warn_no_wait.warning("cannot wait for hints (%s)", type(exc).__name__)
                     raise HintsUnavailable(f"cannot wait for hints: {type(exc).__name__}") from exc
