@@ -139,7 +139,10 @@ async def _unless_gone(
     give_back: Callable[[_T], Awaitable[None]] | None = None,
 ) -> _T:
     """``wait``, cut short (``RequestAbandoned``) when ``still_wanted`` is a :class:`Requester`
-    whose caller hangs up meanwhile. A hint taken as the wait was cut goes back, for another fetch."""
+    whose caller hangs up meanwhile. A hint taken as the wait was cut goes back, for another fetch.
+    Cut short, ``wait`` is cancelled and waited for: a broker call under way in it (a hint take's
+    ``basic.get``, its consumer's start) ends first, uncut (``transport.hints._to_its_end``: a
+    cancelled call closes the channel that all the bridge's hints share)."""
     if not isinstance(still_wanted, Requester):
         return await wait
     if still_wanted.gone.is_set():
@@ -224,6 +227,9 @@ class _Attempt:
     # fetch's answer if it finds nothing else.
     unopened: int = 0
     unopenable: Exception | None = None
+    # The claim under way applied (a lease granted to the worker, by the claim or a resend of it):
+    # an error after it, its task not handed out, leaves the hint that led to it nothing to do.
+    applied: bool = False
 
     def passed_over(self, exc: Exception) -> None:
         """A task claimed and let go, its key not usable now: the next one, up to ``MAX_UNOPENED``."""
@@ -440,6 +446,7 @@ class Fetcher:
         res, until = await renew(self.ctx, self.soon, q, held.task_id, held.epoch, worker, a.ttr, has_token)
         if not res.applied:
             return None, res.current
+        a.applied = True
         a.flight.granted += 1
         # The scheduler will meet the old deadline, see the later one, and re-arm itself (a shorter
         # lease's earlier deadline was filed by ``renew``).
@@ -631,16 +638,19 @@ class Fetcher:
     async def _claim_hinted(self, a: _Attempt, taken: Taken) -> _Claim:
         entry = taken.hint.entry()
         a.attempted = True
+        a.applied = False
         try:
             claim = await self._try_claim(a, entry, taken.hint.payload, stored=taken.hint.stored)
-        except KeyMissing:
-            # Claimed, and let go unopened (``_deliver``): decided, the task comes back with a
-            # hint of its own once its lease runs out. Put back, the hint sent another fetch to a
-            # claim the lease refuses.
-            await asyncio.shield(taken.done())
-            raise
         except BaseException:
-            await asyncio.shield(taken.retry())  # not decided: another fetch gets the hint
+            if a.applied:
+                # Claimed, and not handed out (``_deliver``: its key missing or not to be looked
+                # up, the task dead-lettered; a read after the claim failed): decided, the task
+                # comes back with a hint of its own once its lease runs out (a dead one never).
+                # Put back, the hint sent another fetch to a write-ahead and a claim the lease
+                # refuses.
+                await asyncio.shield(taken.done())
+            else:
+                await asyncio.shield(taken.retry())  # not decided: another fetch gets the hint
             raise
         a.stamp = claim.stamp
         await taken.done()
@@ -806,6 +816,10 @@ class Fetcher:
                 ExpiryEntry(until, q, task_id, epoch, entry.has_token),
                 expires_at_ms=None if carried is None else carried.expires_at_ms,
             )
+            # The pointer this fetch undoes if it gives up from here on (``_fetch``): recorded now,
+            # not when the claim returns. Abandoned before it returned (``_may_claim``), the fetch
+            # undid the pointer it had read, stamped before this one, which survived the undo.
+            a.stamp = stamp
             # Written ahead while the add's write was on its way: the claim waits for that write
             # (an LWT on a task that may never be stored would hand out a value nobody keeps).
             after = await self._when_the_add_is_written(a, stored, stamp, now, read)
@@ -857,6 +871,7 @@ class Fetcher:
             raise
         if not res.applied:
             return await self._refused(a, entry, res.current, epoch, stamp, now, ends)
+        a.applied = True
         a.flight.granted += 1
         # Both before a failed read is raised: the claim applied, and its lease must be taken back
         # if its worker never gets the task. From before a wait for the add's write: its deadline

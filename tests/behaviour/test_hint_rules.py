@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
-from bridge.domain.models import AddCommand, parse
+from bridge.domain.errors import KeysUnavailable
+from bridge.domain.fetching import RequestAbandoned, Requester
+from bridge.domain.models import AddCommand, FetchRequest, parse
 from bridge.domain.records import LANE_FRESH, QueueKey
 from bridge.domain.timeline import bucket_of_task, ms_of
 from tests.conftest import wait_for
@@ -411,3 +413,59 @@ async def test_a_long_polls_own_claim_of_a_task_whose_life_ended_does_not_end_it
     task_id = await h.add("next")
     got = await asyncio.wait_for(waiting, 4.5)
     assert got is not None and got.task_id == task_id
+
+
+async def test_a_fetch_whose_caller_hangs_up_after_its_write_ahead_leaves_no_pointer_of_it(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fetch given up after its write-ahead (its client hung up, its worker gone, its deadline
+    passed: ``_may_claim``) drops the pointer it wrote ahead. The drop was stamped after the
+    pointer the fetch had read, not after the one it wrote (``max(now, last + 2)``, later), and
+    lost to it: the worker's pointer went on naming a task it was never handed (found by review)."""
+    h = harness
+    q = QueueKey(OWNER, h.service)
+    await h.add("first")
+    first = await h.fetch("w")
+    assert first is not None and await h.ack("w", first) is True  # the pointer names it, done
+    h.clock.advance(1_000)  # the next write-ahead is stamped at the present, past that pointer's + 2
+    task_id = await h.add("second")
+    requester = Requester(lambda: True)
+    real_write_ahead = h.store.write_ahead
+
+    async def write_ahead(*args: Any, **kwargs: Any) -> None:
+        await real_write_ahead(*args, **kwargs)
+        requester.hang_up()  # the client hangs up as the pointer is written ahead of the claim
+
+    monkeypatch.setattr(h.store, "write_ahead", write_ahead)
+    req = parse(FetchRequest, {"serviceId": h.service, "workerId": "w"})
+    with pytest.raises(RequestAbandoned):
+        await h.queue.fetch(OWNER, req, still_wanted=requester)
+    monkeypatch.setattr(h.store, "write_ahead", real_write_ahead)
+    pointer = (await h.store.worker(q, "w")).pointer
+    assert pointer is None or pointer.done, f"the pointer written ahead survived: {pointer}"
+    assert await h.store.lease(q, uuid.UUID(task_id)) is None, "claimed for a caller that hung up"
+    got = await h.fetch("w2")
+    assert got is not None and got.task_id == task_id
+
+
+async def test_a_hint_whose_claim_landed_before_its_key_lookup_failed_is_not_given_back(
+    hinted: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim applied, then the task's key could not be looked up (the key server away): the
+    task is let go, leased (it comes back, with a hint of its own, when its lease runs out). Its
+    hint went back to the queue all the same (only a missing key marked it done): the next fetch
+    paid a write-ahead and a claim the lease refused (found by review)."""
+    h = hinted
+    assert h.hints is not None
+    q = QueueKey(OWNER, h.service)
+    task_id = await h.add("sealed with a key nobody can look up now")
+
+    async def by_id(owner: str, key_id: str) -> Any:
+        raise KeysUnavailable("the key server is away (injected)")
+
+    monkeypatch.setattr(h.queue.ctx.keys, "by_id", by_id)
+    with pytest.raises(KeysUnavailable):
+        await h.fetch("w")
+    lease = await h.store.lease(q, uuid.UUID(task_id))
+    assert lease is not None and lease.is_leased, "the claim applied"
+    assert await h.hints.take(q, 0) is None, "the hint of a task claimed went back to the queue"
