@@ -164,6 +164,12 @@ async def _unless_gone(
             got = await waiting
             if give_back is not None:  # it came as the wait was cut: not decided, another gets it
                 await asyncio.shield(give_back(got))
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            # Cancelled itself while it waited for the cut wait's end (a broker call runs to its
+            # end, up to 3 s): a stop's cancel, swallowed above, let the fetch go on writing to a
+            # store being closed (found by the re-review, 2026-12-07).
+            raise asyncio.CancelledError
         raise RequestAbandoned("its caller hung up while it waited")
     return waiting.result()
 

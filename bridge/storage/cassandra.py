@@ -330,7 +330,11 @@ class CassandraSession:
             # may have landed, whatever the last one was answered. (Copies answered Unavailable
             # were applied nowhere: the coordinator checks live replicas before it sends.)
             earlier = getattr(rf, "_errors", None) or {}
-            resent = any(not isinstance(e, Unavailable) for e in earlier.values())
+            # Only hosts the request was written to (``attempted_hosts``): the driver also records
+            # hosts it never sent it to (no connection free, a pool shut down, a host marked down),
+            # taken for copies that may have landed (found by the re-review, 2026-12-07).
+            sent_to = set(getattr(rf, "attempted_hosts", None) or ())
+            resent = any(not isinstance(e, Unavailable) for h, e in earlier.items() if h in sent_to)
             mapped = storage_error(exc, lwt=lwt, batch=batch, resent=resent, conditional=conditional)
             if mapped is None:
                 raise

@@ -140,6 +140,8 @@ class AmqpTransport:
         self.results_renewal = ChannelRenewal("results", lambda: self._publish_channel, self._spawn)
         self.results.on_failure = self._result_publish_failed
         self.handlers.lane.on_failure = self._lane_publish_failed
+        self.results.on_success = lambda key: self.results_renewal.confirmed(f"results {key}")
+        self.handlers.lane.on_success = lambda: self.results_renewal.confirmed(LANE_DESTINATION)
         self._observer = observe or (lambda method, outcome, seconds: None)
         self._on_channel_down = on_channel_down
         self.connection: AbstractRobustConnection | None = None
@@ -548,18 +550,21 @@ class AmqpTransport:
 
     async def resume(self, methods: Iterable[str] | None = None) -> None:
         """Consume requests (all queues, or only ``methods``)."""
-        self._gated -= set(self._consumers) if methods is None else set(methods)
         for method in self._consumers:
+            if (methods is None or method in methods) and method in self._consumer_tags:
+                self._gated.discard(method)
             if (methods is None or method in methods) and method not in self._consumer_tags:
                 if method in self._lost or method in self._restores:
                     # Its queue was deleted under the bridge: consuming it before it is declared
                     # again would get a 404, which closes the channel of every other consumer.
                     self._start_restore(method)
+                    self._gated.discard(method)  # restoring: queue_restoring says so on its own
                     continue
                 if method in self._orphans or self._channel_of(method).is_closed:
                     # Its channel is down: consumed once the channel is back (_reopen, spawned by
                     # the loss, runs until then).
                     self._orphans.add(method)
+                    self._gated.discard(method)
                     continue
                 try:
                     if method in self._paused:
@@ -572,6 +577,9 @@ class AmqpTransport:
                         self._restored_at[method] = time.monotonic()
                     await self._consume(method)
                     self._paused.discard(method)
+                    # Only now: a resume whose declaration failed left the method neither consumed
+                    # nor gated, its unrouted requests "bad_request" (found by the re-review).
+                    self._gated.discard(method)
                 except BaseException:
                     if self._channel_of(method).is_closed:
                         # Cut by its channel's close (its connection ended as stuck): consumed with

@@ -80,7 +80,18 @@ class ChannelRenewal:
         self._not_before = float("-inf")  # no renewal before then
         self._wait = RENEW_MIN_INTERVAL_S  # from the next renewal to the one after it
         self._last_nack = float("-inf")
+        self._renewed_for: str | None = None  # the destination whose nack made the last renewal
         self.renewals = 0
+
+    def confirmed(self, key: str) -> None:
+        """A publish to ``key`` (its destination) was confirmed. The last renewal was for it: the
+        channel it opened is served, and the next incident starts from the shortest wait (a
+        queue full with ``reject-publish`` is never confirmed, and keeps the wait growing). Kept
+        growing, back-to-back elections (a rolling restart of the broker) had their second
+        renewal 20 s, then 80 s, after their first (found by the re-review, 2026-12-07)."""
+        if key == self._renewed_for:
+            self._wait = RENEW_MIN_INTERVAL_S
+            self._renewed_for = None
 
     def refused(self, exc: BaseException, key: str) -> None:
         """A publish to ``key`` (its destination, for the log) failed with ``exc``: renew the
@@ -95,6 +106,7 @@ class ChannelRenewal:
             return
         self._not_before = now + self._wait
         self._wait = min(self._wait * 2, RENEW_MAX_INTERVAL_S)
+        self._renewed_for = key
         self.renewals += 1
         self._task = self._spawn(self._renew(key))
 

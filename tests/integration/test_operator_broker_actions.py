@@ -346,6 +346,32 @@ async def test_a_method_resumed_while_its_channel_was_down_is_not_taken_for_rest
     assert not transport.queue_restoring("fetch")
 
 
+async def test_a_resume_that_could_not_declare_its_queue_keeps_its_requests_unavailable(bridge, monkeypatch) -> None:
+    """The gate resumes a paused method whose queue may have been deleted meanwhile: declared
+    first, and that declaration failed (a timeout, a refusal). The gate's mark was dropped before
+    it, so the method was neither consumed nor marked, and its unrouted requests were answered
+    ``bad_request`` again (found by the re-review, 2026-12-07)."""
+    import bridge.transport.amqp as amqp
+
+    transport = bridge.transport
+    real = amqp.declare_consumed_queue
+
+    async def refused(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("declaration refused (test)")
+
+    await transport.pause(frozenset({"fetch"}))
+    monkeypatch.setattr(amqp, "declare_consumed_queue", refused)
+    with pytest.raises(RuntimeError, match="refused"):
+        await transport.resume(frozenset({"fetch"}))
+    assert "fetch" not in transport.consuming()
+    assert transport.queue_restoring("fetch")
+    monkeypatch.setattr(amqp, "declare_consumed_queue", real)
+    await transport.resume(frozenset({"fetch"}))
+    assert "fetch" in transport.consuming()
+    transport._restored_at.pop("fetch", None)  # (declared just now: an hour later, as for good)
+    assert not transport.queue_restoring("fetch")
+
+
 async def _guest(url: str) -> Any:
     import aio_pika
 

@@ -182,7 +182,8 @@ async def test_a_statement_the_datastax_driver_sent_again_after_a_lost_connectio
         from cassandra.cluster import NoHostAvailable
 
         final = NoHostAvailable("no host left (injected)", dict(errors))
-    future = type("ResponseFuture", (), {"_errors": errors})()
+    # The hosts it was written to: every one above (a copy lost under a connection was sent).
+    future = type("ResponseFuture", (), {"_errors": errors, "attempted_hosts": list(errors)})()
 
     class Session:
         def execute_async(self, bound: Any, **kwargs: Any) -> Any:
@@ -200,6 +201,42 @@ async def test_a_statement_the_datastax_driver_sent_again_after_a_lost_connectio
     with pytest.raises(StorageUnavailable) as raised:
         await session._run(object(), lwt=False)
     assert isinstance(raised.value, NotSent) is not landed
+
+
+async def test_hosts_the_datastax_driver_never_wrote_to_are_not_copies_that_may_have_landed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The driver records hosts it moved past without sending (all connections busy, a pool shut
+    down, a host marked down) beside those it sent to: taken for copies sent, "no host available"
+    made of them only was "may have landed" (found by the re-review, 2026-12-07)."""
+    from cassandra.cluster import NoHostAvailable
+    from cassandra.connection import ConnectionBusy, ConnectionException
+    from cassandra.pool import NoConnectionsAvailable
+
+    from bridge.storage import cassandra as datastax
+    from bridge.storage.stall import StallWatch
+
+    errors = {
+        "a": NoConnectionsAvailable(),
+        "b": ConnectionBusy("busy"),
+        "c": ConnectionException("Host has been marked down or removed"),
+    }
+    final = NoHostAvailable("no host left (injected)", dict(errors))
+    future = type("ResponseFuture", (), {"_errors": errors, "attempted_hosts": []})()
+
+    class Session:
+        def execute_async(self, bound: Any, **kwargs: Any) -> Any:
+            return future
+
+    async def to_asyncio(rf: Any, loop: Any) -> Any:
+        raise final
+
+    monkeypatch.setattr(datastax, "_to_asyncio", to_asyncio)
+    session = datastax.CassandraSession.__new__(datastax.CassandraSession)
+    session._session = Session()  # type: ignore[assignment]
+    session.stall = StallWatch(10.0)
+    with pytest.raises(StorageNotSent):
+        await session._run(object(), lwt=False)
 
 
 def test_a_counter_update_answered_unavailable_was_not_sent_and_its_timeout_is_unknown() -> None:
