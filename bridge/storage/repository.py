@@ -937,11 +937,8 @@ class CassandraTaskStore:
 
     async def add_parked(self, q: QueueKey, entry: ParkedEntry) -> None:
         e = entry
-        row = (e.epoch, to_datetime(e.parked_at_ms), e.reason, e.has_token, e.park_id)
-        # Refused only when the row names this very park already (a resend): written either way.
-        await self.db.execute(
-            "parked.insert", (self.ttl_for(e.task_id), *row, q.owner, q.service, e.task_id, e.park_id)
-        )
+        params = (q.owner, q.service, e.task_id, e.epoch, to_datetime(e.parked_at_ms), e.reason, e.has_token)
+        await self.db.execute("parked.insert", (*params, e.park_id, self.ttl_for(e.task_id)))
 
     async def remove_parked(
         self, q: QueueKey, task_id: uuid.UUID, *, epoch: int | None = None, park_id: uuid.UUID | None = None

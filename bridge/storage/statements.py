@@ -224,14 +224,10 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         "AND expires_at IN (?, null)",
         False,
     ),
-    # Through Paxos, as the deletes below are: a plain insert was stamped by its bridge's clock and
-    # the deletes by their ballot, and last-write-wins by those stamps undid the order of two parks
-    # of one task on bridges whose clocks differ (a refused park's delete took the later park's
-    # row, or missed its own). The condition holds for any other park (and for no row: null).
     "parked.insert": (
-        "UPDATE {ks}.parked USING TTL ? SET epoch = ?, parked_at = ?, reason = ?, has_token = ?, park_id = ? "
-        "WHERE owner = ? AND service = ? AND task_id = ? IF park_id != ?",
-        False,
+        "INSERT INTO {ks}.parked (owner, service, task_id, epoch, parked_at, reason, has_token, park_id) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?",
+        True,
     ),
     "parked.delete": ("DELETE FROM {ks}.parked WHERE owner = ? AND service = ? AND task_id = ?", True),
     # A row whose park is over (a listing's clean-up) goes only while it is of that park's epoch:
