@@ -12,8 +12,9 @@ Renewing costs one channel close and open (the robust channel's own restore repl
 declared on it), and it fails every other publish in flight on the channel (results are sent
 again by the relay). So renewals back off while nacks keep coming: the first at once, the next
 after :data:`RENEW_MIN_INTERVAL_S`, each wait after twice the one before, up to
-:data:`RENEW_MAX_INTERVAL_S`; nacks quiet for longer than the wait (and than
-:data:`QUIET_RESET_S`) make the next incident start again from the shortest wait. A queue that
+:data:`RENEW_MAX_INTERVAL_S`; a publish confirmed to the destination the last renewal was for
+(the channel it opened is served), or nacks quiet for longer than the wait (and than
+:data:`QUIET_RESET_S`), make the next incident start again from the shortest wait. A queue that
 refuses publishes for another reason (a tenant's results queue at its length limit with
 ``reject-publish``, often bound to many services) renewed the shared channel every 5 s for as long
 as it stayed full, failing every other tenant's result in flight each time; it now costs renewals
