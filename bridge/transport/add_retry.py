@@ -77,7 +77,6 @@ class AddRetryLane:
         self._exchange: AbstractExchange | None = None
         # Told of a failed publish (the transport renews the channel when RabbitMQ nacks).
         self.on_failure: Callable[[BaseException], None] = lambda exc: None
-        self.on_success: Callable[[], None] = lambda: None
 
     def attach(self, default_exchange: AbstractExchange) -> None:
         """The default exchange of a channel with publisher confirms (the transport, at start)."""
@@ -138,7 +137,6 @@ class AddRetryLane:
         except Exception as exc:
             self.on_failure(exc)
             raise
-        self.on_success()
 
 
 def _copy_id(message: RequestMessage, headers: dict[str, Any]) -> str | None:

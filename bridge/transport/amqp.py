@@ -140,8 +140,6 @@ class AmqpTransport:
         self.results_renewal = ChannelRenewal("results", lambda: self._publish_channel, self._spawn)
         self.results.on_failure = self._result_publish_failed
         self.handlers.lane.on_failure = self._lane_publish_failed
-        self.results.on_success = lambda key: self.results_renewal.confirmed(f"results {key}")
-        self.handlers.lane.on_success = lambda: self.results_renewal.confirmed(LANE_DESTINATION)
         self._observer = observe or (lambda method, outcome, seconds: None)
         self._on_channel_down = on_channel_down
         self.connection: AbstractRobustConnection | None = None

@@ -12,9 +12,8 @@ Renewing costs one channel close and open (the robust channel's own restore repl
 declared on it), and it fails every other publish in flight on the channel (results are sent
 again by the relay). So renewals back off while nacks keep coming: the first at once, the next
 after :data:`RENEW_MIN_INTERVAL_S`, each wait after twice the one before, up to
-:data:`RENEW_MAX_INTERVAL_S`; a publish confirmed to the destination the last renewal was for
-(the channel it opened is served), or nacks quiet for longer than the wait (and than
-:data:`QUIET_RESET_S`), make the next incident start again from the shortest wait. A queue that
+:data:`RENEW_MAX_INTERVAL_S`; nacks quiet for longer than the wait (and than
+:data:`QUIET_RESET_S`) make the next incident start again from the shortest wait. A queue that
 refuses publishes for another reason (a tenant's results queue at its length limit with
 ``reject-publish``, often bound to many services) renewed the shared channel every 5 s for as long
 as it stayed full, failing every other tenant's result in flight each time; it now costs renewals
@@ -44,7 +43,12 @@ log = logging.getLogger("bridge.transport")
 
 RENEW_MIN_INTERVAL_S = 5.0
 RENEW_MAX_INTERVAL_S = 300.0
-QUIET_RESET_S = 60.0  # no nack for this long (and for longer than the wait): the next starts afresh
+# No nack for this long (and for longer than the wait): the next starts afresh. Short enough for
+# back-to-back elections a minute apart (a rolling restart of the broker) to be served as the
+# first: at 60 s, the second's second renewal came 20 s after its first, the third's 80 s. A reset
+# at a confirm of the last renewal's destination instead (tried) renewed a full queue that its
+# consumer drains slowly every 5-10 s again: it confirms a publish whenever a slot frees.
+QUIET_RESET_S = 30.0
 
 
 class PublishesRefused(Exception):
@@ -81,18 +85,7 @@ class ChannelRenewal:
         self._not_before = float("-inf")  # no renewal before then
         self._wait = RENEW_MIN_INTERVAL_S  # from the next renewal to the one after it
         self._last_nack = float("-inf")
-        self._renewed_for: str | None = None  # the destination whose nack made the last renewal
         self.renewals = 0
-
-    def confirmed(self, key: str) -> None:
-        """A publish to ``key`` (its destination) was confirmed. The last renewal was for it: the
-        channel it opened is served, and the next incident starts from the shortest wait (a
-        queue full with ``reject-publish`` is never confirmed, and keeps the wait growing). Kept
-        growing, back-to-back elections (a rolling restart of the broker) had their second
-        renewal 20 s, then 80 s, after their first (found by the re-review, 2026-12-07)."""
-        if key == self._renewed_for:
-            self._wait = RENEW_MIN_INTERVAL_S
-            self._renewed_for = None
 
     def refused(self, exc: BaseException, key: str) -> None:
         """A publish to ``key`` (its destination, for the log) failed with ``exc``: renew the
@@ -107,7 +100,6 @@ class ChannelRenewal:
             return
         self._not_before = now + self._wait
         self._wait = min(self._wait * 2, RENEW_MAX_INTERVAL_S)
-        self._renewed_for = key
         self.renewals += 1
         self._task = self._spawn(self._renew(key))
 

@@ -41,7 +41,6 @@ class ResultPublisher:
         # Told of a failed publish, with its routing key (the transport renews the channel when
         # RabbitMQ nacks).
         self.on_failure: Callable[[BaseException, str], None] = lambda exc, key: None
-        self.on_success: Callable[[str], None] = lambda key: None
         # Publishes under way, by message id. aiormq maps a basic.return to its publish by message
         # id alone: with two copies of one result in flight (a confirm slower than the relay's
         # republish, e.g. a memory alarm), the first's return failed the second, and the first's
@@ -104,4 +103,3 @@ class ResultPublisher:
         except Exception as exc:
             self.on_failure(exc, service)
             raise
-        self.on_success(service)
