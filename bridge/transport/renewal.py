@@ -17,7 +17,8 @@ after :data:`RENEW_MIN_INTERVAL_S`, each wait after twice the one before, up to
 refuses publishes for another reason (a tenant's results queue at its length limit with
 ``reject-publish``, often bound to many services) renewed the shared channel every 5 s for as long
 as it stayed full, failing every other tenant's result in flight each time; it now costs renewals
-at 0, 5, 15, 35, 75, 155 and 315 s, then one every 5 minutes. #9208 is served as before: its
+at 0, 5, 15, 35, 75, 155 and 315 s, then one every 5 minutes (while results keep coming for it;
+when only the relay's retries reach it, a minute apart at most, a renewal a retry). #9208 is served as before: its
 channel, renewed during the election and refused again, is renewed 5 s later (the 3-node drill).
 While such a full queue keeps the wait long, a #9208 election meanwhile is served at the next
 renewal, up to 5 minutes later. Rules tried and dropped (found by review and CI, 2026-12-07):
