@@ -135,11 +135,7 @@ async def test_a_hang_up_while_a_hint_consumer_starts_leaves_the_other_queues_wa
     consume = await bridge.hints._consume.get_underlay_channel()
     held = HeldReply(consume, lambda f: isinstance(f, Basic.Consume) and f.queue == name_y, monkeypatch)
     takes = takes_of(bridge, monkeypatch, svc_y)
-    requester = Requester(lambda: True)
-    y = asyncio.create_task(bridge.queue.fetch(OWNER, _req(svc_y, "y", waitMs=25_000), still_wanted=requester))
-    await hang_up_while_held(requester, held, takes)
-    with pytest.raises(RequestAbandoned):
-        await asyncio.wait_for(y, 10.0)
+    await _hung_up_fetch(bridge, svc_y, held, takes)
     assert not consume.is_closed, "the hint consumers' channel was closed"
     assert await bridge.hints._consume.get_underlay_channel() is consume
 
@@ -187,11 +183,7 @@ async def test_a_hang_up_during_a_hint_get_leaves_the_hints_other_fetches_hold(b
 
     monkeypatch.setattr(bridge.hints, "take", take)
     takes = takes_of(bridge, monkeypatch, svc_y)
-    requester = Requester(lambda: True)
-    y = asyncio.create_task(bridge.queue.fetch(OWNER, _req(svc_y, "y", waitMs=25_000), still_wanted=requester))
-    await hang_up_while_held(requester, held, takes)
-    with pytest.raises(RequestAbandoned):
-        await asyncio.wait_for(y, 10.0)
+    await _hung_up_fetch(bridge, svc_y, held, takes)
     assert not frames.is_closed, "the publish-and-get channel was closed"
     assert await bridge.hints._channel_frames() is frames
     await holding.done()  # its claim decided: acknowledged on the channel it was taken on
@@ -203,3 +195,13 @@ async def test_a_hang_up_during_a_hint_get_leaves_the_hints_other_fetches_hold(b
     await wait_for(given_back, 10.0, interval=0.1, what="the hint got after the hang-up back in its queue")
     got = await bridge.queue.fetch(OWNER, _req(svc_y, "w2"))
     assert got is not None and got.task_id == added[0]
+
+
+async def _hung_up_fetch(bridge: Any, svc: str, held: Any, takes: Any) -> None:
+    """A long-poll of ``svc`` whose client hangs up while ``held`` holds its broker call's reply:
+    abandoned (``RequestAbandoned``), once the call has ended."""
+    requester = Requester(lambda: True)
+    fetch = asyncio.create_task(bridge.queue.fetch(OWNER, _req(svc, "y", waitMs=25_000), still_wanted=requester))
+    await hang_up_while_held(requester, held, takes)
+    with pytest.raises(RequestAbandoned):
+        await asyncio.wait_for(fetch, 10.0)

@@ -21,10 +21,8 @@ from typing import Any
 
 import pytest
 
-from bridge.config import Settings
 from bridge.domain.records import ParkedEntry, QueueKey
 from bridge.storage.repository import CassandraTaskStore
-from bridge.storage.schema import create_schema
 from bridge.storage.session import open_session
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -37,21 +35,16 @@ AHEAD_MS = 5_000
 
 
 @pytest.mark.xfail(strict=True, reason="known limit: the parked row is last-write-wins across bridge clocks")
-async def test_a_refused_park_takes_back_its_own_row_not_a_later_park_of_a_bridge_behind(servers: Any) -> None:
-    settings = Settings(
-        cassandra_hosts=servers.cassandra_hosts,
-        cassandra_port=servers.cassandra_port,
-        cassandra_keyspace=servers.keyspace,
-        keyring=None,
-        key_server_url=None,
-    )
+async def test_a_refused_park_takes_back_its_own_row_not_a_later_park_of_a_bridge_behind(
+    cassandra_settings: Any,
+) -> None:
+    settings = cassandra_settings  # the run's keyspace, its schema created
     # Each bridge's session stamps its writes with its own clock.
     clocks = {"ahead": lambda: int(time.time() * 1000) + AHEAD_MS, "behind": lambda: int(time.time() * 1000)}
     sessions = {name: open_session(settings, now_ms=clock) for name, clock in clocks.items()}
     for db in sessions.values():
         await db.connect()
     try:
-        await create_schema(sessions["behind"], settings)
         ahead = CassandraTaskStore(sessions["ahead"], clocks["ahead"], TTL_S)
         behind = CassandraTaskStore(sessions["behind"], clocks["behind"], TTL_S)
         await ahead.prepare()

@@ -167,8 +167,6 @@ async def test_a_statement_the_datastax_driver_sent_again_after_a_lost_connectio
     from cassandra import ConsistencyLevel, Unavailable
     from cassandra.connection import ConnectionException
 
-    from bridge.storage import cassandra as datastax
-
     made = {
         "Unavailable": lambda: Unavailable(
             "i", consistency=ConsistencyLevel.QUORUM, required_replicas=2, alive_replicas=1
@@ -183,7 +181,21 @@ async def test_a_statement_the_datastax_driver_sent_again_after_a_lost_connectio
 
         final = NoHostAvailable("no host left (injected)", dict(errors))
     # The hosts it was written to: every one above (a copy lost under a connection was sent).
-    future = type("ResponseFuture", (), {"_errors": errors, "attempted_hosts": list(errors)})()
+    session = _datastax_answering(monkeypatch, final, errors, attempted=list(errors))
+    with pytest.raises(StorageUnavailable) as raised:
+        await session._run(object(), lwt=False)
+    assert isinstance(raised.value, NotSent) is not landed
+
+
+def _datastax_answering(
+    monkeypatch: pytest.MonkeyPatch, final: Exception, errors: dict[str, Any], *, attempted: list[str]
+) -> Any:
+    """A cassandra-driver session whose request fails with ``final``, the driver's per-host record
+    of it being ``errors`` (``_errors``) and the hosts it was written to ``attempted``."""
+    from bridge.storage import cassandra as datastax
+    from bridge.storage.stall import StallWatch
+
+    future = type("ResponseFuture", (), {"_errors": errors, "attempted_hosts": attempted})()
 
     class Session:
         def execute_async(self, bound: Any, **kwargs: Any) -> Any:
@@ -195,12 +207,8 @@ async def test_a_statement_the_datastax_driver_sent_again_after_a_lost_connectio
     monkeypatch.setattr(datastax, "_to_asyncio", to_asyncio)
     session = datastax.CassandraSession.__new__(datastax.CassandraSession)
     session._session = Session()  # type: ignore[assignment]
-    from bridge.storage.stall import StallWatch
-
     session.stall = StallWatch(10.0)
-    with pytest.raises(StorageUnavailable) as raised:
-        await session._run(object(), lwt=False)
-    assert isinstance(raised.value, NotSent) is not landed
+    return session
 
 
 async def test_hosts_the_datastax_driver_never_wrote_to_are_not_copies_that_may_have_landed(
@@ -213,28 +221,13 @@ async def test_hosts_the_datastax_driver_never_wrote_to_are_not_copies_that_may_
     from cassandra.connection import ConnectionBusy, ConnectionException
     from cassandra.pool import NoConnectionsAvailable
 
-    from bridge.storage import cassandra as datastax
-    from bridge.storage.stall import StallWatch
-
-    errors = {
+    errors: dict[str, Any] = {
         "a": NoConnectionsAvailable(),
         "b": ConnectionBusy("busy"),
         "c": ConnectionException("Host has been marked down or removed"),
     }
     final = NoHostAvailable("no host left (injected)", dict(errors))
-    future = type("ResponseFuture", (), {"_errors": errors, "attempted_hosts": []})()
-
-    class Session:
-        def execute_async(self, bound: Any, **kwargs: Any) -> Any:
-            return future
-
-    async def to_asyncio(rf: Any, loop: Any) -> Any:
-        raise final
-
-    monkeypatch.setattr(datastax, "_to_asyncio", to_asyncio)
-    session = datastax.CassandraSession.__new__(datastax.CassandraSession)
-    session._session = Session()  # type: ignore[assignment]
-    session.stall = StallWatch(10.0)
+    session = _datastax_answering(monkeypatch, final, errors, attempted=[])
     with pytest.raises(StorageNotSent):
         await session._run(object(), lwt=False)
 
