@@ -12,20 +12,22 @@ Renewing costs one channel close and open (the robust channel's own restore repl
 declared on it), and it fails every other publish in flight on the channel (results are sent
 again by the relay). So renewals back off while nacks keep coming: the first at once, the next
 after :data:`RENEW_MIN_INTERVAL_S`, each wait after twice the one before, up to
-:data:`RENEW_MAX_INTERVAL_S`; nacks quiet for longer than the wait (and than
-:data:`QUIET_RESET_S`) make the next incident start again from the shortest wait. A queue that
-refuses publishes for another reason (a tenant's results queue at its length limit with
-``reject-publish``, often bound to many services) renewed the shared channel every 5 s for as long
-as it stayed full, failing every other tenant's result in flight each time; it now costs renewals
-at 0, 5, 15, 35, 75, 155 and 315 s, then one every 5 minutes (while results keep coming for it;
-when only the relay's retries reach it, a minute apart at most, a renewal a retry). #9208 is served as before: its
-channel, renewed during the election and refused again, is renewed 5 s later (the 3-node drill).
-While such a full queue keeps the wait long, a #9208 election meanwhile is served at the next
-renewal, up to 5 minutes later. Rules tried and dropped (found by review and CI, 2026-12-07):
-counting nacks in a row over the channel never renewed it in #9208's case (the other queues'
-confirms between reset the count); one renewal per routing key until it was confirmed was too
-few for #9208; a backoff per routing key still renewed every few seconds when the full queue took
-many services' results (each key started at 5 s), and never forgot a key's long wait.
+:data:`RENEW_MAX_INTERVAL_S`; nacks quiet for longer than :data:`QUIET_RESET_S` (and than the
+wait, up to :data:`QUIET_RESET_MAX_S`) make the next incident start again from the shortest
+wait. A queue that refuses publishes for another reason (a tenant's results queue at its length
+limit with ``reject-publish``, often bound to many services) renewed the shared channel every 5 s
+for as long as it stayed full, failing every other tenant's result in flight each time; it now
+costs renewals at 0, 5, 15, 35, 75, 155 and 315 s, then one every 5 minutes, whether results keep
+coming for it or only the relay's retries (1 s doubling to 60 s apart) reach it. #9208 is served
+as before: its channel, renewed during the election and refused again, is renewed 5 s later (the
+3-node drill), also 90 s after such a full queue drained; elections at least 35 s apart (5 s to be
+served, 30 s of quiet) are each served so. While a full queue keeps refusing, a #9208 election
+meanwhile is served at the next renewal, up to 5 minutes later. Rules tried and dropped (found
+by review and CI, 2026-12-07): counting nacks in a row over the channel never renewed it in
+#9208's case (the other queues' confirms between reset the count); one renewal per routing key
+until it was confirmed was too few for #9208; a backoff per routing key still renewed every few
+seconds when the full queue took many services' results (each key started at 5 s), and never
+forgot a key's long wait; a reset at a confirm renewed a full queue drained slowly every 5-10 s.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ RENEW_MAX_INTERVAL_S = 300.0
 # at a confirm of the last renewal's destination instead (tried) renewed a full queue that its
 # consumer drains slowly every 5-10 s again: it confirms a publish whenever a slot frees.
 QUIET_RESET_S = 30.0
+# ... but never more than this: quiet for as long as a 5-minute wait, an election within 5 minutes
+# after a full queue drained got its second renewal 5 minutes late (found by the re-review). The
+# relay's retries of a full queue's results come at most ~61 s apart: they keep it backing off.
+QUIET_RESET_MAX_S = 90.0
 
 
 class PublishesRefused(Exception):
@@ -94,7 +100,7 @@ class ChannelRenewal:
         if not nacked(exc):
             return
         now = self._clock()
-        if now - self._last_nack > max(self._wait, QUIET_RESET_S):
+        if now - self._last_nack > max(min(self._wait, QUIET_RESET_MAX_S), QUIET_RESET_S):
             self._wait = RENEW_MIN_INTERVAL_S  # a new incident, not the same one going on
         self._last_nack = now
         if (self._task is not None and not self._task.done()) or now < self._not_before:

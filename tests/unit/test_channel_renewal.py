@@ -4,6 +4,7 @@ tests/integration/test_channel_restore.py and test_rabbitmq_cluster.py."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -145,3 +146,41 @@ def test_a_full_queue_drained_slowly_keeps_the_wait_growing() -> None:
         now[0] = step * 0.5
         renewal.refused(NACK, "results full")
     assert renewal.renewals <= 10, renewal.renewals  # 0, 5, 15, 35, 75, 155, 315, 615, 915
+
+
+def test_an_election_after_a_full_queue_drained_gets_its_second_renewal_5_s_after_its_first() -> None:
+    """A queue full for a quarter of an hour left the wait at 5 minutes; an election 100 s after
+    it drained needed quiet as long as that wait to start afresh: its second renewal came 5
+    minutes after its first (found by the re-review, 2026-12-07). Quiet is enough after 90 s."""
+    now = [0.0]
+    renewal, _ = _renewal(now)
+    for second in range(900):  # nacks every second: full
+        now[0] = float(second)
+        renewal.refused(NACK, "results full")
+    before = renewal.renewals
+    renewed_at: list[float] = []
+    for i in range(100):  # drained at 899; an election at 1,000: nacks every 0.1 s
+        now[0] = 1_000 + i * 0.1
+        renewal.refused(NACK, "results elected")
+        if renewal.renewals > before + len(renewed_at):
+            renewed_at.append(round(now[0] - 1_000, 1))
+    assert renewed_at[:2] == [0.0, 5.0], renewed_at
+
+
+def test_a_full_queue_reached_only_by_the_relays_retries_backs_off_to_5_minutes() -> None:
+    """The relay retries a bucket owing results 1 s, 2 s, 4 s ... up to 60 s apart (and its sweep
+    runs every second): each retry's publish nacked."""
+    now = [0.0]
+    renewal, _ = _renewal(now)
+    at, backoff = 0.0, 1.0
+    renewed_at: list[float] = []
+    while at < 3_600:
+        now[0] = at
+        before = renewal.renewals
+        renewal.refused(NACK, "results full")
+        if renewal.renewals > before:
+            renewed_at.append(at)
+        at += backoff + 1.0
+        backoff = min(backoff * 2, 60.0)
+    late = [b - a for a, b in itertools.pairwise(renewed_at) if a > 600]
+    assert late and min(late) >= RENEW_MAX_INTERVAL_S - 1, renewed_at  # every 5 minutes, not every retry
