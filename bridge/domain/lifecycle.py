@@ -146,6 +146,25 @@ def _cancel_id(q: QueueKey, task_id: uuid.UUID, request_id: str | None) -> uuid.
     return uuid.uuid5(uuid.NAMESPACE_URL, f"queue-bridge:cancel:{q.owner}\0{q.service}\0{task_id}\0{request_id}")
 
 
+def _park_over(e: ParkedEntry, lease: Lease | None) -> bool:
+    """Whether the park of an index row can never hold again: its lease is gone, final, or at a
+    later epoch; or, for a row of ``parks``, the lease is parked by another park (a park in
+    progress needs its lease leased, and once another park has held it, its worker is gone or its
+    ``base_epoch`` moved: ``TaskStore.park`` refuses it). A row whose lease is leased at its own
+    epoch may be a park in progress (its row is written before its compare-and-set): not over."""
+    if lease is None or lease.epoch > e.epoch or lease.state in FINAL_STATES:
+        return True
+    parked_by_another = lease.state is LeaseState.PARKED and lease.park_id not in (None, e.park_id)
+    return e.in_parks and parked_by_another
+
+
+def _listed_now(e: ParkedEntry, lease: Lease, parked_before_ms: int | None) -> bool:
+    """Whether a listing (with ``parked_before_ms``: parked before it) shows the row's task."""
+    if lease.state is not LeaseState.PARKED:
+        return False
+    return parked_before_ms is None or _parked_at(e, lease) < parked_before_ms
+
+
 def _parked_at(e: ParkedEntry, lease: Lease) -> int:
     """When the park the lease is in happened (the index row's time for leases that lack one)."""
     return lease.parked_at_ms or e.parked_at_ms
@@ -487,7 +506,12 @@ class Lifecycle:
                 # at the same epoch (this park refused by a late extend, then the worker's fail
                 # parking it at that epoch: by epoch, the fail's row went, and a parked task was
                 # missing from listings, stats and ``redrive all``).
-                await self.store.remove_parked(q, task_id, park_id=park_id)
+                # Its own row of ``parks`` too, by its key: no other park's row can be touched
+                # there, whatever the bridges' clocks (in ``parked`` they can: its known limit).
+                await asyncio.gather(
+                    self.store.remove_parked(q, task_id, park_id=park_id),
+                    self.store.remove_park(q, task_id, park_id, now),
+                )
             return False
         ctx.count(q, ms_of(task_id), in_flight=-1)
         ctx.metrics.inc("tasks_parked", reason=reason)
@@ -524,6 +548,7 @@ class Lifecycle:
         park's compare-and-set) and is left. Rows parked at or after ``parked_before_ms`` are
         passed too (and kept)."""
         found: list[tuple[ParkedEntry, Lease]] = []
+        listed: set[uuid.UUID] = set()
         over: list[ParkedEntry] = []
         last_id_ms = None if parked_before_ms is None else self._last_id_parked_before(parked_before_ms)
         page_min = 1 if parked_before_ms is None else REDRIVE_SCAN_PAGE
@@ -539,13 +564,16 @@ class Lifecycle:
                     ended = True  # the rest of the index was added after the bound
                     break
                 lease = leases.get(e.task_id)
-                if lease is not None and lease.state is LeaseState.PARKED:
-                    if parked_before_ms is None or _parked_at(e, lease) < parked_before_ms:
-                        if len(found) == want:
-                            return self._scanned(q, found, over, after)  # the next request goes on here
-                        found.append((e, lease))
-                elif lease is None or lease.epoch > e.epoch or lease.state in FINAL_STATES:
+                if _park_over(e, lease):
                     over.append(e)
+                # A task is judged by its lease at the first of its rows read (a task has one in
+                # each index, one per park in ``parks``; a page can end between them) and listed
+                # once, even through a row of another park that is over (removed as well).
+                if lease is not None and e.task_id not in listed and _listed_now(e, lease, parked_before_ms):
+                    if len(found) == want:
+                        return self._scanned(q, found, over, after)  # the next request goes on here
+                    found.append((e, lease))
+                    listed.add(e.task_id)
                 after = e.task_id
             if ended:
                 return self._scanned(q, found, over, None)
@@ -577,7 +605,10 @@ class Lifecycle:
     async def _remove_over(self, q: QueueKey, rows: list[ParkedEntry]) -> None:
         # One at a time, each only if still that park's row (a later park of the task keeps its).
         for e in rows:
-            await self.store.remove_parked(q, e.task_id, epoch=e.epoch)
+            if e.in_parks and e.park_id is not None:
+                await self.store.remove_park(q, e.task_id, e.park_id, e.parked_at_ms)
+            else:
+                await self.store.remove_parked(q, e.task_id, epoch=e.epoch)
 
     async def parked(self, owner: str, service: str, limit: int, *, with_errors: bool = True) -> list[ParkedTask]:
         """``with_errors=False``: no error read or opened, none listed (the operator console polls
@@ -728,7 +759,7 @@ class Lifecycle:
             done += 1
             # Only this park's row: the task may be claimed and parked again (at a later epoch)
             # before this delete lands, and that park's row must stay.
-            await self._drop_parked_row(q, task_id, lease.epoch)
+            await self._drop_parked_row(q, task_id, lease.epoch, lease)
         return done
 
     def _watch_later(self, watch: ExpiryEntry) -> None:
@@ -743,15 +774,24 @@ class Lifecycle:
 
         self.ctx.background.spawn(file(), "file a slow unpark's deadline")
 
-    async def _drop_parked_row(self, q: QueueKey, task_id: uuid.UUID, epoch: int | None) -> None:
-        """The parked-index row of a park an applied decision (redrive, discard, cancel) ended. A
-        delete that fails leaves a row listings pass (and remove) and stats do not count: the
-        decision stands. Raised, the caller was answered ``unavailable`` for a decision that had
-        applied, and its retry found the task no longer parked (a cancel answered false)."""
-        try:
-            await self.store.remove_parked(q, task_id, epoch=epoch)
-        except Unavailable as exc:  # a storage error (a timeout, an unknown outcome)
-            log.warning("parked-index row of task %s left behind: %s", task_id, type(exc).__name__)
+    async def _drop_parked_row(self, q: QueueKey, task_id: uuid.UUID, epoch: int | None, lease: Lease) -> None:
+        """The parked-index rows of a park an applied decision (redrive, discard, cancel) ended:
+        the task's in ``parked`` and the park's own in ``parks`` (``lease`` as the decision read
+        it names the park). A delete that fails leaves a row listings pass (and remove) and stats
+        do not count: the decision stands. Raised, the caller was answered ``unavailable`` for a
+        decision that had applied, and its retry found the task no longer parked (a cancel
+        answered false)."""
+
+        async def drop(removal: Awaitable[None]) -> None:
+            try:
+                await removal
+            except Unavailable as exc:  # a storage error (a timeout, an unknown outcome)
+                log.warning("parked-index row of task %s left behind: %s", task_id, type(exc).__name__)
+
+        removals = [drop(self.store.remove_parked(q, task_id, epoch=epoch))]
+        if lease.park_id is not None:  # none: parked by a bridge before parks had ids (no row in ``parks``)
+            removals.append(drop(self.store.remove_park(q, task_id, lease.park_id, lease.parked_at_ms)))
+        await asyncio.gather(*removals)
 
     async def _paced(self, q: QueueKey, interval: float) -> None:
         """Wait for this queue's next redrive slot on this bridge (``interval`` apart)."""
@@ -783,7 +823,7 @@ class Lifecycle:
                 q, task_id, LeaseState.PARKED, lease.epoch, to=LeaseState.DISCARDED, base_epoch=lease.base_epoch
             )
             if res.applied:
-                await self._drop_parked_row(q, task_id, None)
+                await self._drop_parked_row(q, task_id, None, lease)
                 self.ctx.metrics.inc("tasks_discarded")
                 done += 1
         return done
@@ -867,7 +907,7 @@ class Lifecycle:
             )
             if res.applied:
                 if lease.state is LeaseState.PARKED:
-                    await self._drop_parked_row(q, task_id, lease.epoch)
+                    await self._drop_parked_row(q, task_id, lease.epoch, lease)
                 elif lease.base_epoch == lease.epoch:
                     ctx.count(q, ms_of(task_id), ready=-1)  # redriven, not claimed since
                 else:

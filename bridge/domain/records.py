@@ -257,6 +257,9 @@ class ParkedEntry:
     # epoch), so a refused park takes back only the row that names it. None: a row written by a
     # bridge before the column.
     park_id: uuid.UUID | None = None
+    # Where the row was read: ``parks`` (one row per park, taken back by its key) or ``parked``
+    # (one row per task, shared by its parks, which bridges before ``parks`` read and write).
+    in_parks: bool = False
 
 
 __all__ = [

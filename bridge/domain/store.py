@@ -242,17 +242,23 @@ class TaskStore(Protocol):
 
     async def add_parked(self, q: QueueKey, entry: ParkedEntry) -> None:
         """Index a parked task (written before the park, so none is ever missing; stale rows are
-        filtered out by their lease)."""
+        filtered out by their lease): a row of its own for the park (``entry.park_id``, required),
+        and the task's row of the one-row-per-task index that bridges before it read."""
+
+    async def remove_park(self, q: QueueKey, task_id: uuid.UUID, park_id: uuid.UUID, parked_at_ms: int | None) -> None:
+        """Remove the row of one park (``parked_at_ms``: its time, as written; None if unknown),
+        after its write whatever the clocks: no other park's row is touched."""
 
     async def remove_parked(
         self, q: QueueKey, task_id: uuid.UUID, *, epoch: int | None = None, park_id: uuid.UUID | None = None
     ) -> None:
-        """Remove a task's parked-index row; with ``park_id``, only if the row names that park (a
+        """Remove a task's row of the one-row-per-task index; with ``park_id``, only if the row names that park (a
         row written before the column names none: kept); else with ``epoch``, only if the row is of
         a park at that epoch (a later park, at a later epoch, keeps its row)."""
 
     async def parked(self, q: QueueKey, limit: int, after: uuid.UUID | None = None) -> list[ParkedEntry]:
-        """The first ``limit`` rows of the parked index (after the task ``after``, if given)."""
+        """The first ``limit`` rows of both parked indexes (after the task ``after``, if given),
+        merged in task order: a task can have several (one per index, one per park)."""
 
     # -- queue counts (stats) -------------------------------------------------------------------------
     async def add_counts(self, q: QueueKey, day: int, ready: int, in_flight: int) -> None:

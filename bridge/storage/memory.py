@@ -87,7 +87,8 @@ class MemoryTaskStore:
         self.outbox_rows: dict[int, dict[tuple[str, str, uuid.UUID, uuid.UUID], OutboxEntry]] = {}
         self.loop_cursors: dict[str, int] = {}
         self.owed: dict[str, set[int]] = {}  # positions loops recorded as still owing work
-        self.parked_rows: dict[QueueKey, dict[uuid.UUID, ParkedEntry]] = {}
+        self.parked_rows: dict[QueueKey, dict[uuid.UUID, ParkedEntry]] = {}  # `parked`: one row per task
+        self.park_rows: dict[QueueKey, dict[tuple[uuid.UUID, uuid.UUID], ParkedEntry]] = {}  # `parks`: per park
         self.count_rows: dict[tuple[QueueKey, int], tuple[int, int]] = {}
         self.delayed_rows: dict[tuple[QueueKey, int], int] = {}
         self.service_rows: set[QueueKey] = set()
@@ -490,7 +491,13 @@ class MemoryTaskStore:
 
     async def add_parked(self, q: QueueKey, entry: ParkedEntry) -> None:
         await self._io()
-        self.parked_rows.setdefault(q, {})[entry.task_id] = entry
+        assert entry.park_id is not None, "a park's row is keyed by its id"
+        self.parked_rows.setdefault(q, {})[entry.task_id] = replace(entry, in_parks=False)
+        self.park_rows.setdefault(q, {})[(entry.task_id, entry.park_id)] = replace(entry, in_parks=True)
+
+    async def remove_park(self, q: QueueKey, task_id: uuid.UUID, park_id: uuid.UUID, parked_at_ms: int | None) -> None:
+        await self._io()
+        self.park_rows.get(q, {}).pop((task_id, park_id), None)
 
     async def remove_parked(
         self, q: QueueKey, task_id: uuid.UUID, *, epoch: int | None = None, park_id: uuid.UUID | None = None
@@ -508,11 +515,13 @@ class MemoryTaskStore:
 
     async def parked(self, q: QueueKey, limit: int, after: uuid.UUID | None = None) -> list[ParkedEntry]:
         await self._io()
-        rows = self.parked_rows.get(q, {})
-        keys = [k for k in sorted(rows, key=_order) if self.alive(k)]
+        rows = [e for e in self.parked_rows.get(q, {}).values() if self.alive(e.task_id)]
+        rows += [e for e in self.park_rows.get(q, {}).values() if self.alive(e.task_id)]
         if after is not None:
-            keys = [k for k in keys if _order(k) > _order(after)]
-        return [rows[k] for k in keys][:limit]
+            rows = [e for e in rows if _order(e.task_id) > _order(after)]
+        # As the Cassandra store merges its two reads: task order, the per-task row first.
+        rows.sort(key=lambda e: (_order(e.task_id), e.in_parks, _order(e.park_id) if e.park_id else (0, b"")))
+        return rows[:limit]
 
     async def add_counts(self, q: QueueKey, day: int, ready: int, in_flight: int) -> None:
         await self._io()

@@ -66,6 +66,7 @@ from bridge.storage.rows import (
     payload_of,
     ready_entry,
     sealed_error,
+    timeuuid_order,
     to_datetime,
     uuid_set,
     worker_row,
@@ -937,8 +938,20 @@ class CassandraTaskStore:
 
     async def add_parked(self, q: QueueKey, entry: ParkedEntry) -> None:
         e = entry
-        params = (q.owner, q.service, e.task_id, e.epoch, to_datetime(e.parked_at_ms), e.reason, e.has_token)
-        await self.db.execute("parked.insert", (*params, e.park_id, self.ttl_for(e.task_id)))
+        assert e.park_id is not None, "a park's row is keyed by its id"
+        at, ttl = to_datetime(e.parked_at_ms), self.ttl_for(e.task_id)
+        key = (q.owner, q.service, e.task_id)
+        await asyncio.gather(
+            self.db.execute("parked.insert", (*key, e.epoch, at, e.reason, e.has_token, e.park_id, ttl)),
+            self.db.execute(
+                "parks.insert", (*key, e.park_id, e.epoch, at, e.reason, e.has_token, ttl, e.parked_at_ms * 1000)
+            ),
+        )
+
+    async def remove_park(self, q: QueueKey, task_id: uuid.UUID, park_id: uuid.UUID, parked_at_ms: int | None) -> None:
+        # After the row's insert (stamped with its park's time) whatever this bridge's clock says.
+        stamp_ms = max(self.now_ms(), (parked_at_ms or 0) + 1)
+        await self.db.execute("parks.delete", (stamp_ms * 1000, q.owner, q.service, task_id, park_id))
 
     async def remove_parked(
         self, q: QueueKey, task_id: uuid.UUID, *, epoch: int | None = None, park_id: uuid.UUID | None = None
@@ -951,11 +964,18 @@ class CassandraTaskStore:
             await self.db.execute("parked.delete", (q.owner, q.service, task_id))
 
     async def parked(self, q: QueueKey, limit: int, after: uuid.UUID | None = None) -> list[ParkedEntry]:
-        if after is None:
-            rows = await self.db.execute("parked.list", (q.owner, q.service, limit))
-        else:
-            rows = await self.db.execute("parked.list_after", (q.owner, q.service, after, limit))
-        return [replace(parked_entry(r), park_id=r.get("park_id")) for r in rows]
+        params: tuple[Any, ...] = (q.owner, q.service, limit)
+        names = ("parked.list", "parks.list")
+        if after is not None:
+            names, params = ("parked.list_after", "parks.list_after"), (q.owner, q.service, after, limit)
+        per_task, per_park = await asyncio.gather(*(self.db.execute(name, params) for name in names))
+        rows = [parked_entry(r) for r in per_task] + [parked_entry(r, in_parks=True) for r in per_park]
+        # The first ``limit`` of both, in the tables' own order: each read holds its first
+        # ``limit``, so these are the first of the two together, and the next page (after the last
+        # task kept) misses none. Sorted by Python's uuid order, a page could end past rows of
+        # another task of the same time not yet read.
+        rows.sort(key=lambda e: (timeuuid_order(e.task_id), not e.in_parks))
+        return rows[:limit]
 
     # -- queue counts ------------------------------------------------------------------------------------
     async def add_counts(self, q: QueueKey, day: int, ready: int, in_flight: int) -> None:

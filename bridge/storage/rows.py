@@ -70,8 +70,16 @@ def sealed_error(row: Row) -> Sealed | None:
     return Sealed(row["error_key"], row["error_nonce"], row["error_ct"])
 
 
-def parked_entry(r: Row) -> ParkedEntry:
-    return ParkedEntry(r["task_id"], r["epoch"], to_ms(r["parked_at"]), r["reason"], bool(r["has_token"]))
+def parked_entry(r: Row, *, in_parks: bool = False) -> ParkedEntry:
+    at = to_ms(r["parked_at"])
+    return ParkedEntry(r["task_id"], r["epoch"], at, r["reason"], bool(r["has_token"]), r.get("park_id"), in_parks)
+
+
+def timeuuid_order(u: uuid.UUID) -> tuple[int, tuple[int, ...]]:
+    """Cassandra's order of ``timeuuid`` clustering keys: by time, then the last eight bytes each
+    compared signed (``TimeUUIDType``). Python's own uuid order differs for ids of one time (tasks
+    delayed to one instant share it), and rows of two tables merged by it were read past."""
+    return (u.time, tuple(b - 256 if b > 127 else b for b in u.bytes[8:]))
 
 
 def cas_result(rows: list[Row]) -> CasResult:

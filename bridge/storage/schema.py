@@ -33,8 +33,8 @@ SCHEMA_VERSION = 1
 SCHEMA_SETTLE_S = 30.0  # how long a bridge waits for columns another bridge is adding
 SCHEMA_RETRY_S = 0.1  # first wait before preparing again what a node does not serve yet (doubling to 2 s)
 LAYOUT_NAME = "queue-bridge"  # the schema_meta row of the layout
-# Tables whose reads pass over their tombstones from a partition's start: `parked` (a row deleted
-# at each redrive, discard or cancel of a parked task) and `cursors` (rows that expire). Cassandra
+# Tables whose reads pass over their tombstones from a partition's start: `parked` and `parks` (a
+# row deleted at each redrive, discard or cancel of a parked task) and `cursors` (rows that expire). Cassandra
 # keeps a tombstone gc_grace_seconds (10 days by default): after a mass redrive of some 100,000
 # parked tasks every stats request and parked listing of that queue failed for as long. A day is
 # enough for repairs here, and a row brought back by a replica that missed its delete is harmless
@@ -51,6 +51,7 @@ SHORT_GC_GRACE_S = 86_400
 CASSANDRA_DEFAULTS: dict[str, int] = {"gc_grace_seconds": 864_000}
 TABLE_OPTIONS: dict[str, dict[str, int]] = {
     "parked": {"gc_grace_seconds": SHORT_GC_GRACE_S},
+    "parks": {"gc_grace_seconds": SHORT_GC_GRACE_S},
     "cursors": {"gc_grace_seconds": SHORT_GC_GRACE_S},
     # The relay's owed buckets, one partition read whole at every takeover: a record deleted as its
     # bucket settles (a bucket a day, each day, for a service whose results nobody takes) kept ten
@@ -190,6 +191,18 @@ def table_cql(keyspace: str, ttl_seconds: int) -> list[str]:
             owner text, service text, task_id timeuuid, epoch int, parked_at timestamp, reason text,
             has_token boolean,
             PRIMARY KEY ((owner, service), task_id)
+        ) WITH {ttl} AND {short_grace}""",
+        # The parked tasks of a queue again, one row per park (its id in the key): a park's row is
+        # written by its bridge and deleted by its key, stamped after the insert (USING TIMESTAMP),
+        # so no other park's row or write can shadow it, whatever the bridges' clocks. In `parked`
+        # the parks of a task share one row, written plainly and taken back by compare-and-sets,
+        # ordered by their stamps (bridge clocks, Paxos ballots), not by when they happened: two
+        # parks of one task on bridges whose clocks differed left the parked task listed nowhere.
+        # Bridges write both (`parked` for bridges before this table) and list both.
+        f"""CREATE TABLE IF NOT EXISTS {ks}.parks (
+            owner text, service text, task_id timeuuid, park_id timeuuid, epoch int, parked_at timestamp,
+            reason text, has_token boolean,
+            PRIMARY KEY ((owner, service), task_id, park_id)
         ) WITH {ttl} AND {short_grace}""",
         # 1.4: queue counts for stats, as counters of deltas that bridges flush about once a second.
         # A row per day of the tasks' ids: rows older than the task TTL are not read (their tasks

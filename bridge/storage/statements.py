@@ -254,6 +254,27 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         "WHERE owner = ? AND service = ? AND task_id > ? LIMIT ?",
         True,
     ),
+    # One row per park (see schema.py): stamped with the park's own time, and its delete after it,
+    # so the delete wins whichever bridge's clock sends it. Nothing else writes the row.
+    "parks.insert": (
+        "INSERT INTO {ks}.parks (owner, service, task_id, park_id, epoch, parked_at, reason, has_token) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) USING TTL ? AND TIMESTAMP ?",
+        True,
+    ),
+    "parks.delete": (
+        "DELETE FROM {ks}.parks USING TIMESTAMP ? WHERE owner = ? AND service = ? AND task_id = ? AND park_id = ?",
+        True,
+    ),
+    "parks.list": (
+        "SELECT task_id, park_id, epoch, parked_at, reason, has_token FROM {ks}.parks "
+        "WHERE owner = ? AND service = ? LIMIT ?",
+        True,
+    ),
+    "parks.list_after": (
+        "SELECT task_id, park_id, epoch, parked_at, reason, has_token FROM {ks}.parks "
+        "WHERE owner = ? AND service = ? AND task_id > ? LIMIT ?",
+        True,
+    ),
     # Counter updates are not idempotent: a timed-out one is not retried (a count may then be off
     # by that delta; the counts are for operators, see docs/storage.md).
     "counts.add": (

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from bridge.domain.models import AddCommand, ExtendRequest, FailRequest, parse
-from bridge.domain.records import LeaseState, QueueKey, TaskOptions
+from bridge.domain.records import LeaseState, ParkedEntry, QueueKey, TaskOptions
+from bridge.domain.timeline import timeuuid_from_ms
 from tests.conftest import wait_for
 from tests.queue_harness import MARGIN_MS, OWNER, Harness
 
@@ -812,3 +813,35 @@ async def test_a_first_delivery_whose_claim_stayed_uncertain_is_counted_delivere
     got = await h.fetch("W")  # the retry: through the worker's pointer
     assert got is not None and got.task_id == task_id
     assert h.metrics.total("tasks_delivered", kind="claim") == 1, "counted once"
+
+
+# -- the two parked indexes: a task listed once, whatever rows it has --------------------------------
+async def test_a_parked_task_is_listed_counted_and_redriven_through_its_own_park_row_alone(harness: Harness) -> None:
+    """A parked task whose ``parked`` row is gone (the last-write-wins loss of that one-row-per-task
+    index, which ``tests/integration/test_parked_index_order.py`` forces with two bridge clocks)
+    and which has, before its own park's row in ``parks``, the row of an earlier park that was
+    refused (its delete failed): listed once, also one task at a time (the refused park's row read
+    alone on the first page), counted once by stats, found by ``redrive all``; the refused park's
+    row is removed by the listing, and the redrive removes the park's own."""
+    h = harness
+    q = QueueKey(OWNER, h.service)
+    task_id = await _add_limited(h, token=False)
+    got = await h.fetch("W", ttr_ms=5_000)
+    assert got is not None and got.task_id == task_id
+    tid = uuid.UUID(task_id)
+    refused = timeuuid_from_ms(h.clock.now_ms() - 10)  # ordered before the fail's park below
+    await h.store.add_parked(q, ParkedEntry(tid, got.epoch, h.clock.now_ms() - 10, "delivery_limit", False, refused))
+    failed = await h.queue.fail(OWNER, _fail(h, "W", task_id, got.epoch))
+    assert failed is not None and failed.parked
+    await h.store.remove_parked(q, tid)  # ``parked`` lost its row
+    rows = await h.store.parked(q, 100)
+    assert [(e.park_id == refused, e.in_parks) for e in rows] == [(True, True), (False, True)], rows
+    for limit in (1, 100):
+        listed = await h.queue.parked(OWNER, h.service, limit)
+        assert [p.task_id for p in listed] == [tid], f"limit {limit}: {listed}"
+    assert (await h.queue.stats(OWNER, h.service))[0].parked == 1
+    await h.queue.drain_background(5.0)  # the listing removes the refused park's row
+    assert [e.park_id == refused for e in await h.store.parked(q, 100)] == [False]
+    h.clock.advance(1)  # ``redrive all`` takes the tasks parked before its now
+    assert await h.queue.redrive(OWNER, h.service, None) == 1
+    assert await h.store.parked(q, 100) == [], "the redrive left its park's row"

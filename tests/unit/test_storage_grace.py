@@ -6,7 +6,7 @@ kept every window on disk for the TTL plus 10 days, and reads from a partition's
 ``ready_buckets`` with no cursor) passed over 10 days of tombstones. A short grace is safe where
 nothing is deleted (an expired cell expires on every replica that holds it: no replica can bring
 back what a tombstone it missed shadowed), and where a delete brought back is harmless
-(``parked``: checked against its lease; ``cursors``: an older position; ``scheduler_progress``:
+(``parked``, ``parks``: checked against its lease; ``cursors``: an older position; ``scheduler_progress``:
 an owed bucket's record, read once more)."""
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ EXPIRE_ONLY = {
     "services",  # an owner's services are listed from its partition's start (found by review, 2026-12-06)
 }
 # Tables deleted from, whose deletes brought back are harmless (see bridge/storage/schema.py).
-DELETES_HARMLESS = {"parked", "cursors", "scheduler_progress"}  # (an owed record: a bucket read again)
+# (``parks``: a park's row checked against its lease, as ``parked``; an owed record: a bucket read again)
+DELETES_HARMLESS = {"parked", "parks", "cursors", "scheduler_progress"}
 
 
 def _create(table: str) -> str:
