@@ -230,21 +230,34 @@ def _parse_owner(owner: str, entry: object, *, where: str) -> _OwnerRing:
     if not isinstance(current, str) or not current:
         raise ValueError(f"{where}: 'current' must be a key id string")
     if current not in keys:
-        raise ValueError(f"{where}: current key id {current!r} is missing from 'keys'")
+        raise ValueError(f"{where}: current key id {_shown(current)} is missing from 'keys'")
     return _OwnerRing(current=keys[current], keys=keys)
+
+
+def _shown(key_id: str) -> str:
+    """A key id as the file's errors print it (logs, the CLI): redacted if it is a key itself. A
+    secret pasted where an id goes (an id and its key swapped, the key as ``current``) was printed
+    whole by the error saying so (found by review, 2026-12-08)."""
+    try:
+        is_key = len(base64.b64decode(key_id.strip(), validate=True)) == KEY_SIZE
+    except (binascii.Error, ValueError):
+        is_key = False
+    if is_key:
+        return f"<redacted: {len(key_id)} characters that decode to a {KEY_SIZE}-byte key, a secret in place of an id?>"
+    return repr(key_id)
 
 
 def _parse_key(owner: str, key_id: str, encoded: object, *, where: str) -> OwnerKey:
     if not key_id:
         raise ValueError(f"{where}: empty key id")
     if not isinstance(encoded, str):
-        raise ValueError(f"{where}: key {key_id!r} must be a base64 string")
+        raise ValueError(f"{where}: key {_shown(key_id)} must be a base64 string")
     try:
         secret = base64.b64decode(encoded.strip(), validate=True)
     except (binascii.Error, ValueError):
-        raise ValueError(f"{where}: key {key_id!r} is not valid base64") from None
+        raise ValueError(f"{where}: key {_shown(key_id)} is not valid base64") from None
     if len(secret) != KEY_SIZE:
-        raise ValueError(f"{where}: key {key_id!r} decodes to {len(secret)} bytes, expected {KEY_SIZE}")
+        raise ValueError(f"{where}: key {_shown(key_id)} decodes to {len(secret)} bytes, expected {KEY_SIZE}")
     return OwnerKey(owner=owner, key_id=key_id, secret=secret)
 
 

@@ -1035,3 +1035,22 @@ async def _background_lookup_of(cache: CachingKeyProvider, slot: tuple[str, str 
     if task is not None:
         with anyio.fail_after(5):
             await asyncio.gather(task)
+
+
+@pytest.mark.parametrize(
+    "owner_doc",
+    [
+        {"current": "k20250101-ab12cd34", "keys": {_GOOD: "k20250101-ab12cd34"}},  # id and secret swapped
+        {"current": _GOOD, "keys": {"k1": base64.b64encode(b"\x08" * 32).decode()}},  # the secret as `current`
+    ],
+)
+def test_a_mistaken_keyring_entry_never_prints_a_secret(tmp_path: Path, owner_doc: dict[str, Any]) -> None:
+    """A key id is printed in the file's errors (logs, the CLI); a secret pasted where an id goes
+    was printed with it (found by review, 2026-12-08): an id that is itself a key is shown redacted."""
+    from bridge.crypto import keyring_file
+
+    path = tmp_path / "ring.json"
+    path.write_text(json.dumps({"owners": {"acme": owner_doc}}))
+    with pytest.raises(ValueError, match="redacted") as raised:
+        keyring_file.load_keyring(path)
+    assert _GOOD not in str(raised.value) and _GOOD.rstrip("=") not in str(raised.value)
