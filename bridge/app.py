@@ -329,14 +329,14 @@ class Bridge:
         try:
             await self._until_reachable("Cassandra", self._connect_store, _storage_unreachable())
             # Measure the clock before taking any request: a skewed bridge never grants a lease.
-            if self.anchor is not None:
-                # Cassandra's time is the bridge's: until it is read, the host's clock stood in for
-                # it, and a bridge whose first probe failed took adds and acks on it (task ids,
-                # outbox buckets minutes off on a host minutes off). Read as Cassandra is reached.
-                await self._until_reachable("Cassandra's clock", self._read_clock, _storage_unreachable())
-            else:
-                with suppress(Exception):
-                    await self.skew.measure()
+            # With BRIDGE_CLOCK_SOURCE=cassandra, Cassandra's time is the bridge's: until it is
+            # read, the host's clock stood in for it, and a bridge whose first probe failed took
+            # adds and acks on it (task ids, outbox buckets minutes off on a host minutes off).
+            # With host, the host's clock is trusted only once measured: a failed first probe was
+            # passed over, and with no reading the guard said ok, so a host seconds off served on
+            # its own clock (and could take the duty) until the next probe, a whole
+            # BRIDGE_CLOCK_CHECK_INTERVAL later (found by review, 2026-12-08). Read as Cassandra is.
+            await self._until_reachable("Cassandra's clock", self._read_clock, _storage_unreachable())
             # A stop cuts a RabbitMQ attempt short (each node's attempt is bounded too, by
             # BRIDGE_AMQP_CONNECT_TIMEOUT). Not Cassandra's: acsylla's connect, cancelled, never
             # returns; its attempts end on the driver's own timeouts, and the stop is seen then.

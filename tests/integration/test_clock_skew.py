@@ -302,6 +302,33 @@ async def test_a_bridge_whose_first_clock_probes_fail_takes_no_request_before_it
     assert b.anchor is not None and b.anchor.anchor is not None, "serving before Cassandra's time was read"
 
 
+async def test_a_host_mode_bridge_whose_first_clock_probes_fail_serves_only_once_its_clock_is_measured(
+    make_bridge, monkeypatch
+):
+    """With ``BRIDGE_CLOCK_SOURCE=host`` the host's clock is the bridge's, trusted only once
+    measured against Cassandra's. A start whose probe failed was suppressed, and with no reading
+    the skew guard said ok: a host seconds off served adds, fetches and the duty on its own clock
+    until the next probe, a whole ``BRIDGE_CLOCK_CHECK_INTERVAL`` later (30 s by default; found by
+    review, 2026-12-08). The start now tries the probe again, as in Cassandra mode."""
+    from bridge.storage.errors import StorageUnavailable
+    from bridge.storage.repository import CassandraTaskStore
+
+    real = CassandraTaskStore.server_time_ms
+    failures = 2
+
+    async def flaky(self: Any) -> int:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise StorageUnavailable("the clock probe's node went away")
+        return await real(self)
+
+    monkeypatch.setattr(CassandraTaskStore, "server_time_ms", flaky)
+    b = await make_bridge(clock_source="host", clock_check_interval=3600, start_timeout=30)
+    assert failures == 0
+    assert b.skew.reading is not None, "serving on a host clock never measured"
+
+
 async def test_adds_taken_by_a_bridge_whose_clock_is_far_off_are_requeued_not_held(
     make_bridge, servers, names, workers, monkeypatch
 ):
