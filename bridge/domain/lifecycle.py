@@ -152,10 +152,16 @@ def _park_over(e: ParkedEntry, lease: Lease | None) -> bool:
     progress needs its lease leased, and once another park has held it, its worker is gone or its
     ``base_epoch`` moved: ``TaskStore.park`` refuses it). A row whose lease is leased at its own
     epoch may be a park in progress (its row is written before its compare-and-set): not over."""
-    if lease is None or lease.epoch > e.epoch or lease.state in FINAL_STATES:
+    if lease is None:
         return True
-    parked_by_another = lease.state is LeaseState.PARKED and lease.park_id not in (None, e.park_id)
-    return e.in_parks and parked_by_another
+    if not e.in_parks:
+        # A row of ``parked`` may list a later park of its task (parks share that row, and a later
+        # one's insert can lose to an earlier one's stamps): kept while the task is parked, for the
+        # bridges before ``parks``, which list the task by it alone.
+        return lease.state is not LeaseState.PARKED and (lease.epoch > e.epoch or lease.state in FINAL_STATES)
+    if lease.epoch > e.epoch or lease.state in FINAL_STATES:
+        return True
+    return lease.state is LeaseState.PARKED and lease.park_id not in (None, e.park_id)
 
 
 def _listed_now(e: ParkedEntry, lease: Lease, parked_before_ms: int | None) -> bool:
@@ -590,8 +596,9 @@ class Lifecycle:
 
     async def _leases_of(self, q: QueueKey, entries: list[ParkedEntry]) -> dict[uuid.UUID, Lease]:
         leases: dict[uuid.UUID, Lease] = {}
-        for i in range(0, len(entries), LEASES_PER_READ):
-            leases.update(await self.store.leases_of(q, [e.task_id for e in entries[i : i + LEASES_PER_READ]]))
+        ids = list(dict.fromkeys(e.task_id for e in entries))  # a task has several rows: read once
+        for i in range(0, len(ids), LEASES_PER_READ):
+            leases.update(await self.store.leases_of(q, ids[i : i + LEASES_PER_READ]))
         return leases
 
     def _last_id_parked_before(self, parked_before_ms: int) -> int:

@@ -207,9 +207,6 @@ OLDEST_LOOKAHEAD = 64  # entries read first after a lane's cursor to find the ol
 OLDEST_SCAN_MAX = 4_096
 LEASES_PER_READ = 50
 PARKED_COUNT_MAX = 10_000
-# Rows read for that many tasks: a task parked by this release has one in each index (``parked``,
-# ``parks``).
-PARKED_ROWS_MAX = 2 * PARKED_COUNT_MAX
 # Up to this many parked-index rows are checked against their leases (4 reads): a row outlives its
 # park when a bridge dies (or a delete times out) between a redrive's, discard's or cancel's
 # compare-and-set and the row's delete, and only a listing removes such rows. Counted raw, stats
@@ -267,7 +264,7 @@ async def service_stats(
     (ready, in_flight), by_minute, parked = await asyncio.gather(
         store.counts(q, first_day),
         store.delayed(q, first_day * DAY_MS // MINUTE_MS),
-        store.parked(q, PARKED_ROWS_MAX),
+        store.parked(q, PARKED_COUNT_MAX, in_order=False),  # each index's first (a task is in both)
     )
     # A delayed task is ready once its due minute has passed (to the minute).
     this_minute = now_ms // MINUTE_MS
@@ -289,7 +286,8 @@ async def service_stats(
         # counter says. Not for a lease that ran out (the oldest waiting may be one): that task
         # counts in flight by the contract, and was counted twice, ready and in flight.
         ready = 1
-    tasks = len({e.task_id for e in parked})  # a task has a row in each index, one per park in ``parks``
+    # A task has a row in each index (one per park in ``parks``): counted once, up to the bound.
+    tasks = min(len({e.task_id for e in parked}), PARKED_COUNT_MAX)
     parked_now = await _still_parked(store, q, parked) if tasks <= PARKED_CHECKED_MAX else tasks
     return ServiceStats(q.service, max(ready, 0), max(in_flight, 0), max(delayed, 0), parked_now, oldest)
 

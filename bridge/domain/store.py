@@ -256,9 +256,12 @@ class TaskStore(Protocol):
         row written before the column names none: kept); else with ``epoch``, only if the row is of
         a park at that epoch (a later park, at a later epoch, keeps its row)."""
 
-    async def parked(self, q: QueueKey, limit: int, after: uuid.UUID | None = None) -> list[ParkedEntry]:
+    async def parked(
+        self, q: QueueKey, limit: int, after: uuid.UUID | None = None, *, in_order: bool = True
+    ) -> list[ParkedEntry]:
         """The first ``limit`` rows of both parked indexes (after the task ``after``, if given),
-        merged in task order: a task can have several (one per index, one per park)."""
+        merged in task order: a task can have several (one per index, one per park). With
+        ``in_order=False``, the first ``limit`` of each, unmerged (up to twice ``limit``: to count)."""
 
     # -- queue counts (stats) -------------------------------------------------------------------------
     async def add_counts(self, q: QueueKey, day: int, ready: int, in_flight: int) -> None:

@@ -41,6 +41,7 @@ from bridge.domain.records import (
     WorkerRow,
 )
 from bridge.domain.timeline import RESULT_OWED_MS, bucket_of_task, ms_of, timeuuid_from_ms
+from bridge.storage.rows import timeuuid_order
 
 OUTBOX_PAGE = 16  # results a page of outbox_pages holds (as the Cassandra adapter reads them)
 
@@ -513,15 +514,22 @@ class MemoryTaskStore:
         elif epoch is None or row.epoch == epoch:
             del rows[task_id]
 
-    async def parked(self, q: QueueKey, limit: int, after: uuid.UUID | None = None) -> list[ParkedEntry]:
+    async def parked(
+        self, q: QueueKey, limit: int, after: uuid.UUID | None = None, *, in_order: bool = True
+    ) -> list[ParkedEntry]:
         await self._io()
-        rows = [e for e in self.parked_rows.get(q, {}).values() if self.alive(e.task_id)]
-        rows += [e for e in self.park_rows.get(q, {}).values() if self.alive(e.task_id)]
+        per_task = [e for e in self.parked_rows.get(q, {}).values() if self.alive(e.task_id)]
+        per_park = [e for e in self.park_rows.get(q, {}).values() if self.alive(e.task_id)]
         if after is not None:
-            rows = [e for e in rows if _order(e.task_id) > _order(after)]
-        # As the Cassandra store merges its two reads: task order, the per-task row first.
-        rows.sort(key=lambda e: (_order(e.task_id), e.in_parks, _order(e.park_id) if e.park_id else (0, b"")))
-        return rows[:limit]
+            per_task = [e for e in per_task if timeuuid_order(e.task_id) > timeuuid_order(after)]
+            per_park = [e for e in per_park if timeuuid_order(e.task_id) > timeuuid_order(after)]
+        # In Cassandra's order, as the Cassandra store merges its two reads: by task, its rows of
+        # ``parks`` (in park order) before its row of ``parked``.
+        per_task.sort(key=lambda e: timeuuid_order(e.task_id))
+        per_park.sort(key=lambda e: (timeuuid_order(e.task_id), timeuuid_order(e.park_id or e.task_id)))
+        if not in_order:
+            return per_task[:limit] + per_park[:limit]
+        return sorted(per_park + per_task, key=lambda e: (timeuuid_order(e.task_id), not e.in_parks))[:limit]
 
     async def add_counts(self, q: QueueKey, day: int, ready: int, in_flight: int) -> None:
         await self._io()

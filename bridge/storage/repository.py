@@ -963,17 +963,23 @@ class CassandraTaskStore:
         else:
             await self.db.execute("parked.delete", (q.owner, q.service, task_id))
 
-    async def parked(self, q: QueueKey, limit: int, after: uuid.UUID | None = None) -> list[ParkedEntry]:
+    async def parked(
+        self, q: QueueKey, limit: int, after: uuid.UUID | None = None, *, in_order: bool = True
+    ) -> list[ParkedEntry]:
         params: tuple[Any, ...] = (q.owner, q.service, limit)
         names = ("parked.list", "parks.list")
         if after is not None:
             names, params = ("parked.list_after", "parks.list_after"), (q.owner, q.service, after, limit)
         per_task, per_park = await asyncio.gather(*(self.db.execute(name, params) for name in names))
         rows = [parked_entry(r) for r in per_task] + [parked_entry(r, in_parks=True) for r in per_park]
-        # The first ``limit`` of both, in the tables' own order: each read holds its first
-        # ``limit``, so these are the first of the two together, and the next page (after the last
-        # task kept) misses none. Sorted by Python's uuid order, a page could end past rows of
-        # another task of the same time not yet read.
+        if not in_order:
+            return rows
+        # The first ``limit`` rows of both, in the tables' own order (a stable sort keeps a task's
+        # rows of ``parks`` in park order, before its row of ``parked``): each read holds its own
+        # first ``limit``, so these are the first of the two together. Sorted by Python's uuid
+        # order, a page could end past rows of another task of the same time not yet read. A page
+        # can end between a task's rows: the next (``task_id > after``) passes the rest of them,
+        # and the listing judges a task at its first row (``Lifecycle._scan_parked``).
         rows.sort(key=lambda e: (timeuuid_order(e.task_id), not e.in_parks))
         return rows[:limit]
 

@@ -845,3 +845,24 @@ async def test_a_parked_task_is_listed_counted_and_redriven_through_its_own_park
     h.clock.advance(1)  # ``redrive all`` takes the tasks parked before its now
     assert await h.queue.redrive(OWNER, h.service, None) == 1
     assert await h.store.parked(q, 100) == [], "the redrive left its park's row"
+
+
+async def test_a_listing_keeps_the_parked_row_of_a_parked_task_that_names_an_earlier_park(harness: Harness) -> None:
+    """The one-row-per-task ``parked`` row of a parked task can name an earlier park (a later
+    park's insert lost to the earlier one's stamps): bridges before ``parks`` list the task by that
+    row alone, so a listing keeps it while the task is parked (removed, the task vanished from
+    their listings, stats and ``redrive all``; found by review, 2026-12-08)."""
+    h = harness
+    q = QueueKey(OWNER, h.service)
+    task_id = await _add_limited(h, token=False)
+    got = await h.fetch("W", ttr_ms=5_000)
+    assert got is not None
+    failed = await h.queue.fail(OWNER, _fail(h, "W", task_id, got.epoch))
+    assert failed is not None and failed.parked
+    tid, earlier = uuid.UUID(task_id), timeuuid_from_ms(h.clock.now_ms() - 10)
+    # The ``parked`` row now names an earlier park, at an earlier epoch; that park's own row is gone.
+    await h.store.add_parked(q, ParkedEntry(tid, got.epoch - 1, h.clock.now_ms() - 10, "failed", False, earlier))
+    await h.store.remove_park(q, tid, earlier, h.clock.now_ms() - 10)
+    assert [p.task_id for p in await h.queue.parked(OWNER, h.service, 100)] == [tid]
+    await h.queue.drain_background(5.0)
+    assert [(e.in_parks, e.park_id == earlier) for e in await h.store.parked(q, 100)] == [(True, False), (False, True)]
