@@ -479,10 +479,10 @@ def fail_parked_reads_of(monkeypatch: Any, store: Any, service: str) -> None:
 
     real = store.parked
 
-    async def parked(q: Any, limit: int, after: Any = None) -> Any:
+    async def parked(q: Any, limit: int, after: Any = None, **kwargs: Any) -> Any:
         if q.service == service:
             raise Unavailable("cassandra: read timeout (injected)")
-        return await real(q, limit, after)
+        return await real(q, limit, after, **kwargs)
 
     monkeypatch.setattr(store, "parked", parked)
 

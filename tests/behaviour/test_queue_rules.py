@@ -473,10 +473,10 @@ async def test_stats_of_every_queue_answers_the_others_when_one_queue_cannot_be_
     real = h.store.parked
     broken = {names[1]}
 
-    async def parked(q: QueueKey, limit: int, after: Any = None) -> Any:
+    async def parked(q: QueueKey, limit: int, after: Any = None, **kwargs: Any) -> Any:
         if q.service in broken:
             raise Unavailable("cassandra: read timeout")
-        return await real(q, limit, after)
+        return await real(q, limit, after, **kwargs)
 
     h.store.parked = parked  # type: ignore[method-assign]
     # Without `partial` (clients of 1.4-1.9, which retry `unavailable` and would read a partial
