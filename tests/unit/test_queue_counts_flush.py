@@ -4,6 +4,8 @@ twice counts twice. The real-server reproduction is tests/integration/test_count
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from bridge.domain.counting import DAY_MS, QueueCounts
@@ -124,3 +126,34 @@ async def test_a_queue_whose_counter_update_timed_out_sends_no_more_of_its_keys_
     assert await counts.flush(store) == 1
     assert store.sent.count(slow) == 1 and store.sent.count(healthy) == 1
     assert counts.pending == 999, "the unsent ones kept, the timed-out one dropped"
+
+
+class Stalling(MemoryTaskStore):
+    """A store whose first counter update never answers (Cassandra stalled during a stop)."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda: 0, 3600)
+        self.sending = asyncio.Event()
+
+    async def add_counts(self, q: QueueKey, day: int, ready: int, in_flight: int) -> None:
+        self.sending.set()
+        await asyncio.Event().wait()
+
+
+async def test_a_flush_cut_short_keeps_the_deltas_it_had_not_sent_yet() -> None:
+    """A stop bounds its last flushes, and cancels the flusher: a flush cancelled while its first
+    update waited on a stalled Cassandra lost every delta it had taken out and not written yet,
+    every other queue's too, with no log and no metric (found by review, 2026-12-08). The update
+    in flight is dropped (it may have applied); the rest are kept for the next flush."""
+    store = Stalling()
+    counts = QueueCounts()
+    for n in range(5):
+        counts.move(QueueKey("worker-a", f"svc-{n}"), 0, ready=1)
+    counts.delay(QueueKey("worker-a", "svc-0"), 0, 2)
+    flush = asyncio.create_task(counts.flush(store))
+    await asyncio.wait_for(store.sending.wait(), 5)
+    flush.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await flush
+    assert counts.pending == 5, "the four updates never sent and the delayed one kept, the one in flight dropped"
+    assert counts.dropped_by_cancel == 1
