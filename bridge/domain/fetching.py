@@ -71,6 +71,12 @@ MAX_SPENT_ENTRIES = 64
 # key server would lease a backlog away four tasks a fetch, each for its whole timeToRecover; that
 # fetch answers ``unavailable`` at once, and its worker backs off.
 MAX_UNOPENED = 4
+# A task let go that way comes back within this long (or at its lease's end, if sooner): held for
+# its worker's whole timeToRecover (hours, for long jobs), a key server away for a minute, or a key
+# not loaded on one bridge yet, kept the tasks it met leased to nobody for that long (found by
+# review, 2026-12-08). A minute, the default timeToRecover: a key missing for good costs no more
+# claims than a default worker's lost tasks do.
+LET_GO_BACK_MS = 60_000
 TTL_GRANULARITY_MS = 1_000  # Cassandra expires rows on whole seconds
 # Workers with fetches in flight on one bridge that are made to take turns (``_Flight``). An entry
 # lives only while a fetch of its worker is in flight, so this bounds the memory of a burst of
@@ -1133,6 +1139,24 @@ class Fetcher:
         # its time itself (the holder's second pass, should this bridge die first).
         self.soon(watch, rearm)
 
+    async def _let_go(
+        self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, until: int, *, has_token: bool
+    ) -> None:
+        """A claim whose task could not be opened: not a delivery (uncounted), and back within
+        LET_GO_BACK_MS rather than at its worker's deadline ``until``."""
+        ctx = self.ctx
+        back = ctx.clock.now_ms() + LET_GO_BACK_MS
+        if until <= back:
+            await ctx.store.uncount(q, task_id, epoch, worker)
+            return
+        # Write-ahead, as a ``fail``'s return: the scheduler re-exposes it then even if this
+        # bridge dies now (the claim's own entry, at ``until``, finds it moved and passes).
+        watch = ExpiryEntry(back, q, task_id, epoch, has_token)
+        at = back + ctx.limits.skew_margin_ms
+        await ctx.store.watch_expiry(expiry_bucket(at), watch)
+        if await ctx.store.uncount(q, task_id, epoch, worker, until_ms=back):
+            self.soon(watch, at)
+
     async def _deliver(
         self,
         q: QueueKey,
@@ -1162,7 +1186,7 @@ class Fetcher:
             # sealed with the current key behind it.
             await asyncio.gather(
                 ctx.store.clear_worker(q, worker, _after(stamp, ctx.clock.now_ms())),
-                ctx.store.uncount(q, task_id, epoch, worker),
+                self._let_go(q, task_id, epoch, worker, until, has_token=payload.token is not None),
             )
             missing = isinstance(exc, KeyMissing)
             ctx.metrics.inc("deliveries_failed", reason="key_missing" if missing else "key_unavailable")

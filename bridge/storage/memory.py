@@ -373,12 +373,17 @@ class MemoryTaskStore:
         self.leases[(q, task_id)] = replace(cur, state=LeaseState.DEAD, completion_id=kill_id, completed_at_ms=now_ms)
         return True
 
-    async def uncount(self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str) -> bool:
+    async def uncount(
+        self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, *, until_ms: int | None = None
+    ) -> bool:
         await self._io()
         cur = self._lease(q, task_id)
         if cur is None or not cur.held_by(worker, epoch) or cur.uncounted_epoch == epoch:
             return False
-        self.leases[(q, task_id)] = replace(cur, uncounted=cur.uncounted + 1, uncounted_epoch=epoch)
+        cur = replace(cur, uncounted=cur.uncounted + 1, uncounted_epoch=epoch)
+        if until_ms is not None:
+            cur = replace(cur, lease_until_ms=until_ms, worker=NO_WORKER)
+        self.leases[(q, task_id)] = cur
         return True
 
     # -- the lifecycle (1.4) -------------------------------------------------------------------

@@ -763,7 +763,9 @@ class CassandraTaskStore:
         # counted out of flight (until its TTL) and no dead letter was counted (found by review).
         return (await self._resolve(q, task_id, attempt, "completion_id", kill_id)).applied
 
-    async def uncount(self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str) -> bool:
+    async def uncount(
+        self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, *, until_ms: int | None = None
+    ) -> bool:
         # The count to raise is read first (SERIAL: this epoch's claim may not be on every replica
         # yet). Only this call changes it while the lease is held at this epoch by this worker, which
         # the compare-and-set checks; two racing calls write the same value, and a repeat for the
@@ -771,9 +773,13 @@ class CassandraTaskStore:
         lease = await self.lease(q, task_id, serial=True)
         if lease is None or not lease.held_by(worker, epoch) or lease.uncounted_epoch == epoch:
             return False
-        values, key = (lease.uncounted + 1, epoch), (q.owner, q.service, task_id, epoch, worker)
+        values: tuple[Any, ...] = (lease.uncounted + 1, epoch)
+        key = (q.owner, q.service, task_id, epoch, worker)
+        name = "lease.uncount"
+        if until_ms is not None:
+            name, values = "lease.let_go", (*values, to_datetime(until_ms))
         try:
-            rows = await self._lease_write(task_id, "lease.uncount", lambda ttl, end: (ttl, *values, *key, end))
+            rows = await self._lease_write(task_id, name, lambda ttl, end: (ttl, *values, *key, end))
         except UnknownOutcome:
             return False  # not counted is the safe side: the task is delivered later all the same
         return bool(rows and rows[0].get("[applied]"))

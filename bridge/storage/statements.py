@@ -171,6 +171,14 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         "IF state = 'leased' AND epoch = ? AND worker = ? AND expires_at IN (?, null)",
         False,
     ),
+    # ``lease.uncount`` that also gives the lease back (held by nobody until ``lease_until``): a
+    # claim whose task could not be opened, let go to come back soon, not at its worker's deadline.
+    "lease.let_go": (
+        "UPDATE {ks}.leases USING TTL ? SET uncounted = ?, uncounted_epoch = ?, lease_until = ?, worker = '' "
+        "WHERE owner = ? AND service = ? AND task_id = ? "
+        "IF state = 'leased' AND epoch = ? AND worker = ? AND expires_at IN (?, null)",
+        False,
+    ),
     "lease.release": (
         "UPDATE {ks}.leases USING TTL ? SET lease_until = ?, worker = '', error_key = ?, error_nonce = ?, "
         "error_ct = ? WHERE owner = ? AND service = ? AND task_id = ? "

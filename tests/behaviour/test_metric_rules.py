@@ -99,6 +99,36 @@ async def test_a_claim_whose_key_is_missing_is_not_counted_as_a_delivery(
     assert h.metrics.total("tasks_recovered") == 0
 
 
+async def test_a_task_whose_key_was_missing_comes_back_within_a_minute_whatever_its_workers_lease(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim whose task could not be opened (its key missing here, or the key server away) was
+    let go by clearing the worker's pointer only: the lease stayed until the worker's deadline, 2
+    hours for a worker of long jobs, and the task was leased to nobody that long after its key was
+    back (found by review, 2026-12-08). It comes back within LET_GO_BACK_MS, uncounted."""
+    from bridge.domain.fetching import LET_GO_BACK_MS
+
+    h = harness
+    task_id = await h.add("sealed with a key this bridge has not loaded yet")
+    key_by_id = h.keys.key_by_id
+
+    async def missing(owner: str, key_id: str) -> Any:
+        raise UnknownKey(f"owner {owner!r} has no key {key_id!r}")
+
+    monkeypatch.setattr(h.keys, "key_by_id", missing)
+    await h.scheduler.tick()
+    with pytest.raises(KeyMissing):
+        await h.fetch("w", ttr_ms=2 * 3_600_000)
+    monkeypatch.setattr(h.keys, "key_by_id", key_by_id)  # its key is here now
+    h.clock.advance(LET_GO_BACK_MS + MARGIN_MS + 1)
+    await _both_passes(h)
+    again = await h.fetch("w2", ttr_ms=60_000)
+    assert again is not None and again.task_id == task_id, "leased to nobody until the first worker's deadline"
+    lease = await h.store.lease(QueueKey(OWNER, h.service), uuid.UUID(task_id), serial=True)
+    assert lease is not None and lease.deliveries_counted == 1, "the claim that could not open it was counted"
+    assert h.metrics.total("tasks_recovered") == 0
+
+
 async def test_results_nobody_can_take_cost_neither_a_log_line_nor_a_serial_read_each_per_sweep(
     harness: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
