@@ -75,6 +75,11 @@ class _TimedOut(KeyUnavailable):
     """The key server did not answer a lookup in time."""
 
 
+class _Malformed(KeyUnavailable):
+    """A 200 whose body is not a JSON object, or too large: the server's trouble (a proxy's page
+    for every request) unless it served other owners lately, then this owner's entry's."""
+
+
 class _AnsweredError(KeyUnavailable):
     """An error status the server answered about one owner's key (not a transport failure):
     ``stale_ok`` for an error of the server's own (5xx), not for a refusal (401/403, a 404
@@ -227,7 +232,46 @@ class HttpKeyProvider:
         if not owner:
             raise UnknownOwner("empty owner name")
         path = _path(owner, key_id)  # before the backoff: a name no server can know is the caller's fault
-        now = self._clock()
+        asked_at = now = self._clock()
+        self._unless_backed_off(owner, now)
+        try:
+            key = await self._ask(owner, key_id, path)
+        except _AnsweredError as exc:
+            # An error status answered about this owner: backed off for this owner only (one
+            # backoff for the whole server let a failing owner's retries turn every other owner
+            # away); a server failing for everyone is held to the retry budget above.
+            self._owner_failed(owner, stale_ok=exc.stale_ok)
+            raise self._owner_error(owner, exc.message, stale_ok=exc.stale_ok) from None
+        except BadKeyAnswer:
+            self._served(owner)  # the server answered (about this owner's entry): it is healthy
+            raise
+        except (_TimedOut, _Malformed) as exc:
+            # Slow for this owner while it answered others meanwhile (a tenant's KMS that hangs),
+            # or garbage for this owner's entry while it serves the others lately: this owner's
+            # trouble, as an answered error is. Taken for the server's, each of this owner's
+            # retries backed off every other owner's lookups for up to 5 s, and its adds held the
+            # add slots every owner shares (found by review; for garbage, 2026-12-08). With
+            # nobody answered (the server away for all, a proxy's page for every request), the
+            # server's, as before. Its cached key, if any, is still good (stale_ok).
+            timed_out = isinstance(exc, _TimedOut)
+            if self._another_served(owner, since=asked_at if timed_out else None):
+                self._owner_failed(owner, stale_ok=True)
+                raise self._owner_error(owner, str(exc), stale_ok=True) from None
+            self._server_failed()
+            if timed_out:
+                raise KeyUnavailable(str(exc)) from exc.__cause__
+            raise
+        except KeyUnavailable:
+            self._server_failed()
+            raise
+        except (UnknownOwner, UnknownKey):
+            self._served(owner)  # the server answered: it is healthy
+            raise
+        self._served(owner)
+        return key
+
+    def _unless_backed_off(self, owner: str, now: float) -> None:
+        """Raise if the server, or this owner, is not to be asked again yet."""
         wait = self._retry_at - now
         if wait > 0:
             raise KeyUnavailable(f"key server failing: not asked again for {wait:.1f}s")
@@ -240,37 +284,6 @@ class HttpKeyProvider:
                 # number: a key server restarting would otherwise get a retry from every owner
                 # whose key expired meanwhile (owners x bridges, every few seconds).
                 raise self._owner_error(owner, "its retries are spaced out while it fails", stale_ok=held[2])
-        asked_at = now
-        try:
-            key = await self._ask(owner, key_id, path)
-        except _AnsweredError as exc:
-            # An error status answered about this owner: backed off for this owner only (one
-            # backoff for the whole server let a failing owner's retries turn every other owner
-            # away); a server failing for everyone is held to the retry budget above.
-            self._owner_failed(owner, stale_ok=exc.stale_ok)
-            raise self._owner_error(owner, exc.message, stale_ok=exc.stale_ok) from None
-        except BadKeyAnswer:
-            self._served(owner)  # the server answered (about this owner's entry): it is healthy
-            raise
-        except _TimedOut as exc:
-            if self._another_served(owner, since=asked_at):
-                # Slow for this owner while it answered others meanwhile (a tenant's KMS that
-                # hangs): this owner's trouble, as an answered error is. Taken for the server's,
-                # each of this owner's retries backed off every other owner's lookups for up to
-                # 5 s, and its adds held the add slots every owner shares (found by review). With
-                # nobody answered meanwhile (the server away for all), the server's, as before.
-                self._owner_failed(owner, stale_ok=True)
-                raise self._owner_error(owner, str(exc), stale_ok=True) from None
-            self._server_failed()
-            raise KeyUnavailable(str(exc)) from exc.__cause__
-        except KeyUnavailable:
-            self._server_failed()
-            raise
-        except (UnknownOwner, UnknownKey):
-            self._served(owner)  # the server answered: it is healthy
-            raise
-        self._served(owner)
-        return key
 
     def _delay(self, failures: int) -> float:
         base, cap = self._backoff
@@ -357,7 +370,7 @@ class HttpKeyProvider:
                     while chunk := await resp.content.read(MAX_RESPONSE_BYTES + 1 - len(body)):
                         body += chunk
                         if len(body) > MAX_RESPONSE_BYTES:
-                            raise KeyUnavailable(f"key server response for {what} exceeds {MAX_RESPONSE_BYTES} bytes")
+                            raise _Malformed(f"key server response for {what} exceeds {MAX_RESPONSE_BYTES} bytes")
                     return resp.status, bytes(body)
             except TimeoutError as exc:
                 raise _TimedOut(f"key server timed out after {self._timeout}s fetching {what}") from exc
@@ -379,9 +392,9 @@ class HttpKeyProvider:
         try:
             doc: Any = orjson.loads(body)
         except orjson.JSONDecodeError:
-            raise KeyUnavailable(f"malformed key server response for {what}: not JSON") from None
+            raise _Malformed(f"malformed key server response for {what}: not JSON") from None
         if not isinstance(doc, dict):
-            raise KeyUnavailable(f"malformed key server response for {what}: not a JSON object")
+            raise _Malformed(f"malformed key server response for {what}: not a JSON object")
         # From here on the server answered, about this owner's entry: no backoff for the server.
         got_id = doc.get("id")
         encoded = doc.get("key")

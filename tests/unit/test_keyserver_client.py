@@ -23,6 +23,7 @@ from bridge.crypto import (
     open_sealed,
     seal,
 )
+from bridge.crypto.keyserver import MAX_RESPONSE_BYTES
 from tests.keyserver import KeyServer
 
 pytestmark = pytest.mark.anyio
@@ -607,6 +608,50 @@ async def test_caching_expiry_against_server(server: KeyServer, provider: HttpKe
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [b"null", b"[]", b"<html>proxy</html>", b"x" * (MAX_RESPONSE_BYTES + 1)])
+async def test_a_malformed_answer_for_one_owner_backs_off_that_owner_only(body: bytes) -> None:
+    """A 200 whose body is not a JSON object (or too large) for one owner's entry, while the server
+    serves the others: it backed the whole server off, and every other owner's lookups were
+    turned away for up to 5 s at each of that owner's retries (found by review, 2026-12-08)."""
+    good = base64.b64encode(b"k" * 32).decode()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.path.startswith("/owners/broken/"):
+            return web.Response(status=200, body=body, content_type="application/json")
+        return web.json_response({"id": "k1", "key": good})
+
+    async with _custom_server(handler) as url:
+        prov = HttpKeyProvider(url)
+        try:
+            await prov.current_key("acme")  # the server answers others well
+            with pytest.raises(KeyUnavailable, match=r"malformed|exceeds"):
+                await prov.current_key("broken")
+            assert (await prov.current_key("globex")).key_id == "k1", "every owner turned away"
+            with pytest.raises(KeyUnavailable, match="not asked again"):
+                await prov.current_key("broken")  # that owner backed off
+        finally:
+            await prov.close()
+
+
+@pytest.mark.parametrize("body", [b"null", b"<html>proxy</html>"])
+async def test_a_malformed_answer_while_nobody_else_is_served_backs_the_server_off(body: bytes) -> None:
+    """The same answer with no owner served lately (a proxy answering its page for everyone): the
+    server's trouble, backed off as a whole, as before."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=200, body=body, content_type="application/json")
+
+    async with _custom_server(handler) as url:
+        prov = HttpKeyProvider(url)
+        try:
+            with pytest.raises(KeyUnavailable, match="malformed"):
+                await prov.current_key("acme")
+            with pytest.raises(KeyUnavailable, match="key server failing: not asked again"):
+                await prov.current_key("globex")
+        finally:
+            await prov.close()
 
 
 @asynccontextmanager
