@@ -70,6 +70,10 @@ class KeyProvider(Protocol):
 # How long after its cached key expired an owner the key source says it does not know is taken for
 # the source restarting (its store not loaded yet) rather than removed: a restart's time.
 RESTART_GRACE_S = 600.0
+# Owners whose last key given is remembered apart from the keys' LRU (``_known_lately``): a fleet
+# serving more owners than the cache holds evicted the others' keys, and with them the memory of
+# having served them. An entry is a name and a time (~150 bytes): 64K owners, some 10 MB at most.
+OWNERS_SERVED_KEPT = 65_536
 
 # Cache slot: (owner, key id), or (owner, None) for the owner's current key -- None cannot collide
 # with any key id string.
@@ -151,6 +155,8 @@ class CachingKeyProvider:
         self._outage: set[_CacheKey] = set()
         self._revalidating: dict[_CacheKey, asyncio.Task[None]] = {}
         self._generation = 0
+        # When the upstream last gave a key of each owner (bounded, the oldest forgotten first).
+        self._served_at: OrderedDict[str, float] = OrderedDict()
         self.hits = 0
         self.misses = 0
         self.coalesced = 0
@@ -176,10 +182,12 @@ class CachingKeyProvider:
         if owner is None:
             self._entries.clear()
             self._outage.clear()
+            self._served_at.clear()
         else:
             for slot in [slot for slot in self._entries if slot[0] == owner]:
                 del self._entries[slot]
             self._outage = {slot for slot in self._outage if slot[0] != owner}
+            self._served_at.pop(owner, None)
 
     async def close(self) -> None:
         """Drop the cache and close the upstream provider."""
@@ -221,9 +229,10 @@ class CachingKeyProvider:
         if not self._stale_if_error:
             return None
         now, limit = self._clock(), self._max_age + min(self._stale_if_error, RESTART_GRACE_S)
-        ages = [now - stored_at for (o, _), (_, stored_at) in self._entries.items() if o == owner]
-        fresh = [age for age in ages if age < limit]
-        return min(fresh) if fresh else None
+        served_at = self._served_at.get(owner)
+        if served_at is None or now - served_at >= limit:
+            return None
+        return now - served_at
 
     def _store(self, slot: _CacheKey, key: OwnerKey, now: float) -> None:
         # A fresh entry ends the slot's outage: a by-id slot refreshed by its owner's current-key
@@ -232,6 +241,10 @@ class CachingKeyProvider:
         self._outage.discard(slot)
         self._entries[slot] = (key, now)
         self._entries.move_to_end(slot)
+        self._served_at[slot[0]] = now
+        self._served_at.move_to_end(slot[0])
+        if len(self._served_at) > OWNERS_SERVED_KEPT:
+            self._served_at.popitem(last=False)
         while len(self._entries) > self._max_entries:
             self._outage.discard(self._entries.popitem(last=False)[0])
 

@@ -879,6 +879,27 @@ async def test_an_owner_the_source_gave_a_key_of_lately_and_now_says_it_does_not
 
 
 @pytest.mark.anyio
+async def test_an_owner_evicted_from_the_cache_is_still_known_to_have_been_served_lately(
+    upstream: CountingProvider, clock: FakeClock
+) -> None:
+    """The same with more owners than the cache holds: an owner evicted by the others' lookups (a
+    fleet serving more owners than BRIDGE_KEY_CACHE_SIZE) was taken for one the source never
+    knew, its requests answered ``unknown_owner`` and dead-lettered while the key server restarted
+    (found by review, 2026-12-08). Who was served lately is kept apart from the keys."""
+    cache = CachingKeyProvider(upstream, max_age=300, clock=clock, stale_if_error=3600, max_entries=1)
+    await cache.current_key("acme")
+    await cache.current_key("globex")  # acme's key evicted
+    assert len(cache) == 1
+    upstream.error = UnknownOwner("no such owner")
+    clock.advance(5)
+    with pytest.raises(BadKeyAnswer, match="restarting"):
+        await cache.current_key("acme")
+    clock.advance(300 + RESTART_GRACE_S)  # past the window: removed, not restarting
+    with pytest.raises(UnknownOwner):
+        await cache.current_key("acme")
+
+
+@pytest.mark.anyio
 async def test_an_owner_the_source_refuses_is_not_served_stale(upstream: CountingProvider, clock: FakeClock) -> None:
     """A tenant suspended by disabling its key (the key server answers 403 for that owner only, or
     an unusable entry) must stop sealing and opening: a refusal is an answer, never masked."""
