@@ -77,6 +77,10 @@ MAX_UNOPENED = 4
 # review, 2026-12-08). A minute, the default timeToRecover: a key missing for good costs no more
 # claims than a default worker's lost tasks do.
 LET_GO_BACK_MS = 60_000
+# ... doubling with each let-go of the task since its last redrive (its ``uncounted``), up to 64
+# minutes: a key gone for good came back every minute for the TTL, claimed, read and let go each
+# time, its tasks' hints ahead of the healthy ones (found by re-review, 2026-12-08).
+LET_GO_DOUBLINGS_MAX = 6
 TTL_GRANULARITY_MS = 1_000  # Cassandra expires rows on whole seconds
 # Workers with fetches in flight on one bridge that are made to take turns (``_Flight``). An entry
 # lives only while a fetch of its worker is in flight, so this bounds the memory of a burst of
@@ -1143,18 +1147,29 @@ class Fetcher:
         self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, until: int, *, has_token: bool
     ) -> None:
         """A claim whose task could not be opened: not a delivery (uncounted), and back within
-        LET_GO_BACK_MS rather than at its worker's deadline ``until``."""
+        LET_GO_BACK_MS (doubling with each let-go) rather than at its worker's deadline ``until``.
+        Only while the lease is still at the deadline this claim wrote: another copy of the fetch
+        that resent the task to its worker since (its bridge had the key) made it a delivery, and
+        given back then, the task went to a second worker while the first worked on it."""
         ctx = self.ctx
-        back = ctx.clock.now_ms() + LET_GO_BACK_MS
+        lease = await ctx.store.lease(q, task_id, serial=True)
+        if lease is None or not lease.held_by(worker, epoch) or lease.lease_until_ms != until:
+            return
+        back = ctx.clock.now_ms() + LET_GO_BACK_MS * 2 ** min(lease.uncounted, LET_GO_DOUBLINGS_MAX)
         if until <= back:
-            await ctx.store.uncount(q, task_id, epoch, worker)
+            await ctx.store.uncount(q, task_id, lease, worker)
             return
         # Write-ahead, as a ``fail``'s return: the scheduler re-exposes it then even if this
         # bridge dies now (the claim's own entry, at ``until``, finds it moved and passes).
         watch = ExpiryEntry(back, q, task_id, epoch, has_token)
         at = back + ctx.limits.skew_margin_ms
-        await ctx.store.watch_expiry(expiry_bucket(at), watch)
-        if await ctx.store.uncount(q, task_id, epoch, worker, until_ms=back):
+        try:
+            await ctx.store.watch_expiry(expiry_bucket(at), watch)
+        except Unavailable:
+            # Not filed: kept to its deadline (filed by the claim), but still not a delivery.
+            await ctx.store.uncount(q, task_id, lease, worker)
+            raise
+        if await ctx.store.uncount(q, task_id, lease, worker, until_ms=back):
             self.soon(watch, at)
 
     async def _deliver(

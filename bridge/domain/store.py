@@ -183,11 +183,12 @@ class TaskStore(Protocol):
         ahead under it (``condemn``)."""
 
     async def uncount(
-        self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, *, until_ms: int | None = None
+        self, q: QueueKey, task_id: uuid.UUID, read: Lease, worker: str, *, until_ms: int | None = None
     ) -> bool:
-        """The claim at ``epoch`` (still held by ``worker``) found the task's key missing: it does
-        not count toward the delivery limit. Whether it applied (once per epoch). With
-        ``until_ms``, the lease is also given back: held by nobody, claimable after it."""
+        """The claim at ``read.epoch`` (still held by ``worker``, at the deadline ``read`` shows;
+        ``read`` is a SERIAL read) found the task's key missing: it does not count toward the
+        delivery limit. Whether it applied (once per epoch). With ``until_ms``, the lease is also
+        given back: held by nobody, claimable after it."""
 
     # -- the lifecycle (1.4): compare-and-set too, all on the lease's state and epoch ------------------
     async def release(

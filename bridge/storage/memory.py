@@ -374,12 +374,14 @@ class MemoryTaskStore:
         return True
 
     async def uncount(
-        self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, *, until_ms: int | None = None
+        self, q: QueueKey, task_id: uuid.UUID, read: Lease, worker: str, *, until_ms: int | None = None
     ) -> bool:
         await self._io()
-        cur = self._lease(q, task_id)
+        cur, epoch = self._lease(q, task_id), read.epoch
         if cur is None or not cur.held_by(worker, epoch) or cur.uncounted_epoch == epoch:
             return False
+        if cur.lease_until_ms != read.lease_until_ms:
+            return False  # ``lease_until = ?``: resent to its worker by another copy since the read
         cur = replace(cur, uncounted=cur.uncounted + 1, uncounted_epoch=epoch)
         if until_ms is not None:
             cur = replace(cur, lease_until_ms=until_ms, worker=NO_WORKER)

@@ -764,17 +764,17 @@ class CassandraTaskStore:
         return (await self._resolve(q, task_id, attempt, "completion_id", kill_id)).applied
 
     async def uncount(
-        self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, *, until_ms: int | None = None
+        self, q: QueueKey, task_id: uuid.UUID, read: Lease, worker: str, *, until_ms: int | None = None
     ) -> bool:
-        # The count to raise is read first (SERIAL: this epoch's claim may not be on every replica
-        # yet). Only this call changes it while the lease is held at this epoch by this worker, which
-        # the compare-and-set checks; two racing calls write the same value, and a repeat for the
-        # same epoch finds it marked.
-        lease = await self.lease(q, task_id, serial=True)
-        if lease is None or not lease.held_by(worker, epoch) or lease.uncounted_epoch == epoch:
+        # The count to raise is the caller's read (SERIAL: this epoch's claim may not be on every
+        # replica yet). Only this call changes it while the lease is held at this epoch by this
+        # worker at the deadline read, which the compare-and-set checks; two racing calls write the
+        # same value, and a repeat for the same epoch finds it marked.
+        lease, epoch = read, read.epoch
+        if not lease.held_by(worker, epoch) or lease.uncounted_epoch == epoch or lease.lease_until_ms is None:
             return False
         values: tuple[Any, ...] = (lease.uncounted + 1, epoch)
-        key = (q.owner, q.service, task_id, epoch, worker)
+        key = (q.owner, q.service, task_id, epoch, worker, to_datetime(lease.lease_until_ms))
         name = "lease.uncount"
         if until_ms is not None:
             name, values = "lease.let_go", (*values, to_datetime(until_ms))

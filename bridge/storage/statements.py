@@ -165,10 +165,12 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     # -- 1.4, the worker lifecycle (rare paths: a failure, a parked task, an operator) --------------
     # A claim that found its task's key missing: not a delivery (the worker never saw the task),
     # so it does not count toward the delivery limit. Only the holder writes it, once per epoch.
+    # Only at the deadline the claim wrote: another copy of the fetch that resent the task to its
+    # worker (a new deadline) made it a delivery.
     "lease.uncount": (
         "UPDATE {ks}.leases USING TTL ? SET uncounted = ?, uncounted_epoch = ? "
         "WHERE owner = ? AND service = ? AND task_id = ? "
-        "IF state = 'leased' AND epoch = ? AND worker = ? AND expires_at IN (?, null)",
+        "IF state = 'leased' AND epoch = ? AND worker = ? AND lease_until = ? AND expires_at IN (?, null)",
         False,
     ),
     # ``lease.uncount`` that also gives the lease back (held by nobody until ``lease_until``): a
@@ -176,7 +178,7 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     "lease.let_go": (
         "UPDATE {ks}.leases USING TTL ? SET uncounted = ?, uncounted_epoch = ?, lease_until = ?, worker = '' "
         "WHERE owner = ? AND service = ? AND task_id = ? "
-        "IF state = 'leased' AND epoch = ? AND worker = ? AND expires_at IN (?, null)",
+        "IF state = 'leased' AND epoch = ? AND worker = ? AND lease_until = ? AND expires_at IN (?, null)",
         False,
     ),
     "lease.release": (

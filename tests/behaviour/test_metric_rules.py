@@ -129,6 +129,96 @@ async def test_a_task_whose_key_was_missing_comes_back_within_a_minute_whatever_
     assert h.metrics.total("tasks_recovered") == 0
 
 
+async def test_a_task_whose_key_stays_missing_comes_back_ever_later(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each let-go of a task since its last redrive doubles the wait (a key gone for good was
+    claimed, read and let go every minute for the TTL; found by re-review, 2026-12-08)."""
+    from bridge.domain.fetching import LET_GO_BACK_MS
+
+    h = harness
+    task_id = await h.add("sealed with a key gone for good")
+    key_by_id = h.keys.key_by_id
+
+    async def missing(owner: str, key_id: str) -> Any:
+        raise UnknownKey(f"owner {owner!r} has no key {key_id!r}")
+
+    monkeypatch.setattr(h.keys, "key_by_id", missing)
+    await h.scheduler.tick()
+    with pytest.raises(KeyMissing):
+        await h.fetch("w", ttr_ms=2 * 3_600_000)
+    h.clock.advance(LET_GO_BACK_MS + MARGIN_MS + 1)
+    await _both_passes(h)
+    with pytest.raises(KeyMissing):  # back after a minute; let go again, for two this time
+        await h.fetch("w", ttr_ms=2 * 3_600_000)
+    monkeypatch.setattr(h.keys, "key_by_id", key_by_id)
+    h.clock.advance(LET_GO_BACK_MS + MARGIN_MS + 1)
+    await _both_passes(h)
+    assert await h.fetch("w2", ttr_ms=60_000) is None, "back after a minute again"
+    h.clock.advance(LET_GO_BACK_MS)
+    await _both_passes(h)
+    again = await h.fetch("w2", ttr_ms=60_000)
+    assert again is not None and again.task_id == task_id
+
+
+async def test_a_claim_resent_to_its_worker_by_another_copy_is_not_let_go(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two copies of a worker's fetch (its caller's retry): the first claims the task and cannot
+    open it (its bridge lacks the key); the second, on a bridge with the key, resends the task to
+    the worker, which works on it and extends its lease. The first's let-go must not give that
+    lease back: the task would go to a second worker while the first works on it (found by
+    re-review, 2026-12-08)."""
+    from bridge.domain.models import ExtendRequest
+
+    h = harness
+    task_id = await h.add("a long job")
+
+    async def missing_after_the_other_copy(owner: str, key_id: str) -> Any:
+        # Meanwhile (moments later) the other copy handed it to the worker, which extends its lease.
+        h.clock.advance(5)
+        body = {"serviceId": h.service, "workerId": "w", "taskId": task_id, "epoch": 1, "timeToRecover": 7_200_000}
+        assert await h.queue.extend(OWNER, parse(ExtendRequest, body)) is not None
+        raise UnknownKey(f"owner {owner!r} has no key {key_id!r}")
+
+    monkeypatch.setattr(h.keys, "key_by_id", missing_after_the_other_copy)
+    await h.scheduler.tick()
+    with pytest.raises(KeyMissing):
+        await h.fetch("w", ttr_ms=2 * 3_600_000)
+    lease = await h.store.lease(QueueKey(OWNER, h.service), uuid.UUID(task_id), serial=True)
+    assert lease is not None and lease.held_by("w", 1), f"the worker's lease given back: {lease}"
+    assert lease.deliveries_counted == 1, "the worker was handed it: a delivery"
+
+
+async def test_a_let_go_whose_deadline_cannot_be_filed_still_uncounts_the_claim(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The let-go files the task's earlier return first; that write failing left the claim counted
+    as a delivery (repeated key outages parked a healthy task at its limit; found by re-review,
+    2026-12-08). Kept to its deadline then, but uncounted."""
+    h = harness
+    task_id = await h.add("sealed with a key not loaded here")
+
+    async def missing(owner: str, key_id: str) -> Any:
+        raise UnknownKey(f"owner {owner!r} has no key {key_id!r}")
+
+    monkeypatch.setattr(h.keys, "key_by_id", missing)
+    await h.scheduler.tick()
+    watch_expiry = h.store.watch_expiry
+
+    async def failing(bucket: int, entry: Any) -> None:
+        if entry.lease_until_ms < h.clock.now_ms() + 3_600_000:  # the let-go's, not the claim's
+            raise Unavailable("cassandra: the expiry shard's replicas are down")
+        await watch_expiry(bucket, entry)
+
+    monkeypatch.setattr(h.store, "watch_expiry", failing)
+    with pytest.raises(Unavailable):
+        await h.fetch("w", ttr_ms=2 * 3_600_000)
+    monkeypatch.setattr(h.store, "watch_expiry", watch_expiry)
+    lease = await h.store.lease(QueueKey(OWNER, h.service), uuid.UUID(task_id), serial=True)
+    assert lease is not None and lease.uncounted == 1 and lease.deliveries_counted == 0, lease
+
+
 async def test_results_nobody_can_take_cost_neither_a_log_line_nor_a_serial_read_each_per_sweep(
     harness: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
