@@ -27,6 +27,7 @@ import errno
 import json
 import logging
 import os
+import re
 import secrets
 import stat
 import tempfile
@@ -234,15 +235,20 @@ def _parse_owner(owner: str, entry: object, *, where: str) -> _OwnerRing:
     return _OwnerRing(current=keys[current], keys=keys)
 
 
+_BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{40,}={0,2}")  # a key is 44: an id of 32 hex digits stays shown
+
+
 def _shown(key_id: str) -> str:
     """A key id as the file's errors print it (logs, the CLI): redacted if it is a key itself. A
     secret pasted where an id goes (an id and its key swapped, the key as ``current``) was printed
-    whole by the error saying so (found by review, 2026-12-08)."""
+    whole by the error saying so (found by review, 2026-12-08). Also without its padding, and any
+    long run of base64 characters (most of a key is a secret too)."""
+    text = key_id.strip()
     try:
-        is_key = len(base64.b64decode(key_id.strip(), validate=True)) == KEY_SIZE
+        is_key = len(base64.b64decode(text + "=" * (-len(text) % 4), validate=True)) == KEY_SIZE
     except (binascii.Error, ValueError):
         is_key = False
-    if is_key:
+    if is_key or _BASE64_RUN.fullmatch(text):
         return f"<redacted: {len(key_id)} characters that decode to a {KEY_SIZE}-byte key, a secret in place of an id?>"
     return repr(key_id)
 
@@ -282,7 +288,7 @@ def reject_duplicate_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:  # j
     doc: dict[str, Any] = {}
     for name, value in pairs:
         if name in doc:
-            raise ValueError(f"the name {name!r} appears twice in one object (a key id or an owner given twice?)")
+            raise ValueError(f"the name {_shown(name)} appears twice in one object (a key id or an owner given twice?)")
         doc[name] = value
     return doc
 

@@ -1063,6 +1063,7 @@ async def _background_lookup_of(cache: CachingKeyProvider, slot: tuple[str, str 
     [
         {"current": "k20250101-ab12cd34", "keys": {_GOOD: "k20250101-ab12cd34"}},  # id and secret swapped
         {"current": _GOOD, "keys": {"k1": base64.b64encode(b"\x08" * 32).decode()}},  # the secret as `current`
+        {"current": _GOOD.rstrip("="), "keys": {"k1": base64.b64encode(b"\x08" * 32).decode()}},  # unpadded
     ],
 )
 def test_a_mistaken_keyring_entry_never_prints_a_secret(tmp_path: Path, owner_doc: dict[str, Any]) -> None:
@@ -1075,3 +1076,15 @@ def test_a_mistaken_keyring_entry_never_prints_a_secret(tmp_path: Path, owner_do
     with pytest.raises(ValueError, match="redacted") as raised:
         keyring_file.load_keyring(path)
     assert _GOOD not in str(raised.value) and _GOOD.rstrip("=") not in str(raised.value)
+
+
+def test_a_secret_given_twice_as_a_name_is_not_printed(tmp_path: Path) -> None:
+    """A swapped id and secret copied in a hand edit: the duplicate name is the secret."""
+    from bridge.crypto import keyring_file
+
+    path = tmp_path / "ring.json"
+    entry = f'"{_GOOD}": "k20250101-ab12cd34"'
+    path.write_text('{"owners": {"acme": {"current": "k1", "keys": {' + entry + ", " + entry + "}}}}")
+    with pytest.raises(ValueError, match="redacted") as raised:
+        keyring_file.load_keyring(path)
+    assert _GOOD.rstrip("=")[:32] not in str(raised.value)
