@@ -55,6 +55,9 @@ GAUGE_QUEUES_LISTED = 20 * MAX_GAUGE_QUEUES
 GAUGE_FIRST_PER_OWNER = 20
 GAUGE_PAGE_MAX = 1_000  # registry rows a page of the walk reads, at most
 STOP_STEP_MIN_S = 0.5  # each waiting step of a stop gets this much even past the grace
+# The stop's first flush of the queue counts, even past the grace: the partitions are written side
+# by side, so a second lets the healthy ones through when one stalled the flusher.
+STOP_COUNTS_MIN_S = 1.0
 STOP_CLOSE_MIN_S = 2.0  # the broker connections' close, even past the grace (their readers end)
 GAUGE_EXPORT_BATCH = 50  # the first refresh after the duty comes: exported every this many queues read
 READY_PING_AFTER_S = 30.0  # readiness pings Cassandra only when nothing was answered for this long
@@ -504,12 +507,16 @@ class Bridge:
     def _count_unwritten_at_stop(self) -> None:
         """Say what of the queue counts a stop could not write (Cassandra stalled or away): they
         drift by it until those tasks leave the counts' window (docs/storage.md, "Queue counts")."""
-        if dropped := self.counts.dropped_by_cancel:
-            self.counts.dropped_by_cancel = 0
+        dropped, self.counts.dropped_by_cancel = self.counts.dropped_by_cancel, 0
+        if dropped:
             self.metrics.inc("count_updates_uncertain", dropped)
-        if self.counts.pending:
+        if self.counts.pending or dropped:
+            # Logged as well: a counter raised moments before the process ends is rarely scraped.
             log.warning(
-                "queue counts: %d delta(s) not written at stop (Cassandra did not take them)", self.counts.pending
+                "queue counts at stop: %d delta(s) not written, %d update(s) cut short (they may or may not "
+                "have applied): the counts drift by them (Cassandra stalled or away)",
+                self.counts.pending,
+                dropped,
             )
 
     async def _flush_counts_once(self, timeout: float) -> None:
@@ -766,7 +773,13 @@ class Bridge:
         if self._counts_flusher is not None:
             with suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._counts_flusher), timeout=left())
-        await self._flush_counts_once(left())
+            if not self._counts_flusher.done():
+                # Its last flush held up (a statement stalled): ended now, it keeps what it had not
+                # sent, which the flush below tries (after it, they were only logged unwritten).
+                self._counts_flusher.cancel()
+                with suppress(asyncio.CancelledError, Exception):
+                    await self._counts_flusher
+        await self._flush_counts_once(max(left(), STOP_COUNTS_MIN_S))
         self.scheduler.cancel_timers()  # best-effort timers: the timer wheel has their entries
         await self.queue.stop_background(timeout=left())
         await self._flush_counts_once(left())  # what the background work counted since

@@ -42,6 +42,7 @@ Exception hierarchy::
     │   │   ├── BadKeyAnswer (one owner's key-server entry unusable, or the server failing
     │   │   │   for that owner only)
     │   │   ├── _AnsweredError (an error status answered; never leaves bridge.crypto.keyserver)
+    │   │   ├── _Malformed (a 200 not a JSON object, or too large: the server's trouble unless others served)
     │   │   └── _TimedOut (a lookup unanswered in time; never leaves bridge.crypto.keyserver)
     │   ├── UnknownOwner (crypto) ............. unknown_owner
     │   ├── UnknownKey ........................ integrity_error
