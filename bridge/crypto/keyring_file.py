@@ -235,6 +235,7 @@ def _parse_owner(owner: str, entry: object, *, where: str) -> _OwnerRing:
     return _OwnerRing(current=keys[current], keys=keys)
 
 
+_HEX = re.compile(r"[0-9A-Fa-f]+")
 _BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{40,}={0,2}")  # a key is 44: an id of 32 hex digits stays shown
 
 
@@ -248,8 +249,10 @@ def _shown(key_id: str) -> str:
         is_key = len(base64.b64decode(text + "=" * (-len(text) % 4), validate=True)) == KEY_SIZE
     except (binascii.Error, ValueError):
         is_key = False
-    if is_key or _BASE64_RUN.fullmatch(text):
+    if is_key:
         return f"<redacted: {len(key_id)} characters that decode to a {KEY_SIZE}-byte key, a secret in place of an id?>"
+    if _BASE64_RUN.fullmatch(text) and not _HEX.fullmatch(text):  # a hex fingerprint is an id, shown
+        return f"<redacted: {len(key_id)} characters that look like key material, a secret in place of an id?>"
     return repr(key_id)
 
 

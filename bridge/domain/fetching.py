@@ -466,7 +466,9 @@ class Fetcher:
         a.flight.granted += 1
         # The scheduler will meet the old deadline, see the later one, and re-arm itself (a shorter
         # lease's earlier deadline was filed by ``renew``).
-        delivery = await self._deliver(q, worker, held.task_id, held.epoch, until, stamp=stamp)
+        # A resend hands out a task its worker was handed before: never let go if it cannot be
+        # opened here (this bridge lacks its key), the worker may hold it (found by re-review).
+        delivery = await self._deliver(q, worker, held.task_id, held.epoch, until, stamp=stamp, resent=True)
         self.ctx.metrics.inc("tasks_redelivered", kind="resend")  # handed out (``_claim``)
         return delivery, None
 
@@ -1144,7 +1146,7 @@ class Fetcher:
         self.soon(watch, rearm)
 
     async def _let_go(
-        self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, until: int, *, has_token: bool
+        self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, until: int, *, has_token: bool, missing: bool
     ) -> None:
         """A claim whose task could not be opened: not a delivery (uncounted), and back within
         LET_GO_BACK_MS (doubling with each let-go) rather than at its worker's deadline ``until``.
@@ -1155,10 +1157,15 @@ class Fetcher:
         lease = await ctx.store.lease(q, task_id, serial=True)
         if lease is None or not lease.held_by(worker, epoch) or lease.lease_until_ms != until:
             return
-        back = ctx.clock.now_ms() + LET_GO_BACK_MS * 2 ** min(lease.uncounted, LET_GO_DOUBLINGS_MAX)
-        if until <= back:
-            await ctx.store.uncount(q, task_id, lease, worker)
+        # Doubling only while its key is missing (gone for good, maybe); a lookup that failed (the
+        # key server away for minutes) comes back at the base wait, soon after the server does.
+        doublings = min(lease.uncounted, LET_GO_DOUBLINGS_MAX) if missing else 0
+        back = ctx.clock.now_ms() + LET_GO_BACK_MS * 2**doublings
+        if doublings == 0 and until <= back:
+            await ctx.store.uncount(q, task_id, lease, worker)  # its deadline is as soon
             return
+        # Sooner than its deadline, or later (a lease named nobody's, lengthened: the claim's own
+        # entry finds the later deadline and passes).
         # Write-ahead, as a ``fail``'s return: the scheduler re-exposes it then even if this
         # bridge dies now (the claim's own entry, at ``until``, finds it moved and passes).
         watch = ExpiryEntry(back, q, task_id, epoch, has_token)
@@ -1183,6 +1190,7 @@ class Fetcher:
         *,
         stamp: int | None,
         carried: Payload | None = None,
+        resent: bool = False,
     ) -> Delivery:
         ctx = self.ctx
         if payload is None:
@@ -1199,11 +1207,17 @@ class Fetcher:
             # A lookup that failed (the key server slow or away for this key) is let go alike: kept,
             # the worker's retries re-sent this task and failed again, never reaching the tasks
             # sealed with the current key behind it.
-            await asyncio.gather(
-                ctx.store.clear_worker(q, worker, _after(stamp, ctx.clock.now_ms())),
-                self._let_go(q, task_id, epoch, worker, until, has_token=payload.token is not None),
-            )
             missing = isinstance(exc, KeyMissing)
+            steps = [ctx.store.clear_worker(q, worker, _after(stamp, ctx.clock.now_ms()))]
+            if not resent:
+                # A resend's task was handed to its worker before (a delivery, which it may hold
+                # still, its ack unanswered): kept to its deadline, neither uncounted nor given
+                # back (another worker would take it while the first works on it).
+                let_go = self._let_go(
+                    q, task_id, epoch, worker, until, has_token=payload.token is not None, missing=missing
+                )
+                steps.append(let_go)
+            await asyncio.gather(*steps)
             ctx.metrics.inc("deliveries_failed", reason="key_missing" if missing else "key_unavailable")
             self._error_undelivered.warning(
                 "task %s not delivered: its key is %s", task_id, "missing" if missing else "unavailable"

@@ -129,11 +129,13 @@ async def test_a_task_whose_key_was_missing_comes_back_within_a_minute_whatever_
     assert h.metrics.total("tasks_recovered") == 0
 
 
+@pytest.mark.parametrize("ttr_ms", [2 * 3_600_000, 60_000])
 async def test_a_task_whose_key_stays_missing_comes_back_ever_later(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, ttr_ms: int
 ) -> None:
     """Each let-go of a task since its last redrive doubles the wait (a key gone for good was
-    claimed, read and let go every minute for the TTL; found by re-review, 2026-12-08)."""
+    claimed, read and let go every minute for the TTL; found by re-review, 2026-12-08), also for
+    workers whose lease is the default minute (the wait was capped at their deadline)."""
     from bridge.domain.fetching import LET_GO_BACK_MS
 
     h = harness
@@ -146,11 +148,11 @@ async def test_a_task_whose_key_stays_missing_comes_back_ever_later(
     monkeypatch.setattr(h.keys, "key_by_id", missing)
     await h.scheduler.tick()
     with pytest.raises(KeyMissing):
-        await h.fetch("w", ttr_ms=2 * 3_600_000)
+        await h.fetch("w", ttr_ms=ttr_ms)
     h.clock.advance(LET_GO_BACK_MS + MARGIN_MS + 1)
     await _both_passes(h)
     with pytest.raises(KeyMissing):  # back after a minute; let go again, for two this time
-        await h.fetch("w", ttr_ms=2 * 3_600_000)
+        await h.fetch("w", ttr_ms=ttr_ms)
     monkeypatch.setattr(h.keys, "key_by_id", key_by_id)
     h.clock.advance(LET_GO_BACK_MS + MARGIN_MS + 1)
     await _both_passes(h)
@@ -188,6 +190,32 @@ async def test_a_claim_resent_to_its_worker_by_another_copy_is_not_let_go(
     lease = await h.store.lease(QueueKey(OWNER, h.service), uuid.UUID(task_id), serial=True)
     assert lease is not None and lease.held_by("w", 1), f"the worker's lease given back: {lease}"
     assert lease.deliveries_counted == 1, "the worker was handed it: a delivery"
+
+
+async def test_a_resend_that_cannot_open_the_task_keeps_the_workers_lease(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker handed its task asks for it again (its ack unanswered: a fetch not ``fresh``) on a
+    bridge that lacks the task's key: the resend fails to open it. Let go, the worker's lease went
+    to nobody and a second worker took the task while the first worked on it (found by
+    re-review, 2026-12-08). Kept to the resend's deadline, and still a delivery."""
+    h = harness
+    task_id = await h.add("a long job")
+    await h.scheduler.tick()
+    got = await h.fetch("w", ttr_ms=2 * 3_600_000)
+    assert got is not None and got.task_id == task_id
+
+    async def missing(owner: str, key_id: str) -> Any:
+        raise UnknownKey(f"owner {owner!r} has no key {key_id!r}")
+
+    monkeypatch.setattr(h.keys, "key_by_id", missing)
+    monkeypatch.setattr(h.keys, "current", missing, raising=False)
+    h.clock.advance(1_000)
+    with pytest.raises(KeyMissing):
+        await h.fetch("w", ttr_ms=2 * 3_600_000)  # hands it out again: the resend
+    lease = await h.store.lease(QueueKey(OWNER, h.service), uuid.UUID(task_id), serial=True)
+    assert lease is not None and lease.held_by("w", got.epoch), f"the worker's lease given back: {lease}"
+    assert lease.deliveries_counted == 1
 
 
 async def test_a_let_go_whose_deadline_cannot_be_filed_still_uncounts_the_claim(

@@ -1088,3 +1088,14 @@ def test_a_secret_given_twice_as_a_name_is_not_printed(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="redacted") as raised:
         keyring_file.load_keyring(path)
     assert _GOOD.rstrip("=")[:32] not in str(raised.value)
+
+
+def test_a_long_hex_key_id_is_shown_in_errors(tmp_path: Path) -> None:
+    """Key ids are free-form: a SHA-256 fingerprint as one is shown, not taken for a secret."""
+    from bridge.crypto import keyring_file
+
+    fingerprint = "ab" * 32
+    path = tmp_path / "ring.json"
+    path.write_text(json.dumps({"owners": {"acme": {"current": fingerprint, "keys": {"k1": _GOOD}}}}))
+    with pytest.raises(ValueError, match=f"current key id '{fingerprint}' is missing"):
+        keyring_file.load_keyring(path)
