@@ -459,6 +459,15 @@ class Fetcher:
             return held.has_token  # the pointer's, written ahead of the claim with its deadline
 
         q, worker = a.q, a.worker
+        # Opened before the lease is renewed: a task this bridge cannot open (its key not here, the
+        # key server away) changes nothing, neither deadline nor pointer, and is not passed over
+        # for another task (the worker would hold two). Renewed first and then let go, the lease
+        # of a task its worker held went to nobody (another worker took it while the first worked
+        # on it); renewed and kept, the first copy of the fetch that claimed it, failing to open it
+        # too, no longer found its own deadline to let go from: the task stayed leased for the
+        # whole timeToRecover to a worker that never saw it, counted as a delivery (found by
+        # re-reviews, 2026-12-08). Its key back, or on a bridge that has it, the resend succeeds.
+        payload, opened = await self._opened_for_resend(q, held.task_id)
         res, until = await renew(self.ctx, self.soon, q, held.task_id, held.epoch, worker, a.ttr, has_token)
         if not res.applied:
             return None, res.current
@@ -466,11 +475,27 @@ class Fetcher:
         a.flight.granted += 1
         # The scheduler will meet the old deadline, see the later one, and re-arm itself (a shorter
         # lease's earlier deadline was filed by ``renew``).
-        # A resend hands out a task its worker was handed before: never let go if it cannot be
-        # opened here (this bridge lacks its key), the worker may hold it (found by re-review).
-        delivery = await self._deliver(q, worker, held.task_id, held.epoch, until, stamp=stamp, resent=True)
+        delivery = await self._deliver(q, worker, held.task_id, held.epoch, until, payload, stamp=stamp, opened=opened)
         self.ctx.metrics.inc("tasks_redelivered", kind="resend")  # handed out (``_claim``)
         return delivery, None
+
+    async def _opened_for_resend(
+        self, q: QueueKey, task_id: uuid.UUID
+    ) -> tuple[Payload | None, tuple[bytes, Payload] | None]:
+        """The task's row and its value in clear (None: gone, or it did not authenticate: left to
+        ``_deliver``, which says so or condemns it). One that cannot be opened here is refused as
+        a key outage, not passable (``KeysUnavailable``: the fetch answers ``unavailable``)."""
+        payload = await self.ctx.store.payload(q, task_id)
+        if payload is None:
+            return None, None
+        try:
+            return payload, await self._open(q, task_id, payload, from_hint=False)
+        except IntegrityError:
+            return payload, None
+        except (KeyMissing, KeysUnavailable) as exc:
+            missing = isinstance(exc, KeyMissing)
+            self.ctx.metrics.inc("deliveries_failed", reason="key_missing" if missing else "key_unavailable")
+            raise KeysUnavailable(f"the task this worker holds cannot be opened here now: {exc.message}") from None
 
     async def _claim_announced(self, a: _Attempt, held: WorkerPointer) -> Delivery | None:
         """Claim, for the worker, the task its pointer announces and no lease shows yet. That claim
@@ -1153,6 +1178,16 @@ class Fetcher:
         Only while the lease is still at the deadline this claim wrote: another copy of the fetch
         that resent the task to its worker since (its bridge had the key) made it a delivery, and
         given back then, the task went to a second worker while the first worked on it."""
+        try:
+            await self._let_go_now(q, task_id, epoch, worker, until, has_token=has_token, missing=missing)
+        except Unavailable as exc:
+            # The key trouble is what the fetch answers (and what its loop passes over), not this:
+            # the claim then stays counted and leased to its deadline (a store fault on top).
+            log.warning("task %s not let go (%s): it waits out its lease", task_id, exc.message)
+
+    async def _let_go_now(
+        self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, until: int, *, has_token: bool, missing: bool
+    ) -> None:
         ctx = self.ctx
         lease = await ctx.store.lease(q, task_id, serial=True)
         if lease is None or not lease.held_by(worker, epoch) or lease.lease_until_ms != until:
@@ -1190,7 +1225,7 @@ class Fetcher:
         *,
         stamp: int | None,
         carried: Payload | None = None,
-        resent: bool = False,
+        opened: tuple[bytes, Payload] | None = None,
     ) -> Delivery:
         ctx = self.ctx
         if payload is None:
@@ -1199,7 +1234,7 @@ class Fetcher:
             # Expired between claim and read (TTL): nothing to hand out.
             raise Unavailable("the task expired while being fetched; fetch again")
         try:
-            plain, payload = await self._open(q, task_id, payload, from_hint=payload is carried)
+            plain, payload = opened or await self._open(q, task_id, payload, from_hint=payload is carried)
         except (KeyMissing, KeysUnavailable) as exc:
             # Let the worker move on to other tasks; this lease runs out and the task is offered
             # again later (by then, perhaps, with its key back). The worker never saw it: this
@@ -1208,17 +1243,11 @@ class Fetcher:
             # the worker's retries re-sent this task and failed again, never reaching the tasks
             # sealed with the current key behind it.
             missing = isinstance(exc, KeyMissing)
-            steps = [ctx.store.clear_worker(q, worker, _after(stamp, ctx.clock.now_ms()))]
-            if not resent:
-                # A resend's task was handed to its worker before (a delivery, which it may hold
-                # still, its ack unanswered): kept to its deadline, neither uncounted nor given
-                # back (another worker would take it while the first works on it).
-                let_go = self._let_go(
-                    q, task_id, epoch, worker, until, has_token=payload.token is not None, missing=missing
-                )
-                steps.append(let_go)
-            await asyncio.gather(*steps)
             ctx.metrics.inc("deliveries_failed", reason="key_missing" if missing else "key_unavailable")
+            let_go = self._let_go(
+                q, task_id, epoch, worker, until, has_token=payload.token is not None, missing=missing
+            )
+            await asyncio.gather(ctx.store.clear_worker(q, worker, _after(stamp, ctx.clock.now_ms())), let_go)
             self._error_undelivered.warning(
                 "task %s not delivered: its key is %s", task_id, "missing" if missing else "unavailable"
             )

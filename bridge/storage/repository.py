@@ -779,7 +779,9 @@ class CassandraTaskStore:
         if until_ms is not None:
             name, values = "lease.let_go", (*values, to_datetime(until_ms))
         try:
-            rows = await self._lease_write(task_id, name, lambda ttl, end: (ttl, *values, *key, end))
+            rows = await self._lease_write(
+                task_id, name, lambda ttl, end: (ttl, *values, *key, end), outlive_ms=until_ms
+            )
         except UnknownOutcome:
             return False  # not counted is the safe side: the task is delivered later all the same
         return bool(rows and rows[0].get("[applied]"))

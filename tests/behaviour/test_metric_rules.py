@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from bridge.crypto.errors import UnknownKey
-from bridge.domain.errors import KeyMissing, Unavailable
+from bridge.domain.errors import KeyMissing, KeysUnavailable, Unavailable
 from bridge.domain.models import AddCommand, FailRequest, parse
 from bridge.domain.records import QueueKey
 from tests.conftest import wait_for
@@ -208,14 +208,18 @@ async def test_a_resend_that_cannot_open_the_task_keeps_the_workers_lease(
     async def missing(owner: str, key_id: str) -> Any:
         raise UnknownKey(f"owner {owner!r} has no key {key_id!r}")
 
+    key_by_id = h.keys.key_by_id
     monkeypatch.setattr(h.keys, "key_by_id", missing)
-    monkeypatch.setattr(h.keys, "current", missing, raising=False)
     h.clock.advance(1_000)
-    with pytest.raises(KeyMissing):
+    with pytest.raises(KeysUnavailable, match="cannot be opened here"):
         await h.fetch("w", ttr_ms=2 * 3_600_000)  # hands it out again: the resend
     lease = await h.store.lease(QueueKey(OWNER, h.service), uuid.UUID(task_id), serial=True)
     assert lease is not None and lease.held_by("w", got.epoch), f"the worker's lease given back: {lease}"
     assert lease.deliveries_counted == 1
+    assert lease.lease_until_ms == got.lease_expires_at_ms, "renewed for a task it could not hand out"
+    monkeypatch.setattr(h.keys, "key_by_id", key_by_id)  # on a bridge with the key: the same task again
+    again = await h.fetch("w", ttr_ms=2 * 3_600_000)
+    assert again is not None and again.task_id == task_id and again.epoch == got.epoch
 
 
 async def test_a_let_go_whose_deadline_cannot_be_filed_still_uncounts_the_claim(
@@ -240,7 +244,7 @@ async def test_a_let_go_whose_deadline_cannot_be_filed_still_uncounts_the_claim(
         await watch_expiry(bucket, entry)
 
     monkeypatch.setattr(h.store, "watch_expiry", failing)
-    with pytest.raises(Unavailable):
+    with pytest.raises(KeyMissing):  # what the fetch answers is the key's trouble, not the store's
         await h.fetch("w", ttr_ms=2 * 3_600_000)
     monkeypatch.setattr(h.store, "watch_expiry", watch_expiry)
     lease = await h.store.lease(QueueKey(OWNER, h.service), uuid.UUID(task_id), serial=True)
