@@ -467,7 +467,20 @@ class Fetcher:
         # too, no longer found its own deadline to let go from: the task stayed leased for the
         # whole timeToRecover to a worker that never saw it, counted as a delivery (found by
         # re-reviews, 2026-12-08). Its key back, or on a bridge that has it, the resend succeeds.
-        payload, opened = await self._opened_for_resend(q, held.task_id)
+        try:
+            payload, opened = await self._opened_for_resend(q, held.task_id)
+        except (KeyMissing, KeysUnavailable) as exc:
+            # Refused as a key outage only while the worker holds the task (a read, on this path
+            # only): a pointer naming a task done (a one-statement ack leaves it), re-claimed,
+            # ended or let go (never handed out) is stale, and the fetch goes on to the next task.
+            # Refused whatever the lease, a worker whose pointer named a task sealed with a removed
+            # key got no task until that task's row expired (found by re-review, 2026-12-08).
+            lease = await self.ctx.store.lease(q, held.task_id, serial=True)
+            if lease is None or not lease.held_by(worker, held.epoch) or lease.uncounted_epoch == held.epoch:
+                return None, lease
+            missing = isinstance(exc, KeyMissing)
+            self.ctx.metrics.inc("deliveries_failed", reason="key_missing" if missing else "key_unavailable")
+            raise KeysUnavailable(f"the task this worker holds cannot be opened here now: {exc.message}") from None
         res, until = await renew(self.ctx, self.soon, q, held.task_id, held.epoch, worker, a.ttr, has_token)
         if not res.applied:
             return None, res.current
@@ -483,8 +496,8 @@ class Fetcher:
         self, q: QueueKey, task_id: uuid.UUID
     ) -> tuple[Payload | None, tuple[bytes, Payload] | None]:
         """The task's row and its value in clear (None: gone, or it did not authenticate: left to
-        ``_deliver``, which says so or condemns it). One that cannot be opened here is refused as
-        a key outage, not passable (``KeysUnavailable``: the fetch answers ``unavailable``)."""
+        ``_deliver``, which says so or condemns it); KeyMissing or KeysUnavailable if it cannot
+        be opened here."""
         payload = await self.ctx.store.payload(q, task_id)
         if payload is None:
             return None, None
@@ -492,10 +505,6 @@ class Fetcher:
             return payload, await self._open(q, task_id, payload, from_hint=False)
         except IntegrityError:
             return payload, None
-        except (KeyMissing, KeysUnavailable) as exc:
-            missing = isinstance(exc, KeyMissing)
-            self.ctx.metrics.inc("deliveries_failed", reason="key_missing" if missing else "key_unavailable")
-            raise KeysUnavailable(f"the task this worker holds cannot be opened here now: {exc.message}") from None
 
     async def _claim_announced(self, a: _Attempt, held: WorkerPointer) -> Delivery | None:
         """Claim, for the worker, the task its pointer announces and no lease shows yet. That claim
@@ -1178,16 +1187,8 @@ class Fetcher:
         Only while the lease is still at the deadline this claim wrote: another copy of the fetch
         that resent the task to its worker since (its bridge had the key) made it a delivery, and
         given back then, the task went to a second worker while the first worked on it."""
-        try:
-            await self._let_go_now(q, task_id, epoch, worker, until, has_token=has_token, missing=missing)
-        except Unavailable as exc:
-            # The key trouble is what the fetch answers (and what its loop passes over), not this:
-            # the claim then stays counted and leased to its deadline (a store fault on top).
-            log.warning("task %s not let go (%s): it waits out its lease", task_id, exc.message)
-
-    async def _let_go_now(
-        self, q: QueueKey, task_id: uuid.UUID, epoch: int, worker: str, until: int, *, has_token: bool, missing: bool
-    ) -> None:
+        # A store fault here is raised (Unavailable): the fetch ends, its loop does not pass over to
+        # more tasks it would lease away to its deadline, each (found by re-review, 2026-12-08).
         ctx = self.ctx
         lease = await ctx.store.lease(q, task_id, serial=True)
         if lease is None or not lease.held_by(worker, epoch) or lease.lease_until_ms != until:

@@ -222,6 +222,31 @@ async def test_a_resend_that_cannot_open_the_task_keeps_the_workers_lease(
     assert again is not None and again.task_id == task_id and again.epoch == got.epoch
 
 
+async def test_a_pointer_to_a_done_task_whose_key_is_gone_does_not_block_the_worker(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-statement ack leaves the worker's pointer naming the done task; its next fetch not
+    ``fresh`` (after a restart, a failed request) tries that task first. With the task's key gone,
+    the resend was refused as a key outage whatever the lease said, and the worker got no task
+    until that task's row expired (found by re-review, 2026-12-08). A done task is a stale
+    pointer: the fetch goes on to the next task."""
+    h = harness
+    done_id = await h.add("done already")
+    next_id = await h.add("the next one")
+    await h.scheduler.tick()
+    got = await h.fetch("w", ttr_ms=60_000)
+    assert got is not None and got.task_id == done_id and await h.ack("w", got)
+
+    async def missing(owner: str, key_id: str) -> Any:
+        raise UnknownKey(f"owner {owner!r} has no key {key_id!r}")
+
+    monkeypatch.setattr(h.keys, "key_by_id", missing)  # every key gone: the next task cannot open either
+    with pytest.raises(KeyMissing):  # the next task's trouble: the fetch went past the done one
+        await h.fetch("w", ttr_ms=60_000)
+    lease = await h.store.lease(QueueKey(OWNER, h.service), uuid.UUID(next_id), serial=True)
+    assert lease is not None and lease.epoch == 1 and lease.uncounted_epoch == 1, lease
+
+
 async def test_a_let_go_whose_deadline_cannot_be_filed_still_uncounts_the_claim(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -244,7 +269,7 @@ async def test_a_let_go_whose_deadline_cannot_be_filed_still_uncounts_the_claim(
         await watch_expiry(bucket, entry)
 
     monkeypatch.setattr(h.store, "watch_expiry", failing)
-    with pytest.raises(KeyMissing):  # what the fetch answers is the key's trouble, not the store's
+    with pytest.raises(Unavailable, match="replicas are down"):  # the fetch ends: no more tasks leased away
         await h.fetch("w", ttr_ms=2 * 3_600_000)
     monkeypatch.setattr(h.store, "watch_expiry", watch_expiry)
     lease = await h.store.lease(QueueKey(OWNER, h.service), uuid.UUID(task_id), serial=True)
