@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -362,6 +363,23 @@ class KeyringFileProvider:
     @property
     def owners(self) -> frozenset[str]:
         return frozenset(self._ring)
+
+    @property
+    def digest(self) -> str:
+        """Which key-ring is in use, comparable across bridges without showing a secret or an
+        owner: a digest of its owners, key ids and current ids (not the keys). Exported as
+        ``queue_bridge_keyring_loaded_info{digest}``: before ``keyring promote``, every bridge
+        shows the staged key-ring's (a two-step rotation could only be checked in the logs)."""
+        lines = sorted(
+            f"{owner}\0{key_id}\0{int(key_id == ring.current.key_id)}"
+            for owner, ring in self._ring.items()
+            for key_id in ring.keys
+        )
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]
+
+    @property
+    def key_count(self) -> int:
+        return sum(len(ring.keys) for ring in self._ring.values())
 
     def __repr__(self) -> str:
         return f"KeyringFileProvider({str(self._path)!r}, owners={len(self._ring)})"

@@ -230,6 +230,7 @@ class _CallbackCollector(Collector):
             CounterMetricFamily(f"{PREFIX}_key_cache_coalesced", ""),
             CounterMetricFamily(f"{PREFIX}_key_cache_stale", ""),
             GaugeMetricFamily(f"{PREFIX}_keyring_file_rejected", ""),
+            GaugeMetricFamily(f"{PREFIX}_keyring_loaded_info", ""),
             GaugeMetricFamily(f"{PREFIX}_scheduler_lag_seconds", ""),
             GaugeMetricFamily(f"{PREFIX}_scheduler_last_tick_age_seconds", ""),
             GaugeMetricFamily(f"{PREFIX}_amqp_node_info", ""),
@@ -272,6 +273,16 @@ class _CallbackCollector(Collector):
                     "the previous keys are kept, and a restart would fail.",
                     value=int(rejected),
                 )
+            digest, keys = getattr(ring, "digest", None), getattr(ring, "key_count", None)
+            if isinstance(digest, str) and isinstance(keys, int):
+                info = GaugeMetricFamily(
+                    f"{PREFIX}_keyring_loaded_info",
+                    "The key-ring in use: a digest of its owners, key ids and current ids (no secret), and its "
+                    "number of keys as the value. Every bridge should show one digest before `keyring promote`.",
+                    labels=["digest"],
+                )
+                info.add_metric([digest], keys)
+                yield info
         state = self.scheduler
         if state is not None:
             yield GaugeMetricFamily(

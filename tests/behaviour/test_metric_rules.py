@@ -40,6 +40,11 @@ def _count_exposures(h: Harness, monkeypatch: pytest.MonkeyPatch) -> Counter[tup
     return written
 
 
+async def _key_missing(owner: str, key_id: str) -> Any:
+    """``keys.key_by_id`` of a bridge that lacks every key (removed, or not loaded here yet)."""
+    raise UnknownKey(f"owner {owner!r} has no key {key_id!r}")
+
+
 async def _timers_done(h: Harness) -> None:
     await wait_for(lambda: not h.scheduler._timers, 10.0, what="the bridge's own deadline timers to end")
 
@@ -80,10 +85,7 @@ async def test_a_claim_whose_key_is_missing_is_not_counted_as_a_delivery(
     h = harness
     await h.add("sealed with a key about to go")
 
-    async def missing(owner: str, key_id: str) -> Any:
-        raise UnknownKey(f"owner {owner!r} has no key {key_id!r}")
-
-    monkeypatch.setattr(h.keys, "key_by_id", missing)
+    monkeypatch.setattr(h.keys, "key_by_id", _key_missing)
     written = _count_exposures(h, monkeypatch)
     await h.scheduler.tick()
     with pytest.raises(KeyMissing):
@@ -112,10 +114,7 @@ async def test_a_task_whose_key_was_missing_comes_back_within_a_minute_whatever_
     task_id = await h.add("sealed with a key this bridge has not loaded yet")
     key_by_id = h.keys.key_by_id
 
-    async def missing(owner: str, key_id: str) -> Any:
-        raise UnknownKey(f"owner {owner!r} has no key {key_id!r}")
-
-    monkeypatch.setattr(h.keys, "key_by_id", missing)
+    monkeypatch.setattr(h.keys, "key_by_id", _key_missing)
     await h.scheduler.tick()
     with pytest.raises(KeyMissing):
         await h.fetch("w", ttr_ms=2 * 3_600_000)
@@ -142,10 +141,7 @@ async def test_a_task_whose_key_stays_missing_comes_back_ever_later(
     task_id = await h.add("sealed with a key gone for good")
     key_by_id = h.keys.key_by_id
 
-    async def missing(owner: str, key_id: str) -> Any:
-        raise UnknownKey(f"owner {owner!r} has no key {key_id!r}")
-
-    monkeypatch.setattr(h.keys, "key_by_id", missing)
+    monkeypatch.setattr(h.keys, "key_by_id", _key_missing)
     await h.scheduler.tick()
     with pytest.raises(KeyMissing):
         await h.fetch("w", ttr_ms=ttr_ms)
@@ -205,11 +201,8 @@ async def test_a_resend_that_cannot_open_the_task_keeps_the_workers_lease(
     got = await h.fetch("w", ttr_ms=2 * 3_600_000)
     assert got is not None and got.task_id == task_id
 
-    async def missing(owner: str, key_id: str) -> Any:
-        raise UnknownKey(f"owner {owner!r} has no key {key_id!r}")
-
     key_by_id = h.keys.key_by_id
-    monkeypatch.setattr(h.keys, "key_by_id", missing)
+    monkeypatch.setattr(h.keys, "key_by_id", _key_missing)
     h.clock.advance(1_000)
     with pytest.raises(KeysUnavailable, match="cannot be opened here"):
         await h.fetch("w", ttr_ms=2 * 3_600_000)  # hands it out again: the resend
@@ -237,10 +230,7 @@ async def test_a_pointer_to_a_done_task_whose_key_is_gone_does_not_block_the_wor
     got = await h.fetch("w", ttr_ms=60_000)
     assert got is not None and got.task_id == done_id and await h.ack("w", got)
 
-    async def missing(owner: str, key_id: str) -> Any:
-        raise UnknownKey(f"owner {owner!r} has no key {key_id!r}")
-
-    monkeypatch.setattr(h.keys, "key_by_id", missing)  # every key gone: the next task cannot open either
+    monkeypatch.setattr(h.keys, "key_by_id", _key_missing)  # every key gone: the next task cannot open either
     with pytest.raises(KeyMissing):  # the next task's trouble: the fetch went past the done one
         await h.fetch("w", ttr_ms=60_000)
     lease = await h.store.lease(QueueKey(OWNER, h.service), uuid.UUID(next_id), serial=True)
@@ -256,10 +246,7 @@ async def test_a_let_go_whose_deadline_cannot_be_filed_still_uncounts_the_claim(
     h = harness
     task_id = await h.add("sealed with a key not loaded here")
 
-    async def missing(owner: str, key_id: str) -> Any:
-        raise UnknownKey(f"owner {owner!r} has no key {key_id!r}")
-
-    monkeypatch.setattr(h.keys, "key_by_id", missing)
+    monkeypatch.setattr(h.keys, "key_by_id", _key_missing)
     await h.scheduler.tick()
     watch_expiry = h.store.watch_expiry
 

@@ -16,6 +16,7 @@ import asyncio
 import itertools
 import statistics
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -276,6 +277,25 @@ async def test_a_bridge_whose_monotonic_clock_stood_still_takes_cassandras_time_
     assert abs(cassandra - b.anchor.now_ms()) < 100, f"{cassandra - b.anchor.now_ms()} ms off after the probe"
 
 
+def _first_clock_probes_fail(monkeypatch: Any, n: int) -> Callable[[], int]:
+    """The next ``n`` clock probes (``server_time_ms``) fail as a node going away would; returns
+    how many are still to fail."""
+    from bridge.storage.errors import StorageUnavailable
+    from bridge.storage.repository import CassandraTaskStore
+
+    real = CassandraTaskStore.server_time_ms
+    left = [n]
+
+    async def flaky(self: Any) -> int:
+        if left[0]:
+            left[0] -= 1
+            raise StorageUnavailable("the clock probe's node went away")
+        return await real(self)
+
+    monkeypatch.setattr(CassandraTaskStore, "server_time_ms", flaky)
+    return lambda: left[0]
+
+
 async def test_a_bridge_whose_first_clock_probes_fail_takes_no_request_before_it_reads_cassandras_time(
     make_bridge, monkeypatch
 ):
@@ -283,22 +303,9 @@ async def test_a_bridge_whose_first_clock_probes_fail_takes_no_request_before_it
     start whose probe failed went on serving on the host's clock (only fetches were held back):
     adds and acks took task ids, write stamps and outbox buckets from a host that may be minutes
     off. Found by review. The start now tries the probe again, as it does Cassandra itself."""
-    from bridge.storage.errors import StorageUnavailable
-    from bridge.storage.repository import CassandraTaskStore
-
-    real = CassandraTaskStore.server_time_ms
-    failures = 2
-
-    async def flaky(self: Any) -> int:
-        nonlocal failures
-        if failures:
-            failures -= 1
-            raise StorageUnavailable("the clock probe's node went away")
-        return await real(self)
-
-    monkeypatch.setattr(CassandraTaskStore, "server_time_ms", flaky)
+    failures = _first_clock_probes_fail(monkeypatch, 2)
     b = await make_bridge(start_timeout=30)
-    assert failures == 0
+    assert failures() == 0
     assert b.anchor is not None and b.anchor.anchor is not None, "serving before Cassandra's time was read"
 
 
@@ -310,22 +317,9 @@ async def test_a_host_mode_bridge_whose_first_clock_probes_fail_serves_only_once
     the skew guard said ok: a host seconds off served adds, fetches and the duty on its own clock
     until the next probe, a whole ``BRIDGE_CLOCK_CHECK_INTERVAL`` later (30 s by default; found by
     review, 2026-12-08). The start now tries the probe again, as in Cassandra mode."""
-    from bridge.storage.errors import StorageUnavailable
-    from bridge.storage.repository import CassandraTaskStore
-
-    real = CassandraTaskStore.server_time_ms
-    failures = 2
-
-    async def flaky(self: Any) -> int:
-        nonlocal failures
-        if failures:
-            failures -= 1
-            raise StorageUnavailable("the clock probe's node went away")
-        return await real(self)
-
-    monkeypatch.setattr(CassandraTaskStore, "server_time_ms", flaky)
+    failures = _first_clock_probes_fail(monkeypatch, 2)
     b = await make_bridge(clock_source="host", clock_check_interval=3600, start_timeout=30)
-    assert failures == 0
+    assert failures() == 0
     assert b.skew.reading is not None, "serving on a host clock never measured"
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -34,20 +36,32 @@ TTL_S = 7 * 86_400
 AHEAD_MS = 5_000
 
 
-async def test_a_refused_park_takes_back_its_own_row_not_a_later_park_of_a_bridge_behind(
-    cassandra_settings: Any,
-) -> None:
-    settings = cassandra_settings  # the run's keyspace, its schema created
-    # Each bridge's session stamps its writes with its own clock.
-    clocks = {"ahead": lambda: int(time.time() * 1000) + AHEAD_MS, "behind": lambda: int(time.time() * 1000)}
-    sessions = {name: open_session(settings, now_ms=clock) for name, clock in clocks.items()}
+CLOCKS: dict[str, Callable[[], int]] = {
+    "ahead": lambda: int(time.time() * 1000) + AHEAD_MS,
+    "behind": lambda: int(time.time() * 1000),
+}
+
+
+@asynccontextmanager
+async def _two_bridges(settings: Any) -> AsyncIterator[tuple[CassandraTaskStore, CassandraTaskStore]]:
+    """The stores of a bridge ahead and one behind: each session stamps its writes by its clock."""
+    sessions = {name: open_session(settings, now_ms=clock) for name, clock in CLOCKS.items()}
     for db in sessions.values():
         await db.connect()
     try:
-        ahead = CassandraTaskStore(sessions["ahead"], clocks["ahead"], TTL_S)
-        behind = CassandraTaskStore(sessions["behind"], clocks["behind"], TTL_S)
-        await ahead.prepare()
-        await behind.prepare()
+        stores = [CassandraTaskStore(sessions[name], CLOCKS[name], TTL_S) for name in ("ahead", "behind")]
+        for store in stores:
+            await store.prepare()
+        yield stores[0], stores[1]
+    finally:
+        for db in sessions.values():
+            await db.close()
+
+
+async def test_a_refused_park_takes_back_its_own_row_not_a_later_park_of_a_bridge_behind(
+    cassandra_settings: Any,
+) -> None:
+    async with _two_bridges(cassandra_settings) as (ahead, behind):  # the run's keyspace, its schema created
         q = QueueKey("worker-a", f"svc-{uuid.uuid4().hex[:10]}")
         task = uuid.uuid1()
         first, second = uuid.uuid1(), uuid.uuid1()
@@ -62,9 +76,6 @@ async def test_a_refused_park_takes_back_its_own_row_not_a_later_park_of_a_bridg
         # ``parked`` lost the second park's row to the first's stamps (its known limit, which a
         # bridge before ``parks`` still has); ``parks`` keeps it, so listings and stats find it.
         assert [(e.task_id, e.park_id) for e in listed if e.in_parks] == [(task, second)], listed
-    finally:
-        for db in sessions.values():
-            await db.close()
 
 
 async def test_a_parks_row_is_deleted_by_a_bridge_whose_clock_is_behind_its_writers(cassandra_settings: Any) -> None:
@@ -72,22 +83,10 @@ async def test_a_parks_row_is_deleted_by_a_bridge_whose_clock_is_behind_its_writ
     delete, stamped by its own clock, was older than the row it deleted, and the row stayed (a
     stale row every listing and stats read passed, and checked against its lease, until its TTL).
     Stamped after the row's own time, it goes."""
-    settings = cassandra_settings
-    clocks = {"ahead": lambda: int(time.time() * 1000) + AHEAD_MS, "behind": lambda: int(time.time() * 1000)}
-    sessions = {name: open_session(settings, now_ms=clock) for name, clock in clocks.items()}
-    for db in sessions.values():
-        await db.connect()
-    try:
-        ahead = CassandraTaskStore(sessions["ahead"], clocks["ahead"], TTL_S)
-        behind = CassandraTaskStore(sessions["behind"], clocks["behind"], TTL_S)
-        await ahead.prepare()
-        await behind.prepare()
+    async with _two_bridges(cassandra_settings) as (ahead, behind):
         q = QueueKey("worker-a", f"svc-{uuid.uuid4().hex[:10]}")
         task, park = uuid.uuid1(), uuid.uuid1()
-        parked_at = clocks["ahead"]()  # the park's time, by its bridge's clock
+        parked_at = CLOCKS["ahead"]()  # the park's time, by its bridge's clock
         await ahead.add_parked(q, ParkedEntry(task, 2, parked_at, "failed", False, park_id=park))
         await behind.remove_park(q, task, park, parked_at)
         assert [e for e in await behind.parked(q, 10) if e.in_parks] == []
-    finally:
-        for db in sessions.values():
-            await db.close()

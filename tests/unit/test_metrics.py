@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, generate_latest
 
 from bridge.domain.scheduler import SchedulerState
 from bridge.observability.metrics import REQUEST_BUCKETS, ROUTES, BridgeMetrics
@@ -296,3 +297,31 @@ def test_the_key_ring_gauge_is_refreshed_as_it_is_scraped(tmp_path: Path) -> Non
     path.write_bytes(good)  # put back
     now[0] += 2
     assert m.registry.get_sample_value("queue_bridge_keyring_file_rejected") == 0
+
+
+def test_the_key_ring_in_use_is_named_by_a_digest_that_changes_with_its_key_ids(tmp_path: Path) -> None:
+    """Before `keyring promote` an operator checks that every bridge loaded the staged key: only the
+    logs said so (found by review, 2026-12-08). The digest names the owners' key ids and current
+    ids, never a secret: a staged key changes it, a promote changes it again."""
+    from bridge.crypto import CachingKeyProvider, KeyringFileProvider, generate_keyring, write_keyring
+    from bridge.crypto.keyring_file import rotate_keyring
+
+    path = tmp_path / "keyring.json"
+    doc = generate_keyring(["acme", "globex"])
+    write_keyring(path, doc)
+    now = [0.0]
+    m = BridgeMetrics(instance="i", key_cache=CachingKeyProvider(KeyringFileProvider(path, clock=lambda: now[0])))
+
+    def loaded() -> dict[str, float]:
+        text = generate_latest(m.registry).decode()
+        found = re.findall(r'^queue_bridge_keyring_loaded_info\{digest="([0-9a-f]{12})"\} (\S+)$', text, re.M)
+        assert all(secret not in text for o in doc["owners"].values() for secret in o["keys"].values())
+        return {digest: float(value) for digest, value in found}
+
+    first = loaded()
+    assert list(first.values()) == [2.0]
+    rotate_keyring(doc, "acme")  # a new key, current
+    write_keyring(path, doc)
+    now[0] += 2
+    second = loaded()
+    assert list(second.values()) == [3.0] and second.keys() != first.keys()
