@@ -644,7 +644,17 @@ class Fetcher:
             if resent is not None:
                 await asyncio.shield(taken.retry())
                 return resent
-            claim = await self._claim_hinted(a, taken)
+            try:
+                claim = await self._claim_hinted(a, taken)
+            except KeyMissing as exc:
+                # Claimed and let go (its key not usable here): wait on for the next hint, as a
+                # short fetch goes on to the next task (up to MAX_UNOPENED); the worker hears why
+                # if the wait ends with nothing (``_fetch``). Answered at once, a removed key's
+                # tasks coming back one by one turned every idle long-poll into an ``unavailable``
+                # and a backoff, while healthy tasks waited (found by re-review, 2026-12-08).
+                a.passed_over(exc)
+                granted = a.flight.granted  # this fetch's own claim, which handed nothing out
+                continue
             if claim.delivery is not None:
                 return claim.delivery
             # This fetch holds the turn: every grant since the wait began was looked at (above) or

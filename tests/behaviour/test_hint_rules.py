@@ -51,6 +51,35 @@ async def test_a_waiting_fetch_gets_a_task_added_while_it_waits(hinted: Harness)
     assert got is not None and got.task_id == task_id
 
 
+async def test_a_waiting_fetch_that_meets_a_task_it_cannot_open_waits_on_for_the_next(
+    hinted: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long-poll whose hint named a task sealed with a key this bridge lacks: the claim is let
+    go, and the fetch answered ``unavailable`` at once, the worker backing off while the healthy
+    task added next waited (found by re-review, 2026-12-08). It waits on, as a short fetch goes on
+    to the next task, and gets that one."""
+    from bridge.crypto.errors import UnknownKey
+
+    h = hinted
+    assert h.hints is not None
+    key_by_id, calls = h.keys.key_by_id, [0]
+
+    async def first_missing(owner: str, key_id: str) -> Any:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise UnknownKey(f"owner {owner!r} has no key {key_id!r}")
+        return await key_by_id(owner, key_id)
+
+    monkeypatch.setattr(h.keys, "key_by_id", first_missing)
+    waiting = asyncio.create_task(h.fetch("w", wait_ms=10_000))
+    await wait_for(lambda: h.hints.waiting == 1, 10.0, what="the fetch waiting")  # type: ignore[union-attr]
+    await h.add("its key is not here")
+    await wait_for(lambda: calls[0] == 1 or waiting.done(), 5.0, what="the first task claimed")
+    healthy = await h.add("healthy")
+    got = await asyncio.wait_for(waiting, 9.0)
+    assert got is not None and got.task_id == healthy
+
+
 async def test_a_waiting_fetch_answers_null_when_its_wait_ends(hinted: Harness) -> None:
     h = hinted
     loop = asyncio.get_running_loop()
