@@ -5,7 +5,7 @@ STATE := deploy/local/state
 # The test command that README.md shows and .ci/run runs.
 PYTEST := .venv/bin/pytest -p no:cacheprovider
 
-.PHONY: help venv node-deps browser run bridge demo test test-unit test-quorum soak lint bandit typecheck check bench bench-quick bench-json bench-decode keyring clean \
+.PHONY: help venv node-deps browser run bridge demo test test-unit test-quorum soak lint bandit typecheck check bench bench-quick bench-json bench-decode bench-counts keyring clean \
 	stack-up stack-down stack-status
 
 help:
@@ -101,6 +101,9 @@ bench-json: venv
 # CPU per request of decoding its frames, pamqp's way and the bridge's, in one run (no servers).
 bench-decode: venv
 	$(PY) -m benchmarks.frame_decode
+
+bench-counts: venv
+	$(PY) -m benchmarks.counts_flush
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache

@@ -338,7 +338,7 @@ class Bridge:
             # With host, the host's clock is trusted only once measured: a failed first probe was
             # passed over, and with no reading the guard said ok, so a host seconds off served on
             # its own clock (and could take the duty) until the next probe, a whole
-            # BRIDGE_CLOCK_CHECK_INTERVAL later (found by review, 2026-12-08). Read as Cassandra is.
+            # BRIDGE_CLOCK_CHECK_INTERVAL later (found by review, 2026-12-07). Read as Cassandra is.
             await self._until_reachable("Cassandra's clock", self._read_clock, _storage_unreachable())
             # A stop cuts a RabbitMQ attempt short (each node's attempt is bounded too, by
             # BRIDGE_AMQP_CONNECT_TIMEOUT). Not Cassandra's: acsylla's connect, cancelled, never

@@ -243,7 +243,7 @@ _BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{40,}={0,2}")  # a key is 44: an id of 3
 def _shown(key_id: str) -> str:
     """A key id as the file's errors print it (logs, the CLI): redacted if it is a key itself. A
     secret pasted where an id goes (an id and its key swapped, the key as ``current``) was printed
-    whole by the error saying so (found by review, 2026-12-08). Also without its padding, and any
+    whole by the error saying so (found by review, 2026-12-07). Also without its padding, and any
     long run of base64 characters (most of a key is a secret too)."""
     text = key_id.strip()
     try:

@@ -250,7 +250,7 @@ class HttpKeyProvider:
             # or garbage for this owner's entry while it serves the others lately: this owner's
             # trouble, as an answered error is. Taken for the server's, each of this owner's
             # retries backed off every other owner's lookups for up to 5 s, and its adds held the
-            # add slots every owner shares (found by review; for garbage, 2026-12-08). With
+            # add slots every owner shares (found by review; for garbage, 2026-12-07). With
             # nobody answered (the server away for all, a proxy's page for every request), the
             # server's, as before. Its cached key, if any, is still good (stale_ok).
             timed_out = isinstance(exc, _TimedOut)

@@ -122,7 +122,7 @@ class QueueCounts:
         # By partition (a queue's counts, its delayed counts): sent one after another within one,
         # the partitions side by side (FLUSH_PARTITIONS_AT_ONCE at most). One after another in
         # all, a statement stalled on one queue's replicas held every other queue's counts behind
-        # it (a stop's bounded flush wrote none of them; found by re-review, 2026-12-08).
+        # it (a stop's bounded flush wrote none of them; found by re-review, 2026-12-07).
         partitions: dict[tuple[str, QueueKey], list[tuple[Callable[[], Awaitable[None]], Callable[[], None]]]] = (
             defaultdict(list)
         )
@@ -159,7 +159,7 @@ class QueueCounts:
             # yet are kept for the stop's next flush; those in flight are dropped (they may have
             # applied), counted uncertain with those that timed out before. Taken out above and
             # lost, every queue's deltas after a stalled statement went unwritten, with no log and
-            # no metric (found by review, 2026-12-08).
+            # no metric (found by review, 2026-12-07).
             for keep_unsent in unsent.values():
                 keep_unsent()
             self.dropped_by_cancel += in_flight_now + sum(1 for outcome in outcomes if outcome is True)

@@ -71,15 +71,15 @@ MAX_SPENT_ENTRIES = 64
 # key server would lease a backlog away four tasks a fetch, each for its whole timeToRecover; that
 # fetch answers ``unavailable`` at once, and its worker backs off.
 MAX_UNOPENED = 4
-# A task let go that way comes back within this long (or at its lease's end, if sooner): held for
-# its worker's whole timeToRecover (hours, for long jobs), a key server away for a minute, or a key
-# not loaded on one bridge yet, kept the tasks it met leased to nobody for that long (found by
-# review, 2026-12-08). A minute, the default timeToRecover: a key missing for good costs no more
-# claims than a default worker's lost tasks do.
+# A task let go that way comes back within this long (or at its lease's end, if sooner; doubling
+# from there): held for its worker's whole timeToRecover (hours, for long jobs), a key server away
+# for a minute, or a key not loaded on one bridge yet, kept the tasks it met leased to nobody for
+# that long (found by review, 2026-12-07). A minute, the default timeToRecover: a key missing for
+# good costs no more claims than a default worker's lost tasks do.
 LET_GO_BACK_MS = 60_000
 # ... doubling with each let-go of the task since its last redrive (its ``uncounted``), up to 64
 # minutes: a key gone for good came back every minute for the TTL, claimed, read and let go each
-# time, its tasks' hints ahead of the healthy ones (found by re-review, 2026-12-08).
+# time, its tasks' hints ahead of the healthy ones (found by re-review, 2026-12-07).
 LET_GO_DOUBLINGS_MAX = 6
 TTL_GRANULARITY_MS = 1_000  # Cassandra expires rows on whole seconds
 # Workers with fetches in flight on one bridge that are made to take turns (``_Flight``). An entry
@@ -466,7 +466,7 @@ class Fetcher:
         # on it); renewed and kept, the first copy of the fetch that claimed it, failing to open it
         # too, no longer found its own deadline to let go from: the task stayed leased for the
         # whole timeToRecover to a worker that never saw it, counted as a delivery (found by
-        # re-reviews, 2026-12-08). Its key back, or on a bridge that has it, the resend succeeds.
+        # re-reviews, 2026-12-07). Its key back, or on a bridge that has it, the resend succeeds.
         try:
             payload, opened = await self._opened_for_resend(q, held.task_id)
         except (KeyMissing, KeysUnavailable) as exc:
@@ -474,7 +474,7 @@ class Fetcher:
             # only): a pointer naming a task done (a one-statement ack leaves it), re-claimed,
             # ended or let go (never handed out) is stale, and the fetch goes on to the next task.
             # Refused whatever the lease, a worker whose pointer named a task sealed with a removed
-            # key got no task until that task's row expired (found by re-review, 2026-12-08).
+            # key got no task until that task's row expired (found by re-review, 2026-12-07).
             lease = await self.ctx.store.lease(q, held.task_id, serial=True)
             if lease is None or not lease.held_by(worker, held.epoch) or lease.uncounted_epoch == held.epoch:
                 return None, lease
@@ -651,7 +651,7 @@ class Fetcher:
                 # short fetch goes on to the next task (up to MAX_UNOPENED); the worker hears why
                 # if the wait ends with nothing (``_fetch``). Answered at once, a removed key's
                 # tasks coming back one by one turned every idle long-poll into an ``unavailable``
-                # and a backoff, while healthy tasks waited (found by re-review, 2026-12-08).
+                # and a backoff, while healthy tasks waited (found by re-review, 2026-12-07).
                 a.passed_over(exc)
                 granted = a.flight.granted  # this fetch's own claim, which handed nothing out
                 continue
@@ -1198,15 +1198,18 @@ class Fetcher:
         that resent the task to its worker since (its bridge had the key) made it a delivery, and
         given back then, the task went to a second worker while the first worked on it."""
         # A store fault here is raised (Unavailable): the fetch ends, its loop does not pass over to
-        # more tasks it would lease away to its deadline, each (found by re-review, 2026-12-08).
+        # more tasks it would lease away to its deadline, each (found by re-review, 2026-12-07).
         ctx = self.ctx
         lease = await ctx.store.lease(q, task_id, serial=True)
         if lease is None or not lease.held_by(worker, epoch) or lease.lease_until_ms != until:
             return
         # Doubling only while its key is missing (gone for good, maybe); a lookup that failed (the
         # key server away for minutes) comes back at the base wait, soon after the server does.
+        # From the lease it had, up to a minute: a worker of short leases (a test's 200 ms) saw a
+        # task whose key came and went wait minutes (the CI's key-outage drill).
         doublings = min(lease.uncounted, LET_GO_DOUBLINGS_MAX) if missing else 0
-        back = ctx.clock.now_ms() + LET_GO_BACK_MS * 2**doublings
+        now = ctx.clock.now_ms()
+        back = now + min(LET_GO_BACK_MS, max(until - now, 1)) * 2**doublings
         if doublings == 0 and until <= back:
             await ctx.store.uncount(q, task_id, lease, worker)  # its deadline is as soon
             return

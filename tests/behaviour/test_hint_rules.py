@@ -56,7 +56,7 @@ async def test_a_waiting_fetch_that_meets_a_task_it_cannot_open_waits_on_for_the
 ) -> None:
     """A long-poll whose hint named a task sealed with a key this bridge lacks: the claim is let
     go, and the fetch answered ``unavailable`` at once, the worker backing off while the healthy
-    task added next waited (found by re-review, 2026-12-08). It waits on, as a short fetch goes on
+    task added next waited (found by re-review, 2026-12-07). It waits on, as a short fetch goes on
     to the next task, and gets that one."""
     from bridge.crypto.errors import UnknownKey
 

@@ -851,7 +851,7 @@ async def test_a_listing_keeps_the_parked_row_of_a_parked_task_that_names_an_ear
     """The one-row-per-task ``parked`` row of a parked task can name an earlier park (a later
     park's insert lost to the earlier one's stamps): bridges before ``parks`` list the task by that
     row alone, so a listing keeps it while the task is parked (removed, the task vanished from
-    their listings, stats and ``redrive all``; found by review, 2026-12-08)."""
+    their listings, stats and ``redrive all``; found by review, 2026-12-07)."""
     h = harness
     q = QueueKey(OWNER, h.service)
     task_id = await _add_limited(h, token=False)

@@ -107,7 +107,7 @@ async def test_a_task_whose_key_was_missing_comes_back_within_a_minute_whatever_
     """A claim whose task could not be opened (its key missing here, or the key server away) was
     let go by clearing the worker's pointer only: the lease stayed until the worker's deadline, 2
     hours for a worker of long jobs, and the task was leased to nobody that long after its key was
-    back (found by review, 2026-12-08). It comes back within LET_GO_BACK_MS, uncounted."""
+    back (found by review, 2026-12-07). It comes back within LET_GO_BACK_MS, uncounted."""
     from bridge.domain.fetching import LET_GO_BACK_MS
 
     h = harness
@@ -133,7 +133,7 @@ async def test_a_task_whose_key_stays_missing_comes_back_ever_later(
     harness: Harness, monkeypatch: pytest.MonkeyPatch, ttr_ms: int
 ) -> None:
     """Each let-go of a task since its last redrive doubles the wait (a key gone for good was
-    claimed, read and let go every minute for the TTL; found by re-review, 2026-12-08), also for
+    claimed, read and let go every minute for the TTL; found by re-review, 2026-12-07), also for
     workers whose lease is the default minute (the wait was capped at their deadline)."""
     from bridge.domain.fetching import LET_GO_BACK_MS
 
@@ -166,7 +166,7 @@ async def test_a_claim_resent_to_its_worker_by_another_copy_is_not_let_go(
     open it (its bridge lacks the key); the second, on a bridge with the key, resends the task to
     the worker, which works on it and extends its lease. The first's let-go must not give that
     lease back: the task would go to a second worker while the first works on it (found by
-    re-review, 2026-12-08)."""
+    re-review, 2026-12-07)."""
     from bridge.domain.models import ExtendRequest
 
     h = harness
@@ -194,7 +194,7 @@ async def test_a_resend_that_cannot_open_the_task_keeps_the_workers_lease(
     """A worker handed its task asks for it again (its ack unanswered: a fetch not ``fresh``) on a
     bridge that lacks the task's key: the resend fails to open it. Let go, the worker's lease went
     to nobody and a second worker took the task while the first worked on it (found by
-    re-review, 2026-12-08). Kept to the resend's deadline, and still a delivery."""
+    re-review, 2026-12-07). Kept to the resend's deadline, and still a delivery."""
     h = harness
     task_id = await h.add("a long job")
     await h.scheduler.tick()
@@ -221,7 +221,7 @@ async def test_a_pointer_to_a_done_task_whose_key_is_gone_does_not_block_the_wor
     """A one-statement ack leaves the worker's pointer naming the done task; its next fetch not
     ``fresh`` (after a restart, a failed request) tries that task first. With the task's key gone,
     the resend was refused as a key outage whatever the lease said, and the worker got no task
-    until that task's row expired (found by re-review, 2026-12-08). A done task is a stale
+    until that task's row expired (found by re-review, 2026-12-07). A done task is a stale
     pointer: the fetch goes on to the next task."""
     h = harness
     done_id = await h.add("done already")
@@ -242,7 +242,7 @@ async def test_a_let_go_whose_deadline_cannot_be_filed_still_uncounts_the_claim(
 ) -> None:
     """The let-go files the task's earlier return first; that write failing left the claim counted
     as a delivery (repeated key outages parked a healthy task at its limit; found by re-review,
-    2026-12-08). Kept to its deadline then, but uncounted."""
+    2026-12-07). Kept to its deadline then, but uncounted."""
     h = harness
     task_id = await h.add("sealed with a key not loaded here")
 

@@ -316,7 +316,7 @@ async def test_a_host_mode_bridge_whose_first_clock_probes_fail_serves_only_once
     measured against Cassandra's. A start whose probe failed was suppressed, and with no reading
     the skew guard said ok: a host seconds off served adds, fetches and the duty on its own clock
     until the next probe, a whole ``BRIDGE_CLOCK_CHECK_INTERVAL`` later (30 s by default; found by
-    review, 2026-12-08). The start now tries the probe again, as in Cassandra mode."""
+    review, 2026-12-07). The start now tries the probe again, as in Cassandra mode."""
     failures = _first_clock_probes_fail(monkeypatch, 2)
     b = await make_bridge(clock_source="host", clock_check_interval=3600, start_timeout=30)
     assert failures() == 0

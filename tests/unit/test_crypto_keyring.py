@@ -885,7 +885,7 @@ async def test_an_owner_evicted_from_the_cache_is_still_known_to_have_been_serve
     """The same with more owners than the cache holds: an owner evicted by the others' lookups (a
     fleet serving more owners than BRIDGE_KEY_CACHE_SIZE) was taken for one the source never
     knew, its requests answered ``unknown_owner`` and dead-lettered while the key server restarted
-    (found by review, 2026-12-08). Who was served lately is kept apart from the keys."""
+    (found by review, 2026-12-07). Who was served lately is kept apart from the keys."""
     cache = CachingKeyProvider(upstream, max_age=300, clock=clock, stale_if_error=3600, max_entries=1)
     await cache.current_key("acme")
     await cache.current_key("globex")  # acme's key evicted
@@ -1068,7 +1068,7 @@ async def _background_lookup_of(cache: CachingKeyProvider, slot: tuple[str, str 
 )
 def test_a_mistaken_keyring_entry_never_prints_a_secret(tmp_path: Path, owner_doc: dict[str, Any]) -> None:
     """A key id is printed in the file's errors (logs, the CLI); a secret pasted where an id goes
-    was printed with it (found by review, 2026-12-08): an id that is itself a key is shown redacted."""
+    was printed with it (found by review, 2026-12-07): an id that is itself a key is shown redacted."""
     from bridge.crypto import keyring_file
 
     path = tmp_path / "ring.json"

@@ -614,7 +614,7 @@ async def test_caching_expiry_against_server(server: KeyServer, provider: HttpKe
 async def test_a_malformed_answer_for_one_owner_backs_off_that_owner_only(body: bytes) -> None:
     """A 200 whose body is not a JSON object (or too large) for one owner's entry, while the server
     serves the others: it backed the whole server off, and every other owner's lookups were
-    turned away for up to 5 s at each of that owner's retries (found by review, 2026-12-08)."""
+    turned away for up to 5 s at each of that owner's retries (found by review, 2026-12-07)."""
     good = base64.b64encode(b"k" * 32).decode()
 
     async def handler(request: web.Request) -> web.StreamResponse:

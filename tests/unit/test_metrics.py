@@ -301,7 +301,7 @@ def test_the_key_ring_gauge_is_refreshed_as_it_is_scraped(tmp_path: Path) -> Non
 
 def test_the_key_ring_in_use_is_named_by_a_digest_that_changes_with_its_key_ids(tmp_path: Path) -> None:
     """Before `keyring promote` an operator checks that every bridge loaded the staged key: only the
-    logs said so (found by review, 2026-12-08). The digest names the owners' key ids and current
+    logs said so (found by review, 2026-12-07). The digest names the owners' key ids and current
     ids, never a secret: a staged key changes it, a promote changes it again."""
     from bridge.crypto import CachingKeyProvider, KeyringFileProvider, generate_keyring, write_keyring
     from bridge.crypto.keyring_file import rotate_keyring

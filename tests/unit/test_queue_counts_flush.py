@@ -146,7 +146,7 @@ class Stalling(MemoryTaskStore):
 async def test_a_flush_cut_short_keeps_the_deltas_it_had_not_sent_yet() -> None:
     """A stop bounds its last flushes, and cancels the flusher: a flush cancelled while an update
     waited on a stalled Cassandra lost every delta it had taken out and not written yet, every
-    other queue's too, with no log and no metric (found by review, 2026-12-08). The other queues'
+    other queue's too, with no log and no metric (found by review, 2026-12-07). The other queues'
     partitions are written meanwhile (one stalled statement held them all: the re-review); of the
     stalled one, the update in flight is dropped (it may have applied), the rest kept."""
     stalled = QueueKey("worker-a", "stalled")
