@@ -349,6 +349,15 @@ class Settings(BaseSettings):
     redrive_rate: float = Field(
         50.0, gt=0, le=10_000, description="Parked tasks put back per second per queue by this bridge's redrives."
     )
+    key_missing_park_after: int = Field(
+        8,
+        ge=0,
+        le=1000,
+        description="A task claimed this often (since its last redrive) and never opened because the key it was "
+        "sealed with is missing is parked (reason key_missing; a task with a token tells its engine) instead of "
+        "offered again; its waits double from its lease (up to a minute) in between, so 8 is about 2 hours of a "
+        "missing key. 0: never parked (offered again until its TTL).",
+    )
     reconcile_interval: float = Field(
         30.0,
         ge=0,

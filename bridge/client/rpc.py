@@ -838,11 +838,15 @@ class ParkedTask:
 
     id: str
     deliveries: int
-    reason: str  # "delivery_limit" (reached max_deliveries) or "failed"
+    # "delivery_limit" (reached max_deliveries), "failed", or "key_missing" (claimed that often,
+    # BRIDGE_KEY_MISSING_PARK_AFTER, and never opened: the key it was sealed with is missing)
+    reason: str
     last_error: Any  # the ``error`` of the last technical fail, or None
     parked_at: str
     added_at: str
-    has_token: bool  # parking it sent the engine a delivery_limit result
+    # parking it sent the engine a delivery_limit result (not for "key_missing": its token is
+    # sealed with the missing key)
+    has_token: bool
     # Its error (if any) was left out of the listing: the errors before it filled the reply's
     # budget (4 MiB). Redrive or discard those first to see it.
     last_error_omitted: bool = False

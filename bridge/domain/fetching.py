@@ -26,7 +26,7 @@ from bridge.domain.counting import landed_later, was_delayed
 from bridge.domain.dispatch import Dispatcher
 from bridge.domain.errors import IntegrityError, KeyMissing, KeysUnavailable, MaybeApplied, Unavailable
 from bridge.domain.hints import HintsUnavailable, Taken, TaskHints
-from bridge.domain.lifecycle import renew
+from bridge.domain.lifecycle import PARK_KEY_MISSING, Lifecycle, renew
 from bridge.domain.models import Delivery, FetchRequest
 from bridge.domain.reconcile import Reconciliation
 from bridge.domain.records import (
@@ -296,9 +296,11 @@ class Fetcher:
         reconcile: Reconciliation,
         soon: Callable[[ExpiryEntry, int], None],
         relay: ResultRelay,
+        lifecycle: Lifecycle,
     ) -> None:
         self.ctx = ctx
         self.relay = relay  # a dead-lettered task's engine is told (``condemn``)
+        self.lifecycle = lifecycle  # a task whose key is gone for good is parked (``_let_go``)
         self.dispatcher = dispatcher
         self.hints = hints
         self.reconcile = reconcile
@@ -1203,15 +1205,25 @@ class Fetcher:
         lease = await ctx.store.lease(q, task_id, serial=True)
         if lease is None or not lease.held_by(worker, epoch) or lease.lease_until_ms != until:
             return
-        # Doubling only while its key is missing (gone for good, maybe); a lookup that failed (the
-        # key server away for minutes) comes back at the base wait, soon after the server does.
+        park_after = ctx.limits.key_missing_park_after
+        if missing and park_after and lease.key_missing + 1 >= park_after:
+            # Its key missing at this many claims, with waits doubling in between (about two hours
+            # by default): gone for good, most likely (rotated out and removed too soon). Parked,
+            # listed and counted instead of offered again until its TTL and then gone without a
+            # word. Restored, the key opens it again after a redrive. (Parked or refused: the lease
+            # moved since the read, as a let-go would have been.)
+            await self._park_unopened(q, task_id, lease, worker, until, has_token=has_token)
+            return
+        # Doubling only while its key is missing (gone for good, maybe; each claim that found it
+        # missing counts, not one whose lookup failed: the key server away for minutes, after
+        # which the task comes back at the base wait, soon after the server does).
         # From the lease it had, up to a minute: a worker of short leases (a test's 200 ms) saw a
         # task whose key came and went wait minutes (the CI's key-outage drill).
-        doublings = min(lease.uncounted, LET_GO_DOUBLINGS_MAX) if missing else 0
+        doublings = min(lease.key_missing, LET_GO_DOUBLINGS_MAX) if missing else 0
         now = ctx.clock.now_ms()
         back = now + min(LET_GO_BACK_MS, max(until - now, 1)) * 2**doublings
         if doublings == 0 and until <= back:
-            await ctx.store.uncount(q, task_id, lease, worker)  # its deadline is as soon
+            await ctx.store.uncount(q, task_id, lease, worker, missing=missing)  # its deadline is as soon
             return
         # Sooner than its deadline, or later (a lease named nobody's, lengthened: the claim's own
         # entry finds the later deadline and passes).
@@ -1223,10 +1235,29 @@ class Fetcher:
             await ctx.store.watch_expiry(expiry_bucket(at), watch)
         except Unavailable:
             # Not filed: kept to its deadline (filed by the claim), but still not a delivery.
-            await ctx.store.uncount(q, task_id, lease, worker)
+            await ctx.store.uncount(q, task_id, lease, worker, missing=missing)
             raise
-        if await ctx.store.uncount(q, task_id, lease, worker, until_ms=back):
+        if await ctx.store.uncount(q, task_id, lease, worker, until_ms=back, missing=missing):
             self.soon(watch, at)
+
+    async def _park_unopened(
+        self, q: QueueKey, task_id: uuid.UUID, lease: Lease, worker: str, until: int, *, has_token: bool
+    ) -> bool:
+        """Park a claimed task whose key is missing (``lease``: the claim's SERIAL read, held at
+        ``until``). Whether it was parked (refused: the lease moved since the read)."""
+        return await self.lifecycle.park(
+            q,
+            task_id,
+            lease.epoch,
+            has_token,  # listed as having one; its engine cannot be told (``Lifecycle.park``)
+            PARK_KEY_MISSING,
+            max(0, lease.deliveries_counted - 1),  # this claim never handed it out
+            worker=worker,
+            earlier_park_id=lease.park_id,
+            # As a let-go: only at this claim's deadline (a resend by another copy of the fetch
+            # since, on a bridge with the key, made it a delivery its worker is working on).
+            until_ms=until,
+        )
 
     async def _deliver(
         self,

@@ -60,6 +60,7 @@ log = logging.getLogger("bridge.queue")
 
 PARK_DELIVERY_LIMIT = "delivery_limit"  # its leases ran out this many times
 PARK_FAILED = "failed"  # its worker failed it at the limit
+PARK_KEY_MISSING = "key_missing"  # claimed this often and never opened: its key gone for good, most likely
 CANCEL_ATTEMPTS = 4
 PURGE_MAX = 20_000  # ready tasks one purge request looks at (the reply says if there may be more)
 PURGE_PAGE = 2_000  # entries read at a time
@@ -458,15 +459,20 @@ class Lifecycle:
         base_epoch: int | None = None,
         error: Any = None,
         earlier_park_id: uuid.UUID | None = None,
+        until_ms: int | None = None,
     ) -> bool:
         """Hold the task aside for an operator; tell the engine (tasks with a token) exactly once.
         ``earlier_park_id``: the lease's ``park_id`` as the caller read it; ``base_epoch`` (with
-        ``expired_before_ms``): its ``base_epoch`` as read (see ``TaskStore.park``)."""
+        ``expired_before_ms``): its ``base_epoch`` as read; ``until_ms`` (with ``worker``): the
+        deadline the lease must still have (see ``TaskStore.park``)."""
         ctx = self.ctx
         now = ctx.clock.now_ms()
         park_id = timeuuid_from_ms(now)  # time-based: the engine's result says when (completedAt)
         intent: OutboxEntry | None = None
-        if has_token:
+        # Not for a task whose key is missing: its token is sealed with that key, and nothing can go
+        # to the engine without it (owed, the relay would try it at every sweep until a day past
+        # the task's end). Its key restored, a redrive delivers it and its result goes as any.
+        if has_token and reason != PARK_KEY_MISSING:
             # Sealed before anything is written: a key lookup that fails (the owner's keys are
             # gone, the key server is away) left the parked row written ahead behind, counted
             # parked by stats for the task's TTL whatever became of the task.
@@ -491,6 +497,7 @@ class Lifecycle:
             base_epoch=base_epoch,
             error=error,
             earlier_park_id=earlier_park_id,
+            until_ms=until_ms,
         )
         if not res.applied and intent is not None and await decided_by_itself(ctx, intent):
             res = CasResult(applied=True, current=None)  # refused by its own first copy
@@ -1037,6 +1044,7 @@ class Lifecycle:
 __all__ = [
     "PARK_DELIVERY_LIMIT",
     "PARK_FAILED",
+    "PARK_KEY_MISSING",
     "Extended",
     "Failed",
     "Lifecycle",

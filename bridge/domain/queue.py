@@ -125,9 +125,9 @@ class WorkQueue:
         # hints may still publish them, for the others (BRIDGE_HINTS=false: ``AmqpHints.takes``).
         self.hints: TaskHints = hints or NoHints()
         reconcile = reconcile or Reconciliation.scan_always()
-        self._fetcher = Fetcher(self.ctx, self.dispatcher, self.hints, reconcile, self.soon, self.relay)
-        self._acker = Acker(self.ctx, self.relay)
         self.lifecycle = Lifecycle(self.ctx, self.relay, self.soon, self.hints, settle_ms)
+        self._fetcher = Fetcher(self.ctx, self.dispatcher, self.hints, reconcile, self.soon, self.relay, self.lifecycle)
+        self._acker = Acker(self.ctx, self.relay)
         # How late after its id's time a task's entry may land and still be met by every scan: a
         # scan moves over entries taken and older than the settle window, on a clock up to the
         # skew margin ahead of this one (``_enter_again_if_late``).

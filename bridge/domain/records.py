@@ -111,6 +111,9 @@ class Lease:
     # task, so they are an outage of the key, not deliveries (a long one would park healthy tasks).
     uncounted: int = 0
     uncounted_epoch: int | None = None  # the epoch last uncounted: a repeat for it changes nothing
+    # Of those, the claims that found its key missing (not a lookup that failed: the key server
+    # away): the task is parked at BRIDGE_KEY_MISSING_PARK_AFTER of them (a key gone for good).
+    key_missing: int = 0
     # The last park's id (its ``completion_id`` then): kept when a discard, or an ack after a
     # redrive, writes its own completion id, so that the park's result is still owed (``names_entry``).
     park_id: uuid.UUID | None = None

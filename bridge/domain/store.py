@@ -183,12 +183,20 @@ class TaskStore(Protocol):
         ahead under it (``condemn``)."""
 
     async def uncount(
-        self, q: QueueKey, task_id: uuid.UUID, read: Lease, worker: str, *, until_ms: int | None = None
+        self,
+        q: QueueKey,
+        task_id: uuid.UUID,
+        read: Lease,
+        worker: str,
+        *,
+        until_ms: int | None = None,
+        missing: bool = False,
     ) -> bool:
         """The claim at ``read.epoch`` (still held by ``worker``, at the deadline ``read`` shows;
-        ``read`` is a SERIAL read) found the task's key missing: it does not count toward the
-        delivery limit. Whether it applied (once per epoch). With ``until_ms``, the lease is also
-        given back: held by nobody, claimable after it."""
+        ``read`` is a SERIAL read) could not open the task: it does not count toward the delivery
+        limit. Whether it applied (once per epoch). With ``until_ms``, the lease is also given back:
+        held by nobody, claimable after it. ``missing``: its key is missing (not a lookup that
+        failed), counted in ``key_missing`` too."""
 
     # -- the lifecycle (1.4): compare-and-set too, all on the lease's state and epoch ------------------
     async def release(
@@ -211,8 +219,10 @@ class TaskStore(Protocol):
         base_epoch: int | None = None,
         error: Sealed | None = None,
         earlier_park_id: uuid.UUID | None = None,
+        until_ms: int | None = None,
     ) -> CasResult:
-        """Park a lease at ``epoch``: held by ``worker`` (a fail past the limit), or whose deadline is
+        """Park a lease at ``epoch``: held by ``worker`` (a fail past the limit; with ``until_ms``,
+        only while its deadline is that one: a claim that could not open its task), or whose deadline is
         at or before ``expired_before_ms`` (the scheduler) and whose ``base_epoch`` is the one the
         caller read: a redrive since (it sets ``base_epoch`` to the epoch it puts back, and leaves
         the lease leased at that epoch and expired) refuses a park decided on a read from before

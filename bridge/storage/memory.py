@@ -374,7 +374,14 @@ class MemoryTaskStore:
         return True
 
     async def uncount(
-        self, q: QueueKey, task_id: uuid.UUID, read: Lease, worker: str, *, until_ms: int | None = None
+        self,
+        q: QueueKey,
+        task_id: uuid.UUID,
+        read: Lease,
+        worker: str,
+        *,
+        until_ms: int | None = None,
+        missing: bool = False,
     ) -> bool:
         await self._io()
         cur, epoch = self._lease(q, task_id), read.epoch
@@ -382,7 +389,9 @@ class MemoryTaskStore:
             return False
         if cur.lease_until_ms != read.lease_until_ms:
             return False  # ``lease_until = ?``: resent to its worker by another copy since the read
-        cur = replace(cur, uncounted=cur.uncounted + 1, uncounted_epoch=epoch)
+        # As Cassandra's: the counts the caller read, plus one (only the holder writes them).
+        missed = read.key_missing + 1 if missing else read.key_missing
+        cur = replace(cur, uncounted=read.uncounted + 1, uncounted_epoch=epoch, key_missing=missed)
         if until_ms is not None:
             cur = replace(cur, lease_until_ms=until_ms, worker=NO_WORKER)
         self.leases[(q, task_id)] = cur
@@ -423,6 +432,7 @@ class MemoryTaskStore:
         base_epoch: int | None = None,
         error: Sealed | None = None,
         earlier_park_id: uuid.UUID | None = None,
+        until_ms: int | None = None,
     ) -> CasResult:
         await self._io()
         cur = self._lease(q, task_id)
@@ -430,6 +440,8 @@ class MemoryTaskStore:
             return self._refused(cur, with_worker=True, with_until=True, with_base=worker is None)
         if worker is not None and cur.worker != worker:
             return self._refused(cur, with_worker=True)
+        if worker is not None and until_ms is not None and cur.lease_until_ms != until_ms:
+            return self._refused(cur, with_worker=True, with_until=True)
         if worker is None:
             assert base_epoch is not None
             if (
@@ -462,6 +474,7 @@ class MemoryTaskStore:
             state=LeaseState.LEASED,
             base_epoch=epoch,
             uncounted=0,
+            key_missing=0,
             worker=NO_WORKER,
             lease_until_ms=until_ms,
             claim_id=unpark_id,

@@ -764,7 +764,14 @@ class CassandraTaskStore:
         return (await self._resolve(q, task_id, attempt, "completion_id", kill_id)).applied
 
     async def uncount(
-        self, q: QueueKey, task_id: uuid.UUID, read: Lease, worker: str, *, until_ms: int | None = None
+        self,
+        q: QueueKey,
+        task_id: uuid.UUID,
+        read: Lease,
+        worker: str,
+        *,
+        until_ms: int | None = None,
+        missing: bool = False,
     ) -> bool:
         # The count to raise is the caller's read (SERIAL: this epoch's claim may not be on every
         # replica yet). Only this call changes it while the lease is held at this epoch by this
@@ -773,7 +780,8 @@ class CassandraTaskStore:
         lease, epoch = read, read.epoch
         if not lease.held_by(worker, epoch) or lease.uncounted_epoch == epoch or lease.lease_until_ms is None:
             return False
-        values: tuple[Any, ...] = (lease.uncounted + 1, epoch)
+        missed = lease.key_missing + 1 if missing else lease.key_missing
+        values: tuple[Any, ...] = (lease.uncounted + 1, epoch, missed)
         key = (q.owner, q.service, task_id, epoch, worker, to_datetime(lease.lease_until_ms))
         name = "lease.uncount"
         if until_ms is not None:
@@ -839,6 +847,7 @@ class CassandraTaskStore:
         base_epoch: int | None = None,
         error: Sealed | None = None,
         earlier_park_id: uuid.UUID | None = None,
+        until_ms: int | None = None,
     ) -> CasResult:
         # The earlier park's id joins the set too: a bridge before ``park_ids`` wrote only
         # ``park_id``, which this park overwrites; its result, still owed, was then judged never
@@ -851,12 +860,16 @@ class CassandraTaskStore:
         if worker is not None:
             sealed = (error.key_id, error.nonce, error.ciphertext) if error else (None, None, None)
             name, tail = "lease.park_held", (*head, *sealed, *key, epoch, worker)
+            if until_ms is not None:
+                name, tail = "lease.park_unopened", (*tail, to_datetime(until_ms))
         else:
             assert expired_before_ms is not None and base_epoch is not None
             cond = (epoch, to_datetime(expired_before_ms), base_epoch)
             name, tail = "lease.park_expired", (*head, *key, *cond)
         attempt = functools.partial(self._lease_write, task_id, name, lambda ttl, end: (ttl, *tail, end), owed=True)
-        # park_held is resent ("held by this worker at this epoch": false for good, above). Not
+        # park_held is resent ("held by this worker at this epoch": false for good, above), and
+        # park_unopened (the same, at the deadline its claim wrote, which only the holder's renewals
+        # move on: later each time, or shorter by a ``timeToRecover`` the worker names). Not
         # park_expired ("leased at this epoch, its deadline passed, never redriven since the read"),
         # which a park and a redrive at this epoch no longer satisfy (the redrive moves
         # ``base_epoch``), but which can still turn true again: a lease extended past the bound, then

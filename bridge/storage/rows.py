@@ -53,6 +53,7 @@ def lease_of(row: Row) -> Lease | None:
         completed_at_ms=None if row.get("completed_at") is None else to_ms(row["completed_at"]),
         uncounted=row.get("uncounted") or 0,
         uncounted_epoch=row.get("uncounted_epoch"),
+        key_missing=row.get("key_missing") or 0,
         park_id=row.get("park_id"),
         park_ids=uuid_set(row.get("park_ids")),
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 LEASE_COLS_BRIEF = (
     "state, epoch, worker, lease_until, claim_id, completion_id, has_token, base_epoch, parked_at, park_reason, "
-    "completed_at, uncounted, uncounted_epoch, park_id, park_ids, expires_at"
+    "completed_at, uncounted, uncounted_epoch, key_missing, park_id, park_ids, expires_at"
 )
 # Every write of a lease gives its cells the rest of the TASK's life (``expires_at``, recorded by the
 # claim that read it from the task's row), not the rest of the writing bridge's own TTL. A writer
@@ -168,7 +168,7 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     # Only at the deadline the claim wrote: another copy of the fetch that resent the task to its
     # worker (a new deadline) made it a delivery.
     "lease.uncount": (
-        "UPDATE {ks}.leases USING TTL ? SET uncounted = ?, uncounted_epoch = ? "
+        "UPDATE {ks}.leases USING TTL ? SET uncounted = ?, uncounted_epoch = ?, key_missing = ? "
         "WHERE owner = ? AND service = ? AND task_id = ? "
         "IF state = 'leased' AND epoch = ? AND worker = ? AND lease_until = ? AND expires_at IN (?, null)",
         False,
@@ -176,7 +176,8 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     # ``lease.uncount`` that also gives the lease back (held by nobody until ``lease_until``): a
     # claim whose task could not be opened, let go to come back soon, not at its worker's deadline.
     "lease.let_go": (
-        "UPDATE {ks}.leases USING TTL ? SET uncounted = ?, uncounted_epoch = ?, lease_until = ?, worker = '' "
+        "UPDATE {ks}.leases USING TTL ? SET uncounted = ?, uncounted_epoch = ?, key_missing = ?, lease_until = ?, "
+        "worker = '' "
         "WHERE owner = ? AND service = ? AND task_id = ? "
         "IF state = 'leased' AND epoch = ? AND worker = ? AND lease_until = ? AND expires_at IN (?, null)",
         False,
@@ -196,6 +197,16 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         "IF state = 'leased' AND epoch = ? AND worker = ? AND expires_at IN (?, null)",
         False,
     ),
+    # ``lease.park_held`` of a claim whose task's key is missing (``lease.let_go``'s place, at
+    # BRIDGE_KEY_MISSING_PARK_AFTER such claims): only at the deadline the claim wrote, as a let-go
+    # (another copy of the fetch that resent the task to its worker since made it a delivery).
+    "lease.park_unopened": (
+        "UPDATE {ks}.leases USING TTL ? SET state = 'parked', parked_at = ?, park_reason = ?, completion_id = ?, "
+        "park_id = ?, park_ids = park_ids + ?, error_key = ?, error_nonce = ?, error_ct = ? "
+        "WHERE owner = ? AND service = ? AND task_id = ? "
+        "IF state = 'leased' AND epoch = ? AND worker = ? AND lease_until = ? AND expires_at IN (?, null)",
+        False,
+    ),
     # `base_epoch` as the scheduler read it (null: never redriven, read as 0): a redrive since
     # leaves the lease leased at the same epoch and expired, but moves `base_epoch` to that epoch
     # (the park's read had it lower: the lease was at its limit), so a park decided before it is
@@ -208,7 +219,8 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         False,
     ),
     "lease.unpark": (
-        "UPDATE {ks}.leases USING TTL ? SET state = 'leased', base_epoch = ?, uncounted = 0, worker = '', "
+        "UPDATE {ks}.leases USING TTL ? SET state = 'leased', base_epoch = ?, uncounted = 0, key_missing = 0, "
+        "worker = '', "
         "lease_until = ?, claim_id = ?, park_ids = park_ids + ? WHERE owner = ? AND service = ? AND task_id = ? "
         "IF state = 'parked' AND epoch = ? AND expires_at IN (?, null)",
         False,

@@ -295,6 +295,49 @@ async def test_claims_that_found_the_key_missing_do_not_count_toward_the_deliver
     assert await engine.parked(svc) == []
 
 
+async def test_a_task_whose_key_is_gone_for_good_is_parked_and_comes_back_with_its_key(
+    make_bridge, engine, workers, tmp_path
+):
+    """A task sealed with a key later removed from the key-ring was offered again, ever later,
+    until its TTL and then gone, never parked or listed (the known limit of 2026-12-07). At
+    ``BRIDGE_KEY_MISSING_PARK_AFTER`` claims that found its key missing it is parked
+    (``key_missing``): listed for an operator, who restores the key and redrives it."""
+    path, doc = _keyring(tmp_path)
+    b = await make_bridge(keyring=str(path), key_missing_park_after=2, **FAST)
+    ring = b.keys.upstream
+    svc = service_id()
+    task_id = await engine.add(svc, "sealed with a key removed too soon", token={"p": 1})
+    _drop_owner_keys(path, doc)
+    assert ring.maybe_reload(force=True)
+    b.keys.invalidate()
+    w = await workers(svc)
+    claims = 0
+
+    async def parked() -> list[Any]:
+        nonlocal claims
+        listed = await engine.parked(svc)
+        if not listed:
+            with contextlib.suppress(UnavailableError):
+                assert await w.fetch(time_to_recover_ms=200) is None, "a task whose key is missing handed out"
+            seen = b.metrics.registry.get_sample_value(
+                "queue_bridge_deliveries_failed_total", {"reason": "key_missing"}
+            )
+            claims = int(seen or 0)
+        return listed
+
+    (task,) = await wait_for(parked, 30, interval=0.1, what="the task parked for its missing key")
+    assert task.id == task_id and task.reason == "key_missing" and task.has_token, task
+    assert 1 <= claims <= 2, f"{claims} claims found the key missing before the park (limit 2)"
+    write_keyring(path, doc)  # the key restored
+    assert ring.maybe_reload(force=True)
+    b.keys.invalidate()
+    assert await engine.redrive(svc, [task_id]) == 1
+    got = await wait_for(lambda: w.fetch(time_to_recover_ms=5000), 15, interval=0.1, what="delivery after the redrive")
+    assert got.id == task_id and got.value == "sealed with a key removed too soon"
+    assert await got.ack("done") is True
+    assert await engine.parked(svc) == []
+
+
 BROKEN = OWNERS[1]  # the owner whose key-server entry is broken
 
 

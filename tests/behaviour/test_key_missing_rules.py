@@ -1,0 +1,167 @@
+"""A task whose key is gone for good (rotated out and removed while tasks it sealed were queued) is
+parked at its BRIDGE_KEY_MISSING_PARK_AFTER-th claim that finds the key missing, instead of being
+offered again, ever later, until its TTL and then gone without a word (the known limit of
+2026-12-07). Claims whose key lookup failed (the key server away) do not count toward it; a
+redrive starts the count again; 0 parks nothing. Both stores, clock time only."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from bridge.crypto.errors import KeyUnavailable, UnknownKey
+from bridge.domain.errors import KeyMissing, KeysUnavailable
+from bridge.domain.records import Lease, LeaseState, QueueKey
+from bridge.domain.timeline import timeuuid_from_ms
+from tests.queue_harness import OWNER, Harness
+
+pytestmark = pytest.mark.anyio
+
+TTR_MS = 1_000
+# Clock time one claim may need: the let-go's wait (its lease, doubling per key-missing claim
+# before it: up to 8 s here) plus the skew margin and the scheduler's passes.
+CLAIM_WITHIN_MS = 30_000
+
+
+async def _key_missing(owner: str, key_id: str) -> Any:
+    raise UnknownKey(f"owner {owner!r} has no key {key_id!r}")
+
+
+async def _key_server_away(owner: str, key_id: str) -> Any:
+    raise KeyUnavailable("the key server did not answer")
+
+
+def _park_after(h: Harness, claims: int) -> None:
+    h.queue.ctx.limits = replace(h.queue.ctx.limits, key_missing_park_after=claims)
+
+
+async def _lease(h: Harness, task_id: str) -> Lease:
+    lease = await h.store.lease(QueueKey(OWNER, h.service), uuid.UUID(task_id), serial=True)
+    assert lease is not None
+    return lease
+
+
+async def _claim_unopened(h: Harness, expect: type[Exception] = KeyMissing) -> None:
+    """Advance the clock until a fetch claims the task and cannot open it (``expect`` raised)."""
+    waited = 0
+    while True:
+        try:
+            got = await h.fetch("w", ttr_ms=TTR_MS)
+        except expect:
+            return
+        assert got is None, f"handed out: {got}"
+        assert waited < CLAIM_WITHIN_MS, f"not claimed again within {CLAIM_WITHIN_MS} ms of clock time"
+        await h.advance(250)
+        waited += 250
+
+
+async def _offered_again_within(h: Harness, ms: int) -> bool:
+    """Whether a fetch claims the task (and fails to open it) within ``ms`` of clock time."""
+    for _ in range(ms // 250):
+        try:
+            await h.fetch("w", ttr_ms=TTR_MS)
+        except KeyMissing:
+            return True
+        await h.advance(250)
+    return False
+
+
+async def test_a_task_whose_key_stays_missing_is_parked_at_the_limit_not_before(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = harness
+    _park_after(h, 3)
+    task_id = await h.add({"sealed with": "a key about to be removed"}, token={"workflow": 1})
+    opens = h.keys.key_by_id
+    monkeypatch.setattr(h.keys, "key_by_id", _key_missing)
+    await h.scheduler.tick()
+    for n in (1, 2):
+        await _claim_unopened(h)
+        lease = await _lease(h, task_id)
+        assert lease.state is LeaseState.LEASED and lease.key_missing == n, lease
+    await _claim_unopened(h)
+    lease = await _lease(h, task_id)
+    assert lease.state is LeaseState.PARKED and lease.park_reason == "key_missing", lease
+    assert h.metrics.total("tasks_parked", reason="key_missing") == 1
+    (parked,) = await h.queue.lifecycle.parked(OWNER, h.service, 10)
+    assert str(parked.task_id) == task_id and parked.reason == "key_missing" and parked.has_token, parked
+    assert not await _offered_again_within(h, 10_000), "a parked task was claimed again"
+    await h.queue.drain_background(5.0)
+    # Its token is sealed with the missing key: nothing can go to the engine (nothing owed either).
+    assert h.sink.messages == []
+    # The key restored, a redrive puts it back and it completes.
+    monkeypatch.setattr(h.keys, "key_by_id", opens)
+    assert await h.queue.lifecycle.redrive(OWNER, h.service, [uuid.UUID(task_id)]) == 1
+    got = await h.fetch_until("w", ttr_ms=TTR_MS)
+    assert got.task_id == task_id
+    assert await h.ack("w", got, result="done") is True
+    await h.queue.drain_background(5.0)
+    assert [m.task_id for m in h.sink.messages] == [task_id]
+
+
+async def test_only_claims_that_found_the_key_missing_count_and_a_redrive_starts_again(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = harness
+    _park_after(h, 3)
+    task_id = await h.add("sealed")
+    await h.scheduler.tick()
+    # The key server away: four claims let go, none of them a missing key.
+    monkeypatch.setattr(h.keys, "key_by_id", _key_server_away)
+    for _ in range(4):
+        await _claim_unopened(h, KeysUnavailable)
+    lease = await _lease(h, task_id)
+    assert lease.state is LeaseState.LEASED and lease.key_missing == 0 and lease.uncounted == 4, lease
+    # Then the key found missing: parked at the third such claim, not at the first.
+    monkeypatch.setattr(h.keys, "key_by_id", _key_missing)
+    for n in (1, 2):
+        await _claim_unopened(h)
+        assert (await _lease(h, task_id)).state is LeaseState.LEASED, f"parked at {n} key-missing claims"
+    await _claim_unopened(h)
+    assert (await _lease(h, task_id)).state is LeaseState.PARKED
+    # Redriven while the key is still missing: the count starts again.
+    assert await h.queue.lifecycle.redrive(OWNER, h.service, [uuid.UUID(task_id)]) == 1
+    for n in (1, 2):
+        await _claim_unopened(h)
+        lease = await _lease(h, task_id)
+        assert lease.state is LeaseState.LEASED and lease.key_missing == n, lease
+    await _claim_unopened(h)
+    assert (await _lease(h, task_id)).state is LeaseState.PARKED
+    assert h.metrics.total("tasks_parked", reason="key_missing") == 2
+
+
+async def test_zero_never_parks_a_task_for_its_missing_key(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    h = harness
+    _park_after(h, 0)
+    task_id = await h.add("sealed")
+    await h.scheduler.tick()
+    monkeypatch.setattr(h.keys, "key_by_id", _key_missing)
+    for _ in range(4):
+        await _claim_unopened(h)
+    lease = await _lease(h, task_id)
+    assert lease.state is LeaseState.LEASED and lease.key_missing == 4, lease
+    assert h.metrics.total("tasks_parked") == 0
+
+
+async def test_a_park_of_an_unopened_claim_applies_only_at_the_claims_own_deadline(harness: Harness) -> None:
+    """The park takes a let-go's place, and holds to its condition: a copy of the fetch that resent
+    the task to its worker since (a bridge with the key) moved the deadline on, and parked then,
+    the task would be taken from a worker working on it."""
+    h = harness
+    task_id = await h.add("sealed")
+    got = await h.fetch("w", ttr_ms=TTR_MS)
+    assert got is not None and got.task_id == task_id
+    q, tid, now = QueueKey(OWNER, h.service), uuid.UUID(task_id), h.clock.now_ms()
+    moved = await h.store.park(
+        q, tid, got.epoch, now, "key_missing", timeuuid_from_ms(now), worker="w", until_ms=got.lease_expires_at_ms + 1
+    )
+    assert not moved.applied
+    assert (await _lease(h, task_id)).state is LeaseState.LEASED
+    own = await h.store.park(
+        q, tid, got.epoch, now, "key_missing", timeuuid_from_ms(now), worker="w", until_ms=got.lease_expires_at_ms
+    )
+    assert own.applied
+    assert (await _lease(h, task_id)).state is LeaseState.PARKED
