@@ -218,7 +218,7 @@ class Bridge:
                 retry_base_ms=settings.retry_base_ms,
                 retry_cap_ms=settings.retry_cap_ms,
                 redrive_rate=settings.redrive_rate,
-                key_missing_park_after=settings.key_missing_park_after,
+                key_missing_park_after_ms=int(settings.key_missing_park_after_seconds * 1000),
                 store_timeout_ms=int(settings.cassandra_timeout * 1000),
             ),
             counts=self.counts,

@@ -349,14 +349,15 @@ class Settings(BaseSettings):
     redrive_rate: float = Field(
         50.0, gt=0, le=10_000, description="Parked tasks put back per second per queue by this bridge's redrives."
     )
-    key_missing_park_after: int = Field(
-        8,
+    key_missing_park_after_seconds: float = Field(
+        7200.0,
         ge=0,
-        le=1000,
-        description="A task claimed this often (since its last redrive) and never opened because the key it was "
-        "sealed with is missing is parked (reason key_missing; a task with a token tells its engine) instead of "
-        "offered again; its waits double from its lease (up to a minute) in between, so 8 is about 2 hours of a "
-        "missing key. 0: never parked (offered again until its TTL).",
+        le=30 * 24 * 3600,
+        description="A task claimed for this long, every claim finding the key it was sealed with missing (not "
+        "a key lookup that failed, and none handing it out), is parked at the next such claim (reason "
+        "key_missing; at least 3 such claims; the waits between them double from its lease, a minute at most, "
+        "up to 64 times that) instead of offered again. Its engine is not told: its token is sealed with that "
+        "key. 0: never parked (offered again until its TTL).",
     )
     reconcile_interval: float = Field(
         30.0,

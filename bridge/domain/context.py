@@ -99,9 +99,9 @@ class Limits:
     retry_base_ms: int = 1_000
     retry_cap_ms: int = 300_000
     redrive_rate: float = 50.0
-    # Claims of a task that found its key missing (since its last redrive) at which it is parked
-    # (``key_missing``) instead of let go again; 0: never (it waits until its TTL).
-    key_missing_park_after: int = 8
+    # How long claims of a task in a row must have found its key missing before the next such claim
+    # parks it (``key_missing``) instead of letting it go again; 0: never (it waits until its TTL).
+    key_missing_park_after_ms: int = 7_200_000
     # How long one write to the store may run (the Cassandra request timeout): a redelivered add
     # waits that long for its first delivery's unguarded write (``WorkQueue.first_copy_settled``).
     store_timeout_ms: int = 5_000

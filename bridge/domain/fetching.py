@@ -33,6 +33,7 @@ from bridge.domain.records import (
     LANE_FRESH,
     LANE_RECOVERED,
     ExpiryEntry,
+    KeyMissingRun,
     Lease,
     LeaseState,
     Payload,
@@ -81,6 +82,9 @@ LET_GO_BACK_MS = 60_000
 # minutes: a key gone for good came back every minute for the TTL, claimed, read and let go each
 # time, its tasks' hints ahead of the healthy ones (found by re-review, 2026-12-07).
 LET_GO_DOUBLINGS_MAX = 6
+# A task whose key was missing at every claim for BRIDGE_KEY_MISSING_PARK_AFTER_SECONDS is parked
+# at the next such claim if there were at least this many (``_gone_for_good``).
+KEY_MISSING_PARK_MIN_CLAIMS = 3
 TTL_GRANULARITY_MS = 1_000  # Cassandra expires rows on whole seconds
 # Workers with fetches in flight on one bridge that are made to take turns (``_Flight``). An entry
 # lives only while a fetch of its worker is in flight, so this bounds the memory of a burst of
@@ -1205,25 +1209,25 @@ class Fetcher:
         lease = await ctx.store.lease(q, task_id, serial=True)
         if lease is None or not lease.held_by(worker, epoch) or lease.lease_until_ms != until:
             return
-        park_after = ctx.limits.key_missing_park_after
-        if missing and park_after and lease.key_missing + 1 >= park_after:
-            # Its key missing at this many claims, with waits doubling in between (about two hours
-            # by default): gone for good, most likely (rotated out and removed too soon). Parked,
+        now = ctx.clock.now_ms()
+        run = KeyMissingRun.after(lease, now) if missing else None
+        if run is not None and self._gone_for_good(run, now):
+            # Its key missing at every claim for hours (waits doubling in between), none of them
+            # handed it out: gone for good, most likely (rotated out and removed too soon). Parked,
             # listed and counted instead of offered again until its TTL and then gone without a
             # word. Restored, the key opens it again after a redrive. (Parked or refused: the lease
             # moved since the read, as a let-go would have been.)
-            await self._park_unopened(q, task_id, lease, worker, until, has_token=has_token)
+            await self._park_unopened(q, task_id, lease, worker, until, has_token=has_token, run=run)
             return
-        # Doubling only while its key is missing (gone for good, maybe; each claim that found it
-        # missing counts, not one whose lookup failed: the key server away for minutes, after
-        # which the task comes back at the base wait, soon after the server does).
+        # Doubling only while its key is missing (gone for good, maybe; each claim in a row that
+        # found it missing counts, not one whose lookup failed: the key server away for minutes,
+        # after which the task comes back at the base wait, soon after the server does).
         # From the lease it had, up to a minute: a worker of short leases (a test's 200 ms) saw a
         # task whose key came and went wait minutes (the CI's key-outage drill).
-        doublings = min(lease.key_missing, LET_GO_DOUBLINGS_MAX) if missing else 0
-        now = ctx.clock.now_ms()
+        doublings = min(run.claims - 1, LET_GO_DOUBLINGS_MAX) if run is not None else 0
         back = now + min(LET_GO_BACK_MS, max(until - now, 1)) * 2**doublings
         if doublings == 0 and until <= back:
-            await ctx.store.uncount(q, task_id, lease, worker, missing=missing)  # its deadline is as soon
+            await ctx.store.uncount(q, task_id, lease, worker, missing=run)  # its deadline is as soon
             return
         # Sooner than its deadline, or later (a lease named nobody's, lengthened: the claim's own
         # entry finds the later deadline and passes).
@@ -1235,29 +1239,54 @@ class Fetcher:
             await ctx.store.watch_expiry(expiry_bucket(at), watch)
         except Unavailable:
             # Not filed: kept to its deadline (filed by the claim), but still not a delivery.
-            await ctx.store.uncount(q, task_id, lease, worker, missing=missing)
+            await ctx.store.uncount(q, task_id, lease, worker, missing=run)
             raise
-        if await ctx.store.uncount(q, task_id, lease, worker, until_ms=back, missing=missing):
+        if await ctx.store.uncount(q, task_id, lease, worker, until_ms=back, missing=run):
             self.soon(watch, at)
 
+    def _gone_for_good(self, run: KeyMissingRun, now: int) -> bool:
+        """Whether a run of claims that found a task's key missing has gone on long enough to park
+        it: BRIDGE_KEY_MISSING_PARK_AFTER_SECONDS since its first, and at least a few claims (of
+        several bridges, likely). Time, not claims alone: a lease's length sets the waits between
+        claims, and a count parked a short-lease worker's tasks within minutes of a key-ring edit
+        undone (found by review, 2026-12-07)."""
+        after_ms = self.ctx.limits.key_missing_park_after_ms
+        return after_ms > 0 and run.claims >= KEY_MISSING_PARK_MIN_CLAIMS and now - run.since_ms >= after_ms
+
     async def _park_unopened(
-        self, q: QueueKey, task_id: uuid.UUID, lease: Lease, worker: str, until: int, *, has_token: bool
+        self,
+        q: QueueKey,
+        task_id: uuid.UUID,
+        lease: Lease,
+        worker: str,
+        until: int,
+        *,
+        has_token: bool,
+        run: KeyMissingRun,
     ) -> bool:
         """Park a claimed task whose key is missing (``lease``: the claim's SERIAL read, held at
         ``until``). Whether it was parked (refused: the lease moved since the read)."""
-        return await self.lifecycle.park(
-            q,
-            task_id,
-            lease.epoch,
-            has_token,  # listed as having one; its engine cannot be told (``Lifecycle.park``)
-            PARK_KEY_MISSING,
-            max(0, lease.deliveries_counted - 1),  # this claim never handed it out
-            worker=worker,
-            earlier_park_id=lease.park_id,
-            # As a let-go: only at this claim's deadline (a resend by another copy of the fetch
-            # since, on a bridge with the key, made it a delivery its worker is working on).
-            until_ms=until,
-        )
+        try:
+            return await self.lifecycle.park(
+                q,
+                task_id,
+                lease.epoch,
+                has_token,  # listed as having one; its engine cannot be told (``Lifecycle.park``)
+                PARK_KEY_MISSING,
+                max(0, lease.deliveries_counted - 1),  # this claim never handed it out
+                worker=worker,
+                earlier_park_id=lease.park_id,
+                # As a let-go: only at this claim's deadline (a resend by another copy of the fetch
+                # since, on a bridge with the key, made it a delivery its worker is working on).
+                until_ms=until,
+            )
+        except Unavailable:
+            # Not parked, or not known to be: still not a delivery (left counted, it held the task
+            # from the others to its worker's deadline and used up its delivery limit). Refused
+            # if the park applied (the lease no longer held); kept to its deadline.
+            with suppress(Unavailable):
+                await self.ctx.store.uncount(q, task_id, lease, worker, missing=run)
+            raise
 
     async def _deliver(
         self,

@@ -111,9 +111,12 @@ class Lease:
     # task, so they are an outage of the key, not deliveries (a long one would park healthy tasks).
     uncounted: int = 0
     uncounted_epoch: int | None = None  # the epoch last uncounted: a repeat for it changes nothing
-    # Of those, the claims that found its key missing (not a lookup that failed: the key server
-    # away): the task is parked at BRIDGE_KEY_MISSING_PARK_AFTER of them (a key gone for good).
+    # The claims in a row that found its key missing (``KeyMissingRun``; not a lookup that failed:
+    # the key server away), when the first of them was, and the run's mark: the task is parked
+    # once they have gone on for BRIDGE_KEY_MISSING_PARK_AFTER_SECONDS (a key gone for good).
     key_missing: int = 0
+    key_missing_since_ms: int = 0
+    key_missing_mark: int | None = None
     # The last park's id (its ``completion_id`` then): kept when a discard, or an ack after a
     # redrive, writes its own completion id, so that the park's result is still owed (``names_entry``).
     park_id: uuid.UUID | None = None
@@ -146,6 +149,28 @@ class Lease:
     def not_claimable_before(self, now_ms: int, margin_ms: int) -> bool:
         """Still leased at this epoch and its deadline plus the skew margin has not passed."""
         return self.is_leased and self.lease_until_ms is not None and self.lease_until_ms + margin_ms > now_ms
+
+
+@dataclass(frozen=True, slots=True)
+class KeyMissingRun:
+    """Claims of a task in a row that found its key missing, written by each such claim with its
+    ``lease.uncount``. ``mark``: the lease's ``epoch - uncounted`` as that claim read it, the same
+    at the next one only if no claim in between handed the task out (a claim that could not open
+    it raises both; a delivery, the epoch alone) and no older bridge's redrive reset ``uncounted``:
+    otherwise the next such claim starts a new run. A key that some bridge has (a fleet part-way
+    through a rotation, one pod with an old key-ring) breaks the run at its first delivery."""
+
+    claims: int
+    since_ms: int
+    mark: int
+
+    @staticmethod
+    def after(lease: Lease, now_ms: int) -> KeyMissingRun:
+        """The run once the claim ``lease`` was read for (held, not yet uncounted) is counted in."""
+        mark = lease.epoch - lease.uncounted
+        if lease.key_missing > 0 and lease.key_missing_mark == mark:
+            return KeyMissingRun(lease.key_missing + 1, lease.key_missing_since_ms or now_ms, mark)
+        return KeyMissingRun(1, now_ms, mark)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from bridge.crypto import Sealed
 from bridge.domain.records import (
     CasResult,
     ExpiryEntry,
+    KeyMissingRun,
     Lease,
     LeaseState,
     OutboxEntry,
@@ -190,13 +191,13 @@ class TaskStore(Protocol):
         worker: str,
         *,
         until_ms: int | None = None,
-        missing: bool = False,
+        missing: KeyMissingRun | None = None,
     ) -> bool:
         """The claim at ``read.epoch`` (still held by ``worker``, at the deadline ``read`` shows;
         ``read`` is a SERIAL read) could not open the task: it does not count toward the delivery
         limit. Whether it applied (once per epoch). With ``until_ms``, the lease is also given back:
         held by nobody, claimable after it. ``missing``: its key is missing (not a lookup that
-        failed), counted in ``key_missing`` too."""
+        failed), and the run of such claims this one makes (else the lease's run is kept)."""
 
     # -- the lifecycle (1.4): compare-and-set too, all on the lease's state and epoch ------------------
     async def release(

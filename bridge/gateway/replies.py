@@ -111,7 +111,7 @@ class StatsReply(_Reply):
 class ParkedInfo(_Reply):
     id: str
     deliveries: int
-    reason: str = Field(description="delivery_limit or failed.")
+    reason: str = Field(description="delivery_limit, failed or key_missing.")
     last_error: Any = Field(alias="lastError", description="The last fail's error, null if none.")
     parked_at: str = Field(alias="parkedAt")
     added_at: str = Field(alias="addedAt")

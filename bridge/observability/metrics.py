@@ -85,7 +85,8 @@ ROUTES: dict[str, Route] = {
     "tasks_failed": Route("tasks_failed", "Tasks given back by their worker with fail, to be retried after a backoff."),
     "tasks_parked": Route(
         "tasks_parked",
-        "Tasks parked, by reason (delivery_limit: leases ran out that often; failed: failed at the limit).",
+        "Tasks parked, by reason (delivery_limit: leases ran out that often; failed: failed at the limit; "
+        "key_missing: its key missing at every claim for BRIDGE_KEY_MISSING_PARK_AFTER_SECONDS).",
         labels=("reason",),
     ),
     "tasks_redriven": Route("tasks_redriven", "Parked tasks put back in their queue by redrive."),

@@ -28,6 +28,7 @@ from bridge.domain.records import (
     NO_WORKER,
     CasResult,
     ExpiryEntry,
+    KeyMissingRun,
     Lease,
     LeaseState,
     OutboxEntry,
@@ -381,7 +382,7 @@ class MemoryTaskStore:
         worker: str,
         *,
         until_ms: int | None = None,
-        missing: bool = False,
+        missing: KeyMissingRun | None = None,
     ) -> bool:
         await self._io()
         cur, epoch = self._lease(q, task_id), read.epoch
@@ -390,8 +391,15 @@ class MemoryTaskStore:
         if cur.lease_until_ms != read.lease_until_ms:
             return False  # ``lease_until = ?``: resent to its worker by another copy since the read
         # As Cassandra's: the counts the caller read, plus one (only the holder writes them).
-        missed = read.key_missing + 1 if missing else read.key_missing
-        cur = replace(cur, uncounted=read.uncounted + 1, uncounted_epoch=epoch, key_missing=missed)
+        run = missing or KeyMissingRun(read.key_missing, read.key_missing_since_ms, read.key_missing_mark or 0)
+        cur = replace(
+            cur,
+            uncounted=read.uncounted + 1,
+            uncounted_epoch=epoch,
+            key_missing=run.claims,
+            key_missing_since_ms=run.since_ms,
+            key_missing_mark=run.mark,
+        )
         if until_ms is not None:
             cur = replace(cur, lease_until_ms=until_ms, worker=NO_WORKER)
         self.leases[(q, task_id)] = cur

@@ -30,6 +30,7 @@ from bridge.domain.records import (
     UNSHARDED,
     CasResult,
     ExpiryEntry,
+    KeyMissingRun,
     Lease,
     LeaseState,
     OutboxEntry,
@@ -771,7 +772,7 @@ class CassandraTaskStore:
         worker: str,
         *,
         until_ms: int | None = None,
-        missing: bool = False,
+        missing: KeyMissingRun | None = None,
     ) -> bool:
         # The count to raise is the caller's read (SERIAL: this epoch's claim may not be on every
         # replica yet). Only this call changes it while the lease is held at this epoch by this
@@ -780,8 +781,9 @@ class CassandraTaskStore:
         lease, epoch = read, read.epoch
         if not lease.held_by(worker, epoch) or lease.uncounted_epoch == epoch or lease.lease_until_ms is None:
             return False
-        missed = lease.key_missing + 1 if missing else lease.key_missing
-        values: tuple[Any, ...] = (lease.uncounted + 1, epoch, missed)
+        # A lookup that failed keeps the run as read (it neither counts nor breaks it).
+        run = missing or KeyMissingRun(lease.key_missing, lease.key_missing_since_ms, lease.key_missing_mark or 0)
+        values: tuple[Any, ...] = (lease.uncounted + 1, epoch, run.claims, run.since_ms, run.mark)
         key = (q.owner, q.service, task_id, epoch, worker, to_datetime(lease.lease_until_ms))
         name = "lease.uncount"
         if until_ms is not None:

@@ -54,6 +54,8 @@ def lease_of(row: Row) -> Lease | None:
         uncounted=row.get("uncounted") or 0,
         uncounted_epoch=row.get("uncounted_epoch"),
         key_missing=row.get("key_missing") or 0,
+        key_missing_since_ms=row.get("key_missing_since") or 0,
+        key_missing_mark=row.get("key_missing_mark"),
         park_id=row.get("park_id"),
         park_ids=uuid_set(row.get("park_ids")),
     )

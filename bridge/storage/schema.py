@@ -255,9 +255,12 @@ ADDED_COLUMNS: list[tuple[str, str, str]] = [
     # Claims since the last redrive that found the task's key missing (not counted as deliveries).
     ("leases", "uncounted", "int"),
     ("leases", "uncounted_epoch", "int"),
-    # Of those, the claims that found its key missing (not a key lookup that failed): a task whose
-    # key is gone for good is parked at BRIDGE_KEY_MISSING_PARK_AFTER of them.
+    # Of those, the claims in a row that found its key missing (not a key lookup that failed), since
+    # when (ms), and the run's mark (``KeyMissingRun``): a task whose key is gone for good is parked
+    # once they have gone on for BRIDGE_KEY_MISSING_PARK_AFTER_SECONDS.
     ("leases", "key_missing", "int"),
+    ("leases", "key_missing_since", "bigint"),
+    ("leases", "key_missing_mark", "int"),
     # The last park's id, which a discard or a later completion does not overwrite: its result
     # (the engine's delivery_limit error) stays owed until the relay has sent it.
     ("leases", "park_id", "timeuuid"),

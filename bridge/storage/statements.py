@@ -8,7 +8,8 @@ from __future__ import annotations
 
 LEASE_COLS_BRIEF = (
     "state, epoch, worker, lease_until, claim_id, completion_id, has_token, base_epoch, parked_at, park_reason, "
-    "completed_at, uncounted, uncounted_epoch, key_missing, park_id, park_ids, expires_at"
+    "completed_at, uncounted, uncounted_epoch, key_missing, key_missing_since, key_missing_mark, "
+    "park_id, park_ids, expires_at"
 )
 # Every write of a lease gives its cells the rest of the TASK's life (``expires_at``, recorded by the
 # claim that read it from the task's row), not the rest of the writing bridge's own TTL. A writer
@@ -168,7 +169,8 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     # Only at the deadline the claim wrote: another copy of the fetch that resent the task to its
     # worker (a new deadline) made it a delivery.
     "lease.uncount": (
-        "UPDATE {ks}.leases USING TTL ? SET uncounted = ?, uncounted_epoch = ?, key_missing = ? "
+        "UPDATE {ks}.leases USING TTL ? SET uncounted = ?, uncounted_epoch = ?, key_missing = ?, "
+        "key_missing_since = ?, key_missing_mark = ? "
         "WHERE owner = ? AND service = ? AND task_id = ? "
         "IF state = 'leased' AND epoch = ? AND worker = ? AND lease_until = ? AND expires_at IN (?, null)",
         False,
@@ -176,8 +178,8 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     # ``lease.uncount`` that also gives the lease back (held by nobody until ``lease_until``): a
     # claim whose task could not be opened, let go to come back soon, not at its worker's deadline.
     "lease.let_go": (
-        "UPDATE {ks}.leases USING TTL ? SET uncounted = ?, uncounted_epoch = ?, key_missing = ?, lease_until = ?, "
-        "worker = '' "
+        "UPDATE {ks}.leases USING TTL ? SET uncounted = ?, uncounted_epoch = ?, key_missing = ?, "
+        "key_missing_since = ?, key_missing_mark = ?, lease_until = ?, worker = '' "
         "WHERE owner = ? AND service = ? AND task_id = ? "
         "IF state = 'leased' AND epoch = ? AND worker = ? AND lease_until = ? AND expires_at IN (?, null)",
         False,

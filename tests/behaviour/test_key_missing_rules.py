@@ -1,8 +1,9 @@
 """A task whose key is gone for good (rotated out and removed while tasks it sealed were queued) is
-parked at its BRIDGE_KEY_MISSING_PARK_AFTER-th claim that finds the key missing, instead of being
-offered again, ever later, until its TTL and then gone without a word (the known limit of
-2026-12-07). Claims whose key lookup failed (the key server away) do not count toward it; a
-redrive starts the count again; 0 parks nothing. Both stores, clock time only."""
+parked once claims of it in a row have found the key missing for BRIDGE_KEY_MISSING_PARK_AFTER_SECONDS,
+instead of being offered again, ever later, until its TTL and then gone without a word (the known
+limit of 2026-12-07). Claims whose key lookup failed (the key server away) neither count nor break
+the run; a claim that hands the task out (a bridge that has the key) and a redrive start it again;
+0 parks nothing. Both stores, clock time only."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 
 from bridge.crypto.errors import KeyUnavailable, UnknownKey
 from bridge.domain.errors import KeyMissing, KeysUnavailable
+from bridge.domain.models import FailRequest, parse
 from bridge.domain.records import Lease, LeaseState, QueueKey
 from bridge.domain.timeline import timeuuid_from_ms
 from tests.queue_harness import OWNER, Harness
@@ -21,9 +23,10 @@ from tests.queue_harness import OWNER, Harness
 pytestmark = pytest.mark.anyio
 
 TTR_MS = 1_000
+PARK_AFTER_MS = 10_000
 # Clock time one claim may need: the let-go's wait (its lease, doubling per key-missing claim
-# before it: up to 8 s here) plus the skew margin and the scheduler's passes.
-CLAIM_WITHIN_MS = 30_000
+# before it, up to 64 s here) plus the skew margin and the scheduler's passes.
+CLAIM_WITHIN_MS = 80_000
 
 
 async def _key_missing(owner: str, key_id: str) -> Any:
@@ -34,8 +37,8 @@ async def _key_server_away(owner: str, key_id: str) -> Any:
     raise KeyUnavailable("the key server did not answer")
 
 
-def _park_after(h: Harness, claims: int) -> None:
-    h.queue.ctx.limits = replace(h.queue.ctx.limits, key_missing_park_after=claims)
+def _park_after(h: Harness, ms: int) -> None:
+    h.queue.ctx.limits = replace(h.queue.ctx.limits, key_missing_park_after_ms=ms)
 
 
 async def _lease(h: Harness, task_id: str) -> Lease:
@@ -44,18 +47,19 @@ async def _lease(h: Harness, task_id: str) -> Lease:
     return lease
 
 
-async def _claim_unopened(h: Harness, expect: type[Exception] = KeyMissing) -> None:
-    """Advance the clock until a fetch claims the task and cannot open it (``expect`` raised)."""
+async def _claim_unopened(h: Harness, expect: type[Exception] = KeyMissing) -> int:
+    """Advance the clock until a fetch claims the task and cannot open it (``expect`` raised);
+    the clock's time then."""
     waited = 0
     while True:
         try:
             got = await h.fetch("w", ttr_ms=TTR_MS)
         except expect:
-            return
+            return h.clock.now_ms()
         assert got is None, f"handed out: {got}"
         assert waited < CLAIM_WITHIN_MS, f"not claimed again within {CLAIM_WITHIN_MS} ms of clock time"
-        await h.advance(250)
-        waited += 250
+        await h.advance(1_000 if waited > 4_000 else 250)
+        waited += 1_000 if waited > 4_000 else 250
 
 
 async def _offered_again_within(h: Harness, ms: int) -> bool:
@@ -69,20 +73,34 @@ async def _offered_again_within(h: Harness, ms: int) -> bool:
     return False
 
 
-async def test_a_task_whose_key_stays_missing_is_parked_at_the_limit_not_before(
+async def _claims_until_parked(h: Harness, task_id: str, after_ms: int = PARK_AFTER_MS) -> tuple[int, int]:
+    """Claims that find the key missing until one parks the task: (claims in the run, clock time
+    from the run's first to the parking one). Each claim before it leaves the task leased (let go)."""
+    await _claim_unopened(h)
+    lease = await _lease(h, task_id)
+    claims, first = lease.key_missing, lease.key_missing_since_ms
+    while lease.state is LeaseState.LEASED:
+        assert claims < 30, "never parked"
+        at = await _claim_unopened(h)
+        claims += 1
+        lease = await _lease(h, task_id)
+        if lease.state is LeaseState.LEASED:
+            assert lease.key_missing == claims and lease.key_missing_since_ms == first, lease
+            assert claims < 3 or at - first < after_ms, f"not parked at claim {claims}, {at - first} ms in"
+    return claims, at - first
+
+
+async def test_a_task_whose_key_stays_missing_is_parked_after_the_grace_not_before(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h = harness
-    _park_after(h, 3)
+    _park_after(h, PARK_AFTER_MS)
     task_id = await h.add({"sealed with": "a key about to be removed"}, token={"workflow": 1})
     opens = h.keys.key_by_id
     monkeypatch.setattr(h.keys, "key_by_id", _key_missing)
     await h.scheduler.tick()
-    for n in (1, 2):
-        await _claim_unopened(h)
-        lease = await _lease(h, task_id)
-        assert lease.state is LeaseState.LEASED and lease.key_missing == n, lease
-    await _claim_unopened(h)
+    claims, elapsed = await _claims_until_parked(h, task_id)
+    assert claims >= 3 and elapsed >= PARK_AFTER_MS, (claims, elapsed)
     lease = await _lease(h, task_id)
     assert lease.state is LeaseState.PARKED and lease.park_reason == "key_missing", lease
     assert h.metrics.total("tasks_parked", reason="key_missing") == 1
@@ -102,34 +120,46 @@ async def test_a_task_whose_key_stays_missing_is_parked_at_the_limit_not_before(
     assert [m.task_id for m in h.sink.messages] == [task_id]
 
 
-async def test_only_claims_that_found_the_key_missing_count_and_a_redrive_starts_again(
+async def test_lookups_that_failed_do_not_count_and_a_delivery_or_a_redrive_starts_the_run_again(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h = harness
-    _park_after(h, 3)
+    grace = 60_000  # longer than the claims below take before the last run
+    _park_after(h, grace)
     task_id = await h.add("sealed")
+    opens = h.keys.key_by_id
     await h.scheduler.tick()
-    # The key server away: four claims let go, none of them a missing key.
+    # The key missing on this bridge (not loaded yet) at two claims, then the key server away at
+    # four (neither counted nor breaking the run), then missing again: a run of three.
+    monkeypatch.setattr(h.keys, "key_by_id", _key_missing)
+    first = await _claim_unopened(h)
+    await _claim_unopened(h)
     monkeypatch.setattr(h.keys, "key_by_id", _key_server_away)
     for _ in range(4):
         await _claim_unopened(h, KeysUnavailable)
     lease = await _lease(h, task_id)
-    assert lease.state is LeaseState.LEASED and lease.key_missing == 0 and lease.uncounted == 4, lease
-    # Then the key found missing: parked at the third such claim, not at the first.
+    assert lease.key_missing == 2 and lease.key_missing_since_ms == first and lease.uncounted == 6, lease
     monkeypatch.setattr(h.keys, "key_by_id", _key_missing)
-    for n in (1, 2):
-        await _claim_unopened(h)
-        assert (await _lease(h, task_id)).state is LeaseState.LEASED, f"parked at {n} key-missing claims"
     await _claim_unopened(h)
+    assert (await _lease(h, task_id)).key_missing == 3
+    # A bridge with the key hands it out; its worker gives it back (fail): the key was there, so the
+    # next claim that finds it missing starts a new run.
+    monkeypatch.setattr(h.keys, "key_by_id", opens)
+    got = await h.fetch_until("w", ttr_ms=TTR_MS)
+    body = {"serviceId": h.service, "workerId": "w", "taskId": got.task_id, "epoch": got.epoch, "retryInMs": 0}
+    assert await h.queue.fail(OWNER, parse(FailRequest, body)) is not None
+    monkeypatch.setattr(h.keys, "key_by_id", _key_missing)
+    again = await _claim_unopened(h)
+    lease = await _lease(h, task_id)
+    assert lease.state is LeaseState.LEASED and lease.key_missing == 1 and lease.key_missing_since_ms == again
+    # Parked after the grace from there; redriven with the key still missing, the run starts again.
+    await _claims_until_parked(h, task_id, grace)
     assert (await _lease(h, task_id)).state is LeaseState.PARKED
-    # Redriven while the key is still missing: the count starts again.
     assert await h.queue.lifecycle.redrive(OWNER, h.service, [uuid.UUID(task_id)]) == 1
-    for n in (1, 2):
-        await _claim_unopened(h)
-        lease = await _lease(h, task_id)
-        assert lease.state is LeaseState.LEASED and lease.key_missing == n, lease
     await _claim_unopened(h)
-    assert (await _lease(h, task_id)).state is LeaseState.PARKED
+    lease = await _lease(h, task_id)
+    assert lease.state is LeaseState.LEASED and lease.key_missing == 1, lease
+    await _claims_until_parked(h, task_id, grace)
     assert h.metrics.total("tasks_parked", reason="key_missing") == 2
 
 
@@ -139,10 +169,13 @@ async def test_zero_never_parks_a_task_for_its_missing_key(harness: Harness, mon
     task_id = await h.add("sealed")
     await h.scheduler.tick()
     monkeypatch.setattr(h.keys, "key_by_id", _key_missing)
-    for _ in range(4):
+    first = await _claim_unopened(h)
+    claims = 1
+    while h.clock.now_ms() - first < PARK_AFTER_MS * 2 or claims < 4:
         await _claim_unopened(h)
+        claims += 1
     lease = await _lease(h, task_id)
-    assert lease.state is LeaseState.LEASED and lease.key_missing == 4, lease
+    assert lease.state is LeaseState.LEASED and lease.key_missing == claims, lease
     assert h.metrics.total("tasks_parked") == 0
 
 

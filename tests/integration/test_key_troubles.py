@@ -299,11 +299,11 @@ async def test_a_task_whose_key_is_gone_for_good_is_parked_and_comes_back_with_i
     make_bridge, engine, workers, tmp_path
 ):
     """A task sealed with a key later removed from the key-ring was offered again, ever later,
-    until its TTL and then gone, never parked or listed (the known limit of 2026-12-07). At
-    ``BRIDGE_KEY_MISSING_PARK_AFTER`` claims that found its key missing it is parked
-    (``key_missing``): listed for an operator, who restores the key and redrives it."""
+    until its TTL and then gone, never parked or listed (the known limit of 2026-12-07). Once
+    claims in a row have found its key missing for ``BRIDGE_KEY_MISSING_PARK_AFTER_SECONDS`` it
+    is parked (``key_missing``): listed for an operator, who restores the key and redrives it."""
     path, doc = _keyring(tmp_path)
-    b = await make_bridge(keyring=str(path), key_missing_park_after=2, **FAST)
+    b = await make_bridge(keyring=str(path), key_missing_park_after_seconds=1.0, **FAST)
     ring = b.keys.upstream
     svc = service_id()
     task_id = await engine.add(svc, "sealed with a key removed too soon", token={"p": 1})
@@ -327,7 +327,7 @@ async def test_a_task_whose_key_is_gone_for_good_is_parked_and_comes_back_with_i
 
     (task,) = await wait_for(parked, 30, interval=0.1, what="the task parked for its missing key")
     assert task.id == task_id and task.reason == "key_missing" and task.has_token, task
-    assert 1 <= claims <= 2, f"{claims} claims found the key missing before the park (limit 2)"
+    assert claims >= 3, f"parked after {claims} claims that found the key missing (at least 3)"
     write_keyring(path, doc)  # the key restored
     assert ring.maybe_reload(force=True)
     b.keys.invalidate()
