@@ -291,7 +291,18 @@ def test_dockerignore_excludes_local_state() -> None:
     patterns = {line.strip().rstrip("/") for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()}
     # node_modules: `make test` installs the Node example's packages there; copied with examples/,
     # the runtime image shipped an npm tree nothing in it uses.
-    for needed in (".venv", ".git", "deploy/local/state", "benchmarks/results", "examples/node/node_modules"):
+    # keyring.json: deploy/kubernetes/secret.yaml generates one where it is run (the repository,
+    # most likely), and the builder's `COPY . .` took every owner's keys into its cached layers.
+    for needed in (
+        ".venv",
+        ".git",
+        "deploy/local/state",
+        "benchmarks/results",
+        "examples/node/node_modules",
+        "keyring.json",
+        "keyring.json.bak",
+        "keys.json",
+    ):
         assert needed in patterns, f".dockerignore should exclude {needed}"
 
 
@@ -335,6 +346,19 @@ def _depends_on(service: dict[str, Any]) -> dict[str, Any]:
     deps = service.get("depends_on") or {}
     assert isinstance(deps, dict), "depends_on needs the long syntax to carry a condition"
     return deps
+
+
+def test_compose_cassandra_restarts_on_its_own_data(compose: dict[str, Any]) -> None:
+    """One fixed token (``-Dcassandra.initial_token``) on an image whose cassandra.yaml says
+    ``num_tokens: 16``: the first start took the one token and saved it, and every start after
+    (``down`` then ``up``, a host reboot) stopped at "Cannot change the number of tokens from 1 to
+    16", the bridge waiting for a healthy Cassandra for ever (found by review, 2026-12-07). The
+    image's entrypoint writes ``CASSANDRA_NUM_TOKENS`` into cassandra.yaml."""
+    env = _service_env(compose["services"]["cassandra"])
+    tokens = [t for t in env.get("JVM_OPTS", "").split() if t.startswith("-Dcassandra.initial_token=")]
+    if tokens:
+        given = len(tokens[0].partition("=")[2].split(","))
+        assert env.get("CASSANDRA_NUM_TOKENS") == str(given), "num_tokens must match the initial tokens given"
 
 
 def test_compose_core_services_have_healthchecks(compose: dict[str, Any]) -> None:
