@@ -28,7 +28,8 @@ import hashlib
 import importlib.resources
 import re
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import suppress
 from typing import Any, TypeVar
 
@@ -52,6 +53,13 @@ QUEUE_PATH = CONSOLE_API + "/queues/{serviceId}"
 JSON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 LIMIT_PATTERN = re.compile(r"[0-9]{1,6}")
 STATS_CONCURRENCY = 16  # services whose counts /services reads at once
+# How long one read of an owner's counts (or of a queue's parked list) answers every console tab
+# polling it on this bridge, and how many such reads are kept. Each open tab read every service's
+# counts and the parked indexes every 2 s, nothing shared: six operators opening the console in an
+# incident multiplied the reads of a Cassandra already under strain, and took the owner's slots
+# for long requests from its stats, purges and discards (found by review, 2026-12-07).
+SHARED_READ_TTL_S = 5.0
+SHARED_READS_KEPT = 1_000
 READ_ONLY = "the console is read-only here (BRIDGE_CONSOLE_WRITE=false); redrive and discard are off"
 
 
@@ -78,6 +86,39 @@ def _page() -> tuple[bytes, str]:
     return page, csp
 
 
+class SharedReads:
+    """The console's polled reads, one at a time per key, each answering every request for that key
+    for ``SHARED_READ_TTL_S`` after it began (and every request that came while it ran). A read
+    that failed is not kept: the next request reads again. A read runs to its end even if the
+    request that began it goes away (the others may be waiting for it)."""
+
+    def __init__(self, now: Callable[[], float]) -> None:
+        self._now = now
+        self._reads: OrderedDict[tuple[str, ...], tuple[float, asyncio.Task[Any]]] = OrderedDict()
+
+    async def get(self, key: tuple[str, ...], read: Callable[[], Awaitable[_T]]) -> _T:
+        now = self._now()
+        kept = self._reads.get(key)
+        if kept is not None:
+            began, task = kept
+            fresh = now - began < SHARED_READ_TTL_S
+            if not task.done() or (fresh and not task.cancelled() and task.exception() is None):
+                result: _T = await asyncio.shield(task)
+                return result
+        task = asyncio.ensure_future(read())
+        task.add_done_callback(lambda t: None if t.cancelled() else t.exception())  # retrieved: no warning
+        self._reads[key] = (now, task)
+        self._reads.move_to_end(key)
+        while len(self._reads) > SHARED_READS_KEPT:
+            self._reads.popitem(last=False)
+        return await asyncio.shield(task)
+
+    def forget(self, owner: str) -> None:
+        """An owner's redrive or discard: its next reads show what it did."""
+        for key in [k for k in self._reads if k[1] == owner]:
+            del self._reads[key]
+
+
 class Console:
     """The console of one gateway: its routes, and the chart's sampler (runs while the gateway does)."""
 
@@ -86,6 +127,7 @@ class Console:
         self.queue = gateway.queue
         self.write = settings.console_write
         self.history = MetricsHistory(counters, gateway.queue.clock.now_ms)
+        self.reads = SharedReads(lambda: asyncio.get_running_loop().time())
         self._page, self._csp = _page()
 
     def install(self, app: web.Application) -> None:
@@ -131,10 +173,14 @@ class Console:
 
     async def services(self, request: web.Request) -> web.Response:
         owner = self._owner(request)
-        # WorkQueue.stats reads at most STATS_CONCURRENCY services at a time (every 2 s per open
-        # console: all of up to 1,000 at once was thousands of Cassandra reads in one burst).
-        with self.gateway.capacity.slot("stats", owner):
-            return _json(wire.stats(await self.queue.stats(owner, None, partial=True))["result"])
+
+        async def read() -> Any:
+            # WorkQueue.stats reads at most STATS_CONCURRENCY services at a time (all of up to 1,000
+            # at once was thousands of Cassandra reads in one burst). One slot per read, not per tab.
+            with self.gateway.capacity.slot("stats", owner):
+                return wire.stats(await self.queue.stats(owner, None, partial=True))["result"]
+
+        return _json(await self.reads.get(("services", owner), read))
 
     async def metrics(self, request: web.Request) -> web.Response:
         self._owner(request)  # a bad X-Owner is refused here too
@@ -159,14 +205,18 @@ class Console:
                 raise BadRequest("limit must be a number from 1 to 1000")
             body["limit"] = int(limit)
         req = parse(ParkedRequest, body)
-        # Without errors: the worker's error may carry task data and is not shown here, so none is
-        # read nor decrypted (up to 100 of them every 2 s per open console, all thrown away).
-        with self.gateway.capacity.slot("parked", owner):
-            found = await self.queue.lifecycle.parked(owner, req.service_id, req.limit, with_errors=False)
-        tasks = wire.parked(found)["result"]["tasks"]
-        for t in tasks:
-            t.pop("lastError", None)
-        return _json({"tasks": tasks})
+
+        async def read() -> Any:
+            # Without errors: the worker's error may carry task data and is not shown here, so none
+            # is read nor decrypted (up to 100 of them every 2 s per open console, all thrown away).
+            with self.gateway.capacity.slot("parked", owner):
+                found = await self.queue.lifecycle.parked(owner, req.service_id, req.limit, with_errors=False)
+            tasks = wire.parked(found)["result"]["tasks"]
+            for t in tasks:
+                t.pop("lastError", None)
+            return {"tasks": tasks}
+
+        return _json(await self.reads.get(("parked", owner, req.service_id, str(req.limit)), read))
 
     # Writes run as the gateway's do (``GatewayServer.shielded``): a tab closed mid-way does not
     # cut an unpark or a discard in two (counts drifting, an index row left), and the gateway's
@@ -200,6 +250,7 @@ class Console:
                     return await work
             finally:
                 work.close()  # never started when the slot was refused; a no-op once it ran
+                self.reads.forget(owner)  # the next poll shows what it did
 
         return await self.gateway.shielded(request, method, in_slot())
 

@@ -577,3 +577,93 @@ async def test_a_console_tab_in_the_background_stops_polling_and_resumes_when_sh
         await wait_for(lambda: polls() >= quiet + 1, UI_TIMEOUT, what="polling resumed when the tab was shown")
     finally:
         await session.close()
+
+
+async def test_console_tabs_polling_one_owner_share_one_read_and_a_redrive_is_seen_at_once(
+    make_bridge, console_keys, monkeypatch
+):
+    """Each open tab read every service's counts and the parked indexes every 2 s, nothing shared:
+    operators opening the console in an incident multiplied the reads of a strained Cassandra and
+    took the owner's slots for long requests (found by review, 2026-12-07). Tabs of one owner now
+    share one read at a time, kept a few seconds; a redrive or discard makes the next read fresh."""
+    import bridge.console.routes as routes
+
+    b, c, session = await _bridge_and_client(make_bridge, console_keys, console_write=True)
+    try:
+        svc = service_id()
+        task_id = await c.parked_task(svc)
+        monkeypatch.setattr(routes, "SHARED_READ_TTL_S", 60.0, raising=False)  # nothing expires in the test
+        stats, parked = b.queue.stats, b.queue.lifecycle.parked
+        calls = {"stats": 0, "parked": 0}
+
+        async def counted_stats(*args: Any, **kwargs: Any) -> Any:
+            calls["stats"] += 1
+            return await stats(*args, **kwargs)
+
+        async def counted_parked(*args: Any, **kwargs: Any) -> Any:
+            calls["parked"] += 1
+            return await parked(*args, **kwargs)
+
+        monkeypatch.setattr(b.queue, "stats", counted_stats)
+        monkeypatch.setattr(b.queue.lifecycle, "parked", counted_parked)
+        # Ten tabs of owner a poll at once, twice.
+        for _ in range(2):
+            replies = await asyncio.gather(
+                *(c.console(p) for p in ("/services", f"/queues/{svc}/parked?limit=100") for _ in range(10))
+            )
+            assert all(r.status == 200 for r in replies), [r.body for r in replies if r.status != 200]
+        assert calls == {"stats": 1, "parked": 1}, calls
+        listed = replies[-1].result["tasks"]
+        assert [t["id"] for t in listed] == [task_id]
+        # Another owner's tabs read their own.
+        assert (await c.console("/services", key="b")).status == 200
+        assert calls["stats"] == 2
+        # A redrive: the next poll reads again, and shows the task gone from the parked list.
+        assert (await c.console(f"/queues/{svc}/redrive", {"taskIds": [task_id]})).result == {"redriven": 1}
+        assert (await c.console(f"/queues/{svc}/parked?limit=100")).result["tasks"] == []
+        assert calls["parked"] == 2
+    finally:
+        await session.close()
+
+
+async def test_a_page_reloaded_while_the_bridge_answers_503_keeps_its_key_and_signs_in_again(
+    make_bridge, console_keys, chrome
+):
+    """Any answer but a 401 to the page's first request signed the operator out and deleted the
+    key: a reload during a rolling restart (503, "retry") cost them finding and pasting the key
+    again, in an incident (found by review, 2026-12-07). Now only a refused key signs out."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _, c, session = await _bridge_and_client(make_bridge, console_keys)
+    try:
+        await asyncio.to_thread(_sign_in, chrome, c.base, c.keys["a"])
+        # The next page load's first /session is answered 503, as by a bridge shutting down.
+        refuse_once = """
+            (() => {
+              const real = window.fetch;
+              let refused = 0;
+              window.fetch = function (url, init) {
+                if (String(url).endsWith("/console/api/session") && refused++ === 0) {
+                  const body = JSON.stringify({error: {code: "unavailable", message: "shutting down; retry"}});
+                  const headers = {"Content-Type": "application/json"};
+                  return Promise.resolve(new Response(body, {status: 503, headers}));
+                }
+                return real.apply(this, arguments);
+              };
+            })();
+        """
+        await asyncio.to_thread(
+            chrome.execute_cdp_cmd, "Page.addScriptToEvaluateOnNewDocument", {"source": refuse_once}
+        )
+
+        def reload_and_wait() -> str | None:
+            chrome.refresh()
+            WebDriverWait(chrome, UI_TIMEOUT).until(ec.visibility_of_element_located((By.ID, "app")))
+            key: str | None = chrome.execute_script("return window.sessionStorage.getItem('qb.console.key');")
+            return key
+
+        assert await asyncio.to_thread(reload_and_wait) == c.keys["a"]
+    finally:
+        await session.close()
