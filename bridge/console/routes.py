@@ -43,13 +43,14 @@ from bridge.domain.errors import BadRequest
 from bridge.domain.lifecycle import TaskInfo
 from bridge.domain.models import DiscardRequest, Identifier, ParkedRequest, RedriveRequest, TaskId, parse
 from bridge.gateway.errors import Forbidden, NotFound
-from bridge.gateway.server import KEY, GatewayServer
+from bridge.gateway.server import KEY, GatewayServer, _check_service_segment
 from bridge.transport import wire
 
 _T = TypeVar("_T")
 _M = TypeVar("_M", bound=BaseModel)
 
 QUEUE_PATH = CONSOLE_API + "/queues/{serviceId}"
+SERVICE_SEGMENT = QUEUE_PATH.split("/").index("{serviceId}")  # where the path names its queue
 JSON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 LIMIT_PATTERN = re.compile(r"[0-9]{1,6}")
 STATS_CONCURRENCY = 16  # services whose counts /services reads at once
@@ -188,7 +189,7 @@ class Console:
 
     async def task(self, request: web.Request) -> web.Response:
         owner = self._owner(request)
-        req = parse(TaskRequest, {"serviceId": request.match_info["serviceId"], "taskId": request.match_info["taskId"]})
+        req = parse(TaskRequest, {"serviceId": self._service(request), "taskId": request.match_info["taskId"]})
         (task_id,) = self._task_ids([req.task_id])
         info = await self.queue.task_info(owner, req.service_id, task_id)
         if info is None:
@@ -197,7 +198,7 @@ class Console:
 
     async def parked(self, request: web.Request) -> web.Response:
         owner = self._owner(request)
-        body: dict[str, Any] = {"serviceId": request.match_info["serviceId"]}
+        body: dict[str, Any] = {"serviceId": self._service(request)}
         limit = request.query.get("limit")
         if limit is not None:
             # ASCII digits only: str.isdigit() accepts "²", which int() then refuses.
@@ -254,6 +255,14 @@ class Console:
 
         return await self.gateway.shielded(request, method, in_slot())
 
+    @staticmethod
+    def _service(request: web.Request) -> str:
+        """The path's serviceId, checked as the gateway's is (its escapes must decode to UTF-8, in
+        one segment: ``%ff`` was the queue ``%FF`` here, which the gateway and AMQP refuse)."""
+        service = request.match_info["serviceId"]
+        _check_service_segment(request.rel_url.raw_path, service, SERVICE_SEGMENT)
+        return service
+
     def _owner(self, request: web.Request) -> str:
         return GatewayServer._owner(request[KEY], request.headers.get("X-Owner"))
 
@@ -269,10 +278,13 @@ class Console:
         owner = self._owner(request)
         if not self.write:
             raise Forbidden(READ_ONLY)
+        service = self._service(request)
         body = await self.gateway._read_json(request)
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
-        req: _M = parse(model, {**body, "serviceId": request.match_info["serviceId"]})
+        if "serviceId" in body and body["serviceId"] != service:
+            raise BadRequest("the body's serviceId differs from the path's; leave it out of the body")
+        req: _M = parse(model, {**body, "serviceId": service})
         return owner, req
 
 

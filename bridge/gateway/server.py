@@ -643,15 +643,15 @@ def _idempotency_key(request: web.Request) -> str | None:
     return value or None
 
 
-def _check_service_segment(raw_path: str, service: str) -> None:
-    """The path's serviceId, as sent, must be UTF-8 once its escapes are decoded: aiohttp keeps an
-    escape that is not (``%ff``) as its text (``%FF``), so ``/api/queue/%ff/tasks`` was the queue
-    ``%FF``, the same as ``/api/queue/%25FF/tasks``, where an AMQP body with those bytes is refused
-    (found by review, 2026-12-07)."""
+def _check_service_segment(raw_path: str, service: str, index: int = 3) -> None:
+    """The path's serviceId (its ``index``-th segment), as sent, must be UTF-8 once its escapes
+    are decoded: aiohttp keeps an escape that is not (``%ff``) as its text (``%FF``), so
+    ``/api/queue/%ff/tasks`` was the queue ``%FF``, the same as ``/api/queue/%25FF/tasks``, where
+    an AMQP body with those bytes is refused (found by review, 2026-12-07)."""
     from urllib.parse import unquote_to_bytes
 
     segments = raw_path.split("?", 1)[0].split("/")
-    sent = segments[3] if len(segments) > 3 else ""
+    sent = segments[index] if len(segments) > index else ""
     try:
         decoded = unquote_to_bytes(sent).decode("utf-8")
     except UnicodeDecodeError:

@@ -667,3 +667,15 @@ async def test_a_page_reloaded_while_the_bridge_answers_503_keeps_its_key_and_si
         assert await asyncio.to_thread(reload_and_wait) == c.keys["a"]
     finally:
         await session.close()
+
+
+async def test_console_paths_check_their_service_id_as_the_gateway_does(start_console):
+    """The console's paths took the serviceId as aiohttp matched it: ``%ff`` (not UTF-8) was the
+    queue ``%FF``, which the gateway and AMQP refuse; a body naming another serviceId was ignored
+    (the gateway answers 400) (found by review, 2026-12-07)."""
+    c = await start_console(console_write=True)
+    bad = await c.console("/queues/%ff/parked")
+    assert bad.status == 400 and "UTF-8" in bad.body["error"]["message"], bad.body
+    svc = service_id()
+    other = await c.console(f"/queues/{svc}/discard", {"serviceId": svc + "-other", "taskIds": []})
+    assert other.status == 400 and "differs" in other.body["error"]["message"], other.body
