@@ -838,8 +838,8 @@ class ParkedTask:
 
     id: str
     deliveries: int
-    # "delivery_limit" (reached max_deliveries), "failed", or "key_missing" (claimed that often,
-    # BRIDGE_KEY_MISSING_PARK_AFTER, and never opened: the key it was sealed with is missing)
+    # "delivery_limit" (reached max_deliveries), "failed", or "key_missing" (its claims found the key
+    # it was sealed with missing for BRIDGE_KEY_MISSING_PARK_AFTER_SECONDS, none handing it out)
     reason: str
     last_error: Any  # the ``error`` of the last technical fail, or None
     parked_at: str

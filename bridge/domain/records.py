@@ -157,8 +157,9 @@ class KeyMissingRun:
     ``lease.uncount``. ``mark``: the lease's ``epoch - uncounted`` as that claim read it, the same
     at the next one only if no claim in between handed the task out (a claim that could not open
     it raises both; a delivery, the epoch alone) and no older bridge's redrive reset ``uncounted``:
-    otherwise the next such claim starts a new run. A key that some bridge has (a fleet part-way
-    through a rotation, one pod with an old key-ring) breaks the run at its first delivery."""
+    otherwise the next such claim starts a new run. A claim whose key lookup failed ends the run
+    (``NO_KEY_MISSING_RUN``): a key server crash-looping answers "unknown key" now and then while
+    it loads, for keys it has."""
 
     claims: int
     since_ms: int
@@ -171,6 +172,9 @@ class KeyMissingRun:
         if lease.key_missing > 0 and lease.key_missing_mark == mark:
             return KeyMissingRun(lease.key_missing + 1, lease.key_missing_since_ms or now_ms, mark)
         return KeyMissingRun(1, now_ms, mark)
+
+
+NO_KEY_MISSING_RUN = KeyMissingRun(0, 0, 0)
 
 
 @dataclass(frozen=True, slots=True)

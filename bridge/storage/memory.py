@@ -25,6 +25,7 @@ from bridge.domain.counting import DAY_MS, MINUTE_MS
 from bridge.domain.records import (
     LANE_FRESH,
     LANE_RECOVERED,
+    NO_KEY_MISSING_RUN,
     NO_WORKER,
     CasResult,
     ExpiryEntry,
@@ -391,7 +392,7 @@ class MemoryTaskStore:
         if cur.lease_until_ms != read.lease_until_ms:
             return False  # ``lease_until = ?``: resent to its worker by another copy since the read
         # As Cassandra's: the counts the caller read, plus one (only the holder writes them).
-        run = missing or KeyMissingRun(read.key_missing, read.key_missing_since_ms, read.key_missing_mark or 0)
+        run = missing or NO_KEY_MISSING_RUN
         cur = replace(
             cur,
             uncounted=read.uncounted + 1,
@@ -400,8 +401,9 @@ class MemoryTaskStore:
             key_missing_since_ms=run.since_ms,
             key_missing_mark=run.mark,
         )
+        cur = replace(cur, worker=NO_WORKER)  # held by nobody: never resent to its worker
         if until_ms is not None:
-            cur = replace(cur, lease_until_ms=until_ms, worker=NO_WORKER)
+            cur = replace(cur, lease_until_ms=until_ms)
         self.leases[(q, task_id)] = cur
         return True
 

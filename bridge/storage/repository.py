@@ -26,6 +26,7 @@ from bridge.domain.deadlines import request_deadline_ms
 from bridge.domain.records import (
     LANE_FRESH,
     LANE_RECOVERED,
+    NO_KEY_MISSING_RUN,
     NO_WORKER,
     UNSHARDED,
     CasResult,
@@ -781,8 +782,9 @@ class CassandraTaskStore:
         lease, epoch = read, read.epoch
         if not lease.held_by(worker, epoch) or lease.uncounted_epoch == epoch or lease.lease_until_ms is None:
             return False
-        # A lookup that failed keeps the run as read (it neither counts nor breaks it).
-        run = missing or KeyMissingRun(lease.key_missing, lease.key_missing_since_ms, lease.key_missing_mark or 0)
+        # A lookup that failed ends the run: the key may be there (a key server crash-looping, now
+        # away, now answering "unknown key" while it loads, parked tasks whose key never left it).
+        run = missing or NO_KEY_MISSING_RUN
         values: tuple[Any, ...] = (lease.uncounted + 1, epoch, run.claims, run.since_ms, run.mark)
         key = (q.owner, q.service, task_id, epoch, worker, to_datetime(lease.lease_until_ms))
         name = "lease.uncount"

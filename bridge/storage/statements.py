@@ -167,10 +167,12 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
     # A claim that found its task's key missing: not a delivery (the worker never saw the task),
     # so it does not count toward the delivery limit. Only the holder writes it, once per epoch.
     # Only at the deadline the claim wrote: another copy of the fetch that resent the task to its
-    # worker (a new deadline) made it a delivery.
+    # worker (a new deadline) made it a delivery. The lease is held by nobody from then on (its
+    # deadline kept): a later fetch of its worker on a bridge with the key resent it, a delivery
+    # left uncounted that did not end the run of claims that found the key missing (a re-review).
     "lease.uncount": (
         "UPDATE {ks}.leases USING TTL ? SET uncounted = ?, uncounted_epoch = ?, key_missing = ?, "
-        "key_missing_since = ?, key_missing_mark = ? "
+        "key_missing_since = ?, key_missing_mark = ?, worker = '' "
         "WHERE owner = ? AND service = ? AND task_id = ? "
         "IF state = 'leased' AND epoch = ? AND worker = ? AND lease_until = ? AND expires_at IN (?, null)",
         False,
@@ -199,9 +201,10 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         "IF state = 'leased' AND epoch = ? AND worker = ? AND expires_at IN (?, null)",
         False,
     ),
-    # ``lease.park_held`` of a claim whose task's key is missing (``lease.let_go``'s place, at
-    # BRIDGE_KEY_MISSING_PARK_AFTER such claims): only at the deadline the claim wrote, as a let-go
-    # (another copy of the fetch that resent the task to its worker since made it a delivery).
+    # ``lease.park_held`` of a claim whose task's key is missing (``lease.let_go``'s place, once such
+    # claims in a row have lasted BRIDGE_KEY_MISSING_PARK_AFTER_SECONDS): only at the deadline the
+    # claim wrote, as a let-go (another copy of the fetch that resent the task to its worker since
+    # made it a delivery).
     "lease.park_unopened": (
         "UPDATE {ks}.leases USING TTL ? SET state = 'parked', parked_at = ?, park_reason = ?, completion_id = ?, "
         "park_id = ?, park_ids = park_ids + ?, error_key = ?, error_nonce = ?, error_ct = ? "

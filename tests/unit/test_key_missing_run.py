@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from bridge.domain.records import KeyMissingRun, Lease, LeaseState
+from bridge.domain.records import NO_KEY_MISSING_RUN, KeyMissingRun, Lease, LeaseState
 
 NOW = 1_000_000
 
@@ -28,10 +28,9 @@ def test_the_next_claim_after_a_let_go_goes_on_with_it() -> None:
     assert KeyMissingRun.after(_claimed(2, 1, first), NOW) == KeyMissingRun(2, 10, first.mark)
 
 
-def test_a_failed_lookup_in_between_neither_counts_nor_breaks_it() -> None:
-    first = KeyMissingRun.after(_claimed(1), 10)
-    # Epoch 2 could not look the key up (uncounted, the run kept); epoch 3 finds it missing.
-    assert KeyMissingRun.after(_claimed(3, 2, first), NOW) == KeyMissingRun(2, 10, first.mark)
+def test_a_failed_lookup_in_between_ends_it() -> None:
+    # Epoch 2 could not look the key up: its uncount wrote NO_KEY_MISSING_RUN; epoch 3 finds it missing.
+    assert KeyMissingRun.after(_claimed(3, 2, NO_KEY_MISSING_RUN), NOW) == KeyMissingRun(1, NOW, 1)
 
 
 def test_a_delivery_in_between_starts_a_new_run() -> None:
