@@ -61,6 +61,7 @@ STATS_CONCURRENCY = 16  # services whose counts /services reads at once
 # for long requests from its stats, purges and discards (found by review, 2026-12-07).
 SHARED_READ_TTL_S = 5.0
 SHARED_READS_KEPT = 1_000
+PAGE_PARKED_LIMIT = 100  # what the page asks for: the one parked listing shared (other limits read alone)
 READ_ONLY = "the console is read-only here (BRIDGE_CONSOLE_WRITE=false); redrive and discard are off"
 
 
@@ -91,31 +92,47 @@ class SharedReads:
     """The console's polled reads, one at a time per key, each answering every request for that key
     for ``SHARED_READ_TTL_S`` after it began (and every request that came while it ran). A read
     that failed is not kept: the next request reads again. A read runs to its end even if the
-    request that began it goes away (the others may be waiting for it)."""
+    request that began it goes away (the others may be waiting for it), as the gateway's work
+    does: ``track`` hands it to the gateway's stop, which waits for it or cancels it before the
+    store closes."""
 
-    def __init__(self, now: Callable[[], float]) -> None:
+    def __init__(self, now: Callable[[], float], track: Callable[[asyncio.Task[Any]], None]) -> None:
         self._now = now
+        self._track = track
         self._reads: OrderedDict[tuple[str, ...], tuple[float, asyncio.Task[Any]]] = OrderedDict()
 
     async def get(self, key: tuple[str, ...], read: Callable[[], Awaitable[_T]]) -> _T:
         now = self._now()
         kept = self._reads.get(key)
-        if kept is not None:
-            began, task = kept
-            fresh = now - began < SHARED_READ_TTL_S
-            if not task.done() or (fresh and not task.cancelled() and task.exception() is None):
-                result: _T = await asyncio.shield(task)
-                return result
+        if kept is not None and (not kept[1].done() or now - kept[0] < SHARED_READ_TTL_S):
+            result: _T = await asyncio.shield(kept[1])
+            return result
+        self._drop_stale(now)
         task = asyncio.ensure_future(read())
-        task.add_done_callback(lambda t: None if t.cancelled() else t.exception())  # retrieved: no warning
+        self._track(task)
         self._reads[key] = (now, task)
-        self._reads.move_to_end(key)
+        # Only answers are kept: a failure (its traceback holding every waiter's frames) goes at once.
+        task.add_done_callback(functools.partial(self._settled, key))
         while len(self._reads) > SHARED_READS_KEPT:
             self._reads.popitem(last=False)
         return await asyncio.shield(task)
 
+    def _settled(self, key: tuple[str, ...], task: asyncio.Task[Any]) -> None:
+        failed = task.cancelled() or task.exception() is not None  # retrieved: no warning either
+        kept = self._reads.get(key)
+        if failed and kept is not None and kept[1] is task:
+            del self._reads[key]
+
+    def _drop_stale(self, now: float) -> None:
+        """Reads past their time go (oldest first: the order they began in)."""
+        while self._reads:
+            began, task = next(iter(self._reads.values()))
+            if now - began < SHARED_READ_TTL_S or not task.done():
+                return
+            self._reads.popitem(last=False)
+
     def forget(self, owner: str) -> None:
-        """An owner's redrive or discard: its next reads show what it did."""
+        """An owner's redrive or discard on this bridge: its next reads here show what it did."""
         for key in [k for k in self._reads if k[1] == owner]:
             del self._reads[key]
 
@@ -128,7 +145,7 @@ class Console:
         self.queue = gateway.queue
         self.write = settings.console_write
         self.history = MetricsHistory(counters, gateway.queue.clock.now_ms)
-        self.reads = SharedReads(lambda: asyncio.get_running_loop().time())
+        self.reads = SharedReads(lambda: asyncio.get_running_loop().time(), gateway.track)
         self._page, self._csp = _page()
 
     def install(self, app: web.Application) -> None:
@@ -217,7 +234,9 @@ class Console:
                 t.pop("lastError", None)
             return {"tasks": tasks}
 
-        return _json(await self.reads.get(("parked", owner, req.service_id, str(req.limit)), read))
+        if req.limit != PAGE_PARKED_LIMIT:
+            return _json(await read())  # a script's own limit: read alone (1,000 limits kept 1,000 lists)
+        return _json(await self.reads.get(("parked", owner, req.service_id), read))
 
     # Writes run as the gateway's do (``GatewayServer.shielded``): a tab closed mid-way does not
     # cut an unpark or a discard in two (counts drifting, an index row left), and the gateway's

@@ -195,9 +195,10 @@ class TaskStore(Protocol):
     ) -> bool:
         """The claim at ``read.epoch`` (still held by ``worker``, at the deadline ``read`` shows;
         ``read`` is a SERIAL read) could not open the task: it does not count toward the delivery
-        limit. Whether it applied (once per epoch). With ``until_ms``, the lease is also given back:
-        held by nobody, claimable after it. ``missing``: its key is missing (not a lookup that
-        failed), and the run of such claims this one makes (else the lease's run is kept)."""
+        limit. Whether it applied (once per epoch). The lease is held by nobody from then on, until
+        its deadline, or until ``until_ms`` if given (claimable after it). ``missing``: its key is
+        missing, and the run of such claims this one makes; else (a lookup that failed) the run
+        ends (``NO_KEY_MISSING_RUN``)."""
 
     # -- the lifecycle (1.4): compare-and-set too, all on the lease's state and epoch ------------------
     async def release(

@@ -132,6 +132,7 @@ class GatewayServer:
         self._warn_add_retry = ThrottledWarning(log)  # an outage retries every add: said once a while
         self._warn_unread = ThrottledWarning(log)  # answers their clients did not take: cut
         self._shielded: set[asyncio.Future[Any]] = set()  # shielded requests still running
+        self.console: Any = None  # bridge.console.routes.Console, once the app is built
         self._in_flight: dict[str, int] = {}  # requests in flight per key id (``_admit``)
         from bridge.gateway.openapi import document, dumps
 
@@ -145,7 +146,8 @@ class GatewayServer:
         get(OPENAPI_PATH, self._openapi_doc, name="openapi")
         from bridge.console.routes import Console
 
-        Console(self, settings, metrics).install(app)  # /console: the operator console (issue 11)
+        self.console = Console(self, settings, metrics)
+        self.console.install(app)  # /console: the operator console (issue 11)
         # Last, so that it matches only what no route above does: a path of none (404), or a
         # method the path does not take (405). Unmatched, aiohttp answered ``Expect`` itself,
         # before any middleware: ``100 Continue`` to a client with no key announcing a gigabyte,
@@ -506,6 +508,13 @@ class GatewayServer:
         else:
             outcome = OK  # done; its answer was lost with the connection
         self.observe(method, str(outcome), time.perf_counter() - started)
+
+    def track(self, work: asyncio.Future[Any]) -> None:
+        """Work that outlives the request that began it (a console read its tabs share): as a
+        shielded request's, :meth:`stop` waits for it up to the deadline, then cancels it, before
+        the store closes (untracked, it went on reading and moving cursors after the stop)."""
+        self._shielded.add(work)
+        work.add_done_callback(self._finished)
 
     def _finished(self, work: asyncio.Future[Any]) -> None:
         self._shielded.discard(work)

@@ -177,8 +177,8 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         "IF state = 'leased' AND epoch = ? AND worker = ? AND lease_until = ? AND expires_at IN (?, null)",
         False,
     ),
-    # ``lease.uncount`` that also gives the lease back (held by nobody until ``lease_until``): a
-    # claim whose task could not be opened, let go to come back soon, not at its worker's deadline.
+    # ``lease.uncount`` that also moves the deadline (held by nobody until ``lease_until``): a claim
+    # whose task could not be opened, let go to come back soon, not at its worker's deadline.
     "lease.let_go": (
         "UPDATE {ks}.leases USING TTL ? SET uncounted = ?, uncounted_epoch = ?, key_missing = ?, "
         "key_missing_since = ?, key_missing_mark = ?, lease_until = ?, worker = '' "

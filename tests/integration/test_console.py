@@ -11,6 +11,7 @@ test's event loop. It saves a screenshot in tests/artifacts/.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -660,7 +661,13 @@ async def test_a_page_reloaded_while_the_bridge_answers_503_keeps_its_key_and_si
 
         def reload_and_wait() -> str | None:
             chrome.refresh()
-            WebDriverWait(chrome, UI_TIMEOUT).until(ec.visibility_of_element_located((By.ID, "app")))
+            wait = WebDriverWait(chrome, UI_TIMEOUT)
+            # Said where the operator sees it (the sign-in form, the key kept) while it retries...
+            wait.until(ec.text_to_be_present_in_element((By.ID, "login-error"), "trying again"))
+            assert chrome.find_element(By.ID, "login").is_displayed()
+            # ... and the tab hidden and shown meanwhile does not cancel the retry (it did: blank).
+            chrome.execute_script("document.dispatchEvent(new Event('visibilitychange'));")
+            wait.until(ec.visibility_of_element_located((By.ID, "app")))
             key: str | None = chrome.execute_script("return window.sessionStorage.getItem('qb.console.key');")
             return key
 
@@ -679,3 +686,53 @@ async def test_console_paths_check_their_service_id_as_the_gateway_does(start_co
     svc = service_id()
     other = await c.console(f"/queues/{svc}/discard", {"serviceId": svc + "-other", "taskIds": []})
     assert other.status == 400 and "differs" in other.body["error"]["message"], other.body
+
+
+async def test_a_sign_in_the_bridge_answers_with_a_bad_request_says_why_and_signs_out(start_console, chrome):
+    """A refusal that no retry can change (400: an X-Owner that is not UTF-8 once sent) was taken
+    for a bridge away: retried every 5 s for ever behind an empty page (found by review,
+    2026-12-07). Only a bridge away (network, 5xx, 429) is retried; any other refusal signs out."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    c = await start_console()
+
+    def sign_in_as_a_latin1_owner() -> tuple[str, str | None]:
+        chrome.get(c.base + "/console")
+        wait = WebDriverWait(chrome, UI_TIMEOUT)
+        wait.until(ec.visibility_of_element_located((By.ID, "key"))).send_keys(c.keys["engine"])
+        chrome.find_element(By.ID, "owner").send_keys("tenant-\u00e9")
+        chrome.find_element(By.ID, "sign-in").click()
+        wait.until(lambda d: d.find_element(By.ID, "login-error").text.startswith("the bridge refused"))
+        assert chrome.find_element(By.ID, "login").is_displayed()
+        key = chrome.execute_script("return window.sessionStorage.getItem('qb.console.key');")
+        return chrome.find_element(By.ID, "login-error").text, key
+
+    message, key = await asyncio.to_thread(sign_in_as_a_latin1_owner)
+    assert "X-Owner" in message and key is None, (message, key)
+
+
+async def test_a_shared_console_read_does_not_outlive_the_gateways_stop(make_bridge, console_keys, monkeypatch):
+    """A console read shared by tabs runs on when the request that began it goes: untracked, it went
+    on reading (and moving lane cursors) after the gateway's stop, while the store closed (found
+    by review, 2026-12-07). The stop now waits for it, up to its deadline, then cancels it."""
+    b, c, session = await _bridge_and_client(make_bridge, console_keys)
+    try:
+        stalled = asyncio.Event()
+
+        async def slow_stats(*args: Any, **kwargs: Any) -> Any:
+            stalled.set()
+            await asyncio.sleep(3600)  # a read stuck on a strained store
+
+        monkeypatch.setattr(b.queue, "stats", slow_stats)
+        polled = asyncio.ensure_future(c.console("/services"))
+        await wait_for(stalled.is_set, 10, what="the console's read under way")
+        reads = [task for _, task in b.gateway.console.reads._reads.values()]
+        assert len(reads) == 1 and not reads[0].done()
+        await b.gateway.stop(asyncio.get_running_loop().time() + 0.5)
+        assert reads[0].done(), "the shared read ran on past the gateway's stop"
+        with contextlib.suppress(Exception):
+            await polled
+    finally:
+        await session.close()
