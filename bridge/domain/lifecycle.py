@@ -846,10 +846,10 @@ class Lifecycle:
         """One task's state for operators (the console): None if this owner has no such task."""
         q = QueueKey(owner, service)
         await self.ctx.keys.current(owner)
-        payload, lease = await asyncio.gather(
-            self.store.payload(q, task_id), self.store.lease(q, task_id, serial=False)
+        about, lease = await asyncio.gather(
+            self.store.task_about(q, task_id), self.store.lease(q, task_id, serial=False)
         )
-        if payload is None:
+        if about is None:
             return None
         now = self.ctx.clock.now_ms()
         due = ms_of(task_id)
@@ -864,15 +864,15 @@ class Lifecycle:
             state=state,
             deliveries=0 if lease is None else lease.epoch,
             worker=None if lease is None or not lease.worker else lease.worker,
-            added_at_ms=payload.created_at_ms,
+            added_at_ms=about.created_at_ms,
             due_at_ms=due,
             lease_expires_at_ms=None if lease is None or not lease.is_leased else lease.lease_until_ms,
             completed_at_ms=None if lease is None else lease.completed_at_ms,
             parked_at_ms=None if lease is None else lease.parked_at_ms,
             park_reason=None if lease is None else lease.park_reason,
-            has_token=payload.token is not None,
-            priority=payload.priority,
-            max_deliveries=payload.max_deliveries,
+            has_token=about.has_token,
+            priority=about.priority,
+            max_deliveries=about.max_deliveries,
         )
 
     # -- cancel and purge ---------------------------------------------------------------------------

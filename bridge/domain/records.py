@@ -268,6 +268,17 @@ class TaskOptions:
     priority: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class TaskAbout:
+    """What an operator's look at a task reads of its row: never its value or token (a lookup of a
+    1 MiB task shipped the value's ciphertext to be thrown away, over and over: a review)."""
+
+    created_at_ms: int | None
+    has_token: bool
+    max_deliveries: int | None = None
+    priority: int = 0
+
+
 # The epoch of a delayed task's due entry in the timer wheel: not a lease deadline, the moment a
 # never-claimed task becomes claimable (the scheduler announces it then).
 DUE_EPOCH = 0

@@ -37,6 +37,7 @@ from bridge.domain.records import (
     Payload,
     QueueKey,
     ReadyEntry,
+    TaskAbout,
     TaskOptions,
     WorkerPointer,
     WorkerRow,
@@ -62,6 +63,9 @@ class TaskStore(Protocol):
 
     async def task_options(self, q: QueueKey, task_id: uuid.UUID) -> TaskOptions:
         """The task's own delivery limit and priority (defaults if it set none or is gone)."""
+
+    async def task_about(self, q: QueueKey, task_id: uuid.UUID) -> TaskAbout | None:
+        """The task's row without its value or token (None if it is gone): for operators."""
 
     async def stored_of(self, q: QueueKey, task_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
         """Which of these tasks' rows are stored (a delayed task's due entry is filed before its

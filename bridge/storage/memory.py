@@ -38,6 +38,7 @@ from bridge.domain.records import (
     Payload,
     QueueKey,
     ReadyEntry,
+    TaskAbout,
     TaskOptions,
     WorkerPointer,
     WorkerRow,
@@ -413,6 +414,12 @@ class MemoryTaskStore:
         if payload is None:
             return TaskOptions()
         return TaskOptions(payload.max_deliveries, payload.priority)
+
+    async def task_about(self, q: QueueKey, task_id: uuid.UUID) -> TaskAbout | None:
+        p = await self.payload(q, task_id)
+        if p is None:
+            return None
+        return TaskAbout(p.created_at_ms, p.token is not None, p.max_deliveries, p.priority)
 
     async def stored_of(self, q: QueueKey, task_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
         await self._io()

@@ -40,6 +40,7 @@ from bridge.domain.records import (
     Payload,
     QueueKey,
     ReadyEntry,
+    TaskAbout,
     TaskOptions,
     WorkerPointer,
     WorkerRow,
@@ -70,6 +71,7 @@ from bridge.storage.rows import (
     sealed_error,
     timeuuid_order,
     to_datetime,
+    to_ms,
     uuid_set,
     worker_row,
 )
@@ -413,6 +415,14 @@ class CassandraTaskStore:
         if not rows:
             return TaskOptions()
         return TaskOptions(rows[0]["max_deliveries"], rows[0]["priority"] or 0)
+
+    async def task_about(self, q: QueueKey, task_id: uuid.UUID) -> TaskAbout | None:
+        rows = await self.db.execute("ready.about", (q.owner, q.service, bucket_of_task(task_id), task_id))
+        if not rows or rows[0]["value_nonce"] is None:  # written with the value, in the same cells' life
+            return None
+        r = rows[0]
+        created = None if r["created_at"] is None else to_ms(r["created_at"])
+        return TaskAbout(created, r["token_nonce"] is not None, r.get("max_deliveries"), r.get("priority") or 0)
 
     async def stored_of(self, q: QueueKey, task_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
         # One request per ready bucket (a partition): ``IN`` on the clustering key. Due tasks met by

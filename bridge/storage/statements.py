@@ -51,6 +51,12 @@ STATEMENTS: dict[str, tuple[str, bool]] = {
         "WHERE owner = ? AND service = ? AND lane = 1 AND bucket = ? AND seq = ?",
         True,
     ),
+    # An operator's look at a task: its row's small cells, never the value's or the token's ciphertext.
+    "ready.about": (
+        "SELECT value_nonce, token_nonce, created_at, max_deliveries, priority FROM {ks}.ready "
+        "WHERE owner = ? AND service = ? AND lane = 1 AND bucket = ? AND seq = ?",
+        True,
+    ),
     "ready.options": (
         "SELECT max_deliveries, priority FROM {ks}.ready "
         "WHERE owner = ? AND service = ? AND lane = 1 AND bucket = ? AND seq = ?",

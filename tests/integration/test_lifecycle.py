@@ -800,10 +800,15 @@ async def test_cancelled_tasks_hints_do_not_make_a_fetch_skip_a_higher_priority_
 async def test_task_info_shows_state_deliveries_and_times_never_the_value(make_bridge, engine, workers):
     b = await make_bridge(**FAST)
     svc = service_id()
-    task_id = await engine.add(svc, {"secret": "value"}, token={"p": 1})
+    task_id = await engine.add(svc, {"secret": "value"}, token={"p": 1}, max_deliveries=3)
+    read = b.store.db.statements["ready.payload"]
     info = await b.queue.task_info(OWNERS[0], svc, uuid.UUID(task_id))
     assert info is not None and info.state == "ready" and info.deliveries == 0 and info.has_token
+    assert info.max_deliveries == 3 and info.added_at_ms is not None
     assert "secret" not in repr(info)
+    # The row's small cells only: reading the value (up to 1 MiB) to throw it away, a console key
+    # looking a task up in a loop shipped its ciphertext over and over (found by review, 2026-12-07).
+    assert b.store.db.statements["ready.payload"] == read, "a look at a task read its value"
     w = await workers(svc, "w")
     got = await fetch_raw(w)
     assert got is not None
