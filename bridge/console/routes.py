@@ -45,6 +45,7 @@ from bridge.domain.models import DiscardRequest, Identifier, ParkedRequest, Redr
 from bridge.gateway.errors import Forbidden, NotFound
 from bridge.gateway.server import KEY, GatewayServer, _check_service_segment
 from bridge.transport import wire
+from bridge.transport.errors import Busy
 
 _T = TypeVar("_T")
 _M = TypeVar("_M", bound=BaseModel)
@@ -105,17 +106,26 @@ class SharedReads:
         now = self._now()
         kept = self._reads.get(key)
         if kept is not None and (not kept[1].done() or now - kept[0] < SHARED_READ_TTL_S):
-            result: _T = await asyncio.shield(kept[1])
-            return result
+            return await self._answer(kept[1])
         self._drop_stale(now)
         task = asyncio.ensure_future(read())
         self._track(task)
+        self._reads.pop(key, None)  # to the end: the order reads began in
         self._reads[key] = (now, task)
         # Only answers are kept: a failure (its traceback holding every waiter's frames) goes at once.
         task.add_done_callback(functools.partial(self._settled, key))
-        while len(self._reads) > SHARED_READS_KEPT:
-            self._reads.popitem(last=False)
-        return await asyncio.shield(task)
+        return await self._answer(task)
+
+    @staticmethod
+    async def _answer(task: asyncio.Task[_T]) -> _T:
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                raise  # this request's own handler was cancelled (its client went)
+            # The read itself was cut at the gateway's stop deadline: said as the gateway's own
+            # work cut there is (503, retry elsewhere), not counted as the client's error.
+            raise Busy("the bridge is shutting down; retry (another bridge may answer)") from None
 
     def _settled(self, key: tuple[str, ...], task: asyncio.Task[Any]) -> None:
         failed = task.cancelled() or task.exception() is not None  # retrieved: no warning either
@@ -124,12 +134,14 @@ class SharedReads:
             del self._reads[key]
 
     def _drop_stale(self, now: float) -> None:
-        """Reads past their time go (oldest first: the order they began in)."""
-        while self._reads:
-            began, task = next(iter(self._reads.values()))
-            if now - began < SHARED_READ_TTL_S or not task.done():
-                return
-            self._reads.popitem(last=False)
+        """Answers past their time go; past SHARED_READS_KEPT, the oldest answers too (a read still
+        running is never dropped: it would be started again beside itself, in another slot)."""
+        for k in [k for k, (began, task) in self._reads.items() if task.done() and now - began >= SHARED_READ_TTL_S]:
+            del self._reads[k]
+        excess = len(self._reads) + 1 - SHARED_READS_KEPT
+        if excess > 0:
+            for k in [k for k, (_, task) in self._reads.items() if task.done()][:excess]:
+                del self._reads[k]
 
     def forget(self, owner: str) -> None:
         """An owner's redrive or discard on this bridge: its next reads here show what it did."""

@@ -514,7 +514,8 @@ class GatewayServer:
         shielded request's, :meth:`stop` waits for it up to the deadline, then cancels it, before
         the store closes (untracked, it went on reading and moving cursors after the stop)."""
         self._shielded.add(work)
-        work.add_done_callback(self._finished)
+        # Not ``_finished``: nobody hung up, and each request waiting for it observes its end.
+        work.add_done_callback(self._shielded.discard)
 
     def _finished(self, work: asyncio.Future[Any]) -> None:
         self._shielded.discard(work)
