@@ -29,7 +29,9 @@ AmqpUrlOption = Annotated[
     str | None,
     typer.Option(
         "--amqp-url",
-        help="RabbitMQ URL to connect with (default: BRIDGE_AMQP_URL). Its user is the caller's identity.",
+        help="RabbitMQ URL to connect with (default: BRIDGE_AMQP_URL). Its user is the caller's identity. "
+        "A password here is visible to every local user (ps) and kept in shell history: prefer "
+        "BRIDGE_AMQP_URL in the command's environment.",
         show_default=False,
     ),
 ]
@@ -37,6 +39,12 @@ TimeoutOption = Annotated[
     float,
     typer.Option("--timeout", min=0.1, help="Seconds to wait for the connection and for the bridge's reply."),
 ]
+
+
+# The exit code of a command that answered, but not all there is: `purge` stopped short (ready
+# tasks may remain), `parked` listing --limit tasks (more may be parked), `queue-stats` with queues
+# it could not count. Not 0: a script must not take the output for complete.
+PARTIAL_EXIT = 3
 
 
 class Failure(Exception):

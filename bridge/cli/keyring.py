@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -124,7 +125,7 @@ def keyring_generate(
         ),
     ] = False,
 ) -> None:
-    """Write a new key-ring with one fresh key per owner (mode 0600, whatever file was there)."""
+    """Write a new key-ring with one fresh key per owner (mode 0600; over a file, its mode less others')."""
     from bridge.crypto import generate_keyring, write_keyring
 
     try:
@@ -182,7 +183,8 @@ def keyring_rotate(
     elif stage:
         typer.echo(
             f"owner {owner!r}: staged key {key_id} (not current); once every bridge has this file: "
-            f"queue-bridge keyring promote {path} --owner {owner} {key_id}"
+            # Quoted for the shell: owners are any broker user name, and the line is pasted.
+            + shlex.join(["queue-bridge", "keyring", "promote", str(path), "--owner", owner, key_id])
         )
     else:
         typer.echo(f"owner {owner!r}: new current key {key_id}")

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 import typer
 
 from bridge.cli.base import (
+    PARTIAL_EXIT,
     AmqpUrlOption,
     Failure,
     TimeoutOption,
@@ -262,6 +263,7 @@ def add(
     token_value = parse_json(token, "--token") if token is not None else None
     when = _not_before(not_before, delay_ms)
     _check_service(service)
+    _check_id(message_id, "--message-id")
     # Always an idempotency key: an add with no answer may have been stored, and a re-run
     # without the key would add the task a second time.
     key = message_id if message_id is not None else f"cli-{uuid.uuid4()}"
@@ -280,6 +282,14 @@ def add(
 
     again = f"run it again with --message-id {shlex.quote(key)}: the task is added once"
     typer.echo(_engine_call(owner, amqp_url, timeout, use, changing=_Changing(None, lambda: again)))
+
+
+def _check_id(given: str | None, hint: str) -> None:
+    """An empty id is no idempotency key (the client then sends a random one): a script whose
+    variable was unset re-ran an add that had been stored, as told, and added the task twice
+    (found by review, 2026-12-07)."""
+    if given is not None and not given.strip():
+        raise typer.BadParameter("an empty id makes the request impossible to repeat safely: give one", param_hint=hint)
 
 
 def _not_before(text: str | None, delay_ms: int | None) -> str | None:
@@ -531,6 +541,7 @@ def cancel(
     """Cancel a task (ready, delayed, in flight or parked); print true, or false (already finished or unknown)."""
     _check_task_ids([task_id], "TASK_ID")
     _check_service(service)
+    _check_id(request_id, "--request-id")
     rid = request_id if request_id is not None else f"cli-{uuid.uuid4()}"
 
     async def use(engine: Engine) -> bool:
@@ -555,7 +566,8 @@ def purge(
 ) -> None:
     """Cancel the queue's tasks claimable now: ready ones, and those whose lease ran out (a late ack
     of one is then false); never a running lease, delayed or parked tasks. Print {"purged": n} (and
-    "more": true when it stopped short: ready tasks may remain)."""
+    "more": true when it stopped short: ready tasks may remain, exit code 3)."""
+    _check_service(service)
     if not yes:
         raise typer.BadParameter(
             f"purge cancels every ready task of {service!r} for good: add --yes to do it", param_hint="--yes"
@@ -577,7 +589,8 @@ def purge(
             err=True,
         )
         typer.echo(json.dumps({"purged": purged, "more": True}))
-        return
+        # Not 0: `purge --yes && deploy` went on with ready tasks still queued (found by review).
+        raise typer.Exit(PARTIAL_EXIT)
     typer.echo(json.dumps({"purged": purged}))
 
 
@@ -607,6 +620,9 @@ def queue_stats(
     `stats` counts a queue by reading Cassandra directly, without a bridge.
     """
 
+    if service is not None:
+        _check_service(service)
+
     async def use(engine: Engine) -> list[ServiceStats]:
         return await engine.stats(service)
 
@@ -618,7 +634,9 @@ def queue_stats(
     typer.echo(json.dumps(doc))
     if unavailable:
         # The counts printed are not all the owner's: a script must not read them as complete.
-        fail(f"counts of {len(unavailable)} queues could not be read now (ask again): {', '.join(unavailable[:10])}")
+        listed = ", ".join(unavailable[:10])
+        message = f"counts of {len(unavailable)} queues could not be read now (ask again): {listed}"
+        fail(message, PARTIAL_EXIT)
 
 
 def _parked_doc(t: ParkedTask) -> dict[str, object]:
@@ -642,12 +660,20 @@ def parked(
     amqp_url: AmqpUrlOption = None,
     timeout: TimeoutOption = 10.0,
 ) -> None:
-    """List the queue's parked tasks (never their values); print {"tasks": [...]}."""
+    """List the queue's parked tasks (never their values); print {"tasks": [...]} (and "more": true
+    when the list holds --limit tasks: more may be parked, exit code 3)."""
+    _check_service(service)
 
     async def use(engine: Engine) -> list[ParkedTask]:
         return await engine.parked(service, limit)
 
     tasks = _engine_call(owner, amqp_url, timeout, use)
+    if len(tasks) >= limit:
+        # A script reading the list took it for every parked task (a triage that filtered it found
+        # nothing past the first --limit, and exited 0): said, and not 0 (found by review).
+        typer.echo(f"parked: the list holds --limit {limit} tasks; more may be parked", err=True)
+        typer.echo(json.dumps({"tasks": [_parked_doc(t) for t in tasks], "more": True}))
+        raise typer.Exit(PARTIAL_EXIT)
     typer.echo(json.dumps({"tasks": [_parked_doc(t) for t in tasks]}))
 
 

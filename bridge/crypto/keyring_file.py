@@ -151,10 +151,25 @@ def replace_file(path: Path, data: bytes, *, backup: bool = False, mode: int = 0
     except FileNotFoundError:
         old = None
     if backup and old is not None:
-        _write_new(target.with_name(target.name + ".bak"), target.read_bytes(), old, mode)
+        previous, bak = target.read_bytes(), target.with_name(target.name + ".bak")
+        # Never a key-ring's backup replaced by what is not one: a file left empty or garbled (a
+        # disk full mid-write, a `>` slip), then `generate --force`, put it over the last good
+        # copy of every owner's keys, and the new file made every queued task unreadable with no
+        # way back (found by review, 2026-12-07).
+        if _holds_keyring(previous) or not (bak.exists() and _holds_keyring(bak.read_bytes())):
+            _write_new(bak, previous, old, mode)
     _write_new(target, data, old, mode, keep_mode=keep_mode)
     _fsync_dir(target.parent)
     return target
+
+
+def _holds_keyring(data: bytes) -> bool:
+    """Whether ``data`` looks like a key-ring (a JSON object with owners), whatever its keys."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and isinstance(doc.get("owners"), dict)
 
 
 def _write_new(target: Path, data: bytes, like: os.stat_result | None, mode: int, *, keep_mode: bool = True) -> None:

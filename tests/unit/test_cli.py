@@ -282,3 +282,53 @@ async def test_a_connection_closing_as_it_opens_is_a_one_line_failure() -> None:
     for cause in (RuntimeError("<Connection> closed"), StopAsyncIteration()):
         with pytest.raises(Failure, match=re.escape("cannot connect to RabbitMQ at amqp://u@mq.example:5672/: ")):
             await _with_client(Closing(cause), 1.0, use)  # type: ignore[arg-type,type-var]
+
+
+async def test_an_empty_idempotency_id_is_refused_before_anything_is_sent(offline_env: dict[str, str]) -> None:
+    """``--message-id ""`` (a script's unset variable) sent no key at all (the client makes a random
+    one), and the advice after a lost reply, "run it again with --message-id ''", added the task
+    twice; an empty ``--request-id`` made a re-run of cancel answer false for a task the first
+    request cancelled (found by review, 2026-12-07). Refused, exit 2, before connecting."""
+    add, cancel = await cli_many(
+        (("add", "svc", '"v"', "--message-id", ""), {}),
+        (("cancel", "svc", "1b4e28ba-2fa1-11d2-883f-0016d3cca427", "--request-id", " "), {}),
+        env=offline_env,
+    )
+    for proc, option in ((add, "--message-id"), (cancel, "--request-id")):
+        assert proc.returncode == 2 and option in proc.stderr, proc
+        assert "cannot connect" not in proc.stderr, proc
+
+
+async def test_generate_force_over_a_broken_file_keeps_the_last_good_backup(
+    offline_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A key-ring file left empty (a disk full mid-write, a `>` slip), then `generate --force`:
+    the empty file was copied over keys.json.bak, the last good copy of every owner's keys, and the
+    new key-ring left every queued task unreadable with no way back (found by review, 2026-12-07)."""
+    path = tmp_path / "keys.json"
+    ok(await cli("keyring", "generate", str(path), "--owner", "alpha", env=offline_env))
+    ok(await cli("keyring", "rotate", str(path), "--owner", "alpha", env=offline_env))  # .bak: the first ring
+    good = json.loads((tmp_path / "keys.json.bak").read_text())
+    path.write_text("")  # the slip
+    ok(await cli("keyring", "generate", str(path), "--owner", "alpha", "--force", env=offline_env))
+    assert json.loads((tmp_path / "keys.json.bak").read_text()) == good, "the last good key-ring was overwritten"
+    # Over a key-ring, the backup is that key-ring, as before.
+    current = json.loads(path.read_text())
+    ok(await cli("keyring", "rotate", str(path), "--owner", "alpha", env=offline_env))
+    assert json.loads((tmp_path / "keys.json.bak").read_text()) == current
+
+
+async def test_a_staged_rotation_prints_a_promote_line_quoted_for_the_shell(
+    offline_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The promote line printed after `rotate --stage` was plain text: an owner or path with a space
+    (or a `;`) pasted into a shell promoted nothing, or ran something else (found by review)."""
+    import shlex
+
+    path = tmp_path / "key ring.json"
+    owner = "team a; rm -rf x"
+    ok(await cli("keyring", "generate", str(path), "--owner", owner, env=offline_env))
+    out = ok(await cli("keyring", "rotate", str(path), "--owner", owner, "--stage", env=offline_env))
+    line = out[out.index("queue-bridge keyring promote") :].strip()
+    argv = shlex.split(line)
+    assert argv[:4] == ["queue-bridge", "keyring", "promote", str(path)] and argv[4:6] == ["--owner", owner], argv

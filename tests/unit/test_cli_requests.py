@@ -421,3 +421,35 @@ def test_the_resume_command_runs_for_a_service_that_begins_with_a_dash(monkeypat
     assert json.loads(out) == {"redriven": 0}
     assert code == 0, err
     assert resumed.requests[0][1] == {"serviceId": "-svc", "all": True, "parkedBefore": PARKED_BOUND, "after": AFTER_ID}
+
+
+def test_a_purge_that_stopped_short_exits_3_not_0(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It printed "more": true and exited 0, as a complete purge does: `purge --yes && deploy`
+    went on with ready tasks still queued (found by review, 2026-12-07)."""
+    FakeBridge({"purged": 5, "more": True}, {"purged": 0, "more": True}).install(monkeypatch)
+    code, out, err = _run("purge", "svc", "--yes")
+    assert code == 3, (code, err)
+    assert json.loads(out) == {"purged": 5, "more": True} and "stopped short" in err
+
+
+def _parked_doc(n: int) -> dict[str, object]:
+    return {
+        "id": f"00000000-0000-1000-8000-{n:012d}",
+        "deliveries": 1,
+        "reason": "failed",
+        "lastError": None,
+        "parkedAt": "2026-12-07T00:00:00.000Z",
+        "addedAt": "2026-12-07T00:00:00.000Z",
+        "hasToken": False,
+    }
+
+
+def test_a_parked_list_at_its_limit_says_more_may_be_parked_and_exits_3(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A list of --limit tasks gave no sign it was cut: a triage script filtering it found nothing
+    past the first --limit and exited 0 on every run (found by review, 2026-12-07)."""
+    FakeBridge({"tasks": [_parked_doc(n) for n in range(2)]}).install(monkeypatch)
+    code, out, err = _run("parked", "svc", "--limit", "2")
+    assert code == 3 and json.loads(out)["more"] is True and "more may be parked" in err, (code, out, err)
+    FakeBridge({"tasks": [_parked_doc(n) for n in range(2)]}).install(monkeypatch)
+    code, out, _ = _run("parked", "svc", "--limit", "3")
+    assert code == 0 and "more" not in json.loads(out)
