@@ -26,6 +26,7 @@ import base64
 import functools
 import hashlib
 import importlib.resources
+import logging
 import re
 import uuid
 from collections import OrderedDict
@@ -42,11 +43,13 @@ from bridge.console.history import Counters, MetricsHistory
 from bridge.domain.errors import BadRequest
 from bridge.domain.lifecycle import TaskInfo
 from bridge.domain.models import DiscardRequest, Identifier, ParkedRequest, RedriveRequest, TaskId, parse
+from bridge.errors import BridgeError
 from bridge.gateway.errors import Forbidden, NotFound
 from bridge.gateway.server import KEY, GatewayServer, _check_service_segment
 from bridge.transport import wire
 from bridge.transport.errors import Busy
 
+log = logging.getLogger("bridge.console")
 _T = TypeVar("_T")
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -121,14 +124,19 @@ class SharedReads:
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
-            if not task.cancelled():
+            handler = asyncio.current_task()
+            if not task.cancelled() or (handler is not None and handler.cancelling()):
                 raise  # this request's own handler was cancelled (its client went)
             # The read itself was cut at the gateway's stop deadline: said as the gateway's own
             # work cut there is (503, retry elsewhere), not counted as the client's error.
             raise Busy("the bridge is shutting down; retry (another bridge may answer)") from None
 
     def _settled(self, key: tuple[str, ...], task: asyncio.Task[Any]) -> None:
-        failed = task.cancelled() or task.exception() is not None  # retrieved: no warning either
+        error = None if task.cancelled() else task.exception()  # retrieved: asyncio warns of none
+        if error is not None and not isinstance(error, BridgeError):
+            # Maybe awaited by nobody now (its tabs reloaded): said here, or by nobody.
+            log.error("a shared console read failed", exc_info=error)
+        failed = task.cancelled() or error is not None
         kept = self._reads.get(key)
         if failed and kept is not None and kept[1] is task:
             del self._reads[key]

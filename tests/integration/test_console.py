@@ -750,3 +750,52 @@ async def test_a_shared_console_read_does_not_outlive_the_gateways_stop(make_bri
         assert reply.status == 503 and "shutting down" in reply.body["error"]["message"], reply.body
     finally:
         await session.close()
+
+
+async def test_a_late_refusal_of_a_replaced_keys_request_does_not_sign_the_new_key_out(start_console, chrome):
+    """A poll of key A still on its way when the operator signed out and in with key B: its late 401
+    (A revoked meanwhile) signed B out, and B's sign-in, answered after, left a page "signed in"
+    with no key (found by re-review, 2026-12-07). A request's answer counts only for the sign-in it
+    was sent for."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    c = await start_console()
+    key_a, key_b = c.keys["a"], c.keys["b"]
+    # Every request of key A is held 1.5 s and answered 401, as for a key revoked while they ran.
+    late_refusals = """
+        const keyA = arguments[0];
+        const real = window.fetch;
+        window.__late = {started: 0, answered: 0};
+        window.fetch = function (url, init) {
+          const auth = init && init.headers && init.headers.get ? init.headers.get("Authorization") : "";
+          if (auth !== "Bearer " + keyA) return real.apply(this, arguments);
+          window.__late.started++;
+          const body = JSON.stringify({error: {code: "unauthorized", message: "key revoked"}});
+          const headers = {"Content-Type": "application/json"};
+          return new Promise((resolve) => setTimeout(() => {
+            window.__late.answered++;
+            resolve(new Response(body, {status: 401, headers}));
+          }, 1500));
+        };
+    """
+
+    def switch_keys_while_a_request_of_a_is_on_its_way() -> str | None:
+        _sign_in(chrome, c.base, key_a)
+        chrome.execute_script(late_refusals, key_a)
+        wait = WebDriverWait(chrome, UI_TIMEOUT)
+        wait.until(lambda d: d.execute_script("return window.__late.started > window.__late.answered"))
+        pending = chrome.execute_script("return window.__late.started")
+        # Sign out and in with B before A's requests are answered.
+        chrome.execute_script("window.sessionStorage.removeItem('qb.console.key');")
+        chrome.find_element(By.ID, "sign-out").click()
+        wait.until(ec.visibility_of_element_located((By.ID, "key"))).send_keys(key_b)
+        chrome.find_element(By.ID, "sign-in").click()
+        wait.until(lambda d: d.execute_script("return window.__late.answered") >= pending)
+        wait.until(ec.visibility_of_element_located((By.ID, "app")))
+        assert not chrome.find_element(By.ID, "login").is_displayed()
+        key: str | None = chrome.execute_script("return window.sessionStorage.getItem('qb.console.key');")
+        return key
+
+    assert await asyncio.to_thread(switch_keys_while_a_request_of_a_is_on_its_way) == key_b
