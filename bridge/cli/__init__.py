@@ -2,7 +2,9 @@
 
 Exit codes: 0 success; 1 an operation failed (a server unreachable, an error answered by the
 bridge, a file that cannot be written); 2 bad usage or arguments (invalid JSON, invalid
-configuration). Expected failures print one clear message on stderr, never a traceback.
+configuration); 3 an answer that is not all there is (``PARTIAL_EXIT``: purge stopped short,
+parked with more parked than listed, queue-stats with queues it could not count). Expected
+failures print one clear message on stderr, never a traceback.
 
 Commands by module: :mod:`~bridge.cli.server` (run, permissions, config, schema),
 :mod:`~bridge.cli.stats`, :mod:`~bridge.cli.requests` (add, fetch, ack, extend, fail, cancel, purge,

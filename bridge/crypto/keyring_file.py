@@ -143,7 +143,9 @@ def replace_file(path: Path, data: bytes, *, backup: bool = False, mode: int = 0
     * The data is fsynced before the rename and the directory after it: without that a power
       loss could leave the renamed file empty (the rename reached the disk, the data had not).
     * ``backup``: the previous version is kept as ``<name>.bak``, same mode and owner, written
-      the same way (a bad edit, or a disk that lost the new version, still has the old keys).
+      the same way (a bad edit, or a disk that lost the new version, still has the old keys);
+      a previous version that holds no key (empty, garbled) goes to ``<name>.bak.invalid``
+      instead when ``<name>.bak`` holds keys, which stay there.
     """
     target = Path(os.path.realpath(path))
     try:
@@ -154,22 +156,26 @@ def replace_file(path: Path, data: bytes, *, backup: bool = False, mode: int = 0
         previous, bak = target.read_bytes(), target.with_name(target.name + ".bak")
         # Never a key-ring's backup replaced by what is not one: a file left empty or garbled (a
         # disk full mid-write, a `>` slip), then `generate --force`, put it over the last good
-        # copy of every owner's keys, and the new file made every queued task unreadable with no
-        # way back (found by review, 2026-12-07).
-        if _holds_keyring(previous) or not (bak.exists() and _holds_keyring(bak.read_bytes())):
-            _write_new(bak, previous, old, mode)
+        # copy of every owner's keys (found by review, 2026-12-07). Nor are those bytes lost:
+        # a key-ring cut short or with a stray comma still holds the newest keys, which the
+        # older .bak lacks; they go to ``<name>.bak.invalid`` (a re-review).
+        if not _holds_keyring(previous) and bak.exists() and _holds_keyring(bak.read_bytes()):
+            bak = target.with_name(target.name + ".bak.invalid")
+        _write_new(bak, previous, old, mode)
     _write_new(target, data, old, mode, keep_mode=keep_mode)
     _fsync_dir(target.parent)
     return target
 
 
 def _holds_keyring(data: bytes) -> bool:
-    """Whether ``data`` looks like a key-ring (a JSON object with owners), whatever its keys."""
+    """Whether ``data`` holds a key (a JSON object whose owners have keys): a template with no
+    owners is not a backup worth keeping over one that has them."""
     try:
         doc = json.loads(data)
     except ValueError:
         return False
-    return isinstance(doc, dict) and isinstance(doc.get("owners"), dict)
+    owners = doc.get("owners") if isinstance(doc, dict) else None
+    return isinstance(owners, dict) and any(isinstance(o, dict) and o.get("keys") for o in owners.values())
 
 
 def _write_new(target: Path, data: bytes, like: os.stat_result | None, mode: int, *, keep_mode: bool = True) -> None:

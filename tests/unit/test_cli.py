@@ -312,6 +312,13 @@ async def test_generate_force_over_a_broken_file_keeps_the_last_good_backup(
     path.write_text("")  # the slip
     ok(await cli("keyring", "generate", str(path), "--owner", "alpha", "--force", env=offline_env))
     assert json.loads((tmp_path / "keys.json.bak").read_text()) == good, "the last good key-ring was overwritten"
+    # Nor are the replaced bytes lost (a key-ring cut short still holds the newest keys).
+    assert (tmp_path / "keys.json.bak.invalid").read_text() == ""
+    cut = path.read_text()[:-5]  # a newer ring cut short: its keys are in no other file
+    path.write_text(cut)
+    ok(await cli("keyring", "generate", str(path), "--owner", "alpha", "--destroy-existing-keys", env=offline_env))
+    assert (tmp_path / "keys.json.bak.invalid").read_text() == cut
+    assert json.loads((tmp_path / "keys.json.bak").read_text()) == good
     # Over a key-ring, the backup is that key-ring, as before.
     current = json.loads(path.read_text())
     ok(await cli("keyring", "rotate", str(path), "--owner", "alpha", env=offline_env))

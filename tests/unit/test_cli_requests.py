@@ -444,12 +444,16 @@ def _parked_doc(n: int) -> dict[str, object]:
     }
 
 
-def test_a_parked_list_at_its_limit_says_more_may_be_parked_and_exits_3(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_parked_list_cut_at_its_limit_says_more_are_parked_and_exits_3(monkeypatch: pytest.MonkeyPatch) -> None:
     """A list of --limit tasks gave no sign it was cut: a triage script filtering it found nothing
-    past the first --limit and exited 0 on every run (found by review, 2026-12-07)."""
-    FakeBridge({"tasks": [_parked_doc(n) for n in range(2)]}).install(monkeypatch)
+    past the first --limit and exited 0 on every run (found by review, 2026-12-07). The CLI asks
+    for one more than its limit: exactly --limit parked tasks is a complete list (exit 0)."""
+    bridge = FakeBridge({"tasks": [_parked_doc(n) for n in range(3)]})
+    bridge.install(monkeypatch)
     code, out, err = _run("parked", "svc", "--limit", "2")
-    assert code == 3 and json.loads(out)["more"] is True and "more may be parked" in err, (code, out, err)
+    doc = json.loads(out)
+    assert code == 3 and doc["more"] is True and len(doc["tasks"]) == 2 and "more tasks are parked" in err
+    assert bridge.requests[0][1]["limit"] == 3, bridge.requests
     FakeBridge({"tasks": [_parked_doc(n) for n in range(2)]}).install(monkeypatch)
-    code, out, _ = _run("parked", "svc", "--limit", "3")
-    assert code == 0 and "more" not in json.loads(out)
+    code, out, _ = _run("parked", "svc", "--limit", "2")
+    assert code == 0 and "more" not in json.loads(out) and len(json.loads(out)["tasks"]) == 2
