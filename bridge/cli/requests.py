@@ -675,7 +675,8 @@ def parked(
         tasks = tasks[:limit]
         # A script reading the list took it for every parked task (a triage that filtered it found
         # nothing past the first --limit, and exited 0): said, and not 0 (found by review).
-        typer.echo(f"parked: more tasks are parked than the {len(tasks)} listed", err=True)
+        said = "the contract's most: more may be parked" if limit >= 1000 else "more tasks are parked"
+        typer.echo(f"parked: {len(tasks)} listed, {said}", err=True)
         typer.echo(json.dumps({"tasks": [_parked_doc(t) for t in tasks], "more": True}))
         raise typer.Exit(PARTIAL_EXIT)
     typer.echo(json.dumps({"tasks": [_parked_doc(t) for t in tasks]}))
