@@ -88,7 +88,7 @@ def _refuse_to_destroy(path: Path) -> None:
             fail(
                 f'{path} looks like a key-ring (it names "owners") but is not valid JSON: replacing it loses '
                 "every key in it for good. Fix it, or add --destroy-existing-keys to replace it anyway "
-                "(the old file is kept as .bak)"
+                "(the old file is kept: as .bak, or as .bak.invalid when .bak holds keys)"
             )
         return  # not JSON, so not a key-ring: --force replaces it
     try:
@@ -100,7 +100,8 @@ def _refuse_to_destroy(path: Path) -> None:
             fail(
                 f"{path} is a key-ring with {len(doc['owners'])} owners that does not parse ({exc}): replacing it "
                 "loses every key in it for good. Fix the entry, or add "
-                "--destroy-existing-keys to replace it anyway (the old file is kept as .bak)"
+                "--destroy-existing-keys to replace it anyway (the old file is kept: as .bak, or as .bak.invalid "
+                "when .bak holds keys)"
             )
         return  # not a key-ring: --force replaces it
     keys = sum(len(owner.keys) for owner in ring.values())

@@ -132,7 +132,7 @@ async def test_a_task_whose_key_was_missing_comes_back_within_a_minute_whatever_
 async def test_a_task_whose_key_stays_missing_comes_back_ever_later(
     harness: Harness, monkeypatch: pytest.MonkeyPatch, ttr_ms: int
 ) -> None:
-    """Each let-go of a task since its last redrive doubles the wait (a key gone for good was
+    """Each claim in a row that found the task's key missing doubles the wait (a key gone for good was
     claimed, read and let go every minute for the TTL; found by re-review, 2026-12-07), also for
     workers whose lease is the default minute (the wait was capped at their deadline)."""
     from bridge.domain.fetching import LET_GO_BACK_MS
