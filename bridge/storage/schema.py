@@ -484,8 +484,11 @@ async def ensure_schema(db: CqlSession, settings: Settings) -> None:
 
 
 async def create_schema(db: CqlSession, settings: Settings) -> None:
-    """Create the keyspace and tables if missing, add columns released later, record the layout."""
-
+    """Create the keyspace and tables if missing, add columns released later, record the layout.
+    A keyspace that records another layout is refused before any DDL: its tables are another
+    release's, and `queue-bridge schema` altered them (options, columns) before refusing."""
+    if await _has_layout_table(db, settings.cassandra_keyspace):
+        await check_layout(db, settings.cassandra_keyspace)
     for cql in all_cql(settings.cassandra_keyspace, settings.cassandra_replication, settings.task_ttl_seconds):
         await db.execute_raw(cql)
     for table, column, cql_type in ADDED_COLUMNS:
@@ -506,6 +509,15 @@ async def create_schema(db: CqlSession, settings: Settings) -> None:
     await _added_columns_live(db)
     await _set_table_options(db, settings.cassandra_keyspace)
     await db.execute_raw(layout_cql("{ks}"))
+
+
+async def _has_layout_table(db: CqlSession, keyspace: str) -> bool:
+    # The keyspace name is restricted by the settings to [A-Za-z][A-Za-z0-9_]*: nothing a caller controls.
+    rows = await db.execute_raw(
+        "SELECT table_name FROM system_schema.tables "  # nosec B608
+        f"WHERE keyspace_name = '{keyspace}' AND table_name = 'schema_meta'"
+    )
+    return bool(rows)
 
 
 async def _set_table_options(db: CqlSession, keyspace: str) -> None:

@@ -138,9 +138,13 @@ async def test_a_keyspace_of_another_layout_is_refused(fresh_keyspace) -> None:
     no_traceback(proc)
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     assert "layout" in proc.stderr and str(READY_BUCKET_MS * 2) in proc.stderr
+    # As an earlier release left it: `schema` would set the option (DDL) if it went on.
+    await db.execute_raw("ALTER TABLE {ks}.parked WITH gc_grace_seconds = 864000")
     schema = await cli("schema", env=env, limit=60)
     no_traceback(schema)
     assert schema.returncode == 2 and "layout" in schema.stderr, "bad configuration, as `run` says it (it exited 1)"
+    # Refused before any DDL: it altered the other layout's tables first, then refused.
+    assert await _gc_grace(db, env["BRIDGE_CASSANDRA_KEYSPACE"], "parked") == 864_000
 
 
 async def _gc_grace(db: Any, keyspace: str, table: str) -> int:
