@@ -22,7 +22,10 @@ ENV UV_COMPILE_BYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 
-RUN pip install "uv==${UV_VERSION}"
+# uv by hash (deploy/python/uv-requirements.txt): a rebuild installs these bytes or fails. The ARG
+# names the version the file pins (checked by tests/unit/test_deploy_files.py).
+COPY deploy/python/uv-requirements.txt /tmp/uv-requirements.txt
+RUN pip install --require-hashes --no-deps -r /tmp/uv-requirements.txt
 
 WORKDIR /app
 

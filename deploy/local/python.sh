@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv with the locked dependencies (uv.lock). Installs uv first if it is missing:
-# with pip when there is one, else from Debian's python3-venv into a private bootstrap venv.
+# with pip when there is one, else from Debian's python3-venv into a private bootstrap venv; the
+# version and its wheels' hashes are pinned in deploy/python/uv-requirements.txt.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -13,9 +14,12 @@ find_uv() {
   return 1
 }
 
+# uv pinned by hash, as the Dockerfile installs it.
+UV_PINNED="$ROOT/deploy/python/uv-requirements.txt"
+
 if ! UV=$(find_uv); then
   say "installing uv"
-  if python3 -m pip --version >/dev/null 2>&1 && python3 -m pip install -q uv 2>/dev/null && command -v uv >/dev/null; then
+  if python3 -m pip --version >/dev/null 2>&1 && python3 -m pip install -q --require-hashes --no-deps -r "$UV_PINNED" 2>/dev/null && command -v uv >/dev/null; then
     UV=$(command -v uv)
   else
     if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
@@ -23,7 +27,7 @@ if ! UV=$(find_uv); then
       apt-get update -q >/dev/null && apt-get install -y -q python3-venv >/dev/null
     fi
     python3 -m venv "$ROOT/.uv-bootstrap"
-    "$ROOT/.uv-bootstrap/bin/pip" install -q uv
+    "$ROOT/.uv-bootstrap/bin/pip" install -q --require-hashes --no-deps -r "$UV_PINNED"
     UV="$ROOT/.uv-bootstrap/bin/uv"
   fi
 fi

@@ -284,7 +284,33 @@ def test_dockerfile_installs_locked_dependencies_before_the_project() -> None:
     assert "--no-install-project" in builder[syncs[0]][1]
     copied_first = [args for keyword, args in builder[: syncs[0]] if keyword == "COPY"]
     sources = {src for args in copied_first for src in args.split()[:-1] if not src.startswith("--")}
-    assert sources == {"pyproject.toml", "uv.lock"}, f"the dependency layer must depend only on them: {sources}"
+    # (and on the pinned uv that installs them, copied before them)
+    wanted = {"pyproject.toml", "uv.lock", "deploy/python/uv-requirements.txt"}
+    assert sources == wanted, f"the dependency layer must depend only on them: {sources}"
+
+
+UV_PINNED = ROOT / "deploy" / "python" / "uv-requirements.txt"
+
+
+def test_the_tools_that_build_an_install_are_pinned() -> None:
+    """uv.lock pins the dependencies, not the tools that install them: uv itself (pip-installed,
+    by version only) and the build backend (``hatchling>=1.24``) could differ at every rebuild.
+    uv goes in by hash in the image and in deploy/local/python.sh; hatchling by exact version."""
+    pinned = UV_PINNED.read_text()
+    version = re.search(r"^uv==(\S+)", pinned, re.MULTILINE)
+    assert version, pinned
+    hashes = re.findall(r"--hash=sha256:([0-9a-f]{64})", pinned)
+    assert len(hashes) >= 2, "a wheel for x86_64 and one for aarch64 at least"
+    builder = _stages()[0]
+    installs = [args for keyword, args in builder if keyword == "RUN" and "pip install" in args]
+    assert installs and all("--require-hashes" in args for args in installs), installs
+    arg = re.search(r"^ARG UV_VERSION=(\S+)", DOCKERFILE.read_text(), re.MULTILINE)
+    assert arg is None or arg.group(1) == version.group(1), "ARG UV_VERSION names another release"
+    script = (ROOT / "deploy" / "local" / "python.sh").read_text()
+    pip_lines = [line for line in script.splitlines() if "pip install" in line]
+    assert pip_lines and all("--require-hashes" in line for line in pip_lines), pip_lines
+    requires = _pyproject()["build-system"]["requires"]
+    assert all(re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][0-9A-Za-z.]*", r) for r in requires), requires
 
 
 def test_dockerignore_excludes_local_state() -> None:
