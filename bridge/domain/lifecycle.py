@@ -25,9 +25,9 @@ from typing import Any
 from bridge.crypto import Sealed
 from bridge.domain import jsonvalue
 from bridge.domain.context import QueueContext, clock_slack_ms, require_clock_for_filing
-from bridge.domain.counting import was_delayed
+from bridge.domain.counting import landed_later, was_delayed
 from bridge.domain.dispatch import first_live_bucket, settled_before
-from bridge.domain.errors import Unavailable
+from bridge.domain.errors import MaybeApplied, Unavailable
 from bridge.domain.hints import TaskHints
 from bridge.domain.models import ExtendRequest, FailRequest
 from bridge.domain.records import (
@@ -138,6 +138,11 @@ class ParkedTask:
 # An extend on a bridge whose clock is off is served while its error is within 1/EXTEND_SKEW_SHARE
 # of the lease it grants (see ``Lifecycle._extend_allowed``).
 EXTEND_SKEW_SHARE = 4
+
+
+# Lookups of a park whose outcome stayed unknown, after these pauses (s): as a completion's are
+# (``acking.UNCERTAIN_COMPLETION_LOOKUPS_S``).
+UNCERTAIN_PARK_LOOKUPS_S = (0.5, 2.0, 8.0)
 
 
 def _cancel_id(q: QueueKey, task_id: uuid.UUID, request_id: str | None) -> uuid.UUID | None:
@@ -485,20 +490,24 @@ class Lifecycle:
         await self.store.add_parked(q, ParkedEntry(task_id, epoch, now, reason, has_token, park_id))
         if intent is not None:
             await self.store.insert_outbox(intent)
-        res = await self.store.park(
-            q,
-            task_id,
-            epoch,
-            now,
-            reason,
-            park_id,
-            worker=worker,
-            expired_before_ms=expired_before_ms,
-            base_epoch=base_epoch,
-            error=error,
-            earlier_park_id=earlier_park_id,
-            until_ms=until_ms,
-        )
+        try:
+            res = await self.store.park(
+                q,
+                task_id,
+                epoch,
+                now,
+                reason,
+                park_id,
+                worker=worker,
+                expired_before_ms=expired_before_ms,
+                base_epoch=base_epoch,
+                error=error,
+                earlier_park_id=earlier_park_id,
+                until_ms=until_ms,
+            )
+        except MaybeApplied:
+            self._count_if_parked_later(q, task_id, epoch, park_id, reason, intent)
+            raise
         if not res.applied and intent is not None and await decided_by_itself(ctx, intent):
             res = CasResult(applied=True, current=None)  # refused by its own first copy
         if not res.applied:
@@ -509,6 +518,7 @@ class Lifecycle:
                 # the next pass's park, refused by it, voided its own. The result stays owed:
                 # the relay publishes it once the lease lists this park, or drops it once it
                 # can no longer land. The row written ahead stays too (a listing cleans it).
+                self._count_if_parked_later(q, task_id, epoch, park_id, reason, intent)
                 return False
             if intent is not None:
                 await self.store.mark_published(intent)  # void: this park did not happen
@@ -526,14 +536,46 @@ class Lifecycle:
                     self.store.remove_park(q, task_id, park_id, now),
                 )
             return False
-        ctx.count(q, ms_of(task_id), in_flight=-1)
-        ctx.metrics.inc("tasks_parked", reason=reason)
+        self._parked(q, task_id, epoch, reason, intent)
         log.warning(
             "task parked: %s", reason, extra={"task_id": str(task_id), "epoch": epoch, "deliveries": deliveries}
         )
+        return True
+
+    def _parked(self, q: QueueKey, task_id: uuid.UUID, epoch: int, reason: str, intent: OutboxEntry | None) -> None:
+        ctx = self.ctx
+        ctx.count(q, ms_of(task_id), in_flight=-1)
+        ctx.metrics.inc("tasks_parked", reason=reason)
         if intent is not None:
             ctx.background.spawn(self.relay.publish_soon(intent), "publish delivery_limit")
-        return True
+
+    def _count_if_parked_later(
+        self, q: QueueKey, task_id: uuid.UUID, epoch: int, park_id: uuid.UUID, reason: str, intent: OutboxEntry | None
+    ) -> None:
+        """A park whose outcome is unknown (its LWT timed out, and so did the read that resolves it;
+        or it was judged by a read while its first copy may still land) is looked up again later,
+        off the request's path, and counted (in flight -1, tasks_parked) if it landed: nothing else
+        counts it (a retry finds the task parked and is refused), and stats said one task too many
+        in flight for the task's TTL."""
+
+        async def ours() -> bool | None:
+            lease = await self.store.lease(q, task_id, serial=True)
+            if lease is None:
+                return False  # gone (its TTL): nothing can land on it
+            if lease.completion_id == park_id or park_id in lease.park_ids:
+                return True  # parked by this very park (listed even after a redrive since)
+            # Still leased at this epoch: no answer yet, its first copy may still be on its way.
+            return None if lease.is_leased and lease.epoch == epoch else False
+
+        async def settle() -> None:
+            landed = await landed_later(ours, UNCERTAIN_PARK_LOOKUPS_S, self.ctx.background.pause)
+            if landed:
+                self._parked(q, task_id, epoch, reason, intent)
+                log.warning("task parked: %s (its outcome known later)", reason, extra={"task_id": str(task_id)})
+            elif landed is None:
+                log.warning("park of task %s left uncounted: its outcome stayed unknown", task_id)
+
+        self.ctx.background.spawn(settle(), "count an uncertain park")
 
     async def _live_parked(self, q: QueueKey, want: int) -> list[tuple[ParkedEntry, Lease]]:
         """Up to ``want`` parked tasks, in the index's order, each with its lease."""

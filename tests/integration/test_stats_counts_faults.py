@@ -216,6 +216,39 @@ async def test_a_completion_that_lands_after_the_first_lookup_is_still_counted(
         await settle_on(eng, svc, want, timeout=15)
 
 
+async def test_a_park_whose_outcome_stays_unknown_is_still_counted(
+    slow_bridge, slow_proxy, servers, names, workers, cql
+):
+    """A fail past the task's delivery limit parks it; the parking LWT and its resend are held 3.5 s
+    on their way (BRIDGE_CASSANDRA_TIMEOUT 1 s), so the fail is answered ``unavailable``, and the
+    first copy then applies: the task is parked. It is still counted (in flight -1): the lease is
+    read again later and lists the park. Uncounted, stats said one task was in flight in a queue
+    whose only task was parked, for the task's TTL plus up to a day (a fail's park, the
+    scheduler's and a claim's of a task whose key is gone all went that way)."""
+    b = await slow_bridge(cassandra_timeout=1.0)
+    svc = service_id()
+    slow_proxy.holds = RepeatHolds(times=2)
+    async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"], timeout=60) as eng:
+        task_id = await eng.add(svc, "v", max_deliveries=1)
+        w = await workers(svc, "w", timeout=15)
+        task = await w.fetch(time_to_recover_ms=60_000)
+        assert task is not None and task.id == task_id
+        held = slow.hold_statement(b, slow_proxy, "park", "park_id", 3.5)
+        try:
+            answer: Any = await slow.bounded(task.fail("boom"), 20, "fail")
+        except (UnavailableError, TransportError) as exc:
+            answer = exc
+        assert held and slow_proxy.held_frames == 2, "the park and its resend were both held"
+        assert isinstance(answer, Exception), f"the fail was expected to fail (unknown outcome), got {answer!r}"
+        await wait_for(
+            lambda: slow.lease_of(cql, servers.keyspace, svc, task_id)["state"] == "parked", 10, what="the park"
+        )
+        assert await task.fail("boom") is None  # the retry: the task is parked, nothing more counted
+        want = {"ready": 0, "inFlight": 0, "delayed": 0, "parked": 1}
+        assert await census(b, svc) == want
+        await settle_on(eng, svc, want, timeout=15)
+
+
 # -- a bridge killed -9 ---------------------------------------------------------------------------------------
 def lease_states(cql: Any, ks: str, svc: str, ids: list[str]) -> dict[str, int]:
     """How many of the tasks ``ids`` are in each lease state (``none``: never claimed)."""
