@@ -36,7 +36,7 @@ from bridge.cli.base import (
 )
 
 if TYPE_CHECKING:
-    from bridge.client.rpc import Engine, FailOutcome, ParkedTask, RpcClient, ServiceStats, Task, Worker
+    from bridge.client.rpc import Engine, FailOutcome, ParkedPage, ParkedTask, RpcClient, ServiceStats, Task, Worker
 
 T = TypeVar("T")
 C = TypeVar("C", bound="RpcClient")
@@ -656,30 +656,44 @@ def _parked_doc(t: ParkedTask) -> dict[str, object]:
 def parked(
     service: ServiceArgument,
     limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="List at most this many tasks.")] = 100,
+    after: Annotated[
+        str | None,
+        typer.Option(
+            "--after",
+            metavar="TASK_ID",
+            help='Go on after this task: the "after" an earlier listing printed.',
+            show_default=False,
+        ),
+    ] = None,
     owner: OwnerOption = None,
     amqp_url: AmqpUrlOption = None,
     timeout: TimeoutOption = 10.0,
 ) -> None:
-    """List the queue's parked tasks (never their values); print {"tasks": [...]} (and "more": true
-    when more are parked than --limit, or it lists 1000: exit code 3; redrive or discard what is
-    listed, then list again)."""
+    """List the queue's parked tasks (never their values); print {"tasks": [...]}. When more may be
+    parked past them, also "more": true and "after": the TASK_ID to give --after for the next page
+    (exit code 3)."""
     _check_service(service)
+    if after is not None:
+        _check_task_ids([after], "--after")
 
-    async def use(engine: Engine) -> list[ParkedTask]:
+    async def use(engine: Engine) -> ParkedPage:
         # One more than asked (within the contract's 1,000): a list of exactly --limit tasks is
         # then known complete (flagged "more", it failed `set -e` scripts on a complete list).
-        return await engine.parked(service, min(limit + 1, 1000))
+        return await engine.parked_page(service, min(limit + 1, 1000), after=after)
 
-    tasks = _engine_call(owner, amqp_url, timeout, use)
-    if len(tasks) > limit or len(tasks) >= 1000:
+    page = _engine_call(owner, amqp_url, timeout, use)
+    tasks, next_after = page.tasks, page.after
+    if len(tasks) > limit:
         tasks = tasks[:limit]
+        next_after = tasks[-1].id  # the next page starts past the last one listed
+    docs = [_parked_doc(t) for t in tasks]
+    if next_after is not None:
         # A script reading the list took it for every parked task (a triage that filtered it found
         # nothing past the first --limit, and exited 0): said, and not 0 (found by review).
-        said = "the contract's most: more may be parked" if limit >= 1000 else "more tasks are parked"
-        typer.echo(f"parked: {len(tasks)} listed, {said}", err=True)
-        typer.echo(json.dumps({"tasks": [_parked_doc(t) for t in tasks], "more": True}))
+        typer.echo(f"parked: {len(tasks)} listed, more may be parked: --after {next_after} lists them", err=True)
+        typer.echo(json.dumps({"tasks": docs, "more": True, "after": next_after}))
         raise typer.Exit(PARTIAL_EXIT)
-    typer.echo(json.dumps({"tasks": [_parked_doc(t) for t in tasks]}))
+    typer.echo(json.dumps({"tasks": docs}))
 
 
 @app.command()

@@ -31,7 +31,17 @@ from bridge.client.errors import (
     UnavailableError,
     UnknownOwnerError,
 )
-from bridge.client.rpc import Engine, FailOutcome, ParkedTask, RpcClient, ServiceStats, Task, TaskError, Worker
+from bridge.client.rpc import (
+    Engine,
+    FailOutcome,
+    ParkedPage,
+    ParkedTask,
+    RpcClient,
+    ServiceStats,
+    Task,
+    TaskError,
+    Worker,
+)
 
 __all__ = [
     "BadRequestError",
@@ -42,6 +52,7 @@ __all__ = [
     "FailOutcome",
     "IntegrityError",
     "InternalError",
+    "ParkedPage",
     "ParkedTask",
     "PayloadTooLargeError",
     "RequestTimeout",

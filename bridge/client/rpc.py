@@ -866,6 +866,17 @@ class ParkedTask:
 
 
 @dataclass(frozen=True)
+class ParkedPage:
+    """One page of a queue's parked tasks (``Engine.parked_page``). ``after``: where the listing
+    stopped short of the index's end (more may be parked): pass it back for the next page; None
+    once it read to the end (and from a bridge before 1.11, which never pages: it said nothing of
+    tasks past its first ``limit``)."""
+
+    tasks: list[ParkedTask]
+    after: str | None
+
+
+@dataclass(frozen=True)
 class FailOutcome:
     """What a technical fail did with the task: it comes back at ``retry_at`` (ISO 8601), or it
     was ``parked`` (its delivery limit reached) and ``retry_at`` is None."""
@@ -1023,9 +1034,30 @@ class Engine(RpcClient):
         return found
 
     async def parked(self, service: str, limit: int = 100) -> list[ParkedTask]:
-        """The queue's parked tasks (at most ``limit``, 1..1000), without their values."""
-        result = await self._result("parked", {"serviceId": service, "limit": limit})
-        return [ParkedTask.from_wire(doc) for doc in result["tasks"]]
+        """The queue's first parked tasks (at most ``limit``, 1..1000), without their values. More
+        may be parked: :meth:`parked_page` says so and goes on."""
+        return (await self.parked_page(service, limit)).tasks
+
+    async def parked_page(self, service: str, limit: int = 100, after: str | None = None) -> ParkedPage:
+        """Up to ``limit`` (1..1000) parked tasks after ``after`` (an earlier page's ``after``;
+        None: from the first), and where the next page starts (None: none is left). Every parked
+        task, a page at a time::
+
+            page = await engine.parked_page(svc, 1000)
+            while True:
+                ...  # page.tasks
+                if page.after is None:
+                    break
+                page = await engine.parked_page(svc, 1000, after=page.after)
+        """
+        body: dict[str, Any] = {"serviceId": service, "limit": limit}
+        if after is not None:
+            body["after"] = after  # (1.11; a bridge before it ignores it: see ParkedPage)
+        result = await self._result("parked", body)
+        next_after = result.get("after")
+        return ParkedPage(
+            [ParkedTask.from_wire(doc) for doc in result["tasks"]], None if next_after is None else str(next_after)
+        )
 
     async def redrive(
         self,

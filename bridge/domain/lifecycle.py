@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.crypto import Sealed
+from bridge.crypto import OwnerKey, Sealed
 from bridge.domain import jsonvalue
 from bridge.domain.context import QueueContext, clock_slack_ms, require_clock_for_filing
 from bridge.domain.counting import landed_later, was_delayed
@@ -133,6 +133,16 @@ class ParkedTask:
     last_error_json: bytes | None  # the last fail's error, opened with the owner's key
     # Its error (if it has one) was left out: the errors listed before it filled the budget.
     last_error_omitted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ParkedPage:
+    """One ``parked`` request's tasks, and the index row to go on after when it stopped short of
+    the index's end (``limit`` found, or ``PARKED_SCAN_ROWS`` rows read): more may be parked
+    there. None: it read to the end."""
+
+    tasks: list[ParkedTask]
+    after: uuid.UUID | None
 
 
 # An extend on a bridge whose clock is off is served while its error is within 1/EXTEND_SKEW_SHARE
@@ -577,11 +587,6 @@ class Lifecycle:
 
         self.ctx.background.spawn(settle(), "count an uncertain park")
 
-    async def _live_parked(self, q: QueueKey, want: int) -> list[tuple[ParkedEntry, Lease]]:
-        """Up to ``want`` parked tasks, in the index's order, each with its lease."""
-        found, _ = await self._scan_parked(q, want)
-        return found
-
     async def _scan_parked(
         self,
         q: QueueKey,
@@ -667,11 +672,25 @@ class Lifecycle:
                 await self.store.remove_parked(q, e.task_id, epoch=e.epoch)
 
     async def parked(self, owner: str, service: str, limit: int, *, with_errors: bool = True) -> list[ParkedTask]:
-        """``with_errors=False``: no error read or opened, none listed (the operator console polls
+        """The first ``limit`` parked tasks of the queue (see :meth:`parked_page`)."""
+        return (await self.parked_page(owner, service, limit, with_errors=with_errors)).tasks
+
+    async def parked_page(
+        self, owner: str, service: str, limit: int, *, after: uuid.UUID | None = None, with_errors: bool = True
+    ) -> ParkedPage:
+        """Up to ``limit`` parked tasks after the index row ``after`` (an earlier page's ``after``;
+        None: from the start), in the index's order, and where the next page starts. Without it,
+        a listing could not go past its first 1,000 tasks (the contract's most a request).
+        ``with_errors=False``: no error read or opened, none listed (the operator console polls
         this list and never shows an error: it may carry task data)."""
         q = QueueKey(owner, service)
         key = await self.ctx.keys.current(owner)
-        listed = await self._live_parked(q, limit)
+        listed, next_after = await self._scan_parked(q, limit, after=after)
+        return ParkedPage(await self._parked_tasks(q, key, listed, with_errors), next_after)
+
+    async def _parked_tasks(
+        self, q: QueueKey, key: OwnerKey, listed: list[tuple[ParkedEntry, Lease]], with_errors: bool
+    ) -> list[ParkedTask]:
         if not with_errors:
             return [
                 ParkedTask(
@@ -686,7 +705,9 @@ class Lifecycle:
             sealed = errors.get(e.task_id)
             if sealed is not None:
                 try:
-                    owner_key = key if sealed.key_id == key.key_id else await self.ctx.keys.by_id(owner, sealed.key_id)
+                    owner_key = (
+                        key if sealed.key_id == key.key_id else await self.ctx.keys.by_id(q.owner, sealed.key_id)
+                    )
                     error_json = open_error(owner_key, q, e.task_id, sealed)
                 except Exception:  # a rotated-out key or a tampered row: the listing still works
                     error_json = None

@@ -254,6 +254,8 @@ class StatsRequest(_Request):
 class ParkedRequest(_Request):
     service_id: Identifier = Field(alias="serviceId")
     limit: StrictInt = Field(100, ge=1, le=1000)
+    # (1.11) Go on after this parked-index row (an earlier reply's ``after``).
+    after: TaskId | None = None
 
 
 class RedriveRequest(_Request):

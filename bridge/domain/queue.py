@@ -36,7 +36,7 @@ from bridge.domain.dispatch import Dispatcher
 from bridge.domain.errors import BadRequest, NotSent, Unavailable
 from bridge.domain.fetching import Fetcher
 from bridge.domain.hints import Hint, NoHints, TaskHints, carried
-from bridge.domain.lifecycle import Extended, Failed, Lifecycle, ParkedTask, RedriveRound, TaskInfo
+from bridge.domain.lifecycle import Extended, Failed, Lifecycle, ParkedPage, ParkedTask, RedriveRound, TaskInfo
 from bridge.domain.models import AckRequest, AddCommand, Delivery, ExtendRequest, FailRequest, FetchRequest
 from bridge.domain.reconcile import Reconciliation
 from bridge.domain.records import DUE_EPOCH, LANE_FRESH, ExpiryEntry, OutboxEntry, Payload, QueueKey
@@ -575,6 +575,9 @@ class WorkQueue:
 
     async def parked(self, owner: str, service: str, limit: int) -> list[ParkedTask]:
         return await self.lifecycle.parked(owner, service, limit)
+
+    async def parked_page(self, owner: str, service: str, limit: int, after: uuid.UUID | None = None) -> ParkedPage:
+        return await self.lifecycle.parked_page(owner, service, limit, after=after)
 
     async def redrive(self, owner: str, service: str, task_ids: list[uuid.UUID] | None) -> int:
         return await self.lifecycle.redrive(owner, service, task_ids)

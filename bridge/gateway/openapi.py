@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from bridge.gateway import replies
 from bridge.gateway.endpoints import ENDPOINTS, OPENAPI_PATH, STATS_ALL, STATS_ALL_PATH, Endpoint
 
-CONTRACT_VERSION = "1.10.0"  # docs/asyncapi.yaml info.version: the gateway mirrors that contract
+CONTRACT_VERSION = "1.11.0"  # docs/asyncapi.yaml info.version: the gateway mirrors that contract
 REF = "#/components/schemas/{model}"
 
 DESCRIPTION = """\

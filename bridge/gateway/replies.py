@@ -126,6 +126,12 @@ class ParkedInfo(_Reply):
 
 class ParkedList(_Reply):
     tasks: list[ParkedInfo]
+    after: str | None = Field(
+        None,
+        description="(1.11) Present when the listing stopped short of the parked index's end (limit tasks "
+        "listed, or the request's share of the index read): more may be parked; send it back as after for "
+        "the next page. Absent: every parked task from where the request began was listed.",
+    )
 
 
 class ParkedReply(_Reply):

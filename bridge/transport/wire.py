@@ -143,7 +143,9 @@ def stats(found: list[ServiceStats]) -> Body:
     return reply({"services": services, **({"unavailable": unavailable} if unavailable else {})})
 
 
-def parked(found: list[ParkedTask]) -> Body:
+def parked(found: list[ParkedTask], after: uuid.UUID | None = None) -> Body:
+    """``after`` (1.11): where the listing stopped short of the index's end, for the caller to send
+    back for the next page (absent: it read to the end; a caller before 1.11 ignores it)."""
     tasks = []
     for t in found:
         doc: dict[str, Any] = {
@@ -158,7 +160,10 @@ def parked(found: list[ParkedTask]) -> Body:
         if t.last_error_omitted:  # (1.7) only when true: the listing's errors filled their budget
             doc["lastErrorOmitted"] = True
         tasks.append(doc)
-    return reply({"tasks": tasks})
+    result: dict[str, Any] = {"tasks": tasks}
+    if after is not None:
+        result["after"] = str(after)
+    return reply(result)
 
 
 def redriven(n: int) -> Body:
@@ -214,7 +219,9 @@ async def _stats(queue: WorkQueue, owner: str, req: StatsRequest) -> Body:
 
 
 async def _parked(queue: WorkQueue, owner: str, req: ParkedRequest) -> Body:
-    return parked(await queue.parked(owner, req.service_id, req.limit))
+    after = None if req.after is None else uuid.UUID(req.after)
+    page = await queue.parked_page(owner, req.service_id, req.limit, after)
+    return parked(page.tasks, page.after)
 
 
 async def _redrive(queue: WorkQueue, owner: str, req: RedriveRequest) -> Body:

@@ -259,6 +259,11 @@ async def test_stats_parked_redrive_discard_and_delayed_adds_through_http(gw):
         assert failed["task"]["parked"] is True and failed["task"]["retryAt"] is None
     parked = (await gw.ok(svc, "parked", {"limit": 10}))["result"]["tasks"]
     assert sorted(t["id"] for t in parked) == sorted(ids)
+    # A page at a time (1.11): the first page says where the next starts, the last says nothing.
+    first = (await gw.ok(svc, "parked", {"limit": 1}))["result"]
+    assert len(first["tasks"]) == 1 and first["after"] == first["tasks"][0]["id"], first
+    rest = (await gw.ok(svc, "parked", {"limit": 10, "after": first["after"]}))["result"]
+    assert [t["id"] for t in first["tasks"] + rest["tasks"]] == [t["id"] for t in parked] and "after" not in rest
     assert all(t["reason"] == "failed" and t["lastError"] == "boom" and t["deliveries"] == 1 for t in parked)
 
     async def counted() -> dict[str, Any] | None:

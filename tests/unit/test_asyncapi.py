@@ -31,7 +31,15 @@ from bridge.config import ENV_PREFIX, Settings
 from bridge.crypto import KeyringFileProvider, generate_keyring, write_keyring
 from bridge.domain.clock import ManualClock
 from bridge.domain.errors import BridgeError, PayloadTooLarge, Unavailable
-from bridge.domain.lifecycle import PARK_DELIVERY_LIMIT, PARK_FAILED, Extended, Failed, ParkedTask, RedriveRound
+from bridge.domain.lifecycle import (
+    PARK_DELIVERY_LIMIT,
+    PARK_FAILED,
+    Extended,
+    Failed,
+    ParkedPage,
+    ParkedTask,
+    RedriveRound,
+)
 from bridge.domain.models import (
     AckRequest,
     AckWithNextRequest,
@@ -796,6 +804,10 @@ class _WorkQueue:
     async def parked(self, owner: str, service: str, limit: int) -> list[ParkedTask]:
         return cast(list[ParkedTask], self._lifecycle("parked", service, limit))
 
+    async def parked_page(self, owner: str, service: str, limit: int, after: uuid.UUID | None = None) -> ParkedPage:
+        answer = self._lifecycle("parked", service, limit, after)
+        return answer if isinstance(answer, ParkedPage) else ParkedPage(cast(list[ParkedTask], answer), None)
+
     async def redrive(self, owner: str, service: str, task_ids: list[uuid.UUID] | None) -> int:
         return int(self._lifecycle("redrive", service, task_ids))
 
@@ -1058,6 +1070,27 @@ LIFECYCLE_REPLIES: list[tuple[str, dict[str, Any], Any, dict[str, Any]]] = [
                         "hasToken": False,
                     },
                 ]
+            }
+        },
+    ),
+    (
+        "parked",
+        {"serviceId": "billing", "limit": 1, "after": OTHER_ID},
+        ParkedPage([ParkedTask(TASK_UUID, 1, PARK_FAILED, AT_MS, False, None)], TASK_UUID),
+        {
+            "result": {
+                "tasks": [
+                    {
+                        "id": TASK_ID,
+                        "deliveries": 1,
+                        "reason": "failed",
+                        "lastError": None,
+                        "parkedAt": AT,
+                        "addedAt": _iso(_uuid_ms(TASK_ID)),
+                        "hasToken": False,
+                    }
+                ],
+                "after": TASK_ID,
             }
         },
     ),

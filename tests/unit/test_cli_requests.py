@@ -452,8 +452,27 @@ def test_a_parked_list_cut_at_its_limit_says_more_are_parked_and_exits_3(monkeyp
     bridge.install(monkeypatch)
     code, out, err = _run("parked", "svc", "--limit", "2")
     doc = json.loads(out)
-    assert code == 3 and doc["more"] is True and len(doc["tasks"]) == 2 and "more tasks are parked" in err
+    assert code == 3 and doc["more"] is True and len(doc["tasks"]) == 2 and "more may be parked" in err
     assert bridge.requests[0][1]["limit"] == 3, bridge.requests
+    # Where the next page starts: past the last task listed (not the one asked for beyond it).
+    assert doc["after"] == doc["tasks"][-1]["id"] and f"--after {doc['after']}" in err
     FakeBridge({"tasks": [_parked_doc(n) for n in range(2)]}).install(monkeypatch)
     code, out, _ = _run("parked", "svc", "--limit", "2")
     assert code == 0 and "more" not in json.loads(out) and len(json.loads(out)["tasks"]) == 2
+
+
+def test_a_parked_list_goes_on_where_the_bridge_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page the bridge cut short (its share of the index read, or the contract's 1,000 listed)
+    gives its ``after``, printed for --after; --after is sent as the request's ``after`` (1.11).
+    Before, a listing of 1,000 could not go on: the CLI said "more" and nothing listed them."""
+    bridge = FakeBridge({"tasks": [_parked_doc(n) for n in range(2)], "after": AFTER_ID})
+    bridge.install(monkeypatch)
+    code, out, err = _run("parked", "svc", "--limit", "1000")
+    assert code == 3 and json.loads(out)["after"] == AFTER_ID and json.loads(out)["more"] is True, (out, err)
+    nxt = FakeBridge({"tasks": [_parked_doc(7)]})
+    nxt.install(monkeypatch)
+    code, out, _ = _run("parked", "svc", "--after", AFTER_ID)
+    assert code == 0 and json.loads(out) == {"tasks": [_parked_doc(7)]}
+    assert nxt.requests[0][1] == {"serviceId": "svc", "limit": 101, "after": AFTER_ID}
+    code, _, err = _run("parked", "svc", "--after", "nope")
+    assert code == 2 and "--after" in err
