@@ -627,6 +627,11 @@ class Fetcher:
             try:
                 taken = await _unless_gone(self.hints.take(a.q, left_ms), still_wanted, _give_back)
             except HintsUnavailable:
+                # A poll of the store every HINTLESS_POLL_MS, the sleep cut short by a stop (the
+                # hints close): answered null now, as the fetches waiting for a hint are (it slept
+                # out the rest of its second, then scanned and claimed once more).
+                if await _unless_gone(self.hints.pause(min(left_ms, HINTLESS_POLL_MS) / 1000), still_wanted):
+                    return None
                 delivery = await self._poll_store(a, left_ms, granted, still_wanted)
                 if delivery is not None:
                     return delivery
@@ -675,11 +680,10 @@ class Fetcher:
     ) -> Delivery | None:
         """A waiting fetch whose queue's hints cannot be used (``HintsUnavailable``: the node that
         holds its hint queue is down, the broker is away): it scans the store every
-        ``HINTLESS_POLL_MS`` for the rest of its wait (the hints of the tasks added meanwhile are
-        lost). Answered null at once, it was sent again at once by its worker: a spin of the
-        worker, the bridge and the broker (about 50 fetches a second per worker) for as long as
-        the hint queue was gone."""
-        await _unless_gone(asyncio.sleep(min(left_ms, HINTLESS_POLL_MS) / 1000), still_wanted)
+        ``HINTLESS_POLL_MS`` for the rest of its wait (the caller pauses before each poll; the
+        hints of the tasks added meanwhile are lost). Answered null at once, it was sent again at
+        once by its worker: a spin of the worker, the bridge and the broker (about 50 fetches a
+        second per worker) for as long as the hint queue was gone."""
         self.reconcile.alarm_queue(a.q, self.ctx.clock.now_ms())  # what is stored by now has no hint coming
         loop_now = asyncio.get_running_loop().time()
         if loop_now - self._hintless_polls.get(a.q, -1e9) < HINTLESS_POLL_MS / 1000:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import deque
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -107,6 +108,11 @@ class TaskHints(Protocol):
         """Drop the hints waiting in this queue (a purge: nearly all name tasks it cancels); how
         many. A task whose hint went with them is found by reconciliation."""
 
+    async def pause(self, seconds: float) -> bool:
+        """Sleep ``seconds``, cut short when the hints close (the bridge stops): True then. A
+        waiting fetch that polls the store instead of hints (``HintsUnavailable``) sleeps here
+        between its polls, so that a stop answers it now, as it answers those waiting for a hint."""
+
 
 class NoHints:
     """No hints at all: every fetch scans the ready index (the dispatcher), as before 1.2, and
@@ -124,6 +130,10 @@ class NoHints:
 
     async def discard(self, q: QueueKey) -> int:
         return 0
+
+    async def pause(self, seconds: float) -> bool:
+        await asyncio.sleep(seconds)
+        return False
 
 
 @dataclass
@@ -146,6 +156,7 @@ class MemoryHints:
     def __init__(self) -> None:
         self._queues: dict[QueueKey, list[deque[Hint]]] = {}
         self._changed = asyncio.Event()
+        self._closing = asyncio.Event()
         self.closed = False
         self.lost = 0  # hints dropped on purpose by tests (``drop``)
         self.waiting = 0  # takes waiting for a hint right now
@@ -198,9 +209,21 @@ class MemoryHints:
                 self.waiting -= 1
         return None
 
+    async def pause(self, seconds: float) -> bool:
+        return await paused_unless_closed(seconds, self._closing)
+
     def close(self) -> None:
         self.closed = True
+        self._closing.set()
         self._changed.set()
 
 
-__all__ = ["Hint", "MemoryHints", "NoHints", "Taken", "TaskHints"]
+async def paused_unless_closed(seconds: float, closing: asyncio.Event) -> bool:
+    """``TaskHints.pause`` on an event set at close: True if it was (now or meanwhile)."""
+    if not closing.is_set():
+        with suppress(TimeoutError):
+            await asyncio.wait_for(closing.wait(), timeout=seconds)
+    return closing.is_set()
+
+
+__all__ = ["Hint", "MemoryHints", "NoHints", "Taken", "TaskHints", "paused_unless_closed"]

@@ -59,7 +59,7 @@ from pamqp.common import Arguments
 from bridge.config import Settings
 from bridge.crypto import Sealed
 from bridge.domain.cancellation import stray_as_failure
-from bridge.domain.hints import Hint, HintsUnavailable, Taken
+from bridge.domain.hints import Hint, HintsUnavailable, Taken, paused_unless_closed
 from bridge.domain.records import LANE_FRESH, LANE_RECOVERED, PRIORITY_MAX, Payload, QueueKey
 from bridge.domain.timeline import ms_of
 from bridge.observability.throttled import ThrottledWarning
@@ -339,6 +339,7 @@ class AmqpHints:
         self._cancelling: set[asyncio.Task[None]] = set()  # consumer cancels under way
         self._republishing: set[asyncio.Task[None]] = set()  # handed hints waiting for their write
         self._closed = False
+        self._closing = asyncio.Event()  # set with ``_closed``: ``pause`` wakes on it
         # BRIDGE_HINTS=false: publish only, into queues declared by bridges that take hints.
         self.takes = settings.hints
         untaken_ms = max(UNTAKEN_MS, int((settings.hint_grace + settings.reconcile_interval) * 1000))
@@ -750,9 +751,13 @@ class AmqpHints:
             return 0
         return int(getattr(purged, "message_count", 0) or 0)
 
+    async def pause(self, seconds: float) -> bool:
+        return await paused_unless_closed(seconds, self._closing)
+
     def close(self) -> None:
         """Shutdown: every waiting fetch is answered now (null)."""
         self._closed = True
+        self._closing.set()
         for waiting in self._waiting.values():
             for future in waiting.waiters:
                 if not future.done():

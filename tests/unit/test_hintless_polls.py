@@ -20,9 +20,12 @@ pytestmark = pytest.mark.anyio
 
 
 class UnusableHints(MemoryHints):
-    """Every take refused: the node holding the queue's hint queue is down."""
+    """Every take refused: the node holding the queue's hint queue is down. Closed (the bridge
+    stops), a take answers None, as ``AmqpHints.take`` does."""
 
     async def take(self, q: Any, wait_ms: int) -> Any:
+        if self.closed:
+            return None
         raise HintsUnavailable("node down")
 
 
@@ -87,5 +90,38 @@ async def test_a_waiting_fetch_whose_poll_was_skipped_still_sees_its_workers_gra
         assert polls >= 2
         assert granted[0] is not None
         assert got is not None and got.task_id == granted[0].task_id, "a second task claimed for the worker"
+    finally:
+        await h.close()
+
+
+async def test_a_stop_answers_a_fetch_polling_the_store_now_not_after_its_poll_interval(tmp_path: Path) -> None:
+    """SIGTERM answers waiting fetches null at once (the hints close). One polling the store
+    instead (its hint queue unusable) slept out the rest of its second first, then scanned and
+    could claim a task for a worker whose bridge was stopping (found by review, 2026-12-07)."""
+    path = tmp_path / "keyring.json"
+    write_keyring(path, generate_keyring([OWNER]))
+    clock = ManualClock(1_700_000_000_000)
+    hints = UnusableHints()
+    h = Harness(MemoryTaskStore(clock.now_ms, TTL_S), KeyringFileProvider(path), clock, "", hints=hints)
+    try:
+        fetcher = h.queue._fetcher
+        real_poll = fetcher._poll_store
+        polled = asyncio.Event()
+
+        async def poll(a: Any, *args: Any) -> Any:
+            polled.set()
+            return await real_poll(a, *args)
+
+        fetcher._poll_store = poll  # type: ignore[method-assign]
+        loop = asyncio.get_running_loop()
+        waiting = asyncio.ensure_future(h.fetch("w", wait_ms=30_000))
+        await asyncio.wait_for(polled.wait(), 5)  # in its poll interval now (it polled once)
+        await h.add("added as the bridge stops")  # a scan at its next poll would claim it
+        hints.close()
+        closed_at = loop.time()
+        got = await asyncio.wait_for(waiting, 5)
+        took = loop.time() - closed_at
+        assert got is None, "a task claimed for a worker of a stopping bridge"
+        assert took < HINTLESS_POLL_MS / 1000 / 2, f"answered {took:.2f} s after the stop"
     finally:
         await h.close()
