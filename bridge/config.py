@@ -110,6 +110,10 @@ def _amqp_tls_files_readable(query: str) -> None:
             raise ValueError(f"?{name}= names {reason}: {value}")
 
 
+# A delivery limit (BRIDGE_MAX_DELIVERIES, and each of BRIDGE_SERVICE_MAX_DELIVERIES).
+DeliveryLimit = Annotated[int, Field(ge=1, le=1000)]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -330,9 +334,10 @@ class Settings(BaseSettings):
         le=1000,
         description="Delivery limit: a task delivered this often without an ack (or failed at it) is parked.",
     )
-    service_max_deliveries: Annotated[dict[str, Annotated[int, Field(ge=1, le=1000)]], NoDecode] = Field(
+    service_max_deliveries: Annotated[dict[str, DeliveryLimit | dict[str, DeliveryLimit]], NoDecode] = Field(
         default_factory=dict,
-        description='Delivery limits per service, JSON: {"service": n} or {"owner/service": n} (the latter wins).',
+        description='Delivery limits per service, JSON: {"service": n}, {"owner/service": n}, or {"owner": '
+        '{"service": n}} (exact, for ids holding "/"; it wins, then owner/service, then service).',
     )
     retry_base_ms: int = Field(
         1_000, ge=0, description="fail without retryInMs: backoff base (full jitter, doubling per delivery), ms."
@@ -489,7 +494,9 @@ class Settings(BaseSettings):
             try:
                 return json.loads(value)
             except ValueError:
-                raise ValueError('must be JSON, e.g. {"billing": 3} or {"owner/billing": 3}') from None
+                raise ValueError(
+                    'must be JSON, e.g. {"billing": 3}, {"owner/billing": 3} or {"owner": {"billing": 3}}'
+                ) from None
         return value
 
     @field_validator("task_ttl")

@@ -95,7 +95,8 @@ class Limits:
     # The worker lifecycle (1.4): delivery limits (a task's own ``maxDeliveries`` wins), and the
     # backoff of a ``fail`` that names none: full jitter, uniform in [0, min(cap, base * 2^(n-1))].
     max_deliveries: int = 10
-    service_max_deliveries: Mapping[str, int] = field(default_factory=dict)
+    # {"service": n}, {"owner/service": n}, {"owner": {"service": n}} (see ``delivery_limit``)
+    service_max_deliveries: Mapping[str, int | Mapping[str, int]] = field(default_factory=dict)
     retry_base_ms: int = 1_000
     retry_cap_ms: int = 300_000
     redrive_rate: float = 50.0
@@ -110,7 +111,18 @@ class Limits:
         if own is not None:
             return own
         per = self.service_max_deliveries
-        return per.get(f"{q.owner}/{q.service}", per.get(q.service, self.max_deliveries))
+        # The owner's own map names its service exactly: "reports/daily" is both owner reports's
+        # service daily and the service of that name of any owner, and no flat key could tell
+        # them apart. Then the flat keys, owner/service first. A flat key that is an owner's map
+        # (a service named as an owner) is not a limit.
+        owners = per.get(q.owner)
+        if isinstance(owners, Mapping) and q.service in owners:
+            return owners[q.service]
+        for key in (f"{q.owner}/{q.service}", q.service):
+            limit = per.get(key)
+            if isinstance(limit, int):
+                return limit
+        return self.max_deliveries
 
     def backoff_ms(self, deliveries: int) -> int:
         ceiling = min(self.retry_cap_ms, self.retry_base_ms * 2 ** min(max(deliveries - 1, 0), 30))

@@ -1,0 +1,53 @@
+"""Which delivery limit a queue gets (BRIDGE_MAX_DELIVERIES, BRIDGE_SERVICE_MAX_DELIVERIES, a
+task's own maxDeliveries): pure logic, with the setting parsed as the bridge parses it."""
+
+from __future__ import annotations
+
+import pytest
+
+from bridge.config import Settings
+from bridge.domain.context import Limits
+from bridge.domain.records import QueueKey
+
+
+def _limits(monkeypatch: pytest.MonkeyPatch, per_service: str) -> Limits:
+    monkeypatch.setenv("BRIDGE_SERVICE_MAX_DELIVERIES", per_service)
+    settings = Settings()
+    return Limits(
+        max_value_bytes=settings.max_value_bytes,
+        default_ttr_ms=settings.default_time_to_recover_ms,
+        max_ttr_ms=settings.max_time_to_recover_ms,
+        max_deliveries=settings.max_deliveries,
+        service_max_deliveries=settings.service_max_deliveries,
+    )
+
+
+def test_an_owners_own_map_names_one_queue_where_a_key_with_a_slash_names_two(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``{"reports/daily": 3}`` is owner reports's service daily and also the service named
+    "reports/daily" of every owner: an operator could not limit only one of them (found by
+    review). ``{"reports": {"daily": 3}}`` names owner reports's service daily alone."""
+    flat = _limits(monkeypatch, '{"reports/daily": 3}')
+    assert flat.delivery_limit(QueueKey("reports", "daily"), None) == 3
+    assert flat.delivery_limit(QueueKey("alice", "reports/daily"), None) == 3  # the known ambiguity
+    exact = _limits(monkeypatch, '{"reports": {"daily": 3}}')
+    assert exact.delivery_limit(QueueKey("reports", "daily"), None) == 3
+    assert exact.delivery_limit(QueueKey("alice", "reports/daily"), None) == 10
+    assert exact.delivery_limit(QueueKey("reports", "weekly"), None) == 10
+    # A service named as an owner whose map is given gets no limit from that map.
+    assert exact.delivery_limit(QueueKey("alice", "reports"), None) == 10
+
+
+def test_the_most_exact_limit_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    limits = _limits(monkeypatch, '{"daily": 2, "reports/daily": 3, "reports": {"daily": 4}}')
+    assert limits.delivery_limit(QueueKey("reports", "daily"), None) == 4
+    assert limits.delivery_limit(QueueKey("reports", "daily"), 7) == 7  # the task's own wins
+    assert limits.delivery_limit(QueueKey("alice", "daily"), None) == 2
+    both = _limits(monkeypatch, '{"daily": 2, "reports/daily": 3}')
+    assert both.delivery_limit(QueueKey("reports", "daily"), None) == 3
+
+
+@pytest.mark.parametrize("bad", ['{"reports": {"daily": 0}}', '{"reports": {"daily": {"x": 1}}}', '{"r": [1]}'])
+def test_an_owners_map_is_checked_as_the_flat_limits_are(monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
+    monkeypatch.setenv("BRIDGE_SERVICE_MAX_DELIVERIES", bad)
+    with pytest.raises(ValueError, match="service_max_deliveries"):
+        Settings()
