@@ -516,7 +516,7 @@ class Lifecycle:
                 until_ms=until_ms,
             )
         except MaybeApplied:
-            self._count_if_parked_later(q, task_id, epoch, park_id, reason, intent)
+            self._count_if_parked_later(q, task_id, epoch, park_id, reason)
             raise
         if not res.applied and intent is not None and await decided_by_itself(ctx, intent):
             res = CasResult(applied=True, current=None)  # refused by its own first copy
@@ -528,7 +528,7 @@ class Lifecycle:
                 # the next pass's park, refused by it, voided its own. The result stays owed:
                 # the relay publishes it once the lease lists this park, or drops it once it
                 # can no longer land. The row written ahead stays too (a listing cleans it).
-                self._count_if_parked_later(q, task_id, epoch, park_id, reason, intent)
+                self._count_if_parked_later(q, task_id, epoch, park_id, reason)
                 return False
             if intent is not None:
                 await self.store.mark_published(intent)  # void: this park did not happen
@@ -560,7 +560,7 @@ class Lifecycle:
             ctx.background.spawn(self.relay.publish_soon(intent), "publish delivery_limit")
 
     def _count_if_parked_later(
-        self, q: QueueKey, task_id: uuid.UUID, epoch: int, park_id: uuid.UUID, reason: str, intent: OutboxEntry | None
+        self, q: QueueKey, task_id: uuid.UUID, epoch: int, park_id: uuid.UUID, reason: str
     ) -> None:
         """A park whose outcome is unknown (its LWT timed out, and so did the read that resolves it;
         or it was judged by a read while its first copy may still land) is looked up again later,
@@ -580,7 +580,10 @@ class Lifecycle:
         async def settle() -> None:
             landed = await landed_later(ours, UNCERTAIN_PARK_LOOKUPS_S, self.ctx.background.pause)
             if landed:
-                self._parked(q, task_id, epoch, reason, intent)
+                # Counted, not published: by now (seconds after the park) the relay's sweep may
+                # be publishing the owed result, which it sends once the lease lists this park;
+                # published here as well, the engine got it twice (found by review).
+                self._parked(q, task_id, epoch, reason, None)
                 log.warning("task parked: %s (its outcome known later)", reason, extra={"task_id": str(task_id)})
             elif landed is None:
                 log.warning("park of task %s left uncounted: its outcome stayed unknown", task_id)

@@ -128,9 +128,10 @@ class ParkedList(_Reply):
     tasks: list[ParkedInfo]
     after: str | None = Field(
         None,
-        description="(1.11) Present when the listing stopped short of the parked index's end (limit tasks "
-        "listed, or the request's share of the index read): more may be parked; send it back as after for "
-        "the next page. Absent: every parked task from where the request began was listed.",
+        description="(1.11; always present from 1.11) Where the listing stopped short of the parked index's end "
+        "(limit tasks listed, or the request's share of the index read): more may be parked; send it back as "
+        "after for the next page. null: it read to the end. Pages follow task ids, not park times: a task "
+        "parked behind the cursor while pages were read is in none of the later pages.",
     )
 
 

@@ -145,7 +145,9 @@ def stats(found: list[ServiceStats]) -> Body:
 
 def parked(found: list[ParkedTask], after: uuid.UUID | None = None) -> Body:
     """``after`` (1.11): where the listing stopped short of the index's end, for the caller to send
-    back for the next page (absent: it read to the end; a caller before 1.11 ignores it)."""
+    back for the next page; null: it read to the end. Always there, so that a client can tell a
+    complete page from the reply of a bridge before 1.11, which ignores a request's ``after``
+    (paging through one, a client got the first page again; a caller before 1.11 ignores it)."""
     tasks = []
     for t in found:
         doc: dict[str, Any] = {
@@ -160,10 +162,7 @@ def parked(found: list[ParkedTask], after: uuid.UUID | None = None) -> Body:
         if t.last_error_omitted:  # (1.7) only when true: the listing's errors filled their budget
             doc["lastErrorOmitted"] = True
         tasks.append(doc)
-    result: dict[str, Any] = {"tasks": tasks}
-    if after is not None:
-        result["after"] = str(after)
-    return reply(result)
+    return reply({"tasks": tasks, "after": None if after is None else str(after)})
 
 
 def redriven(n: int) -> Body:

@@ -263,7 +263,7 @@ async def test_stats_parked_redrive_discard_and_delayed_adds_through_http(gw):
     first = (await gw.ok(svc, "parked", {"limit": 1}))["result"]
     assert len(first["tasks"]) == 1 and first["after"] == first["tasks"][0]["id"], first
     rest = (await gw.ok(svc, "parked", {"limit": 10, "after": first["after"]}))["result"]
-    assert [t["id"] for t in first["tasks"] + rest["tasks"]] == [t["id"] for t in parked] and "after" not in rest
+    assert [t["id"] for t in first["tasks"] + rest["tasks"]] == [t["id"] for t in parked] and rest["after"] is None
     assert all(t["reason"] == "failed" and t["lastError"] == "boom" and t["deliveries"] == 1 for t in parked)
 
     async def counted() -> dict[str, Any] | None:

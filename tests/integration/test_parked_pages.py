@@ -35,7 +35,7 @@ async def test_pages_sent_back_list_every_parked_task_once(bridge, engine, worke
     assert [len(p) for p in pages][:2] == [3, 3], pages
     # A complete listing says so: no after.
     whole = await call(engine, "parked", {"serviceId": svc, "limit": 1000})
-    assert "after" not in whole["result"] and len(whole["result"]["tasks"]) == 7, whole
+    assert whole["result"]["after"] is None and len(whole["result"]["tasks"]) == 7, whole
 
 
 async def test_a_page_goes_on_past_tasks_redriven_since_the_one_before(bridge, engine, workers):

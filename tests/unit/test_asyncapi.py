@@ -1069,7 +1069,8 @@ LIFECYCLE_REPLIES: list[tuple[str, dict[str, Any], Any, dict[str, Any]]] = [
                         "addedAt": _iso(_uuid_ms(OTHER_ID)),
                         "hasToken": False,
                     },
-                ]
+                ],
+                "after": None,
             }
         },
     ),

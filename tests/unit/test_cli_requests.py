@@ -448,7 +448,7 @@ def test_a_parked_list_cut_at_its_limit_says_more_are_parked_and_exits_3(monkeyp
     """A list of --limit tasks gave no sign it was cut: a triage script filtering it found nothing
     past the first --limit and exited 0 on every run (found by review, 2026-12-07). The CLI asks
     for one more than its limit: exactly --limit parked tasks is a complete list (exit 0)."""
-    bridge = FakeBridge({"tasks": [_parked_doc(n) for n in range(3)]})
+    bridge = FakeBridge({"tasks": [_parked_doc(n) for n in range(3)], "after": None})
     bridge.install(monkeypatch)
     code, out, err = _run("parked", "svc", "--limit", "2")
     doc = json.loads(out)
@@ -456,7 +456,7 @@ def test_a_parked_list_cut_at_its_limit_says_more_are_parked_and_exits_3(monkeyp
     assert bridge.requests[0][1]["limit"] == 3, bridge.requests
     # Where the next page starts: past the last task listed (not the one asked for beyond it).
     assert doc["after"] == doc["tasks"][-1]["id"] and f"--after {doc['after']}" in err
-    FakeBridge({"tasks": [_parked_doc(n) for n in range(2)]}).install(monkeypatch)
+    FakeBridge({"tasks": [_parked_doc(n) for n in range(2)], "after": None}).install(monkeypatch)
     code, out, _ = _run("parked", "svc", "--limit", "2")
     assert code == 0 and "more" not in json.loads(out) and len(json.loads(out)["tasks"]) == 2
 
@@ -469,10 +469,33 @@ def test_a_parked_list_goes_on_where_the_bridge_stopped(monkeypatch: pytest.Monk
     bridge.install(monkeypatch)
     code, out, err = _run("parked", "svc", "--limit", "1000")
     assert code == 3 and json.loads(out)["after"] == AFTER_ID and json.loads(out)["more"] is True, (out, err)
-    nxt = FakeBridge({"tasks": [_parked_doc(7)]})
+    nxt = FakeBridge({"tasks": [_parked_doc(7)], "after": None})
     nxt.install(monkeypatch)
     code, out, _ = _run("parked", "svc", "--after", AFTER_ID)
     assert code == 0 and json.loads(out) == {"tasks": [_parked_doc(7)]}
     assert nxt.requests[0][1] == {"serviceId": "svc", "limit": 101, "after": AFTER_ID}
     code, _, err = _run("parked", "svc", "--after", "nope")
     assert code == 2 and "--after" in err
+
+
+def test_a_bridge_that_cannot_page_is_never_read_as_a_next_page_or_a_complete_list(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bridge before contract 1.11 ignores ``after`` and answers the first page again, with no
+    ``after`` of its own (found by review, 2026-12-07): sent --after, the CLI printed page one
+    again as the next (a script paging until exit 0 looped for ever), and 1,000 tasks from it
+    read as every parked task (exit 0). Such a reply is known by its missing ``after``."""
+    old = FakeBridge({"tasks": [_parked_doc(n) for n in range(1000)]})
+    old.install(monkeypatch)
+    code, out, err = _run("parked", "svc", "--limit", "1000")
+    assert code == 3 and json.loads(out)["more"] is True and "after" not in json.loads(out), err
+    assert "older than contract 1.11" in err
+    FakeBridge({"tasks": [_parked_doc(n) for n in range(3)]}).install(monkeypatch)
+    code, out, err = _run("parked", "svc", "--limit", "2")
+    assert code == 3 and "after" not in json.loads(out), "an after the bridge cannot go on from"
+    FakeBridge({"tasks": [_parked_doc(n) for n in range(3)]}).install(monkeypatch)
+    code, out, err = _run("parked", "svc", "--after", AFTER_ID)
+    assert code == 1 and "older than contract 1.11" in err and not out.strip(), (code, out, err)
+    FakeBridge({"tasks": [_parked_doc(n) for n in range(2)]}).install(monkeypatch)
+    code, out, _ = _run("parked", "svc")
+    assert code == 0 and len(json.loads(out)["tasks"]) == 2  # a short list from it is complete
