@@ -97,8 +97,20 @@ PURGE_MAX = 20_000  # ready tasks one purge request looks at, at most (the bridg
 PURGE_SECONDS_PER_TASK = 0.01  # a lease read (shared by 50), a compare-and-set, a mark
 DISCARD_SECONDS_PER_TASK = 0.02  # a lease read, a compare-and-set and a delete, one id after another
 UNKNOWN_LEASE_S = 3.0  # a lease keep_alive cannot read, of a length it was not told: beat every second
+# Reads that the bridge runs as long requests (its LONG_METHODS): ``stats`` of every queue reads
+# the counts of up to 1,000 queues (16 at a time), ``parked`` up to 10,000 index rows and their
+# leases. Awaited this much longer than a short request, as a purge's reply is by its tasks.
+STATS_ALL_WAIT_S = 10.0
+PARKED_WAIT_S = 5.0
+# The bridge's queue of each method's requests: add, fetch and ack have one each, the lifecycle
+# methods share one. A reply to any request of a queue shows the route to it works.
+ROUTE_OF_METHOD = {"add": "add", "fetch": "fetch", "ack": "ack"}
 
 log = logging.getLogger("bridge.client")
+
+
+def _route(method: str) -> str:
+    return ROUTE_OF_METHOD.get(method, "lifecycle")
 
 
 def user_of(url: str) -> str:
@@ -182,7 +194,8 @@ class RpcClient:
         # The correlation ids of the last requests sent (a reply to one, a late one included, tells
         # the bridge's time; any other message on the reply channel does not): see ``_on_reply``.
         self._issued: OrderedDict[str, None] = OrderedDict()
-        self._replied: dict[str, float] = {}  # method -> when a reply to it last came (monotonic)
+        # route (the bridge's queue, ``ROUTE_OF_METHOD``) -> when a reply through it last came (monotonic)
+        self._replied: dict[str, float] = {}
         self._connecting = asyncio.Lock()
         self._closed = False
         # The channel a request got no reply on: the next request goes on a new connection.
@@ -370,7 +383,7 @@ class RpcClient:
         method = self._pending_method.pop(message.correlation_id or "", None)
         self._pending_bytes.pop(message.correlation_id or "", None)
         if method is not None:
-            self._replied[method] = time.monotonic()
+            self._replied[_route(method)] = time.monotonic()
         if fut is not None and not fut.done():
             fut.set_result((jsonvalue.loads(message.body), dict(message.headers or {})))
 
@@ -705,10 +718,13 @@ class RpcClient:
             # 3.11.x/3.12.x kept sending a channel's publishes to a quorum queue's lost leader when
             # the channel's first publish to that queue came while the queue elected a new one
             # (rabbitmq-server#9208), silently and for as long as that node stayed down; a new
-            # connection is served. Not when a reply to the same method came since this request was
-            # sent: the route works, the bridge is slow (replacing the connection would fail every request
-            # in flight on it, and a busy engine's retries would add to the load).
-            if self._replied.get(method, -1.0) < sent:
+            # connection is served. Not when a reply through the same route (the same queue of the
+            # bridge: a ``stats`` and an ``extend`` share one) came since this request was sent:
+            # the route works, the bridge is slow (replacing the connection fails every request in
+            # flight on it, and a busy engine's retries would add to the load). Judged by method,
+            # a slow ``stats`` whose queue answered extends meanwhile replaced the connection, and
+            # every add in flight on it lost its reply (found by review, 2026-12-07).
+            if self._replied.get(_route(method), -1.0) < sent:
                 self._suspect = self.channel
             raise RequestTimeout(f"no reply to {method} within {limit}s", waited_s=limit) from None
         finally:
@@ -869,11 +885,16 @@ class ParkedTask:
 class ParkedPage:
     """One page of a queue's parked tasks (``Engine.parked_page``). ``after``: where the listing
     stopped short of the index's end (more may be parked): pass it back for the next page; None
-    once it read to the end (and from a bridge before 1.11, which never pages: it said nothing of
-    tasks past its first ``limit``)."""
+    once it read to the end. ``paged`` False: the bridge is older than 1.11 and cannot page
+    (``after`` is None whatever is parked past these ``tasks``).
+
+    Pages follow the tasks' ids (their add times), not the times they were parked: a task
+    parked behind the cursor while pages were read is in none of the later pages. List from
+    the start again to see those."""
 
     tasks: list[ParkedTask]
     after: str | None
+    paged: bool = True
 
 
 @dataclass(frozen=True)
@@ -1023,7 +1044,7 @@ class Engine(RpcClient):
         # ``partial`` (1.10): the queues that can be read, the others named (a bridge before 1.10
         # ignores unknown fields, and answers ``unavailable`` then, which is retried).
         body: dict[str, Any] = {"partial": True} if service is None else {"serviceId": service}
-        result = await self._result("stats", body)
+        result = await self._result("stats", body, wait_s=STATS_ALL_WAIT_S if service is None else 0.0)
         found = StatsList([ServiceStats.from_wire(doc) for doc in result["services"]], result.get("unavailable") or ())
         if found.unavailable:
             log.warning(
@@ -1052,11 +1073,18 @@ class Engine(RpcClient):
         """
         body: dict[str, Any] = {"serviceId": service, "limit": limit}
         if after is not None:
-            body["after"] = after  # (1.11; a bridge before it ignores it: see ParkedPage)
-        result = await self._result("parked", body)
+            body["after"] = after
+        result = await self._result("parked", body, wait_s=PARKED_WAIT_S)
+        # A 1.11 bridge always says where it stopped (null: at the end); one before ignores a
+        # request's ``after`` and answers the first page again, which read as the next one.
+        paged = "after" in result
+        if after is not None and not paged:
+            raise BridgeClientError("the bridge is older than contract 1.11: it cannot list past its first page")
         next_after = result.get("after")
         return ParkedPage(
-            [ParkedTask.from_wire(doc) for doc in result["tasks"]], None if next_after is None else str(next_after)
+            [ParkedTask.from_wire(doc) for doc in result["tasks"]],
+            None if next_after is None else str(next_after),
+            paged,
         )
 
     async def redrive(
@@ -1210,19 +1238,41 @@ class Task:
     # sends it again when that request got no answer (the handler raised, or caught it and
     # returned), not the handler's failure nor its return value.
     _attempted: tuple[Any, Any] | None = field(default=None, repr=False)
+    # The same for a ``fail`` its handler sent: (error, retry_in_ms). Sent again too, never an
+    # ack: a handler that caught its fail's TransportError and returned had its task acked with
+    # its return value, a failure reported to the engine as a success (found by review).
+    _fail_attempted: tuple[Any, int | None] | None = field(default=None, repr=False)
+
+    @property
+    def _unanswered(self) -> bool:
+        """Its handler's own ack, ack_error or fail may still be without an answer."""
+        return not self._settled and (self._attempted is not None or self._fail_attempted is not None)
 
     @contextlib.asynccontextmanager
     async def _attempting(self, result: Any, error: Any) -> AsyncIterator[None]:
         """Remember the outcome sent while it may still be without an answer (``Worker.run``
         sends it again); forgotten when the bridge (or this client, before sending) refused it:
-        that is an answer, and what the handler does next is its outcome."""
-        self._attempted = (result, error)
+        that is an answer, and what the handler does next is its outcome. The latest outcome
+        sent is the one remembered."""
+        self._attempted, self._fail_attempted = (result, error), None
         try:
             yield
         except (TransportError, UnavailableError):
             raise
         except (BridgeClientError, ValueError):
             self._attempted = None
+            raise
+
+    @contextlib.asynccontextmanager
+    async def _fail_attempting(self, error: Any, retry_in_ms: int | None) -> AsyncIterator[None]:
+        """:meth:`_attempting` for a fail."""
+        self._attempted, self._fail_attempted = None, (error, retry_in_ms)
+        try:
+            yield
+        except (TransportError, UnavailableError):
+            raise
+        except (BridgeClientError, ValueError):
+            self._fail_attempted = None
             raise
 
     @contextlib.asynccontextmanager
@@ -1258,7 +1308,7 @@ class Task:
         (any JSON) is kept as its last error. None if the task is no longer this worker's.
 
         Before 1.4 this completed the task with a business error: that is :meth:`ack_error`."""
-        async with self._settling_it():
+        async with self._settling_it(), self._fail_attempting(error, retry_in_ms):
             outcome = await self.worker.fail(error, retry_in_ms=retry_in_ms, task_id=self.id, epoch=self.epoch)
         self._settled = True
         return outcome
@@ -1892,8 +1942,8 @@ class Worker(RpcClient):
                 # back before the cancellation goes on, not left leased to a worker that is gone.
                 if not task._settled:
                     with contextlib.suppress(Exception, asyncio.CancelledError):
-                        if task._attempted is not None:
-                            # Its own unanswered ack, sent again (an ack alone: no next task), for
+                        if task._unanswered:
+                            # Its own unanswered ack (or fail), sent again (an ack alone: no next task), for
                             # the client's timeout at most: ``run`` is ending, the client closing.
                             await asyncio.wait_for(self._conclude(task, None, None, _STOPPED), self.timeout)
                         else:
@@ -1903,7 +1953,7 @@ class Worker(RpcClient):
             # Nobody cancelled ``run``: the handler awaited something another part of the program
             # cancelled. Its failure, as any exception: ended, ``run`` left the task leased to a
             # worker that no longer served.
-            if task._attempted is not None and not task._settled:
+            if task._unanswered:
                 return await self._conclude(task, None, None, stop)  # its own unanswered ack: again
             log.warning("task %s failed in its handler: CancelledError: %s", task.id, exc)
             if not task._settled:
@@ -1917,10 +1967,10 @@ class Worker(RpcClient):
         """``task``'s handler was cancelled by :attr:`stop_timeout`: given back to come again at
         once, unless its own ack (or ack_error) got no answer before the cut: that outcome is
         sent again, not the finished task given back to run a second time."""
-        if task._attempted is not None and not task._settled:
+        if task._unanswered:
             log.warning(
                 "task %s: its handler was still running %gs after stop (stop_timeout): cancelled; "
-                "the ack it had sent got no answer: sent again",
+                "the ack or fail it had sent got no answer: sent again",
                 task.id,
                 self.stop_timeout,
             )
@@ -1942,6 +1992,12 @@ class Worker(RpcClient):
         handler settled it; what the handler's own unanswered ack said wins over its return."""
         if task._settled:  # the handler settled it (an ack with an error, a fail)
             return self._settled_by_handler(task), None
+        if task._fail_attempted is not None:  # its own fail got no answer: that fail again, never an ack
+            failed, retry_in_ms = task._fail_attempted
+            log.warning("task %s: its handler's fail got no answer: sent again", task.id)
+            until = time.monotonic() + self.stop_grace if stop is not None and stop.is_set() else None
+            await self._send_fail(task, [failed], retry_in_ms=retry_in_ms, until=until)
+            return True, None
         if task._attempted is not None:  # its own ack got no answer: that outcome, not the return value
             result, error = task._attempted
         acked, following = await self._ack_in_loop(task, result, error=error, stop=stop)
@@ -1984,12 +2040,12 @@ class Worker(RpcClient):
         settled it; True (nothing given back) when the handler's own ack or ack_error got no
         answer: that outcome is to be sent again (``_serve``). Given back, a business error
         whose ack met a broker blip ran again and was parked "failed", the engine never told it."""
-        if task._settled or task._attempted is None:
+        if not task._unanswered:
             log.warning("task %s failed in its handler: %s: %s", task.id, type(exc).__name__, exc)
             if not task._settled:
                 await self._give_back(task, type(exc).__name__, str(exc), stop=stop)
             return False
-        log.warning("task %s: its handler's ack got no answer (%s): sent again", task.id, type(exc).__name__)
+        log.warning("task %s: its handler's ack or fail got no answer (%s): sent again", task.id, type(exc).__name__)
         return True
 
     def _settled_by_handler(self, task: Task) -> bool:

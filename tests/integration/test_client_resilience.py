@@ -312,6 +312,42 @@ async def test_a_request_without_a_reply_keeps_the_connection_while_its_method_i
         assert reply == {"result": None} and w.connection is first and not first.is_closed
 
 
+async def test_a_slow_stats_keeps_the_connection_while_its_queue_answers_other_requests(
+    make_bridge, servers, names, monkeypatch
+):
+    """``stats`` and ``extend``, ``cancel``... share one queue of the bridge: a ``stats`` past its
+    client timeout while cancels of the same engine were answered is a slow bridge, not a lost
+    route. Judged by method, it marked the connection suspect, and the next request replaced it:
+    every request in flight on it (hundreds of an engine's adds) failed without its reply, and
+    adds sent without an idempotency key were stored twice on their retry (found by review,
+    2026-12-07)."""
+    from bridge.client import RequestTimeout
+
+    b = await make_bridge()
+    real_stats = b.queue.stats
+
+    async def slow_stats(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(2.5)
+        return await real_stats(*args, **kwargs)
+
+    monkeypatch.setattr(b.queue, "stats", slow_stats)
+    svc = service_id()
+    async with Engine(servers.amqp_url(ENGINE_USER), owner=OWNERS[0], exchange=names["exchange"], timeout=1.0) as e:
+        await e.add(svc, 0)
+        first = e.connection
+        slow = asyncio.create_task(e.call_raw("stats", {"serviceId": svc}, owner=OWNERS[0]))
+        answered = 0
+        while not slow.done():
+            assert await e.cancel(svc, str(uuid.uuid1())) is False  # the lifecycle queue answers
+            answered += 1
+            await asyncio.sleep(0.05)
+        with pytest.raises(RequestTimeout):
+            await slow
+        assert answered >= 3
+        await e.add(svc, 1)
+        assert e.connection is first and first is not None and not first.is_closed, "replaced"
+
+
 async def test_answered_requests_keep_their_connection(bridge, engine):
     """Only a request without a reply replaces the connection: answered ones share one."""
     svc = service_id()
@@ -426,6 +462,49 @@ async def test_run_goes_on_when_its_handlers_result_is_refused(make_bridge, engi
     parked = {t.id: t for t in await engine.parked(svc)}
     assert first in parked, f"task {first} was not given back: {parked}"
     assert parked[first].last_error["type"] == "ResultRefused", parked[first].last_error
+
+
+async def test_a_handlers_own_fail_without_an_answer_is_sent_again_never_acked(
+    make_bridge, engine, workers, monkeypatch
+):
+    """A handler fails its task itself, catches its fail's TransportError (no answer in time: the
+    bridge was slow) and returns. ``Worker.run`` acked the task with the handler's return value:
+    the engine was told the work succeeded (found by review, 2026-12-07). It sends the fail again,
+    as it sends a handler's unanswered ack again."""
+    from bridge.client import TransportError
+
+    b = await make_bridge()
+    svc = service_id()
+    task_id = await engine.add(svc, {"n": 1}, max_deliveries=1)  # failed once: parked, its error kept
+    real_fail = b.queue.fail
+    slowed = 0
+
+    async def slow_first_fail(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal slowed
+        slowed += 1
+        if slowed == 1:
+            await asyncio.sleep(2.0)  # past the client's timeout: no answer, then it applies
+        return await real_fail(*args, **kwargs)
+
+    monkeypatch.setattr(b.queue, "fail", slow_first_fail)
+    w = await workers(svc, "runner", time_to_recover_ms=60_000, timeout=1.0)
+    w.wait_ms = 1_000
+    stop = asyncio.Event()
+
+    async def handler(task):  # type: ignore[no-untyped-def]
+        stop.set()
+        with contextlib.suppress(TransportError):
+            await task.fail({"why": "upstream down"})
+        return "this is not a result"
+
+    await asyncio.wait_for(w.run(handler, stop=stop), 30.0)
+
+    async def parked() -> Any:
+        listed = {t.id: t for t in await engine.parked(svc)}
+        return listed.get(task_id)
+
+    found = await wait_for(parked, 15, what="the task parked by its handler's fail")
+    assert found.last_error == {"why": "upstream down"} and found.reason == "failed", found
 
 
 async def test_run_goes_on_when_a_fetch_is_answered_unavailable(bridge, engine, workers, monkeypatch):
