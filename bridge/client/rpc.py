@@ -35,6 +35,7 @@ from bridge.client.errors import (
     BrokerRefused,
     ConnectionLost,
     IntegrityError,
+    InternalError,
     PayloadTooLargeError,
     RequestTimeout,
     TransportError,
@@ -1961,7 +1962,42 @@ class Worker(RpcClient):
                     task, "CancelledError", str(exc) or "an await of the handler was cancelled", stop=stop
                 )
             return True, None
-        return await self._conclude(task, result, error, stop)
+        return await self._conclude_unless_cancelled(task, result, error, stop)
+
+    async def _conclude_unless_cancelled(
+        self, task: Task, result: Any, error: Any, stop: asyncio.Event | None
+    ) -> tuple[bool, Task | None]:
+        """:meth:`_conclude`; ``run`` cancelled meanwhile settles ``task`` before it ends."""
+        try:
+            return await self._conclude(task, result, error, stop)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                await self._settle_at_cancel(task, result, error)
+            raise
+
+    async def _settle_at_cancel(self, task: Task, result: Any, error: Any) -> None:
+        """``run`` was cancelled while ``task``'s outcome was on its way (its ack, which also
+        claims the next task): the outcome is sent again alone, and a task that request may have
+        claimed for this worker is given back (``fail``, ``retry_in_ms=0``), for ``stop_grace``
+        plus two requests' ``timeout`` at most. Cancelled there, the finished task ran again after
+        its lease, and the next one waited out its whole lease leased to a worker that was gone
+        (found by review, 2026-12-07)."""
+
+        async def settle() -> None:
+            if not task._settled:
+                with contextlib.suppress(Exception):
+                    if task._fail_attempted is not None:
+                        await task.fail(task._fail_attempted[0], retry_in_ms=task._fail_attempted[1])
+                    else:
+                        sent, failed = task._attempted if task._attempted is not None else (result, error)
+                        await (task.ack(sent) if failed is None else task.ack_error(failed))
+            async for claimed in self._claimed_after_stop():
+                await self._give_back(claimed, "Cancelled", "the worker's run was cancelled", retry_in_ms=0)
+
+        log.warning("run cancelled while task %s was being settled: settling it before it ends", task.id)
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(settle()), self.stop_grace + 2 * self.timeout)
 
     async def _cut_at_stop(self, task: Task, stop: asyncio.Event | None) -> tuple[bool, Task | None]:
         """``task``'s handler was cancelled by :attr:`stop_timeout`: given back to come again at
@@ -2218,14 +2254,10 @@ class Worker(RpcClient):
                     return await (task.ack(result) if error is None else task.ack_error(error)), None
                 acked, following = await self.ack_and_fetch(result, error=error)
             except (TransportError, UnavailableError) as exc:
-                if attempt == 1 or attempt % 10 == 0:
-                    log.warning("ack of task %s not answered (%s), attempt %d", task.id, exc, attempt)
-                pause = self._backoff_s(attempt)
-                if attempt >= ACK_ATTEMPTS:
-                    pause = min(pause, max(0.0, until - time.monotonic()))
-                await asyncio.sleep(pause)
+                await self._pause_before_ack_again(task, exc, attempt, until)
             except (BridgeClientError, jsonvalue.JsonError) as refused:
-                log.warning("task %s: its result was refused (%s: %s)", task.id, type(refused).__name__, refused)
+                if await self._ack_again_after(task, refused, attempt):
+                    continue
                 await self._give_back(task, "ResultRefused", f"{type(refused).__name__}: {refused}", stop=stop)
                 return None, None
             else:
@@ -2239,6 +2271,27 @@ class Worker(RpcClient):
         if not take_next:
             log.warning("task %s not acked before stop: it returns when its lease ends", task.id)
         return None, None
+
+    async def _pause_before_ack_again(self, task: Task, exc: Exception, attempt: int, until: float) -> None:
+        if attempt == 1 or attempt % 10 == 0:
+            log.warning("ack of task %s not answered (%s), attempt %d", task.id, exc, attempt)
+        pause = self._backoff_s(attempt)
+        if attempt >= ACK_ATTEMPTS:
+            pause = min(pause, max(0.0, until - time.monotonic()))
+        await asyncio.sleep(pause)
+
+    async def _ack_again_after(self, task: Task, refused: Exception, attempt: int) -> bool:
+        """Whether an ack answered ``refused`` is sent again (after a pause): only ``internal``,
+        the bridge failing on it (a bug, a race it did not expect), which says nothing of the
+        result, and only while the attempts are under ``ACK_ATTEMPTS``; else the task is given back.
+        Given back at once, work that succeeded ran again, and on its last allowed delivery was
+        parked "failed", the engine told delivery_limit (found by review, 2026-12-07)."""
+        if isinstance(refused, InternalError) and attempt < ACK_ATTEMPTS:
+            log.warning("ack of task %s failed at the bridge (%s), attempt %d: sent again", task.id, refused, attempt)
+            await asyncio.sleep(self._backoff_s(attempt))
+            return True
+        log.warning("task %s: its result was refused (%s: %s)", task.id, type(refused).__name__, refused)
+        return False
 
     def _ack_retry_until(self, task: Task, *, stopping: bool) -> float:
         """Until when (monotonic) an ack of ``task`` that gets no answer is sent again: while its

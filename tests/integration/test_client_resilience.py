@@ -507,6 +507,93 @@ async def test_a_handlers_own_fail_without_an_answer_is_sent_again_never_acked(
     assert found.last_error == {"why": "upstream down"} and found.reason == "failed", found
 
 
+async def test_an_ack_answered_internal_is_sent_again_not_the_work_given_back(
+    make_bridge, engine, workers, monkeypatch
+):
+    """``internal`` is the bridge failing (a bug, a race), not a verdict on the result: the loop gave
+    the task back at once (``ResultRefused``), so work that succeeded ran again, and a task on its
+    last allowed delivery was parked "failed", the engine told delivery_limit (found by review,
+    2026-12-07). The ack is sent again a few times first."""
+    b = await make_bridge()
+    svc = service_id()
+    task_id = await engine.add(svc, {"n": 1}, max_deliveries=1)
+    real_ack = b.queue.ack
+    calls = 0
+
+    async def ack_failing_once(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug the bridge did not expect")  # answered ``internal``
+        return await real_ack(*args, **kwargs)
+
+    monkeypatch.setattr(b.queue, "ack", ack_failing_once)
+    w = await workers(svc, "runner", time_to_recover_ms=60_000)
+    w.wait_ms = 1_000
+    stop = asyncio.Event()
+
+    async def handler(task):  # type: ignore[no-untyped-def]
+        stop.set()
+        return "ok"
+
+    assert await asyncio.wait_for(w.run(handler, stop=stop), 30.0) == 1
+    assert calls >= 2, "the ack was not sent again"
+    assert await engine.parked(svc) == [], "the finished task was given back and parked"
+    info = await engine.call("stats", {"serviceId": svc}, owner=OWNERS[0])
+    assert info["result"]["services"][0]["parked"] == 0 and task_id
+
+
+async def test_a_run_cancelled_while_its_ack_is_on_its_way_leaves_no_task_leased(
+    make_bridge, engine, workers, monkeypatch
+):
+    """``run`` cancelled (not stopped) while the ack that also claims the next task was on its way:
+    the cancellation went on at once, and the next task, claimed for the worker by that ack, waited
+    out its whole lease leased to a worker that was gone (found by review, 2026-12-07; the README
+    says a cancelled run gives the task in hand back first). The outcome is sent again alone, and
+    what the request claimed is given back."""
+    b = await make_bridge()
+    svc = service_id()
+    await engine.add(svc, {"n": 1})
+    second = await engine.add(svc, {"n": 2})
+    real_ack = b.queue.ack
+    acking = asyncio.Event()
+
+    async def slow_ack(*args, **kwargs):  # type: ignore[no-untyped-def]
+        acking.set()
+        await asyncio.sleep(1.5)
+        return await real_ack(*args, **kwargs)
+
+    real_fetch = b.queue.fetch
+    next_fetched = asyncio.Event()  # the ack's own fetch of the next task ended, claimed or not
+
+    async def watched_fetch(owner, req, *args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            return await real_fetch(owner, req, *args, **kwargs)
+        finally:
+            if acking.is_set() and req.worker_id == "runner":
+                next_fetched.set()
+
+    monkeypatch.setattr(b.queue, "ack", slow_ack)
+    monkeypatch.setattr(b.queue, "fetch", watched_fetch)
+    w = await workers(svc, "runner", time_to_recover_ms=60_000, timeout=3.0)
+    w.wait_ms = 1_000
+
+    async def handler(task):  # type: ignore[no-untyped-def]
+        return "done"
+
+    running = asyncio.create_task(w.run(handler))
+    await asyncio.wait_for(acking.wait(), 15)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(running, 30)
+    # Only once the bridge is done with that ack (and its claim of the next task, if it made one):
+    # a fetch before it took the second task from the queue whatever the cancelled run left.
+    await asyncio.wait_for(next_fetched.wait(), 15)
+    other = await workers(svc, "other", time_to_recover_ms=60_000)
+    got = await wait_for(other.fetch, 10, what="the second task, not left leased to the cancelled worker")
+    assert got.id == second
+
+
 async def test_run_goes_on_when_a_fetch_is_answered_unavailable(bridge, engine, workers, monkeypatch):
     """A fetch answered ``unavailable`` (Cassandra away at the bridge) escaped ``Worker.run`` and
     ended the worker's loop, though the client's own docs say to retry it. It is now retried
