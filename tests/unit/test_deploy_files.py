@@ -310,7 +310,13 @@ def test_the_tools_that_build_an_install_are_pinned() -> None:
     pip_lines = [line for line in script.splitlines() if "pip install" in line]
     assert pip_lines and all("--require-hashes" in line for line in pip_lines), pip_lines
     requires = _pyproject()["build-system"]["requires"]
-    assert all(re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][0-9A-Za-z.]*", r) for r in requires), requires
+    exact = r"[A-Za-z0-9_.-]+==[0-9][0-9A-Za-z.]*"
+    assert all(re.fullmatch(exact, r) for r in requires), requires
+    # ... and the backend's own dependencies, resolved afresh at each build otherwise (review).
+    constraints = _pyproject()["tool"]["uv"]["build-constraint-dependencies"]
+    assert all(re.fullmatch(exact, c) for c in constraints), constraints
+    assert set(requires) <= set(constraints), "the backend itself is not among the build constraints"
+    assert {c.split("==")[0] for c in constraints} >= {"packaging", "pathspec", "pluggy", "trove-classifiers"}
 
 
 def test_dockerignore_excludes_local_state() -> None:
