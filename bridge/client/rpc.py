@@ -1057,7 +1057,7 @@ class Engine(RpcClient):
 
     async def parked(self, service: str, limit: int = 100) -> list[ParkedTask]:
         """The queue's first parked tasks (at most ``limit``, 1..1000), without their values. More
-        may be parked: :meth:`parked_page` says so and goes on."""
+        may be parked: :meth:`parked_page` says so and goes on (from a bridge of contract 1.11)."""
         return (await self.parked_page(service, limit)).tasks
 
     async def parked_page(self, service: str, limit: int = 100, after: str | None = None) -> ParkedPage:
@@ -1071,7 +1071,11 @@ class Engine(RpcClient):
                 if page.after is None:
                     break
                 page = await engine.parked_page(svc, 1000, after=page.after)
-        """
+            if not page.paged and len(page.tasks) >= 1000:
+                ...  # a bridge before 1.11: more may be parked past these, unlisted
+
+        From a bridge before contract 1.11 ``paged`` is False and ``after`` None whatever is
+        parked: only a page shorter than ``limit`` is then known complete."""
         body: dict[str, Any] = {"serviceId": service, "limit": limit}
         if after is not None:
             body["after"] = after
@@ -1258,7 +1262,9 @@ class Task:
         self._attempted, self._fail_attempted = (result, error), None
         try:
             yield
-        except (TransportError, UnavailableError):
+        except (TransportError, UnavailableError, InternalError):
+            # No answer, or none about the outcome (``internal``: the bridge failed on it): it may
+            # still apply, and it is what the handler decided (``Worker.run`` sends it again).
             raise
         except (BridgeClientError, ValueError):
             self._attempted = None
@@ -1270,7 +1276,7 @@ class Task:
         self._attempted, self._fail_attempted = None, (error, retry_in_ms)
         try:
             yield
-        except (TransportError, UnavailableError):
+        except (TransportError, UnavailableError, InternalError):
             raise
         except (BridgeClientError, ValueError):
             self._fail_attempted = None
@@ -1592,6 +1598,9 @@ class Worker(RpcClient):
         # unanswered while fetches are (the lifecycle queue's consumers down), each fetch handed the
         # lease back and the fail went again, for ever; past it the handler runs again, as before.
         self._fail_in_hand: tuple[str, int, Any, int | None, int] | None = None
+        # (task, result, error) whose outcome ``run`` is sending (its ack, which also claims the
+        # next task): kept when ``run`` is cancelled there, for :meth:`_settle_at_cancel`.
+        self._concluding: tuple[Task, Any, Any] | None = None
 
     @classmethod
     def connect(cls, url: str, *, service: str, worker_id: str, **kw: Any) -> Self:
@@ -1921,7 +1930,21 @@ class Worker(RpcClient):
         (unless the handler settled it itself). ``(handled, next task)``: the next task when the
         ack took one (not once ``stop`` is set: it may be set while the handler runs). Not
         handled: a task whose ack was answered false (see :attr:`lost`) or whose handler
-        :attr:`stop_timeout` cut short."""
+        :attr:`stop_timeout` cut short. ``run`` cancelled while an outcome was on its way settles
+        it first (:meth:`_settle_at_cancel`)."""
+        try:
+            return await self._serve_task(task, handler, stop)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling() and self._concluding is not None:
+                await self._settle_at_cancel()
+            raise
+        finally:
+            self._concluding = None
+
+    async def _serve_task(
+        self, task: Task, handler: Callable[[Task], Awaitable[Any]], stop: asyncio.Event | None
+    ) -> tuple[bool, Task | None]:
         settled = await self._settle_in_hand(task, stop)
         if settled is not None:
             return settled
@@ -1962,42 +1985,49 @@ class Worker(RpcClient):
                     task, "CancelledError", str(exc) or "an await of the handler was cancelled", stop=stop
                 )
             return True, None
-        return await self._conclude_unless_cancelled(task, result, error, stop)
+        return await self._conclude(task, result, error, stop)
 
-    async def _conclude_unless_cancelled(
-        self, task: Task, result: Any, error: Any, stop: asyncio.Event | None
-    ) -> tuple[bool, Task | None]:
-        """:meth:`_conclude`; ``run`` cancelled meanwhile settles ``task`` before it ends."""
-        try:
-            return await self._conclude(task, result, error, stop)
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                await self._settle_at_cancel(task, result, error)
-            raise
-
-    async def _settle_at_cancel(self, task: Task, result: Any, error: Any) -> None:
-        """``run`` was cancelled while ``task``'s outcome was on its way (its ack, which also
-        claims the next task): the outcome is sent again alone, and a task that request may have
-        claimed for this worker is given back (``fail``, ``retry_in_ms=0``), for ``stop_grace``
-        plus two requests' ``timeout`` at most. Cancelled there, the finished task ran again after
-        its lease, and the next one waited out its whole lease leased to a worker that was gone
-        (found by review, 2026-12-07)."""
+    async def _settle_at_cancel(self) -> None:
+        """``run`` was cancelled while a task's outcome was on its way (its ack, which also claims
+        the next task; a fail; the ack of a result in hand): the outcome is sent again alone (and
+        remembered as in hand), then, as at a stop, the bridge is asked what a request without an
+        answer claimed for this worker: that very task is settled with its outcome, any other given
+        back (``fail``, ``retry_in_ms=0``). Within ``stop_grace`` plus three requests' ``timeout``,
+        then cut (no part of it outlives ``run``). Cancelled there, the finished task ran again
+        after its lease, and the next one waited out its whole lease leased to a worker that was
+        gone (found by review, 2026-12-07)."""
+        concluding, self._concluding = self._concluding, None
+        if concluding is None:
+            return
+        task, result, error = concluding
 
         async def settle() -> None:
             if not task._settled:
                 with contextlib.suppress(Exception):
-                    if task._fail_attempted is not None:
-                        await task.fail(task._fail_attempted[0], retry_in_ms=task._fail_attempted[1])
-                    else:
-                        sent, failed = task._attempted if task._attempted is not None else (result, error)
-                        await (task.ack(sent) if failed is None else task.ack_error(failed))
+                    await self._send_outcome_once(task, result, error)
             async for claimed in self._claimed_after_stop():
-                await self._give_back(claimed, "Cancelled", "the worker's run was cancelled", retry_in_ms=0)
+                if await self._settle_in_hand(claimed, _STOPPED) is None:
+                    await self._give_back(claimed, "Cancelled", "the worker's run was cancelled", retry_in_ms=0)
 
         log.warning("run cancelled while task %s was being settled: settling it before it ends", task.id)
         with contextlib.suppress(Exception, asyncio.CancelledError):
-            await asyncio.wait_for(asyncio.shield(settle()), self.stop_grace + 2 * self.timeout)
+            await asyncio.wait_for(settle(), self.stop_grace + 3 * self.timeout)
+
+    async def _send_outcome_once(self, task: Task, result: Any, error: Any) -> None:
+        """``task``'s outcome (its handler's own unanswered fail or ack first, else ``result`` /
+        ``error``), sent once; remembered as in hand until answered, so that the bridge handing
+        the task back settles it with that outcome (:meth:`_settle_in_hand`), never gives it back."""
+        if task._fail_attempted is not None:
+            failed, retry_in_ms = task._fail_attempted
+            if task.epoch is not None:
+                self._fail_in_hand = (task.id, task.epoch, failed, retry_in_ms, 0)
+            await task.fail(failed, retry_in_ms=retry_in_ms)
+        else:
+            sent, sent_error = task._attempted if task._attempted is not None else (result, error)
+            if task.epoch is not None:
+                self._result_in_hand = (task.id, task.epoch, sent, sent_error)
+            await (task.ack(sent) if sent_error is None else task.ack_error(sent_error))
+        self._result_in_hand = self._fail_in_hand = None  # answered
 
     async def _cut_at_stop(self, task: Task, stop: asyncio.Event | None) -> tuple[bool, Task | None]:
         """``task``'s handler was cancelled by :attr:`stop_timeout`: given back to come again at
@@ -2028,6 +2058,7 @@ class Worker(RpcClient):
         handler settled it; what the handler's own unanswered ack said wins over its return."""
         if task._settled:  # the handler settled it (an ack with an error, a fail)
             return self._settled_by_handler(task), None
+        self._concluding = (task, result, error)  # (cleared by ``_serve``)
         if task._fail_attempted is not None:  # its own fail got no answer: that fail again, never an ack
             failed, retry_in_ms = task._fail_attempted
             log.warning("task %s: its handler's fail got no answer: sent again", task.id)
@@ -2105,6 +2136,7 @@ class Worker(RpcClient):
         back (a fetch not ``fresh``, the drain at stop): its result is acked. Run again, the
         handler's side effects were made twice. Not counted again in what ``run`` handled."""
         log.info("task %s (epoch %s) handed back after its ack got no answer: its result is acked", task.id, task.epoch)
+        self._concluding = (task, result, error)  # (cleared by ``_serve``)
         acked, following = await self._ack_in_loop(task, result, error=error, stop=stop)
         if acked is False:
             self.lost += 1
@@ -2256,7 +2288,10 @@ class Worker(RpcClient):
             except (TransportError, UnavailableError) as exc:
                 await self._pause_before_ack_again(task, exc, attempt, until)
             except (BridgeClientError, jsonvalue.JsonError) as refused:
-                if await self._ack_again_after(task, refused, attempt):
+                # Sent again only by a loop that goes on (not one that ends at ``until`` on stop:
+                # the task was then left leased instead of given back).
+                going_on = take_next or time.monotonic() < until
+                if going_on and await self._ack_again_after(task, refused, attempt):
                     continue
                 await self._give_back(task, "ResultRefused", f"{type(refused).__name__}: {refused}", stop=stop)
                 return None, None

@@ -594,6 +594,81 @@ async def test_a_run_cancelled_while_its_ack_is_on_its_way_leaves_no_task_leased
     assert got.id == second
 
 
+async def test_a_handlers_own_ack_error_answered_internal_is_sent_again(make_bridge, engine, workers, monkeypatch):
+    """The handler's own ``ack_error`` answered ``internal`` (the bridge failed on it, which says
+    nothing of the outcome) was forgotten as if refused: the loop gave the finished task back, and
+    on its last allowed delivery it was parked "failed" instead of completed with its business
+    error (found by re-review, 2026-12-07). It is sent again as an unanswered one is."""
+    b = await make_bridge()
+    svc = service_id()
+    await engine.add(svc, {"n": 1}, max_deliveries=1)
+    real_ack = b.queue.ack
+    calls = 0
+
+    async def ack_failing_once(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug the bridge did not expect")  # answered ``internal``
+        return await real_ack(*args, **kwargs)
+
+    monkeypatch.setattr(b.queue, "ack", ack_failing_once)
+    w = await workers(svc, "runner", time_to_recover_ms=60_000)
+    w.wait_ms = 1_000
+    stop = asyncio.Event()
+
+    async def handler(task):  # type: ignore[no-untyped-def]
+        stop.set()
+        await task.ack_error({"code": "invalid"})  # not caught: its InternalError ends the handler
+
+    await asyncio.wait_for(w.run(handler, stop=stop), 30.0)
+    assert calls >= 2, "the handler's ack_error was not sent again"
+    assert await engine.parked(svc) == [], "the task was given back and parked, not completed"
+
+
+async def test_a_run_cancelled_while_its_ack_gets_no_answer_acks_the_task_handed_back(
+    make_bridge, engine, workers, monkeypatch, servers, cql
+):
+    """``run`` cancelled while its ack is on its way, and that ack and its resend get no answer
+    (and never apply: the bridge runs nothing past a request's deadline). The bridge still holds
+    the task for the worker and hands it back to the settling at cancel, which gave it back
+    (``Cancelled``): the finished work ran again, and on its last allowed delivery was parked
+    (found by re-review, 2026-12-07). It is acked with its result, as a stop's drain does."""
+    from tests.integration import test_slow_store as slow
+
+    b = await make_bridge()
+    svc = service_id()
+    task_id = await engine.add(svc, {"n": 1}, max_deliveries=1)
+    real_ack = b.queue.ack
+    calls = 0
+    acking = asyncio.Event()
+
+    async def lost_acks(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls <= 2:  # the loop's ack and the resend at cancel: no answer, nothing applied
+            acking.set()
+            await asyncio.sleep(3.0)
+            return False
+        return await real_ack(*args, **kwargs)
+
+    monkeypatch.setattr(b.queue, "ack", lost_acks)
+    w = await workers(svc, "runner", time_to_recover_ms=60_000, timeout=2.0)
+    w.wait_ms = 1_000
+
+    async def handler(task):  # type: ignore[no-untyped-def]
+        return "done"
+
+    running = asyncio.create_task(w.run(handler))
+    await asyncio.wait_for(acking.wait(), 15)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(running, 40)
+    assert calls >= 3, calls
+    lease = slow.lease_of(cql, servers.keyspace, svc, task_id)
+    assert lease["state"] == "done", f"the finished task was not acked: {lease}"
+
+
 async def test_run_goes_on_when_a_fetch_is_answered_unavailable(bridge, engine, workers, monkeypatch):
     """A fetch answered ``unavailable`` (Cassandra away at the bridge) escaped ``Worker.run`` and
     ended the worker's loop, though the client's own docs say to retry it. It is now retried
