@@ -1528,6 +1528,17 @@ class _StopTimeout(Exception):
     """Worker.run: a handler still running ``stop_timeout`` after stop was cancelled."""
 
 
+@dataclass(frozen=True)
+class _Sending:
+    """An outcome ``Worker.run`` is sending for ``task`` (see ``Worker._settle_at_cancel``): its
+    ``result`` / ``error`` acked, or with ``fail`` (error, retry_in_ms) a fail."""
+
+    task: Task
+    result: Any = None
+    error: Any = None
+    fail: tuple[Any, int | None] | None = None
+
+
 class Worker(RpcClient):
     """An external worker: ``async for task in worker`` fetches until the loop is left."""
 
@@ -1598,9 +1609,9 @@ class Worker(RpcClient):
         # unanswered while fetches are (the lifecycle queue's consumers down), each fetch handed the
         # lease back and the fail went again, for ever; past it the handler runs again, as before.
         self._fail_in_hand: tuple[str, int, Any, int | None, int] | None = None
-        # (task, result, error) whose outcome ``run`` is sending (its ack, which also claims the
-        # next task): kept when ``run`` is cancelled there, for :meth:`_settle_at_cancel`.
-        self._concluding: tuple[Task, Any, Any] | None = None
+        # The outcome ``run`` is sending (an ack, which also claims the next task; a fail): kept
+        # when ``run`` is cancelled there, for :meth:`_settle_at_cancel`.
+        self._concluding: _Sending | None = None
 
     @classmethod
     def connect(cls, url: str, *, service: str, worker_id: str, **kw: Any) -> Self:
@@ -1936,7 +1947,8 @@ class Worker(RpcClient):
             return await self._serve_task(task, handler, stop)
         except asyncio.CancelledError:
             current = asyncio.current_task()
-            if current is not None and current.cancelling() and self._concluding is not None:
+            # Once: a second cancel (the caller insisting) ends it at once.
+            if current is not None and current.cancelling() == 1 and self._concluding is not None:
                 await self._settle_at_cancel()
             raise
         finally:
@@ -1962,17 +1974,12 @@ class Worker(RpcClient):
         except asyncio.CancelledError as exc:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
-                # ``run`` itself is cancelled (``stop`` is the way to end it): the task is given
-                # back before the cancellation goes on, not left leased to a worker that is gone.
+                # ``run`` itself is cancelled (``stop`` is the way to end it): the task is settled
+                # before the cancellation goes on, not left leased to a worker that is gone: its
+                # own unanswered ack or fail sent again, else given back (``_serve``, once).
                 if not task._settled:
-                    with contextlib.suppress(Exception, asyncio.CancelledError):
-                        if task._unanswered:
-                            # Its own unanswered ack (or fail), sent again (an ack alone: no next task), for
-                            # the client's timeout at most: ``run`` is ending, the client closing.
-                            await asyncio.wait_for(self._conclude(task, None, None, _STOPPED), self.timeout)
-                        else:
-                            giving = self._give_back(task, "Cancelled", "the worker's run was cancelled", retry_in_ms=0)
-                            await asyncio.wait_for(asyncio.shield(giving), self.timeout)
+                    cancelled = ({"type": "Cancelled", "message": "the worker's run was cancelled"}, 0)
+                    self._concluding = _Sending(task) if task._unanswered else _Sending(task, fail=cancelled)
                 raise
             # Nobody cancelled ``run``: the handler awaited something another part of the program
             # cancelled. Its failure, as any exception: ended, ``run`` left the task leased to a
@@ -1988,44 +1995,60 @@ class Worker(RpcClient):
         return await self._conclude(task, result, error, stop)
 
     async def _settle_at_cancel(self) -> None:
-        """``run`` was cancelled while a task's outcome was on its way (its ack, which also claims
-        the next task; a fail; the ack of a result in hand): the outcome is sent again alone (and
-        remembered as in hand), then, as at a stop, the bridge is asked what a request without an
-        answer claimed for this worker: that very task is settled with its outcome, any other given
-        back (``fail``, ``retry_in_ms=0``). Within ``stop_grace`` plus three requests' ``timeout``,
-        then cut (no part of it outlives ``run``). Cancelled there, the finished task ran again
-        after its lease, and the next one waited out its whole lease leased to a worker that was
-        gone (found by review, 2026-12-07)."""
-        concluding, self._concluding = self._concluding, None
-        if concluding is None:
+        """``run`` was cancelled while a task's outcome was on its way (the loop's ack, which also
+        claims the next task; a fail or a give-back; the ack of a result in hand) or its handler
+        ran: the outcome is sent once more alone (and kept in hand until answered), then, as at a
+        stop, the bridge is asked what a request without an answer claimed for this worker: that
+        very task is settled with its outcome, any other given back (``fail``, ``retry_in_ms=0``).
+        Within ``stop_grace`` plus two requests' ``timeout`` (25 s with the defaults, inside
+        Kubernetes' 30 s grace), then cut; nothing of it outlives ``run``, and what it had not
+        settled stays in hand for a later ``run`` of this worker. Cancelled there, the finished
+        task ran again after its lease, and the next one waited out its whole lease leased to a
+        worker that was gone (found by review, 2026-12-07)."""
+        sending, self._concluding = self._concluding, None
+        if sending is None:
             return
-        task, result, error = concluding
 
         async def settle() -> None:
-            if not task._settled:
+            if not sending.task._settled:
                 with contextlib.suppress(Exception):
-                    await self._send_outcome_once(task, result, error)
+                    await self._send_outcome_once(sending)
             async for claimed in self._claimed_after_stop():
                 if await self._settle_in_hand(claimed, _STOPPED) is None:
                     await self._give_back(claimed, "Cancelled", "the worker's run was cancelled", retry_in_ms=0)
 
-        log.warning("run cancelled while task %s was being settled: settling it before it ends", task.id)
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            await asyncio.wait_for(settle(), self.stop_grace + 3 * self.timeout)
+        log.warning("run cancelled while task %s was being settled: settling it first", sending.task.id)
+        try:
+            await asyncio.wait_for(settle(), self.stop_grace + 2 * self.timeout)
+        except (Exception, asyncio.CancelledError):
+            # Cut (its bound, a second cancel): what was being sent is kept in hand.
+            cut, self._concluding = self._concluding, None
+            if cut is not None and not cut.task._settled:
+                self._keep_in_hand(cut)
 
-    async def _send_outcome_once(self, task: Task, result: Any, error: Any) -> None:
-        """``task``'s outcome (its handler's own unanswered fail or ack first, else ``result`` /
-        ``error``), sent once; remembered as in hand until answered, so that the bridge handing
-        the task back settles it with that outcome (:meth:`_settle_in_hand`), never gives it back."""
-        if task._fail_attempted is not None:
-            failed, retry_in_ms = task._fail_attempted
-            if task.epoch is not None:
-                self._fail_in_hand = (task.id, task.epoch, failed, retry_in_ms, 0)
-            await task.fail(failed, retry_in_ms=retry_in_ms)
+    def _keep_in_hand(self, sending: _Sending) -> tuple[Any, int | None] | None:
+        """Remember ``sending`` as in hand (:meth:`_settle_in_hand` settles the task with it if the
+        bridge hands it back); the fail, or None for an ack. The handler's own unanswered fail or
+        ack wins over what the loop was sending: it is the latest the task was sent."""
+        task = sending.task
+        if task.epoch is None:  # (a bridge before 1.1 names no epoch: no lease to recognise)
+            return task._fail_attempted or sending.fail
+        fail = task._fail_attempted or (sending.fail if task._attempted is None else None)
+        if fail is not None:
+            self._fail_in_hand = (task.id, task.epoch, fail[0], fail[1], 0)
+            return fail
+        sent, sent_error = task._attempted if task._attempted is not None else (sending.result, sending.error)
+        self._result_in_hand = (task.id, task.epoch, sent, sent_error)
+        return None
+
+    async def _send_outcome_once(self, sending: _Sending) -> None:
+        """``sending`` sent once, kept in hand until answered (see :meth:`_keep_in_hand`)."""
+        task = sending.task
+        fail = self._keep_in_hand(sending)
+        if fail is not None:
+            await task.fail(fail[0], retry_in_ms=fail[1])
         else:
-            sent, sent_error = task._attempted if task._attempted is not None else (result, error)
-            if task.epoch is not None:
-                self._result_in_hand = (task.id, task.epoch, sent, sent_error)
+            sent, sent_error = task._attempted if task._attempted is not None else (sending.result, sending.error)
             await (task.ack(sent) if sent_error is None else task.ack_error(sent_error))
         self._result_in_hand = self._fail_in_hand = None  # answered
 
@@ -2058,7 +2081,7 @@ class Worker(RpcClient):
         handler settled it; what the handler's own unanswered ack said wins over its return."""
         if task._settled:  # the handler settled it (an ack with an error, a fail)
             return self._settled_by_handler(task), None
-        self._concluding = (task, result, error)  # (cleared by ``_serve``)
+        self._concluding = _Sending(task, result, error)  # (cleared by ``_serve``)
         if task._fail_attempted is not None:  # its own fail got no answer: that fail again, never an ack
             failed, retry_in_ms = task._fail_attempted
             log.warning("task %s: its handler's fail got no answer: sent again", task.id)
@@ -2136,7 +2159,7 @@ class Worker(RpcClient):
         back (a fetch not ``fresh``, the drain at stop): its result is acked. Run again, the
         handler's side effects were made twice. Not counted again in what ``run`` handled."""
         log.info("task %s (epoch %s) handed back after its ack got no answer: its result is acked", task.id, task.epoch)
-        self._concluding = (task, result, error)  # (cleared by ``_serve``)
+        self._concluding = _Sending(task, result, error)  # (cleared by ``_serve``)
         acked, following = await self._ack_in_loop(task, result, error=error, stop=stop)
         if acked is False:
             self.lost += 1
@@ -2268,6 +2291,7 @@ class Worker(RpcClient):
         take_next = stop is None or not stop.is_set()
         until = self._ack_retry_until(task, stopping=not take_next)
         attempt = 0
+        refused_last: Exception | None = None  # the last answer: ``internal``, sent again
         # At least ACK_ATTEMPTS, but on stop one (then ``stop_grace`` bounds them): three no-answer
         # attempts of ``timeout`` each outlasted Kubernetes' 30 s grace with the defaults.
         while attempt < (ACK_ATTEMPTS if take_next else 1) or time.monotonic() < until:
@@ -2286,12 +2310,15 @@ class Worker(RpcClient):
                     return await (task.ack(result) if error is None else task.ack_error(error)), None
                 acked, following = await self.ack_and_fetch(result, error=error)
             except (TransportError, UnavailableError) as exc:
+                refused_last = None
                 await self._pause_before_ack_again(task, exc, attempt, until)
             except (BridgeClientError, jsonvalue.JsonError) as refused:
                 # Sent again only by a loop that goes on (not one that ends at ``until`` on stop:
-                # the task was then left leased instead of given back).
+                # the task was then left leased instead of given back), and given back if the loop
+                # ends after it all the same (its pause took it past ``until``).
                 going_on = take_next or time.monotonic() < until
                 if going_on and await self._ack_again_after(task, refused, attempt):
+                    refused_last = refused
                     continue
                 await self._give_back(task, "ResultRefused", f"{type(refused).__name__}: {refused}", stop=stop)
                 return None, None
@@ -2301,6 +2328,9 @@ class Worker(RpcClient):
                 # Given back (a fail), it counted a second delivery: a task on its last allowed
                 # one was parked without ever running.
                 return acked, following
+        if refused_last is not None:  # its last answer was ``internal``: the result was not applied
+            await self._give_back(task, "ResultRefused", f"{type(refused_last).__name__}: {refused_last}", stop=stop)
+            return None, None
         if task.epoch is not None:  # (a bridge before 1.1 names no epoch: no lease to recognise)
             self._result_in_hand = (task.id, task.epoch, result, error)  # never answered: see ``_serve``
         if not take_next:
@@ -2378,6 +2408,8 @@ class Worker(RpcClient):
         without an answer may not have applied: its lease is remembered (:attr:`_fail_in_hand`),
         and if a fetch hands it back, the fail is sent again (see ``_serve``); with ``until``
         (monotonic: the worker stops), sent again until then instead."""
+        # ``run`` cancelled meanwhile sends it again (``_settle_at_cancel``), not an ack.
+        self._concluding = _Sending(task, fail=(errors[0], retry_in_ms)) if errors else self._concluding
         for error in errors:
             try:
                 await self._fail_until(task, error, retry_in_ms, until)

@@ -669,6 +669,83 @@ async def test_a_run_cancelled_while_its_ack_gets_no_answer_acks_the_task_handed
     assert lease["state"] == "done", f"the finished task was not acked: {lease}"
 
 
+async def test_a_run_cancelled_while_it_gives_a_task_back_sends_the_fail_again(
+    make_bridge, engine, workers, monkeypatch
+):
+    """The handler raised; the loop's fail (giving the task back) got no answer, and ``run`` was
+    cancelled meanwhile: nothing was sent again, and the task stayed leased to a worker that was
+    gone for its whole lease (found by re-review, 2026-12-07). The fail is sent again."""
+    b = await make_bridge()
+    svc = service_id()
+    task_id = await engine.add(svc, {"n": 1}, max_deliveries=1)  # failed once: parked, its error kept
+    real_fail = b.queue.fail
+    calls = 0
+    failing = asyncio.Event()
+
+    async def lost_first_fail(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # no answer, nothing applied
+            failing.set()
+            await asyncio.sleep(3.0)
+            return None
+        return await real_fail(*args, **kwargs)
+
+    monkeypatch.setattr(b.queue, "fail", lost_first_fail)
+    w = await workers(svc, "runner", time_to_recover_ms=60_000, timeout=2.0)
+    w.wait_ms = 1_000
+
+    async def handler(task):  # type: ignore[no-untyped-def]
+        raise ValueError("broken input")
+
+    running = asyncio.create_task(w.run(handler))
+    await asyncio.wait_for(failing.wait(), 15)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(running, 30)
+
+    async def parked() -> Any:
+        return {t.id: t for t in await engine.parked(svc)}.get(task_id)
+
+    found = await wait_for(parked, 10, what="the task given back (parked at its limit), not left leased")
+    assert found.last_error["type"] == "ValueError", found
+
+
+async def test_an_ack_answered_internal_as_the_stop_grace_ends_gives_the_task_back(
+    make_bridge, engine, workers, monkeypatch
+):
+    """On stop the ack goes alone, sent again only within ``stop_grace``. Answered ``internal`` just
+    before the grace ended, its retry's pause took the loop past it, which ended saying "it returns
+    when its lease ends": the task stayed leased, neither acked nor given back (found by re-review,
+    2026-12-07). It is given back."""
+    b = await make_bridge()
+    svc = service_id()
+    task_id = await engine.add(svc, {"n": 1}, max_deliveries=1)
+    real_ack = b.queue.ack
+
+    async def late_internal(*args, **kwargs):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(0.45)
+        raise RuntimeError("a bug the bridge did not expect")  # answered ``internal``
+
+    monkeypatch.setattr(b.queue, "ack", late_internal)
+    w = await workers(svc, "runner", time_to_recover_ms=60_000, stop_grace=0.5)
+    w.wait_ms = 1_000
+    stop = asyncio.Event()
+
+    async def handler(task):  # type: ignore[no-untyped-def]
+        stop.set()
+        return "ok"
+
+    await asyncio.wait_for(w.run(handler, stop=stop), 30.0)
+    monkeypatch.setattr(b.queue, "ack", real_ack)
+
+    async def parked() -> Any:
+        return {t.id: t for t in await engine.parked(svc)}.get(task_id)
+
+    found = await wait_for(parked, 10, what="the task given back (parked at its limit), not left leased")
+    assert found.last_error["type"] == "ResultRefused", found
+
+
 async def test_run_goes_on_when_a_fetch_is_answered_unavailable(bridge, engine, workers, monkeypatch):
     """A fetch answered ``unavailable`` (Cassandra away at the bridge) escaped ``Worker.run`` and
     ended the worker's loop, though the client's own docs say to retry it. It is now retried
