@@ -114,6 +114,37 @@ def _amqp_tls_files_readable(query: str) -> None:
 DeliveryLimit = Annotated[int, Field(ge=1, le=1000)]
 
 
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` keeps the last of a key given twice, silently: ``{"reports": 5, "reports":
+    {"daily": 3}}`` dropped the limit of every owner's service ``reports`` (found by review)."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"key {key!r} given twice (a key is a service's limit or an owner's map, not both)")
+        seen[key] = value
+    return seen
+
+
+def _is_limit(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1000
+
+
+def _check_delivery_limits(limits: dict[str, Any]) -> None:
+    """One message naming the key at fault (pydantic's union names neither, and says it twice)."""
+    for key, value in limits.items():
+        if isinstance(value, dict):
+            for service, limit in value.items():
+                if not _is_limit(limit):
+                    raise ValueError(
+                        f"{key!r}: {{{service!r}: {limit!r}}}: a delivery limit is an integer from 1 to 1000"
+                    )
+        elif not _is_limit(value):
+            raise ValueError(
+                f"{key!r}: {value!r} is neither a delivery limit (an integer from 1 to 1000) nor an owner's map "
+                '({"service": n})'
+            )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -492,11 +523,13 @@ class Settings(BaseSettings):
             if not value.strip():
                 return {}
             try:
-                return json.loads(value)
-            except ValueError:
-                raise ValueError(
-                    'must be JSON, e.g. {"billing": 3}, {"owner/billing": 3} or {"owner": {"billing": 3}}'
-                ) from None
+                value = json.loads(value, object_pairs_hook=_no_duplicate_keys)
+            except ValueError as exc:
+                said = f"{exc}; " if "twice" in str(exc) else ""
+                example = '{"billing": 3}, {"owner/billing": 3} or {"owner": {"billing": 3}}'
+                raise ValueError(f"{said}must be JSON, e.g. {example}") from None
+        if isinstance(value, dict):
+            _check_delivery_limits(value)
         return value
 
     @field_validator("task_ttl")

@@ -1612,6 +1612,10 @@ class Worker(RpcClient):
         # The outcome ``run`` is sending (an ack, which also claims the next task; a fail): kept
         # when ``run`` is cancelled there, for :meth:`_settle_at_cancel`.
         self._concluding: _Sending | None = None
+        # ``run``: the cancellation count of its task when it began, and whether a cancel of it
+        # was settled already (``_settle_at_cancel``: the drain in ``run`` then runs no more).
+        self._cancel_base = 0
+        self._cancel_settled = False
 
     @classmethod
     def connect(cls, url: str, *, service: str, worker_id: str, **kw: Any) -> Self:
@@ -1920,19 +1924,49 @@ class Worker(RpcClient):
         ``bad_request``, such as a service or worker id the bridge refuses): a worker that cannot
         be served then stops with a clear error instead of looking alive forever.
         """
+        current = asyncio.current_task()
+        # Cancellations of ``run`` are counted from here: a caller that caught an earlier one
+        # without ``uncancel()`` leaves the task's count above zero.
+        self._cancel_base = current.cancelling() if current is not None else 0
+        self._cancel_settled = False
         handled = 0
         task: Task | None = None
-        while task is not None or stop is None or not stop.is_set():
-            if task is None:
-                task = await self._poll(stop)
+        try:
+            while task is not None or stop is None or not stop.is_set():
                 if task is None:
-                    continue
-            counted, task = await self._serve(task, handler, stop)
-            handled += counted
-        async for claimed in self._claimed_after_stop():
-            counted, _ = await self._serve(claimed, handler, stop)
-            handled += counted
+                    task = await self._poll(stop)
+                    if task is None:
+                        continue
+                counted, task = await self._serve(task, handler, stop)
+                handled += counted
+            async for claimed in self._claimed_after_stop():
+                counted, _ = await self._serve(claimed, handler, stop)
+                handled += counted
+        except asyncio.CancelledError:
+            # Cancelled between tasks (a fetch's pause, the stop's drain): a request without an
+            # answer may have claimed a task for this worker; given back, as at a stop.
+            if self._run_cancelled_once() and not self._cancel_settled:
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.wait_for(self._give_back_claimed(), self.stop_grace + 2 * self.timeout)
+            raise
         return handled
+
+    def _run_cancelled(self) -> bool:
+        """Whether ``run`` itself is being cancelled (not an await inside a handler)."""
+        current = asyncio.current_task()
+        return current is not None and current.cancelling() > self._cancel_base
+
+    def _run_cancelled_once(self) -> bool:
+        """Cancelled once: a second cancel (the caller insisting) ends ``run`` at once."""
+        current = asyncio.current_task()
+        return current is not None and current.cancelling() == self._cancel_base + 1
+
+    async def _give_back_claimed(self) -> None:
+        """The task the bridge hands this worker after a cancel (see :meth:`_claimed_after_stop`):
+        settled with the outcome in hand if it is that task, else given back at once."""
+        async for claimed in self._claimed_after_stop():
+            if await self._settle_in_hand(claimed, _STOPPED) is None:
+                await self._give_back(claimed, "Cancelled", "the worker's run was cancelled", retry_in_ms=0)
 
     async def _serve(
         self, task: Task, handler: Callable[[Task], Awaitable[Any]], stop: asyncio.Event | None
@@ -1946,9 +1980,8 @@ class Worker(RpcClient):
         try:
             return await self._serve_task(task, handler, stop)
         except asyncio.CancelledError:
-            current = asyncio.current_task()
             # Once: a second cancel (the caller insisting) ends it at once.
-            if current is not None and current.cancelling() == 1 and self._concluding is not None:
+            if self._run_cancelled_once() and self._concluding is not None:
                 await self._settle_at_cancel()
             raise
         finally:
@@ -1972,8 +2005,7 @@ class Worker(RpcClient):
                 return True, None
             result = None  # (its own ack's outcome is sent: ``_conclude``)
         except asyncio.CancelledError as exc:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
+            if self._run_cancelled():
                 # ``run`` itself is cancelled (``stop`` is the way to end it): the task is settled
                 # before the cancellation goes on, not left leased to a worker that is gone: its
                 # own unanswered ack or fail sent again, else given back (``_serve``, once).
@@ -1997,25 +2029,25 @@ class Worker(RpcClient):
     async def _settle_at_cancel(self) -> None:
         """``run`` was cancelled while a task's outcome was on its way (the loop's ack, which also
         claims the next task; a fail or a give-back; the ack of a result in hand) or its handler
-        ran: the outcome is sent once more alone (and kept in hand until answered), then, as at a
-        stop, the bridge is asked what a request without an answer claimed for this worker: that
-        very task is settled with its outcome, any other given back (``fail``, ``retry_in_ms=0``).
-        Within ``stop_grace`` plus two requests' ``timeout`` (25 s with the defaults, inside
-        Kubernetes' 30 s grace), then cut; nothing of it outlives ``run``, and what it had not
-        settled stays in hand for a later ``run`` of this worker. Cancelled there, the finished
-        task ran again after its lease, and the next one waited out its whole lease leased to a
-        worker that was gone (found by review, 2026-12-07)."""
+        ran: the outcome is sent again as the loop sends it at a stop (an ack alone, again after no
+        answer within ``stop_grace``; a refused one gives the task back; a fail likewise), kept in
+        hand until answered; then, as at a stop, the bridge is asked what a request without an
+        answer claimed for this worker: that very task is settled with its outcome, any other given
+        back (``fail``, ``retry_in_ms=0``). Within ``stop_grace`` plus two requests' ``timeout``
+        (25 s with the defaults, inside Kubernetes' 30 s grace), then cut; nothing of it outlives
+        ``run``, and what it had not settled stays in hand for a later ``run`` of this worker.
+        Cancelled there, the finished task ran again after its lease, and the next one waited out
+        its whole lease leased to a worker that was gone (found by review, 2026-12-07)."""
         sending, self._concluding = self._concluding, None
         if sending is None:
             return
+        self._cancel_settled = True
 
         async def settle() -> None:
             if not sending.task._settled:
                 with contextlib.suppress(Exception):
-                    await self._send_outcome_once(sending)
-            async for claimed in self._claimed_after_stop():
-                if await self._settle_in_hand(claimed, _STOPPED) is None:
-                    await self._give_back(claimed, "Cancelled", "the worker's run was cancelled", retry_in_ms=0)
+                    await self._send_outcome_at_cancel(sending)
+            await self._give_back_claimed()
 
         log.warning("run cancelled while task %s was being settled: settling it first", sending.task.id)
         try:
@@ -2031,9 +2063,9 @@ class Worker(RpcClient):
         bridge hands it back); the fail, or None for an ack. The handler's own unanswered fail or
         ack wins over what the loop was sending: it is the latest the task was sent."""
         task = sending.task
-        if task.epoch is None:  # (a bridge before 1.1 names no epoch: no lease to recognise)
-            return task._fail_attempted or sending.fail
         fail = task._fail_attempted or (sending.fail if task._attempted is None else None)
+        if task.epoch is None:  # (a bridge before 1.1 names no epoch: no lease to recognise)
+            return fail
         if fail is not None:
             self._fail_in_hand = (task.id, task.epoch, fail[0], fail[1], 0)
             return fail
@@ -2041,16 +2073,25 @@ class Worker(RpcClient):
         self._result_in_hand = (task.id, task.epoch, sent, sent_error)
         return None
 
-    async def _send_outcome_once(self, sending: _Sending) -> None:
-        """``sending`` sent once, kept in hand until answered (see :meth:`_keep_in_hand`)."""
+    async def _send_outcome_at_cancel(self, sending: _Sending) -> None:
+        """``sending`` sent as the loop sends an outcome at a stop, kept in hand until answered."""
         task = sending.task
         fail = self._keep_in_hand(sending)
         if fail is not None:
-            await task.fail(fail[0], retry_in_ms=fail[1])
+            until = time.monotonic() + self.stop_grace
+            await self._send_fail(task, [fail[0], {"type": "Cancelled"}], retry_in_ms=fail[1], until=until)
         else:
             sent, sent_error = task._attempted if task._attempted is not None else (sending.result, sending.error)
-            await (task.ack(sent) if sent_error is None else task.ack_error(sent_error))
-        self._result_in_hand = self._fail_in_hand = None  # answered
+            acked, _ = await self._ack_in_loop(task, sent, error=sent_error, stop=_STOPPED)
+            if acked is False:
+                self.lost += 1
+                log.warning(
+                    "task %s (epoch %s): its ack at the cancel was answered false: its result was not applied",
+                    task.id,
+                    task.epoch,
+                )
+        if task._settled:  # answered: nothing in hand
+            self._result_in_hand = self._fail_in_hand = None
 
     async def _cut_at_stop(self, task: Task, stop: asyncio.Event | None) -> tuple[bool, Task | None]:
         """``task``'s handler was cancelled by :attr:`stop_timeout`: given back to come again at

@@ -746,6 +746,51 @@ async def test_an_ack_answered_internal_as_the_stop_grace_ends_gives_the_task_ba
     assert found.last_error["type"] == "ResultRefused", found
 
 
+async def test_a_run_cancelled_after_its_handlers_ack_got_no_answer_sends_it_until_answered(
+    make_bridge, engine, workers, monkeypatch, servers, cql
+):
+    """The handler's own ack got no answer (it caught the TransportError and went on), then ``run``
+    was cancelled: the ack was sent once more, and when that got no answer either the task stayed
+    leased, its finished work to run again (found by re-review, 2026-12-07). It is sent as the
+    loop sends an ack at a stop: again after no answer, within ``stop_grace``."""
+    from bridge.client import TransportError
+    from tests.integration import test_slow_store as slow
+
+    b = await make_bridge()
+    svc = service_id()
+    task_id = await engine.add(svc, {"n": 1})
+    real_ack = b.queue.ack
+    calls = 0
+
+    async def two_lost_acks(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls <= 2:  # the handler's and the first resend: no answer, nothing applied
+            await asyncio.sleep(2.0)
+            return False
+        return await real_ack(*args, **kwargs)
+
+    monkeypatch.setattr(b.queue, "ack", two_lost_acks)
+    w = await workers(svc, "runner", time_to_recover_ms=60_000, timeout=1.0)
+    w.wait_ms = 1_000
+    acked_once = asyncio.Event()
+
+    async def handler(task):  # type: ignore[no-untyped-def]
+        with contextlib.suppress(TransportError):
+            await task.ack("done")
+        acked_once.set()
+        await asyncio.sleep(60)  # still cleaning up when the run is cancelled
+
+    running = asyncio.create_task(w.run(handler))
+    await asyncio.wait_for(acked_once.wait(), 15)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(running, 30)
+    assert calls >= 3, calls
+    lease = slow.lease_of(cql, servers.keyspace, svc, task_id)
+    assert lease["state"] == "done", f"the finished task was not acked: {lease}"
+
+
 async def test_run_goes_on_when_a_fetch_is_answered_unavailable(bridge, engine, workers, monkeypatch):
     """A fetch answered ``unavailable`` (Cassandra away at the bridge) escaped ``Worker.run`` and
     ended the worker's loop, though the client's own docs say to retry it. It is now retried

@@ -3,6 +3,8 @@ task's own maxDeliveries): pure logic, with the setting parsed as the bridge par
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from bridge.config import Settings
@@ -50,4 +52,27 @@ def test_the_most_exact_limit_wins(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_an_owners_map_is_checked_as_the_flat_limits_are(monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
     monkeypatch.setenv("BRIDGE_SERVICE_MAX_DELIVERIES", bad)
     with pytest.raises(ValueError, match="service_max_deliveries"):
+        Settings()
+
+
+@pytest.mark.parametrize(
+    ("bad", "said"),
+    [
+        ('{"billing": 0}', "'billing': 0 is neither a delivery limit"),
+        ('{"reports": {"daily": 0}}', "'reports': {'daily': 0}"),
+        ('{"a": true}', "'a': True"),
+    ],
+)
+def test_a_bad_limit_is_named_by_its_key(monkeypatch: pytest.MonkeyPatch, bad: str, said: str) -> None:
+    """The union of a limit and an owner's map made pydantic say two errors naming neither key."""
+    monkeypatch.setenv("BRIDGE_SERVICE_MAX_DELIVERIES", bad)
+    with pytest.raises(ValueError, match=re.escape(said)):
+        Settings()
+
+
+def test_a_key_given_twice_is_refused_not_the_first_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``{"reports": 5, "reports": {"daily": 3}}`` kept the owner's map and silently dropped the
+    limit of every owner's service ``reports`` (found by review, 2026-12-07)."""
+    monkeypatch.setenv("BRIDGE_SERVICE_MAX_DELIVERIES", '{"reports": 5, "reports": {"daily": 3}}')
+    with pytest.raises(ValueError, match="'reports' given twice"):
         Settings()
