@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from bridge.errors import BridgeError
@@ -114,35 +114,49 @@ def _amqp_tls_files_readable(query: str) -> None:
 DeliveryLimit = Annotated[int, Field(ge=1, le=1000)]
 
 
+class _KeyTwice(ValueError):
+    pass
+
+
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """``json.loads`` keeps the last of a key given twice, silently: ``{"reports": 5, "reports":
     {"daily": 3}}`` dropped the limit of every owner's service ``reports`` (found by review)."""
     seen: dict[str, Any] = {}
     for key, value in pairs:
         if key in seen:
-            raise ValueError(f"key {key!r} given twice (a key is a service's limit or an owner's map, not both)")
+            raise _KeyTwice(f"key {key!r} is given twice (JSON would keep only the last)")
         seen[key] = value
     return seen
 
 
-def _is_limit(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1000
+_LIMIT: TypeAdapter[int] = TypeAdapter(DeliveryLimit)
+
+
+def _limit_error(value: Any) -> str | None:
+    """Why ``value`` is not a delivery limit, or None. As pydantic reads the field (``"3"`` and
+    ``3.0`` are 3, as before), but ``true`` is not 1."""
+    if isinstance(value, bool):
+        return "true or false is not a delivery limit"
+    try:
+        _LIMIT.validate_python(value)
+    except ValidationError:
+        return f"{value!r} is not a delivery limit (an integer from 1 to 1000)"
+    return None
 
 
 def _check_delivery_limits(limits: dict[str, Any]) -> None:
-    """One message naming the key at fault (pydantic's union names neither, and says it twice)."""
+    """One message naming the key at fault (pydantic's union names neither, and says it twice),
+    and keys that can name no queue refused (an unset template variable renders ``{"": 3}``)."""
     for key, value in limits.items():
+        if not key or key.startswith("/") or key.endswith("/"):
+            raise ValueError(f"{key!r} names no queue (a service, owner/service, or an owner with a map)")
         if isinstance(value, dict):
             for service, limit in value.items():
-                if not _is_limit(limit):
-                    raise ValueError(
-                        f"{key!r}: {{{service!r}: {limit!r}}}: a delivery limit is an integer from 1 to 1000"
-                    )
-        elif not _is_limit(value):
-            raise ValueError(
-                f"{key!r}: {value!r} is neither a delivery limit (an integer from 1 to 1000) nor an owner's map "
-                '({"service": n})'
-            )
+                why = "an empty service names no queue" if not service else _limit_error(limit)
+                if why:
+                    raise ValueError(f"{key!r}: {{{service!r}: {limit!r}}}: {why}")
+        elif (why := _limit_error(value)) is not None:
+            raise ValueError(f'{key!r}: {why}, nor an owner\'s map ({{"service": n}})')
 
 
 class Settings(BaseSettings):
@@ -524,10 +538,11 @@ class Settings(BaseSettings):
                 return {}
             try:
                 value = json.loads(value, object_pairs_hook=_no_duplicate_keys)
-            except ValueError as exc:
-                said = f"{exc}; " if "twice" in str(exc) else ""
+            except _KeyTwice as exc:
+                raise ValueError(str(exc)) from None
+            except ValueError:
                 example = '{"billing": 3}, {"owner/billing": 3} or {"owner": {"billing": 3}}'
-                raise ValueError(f"{said}must be JSON, e.g. {example}") from None
+                raise ValueError(f"must be JSON, e.g. {example}") from None
         if isinstance(value, dict):
             _check_delivery_limits(value)
         return value

@@ -1658,8 +1658,11 @@ class Worker(RpcClient):
             # Cancelled by its caller (a timeout around it, a task group torn down): the request
             # may be at a bridge, still waiting, and claim a task for this worker there while the
             # connection (its reply-to) lives. The next fetch must not say ``fresh`` until then.
-            self._unsure_until = max(self._unsure_until, deadline)
-            self._claim_unanswered = self._pointer_unread = True
+            # Not when no connection was open (cancelled as it connected): nothing was sent, and a
+            # cancelled run then asked a broker it could not reach for up to 25 s.
+            if self.channel is not None:
+                self._unsure_until = max(self._unsure_until, deadline)
+                self._claim_unanswered = self._pointer_unread = True
             raise
         if reads_pointer and now >= self._unsure_until:
             self._pointer_unread = False  # read past every unanswered request's deadline
@@ -1946,8 +1949,7 @@ class Worker(RpcClient):
             # Cancelled between tasks (a fetch's pause, the stop's drain): a request without an
             # answer may have claimed a task for this worker; given back, as at a stop.
             if self._run_cancelled_once() and not self._cancel_settled:
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    await asyncio.wait_for(self._give_back_claimed(), self.stop_grace + 2 * self.timeout)
+                await self._bounded_at_cancel(self._give_back_claimed(), self.stop_grace + 2 * self.timeout)
             raise
         return handled
 
@@ -2043,20 +2045,31 @@ class Worker(RpcClient):
             return
         self._cancel_settled = True
 
-        async def settle() -> None:
-            if not sending.task._settled:
-                with contextlib.suppress(Exception):
-                    await self._send_outcome_at_cancel(sending)
-            await self._give_back_claimed()
-
         log.warning("run cancelled while task %s was being settled: settling it first", sending.task.id)
+        if not sending.task._settled:
+            # Its own bound (an attempt under way at ``stop_grace`` is cut there), so that the
+            # drain below keeps all of its own.
+            self._concluding = sending
+            if not await self._bounded_at_cancel(self._send_outcome_at_cancel(sending), self.stop_grace):
+                return
+        await self._bounded_at_cancel(self._give_back_claimed(), self.stop_grace + 2 * self.timeout)
+
+    async def _bounded_at_cancel(self, step: Awaitable[None], bound_s: float) -> bool:
+        """A step of settling a cancelled ``run``, cut after ``bound_s``; cut or failed, what was
+        being sent is kept in hand for a later ``run`` of this worker (:meth:`_keep_in_hand`).
+        False when a second cancel came (the caller insists: nothing more is sent)."""
+        done = again = False
         try:
-            await asyncio.wait_for(settle(), self.stop_grace + 2 * self.timeout)
-        except (Exception, asyncio.CancelledError):
-            # Cut (its bound, a second cancel): what was being sent is kept in hand.
-            cut, self._concluding = self._concluding, None
-            if cut is not None and not cut.task._settled:
-                self._keep_in_hand(cut)
+            await asyncio.wait_for(step, bound_s)
+            done = True
+        except asyncio.CancelledError:
+            again = True  # a second cancel: the caller insists, nothing more is sent
+        except Exception:  # cut by its bound, or failed: kept in hand below
+            pass
+        cut, self._concluding = self._concluding, None
+        if not done and cut is not None and not cut.task._settled:
+            self._keep_in_hand(cut)
+        return not again
 
     def _keep_in_hand(self, sending: _Sending) -> tuple[Any, int | None] | None:
         """Remember ``sending`` as in hand (:meth:`_settle_in_hand` settles the task with it if the
@@ -2544,9 +2557,19 @@ class Worker(RpcClient):
         stopping = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait({fetching, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # ``run`` cancelled: the fetch's own cancellation marks its request unanswered (it may
+            # still claim at the bridge), which the drain then asks about; waited for here, or the
+            # drain (on Python 3.12+, run in this task at once) looked before it did. One answered
+            # with a task as the cancel came is given back by the drain too.
+            fetching.cancel()
+            await asyncio.wait({fetching})
+            if not fetching.cancelled() and fetching.exception() is None and fetching.result() is not None:
+                self._claim_unanswered = True
+            raise
         finally:
             stopping.cancel()
-            if not fetching.done():  # also when this coroutine is cancelled while waiting
+            if not fetching.done():
                 fetching.cancel()
         await asyncio.wait({fetching})
         if not fetching.cancelled():

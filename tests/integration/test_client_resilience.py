@@ -791,6 +791,41 @@ async def test_a_run_cancelled_after_its_handlers_ack_got_no_answer_sends_it_unt
     assert lease["state"] == "done", f"the finished task was not acked: {lease}"
 
 
+async def test_a_run_cancelled_while_it_connects_ends_at_once() -> None:
+    """``run`` cancelled while its first fetch was still connecting (a broker that accepts the TCP
+    connection and never answers: nothing sent): the fetch was marked as one that may claim at a
+    bridge, and the cancelled run asked that broker what it claimed, for ``stop_grace`` plus two
+    ``timeout``s (found by re-review, 2026-12-07). It ends at once."""
+    import socket
+    import time
+
+    from bridge.client import Worker
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts (the kernel does), never speaks AMQP
+    port = silent.getsockname()[1]
+    try:
+        w = Worker(
+            f"amqp://guest:guest@127.0.0.1:{port}/",
+            service=service_id(),
+            worker_id="w",
+            timeout=3.0,
+            connect_timeout=30.0,
+        )
+        running = asyncio.create_task(w.run(lambda task: asyncio.sleep(0)))
+        await asyncio.sleep(0.5)  # connecting: the broker never answers
+        cancelled_at = time.monotonic()
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(running, 30)
+        took = time.monotonic() - cancelled_at
+        await w.close()
+        assert took < 2.0, f"a run cancelled as it connected took {took:.1f} s to end"
+    finally:
+        silent.close()
+
+
 async def test_run_goes_on_when_a_fetch_is_answered_unavailable(bridge, engine, workers, monkeypatch):
     """A fetch answered ``unavailable`` (Cassandra away at the bridge) escaped ``Worker.run`` and
     ended the worker's loop, though the client's own docs say to retry it. It is now retried

@@ -58,9 +58,12 @@ def test_an_owners_map_is_checked_as_the_flat_limits_are(monkeypatch: pytest.Mon
 @pytest.mark.parametrize(
     ("bad", "said"),
     [
-        ('{"billing": 0}', "'billing': 0 is neither a delivery limit"),
+        ('{"billing": 0}', "'billing': 0 is not a delivery limit"),
         ('{"reports": {"daily": 0}}', "'reports': {'daily': 0}"),
-        ('{"a": true}', "'a': True"),
+        ('{"a": true}', "'a': true or false is not a delivery limit"),
+        ('{"": 3}', "'' names no queue"),
+        ('{"/daily": 3}', "'/daily' names no queue"),
+        ('{"reports": {"": 3}}', "an empty service names no queue"),
     ],
 )
 def test_a_bad_limit_is_named_by_its_key(monkeypatch: pytest.MonkeyPatch, bad: str, said: str) -> None:
@@ -74,5 +77,14 @@ def test_a_key_given_twice_is_refused_not_the_first_dropped(monkeypatch: pytest.
     """``{"reports": 5, "reports": {"daily": 3}}`` kept the owner's map and silently dropped the
     limit of every owner's service ``reports`` (found by review, 2026-12-07)."""
     monkeypatch.setenv("BRIDGE_SERVICE_MAX_DELIVERIES", '{"reports": 5, "reports": {"daily": 3}}')
-    with pytest.raises(ValueError, match="'reports' given twice"):
+    with pytest.raises(ValueError, match="'reports' is given twice"):
         Settings()
+
+
+def test_a_quoted_or_decimal_limit_loads_as_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A template that quotes its numbers (``"3"``) loaded before the keys were checked one by one,
+    and still does (found by review, 2026-12-07: a check of its own refused it, a bridge that
+    would not start after an upgrade)."""
+    limits = _limits(monkeypatch, '{"billing": "3", "reports": {"daily": 4.0}}')
+    assert limits.delivery_limit(QueueKey("o", "billing"), None) == 3
+    assert limits.delivery_limit(QueueKey("reports", "daily"), None) == 4
