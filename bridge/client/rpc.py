@@ -2064,8 +2064,8 @@ class Worker(RpcClient):
             done = True
         except asyncio.CancelledError:
             again = True  # a second cancel: the caller insists, nothing more is sent
-        except Exception:  # cut by its bound, or failed: kept in hand below
-            pass
+        except Exception as exc:  # cut by its bound, or failed: kept in hand below
+            log.info("settling the cancelled run: a step ended early (%s)", type(exc).__name__)
         cut, self._concluding = self._concluding, None
         if not done and cut is not None and not cut.task._settled:
             self._keep_in_hand(cut)
