@@ -148,8 +148,10 @@ def _check_delivery_limits(limits: dict[str, Any]) -> None:
     """One message naming the key at fault (pydantic's union names neither, and says it twice),
     and keys that can name no queue refused (an unset template variable renders ``{"": 3}``)."""
     for key, value in limits.items():
-        if not key or key.startswith("/") or key.endswith("/"):
-            raise ValueError(f"{key!r} names no queue (a service, owner/service, or an owner with a map)")
+        # Only the empty key: a service or an owner id may begin or end with "/" ("/daily" is the
+        # service of that name, an owner's map names any owner exactly).
+        if not key:
+            raise ValueError("the key '' names no queue (a service, owner/service, or an owner with a map)")
         if isinstance(value, dict):
             for service, limit in value.items():
                 why = "an empty service names no queue" if not service else _limit_error(limit)

@@ -2046,13 +2046,15 @@ class Worker(RpcClient):
         self._cancel_settled = True
 
         log.warning("run cancelled while task %s was being settled: settling it first", sending.task.id)
+        ends = time.monotonic() + self.stop_grace + 2 * self.timeout  # one deadline for both steps
         if not sending.task._settled:
-            # Its own bound (an attempt under way at ``stop_grace`` is cut there), so that the
-            # drain below keeps all of its own.
+            # At least one whole attempt (a ``stop_grace`` of 0 sent nothing), and never all of the
+            # deadline: the drain below keeps the rest.
             self._concluding = sending
-            if not await self._bounded_at_cancel(self._send_outcome_at_cancel(sending), self.stop_grace):
+            first = max(self.stop_grace, self.timeout)
+            if not await self._bounded_at_cancel(self._send_outcome_at_cancel(sending), first):
                 return
-        await self._bounded_at_cancel(self._give_back_claimed(), self.stop_grace + 2 * self.timeout)
+        await self._bounded_at_cancel(self._give_back_claimed(), max(0.0, ends - time.monotonic()))
 
     async def _bounded_at_cancel(self, step: Awaitable[None], bound_s: float) -> bool:
         """A step of settling a cancelled ``run``, cut after ``bound_s``; cut or failed, what was
@@ -2563,9 +2565,13 @@ class Worker(RpcClient):
             # drain (on Python 3.12+, run in this task at once) looked before it did. One answered
             # with a task as the cancel came is given back by the drain too.
             fetching.cancel()
-            await asyncio.wait({fetching})
-            if not fetching.cancelled() and fetching.exception() is None and fetching.result() is not None:
+            await asyncio.wait({fetching}, timeout=self.timeout)  # (a TLS close may take 30 s)
+            if not fetching.done():
+                self._claim_unanswered = self._pointer_unread = True  # may have been sent
+            elif not fetching.cancelled() and fetching.exception() is None and fetching.result() is not None:
+                # Answered with a task: the drain asks for it (for ``stop_grace``, not one try).
                 self._claim_unanswered = True
+                self._unsure_until = max(self._unsure_until, time.monotonic() + self.stop_grace)
             raise
         finally:
             stopping.cancel()

@@ -62,7 +62,6 @@ def test_an_owners_map_is_checked_as_the_flat_limits_are(monkeypatch: pytest.Mon
         ('{"reports": {"daily": 0}}', "'reports': {'daily': 0}"),
         ('{"a": true}', "'a': true or false is not a delivery limit"),
         ('{"": 3}', "'' names no queue"),
-        ('{"/daily": 3}', "'/daily' names no queue"),
         ('{"reports": {"": 3}}', "an empty service names no queue"),
     ],
 )
@@ -88,3 +87,11 @@ def test_a_quoted_or_decimal_limit_loads_as_before(monkeypatch: pytest.MonkeyPat
     limits = _limits(monkeypatch, '{"billing": "3", "reports": {"daily": 4.0}}')
     assert limits.delivery_limit(QueueKey("o", "billing"), None) == 3
     assert limits.delivery_limit(QueueKey("reports", "daily"), None) == 4
+
+
+def test_ids_that_begin_or_end_with_a_slash_can_be_limited(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Owner and service ids may begin or end with "/": such keys were refused as naming no queue
+    (found by re-review, 2026-12-07), and an owner "/acme" could get no limit of its own."""
+    limits = _limits(monkeypatch, '{"/acme": {"billing": 3}, "/daily": 4}')
+    assert limits.delivery_limit(QueueKey("/acme", "billing"), None) == 3
+    assert limits.delivery_limit(QueueKey("o", "/daily"), None) == 4
