@@ -215,10 +215,11 @@ async def run_workers(
     ttr_ms: int = 1000,
     deadline_s: float = 120,
     rpc_timeout: float = 10.0,
-) -> None:
+) -> int:
     """Workers loop fetch -> ack (result ``{"task": value}``) until ``total`` distinct tasks are
     completed, recording what they were handed and what their acks answered. A share
-    ``abandon`` of fetched tasks is dropped (the worker "dies" and comes back under a new id)."""
+    ``abandon`` of fetched tasks is dropped (the worker "dies" and comes back under a new id).
+    Returns how many distinct tasks were completed (fewer than ``total``: the deadline came first)."""
     import asyncio
     import random
     import time
@@ -263,3 +264,4 @@ async def run_workers(
                         done.set()
 
     await asyncio.gather(*(one(i) for i in range(n_workers)))
+    return len(completed)

@@ -20,10 +20,15 @@ from bridge.client.rpc import results_consumer
 from tests.conftest import ENGINE_USER, OWNERS, service_id, wait_bridges, wait_for
 from tests.history import History, lease_rows, run_workers
 
-# Not ``exclusive``: it restarts no server and raises no alarm, and 40 tasks/s are a sixth of what one
-# bridge serves at saturation, so the suite's other processes beside it change neither its memory
-# nor its history; ``make soak`` runs it alone (``-m soak``).
-pytestmark = [pytest.mark.anyio, pytest.mark.integration, pytest.mark.slow, pytest.mark.soak]
+# ``exclusive`` (run after the parallel pass, alone): beside the suite's other processes its 40
+# tasks/s were not served. Three runs of it in the parallel pass (a clean clone's CI among them)
+# fell short of its deadline, 549 to 701 of 800 tasks done: acks per second fell from 24-42 to
+# 4-10 for twenty seconds (the tasks left were the newest: a backlog, none stuck). Alone it passes,
+# and beside three processes spinning on both cores too: what slowed it is what the other tests do
+# to the servers it shares (one Cassandra node, one broker), not CPU alone. A soak
+# measures leaks and losses, not what a busy machine leaves of a bridge; ``make soak`` runs it
+# alone too (``-m soak``).
+pytestmark = [pytest.mark.anyio, pytest.mark.integration, pytest.mark.slow, pytest.mark.soak, pytest.mark.exclusive]
 
 SOAK_S = float(os.environ.get("QB_SOAK_SECONDS", "20"))
 RATE = 40  # tasks per second, well below saturation: the soak is about leaks, not speed
@@ -92,8 +97,20 @@ async def test_steady_load_with_flat_memory(bridge_processes, servers, names, cq
             run_workers(servers.amqp_url(OWNERS[0]), names["exchange"], svc, history, 4, total, deadline_s=SOAK_S + 15)
         )
         await produce(engine)
-        await load
+        completed = await load
         await sampler
+        if completed < total:
+            # Said with what the tasks left over are: a bridge that stalled and one starved of CPU
+            # (the suite's other processes beside it) look alike from the workers' side alone.
+            acked = {a.task for a in history.acks if a.answer}
+            left = [task_id for task_id in history.values if task_id not in acked]
+            per_second = collections.Counter(int(a.at - start) for a in history.acks if a.answer)
+            pytest.fail(
+                f"the workers completed {completed} of {total} tasks by their deadline ({SOAK_S + 15:.0f} s); "
+                f"{len(left)} not acked (added as {sorted(history.values[t] for t in left)[:40]}), some of their "
+                f"leases: {lease_rows(cql, servers.keyspace, OWNERS[0], svc, left[:10])}; tasks acked per second "
+                f"of the soak: {[per_second[i] for i in range(int(SOAK_S) + 16)]}"
+            )
         # The results of this soak's tokened tasks only: as duty holder, its bridge also relays
         # results earlier tests left owed to the same exchange, and counting those let results of
         # its own go missing (or come twice) unnoticed.
