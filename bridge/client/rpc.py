@@ -1612,6 +1612,9 @@ class Worker(RpcClient):
         # The outcome ``run`` is sending (an ack, which also claims the next task; a fail): kept
         # when ``run`` is cancelled there, for :meth:`_settle_at_cancel`.
         self._concluding: _Sending | None = None
+        # A handler that finished in the very loop turn ``run`` was cancelled (with
+        # ``stop_timeout``, it runs in a task of its own): its outcome, sent at the cancel.
+        self._finished_at_cancel: _Sending | None = None
         # ``run``: the cancellation count of its task when it began, and whether a cancel of it
         # was settled already (``_settle_at_cancel``: the drain in ``run`` then runs no more).
         self._cancel_base = 0
@@ -1982,9 +1985,14 @@ class Worker(RpcClient):
         try:
             return await self._serve_task(task, handler, stop)
         except asyncio.CancelledError:
-            # Once: a second cancel (the caller insisting) ends it at once.
-            if self._run_cancelled_once() and self._concluding is not None:
-                await self._settle_at_cancel()
+            # Once: a second cancel (the caller insisting) ends it at once, what was being sent
+            # kept in hand (unkept, a later ``run`` of this worker was handed the same lease and
+            # ran its handler again).
+            if self._concluding is not None:
+                if self._run_cancelled_once():
+                    await self._settle_at_cancel()
+                elif not self._concluding.task._settled:
+                    self._keep_in_hand(self._concluding)
             raise
         finally:
             self._concluding = None
@@ -2011,9 +2019,14 @@ class Worker(RpcClient):
                 # ``run`` itself is cancelled (``stop`` is the way to end it): the task is settled
                 # before the cancellation goes on, not left leased to a worker that is gone: its
                 # own unanswered ack or fail sent again, else given back (``_serve``, once).
+                finished, self._finished_at_cancel = self._finished_at_cancel, None
+                if finished is not None and finished.task is not task:
+                    finished = None
                 if not task._settled:
                     cancelled = ({"type": "Cancelled", "message": "the worker's run was cancelled"}, 0)
-                    self._concluding = _Sending(task) if task._unanswered else _Sending(task, fail=cancelled)
+                    self._concluding = (
+                        _Sending(task) if task._unanswered else finished or _Sending(task, fail=cancelled)
+                    )
                 raise
             # Nobody cancelled ``run``: the handler awaited something another part of the program
             # cancelled. Its failure, as any exception: ended, ``run`` left the task leased to a
@@ -2075,17 +2088,26 @@ class Worker(RpcClient):
 
     def _keep_in_hand(self, sending: _Sending) -> tuple[Any, int | None] | None:
         """Remember ``sending`` as in hand (:meth:`_settle_in_hand` settles the task with it if the
-        bridge hands it back); the fail, or None for an ack. The handler's own unanswered fail or
-        ack wins over what the loop was sending: it is the latest the task was sent."""
+        bridge hands it back); the fail, or None for an ack. The latest the task was sent wins: a
+        fail the loop was sending (its give-back) comes after any ack, the handler's own included
+        (one answered ``internal`` until the loop gave the task back: kept as the ack, the refused
+        result was sent again first); else the handler's own unanswered fail or ack, over what
+        the loop was acking."""
         task = sending.task
-        fail = task._fail_attempted or (sending.fail if task._attempted is None else None)
+        fail = sending.fail or task._fail_attempted
         if task.epoch is None:  # (a bridge before 1.1 names no epoch: no lease to recognise)
             return fail
+        # One outcome in hand for a lease: the other one kept before is older (a result kept as
+        # its ack went out, refused since and given back by this fail, was acked again first).
         if fail is not None:
             self._fail_in_hand = (task.id, task.epoch, fail[0], fail[1], 0)
+            if self._result_in_hand is not None and self._result_in_hand[:2] == (task.id, task.epoch):
+                self._result_in_hand = None
             return fail
         sent, sent_error = task._attempted if task._attempted is not None else (sending.result, sending.error)
         self._result_in_hand = (task.id, task.epoch, sent, sent_error)
+        if self._fail_in_hand is not None and self._fail_in_hand[:2] == (task.id, task.epoch):
+            self._fail_in_hand = None
         return None
 
     async def _send_outcome_at_cancel(self, sending: _Sending) -> None:
@@ -2235,6 +2257,16 @@ class Worker(RpcClient):
             await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
             if not running.done():
                 await asyncio.wait({running}, timeout=self.stop_timeout)
+        except asyncio.CancelledError:
+            # ``run`` cancelled as the handler finished: its outcome is sent, not its work thrown
+            # away (the task was given back, and ran again).
+            if running.done() and not running.cancelled():
+                failed = running.exception()
+                if failed is None:
+                    self._finished_at_cancel = _Sending(task, running.result())
+                elif isinstance(failed, TaskError):
+                    self._finished_at_cancel = _Sending(task, None, failed.error)
+            raise
         finally:
             stopping.cancel()
             # Also when ``run`` itself is cancelled meanwhile: the handler does not outlive it.
@@ -2474,6 +2506,11 @@ class Worker(RpcClient):
                 # (A bridge before 1.1 names no epoch: no lease to recognise.)
                 if task.epoch is not None and resent < FAIL_RESENDS:
                     self._fail_in_hand = (task.id, task.epoch, error, retry_in_ms, resent)
+                    if self._result_in_hand is not None and self._result_in_hand[:2] == (task.id, task.epoch):
+                        # The result of an ack the bridge refused, given back by this fail: the fail
+                        # is the latest the task was sent (acked again, the refused result went
+                        # first, and the fail after it once more).
+                        self._result_in_hand = None
                 log.warning(
                     "task %s: its fail got no answer (%s): sent again if the bridge hands it back to this "
                     "worker; else it returns when its lease ends",
@@ -2559,6 +2596,9 @@ class Worker(RpcClient):
         stopping = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait({fetching, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not fetching.done():  # stopped: the fetch given up, and waited for within the ``except``
+                fetching.cancel()
+                await asyncio.wait({fetching})
         except asyncio.CancelledError:
             # ``run`` cancelled: the fetch's own cancellation marks its request unanswered (it may
             # still claim at the bridge), which the drain then asks about; waited for here, or the
@@ -2577,7 +2617,9 @@ class Worker(RpcClient):
             stopping.cancel()
             if not fetching.done():
                 fetching.cancel()
-        await asyncio.wait({fetching})
+        # No await from here on: a cancel of ``run`` in one more loop turn came after the fetch was
+        # answered with a task and outside the ``except``, and the task stayed leased to a worker
+        # whose run had ended (found by review, 2026-12-08).
         if not fetching.cancelled():
             return fetching.result()  # answered (or failed) before the cancel took: as it came
         return None
