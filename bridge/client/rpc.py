@@ -2629,8 +2629,13 @@ class Worker(RpcClient):
         if stop is None:
             await asyncio.sleep(seconds)
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), seconds)
+        # Not ``asyncio.wait_for``: on Python 3.11 a cancel that came as ``stop`` was set (shutdown
+        # code doing both) was swallowed, and ``run`` returned as if only stopped.
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({stopping}, timeout=seconds)
+        finally:
+            stopping.cancel()
 
     async def __aiter__(self) -> AsyncIterator[Task]:
         while True:

@@ -193,3 +193,29 @@ async def test_a_handler_that_finished_as_the_run_was_cancelled_has_its_result_a
         await asyncio.wait_for(running, 30)
     lease = slow.lease_of(cql, servers.keyspace, svc, task_id)
     assert lease["state"] == "done", f"the handler's result was not acked: {lease}"
+
+
+async def test_a_run_stopped_and_cancelled_at_once_while_it_pauses_is_cancelled(bridge, workers, monkeypatch):
+    """Shutdown code sets ``stop`` and cancels ``run`` in one go while it pauses between fetches
+    (an empty queue, no long-poll). On Python 3.11 the pause's ``asyncio.wait_for`` returned as
+    ``stop`` was set and swallowed the cancel: ``run`` returned 0, and its task was left counting a
+    cancel nobody would see raised."""
+    from bridge.client import Worker
+
+    w = await workers(service_id(), "idle", timeout=3.0, poll_interval=5.0)
+    w.wait_ms = 0
+    pausing = asyncio.Event()
+    real_pause = Worker._pause
+
+    async def watched_pause(seconds: float, stop: asyncio.Event | None) -> None:
+        pausing.set()
+        await real_pause(seconds, stop)
+
+    monkeypatch.setattr(w, "_pause", watched_pause)
+    stop = asyncio.Event()
+    running = asyncio.create_task(w.run(lambda task: asyncio.sleep(0), stop=stop))
+    await asyncio.wait_for(pausing.wait(), 15)
+    stop.set()
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(running, 15)
