@@ -2607,7 +2607,11 @@ class Worker(RpcClient):
             fetching.cancel()
             await asyncio.wait({fetching}, timeout=self.timeout)  # (a TLS close may take 30 s)
             if not fetching.done():
-                self._claim_unanswered = self._pointer_unread = True  # may have been sent
+                # May have been sent. Not while no connection is open (the fetch still connecting,
+                # a node's TLS close under way): nothing was sent, and the drain asked a broker it
+                # could not reach for its whole bound after this wait (found by review, 2026-12-08).
+                if self.channel is not None:
+                    self._claim_unanswered = self._pointer_unread = True
             elif not fetching.cancelled() and fetching.exception() is None and fetching.result() is not None:
                 # Answered with a task: the drain asks for it (for ``stop_grace``, not one try).
                 self._claim_unanswered = True
