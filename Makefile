@@ -27,7 +27,8 @@ $(STATE)/keyring.json: | venv
 	$(PY) -m bridge keyring generate $@ --owner engine --owner worker-a --owner worker-b --owner guest
 
 # The bridge alone, in the foreground, against the local stack, as its own least-privileged broker
-# user (guest is the administrator, and a bridge trusts its own user to name any owner).
+# user (guest is the administrator; a bridge trusts its own user to name any owner in an add, and
+# only there).
 bridge: venv stack-up keyring
 	BRIDGE_AMQP_URL=amqp://queue-bridge:queue-bridge@127.0.0.1:5672/ BRIDGE_KEYRING=$(STATE)/keyring.json \
 		BRIDGE_TRUSTED_USERS=engine $(PY) -m bridge run
