@@ -47,7 +47,14 @@ async def results_consumer(
     connection = await failover.connect_robust(node_urls(url, hosts), timeout=connect_timeout)
     try:
         channel = await connection.channel()
-        ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        try:
+            # Passive: an engine granted as docs/asyncapi.yaml says (read on the exchange, no
+            # configure) was refused a declare of it (ACCESS_REFUSED) before any result came.
+            ex = await channel.get_exchange(exchange, ensure=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            # No bridge declared it yet: declared here, for a user allowed to (as before).
+            channel = await connection.channel()
+            ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         await queue.bind(ex, routing_key=routing_key)
         out: asyncio.Queue[dict[str, Any]] = asyncio.Queue()

@@ -7,6 +7,7 @@ permissions``): every forbidden action below is refused by RabbitMQ itself (ACCE
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import aio_pika
 import pytest
@@ -268,3 +269,45 @@ async def test_a_bridge_granted_what_permissions_prints_binds_a_results_queue_of
             await ch.queue_delete(results_queue)
         finally:
             await guest.close()
+
+
+async def test_an_engine_granted_as_documented_for_its_own_queue_takes_results_with_results_consumer(
+    bridge, engine, workers, servers, names
+):
+    """docs/asyncapi.yaml grants an engine that binds a server-named queue of its own configure on
+    ``amq.gen-*`` only (not on the results exchange), and README points engines at
+    ``results_consumer``, which declared the exchange (non-passive: configure on it): the broker
+    refused that engine (ACCESS_REFUSED) before any result came. It binds to the exchange as it is."""
+    import re
+    import subprocess
+    import uuid
+
+    from bridge.client.results import results_consumer
+
+    def rabbitmqctl(*args: str) -> str:
+        return subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, check=True).stdout
+
+    # The documented grant, for this test's names (the doc's are the defaults, queue-bridge...).
+    doc = (Path(__file__).parents[2] / "docs" / "asyncapi.yaml").read_text()
+    documented = re.search(r"set_permissions -p / engine '([^']*)' '([^']*)' '([^']*)'", doc)
+    assert documented is not None, "the documented grant is gone from docs/asyncapi.yaml"
+    grant = [
+        p.replace(r"queue-bridge\.results", re.escape(names["results_exchange"])).replace(
+            "queue-bridge", re.escape(names["exchange"])
+        )
+        for p in documented.groups()
+    ]
+    user = f"qb-engine-own-queue-{uuid.uuid4().hex[:6]}"
+    await asyncio.to_thread(rabbitmqctl, "add_user", user, user)
+    try:
+        await asyncio.to_thread(rabbitmqctl, "set_permissions", "-p", "/", user, *grant)
+        svc = service_id()
+        async with results_consumer(servers.amqp_url(user), exchange=names["results_exchange"]) as incoming:
+            task_id = await engine.add(svc, {"n": 1}, token={"wf": 1})
+            w = await workers(svc, "w")
+            task = await wait_for(w.fetch, 10, what="the task")
+            assert await task.ack({"ok": True})
+            result = await asyncio.wait_for(incoming.get(), 15)
+        assert result["taskId"] == task_id and result["result"] == {"ok": True}, result
+    finally:
+        await asyncio.to_thread(rabbitmqctl, "delete_user", user)
