@@ -195,3 +195,36 @@ async def test_a_bridge_stops_within_its_grace_while_the_broker_refuses_its_reco
     await asyncio.wait_for(b.stop(), 40)
     took = time.monotonic() - start
     assert took < 3 * grace + 3, f"stopping took {took:.1f}s with a {grace}s grace"
+
+
+async def test_a_redrive_still_running_when_the_grace_ends_is_answered_unavailable(make_bridge, engine, workers):
+    """A redrive paces itself (BRIDGE_REDRIVE_RATE) and is acknowledged as it starts: the broker
+    will not deliver it again. A stop whose grace ended before it did closed the connections with
+    it still running: it went on until the store's close failed it, its reply went nowhere, and
+    its caller waited out its whole timeout for a request half done (found by review,
+    2026-12-08). It is cut at the grace's end and answered ``unavailable``: its caller sends it
+    again (a redrive is idempotent), and every task is back, or still parked, never lost."""
+    from bridge.client import UnavailableError
+    from tests.integration.test_redrive_all import park_each_once
+
+    b = await make_bridge(redrive_rate=2.0, shutdown_grace=0.5)
+    svc = service_id()
+    ids = await park_each_once(engine, workers, svc, 8)  # 4 s of redrive at 2 a second
+    redriving = asyncio.create_task(engine.redrive(svc, ids, redrive_rate=2.0))
+
+    async def some_back() -> bool:
+        return len(await engine.parked(svc)) < len(ids)
+
+    await wait_for(some_back, 10, what="the redrive under way")
+    stopped_at = time.monotonic()
+    await make_bridge.stop(b)
+    with pytest.raises(UnavailableError, match="stopped before"):
+        await asyncio.wait_for(redriving, 30)
+    answered_after = time.monotonic() - stopped_at
+    # The grace (0.5 s) and the cut's answer: not the client's whole wait (4 s of pacing + 10 s).
+    assert answered_after < 6.0, f"the cut redrive was answered {answered_after:.1f} s after the stop began"
+    await make_bridge()  # another bridge: the redrive sent again puts back the rest
+    left = [t.id for t in await engine.parked(svc)]
+    assert left, "the redrive was not cut: every task went back before the stop"
+    assert await engine.redrive(svc, left, redrive_rate=2.0) == len(left)
+    assert await engine.parked(svc) == []
