@@ -16,6 +16,7 @@ import enum
 import json
 import math
 import re
+import sys
 from typing import Any
 
 import orjson
@@ -30,18 +31,37 @@ class JsonError(ValueError):
     """The input is not JSON the bridge can store and give back exactly (a caller's error)."""
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
 def loads(data: bytes) -> Any:
+    if data.startswith(_BOM):
+        # Refused on both paths: orjson refuses one, Python's reader took it (a body with a long
+        # integer in it was accepted, the same body without refused).
+        raise JsonError("not valid JSON: it begins with a byte order mark (RFC 8259: none before JSON text)")
     if _BIG_INT.search(data) is None:
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError as exc:
-            raise JsonError(f"not valid JSON: {exc}") from None
+            raise JsonError(_unreadable(exc)) from None
     try:
         # Python's reader takes NaN and Infinity, and reads 1e400 as infinity: none is JSON, and
         # orjson would write each back as null (orjson's own reader refuses them).
         return json.loads(data, parse_constant=_not_json, parse_float=_finite)
     except (ValueError, RecursionError) as exc:
-        raise JsonError(f"not valid JSON: {exc}") from None
+        raise JsonError(_unreadable(exc)) from None
+
+
+def _unreadable(exc: Exception) -> str:
+    """What is wrong with a body that could not be read, said for the caller: a compressed or
+    binary body was "str is not valid UTF-8: surrogates not allowed", and an integer too long for
+    Python's reader came with advice to call sys.set_int_max_str_digits()."""
+    said = str(exc)
+    if "UTF-8" in said or isinstance(exc, UnicodeDecodeError):
+        return "not valid JSON: it is not UTF-8 text (JSON in UTF-8, uncompressed: no content-encoding is supported)"
+    if "int_max_str_digits" in said or "integer string conversion" in said:
+        return f"a JSON number the bridge cannot read: an integer of more than {sys.get_int_max_str_digits()} digits"
+    return f"not valid JSON: {said}"
 
 
 def _not_json(name: str) -> Any:

@@ -37,6 +37,13 @@ async def _error(client, method, body=None, raw=None):
         ("add", b'{"serviceId": "s"}', "bad_request", "value"),
         ("add", b'{"serviceId": 7, "value": 1}', "bad_request", "serviceId"),
         ("frobnicate", b'{"serviceId": "s"}', "bad_request", "unknown method"),
+        # A gzipped body (content-encoding is not read): said as such, not "surrogates not allowed".
+        ("add", b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03", "bad_request", "not UTF-8 text"),
+        # Refused with or without a long integer in it (Python's reader, taken for one, accepted it).
+        ("add", b'\xef\xbb\xbf{"serviceId": "s", "value": 1}', "bad_request", "byte order mark"),
+        ("add", b'\xef\xbb\xbf{"serviceId": "s", "value": 12345678901234567890123}', "bad_request", "byte order mark"),
+        # Not advice to call sys.set_int_max_str_digits().
+        ("add", b'{"serviceId": "s", "value": ' + b"7" * 5000 + b"}", "bad_request", "more than 4300 digits"),
     ],
 )
 async def test_bad_requests_get_an_error_and_are_dead_lettered(
