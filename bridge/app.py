@@ -59,8 +59,8 @@ STOP_STEP_MIN_S = 0.5  # each waiting step of a stop gets this much even past th
 # by side, so a second lets the healthy ones through when one stalled the flusher.
 STOP_COUNTS_MIN_S = 1.0
 STOP_CLOSE_MIN_S = 2.0  # the broker connections' close, even past the grace (their readers end)
-# Requests still running at the grace's end are cut, and given this long, even past the grace, to
-# answer those acknowledged early ``unavailable`` (the handlers' STOPPING_ANSWER_S bounds each).
+# Long requests still running at the grace's end are cut at their next task's boundary, and given
+# this long, even past the grace, to end there and be answered.
 STOP_CUT_MIN_S = 2.0
 GAUGE_EXPORT_BATCH = 50  # the first refresh after the duty comes: exported every this many queues read
 READY_PING_AFTER_S = 30.0  # readiness pings Cassandra only when nothing was answered for this long
@@ -771,8 +771,12 @@ class Bridge:
         # The gateway finishes its requests (within the grace) alongside AMQP's.
         idle, _ = await asyncio.gather(self.transport.wait_idle(left()), gateway_stopped)
         if not idle:
-            cut = await self.transport.cut_inflight(max(left(), STOP_CUT_MIN_S))
-            log.warning("in-flight requests did not finish within %.1fs: %d cut", grace, cut)
+            # Long requests acknowledged early (a redrive, a purge, a discard) end at their next
+            # task's boundary and are answered (``unavailable``; a purge its ``more``): the broker
+            # delivers them to nobody again. The others run on, as before.
+            self.queue.ctx.background.cut_requests()
+            idle = await self.transport.wait_idle(max(left(), STOP_CUT_MIN_S))
+            log.warning("in-flight requests did not finish within %.1fs%s", grace, "" if idle else " (nor once cut)")
         # The counts of every request answered, written now, before the slower steps below: the
         # flusher ended as the stop began, and a SIGKILL at the grace's end lost them all.
         if self._counts_flusher is not None:

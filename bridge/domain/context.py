@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from bridge.domain.clock import Clock
 from bridge.domain.counting import QueueCounts
-from bridge.domain.errors import ClockOff
+from bridge.domain.errors import ClockOff, Unavailable
 from bridge.domain.records import QueueKey
 from bridge.domain.sealing import OwnerKeys
 from bridge.domain.store import TaskStore
@@ -135,6 +135,10 @@ class Background:
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
+        # Set as the bridge's stop grace ends with requests still running: those acknowledged
+        # early (a redrive, a purge, a discard: the broker delivers them to nobody again) stop at
+        # their next task's boundary, never inside a write, and are answered ``unavailable``.
+        self._requests_cut = asyncio.Event()
         # One per kind of work (a few fixed names): a cause that lasts (the broker away, every
         # ack's immediate publish failing) wrote a line per request.
         self._warnings: dict[str, ThrottledWarning] = {}
@@ -156,6 +160,30 @@ class Background:
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
+
+    def cut_requests(self) -> None:
+        """The stop's grace ended: long requests end at their next boundary (:meth:`check_cut`)."""
+        self._requests_cut.set()
+
+    @property
+    def requests_cut(self) -> bool:
+        return self._requests_cut.is_set()
+
+    def check_cut(self, what: str, done: int) -> None:
+        """Raise ``unavailable`` if the stop cut long requests: ``what`` ends here, between two
+        tasks (``done`` of them done), and its caller sends it again (each is idempotent). Run on
+        instead, it went on until the store's close failed it mid-way, its reply lost with the
+        connection and its caller waiting out its whole timeout (found by review, 2026-12-08)."""
+        if self._requests_cut.is_set():
+            raise Unavailable(f"the bridge is stopping: the {what} ended after {done} task(s); send it again")
+
+    async def pause_unless_cut(self, seconds: float) -> None:
+        """Sleep ``seconds`` (a request's pacing), less once the stop cuts long requests."""
+        cut = asyncio.ensure_future(self._requests_cut.wait())
+        try:
+            await asyncio.wait({cut}, timeout=seconds)
+        finally:
+            cut.cancel()
 
     async def pause(self, seconds: float) -> None:
         """Sleep between the steps of background work, cut short once the bridge stops: the

@@ -806,6 +806,7 @@ class Lifecycle:
                 )
                 continue
             await self._paced(q, interval)
+            ctx.background.check_cut("redrive", done)
             now = ctx.clock.now_ms()
             until = now - ctx.limits.skew_margin_ms  # claimable at once
             # A lease last claimed before 1.3 does not say: the task row does (as for ``fail``);
@@ -888,7 +889,7 @@ class Lifecycle:
         lock, next_at = self._redrive_pace[q]
         async with lock:
             if (wait := next_at[0] - loop.time()) > 0:
-                await asyncio.sleep(wait)
+                await self.ctx.background.pause_unless_cut(wait)
             next_at[0] = loop.time() + interval
 
     async def discard(self, owner: str, service: str, task_ids: list[uuid.UUID]) -> int:
@@ -896,6 +897,7 @@ class Lifecycle:
         await self.ctx.keys.current(owner)
         done = 0
         for task_id in task_ids:
+            self.ctx.background.check_cut("discard", done)
             lease = await self.store.lease(q, task_id, serial=False)
             if lease is None or lease.state is not LeaseState.PARKED:
                 continue
@@ -1054,6 +1056,11 @@ class Lifecycle:
             walk.looked += len(candidates)
             cancelled: set[uuid.UUID] = set()
             for i in range(0, len(candidates), LEASES_PER_READ):
+                if self.ctx.background.requests_cut:
+                    # The bridge's stop: answered as a purge cut by its bounds ("more"), between
+                    # two batches; its caller goes on through another bridge.
+                    walk.truncated = True
+                    break
                 batch = candidates[i : i + LEASES_PER_READ]
                 leases = await self.store.leases_of(q, [e.task_id for e in batch])
                 done = [e for e in batch if await self._purge_one(q, e, leases.get(e.task_id), now, margin)]
@@ -1065,7 +1072,7 @@ class Lifecycle:
                 leading = leading and (e.claimed or e.seq in cancelled) and ms_of(e.seq) < settled
                 if leading:
                     lead = (e.bucket, e.seq)
-            if not cut:
+            if not cut or walk.truncated:
                 break
             after = (entries[-1].bucket, entries[-1].seq)
             if walk.looked >= PURGE_MAX or walk.read >= PURGE_SCAN_MAX:

@@ -185,8 +185,7 @@ class AmqpTransport:
         self._results_queue_task: asyncio.Task[None] | None = None
         self._results_queue_next = 0.0  # loop time before which the results queue is not declared again
         self._background: set[asyncio.Task[None]] = set()  # the tasks above, cancelled by close()
-        # Each request's task, and its delivery (a stop cuts those acknowledged early: cut_inflight).
-        self._inflight: dict[asyncio.Task[Any], RequestMessage] = {}
+        self._inflight: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._closing = False
@@ -757,21 +756,6 @@ class AmqpTransport:
     def consuming(self) -> frozenset[str]:
         return frozenset(self._consumer_tags)
 
-    async def cut_inflight(self, timeout: float) -> int:
-        """The requests acknowledged early (a redrive, a long listing) still running when a stop's
-        grace ends, cut: each is answered ``unavailable``, and its caller sends it again. Left
-        running, they went on until the store's close failed them, their replies lost with the
-        connection, their callers waiting out their whole timeouts (the broker delivers them to
-        nobody again). The others run on as before: the broker delivers them again if the close
-        comes first (cut now, an add without an idempotency key could be stored twice). Waits
-        ``timeout`` at most; how many were cut."""
-        work = [task for task, message in self._inflight.items() if message.processed]
-        for task in work:
-            task.cancel()
-        if work:
-            await asyncio.wait(work, timeout=timeout)
-        return len(work)
-
     async def wait_idle(self, timeout: float) -> bool:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout=timeout)
@@ -868,16 +852,15 @@ class AmqpTransport:
             # channel that closes (a broker restart) cancels those, and a request cut in the middle
             # of a claim would be neither answered nor finished. Its reply and ack may fail on the
             # dead channel; then the broker redelivers the request, which is safe to repeat.
-            message = Delivery(delivered)
-            work = asyncio.get_running_loop().create_task(handle(message))
-            self._inflight[work] = message
+            work = asyncio.get_running_loop().create_task(handle(Delivery(delivered)))
+            self._inflight.add(work)
             self._idle.clear()
             work.add_done_callback(self._finished)
 
         return run
 
     def _finished(self, work: asyncio.Task[None]) -> None:
-        self._inflight.pop(work, None)
+        self._inflight.discard(work)
         if not self._inflight:
             self._idle.set()
 

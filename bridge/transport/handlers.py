@@ -106,8 +106,6 @@ def _answerable(exc: BaseException, what: str, internal_message: str) -> BridgeE
 # it ends. The quick ones (one queue's stats, a short listing: milliseconds) end within it and are
 # settled as every request is; an extend waits behind long ones this long at most.
 LONG_HOLD_S = 0.02
-# A request acknowledged early and cut by the bridge's stop is answered ``unavailable`` within this.
-STOPPING_ANSWER_S = 2.0
 
 
 class _LaneOnce:
@@ -490,25 +488,9 @@ class RequestHandlers:
             return await self.fail(message, method, exc)
         except asyncio.CancelledError as exc:
             if not is_stray(exc):
-                # The bridge's stop: the delivery is left to the broker, which delivers it again;
-                # not one acknowledged early (a redrive, a long listing, a waiting fetch): its
-                # caller is told to send it again, or it waited out its whole timeout for a
-                # reply that never came, the work half done (found by review, 2026-12-08).
-                if message.processed:
-                    await self._answer_stopping(message, method)
-                raise
+                raise  # the bridge's stop: the delivery is left to the broker, which delivers it again
             return await self.fail(message, method, exc)  # a connection's close, as in ``add``
         return await self.conclude(message, method, outcome, body, headers)
-
-    async def _answer_stopping(self, message: RequestMessage, method: str) -> None:
-        """Answer ``unavailable`` (send it again) to a request acknowledged early that the bridge's
-        stop cut: the broker will not deliver it again. Bounded, and best effort: the connection
-        may be going too."""
-        stopping = Unavailable(f"the bridge stopped before this {method} was done: send it again")
-        try:
-            await asyncio.wait_for(self.fail(message, method, stopping), STOPPING_ANSWER_S)
-        except Exception as exc:  # (its reply could not go: the caller's timeout tells it)
-            log.info("a %s cut by the stop could not be answered: %s", method, type(exc).__name__)
 
     def _expired(self, method: str, deadline: int | None) -> int | None:
         """How many ms past its deadline the request came (None: in time). The caller gave up (and

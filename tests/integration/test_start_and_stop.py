@@ -218,7 +218,7 @@ async def test_a_redrive_still_running_when_the_grace_ends_is_answered_unavailab
     await wait_for(some_back, 10, what="the redrive under way")
     stopped_at = time.monotonic()
     await make_bridge.stop(b)
-    with pytest.raises(UnavailableError, match="stopped before"):
+    with pytest.raises(UnavailableError, match="the bridge is stopping"):
         await asyncio.wait_for(redriving, 30)
     answered_after = time.monotonic() - stopped_at
     # The grace (0.5 s) and the cut's answer: not the client's whole wait (4 s of pacing + 10 s).
@@ -227,4 +227,38 @@ async def test_a_redrive_still_running_when_the_grace_ends_is_answered_unavailab
     left = [t.id for t in await engine.parked(svc)]
     assert left, "the redrive was not cut: every task went back before the stop"
     assert await engine.redrive(svc, left, redrive_rate=2.0) == len(left)
+    assert await engine.parked(svc) == []
+
+
+async def test_a_discard_still_running_when_the_grace_ends_is_answered_unavailable(
+    make_bridge, engine, workers, monkeypatch
+):
+    """A discard is one compare-and-set a task, acknowledged once it outlasts its brief hold: a
+    store slow at them made it outlast the stop's grace, and the stop closed the connections with
+    it running (its reply lost, its caller waiting out its timeout). It ends between two tasks,
+    never inside a write, and is answered ``unavailable``: sent again, it discards the rest."""
+    from bridge.client import UnavailableError
+    from tests.integration.test_redrive_all import park_each_once
+
+    b = await make_bridge(shutdown_grace=0.5)
+    svc = service_id()
+    ids = await park_each_once(engine, workers, svc, 6)
+    real_cancel = b.store.cancel
+    writing = asyncio.Event()
+
+    async def slow_cancel(*args: Any, **kwargs: Any) -> Any:
+        writing.set()
+        await asyncio.sleep(1.0)  # a slow store: six tasks take six seconds
+        return await real_cancel(*args, **kwargs)
+
+    monkeypatch.setattr(b.store, "cancel", slow_cancel)
+    discarding = asyncio.create_task(engine.discard(svc, ids))
+    await asyncio.wait_for(writing.wait(), 15)
+    await make_bridge.stop(b)
+    with pytest.raises(UnavailableError, match="the bridge is stopping"):
+        await asyncio.wait_for(discarding, 30)
+    await make_bridge()
+    left = [t.id for t in await engine.parked(svc)]
+    assert left, "the discard was not cut: every task went before the stop"
+    assert await engine.discard(svc, left) == len(left)
     assert await engine.parked(svc) == []
