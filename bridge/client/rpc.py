@@ -2598,7 +2598,11 @@ class Worker(RpcClient):
             await asyncio.wait({fetching, stopping}, return_when=asyncio.FIRST_COMPLETED)
             if not fetching.done():  # stopped: the fetch given up, and waited for within the ``except``
                 fetching.cancel()
-                await asyncio.wait({fetching})
+                # Bounded, as at a cancel: a fetch still connecting unwinds through a TLS close (up
+                # to 30 s), and a stop waited for it with no bound (found by review, 2026-12-08).
+                await asyncio.wait({fetching}, timeout=self.timeout)
+                if not fetching.done() and self.channel is not None:
+                    self._claim_unanswered = self._pointer_unread = True  # may have been sent
         except asyncio.CancelledError:
             # ``run`` cancelled: the fetch's own cancellation marks its request unanswered (it may
             # still claim at the bridge), which the drain then asks about; waited for here, or the
@@ -2624,7 +2628,7 @@ class Worker(RpcClient):
         # No await from here on: a cancel of ``run`` in one more loop turn came after the fetch was
         # answered with a task and outside the ``except``, and the task stayed leased to a worker
         # whose run had ended (found by review, 2026-12-08).
-        if not fetching.cancelled():
+        if fetching.done() and not fetching.cancelled():
             return fetching.result()  # answered (or failed) before the cancel took: as it came
         return None
 

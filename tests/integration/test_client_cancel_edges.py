@@ -269,3 +269,50 @@ async def test_a_run_cancelled_while_its_long_poll_is_still_connecting_ends_with
         assert took < 3.0, f"a run cancelled as its long-poll connected took {took:.1f} s to end"
     finally:
         silent.close()
+
+
+async def test_a_run_stopped_while_its_long_poll_is_still_connecting_returns_within_one_timeout() -> None:
+    """``stop`` set while the loop's long-poll was still connecting, the connect slow to give up
+    (a TLS close, up to 30 s): the stop waited for it with no bound, past the documented
+    ``stop_grace`` plus two ``timeout``s (found by review, 2026-12-08). It waits one ``timeout``."""
+    import socket
+
+    from bridge.client import Worker
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    port = silent.getsockname()[1]
+    connecting = asyncio.Event()
+    try:
+        w = Worker(
+            f"amqp://guest:guest@127.0.0.1:{port}/",
+            service=service_id(),
+            worker_id="w",
+            timeout=2.0,
+            connect_timeout=30.0,
+            stop_grace=5.0,
+        )
+
+        async def slow_to_give_up_connecting(*args: Any, **kwargs: Any) -> Task | None:
+            assert w.channel is None
+            connecting.set()
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                await asyncio.sleep(8.0)  # the connect's close, slow (TLS)
+                raise
+            return None
+
+        w.fetch = slow_to_give_up_connecting  # type: ignore[method-assign]
+        stop = asyncio.Event()
+        running = asyncio.create_task(w.run(lambda task: asyncio.sleep(0), stop=stop))
+        await asyncio.wait_for(connecting.wait(), 10)
+        stopped_at = time.monotonic()
+        stop.set()
+        assert await asyncio.wait_for(running, 40) == 0
+        took = time.monotonic() - stopped_at
+        await w.close()
+        assert took < 3.5, f"a run stopped as its long-poll connected took {took:.1f} s to return"
+    finally:
+        silent.close()
