@@ -2097,18 +2097,22 @@ class Worker(RpcClient):
         fail = sending.fail or task._fail_attempted
         if task.epoch is None:  # (a bridge before 1.1 names no epoch: no lease to recognise)
             return fail
-        # One outcome in hand for a lease: the other one kept before is older (a result kept as
-        # its ack went out, refused since and given back by this fail, was acked again first).
         if fail is not None:
-            self._fail_in_hand = (task.id, task.epoch, fail[0], fail[1], 0)
-            if self._result_in_hand is not None and self._result_in_hand[:2] == (task.id, task.epoch):
-                self._result_in_hand = None
+            self._hold_fail(task.id, task.epoch, fail[0], fail[1], 0)
             return fail
         sent, sent_error = task._attempted if task._attempted is not None else (sending.result, sending.error)
         self._result_in_hand = (task.id, task.epoch, sent, sent_error)
         if self._fail_in_hand is not None and self._fail_in_hand[:2] == (task.id, task.epoch):
-            self._fail_in_hand = None
+            self._fail_in_hand = None  # one outcome in hand for a lease: the latest
         return None
+
+    def _hold_fail(self, task_id: str, epoch: int, error: Any, retry_in_ms: int | None, resent: int) -> None:
+        """Keep a fail in hand for the lease ``(task_id, epoch)``: the latest outcome it was sent,
+        so a result kept for it before goes (a result kept as its ack went out, refused since and
+        given back by this fail, was acked again first when the bridge handed the task back)."""
+        self._fail_in_hand = (task_id, epoch, error, retry_in_ms, resent)
+        if self._result_in_hand is not None and self._result_in_hand[:2] == (task_id, epoch):
+            self._result_in_hand = None
 
     async def _send_outcome_at_cancel(self, sending: _Sending) -> None:
         """``sending`` sent as the loop sends an outcome at a stop, kept in hand until answered."""
@@ -2505,12 +2509,7 @@ class Worker(RpcClient):
             except (TransportError, UnavailableError) as lost:
                 # (A bridge before 1.1 names no epoch: no lease to recognise.)
                 if task.epoch is not None and resent < FAIL_RESENDS:
-                    self._fail_in_hand = (task.id, task.epoch, error, retry_in_ms, resent)
-                    if self._result_in_hand is not None and self._result_in_hand[:2] == (task.id, task.epoch):
-                        # The result of an ack the bridge refused, given back by this fail: the fail
-                        # is the latest the task was sent (acked again, the refused result went
-                        # first, and the fail after it once more).
-                        self._result_in_hand = None
+                    self._hold_fail(task.id, task.epoch, error, retry_in_ms, resent)
                 log.warning(
                     "task %s: its fail got no answer (%s): sent again if the bridge hands it back to this "
                     "worker; else it returns when its lease ends",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Mapping
@@ -179,11 +178,7 @@ class Background:
 
     async def pause_unless_cut(self, seconds: float) -> None:
         """Sleep ``seconds`` (a request's pacing), less once the stop cuts long requests."""
-        cut = asyncio.ensure_future(self._requests_cut.wait())
-        try:
-            await asyncio.wait({cut}, timeout=seconds)
-        finally:
-            cut.cancel()
+        await _sleep_unless(self._requests_cut, seconds)
 
     async def pause(self, seconds: float) -> None:
         """Sleep between the steps of background work, cut short once the bridge stops: the
@@ -192,8 +187,7 @@ class Background:
         they look at once instead, and what has not landed by then stays uncounted (logged)."""
         if self._stopping.is_set():
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+        await _sleep_unless(self._stopping, seconds)
 
     async def drain(self, timeout: float) -> None:
         """Wait (at most ``timeout``) for the work started so far to finish."""
@@ -215,6 +209,16 @@ class Background:
 
     def __len__(self) -> int:
         return len(self._tasks)
+
+
+async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:
+    """Sleep ``seconds``, less once ``event`` is set. Not ``asyncio.wait_for``: on Python 3.11 it
+    swallows a cancel that comes as the event is set."""
+    waiting = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiting}, timeout=seconds)
+    finally:
+        waiting.cancel()
 
 
 @dataclass(slots=True)

@@ -6,7 +6,9 @@ left leased to a worker whose run has ended, its handler never run twice."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -221,12 +223,11 @@ async def test_a_run_stopped_and_cancelled_at_once_while_it_pauses_is_cancelled(
         await asyncio.wait_for(running, 15)
 
 
-async def test_a_run_cancelled_while_its_long_poll_is_still_connecting_ends_within_one_timeout() -> None:
-    """``run`` (with ``stop``) cancelled while its long-poll was still connecting, and the connect
-    slow to give up (a node's TLS close takes up to 30 s): past one ``timeout`` of waiting for it,
-    the fetch was taken for one that may have been sent, and the cancelled run asked a broker it
-    could not reach what it claimed, for ``stop_grace`` plus two ``timeout``s more (found by review,
-    2026-12-08). Nothing was sent: it ends after that one ``timeout``."""
+@contextlib.asynccontextmanager
+async def _worker_stuck_connecting(close_s: float) -> AsyncIterator[tuple[Any, asyncio.Event]]:
+    """A worker (2 s timeout) whose loop's fetch never connects (a broker that accepts TCP and
+    never speaks AMQP) and takes ``close_s`` to give up when cancelled (a slow TLS close); the
+    event is set once that fetch is under way."""
     import socket
 
     from bridge.client import Worker
@@ -234,29 +235,41 @@ async def test_a_run_cancelled_while_its_long_poll_is_still_connecting_ends_with
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)  # accepts (the kernel does), never speaks AMQP
-    port = silent.getsockname()[1]
     connecting = asyncio.Event()
+    w = Worker(
+        f"amqp://guest:guest@127.0.0.1:{silent.getsockname()[1]}/",
+        service=service_id(),
+        worker_id="w",
+        timeout=2.0,
+        connect_timeout=30.0,
+        stop_grace=5.0,
+    )
+
+    async def slow_to_give_up_connecting(*args: Any, **kwargs: Any) -> Task | None:
+        assert w.channel is None  # never connected: nothing can have been sent
+        connecting.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            await asyncio.sleep(close_s)  # the connect's close, slow (TLS)
+            raise
+        return None
+
+    w.fetch = slow_to_give_up_connecting  # type: ignore[method-assign]
     try:
-        w = Worker(
-            f"amqp://guest:guest@127.0.0.1:{port}/",
-            service=service_id(),
-            worker_id="w",
-            timeout=2.0,
-            connect_timeout=30.0,
-            stop_grace=5.0,
-        )
+        yield w, connecting
+    finally:
+        await w.close()
+        silent.close()
 
-        async def slow_to_give_up_connecting(*args: Any, **kwargs: Any) -> Task | None:
-            assert w.channel is None  # never connected: nothing can have been sent
-            connecting.set()
-            try:
-                await asyncio.sleep(60)
-            except asyncio.CancelledError:
-                await asyncio.sleep(6.0)  # the connect's close, slow (TLS)
-                raise
-            return None
 
-        w.fetch = slow_to_give_up_connecting  # type: ignore[method-assign]
+async def test_a_run_cancelled_while_its_long_poll_is_still_connecting_ends_within_one_timeout() -> None:
+    """``run`` (with ``stop``) cancelled while its long-poll was still connecting, and the connect
+    slow to give up (a node's TLS close takes up to 30 s): past one ``timeout`` of waiting for it,
+    the fetch was taken for one that may have been sent, and the cancelled run asked a broker it
+    could not reach what it claimed, for ``stop_grace`` plus two ``timeout``s more (found by review,
+    2026-12-08). Nothing was sent: it ends after that one ``timeout``."""
+    async with _worker_stuck_connecting(close_s=6.0) as (w, connecting):
         running = asyncio.create_task(w.run(lambda task: asyncio.sleep(0), stop=asyncio.Event()))
         await asyncio.wait_for(connecting.wait(), 10)
         cancelled_at = time.monotonic()
@@ -264,47 +277,15 @@ async def test_a_run_cancelled_while_its_long_poll_is_still_connecting_ends_with
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(running, 40)
         took = time.monotonic() - cancelled_at
-        await w.close()
-        # One ``timeout`` (2 s) waiting for the fetch; asking the broker once more took another.
-        assert took < 3.0, f"a run cancelled as its long-poll connected took {took:.1f} s to end"
-    finally:
-        silent.close()
+    # One ``timeout`` (2 s) waiting for the fetch; asking the broker once more took another.
+    assert took < 3.0, f"a run cancelled as its long-poll connected took {took:.1f} s to end"
 
 
 async def test_a_run_stopped_while_its_long_poll_is_still_connecting_returns_within_one_timeout() -> None:
     """``stop`` set while the loop's long-poll was still connecting, the connect slow to give up
     (a TLS close, up to 30 s): the stop waited for it with no bound, past the documented
     ``stop_grace`` plus two ``timeout``s (found by review, 2026-12-08). It waits one ``timeout``."""
-    import socket
-
-    from bridge.client import Worker
-
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(8)
-    port = silent.getsockname()[1]
-    connecting = asyncio.Event()
-    try:
-        w = Worker(
-            f"amqp://guest:guest@127.0.0.1:{port}/",
-            service=service_id(),
-            worker_id="w",
-            timeout=2.0,
-            connect_timeout=30.0,
-            stop_grace=5.0,
-        )
-
-        async def slow_to_give_up_connecting(*args: Any, **kwargs: Any) -> Task | None:
-            assert w.channel is None
-            connecting.set()
-            try:
-                await asyncio.sleep(60)
-            except asyncio.CancelledError:
-                await asyncio.sleep(8.0)  # the connect's close, slow (TLS)
-                raise
-            return None
-
-        w.fetch = slow_to_give_up_connecting  # type: ignore[method-assign]
+    async with _worker_stuck_connecting(close_s=8.0) as (w, connecting):
         stop = asyncio.Event()
         running = asyncio.create_task(w.run(lambda task: asyncio.sleep(0), stop=stop))
         await asyncio.wait_for(connecting.wait(), 10)
@@ -312,7 +293,4 @@ async def test_a_run_stopped_while_its_long_poll_is_still_connecting_returns_wit
         stop.set()
         assert await asyncio.wait_for(running, 40) == 0
         took = time.monotonic() - stopped_at
-        await w.close()
-        assert took < 3.5, f"a run stopped as its long-poll connected took {took:.1f} s to return"
-    finally:
-        silent.close()
+    assert took < 3.5, f"a run stopped as its long-poll connected took {took:.1f} s to return"
